@@ -1,0 +1,1 @@
+"""fastmfd: QEMU's multifd migration transport, rebuilt as a library."""

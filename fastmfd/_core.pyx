@@ -1,0 +1,49 @@
+# cython: freethreading_compatible = False
+"""fastmfd's C-speed core.
+
+Only what must run at C speed lives here (DESIGN §6); everything else is
+Python. The extension is built from one file per concept:
+
+    _wire.pxi      channel header, init packet, RAM and device-state packet
+                   headers, device chunk header: encode and validate
+    _shared.pxi    shared-memory structures: buffer pool, channel selector,
+                   dirty bitmap (C11 atomics, process-shared semaphores)
+    _pages.pxi     zero-page scan, scatter/gather readv/writev of page lists
+    _codecs.pxi    one zlib or zstd stream per channel, straight from/into pages
+    _channel.pxi   the per-channel send and receive engines the workers run
+
+Hot paths release the GIL and never allocate per packet.
+"""
+
+from cpython.exc cimport PyErr_CheckSignals
+from cpython.mem cimport PyMem_Calloc, PyMem_Free, PyMem_Malloc
+from libc.errno cimport EINTR, errno
+from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdio cimport snprintf
+from libc.string cimport memcpy, memset, strcmp, strerror, strncpy
+from libc.time cimport time_t, timespec
+from posix.uio cimport iovec, readv, writev
+
+from fastmfd.includes.atomics cimport (
+    fm_cas32, fm_cas64, fm_exchange64, fm_fetch_add32, fm_fetch_add64, fm_fetch_or64,
+    fm_fetch_sub32, fm_load32, fm_load64, fm_store32, fm_store64,
+)
+from fastmfd.includes.system cimport (
+    CLOCK_MONOTONIC, IOV_MAX, clock_gettime, fm_buffer_is_zero, fm_pagescan_init, sem_clockwait,
+    sem_getvalue, sem_init, sem_post, sem_t, sem_trywait, strnlen,
+)
+
+import numpy as np
+
+from fastmfd.errors import Aborted, ProtocolError
+from fastmfd.shm import SharedMemory
+
+cdef extern from *:
+    int __builtin_popcountll(unsigned long long) nogil
+    int __builtin_ctzll(unsigned long long) nogil
+
+fm_pagescan_init()
+
+include "_wire.pxi"
+include "_shared.pxi"
+include "_pages.pxi"

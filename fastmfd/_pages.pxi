@@ -1,0 +1,166 @@
+# Hot loops over pages, GIL released: zero-page detection, and scatter/gather
+# I/O of a header plus a list of pages to or from a file descriptor, looping
+# over partial transfers and EINTR. Adjacent pages are merged into one iovec,
+# so a contiguous run of 128 pages costs one iovec, not 128.
+
+cdef size_t pages_to_iov(iovec *iov, uint8_t *base, const uint64_t *offsets, size_t n,
+                         size_t page_size) noexcept nogil:
+    """Fill iov with the pages at byte ``offsets`` from ``base``; returns iovecs used (<= n)."""
+    cdef size_t i, k = 0
+    cdef uint8_t *page
+    for i in range(n):
+        page = base + offsets[i]
+        if k and <uint8_t *>iov[k - 1].iov_base + iov[k - 1].iov_len == page:
+            iov[k - 1].iov_len += page_size
+        else:
+            iov[k].iov_base = page
+            iov[k].iov_len = page_size
+            k += 1
+    return k
+
+
+cdef ssize_t writev_all(int fd, iovec *iov, size_t count) noexcept nogil:
+    """Write every byte described by iov (which is consumed); bytes written or -errno."""
+    cdef ssize_t n, total = 0
+    cdef size_t left
+    while count:
+        n = writev(fd, iov, <int>(count if count < <size_t>IOV_MAX else IOV_MAX))
+        if n < 0:
+            if errno == EINTR:
+                continue
+            return -errno
+        total += n
+        left = n
+        while count and left >= iov[0].iov_len:
+            left -= iov[0].iov_len
+            iov += 1
+            count -= 1
+        if count and left:
+            iov[0].iov_base = <uint8_t *>iov[0].iov_base + left
+            iov[0].iov_len -= left
+    return total
+
+
+cdef ssize_t readv_all(int fd, iovec *iov, size_t count) noexcept nogil:
+    """Fill every byte described by iov (which is consumed).
+
+    Returns the bytes read — fewer than asked only at end of file — or -errno.
+    """
+    cdef ssize_t n, total = 0
+    cdef size_t left
+    while count:
+        n = readv(fd, iov, <int>(count if count < <size_t>IOV_MAX else IOV_MAX))
+        if n < 0:
+            if errno == EINTR:
+                continue
+            return -errno
+        if n == 0:
+            break
+        total += n
+        left = n
+        while count and left >= iov[0].iov_len:
+            left -= iov[0].iov_len
+            iov += 1
+            count -= 1
+        if count and left:
+            iov[0].iov_base = <uint8_t *>iov[0].iov_base + left
+            iov[0].iov_len -= left
+    return total
+
+
+cdef ssize_t read_exact(int fd, void *buf, size_t size) noexcept nogil:
+    cdef iovec one
+    one.iov_base = buf
+    one.iov_len = size
+    return readv_all(fd, &one, 1)
+
+
+cdef ssize_t write_exact(int fd, const void *buf, size_t size) noexcept nogil:
+    cdef iovec one
+    one.iov_base = <void *>buf
+    one.iov_len = size
+    return writev_all(fd, &one, 1)
+
+
+cdef object page_io(int fd, const uint8_t[::1] header, uint8_t *base, size_t base_size,
+                    object offsets, size_t page_size, bint reading):
+    cdef uint64_t[::1] offs = np.ascontiguousarray(offsets, dtype=np.uint64)
+    cdef size_t i, n = offs.shape[0], count = 0
+    cdef size_t want = header.shape[0] + n * page_size
+    cdef ssize_t done
+    cdef iovec *iov
+    for i in range(n):
+        if offs[i] % page_size or offs[i] > base_size or base_size - offs[i] < page_size:
+            raise ValueError(f"page offset {offs[i]:#x} is not a page inside the buffer")
+    iov = <iovec *>PyMem_Malloc((n + 1) * sizeof(iovec))
+    if iov == NULL:
+        raise MemoryError()
+    try:
+        if header.shape[0]:
+            iov[0].iov_base = <void *>&header[0]
+            iov[0].iov_len = header.shape[0]
+            count = 1
+        if n:
+            count += pages_to_iov(iov + count, base, &offs[0], n, page_size)
+        with nogil:
+            done = readv_all(fd, iov, count) if reading else writev_all(fd, iov, count)
+        if done < 0:
+            raise OSError(-done, strerror(-done))
+        if <size_t>done != want:
+            raise EOFError(f"end of file after {done} of {want} bytes")
+        return done
+    finally:
+        PyMem_Free(iov)
+
+
+def writev_pages(int fd, const uint8_t[::1] header, const uint8_t[::1] buffer, offsets,
+                 size_t page_size=4096):
+    """Write ``header`` then the pages of ``buffer`` at byte ``offsets``, in one gather.
+
+    Loops over partial writes and EINTR; returns the bytes written.
+    """
+    return page_io(fd, header, <uint8_t *>&buffer[0] if buffer.shape[0] else NULL,
+                   buffer.shape[0], offsets, page_size, False)
+
+
+def readv_pages(int fd, uint8_t[::1] header, uint8_t[::1] buffer, offsets,
+                size_t page_size=4096):
+    """Read exactly ``len(header)`` bytes into ``header`` then one page per offset.
+
+    Loops over partial reads and EINTR; raises ``EOFError`` if the stream ends
+    first. Returns the bytes read.
+    """
+    return page_io(fd, header, &buffer[0] if buffer.shape[0] else NULL, buffer.shape[0],
+                   offsets, page_size, True)
+
+
+def is_zero(const uint8_t[::1] buffer):
+    """True when every byte of ``buffer`` is zero (QEMU's buffer_is_zero)."""
+    cdef bint zero
+    with nogil:
+        zero = fm_buffer_is_zero(&buffer[0], buffer.shape[0]) if buffer.shape[0] else True
+    return zero
+
+
+def find_zero_pages(const uint8_t[::1] buffer, size_t page_size=4096, pages=None):
+    """Indices of the all-zero pages of ``buffer`` among ``pages`` (default: every page)."""
+    cdef size_t total = buffer.shape[0] // page_size
+    cdef uint64_t[::1] idx
+    cdef uint64_t[::1] out
+    cdef size_t i, n, k = 0
+    if pages is None:
+        idx = np.arange(total, dtype=np.uint64)
+    else:
+        idx = np.ascontiguousarray(pages, dtype=np.uint64)
+    n = idx.shape[0]
+    for i in range(n):
+        if idx[i] >= total:
+            raise IndexError(f"page {idx[i]} outside a buffer of {total} pages")
+    result = np.empty(n, dtype=np.uint64)
+    out = result
+    with nogil:
+        for i in range(n):
+            if fm_buffer_is_zero(&buffer[0] + idx[i] * page_size, page_size):
+                out[k] = idx[i]
+                k += 1
+    return result[:k].copy()

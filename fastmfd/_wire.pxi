@@ -1,0 +1,694 @@
+# Wire framing: the multifd channel header, init packet, RAM packet header,
+# device-state packet header and device chunk header (DESIGN §4, spec §1-§3,
+# §6). Encoders write into caller-owned buffers; decoders validate every field
+# before anything is used and report a failure as a WireError, which the
+# Python-facing wrappers turn into a ProtocolError naming the field, the value
+# received and the value expected.
+
+# ---------------------------------------------------------------- constants
+
+cdef enum:
+    MULTIFD_MAGIC_C = 0x11223344
+    MULTIFD_VERSION_C = 1
+    CHANNEL_HEADER_SIZE_C = 12
+    CHANNEL_HEADER_BODY_C = 4       # the header_size value: one BE u32 channel_type
+    INIT_PACKET_SIZE_C = 64
+    RAM_HEADER_FIXED_C = 320        # RAM header bytes before the offset array
+    DEVICE_HEADER_SIZE_C = 276
+    CHUNK_HEADER_SIZE_C = 12
+    IDSTR_SIZE_C = 256
+    NAME_MAX_C = 255                # longest region / device name (plus a NUL)
+    CHUNK_VERSION_C = 0
+    CHUNK_IDX_INVALID_C = 0xFFFFFFFF
+
+    FLAG_SYNC_C = 0x01
+    FLAG_ZLIB_C = 0x02
+    FLAG_ZSTD_C = 0x04
+    FLAG_DEVICE_STATE_C = 0x40
+    FLAG_STORED_C = 0x100           # fastmfd extension: payload sent uncompressed
+    COMPRESSION_MASK_72_C = 0x0E
+    COMPRESSION_MASK_C = 0x3E
+    CHUNK_FLAG_LAST_C = 0x01
+
+    CHANNEL_MAIN_C = 0
+    CHANNEL_POSTCOPY_C = 1
+    CHANNEL_MULTIFD_C = 2
+    CHANNEL_DEVICE_STATE_C = 3
+
+MULTIFD_MAGIC = MULTIFD_MAGIC_C
+MULTIFD_VERSION = MULTIFD_VERSION_C
+CHANNEL_HEADER_SIZE = CHANNEL_HEADER_SIZE_C
+INIT_PACKET_SIZE = INIT_PACKET_SIZE_C
+RAM_HEADER_FIXED = RAM_HEADER_FIXED_C
+DEVICE_HEADER_SIZE = DEVICE_HEADER_SIZE_C
+CHUNK_HEADER_SIZE = CHUNK_HEADER_SIZE_C
+FLAG_SYNC = FLAG_SYNC_C
+FLAG_ZLIB = FLAG_ZLIB_C
+FLAG_ZSTD = FLAG_ZSTD_C
+FLAG_DEVICE_STATE = FLAG_DEVICE_STATE_C
+FLAG_STORED = FLAG_STORED_C
+CHUNK_FLAG_LAST = CHUNK_FLAG_LAST_C
+CHANNEL_MAIN = CHANNEL_MAIN_C
+CHANNEL_POSTCOPY = CHANNEL_POSTCOPY_C
+CHANNEL_MULTIFD = CHANNEL_MULTIFD_C
+CHANNEL_DEVICE_STATE = CHANNEL_DEVICE_STATE_C
+LAYOUT_CURRENT = "current"
+LAYOUT_QEMU72 = "qemu-7.2"
+
+
+def ram_header_size(uint32_t packet_pages):
+    """Bytes of a RAM packet header carrying up to ``packet_pages`` offsets."""
+    return RAM_HEADER_FIXED_C + 8 * <size_t>packet_pages
+
+
+# ---------------------------------------------------------------- big-endian access
+
+cdef inline uint32_t ld32(const uint8_t *p) noexcept nogil:
+    return ((<uint32_t>p[0]) << 24) | ((<uint32_t>p[1]) << 16) | ((<uint32_t>p[2]) << 8) | p[3]
+
+cdef inline uint64_t ld64(const uint8_t *p) noexcept nogil:
+    return ((<uint64_t>ld32(p)) << 32) | ld32(p + 4)
+
+cdef inline void st32(uint8_t *p, uint32_t v) noexcept nogil:
+    p[0] = v >> 24
+    p[1] = v >> 16
+    p[2] = v >> 8
+    p[3] = v
+
+cdef inline void st64(uint8_t *p, uint64_t v) noexcept nogil:
+    st32(p, <uint32_t>(v >> 32))
+    st32(p + 4, <uint32_t>v)
+
+
+# ---------------------------------------------------------------- errors
+
+cdef struct WireError:
+    const char *packet          # which structure: "RAM packet", "init packet", ...
+    const char *field           # which field failed
+    char received[300]          # the value received, as text
+    char expected[300]          # what was expected, as text
+
+
+cdef int wire_fail(WireError *err, const char *packet, const char *field,
+                   const char *received, const char *expected) noexcept nogil:
+    err.packet = packet
+    err.field = field
+    strncpy(err.received, received, 299)
+    err.received[299] = 0
+    strncpy(err.expected, expected, 299)
+    err.expected[299] = 0
+    return -1
+
+
+cdef int wire_fail_u64(WireError *err, const char *packet, const char *field,
+                       uint64_t received, const char *expected) noexcept nogil:
+    cdef char text[32]
+    snprintf(text, sizeof(text), "%llu", <unsigned long long>received)
+    return wire_fail(err, packet, field, text, expected)
+
+
+cdef int wire_fail_hex(WireError *err, const char *packet, const char *field,
+                       uint64_t received, const char *expected) noexcept nogil:
+    cdef char text[32]
+    snprintf(text, sizeof(text), "0x%llx", <unsigned long long>received)
+    return wire_fail(err, packet, field, text, expected)
+
+
+cdef object wire_error_to_exception(WireError *err):
+    received = err.received.decode("utf-8", "backslashreplace")
+    expected = err.expected.decode("utf-8", "backslashreplace")
+    packet = err.packet.decode()
+    field = err.field.decode()
+    return ProtocolError(f"{packet} field '{field}': received {received}, expected {expected}",
+                         field=field, received=received, expected=expected)
+
+
+cdef int raise_wire_error(WireError *err) except -1:
+    raise wire_error_to_exception(err)
+
+
+cdef inline const uint8_t *need(const uint8_t[::1] buf, size_t size, str what) except NULL:
+    if <size_t>buf.shape[0] < size:
+        raise ProtocolError(f"{what}: truncated: {buf.shape[0]} bytes, expected {size}",
+                            field="length", received=buf.shape[0], expected=size)
+    return &buf[0]
+
+
+cdef inline uint8_t *need_out(uint8_t[::1] buf, size_t size, str what) except NULL:
+    if <size_t>buf.shape[0] < size:
+        raise ValueError(f"{what}: output buffer holds {buf.shape[0]} bytes, needs {size}")
+    return &buf[0]
+
+
+cdef int name_field(const uint8_t *field, bint must_terminate, char *out) noexcept nogil:
+    """Copy a 256-byte NUL-padded name into out[256]; -1 when unterminated."""
+    cdef size_t n = strnlen(<const char *>field, IDSTR_SIZE_C)
+    if n == IDSTR_SIZE_C:
+        if must_terminate:
+            return -1
+        n = NAME_MAX_C        # QEMU 7.2 forces byte 255 to NUL
+    memcpy(out, field, n)
+    out[n] = 0
+    return 0
+
+
+cdef bytes encode_name(object name, str what):
+    cdef bytes raw = name.encode() if isinstance(name, str) else bytes(name)
+    if len(raw) > NAME_MAX_C or b"\0" in raw:
+        raise ValueError(f"{what} {name!r}: at most {NAME_MAX_C} bytes and no NUL")
+    return raw
+
+
+# ---------------------------------------------------------------- channel header (§4.1)
+
+def encode_channel_header(uint8_t[::1] out, uint32_t channel_type):
+    """Write the 12-byte channel header (BE u64 header_size = 4, BE u32 type)."""
+    cdef uint8_t *p = need_out(out, CHANNEL_HEADER_SIZE_C, "channel header")
+    if channel_type > CHANNEL_DEVICE_STATE_C:
+        raise ValueError(f"unknown channel type {channel_type}")
+    st64(p, CHANNEL_HEADER_BODY_C)
+    st32(p + 8, channel_type)
+    return CHANNEL_HEADER_SIZE_C
+
+
+def decode_channel_header(const uint8_t[::1] data):
+    """Validate a channel header and return its channel type."""
+    cdef const uint8_t *p = need(data, CHANNEL_HEADER_SIZE_C, "channel header")
+    cdef WireError err
+    cdef uint64_t size = ld64(p)
+    cdef uint32_t kind = ld32(p + 8)
+    if size != CHANNEL_HEADER_BODY_C:
+        wire_fail_u64(&err, "channel header", "header_size", size, "4")
+        raise_wire_error(&err)
+    if kind > CHANNEL_DEVICE_STATE_C:
+        wire_fail_u64(&err, "channel header", "channel_type", kind,
+                      "0 (main), 1 (postcopy), 2 (multifd) or 3 (device state)")
+        raise_wire_error(&err)
+    return kind
+
+
+# ---------------------------------------------------------------- init packet (§4.2)
+
+def encode_init_packet(uint8_t[::1] out, const uint8_t[::1] uuid, uint32_t channel_id):
+    """Write the 64-byte MultiFDInit_t for ``channel_id`` of session ``uuid``."""
+    cdef uint8_t *p = need_out(out, INIT_PACKET_SIZE_C, "init packet")
+    if uuid.shape[0] != 16:
+        raise ValueError("uuid must be 16 bytes")
+    if channel_id > 255:
+        raise ValueError(f"channel id {channel_id} does not fit the u8 id field")
+    memset(p, 0, INIT_PACKET_SIZE_C)
+    st32(p, MULTIFD_MAGIC_C)
+    st32(p + 4, MULTIFD_VERSION_C)
+    memcpy(p + 8, &uuid[0], 16)
+    p[24] = <uint8_t>channel_id
+    return INIT_PACKET_SIZE_C
+
+
+def decode_init_packet(const uint8_t[::1] data, expected_uuid=None, channels=None):
+    """Validate a MultiFDInit_t; return ``(uuid: bytes, channel_id: int)``.
+
+    Checks magic, version, the UUID against ``expected_uuid`` and the id
+    against the channel count (``id < channels``, not QEMU's off-by-one).
+    """
+    cdef const uint8_t *p = need(data, INIT_PACKET_SIZE_C, "init packet")
+    cdef WireError err
+    cdef uint32_t magic = ld32(p), version = ld32(p + 4)
+    cdef uint32_t channel_id = p[24]
+    if magic != MULTIFD_MAGIC_C:
+        wire_fail_hex(&err, "init packet", "magic", magic, "0x11223344")
+        raise_wire_error(&err)
+    if version != MULTIFD_VERSION_C:
+        wire_fail_u64(&err, "init packet", "version", version, "1")
+        raise_wire_error(&err)
+    uuid = bytes(data[8:24])
+    if expected_uuid is not None and uuid != bytes(expected_uuid):
+        raise ProtocolError(
+            f"init packet field 'uuid': received {uuid.hex()}, expected "
+            f"{bytes(expected_uuid).hex()} (the session's)",
+            field="uuid", received=uuid.hex(), expected=bytes(expected_uuid).hex())
+    if channels is not None and channel_id >= <uint32_t>channels:
+        raise ProtocolError(
+            f"init packet field 'id': received {channel_id}, expected < {channels} (channels)",
+            field="id", received=channel_id, expected=f"< {channels}")
+    return uuid, channel_id
+
+
+# ---------------------------------------------------------------- RAM packet (§4.3)
+
+cdef struct RamLayout:
+    uint32_t packet_pages       # offsets in the header (QEMU page_count)
+    uint32_t page_size
+    uint32_t header_size        # RAM_HEADER_FIXED + 8 * packet_pages
+    bint qemu72                 # QEMU 7.2: stale fields in empty packets, no zero pages
+    uint32_t comp_flag          # compression bit every data packet carries
+    uint32_t extensions         # negotiated fastmfd flag bits (FLAG_STORED)
+    bint checksum               # unused64[0] carries a CRC-32 of the payload
+    uint32_t max_payload        # bound on next_packet_size of compressed packets
+
+
+cdef struct RamPacketInfo:
+    uint32_t flags
+    uint32_t pages_alloc
+    uint32_t normal_pages
+    uint32_t zero_pages
+    uint32_t next_packet_size
+    uint64_t packet_num
+    uint64_t checksum
+    const uint8_t *ramblock     # NUL-terminated name inside the header buffer
+    const uint8_t *offsets      # BE u64 offsets: normal pages, then zero pages
+    int region                  # index into the region table; -1 for empty packets
+
+
+cdef struct RegionEntry:
+    char name[256]
+    uint64_t size
+
+
+cdef uint32_t ram_max_payload(uint32_t packet_pages, uint32_t page_size) noexcept nogil:
+    # Largest compressed payload accepted: QEMU allocates 1 MiB receive
+    # buffers; deflate/zstd never expand a packet by more than a small margin.
+    cdef uint64_t raw = <uint64_t>packet_pages * page_size
+    cdef uint64_t bound = raw + raw // 8 + 65536
+    if bound < (1 << 20):
+        bound = 1 << 20
+    return <uint32_t>bound
+
+
+cdef int ram_layout_init(RamLayout *lay, uint32_t packet_pages, uint32_t page_size, str layout,
+                         uint32_t comp_flag, uint32_t extensions, bint checksum) except -1:
+    if packet_pages == 0 or packet_pages > 65536:
+        raise ValueError(f"packet_pages {packet_pages} outside 1..65536")
+    if page_size < 512 or page_size > (1 << 21) or (page_size & (page_size - 1)):
+        raise ValueError(f"page_size {page_size} must be a power of two in 512..2 MiB")
+    if <uint64_t>packet_pages * page_size > (1 << 30):
+        raise ValueError("a packet may carry at most 1 GiB")
+    if layout not in (LAYOUT_CURRENT, LAYOUT_QEMU72):
+        raise ValueError(f"unknown layout {layout!r}")
+    if comp_flag not in (0, FLAG_ZLIB_C, FLAG_ZSTD_C):
+        raise ValueError(f"unknown compression flag {comp_flag:#x}")
+    if extensions & ~(<uint32_t>FLAG_STORED_C):
+        raise ValueError(f"unknown extension flags {extensions:#x}")
+    lay.packet_pages = packet_pages
+    lay.page_size = page_size
+    lay.header_size = RAM_HEADER_FIXED_C + 8 * packet_pages
+    lay.qemu72 = layout == LAYOUT_QEMU72
+    lay.comp_flag = comp_flag
+    lay.extensions = extensions
+    lay.checksum = checksum
+    lay.max_payload = ram_max_payload(packet_pages, page_size)
+    if lay.qemu72 and (extensions or checksum):
+        raise ValueError("the QEMU 7.2 layout has no fastmfd extensions")
+    return 0
+
+
+cdef int ram_lookup_region(const RegionEntry *regions, int nregions, const char *name,
+                           int hint) noexcept nogil:
+    if 0 <= hint < nregions and strcmp(regions[hint].name, name) == 0:
+        return hint
+    for i in range(nregions):
+        if strcmp(regions[i].name, name) == 0:
+            return i
+    return -1
+
+
+cdef int ram_decode(const RamLayout *lay, const RegionEntry *regions, int nregions,
+                    const uint8_t *p, RamPacketInfo *out, WireError *err,
+                    int region_hint) noexcept nogil:
+    """Validate the RAM packet header at p (lay.header_size bytes).
+
+    With ``nregions < 0`` the region table is unknown and only page alignment
+    of offsets is checked (inspecting a capture without its main channel).
+    """
+    cdef uint32_t magic = ld32(p), version = ld32(p + 4)
+    cdef uint32_t flags = ld32(p + 8)
+    cdef uint32_t comp_mask = COMPRESSION_MASK_72_C if lay.qemu72 else COMPRESSION_MASK_C
+    cdef uint32_t allowed = FLAG_SYNC_C | comp_mask | lay.extensions
+    cdef uint32_t npages, i
+    cdef uint64_t off, expect_size, limit
+    cdef char name[256]
+    cdef char text[64]
+    if magic != MULTIFD_MAGIC_C:
+        return wire_fail_hex(err, "RAM packet", "magic", magic, "0x11223344")
+    if version != MULTIFD_VERSION_C:
+        return wire_fail_u64(err, "RAM packet", "version", version, "1")
+    if flags & FLAG_DEVICE_STATE_C:
+        return wire_fail_hex(err, "RAM packet", "flags", flags, "no DEVICE_STATE bit (0x40)")
+    if flags & ~allowed:
+        snprintf(text, sizeof(text), "only bits 0x%x", allowed)
+        return wire_fail_hex(err, "RAM packet", "flags", flags, text)
+    out.flags = flags
+    out.pages_alloc = ld32(p + 12)
+    out.normal_pages = ld32(p + 16)
+    out.next_packet_size = ld32(p + 20)
+    out.packet_num = ld64(p + 24)
+    out.zero_pages = 0 if lay.qemu72 else ld32(p + 32)
+    out.checksum = ld64(p + 40) if lay.checksum else 0
+    out.ramblock = p + 64
+    out.offsets = p + RAM_HEADER_FIXED_C
+    out.region = -1
+    if out.pages_alloc > lay.packet_pages:
+        snprintf(text, sizeof(text), "<= %u (packet_pages)", lay.packet_pages)
+        return wire_fail_u64(err, "RAM packet", "pages_alloc", out.pages_alloc, text)
+    if out.normal_pages > out.pages_alloc:
+        snprintf(text, sizeof(text), "<= %u (pages_alloc)", out.pages_alloc)
+        return wire_fail_u64(err, "RAM packet", "normal_pages", out.normal_pages, text)
+    if out.zero_pages > out.pages_alloc - out.normal_pages:
+        snprintf(text, sizeof(text), "<= %u (pages_alloc - normal_pages)",
+                 out.pages_alloc - out.normal_pages)
+        return wire_fail_u64(err, "RAM packet", "zero_pages", out.zero_pages, text)
+    if not lay.qemu72:
+        # QEMU >= 10 zeroes the whole header before filling it; the fields
+        # fastmfd does not use must be zero unless an extension claims them.
+        if ld32(p + 36) or ld64(p + 48) or ld64(p + 56) or (not lay.checksum and ld64(p + 40)):
+            return wire_fail(err, "RAM packet", "unused", "nonzero bytes", "all zero")
+    npages = out.normal_pages + out.zero_pages
+    if npages == 0:
+        # A SYNC or empty packet. QEMU 7.2 leaves stale next_packet_size,
+        # ramblock and offsets from the channel's previous packet: ignore them.
+        if not lay.qemu72 and out.next_packet_size != 0:
+            return wire_fail_u64(err, "RAM packet", "next_packet_size", out.next_packet_size,
+                                 "0 in a packet without pages")
+        return 0
+    if not lay.qemu72 or out.normal_pages:
+        if (flags & comp_mask) != lay.comp_flag:
+            snprintf(text, sizeof(text), "compression bits 0x%x", lay.comp_flag)
+            return wire_fail_hex(err, "RAM packet", "flags", flags, text)
+    if name_field(p + 64, not lay.qemu72, name) < 0:
+        return wire_fail(err, "RAM packet", "ramblock", "256 bytes without a NUL",
+                         "a NUL-terminated name")
+    # Payload size: raw pages, or a bounded compressed blob.
+    expect_size = <uint64_t>out.normal_pages * lay.page_size
+    if out.normal_pages == 0:
+        if out.next_packet_size != 0 and not lay.qemu72:
+            return wire_fail_u64(err, "RAM packet", "next_packet_size", out.next_packet_size,
+                                 "0 in a zero-pages-only packet")
+    elif lay.comp_flag == 0 or (flags & FLAG_STORED_C):
+        if out.next_packet_size != expect_size:
+            snprintf(text, sizeof(text), "%llu (normal_pages * page_size)",
+                     <unsigned long long>expect_size)
+            return wire_fail_u64(err, "RAM packet", "next_packet_size", out.next_packet_size,
+                                 text)
+    elif out.next_packet_size == 0 or out.next_packet_size > lay.max_payload:
+        snprintf(text, sizeof(text), "1..%u compressed bytes", lay.max_payload)
+        return wire_fail_u64(err, "RAM packet", "next_packet_size", out.next_packet_size, text)
+    limit = 0
+    if nregions >= 0:
+        out.region = ram_lookup_region(regions, nregions, name, region_hint)
+        if out.region < 0:
+            return wire_fail(err, "RAM packet", "ramblock", name, "a region of the session")
+        limit = regions[out.region].size
+    for i in range(npages):
+        off = ld64(out.offsets + 8 * <size_t>i)
+        if off & (lay.page_size - 1):
+            snprintf(text, sizeof(text), "a multiple of the page size %u", lay.page_size)
+            return wire_fail_hex(err, "RAM packet", "offset", off, text)
+        if nregions >= 0 and (limit < lay.page_size or off > limit - lay.page_size):
+            snprintf(text, sizeof(text), "< 0x%llx (size of region '%.200s')",
+                     <unsigned long long>limit, name)
+            return wire_fail_hex(err, "RAM packet", "offset", off, text)
+    return 0
+
+
+cdef size_t ram_encode(const RamLayout *lay, uint8_t *p, uint32_t flags, uint64_t packet_num,
+                       const char *ramblock, size_t name_len,
+                       const uint64_t *normal, uint32_t nnormal,
+                       const uint64_t *zero, uint32_t nzero,
+                       uint32_t next_packet_size, uint64_t checksum) noexcept nogil:
+    """Fill a RAM packet header; the caller has checked the counts."""
+    cdef uint32_t i
+    cdef bint pure_sync = nnormal == 0 and nzero == 0
+    memset(p, 0, lay.header_size)
+    st32(p, MULTIFD_MAGIC_C)
+    st32(p + 4, MULTIFD_VERSION_C)
+    st32(p + 8, flags)
+    # QEMU 7.2 always announces its full capacity; >= 9.0 sends 0 in a pure SYNC.
+    st32(p + 12, lay.packet_pages if (lay.qemu72 or not pure_sync) else 0)
+    st32(p + 16, nnormal)
+    st32(p + 20, next_packet_size)
+    st64(p + 24, packet_num)
+    if not lay.qemu72:
+        st32(p + 32, nzero)
+        if lay.checksum:
+            st64(p + 40, checksum)
+    if name_len:
+        memcpy(p + 64, ramblock, name_len)
+    for i in range(nnormal):
+        st64(p + RAM_HEADER_FIXED_C + 8 * <size_t>i, normal[i])
+    for i in range(nzero):
+        st64(p + RAM_HEADER_FIXED_C + 8 * <size_t>(nnormal + i), zero[i])
+    return lay.header_size
+
+
+cdef class RamPacket:
+    """A decoded and validated RAM packet header."""
+    cdef readonly uint32_t flags
+    cdef readonly uint32_t pages_alloc
+    cdef readonly uint32_t normal_pages
+    cdef readonly uint32_t zero_pages
+    cdef readonly uint32_t next_packet_size
+    cdef readonly uint64_t packet_num
+    cdef readonly uint64_t checksum
+    cdef readonly str ramblock
+    cdef readonly object offsets        # numpy uint64: normal pages
+    cdef readonly object zero_offsets   # numpy uint64: zero pages
+    cdef readonly uint32_t payload_size  # bytes of payload following the header
+
+    @property
+    def is_sync(self):
+        return bool(self.flags & FLAG_SYNC_C)
+
+    @property
+    def stored(self):
+        return bool(self.flags & FLAG_STORED_C)
+
+    def __repr__(self):
+        return (f"RamPacket(flags={self.flags:#x}, normal_pages={self.normal_pages}, "
+                f"zero_pages={self.zero_pages}, packet_num={self.packet_num}, "
+                f"ramblock={self.ramblock!r}, payload_size={self.payload_size})")
+
+
+cdef class RamPacketCodec:
+    """Encode and validate RAM packet headers of one layout.
+
+    ``layout`` is ``"current"`` (QEMU >= 9.0, fastmfd's own) or ``"qemu-7.2"``;
+    ``regions`` maps region names to sizes for the name and bounds checks
+    (``None`` checks page alignment only); ``compression`` is the wire flag
+    every data packet must carry (0, FLAG_ZLIB or FLAG_ZSTD); ``extensions``
+    the negotiated fastmfd flag bits; ``checksum`` whether ``unused64[0]``
+    carries a payload CRC-32.
+    """
+    cdef RamLayout lay
+    cdef RegionEntry *regions
+    cdef int nregions
+    cdef int hint
+    cdef readonly list region_names
+
+    def __cinit__(self, uint32_t packet_pages=128, uint32_t page_size=4096, str layout="current",
+                  uint32_t compression=0, regions=None, uint32_t extensions=0,
+                  bint checksum=False):
+        ram_layout_init(&self.lay, packet_pages, page_size, layout, compression, extensions,
+                        checksum)
+        self.nregions = -1
+        self.region_names = []
+        if regions is not None:
+            items = list(dict(regions).items())
+            self.regions = <RegionEntry *>PyMem_Calloc(max(1, len(items)), sizeof(RegionEntry))
+            if self.regions == NULL:
+                raise MemoryError()
+            for i, (name, size) in enumerate(items):
+                raw = encode_name(name, "region name")
+                memcpy(self.regions[i].name, <const char *>raw, len(raw))
+                self.regions[i].size = size
+                self.region_names.append(raw.decode())
+            self.nregions = len(items)
+
+    def __dealloc__(self):
+        PyMem_Free(self.regions)
+
+    @property
+    def header_size(self):
+        return self.lay.header_size
+
+    @property
+    def packet_pages(self):
+        return self.lay.packet_pages
+
+    @property
+    def page_size(self):
+        return self.lay.page_size
+
+    cdef int decode_into(self, const uint8_t *p, RamPacketInfo *info) except -1:
+        cdef WireError err
+        if ram_decode(&self.lay, self.regions, self.nregions, p, info, &err, self.hint) < 0:
+            raise_wire_error(&err)
+        if info.region >= 0:
+            self.hint = info.region
+        return 0
+
+    def decode(self, const uint8_t[::1] data):
+        """Validate a header (``header_size`` bytes) and return a :class:`RamPacket`."""
+        cdef const uint8_t *p = need(data, self.lay.header_size, "RAM packet header")
+        cdef RamPacketInfo info
+        cdef RamPacket pkt = RamPacket.__new__(RamPacket)
+        cdef uint32_t i, n
+        cdef char name[256]
+        self.decode_into(p, &info)
+        pkt.flags = info.flags
+        pkt.pages_alloc = info.pages_alloc
+        pkt.normal_pages = info.normal_pages
+        pkt.zero_pages = info.zero_pages
+        pkt.next_packet_size = info.next_packet_size
+        pkt.packet_num = info.packet_num
+        pkt.checksum = info.checksum
+        n = info.normal_pages + info.zero_pages
+        offsets = np.empty(n, dtype=np.uint64)
+        cdef uint64_t[::1] view = offsets
+        for i in range(n):
+            view[i] = ld64(info.offsets + 8 * <size_t>i)
+        pkt.offsets = offsets[:info.normal_pages]
+        pkt.zero_offsets = offsets[info.normal_pages:]
+        if n:
+            name_field(info.ramblock, False, name)
+            pkt.ramblock = name.decode("utf-8", "backslashreplace")
+        else:
+            pkt.ramblock = ""
+        if info.normal_pages == 0:
+            pkt.payload_size = 0
+        elif self.lay.comp_flag == 0:
+            pkt.payload_size = info.normal_pages * self.lay.page_size
+        else:
+            pkt.payload_size = info.next_packet_size
+        return pkt
+
+    def encode(self, uint8_t[::1] out, *, uint32_t flags=0, uint64_t packet_num=0,
+               ramblock="", normal=(), zero=(), next_packet_size=None, uint64_t checksum=0):
+        """Write a header; returns its size. ``next_packet_size`` defaults to the raw page bytes."""
+        cdef uint8_t *p = need_out(out, self.lay.header_size, "RAM packet header")
+        cdef uint64_t[::1] normal_v = np.ascontiguousarray(normal, dtype=np.uint64)
+        cdef uint64_t[::1] zero_v = np.ascontiguousarray(zero, dtype=np.uint64)
+        cdef bytes name = encode_name(ramblock, "ramblock")
+        cdef size_t nn = normal_v.shape[0], nz = zero_v.shape[0]
+        if nn + nz > self.lay.packet_pages:
+            raise ValueError(f"{nn + nz} pages do not fit a packet of {self.lay.packet_pages}")
+        if nz and self.lay.qemu72:
+            raise ValueError("the QEMU 7.2 layout cannot list zero pages")
+        if next_packet_size is None:
+            next_packet_size = nn * self.lay.page_size
+        return ram_encode(&self.lay, p, flags, packet_num, name, len(name),
+                          &normal_v[0] if nn else NULL, <uint32_t>nn,
+                          &zero_v[0] if nz else NULL, <uint32_t>nz,
+                          next_packet_size, checksum)
+
+
+# ---------------------------------------------------------------- device state (§4.4)
+
+cdef struct DeviceHeaderInfo:
+    uint32_t flags
+    char idstr[256]
+    uint32_t instance_id
+    uint32_t next_packet_size
+
+
+cdef int device_decode(const uint8_t *p, uint32_t comp_flag, uint32_t extensions,
+                       uint32_t max_payload, DeviceHeaderInfo *out,
+                       WireError *err) noexcept nogil:
+    cdef uint32_t magic = ld32(p), version = ld32(p + 4), flags = ld32(p + 8)
+    cdef uint32_t allowed = FLAG_DEVICE_STATE_C | comp_flag | extensions
+    cdef char text[64]
+    if magic != MULTIFD_MAGIC_C:
+        return wire_fail_hex(err, "device state packet", "magic", magic, "0x11223344")
+    if version != MULTIFD_VERSION_C:
+        return wire_fail_u64(err, "device state packet", "version", version, "1")
+    if flags & FLAG_SYNC_C:
+        return wire_fail_hex(err, "device state packet", "flags", flags, "no SYNC bit")
+    if not (flags & FLAG_DEVICE_STATE_C) or (flags & ~allowed):
+        snprintf(text, sizeof(text), "0x40 plus only bits 0x%x", comp_flag | extensions)
+        return wire_fail_hex(err, "device state packet", "flags", flags, text)
+    if (flags & COMPRESSION_MASK_C) != comp_flag:
+        snprintf(text, sizeof(text), "compression bits 0x%x", comp_flag)
+        return wire_fail_hex(err, "device state packet", "flags", flags, text)
+    if name_field(p + 12, True, out.idstr) < 0:
+        return wire_fail(err, "device state packet", "idstr", "256 bytes without a NUL",
+                         "a NUL-terminated idstr")
+    out.flags = flags
+    out.instance_id = ld32(p + 268)
+    out.next_packet_size = ld32(p + 272)
+    if out.next_packet_size == 0:
+        return wire_fail_u64(err, "device state packet", "next_packet_size", 0,
+                             "> 0 (an empty device state packet)")
+    if out.next_packet_size > max_payload:
+        snprintf(text, sizeof(text), "<= %u", max_payload)
+        return wire_fail_u64(err, "device state packet", "next_packet_size",
+                             out.next_packet_size, text)
+    return 0
+
+
+cdef void device_encode(uint8_t *p, uint32_t flags, const char *idstr, size_t idstr_len,
+                        uint32_t instance_id, uint32_t next_packet_size) noexcept nogil:
+    memset(p, 0, DEVICE_HEADER_SIZE_C)
+    st32(p, MULTIFD_MAGIC_C)
+    st32(p + 4, MULTIFD_VERSION_C)
+    st32(p + 8, flags | FLAG_DEVICE_STATE_C)
+    memcpy(p + 12, idstr, idstr_len)
+    st32(p + 268, instance_id)
+    st32(p + 272, next_packet_size)
+
+
+def encode_device_header(uint8_t[::1] out, idstr, uint32_t instance_id,
+                         uint32_t next_packet_size, uint32_t flags=0):
+    """Write a 276-byte device-state packet header (0x40 is always set)."""
+    cdef uint8_t *p = need_out(out, DEVICE_HEADER_SIZE_C, "device state header")
+    cdef bytes raw = encode_name(idstr, "idstr")
+    device_encode(p, flags, raw, len(raw), instance_id, next_packet_size)
+    return DEVICE_HEADER_SIZE_C
+
+
+def decode_device_header(const uint8_t[::1] data, uint32_t compression=0,
+                         uint32_t extensions=0, uint32_t max_payload=1 << 30):
+    """Validate a device-state header; return ``(flags, idstr, instance_id, next_packet_size)``."""
+    cdef const uint8_t *p = need(data, DEVICE_HEADER_SIZE_C, "device state header")
+    cdef DeviceHeaderInfo info
+    cdef WireError err
+    if device_decode(p, compression, extensions, max_payload, &info, &err) < 0:
+        raise_wire_error(&err)
+    return (info.flags, info.idstr.decode("utf-8", "backslashreplace"), info.instance_id,
+            info.next_packet_size)
+
+
+cdef int chunk_decode(const uint8_t *p, uint32_t *idx, uint32_t *flags,
+                      WireError *err) noexcept nogil:
+    cdef uint32_t version = ld32(p)
+    idx[0] = ld32(p + 4)
+    flags[0] = ld32(p + 8)
+    if version != CHUNK_VERSION_C:
+        return wire_fail_u64(err, "device chunk", "version", version, "0")
+    if idx[0] == CHUNK_IDX_INVALID_C:
+        return wire_fail_hex(err, "device chunk", "idx", idx[0], "not 0xffffffff")
+    if flags[0] & ~(<uint32_t>CHUNK_FLAG_LAST_C):
+        return wire_fail_hex(err, "device chunk", "flags", flags[0], "only bit 0x1 (last)")
+    return 0
+
+
+cdef inline void chunk_encode(uint8_t *p, uint32_t idx, uint32_t flags) noexcept nogil:
+    st32(p, CHUNK_VERSION_C)
+    st32(p + 4, idx)
+    st32(p + 8, flags)
+
+
+def encode_chunk_header(uint8_t[::1] out, uint32_t idx, uint32_t flags=0):
+    """Write the 12-byte chunk header (version 0, idx, flags) in front of chunk data."""
+    cdef uint8_t *p = need_out(out, CHUNK_HEADER_SIZE_C, "chunk header")
+    if idx == CHUNK_IDX_INVALID_C:
+        raise ValueError("chunk idx 0xffffffff is reserved as invalid")
+    chunk_encode(p, idx, flags)
+    return CHUNK_HEADER_SIZE_C
+
+
+def decode_chunk_header(const uint8_t[::1] data):
+    """Validate a chunk header; return ``(idx, flags)``."""
+    cdef const uint8_t *p = need(data, CHUNK_HEADER_SIZE_C, "device chunk")
+    cdef uint32_t idx, flags
+    cdef WireError err
+    if chunk_decode(p, &idx, &flags, &err) < 0:
+        raise_wire_error(&err)
+    return idx, flags

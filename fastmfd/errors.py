@@ -1,0 +1,67 @@
+"""The exceptions fastmfd raises. Every one derives from :class:`FastMFDError`.
+
+- :class:`ConfigError` — a setting or argument that cannot work, raised before
+  anything starts.
+- :class:`ProtocolError` — bytes on the wire (or in a capture file) that break
+  the format. It names the field, the value received and the value expected,
+  and where the bytes were (a channel, or a file and byte offset).
+- :class:`MigrationError` — a session failed: a channel, a worker process, a
+  device, a loader or the peer. It names the channel (or device) and the cause.
+"""
+
+from __future__ import annotations
+
+__all__ = ["FastMFDError", "ConfigError", "ProtocolError", "MigrationError", "Aborted"]
+
+
+class FastMFDError(Exception):
+    """Base class of every fastmfd error."""
+
+
+class ConfigError(FastMFDError, ValueError):
+    """A configuration value or argument that cannot work."""
+
+
+class ProtocolError(FastMFDError):
+    """Malformed or unexpected bytes on the wire or in a capture.
+
+    ``field``, ``received`` and ``expected`` describe the check that failed;
+    ``where`` says where the bytes came from (``"channel 2"``,
+    ``"conn1.bin at byte 1344"``), and is prefixed to the message.
+    """
+
+    def __init__(self, message: str, *, field: str | None = None, received: object = None,
+                 expected: object = None, where: str | None = None) -> None:
+        self.detail = message
+        self.field = field
+        self.received = received
+        self.expected = expected
+        self.where = where
+        super().__init__(f"{where}: {message}" if where else message)
+
+    def at(self, where: str) -> "ProtocolError":
+        """The same error, located at ``where`` (outermost location first)."""
+        located = f"{where}, {self.where}" if self.where else where
+        return ProtocolError(self.detail, field=self.field, received=self.received,
+                             expected=self.expected, where=located)
+
+
+class MigrationError(FastMFDError):
+    """A session failed. ``channel`` (or ``device``) names where, ``cause`` says why."""
+
+    def __init__(self, message: str, *, channel: str | None = None,
+                 device: str | None = None, side: str | None = None) -> None:
+        self.cause = message
+        self.channel = channel
+        self.device = device
+        self.side = side
+        where = channel or device
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+class Aborted(FastMFDError):
+    """A wait given up because its session is being torn down.
+
+    Internal: the session reports the error that started the teardown, not
+    this one.
+    """
