@@ -1,0 +1,216 @@
+"""Regions: named, page-aligned blocks of memory that several processes map.
+
+A region is what QEMU calls a RAMBlock: pages addressed by byte offset
+inside it. Its bytes live in a shared-memory segment (:meth:`Region.create`)
+or in a file mapped ``MAP_SHARED`` (:meth:`Region.from_file`), so send and
+receive workers read and write them in place. Each region also carries a
+dirty bitmap, one bit per page, that a workload in any process marks
+(:meth:`Region.mark_dirty`) and the source collects between rounds.
+
+Another process attaches with ``Region.attach(region.handle)``; attachers
+only ever unmap. The creating process owns the segments and unlinks them in
+:meth:`Region.close` (or at exit of its process tree, through the resource
+tracker, if it dies first).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._core import DirtyBitmap
+from .errors import ConfigError
+from .shm import SharedMemory
+
+__all__ = ["Region", "RegionHandle", "validate_region_name"]
+
+MAX_NAME_BYTES = 255
+
+
+def validate_region_name(name: str) -> str:
+    raw = name.encode() if isinstance(name, str) else None
+    if raw is None or not raw or len(raw) > MAX_NAME_BYTES or b"\0" in raw:
+        raise ConfigError(f"region name {name!r} must be 1..{MAX_NAME_BYTES} UTF-8 bytes "
+                          "without NUL")
+    return name
+
+
+def _validate_size(name: str, size: int, page_size: int) -> None:
+    if page_size <= 0 or page_size & (page_size - 1):
+        raise ConfigError(f"page size {page_size} is not a power of two")
+    if size <= 0 or size % page_size:
+        raise ConfigError(f"region {name!r}: size {size} is not a positive multiple of the "
+                          f"page size {page_size}")
+
+
+@dataclass(frozen=True)
+class RegionHandle:
+    """What another process needs to attach to a region (small and picklable)."""
+    name: str
+    size: int
+    page_size: int
+    kind: str           # "shm" or "file"
+    location: str       # segment name or file path
+    dirty: str          # dirty bitmap segment name
+
+
+class Region:
+    """A named block of ``size`` bytes (a multiple of ``page_size``) shared by processes."""
+
+    def __init__(self, name: str, size: int, page_size: int, kind: str, location: str,
+                 mapping: mmap.mmap | SharedMemory, dirty: DirtyBitmap, owner: bool) -> None:
+        self.name = name
+        self.size = size
+        self.page_size = page_size
+        self.owner = owner
+        self._kind = kind
+        self._location = location
+        self._mapping = mapping
+        self._dirty = dirty
+        self._buffer = memoryview(mapping) if kind == "file" else mapping.buf
+        self._array: np.ndarray | None = None
+
+    # ------------------------------------------------------------ construction
+    @classmethod
+    def create(cls, name: str, size: int, *, page_size: int = 4096) -> "Region":
+        """A new zero-filled region in shared memory, owned by this process."""
+        validate_region_name(name)
+        _validate_size(name, size, page_size)
+        data = SharedMemory.create(size, tag=f"region-{name}")
+        try:
+            dirty = DirtyBitmap.create(size // page_size, tag=f"dirty-{name}")
+        except BaseException:
+            data.destroy()
+            raise
+        return cls(name, size, page_size, "shm", data.name, data, dirty, owner=True)
+
+    @classmethod
+    def from_file(cls, name: str, path: str | os.PathLike, *, size: int | None = None,
+                  page_size: int = 4096) -> "Region":
+        """Map a file ``MAP_SHARED``; writes go to the file.
+
+        Without ``size`` the file's size is the region's. With ``size`` a
+        missing file is created and a shorter one extended (with zeros).
+        """
+        validate_region_name(name)
+        path = os.fspath(path)
+        flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if size is not None else 0)
+        try:
+            fd = os.open(path, flags, 0o644)
+        except OSError as exc:
+            raise ConfigError(f"region {name!r}: cannot open {path}: {exc.strerror}") from None
+        try:
+            actual = os.fstat(fd).st_size
+            if size is None:
+                size = actual
+            _validate_size(name, size, page_size)
+            if actual < size:
+                os.ftruncate(fd, size)
+            mapping = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        try:
+            dirty = DirtyBitmap.create(size // page_size, tag=f"dirty-{name}")
+        except BaseException:
+            mapping.close()
+            raise
+        return cls(name, size, page_size, "file", os.path.abspath(path), mapping, dirty,
+                   owner=True)
+
+    @classmethod
+    def attach(cls, handle: RegionHandle, *, populate: bool = False) -> "Region":
+        """Map a region another process created. ``populate`` pre-faults every page."""
+        flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if populate else 0)
+        if handle.kind == "shm":
+            mapping = SharedMemory.attach(handle.location, handle.size, populate=populate)
+        else:
+            fd = os.open(handle.location, os.O_RDWR | os.O_CLOEXEC)
+            try:
+                if os.fstat(fd).st_size < handle.size:
+                    raise ConfigError(f"region file {handle.location} shrank below "
+                                      f"{handle.size} bytes")
+                mapping = mmap.mmap(fd, handle.size, flags=flags)
+            finally:
+                os.close(fd)
+        try:
+            dirty = DirtyBitmap.attach(handle.dirty)
+        except BaseException:
+            mapping.close()
+            raise
+        return cls(handle.name, handle.size, handle.page_size, handle.kind, handle.location,
+                   mapping, dirty, owner=False)
+
+    # ------------------------------------------------------------ access
+    @property
+    def handle(self) -> RegionHandle:
+        return RegionHandle(self.name, self.size, self.page_size, self._kind, self._location,
+                            self._dirty.name)
+
+    @property
+    def buffer(self) -> memoryview:
+        """The region's bytes, writable, without a copy."""
+        if self._buffer is None:
+            raise ValueError(f"region {self.name!r} is closed")
+        return self._buffer
+
+    @property
+    def array(self) -> np.ndarray:
+        """A numpy ``uint8`` view of the region (writable, shares memory)."""
+        if self._array is None:
+            self._array = np.frombuffer(self.buffer, dtype=np.uint8)
+        return self._array
+
+    @property
+    def npages(self) -> int:
+        return self.size // self.page_size
+
+    @property
+    def dirty(self) -> DirtyBitmap:
+        """The region's dirty bitmap (one bit per page)."""
+        return self._dirty
+
+    def mark_dirty(self, offset: int, length: int) -> None:
+        """Record that bytes ``offset .. offset+length`` changed (call after writing)."""
+        if length <= 0:
+            return
+        if offset < 0 or offset + length > self.size:
+            raise IndexError(f"bytes {offset}..{offset + length} outside region {self.name!r} "
+                             f"of {self.size}")
+        first = offset // self.page_size
+        last = (offset + length - 1) // self.page_size
+        self._dirty.mark(first, last - first + 1)
+
+    @property
+    def closed(self) -> bool:
+        return self._buffer is None
+
+    def close(self) -> None:
+        """Unmap; the owner also removes the shared-memory segments.
+
+        Views handed out (``array``, ``buffer`` slices) must be dropped first.
+        """
+        if self._buffer is None:
+            return
+        self._array = None
+        buffer, self._buffer = self._buffer, None
+        if self._kind == "file":
+            buffer.release()
+            self._mapping.close()
+        elif self.owner:
+            self._mapping.destroy()
+        else:
+            self._mapping.close()
+        self._dirty.close()
+
+    def __enter__(self) -> "Region":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        where = "shm" if self._kind == "shm" else self._location
+        return f"<Region {self.name!r} {self.size} bytes ({where})>"
