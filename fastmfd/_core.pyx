@@ -16,7 +16,7 @@ Hot paths release the GIL and never allocate per packet.
 """
 
 from cpython.exc cimport PyErr_CheckSignals
-from cpython.mem cimport PyMem_Calloc, PyMem_Free, PyMem_Malloc
+from cpython.mem cimport PyMem_Calloc, PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from libc.errno cimport EINTR, errno
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdio cimport snprintf
@@ -27,6 +27,17 @@ from posix.uio cimport iovec, readv, writev
 from fastmfd.includes.atomics cimport (
     fm_cas32, fm_cas64, fm_exchange64, fm_fetch_add32, fm_fetch_add64, fm_fetch_or64,
     fm_fetch_sub32, fm_load32, fm_load64, fm_store32, fm_store64,
+)
+from fastmfd.includes.libz cimport (
+    MAX_WBITS, Z_BUF_ERROR, Z_DEFAULT_STRATEGY, Z_DEFLATED, Z_NO_FLUSH, Z_OK, Z_SYNC_FLUSH,
+    compressBound, deflate, deflateEnd, deflateInit2, inflate, inflateEnd, inflateInit2, z_stream,
+)
+from fastmfd.includes.libzstd cimport (
+    ZSTD_CCtx, ZSTD_CCtx_setParameter, ZSTD_DCtx, ZSTD_DCtx_setParameter, ZSTD_c_compressionLevel,
+    ZSTD_compressBound, ZSTD_compressStream2, ZSTD_createCCtx, ZSTD_createDCtx,
+    ZSTD_d_windowLogMax, ZSTD_decompressStream, ZSTD_e_continue, ZSTD_e_flush, ZSTD_freeCCtx,
+    ZSTD_freeDCtx, ZSTD_getErrorName, ZSTD_inBuffer, ZSTD_isError, ZSTD_maxCLevel,
+    ZSTD_minCLevel, ZSTD_outBuffer,
 )
 from fastmfd.includes.system cimport (
     CLOCK_MONOTONIC, IOV_MAX, clock_gettime, fm_buffer_is_zero, fm_pagescan_init, sem_clockwait,
@@ -47,3 +58,4 @@ fm_pagescan_init()
 include "_wire.pxi"
 include "_shared.pxi"
 include "_pages.pxi"
+include "_codecs.pxi"
