@@ -40,6 +40,12 @@ cdef class Codec:
                             size_t n) except -1:
         raise NotImplementedError
 
+    cdef ssize_t decompress_bounded(self, const uint8_t *src, size_t size, uint8_t *dst,
+                                    size_t cap) except -1:
+        """Decompress one packet whose size is not known in advance (a device
+        chunk) into dst; more than ``cap`` bytes is a ProtocolError."""
+        raise NotImplementedError
+
     def __dealloc__(self):
         PyMem_Free(self.out)
 
@@ -170,6 +176,36 @@ cdef class ZlibCodec(Codec):
         return 0
 
 
+    cdef ssize_t decompress_bounded(self, const uint8_t *src, size_t size, uint8_t *dst,
+                                    size_t cap) except -1:
+        cdef int rc = Z_OK
+        cdef uint8_t sink
+        cdef size_t produced
+        cdef bint overflow = False
+        with nogil:
+            self.strm.next_in = src
+            self.strm.avail_in = <unsigned int>size
+            self.strm.next_out = dst
+            self.strm.avail_out = <unsigned int>cap
+            while self.strm.avail_in and self.strm.avail_out and rc == Z_OK:
+                rc = inflate(&self.strm, Z_SYNC_FLUSH)
+            produced = cap - self.strm.avail_out
+            if rc == Z_OK and self.strm.avail_out == 0:
+                # Full: what input is left must not yield another byte.
+                self.strm.next_out = &sink
+                self.strm.avail_out = 1
+                rc = inflate(&self.strm, Z_SYNC_FLUSH)
+                overflow = self.strm.avail_out == 0
+        if rc == Z_BUF_ERROR and self.strm.avail_in == 0:
+            rc = Z_OK
+        if rc != Z_OK:
+            msg = self.strm.msg.decode() if self.strm.msg != NULL else f"error {rc}"
+            raise inflate_error(produced, cap, f"inflate failed: {msg}")
+        if overflow or self.strm.avail_in:
+            raise inflate_error(cap + 1, cap, "inflates to more than a chunk may hold")
+        return produced
+
+
 cdef class ZstdCodec(Codec):
     """zstd with libzstd: one frame per channel that is flushed, never ended."""
     cdef ZSTD_CCtx *cctx
@@ -280,6 +316,37 @@ cdef class ZstdCodec(Codec):
         if out.pos or inp.pos != inp.size:
             raise inflate_error(produced + 1, expected, "decompresses to more than its pages")
         return 0
+
+
+    cdef ssize_t decompress_bounded(self, const uint8_t *src, size_t size, uint8_t *dst,
+                                    size_t cap) except -1:
+        cdef ZSTD_inBuffer inp
+        cdef ZSTD_outBuffer out
+        cdef size_t rc = 0, before, produced
+        cdef uint8_t sink
+        inp.src = src
+        inp.size = size
+        inp.pos = 0
+        out.dst = dst
+        out.size = cap
+        out.pos = 0
+        with nogil:
+            while out.pos < out.size:
+                before = inp.pos + out.pos
+                rc = ZSTD_decompressStream(self.dctx, &out, &inp)
+                if ZSTD_isError(rc) or inp.pos + out.pos == before:
+                    break
+            produced = out.pos
+            if not ZSTD_isError(rc) and produced == cap:
+                out.dst = &sink
+                out.size = 1
+                out.pos = 0
+                rc = ZSTD_decompressStream(self.dctx, &out, &inp)
+        if ZSTD_isError(rc):
+            raise inflate_error(produced, cap, f"zstd: {ZSTD_getErrorName(rc).decode()}")
+        if inp.pos != inp.size or (produced == cap and out.pos):
+            raise inflate_error(cap + 1, cap, "decompresses to more than a chunk may hold")
+        return produced
 
 
 cdef int check_zstd(size_t rc, str what) except -1:

@@ -29,7 +29,7 @@ from fastmfd.includes.atomics cimport (
     fm_fetch_sub32, fm_load32, fm_load64, fm_store32, fm_store64,
 )
 from fastmfd.includes.libz cimport (
-    MAX_WBITS, Z_BUF_ERROR, Z_DEFAULT_STRATEGY, Z_DEFLATED, Z_NO_FLUSH, Z_OK, Z_SYNC_FLUSH,
+    crc32, MAX_WBITS, Z_BUF_ERROR, Z_DEFAULT_STRATEGY, Z_DEFLATED, Z_NO_FLUSH, Z_OK, Z_SYNC_FLUSH,
     compressBound, deflate, deflateEnd, deflateInit2, inflate, inflateEnd, inflateInit2, z_stream,
 )
 from fastmfd.includes.libzstd cimport (
@@ -59,3 +59,4 @@ include "_wire.pxi"
 include "_shared.pxi"
 include "_pages.pxi"
 include "_codecs.pxi"
+include "_channel.pxi"

@@ -196,14 +196,16 @@ class Region:
             return
         self._array = None
         buffer, self._buffer = self._buffer, None
-        if self._kind == "file":
-            buffer.release()
-            self._mapping.close()
-        elif self.owner:
-            self._mapping.destroy()
-        else:
-            self._mapping.close()
-        self._dirty.close()
+        try:
+            if self._kind == "file":
+                buffer.release()
+                self._mapping.close()
+            elif self.owner:
+                self._mapping.destroy()
+            else:
+                self._mapping.close()
+        finally:
+            self._dirty.close()
 
     def __enter__(self) -> "Region":
         return self
