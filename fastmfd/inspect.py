@@ -10,7 +10,7 @@ SYNC barriers order them on a real destination (spec §5.3, DESIGN §4.6)::
                              │                                             │ records per round
                              ├─ "FMFD" ─────▶ _decode_fastmfd_main ────────┤ SETUP, ROUND_END,
                              │  (channel hdr type 0)                       │ old-way device chunks
-                             └─ 0x11223344 ─▶ _open_channel: init packet, id
+                             └─ 0x11223344 ─▶ _open_channels: init packet, id
                                 (channel hdr type 2/3)     │
         for round r = 0, 1, ...:                           ▼
             main channel's records of round r, then every channel (by id) up to
@@ -553,12 +553,10 @@ class _ChannelDecoder:
             self.channel.compression = COMPRESSION_NAMES[self.compression]
         payload_at = reader.pos
         payload = reader.take(pkt.payload_size, "payload")
-        pages = self._pages(pkt.normal_pages, payload, payload_at)
-        page_size = self.session.page_size
         block = pkt.ramblock
-        for i, offset in enumerate(pkt.offsets.tolist()):
-            self.image.apply_located(block, offset, pages[i * page_size:(i + 1) * page_size],
-                                     reader.path, at)
+        pages = self._pages(pkt.normal_pages, payload, payload_at)
+        for offset, page in zip(pkt.offsets.tolist(), pages):
+            self.image.apply_located(block, offset, page, reader.path, at)
         for offset in pkt.zero_offsets.tolist():
             self.image.apply_located(block, offset, self.image.zero_page, reader.path, at)
         self.channel.packets.append(PacketRecord(
@@ -566,23 +564,26 @@ class _ChannelDecoder:
             pkt.normal_pages, pkt.zero_pages, reader.pos - at, pkt.payload_size, self.round))
         return pkt.is_sync
 
-    def _pages(self, count: int, payload: memoryview, at: int) -> memoryview:
-        """The bytes of ``count`` pages: the payload itself, or its decompression."""
-        if not self.compression or not count:
-            return payload
-        method = COMPRESSION_NAMES[self.compression]
+    def _pages(self, count: int, payload: memoryview, at: int) -> list[memoryview]:
+        """The ``count`` pages of a packet: slices of the payload, or of its decompression."""
+        page_size = self.session.page_size
+        if not self.compression:
+            return [payload[i * page_size:(i + 1) * page_size] for i in range(count)]
+        if not count:
+            return []
         if self.stream is None:
-            self.stream = _core.make_codec(method, compressing=False)
-            self.scratch = memoryview(bytearray(self.session.packet_pages
-                                                * self.session.page_size))
-        out = self.scratch[:count * self.session.page_size]
+            self.stream = _core.make_codec(COMPRESSION_NAMES[self.compression],
+                                           compressing=False)
+            self.scratch = memoryview(bytearray(self.session.packet_pages * page_size))
+        out = self.scratch[:count * page_size]
         try:
             self.stream.decompress_into(payload, out)
         except ProtocolError as exc:
             raise self.reader.locate(exc, at) from None
-        # Copy out of the scratch buffer: pages outlive the packet, and a page
-        # kept alone must not keep a whole packet's buffer alive.
-        return memoryview(bytes(out))
+        # One copy per page: pages outlive the scratch buffer, and a page that
+        # survives alone must not keep a whole packet alive (max_ram_bytes).
+        return [memoryview(bytes(out[i * page_size:(i + 1) * page_size]))
+                for i in range(count)]
 
     def _device_packet(self, at: int, flags: int) -> None:
         reader = self.reader

@@ -155,3 +155,14 @@ def test_qemu_channels_alone_need_the_qemu_layout():
     assert info.value.field == "next_packet_size"
     assert str(info.value).startswith(f"{conn2} at byte ") or \
         str(info.value).startswith(f"{conn1} at byte ")
+
+
+def test_decompressed_pages_do_not_pin_their_packet(decoded):
+    compression, capture, _ = decoded
+    sizes = {len(page.obj) for pages in capture.ram.values() for page in pages.values()}
+    if compression == "none":
+        # Zero-copy: data pages are slices of the files' bytes.
+        assert max(sizes) == max(channel.size for channel in capture.channels)
+    else:
+        # One buffer per page, so max_ram_bytes bounds the memory really held.
+        assert sizes == {PAGE}
