@@ -63,7 +63,7 @@ COMPRESSION_MASK = {_core.LAYOUT_QEMU72: 0x0E, _core.LAYOUT_CURRENT: 0x3E}
 CHANNEL_HEADER_PREFIX = (4).to_bytes(8, "big")    # BE u64 header_size = 4 (DESIGN §4.1)
 MULTIFD_MAGIC = _core.MULTIFD_MAGIC.to_bytes(4, "big")
 FMFD_MAGIC = MAIN_MAGIC.to_bytes(4, "big")
-DEFAULT_PACKET_PAGES = 128           # QEMU's 512 KiB packets of 4 KiB pages
+QEMU_PACKET_BYTES = 512 << 10        # MULTIFD_PACKET_SIZE: 128 pages of 4 KiB (spec §2.1)
 DEFAULT_MAX_RAM_BYTES = 1 << 32
 MAX_MAIN_DEVICE_MESSAGE = 1 << 30     # bound on an old-way DEVICE_STATE message
 
@@ -192,15 +192,16 @@ def read_capture(paths, *, packet_pages: int | None = None, page_size: int = 409
     """Decode the captured channel files ``paths`` (one per connection, any order).
 
     ``layout`` is ``"qemu-7.2"`` or ``"current"``; by default ``"qemu-7.2"``
-    when a QEMU main channel is among the files. ``packet_pages`` and
-    ``page_size`` are used when no main channel says otherwise (fastmfd's
-    SETUP, QEMU's target-page-bits). ``max_ram_bytes`` bounds the distinct
+    when a QEMU main channel is among the files. ``page_size`` and
+    ``packet_pages`` (default: QEMU's 512 KiB of pages, 128 of 4 KiB) are used
+    unless the main channel says otherwise (fastmfd's SETUP gives both, QEMU's
+    target-page-bits the page size). ``max_ram_bytes`` bounds the distinct
     pages kept, since a small compressed capture can inflate a lot.
     """
     if layout is not None and layout not in LAYOUTS:
         raise ConfigError(f"layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
-    _check_geometry(DEFAULT_PACKET_PAGES if packet_pages is None else packet_pages, page_size,
-                    ConfigError)
+    _check_geometry(_default_packet_pages(page_size) if packet_pages is None else packet_pages,
+                    page_size, ConfigError)
     readers = [ByteReader(str(path), _read_file(path)) for path in paths]
     if not readers:
         raise ConfigError("no capture files given")
@@ -213,9 +214,10 @@ def read_capture(paths, *, packet_pages: int | None = None, page_size: int = 409
                                 received="main channel", expected="one main channel", at=0)
 
     devices = _DeviceChunks()
-    session = _Session(packet_pages=DEFAULT_PACKET_PAGES if packet_pages is None
-                       else packet_pages, page_size=page_size)
+    session = _Session(packet_pages=packet_pages, page_size=page_size)
     main = _decode_main(*mains[0], session, devices) if mains else None
+    if session.packet_pages is None:
+        session.packet_pages = _default_packet_pages(session.page_size)
     if layout is None:
         layout = _core.LAYOUT_QEMU72 if isinstance(main, QemuMainChannel) else \
             _core.LAYOUT_CURRENT
@@ -267,6 +269,11 @@ def _decode_rounds(main, decoders: list["_ChannelDecoder"], image: "_RamImage") 
         r += 1
 
 
+def _default_packet_pages(page_size: int) -> int:
+    """QEMU's packet size in pages: 512 KiB of target pages (128 of 4 KiB)."""
+    return max(1, QEMU_PACKET_BYTES // page_size)
+
+
 def _read_file(path) -> bytes:
     try:
         return Path(path).read_bytes()
@@ -288,7 +295,7 @@ def _check_geometry(packet_pages, page_size, error) -> None:
 @dataclass
 class _Session:
     """What the decoders must know, from the main channel or the arguments."""
-    packet_pages: int
+    packet_pages: int | None                # None: QEMU's, from the page size
     page_size: int
     compression: int | None = None          # wire flag; None: learn it from the packets
     checksum: bool = False
@@ -711,7 +718,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.add_argument("--packet-pages", type=int, default=None, metavar="N",
                         help="pages per RAM packet when no fastmfd main channel says "
-                             "(default 128)")
+                             "(default: QEMU's 512 KiB of pages, 128 of 4 KiB)")
     parser.add_argument("--layout", choices=LAYOUTS, default=None,
                         help="RAM packet layout (default: qemu-7.2 with a QEMU main channel, "
                              "else current)")
