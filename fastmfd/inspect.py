@@ -25,12 +25,18 @@ as ``"<file> at byte <offset>"`` and naming the field; every length read from
 a file is checked against the bytes really there before it is used, and
 decompression is bounded by the page count in the header (``_core`` codecs).
 
+A fact two files must agree on (a block name or size, the UUID, the number
+of rounds) is reported in the file where the disagreement shows, which is not
+always the damaged one: the capture cannot tell which side is wrong.
+
 Limits: QEMU captures are decoded up to the main channel's first device
-section (device sections are not decoded; the stream's end is checked); a
-multifd channel cut exactly at a packet boundary is only caught when its main
-channel is in the capture (SYNC count against the main channel's round ends);
-compressed device-state packets cannot be inspected (the header does not say
-how large the chunk inflates, so it cannot be decompressed with a bound).
+section (device sections are not decoded, but the stream must end with
+QEMU_VM_EOF and the VM description, which QEMU sends in precopy unless the
+machine suppresses it); a multifd channel cut exactly at a packet boundary is
+only caught when its main channel is in the capture (SYNC count against the
+main channel's round ends); compressed device-state packets cannot be
+inspected (the header does not say how large the chunk inflates, so it cannot
+be decompressed with a bound).
 """
 
 from __future__ import annotations
@@ -394,14 +400,19 @@ def _main_device_chunk(reader: ByteReader, body: memoryview, at: int, session: _
     devices.add(idstr, instance_id, body[4:], reader, at + 4)
 
 
+_MISSING = object()
+
+
 def _apply_setup(setup: dict, session: _Session) -> None:
     """Validate SETUP (DESIGN §4.5) and take the session's parameters from it."""
-    def get(key, check, expected, default=KeyError):
+    def get(key, check, expected, default=_MISSING):
         value = setup.get(key, default)
-        if value is KeyError or not check(value):
+        if value is _MISSING:
+            raise ProtocolError(f"SETUP has no field {key!r} (expected {expected})",
+                                field=f"SETUP.{key}", received=None, expected=expected)
+        if not check(value):
             raise ProtocolError(f"SETUP field {key!r}: received {value!r:.80}, expected "
-                                f"{expected}", field=f"SETUP.{key}",
-                                received=None if value is KeyError else value,
+                                f"{expected}", field=f"SETUP.{key}", received=value,
                                 expected=expected)
         return value
 

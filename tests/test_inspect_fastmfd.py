@@ -235,14 +235,19 @@ def test_main_channel_must_end_with_complete(tmp_path):
     assert located(info.value, paths[0]) == len(files["main.bin"])
 
 
+MISSING = object()
+
+
 @pytest.mark.parametrize("key, value", [
     ("page_size", 1000), ("packet_pages", 0), ("compression", "lz4"), ("uuid", "12"),
     ("regions", [{"name": "a", "size": 100}]), ("channels", True),
-    ("devices", [{"idstr": "x\u0000", "instance_id": 0}]),
+    ("devices", [{"idstr": "x\u0000", "instance_id": 0}]), ("regions", MISSING),
 ])
 def test_bad_setup_fields(tmp_path, key, value):
     setup = setup_message(UUID, REGIONS)
     setup[key] = value
+    if value is MISSING:
+        del setup[key]
     paths = write_files(tmp_path, {"main.bin": main_channel(setup, [(Msg.COMPLETE, {})])})
     with pytest.raises(ProtocolError) as info:
         read_capture(paths)
