@@ -1,5 +1,6 @@
 """Shared by the ``test_inspect_*`` files: the real QEMU 7.2 captures, their RAM
-pattern, and builders of fastmfd-format capture files.
+pattern, builders of fastmfd-format capture files, and a two-round fastmfd
+session with the RAM image it must decode to.
 
 The fastmfd engine that writes such streams does not exist yet, so the tests
 build them from the ``_core`` encoders, byte for byte as DESIGN §4 lays them
@@ -139,3 +140,78 @@ def write_files(directory: Path, files: dict[str, bytes]) -> list[Path]:
         path.write_bytes(data)
         paths.append(path)
     return paths
+
+
+# ---------------------------------------------------------------- a fastmfd session
+
+SESSION_UUID = bytes(range(16))    # the fastmfd session's
+PAGE = 4096
+PACKET_PAGES = 16                   # not QEMU's 128: SETUP must be what counts
+REGIONS = {"ram0": 48 * PAGE, "vga": 4 * PAGE}
+
+
+def page(tag: int, index: int) -> bytes:
+    """Distinct content per (tag, page index); never all zero."""
+    return bytes([tag + 1, index % 256]) * (PAGE // 2)
+
+
+class Session:
+    """A two-round session and the RAM image it must decode to.
+
+    Round 0 sends every page (every third one of ram0 as a listed zero page).
+    Round 1 re-sends two pages with new content, each on the *other* channel
+    than its first copy, so only barrier order (not channel order) gets the
+    newer copy right.
+    """
+
+    def __init__(self, compression: str = "none") -> None:
+        self.compression = compression
+        self.expected: dict[str, dict[int, bytes]] = {name: {} for name in REGIONS}
+        self.channels = [ChannelWriter(i, SESSION_UUID, packet_pages=PACKET_PAGES,
+                                       compression=compression) for i in range(2)]
+        self.num = 0
+        self.zero_listed = 0
+
+    def send(self, channel: int, block: str, indexes: range, tag: int, *,
+             zero_every: int = 0, sync: bool = False) -> None:
+        data = {}
+        zero = []
+        for i in indexes:
+            if zero_every and i % zero_every == 0:
+                zero.append(i * PAGE)
+                self.expected[block][i * PAGE] = bytes(PAGE)
+            else:
+                data[i * PAGE] = self.expected[block][i * PAGE] = page(tag, i)
+        self.zero_listed += len(zero)
+        self.channels[channel].ram(block, data, zero, packet_num=self.next_num(), sync=sync)
+
+    def sync_all(self) -> None:
+        for writer in self.channels:
+            writer.sync(self.next_num())
+
+    def next_num(self) -> int:
+        self.num += 1
+        return self.num
+
+    def files(self, messages_after_setup: list, devices=()) -> dict[str, bytes]:
+        setup = setup_message(SESSION_UUID, REGIONS, packet_pages=PACKET_PAGES,
+                              compression=self.compression, devices=list(devices))
+        return {"main.bin": main_channel(setup, messages_after_setup),
+                **{f"ch{i}.bin": w.bytes() for i, w in enumerate(self.channels)}}
+
+
+def two_rounds(compression: str = "none") -> Session:
+    s = Session(compression)
+    s.send(0, "ram0", range(0, 16), tag=0, zero_every=3)
+    s.send(1, "ram0", range(16, 32), tag=0, zero_every=3)
+    s.send(0, "ram0", range(32, 48), tag=0, zero_every=3)
+    s.send(1, "vga", range(0, 4), tag=0)
+    s.sync_all()
+    s.send(1, "ram0", range(5, 6), tag=1)          # first copy went on channel 0
+    s.send(0, "ram0", range(20, 21), tag=1)        # first copy went on channel 1
+    s.sync_all()
+    return s
+
+
+ROUND_ENDS = [(Msg.ROUND_END, {"round": 1}), (Msg.ROUND_END, {"round": 2}),
+              (Msg.COMPLETE, {})]

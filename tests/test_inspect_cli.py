@@ -13,8 +13,7 @@ import pytest
 
 from fastmfd.cli import main
 from fastmfd.inspect import read_capture
-from inspect_support import capture_files
-from test_inspect_fastmfd import PACKET_PAGES, ROUND_ENDS, two_rounds, write_files
+from inspect_support import PACKET_PAGES, ROUND_ENDS, capture_files, two_rounds, write_files
 
 REPO = Path(__file__).resolve().parents[1]
 BORDER = re.compile("[│|]")     # rich draws ASCII borders when stdout is not UTF-8

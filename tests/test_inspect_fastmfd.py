@@ -1,8 +1,9 @@
 """read_capture on fastmfd-format streams built from the ``_core`` encoders.
 
-Two RAM rounds over two channels with zero pages, uncompressed and with one
-zlib/zstd stream per channel; device-state chunks out of order across
-channels and on the main channel; and the faults a fastmfd capture can have.
+Two RAM rounds over two channels with zero pages (``inspect_support.two_rounds``),
+uncompressed and with one zlib/zstd stream per channel; device-state chunks out
+of order across channels and on the main channel; and the faults a fastmfd
+capture can have.
 """
 
 from __future__ import annotations
@@ -16,81 +17,9 @@ from fastmfd.errors import ConfigError, ProtocolError
 from fastmfd.inspect import read_capture
 from fastmfd.wire import Msg
 from inspect_support import (
-    ChannelWriter, device_message, main_channel, setup_message, write_files,
+    PACKET_PAGES, PAGE, REGIONS, ROUND_ENDS, SESSION_UUID, ChannelWriter, Session,
+    device_message, main_channel, setup_message, two_rounds, write_files,
 )
-
-UUID = bytes(range(16))
-PAGE = 4096
-PACKET_PAGES = 16                   # not QEMU's 128: SETUP must be what counts
-REGIONS = {"ram0": 48 * PAGE, "vga": 4 * PAGE}
-
-
-def page(tag: int, index: int) -> bytes:
-    """Distinct content per (tag, page index); never all zero."""
-    return bytes([tag + 1, index % 256]) * (PAGE // 2)
-
-
-class Session:
-    """A two-round session and the RAM image it must decode to.
-
-    Round 0 sends every page (every third one of ram0 as a listed zero page).
-    Round 1 re-sends two pages with new content, each on the *other* channel
-    than its first copy, so only barrier order (not channel order) gets the
-    newer copy right.
-    """
-
-    def __init__(self, compression: str = "none") -> None:
-        self.compression = compression
-        self.expected: dict[str, dict[int, bytes]] = {name: {} for name in REGIONS}
-        self.channels = [ChannelWriter(i, UUID, packet_pages=PACKET_PAGES,
-                                       compression=compression) for i in range(2)]
-        self.num = 0
-        self.zero_listed = 0
-
-    def send(self, channel: int, block: str, indexes: range, tag: int, *,
-             zero_every: int = 0, sync: bool = False) -> None:
-        data = {}
-        zero = []
-        for i in indexes:
-            if zero_every and i % zero_every == 0:
-                zero.append(i * PAGE)
-                self.expected[block][i * PAGE] = bytes(PAGE)
-            else:
-                data[i * PAGE] = self.expected[block][i * PAGE] = page(tag, i)
-        self.zero_listed += len(zero)
-        self.channels[channel].ram(block, data, zero, packet_num=self._num(), sync=sync)
-
-    def sync_all(self) -> None:
-        for writer in self.channels:
-            writer.sync(self._num())
-
-    def _num(self) -> int:
-        self.num += 1
-        return self.num
-
-    def files(self, messages_after_setup: list, devices=()) -> dict[str, bytes]:
-        setup = setup_message(UUID, REGIONS, packet_pages=PACKET_PAGES,
-                              compression=self.compression, devices=list(devices))
-        return {"main.bin": main_channel(setup, messages_after_setup),
-                **{f"ch{i}.bin": w.bytes() for i, w in enumerate(self.channels)}}
-
-
-def two_rounds(compression: str = "none") -> Session:
-    s = Session(compression)
-    s.send(0, "ram0", range(0, 16), tag=0, zero_every=3)
-    s.send(1, "ram0", range(16, 32), tag=0, zero_every=3)
-    s.send(0, "ram0", range(32, 48), tag=0, zero_every=3)
-    s.send(1, "vga", range(0, 4), tag=0)
-    s.sync_all()
-    s.send(1, "ram0", range(5, 6), tag=1)          # first copy went on channel 0
-    s.send(0, "ram0", range(20, 21), tag=1)        # first copy went on channel 1
-    s.sync_all()
-    return s
-
-
-ROUND_ENDS = [(Msg.ROUND_END, {"round": 1}), (Msg.ROUND_END, {"round": 2}),
-              (Msg.COMPLETE, {})]
-
 
 @pytest.mark.parametrize("compression", ["none", "zlib", "zstd"])
 def test_two_rounds_with_zero_pages(tmp_path, compression):
@@ -156,8 +85,8 @@ def test_device_state_out_of_order_across_two_channels(tmp_path):
 def test_dedicated_device_state_channel_takes_no_part_in_syncs(tmp_path):
     session = Session()
     session.send(0, "vga", range(0, 4), tag=0)
-    session.channels[0].sync(session._num())
-    session.channels[1] = ChannelWriter(1, UUID, packet_pages=PACKET_PAGES,
+    session.channels[0].sync(session.next_num())
+    session.channels[1] = ChannelWriter(1, SESSION_UUID, packet_pages=PACKET_PAGES,
                                         header_type=_core.CHANNEL_DEVICE_STATE)
     session.channels[1].device("nic0", 0, 0, b"only chunk", last=True)
     paths = write_files(tmp_path, session.files(
@@ -244,7 +173,7 @@ MISSING = object()
     ("devices", [{"idstr": "x\u0000", "instance_id": 0}]), ("regions", MISSING),
 ])
 def test_bad_setup_fields(tmp_path, key, value):
-    setup = setup_message(UUID, REGIONS)
+    setup = setup_message(SESSION_UUID, REGIONS)
     setup[key] = value
     if value is MISSING:
         del setup[key]
@@ -257,7 +186,7 @@ def test_bad_setup_fields(tmp_path, key, value):
 
 @pytest.mark.parametrize("uuid, channel_id, field", [
     (bytes(16), 0, "uuid"),         # not the session's
-    (UUID, 2, "id"),                # SETUP says 2 channels
+    (SESSION_UUID, 2, "id"),                # SETUP says 2 channels
 ])
 def test_init_packet_checked_against_setup(tmp_path, uuid, channel_id, field):
     files = two_rounds().files(ROUND_ENDS)
@@ -271,7 +200,7 @@ def test_init_packet_checked_against_setup(tmp_path, uuid, channel_id, field):
 
 def test_two_channels_with_one_id(tmp_path):
     files = two_rounds().files(ROUND_ENDS)
-    files["ch1.bin"] = ChannelWriter(0, UUID, packet_pages=PACKET_PAGES).bytes()
+    files["ch1.bin"] = ChannelWriter(0, SESSION_UUID, packet_pages=PACKET_PAGES).bytes()
     paths = write_files(tmp_path, files)
     with pytest.raises(ProtocolError) as info:
         read_capture(paths)
