@@ -92,7 +92,7 @@ def decode_control(kind: Msg, body: bytes) -> dict:
     """The JSON object of a control message."""
     try:
         value = json.loads(body) if body else {}
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:     # bad UTF-8 or JSON; nesting too deep
         raise ProtocolError(f"main channel {kind.name}: payload is not JSON ({exc})",
                             field="payload", received=body[:40], expected="JSON") from None
     if not isinstance(value, dict):
