@@ -75,6 +75,19 @@ def pack_command(uint32_t kind, uint32_t target=0, uint32_t count=0, uint32_t sl
     return (<char *>&cmd)[:sizeof(cmd)]
 
 
+def pack_descriptor(uint32_t device, uint32_t idx, uint32_t flags, uint32_t slot,
+                    uint32_t length, uint32_t channel):
+    """The 24-byte record announcing a device chunk in a pool slot."""
+    cdef Descriptor desc
+    desc.device = device
+    desc.idx = idx
+    desc.flags = flags
+    desc.slot = slot
+    desc.length = length
+    desc.channel = channel
+    return (<char *>&desc)[:sizeof(desc)]
+
+
 def unpack_descriptors(const uint8_t[::1] data):
     """Descriptors read from the reassembly pipe: a list of 6-tuples
     ``(device, idx, flags, slot, length, channel)``."""
@@ -132,7 +145,7 @@ cdef class Counters(_SharedStructure):
             c.rows = <uint64_t *>(c.base + align_up(sizeof(CountersHeader), HEADER_ALIGN))
             fm_store64(&c.hdr.magic, COUNTERS_MAGIC)
         except BaseException:
-            segment.destroy()
+            segment.close()
             raise
         return c
 

@@ -94,7 +94,7 @@ cdef class _SharedStructure:
         """Unmap; the owner also unlinks the segment."""
         if self.segment is not None and not self.segment.closed:
             self.base = NULL
-            self.segment.destroy()
+            self.segment.close()
 
     def __enter__(self):
         return self
@@ -148,7 +148,7 @@ cdef class BufferPool(_SharedStructure):
         try:
             pool._format(segment, nslots, slot_size)
         except BaseException:
-            segment.destroy()
+            segment.close()
             raise
         return pool
 
@@ -324,7 +324,7 @@ cdef class ChannelSelector(_SharedStructure):
                 raise OSError(errno, "sem_init failed")
             fm_store64(&sel.hdr.magic, SELECTOR_MAGIC)
         except BaseException:
-            segment.destroy()
+            segment.close()
             raise
         return sel
 
@@ -445,7 +445,7 @@ cdef class DirtyBitmap(_SharedStructure):
             bm._locate()
             fm_store64(&bm.hdr.magic, BITMAP_MAGIC)
         except BaseException:
-            segment.destroy()
+            segment.close()
             raise
         return bm
 

@@ -83,7 +83,7 @@ class Region:
         try:
             dirty = DirtyBitmap.create(size // page_size, tag=f"dirty-{name}")
         except BaseException:
-            data.destroy()
+            data.close()
             raise
         return cls(name, size, page_size, "shm", data.name, data, dirty, owner=True)
 
@@ -199,11 +199,7 @@ class Region:
         try:
             if self._kind == "file":
                 buffer.release()
-                self._mapping.close()
-            elif self.owner:
-                self._mapping.destroy()
-            else:
-                self._mapping.close()
+            self._mapping.close()
         finally:
             self._dirty.close()
 

@@ -68,6 +68,7 @@ class Source:
         self._monitor: threading.Thread | None = None
         self._wake_r, self._wake_w = -1, -1
         self._loaded = threading.Event()
+        self._workers_done = threading.Event()
         self._loaded_report: dict = {}
         self._failure = SessionFailure("source")
         self._used = False
@@ -365,9 +366,11 @@ class Source:
                       _core.pack_command(_core.CMD_DEVICE_, device, length, slot))
 
     def _finish(self) -> None:
-        """Every command is queued: let the workers drain and half-close, then COMPLETE."""
+        """Every command is queued: let the workers drain and half-close, then COMPLETE
+        with the totals they sent, which the destination checks against its own."""
         for ch in range(self.config.total_channels):
             self._command(ch, _core.pack_command(_core.CMD_QUIT_))
+        self._wait_for(self._workers_done)
         totals = {
             "channels": [self._counters.read(ch) for ch in range(self.config.total_channels)],
             "device_chunks": getattr(self, "_device_chunks", {}),
@@ -375,7 +378,10 @@ class Source:
         self._main.send(Msg.COMPLETE, totals)
 
     def _wait_loaded(self) -> None:
-        while not self._loaded.wait(0.5):
+        self._wait_for(self._loaded)
+
+    def _wait_for(self, event: threading.Event) -> None:
+        while not event.wait(0.5):
             self._failure.check()
         self._failure.check()
 
@@ -427,6 +433,8 @@ class Source:
             self._failure.fail(worker.error_from(message))
         elif message[0] == "done":
             worker.finished = True
+            if all(w.finished for w in self._workers):
+                self._workers_done.set()
         return True
 
     def _on_main_message(self) -> bool:

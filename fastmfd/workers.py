@@ -155,7 +155,7 @@ class WorkerSet:
 
 # ------------------------------------------------------------------ worker side
 
-def _worker_setup() -> None:
+def worker_setup() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _core.die_with_parent()
 
@@ -192,7 +192,7 @@ def _close_all(stack: list) -> None:
 
 def send_worker_main(conn) -> None:
     """A send worker: runs one channel's SendEngine for one session."""
-    _worker_setup()
+    worker_setup()
     session = conn.recv()
     if session is None:
         return
@@ -228,7 +228,7 @@ def send_worker_main(conn) -> None:
 
 def recv_worker_main(conn) -> None:
     """A receive worker: runs one channel's RecvEngine, holding at each SYNC."""
-    _worker_setup()
+    worker_setup()
     session = conn.recv()
     if session is None:
         return
