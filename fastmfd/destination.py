@@ -296,6 +296,8 @@ class Destination:
         self._complete: dict | None = None
         self._loaded_devices: dict[int, float] = {}
         self._device_results: dict[int, object] = {}
+        self._device_chunks: dict[int, int] = {}
+        self._reassembly_drained = False
         self._load_seconds: dict[int, float] = {}
         self._switchover_at = None
         self._old_way_chunks = self._old_way_bytes = 0
@@ -326,7 +328,8 @@ class Destination:
         return (self._complete is not None
                 and len(self._drained) == self.cfg.total_channels
                 and self._released == self._round_end
-                and len(self._device_results) == len(self.devices))
+                and len(self._device_results) == len(self.devices)
+                and (self._reassembly_drained or not self.devices))
 
     def _accept_channel(self):
         cfg = self.cfg
@@ -432,14 +435,6 @@ class Destination:
             self._switchover_at = time.monotonic()
         elif kind is Msg.COMPLETE:
             self._complete = info
-            if self.devices:
-                counts = info.get("device_chunks") or []
-                if len(counts) != len(self.devices):
-                    raise ProtocolError("COMPLETE lists the chunks of "
-                                        f"{len(counts)} devices, expected {len(self.devices)}",
-                                        field="device_chunks", received=len(counts),
-                                        expected=len(self.devices))
-                self._reassembly[0].conn.send(("expect", counts))
         elif kind is Msg.ERROR:
             raise MigrationError(f"the source failed: {info.get('error')}",
                                  channel="main channel", side="source")
@@ -492,16 +487,26 @@ class Destination:
             if message[0] == "error":
                 raise reassembly.error_from(message)
             if message[0] == "loaded":
-                self._load_seconds[message[1]] = message[2]
-            elif message[0] == "done":
-                self._device_results = {i: r for i, (r, _) in message[1].items()}
-                reassembly.finished = True
-        if not got and not reassembly.process.is_alive() and not reassembly.finished:
+                _, index, result, seconds, chunks = message
+                self._device_results[index] = result
+                self._load_seconds[index] = seconds
+                self._device_chunks[index] = chunks
+            elif message[0] == "drained":
+                self._reassembly_drained = True
+        if not got and not reassembly.process.is_alive():
             raise reassembly.death_error()
-        return got or reassembly.process.is_alive()
+        return True
 
     def _finish(self) -> None:
         """Everything is applied: check the source's totals, then send LOADED."""
+        counts = self._complete.get("device_chunks") or []
+        for i, name in enumerate(self.devices):
+            theirs = counts[i] if i < len(counts) else None
+            if theirs != self._device_chunks.get(i):
+                raise ProtocolError(f"device {device_key(*name)}: the source sent {theirs} "
+                                    f"chunks, {self._device_chunks.get(i)} were loaded",
+                                    field="device_chunks", received=self._device_chunks.get(i),
+                                    expected=theirs)
         sent = self._complete.get("channels") or []
         for ch in range(self.cfg.total_channels):
             mine = self._counters.read(ch)
