@@ -18,6 +18,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return inspect.cli_main(args)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench
+    return bench.cli_main(args)
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastmfd",
@@ -29,6 +34,12 @@ def _build_parser() -> argparse.ArgumentParser:
     from . import inspect
     inspect.add_arguments(p)
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("bench", help="time migrations across channel and compression "
+                                     "settings (and peers), verify them, draw the result")
+    from . import bench
+    bench.add_arguments(p)
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

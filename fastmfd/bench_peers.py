@@ -1,0 +1,380 @@
+"""What fastmfd is measured against: trials of the same image moved by peers.
+
+Both follow :mod:`fastmfd.bench`'s trial steps (prepare in ``__init__``,
+``run()`` timed, ``finish()`` checks the destination equals the image and
+frees everything, ``close()`` frees without checking).
+
+``SendallTrial`` — the plain baseline: one TCP socket, two processes::
+
+    sender process                                  receiver process
+      maps the image file                             maps a fresh file (tmpfs) of the size
+      connect ──────────────────────────────────────▶ accept
+      "go" ─▶ sock.sendall(whole image) ──── TCP ───▶ recv_into(view[pos:]) until full
+                                                      "done" ─▶ timed part ends
+
+``QemuTrial`` — a real QEMU multifd migration (DESIGN §8): a paused TCG guest
+(``-S``) whose RAM is a ``memory-backend-file`` (``share=on``) on the image,
+migrated over loopback TCP to a second QEMU started with ``-incoming defer``
+whose RAM is a fresh file; both get the multifd capability, channel count
+and compression over QMP. The timed part runs from ``migrate`` until the
+destination reports ``completed`` (a QEMU 7.2 source without return path may
+finish before its destination has loaded everything; fastmfd's time always
+includes the destination's LOADED). QEMU's own ``total-time`` is kept in
+the details. The destination's RAM file is then compared with the image.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import shutil
+import socket
+import subprocess
+import time
+from multiprocessing import connection
+
+from .bench import Measurement
+from .errors import ConfigError, MigrationError
+from .images import Image
+from .workers import mp_context, worker_setup
+
+__all__ = ["SendallTrial", "QemuTrial", "find_qemu", "QMP"]
+
+STEP_TIMEOUT = 60.0             # seconds any one step (start, connect, transfer) may take
+
+
+def _wait_message(conn, expected: str, process, timeout: float = STEP_TIMEOUT):
+    """The next message from a peer process, which must be ``(expected, ...)``."""
+    if not connection.wait([conn, process.sentinel], timeout) or not conn.poll():
+        state = "exited" if process.exitcode is not None else "did not answer"
+        raise MigrationError(f"the {process.name} process {state} (waiting for {expected!r})")
+    message = conn.recv()
+    if message[0] == "error":
+        raise MigrationError(f"{process.name}: {message[1]}")
+    if message[0] != expected:
+        raise MigrationError(f"{process.name}: sent {message[0]!r}, expected {expected!r}")
+    return message
+
+
+# ------------------------------------------------------------------ sendall
+
+def _peer_main(body, conn, *args) -> None:
+    """A peer process: run ``body``, turning any exception into an ("error", text) message."""
+    worker_setup()
+    try:
+        body(conn, *args)
+    except BaseException as exc:
+        try:
+            conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        except OSError:
+            pass
+
+
+def sendall_sender(conn, *args) -> None:
+    _peer_main(_sendall_sender, conn, *args)
+
+
+def sendall_receiver(conn, *args) -> None:
+    _peer_main(_sendall_receiver, conn, *args)
+
+
+def _sendall_sender(conn, path: str, size: int, port: int) -> None:
+    with open(path, "rb") as file, mmap.mmap(file.fileno(), size, access=mmap.ACCESS_READ) as m:
+        view = memoryview(m)
+        try:
+            with socket.create_connection(("127.0.0.1", port)) as sock:
+                conn.send(("ready",))
+                if conn.recv() != "go":
+                    return
+                sock.sendall(view)
+        finally:
+            view.release()
+
+
+def _sendall_receiver(conn, path: str, size: int) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        conn.send(("port", server.getsockname()[1]))
+        sock, _ = server.accept()
+    # A new file on tmpfs, as a destination guest's RAM: pages are allocated as they arrive.
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.ftruncate(fd, size)
+        mapped = mmap.mmap(fd, size)
+    finally:
+        os.close(fd)
+    with sock, mapped:
+        view = memoryview(mapped)
+        try:
+            done = 0
+            while done < size:
+                n = sock.recv_into(view[done:])
+                if n == 0:
+                    raise EOFError(f"the sender closed after {done} of {size} bytes")
+                done += n
+        finally:
+            view.release()
+    conn.send(("done",))
+
+
+class SendallTrial:
+    """The image through one plain ``socket.sendall`` / ``recv_into`` pair of processes."""
+
+    def __init__(self, image: Image) -> None:
+        self.image = image
+        self._path = image.new_path("sendall-dst")
+        self._procs: list = []
+        ctx = mp_context()
+        try:
+            self._recv_conn = self._start(ctx, sendall_receiver, "sendall receiver",
+                                          self._path, image.size)
+            _, port = _wait_message(self._recv_conn, "port", self._procs[0])
+            self._send_conn = self._start(ctx, sendall_sender, "sendall sender",
+                                          image.path, image.size, port)
+            _wait_message(self._send_conn, "ready", self._procs[1])
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, ctx, target, name: str, *args):
+        mine, theirs = ctx.Pipe()
+        process = ctx.Process(target=target, args=(theirs, *args), name=name, daemon=True)
+        process.start()
+        theirs.close()
+        self._procs.append(process)
+        return mine
+
+    def run(self) -> Measurement:
+        started = time.perf_counter()
+        self._send_conn.send("go")
+        _wait_message(self._recv_conn, "done", self._procs[0])
+        seconds = time.perf_counter() - started
+        return Measurement(seconds, self.image.size, self.image.size)
+
+    def finish(self) -> None:
+        try:
+            for process in self._procs:
+                process.join(STEP_TIMEOUT)
+            if not self.image.matches(self._path):
+                raise MigrationError("sendall: the received file differs from the image")
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        for process in self._procs:
+            if process.exitcode is None:
+                process.kill()
+            process.join()
+        self._procs = []
+        for conn in ("_send_conn", "_recv_conn"):
+            if hasattr(self, conn):
+                getattr(self, conn).close()
+                delattr(self, conn)
+        if os.path.exists(self._path):
+            os.unlink(self._path)
+
+
+# ------------------------------------------------------------------ QEMU
+
+def find_qemu(binary: str | None = None) -> str:
+    """The QEMU to run: ``binary``, $FASTMFD_QEMU, or qemu-system-x86_64 on PATH."""
+    name = binary or os.environ.get("FASTMFD_QEMU") or "qemu-system-x86_64"
+    path = shutil.which(name)
+    if path is None:
+        raise ConfigError(f"{name} not found: install QEMU (Debian: apt-get install "
+                          f"qemu-system-x86) or name the binary")
+    return path
+
+
+class QMP:
+    """A minimal QMP client on a Unix socket: commands, and events kept for waiting."""
+
+    def __init__(self, path: str, process: subprocess.Popen, timeout: float = STEP_TIMEOUT):
+        self.process = process
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self.sock.connect(path)
+                break
+            except OSError:
+                self.sock.close()
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise MigrationError(f"QEMU's QMP socket {path} never opened "
+                                         f"(QEMU {_exit_text(process)})") from None
+                time.sleep(0.02)
+        self.sock.settimeout(timeout)
+        self._file = self.sock.makefile("rb")
+        self.events: list[dict] = []
+        self._read()                                    # the greeting
+        self.command("qmp_capabilities")
+
+    def _read(self) -> dict:
+        line = self._file.readline()
+        if not line:
+            raise MigrationError(f"QEMU closed its QMP socket (QEMU {_exit_text(self.process)})")
+        return json.loads(line)
+
+    def command(self, name: str, **arguments):
+        message = {"execute": name}
+        if arguments:
+            message["arguments"] = arguments
+        self.sock.sendall(json.dumps(message).encode() + b"\n")
+        while True:
+            reply = self._read()
+            if "event" in reply:
+                self.events.append(reply)
+            elif "error" in reply:
+                raise MigrationError(f"QEMU {name}: {reply['error'].get('desc', reply)}")
+            elif "return" in reply:
+                return reply["return"]
+
+    def wait_migration(self, timeout: float) -> str:
+        """Wait for a MIGRATION event with a final status; returns the status."""
+        final = ("completed", "failed", "cancelled")
+        self.sock.settimeout(timeout)
+        while True:
+            for event in self.events:
+                status = event.get("data", {}).get("status")
+                if event["event"] == "MIGRATION" and status in final:
+                    self.events.clear()
+                    return status
+            self.events.clear()
+            reply = self._read()
+            if "event" in reply:
+                self.events.append(reply)
+
+    def close(self) -> None:
+        self._file.close()
+        self.sock.close()
+
+
+def _exit_text(process: subprocess.Popen) -> str:
+    """How a QEMU process is doing, with what it wrote to stderr."""
+    code = process.poll()
+    text = "is running" if code is None else f"exited with status {code}"
+    try:
+        with open(process.log_path, errors="replace") as log:
+            said = log.read()[-500:].strip()
+    except (AttributeError, OSError):
+        said = ""
+    return f"{text}: {said}" if said else text
+
+
+class QemuTrial:
+    """The image migrated by two real QEMU processes (see the module docstring)."""
+
+    def __init__(self, image: Image, channels: int, compression: str, level: int = 1,
+                 binary: str | None = None) -> None:
+        if image.size % (1 << 20):
+            raise ConfigError(f"QEMU guest RAM is whole MiB; the image is {image.size} bytes")
+        self.image = image
+        self._binary = find_qemu(binary)
+        self._files: list[str] = []
+        self._procs: list[subprocess.Popen] = []
+        self._qmp: list[QMP] = []
+        self._dst_ram = self._new_file("qemu-dst-ram")
+        params = {"multifd-channels": channels, "multifd-compression": compression,
+                  # QEMU's default cap is 128 MiB/s; lift it as the captures did.
+                  "max-bandwidth": 100 << 30}
+        if compression != "none":
+            params[f"multifd-{compression}-level"] = level
+        try:
+            self.src = self._start(image.path, incoming=False)
+            self.dst = self._start(self._dst_ram, incoming=True)
+            for qmp in (self.src, self.dst):
+                qmp.command("migrate-set-capabilities", capabilities=[
+                    {"capability": "multifd", "state": True},
+                    {"capability": "events", "state": True}])
+                qmp.command("migrate-set-parameters", **params)
+            self.dst.command("migrate-incoming", uri="tcp:127.0.0.1:0")
+            listening = self.dst.command("query-migrate")["socket-address"][0]
+            self._uri = f"tcp:{listening['host']}:{listening['port']}"
+        except BaseException:
+            self.close()
+            raise
+
+    def _new_file(self, stem: str) -> str:
+        path = self.image.new_path(stem)
+        self._files.append(path)
+        return path
+
+    def _start(self, ram_path: str, *, incoming: bool) -> QMP:
+        mib = self.image.size >> 20
+        qmp_path = self._new_file("qmp-dst" if incoming else "qmp-src")
+        command = [
+            self._binary, "-machine", "pc-i440fx-7.2,accel=tcg,memory-backend=mem",
+            "-display", "none", "-nodefaults", "-m", f"{mib}M",
+            "-object", f"memory-backend-file,id=mem,size={mib}M,mem-path={ram_path},share=on",
+            "-qmp", f"unix:{qmp_path},server=on,wait=off", "-S"]
+        if incoming:
+            command += ["-incoming", "defer"]
+        log_path = self._new_file("qemu-dst-log" if incoming else "qemu-src-log")
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen(command, stdin=subprocess.DEVNULL,
+                                       stdout=subprocess.DEVNULL, stderr=log)
+        process.log_path = log_path
+        self._procs.append(process)
+        qmp = QMP(qmp_path, process)
+        self._qmp.append(qmp)
+        return qmp
+
+    def run(self) -> Measurement:
+        started = time.perf_counter()
+        self.src.command("migrate", uri=self._uri)
+        status = self.src.wait_migration(STEP_TIMEOUT * 10)
+        source_done = time.perf_counter() - started
+        if status == "completed":
+            status = self.dst.wait_migration(STEP_TIMEOUT)
+        seconds = time.perf_counter() - started
+        info = self.src.command("query-migrate")
+        if status != "completed":
+            raise MigrationError(f"QEMU migration {status}: {info.get('error-desc', info)}")
+        ram = info["ram"]
+        # QEMU 7.2 counts pages at their raw size when it queues them, before
+        # compression, so it cannot tell the bytes that went on the wire.
+        return Measurement(seconds, self.image.size, None, {
+            "qemu_total_time_s": info["total-time"] / 1000,
+            "qemu_transferred": ram["transferred"],
+            "qemu_downtime_s": info.get("downtime", 0) / 1000,
+            "source_done_s": source_done,
+            "normal_pages": ram["normal"], "zero_pages": ram["duplicate"],
+            "multifd_bytes": ram.get("multifd-bytes")})
+
+    def finish(self) -> None:
+        try:
+            self._quit()
+            if not self.image.matches(self._dst_ram):
+                raise MigrationError("QEMU: the destination's RAM file differs from the image")
+        finally:
+            self.close()
+
+    def _quit(self) -> None:
+        """Ask every QEMU to quit; kill those that do not within a few seconds."""
+        for qmp in self._qmp:
+            try:
+                qmp.command("quit")
+            except (OSError, MigrationError):
+                pass
+            qmp.close()
+        self._qmp = []
+        for process in self._procs:
+            try:
+                process.wait(5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+    def close(self) -> None:
+        for qmp in self._qmp:
+            qmp.close()
+        self._qmp = []
+        for process in self._procs:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+        self._procs = []
+        for path in self._files:
+            if os.path.exists(path):
+                os.unlink(path)
+        self._files = []
