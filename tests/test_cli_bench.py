@@ -1,0 +1,117 @@
+"""``fastmfd bench [--size] [--channels] [--compression] [--image] [--repeat] [--peer] [--json]``.
+
+Tiny images, real migrations: the command must verify every transfer, print
+its table and chart, and refuse bad arguments with a clear message. Timings
+are printed, never asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from leakcheck import leaks  # noqa: F401
+
+from fastmfd import images
+from fastmfd.bench import parse_size
+from fastmfd.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def no_scratch_left():
+    """Images live in private tmpfs directories; none may outlive the command."""
+    def scratch() -> set[str]:
+        return {n for n in os.listdir(images.scratch_parent()) if n.startswith("fastmfd-bench-")}
+
+    before = scratch()
+    yield
+    assert scratch() - before == set()
+
+
+def test_matrix_with_peer_verifies_prints_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--size", "1M", "--channels", "1,2", "--compression", "none,zstd",
+                 "--image", "mixed", "--peer", "sendall", "--repeat", "2",
+                 "--json", str(out)])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    labels = ["fastmfd 1ch none", "fastmfd 2ch none", "fastmfd 1ch zstd-1",
+              "fastmfd 2ch zstd-1", "sendall (1 socket)"]
+    table, chart = printed.out.split("throughput, mixed image")
+    for label in labels:
+        assert label in table
+        assert any(label in line and "█" in line for line in chart.splitlines())
+    assert "best of 2" in table and "speed vs sendall" in table
+    # Progress goes to stderr, one verified line per run.
+    assert printed.err.count("verified") == 2 * len(labels)
+
+    results = json.loads(out.read_text())
+    assert [r["label"] for r in results] == labels
+    for r in results:
+        assert r["image"] == "mixed" and r["image_bytes"] == 1 << 20
+        assert len(r["runs_s"]) == 2 and r["best_s"] == min(r["runs_s"])
+    fastmfd = [r for r in results if r["method"] == "fastmfd"]
+    # Half the pages are zero: fastmfd sends them as offsets only.
+    assert all(r["details"]["zero_pages"] == 128 for r in fastmfd)
+    assert all(r["wire_bytes"] < (1 << 20) for r in fastmfd)
+
+
+def test_command_line_entry_point():
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    done = subprocess.run([sys.executable, "-m", "fastmfd", "bench", "--size", "256K",
+                           "--channels", "2", "--compression", "zlib", "--image", "random"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "fastmfd 2ch zlib-1" in done.stdout and "verified" in done.stderr
+
+
+def test_a_destination_that_differs_fails_the_command(monkeypatch, capsys):
+    monkeypatch.setattr(images.Image, "matches", lambda self, data: False)
+    code = main(["bench", "--size", "256K", "--channels", "1", "--compression", "none"])
+    assert code == 1
+    assert "differs from the random image" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--size", "12X"], "argument --size: '12X' is not a size"),
+    (["--size", "1000"], "not a whole number of 4 KiB pages"),
+    (["--size", "0"], "not a positive whole number of bytes"),
+    (["--channels", "0,2"], "channel counts must be >= 1"),
+    (["--channels", "two"], "is not a comma-separated list"),
+    (["--compression", "none,lz4"], "lz4: choose from none, zlib, zstd"),
+    (["--image", "noise"], "noise: choose from random, mixed, zero"),
+    (["--repeat", "0"], "argument --repeat: '0' is not a positive whole number"),
+    (["--peer", "scp"], "argument --peer: invalid choice: 'scp'"),
+])
+def test_bad_arguments_exit_2_naming_the_problem(args, message, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["bench", *args])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "fastmfd bench: error:" in err and message in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--compression", "zstd", "--level", "42"], "zstd level must be in 1..20, not 42"),
+    (["--peer", "qemu", "--qemu-binary", "/nonexistent/qemu"], "/nonexistent/qemu not found"),
+])
+def test_settings_that_cannot_run_exit_1_before_any_work(args, message, capsys):
+    assert main(["bench", "--size", "256K", *args]) == 1
+    printed = capsys.readouterr()
+    assert printed.err.startswith(f"fastmfd bench: {message}")
+    assert "making" not in printed.err
+
+
+@pytest.mark.parametrize("text, size", [
+    ("4096", 4096), ("64K", 64 << 10), ("256M", 256 << 20), ("1G", 1 << 30),
+    ("1GiB", 1 << 30), ("1.5M", 3 << 19), ("2mb", 2 << 20),
+])
+def test_parse_size(text, size):
+    assert parse_size(text) == size
