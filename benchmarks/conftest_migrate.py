@@ -1,0 +1,154 @@
+"""Options, fixtures and end-of-run tables of the migration benchmarks.
+
+Options:
+
+- ``--qemu``: also time a real QEMU 7.2 multifd migration of each image
+  (needs ``qemu-system-x86_64``, or $FASTMFD_QEMU); skipped cleanly without.
+- ``--migrate-size=1G``: image size (default 1 GiB; 16 MiB when CI=true or
+  ``--sizes=ci``); ``--migrate-rounds=N``: timed runs per cell (default 3).
+
+At the end of a timed run, the records of ``_migration.report`` are printed
+as side-by-side tables: for every (image, compression, channels) cell
+fastmfd's best time against QEMU's and sendall's, and the downtime of the
+three ways to send device state, with the ratios the targets are stated in.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from _migration import RECORDS
+from fastmfd.bench import parse_size
+from fastmfd.images import Image
+
+CI_SIZE = 16 << 20
+FULL_SIZE = 1 << 30
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("fastmfd migration benchmarks")
+    group.addoption("--qemu", action="store_true", default=False,
+                    help="also time real QEMU 7.2 multifd migrations (qemu-system-x86_64)")
+    group.addoption("--migrate-size", default=None, metavar="SIZE",
+                    help="image size for test_migrate_* (default 1G; 16M when CI=true)")
+    group.addoption("--migrate-rounds", type=int, default=3, metavar="N",
+                    help="timed runs per migration benchmark (default 3)")
+
+
+@pytest.fixture(scope="session")
+def small_sizes(request) -> bool:
+    """True for the quick CI sizes: CI=true, or the core benchmarks' --sizes=ci."""
+    sizes = request.config.getoption("--sizes", default=None)
+    if sizes is not None:
+        return sizes == "ci"
+    return os.environ.get("CI", "").lower() == "true"
+
+
+@pytest.fixture(scope="session")
+def migrate_size(request, small_sizes) -> int:
+    given = request.config.getoption("--migrate-size")
+    if given is not None:
+        return parse_size(given)
+    return CI_SIZE if small_sizes else FULL_SIZE
+
+
+@pytest.fixture(scope="session")
+def migrate_rounds(request) -> int:
+    return max(1, request.config.getoption("--migrate-rounds"))
+
+
+@pytest.fixture(scope="session")
+def images():
+    """``images(kind, size)``: one Image per kind and size for the whole session."""
+    made: dict[tuple[str, int], Image] = {}
+
+    def get(kind: str, size: int) -> Image:
+        if (kind, size) not in made:
+            made[kind, size] = Image.create(kind, size)
+        return made[kind, size]
+
+    yield get
+    for image in made.values():
+        image.close()
+
+
+@pytest.fixture(scope="session")
+def qemu_binary(request) -> str:
+    """The QEMU to compare with; skips unless --qemu is given and QEMU is installed."""
+    if not request.config.getoption("--qemu"):
+        pytest.skip("the QEMU peer runs with --qemu")
+    from fastmfd.bench_peers import find_qemu
+    from fastmfd.errors import ConfigError
+    try:
+        return find_qemu()
+    except ConfigError as exc:
+        pytest.skip(str(exc))
+
+
+# ---------------------------------------------------------------- end-of-run tables
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.0f} ms"
+
+
+def _ratio(num: float | None, den: float | None) -> str:
+    return "-" if num is None or den is None else f"{num / den:.2f}x"
+
+
+def _migrate_lines() -> list[str]:
+    cells: dict[tuple, dict[str, float]] = {}
+    for record in RECORDS:
+        if record.table == "migrate":
+            cells.setdefault(record.row, {})[record.column] = record.best.seconds
+    if not cells:
+        return []
+    sendall = {row[0]: cols["sendall"] for row, cols in cells.items() if "sendall" in cols}
+    lines = ["migrate(live=False): best time per cell; 'qemu/fastmfd' > 1 means fastmfd "
+             "is faster", "",
+             f"{'image':<7} {'compression':<12} {'ch':>3} {'fastmfd':>10} {'qemu':>10} "
+             f"{'qemu/fastmfd':>13} {'sendall':>10} {'sendall/fastmfd':>16}"]
+    for row in sorted(r for r in cells if r[2] is not None):
+        image, compression, channels = row
+        mine = cells[row].get("fastmfd")
+        qemu = cells[row].get("qemu")
+        peer = sendall.get(image)
+        lines.append(f"{image:<7} {compression:<12} {channels:>3} {_ms(mine):>10} "
+                     f"{_ms(qemu):>10} {_ratio(qemu, mine):>13} {_ms(peer):>10} "
+                     f"{_ratio(peer, mine):>16}")
+    return lines
+
+
+def _downtime_lines() -> list[str]:
+    cells: dict[int, dict[str, float]] = {}
+    for record in RECORDS:
+        if record.table == "downtime":
+            cells.setdefault(record.row[0], {})[record.column] = record.best.details["downtime_s"]
+    if not cells:
+        return []
+    ways = {"old": "old way", "mixed": "new way, mixed", "dedicated": "new way, dedicated"}
+    lines = ["downtime (best run) and how much less than the old way", "",
+             f"{'devices':>7} " + " ".join(f"{label:>22}" for label in ways.values())]
+    for devices in sorted(cells):
+        row = cells[devices]
+        old = row.get("old")
+        parts = []
+        for way in ways:
+            value = row.get(way)
+            text = _ms(value)
+            if way != "old" and value is not None and old:
+                less = (1 - value / old) * 100
+                text += f" ({less:.0f}% less)" if less >= 0 else f" ({-less:.0f}% more)"
+            parts.append(f"{text:>22}")
+        lines.append(f"{devices:>7} " + " ".join(parts))
+    return lines
+
+
+@pytest.hookimpl(trylast=True)      # after pytest-benchmark's own tables
+def pytest_terminal_summary(terminalreporter):
+    for lines in (_migrate_lines(), _downtime_lines()):
+        if lines:
+            terminalreporter.write_sep("-", lines[0])
+            for line in lines[1:]:
+                terminalreporter.write_line(line)
