@@ -548,6 +548,8 @@ cdef class RecvEngine(_EngineBase):
         if info.normal_pages:
             raw = <size_t>info.normal_pages * psize
             k = pages_to_iov(self.iov, ref.base, self.normal, info.normal_pages, psize)
+            with nogil:
+                populate_iov(self.iov, k, True)
             if self.codec is None:
                 with nogil:
                     got = readv_all(self.fd, self.iov, k)

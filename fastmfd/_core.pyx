@@ -19,7 +19,7 @@ Hot paths release the GIL and never allocate per packet.
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.mem cimport PyMem_Calloc, PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from libc.errno cimport EINTR, errno
-from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t, uintptr_t
 from libc.stdio cimport snprintf
 from libc.string cimport memcmp, memcpy, memset, strcmp, strerror, strncpy
 from libc.time cimport time_t, timespec
@@ -42,7 +42,7 @@ from fastmfd.includes.libzstd cimport (
 )
 from fastmfd.includes.system cimport (
     CLOCK_MONOTONIC, IOV_MAX, PR_SET_PDEATHSIG, clock_gettime, prctl, fm_buffer_is_zero, fm_pagescan_init, sem_clockwait,
-    sem_getvalue, sem_init, sem_post, sem_t, sem_trywait, strnlen,
+    sem_getvalue, sem_init, sem_post, sem_t, sem_trywait, strnlen, madvise, sysconf, _SC_PAGESIZE,
 )
 
 import numpy as np
