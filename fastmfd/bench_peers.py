@@ -34,7 +34,7 @@ import subprocess
 import time
 from multiprocessing import connection
 
-from .bench import Measurement
+from .bench import Measurement, wait_until_idle
 from .errors import ConfigError, MigrationError
 from .images import Image
 from .workers import mp_context, worker_setup
@@ -92,17 +92,21 @@ def _sendall_sender(conn, path: str, size: int, port: int) -> None:
             view.release()
 
 
-def _sendall_receiver(conn, path: str, size: int) -> None:
-    with socket.create_server(("127.0.0.1", 0)) as server:
-        conn.send(("port", server.getsockname()[1]))
-        sock, _ = server.accept()
-    # A new file on tmpfs, as a destination guest's RAM: pages are allocated as they arrive.
+def _sendall_receiver(conn, path: str, size: int, prealloc: bool) -> None:
+    # A new file on tmpfs, as a destination guest's RAM: pages are allocated as
+    # they arrive, unless preallocated (written once) before timing.
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         os.ftruncate(fd, size)
         mapped = mmap.mmap(fd, size)
     finally:
         os.close(fd)
+    if prealloc:
+        for offset in range(0, size, mmap.PAGESIZE):
+            mapped[offset] = 0
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        conn.send(("port", server.getsockname()[1]))
+        sock, _ = server.accept()
     with sock, mapped:
         view = memoryview(mapped)
         try:
@@ -120,18 +124,19 @@ def _sendall_receiver(conn, path: str, size: int) -> None:
 class SendallTrial:
     """The image through one plain ``socket.sendall`` / ``recv_into`` pair of processes."""
 
-    def __init__(self, image: Image) -> None:
+    def __init__(self, image: Image, *, prealloc: bool = False) -> None:
         self.image = image
         self._path = image.new_path("sendall-dst")
         self._procs: list = []
         ctx = mp_context()
         try:
             self._recv_conn = self._start(ctx, sendall_receiver, "sendall receiver",
-                                          self._path, image.size)
+                                          self._path, image.size, prealloc)
             _, port = _wait_message(self._recv_conn, "port", self._procs[0])
             self._send_conn = self._start(ctx, sendall_sender, "sendall sender",
                                           image.path, image.size, port)
             _wait_message(self._send_conn, "ready", self._procs[1])
+            wait_until_idle([p.pid for p in self._procs])
         except BaseException:
             self.close()
             raise
@@ -265,7 +270,7 @@ class QemuTrial:
     """The image migrated by two real QEMU processes (see the module docstring)."""
 
     def __init__(self, image: Image, channels: int, compression: str, level: int = 1,
-                 binary: str | None = None) -> None:
+                 binary: str | None = None, *, prealloc: bool = False) -> None:
         if image.size % (1 << 20):
             raise ConfigError(f"QEMU guest RAM is whole MiB; the image is {image.size} bytes")
         self.image = image
@@ -274,6 +279,7 @@ class QemuTrial:
         self._procs: list[subprocess.Popen] = []
         self._qmp: list[QMP] = []
         self._dst_ram = self._new_file("qemu-dst-ram")
+        self._prealloc = prealloc
         params = {"multifd-channels": channels, "multifd-compression": compression,
                   # QEMU's default cap is 128 MiB/s; lift it as the captures did.
                   "max-bandwidth": 100 << 30}
@@ -290,6 +296,7 @@ class QemuTrial:
             self.dst.command("migrate-incoming", uri="tcp:127.0.0.1:0")
             listening = self.dst.command("query-migrate")["socket-address"][0]
             self._uri = f"tcp:{listening['host']}:{listening['port']}"
+            wait_until_idle([p.pid for p in self._procs])
         except BaseException:
             self.close()
             raise
@@ -305,7 +312,8 @@ class QemuTrial:
         command = [
             self._binary, "-machine", "pc-i440fx-7.2,accel=tcg,memory-backend=mem",
             "-display", "none", "-nodefaults", "-m", f"{mib}M",
-            "-object", f"memory-backend-file,id=mem,size={mib}M,mem-path={ram_path},share=on",
+            "-object", f"memory-backend-file,id=mem,size={mib}M,mem-path={ram_path},share=on"
+                       + (",prealloc=on" if incoming and self._prealloc else ""),
             "-qmp", f"unix:{qmp_path},server=on,wait=off", "-S"]
         if incoming:
             command += ["-incoming", "defer"]
