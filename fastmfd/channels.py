@@ -27,8 +27,9 @@ from .wire import MAIN_MAGIC, MESSAGE_HEADER_SIZE, Msg, decode_control, decode_m
 __all__ = ["Address", "parse_address", "listen", "connect", "recv_exact", "send_all",
            "ChannelHello", "read_hello", "tune_data_socket"]
 
-# Large socket buffers let a send worker's writev of a whole packet complete
-# without waiting on its peer; the kernel caps them at net.core.*mem_max.
+# Unix sockets have no buffer autotuning: large buffers let a send worker's
+# writev of a whole packet complete without waiting on its peer (the kernel
+# caps them at net.core.*mem_max). TCP sockets are left to autotuning.
 DATA_SOCKET_BUFFER = 4 << 20
 
 
@@ -109,9 +110,16 @@ def connect(address: Address, timeout: float) -> socket.socket:
 
 
 def tune_data_socket(sock: socket.socket) -> None:
-    """Options for a multifd channel: whole packets, no Nagle delay on SYNCs."""
+    """Options for a multifd channel: no Nagle delay on SYNCs; Unix socket buffers.
+
+    TCP buffers stay autotuned (as QEMU leaves them): setting SO_SNDBUF/RCVBUF
+    turns autotuning off, and fixed 4 MiB buffers made 8 loopback channels
+    18-24% slower (1 GiB, 10 interleaved runs: best 564 vs 465 ms) by keeping
+    more data in flight than the caches hold, with no gain at 2 channels.
+    """
     if sock.family != socket.AF_UNIX:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return
     for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
         try:
             sock.setsockopt(socket.SOL_SOCKET, option, DATA_SOCKET_BUFFER)
