@@ -129,7 +129,8 @@ cdef int raise_wire_error(WireError *err) except -1:
 
 cdef inline const uint8_t *need(const uint8_t[::1] buf, size_t size, str what) except NULL:
     if <size_t>buf.shape[0] < size:
-        raise ProtocolError(f"{what}: truncated: {buf.shape[0]} bytes, expected {size}",
+        raise ProtocolError(f"{what} field 'length': received {buf.shape[0]} bytes, "
+                            f"expected {size} (truncated)",
                             field="length", received=buf.shape[0], expected=size)
     return &buf[0]
 

@@ -55,3 +55,9 @@ def test_encode_refuses_unknown_type_and_short_buffer():
         _core.encode_channel_header(bytearray(12), 4)
     with pytest.raises(ValueError, match="needs 12"):
         _core.encode_channel_header(bytearray(11), 2)
+
+
+@pytest.mark.parametrize("length", [0, 1, 11])
+def test_truncated_header_is_refused(length):
+    with raises_protocol_error("length", length, "12"):
+        _core.decode_channel_header(bytes.fromhex(GOLDEN[2])[:length])

@@ -43,3 +43,9 @@ def test_encoder_refuses_the_invalid_idx_and_a_short_buffer():
         _core.encode_chunk_header(bytearray(12), 0xFFFFFFFF)
     with pytest.raises(ValueError, match="needs 12"):
         _core.encode_chunk_header(bytearray(11), 0)
+
+
+@pytest.mark.parametrize("length", [0, 11])
+def test_truncated(length):
+    with raises_protocol_error("length", length, "12"):
+        _core.decode_chunk_header(bytes.fromhex(GOLDEN)[:length])

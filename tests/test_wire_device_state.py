@@ -107,3 +107,9 @@ def test_payload_bound():
     assert _core.decode_device_header(encode(size=4096), max_payload=4096)[3] == 4096
     with raises_protocol_error("next_packet_size", 4097, "<= 4096"):
         _core.decode_device_header(encode(size=4097), max_payload=4096)
+
+
+@pytest.mark.parametrize("length", [0, 12, 275])
+def test_truncated(length):
+    with raises_protocol_error("length", length, "276"):
+        _core.decode_device_header(encode()[:length])

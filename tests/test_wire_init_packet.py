@@ -94,3 +94,9 @@ def test_encoder_refuses_bad_arguments():
         _core.encode_init_packet(bytearray(64), UUID, 256)
     with pytest.raises(ValueError, match="needs 64"):
         _core.encode_init_packet(bytearray(63), UUID, 0)
+
+
+@pytest.mark.parametrize("length", [0, 24, 63])
+def test_truncated(valid, length):
+    with raises_protocol_error("length", length, "64"):
+        _core.decode_init_packet(valid[:length])

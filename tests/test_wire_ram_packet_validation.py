@@ -270,3 +270,13 @@ def test_checksum_extension_claims_only_unused64_0(offset):
 def test_7_2_ignores_its_unused_words(offset):
     codec = make_codec("qemu-7.2")
     assert codec.decode(put_bytes(valid_packet(codec), offset, b"\x01")).zero_pages == 0
+
+
+# ---------------------------------------------------------------- length
+
+@LAYOUTS
+@pytest.mark.parametrize("length", [0, 12, HEADER - 1])
+def test_truncated_header(layout, length):
+    codec = make_codec(layout)
+    with raises_protocol_error("length", length, str(HEADER)):
+        codec.decode(valid_packet(codec)[:length])
