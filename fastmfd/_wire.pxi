@@ -366,6 +366,11 @@ cdef int ram_decode(const RamLayout *lay, const RegionEntry *regions, int nregio
     if npages == 0:
         # A SYNC or empty packet. QEMU 7.2 leaves stale next_packet_size,
         # ramblock and offsets from the channel's previous packet: ignore them.
+        # Its flags are not stale: senders leave the compression bits clear
+        # (7.2, pure SYNCs) or set the session's, never another method's.
+        if (flags & comp_mask) and (flags & comp_mask) != lay.comp_flag:
+            snprintf(text, sizeof(text), "compression bits 0x%x or none", lay.comp_flag)
+            return wire_fail_hex(err, "RAM packet", "flags", flags, text)
         if not lay.qemu72 and out.next_packet_size != 0:
             return wire_fail_u64(err, "RAM packet", "next_packet_size", out.next_packet_size,
                                  "0 in a packet without pages")

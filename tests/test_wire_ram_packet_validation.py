@@ -178,6 +178,21 @@ def test_7_2_empty_packets_carry_no_compression_bit(flags):
     assert codec.decode(out).flags == flags
 
 
+@pytest.mark.parametrize("layout, session, sent", [
+    ("current", 0, ZLIB), ("current", 0, 0x08), ("current", 0, 0x20),
+    ("current", ZLIB, ZSTD), ("current", ZSTD, ZLIB | ZSTD),
+    ("qemu-7.2", 0, ZLIB), ("qemu-7.2", 0, 0x08), ("qemu-7.2", ZLIB, ZSTD),
+])
+@pytest.mark.parametrize("sync", [0, SYNC])
+def test_packet_without_pages_carries_no_other_method_bit(layout, session, sent, sync):
+    """An empty or SYNC packet may leave out the session's compression bit, nothing more."""
+    codec = make_codec(layout, session)
+    empty = valid_packet(codec, flags=sync, ramblock="", normal=[])
+    codec.decode(put_u32(empty, 8, sync | session))
+    with raises_protocol_error("flags", hex(sync | sent), f"compression bits {hex(session)} or"):
+        codec.decode(put_u32(empty, 8, sync | sent))
+
+
 # ---------------------------------------------------------------- ramblock
 
 def test_unterminated_ramblock():
