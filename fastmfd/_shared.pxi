@@ -354,6 +354,11 @@ cdef class ChannelSelector(_SharedStructure):
         for k in range(n):
             ch = (start + k) % n
             if fm_load32(&self.busy[ch]) == 0 and fm_cas32(&self.busy[ch], 0, 1):
+                if k:
+                    # Move the cursor past the channel taken, like QEMU's
+                    # next_channel = ch + 1; otherwise the next call starts
+                    # at the busy channels just skipped and picks ch again.
+                    fm_fetch_add64(&self.hdr.cursor, k)
                 return ch
         return -1
 

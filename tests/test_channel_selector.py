@@ -41,6 +41,21 @@ def test_selected_channels_stay_busy_until_released(selector):
     assert selector.select() == 2
 
 
+def test_busy_channels_are_skipped(selector):
+    first, second = selector.select(), selector.select()
+    selector.release(first)     # channel 1 stays busy, the cursor is at 2
+    assert second == 1
+    assert select_and_release(selector, 6) == [2, 3, 0, 2, 3, 0]
+    assert selector.is_busy(1)
+
+
+def test_a_busy_channel_does_not_skew_the_rotation(selector):
+    """With one channel held, the others share the work evenly."""
+    assert selector.select() == 0
+    picks = select_and_release(selector, 300)
+    assert {ch: picks.count(ch) for ch in range(4)} == {0: 0, 1: 100, 2: 100, 3: 100}
+
+
 def test_release_of_an_idle_or_unknown_channel_raises(selector):
     with pytest.raises(ValueError, match="channel 1 is not busy"):
         selector.release(1)
