@@ -90,11 +90,23 @@ cdef class _SharedStructure:
     def name(self):
         return self.segment.name
 
+    cdef inline int check_open(self) except -1:
+        # Every pointer into the segment dangles once it is unmapped: refuse
+        # instead of touching them.
+        if self.base == NULL:
+            raise ValueError(f"{type(self).__name__} is closed")
+        return 0
+
     def close(self):
-        """Unmap; the owner also unlinks the segment."""
+        """Unmap; the owner also unlinks the segment.
+
+        Raises ``BufferError``, leaving the structure open and usable, while
+        views of its memory (``BufferPool.view``) are alive. Not to be called
+        while another thread is still inside a method: ``abort()`` first.
+        """
         if self.segment is not None and not self.segment.closed:
-            self.base = NULL
             self.segment.destroy()
+        self.base = NULL
 
     def __enter__(self):
         return self
@@ -195,16 +207,19 @@ cdef class BufferPool(_SharedStructure):
 
     @property
     def nslots(self):
+        self.check_open()
         return self.hdr.nslots
 
     @property
     def slot_size(self):
+        self.check_open()
         return self.hdr.slot_size
 
     @property
     def free_count(self):
         """Slots free now (a snapshot: other processes may change it at once)."""
         cdef int value = 0
+        self.check_open()
         sem_getvalue(&self.hdr.free_slots, &value)
         return max(value, 0)
 
@@ -235,6 +250,7 @@ cdef class BufferPool(_SharedStructure):
     cdef int64_t acquire_slot(self, double timeout) except -2:
         """A free slot, or -1 when none came free within ``timeout`` (< 0: forever)."""
         cdef int64_t slot
+        self.check_open()
         if not wait_semaphore(&self.hdr.free_slots, timeout, &self.hdr.aborted, "buffer pool"):
             return -1
         # The semaphore counts slots on the stack, so the pop cannot miss.
@@ -244,6 +260,7 @@ cdef class BufferPool(_SharedStructure):
         return slot
 
     cdef int release_slot(self, uint32_t slot) except -1:
+        self.check_open()
         if slot >= self.hdr.nslots:
             raise ValueError(f"slot {slot} is out of range (pool of {self.hdr.nslots})")
         if not fm_cas32(&self.held[slot], 1, 0):
@@ -262,12 +279,14 @@ cdef class BufferPool(_SharedStructure):
         self.release_slot(slot)
 
     def is_held(self, uint32_t slot):
+        self.check_open()
         if slot >= self.hdr.nslots:
             raise ValueError(f"slot {slot} is out of range")
         return bool(fm_load32(&self.held[slot]))
 
     def view(self, uint32_t slot):
         """A writable memoryview of the slot (``slot_size`` bytes), without copying."""
+        self.check_open()
         if slot >= self.hdr.nslots:
             raise ValueError(f"slot {slot} is out of range")
         cdef size_t start = self.hdr.data_offset + slot * self.hdr.stride
@@ -275,6 +294,7 @@ cdef class BufferPool(_SharedStructure):
 
     def abort(self):
         """Make every waiter, present and future, raise ``Aborted``."""
+        self.check_open()
         fm_store32(&self.hdr.aborted, 1)
         sem_post(&self.hdr.free_slots)
 
@@ -345,6 +365,7 @@ cdef class ChannelSelector(_SharedStructure):
 
     @property
     def nchannels(self):
+        self.check_open()
         return self.hdr.nchannels
 
     cdef int try_select(self) noexcept nogil:
@@ -364,9 +385,11 @@ cdef class ChannelSelector(_SharedStructure):
 
     cdef int select_channel(self, double timeout) except -2:
         """An idle channel, now busy; -1 if none within ``timeout`` (< 0: forever)."""
-        cdef int ch = self.try_select()
+        cdef int ch
         cdef double deadline = monotonic() + timeout
         cdef double left
+        self.check_open()
+        ch = self.try_select()
         while ch < 0 and timeout != 0:
             fm_fetch_add32(&self.hdr.waiters, 1)
             # Re-check after announcing ourselves: a release that ran before
@@ -387,6 +410,7 @@ cdef class ChannelSelector(_SharedStructure):
         return ch
 
     cdef int release_channel(self, uint32_t ch) except -1:
+        self.check_open()
         if ch >= self.hdr.nchannels:
             raise ValueError(f"channel {ch} is out of range ({self.hdr.nchannels} channels)")
         if not fm_cas32(&self.busy[ch], 1, 0):
@@ -405,12 +429,14 @@ cdef class ChannelSelector(_SharedStructure):
         self.release_channel(ch)
 
     def is_busy(self, uint32_t ch):
+        self.check_open()
         if ch >= self.hdr.nchannels:
             raise ValueError(f"channel {ch} is out of range")
         return bool(fm_load32(&self.busy[ch]))
 
     def abort(self):
         """Make every sleeping and future ``select`` with a timeout raise ``Aborted``."""
+        self.check_open()
         fm_store32(&self.hdr.aborted, 1)
         sem_post(&self.hdr.ready)
 
@@ -475,11 +501,13 @@ cdef class DirtyBitmap(_SharedStructure):
 
     @property
     def npages(self):
+        self.check_open()
         return self.hdr.npages
 
     cdef int mark_range(self, uint64_t first, uint64_t count) except -1:
         cdef uint64_t end = first + count
         cdef uint64_t w, lo, hi, mask
+        self.check_open()
         if count == 0:
             return 0
         if end > self.hdr.npages or end < first:
@@ -502,7 +530,9 @@ cdef class DirtyBitmap(_SharedStructure):
         """Mark every page index in ``pages`` (any integer array-like) dirty."""
         cdef uint64_t[::1] idx = np.ascontiguousarray(pages, dtype=np.uint64)
         cdef size_t i, n = idx.shape[0]
-        cdef uint64_t page, npages = self.hdr.npages
+        cdef uint64_t page, npages
+        self.check_open()
+        npages = self.hdr.npages
         for i in range(n):
             if idx[i] >= npages:
                 raise IndexError(f"page {idx[i]} outside the bitmap of {npages}")
@@ -515,6 +545,7 @@ cdef class DirtyBitmap(_SharedStructure):
         """Pages marked now (a snapshot; nothing is cleared)."""
         cdef size_t w
         cdef uint64_t total = 0
+        self.check_open()
         with nogil:
             for w in range(self.nwords):
                 total += __builtin_popcountll(fm_load64(&self.words[w]))
@@ -522,10 +553,12 @@ cdef class DirtyBitmap(_SharedStructure):
 
     def collect(self):
         """Clear the bitmap and return the page indices that were set, ascending."""
-        cdef uint64_t *taken = <uint64_t *>PyMem_Malloc(max(self.nwords, 1) * 8)
+        cdef uint64_t *taken
         cdef size_t w, total = 0
         cdef uint64_t bits
         cdef uint64_t[::1] out_view
+        self.check_open()
+        taken = <uint64_t *>PyMem_Malloc(max(self.nwords, 1) * 8)
         if taken == NULL:
             raise MemoryError()
         try:
