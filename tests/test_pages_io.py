@@ -263,6 +263,13 @@ def test_adjacent_pages_merge_into_one_iovec(tmp_path, adjacent, expected_calls)
 
 # ---------------------------------------------------------------- failures
 
+def transfer(io, fd, buffer, offsets, page_size=PAGE):
+    """writev_pages or readv_pages without a header: both check their arguments alike."""
+    if io == "write":
+        return writev_pages(fd, b"", buffer, offsets, page_size)
+    return readv_pages(fd, bytearray(), buffer, offsets, page_size)
+
+
 @pytest.mark.parametrize("sent", [0, 50, 100 + 2 * PAGE + 1, 100 + len(OFFSETS) * PAGE - 1])
 def test_early_end_of_file(sockets, sent):
     a, b = sockets
@@ -277,12 +284,8 @@ def test_early_end_of_file(sockets, sent):
                                     (1 << 64) - PAGE])
 @pytest.mark.parametrize("io", ["write", "read"])
 def test_offsets_must_be_whole_pages_inside_the_buffer(sockets, offset, io):
-    a, _ = sockets
     with pytest.raises(ValueError, match="not a page inside the buffer"):
-        if io == "write":
-            writev_pages(a.fileno(), b"", region(), [0, offset])
-        else:
-            readv_pages(a.fileno(), bytearray(), region(), [0, offset])
+        transfer(io, sockets[0].fileno(), region(), [0, offset])
 
 
 def test_a_page_cut_by_the_end_of_the_buffer(sockets):
@@ -310,3 +313,9 @@ def test_system_errors_surface_as_oserror(sockets):
     with pytest.raises(OSError) as info:
         readv_pages(-1, bytearray(1), region(), [])
     assert info.value.errno == errno.EBADF
+
+
+@pytest.mark.parametrize("io", ["write", "read"])
+def test_page_size_zero_is_refused(sockets, io):
+    with pytest.raises(ValueError, match="page_size"):
+        transfer(io, sockets[0].fileno(), region(), [0], page_size=0)

@@ -128,3 +128,8 @@ def test_pages_outside_the_buffer():
 def test_result_does_not_keep_the_scratch_array_alive():
     result = find_zero_pages(np.zeros(64 * 4096, dtype=np.uint8), pages=[3])
     assert result.base is None and result.tolist() == [3]
+
+
+def test_page_size_zero_is_refused():
+    with pytest.raises(ValueError, match="page_size"):
+        find_zero_pages(np.zeros(4096, dtype=np.uint8), 0)
