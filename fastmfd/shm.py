@@ -59,7 +59,10 @@ class SharedMemory:
         """Create and map a new segment of ``size`` bytes, filled with zeros."""
         if size < 0:
             raise ConfigError(f"segment size {size} is negative")
-        tag = "".join(c if c.isalnum() or c in "._-" else "_" for c in tag)[:40]
+        # ASCII only: the resource tracker speaks ASCII, and a name it cannot
+        # register is a segment nobody would clean up.
+        tag = "".join(c if c.isascii() and (c.isalnum() or c in "._-") else "_"
+                      for c in tag)[:40]
         while True:
             name = f"{SEGMENT_PREFIX}{tag}-{secrets.token_hex(6)}"
             path = os.path.join(SHM_DIR, name)
@@ -68,16 +71,19 @@ class SharedMemory:
                 break
             except FileExistsError:
                 continue
+        registered = False
         try:
-            resource_tracker.register("/" + name, "shared_memory")
             try:
+                resource_tracker.register("/" + name, "shared_memory")
+                registered = True
                 os.ftruncate(fd, size)
                 if allocate and size:
                     os.posix_fallocate(fd, 0, size)
                 mapping = mmap.mmap(fd, max(size, 1))
             except BaseException:
                 os.unlink(path)
-                resource_tracker.unregister("/" + name, "shared_memory")
+                if registered:
+                    resource_tracker.unregister("/" + name, "shared_memory")
                 raise
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.ENOMEM):

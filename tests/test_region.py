@@ -93,6 +93,12 @@ def test_bad_names(name):
         Region.create(name, SIZE)
 
 
+def test_longest_and_non_ascii_names():
+    for name in ("r" * 255, "mémoire"):
+        with Region.create(name, 4096) as region:
+            assert region.name == name
+
+
 @pytest.mark.parametrize("size, page_size, match", [
     (0, 4096, "positive multiple"), (-4096, 4096, "positive multiple"),
     (4095, 4096, "positive multiple"), (4097, 4096, "positive multiple"),

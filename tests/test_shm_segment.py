@@ -34,6 +34,16 @@ def test_tag_is_made_safe_for_a_file_name():
         segment.destroy()
 
 
+def test_tag_is_ascii_whatever_the_region_name():
+    """The resource tracker refuses non-ASCII names: such a segment would leak."""
+    segment = SharedMemory.create(64, tag="mémoire-π")
+    try:
+        assert segment.name.isascii()
+        assert segment.name.startswith(f"{SEGMENT_PREFIX}m_moire-_-")
+    finally:
+        segment.destroy()
+
+
 def test_names_are_unique():
     segments = [SharedMemory.create(64, tag="same") for _ in range(20)]
     try:
