@@ -52,13 +52,14 @@ class SharedMemory:
         self.size = size
         self.owner = owner
         self._mmap: mmap.mmap | None = mapping
-        self._buf: memoryview | None = memoryview(mapping) if size else memoryview(b"")
+        self._buf: memoryview | None = memoryview(mapping)
 
     @classmethod
     def create(cls, size: int, *, tag: str = "seg", allocate: bool = True) -> "SharedMemory":
         """Create and map a new segment of ``size`` bytes, filled with zeros."""
-        if size < 0:
-            raise ConfigError(f"segment size {size} is negative")
+        if size <= 0:
+            # A mapping cannot be empty (mmap refuses a zero-length file).
+            raise ConfigError(f"segment size {size}: a segment holds at least 1 byte")
         # ASCII only: the resource tracker speaks ASCII, and a name it cannot
         # register is a segment nobody would clean up.
         tag = "".join(c if c.isascii() and (c.isalnum() or c in "._-") else "_"
@@ -77,9 +78,9 @@ class SharedMemory:
                 resource_tracker.register("/" + name, "shared_memory")
                 registered = True
                 os.ftruncate(fd, size)
-                if allocate and size:
+                if allocate:
                     os.posix_fallocate(fd, 0, size)
-                mapping = mmap.mmap(fd, max(size, 1))
+                mapping = mmap.mmap(fd, size)
             except BaseException:
                 os.unlink(path)
                 if registered:
@@ -113,8 +114,10 @@ class SharedMemory:
             actual = os.fstat(fd).st_size
             if size is not None and actual != size:
                 raise ConfigError(f"segment {name!r} has {actual} bytes, expected {size}")
+            if actual == 0:
+                raise ConfigError(f"segment {name!r} is empty")
             flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if populate else 0)
-            mapping = mmap.mmap(fd, max(actual, 1), flags=flags)
+            mapping = mmap.mmap(fd, actual, flags=flags)
         finally:
             os.close(fd)
         return cls(name, actual, mapping, owner=False)

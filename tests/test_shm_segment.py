@@ -100,9 +100,22 @@ def test_attach_checks_the_size(segment):
         SharedMemory.attach(segment.name, 4096)
 
 
-def test_negative_size():
-    with pytest.raises(ConfigError, match="negative"):
-        SharedMemory.create(-1)
+@pytest.mark.parametrize("size", [-1, 0])
+def test_size_must_be_positive(size):
+    before = set(list_segments())
+    with pytest.raises(ConfigError, match="at least 1 byte"):
+        SharedMemory.create(size, tag="empty")
+    assert not {n for n in set(list_segments()) - before if "-empty-" in n}
+
+
+def test_attach_refuses_an_empty_segment():
+    path = os.path.join(SHM_DIR, f"{SEGMENT_PREFIX}test-empty-by-hand")
+    open(path, "wb").close()
+    try:
+        with pytest.raises(ConfigError, match="is empty"):
+            SharedMemory.attach(os.path.basename(path))
+    finally:
+        os.unlink(path)
 
 
 def test_full_shm_is_a_config_error_and_leaves_nothing():
