@@ -188,3 +188,33 @@ def test_attach_a_file_that_shrank(tmp_path):
         os.truncate(path, 4096)
         with pytest.raises(ConfigError, match="shrank"):
             Region.attach(region.handle)
+
+
+@pytest.fixture(params=["shm", "file"])
+def any_region(request, tmp_path):
+    if request.param == "shm":
+        region = Region.create("pc.ram", SIZE)
+    else:
+        region = Region.from_file("pc.ram", tmp_path / "ram.img", size=SIZE)
+    yield region
+    region.close()
+
+
+@pytest.mark.parametrize("export", [
+    pytest.param(lambda region: region.array, id="array"),
+    pytest.param(lambda region: region.buffer[10:20], id="slice"),
+])
+def test_close_with_a_live_view_leaks_nothing_and_can_be_retried(any_region, export):
+    region = any_region
+    view = export(region)
+    names = region_segments(region)
+    with pytest.raises(BufferError):
+        region.close()
+    assert not names & set(list_segments()), "the owner's segments must be gone"
+    assert not region.closed
+    region.array[5] = 1
+    region.mark_dirty(5, 1)
+    assert region.dirty.collect().tolist() == [0]
+    del view
+    region.close()
+    assert region.closed
