@@ -96,6 +96,8 @@ class Region:
         missing file is created and a shorter one extended (with zeros).
         """
         validate_region_name(name)
+        if size is not None:
+            _validate_size(name, size, page_size)     # before O_CREAT: refuse, create nothing
         path = os.fspath(path)
         flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if size is not None else 0)
         try:

@@ -182,6 +182,14 @@ def test_from_file_refuses(tmp_path, content, size, match):
         Region.from_file("pc.ram", path, size=size)
 
 
+@pytest.mark.parametrize("size, page_size", [(5000, 4096), (0, 4096), (8192, 1000)])
+def test_from_file_refusing_a_size_creates_no_file(tmp_path, size, page_size):
+    path = tmp_path / "ram.img"
+    with pytest.raises(ConfigError):
+        Region.from_file("pc.ram", path, size=size, page_size=page_size)
+    assert not path.exists()
+
+
 def test_attach_a_file_that_shrank(tmp_path):
     path = tmp_path / "ram.img"
     with Region.from_file("pc.ram", path, size=SIZE) as region:
