@@ -327,7 +327,7 @@ cdef int ram_decode(const RamLayout *lay, const RegionEntry *regions, int nregio
     cdef uint32_t npages, i
     cdef uint64_t off, expect_size, limit
     cdef char name[256]
-    cdef char text[64]
+    cdef char text[300]         # as long as WireError.expected: may quote a region name
     if magic != MULTIFD_MAGIC_C:
         return wire_fail_hex(err, "RAM packet", "magic", magic, "0x11223344")
     if version != MULTIFD_VERSION_C:

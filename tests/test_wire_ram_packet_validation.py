@@ -264,6 +264,13 @@ def test_region_smaller_than_a_page_takes_no_page():
         codec.decode(valid_packet(make_codec(regions=None), ramblock="tiny", normal=[0]))
 
 
+def test_offset_error_quotes_a_long_region_name_whole():
+    name = "r" * 200
+    codec = make_codec(regions={name: 4096})
+    with raises_protocol_error("offset", "0x1000", f"< 0x1000 (size of region '{name}')"):
+        codec.decode(valid_packet(make_codec(regions=None), ramblock=name, normal=[0x1000]))
+
+
 # ---------------------------------------------------------------- unused fields
 
 @pytest.mark.parametrize("offset", [36, 39, 40, 47, 48, 56, 63])
