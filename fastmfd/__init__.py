@@ -1,1 +1,32 @@
-"""fastmfd: QEMU's multifd migration transport, rebuilt as a library."""
+"""fastmfd: QEMU's multifd migration transport, rebuilt as a general library.
+
+Move large memory images (regions of pages) and ordered device-state streams
+from a source to a destination over many parallel connections, one worker
+process per channel on each side, with zero pages elided and optional
+zlib/zstd compression::
+
+    with fastmfd.Destination("tcp:127.0.0.1:0") as dst:       # in one process
+        result = dst.receive()
+
+    with fastmfd.Source(address, fastmfd.MigrationConfig(channels=4)) as src:
+        src.add_region(fastmfd.Region.create("pc.ram", 1 << 30))
+        stats = src.migrate(live=False)
+"""
+
+from .config import MigrationConfig
+from .destination import Destination, DestinationResult
+from .devices import (BytesDevice, CollectLoader, FileDevice, FileLoader, SyntheticDevice,
+                      VerifyLoader)
+from .errors import ConfigError, FastMFDError, MigrationError, ProtocolError
+from .regions import Region
+from .source import Source
+from .stats import ChannelStats, MigrationStats, ReceiveStats, RoundStats
+
+__all__ = [
+    "MigrationConfig", "Source", "Destination", "DestinationResult", "Region",
+    "BytesDevice", "FileDevice", "SyntheticDevice", "CollectLoader", "FileLoader",
+    "VerifyLoader", "MigrationStats", "ReceiveStats", "ChannelStats", "RoundStats",
+    "FastMFDError", "ConfigError", "ProtocolError", "MigrationError",
+]
+
+__version__ = "0.1.0"

@@ -11,16 +11,17 @@ Python. The extension is built from one file per concept:
     _pages.pxi     zero-page scan, scatter/gather readv/writev of page lists
     _codecs.pxi    one zlib or zstd stream per channel, straight from/into pages
     _channel.pxi   the per-channel send and receive engines the workers run
+    _pattern.pxi   deterministic synthetic device content, generated and checked
 
 Hot paths release the GIL and never allocate per packet.
 """
 
 from cpython.exc cimport PyErr_CheckSignals
-from cpython.mem cimport PyMem_Calloc, PyMem_Free, PyMem_Malloc
+from cpython.mem cimport PyMem_Calloc, PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from libc.errno cimport EINTR, errno
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdio cimport snprintf
-from libc.string cimport memcpy, memset, strcmp, strerror, strncpy
+from libc.string cimport memcmp, memcpy, memset, strcmp, strerror, strncpy
 from libc.time cimport time_t, timespec
 from posix.uio cimport iovec, readv, writev
 
@@ -28,8 +29,19 @@ from fastmfd.includes.atomics cimport (
     fm_cas32, fm_cas64, fm_exchange64, fm_fetch_add32, fm_fetch_add64, fm_fetch_or64,
     fm_fetch_sub32, fm_load32, fm_load64, fm_store32, fm_store64,
 )
+from fastmfd.includes.libz cimport (
+    crc32, MAX_WBITS, Z_BUF_ERROR, Z_DEFAULT_STRATEGY, Z_DEFLATED, Z_NO_FLUSH, Z_OK, Z_SYNC_FLUSH,
+    compressBound, deflate, deflateEnd, deflateInit2, inflate, inflateEnd, inflateInit2, z_stream,
+)
+from fastmfd.includes.libzstd cimport (
+    ZSTD_CCtx, ZSTD_CCtx_setParameter, ZSTD_DCtx, ZSTD_DCtx_setParameter, ZSTD_c_compressionLevel,
+    ZSTD_compressBound, ZSTD_compressStream2, ZSTD_createCCtx, ZSTD_createDCtx,
+    ZSTD_d_windowLogMax, ZSTD_decompressStream, ZSTD_e_continue, ZSTD_e_flush, ZSTD_freeCCtx,
+    ZSTD_freeDCtx, ZSTD_getErrorName, ZSTD_inBuffer, ZSTD_isError, ZSTD_maxCLevel,
+    ZSTD_minCLevel, ZSTD_outBuffer,
+)
 from fastmfd.includes.system cimport (
-    CLOCK_MONOTONIC, IOV_MAX, clock_gettime, fm_buffer_is_zero, fm_pagescan_init, sem_clockwait,
+    CLOCK_MONOTONIC, IOV_MAX, PR_SET_PDEATHSIG, clock_gettime, prctl, fm_buffer_is_zero, fm_pagescan_init, sem_clockwait,
     sem_getvalue, sem_init, sem_post, sem_t, sem_trywait, strnlen,
 )
 
@@ -44,6 +56,15 @@ cdef extern from *:
 
 fm_pagescan_init()
 
+
+def die_with_parent(int sig=9):
+    """Have the kernel send ``sig`` (default SIGKILL) to this process when its parent exits."""
+    if prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
+        raise OSError(errno, "prctl(PR_SET_PDEATHSIG) failed")
+
 include "_wire.pxi"
 include "_shared.pxi"
 include "_pages.pxi"
+include "_codecs.pxi"
+include "_channel.pxi"
+include "_pattern.pxi"

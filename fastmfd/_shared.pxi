@@ -100,12 +100,13 @@ cdef class _SharedStructure:
     def close(self):
         """Unmap; the owner also unlinks the segment.
 
-        Raises ``BufferError``, leaving the structure open and usable, while
-        views of its memory (``BufferPool.view``) are alive. Not to be called
-        while another thread is still inside a method: ``abort()`` first.
+        Raises ``BufferError``, leaving the structure open and usable (but
+        already unlinked), while views of its memory (``BufferPool.view``)
+        are alive. Not to be called while another thread is still inside a
+        method: ``abort()`` first.
         """
         if self.segment is not None and not self.segment.closed:
-            self.segment.destroy()
+            self.segment.close()
         self.base = NULL
 
     def __enter__(self):
@@ -160,7 +161,7 @@ cdef class BufferPool(_SharedStructure):
         try:
             pool._format(segment, nslots, slot_size)
         except BaseException:
-            segment.destroy()
+            segment.close()
             raise
         return pool
 
@@ -344,7 +345,7 @@ cdef class ChannelSelector(_SharedStructure):
                 raise OSError(errno, "sem_init failed")
             fm_store64(&sel.hdr.magic, SELECTOR_MAGIC)
         except BaseException:
-            segment.destroy()
+            segment.close()
             raise
         return sel
 
@@ -476,7 +477,7 @@ cdef class DirtyBitmap(_SharedStructure):
             bm._locate()
             fm_store64(&bm.hdr.magic, BITMAP_MAGIC)
         except BaseException:
-            segment.destroy()
+            segment.close()
             raise
         return bm
 

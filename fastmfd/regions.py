@@ -83,7 +83,7 @@ class Region:
         try:
             dirty = DirtyBitmap.create(size // page_size, tag=f"dirty-{name}")
         except BaseException:
-            data.destroy()
+            data.close()
             raise
         return cls(name, size, page_size, "shm", data.name, data, dirty, owner=True)
 

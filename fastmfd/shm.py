@@ -133,7 +133,14 @@ class SharedMemory:
         return self._mmap is None
 
     def close(self) -> None:
-        """Unmap. Fails with BufferError while views of the memory are exported."""
+        """Unmap; the owner first unlinks the name.
+
+        Unmapping fails with BufferError while views of the memory are
+        exported; the name is gone by then, so nothing leaks in /dev/shm and
+        the memory is freed with the last view.
+        """
+        if self.owner:
+            self.unlink()
         if self._mmap is None:
             return
         self._buf.release()
@@ -155,12 +162,6 @@ class SharedMemory:
             pass
         resource_tracker.unregister("/" + self.name, "shared_memory")
         self.owner = False
-
-    def destroy(self) -> None:
-        """Owner: unlink then close; attacher: close."""
-        if self.owner:
-            self.unlink()
-        self.close()
 
     def __repr__(self) -> str:
         state = "owner" if self.owner else "attached"

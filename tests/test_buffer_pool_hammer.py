@@ -100,7 +100,7 @@ def run_hammers(processes, pool, pool_class, cycles):
         processes.join()
         return reports, np.frombuffer(owners_segment.buf, dtype=np.int64).copy()
     finally:
-        owners_segment.destroy()
+        owners_segment.close()
 
 
 def test_no_slot_is_ever_held_twice(processes):

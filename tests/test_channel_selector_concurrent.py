@@ -106,7 +106,7 @@ def run_workers(processes, selector_class, rounds):
             assert not owners.any()
         finally:
             del owners
-            owners_segment.destroy()
+            owners_segment.close()
     return results
 
 

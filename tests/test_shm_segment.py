@@ -13,7 +13,7 @@ from fastmfd.shm import SEGMENT_PREFIX, SHM_DIR, SharedMemory, list_segments
 def segment():
     segment = SharedMemory.create(10000, tag="test")
     yield segment
-    segment.destroy()
+    segment.close()
 
 
 def test_create(segment):
@@ -31,7 +31,7 @@ def test_tag_is_made_safe_for_a_file_name():
         assert segment.name.startswith(f"{SEGMENT_PREFIX}a_b_c_d")
         SharedMemory.attach(segment.name).close()
     finally:
-        segment.destroy()
+        segment.close()
 
 
 def test_tag_is_ascii_whatever_the_region_name():
@@ -41,7 +41,7 @@ def test_tag_is_ascii_whatever_the_region_name():
         assert segment.name.isascii()
         assert segment.name.startswith(f"{SEGMENT_PREFIX}m_moire-_-")
     finally:
-        segment.destroy()
+        segment.close()
 
 
 def test_names_are_unique():
@@ -50,7 +50,7 @@ def test_names_are_unique():
         assert len({s.name for s in segments}) == 20
     finally:
         for s in segments:
-            s.destroy()
+            s.close()
 
 
 def test_list_segments_is_sorted(segment):
@@ -66,17 +66,17 @@ def test_attacher_shares_the_bytes_and_never_unlinks(segment):
     assert bytes(segment.buf[:3]) == b"abc" and bytes(other.buf[9997:]) == b"xyz"
     with pytest.raises(ValueError, match="only its owner unlinks"):
         other.unlink()
-    other.destroy()         # an attacher's destroy only closes
+    other.close()           # an attacher's close never unlinks
     assert other.closed and segment.name in list_segments()
 
 
-def test_owner_destroy_unlinks_and_closes(segment):
+def test_owner_close_unlinks_and_unmaps(segment):
     name = segment.name
-    segment.destroy()
-    assert segment.closed and name not in list_segments()
+    segment.close()
+    assert segment.closed and not segment.owner and name not in list_segments()
     with pytest.raises(ValueError, match="closed"):
         segment.buf
-    segment.destroy()       # idempotent
+    segment.close()         # idempotent
     with pytest.raises(ConfigError, match="does not exist"):
         SharedMemory.attach(name)
 
@@ -134,6 +134,7 @@ def test_close_waits_for_exported_views(segment, export):
     with pytest.raises(BufferError):
         segment.close()
     assert not segment.closed
+    assert segment.name not in list_segments(), "the owner unlinks before unmapping"
     view[0] = 1                       # still mapped
     assert segment.buf[10] == 1 or segment.buf[0] == 1
     del view

@@ -1,0 +1,651 @@
+# The per-channel engines the worker processes run (DESIGN §3).
+#
+#   source main process                      send worker (one per channel)
+#     ChannelSelector.select() ─┐              SendEngine.run(cmd_fd):
+#     page indices -> mailbox   ├─ Command ──▶   RAM job: zero scan, compress,
+#     device chunk -> pool slot ┘  (pipe)        frame, writev from the region
+#                                                SYNC, device chunk, QUIT
+#
+#   destination                              receive worker (one per channel)
+#     RecvEngine.run() returns at each SYNC and at EOF; RAM payloads are
+#     read (or inflated) straight into the region; device chunks land in a
+#     pool slot and their descriptor goes down the reassembly pipe.
+#
+# A Command is a fixed 32-byte record, so several threads of the source main
+# process can write commands to one worker's pipe without locks (writes of
+# at most PIPE_BUF bytes to a pipe are atomic). The per-channel counters live
+# in a shared Counters segment so either main process reads live totals
+# without asking its workers.
+
+from posix.unistd cimport read as c_read, write as c_write
+
+cdef extern from "<sys/socket.h>" nogil:
+    int shutdown(int sockfd, int how)
+    int SHUT_WR
+
+cdef enum:
+    CMD_RAM = 1         # region, count pages listed in this channel's mailbox
+    CMD_DEVICE = 2      # device, chunk bytes in pool slot `slot`
+    CMD_SYNC = 3        # a SYNC packet closing round `round`
+    CMD_QUIT = 4        # no more packets: half-close the connection and stop
+
+    EVENT_EOF = 0       # RecvEngine.run: the peer closed the channel at a packet boundary
+    EVENT_SYNC = 1      # RecvEngine.run: a SYNC packet was applied (round in .rounds)
+
+    COUNTERS_MAGIC = 0x464d4d434e545231    # "FMMCNTR1"
+
+CMD_RAM_ = CMD_RAM
+CMD_DEVICE_ = CMD_DEVICE
+CMD_SYNC_ = CMD_SYNC
+CMD_QUIT_ = CMD_QUIT
+EVENT_EOF_ = EVENT_EOF
+EVENT_SYNC_ = EVENT_SYNC
+COMMAND_SIZE = 32
+DESCRIPTOR_SIZE = 24
+
+
+cdef struct Command:
+    uint32_t kind
+    uint32_t target             # RAM: region index; DEVICE: device index
+    uint32_t count              # RAM: pages in the mailbox; DEVICE: bytes in the slot
+    uint32_t slot               # DEVICE: pool slot
+    uint64_t round              # SYNC: round number
+    uint64_t reserved
+
+
+cdef struct Descriptor:         # a device chunk in a destination pool slot
+    uint32_t device
+    uint32_t idx
+    uint32_t flags
+    uint32_t slot
+    uint32_t length             # chunk header + data bytes in the slot
+    uint32_t channel
+
+
+def pack_command(uint32_t kind, uint32_t target=0, uint32_t count=0, uint32_t slot=0,
+                 uint64_t round=0):
+    """The 32-byte record for a worker's command pipe."""
+    cdef Command cmd
+    memset(&cmd, 0, sizeof(cmd))
+    cmd.kind = kind
+    cmd.target = target
+    cmd.count = count
+    cmd.slot = slot
+    cmd.round = round
+    return (<char *>&cmd)[:sizeof(cmd)]
+
+
+def pack_descriptor(uint32_t device, uint32_t idx, uint32_t flags, uint32_t slot,
+                    uint32_t length, uint32_t channel):
+    """The 24-byte record announcing a device chunk in a pool slot."""
+    cdef Descriptor desc
+    desc.device = device
+    desc.idx = idx
+    desc.flags = flags
+    desc.slot = slot
+    desc.length = length
+    desc.channel = channel
+    return (<char *>&desc)[:sizeof(desc)]
+
+
+def unpack_descriptors(const uint8_t[::1] data):
+    """Descriptors read from the reassembly pipe: a list of 6-tuples
+    ``(device, idx, flags, slot, length, channel)``."""
+    cdef size_t i, n = data.shape[0] // sizeof(Descriptor)
+    cdef const Descriptor *d = <const Descriptor *>&data[0] if n else NULL
+    return [(d[i].device, d[i].idx, d[i].flags, d[i].slot, d[i].length, d[i].channel)
+            for i in range(n)]
+
+
+# ---------------------------------------------------------------- counters
+
+cdef enum:
+    ST_PACKETS = 0          # RAM packets (SYNC packets included)
+    ST_NORMAL = 1           # pages sent / applied with data
+    ST_ZERO = 2             # pages listed as zero
+    ST_WIRE = 3             # bytes on the wire (headers and payloads)
+    ST_DEVICE_PACKETS = 4
+    ST_DEVICE_BYTES = 5     # chunk bytes (header + data), before compression
+    ST_SYNCS = 6
+    ST_JOBS = 7
+    ST_FIELDS = 8
+
+COUNTER_FIELDS = ("packets", "normal_pages", "zero_pages", "wire_bytes", "device_packets",
+                  "device_bytes", "syncs", "jobs")
+
+
+cdef struct CountersHeader:
+    uint64_t magic
+    uint64_t packet_num         # the session-wide packet number (atomic fetch-add)
+    uint32_t nrows
+    uint32_t _pad
+
+
+cdef class Counters(_SharedStructure):
+    """Per-channel counters plus the session's packet number, in shared memory.
+
+    Each row has one writer (its channel's worker); readers see live values.
+    """
+    cdef CountersHeader *hdr
+    cdef uint64_t *rows
+
+    @staticmethod
+    def segment_size(uint32_t nrows):
+        return align_up(sizeof(CountersHeader), HEADER_ALIGN) + 8 * ST_FIELDS * <size_t>nrows
+
+    @classmethod
+    def create(cls, uint32_t nrows, str tag="counters"):
+        segment = SharedMemory.create(Counters.segment_size(nrows), tag=tag)
+        cdef Counters c = cls.__new__(cls)
+        try:
+            c._map(segment, Counters.segment_size(nrows), COUNTERS_MAGIC, True)
+            c.hdr = <CountersHeader *>c.base
+            c.hdr.nrows = nrows
+            c.hdr.packet_num = 1
+            c.rows = <uint64_t *>(c.base + align_up(sizeof(CountersHeader), HEADER_ALIGN))
+            fm_store64(&c.hdr.magic, COUNTERS_MAGIC)
+        except BaseException:
+            segment.close()
+            raise
+        return c
+
+    @classmethod
+    def attach(cls, str name):
+        segment = SharedMemory.attach(name)
+        cdef Counters c = cls.__new__(cls)
+        try:
+            c._map(segment, sizeof(CountersHeader), COUNTERS_MAGIC, False)
+            c.hdr = <CountersHeader *>c.base
+            if Counters.segment_size(c.hdr.nrows) > c.size:
+                raise ValueError(f"counters segment {name} is truncated")
+            c.rows = <uint64_t *>(c.base + align_up(sizeof(CountersHeader), HEADER_ALIGN))
+        except BaseException:
+            segment.close()
+            raise
+        return c
+
+    cdef uint64_t *row(self, uint32_t r) except NULL:
+        if r >= self.hdr.nrows:
+            raise IndexError(f"counter row {r} out of range")
+        return self.rows + r * ST_FIELDS
+
+    def read(self, uint32_t r):
+        """A dict of the row's counters, by name."""
+        cdef uint64_t *row = self.row(r)
+        return {name: fm_load64(&row[i]) for i, name in enumerate(COUNTER_FIELDS)}
+
+    def total(self, str field):
+        cdef size_t i = COUNTER_FIELDS.index(field)
+        cdef uint32_t r
+        return sum(fm_load64(&self.rows[r * ST_FIELDS + i]) for r in range(self.hdr.nrows))
+
+    @property
+    def nrows(self):
+        return self.hdr.nrows
+
+
+cdef inline void bump(uint64_t *row, int field, uint64_t by) noexcept nogil:
+    # One writer per row: a plain atomic store keeps readers consistent.
+    fm_store64(&row[field], row[field] + by)
+
+
+# ---------------------------------------------------------------- regions as the engines see them
+
+cdef struct RegionRef:
+    uint8_t *base
+    uint64_t size
+    uint64_t *received          # destination: bit per page written since the session began
+    bint fresh                  # destination: memory started zero-filled (zero pages may be skipped)
+    char name[256]
+    size_t name_len
+
+
+cdef class _RegionTable:
+    """The session's regions, in SETUP order, as C pointers (kept mapped by ``keep``)."""
+    cdef RegionRef *refs
+    cdef int count
+    cdef RegionEntry *entries       # name/size table for the RAM codec
+    cdef list keep
+
+    def __cinit__(self, regions, received=None, fresh=None):
+        cdef uint8_t[::1] view
+        cdef DirtyBitmap bm
+        regions = list(regions)
+        self.keep = regions + list(received or [])
+        self.count = len(regions)
+        self.refs = <RegionRef *>PyMem_Calloc(max(1, self.count), sizeof(RegionRef))
+        self.entries = <RegionEntry *>PyMem_Calloc(max(1, self.count), sizeof(RegionEntry))
+        if self.refs == NULL or self.entries == NULL:
+            raise MemoryError()
+        for i, region in enumerate(regions):
+            view = region.buffer
+            raw = encode_name(region.name, "region name")
+            self.refs[i].base = &view[0]
+            self.refs[i].size = view.shape[0]
+            memcpy(self.refs[i].name, <const char *>raw, len(raw))
+            self.refs[i].name_len = len(raw)
+            memcpy(self.entries[i].name, <const char *>raw, len(raw))
+            self.entries[i].size = view.shape[0]
+            if received is not None:
+                bm = received[i]
+                if bm.hdr.npages * region.page_size < view.shape[0]:
+                    raise ValueError("received map smaller than its region")
+                self.refs[i].received = bm.words
+                self.refs[i].fresh = fresh[i]
+
+    def __dealloc__(self):
+        PyMem_Free(self.refs)
+        PyMem_Free(self.entries)
+
+
+cdef class _EngineBase:
+    """What both engines share: the socket, the layout, the codec, counters."""
+    cdef int fd
+    cdef readonly uint32_t channel
+    cdef RamLayout lay
+    cdef Codec codec
+    cdef _RegionTable regions
+    cdef Counters counters
+    cdef uint64_t *stats
+    cdef BufferPool pool
+    cdef list device_names          # [(idstr bytes, instance_id)]
+    cdef uint8_t *header            # one RAM header, reused for every packet
+    cdef uint8_t *scratch           # compressed payloads
+    cdef size_t scratch_cap
+    cdef iovec *iov
+    cdef uint64_t *normal
+    cdef uint64_t *zero
+
+    cdef int _setup(self, int fd, uint32_t channel, dict params, object codec, list regions,
+                    Counters counters, BufferPool pool, list devices, object received,
+                    object fresh) except -1:
+        cdef uint32_t pp = params["packet_pages"]
+        comp_flag = 0 if codec is None else (<Codec>codec).flag
+        ram_layout_init(&self.lay, pp, params["page_size"], LAYOUT_CURRENT, comp_flag, 0,
+                        params.get("checksum", False))
+        self.fd = fd
+        self.channel = channel
+        self.codec = codec
+        self.regions = _RegionTable(regions, received, fresh)
+        self.counters = counters
+        self.stats = counters.row(channel)
+        self.pool = pool
+        self.device_names = [(encode_name(idstr, "idstr"), inst) for idstr, inst in devices]
+        self.scratch_cap = max(self.lay.max_payload, params.get("chunk_size", 0) * 2 + 65536)
+        self.header = <uint8_t *>PyMem_Malloc(max(self.lay.header_size, DEVICE_HEADER_SIZE_C))
+        self.scratch = <uint8_t *>PyMem_Malloc(self.scratch_cap)
+        self.iov = <iovec *>PyMem_Malloc((pp + 2) * sizeof(iovec))
+        self.normal = <uint64_t *>PyMem_Malloc(pp * sizeof(uint64_t))
+        self.zero = <uint64_t *>PyMem_Malloc(pp * sizeof(uint64_t))
+        if not (self.header and self.scratch and self.iov and self.normal and self.zero):
+            raise MemoryError()
+        return 0
+
+    def __dealloc__(self):
+        PyMem_Free(self.header)
+        PyMem_Free(self.scratch)
+        PyMem_Free(self.iov)
+        PyMem_Free(self.normal)
+        PyMem_Free(self.zero)
+
+    def counters_row(self):
+        return self.counters.read(self.channel)
+
+
+cdef int check_io(ssize_t rc, size_t want, str what) except -1:
+    if rc < 0:
+        raise OSError(-rc, f"{what}: {strerror(-rc).decode()}")
+    if <size_t>rc != want:
+        raise EOFError(f"{what}: connection closed after {rc} of {want} bytes")
+    return 0
+
+
+cdef uint32_t payload_crc(const iovec *iov, size_t n) noexcept nogil:
+    cdef unsigned long crc = 0
+    cdef size_t i, done, take
+    for i in range(n):
+        done = 0
+        while done < iov[i].iov_len:
+            take = min(iov[i].iov_len - done, <size_t>(1 << 30))
+            crc = crc32(crc, <const unsigned char *>iov[i].iov_base + done, <unsigned int>take)
+            done += take
+    return <uint32_t>crc
+
+
+# ---------------------------------------------------------------- send
+
+cdef class SendEngine(_EngineBase):
+    """Runs one send channel: executes the commands that arrive on ``cmd_fd``.
+
+    ``params`` holds the session's page_size, packet_pages, zero_page_detection
+    and checksum; ``regions`` are attached Region objects in SETUP order;
+    ``mailbox`` a writable buffer of at least job_pages u64 page indices that
+    the main process fills before each RAM command; ``selector`` the selector
+    this channel belongs to (released after each RAM or device job).
+    """
+    cdef ChannelSelector selector
+    cdef uint32_t selector_index
+    cdef const uint64_t *mailbox
+    cdef size_t mailbox_cap
+    cdef object mailbox_keep
+    cdef bint zero_detection
+
+    def __cinit__(self, int fd, uint32_t channel, dict params, codec, list regions,
+                  Counters counters, ChannelSelector selector, uint32_t selector_index,
+                  mailbox, BufferPool pool=None, list devices=None):
+        cdef const uint8_t[::1] box = mailbox
+        self._setup(fd, channel, params, codec, regions, counters, pool, devices or [],
+                    None, None)
+        self.selector = selector
+        self.selector_index = selector_index
+        self.mailbox_keep = box
+        self.mailbox = <const uint64_t *>&box[0]
+        self.mailbox_cap = box.shape[0] // 8
+        self.zero_detection = params["zero_page_detection"]
+
+    def run(self, int cmd_fd):
+        """Execute commands until QUIT (then half-close the socket and return)."""
+        cdef Command cmd
+        cdef ssize_t got
+        while True:
+            with nogil:
+                got = read_exact(cmd_fd, &cmd, sizeof(Command))
+            if got != sizeof(Command):
+                raise EOFError("the command pipe closed: the main process is gone")
+            if cmd.kind == CMD_RAM:
+                self.send_ram(cmd.target, cmd.count)
+                bump(self.stats, ST_JOBS, 1)
+                self.selector.release_channel(self.selector_index)
+            elif cmd.kind == CMD_DEVICE:
+                self.send_device(cmd.target, cmd.slot, cmd.count)
+                bump(self.stats, ST_JOBS, 1)
+                self.selector.release_channel(self.selector_index)
+            elif cmd.kind == CMD_SYNC:
+                self.send_packet(FLAG_SYNC_C, 0, NULL, 0, 0, 0)
+                bump(self.stats, ST_SYNCS, 1)
+            elif cmd.kind == CMD_QUIT:
+                shutdown(self.fd, SHUT_WR)
+                return
+            else:
+                raise ValueError(f"unknown command {cmd.kind}")
+
+    cdef int send_ram(self, uint32_t region, uint32_t count) except -1:
+        cdef RegionRef *ref
+        cdef uint32_t start = 0, m, i, nn, nz
+        cdef uint64_t page, off, npages
+        cdef uint32_t psize = self.lay.page_size
+        if region >= <uint32_t>self.regions.count or count > self.mailbox_cap:
+            raise ValueError(f"bad RAM job: region {region}, {count} pages")
+        ref = &self.regions.refs[region]
+        npages = ref.size // psize
+        while start < count:
+            m = min(count - start, self.lay.packet_pages)
+            nn = 0
+            nz = 0
+            with nogil:
+                for i in range(m):
+                    page = self.mailbox[start + i]
+                    if page >= npages:
+                        break
+                    off = page * psize
+                    if self.zero_detection and fm_buffer_is_zero(ref.base + off, psize):
+                        self.zero[nz] = off
+                        nz += 1
+                    else:
+                        self.normal[nn] = off
+                        nn += 1
+            if nn + nz != m:
+                raise ValueError(f"RAM job lists page {page} outside region {ref.name.decode()}")
+            self.send_packet(self.lay.comp_flag, region, ref.base, nn, nz, 1)
+            start += m
+        return 0
+
+    cdef int send_packet(self, uint32_t flags, uint32_t region, uint8_t *base, uint32_t nn,
+                         uint32_t nz, bint ram) except -1:
+        """Frame and write one RAM packet: normal pages self.normal[:nn] (byte
+        offsets from base), zero pages self.zero[:nz]; with nn == nz == 0 a SYNC."""
+        cdef size_t k = 1, raw = <size_t>nn * self.lay.page_size
+        cdef ssize_t payload = raw
+        cdef const uint8_t *blob
+        cdef uint32_t crc = 0
+        cdef ssize_t rc
+        cdef RegionRef *ref = &self.regions.refs[region] if ram else NULL
+        cdef uint64_t num = fm_fetch_add64(&self.counters.hdr.packet_num, 1)
+        if nn:
+            k += pages_to_iov(self.iov + 1, base, self.normal, nn, self.lay.page_size)
+            if self.codec is not None:
+                payload = self.codec.compress_iov(self.iov + 1, k - 1, raw, &blob)
+                self.iov[1].iov_base = <void *>blob
+                self.iov[1].iov_len = payload
+                k = 2
+            if self.lay.checksum:
+                crc = payload_crc(self.iov + 1, k - 1)
+        ram_encode(&self.lay, self.header, flags, num,
+                   ref.name if ref != NULL else NULL, ref.name_len if ref != NULL else 0,
+                   self.normal, nn, self.zero, nz, <uint32_t>(payload if nn else 0), crc)
+        self.iov[0].iov_base = self.header
+        self.iov[0].iov_len = self.lay.header_size
+        with nogil:
+            rc = writev_all(self.fd, self.iov, k)
+        check_io(rc, self.lay.header_size + (payload if nn else 0), "send")
+        bump(self.stats, ST_PACKETS, 1)
+        bump(self.stats, ST_NORMAL, nn)
+        bump(self.stats, ST_ZERO, nz)
+        bump(self.stats, ST_WIRE, rc)
+        return 0
+
+    cdef int send_device(self, uint32_t device, uint32_t slot, uint32_t length) except -1:
+        cdef iovec parts[2]
+        cdef const uint8_t *blob
+        cdef ssize_t payload = length, rc
+        cdef bytes idstr
+        if self.pool is None or device >= len(self.device_names):
+            raise ValueError(f"bad device job: device {device}")
+        if slot >= self.pool.hdr.nslots or length > self.pool.hdr.slot_size or length < 12:
+            raise ValueError(f"bad device job: slot {slot}, {length} bytes")
+        idstr, instance_id = self.device_names[device]
+        parts[1].iov_base = self.pool.slot_ptr(slot)
+        parts[1].iov_len = length
+        if self.codec is not None:
+            payload = self.codec.compress_iov(&parts[1], 1, length, &blob)
+            parts[1].iov_base = <void *>blob
+            parts[1].iov_len = payload
+        device_encode(self.header, self.lay.comp_flag, idstr, len(idstr), instance_id,
+                      <uint32_t>payload)
+        parts[0].iov_base = self.header
+        parts[0].iov_len = DEVICE_HEADER_SIZE_C
+        with nogil:
+            rc = writev_all(self.fd, parts, 2)
+        check_io(rc, DEVICE_HEADER_SIZE_C + payload, "send")
+        self.pool.release_slot(slot)
+        bump(self.stats, ST_DEVICE_PACKETS, 1)
+        bump(self.stats, ST_DEVICE_BYTES, length)
+        bump(self.stats, ST_WIRE, rc)
+        return 0
+
+
+# ---------------------------------------------------------------- receive
+
+cdef class RecvEngine(_EngineBase):
+    """Runs one receive channel: reads packets until a SYNC or the end.
+
+    ``run()`` returns EVENT_SYNC after applying a SYNC packet (the caller
+    holds the barrier, then calls ``run()`` again) and EVENT_EOF when the
+    peer closed the connection at a packet boundary. Everything else —
+    malformed packets, truncation, I/O errors — raises.
+
+    ``received`` (one DirtyBitmap per region) records pages written, so a
+    listed zero page is only zeroed where older data may sit (``fresh``
+    regions started zero-filled). Device chunks go into slots of ``pool``;
+    their descriptors are written to ``reassembly_fd``.
+    """
+    cdef int reassembly_fd
+    cdef bint ram_allowed
+    cdef readonly uint64_t rounds
+    cdef int hint
+    cdef dict device_index          # (idstr bytes, instance_id) -> device number
+    cdef uint32_t max_device_payload
+
+    def __cinit__(self, int fd, uint32_t channel, dict params, codec, list regions,
+                  Counters counters, list received, list fresh, BufferPool pool=None,
+                  list devices=None, int reassembly_fd=-1, bint ram_allowed=True):
+        self._setup(fd, channel, params, codec, regions, counters, pool, devices or [],
+                    received, fresh)
+        self.reassembly_fd = reassembly_fd
+        self.ram_allowed = ram_allowed
+        self.device_index = {name: i for i, name in enumerate(self.device_names)}
+        chunk = params.get("chunk_size", 0) + CHUNK_HEADER_SIZE_C
+        self.max_device_payload = chunk if codec is None else min(
+            self.scratch_cap, chunk + chunk // 8 + 65536)
+
+    def run(self):
+        cdef ssize_t got
+        cdef uint32_t flags
+        while True:
+            with nogil:
+                got = read_exact(self.fd, self.header, 12)
+            if got == 0:
+                return EVENT_EOF
+            check_io(got, 12, "packet header")
+            flags = ld32(self.header + 8)
+            if flags & FLAG_DEVICE_STATE_C:
+                self.recv_device()
+            else:
+                if not self.ram_allowed:
+                    raise ProtocolError("RAM packet on a device-state channel",
+                                        field="flags", received=hex(flags),
+                                        expected="DEVICE_STATE (0x40)")
+                if self.recv_ram():
+                    self.rounds += 1
+                    bump(self.stats, ST_SYNCS, 1)
+                    return EVENT_SYNC
+
+    cdef bint recv_ram(self) except -1:
+        """Read and apply one RAM packet; True when it carried SYNC."""
+        cdef RamPacketInfo info
+        cdef WireError err
+        cdef RegionRef *ref
+        cdef ssize_t got
+        cdef size_t i, k = 0, raw
+        cdef uint64_t off, page
+        cdef uint32_t psize = self.lay.page_size
+        with nogil:
+            got = read_exact(self.fd, self.header + 12, self.lay.header_size - 12)
+        check_io(got, self.lay.header_size - 12, "RAM packet header")
+        if ram_decode(&self.lay, self.regions.entries, self.regions.count, self.header, &info,
+                      &err, self.hint) < 0:
+            raise_wire_error(&err)
+        bump(self.stats, ST_PACKETS, 1)
+        bump(self.stats, ST_WIRE, self.lay.header_size)
+        if info.region < 0:
+            return info.flags & FLAG_SYNC_C
+        self.hint = info.region
+        ref = &self.regions.refs[info.region]
+        for i in range(info.normal_pages):
+            self.normal[i] = ld64(info.offsets + 8 * i)
+        if info.normal_pages:
+            raw = <size_t>info.normal_pages * psize
+            k = pages_to_iov(self.iov, ref.base, self.normal, info.normal_pages, psize)
+            if self.codec is None:
+                with nogil:
+                    got = readv_all(self.fd, self.iov, k)
+                check_io(got, raw, "RAM payload")
+                if self.lay.checksum:
+                    k = pages_to_iov(self.iov, ref.base, self.normal, info.normal_pages, psize)
+                    self.verify_crc(self.iov, k, info.checksum)
+            else:
+                with nogil:
+                    got = read_exact(self.fd, self.scratch, info.next_packet_size)
+                check_io(got, info.next_packet_size, "RAM payload")
+                if self.lay.checksum:
+                    self.iov[k].iov_base = self.scratch
+                    self.iov[k].iov_len = info.next_packet_size
+                    self.verify_crc(&self.iov[k], 1, info.checksum)
+                self.codec.decompress_iov(self.scratch, info.next_packet_size, self.iov, k)
+            bump(self.stats, ST_WIRE, got)
+            with nogil:
+                for i in range(info.normal_pages):
+                    page = self.normal[i] // psize
+                    fm_fetch_or64(&ref.received[page >> 6], (<uint64_t>1) << (page & 63))
+        with nogil:
+            for i in range(info.zero_pages):
+                off = ld64(info.offsets + 8 * (info.normal_pages + i))
+                page = off // psize
+                # Fresh memory is already zero: only a page written earlier
+                # in this session can hold data the zero page must erase.
+                if not ref.fresh or fm_load64(&ref.received[page >> 6]) & ((<uint64_t>1) << (page & 63)):
+                    memset(ref.base + off, 0, psize)
+        bump(self.stats, ST_NORMAL, info.normal_pages)
+        bump(self.stats, ST_ZERO, info.zero_pages)
+        return info.flags & FLAG_SYNC_C
+
+    cdef int verify_crc(self, const iovec *iov, size_t n, uint64_t expected) except -1:
+        cdef uint32_t crc
+        with nogil:
+            crc = payload_crc(iov, n)
+        if crc != expected:
+            raise ProtocolError(f"RAM packet field 'checksum': received {expected:#x}, "
+                                f"expected {crc:#x} (CRC-32 of the payload)",
+                                field="checksum", received=expected, expected=crc)
+        return 0
+
+    cdef int recv_device(self) except -1:
+        cdef DeviceHeaderInfo info
+        cdef WireError err
+        cdef Descriptor desc
+        cdef ssize_t got
+        cdef int64_t slot
+        cdef uint8_t *dst
+        cdef size_t produced
+        cdef iovec one
+        with nogil:
+            got = read_exact(self.fd, self.header + 12, DEVICE_HEADER_SIZE_C - 12)
+        check_io(got, DEVICE_HEADER_SIZE_C - 12, "device state header")
+        if device_decode(self.header, self.lay.comp_flag, 0, self.max_device_payload, &info,
+                         &err) < 0:
+            raise_wire_error(&err)
+        key = (<bytes>info.idstr, info.instance_id)
+        device = self.device_index.get(key)
+        if device is None:
+            raise ProtocolError(f"device state packet for unknown device "
+                                f"{info.idstr.decode(errors='replace')!r} instance "
+                                f"{info.instance_id}", field="idstr",
+                                received=info.idstr.decode(errors="replace"),
+                                expected="a device of the session")
+        if self.pool is None or self.reassembly_fd < 0:
+            raise ProtocolError("device state packet in a session without devices",
+                                field="flags", received="DEVICE_STATE", expected="RAM only")
+        slot = self.pool.acquire_slot(-1.0)
+        try:
+            dst = self.pool.slot_ptr(<uint32_t>slot)
+            if self.codec is None:
+                with nogil:
+                    got = read_exact(self.fd, dst, info.next_packet_size)
+                check_io(got, info.next_packet_size, "device state payload")
+                produced = info.next_packet_size
+            else:
+                with nogil:
+                    got = read_exact(self.fd, self.scratch, info.next_packet_size)
+                check_io(got, info.next_packet_size, "device state payload")
+                produced = self.codec.decompress_bounded(self.scratch, info.next_packet_size,
+                                                         dst, self.pool.hdr.slot_size)
+            if produced < CHUNK_HEADER_SIZE_C:
+                raise ProtocolError(f"device chunk: {produced} bytes, shorter than its "
+                                    f"{CHUNK_HEADER_SIZE_C}-byte header", field="length",
+                                    received=produced, expected=f">= {CHUNK_HEADER_SIZE_C}")
+            if chunk_decode(dst, &desc.idx, &desc.flags, &err) < 0:
+                raise_wire_error(&err)
+            desc.device = device
+            desc.slot = <uint32_t>slot
+            desc.length = <uint32_t>produced
+            desc.channel = self.channel
+            with nogil:
+                got = write_exact(self.reassembly_fd, &desc, sizeof(Descriptor))
+            check_io(got, sizeof(Descriptor), "reassembly pipe")
+        except BaseException:
+            self.pool.release_slot(<uint32_t>slot)
+            raise
+        bump(self.stats, ST_DEVICE_PACKETS, 1)
+        bump(self.stats, ST_DEVICE_BYTES, produced)
+        bump(self.stats, ST_WIRE, DEVICE_HEADER_SIZE_C + info.next_packet_size)
+        return 0

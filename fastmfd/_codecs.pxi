@@ -1,0 +1,424 @@
+# Compression methods (QEMU multifd-zlib.c / multifd-zstd.c): one stream per
+# channel for the whole session, never reset, each packet ending with a
+# flush, so the bytes on the wire are one standard zlib or zstd stream per
+# channel (spec §4). Each method is a Codec: compress a packet's pages (an
+# iovec list, read in place) into the codec's own output buffer; decompress a
+# packet's payload straight into the destination pages. Output sizes are
+# exact: a payload that inflates to more or fewer bytes than its pages is a
+# ProtocolError, and decompression never writes past the pages it was given.
+
+cdef enum:
+    BOUNCE_SIZE = 65536
+
+
+cdef class Codec:
+    """Base of the per-channel compression streams; ``flag`` is the wire bit."""
+    cdef readonly uint32_t flag
+    cdef readonly str method
+    cdef uint8_t *out                 # compressed output of the last packet
+    cdef size_t out_cap
+
+    cdef int reserve(self, size_t raw_bytes) except -1:
+        cdef size_t need = self.bound(raw_bytes)
+        cdef uint8_t *grown
+        if need > self.out_cap:
+            grown = <uint8_t *>PyMem_Realloc(self.out, need)
+            if grown == NULL:
+                raise MemoryError()
+            self.out = grown
+            self.out_cap = need
+        return 0
+
+    cdef size_t bound(self, size_t raw_bytes) noexcept:
+        return raw_bytes + raw_bytes // 8 + 4096
+
+    cdef ssize_t compress_iov(self, const iovec *iov, size_t n, size_t raw_bytes,
+                              const uint8_t **result) except -1:
+        raise NotImplementedError
+
+    cdef int decompress_iov(self, const uint8_t *src, size_t size, const iovec *iov,
+                            size_t n) except -1:
+        raise NotImplementedError
+
+    cdef ssize_t decompress_bounded(self, const uint8_t *src, size_t size, uint8_t *dst,
+                                    size_t cap) except -1:
+        """Decompress one packet whose size is not known in advance (a device
+        chunk) into dst; more than ``cap`` bytes is a ProtocolError."""
+        raise NotImplementedError
+
+    def __dealloc__(self):
+        PyMem_Free(self.out)
+
+    # -- Python-level helpers (tests, inspect): contiguous buffers only.
+    def compress(self, const uint8_t[::1] data):
+        """Compress ``data`` as one packet (ending with a flush); returns bytes."""
+        cdef iovec one
+        cdef const uint8_t *result
+        cdef ssize_t size
+        one.iov_base = <void *>&data[0] if data.shape[0] else NULL
+        one.iov_len = data.shape[0]
+        size = self.compress_iov(&one, 1 if data.shape[0] else 0, data.shape[0], &result)
+        return (<const char *>result)[:size]
+
+    def decompress_into(self, const uint8_t[::1] data, uint8_t[::1] out):
+        """Decompress one packet's ``data`` into ``out``, which it must fill exactly."""
+        cdef iovec one
+        if data.shape[0] == 0:
+            raise ProtocolError("compressed payload is empty", field="next_packet_size",
+                                received=0, expected="> 0")
+        one.iov_base = &out[0] if out.shape[0] else NULL
+        one.iov_len = out.shape[0]
+        self.decompress_iov(&data[0], data.shape[0], &one, 1 if out.shape[0] else 0)
+
+
+cdef object inflate_error(size_t produced, size_t expected, str detail):
+    return ProtocolError(
+        f"compressed payload: {detail}: produced {produced} bytes, expected {expected}",
+        field="payload", received=produced, expected=expected)
+
+
+cdef class ZlibCodec(Codec):
+    """zlib (RFC 1950) with libz: deflate per page through a bounce buffer, as QEMU
+    does, because a live workload may rewrite a page while it is compressed."""
+    cdef z_stream strm
+    cdef bint compressing
+    cdef bint ready
+    cdef uint8_t bounce[BOUNCE_SIZE]
+
+    def __cinit__(self, bint compressing, int level=1):
+        self.flag = FLAG_ZLIB_C
+        self.method = "zlib"
+        self.compressing = compressing
+        memset(&self.strm, 0, sizeof(z_stream))
+        if compressing:
+            if not 0 <= level <= 9:
+                raise ValueError(f"zlib level {level} outside 0..9")
+            rc = deflateInit2(&self.strm, level, Z_DEFLATED, MAX_WBITS, 8, Z_DEFAULT_STRATEGY)
+        else:
+            rc = inflateInit2(&self.strm, MAX_WBITS)
+        if rc != Z_OK:
+            raise MemoryError(f"zlib stream init failed ({rc})")
+        self.ready = True
+
+    def __dealloc__(self):
+        if self.ready:
+            if self.compressing:
+                deflateEnd(&self.strm)
+            else:
+                inflateEnd(&self.strm)
+
+    cdef size_t bound(self, size_t raw_bytes) noexcept:
+        return compressBound(raw_bytes) + 64
+
+    cdef ssize_t compress_iov(self, const iovec *iov, size_t n, size_t raw_bytes,
+                              const uint8_t **result) except -1:
+        cdef size_t i, pos, take
+        cdef int rc = Z_OK, flush
+        self.reserve(raw_bytes)
+        with nogil:
+            self.strm.next_out = self.out
+            self.strm.avail_out = <unsigned int>self.out_cap
+            for i in range(n):
+                pos = 0
+                while pos < iov[i].iov_len and rc == Z_OK:
+                    take = min(<size_t>BOUNCE_SIZE, iov[i].iov_len - pos)
+                    memcpy(self.bounce, <const uint8_t *>iov[i].iov_base + pos, take)
+                    pos += take
+                    self.strm.next_in = self.bounce
+                    self.strm.avail_in = <unsigned int>take
+                    flush = Z_SYNC_FLUSH if (i + 1 == n and pos == iov[i].iov_len) else Z_NO_FLUSH
+                    rc = deflate(&self.strm, flush)
+                    if self.strm.avail_in:
+                        rc = Z_BUF_ERROR
+            if n == 0:
+                self.strm.avail_in = 0
+                rc = deflate(&self.strm, Z_SYNC_FLUSH)
+        if rc != Z_OK:
+            raise RuntimeError(f"deflate failed ({rc})")
+        result[0] = self.out
+        return self.out_cap - self.strm.avail_out
+
+    cdef int decompress_iov(self, const uint8_t *src, size_t size, const iovec *iov,
+                            size_t n) except -1:
+        cdef size_t i, produced = 0, expected = 0
+        cdef int rc = Z_OK
+        cdef uint8_t sink
+        for i in range(n):
+            expected += iov[i].iov_len
+        with nogil:
+            self.strm.next_in = src
+            self.strm.avail_in = <unsigned int>size
+            for i in range(n):
+                self.strm.next_out = <uint8_t *>iov[i].iov_base
+                self.strm.avail_out = <unsigned int>iov[i].iov_len
+                while self.strm.avail_out and rc == Z_OK:
+                    rc = inflate(&self.strm, Z_SYNC_FLUSH)
+                    if rc == Z_BUF_ERROR and self.strm.avail_in == 0:
+                        break
+                produced += iov[i].iov_len - self.strm.avail_out
+                if rc != Z_OK or self.strm.avail_out:
+                    break
+            if rc == Z_OK and produced == expected:
+                # Whatever input is left (the flush marker, an empty stored
+                # block) must yield no more output: offer one byte of room.
+                self.strm.next_out = &sink
+                self.strm.avail_out = 1
+                rc = inflate(&self.strm, Z_SYNC_FLUSH)
+                if rc == Z_BUF_ERROR:
+                    rc = Z_OK
+        if rc != Z_OK and rc != Z_BUF_ERROR:
+            msg = self.strm.msg.decode() if self.strm.msg != NULL else f"error {rc}"
+            raise inflate_error(produced, expected, f"inflate failed: {msg}")
+        if produced != expected:
+            raise inflate_error(produced, expected, "inflated too few bytes")
+        if self.strm.avail_out == 0 or self.strm.avail_in:
+            raise inflate_error(produced + 1, expected, "inflates to more than its pages")
+        return 0
+
+
+    cdef ssize_t decompress_bounded(self, const uint8_t *src, size_t size, uint8_t *dst,
+                                    size_t cap) except -1:
+        cdef int rc = Z_OK
+        cdef uint8_t sink
+        cdef size_t produced
+        cdef bint overflow = False
+        with nogil:
+            self.strm.next_in = src
+            self.strm.avail_in = <unsigned int>size
+            self.strm.next_out = dst
+            self.strm.avail_out = <unsigned int>cap
+            while self.strm.avail_in and self.strm.avail_out and rc == Z_OK:
+                rc = inflate(&self.strm, Z_SYNC_FLUSH)
+            produced = cap - self.strm.avail_out
+            if rc == Z_OK and self.strm.avail_out == 0:
+                # Full: what input is left must not yield another byte.
+                self.strm.next_out = &sink
+                self.strm.avail_out = 1
+                rc = inflate(&self.strm, Z_SYNC_FLUSH)
+                overflow = self.strm.avail_out == 0
+        if rc == Z_BUF_ERROR and self.strm.avail_in == 0:
+            rc = Z_OK
+        if rc != Z_OK:
+            msg = self.strm.msg.decode() if self.strm.msg != NULL else f"error {rc}"
+            raise inflate_error(produced, cap, f"inflate failed: {msg}")
+        if overflow or self.strm.avail_in:
+            raise inflate_error(cap + 1, cap, "inflates to more than a chunk may hold")
+        return produced
+
+
+cdef class ZstdCodec(Codec):
+    """zstd with libzstd: one frame per channel that is flushed, never ended."""
+    cdef ZSTD_CCtx *cctx
+    cdef ZSTD_DCtx *dctx
+
+    def __cinit__(self, bint compressing, int level=1):
+        self.flag = FLAG_ZSTD_C
+        self.method = "zstd"
+        if compressing:
+            if not ZSTD_minCLevel() <= level <= ZSTD_maxCLevel():
+                raise ValueError(f"zstd level {level} outside {ZSTD_minCLevel()}.."
+                                 f"{ZSTD_maxCLevel()}")
+            self.cctx = ZSTD_createCCtx()
+            if self.cctx == NULL:
+                raise MemoryError()
+            check_zstd(ZSTD_CCtx_setParameter(self.cctx, ZSTD_c_compressionLevel, level),
+                       "set level")
+        else:
+            self.dctx = ZSTD_createDCtx()
+            if self.dctx == NULL:
+                raise MemoryError()
+            # Bound the window a peer can make us allocate (zstd's default
+            # limit is 2^27; QEMU's levels stay well below it).
+            check_zstd(ZSTD_DCtx_setParameter(self.dctx, ZSTD_d_windowLogMax, 27), "window")
+
+    def __dealloc__(self):
+        if self.cctx != NULL:
+            ZSTD_freeCCtx(self.cctx)
+        if self.dctx != NULL:
+            ZSTD_freeDCtx(self.dctx)
+
+    cdef size_t bound(self, size_t raw_bytes) noexcept:
+        return ZSTD_compressBound(raw_bytes) + 64
+
+    cdef ssize_t compress_iov(self, const iovec *iov, size_t n, size_t raw_bytes,
+                              const uint8_t **result) except -1:
+        cdef ZSTD_outBuffer out
+        cdef ZSTD_inBuffer inp
+        cdef size_t i, rc = 0
+        self.reserve(raw_bytes)
+        out.dst = self.out
+        out.size = self.out_cap
+        out.pos = 0
+        with nogil:
+            for i in range(n):
+                inp.src = iov[i].iov_base
+                inp.size = iov[i].iov_len
+                inp.pos = 0
+                while inp.pos < inp.size:
+                    rc = ZSTD_compressStream2(self.cctx, &out, &inp, ZSTD_e_continue)
+                    if ZSTD_isError(rc) or out.pos == out.size:
+                        break
+                if ZSTD_isError(rc):
+                    break
+            if not ZSTD_isError(rc):
+                inp.src = NULL
+                inp.size = 0
+                inp.pos = 0
+                rc = 1
+                while rc != 0 and not ZSTD_isError(rc) and out.pos < out.size:
+                    rc = ZSTD_compressStream2(self.cctx, &out, &inp, ZSTD_e_flush)
+        if ZSTD_isError(rc) or rc != 0:
+            raise RuntimeError(f"zstd compression failed: "
+                               f"{ZSTD_getErrorName(rc).decode() if ZSTD_isError(rc) else 'output full'}")
+        result[0] = self.out
+        return out.pos
+
+    cdef int decompress_iov(self, const uint8_t *src, size_t size, const iovec *iov,
+                            size_t n) except -1:
+        cdef ZSTD_inBuffer inp
+        cdef ZSTD_outBuffer out
+        cdef size_t i, rc = 0, produced = 0, expected = 0, before
+        cdef uint8_t sink
+        for i in range(n):
+            expected += iov[i].iov_len
+        inp.src = src
+        inp.size = size
+        inp.pos = 0
+        with nogil:
+            for i in range(n):
+                out.dst = iov[i].iov_base
+                out.size = iov[i].iov_len
+                out.pos = 0
+                while out.pos < out.size:
+                    before = inp.pos + out.pos
+                    rc = ZSTD_decompressStream(self.dctx, &out, &inp)
+                    if ZSTD_isError(rc) or inp.pos + out.pos == before:
+                        break
+                produced += out.pos
+                if ZSTD_isError(rc) or out.pos < out.size:
+                    break
+            if not ZSTD_isError(rc) and produced == expected:
+                # zstd buffers input internally, so consumed input proves
+                # nothing: the stream must have no byte left to give.
+                out.dst = &sink
+                out.size = 1
+                out.pos = 0
+                while not ZSTD_isError(rc) and out.pos == 0:
+                    before = inp.pos
+                    rc = ZSTD_decompressStream(self.dctx, &out, &inp)
+                    if inp.pos == before:
+                        break
+        if ZSTD_isError(rc):
+            raise inflate_error(produced, expected,
+                                f"zstd: {ZSTD_getErrorName(rc).decode()}")
+        if produced != expected:
+            raise inflate_error(produced, expected, "decompressed too few bytes")
+        if out.pos or inp.pos != inp.size:
+            raise inflate_error(produced + 1, expected, "decompresses to more than its pages")
+        return 0
+
+
+    cdef ssize_t decompress_bounded(self, const uint8_t *src, size_t size, uint8_t *dst,
+                                    size_t cap) except -1:
+        cdef ZSTD_inBuffer inp
+        cdef ZSTD_outBuffer out
+        cdef size_t rc = 0, before, produced
+        cdef uint8_t sink
+        inp.src = src
+        inp.size = size
+        inp.pos = 0
+        out.dst = dst
+        out.size = cap
+        out.pos = 0
+        with nogil:
+            while out.pos < out.size:
+                before = inp.pos + out.pos
+                rc = ZSTD_decompressStream(self.dctx, &out, &inp)
+                if ZSTD_isError(rc) or inp.pos + out.pos == before:
+                    break
+            produced = out.pos
+            if not ZSTD_isError(rc) and produced == cap:
+                out.dst = &sink
+                out.size = 1
+                out.pos = 0
+                rc = ZSTD_decompressStream(self.dctx, &out, &inp)
+        if ZSTD_isError(rc):
+            raise inflate_error(produced, cap, f"zstd: {ZSTD_getErrorName(rc).decode()}")
+        if inp.pos != inp.size or (produced == cap and out.pos):
+            raise inflate_error(cap + 1, cap, "decompresses to more than a chunk may hold")
+        return produced
+
+
+cdef int check_zstd(size_t rc, str what) except -1:
+    if ZSTD_isError(rc):
+        raise RuntimeError(f"zstd {what}: {ZSTD_getErrorName(rc).decode()}")
+    return 0
+
+
+cdef class IsalZlibCodec(Codec):
+    """zlib-format compression with ISA-L (python-isal), for sending only.
+
+    ISA-L's deflate is wire-compatible with zlib and an order of magnitude
+    faster at low levels, most of all on incompressible pages; the pages are
+    gathered into a bounce buffer first, as with libz. Receivers inflate with
+    libz (:class:`ZlibCodec`), which any zlib stream decodes with."""
+    cdef object stream              # isal_zlib compressobj
+    cdef object sync_flush
+    cdef object last                # bytes of the last packet, kept alive for writev
+    cdef uint8_t *gather
+    cdef size_t gather_cap
+
+    def __cinit__(self, int level=1):
+        from isal import isal_zlib
+        self.flag = FLAG_ZLIB_C
+        self.method = "zlib"
+        if not 0 <= level <= 9:
+            raise ValueError(f"zlib level {level} outside 0..9")
+        # zlib levels 1..9 onto ISA-L's 0..3 (ISA-L 1 matches zlib 1's ratio).
+        isal_level = 1 if level <= 2 else (2 if level <= 5 else 3)
+        self.stream = isal_zlib.compressobj(isal_level, isal_zlib.DEFLATED, 15)
+        self.sync_flush = isal_zlib.Z_SYNC_FLUSH
+
+    def __dealloc__(self):
+        PyMem_Free(self.gather)
+
+    cdef ssize_t compress_iov(self, const iovec *iov, size_t n, size_t raw_bytes,
+                              const uint8_t **result) except -1:
+        cdef size_t i, pos = 0
+        cdef uint8_t *grown
+        if raw_bytes > self.gather_cap:
+            grown = <uint8_t *>PyMem_Realloc(self.gather, raw_bytes)
+            if grown == NULL:
+                raise MemoryError()
+            self.gather = grown
+            self.gather_cap = raw_bytes
+        with nogil:
+            for i in range(n):
+                memcpy(self.gather + pos, iov[i].iov_base, iov[i].iov_len)
+                pos += iov[i].iov_len
+        view = <uint8_t[:pos]>self.gather if pos else b""
+        self.last = self.stream.compress(view) + self.stream.flush(self.sync_flush)
+        result[0] = <const uint8_t *>(<bytes>self.last)
+        return len(self.last)
+
+
+def isal_available():
+    """True when python-isal is installed (fast zlib-format compression)."""
+    try:
+        import isal.isal_zlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def make_codec(str method, bint compressing, int level=1, bint use_isal=True):
+    """The codec for ``method`` ("zlib" or "zstd"), or None for "none"."""
+    if method == "none":
+        return None
+    if method == "zlib":
+        if compressing and use_isal and isal_available():
+            return IsalZlibCodec(level)
+        return ZlibCodec(compressing, level)
+    if method == "zstd":
+        return ZstdCodec(compressing, level)
+    raise ValueError(f"unknown compression method {method!r}")

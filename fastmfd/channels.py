@@ -1,0 +1,207 @@
+"""Connections: addresses, listening, connecting, and the channel handshake.
+
+An address is ``tcp:HOST:PORT`` (``PORT`` 0 picks a free port) or
+``unix:PATH``. Every connection of a session opens with (DESIGN §4.1, §4.2):
+
+    main channel:     [channel header, type 0] FMFD magic, version, messages...
+    multifd channel:  [channel header, type 2 or 3] 64-byte init packet, packets...
+
+The channel header is present unless the session runs the "old way"
+(``channel_header=False``); then the destination tells the kinds apart by
+their first four bytes (the FMFD magic or the multifd magic).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+import time
+from dataclasses import dataclass
+
+from . import _core
+from .errors import ConfigError, MigrationError, ProtocolError
+from .wire import MAIN_MAGIC, MESSAGE_HEADER_SIZE, Msg, decode_control, decode_message_header
+
+__all__ = ["Address", "parse_address", "listen", "connect", "recv_exact", "send_all",
+           "ChannelHello", "read_hello", "tune_data_socket"]
+
+# Large socket buffers let a send worker's writev of a whole packet complete
+# without waiting on its peer; the kernel caps them at net.core.*mem_max.
+DATA_SOCKET_BUFFER = 4 << 20
+
+
+@dataclass(frozen=True)
+class Address:
+    family: int
+    target: tuple[str, int] | str          # (host, port) or a filesystem path
+
+    def __str__(self) -> str:
+        if self.family == socket.AF_UNIX:
+            return f"unix:{self.target}"
+        host, port = self.target
+        return f"tcp:[{host}]:{port}" if ":" in host else f"tcp:{host}:{port}"
+
+
+def parse_address(text: str | Address) -> Address:
+    """Parse ``tcp:HOST:PORT`` or ``unix:PATH``."""
+    if isinstance(text, Address):
+        return text
+    kind, _, rest = str(text).partition(":")
+    if kind == "unix" and rest:
+        return Address(socket.AF_UNIX, rest)
+    if kind == "tcp":
+        host, sep, port = rest.rpartition(":")
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        if sep and host and port.isdigit() and int(port) < 65536:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            return Address(family, (host, int(port)))
+    raise ConfigError(f"bad address {text!r}: expected tcp:HOST:PORT or unix:PATH")
+
+
+def listen(address: Address, backlog: int = 128) -> socket.socket:
+    """A listening socket; the caller reads the real port from ``getsockname``."""
+    sock = socket.socket(address.family, socket.SOCK_STREAM)
+    try:
+        if address.family == socket.AF_UNIX:
+            if os.path.exists(address.target):
+                raise ConfigError(f"{address}: the path already exists")
+        else:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address.target)
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {address}: {exc.strerror}") from None
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def bound_address(sock: socket.socket, requested: Address) -> Address:
+    if requested.family == socket.AF_UNIX:
+        return requested
+    host, port = sock.getsockname()[:2]
+    return Address(requested.family, (host, port))
+
+
+def connect(address: Address, timeout: float) -> socket.socket:
+    """Connect, retrying briefly while the listener is not there yet."""
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while True:
+        sock = socket.socket(address.family, socket.SOCK_STREAM)
+        sock.settimeout(max(0.05, deadline - time.monotonic()))
+        try:
+            sock.connect(address.target)
+            sock.settimeout(None)
+            return sock
+        except OSError as exc:
+            sock.close()
+            transient = exc.errno in (errno.ECONNREFUSED, errno.ENOENT, errno.EAGAIN)
+            if not transient or time.monotonic() + delay >= deadline:
+                raise MigrationError(f"cannot connect to {address}: "
+                                     f"{exc.strerror or exc}") from None
+            time.sleep(delay)
+            delay = min(delay * 2, 0.2)
+
+
+def tune_data_socket(sock: socket.socket) -> None:
+    """Options for a multifd channel: whole packets, no Nagle delay on SYNCs."""
+    if sock.family != socket.AF_UNIX:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, option, DATA_SOCKET_BUFFER)
+        except OSError:
+            pass
+
+
+def recv_exact(sock: socket.socket, size: int, what: str) -> bytes:
+    """Read exactly ``size`` bytes; a short read is a ProtocolError naming ``what``."""
+    buf = bytearray(size)
+    view = memoryview(buf)
+    got = 0
+    while got < size:
+        try:
+            n = sock.recv_into(view[got:])
+        except socket.timeout:
+            raise MigrationError(f"timed out waiting for {what}") from None
+        except OSError as exc:
+            raise MigrationError(f"connection lost reading {what}: {exc.strerror or exc}") \
+                from None
+        if n == 0:
+            raise ProtocolError(f"connection closed after {got} of {size} bytes of {what}",
+                                field="length", received=got, expected=size)
+        got += n
+    return bytes(buf)
+
+
+def send_all(sock: socket.socket, data: bytes, what: str) -> None:
+    try:
+        sock.sendall(data)
+    except OSError as exc:
+        raise MigrationError(f"connection lost sending {what}: {exc.strerror or exc}") from None
+
+
+def read_message(sock: socket.socket, max_payload: int) -> tuple[Msg, bytes]:
+    """One main-channel message (type, raw payload)."""
+    kind, length = decode_message_header(recv_exact(sock, MESSAGE_HEADER_SIZE, "message"),
+                                         max_payload)
+    return kind, recv_exact(sock, length, f"{kind.name} payload") if length else b""
+
+
+def expect_message(sock: socket.socket, kind: Msg) -> dict:
+    """Read a control message that must be ``kind`` (or the peer's ERROR)."""
+    got, body = read_message(sock, 0)
+    if got is Msg.ERROR:
+        raise MigrationError(f"the peer failed: {decode_control(got, body).get('error')}",
+                             channel="main channel")
+    if got is not kind:
+        raise ProtocolError(f"main channel: received {got.name}, expected {kind.name}",
+                            field="type", received=got.name, expected=kind.name)
+    return decode_control(got, body)
+
+
+@dataclass(frozen=True)
+class ChannelHello:
+    """What the first bytes of an accepted connection said."""
+    kind: int                       # CHANNEL_MAIN / CHANNEL_MULTIFD / CHANNEL_DEVICE_STATE
+    uuid: bytes | None = None       # multifd channels
+    channel_id: int | None = None
+
+
+def read_hello(sock: socket.socket, with_header: bool, expected_uuid: bytes | None,
+               nchannels: int | None) -> ChannelHello:
+    """Read and check a new connection's channel header and init packet.
+
+    ``with_header`` None means "not known yet" (the first connection of a
+    session): a channel header is recognised by its first 8 bytes.
+    """
+    first = recv_exact(sock, 4, "channel start")
+    kind = None
+    if with_header is None:
+        with_header = first == b"\0\0\0\0"     # BE u64 header_size 4 starts with zeros
+    if with_header:
+        kind = _core.decode_channel_header(first + recv_exact(sock, 8, "channel header"))
+        if kind == _core.CHANNEL_POSTCOPY:
+            raise ProtocolError("channel header field 'channel_type': received 1 (postcopy "
+                                "preempt), expected 0, 2 or 3: fastmfd has no postcopy",
+                                field="channel_type", received=1, expected="0, 2 or 3")
+        first = recv_exact(sock, 4, "channel start")
+    magic = struct.unpack(">I", first)[0]
+    if magic == MAIN_MAGIC and kind in (None, _core.CHANNEL_MAIN):
+        return ChannelHello(_core.CHANNEL_MAIN)
+    if magic == _core.MULTIFD_MAGIC and kind != _core.CHANNEL_MAIN:
+        uuid, channel_id = _core.decode_init_packet(
+            first + recv_exact(sock, _core.INIT_PACKET_SIZE - 4, "init packet"),
+            expected_uuid, nchannels)
+        return ChannelHello(kind if kind is not None else _core.CHANNEL_MULTIFD, uuid,
+                            channel_id)
+    expected = "the main channel magic" if kind == _core.CHANNEL_MAIN else (
+        "the multifd magic 0x11223344" if kind is not None else
+        f"the main channel magic {MAIN_MAGIC:#x} or the multifd magic 0x11223344")
+    raise ProtocolError(f"new connection: first word {magic:#010x}, expected {expected}",
+                        field="magic", received=hex(magic), expected=expected)

@@ -1,0 +1,392 @@
+"""QEMU's main migration channel (the ``QEVM`` stream), decoded as far as RAM goes.
+
+A QEMU 7.2 multifd migration sends the data pages on the multifd channels, but
+the RAM block list and every zero page travel on the main channel (spec §4.4,
+§4.5), so a capture's RAM image needs both. This module reads the main channel
+up to its first device section::
+
+    "QEVM" version 3
+    CONFIGURATION   machine type [+ subsections: target-page-bits, capabilities, uuid]
+    COMMAND ...     (skipped: open return path, ping)
+    START  "ram" v4 MEM_SIZE + block list ..................... EOS  footer   round 0
+    PART   ram      ZERO / PAGE records ....................... EOS  footer   round 1
+    END    ram      ZERO / PAGE records ....................... EOS  footer   round 2
+    FULL   "timer"  <- first device section: decoding stops here
+    ... device sections (not decoded) ...
+    EOF  VMDESCRIPTION <json>                                  <- checked at the end
+
+Every RAM section ends with EOS, and before each EOS the source sends one SYNC
+on every multifd channel (spec §5.3), so the records before the k-th EOS belong
+to round k of the capture. The device sections are not decoded (their format is
+per device), but the stream must end with ``QEMU_VM_EOF`` and the VM
+description, so a main channel cut short anywhere is still an error.
+
+Facts from migration/savevm.c, savevm.h and ram.c @ 7.2; no QEMU code is copied.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+
+from .bytereader import ByteReader
+
+__all__ = ["QEVM_MAGIC", "QemuMainChannel", "RamRecord", "decode_qemu_main"]
+
+QEVM_MAGIC = b"QEVM"
+QEVM_VERSION = 3
+
+# Section types (migration/savevm.h).
+VM_EOF = 0x00
+SECTION_START = 0x01
+SECTION_PART = 0x02
+SECTION_END = 0x03
+SECTION_FULL = 0x04
+SUBSECTION = 0x05
+VMDESCRIPTION = 0x06
+CONFIGURATION = 0x07
+COMMAND = 0x08
+SECTION_FOOTER = 0x7E
+SECTION_NAMES = {SECTION_START: "start", SECTION_PART: "part", SECTION_END: "end",
+                 SECTION_FULL: "full"}
+
+MIG_CMD_POSTCOPY_ADVISE = 3     # changes the block list format: not supported
+
+# RAM record flags, the low bits of each record's BE u64 (migration/ram.c @ 7.2).
+RAM_ZERO = 0x02
+RAM_MEM_SIZE = 0x04
+RAM_PAGE = 0x08
+RAM_EOS = 0x10
+RAM_CONTINUE = 0x20
+RAM_XBZRLE = 0x40
+RAM_HOOK = 0x80
+RAM_COMPRESS_PAGE = 0x100
+RAM_MULTIFD_FLUSH = 0x200
+UNSUPPORTED_RECORDS = {RAM_XBZRLE: "XBZRLE", RAM_HOOK: "RDMA hook",
+                       RAM_COMPRESS_PAGE: "compressed page (compress threads)",
+                       RAM_MULTIFD_FLUSH: "MULTIFD_FLUSH (QEMU >= 8.0 per-round flush)"}
+RAM_SECTION_VERSION = 4
+
+
+@dataclass(frozen=True)
+class RamRecord:
+    """One page the main channel carries: a ZERO record (fill byte) or a PAGE record."""
+    block: str
+    offset: int          # byte offset inside the block
+    page: memoryview     # the page's bytes
+    at: int              # byte offset of the record in the file
+
+
+@dataclass
+class QemuMainChannel:
+    """What the main channel says about RAM, plus facts for the summary."""
+    path: str
+    size: int                                   # bytes in the file
+    machine: str = ""
+    page_size: int = 4096
+    capabilities: list[str] = field(default_factory=list)
+    uuid: bytes | None = None                   # configuration/uuid subsection, if sent
+    blocks: dict[str, int] = field(default_factory=dict)
+    rounds: list[list[RamRecord]] = field(default_factory=list)  # records before each EOS
+    zero_pages: int = 0
+    data_pages: int = 0
+    ram_sections: Counter = field(default_factory=Counter)      # start/part/end
+    commands: int = 0
+    ram_bytes: int = 0                          # bytes up to the first device section
+    first_device_section: str = ""
+    vm_devices: int = 0                         # devices in the VM description
+
+    @property
+    def eos(self) -> int:
+        return len(self.rounds)
+
+    def summary(self) -> dict:
+        return {
+            "file": self.path, "format": "qemu", "bytes": self.size, "version": QEVM_VERSION,
+            "machine": self.machine, "capabilities": self.capabilities,
+            "uuid": self.uuid.hex() if self.uuid is not None else None,
+            "ram_sections": {name: self.ram_sections[name] for name in ("start", "part", "end")},
+            "eos": self.eos, "zero_pages": self.zero_pages, "page_records": self.data_pages,
+            "commands": self.commands, "ram_bytes": self.ram_bytes,
+            "first_device_section": self.first_device_section,
+            "device_bytes": self.size - self.ram_bytes, "vm_devices": self.vm_devices,
+        }
+
+
+def decode_qemu_main(path: str, data: bytes, page_size: int = 4096) -> QemuMainChannel:
+    """Decode a QEMU main channel capture; a ProtocolError locates any fault."""
+    return _QevmDecoder(ByteReader(path, data), page_size).decode()
+
+
+class _QevmDecoder:
+    def __init__(self, reader: ByteReader, page_size: int) -> None:
+        self.r = reader
+        self.out = QemuMainChannel(reader.path, reader.size, page_size=page_size)
+        self.ram_section: int | None = None     # section id of "ram"
+        self.ram_ended = False
+        self.round: list[RamRecord] = []
+        self.last_block: str | None = None      # for RAM_CONTINUE records
+        self.fill_pages: dict[int, memoryview] = {}
+
+    def decode(self) -> QemuMainChannel:
+        r = self.r
+        magic = bytes(r.take(4, "magic"))
+        if magic != QEVM_MAGIC:
+            raise r.error(f"main channel field 'magic': received {magic.hex()}, expected "
+                          f"{QEVM_MAGIC.hex()} (QEVM)", field="magic", received=magic.hex(),
+                          expected=QEVM_MAGIC.hex(), at=0)
+        version = r.be32("version")
+        if version != QEVM_VERSION:
+            raise r.error(f"main channel field 'version': received {version}, expected "
+                          f"{QEVM_VERSION}", field="version", received=version,
+                          expected=QEVM_VERSION, at=4)
+        while self._section():
+            pass
+        self._check_tail()
+        return self.out
+
+    # -- sections
+
+    def _section(self) -> bool:
+        """Decode one section; False once the first device section (or EOF) is reached."""
+        r = self.r
+        at = r.pos
+        kind = r.u8("section type")
+        if kind == CONFIGURATION and at == 8:
+            self._configuration()
+        elif kind == COMMAND:
+            self._command(at)
+        elif kind in (SECTION_START, SECTION_FULL):
+            section_id = r.be32("section id")
+            idstr = self._name("section idstr")
+            r.be32("instance id")
+            version = r.be32("version id")
+            if kind == SECTION_START and idstr == "ram" and self.ram_section is None:
+                if version != RAM_SECTION_VERSION:
+                    raise r.error(f"RAM section field 'version_id': received {version}, "
+                                  f"expected {RAM_SECTION_VERSION}", field="version_id",
+                                  received=version, expected=RAM_SECTION_VERSION, at=at)
+                self.ram_section = section_id
+                self._ram_section("start", section_id)
+            else:
+                return self._stop(at, idstr)
+        elif kind in (SECTION_PART, SECTION_END):
+            section_id = r.be32("section id")
+            if section_id != self.ram_section or self.ram_ended:
+                return self._stop(at, f"section {section_id}")
+            self._ram_section(SECTION_NAMES[kind], section_id)
+            self.ram_ended = kind == SECTION_END
+        elif kind == VM_EOF:
+            return self._stop(at, "QEMU_VM_EOF")
+        else:
+            raise r.error(f"main channel field 'section type': received {kind:#x}, expected "
+                          "a section, command or EOF", field="section type", received=kind,
+                          expected="0x0-0x4, 0x7 (first), 0x8", at=at)
+        return True
+
+    def _stop(self, at: int, what: str) -> bool:
+        """The first non-RAM section: RAM must be complete by now."""
+        if not self.ram_ended:
+            raise self.r.error(
+                f"main channel: {what} before the RAM section ended (only the RAM section is "
+                "decoded, and it must come first and end before any other section)",
+                field="section", received=what, expected="the RAM section (END)", at=at)
+        self.out.ram_bytes = at
+        self.out.first_device_section = what
+        return False
+
+    def _configuration(self) -> None:
+        r = self.r
+        at = r.pos
+        length = r.be32("configuration name length")
+        self.out.machine = self._text(r.take(length, "configuration name"),
+                                      "configuration name", at)
+        while r.peek(1) == bytes([SUBSECTION]):
+            at = r.pos
+            r.u8("subsection")
+            name = self._name("subsection name")
+            version = r.be32("subsection version")
+            if version != 1:
+                raise r.error(f"configuration subsection {name!r} field 'version': received "
+                              f"{version}, expected 1", field="version", received=version,
+                              expected=1, at=at)
+            if name == "configuration/target-page-bits":
+                bits = r.be32("target_page_bits")
+                if not 9 <= bits <= 21:
+                    raise r.error(f"configuration field 'target_page_bits': received {bits}, "
+                                  "expected 9..21", field="target_page_bits", received=bits,
+                                  expected="9..21", at=r.pos - 4)
+                self.out.page_size = 1 << bits
+            elif name == "configuration/capabilities":
+                count = r.be32("caps_count")
+                # Each capability takes at least one byte, so the file bounds the loop.
+                self.out.capabilities = [self._name("capability") for _ in range(count)]
+            elif name == "configuration/uuid":
+                self.out.uuid = bytes(r.take(16, "uuid"))
+            else:
+                raise r.error(f"configuration: unknown subsection {name!r}", field="subsection",
+                              received=name, expected="target-page-bits, capabilities or uuid",
+                              at=at)
+
+    def _command(self, at: int) -> None:
+        r = self.r
+        cmd = r.be16("command")
+        length = r.be16("command length")
+        if cmd == MIG_CMD_POSTCOPY_ADVISE:
+            raise r.error("main channel: postcopy (POSTCOPY_ADVISE) is not supported",
+                          field="command", received=cmd, expected="not postcopy", at=at)
+        r.take(length, "command data")
+        self.out.commands += 1
+
+    # -- the RAM section
+
+    def _ram_section(self, kind: str, section_id: int) -> None:
+        self.out.ram_sections[kind] += 1
+        while self._ram_record(first=kind == "start"):
+            pass
+        r = self.r
+        if r.peek(1) == bytes([SECTION_FOOTER]):
+            at = r.pos
+            r.u8("section footer")
+            footer_id = r.be32("footer section id")
+            if footer_id != section_id:
+                raise r.error(f"main channel section footer: received section id {footer_id}, "
+                              f"expected {section_id}", field="footer", received=footer_id,
+                              expected=section_id, at=at)
+
+    def _ram_record(self, first: bool) -> bool:
+        """Decode one RAM record; False after EOS."""
+        r = self.r
+        at = r.pos
+        header = r.be64("RAM record")
+        page_size = self.out.page_size
+        flags = header & (page_size - 1)
+        addr = header - flags
+        kind = flags & ~RAM_CONTINUE
+        if kind == RAM_EOS:
+            self.out.rounds.append(self.round)
+            self.round = []
+            return False
+        if kind == RAM_MEM_SIZE:
+            if not first or self.out.blocks:
+                raise r.error("RAM record MEM_SIZE outside the setup section", field="flags",
+                              received=hex(flags), expected="ZERO, PAGE or EOS", at=at)
+            self._block_list(addr)
+        elif kind in (RAM_ZERO, RAM_PAGE):
+            block = self._record_block(flags, at)
+            if addr >= self.out.blocks[block]:
+                raise r.error(f"RAM record field 'offset': received {addr:#x}, expected < "
+                              f"{self.out.blocks[block]:#x} (size of block {block!r})",
+                              field="offset", received=addr, expected=self.out.blocks[block],
+                              at=at)
+            if kind == RAM_ZERO:
+                page = self._fill_page(r.u8("fill byte"))
+                self.out.zero_pages += 1
+            else:
+                page = r.take(page_size, "page")
+                self.out.data_pages += 1
+            self.round.append(RamRecord(block, addr, page, at))
+        elif kind in UNSUPPORTED_RECORDS:
+            raise r.error(f"RAM record: {UNSUPPORTED_RECORDS[kind]} is not supported",
+                          field="flags", received=hex(flags), expected="ZERO, PAGE or EOS",
+                          at=at)
+        else:
+            raise r.error(f"RAM record field 'flags': received {flags:#x}, expected one of "
+                          "MEM_SIZE, ZERO, PAGE, EOS (+CONTINUE)", field="flags",
+                          received=hex(flags), expected="0x2, 0x4, 0x8 or 0x10", at=at)
+        return True
+
+    def _block_list(self, total: int) -> None:
+        """MEM_SIZE: the blocks, each ``u8 len, idstr, BE u64 used_length``, summing to total."""
+        r = self.r
+        ignore_shared = "x-ignore-shared" in self.out.capabilities
+        left = total
+        while left:
+            at = r.pos
+            name = self._name("block name")
+            size = r.be64("block size")
+            if ignore_shared:
+                r.be64("block address")
+            if name in self.out.blocks:
+                raise r.error(f"RAM block list: block {name!r} listed twice", field="block name",
+                              received=name, expected="unique names", at=at)
+            if size == 0 or size > left or size % self.out.page_size:
+                raise r.error(f"RAM block {name!r} field 'size': received {size}, expected a "
+                              f"multiple of {self.out.page_size} in 1..{left} (what is left of "
+                              f"the total {total})", field="block size", received=size,
+                              expected=f"<= {left}", at=at)
+            self.out.blocks[name] = size
+            left -= size
+
+    def _record_block(self, flags: int, at: int) -> str:
+        if flags & RAM_CONTINUE:
+            if self.last_block is None:
+                raise self.r.error("RAM record: CONTINUE without a previous block",
+                                   field="flags", received=hex(flags),
+                                   expected="a block name first", at=at)
+            return self.last_block
+        name = self._name("block name")
+        if name not in self.out.blocks:
+            raise self.r.error(f"RAM record: unknown block {name!r}", field="block name",
+                               received=name, expected=sorted(self.out.blocks), at=at)
+        self.last_block = name
+        return name
+
+    def _fill_page(self, byte: int) -> memoryview:
+        # 7.2 always sends fill byte 0, but the format allows any: one shared page per value.
+        page = self.fill_pages.get(byte)
+        if page is None:
+            page = self.fill_pages[byte] = memoryview(bytes([byte]) * self.out.page_size)
+        return page
+
+    # -- helpers
+
+    def _name(self, what: str) -> str:
+        """A ``u8 length + bytes`` name."""
+        at = self.r.pos
+        length = self.r.u8(what)
+        return self._text(self.r.take(length, what), what, at)
+
+    def _text(self, raw: memoryview, what: str, at: int | None = None) -> str:
+        try:
+            text = bytes(raw).decode("utf-8")
+        except UnicodeDecodeError:
+            text = None
+        if text is None or "\0" in text:
+            raise self.r.error(f"main channel {what}: {bytes(raw)[:64]!r} is not a UTF-8 "
+                               "name without NUL", field=what, received=bytes(raw)[:64],
+                               expected="UTF-8 text", at=at)
+        return text
+
+    def _check_tail(self) -> None:
+        """The stream must end with QEMU_VM_EOF, VMDESCRIPTION, BE u32 length and JSON."""
+        r = self.r
+        start = self.out.ram_bytes
+        raw = r.raw
+        # The JSON holds no NUL, so the marker is among the last few "00 06" pairs.
+        pos = raw.rfind(b"\x00\x06", start)
+        while pos >= start:
+            if int.from_bytes(raw[pos + 2:pos + 6], "big") == r.size - pos - 6:
+                self._vm_description(pos)
+                return
+            pos = raw.rfind(b"\x00\x06", start, pos + 1)
+        raise r.error("main channel does not end with QEMU_VM_EOF and the VM description "
+                      "(truncated?)", field="QEMU_VM_EOF", received="no end marker",
+                      expected="00 06 <length> <json> at the end", at=r.size)
+
+    def _vm_description(self, pos: int) -> None:
+        r = self.r
+        try:
+            desc = json.loads(r.raw[pos + 6:])
+        except (ValueError, RecursionError) as exc:
+            raise r.error(f"main channel VM description is not JSON ({exc})",
+                          field="vmdescription", received="invalid JSON", expected="JSON",
+                          at=pos + 6) from None
+        devices = desc.get("devices") if isinstance(desc, dict) else None
+        page_size = desc.get("page_size") if isinstance(desc, dict) else None
+        if not isinstance(devices, list) or page_size != self.out.page_size:
+            raise r.error("main channel VM description: expected an object with 'devices' "
+                          f"and 'page_size' {self.out.page_size}", field="vmdescription",
+                          received=page_size, expected=self.out.page_size, at=pos + 6)
+        self.out.vm_devices = len(devices)

@@ -1,0 +1,261 @@
+"""The reassembly process: device chunks, in order, to their loaders.
+
+::
+
+    receive workers (any channel)          reassembly process
+      chunk -> pool slot                     reader (main thread): descriptors from the pipe,
+      descriptor -> pipe ───────────────▶      per device: duplicates, order, LAST, the
+      (24 bytes, atomic)                       out-of-order byte cap; wakes the loader thread
+    destination main                         loader thread per device: chunk idx 0, 1, 2, ...
+      ("expect", counts)  ─── conn ───▶        load_state_buffer(view of the slot), release it
+      ("drained",)        ─── conn ───▶        LAST chunk: load_finish() -> ("loaded", ...)
+                          ◀── conn ────      ("error", text, traceback) on any failure
+
+Chunks arrive in any order on any channel; each device's loader sees them
+strictly by idx, in its own thread, so devices load in parallel. A chunk is
+*out of order* while some lower idx of its device has not arrived; those
+bytes are capped per device (``max_queued_bytes``) and going over fails the
+session — memory stays bounded and the buffer pool can never fill up with
+chunks nobody can consume (the pool is sized above the caps), so nothing
+deadlocks.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+import traceback
+from multiprocessing import connection, reduction
+
+from . import _core
+from .devices import device_key
+from .errors import MigrationError
+from .workers import worker_setup
+
+__all__ = ["reassembly_main", "pool_slots_for"]
+
+CHUNK_HEADER = _core.CHUNK_HEADER_SIZE
+
+
+def pool_slots_for(ndevices: int, max_queued_bytes: int, slot_size: int,
+                   nchannels: int) -> int:
+    """Slots the destination pool needs so out-of-order chunks can never fill it:
+    every device's cap, plus two in-flight slots per channel and per loader."""
+    per_device = -(-max_queued_bytes // slot_size) + 1
+    return ndevices * per_device + 2 * (nchannels + ndevices) + 2
+
+
+class _DeviceStream:
+    """One device's chunks between arrival and loading."""
+
+    def __init__(self, index: int, name: str, loader, cap: int) -> None:
+        self.index, self.name, self.loader, self.cap = index, name, loader, cap
+        self.pending: dict[int, tuple[int, int, int]] = {}   # idx -> (slot, length, flags)
+        self.contiguous = 0         # every idx below this has arrived
+        self.out_of_order = 0       # bytes of pending chunks at idx > contiguous
+        self.last: int | None = None
+        self.expected: int | None = None
+        self.loaded_upto = 0        # next idx the loader takes
+        self.finished = False
+        self.cond = threading.Condition()
+        self.seconds = 0.0
+
+    def add(self, idx: int, flags: int, slot: int, length: int) -> None:
+        """Queue a chunk (reader thread); raises on any rule it breaks."""
+        if length == CHUNK_HEADER and not flags & _core.CHUNK_FLAG_LAST:
+            raise ValueError(f"empty chunk idx {idx}: only the last chunk may carry no data")
+        with self.cond:
+            if idx < self.contiguous or idx in self.pending:
+                raise ValueError(f"duplicate chunk idx {idx}")
+            if self.last is not None and idx > self.last:
+                raise ValueError(f"chunk idx {idx} after the last chunk (idx {self.last})")
+            if flags & _core.CHUNK_FLAG_LAST:
+                beyond = [i for i in self.pending if i > idx]
+                if beyond:
+                    raise ValueError(f"chunk idx {min(beyond)} after the last chunk (idx {idx})")
+                if self.expected is not None and idx != self.expected - 1:
+                    raise ValueError(f"last chunk is idx {idx}, the source sent "
+                                     f"{self.expected} chunks")
+                self.last = idx
+            self.pending[idx] = (slot, length, flags)
+            if idx == self.contiguous:
+                while self.contiguous in self.pending:
+                    if self.contiguous != idx:
+                        self.out_of_order -= self.pending[self.contiguous][1]
+                    self.contiguous += 1
+            else:
+                self.out_of_order += length
+                if self.out_of_order > self.cap:
+                    raise ValueError(f"{self.out_of_order} bytes queued out of order, more than "
+                                     f"max_queued_bytes ({self.cap}); waiting for chunk idx "
+                                     f"{self.contiguous}")
+            self.cond.notify()
+
+    def expect(self, count: int) -> None:
+        with self.cond:
+            self.expected = count
+            if self.last is not None and self.last != count - 1:
+                raise ValueError(f"last chunk is idx {self.last}, the source sent {count} chunks")
+            if count == 0 or any(i >= count for i in self.pending):
+                raise ValueError(f"chunks beyond the {count} the source sent")
+
+    def check_drained(self) -> None:
+        """Every channel has ended: whatever has not arrived never will."""
+        with self.cond:
+            if self.last is None or self.contiguous <= self.last:
+                missing = self.contiguous
+                raise ValueError(f"missing chunk idx {missing}"
+                                 + ("" if self.last is not None else " (no last chunk arrived)"))
+
+    def take(self, stop: threading.Event) -> tuple[int, int, int] | None:
+        """The next chunk in idx order (loader thread), or None when stopping."""
+        with self.cond:
+            while self.loaded_upto not in self.pending:
+                if stop.is_set():
+                    return None
+                self.cond.wait(0.5)
+            entry = self.pending.pop(self.loaded_upto)
+            self.loaded_upto += 1
+            return entry
+
+
+class _Reassembler:
+    def __init__(self, conn, session: dict, desc_fd: int) -> None:
+        self.conn = conn
+        self.desc_fd = desc_fd
+        self.pool = _core.BufferPool.attach(session["pool"])
+        cap = session["max_queued_bytes"]
+        self.devices = [_DeviceStream(i, name, loader, cap)
+                        for i, (name, loader) in enumerate(session["loaders"])]
+        self.stop = threading.Event()
+        self.results: dict[int, object] = {}
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._load, args=(d,), daemon=True)
+                        for d in self.devices]
+
+    def run(self) -> None:
+        for thread in self.threads:
+            thread.start()
+        pending = b""
+        while len(self.results) < len(self.devices) and not self.stop.is_set():
+            for ready in connection.wait([self.conn, self.desc_fd], 0.5):
+                if ready is self.conn:
+                    self._on_message(self.conn.recv())
+                else:
+                    data = os.read(self.desc_fd, 64 * _core.DESCRIPTOR_SIZE)
+                    if not data:
+                        raise EOFError("the descriptor pipe closed")
+                    pending += data
+                    whole = len(pending) - len(pending) % _core.DESCRIPTOR_SIZE
+                    for desc in _core.unpack_descriptors(pending[:whole]):
+                        self._on_chunk(*desc)
+                    pending = pending[whole:]
+        if not self.stop.is_set():
+            self.conn.send(("done", self.results))
+
+    def _on_message(self, message) -> None:
+        if message is None:
+            self.stop.set()
+        elif message[0] == "expect":
+            for stream, count in zip(self.devices, message[1]):
+                self._guard(stream, stream.expect, count)
+        elif message[0] == "drained":
+            for stream in self.devices:
+                if stream.index not in self.results:
+                    self._guard(stream, stream.check_drained)
+
+    def _on_chunk(self, device, idx, flags, slot, length, channel) -> None:
+        if device >= len(self.devices):
+            self.pool.release(slot)
+            raise MigrationError(f"descriptor for unknown device number {device}")
+        stream = self.devices[device]
+        try:
+            stream.add(idx, flags, slot, length)
+        except ValueError:
+            self.pool.release(slot)
+            self._guard(stream, _reraise, sys.exc_info()[1], idx, channel)
+
+    def _guard(self, stream: _DeviceStream, func, *args) -> None:
+        try:
+            func(*args)
+        except ValueError as exc:
+            raise MigrationError(str(exc), device=stream.name) from None
+
+    def _load(self, stream: _DeviceStream) -> None:
+        started = None
+        idx = 0
+        try:
+            while True:
+                entry = stream.take(self.stop)
+                if entry is None:
+                    return
+                slot, length, flags = entry
+                if started is None:
+                    started = time.monotonic()
+                try:
+                    with self.pool.view(slot) as view:
+                        stream.loader.load_state_buffer(view[CHUNK_HEADER:length])
+                finally:
+                    self.pool.release(slot)
+                if flags & _core.CHUNK_FLAG_LAST:
+                    result = stream.loader.load_finish()
+                    break
+                idx += 1
+            seconds = time.monotonic() - (started or time.monotonic())
+            with self.lock:
+                self.results[stream.index] = (result, seconds)
+                self.conn.send(("loaded", stream.index, seconds))
+        except BaseException as exc:
+            self.stop.set()
+            with self.lock:
+                _send_error(self.conn, MigrationError(
+                    f"loading chunk {idx} failed: {type(exc).__name__}: {exc}",
+                    device=stream.name))
+
+    def close(self) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=5)
+        for stream in self.devices:
+            for slot, _, _ in stream.pending.values():
+                self.pool.release(slot)
+        self.pool.close()
+
+
+def _reraise(exc: BaseException, idx: int, channel: int) -> None:
+    raise ValueError(f"{exc} (from channel {channel})")
+
+
+def _send_error(conn, exc: BaseException) -> None:
+    try:
+        conn.send(("error", str(exc), traceback.format_exc()))
+    except OSError:
+        pass
+
+
+def reassembly_main(conn) -> None:
+    """The reassembly process: one session's device streams, then exit."""
+    worker_setup()
+    session = conn.recv()
+    if session is None:
+        return
+    failed = False
+    reassembler = None
+    try:
+        desc_fd = reduction.recv_handle(conn)
+        reassembler = _Reassembler(conn, session, desc_fd)
+        reassembler.run()
+    except BaseException as exc:
+        _send_error(conn, exc)
+        failed = True
+    finally:
+        if reassembler is not None:
+            reassembler.close()
+    if failed:
+        sys.exit(1)
+
+
+def loader_names(devices: list[dict]) -> list[str]:
+    return [device_key(d["idstr"], d["instance_id"]) for d in devices]

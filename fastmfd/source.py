@@ -1,0 +1,509 @@
+"""The source side of a migration: :class:`Source`.
+
+::
+
+    Source.migrate()                                   send workers (1 process / channel)
+      connect main channel, SETUP ──▶ SETUP_ACK
+      connect channels (header + init packet) ──fds──▶ SendEngine.run(cmd pipe)
+      round 1: every page      ─┐  select idle channel (atomic selector)
+      rounds 2..k: dirty pages  ├▶ page indices -> mailbox, RAM command -> pipe
+      (live, until converged)  ─┘  SYNC command on every RAM channel; ROUND_END on main
+      on_stop(); final dirty pages; device save threads ─▶ pool slots ─▶ DEVICE commands
+      final SYNC, QUIT; COMPLETE ─────────────────────▶ destination
+      ◀── LOADED: downtime ends; on_resume()
+
+A monitor thread watches the workers (their reports and their process
+sentinels) and the main channel's return path (ROUND_ACK, LOADED, ERROR);
+any failure fails the session once (fastmfd.session.SessionFailure), which
+aborts every wait and shuts the sockets down.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+import uuid as uuid_module
+from multiprocessing import connection
+
+import numpy as np
+
+from . import _core
+from .channels import connect, expect_message, parse_address, read_message, send_all, \
+    tune_data_socket
+from .config import MigrationConfig
+from .devices import DeviceSaver, save_old_way
+from .errors import Aborted, ConfigError, MigrationError, ProtocolError
+from .progress import RoundProgress
+from .regions import Region
+from .session import MainChannel, SessionFailure
+from .shm import SharedMemory
+from .stats import ChannelStats, MigrationStats, RoundStats
+from .wire import Msg, decode_control, encode_preamble
+from .workers import WorkerSet, send_worker_main
+
+__all__ = ["Source"]
+
+
+class Source:
+    """Migrates regions and devices to a :class:`~fastmfd.Destination`.
+
+    Use it as a context manager: entering starts one send worker process per
+    channel (outside the timed migration); leaving stops them and frees every
+    shared-memory segment. One Source performs one migration.
+    """
+
+    def __init__(self, address: str, config: MigrationConfig | None = None) -> None:
+        self.address = parse_address(address)
+        self.config = config or MigrationConfig()
+        self.uuid = uuid_module.uuid4().bytes
+        self._regions: list[Region] = []
+        self._devices: list = []
+        self._workers: WorkerSet | None = None
+        self._owned: list = []                  # shared structures to close at exit
+        self._sockets: list[socket.socket] = []
+        self._cmd_fds: list[int] = []
+        self._main: MainChannel | None = None
+        self._monitor: threading.Thread | None = None
+        self._wake_r, self._wake_w = -1, -1
+        self._loaded = threading.Event()
+        self._workers_done = threading.Event()
+        self._loaded_report: dict = {}
+        self._failure = SessionFailure("source")
+        self._used = False
+
+    # ------------------------------------------------------------ lifecycle
+    def __enter__(self) -> "Source":
+        cfg = self.config
+        try:
+            names = [f"send channel {i}" for i in range(cfg.total_channels)]
+            self._workers = WorkerSet(send_worker_main, names)
+            self._counters = self._own(_core.Counters.create(cfg.total_channels))
+            self._ram_selector = self._own(_core.ChannelSelector.create(cfg.channels))
+            self._device_selector = self._ram_selector
+            if cfg.device_state_channels:
+                self._device_selector = self._own(
+                    _core.ChannelSelector.create(cfg.device_state_channels))
+            self._job_pages = cfg.packet_pages * cfg.job_packets
+            self._mailbox_shm = self._own(
+                SharedMemory.create(cfg.total_channels * self._job_pages * 8, tag="mailbox"))
+            self._mailbox = np.frombuffer(self._mailbox_shm.buf, dtype=np.uint64).reshape(
+                cfg.total_channels, self._job_pages)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _own(self, resource):
+        self._owned.append(resource)
+        return resource
+
+    def add_region(self, region: Region) -> None:
+        """Migrate ``region`` (regions are sent in the order they are added)."""
+        if region.page_size != self.config.page_size:
+            raise ConfigError(f"region {region.name!r} has page size {region.page_size}, the "
+                              f"migration {self.config.page_size}")
+        if any(r.name == region.name for r in self._regions):
+            raise ConfigError(f"two regions named {region.name!r}")
+        self._regions.append(region)
+
+    def add_device(self, device) -> None:
+        """Migrate ``device``'s state stream (a :class:`fastmfd.devices.Device`)."""
+        key = (device.idstr, device.instance_id)
+        if any((d.idstr, d.instance_id) == key for d in self._devices):
+            raise ConfigError(f"two devices {device.idstr!r} instance {device.instance_id}")
+        self._devices.append(device)
+
+    def close(self) -> None:
+        """Stop the workers and free every resource (idempotent)."""
+        if self._monitor is not None:
+            self._stop_monitor()
+        for sock in self._sockets:
+            _shutdown_quietly(sock)
+        if self._workers is not None:
+            self._workers.stop()
+            self._workers = None
+        for sock in self._sockets:
+            sock.close()
+        self._sockets = []
+        if self._main is not None:
+            self._main.sock.close()
+            self._main = None
+        for fd in self._cmd_fds + [self._wake_r, self._wake_w]:
+            if fd >= 0:
+                os.close(fd)
+        self._cmd_fds = []
+        self._wake_r = self._wake_w = -1
+        self._mailbox = None
+        for resource in reversed(self._owned):
+            try:
+                resource.close()
+            except BufferError:
+                pass
+        self._owned = []
+
+    # ------------------------------------------------------------ migrate
+    def migrate(self, *, live: bool = True, on_stop=None, on_resume=None,
+                progress: bool = False) -> MigrationStats:
+        """Run the migration; returns its :class:`MigrationStats`.
+
+        ``live``: iterate over dirty pages while the workload runs, then stop
+        (``on_stop()``) for the final copy; ``live=False`` stops first.
+        ``on_resume()`` runs once the destination reports LOADED.
+        ``progress``: show a live progress display on the terminal.
+        """
+        if self._workers is None:
+            raise ConfigError("use the Source as a context manager: `with Source(...) as src`")
+        if self._used:
+            raise ConfigError("a Source performs one migration; make a new one")
+        if not self._regions and not self._devices:
+            raise ConfigError("nothing to migrate: add a region or a device first")
+        self._used = True
+        cfg = self.config
+        t_start = time.monotonic()
+        try:
+            self._connect()
+            t_setup = time.monotonic() - t_start
+            with RoundProgress(enabled=progress, regions=self._regions) as bar:
+                rounds, stop_time = self._run_rounds(live, on_stop, bar)
+            self._wait_loaded()
+            end = time.monotonic()
+        except KeyboardInterrupt:
+            self._failure.fail(MigrationError("interrupted by the user"))
+            raise
+        except BaseException as exc:
+            self._failure.raise_for(exc)
+        if on_resume is not None:
+            on_resume()
+        return self._stats(end - t_start, t_setup, end - stop_time, rounds)
+
+    # ------------------------------------------------------------ setup
+    def _connect(self) -> None:
+        cfg = self.config
+        sock = connect(self.address, cfg.timeout)
+        sock.settimeout(cfg.timeout)
+        self._main = MainChannel(sock)
+        self._failure.on_failure(self._teardown)
+        header = bytearray(_core.CHANNEL_HEADER_SIZE)
+        if cfg.channel_header:
+            _core.encode_channel_header(header, _core.CHANNEL_MAIN)
+            send_all(sock, bytes(header), "channel header")
+        send_all(sock, encode_preamble(), "main channel preamble")
+        self._main.send(Msg.SETUP, self._setup_message())
+        expect_message(sock, Msg.SETUP_ACK)
+
+        self._pool = None
+        if self._devices and cfg.channel_header:
+            nslots = max(4, 2 * len(self._devices) + cfg.total_channels)
+            self._pool = self._own(_core.BufferPool.create(
+                nslots, cfg.device_chunk_size + _core.CHUNK_HEADER_SIZE, tag="source-pool"))
+        session = self._worker_session()
+        init = bytearray(_core.INIT_PACKET_SIZE)
+        for ch, worker in enumerate(self._workers):
+            data = connect(self.address, cfg.timeout)
+            self._sockets.append(data)
+            tune_data_socket(data)
+            hello = b""
+            if cfg.channel_header:
+                kind = _core.CHANNEL_MULTIFD if ch < cfg.channels else _core.CHANNEL_DEVICE_STATE
+                _core.encode_channel_header(header, kind)
+                hello = bytes(header)
+            _core.encode_init_packet(init, self.uuid, ch)
+            send_all(data, hello + bytes(init), f"channel {ch} handshake")
+            cmd_r, cmd_w = os.pipe()
+            self._cmd_fds.append(cmd_w)
+            try:
+                worker.start_session(session | self._channel_session(ch), [data.fileno(), cmd_r])
+            finally:
+                os.close(cmd_r)
+        sock.settimeout(None)
+        self._wake_r, self._wake_w = os.pipe()
+        self._monitor = threading.Thread(target=self._watch, name="fastmfd source monitor",
+                                         daemon=True)
+        self._monitor.start()
+
+    def _setup_message(self) -> dict:
+        cfg = self.config
+        return {
+            "uuid": self.uuid.hex(),
+            "page_size": cfg.page_size,
+            "packet_pages": cfg.packet_pages,
+            "compression": cfg.compression,
+            "compression_level": cfg.compression_level,
+            "zero_page_detection": cfg.zero_page_detection,
+            "channels": cfg.channels,
+            "device_state_channels": cfg.device_state_channels,
+            "channel_header": cfg.channel_header,
+            "checksum": cfg.checksum,
+            "chunk_size": cfg.device_chunk_size,
+            "max_queued_bytes": cfg.max_queued_bytes,
+            "regions": [{"name": r.name, "size": r.size} for r in self._regions],
+            "devices": [{"idstr": d.idstr, "instance_id": d.instance_id}
+                        for d in self._devices],
+        }
+
+    def _worker_session(self) -> dict:
+        cfg = self.config
+        return {
+            "page_size": cfg.page_size,
+            "packet_pages": cfg.packet_pages,
+            "zero_page_detection": cfg.zero_page_detection,
+            "checksum": cfg.checksum,
+            "chunk_size": cfg.device_chunk_size,
+            "compression": cfg.compression,
+            "compression_level": cfg.compression_level,
+            "regions": [r.handle for r in self._regions],
+            "counters": self._counters.name,
+            "mailbox": self._mailbox_shm.name,
+            "job_pages": self._job_pages,
+            "pool": self._pool.name if self._pool is not None else None,
+            "devices": [(d.idstr, d.instance_id) for d in self._devices],
+        }
+
+    def _channel_session(self, ch: int) -> dict:
+        cfg = self.config
+        ram = ch < cfg.channels
+        selector = self._ram_selector if ram else self._device_selector
+        return {"channel": ch, "mailbox_row": ch, "selector": selector.name,
+                "selector_index": ch if ram else ch - cfg.channels}
+
+    # ------------------------------------------------------------ rounds
+    def _run_rounds(self, live: bool, on_stop, bar: RoundProgress) -> tuple[list, float]:
+        """Send every round; returns the round stats and the stop time."""
+        cfg = self.config
+        rounds: list[RoundStats] = []
+        stop_time = None
+        if not live:
+            stop_time = self._stop(on_stop)
+        for region in self._regions:
+            region.dirty.collect()          # forget writes before the migration began
+        pages = [np.arange(r.npages, dtype=np.uint64) for r in self._regions]
+        while True:
+            final = stop_time is not None
+            rounds.append(self._send_round(len(rounds) + 1, pages, not final, bar,
+                                           devices=final))
+            if final:
+                break
+            pending = sum(r.dirty.count() for r in self._regions) * cfg.page_size
+            if pending <= self._bandwidth(rounds[-1]) * cfg.downtime_limit \
+                    or len(rounds) >= cfg.max_rounds:
+                stop_time = self._stop(on_stop)
+            pages = [r.dirty.collect() for r in self._regions]
+        self._finish()
+        return rounds, stop_time
+
+    def _stop(self, on_stop) -> float:
+        stop_time = time.monotonic()
+        if on_stop is not None:
+            on_stop()
+        return stop_time
+
+    def _bandwidth(self, last: RoundStats) -> float:
+        """Bytes of pages cleared per second in the last round."""
+        return last.pages * self.config.page_size / max(last.seconds, 1e-6)
+
+    def _send_round(self, number: int, pages: list, live: bool, bar: RoundProgress,
+                    devices: bool) -> RoundStats:
+        started = time.monotonic()
+        total = int(sum(len(p) for p in pages))
+        bar.start_round(number, total, live)
+        saver = None
+        if devices and self._devices:
+            self._main.send(Msg.SWITCHOVER_START)
+            if self.config.channel_header:
+                saver = DeviceSaver(self._devices, self._pool, self._device_selector,
+                                    self._device_command, self._failure,
+                                    self.config.device_chunk_size)
+        for index, region_pages in enumerate(pages):
+            self._dispatch_region(index, region_pages, bar)
+        if devices and self._devices:
+            if saver is not None:
+                self._device_chunks = saver.join()
+            else:
+                self._device_chunks = save_old_way(self._devices, self._main,
+                                                   self.config.device_chunk_size)
+        for ch in range(self.config.channels):
+            self._command(ch, _core.pack_command(_core.CMD_SYNC_, round=number))
+        self._main.send(Msg.ROUND_END, {"round": number})
+        return RoundStats(number, total, time.monotonic() - started, live)
+
+    def _dispatch_region(self, index: int, pages: np.ndarray, bar: RoundProgress) -> None:
+        job = self._job_pages
+        limit = self.config.max_bandwidth
+        for start in range(0, len(pages), job):
+            count = min(job, len(pages) - start)
+            if limit is not None:
+                self._throttle(limit)
+            ch = self._ram_selector.select(timeout=None)
+            self._mailbox[ch, :count] = pages[start:start + count]
+            self._command(ch, _core.pack_command(_core.CMD_RAM_, index, count))
+            bar.advance(count)
+
+    def _throttle(self, limit: int) -> None:
+        """Sleep while the bytes on the wire run ahead of ``limit`` bytes/s."""
+        if not hasattr(self, "_throttle_start"):
+            self._throttle_start = time.monotonic()
+        ahead = self._counters.total("wire_bytes") / limit - (time.monotonic() -
+                                                             self._throttle_start)
+        if ahead > 0:
+            if self._failure.event.wait(ahead):
+                self._failure.check()
+
+    def _command(self, ch: int, record: bytes) -> None:
+        try:
+            os.write(self._cmd_fds[ch], record)
+        except OSError as exc:
+            self._failure.check()
+            raise MigrationError(f"cannot hand work to its worker: {exc.strerror}",
+                                 channel=f"send channel {ch}") from None
+
+    def _device_command(self, ch: int, device: int, slot: int, length: int) -> None:
+        self._command(self.config.channels + ch if self.config.device_state_channels else ch,
+                      _core.pack_command(_core.CMD_DEVICE_, device, length, slot))
+
+    def _finish(self) -> None:
+        """Every command is queued: let the workers drain and half-close, then COMPLETE
+        with the totals they sent, which the destination checks against its own."""
+        for ch in range(self.config.total_channels):
+            self._command(ch, _core.pack_command(_core.CMD_QUIT_))
+        self._wait_for(self._workers_done)
+        totals = {
+            "channels": [self._counters.read(ch) for ch in range(self.config.total_channels)],
+            "device_chunks": getattr(self, "_device_chunks", {}),
+        }
+        self._main.send(Msg.COMPLETE, totals)
+
+    def _wait_loaded(self) -> None:
+        self._wait_for(self._loaded)
+
+    def _wait_for(self, event: threading.Event) -> None:
+        while not event.wait(0.5):
+            self._failure.check()
+        self._failure.check()
+
+    # ------------------------------------------------------------ monitor
+    def _watch(self) -> None:
+        """Monitor thread: worker reports and deaths, and the return path."""
+        workers = {w.conn: w for w in self._workers}
+        sentinels = {w.sentinel: w for w in self._workers}
+        main = self._main.sock
+        waiting = [*workers, *sentinels, main, self._wake_r]
+        while self._failure.error is None:
+            try:
+                ready = connection.wait(waiting)
+            except OSError:
+                return
+            if self._wake_r in ready:
+                return
+            for item in ready:
+                try:
+                    if item is main:
+                        if not self._on_main_message():
+                            waiting.remove(main)
+                    elif item in workers:
+                        if not self._on_worker_message(workers[item]):
+                            waiting.remove(item)
+                    elif item in sentinels:
+                        waiting.remove(item)
+                        self._on_worker_exit(sentinels[item])
+                except BaseException as exc:
+                    self._failure.fail(exc, "main channel" if item is main else None)
+                    return
+
+    def _on_worker_exit(self, worker) -> None:
+        # The worker's last report may still be unread: read it before judging.
+        while not worker.finished and self._on_worker_message(worker):
+            pass
+        if not worker.finished:
+            self._failure.fail(worker.death_error())
+
+    def _on_worker_message(self, worker) -> bool:
+        """Handle one report; False once the connection has nothing more to say."""
+        try:
+            if not worker.conn.poll():
+                return False
+            message = worker.conn.recv()
+        except (EOFError, OSError):
+            return False
+        if message[0] == "error":
+            self._failure.fail(worker.error_from(message))
+        elif message[0] == "done":
+            worker.finished = True
+            if all(w.finished for w in self._workers):
+                self._workers_done.set()
+        return True
+
+    def _on_main_message(self) -> bool:
+        """Handle one message from the destination; False at the end of the stream."""
+        try:
+            kind, body = read_message(self._main.sock, 0)
+        except ProtocolError as exc:
+            if self._loaded.is_set():
+                return False
+            raise MigrationError(f"the destination closed the main channel ({exc.detail})",
+                                 channel="main channel") from None
+        info = decode_control(kind, body)
+        if kind is Msg.LOADED:
+            self._loaded_report = info
+            self._loaded.set()
+        elif kind is Msg.ERROR:
+            raise MigrationError(f"the destination failed: {info.get('error')}",
+                                 channel="main channel", side="destination")
+        elif kind is not Msg.ROUND_ACK:
+            raise ProtocolError(f"main channel: unexpected {kind.name} from the destination",
+                                field="type", received=kind.name, expected="ROUND_ACK/LOADED")
+        return True
+
+    def _stop_monitor(self) -> None:
+        if self._wake_w >= 0:
+            os.write(self._wake_w, b"x")
+        if self._monitor is not threading.current_thread():
+            self._monitor.join(timeout=5)
+        self._monitor = None
+
+    def _teardown(self, error: MigrationError) -> None:
+        """First failure: wake every waiter, tell the destination, break blocked I/O."""
+        self._ram_selector.abort()
+        self._device_selector.abort()
+        if getattr(self, "_pool", None) is not None:
+            self._pool.abort()
+        if self._main is not None and error.side != "destination":
+            self._main.send_error(error)
+        for sock in self._sockets:
+            _shutdown_quietly(sock)
+        if self._main is not None:
+            self._main.shutdown()
+        if self._workers is not None:
+            self._workers.kill()
+
+    # ------------------------------------------------------------ results
+    def _stats(self, total: float, setup: float, downtime: float,
+               rounds: list[RoundStats]) -> MigrationStats:
+        cfg = self.config
+        channels = tuple(
+            ChannelStats.from_counters(ch, "ram" if ch < cfg.channels else "device",
+                                       self._counters.read(ch))
+            for ch in range(cfg.total_channels))
+        normal = sum(c.normal_pages for c in channels)
+        zero = sum(c.zero_pages for c in channels)
+        device_bytes = self._counters.total("device_bytes") + getattr(self, "_old_way_bytes", 0)
+        chunks = getattr(self, "_device_chunks", {})
+        return MigrationStats(
+            total_time_s=total, setup_time_s=setup, downtime_s=downtime, rounds=len(rounds),
+            ram_bytes=(normal + zero) * cfg.page_size,
+            wire_bytes=sum(c.wire_bytes for c in channels) + self._main.bytes_sent,
+            normal_pages=normal, zero_pages=zero, device_bytes=device_bytes,
+            device_chunks=sum(chunks.values()), page_size=cfg.page_size,
+            compression=cfg.compression, channels=channels, round_stats=tuple(rounds),
+            destination=self._loaded_report)
+
+
+def _shutdown_quietly(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass

@@ -1,0 +1,86 @@
+"""``fastmfd inspect FILE... [--json] [--packet-pages N] [--layout L]``."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fastmfd.cli import main
+from fastmfd.inspect import read_capture
+from inspect_support import PACKET_PAGES, ROUND_ENDS, capture_files, two_rounds, write_files
+
+REPO = Path(__file__).resolve().parents[1]
+BORDER = re.compile("[│|]")     # rich draws ASCII borders when stdout is not UTF-8
+
+
+def run_module(*args: str) -> subprocess.CompletedProcess:
+    """``python -m fastmfd inspect ...`` in a fresh interpreter, as a user runs it."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    return subprocess.run([sys.executable, "-m", "fastmfd", "inspect", *args], env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_text_summary_of_a_qemu_capture():
+    files = capture_files("zlib")
+    done = run_module(*map(str, files))
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    summary = read_capture(files).summary()
+    assert "layout qemu-7.2" in out and f"files in {files[0].parent}" in out
+    assert f"{summary['main']['eos']} EOS" in out
+    assert f"{summary['main']['zero_pages']} zero pages" in out
+    rows = [line for line in out.splitlines() if "conn1.bin" in line or "conn2.bin" in line]
+    for channel, row in zip(summary["channels"], rows):
+        cells = [cell.strip() for cell in BORDER.split(row)[1:-1]]
+        assert cells[:8] == [Path(channel["file"]).name, str(channel["id"]), "multifd", "zlib",
+                             str(channel["packets"]), str(channel["pages"]["normal"]),
+                             str(channel["pages"]["zero"]), str(channel["syncs"])]
+        assert cells[-1] == str(channel["bytes"])
+    for name, block in summary["blocks"].items():
+        assert [name, str(block["size"]), str(block["pages"]), str(block["pages_expected"])] \
+            in [[cell.strip() for cell in BORDER.split(line)[1:-1]] for line in out.splitlines()]
+
+
+def test_json_summary_is_the_capture_summary(capsys):
+    files = capture_files("zstd")
+    assert main(["inspect", "--json", *map(str, reversed(files))]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads(json.dumps(read_capture(files).summary()))
+    assert [c["syncs"] for c in printed["channels"]] == [3, 3]
+
+
+def test_layout_and_packet_pages_options(tmp_path, capsys):
+    files = two_rounds("zlib").files(ROUND_ENDS)
+    del files["main.bin"]
+    paths = [str(p) for p in write_files(tmp_path, files)]
+    assert main(["inspect", "--json", "--packet-pages", str(PACKET_PAGES), *paths]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert (printed["layout"], printed["packet_pages"]) == ("current", PACKET_PAGES)
+    assert printed["main"] is None
+    _, conn1, conn2 = capture_files("none")
+    assert main(["inspect", "--layout", "qemu-7.2", str(conn1), str(conn2)]) == 0
+    assert "main channel: not in the capture" in capsys.readouterr().out
+
+
+def test_a_corrupt_file_is_one_line_on_stderr(tmp_path):
+    bad = tmp_path / "conn1.bin"
+    bad.write_bytes(capture_files("zlib")[1].read_bytes()[:5000])
+    conn0, _, conn2 = capture_files("zlib")
+    done = run_module(str(conn0), str(bad), str(conn2))
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.startswith(f"fastmfd inspect: {bad} at byte ")
+    assert len(done.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize("args", [["--layout", "qemu-9"], []])
+def test_bad_arguments_are_usage_errors(args):
+    with pytest.raises(SystemExit) as info:
+        main(["inspect", *args])
+    assert info.value.code == 2
