@@ -9,6 +9,7 @@ reached by mutating valid headers a few bytes at a time.
 import struct
 
 import numpy as np
+import pytest
 from hypothesis import given, strategies as st
 
 from fastmfd import _core
@@ -33,8 +34,21 @@ RAM_CODECS = {
 
 
 def ram_decoder(name):
+    """decode(), checked against the lean validate(): same count or the same error."""
     codec = _core.RamPacketCodec(**RAM_CODECS[name])
-    return codec.decode
+
+    def decode(data):
+        try:
+            count = codec.validate(data)
+        except ProtocolError as err:
+            with pytest.raises(ProtocolError) as info:
+                codec.decode(data)
+            assert (info.value.field, info.value.received, info.value.expected) == \
+                (err.field, err.received, err.expected)
+            raise
+        packet = codec.decode(data)
+        assert count == packet.normal_pages + packet.zero_pages
+    return decode
 
 
 DECODERS = {
