@@ -9,6 +9,7 @@ import pytest
 from fastmfd._core import BufferPool, ChannelSelector
 from fastmfd.errors import Aborted, ConfigError
 from fastmfd.shm import list_segments
+from signals import Interrupted, interrupt_once
 
 WAIT = 30.0     # bound on every wait that should end much sooner
 
@@ -118,6 +119,16 @@ def test_timeout_returns_none_after_the_timeout(pool):
     assert pool.acquire(timeout=0.3) is None
     elapsed = time.monotonic() - started
     assert 0.3 - 0.01 <= elapsed < WAIT
+
+
+def test_a_signal_handler_runs_while_acquire_sleeps(pool):
+    """Ctrl-C reaches a sleeping acquire: the handler runs, what it raises comes out."""
+    for _ in range(4):
+        pool.acquire()
+    with interrupt_once(after=0.2), pytest.raises(Interrupted):
+        pool.acquire(timeout=WAIT)
+    pool.release(0)
+    assert pool.acquire(timeout=0) == 0, "the interrupted wait took nothing"
 
 
 def hold_then_release(name, held, delay):

@@ -8,6 +8,7 @@ import pytest
 from fastmfd._core import BufferPool, ChannelSelector
 from fastmfd.errors import Aborted
 from fastmfd.shm import list_segments
+from signals import Interrupted, interrupt_once
 
 WAIT = 30.0
 
@@ -71,6 +72,16 @@ def test_timeout_returns_none_after_the_timeout(selector):
     started = time.monotonic()
     assert selector.select(timeout=0.3) is None
     assert 0.3 - 0.01 <= time.monotonic() - started < WAIT
+
+
+def test_a_signal_handler_runs_while_select_sleeps(selector):
+    """Ctrl-C reaches a sleeping select: the handler runs, what it raises comes out."""
+    for _ in range(4):
+        selector.select()
+    with interrupt_once(after=0.2), pytest.raises(Interrupted):
+        selector.select(timeout=None)
+    selector.release(3)
+    assert selector.select() == 3, "the interrupted select took nothing"
 
 
 def hold_all_then_release(name, channel, held, delay):

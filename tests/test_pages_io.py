@@ -2,14 +2,13 @@
 
 The peer on the other end of each socketpair or pipe is a thread that moves
 the bytes in small, slow pieces, so the kernel hands the core partial reads
-and writes; an interval timer interrupts the core's blocked calls (EINTR)
-where a test asks for it.
+and writes; where a test asks for it, a third thread keeps signalling the
+main thread, interrupting the core's blocked calls (EINTR).
 """
 
 import contextlib
 import errno
 import os
-import signal
 import socket
 import threading
 import time
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 
 from fastmfd._core import readv_pages, writev_pages
+from signals import interrupted
 
 PAGE = 4096
 NPAGES = 64
@@ -38,11 +38,7 @@ OFFSETS = [PAGE * p for p in (3, 4, 5, 9, 0, 63, 62, 10, 10, 11, 30)]
 
 
 class Peer(threading.Thread):
-    """The other end: sends ``data`` or receives ``size`` bytes, ``piece`` bytes at a time.
-
-    It blocks SIGALRM, so the interval timer of ``interrupted`` always lands
-    in the main thread, inside the core's call.
-    """
+    """The other end: sends ``data`` or receives ``size`` bytes, ``piece`` bytes at a time."""
 
     def __init__(self, sock_or_fd, *, data=b"", size=0, piece=1000, pause=0.0):
         super().__init__(daemon=True)
@@ -65,7 +61,6 @@ class Peer(threading.Thread):
         return os.read(self.end, n)
 
     def run(self):
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
         try:
             for start in range(0, len(self.data), self.piece):
                 self._send(self.data[start:start + self.piece])
@@ -109,19 +104,6 @@ def pipe():
     for fd in (r, w):
         with contextlib.suppress(OSError):
             os.close(fd)
-
-
-@contextlib.contextmanager
-def interrupted(every=0.002):
-    """Fire SIGALRM at the main thread every ``every`` s; yields the count of signals."""
-    fired = [0]
-    previous = signal.signal(signal.SIGALRM, lambda *_: fired.__setitem__(0, fired[0] + 1))
-    signal.setitimer(signal.ITIMER_REAL, every, every)
-    try:
-        yield fired
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 # ---------------------------------------------------------------- round trips
