@@ -376,7 +376,7 @@ cdef int ram_decode(const RamLayout *lay, const RegionEntry *regions, int nregio
     cdef uint32_t comp_mask = COMPRESSION_MASK_72_C if lay.qemu72 else COMPRESSION_MASK_C
     cdef uint32_t allowed = FLAG_SYNC_C | comp_mask | lay.extensions
     cdef uint32_t npages, i
-    cdef uint64_t off, expect_size, limit
+    cdef uint64_t off, expect_size, limit, last, bits, highest
     cdef char name[256]
     cdef char text[300]         # as long as WireError.expected: may quote a region name
     if magic != MULTIFD_MAGIC_C:
@@ -454,6 +454,20 @@ cdef int ram_decode(const RamLayout *lay, const RegionEntry *regions, int nregio
         if out.region < 0:
             return wire_fail(err, "RAM packet", "ramblock", name, "a region of the session")
         limit = regions[out.region].size
+    # Every offset must be page aligned and, with a region table, at most
+    # the region's last page. One branch-free pass settles the usual case
+    # (all fine); only a packet that fails is scanned again, in order, to
+    # report its first bad offset.
+    last = limit - lay.page_size if limit >= lay.page_size else 0
+    bits = 0
+    highest = 0
+    for i in range(npages):
+        off = ld64(out.offsets + 8 * <size_t>i)
+        bits |= off
+        highest = off if off > highest else highest
+    if not (bits & (lay.page_size - 1)) and (
+            nregions < 0 or (limit >= lay.page_size and highest <= last)):
+        return 0
     for i in range(npages):
         off = ld64(out.offsets + 8 * <size_t>i)
         if off & (lay.page_size - 1):
