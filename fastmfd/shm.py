@@ -35,11 +35,17 @@ SEGMENT_PREFIX = "fastmfd-"
 
 
 def list_segments() -> list[str]:
-    """Names of the fastmfd segments that exist now (for leak checks)."""
+    """Names of the fastmfd segments that exist now (for leak checks).
+
+    Only regular files are segments: a directory someone made there with the
+    same prefix (a scratch dir, say) is not.
+    """
     try:
-        return sorted(n for n in os.listdir(SHM_DIR) if n.startswith(SEGMENT_PREFIX))
+        entries = list(os.scandir(SHM_DIR))
     except FileNotFoundError:
         return []
+    return sorted(e.name for e in entries
+                  if e.name.startswith(SEGMENT_PREFIX) and e.is_file(follow_symlinks=False))
 
 
 class SharedMemory:

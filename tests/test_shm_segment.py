@@ -58,6 +58,15 @@ def test_list_segments_is_sorted(segment):
     assert names == sorted(names) and all(n.startswith(SEGMENT_PREFIX) for n in names)
 
 
+def test_list_segments_lists_only_segment_files():
+    path = os.path.join(SHM_DIR, f"{SEGMENT_PREFIX}test-scratch-dir")
+    os.mkdir(path)
+    try:
+        assert os.path.basename(path) not in list_segments()
+    finally:
+        os.rmdir(path)
+
+
 def test_attacher_shares_the_bytes_and_never_unlinks(segment):
     other = SharedMemory.attach(segment.name, 10000)
     assert not other.owner and other.size == 10000
