@@ -16,7 +16,8 @@ its resource tracker.
 
 The machine is shared: other sessions create ``fastmfd-*`` segments of their
 own at any time. A new segment counts as this run's only if no process
-outside this run's process tree maps it.
+outside this run's process tree maps it. (A segment another session leaks,
+unmapped, while a test runs is indistinguishable from this run's own leak.)
 
 Fixtures for tests that start processes: ``mp_context`` (the start method the
 product uses) and ``processes`` (starts children, kills and joins them at the
