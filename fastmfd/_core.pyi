@@ -1,7 +1,9 @@
 """Type stubs for fastmfd's Cython core (fastmfd/_core.pyx)."""
 
-from collections.abc import Buffer, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Final
+
+from typing_extensions import Buffer
 
 import numpy as np
 import numpy.typing as npt
