@@ -23,7 +23,8 @@ def parse_size(text: str) -> int:
     if not match:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 4096, 64K, 256M, 1G)")
     number, unit = float(match.group(1)), match.group(2).lower()
-    return int(number * (1 << (10 * "kmgt".index(unit) + 10) if unit else number))
+    scale = 1 << (10 * ("kmgt".index(unit) + 1)) if unit else 1
+    return int(number * scale)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

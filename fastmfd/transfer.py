@@ -63,11 +63,12 @@ class StateSpec:
 def send_images(address: str, config: MigrationConfig, images: list[ImageSpec],
                 states: list[StateSpec] = (), *, progress: bool = False) -> MigrationStats:
     """Send image files (and state files) to a listening destination."""
+    source = Source(address, config)        # checks the address before files are opened
     regions = []
     try:
         for image in images:
             regions.append(Region.from_file(image.name, image.path, page_size=config.page_size))
-        with Source(address, config) as src:
+        with source as src:
             for region in regions:
                 src.add_region(region)
             for state in states:
