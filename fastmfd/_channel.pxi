@@ -93,6 +93,8 @@ def unpack_descriptors(const uint8_t[::1] data):
     ``(device, idx, flags, slot, length, channel)``."""
     cdef size_t i, n = data.shape[0] // sizeof(Descriptor)
     cdef const Descriptor *d = <const Descriptor *>&data[0] if n else NULL
+    if data.shape[0] % sizeof(Descriptor):
+        raise ValueError(f"{data.shape[0]} bytes are not whole descriptors")
     return [(d[i].device, d[i].idx, d[i].flags, d[i].slot, d[i].length, d[i].channel)
             for i in range(n)]
 

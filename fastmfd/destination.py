@@ -70,7 +70,7 @@ class Destination:
     """
 
     def __init__(self, address: str, *, workers: int = 4, timeout: float = 30.0,
-                 max_queued_bytes: int | None = None) -> None:
+                 max_queued_bytes: int | None = None, region_factory=None) -> None:
         requested = parse_address(address)
         if workers < 0:
             raise ConfigError(f"workers must be >= 0, not {workers}")
@@ -80,6 +80,7 @@ class Destination:
         self._prespawn = workers
         self.timeout = timeout
         self._queued_cap = max_queued_bytes
+        self._region_factory = region_factory
         self._user_regions: dict[str, Region] = {}
         self._loaders: dict[tuple[str, int], object] = {}
         self._workers: WorkerSet | None = None
@@ -106,7 +107,12 @@ class Destination:
         self.close()
 
     def add_region(self, region: Region) -> None:
-        """Receive into ``region`` (it must match the source's size) instead of a new one."""
+        """Receive into ``region`` (it must match the source's size) instead of a new one.
+
+        Regions the source sends that were not added are created in shared
+        memory, or by ``region_factory(name, size, page_size)`` when the
+        Destination was given one (``fastmfd listen`` maps files that way).
+        """
         if region.name in self._user_regions:
             raise ConfigError(f"two regions named {region.name!r}")
         self._user_regions[region.name] = region
@@ -117,6 +123,16 @@ class Destination:
             if not callable(getattr(loader, method, None)):
                 raise ConfigError(f"loader for {idstr!r} has no {method}() method")
         self._loaders[(idstr, instance_id)] = loader
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        """Fail the session from another thread: ``receive()`` raises MigrationError
+        promptly, even while it still waits for the source to connect."""
+        self._failure.fail(MigrationError(reason))
+        if self._listener is not None:
+            try:
+                self._listener.shutdown(socket.SHUT_RDWR)   # wakes a blocked accept()
+            except OSError:
+                pass
 
     def close(self) -> None:
         """Stop every process and free every resource (idempotent)."""
@@ -245,7 +261,10 @@ class Destination:
         self._fresh: list[bool] = []
         for name, size in regions:
             region = self._user_regions.get(name)
-            if region is None:
+            if region is None and self._region_factory is not None:
+                region = self._own(self._region_factory(name, size, cfg.page_size))
+                self._user_regions[name] = region
+            elif region is None:
                 region = self._own(Region.create(name, size, page_size=cfg.page_size))
             elif region.size != size or region.page_size != cfg.page_size:
                 raise ConfigError(f"region {name!r}: the source sends {size} bytes in "
@@ -296,6 +315,8 @@ class Destination:
         self._complete: dict | None = None
         self._loaded_devices: dict[int, float] = {}
         self._device_results: dict[int, object] = {}
+        self._device_chunks: dict[int, int] = {}
+        self._reassembly_drained = False
         self._load_seconds: dict[int, float] = {}
         self._switchover_at = None
         self._old_way_chunks = self._old_way_bytes = 0
@@ -326,7 +347,8 @@ class Destination:
         return (self._complete is not None
                 and len(self._drained) == self.cfg.total_channels
                 and self._released == self._round_end
-                and len(self._device_results) == len(self.devices))
+                and len(self._device_results) == len(self.devices)
+                and (self._reassembly_drained or not self.devices))
 
     def _accept_channel(self):
         cfg = self.cfg
@@ -432,14 +454,6 @@ class Destination:
             self._switchover_at = time.monotonic()
         elif kind is Msg.COMPLETE:
             self._complete = info
-            if self.devices:
-                counts = info.get("device_chunks") or []
-                if len(counts) != len(self.devices):
-                    raise ProtocolError("COMPLETE lists the chunks of "
-                                        f"{len(counts)} devices, expected {len(self.devices)}",
-                                        field="device_chunks", received=len(counts),
-                                        expected=len(self.devices))
-                self._reassembly[0].conn.send(("expect", counts))
         elif kind is Msg.ERROR:
             raise MigrationError(f"the source failed: {info.get('error')}",
                                  channel="main channel", side="source")
@@ -492,16 +506,26 @@ class Destination:
             if message[0] == "error":
                 raise reassembly.error_from(message)
             if message[0] == "loaded":
-                self._load_seconds[message[1]] = message[2]
-            elif message[0] == "done":
-                self._device_results = {i: r for i, (r, _) in message[1].items()}
-                reassembly.finished = True
-        if not got and not reassembly.process.is_alive() and not reassembly.finished:
+                _, index, result, seconds, chunks = message
+                self._device_results[index] = result
+                self._load_seconds[index] = seconds
+                self._device_chunks[index] = chunks
+            elif message[0] == "drained":
+                self._reassembly_drained = True
+        if not got and not reassembly.process.is_alive():
             raise reassembly.death_error()
-        return got or reassembly.process.is_alive()
+        return True
 
     def _finish(self) -> None:
         """Everything is applied: check the source's totals, then send LOADED."""
+        counts = self._complete.get("device_chunks") or []
+        for i, name in enumerate(self.devices):
+            theirs = counts[i] if i < len(counts) else None
+            if theirs != self._device_chunks.get(i):
+                raise ProtocolError(f"device {device_key(*name)}: the source sent {theirs} "
+                                    f"chunks, {self._device_chunks.get(i)} were loaded",
+                                    field="device_chunks", received=self._device_chunks.get(i),
+                                    expected=theirs)
         sent = self._complete.get("channels") or []
         for ch in range(self.cfg.total_channels):
             mine = self._counters.read(ch)

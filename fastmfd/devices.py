@@ -271,9 +271,12 @@ class DeviceSaver:
         self._dispatch(ch, device, slot, CHUNK_HEADER + n)
 
 
-def save_old_way(devices: list, main, chunk_size: int) -> list[int]:
-    """The old way: each device in turn, its chunks as DEVICE_STATE messages."""
+def save_old_way(devices: list, main, chunk_size: int) -> tuple[list[int], int]:
+    """The old way: each device in turn, its chunks as DEVICE_STATE messages.
+
+    Returns the chunks each device sent and the chunk bytes sent in all."""
     chunks = []
+    total = 0
     buf = bytearray(CHUNK_HEADER + chunk_size)
     view = memoryview(buf)
     header = view[:CHUNK_HEADER]
@@ -292,17 +295,19 @@ def save_old_way(devices: list, main, chunk_size: int) -> list[int]:
                     raise ValueError(f"read_state returned {n} for a {chunk_size}-byte buffer")
                 _core.encode_chunk_header(header, idx, 0)
                 main.send_parts(Msg.DEVICE_STATE, [prefix, view[:CHUNK_HEADER + n]])
+                total += CHUNK_HEADER + n
                 idx += 1
             config = device.config_state() if hasattr(device, "config_state") else b""
             if len(config) > chunk_size:
                 raise ValueError(f"config_state is {len(config)} bytes, more than a chunk")
             _core.encode_chunk_header(header, idx, _core.CHUNK_FLAG_LAST)
             main.send_parts(Msg.DEVICE_STATE, [prefix, bytes(header), config])
+            total += CHUNK_HEADER + len(config)
         except MigrationError:
             raise
         except BaseException as exc:
             raise MigrationError(f"saving chunk {idx} failed: {type(exc).__name__}: {exc}",
                                  device=name) from exc
         chunks.append(idx + 1)
-    return chunks
+    return chunks, total
 

@@ -7,8 +7,10 @@
       descriptor -> pipe ───────────────▶      per device: duplicates, order, LAST, the
       (24 bytes, atomic)                       out-of-order byte cap; wakes the loader thread
     destination main                         loader thread per device: chunk idx 0, 1, 2, ...
-      ("expect", counts)  ─── conn ───▶        load_state_buffer(view of the slot), release it
-      ("drained",)        ─── conn ───▶        LAST chunk: load_finish() -> ("loaded", ...)
+                                               load_state_buffer(view of the slot), release it
+                          ◀── conn ────        LAST chunk: load_finish() -> ("loaded", ...)
+      ("drained",)        ─── conn ───▶      every channel ended: read what is left in the
+                          ◀── conn ────        pipe, check no chunk is missing, ("drained",)
                           ◀── conn ────      ("error", text, traceback) on any failure
 
 Chunks arrive in any order on any channel; each device's loader sees them
@@ -56,7 +58,6 @@ class _DeviceStream:
         self.contiguous = 0         # every idx below this has arrived
         self.out_of_order = 0       # bytes of pending chunks at idx > contiguous
         self.last: int | None = None
-        self.expected: int | None = None
         self.loaded_upto = 0        # next idx the loader takes
         self.finished = False
         self.cond = threading.Condition()
@@ -75,9 +76,6 @@ class _DeviceStream:
                 beyond = [i for i in self.pending if i > idx]
                 if beyond:
                     raise ValueError(f"chunk idx {min(beyond)} after the last chunk (idx {idx})")
-                if self.expected is not None and idx != self.expected - 1:
-                    raise ValueError(f"last chunk is idx {idx}, the source sent "
-                                     f"{self.expected} chunks")
                 self.last = idx
             self.pending[idx] = (slot, length, flags)
             if idx == self.contiguous:
@@ -92,14 +90,6 @@ class _DeviceStream:
                                      f"max_queued_bytes ({self.cap}); waiting for chunk idx "
                                      f"{self.contiguous}")
             self.cond.notify()
-
-    def expect(self, count: int) -> None:
-        with self.cond:
-            self.expected = count
-            if self.last is not None and self.last != count - 1:
-                raise ValueError(f"last chunk is idx {self.last}, the source sent {count} chunks")
-            if count == 0 or any(i >= count for i in self.pending):
-                raise ValueError(f"chunks beyond the {count} the source sent")
 
     def check_drained(self) -> None:
         """Every channel has ended: whatever has not arrived never will."""
@@ -138,33 +128,45 @@ class _Reassembler:
     def run(self) -> None:
         for thread in self.threads:
             thread.start()
-        pending = b""
-        while len(self.results) < len(self.devices) and not self.stop.is_set():
+        while not self.stop.is_set():
             for ready in connection.wait([self.conn, self.desc_fd], 0.5):
                 if ready is self.conn:
                     self._on_message(self.conn.recv())
                 else:
-                    data = os.read(self.desc_fd, 64 * _core.DESCRIPTOR_SIZE)
-                    if not data:
-                        raise EOFError("the descriptor pipe closed")
-                    pending += data
-                    whole = len(pending) - len(pending) % _core.DESCRIPTOR_SIZE
-                    for desc in _core.unpack_descriptors(pending[:whole]):
-                        self._on_chunk(*desc)
-                    pending = pending[whole:]
-        if not self.stop.is_set():
-            self.conn.send(("done", self.results))
+                    self._read_descriptors(block=True)
+
+    def _read_descriptors(self, block: bool) -> None:
+        """Handle the descriptors in the pipe; without ``block``, all of them."""
+        size = _core.DESCRIPTOR_SIZE
+        while True:
+            try:
+                data = os.read(self.desc_fd, 256 * size)
+            except BlockingIOError:
+                return
+            if not data:
+                raise EOFError("the descriptor pipe closed")
+            # Writes of one descriptor are atomic, so reads are whole descriptors.
+            for desc in _core.unpack_descriptors(data):
+                self._on_chunk(*desc)
+            if block:
+                return
 
     def _on_message(self, message) -> None:
         if message is None:
             self.stop.set()
-        elif message[0] == "expect":
-            for stream, count in zip(self.devices, message[1]):
-                self._guard(stream, stream.expect, count)
         elif message[0] == "drained":
+            # Every channel has ended, after writing its descriptors: take
+            # what is left in the pipe, then nothing more can arrive.
+            os.set_blocking(self.desc_fd, False)
+            self._read_descriptors(block=False)
             for stream in self.devices:
                 if stream.index not in self.results:
                     self._guard(stream, stream.check_drained)
+            self._send(("drained",))
+
+    def _send(self, message) -> None:
+        with self.lock:
+            self.conn.send(message)
 
     def _on_chunk(self, device, idx, flags, slot, length, channel) -> None:
         if device >= len(self.devices):
@@ -204,9 +206,8 @@ class _Reassembler:
                     break
                 idx += 1
             seconds = time.monotonic() - (started or time.monotonic())
-            with self.lock:
-                self.results[stream.index] = (result, seconds)
-                self.conn.send(("loaded", stream.index, seconds))
+            self.results[stream.index] = result
+            self._send(("loaded", stream.index, result, seconds, idx + 1))
         except BaseException as exc:
             self.stop.set()
             with self.lock:

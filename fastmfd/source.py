@@ -69,6 +69,8 @@ class Source:
         self._wake_r, self._wake_w = -1, -1
         self._loaded = threading.Event()
         self._workers_done = threading.Event()
+        self._device_chunks: list[int] = []     # chunks each device sent, in device order
+        self._old_way_bytes = 0                 # device bytes sent on the main channel
         self._loaded_report: dict = {}
         self._failure = SessionFailure("source")
         self._used = False
@@ -324,8 +326,8 @@ class Source:
             if saver is not None:
                 self._device_chunks = saver.join()
             else:
-                self._device_chunks = save_old_way(self._devices, self._main,
-                                                   self.config.device_chunk_size)
+                self._device_chunks, self._old_way_bytes = save_old_way(
+                    self._devices, self._main, self.config.device_chunk_size)
         for ch in range(self.config.channels):
             self._command(ch, _core.pack_command(_core.CMD_SYNC_, round=number))
         self._main.send(Msg.ROUND_END, {"round": number})
@@ -373,7 +375,7 @@ class Source:
         self._wait_for(self._workers_done)
         totals = {
             "channels": [self._counters.read(ch) for ch in range(self.config.total_channels)],
-            "device_chunks": getattr(self, "_device_chunks", {}),
+            "device_chunks": self._device_chunks,
         }
         self._main.send(Msg.COMPLETE, totals)
 
@@ -490,14 +492,13 @@ class Source:
             for ch in range(cfg.total_channels))
         normal = sum(c.normal_pages for c in channels)
         zero = sum(c.zero_pages for c in channels)
-        device_bytes = self._counters.total("device_bytes") + getattr(self, "_old_way_bytes", 0)
-        chunks = getattr(self, "_device_chunks", {})
+        device_bytes = self._counters.total("device_bytes") + self._old_way_bytes
         return MigrationStats(
             total_time_s=total, setup_time_s=setup, downtime_s=downtime, rounds=len(rounds),
             ram_bytes=(normal + zero) * cfg.page_size,
             wire_bytes=sum(c.wire_bytes for c in channels) + self._main.bytes_sent,
             normal_pages=normal, zero_pages=zero, device_bytes=device_bytes,
-            device_chunks=sum(chunks.values()), page_size=cfg.page_size,
+            device_chunks=sum(self._device_chunks), page_size=cfg.page_size,
             compression=cfg.compression, channels=channels, round_stats=tuple(rounds),
             destination=self._loaded_report)
 

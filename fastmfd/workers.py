@@ -27,6 +27,7 @@ import multiprocessing
 import signal
 import sys
 import threading
+import time
 import traceback
 from multiprocessing import connection, reduction
 
@@ -137,8 +138,13 @@ class WorkerSet:
                     worker.conn.send(None)
                 except OSError:
                     pass
-        connection.wait([w.sentinel for w in self.workers if w.process.exitcode is None],
-                        timeout)
+        deadline = time.monotonic() + timeout
+        while True:
+            running = [w.sentinel for w in self.workers if w.process.exitcode is None]
+            left = deadline - time.monotonic()
+            if not running or left <= 0:
+                break
+            connection.wait(running, left)
         self.kill()
         for worker in self.workers:
             worker.conn.close()
