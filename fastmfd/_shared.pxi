@@ -219,10 +219,12 @@ cdef class BufferPool(_SharedStructure):
     @property
     def free_count(self):
         """Slots free now (a snapshot: other processes may change it at once)."""
-        cdef int value = 0
+        cdef uint32_t slot, held = 0
         self.check_open()
-        sem_getvalue(&self.hdr.free_slots, &value)
-        return max(value, 0)
+        # Counted from the held flags: after abort() the semaphore is one high.
+        for slot in range(self.hdr.nslots):
+            held += fm_load32(&self.held[slot])
+        return self.hdr.nslots - held
 
     cdef inline uint8_t *slot_ptr(self, uint32_t slot) noexcept nogil:
         return self.base + self.hdr.data_offset + slot * self.hdr.stride

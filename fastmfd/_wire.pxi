@@ -5,11 +5,6 @@
 # Python-facing wrappers turn into a ProtocolError naming the field, the value
 # received and the value expected.
 
-from cpython.buffer cimport (
-    PyBUF_FORMAT, PyBUF_SIMPLE, PyBUF_STRIDES, PyBUF_WRITABLE, PyBuffer_Release,
-    PyObject_CheckBuffer, PyObject_GetBuffer,
-)
-
 # ---------------------------------------------------------------- constants
 
 cdef enum:

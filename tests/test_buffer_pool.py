@@ -188,7 +188,9 @@ def test_abort_wakes_waiters_in_other_processes_and_threads(processes):
 
 
 def test_abort_also_stops_future_acquires(pool):
+    free = pool.free_count
     pool.abort()
+    assert pool.free_count == free          # the wake-up post is not a free slot
     with pytest.raises(Aborted):
         pool.acquire(timeout=0)
     with pytest.raises(Aborted):
