@@ -1,8 +1,60 @@
-"""Shared settings of the benchmark suite."""
+"""Settings for the micro-benchmarks of fastmfd's Cython core.
+
+Every benchmark checks its result before it is timed, so
+``pytest benchmarks --benchmark-disable`` (one untimed call each) is a
+smoke test of the whole suite. Sizes:
+
+- ``--sizes=full`` — what the questions are about (1 GiB zero-page scan);
+- ``--sizes=ci`` — small, for a quick smoke run;
+- default: ``ci`` when the environment says ``CI=true``, ``full`` otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import pytest
+
+
+@dataclass(frozen=True)
+class Sizes:
+    name: str
+    scan_bytes: int         # zero-page scan buffer
+    bitmap_pages: int       # dirty bitmap collect: pages tracked
+
+
+FULL = Sizes("full", scan_bytes=1 << 30, bitmap_pages=(1 << 30) // 4096)
+CI = Sizes("ci", scan_bytes=16 << 20, bitmap_pages=(64 << 20) // 4096)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--sizes", choices=("full", "ci"), default=None,
+                     help="benchmark sizes (default: ci when CI=true, else full)")
+
+
+@pytest.fixture(scope="session")
+def sizes(request) -> Sizes:
+    choice = request.config.getoption("--sizes")
+    if choice is None:
+        choice = "ci" if os.environ.get("CI", "").lower() == "true" else "full"
+    return FULL if choice == "full" else CI
+
+
+@pytest.fixture
+def report_throughput(benchmark):
+    """Call with the bytes one timed call handles, after timing: adds bytes and GB/s."""
+    def report(nbytes: int) -> None:
+        benchmark.extra_info["bytes"] = nbytes
+        stats = getattr(benchmark, "stats", None)
+        if stats:       # None when run with --benchmark-disable
+            benchmark.extra_info["GB/s"] = round(nbytes / stats.stats.mean / 1e9, 2)
+    return report
+
 
 # ---------------------------------------------------------------- migration benchmarks
 # test_migrate_*.py and test_downtime.py: their command-line options (--qemu,
-# --migrate-size, --migrate-rounds), fixtures and the end-of-run comparison
-# tables live in conftest_migrate.py, loaded here so `pytest benchmarks` knows
-# the options before it collects.
+# --migrate-size, --migrate-rounds), fixtures and end-of-run comparison tables
+# live in conftest_migrate.py, loaded here so `pytest benchmarks` knows the
+# options before it collects. They follow --sizes too (ci: small images).
 pytest_plugins = ["conftest_migrate"]

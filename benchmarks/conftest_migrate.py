@@ -20,7 +20,7 @@ import os
 import pytest
 
 from _migration import RECORDS
-from fastmfd.bench import parse_size
+from fastmfd.cli import parse_size
 from fastmfd.images import Image
 
 CI_SIZE = 16 << 20

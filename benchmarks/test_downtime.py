@@ -40,15 +40,15 @@ WAYS = {                    # the end-of-run table's columns
 
 
 @pytest.fixture(scope="module")
-def sizes(small_sizes) -> tuple[int, int]:
+def downtime_sizes(small_sizes) -> tuple[int, int]:
     """(device state bytes per device, RAM bytes)."""
     return (2 * MIB, 4 * MIB) if small_sizes else (100 * MIB, 64 * MIB)
 
 
 @pytest.mark.parametrize("way", list(WAYS))
 @pytest.mark.parametrize("ndevices", [1, 2, 4], ids=lambda n: f"{n}dev")
-def test_downtime(benchmark, images, sizes, migrate_rounds, ndevices, way):
-    device_size, ram_size = sizes
+def test_downtime(benchmark, images, downtime_sizes, migrate_rounds, ndevices, way):
+    device_size, ram_size = downtime_sizes
     ram = images("random", ram_size)
     config = MigrationConfig(channels=RAM_CHANNELS, **WAYS[way])
     benchmark.group = "downtime"

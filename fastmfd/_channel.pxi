@@ -167,6 +167,7 @@ cdef class Counters(_SharedStructure):
         return c
 
     cdef uint64_t *row(self, uint32_t r) except NULL:
+        self.check_open()
         if r >= self.hdr.nrows:
             raise IndexError(f"counter row {r} out of range")
         return self.rows + r * ST_FIELDS
@@ -179,10 +180,12 @@ cdef class Counters(_SharedStructure):
     def total(self, str field):
         cdef size_t i = COUNTER_FIELDS.index(field)
         cdef uint32_t r
+        self.check_open()
         return sum(fm_load64(&self.rows[r * ST_FIELDS + i]) for r in range(self.hdr.nrows))
 
     @property
     def nrows(self):
+        self.check_open()
         return self.hdr.nrows
 
 

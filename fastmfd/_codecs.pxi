@@ -60,6 +60,14 @@ cdef class Codec:
         size = self.compress_iov(&one, 1 if data.shape[0] else 0, data.shape[0], &result)
         return (<const char *>result)[:size]
 
+    def decompress_upto(self, const uint8_t[::1] data, uint8_t[::1] out):
+        """Decompress one packet of unknown inflated size (a device chunk) into
+        ``out``; returns the bytes produced. Not fitting ``out`` is a ProtocolError."""
+        if data.shape[0] == 0 or out.shape[0] == 0:
+            raise ProtocolError("compressed payload is empty", field="next_packet_size",
+                                received=0, expected="> 0")
+        return self.decompress_bounded(&data[0], data.shape[0], &out[0], out.shape[0])
+
     def decompress_into(self, const uint8_t[::1] data, uint8_t[::1] out):
         """Decompress one packet's ``data`` into ``out``, which it must fill exactly."""
         cdef iovec one

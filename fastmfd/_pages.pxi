@@ -109,6 +109,13 @@ cdef ssize_t write_exact(int fd, const void *buf, size_t size) noexcept nogil:
     return writev_all(fd, &one, 1)
 
 
+cdef int check_page_size(size_t page_size) except -1:
+    # Offsets and lengths are divided by it (C division: 0 kills the process).
+    if page_size == 0:
+        raise ValueError("page_size must be at least 1 byte")
+    return 0
+
+
 cdef object page_io(int fd, const uint8_t[::1] header, uint8_t *base, size_t base_size,
                     object offsets, size_t page_size, bint reading):
     cdef uint64_t[::1] offs = np.ascontiguousarray(offsets, dtype=np.uint64)
@@ -116,6 +123,7 @@ cdef object page_io(int fd, const uint8_t[::1] header, uint8_t *base, size_t bas
     cdef size_t want = header.shape[0] + n * page_size
     cdef ssize_t done
     cdef iovec *iov
+    check_page_size(page_size)
     for i in range(n):
         if offs[i] % page_size or offs[i] > base_size or base_size - offs[i] < page_size:
             raise ValueError(f"page offset {offs[i]:#x} is not a page inside the buffer")
@@ -171,10 +179,12 @@ def is_zero(const uint8_t[::1] buffer):
 
 def find_zero_pages(const uint8_t[::1] buffer, size_t page_size=4096, pages=None):
     """Indices of the all-zero pages of ``buffer`` among ``pages`` (default: every page)."""
-    cdef size_t total = buffer.shape[0] // page_size
+    cdef size_t total
     cdef uint64_t[::1] idx
     cdef uint64_t[::1] out
     cdef size_t i, n, k = 0
+    check_page_size(page_size)
+    total = buffer.shape[0] // page_size
     if pages is None:
         idx = np.arange(total, dtype=np.uint64)
     else:

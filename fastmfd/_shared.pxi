@@ -90,11 +90,24 @@ cdef class _SharedStructure:
     def name(self):
         return self.segment.name
 
+    cdef inline int check_open(self) except -1:
+        # Every pointer into the segment dangles once it is unmapped: refuse
+        # instead of touching them.
+        if self.base == NULL:
+            raise ValueError(f"{type(self).__name__} is closed")
+        return 0
+
     def close(self):
-        """Unmap; the owner also unlinks the segment."""
+        """Unmap; the owner also unlinks the segment.
+
+        Raises ``BufferError``, leaving the structure open and usable (but
+        already unlinked), while views of its memory (``BufferPool.view``)
+        are alive. Not to be called while another thread is still inside a
+        method: ``abort()`` first.
+        """
         if self.segment is not None and not self.segment.closed:
-            self.base = NULL
             self.segment.close()
+        self.base = NULL
 
     def __enter__(self):
         return self
@@ -195,18 +208,23 @@ cdef class BufferPool(_SharedStructure):
 
     @property
     def nslots(self):
+        self.check_open()
         return self.hdr.nslots
 
     @property
     def slot_size(self):
+        self.check_open()
         return self.hdr.slot_size
 
     @property
     def free_count(self):
         """Slots free now (a snapshot: other processes may change it at once)."""
-        cdef int value = 0
-        sem_getvalue(&self.hdr.free_slots, &value)
-        return max(value, 0)
+        cdef uint32_t slot, held = 0
+        self.check_open()
+        # Counted from the held flags: after abort() the semaphore is one high.
+        for slot in range(self.hdr.nslots):
+            held += fm_load32(&self.held[slot])
+        return self.hdr.nslots - held
 
     cdef inline uint8_t *slot_ptr(self, uint32_t slot) noexcept nogil:
         return self.base + self.hdr.data_offset + slot * self.hdr.stride
@@ -235,6 +253,7 @@ cdef class BufferPool(_SharedStructure):
     cdef int64_t acquire_slot(self, double timeout) except -2:
         """A free slot, or -1 when none came free within ``timeout`` (< 0: forever)."""
         cdef int64_t slot
+        self.check_open()
         if not wait_semaphore(&self.hdr.free_slots, timeout, &self.hdr.aborted, "buffer pool"):
             return -1
         # The semaphore counts slots on the stack, so the pop cannot miss.
@@ -244,6 +263,7 @@ cdef class BufferPool(_SharedStructure):
         return slot
 
     cdef int release_slot(self, uint32_t slot) except -1:
+        self.check_open()
         if slot >= self.hdr.nslots:
             raise ValueError(f"slot {slot} is out of range (pool of {self.hdr.nslots})")
         if not fm_cas32(&self.held[slot], 1, 0):
@@ -262,12 +282,14 @@ cdef class BufferPool(_SharedStructure):
         self.release_slot(slot)
 
     def is_held(self, uint32_t slot):
+        self.check_open()
         if slot >= self.hdr.nslots:
             raise ValueError(f"slot {slot} is out of range")
         return bool(fm_load32(&self.held[slot]))
 
     def view(self, uint32_t slot):
         """A writable memoryview of the slot (``slot_size`` bytes), without copying."""
+        self.check_open()
         if slot >= self.hdr.nslots:
             raise ValueError(f"slot {slot} is out of range")
         cdef size_t start = self.hdr.data_offset + slot * self.hdr.stride
@@ -275,6 +297,7 @@ cdef class BufferPool(_SharedStructure):
 
     def abort(self):
         """Make every waiter, present and future, raise ``Aborted``."""
+        self.check_open()
         fm_store32(&self.hdr.aborted, 1)
         sem_post(&self.hdr.free_slots)
 
@@ -345,6 +368,7 @@ cdef class ChannelSelector(_SharedStructure):
 
     @property
     def nchannels(self):
+        self.check_open()
         return self.hdr.nchannels
 
     cdef int try_select(self) noexcept nogil:
@@ -354,14 +378,21 @@ cdef class ChannelSelector(_SharedStructure):
         for k in range(n):
             ch = (start + k) % n
             if fm_load32(&self.busy[ch]) == 0 and fm_cas32(&self.busy[ch], 0, 1):
+                if k:
+                    # Move the cursor past the channel taken, like QEMU's
+                    # next_channel = ch + 1; otherwise the next call starts
+                    # at the busy channels just skipped and picks ch again.
+                    fm_fetch_add64(&self.hdr.cursor, k)
                 return ch
         return -1
 
     cdef int select_channel(self, double timeout) except -2:
         """An idle channel, now busy; -1 if none within ``timeout`` (< 0: forever)."""
-        cdef int ch = self.try_select()
+        cdef int ch
         cdef double deadline = monotonic() + timeout
         cdef double left
+        self.check_open()
+        ch = self.try_select()
         while ch < 0 and timeout != 0:
             fm_fetch_add32(&self.hdr.waiters, 1)
             # Re-check after announcing ourselves: a release that ran before
@@ -382,6 +413,7 @@ cdef class ChannelSelector(_SharedStructure):
         return ch
 
     cdef int release_channel(self, uint32_t ch) except -1:
+        self.check_open()
         if ch >= self.hdr.nchannels:
             raise ValueError(f"channel {ch} is out of range ({self.hdr.nchannels} channels)")
         if not fm_cas32(&self.busy[ch], 1, 0):
@@ -400,12 +432,14 @@ cdef class ChannelSelector(_SharedStructure):
         self.release_channel(ch)
 
     def is_busy(self, uint32_t ch):
+        self.check_open()
         if ch >= self.hdr.nchannels:
             raise ValueError(f"channel {ch} is out of range")
         return bool(fm_load32(&self.busy[ch]))
 
     def abort(self):
         """Make every sleeping and future ``select`` with a timeout raise ``Aborted``."""
+        self.check_open()
         fm_store32(&self.hdr.aborted, 1)
         sem_post(&self.hdr.ready)
 
@@ -470,11 +504,13 @@ cdef class DirtyBitmap(_SharedStructure):
 
     @property
     def npages(self):
+        self.check_open()
         return self.hdr.npages
 
     cdef int mark_range(self, uint64_t first, uint64_t count) except -1:
         cdef uint64_t end = first + count
         cdef uint64_t w, lo, hi, mask
+        self.check_open()
         if count == 0:
             return 0
         if end > self.hdr.npages or end < first:
@@ -497,7 +533,9 @@ cdef class DirtyBitmap(_SharedStructure):
         """Mark every page index in ``pages`` (any integer array-like) dirty."""
         cdef uint64_t[::1] idx = np.ascontiguousarray(pages, dtype=np.uint64)
         cdef size_t i, n = idx.shape[0]
-        cdef uint64_t page, npages = self.hdr.npages
+        cdef uint64_t page, npages
+        self.check_open()
+        npages = self.hdr.npages
         for i in range(n):
             if idx[i] >= npages:
                 raise IndexError(f"page {idx[i]} outside the bitmap of {npages}")
@@ -510,6 +548,7 @@ cdef class DirtyBitmap(_SharedStructure):
         """Pages marked now (a snapshot; nothing is cleared)."""
         cdef size_t w
         cdef uint64_t total = 0
+        self.check_open()
         with nogil:
             for w in range(self.nwords):
                 total += __builtin_popcountll(fm_load64(&self.words[w]))
@@ -517,10 +556,12 @@ cdef class DirtyBitmap(_SharedStructure):
 
     def collect(self):
         """Clear the bitmap and return the page indices that were set, ascending."""
-        cdef uint64_t *taken = <uint64_t *>PyMem_Malloc(max(self.nwords, 1) * 8)
+        cdef uint64_t *taken
         cdef size_t w, total = 0
         cdef uint64_t bits
         cdef uint64_t[::1] out_view
+        self.check_open()
+        taken = <uint64_t *>PyMem_Malloc(max(self.nwords, 1) * 8)
         if taken == NULL:
             raise MemoryError()
         try:

@@ -127,17 +127,64 @@ cdef int raise_wire_error(WireError *err) except -1:
     raise wire_error_to_exception(err)
 
 
+cdef object truncated(str what, size_t got, size_t size):
+    return ProtocolError(f"{what} field 'length': received {got} bytes, expected {size} "
+                         "(truncated)", field="length", received=got, expected=size)
+
+
+cdef object too_small(str what, size_t got, size_t size):
+    return ValueError(f"{what}: output buffer holds {got} bytes, needs {size}")
+
+
 cdef inline const uint8_t *need(const uint8_t[::1] buf, size_t size, str what) except NULL:
     if <size_t>buf.shape[0] < size:
-        raise ProtocolError(f"{what}: truncated: {buf.shape[0]} bytes, expected {size}",
-                            field="length", received=buf.shape[0], expected=size)
+        raise truncated(what, buf.shape[0], size)
     return &buf[0]
 
 
 cdef inline uint8_t *need_out(uint8_t[::1] buf, size_t size, str what) except NULL:
     if <size_t>buf.shape[0] < size:
-        raise ValueError(f"{what}: output buffer holds {buf.shape[0]} bytes, needs {size}")
+        raise too_small(what, buf.shape[0], size)
     return &buf[0]
+
+
+# RamPacketCodec.encode() and validate() run once per packet, where creating
+# a typed memoryview costs more than encoding the header: they take their
+# buffers through the buffer protocol directly. The caller of each get_*
+# releases the view (PyBuffer_Release) once it returned.
+
+cdef int get_bytes(object obj, Py_buffer *view, bint writable, size_t size,
+                   str what) except -1:
+    """The contiguous bytes of ``obj``, at least ``size`` of them."""
+    cdef size_t got
+    try:
+        PyObject_GetBuffer(obj, view, PyBUF_WRITABLE if writable else PyBUF_SIMPLE)
+    except BufferError as exc:
+        raise ValueError(f"{what}: {exc}") from None
+    got = view.len
+    if got < size:
+        PyBuffer_Release(view)
+        raise too_small(what, got, size) if writable else truncated(what, got, size)
+    return 0
+
+
+cdef inline bint is_uint64_vector(const Py_buffer *view) noexcept:
+    return (view.ndim == 1 and view.itemsize == 8 and view.strides[0] == 8
+            and (view.format[0] == c'L' or view.format[0] == c'Q') and view.format[1] == 0)
+
+
+cdef int get_offsets(object values, Py_buffer *view) except -1:
+    """``values`` as one dimension of native uint64: a numpy uint64 array as is."""
+    if PyObject_CheckBuffer(values):
+        PyObject_GetBuffer(values, view, PyBUF_FORMAT | PyBUF_STRIDES)
+        if is_uint64_vector(view):
+            return 0
+        PyBuffer_Release(view)
+    array = np.ascontiguousarray(values, dtype=np.uint64)
+    if array.ndim != 1:
+        raise ValueError(f"page offsets must be one-dimensional, not {array.ndim}-D")
+    PyObject_GetBuffer(array, view, PyBUF_FORMAT | PyBUF_STRIDES)
+    return 0
 
 
 cdef int name_field(const uint8_t *field, bint must_terminate, char *out) noexcept nogil:
@@ -324,9 +371,9 @@ cdef int ram_decode(const RamLayout *lay, const RegionEntry *regions, int nregio
     cdef uint32_t comp_mask = COMPRESSION_MASK_72_C if lay.qemu72 else COMPRESSION_MASK_C
     cdef uint32_t allowed = FLAG_SYNC_C | comp_mask | lay.extensions
     cdef uint32_t npages, i
-    cdef uint64_t off, expect_size, limit
+    cdef uint64_t off, expect_size, limit, last, bits, highest
     cdef char name[256]
-    cdef char text[64]
+    cdef char text[300]         # as long as WireError.expected: may quote a region name
     if magic != MULTIFD_MAGIC_C:
         return wire_fail_hex(err, "RAM packet", "magic", magic, "0x11223344")
     if version != MULTIFD_VERSION_C:
@@ -365,6 +412,11 @@ cdef int ram_decode(const RamLayout *lay, const RegionEntry *regions, int nregio
     if npages == 0:
         # A SYNC or empty packet. QEMU 7.2 leaves stale next_packet_size,
         # ramblock and offsets from the channel's previous packet: ignore them.
+        # Its flags are not stale: senders leave the compression bits clear
+        # (7.2, pure SYNCs) or set the session's, never another method's.
+        if (flags & comp_mask) and (flags & comp_mask) != lay.comp_flag:
+            snprintf(text, sizeof(text), "compression bits 0x%x or none", lay.comp_flag)
+            return wire_fail_hex(err, "RAM packet", "flags", flags, text)
         if not lay.qemu72 and out.next_packet_size != 0:
             return wire_fail_u64(err, "RAM packet", "next_packet_size", out.next_packet_size,
                                  "0 in a packet without pages")
@@ -397,6 +449,20 @@ cdef int ram_decode(const RamLayout *lay, const RegionEntry *regions, int nregio
         if out.region < 0:
             return wire_fail(err, "RAM packet", "ramblock", name, "a region of the session")
         limit = regions[out.region].size
+    # Every offset must be page aligned and, with a region table, at most
+    # the region's last page. One branch-free pass settles the usual case
+    # (all fine); only a packet that fails is scanned again, in order, to
+    # report its first bad offset.
+    last = limit - lay.page_size if limit >= lay.page_size else 0
+    bits = 0
+    highest = 0
+    for i in range(npages):
+        off = ld64(out.offsets + 8 * <size_t>i)
+        bits |= off
+        highest = off if off > highest else highest
+    if not (bits & (lay.page_size - 1)) and (
+            nregions < 0 or (limit >= lay.page_size and highest <= last)):
+        return 0
     for i in range(npages):
         off = ld64(out.offsets + 8 * <size_t>i)
         if off & (lay.page_size - 1):
@@ -437,6 +503,12 @@ cdef size_t ram_encode(const RamLayout *lay, uint8_t *p, uint32_t flags, uint64_
     for i in range(nzero):
         st64(p + RAM_HEADER_FIXED_C + 8 * <size_t>(nnormal + i), zero[i])
     return lay.header_size
+
+
+cdef void copy_offsets(const uint8_t *wire, uint64_t[::1] out, uint32_t n) noexcept:
+    cdef uint32_t i
+    for i in range(n):
+        out[i] = ld64(wire + 8 * <size_t>i)
 
 
 cdef class RamPacket:
@@ -482,6 +554,8 @@ cdef class RamPacketCodec:
     cdef int nregions
     cdef int hint
     cdef readonly list region_names
+    cdef object last_ramblock       # encode(): the last str/bytes name and its encoding,
+    cdef bytes last_raw             # as a sender names the same region packet after packet
 
     def __cinit__(self, uint32_t packet_pages=128, uint32_t page_size=4096, str layout="current",
                   uint32_t compression=0, regions=None, uint32_t extensions=0,
@@ -525,14 +599,43 @@ cdef class RamPacketCodec:
             self.hint = info.region
         return 0
 
-    def decode(self, const uint8_t[::1] data):
+    def validate(self, data):
+        """Check a header exactly as :meth:`decode` does; return normal + zero pages.
+
+        The lean path for callers that only need to know the header is sound
+        (and how many offsets it lists): no :class:`RamPacket`, no arrays.
+        """
+        cdef Py_buffer view
+        cdef RamPacketInfo info
+        get_bytes(data, &view, False, self.lay.header_size, "RAM packet header")
+        try:
+            self.decode_into(<const uint8_t *>view.buf, &info)
+        finally:
+            PyBuffer_Release(&view)
+        return info.normal_pages + info.zero_pages
+
+    def decode(self, data):
         """Validate a header (``header_size`` bytes) and return a :class:`RamPacket`."""
-        cdef const uint8_t *p = need(data, self.lay.header_size, "RAM packet header")
+        cdef Py_buffer data_view
         cdef RamPacketInfo info
         cdef RamPacket pkt = RamPacket.__new__(RamPacket)
         cdef uint32_t i, n
         cdef char name[256]
-        self.decode_into(p, &info)
+        get_bytes(data, &data_view, False, self.lay.header_size, "RAM packet header")
+        try:
+            self.decode_into(<const uint8_t *>data_view.buf, &info)
+            # The ramblock and the offsets point into the caller's buffer: copy
+            # them out before it is released.
+            n = info.normal_pages + info.zero_pages
+            offsets = np.empty(n, dtype=np.uint64)
+            copy_offsets(info.offsets, offsets, n)
+            if n:
+                name_field(info.ramblock, False, name)
+                pkt.ramblock = name.decode("utf-8", "backslashreplace")
+            else:
+                pkt.ramblock = ""
+        finally:
+            PyBuffer_Release(&data_view)
         pkt.flags = info.flags
         pkt.pages_alloc = info.pages_alloc
         pkt.normal_pages = info.normal_pages
@@ -540,18 +643,8 @@ cdef class RamPacketCodec:
         pkt.next_packet_size = info.next_packet_size
         pkt.packet_num = info.packet_num
         pkt.checksum = info.checksum
-        n = info.normal_pages + info.zero_pages
-        offsets = np.empty(n, dtype=np.uint64)
-        cdef uint64_t[::1] view = offsets
-        for i in range(n):
-            view[i] = ld64(info.offsets + 8 * <size_t>i)
         pkt.offsets = offsets[:info.normal_pages]
         pkt.zero_offsets = offsets[info.normal_pages:]
-        if n:
-            name_field(info.ramblock, False, name)
-            pkt.ramblock = name.decode("utf-8", "backslashreplace")
-        else:
-            pkt.ramblock = ""
         if info.normal_pages == 0:
             pkt.payload_size = 0
         elif self.lay.comp_flag == 0:
@@ -560,24 +653,53 @@ cdef class RamPacketCodec:
             pkt.payload_size = info.next_packet_size
         return pkt
 
-    def encode(self, uint8_t[::1] out, *, uint32_t flags=0, uint64_t packet_num=0,
+    cdef bytes ramblock_bytes(self, object ramblock):
+        if ramblock is self.last_ramblock:
+            return self.last_raw
+        raw = encode_name(ramblock, "ramblock")
+        if type(ramblock) is str or type(ramblock) is bytes:      # immutable: cacheable
+            self.last_ramblock, self.last_raw = ramblock, raw
+        return raw
+
+    def encode(self, out, *, uint32_t flags=0, uint64_t packet_num=0,
                ramblock="", normal=(), zero=(), next_packet_size=None, uint64_t checksum=0):
-        """Write a header; returns its size. ``next_packet_size`` defaults to the raw page bytes."""
-        cdef uint8_t *p = need_out(out, self.lay.header_size, "RAM packet header")
-        cdef uint64_t[::1] normal_v = np.ascontiguousarray(normal, dtype=np.uint64)
-        cdef uint64_t[::1] zero_v = np.ascontiguousarray(zero, dtype=np.uint64)
-        cdef bytes name = encode_name(ramblock, "ramblock")
-        cdef size_t nn = normal_v.shape[0], nz = zero_v.shape[0]
-        if nn + nz > self.lay.packet_pages:
-            raise ValueError(f"{nn + nz} pages do not fit a packet of {self.lay.packet_pages}")
-        if nz and self.lay.qemu72:
-            raise ValueError("the QEMU 7.2 layout cannot list zero pages")
-        if next_packet_size is None:
-            next_packet_size = nn * self.lay.page_size
-        return ram_encode(&self.lay, p, flags, packet_num, name, len(name),
-                          &normal_v[0] if nn else NULL, <uint32_t>nn,
-                          &zero_v[0] if nz else NULL, <uint32_t>nz,
-                          next_packet_size, checksum)
+        """Write a header; returns its size. ``next_packet_size`` defaults to the raw page bytes.
+
+        ``normal`` and ``zero`` are page offsets: a numpy uint64 array is used
+        as is, anything else is converted.
+        """
+        cdef Py_buffer out_view, normal_view, zero_view
+        cdef bint have_normal = False, have_zero = False
+        cdef size_t nn = 0, nz = 0
+        cdef uint32_t payload
+        cdef bytes name = self.ramblock_bytes(ramblock)
+        get_bytes(out, &out_view, True, self.lay.header_size, "RAM packet header")
+        try:
+            if normal is not ():
+                get_offsets(normal, &normal_view)
+                have_normal = True
+                nn = normal_view.shape[0]
+            if zero is not ():          # () is by far the usual zero list
+                get_offsets(zero, &zero_view)
+                have_zero = True
+                nz = zero_view.shape[0]
+            if nn + nz > self.lay.packet_pages:
+                raise ValueError(f"{nn + nz} pages do not fit a packet of "
+                                 f"{self.lay.packet_pages}")
+            if nz and self.lay.qemu72:
+                raise ValueError("the QEMU 7.2 layout cannot list zero pages")
+            payload = nn * self.lay.page_size if next_packet_size is None else next_packet_size
+            return ram_encode(&self.lay, <uint8_t *>out_view.buf, flags, packet_num,
+                              name, len(name),
+                              <const uint64_t *>normal_view.buf if nn else NULL, <uint32_t>nn,
+                              <const uint64_t *>zero_view.buf if nz else NULL, <uint32_t>nz,
+                              payload, checksum)
+        finally:
+            PyBuffer_Release(&out_view)
+            if have_normal:
+                PyBuffer_Release(&normal_view)
+            if have_zero:
+                PyBuffer_Release(&zero_view)
 
 
 # ---------------------------------------------------------------- device state (§4.4)

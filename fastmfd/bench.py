@@ -29,25 +29,23 @@ import multiprocessing
 import os
 import statistics
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 
+from .cli import parse_size
 from .config import COMPRESSION_METHODS, MigrationConfig
-from .destination import Destination
 from .errors import ConfigError, MigrationError
 from .images import IMAGE_KINDS, Image
+from .loopback import LoopbackMigration
 from .regions import Region
-from .source import Source
 
 __all__ = ["Setting", "Measurement", "Result", "FastmfdTrial", "make_trial", "run_matrix",
            "wait_until_idle",
-           "parse_size", "format_size", "render", "add_arguments", "cli_main"]
+           "format_size", "render", "add_arguments", "cli_main"]
 
 METHODS = ("fastmfd", "sendall", "qemu")
 PEERS = ("sendall", "qemu")
 LOOPBACK = "tcp:127.0.0.1:0"
-FINISH_TIMEOUT = 60.0          # seconds the destination may take to end after the source
 
 
 @dataclass(frozen=True)
@@ -156,11 +154,12 @@ def wait_until_idle(pids, *, window: float = 0.02, timeout: float = 10.0) -> Non
 class FastmfdTrial:
     """One fastmfd migration of ``image`` over loopback TCP, prepared ahead of timing.
 
-    Entering the Destination and the Source starts their worker processes
-    (one per channel on each side), as a long-running migration service
-    would have them; :meth:`run` is the migration alone. ``devices`` are
-    ``(device, loader)`` pairs; :meth:`finish` returns what the loaders
-    returned, keyed ``(idstr, instance_id)``.
+    A :class:`~fastmfd.loopback.LoopbackMigration` underneath: entering the
+    Destination and the Source starts their worker processes (one per
+    channel on each side), as a long-running migration service would have
+    them; :meth:`run` is the migration alone. ``devices`` are ``(device,
+    loader)`` pairs; :meth:`finish` returns what the loaders returned, keyed
+    ``(idstr, instance_id)``.
 
     By default the destination creates its region when the source announces
     it, so the migration pays for fresh memory, as a new QEMU does.
@@ -171,80 +170,48 @@ class FastmfdTrial:
     def __init__(self, image: Image, config: MigrationConfig, devices=(), *,
                  prealloc: bool = False) -> None:
         self.image = image
-        self._src: Source | None = None
-        self._received: dict = {}
-        self._thread: threading.Thread | None = None
         self._target: Region | None = None
-        self._dst = Destination(LOOPBACK, workers=config.total_channels)
+        self._migration: LoopbackMigration | None = None
         try:
-            self._dst.__enter__()
             if prealloc:
-                self._target = Region.create(image.region.name, image.size)
+                self._target = Region.create(image.region.name, image.size,
+                                             page_size=image.region.page_size)
                 self._target.array[::image.region.page_size] = 0     # allocate, map
-                self._dst.add_region(self._target)
-            for device, loader in devices:
-                self._dst.add_loader(device.idstr, device.instance_id, loader)
-            self._src = Source(self._dst.address, config).__enter__()
-            self._src.add_region(image.region)
-            for device, _ in devices:
-                self._src.add_device(device)
+            self._migration = LoopbackMigration(
+                config, [image.region], devices=[d for d, _ in devices],
+                loaders={(d.idstr, d.instance_id): loader for d, loader in devices},
+                receive_into=[self._target] if prealloc else [], address=LOOPBACK)
             wait_until_idle([p.pid for p in multiprocessing.active_children()])
         except BaseException:
             self.close()
             raise
 
     def run(self) -> Measurement:
-        # The receiving thread waits for the source's first connection; it is
-        # started here so a trial closed before it runs has no thread to stop.
-        self._thread = threading.Thread(target=self._receive, name="fastmfd bench destination",
-                                        daemon=True)
-        self._thread.start()
         started = time.perf_counter()
-        stats = self._src.migrate(live=False)
+        stats = self._migration.run(live=False)
         seconds = time.perf_counter() - started
-        self.stats = stats
         return Measurement(seconds, stats.ram_bytes, stats.wire_bytes, {
             "total_time_s": stats.total_time_s, "setup_time_s": stats.setup_time_s,
             "downtime_s": stats.downtime_s, "normal_pages": stats.normal_pages,
             "zero_pages": stats.zero_pages, "device_bytes": stats.device_bytes})
 
-    def _receive(self) -> None:
-        try:
-            self._received["result"] = self._dst.receive()
-        except BaseException as exc:
-            self._received["error"] = exc
-
     def finish(self) -> dict:
         """Check the destination holds the image; return the loaders' results; free all."""
-        try:
-            if self._thread is None:
-                raise MigrationError("the trial was never run")
-            self._thread.join(FINISH_TIMEOUT)
-            if self._thread.is_alive():
-                raise MigrationError(f"the destination did not finish within "
-                                     f"{FINISH_TIMEOUT:g} s of the source")
-            if "error" in self._received:
-                raise self._received["error"]
-            result = self._received.pop("result")
-            region = result.regions[self.image.region.name]
-            if not self.image.matches(region.buffer):
+        def check(result) -> dict:
+            if not self.image.matches(result.regions[self.image.region.name].buffer):
                 raise MigrationError(f"the destination's region differs from the "
                                      f"{self.image.kind} image")
             return result.devices
+        try:
+            return self._migration.finish(check).checked
         finally:
             self.close()
 
     def close(self) -> None:
         """Stop every process and free every segment (idempotent)."""
-        if self._src is not None:
-            self._src.close()
-            self._src = None
-        if self._dst is not None:
-            if self._thread is not None:
-                # A failed source tells the destination, which then ends.
-                self._thread.join(FINISH_TIMEOUT)
-            self._dst.close()
-            self._dst = None
+        if self._migration is not None:
+            self._migration.close()
+            self._migration = None
         if self._target is not None:
             self._target.close()
             self._target = None
@@ -295,22 +262,6 @@ def run_matrix(settings: list[Setting], images: list[Image], repeat: int = 1,
 
 
 # ------------------------------------------------------------------ units
-
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
-def parse_size(text: str) -> int:
-    """``"256M"``, ``"1G"``, ``"64KiB"``, ``"4096"`` -> bytes."""
-    raw = text.strip().upper().removesuffix("B").removesuffix("I")
-    number, unit = (raw[:-1], raw[-1]) if raw[-1:] in _UNITS and raw[-1:] else (raw, "")
-    try:
-        value = float(number) * _UNITS[unit]
-    except (ValueError, KeyError):
-        raise ValueError(f"{text!r} is not a size (examples: 4096, 64K, 256M, 1G)") from None
-    if value != int(value) or value <= 0:
-        raise ValueError(f"{text!r} is not a positive whole number of bytes")
-    return int(value)
-
 
 def format_size(nbytes: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -394,10 +345,9 @@ def _choice_list(choices: tuple[str, ...]):
 
 
 def _size(text: str) -> int:
-    try:
-        size = parse_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    size = parse_size(text)
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive size")
     if size % 4096:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of 4 KiB pages")
     return size
@@ -424,8 +374,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--level", type=_positive, default=1,
                         help="zlib/zstd compression level (default 1)")
     parser.add_argument("--image", type=_choice_list(IMAGE_KINDS), default=["random"],
-                        help="random (incompressible), mixed (half zero pages, half text) "
-                             "or zero; comma-separated for several (default random)")
+                        help="random (incompressible), text, mixed (the demo's: half zero "
+                             "pages, a quarter text, a quarter random), halftext (half zero "
+                             "pages, half text) or zero; comma-separated for several "
+                             "(default random)")
     parser.add_argument("--repeat", type=_positive, default=1,
                         help="runs per setting; the table shows the best (default 1)")
     parser.add_argument("--peer", action="append", choices=PEERS, default=[],

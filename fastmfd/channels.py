@@ -88,9 +88,15 @@ def bound_address(sock: socket.socket, requested: Address) -> Address:
     return Address(requested.family, (host, port))
 
 
+CONNECT_RETRY_SECONDS = 3.0     # how long a refused connection is retried
+
+
 def connect(address: Address, timeout: float) -> socket.socket:
-    """Connect, retrying briefly while the listener is not there yet."""
-    deadline = time.monotonic() + timeout
+    """Connect within ``timeout``; a refused connection (the listener is not
+    there yet) is retried for a few seconds, not for the whole timeout."""
+    started = time.monotonic()
+    deadline = started + timeout
+    retry_until = started + min(timeout, CONNECT_RETRY_SECONDS)
     delay = 0.01
     while True:
         sock = socket.socket(address.family, socket.SOCK_STREAM)
@@ -102,7 +108,7 @@ def connect(address: Address, timeout: float) -> socket.socket:
         except OSError as exc:
             sock.close()
             transient = exc.errno in (errno.ECONNREFUSED, errno.ENOENT, errno.EAGAIN)
-            if not transient or time.monotonic() + delay >= deadline:
+            if not transient or time.monotonic() + delay >= retry_until:
                 raise MigrationError(f"cannot connect to {address}: "
                                      f"{exc.strerror or exc}") from None
             time.sleep(delay)

@@ -1,6 +1,6 @@
 """The ``fastmfd`` command.
 
-Each subcommand is a function ``cmd_<name>(args) -> int`` plus an entry in
+Each subcommand is a function ``cmd_<name>(args) -> int`` plus its entry in
 ``_build_parser``; the work itself lives in the library modules, so every
 command is also available from Python.
 """
@@ -8,9 +8,69 @@ command is also available from Python.
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 
 from .errors import FastMFDError
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """``4096``, ``64K``, ``256M``, ``1G``, ``1.5GiB`` -> bytes (binary units)."""
+    match = _SIZE.match(text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 4096, 64K, 256M, 1G)")
+    number, unit = float(match.group(1)), match.group(2).lower()
+    scale = 1 << (10 * ("kmgt".index(unit) + 1)) if unit else 1
+    return int(number * scale)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+    ok = run_demo(size=args.size, channels=args.channels, compression=args.compression,
+                  devices=not args.no_devices, device_size=args.device_size,
+                  rate=args.device_rate)
+    return 0 if ok else 1
+
+
+def _config(args: argparse.Namespace):
+    from .config import MigrationConfig
+    return MigrationConfig(channels=args.channels, compression=args.compression,
+                           compression_level=args.level,
+                           zero_page_detection=not args.no_zero_detection,
+                           checksum=args.checksum)
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from .report import stats_table
+    from .transfer import ImageSpec, StateSpec, send_images
+    config = _config(args)
+    stats = send_images(args.address, config, [ImageSpec.parse(i) for i in args.images],
+                        [StateSpec.parse(s) for s in args.state], progress=not args.quiet)
+    if not args.quiet:
+        Console().print(stats_table(stats, channels=f"{config.channels} × "
+                                                    f"{config.compression}"))
+    return 0
+
+
+def cmd_listen(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from .report import format_bytes
+    from .transfer import listen_once
+    console = Console(stderr=True)
+    result, files = listen_once(
+        args.address, args.dir, timeout=args.timeout,
+        on_listening=lambda address: console.print(f"listening on {address}"))
+    for name, path in files.items():
+        console.print(f"{name} -> {path} ({format_bytes(os.path.getsize(path))})")
+    console.print(f"received in {result.stats.total_time_s * 1000:.0f} ms, "
+                  f"{result.stats.rounds} round(s)")
+    return 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -29,6 +89,40 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Move memory images and ordered device state over parallel connections "
                     "(QEMU multifd, rebuilt).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="a live migration on this machine, then the seed's "
+                                    "device-state downtime experiment")
+    p.add_argument("--size", type=parse_size, default=1 << 30, help="image size (default 1G)")
+    p.add_argument("--channels", type=int, default=2, help="multifd channels (default 2)")
+    p.add_argument("--compression", choices=("none", "zlib", "zstd"), default="none")
+    p.add_argument("--no-devices", action="store_true", help="skip the device-state experiment")
+    p.add_argument("--device-size", type=parse_size, default=100 << 20,
+                   help="state per device in the experiment (default 100M)")
+    p.add_argument("--device-rate", type=parse_size, default=200 << 20,
+                   help="emulated per-device read and load rate, bytes/s (default 200M)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("send", help="send image files (and device state files) to a listener")
+    p.add_argument("address", help="tcp:HOST:PORT or unix:PATH of `fastmfd listen`")
+    p.add_argument("images", nargs="+", metavar="IMAGE",
+                   help="PATH or NAME=PATH of a memory image (size a multiple of 4096)")
+    p.add_argument("--state", action="append", default=[], metavar="IDSTR[:N]=PATH",
+                   help="a device state file (repeatable)")
+    p.add_argument("--channels", type=int, default=2, help="multifd channels (default 2)")
+    p.add_argument("--compression", choices=("none", "zlib", "zstd"), default="none")
+    p.add_argument("--level", type=int, default=1, help="compression level (default 1)")
+    p.add_argument("--no-zero-detection", action="store_true",
+                   help="send zero pages as data")
+    p.add_argument("--checksum", action="store_true", help="CRC-32 every packet's payload")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress, no summary")
+    p.set_defaults(func=cmd_send)
+
+    p = sub.add_parser("listen", help="receive one migration into files")
+    p.add_argument("address", help="tcp:HOST:PORT (port 0 picks one) or unix:PATH")
+    p.add_argument("--dir", default=".", help="output directory (default: here)")
+    p.add_argument("--timeout", type=float, default=3600.0,
+                   help="seconds to wait for the sender (default 3600)")
+    p.set_defaults(func=cmd_listen)
 
     p = sub.add_parser("inspect", help="decode captured multifd channel bytes (fastmfd or QEMU)")
     from . import inspect

@@ -70,7 +70,7 @@ class Destination:
     """
 
     def __init__(self, address: str, *, workers: int = 4, timeout: float = 30.0,
-                 max_queued_bytes: int | None = None) -> None:
+                 max_queued_bytes: int | None = None, region_factory=None) -> None:
         requested = parse_address(address)
         if workers < 0:
             raise ConfigError(f"workers must be >= 0, not {workers}")
@@ -80,6 +80,7 @@ class Destination:
         self._prespawn = workers
         self.timeout = timeout
         self._queued_cap = max_queued_bytes
+        self._region_factory = region_factory
         self._user_regions: dict[str, Region] = {}
         self._loaders: dict[tuple[str, int], object] = {}
         self._workers: WorkerSet | None = None
@@ -106,7 +107,12 @@ class Destination:
         self.close()
 
     def add_region(self, region: Region) -> None:
-        """Receive into ``region`` (it must match the source's size) instead of a new one."""
+        """Receive into ``region`` (it must match the source's size) instead of a new one.
+
+        Regions the source sends that were not added are created in shared
+        memory, or by ``region_factory(name, size, page_size)`` when the
+        Destination was given one (``fastmfd listen`` maps files that way).
+        """
         if region.name in self._user_regions:
             raise ConfigError(f"two regions named {region.name!r}")
         self._user_regions[region.name] = region
@@ -117,6 +123,16 @@ class Destination:
             if not callable(getattr(loader, method, None)):
                 raise ConfigError(f"loader for {idstr!r} has no {method}() method")
         self._loaders[(idstr, instance_id)] = loader
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        """Fail the session from another thread: ``receive()`` raises MigrationError
+        promptly, even while it still waits for the source to connect."""
+        self._failure.fail(MigrationError(reason))
+        if self._listener is not None:
+            try:
+                self._listener.shutdown(socket.SHUT_RDWR)   # wakes a blocked accept()
+            except OSError:
+                pass
 
     def close(self) -> None:
         """Stop every process and free every resource (idempotent)."""
@@ -245,7 +261,10 @@ class Destination:
         self._fresh: list[bool] = []
         for name, size in regions:
             region = self._user_regions.get(name)
-            if region is None:
+            if region is None and self._region_factory is not None:
+                region = self._own(self._region_factory(name, size, cfg.page_size))
+                self._user_regions[name] = region
+            elif region is None:
                 region = self._own(Region.create(name, size, page_size=cfg.page_size))
             elif region.size != size or region.page_size != cfg.page_size:
                 raise ConfigError(f"region {name!r}: the source sends {size} bytes in "

@@ -34,9 +34,9 @@ section (device sections are not decoded, but the stream must end with
 QEMU_VM_EOF and the VM description, which QEMU sends in precopy unless the
 machine suppresses it); a multifd channel cut exactly at a packet boundary is
 only caught when its main channel is in the capture (SYNC count against the
-main channel's round ends); compressed device-state packets cannot be
-inspected (the header does not say how large the chunk inflates, so it cannot
-be decompressed with a bound).
+main channel's round ends). A compressed device-state packet is inflated
+with a bound — the SETUP's chunk size, or 64 MiB without SETUP — since its
+header does not say how large the chunk is.
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ __all__ = ["Capture", "Channel", "FastmfdMainChannel", "PacketRecord", "read_cap
 LAYOUTS = (_core.LAYOUT_CURRENT, _core.LAYOUT_QEMU72)
 COMPRESSION_FLAGS = {"none": 0, "zlib": _core.FLAG_ZLIB, "zstd": _core.FLAG_ZSTD}
 COMPRESSION_NAMES = {flag: name for name, flag in COMPRESSION_FLAGS.items()}
+DEFAULT_CHUNK_LIMIT = 64 << 20          # device chunk bound when no SETUP says otherwise
 # Compression bits of the flags word: 3 bits in 7.2, 5 now (spec §2.4).
 COMPRESSION_MASK = {_core.LAYOUT_QEMU72: 0x0E, _core.LAYOUT_CURRENT: 0x3E}
 CHANNEL_HEADER_PREFIX = (4).to_bytes(8, "big")    # BE u64 header_size = 4 (DESIGN §4.1)
@@ -309,6 +310,7 @@ class _Session:
     channels: int | None = None
     regions: dict[str, int] | None = None
     devices: list[tuple[str, int]] | None = None
+    chunk_size: int | None = None           # largest device chunk's data, from SETUP
 
 
 def _classify(reader: ByteReader) -> tuple[str, int | None]:
@@ -440,6 +442,7 @@ def _apply_setup(setup: dict, session: _Session) -> None:
     get("device_state_channels", integer(0, session.channels), f"0..{session.channels}", 0)
     get("channel_header", lambda v: isinstance(v, bool), "a boolean", True)
     session.checksum = get("checksum", lambda v: isinstance(v, bool), "a boolean", False)
+    session.chunk_size = get("chunk_size", integer(1, 1 << 30), "1..1 GiB", None)
 
     def region(v):
         return (isinstance(v, dict) and _valid_name(v.get("name"))
@@ -603,6 +606,19 @@ class _ChannelDecoder:
         return [memoryview(bytes(out[i * page_size:(i + 1) * page_size]))
                 for i in range(count)]
 
+    def _inflate_chunk(self, payload: memoryview, at: int) -> memoryview:
+        """A compressed device chunk, inflated through the channel's stream."""
+        if self.stream is None:
+            self.stream = _core.make_codec(COMPRESSION_NAMES[self.compression],
+                                           compressing=False)
+        limit = (self.session.chunk_size or DEFAULT_CHUNK_LIMIT) + _core.CHUNK_HEADER_SIZE
+        out = bytearray(limit)
+        try:
+            produced = self.stream.decompress_upto(payload, out)
+        except ProtocolError as exc:
+            raise self.reader.locate(exc, at) from None
+        return memoryview(out)[:produced]
+
     def _device_packet(self, at: int, flags: int) -> None:
         reader = self.reader
         header = reader.take(_core.DEVICE_HEADER_SIZE, "device state header")
@@ -612,11 +628,6 @@ class _ChannelDecoder:
             flags, idstr, instance_id, size = _core.decode_device_header(header, comp)
         except ProtocolError as exc:
             raise reader.locate(exc, at) from None
-        if flags & COMPRESSION_MASK[self.layout]:
-            raise reader.error(f"device state packet field 'flags': received {flags:#x}; "
-                               "compressed device state cannot be inspected (its inflated "
-                               "size is not on the wire)", field="flags", received=flags,
-                               expected="0x40 (uncompressed)", at=at)
         known = self.session.devices
         if known is not None and (idstr, instance_id) not in known:
             raise reader.error(f"device state packet: unknown device {idstr!r} instance "
@@ -624,6 +635,8 @@ class _ChannelDecoder:
                                expected="a device of SETUP", at=at)
         payload_at = reader.pos
         payload = reader.take(size, "device state payload")
+        if flags & COMPRESSION_MASK[self.layout]:
+            payload = self._inflate_chunk(payload, payload_at)
         self.devices.add(idstr, instance_id, payload, reader, payload_at)
         self.channel.packets.append(PacketRecord(
             at, "device", flags, None, idstr, 0, 0, reader.pos - at, size, self.round))

@@ -96,6 +96,8 @@ class Region:
         missing file is created and a shorter one extended (with zeros).
         """
         validate_region_name(name)
+        if size is not None:
+            _validate_size(name, size, page_size)     # before O_CREAT: refuse, create nothing
         path = os.fspath(path)
         flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if size is not None else 0)
         try:
@@ -190,18 +192,41 @@ class Region:
     def close(self) -> None:
         """Unmap; the owner also removes the shared-memory segments.
 
-        Views handed out (``array``, ``buffer`` slices) must be dropped first.
+        Views handed out (``array``, ``buffer`` slices) must be dropped first:
+        while one is alive this raises ``BufferError`` and the region stays
+        open and usable. The owner's segments are unlinked even then, so none
+        outlives this call, whatever the caller does next.
         """
         if self._buffer is None:
             return
+        for segment in self._owned_segments():
+            segment.unlink()
         self._array = None
-        buffer, self._buffer = self._buffer, None
+        self._unmap()
+        self._buffer = None
+        self._dirty.close()
+
+    def _owned_segments(self) -> list[SharedMemory]:
+        segments = [self._dirty.segment]
+        if self._kind == "shm":
+            segments.append(self._mapping)
+        return [s for s in segments if s.owner]
+
+    def _unmap(self) -> None:
+        """Unmap the data; on BufferError keep (or restore) a usable ``_buffer``."""
+        if self._kind == "shm":
+            try:
+                self._mapping.close()
+            except BufferError:
+                self._buffer = self._mapping.buf
+                raise
+            return
+        self._buffer.release()          # fails first, changing nothing, if exported
         try:
-            if self._kind == "file":
-                buffer.release()
             self._mapping.close()
-        finally:
-            self._dirty.close()
+        except BufferError:             # slices of the buffer still hold the mapping
+            self._buffer = memoryview(self._mapping)
+            raise
 
     def __enter__(self) -> "Region":
         return self

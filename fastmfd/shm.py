@@ -35,11 +35,17 @@ SEGMENT_PREFIX = "fastmfd-"
 
 
 def list_segments() -> list[str]:
-    """Names of the fastmfd segments that exist now (for leak checks)."""
+    """Names of the fastmfd segments that exist now (for leak checks).
+
+    Only regular files are segments: a directory someone made there with the
+    same prefix (a scratch dir, say) is not.
+    """
     try:
-        return sorted(n for n in os.listdir(SHM_DIR) if n.startswith(SEGMENT_PREFIX))
+        entries = list(os.scandir(SHM_DIR))
     except FileNotFoundError:
         return []
+    return sorted(e.name for e in entries
+                  if e.name.startswith(SEGMENT_PREFIX) and e.is_file(follow_symlinks=False))
 
 
 class SharedMemory:
@@ -52,14 +58,18 @@ class SharedMemory:
         self.size = size
         self.owner = owner
         self._mmap: mmap.mmap | None = mapping
-        self._buf: memoryview | None = memoryview(mapping) if size else memoryview(b"")
+        self._buf: memoryview | None = memoryview(mapping)
 
     @classmethod
     def create(cls, size: int, *, tag: str = "seg", allocate: bool = True) -> "SharedMemory":
         """Create and map a new segment of ``size`` bytes, filled with zeros."""
-        if size < 0:
-            raise ConfigError(f"segment size {size} is negative")
-        tag = "".join(c if c.isalnum() or c in "._-" else "_" for c in tag)[:40]
+        if size <= 0:
+            # A mapping cannot be empty (mmap refuses a zero-length file).
+            raise ConfigError(f"segment size {size}: a segment holds at least 1 byte")
+        # ASCII only: the resource tracker speaks ASCII, and a name it cannot
+        # register is a segment nobody would clean up.
+        tag = "".join(c if c.isascii() and (c.isalnum() or c in "._-") else "_"
+                      for c in tag)[:40]
         while True:
             name = f"{SEGMENT_PREFIX}{tag}-{secrets.token_hex(6)}"
             path = os.path.join(SHM_DIR, name)
@@ -68,16 +78,19 @@ class SharedMemory:
                 break
             except FileExistsError:
                 continue
+        registered = False
         try:
-            resource_tracker.register("/" + name, "shared_memory")
             try:
+                resource_tracker.register("/" + name, "shared_memory")
+                registered = True
                 os.ftruncate(fd, size)
-                if allocate and size:
+                if allocate:
                     os.posix_fallocate(fd, 0, size)
-                mapping = mmap.mmap(fd, max(size, 1))
+                mapping = mmap.mmap(fd, size)
             except BaseException:
                 os.unlink(path)
-                resource_tracker.unregister("/" + name, "shared_memory")
+                if registered:
+                    resource_tracker.unregister("/" + name, "shared_memory")
                 raise
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.ENOMEM):
@@ -107,8 +120,10 @@ class SharedMemory:
             actual = os.fstat(fd).st_size
             if size is not None and actual != size:
                 raise ConfigError(f"segment {name!r} has {actual} bytes, expected {size}")
+            if actual == 0:
+                raise ConfigError(f"segment {name!r} is empty")
             flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if populate else 0)
-            mapping = mmap.mmap(fd, max(actual, 1), flags=flags)
+            mapping = mmap.mmap(fd, actual, flags=flags)
         finally:
             os.close(fd)
         return cls(name, actual, mapping, owner=False)

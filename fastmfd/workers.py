@@ -131,8 +131,7 @@ class WorkerSet:
         return worker
 
     def stop(self, timeout: float = 2.0) -> None:
-        """Tell idle workers to exit, wait up to ``timeout`` for all of them, kill what
-        is left, close the pipes."""
+        """Tell idle workers to exit, wait briefly, kill what is left, close the pipes."""
         for worker in self.workers:
             if worker.process.exitcode is None:
                 try:
@@ -140,11 +139,10 @@ class WorkerSet:
                 except OSError:
                     pass
         deadline = time.monotonic() + timeout
-        # wait() returns at the first exit (and sleeps its whole timeout on an
-        # empty list), so loop until every worker is gone or time is up.
-        while running := [w.sentinel for w in self.workers if w.process.exitcode is None]:
+        while True:
+            running = [w.sentinel for w in self.workers if w.process.exitcode is None]
             left = deadline - time.monotonic()
-            if left <= 0:
+            if not running or left <= 0:
                 break
             connection.wait(running, left)
         self.kill()

@@ -64,10 +64,10 @@ def main_channel(setup: dict, messages: list[tuple[Msg, object]], *,
 
 def setup_message(uuid: bytes, regions: dict[str, int], *, channels: int = 2,
                   packet_pages: int = 128, page_size: int = 4096, compression: str = "none",
-                  devices: list[tuple[str, int]] = ()) -> dict:
+                  devices: list[tuple[str, int]] = (), chunk_size: int = 1 << 20) -> dict:
     return {"uuid": uuid.hex(), "page_size": page_size, "packet_pages": packet_pages,
             "compression": compression, "channels": channels, "device_state_channels": 0,
-            "channel_header": True,
+            "channel_header": True, "chunk_size": chunk_size,
             "regions": [{"name": n, "size": s} for n, s in regions.items()],
             "devices": [{"idstr": i, "instance_id": n} for i, n in devices]}
 
@@ -124,8 +124,12 @@ class ChannelWriter:
     def device(self, idstr: str, instance_id: int, idx: int, data: bytes,
                last: bool = False) -> "ChannelWriter":
         body = chunk(idx, data, last)
+        flags = 0
+        if self.compressor is not None:     # the channel's one stream, as RAM packets use
+            body = self.compressor.compress(body)
+            flags = self.compressor.flag
         header = bytearray(_core.DEVICE_HEADER_SIZE)
-        _core.encode_device_header(header, idstr, instance_id, len(body))
+        _core.encode_device_header(header, idstr, instance_id, len(body), flags=flags)
         self.parts += [bytes(header), body]
         return self
 
@@ -193,9 +197,11 @@ class Session:
         self.num += 1
         return self.num
 
-    def files(self, messages_after_setup: list, devices=()) -> dict[str, bytes]:
+    def files(self, messages_after_setup: list, devices=(),
+              chunk_size: int = 1 << 20) -> dict[str, bytes]:
         setup = setup_message(SESSION_UUID, REGIONS, packet_pages=PACKET_PAGES,
-                              compression=self.compression, devices=list(devices))
+                              compression=self.compression, devices=list(devices),
+                              chunk_size=chunk_size)
         return {"main.bin": main_channel(setup, messages_after_setup),
                 **{f"ch{i}.bin": w.bytes() for i, w in enumerate(self.channels)}}
 

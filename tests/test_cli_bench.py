@@ -17,7 +17,6 @@ import pytest
 from leakcheck import leaks  # noqa: F401
 
 from fastmfd import images
-from fastmfd.bench import parse_size
 from fastmfd.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,13 +36,13 @@ def no_scratch_left():
 def test_matrix_with_peer_verifies_prints_and_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     code = main(["bench", "--size", "1M", "--channels", "1,2", "--compression", "none,zstd",
-                 "--image", "mixed", "--peer", "sendall", "--repeat", "2",
+                 "--image", "halftext", "--peer", "sendall", "--repeat", "2",
                  "--json", str(out)])
     printed = capsys.readouterr()
     assert code == 0, printed.err
     labels = ["fastmfd 1ch none", "fastmfd 2ch none", "fastmfd 1ch zstd-1",
               "fastmfd 2ch zstd-1", "sendall (1 socket)"]
-    table, chart = printed.out.split("throughput, mixed image")
+    table, chart = printed.out.split("throughput, halftext image")
     for label in labels:
         assert label in table
         assert any(label in line and "█" in line for line in chart.splitlines())
@@ -54,7 +53,7 @@ def test_matrix_with_peer_verifies_prints_and_writes_json(tmp_path, capsys):
     results = json.loads(out.read_text())
     assert [r["label"] for r in results] == labels
     for r in results:
-        assert r["image"] == "mixed" and r["image_bytes"] == 1 << 20
+        assert r["image"] == "halftext" and r["image_bytes"] == 1 << 20
         assert len(r["runs_s"]) == 2 and r["best_s"] == min(r["runs_s"])
     fastmfd = [r for r in results if r["method"] == "fastmfd"]
     # Half the pages are zero: fastmfd sends them as offsets only.
@@ -82,11 +81,11 @@ def test_a_destination_that_differs_fails_the_command(monkeypatch, capsys):
 @pytest.mark.parametrize("args, message", [
     (["--size", "12X"], "argument --size: '12X' is not a size"),
     (["--size", "1000"], "not a whole number of 4 KiB pages"),
-    (["--size", "0"], "not a positive whole number of bytes"),
+    (["--size", "0"], "argument --size: '0' is not a positive size"),
     (["--channels", "0,2"], "channel counts must be >= 1"),
     (["--channels", "two"], "is not a comma-separated list"),
     (["--compression", "none,lz4"], "lz4: choose from none, zlib, zstd"),
-    (["--image", "noise"], "noise: choose from random, mixed, zero"),
+    (["--image", "noise"], "noise: choose from random, text, mixed, halftext, zero"),
     (["--repeat", "0"], "argument --repeat: '0' is not a positive whole number"),
     (["--peer", "scp"], "argument --peer: invalid choice: 'scp'"),
 ])
@@ -107,11 +106,3 @@ def test_settings_that_cannot_run_exit_1_before_any_work(args, message, capsys):
     printed = capsys.readouterr()
     assert printed.err.startswith(f"fastmfd bench: {message}")
     assert "making" not in printed.err
-
-
-@pytest.mark.parametrize("text, size", [
-    ("4096", 4096), ("64K", 64 << 10), ("256M", 256 << 20), ("1G", 1 << 30),
-    ("1GiB", 1 << 30), ("1.5M", 3 << 19), ("2mb", 2 << 20),
-])
-def test_parse_size(text, size):
-    assert parse_size(text) == size

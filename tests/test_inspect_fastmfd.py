@@ -208,16 +208,25 @@ def test_two_channels_with_one_id(tmp_path):
     assert located(info.value, paths[2]) == 12 + 24
 
 
-def test_compressed_device_state_is_refused(tmp_path):
-    session = Session("zlib")
-    header = bytearray(_core.DEVICE_HEADER_SIZE)
-    _core.encode_device_header(header, "nic0", 0, 20, flags=_core.FLAG_ZLIB)
-    session.channels[0].parts += [bytes(header), bytes(20)]
-    paths = write_files(tmp_path, session.files([(Msg.COMPLETE, {})], devices=[("nic0", 0)]))
+@pytest.mark.parametrize("compression", ["zlib", "zstd"])
+def test_compressed_device_state_shares_the_channel_stream(tmp_path, compression):
+    session = two_rounds(compression)
+    data = bytes(range(256)) * 64
+    session.channels[0].device("nic0", 0, 1, data[:5000], last=True)
+    session.channels[1].device("nic0", 0, 0, data)
+    paths = write_files(tmp_path, session.files(ROUND_ENDS, devices=[("nic0", 0)]))
+    capture = read_capture(paths)
+    assert capture.devices[("nic0", 0)] == data + data[:5000]
+
+
+def test_compressed_device_chunk_over_the_chunk_size_is_refused(tmp_path):
+    session = two_rounds("zstd")
+    session.channels[0].device("nic0", 0, 0, bytes(5000), last=True)
+    files = session.files(ROUND_ENDS, devices=[("nic0", 0)], chunk_size=4096)
+    paths = write_files(tmp_path, files)
     with pytest.raises(ProtocolError) as info:
         read_capture(paths)
-    assert info.value.field == "flags" and "cannot be inspected" in str(info.value)
-    assert located(info.value, paths[1]) == 12 + 64
+    assert info.value.field == "payload" and "more than a chunk" in str(info.value)
 
 
 def test_distinct_pages_are_bounded(tmp_path):

@@ -1,0 +1,181 @@
+"""``fastmfd demo``: a whole live migration on this machine, then the seed's
+downtime experiment.
+
+Part 1 — live migration. A 1 GiB image (half zero pages, the rest text and
+random pages) in shared memory; a separate *workload* process keeps
+rewriting pages and marking them dirty while the source iterates; when the
+remaining dirty pages fit the downtime limit the source stops the workload
+(``on_stop``), sends the last pages and completes. The destination's copy
+is compared with the source's final content.
+
+Part 2 — the experiment of the patch series *Multifd device state transfer
+support with VFIO consumer*: four devices of 100 MiB whose state can only be
+read (and loaded) at an emulated per-device rate, migrated the old way
+(device after device on the main channel), the new way (all devices at once
+over the multifd channels) and with dedicated device-state channels. The
+table shows each way's downtime and how much less it is than the old way's.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from .config import MigrationConfig
+from .devices import SyntheticDevice, VerifyLoader
+from .images import fill_image
+from .loopback import migrate_locally
+from .regions import Region
+from .report import stats_table
+from .workers import mp_context
+
+__all__ = ["run_demo", "live_migration", "seed_experiment", "WayResult"]
+
+MiB = 1 << 20
+
+
+# ------------------------------------------------------------------ workload
+
+def _workload(handle, stop, stopped, pages_per_burst: int, seed: int) -> None:
+    """Rewrite random pages in bursts (a guest dirtying memory) until told to stop."""
+    region = Region.attach(handle)
+    try:
+        rng = np.random.default_rng(seed)
+        pages = region.array.reshape(-1, region.page_size)
+        generation = 0
+        while not stop.wait(0.005):
+            generation += 1
+            picked = rng.integers(0, len(pages), pages_per_burst)
+            pages[picked] = (generation % 255) + 1
+            region.dirty.mark_pages(picked)
+    finally:
+        del pages
+        region.close()
+        stopped.set()
+
+
+class Workload:
+    """The workload process, started and stopped around a migration."""
+
+    def __init__(self, region: Region, pages_per_burst: int = 64, seed: int = 1) -> None:
+        ctx = mp_context()
+        self._stop, self._stopped = ctx.Event(), ctx.Event()
+        self._process = ctx.Process(target=_workload, name="fastmfd demo workload",
+                                    args=(region.handle, self._stop, self._stopped,
+                                          pages_per_burst, seed))
+        self._process.start()
+
+    def stop(self) -> None:
+        """Stop writing (the migration's on_stop): returns once no write can follow."""
+        self._stop.set()
+        self._stopped.wait(10)
+        self._process.join(10)
+
+    def close(self) -> None:
+        if self._process.is_alive():
+            self._process.kill()
+        self._process.join()
+
+
+def live_migration(console: Console, size: int, config: MigrationConfig) -> bool:
+    console.rule("[bold]Live migration")
+    console.print(f"Image: {size / MiB:.0f} MiB in shared memory, half zero pages, a quarter "
+                  f"text, a quarter random; a workload process keeps rewriting pages.")
+    region = Region.create("pc.ram", size, page_size=config.page_size)
+    workload = None
+    try:
+        fill_image(region, "mixed")
+        workload = Workload(region)
+        result = migrate_locally(
+            config, [region], live=True, on_stop=workload.stop, progress=True,
+            check=lambda dst: bool(np.array_equal(dst.regions["pc.ram"].array, region.array)))
+    finally:
+        if workload is not None:
+            workload.close()
+        region.close()
+    verdict = ("[green]identical[/] to the source's final content" if result.checked
+               else "[red]DIFFERENT[/] from the source's final content")
+    table = stats_table(result.stats, channels=f"{config.channels} × {config.compression}",
+                        downtime_limit=config.downtime_limit, verdict=verdict)
+    console.print(table)
+    return bool(result.checked)
+
+
+# ------------------------------------------------------------------ seed experiment
+
+@dataclass(frozen=True)
+class WayResult:
+    way: str
+    channels: str
+    downtime_s: float
+    total_s: float
+
+
+def _migrate_devices(config: MigrationConfig, ndevices: int, device_size: int,
+                     rate: float, ram_size: int):
+    region = Region.create("pc.ram", ram_size, page_size=config.page_size)
+    try:
+        fill_image(region, "mixed")
+        devices = [SyntheticDevice(f"0000:00:0{i + 1}.0/vfio", 0, device_size, read_rate=rate,
+                                   seed=i) for i in range(ndevices)]
+        loaders = {(d.idstr, 0): VerifyLoader(device_size, seed=i, write_rate=rate)
+                   for i, d in enumerate(devices)}
+        result = migrate_locally(
+            config, [region], devices=devices, loaders=loaders, live=True,
+            check=lambda dst: bool(np.array_equal(dst.regions["pc.ram"].array, region.array)))
+    finally:
+        region.close()
+    if not result.checked:
+        raise AssertionError("the destination's RAM differs from the source's")
+    return result.stats
+
+
+def seed_experiment(console: Console, *, ndevices: int = 4, device_size: int = 100 * MiB,
+                    rate: float = 200 * MiB, ram_size: int = 64 * MiB,
+                    channels: int = 4) -> list[WayResult]:
+    console.rule("[bold]Device state over multifd: the seed's downtime experiment")
+    console.print(f"{ndevices} devices × {device_size / MiB:.0f} MiB of state, each read and "
+                  f"loaded at {rate / MiB:.0f} MiB/s (an emulated VFIO data fd), plus "
+                  f"{ram_size / MiB:.0f} MiB of RAM.")
+    ways = [
+        ("old way: main channel, device after device",
+         MigrationConfig(channels=channels, channel_header=False), f"{channels}"),
+        ("new way: multifd channels, all devices at once",
+         MigrationConfig(channels=channels), f"{channels} mixed"),
+        ("new way, dedicated device-state channels",
+         MigrationConfig(channels=channels // 2, device_state_channels=channels - channels // 2),
+         f"{channels // 2} RAM + {channels - channels // 2} device"),
+    ]
+    results = []
+    for label, config, channel_text in ways:
+        stats = _migrate_devices(config, ndevices, device_size, rate, ram_size)
+        results.append(WayResult(label, channel_text, stats.downtime_s, stats.total_time_s))
+    old = results[0].downtime_s
+    table = Table(title="Downtime by way of sending device state")
+    for column in ("way", "channels", "downtime", "vs old way"):
+        table.add_column(column, justify="left" if column == "way" else "right")
+    for r in results:
+        change = "—" if r is results[0] else f"{(1 - r.downtime_s / old) * 100:.0f} % less"
+        table.add_row(r.way, r.channels, f"{r.downtime_s * 1000:.0f} ms", change)
+    console.print(table)
+    console.print("The seed measured about 2100 ms → 1100 ms (48 % less) with 4 devices and "
+                  "~400 MiB; reading the devices fully in parallel can cut up to 75 %.")
+    return results
+
+
+def run_demo(*, size: int = 1 << 30, channels: int = 2, compression: str = "none",
+             devices: bool = True, device_size: int = 100 * MiB, rate: float = 200 * MiB,
+             console: Console | None = None) -> bool:
+    """Run both parts; True when the destination matched the source."""
+    console = console or Console()
+    started = time.monotonic()
+    ok = live_migration(console, size, MigrationConfig(channels=channels,
+                                                       compression=compression))
+    if devices:
+        seed_experiment(console, device_size=device_size, rate=rate)
+    console.print(f"[dim]demo finished in {time.monotonic() - started:.1f} s")
+    return ok

@@ -1,0 +1,140 @@
+"""Run a whole migration on this machine: a Destination receiving in a thread
+and a Source sending to it, over loopback TCP (or a Unix socket).
+
+The demo, ``fastmfd bench`` and the benchmarks all need exactly this. It
+comes in steps, so a benchmark can time the migration alone::
+
+    migration = LoopbackMigration(config, regions, ...)   both sides entered: workers started
+    stats = migration.run(live=...)                       Source.migrate(); receive() in a thread
+    result = migration.finish(check)                      check(DestinationResult) while the
+                                                          destination's regions are open; close
+    (migration.close() frees everything without checking)
+
+and as one call, :func:`migrate_locally`.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+from .config import MigrationConfig
+from .destination import Destination, DestinationResult
+from .errors import MigrationError
+from .source import Source
+from .stats import MigrationStats, ReceiveStats
+
+__all__ = ["LoopbackResult", "LoopbackMigration", "migrate_locally"]
+
+
+@dataclass(frozen=True)
+class LoopbackResult:
+    stats: MigrationStats
+    received: ReceiveStats
+    checked: object                 # what ``check`` returned
+
+
+class LoopbackMigration:
+    """One migration of ``regions`` and ``devices`` to a destination in this process.
+
+    Creating it enters the Destination and the Source, which starts their
+    worker processes; ``loaders`` maps ``(idstr, instance_id)`` to a loader;
+    ``receive_into`` lists regions the destination receives into instead of
+    creating its own.
+    """
+
+    def __init__(self, config: MigrationConfig, regions: list, *, devices: list = (),
+                 loaders: dict | None = None, receive_into: list = (),
+                 address: str = "tcp:127.0.0.1:0") -> None:
+        self._outcome: dict = {}
+        self._thread: threading.Thread | None = None
+        self._src: Source | None = None
+        self._stats: MigrationStats | None = None
+        self._dst: Destination | None = Destination(address, workers=config.total_channels)
+        try:
+            self._dst.__enter__()
+            for region in receive_into:
+                self._dst.add_region(region)
+            for (idstr, instance_id), loader in (loaders or {}).items():
+                self._dst.add_loader(idstr, instance_id, loader)
+            self._src = Source(self._dst.address, config).__enter__()
+            for region in regions:
+                self._src.add_region(region)
+            for device in devices:
+                self._src.add_device(device)
+        except BaseException:
+            self.close()
+            raise
+
+    def run(self, *, live: bool = False, on_stop=None, on_resume=None,
+            progress: bool = False) -> MigrationStats:
+        """The migration itself (:meth:`Source.migrate`); raises the source's error."""
+        # The receiving thread starts here, so a migration closed before it
+        # runs has no thread waiting for a source that never comes.
+        self._thread = threading.Thread(target=self._receive, daemon=True,
+                                        name="fastmfd loopback destination")
+        self._thread.start()
+        try:
+            self._stats = self._src.migrate(live=live, on_stop=on_stop, on_resume=on_resume,
+                                            progress=progress)
+        except BaseException as exc:
+            # The destination may not have heard from the source at all.
+            self._dst.cancel(f"the source failed: {exc}")
+            raise
+        return self._stats
+
+    def _receive(self) -> None:
+        try:
+            self._outcome["result"] = self._dst.receive()
+        except BaseException as exc:        # reported by finish(), after the source's
+            self._outcome["error"] = exc
+
+    def finish(self, check: Callable[[DestinationResult], object] | None = None
+               ) -> LoopbackResult:
+        """Wait for the destination, call ``check`` on its result, free everything."""
+        try:
+            if self._thread is None or self._stats is None:
+                raise MigrationError("the migration has not run")
+            self._thread.join()
+            if "error" in self._outcome:
+                raise self._outcome["error"]
+            result = self._outcome.pop("result")
+            checked = check(result) if check is not None else None
+            return LoopbackResult(self._stats, result.stats, checked)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop both sides and free every resource (idempotent)."""
+        if self._src is not None:
+            self._src.close()
+            self._src = None
+        if self._dst is not None:
+            if self._thread is not None and self._thread.is_alive():
+                self._dst.cancel("the loopback migration was closed")
+                self._thread.join()
+            self._dst.close()
+            self._dst = None
+
+    def __enter__(self) -> "LoopbackMigration":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def migrate_locally(config: MigrationConfig, regions: list, *, devices: list = (),
+                    loaders: dict | None = None, live: bool = False, on_stop=None,
+                    on_resume=None, progress: bool = False, receive_into: list = (),
+                    check: Callable[[DestinationResult], object] | None = None,
+                    address: str = "tcp:127.0.0.1:0") -> LoopbackResult:
+    """Migrate ``regions`` and ``devices`` to a destination in this process, in one call.
+
+    ``check`` inspects the :class:`~fastmfd.DestinationResult` before the
+    destination closes. Raises the source's error if the session fails.
+    """
+    with LoopbackMigration(config, regions, devices=devices, loaders=loaders,
+                           receive_into=receive_into, address=address) as migration:
+        migration.run(live=live, on_stop=on_stop, on_resume=on_resume, progress=progress)
+        return migration.finish(check)

@@ -1,0 +1,89 @@
+"""``fastmfd send`` / ``fastmfd listen`` and ``fastmfd demo``, run as commands."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from fastmfd.cli import main, parse_size
+from fastmfd.transfer import ImageSpec, StateSpec, listen_once, output_name
+
+PAGE = 4096
+
+
+def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fastmfd", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("text, size", [("4096", 4096), ("64K", 64 << 10), ("256M", 256 << 20),
+                                        ("1G", 1 << 30), ("1.5GiB", 3 << 29)])
+def test_parse_size(text, size):
+    assert parse_size(text) == size
+
+
+def test_specs_parse():
+    assert ImageSpec.parse("dir/pc.ram.img") == ImageSpec("pc.ram", "dir/pc.ram.img")
+    assert ImageSpec.parse("vga=x.bin") == ImageSpec("vga", "x.bin")
+    assert StateSpec.parse("nic0=s.bin") == StateSpec("nic0", 0, "s.bin")
+    assert StateSpec.parse("0000:00:01.0/vfio:3=s.bin") == \
+        StateSpec("0000:00:01.0/vfio", 3, "s.bin")
+    assert output_name("/rom@etc/acpi/tables") == "_rom@etc_acpi_tables"
+
+
+def test_send_to_listen_moves_images_and_state(tmp_path):
+    images = {"ram.img": os.urandom(64 * PAGE) + bytes(64 * PAGE), "rom.bin": os.urandom(PAGE)}
+    for name, data in images.items():
+        (tmp_path / name).write_bytes(data)
+    (tmp_path / "nic.state").write_bytes(b"registers" * 1000)
+    out = tmp_path / "out"
+    listening = threading.Event()
+    box = {}
+
+    def listen():
+        box["result"], box["files"] = listen_once(
+            f"unix:{tmp_path}/sock", str(out), timeout=30,
+            on_listening=lambda address: listening.set())
+
+    thread = threading.Thread(target=listen)
+    thread.start()
+    assert listening.wait(30)
+    done = run_cli("send", f"unix:{tmp_path}/sock", str(tmp_path / "ram.img"),
+                   f"pc.rom={tmp_path / 'rom.bin'}", "--state", f"nic0:1={tmp_path / 'nic.state'}",
+                   "--compression", "zlib", "--quiet")
+    thread.join(60)
+    assert done.returncode == 0, done.stderr
+    assert (out / "ram.img").read_bytes() == images["ram.img"]
+    assert (out / "pc.rom.img").read_bytes() == images["rom.bin"]
+    assert (out / "nic0.1.state").read_bytes() == b"registers" * 1000
+    assert box["result"].stats.zero_pages == 64
+
+
+def test_send_refuses_an_image_that_is_not_whole_pages(tmp_path):
+    (tmp_path / "odd.img").write_bytes(b"x" * 5000)
+    done = run_cli("send", f"unix:{tmp_path}/nobody", str(tmp_path / "odd.img"))
+    assert done.returncode == 1
+    assert "multiple of the page size" in done.stderr
+
+
+def test_send_without_a_listener_fails_clearly(tmp_path):
+    (tmp_path / "a.img").write_bytes(bytes(PAGE))
+    done = run_cli("send", f"unix:{tmp_path}/nobody", str(tmp_path / "a.img"), "--quiet")
+    assert done.returncode == 1
+    assert "cannot connect" in done.stderr
+
+
+def test_bad_address_is_a_usage_error(capsys):
+    assert main(["send", "carrier-pigeon:home", "/dev/null"]) == 1
+    assert "bad address" in capsys.readouterr().err
+
+
+def test_demo_runs_and_verifies():
+    done = run_cli("demo", "--size", "16M", "--device-size", "2M", timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "identical" in done.stdout
+    assert "old way" in done.stdout and "% less" in done.stdout

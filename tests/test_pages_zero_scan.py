@@ -1,0 +1,135 @@
+"""Zero-page detection: is_zero (QEMU's buffer_is_zero) and find_zero_pages.
+
+The scan tests the first 16 bytes on their own, then OR-reduces the body 128
+(AVX2) or 64 (SSE2) bytes at a time, then checks a tail shorter than 64 bytes
+bytewise. A single nonzero byte must be found in each of those places, at
+every alignment, for every length class around the block sizes.
+"""
+
+import numpy as np
+import pytest
+
+from fastmfd._core import find_zero_pages, is_zero
+
+SMALL_LENGTHS = range(1, 300)
+LARGE_LENGTHS = [4095, 4096, 4097, 65536 + 17, 1 << 20]
+
+
+def positions(length):
+    """Where a lone nonzero byte must still be seen, for a buffer of ``length``."""
+    body = length & ~63
+    candidates = {0, 1, 15, 16, 17, 31, 32, 63, 64, 100, 127, 128, 129, 191, 192,
+                  length // 2, length - 1, body - 1, body, body + 1, body - 64 + 32}
+    return sorted(p for p in candidates if 0 <= p < length)
+
+
+def test_empty_buffer_is_zero():
+    assert is_zero(b"")
+
+
+def test_every_position_of_small_buffers():
+    for length in SMALL_LENGTHS:
+        buf = bytearray(length)
+        assert is_zero(buf), length
+        for position in range(length):
+            buf[position] = 0x80
+            assert not is_zero(buf), (length, position)
+            buf[position] = 0
+
+
+@pytest.mark.parametrize("length", LARGE_LENGTHS)
+def test_position_classes_of_large_buffers(length):
+    buf = bytearray(length)
+    assert is_zero(buf)
+    for position in positions(length) + list(range(0, length, 4093)):
+        buf[position] = 1
+        assert not is_zero(buf), position
+        buf[position] = 0
+
+
+@pytest.mark.parametrize("start", range(0, 64))
+def test_unaligned_buffers(start):
+    raw = bytearray(start + 4096 + 100)
+    view = memoryview(raw)[start:start + 4096 + 37]
+    assert is_zero(view)
+    for position in positions(len(view)):
+        view[position] = 0xFF
+        assert not is_zero(view), (start, position)
+        view[position] = 0
+    raw[start - 1 if start else len(raw) - 1] = 1       # outside the view: must not count
+    raw[start + len(view)] = 1
+    assert is_zero(view)
+
+
+def test_every_bit_value_counts():
+    buf = bytearray(4096)
+    for value in (1, 2, 4, 8, 16, 32, 64, 128):
+        buf[3000] = value
+        assert not is_zero(buf)
+
+
+def test_numpy_arrays_and_memoryviews():
+    page = np.zeros(4096, dtype=np.uint8)
+    assert is_zero(page) and is_zero(memoryview(page))
+    page[-1] = 1
+    assert not is_zero(page)
+
+
+# ---------------------------------------------------------------- find_zero_pages
+
+def pages_with_zeros(npages, page_size, zero):
+    buf = np.random.default_rng(0).integers(1, 256, npages * page_size, dtype=np.uint8)
+    for p in zero:
+        buf[p * page_size:(p + 1) * page_size] = 0
+    return buf
+
+
+def test_find_every_zero_page():
+    zero = [0, 3, 4, 17, 63]
+    buf = pages_with_zeros(64, 4096, zero)
+    result = find_zero_pages(buf)
+    assert result.dtype == np.uint64 and result.tolist() == zero
+
+
+def test_a_single_byte_makes_a_page_nonzero():
+    buf = np.zeros(4 * 4096, dtype=np.uint8)
+    buf[4096] = 1                   # page 1, first byte
+    buf[3 * 4096 - 1] = 1           # page 2, last byte
+    buf[3 * 4096 + 2048 + 32] = 1   # page 3, middle of a 64-byte block
+    assert find_zero_pages(buf).tolist() == [0]
+
+
+def test_only_the_pages_asked_for_in_their_order():
+    buf = pages_with_zeros(16, 4096, [1, 5, 9])
+    assert find_zero_pages(buf, pages=[9, 2, 1, 1, 15]).tolist() == [9, 1, 1]
+    assert find_zero_pages(buf, pages=np.array([5], dtype=np.int64)).tolist() == [5]
+    assert find_zero_pages(buf, pages=[]).tolist() == []
+
+
+@pytest.mark.parametrize("page_size", [100, 1000, 4096 + 64, 65536])
+def test_page_sizes_that_are_not_4_kib(page_size):
+    buf = pages_with_zeros(8, page_size, [2, 7])
+    assert find_zero_pages(buf, page_size).tolist() == [2, 7]
+    buf[3 * page_size - 1] = 9      # last byte of page 2 (a tail byte when not a 64 multiple)
+    assert find_zero_pages(buf, page_size).tolist() == [7]
+
+
+def test_a_partial_last_page_is_not_scanned():
+    buf = np.zeros(2 * 4096 + 100, dtype=np.uint8)
+    buf[-1] = 1
+    assert find_zero_pages(buf).tolist() == [0, 1]
+
+
+def test_pages_outside_the_buffer():
+    with pytest.raises(IndexError, match="page 4 outside a buffer of 4 pages"):
+        find_zero_pages(np.zeros(4 * 4096, dtype=np.uint8), pages=[0, 4])
+
+
+def test_result_does_not_keep_the_scratch_array_alive():
+    result = find_zero_pages(np.zeros(64 * 4096, dtype=np.uint8), pages=[3])
+    assert result.base is None and result.tolist() == [3]
+
+
+def test_page_size_zero_is_refused():
+    with pytest.raises(ValueError, match="page_size"):
+        find_zero_pages(np.zeros(4096, dtype=np.uint8), 0)

@@ -1,0 +1,228 @@
+"""fastmfd.regions.Region: named page-aligned memory in shared memory or a MAP_SHARED file."""
+
+import os
+
+import numpy as np
+import pytest
+
+from fastmfd.errors import ConfigError
+from fastmfd.regions import Region
+from fastmfd.shm import list_segments
+
+SIZE = 64 * 4096
+
+
+@pytest.fixture
+def region():
+    with Region.create("pc.ram", SIZE) as region:
+        yield region
+
+
+def region_segments(region):
+    handle = region.handle
+    return {handle.location, handle.dirty} if handle.kind == "shm" else {handle.dirty}
+
+
+def test_create(region):
+    assert (region.name, region.size, region.page_size, region.npages) == \
+        ("pc.ram", SIZE, 4096, 64)
+    array = region.array
+    assert array.dtype == np.uint8 and array.shape == (SIZE,) and not array.any()
+    assert array.flags.writeable
+    assert region_segments(region) <= set(list_segments())
+    assert region.dirty.npages == 64
+
+
+def test_array_and_buffer_share_memory(region):
+    region.array[100] = 7
+    assert region.buffer[100] == 7
+    region.buffer[200] = 9
+    assert region.array[200] == 9
+    assert region.array is region.array
+
+
+def fill_from_child(handle, value):
+    region = Region.attach(handle)
+    assert region.array[0] == 1, "the owner's write must be visible"
+    region.array[4096:8192] = value
+    region.mark_dirty(4096, 4096)
+    region.close()
+
+
+def test_another_process_attaches_by_handle(region, processes):
+    region.array[0] = 1
+    processes.join(processes.start(fill_from_child, region.handle, 0x5A))
+    assert (region.array[4096:8192] == 0x5A).all()
+    assert region.dirty.collect().tolist() == [1]
+
+
+def test_owner_close_unlinks_everything(region):
+    names = region_segments(region)
+    region.close()
+    assert region.closed and not names & set(list_segments())
+    with pytest.raises(ValueError, match="closed"):
+        region.buffer
+    region.close()      # idempotent
+
+
+def test_attacher_close_unlinks_nothing(region):
+    other = Region.attach(region.handle)
+    other.close()
+    assert region_segments(region) <= set(list_segments())
+    region.array[0] = 3
+
+
+@pytest.mark.parametrize("offset, length, pages", [
+    (0, 1, [0]), (4095, 2, [0, 1]), (4096, 4096, [1]), (100, 3 * 4096, [0, 1, 2, 3]),
+    (SIZE - 1, 1, [63]), (0, SIZE, list(range(64))), (500, 0, []),
+])
+def test_mark_dirty_marks_every_page_touched(region, offset, length, pages):
+    region.mark_dirty(offset, length)
+    assert region.dirty.collect().tolist() == pages
+
+
+@pytest.mark.parametrize("offset, length", [(-1, 2), (SIZE, 1), (SIZE - 1, 2)])
+def test_mark_dirty_outside_the_region(region, offset, length):
+    with pytest.raises(IndexError, match="outside region"):
+        region.mark_dirty(offset, length)
+
+
+@pytest.mark.parametrize("name", ["", "x" * 256, "a\0b", b"pc.ram"])
+def test_bad_names(name):
+    with pytest.raises(ConfigError, match="region name"):
+        Region.create(name, SIZE)
+
+
+def test_longest_and_non_ascii_names():
+    for name in ("r" * 255, "mémoire"):
+        with Region.create(name, 4096) as region:
+            assert region.name == name
+
+
+@pytest.mark.parametrize("size, page_size, match", [
+    (0, 4096, "positive multiple"), (-4096, 4096, "positive multiple"),
+    (4095, 4096, "positive multiple"), (4097, 4096, "positive multiple"),
+    (8192, 3000, "not a power of two"), (8192, 0, "not a power of two"),
+])
+def test_bad_sizes(size, page_size, match):
+    with pytest.raises(ConfigError, match=match):
+        Region.create("pc.ram", size, page_size=page_size)
+
+
+def test_other_page_sizes():
+    with Region.create("huge", 4 << 20, page_size=2 << 20) as region:
+        assert region.npages == 2 and region.dirty.npages == 2
+
+
+# ---------------------------------------------------------------- from_file
+
+def test_from_file_creates_and_maps_shared(tmp_path):
+    path = tmp_path / "ram.img"
+    with Region.from_file("pc.ram", path, size=SIZE) as region:
+        assert path.stat().st_size == SIZE and region.handle.kind == "file"
+        assert region.handle.location == str(path)
+        region.array[5000:5004] = [1, 2, 3, 4]
+        # MAP_SHARED: the write is in the file at once, through the page cache.
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            assert os.pread(fd, 4, 5000) == b"\x01\x02\x03\x04"
+        finally:
+            os.close(fd)
+        # And a write to the file is in the mapping.
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            os.pwrite(fd, b"file", 100)
+        finally:
+            os.close(fd)
+        assert bytes(region.array[100:104]) == b"file"
+        assert repr(region) == f"<Region 'pc.ram' {SIZE} bytes ({path})>"
+    assert path.read_bytes()[5000:5004] == b"\x01\x02\x03\x04", "closing keeps the file"
+
+
+def test_from_file_takes_the_file_size(tmp_path):
+    path = tmp_path / "ram.img"
+    path.write_bytes(bytes(range(256)) * 64)         # 16 KiB
+    with Region.from_file("pc.ram", path) as region:
+        assert region.size == 16384 and region.npages == 4
+        assert bytes(region.array[:4]) == b"\x00\x01\x02\x03"
+
+
+def test_from_file_extends_a_short_file(tmp_path):
+    path = tmp_path / "ram.img"
+    path.write_bytes(b"\xff" * 4096)
+    with Region.from_file("pc.ram", path, size=3 * 4096) as region:
+        assert path.stat().st_size == 3 * 4096
+        assert (region.array[:4096] == 0xFF).all() and not region.array[4096:].any()
+
+
+def touch_file_region(handle):
+    region = Region.attach(handle)
+    region.array[:5] = np.frombuffer(b"child", dtype=np.uint8)
+    region.close()
+
+
+def test_file_region_attached_from_another_process(tmp_path, processes):
+    path = tmp_path / "ram.img"
+    with Region.from_file("pc.ram", path, size=SIZE) as region:
+        processes.join(processes.start(touch_file_region, region.handle))
+        assert bytes(region.array[:5]) == b"child"
+    assert path.read_bytes()[:5] == b"child"
+
+
+@pytest.mark.parametrize("content, size, match", [
+    (None, None, "cannot open"),            # missing, and no size to create it with
+    (b"x" * 5000, None, "positive multiple"),
+    (b"", None, "positive multiple"),
+])
+def test_from_file_refuses(tmp_path, content, size, match):
+    path = tmp_path / "ram.img"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ConfigError, match=match):
+        Region.from_file("pc.ram", path, size=size)
+
+
+@pytest.mark.parametrize("size, page_size", [(5000, 4096), (0, 4096), (8192, 1000)])
+def test_from_file_refusing_a_size_creates_no_file(tmp_path, size, page_size):
+    path = tmp_path / "ram.img"
+    with pytest.raises(ConfigError):
+        Region.from_file("pc.ram", path, size=size, page_size=page_size)
+    assert not path.exists()
+
+
+def test_attach_a_file_that_shrank(tmp_path):
+    path = tmp_path / "ram.img"
+    with Region.from_file("pc.ram", path, size=SIZE) as region:
+        os.truncate(path, 4096)
+        with pytest.raises(ConfigError, match="shrank"):
+            Region.attach(region.handle)
+
+
+@pytest.fixture(params=["shm", "file"])
+def any_region(request, tmp_path):
+    if request.param == "shm":
+        region = Region.create("pc.ram", SIZE)
+    else:
+        region = Region.from_file("pc.ram", tmp_path / "ram.img", size=SIZE)
+    yield region
+    region.close()
+
+
+@pytest.mark.parametrize("export", [
+    pytest.param(lambda region: region.array, id="array"),
+    pytest.param(lambda region: region.buffer[10:20], id="slice"),
+])
+def test_close_with_a_live_view_leaks_nothing_and_can_be_retried(any_region, export):
+    region = any_region
+    view = export(region)
+    names = region_segments(region)
+    with pytest.raises(BufferError):
+        region.close()
+    assert not names & set(list_segments()), "the owner's segments must be gone"
+    assert not region.closed
+    region.array[5] = 1
+    region.mark_dirty(5, 1)
+    assert region.dirty.collect().tolist() == [0]
+    del view
+    region.close()
+    assert region.closed

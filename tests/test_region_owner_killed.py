@@ -1,0 +1,128 @@
+"""A region's segments do not outlive its owner's process tree, even after SIGKILL.
+
+The owner registers its segments with multiprocessing's resource tracker, a
+process of the owner's tree that unlinks whatever is still registered once
+every process of the tree is gone. Each test runs a fresh interpreter — its
+own process tree, with its own tracker — so the test run's tracker plays no
+part, then kills the owner with SIGKILL and waits for the segments to go.
+"""
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from fastmfd.shm import list_segments
+
+WAIT = 30.0
+
+# The owner is the root of its tree: create, report, sleep until killed.
+ROOT_OWNER = """
+    import time
+    from fastmfd.regions import Region
+
+    region = Region.create("pc.ram", 1 << 20)
+    region.array[:] = 7
+    print(region.handle.location, region.handle.dirty, flush=True)
+    time.sleep(600)
+"""
+
+# The owner is a worker started by forkserver, as fastmfd's workers are; its
+# parent outlives it until the test closes the parent's stdin (or kills it).
+WORKER_OWNER = """
+    import multiprocessing
+    import os
+    import sys
+    import time
+
+    from fastmfd.regions import Region
+
+
+    def worker(conn):
+        region = Region.create("pc.ram", 1 << 20)
+        conn.send((os.getpid(), region.handle.location, region.handle.dirty))
+        time.sleep(600)
+
+
+    if __name__ == "__main__":
+        ctx = multiprocessing.get_context("forkserver")
+        here, there = ctx.Pipe()
+        proc = ctx.Process(target=worker, args=(there,))
+        proc.start()
+        pid, data, dirty = here.recv()
+        print(data, dirty, pid, flush=True)
+        proc.join()
+        print("worker exit", proc.exitcode, flush=True)
+        sys.stdin.read()
+"""
+
+
+@pytest.fixture
+def run(tmp_path):
+    """Start ``source`` as a script in a new session; kill its whole tree at the end."""
+    started = []
+
+    def start(source):
+        script = tmp_path / f"owner{len(started)}.py"
+        script.write_text(textwrap.dedent(source))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        proc = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=env, start_new_session=True)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)     # a no-op once the test passed
+        proc.communicate()
+
+
+def wait_until_gone(names):
+    deadline = time.monotonic() + WAIT
+    while names & set(list_segments()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return names & set(list_segments())
+
+
+def finish(proc):
+    """Wait for the tree's end: stderr closes once the tracker, its last member, exits."""
+    try:
+        _, stderr = proc.communicate(timeout=WAIT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+    return stderr
+
+
+def test_killed_root_owner(run):
+    proc = run(ROOT_OWNER)
+    names = set(proc.stdout.readline().split())
+    assert len(names) == 2 and names <= set(list_segments())
+    proc.send_signal(signal.SIGKILL)
+    stderr = finish(proc)
+    assert proc.returncode == -signal.SIGKILL
+    assert wait_until_gone(names) == set(), stderr
+    assert "leaked shared_memory" in stderr, "the tracker should have done the unlinking"
+
+
+@pytest.mark.parametrize("tree_end", ["parent-exits", "parent-killed"])
+def test_killed_worker_owner(run, tree_end):
+    proc = run(WORKER_OWNER)
+    data, dirty, pid = proc.stdout.readline().split()
+    names = {data, dirty}
+    assert names <= set(list_segments())
+    os.kill(int(pid), signal.SIGKILL)
+    assert proc.stdout.readline().split() == ["worker", "exit", str(-signal.SIGKILL)]
+    if tree_end == "parent-killed":
+        proc.send_signal(signal.SIGKILL)
+    stderr = finish(proc)       # closes the parent's stdin: it exits if still alive
+    assert wait_until_gone(names) == set(), stderr
+    assert "leaked shared_memory" in stderr
