@@ -363,23 +363,46 @@ cdef int check_zstd(size_t rc, str what) except -1:
     return 0
 
 
-cdef class IsalZlibCodec(Codec):
-    """zlib-format compression with ISA-L (python-isal), for sending only.
+cdef enum:
+    STORED_BLOCK_MAX = 65535        # deflate stored block: at most 65535 bytes after a 5-byte header
+    ZLIB_HEADER_SIZE = 2            # CMF, FLG (no preset dictionary)
 
-    ISA-L's deflate is wire-compatible with zlib and an order of magnitude
-    faster at low levels, most of all on incompressible pages; the pages are
-    gathered into a bounce buffer first, as with libz. Receivers inflate with
-    libz (:class:`ZlibCodec`), which any zlib stream decodes with."""
-    cdef object stream              # isal_zlib compressobj
+
+cdef class IsalZlibCodec(Codec):
+    """zlib-format streams with ISA-L (python-isal), both directions.
+
+    Sending: ISA-L's deflate is wire-compatible with zlib and an order of
+    magnitude faster at low levels; the pages are gathered into a bounce
+    buffer first, as with libz. Where deflate saves under 1/64 of a packet
+    (random pages: ISA-L's Huffman-coded literals come out *larger*), the
+    packet goes as deflate stored blocks instead — the same standard stream,
+    since a SYNC flush leaves it byte-aligned and the compressor's history
+    holds exactly the bytes the inflater's window gets — so the receiver
+    copies it at memory speed instead of decoding 512 KiB of literals.
+
+    Receiving: ISA-L's inflate (2.5x libz on text, 1.5x on literals), into a
+    bytes object then scattered into the pages; the output is bounded by the
+    pages plus one byte, so a payload that inflates to more is caught
+    without writing past them.
+    """
+    cdef bint compressing
+    cdef object stream              # isal_zlib compressobj / decompressobj
     cdef object sync_flush
+    cdef object error               # isal_zlib.error
     cdef object last                # bytes of the last packet, kept alive for writev
+    cdef bint header_sent           # the zlib header opens the stream's first packet
     cdef uint8_t *gather
     cdef size_t gather_cap
 
-    def __cinit__(self, int level=1):
+    def __cinit__(self, bint compressing, int level=1):
         from isal import isal_zlib
         self.flag = FLAG_ZLIB_C
         self.method = "zlib"
+        self.compressing = compressing
+        self.error = isal_zlib.error
+        if not compressing:
+            self.stream = isal_zlib.decompressobj(15)
+            return
         if not 0 <= level <= 9:
             raise ValueError(f"zlib level {level} outside 0..9")
         # zlib levels 1..9 onto ISA-L's 0..3 (ISA-L 1 matches zlib 1's ratio).
@@ -390,10 +413,16 @@ cdef class IsalZlibCodec(Codec):
     def __dealloc__(self):
         PyMem_Free(self.gather)
 
+    cdef size_t bound(self, size_t raw_bytes) noexcept:
+        return (ZLIB_HEADER_SIZE + raw_bytes
+                + 5 * (raw_bytes // STORED_BLOCK_MAX + 1))
+
     cdef ssize_t compress_iov(self, const iovec *iov, size_t n, size_t raw_bytes,
                               const uint8_t **result) except -1:
-        cdef size_t i, pos = 0
+        cdef size_t i, pos = 0, header, size
         cdef uint8_t *grown
+        if not self.compressing:
+            raise ValueError("this zlib stream decompresses")
         if raw_bytes > self.gather_cap:
             grown = <uint8_t *>PyMem_Realloc(self.gather, raw_bytes)
             if grown == NULL:
@@ -406,8 +435,68 @@ cdef class IsalZlibCodec(Codec):
                 pos += iov[i].iov_len
         view = <uint8_t[:pos]>self.gather if pos else b""
         self.last = self.stream.compress(view) + self.stream.flush(self.sync_flush)
-        result[0] = <const uint8_t *>(<bytes>self.last)
-        return len(self.last)
+        header = 0 if self.header_sent else ZLIB_HEADER_SIZE
+        self.header_sent = True
+        size = len(self.last)
+        if pos == 0 or (size - header) * 64 < pos * 63:
+            result[0] = <const uint8_t *>(<bytes>self.last)
+            return size
+        self.reserve(pos)
+        memcpy(self.out, <const uint8_t *>(<bytes>self.last), header)
+        result[0] = self.out
+        return header + store_blocks(self.gather, pos, self.out + header)
+
+    cdef int decompress_iov(self, const uint8_t *src, size_t size, const iovec *iov,
+                            size_t n) except -1:
+        cdef size_t i, expected = 0, pos = 0
+        cdef const uint8_t *data
+        for i in range(n):
+            expected += iov[i].iov_len
+        out = self._inflate(src, size, expected, "its pages")
+        if len(out) < expected:
+            raise inflate_error(len(out), expected, "inflated too few bytes")
+        data = <const uint8_t *>(<bytes>out)
+        with nogil:
+            for i in range(n):
+                memcpy(iov[i].iov_base, data + pos, iov[i].iov_len)
+                pos += iov[i].iov_len
+        return 0
+
+    cdef ssize_t decompress_bounded(self, const uint8_t *src, size_t size, uint8_t *dst,
+                                    size_t cap) except -1:
+        out = self._inflate(src, size, cap, "a chunk may hold")
+        memcpy(dst, <const uint8_t *>(<bytes>out), len(out))
+        return len(out)
+
+    cdef bytes _inflate(self, const uint8_t *src, size_t size, size_t limit, str what):
+        """At most ``limit`` bytes from one packet; more (or a stream that ends) raises."""
+        if self.compressing:
+            raise ValueError("this zlib stream compresses")
+        try:
+            out = self.stream.decompress(<uint8_t[:size]><uint8_t *>src, limit + 1)
+        except self.error as exc:
+            raise inflate_error(0, limit, f"inflate failed: {exc}") from None
+        if len(out) > limit or self.stream.unconsumed_tail:
+            raise inflate_error(limit + 1, limit, f"inflates to more than {what}")
+        if self.stream.eof:
+            raise inflate_error(len(out), limit, "the zlib stream ended, channels never end it")
+        return out
+
+
+cdef size_t store_blocks(const uint8_t *data, size_t size, uint8_t *out) noexcept nogil:
+    """``data`` as deflate stored blocks (not final) at ``out``; returns the bytes written."""
+    cdef size_t pos = 0, written = 0, take
+    while pos < size:
+        take = min(size - pos, <size_t>STORED_BLOCK_MAX)
+        out[written] = 0                                # BFINAL 0, BTYPE 00, byte-aligned
+        out[written + 1] = take & 0xFF                  # LEN, then NLEN, little-endian
+        out[written + 2] = take >> 8
+        out[written + 3] = ~take & 0xFF
+        out[written + 4] = (~take >> 8) & 0xFF
+        memcpy(out + written + 5, data + pos, take)
+        written += 5 + take
+        pos += take
+    return written
 
 
 def isal_available():
@@ -420,12 +509,13 @@ def isal_available():
 
 
 def make_codec(str method, bint compressing, int level=1, bint use_isal=True):
-    """The codec for ``method`` ("zlib" or "zstd"), or None for "none"."""
+    """The codec for ``method`` ("zlib" or "zstd"), or None for "none"; zlib
+    runs on ISA-L when python-isal is installed (and ``use_isal``)."""
     if method == "none":
         return None
     if method == "zlib":
-        if compressing and use_isal and isal_available():
-            return IsalZlibCodec(level)
+        if use_isal and isal_available():
+            return IsalZlibCodec(compressing, level)
         return ZlibCodec(compressing, level)
     if method == "zstd":
         return ZstdCodec(compressing, level)
