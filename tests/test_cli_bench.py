@@ -40,8 +40,8 @@ def test_matrix_with_peer_verifies_prints_and_writes_json(tmp_path, capsys):
                  "--json", str(out)])
     printed = capsys.readouterr()
     assert code == 0, printed.err
-    labels = ["fastmfd 1ch none", "fastmfd 2ch none", "fastmfd 1ch zstd-1",
-              "fastmfd 2ch zstd-1", "sendall (1 socket)"]
+    labels = ["sendall (1 socket)", "fastmfd 1ch none", "fastmfd 2ch none",
+              "fastmfd 1ch zstd-1", "fastmfd 2ch zstd-1"]
     table, chart = printed.out.split("throughput, halftext image")
     for label in labels:
         assert label in table
