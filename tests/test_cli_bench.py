@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -59,6 +60,27 @@ def test_matrix_with_peer_verifies_prints_and_writes_json(tmp_path, capsys):
     # Half the pages are zero: fastmfd sends them as offsets only.
     assert all(r["details"]["zero_pages"] == 128 for r in fastmfd)
     assert all(r["wire_bytes"] < (1 << 20) for r in fastmfd)
+
+
+@pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None,
+                    reason="qemu-system-x86_64 is not installed")
+def test_qemu_peer_migrates_the_same_image(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--size", "16M", "--channels", "2", "--compression", "none,zlib",
+                 "--image", "halftext", "--peer", "qemu", "--json", str(out)])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert "speed vs QEMU" in printed.out
+    results = {r["label"]: r for r in json.loads(out.read_text())}
+    assert set(results) == {"fastmfd 2ch none", "qemu 2ch none", "fastmfd 2ch zlib-1",
+                            "qemu 2ch zlib-1"}
+    qemu = results["qemu 2ch zlib-1"]
+    # QEMU's own view of the run: the image's pages (plus its ROMs) went over.
+    assert qemu["details"]["normal_pages"] >= (16 << 20) // 4096 // 2
+    assert qemu["details"]["qemu_total_time_s"] > 0
+    assert not [line for line in subprocess.run(["ps", "-eo", "args"], capture_output=True,
+                                                text=True).stdout.splitlines()
+                if line.startswith("qemu-system") and "fastmfd-bench-" in line]
 
 
 def test_command_line_entry_point():
