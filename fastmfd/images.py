@@ -181,8 +181,11 @@ class Image:
                 del theirs          # before the view is released
 
     def close(self) -> None:
-        self.region.close()
-        shutil.rmtree(self.directory, ignore_errors=True)
+        """Unmap the region and remove the directory (even if views of it are still out)."""
+        try:
+            self.region.close()
+        finally:
+            shutil.rmtree(self.directory, ignore_errors=True)
 
     def __enter__(self) -> "Image":
         return self
