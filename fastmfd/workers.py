@@ -27,6 +27,7 @@ import multiprocessing
 import signal
 import sys
 import threading
+import time
 import traceback
 from multiprocessing import connection, reduction
 
@@ -130,15 +131,22 @@ class WorkerSet:
         return worker
 
     def stop(self, timeout: float = 2.0) -> None:
-        """Tell idle workers to exit, wait briefly, kill what is left, close the pipes."""
+        """Tell idle workers to exit, wait up to ``timeout`` for all of them, kill what
+        is left, close the pipes."""
         for worker in self.workers:
             if worker.process.exitcode is None:
                 try:
                     worker.conn.send(None)
                 except OSError:
                     pass
-        connection.wait([w.sentinel for w in self.workers if w.process.exitcode is None],
-                        timeout)
+        deadline = time.monotonic() + timeout
+        # wait() returns at the first exit (and sleeps its whole timeout on an
+        # empty list), so loop until every worker is gone or time is up.
+        while running := [w.sentinel for w in self.workers if w.process.exitcode is None]:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            connection.wait(running, left)
         self.kill()
         for worker in self.workers:
             worker.conn.close()
