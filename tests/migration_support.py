@@ -555,3 +555,30 @@ class Proxy:
                 link.client.sendall(data)
             except OSError:
                 pass
+
+
+# ---------------------------------------------------------------- a live workload
+
+def keep_writing(handle, stop, running, seed: int, block: int = 16) -> None:
+    """A workload in its own process: until ``stop`` is set, rewrite random blocks of
+    ``block`` pages of the region (one in ten with zeros, the others with random
+    bytes, which no compression shrinks) and mark them dirty. Each write is marked
+    after it lands: once this process has exited, every write it made is in the
+    dirty bitmap."""
+    region = fastmfd.Region.attach(handle)
+    pages = region.array.reshape(-1, region.page_size)
+    rng = np.random.default_rng(seed)
+    size = block * region.page_size
+    try:
+        while not stop.is_set():
+            first = int(rng.integers(len(pages) - block + 1))
+            if rng.random() < 0.1:
+                pages[first:first + block] = 0
+            else:
+                pages[first:first + block] = np.frombuffer(rng.bytes(size), np.uint8).reshape(
+                    block, region.page_size)
+            region.mark_dirty(first * region.page_size, size)
+            running.set()
+    finally:
+        del pages
+        region.close()
