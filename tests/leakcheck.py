@@ -76,8 +76,9 @@ class LeakCheck:
         infra = _infrastructure_pids()
         return [p for p in multiprocessing.active_children() if p.pid not in infra]
 
-    def segments(self) -> set[str]:
-        return self.created & set(list_segments())
+    def segments(self, keep=()) -> set[str]:
+        kept = {name for region in keep for name in (region.handle.location, region.handle.dirty)}
+        return (self.created - kept) & set(list_segments())
 
     def sockets(self) -> dict[int, str]:
         now = _socket_fds()
@@ -88,31 +89,32 @@ class LeakCheck:
                 if os.path.exists(p) and stat.S_ISSOCK(os.stat(p).st_mode)]
 
     # ------------------------------------------------------------ the check
-    def problems(self, grace: float = GRACE_SECONDS) -> list[str]:
+    def problems(self, grace: float = GRACE_SECONDS, keep=()) -> list[str]:
         deadline = time.monotonic() + grace
         while True:
             found = {"child processes": self.processes(), "shared-memory segments":
-                     sorted(self.segments()), "open sockets": self.sockets(),
+                     sorted(self.segments(keep)), "open sockets": self.sockets(),
                      "unix socket paths": self.paths()}
             if not any(found.values()) or time.monotonic() >= deadline:
                 break
             time.sleep(0.02)
         return [f"{what} outlived the test: {left}" for what, left in found.items() if left]
 
-    def assert_clean(self, grace: float = GRACE_SECONDS) -> None:
-        problems = self.problems(grace)
+    def assert_clean(self, grace: float = GRACE_SECONDS, keep=()) -> None:
+        """Fail if anything is left; ``keep``: regions the test still holds open."""
+        problems = self.problems(grace, keep)
         if problems:
-            self.clean_up()
+            self.clean_up(keep)
             pytest.fail("; ".join(problems), pytrace=False)
 
-    def clean_up(self) -> None:
+    def clean_up(self, keep=()) -> None:
         for proc in self.processes():
             try:
                 os.kill(proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
             proc.join(GRACE_SECONDS)
-        for name in self.segments():
+        for name in self.segments(keep):
             try:
                 os.unlink(os.path.join(SHM_DIR, name))
             except FileNotFoundError:

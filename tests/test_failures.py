@@ -1,0 +1,152 @@
+"""First error wins and everything stops (DESIGN §3, issue #3 item 9).
+
+Each fault — a SIGKILLed send or receive worker, a connection reset, a
+truncated packet, a corrupted byte, an exception in a user hook — must fail
+the session on both sides within 5 s with a MigrationError naming the channel
+(or hook) and the cause, leave the source region as it was, and leak nothing.
+Faults strike mid-transfer: the source is capped at 64 MiB/s, so 16 MiB take
+a quarter of a second and the proxy fires after the first MiB of a channel.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+
+import numpy as np
+import pytest
+
+import fastmfd
+from fastmfd import _core
+from leakcheck import leaks  # noqa: F401
+from migration_support import (Corrupt, Migration, Outcome, Proxy, Reset, Trigger, Truncate,
+                               make_region)
+
+CONFIG = fastmfd.MigrationConfig(channels=2, max_bandwidth=64 << 20)
+MIB = 1 << 20
+
+
+@pytest.fixture
+def image():
+    """The source region, and a copy to check it was left alone."""
+    region = make_region("ram", 16 * MIB, seed=1)
+    before = region.array.copy()
+    yield region
+    unchanged = np.array_equal(region.array, before)
+    region.close()
+    assert unchanged, "the failed migration changed the source region"
+
+
+def migrate(image, faults=None, config=CONFIG, on_enter=None, **hooks) -> Outcome:
+    """Migrate ``image`` through a proxy with ``faults``; the Source and Destination
+    are closed when this returns. ``on_enter(migration)`` runs before the start."""
+    proxy = Proxy(faults) if faults is not None else None
+    with Migration(config, proxy=proxy) as m:
+        m.source.add_region(image)
+        if on_enter is not None:
+            on_enter(m)
+        outcome = m.run(**hooks)
+    return outcome
+
+
+def assert_names(error: BaseException, *patterns: str) -> None:
+    for pattern in patterns:
+        assert re.search(pattern, str(error)), f"{pattern!r} not in {str(error)!r}"
+
+
+# ---------------------------------------------------------------- processes killed
+
+class Kill:
+    """SIGKILL the worker of ``channel`` on ``side`` ("source" or "destination")."""
+
+    def __init__(self, side: str, channel: int) -> None:
+        self.side, self.channel = side, channel
+        self.migration: Migration | None = None
+
+    def __call__(self) -> None:
+        owner = getattr(self.migration, self.side)
+        os.kill(owner._workers[self.channel].process.pid, signal.SIGKILL)
+
+    def attach(self, migration: Migration) -> None:
+        self.migration = migration
+
+
+def test_sigkilled_send_worker(image, leaks):
+    kill = Kill("source", 1)
+    trigger = Trigger(MIB, kill)
+    outcome = migrate(image, {1: trigger}, on_enter=kill.attach)
+    src, dst = outcome.failed_both(since=trigger.fired_at)
+    assert_names(src, r"send channel 1: the worker process was killed by SIGKILL")
+    # The destination hears it from the source, or sees the channel end mid-packet first.
+    assert_names(dst, r"channel 1: (.*killed by SIGKILL|.*connection closed after)")
+    leaks.assert_clean(keep=[image])
+
+
+def test_sigkilled_receive_worker(image, leaks):
+    kill = Kill("destination", 1)
+    trigger = Trigger(MIB, kill)
+    outcome = migrate(image, {1: trigger}, on_enter=kill.attach)
+    src, dst = outcome.failed_both(since=trigger.fired_at)
+    assert_names(dst, r"receive channel 1: the worker process was killed by SIGKILL")
+    assert_names(src, r"the destination failed: receive channel 1: .*killed by SIGKILL")
+    leaks.assert_clean(keep=[image])
+
+
+# ---------------------------------------------------------------- the wire
+
+def test_connection_reset(image, leaks):
+    reset = Reset(after=MIB)
+    outcome = migrate(image, {1: reset})
+    src, dst = outcome.failed_both(since=reset.fired_at)
+    # Both ends of channel 1 are reset: either may report first.
+    for error in (src, dst):
+        assert_names(error, r"(send|receive) channel 1: \w+Error: .*"
+                            r"(Connection reset by peer|Broken pipe)")
+    leaks.assert_clean(keep=[image])
+
+
+def test_truncated_packet(image, leaks):
+    # The stream to the destination ends 100 bytes into a packet header; the
+    # proxy swallows what the source sends after, so only the destination knows.
+    cut = Truncate(after=_core.ram_header_size(CONFIG.packet_pages) + 100)
+    outcome = migrate(image, {1: cut})
+    src, dst = outcome.failed_both(since=cut.fired_at)
+    expected = r"receive channel 1: EOFError: RAM \w+: connection closed after \d+ of \d+ bytes"
+    assert_names(dst, expected)
+    assert_names(src, "the destination failed: " + expected)
+    leaks.assert_clean(keep=[image])
+
+
+def test_corrupted_packet_header(image, leaks):
+    flip = Corrupt(at=0, mask=0xFF)           # the first packet's magic
+    outcome = migrate(image, {1: flip})
+    src, dst = outcome.failed_both(since=flip.fired_at)
+    expected = (r"receive channel 1: ProtocolError: RAM packet field 'magic': "
+                r"received 0xee223344, expected 0x11223344")
+    assert_names(dst, expected)
+    assert_names(src, "the destination failed: " + expected)
+    leaks.assert_clean(keep=[image])
+
+
+def test_corrupted_payload_fails_its_checksum(image, leaks):
+    config = CONFIG.replace(checksum=True, zero_page_detection=False)
+    flip = Corrupt(at=_core.ram_header_size(config.packet_pages) + 5000, mask=0x01)
+    outcome = migrate(image, {1: flip}, config=config)
+    src, dst = outcome.failed_both(since=flip.fired_at)
+    expected = r"receive channel 1: ProtocolError: RAM packet field 'checksum'"
+    assert_names(dst, expected)
+    assert_names(src, "the destination failed: " + expected)
+    leaks.assert_clean(keep=[image])
+
+
+def test_corrupted_main_channel_message(image, leaks):
+    # Byte 8 after the main channel's header is the type of SETUP, the first message.
+    flip = Corrupt(at=8, mask=0x70)
+    outcome = migrate(image, {"main": flip})
+    src, dst = outcome.failed_both(since=flip.fired_at)
+    expected = r"main channel field 'type': received \d+, expected one of"
+    assert_names(dst, expected)
+    assert_names(src, r"main channel: the peer failed: " + expected)
+    leaks.assert_clean(keep=[image])
