@@ -60,10 +60,13 @@ class SessionFailure:
             raise self._error
 
     def raise_for(self, exc: BaseException, channel: str | None = None) -> None:
-        """Fail with ``exc`` (an Aborted wait defers to the real cause) and raise."""
+        """Fail with ``exc`` (an Aborted wait defers to the real cause) and raise the
+        session's error. Its ``__cause__`` is what made it (set by as_migration_error,
+        or a worker's RemoteTraceback): ``raise ... from exc`` would overwrite that,
+        with the error itself when ``exc`` already is the MigrationError."""
         if isinstance(exc, Aborted) and self._error is not None:
             raise self._error from None
-        raise self.fail(exc, channel) from exc
+        raise self.fail(exc, channel)
 
 
 def as_migration_error(exc: BaseException, channel: str | None = None) -> MigrationError:

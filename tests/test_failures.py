@@ -13,13 +13,13 @@ from __future__ import annotations
 import os
 import re
 import signal
-import time
 
 import numpy as np
 import pytest
 
 import fastmfd
 from fastmfd import _core
+from fastmfd.workers import RemoteTraceback
 from leakcheck import leaks  # noqa: F401
 from migration_support import (Corrupt, Migration, Outcome, Proxy, Reset, Trigger, Truncate,
                                make_region)
@@ -127,6 +127,9 @@ def test_corrupted_packet_header(image, leaks):
                 r"received 0xee223344, expected 0x11223344")
     assert_names(dst, expected)
     assert_names(src, "the destination failed: " + expected)
+    # The receive worker's traceback crossed the process boundary as the cause.
+    assert isinstance(dst.__cause__, RemoteTraceback)
+    assert "fastmfd.errors.ProtocolError: RAM packet field 'magic'" in dst.__cause__.text
     leaks.assert_clean(keep=[image])
 
 
