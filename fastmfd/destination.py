@@ -15,7 +15,7 @@
         reassembly process: ("loaded", device), errors
         workers: ("eof") when a channel is drained; deaths
       all channels drained + last round released + every device loaded
-      -> LOADED; on_resume()
+      -> LOADED; on_resume(); RESUMED (or ERROR if on_resume raised)
 
 The destination needs no parameters: SETUP carries them all. A channel that
 fails its checks (UUID, magic, version, type, id, duplicate) is refused
@@ -39,7 +39,7 @@ from .devices import CollectLoader, OLD_WAY_PREFIX, device_key
 from .errors import ConfigError, FastMFDError, MigrationError, ProtocolError
 from .reassembly import pool_slots_for, reassembly_main
 from .regions import Region, validate_region_name
-from .session import MainChannel, SessionFailure
+from .session import MainChannel, SessionFailure, call_hook
 from .stats import ChannelStats, ReceiveStats
 from .wire import MAIN_VERSION, Msg, decode_control
 from .workers import WorkerSet, recv_worker_main
@@ -151,7 +151,8 @@ class Destination:
     def receive(self, *, on_resume=None) -> DestinationResult:
         """Accept one migration and apply it; returns a :class:`DestinationResult`.
 
-        ``on_resume()`` runs after everything is loaded and LOADED was sent.
+        ``on_resume()`` runs after everything is loaded and LOADED was sent; the source
+        learns that it ran (or what it raised) before its ``migrate()`` returns.
         """
         if self._workers is None:
             raise ConfigError("use the Destination as a context manager")
@@ -163,13 +164,13 @@ class Destination:
             started = time.monotonic()
             self._run()
             total = time.monotonic() - started
+            call_hook("on_resume", on_resume)
+            self._main.send(Msg.RESUMED)
         except KeyboardInterrupt:
             self._failure.fail(MigrationError("interrupted by the user"))
             raise
         except BaseException as exc:
             self._failure.raise_for(exc)
-        if on_resume is not None:
-            on_resume()
         return self._result(total)
 
     # ------------------------------------------------------------ setup

@@ -19,7 +19,7 @@ from .channels import send_all
 from .errors import Aborted, FastMFDError, MigrationError
 from .wire import MESSAGE_HEADER, Msg, encode_message
 
-__all__ = ["SessionFailure", "MainChannel"]
+__all__ = ["SessionFailure", "MainChannel", "call_hook"]
 
 
 class SessionFailure:
@@ -67,6 +67,17 @@ class SessionFailure:
         if isinstance(exc, Aborted) and self._error is not None:
             raise self._error from None
         raise self.fail(exc, channel)
+
+
+def call_hook(name: str, hook) -> None:
+    """Run the user's ``hook`` (if any); what it raises becomes a MigrationError
+    naming the hook, with the original exception as its cause."""
+    if hook is None:
+        return
+    try:
+        hook()
+    except Exception as exc:
+        raise MigrationError(f"the {name} hook raised {type(exc).__name__}: {exc}") from exc
 
 
 def as_migration_error(exc: BaseException, channel: str | None = None) -> MigrationError:

@@ -10,10 +10,11 @@
       (live, until converged)  ─┘  SYNC command on every RAM channel; ROUND_END on main
       on_stop(); final dirty pages; device save threads ─▶ pool slots ─▶ DEVICE commands
       final SYNC, QUIT; COMPLETE ─────────────────────▶ destination
-      ◀── LOADED: downtime ends; on_resume()
+      ◀── LOADED: downtime ends
+      ◀── RESUMED (the destination's on_resume ran): on_resume()
 
 A monitor thread watches the workers (their reports and their process
-sentinels) and the main channel's return path (ROUND_ACK, LOADED, ERROR);
+sentinels) and the main channel's return path (ROUND_ACK, LOADED, RESUMED, ERROR);
 any failure fails the session once (fastmfd.session.SessionFailure), which
 aborts every wait and shuts the sockets down.
 """
@@ -37,7 +38,7 @@ from .devices import DeviceSaver, save_old_way
 from .errors import Aborted, ConfigError, MigrationError, ProtocolError
 from .progress import RoundProgress
 from .regions import Region
-from .session import MainChannel, SessionFailure
+from .session import MainChannel, SessionFailure, call_hook
 from .shm import SharedMemory
 from .stats import ChannelStats, MigrationStats, RoundStats
 from .wire import Msg, decode_control, encode_preamble
@@ -68,6 +69,7 @@ class Source:
         self._monitor: threading.Thread | None = None
         self._wake_r, self._wake_w = -1, -1
         self._loaded = threading.Event()
+        self._resumed = threading.Event()
         self._workers_done = threading.Event()
         self._device_chunks: list[int] = []     # chunks each device sent, in device order
         self._old_way_bytes = 0                 # device bytes sent on the main channel
@@ -155,7 +157,9 @@ class Source:
 
         ``live``: iterate over dirty pages while the workload runs, then stop
         (``on_stop()``) for the final copy; ``live=False`` stops first.
-        ``on_resume()`` runs once the destination reports LOADED.
+        ``on_resume()`` runs once the destination has loaded everything and run its own
+        ``on_resume`` (the migration is over by then: what it raises fails only this
+        call, as a MigrationError naming the hook).
         ``progress``: show a live progress display on the terminal.
         """
         if self._workers is None:
@@ -172,15 +176,16 @@ class Source:
             t_setup = time.monotonic() - t_start
             with RoundProgress(enabled=progress, regions=self._regions) as bar:
                 rounds, stop_time = self._run_rounds(live, on_stop, bar)
-            self._wait_loaded()
+            self._wait_for(self._loaded)
             end = time.monotonic()
+            # A destination that cannot resume fails the migration: wait for its word.
+            self._wait_for(self._resumed)
         except KeyboardInterrupt:
             self._failure.fail(MigrationError("interrupted by the user"))
             raise
         except BaseException as exc:
             self._failure.raise_for(exc)
-        if on_resume is not None:
-            on_resume()
+        call_hook("on_resume", on_resume)
         return self._stats(end - t_start, t_setup, end - stop_time, rounds)
 
     # ------------------------------------------------------------ setup
@@ -300,8 +305,7 @@ class Source:
 
     def _stop(self, on_stop) -> float:
         stop_time = time.monotonic()
-        if on_stop is not None:
-            on_stop()
+        call_hook("on_stop", on_stop)
         return stop_time
 
     def _bandwidth(self, last: RoundStats) -> float:
@@ -379,9 +383,6 @@ class Source:
         }
         self._main.send(Msg.COMPLETE, totals)
 
-    def _wait_loaded(self) -> None:
-        self._wait_for(self._loaded)
-
     def _wait_for(self, event: threading.Event) -> None:
         while not event.wait(0.5):
             self._failure.check()
@@ -444,7 +445,7 @@ class Source:
         try:
             kind, body = read_message(self._main.sock, 0)
         except ProtocolError as exc:
-            if self._loaded.is_set():
+            if self._resumed.is_set():
                 return False
             raise MigrationError(f"the destination closed the main channel ({exc.detail})",
                                  channel="main channel") from None
@@ -452,12 +453,14 @@ class Source:
         if kind is Msg.LOADED:
             self._loaded_report = info
             self._loaded.set()
+        elif kind is Msg.RESUMED and self._loaded.is_set():
+            self._resumed.set()
         elif kind is Msg.ERROR:
             raise MigrationError(f"the destination failed: {info.get('error')}",
                                  channel="main channel", side="destination")
         elif kind is not Msg.ROUND_ACK:
             raise ProtocolError(f"main channel: unexpected {kind.name} from the destination",
-                                field="type", received=kind.name, expected="ROUND_ACK/LOADED")
+                                field="type", received=kind.name, expected="ROUND_ACK/LOADED/RESUMED")
         return True
 
     def _stop_monitor(self) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import time
 
 import numpy as np
 import pytest
@@ -152,4 +153,58 @@ def test_corrupted_main_channel_message(image, leaks):
     expected = r"main channel field 'type': received \d+, expected one of"
     assert_names(dst, expected)
     assert_names(src, r"main channel: the peer failed: " + expected)
+    leaks.assert_clean(keep=[image])
+
+
+# ---------------------------------------------------------------- user hooks
+
+class HookError(Exception):
+    pass
+
+
+def failing_hook(name: str, when: dict):
+    def hook():
+        when["raised"] = time.monotonic()
+        raise HookError(f"{name} broke")
+    return hook
+
+
+@pytest.mark.parametrize("live", [False, True], ids=["stopped", "live"])
+def test_on_stop_raising(image, leaks, live):
+    when: dict = {}
+    outcome = migrate(image, live=live, on_stop=failing_hook("on_stop", when))
+    src, dst = outcome.failed_both(since=when["raised"])
+    expected = r"the on_stop hook raised HookError: on_stop broke"
+    assert_names(src, expected)
+    assert_names(dst, "main channel: the source failed: " + expected)
+    assert isinstance(src.__cause__, HookError)
+    leaks.assert_clean(keep=[image])
+
+
+def test_destination_on_resume_raising(image, leaks):
+    """The destination could not resume: the source must not believe it did."""
+    when: dict = {}
+    resumed = []
+    outcome = migrate(image, dst_on_resume=failing_hook("on_resume", when),
+                      on_resume=lambda: resumed.append(True))
+    src, dst = outcome.failed_both(since=when["raised"])
+    expected = r"the on_resume hook raised HookError: on_resume broke"
+    assert_names(dst, expected)
+    assert_names(src, "the destination failed: " + expected)
+    assert not resumed, "the source ran on_resume although the destination did not resume"
+    leaks.assert_clean(keep=[image])
+
+
+def test_source_on_resume_raising(image, leaks):
+    """The source's on_resume runs once the destination has resumed: the migration is
+    over and the destination keeps its result; the source reports the hook's error."""
+    when: dict = {}
+    with Migration(CONFIG) as m:
+        m.source.add_region(image)
+        outcome = m.run(on_resume=failing_hook("on_resume", when))
+        assert outcome.dest_error is None
+        assert np.array_equal(outcome.result.regions["ram"].array, image.array)
+    assert isinstance(outcome.source_error, fastmfd.MigrationError)
+    assert_names(outcome.source_error, r"the on_resume hook raised HookError: on_resume broke")
+    assert outcome.source_end - when["raised"] < 5
     leaks.assert_clean(keep=[image])
