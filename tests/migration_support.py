@@ -582,3 +582,80 @@ def keep_writing(handle, stop, running, seed: int, block: int = 16) -> None:
     finally:
         del pages
         region.close()
+
+
+# ---------------------------------------------------------------- a source driven by hand
+
+def setup_message(config: fastmfd.MigrationConfig, uuid: bytes, regions: dict[str, int],
+                  devices: list[tuple[str, int]] = ()) -> dict:
+    """The SETUP a real Source would send for ``config``."""
+    return {"uuid": uuid.hex(), "page_size": config.page_size,
+            "packet_pages": config.packet_pages, "compression": config.compression,
+            "compression_level": config.compression_level,
+            "zero_page_detection": config.zero_page_detection, "channels": config.channels,
+            "device_state_channels": config.device_state_channels,
+            "channel_header": config.channel_header, "checksum": config.checksum,
+            "chunk_size": config.device_chunk_size,
+            "max_queued_bytes": config.max_queued_bytes,
+            "regions": [{"name": n, "size": s} for n, s in regions.items()],
+            "devices": [{"idstr": i, "instance_id": n} for i, n in devices]}
+
+
+def hello(channel_id: int, uuid: bytes, *, channel_type=_core.CHANNEL_MULTIFD,
+          magic=_core.MULTIFD_MAGIC, version=_core.MULTIFD_VERSION) -> bytes:
+    """A multifd channel's channel header and init packet, any field overridable."""
+    header = bytearray(_core.CHANNEL_HEADER_SIZE)
+    struct.pack_into(">QI", header, 0, 4, channel_type)
+    init = bytearray(_core.INIT_PACKET_SIZE)
+    _core.encode_init_packet(init, uuid, channel_id)
+    struct.pack_into(">II", init, 0, magic, version)
+    return bytes(header + init)
+
+
+def ram_packet(config: fastmfd.MigrationConfig, region: str, pages: list[int],
+               fill: int) -> bytes:
+    """An uncompressed RAM packet writing ``pages`` of ``region`` with byte ``fill``."""
+    codec = _core.RamPacketCodec(config.packet_pages, config.page_size)
+    header = bytearray(codec.header_size)
+    codec.encode(header, ramblock=region, normal=[p * config.page_size for p in pages])
+    return bytes(header) + bytes([fill]) * (len(pages) * config.page_size)
+
+
+class FakeSource:
+    """The source side of the protocol, driven by hand: a main channel that sends
+    SETUP, and channels that send whatever bytes a test wants."""
+
+    def __init__(self, address: str, setup: dict, *, channel_header=True) -> None:
+        _, host, port = address.split(":")
+        self.target = (host, int(port))
+        self.setup = setup
+        self.channel_header = channel_header
+        self.sockets: list[socket.socket] = []
+        self.main: socket.socket | None = None
+
+    def connect(self, data: bytes = b"") -> socket.socket:
+        sock = socket.create_connection(self.target, timeout=10)
+        self.sockets.append(sock)
+        if data:
+            sock.sendall(data)
+        return sock
+
+    def open_main(self) -> tuple:
+        """Send the main channel's start and SETUP; returns the reply (type, dict)."""
+        from fastmfd.wire import Msg, encode_message, encode_preamble
+        header = bytearray(_core.CHANNEL_HEADER_SIZE)
+        _core.encode_channel_header(header, _core.CHANNEL_MAIN)
+        start = (bytes(header) if self.channel_header else b"") + encode_preamble()
+        self.main = self.connect(start + encode_message(Msg.SETUP, self.setup))
+        return self.reply()
+
+    def reply(self) -> tuple:
+        """The next message on the main channel: (Msg, decoded dict)."""
+        from fastmfd.channels import read_message
+        from fastmfd.wire import decode_control
+        kind, body = read_message(self.main, 0)
+        return kind, decode_control(kind, body)
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()
