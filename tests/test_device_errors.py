@@ -1,0 +1,136 @@
+"""Every device-state error of issue #4 item 5 fails the session on both sides
+within 5 s with a MigrationError naming the device (and the chunk idx), with no
+hang and no leak.
+
+Wire-level faults a real Source never makes (a duplicate idx, an unknown device,
+...) are made by a proxy that rewrites the device's packets on every channel,
+re-encoding them with the core encoders.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+import numpy as np
+import pytest
+
+import fastmfd
+from fastmfd import _core
+from device_support import (BrokenDevice, BrokenLoader, ChunkRewriter, HoldFirstChunks,
+                            chunk_idx, rebuild)
+from leakcheck import leaks  # noqa: F401
+from migration_support import Migration, Outcome, Proxy, make_region
+
+CONFIG = fastmfd.MigrationConfig(channels=2, device_chunk_size=4096)
+DEVICE = ("dev", 0)
+CHUNKS = 16                 # data chunks of DEVICE; chunk idx 16 is the last (empty)
+
+
+def migrate(config=CONFIG, proxy=None, devices=None, loaders=None) -> Outcome:
+    region = make_region("ram", 1 << 20, seed=5)
+    before = region.array.copy()
+    try:
+        with Migration(config, proxy=proxy) as m:
+            m.source.add_region(region)
+            for device in devices or [
+                    fastmfd.BytesDevice(*DEVICE, np.random.default_rng(1).bytes(CHUNKS * 4096)),
+                    fastmfd.BytesDevice("bystander", 0, b"x" * 50_000)]:
+                m.source.add_device(device)
+            for key, loader in (loaders or {}).items():
+                m.destination.add_loader(*key, loader)
+            return m.run()
+    finally:
+        assert np.array_equal(region.array, before), "the source region changed"
+        region.close()
+
+
+def rewritten(rewrite) -> Proxy:
+    """A proxy that passes DEVICE's packets on every RAM channel through ``rewrite``."""
+    faults = {ch: ChunkRewriter(CONFIG, DEVICE, rewrite) for ch in range(CONFIG.channels)}
+    return Proxy(faults)
+
+
+def fired(proxy: Proxy) -> float:
+    times = [link.fault.fired_at for link in proxy.links if link.fault.fired_at is not None]
+    assert times, "the fault never struck"
+    return min(times)
+
+
+def check(outcome: Outcome, since: float, pattern: str) -> None:
+    """Both sides failed in time, naming ``pattern``; the source hears it from the
+    destination (or the other way round)."""
+    src, dst = outcome.failed_both(since)
+    for side, error in (("source", src), ("destination", dst)):
+        assert re.search(pattern, str(error)), f"{side}: {pattern!r} not in {str(error)!r}"
+
+
+# ---------------------------------------------------------------- wire-level faults
+
+def test_duplicate_idx(leaks):
+    proxy = rewritten(lambda p: rebuild(p, idx=1) if chunk_idx(p) == 2 else bytes(p.header + p.payload))
+    check(migrate(proxy=proxy), fired(proxy), r"dev/0: duplicate chunk idx 1 \(from channel \d\)")
+
+
+def test_missing_last_chunk(leaks):
+    def drop_last(packet):
+        return None if packet.chunk[1] & _core.CHUNK_FLAG_LAST else bytes(packet.header +
+                                                                         packet.payload)
+    proxy = rewritten(drop_last)
+    check(migrate(proxy=proxy), fired(proxy), rf"dev/0: missing chunk idx {CHUNKS}")
+
+
+def test_idx_after_the_last(leaks):
+    def early_last(packet):
+        if chunk_idx(packet) == 5:
+            return rebuild(packet, flags=_core.CHUNK_FLAG_LAST)
+        return bytes(packet.header + packet.payload)
+    proxy = rewritten(early_last)
+    check(migrate(proxy=proxy), fired(proxy), r"dev/0: chunk idx \d+ after the last chunk \(idx 5\)")
+
+
+def test_chunk_for_an_unknown_device(leaks):
+    proxy = rewritten(lambda p: rebuild(p, idstr="ghost") if chunk_idx(p) == 3
+                      else bytes(p.header + p.payload))
+    check(migrate(proxy=proxy), fired(proxy),
+          r"receive channel \d: ProtocolError: device state packet for unknown device "
+          r"'ghost' instance 0")
+
+
+def test_empty_chunk(leaks):
+    proxy = rewritten(lambda p: rebuild(p, data=b"") if chunk_idx(p) == 4
+                      else bytes(p.header + p.payload))
+    check(migrate(proxy=proxy), fired(proxy),
+          r"dev/0: empty chunk idx 4: only the last chunk may carry no data")
+
+
+def test_out_of_order_bytes_over_the_cap(leaks):
+    """Chunk 0 is held back on its channel; the chunks behind it on the other channel
+    pile up at the destination until they pass max_queued_bytes."""
+    config = CONFIG.replace(max_queued_bytes=4 * 4096)
+    log: list = []
+    proxy = Proxy({ch: HoldFirstChunks(config, 3.0, ch, log) for ch in range(config.channels)})
+    outcome = migrate(config, proxy=proxy,
+                      devices=[fastmfd.BytesDevice(*DEVICE, bytes(64 * 4096))])
+    check(outcome, fired(proxy),
+          r"dev/0: \d+ bytes queued out of order, more than max_queued_bytes \(16384\); "
+          r"waiting for chunk idx 0")
+
+
+# ---------------------------------------------------------------- user code raising
+
+@pytest.mark.parametrize("way", ["new", "old"])
+def test_device_raising(leaks, way):
+    broken = BrokenDevice("broken", 3, good=2)
+    outcome = migrate(CONFIG.replace(channel_header=way == "new"), devices=[broken])
+    check(outcome, broken.raised_at,
+          r"broken/3: saving chunk 2 failed: OSError: the device's data fd failed")
+
+
+@pytest.mark.parametrize("way", ["new", "old"])
+def test_loader_raising(leaks, way):
+    started = time.monotonic()
+    outcome = migrate(CONFIG.replace(channel_header=way == "new"),
+                      loaders={DEVICE: BrokenLoader(good=3)})
+    check(outcome, started,
+          r"dev/0: loading chunk 3 failed: ValueError: the device rejected its state")
