@@ -5,7 +5,7 @@
     receive workers (any channel)          reassembly process
       chunk -> pool slot                     reader (main thread): descriptors from the pipe,
       descriptor -> pipe ───────────────▶      per device: duplicates, order, LAST, the
-      (24 bytes, atomic)                       out-of-order byte cap; wakes the loader thread
+      (24 bytes, atomic)                       out-of-order cap; wakes the loader thread
     destination main                         loader thread per device: chunk idx 0, 1, 2, ...
                                                load_state_buffer(view of the slot), release it
                           ◀── conn ────        LAST chunk: load_finish() -> ("loaded", ...)
@@ -15,11 +15,14 @@
 
 Chunks arrive in any order on any channel; each device's loader sees them
 strictly by idx, in its own thread, so devices load in parallel. A chunk is
-*out of order* while some lower idx of its device has not arrived; those
-bytes are capped per device (``max_queued_bytes``) and going over fails the
-session — memory stays bounded and the buffer pool can never fill up with
+*out of order* while some lower idx of its device has not arrived. What those
+chunks hold is capped per device (``max_queued_bytes``) and going over fails
+the session — memory stays bounded and the buffer pool can never fill up with
 chunks nobody can consume (the pool is sized above the caps), so nothing
-deadlocks.
+deadlocks. A queued chunk holds a whole pool slot however few bytes it
+carries, so the cap counts slots: counting chunk bytes, a stream of tiny
+chunks would take every slot while far under the cap, and the receive worker
+bringing the missing chunk would wait for a slot forever.
 """
 
 from __future__ import annotations
@@ -52,11 +55,12 @@ def pool_slots_for(ndevices: int, max_queued_bytes: int, slot_size: int,
 class _DeviceStream:
     """One device's chunks between arrival and loading."""
 
-    def __init__(self, index: int, name: str, loader, cap: int) -> None:
+    def __init__(self, index: int, name: str, loader, cap: int, slot_size: int) -> None:
         self.index, self.name, self.loader, self.cap = index, name, loader, cap
+        self.slot_size = slot_size
         self.pending: dict[int, tuple[int, int, int]] = {}   # idx -> (slot, length, flags)
         self.contiguous = 0         # every idx below this has arrived
-        self.out_of_order = 0       # bytes of pending chunks at idx > contiguous
+        self.out_of_order = 0       # slot bytes held by pending chunks at idx > contiguous
         self.last: int | None = None
         self.loaded_upto = 0        # next idx the loader takes
         self.finished = False
@@ -64,7 +68,8 @@ class _DeviceStream:
         self.seconds = 0.0
 
     def add(self, idx: int, flags: int, slot: int, length: int) -> None:
-        """Queue a chunk (reader thread); raises on any rule it breaks."""
+        """Queue a chunk (reader thread); raises on any rule it breaks, before taking
+        it (the caller keeps the slot then)."""
         if length == CHUNK_HEADER and not flags & _core.CHUNK_FLAG_LAST:
             raise ValueError(f"empty chunk idx {idx}: only the last chunk may carry no data")
         with self.cond:
@@ -76,19 +81,23 @@ class _DeviceStream:
                 beyond = [i for i in self.pending if i > idx]
                 if beyond:
                     raise ValueError(f"chunk idx {min(beyond)} after the last chunk (idx {idx})")
+            in_order = idx == self.contiguous
+            if not in_order and self.out_of_order + self.slot_size > self.cap:
+                held = self.out_of_order // self.slot_size + 1
+                raise ValueError(f"{held} chunks queued out of order would hold "
+                                 f"{self.out_of_order + self.slot_size} bytes of buffer, more "
+                                 f"than max_queued_bytes ({self.cap}); waiting for chunk idx "
+                                 f"{self.contiguous}")
+            if flags & _core.CHUNK_FLAG_LAST:
                 self.last = idx
             self.pending[idx] = (slot, length, flags)
-            if idx == self.contiguous:
+            if in_order:
                 while self.contiguous in self.pending:
                     if self.contiguous != idx:
-                        self.out_of_order -= self.pending[self.contiguous][1]
+                        self.out_of_order -= self.slot_size
                     self.contiguous += 1
             else:
-                self.out_of_order += length
-                if self.out_of_order > self.cap:
-                    raise ValueError(f"{self.out_of_order} bytes queued out of order, more than "
-                                     f"max_queued_bytes ({self.cap}); waiting for chunk idx "
-                                     f"{self.contiguous}")
+                self.out_of_order += self.slot_size
             self.cond.notify()
 
     def check_drained(self) -> None:
@@ -117,7 +126,7 @@ class _Reassembler:
         self.desc_fd = desc_fd
         self.pool = _core.BufferPool.attach(session["pool"])
         cap = session["max_queued_bytes"]
-        self.devices = [_DeviceStream(i, name, loader, cap)
+        self.devices = [_DeviceStream(i, name, loader, cap, self.pool.slot_size)
                         for i, (name, loader) in enumerate(session["loaders"])]
         self.stop = threading.Event()
         self.results: dict[int, object] = {}

@@ -152,27 +152,39 @@ class Migration:
 
     def run(self, *, live=False, on_stop=None, on_resume=None, dst_on_resume=None,
             timeout=60.0) -> Outcome:
-        got: dict = {}
+        """Run ``migrate()`` and ``receive()`` in threads of their own. If either is
+        still running after ``timeout`` seconds, the test fails as a hang (both
+        sessions are failed first, so they stop and release everything)."""
+        ends: dict = {}
 
-        def receive():
+        def side(name, call):
             try:
-                got["result"] = self.destination.receive(on_resume=dst_on_resume)
+                ends[name] = ("ok", call())
             except BaseException as exc:
-                got["error"] = exc
-            got["end"] = time.monotonic()
+                ends[name] = ("error", exc)
+            ends[name + " end"] = time.monotonic()
 
-        receiver = threading.Thread(target=receive, name="test receive", daemon=True)
-        receiver.start()
-        stats = error = None
-        try:
-            stats = self.source.migrate(live=live, on_stop=on_stop, on_resume=on_resume)
-        except BaseException as exc:
-            error = exc
-        source_end = time.monotonic()
-        receiver.join(timeout)
-        assert not receiver.is_alive(), f"receive() still running {timeout} s after migrate()"
-        return Outcome(stats, got.get("result"), error, got.get("error"), source_end,
-                       got["end"])
+        threads = [threading.Thread(target=side, args=args, daemon=True, name=f"test {args[0]}")
+                   for args in (("source", lambda: self.source.migrate(
+                                    live=live, on_stop=on_stop, on_resume=on_resume)),
+                                ("destination", lambda: self.destination.receive(
+                                    on_resume=dst_on_resume)))]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + timeout
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        hung = [t.name for t in threads if t.is_alive()]
+        if hung:
+            for owner in (self.source, self.destination):
+                owner._failure.fail(fastmfd.MigrationError("the test gave up on a hang"))
+            for thread in threads:
+                thread.join(10)
+            raise AssertionError(f"hung: {hung} still running {timeout} s after the start")
+        (src_how, src), (dst_how, dst) = ends["source"], ends["destination"]
+        return Outcome(src if src_how == "ok" else None, dst if dst_how == "ok" else None,
+                       src if src_how == "error" else None, dst if dst_how == "error" else None,
+                       ends["source end"], ends["destination end"])
 
 
 def make_region(name: str, size: int, seed: int | None = None, **mix) -> fastmfd.Region:

@@ -18,7 +18,7 @@ import pytest
 import fastmfd
 from fastmfd import _core
 from device_support import (BrokenDevice, BrokenLoader, ChunkRewriter, HoldFirstChunks,
-                            chunk_idx, rebuild)
+                            OddDevice, chunk_idx, rebuild)
 from leakcheck import leaks  # noqa: F401
 from migration_support import Migration, Outcome, Proxy, make_region
 
@@ -27,7 +27,7 @@ DEVICE = ("dev", 0)
 CHUNKS = 16                 # data chunks of DEVICE; chunk idx 16 is the last (empty)
 
 
-def migrate(config=CONFIG, proxy=None, devices=None, loaders=None) -> Outcome:
+def migrate(config=CONFIG, proxy=None, devices=None, loaders=None, timeout=60.0) -> Outcome:
     region = make_region("ram", 1 << 20, seed=5)
     before = region.array.copy()
     try:
@@ -39,7 +39,7 @@ def migrate(config=CONFIG, proxy=None, devices=None, loaders=None) -> Outcome:
                 m.source.add_device(device)
             for key, loader in (loaders or {}).items():
                 m.destination.add_loader(*key, loader)
-            return m.run()
+            return m.run(timeout=timeout)
     finally:
         assert np.array_equal(region.array, before), "the source region changed"
         region.close()
@@ -113,8 +113,20 @@ def test_out_of_order_bytes_over_the_cap(leaks):
     outcome = migrate(config, proxy=proxy,
                       devices=[fastmfd.BytesDevice(*DEVICE, bytes(64 * 4096))])
     check(outcome, fired(proxy),
-          r"dev/0: \d+ bytes queued out of order, more than max_queued_bytes \(16384\); "
-          r"waiting for chunk idx 0")
+          r"dev/0: 4 chunks queued out of order would hold 16432 bytes of buffer, more than "
+          r"max_queued_bytes \(16384\); waiting for chunk idx 0")
+
+
+def test_tiny_chunks_out_of_order_hit_the_cap_not_a_full_pool(leaks):
+    """A queued chunk holds a whole buffer slot: 1-byte chunks piling up behind a held
+    chunk 0 must trip the cap before they take every slot of the destination's pool
+    (which would leave the chunk 0 waiting for a slot forever)."""
+    config = CONFIG.replace(max_queued_bytes=4 * 4096)
+    log: list = []
+    proxy = Proxy({ch: HoldFirstChunks(config, 3.0, ch, log) for ch in range(config.channels)})
+    outcome = migrate(config, proxy=proxy, devices=[OddDevice(*DEVICE, bytes(2000), [1])],
+                      timeout=20)
+    check(outcome, fired(proxy), r"dev/0: 4 chunks queued out of order would hold")
 
 
 # ---------------------------------------------------------------- user code raising
