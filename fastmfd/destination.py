@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from multiprocessing import connection
 
 from . import _core
-from .channels import (ChannelHello, bound_address, expect_message, listen, parse_address,
+from .channels import (MAIN, ChannelHello, bound_address, expect_message, listen, parse_address,
                        read_hello, read_message, recv_exact, send_all, tune_data_socket)
 from .config import MigrationConfig
 from .devices import CollectLoader, OLD_WAY_PREFIX, device_key
@@ -184,7 +184,7 @@ class Destination:
                 raise ProtocolError("the first connection is a multifd channel, expected the "
                                     "main channel", field="channel_type",
                                     received=hello.kind, expected=_core.CHANNEL_MAIN)
-            version = struct.unpack(">I", recv_exact(sock, 4, "main channel version"))[0]
+            version = struct.unpack(">I", recv_exact(sock, 4, "version", MAIN))[0]
             if version != MAIN_VERSION:
                 raise ProtocolError(f"main channel field 'version': received {version}, "
                                     f"expected {MAIN_VERSION}", field="version",
@@ -438,7 +438,7 @@ class Destination:
             self._complete = info
         elif kind is Msg.ERROR:
             raise MigrationError(f"the source failed: {info.get('error')}",
-                                 channel="main channel", side="source")
+                                 channel=MAIN, side="source")
         else:
             raise ProtocolError(f"main channel: unexpected {kind.name} from the source",
                                 field="type", received=kind.name, expected="a source message")

@@ -15,7 +15,7 @@ import socket
 import threading
 from typing import Callable
 
-from .channels import send_all
+from .channels import MAIN, send_all
 from .errors import Aborted, FastMFDError, MigrationError
 from .wire import MESSAGE_HEADER, Msg, encode_message
 
@@ -104,16 +104,16 @@ class MainChannel:
     def send(self, kind: Msg, payload: dict | bytes | None = None) -> None:
         data = encode_message(kind, payload)
         with self._lock:
-            send_all(self.sock, data, kind.name)
+            send_all(self.sock, data, kind.name, MAIN)
             self.bytes_sent += len(data)
 
     def send_parts(self, kind: Msg, parts: list) -> None:
         """A binary message whose payload is several buffers (device chunks, old way)."""
         length = sum(len(part) for part in parts)
         with self._lock:
-            send_all(self.sock, MESSAGE_HEADER.pack(int(kind), length), kind.name)
+            send_all(self.sock, MESSAGE_HEADER.pack(int(kind), length), kind.name, MAIN)
             for part in parts:
-                send_all(self.sock, part, kind.name)
+                send_all(self.sock, part, kind.name, MAIN)
             self.bytes_sent += MESSAGE_HEADER.size + length
 
     def send_error(self, error: BaseException) -> None:

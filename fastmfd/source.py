@@ -31,7 +31,7 @@ from multiprocessing import connection
 import numpy as np
 
 from . import _core
-from .channels import connect, expect_message, parse_address, read_message, send_all, \
+from .channels import MAIN, connect, expect_message, parse_address, read_message, send_all, \
     tune_data_socket
 from .config import MigrationConfig
 from .devices import DeviceSaver, save_old_way
@@ -198,8 +198,8 @@ class Source:
         header = bytearray(_core.CHANNEL_HEADER_SIZE)
         if cfg.channel_header:
             _core.encode_channel_header(header, _core.CHANNEL_MAIN)
-            send_all(sock, bytes(header), "channel header")
-        send_all(sock, encode_preamble(), "main channel preamble")
+            send_all(sock, bytes(header), "channel header", MAIN)
+        send_all(sock, encode_preamble(), "preamble", MAIN)
         self._main.send(Msg.SETUP, self._setup_message())
         expect_message(sock, Msg.SETUP_ACK)
 
@@ -220,7 +220,7 @@ class Source:
                 _core.encode_channel_header(header, kind)
                 hello = bytes(header)
             _core.encode_init_packet(init, self.uuid, ch)
-            send_all(data, hello + bytes(init), f"channel {ch} handshake")
+            send_all(data, hello + bytes(init), "handshake", f"channel {ch}")
             cmd_r, cmd_w = os.pipe()
             self._cmd_fds.append(cmd_w)
             try:
@@ -414,7 +414,7 @@ class Source:
                         waiting.remove(item)
                         self._on_worker_exit(sentinels[item])
                 except BaseException as exc:
-                    self._failure.fail(exc, "main channel" if item is main else None)
+                    self._failure.fail(exc, MAIN if item is main else None)
                     return
 
     def _on_worker_exit(self, worker) -> None:
@@ -448,7 +448,7 @@ class Source:
             if self._resumed.is_set():
                 return False
             raise MigrationError(f"the destination closed the main channel ({exc.detail})",
-                                 channel="main channel") from None
+                                 channel=MAIN) from None
         info = decode_control(kind, body)
         if kind is Msg.LOADED:
             self._loaded_report = info
@@ -457,10 +457,11 @@ class Source:
             self._resumed.set()
         elif kind is Msg.ERROR:
             raise MigrationError(f"the destination failed: {info.get('error')}",
-                                 channel="main channel", side="destination")
+                                 channel=MAIN, side="destination")
         elif kind is not Msg.ROUND_ACK:
             raise ProtocolError(f"main channel: unexpected {kind.name} from the destination",
-                                field="type", received=kind.name, expected="ROUND_ACK/LOADED/RESUMED")
+                                field="type", received=kind.name,
+                                expected="ROUND_ACK, LOADED or RESUMED")
         return True
 
     def _stop_monitor(self) -> None:

@@ -297,6 +297,38 @@ class RewriteHello(Fault):
         link.send(self.rewrite(bytes(data)))
 
 
+class AtMessage(Fault):
+    """On the main channel: forward whole messages until the first of type ``kind``,
+    forward ``keep`` bytes of it, then ``"reset"`` or ``"cut"`` the connection."""
+
+    def __init__(self, kind, then: str, keep: int = 3) -> None:
+        self.kind, self.then, self.keep = kind, then, keep
+        self.buf = bytearray()
+        self.preamble = 8
+
+    def data(self, link, data, offset):
+        self.buf += data
+        while self.fired_at is None:
+            if self.preamble:
+                if len(self.buf) < self.preamble:
+                    return
+                link.send(bytes(self.buf[:self.preamble]))
+                del self.buf[:self.preamble]
+                self.preamble = 0
+            if len(self.buf) < 8:
+                return
+            kind, length = struct.unpack_from(">II", self.buf)
+            if kind == self.kind:
+                link.send(bytes(self.buf[:self.keep]))
+                self.fire()
+                getattr(link, self.then)()
+                return
+            if len(self.buf) < 8 + length:
+                return
+            link.send(bytes(self.buf[:8 + length]))
+            del self.buf[:8 + length]
+
+
 @dataclass
 class Packet:
     """One multifd packet as the proxy parsed it."""

@@ -20,9 +20,10 @@ import pytest
 
 import fastmfd
 from fastmfd import _core
+from fastmfd.wire import Msg
 from fastmfd.workers import RemoteTraceback
 from leakcheck import leaks  # noqa: F401
-from migration_support import (Corrupt, Migration, Outcome, Proxy, Reset, Trigger, Truncate,
+from migration_support import (AtMessage, Corrupt, Migration, Outcome, Proxy, Reset, Trigger, Truncate,
                                make_region)
 
 CONFIG = fastmfd.MigrationConfig(channels=2, max_bandwidth=64 << 20)
@@ -153,6 +154,21 @@ def test_corrupted_main_channel_message(image, leaks):
     expected = r"main channel field 'type': received \d+, expected one of"
     assert_names(dst, expected)
     assert_names(src, r"main channel: the peer failed: " + expected)
+    leaks.assert_clean(keep=[image])
+
+
+@pytest.mark.parametrize("then,cause", [
+    ("reset", r"connection lost reading message: Connection reset by peer"),
+    ("cut", r"connection closed after 3 of 8 bytes of message")], ids=["reset", "truncated"])
+def test_main_channel_lost_mid_session(image, leaks, then, cause):
+    """The main channel breaks in the middle of ROUND_END: both sides name it."""
+    fault = AtMessage(Msg.ROUND_END, then)
+    outcome = migrate(image, {"main": fault})
+    src, dst = outcome.failed_both(since=fault.fired_at)
+    assert_names(dst, r"^main channel: " + cause)
+    assert_names(src, r"^main channel: ")
+    if then == "cut":       # only the destination saw it: the source hears it from there
+        assert_names(src, r"the destination failed: main channel: " + cause)
     leaks.assert_clean(keep=[image])
 
 
