@@ -269,8 +269,12 @@ class Destination:
         cap = cfg.max_queued_bytes
         if self._queued_cap is not None:
             cap = min(cap, self._queued_cap)
+            if cap < cfg.device_chunk_size:
+                raise ConfigError(f"this destination's max_queued_bytes ({cap}) cannot hold one "
+                                  f"device chunk of the source's device_chunk_size "
+                                  f"({cfg.device_chunk_size})")
         slot_size = cfg.device_chunk_size + _core.CHUNK_HEADER_SIZE
-        nslots = pool_slots_for(len(devices), cap, slot_size, cfg.total_channels)
+        nslots = pool_slots_for(len(devices), cap, cfg.device_chunk_size, cfg.total_channels)
         # Slots are touched only as chunks arrive, so the pool is not allocated up front.
         self._pool = self._own(_core.BufferPool.create(nslots, slot_size, tag="dest-pool"))
         self._cap = cap

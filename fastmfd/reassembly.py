@@ -20,9 +20,10 @@ chunks hold is capped per device (``max_queued_bytes``) and going over fails
 the session — memory stays bounded and the buffer pool can never fill up with
 chunks nobody can consume (the pool is sized above the caps), so nothing
 deadlocks. A queued chunk holds a whole pool slot however few bytes it
-carries, so the cap counts slots: counting chunk bytes, a stream of tiny
-chunks would take every slot while far under the cap, and the receive worker
-bringing the missing chunk would wait for a slot forever.
+carries, so each counts as a full chunk (``device_chunk_size``, what a slot
+holds): counting chunk bytes, a stream of tiny chunks would take every slot
+while far under the cap, and the receive worker bringing the missing chunk
+would wait for a slot forever.
 """
 
 from __future__ import annotations
@@ -44,23 +45,24 @@ __all__ = ["reassembly_main", "pool_slots_for"]
 CHUNK_HEADER = _core.CHUNK_HEADER_SIZE
 
 
-def pool_slots_for(ndevices: int, max_queued_bytes: int, slot_size: int,
+def pool_slots_for(ndevices: int, max_queued_bytes: int, chunk_size: int,
                    nchannels: int) -> int:
     """Slots the destination pool needs so out-of-order chunks can never fill it:
-    every device's cap, plus two in-flight slots per channel and per loader."""
-    per_device = -(-max_queued_bytes // slot_size) + 1
+    every device's cap (a chunk counts ``chunk_size`` against it), plus two
+    in-flight slots per channel and per loader."""
+    per_device = max_queued_bytes // chunk_size + 1
     return ndevices * per_device + 2 * (nchannels + ndevices) + 2
 
 
 class _DeviceStream:
     """One device's chunks between arrival and loading."""
 
-    def __init__(self, index: int, name: str, loader, cap: int, slot_size: int) -> None:
+    def __init__(self, index: int, name: str, loader, cap: int, chunk_size: int) -> None:
         self.index, self.name, self.loader, self.cap = index, name, loader, cap
-        self.slot_size = slot_size
+        self.chunk_size = chunk_size    # what a queued chunk counts against the cap
         self.pending: dict[int, tuple[int, int, int]] = {}   # idx -> (slot, length, flags)
         self.contiguous = 0         # every idx below this has arrived
-        self.out_of_order = 0       # slot bytes held by pending chunks at idx > contiguous
+        self.out_of_order = 0       # chunk_size per pending chunk at idx > contiguous
         self.last: int | None = None
         self.loaded_upto = 0        # next idx the loader takes
         self.finished = False
@@ -82,10 +84,10 @@ class _DeviceStream:
                 if beyond:
                     raise ValueError(f"chunk idx {min(beyond)} after the last chunk (idx {idx})")
             in_order = idx == self.contiguous
-            if not in_order and self.out_of_order + self.slot_size > self.cap:
-                held = self.out_of_order // self.slot_size + 1
+            if not in_order and self.out_of_order + self.chunk_size > self.cap:
+                held = self.out_of_order // self.chunk_size + 1
                 raise ValueError(f"{held} chunks queued out of order would hold "
-                                 f"{self.out_of_order + self.slot_size} bytes of buffer, more "
+                                 f"{self.out_of_order + self.chunk_size} bytes of buffer, more "
                                  f"than max_queued_bytes ({self.cap}); waiting for chunk idx "
                                  f"{self.contiguous}")
             if flags & _core.CHUNK_FLAG_LAST:
@@ -94,10 +96,10 @@ class _DeviceStream:
             if in_order:
                 while self.contiguous in self.pending:
                     if self.contiguous != idx:
-                        self.out_of_order -= self.slot_size
+                        self.out_of_order -= self.chunk_size
                     self.contiguous += 1
             else:
-                self.out_of_order += self.slot_size
+                self.out_of_order += self.chunk_size
             self.cond.notify()
 
     def check_drained(self) -> None:
@@ -126,7 +128,8 @@ class _Reassembler:
         self.desc_fd = desc_fd
         self.pool = _core.BufferPool.attach(session["pool"])
         cap = session["max_queued_bytes"]
-        self.devices = [_DeviceStream(i, name, loader, cap, self.pool.slot_size)
+        chunk_size = self.pool.slot_size - CHUNK_HEADER
+        self.devices = [_DeviceStream(i, name, loader, cap, chunk_size)
                         for i, (name, loader) in enumerate(session["loaders"])]
         self.stop = threading.Event()
         self.results: dict[int, object] = {}

@@ -101,20 +101,21 @@ def chunk_idx(packet) -> int:
 
 
 class HoldFirstChunks(Packets):
-    """Hold back every device's chunk idx 0 by ``seconds`` — and with it whatever
-    follows on this channel — so the chunks other channels carry arrive first.
-    Each chunk seen is logged as (channel, idstr, idx) in ``log``."""
+    """Hold back every device's chunk idx 0 by ``seconds`` while the packets behind
+    it (on this channel and the others) go on, so the chunks after it arrive
+    first. Each chunk seen is logged as (channel, idstr, idx) in ``log``."""
 
     def __init__(self, config, seconds: float, channel: int, log: list) -> None:
         super().__init__(config, self._on_packet)
         self.seconds, self.channel, self.log = seconds, channel, log
 
     def _on_packet(self, link, packet):
-        delay = 0.0
+        first = False
         if packet.is_device:
             idx = chunk_idx(packet)
             self.log.append((self.channel, packet.device[0], idx))
-            if idx == 0:
-                delay = self.seconds
-                self.fire()
-        link.send(bytes(packet.header + packet.payload), delay=delay)
+            first = idx == 0
+        if first:
+            self.fire()
+        link.send(bytes(packet.header + packet.payload), delay=self.seconds if first else 0.0,
+                  overtakable=first)

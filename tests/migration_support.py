@@ -409,6 +409,7 @@ class Link:
         self.name: str | int | None = None      # "main" or the channel id
         self.fault: Fault = Fault()
         self.pending: deque[tuple[float, bytes]] = deque()   # (due, bytes) to upstream
+        self.aside: list[tuple[float, bytes]] = []           # held back, others may pass
         self.offset = 0
         self.hello = bytearray()
         self.client_eof = False
@@ -416,13 +417,20 @@ class Link:
         self.closed = False
 
     # -- what faults call
-    def send(self, data: bytes, delay: float = 0.0) -> None:
-        if data and not self.cut_off:
-            due = time.monotonic() + delay
-            # FIFO: a held-back piece holds back what follows it.
-            if self.pending:
-                due = max(due, self.pending[-1][0])
-            self.pending.append((due, bytes(data)))
+    def send(self, data: bytes, delay: float = 0.0, overtakable: bool = False) -> None:
+        """Queue ``data`` for the destination in ``delay`` seconds. Pieces go in order —
+        a held-back piece holds back what follows it — unless ``overtakable``: then
+        what follows goes on, and ``data`` joins the stream when its time comes
+        (faults that parse packets only make whole packets overtakable)."""
+        if not data or self.cut_off:
+            return
+        due = time.monotonic() + delay
+        if overtakable:
+            self.aside.append((due, bytes(data)))
+            return
+        if self.pending:
+            due = max(due, self.pending[-1][0])
+        self.pending.append((due, bytes(data)))
 
     def reset(self) -> None:
         """Abort both connections with a TCP RST."""
@@ -474,16 +482,25 @@ class Link:
 
     def _flush(self, force=False) -> None:
         now = time.monotonic()
+        due_aside = [item for item in self.aside if force or item[0] <= now]
+        self.aside = [item for item in self.aside if item not in due_aside]
+        ready = [data for _, data in due_aside]
         while self.pending and (force or self.pending[0][0] <= now):
-            _, data = self.pending.popleft()
+            ready.append(self.pending.popleft()[1])
+        for data in ready:
             try:
                 self.upstream.sendall(data)
             except OSError:
                 self.pending.clear()
+                self.aside.clear()
                 return
 
     def next_due(self) -> float | None:
-        return self.pending[0][0] if self.pending else None
+        dues = [due for due, _ in self.aside] + ([self.pending[0][0]] if self.pending else [])
+        return min(dues) if dues else None
+
+    def idle(self) -> bool:
+        return not self.pending and not self.aside
 
     def close(self) -> None:
         if not self.closed:
@@ -556,7 +573,7 @@ class Proxy:
                 for link in self.links:
                     if not link.closed:
                         link._flush()
-                        if link.client_eof and not link.pending and not link.cut_off:
+                        if link.client_eof and link.idle() and not link.cut_off:
                             link.cut()
         except BaseException as exc:       # a proxy bug must not pass for a fastmfd one
             self.error = exc

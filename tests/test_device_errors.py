@@ -53,7 +53,7 @@ def rewritten(rewrite) -> Proxy:
 
 def fired(proxy: Proxy) -> float:
     times = [link.fault.fired_at for link in proxy.links if link.fault.fired_at is not None]
-    assert times, "the fault never struck"
+    assert times, f"the fault never struck: {[(l.name, l.offset) for l in proxy.links]}"
     return min(times)
 
 
@@ -113,7 +113,7 @@ def test_out_of_order_bytes_over_the_cap(leaks):
     outcome = migrate(config, proxy=proxy,
                       devices=[fastmfd.BytesDevice(*DEVICE, bytes(64 * 4096))])
     check(outcome, fired(proxy),
-          r"dev/0: 4 chunks queued out of order would hold 16432 bytes of buffer, more than "
+          r"dev/0: 5 chunks queued out of order would hold 20480 bytes of buffer, more than "
           r"max_queued_bytes \(16384\); waiting for chunk idx 0")
 
 
@@ -126,7 +126,24 @@ def test_tiny_chunks_out_of_order_hit_the_cap_not_a_full_pool(leaks):
     proxy = Proxy({ch: HoldFirstChunks(config, 3.0, ch, log) for ch in range(config.channels)})
     outcome = migrate(config, proxy=proxy, devices=[OddDevice(*DEVICE, bytes(2000), [1])],
                       timeout=20)
-    check(outcome, fired(proxy), r"dev/0: 4 chunks queued out of order would hold")
+    check(outcome, fired(proxy), r"dev/0: 5 chunks queued out of order would hold")
+
+
+def test_destination_cap_below_one_chunk_is_refused_at_setup(leaks):
+    """A destination's own max_queued_bytes must hold one of the source's chunks, or
+    any reordering would fail the session: SETUP is refused instead."""
+    region = make_region("ram", 1 << 20, seed=5)
+    started = time.monotonic()
+    try:
+        with Migration(CONFIG.replace(device_chunk_size=8192),
+                       max_queued_bytes=8191) as m:
+            m.source.add_region(region)
+            m.source.add_device(fastmfd.BytesDevice(*DEVICE, b"state"))
+            outcome = m.run()
+    finally:
+        region.close()
+    check(outcome, started, r"this destination's max_queued_bytes \(8191\) cannot hold one "
+                            r"device chunk of the source's device_chunk_size \(8192\)")
 
 
 # ---------------------------------------------------------------- user code raising
