@@ -36,7 +36,6 @@ import traceback
 from multiprocessing import connection, reduction
 
 from . import _core
-from .devices import device_key
 from .errors import MigrationError
 from .workers import worker_setup
 
@@ -122,9 +121,32 @@ class _DeviceStream:
             return entry
 
 
-class _Reassembler:
-    def __init__(self, conn, session: dict, desc_fd: int) -> None:
+class _Reports:
+    """The reports to the destination. The reader and every loader thread make
+    them on one connection, so each whole message goes out under one lock: two
+    writers interleave their bytes on the pipe and break its framing."""
+
+    def __init__(self, conn) -> None:
         self.conn = conn
+        self._lock = threading.Lock()
+
+    def send(self, message) -> None:
+        with self._lock:
+            self.conn.send(message)
+
+    def error(self, exc: BaseException) -> None:
+        """Report ``exc`` (call it where ``exc`` is being handled: the traceback goes too)."""
+        text = traceback.format_exc()
+        try:
+            self.send(("error", str(exc), text))
+        except OSError:
+            pass
+
+
+class _Reassembler:
+    def __init__(self, conn, reports: _Reports, session: dict, desc_fd: int) -> None:
+        self.conn = conn
+        self.reports = reports
         self.desc_fd = desc_fd
         self.pool = _core.BufferPool.attach(session["pool"])
         cap = session["max_queued_bytes"]
@@ -133,7 +155,6 @@ class _Reassembler:
                         for i, (name, loader) in enumerate(session["loaders"])]
         self.stop = threading.Event()
         self.results: dict[int, object] = {}
-        self.lock = threading.Lock()
         self.threads = [threading.Thread(target=self._load, args=(d,), daemon=True)
                         for d in self.devices]
 
@@ -174,11 +195,7 @@ class _Reassembler:
             for stream in self.devices:
                 if stream.index not in self.results:
                     self._guard(stream, stream.check_drained)
-            self._send(("drained",))
-
-    def _send(self, message) -> None:
-        with self.lock:
-            self.conn.send(message)
+            self.reports.send(("drained",))
 
     def _on_chunk(self, device, idx, flags, slot, length, channel) -> None:
         if device >= len(self.devices):
@@ -219,13 +236,11 @@ class _Reassembler:
                 idx += 1
             seconds = time.monotonic() - (started or time.monotonic())
             self.results[stream.index] = result
-            self._send(("loaded", stream.index, result, seconds, idx + 1))
+            self.reports.send(("loaded", stream.index, result, seconds, idx + 1))
         except BaseException as exc:
             self.stop.set()
-            with self.lock:
-                _send_error(self.conn, MigrationError(
-                    f"loading chunk {idx} failed: {type(exc).__name__}: {exc}",
-                    device=stream.name))
+            self.reports.error(MigrationError(
+                f"loading chunk {idx} failed: {type(exc).__name__}: {exc}", device=stream.name))
 
     def close(self) -> None:
         self.stop.set()
@@ -241,13 +256,6 @@ def _reraise(exc: BaseException, idx: int, channel: int) -> None:
     raise ValueError(f"{exc} (from channel {channel})")
 
 
-def _send_error(conn, exc: BaseException) -> None:
-    try:
-        conn.send(("error", str(exc), traceback.format_exc()))
-    except OSError:
-        pass
-
-
 def reassembly_main(conn) -> None:
     """The reassembly process: one session's device streams, then exit."""
     worker_setup()
@@ -256,12 +264,13 @@ def reassembly_main(conn) -> None:
         return
     failed = False
     reassembler = None
+    reports = _Reports(conn)
     try:
         desc_fd = reduction.recv_handle(conn)
-        reassembler = _Reassembler(conn, session, desc_fd)
+        reassembler = _Reassembler(conn, reports, session, desc_fd)
         reassembler.run()
     except BaseException as exc:
-        _send_error(conn, exc)
+        reports.error(exc)
         failed = True
     finally:
         if reassembler is not None:
@@ -269,6 +278,3 @@ def reassembly_main(conn) -> None:
     if failed:
         sys.exit(1)
 
-
-def loader_names(devices: list[dict]) -> list[str]:
-    return [device_key(d["idstr"], d["instance_id"]) for d in devices]

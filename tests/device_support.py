@@ -119,3 +119,20 @@ class HoldFirstChunks(Packets):
             self.fire()
         link.send(bytes(packet.header + packet.payload), delay=self.seconds if first else 0.0,
                   overtakable=first)
+
+
+class BigResultLoader:
+    """A loader whose ``load_finish`` waits for a byte on the FIFO at ``gate``, then
+    returns ``size`` bytes: its ("loaded", ...) report is long to write, and starts
+    when the test says so."""
+
+    def __init__(self, gate: str, size: int) -> None:
+        self.gate, self.size = gate, size
+
+    def load_state_buffer(self, data) -> None:
+        pass
+
+    def load_finish(self) -> bytes:
+        with open(self.gate, "rb") as fifo:
+            fifo.read(1)
+        return bytes(self.size)
