@@ -6,6 +6,8 @@ the session on both sides within 5 s with a MigrationError naming the channel
 (or hook) and the cause, leave the source region as it was, and leak nothing.
 Faults strike mid-transfer: the source is capped at 64 MiB/s, so 16 MiB take
 a quarter of a second and the proxy fires after the first MiB of a channel.
+Jobs of one packet (512 KiB) spread the pages over both channels, so each
+carries well over that MiB whatever channels the selector picks.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from leakcheck import leaks  # noqa: F401
 from migration_support import (AtMessage, Corrupt, Migration, Outcome, Proxy, Reset, Trigger, Truncate,
                                make_region)
 
-CONFIG = fastmfd.MigrationConfig(channels=2, max_bandwidth=64 << 20)
+CONFIG = fastmfd.MigrationConfig(channels=2, max_bandwidth=64 << 20, job_packets=1)
 MIB = 1 << 20
 
 
