@@ -16,8 +16,7 @@ What counts as a leak, and why it is attributed this way:
   (every owner — regions, pools, counters, selectors, mailboxes — goes through
   it, and owners live in the test process);
 - a socket file descriptor of this process opened during the test and still
-  open (a listener, a channel, a worker's control pipe), or a Unix socket path
-  left on disk.
+  open (a listener, a channel, a worker's control pipe).
 
 Leftovers get a short grace period (a worker still exiting), then the test
 fails and they are killed / unlinked / closed so one leak does not cascade.
@@ -28,7 +27,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
-import stat
 import time
 from multiprocessing import forkserver, resource_tracker
 
@@ -63,13 +61,7 @@ def _socket_fds() -> dict[int, str]:
 class LeakCheck:
     def __init__(self) -> None:
         self.created: set[str] = set()
-        self.unix_paths: list[str] = []
         self._sockets_before = _socket_fds()
-
-    def track_unix_path(self, path: str) -> str:
-        """A ``unix:`` socket path the test uses; it must be gone at the end."""
-        self.unix_paths.append(path)
-        return path
 
     # ------------------------------------------------------------ probes
     def processes(self) -> list:
@@ -84,17 +76,12 @@ class LeakCheck:
         now = _socket_fds()
         return {fd: t for fd, t in now.items() if self._sockets_before.get(fd) != t}
 
-    def paths(self) -> list[str]:
-        return [p for p in self.unix_paths
-                if os.path.exists(p) and stat.S_ISSOCK(os.stat(p).st_mode)]
-
     # ------------------------------------------------------------ the check
     def problems(self, grace: float = GRACE_SECONDS, keep=()) -> list[str]:
         deadline = time.monotonic() + grace
         while True:
             found = {"child processes": self.processes(), "shared-memory segments":
-                     sorted(self.segments(keep)), "open sockets": self.sockets(),
-                     "unix socket paths": self.paths()}
+                     sorted(self.segments(keep)), "open sockets": self.sockets()}
             if not any(found.values()) or time.monotonic() >= deadline:
                 break
             time.sleep(0.02)
@@ -124,8 +111,6 @@ class LeakCheck:
                 os.close(fd)
             except OSError:
                 pass
-        for path in self.paths():
-            os.unlink(path)
 
 
 @pytest.fixture(autouse=True)

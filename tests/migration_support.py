@@ -148,7 +148,10 @@ class Migration:
             if part is not None:
                 part.close()
         if self._tmpdir is not None:
+            left = os.listdir(self._tmpdir)
             shutil.rmtree(self._tmpdir, ignore_errors=True)
+            failing = bool(exc) and exc[0] is not None
+            assert failing or not left, f"the destination left {left} behind"
 
     def run(self, *, live=False, on_stop=None, on_resume=None, dst_on_resume=None,
             timeout=60.0) -> Outcome:
