@@ -87,9 +87,17 @@ class Worker:
 
     def start_session(self, session: dict, fds: list[int]) -> None:
         """Send the session description, then the file descriptors it needs."""
-        self.conn.send(session)
-        for fd in fds:
-            reduction.send_handle(self.conn, fd, self.process.pid)
+        try:
+            self.conn.send(session)
+            for fd in fds:
+                reduction.send_handle(self.conn, fd, self.process.pid)
+        except OSError as exc:
+            # A broken pipe means the worker is gone: say what became of it.
+            self.process.join(1)
+            if self.process.exitcode is not None:
+                raise self.death_error() from None
+            raise MigrationError(f"cannot hand the session to the worker: "
+                                 f"{exc.strerror or exc}", channel=self.name) from None
 
     def error_from(self, message: tuple) -> MigrationError:
         _, text, remote = message

@@ -76,6 +76,9 @@ class Kill:
     def attach(self, migration: Migration) -> None:
         self.migration = migration
 
+    def join(self) -> None:
+        getattr(self.migration, self.side)._workers[self.channel].process.join(5)
+
 
 def test_sigkilled_send_worker(image, leaks):
     kill = Kill("source", 1)
@@ -95,6 +98,26 @@ def test_sigkilled_receive_worker(image, leaks):
     src, dst = outcome.failed_both(since=trigger.fired_at)
     assert_names(dst, r"receive channel 1: the worker process was killed by SIGKILL")
     assert_names(src, r"the destination failed: receive channel 1: .*killed by SIGKILL")
+    leaks.assert_clean(keep=[image])
+
+
+@pytest.mark.parametrize("side,name", [("source", "send"), ("destination", "receive")])
+def test_worker_killed_before_the_session(image, leaks, side, name):
+    """A worker that died while idle (started with the Source/Destination, killed
+    before migrate) is reported as such, not as a broken pipe."""
+    kill = Kill(side, 1)
+    started = []
+
+    def kill_first(migration):
+        kill.attach(migration)
+        kill()
+        kill.join()
+        started.append(time.monotonic())
+
+    outcome = migrate(image, on_enter=kill_first)
+    src, dst = outcome.failed_both(since=started[0])
+    for error in (src, dst):
+        assert_names(error, rf"{name} channel 1: the worker process was killed by SIGKILL")
     leaks.assert_clean(keep=[image])
 
 
