@@ -9,7 +9,9 @@ re-encoding them with the core encoders.
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import time
 
 import numpy as np
@@ -20,7 +22,7 @@ from fastmfd import _core
 from device_support import (BrokenDevice, BrokenLoader, ChunkRewriter, HoldFirstChunks,
                             OddDevice, chunk_idx, rebuild)
 from leakcheck import leaks  # noqa: F401
-from migration_support import Migration, Outcome, Proxy, make_region
+from migration_support import Migration, Outcome, Proxy, Trigger, make_region
 
 CONFIG = fastmfd.MigrationConfig(channels=2, device_chunk_size=4096)
 DEVICE = ("dev", 0)
@@ -144,6 +146,27 @@ def test_destination_cap_below_one_chunk_is_refused_at_setup(leaks):
         region.close()
     check(outcome, started, r"this destination's max_queued_bytes \(8191\) cannot hold one "
                             r"device chunk of the source's device_chunk_size \(8192\)")
+
+
+def test_reassembly_process_sigkilled(leaks):
+    """The process that feeds the loaders dies while device state streams in."""
+    size = 16 << 20
+
+    def kill_reassembly():
+        os.kill(migration.destination._reassembly[0].process.pid, signal.SIGKILL)
+
+    proxy = Proxy({0: Trigger(1 << 20, kill_reassembly)})
+    region = make_region("ram", 1 << 20, seed=5)
+    try:
+        with Migration(CONFIG, proxy=proxy) as migration:
+            migration.source.add_region(region)
+            migration.source.add_device(fastmfd.SyntheticDevice(*DEVICE, size))
+            migration.destination.add_loader(*DEVICE, fastmfd.VerifyLoader(size,
+                                                                           write_rate=64 << 20))
+            outcome = migration.run()
+    finally:
+        region.close()
+    check(outcome, fired(proxy), r"reassembly: the worker process was killed by SIGKILL")
 
 
 # ---------------------------------------------------------------- user code raising
