@@ -2,13 +2,19 @@
 
 Every page is sent in round 1, rewritten at the stop and sent again in round 2.
 Channel 0 reaches the destination half a second late (a proxy holds its bytes
-back), so a page whose round-1 copy travels on channel 0 and whose round-2 copy
-travels on channel 1 has its new copy at the destination long before the old
-one. Only the barrier — channel 1 waits at its round-1 SYNC until channel 0 has
-applied everything before its own — keeps the old copy from landing last.
+back), and at the stop its send worker is paused for a moment, so channel 0
+stays busy and the selector hands round 2 to channel 1. A page whose round-1
+copy travelled on channel 0 then has its round-2 copy at the destination long
+before the old one. Only the barrier — channel 1 waits at its round-1 SYNC
+until channel 0 has applied everything before its own — keeps the old copy
+from landing last.
 """
 
 from __future__ import annotations
+
+import os
+import signal
+import threading
 
 import numpy as np
 
@@ -42,28 +48,42 @@ class Recorder(Packets):
 
 
 def test_a_page_resent_on_another_channel_is_never_overwritten_by_its_old_copy():
-    # 63 jobs of one packet: with two channels taking turns, a page's round-2 job
-    # mostly lands on the other channel than its round-1 job.
     config = fastmfd.MigrationConfig(channels=2, packet_pages=PACKET_PAGES, job_packets=1,
                                      zero_page_detection=False, max_rounds=1,
                                      downtime_limit=1e-6)
     slow, fast = Recorder(config, LAG), Recorder(config, 0.0)
-    region = make_region("ram", 63 * PACKET_PAGES * 4096, seed=1, zero=0.0, text=0.0)
+    region = make_region("ram", 64 * PACKET_PAGES * 4096, seed=1, zero=0.0, text=0.0)
+    paused: list[int] = []
 
-    def rewrite_everything():
-        region.array[:] = np.random.default_rng(2).integers(0, 256, region.size, np.uint8)
-        region.mark_dirty(0, region.size)
+    def resume():
+        for pid in paused:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+
+    def stop_and_rewrite(migration):
+        def on_stop():
+            pid = migration.source._workers[0].process.pid
+            os.kill(pid, signal.SIGSTOP)
+            paused.append(pid)
+            threading.Timer(0.3, resume).start()
+            region.array[:] = np.random.default_rng(2).integers(0, 256, region.size, np.uint8)
+            region.mark_dirty(0, region.size)
+        return on_stop
 
     try:
         with Migration(config, proxy=Proxy({0: slow, 1: fast})) as m:
             m.source.add_region(region)
-            stats, result = m.run(live=True, on_stop=rewrite_everything).ok()
+            stats, result = m.run(live=True, on_stop=stop_and_rewrite(m)).ok()
             assert stats.rounds == 2
             got = result.regions["ram"].array
             assert np.array_equal(got, region.array), \
                 f"stale pages survived: {first_difference(got, region.array)}"
         # The race this test is about really was set up.
         crossing = slow.pages[1] & fast.pages[2]
-        assert len(crossing) >= PACKET_PAGES, "no page moved from the slow to the fast channel"
+        assert len(crossing) >= 16 * PACKET_PAGES, \
+            f"only {len(crossing)} pages moved from the slow to the fast channel"
     finally:
+        resume()
         region.close()
