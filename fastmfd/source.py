@@ -71,6 +71,7 @@ class Source:
         self._loaded = threading.Event()
         self._resumed = threading.Event()
         self._workers_done = threading.Event()
+        self._saver: DeviceSaver | None = None   # the device save threads, new way
         self._device_chunks: list[int] = []     # chunks each device sent, in device order
         self._old_way_bytes = 0                 # device bytes sent on the main channel
         self._loaded_report: dict = {}
@@ -185,6 +186,12 @@ class Source:
             raise
         except BaseException as exc:
             self._failure.raise_for(exc)
+        finally:
+            # The device save threads use the pool, the selector and the command
+            # pipes, which close() frees: they must be over first. After a failure
+            # they end soon (it aborted their waits).
+            if self._saver is not None:
+                self._saver.wait()
         call_hook("on_resume", on_resume)
         return self._stats(end - t_start, t_setup, end - stop_time, rounds)
 
@@ -317,18 +324,17 @@ class Source:
         started = time.monotonic()
         total = int(sum(len(p) for p in pages))
         bar.start_round(number, total, live)
-        saver = None
         if devices and self._devices:
             self._main.send(Msg.SWITCHOVER_START)
             if self.config.channel_header:
-                saver = DeviceSaver(self._devices, self._pool, self._device_selector,
-                                    self._device_command, self._failure,
-                                    self.config.device_chunk_size)
+                self._saver = DeviceSaver(self._devices, self._pool, self._device_selector,
+                                          self._device_command, self._failure,
+                                          self.config.device_chunk_size)
         for index, region_pages in enumerate(pages):
             self._dispatch_region(index, region_pages, bar)
         if devices and self._devices:
-            if saver is not None:
-                self._device_chunks = saver.join()
+            if self._saver is not None:
+                self._device_chunks = self._saver.join()
             else:
                 self._device_chunks, self._old_way_bytes = save_old_way(
                     self._devices, self._main, self.config.device_chunk_size)

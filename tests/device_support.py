@@ -46,6 +46,24 @@ class BrokenDevice:
         return 100
 
 
+class StallingDevice:
+    """Gives ``chunks`` chunks of 100 bytes; the second read takes ``stall`` seconds,
+    as a device's data fd does when the device is slow to produce its state."""
+
+    def __init__(self, idstr: str, instance_id: int, chunks: int, stall: float) -> None:
+        self.idstr, self.instance_id = idstr, instance_id
+        self.chunks, self.stall, self.reads = chunks, stall, 0
+
+    def read_state(self, buf) -> int:
+        self.reads += 1
+        if self.reads == 2:
+            time.sleep(self.stall)
+        if self.reads > self.chunks:
+            return 0
+        buf[:100] = b"s" * 100
+        return 100
+
+
 class BrokenLoader:
     """Accepts ``good`` chunks, then raises on the next one."""
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import threading
 import time
 
 import numpy as np
@@ -20,7 +21,7 @@ import pytest
 import fastmfd
 from fastmfd import _core
 from device_support import (BrokenDevice, BrokenLoader, ChunkRewriter, HoldFirstChunks,
-                            OddDevice, chunk_idx, rebuild)
+                            OddDevice, StallingDevice, chunk_idx, rebuild)
 from leakcheck import leaks  # noqa: F401
 from migration_support import Migration, Outcome, Proxy, Trigger, make_region
 
@@ -167,6 +168,30 @@ def test_reassembly_process_sigkilled(leaks):
     finally:
         region.close()
     check(outcome, fired(proxy), r"reassembly: the worker process was killed by SIGKILL")
+
+
+def test_failure_while_devices_save_stops_their_threads_first(leaks):
+    """The session fails during the final round's RAM while a device is still saving:
+    its thread uses the Source's pool, selector and pipes, so it may not outlive
+    migrate() — once the Source closes, such a thread touches unmapped memory."""
+    def kill_receiver():
+        os.kill(migration.destination._workers[1].process.pid, signal.SIGKILL)
+
+    config = CONFIG.replace(max_bandwidth=64 << 20, job_packets=1)
+    proxy = Proxy({1: Trigger(1 << 20, kill_receiver)})
+    region = make_region("ram", 32 << 20, seed=5)
+    try:
+        with Migration(config, proxy=proxy) as migration:
+            migration.source.add_region(region)
+            migration.source.add_device(StallingDevice("slow", 0, chunks=3, stall=1.0))
+            outcome = migration.run()
+            saving = [t for t in threading.enumerate() if t.name.startswith("fastmfd save")]
+            for thread in saving:       # before the Source frees what they use
+                thread.join(10)
+            assert not saving, f"{[t.name for t in saving]} outlived migrate()"
+    finally:
+        region.close()
+    check(outcome, fired(proxy), r"receive channel 1: the worker process was killed by SIGKILL")
 
 
 # ---------------------------------------------------------------- user code raising
