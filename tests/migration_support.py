@@ -1,18 +1,21 @@
 """Shared by the end-to-end tests: page images, a source/destination pair run
-in this process, and a TCP proxy that injects faults into one connection.
+in this process, a TCP proxy that injects faults into one connection, a
+workload process, and a source driven by hand.
 
 ::
 
-    test thread                      receive thread
-      Migration(...)  ── enters ──▶    Destination (listens, starts its workers)
-      Source(address) ── enters ──▶    (send workers start)
-      run():  source.migrate()   ◀─▶   destination.receive()
-              └── Outcome: both results or both errors, and when each side ended
+    Migration.run()
+      test thread: source.migrate()  ◀─▶  receive thread: destination.receive()
+      └── Outcome: both results or both errors, and when each side ended
+          (a side still running after the timeout fails the test as a hang)
 
     Source ──▶ Proxy ──▶ Destination     (optional) one Link per connection; the
                                           client's first bytes say which channel
                                           it is, and that channel's Fault decides
                                           what to forward, hold back, corrupt, cut.
+
+    keep_writing()   a workload process: rewrite pages of a Region, mark them dirty
+    FakeSource       SETUP and channel bytes written by hand (bad handshakes)
 
 Every wait is bounded; nothing here sleeps to synchronize.
 """
