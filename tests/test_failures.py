@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import threading
 import time
 
 import numpy as np
@@ -118,6 +119,33 @@ def test_worker_killed_before_the_session(image, leaks, side, name):
     src, dst = outcome.failed_both(since=started[0])
     for error in (src, dst):
         assert_names(error, rf"{name} channel 1: the worker process was killed by SIGKILL")
+    leaks.assert_clean(keep=[image])
+
+
+def test_ctrl_c_during_migrate(image, leaks):
+    """SIGINT while migrate() runs in the main thread: KeyboardInterrupt reaches the
+    caller, the destination hears "interrupted by the user", nothing is left."""
+    interrupt = Trigger(MIB, lambda: os.kill(os.getpid(), signal.SIGINT))
+    with Migration(CONFIG, proxy=Proxy({1: interrupt})) as m:
+        m.source.add_region(image)
+        received: dict = {}
+
+        def receive():
+            try:
+                m.destination.receive()
+            except BaseException as exc:
+                received["error"], received["end"] = exc, time.monotonic()
+
+        receiver = threading.Thread(target=receive, daemon=True)
+        receiver.start()
+        with pytest.raises(KeyboardInterrupt):
+            m.source.migrate(live=False)
+        interrupted = time.monotonic()
+        receiver.join(10)
+    assert interrupted - interrupt.fired_at < 5
+    assert isinstance(received["error"], fastmfd.MigrationError)
+    assert_names(received["error"], r"main channel: the source failed: interrupted by the user")
+    assert received["end"] - interrupt.fired_at < 5
     leaks.assert_clean(keep=[image])
 
 
