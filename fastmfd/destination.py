@@ -39,7 +39,7 @@ from .devices import CollectLoader, OLD_WAY_PREFIX, device_key
 from .errors import ConfigError, FastMFDError, MigrationError, ProtocolError
 from .reassembly import pool_slots_for, reassembly_main
 from .regions import Region, validate_region_name
-from .session import MainChannel, SessionFailure, call_hook
+from .session import MainChannel, SessionFailure, call_hook, main_first
 from .stats import ChannelStats, ReceiveStats
 from .wire import MAIN_VERSION, Msg, decode_control
 from .workers import WorkerSet, recv_worker_main
@@ -313,7 +313,7 @@ class Destination:
         while not self._done():
             self._failure.check()
             ready = connection.wait(waiting, timeout=1.0)
-            for item in ready:
+            for item in main_first(ready, self._main.sock):
                 if item is self._listener:
                     worker = self._accept_channel()
                     waiting += [worker.conn, worker.sentinel]

@@ -19,7 +19,7 @@ from .channels import MAIN, send_all
 from .errors import Aborted, FastMFDError, MigrationError
 from .wire import MESSAGE_HEADER, Msg, encode_message
 
-__all__ = ["SessionFailure", "MainChannel", "call_hook"]
+__all__ = ["SessionFailure", "MainChannel", "call_hook", "main_first"]
 
 
 class SessionFailure:
@@ -67,6 +67,15 @@ class SessionFailure:
         if isinstance(exc, Aborted) and self._error is not None:
             raise self._error from None
         raise self.fail(exc, channel)
+
+
+def main_first(ready: list, main) -> list:
+    """``ready`` (from connection.wait, in registration order) with the main channel
+    first. A failing peer sends its ERROR before it shuts its sockets down, so when
+    one of our channels breaks because of that shutdown, the ERROR is already
+    readable: reading it first makes the cause, not its consequence (a broken
+    pipe), the session's first error."""
+    return sorted(ready, key=lambda item: item is not main)
 
 
 def call_hook(name: str, hook) -> None:

@@ -38,7 +38,7 @@ from .devices import DeviceSaver, save_old_way
 from .errors import Aborted, ConfigError, MigrationError, ProtocolError
 from .progress import RoundProgress
 from .regions import Region
-from .session import MainChannel, SessionFailure, call_hook
+from .session import MainChannel, SessionFailure, call_hook, main_first
 from .shm import SharedMemory
 from .stats import ChannelStats, MigrationStats, RoundStats
 from .wire import Msg, decode_control, encode_preamble
@@ -408,7 +408,7 @@ class Source:
                 return
             if self._wake_r in ready:
                 return
-            for item in ready:
+            for item in main_first(ready, main):
                 try:
                     if item is main:
                         if not self._on_main_message():
