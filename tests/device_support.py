@@ -90,12 +90,11 @@ class ChunkRewriter(Packets):
         self.rewrite = rewrite
 
     def _on_packet(self, link, packet):
-        original = bytes(packet.header + packet.payload)
         if not (packet.is_device and packet.device == self.device):
-            link.send(original)
+            link.send(packet.raw)
             return
         replacement = self.rewrite(packet)
-        if replacement != original:
+        if replacement != packet.raw:
             self.fire()
         if replacement is not None:
             link.send(replacement)
@@ -118,6 +117,13 @@ def chunk_idx(packet) -> int:
     return struct.unpack_from(">I", packet.payload, 4)[0]
 
 
+def at_idx(which: int, **changes):
+    """A ``ChunkRewriter`` rewrite: chunk ``which`` re-encoded with ``changes`` (see
+    :func:`rebuild`), every other chunk unchanged."""
+    return lambda packet: rebuild(packet, **changes) if chunk_idx(packet) == which \
+        else packet.raw
+
+
 class HoldFirstChunks(Packets):
     """Hold back every device's chunk idx 0 by ``seconds`` while the packets behind
     it (on this channel and the others) go on, so the chunks after it arrive
@@ -135,8 +141,7 @@ class HoldFirstChunks(Packets):
             first = idx == 0
         if first:
             self.fire()
-        link.send(bytes(packet.header + packet.payload), delay=self.seconds if first else 0.0,
-                  overtakable=first)
+        link.send(packet.raw, delay=self.seconds if first else 0.0, overtakable=first)
 
 
 class BigResultLoader:

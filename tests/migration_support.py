@@ -342,6 +342,11 @@ class Packet:
     payload: bytearray
 
     @property
+    def raw(self) -> bytes:
+        """The packet as it came."""
+        return bytes(self.header + self.payload)
+
+    @property
     def flags(self) -> int:
         return struct.unpack_from(">I", self.header, 8)[0]
 

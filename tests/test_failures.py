@@ -26,8 +26,8 @@ from fastmfd import _core
 from fastmfd.wire import Msg
 from fastmfd.workers import RemoteTraceback
 from leakcheck import leaks  # noqa: F401
-from migration_support import (AtMessage, Corrupt, Migration, Outcome, Proxy, Reset, Trigger, Truncate,
-                               make_region)
+from migration_support import (AtMessage, Corrupt, Migration, Outcome, Proxy, Reset, Trigger,
+                               Truncate, make_region)
 
 CONFIG = fastmfd.MigrationConfig(channels=2, max_bandwidth=64 << 20, job_packets=1)
 MIB = 1 << 20

@@ -44,7 +44,7 @@ class Recorder(Packets):
             int(o) // 4096 for o in (*ram.offsets, *ram.zero_offsets))
         if ram.is_sync:
             self.round += 1
-        link.send(bytes(packet.header + packet.payload), delay=self.lag)
+        link.send(packet.raw, delay=self.lag)
 
 
 def test_a_page_resent_on_another_channel_is_never_overwritten_by_its_old_copy():
