@@ -22,7 +22,6 @@ import fastmfd
 from fastmfd import _core
 from device_support import (BrokenDevice, BrokenLoader, ChunkRewriter, HoldFirstChunks,
                             OddDevice, StallingDevice, at_idx)
-from leakcheck import leaks  # noqa: F401
 from migration_support import Migration, Outcome, Proxy, Trigger, make_region
 
 CONFIG = fastmfd.MigrationConfig(channels=2, device_chunk_size=4096)

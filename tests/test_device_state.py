@@ -10,7 +10,6 @@ import pytest
 
 import fastmfd
 from device_support import HoldFirstChunks, OddDevice
-from leakcheck import leaks  # noqa: F401
 from migration_support import Migration, Proxy, make_region
 
 MIB = 1 << 20

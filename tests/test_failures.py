@@ -25,7 +25,6 @@ import fastmfd
 from fastmfd import _core
 from fastmfd.wire import Msg
 from fastmfd.workers import RemoteTraceback
-from leakcheck import leaks  # noqa: F401
 from migration_support import (AtMessage, Corrupt, Migration, Outcome, Proxy, Reset, Trigger,
                                Truncate, make_region)
 

@@ -9,7 +9,6 @@ import pytest
 
 import fastmfd
 from fastmfd.workers import mp_context
-from leakcheck import leaks  # noqa: F401
 from migration_support import Migration, first_difference, keep_writing, make_region
 
 

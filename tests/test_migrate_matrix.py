@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 import fastmfd
-from leakcheck import leaks  # noqa: F401
 from migration_support import PAGE, Migration, first_difference, make_region, zero_page_count
 
 # Three regions: mixed pages; a size that is not a multiple of a packet (5 packets

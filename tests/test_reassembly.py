@@ -11,7 +11,6 @@ from fastmfd import _core
 from fastmfd.reassembly import reassembly_main
 from fastmfd.workers import WorkerSet
 from device_support import BigResultLoader
-from leakcheck import leaks  # noqa: F401
 
 CHUNK = 4096
 

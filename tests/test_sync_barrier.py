@@ -20,7 +20,6 @@ import numpy as np
 
 import fastmfd
 from fastmfd import _core
-from leakcheck import leaks  # noqa: F401
 from migration_support import Migration, Packets, Proxy, first_difference, make_region
 
 PACKET_PAGES = 16
