@@ -33,7 +33,7 @@ from multiprocessing import connection
 
 from . import _core
 from .channels import (MAIN, ChannelHello, bound_address, expect_message, listen, parse_address,
-                       read_hello, read_message, recv_exact, send_all, tune_data_socket)
+                       read_hello, read_message, recv_exact, tune_data_socket)
 from .config import MigrationConfig
 from .devices import CollectLoader, OLD_WAY_PREFIX, device_key
 from .errors import ConfigError, FastMFDError, MigrationError, ProtocolError
@@ -45,6 +45,8 @@ from .wire import MAIN_VERSION, Msg, decode_control
 from .workers import WorkerSet, recv_worker_main
 
 __all__ = ["Destination", "DestinationResult"]
+
+HELLO_TIMEOUT = 5.0     # seconds a new connection may take to say what it is
 
 
 @dataclass
@@ -218,7 +220,9 @@ class Destination:
             sock, _ = self._listener.accept()
         except socket.timeout:
             raise MigrationError(f"no connection for {what} within {self.timeout:g} s") from None
-        sock.settimeout(self.timeout)
+        # A source writes its hello at once; a silent connection must not hold
+        # the event loop (which also serves the other channels) for long.
+        sock.settimeout(min(self.timeout, HELLO_TIMEOUT))
         return sock
 
     def _setup(self, setup: dict) -> None:

@@ -35,7 +35,7 @@ from .channels import MAIN, connect, expect_message, parse_address, read_message
     tune_data_socket
 from .config import MigrationConfig
 from .devices import DeviceSaver, save_old_way
-from .errors import Aborted, ConfigError, MigrationError, ProtocolError
+from .errors import ConfigError, MigrationError, ProtocolError
 from .progress import RoundProgress
 from .regions import Region
 from .session import MainChannel, SessionFailure, call_hook, main_first
@@ -170,7 +170,6 @@ class Source:
         if not self._regions and not self._devices:
             raise ConfigError("nothing to migrate: add a region or a device first")
         self._used = True
-        cfg = self.config
         t_start = time.monotonic()
         try:
             self._connect()
@@ -296,6 +295,7 @@ class Source:
         for region in self._regions:
             region.dirty.collect()          # forget writes before the migration began
         pages = [np.arange(r.npages, dtype=np.uint64) for r in self._regions]
+        self._rounds_started = time.monotonic()
         while True:
             final = stop_time is not None
             rounds.append(self._send_round(len(rounds) + 1, pages, not final, bar,
@@ -303,7 +303,7 @@ class Source:
             if final:
                 break
             pending = sum(r.dirty.count() for r in self._regions) * cfg.page_size
-            if pending <= self._bandwidth(rounds[-1]) * cfg.downtime_limit \
+            if pending <= self._bandwidth() * cfg.downtime_limit \
                     or len(rounds) >= cfg.max_rounds:
                 stop_time = self._stop(on_stop)
             pages = [r.dirty.collect() for r in self._regions]
@@ -315,9 +315,14 @@ class Source:
         call_hook("on_stop", on_stop)
         return stop_time
 
-    def _bandwidth(self, last: RoundStats) -> float:
-        """Bytes of pages cleared per second in the last round."""
-        return last.pages * self.config.page_size / max(last.seconds, 1e-6)
+    def _bandwidth(self) -> float:
+        """Bytes of pages the workers have cleared per second since round 1 began.
+
+        Counted from what the workers finished, not what was handed to them:
+        a round smaller than the channels' jobs is handed out in no time."""
+        done = self._counters.total("normal_pages") + self._counters.total("zero_pages")
+        elapsed = time.monotonic() - self._rounds_started
+        return done * self.config.page_size / max(elapsed, 1e-6)
 
     def _send_round(self, number: int, pages: list, live: bool, bar: RoundProgress,
                     devices: bool) -> RoundStats:
@@ -357,10 +362,8 @@ class Source:
 
     def _throttle(self, limit: int) -> None:
         """Sleep while the bytes on the wire run ahead of ``limit`` bytes/s."""
-        if not hasattr(self, "_throttle_start"):
-            self._throttle_start = time.monotonic()
         ahead = self._counters.total("wire_bytes") / limit - (time.monotonic() -
-                                                             self._throttle_start)
+                                                             self._rounds_started)
         if ahead > 0:
             if self._failure.event.wait(ahead):
                 self._failure.check()
