@@ -255,7 +255,7 @@ cdef class _EngineBase:
     cdef BufferPool pool
     cdef list device_names          # [(idstr bytes, instance_id)]
     cdef uint8_t *header            # one RAM header, reused for every packet
-    cdef uint8_t *scratch           # compressed payloads
+    cdef uint8_t *scratch           # compressed payloads; a checksummed packet's pages
     cdef size_t scratch_cap
     cdef iovec *iov
     cdef uint64_t *normal
@@ -422,6 +422,14 @@ cdef class SendEngine(_EngineBase):
                 payload = self.codec.compress_iov(self.iov + 1, k - 1, raw, &blob)
                 self.iov[1].iov_base = <void *>blob
                 self.iov[1].iov_len = payload
+                k = 2
+            elif self.lay.checksum:
+                # The CRC must cover the bytes sent, and a live workload may rewrite
+                # a page between the CRC and the writev: both read one copy.
+                with nogil:
+                    gather_iov(self.iov + 1, k - 1, self.scratch)
+                self.iov[1].iov_base = self.scratch
+                self.iov[1].iov_len = raw
                 k = 2
             if self.lay.checksum:
                 crc = payload_crc(self.iov + 1, k - 1)

@@ -419,7 +419,7 @@ cdef class IsalZlibCodec(Codec):
 
     cdef ssize_t compress_iov(self, const iovec *iov, size_t n, size_t raw_bytes,
                               const uint8_t **result) except -1:
-        cdef size_t i, pos = 0, header, size
+        cdef size_t pos, header, size
         cdef uint8_t *grown
         if not self.compressing:
             raise ValueError("this zlib stream decompresses")
@@ -430,9 +430,7 @@ cdef class IsalZlibCodec(Codec):
             self.gather = grown
             self.gather_cap = raw_bytes
         with nogil:
-            for i in range(n):
-                memcpy(self.gather + pos, iov[i].iov_base, iov[i].iov_len)
-                pos += iov[i].iov_len
+            pos = gather_iov(iov, n, self.gather)
         view = <uint8_t[:pos]>self.gather if pos else b""
         self.last = self.stream.compress(view) + self.stream.flush(self.sync_flush)
         header = 0 if self.header_sent else ZLIB_HEADER_SIZE

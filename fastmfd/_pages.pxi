@@ -46,6 +46,15 @@ cdef void populate_iov(const iovec *iov, size_t count, bint write) noexcept nogi
                 MADV_POPULATE_WRITE_ if write else MADV_POPULATE_READ_)
 
 
+cdef size_t gather_iov(const iovec *iov, size_t n, uint8_t *dst) noexcept nogil:
+    """Copy the bytes iov describes into dst, one after the other; returns the total."""
+    cdef size_t i, pos = 0
+    for i in range(n):
+        memcpy(dst + pos, iov[i].iov_base, iov[i].iov_len)
+        pos += iov[i].iov_len
+    return pos
+
+
 cdef ssize_t writev_all(int fd, iovec *iov, size_t count) noexcept nogil:
     """Write every byte described by iov (which is consumed); bytes written or -errno."""
     cdef ssize_t n, total = 0

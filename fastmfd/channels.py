@@ -24,13 +24,14 @@ from . import _core
 from .errors import ConfigError, MigrationError, ProtocolError
 from .wire import MAIN_MAGIC, MESSAGE_HEADER_SIZE, Msg, decode_control, decode_message_header
 
-__all__ = ["Address", "parse_address", "listen", "connect", "recv_exact", "send_all",
+__all__ = ["MAIN", "Address", "parse_address", "listen", "connect", "recv_exact", "send_all",
            "ChannelHello", "read_hello", "tune_data_socket"]
 
 # Unix sockets have no buffer autotuning: large buffers let a send worker's
 # writev of a whole packet complete without waiting on its peer (the kernel
 # caps them at net.core.*mem_max). TCP sockets are left to autotuning.
 DATA_SOCKET_BUFFER = 4 << 20
+MAIN = "main channel"         # how errors name the main channel
 
 
 @dataclass(frozen=True)
@@ -133,8 +134,9 @@ def tune_data_socket(sock: socket.socket) -> None:
             pass
 
 
-def recv_exact(sock: socket.socket, size: int, what: str) -> bytes:
-    """Read exactly ``size`` bytes; a short read is a ProtocolError naming ``what``."""
+def recv_exact(sock: socket.socket, size: int, what: str, where: str | None = None) -> bytes:
+    """Read exactly ``size`` bytes; a short read is a ProtocolError naming ``what``.
+    ``where`` names the connection in every error (e.g. "main channel")."""
     buf = bytearray(size)
     view = memoryview(buf)
     got = 0
@@ -142,29 +144,30 @@ def recv_exact(sock: socket.socket, size: int, what: str) -> bytes:
         try:
             n = sock.recv_into(view[got:])
         except socket.timeout:
-            raise MigrationError(f"timed out waiting for {what}") from None
+            raise MigrationError(f"timed out waiting for {what}", channel=where) from None
         except OSError as exc:
-            raise MigrationError(f"connection lost reading {what}: {exc.strerror or exc}") \
-                from None
+            raise MigrationError(f"connection lost reading {what}: {exc.strerror or exc}",
+                                 channel=where) from None
         if n == 0:
             raise ProtocolError(f"connection closed after {got} of {size} bytes of {what}",
-                                field="length", received=got, expected=size)
+                                field="length", received=got, expected=size, where=where)
         got += n
     return bytes(buf)
 
 
-def send_all(sock: socket.socket, data: bytes, what: str) -> None:
+def send_all(sock: socket.socket, data: bytes, what: str, where: str | None = None) -> None:
     try:
         sock.sendall(data)
     except OSError as exc:
-        raise MigrationError(f"connection lost sending {what}: {exc.strerror or exc}") from None
+        raise MigrationError(f"connection lost sending {what}: {exc.strerror or exc}",
+                             channel=where) from None
 
 
 def read_message(sock: socket.socket, max_payload: int) -> tuple[Msg, bytes]:
     """One main-channel message (type, raw payload)."""
-    kind, length = decode_message_header(recv_exact(sock, MESSAGE_HEADER_SIZE, "message"),
+    kind, length = decode_message_header(recv_exact(sock, MESSAGE_HEADER_SIZE, "message", MAIN),
                                          max_payload)
-    return kind, recv_exact(sock, length, f"{kind.name} payload") if length else b""
+    return kind, recv_exact(sock, length, f"{kind.name} payload", MAIN) if length else b""
 
 
 def expect_message(sock: socket.socket, kind: Msg) -> dict:
@@ -172,7 +175,7 @@ def expect_message(sock: socket.socket, kind: Msg) -> dict:
     got, body = read_message(sock, 0)
     if got is Msg.ERROR:
         raise MigrationError(f"the peer failed: {decode_control(got, body).get('error')}",
-                             channel="main channel")
+                             channel=MAIN)
     if got is not kind:
         raise ProtocolError(f"main channel: received {got.name}, expected {kind.name}",
                             field="type", received=got.name, expected=kind.name)

@@ -15,7 +15,7 @@
         reassembly process: ("loaded", device), errors
         workers: ("eof") when a channel is drained; deaths
       all channels drained + last round released + every device loaded
-      -> LOADED; on_resume()
+      -> LOADED; on_resume(); RESUMED (or ERROR if on_resume raised)
 
 The destination needs no parameters: SETUP carries them all. A channel that
 fails its checks (UUID, magic, version, type, id, duplicate) is refused
@@ -32,19 +32,21 @@ from dataclasses import dataclass, field
 from multiprocessing import connection
 
 from . import _core
-from .channels import (ChannelHello, bound_address, expect_message, listen, parse_address,
-                       read_hello, read_message, recv_exact, send_all, tune_data_socket)
+from .channels import (MAIN, ChannelHello, bound_address, expect_message, listen, parse_address,
+                       read_hello, read_message, recv_exact, tune_data_socket)
 from .config import MigrationConfig
 from .devices import CollectLoader, OLD_WAY_PREFIX, device_key
 from .errors import ConfigError, FastMFDError, MigrationError, ProtocolError
 from .reassembly import pool_slots_for, reassembly_main
 from .regions import Region, validate_region_name
-from .session import MainChannel, SessionFailure
+from .session import MainChannel, SessionFailure, call_hook, main_first
 from .stats import ChannelStats, ReceiveStats
 from .wire import MAIN_VERSION, Msg, decode_control
 from .workers import WorkerSet, recv_worker_main
 
 __all__ = ["Destination", "DestinationResult"]
+
+HELLO_TIMEOUT = 5.0     # seconds a new connection may take to say what it is
 
 
 @dataclass
@@ -167,7 +169,8 @@ class Destination:
     def receive(self, *, on_resume=None) -> DestinationResult:
         """Accept one migration and apply it; returns a :class:`DestinationResult`.
 
-        ``on_resume()`` runs after everything is loaded and LOADED was sent.
+        ``on_resume()`` runs after everything is loaded and LOADED was sent; the source
+        learns that it ran (or what it raised) before its ``migrate()`` returns.
         """
         if self._workers is None:
             raise ConfigError("use the Destination as a context manager")
@@ -179,13 +182,13 @@ class Destination:
             started = time.monotonic()
             self._run()
             total = time.monotonic() - started
+            call_hook("on_resume", on_resume)
+            self._main.send(Msg.RESUMED)
         except KeyboardInterrupt:
             self._failure.fail(MigrationError("interrupted by the user"))
             raise
         except BaseException as exc:
             self._failure.raise_for(exc)
-        if on_resume is not None:
-            on_resume()
         return self._result(total)
 
     # ------------------------------------------------------------ setup
@@ -199,7 +202,7 @@ class Destination:
                 raise ProtocolError("the first connection is a multifd channel, expected the "
                                     "main channel", field="channel_type",
                                     received=hello.kind, expected=_core.CHANNEL_MAIN)
-            version = struct.unpack(">I", recv_exact(sock, 4, "main channel version"))[0]
+            version = struct.unpack(">I", recv_exact(sock, 4, "version", MAIN))[0]
             if version != MAIN_VERSION:
                 raise ProtocolError(f"main channel field 'version': received {version}, "
                                     f"expected {MAIN_VERSION}", field="version",
@@ -217,7 +220,9 @@ class Destination:
             sock, _ = self._listener.accept()
         except socket.timeout:
             raise MigrationError(f"no connection for {what} within {self.timeout:g} s") from None
-        sock.settimeout(self.timeout)
+        # A source writes its hello at once; a silent connection must not hold
+        # the event loop (which also serves the other channels) for long.
+        sock.settimeout(min(self.timeout, HELLO_TIMEOUT))
         return sock
 
     def _setup(self, setup: dict) -> None:
@@ -287,8 +292,12 @@ class Destination:
         cap = cfg.max_queued_bytes
         if self._queued_cap is not None:
             cap = min(cap, self._queued_cap)
+            if cap < cfg.device_chunk_size:
+                raise ConfigError(f"this destination's max_queued_bytes ({cap}) cannot hold one "
+                                  f"device chunk of the source's device_chunk_size "
+                                  f"({cfg.device_chunk_size})")
         slot_size = cfg.device_chunk_size + _core.CHUNK_HEADER_SIZE
-        nslots = pool_slots_for(len(devices), cap, slot_size, cfg.total_channels)
+        nslots = pool_slots_for(len(devices), cap, cfg.device_chunk_size, cfg.total_channels)
         # Slots are touched only as chunks arrive, so the pool is not allocated up front.
         self._pool = self._own(_core.BufferPool.create(nslots, slot_size, tag="dest-pool"))
         self._cap = cap
@@ -327,7 +336,7 @@ class Destination:
         while not self._done():
             self._failure.check()
             ready = connection.wait(waiting, timeout=1.0)
-            for item in ready:
+            for item in main_first(ready, self._main.sock):
                 if item is self._listener:
                     worker = self._accept_channel()
                     waiting += [worker.conn, worker.sentinel]
@@ -456,7 +465,7 @@ class Destination:
             self._complete = info
         elif kind is Msg.ERROR:
             raise MigrationError(f"the source failed: {info.get('error')}",
-                                 channel="main channel", side="source")
+                                 channel=MAIN, side="source")
         else:
             raise ProtocolError(f"main channel: unexpected {kind.name} from the source",
                                 field="type", received=kind.name, expected="a source message")

@@ -205,7 +205,8 @@ class DeviceSaver:
 
     ``dispatch(ch, device, slot, length)`` hands a filled slot to channel
     ``ch`` (chosen with ``selector``). ``join()`` waits for all devices and
-    returns the number of chunks each sent, in device order.
+    returns the number of chunks each sent, in device order; ``wait()`` only
+    waits (after a failure, which aborts the pool and selector they block on).
     """
 
     def __init__(self, devices: list, pool, selector, dispatch, failure,
@@ -220,10 +221,14 @@ class DeviceSaver:
         for thread in self._threads:
             thread.start()
 
-    def join(self) -> list[int]:
+    def wait(self) -> None:
+        """Wait until every save thread has ended."""
         for thread in self._threads:
             while thread.is_alive():
                 thread.join(0.5)
+
+    def join(self) -> list[int]:
+        self.wait()
         self._failure.check()
         return self.chunks
 

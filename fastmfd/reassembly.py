@@ -5,7 +5,7 @@
     receive workers (any channel)          reassembly process
       chunk -> pool slot                     reader (main thread): descriptors from the pipe,
       descriptor -> pipe ───────────────▶      per device: duplicates, order, LAST, the
-      (24 bytes, atomic)                       out-of-order byte cap; wakes the loader thread
+      (24 bytes, atomic)                       out-of-order cap; wakes the loader thread
     destination main                         loader thread per device: chunk idx 0, 1, 2, ...
                                                load_state_buffer(view of the slot), release it
                           ◀── conn ────        LAST chunk: load_finish() -> ("loaded", ...)
@@ -15,11 +15,15 @@
 
 Chunks arrive in any order on any channel; each device's loader sees them
 strictly by idx, in its own thread, so devices load in parallel. A chunk is
-*out of order* while some lower idx of its device has not arrived; those
-bytes are capped per device (``max_queued_bytes``) and going over fails the
-session — memory stays bounded and the buffer pool can never fill up with
+*out of order* while some lower idx of its device has not arrived. What those
+chunks hold is capped per device (``max_queued_bytes``) and going over fails
+the session — memory stays bounded and the buffer pool can never fill up with
 chunks nobody can consume (the pool is sized above the caps), so nothing
-deadlocks.
+deadlocks. A queued chunk holds a whole pool slot however few bytes it
+carries, so each counts as a full chunk (``device_chunk_size``, what a slot
+holds): counting chunk bytes, a stream of tiny chunks would take every slot
+while far under the cap, and the receive worker bringing the missing chunk
+would wait for a slot forever.
 """
 
 from __future__ import annotations
@@ -32,7 +36,6 @@ import traceback
 from multiprocessing import connection, reduction
 
 from . import _core
-from .devices import device_key
 from .errors import MigrationError
 from .workers import worker_setup
 
@@ -41,22 +44,24 @@ __all__ = ["reassembly_main", "pool_slots_for"]
 CHUNK_HEADER = _core.CHUNK_HEADER_SIZE
 
 
-def pool_slots_for(ndevices: int, max_queued_bytes: int, slot_size: int,
+def pool_slots_for(ndevices: int, max_queued_bytes: int, chunk_size: int,
                    nchannels: int) -> int:
     """Slots the destination pool needs so out-of-order chunks can never fill it:
-    every device's cap, plus two in-flight slots per channel and per loader."""
-    per_device = -(-max_queued_bytes // slot_size) + 1
+    every device's cap (a chunk counts ``chunk_size`` against it), plus two
+    in-flight slots per channel and per loader."""
+    per_device = max_queued_bytes // chunk_size + 1
     return ndevices * per_device + 2 * (nchannels + ndevices) + 2
 
 
 class _DeviceStream:
     """One device's chunks between arrival and loading."""
 
-    def __init__(self, index: int, name: str, loader, cap: int) -> None:
+    def __init__(self, index: int, name: str, loader, cap: int, chunk_size: int) -> None:
         self.index, self.name, self.loader, self.cap = index, name, loader, cap
+        self.chunk_size = chunk_size    # what a queued chunk counts against the cap
         self.pending: dict[int, tuple[int, int, int]] = {}   # idx -> (slot, length, flags)
         self.contiguous = 0         # every idx below this has arrived
-        self.out_of_order = 0       # bytes of pending chunks at idx > contiguous
+        self.out_of_order = 0       # chunk_size per pending chunk at idx > contiguous
         self.last: int | None = None
         self.loaded_upto = 0        # next idx the loader takes
         self.finished = False
@@ -64,7 +69,8 @@ class _DeviceStream:
         self.seconds = 0.0
 
     def add(self, idx: int, flags: int, slot: int, length: int) -> None:
-        """Queue a chunk (reader thread); raises on any rule it breaks."""
+        """Queue a chunk (reader thread); raises on any rule it breaks, before taking
+        it (the caller keeps the slot then)."""
         if length == CHUNK_HEADER and not flags & _core.CHUNK_FLAG_LAST:
             raise ValueError(f"empty chunk idx {idx}: only the last chunk may carry no data")
         with self.cond:
@@ -76,19 +82,23 @@ class _DeviceStream:
                 beyond = [i for i in self.pending if i > idx]
                 if beyond:
                     raise ValueError(f"chunk idx {min(beyond)} after the last chunk (idx {idx})")
+            in_order = idx == self.contiguous
+            if not in_order and self.out_of_order + self.chunk_size > self.cap:
+                held = self.out_of_order // self.chunk_size + 1
+                raise ValueError(f"{held} chunks queued out of order would hold "
+                                 f"{self.out_of_order + self.chunk_size} bytes of buffer, more "
+                                 f"than max_queued_bytes ({self.cap}); waiting for chunk idx "
+                                 f"{self.contiguous}")
+            if flags & _core.CHUNK_FLAG_LAST:
                 self.last = idx
             self.pending[idx] = (slot, length, flags)
-            if idx == self.contiguous:
+            if in_order:
                 while self.contiguous in self.pending:
                     if self.contiguous != idx:
-                        self.out_of_order -= self.pending[self.contiguous][1]
+                        self.out_of_order -= self.chunk_size
                     self.contiguous += 1
             else:
-                self.out_of_order += length
-                if self.out_of_order > self.cap:
-                    raise ValueError(f"{self.out_of_order} bytes queued out of order, more than "
-                                     f"max_queued_bytes ({self.cap}); waiting for chunk idx "
-                                     f"{self.contiguous}")
+                self.out_of_order += self.chunk_size
             self.cond.notify()
 
     def check_drained(self) -> None:
@@ -111,17 +121,40 @@ class _DeviceStream:
             return entry
 
 
-class _Reassembler:
-    def __init__(self, conn, session: dict, desc_fd: int) -> None:
+class _Reports:
+    """The reports to the destination. The reader and every loader thread make
+    them on one connection, so each whole message goes out under one lock: two
+    writers interleave their bytes on the pipe and break its framing."""
+
+    def __init__(self, conn) -> None:
         self.conn = conn
+        self._lock = threading.Lock()
+
+    def send(self, message) -> None:
+        with self._lock:
+            self.conn.send(message)
+
+    def error(self, exc: BaseException) -> None:
+        """Report ``exc`` (call it where ``exc`` is being handled: the traceback goes too)."""
+        text = traceback.format_exc()
+        try:
+            self.send(("error", str(exc), text))
+        except OSError:
+            pass
+
+
+class _Reassembler:
+    def __init__(self, conn, reports: _Reports, session: dict, desc_fd: int) -> None:
+        self.conn = conn
+        self.reports = reports
         self.desc_fd = desc_fd
         self.pool = _core.BufferPool.attach(session["pool"])
         cap = session["max_queued_bytes"]
-        self.devices = [_DeviceStream(i, name, loader, cap)
+        chunk_size = self.pool.slot_size - CHUNK_HEADER
+        self.devices = [_DeviceStream(i, name, loader, cap, chunk_size)
                         for i, (name, loader) in enumerate(session["loaders"])]
         self.stop = threading.Event()
         self.results: dict[int, object] = {}
-        self.lock = threading.Lock()
         self.threads = [threading.Thread(target=self._load, args=(d,), daemon=True)
                         for d in self.devices]
 
@@ -162,11 +195,7 @@ class _Reassembler:
             for stream in self.devices:
                 if stream.index not in self.results:
                     self._guard(stream, stream.check_drained)
-            self._send(("drained",))
-
-    def _send(self, message) -> None:
-        with self.lock:
-            self.conn.send(message)
+            self.reports.send(("drained",))
 
     def _on_chunk(self, device, idx, flags, slot, length, channel) -> None:
         if device >= len(self.devices):
@@ -207,13 +236,11 @@ class _Reassembler:
                 idx += 1
             seconds = time.monotonic() - (started or time.monotonic())
             self.results[stream.index] = result
-            self._send(("loaded", stream.index, result, seconds, idx + 1))
+            self.reports.send(("loaded", stream.index, result, seconds, idx + 1))
         except BaseException as exc:
             self.stop.set()
-            with self.lock:
-                _send_error(self.conn, MigrationError(
-                    f"loading chunk {idx} failed: {type(exc).__name__}: {exc}",
-                    device=stream.name))
+            self.reports.error(MigrationError(
+                f"loading chunk {idx} failed: {type(exc).__name__}: {exc}", device=stream.name))
 
     def close(self) -> None:
         self.stop.set()
@@ -229,13 +256,6 @@ def _reraise(exc: BaseException, idx: int, channel: int) -> None:
     raise ValueError(f"{exc} (from channel {channel})")
 
 
-def _send_error(conn, exc: BaseException) -> None:
-    try:
-        conn.send(("error", str(exc), traceback.format_exc()))
-    except OSError:
-        pass
-
-
 def reassembly_main(conn) -> None:
     """The reassembly process: one session's device streams, then exit."""
     worker_setup()
@@ -244,12 +264,13 @@ def reassembly_main(conn) -> None:
         return
     failed = False
     reassembler = None
+    reports = _Reports(conn)
     try:
         desc_fd = reduction.recv_handle(conn)
-        reassembler = _Reassembler(conn, session, desc_fd)
+        reassembler = _Reassembler(conn, reports, session, desc_fd)
         reassembler.run()
     except BaseException as exc:
-        _send_error(conn, exc)
+        reports.error(exc)
         failed = True
     finally:
         if reassembler is not None:
@@ -257,6 +278,3 @@ def reassembly_main(conn) -> None:
     if failed:
         sys.exit(1)
 
-
-def loader_names(devices: list[dict]) -> list[str]:
-    return [device_key(d["idstr"], d["instance_id"]) for d in devices]

@@ -15,11 +15,11 @@ import socket
 import threading
 from typing import Callable
 
-from .channels import send_all
+from .channels import MAIN, send_all
 from .errors import Aborted, FastMFDError, MigrationError
 from .wire import MESSAGE_HEADER, Msg, encode_message
 
-__all__ = ["SessionFailure", "MainChannel"]
+__all__ = ["SessionFailure", "MainChannel", "call_hook", "main_first"]
 
 
 class SessionFailure:
@@ -60,10 +60,33 @@ class SessionFailure:
             raise self._error
 
     def raise_for(self, exc: BaseException, channel: str | None = None) -> None:
-        """Fail with ``exc`` (an Aborted wait defers to the real cause) and raise."""
+        """Fail with ``exc`` (an Aborted wait defers to the real cause) and raise the
+        session's error. Its ``__cause__`` is what made it (set by as_migration_error,
+        or a worker's RemoteTraceback): ``raise ... from exc`` would overwrite that,
+        with the error itself when ``exc`` already is the MigrationError."""
         if isinstance(exc, Aborted) and self._error is not None:
             raise self._error from None
-        raise self.fail(exc, channel) from exc
+        raise self.fail(exc, channel)
+
+
+def main_first(ready: list, main) -> list:
+    """``ready`` (from connection.wait, in registration order) with the main channel
+    first. A failing peer sends its ERROR before it shuts its sockets down, so when
+    one of our channels breaks because of that shutdown, the ERROR is already
+    readable: reading it first makes the cause, not its consequence (a broken
+    pipe), the session's first error."""
+    return sorted(ready, key=lambda item: item is not main)
+
+
+def call_hook(name: str, hook) -> None:
+    """Run the user's ``hook`` (if any); what it raises becomes a MigrationError
+    naming the hook, with the original exception as its cause."""
+    if hook is None:
+        return
+    try:
+        hook()
+    except Exception as exc:
+        raise MigrationError(f"the {name} hook raised {type(exc).__name__}: {exc}") from exc
 
 
 def as_migration_error(exc: BaseException, channel: str | None = None) -> MigrationError:
@@ -90,16 +113,16 @@ class MainChannel:
     def send(self, kind: Msg, payload: dict | bytes | None = None) -> None:
         data = encode_message(kind, payload)
         with self._lock:
-            send_all(self.sock, data, kind.name)
+            send_all(self.sock, data, kind.name, MAIN)
             self.bytes_sent += len(data)
 
     def send_parts(self, kind: Msg, parts: list) -> None:
         """A binary message whose payload is several buffers (device chunks, old way)."""
         length = sum(len(part) for part in parts)
         with self._lock:
-            send_all(self.sock, MESSAGE_HEADER.pack(int(kind), length), kind.name)
+            send_all(self.sock, MESSAGE_HEADER.pack(int(kind), length), kind.name, MAIN)
             for part in parts:
-                send_all(self.sock, part, kind.name)
+                send_all(self.sock, part, kind.name, MAIN)
             self.bytes_sent += MESSAGE_HEADER.size + length
 
     def send_error(self, error: BaseException) -> None:

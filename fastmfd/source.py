@@ -10,10 +10,11 @@
       (live, until converged)  ─┘  SYNC command on every RAM channel; ROUND_END on main
       on_stop(); final dirty pages; device save threads ─▶ pool slots ─▶ DEVICE commands
       final SYNC, QUIT; COMPLETE ─────────────────────▶ destination
-      ◀── LOADED: downtime ends; on_resume()
+      ◀── LOADED: downtime ends
+      ◀── RESUMED (the destination's on_resume ran): on_resume()
 
 A monitor thread watches the workers (their reports and their process
-sentinels) and the main channel's return path (ROUND_ACK, LOADED, ERROR);
+sentinels) and the main channel's return path (ROUND_ACK, LOADED, RESUMED, ERROR);
 any failure fails the session once (fastmfd.session.SessionFailure), which
 aborts every wait and shuts the sockets down.
 """
@@ -30,14 +31,14 @@ from multiprocessing import connection
 import numpy as np
 
 from . import _core
-from .channels import connect, expect_message, parse_address, read_message, send_all, \
+from .channels import MAIN, connect, expect_message, parse_address, read_message, send_all, \
     tune_data_socket
 from .config import MigrationConfig
 from .devices import DeviceSaver, save_old_way
-from .errors import Aborted, ConfigError, MigrationError, ProtocolError
+from .errors import ConfigError, MigrationError, ProtocolError
 from .progress import RoundProgress
 from .regions import Region
-from .session import MainChannel, SessionFailure
+from .session import MainChannel, SessionFailure, call_hook, main_first
 from .shm import SharedMemory
 from .stats import ChannelStats, MigrationStats, RoundStats
 from .wire import Msg, decode_control, encode_preamble
@@ -68,7 +69,9 @@ class Source:
         self._monitor: threading.Thread | None = None
         self._wake_r, self._wake_w = -1, -1
         self._loaded = threading.Event()
+        self._resumed = threading.Event()
         self._workers_done = threading.Event()
+        self._saver: DeviceSaver | None = None   # the device save threads, new way
         self._device_chunks: list[int] = []     # chunks each device sent, in device order
         self._old_way_bytes = 0                 # device bytes sent on the main channel
         self._loaded_report: dict = {}
@@ -155,7 +158,9 @@ class Source:
 
         ``live``: iterate over dirty pages while the workload runs, then stop
         (``on_stop()``) for the final copy; ``live=False`` stops first.
-        ``on_resume()`` runs once the destination reports LOADED.
+        ``on_resume()`` runs once the destination has loaded everything and run its own
+        ``on_resume`` (the migration is over by then: what it raises fails only this
+        call, as a MigrationError naming the hook).
         ``progress``: show a live progress display on the terminal.
         """
         if self._workers is None:
@@ -165,22 +170,28 @@ class Source:
         if not self._regions and not self._devices:
             raise ConfigError("nothing to migrate: add a region or a device first")
         self._used = True
-        cfg = self.config
         t_start = time.monotonic()
         try:
             self._connect()
             t_setup = time.monotonic() - t_start
             with RoundProgress(enabled=progress, regions=self._regions) as bar:
                 rounds, stop_time = self._run_rounds(live, on_stop, bar)
-            self._wait_loaded()
+            self._wait_for(self._loaded)
             end = time.monotonic()
+            # A destination that cannot resume fails the migration: wait for its word.
+            self._wait_for(self._resumed)
         except KeyboardInterrupt:
             self._failure.fail(MigrationError("interrupted by the user"))
             raise
         except BaseException as exc:
             self._failure.raise_for(exc)
-        if on_resume is not None:
-            on_resume()
+        finally:
+            # The device save threads use the pool, the selector and the command
+            # pipes, which close() frees: they must be over first. After a failure
+            # they end soon (it aborted their waits).
+            if self._saver is not None:
+                self._saver.wait()
+        call_hook("on_resume", on_resume)
         return self._stats(end - t_start, t_setup, end - stop_time, rounds)
 
     # ------------------------------------------------------------ setup
@@ -193,8 +204,8 @@ class Source:
         header = bytearray(_core.CHANNEL_HEADER_SIZE)
         if cfg.channel_header:
             _core.encode_channel_header(header, _core.CHANNEL_MAIN)
-            send_all(sock, bytes(header), "channel header")
-        send_all(sock, encode_preamble(), "main channel preamble")
+            send_all(sock, bytes(header), "channel header", MAIN)
+        send_all(sock, encode_preamble(), "preamble", MAIN)
         self._main.send(Msg.SETUP, self._setup_message())
         expect_message(sock, Msg.SETUP_ACK)
 
@@ -215,7 +226,7 @@ class Source:
                 _core.encode_channel_header(header, kind)
                 hello = bytes(header)
             _core.encode_init_packet(init, self.uuid, ch)
-            send_all(data, hello + bytes(init), f"channel {ch} handshake")
+            send_all(data, hello + bytes(init), "handshake", f"channel {ch}")
             cmd_r, cmd_w = os.pipe()
             self._cmd_fds.append(cmd_w)
             try:
@@ -284,6 +295,7 @@ class Source:
         for region in self._regions:
             region.dirty.collect()          # forget writes before the migration began
         pages = [np.arange(r.npages, dtype=np.uint64) for r in self._regions]
+        self._rounds_started = time.monotonic()
         while True:
             final = stop_time is not None
             rounds.append(self._send_round(len(rounds) + 1, pages, not final, bar,
@@ -291,7 +303,7 @@ class Source:
             if final:
                 break
             pending = sum(r.dirty.count() for r in self._regions) * cfg.page_size
-            if pending <= self._bandwidth(rounds[-1]) * cfg.downtime_limit \
+            if pending <= self._bandwidth() * cfg.downtime_limit \
                     or len(rounds) >= cfg.max_rounds:
                 stop_time = self._stop(on_stop)
             pages = [r.dirty.collect() for r in self._regions]
@@ -300,31 +312,34 @@ class Source:
 
     def _stop(self, on_stop) -> float:
         stop_time = time.monotonic()
-        if on_stop is not None:
-            on_stop()
+        call_hook("on_stop", on_stop)
         return stop_time
 
-    def _bandwidth(self, last: RoundStats) -> float:
-        """Bytes of pages cleared per second in the last round."""
-        return last.pages * self.config.page_size / max(last.seconds, 1e-6)
+    def _bandwidth(self) -> float:
+        """Bytes of pages the workers have cleared per second since round 1 began.
+
+        Counted from what the workers finished, not what was handed to them:
+        a round smaller than the channels' jobs is handed out in no time."""
+        done = self._counters.total("normal_pages") + self._counters.total("zero_pages")
+        elapsed = time.monotonic() - self._rounds_started
+        return done * self.config.page_size / max(elapsed, 1e-6)
 
     def _send_round(self, number: int, pages: list, live: bool, bar: RoundProgress,
                     devices: bool) -> RoundStats:
         started = time.monotonic()
         total = int(sum(len(p) for p in pages))
         bar.start_round(number, total, live)
-        saver = None
         if devices and self._devices:
             self._main.send(Msg.SWITCHOVER_START)
             if self.config.channel_header:
-                saver = DeviceSaver(self._devices, self._pool, self._device_selector,
-                                    self._device_command, self._failure,
-                                    self.config.device_chunk_size)
+                self._saver = DeviceSaver(self._devices, self._pool, self._device_selector,
+                                          self._device_command, self._failure,
+                                          self.config.device_chunk_size)
         for index, region_pages in enumerate(pages):
             self._dispatch_region(index, region_pages, bar)
         if devices and self._devices:
-            if saver is not None:
-                self._device_chunks = saver.join()
+            if self._saver is not None:
+                self._device_chunks = self._saver.join()
             else:
                 self._device_chunks, self._old_way_bytes = save_old_way(
                     self._devices, self._main, self.config.device_chunk_size)
@@ -347,10 +362,8 @@ class Source:
 
     def _throttle(self, limit: int) -> None:
         """Sleep while the bytes on the wire run ahead of ``limit`` bytes/s."""
-        if not hasattr(self, "_throttle_start"):
-            self._throttle_start = time.monotonic()
         ahead = self._counters.total("wire_bytes") / limit - (time.monotonic() -
-                                                             self._throttle_start)
+                                                             self._rounds_started)
         if ahead > 0:
             if self._failure.event.wait(ahead):
                 self._failure.check()
@@ -379,9 +392,6 @@ class Source:
         }
         self._main.send(Msg.COMPLETE, totals)
 
-    def _wait_loaded(self) -> None:
-        self._wait_for(self._loaded)
-
     def _wait_for(self, event: threading.Event) -> None:
         while not event.wait(0.5):
             self._failure.check()
@@ -401,7 +411,7 @@ class Source:
                 return
             if self._wake_r in ready:
                 return
-            for item in ready:
+            for item in main_first(ready, main):
                 try:
                     if item is main:
                         if not self._on_main_message():
@@ -413,7 +423,7 @@ class Source:
                         waiting.remove(item)
                         self._on_worker_exit(sentinels[item])
                 except BaseException as exc:
-                    self._failure.fail(exc, "main channel" if item is main else None)
+                    self._failure.fail(exc, MAIN if item is main else None)
                     return
 
     def _on_worker_exit(self, worker) -> None:
@@ -444,20 +454,23 @@ class Source:
         try:
             kind, body = read_message(self._main.sock, 0)
         except ProtocolError as exc:
-            if self._loaded.is_set():
+            if self._resumed.is_set():
                 return False
             raise MigrationError(f"the destination closed the main channel ({exc.detail})",
-                                 channel="main channel") from None
+                                 channel=MAIN) from None
         info = decode_control(kind, body)
         if kind is Msg.LOADED:
             self._loaded_report = info
             self._loaded.set()
+        elif kind is Msg.RESUMED and self._loaded.is_set():
+            self._resumed.set()
         elif kind is Msg.ERROR:
             raise MigrationError(f"the destination failed: {info.get('error')}",
-                                 channel="main channel", side="destination")
+                                 channel=MAIN, side="destination")
         elif kind is not Msg.ROUND_ACK:
             raise ProtocolError(f"main channel: unexpected {kind.name} from the destination",
-                                field="type", received=kind.name, expected="ROUND_ACK/LOADED")
+                                field="type", received=kind.name,
+                                expected="ROUND_ACK, LOADED or RESUMED")
         return True
 
     def _stop_monitor(self) -> None:

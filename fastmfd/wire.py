@@ -44,6 +44,7 @@ class Msg(enum.IntEnum):
     COMPLETE = 7            # source -> destination: everything sent (totals)
     LOADED = 8              # destination -> source: everything applied and loaded
     ERROR = 9               # either way: the session failed (text)
+    RESUMED = 10            # destination -> source: its on_resume ran; the session is over
 
 
 def encode_preamble() -> bytes:

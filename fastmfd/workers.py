@@ -87,9 +87,17 @@ class Worker:
 
     def start_session(self, session: dict, fds: list[int]) -> None:
         """Send the session description, then the file descriptors it needs."""
-        self.conn.send(session)
-        for fd in fds:
-            reduction.send_handle(self.conn, fd, self.process.pid)
+        try:
+            self.conn.send(session)
+            for fd in fds:
+                reduction.send_handle(self.conn, fd, self.process.pid)
+        except OSError as exc:
+            # A broken pipe means the worker is gone: say what became of it.
+            self.process.join(1)
+            if self.process.exitcode is not None:
+                raise self.death_error() from None
+            raise MigrationError(f"cannot hand the session to the worker: "
+                                 f"{exc.strerror or exc}", channel=self.name) from None
 
     def error_from(self, message: tuple) -> MigrationError:
         _, text, remote = message
@@ -131,7 +139,8 @@ class WorkerSet:
         return worker
 
     def stop(self, timeout: float = 2.0) -> None:
-        """Tell idle workers to exit, wait briefly, kill what is left, close the pipes."""
+        """Tell idle workers to exit, wait up to ``timeout`` for all of them, kill what
+        is left, close the pipes."""
         for worker in self.workers:
             if worker.process.exitcode is None:
                 try:
@@ -139,10 +148,11 @@ class WorkerSet:
                 except OSError:
                     pass
         deadline = time.monotonic() + timeout
-        while True:
-            running = [w.sentinel for w in self.workers if w.process.exitcode is None]
+        # wait() returns at the first exit (and sleeps its whole timeout on an
+        # empty list), so loop until every worker is gone or time is up.
+        while running := [w.sentinel for w in self.workers if w.process.exitcode is None]:
             left = deadline - time.monotonic()
-            if not running or left <= 0:
+            if left <= 0:
                 break
             connection.wait(running, left)
         self.kill()

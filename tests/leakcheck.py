@@ -1,26 +1,25 @@
-"""Nothing an end-to-end test starts may outlive it: processes, shared memory, sockets.
+"""Nothing a test starts may outlive it: processes, shared memory, sockets.
 
-Test modules opt in with ``from leakcheck import leaks  # noqa: F401`` (an
-autouse fixture). It yields a :class:`LeakCheck`; failure tests call
-``leaks.assert_clean()`` right after the session failed and the Source and
-Destination were closed, and the fixture checks again after every test.
+``conftest.py`` loads this module as a plugin, so every test runs under the
+autouse ``leaks`` fixture. It yields a :class:`LeakCheck`; failure tests call
+``leaks.assert_clean(keep=[...])`` right after the session failed and the
+Source and Destination closed, and the fixture checks again after the test.
 
 What counts as a leak, and why it is attributed this way:
 
-- a child process of this test process still running, except multiprocessing's
-  forkserver and resource tracker (started once, shared by every later test);
-- a ``/dev/shm/fastmfd-*`` segment that *this process* created during the test
-  and that still exists. The machine is shared with other sessions creating
-  segments of their own, so a plain before/after listing of ``/dev/shm`` would
-  blame them on us: creations are recorded by wrapping ``SharedMemory.create``
-  (every owner — regions, pools, counters, selectors, mailboxes — goes through
-  it, and owners live in the test process);
-- a socket file descriptor of this process opened during the test and still
-  open (a listener, a channel, a worker's control pipe), or a Unix socket path
-  left on disk.
+- a child process still running (or unreaped), except multiprocessing's
+  forkserver and resource tracker, started once and shared by every test;
+- a ``/dev/shm/fastmfd-*`` segment that appeared during the test and still
+  exists, unless a process outside this run's process tree maps it: the
+  machine is shared with other sessions creating segments of their own (one
+  they leak, unmapped, while a test runs is indistinguishable from ours);
+- a socket of this process opened during the test and still open (a
+  listener, a channel, a worker's control pipe).
 
-Leftovers get a short grace period (a worker still exiting), then the test
-fails and they are killed / unlinked / closed so one leak does not cascade.
+Leftovers get a short grace period (a worker still exiting); then the test
+fails and they are killed, unlinked or closed so one leak does not cascade
+into the next test. Resources must therefore belong to the test (function
+fixtures, ``with`` blocks), never to a module or the session.
 """
 
 from __future__ import annotations
@@ -28,24 +27,110 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
-import stat
 import time
 from multiprocessing import forkserver, resource_tracker
 
 import pytest
 
-from fastmfd import shm
-from fastmfd.shm import SHM_DIR, SharedMemory, list_segments
+from fastmfd.shm import SHM_DIR, list_segments
 
-GRACE_SECONDS = 5.0
+GRACE_SECONDS = 5.0     # how long a leftover may take to go away on its own
+POLL_SECONDS = 0.02
 
+
+# ---------------------------------------------------------------- processes
 
 def _infrastructure_pids() -> set[int]:
+    """multiprocessing's shared helpers, started once and kept for the whole run."""
     pids = {getattr(resource_tracker._resource_tracker, "_pid", None),
             getattr(forkserver._forkserver, "_forkserver_pid", None)}
     pids.discard(None)
     return pids
 
+
+def _os_children() -> set[int]:
+    """Direct children of this process (any thread's), zombies included."""
+    me = os.getpid()
+    children: set[int] = set()
+    for task in os.listdir(f"/proc/{me}/task"):
+        try:
+            with open(f"/proc/{me}/task/{task}/children") as f:
+                children.update(int(pid) for pid in f.read().split())
+        except FileNotFoundError:       # the thread ended meanwhile
+            pass
+    return children
+
+
+def _leftover_processes() -> dict[int, object]:
+    """pid -> what is left: a multiprocessing.Process, or None for a plain child."""
+    # active_children() also sees forkserver children, which are not ours in
+    # the OS sense; it reaps the finished ones as a side effect.
+    infra = _infrastructure_pids()
+    left: dict[int, object] = {p.pid: p for p in multiprocessing.active_children()
+                               if p.pid not in infra}
+    for pid in _os_children() - infra:
+        left.setdefault(pid, None)
+    return left
+
+
+def _kill(leftovers: dict[int, object]) -> None:
+    for pid, proc in leftovers.items():
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        if proc is not None:
+            proc.join(GRACE_SECONDS)
+        else:
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+
+
+# ---------------------------------------------------------------- segments
+
+def _process_tree(root: int) -> set[int]:
+    """``root`` and all its descendants, from /proc."""
+    parent_of: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # The command name may contain spaces and parentheses: split after it.
+        parent_of[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+    tree = {root}
+    grew = True
+    while grew:
+        grew = False
+        for pid, ppid in parent_of.items():
+            if ppid in tree and pid not in tree:
+                tree.add(pid)
+                grew = True
+    return tree
+
+
+def _mapped_elsewhere(names: set[str]) -> set[str]:
+    """The segments among ``names`` that a process outside this run maps."""
+    ours = _process_tree(os.getpid())
+    foreign: set[str] = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) in ours:
+            continue
+        try:
+            with open(f"/proc/{entry}/maps") as f:
+                maps = f.read()
+        except OSError:
+            continue
+        foreign.update(n for n in names if f"{SHM_DIR}/{n}" in maps)
+    return foreign
+
+
+# ---------------------------------------------------------------- sockets
 
 def _socket_fds() -> dict[int, str]:
     """fd -> link target, for every socket this process has open."""
@@ -60,83 +145,58 @@ def _socket_fds() -> dict[int, str]:
     return fds
 
 
+# ---------------------------------------------------------------- the check
+
 class LeakCheck:
+    """What existed when the test began, and the probes for what it left."""
+
     def __init__(self) -> None:
-        self.created: set[str] = set()
-        self.unix_paths: list[str] = []
+        self._segments_before = set(list_segments())
         self._sockets_before = _socket_fds()
 
-    def track_unix_path(self, path: str) -> str:
-        """A ``unix:`` socket path the test uses; it must be gone at the end."""
-        self.unix_paths.append(path)
-        return path
-
-    # ------------------------------------------------------------ probes
-    def processes(self) -> list:
-        infra = _infrastructure_pids()
-        return [p for p in multiprocessing.active_children() if p.pid not in infra]
-
-    def segments(self) -> set[str]:
-        return self.created & set(list_segments())
+    def segments(self, keep=()) -> set[str]:
+        kept = {name for region in keep
+                for name in (region.handle.location, region.handle.dirty)}
+        new = set(list_segments()) - self._segments_before - kept
+        return new - _mapped_elsewhere(new) if new else new
 
     def sockets(self) -> dict[int, str]:
-        now = _socket_fds()
-        return {fd: t for fd, t in now.items() if self._sockets_before.get(fd) != t}
+        return {fd: t for fd, t in _socket_fds().items() if self._sockets_before.get(fd) != t}
 
-    def paths(self) -> list[str]:
-        return [p for p in self.unix_paths
-                if os.path.exists(p) and stat.S_ISSOCK(os.stat(p).st_mode)]
-
-    # ------------------------------------------------------------ the check
-    def problems(self, grace: float = GRACE_SECONDS) -> list[str]:
-        deadline = time.monotonic() + grace
+    def problems(self, keep=()) -> dict[str, object]:
+        """What is still left after waiting up to GRACE_SECONDS for it to go."""
+        deadline = time.monotonic() + GRACE_SECONDS
         while True:
-            found = {"child processes": self.processes(), "shared-memory segments":
-                     sorted(self.segments()), "open sockets": self.sockets(),
-                     "unix socket paths": self.paths()}
+            found = {"child processes": _leftover_processes(),
+                     "shared-memory segments": self.segments(keep),
+                     "open sockets": self.sockets()}
             if not any(found.values()) or time.monotonic() >= deadline:
-                break
-            time.sleep(0.02)
-        return [f"{what} outlived the test: {left}" for what, left in found.items() if left]
+                return {what: left for what, left in found.items() if left}
+            time.sleep(POLL_SECONDS)
 
-    def assert_clean(self, grace: float = GRACE_SECONDS) -> None:
-        problems = self.problems(grace)
-        if problems:
-            self.clean_up()
-            pytest.fail("; ".join(problems), pytrace=False)
-
-    def clean_up(self) -> None:
-        for proc in self.processes():
-            try:
-                os.kill(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.join(GRACE_SECONDS)
-        for name in self.segments():
+    def assert_clean(self, keep=()) -> None:
+        """Fail if anything is left; ``keep``: regions the test still holds open."""
+        problems = self.problems(keep)
+        if not problems:
+            return
+        _kill(problems.get("child processes", {}))
+        for name in problems.get("shared-memory segments", ()):
             try:
                 os.unlink(os.path.join(SHM_DIR, name))
             except FileNotFoundError:
                 pass
-        for fd in self.sockets():
+        for fd in problems.get("open sockets", {}):
             try:
                 os.close(fd)
             except OSError:
                 pass
-        for path in self.paths():
-            os.unlink(path)
+        pytest.fail("; ".join(f"{what} outlived the test: {sorted(left)}"
+                              for what, left in problems.items()), pytrace=False)
 
 
 @pytest.fixture(autouse=True)
-def leaks(monkeypatch):
-    """Record what the test creates; fail it if anything is left at the end."""
+def leaks():
+    """Fail a test that leaves a process, segment or socket behind (then clean up)."""
     check = LeakCheck()
-    create = SharedMemory.create.__func__
-
-    def recording_create(cls, *args, **kwargs):
-        segment = create(cls, *args, **kwargs)
-        check.created.add(segment.name)
-        return segment
-
-    monkeypatch.setattr(shm.SharedMemory, "create", classmethod(recording_create))
     yield check
     check.assert_clean()

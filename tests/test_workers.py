@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from leakcheck import leaks  # noqa: F401
 
 from fastmfd.workers import WorkerSet, recv_worker_main
 

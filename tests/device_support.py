@@ -1,0 +1,161 @@
+"""Devices, loaders and packet rewriters for the device-state tests.
+
+Loaders run in the destination's reassembly process, so they live here, in a
+module that process can import cheaply (no pytest), not in a test module.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+
+from fastmfd import _core
+from migration_support import Packets, device_packet
+
+
+class OddDevice:
+    """``data`` read back in pieces of the sizes in ``sizes``, taken in turn (and
+    cut to the buffer), the way a device's data fd returns what it has."""
+
+    def __init__(self, idstr: str, instance_id: int, data: bytes, sizes: list[int]) -> None:
+        self.idstr, self.instance_id = idstr, instance_id
+        self.data, self.sizes = memoryview(data), sizes
+        self.offset = self.turn = 0
+
+    def read_state(self, buf) -> int:
+        n = min(self.sizes[self.turn % len(self.sizes)], len(buf), len(self.data) - self.offset)
+        buf[:n] = self.data[self.offset:self.offset + n]
+        self.offset += n
+        self.turn += 1
+        return n
+
+
+class BrokenDevice:
+    """Gives ``good`` chunks of 100 bytes, then raises."""
+
+    def __init__(self, idstr: str, instance_id: int, good: int) -> None:
+        self.idstr, self.instance_id, self.good = idstr, instance_id, good
+        self.raised_at: float | None = None
+
+    def read_state(self, buf) -> int:
+        if self.good == 0:
+            self.raised_at = time.monotonic()
+            raise OSError("the device's data fd failed")
+        self.good -= 1
+        buf[:100] = b"d" * 100
+        return 100
+
+
+class StallingDevice:
+    """Gives ``chunks`` chunks of 100 bytes; the second read takes ``stall`` seconds,
+    as a device's data fd does when the device is slow to produce its state."""
+
+    def __init__(self, idstr: str, instance_id: int, chunks: int, stall: float) -> None:
+        self.idstr, self.instance_id = idstr, instance_id
+        self.chunks, self.stall, self.reads = chunks, stall, 0
+
+    def read_state(self, buf) -> int:
+        self.reads += 1
+        if self.reads == 2:
+            time.sleep(self.stall)
+        if self.reads > self.chunks:
+            return 0
+        buf[:100] = b"s" * 100
+        return 100
+
+
+class BrokenLoader:
+    """Accepts ``good`` chunks, then raises on the next one."""
+
+    def __init__(self, good: int) -> None:
+        self.good = good
+
+    def load_state_buffer(self, data) -> None:
+        if self.good == 0:
+            raise ValueError("the device rejected its state")
+        self.good -= 1
+
+    def load_finish(self):
+        return None
+
+
+class ChunkRewriter(Packets):
+    """Pass a channel's packets through ``rewrite(packet) -> bytes | None`` when they
+    carry a chunk of ``device`` (uncompressed only); everything else goes on as is.
+    ``rewrite`` returns the bytes to send instead (``None`` drops the packet)."""
+
+    def __init__(self, config, device: tuple[str, int], rewrite) -> None:
+        super().__init__(config, self._on_packet)
+        self.device = device
+        self.rewrite = rewrite
+
+    def _on_packet(self, link, packet):
+        if not (packet.is_device and packet.device == self.device):
+            link.send(packet.raw)
+            return
+        replacement = self.rewrite(packet)
+        if replacement != packet.raw:
+            self.fire()
+        if replacement is not None:
+            link.send(replacement)
+
+
+def rebuild(packet, *, idx: int | None = None, flags: int | None = None,
+            data: bytes | None = None, idstr: str | None = None) -> bytes:
+    """The device packet with some of its chunk fields replaced, re-encoded."""
+    old_idx, old_flags = packet.chunk
+    name, instance = packet.device
+    return device_packet(idstr if idstr is not None else name, instance,
+                         old_idx if idx is None else idx,
+                         bytes(packet.payload[_core.CHUNK_HEADER_SIZE:]) if data is None
+                         else data,
+                         last=bool((old_flags if flags is None else flags)
+                                   & _core.CHUNK_FLAG_LAST))
+
+
+def chunk_idx(packet) -> int:
+    return struct.unpack_from(">I", packet.payload, 4)[0]
+
+
+def at_idx(which: int, **changes):
+    """A ``ChunkRewriter`` rewrite: chunk ``which`` re-encoded with ``changes`` (see
+    :func:`rebuild`), every other chunk unchanged."""
+    return lambda packet: rebuild(packet, **changes) if chunk_idx(packet) == which \
+        else packet.raw
+
+
+class HoldFirstChunks(Packets):
+    """Hold back every device's chunk idx 0 by ``seconds`` while the packets behind
+    it (on this channel and the others) go on, so the chunks after it arrive
+    first. Each chunk seen is logged as (channel, idstr, idx) in ``log``."""
+
+    def __init__(self, config, seconds: float, channel: int, log: list) -> None:
+        super().__init__(config, self._on_packet)
+        self.seconds, self.channel, self.log = seconds, channel, log
+
+    def _on_packet(self, link, packet):
+        first = False
+        if packet.is_device:
+            idx = chunk_idx(packet)
+            self.log.append((self.channel, packet.device[0], idx))
+            first = idx == 0
+        if first:
+            self.fire()
+        link.send(packet.raw, delay=self.seconds if first else 0.0, overtakable=first)
+
+
+class BigResultLoader:
+    """A loader whose ``load_finish`` waits for a byte on the FIFO at ``gate``, then
+    returns ``size`` bytes: its ("loaded", ...) report is long to write, and starts
+    when the test says so."""
+
+    def __init__(self, gate: str, size: int) -> None:
+        self.gate, self.size = gate, size
+
+    def load_state_buffer(self, data) -> None:
+        pass
+
+    def load_finish(self) -> bytes:
+        with open(self.gate, "rb") as fifo:
+            fifo.read(1)
+        return bytes(self.size)

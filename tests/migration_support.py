@@ -1,0 +1,733 @@
+"""Shared by the end-to-end tests: page images, a source/destination pair run
+in this process, a TCP proxy that injects faults into one connection, a
+workload process, and a source driven by hand.
+
+::
+
+    Migration.run()
+      test thread: source.migrate()  ◀─▶  receive thread: destination.receive()
+      └── Outcome: both results or both errors, and when each side ended
+          (a side still running after the timeout fails the test as a hang)
+
+    Source ──▶ Proxy ──▶ Destination     (optional) one Link per connection; the
+                                          client's first bytes say which channel
+                                          it is, and that channel's Fault decides
+                                          what to forward, hold back, corrupt, cut.
+
+    keep_writing()   a workload process: rewrite pages of a Region, mark them dirty
+    FakeSource       SETUP and channel bytes written by hand (bad handshakes)
+
+Every wait is bounded; nothing here sleeps to synchronize.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import shutil
+import socket
+import struct
+import tempfile
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+import fastmfd
+from fastmfd import _core
+from fastmfd.wire import MAIN_MAGIC
+
+PAGE = 4096
+FAILURE_BOUND = 5.0         # seconds: both sides must fail within this after a fault
+
+
+# ---------------------------------------------------------------- images
+
+_WORDS = np.frombuffer(b"the quick brown fox jumps over lazy dog migration page region "
+                       b"channel packet device state round sync zero ", dtype=np.uint8)
+
+
+def fill_pages(array: np.ndarray, seed: int, zero=0.3, text=0.3, page_size=PAGE) -> np.ndarray:
+    """Fill ``array`` with a mix of zero, text-like and random pages; returns the page kinds
+    (0 zero, 1 text, 2 random). Deterministic in ``seed``."""
+    rng = np.random.default_rng(seed)
+    npages = len(array) // page_size
+    kinds = rng.choice(3, size=npages, p=[zero, text, 1 - zero - text])
+    pages = array.reshape(npages, page_size)
+    for i, kind in enumerate(kinds):
+        if kind == 0:
+            pages[i] = 0
+        elif kind == 1:
+            start = rng.integers(len(_WORDS))
+            pages[i] = np.resize(np.roll(_WORDS, -start), page_size)
+        else:
+            pages[i] = rng.integers(0, 256, page_size, dtype=np.uint8)
+    return kinds
+
+
+def zero_page_count(array: np.ndarray, page_size=PAGE) -> int:
+    pages = array.reshape(-1, page_size)
+    return int((~pages.any(axis=1)).sum())
+
+
+def first_difference(a: np.ndarray, b: np.ndarray, page_size=PAGE) -> str:
+    """Where two images differ, for assertion messages."""
+    diff = np.flatnonzero(a != b)
+    if not len(diff):
+        return "identical"
+    pages = np.unique(diff // page_size)
+    return f"{len(pages)} pages differ, first {pages[:8].tolist()}"
+
+
+# ---------------------------------------------------------------- running a migration
+
+@dataclass
+class Outcome:
+    """What one migration did on each side."""
+    stats: fastmfd.MigrationStats | None
+    result: fastmfd.DestinationResult | None
+    source_error: BaseException | None
+    dest_error: BaseException | None
+    source_end: float           # time.monotonic() when migrate() returned or raised
+    dest_end: float             # ... when receive() returned or raised
+
+    def ok(self) -> tuple[fastmfd.MigrationStats, fastmfd.DestinationResult]:
+        for side, error in (("source", self.source_error), ("destination", self.dest_error)):
+            if error is not None:
+                raise AssertionError(f"the {side} failed: {error!r}") from error
+        return self.stats, self.result
+
+    def failed_both(self, since: float) -> tuple[fastmfd.MigrationError, fastmfd.MigrationError]:
+        """Assert both sides failed with a MigrationError within FAILURE_BOUND of ``since``;
+        returns (source error, destination error)."""
+        for side, error in (("source", self.source_error), ("destination", self.dest_error)):
+            assert isinstance(error, fastmfd.MigrationError), \
+                f"the {side} ended with {error!r}, expected a MigrationError"
+        for side, end in (("source", self.source_end), ("destination", self.dest_end)):
+            assert end - since < FAILURE_BOUND, \
+                f"the {side} failed {end - since:.2f} s after the fault (bound {FAILURE_BOUND} s)"
+        return self.source_error, self.dest_error
+
+
+class Migration:
+    """A Destination and a Source in this process, optionally joined through a Proxy.
+
+    Enter it, add regions/devices/loaders to ``.source`` / ``.destination``,
+    then ``run()``. The destination's regions stay readable until exit.
+    """
+
+    def __init__(self, config: fastmfd.MigrationConfig | None = None, *, transport="tcp",
+                 proxy: "Proxy | None" = None, **destination_options) -> None:
+        self.config = config or fastmfd.MigrationConfig()
+        self.transport = transport
+        self.proxy = proxy
+        self._dst_options = destination_options
+        self._tmpdir = None
+        self.source: fastmfd.Source | None = None
+        self.destination: fastmfd.Destination | None = None
+
+    def __enter__(self) -> "Migration":
+        try:
+            if self.transport == "unix":
+                # Short: a Unix socket path holds at most 107 bytes.
+                self._tmpdir = tempfile.mkdtemp(prefix="fmfd-")
+                address = f"unix:{self._tmpdir}/dst.sock"
+            else:
+                address = "tcp:127.0.0.1:0"
+            self.destination = fastmfd.Destination(address, **self._dst_options).__enter__()
+            address = self.destination.address
+            if self.proxy is not None:
+                address = self.proxy.start(address)
+            self.source = fastmfd.Source(address, self.config).__enter__()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for part in (self.source, self.destination, self.proxy):
+            if part is not None:
+                part.close()
+        if self._tmpdir is not None:
+            left = os.listdir(self._tmpdir)
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            failing = bool(exc) and exc[0] is not None
+            assert failing or not left, f"the destination left {left} behind"
+
+    def run(self, *, live=False, on_stop=None, on_resume=None, dst_on_resume=None,
+            timeout=60.0) -> Outcome:
+        """Run ``migrate()`` and ``receive()`` in threads of their own. If either is
+        still running after ``timeout`` seconds, the test fails as a hang (both
+        sessions are failed first, so they stop and release everything)."""
+        ends: dict = {}
+
+        def side(name, call):
+            try:
+                ends[name] = ("ok", call())
+            except BaseException as exc:
+                ends[name] = ("error", exc)
+            ends[name + " end"] = time.monotonic()
+
+        threads = [threading.Thread(target=side, args=args, daemon=True, name=f"test {args[0]}")
+                   for args in (("source", lambda: self.source.migrate(
+                                    live=live, on_stop=on_stop, on_resume=on_resume)),
+                                ("destination", lambda: self.destination.receive(
+                                    on_resume=dst_on_resume)))]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + timeout
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        hung = [t.name for t in threads if t.is_alive()]
+        if hung:
+            for owner in (self.source, self.destination):
+                owner._failure.fail(fastmfd.MigrationError("the test gave up on a hang"))
+            for thread in threads:
+                thread.join(10)
+            raise AssertionError(f"hung: {hung} still running {timeout} s after the start")
+        (src_how, src), (dst_how, dst) = ends["source"], ends["destination"]
+        return Outcome(src if src_how == "ok" else None, dst if dst_how == "ok" else None,
+                       src if src_how == "error" else None, dst if dst_how == "error" else None,
+                       ends["source end"], ends["destination end"])
+
+
+def make_region(name: str, size: int, seed: int | None = None, **mix) -> fastmfd.Region:
+    region = fastmfd.Region.create(name, size)
+    if seed is not None:
+        fill_pages(region.array, seed, **mix)
+    return region
+
+
+# ---------------------------------------------------------------- the proxy
+
+class Fault:
+    """How a proxied connection forwards the client's bytes (base: unchanged).
+
+    ``data()`` gets each piece the client sent and its offset in the stream
+    after the hello (channel header and init packet), and calls ``link.send``
+    / ``link.reset`` / ``link.cut``. ``fired_at`` is when the fault struck.
+    """
+
+    fired_at: float | None = None
+
+    def fire(self) -> None:
+        if self.fired_at is None:
+            self.fired_at = time.monotonic()
+
+    def hello(self, link: "Link", data: bytes) -> None:
+        link.send(data)
+
+    def data(self, link: "Link", data: bytes, offset: int) -> None:
+        link.send(data)
+
+
+class Delay(Fault):
+    """Every byte reaches the destination ``seconds`` after the client sent it."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def data(self, link, data, offset):
+        self.fire()
+        link.send(data, delay=self.seconds)
+
+
+class Corrupt(Fault):
+    """XOR the byte at stream offset ``at`` with ``mask``."""
+
+    def __init__(self, at: int, mask: int = 0xFF) -> None:
+        self.at, self.mask = at, mask
+
+    def data(self, link, data, offset):
+        if offset <= self.at < offset + len(data):
+            data = bytearray(data)
+            data[self.at - offset] ^= self.mask
+            self.fire()
+        link.send(bytes(data))
+
+
+class Reset(Fault):
+    """Forward ``after`` bytes, then reset both connections (TCP RST)."""
+
+    def __init__(self, after: int) -> None:
+        self.after = after
+
+    def data(self, link, data, offset):
+        if offset + len(data) < self.after:
+            link.send(data)
+            return
+        link.send(data[:self.after - offset])
+        self.fire()
+        link.reset()
+
+
+class Truncate(Fault):
+    """Forward ``after`` bytes, then end the stream to the destination (FIN) and
+    swallow whatever the client sends later, so only the destination notices."""
+
+    def __init__(self, after: int) -> None:
+        self.after = after
+
+    def data(self, link, data, offset):
+        if offset >= self.after:
+            return
+        link.send(data[:self.after - offset])
+        if offset + len(data) >= self.after:
+            self.fire()
+            link.cut()
+
+
+class Trigger(Fault):
+    """Forward unchanged; once ``after`` bytes went through, call ``action()``."""
+
+    def __init__(self, after: int, action) -> None:
+        self.after, self.action = after, action
+
+    def data(self, link, data, offset):
+        link.send(data)
+        if self.fired_at is None and offset + len(data) >= self.after:
+            self.fire()
+            self.action()
+
+
+class RewriteHello(Fault):
+    """Replace the hello (channel header + init packet) with ``rewrite(hello)``."""
+
+    def __init__(self, rewrite) -> None:
+        self.rewrite = rewrite
+
+    def hello(self, link, data):
+        self.fire()
+        link.send(self.rewrite(bytes(data)))
+
+
+class AtMessage(Fault):
+    """On the main channel: forward whole messages until the first of type ``kind``,
+    forward ``keep`` bytes of it, then ``"reset"`` or ``"cut"`` the connection."""
+
+    def __init__(self, kind, then: str, keep: int = 3) -> None:
+        self.kind, self.then, self.keep = kind, then, keep
+        self.buf = bytearray()
+        self.preamble = 8
+
+    def data(self, link, data, offset):
+        self.buf += data
+        while self.fired_at is None:
+            if self.preamble:
+                if len(self.buf) < self.preamble:
+                    return
+                link.send(bytes(self.buf[:self.preamble]))
+                del self.buf[:self.preamble]
+                self.preamble = 0
+            if len(self.buf) < 8:
+                return
+            kind, length = struct.unpack_from(">II", self.buf)
+            if kind == self.kind:
+                link.send(bytes(self.buf[:self.keep]))
+                self.fire()
+                getattr(link, self.then)()
+                return
+            if len(self.buf) < 8 + length:
+                return
+            link.send(bytes(self.buf[:8 + length]))
+            del self.buf[:8 + length]
+
+
+@dataclass
+class Packet:
+    """One multifd packet as the proxy parsed it."""
+    header: bytearray
+    payload: bytearray
+
+    @property
+    def raw(self) -> bytes:
+        """The packet as it came."""
+        return bytes(self.header + self.payload)
+
+    @property
+    def flags(self) -> int:
+        return struct.unpack_from(">I", self.header, 8)[0]
+
+    @property
+    def is_device(self) -> bool:
+        return bool(self.flags & _core.FLAG_DEVICE_STATE)
+
+    @property
+    def device(self) -> tuple[str, int]:
+        flags, idstr, instance, size = _core.decode_device_header(self.header,
+                                                                  self.flags & 0x3E)
+        return idstr, instance
+
+    @property
+    def chunk(self) -> tuple[int, int]:
+        """(idx, flags) of an uncompressed device chunk."""
+        return _core.decode_chunk_header(self.payload)
+
+
+class Packets(Fault):
+    """Parse the channel's packets; ``on_packet(link, packet)`` decides what goes on
+    (call ``link.send(...)``, or nothing to drop it). Works for any compression, but
+    chunk headers are only readable without."""
+
+    def __init__(self, config: fastmfd.MigrationConfig, on_packet) -> None:
+        self.ram_header = _core.ram_header_size(config.packet_pages)
+        self.page_size = config.page_size
+        self.on_packet = on_packet
+        self.buf = bytearray()
+
+    def _size(self) -> tuple[int, int] | None:
+        """(header, payload) sizes of the packet at the front of the buffer."""
+        if len(self.buf) < 12:
+            return None
+        flags = struct.unpack_from(">I", self.buf, 8)[0]
+        if flags & _core.FLAG_DEVICE_STATE:
+            header = _core.DEVICE_HEADER_SIZE
+            if len(self.buf) < header:
+                return None
+            return header, struct.unpack_from(">I", self.buf, 272)[0]
+        if len(self.buf) < self.ram_header:
+            return None
+        normal, size = struct.unpack_from(">II", self.buf, 16)
+        compressed = flags & (_core.FLAG_ZLIB | _core.FLAG_ZSTD)
+        return self.ram_header, (size if compressed else normal * self.page_size) if normal else 0
+
+    def data(self, link, data, offset):
+        self.buf += data
+        while (sizes := self._size()) is not None and len(self.buf) >= sum(sizes):
+            header, payload = sizes
+            packet = Packet(self.buf[:header], self.buf[header:header + payload])
+            del self.buf[:header + payload]
+            self.on_packet(link, packet)
+
+
+def device_packet(idstr: str, instance: int, idx: int, data: bytes, last=False) -> bytes:
+    """An uncompressed device-state packet, built with the core encoders."""
+    chunk = bytearray(_core.CHUNK_HEADER_SIZE)
+    _core.encode_chunk_header(chunk, idx, _core.CHUNK_FLAG_LAST if last else 0)
+    header = bytearray(_core.DEVICE_HEADER_SIZE)
+    _core.encode_device_header(header, idstr, instance, len(chunk) + len(data))
+    return bytes(header + chunk) + bytes(data)
+
+
+class Link:
+    """One proxied connection: client (source side) and upstream (destination)."""
+
+    def __init__(self, proxy: "Proxy", client: socket.socket, upstream: socket.socket) -> None:
+        self.proxy = proxy
+        self.client, self.upstream = client, upstream
+        self.name: str | int | None = None      # "main" or the channel id
+        self.fault: Fault = Fault()
+        self.pending: deque[tuple[float, bytes]] = deque()   # (due, bytes) to upstream
+        self.aside: list[tuple[float, bytes]] = []           # held back, others may pass
+        self.offset = 0
+        self.hello = bytearray()
+        self.client_eof = False
+        self.cut_off = False
+        self.closed = False
+
+    # -- what faults call
+    def send(self, data: bytes, delay: float = 0.0, overtakable: bool = False) -> None:
+        """Queue ``data`` for the destination in ``delay`` seconds. Pieces go in order —
+        a held-back piece holds back what follows it — unless ``overtakable``: then
+        what follows goes on, and ``data`` joins the stream when its time comes
+        (faults that parse packets only make whole packets overtakable)."""
+        if not data or self.cut_off:
+            return
+        due = time.monotonic() + delay
+        if overtakable:
+            self.aside.append((due, bytes(data)))
+            return
+        if self.pending:
+            due = max(due, self.pending[-1][0])
+        self.pending.append((due, bytes(data)))
+
+    def reset(self) -> None:
+        """Abort both connections with a TCP RST."""
+        self._flush(force=True)
+        for sock in (self.client, self.upstream):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            except OSError:
+                pass
+        self.close()
+
+    def cut(self) -> None:
+        """End the stream to the destination here; drop the client's later bytes."""
+        self._flush(force=True)
+        self.cut_off = True
+        try:
+            self.upstream.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    # -- the relay
+    def _identify(self) -> int | None:
+        """Length of the hello once it is complete, naming the link; None until then."""
+        h = self.hello
+        header = _core.CHANNEL_HEADER_SIZE if self.proxy.channel_header else 0
+        if len(h) < header + 4:
+            return None
+        if header and struct.unpack_from(">I", h, 8)[0] == _core.CHANNEL_MAIN \
+                or struct.unpack_from(">I", h, header)[0] == MAIN_MAGIC:
+            self.name = "main"
+            return header
+        if len(h) < header + _core.INIT_PACKET_SIZE:
+            return None
+        self.name = h[header + 24]
+        return header + _core.INIT_PACKET_SIZE
+
+    def from_client(self, data: bytes) -> None:
+        if self.name is None:
+            self.hello += data
+            size = self._identify()
+            if size is None:
+                return
+            self.fault = self.proxy.faults.get(self.name, Fault())
+            self.fault.hello(self, bytes(self.hello[:size]))
+            data = bytes(self.hello[size:])
+        if data and not self.cut_off:
+            self.fault.data(self, data, self.offset)
+            self.offset += len(data)
+
+    def _flush(self, force=False) -> None:
+        now = time.monotonic()
+        due_aside = [item for item in self.aside if force or item[0] <= now]
+        self.aside = [item for item in self.aside if item not in due_aside]
+        ready = [data for _, data in due_aside]
+        while self.pending and (force or self.pending[0][0] <= now):
+            ready.append(self.pending.popleft()[1])
+        for data in ready:
+            try:
+                self.upstream.sendall(data)
+            except OSError:
+                self.pending.clear()
+                self.aside.clear()
+                return
+
+    def next_due(self) -> float | None:
+        dues = [due for due, _ in self.aside] + ([self.pending[0][0]] if self.pending else [])
+        return min(dues) if dues else None
+
+    def idle(self) -> bool:
+        return not self.pending and not self.aside
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            for sock in (self.client, self.upstream):
+                try:
+                    self.proxy.selector.unregister(sock)
+                except (KeyError, ValueError):
+                    pass
+                sock.close()
+
+
+class Proxy:
+    """A TCP proxy in front of a destination; ``faults`` maps "main" or a channel id
+    to the :class:`Fault` its connection gets (the others are relayed unchanged)."""
+
+    def __init__(self, faults: dict | None = None, *, channel_header=True) -> None:
+        self.faults = faults or {}
+        self.channel_header = channel_header
+        self.links: list[Link] = []
+        self._listener: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        self._wake_r, self._wake_w = os.pipe()
+        self._stop = False
+        self.selector: selectors.BaseSelector | None = None
+        self.error: BaseException | None = None
+
+    def start(self, upstream: str) -> str:
+        _, host, port = upstream.split(":")
+        self._upstream = (host, int(port))
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._thread = threading.Thread(target=self._loop, name="test proxy", daemon=True)
+        self._thread.start()
+        return f"tcp:127.0.0.1:{self._listener.getsockname()[1]}"
+
+    def close(self) -> None:
+        self._stop = True
+        os.write(self._wake_w, b"x")
+        if self._thread is not None:
+            self._thread.join(10)
+            assert not self._thread.is_alive(), "the proxy thread did not stop"
+        for link in self.links:
+            link.close()
+        if self.selector is not None:
+            self.selector.close()
+        if self._listener is not None:
+            self._listener.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        if self.error is not None:
+            raise AssertionError(f"the test proxy failed: {self.error!r}") from self.error
+
+    def _loop(self) -> None:
+        sel = self.selector = selectors.DefaultSelector()
+        sel.register(self._listener, selectors.EVENT_READ, "accept")
+        sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        try:
+            while not self._stop:
+                dues = [d for link in self.links if not link.closed
+                        if (d := link.next_due()) is not None]
+                timeout = max(0.0, min(dues) - time.monotonic()) if dues else None
+                for key, _ in sel.select(timeout):
+                    if key.data == "wake":
+                        return
+                    if key.data == "accept":
+                        self._accept(sel)
+                    else:
+                        link, side = key.data
+                        self._readable(sel, link, side)
+                for link in self.links:
+                    if not link.closed:
+                        link._flush()
+                        if link.client_eof and link.idle() and not link.cut_off:
+                            link.cut()
+        except BaseException as exc:       # a proxy bug must not pass for a fastmfd one
+            self.error = exc
+            raise
+
+    def _accept(self, sel) -> None:
+        client, _ = self._listener.accept()
+        upstream = socket.create_connection(self._upstream)
+        for sock in (client, upstream):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        link = Link(self, client, upstream)
+        self.links.append(link)
+        sel.register(client, selectors.EVENT_READ, (link, "client"))
+        sel.register(upstream, selectors.EVENT_READ, (link, "upstream"))
+
+    def _readable(self, sel, link: Link, side: str) -> None:
+        sock = link.client if side == "client" else link.upstream
+        try:
+            data = sock.recv(1 << 20) if not link.closed else b""
+        except OSError:
+            data = b""
+        if not data:
+            try:
+                sel.unregister(sock)
+            except (KeyError, ValueError):
+                pass
+            if side == "client":
+                link.client_eof = True
+            elif not link.closed:
+                # The destination ended its side: pass the end (or its reset) on.
+                try:
+                    link.client.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+            return
+        if side == "client":
+            link.from_client(data)
+        else:
+            try:
+                link.client.sendall(data)
+            except OSError:
+                pass
+
+
+# ---------------------------------------------------------------- a live workload
+
+def keep_writing(handle, stop, running, seed: int, block: int = 16) -> None:
+    """A workload in its own process: until ``stop`` is set, rewrite random blocks of
+    ``block`` pages of the region (one in ten with zeros, the others with random
+    bytes, which no compression shrinks) and mark them dirty. Each write is marked
+    after it lands: once this process has exited, every write it made is in the
+    dirty bitmap."""
+    region = fastmfd.Region.attach(handle)
+    pages = region.array.reshape(-1, region.page_size)
+    rng = np.random.default_rng(seed)
+    size = block * region.page_size
+    try:
+        while not stop.is_set():
+            first = int(rng.integers(len(pages) - block + 1))
+            if rng.random() < 0.1:
+                pages[first:first + block] = 0
+            else:
+                pages[first:first + block] = np.frombuffer(rng.bytes(size), np.uint8).reshape(
+                    block, region.page_size)
+            region.mark_dirty(first * region.page_size, size)
+            running.set()
+    finally:
+        del pages
+        region.close()
+
+
+# ---------------------------------------------------------------- a source driven by hand
+
+def setup_message(config: fastmfd.MigrationConfig, uuid: bytes, regions: dict[str, int],
+                  devices: list[tuple[str, int]] = ()) -> dict:
+    """The SETUP a real Source would send for ``config``."""
+    return {"uuid": uuid.hex(), "page_size": config.page_size,
+            "packet_pages": config.packet_pages, "compression": config.compression,
+            "compression_level": config.compression_level,
+            "zero_page_detection": config.zero_page_detection, "channels": config.channels,
+            "device_state_channels": config.device_state_channels,
+            "channel_header": config.channel_header, "checksum": config.checksum,
+            "chunk_size": config.device_chunk_size,
+            "max_queued_bytes": config.max_queued_bytes,
+            "regions": [{"name": n, "size": s} for n, s in regions.items()],
+            "devices": [{"idstr": i, "instance_id": n} for i, n in devices]}
+
+
+def hello(channel_id: int, uuid: bytes, *, channel_type=_core.CHANNEL_MULTIFD,
+          magic=_core.MULTIFD_MAGIC, version=_core.MULTIFD_VERSION) -> bytes:
+    """A multifd channel's channel header and init packet, any field overridable."""
+    header = bytearray(_core.CHANNEL_HEADER_SIZE)
+    struct.pack_into(">QI", header, 0, 4, channel_type)
+    init = bytearray(_core.INIT_PACKET_SIZE)
+    _core.encode_init_packet(init, uuid, channel_id)
+    struct.pack_into(">II", init, 0, magic, version)
+    return bytes(header + init)
+
+
+def ram_packet(config: fastmfd.MigrationConfig, region: str, pages: list[int],
+               fill: int) -> bytes:
+    """An uncompressed RAM packet writing ``pages`` of ``region`` with byte ``fill``."""
+    codec = _core.RamPacketCodec(config.packet_pages, config.page_size)
+    header = bytearray(codec.header_size)
+    codec.encode(header, ramblock=region, normal=[p * config.page_size for p in pages])
+    return bytes(header) + bytes([fill]) * (len(pages) * config.page_size)
+
+
+class FakeSource:
+    """The source side of the protocol, driven by hand: a main channel that sends
+    SETUP, and channels that send whatever bytes a test wants."""
+
+    def __init__(self, address: str, setup: dict, *, channel_header=True) -> None:
+        _, host, port = address.split(":")
+        self.target = (host, int(port))
+        self.setup = setup
+        self.channel_header = channel_header
+        self.sockets: list[socket.socket] = []
+        self.main: socket.socket | None = None
+
+    def connect(self, data: bytes = b"") -> socket.socket:
+        sock = socket.create_connection(self.target, timeout=10)
+        self.sockets.append(sock)
+        if data:
+            sock.sendall(data)
+        return sock
+
+    def open_main(self) -> tuple:
+        """Send the main channel's start and SETUP; returns the reply (type, dict)."""
+        from fastmfd.wire import Msg, encode_message, encode_preamble
+        header = bytearray(_core.CHANNEL_HEADER_SIZE)
+        _core.encode_channel_header(header, _core.CHANNEL_MAIN)
+        start = (bytes(header) if self.channel_header else b"") + encode_preamble()
+        self.main = self.connect(start + encode_message(Msg.SETUP, self.setup))
+        return self.reply()
+
+    def reply(self) -> tuple:
+        """The next message on the main channel: (Msg, decoded dict)."""
+        from fastmfd.channels import read_message
+        from fastmfd.wire import decode_control
+        kind, body = read_message(self.main, 0)
+        return kind, decode_control(kind, body)
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()

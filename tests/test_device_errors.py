@@ -1,0 +1,207 @@
+"""Every device-state error of issue #4 item 5 fails the session on both sides
+within 5 s with a MigrationError naming the device (and the chunk idx), with no
+hang and no leak.
+
+Wire-level faults a real Source never makes (a duplicate idx, an unknown device,
+...) are made by a proxy that rewrites the device's packets on every channel,
+re-encoding them with the core encoders.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import fastmfd
+from fastmfd import _core
+from device_support import (BrokenDevice, BrokenLoader, ChunkRewriter, HoldFirstChunks,
+                            OddDevice, StallingDevice, at_idx)
+from migration_support import Migration, Outcome, Proxy, Trigger, make_region
+
+CONFIG = fastmfd.MigrationConfig(channels=2, device_chunk_size=4096)
+DEVICE = ("dev", 0)
+CHUNKS = 16                 # data chunks of DEVICE; chunk idx 16 is the last (empty)
+
+
+def migrate(config=CONFIG, proxy=None, devices=None, loaders=None, timeout=60.0) -> Outcome:
+    region = make_region("ram", 1 << 20, seed=5)
+    before = region.array.copy()
+    try:
+        with Migration(config, proxy=proxy) as m:
+            m.source.add_region(region)
+            for device in devices or [
+                    fastmfd.BytesDevice(*DEVICE, np.random.default_rng(1).bytes(CHUNKS * 4096)),
+                    fastmfd.BytesDevice("bystander", 0, b"x" * 50_000)]:
+                m.source.add_device(device)
+            for key, loader in (loaders or {}).items():
+                m.destination.add_loader(*key, loader)
+            return m.run(timeout=timeout)
+    finally:
+        assert np.array_equal(region.array, before), "the source region changed"
+        region.close()
+
+
+def rewritten(rewrite) -> Proxy:
+    """A proxy that passes DEVICE's packets on every RAM channel through ``rewrite``."""
+    faults = {ch: ChunkRewriter(CONFIG, DEVICE, rewrite) for ch in range(CONFIG.channels)}
+    return Proxy(faults)
+
+
+def fired(proxy: Proxy) -> float:
+    times = [link.fault.fired_at for link in proxy.links if link.fault.fired_at is not None]
+    assert times, f"the fault never struck: {[(l.name, l.offset) for l in proxy.links]}"
+    return min(times)
+
+
+def check(outcome: Outcome, since: float, pattern: str) -> None:
+    """Both sides failed in time, naming ``pattern``; the source hears it from the
+    destination (or the other way round)."""
+    src, dst = outcome.failed_both(since)
+    for side, error in (("source", src), ("destination", dst)):
+        assert re.search(pattern, str(error)), f"{side}: {pattern!r} not in {str(error)!r}"
+
+
+# ---------------------------------------------------------------- wire-level faults
+
+def test_duplicate_idx(leaks):
+    proxy = rewritten(at_idx(2, idx=1))
+    check(migrate(proxy=proxy), fired(proxy), r"dev/0: duplicate chunk idx 1 \(from channel \d\)")
+
+
+def test_missing_last_chunk(leaks):
+    proxy = rewritten(lambda packet: None if packet.chunk[1] & _core.CHUNK_FLAG_LAST
+                      else packet.raw)
+    check(migrate(proxy=proxy), fired(proxy), rf"dev/0: missing chunk idx {CHUNKS}")
+
+
+def test_idx_after_the_last(leaks):
+    proxy = rewritten(at_idx(5, flags=_core.CHUNK_FLAG_LAST))
+    check(migrate(proxy=proxy), fired(proxy),
+          r"dev/0: chunk idx \d+ after the last chunk \(idx 5\)")
+
+
+def test_chunk_for_an_unknown_device(leaks):
+    proxy = rewritten(at_idx(3, idstr="ghost"))
+    check(migrate(proxy=proxy), fired(proxy),
+          r"receive channel \d: ProtocolError: device state packet for unknown device "
+          r"'ghost' instance 0")
+
+
+def test_empty_chunk(leaks):
+    proxy = rewritten(at_idx(4, data=b""))
+    check(migrate(proxy=proxy), fired(proxy),
+          r"dev/0: empty chunk idx 4: only the last chunk may carry no data")
+
+
+def test_out_of_order_bytes_over_the_cap(leaks):
+    """Chunk 0 is held back on its channel; the chunks behind it on the other channel
+    pile up at the destination until they pass max_queued_bytes."""
+    config = CONFIG.replace(max_queued_bytes=4 * 4096)
+    log: list = []
+    proxy = Proxy({ch: HoldFirstChunks(config, 3.0, ch, log) for ch in range(config.channels)})
+    outcome = migrate(config, proxy=proxy,
+                      devices=[fastmfd.BytesDevice(*DEVICE, bytes(64 * 4096))])
+    check(outcome, fired(proxy),
+          r"dev/0: 5 chunks queued out of order would hold 20480 bytes of buffer, more than "
+          r"max_queued_bytes \(16384\); waiting for chunk idx 0")
+
+
+def test_tiny_chunks_out_of_order_hit_the_cap_not_a_full_pool(leaks):
+    """A queued chunk holds a whole buffer slot: 1-byte chunks piling up behind a held
+    chunk 0 must trip the cap before they take every slot of the destination's pool
+    (which would leave the chunk 0 waiting for a slot forever)."""
+    config = CONFIG.replace(max_queued_bytes=4 * 4096)
+    log: list = []
+    proxy = Proxy({ch: HoldFirstChunks(config, 3.0, ch, log) for ch in range(config.channels)})
+    outcome = migrate(config, proxy=proxy, devices=[OddDevice(*DEVICE, bytes(2000), [1])],
+                      timeout=20)
+    check(outcome, fired(proxy), r"dev/0: 5 chunks queued out of order would hold")
+
+
+def test_destination_cap_below_one_chunk_is_refused_at_setup(leaks):
+    """A destination's own max_queued_bytes must hold one of the source's chunks, or
+    any reordering would fail the session: SETUP is refused instead."""
+    region = make_region("ram", 1 << 20, seed=5)
+    started = time.monotonic()
+    try:
+        with Migration(CONFIG.replace(device_chunk_size=8192),
+                       max_queued_bytes=8191) as m:
+            m.source.add_region(region)
+            m.source.add_device(fastmfd.BytesDevice(*DEVICE, b"state"))
+            outcome = m.run()
+    finally:
+        region.close()
+    check(outcome, started, r"this destination's max_queued_bytes \(8191\) cannot hold one "
+                            r"device chunk of the source's device_chunk_size \(8192\)")
+
+
+def test_reassembly_process_sigkilled(leaks):
+    """The process that feeds the loaders dies while device state streams in."""
+    size = 16 << 20
+
+    def kill_reassembly():
+        os.kill(migration.destination._reassembly[0].process.pid, signal.SIGKILL)
+
+    proxy = Proxy({0: Trigger(1 << 20, kill_reassembly)})
+    region = make_region("ram", 1 << 20, seed=5)
+    try:
+        with Migration(CONFIG, proxy=proxy) as migration:
+            migration.source.add_region(region)
+            migration.source.add_device(fastmfd.SyntheticDevice(*DEVICE, size))
+            migration.destination.add_loader(*DEVICE, fastmfd.VerifyLoader(size,
+                                                                           write_rate=64 << 20))
+            outcome = migration.run()
+    finally:
+        region.close()
+    # A receive worker writing to the dead process's pipe may report first.
+    check(outcome, fired(proxy), r"reassembly: the worker process was killed by SIGKILL"
+                                 r"|receive channel \d: BrokenPipeError: .* reassembly pipe")
+
+
+def test_failure_while_devices_save_stops_their_threads_first(leaks):
+    """The session fails during the final round's RAM while a device is still saving:
+    its thread uses the Source's pool, selector and pipes, so it may not outlive
+    migrate() — once the Source closes, such a thread touches unmapped memory."""
+    def kill_receiver():
+        os.kill(migration.destination._workers[1].process.pid, signal.SIGKILL)
+
+    config = CONFIG.replace(max_bandwidth=64 << 20, job_packets=1)
+    proxy = Proxy({1: Trigger(1 << 20, kill_receiver)})
+    region = make_region("ram", 32 << 20, seed=5)
+    try:
+        with Migration(config, proxy=proxy) as migration:
+            migration.source.add_region(region)
+            migration.source.add_device(StallingDevice("slow", 0, chunks=3, stall=1.0))
+            outcome = migration.run()
+            saving = [t for t in threading.enumerate() if t.name.startswith("fastmfd save")]
+            for thread in saving:       # before the Source frees what they use
+                thread.join(10)
+            assert not saving, f"{[t.name for t in saving]} outlived migrate()"
+    finally:
+        region.close()
+    check(outcome, fired(proxy), r"receive channel 1: the worker process was killed by SIGKILL")
+
+
+# ---------------------------------------------------------------- user code raising
+
+@pytest.mark.parametrize("way", ["new", "old"])
+def test_device_raising(leaks, way):
+    broken = BrokenDevice("broken", 3, good=2)
+    outcome = migrate(CONFIG.replace(channel_header=way == "new"), devices=[broken])
+    check(outcome, broken.raised_at,
+          r"broken/3: saving chunk 2 failed: OSError: the device's data fd failed")
+
+
+@pytest.mark.parametrize("way", ["new", "old"])
+def test_loader_raising(leaks, way):
+    started = time.monotonic()
+    outcome = migrate(CONFIG.replace(channel_header=way == "new"),
+                      loaders={DEVICE: BrokenLoader(good=3)})
+    check(outcome, started,
+          r"dev/0: loading chunk 3 failed: ValueError: the device rejected its state")

@@ -1,0 +1,278 @@
+"""First error wins and everything stops (DESIGN §3, issue #3 item 9).
+
+Each fault — a SIGKILLed send or receive worker, a connection reset, a
+truncated packet, a corrupted byte, an exception in a user hook — must fail
+the session on both sides within 5 s with a MigrationError naming the channel
+(or hook) and the cause, leave the source region as it was, and leak nothing.
+Faults strike mid-transfer: the source is capped at 64 MiB/s, so 16 MiB take
+a quarter of a second and the proxy fires after the first MiB of a channel.
+Jobs of one packet (512 KiB) spread the pages over both channels, so each
+carries well over that MiB whatever channels the selector picks.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import fastmfd
+from fastmfd import _core
+from fastmfd.wire import Msg
+from fastmfd.workers import RemoteTraceback
+from migration_support import (AtMessage, Corrupt, Migration, Outcome, Proxy, Reset, Trigger,
+                               Truncate, make_region)
+
+CONFIG = fastmfd.MigrationConfig(channels=2, max_bandwidth=64 << 20, job_packets=1)
+MIB = 1 << 20
+
+
+@pytest.fixture
+def image():
+    """The source region, and a copy to check it was left alone."""
+    region = make_region("ram", 16 * MIB, seed=1)
+    before = region.array.copy()
+    yield region
+    unchanged = np.array_equal(region.array, before)
+    region.close()
+    assert unchanged, "the failed migration changed the source region"
+
+
+def migrate(image, faults=None, config=CONFIG, on_enter=None, **hooks) -> Outcome:
+    """Migrate ``image`` through a proxy with ``faults``; the Source and Destination
+    are closed when this returns. ``on_enter(migration)`` runs before the start."""
+    proxy = Proxy(faults) if faults is not None else None
+    with Migration(config, proxy=proxy) as m:
+        m.source.add_region(image)
+        if on_enter is not None:
+            on_enter(m)
+        outcome = m.run(**hooks)
+    return outcome
+
+
+def assert_names(error: BaseException, *patterns: str) -> None:
+    for pattern in patterns:
+        assert re.search(pattern, str(error)), f"{pattern!r} not in {str(error)!r}"
+
+
+# ---------------------------------------------------------------- processes killed
+
+class Kill:
+    """SIGKILL the worker of ``channel`` on ``side`` ("source" or "destination")."""
+
+    def __init__(self, side: str, channel: int) -> None:
+        self.side, self.channel = side, channel
+        self.migration: Migration | None = None
+
+    def __call__(self) -> None:
+        owner = getattr(self.migration, self.side)
+        os.kill(owner._workers[self.channel].process.pid, signal.SIGKILL)
+
+    def attach(self, migration: Migration) -> None:
+        self.migration = migration
+
+    def join(self) -> None:
+        getattr(self.migration, self.side)._workers[self.channel].process.join(5)
+
+
+def test_sigkilled_send_worker(image, leaks):
+    kill = Kill("source", 1)
+    trigger = Trigger(MIB, kill)
+    outcome = migrate(image, {1: trigger}, on_enter=kill.attach)
+    src, dst = outcome.failed_both(since=trigger.fired_at)
+    assert_names(src, r"send channel 1: the worker process was killed by SIGKILL")
+    # The destination hears it from the source, or sees the channel end mid-packet first.
+    assert_names(dst, r"channel 1: (.*killed by SIGKILL|.*connection closed after)")
+    leaks.assert_clean(keep=[image])
+
+
+def test_sigkilled_receive_worker(image, leaks):
+    kill = Kill("destination", 1)
+    trigger = Trigger(MIB, kill)
+    outcome = migrate(image, {1: trigger}, on_enter=kill.attach)
+    src, dst = outcome.failed_both(since=trigger.fired_at)
+    assert_names(dst, r"receive channel 1: the worker process was killed by SIGKILL")
+    assert_names(src, r"the destination failed: receive channel 1: .*killed by SIGKILL")
+    leaks.assert_clean(keep=[image])
+
+
+@pytest.mark.parametrize("side,name", [("source", "send"), ("destination", "receive")])
+def test_worker_killed_before_the_session(image, leaks, side, name):
+    """A worker that died while idle (started with the Source/Destination, killed
+    before migrate) is reported as such, not as a broken pipe."""
+    kill = Kill(side, 1)
+    started = []
+
+    def kill_first(migration):
+        kill.attach(migration)
+        kill()
+        kill.join()
+        started.append(time.monotonic())
+
+    outcome = migrate(image, on_enter=kill_first)
+    src, dst = outcome.failed_both(since=started[0])
+    for error in (src, dst):
+        assert_names(error, rf"{name} channel 1: the worker process was killed by SIGKILL")
+    leaks.assert_clean(keep=[image])
+
+
+def test_ctrl_c_during_migrate(image, leaks):
+    """SIGINT while migrate() runs in the main thread: KeyboardInterrupt reaches the
+    caller, the destination hears "interrupted by the user", nothing is left."""
+    interrupt = Trigger(MIB, lambda: os.kill(os.getpid(), signal.SIGINT))
+    with Migration(CONFIG, proxy=Proxy({1: interrupt})) as m:
+        m.source.add_region(image)
+        received: dict = {}
+
+        def receive():
+            try:
+                m.destination.receive()
+            except BaseException as exc:
+                received["error"], received["end"] = exc, time.monotonic()
+
+        receiver = threading.Thread(target=receive, daemon=True)
+        receiver.start()
+        with pytest.raises(KeyboardInterrupt):
+            m.source.migrate(live=False)
+        interrupted = time.monotonic()
+        receiver.join(10)
+    assert interrupted - interrupt.fired_at < 5
+    assert isinstance(received["error"], fastmfd.MigrationError)
+    assert_names(received["error"], r"main channel: the source failed: interrupted by the user")
+    assert received["end"] - interrupt.fired_at < 5
+    leaks.assert_clean(keep=[image])
+
+
+# ---------------------------------------------------------------- the wire
+
+def test_connection_reset(image, leaks):
+    reset = Reset(after=MIB)
+    outcome = migrate(image, {1: reset})
+    src, dst = outcome.failed_both(since=reset.fired_at)
+    # Both ends of channel 1 are reset: either may report first.
+    for error in (src, dst):
+        assert_names(error, r"(send|receive) channel 1: \w+Error: .*"
+                            r"(Connection reset by peer|Broken pipe)")
+    leaks.assert_clean(keep=[image])
+
+
+def test_truncated_packet(image, leaks):
+    # The stream to the destination ends 100 bytes into a packet header; the
+    # proxy swallows what the source sends after, so only the destination knows.
+    cut = Truncate(after=_core.ram_header_size(CONFIG.packet_pages) + 100)
+    outcome = migrate(image, {1: cut})
+    src, dst = outcome.failed_both(since=cut.fired_at)
+    expected = r"receive channel 1: EOFError: RAM \w+: connection closed after \d+ of \d+ bytes"
+    assert_names(dst, expected)
+    assert_names(src, "the destination failed: " + expected)
+    leaks.assert_clean(keep=[image])
+
+
+def test_corrupted_packet_header(image, leaks):
+    flip = Corrupt(at=0, mask=0xFF)           # the first packet's magic
+    outcome = migrate(image, {1: flip})
+    src, dst = outcome.failed_both(since=flip.fired_at)
+    expected = (r"receive channel 1: ProtocolError: RAM packet field 'magic': "
+                r"received 0xee223344, expected 0x11223344")
+    assert_names(dst, expected)
+    assert_names(src, "the destination failed: " + expected)
+    # The receive worker's traceback crossed the process boundary as the cause.
+    assert isinstance(dst.__cause__, RemoteTraceback)
+    assert "fastmfd.errors.ProtocolError: RAM packet field 'magic'" in dst.__cause__.text
+    leaks.assert_clean(keep=[image])
+
+
+def test_corrupted_payload_fails_its_checksum(image, leaks):
+    config = CONFIG.replace(checksum=True, zero_page_detection=False)
+    flip = Corrupt(at=_core.ram_header_size(config.packet_pages) + 5000, mask=0x01)
+    outcome = migrate(image, {1: flip}, config=config)
+    src, dst = outcome.failed_both(since=flip.fired_at)
+    expected = r"receive channel 1: ProtocolError: RAM packet field 'checksum'"
+    assert_names(dst, expected)
+    assert_names(src, "the destination failed: " + expected)
+    leaks.assert_clean(keep=[image])
+
+
+def test_corrupted_main_channel_message(image, leaks):
+    # Byte 8 after the main channel's header is the type of SETUP, the first message.
+    flip = Corrupt(at=8, mask=0x70)
+    outcome = migrate(image, {"main": flip})
+    src, dst = outcome.failed_both(since=flip.fired_at)
+    expected = r"main channel field 'type': received \d+, expected one of"
+    assert_names(dst, expected)
+    assert_names(src, r"main channel: the peer failed: " + expected)
+    leaks.assert_clean(keep=[image])
+
+
+@pytest.mark.parametrize("then,cause", [
+    ("reset", r"connection lost reading message: Connection reset by peer"),
+    ("cut", r"connection closed after 3 of 8 bytes of message")], ids=["reset", "truncated"])
+def test_main_channel_lost_mid_session(image, leaks, then, cause):
+    """The main channel breaks in the middle of ROUND_END: both sides name it."""
+    fault = AtMessage(Msg.ROUND_END, then)
+    outcome = migrate(image, {"main": fault})
+    src, dst = outcome.failed_both(since=fault.fired_at)
+    assert_names(dst, r"^main channel: " + cause)
+    assert_names(src, r"^main channel: ")
+    if then == "cut":       # only the destination saw it: the source hears it from there
+        assert_names(src, r"the destination failed: main channel: " + cause)
+    leaks.assert_clean(keep=[image])
+
+
+# ---------------------------------------------------------------- user hooks
+
+class HookError(Exception):
+    pass
+
+
+def failing_hook(name: str, when: dict):
+    def hook():
+        when["raised"] = time.monotonic()
+        raise HookError(f"{name} broke")
+    return hook
+
+
+@pytest.mark.parametrize("live", [False, True], ids=["stopped", "live"])
+def test_on_stop_raising(image, leaks, live):
+    when: dict = {}
+    outcome = migrate(image, live=live, on_stop=failing_hook("on_stop", when))
+    src, dst = outcome.failed_both(since=when["raised"])
+    expected = r"the on_stop hook raised HookError: on_stop broke"
+    assert_names(src, expected)
+    assert_names(dst, "main channel: the source failed: " + expected)
+    assert isinstance(src.__cause__, HookError)
+    leaks.assert_clean(keep=[image])
+
+
+def test_destination_on_resume_raising(image, leaks):
+    """The destination could not resume: the source must not believe it did."""
+    when: dict = {}
+    resumed = []
+    outcome = migrate(image, dst_on_resume=failing_hook("on_resume", when),
+                      on_resume=lambda: resumed.append(True))
+    src, dst = outcome.failed_both(since=when["raised"])
+    expected = r"the on_resume hook raised HookError: on_resume broke"
+    assert_names(dst, expected)
+    assert_names(src, "the destination failed: " + expected)
+    assert not resumed, "the source ran on_resume although the destination did not resume"
+    leaks.assert_clean(keep=[image])
+
+
+def test_source_on_resume_raising(image, leaks):
+    """The source's on_resume runs once the destination has resumed: the migration is
+    over and the destination keeps its result; the source reports the hook's error."""
+    when: dict = {}
+    with Migration(CONFIG) as m:
+        m.source.add_region(image)
+        outcome = m.run(on_resume=failing_hook("on_resume", when))
+        assert outcome.dest_error is None
+        assert np.array_equal(outcome.result.regions["ram"].array, image.array)
+    assert isinstance(outcome.source_error, fastmfd.MigrationError)
+    assert_names(outcome.source_error, r"the on_resume hook raised HookError: on_resume broke")
+    assert outcome.source_end - when["raised"] < 5
+    leaks.assert_clean(keep=[image])

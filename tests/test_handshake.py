@@ -1,0 +1,150 @@
+"""Bad handshakes are refused with a clear error and never write a byte into a
+region (DESIGN §4.1, §4.2, §4.5; issue #3 item 3).
+
+A hand-driven source sends a valid SETUP for a region the destination's user
+pre-filled with 0xAB, then a connection with one thing wrong in its channel
+header or init packet, followed by a RAM packet that would write 0xEE pages.
+The destination must fail the session naming what it received and what it
+expected, tell the source (ERROR on the main channel), and leave the region
+untouched.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+
+import numpy as np
+import pytest
+
+import fastmfd
+from fastmfd import _core
+from fastmfd.wire import Msg, encode_preamble
+from migration_support import FakeSource, hello, make_region, ram_packet, setup_message
+
+CONFIG = fastmfd.MigrationConfig(channels=2, packet_pages=16)
+UUID = bytes(range(16))
+FOREIGN = bytes(range(100, 116))
+SIZE = 64 * 4096
+
+
+class Receiving:
+    """A Destination receiving, in a thread, into a user region full of 0xAB."""
+
+    def __enter__(self) -> "Receiving":
+        self.region = make_region("ram", SIZE)
+        self.region.array[:] = 0xAB
+        self.destination = fastmfd.Destination("tcp:127.0.0.1:0", timeout=10).__enter__()
+        self.destination.add_region(self.region)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._receive, daemon=True)
+        self.thread.start()
+        return self
+
+    def _receive(self) -> None:
+        try:
+            self.destination.receive()
+        except BaseException as exc:
+            self.error = exc
+
+    def refused(self, pattern: str) -> fastmfd.MigrationError:
+        """Wait for receive() to fail; check its message and that the region is intact."""
+        self.thread.join(10)
+        assert not self.thread.is_alive(), "the destination did not refuse the connection"
+        assert isinstance(self.error, fastmfd.MigrationError), repr(self.error)
+        assert re.search(pattern, str(self.error)), f"{pattern!r} not in {str(self.error)!r}"
+        assert np.all(self.region.array == 0xAB), "a byte reached the region"
+        return self.error
+
+    def __exit__(self, *exc) -> None:
+        self.destination.close()
+        self.thread.join(10)
+        self.region.close()
+
+
+def _session(receiving: Receiving, **changes) -> FakeSource:
+    setup = setup_message(CONFIG, UUID, {"ram": SIZE}) | changes
+    return FakeSource(receiving.destination.address, setup)
+
+
+def _marker() -> bytes:
+    return ram_packet(CONFIG, "ram", list(range(16)), fill=0xEE)
+
+
+BAD_CHANNELS = {
+    "foreign uuid": (hello(0, FOREIGN),
+                     rf"init packet field 'uuid': received {FOREIGN.hex()}, "
+                     rf"expected {UUID.hex()} \(the session's\)"),
+    "wrong magic": (hello(0, UUID, magic=0x11223345),
+                    r"first word 0x11223345, expected the multifd magic 0x11223344"),
+    "wrong version": (hello(0, UUID, version=2),
+                      r"init packet field 'version': received 2, expected 1"),
+    "unknown channel type": (hello(0, UUID, channel_type=7),
+                             r"channel header field 'channel_type': received 7, expected 0 "),
+    "postcopy channel type": (hello(0, UUID, channel_type=_core.CHANNEL_POSTCOPY),
+                              r"'channel_type': received 1 \(postcopy preempt\)"),
+    "device-state type for a RAM channel": (
+        hello(0, UUID, channel_type=_core.CHANNEL_DEVICE_STATE),
+        r"channel 0: channel header type 3, expected 2"),
+    "id out of range": (hello(2, UUID),
+                        r"init packet field 'id': received 2, expected < 2 \(channels\)"),
+    "second main channel": (hello(0, UUID, channel_type=_core.CHANNEL_MAIN)[:12]
+                            + encode_preamble(), r"a second main channel connected"),
+    "garbage": (np.random.default_rng(1).integers(1, 256, 76, np.uint8).tobytes(),
+                r"channel header field 'header_size': received \d+, expected 4"),
+}
+
+
+@pytest.mark.parametrize("bad", BAD_CHANNELS, ids=list(BAD_CHANNELS))
+def test_bad_channel_is_refused(bad):
+    data, expected = BAD_CHANNELS[bad]
+    with Receiving() as receiving:
+        source = _session(receiving)
+        try:
+            assert source.open_main()[0] is Msg.SETUP_ACK
+            source.connect(data + _marker())
+            receiving.refused(expected)
+            kind, info = source.reply()
+            assert kind is Msg.ERROR and re.search(expected, info["error"]), info
+        finally:
+            source.close()
+
+
+def test_duplicate_channel_id_is_refused():
+    with Receiving() as receiving:
+        source = _session(receiving)
+        try:
+            assert source.open_main()[0] is Msg.SETUP_ACK
+            source.connect(hello(0, UUID))
+            source.connect(hello(0, UUID) + _marker())
+            expected = r"init packet field 'id': received 0, which is already set up"
+            receiving.refused(expected)
+            kind, info = source.reply()
+            assert kind is Msg.ERROR and re.search(expected, info["error"]), info
+        finally:
+            source.close()
+
+
+def test_garbage_instead_of_the_main_channel_is_refused():
+    with Receiving() as receiving:
+        source = _session(receiving)
+        try:
+            garbage = np.random.default_rng(2).integers(1, 256, 4096, np.uint8).tobytes()
+            sock = source.connect(garbage)
+            receiving.refused(r"new connection: first word 0x[0-9a-f]{8}, expected the main "
+                              r"channel magic 0x464d4644 or the multifd magic 0x11223344")
+            sock.close()
+        finally:
+            source.close()
+
+
+def test_unknown_compression_in_setup_is_refused():
+    with Receiving() as receiving:
+        source = _session(receiving, compression="lz4")
+        try:
+            kind, info = source.open_main()
+            expected = r"unknown compression 'lz4'"
+            assert kind is Msg.ERROR and re.search(expected, info["error"]), info
+            receiving.refused(expected)
+        finally:
+            source.close()

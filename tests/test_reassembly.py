@@ -1,0 +1,62 @@
+"""The reassembly process, driven directly: descriptors in, reports out."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import fastmfd
+from fastmfd import _core
+from fastmfd.reassembly import reassembly_main
+from fastmfd.workers import WorkerSet
+from device_support import BigResultLoader
+
+CHUNK = 4096
+
+
+def test_an_error_report_never_cuts_into_a_loaded_report(tmp_path):
+    """The reader thread reports an error while a loader thread is writing a long
+    ("loaded", result) report on the same connection: both must arrive whole."""
+    gate = str(tmp_path / "gate")
+    os.mkfifo(gate)
+    pool = _core.BufferPool.create(16, CHUNK + _core.CHUNK_HEADER_SIZE, tag="test-pool")
+    workers = WorkerSet(reassembly_main, ["reassembly"])
+    desc_r, desc_w = os.pipe()
+    try:
+        worker = workers[0]
+        worker.start_session({"pool": pool.name, "max_queued_bytes": 1 << 20, "loaders": [
+            ("big/0", BigResultLoader(gate, 32 << 20)), ("dup/0", fastmfd.CollectLoader())]},
+            [desc_r])
+
+        def chunk(device: int, idx: int, flags: int, length: int) -> None:
+            slot = pool.acquire(timeout=5)
+            os.write(desc_w, _core.pack_descriptor(device, idx, flags, slot, length, 0))
+
+        chunk(0, 0, _core.CHUNK_FLAG_LAST, _core.CHUNK_HEADER_SIZE)
+        with open(gate, "wb") as fifo:         # big/0's result goes out now...
+            fifo.write(b"x")
+        assert worker.conn.poll(10), "no report from the loader"
+        chunk(1, 0, 0, 100)                    # ...while dup/0 breaks a rule
+        chunk(1, 0, 0, 100)
+        time.sleep(0.3)     # nothing to await: give the reader time to report its error
+        reports: list = []
+
+        def read_two():
+            try:
+                reports.extend(worker.conn.recv() for _ in range(2))
+            except Exception as exc:
+                reports.append(exc)
+
+        reader = threading.Thread(target=read_two, daemon=True)
+        reader.start()
+        reader.join(20)
+        assert not reader.is_alive(), "the reports' framing is broken: recv() hangs"
+        assert [r[0] if isinstance(r, tuple) else r for r in reports] == ["loaded", "error"]
+        assert reports[0][1:3] == (0, bytes(32 << 20))
+        assert "dup/0: duplicate chunk idx 0" in reports[1][1]
+    finally:
+        os.close(desc_r)
+        os.close(desc_w)
+        workers.stop()
+        pool.close()
