@@ -587,8 +587,12 @@ cdef class RecvEngine(_EngineBase):
                 off = ld64(info.offsets + 8 * (info.normal_pages + i))
                 page = off // psize
                 # Fresh memory is already zero: only a page written earlier
-                # in this session can hold data the zero page must erase.
-                if not ref.fresh or fm_load64(&ref.received[page >> 6]) & ((<uint64_t>1) << (page & 63)):
+                # in this session can hold data the zero page must erase. Any
+                # other page is read before it is cleared (QEMU does too):
+                # most are zero already, and a write would dirty them all.
+                if ((not ref.fresh
+                        or fm_load64(&ref.received[page >> 6]) & ((<uint64_t>1) << (page & 63)))
+                        and not fm_buffer_is_zero(ref.base + off, psize)):
                     memset(ref.base + off, 0, psize)
         bump(self.stats, ST_NORMAL, info.normal_pages)
         bump(self.stats, ST_ZERO, info.zero_pages)
