@@ -6,6 +6,9 @@ Options:
   (needs ``qemu-system-x86_64``, or $FASTMFD_QEMU); skipped cleanly without.
 - ``--migrate-size=1G``: image size (default 1 GiB; 16 MiB when CI=true or
   ``--sizes=ci``); ``--migrate-rounds=N``: timed runs per cell (default 3).
+- ``--migrate-prealloc``: every destination's memory is allocated and faulted
+  in before timing (QEMU: ``prealloc=on``), which times the transport alone;
+  by default destinations start on fresh memory, as a new QEMU does.
 
 At the end of a timed run, the records of ``_migration.report`` are printed
 as side-by-side tables: for every (image, compression, channels) cell
@@ -35,6 +38,8 @@ def pytest_addoption(parser):
                     help="image size for test_migrate_* (default 1G; 16M when CI=true)")
     group.addoption("--migrate-rounds", type=int, default=3, metavar="N",
                     help="timed runs per migration benchmark (default 3)")
+    group.addoption("--migrate-prealloc", action="store_true", default=False,
+                    help="preallocate destination memory before timing (QEMU prealloc=on)")
 
 
 @pytest.fixture(scope="session")
@@ -57,6 +62,11 @@ def migrate_size(request, small_sizes) -> int:
 @pytest.fixture(scope="session")
 def migrate_rounds(request) -> int:
     return max(1, request.config.getoption("--migrate-rounds"))
+
+
+@pytest.fixture(scope="session")
+def migrate_prealloc(request) -> bool:
+    return request.config.getoption("--migrate-prealloc")
 
 
 @pytest.fixture(scope="session")
@@ -97,7 +107,7 @@ def _ratio(num: float | None, den: float | None) -> str:
     return "-" if num is None or den is None else f"{num / den:.2f}x"
 
 
-def _migrate_lines() -> list[str]:
+def _migrate_lines(prealloc: bool) -> list[str]:
     cells: dict[tuple, dict[str, float]] = {}
     for record in RECORDS:
         if record.table == "migrate":
@@ -105,8 +115,9 @@ def _migrate_lines() -> list[str]:
     if not cells:
         return []
     sendall = {row[0]: cols["sendall"] for row, cols in cells.items() if "sendall" in cols}
-    lines = ["migrate(live=False): best time per cell; 'qemu/fastmfd' > 1 means fastmfd "
-             "is faster", "",
+    where = "destinations preallocated" if prealloc else "fresh destination memory"
+    lines = [f"migrate(live=False), {where}: best time per cell; 'qemu/fastmfd' > 1 means "
+             f"fastmfd is faster", "",
              f"{'image':<7} {'compression':<12} {'ch':>3} {'fastmfd':>10} {'qemu':>10} "
              f"{'qemu/fastmfd':>13} {'sendall':>10} {'sendall/fastmfd':>16}"]
     for row in sorted(r for r in cells if r[2] is not None):
@@ -146,8 +157,9 @@ def _downtime_lines() -> list[str]:
 
 
 @pytest.hookimpl(trylast=True)      # after pytest-benchmark's own tables
-def pytest_terminal_summary(terminalreporter):
-    for lines in (_migrate_lines(), _downtime_lines()):
+def pytest_terminal_summary(terminalreporter, config):
+    prealloc = config.getoption("--migrate-prealloc")
+    for lines in (_migrate_lines(prealloc), _downtime_lines()):
         if lines:
             terminalreporter.write_sep("-", lines[0])
             for line in lines[1:]:

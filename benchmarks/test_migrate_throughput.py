@@ -11,6 +11,7 @@ when CI=true; ``--migrate-size``).
 Every run, timed or not, checks that the destination holds the image.
 
     PYTHONPATH=. python3 -m pytest benchmarks/test_migrate_throughput.py --qemu
+    (add --migrate-prealloc to time the transport without fresh destination memory)
 """
 
 from __future__ import annotations
@@ -41,14 +42,17 @@ def _cells():
 
 
 @pytest.mark.parametrize("image_kind, setting", list(_cells()))
-def test_migrate(benchmark, request, images, migrate_size, migrate_rounds, image_kind,
-                 setting):
+def test_migrate(benchmark, request, images, migrate_size, migrate_rounds, migrate_prealloc,
+                 image_kind, setting):
     qemu = request.getfixturevalue("qemu_binary") if setting.method == "qemu" else None
     image = images(image_kind, migrate_size)
-    benchmark.group = f"migrate {image_kind} {setting.compression}"
+    benchmark.group = f"migrate {image_kind} {setting.compression}" + \
+        (" (destination preallocated)" if migrate_prealloc else "")
 
-    measurements = time_trials(
-        benchmark, lambda: make_trial(setting, image, qemu_binary=qemu), rounds=migrate_rounds)
+    def trial():
+        return make_trial(setting, image, qemu_binary=qemu, prealloc=migrate_prealloc)
+
+    measurements = time_trials(benchmark, trial, rounds=migrate_rounds)
 
     channels = None if setting.method == "sendall" else setting.channels
     report(benchmark, measurements, table="migrate",

@@ -364,7 +364,7 @@ cdef int check_zstd(size_t rc, str what) except -1:
 
 
 cdef enum:
-    STORED_BLOCK_MAX = 65535        # deflate stored block: at most 65535 bytes after a 5-byte header
+    STORED_BLOCK_MAX = 65535        # bytes a deflate stored block holds (after a 5-byte header)
     ZLIB_HEADER_SIZE = 2            # CMF, FLG (no preset dictionary)
 
 
