@@ -54,7 +54,7 @@ def report_throughput(benchmark):
 
 # ---------------------------------------------------------------- migration benchmarks
 # test_migrate_*.py and test_downtime.py: their command-line options (--qemu,
-# --migrate-size, --migrate-rounds), fixtures and end-of-run comparison tables
-# live in conftest_migrate.py, loaded here so `pytest benchmarks` knows the
-# options before it collects. They follow --sizes too (ci: small images).
+# --migrate-size, --migrate-rounds, --migrate-prealloc), fixtures and end-of-run
+# comparison tables live in conftest_migrate.py, loaded here so `pytest
+# benchmarks` knows the options before it collects. They follow --sizes too.
 pytest_plugins = ["conftest_migrate"]
