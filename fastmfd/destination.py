@@ -33,7 +33,8 @@ from multiprocessing import connection
 
 from . import _core
 from .channels import (MAIN, ChannelHello, bound_address, expect_message, listen, parse_address,
-                       read_hello, read_message, recv_exact, tune_data_socket)
+                       read_hello, read_message, recv_exact, tune_data_socket,
+                       tune_main_socket)
 from .config import MigrationConfig
 from .devices import CollectLoader, OLD_WAY_PREFIX, device_key
 from .errors import ConfigError, FastMFDError, MigrationError, ProtocolError
@@ -194,6 +195,7 @@ class Destination:
     # ------------------------------------------------------------ setup
     def _accept_main(self) -> None:
         sock = self._accept("the main channel")
+        tune_main_socket(sock)
         self._main = MainChannel(sock)
         self._failure.on_failure(self._teardown)
         try:

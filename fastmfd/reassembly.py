@@ -258,7 +258,7 @@ def _reraise(exc: BaseException, idx: int, channel: int) -> None:
 
 def reassembly_main(conn) -> None:
     """The reassembly process: one session's device streams, then exit."""
-    worker_setup()
+    worker_setup(conn)
     session = conn.recv()
     if session is None:
         return

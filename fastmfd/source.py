@@ -32,7 +32,7 @@ import numpy as np
 
 from . import _core
 from .channels import MAIN, connect, expect_message, parse_address, read_message, send_all, \
-    tune_data_socket
+    tune_data_socket, tune_main_socket
 from .config import MigrationConfig
 from .devices import DeviceSaver, save_old_way
 from .errors import ConfigError, MigrationError, ProtocolError
@@ -198,6 +198,7 @@ class Source:
     def _connect(self) -> None:
         cfg = self.config
         sock = connect(self.address, cfg.timeout)
+        tune_main_socket(sock)
         sock.settimeout(cfg.timeout)
         self._main = MainChannel(sock)
         self._failure.on_failure(self._teardown)

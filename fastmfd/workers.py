@@ -38,6 +38,7 @@ from .shm import SharedMemory
 __all__ = ["WorkerSet", "Worker", "RemoteTraceback", "mp_context"]
 
 _PRELOAD = ["fastmfd.workers"]
+READY_TIMEOUT = 30.0        # seconds a worker may take to start
 
 
 def mp_context() -> multiprocessing.context.BaseContext:
@@ -85,6 +86,25 @@ class Worker:
     def sentinel(self) -> int:
         return self.process.sentinel
 
+    def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
+        """Wait for the worker's "ready": started, imported, waiting for a session.
+
+        So a Source or Destination is entered only once its workers are up,
+        and none of their start-up runs inside a timed migration.
+        """
+        ready = connection.wait([self.conn, self.sentinel], timeout)
+        if self.conn in ready:
+            try:
+                if self.conn.recv() == ("ready",):
+                    return
+            except (EOFError, OSError):
+                pass
+        self.process.join(0.5)
+        if self.process.exitcode is not None:
+            raise self.death_error()
+        raise MigrationError(f"the worker process did not start within {timeout:g} s",
+                             channel=self.name)
+
     def start_session(self, session: dict, fds: list[int]) -> None:
         """Send the session description, then the file descriptors it needs."""
         try:
@@ -120,8 +140,11 @@ class WorkerSet:
         try:
             for name in names:
                 self.workers.append(Worker(ctx, target, name))
+            for worker in self.workers:
+                worker.wait_ready()
         except BaseException:
             self.kill()
+            self._close_pipes()
             raise
 
     def __iter__(self):
@@ -136,6 +159,7 @@ class WorkerSet:
     def add(self, target, name: str) -> Worker:
         worker = Worker(mp_context(), target, name)
         self.workers.append(worker)
+        worker.wait_ready()
         return worker
 
     def stop(self, timeout: float = 2.0) -> None:
@@ -156,6 +180,9 @@ class WorkerSet:
                 break
             connection.wait(running, left)
         self.kill()
+        self._close_pipes()
+
+    def _close_pipes(self) -> None:
         for worker in self.workers:
             worker.conn.close()
 
@@ -171,9 +198,13 @@ class WorkerSet:
 
 # ------------------------------------------------------------------ worker side
 
-def worker_setup() -> None:
+def worker_setup(conn=None) -> None:
+    """First thing in a child: ignore Ctrl-C (the main process tears down), die
+    with the parent, and (a WorkerSet's worker, given ``conn``) say it is up."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _core.die_with_parent()
+    if conn is not None:
+        conn.send(("ready",))
 
 
 def _report_failure(conn, exc: BaseException) -> None:
@@ -208,7 +239,7 @@ def _close_all(stack: list) -> None:
 
 def send_worker_main(conn) -> None:
     """A send worker: runs one channel's SendEngine for one session."""
-    worker_setup()
+    worker_setup(conn)
     session = conn.recv()
     if session is None:
         return
@@ -244,7 +275,7 @@ def send_worker_main(conn) -> None:
 
 def recv_worker_main(conn) -> None:
     """A receive worker: runs one channel's RecvEngine, holding at each SYNC."""
-    worker_setup()
+    worker_setup(conn)
     session = conn.recv()
     if session is None:
         return

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import socket
 
-from fastmfd.workers import WorkerSet, recv_worker_main
+import pytest
+
+from fastmfd.channels import tune_main_socket
+from fastmfd.errors import MigrationError
+from fastmfd.workers import WorkerSet, recv_worker_main, worker_setup
 
 
 def test_stop_lets_every_idle_worker_exit_by_itself():
@@ -12,3 +17,37 @@ def test_stop_lets_every_idle_worker_exit_by_itself():
     workers = WorkerSet(recv_worker_main, [f"receive channel {i}" for i in range(4)])
     workers.stop(timeout=30)
     assert [w.process.exitcode for w in workers] == [0, 0, 0, 0]
+
+
+def _exits_at_once(conn):
+    """A worker body that dies before it reports ready."""
+
+
+def _says_ready(conn):
+    worker_setup(conn)
+    conn.recv()
+
+
+def test_a_worker_set_is_entered_only_once_every_worker_is_up():
+    workers = WorkerSet(_says_ready, ["up 0", "up 1"])
+    try:
+        # Ready means started, imported and waiting for its session.
+        assert all(worker.process.is_alive() for worker in workers)
+    finally:
+        workers.stop()
+    assert all(worker.process.exitcode == 0 for worker in workers)
+
+
+def test_a_worker_that_dies_before_ready_is_named_with_its_exit():
+    with pytest.raises(MigrationError) as info:
+        WorkerSet(_exits_at_once, ["early"])
+    assert info.value.channel == "early"
+    assert "exited with status 0" in str(info.value)
+
+
+def test_the_main_channel_sends_small_messages_at_once():
+    """ROUND_END, COMPLETE and LOADED are small: Nagle's algorithm would hold each
+    one for the peer's delayed ACK (~40 ms per answer)."""
+    with socket.socket() as sock:
+        tune_main_socket(sock)
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
