@@ -40,7 +40,7 @@ from .devices import CollectLoader, OLD_WAY_PREFIX, device_key
 from .errors import ConfigError, FastMFDError, MigrationError, ProtocolError
 from .reassembly import pool_slots_for, reassembly_main
 from .regions import Region, validate_region_name
-from .session import MainChannel, SessionFailure, call_hook, main_first
+from .session import MainChannel, SessionFailure, SessionResources, call_hook, main_first
 from .stats import ChannelStats, ReceiveStats
 from .wire import MAIN_VERSION, Msg, decode_control
 from .workers import WorkerSet, recv_worker_main
@@ -88,9 +88,7 @@ class Destination:
         self._loaders: dict[tuple[str, int], object] = {}
         self._workers: WorkerSet | None = None
         self._reassembly: WorkerSet | None = None
-        self._owned: list = []
-        self._sockets: list[socket.socket] = []
-        self._fds: list[int] = []
+        self._resources = SessionResources()
         self._main: MainChannel | None = None
         self._failure = SessionFailure("destination")
         self._used = False
@@ -139,32 +137,20 @@ class Destination:
 
     def close(self) -> None:
         """Stop every process and free every resource (idempotent)."""
-        for sock in self._sockets:
-            _shutdown_quietly(sock)
+        self._resources.shutdown_sockets()
         for group in (self._workers, self._reassembly):
             if group is not None:
                 group.stop()
         self._workers = self._reassembly = None
-        for sock in self._sockets:
-            sock.close()
-        self._sockets = []
         if self._main is not None:
             self._main.sock.close()
             self._main = None
-        for fd in self._fds:
-            os.close(fd)
-        self._fds = []
+        self._resources.release()
         if self._listener is not None:
             self._listener.close()
             self._listener = None
             if self._unix_path and os.path.exists(self._unix_path):
                 os.unlink(self._unix_path)
-        for resource in reversed(self._owned):
-            try:
-                resource.close()
-            except BufferError:
-                pass
-        self._owned = []
 
     # ------------------------------------------------------------ receive
     def receive(self, *, on_resume=None) -> DestinationResult:
@@ -269,10 +255,10 @@ class Destination:
         for name, size in regions:
             region = self._user_regions.get(name)
             if region is None and self._region_factory is not None:
-                region = self._own(self._region_factory(name, size, cfg.page_size))
+                region = self._resources.own(self._region_factory(name, size, cfg.page_size))
                 self._user_regions[name] = region
             elif region is None:
-                region = self._own(Region.create(name, size, page_size=cfg.page_size))
+                region = self._resources.own(Region.create(name, size, page_size=cfg.page_size))
             elif region.size != size or region.page_size != cfg.page_size:
                 raise ConfigError(f"region {name!r}: the source sends {size} bytes in "
                                   f"{cfg.page_size}-byte pages, the destination's region has "
@@ -280,15 +266,11 @@ class Destination:
             self.regions.append(region)
             self._fresh.append(name not in self._user_regions)
         self.devices = devices
-        self._counters = self._own(_core.Counters.create(cfg.total_channels))
+        self._counters = self._resources.own(_core.Counters.create(cfg.total_channels))
         self._pool = None
         self._desc_w = -1
         if devices:
             self._start_reassembly(cfg, devices)
-
-    def _own(self, resource):
-        self._owned.append(resource)
-        return resource
 
     def _start_reassembly(self, cfg: MigrationConfig, devices: list) -> None:
         cap = cfg.max_queued_bytes
@@ -301,10 +283,10 @@ class Destination:
         slot_size = cfg.device_chunk_size + _core.CHUNK_HEADER_SIZE
         nslots = pool_slots_for(len(devices), cap, cfg.device_chunk_size, cfg.total_channels)
         # Slots are touched only as chunks arrive, so the pool is not allocated up front.
-        self._pool = self._own(_core.BufferPool.create(nslots, slot_size, tag="dest-pool"))
+        self._pool = self._resources.own(_core.BufferPool.create(nslots, slot_size, tag="dest-pool"))
         self._cap = cap
         desc_r, self._desc_w = os.pipe()
-        self._fds.append(self._desc_w)
+        self._resources.fds.append(self._desc_w)
         loaders = [(device_key(idstr, inst), self._loaders.get((idstr, inst), CollectLoader()))
                    for idstr, inst in devices]
         try:
@@ -364,7 +346,7 @@ class Destination:
     def _accept_channel(self):
         cfg = self.cfg
         sock = self._accept("a multifd channel")
-        self._sockets.append(sock)
+        self._resources.sockets.append(sock)
         hello: ChannelHello = read_hello(sock, cfg.channel_header, self.session_uuid,
                                          cfg.total_channels)
         ch = hello.channel_id
@@ -557,8 +539,7 @@ class Destination:
             self._pool.abort()
         if self._main is not None and error.side != "source":
             self._main.send_error(error)
-        for sock in self._sockets:
-            _shutdown_quietly(sock)
+        self._resources.shutdown_sockets()
         if self._main is not None:
             self._main.shutdown()
         for group in (self._workers, self._reassembly):
@@ -584,9 +565,3 @@ class Destination:
         return DestinationResult({r.name: r for r in self.regions}, devices, stats,
                                  dict(self.setup))
 
-
-def _shutdown_quietly(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass

@@ -11,6 +11,7 @@ then raises the stored error.
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 from typing import Callable
@@ -138,3 +139,46 @@ class MainChannel:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+
+
+def shutdown_quietly(sock: socket.socket) -> None:
+    """Break any I/O blocked on ``sock``, in this process or another sharing it."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+class SessionResources:
+    """What one side of a session owns besides its processes: the data
+    sockets (the main process keeps a copy of each, so shutting them down
+    breaks a worker's blocked I/O), pipe file descriptors, and the shared
+    structures it created. ``release()`` frees them all, on every exit path."""
+
+    def __init__(self) -> None:
+        self.sockets: list[socket.socket] = []
+        self.fds: list[int] = []
+        self._owned: list = []
+
+    def own(self, resource):
+        """Close ``resource`` (a Region, a shared structure) at release; returns it."""
+        self._owned.append(resource)
+        return resource
+
+    def shutdown_sockets(self) -> None:
+        for sock in self.sockets:
+            shutdown_quietly(sock)
+
+    def release(self) -> None:
+        """Close every socket, descriptor and owned structure (idempotent)."""
+        for sock in self.sockets:
+            sock.close()
+        for fd in self.fds:
+            os.close(fd)
+        self.sockets, self.fds = [], []
+        for resource in reversed(self._owned):
+            try:
+                resource.close()
+            except BufferError:     # a view is still out: the name is unlinked anyway
+                pass
+        self._owned = []

@@ -22,7 +22,6 @@ aborts every wait and shuts the sockets down.
 from __future__ import annotations
 
 import os
-import socket
 import threading
 import time
 import uuid as uuid_module
@@ -38,7 +37,7 @@ from .devices import DeviceSaver, save_old_way
 from .errors import ConfigError, MigrationError, ProtocolError
 from .progress import RoundProgress
 from .regions import Region
-from .session import MainChannel, SessionFailure, call_hook, main_first
+from .session import MainChannel, SessionFailure, SessionResources, call_hook, main_first
 from .shm import SharedMemory
 from .stats import ChannelStats, MigrationStats, RoundStats
 from .wire import Msg, decode_control, encode_preamble
@@ -62,9 +61,8 @@ class Source:
         self._regions: list[Region] = []
         self._devices: list = []
         self._workers: WorkerSet | None = None
-        self._owned: list = []                  # shared structures to close at exit
-        self._sockets: list[socket.socket] = []
-        self._cmd_fds: list[int] = []
+        self._resources = SessionResources()
+        self._cmd_fds: list[int] = []           # one command pipe per worker (also in resources)
         self._main: MainChannel | None = None
         self._monitor: threading.Thread | None = None
         self._wake_r, self._wake_w = -1, -1
@@ -84,14 +82,14 @@ class Source:
         try:
             names = [f"send channel {i}" for i in range(cfg.total_channels)]
             self._workers = WorkerSet(send_worker_main, names)
-            self._counters = self._own(_core.Counters.create(cfg.total_channels))
-            self._ram_selector = self._own(_core.ChannelSelector.create(cfg.channels))
+            self._counters = self._resources.own(_core.Counters.create(cfg.total_channels))
+            self._ram_selector = self._resources.own(_core.ChannelSelector.create(cfg.channels))
             self._device_selector = self._ram_selector
             if cfg.device_state_channels:
-                self._device_selector = self._own(
+                self._device_selector = self._resources.own(
                     _core.ChannelSelector.create(cfg.device_state_channels))
             self._job_pages = cfg.packet_pages * cfg.job_packets
-            self._mailbox_shm = self._own(
+            self._mailbox_shm = self._resources.own(
                 SharedMemory.create(cfg.total_channels * self._job_pages * 8, tag="mailbox"))
             self._mailbox = np.frombuffer(self._mailbox_shm.buf, dtype=np.uint64).reshape(
                 cfg.total_channels, self._job_pages)
@@ -102,10 +100,6 @@ class Source:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-    def _own(self, resource):
-        self._owned.append(resource)
-        return resource
 
     def add_region(self, region: Region) -> None:
         """Migrate ``region`` (regions are sent in the order they are added)."""
@@ -127,29 +121,16 @@ class Source:
         """Stop the workers and free every resource (idempotent)."""
         if self._monitor is not None:
             self._stop_monitor()
-        for sock in self._sockets:
-            _shutdown_quietly(sock)
+        self._resources.shutdown_sockets()
         if self._workers is not None:
             self._workers.stop()
             self._workers = None
-        for sock in self._sockets:
-            sock.close()
-        self._sockets = []
         if self._main is not None:
             self._main.sock.close()
             self._main = None
-        for fd in self._cmd_fds + [self._wake_r, self._wake_w]:
-            if fd >= 0:
-                os.close(fd)
         self._cmd_fds = []
-        self._wake_r = self._wake_w = -1
-        self._mailbox = None
-        for resource in reversed(self._owned):
-            try:
-                resource.close()
-            except BufferError:
-                pass
-        self._owned = []
+        self._mailbox = None            # a view of a segment the resources close
+        self._resources.release()
 
     # ------------------------------------------------------------ migrate
     def migrate(self, *, live: bool = True, on_stop=None, on_resume=None,
@@ -213,13 +194,13 @@ class Source:
         self._pool = None
         if self._devices and cfg.channel_header:
             nslots = max(4, 2 * len(self._devices) + cfg.total_channels)
-            self._pool = self._own(_core.BufferPool.create(
+            self._pool = self._resources.own(_core.BufferPool.create(
                 nslots, cfg.device_chunk_size + _core.CHUNK_HEADER_SIZE, tag="source-pool"))
         session = self._worker_session()
         init = bytearray(_core.INIT_PACKET_SIZE)
         for ch, worker in enumerate(self._workers):
             data = connect(self.address, cfg.timeout)
-            self._sockets.append(data)
+            self._resources.sockets.append(data)
             tune_data_socket(data)
             hello = b""
             if cfg.channel_header:
@@ -230,12 +211,14 @@ class Source:
             send_all(data, hello + bytes(init), "handshake", f"channel {ch}")
             cmd_r, cmd_w = os.pipe()
             self._cmd_fds.append(cmd_w)
+            self._resources.fds.append(cmd_w)
             try:
                 worker.start_session(session | self._channel_session(ch), [data.fileno(), cmd_r])
             finally:
                 os.close(cmd_r)
         sock.settimeout(None)
-        self._wake_r, self._wake_w = os.pipe()
+        self._wake_r, self._wake_w = os.pipe()      # wakes the monitor thread to stop it
+        self._resources.fds += [self._wake_r, self._wake_w]
         self._monitor = threading.Thread(target=self._watch, name="fastmfd source monitor",
                                          daemon=True)
         self._monitor.start()
@@ -489,8 +472,7 @@ class Source:
             self._pool.abort()
         if self._main is not None and error.side != "destination":
             self._main.send_error(error)
-        for sock in self._sockets:
-            _shutdown_quietly(sock)
+        self._resources.shutdown_sockets()
         if self._main is not None:
             self._main.shutdown()
         if self._workers is not None:
@@ -516,9 +498,3 @@ class Source:
             compression=cfg.compression, channels=channels, round_stats=tuple(rounds),
             destination=self._loaded_report)
 
-
-def _shutdown_quietly(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass

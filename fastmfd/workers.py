@@ -237,71 +237,69 @@ def _close_all(stack: list) -> None:
             pass
 
 
-def send_worker_main(conn) -> None:
-    """A send worker: runs one channel's SendEngine for one session."""
+def _run_session(conn, body) -> None:
+    """A worker's life: report ready, take one session, run ``body(conn, session,
+    stack)``, close what it attached (``stack``), report an error and exit 1 on
+    failure. Told ``None`` instead of a session, it just exits."""
     worker_setup(conn)
     session = conn.recv()
     if session is None:
         return
     stack: list = []
+    failed = False
     try:
-        sock_fd = reduction.recv_handle(conn)
-        cmd_fd = reduction.recv_handle(conn)
-        regions, counters, pool = _attach_session(session, stack)
-        selector = _core.ChannelSelector.attach(session["selector"])
-        stack.append(selector)
-        mailbox = SharedMemory.attach(session["mailbox"])
-        stack.append(mailbox)
-        row = session["mailbox_row"]
-        row_bytes = session["job_pages"] * 8
-        box = mailbox.buf[row * row_bytes:(row + 1) * row_bytes]
-        codec = _core.make_codec(session["compression"], True, session["compression_level"])
-        engine = _core.SendEngine(sock_fd, session["channel"], session, codec, regions,
-                                  counters, selector, session["selector_index"], box, pool,
-                                  session["devices"])
-        engine.run(cmd_fd)
-        del engine, box
-        conn.send(("done", None))
+        body(conn, session, stack)
     except BaseException as exc:
         _report_failure(conn, exc)
         failed = True
-    else:
-        failed = False
     finally:
         _close_all(stack)
     if failed:
         sys.exit(1)
+
+
+def _send_session(conn, session: dict, stack: list) -> None:
+    sock_fd = reduction.recv_handle(conn)
+    cmd_fd = reduction.recv_handle(conn)
+    regions, counters, pool = _attach_session(session, stack)
+    selector = _core.ChannelSelector.attach(session["selector"])
+    stack.append(selector)
+    mailbox = SharedMemory.attach(session["mailbox"])
+    stack.append(mailbox)
+    row_bytes = session["job_pages"] * 8
+    box = mailbox.buf[session["mailbox_row"] * row_bytes:][:row_bytes]
+    codec = _core.make_codec(session["compression"], True, session["compression_level"])
+    engine = _core.SendEngine(sock_fd, session["channel"], session, codec, regions, counters,
+                              selector, session["selector_index"], box, pool,
+                              session["devices"])
+    engine.run(cmd_fd)
+    del engine, box         # views of the mailbox must go before it closes
+    conn.send(("done", None))
+
+
+def _recv_session(conn, session: dict, stack: list) -> None:
+    sock_fd = reduction.recv_handle(conn)
+    reassembly_fd = reduction.recv_handle(conn) if session.get("pool") else -1
+    regions, counters, pool = _attach_session(session, stack)
+    received = [_core.DirtyBitmap.attach(name) for name in session["received"]]
+    stack.extend(received)
+    codec = _core.make_codec(session["compression"], False)
+    engine = _core.RecvEngine(sock_fd, session["channel"], session, codec, regions, counters,
+                              received, session["fresh"], pool, session["devices"],
+                              reassembly_fd, session["ram"])
+    while engine.run() == _core.EVENT_SYNC_:
+        conn.send(("sync", engine.rounds))
+        if conn.recv() is None:
+            break
+    del engine
+    conn.send(("eof", None))
+
+
+def send_worker_main(conn) -> None:
+    """A send worker: runs one channel's SendEngine for one session."""
+    _run_session(conn, _send_session)
 
 
 def recv_worker_main(conn) -> None:
     """A receive worker: runs one channel's RecvEngine, holding at each SYNC."""
-    worker_setup(conn)
-    session = conn.recv()
-    if session is None:
-        return
-    stack: list = []
-    try:
-        sock_fd = reduction.recv_handle(conn)
-        reassembly_fd = reduction.recv_handle(conn) if session.get("pool") else -1
-        regions, counters, pool = _attach_session(session, stack)
-        received = [_core.DirtyBitmap.attach(name) for name in session["received"]]
-        stack.extend(received)
-        codec = _core.make_codec(session["compression"], False)
-        engine = _core.RecvEngine(sock_fd, session["channel"], session, codec, regions,
-                                  counters, received, session["fresh"], pool,
-                                  session["devices"], reassembly_fd, session["ram"])
-        while engine.run() == _core.EVENT_SYNC_:
-            conn.send(("sync", engine.rounds))
-            if conn.recv() is None:
-                break
-        del engine
-        conn.send(("eof", None))
-    except BaseException as exc:
-        _report_failure(conn, exc)
-        failed = True
-    else:
-        failed = False
-    finally:
-        _close_all(stack)
-    if failed:
-        sys.exit(1)
+    _run_session(conn, _recv_session)
