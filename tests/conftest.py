@@ -20,6 +20,7 @@ import pytest
 pytest.register_assert_rewrite("leakcheck")
 pytest_plugins = ["leakcheck"]
 
+from inspect_support import captures_dir  # noqa: E402
 from leakcheck import GRACE_SECONDS  # noqa: E402  (after the rewrite is registered)
 
 # Timings on a shared 2-core machine vary wildly: no per-example deadline.
@@ -78,17 +79,8 @@ def processes(mp_context):
 
 @pytest.fixture(scope="session")
 def qemu72_captures() -> Path:
-    """The real QEMU 7.2 captures shared by the project (read only).
-
-    ``FASTMFD_QEMU72_CAPTURES`` overrides; otherwise ``../shared/data/qemu-7.2``
-    next to the repository, then ``/work/shared/data/qemu-7.2``.
-    """
-    candidates = [Path(__file__).resolve().parents[2] / "shared/data/qemu-7.2",
-                  Path("/work/shared/data/qemu-7.2")]
-    if "FASTMFD_QEMU72_CAPTURES" in os.environ:
-        candidates.insert(0, Path(os.environ["FASTMFD_QEMU72_CAPTURES"]))
-    for path in candidates:
-        if (path / "pattern-none" / "conn1.bin").is_file():
-            return path
-    pytest.fail(f"QEMU 7.2 captures not found in any of {[str(p) for p in candidates]}; "
-                "set FASTMFD_QEMU72_CAPTURES")
+    """The real QEMU 7.2 captures shared by the project (read only)."""
+    try:
+        return captures_dir()
+    except FileNotFoundError as exc:
+        pytest.fail(str(exc))
