@@ -24,10 +24,6 @@ class ByteReader:
         self.size = len(data)
         self.pos = 0
 
-    @property
-    def remaining(self) -> int:
-        return self.size - self.pos
-
     def at_end(self) -> bool:
         return self.pos >= self.size
 

@@ -284,7 +284,6 @@ class Destination:
         nslots = pool_slots_for(len(devices), cap, cfg.device_chunk_size, cfg.total_channels)
         # Slots are touched only as chunks arrive, so the pool is not allocated up front.
         self._pool = self._resources.own(_core.BufferPool.create(nslots, slot_size, tag="dest-pool"))
-        self._cap = cap
         desc_r, self._desc_w = os.pipe()
         self._resources.fds.append(self._desc_w)
         loaders = [(device_key(idstr, inst), self._loaders.get((idstr, inst), CollectLoader()))
@@ -306,12 +305,10 @@ class Destination:
         self._round_end = 0
         self._released = 0
         self._complete: dict | None = None
-        self._loaded_devices: dict[int, float] = {}
         self._device_results: dict[int, object] = {}
         self._device_chunks: dict[int, int] = {}
         self._reassembly_drained = False
         self._load_seconds: dict[int, float] = {}
-        self._switchover_at = None
         self._old_way_chunks = self._old_way_bytes = 0
         reassembly = self._reassembly[0] if self.devices else None
         waiting = [self._listener, self._main.sock]
@@ -444,7 +441,7 @@ class Destination:
             self._round_end = n
             self._release_rounds()
         elif kind is Msg.SWITCHOVER_START:
-            self._switchover_at = time.monotonic()
+            pass    # loaders already start as chunks arrive: nothing waits for it
         elif kind is Msg.COMPLETE:
             self._complete = info
         elif kind is Msg.ERROR:

@@ -365,12 +365,13 @@ class _QevmDecoder:
         start = self.out.ram_bytes
         raw = r.raw
         # The JSON holds no NUL, so the marker is among the last few "00 06" pairs.
-        pos = raw.rfind(b"\x00\x06", start)
+        marker = bytes((VM_EOF, VMDESCRIPTION))
+        pos = raw.rfind(marker, start)
         while pos >= start:
             if int.from_bytes(raw[pos + 2:pos + 6], "big") == r.size - pos - 6:
                 self._vm_description(pos)
                 return
-            pos = raw.rfind(b"\x00\x06", start, pos + 1)
+            pos = raw.rfind(marker, start, pos + 1)
         raise r.error("main channel does not end with QEMU_VM_EOF and the VM description "
                       "(truncated?)", field="QEMU_VM_EOF", received="no end marker",
                       expected="00 06 <length> <json> at the end", at=r.size)

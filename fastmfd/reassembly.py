@@ -194,7 +194,10 @@ class _Reassembler:
             self._read_descriptors(block=False)
             for stream in self.devices:
                 if stream.index not in self.results:
-                    self._guard(stream, stream.check_drained)
+                    try:
+                        stream.check_drained()
+                    except ValueError as exc:
+                        raise MigrationError(str(exc), device=stream.name) from None
             self.reports.send(("drained",))
 
     def _on_chunk(self, device, idx, flags, slot, length, channel) -> None:
@@ -204,15 +207,9 @@ class _Reassembler:
         stream = self.devices[device]
         try:
             stream.add(idx, flags, slot, length)
-        except ValueError:
-            self.pool.release(slot)
-            self._guard(stream, _reraise, sys.exc_info()[1], idx, channel)
-
-    def _guard(self, stream: _DeviceStream, func, *args) -> None:
-        try:
-            func(*args)
         except ValueError as exc:
-            raise MigrationError(str(exc), device=stream.name) from None
+            self.pool.release(slot)
+            raise MigrationError(f"{exc} (from channel {channel})", device=stream.name) from None
 
     def _load(self, stream: _DeviceStream) -> None:
         started = None
@@ -250,10 +247,6 @@ class _Reassembler:
             for slot, _, _ in stream.pending.values():
                 self.pool.release(slot)
         self.pool.close()
-
-
-def _reraise(exc: BaseException, idx: int, channel: int) -> None:
-    raise ValueError(f"{exc} (from channel {channel})")
 
 
 def reassembly_main(conn) -> None:
