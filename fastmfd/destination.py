@@ -396,11 +396,8 @@ class Destination:
                 return
 
     def _on_worker_message(self, ch: int, worker) -> bool:
-        try:
-            if not worker.conn.poll():
-                return False
-            message = worker.conn.recv()
-        except (EOFError, OSError):
+        message = worker.next_report()
+        if message is None:
             return False
         kind = message[0]
         if kind == "error":
@@ -485,13 +482,7 @@ class Destination:
 
     def _on_reassembly(self, reassembly) -> bool:
         got = False
-        while True:
-            try:
-                if not reassembly.conn.poll():
-                    break
-                message = reassembly.conn.recv()
-            except (EOFError, OSError):
-                break
+        while (message := reassembly.next_report()) is not None:
             got = True
             if message[0] == "error":
                 raise reassembly.error_from(message)

@@ -419,11 +419,8 @@ class Source:
 
     def _on_worker_message(self, worker) -> bool:
         """Handle one report; False once the connection has nothing more to say."""
-        try:
-            if not worker.conn.poll():
-                return False
-            message = worker.conn.recv()
-        except (EOFError, OSError):
+        message = worker.next_report()
+        if message is None:
             return False
         if message[0] == "error":
             self._failure.fail(worker.error_from(message))

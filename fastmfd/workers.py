@@ -86,6 +86,13 @@ class Worker:
     def sentinel(self) -> int:
         return self.process.sentinel
 
+    def next_report(self) -> tuple | None:
+        """The worker's next report if one is waiting, else None (also once it is gone)."""
+        try:
+            return self.conn.recv() if self.conn.poll() else None
+        except (EOFError, OSError):
+            return None
+
     def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
         """Wait for the worker's "ready": started, imported, waiting for a session.
 
