@@ -1,6 +1,6 @@
 """Helpers of the migration benchmarks (test_migrate_*.py, test_downtime.py).
 
-A transfer is timed as :mod:`fastmfd.bench` defines a trial — the same code
+A transfer is timed as :mod:`fastmfd.tools.bench` defines a trial — the same code
 ``fastmfd bench`` runs — through ``benchmark.pedantic``::
 
     setup:    trial = make_trial()       workers started, connections ready (not timed)
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fastmfd.bench import Measurement
+from fastmfd.tools.bench import Measurement
 
 GIB = 1 << 30
 

@@ -23,8 +23,8 @@ import os
 import pytest
 
 from _migration import RECORDS
-from fastmfd.cli import parse_size
-from fastmfd.images import Image
+from fastmfd.tools.cli import parse_size
+from fastmfd.tools.images import Image
 
 CI_SIZE = 16 << 20
 FULL_SIZE = 1 << 30
@@ -89,7 +89,7 @@ def qemu_binary(request) -> str:
     """The QEMU to compare with; skips unless --qemu is given and QEMU is installed."""
     if not request.config.getoption("--qemu"):
         pytest.skip("the QEMU peer runs with --qemu")
-    from fastmfd.bench_peers import find_qemu
+    from fastmfd.tools.bench.peers import find_qemu
     from fastmfd.errors import ConfigError
     try:
         return find_qemu()

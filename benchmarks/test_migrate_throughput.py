@@ -5,7 +5,7 @@ channel count take to move the image, and how does that compare with a real
 QEMU 7.2 multifd migration of the same bytes (``--qemu``) and, in the
 ``none`` groups, with one plain socket (``sendall``)?
 
-Images (:mod:`fastmfd.images`): ``random`` (incompressible) and ``halftext``
+Images (:mod:`fastmfd.tools.images`): ``random`` (incompressible) and ``halftext``
 (issue #3's "mixed": half zero pages, half English-like text), 1 GiB (16 MiB
 when CI=true; ``--migrate-size``).
 Every run, timed or not, checks that the destination holds the image.
@@ -19,7 +19,7 @@ from __future__ import annotations
 import pytest
 
 from _migration import report, time_trials
-from fastmfd.bench import Setting, make_trial
+from fastmfd.tools.bench import Setting, make_trial
 
 IMAGES = ("random", "halftext")
 COMPRESSIONS = ("none", "zlib", "zstd")

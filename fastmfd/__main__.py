@@ -1,6 +1,6 @@
 import sys
 
-from .cli import main
+from .tools.cli import main
 
 # Worker processes re-import the main module under another name: only run
 # the command when this module really is the program.

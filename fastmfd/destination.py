@@ -32,18 +32,18 @@ from dataclasses import dataclass, field
 from multiprocessing import connection
 
 from . import _core
-from .channels import (MAIN, ChannelHello, bound_address, expect_message, listen, parse_address,
+from .protocol.channels import (MAIN, ChannelHello, bound_address, expect_message, listen, parse_address,
                        read_hello, read_message, recv_exact, tune_data_socket,
                        tune_main_socket)
 from .config import MigrationConfig
 from .devices import CollectLoader, OLD_WAY_PREFIX, device_key
 from .errors import ConfigError, FastMFDError, MigrationError, ProtocolError
-from .reassembly import pool_slots_for, reassembly_main
+from ._engine.reassembly import pool_slots_for, reassembly_main
 from .regions import Region, validate_region_name
-from .session import MainChannel, SessionFailure, SessionResources, call_hook, main_first
+from ._engine.session import MainChannel, SessionFailure, SessionResources, call_hook, main_first
 from .stats import ChannelStats, ReceiveStats
-from .wire import MAIN_VERSION, Msg, decode_control
-from .workers import WorkerSet, recv_worker_main
+from .protocol.main_channel import MAIN_VERSION, Msg, decode_control
+from ._engine.workers import WorkerSet, recv_worker_main
 
 __all__ = ["Destination", "DestinationResult"]
 

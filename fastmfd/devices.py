@@ -25,7 +25,7 @@ import time
 
 from . import _core
 from .errors import Aborted, ConfigError, MigrationError
-from .wire import Msg
+from .protocol.main_channel import Msg
 
 __all__ = ["BytesDevice", "FileDevice", "SyntheticDevice", "CollectLoader", "FileLoader",
            "VerifyLoader", "DeviceSaver", "save_old_way", "device_key"]

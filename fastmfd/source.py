@@ -30,18 +30,18 @@ from multiprocessing import connection
 import numpy as np
 
 from . import _core
-from .channels import MAIN, connect, expect_message, parse_address, read_message, send_all, \
+from .protocol.channels import MAIN, connect, expect_message, parse_address, read_message, send_all, \
     tune_data_socket, tune_main_socket
 from .config import MigrationConfig
 from .devices import DeviceSaver, save_old_way
 from .errors import ConfigError, MigrationError, ProtocolError
-from .progress import RoundProgress
+from ._engine.progress import RoundProgress
 from .regions import Region
-from .session import MainChannel, SessionFailure, SessionResources, call_hook, main_first
+from ._engine.session import MainChannel, SessionFailure, SessionResources, call_hook, main_first
 from .shm import SharedMemory
 from .stats import ChannelStats, MigrationStats, RoundStats
-from .wire import Msg, decode_control, encode_preamble
-from .workers import WorkerSet, send_worker_main
+from .protocol.main_channel import Msg, decode_control, encode_preamble
+from ._engine.workers import WorkerSet, send_worker_main
 
 __all__ = ["Source"]
 

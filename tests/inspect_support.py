@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from fastmfd import _core
-from fastmfd.wire import Msg, encode_message, encode_preamble
+from fastmfd.protocol.main_channel import Msg, encode_message, encode_preamble
 
 QEMU_UUID = bytes.fromhex("123456789abcdef01122334455667788")   # the captures' -uuid
 

@@ -37,7 +37,7 @@ import numpy as np
 
 import fastmfd
 from fastmfd import _core
-from fastmfd.wire import MAIN_MAGIC
+from fastmfd.protocol.main_channel import MAIN_MAGIC
 
 PAGE = 4096
 FAILURE_BOUND = 5.0         # seconds: both sides must fail within this after a fault
@@ -714,7 +714,7 @@ class FakeSource:
 
     def open_main(self) -> tuple:
         """Send the main channel's start and SETUP; returns the reply (type, dict)."""
-        from fastmfd.wire import Msg, encode_message, encode_preamble
+        from fastmfd.protocol.main_channel import Msg, encode_message, encode_preamble
         header = bytearray(_core.CHANNEL_HEADER_SIZE)
         _core.encode_channel_header(header, _core.CHANNEL_MAIN)
         start = (bytes(header) if self.channel_header else b"") + encode_preamble()
@@ -723,8 +723,8 @@ class FakeSource:
 
     def reply(self) -> tuple:
         """The next message on the main channel: (Msg, decoded dict)."""
-        from fastmfd.channels import read_message
-        from fastmfd.wire import decode_control
+        from fastmfd.protocol.channels import read_message
+        from fastmfd.protocol.main_channel import decode_control
         kind, body = read_message(self.main, 0)
         return kind, decode_control(kind, body)
 

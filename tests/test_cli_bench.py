@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from leakcheck import leaks  # noqa: F401
 
-from fastmfd import images
-from fastmfd.cli import main
+from fastmfd.tools import images
+from fastmfd.tools.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 

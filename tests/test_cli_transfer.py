@@ -9,8 +9,8 @@ import threading
 
 import pytest
 
-from fastmfd.cli import main, parse_size
-from fastmfd.transfer import ImageSpec, StateSpec, listen_once, output_name
+from fastmfd.tools.cli import main, parse_size
+from fastmfd.tools.transfer import ImageSpec, StateSpec, listen_once, output_name
 
 PAGE = 4096
 

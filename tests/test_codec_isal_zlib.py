@@ -8,7 +8,7 @@ import pytest
 
 from fastmfd import _core
 from fastmfd.errors import ProtocolError
-from fastmfd.images import english_like_text
+from fastmfd.tools.images import english_like_text
 
 isal_zlib = pytest.importorskip("isal.isal_zlib")
 

@@ -23,8 +23,8 @@ import pytest
 
 import fastmfd
 from fastmfd import _core
-from fastmfd.wire import Msg
-from fastmfd.workers import RemoteTraceback
+from fastmfd.protocol.main_channel import Msg
+from fastmfd._engine.workers import RemoteTraceback
 from migration_support import (AtMessage, Corrupt, Migration, Outcome, Proxy, Reset, Trigger,
                                Truncate, make_region)
 

@@ -19,7 +19,7 @@ import pytest
 
 import fastmfd
 from fastmfd import _core
-from fastmfd.wire import Msg, encode_preamble
+from fastmfd.protocol.main_channel import Msg, encode_preamble
 from migration_support import FakeSource, hello, make_region, ram_packet, setup_message
 
 CONFIG = fastmfd.MigrationConfig(channels=2, packet_pages=16)

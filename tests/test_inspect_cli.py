@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from fastmfd.cli import main
-from fastmfd.inspect import read_capture
+from fastmfd.tools.cli import main
+from fastmfd.tools.inspect import read_capture
 from inspect_support import PACKET_PAGES, ROUND_ENDS, capture_files, two_rounds, write_files
 
 REPO = Path(__file__).resolve().parents[1]

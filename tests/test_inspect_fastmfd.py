@@ -14,8 +14,8 @@ import pytest
 
 from fastmfd import _core
 from fastmfd.errors import ConfigError, ProtocolError
-from fastmfd.inspect import read_capture
-from fastmfd.wire import Msg
+from fastmfd.tools.inspect import read_capture
+from fastmfd.protocol.main_channel import Msg
 from inspect_support import (
     PACKET_PAGES, PAGE, REGIONS, ROUND_ENDS, SESSION_UUID, ChannelWriter, Session,
     device_message, main_channel, setup_message, two_rounds, write_files,

@@ -8,8 +8,8 @@ import time
 
 import fastmfd
 from fastmfd import _core
-from fastmfd.reassembly import reassembly_main
-from fastmfd.workers import WorkerSet
+from fastmfd._engine.reassembly import reassembly_main
+from fastmfd._engine.workers import WorkerSet
 from device_support import BigResultLoader
 
 CHUNK = 4096

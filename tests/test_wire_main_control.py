@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fastmfd.errors import ProtocolError
-from fastmfd.wire import Msg, decode_control
+from fastmfd.protocol.main_channel import Msg, decode_control
 
 
 def test_a_json_object_is_returned():

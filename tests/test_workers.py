@@ -6,9 +6,9 @@ import socket
 
 import pytest
 
-from fastmfd.channels import tune_main_socket
+from fastmfd.protocol.channels import tune_main_socket
 from fastmfd.errors import MigrationError
-from fastmfd.workers import WorkerSet, recv_worker_main, worker_setup
+from fastmfd._engine.workers import WorkerSet, recv_worker_main, worker_setup
 
 
 def test_stop_lets_every_idle_worker_exit_by_itself():

@@ -9,7 +9,7 @@ the file's bytes: nothing is copied.
 
 from __future__ import annotations
 
-from .errors import ProtocolError
+from ..errors import ProtocolError
 
 __all__ = ["ByteReader"]
 

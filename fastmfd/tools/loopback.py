@@ -19,11 +19,11 @@ import threading
 from dataclasses import dataclass
 from typing import Callable
 
-from .config import MigrationConfig
-from .destination import Destination, DestinationResult
-from .errors import MigrationError
-from .source import Source
-from .stats import MigrationStats, ReceiveStats
+from ..config import MigrationConfig
+from ..destination import Destination, DestinationResult
+from ..errors import MigrationError
+from ..source import Source
+from ..stats import MigrationStats, ReceiveStats
 
 __all__ = ["LoopbackResult", "LoopbackMigration", "migrate_locally"]
 

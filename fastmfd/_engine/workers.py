@@ -31,13 +31,13 @@ import time
 import traceback
 from multiprocessing import connection, reduction
 
-from . import _core
-from .errors import MigrationError
-from .shm import SharedMemory
+from .. import _core
+from ..errors import MigrationError
+from ..shm import SharedMemory
 
 __all__ = ["WorkerSet", "Worker", "RemoteTraceback", "mp_context"]
 
-_PRELOAD = ["fastmfd.workers"]
+_PRELOAD = ["fastmfd._engine.workers"]
 READY_TIMEOUT = 30.0        # seconds a worker may take to start
 
 
@@ -223,7 +223,7 @@ def _report_failure(conn, exc: BaseException) -> None:
 
 def _attach_session(session: dict, stack: list) -> tuple[list, "_core.Counters", object]:
     """Map the session's regions, counters and pool; remember them for closing."""
-    from .regions import Region
+    from ..regions import Region
     regions = [Region.attach(h, populate=session.get("populate", False))
                for h in session["regions"]]
     stack.extend(regions)

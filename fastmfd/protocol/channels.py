@@ -20,9 +20,9 @@ import struct
 import time
 from dataclasses import dataclass
 
-from . import _core
-from .errors import ConfigError, MigrationError, ProtocolError
-from .wire import MAIN_MAGIC, MESSAGE_HEADER_SIZE, Msg, decode_control, decode_message_header
+from .. import _core
+from ..errors import ConfigError, MigrationError, ProtocolError
+from .main_channel import MAIN_MAGIC, MESSAGE_HEADER_SIZE, Msg, decode_control, decode_message_header
 
 __all__ = ["MAIN", "Address", "parse_address", "listen", "connect", "recv_exact", "send_all",
            "ChannelHello", "read_hello", "tune_data_socket", "tune_main_socket"]

@@ -49,11 +49,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import _core
-from .bytereader import ByteReader
-from .errors import ConfigError, ProtocolError
-from .qemu_main import QEVM_MAGIC, QemuMainChannel, decode_qemu_main
-from .wire import (
+from ... import _core
+from ...protocol.bytereader import ByteReader
+from ...errors import ConfigError, ProtocolError
+from ...protocol.qemu import QEVM_MAGIC, QemuMainChannel, decode_qemu_main
+from ...protocol.main_channel import (
     MAIN_MAGIC, MESSAGE_HEADER_SIZE, Msg, check_preamble, decode_control,
     decode_message_header,
 )

@@ -29,9 +29,9 @@ import tempfile
 
 import numpy as np
 
-from . import _core
-from .errors import ConfigError
-from .regions import Region
+from .. import _core
+from ..errors import ConfigError
+from ..regions import Region
 
 __all__ = ["IMAGE_KINDS", "Image", "fill_image", "english_like_text", "scratch_dir",
            "scratch_parent"]

@@ -25,13 +25,13 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from .config import MigrationConfig
-from .devices import SyntheticDevice, VerifyLoader
+from ..config import MigrationConfig
+from ..devices import SyntheticDevice, VerifyLoader
 from .images import fill_image
 from .loopback import migrate_locally
-from .regions import Region
+from ..regions import Region
 from .report import stats_table
-from .workers import mp_context
+from .._engine.workers import mp_context
 
 __all__ = ["run_demo", "live_migration", "seed_experiment", "WayResult"]
 

@@ -31,12 +31,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from .cli import parse_size
-from .config import COMPRESSION_METHODS, MigrationConfig
-from .errors import ConfigError, MigrationError
-from .images import IMAGE_KINDS, Image
-from .loopback import LoopbackMigration
-from .regions import Region
+from ..cli import parse_size
+from ...config import COMPRESSION_METHODS, MigrationConfig
+from ...errors import ConfigError, MigrationError
+from ..images import IMAGE_KINDS, Image
+from ..loopback import LoopbackMigration
+from ...regions import Region
 
 __all__ = ["Setting", "Measurement", "Result", "FastmfdTrial", "make_trial", "run_once",
            "run_matrix", "wait_until_idle", "format_size", "render", "add_arguments",
@@ -224,11 +224,11 @@ def make_trial(setting: Setting, image: Image, *, qemu_binary: str | None = None
     """
     if setting.method == "fastmfd":
         return FastmfdTrial(image, setting.config(), prealloc=prealloc)
-    from . import bench_peers
+    from . import peers
     if setting.method == "sendall":
-        return bench_peers.SendallTrial(image, prealloc=prealloc)
+        return peers.SendallTrial(image, prealloc=prealloc)
     if setting.method == "qemu":
-        return bench_peers.QemuTrial(image, setting.channels, setting.compression,
+        return peers.QemuTrial(image, setting.channels, setting.compression,
                                      setting.level, binary=qemu_binary, prealloc=prealloc)
     raise ConfigError(f"unknown method {setting.method!r}; choose one of {METHODS}")
 
@@ -422,7 +422,7 @@ def cli_main(args: argparse.Namespace) -> int:
     log = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
     settings = settings_from_args(args)
     if "qemu" in args.peer:
-        from .bench_peers import find_qemu
+        from .peers import find_qemu
         args.qemu_binary = find_qemu(args.qemu_binary)
     images: list[Image] = []
     try:

@@ -17,8 +17,8 @@ import enum
 import json
 import struct
 
-from . import _core
-from .errors import ProtocolError
+from .. import _core
+from ..errors import ProtocolError
 
 __all__ = [
     "MAIN_MAGIC", "MAIN_VERSION", "MAIN_PREAMBLE", "Msg", "MAX_CONTROL_PAYLOAD",

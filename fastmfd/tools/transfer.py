@@ -14,13 +14,13 @@ import os
 import re
 from dataclasses import dataclass
 
-from .config import MigrationConfig
-from .destination import Destination, DestinationResult
-from .devices import FileDevice
-from .errors import ConfigError
-from .regions import Region
-from .source import Source
-from .stats import MigrationStats
+from ..config import MigrationConfig
+from ..destination import Destination, DestinationResult
+from ..devices import FileDevice
+from ..errors import ConfigError
+from ..regions import Region
+from ..source import Source
+from ..stats import MigrationStats
 
 __all__ = ["ImageSpec", "StateSpec", "send_images", "listen_once", "output_name"]
 

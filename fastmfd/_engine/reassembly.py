@@ -35,8 +35,8 @@ import time
 import traceback
 from multiprocessing import connection, reduction
 
-from . import _core
-from .errors import MigrationError
+from .. import _core
+from ..errors import MigrationError
 from .workers import worker_setup
 
 __all__ = ["reassembly_main", "pool_slots_for"]

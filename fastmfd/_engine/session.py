@@ -16,9 +16,9 @@ import socket
 import threading
 from typing import Callable
 
-from .channels import MAIN, send_all
-from .errors import Aborted, FastMFDError, MigrationError
-from .wire import MESSAGE_HEADER, Msg, encode_message
+from ..protocol.channels import MAIN, send_all
+from ..errors import Aborted, FastMFDError, MigrationError
+from ..protocol.main_channel import MESSAGE_HEADER, Msg, encode_message
 
 __all__ = ["SessionFailure", "MainChannel", "call_hook", "main_first"]
 

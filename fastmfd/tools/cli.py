@@ -12,7 +12,7 @@ import os
 import re
 import sys
 
-from .errors import FastMFDError
+from ..errors import FastMFDError
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
 
@@ -36,7 +36,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _config(args: argparse.Namespace):
-    from .config import MigrationConfig
+    from ..config import MigrationConfig
     return MigrationConfig(channels=args.channels, compression=args.compression,
                            compression_level=args.level,
                            zero_page_detection=not args.no_zero_detection,

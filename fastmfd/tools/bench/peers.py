@@ -34,10 +34,10 @@ import subprocess
 import time
 from multiprocessing import connection
 
-from .bench import Measurement, wait_until_idle
-from .errors import ConfigError, MigrationError
-from .images import Image
-from .workers import mp_context, worker_setup
+from ..bench import Measurement, wait_until_idle
+from ...errors import ConfigError, MigrationError
+from ..images import Image
+from ..._engine.workers import mp_context, worker_setup
 
 __all__ = ["SendallTrial", "QemuTrial", "find_qemu", "QMP"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from .stats import MigrationStats
+from ..stats import MigrationStats
 
 __all__ = ["stats_table", "format_bytes"]
 
