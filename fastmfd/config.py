@@ -13,13 +13,12 @@ import ssl
 from dataclasses import dataclass
 
 from .errors import ConfigError
+from .protocol.setup import COMPRESSION_LEVELS, COMPRESSION_METHODS, Invalid, check_session
 
 __all__ = ["MigrationConfig", "COMPRESSION_METHODS", "COMPRESSION_LEVELS"]
 
-COMPRESSION_METHODS = ("none", "zlib", "zstd")
-# Accepted levels, as QEMU's multifd-zlib-level and multifd-zstd-level.
-COMPRESSION_LEVELS = {"none": range(0, 1 << 31), "zlib": range(0, 10), "zstd": range(1, 21)}
-MAX_CHANNELS = 255          # the init packet's channel id is a u8
+# SETUP's names for the config fields that differ (in errors, the config's own name).
+_CONFIG_NAMES = {"chunk_size": "device_chunk_size"}
 
 
 @dataclass(frozen=True)
@@ -66,46 +65,33 @@ class MigrationConfig:
             if not ok:
                 raise ConfigError(message)
 
-        for name in ("channels", "device_state_channels", "compression_level", "packet_pages",
-                     "page_size", "max_rounds", "max_queued_bytes", "device_chunk_size",
-                     "job_packets"):
+        for name in ("max_rounds", "job_packets"):
             value = getattr(self, name)
             need(isinstance(value, int) and not isinstance(value, bool),
                  f"{name} must be an integer, not {value!r}")
-        need(1 <= self.channels, f"channels must be at least 1, not {self.channels}")
-        need(0 <= self.device_state_channels,
-             f"device_state_channels must be >= 0, not {self.device_state_channels}")
-        need(self.channels + self.device_state_channels <= MAX_CHANNELS,
-             f"at most {MAX_CHANNELS} channels in all (the init packet's id is one byte)")
-        need(self.compression in COMPRESSION_METHODS,
-             f"unknown compression {self.compression!r}; choose one of {COMPRESSION_METHODS}")
-        levels = COMPRESSION_LEVELS[self.compression]
-        need(self.compression == "none" or self.compression_level in levels,
-             f"{self.compression} level must be in {levels.start}..{levels.stop - 1}, "
-             f"not {self.compression_level}")
-        need(self.page_size >= 512 and self.page_size & (self.page_size - 1) == 0
-             and self.page_size <= 1 << 21,
-             f"page_size must be a power of two in 512..2 MiB, not {self.page_size}")
-        need(1 <= self.packet_pages <= 65536,
-             f"packet_pages must be in 1..65536, not {self.packet_pages}")
-        need(self.packet_pages * self.page_size <= 1 << 27,
-             "a packet may carry at most 128 MiB (packet_pages * page_size)")
+        try:
+            check_session(self.session_values())
+        except Invalid as exc:
+            name = _CONFIG_NAMES.get(exc.field, exc.field)
+            raise ConfigError(f"{name} must be {exc.expected}, not {exc.value!r}") from None
         need(1 <= self.job_packets <= 64, f"job_packets must be in 1..64, not {self.job_packets}")
         need(self.downtime_limit > 0, f"downtime_limit must be > 0, not {self.downtime_limit}")
         need(self.max_rounds >= 1, f"max_rounds must be >= 1, not {self.max_rounds}")
         need(self.max_bandwidth is None or self.max_bandwidth > 0,
              f"max_bandwidth must be positive or None, not {self.max_bandwidth}")
-        need(self.max_queued_bytes >= self.device_chunk_size,
-             "max_queued_bytes must hold at least one device chunk")
-        need(4096 <= self.device_chunk_size <= 64 << 20,
-             f"device_chunk_size must be in 4 KiB..64 MiB, not {self.device_chunk_size}")
         need(self.timeout > 0, f"timeout must be > 0, not {self.timeout}")
-        need(self.channel_header or self.device_state_channels == 0,
-             "dedicated device_state_channels need channel headers (channel_header=True): "
-             "the old way sends device state on the main channel")
         need(self.tls is None or isinstance(self.tls, ssl.SSLContext),
              "tls must be an ssl.SSLContext or None")
         need(self.tls is None, "TLS is not supported by this version of fastmfd")
+
+    def session_values(self) -> dict:
+        """The parameters SETUP carries, by SETUP's names."""
+        return {"page_size": self.page_size, "packet_pages": self.packet_pages,
+                "compression": self.compression, "compression_level": self.compression_level,
+                "zero_page_detection": self.zero_page_detection, "channels": self.channels,
+                "device_state_channels": self.device_state_channels,
+                "channel_header": self.channel_header, "checksum": self.checksum,
+                "chunk_size": self.device_chunk_size, "max_queued_bytes": self.max_queued_bytes}
 
     @property
     def total_channels(self) -> int:

@@ -17,25 +17,23 @@ from __future__ import annotations
 
 import mmap
 import os
-from dataclasses import dataclass
 
 import numpy as np
 
 from ._core import DirtyBitmap
 from .errors import ConfigError
+from .protocol.control import RegionHandle
+from .protocol.setup import Invalid, check_name
 from .shm import SharedMemory
 
 __all__ = ["Region", "RegionHandle", "validate_region_name"]
 
-MAX_NAME_BYTES = 255
-
 
 def validate_region_name(name: str) -> str:
-    raw = name.encode() if isinstance(name, str) else None
-    if raw is None or not raw or len(raw) > MAX_NAME_BYTES or b"\0" in raw:
-        raise ConfigError(f"region name {name!r} must be 1..{MAX_NAME_BYTES} UTF-8 bytes "
-                          "without NUL")
-    return name
+    try:
+        return check_name(name, "region name")
+    except Invalid as exc:
+        raise ConfigError(f"region name {name!r} must be {exc.expected}") from None
 
 
 def _validate_size(name: str, size: int, page_size: int) -> None:
@@ -44,17 +42,6 @@ def _validate_size(name: str, size: int, page_size: int) -> None:
     if size <= 0 or size % page_size:
         raise ConfigError(f"region {name!r}: size {size} is not a positive multiple of the "
                           f"page size {page_size}")
-
-
-@dataclass(frozen=True)
-class RegionHandle:
-    """What another process needs to attach to a region (small and picklable)."""
-    name: str
-    size: int
-    page_size: int
-    kind: str           # "shm" or "file"
-    location: str       # segment name or file path
-    dirty: str          # dirty bitmap segment name
 
 
 class Region:
@@ -123,18 +110,17 @@ class Region:
                    owner=True)
 
     @classmethod
-    def attach(cls, handle: RegionHandle, *, populate: bool = False) -> "Region":
-        """Map a region another process created. ``populate`` pre-faults every page."""
-        flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if populate else 0)
+    def attach(cls, handle: RegionHandle) -> "Region":
+        """Map a region another process created."""
         if handle.kind == "shm":
-            mapping = SharedMemory.attach(handle.location, handle.size, populate=populate)
+            mapping = SharedMemory.attach(handle.location, handle.size)
         else:
             fd = os.open(handle.location, os.O_RDWR | os.O_CLOEXEC)
             try:
                 if os.fstat(fd).st_size < handle.size:
                     raise ConfigError(f"region file {handle.location} shrank below "
                                       f"{handle.size} bytes")
-                mapping = mmap.mmap(fd, handle.size, flags=flags)
+                mapping = mmap.mmap(fd, handle.size)
             finally:
                 os.close(fd)
         try:

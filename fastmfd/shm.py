@@ -103,13 +103,8 @@ class SharedMemory:
         return cls(name, size, mapping, owner=True)
 
     @classmethod
-    def attach(cls, name: str, size: int | None = None, *,
-               populate: bool = False) -> "SharedMemory":
-        """Map an existing segment. Attachers close; they never unlink.
-
-        ``populate`` maps every page at once (``MAP_POPULATE``), which is far
-        cheaper than taking one page fault per page later.
-        """
+    def attach(cls, name: str, size: int | None = None) -> "SharedMemory":
+        """Map an existing segment. Attachers close; they never unlink."""
         if not name.startswith(SEGMENT_PREFIX) or "/" in name:
             raise ConfigError(f"{name!r} is not a fastmfd segment name")
         try:
@@ -122,8 +117,7 @@ class SharedMemory:
                 raise ConfigError(f"segment {name!r} has {actual} bytes, expected {size}")
             if actual == 0:
                 raise ConfigError(f"segment {name!r} is empty")
-            flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if populate else 0)
-            mapping = mmap.mmap(fd, actual, flags=flags)
+            mapping = mmap.mmap(fd, actual)
         finally:
             os.close(fd)
         return cls(name, actual, mapping, owner=False)

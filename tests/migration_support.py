@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 
 import fastmfd
+from fastmfd.protocol.setup import DeviceSpec, RegionSpec, Setup
 from fastmfd import _core
 from fastmfd.protocol.main_channel import MAIN_MAGIC
 
@@ -661,16 +662,9 @@ def keep_writing(handle, stop, running, seed: int, block: int = 16) -> None:
 def setup_message(config: fastmfd.MigrationConfig, uuid: bytes, regions: dict[str, int],
                   devices: list[tuple[str, int]] = ()) -> dict:
     """The SETUP a real Source would send for ``config``."""
-    return {"uuid": uuid.hex(), "page_size": config.page_size,
-            "packet_pages": config.packet_pages, "compression": config.compression,
-            "compression_level": config.compression_level,
-            "zero_page_detection": config.zero_page_detection, "channels": config.channels,
-            "device_state_channels": config.device_state_channels,
-            "channel_header": config.channel_header, "checksum": config.checksum,
-            "chunk_size": config.device_chunk_size,
-            "max_queued_bytes": config.max_queued_bytes,
-            "regions": [{"name": n, "size": s} for n, s in regions.items()],
-            "devices": [{"idstr": i, "instance_id": n} for i, n in devices]}
+    return Setup(uuid=uuid, **config.session_values(),
+                 regions=tuple(RegionSpec(n, s) for n, s in regions.items()),
+                 devices=tuple(DeviceSpec(i, n) for i, n in devices)).encode()
 
 
 def hello(channel_id: int, uuid: bytes, *, channel_type=_core.CHANNEL_MULTIFD,
@@ -723,7 +717,7 @@ class FakeSource:
 
     def reply(self) -> tuple:
         """The next message on the main channel: (Msg, decoded dict)."""
-        from fastmfd.protocol.channels import read_message
+        from fastmfd.protocol.main_channel import read_message
         from fastmfd.protocol.main_channel import decode_control
         kind, body = read_message(self.main, 0)
         return kind, decode_control(kind, body)

@@ -24,7 +24,7 @@ import pytest
 import fastmfd
 from fastmfd import _core
 from fastmfd.protocol.main_channel import Msg
-from fastmfd._engine.workers import RemoteTraceback
+from fastmfd._engine.processes import RemoteTraceback
 from migration_support import (AtMessage, Corrupt, Migration, Outcome, Proxy, Reset, Trigger,
                                Truncate, make_region)
 

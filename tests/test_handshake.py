@@ -138,13 +138,53 @@ def test_garbage_instead_of_the_main_channel_is_refused():
             source.close()
 
 
-def test_unknown_compression_in_setup_is_refused():
+# Each SETUP field out of its range (or of the wrong type), and the field the
+# error must name. The destination has allocated nothing for the session yet.
+BAD_SETUPS = {
+    "unknown compression": ({"compression": "lz4"}, "compression"),
+    "page size not a power of two": ({"page_size": 5000}, "page_size"),
+    "page size too large": ({"page_size": 1 << 22}, "page_size"),
+    "no pages per packet": ({"packet_pages": 0}, "packet_pages"),
+    "packet over 128 MiB": ({"packet_pages": 65536, "page_size": 1 << 12 << 4}, "packet_pages"),
+    "zstd level 99": ({"compression": "zstd", "compression_level": 99}, "compression_level"),
+    "no channels": ({"channels": 0}, "channels"),
+    "256 channels": ({"channels": 200, "device_state_channels": 56}, "device_state_channels"),
+    "channels not an integer": ({"channels": "2"}, "channels"),
+    "checksum not a boolean": ({"checksum": 1}, "checksum"),
+    "chunk of 1 GiB": ({"chunk_size": 1 << 30}, "chunk_size"),
+    "queue below a chunk": ({"max_queued_bytes": 4096}, "max_queued_bytes"),
+    "uuid of 8 bytes": ({"uuid": "00" * 8}, "uuid"),
+    "region of 2**63 bytes": ({"regions": [{"name": "ram", "size": 2 ** 63}]}, "regions[0].size"),
+    "region size not a page multiple": ({"regions": [{"name": "ram", "size": 4097}]},
+                                        "regions[0].size"),
+    "region name with NUL": ({"regions": [{"name": "r\0", "size": SIZE}]}, "regions[0].name"),
+    "region name of 256 bytes": ({"regions": [{"name": "r" * 256, "size": SIZE}]},
+                                 "regions[0].name"),
+    "a region twice": ({"regions": [{"name": "ram", "size": SIZE}] * 2}, "regions"),
+    "5000 regions": ({"regions": [{"name": f"r{i}", "size": 4096} for i in range(5000)]},
+                     "regions"),
+    "device instance of 2**32": ({"devices": [{"idstr": "d", "instance_id": 2 ** 32}]},
+                                 "devices[0].instance_id"),
+    "empty device idstr": ({"devices": [{"idstr": "", "instance_id": 0}]}, "devices[0].idstr"),
+    "device without instance": ({"devices": [{"idstr": "d"}]}, "devices[0]"),
+    "a missing field": ({"page_size": None}, "page_size"),
+    "an unknown field": ({"postcopy": True}, "postcopy"),
+}
+
+
+@pytest.mark.parametrize("bad", BAD_SETUPS, ids=list(BAD_SETUPS))
+def test_out_of_range_setup_fails_the_session_naming_the_field(bad):
+    changes, field = BAD_SETUPS[bad]
     with Receiving() as receiving:
-        source = _session(receiving, compression="lz4")
+        setup = setup_message(CONFIG, UUID, {"ram": SIZE}) | changes
+        setup = {k: v for k, v in setup.items() if v is not None}
+        source = FakeSource(receiving.destination.address, setup)
         try:
             kind, info = source.open_main()
-            expected = r"unknown compression 'lz4'"
+            expected = rf"SETUP field '{re.escape(field)}'"
             assert kind is Msg.ERROR and re.search(expected, info["error"]), info
-            receiving.refused(expected)
+            error = receiving.refused(expected)
+            assert isinstance(error.__cause__, fastmfd.ProtocolError), repr(error.__cause__)
+            assert error.__cause__.field == f"SETUP.{field}"
         finally:
             source.close()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import fastmfd
-from fastmfd._engine.workers import mp_context
+from fastmfd._engine.processes import mp_context
 from migration_support import Migration, first_difference, keep_writing, make_region
 
 

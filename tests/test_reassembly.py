@@ -9,7 +9,8 @@ import time
 import fastmfd
 from fastmfd import _core
 from fastmfd._engine.reassembly import reassembly_main
-from fastmfd._engine.workers import WorkerSet
+from fastmfd._engine.processes import ChildSet
+from fastmfd.protocol.control import DeviceLoaded, Failed, ReassemblyParams
 from device_support import BigResultLoader
 
 CHUNK = 4096
@@ -21,12 +22,12 @@ def test_an_error_report_never_cuts_into_a_loaded_report(tmp_path):
     gate = str(tmp_path / "gate")
     os.mkfifo(gate)
     pool = _core.BufferPool.create(16, CHUNK + _core.CHUNK_HEADER_SIZE, tag="test-pool")
-    workers = WorkerSet(reassembly_main, ["reassembly"])
+    workers = ChildSet(reassembly_main, ["reassembly"])
     desc_r, desc_w = os.pipe()
     try:
         worker = workers[0]
-        worker.start_session({"pool": pool.name, "max_queued_bytes": 1 << 20, "loaders": [
-            ("big/0", BigResultLoader(gate, 32 << 20)), ("dup/0", fastmfd.CollectLoader())]},
+        worker.start_session(ReassemblyParams(pool.name, 1 << 20, (
+            ("big/0", BigResultLoader(gate, 32 << 20)), ("dup/0", fastmfd.CollectLoader()))),
             [desc_r])
 
         def chunk(device: int, idx: int, flags: int, length: int) -> None:
@@ -52,9 +53,9 @@ def test_an_error_report_never_cuts_into_a_loaded_report(tmp_path):
         reader.start()
         reader.join(20)
         assert not reader.is_alive(), "the reports' framing is broken: recv() hangs"
-        assert [r[0] if isinstance(r, tuple) else r for r in reports] == ["loaded", "error"]
-        assert reports[0][1:3] == (0, bytes(32 << 20))
-        assert "dup/0: duplicate chunk idx 0" in reports[1][1]
+        assert [type(r) for r in reports] == [DeviceLoaded, Failed], reports
+        assert (reports[0].device, reports[0].result) == (0, bytes(32 << 20))
+        assert "dup/0: duplicate chunk idx 0" in reports[1].text
     finally:
         os.close(desc_r)
         os.close(desc_w)

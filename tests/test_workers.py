@@ -1,4 +1,4 @@
-"""WorkerSet: the one owner of a group of worker processes."""
+"""ChildSet: the one owner of a group of child processes (channel workers here)."""
 
 from __future__ import annotations
 
@@ -6,15 +6,17 @@ import socket
 
 import pytest
 
-from fastmfd.protocol.channels import tune_main_socket
+from fastmfd.protocol.sockets import tune_main_socket
 from fastmfd.errors import MigrationError
-from fastmfd._engine.workers import WorkerSet, recv_worker_main, worker_setup
+from fastmfd._engine.processes import ChildSet, child_setup
+from fastmfd._engine.workers import recv_worker_main
+from fastmfd.protocol.control import Ready
 
 
 def test_stop_lets_every_idle_worker_exit_by_itself():
     # Idle workers exit when told to; stop() must wait for all of them, not kill
     # the slower ones once the first has gone.
-    workers = WorkerSet(recv_worker_main, [f"receive channel {i}" for i in range(4)])
+    workers = ChildSet(recv_worker_main, [f"receive channel {i}" for i in range(4)])
     workers.stop(timeout=30)
     assert [w.process.exitcode for w in workers] == [0, 0, 0, 0]
 
@@ -24,12 +26,13 @@ def _exits_at_once(conn):
 
 
 def _says_ready(conn):
-    worker_setup(conn)
+    child_setup()
+    conn.send(Ready())
     conn.recv()
 
 
 def test_a_worker_set_is_entered_only_once_every_worker_is_up():
-    workers = WorkerSet(_says_ready, ["up 0", "up 1"])
+    workers = ChildSet(_says_ready, ["up 0", "up 1"])
     try:
         # Ready means started, imported and waiting for its session.
         assert all(worker.process.is_alive() for worker in workers)
@@ -40,7 +43,7 @@ def test_a_worker_set_is_entered_only_once_every_worker_is_up():
 
 def test_a_worker_that_dies_before_ready_is_named_with_its_exit():
     with pytest.raises(MigrationError) as info:
-        WorkerSet(_exits_at_once, ["early"])
+        ChildSet(_exits_at_once, ["early"])
     assert info.value.channel == "early"
     assert "exited with status 0" in str(info.value)
 

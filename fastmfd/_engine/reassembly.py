@@ -8,10 +8,10 @@
       (24 bytes, atomic)                       out-of-order cap; wakes the loader thread
     destination main                         loader thread per device: chunk idx 0, 1, 2, ...
                                                load_state_buffer(view of the slot), release it
-                          ◀── conn ────        LAST chunk: load_finish() -> ("loaded", ...)
-      ("drained",)        ─── conn ───▶      every channel ended: read what is left in the
-                          ◀── conn ────        pipe, check no chunk is missing, ("drained",)
-                          ◀── conn ────      ("error", text, traceback) on any failure
+                          ◀── conn ────        LAST chunk: load_finish() -> DeviceLoaded
+      Drained             ─── conn ───▶      every channel ended: read what is left in the
+                          ◀── conn ────        pipe, check no chunk is missing, Drained
+                          ◀── conn ────      Failed(text, traceback) on any failure
 
 Chunks arrive in any order on any channel; each device's loader sees them
 strictly by idx, in its own thread, so devices load in parallel. A chunk is
@@ -29,15 +29,14 @@ would wait for a slot forever.
 from __future__ import annotations
 
 import os
-import sys
 import threading
 import time
-import traceback
-from multiprocessing import connection, reduction
+from multiprocessing import connection
 
 from .. import _core
 from ..errors import MigrationError
-from .workers import worker_setup
+from ..protocol.control import DeviceLoaded, Drained, ReassemblyParams, Stop
+from .processes import ChildPipe, run_child
 
 __all__ = ["reassembly_main", "pool_slots_for"]
 
@@ -121,38 +120,14 @@ class _DeviceStream:
             return entry
 
 
-class _Reports:
-    """The reports to the destination. The reader and every loader thread make
-    them on one connection, so each whole message goes out under one lock: two
-    writers interleave their bytes on the pipe and break its framing."""
-
-    def __init__(self, conn) -> None:
-        self.conn = conn
-        self._lock = threading.Lock()
-
-    def send(self, message) -> None:
-        with self._lock:
-            self.conn.send(message)
-
-    def error(self, exc: BaseException) -> None:
-        """Report ``exc`` (call it where ``exc`` is being handled: the traceback goes too)."""
-        text = traceback.format_exc()
-        try:
-            self.send(("error", str(exc), text))
-        except OSError:
-            pass
-
-
 class _Reassembler:
-    def __init__(self, conn, reports: _Reports, session: dict, desc_fd: int) -> None:
-        self.conn = conn
-        self.reports = reports
+    def __init__(self, pipe: ChildPipe, params: ReassemblyParams, desc_fd: int) -> None:
+        self.pipe = pipe
         self.desc_fd = desc_fd
-        self.pool = _core.BufferPool.attach(session["pool"])
-        cap = session["max_queued_bytes"]
+        self.pool = _core.BufferPool.attach(params.pool)
         chunk_size = self.pool.slot_size - CHUNK_HEADER
-        self.devices = [_DeviceStream(i, name, loader, cap, chunk_size)
-                        for i, (name, loader) in enumerate(session["loaders"])]
+        self.devices = [_DeviceStream(i, name, loader, params.max_queued_bytes, chunk_size)
+                        for i, (name, loader) in enumerate(params.loaders)]
         self.stop = threading.Event()
         self.results: dict[int, object] = {}
         self.threads = [threading.Thread(target=self._load, args=(d,), daemon=True)
@@ -162,9 +137,9 @@ class _Reassembler:
         for thread in self.threads:
             thread.start()
         while not self.stop.is_set():
-            for ready in connection.wait([self.conn, self.desc_fd], 0.5):
-                if ready is self.conn:
-                    self._on_message(self.conn.recv())
+            for ready in connection.wait([self.pipe.conn, self.desc_fd], 0.5):
+                if ready is self.pipe.conn:
+                    self._on_message(self.pipe.recv())
                 else:
                     self._read_descriptors(block=True)
 
@@ -185,9 +160,9 @@ class _Reassembler:
                 return
 
     def _on_message(self, message) -> None:
-        if message is None:
+        if isinstance(message, Stop):
             self.stop.set()
-        elif message[0] == "drained":
+        elif isinstance(message, Drained):
             # Every channel has ended, after writing its descriptors: take
             # what is left in the pipe, then nothing more can arrive.
             os.set_blocking(self.desc_fd, False)
@@ -198,7 +173,7 @@ class _Reassembler:
                         stream.check_drained()
                     except ValueError as exc:
                         raise MigrationError(str(exc), device=stream.name) from None
-            self.reports.send(("drained",))
+            self.pipe.send(Drained())
 
     def _on_chunk(self, device, idx, flags, slot, length, channel) -> None:
         if device >= len(self.devices):
@@ -233,10 +208,10 @@ class _Reassembler:
                 idx += 1
             seconds = time.monotonic() - (started or time.monotonic())
             self.results[stream.index] = result
-            self.reports.send(("loaded", stream.index, result, seconds, idx + 1))
+            self.pipe.send(DeviceLoaded(stream.index, result, seconds, idx + 1))
         except BaseException as exc:
             self.stop.set()
-            self.reports.error(MigrationError(
+            self.pipe.report_failure(MigrationError(
                 f"loading chunk {idx} failed: {type(exc).__name__}: {exc}", device=stream.name))
 
     def close(self) -> None:
@@ -249,25 +224,12 @@ class _Reassembler:
         self.pool.close()
 
 
+def _reassemble(pipe: ChildPipe, params: ReassemblyParams, stack: list) -> None:
+    reassembler = _Reassembler(pipe, params, pipe.recv_fd())
+    stack.append(reassembler)
+    reassembler.run()
+
+
 def reassembly_main(conn) -> None:
     """The reassembly process: one session's device streams, then exit."""
-    worker_setup(conn)
-    session = conn.recv()
-    if session is None:
-        return
-    failed = False
-    reassembler = None
-    reports = _Reports(conn)
-    try:
-        desc_fd = reduction.recv_handle(conn)
-        reassembler = _Reassembler(conn, reports, session, desc_fd)
-        reassembler.run()
-    except BaseException as exc:
-        reports.error(exc)
-        failed = True
-    finally:
-        if reassembler is not None:
-            reassembler.close()
-    if failed:
-        sys.exit(1)
-
+    run_child(conn, _reassemble)

@@ -1,5 +1,5 @@
 """What the source and the destination share: one failure for the whole
-session, and the main channel's send side.
+session, and the resources a session owns.
 
 First error wins (QEMU's ``multifd_send_terminate_threads``): the first
 failure reported — by a worker, the peer, a device or the main thread — is
@@ -14,13 +14,12 @@ from __future__ import annotations
 import os
 import socket
 import threading
-from typing import Callable
+from typing import Callable, Self
 
-from ..protocol.channels import MAIN, send_all
 from ..errors import Aborted, FastMFDError, MigrationError
-from ..protocol.main_channel import MESSAGE_HEADER, Msg, encode_message
 
-__all__ = ["SessionFailure", "MainChannel", "call_hook", "main_first"]
+__all__ = ["SessionFailure", "SessionResources", "Owner", "break_session", "call_hook", "main_first",
+           "as_migration_error"]
 
 
 class SessionFailure:
@@ -103,44 +102,6 @@ def as_migration_error(exc: BaseException, channel: str | None = None) -> Migrat
     return error
 
 
-class MainChannel:
-    """The main channel's socket; sends are serialized (several threads send)."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self._lock = threading.Lock()
-        self.bytes_sent = 0
-
-    def send(self, kind: Msg, payload: dict | bytes | None = None) -> None:
-        data = encode_message(kind, payload)
-        with self._lock:
-            send_all(self.sock, data, kind.name, MAIN)
-            self.bytes_sent += len(data)
-
-    def send_parts(self, kind: Msg, parts: list) -> None:
-        """A binary message whose payload is several buffers (device chunks, old way)."""
-        length = sum(len(part) for part in parts)
-        with self._lock:
-            send_all(self.sock, MESSAGE_HEADER.pack(int(kind), length), kind.name, MAIN)
-            for part in parts:
-                send_all(self.sock, part, kind.name, MAIN)
-            self.bytes_sent += MESSAGE_HEADER.size + length
-
-    def send_error(self, error: BaseException) -> None:
-        """Best effort: tell the peer why the session failed."""
-        try:
-            self.sock.settimeout(1.0)
-            self.send(Msg.ERROR, {"error": str(error)})
-        except Exception:
-            pass
-
-    def shutdown(self) -> None:
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-
-
 def shutdown_quietly(sock: socket.socket) -> None:
     """Break any I/O blocked on ``sock``, in this process or another sharing it."""
     try:
@@ -182,3 +143,36 @@ class SessionResources:
             except BufferError:     # a view is still out: the name is unlinked anyway
                 pass
         self._owned = []
+
+
+def break_session(error: MigrationError, peer: str, main, resources: SessionResources) -> None:
+    """The common part of a side's teardown: tell the peer why (unless the error is
+    the peer's own), then break every blocked read and write on the session's sockets."""
+    if main is not None and error.side != peer:
+        main.send_error(error)
+    resources.shutdown_sockets()
+    if main is not None:
+        main.shutdown()
+
+
+class Owner:
+    """A context manager that starts what it owns on entry (``_start()``); a failure
+    while starting, or leaving, calls ``close()``, which must free whatever was
+    started, however far ``_start`` got."""
+
+    def _start(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,36 +1,51 @@
-"""The main channel's message format (DESIGN §4.5), and the wire constants.
+"""The main channel (DESIGN §4.5): its messages, and their writer and reader.
 
 The multifd channels use QEMU's own packet layouts, framed by the Cython
 core (``fastmfd._core``). The main channel is fastmfd's own: after the
 optional channel header it starts with a 4-byte magic and a version, then
 carries messages ``(BE u32 type, BE u32 length, payload)``. Control payloads
-are JSON objects — this is not the hot path — except DEVICE_STATE (the old
-way's device chunks), whose payload is binary::
+are JSON objects — this is not the hot path — decoded into the typed
+messages below, every field checked; DEVICE_STATE (the old way's device
+chunks) is binary::
 
     BE u32 device index (position in SETUP's device list)
     12-byte chunk header (version, idx, flags) + chunk data
+
+SETUP's payload has its own module (:mod:`.setup`). Adding a message: a
+:class:`Msg` number, a dataclass, and its decoder in ``_DECODERS``.
 """
 
 from __future__ import annotations
 
 import enum
 import json
+import socket
 import struct
+import threading
+from dataclasses import dataclass, fields
+from typing import Any, Callable
 
-from .. import _core
-from ..errors import ProtocolError
+from ..errors import MigrationError, ProtocolError
+from .setup import MAX_CHANNELS, MAX_DEVICES, Setup
+from .sockets import recv_exact, send_all
 
 __all__ = [
-    "MAIN_MAGIC", "MAIN_VERSION", "MAIN_PREAMBLE", "Msg", "MAX_CONTROL_PAYLOAD",
-    "encode_message", "decode_message_header", "decode_control", "encode_preamble",
-    "check_preamble",
+    "MAIN", "MAIN_MAGIC", "MAIN_VERSION", "MAIN_PREAMBLE", "MESSAGE_HEADER", "MESSAGE_HEADER_SIZE",
+    "MAX_CONTROL_PAYLOAD", "OLD_WAY_PREFIX", "Msg", "RoundEnd", "RoundAck", "Complete",
+    "Loaded", "Error", "MainChannel", "encode_message", "decode_message_header",
+    "decode_control", "decode_payload", "encode_preamble", "check_preamble", "read_message",
+    "read_payload", "expect_message",
 ]
 
+MAIN = "main channel"               # how errors name the main channel
 MAIN_MAGIC = 0x464D4644            # "FMFD"; differs from MULTIFD_MAGIC, so channels can be told apart
 MAIN_VERSION = 1
 MAIN_PREAMBLE = struct.Struct(">II")
 MESSAGE_HEADER = struct.Struct(">II")
+MESSAGE_HEADER_SIZE = MESSAGE_HEADER.size
 MAX_CONTROL_PAYLOAD = 16 << 20     # bound on any JSON message a peer can make us read
+OLD_WAY_PREFIX = struct.Struct(">I")    # DEVICE_STATE: the device index before the chunk
+_MAX_COUNT = (1 << 63) - 1          # any counter or round number
 
 
 class Msg(enum.IntEnum):
@@ -46,6 +61,109 @@ class Msg(enum.IntEnum):
     ERROR = 9               # either way: the session failed (text)
     RESUMED = 10            # destination -> source: its on_resume ran; the session is over
 
+
+# ---------------------------------------------------------------- payloads
+
+@dataclass(frozen=True)
+class RoundEnd:
+    """Every RAM channel has been sent the SYNC of ``round``."""
+    round: int
+
+
+@dataclass(frozen=True)
+class RoundAck:
+    """Round ``round`` is applied on every RAM channel."""
+    round: int
+
+
+@dataclass(frozen=True)
+class Complete:
+    """Everything is sent: per channel the source's counters, per device its chunks
+    (the destination checks both against its own)."""
+    channels: list[dict[str, int]]
+    device_chunks: list[int]
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """Everything is applied and every device loaded."""
+    rounds: int
+    load_seconds: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Error:
+    """The session failed; ``error`` says why."""
+    error: str
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MAX_COUNT
+
+
+def _counters(value: Any) -> bool:
+    return isinstance(value, dict) and all(_count(v) for v in value.values())
+
+
+def _seconds(value: Any) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value.values())
+
+
+def _typed(cls: type, **rules: tuple[Callable[[Any], bool], str]) -> Callable[[dict], Any]:
+    """A decoder for ``cls``: exactly the fields of ``rules``, each passing its check."""
+    def decode(value: dict) -> Any:
+        if set(value) != set(rules):
+            raise ProtocolError(f"{cls.__name__}: fields {sorted(value)[:8]}, expected "
+                                f"{sorted(rules)}", field="payload",
+                                received=sorted(value)[:8], expected=sorted(rules))
+        for name, (check, expected) in rules.items():
+            if not check(value[name]):
+                raise ProtocolError(f"{cls.__name__} field {name!r}: received "
+                                    f"{value[name]!r:.80}, expected {expected}", field=name,
+                                    received=value[name], expected=expected)
+        return cls(**value)
+    return decode
+
+
+# How each control message's payload is decoded; messages not listed carry {}.
+_DECODERS: dict[Msg, Callable[[dict], Any]] = {
+    Msg.SETUP: Setup.decode,
+    Msg.ROUND_END: _typed(RoundEnd, round=(_count, "a round number")),
+    Msg.ROUND_ACK: _typed(RoundAck, round=(_count, "a round number")),
+    Msg.COMPLETE: _typed(
+        Complete,
+        channels=(lambda v: isinstance(v, list) and len(v) <= MAX_CHANNELS
+                  and all(map(_counters, v)), f"at most {MAX_CHANNELS} counter objects"),
+        device_chunks=(lambda v: isinstance(v, list) and len(v) <= MAX_DEVICES
+                       and all(map(_count, v)), f"at most {MAX_DEVICES} chunk counts")),
+    Msg.LOADED: _typed(Loaded, rounds=(_count, "a round count"),
+                       load_seconds=(_seconds, "an object of seconds")),
+    Msg.ERROR: _typed(Error, error=(lambda v: isinstance(v, str), "a string")),
+}
+
+
+def decode_payload(kind: Msg, body: bytes) -> Any:
+    """The typed payload of control message ``kind`` (None for an empty one)."""
+    value = decode_control(kind, body)
+    decoder = _DECODERS.get(kind)
+    if decoder is not None:
+        return decoder(value)
+    if value:
+        raise ProtocolError(f"main channel {kind.name}: expected an empty payload",
+                            field="payload", received=sorted(value)[:8], expected="{}")
+    return None
+
+
+def _encode_payload(payload: Any) -> dict:
+    if isinstance(payload, Setup):
+        return payload.encode()
+    if isinstance(payload, dict):
+        return payload
+    return {f.name: getattr(payload, f.name) for f in fields(payload)}
+
+
+# ---------------------------------------------------------------- framing
 
 def encode_preamble() -> bytes:
     return MAIN_PREAMBLE.pack(MAIN_MAGIC, MAIN_VERSION)
@@ -63,12 +181,12 @@ def check_preamble(data: bytes) -> None:
                             expected=MAIN_VERSION)
 
 
-def encode_message(kind: Msg, payload: dict | bytes | None = None) -> bytes:
-    """A whole message: header plus payload (a dict is sent as JSON)."""
-    if isinstance(payload, dict):
-        body = json.dumps(payload, separators=(",", ":")).encode()
+def encode_message(kind: Msg, payload: Any = None) -> bytes:
+    """A whole message: header plus payload (a dataclass or dict is sent as JSON)."""
+    if payload is None or isinstance(payload, (bytes, bytearray)):
+        body = bytes(payload or b"")
     else:
-        body = payload or b""
+        body = json.dumps(_encode_payload(payload), separators=(",", ":")).encode()
     return MESSAGE_HEADER.pack(int(kind), len(body)) + body
 
 
@@ -102,5 +220,70 @@ def decode_control(kind: Msg, body: bytes) -> dict:
     return value
 
 
-MESSAGE_HEADER_SIZE = MESSAGE_HEADER.size
-CHANNEL_HEADER_SIZE = _core.CHANNEL_HEADER_SIZE
+# ---------------------------------------------------------------- reader and writer
+
+def read_message(sock: socket.socket, max_payload: int) -> tuple[Msg, bytes]:
+    """One main-channel message (type, raw payload); ``max_payload`` bounds DEVICE_STATE."""
+    kind, length = decode_message_header(recv_exact(sock, MESSAGE_HEADER_SIZE, "message", MAIN),
+                                         max_payload)
+    return kind, recv_exact(sock, length, f"{kind.name} payload", MAIN) if length else b""
+
+
+def read_payload(sock: socket.socket) -> tuple[Msg, Any]:
+    """One control message, typed (an ERROR is returned, not raised)."""
+    kind, body = read_message(sock, 0)
+    return kind, decode_payload(kind, body)
+
+
+def expect_message(sock: socket.socket, kind: Msg) -> Any:
+    """Read a control message that must be ``kind``; the peer's ERROR is raised."""
+    got, payload = read_payload(sock)
+    if got is Msg.ERROR:
+        raise MigrationError(f"the peer failed: {payload.error}", channel=MAIN)
+    if got is not kind:
+        raise ProtocolError(f"main channel: received {got.name}, expected {kind.name}",
+                            field="type", received=got.name, expected=kind.name)
+    return payload
+
+
+class MainChannel:
+    """The main channel's socket and its writer; sends are serialized (several
+    threads send: the session's thread, device savers, the failure path)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._lock = threading.Lock()
+        self.bytes_sent = 0
+
+    def send(self, kind: Msg, payload: Any = None) -> None:
+        data = encode_message(kind, payload)
+        with self._lock:
+            send_all(self.sock, data, kind.name, MAIN)
+            self.bytes_sent += len(data)
+
+    def send_parts(self, kind: Msg, parts: list) -> None:
+        """A binary message whose payload is several buffers (device chunks, old way)."""
+        length = sum(len(part) for part in parts)
+        with self._lock:
+            send_all(self.sock, MESSAGE_HEADER.pack(int(kind), length), kind.name, MAIN)
+            for part in parts:
+                send_all(self.sock, part, kind.name, MAIN)
+            self.bytes_sent += MESSAGE_HEADER.size + length
+
+    def send_error(self, error: BaseException) -> None:
+        """Best effort: tell the peer why the session failed."""
+        try:
+            self.sock.settimeout(1.0)
+            self.send(Msg.ERROR, Error(str(error)))
+        except Exception:
+            pass
+
+    def shutdown(self) -> None:
+        """Break any I/O blocked on the socket, in this thread or another."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.sock.close()

@@ -31,7 +31,7 @@ from .images import fill_image
 from .loopback import migrate_locally
 from ..regions import Region
 from .report import stats_table
-from .._engine.workers import mp_context
+from .._engine.processes import mp_context
 
 __all__ = ["run_demo", "live_migration", "seed_experiment", "WayResult"]
 

@@ -37,7 +37,7 @@ from multiprocessing import connection
 from ..bench import Measurement, wait_until_idle
 from ...errors import ConfigError, MigrationError
 from ..images import Image
-from ..._engine.workers import mp_context, worker_setup
+from ..._engine.processes import child_setup, mp_context
 
 __all__ = ["SendallTrial", "QemuTrial", "find_qemu", "QMP"]
 
@@ -61,7 +61,7 @@ def _wait_message(conn, expected: str, process, timeout: float = STEP_TIMEOUT):
 
 def _peer_main(body, conn, *args) -> None:
     """A peer process: run ``body``, turning any exception into an ("error", text) message."""
-    worker_setup()
+    child_setup()
     try:
         body(conn, *args)
     except BaseException as exc:

@@ -1,14 +1,9 @@
-"""Connections: addresses, listening, connecting, and the channel handshake.
+"""Sockets: addresses, listening, connecting, tuning, and exact reads and writes.
 
 An address is ``tcp:HOST:PORT`` (``PORT`` 0 picks a free port) or
-``unix:PATH``. Every connection of a session opens with (DESIGN §4.1, §4.2):
-
-    main channel:     [channel header, type 0] FMFD magic, version, messages...
-    multifd channel:  [channel header, type 2 or 3] 64-byte init packet, packets...
-
-The channel header is present unless the session runs the "old way"
-(``channel_header=False``); then the destination tells the kinds apart by
-their first four bytes (the FMFD magic or the multifd magic).
+``unix:PATH``. Nothing here knows fastmfd's messages: the handshake
+(:mod:`.handshake`) and the main channel (:mod:`.main_channel`) are built on
+these. Every error names the connection it happened on (``where``).
 """
 
 from __future__ import annotations
@@ -16,22 +11,18 @@ from __future__ import annotations
 import errno
 import os
 import socket
-import struct
 import time
 from dataclasses import dataclass
 
-from .. import _core
 from ..errors import ConfigError, MigrationError, ProtocolError
-from .main_channel import MAIN_MAGIC, MESSAGE_HEADER_SIZE, Msg, decode_control, decode_message_header
 
-__all__ = ["MAIN", "Address", "parse_address", "listen", "connect", "recv_exact", "send_all",
-           "ChannelHello", "read_hello", "tune_data_socket", "tune_main_socket"]
+__all__ = ["Address", "parse_address", "listen", "bound_address", "connect", "recv_exact",
+           "send_all", "tune_data_socket", "tune_main_socket"]
 
 # Unix sockets have no buffer autotuning: large buffers let a send worker's
 # writev of a whole packet complete without waiting on its peer (the kernel
 # caps them at net.core.*mem_max). TCP sockets are left to autotuning.
 DATA_SOCKET_BUFFER = 4 << 20
-MAIN = "main channel"         # how errors name the main channel
 
 
 @dataclass(frozen=True)
@@ -169,64 +160,3 @@ def send_all(sock: socket.socket, data: bytes, what: str, where: str | None = No
     except OSError as exc:
         raise MigrationError(f"connection lost sending {what}: {exc.strerror or exc}",
                              channel=where) from None
-
-
-def read_message(sock: socket.socket, max_payload: int) -> tuple[Msg, bytes]:
-    """One main-channel message (type, raw payload)."""
-    kind, length = decode_message_header(recv_exact(sock, MESSAGE_HEADER_SIZE, "message", MAIN),
-                                         max_payload)
-    return kind, recv_exact(sock, length, f"{kind.name} payload", MAIN) if length else b""
-
-
-def expect_message(sock: socket.socket, kind: Msg) -> dict:
-    """Read a control message that must be ``kind`` (or the peer's ERROR)."""
-    got, body = read_message(sock, 0)
-    if got is Msg.ERROR:
-        raise MigrationError(f"the peer failed: {decode_control(got, body).get('error')}",
-                             channel=MAIN)
-    if got is not kind:
-        raise ProtocolError(f"main channel: received {got.name}, expected {kind.name}",
-                            field="type", received=got.name, expected=kind.name)
-    return decode_control(got, body)
-
-
-@dataclass(frozen=True)
-class ChannelHello:
-    """What the first bytes of an accepted connection said."""
-    kind: int                       # CHANNEL_MAIN / CHANNEL_MULTIFD / CHANNEL_DEVICE_STATE
-    uuid: bytes | None = None       # multifd channels
-    channel_id: int | None = None
-
-
-def read_hello(sock: socket.socket, with_header: bool, expected_uuid: bytes | None,
-               nchannels: int | None) -> ChannelHello:
-    """Read and check a new connection's channel header and init packet.
-
-    ``with_header`` None means "not known yet" (the first connection of a
-    session): a channel header is recognised by its first 8 bytes.
-    """
-    first = recv_exact(sock, 4, "channel start")
-    kind = None
-    if with_header is None:
-        with_header = first == b"\0\0\0\0"     # BE u64 header_size 4 starts with zeros
-    if with_header:
-        kind = _core.decode_channel_header(first + recv_exact(sock, 8, "channel header"))
-        if kind == _core.CHANNEL_POSTCOPY:
-            raise ProtocolError("channel header field 'channel_type': received 1 (postcopy "
-                                "preempt), expected 0, 2 or 3: fastmfd has no postcopy",
-                                field="channel_type", received=1, expected="0, 2 or 3")
-        first = recv_exact(sock, 4, "channel start")
-    magic = struct.unpack(">I", first)[0]
-    if magic == MAIN_MAGIC and kind in (None, _core.CHANNEL_MAIN):
-        return ChannelHello(_core.CHANNEL_MAIN)
-    if magic == _core.MULTIFD_MAGIC and kind != _core.CHANNEL_MAIN:
-        uuid, channel_id = _core.decode_init_packet(
-            first + recv_exact(sock, _core.INIT_PACKET_SIZE - 4, "init packet"),
-            expected_uuid, nchannels)
-        return ChannelHello(kind if kind is not None else _core.CHANNEL_MULTIFD, uuid,
-                            channel_id)
-    expected = "the main channel magic" if kind == _core.CHANNEL_MAIN else (
-        "the multifd magic 0x11223344" if kind is not None else
-        f"the main channel magic {MAIN_MAGIC:#x} or the multifd magic 0x11223344")
-    raise ProtocolError(f"new connection: first word {magic:#010x}, expected {expected}",
-                        field="magic", received=hex(magic), expected=expected)

@@ -1,0 +1,341 @@
+"""Child processes: the one lifecycle of every process fastmfd starts (channel
+workers, the reassembly process, benchmark peers) and the loop that watches them.
+
+::
+
+    main process                                   child (forkserver)
+      Child(target, name) ───── start ─────────▶     run_child(conn, body):
+      child.wait_ready()  ◀──── Ready ─────────        ignore SIGINT, die with the parent
+      child.start_session(params, fds) ────────▶        params = recv(); fds by SCM_RIGHTS
+      Watch: reports and exits of every child           body(pipe, params, stack)
+             ◀── Synced / Done / Eof / Loaded ...        close what ``stack`` holds
+             ◀── Failed(text, traceback) ───────        on any failure, then exit(1)
+      ChildSet.stop(): Stop, wait, kill, reap
+
+A child that dies becomes a MigrationError with its exit status, never a
+hang (loky's habit); its last reports are read before it is judged, so an
+error it reported is the one raised, not "exited with status 1". The
+control pipe carries parameters once and reports once per session or round
+(:mod:`fastmfd.protocol.control`), never per packet.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import signal
+import sys
+import threading
+import time
+import traceback
+from multiprocessing import connection, reduction
+from typing import Any, Callable
+
+from .. import _core
+from ..errors import MigrationError
+from ..protocol.control import Done, Drained, Eof, Failed, Ready, Stop
+from .session import as_migration_error, main_first
+
+__all__ = ["Child", "ChildSet", "ChildPipe", "Watch", "RemoteTraceback", "mp_context",
+           "run_child", "child_setup"]
+
+# Imported once by the forkserver, so a child starts in milliseconds.
+_PRELOAD = ["fastmfd._engine.workers", "fastmfd._engine.reassembly"]
+READY_TIMEOUT = 30.0                # seconds a child may take to start
+_FINAL_REPORTS = (Done, Eof, Drained)   # after one of these a child's exit is expected
+
+
+def mp_context() -> multiprocessing.context.BaseContext:
+    """The forkserver context, preloading fastmfd."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)
+    return ctx
+
+
+class RemoteTraceback(Exception):
+    """The traceback of an exception raised in a child process."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return f"\n\"\"\"\n{self.text}\"\"\""
+
+
+def describe_exit(process: multiprocessing.Process) -> str:
+    code = process.exitcode
+    if code is None:
+        return "is still running"
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with status {code}"
+
+
+# ------------------------------------------------------------------ main side
+
+class Child:
+    """One child process and the main process's end of its control pipe."""
+
+    def __init__(self, ctx, target: Callable, name: str) -> None:
+        self.name = name
+        self.conn, theirs = ctx.Pipe(duplex=True)
+        self.process = ctx.Process(target=target, args=(theirs,), name=name, daemon=True)
+        self.process.start()
+        theirs.close()
+        self.finished = False          # sent its final report: its exit is expected
+
+    @property
+    def sentinel(self) -> int:
+        return self.process.sentinel
+
+    def next_report(self) -> Any | None:
+        """The child's next report if one is waiting, else None (also once it is gone).
+
+        A Failed report is raised as the child's MigrationError."""
+        try:
+            report = self.conn.recv() if self.conn.poll() else None
+        except (EOFError, OSError):
+            return None
+        if isinstance(report, Failed):
+            raise self.error_from(report)
+        if isinstance(report, _FINAL_REPORTS):
+            self.finished = True
+        return report
+
+    def expect(self, kind: type, timeout: float) -> Any:
+        """Wait up to ``timeout`` for the next report, which must be a ``kind``."""
+        ready = connection.wait([self.conn, self.sentinel], timeout)
+        report = self.next_report() if ready else None
+        if report is None:
+            self.process.join(0.5 if ready else 0)
+            if self.process.exitcode is not None:
+                raise self.death_error()
+            raise MigrationError(f"no {kind.__name__} report within {timeout:g} s",
+                                 channel=self.name)
+        if not isinstance(report, kind):
+            raise MigrationError(f"reported {type(report).__name__}, expected {kind.__name__}",
+                                 channel=self.name)
+        return report
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
+        """Wait until the child is up (so no start-up runs inside a timed migration)."""
+        self.expect(Ready, timeout)
+
+    def send(self, message: Any) -> None:
+        self.conn.send(message)
+
+    def start_session(self, params: Any, fds: list[int]) -> None:
+        """Send the session's parameters, then the file descriptors it needs."""
+        try:
+            self.conn.send(params)
+            for fd in fds:
+                reduction.send_handle(self.conn, fd, self.process.pid)
+        except OSError as exc:
+            # A broken pipe means the child is gone: say what became of it.
+            self.process.join(1)
+            if self.process.exitcode is not None:
+                raise self.death_error() from None
+            raise MigrationError(f"cannot hand the session to the process: "
+                                 f"{exc.strerror or exc}", channel=self.name) from None
+
+    def error_from(self, report: Failed) -> MigrationError:
+        error = MigrationError(report.text, channel=self.name)
+        error.__cause__ = RemoteTraceback(report.traceback)
+        return error
+
+    def death_error(self) -> MigrationError:
+        return MigrationError(f"the worker process {describe_exit(self.process)}",
+                              channel=self.name)
+
+
+class ChildSet:
+    """Starts, holds and stops a group of children; the one owner that joins or
+    kills every one of them on every exit path."""
+
+    def __init__(self, target: Callable, names: list[str]) -> None:
+        self._lock = threading.Lock()
+        self.children: list[Child] = []
+        try:
+            ctx = mp_context()
+            for name in names:
+                self.children.append(Child(ctx, target, name))
+            for child in self.children:
+                child.wait_ready()
+        except BaseException:
+            self.kill()
+            self._close_pipes()
+            raise
+
+    def __iter__(self):
+        return iter(self.children)
+
+    def __len__(self) -> int:
+        return len(self.children)
+
+    def __getitem__(self, index: int) -> Child:
+        return self.children[index]
+
+    def add(self, target: Callable, name: str) -> Child:
+        child = Child(mp_context(), target, name)
+        self.children.append(child)
+        child.wait_ready()
+        return child
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """Tell idle children to exit, wait up to ``timeout`` for all of them, kill
+        what is left, close the pipes."""
+        for child in self.children:
+            if child.process.exitcode is None:
+                try:
+                    child.send(Stop())
+                except OSError:
+                    pass
+        deadline = time.monotonic() + timeout
+        # wait() returns at the first exit (and sleeps its whole timeout on an
+        # empty list), so loop until every child is gone or time is up.
+        while running := [c.sentinel for c in self.children if c.process.exitcode is None]:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            connection.wait(running, left)
+        self.kill()
+        self._close_pipes()
+
+    def _close_pipes(self) -> None:
+        for child in self.children:
+            child.conn.close()
+
+    def kill(self) -> None:
+        """Kill every child still running and reap them all (any thread, idempotent)."""
+        with self._lock:
+            for child in self.children:
+                if child.process.exitcode is None:
+                    child.process.kill()
+            for child in self.children:
+                child.process.join(timeout=5)
+
+
+class Watch:
+    """One wait over everything a main process serves: the main channel (read
+    first, see :func:`~fastmfd._engine.session.main_first`), children's reports
+    and exits, and any other waitable (a listener, a wake-up pipe).
+
+    A handler's exception leaves :meth:`poll` as a MigrationError naming the
+    channel it was registered with."""
+
+    def __init__(self, main=None) -> None:
+        self.main = main
+        self._handlers: dict[Any, tuple[Callable[[], None], str | None]] = {}
+
+    def add(self, waitable, handler: Callable[[], None], channel: str | None = None) -> None:
+        self._handlers[waitable] = (handler, channel)
+
+    def remove(self, waitable) -> None:
+        self._handlers.pop(waitable, None)
+
+    def add_child(self, child: Child, on_report: Callable[[Any], None]) -> None:
+        """Call ``on_report(report)`` for each report; a child that exits before
+        its final report (Done, Eof, Drained) fails with its exit status."""
+        def readable() -> None:
+            report = child.next_report()
+            if report is None:
+                self.remove(child.conn)     # nothing more will come
+            else:
+                on_report(report)
+
+        def exited() -> None:
+            self.remove(child.sentinel)
+            while (report := child.next_report()) is not None:   # its last words first
+                on_report(report)
+            if not child.finished:
+                raise child.death_error()
+
+        self.add(child.conn, readable)
+        self.add(child.sentinel, exited)
+
+    def poll(self, timeout: float | None) -> None:
+        """Wait up to ``timeout`` and handle whatever is ready."""
+        ready = connection.wait(list(self._handlers), timeout)
+        for item in main_first(ready, self.main):
+            entry = self._handlers.get(item)
+            if entry is None:
+                continue                    # removed by an earlier handler
+            handler, channel = entry
+            try:
+                handler()
+            except Exception as exc:
+                raise as_migration_error(exc, channel)
+
+
+# ------------------------------------------------------------------ child side
+
+class ChildPipe:
+    """The child's end of its control pipe. Several threads may report (the
+    reassembly's reader and loaders), so each whole message goes out under one
+    lock: two writers interleave their bytes on a pipe and break its framing."""
+
+    def __init__(self, conn) -> None:
+        self.conn = conn
+        self._lock = threading.Lock()
+
+    def send(self, report: Any) -> None:
+        with self._lock:
+            self.conn.send(report)
+
+    def recv(self) -> Any:
+        return self.conn.recv()
+
+    def recv_fd(self) -> int:
+        return reduction.recv_handle(self.conn)
+
+    def report_failure(self, exc: BaseException) -> None:
+        """Report ``exc`` (call it where ``exc`` is handled: its traceback goes too).
+
+        A MigrationError already says where; anything else is named by its type."""
+        text = str(exc) if isinstance(exc, MigrationError) else f"{type(exc).__name__}: {exc}"
+        try:
+            self.send(Failed(text, traceback.format_exc()))
+        except OSError:
+            pass
+
+
+def child_setup() -> None:
+    """First thing in a child: ignore Ctrl-C (the main process tears down) and
+    die with the parent."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _core.die_with_parent()
+
+
+def close_all(stack: list) -> None:
+    """Close what a child attached, newest first, whatever fails."""
+    for item in reversed(stack):
+        try:
+            item.close()
+        except Exception:
+            pass
+
+
+def run_child(conn, body: Callable[[ChildPipe, Any, list], None]) -> None:
+    """A child's life: report Ready, take one session's parameters, run
+    ``body(pipe, params, stack)``, close what it attached (``stack``), report
+    Failed and exit 1 on failure. Told Stop instead of parameters, it exits."""
+    child_setup()
+    pipe = ChildPipe(conn)
+    pipe.send(Ready())
+    params = pipe.recv()
+    if isinstance(params, Stop):
+        return
+    stack: list = []
+    failed = False
+    try:
+        body(pipe, params, stack)
+    except BaseException as exc:
+        pipe.report_failure(exc)
+        failed = True
+    finally:
+        close_all(stack)
+    if failed:
+        sys.exit(1)

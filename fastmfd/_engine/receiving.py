@@ -1,0 +1,395 @@
+"""One migration from the destination's side: :class:`Receiving`, the state of
+the session a :class:`~fastmfd.Destination` (the owner of the listener and the
+processes) receives once.
+
+::
+
+    Receiving.run()                                       receive workers (1 process / channel)
+      AWAITING_SOURCE: accept the main channel
+      SETUP: check SETUP; regions, pool, counters; SETUP_ACK
+      RECEIVING: accept channels (header + init packet
+        checked here), each socket to a worker ─────────▶  RecvEngine.run(): pages into regions
+        main channel: ROUND_END(n), DEVICE_STATE (old way)  Synced(n) at each SYNC, then waits
+        RAM barrier: round n released (Go) once every RAM
+          channel reached SYNC n and ROUND_END(n) arrived ──▶ Go(n)
+        reassembly process: DeviceLoaded, Drained
+        workers: Eof when a channel is drained; deaths
+      SWITCHOVER: SWITCHOVER_START (the source stopped)
+      COMPLETE: the source's totals; every channel drained, the last round released,
+        every device loaded -> totals checked -> LOADED
+      RESUMING: on_resume(); DONE: RESUMED (or ERROR if on_resume raised)
+
+A channel that fails its checks (UUID, magic, version, type, id, duplicate)
+is refused before any byte of it reaches a region, and fails the session:
+state FAILED, the source is sent ERROR.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import socket
+import time
+
+from .. import _core
+from ..devices import CollectLoader, device_key
+from ..errors import ConfigError, MigrationError, ProtocolError
+from ..protocol import handshake
+from ..protocol.control import DeviceLoaded, Drained, Eof, Go, ReassemblyParams, RecvParams, \
+    Synced
+from ..protocol.main_channel import (MAIN, OLD_WAY_PREFIX, Complete, Loaded, MainChannel,
+                                     Msg, RoundAck, RoundEnd, decode_payload, expect_message,
+                                     read_message)
+from ..protocol.setup import Setup
+from ..protocol.sockets import tune_data_socket, tune_main_socket
+from ..regions import Region
+from ..stats import ChannelStats, ReceiveStats
+from .processes import ChildSet, Watch
+from .reassembly import pool_slots_for, reassembly_main
+from .session import SessionFailure, SessionResources, break_session
+from .workers import recv_worker_main
+
+__all__ = ["Receiving", "ReceivingState", "DestinationParts"]
+
+HELLO_TIMEOUT = 5.0     # seconds a new connection may take to say what it is
+_COUNTED = ("packets", "normal_pages", "zero_pages", "device_packets")
+
+
+class ReceivingState(enum.Enum):
+    AWAITING_SOURCE = "awaiting the source"
+    SETUP = "setting up"
+    RECEIVING = "receiving"
+    SWITCHOVER = "receiving device state"   # the source stopped
+    COMPLETE = "completing"                 # the source sent everything; checking, loading
+    RESUMING = "resuming"                   # LOADED sent; on_resume runs
+    DONE = "done"
+    FAILED = "failed"
+
+
+class DestinationParts:
+    """What a Destination owns and its session uses."""
+
+    def __init__(self, listener: socket.socket, timeout: float, workers: ChildSet,
+                 reassembly: ChildSet, user_regions: dict[str, Region],
+                 loaders: dict, region_factory, queued_cap: int | None,
+                 resources: SessionResources, failure: SessionFailure) -> None:
+        self.listener, self.timeout = listener, timeout
+        self.workers, self.reassembly = workers, reassembly
+        self.user_regions, self.loaders = user_regions, loaders
+        self.region_factory, self.queued_cap = region_factory, queued_cap
+        self.resources, self.failure = resources, failure
+
+
+class Receiving:
+    """The state of one migration at the destination."""
+
+    def __init__(self, parts: DestinationParts) -> None:
+        self.parts = parts
+        self.state = ReceivingState.AWAITING_SOURCE
+        self.failure = parts.failure
+        self.failure.on_failure(self._teardown)
+        self.main: MainChannel | None = None
+        self.setup: Setup | None = None
+        self.regions: list[Region] = []
+        self._fresh: list[bool] = []            # per region: created for this session
+        self._counters = None
+        self._pool = None
+        self._desc_w = -1                       # descriptors to the reassembly process
+        self._assigned: dict[int, object] = {}  # channel id -> its worker
+        self._drained: set[int] = set()
+        self._sync_count: dict[int, int] = {}
+        self._round_end = 0
+        self._released = 0
+        self._complete: Complete | None = None
+        self._device_results: dict[int, object] = {}
+        self._device_chunks: dict[int, int] = {}
+        self._load_seconds: dict[int, float] = {}
+        self._reassembly_drained = False
+        self._old_way_chunks = self._old_way_bytes = 0
+        self._watch: Watch | None = None
+
+    # ------------------------------------------------------------ setup
+    def accept_main(self) -> None:
+        """Accept the source's main channel and its SETUP; answer SETUP_ACK."""
+        sock = self._accept("the main channel")
+        tune_main_socket(sock)
+        self.main = MainChannel(sock)
+        handshake.accept_main_channel(sock)
+        self.state = ReceivingState.SETUP
+        self._prepare(expect_message(sock, Msg.SETUP))
+        self.main.send(Msg.SETUP_ACK)
+        sock.settimeout(None)
+        self.state = ReceivingState.RECEIVING
+
+    def _accept(self, what: str) -> socket.socket:
+        listener, timeout = self.parts.listener, self.parts.timeout
+        listener.settimeout(timeout)
+        try:
+            sock, _ = listener.accept()
+        except socket.timeout:
+            raise MigrationError(f"no connection for {what} within {timeout:g} s") from None
+        # A source writes its hello at once; a silent connection must not hold
+        # the event loop (which also serves the other channels) for long.
+        sock.settimeout(min(timeout, HELLO_TIMEOUT))
+        return sock
+
+    def _prepare(self, setup: Setup) -> None:
+        """Check SETUP against what the user added; make regions, counters, pool."""
+        self.setup = setup
+        parts = self.parts
+        names = [r.name for r in setup.regions]
+        keys = [d.key for d in setup.devices]
+        for name in parts.user_regions:
+            if name not in names:
+                raise ConfigError(f"region {name!r} was added at the destination but the "
+                                  f"source does not send it")
+        for key in parts.loaders:
+            if key not in keys:
+                raise ConfigError(f"a loader was added for device {key[0]!r} instance "
+                                  f"{key[1]} but the source does not send it")
+        for spec in setup.regions:
+            self.regions.append(self._region(spec.name, spec.size))
+        self._counters = parts.resources.own(_core.Counters.create(setup.total_channels))
+        if setup.devices:
+            self._start_reassembly()
+
+    def _region(self, name: str, size: int) -> Region:
+        parts, page_size = self.parts, self.setup.page_size
+        region = parts.user_regions.get(name)
+        fresh = region is None
+        if region is None and parts.region_factory is not None:
+            region = parts.resources.own(parts.region_factory(name, size, page_size))
+            parts.user_regions[name] = region
+            fresh = False
+        elif region is None:
+            region = parts.resources.own(Region.create(name, size, page_size=page_size))
+        elif region.size != size or region.page_size != page_size:
+            raise ConfigError(f"region {name!r}: the source sends {size} bytes in "
+                              f"{page_size}-byte pages, the destination's region has "
+                              f"{region.size} bytes in {region.page_size}-byte pages")
+        self._fresh.append(fresh)
+        return region
+
+    def _start_reassembly(self) -> None:
+        setup, parts = self.setup, self.parts
+        cap = setup.max_queued_bytes
+        if parts.queued_cap is not None:
+            cap = min(cap, parts.queued_cap)
+            if cap < setup.chunk_size:
+                raise ConfigError(f"this destination's max_queued_bytes ({cap}) cannot hold one "
+                                  f"device chunk of the source's device_chunk_size "
+                                  f"({setup.chunk_size})")
+        slot_size = setup.chunk_size + _core.CHUNK_HEADER_SIZE
+        nslots = pool_slots_for(len(setup.devices), cap, setup.chunk_size, setup.total_channels)
+        # Slots are touched only as chunks arrive, so the pool is not allocated up front.
+        self._pool = parts.resources.own(_core.BufferPool.create(nslots, slot_size,
+                                                                 tag="dest-pool"))
+        desc_r, self._desc_w = os.pipe()
+        parts.resources.fds.append(self._desc_w)
+        loaders = tuple((device_key(*d.key), parts.loaders.get(d.key, CollectLoader()))
+                        for d in setup.devices)
+        try:
+            parts.reassembly[0].start_session(ReassemblyParams(self._pool.name, cap, loaders),
+                                              [desc_r])
+        finally:
+            os.close(desc_r)
+
+    # ------------------------------------------------------------ the session
+    def run(self) -> None:
+        """Receive until everything is applied and loaded, then send LOADED."""
+        parts = self.parts
+        self._watch = watch = Watch(self.main.sock)
+        watch.add(parts.listener, self._accept_channel)
+        watch.add(self.main.sock, self._on_main_message)
+        if self.setup.devices:
+            watch.add_child(parts.reassembly[0], self._on_reassembly_report)
+        while not self._done():
+            self.failure.check()
+            watch.poll(1.0)
+        self._finish()
+
+    def _done(self) -> bool:
+        return (self._complete is not None
+                and len(self._drained) == self.setup.total_channels
+                and self._released == self._round_end
+                and len(self._device_results) == len(self.setup.devices)
+                and (self._reassembly_drained or not self.setup.devices))
+
+    def _accept_channel(self) -> None:
+        setup, workers = self.setup, self.parts.workers
+        sock = self._accept("a multifd channel")
+        self.parts.resources.sockets.append(sock)
+        ch = handshake.accept_channel(sock, setup, self._assigned)
+        sock.settimeout(None)
+        tune_data_socket(sock)
+        while len(workers) <= ch:
+            workers.add(recv_worker_main, f"receive channel {len(workers)}")
+        worker = workers[ch]
+        params = RecvParams(
+            channel=ch, page_size=setup.page_size, packet_pages=setup.packet_pages,
+            checksum=setup.checksum, chunk_size=setup.chunk_size,
+            compression=setup.compression, regions=tuple(r.handle for r in self.regions),
+            devices=tuple(d.key for d in setup.devices), counters=self._counters.name,
+            pool=self._pool.name if self._pool is not None else None,
+            ram=ch < setup.channels, received=tuple(r.dirty.name for r in self.regions),
+            fresh=tuple(self._fresh))
+        worker.start_session(params, [sock.fileno()] + ([self._desc_w] if self._pool else []))
+        self._assigned[ch] = worker
+        self._watch.add_child(worker, lambda report: self._on_worker_report(ch, report))
+        if len(self._assigned) == setup.total_channels:
+            self._watch.remove(self.parts.listener)
+
+    def _on_worker_report(self, ch: int, report) -> None:
+        if isinstance(report, Synced):
+            self._sync_count[report.round] = self._sync_count.get(report.round, 0) + 1
+            self._release_rounds()
+        elif isinstance(report, Eof):
+            self._drained.add(ch)
+            if len(self._drained) == self.setup.total_channels and self.setup.devices:
+                self.parts.reassembly[0].send(Drained())
+
+    def _release_rounds(self) -> None:
+        """RAM barrier: let every RAM channel past round n once all reached it."""
+        n_ram = self.setup.channels
+        while (self._released < self._round_end
+               and self._sync_count.get(self._released + 1, 0) == n_ram):
+            self._released += 1
+            for ch in range(n_ram):
+                self._assigned[ch].send(Go(self._released))
+            self.main.send(Msg.ROUND_ACK, RoundAck(self._released))
+
+    def _on_main_message(self) -> None:
+        kind, body = read_message(self.main.sock, OLD_WAY_PREFIX.size
+                                  + _core.CHUNK_HEADER_SIZE + self.setup.chunk_size)
+        expected = {ReceivingState.RECEIVING: (Msg.ROUND_END, Msg.DEVICE_STATE,
+                                               Msg.SWITCHOVER_START, Msg.COMPLETE),
+                    ReceivingState.SWITCHOVER: (Msg.ROUND_END, Msg.DEVICE_STATE,
+                                                Msg.COMPLETE)}.get(self.state, ())
+        if kind is Msg.ERROR:
+            raise MigrationError(f"the source failed: {decode_payload(kind, body).error}",
+                                 channel=MAIN, side="source")
+        if kind not in expected:
+            raise ProtocolError(f"main channel: unexpected {kind.name} from the source while "
+                                f"{self.state.value}", field="type", received=kind.name,
+                                expected=" or ".join(m.name for m in expected) or "nothing")
+        if kind is Msg.DEVICE_STATE:
+            self._on_old_way_chunk(body)
+            return
+        payload = decode_payload(kind, body)
+        if isinstance(payload, RoundEnd):
+            if payload.round != self._round_end + 1:
+                raise ProtocolError(f"ROUND_END for round {payload.round}, expected "
+                                    f"{self._round_end + 1}", field="round",
+                                    received=payload.round, expected=self._round_end + 1)
+            self._round_end = payload.round
+            self._release_rounds()
+        elif kind is Msg.SWITCHOVER_START:
+            # Loaders already start as chunks arrive: nothing waits for it.
+            self.state = ReceivingState.SWITCHOVER
+        else:
+            self._complete = payload
+            self.state = ReceivingState.COMPLETE
+
+    def _on_old_way_chunk(self, body: bytes) -> None:
+        devices = self.setup.devices
+        if self._pool is None or self.setup.channel_header:
+            raise ProtocolError("DEVICE_STATE on the main channel, but device state travels "
+                                "on the multifd channels in this session",
+                                field="type", received="DEVICE_STATE", expected="not here")
+        if len(body) < OLD_WAY_PREFIX.size + _core.CHUNK_HEADER_SIZE:
+            raise ProtocolError(f"DEVICE_STATE of {len(body)} bytes is shorter than its "
+                                f"headers", field="length", received=len(body),
+                                expected=OLD_WAY_PREFIX.size + _core.CHUNK_HEADER_SIZE)
+        device = OLD_WAY_PREFIX.unpack_from(body)[0]
+        if device >= len(devices):
+            raise ProtocolError(f"DEVICE_STATE for device number {device}, the session has "
+                                f"{len(devices)}", field="device", received=device,
+                                expected=f"< {len(devices)}")
+        chunk = memoryview(body)[OLD_WAY_PREFIX.size:]
+        idx, flags = _core.decode_chunk_header(chunk)
+        slot = self._acquire_slot()
+        with self._pool.view(slot) as view:
+            view[:len(chunk)] = chunk
+        os.write(self._desc_w, _core.pack_descriptor(device, idx, flags, slot, len(chunk), 0))
+        self._old_way_chunks += 1
+        self._old_way_bytes += len(chunk)
+
+    def _acquire_slot(self) -> int:
+        reassembly = self.parts.reassembly[0]
+        while True:
+            slot = self._pool.acquire(timeout=0.5)
+            if slot is not None:
+                return slot
+            self.failure.check()
+            if not reassembly.process.is_alive():
+                raise reassembly.death_error()
+
+    def _on_reassembly_report(self, report) -> None:
+        if isinstance(report, DeviceLoaded):
+            self._device_results[report.device] = report.result
+            self._load_seconds[report.device] = report.seconds
+            self._device_chunks[report.device] = report.chunks
+        elif isinstance(report, Drained):
+            self._reassembly_drained = True
+
+    def _finish(self) -> None:
+        """Everything is applied: check the source's totals, then send LOADED."""
+        counts = self._complete.device_chunks
+        for i, device in enumerate(self.setup.devices):
+            theirs = counts[i] if i < len(counts) else None
+            if theirs != self._device_chunks.get(i):
+                raise ProtocolError(f"device {device_key(*device.key)}: the source sent "
+                                    f"{theirs} chunks, {self._device_chunks.get(i)} were "
+                                    f"loaded", field="device_chunks",
+                                    received=self._device_chunks.get(i), expected=theirs)
+        sent = self._complete.channels
+        for ch in range(self.setup.total_channels):
+            mine = self._counters.read(ch)
+            theirs = sent[ch] if ch < len(sent) else {}
+            for key in _COUNTED:
+                if theirs.get(key) != mine[key]:
+                    raise ProtocolError(f"channel {ch}: the source sent {theirs.get(key)} "
+                                        f"{key.replace('_', ' ')}, {mine[key]} arrived",
+                                        field=key, received=mine[key], expected=theirs.get(key))
+        self.main.send(Msg.LOADED, Loaded(rounds=self._round_end,
+                                          load_seconds=self._load_seconds_by_name()))
+        self.state = ReceivingState.RESUMING
+
+    def resumed(self) -> None:
+        self.main.send(Msg.RESUMED)
+        self.state = ReceivingState.DONE
+
+    def _load_seconds_by_name(self) -> dict[str, float]:
+        return {device_key(*self.setup.devices[i].key): s for i, s in self._load_seconds.items()}
+
+    def _teardown(self, error: MigrationError) -> None:
+        self.state = ReceivingState.FAILED
+        if self._pool is not None:
+            self._pool.abort()
+        break_session(error, "source", self.main, self.parts.resources)
+        for group in (self.parts.workers, self.parts.reassembly):
+            group.kill()
+
+    def close(self) -> None:
+        if self.main is not None:
+            self.main.close()
+            self.main = None
+
+    # ------------------------------------------------------------ results
+    def stats(self, total: float) -> ReceiveStats:
+        setup, counters = self.setup, self._counters
+        channels = tuple(
+            ChannelStats.from_counters(ch, "ram" if ch < setup.channels else "device",
+                                       counters.read(ch))
+            for ch in range(setup.total_channels))
+        return ReceiveStats(
+            total_time_s=total, rounds=self._round_end,
+            normal_pages=sum(c.normal_pages for c in channels),
+            zero_pages=sum(c.zero_pages for c in channels),
+            wire_bytes=sum(c.wire_bytes for c in channels),
+            device_bytes=counters.total("device_bytes") + self._old_way_bytes,
+            device_chunks=counters.total("device_packets") + self._old_way_chunks,
+            load_time_s=self._load_seconds_by_name(), channels=channels)
+
+    def device_results(self) -> dict[tuple[str, int], object]:
+        return {self.setup.devices[i].key: result for i, result in self._device_results.items()}

@@ -1,0 +1,412 @@
+"""One migration from the source's side: :class:`Sending`, the state of a
+session that a :class:`~fastmfd.Source` (the owner of the processes and shared
+structures) runs once.
+
+::
+
+    Sending.run()                                      send workers (1 process / channel)
+      CONNECTING: main channel, SETUP ──▶ SETUP_ACK
+        channels (header + init packet) ──fds──▶       SendEngine.run(command pipe)
+      LIVE: round 1 every page, rounds 2..k dirty       select an idle channel (atomic
+        pages, until converged: page indices ->          selector); SYNC on every RAM
+        mailbox, RAM command -> pipe; ROUND_END          channel at each round's end
+      STOPPED: on_stop(); final dirty pages; device
+        save threads -> pool slots -> DEVICE commands
+      COMPLETING: QUIT, the workers' Done; COMPLETE ──▶ destination
+      RESUMING: ◀── LOADED (downtime ends)
+      DONE: ◀── RESUMED (the destination's on_resume ran); on_resume()
+
+A monitor thread watches the workers (reports and exits) and the main
+channel's return path (ROUND_ACK, LOADED, RESUMED, ERROR); any failure
+fails the session once (:class:`~fastmfd._engine.session.SessionFailure`),
+which aborts every wait and shuts the sockets down: state FAILED.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import _core
+from ..config import MigrationConfig
+from ..errors import MigrationError, ProtocolError
+from ..protocol import handshake
+from ..protocol.control import Done, SendParams
+from ..protocol.main_channel import (MAIN, Complete, Error, Loaded, MainChannel, Msg, RoundAck,
+                                     RoundEnd, decode_payload, expect_message, read_message)
+from ..protocol.setup import DeviceSpec, RegionSpec, Setup
+from ..protocol.sockets import Address, connect, send_all, tune_data_socket, tune_main_socket
+from ..regions import Region
+from ..shm import SharedMemory
+from ..stats import ChannelStats, MigrationStats, RoundStats
+from .processes import ChildSet, Watch
+from .progress import RoundProgress
+from .saving import DeviceSaver, save_old_way
+from .session import SessionFailure, SessionResources, break_session, call_hook
+
+__all__ = ["Sending", "SendingState", "SourceParts"]
+
+
+class SendingState(enum.Enum):
+    CONNECTING = "connecting"
+    LIVE = "live"                   # rounds while the workload runs
+    STOPPED = "stopped"             # on_stop ran: the final round and device state
+    COMPLETING = "completing"       # every command queued; COMPLETE goes out
+    RESUMING = "resuming"           # LOADED arrived (downtime is over); waiting for RESUMED
+    DONE = "done"
+    FAILED = "failed"
+
+
+@dataclass
+class SourceParts:
+    """What a Source owns and a session uses: made before the timed migration."""
+    address: Address
+    config: MigrationConfig
+    uuid: bytes
+    regions: list[Region]
+    devices: list
+    workers: ChildSet
+    counters: "_core.Counters"
+    ram_selector: "_core.ChannelSelector"
+    device_selector: "_core.ChannelSelector"
+    mailbox_shm: SharedMemory
+    job_pages: int
+    resources: SessionResources
+
+
+class Sending:
+    """The state of one migration at the source."""
+
+    def __init__(self, parts: SourceParts) -> None:
+        self.parts = parts
+        self.config = parts.config
+        self.state = SendingState.CONNECTING
+        self.failure = SessionFailure("source")
+        self.failure.on_failure(self._teardown)
+        self.main: MainChannel | None = None
+        self._mailbox = np.frombuffer(parts.mailbox_shm.buf, dtype=np.uint64).reshape(
+            self.config.total_channels, parts.job_pages)
+        self._cmd_fds: list[int] = []           # one command pipe per worker (also in resources)
+        self._pool = None
+        self._monitor: threading.Thread | None = None
+        self._wake_r, self._wake_w = -1, -1
+        self._loaded = threading.Event()
+        self._resumed = threading.Event()
+        self._workers_done = threading.Event()
+        self._saver: DeviceSaver | None = None   # the device save threads, new way
+        self._device_chunks: list[int] = []     # chunks each device sent, in device order
+        self._old_way_bytes = 0                 # device bytes sent on the main channel
+        self._loaded_report: Loaded | None = None
+
+    # ------------------------------------------------------------ the session
+    def run(self, live: bool, on_stop, on_resume, progress: bool) -> MigrationStats:
+        t_start = time.monotonic()
+        try:
+            self._connect()
+            t_setup = time.monotonic() - t_start
+            with RoundProgress(enabled=progress, regions=self.parts.regions) as bar:
+                rounds, stop_time = self._run_rounds(live, on_stop, bar)
+            self._wait_for(self._loaded)
+            end = time.monotonic()
+            # A destination that cannot resume fails the migration: wait for its word.
+            self._wait_for(self._resumed)
+        except KeyboardInterrupt:
+            self.failure.fail(MigrationError("interrupted by the user"))
+            raise
+        except BaseException as exc:
+            self.failure.raise_for(exc)
+        finally:
+            # The device save threads use the pool, the selector and the command
+            # pipes, which close() frees: they must be over first. After a failure
+            # they end soon (it aborted their waits).
+            if self._saver is not None:
+                self._saver.wait()
+        self.state = SendingState.DONE
+        call_hook("on_resume", on_resume)
+        return self._stats(end - t_start, t_setup, end - stop_time, rounds)
+
+    def close(self) -> None:
+        """Stop the monitor and let go of the main channel (the owner frees the rest)."""
+        if self._monitor is not None:
+            self._stop_monitor()
+        if self.main is not None:
+            self.main.close()
+            self.main = None
+        self._mailbox = None            # a view of a segment the owner closes
+
+    # ------------------------------------------------------------ setup
+    def _setup(self) -> Setup:
+        return Setup(uuid=self.parts.uuid, **self.config.session_values(),
+                     regions=tuple(RegionSpec(r.name, r.size) for r in self.parts.regions),
+                     devices=tuple(DeviceSpec(d.idstr, d.instance_id)
+                                   for d in self.parts.devices))
+
+    def _connect(self) -> None:
+        cfg, parts = self.config, self.parts
+        setup = self._setup()
+        sock = connect(parts.address, cfg.timeout)
+        tune_main_socket(sock)
+        sock.settimeout(cfg.timeout)
+        self.main = MainChannel(sock)
+        send_all(sock, handshake.main_channel_start(cfg.channel_header), "preamble", MAIN)
+        self.main.send(Msg.SETUP, setup)
+        expect_message(sock, Msg.SETUP_ACK)
+
+        if parts.devices and cfg.channel_header:
+            nslots = max(4, 2 * len(parts.devices) + cfg.total_channels)
+            self._pool = parts.resources.own(_core.BufferPool.create(
+                nslots, cfg.device_chunk_size + _core.CHUNK_HEADER_SIZE, tag="source-pool"))
+        for ch, worker in enumerate(parts.workers):
+            data = connect(parts.address, cfg.timeout)
+            parts.resources.sockets.append(data)
+            tune_data_socket(data)
+            send_all(data, handshake.channel_start(setup, ch), "handshake", f"channel {ch}")
+            cmd_r, cmd_w = os.pipe()
+            self._cmd_fds.append(cmd_w)
+            parts.resources.fds.append(cmd_w)
+            try:
+                worker.start_session(self._params(ch), [data.fileno(), cmd_r])
+            finally:
+                os.close(cmd_r)
+        sock.settimeout(None)
+        self._wake_r, self._wake_w = os.pipe()      # wakes the monitor thread to stop it
+        parts.resources.fds += [self._wake_r, self._wake_w]
+        self._monitor = threading.Thread(target=self._watch, name="fastmfd source monitor",
+                                         daemon=True)
+        self._monitor.start()
+        self.state = SendingState.LIVE
+
+    def _params(self, ch: int) -> SendParams:
+        cfg, parts = self.config, self.parts
+        ram = ch < cfg.channels
+        return SendParams(
+            channel=ch, page_size=cfg.page_size, packet_pages=cfg.packet_pages,
+            checksum=cfg.checksum, chunk_size=cfg.device_chunk_size,
+            compression=cfg.compression, regions=tuple(r.handle for r in parts.regions),
+            devices=tuple((d.idstr, d.instance_id) for d in parts.devices),
+            counters=parts.counters.name,
+            pool=self._pool.name if self._pool is not None else None,
+            compression_level=cfg.compression_level,
+            zero_page_detection=cfg.zero_page_detection, mailbox=parts.mailbox_shm.name,
+            mailbox_row=ch, job_pages=parts.job_pages,
+            selector=(parts.ram_selector if ram else parts.device_selector).name,
+            selector_index=ch if ram else ch - cfg.channels)
+
+    # ------------------------------------------------------------ rounds
+    def _run_rounds(self, live: bool, on_stop, bar: RoundProgress) -> tuple[list, float]:
+        """Send every round; returns the round stats and the stop time."""
+        cfg, regions = self.config, self.parts.regions
+        rounds: list[RoundStats] = []
+        stop_time = None
+        if not live:
+            stop_time = self._stop(on_stop)
+        for region in regions:
+            region.dirty.collect()          # forget writes before the migration began
+        pages = [np.arange(r.npages, dtype=np.uint64) for r in regions]
+        self._rounds_started = time.monotonic()
+        while True:
+            final = stop_time is not None
+            rounds.append(self._send_round(len(rounds) + 1, pages, not final, bar,
+                                           devices=final))
+            if final:
+                break
+            pending = sum(r.dirty.count() for r in regions) * cfg.page_size
+            if pending <= self._bandwidth() * cfg.downtime_limit \
+                    or len(rounds) >= cfg.max_rounds:
+                stop_time = self._stop(on_stop)
+            pages = [r.dirty.collect() for r in regions]
+        self._finish()
+        return rounds, stop_time
+
+    def _stop(self, on_stop) -> float:
+        stop_time = time.monotonic()
+        call_hook("on_stop", on_stop)
+        self.state = SendingState.STOPPED
+        return stop_time
+
+    def _bandwidth(self) -> float:
+        """Bytes of pages the workers have cleared per second since round 1 began.
+
+        Counted from what the workers finished, not what was handed to them:
+        a round smaller than the channels' jobs is handed out in no time."""
+        counters = self.parts.counters
+        done = counters.total("normal_pages") + counters.total("zero_pages")
+        elapsed = time.monotonic() - self._rounds_started
+        return done * self.config.page_size / max(elapsed, 1e-6)
+
+    def _send_round(self, number: int, pages: list, live: bool, bar: RoundProgress,
+                    devices: bool) -> RoundStats:
+        started = time.monotonic()
+        total = int(sum(len(p) for p in pages))
+        bar.start_round(number, total, live)
+        device_list = self.parts.devices if devices else []
+        if device_list:
+            self.main.send(Msg.SWITCHOVER_START)
+            if self.config.channel_header:
+                self._saver = DeviceSaver(device_list, self._pool, self.parts.device_selector,
+                                          self._device_command, self.failure,
+                                          self.config.device_chunk_size)
+        for index, region_pages in enumerate(pages):
+            self._dispatch_region(index, region_pages, bar)
+        if device_list:
+            if self._saver is not None:
+                self._device_chunks = self._saver.join()
+            else:
+                self._device_chunks, self._old_way_bytes = save_old_way(
+                    device_list, self.main, self.config.device_chunk_size)
+        for ch in range(self.config.channels):
+            self._command(ch, _core.pack_command(_core.CMD_SYNC_, round=number))
+        self.main.send(Msg.ROUND_END, RoundEnd(number))
+        return RoundStats(number, total, time.monotonic() - started, live)
+
+    def _dispatch_region(self, index: int, pages: np.ndarray, bar: RoundProgress) -> None:
+        job = self.parts.job_pages
+        limit = self.config.max_bandwidth
+        for start in range(0, len(pages), job):
+            count = min(job, len(pages) - start)
+            if limit is not None:
+                self._throttle(limit)
+            ch = self.parts.ram_selector.select(timeout=None)
+            self._mailbox[ch, :count] = pages[start:start + count]
+            self._command(ch, _core.pack_command(_core.CMD_RAM_, index, count))
+            bar.advance(count)
+
+    def _throttle(self, limit: int) -> None:
+        """Sleep while the bytes on the wire run ahead of ``limit`` bytes/s."""
+        ahead = self.parts.counters.total("wire_bytes") / limit - (time.monotonic() -
+                                                                  self._rounds_started)
+        if ahead > 0:
+            if self.failure.event.wait(ahead):
+                self.failure.check()
+
+    def _command(self, ch: int, record: bytes) -> None:
+        try:
+            os.write(self._cmd_fds[ch], record)
+        except OSError as exc:
+            self.failure.check()
+            raise MigrationError(f"cannot hand work to its worker: {exc.strerror}",
+                                 channel=f"send channel {ch}") from None
+
+    def _device_command(self, ch: int, device: int, slot: int, length: int) -> None:
+        self._command(self.config.channels + ch if self.config.device_state_channels else ch,
+                      _core.pack_command(_core.CMD_DEVICE_, device, length, slot))
+
+    def _finish(self) -> None:
+        """Every command is queued: let the workers drain and half-close, then COMPLETE
+        with the totals they sent, which the destination checks against its own."""
+        for ch in range(self.config.total_channels):
+            self._command(ch, _core.pack_command(_core.CMD_QUIT_))
+        self.state = SendingState.COMPLETING
+        self._wait_for(self._workers_done)
+        counters = self.parts.counters
+        self.main.send(Msg.COMPLETE, Complete(
+            channels=[counters.read(ch) for ch in range(self.config.total_channels)],
+            device_chunks=self._device_chunks))
+
+    def _wait_for(self, event: threading.Event) -> None:
+        while not event.wait(0.5):
+            self.failure.check()
+        self.failure.check()
+
+    # ------------------------------------------------------------ monitor
+    def _watch(self) -> None:
+        """Monitor thread: worker reports and deaths, and the return path."""
+        watch = Watch(self.main.sock)
+        for worker in self.parts.workers:
+            watch.add_child(worker, self._on_worker_report)
+        watch.add(self.main.sock, lambda: self._on_main_message(watch), MAIN)
+        watch.add(self._wake_r, self._stop_watching)
+        while self.failure.error is None:
+            try:
+                watch.poll(None)
+            except _StopWatching:
+                return
+            except OSError:
+                return                      # closed under us: the session is over
+            except BaseException as exc:
+                self.failure.fail(exc)
+                return
+
+    def _stop_watching(self) -> None:
+        raise _StopWatching()
+
+    def _on_worker_report(self, report) -> None:
+        if isinstance(report, Done) and all(w.finished for w in self.parts.workers):
+            self._workers_done.set()
+
+    def _on_main_message(self, watch: Watch) -> None:
+        """Handle one message from the destination."""
+        try:
+            kind, body = read_message(self.main.sock, 0)
+        except ProtocolError as exc:
+            if self._resumed.is_set():
+                watch.remove(self.main.sock)        # the destination is done and gone
+                return
+            raise MigrationError(f"the destination closed the main channel ({exc.detail})",
+                                 channel=MAIN) from None
+        payload = decode_payload(kind, body)
+        if isinstance(payload, Error):
+            raise MigrationError(f"the destination failed: {payload.error}",
+                                 channel=MAIN, side="destination")
+        expected = {SendingState.COMPLETING: (Msg.LOADED, Msg.ROUND_ACK),
+                    SendingState.RESUMING: (Msg.RESUMED,)}.get(self.state, (Msg.ROUND_ACK,))
+        if kind not in expected:
+            raise ProtocolError(f"main channel: unexpected {kind.name} from the destination "
+                                f"while {self.state.value}", field="type", received=kind.name,
+                                expected=" or ".join(m.name for m in expected))
+        if isinstance(payload, Loaded):
+            self._loaded_report = payload
+            self.state = SendingState.RESUMING
+            self._loaded.set()
+        elif kind is Msg.RESUMED:
+            self._resumed.set()
+        else:
+            assert isinstance(payload, RoundAck)
+
+    def _stop_monitor(self) -> None:
+        if self._wake_w >= 0:
+            os.write(self._wake_w, b"x")
+        if self._monitor is not threading.current_thread():
+            self._monitor.join(timeout=5)
+        self._monitor = None
+
+    def _teardown(self, error: MigrationError) -> None:
+        """First failure: wake every waiter, tell the destination, break blocked I/O."""
+        self.state = SendingState.FAILED
+        self.parts.ram_selector.abort()
+        self.parts.device_selector.abort()
+        if self._pool is not None:
+            self._pool.abort()
+        break_session(error, "destination", self.main, self.parts.resources)
+        self.parts.workers.kill()
+
+    # ------------------------------------------------------------ results
+    def _stats(self, total: float, setup: float, downtime: float,
+               rounds: list[RoundStats]) -> MigrationStats:
+        cfg, counters = self.config, self.parts.counters
+        channels = tuple(
+            ChannelStats.from_counters(ch, "ram" if ch < cfg.channels else "device",
+                                       counters.read(ch))
+            for ch in range(cfg.total_channels))
+        normal = sum(c.normal_pages for c in channels)
+        zero = sum(c.zero_pages for c in channels)
+        device_bytes = counters.total("device_bytes") + self._old_way_bytes
+        loaded = self._loaded_report
+        return MigrationStats(
+            total_time_s=total, setup_time_s=setup, downtime_s=downtime, rounds=len(rounds),
+            ram_bytes=(normal + zero) * cfg.page_size,
+            wire_bytes=sum(c.wire_bytes for c in channels) + self.main.bytes_sent,
+            normal_pages=normal, zero_pages=zero, device_bytes=device_bytes,
+            device_chunks=sum(self._device_chunks), page_size=cfg.page_size,
+            compression=cfg.compression, channels=channels, round_stats=tuple(rounds),
+            destination={"rounds": loaded.rounds, "load_seconds": loaded.load_seconds})
+
+
+class _StopWatching(BaseException):
+    """The wake-up pipe: the monitor thread ends (not an Exception: no handler
+    may turn it into the session's failure)."""

@@ -1,0 +1,149 @@
+"""What the main process and its child processes tell each other.
+
+A child (a channel's send or receive worker, the reassembly process, a
+benchmark peer) gets its parameters once, as one of the frozen dataclasses
+below, and reports on its control pipe with the small messages below: once
+per session or per round, never per packet (the hot path is in the Cython
+core and shared memory). Both ends import this one module, so a new
+parameter or report is added here and used where it is made and read.
+
+::
+
+    main process                                   child
+      Params ───────────────────────────────────▶   (or Stop: exit without a session)
+      ◀─────────────────────────────── Ready        started, waiting for its Params
+      ◀─────────────────────────────── Synced(n)    receive worker at SYNC n; waits for
+      Go(n) ─────────────────────────────────────▶    Go(n) (or Stop)
+      ◀─────────────────────────────── Done         send worker: every command done
+      ◀─────────────────────────────── Eof          receive worker: its channel ended
+      ◀─────────────────────────────── DeviceLoaded reassembly: one device loaded
+      Drained ───────────────────────────────────▶  reassembly: every channel has ended
+      ◀─────────────────────────────── Drained      reassembly: nothing is missing
+      ◀─────────────────────────────── Failed(...)  any failure, then the child exits 1
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "RegionHandle", "ChannelParams", "SendParams", "RecvParams", "ReassemblyParams",
+    "Ready", "Stop", "Synced", "Go", "Done", "Eof", "DeviceLoaded", "Drained", "Failed",
+]
+
+
+@dataclass(frozen=True)
+class RegionHandle:
+    """What another process needs to attach to a region (small and picklable)."""
+    name: str
+    size: int
+    page_size: int
+    kind: str           # "shm" or "file"
+    location: str       # segment name or file path
+    dirty: str          # dirty bitmap segment name
+
+
+# ---------------------------------------------------------------- parameters
+
+@dataclass(frozen=True)
+class ChannelParams:
+    """What every channel worker needs: its channel, the packet geometry, the
+    regions and devices of the session, and the shared structures to attach."""
+    channel: int
+    page_size: int
+    packet_pages: int
+    checksum: bool
+    chunk_size: int                         # largest device chunk's data
+    compression: str
+    regions: tuple[RegionHandle, ...]
+    devices: tuple[tuple[str, int], ...]    # (idstr, instance_id), in SETUP's order
+    counters: str                           # the Counters segment
+    pool: str | None                        # the device-state BufferPool, if any
+
+
+@dataclass(frozen=True)
+class SendParams(ChannelParams):
+    """A send worker's session: it takes commands from a pipe and pages from its
+    row of the mailbox, and marks itself idle in the channel selector."""
+    compression_level: int
+    zero_page_detection: bool
+    mailbox: str
+    mailbox_row: int
+    job_pages: int
+    selector: str
+    selector_index: int
+
+
+@dataclass(frozen=True)
+class RecvParams(ChannelParams):
+    """A receive worker's session: RAM packets go into the regions (marked in
+    the ``received`` bitmaps), device chunks into the pool."""
+    ram: bool                               # a RAM channel (device-state channels are not)
+    received: tuple[str, ...]               # per region, the bitmap of pages received
+    fresh: tuple[bool, ...]                 # per region, created empty for this session
+
+
+@dataclass(frozen=True)
+class ReassemblyParams:
+    """The reassembly process's session: the pool chunks arrive in, and a loader
+    per device (in SETUP's order, named ``idstr/instance``)."""
+    pool: str
+    max_queued_bytes: int
+    loaders: tuple[tuple[str, Any], ...]
+
+
+# ---------------------------------------------------------------- reports
+
+@dataclass(frozen=True)
+class Ready:
+    """The child is up and waits for its parameters."""
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Instead of parameters or a Go: exit now."""
+
+
+@dataclass(frozen=True)
+class Synced:
+    """A receive worker reached the SYNC of ``round`` and holds there."""
+    round: int
+
+
+@dataclass(frozen=True)
+class Go:
+    """Every RAM channel reached the SYNC of ``round``: go on."""
+    round: int
+
+
+@dataclass(frozen=True)
+class Done:
+    """A send worker ran every command and half-closed its socket."""
+
+
+@dataclass(frozen=True)
+class Eof:
+    """A receive worker's channel ended cleanly."""
+
+
+@dataclass(frozen=True)
+class DeviceLoaded:
+    """The reassembly process loaded device ``device`` (its SETUP index)."""
+    device: int
+    result: Any
+    seconds: float
+    chunks: int
+
+
+@dataclass(frozen=True)
+class Drained:
+    """To the reassembly process: every channel ended. From it: every device
+    stream was complete."""
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The child failed: what happened, and its traceback."""
+    text: str
+    traceback: str
