@@ -9,22 +9,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 
 from ..errors import FastMFDError
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
-
-
-def parse_size(text: str) -> int:
-    """``4096``, ``64K``, ``256M``, ``1G``, ``1.5GiB`` -> bytes (binary units)."""
-    match = _SIZE.match(text)
-    if not match:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 4096, 64K, 256M, 1G)")
-    number, unit = float(match.group(1)), match.group(2).lower()
-    scale = 1 << (10 * ("kmgt".index(unit) + 1)) if unit else 1
-    return int(number * scale)
+from .units import format_bytes, parse_size
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -60,7 +48,6 @@ def cmd_send(args: argparse.Namespace) -> int:
 def cmd_listen(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from .report import format_bytes
     from .transfer import listen_once
     console = Console(stderr=True)
     result, files = listen_once(

@@ -31,15 +31,15 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from ..cli import parse_size
 from ...config import COMPRESSION_METHODS, MigrationConfig
 from ...errors import ConfigError, MigrationError
 from ..images import IMAGE_KINDS, Image
 from ..loopback import LoopbackMigration
 from ...regions import Region
+from ..units import format_bytes, format_rate, parse_size
 
 __all__ = ["Setting", "Measurement", "Result", "FastmfdTrial", "make_trial", "run_once",
-           "run_matrix", "wait_until_idle", "format_size", "render", "add_arguments",
+           "run_matrix", "wait_until_idle", "render", "add_arguments",
            "cli_main"]
 
 METHODS = ("fastmfd", "sendall", "qemu")
@@ -259,16 +259,6 @@ def run_matrix(settings: list[Setting], images: list[Image], repeat: int = 1,
     return list(results.values())
 
 
-# ------------------------------------------------------------------ units
-
-def format_size(nbytes: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(nbytes) < 1024 or unit == "GiB":
-            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.2f} {unit}"
-        nbytes /= 1024
-    raise AssertionError("unreachable")
-
-
 # ------------------------------------------------------------------ report
 
 BAR_WIDTH = 40
@@ -286,7 +276,7 @@ def render(results: list[Result], console, *, note: str = "") -> None:
         qemu = {(r.setting.channels, r.setting.compression): r.best.seconds
                 for r in rows if r.setting.method == "qemu"}
         runs = len(rows[0].measurements)
-        title = f"{kind} image, {format_size(rows[0].best.image_bytes)}{note}"
+        title = f"{kind} image, {format_bytes(rows[0].best.image_bytes)}{note}"
         table = Table(title=f"{title} (best of {runs})" if runs > 1 else title,
                       title_justify="left")
         table.add_column("setting")
@@ -301,8 +291,8 @@ def render(results: list[Result], console, *, note: str = "") -> None:
         for r in rows:
             best = r.best
             cells = [r.setting.label, f"{best.seconds * 1000:.0f} ms",
-                     f"{format_size(best.throughput)}/s",
-                     "-" if best.wire_bytes is None else format_size(best.wire_bytes),
+                     format_rate(best.throughput),
+                     "-" if best.wire_bytes is None else format_bytes(best.wire_bytes),
                      f"{best.seconds / fastest:.2f}x"]
             if peer is not None:
                 cells.append(f"{peer.best.seconds / best.seconds:.2f}x")
@@ -322,7 +312,7 @@ def render(results: list[Result], console, *, note: str = "") -> None:
             bar = "█" * int(fill) + ("▌" if fill - int(fill) >= 0.5 else "")
             line = Text(f"  {r.setting.label:<{width}} ")
             line.append(f"{bar:<{BAR_WIDTH}}", style="cyan")
-            line.append(f" {format_size(r.best.throughput)}/s")
+            line.append(f" {format_rate(r.best.throughput)}")
             console.print(line)
         console.print()
 
@@ -427,12 +417,12 @@ def cli_main(args: argparse.Namespace) -> int:
     images: list[Image] = []
     try:
         for kind in args.image:
-            log.print(f"making a {format_size(args.size)} {kind} image ...")
+            log.print(f"making a {format_bytes(args.size)} {kind} image ...")
             images.append(Image.create(kind, args.size))
 
         def progress(kind, setting, number, m):
             log.print(f"  {kind:<6} {setting.label:<24} run {number + 1}: "
-                      f"{m.seconds * 1000:8.1f} ms  {format_size(m.throughput)}/s  verified")
+                      f"{m.seconds * 1000:8.1f} ms  {format_rate(m.throughput)}  verified")
 
         results = run_matrix(settings, images, args.repeat, progress,
                              qemu_binary=args.qemu_binary, prealloc=args.prealloc)
