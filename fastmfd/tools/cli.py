@@ -1,8 +1,14 @@
 """The ``fastmfd`` command.
 
-Each subcommand is a function ``cmd_<name>(args) -> int`` plus its entry in
+Each subcommand is a function ``cmd_<name>(args) -> int`` (``bench``: its
+package's ``command.cli_main``) plus its entry in
 ``_build_parser``; the work itself lives in the library modules, so every
 command is also available from Python.
+
+The commands' modules are imported inside the functions on purpose: the
+worker processes a command starts (through multiprocessing's forkserver)
+import the program's main module, ``fastmfd.__main__`` and so this one, and
+should not pay for rich and every command's code (about 0.2 s) to start.
 """
 
 from __future__ import annotations
@@ -65,12 +71,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return inspect.cli_main(args)
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from . import bench
-    return bench.cli_main(args)
-
-
 def _build_parser() -> argparse.ArgumentParser:
+    # Their arguments name the image kinds and compression methods: lazy, as above.
+    from . import inspect
+    from .bench import command as bench
+
     parser = argparse.ArgumentParser(
         prog="fastmfd",
         description="Move memory images and ordered device state over parallel connections "
@@ -112,15 +117,13 @@ def _build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_listen)
 
     p = sub.add_parser("inspect", help="decode captured multifd channel bytes (fastmfd or QEMU)")
-    from . import inspect
     inspect.add_arguments(p)
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("bench", help="time migrations across channel and compression "
                                      "settings (and peers), verify them, draw the result")
-    from . import bench
     bench.add_arguments(p)
-    p.set_defaults(func=cmd_bench)
+    p.set_defaults(func=bench.cli_main)
     return parser
 
 
