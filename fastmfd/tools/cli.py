@@ -1,7 +1,7 @@
 """The ``fastmfd`` command.
 
-Each subcommand is a function ``cmd_<name>(args) -> int`` (``bench``: its
-package's ``command.cli_main``) plus its entry in
+Each subcommand is a function ``cmd_<name>(args) -> int`` (``bench`` and
+``inspect``: their package's ``command.cli_main``) plus its entry in
 ``_build_parser``; the work itself lives in the library modules, so every
 command is also available from Python.
 
@@ -66,15 +66,10 @@ def cmd_listen(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_inspect(args: argparse.Namespace) -> int:
-    from . import inspect
-    return inspect.cli_main(args)
-
-
 def _build_parser() -> argparse.ArgumentParser:
     # Their arguments name the image kinds and compression methods: lazy, as above.
-    from . import inspect
     from .bench import command as bench
+    from .inspect import command as inspect
 
     parser = argparse.ArgumentParser(
         prog="fastmfd",
@@ -118,7 +113,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="decode captured multifd channel bytes (fastmfd or QEMU)")
     inspect.add_arguments(p)
-    p.set_defaults(func=cmd_inspect)
+    p.set_defaults(func=inspect.cli_main)
 
     p = sub.add_parser("bench", help="time migrations across channel and compression "
                                      "settings (and peers), verify them, draw the result")
