@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fastmfd.tools.bench import Measurement
+from fastmfd.tools.bench.trial import Measurement
 
 GIB = 1 << 30
 

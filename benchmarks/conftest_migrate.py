@@ -23,8 +23,8 @@ import os
 import pytest
 
 from _migration import RECORDS
-from fastmfd.tools.cli import parse_size
 from fastmfd.tools.images import Image
+from fastmfd.tools.units import parse_size
 
 CI_SIZE = 16 << 20
 FULL_SIZE = 1 << 30

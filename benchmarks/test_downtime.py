@@ -25,7 +25,7 @@ import pytest
 
 from _migration import report, time_trials
 from fastmfd import MigrationConfig, SyntheticDevice, VerifyLoader
-from fastmfd.tools.bench import FastmfdTrial
+from fastmfd.tools.bench.fastmfd_trial import FastmfdTrial
 
 MIB = 1 << 20
 # The seed's old way took ~2100 ms for 4 devices and ~400 MiB: about 200 MiB/s

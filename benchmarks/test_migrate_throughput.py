@@ -19,7 +19,7 @@ from __future__ import annotations
 import pytest
 
 from _migration import report, time_trials
-from fastmfd.tools.bench import Setting, make_trial
+from fastmfd.tools.bench.matrix import Setting, make_trial
 
 IMAGES = ("random", "halftext")
 COMPRESSIONS = ("none", "zlib", "zstd")

@@ -9,8 +9,9 @@ import threading
 
 import pytest
 
-from fastmfd.tools.cli import main, parse_size
+from fastmfd.tools.cli import main
 from fastmfd.tools.transfer import ImageSpec, StateSpec, listen_once, output_name
+from fastmfd.tools.units import parse_size
 
 PAGE = 4096
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from fastmfd.tools.cli import main
-from fastmfd.tools.inspect import read_capture
+from fastmfd.tools.inspect.capture import read_capture
 from inspect_support import PACKET_PAGES, ROUND_ENDS, capture_files, two_rounds, write_files
 
 REPO = Path(__file__).resolve().parents[1]

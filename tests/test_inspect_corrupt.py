@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from fastmfd.errors import ProtocolError
-from fastmfd.tools.inspect import read_capture
+from fastmfd.tools.inspect.capture import read_capture
 from inspect_support import capture_files
 
 FILES = capture_files("zlib")

@@ -14,7 +14,7 @@ import pytest
 
 from fastmfd import _core
 from fastmfd.errors import ConfigError, ProtocolError
-from fastmfd.tools.inspect import read_capture
+from fastmfd.tools.inspect.capture import read_capture
 from fastmfd.protocol.main_channel import Msg
 from inspect_support import (
     PACKET_PAGES, PAGE, REGIONS, ROUND_ENDS, SESSION_UUID, ChannelWriter, Session,

@@ -14,7 +14,7 @@ import json
 import pytest
 
 from fastmfd.errors import ProtocolError
-from fastmfd.tools.inspect import read_capture
+from fastmfd.tools.inspect.capture import read_capture
 from inspect_support import QEMU_UUID, capture_files, pattern_page
 
 COMPRESSIONS = ["none", "zlib", "zstd"]

@@ -16,7 +16,7 @@ import pytest
 
 from fastmfd import _core
 from fastmfd.errors import ProtocolError
-from fastmfd.tools.inspect import read_capture
+from fastmfd.tools.inspect.capture import read_capture
 
 UUID = bytes.fromhex("00112233445566778899aabbccddeeff")
 PAGE = 8192                                  # target-page-bits 13

@@ -1,30 +1,24 @@
 """The ``fastmfd`` command.
 
-Each subcommand is a function ``cmd_<name>(args) -> int`` plus its entry in
+Each subcommand is a function ``cmd_<name>(args) -> int`` (``bench`` and
+``inspect``: their package's ``command.cli_main``) plus its entry in
 ``_build_parser``; the work itself lives in the library modules, so every
 command is also available from Python.
+
+The commands' modules are imported inside the functions on purpose: the
+worker processes a command starts (through multiprocessing's forkserver)
+import the program's main module, ``fastmfd.__main__`` and so this one, and
+should not pay for rich and every command's code (about 0.2 s) to start.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 
 from ..errors import FastMFDError
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
-
-
-def parse_size(text: str) -> int:
-    """``4096``, ``64K``, ``256M``, ``1G``, ``1.5GiB`` -> bytes (binary units)."""
-    match = _SIZE.match(text)
-    if not match:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 4096, 64K, 256M, 1G)")
-    number, unit = float(match.group(1)), match.group(2).lower()
-    scale = 1 << (10 * ("kmgt".index(unit) + 1)) if unit else 1
-    return int(number * scale)
+from .units import format_bytes, parse_size
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -60,7 +54,6 @@ def cmd_send(args: argparse.Namespace) -> int:
 def cmd_listen(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from .report import format_bytes
     from .transfer import listen_once
     console = Console(stderr=True)
     result, files = listen_once(
@@ -73,17 +66,11 @@ def cmd_listen(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_inspect(args: argparse.Namespace) -> int:
-    from . import inspect
-    return inspect.cli_main(args)
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    from . import bench
-    return bench.cli_main(args)
-
-
 def _build_parser() -> argparse.ArgumentParser:
+    # Their arguments name the image kinds and compression methods: lazy, as above.
+    from .bench import command as bench
+    from .inspect import command as inspect
+
     parser = argparse.ArgumentParser(
         prog="fastmfd",
         description="Move memory images and ordered device state over parallel connections "
@@ -125,15 +112,13 @@ def _build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_listen)
 
     p = sub.add_parser("inspect", help="decode captured multifd channel bytes (fastmfd or QEMU)")
-    from . import inspect
     inspect.add_arguments(p)
-    p.set_defaults(func=cmd_inspect)
+    p.set_defaults(func=inspect.cli_main)
 
     p = sub.add_parser("bench", help="time migrations across channel and compression "
                                      "settings (and peers), verify them, draw the result")
-    from . import bench
     bench.add_arguments(p)
-    p.set_defaults(func=cmd_bench)
+    p.set_defaults(func=bench.cli_main)
     return parser
 
 

@@ -31,6 +31,7 @@ from .images import fill_image
 from .loopback import migrate_locally
 from ..regions import Region
 from .report import stats_table
+from .units import format_bytes, format_rate
 from .._engine.processes import mp_context
 
 __all__ = ["run_demo", "live_migration", "seed_experiment", "WayResult"]
@@ -83,7 +84,7 @@ class Workload:
 
 def live_migration(console: Console, size: int, config: MigrationConfig) -> bool:
     console.rule("[bold]Live migration")
-    console.print(f"Image: {size / MiB:.0f} MiB in shared memory, half zero pages, a quarter "
+    console.print(f"Image: {format_bytes(size)} in shared memory, half zero pages, a quarter "
                   f"text, a quarter random; a workload process keeps rewriting pages.")
     region = Region.create("pc.ram", size, page_size=config.page_size)
     workload = None
@@ -138,9 +139,9 @@ def seed_experiment(console: Console, *, ndevices: int = 4, device_size: int = 1
                     rate: float = 200 * MiB, ram_size: int = 64 * MiB,
                     channels: int = 4) -> list[WayResult]:
     console.rule("[bold]Device state over multifd: the seed's downtime experiment")
-    console.print(f"{ndevices} devices × {device_size / MiB:.0f} MiB of state, each read and "
-                  f"loaded at {rate / MiB:.0f} MiB/s (an emulated VFIO data fd), plus "
-                  f"{ram_size / MiB:.0f} MiB of RAM.")
+    console.print(f"{ndevices} devices × {format_bytes(device_size)} of state, each read and "
+                  f"loaded at {format_rate(rate)} (an emulated VFIO data fd), plus "
+                  f"{format_bytes(ram_size)} of RAM.")
     ways = [
         ("old way: main channel, device after device",
          MigrationConfig(channels=channels, channel_header=False), f"{channels}"),

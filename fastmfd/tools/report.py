@@ -5,16 +5,9 @@ from __future__ import annotations
 from rich.table import Table
 
 from ..stats import MigrationStats
+from .units import format_bytes, format_rate
 
-__all__ = ["stats_table", "format_bytes"]
-
-
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
+__all__ = ["stats_table"]
 
 
 def stats_table(stats: MigrationStats, *, channels: str, downtime_limit: float | None = None,
@@ -24,7 +17,7 @@ def stats_table(stats: MigrationStats, *, channels: str, downtime_limit: float |
     table.add_row("channels", channels)
     table.add_row("total time", f"{stats.total_time_s * 1000:.0f} ms "
                   f"(setup {stats.setup_time_s * 1000:.0f} ms)")
-    table.add_row("throughput", f"{format_bytes(stats.throughput_bytes_per_s)}/s of memory")
+    table.add_row("throughput", f"{format_rate(stats.throughput_bytes_per_s)} of memory")
     table.add_row("rounds", f"{stats.rounds} ("
                   + ", ".join(str(r.pages) for r in stats.round_stats) + " pages)")
     table.add_row("pages", f"{stats.normal_pages} with data, {stats.zero_pages} zero "

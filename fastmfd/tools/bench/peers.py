@@ -1,6 +1,6 @@
 """What fastmfd is measured against: trials of the same image moved by peers.
 
-Both follow :mod:`fastmfd.bench`'s trial steps (prepare in ``__init__``,
+Both follow the trial steps of :mod:`.trial` (prepare in ``__init__``,
 ``run()`` timed, ``finish()`` checks the destination equals the image and
 frees everything, ``close()`` frees without checking).
 
@@ -34,10 +34,10 @@ import subprocess
 import time
 from multiprocessing import connection
 
-from ..bench import Measurement, wait_until_idle
+from ..._engine.processes import child_setup, mp_context
 from ...errors import ConfigError, MigrationError
 from ..images import Image
-from ..._engine.processes import child_setup, mp_context
+from .trial import Measurement, wait_until_idle
 
 __all__ = ["SendallTrial", "QemuTrial", "find_qemu", "QMP"]
 
@@ -55,6 +55,25 @@ def _wait_message(conn, expected: str, process, timeout: float = STEP_TIMEOUT):
     if message[0] != expected:
         raise MigrationError(f"{process.name}: sent {message[0]!r}, expected {expected!r}")
     return message
+
+
+class _PeerTrial:
+    """What the peers' trials share: :meth:`finish` checks the file their destination wrote."""
+    image: Image
+    _received: str          # the destination's copy of the image
+    _received_name: str     # what errors call it
+
+    def _stop(self) -> None:
+        """End the peer's processes, as a finished transfer does (``close`` kills them)."""
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        try:
+            self._stop()
+            if not self.image.matches(self._received):
+                raise MigrationError(f"{self._received_name} differs from the image")
+        finally:
+            self.close()
 
 
 # ------------------------------------------------------------------ sendall
@@ -121,17 +140,18 @@ def _sendall_receiver(conn, path: str, size: int, prealloc: bool) -> None:
     conn.send(("done",))
 
 
-class SendallTrial:
+class SendallTrial(_PeerTrial):
     """The image through one plain ``socket.sendall`` / ``recv_into`` pair of processes."""
+    _received_name = "sendall: the received file"
 
     def __init__(self, image: Image, *, prealloc: bool = False) -> None:
         self.image = image
-        self._path = image.new_path("sendall-dst")
+        self._received = image.new_path("sendall-dst")
         self._procs: list = []
         ctx = mp_context()
         try:
             self._recv_conn = self._start(ctx, sendall_receiver, "sendall receiver",
-                                          self._path, image.size, prealloc)
+                                          self._received, image.size, prealloc)
             _, port = _wait_message(self._recv_conn, "port", self._procs[0])
             self._send_conn = self._start(ctx, sendall_sender, "sendall sender",
                                           image.path, image.size, port)
@@ -156,14 +176,9 @@ class SendallTrial:
         seconds = time.perf_counter() - started
         return Measurement(seconds, self.image.size, self.image.size)
 
-    def finish(self) -> None:
-        try:
-            for process in self._procs:
-                process.join(STEP_TIMEOUT)
-            if not self.image.matches(self._path):
-                raise MigrationError("sendall: the received file differs from the image")
-        finally:
-            self.close()
+    def _stop(self) -> None:
+        for process in self._procs:
+            process.join(STEP_TIMEOUT)
 
     def close(self) -> None:
         for process in self._procs:
@@ -175,8 +190,8 @@ class SendallTrial:
             if hasattr(self, conn):
                 getattr(self, conn).close()
                 delattr(self, conn)
-        if os.path.exists(self._path):
-            os.unlink(self._path)
+        if os.path.exists(self._received):
+            os.unlink(self._received)
 
 
 # ------------------------------------------------------------------ QEMU
@@ -266,8 +281,9 @@ def _exit_text(process: subprocess.Popen) -> str:
     return f"{text}: {said}" if said else text
 
 
-class QemuTrial:
+class QemuTrial(_PeerTrial):
     """The image migrated by two real QEMU processes (see the module docstring)."""
+    _received_name = "QEMU: the destination's RAM file"
 
     def __init__(self, image: Image, channels: int, compression: str, level: int = 1,
                  binary: str | None = None, *, prealloc: bool = False) -> None:
@@ -278,7 +294,7 @@ class QemuTrial:
         self._files: list[str] = []
         self._procs: list[subprocess.Popen] = []
         self._qmp: list[QMP] = []
-        self._dst_ram = self._new_file("qemu-dst-ram")
+        self._received = self._new_file("qemu-dst-ram")
         self._prealloc = prealloc
         params = {"multifd-channels": channels, "multifd-compression": compression,
                   # QEMU's default cap is 128 MiB/s; lift it as the captures did.
@@ -287,7 +303,7 @@ class QemuTrial:
             params[f"multifd-{compression}-level"] = level
         try:
             self.src = self._start(image.path, incoming=False)
-            self.dst = self._start(self._dst_ram, incoming=True)
+            self.dst = self._start(self._received, incoming=True)
             for qmp in (self.src, self.dst):
                 qmp.command("migrate-set-capabilities", capabilities=[
                     {"capability": "multifd", "state": True},
@@ -349,15 +365,7 @@ class QemuTrial:
             "normal_pages": ram["normal"], "zero_pages": ram["duplicate"],
             "multifd_bytes": ram.get("multifd-bytes")})
 
-    def finish(self) -> None:
-        try:
-            self._quit()
-            if not self.image.matches(self._dst_ram):
-                raise MigrationError("QEMU: the destination's RAM file differs from the image")
-        finally:
-            self.close()
-
-    def _quit(self) -> None:
+    def _stop(self) -> None:
         """Ask every QEMU to quit; kill those that do not within a few seconds."""
         for qmp in self._qmp:
             try:

@@ -1,0 +1,133 @@
+"""``fastmfd bench``: its arguments, the settings they name, and the run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from rich.console import Console
+
+from ...config import COMPRESSION_METHODS
+from ..images import IMAGE_KINDS, Image
+from ..units import format_bytes, format_rate, parse_size
+from .matrix import PEERS, Setting, run_matrix
+from .output import render
+from .peers import find_qemu
+
+__all__ = ["add_arguments", "settings_from_args", "cli_main"]
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of "
+                                         f"channel counts") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"channel counts must be >= 1, not {text!r}")
+    return values
+
+
+def _choice_list(choices: tuple[str, ...]):
+    def parse(text: str) -> list[str]:
+        values = [v.strip() for v in text.split(",") if v.strip()]
+        bad = [v for v in values if v not in choices]
+        if not values or bad:
+            raise argparse.ArgumentTypeError(
+                f"{', '.join(bad) or repr(text)}: choose from {', '.join(choices)}")
+        return values
+    return parse
+
+
+def _size(text: str) -> int:
+    size = parse_size(text)
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive size")
+    if size % 4096:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of 4 KiB pages")
+    return size
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--size", type=_size, default=256 << 20,
+                        help="image size, e.g. 64M, 1G (default 256M)")
+    parser.add_argument("--channels", type=_int_list, default=[1, 2, 4],
+                        help="comma-separated channel counts (default 1,2,4)")
+    parser.add_argument("--compression", type=_choice_list(COMPRESSION_METHODS),
+                        default=list(COMPRESSION_METHODS),
+                        help="comma-separated methods from none, zlib, zstd (default all)")
+    parser.add_argument("--level", type=_positive, default=1,
+                        help="zlib/zstd compression level (default 1)")
+    parser.add_argument("--image", type=_choice_list(IMAGE_KINDS), default=["random"],
+                        help="random (incompressible), text, mixed (the demo's: half zero "
+                             "pages, a quarter text, a quarter random), halftext (half zero "
+                             "pages, half text) or zero; comma-separated for several "
+                             "(default random)")
+    parser.add_argument("--repeat", type=_positive, default=1,
+                        help="runs per setting; the table shows the best (default 1)")
+    parser.add_argument("--peer", action="append", choices=PEERS, default=[],
+                        help="also time a peer on the same image: sendall (one plain "
+                             "socket) or qemu (real QEMU multifd, needs qemu-system-x86_64); "
+                             "repeatable")
+    parser.add_argument("--qemu-binary", default=None, metavar="PATH",
+                        help="QEMU to run for --peer qemu (default: qemu-system-x86_64 "
+                             "on PATH)")
+    parser.add_argument("--prealloc", action="store_true",
+                        help="allocate and fault in the destination's memory before timing "
+                             "(QEMU: prealloc=on): times the transport without the cost of "
+                             "fresh memory")
+    parser.add_argument("--json", metavar="FILE", default=None,
+                        help="also write every measurement to FILE as JSON")
+
+
+def settings_from_args(args: argparse.Namespace) -> list[Setting]:
+    """The settings to time, in run (and table) order: the sendall peer first, then
+    each (compression, channels) cell with its QEMU peer right after it."""
+    methods = ["fastmfd"] + (["qemu"] if "qemu" in args.peer else [])
+    settings = [Setting("sendall", 1, "none")] if "sendall" in args.peer else []
+    settings += [Setting(method, ch, comp, args.level)
+                 for comp in args.compression for ch in args.channels for method in methods]
+    for setting in settings:
+        if setting.method != "sendall":
+            setting.config()            # a bad level fails here, before any work
+    return settings
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    console = Console(width=None if sys.stdout.isatty() else 120)
+    log = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
+    settings = settings_from_args(args)
+    if "qemu" in args.peer:
+        args.qemu_binary = find_qemu(args.qemu_binary)
+    images: list[Image] = []
+    try:
+        for kind in args.image:
+            log.print(f"making a {format_bytes(args.size)} {kind} image ...")
+            images.append(Image.create(kind, args.size))
+
+        def progress(kind, setting, number, m):
+            log.print(f"  {kind:<6} {setting.label:<24} run {number + 1}: "
+                      f"{m.seconds * 1000:8.1f} ms  {format_rate(m.throughput)}  verified")
+
+        results = run_matrix(settings, images, args.repeat, progress,
+                             qemu_binary=args.qemu_binary, prealloc=args.prealloc)
+    finally:
+        for image in images:
+            image.close()
+    render(results, console, note=", destination preallocated" if args.prealloc else "")
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump([r.as_dict() for r in results], out, indent=2)
+            out.write("\n")
+    return 0

@@ -1,0 +1,124 @@
+"""The comparison: settings × images × repeats, one trial each.
+
+::
+
+    for each repeat ─▶ for each image ─▶ for each setting ─▶ make_trial ─▶ run ─▶ finish
+      (repeats are the outer loop, so drift on a busy machine hits every setting alike)
+                      │
+                      ▼
+    Result per (setting, image): every Measurement, the best and the median time
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+
+from ...config import MigrationConfig
+from ...errors import ConfigError
+from ..images import Image
+from .fastmfd_trial import FastmfdTrial
+from .peers import QemuTrial, SendallTrial
+from .trial import Measurement, Trial
+
+__all__ = ["METHODS", "PEERS", "Setting", "Result", "make_trial", "run_once", "run_matrix"]
+
+METHODS = ("fastmfd", "sendall", "qemu")
+PEERS = ("sendall", "qemu")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One way to move an image: a column of the comparison."""
+    method: str = "fastmfd"
+    channels: int = 2
+    compression: str = "none"
+    level: int = 1
+
+    @property
+    def compression_label(self) -> str:
+        """``none``, ``zlib-1``, ``zstd-3``..."""
+        return self.compression if self.compression == "none" else \
+            f"{self.compression}-{self.level}"
+
+    @property
+    def label(self) -> str:
+        if self.method == "sendall":
+            return "sendall (1 socket)"
+        return f"{self.method} {self.channels}ch {self.compression_label}"
+
+    def config(self) -> MigrationConfig:
+        """The fastmfd configuration of this setting."""
+        return MigrationConfig(channels=self.channels, compression=self.compression,
+                               compression_level=self.level if self.compression != "none"
+                               else 1)
+
+
+@dataclass
+class Result:
+    """Every measurement of one setting on one image."""
+    setting: Setting
+    image: str
+    measurements: list[Measurement] = field(default_factory=list)
+
+    @property
+    def best(self) -> Measurement:
+        return min(self.measurements, key=lambda m: m.seconds)
+
+    @property
+    def median_seconds(self) -> float:
+        return statistics.median(m.seconds for m in self.measurements)
+
+    def as_dict(self) -> dict:
+        best = self.best
+        return {
+            "image": self.image, "method": self.setting.method, "label": self.setting.label,
+            "channels": self.setting.channels, "compression": self.setting.compression,
+            "level": self.setting.level, "image_bytes": best.image_bytes,
+            "best_s": best.seconds, "median_s": self.median_seconds,
+            "throughput_bytes_per_s": best.throughput, "wire_bytes": best.wire_bytes,
+            "runs_s": [m.seconds for m in self.measurements], "details": best.details,
+        }
+
+
+def make_trial(setting: Setting, image: Image, *, qemu_binary: str | None = None,
+               prealloc: bool = False) -> Trial:
+    """A prepared trial of ``setting`` moving ``image`` (see :mod:`.trial`).
+
+    ``prealloc``: the destination's memory is allocated and faulted in before
+    timing, for every method alike (see :class:`.FastmfdTrial`).
+    """
+    if setting.method == "fastmfd":
+        return FastmfdTrial(image, setting.config(), prealloc=prealloc)
+    if setting.method == "sendall":
+        return SendallTrial(image, prealloc=prealloc)
+    if setting.method == "qemu":
+        return QemuTrial(image, setting.channels, setting.compression, setting.level,
+                         binary=qemu_binary, prealloc=prealloc)
+    raise ConfigError(f"unknown method {setting.method!r}; choose one of {METHODS}")
+
+
+def run_once(setting: Setting, image: Image, **kwargs) -> Measurement:
+    """Prepare, time and check one transfer."""
+    trial = make_trial(setting, image, **kwargs)
+    try:
+        measurement = trial.run()
+    except BaseException:
+        trial.close()
+        raise
+    trial.finish()
+    return measurement
+
+
+def run_matrix(settings: list[Setting], images: list[Image], repeat: int = 1,
+               on_measurement=None, **kwargs) -> list[Result]:
+    """Time every setting on every image ``repeat`` times; one Result per pair."""
+    results = {(s, im.kind): Result(s, im.kind) for im in images for s in settings}
+    for number in range(repeat):
+        for image in images:
+            for setting in settings:
+                measurement = run_once(setting, image, **kwargs)
+                results[setting, image.kind].measurements.append(measurement)
+                if on_measurement is not None:
+                    on_measurement(image.kind, setting, number, measurement)
+    return list(results.values())

@@ -1,0 +1,147 @@
+"""Reading a capture: classify each file, decode the main channel, then every round.
+
+See the package docstring for the flow; :func:`read_capture` is the entry point.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ... import _core
+from ...errors import ConfigError, ProtocolError
+from ...protocol.bytereader import ByteReader
+from ...protocol.main_channel import MAIN_MAGIC
+from ...protocol.qemu import QEVM_MAGIC, QemuMainChannel, decode_qemu_main
+from .contents import DeviceChunks, RamImage
+from .fastmfd_main import decode_fastmfd_main
+from .multifd import ChannelDecoder, check_rounds, open_channels
+from .records import Capture, FastmfdMainChannel
+from .session import Session, default_packet_pages
+from .setup_rules import check_geometry
+
+__all__ = ["read_capture", "LAYOUTS"]
+
+LAYOUTS = (_core.LAYOUT_CURRENT, _core.LAYOUT_QEMU72)
+CHANNEL_HEADER_PREFIX = (4).to_bytes(8, "big")    # BE u64 header_size = 4 (DESIGN §4.1)
+MULTIFD_MAGIC = _core.MULTIFD_MAGIC.to_bytes(4, "big")
+FMFD_MAGIC = MAIN_MAGIC.to_bytes(4, "big")
+DEFAULT_MAX_RAM_BYTES = 1 << 32
+
+
+def read_capture(paths, *, packet_pages: int | None = None, page_size: int = 4096,
+                 layout: str | None = None,
+                 max_ram_bytes: int = DEFAULT_MAX_RAM_BYTES) -> Capture:
+    """Decode the captured channel files ``paths`` (one per connection, any order).
+
+    ``layout`` is ``"qemu-7.2"`` or ``"current"``; by default ``"qemu-7.2"``
+    when a QEMU main channel is among the files. ``page_size`` and
+    ``packet_pages`` (default: QEMU's 512 KiB of pages, 128 of 4 KiB) are used
+    unless the main channel says otherwise (fastmfd's SETUP gives both, QEMU's
+    target-page-bits the page size). ``max_ram_bytes`` bounds the distinct
+    pages kept, since a small compressed capture can inflate a lot.
+    """
+    if layout is not None and layout not in LAYOUTS:
+        raise ConfigError(f"layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
+    check_geometry(default_packet_pages(page_size) if packet_pages is None else packet_pages,
+                   page_size, ConfigError)
+    readers = [ByteReader(str(path), _read_file(path)) for path in paths]
+    if not readers:
+        raise ConfigError("no capture files given")
+    kinds = [_classify(reader) for reader in readers]
+    mains = [(reader, kind) for reader, kind in zip(readers, kinds)
+             if kind[0] != "multifd"]
+    if len(mains) > 1:
+        raise mains[1][0].error("a second main channel in the capture (first: "
+                                f"{mains[0][0].path})", field="magic",
+                                received="main channel", expected="one main channel", at=0)
+
+    devices = DeviceChunks()
+    session = Session(packet_pages=packet_pages, page_size=page_size)
+    main = _decode_main(*mains[0], session, devices) if mains else None
+    if session.packet_pages is None:
+        session.packet_pages = default_packet_pages(session.page_size)
+    if layout is None:
+        layout = _core.LAYOUT_QEMU72 if isinstance(main, QemuMainChannel) else \
+            _core.LAYOUT_CURRENT
+
+    channels = open_channels([(r, k) for r, k in zip(readers, kinds) if k[0] == "multifd"],
+                             session)
+    image = RamImage(session.regions or {}, session.page_size, max_ram_bytes)
+    decoders = [ChannelDecoder(reader, channel, layout, session, image, devices)
+                for reader, channel in channels]
+    _decode_rounds(main, decoders, image)
+    check_rounds(main, decoders)
+    return Capture(
+        layout=layout, page_size=session.page_size, packet_pages=session.packet_pages,
+        main=main, channels=[channel for _, channel in channels],
+        blocks=dict(session.regions or {}), ram=image.pages, devices=devices.finish(),
+        pages_resent=image.resent, pages_resent_changed=image.changed)
+
+
+def _decode_main(reader: ByteReader, kind: tuple[str, int | None], session: Session,
+                 devices: DeviceChunks) -> QemuMainChannel | FastmfdMainChannel:
+    """Decode the main channel; what it says about the session goes into ``session``."""
+    name, header_type = kind
+    if name == "fastmfd-main":
+        return decode_fastmfd_main(reader, header_type is not None, session, devices)
+    main = decode_qemu_main(reader.path, reader.raw, session.page_size)
+    session.page_size = main.page_size
+    session.regions = main.blocks
+    session.uuid = main.uuid
+    return main
+
+
+def _decode_rounds(main, decoders: list[ChannelDecoder], image: RamImage) -> None:
+    """Apply the capture's pages in the order the SYNC barriers impose.
+
+    Round r: the main channel's records before its r-th round end, then each
+    channel up to and including its r-th SYNC. Within a round QEMU applies the
+    sources concurrently (they do not overlap); across rounds the barrier
+    orders them, so a later round's copy of a page wins.
+    """
+    main_rounds = main.rounds if isinstance(main, QemuMainChannel) else []
+    r = 0
+    while r < len(main_rounds) or any(not d.done for d in decoders):
+        for record in main_rounds[r] if r < len(main_rounds) else ():
+            image.apply_located(record.block, record.offset, record.page, main.path,
+                                record.at)
+        for decoder in decoders:
+            if not decoder.done:
+                decoder.decode_round()
+        r += 1
+
+
+def _read_file(path) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror or exc}") from None
+
+
+def _classify(reader: ByteReader) -> tuple[str, int | None]:
+    """``(kind, channel header type or None)``; leaves the reader after the channel header.
+
+    kind: "qemu-main", "fastmfd-main" or "multifd".
+    """
+    header_type = None
+    if reader.peek(8) == CHANNEL_HEADER_PREFIX:
+        try:
+            header_type = _core.decode_channel_header(reader.take(_core.CHANNEL_HEADER_SIZE,
+                                                                  "channel header"))
+        except ProtocolError as exc:
+            raise reader.locate(exc, 0) from None
+    magic = reader.peek(4)
+    if header_type is None and magic == QEVM_MAGIC:
+        return "qemu-main", None
+    if header_type in (None, _core.CHANNEL_MAIN) and magic == FMFD_MAGIC:
+        return "fastmfd-main", header_type
+    if header_type in (None, _core.CHANNEL_MULTIFD, _core.CHANNEL_DEVICE_STATE) \
+            and magic == MULTIFD_MAGIC:
+        return "multifd", header_type
+    expected = {None: "QEVM, FMFD, 0x11223344 or a channel header",
+                _core.CHANNEL_MAIN: "FMFD (channel type 0 is main)",
+                _core.CHANNEL_POSTCOPY: "no postcopy channel (type 1 is not supported)"}
+    raise reader.error(f"unknown channel: first bytes {magic.hex() or '(none)'}, expected "
+                       f"{expected.get(header_type, '0x11223344 (a multifd channel)')}",
+                       field="magic", received=magic.hex(),
+                       expected=expected.get(header_type, "0x11223344"))

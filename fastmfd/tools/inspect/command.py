@@ -1,0 +1,108 @@
+"""``fastmfd inspect``: its arguments and the summary it prints (rich tables or JSON)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+from .capture import LAYOUTS, read_capture
+
+__all__ = ["add_arguments", "cli_main"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("files", nargs="+", metavar="FILE",
+                        help="captured channel bytes, one file per connection, any order")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.add_argument("--packet-pages", type=int, default=None, metavar="N",
+                        help="pages per RAM packet when no fastmfd main channel says "
+                             "(default: QEMU's 512 KiB of pages, 128 of 4 KiB)")
+    parser.add_argument("--layout", choices=LAYOUTS, default=None,
+                        help="RAM packet layout (default: qemu-7.2 with a QEMU main channel, "
+                             "else current)")
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    capture = read_capture(args.files, packet_pages=args.packet_pages, layout=args.layout)
+    summary = capture.summary()
+    if args.json:
+        json.dump(summary, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        _print_summary(summary)
+    return 0
+
+
+def _print_summary(summary: dict) -> None:
+    # Not a terminal (a pipe, a test): wide enough that no cell is cut.
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    files = [ch["file"] for ch in summary["channels"]]
+    if summary["main"] is not None:
+        files.append(summary["main"]["file"])
+    directory = os.path.commonpath([os.path.abspath(f) for f in files]) if files else ""
+    if len(files) > 1 and directory:
+        console.print(f"files in {directory}")
+
+    def _short(path: str) -> str:
+        return os.path.relpath(os.path.abspath(path), directory) if len(files) > 1 else path
+
+    console.print(f"layout {summary['layout']}, page size {summary['page_size']}, "
+                  f"{summary['packet_pages']} pages per packet")
+    main = summary["main"]
+    if main is None:
+        console.print("main channel: not in the capture")
+    elif main["format"] == "qemu":
+        sections = main["ram_sections"]
+        console.print(
+            f"main channel {_short(main['file'])}: QEMU {main['machine']}, {main['bytes']} bytes; "
+            f"RAM sections start/part/end {sections['start']}/{sections['part']}/"
+            f"{sections['end']}, {main['eos']} EOS, {main['zero_pages']} zero pages, "
+            f"{main['page_records']} page records in the first {main['ram_bytes']} bytes; "
+            f"then device sections from {main['first_device_section']!r} "
+            f"({main['vm_devices']} devices in the VM description)")
+    else:
+        messages = ", ".join(f"{name} {n}" for name, n in main["messages"].items())
+        console.print(f"main channel {_short(main['file'])}: fastmfd, {main['bytes']} bytes; "
+                      f"messages: {messages}")
+
+    table = Table(title="multifd channels")
+    for column in ("file", "id", "kind", "compression", "packets", "normal pages",
+                   "zero pages", "syncs", "empty", "repeated num", "flags", "bytes"):
+        table.add_column(column, justify="left" if column in ("file", "kind", "flags")
+                         else "right")
+    for ch in summary["channels"]:
+        table.add_row(_short(ch["file"]), str(ch["id"]), ch["kind"], ch["compression"] or "-",
+                      str(ch["packets"]), str(ch["pages"]["normal"]), str(ch["pages"]["zero"]),
+                      str(ch["syncs"]), str(ch["empty_packets"]),
+                      str(ch["repeated_packet_num"]),
+                      " ".join(f"{flag}:{n}" for flag, n in ch["flags"].items()),
+                      str(ch["bytes"]))
+    console.print(table)
+
+    blocks = Table(title="RAM")
+    for column in ("block", "size", "pages", "of"):
+        blocks.add_column(column, justify="left" if column == "block" else "right")
+    for name, block in summary["blocks"].items():
+        blocks.add_row(name, _text(block["size"]), str(block["pages"]),
+                       _text(block["pages_expected"]))
+    ram = summary["ram"]
+    console.print(blocks)
+    console.print(f"{ram['pages']} pages in {ram['blocks']} blocks; "
+                  f"{ram['pages_resent']} pages arrived again "
+                  f"({ram['pages_resent_changed']} with new content)")
+    if summary["devices"]:
+        devices = Table(title="device state")
+        devices.add_column("device")
+        devices.add_column("bytes", justify="right")
+        for name, size in summary["devices"].items():
+            devices.add_row(name, str(size))
+        console.print(devices)
+
+
+def _text(value) -> str:
+    return "?" if value is None else str(value)

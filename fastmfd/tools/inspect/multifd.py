@@ -1,0 +1,200 @@
+"""The multifd channels of a capture: init packets, then RAM and device packets by round."""
+
+from __future__ import annotations
+
+from ... import _core
+from ...errors import ProtocolError
+from ...protocol.bytereader import ByteReader
+from ...protocol.qemu import QemuMainChannel
+from .contents import DeviceChunks, RamImage
+from .records import Channel, FastmfdMainChannel, PacketRecord
+from .session import COMPRESSION_NAMES, Session
+
+__all__ = ["open_channels", "ChannelDecoder", "check_rounds"]
+
+DEFAULT_CHUNK_LIMIT = 64 << 20          # device chunk bound when no SETUP says otherwise
+# Compression bits of the flags word: 3 bits in 7.2, 5 now (spec §2.4).
+COMPRESSION_MASK = {_core.LAYOUT_QEMU72: 0x0E, _core.LAYOUT_CURRENT: 0x3E}
+
+
+def open_channels(found: list, session: Session) -> list[tuple[ByteReader, Channel]]:
+    """Read each channel's init packet; order the channels by id (not by file)."""
+    opened: dict[int, tuple[ByteReader, Channel]] = {}
+    first: tuple[str, bytes] | None = None      # (file, uuid) of the first channel read
+    for reader, (_, header_type) in found:
+        at = reader.pos
+        try:
+            uuid_seen, channel_id = _core.decode_init_packet(
+                reader.take(_core.INIT_PACKET_SIZE, "init packet"),
+                expected_uuid=session.uuid, channels=session.channels)
+        except ProtocolError as exc:
+            raise reader.locate(exc, at) from None
+        # Without a session UUID from the main channel, the channels must agree;
+        # which one is wrong the capture cannot say, so name the reference file.
+        first = first or (reader.path, uuid_seen)
+        if uuid_seen != first[1]:
+            raise reader.error(f"init packet field 'uuid': received {uuid_seen.hex()}, "
+                               f"expected {first[1].hex()} (the uuid of {first[0]})",
+                               field="uuid", received=uuid_seen.hex(),
+                               expected=first[1].hex(), at=at + 8)
+        if channel_id in opened:
+            raise reader.error(f"init packet field 'id': received {channel_id}, already the id "
+                               f"of {opened[channel_id][0].path}", field="id",
+                               received=channel_id, expected="a channel id not yet seen",
+                               at=at + 24)
+        kind = "device-state" if header_type == _core.CHANNEL_DEVICE_STATE else "multifd"
+        opened[channel_id] = (reader, Channel(reader.path, channel_id, uuid_seen, kind,
+                                              header_type is not None, reader.size))
+    return [opened[i] for i in sorted(opened)]
+
+
+class ChannelDecoder:
+    """Decodes one multifd channel in order, a SYNC round at a time.
+
+    The channel's compression is the session's, or else learnt from its first
+    packet with pages; from then on one decompressor serves the whole channel,
+    fed every packet in order (spec §4.1).
+    """
+
+    def __init__(self, reader: ByteReader, channel: Channel, layout: str, session: Session,
+                 image: RamImage, devices: DeviceChunks) -> None:
+        self.reader = reader
+        self.channel = channel
+        self.layout = layout
+        self.session = session
+        self.image = image
+        self.devices = devices
+        self.compression = session.compression
+        self.codecs: dict[int, _core.RamPacketCodec] = {}
+        self.stream = None            # the channel's decompressor
+        self.scratch: memoryview | None = None
+        self.round = 0
+        self.done = False
+        if compression_name := COMPRESSION_NAMES.get(self.compression):
+            channel.compression = compression_name
+
+    def decode_round(self) -> None:
+        """Decode packets up to and including the next SYNC, or to the end of the file."""
+        reader = self.reader
+        while not reader.at_end():
+            at = reader.pos
+            flags = int.from_bytes(reader.peek(12)[8:12], "big")
+            if self.layout == _core.LAYOUT_CURRENT and flags & _core.FLAG_DEVICE_STATE:
+                self._device_packet(at, flags)
+            elif self._ram_packet(at, flags):
+                self.round += 1
+                return
+        self.done = True
+
+    def _codec(self, flags: int) -> _core.RamPacketCodec:
+        comp = self.compression
+        if comp is None:
+            # Not known yet: take the packet's own bits; the codec rejects unknown ones.
+            comp = flags & COMPRESSION_MASK[self.layout]
+            comp = comp if comp in COMPRESSION_NAMES else 0
+        codec = self.codecs.get(comp)
+        if codec is None:
+            s = self.session
+            codec = self.codecs[comp] = _core.RamPacketCodec(
+                s.packet_pages, s.page_size, self.layout, comp, s.regions,
+                checksum=s.checksum)
+        return codec
+
+    def _ram_packet(self, at: int, flags: int) -> bool:
+        """Decode a RAM packet and apply its pages; True if it carried SYNC."""
+        reader = self.reader
+        codec = self._codec(flags)
+        header = reader.take(codec.header_size, "RAM packet header")
+        try:
+            pkt = codec.decode(header)
+        except ProtocolError as exc:
+            raise reader.locate(exc, at) from None
+        if pkt.normal_pages + pkt.zero_pages and self.compression is None:
+            self.compression = pkt.flags & COMPRESSION_MASK[self.layout]
+            self.channel.compression = COMPRESSION_NAMES[self.compression]
+        payload_at = reader.pos
+        payload = reader.take(pkt.payload_size, "payload")
+        block = pkt.ramblock
+        pages = self._pages(pkt.normal_pages, payload, payload_at)
+        for offset, page in zip(pkt.offsets.tolist(), pages):
+            self.image.apply_located(block, offset, page, reader.path, at)
+        for offset in pkt.zero_offsets.tolist():
+            self.image.apply_located(block, offset, self.image.zero_page, reader.path, at)
+        self.channel.packets.append(PacketRecord(
+            at, "sync" if pkt.is_sync else "ram", pkt.flags, pkt.packet_num, block,
+            pkt.normal_pages, pkt.zero_pages, reader.pos - at, pkt.payload_size, self.round))
+        return pkt.is_sync
+
+    def _pages(self, count: int, payload: memoryview, at: int) -> list[memoryview]:
+        """The ``count`` pages of a packet: slices of the payload, or of its decompression."""
+        page_size = self.session.page_size
+        if not self.compression:
+            return [payload[i * page_size:(i + 1) * page_size] for i in range(count)]
+        if not count:
+            return []
+        if self.stream is None:
+            self.stream = _core.make_codec(COMPRESSION_NAMES[self.compression],
+                                           compressing=False)
+            self.scratch = memoryview(bytearray(self.session.packet_pages * page_size))
+        out = self.scratch[:count * page_size]
+        try:
+            self.stream.decompress_into(payload, out)
+        except ProtocolError as exc:
+            raise self.reader.locate(exc, at) from None
+        # One copy per page: pages outlive the scratch buffer, and a page that
+        # survives alone must not keep a whole packet alive (max_ram_bytes).
+        return [memoryview(bytes(out[i * page_size:(i + 1) * page_size]))
+                for i in range(count)]
+
+    def _inflate_chunk(self, payload: memoryview, at: int) -> memoryview:
+        """A compressed device chunk, inflated through the channel's stream."""
+        if self.stream is None:
+            self.stream = _core.make_codec(COMPRESSION_NAMES[self.compression],
+                                           compressing=False)
+        limit = (self.session.chunk_size or DEFAULT_CHUNK_LIMIT) + _core.CHUNK_HEADER_SIZE
+        out = bytearray(limit)
+        try:
+            produced = self.stream.decompress_upto(payload, out)
+        except ProtocolError as exc:
+            raise self.reader.locate(exc, at) from None
+        return memoryview(out)[:produced]
+
+    def _device_packet(self, at: int, flags: int) -> None:
+        reader = self.reader
+        header = reader.take(_core.DEVICE_HEADER_SIZE, "device state header")
+        comp = self.compression if self.compression is not None else \
+            flags & COMPRESSION_MASK[self.layout]
+        try:
+            flags, idstr, instance_id, size = _core.decode_device_header(header, comp)
+        except ProtocolError as exc:
+            raise reader.locate(exc, at) from None
+        known = self.session.devices
+        if known is not None and (idstr, instance_id) not in known:
+            raise reader.error(f"device state packet: unknown device {idstr!r} instance "
+                               f"{instance_id}", field="idstr", received=(idstr, instance_id),
+                               expected="a device of SETUP", at=at)
+        payload_at = reader.pos
+        payload = reader.take(size, "device state payload")
+        if flags & COMPRESSION_MASK[self.layout]:
+            payload = self._inflate_chunk(payload, payload_at)
+        self.devices.add(idstr, instance_id, payload, reader, payload_at)
+        self.channel.packets.append(PacketRecord(
+            at, "device", flags, None, idstr, 0, 0, reader.pos - at, size, self.round))
+
+
+def check_rounds(main, decoders: list[ChannelDecoder]) -> None:
+    """Every RAM channel has one SYNC per round end of the main channel (spec §5.3)."""
+    if isinstance(main, QemuMainChannel):
+        expected, what = main.eos, "RAM section end (EOS)"
+    elif isinstance(main, FastmfdMainChannel):
+        expected, what = main.round_ends, "ROUND_END message"
+    else:
+        return
+    for decoder in decoders:
+        channel = decoder.channel
+        if channel.kind == "multifd" and channel.syncs != expected:
+            raise decoder.reader.error(
+                f"channel {channel.id} has {channel.syncs} SYNC packets, expected {expected}: "
+                f"one per {what} on the main channel "
+                "(truncated?)", field="SYNC", received=channel.syncs, expected=expected,
+                at=channel.size)
