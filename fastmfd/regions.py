@@ -49,14 +49,9 @@ class Region:
 
     def __init__(self, name: str, size: int, page_size: int, kind: str, location: str,
                  mapping: mmap.mmap | SharedMemory, dirty: DirtyBitmap, owner: bool) -> None:
-        self.name = name
-        self.size = size
-        self.page_size = page_size
-        self.owner = owner
-        self._kind = kind
-        self._location = location
-        self._mapping = mapping
-        self._dirty = dirty
+        self.name, self.size, self.page_size, self.owner = name, size, page_size, owner
+        self._kind, self._location = kind, location
+        self._mapping, self._dirty = mapping, dirty
         self._buffer = memoryview(mapping) if kind == "file" else mapping.buf
         self._array: np.ndarray | None = None
 

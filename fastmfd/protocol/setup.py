@@ -30,7 +30,8 @@ from typing import Any, Callable, Mapping
 from ..errors import ProtocolError
 
 __all__ = [
-    "Setup", "RegionSpec", "DeviceSpec", "Invalid", "check_name", "check_session",
+    "Setup", "RegionSpec", "DeviceSpec", "Invalid", "check_name", "check_geometry",
+    "check_session",
     "COMPRESSION_METHODS", "COMPRESSION_LEVELS", "MAX_CHANNELS", "MAX_NAME_BYTES",
     "MAX_REGIONS", "MAX_DEVICES", "MAX_REGION_BYTES", "MAX_PACKET_BYTES",
 ]
@@ -120,18 +121,25 @@ _FIELDS: dict[str, tuple[Callable[[Any], bool], str, Any]] = {
 }
 
 
+def check_geometry(page_size: Any, packet_pages: Any) -> None:
+    """The RAM packet geometry the core accepts; raises Invalid."""
+    for key, value in (("page_size", page_size), ("packet_pages", packet_pages)):
+        ok, expected, _ = _FIELDS[key]
+        _check(key, value, ok(value), expected)
+    _check("packet_pages", packet_pages, packet_pages * page_size <= MAX_PACKET_BYTES,
+           f"at most {MAX_PACKET_BYTES >> 20} MiB per packet (packet_pages * page_size)")
+
+
 def check_session(values: Mapping[str, Any]) -> None:
     """Every rule on the session parameters, each alone and together (keys as SETUP's).
 
     Raises Invalid for the first value that breaks one."""
+    check_geometry(values["page_size"], values["packet_pages"])
     for key, (ok, expected, _) in _FIELDS.items():
         value = values[key]
         if value is None and key == "chunk_size":
             continue                    # lenient only: a capture that does not say
         _check(key, value, ok(value), expected)
-    _check("packet_pages", values["packet_pages"],
-           values["packet_pages"] * values["page_size"] <= MAX_PACKET_BYTES,
-           f"at most {MAX_PACKET_BYTES >> 20} MiB per packet (packet_pages * page_size)")
     levels = COMPRESSION_LEVELS[values["compression"]]
     _check("compression_level", values["compression_level"],
            values["compression"] == "none" or values["compression_level"] in levels,

@@ -32,9 +32,10 @@ import shutil
 import socket
 import subprocess
 import time
-from multiprocessing import connection
+from dataclasses import dataclass
 
-from ..._engine.processes import child_setup, mp_context
+from ..._engine.processes import ChildPipe, ChildSet, run_child
+from ...protocol.control import Done, Go
 from ...errors import ConfigError, MigrationError
 from ..images import Image
 from .trial import Measurement, wait_until_idle
@@ -42,19 +43,6 @@ from .trial import Measurement, wait_until_idle
 __all__ = ["SendallTrial", "QemuTrial", "find_qemu", "QMP"]
 
 STEP_TIMEOUT = 60.0             # seconds any one step (start, connect, transfer) may take
-
-
-def _wait_message(conn, expected: str, process, timeout: float = STEP_TIMEOUT):
-    """The next message from a peer process, which must be ``(expected, ...)``."""
-    if not connection.wait([conn, process.sentinel], timeout) or not conn.poll():
-        state = "exited" if process.exitcode is not None else "did not answer"
-        raise MigrationError(f"the {process.name} process {state} (waiting for {expected!r})")
-    message = conn.recv()
-    if message[0] == "error":
-        raise MigrationError(f"{process.name}: {message[1]}")
-    if message[0] != expected:
-        raise MigrationError(f"{process.name}: sent {message[0]!r}, expected {expected!r}")
-    return message
 
 
 class _PeerTrial:
@@ -78,53 +66,59 @@ class _PeerTrial:
 
 # ------------------------------------------------------------------ sendall
 
-def _peer_main(body, conn, *args) -> None:
-    """A peer process: run ``body``, turning any exception into an ("error", text) message."""
-    child_setup()
-    try:
-        body(conn, *args)
-    except BaseException as exc:
-        try:
-            conn.send(("error", f"{type(exc).__name__}: {exc}"))
-        except OSError:
-            pass
+@dataclass(frozen=True)
+class _ReceiverParams:
+    path: str
+    size: int
+    prealloc: bool
 
 
-def sendall_sender(conn, *args) -> None:
-    _peer_main(_sendall_sender, conn, *args)
+@dataclass(frozen=True)
+class _SenderParams:
+    path: str
+    size: int
+    port: int
 
 
-def sendall_receiver(conn, *args) -> None:
-    _peer_main(_sendall_receiver, conn, *args)
+@dataclass(frozen=True)
+class _Listening:
+    """The receiver listens on ``port``."""
+    port: int
 
 
-def _sendall_sender(conn, path: str, size: int, port: int) -> None:
-    with open(path, "rb") as file, mmap.mmap(file.fileno(), size, access=mmap.ACCESS_READ) as m:
+@dataclass(frozen=True)
+class _Connected:
+    """The sender is connected and waits for Go."""
+
+
+def _sendall_sender(pipe: ChildPipe, params: _SenderParams, stack: list) -> None:
+    with open(params.path, "rb") as file, \
+            mmap.mmap(file.fileno(), params.size, access=mmap.ACCESS_READ) as m:
         view = memoryview(m)
         try:
-            with socket.create_connection(("127.0.0.1", port)) as sock:
-                conn.send(("ready",))
-                if conn.recv() != "go":
-                    return
-                sock.sendall(view)
+            with socket.create_connection(("127.0.0.1", params.port)) as sock:
+                pipe.send(_Connected())
+                if isinstance(pipe.recv(), Go):
+                    sock.sendall(view)
         finally:
             view.release()
 
 
-def _sendall_receiver(conn, path: str, size: int, prealloc: bool) -> None:
+def _sendall_receiver(pipe: ChildPipe, params: _ReceiverParams, stack: list) -> None:
     # A new file on tmpfs, as a destination guest's RAM: pages are allocated as
     # they arrive, unless preallocated (written once) before timing.
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    size = params.size
+    fd = os.open(params.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         os.ftruncate(fd, size)
         mapped = mmap.mmap(fd, size)
     finally:
         os.close(fd)
-    if prealloc:
+    if params.prealloc:
         for offset in range(0, size, mmap.PAGESIZE):
             mapped[offset] = 0
     with socket.create_server(("127.0.0.1", 0)) as server:
-        conn.send(("port", server.getsockname()[1]))
+        pipe.send(_Listening(server.getsockname()[1]))
         sock, _ = server.accept()
     with sock, mapped:
         view = memoryview(mapped)
@@ -137,7 +131,15 @@ def _sendall_receiver(conn, path: str, size: int, prealloc: bool) -> None:
                 done += n
         finally:
             view.release()
-    conn.send(("done",))
+    pipe.send(Done())
+
+
+def sendall_sender(conn) -> None:
+    run_child(conn, _sendall_sender)
+
+
+def sendall_receiver(conn) -> None:
+    run_child(conn, _sendall_receiver)
 
 
 class SendallTrial(_PeerTrial):
@@ -147,49 +149,32 @@ class SendallTrial(_PeerTrial):
     def __init__(self, image: Image, *, prealloc: bool = False) -> None:
         self.image = image
         self._received = image.new_path("sendall-dst")
-        self._procs: list = []
-        ctx = mp_context()
+        self._peers = ChildSet(sendall_receiver, ["sendall receiver"])
         try:
-            self._recv_conn = self._start(ctx, sendall_receiver, "sendall receiver",
-                                          self._received, image.size, prealloc)
-            _, port = _wait_message(self._recv_conn, "port", self._procs[0])
-            self._send_conn = self._start(ctx, sendall_sender, "sendall sender",
-                                          image.path, image.size, port)
-            _wait_message(self._send_conn, "ready", self._procs[1])
-            wait_until_idle([p.pid for p in self._procs])
+            self._receiver = self._peers[0]
+            self._receiver.start_session(
+                _ReceiverParams(self._received, image.size, prealloc), [])
+            port = self._receiver.expect(_Listening, STEP_TIMEOUT).port
+            self._sender = self._peers.add(sendall_sender, "sendall sender")
+            self._sender.start_session(_SenderParams(image.path, image.size, port), [])
+            self._sender.expect(_Connected, STEP_TIMEOUT)
+            wait_until_idle([child.process.pid for child in self._peers])
         except BaseException:
             self.close()
             raise
 
-    def _start(self, ctx, target, name: str, *args):
-        mine, theirs = ctx.Pipe()
-        process = ctx.Process(target=target, args=(theirs, *args), name=name, daemon=True)
-        process.start()
-        theirs.close()
-        self._procs.append(process)
-        return mine
-
     def run(self) -> Measurement:
         started = time.perf_counter()
-        self._send_conn.send("go")
-        _wait_message(self._recv_conn, "done", self._procs[0])
+        self._sender.send(Go(1))
+        self._receiver.expect(Done, STEP_TIMEOUT)
         seconds = time.perf_counter() - started
         return Measurement(seconds, self.image.size, self.image.size)
 
     def _stop(self) -> None:
-        for process in self._procs:
-            process.join(STEP_TIMEOUT)
+        self._peers.stop(STEP_TIMEOUT)
 
     def close(self) -> None:
-        for process in self._procs:
-            if process.exitcode is None:
-                process.kill()
-            process.join()
-        self._procs = []
-        for conn in ("_send_conn", "_recv_conn"):
-            if hasattr(self, conn):
-                getattr(self, conn).close()
-                delattr(self, conn)
+        self._peers.stop(timeout=0)
         if os.path.exists(self._received):
             os.unlink(self._received)
 

@@ -45,7 +45,7 @@ every file)::
 
     records       PacketRecord, Channel, FastmfdMainChannel, Capture: the result
     session       Session: what the decoders must know; the compression flags
-    setup_rules   apply_setup, check_geometry: fastmfd's SETUP read leniently
+    setup_rules   apply_setup, check_arguments: SETUP (read leniently) into the session
     contents      RamImage, DeviceChunks: pages and device state put together
     fastmfd_main  decode_fastmfd_main: fastmfd's main channel
     multifd       open_channels, ChannelDecoder, check_rounds: the multifd channels

@@ -17,7 +17,7 @@ from .fastmfd_main import decode_fastmfd_main
 from .multifd import ChannelDecoder, check_rounds, open_channels
 from .records import Capture, FastmfdMainChannel
 from .session import Session, default_packet_pages
-from .setup_rules import check_geometry
+from .setup_rules import check_arguments
 
 __all__ = ["read_capture", "LAYOUTS"]
 
@@ -42,8 +42,8 @@ def read_capture(paths, *, packet_pages: int | None = None, page_size: int = 409
     """
     if layout is not None and layout not in LAYOUTS:
         raise ConfigError(f"layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
-    check_geometry(default_packet_pages(page_size) if packet_pages is None else packet_pages,
-                   page_size, ConfigError)
+    check_arguments(page_size, default_packet_pages(page_size) if packet_pages is None
+                    else packet_pages)
     readers = [ByteReader(str(path), _read_file(path)) for path in paths]
     if not readers:
         raise ConfigError("no capture files given")
