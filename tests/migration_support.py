@@ -13,6 +13,8 @@ workload process, and a source driven by hand.
                                           client's first bytes say which channel
                                           it is, and that channel's Fault decides
                                           what to forward, hold back, corrupt, cut.
+                                          One thread relays all, never blocking on
+                                          one: each Link has its own flow control.
 
     keep_writing()   a workload process: rewrite pages of a Region, mark them dirty
     FakeSource       SETUP and channel bytes written by hand (bad handshakes)
@@ -42,6 +44,7 @@ from fastmfd.protocol.main_channel import MAIN_MAGIC
 
 PAGE = 4096
 FAILURE_BOUND = 5.0         # seconds: both sides must fail within this after a fault
+FORCED_FLUSH_BOUND = 10.0   # seconds a link's reset or cut may wait to forward what it holds
 
 
 # ---------------------------------------------------------------- images
@@ -422,9 +425,11 @@ class Link:
         self.fault: Fault = Fault()
         self.pending: deque[tuple[float, bytes]] = deque()   # (due, bytes) to upstream
         self.aside: list[tuple[float, bytes]] = []           # held back, others may pass
+        self.backlog = bytearray()      # due, but the destination's socket has no room yet
         self.offset = 0
         self.hello = bytearray()
         self.client_eof = False
+        self.upstream_eof = False
         self.cut_off = False
         self.closed = False
 
@@ -493,26 +498,39 @@ class Link:
             self.offset += len(data)
 
     def _flush(self, force=False) -> None:
+        """Write the bytes that are due as far as the destination's socket takes them
+        without blocking (the rest waits in the backlog for the socket to have room);
+        ``force``: all bytes held, due or not, waiting for room (bounded)."""
         now = time.monotonic()
         due_aside = [item for item in self.aside if force or item[0] <= now]
         self.aside = [item for item in self.aside if item not in due_aside]
-        ready = [data for _, data in due_aside]
+        for _, data in due_aside:
+            self.backlog += data
         while self.pending and (force or self.pending[0][0] <= now):
-            ready.append(self.pending.popleft()[1])
-        for data in ready:
-            try:
-                self.upstream.sendall(data)
-            except OSError:
-                self.pending.clear()
-                self.aside.clear()
-                return
+            self.backlog += self.pending.popleft()[1]
+        try:
+            if force and self.backlog:
+                self.upstream.settimeout(FORCED_FLUSH_BOUND)
+                try:
+                    self.upstream.sendall(self.backlog)
+                finally:
+                    self.upstream.setblocking(False)
+                self.backlog.clear()
+            while self.backlog:
+                del self.backlog[:self.upstream.send(self.backlog)]
+        except BlockingIOError:
+            pass
+        except OSError:
+            self.pending.clear()
+            self.aside.clear()
+            self.backlog.clear()
 
     def next_due(self) -> float | None:
         dues = [due for due, _ in self.aside] + ([self.pending[0][0]] if self.pending else [])
         return min(dues) if dues else None
 
     def idle(self) -> bool:
-        return not self.pending and not self.aside
+        return not self.pending and not self.aside and not self.backlog
 
     def close(self) -> None:
         if not self.closed:
@@ -574,19 +592,21 @@ class Proxy:
                 dues = [d for link in self.links if not link.closed
                         if (d := link.next_due()) is not None]
                 timeout = max(0.0, min(dues) - time.monotonic()) if dues else None
-                for key, _ in sel.select(timeout):
+                for key, events in sel.select(timeout):
                     if key.data == "wake":
                         return
                     if key.data == "accept":
                         self._accept(sel)
-                    else:
+                    elif events & selectors.EVENT_READ:
                         link, side = key.data
                         self._readable(sel, link, side)
+                    # (writable: the destination's socket has room; the flush below uses it)
                 for link in self.links:
                     if not link.closed:
                         link._flush()
                         if link.client_eof and link.idle() and not link.cut_off:
                             link.cut()
+                        self._watch(sel, link)
         except BaseException as exc:       # a proxy bug must not pass for a fastmfd one
             self.error = exc
             raise
@@ -596,15 +616,42 @@ class Proxy:
         upstream = socket.create_connection(self._upstream)
         for sock in (client, upstream):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        upstream.setblocking(False)     # see _watch
         link = Link(self, client, upstream)
         self.links.append(link)
         sel.register(client, selectors.EVENT_READ, (link, "client"))
         sel.register(upstream, selectors.EVENT_READ, (link, "upstream"))
 
+    def _watch(self, sel, link: Link) -> None:
+        """What to wait for on ``link``'s sockets. While bytes wait for room at the
+        destination, wait for that room and read nothing more from this client —
+        never block the one relay thread on it. Like a network path, each connection
+        then has flow control of its own: one the destination does not read (a
+        receive worker held at its SYNC until another channel reaches its own) holds
+        back that connection's client, and no other connection."""
+        if link.closed:
+            return
+        waiting = bool(link.backlog)
+        client = 0 if link.client_eof or waiting else selectors.EVENT_READ
+        upstream = ((0 if link.upstream_eof else selectors.EVENT_READ)
+                    | (selectors.EVENT_WRITE if waiting else 0))
+        for sock, side, events in ((link.client, "client", client),
+                                   (link.upstream, "upstream", upstream)):
+            try:
+                if sel.get_key(sock).events == events:
+                    continue
+                sel.unregister(sock)
+            except KeyError:
+                pass
+            if events:
+                sel.register(sock, events, (link, side))
+
     def _readable(self, sel, link: Link, side: str) -> None:
         sock = link.client if side == "client" else link.upstream
         try:
             data = sock.recv(1 << 20) if not link.closed else b""
+        except BlockingIOError:
+            return
         except OSError:
             data = b""
         if not data:
@@ -615,6 +662,7 @@ class Proxy:
             if side == "client":
                 link.client_eof = True
             elif not link.closed:
+                link.upstream_eof = True
                 # The destination ended its side: pass the end (or its reset) on.
                 try:
                     link.client.shutdown(socket.SHUT_WR)

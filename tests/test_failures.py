@@ -121,7 +121,20 @@ def test_worker_killed_before_the_session(image, leaks, side, name):
     leaks.assert_clean(keep=[image])
 
 
-def test_ctrl_c_during_migrate(image, leaks):
+@pytest.fixture
+def ctrl_c():
+    """Python's own SIGINT handler (KeyboardInterrupt) for the test's duration.
+
+    Python installs it only when SIGINT is not ignored at its start; a process
+    started as a background job of a non-interactive shell (``pytest ... &`` in a
+    CI script) inherits SIGINT ignored and keeps it so: there a Ctrl-C — like the
+    SIGINT the test sends — does nothing, and the migration just completes."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_during_migrate(image, leaks, ctrl_c):
     """SIGINT while migrate() runs in the main thread: KeyboardInterrupt reaches the
     caller, the destination hears "interrupted by the user", nothing is left."""
     interrupt = Trigger(MIB, lambda: os.kill(os.getpid(), signal.SIGINT))
