@@ -19,7 +19,7 @@ from ._engine.sending import Sending, SourceParts
 from ._engine.session import Owner, SessionResources
 from ._engine.workers import send_worker_main
 from .config import MigrationConfig
-from .errors import ConfigError
+from .errors import ConfigError, MigrationError
 from .protocol.sockets import parse_address
 from .regions import Region
 from .shm import SharedMemory
@@ -81,6 +81,13 @@ class Source(Owner):
         if any((d.idstr, d.instance_id) == key for d in self._devices):
             raise ConfigError(f"two devices {device.idstr!r} instance {device.instance_id}")
         self._devices.append(device)
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        """Fail the running migration from another thread: ``migrate()`` raises
+        MigrationError(reason) promptly and the destination is sent the ERROR."""
+        session = self._session
+        if session is not None:
+            session.failure.fail(MigrationError(reason))
 
     def close(self) -> None:
         """Stop the workers and free every resource (idempotent)."""

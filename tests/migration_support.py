@@ -187,7 +187,7 @@ class Migration:
         hung = [t.name for t in threads if t.is_alive()]
         if hung:
             for owner in (self.source, self.destination):
-                owner._failure.fail(fastmfd.MigrationError("the test gave up on a hang"))
+                owner.cancel("the test gave up on a hang")
             for thread in threads:
                 thread.join(10)
             raise AssertionError(f"hung: {hung} still running {timeout} s after the start")
