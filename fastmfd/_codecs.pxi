@@ -7,16 +7,8 @@
 # exact: a payload that inflates to more or fewer bytes than its pages is a
 # ProtocolError, and decompression never writes past the pages it was given.
 
-cdef enum:
-    BOUNCE_SIZE = 65536
-
-
 cdef class Codec:
     """Base of the per-channel compression streams; ``flag`` is the wire bit."""
-    cdef readonly uint32_t flag
-    cdef readonly str method
-    cdef uint8_t *out                 # compressed output of the last packet
-    cdef size_t out_cap
 
     cdef int reserve(self, size_t raw_bytes) except -1:
         cdef size_t need = self.bound(raw_bytes)
@@ -49,7 +41,9 @@ cdef class Codec:
     def __dealloc__(self):
         PyMem_Free(self.out)
 
-    # -- Python-level helpers (tests, inspect): contiguous buffers only.
+    # -- Python-level helpers, contiguous buffers only: inspect decompresses
+    # captured payloads; compress() is test face (tests build compressed
+    # captures and streams with it; workers compress iovecs in C).
     def compress(self, const uint8_t[::1] data):
         """Compress ``data`` as one packet (ending with a flush); returns bytes."""
         cdef iovec one
@@ -88,14 +82,9 @@ cdef object inflate_error(size_t produced, size_t expected, str detail):
 cdef class ZlibCodec(Codec):
     """zlib (RFC 1950) with libz: deflate per page through a bounce buffer, as QEMU
     does, because a live workload may rewrite a page while it is compressed."""
-    cdef z_stream strm
-    cdef bint compressing
-    cdef bint ready
-    cdef uint8_t bounce[BOUNCE_SIZE]
 
     def __cinit__(self, bint compressing, int level=1):
-        self.flag = FLAG_ZLIB_C
-        self.method = "zlib"
+        self.flag = FLAG_ZLIB
         self.compressing = compressing
         memset(&self.strm, 0, sizeof(z_stream))
         if compressing:
@@ -216,12 +205,9 @@ cdef class ZlibCodec(Codec):
 
 cdef class ZstdCodec(Codec):
     """zstd with libzstd: one frame per channel that is flushed, never ended."""
-    cdef ZSTD_CCtx *cctx
-    cdef ZSTD_DCtx *dctx
 
     def __cinit__(self, bint compressing, int level=1):
-        self.flag = FLAG_ZSTD_C
-        self.method = "zstd"
+        self.flag = FLAG_ZSTD
         if compressing:
             if not ZSTD_minCLevel() <= level <= ZSTD_maxCLevel():
                 raise ValueError(f"zstd level {level} outside {ZSTD_minCLevel()}.."
@@ -363,11 +349,6 @@ cdef int check_zstd(size_t rc, str what) except -1:
     return 0
 
 
-cdef enum:
-    STORED_BLOCK_MAX = 65535        # bytes a deflate stored block holds (after a 5-byte header)
-    ZLIB_HEADER_SIZE = 2            # CMF, FLG (no preset dictionary)
-
-
 cdef class IsalZlibCodec(Codec):
     """zlib-format streams with ISA-L (python-isal), both directions.
 
@@ -385,19 +366,10 @@ cdef class IsalZlibCodec(Codec):
     pages plus one byte, so a payload that inflates to more is caught
     without writing past them.
     """
-    cdef bint compressing
-    cdef object stream              # isal_zlib compressobj / decompressobj
-    cdef object sync_flush
-    cdef object error               # isal_zlib.error
-    cdef object last                # bytes of the last packet, kept alive for writev
-    cdef bint header_sent           # the zlib header opens the stream's first packet
-    cdef uint8_t *gather
-    cdef size_t gather_cap
 
     def __cinit__(self, bint compressing, int level=1):
         from isal import isal_zlib
-        self.flag = FLAG_ZLIB_C
-        self.method = "zlib"
+        self.flag = FLAG_ZLIB
         self.compressing = compressing
         self.error = isal_zlib.error
         if not compressing:
@@ -497,7 +469,7 @@ cdef size_t store_blocks(const uint8_t *data, size_t size, uint8_t *out) noexcep
     return written
 
 
-def isal_available():
+cdef bint isal_available():
     """True when python-isal is installed (fast zlib-format compression)."""
     try:
         import isal.isal_zlib  # noqa: F401

@@ -19,17 +19,12 @@ cdef size_t pages_to_iov(iovec *iov, uint8_t *base, const uint64_t *offsets, siz
     return k
 
 
-cdef enum:
-    # Linux 5.14+ (uapi asm-generic/mman-common.h); older kernels answer EINVAL.
-    MADV_POPULATE_READ_ = 22
-    MADV_POPULATE_WRITE_ = 23
-
 cdef uintptr_t SYSTEM_PAGE = <uintptr_t>sysconf(_SC_PAGESIZE)
 
 
-cdef void populate_iov(const iovec *iov, size_t count, bint write) noexcept nogil:
-    """Map the memory behind iov into this process ahead of the copy, one system
-    call per run of pages.
+cdef void populate_for_write(const iovec *iov, size_t count) noexcept nogil:
+    """Map the memory behind iov into this process ahead of writing it, one
+    system call per run of pages.
 
     A receive worker's first write to a region page takes a page fault each
     (shared mappings get no fault-around), and on fresh memory that fault
@@ -42,8 +37,7 @@ cdef void populate_iov(const iovec *iov, size_t count, bint write) noexcept nogi
     for i in range(count):
         start = <uintptr_t>iov[i].iov_base & ~(SYSTEM_PAGE - 1)
         end = (<uintptr_t>iov[i].iov_base + iov[i].iov_len + SYSTEM_PAGE - 1) & ~(SYSTEM_PAGE - 1)
-        madvise(<void *>start, end - start,
-                MADV_POPULATE_WRITE_ if write else MADV_POPULATE_READ_)
+        madvise(<void *>start, end - start, MADV_POPULATE_WRITE)
 
 
 cdef size_t gather_iov(const iovec *iov, size_t n, uint8_t *dst) noexcept nogil:
@@ -157,6 +151,12 @@ cdef object page_io(int fd, const uint8_t[::1] header, uint8_t *base, size_t bas
         PyMem_Free(iov)
 
 
+# Test face: the engines gather pages into iovecs and writev/readv them in C
+# (_channel.pxi). These two run the same pages_to_iov + writev_all/readv_all
+# loops on any fd, so tests can drive partial transfers, EINTR and end of file
+# through a pipe or socketpair, and check the bytes, without a migration
+# around them.
+
 def writev_pages(int fd, const uint8_t[::1] header, const uint8_t[::1] buffer, offsets,
                  size_t page_size=4096):
     """Write ``header`` then the pages of ``buffer`` at byte ``offsets``, in one gather.
@@ -177,6 +177,10 @@ def readv_pages(int fd, uint8_t[::1] header, uint8_t[::1] buffer, offsets,
     return page_io(fd, header, &buffer[0] if buffer.shape[0] else NULL, buffer.shape[0],
                    offsets, page_size, True)
 
+
+# Test face: the send engine runs fm_buffer_is_zero (includes/pagescan.h) on
+# each page in C; these expose the same scan so tests check it on edge cases
+# and benchmarks measure its speed.
 
 def is_zero(const uint8_t[::1] buffer):
     """True when every byte of ``buffer`` is zero (QEMU's buffer_is_zero)."""

@@ -294,7 +294,7 @@ def _recv_session(conn, session: dict, stack: list) -> None:
     engine = _core.RecvEngine(sock_fd, session["channel"], session, codec, regions, counters,
                               received, session["fresh"], pool, session["devices"],
                               reassembly_fd, session["ram"])
-    while engine.run() == _core.EVENT_SYNC_:
+    while engine.run() == _core.EVENT_SYNC:
         conn.send(("sync", engine.rounds))
         if conn.recv() is None:
             break
