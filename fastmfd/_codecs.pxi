@@ -7,19 +7,24 @@
 # exact: a payload that inflates to more or fewer bytes than its pages is a
 # ProtocolError, and decompression never writes past the pages it was given.
 
+cdef int grow(uint8_t **buf, size_t *cap, size_t need) except -1:
+    """Make the PyMem buffer ``*buf`` (``*cap`` bytes) hold at least ``need``.
+    It only grows, so a channel's steady stream of packets stops allocating."""
+    cdef uint8_t *grown
+    if need > cap[0]:
+        grown = <uint8_t *>PyMem_Realloc(buf[0], need)
+        if grown == NULL:
+            raise MemoryError()
+        buf[0] = grown
+        cap[0] = need
+    return 0
+
+
 cdef class Codec:
     """Base of the per-channel compression streams; ``flag`` is the wire bit."""
 
     cdef int reserve(self, size_t raw_bytes) except -1:
-        cdef size_t need = self.bound(raw_bytes)
-        cdef uint8_t *grown
-        if need > self.out_cap:
-            grown = <uint8_t *>PyMem_Realloc(self.out, need)
-            if grown == NULL:
-                raise MemoryError()
-            self.out = grown
-            self.out_cap = need
-        return 0
+        return grow(&self.out, &self.out_cap, self.bound(raw_bytes))
 
     cdef size_t bound(self, size_t raw_bytes) noexcept:
         return raw_bytes + raw_bytes // 8 + 4096
@@ -271,7 +276,7 @@ cdef class ZstdCodec(Codec):
                             size_t n) except -1:
         cdef ZSTD_inBuffer inp
         cdef ZSTD_outBuffer out
-        cdef size_t i, rc = 0, produced = 0, expected = 0, before
+        cdef size_t i, rc = 0, produced = 0, expected = 0
         cdef uint8_t sink
         for i in range(n):
             expected += iov[i].iov_len
@@ -280,28 +285,14 @@ cdef class ZstdCodec(Codec):
         inp.pos = 0
         with nogil:
             for i in range(n):
-                out.dst = iov[i].iov_base
-                out.size = iov[i].iov_len
-                out.pos = 0
-                while out.pos < out.size:
-                    before = inp.pos + out.pos
-                    rc = ZSTD_decompressStream(self.dctx, &out, &inp)
-                    if ZSTD_isError(rc) or inp.pos + out.pos == before:
-                        break
+                rc = zstd_fill(self.dctx, &out, iov[i].iov_base, iov[i].iov_len, &inp)
                 produced += out.pos
                 if ZSTD_isError(rc) or out.pos < out.size:
                     break
             if not ZSTD_isError(rc) and produced == expected:
                 # zstd buffers input internally, so consumed input proves
                 # nothing: the stream must have no byte left to give.
-                out.dst = &sink
-                out.size = 1
-                out.pos = 0
-                while not ZSTD_isError(rc) and out.pos == 0:
-                    before = inp.pos
-                    rc = ZSTD_decompressStream(self.dctx, &out, &inp)
-                    if inp.pos == before:
-                        break
+                rc = zstd_fill(self.dctx, &out, &sink, 1, &inp)
         if ZSTD_isError(rc):
             raise inflate_error(produced, expected,
                                 f"zstd: {ZSTD_getErrorName(rc).decode()}")
@@ -316,31 +307,39 @@ cdef class ZstdCodec(Codec):
                                     size_t cap) except -1:
         cdef ZSTD_inBuffer inp
         cdef ZSTD_outBuffer out
-        cdef size_t rc = 0, before, produced
+        cdef size_t rc, produced
         cdef uint8_t sink
         inp.src = src
         inp.size = size
         inp.pos = 0
-        out.dst = dst
-        out.size = cap
-        out.pos = 0
         with nogil:
-            while out.pos < out.size:
-                before = inp.pos + out.pos
-                rc = ZSTD_decompressStream(self.dctx, &out, &inp)
-                if ZSTD_isError(rc) or inp.pos + out.pos == before:
-                    break
+            rc = zstd_fill(self.dctx, &out, dst, cap, &inp)
             produced = out.pos
             if not ZSTD_isError(rc) and produced == cap:
-                out.dst = &sink
-                out.size = 1
-                out.pos = 0
-                rc = ZSTD_decompressStream(self.dctx, &out, &inp)
+                # Full: what input is left must not yield another byte.
+                rc = zstd_fill(self.dctx, &out, &sink, 1, &inp)
         if ZSTD_isError(rc):
             raise inflate_error(produced, cap, f"zstd: {ZSTD_getErrorName(rc).decode()}")
         if inp.pos != inp.size or (produced == cap and out.pos):
             raise inflate_error(cap + 1, cap, "decompresses to more than a chunk may hold")
         return produced
+
+
+cdef size_t zstd_fill(ZSTD_DCtx *dctx, ZSTD_outBuffer *out, void *dst, size_t size,
+                      ZSTD_inBuffer *inp) noexcept nogil:
+    """Decompress into dst[:size] until it is full, the stream stops making
+    progress, or an error; ``out.pos`` says how far it got. Returns zstd's
+    last return code (0 when there was no room to fill)."""
+    cdef size_t rc = 0, before
+    out.dst = dst
+    out.size = size
+    out.pos = 0
+    while out.pos < out.size:
+        before = inp.pos + out.pos
+        rc = ZSTD_decompressStream(dctx, out, inp)
+        if ZSTD_isError(rc) or inp.pos + out.pos == before:
+            break
+    return rc
 
 
 cdef int check_zstd(size_t rc, str what) except -1:
@@ -392,15 +391,9 @@ cdef class IsalZlibCodec(Codec):
     cdef ssize_t compress_iov(self, const iovec *iov, size_t n, size_t raw_bytes,
                               const uint8_t **result) except -1:
         cdef size_t pos, header, size
-        cdef uint8_t *grown
         if not self.compressing:
             raise ValueError("this zlib stream decompresses")
-        if raw_bytes > self.gather_cap:
-            grown = <uint8_t *>PyMem_Realloc(self.gather, raw_bytes)
-            if grown == NULL:
-                raise MemoryError()
-            self.gather = grown
-            self.gather_cap = raw_bytes
+        grow(&self.gather, &self.gather_cap, raw_bytes)
         with nogil:
             pos = gather_iov(iov, n, self.gather)
         view = <uint8_t[:pos]>self.gather if pos else b""

@@ -49,6 +49,16 @@ cdef int raise_wire_error(WireError *err) except -1:
                         field=field, received=received, expected=expected)
 
 
+cdef int check_preamble(const uint8_t *p, const char *packet, WireError *err) noexcept nogil:
+    """The magic and version every multifd init, RAM and device-state packet opens with."""
+    cdef uint32_t magic = ld32(p), version = ld32(p + 4)
+    if magic != MULTIFD_MAGIC:
+        return wire_fail_hex(err, packet, "magic", magic, "0x11223344")
+    if version != MULTIFD_VERSION:
+        return wire_fail_u64(err, packet, "version", version, "1")
+    return 0
+
+
 cdef object truncated(str what, size_t got, size_t size):
     return ProtocolError(f"{what} field 'length': received {got} bytes, expected {size} "
                          "(truncated)", field="length", received=got, expected=size)
@@ -181,13 +191,8 @@ def decode_init_packet(const uint8_t[::1] data, expected_uuid=None, channels=Non
     """
     cdef const uint8_t *p = need(data, INIT_PACKET_SIZE, "init packet")
     cdef WireError err
-    cdef uint32_t magic = ld32(p), version = ld32(p + 4)
     cdef uint32_t channel_id = p[24]
-    if magic != MULTIFD_MAGIC:
-        wire_fail_hex(&err, "init packet", "magic", magic, "0x11223344")
-        raise_wire_error(&err)
-    if version != MULTIFD_VERSION:
-        wire_fail_u64(&err, "init packet", "version", version, "1")
+    if check_preamble(p, "init packet", &err) < 0:
         raise_wire_error(&err)
     uuid = bytes(data[8:24])
     if expected_uuid is not None and uuid != bytes(expected_uuid):
@@ -259,7 +264,6 @@ cdef int ram_decode(const RamLayout *lay, const RegionEntry *regions, int nregio
     With ``nregions < 0`` the region table is unknown and only page alignment
     of offsets is checked (inspecting a capture without its main channel).
     """
-    cdef uint32_t magic = ld32(p), version = ld32(p + 4)
     cdef uint32_t flags = ld32(p + 8)
     cdef uint32_t comp_mask = COMPRESSION_MASK_72 if lay.qemu72 else COMPRESSION_MASK
     cdef uint32_t allowed = FLAG_SYNC | comp_mask | lay.extensions
@@ -267,10 +271,8 @@ cdef int ram_decode(const RamLayout *lay, const RegionEntry *regions, int nregio
     cdef uint64_t off, expect_size, limit, last, bits, highest
     cdef char name[256]
     cdef char text[300]         # as long as WireError.expected: may quote a region name
-    if magic != MULTIFD_MAGIC:
-        return wire_fail_hex(err, "RAM packet", "magic", magic, "0x11223344")
-    if version != MULTIFD_VERSION:
-        return wire_fail_u64(err, "RAM packet", "version", version, "1")
+    if check_preamble(p, "RAM packet", err) < 0:
+        return -1
     if flags & FLAG_DEVICE_STATE:
         return wire_fail_hex(err, "RAM packet", "flags", flags, "no DEVICE_STATE bit (0x40)")
     if flags & ~allowed:
@@ -584,13 +586,11 @@ cdef class RamPacketCodec:
 cdef int device_decode(const uint8_t *p, uint32_t comp_flag, uint32_t extensions,
                        uint32_t max_payload, DeviceHeaderInfo *out,
                        WireError *err) noexcept nogil:
-    cdef uint32_t magic = ld32(p), version = ld32(p + 4), flags = ld32(p + 8)
+    cdef uint32_t flags = ld32(p + 8)
     cdef uint32_t allowed = FLAG_DEVICE_STATE | comp_flag | extensions
     cdef char text[64]
-    if magic != MULTIFD_MAGIC:
-        return wire_fail_hex(err, "device state packet", "magic", magic, "0x11223344")
-    if version != MULTIFD_VERSION:
-        return wire_fail_u64(err, "device state packet", "version", version, "1")
+    if check_preamble(p, "device state packet", err) < 0:
+        return -1
     if flags & FLAG_SYNC:
         return wire_fail_hex(err, "device state packet", "flags", flags, "no SYNC bit")
     if not (flags & FLAG_DEVICE_STATE) or (flags & ~allowed):
