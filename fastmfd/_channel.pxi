@@ -14,77 +14,30 @@
 # A Command is a fixed 32-byte record, so several threads of the source main
 # process can write commands to one worker's pipe without locks (writes of
 # at most PIPE_BUF bytes to a pipe are atomic). The per-channel counters live
-# in a shared Counters segment so either main process reads live totals
-# without asking its workers.
+# in a shared Counters segment (_shared.pxi) so either main process reads
+# live totals without asking its workers.
 
-from posix.unistd cimport read as c_read, write as c_write
+# ---------------------------------------------------------------- pipe records
 
-cdef extern from "<sys/socket.h>" nogil:
-    int shutdown(int sockfd, int how)
-    int SHUT_WR
-
-cdef enum:
-    CMD_RAM = 1         # region, count pages listed in this channel's mailbox
-    CMD_DEVICE = 2      # device, chunk bytes in pool slot `slot`
-    CMD_SYNC = 3        # a SYNC packet closing round `round`
-    CMD_QUIT = 4        # no more packets: half-close the connection and stop
-
-    EVENT_EOF = 0       # RecvEngine.run: the peer closed the channel at a packet boundary
-    EVENT_SYNC = 1      # RecvEngine.run: a SYNC packet was applied (round in .rounds)
-
-    COUNTERS_MAGIC = 0x464d4d434e545231    # "FMMCNTR1"
-
-CMD_RAM_ = CMD_RAM
-CMD_DEVICE_ = CMD_DEVICE
-CMD_SYNC_ = CMD_SYNC
-CMD_QUIT_ = CMD_QUIT
-EVENT_EOF_ = EVENT_EOF
-EVENT_SYNC_ = EVENT_SYNC
-COMMAND_SIZE = 32
-DESCRIPTOR_SIZE = 24
-
-
-cdef struct Command:
-    uint32_t kind
-    uint32_t target             # RAM: region index; DEVICE: device index
-    uint32_t count              # RAM: pages in the mailbox; DEVICE: bytes in the slot
-    uint32_t slot               # DEVICE: pool slot
-    uint64_t round              # SYNC: round number
-    uint64_t reserved
-
-
-cdef struct Descriptor:         # a device chunk in a destination pool slot
-    uint32_t device
-    uint32_t idx
-    uint32_t flags
-    uint32_t slot
-    uint32_t length             # chunk header + data bytes in the slot
-    uint32_t channel
+# Commands and descriptors cross their pipes as raw structs (_core.pxd); the
+# readers take them in these sizes.
+if sizeof(Command) != 32 or sizeof(Descriptor) != DESCRIPTOR_SIZE:
+    raise ImportError("fastmfd._core: a pipe record has an unexpected size")
 
 
 def pack_command(uint32_t kind, uint32_t target=0, uint32_t count=0, uint32_t slot=0,
                  uint64_t round=0):
-    """The 32-byte record for a worker's command pipe."""
-    cdef Command cmd
-    memset(&cmd, 0, sizeof(cmd))
-    cmd.kind = kind
-    cmd.target = target
-    cmd.count = count
-    cmd.slot = slot
-    cmd.round = round
+    """The 32-byte record for a worker's command pipe (``kind`` is a CMD_*)."""
+    cdef Command cmd = Command(kind=kind, target=target, count=count, slot=slot, round=round,
+                               reserved=0)
     return (<char *>&cmd)[:sizeof(cmd)]
 
 
 def pack_descriptor(uint32_t device, uint32_t idx, uint32_t flags, uint32_t slot,
                     uint32_t length, uint32_t channel):
     """The 24-byte record announcing a device chunk in a pool slot."""
-    cdef Descriptor desc
-    desc.device = device
-    desc.idx = idx
-    desc.flags = flags
-    desc.slot = slot
-    desc.length = length
-    desc.channel = channel
+    cdef Descriptor desc = Descriptor(device=device, idx=idx, flags=flags, slot=slot,
+                                      length=length, channel=channel)
     return (<char *>&desc)[:sizeof(desc)]
 
 
@@ -99,118 +52,15 @@ def unpack_descriptors(const uint8_t[::1] data):
             for i in range(n)]
 
 
-# ---------------------------------------------------------------- counters
-
-cdef enum:
-    ST_PACKETS = 0          # RAM packets (SYNC packets included)
-    ST_NORMAL = 1           # pages sent / applied with data
-    ST_ZERO = 2             # pages listed as zero
-    ST_WIRE = 3             # bytes on the wire (headers and payloads)
-    ST_DEVICE_PACKETS = 4
-    ST_DEVICE_BYTES = 5     # chunk bytes (header + data), before compression
-    ST_SYNCS = 6
-    ST_JOBS = 7
-    ST_FIELDS = 8
-
-COUNTER_FIELDS = ("packets", "normal_pages", "zero_pages", "wire_bytes", "device_packets",
-                  "device_bytes", "syncs", "jobs")
-
-
-cdef struct CountersHeader:
-    uint64_t magic
-    uint64_t packet_num         # the session-wide packet number (atomic fetch-add)
-    uint32_t nrows
-    uint32_t _pad
-
-
-cdef class Counters(_SharedStructure):
-    """Per-channel counters plus the session's packet number, in shared memory.
-
-    Each row has one writer (its channel's worker); readers see live values.
-    """
-    cdef CountersHeader *hdr
-    cdef uint64_t *rows
-
-    @staticmethod
-    def segment_size(uint32_t nrows):
-        return align_up(sizeof(CountersHeader), HEADER_ALIGN) + 8 * ST_FIELDS * <size_t>nrows
-
-    @classmethod
-    def create(cls, uint32_t nrows, str tag="counters"):
-        segment = SharedMemory.create(Counters.segment_size(nrows), tag=tag)
-        cdef Counters c = cls.__new__(cls)
-        try:
-            c._map(segment, Counters.segment_size(nrows), COUNTERS_MAGIC, True)
-            c.hdr = <CountersHeader *>c.base
-            c.hdr.nrows = nrows
-            c.hdr.packet_num = 1
-            c.rows = <uint64_t *>(c.base + align_up(sizeof(CountersHeader), HEADER_ALIGN))
-            fm_store64(&c.hdr.magic, COUNTERS_MAGIC)
-        except BaseException:
-            segment.close()
-            raise
-        return c
-
-    @classmethod
-    def attach(cls, str name):
-        segment = SharedMemory.attach(name)
-        cdef Counters c = cls.__new__(cls)
-        try:
-            c._map(segment, sizeof(CountersHeader), COUNTERS_MAGIC, False)
-            c.hdr = <CountersHeader *>c.base
-            if Counters.segment_size(c.hdr.nrows) > c.size:
-                raise ValueError(f"counters segment {name} is truncated")
-            c.rows = <uint64_t *>(c.base + align_up(sizeof(CountersHeader), HEADER_ALIGN))
-        except BaseException:
-            segment.close()
-            raise
-        return c
-
-    cdef uint64_t *row(self, uint32_t r) except NULL:
-        self.check_open()
-        if r >= self.hdr.nrows:
-            raise IndexError(f"counter row {r} out of range")
-        return self.rows + r * ST_FIELDS
-
-    def read(self, uint32_t r):
-        """A dict of the row's counters, by name."""
-        cdef uint64_t *row = self.row(r)
-        return {name: fm_load64(&row[i]) for i, name in enumerate(COUNTER_FIELDS)}
-
-    def total(self, str field):
-        cdef size_t i = COUNTER_FIELDS.index(field)
-        cdef uint32_t r
-        self.check_open()
-        return sum(fm_load64(&self.rows[r * ST_FIELDS + i]) for r in range(self.hdr.nrows))
-
-    @property
-    def nrows(self):
-        self.check_open()
-        return self.hdr.nrows
-
-
 cdef inline void bump(uint64_t *row, int field, uint64_t by) noexcept nogil:
-    # One writer per row: a plain atomic store keeps readers consistent.
+    # Add to a Counters field (ST_*). One writer per row: a plain atomic store keeps readers consistent.
     fm_store64(&row[field], row[field] + by)
 
 
 # ---------------------------------------------------------------- regions as the engines see them
 
-cdef struct RegionRef:
-    uint8_t *base
-    uint64_t size
-    uint64_t *received          # destination: bit per page written since the session began
-    bint fresh                  # destination: memory started zero-filled (zero pages may be skipped)
-    char name[256]
-    size_t name_len
-
-
 cdef class _RegionTable:
     """The session's regions, in SETUP order, as C pointers (kept mapped by ``keep``)."""
-    cdef RegionRef *refs
-    cdef int count
-    cdef RegionEntry *entries       # name/size table for the RAM codec
-    cdef list keep
 
     def __cinit__(self, regions, received=None, fresh=None):
         cdef uint8_t[::1] view
@@ -245,21 +95,6 @@ cdef class _RegionTable:
 
 cdef class _EngineBase:
     """What both engines share: the socket, the layout, the codec, counters."""
-    cdef int fd
-    cdef readonly uint32_t channel
-    cdef RamLayout lay
-    cdef Codec codec
-    cdef _RegionTable regions
-    cdef Counters counters
-    cdef uint64_t *stats
-    cdef BufferPool pool
-    cdef list device_names          # [(idstr bytes, instance_id)]
-    cdef uint8_t *header            # one RAM header, reused for every packet
-    cdef uint8_t *scratch           # compressed payloads; a checksummed packet's pages
-    cdef size_t scratch_cap
-    cdef iovec *iov
-    cdef uint64_t *normal
-    cdef uint64_t *zero
 
     cdef int _setup(self, int fd, uint32_t channel, dict params, object codec, list regions,
                     Counters counters, BufferPool pool, list devices, object received,
@@ -277,7 +112,7 @@ cdef class _EngineBase:
         self.pool = pool
         self.device_names = [(encode_name(idstr, "idstr"), inst) for idstr, inst in devices]
         self.scratch_cap = max(self.lay.max_payload, params.get("chunk_size", 0) * 2 + 65536)
-        self.header = <uint8_t *>PyMem_Malloc(max(self.lay.header_size, DEVICE_HEADER_SIZE_C))
+        self.header = <uint8_t *>PyMem_Malloc(max(self.lay.header_size, DEVICE_HEADER_SIZE))
         self.scratch = <uint8_t *>PyMem_Malloc(self.scratch_cap)
         self.iov = <iovec *>PyMem_Malloc((pp + 2) * sizeof(iovec))
         self.normal = <uint64_t *>PyMem_Malloc(pp * sizeof(uint64_t))
@@ -292,9 +127,6 @@ cdef class _EngineBase:
         PyMem_Free(self.iov)
         PyMem_Free(self.normal)
         PyMem_Free(self.zero)
-
-    def counters_row(self):
-        return self.counters.read(self.channel)
 
 
 cdef int check_io(ssize_t rc, size_t want, str what) except -1:
@@ -328,12 +160,6 @@ cdef class SendEngine(_EngineBase):
     the main process fills before each RAM command; ``selector`` the selector
     this channel belongs to (released after each RAM or device job).
     """
-    cdef ChannelSelector selector
-    cdef uint32_t selector_index
-    cdef const uint64_t *mailbox
-    cdef size_t mailbox_cap
-    cdef object mailbox_keep
-    cdef bint zero_detection
 
     def __cinit__(self, int fd, uint32_t channel, dict params, codec, list regions,
                   Counters counters, ChannelSelector selector, uint32_t selector_index,
@@ -366,7 +192,7 @@ cdef class SendEngine(_EngineBase):
                 bump(self.stats, ST_JOBS, 1)
                 self.selector.release_channel(self.selector_index)
             elif cmd.kind == CMD_SYNC:
-                self.send_packet(FLAG_SYNC_C, 0, NULL, 0, 0, 0)
+                self.send_packet(FLAG_SYNC, 0, NULL, 0, 0, 0)
                 bump(self.stats, ST_SYNCS, 1)
             elif cmd.kind == CMD_QUIT:
                 shutdown(self.fd, SHUT_WR)
@@ -466,10 +292,10 @@ cdef class SendEngine(_EngineBase):
         device_encode(self.header, self.lay.comp_flag, idstr, len(idstr), instance_id,
                       <uint32_t>payload)
         parts[0].iov_base = self.header
-        parts[0].iov_len = DEVICE_HEADER_SIZE_C
+        parts[0].iov_len = DEVICE_HEADER_SIZE
         with nogil:
             rc = writev_all(self.fd, parts, 2)
-        check_io(rc, DEVICE_HEADER_SIZE_C + payload, "send")
+        check_io(rc, DEVICE_HEADER_SIZE + payload, "send")
         self.pool.release_slot(slot)
         bump(self.stats, ST_DEVICE_PACKETS, 1)
         bump(self.stats, ST_DEVICE_BYTES, length)
@@ -492,12 +318,6 @@ cdef class RecvEngine(_EngineBase):
     regions started zero-filled). Device chunks go into slots of ``pool``;
     their descriptors are written to ``reassembly_fd``.
     """
-    cdef int reassembly_fd
-    cdef bint ram_allowed
-    cdef readonly uint64_t rounds
-    cdef int hint
-    cdef dict device_index          # (idstr bytes, instance_id) -> device number
-    cdef uint32_t max_device_payload
 
     def __cinit__(self, int fd, uint32_t channel, dict params, codec, list regions,
                   Counters counters, list received, list fresh, BufferPool pool=None,
@@ -507,7 +327,7 @@ cdef class RecvEngine(_EngineBase):
         self.reassembly_fd = reassembly_fd
         self.ram_allowed = ram_allowed
         self.device_index = {name: i for i, name in enumerate(self.device_names)}
-        chunk = params.get("chunk_size", 0) + CHUNK_HEADER_SIZE_C
+        chunk = params.get("chunk_size", 0) + CHUNK_HEADER_SIZE
         self.max_device_payload = chunk if codec is None else min(
             self.scratch_cap, chunk + chunk // 8 + 65536)
 
@@ -521,7 +341,7 @@ cdef class RecvEngine(_EngineBase):
                 return EVENT_EOF
             check_io(got, 12, "packet header")
             flags = ld32(self.header + 8)
-            if flags & FLAG_DEVICE_STATE_C:
+            if flags & FLAG_DEVICE_STATE:
                 self.recv_device()
             else:
                 if not self.ram_allowed:
@@ -551,7 +371,7 @@ cdef class RecvEngine(_EngineBase):
         bump(self.stats, ST_PACKETS, 1)
         bump(self.stats, ST_WIRE, self.lay.header_size)
         if info.region < 0:
-            return info.flags & FLAG_SYNC_C
+            return info.flags & FLAG_SYNC
         self.hint = info.region
         ref = &self.regions.refs[info.region]
         for i in range(info.normal_pages):
@@ -560,7 +380,7 @@ cdef class RecvEngine(_EngineBase):
             raw = <size_t>info.normal_pages * psize
             k = pages_to_iov(self.iov, ref.base, self.normal, info.normal_pages, psize)
             with nogil:
-                populate_iov(self.iov, k, True)
+                populate_for_write(self.iov, k)
             if self.codec is None:
                 with nogil:
                     got = readv_all(self.fd, self.iov, k)
@@ -596,7 +416,7 @@ cdef class RecvEngine(_EngineBase):
                     memset(ref.base + off, 0, psize)
         bump(self.stats, ST_NORMAL, info.normal_pages)
         bump(self.stats, ST_ZERO, info.zero_pages)
-        return info.flags & FLAG_SYNC_C
+        return info.flags & FLAG_SYNC
 
     cdef int verify_crc(self, const iovec *iov, size_t n, uint64_t expected) except -1:
         cdef uint32_t crc
@@ -618,8 +438,8 @@ cdef class RecvEngine(_EngineBase):
         cdef size_t produced
         cdef iovec one
         with nogil:
-            got = read_exact(self.fd, self.header + 12, DEVICE_HEADER_SIZE_C - 12)
-        check_io(got, DEVICE_HEADER_SIZE_C - 12, "device state header")
+            got = read_exact(self.fd, self.header + 12, DEVICE_HEADER_SIZE - 12)
+        check_io(got, DEVICE_HEADER_SIZE - 12, "device state header")
         if device_decode(self.header, self.lay.comp_flag, 0, self.max_device_payload, &info,
                          &err) < 0:
             raise_wire_error(&err)
@@ -648,10 +468,10 @@ cdef class RecvEngine(_EngineBase):
                 check_io(got, info.next_packet_size, "device state payload")
                 produced = self.codec.decompress_bounded(self.scratch, info.next_packet_size,
                                                          dst, self.pool.hdr.slot_size)
-            if produced < CHUNK_HEADER_SIZE_C:
+            if produced < CHUNK_HEADER_SIZE:
                 raise ProtocolError(f"device chunk: {produced} bytes, shorter than its "
-                                    f"{CHUNK_HEADER_SIZE_C}-byte header", field="length",
-                                    received=produced, expected=f">= {CHUNK_HEADER_SIZE_C}")
+                                    f"{CHUNK_HEADER_SIZE}-byte header", field="length",
+                                    received=produced, expected=f">= {CHUNK_HEADER_SIZE}")
             if chunk_decode(dst, &desc.idx, &desc.flags, &err) < 0:
                 raise_wire_error(&err)
             desc.device = device
@@ -666,5 +486,5 @@ cdef class RecvEngine(_EngineBase):
             raise
         bump(self.stats, ST_DEVICE_PACKETS, 1)
         bump(self.stats, ST_DEVICE_BYTES, produced)
-        bump(self.stats, ST_WIRE, DEVICE_HEADER_SIZE_C + info.next_packet_size)
+        bump(self.stats, ST_WIRE, DEVICE_HEADER_SIZE + info.next_packet_size)
         return 0

@@ -7,27 +7,24 @@
 # exact: a payload that inflates to more or fewer bytes than its pages is a
 # ProtocolError, and decompression never writes past the pages it was given.
 
-cdef enum:
-    BOUNCE_SIZE = 65536
+cdef int grow(uint8_t **buf, size_t *cap, size_t need) except -1:
+    """Make the PyMem buffer ``*buf`` (``*cap`` bytes) hold at least ``need``.
+    It only grows, so a channel's steady stream of packets stops allocating."""
+    cdef uint8_t *grown
+    if need > cap[0]:
+        grown = <uint8_t *>PyMem_Realloc(buf[0], need)
+        if grown == NULL:
+            raise MemoryError()
+        buf[0] = grown
+        cap[0] = need
+    return 0
 
 
 cdef class Codec:
     """Base of the per-channel compression streams; ``flag`` is the wire bit."""
-    cdef readonly uint32_t flag
-    cdef readonly str method
-    cdef uint8_t *out                 # compressed output of the last packet
-    cdef size_t out_cap
 
     cdef int reserve(self, size_t raw_bytes) except -1:
-        cdef size_t need = self.bound(raw_bytes)
-        cdef uint8_t *grown
-        if need > self.out_cap:
-            grown = <uint8_t *>PyMem_Realloc(self.out, need)
-            if grown == NULL:
-                raise MemoryError()
-            self.out = grown
-            self.out_cap = need
-        return 0
+        return grow(&self.out, &self.out_cap, self.bound(raw_bytes))
 
     cdef size_t bound(self, size_t raw_bytes) noexcept:
         return raw_bytes + raw_bytes // 8 + 4096
@@ -49,7 +46,9 @@ cdef class Codec:
     def __dealloc__(self):
         PyMem_Free(self.out)
 
-    # -- Python-level helpers (tests, inspect): contiguous buffers only.
+    # -- Python-level helpers, contiguous buffers only: inspect decompresses
+    # captured payloads; compress() is test face (tests build compressed
+    # captures and streams with it; workers compress iovecs in C).
     def compress(self, const uint8_t[::1] data):
         """Compress ``data`` as one packet (ending with a flush); returns bytes."""
         cdef iovec one
@@ -88,14 +87,9 @@ cdef object inflate_error(size_t produced, size_t expected, str detail):
 cdef class ZlibCodec(Codec):
     """zlib (RFC 1950) with libz: deflate per page through a bounce buffer, as QEMU
     does, because a live workload may rewrite a page while it is compressed."""
-    cdef z_stream strm
-    cdef bint compressing
-    cdef bint ready
-    cdef uint8_t bounce[BOUNCE_SIZE]
 
     def __cinit__(self, bint compressing, int level=1):
-        self.flag = FLAG_ZLIB_C
-        self.method = "zlib"
+        self.flag = FLAG_ZLIB
         self.compressing = compressing
         memset(&self.strm, 0, sizeof(z_stream))
         if compressing:
@@ -216,12 +210,9 @@ cdef class ZlibCodec(Codec):
 
 cdef class ZstdCodec(Codec):
     """zstd with libzstd: one frame per channel that is flushed, never ended."""
-    cdef ZSTD_CCtx *cctx
-    cdef ZSTD_DCtx *dctx
 
     def __cinit__(self, bint compressing, int level=1):
-        self.flag = FLAG_ZSTD_C
-        self.method = "zstd"
+        self.flag = FLAG_ZSTD
         if compressing:
             if not ZSTD_minCLevel() <= level <= ZSTD_maxCLevel():
                 raise ValueError(f"zstd level {level} outside {ZSTD_minCLevel()}.."
@@ -285,7 +276,7 @@ cdef class ZstdCodec(Codec):
                             size_t n) except -1:
         cdef ZSTD_inBuffer inp
         cdef ZSTD_outBuffer out
-        cdef size_t i, rc = 0, produced = 0, expected = 0, before
+        cdef size_t i, rc = 0, produced = 0, expected = 0
         cdef uint8_t sink
         for i in range(n):
             expected += iov[i].iov_len
@@ -294,28 +285,14 @@ cdef class ZstdCodec(Codec):
         inp.pos = 0
         with nogil:
             for i in range(n):
-                out.dst = iov[i].iov_base
-                out.size = iov[i].iov_len
-                out.pos = 0
-                while out.pos < out.size:
-                    before = inp.pos + out.pos
-                    rc = ZSTD_decompressStream(self.dctx, &out, &inp)
-                    if ZSTD_isError(rc) or inp.pos + out.pos == before:
-                        break
+                rc = zstd_fill(self.dctx, &out, iov[i].iov_base, iov[i].iov_len, &inp)
                 produced += out.pos
                 if ZSTD_isError(rc) or out.pos < out.size:
                     break
             if not ZSTD_isError(rc) and produced == expected:
                 # zstd buffers input internally, so consumed input proves
                 # nothing: the stream must have no byte left to give.
-                out.dst = &sink
-                out.size = 1
-                out.pos = 0
-                while not ZSTD_isError(rc) and out.pos == 0:
-                    before = inp.pos
-                    rc = ZSTD_decompressStream(self.dctx, &out, &inp)
-                    if inp.pos == before:
-                        break
+                rc = zstd_fill(self.dctx, &out, &sink, 1, &inp)
         if ZSTD_isError(rc):
             raise inflate_error(produced, expected,
                                 f"zstd: {ZSTD_getErrorName(rc).decode()}")
@@ -330,26 +307,17 @@ cdef class ZstdCodec(Codec):
                                     size_t cap) except -1:
         cdef ZSTD_inBuffer inp
         cdef ZSTD_outBuffer out
-        cdef size_t rc = 0, before, produced
+        cdef size_t rc, produced
         cdef uint8_t sink
         inp.src = src
         inp.size = size
         inp.pos = 0
-        out.dst = dst
-        out.size = cap
-        out.pos = 0
         with nogil:
-            while out.pos < out.size:
-                before = inp.pos + out.pos
-                rc = ZSTD_decompressStream(self.dctx, &out, &inp)
-                if ZSTD_isError(rc) or inp.pos + out.pos == before:
-                    break
+            rc = zstd_fill(self.dctx, &out, dst, cap, &inp)
             produced = out.pos
             if not ZSTD_isError(rc) and produced == cap:
-                out.dst = &sink
-                out.size = 1
-                out.pos = 0
-                rc = ZSTD_decompressStream(self.dctx, &out, &inp)
+                # Full: what input is left must not yield another byte.
+                rc = zstd_fill(self.dctx, &out, &sink, 1, &inp)
         if ZSTD_isError(rc):
             raise inflate_error(produced, cap, f"zstd: {ZSTD_getErrorName(rc).decode()}")
         if inp.pos != inp.size or (produced == cap and out.pos):
@@ -357,15 +325,27 @@ cdef class ZstdCodec(Codec):
         return produced
 
 
+cdef size_t zstd_fill(ZSTD_DCtx *dctx, ZSTD_outBuffer *out, void *dst, size_t size,
+                      ZSTD_inBuffer *inp) noexcept nogil:
+    """Decompress into dst[:size] until it is full, the stream stops making
+    progress, or an error; ``out.pos`` says how far it got. Returns zstd's
+    last return code (0 when there was no room to fill)."""
+    cdef size_t rc = 0, before
+    out.dst = dst
+    out.size = size
+    out.pos = 0
+    while out.pos < out.size:
+        before = inp.pos + out.pos
+        rc = ZSTD_decompressStream(dctx, out, inp)
+        if ZSTD_isError(rc) or inp.pos + out.pos == before:
+            break
+    return rc
+
+
 cdef int check_zstd(size_t rc, str what) except -1:
     if ZSTD_isError(rc):
         raise RuntimeError(f"zstd {what}: {ZSTD_getErrorName(rc).decode()}")
     return 0
-
-
-cdef enum:
-    STORED_BLOCK_MAX = 65535        # bytes a deflate stored block holds (after a 5-byte header)
-    ZLIB_HEADER_SIZE = 2            # CMF, FLG (no preset dictionary)
 
 
 cdef class IsalZlibCodec(Codec):
@@ -385,19 +365,10 @@ cdef class IsalZlibCodec(Codec):
     pages plus one byte, so a payload that inflates to more is caught
     without writing past them.
     """
-    cdef bint compressing
-    cdef object stream              # isal_zlib compressobj / decompressobj
-    cdef object sync_flush
-    cdef object error               # isal_zlib.error
-    cdef object last                # bytes of the last packet, kept alive for writev
-    cdef bint header_sent           # the zlib header opens the stream's first packet
-    cdef uint8_t *gather
-    cdef size_t gather_cap
 
     def __cinit__(self, bint compressing, int level=1):
         from isal import isal_zlib
-        self.flag = FLAG_ZLIB_C
-        self.method = "zlib"
+        self.flag = FLAG_ZLIB
         self.compressing = compressing
         self.error = isal_zlib.error
         if not compressing:
@@ -420,15 +391,9 @@ cdef class IsalZlibCodec(Codec):
     cdef ssize_t compress_iov(self, const iovec *iov, size_t n, size_t raw_bytes,
                               const uint8_t **result) except -1:
         cdef size_t pos, header, size
-        cdef uint8_t *grown
         if not self.compressing:
             raise ValueError("this zlib stream decompresses")
-        if raw_bytes > self.gather_cap:
-            grown = <uint8_t *>PyMem_Realloc(self.gather, raw_bytes)
-            if grown == NULL:
-                raise MemoryError()
-            self.gather = grown
-            self.gather_cap = raw_bytes
+        grow(&self.gather, &self.gather_cap, raw_bytes)
         with nogil:
             pos = gather_iov(iov, n, self.gather)
         view = <uint8_t[:pos]>self.gather if pos else b""
@@ -497,7 +462,7 @@ cdef size_t store_blocks(const uint8_t *data, size_t size, uint8_t *out) noexcep
     return written
 
 
-def isal_available():
+cdef bint isal_available():
     """True when python-isal is installed (fast zlib-format compression)."""
     try:
         import isal.isal_zlib  # noqa: F401

@@ -1,7 +1,13 @@
-"""Type stubs for fastmfd's Cython core (fastmfd/_core.pyx)."""
+"""Type stubs for fastmfd's Cython core (fastmfd/_core.pyx).
+
+Exactly the module's Python surface. Names marked "test face" are not called
+by the library: each exposes one C loop or encoder of the core on its own so
+tests pin its bytes and benchmarks time it (see the comment where it is
+defined).
+"""
 
 from collections.abc import Iterable, Mapping
-from typing import Any, Final
+from typing import Any, Final, Self
 
 from typing_extensions import Buffer
 
@@ -12,17 +18,15 @@ from .shm import SharedMemory
 
 # ---------------------------------------------------------------- wire constants
 MULTIFD_MAGIC: Final[int]
-MULTIFD_VERSION: Final[int]
 CHANNEL_HEADER_SIZE: Final[int]
 INIT_PACKET_SIZE: Final[int]
-RAM_HEADER_FIXED: Final[int]
 DEVICE_HEADER_SIZE: Final[int]
 CHUNK_HEADER_SIZE: Final[int]
-FLAG_SYNC: Final[int]
+FLAG_SYNC: Final[int]           # RamPacketCodec's flag vocabulary (the library sends SYNC in C)
 FLAG_ZLIB: Final[int]
 FLAG_ZSTD: Final[int]
 FLAG_DEVICE_STATE: Final[int]
-FLAG_STORED: Final[int]
+FLAG_STORED: Final[int]         # test face: the ``extensions`` bit RamPacketCodec checks
 CHUNK_FLAG_LAST: Final[int]
 CHANNEL_MAIN: Final[int]
 CHANNEL_POSTCOPY: Final[int]
@@ -31,14 +35,13 @@ CHANNEL_DEVICE_STATE: Final[int]
 LAYOUT_CURRENT: Final[str]
 LAYOUT_QEMU72: Final[str]
 
-def ram_header_size(packet_pages: int) -> int: ...
 def encode_channel_header(out: Buffer, channel_type: int) -> int: ...
 def decode_channel_header(data: Buffer) -> int: ...
 def encode_init_packet(out: Buffer, uuid: Buffer, channel_id: int) -> int: ...
 def decode_init_packet(data: Buffer, expected_uuid: bytes | None = ...,
                        channels: int | None = ...) -> tuple[bytes, int]: ...
 def encode_device_header(out: Buffer, idstr: str | bytes, instance_id: int,
-                         next_packet_size: int, flags: int = ...) -> int: ...
+                         next_packet_size: int, flags: int = ...) -> int: ...  # test face
 def decode_device_header(data: Buffer, compression: int = ..., extensions: int = ...,
                          max_payload: int = ...) -> tuple[int, str, int, int]: ...
 def encode_chunk_header(out: Buffer, idx: int, flags: int = ...) -> int: ...
@@ -62,7 +65,6 @@ class RamPacket:
     def stored(self) -> bool: ...
 
 class RamPacketCodec:
-    region_names: list[str]
     def __init__(self, packet_pages: int = ..., page_size: int = ..., layout: str = ...,
                  compression: int = ..., regions: Mapping[str, int] | None = ...,
                  extensions: int = ..., checksum: bool = ...) -> None: ...
@@ -73,28 +75,26 @@ class RamPacketCodec:
     @property
     def page_size(self) -> int: ...
     def decode(self, data: Buffer) -> RamPacket: ...
-    def validate(self, data: Buffer) -> int: ...
+    def validate(self, data: Buffer) -> int: ...        # test face
     def encode(self, out: Buffer, *, flags: int = ..., packet_num: int = ...,
                ramblock: str | bytes = ..., normal: Iterable[int] = ...,
                zero: Iterable[int] = ..., next_packet_size: int | None = ...,
-               checksum: int = ...) -> int: ...
+               checksum: int = ...) -> int: ...        # test face
 
 # ---------------------------------------------------------------- shared structures
 class _SharedStructure:
     segment: SharedMemory
+    @classmethod
+    def attach(cls, name: str) -> Self: ...
     @property
     def name(self) -> str: ...
     def close(self) -> None: ...
-    def __enter__(self) -> Any: ...
+    def __enter__(self) -> Self: ...
     def __exit__(self, *exc: object) -> None: ...
 
 class BufferPool(_SharedStructure):
-    @staticmethod
-    def segment_size(nslots: int, slot_size: int) -> int: ...
     @classmethod
-    def create(cls, nslots: int, slot_size: int, tag: str = ...) -> BufferPool: ...
-    @classmethod
-    def attach(cls, name: str) -> BufferPool: ...
+    def create(cls, nslots: int, slot_size: int, tag: str = ...) -> Self: ...
     @property
     def nslots(self) -> int: ...
     @property
@@ -108,12 +108,8 @@ class BufferPool(_SharedStructure):
     def abort(self) -> None: ...
 
 class ChannelSelector(_SharedStructure):
-    @staticmethod
-    def segment_size(nchannels: int) -> int: ...
     @classmethod
-    def create(cls, nchannels: int, tag: str = ...) -> ChannelSelector: ...
-    @classmethod
-    def attach(cls, name: str) -> ChannelSelector: ...
+    def create(cls, nchannels: int, tag: str = ...) -> Self: ...
     @property
     def nchannels(self) -> int: ...
     def select(self, timeout: float | None = ...) -> int | None: ...
@@ -122,12 +118,8 @@ class ChannelSelector(_SharedStructure):
     def abort(self) -> None: ...
 
 class DirtyBitmap(_SharedStructure):
-    @staticmethod
-    def segment_size(npages: int) -> int: ...
     @classmethod
-    def create(cls, npages: int, tag: str = ...) -> DirtyBitmap: ...
-    @classmethod
-    def attach(cls, name: str) -> DirtyBitmap: ...
+    def create(cls, npages: int, tag: str = ...) -> Self: ...
     @property
     def npages(self) -> int: ...
     def mark(self, first: int, count: int = ...) -> None: ...
@@ -136,20 +128,14 @@ class DirtyBitmap(_SharedStructure):
     def collect(self) -> npt.NDArray[np.uint64]: ...
 
 class Counters(_SharedStructure):
-    @staticmethod
-    def segment_size(nrows: int) -> int: ...
     @classmethod
-    def create(cls, nrows: int, tag: str = ...) -> Counters: ...
-    @classmethod
-    def attach(cls, name: str) -> Counters: ...
+    def create(cls, nrows: int, tag: str = ...) -> Self: ...
     @property
     def nrows(self) -> int: ...
     def read(self, row: int) -> dict[str, int]: ...
     def total(self, field: str) -> int: ...
 
-COUNTER_FIELDS: Final[tuple[str, ...]]
-
-# ---------------------------------------------------------------- pages
+# ---------------------------------------------------------------- pages (test face)
 def writev_pages(fd: int, header: Buffer, buffer: Buffer, offsets: Iterable[int],
                  page_size: int = ...) -> int: ...
 def readv_pages(fd: int, header: Buffer, buffer: Buffer, offsets: Iterable[int],
@@ -161,8 +147,7 @@ def find_zero_pages(buffer: Buffer, page_size: int = ...,
 # ---------------------------------------------------------------- codecs
 class Codec:
     flag: int
-    method: str
-    def compress(self, data: Buffer) -> bytes: ...
+    def compress(self, data: Buffer) -> bytes: ...     # test face
     def decompress_into(self, data: Buffer, out: Buffer) -> None: ...
     def decompress_upto(self, data: Buffer, out: Buffer) -> int: ...
 
@@ -175,18 +160,16 @@ class ZstdCodec(Codec):
 class IsalZlibCodec(Codec):
     def __init__(self, compressing: bool, level: int = ...) -> None: ...
 
-def isal_available() -> bool: ...
 def make_codec(method: str, compressing: bool, level: int = ...,
                use_isal: bool = ...) -> Codec | None: ...
 
 # ---------------------------------------------------------------- channel engines
-CMD_RAM_: Final[int]
-CMD_DEVICE_: Final[int]
-CMD_SYNC_: Final[int]
-CMD_QUIT_: Final[int]
-EVENT_EOF_: Final[int]
-EVENT_SYNC_: Final[int]
-COMMAND_SIZE: Final[int]
+CMD_RAM: Final[int]
+CMD_DEVICE: Final[int]
+CMD_SYNC: Final[int]
+CMD_QUIT: Final[int]
+EVENT_EOF: Final[int]
+EVENT_SYNC: Final[int]
 DESCRIPTOR_SIZE: Final[int]
 
 def pack_command(kind: int, target: int = ..., count: int = ..., slot: int = ...,
@@ -195,25 +178,28 @@ def pack_descriptor(device: int, idx: int, flags: int, slot: int, length: int,
                     channel: int) -> bytes: ...
 def unpack_descriptors(data: Buffer) -> list[tuple[int, int, int, int, int, int]]: ...
 
-class SendEngine:
+class _RegionTable:
+    def __init__(self, regions: Iterable[Any], received: Iterable[DirtyBitmap] | None = ...,
+                 fresh: Iterable[bool] | None = ...) -> None: ...
+
+class _EngineBase:
     channel: int
+
+class SendEngine(_EngineBase):
     def __init__(self, fd: int, channel: int, params: dict[str, Any], codec: Codec | None,
                  regions: list[Any], counters: Counters, selector: ChannelSelector,
                  selector_index: int, mailbox: Buffer, pool: BufferPool | None = ...,
                  devices: list[tuple[str, int]] | None = ...) -> None: ...
     def run(self, cmd_fd: int) -> None: ...
-    def counters_row(self) -> dict[str, int]: ...
 
-class RecvEngine:
-    channel: int
+class RecvEngine(_EngineBase):
     rounds: int
     def __init__(self, fd: int, channel: int, params: dict[str, Any], codec: Codec | None,
                  regions: list[Any], counters: Counters, received: list[DirtyBitmap],
                  fresh: list[bool], pool: BufferPool | None = ...,
                  devices: list[tuple[str, int]] | None = ..., reassembly_fd: int = ...,
                  ram_allowed: bool = ...) -> None: ...
-    def run(self) -> int: ...
-    def counters_row(self) -> dict[str, int]: ...
+    def run(self) -> int: ...      # EVENT_SYNC or EVENT_EOF
 
 # ---------------------------------------------------------------- misc
 def fill_pattern(buf: Buffer, seed: int, offset: int) -> None: ...

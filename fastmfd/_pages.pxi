@@ -19,17 +19,12 @@ cdef size_t pages_to_iov(iovec *iov, uint8_t *base, const uint64_t *offsets, siz
     return k
 
 
-cdef enum:
-    # Linux 5.14+ (uapi asm-generic/mman-common.h); older kernels answer EINVAL.
-    MADV_POPULATE_READ_ = 22
-    MADV_POPULATE_WRITE_ = 23
-
 cdef uintptr_t SYSTEM_PAGE = <uintptr_t>sysconf(_SC_PAGESIZE)
 
 
-cdef void populate_iov(const iovec *iov, size_t count, bint write) noexcept nogil:
-    """Map the memory behind iov into this process ahead of the copy, one system
-    call per run of pages.
+cdef void populate_for_write(const iovec *iov, size_t count) noexcept nogil:
+    """Map the memory behind iov into this process ahead of writing it, one
+    system call per run of pages.
 
     A receive worker's first write to a region page takes a page fault each
     (shared mappings get no fault-around), and on fresh memory that fault
@@ -42,8 +37,7 @@ cdef void populate_iov(const iovec *iov, size_t count, bint write) noexcept nogi
     for i in range(count):
         start = <uintptr_t>iov[i].iov_base & ~(SYSTEM_PAGE - 1)
         end = (<uintptr_t>iov[i].iov_base + iov[i].iov_len + SYSTEM_PAGE - 1) & ~(SYSTEM_PAGE - 1)
-        madvise(<void *>start, end - start,
-                MADV_POPULATE_WRITE_ if write else MADV_POPULATE_READ_)
+        madvise(<void *>start, end - start, MADV_POPULATE_WRITE)
 
 
 cdef size_t gather_iov(const iovec *iov, size_t n, uint8_t *dst) noexcept nogil:
@@ -55,42 +49,24 @@ cdef size_t gather_iov(const iovec *iov, size_t n, uint8_t *dst) noexcept nogil:
     return pos
 
 
-cdef ssize_t writev_all(int fd, iovec *iov, size_t count) noexcept nogil:
-    """Write every byte described by iov (which is consumed); bytes written or -errno."""
-    cdef ssize_t n, total = 0
-    cdef size_t left
-    while count:
-        n = writev(fd, iov, <int>(count if count < <size_t>IOV_MAX else IOV_MAX))
-        if n < 0:
-            if errno == EINTR:
-                continue
-            return -errno
-        total += n
-        left = n
-        while count and left >= iov[0].iov_len:
-            left -= iov[0].iov_len
-            iov += 1
-            count -= 1
-        if count and left:
-            iov[0].iov_base = <uint8_t *>iov[0].iov_base + left
-            iov[0].iov_len -= left
-    return total
+cdef ssize_t transfer_all(int fd, iovec *iov, size_t count, bint reading) noexcept nogil:
+    """readv or writev every byte described by iov (which is consumed), looping
+    over partial transfers and EINTR.
 
-
-cdef ssize_t readv_all(int fd, iovec *iov, size_t count) noexcept nogil:
-    """Fill every byte described by iov (which is consumed).
-
-    Returns the bytes read — fewer than asked only at end of file — or -errno.
+    Returns the bytes moved — fewer than asked only when a read meets end of
+    file — or -errno.
     """
     cdef ssize_t n, total = 0
     cdef size_t left
+    cdef int batch
     while count:
-        n = readv(fd, iov, <int>(count if count < <size_t>IOV_MAX else IOV_MAX))
+        batch = <int>(count if count < <size_t>IOV_MAX else IOV_MAX)
+        n = readv(fd, iov, batch) if reading else writev(fd, iov, batch)
         if n < 0:
             if errno == EINTR:
                 continue
             return -errno
-        if n == 0:
+        if n == 0 and reading:
             break
         total += n
         left = n
@@ -102,6 +78,17 @@ cdef ssize_t readv_all(int fd, iovec *iov, size_t count) noexcept nogil:
             iov[0].iov_base = <uint8_t *>iov[0].iov_base + left
             iov[0].iov_len -= left
     return total
+
+
+cdef ssize_t writev_all(int fd, iovec *iov, size_t count) noexcept nogil:
+    """Write every byte described by iov (which is consumed); bytes written or -errno."""
+    return transfer_all(fd, iov, count, False)
+
+
+cdef ssize_t readv_all(int fd, iovec *iov, size_t count) noexcept nogil:
+    """Fill every byte described by iov (which is consumed); bytes read (fewer
+    only at end of file) or -errno."""
+    return transfer_all(fd, iov, count, True)
 
 
 cdef ssize_t read_exact(int fd, void *buf, size_t size) noexcept nogil:
@@ -147,7 +134,7 @@ cdef object page_io(int fd, const uint8_t[::1] header, uint8_t *base, size_t bas
         if n:
             count += pages_to_iov(iov + count, base, &offs[0], n, page_size)
         with nogil:
-            done = readv_all(fd, iov, count) if reading else writev_all(fd, iov, count)
+            done = transfer_all(fd, iov, count, reading)
         if done < 0:
             raise OSError(-done, strerror(-done))
         if <size_t>done != want:
@@ -156,6 +143,11 @@ cdef object page_io(int fd, const uint8_t[::1] header, uint8_t *base, size_t bas
     finally:
         PyMem_Free(iov)
 
+
+# Test face: the engines gather pages into iovecs and writev/readv them in C
+# (_channel.pxi). These two run the same pages_to_iov + transfer_all loops on
+# any fd, so tests can drive partial transfers, EINTR and end of file through
+# a pipe or socketpair, and check the bytes, without a migration around them.
 
 def writev_pages(int fd, const uint8_t[::1] header, const uint8_t[::1] buffer, offsets,
                  size_t page_size=4096):
@@ -177,6 +169,10 @@ def readv_pages(int fd, uint8_t[::1] header, uint8_t[::1] buffer, offsets,
     return page_io(fd, header, &buffer[0] if buffer.shape[0] else NULL, buffer.shape[0],
                    offsets, page_size, True)
 
+
+# Test face: the send engine runs fm_buffer_is_zero (includes/pagescan.h) on
+# each page in C; these expose the same scan so tests check it on edge cases
+# and benchmarks measure its speed.
 
 def is_zero(const uint8_t[::1] buffer):
     """True when every byte of ``buffer`` is zero (QEMU's buffer_is_zero)."""

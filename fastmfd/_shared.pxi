@@ -1,17 +1,15 @@
 # Shared-memory structures used by several processes at once: the zero-copy
-# buffer pool, the atomic round-robin channel selector and the dirty bitmap.
-# Each lives in its own fastmfd.shm.SharedMemory segment, starts with a
-# header holding a magic number (checked on attach), and is driven only by
-# the atomics of includes/atomics.h plus process-shared POSIX semaphores for
-# blocking. Nothing here spins: a waiter sleeps on a semaphore in slices of
-# at most WAIT_SLICE seconds, checking for signals and for an abort between
-# slices.
-
-cdef enum:
-    POOL_MAGIC = 0x464d4d504f4f4c31        # "FMMPOOL1"
-    SELECTOR_MAGIC = 0x464d4d53454c4531    # "FMMSELE1"
-    BITMAP_MAGIC = 0x464d4d4449525431      # "FMMDIRT1"
-    HEADER_ALIGN = 64
+# buffer pool, the atomic round-robin channel selector, the dirty bitmap and
+# the per-channel counters. Each lives in its own fastmfd.shm.SharedMemory
+# segment, starts with a header holding a magic number (checked on attach),
+# and is driven only by the atomics of includes/atomics.h plus process-shared
+# POSIX semaphores for blocking. Nothing here spins: a waiter sleeps on a
+# semaphore in slices of at most WAIT_SLICE seconds, checking for signals and
+# for an abort between slices.
+#
+# All four are created and attached by one template (_SharedStructure._open);
+# a structure only says how big its segment is, where its arrays are and how
+# it starts out.
 
 cdef double WAIT_SLICE = 0.5
 
@@ -70,27 +68,76 @@ cdef int wait_semaphore(sem_t *sem, double timeout, const uint32_t *aborted,
 
 
 cdef class _SharedStructure:
-    """Base: a SharedMemory segment holding one structure, and its base pointer."""
-    cdef readonly object segment      # fastmfd.shm.SharedMemory
-    cdef uint8_t *base
-    cdef size_t size
+    """Base: a SharedMemory segment holding one structure, and its base pointer.
 
-    cdef int _map(self, object segment, size_t need, uint64_t magic, bint create) except -1:
+    ``X.create(...)`` makes a segment owned by the calling process (closing it
+    unlinks it); ``X.attach(name)`` maps one another process created (closing
+    it only unmaps).
+    """
+
+    @classmethod
+    def attach(cls, str name):
+        """Attach to a structure another process created."""
+        cdef _SharedStructure s = cls.__new__(cls)
+        s._open(SharedMemory.attach(name), None)
+        return s
+
+    cdef int _open(self, object segment, tuple geometry) except -1:
+        """Map ``segment`` and make the structure usable: the one create/attach
+        sequence. ``geometry`` (the create() arguments) formats a new segment;
+        None attaches to a formatted one. On failure the segment is closed
+        (which unlinks it when this process created it)."""
+        cdef size_t need
+        try:
+            self._map(segment, self.header_size)
+            if geometry is not None:
+                self._set_geometry(geometry)
+            elif fm_load64(<uint64_t *>self.base) != self.magic:
+                raise ValueError(f"segment {segment.name} does not hold the expected structure")
+            need = self._locate()
+            if need > self.size:
+                raise ValueError(f"segment {segment.name} holds {self.size} bytes, needs {need} "
+                                 "(truncated)")
+            if geometry is not None:
+                self._format()
+                # Last: an attacher checks the magic, so it never sees a
+                # structure half formatted.
+                fm_store64(<uint64_t *>self.base, self.magic)
+        except BaseException:
+            self.base = NULL
+            segment.close()
+            raise
+        return 0
+
+    cdef int _map(self, object segment, size_t need) except -1:
+        # Its own function: the typed view must be gone before _open's error
+        # path closes the segment (an exported view blocks the unmap).
         cdef uint8_t[::1] view = segment.buf
-        if <size_t>view.shape[0] < need:
-            raise ValueError(f"segment {segment.name} holds {view.shape[0]} bytes, needs {need}")
         self.segment = segment
+        if <size_t>view.shape[0] < need:
+            raise ValueError(f"segment {segment.name} holds {view.shape[0]} bytes, "
+                             f"needs {need}")
         self.base = &view[0]
         self.size = view.shape[0]
-        if not create and (<uint64_t *>self.base)[0] != magic:
-            raise ValueError(f"segment {segment.name} does not hold the expected structure")
+        return 0
+
+    cdef int _set_geometry(self, tuple geometry) except -1:
+        """create(): write ``geometry`` into the new header, where _locate reads it."""
+        raise NotImplementedError
+
+    cdef size_t _locate(self) except 0:
+        """Point the typed fields into the segment; return the bytes its geometry needs."""
+        raise NotImplementedError
+
+    cdef int _format(self) except -1:
+        """create(): the initial state, beyond zero-filled memory."""
         return 0
 
     @property
     def name(self):
         return self.segment.name
 
-    cdef inline int check_open(self) except -1:
+    cdef int check_open(self) except -1:
         # Every pointer into the segment dangles once it is unmapped: refuse
         # instead of touching them.
         if self.base == NULL:
@@ -116,17 +163,23 @@ cdef class _SharedStructure:
         self.close()
 
 
+cdef _SharedStructure create_structure(type cls, size_t size, str tag, tuple geometry):
+    """A new ``cls`` in a new segment of ``size`` bytes owned by the calling process."""
+    cdef _SharedStructure s = cls.__new__(cls)
+    s._open(SharedMemory.create(size, tag=tag), geometry)
+    return s
+
+
 # ---------------------------------------------------------------- buffer pool
 
-cdef struct PoolHeader:
-    uint64_t magic
-    uint64_t slot_size          # usable bytes per slot
-    uint64_t stride             # distance between slots (slot_size rounded to 64)
-    uint64_t data_offset        # first slot, page aligned
-    uint64_t head               # Treiber stack head: (ABA tag << 32) | (slot + 1); 0 = empty
-    uint32_t nslots
-    uint32_t aborted
-    sem_t free_slots            # counts slots on the stack; waiters sleep here
+cdef size_t pool_size(uint32_t nslots, uint64_t slot_size) noexcept:
+    return pool_data_offset(nslots) + nslots * align_up(slot_size, 64)
+
+
+cdef inline size_t pool_data_offset(uint32_t nslots) noexcept:
+    # Header, then next_free[] and held[] (u32 each per slot), then the slots
+    # on a page boundary.
+    return align_up(align_up(sizeof(PoolHeader), HEADER_ALIGN) + 8 * <size_t>nslots, 4096)
 
 
 cdef class BufferPool(_SharedStructure):
@@ -142,68 +195,39 @@ cdef class BufferPool(_SharedStructure):
     and then returns ``None``; ``acquire()`` sleeps until a slot is released.
     After ``abort()`` every waiter, current or future, raises ``Aborted``.
     """
-    cdef PoolHeader *hdr
-    cdef uint32_t *next_free     # per slot: the slot below it on the stack, + 1
-    cdef uint32_t *held          # per slot: 1 while acquired
 
-    @staticmethod
-    def segment_size(uint32_t nslots, uint64_t slot_size):
-        cdef size_t meta = align_up(sizeof(PoolHeader), HEADER_ALIGN) + 8 * <size_t>nslots
-        return align_up(meta, 4096) + nslots * align_up(slot_size, 64)
+    def __cinit__(self):
+        self.magic = POOL_MAGIC
+        self.header_size = sizeof(PoolHeader)
 
     @classmethod
     def create(cls, uint32_t nslots, uint64_t slot_size, str tag="pool"):
         """Create a pool in a new segment owned by the calling process."""
         if nslots == 0 or slot_size == 0:
             raise ValueError("a pool needs at least one slot of at least one byte")
-        segment = SharedMemory.create(BufferPool.segment_size(nslots, slot_size), tag=tag)
-        cdef BufferPool pool = cls.__new__(cls)
-        try:
-            pool._format(segment, nslots, slot_size)
-        except BaseException:
-            segment.close()
-            raise
-        return pool
+        return create_structure(cls, pool_size(nslots, slot_size), tag, (nslots, slot_size))
 
-    @classmethod
-    def attach(cls, str name):
-        """Attach to a pool another process created."""
-        segment = SharedMemory.attach(name)
-        cdef BufferPool pool = cls.__new__(cls)
-        try:
-            pool._map(segment, sizeof(PoolHeader), POOL_MAGIC, False)
-            pool._locate()
-        except BaseException:
-            segment.close()
-            raise
-        return pool
+    cdef int _set_geometry(self, tuple geometry) except -1:
+        cdef PoolHeader *hdr = <PoolHeader *>self.base
+        hdr.nslots, hdr.slot_size = geometry
+        hdr.stride = align_up(hdr.slot_size, 64)
+        hdr.data_offset = pool_data_offset(hdr.nslots)
+        return 0
 
-    cdef int _locate(self) except -1:
+    cdef size_t _locate(self) except 0:
         self.hdr = <PoolHeader *>self.base
         self.next_free = <uint32_t *>(self.base + align_up(sizeof(PoolHeader), HEADER_ALIGN))
         self.held = self.next_free + self.hdr.nslots
-        if self.hdr.data_offset + self.hdr.nslots * self.hdr.stride > self.size:
-            raise ValueError(f"pool segment {self.segment.name} is truncated")
-        return 0
+        return self.hdr.data_offset + self.hdr.nslots * self.hdr.stride
 
-    cdef int _format(self, object segment, uint32_t nslots, uint64_t slot_size) except -1:
-        cdef uint32_t i
-        self._map(segment, BufferPool.segment_size(nslots, slot_size), POOL_MAGIC, True)
-        self.hdr = <PoolHeader *>self.base
-        self.hdr.slot_size = slot_size
-        self.hdr.stride = align_up(slot_size, 64)
-        self.hdr.data_offset = align_up(align_up(sizeof(PoolHeader), HEADER_ALIGN)
-                                        + 8 * <size_t>nslots, 4096)
-        self.hdr.nslots = nslots
-        self._locate()
-        # Stack of every slot, slot 0 on top.
-        for i in range(nslots):
-            self.next_free[i] = i + 2 if i + 1 < nslots else 0
-            self.held[i] = 0
+    cdef int _format(self) except -1:
+        cdef uint32_t i, n = self.hdr.nslots
+        # Stack of every slot, slot 0 on top (held[] starts zero-filled).
+        for i in range(n):
+            self.next_free[i] = i + 2 if i + 1 < n else 0
         self.hdr.head = 1
-        if sem_init(&self.hdr.free_slots, 1, nslots) != 0:
+        if sem_init(&self.hdr.free_slots, 1, n) != 0:
             raise OSError(errno, "sem_init failed")
-        fm_store64(&self.hdr.magic, POOL_MAGIC)
         return 0
 
     @property
@@ -226,7 +250,13 @@ cdef class BufferPool(_SharedStructure):
             held += fm_load32(&self.held[slot])
         return self.hdr.nslots - held
 
-    cdef inline uint8_t *slot_ptr(self, uint32_t slot) noexcept nogil:
+    cdef int check_slot(self, uint32_t slot) except -1:
+        self.check_open()
+        if slot >= self.hdr.nslots:
+            raise ValueError(f"slot {slot} is out of range (pool of {self.hdr.nslots})")
+        return 0
+
+    cdef uint8_t *slot_ptr(self, uint32_t slot) noexcept nogil:
         return self.base + self.hdr.data_offset + slot * self.hdr.stride
 
     cdef int64_t _pop(self) noexcept nogil:
@@ -263,9 +293,7 @@ cdef class BufferPool(_SharedStructure):
         return slot
 
     cdef int release_slot(self, uint32_t slot) except -1:
-        self.check_open()
-        if slot >= self.hdr.nslots:
-            raise ValueError(f"slot {slot} is out of range (pool of {self.hdr.nslots})")
+        self.check_slot(slot)
         if not fm_cas32(&self.held[slot], 1, 0):
             raise ValueError(f"slot {slot} is not held (released twice?)")
         self._push(slot)
@@ -282,16 +310,12 @@ cdef class BufferPool(_SharedStructure):
         self.release_slot(slot)
 
     def is_held(self, uint32_t slot):
-        self.check_open()
-        if slot >= self.hdr.nslots:
-            raise ValueError(f"slot {slot} is out of range")
+        self.check_slot(slot)
         return bool(fm_load32(&self.held[slot]))
 
     def view(self, uint32_t slot):
         """A writable memoryview of the slot (``slot_size`` bytes), without copying."""
-        self.check_open()
-        if slot >= self.hdr.nslots:
-            raise ValueError(f"slot {slot} is out of range")
+        self.check_slot(slot)
         cdef size_t start = self.hdr.data_offset + slot * self.hdr.stride
         return self.segment.buf[start:start + self.hdr.slot_size]
 
@@ -304,14 +328,8 @@ cdef class BufferPool(_SharedStructure):
 
 # ---------------------------------------------------------------- channel selector
 
-cdef struct SelectorHeader:
-    uint64_t magic
-    uint64_t cursor             # next_channel, advanced by fetch-add
-    uint32_t nchannels
-    uint32_t aborted
-    uint32_t waiters            # callers asleep in select(): release() posts only then
-    uint32_t _pad
-    sem_t ready                 # posted by release() when someone may be waiting
+cdef size_t selector_size(uint32_t nchannels) noexcept:
+    return align_up(sizeof(SelectorHeader), HEADER_ALIGN) + 4 * <size_t>nchannels
 
 
 cdef class ChannelSelector(_SharedStructure):
@@ -325,46 +343,31 @@ cdef class ChannelSelector(_SharedStructure):
     returns ``None`` at once when every channel is busy; with a timeout it
     sleeps (never spins) until one is released.
     """
-    cdef SelectorHeader *hdr
-    cdef uint32_t *busy
 
-    @staticmethod
-    def segment_size(uint32_t nchannels):
-        return align_up(sizeof(SelectorHeader), HEADER_ALIGN) + 4 * <size_t>nchannels
+    def __cinit__(self):
+        self.magic = SELECTOR_MAGIC
+        self.header_size = sizeof(SelectorHeader)
 
     @classmethod
     def create(cls, uint32_t nchannels, str tag="selector"):
+        """Create a selector in a new segment owned by the calling process."""
         if nchannels == 0:
             raise ValueError("a selector needs at least one channel")
-        segment = SharedMemory.create(ChannelSelector.segment_size(nchannels), tag=tag)
-        cdef ChannelSelector sel = cls.__new__(cls)
-        try:
-            sel._map(segment, ChannelSelector.segment_size(nchannels), SELECTOR_MAGIC, True)
-            sel.hdr = <SelectorHeader *>sel.base
-            sel.hdr.nchannels = nchannels
-            sel.busy = <uint32_t *>(sel.base + align_up(sizeof(SelectorHeader), HEADER_ALIGN))
-            if sem_init(&sel.hdr.ready, 1, 0) != 0:
-                raise OSError(errno, "sem_init failed")
-            fm_store64(&sel.hdr.magic, SELECTOR_MAGIC)
-        except BaseException:
-            segment.close()
-            raise
-        return sel
+        return create_structure(cls, selector_size(nchannels), tag, (nchannels,))
 
-    @classmethod
-    def attach(cls, str name):
-        segment = SharedMemory.attach(name)
-        cdef ChannelSelector sel = cls.__new__(cls)
-        try:
-            sel._map(segment, sizeof(SelectorHeader), SELECTOR_MAGIC, False)
-            sel.hdr = <SelectorHeader *>sel.base
-            if ChannelSelector.segment_size(sel.hdr.nchannels) > sel.size:
-                raise ValueError(f"selector segment {name} is truncated")
-            sel.busy = <uint32_t *>(sel.base + align_up(sizeof(SelectorHeader), HEADER_ALIGN))
-        except BaseException:
-            segment.close()
-            raise
-        return sel
+    cdef int _set_geometry(self, tuple geometry) except -1:
+        (<SelectorHeader *>self.base).nchannels = geometry[0]
+        return 0
+
+    cdef size_t _locate(self) except 0:
+        self.hdr = <SelectorHeader *>self.base
+        self.busy = <uint32_t *>(self.base + align_up(sizeof(SelectorHeader), HEADER_ALIGN))
+        return selector_size(self.hdr.nchannels)
+
+    cdef int _format(self) except -1:
+        if sem_init(&self.hdr.ready, 1, 0) != 0:
+            raise OSError(errno, "sem_init failed")
+        return 0
 
     @property
     def nchannels(self):
@@ -412,10 +415,14 @@ cdef class ChannelSelector(_SharedStructure):
                 fm_fetch_sub32(&self.hdr.waiters, 1)
         return ch
 
-    cdef int release_channel(self, uint32_t ch) except -1:
+    cdef int check_channel(self, uint32_t ch) except -1:
         self.check_open()
         if ch >= self.hdr.nchannels:
             raise ValueError(f"channel {ch} is out of range ({self.hdr.nchannels} channels)")
+        return 0
+
+    cdef int release_channel(self, uint32_t ch) except -1:
+        self.check_channel(ch)
         if not fm_cas32(&self.busy[ch], 1, 0):
             raise ValueError(f"channel {ch} is not busy")
         if fm_load32(&self.hdr.waiters):
@@ -432,9 +439,7 @@ cdef class ChannelSelector(_SharedStructure):
         self.release_channel(ch)
 
     def is_busy(self, uint32_t ch):
-        self.check_open()
-        if ch >= self.hdr.nchannels:
-            raise ValueError(f"channel {ch} is out of range")
+        self.check_channel(ch)
         return bool(fm_load32(&self.busy[ch]))
 
     def abort(self):
@@ -446,9 +451,8 @@ cdef class ChannelSelector(_SharedStructure):
 
 # ---------------------------------------------------------------- dirty bitmap
 
-cdef struct BitmapHeader:
-    uint64_t magic
-    uint64_t npages
+cdef size_t bitmap_size(uint64_t npages) noexcept:
+    return align_up(sizeof(BitmapHeader), HEADER_ALIGN) + 8 * ((npages + 63) // 64)
 
 
 cdef class DirtyBitmap(_SharedStructure):
@@ -460,47 +464,25 @@ cdef class DirtyBitmap(_SharedStructure):
     either in this collect's result or left set for the next one — never
     lost.
     """
-    cdef BitmapHeader *hdr
-    cdef uint64_t *words
-    cdef size_t nwords
 
-    @staticmethod
-    def segment_size(uint64_t npages):
-        return align_up(sizeof(BitmapHeader), HEADER_ALIGN) + 8 * ((npages + 63) // 64)
+    def __cinit__(self):
+        self.magic = BITMAP_MAGIC
+        self.header_size = sizeof(BitmapHeader)
 
     @classmethod
     def create(cls, uint64_t npages, str tag="dirty"):
-        segment = SharedMemory.create(DirtyBitmap.segment_size(npages), tag=tag)
-        cdef DirtyBitmap bm = cls.__new__(cls)
-        try:
-            bm._map(segment, DirtyBitmap.segment_size(npages), BITMAP_MAGIC, True)
-            bm.hdr = <BitmapHeader *>bm.base
-            bm.hdr.npages = npages
-            bm._locate()
-            fm_store64(&bm.hdr.magic, BITMAP_MAGIC)
-        except BaseException:
-            segment.close()
-            raise
-        return bm
+        """Create a bitmap, every page clean, in a new segment owned by the calling process."""
+        return create_structure(cls, bitmap_size(npages), tag, (npages,))
 
-    @classmethod
-    def attach(cls, str name):
-        segment = SharedMemory.attach(name)
-        cdef DirtyBitmap bm = cls.__new__(cls)
-        try:
-            bm._map(segment, sizeof(BitmapHeader), BITMAP_MAGIC, False)
-            bm.hdr = <BitmapHeader *>bm.base
-            if DirtyBitmap.segment_size(bm.hdr.npages) > bm.size:
-                raise ValueError(f"bitmap segment {name} is truncated")
-            bm._locate()
-        except BaseException:
-            segment.close()
-            raise
-        return bm
+    cdef int _set_geometry(self, tuple geometry) except -1:
+        (<BitmapHeader *>self.base).npages = geometry[0]
+        return 0
 
-    cdef void _locate(self) noexcept:
+    cdef size_t _locate(self) except 0:
+        self.hdr = <BitmapHeader *>self.base
         self.words = <uint64_t *>(self.base + align_up(sizeof(BitmapHeader), HEADER_ALIGN))
         self.nwords = (self.hdr.npages + 63) // 64
+        return bitmap_size(self.hdr.npages)
 
     @property
     def npages(self):
@@ -589,3 +571,66 @@ cdef class DirtyBitmap(_SharedStructure):
                     out[k] = (w << 6) + __builtin_ctzll(bits)
                     k += 1
                     bits &= bits - 1
+
+
+# ---------------------------------------------------------------- counters
+
+# The keys of Counters.read(), in row order (ST_* in _core.pxd).
+cdef tuple COUNTER_FIELDS = ("packets", "normal_pages", "zero_pages", "wire_bytes",
+                             "device_packets", "device_bytes", "syncs", "jobs")
+
+
+cdef size_t counters_size(uint32_t nrows) noexcept:
+    return align_up(sizeof(CountersHeader), HEADER_ALIGN) + 8 * ST_FIELDS * <size_t>nrows
+
+
+cdef class Counters(_SharedStructure):
+    """Per-channel counters plus the session's packet number, in shared memory.
+
+    Each row has one writer (its channel's worker); readers see live values.
+    """
+
+    def __cinit__(self):
+        self.magic = COUNTERS_MAGIC
+        self.header_size = sizeof(CountersHeader)
+
+    @classmethod
+    def create(cls, uint32_t nrows, str tag="counters"):
+        """Create ``nrows`` rows of zeros in a new segment owned by the calling process."""
+        return create_structure(cls, counters_size(nrows), tag, (nrows,))
+
+    cdef int _set_geometry(self, tuple geometry) except -1:
+        (<CountersHeader *>self.base).nrows = geometry[0]
+        return 0
+
+    cdef size_t _locate(self) except 0:
+        self.hdr = <CountersHeader *>self.base
+        self.rows = <uint64_t *>(self.base + align_up(sizeof(CountersHeader), HEADER_ALIGN))
+        return counters_size(self.hdr.nrows)
+
+    cdef int _format(self) except -1:
+        self.hdr.packet_num = 1         # the first packet sent is number 1
+        return 0
+
+    cdef uint64_t *row(self, uint32_t r) except NULL:
+        self.check_open()
+        if r >= self.hdr.nrows:
+            raise IndexError(f"counter row {r} out of range")
+        return self.rows + r * ST_FIELDS
+
+    def read(self, uint32_t r):
+        """A dict of the row's counters, by name."""
+        cdef uint64_t *row = self.row(r)
+        return {name: fm_load64(&row[i]) for i, name in enumerate(COUNTER_FIELDS)}
+
+    def total(self, str field):
+        """One counter summed over every row."""
+        cdef size_t i = COUNTER_FIELDS.index(field)
+        cdef uint32_t r
+        self.check_open()
+        return sum(fm_load64(&self.rows[r * ST_FIELDS + i]) for r in range(self.hdr.nrows))
+
+    @property
+    def nrows(self):
+        self.check_open()
+        return self.hdr.nrows

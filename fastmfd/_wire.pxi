@@ -5,89 +5,15 @@
 # Python-facing wrappers turn into a ProtocolError naming the field, the value
 # received and the value expected.
 
-# ---------------------------------------------------------------- constants
+# Constants, the structs and the big-endian accessors are in _core.pxd.
 
-cdef enum:
-    MULTIFD_MAGIC_C = 0x11223344
-    MULTIFD_VERSION_C = 1
-    CHANNEL_HEADER_SIZE_C = 12
-    CHANNEL_HEADER_BODY_C = 4       # the header_size value: one BE u32 channel_type
-    INIT_PACKET_SIZE_C = 64
-    RAM_HEADER_FIXED_C = 320        # RAM header bytes before the offset array
-    DEVICE_HEADER_SIZE_C = 276
-    CHUNK_HEADER_SIZE_C = 12
-    IDSTR_SIZE_C = 256
-    NAME_MAX_C = 255                # longest region / device name (plus a NUL)
-    CHUNK_VERSION_C = 0
-    CHUNK_IDX_INVALID_C = 0xFFFFFFFF
-
-    FLAG_SYNC_C = 0x01
-    FLAG_ZLIB_C = 0x02
-    FLAG_ZSTD_C = 0x04
-    FLAG_DEVICE_STATE_C = 0x40
-    FLAG_STORED_C = 0x100           # fastmfd extension: payload sent uncompressed
-    COMPRESSION_MASK_72_C = 0x0E
-    COMPRESSION_MASK_C = 0x3E
-    CHUNK_FLAG_LAST_C = 0x01
-
-    CHANNEL_MAIN_C = 0
-    CHANNEL_POSTCOPY_C = 1
-    CHANNEL_MULTIFD_C = 2
-    CHANNEL_DEVICE_STATE_C = 3
-
-MULTIFD_MAGIC = MULTIFD_MAGIC_C
-MULTIFD_VERSION = MULTIFD_VERSION_C
-CHANNEL_HEADER_SIZE = CHANNEL_HEADER_SIZE_C
-INIT_PACKET_SIZE = INIT_PACKET_SIZE_C
-RAM_HEADER_FIXED = RAM_HEADER_FIXED_C
-DEVICE_HEADER_SIZE = DEVICE_HEADER_SIZE_C
-CHUNK_HEADER_SIZE = CHUNK_HEADER_SIZE_C
-FLAG_SYNC = FLAG_SYNC_C
-FLAG_ZLIB = FLAG_ZLIB_C
-FLAG_ZSTD = FLAG_ZSTD_C
-FLAG_DEVICE_STATE = FLAG_DEVICE_STATE_C
-FLAG_STORED = FLAG_STORED_C
-CHUNK_FLAG_LAST = CHUNK_FLAG_LAST_C
-CHANNEL_MAIN = CHANNEL_MAIN_C
-CHANNEL_POSTCOPY = CHANNEL_POSTCOPY_C
-CHANNEL_MULTIFD = CHANNEL_MULTIFD_C
-CHANNEL_DEVICE_STATE = CHANNEL_DEVICE_STATE_C
+# The RAM header layouts RamPacketCodec speaks (strings: they name a layout
+# in inspect's output and options, they never go on the wire).
 LAYOUT_CURRENT = "current"
 LAYOUT_QEMU72 = "qemu-7.2"
 
 
-def ram_header_size(uint32_t packet_pages):
-    """Bytes of a RAM packet header carrying up to ``packet_pages`` offsets."""
-    return RAM_HEADER_FIXED_C + 8 * <size_t>packet_pages
-
-
-# ---------------------------------------------------------------- big-endian access
-
-cdef inline uint32_t ld32(const uint8_t *p) noexcept nogil:
-    return ((<uint32_t>p[0]) << 24) | ((<uint32_t>p[1]) << 16) | ((<uint32_t>p[2]) << 8) | p[3]
-
-cdef inline uint64_t ld64(const uint8_t *p) noexcept nogil:
-    return ((<uint64_t>ld32(p)) << 32) | ld32(p + 4)
-
-cdef inline void st32(uint8_t *p, uint32_t v) noexcept nogil:
-    p[0] = v >> 24
-    p[1] = v >> 16
-    p[2] = v >> 8
-    p[3] = v
-
-cdef inline void st64(uint8_t *p, uint64_t v) noexcept nogil:
-    st32(p, <uint32_t>(v >> 32))
-    st32(p + 4, <uint32_t>v)
-
-
 # ---------------------------------------------------------------- errors
-
-cdef struct WireError:
-    const char *packet          # which structure: "RAM packet", "init packet", ...
-    const char *field           # which field failed
-    char received[300]          # the value received, as text
-    char expected[300]          # what was expected, as text
-
 
 cdef int wire_fail(WireError *err, const char *packet, const char *field,
                    const char *received, const char *expected) noexcept nogil:
@@ -114,17 +40,23 @@ cdef int wire_fail_hex(WireError *err, const char *packet, const char *field,
     return wire_fail(err, packet, field, text, expected)
 
 
-cdef object wire_error_to_exception(WireError *err):
+cdef int raise_wire_error(WireError *err) except -1:
     received = err.received.decode("utf-8", "backslashreplace")
     expected = err.expected.decode("utf-8", "backslashreplace")
     packet = err.packet.decode()
     field = err.field.decode()
-    return ProtocolError(f"{packet} field '{field}': received {received}, expected {expected}",
-                         field=field, received=received, expected=expected)
+    raise ProtocolError(f"{packet} field '{field}': received {received}, expected {expected}",
+                        field=field, received=received, expected=expected)
 
 
-cdef int raise_wire_error(WireError *err) except -1:
-    raise wire_error_to_exception(err)
+cdef int check_preamble(const uint8_t *p, const char *packet, WireError *err) noexcept nogil:
+    """The magic and version every multifd init, RAM and device-state packet opens with."""
+    cdef uint32_t magic = ld32(p), version = ld32(p + 4)
+    if magic != MULTIFD_MAGIC:
+        return wire_fail_hex(err, packet, "magic", magic, "0x11223344")
+    if version != MULTIFD_VERSION:
+        return wire_fail_u64(err, packet, "version", version, "1")
+    return 0
 
 
 cdef object truncated(str what, size_t got, size_t size):
@@ -189,11 +121,11 @@ cdef int get_offsets(object values, Py_buffer *view) except -1:
 
 cdef int name_field(const uint8_t *field, bint must_terminate, char *out) noexcept nogil:
     """Copy a 256-byte NUL-padded name into out[256]; -1 when unterminated."""
-    cdef size_t n = strnlen(<const char *>field, IDSTR_SIZE_C)
-    if n == IDSTR_SIZE_C:
+    cdef size_t n = strnlen(<const char *>field, IDSTR_SIZE)
+    if n == IDSTR_SIZE:
         if must_terminate:
             return -1
-        n = NAME_MAX_C        # QEMU 7.2 forces byte 255 to NUL
+        n = MAX_NAME_LEN        # QEMU 7.2 forces byte 255 to NUL
     memcpy(out, field, n)
     out[n] = 0
     return 0
@@ -201,8 +133,8 @@ cdef int name_field(const uint8_t *field, bint must_terminate, char *out) noexce
 
 cdef bytes encode_name(object name, str what):
     cdef bytes raw = name.encode() if isinstance(name, str) else bytes(name)
-    if len(raw) > NAME_MAX_C or b"\0" in raw:
-        raise ValueError(f"{what} {name!r}: at most {NAME_MAX_C} bytes and no NUL")
+    if len(raw) > MAX_NAME_LEN or b"\0" in raw:
+        raise ValueError(f"{what} {name!r}: at most {MAX_NAME_LEN} bytes and no NUL")
     return raw
 
 
@@ -210,24 +142,24 @@ cdef bytes encode_name(object name, str what):
 
 def encode_channel_header(uint8_t[::1] out, uint32_t channel_type):
     """Write the 12-byte channel header (BE u64 header_size = 4, BE u32 type)."""
-    cdef uint8_t *p = need_out(out, CHANNEL_HEADER_SIZE_C, "channel header")
-    if channel_type > CHANNEL_DEVICE_STATE_C:
+    cdef uint8_t *p = need_out(out, CHANNEL_HEADER_SIZE, "channel header")
+    if channel_type > CHANNEL_DEVICE_STATE:
         raise ValueError(f"unknown channel type {channel_type}")
-    st64(p, CHANNEL_HEADER_BODY_C)
+    st64(p, CHANNEL_HEADER_BODY)
     st32(p + 8, channel_type)
-    return CHANNEL_HEADER_SIZE_C
+    return CHANNEL_HEADER_SIZE
 
 
 def decode_channel_header(const uint8_t[::1] data):
     """Validate a channel header and return its channel type."""
-    cdef const uint8_t *p = need(data, CHANNEL_HEADER_SIZE_C, "channel header")
+    cdef const uint8_t *p = need(data, CHANNEL_HEADER_SIZE, "channel header")
     cdef WireError err
     cdef uint64_t size = ld64(p)
     cdef uint32_t kind = ld32(p + 8)
-    if size != CHANNEL_HEADER_BODY_C:
+    if size != CHANNEL_HEADER_BODY:
         wire_fail_u64(&err, "channel header", "header_size", size, "4")
         raise_wire_error(&err)
-    if kind > CHANNEL_DEVICE_STATE_C:
+    if kind > CHANNEL_DEVICE_STATE:
         wire_fail_u64(&err, "channel header", "channel_type", kind,
                       "0 (main), 1 (postcopy), 2 (multifd) or 3 (device state)")
         raise_wire_error(&err)
@@ -238,17 +170,17 @@ def decode_channel_header(const uint8_t[::1] data):
 
 def encode_init_packet(uint8_t[::1] out, const uint8_t[::1] uuid, uint32_t channel_id):
     """Write the 64-byte MultiFDInit_t for ``channel_id`` of session ``uuid``."""
-    cdef uint8_t *p = need_out(out, INIT_PACKET_SIZE_C, "init packet")
+    cdef uint8_t *p = need_out(out, INIT_PACKET_SIZE, "init packet")
     if uuid.shape[0] != 16:
         raise ValueError("uuid must be 16 bytes")
     if channel_id > 255:
         raise ValueError(f"channel id {channel_id} does not fit the u8 id field")
-    memset(p, 0, INIT_PACKET_SIZE_C)
-    st32(p, MULTIFD_MAGIC_C)
-    st32(p + 4, MULTIFD_VERSION_C)
+    memset(p, 0, INIT_PACKET_SIZE)
+    st32(p, MULTIFD_MAGIC)
+    st32(p + 4, MULTIFD_VERSION)
     memcpy(p + 8, &uuid[0], 16)
     p[24] = <uint8_t>channel_id
-    return INIT_PACKET_SIZE_C
+    return INIT_PACKET_SIZE
 
 
 def decode_init_packet(const uint8_t[::1] data, expected_uuid=None, channels=None):
@@ -257,15 +189,10 @@ def decode_init_packet(const uint8_t[::1] data, expected_uuid=None, channels=Non
     Checks magic, version, the UUID against ``expected_uuid`` and the id
     against the channel count (``id < channels``, not QEMU's off-by-one).
     """
-    cdef const uint8_t *p = need(data, INIT_PACKET_SIZE_C, "init packet")
+    cdef const uint8_t *p = need(data, INIT_PACKET_SIZE, "init packet")
     cdef WireError err
-    cdef uint32_t magic = ld32(p), version = ld32(p + 4)
     cdef uint32_t channel_id = p[24]
-    if magic != MULTIFD_MAGIC_C:
-        wire_fail_hex(&err, "init packet", "magic", magic, "0x11223344")
-        raise_wire_error(&err)
-    if version != MULTIFD_VERSION_C:
-        wire_fail_u64(&err, "init packet", "version", version, "1")
+    if check_preamble(p, "init packet", &err) < 0:
         raise_wire_error(&err)
     uuid = bytes(data[8:24])
     if expected_uuid is not None and uuid != bytes(expected_uuid):
@@ -281,35 +208,6 @@ def decode_init_packet(const uint8_t[::1] data, expected_uuid=None, channels=Non
 
 
 # ---------------------------------------------------------------- RAM packet (§4.3)
-
-cdef struct RamLayout:
-    uint32_t packet_pages       # offsets in the header (QEMU page_count)
-    uint32_t page_size
-    uint32_t header_size        # RAM_HEADER_FIXED + 8 * packet_pages
-    bint qemu72                 # QEMU 7.2: stale fields in empty packets, no zero pages
-    uint32_t comp_flag          # compression bit every data packet carries
-    uint32_t extensions         # negotiated fastmfd flag bits (FLAG_STORED)
-    bint checksum               # unused64[0] carries a CRC-32 of the payload
-    uint32_t max_payload        # bound on next_packet_size of compressed packets
-
-
-cdef struct RamPacketInfo:
-    uint32_t flags
-    uint32_t pages_alloc
-    uint32_t normal_pages
-    uint32_t zero_pages
-    uint32_t next_packet_size
-    uint64_t packet_num
-    uint64_t checksum
-    const uint8_t *ramblock     # NUL-terminated name inside the header buffer
-    const uint8_t *offsets      # BE u64 offsets: normal pages, then zero pages
-    int region                  # index into the region table; -1 for empty packets
-
-
-cdef struct RegionEntry:
-    char name[256]
-    uint64_t size
-
 
 cdef uint32_t ram_max_payload(uint32_t packet_pages, uint32_t page_size) noexcept nogil:
     # Largest compressed payload accepted: QEMU allocates 1 MiB receive
@@ -331,13 +229,13 @@ cdef int ram_layout_init(RamLayout *lay, uint32_t packet_pages, uint32_t page_si
         raise ValueError("a packet may carry at most 1 GiB")
     if layout not in (LAYOUT_CURRENT, LAYOUT_QEMU72):
         raise ValueError(f"unknown layout {layout!r}")
-    if comp_flag not in (0, FLAG_ZLIB_C, FLAG_ZSTD_C):
+    if comp_flag not in (0, FLAG_ZLIB, FLAG_ZSTD):
         raise ValueError(f"unknown compression flag {comp_flag:#x}")
-    if extensions & ~(<uint32_t>FLAG_STORED_C):
+    if extensions & ~(<uint32_t>FLAG_STORED):
         raise ValueError(f"unknown extension flags {extensions:#x}")
     lay.packet_pages = packet_pages
     lay.page_size = page_size
-    lay.header_size = RAM_HEADER_FIXED_C + 8 * packet_pages
+    lay.header_size = RAM_HEADER_FIXED + 8 * packet_pages
     lay.qemu72 = layout == LAYOUT_QEMU72
     lay.comp_flag = comp_flag
     lay.extensions = extensions
@@ -366,19 +264,16 @@ cdef int ram_decode(const RamLayout *lay, const RegionEntry *regions, int nregio
     With ``nregions < 0`` the region table is unknown and only page alignment
     of offsets is checked (inspecting a capture without its main channel).
     """
-    cdef uint32_t magic = ld32(p), version = ld32(p + 4)
     cdef uint32_t flags = ld32(p + 8)
-    cdef uint32_t comp_mask = COMPRESSION_MASK_72_C if lay.qemu72 else COMPRESSION_MASK_C
-    cdef uint32_t allowed = FLAG_SYNC_C | comp_mask | lay.extensions
+    cdef uint32_t comp_mask = COMPRESSION_MASK_72 if lay.qemu72 else COMPRESSION_MASK
+    cdef uint32_t allowed = FLAG_SYNC | comp_mask | lay.extensions
     cdef uint32_t npages, i
     cdef uint64_t off, expect_size, limit, last, bits, highest
     cdef char name[256]
     cdef char text[300]         # as long as WireError.expected: may quote a region name
-    if magic != MULTIFD_MAGIC_C:
-        return wire_fail_hex(err, "RAM packet", "magic", magic, "0x11223344")
-    if version != MULTIFD_VERSION_C:
-        return wire_fail_u64(err, "RAM packet", "version", version, "1")
-    if flags & FLAG_DEVICE_STATE_C:
+    if check_preamble(p, "RAM packet", err) < 0:
+        return -1
+    if flags & FLAG_DEVICE_STATE:
         return wire_fail_hex(err, "RAM packet", "flags", flags, "no DEVICE_STATE bit (0x40)")
     if flags & ~allowed:
         snprintf(text, sizeof(text), "only bits 0x%x", allowed)
@@ -391,7 +286,7 @@ cdef int ram_decode(const RamLayout *lay, const RegionEntry *regions, int nregio
     out.zero_pages = 0 if lay.qemu72 else ld32(p + 32)
     out.checksum = ld64(p + 40) if lay.checksum else 0
     out.ramblock = p + 64
-    out.offsets = p + RAM_HEADER_FIXED_C
+    out.offsets = p + RAM_HEADER_FIXED
     out.region = -1
     if out.pages_alloc > lay.packet_pages:
         snprintf(text, sizeof(text), "<= %u (packet_pages)", lay.packet_pages)
@@ -434,7 +329,7 @@ cdef int ram_decode(const RamLayout *lay, const RegionEntry *regions, int nregio
         if out.next_packet_size != 0 and not lay.qemu72:
             return wire_fail_u64(err, "RAM packet", "next_packet_size", out.next_packet_size,
                                  "0 in a zero-pages-only packet")
-    elif lay.comp_flag == 0 or (flags & FLAG_STORED_C):
+    elif lay.comp_flag == 0 or (flags & FLAG_STORED):
         if out.next_packet_size != expect_size:
             snprintf(text, sizeof(text), "%llu (normal_pages * page_size)",
                      <unsigned long long>expect_size)
@@ -484,8 +379,8 @@ cdef size_t ram_encode(const RamLayout *lay, uint8_t *p, uint32_t flags, uint64_
     cdef uint32_t i
     cdef bint pure_sync = nnormal == 0 and nzero == 0
     memset(p, 0, lay.header_size)
-    st32(p, MULTIFD_MAGIC_C)
-    st32(p + 4, MULTIFD_VERSION_C)
+    st32(p, MULTIFD_MAGIC)
+    st32(p + 4, MULTIFD_VERSION)
     st32(p + 8, flags)
     # QEMU 7.2 always announces its full capacity; >= 9.0 sends 0 in a pure SYNC.
     st32(p + 12, lay.packet_pages if (lay.qemu72 or not pure_sync) else 0)
@@ -499,9 +394,9 @@ cdef size_t ram_encode(const RamLayout *lay, uint8_t *p, uint32_t flags, uint64_
     if name_len:
         memcpy(p + 64, ramblock, name_len)
     for i in range(nnormal):
-        st64(p + RAM_HEADER_FIXED_C + 8 * <size_t>i, normal[i])
+        st64(p + RAM_HEADER_FIXED + 8 * <size_t>i, normal[i])
     for i in range(nzero):
-        st64(p + RAM_HEADER_FIXED_C + 8 * <size_t>(nnormal + i), zero[i])
+        st64(p + RAM_HEADER_FIXED + 8 * <size_t>(nnormal + i), zero[i])
     return lay.header_size
 
 
@@ -513,25 +408,14 @@ cdef void copy_offsets(const uint8_t *wire, uint64_t[::1] out, uint32_t n) noexc
 
 cdef class RamPacket:
     """A decoded and validated RAM packet header."""
-    cdef readonly uint32_t flags
-    cdef readonly uint32_t pages_alloc
-    cdef readonly uint32_t normal_pages
-    cdef readonly uint32_t zero_pages
-    cdef readonly uint32_t next_packet_size
-    cdef readonly uint64_t packet_num
-    cdef readonly uint64_t checksum
-    cdef readonly str ramblock
-    cdef readonly object offsets        # numpy uint64: normal pages
-    cdef readonly object zero_offsets   # numpy uint64: zero pages
-    cdef readonly uint32_t payload_size  # bytes of payload following the header
 
     @property
     def is_sync(self):
-        return bool(self.flags & FLAG_SYNC_C)
+        return bool(self.flags & FLAG_SYNC)
 
     @property
     def stored(self):
-        return bool(self.flags & FLAG_STORED_C)
+        return bool(self.flags & FLAG_STORED)
 
     def __repr__(self):
         return (f"RamPacket(flags={self.flags:#x}, normal_pages={self.normal_pages}, "
@@ -549,13 +433,6 @@ cdef class RamPacketCodec:
     the negotiated fastmfd flag bits; ``checksum`` whether ``unused64[0]``
     carries a payload CRC-32.
     """
-    cdef RamLayout lay
-    cdef RegionEntry *regions
-    cdef int nregions
-    cdef int hint
-    cdef readonly list region_names
-    cdef object last_ramblock       # encode(): the last str/bytes name and its encoding,
-    cdef bytes last_raw             # as a sender names the same region packet after packet
 
     def __cinit__(self, uint32_t packet_pages=128, uint32_t page_size=4096, str layout="current",
                   uint32_t compression=0, regions=None, uint32_t extensions=0,
@@ -563,7 +440,6 @@ cdef class RamPacketCodec:
         ram_layout_init(&self.lay, packet_pages, page_size, layout, compression, extensions,
                         checksum)
         self.nregions = -1
-        self.region_names = []
         if regions is not None:
             items = list(dict(regions).items())
             self.regions = <RegionEntry *>PyMem_Calloc(max(1, len(items)), sizeof(RegionEntry))
@@ -573,7 +449,6 @@ cdef class RamPacketCodec:
                 raw = encode_name(name, "region name")
                 memcpy(self.regions[i].name, <const char *>raw, len(raw))
                 self.regions[i].size = size
-                self.region_names.append(raw.decode())
             self.nregions = len(items)
 
     def __dealloc__(self):
@@ -605,6 +480,8 @@ cdef class RamPacketCodec:
         The lean path for callers that only need to know the header is sound
         (and how many offsets it lists): no :class:`RamPacket`, no arrays.
         """
+        # Test face: ram_decode as a receive worker runs it, measured and
+        # fuzzed without a socket around it.
         cdef Py_buffer view
         cdef RamPacketInfo info
         get_bytes(data, &view, False, self.lay.header_size, "RAM packet header")
@@ -668,6 +545,8 @@ cdef class RamPacketCodec:
         ``normal`` and ``zero`` are page offsets: a numpy uint64 array is used
         as is, anything else is converted.
         """
+        # Test face: senders frame RAM packets in C (SendEngine.send_packet);
+        # this is ram_encode on its own, for golden bytes and built captures.
         cdef Py_buffer out_view, normal_view, zero_view
         cdef bint have_normal = False, have_zero = False
         cdef size_t nn = 0, nz = 0
@@ -704,29 +583,20 @@ cdef class RamPacketCodec:
 
 # ---------------------------------------------------------------- device state (§4.4)
 
-cdef struct DeviceHeaderInfo:
-    uint32_t flags
-    char idstr[256]
-    uint32_t instance_id
-    uint32_t next_packet_size
-
-
 cdef int device_decode(const uint8_t *p, uint32_t comp_flag, uint32_t extensions,
                        uint32_t max_payload, DeviceHeaderInfo *out,
                        WireError *err) noexcept nogil:
-    cdef uint32_t magic = ld32(p), version = ld32(p + 4), flags = ld32(p + 8)
-    cdef uint32_t allowed = FLAG_DEVICE_STATE_C | comp_flag | extensions
+    cdef uint32_t flags = ld32(p + 8)
+    cdef uint32_t allowed = FLAG_DEVICE_STATE | comp_flag | extensions
     cdef char text[64]
-    if magic != MULTIFD_MAGIC_C:
-        return wire_fail_hex(err, "device state packet", "magic", magic, "0x11223344")
-    if version != MULTIFD_VERSION_C:
-        return wire_fail_u64(err, "device state packet", "version", version, "1")
-    if flags & FLAG_SYNC_C:
+    if check_preamble(p, "device state packet", err) < 0:
+        return -1
+    if flags & FLAG_SYNC:
         return wire_fail_hex(err, "device state packet", "flags", flags, "no SYNC bit")
-    if not (flags & FLAG_DEVICE_STATE_C) or (flags & ~allowed):
+    if not (flags & FLAG_DEVICE_STATE) or (flags & ~allowed):
         snprintf(text, sizeof(text), "0x40 plus only bits 0x%x", comp_flag | extensions)
         return wire_fail_hex(err, "device state packet", "flags", flags, text)
-    if (flags & COMPRESSION_MASK_C) != comp_flag:
+    if (flags & COMPRESSION_MASK) != comp_flag:
         snprintf(text, sizeof(text), "compression bits 0x%x", comp_flag)
         return wire_fail_hex(err, "device state packet", "flags", flags, text)
     if name_field(p + 12, True, out.idstr) < 0:
@@ -747,10 +617,10 @@ cdef int device_decode(const uint8_t *p, uint32_t comp_flag, uint32_t extensions
 
 cdef void device_encode(uint8_t *p, uint32_t flags, const char *idstr, size_t idstr_len,
                         uint32_t instance_id, uint32_t next_packet_size) noexcept nogil:
-    memset(p, 0, DEVICE_HEADER_SIZE_C)
-    st32(p, MULTIFD_MAGIC_C)
-    st32(p + 4, MULTIFD_VERSION_C)
-    st32(p + 8, flags | FLAG_DEVICE_STATE_C)
+    memset(p, 0, DEVICE_HEADER_SIZE)
+    st32(p, MULTIFD_MAGIC)
+    st32(p + 4, MULTIFD_VERSION)
+    st32(p + 8, flags | FLAG_DEVICE_STATE)
     memcpy(p + 12, idstr, idstr_len)
     st32(p + 268, instance_id)
     st32(p + 272, next_packet_size)
@@ -759,16 +629,18 @@ cdef void device_encode(uint8_t *p, uint32_t flags, const char *idstr, size_t id
 def encode_device_header(uint8_t[::1] out, idstr, uint32_t instance_id,
                          uint32_t next_packet_size, uint32_t flags=0):
     """Write a 276-byte device-state packet header (0x40 is always set)."""
-    cdef uint8_t *p = need_out(out, DEVICE_HEADER_SIZE_C, "device state header")
+    # Test face: the library frames device packets in C (SendEngine); this
+    # is device_encode on its own, so tests pin its bytes and build captures.
+    cdef uint8_t *p = need_out(out, DEVICE_HEADER_SIZE, "device state header")
     cdef bytes raw = encode_name(idstr, "idstr")
     device_encode(p, flags, raw, len(raw), instance_id, next_packet_size)
-    return DEVICE_HEADER_SIZE_C
+    return DEVICE_HEADER_SIZE
 
 
 def decode_device_header(const uint8_t[::1] data, uint32_t compression=0,
                          uint32_t extensions=0, uint32_t max_payload=1 << 30):
     """Validate a device-state header; return ``(flags, idstr, instance_id, next_packet_size)``."""
-    cdef const uint8_t *p = need(data, DEVICE_HEADER_SIZE_C, "device state header")
+    cdef const uint8_t *p = need(data, DEVICE_HEADER_SIZE, "device state header")
     cdef DeviceHeaderInfo info
     cdef WireError err
     if device_decode(p, compression, extensions, max_payload, &info, &err) < 0:
@@ -782,33 +654,33 @@ cdef int chunk_decode(const uint8_t *p, uint32_t *idx, uint32_t *flags,
     cdef uint32_t version = ld32(p)
     idx[0] = ld32(p + 4)
     flags[0] = ld32(p + 8)
-    if version != CHUNK_VERSION_C:
+    if version != CHUNK_VERSION:
         return wire_fail_u64(err, "device chunk", "version", version, "0")
-    if idx[0] == CHUNK_IDX_INVALID_C:
+    if idx[0] == CHUNK_IDX_INVALID:
         return wire_fail_hex(err, "device chunk", "idx", idx[0], "not 0xffffffff")
-    if flags[0] & ~(<uint32_t>CHUNK_FLAG_LAST_C):
+    if flags[0] & ~(<uint32_t>CHUNK_FLAG_LAST):
         return wire_fail_hex(err, "device chunk", "flags", flags[0], "only bit 0x1 (last)")
     return 0
 
 
 cdef inline void chunk_encode(uint8_t *p, uint32_t idx, uint32_t flags) noexcept nogil:
-    st32(p, CHUNK_VERSION_C)
+    st32(p, CHUNK_VERSION)
     st32(p + 4, idx)
     st32(p + 8, flags)
 
 
 def encode_chunk_header(uint8_t[::1] out, uint32_t idx, uint32_t flags=0):
     """Write the 12-byte chunk header (version 0, idx, flags) in front of chunk data."""
-    cdef uint8_t *p = need_out(out, CHUNK_HEADER_SIZE_C, "chunk header")
-    if idx == CHUNK_IDX_INVALID_C:
+    cdef uint8_t *p = need_out(out, CHUNK_HEADER_SIZE, "chunk header")
+    if idx == CHUNK_IDX_INVALID:
         raise ValueError("chunk idx 0xffffffff is reserved as invalid")
     chunk_encode(p, idx, flags)
-    return CHUNK_HEADER_SIZE_C
+    return CHUNK_HEADER_SIZE
 
 
 def decode_chunk_header(const uint8_t[::1] data):
     """Validate a chunk header; return ``(idx, flags)``."""
-    cdef const uint8_t *p = need(data, CHUNK_HEADER_SIZE_C, "device chunk")
+    cdef const uint8_t *p = need(data, CHUNK_HEADER_SIZE, "device chunk")
     cdef uint32_t idx, flags
     cdef WireError err
     if chunk_decode(p, &idx, &flags, &err) < 0:

@@ -376,7 +376,7 @@ class Packets(Fault):
     chunk headers are only readable without."""
 
     def __init__(self, config: fastmfd.MigrationConfig, on_packet) -> None:
-        self.ram_header = _core.ram_header_size(config.packet_pages)
+        self.ram_header = _core.RamPacketCodec(config.packet_pages).header_size
         self.page_size = config.page_size
         self.on_packet = on_packet
         self.buf = bytearray()
@@ -716,7 +716,7 @@ def setup_message(config: fastmfd.MigrationConfig, uuid: bytes, regions: dict[st
 
 
 def hello(channel_id: int, uuid: bytes, *, channel_type=_core.CHANNEL_MULTIFD,
-          magic=_core.MULTIFD_MAGIC, version=_core.MULTIFD_VERSION) -> bytes:
+          magic=_core.MULTIFD_MAGIC, version=1) -> bytes:
     """A multifd channel's channel header and init packet, any field overridable."""
     header = bytearray(_core.CHANNEL_HEADER_SIZE)
     struct.pack_into(">QI", header, 0, 4, channel_type)

@@ -177,7 +177,7 @@ def test_connection_reset(image, leaks):
 def test_truncated_packet(image, leaks):
     # The stream to the destination ends 100 bytes into a packet header; the
     # proxy swallows what the source sends after, so only the destination knows.
-    cut = Truncate(after=_core.ram_header_size(CONFIG.packet_pages) + 100)
+    cut = Truncate(after=_core.RamPacketCodec(CONFIG.packet_pages).header_size + 100)
     outcome = migrate(image, {1: cut})
     src, dst = outcome.failed_both(since=cut.fired_at)
     expected = r"receive channel 1: EOFError: RAM \w+: connection closed after \d+ of \d+ bytes"
@@ -202,7 +202,7 @@ def test_corrupted_packet_header(image, leaks):
 
 def test_corrupted_payload_fails_its_checksum(image, leaks):
     config = CONFIG.replace(checksum=True, zero_page_detection=False)
-    flip = Corrupt(at=_core.ram_header_size(config.packet_pages) + 5000, mask=0x01)
+    flip = Corrupt(at=_core.RamPacketCodec(config.packet_pages).header_size + 5000, mask=0x01)
     outcome = migrate(image, {1: flip}, config=config)
     src, dst = outcome.failed_both(since=flip.fired_at)
     expected = r"receive channel 1: ProtocolError: RAM packet field 'checksum'"

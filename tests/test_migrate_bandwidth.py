@@ -30,7 +30,7 @@ def test_the_wire_never_runs_ahead_of_max_bandwidth():
     # The throttle checks the bytes the channels have sent before it picks a
     # channel: every byte has waited its turn on the cap except what was in
     # flight at the last check (a job per channel) and the last job itself.
-    job = config.packet_pages * config.page_size + _core.ram_header_size(config.packet_pages)
+    job = config.packet_pages * config.page_size + _core.RamPacketCodec(config.packet_pages).header_size
     in_flight = (config.channels + 1) * job
     sent = sum(channel.wire_bytes for channel in stats.channels)
     assert stats.total_time_s >= (sent - in_flight) / cap

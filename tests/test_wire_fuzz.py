@@ -57,7 +57,7 @@ DECODERS = {
                     _core.INIT_PACKET_SIZE),
     "device header": (lambda b: _core.decode_device_header(b, _core.FLAG_ZLIB), 276),
     "chunk header": (_core.decode_chunk_header, _core.CHUNK_HEADER_SIZE),
-    **{f"RAM {name}": (ram_decoder(name), _core.ram_header_size(8)) for name in RAM_CODECS},
+    **{f"RAM {name}": (ram_decoder(name), _core.RamPacketCodec(8).header_size) for name in RAM_CODECS},
 }
 
 

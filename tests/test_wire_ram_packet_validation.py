@@ -13,7 +13,7 @@ from wire_errors import put_bytes, put_u32, put_u64, raises_protocol_error
 
 REGIONS = {"pc.ram": 1 << 20, "small": 10000}    # 256 pages; 2 whole pages + a bit
 PAGES = 128
-HEADER = _core.ram_header_size(PAGES)
+HEADER = _core.RamPacketCodec(PAGES).header_size
 ZLIB, ZSTD, SYNC = _core.FLAG_ZLIB, _core.FLAG_ZSTD, _core.FLAG_SYNC
 
 

@@ -260,7 +260,7 @@ class Sending:
                 self._device_chunks, self._old_way_bytes = save_old_way(
                     device_list, self.main, self.config.device_chunk_size)
         for ch in range(self.config.channels):
-            self._command(ch, _core.pack_command(_core.CMD_SYNC_, round=number))
+            self._command(ch, _core.pack_command(_core.CMD_SYNC, round=number))
         self.main.send(Msg.ROUND_END, RoundEnd(number))
         return RoundStats(number, total, time.monotonic() - started, live)
 
@@ -273,7 +273,7 @@ class Sending:
                 self._throttle(limit)
             ch = self.parts.ram_selector.select(timeout=None)
             self._mailbox[ch, :count] = pages[start:start + count]
-            self._command(ch, _core.pack_command(_core.CMD_RAM_, index, count))
+            self._command(ch, _core.pack_command(_core.CMD_RAM, index, count))
             bar.advance(count)
 
     def _throttle(self, limit: int) -> None:
@@ -294,13 +294,13 @@ class Sending:
 
     def _device_command(self, ch: int, device: int, slot: int, length: int) -> None:
         self._command(self.config.channels + ch if self.config.device_state_channels else ch,
-                      _core.pack_command(_core.CMD_DEVICE_, device, length, slot))
+                      _core.pack_command(_core.CMD_DEVICE, device, length, slot))
 
     def _finish(self) -> None:
         """Every command is queued: let the workers drain and half-close, then COMPLETE
         with the totals they sent, which the destination checks against its own."""
         for ch in range(self.config.total_channels):
-            self._command(ch, _core.pack_command(_core.CMD_QUIT_))
+            self._command(ch, _core.pack_command(_core.CMD_QUIT))
         self.state = SendingState.COMPLETING
         self._wait_for(self._workers_done)
         counters = self.parts.counters

@@ -80,7 +80,7 @@ def _recv_session(pipe: ChildPipe, params: RecvParams, stack: list) -> None:
     engine = _core.RecvEngine(sock_fd, params.channel, _engine_geometry(params), codec,
                               regions, counters, received, list(params.fresh), pool,
                               list(params.devices), reassembly_fd, params.ram)
-    while engine.run() == _core.EVENT_SYNC_:
+    while engine.run() == _core.EVENT_SYNC:
         pipe.send(Synced(engine.rounds))
         reply = pipe.recv()
         if isinstance(reply, Stop):

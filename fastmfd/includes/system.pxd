@@ -1,4 +1,5 @@
-# POSIX and Linux calls the core makes that Cython's bundled headers lack.
+# POSIX and Linux calls the core makes that Cython's bundled headers lack,
+# and the compiler builtins it uses.
 from libc.time cimport timespec
 
 cdef extern from "<semaphore.h>" nogil:
@@ -30,9 +31,27 @@ cdef extern from "pagescan.h" nogil:
 cdef extern from "<string.h>" nogil:
     size_t strnlen(const char *s, size_t maxlen)
 
-cdef extern from "<sys/mman.h>" nogil:
-    int madvise(void *addr, size_t length, int advice)
+cdef extern from *:
+    """
+    #include <sys/mman.h>
+    /* Linux 5.14+ (uapi asm-generic/mman-common.h): older C libraries lack the
+       name, older kernels answer EINVAL (harmless: the caller ignores it). */
+    #ifndef MADV_POPULATE_WRITE
+    #define MADV_POPULATE_WRITE 23
+    #endif
+    """
+    int MADV_POPULATE_WRITE
+    int madvise(void *addr, size_t length, int advice) nogil
+
+cdef extern from "<sys/socket.h>" nogil:
+    int shutdown(int sockfd, int how)
+    int SHUT_WR
 
 cdef extern from "<unistd.h>" nogil:
     long sysconf(int name)
     int _SC_PAGESIZE
+
+# GCC / Clang builtins (no header): one instruction each on x86-64 and arm64.
+cdef extern from * nogil:
+    int __builtin_popcountll(unsigned long long x)
+    int __builtin_ctzll(unsigned long long x)
