@@ -91,6 +91,25 @@ def test_sigkilled_send_worker(image, leaks):
     leaks.assert_clean(keep=[image])
 
 
+def test_a_dead_worker_is_named_even_before_the_monitor_sees_it(image, leaks, monkeypatch):
+    """The main thread can write the next command to a worker that has just died,
+    before the monitor thread has noticed: the write's broken pipe must wait for
+    the monitor's word (the worker's death), not become the session's error."""
+    from fastmfd._engine import processes
+    real_poll = processes.Watch.poll
+
+    def lagging_poll(self, timeout):
+        time.sleep(0.05)
+        real_poll(self, timeout)
+    monkeypatch.setattr(processes.Watch, "poll", lagging_poll)
+    kill = Kill("source", 1)
+    trigger = Trigger(MIB, kill)
+    outcome = migrate(image, {1: trigger}, on_enter=kill.attach)
+    src, _ = outcome.failed_both(since=trigger.fired_at)
+    assert_names(src, r"send channel 1: the worker process was killed by SIGKILL")
+    leaks.assert_clean(keep=[image])
+
+
 def test_sigkilled_receive_worker(image, leaks):
     kill = Kill("destination", 1)
     trigger = Trigger(MIB, kill)

@@ -51,6 +51,10 @@ from .session import SessionFailure, SessionResources, break_session, call_hook
 
 __all__ = ["Sending", "SendingState", "SourceParts"]
 
+# How long a write to a dead worker's command pipe waits for the monitor to say why
+# the worker ended (it watches every worker's exit, so this is only ever a moment).
+WORKER_EXIT_GRACE = 2.0
+
 
 class SendingState(enum.Enum):
     CONNECTING = "connecting"
@@ -288,6 +292,9 @@ class Sending:
         try:
             os.write(self._cmd_fds[ch], record)
         except OSError as exc:
+            # A worker closes its command pipe only by exiting: the monitor is about
+            # to report why (its traceback or its death), which is the real cause.
+            self.failure.event.wait(WORKER_EXIT_GRACE)
             self.failure.check()
             raise MigrationError(f"cannot hand work to its worker: {exc.strerror}",
                                  channel=f"send channel {ch}") from None
