@@ -17,16 +17,18 @@ from .config import MigrationConfig
 from .destination import Destination, DestinationResult
 from .devices import (BytesDevice, CollectLoader, FileDevice, FileLoader, SyntheticDevice,
                       VerifyLoader)
-from .errors import ConfigError, FastMFDError, MigrationError, ProtocolError
+from .errors import ConfigError, FastMFDError, MigrationError, ProtocolError, SecurityError
+from .protocol.security import TLSConfig
 from .regions import Region
 from .source import Source
 from .stats import ChannelStats, MigrationStats, ReceiveStats, RoundStats
 
 __all__ = [
-    "MigrationConfig", "Source", "Destination", "DestinationResult", "Region",
+    "MigrationConfig", "TLSConfig", "Source", "Destination", "DestinationResult", "Region",
     "BytesDevice", "FileDevice", "SyntheticDevice", "CollectLoader", "FileLoader",
     "VerifyLoader", "MigrationStats", "ReceiveStats", "ChannelStats", "RoundStats",
     "FastMFDError", "ConfigError", "ProtocolError", "MigrationError",
+    "SecurityError",
 ]
 
 __version__ = "0.1.0"

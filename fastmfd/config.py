@@ -9,10 +9,10 @@ the config is made, before anything starts.
 from __future__ import annotations
 
 import dataclasses
-import ssl
 from dataclasses import dataclass
 
 from .errors import ConfigError
+from .protocol.security import TLSConfig, check_auth_key
 from .protocol.setup import COMPRESSION_LEVELS, COMPRESSION_METHODS, Invalid, check_session
 
 __all__ = ["MigrationConfig", "COMPRESSION_METHODS", "COMPRESSION_LEVELS"]
@@ -49,8 +49,13 @@ class MigrationConfig:
     """Bytes per second cap on the wire, or None."""
     max_queued_bytes: int = 256 << 20
     """Per device, the bytes the destination may hold out of order."""
-    tls: ssl.SSLContext | None = None
-    """Client-side TLS context (not supported yet: must be None)."""
+    tls: TLSConfig | None = None
+    """TLS for every connection (:class:`~fastmfd.TLSConfig`: the CA that signs the
+    destination's certificate, and this side's certificate for mutual TLS)."""
+    auth_key: bytes | None = dataclasses.field(default=None, repr=False)
+    """A shared key (>= 16 bytes) every connection proves it knows (HMAC-SHA256
+    challenge-response, bound to the session and channel). Authenticates, does
+    not encrypt: use TLS for that."""
     checksum: bool = False
     """A CRC-32 of every RAM packet's payload, checked by the destination."""
     device_chunk_size: int = 1 << 20
@@ -80,9 +85,9 @@ class MigrationConfig:
         need(self.max_bandwidth is None or self.max_bandwidth > 0,
              f"max_bandwidth must be positive or None, not {self.max_bandwidth}")
         need(self.timeout > 0, f"timeout must be > 0, not {self.timeout}")
-        need(self.tls is None or isinstance(self.tls, ssl.SSLContext),
-             "tls must be an ssl.SSLContext or None")
-        need(self.tls is None, "TLS is not supported by this version of fastmfd")
+        need(self.tls is None or isinstance(self.tls, TLSConfig),
+             f"tls must be a fastmfd.TLSConfig or None, not {type(self.tls).__name__}")
+        object.__setattr__(self, "auth_key", check_auth_key(self.auth_key, "MigrationConfig"))
 
     def session_values(self) -> dict:
         """The parameters SETUP carries, by SETUP's names."""

@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 
 from ._engine.processes import ChildSet
 from ._engine.reassembly import reassembly_main
-from ._engine.receiving import DestinationParts, Receiving
+from ._engine.receiving import DestinationParts, Receiving, Refusal
 from ._engine.session import Owner, SessionFailure, SessionResources, call_hook
 from ._engine.workers import recv_worker_main
 from .errors import ConfigError, MigrationError
+from .protocol.security import ChannelSecurity, TLSConfig, check_auth_key
 from .protocol.sockets import bound_address, listen, parse_address
 from .regions import Region
 from .stats import ReceiveStats
@@ -46,6 +47,12 @@ class Destination(Owner):
     """Receives one migration on ``address`` (``tcp:HOST:PORT``, port 0 picks one, or
     ``unix:PATH``).
 
+    ``tls``: a :class:`~fastmfd.TLSConfig` with this destination's certificate
+    (and ``ca`` to require client certificates); ``auth_key``: the shared key
+    every connection must prove. Connections that fail either, or are not a
+    fastmfd source of this session, are refused (see :attr:`refused`) while the
+    Destination goes on waiting; each greeting has ``handshake_timeout`` seconds.
+
     Use it as a context manager: entering starts ``workers`` receive worker
     processes and the reassembly process ahead of time (more workers are
     started if the source asks for more channels); leaving stops them and
@@ -53,10 +60,26 @@ class Destination(Owner):
     """
 
     def __init__(self, address: str, *, workers: int = 4, timeout: float = 30.0,
-                 max_queued_bytes: int | None = None, region_factory=None) -> None:
+                 max_queued_bytes: int | None = None, region_factory=None,
+                 tls: TLSConfig | None = None, auth_key: bytes | None = None,
+                 handshake_timeout: float = 10.0) -> None:
         requested = parse_address(address)
         if workers < 0:
             raise ConfigError(f"workers must be >= 0, not {workers}")
+        if tls is not None:
+            if not isinstance(tls, TLSConfig):
+                raise ConfigError(f"tls must be a fastmfd.TLSConfig or None, not "
+                                  f"{type(tls).__name__}")
+            tls.check_server()
+            if tls.authz is not None and tls.ca is None:
+                raise ConfigError("TLSConfig.authz needs ca: client identities are only "
+                                  "known from verified client certificates")
+        if not handshake_timeout > 0:
+            raise ConfigError(f"handshake_timeout must be > 0, not {handshake_timeout}")
+        self._security = ChannelSecurity(
+            tls=tls, auth_key=check_auth_key(auth_key, "Destination"), timeout=handshake_timeout)
+        self.refused: list[Refusal] = []
+        """Connections dropped because they failed their greeting (who, and why)."""
         self._listener = listen(requested)
         self.address = str(bound_address(self._listener, requested))
         self._unix_path = requested.target if requested.family == socket.AF_UNIX else None
@@ -134,9 +157,9 @@ class Destination(Owner):
         if self._session is not None:
             raise ConfigError("a Destination receives one migration; make a new one")
         session = self._session = Receiving(DestinationParts(
-            self._listener, self.timeout, self._workers, self._reassembly, self._user_regions,
-            self._loaders, self._region_factory, self._queued_cap, self._resources,
-            self._failure))
+            self._listener, self.timeout, self._security, self._workers, self._reassembly,
+            self._user_regions, self._loaders, self._region_factory, self._queued_cap,
+            self._resources, self._failure, self.refused))
         try:
             session.accept_main()
             started = time.monotonic()

@@ -7,11 +7,13 @@
   and where the bytes were (a channel, or a file and byte offset).
 - :class:`MigrationError` — a session failed: a channel, a worker process, a
   device, a loader or the peer. It names the channel (or device) and the cause.
+- :class:`SecurityError` — a peer did not prove who it is (TLS or auth_key).
 """
 
 from __future__ import annotations
 
-__all__ = ["FastMFDError", "ConfigError", "ProtocolError", "MigrationError", "Aborted"]
+__all__ = ["FastMFDError", "ConfigError", "ProtocolError", "MigrationError", "SecurityError",
+           "Aborted"]
 
 
 class FastMFDError(Exception):
@@ -57,6 +59,11 @@ class MigrationError(FastMFDError):
         self.side = side
         where = channel or device
         super().__init__(f"{where}: {message}" if where else message)
+
+
+class SecurityError(MigrationError):
+    """A peer failed TLS or the auth_key proof: a certificate that does not
+    verify, an identity outside ``authz``, a wrong key, plaintext meeting TLS."""
 
 
 class Aborted(FastMFDError):

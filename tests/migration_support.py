@@ -197,6 +197,37 @@ class Migration:
                        ends["source end"], ends["destination end"])
 
 
+    def run_refused(self, within: float = 5.0) -> tuple[BaseException, list]:
+        """A source the destination must refuse: ``migrate()`` fails within
+        ``within`` seconds, while ``receive()`` goes on waiting for a real source
+        (its ``refused`` list says why). Returns (the source's error, the refusals)."""
+        ended: list = []
+        thread = threading.Thread(target=lambda: ended.append(_outcome(self.destination.receive)),
+                                  daemon=True, name="test destination")
+        thread.start()
+        started = time.monotonic()
+        try:
+            error = _outcome(lambda: self.source.migrate(live=False))
+            assert isinstance(error, fastmfd.MigrationError), \
+                f"the source ended with {error!r}, expected a MigrationError"
+            assert time.monotonic() - started < within, "the source was not refused in time"
+            while not self.destination.refused and time.monotonic() - started < within:
+                time.sleep(0.02)
+            assert self.destination.refused, "the destination did not refuse the source"
+            assert thread.is_alive(), f"the destination stopped waiting: {ended}"
+        finally:
+            self.destination.cancel("the test is over")
+            thread.join(10)
+        return error, list(self.destination.refused)
+
+
+def _outcome(call):
+    try:
+        return call()
+    except BaseException as exc:
+        return exc
+
+
 def make_region(name: str, size: int, seed: int | None = None, **mix) -> fastmfd.Region:
     region = fastmfd.Region.create(name, size)
     if seed is not None:
@@ -739,11 +770,13 @@ class FakeSource:
     """The source side of the protocol, driven by hand: a main channel that sends
     SETUP, and channels that send whatever bytes a test wants."""
 
-    def __init__(self, address: str, setup: dict, *, channel_header=True) -> None:
+    def __init__(self, address: str, setup: dict, *, channel_header=True,
+                 auth_key: bytes | None = None) -> None:
         _, host, port = address.split(":")
         self.target = (host, int(port))
         self.setup = setup
         self.channel_header = channel_header
+        self.auth_key = auth_key
         self.sockets: list[socket.socket] = []
         self.main: socket.socket | None = None
 
@@ -760,7 +793,15 @@ class FakeSource:
         header = bytearray(_core.CHANNEL_HEADER_SIZE)
         _core.encode_channel_header(header, _core.CHANNEL_MAIN)
         start = (bytes(header) if self.channel_header else b"") + encode_preamble()
-        self.main = self.connect(start + encode_message(Msg.SETUP, self.setup))
+        if self.auth_key is None:
+            self.main = self.connect(start + encode_message(Msg.SETUP, self.setup))
+            return self.reply()
+        from fastmfd.protocol.handshake import open_main_channel
+        from fastmfd.protocol.security import ChannelSecurity
+        self.main = self.connect()
+        open_main_channel(self.main, ChannelSecurity(auth_key=self.auth_key),
+                          bytes.fromhex(self.setup["uuid"]), self.channel_header)
+        self.main.sendall(encode_message(Msg.SETUP, self.setup))
         return self.reply()
 
     def reply(self) -> tuple:

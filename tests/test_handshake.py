@@ -4,15 +4,19 @@ region (DESIGN §4.1, §4.2, §4.5; issue #3 item 3).
 A hand-driven source sends a valid SETUP for a region the destination's user
 pre-filled with 0xAB, then a connection with one thing wrong in its channel
 header or init packet, followed by a RAM packet that would write 0xEE pages.
-The destination must fail the session naming what it received and what it
-expected, tell the source (ERROR on the main channel), and leave the region
-untouched.
+A connection that is not a channel of the session (a stranger) is dropped
+and counted while the session goes on (issue #9); a channel of the session
+that breaks its rules fails the session, naming what it received and what it
+expected, and the source is told (ERROR on the main channel). Either way the
+region is left untouched.
 """
 
 from __future__ import annotations
 
 import re
+import socket
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -71,7 +75,9 @@ def _marker() -> bytes:
     return ram_packet(CONFIG, "ram", list(range(16)), fill=0xEE)
 
 
-BAD_CHANNELS = {
+# Connections that are not a channel of this session: refused (dropped,
+# counted, logged) while the destination goes on waiting for its source.
+STRANGERS = {
     "foreign uuid": (hello(0, FOREIGN),
                      rf"init packet field 'uuid': received {FOREIGN.hex()}, "
                      rf"expected {UUID.hex()} \(the session's\)"),
@@ -83,20 +89,67 @@ BAD_CHANNELS = {
                              r"channel header field 'channel_type': received 7, expected 0 "),
     "postcopy channel type": (hello(0, UUID, channel_type=_core.CHANNEL_POSTCOPY),
                               r"'channel_type': received 1 \(postcopy preempt\)"),
+    "second main channel": (hello(0, UUID, channel_type=_core.CHANNEL_MAIN)[:12]
+                            + encode_preamble(), r"a second main channel connected"),
+    "garbage": (np.random.default_rng(1).integers(1, 256, 76, np.uint8).tobytes(),
+                r"channel header field 'header_size': received \d+, expected 4"),
+    "TLS to a plaintext destination": (b"\x16\x03\x01\x02\x00" + bytes(80),
+                                       r"the peer speaks TLS; this destination was not given"),
+}
+
+# Channels of this session (its UUID) that break its rules: the session fails.
+BAD_CHANNELS = {
     "device-state type for a RAM channel": (
         hello(0, UUID, channel_type=_core.CHANNEL_DEVICE_STATE),
         r"channel 0: channel header type 3, expected 2"),
     "id out of range": (hello(2, UUID),
                         r"init packet field 'id': received 2, expected < 2 \(channels\)"),
-    "second main channel": (hello(0, UUID, channel_type=_core.CHANNEL_MAIN)[:12]
-                            + encode_preamble(), r"a second main channel connected"),
-    "garbage": (np.random.default_rng(1).integers(1, 256, 76, np.uint8).tobytes(),
-                r"channel header field 'header_size': received \d+, expected 4"),
 }
 
 
+def assert_closed(sock: socket.socket) -> None:
+    """The destination closed ``sock`` (a reset, when our bytes were left unread)."""
+    sock.settimeout(5)
+    try:
+        assert sock.recv(1) == b"", "the dropped connection is still open"
+    except ConnectionResetError:
+        pass
+
+
+def wait_refused(destination: fastmfd.Destination, pattern: str, count: int = 1) -> None:
+    """Wait (up to 5 s) until ``count`` connections were refused, the last for ``pattern``."""
+    deadline = time.monotonic() + 5
+    while len(destination.refused) < count and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(destination.refused) >= count, "the connection was not refused"
+    reason = destination.refused[-1].reason
+    assert re.search(pattern, reason), f"{pattern!r} not in {reason!r}"
+
+
+@pytest.mark.parametrize("stranger", STRANGERS, ids=list(STRANGERS))
+def test_a_stranger_channel_is_dropped_and_the_session_goes_on(stranger):
+    data, expected = STRANGERS[stranger]
+    with Receiving() as receiving:
+        source = _session(receiving)
+        try:
+            assert source.open_main()[0] is Msg.SETUP_ACK
+            intruder = source.connect(data + _marker())
+            wait_refused(receiving.destination, expected)
+            assert_closed(intruder)
+            assert receiving.thread.is_alive(), "a stranger ended the session"
+            assert np.all(receiving.region.array == 0xAB), "a byte reached the region"
+            # The session still takes its real channels: a RAM packet lands.
+            source.connect(hello(0, UUID) + _marker())
+            deadline = time.monotonic() + 5
+            while not np.all(receiving.region.array[:4096] == 0xEE):
+                assert time.monotonic() < deadline, "the real channel was not served"
+                time.sleep(0.02)
+        finally:
+            source.close()
+
+
 @pytest.mark.parametrize("bad", BAD_CHANNELS, ids=list(BAD_CHANNELS))
-def test_bad_channel_is_refused(bad):
+def test_bad_channel_fails_the_session(bad):
     data, expected = BAD_CHANNELS[bad]
     with Receiving() as receiving:
         source = _session(receiving)
@@ -111,11 +164,19 @@ def test_bad_channel_is_refused(bad):
 
 
 def test_duplicate_channel_id_is_refused():
+    """A second connection for a channel already set up fails the session before
+    a byte of it lands (connections are greeted concurrently, so the first one
+    is known to be set up once its pages have landed)."""
     with Receiving() as receiving:
         source = _session(receiving)
         try:
             assert source.open_main()[0] is Msg.SETUP_ACK
-            source.connect(hello(0, UUID))
+            source.connect(hello(0, UUID) + ram_packet(CONFIG, "ram", [0], fill=0xEE))
+            deadline = time.monotonic() + 5
+            while receiving.region.array[0] != 0xEE:
+                assert time.monotonic() < deadline, "the first channel was not served"
+                time.sleep(0.01)
+            receiving.region.array[:4096] = 0xAB
             source.connect(hello(0, UUID) + _marker())
             expected = r"init packet field 'id': received 0, which is already set up"
             receiving.refused(expected)
@@ -125,17 +186,35 @@ def test_duplicate_channel_id_is_refused():
             source.close()
 
 
-def test_garbage_instead_of_the_main_channel_is_refused():
-    with Receiving() as receiving:
-        source = _session(receiving)
-        try:
-            garbage = np.random.default_rng(2).integers(1, 256, 4096, np.uint8).tobytes()
-            sock = source.connect(garbage)
-            receiving.refused(r"new connection: first word 0x[0-9a-f]{8}, expected the main "
-                              r"channel magic 0x464d4644 or the multifd magic 0x11223344")
-            sock.close()
-        finally:
-            source.close()
+@pytest.mark.parametrize("junk", ["garbage", "http", "idle", "closed"])
+def test_a_stranger_before_the_source_is_dropped_and_the_source_still_migrates(junk):
+    """Port scans, health checks and garbage reach a listener before its
+    source: each is refused and the real migration then runs."""
+    region = make_region("ram", SIZE, seed=3)
+    with fastmfd.Destination("tcp:127.0.0.1:0", timeout=20, handshake_timeout=0.5) as dst:
+        host, port = dst.address.split(":")[1:]
+        result = {}
+        thread = threading.Thread(target=lambda: result.update(r=dst.receive()), daemon=True)
+        thread.start()
+        stranger = socket.create_connection((host, int(port)))
+        payload = {"garbage": np.random.default_rng(2).integers(1, 256, 4096,
+                                                                np.uint8).tobytes(),
+                   "http": b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "idle": b"",
+                   "closed": b""}[junk]
+        stranger.sendall(payload)
+        if junk == "closed":
+            stranger.close()
+        wait_refused(dst, {"garbage": r"first word 0x[0-9a-f]{8}, expected the main channel",
+                           "http": r"first word 0x47455420",
+                           "idle": r"sent nothing within the handshake deadline",
+                           "closed": r"closed before it said anything"}[junk])
+        stranger.close()
+        with fastmfd.Source(dst.address, CONFIG) as src:
+            src.add_region(region)
+            src.migrate(live=False)
+        thread.join(10)
+        assert np.array_equal(result["r"].regions["ram"].array, region.array)
+    region.close()
 
 
 # Each SETUP field out of its range (or of the wrong type), and the field the

@@ -124,22 +124,31 @@ class Child:
         """Wait until the child is up (so no start-up runs inside a timed migration)."""
         self.expect(Ready, timeout)
 
-    def send(self, message: Any) -> None:
-        self.conn.send(message)
-
     def start_session(self, params: Any, fds: list[int]) -> None:
         """Send the session's parameters, then the file descriptors it needs."""
+        self.send(params)
+        self.send_fds(fds)
+
+    def send(self, message: Any) -> None:
         try:
-            self.conn.send(params)
+            self.conn.send(message)
+        except OSError as exc:
+            raise self._lost(exc) from None
+
+    def send_fds(self, fds: list[int]) -> None:
+        try:
             for fd in fds:
                 reduction.send_handle(self.conn, fd, self.process.pid)
         except OSError as exc:
-            # A broken pipe means the child is gone: say what became of it.
-            self.process.join(1)
-            if self.process.exitcode is not None:
-                raise self.death_error() from None
-            raise MigrationError(f"cannot hand the session to the process: "
-                                 f"{exc.strerror or exc}", channel=self.name) from None
+            raise self._lost(exc) from None
+
+    def _lost(self, exc: OSError) -> MigrationError:
+        """A broken pipe means the child is gone: say what became of it."""
+        self.process.join(1)
+        if self.process.exitcode is not None:
+            return self.death_error()
+        return MigrationError(f"cannot reach the process: {exc.strerror or exc}",
+                              channel=self.name)
 
     def error_from(self, report: Failed) -> MigrationError:
         error = MigrationError(report.text, channel=self.name)
@@ -190,9 +199,9 @@ class ChildSet:
         for child in self.children:
             if child.process.exitcode is None:
                 try:
-                    child.send(Stop())
+                    child.conn.send(Stop())
                 except OSError:
-                    pass
+                    pass                # gone already: reaped below
         deadline = time.monotonic() + timeout
         # wait() returns at the first exit (and sleeps its whole timeout on an
         # empty list), so loop until every child is gone or time is up.

@@ -5,10 +5,12 @@ processes) receives once.
 ::
 
     Receiving.run()                                       receive workers (1 process / channel)
-      AWAITING_SOURCE: accept the main channel
+      AWAITING_SOURCE: accept the main channel (its greeting:
+        TLS, preamble, shared-key proof; strangers refused)
       SETUP: check SETUP; regions, pool, counters; SETUP_ACK
-      RECEIVING: accept channels (header + init packet
-        checked here), each socket to a worker ─────────▶  RecvEngine.run(): pages into regions
+      RECEIVING: each new connection to a free worker ──▶  greets it: TLS, init packet of this
+        ◀── Greeted(ch): its RecvParams ──────────────▶    session, proof (or Refused)
+                                                          RecvEngine.run(): pages into regions
         main channel: ROUND_END(n), DEVICE_STATE (old way)  Synced(n) at each SYNC, then waits
         RAM barrier: round n released (Go) once every RAM
           channel reached SYNC n and ROUND_END(n) arrived ──▶ Go(n)
@@ -19,29 +21,35 @@ processes) receives once.
         every device loaded -> totals checked -> LOADED
       RESUMING: on_resume(); DONE: RESUMED (or ERROR if on_resume raised)
 
-A channel that fails its checks (UUID, magic, version, type, id, duplicate)
-is refused before any byte of it reaches a region, and fails the session:
-state FAILED, the source is sent ERROR.
+A connection that fails its greeting (TLS, magic, version, another
+session's UUID, the shared-key proof) is refused: dropped, counted in
+``Destination.refused`` and logged, while the session goes on waiting for its
+real source. A channel that passed its greeting and then breaks the session's
+rules (id out of range, a duplicate, the wrong type) fails the session, before
+any byte of it reaches a region: state FAILED, the source is sent ERROR.
 """
 
 from __future__ import annotations
 
 import enum
+import logging
 import os
 import socket
 import time
+from dataclasses import dataclass
 
 from .. import _core
 from ..devices import CollectLoader, device_key
-from ..errors import ConfigError, MigrationError, ProtocolError
+from ..errors import ConfigError, MigrationError, ProtocolError, SecurityError
 from ..protocol import handshake
-from ..protocol.control import DeviceLoaded, Drained, Eof, Go, ReassemblyParams, RecvParams, \
-    Synced
+from ..protocol.control import (DeviceLoaded, Drained, Eof, Go, Greeted, Greeting, Refused,
+                                ReassemblyParams, RecvParams, Synced)
 from ..protocol.main_channel import (MAIN, OLD_WAY_PREFIX, Complete, Loaded, MainChannel,
-                                     Msg, RoundAck, RoundEnd, decode_payload, expect_message,
-                                     read_message)
+                                     Msg, RoundAck, RoundEnd, decode_message_header,
+                                     decode_payload, read_message)
+from ..protocol.security import ChannelSecurity
 from ..protocol.setup import Setup
-from ..protocol.sockets import tune_data_socket, tune_main_socket
+from ..protocol.sockets import recv_exact, tune_data_socket, tune_main_socket
 from ..regions import Region
 from ..stats import ChannelStats, ReceiveStats
 from .processes import ChildSet, Watch
@@ -49,9 +57,11 @@ from .reassembly import pool_slots_for, reassembly_main
 from .session import SessionFailure, SessionResources, break_session
 from .workers import recv_worker_main
 
-__all__ = ["Receiving", "ReceivingState", "DestinationParts"]
+__all__ = ["Receiving", "ReceivingState", "DestinationParts", "Refusal"]
 
-HELLO_TIMEOUT = 5.0     # seconds a new connection may take to say what it is
+log = logging.getLogger("fastmfd")
+
+GREETING_SPARES = 2     # receive workers beyond the channels, to greet strangers meanwhile
 _COUNTED = ("packets", "normal_pages", "zero_pages", "device_packets")
 
 
@@ -66,14 +76,29 @@ class ReceivingState(enum.Enum):
     FAILED = "failed"
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """A connection the destination dropped: who, and why."""
+    peer: str
+    reason: str
+
+
+def _describe_peer(peer) -> str:
+    if isinstance(peer, tuple):
+        return f"{peer[0]}:{peer[1]}"
+    return peer or "a local process"
+
+
 class DestinationParts:
     """What a Destination owns and its session uses."""
 
-    def __init__(self, listener: socket.socket, timeout: float, workers: ChildSet,
-                 reassembly: ChildSet, user_regions: dict[str, Region],
+    def __init__(self, listener: socket.socket, timeout: float, security: ChannelSecurity,
+                 workers: ChildSet, reassembly: ChildSet, user_regions: dict[str, Region],
                  loaders: dict, region_factory, queued_cap: int | None,
-                 resources: SessionResources, failure: SessionFailure) -> None:
-        self.listener, self.timeout = listener, timeout
+                 resources: SessionResources, failure: SessionFailure,
+                 refused: list[Refusal]) -> None:
+        self.listener, self.timeout, self.security = listener, timeout, security
+        self.refused = refused
         self.workers, self.reassembly = workers, reassembly
         self.user_regions, self.loaders = user_regions, loaders
         self.region_factory, self.queued_cap = region_factory, queued_cap
@@ -96,6 +121,9 @@ class Receiving:
         self._pool = None
         self._desc_w = -1                       # descriptors to the reassembly process
         self._assigned: dict[int, object] = {}  # channel id -> its worker
+        self._channel_of: dict[object, int] = {}  # worker -> its channel id
+        self._greeting: dict[object, tuple[socket.socket, str]] = {}  # worker -> connection
+        self._started: set = set()              # workers that were given a Greeting
         self._drained: set[int] = set()
         self._sync_count: dict[int, int] = {}
         self._round_end = 0
@@ -110,28 +138,50 @@ class Receiving:
 
     # ------------------------------------------------------------ setup
     def accept_main(self) -> None:
-        """Accept the source's main channel and its SETUP; answer SETUP_ACK."""
-        sock = self._accept("the main channel")
-        tune_main_socket(sock)
-        self.main = MainChannel(sock)
-        handshake.accept_main_channel(sock)
+        """Wait for the source's main channel (refusing strangers), check its
+        SETUP, answer SETUP_ACK."""
+        deadline = time.monotonic() + self.parts.timeout
+        while True:
+            sock, peer = self._accept("the main channel", deadline)
+            try:
+                greeting = handshake.greet_main_channel(sock, self.parts.security)
+                break
+            except (MigrationError, ProtocolError) as exc:
+                self._refuse(peer, exc)
+                sock.close()
+        tune_main_socket(greeting.sock)
+        self.main = MainChannel(greeting.sock)
         self.state = ReceivingState.SETUP
-        self._prepare(expect_message(sock, Msg.SETUP))
+        kind, length = decode_message_header(greeting.first_header, 0)
+        if kind is not Msg.SETUP:
+            raise ProtocolError(f"main channel: received {kind.name}, expected SETUP",
+                                field="type", received=kind.name, expected="SETUP")
+        greeting.sock.settimeout(self.parts.security.timeout)
+        setup = decode_payload(kind, recv_exact(greeting.sock, length, "SETUP payload", MAIN))
+        greeting.sock.settimeout(None)
+        if greeting.auth_uuid is not None and setup.uuid != greeting.auth_uuid:
+            raise SecurityError("SETUP's uuid is not the one the auth_key proof was bound to",
+                                channel=MAIN)
+        self._prepare(setup)
         self.main.send(Msg.SETUP_ACK)
-        sock.settimeout(None)
         self.state = ReceivingState.RECEIVING
 
-    def _accept(self, what: str) -> socket.socket:
-        listener, timeout = self.parts.listener, self.parts.timeout
-        listener.settimeout(timeout)
+    def _accept(self, what: str, deadline: float) -> tuple[socket.socket, str]:
+        listener = self.parts.listener
+        listener.settimeout(max(0.0, deadline - time.monotonic()))
         try:
-            sock, _ = listener.accept()
+            sock, peer = listener.accept()
         except socket.timeout:
-            raise MigrationError(f"no connection for {what} within {timeout:g} s") from None
-        # A source writes its hello at once; a silent connection must not hold
-        # the event loop (which also serves the other channels) for long.
-        sock.settimeout(min(timeout, HELLO_TIMEOUT))
-        return sock
+            raise MigrationError(f"no connection for {what} within "
+                                 f"{self.parts.timeout:g} s") from None
+        return sock, _describe_peer(peer)
+
+    def _refuse(self, peer: str, reason: BaseException | str) -> None:
+        """A connection failed its greeting: dropped, counted and logged; the
+        session goes on waiting for its real source."""
+        refusal = Refusal(peer, str(reason))
+        self.parts.refused.append(refusal)
+        log.warning("refused a connection from %s: %s", refusal.peer, refusal.reason)
 
     def _prepare(self, setup: Setup) -> None:
         """Check SETUP against what the user added; make regions, counters, pool."""
@@ -201,6 +251,8 @@ class Receiving:
         self._watch = watch = Watch(self.main.sock)
         watch.add(parts.listener, self._accept_channel)
         watch.add(self.main.sock, self._on_main_message)
+        for worker in parts.workers:
+            self._watch_worker(worker)
         if self.setup.devices:
             watch.add_child(parts.reassembly[0], self._on_reassembly_report)
         while not self._done():
@@ -216,15 +268,41 @@ class Receiving:
                 and (self._reassembly_drained or not self.setup.devices))
 
     def _accept_channel(self) -> None:
-        setup, workers = self.setup, self.parts.workers
-        sock = self._accept("a multifd channel")
+        """A new connection: hand it to a free receive worker to greet."""
+        workers = self.parts.workers
+        worker = next((w for w in workers if w not in self._busy), None)
+        if worker is None:
+            if len(workers) >= self.setup.total_channels + GREETING_SPARES:
+                self._watch.remove(self.parts.listener)    # until a greeting ends
+                return
+            worker = workers.add(recv_worker_main, f"receive channel {len(workers)}")
+            self._watch_worker(worker)
+        sock, peer = self.parts.listener.accept()
         self.parts.resources.sockets.append(sock)
-        ch = handshake.accept_channel(sock, setup, self._assigned)
+        self._greeting[worker] = (sock, _describe_peer(peer))
+        greeting = Greeting(self.setup, self.parts.security)
+        if worker in self._started:
+            worker.send(greeting)
+            worker.send_fds([sock.fileno()])
+        else:
+            self._started.add(worker)
+            worker.start_session(greeting, [sock.fileno()])
+
+    @property
+    def _busy(self) -> set:
+        return set(self._greeting) | set(self._assigned.values())
+
+    def _watch_worker(self, worker) -> None:
+        self._watch.add_child(worker, lambda report: self._on_worker_report(worker, report))
+
+    def _on_greeted(self, worker, report: Greeted) -> None:
+        setup = self.setup
+        sock, _ = self._greeting.pop(worker)
+        ch = handshake.check_channel(handshake.ChannelHello(report.kind, setup.uuid,
+                                                            report.channel),
+                                     setup, self._assigned)
         sock.settimeout(None)
         tune_data_socket(sock)
-        while len(workers) <= ch:
-            workers.add(recv_worker_main, f"receive channel {len(workers)}")
-        worker = workers[ch]
         params = RecvParams(
             channel=ch, page_size=setup.page_size, packet_pages=setup.packet_pages,
             checksum=setup.checksum, chunk_size=setup.chunk_size,
@@ -233,13 +311,31 @@ class Receiving:
             pool=self._pool.name if self._pool is not None else None,
             ram=ch < setup.channels, received=tuple(r.dirty.name for r in self.regions),
             fresh=tuple(self._fresh))
-        worker.start_session(params, [sock.fileno()] + ([self._desc_w] if self._pool else []))
+        worker.send(params)
+        if self._pool is not None:
+            worker.send_fds([self._desc_w])
+        worker.name = f"receive channel {ch}"
         self._assigned[ch] = worker
-        self._watch.add_child(worker, lambda report: self._on_worker_report(ch, report))
+        self._channel_of[worker] = ch
         if len(self._assigned) == setup.total_channels:
             self._watch.remove(self.parts.listener)
 
-    def _on_worker_report(self, ch: int, report) -> None:
+    def _on_refused(self, worker, report: Refused) -> None:
+        sock, peer = self._greeting.pop(worker)
+        self.parts.resources.sockets.remove(sock)
+        sock.close()
+        self._refuse(peer, report.reason)
+        if len(self._assigned) < self.setup.total_channels:
+            self._watch.add(self.parts.listener, self._accept_channel)
+
+    def _on_worker_report(self, worker, report) -> None:
+        if isinstance(report, Greeted):
+            self._on_greeted(worker, report)
+            return
+        if isinstance(report, Refused):
+            self._on_refused(worker, report)
+            return
+        ch = self._channel_of[worker]
         if isinstance(report, Synced):
             self._sync_count[report.round] = self._sync_count.get(report.round, 0) + 1
             self._release_rounds()

@@ -39,6 +39,7 @@ from ..protocol import handshake
 from ..protocol.control import Done, SendParams
 from ..protocol.main_channel import (MAIN, Complete, Error, Loaded, MainChannel, Msg, RoundAck,
                                      RoundEnd, decode_payload, expect_message, read_message)
+from ..protocol.security import ChannelSecurity, default_hostname
 from ..protocol.setup import DeviceSpec, RegionSpec, Setup
 from ..protocol.sockets import Address, connect, send_all, tune_data_socket, tune_main_socket
 from ..regions import Region
@@ -155,9 +156,9 @@ class Sending:
         setup = self._setup()
         sock = connect(parts.address, cfg.timeout)
         tune_main_socket(sock)
+        sock = handshake.open_main_channel(sock, self._security, setup.uuid, cfg.channel_header)
         sock.settimeout(cfg.timeout)
         self.main = MainChannel(sock)
-        send_all(sock, handshake.main_channel_start(cfg.channel_header), "preamble", MAIN)
         self.main.send(Msg.SETUP, setup)
         expect_message(sock, Msg.SETUP_ACK)
 
@@ -169,12 +170,11 @@ class Sending:
             data = connect(parts.address, cfg.timeout)
             parts.resources.sockets.append(data)
             tune_data_socket(data)
-            send_all(data, handshake.channel_start(setup, ch), "handshake", f"channel {ch}")
             cmd_r, cmd_w = os.pipe()
             self._cmd_fds.append(cmd_w)
             parts.resources.fds.append(cmd_w)
             try:
-                worker.start_session(self._params(ch), [data.fileno(), cmd_r])
+                worker.start_session(self._params(ch, setup), [data.fileno(), cmd_r])
             finally:
                 os.close(cmd_r)
         sock.settimeout(None)
@@ -185,7 +185,16 @@ class Sending:
         self._monitor.start()
         self.state = SendingState.LIVE
 
-    def _params(self, ch: int) -> SendParams:
+    @property
+    def _security(self) -> ChannelSecurity:
+        cfg, address = self.config, self.parts.address
+        hostname = None
+        if cfg.tls is not None:
+            hostname = default_hostname(address.target, address.family, cfg.tls.hostname)
+        return ChannelSecurity(tls=cfg.tls, hostname=hostname, auth_key=cfg.auth_key,
+                               timeout=cfg.timeout)
+
+    def _params(self, ch: int, setup: Setup) -> SendParams:
         cfg, parts = self.config, self.parts
         ram = ch < cfg.channels
         return SendParams(
@@ -199,7 +208,8 @@ class Sending:
             zero_page_detection=cfg.zero_page_detection, mailbox=parts.mailbox_shm.name,
             mailbox_row=ch, job_pages=parts.job_pages,
             selector=(parts.ram_selector if ram else parts.device_selector).name,
-            selector_index=ch if ram else ch - cfg.channels)
+            selector_index=ch if ram else ch - cfg.channels,
+            hello=handshake.channel_start(setup, ch), uuid=setup.uuid, security=self._security)
 
     # ------------------------------------------------------------ rounds
     def _run_rounds(self, live: bool, on_stop, bar: RoundProgress) -> tuple[list, float]:

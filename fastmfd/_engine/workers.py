@@ -4,11 +4,14 @@ channel's engine from the Cython core.
 ::
 
     Source / Destination main process                channel worker (a Child)
-      ChildSet(send_worker_main | recv_worker_main)    run_child: Ready, then SendParams or
-      child.start_session(params, [socket, pipe]) ──▶    RecvParams and the fds it needs
-                                                         send: SendEngine.run(command pipe)
-                                                           then Done
-                                                         receive: RecvEngine.run() until SYNC n:
+      ChildSet(send_worker_main | recv_worker_main)    run_child: Ready, then
+      source: start_session(SendParams,                  send: opens its channel (TLS, init
+        [socket, command pipe]) ──────────────────▶        packet, shared-key proof), then
+                                                           SendEngine.run(command pipe), Done
+      destination: start_session(Greeting, [socket]) ▶   receive: greets the connection (TLS,
+      ◀── Greeted(ch) or Refused (then the next           init packet of this session, proof);
+            connection: Greeting + socket)                Refused: dropped, waits for another
+      RecvParams (+ reassembly pipe) ─────────────▶      RecvEngine.run() until SYNC n:
       Watch ◀── Synced(n) ────────────────────────        report, wait for Go(n)
             ─── Go(n) ────────────────────────────▶      ... until the channel ends: Eof
             ◀── Failed(text, traceback) ───────────      any failure, then exit(1)
@@ -19,10 +22,13 @@ and device chunks go from socket to shared memory inside the engines.
 
 from __future__ import annotations
 
+import socket
+
 from .. import _core
-from ..errors import ProtocolError
-from ..protocol.control import ChannelParams, Done, Eof, Go, RecvParams, SendParams, Stop, \
-    Synced
+from ..errors import MigrationError, ProtocolError
+from ..protocol import handshake
+from ..protocol.control import (ChannelParams, Done, Eof, Go, Greeted, Greeting, Refused,
+                                SendParams, Stop, Synced)
 from ..regions import Region
 from ..shm import SharedMemory
 from .processes import ChildPipe, run_child
@@ -51,8 +57,11 @@ def _engine_geometry(params: ChannelParams, zero_page_detection: bool = False) -
 
 
 def _send_session(pipe: ChildPipe, params: SendParams, stack: list) -> None:
-    sock_fd = pipe.recv_fd()
+    sock = socket.socket(fileno=pipe.recv_fd())
+    stack.append(sock)
     cmd_fd = pipe.recv_fd()
+    tls = handshake.open_channel(sock, params.security, params.hello, params.uuid,
+                                 params.channel, None)
     regions, counters, pool = _attach(params, stack)
     selector = _core.ChannelSelector.attach(params.selector)
     stack.append(selector)
@@ -61,25 +70,49 @@ def _send_session(pipe: ChildPipe, params: SendParams, stack: list) -> None:
     row_bytes = params.job_pages * 8
     box = mailbox.buf[params.mailbox_row * row_bytes:][:row_bytes]
     codec = _core.make_codec(params.compression, True, params.compression_level)
-    engine = _core.SendEngine(sock_fd, params.channel,
+    engine = _core.SendEngine(sock.fileno(), params.channel,
                               _engine_geometry(params, params.zero_page_detection), codec,
                               regions, counters, selector, params.selector_index, box, pool,
-                              list(params.devices))
+                              list(params.devices), **_TLS(tls))
     engine.run(cmd_fd)
     del engine, box         # views of the mailbox must go before it closes
     pipe.send(Done())
 
 
-def _recv_session(pipe: ChildPipe, params: RecvParams, stack: list) -> None:
-    sock_fd = pipe.recv_fd()
+def _greet(pipe: ChildPipe, greeting: Greeting):
+    """Greet each connection handed over until one is a channel of the session;
+    returns ``(socket, hello, tls)``, or None when told to Stop."""
+    while True:
+        sock = socket.socket(fileno=pipe.recv_fd())
+        try:
+            hello, tls = handshake.greet_channel(sock, greeting.security, greeting.setup, None)
+            return sock, hello, tls
+        except (MigrationError, ProtocolError) as exc:     # a stranger or an impostor
+            sock.close()
+            pipe.send(Refused(str(exc)))
+        greeting = pipe.recv()
+        if isinstance(greeting, Stop):
+            return None
+
+
+def _recv_session(pipe: ChildPipe, greeting: Greeting, stack: list) -> None:
+    greeted = _greet(pipe, greeting)
+    if greeted is None:
+        return
+    sock, hello, tls = greeted
+    stack.append(sock)
+    pipe.send(Greeted(hello.channel_id, hello.kind))
+    params = pipe.recv()
+    if isinstance(params, Stop):
+        return
     reassembly_fd = pipe.recv_fd() if params.pool else -1
     regions, counters, pool = _attach(params, stack)
     received = [_core.DirtyBitmap.attach(name) for name in params.received]
     stack.extend(received)
     codec = _core.make_codec(params.compression, False)
-    engine = _core.RecvEngine(sock_fd, params.channel, _engine_geometry(params), codec,
+    engine = _core.RecvEngine(sock.fileno(), params.channel, _engine_geometry(params), codec,
                               regions, counters, received, list(params.fresh), pool,
-                              list(params.devices), reassembly_fd, params.ram)
+                              list(params.devices), reassembly_fd, params.ram, **_TLS(tls))
     while engine.run() == _core.EVENT_SYNC:
         pipe.send(Synced(engine.rounds))
         reply = pipe.recv()
@@ -91,6 +124,10 @@ def _recv_session(pipe: ChildPipe, params: RecvParams, stack: list) -> None:
                                 received=reply, expected=Go(engine.rounds))
     del engine
     pipe.send(Eof())
+
+
+def _TLS(tls):  # TODO(tls merge): pass tls=tls once the core's engines take it
+    return {"tls": tls} if tls is not None else {}
 
 
 def send_worker_main(conn) -> None:

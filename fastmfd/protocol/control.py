@@ -12,6 +12,9 @@ parameter or report is added here and used where it is made and read.
     main process                                   child
       Params ───────────────────────────────────▶   (or Stop: exit without a session)
       ◀─────────────────────────────── Ready        started, waiting for its Params
+      Greeting + a new connection ──────────────▶   receive worker: greet it (TLS, hello,
+      ◀─────────────────────────────── Greeted(ch)    shared key) — then RecvParams follow —
+      ◀─────────────────────────────── Refused        or drop it and wait for the next one
       ◀─────────────────────────────── Synced(n)    receive worker at SYNC n; waits for
       Go(n) ─────────────────────────────────────▶    Go(n) (or Stop)
       ◀─────────────────────────────── Done         send worker: every command done
@@ -27,9 +30,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .security import ChannelSecurity
+from .setup import Setup
+
 __all__ = [
     "RegionHandle", "ChannelParams", "SendParams", "RecvParams", "ReassemblyParams",
-    "Ready", "Stop", "Synced", "Go", "Done", "Eof", "DeviceLoaded", "Drained", "Failed",
+    "Greeting", "Ready", "Stop", "Greeted", "Refused", "Synced", "Go", "Done", "Eof",
+    "DeviceLoaded", "Drained", "Failed",
 ]
 
 
@@ -64,8 +71,13 @@ class ChannelParams:
 
 @dataclass(frozen=True)
 class SendParams(ChannelParams):
-    """A send worker's session: it takes commands from a pipe and pages from its
-    row of the mailbox, and marks itself idle in the channel selector."""
+    """A send worker's session: it opens its connection (``security``, then the
+    init packet ``hello`` and the shared-key proof for ``uuid``), takes commands
+    from a pipe and pages from its row of the mailbox, and marks itself idle in
+    the channel selector."""
+    hello: bytes
+    uuid: bytes
+    security: ChannelSecurity
     compression_level: int
     zero_page_detection: bool
     mailbox: str
@@ -82,6 +94,14 @@ class RecvParams(ChannelParams):
     ram: bool                               # a RAM channel (device-state channels are not)
     received: tuple[str, ...]               # per region, the bitmap of pages received
     fresh: tuple[bool, ...]                 # per region, created empty for this session
+
+
+@dataclass(frozen=True)
+class Greeting:
+    """A receive worker's first parameters: greet the connections it is handed
+    (one fd follows each Greeting) as channels of the session ``setup``."""
+    setup: Setup
+    security: ChannelSecurity
 
 
 @dataclass(frozen=True)
@@ -103,6 +123,20 @@ class Ready:
 @dataclass(frozen=True)
 class Stop:
     """Instead of parameters or a Go: exit now."""
+
+
+@dataclass(frozen=True)
+class Greeted:
+    """The connection is channel ``channel`` of the session (authenticated when
+    the session requires it); the worker waits for its RecvParams."""
+    channel: int
+    kind: int
+
+
+@dataclass(frozen=True)
+class Refused:
+    """The connection failed its greeting and was dropped; the worker is free."""
+    reason: str
 
 
 @dataclass(frozen=True)

@@ -1,31 +1,122 @@
-"""The channel handshake: how every connection of a session opens (DESIGN §4.1, §4.2).
+"""The channel handshake: how every connection of a session opens (DESIGN §4.1, §4.2, §4.6).
 
 ::
 
-    main channel:     [channel header, type 0] FMFD magic, version, messages...
-    multifd channel:  [channel header, type 2 or 3] 64-byte init packet, packets...
+    main channel:     [TLS] [channel header, type 0] FMFD magic, version,
+                      [AUTH(uuid), shared-key proof as AUTH messages], SETUP, ...
+    multifd channel:  [TLS] [channel header, type 2 or 3] 64-byte init packet,
+                      [shared-key proof], packets...
 
 The channel header is present unless the session runs the "old way"
 (``channel_header=False``); then the destination tells the kinds apart by
-their first four bytes (the FMFD magic or the multifd magic). A connection
-that breaks any rule here is refused before a byte of it reaches a region.
+their first four bytes (the FMFD magic or the multifd magic). TLS wraps the
+whole connection; the shared-key proof (:mod:`.security`) is bound to the
+session UUID and the channel.
+
+Every step has one deadline for the whole greeting (a peer trickling bytes
+cannot stretch it). A connection that fails its greeting — a stranger, a
+wrong key, a certificate that does not verify, another session's UUID — is
+*refused*: the caller drops it and goes on waiting for the real source.
+What a connection that passed its greeting then breaks fails the session.
 """
 
 from __future__ import annotations
 
 import socket
 import struct
+import time
 from dataclasses import dataclass
 
 from .. import _core
-from ..errors import ProtocolError
-from .main_channel import MAIN, MAIN_MAGIC, MAIN_VERSION, encode_preamble
+from ..errors import MigrationError, ProtocolError, SecurityError
+from .main_channel import (MAIN, MAIN_MAGIC, MAIN_VERSION, MESSAGE_HEADER,
+                           MESSAGE_HEADER_SIZE, Msg, decode_message_header, decode_payload, encode_message, encode_preamble,
+                           read_message)
+from .security import (MAIN_CHANNEL_ID, ChannelSecurity, check_authz, check_key_proof,
+                       identities_of, is_tls_record, prove_key, tls_handshake)
 from .setup import Setup
-from .sockets import recv_exact
+from .sockets import recv_exact, send_all
 
-__all__ = ["ChannelHello", "read_hello", "main_channel_start", "channel_start",
-           "accept_main_channel", "accept_channel"]
+__all__ = ["ChannelHello", "SocketStream", "TLSStream", "read_hello", "main_channel_start",
+           "channel_start", "open_main_channel", "open_channel", "MainGreeting",
+           "greet_main_channel", "greet_channel", "check_channel"]
 
+
+# ---------------------------------------------------------------- streams
+
+class SocketStream:
+    """A plain socket as the greeting reads and writes it, under one deadline."""
+
+    def __init__(self, sock: socket.socket, where: str, deadline: float | None = None) -> None:
+        self.sock, self.where, self.deadline = sock, where, deadline
+
+    def _arm(self) -> None:
+        if self.deadline is not None:
+            self.sock.settimeout(max(0.001, self.deadline - time.monotonic()))
+
+    def send_all(self, data: bytes, what: str = "handshake") -> None:
+        self._arm()
+        send_all(self.sock, data, what, self.where)
+
+    def recv_exact(self, size: int, what: str = "handshake") -> bytes:
+        self._arm()
+        return recv_exact(self.sock, size, what, self.where)
+
+
+class TLSStream:
+    """A channel's TLS connection (the core's, as its worker holds it)."""
+
+    def __init__(self, tls: "_core.TLSChannel", where: str, deadline: float) -> None:
+        self.tls, self.where, self.deadline = tls, where, deadline
+
+    def send_all(self, data: bytes, what: str = "handshake") -> None:
+        try:
+            self.tls.send_all(data)
+        except OSError as exc:
+            raise MigrationError(f"connection lost sending {what}: {exc.strerror or exc}",
+                                 channel=self.where) from None
+
+    def recv_exact(self, size: int, what: str = "handshake") -> bytes:
+        left = self.deadline - time.monotonic()
+        try:
+            return self.tls.recv_exact(size, max(0.001, left))
+        except EOFError:
+            raise ProtocolError(f"connection closed during {what}", field="length",
+                                received="end of stream", expected=size,
+                                where=self.where) from None
+        except TimeoutError:
+            raise MigrationError(f"timed out waiting for {what}", channel=self.where) from None
+        except OSError as exc:
+            raise MigrationError(f"connection lost reading {what}: {exc.strerror or exc}",
+                                 channel=self.where) from None
+
+
+class _AuthMessages:
+    """The shared-key proof on the main channel, carried as AUTH messages (so a
+    peer without a key meets an ERROR it can read, not stray bytes)."""
+
+    def __init__(self, sock) -> None:
+        self.sock = sock
+
+    def send_all(self, data: bytes, what: str = "AUTH") -> None:
+        send_all(self.sock, encode_message(Msg.AUTH, data), what, MAIN)
+
+    def recv_exact(self, size: int, what: str = "AUTH") -> bytes:
+        kind, body = read_message(self.sock, 0)
+        _check_auth_message(kind, body, size)
+        return body
+
+
+def _check_auth_message(kind: Msg, body: bytes, size: int) -> None:
+    if kind is Msg.ERROR:
+        raise SecurityError(f"the peer refused: {decode_payload(kind, body).error}",
+                            channel=MAIN)
+    if kind is not Msg.AUTH or len(body) != size:
+        raise SecurityError(f"expected an AUTH message of {size} bytes, received {kind.name} "
+                            f"of {len(body)}", channel=MAIN)
+
+
+# ---------------------------------------------------------------- what a source sends
 
 def _channel_header(kind: int) -> bytes:
     header = bytearray(_core.CHANNEL_HEADER_SIZE)
@@ -46,6 +137,59 @@ def channel_start(setup: Setup, channel_id: int) -> bytes:
     return (_channel_header(kind) if setup.channel_header else b"") + bytes(init)
 
 
+def open_main_channel(sock: socket.socket, security: ChannelSecurity, uuid: bytes,
+                      channel_header: bool) -> socket.socket:
+    """The source's side of the main channel's greeting, up to (not including)
+    SETUP; returns the socket to use from then on (TLS-wrapped or not). On
+    failure the socket is closed."""
+    deadline = time.monotonic() + security.timeout
+    try:
+        if security.tls is not None:
+            hostname = security.hostname
+            sock = security.tls.client_context(hostname).wrap_socket(
+                sock, server_hostname=hostname, do_handshake_on_connect=False)
+            tls_handshake(sock, deadline)
+        stream = SocketStream(sock, MAIN, deadline)
+        stream.send_all(main_channel_start(channel_header), "preamble")
+        if security.auth_key is not None:
+            stream.send_all(encode_message(Msg.AUTH, uuid), "AUTH")
+            prove_key(_AuthMessages(sock), security.auth_key, uuid, MAIN_CHANNEL_ID)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def open_channel(sock: socket.socket, security: ChannelSecurity, hello: bytes, uuid: bytes,
+                 channel: int, where: str):
+    """A send worker's greeting on its channel: TLS (returns the core's
+    TLSChannel, or None), the init packet ``hello``, the shared-key proof."""
+    deadline = time.monotonic() + security.timeout
+    tls = None
+    stream: SocketStream | TLSStream = SocketStream(sock, where, deadline)
+    if security.tls is not None:
+        tls = _tls_connect(sock, security, deadline, where)
+        stream = TLSStream(tls, where, deadline)
+    stream.send_all(hello, "init packet")
+    if security.auth_key is not None:
+        prove_key(stream, security.auth_key, uuid, channel)
+    if isinstance(stream, SocketStream):
+        sock.settimeout(None)
+    return tls
+
+
+def _tls_connect(sock: socket.socket, security: ChannelSecurity, deadline: float, where: str):
+    tls = security.tls
+    try:
+        return _core.TLSChannel.connect(sock.fileno(), cert=tls.cert, key=tls.key, ca=tls.ca,
+                                        hostname=security.hostname, ciphers=tls.ciphers,
+                                        timeout=max(0.001, deadline - time.monotonic()))
+    except _core.TLSError as exc:
+        raise SecurityError(str(exc), channel=where) from None
+
+
+# ---------------------------------------------------------------- what a destination checks
+
 @dataclass(frozen=True)
 class ChannelHello:
     """What the first bytes of an accepted connection said."""
@@ -54,30 +198,30 @@ class ChannelHello:
     channel_id: int | None = None
 
 
-def read_hello(sock: socket.socket, with_header: bool, expected_uuid: bytes | None,
+def read_hello(stream, with_header: bool | None, expected_uuid: bytes | None,
                nchannels: int | None) -> ChannelHello:
     """Read and check a new connection's channel header and init packet.
 
     ``with_header`` None means "not known yet" (the first connection of a
     session): a channel header is recognised by its first 8 bytes.
     """
-    first = recv_exact(sock, 4, "channel start")
+    first = stream.recv_exact(4, "channel start")
     kind = None
     if with_header is None:
         with_header = first == b"\0\0\0\0"     # BE u64 header_size 4 starts with zeros
     if with_header:
-        kind = _core.decode_channel_header(first + recv_exact(sock, 8, "channel header"))
+        kind = _core.decode_channel_header(first + stream.recv_exact(8, "channel header"))
         if kind == _core.CHANNEL_POSTCOPY:
             raise ProtocolError("channel header field 'channel_type': received 1 (postcopy "
                                 "preempt), expected 0, 2 or 3: fastmfd has no postcopy",
                                 field="channel_type", received=1, expected="0, 2 or 3")
-        first = recv_exact(sock, 4, "channel start")
+        first = stream.recv_exact(4, "channel start")
     magic = struct.unpack(">I", first)[0]
     if magic == MAIN_MAGIC and kind in (None, _core.CHANNEL_MAIN):
         return ChannelHello(_core.CHANNEL_MAIN)
     if magic == _core.MULTIFD_MAGIC and kind != _core.CHANNEL_MAIN:
         uuid, channel_id = _core.decode_init_packet(
-            first + recv_exact(sock, _core.INIT_PACKET_SIZE - 4, "init packet"),
+            first + stream.recv_exact(_core.INIT_PACKET_SIZE - 4, "init packet"),
             expected_uuid, nchannels)
         return ChannelHello(kind if kind is not None else _core.CHANNEL_MULTIFD, uuid,
                             channel_id)
@@ -88,29 +232,156 @@ def read_hello(sock: socket.socket, with_header: bool, expected_uuid: bytes | No
                         field="magic", received=hex(magic), expected=expected)
 
 
-def accept_main_channel(sock: socket.socket) -> None:
-    """Check the first connection of a session: the main channel, this version."""
-    hello = read_hello(sock, None, None, None)
+def _first_byte(sock: socket.socket, deadline: float, where: str) -> bytes:
+    """The connection's first byte, left unread (it tells TLS from plaintext)."""
+    sock.settimeout(max(0.001, deadline - time.monotonic()))
+    try:
+        first = sock.recv(1, socket.MSG_PEEK)
+    except socket.timeout:
+        raise MigrationError("the connection sent nothing within the handshake deadline",
+                             channel=where) from None
+    except OSError as exc:
+        raise MigrationError(f"connection lost: {exc.strerror or exc}", channel=where) from None
+    if not first:
+        raise MigrationError("the connection closed before it said anything", channel=where)
+    return first
+
+
+def _check_transport(first: bytes, tls_expected: bool, where: str) -> None:
+    if is_tls_record(first) and not tls_expected:
+        raise SecurityError("the peer speaks TLS; this destination was not given tls=",
+                            channel=where)
+    if tls_expected and not is_tls_record(first):
+        raise SecurityError("the peer does not speak TLS (it sent plaintext); this "
+                            "destination requires TLS", channel=where)
+
+
+@dataclass(frozen=True)
+class MainGreeting:
+    """A main channel that passed its greeting: its socket, the header of its
+    first message after the proof (read, not yet checked: from here on the
+    session checks what its source sends) and the UUID the proof was bound to."""
+    sock: socket.socket
+    first_header: bytes
+    auth_uuid: bytes | None
+
+
+def greet_main_channel(sock: socket.socket, security: ChannelSecurity) -> MainGreeting:
+    """The destination's side of a new connection before SETUP: it must be a
+    main channel of this version, over TLS when ``security.tls`` is set (from
+    an identity in ``authz``), proving the shared key when one is set.
+    Anything else raises (and closes the socket); the peer is sent an ERROR
+    saying why when it can read one."""
+    deadline = time.monotonic() + security.timeout
+    first = _first_byte(sock, deadline, MAIN)
+    try:
+        _check_transport(first, security.tls is not None, MAIN)
+    except SecurityError as exc:
+        if not is_tls_record(first):
+            _tell(sock, exc)
+        raise
+    try:
+        if security.tls is not None:
+            sock = security.tls.server_context().wrap_socket(sock, server_side=True,
+                                                             do_handshake_on_connect=False)
+            tls_handshake(sock, deadline)
+        try:
+            return _greet_main(sock, security, deadline)
+        except (SecurityError, ProtocolError) as exc:
+            _tell(sock, exc)
+            raise
+    except BaseException:
+        sock.close()
+        raise
+
+
+def _greet_main(sock, security: ChannelSecurity, deadline: float) -> MainGreeting:
+    if security.tls is not None:
+        check_authz(identities_of(sock.getpeercert() or {}), security.tls.authz)
+    stream = SocketStream(sock, MAIN, deadline)
+    hello = read_hello(stream, None, None, None)
     if hello.kind != _core.CHANNEL_MAIN:
         raise ProtocolError("the first connection is a multifd channel, expected the "
                             "main channel", field="channel_type",
                             received=hello.kind, expected=_core.CHANNEL_MAIN)
-    version = struct.unpack(">I", recv_exact(sock, 4, "version", MAIN))[0]
+    version = struct.unpack(">I", stream.recv_exact(4, "version"))[0]
     if version != MAIN_VERSION:
         raise ProtocolError(f"main channel field 'version': received {version}, "
                             f"expected {MAIN_VERSION}", field="version",
                             received=version, expected=MAIN_VERSION)
+    header = stream.recv_exact(MESSAGE_HEADER_SIZE, "message")
+    auth_uuid = None
+    if _message_type(header) == Msg.AUTH:
+        if security.auth_key is None:
+            raise SecurityError("the source proves an auth_key; this destination has none",
+                                channel=MAIN)
+        kind, length = decode_message_header(header, 0)
+        auth_uuid = stream.recv_exact(length, "AUTH")
+        _check_auth_message(kind, auth_uuid, 16)
+        check_key_proof(_AuthMessages(sock), security.auth_key, auth_uuid, MAIN_CHANNEL_ID)
+        header = stream.recv_exact(MESSAGE_HEADER_SIZE, "message")
+    elif security.auth_key is not None:
+        raise SecurityError("this destination requires an auth_key proof; the source sent "
+                            "none", channel=MAIN)
+    sock.settimeout(None)
+    return MainGreeting(sock, header, auth_uuid)
 
 
-def accept_channel(sock: socket.socket, setup: Setup, taken) -> int:
-    """Check a multifd channel of the session ``setup``; returns its id.
+def _message_type(header: bytes) -> int:
+    return MESSAGE_HEADER.unpack(header)[0]
 
-    ``taken``: the ids already set up (a second connection for one is refused)."""
-    hello = read_hello(sock, setup.channel_header, setup.uuid, setup.total_channels)
-    ch = hello.channel_id
+
+def _tell(sock, error: BaseException) -> None:
+    """Best effort: tell a refused peer why, as the main channel's ERROR."""
+    try:
+        sock.settimeout(0.5)
+        sock.sendall(encode_message(Msg.ERROR, {"error": str(error)}))
+    except (OSError, ValueError):
+        pass
+
+
+def greet_channel(sock: socket.socket, security: ChannelSecurity, setup: Setup, where: str):
+    """A receive worker's side of a new connection after SETUP: TLS (and authz)
+    when set, a multifd channel of *this* session (its UUID), the shared-key
+    proof when set. Returns ``(hello, tls)`` — ``tls`` the core's TLSChannel
+    or None. Anything else raises: the connection is refused."""
+    deadline = time.monotonic() + security.timeout
+    _check_transport(_first_byte(sock, deadline, where), security.tls is not None, where)
+    tls = None
+    stream: SocketStream | TLSStream = SocketStream(sock, where, deadline)
+    if security.tls is not None:
+        tls = _tls_accept(sock, security, deadline, where)
+        check_authz(tls.peer_identities(), security.tls.authz)
+        stream = TLSStream(tls, where, deadline)
+    hello = read_hello(stream, setup.channel_header, setup.uuid, None)
     if hello.kind == _core.CHANNEL_MAIN:
         raise ProtocolError("a second main channel connected", field="channel_type",
                             received=0, expected="2 (multifd) or 3 (device state)")
+    if security.auth_key is not None:
+        check_key_proof(stream, security.auth_key, setup.uuid, hello.channel_id)
+    sock.settimeout(None)
+    return hello, tls
+
+
+def _tls_accept(sock: socket.socket, security: ChannelSecurity, deadline: float, where: str):
+    tls = security.tls
+    try:
+        return _core.TLSChannel.accept(sock.fileno(), cert=tls.cert, key=tls.key, ca=tls.ca,
+                                       ciphers=tls.ciphers,
+                                       timeout=max(0.001, deadline - time.monotonic()))
+    except _core.TLSError as exc:
+        raise SecurityError(str(exc), channel=where) from None
+
+
+def check_channel(hello: ChannelHello, setup: Setup, taken) -> int:
+    """The session's rules for a channel that passed its greeting; returns its id.
+
+    ``taken``: the ids already set up (a second connection for one is refused)."""
+    ch = hello.channel_id
+    if ch >= setup.total_channels:
+        raise ProtocolError(f"init packet field 'id': received {ch}, expected < "
+                            f"{setup.total_channels} (channels)", field="id", received=ch,
+                            expected=f"< {setup.total_channels}")
     if ch in taken:
         raise ProtocolError(f"init packet field 'id': received {ch}, which is already "
                             f"set up", field="id", received=ch, expected="an unused id")

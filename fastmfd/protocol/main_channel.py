@@ -11,7 +11,8 @@ chunks) is binary::
     BE u32 device index (position in SETUP's device list)
     12-byte chunk header (version, idx, flags) + chunk data
 
-SETUP's payload has its own module (:mod:`.setup`). Adding a message: a
+SETUP's payload has its own module (:mod:`.setup`); AUTH carries the
+shared-key proof of :mod:`.security`, binary. Adding a message: a
 :class:`Msg` number, a dataclass, and its decoder in ``_DECODERS``.
 """
 
@@ -44,6 +45,7 @@ MAIN_PREAMBLE = struct.Struct(">II")
 MESSAGE_HEADER = struct.Struct(">II")
 MESSAGE_HEADER_SIZE = MESSAGE_HEADER.size
 MAX_CONTROL_PAYLOAD = 16 << 20     # bound on any JSON message a peer can make us read
+MAX_AUTH_PAYLOAD = 64              # a UUID, a nonce, a nonce and a proof, or a proof
 OLD_WAY_PREFIX = struct.Struct(">I")    # DEVICE_STATE: the device index before the chunk
 _MAX_COUNT = (1 << 63) - 1          # any counter or round number
 
@@ -60,6 +62,7 @@ class Msg(enum.IntEnum):
     LOADED = 8              # destination -> source: everything applied and loaded
     ERROR = 9               # either way: the session failed (text)
     RESUMED = 10            # destination -> source: its on_resume ran; the session is over
+    AUTH = 11               # either way, before SETUP: the shared-key proof (binary, .security)
 
 
 # ---------------------------------------------------------------- payloads
@@ -199,7 +202,8 @@ def decode_message_header(data: bytes, max_payload: int) -> tuple[Msg, int]:
         raise ProtocolError(f"main channel field 'type': received {kind}, expected one of "
                             f"{[int(m) for m in Msg]}", field="type", received=kind,
                             expected="a message type") from None
-    limit = max_payload if msg is Msg.DEVICE_STATE else MAX_CONTROL_PAYLOAD
+    limit = {Msg.DEVICE_STATE: max_payload, Msg.AUTH: MAX_AUTH_PAYLOAD}.get(msg,
+                                                                          MAX_CONTROL_PAYLOAD)
     if length > limit:
         raise ProtocolError(f"main channel {msg.name} field 'length': received {length}, "
                             f"expected <= {limit}", field="length", received=length,

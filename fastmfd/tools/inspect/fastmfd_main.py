@@ -36,6 +36,9 @@ def decode_fastmfd_main(reader: ByteReader, channel_header: bool, session: Sessi
         except ProtocolError as exc:
             raise reader.locate(exc, at) from None
         body = reader.take(length, f"{kind.name} payload")
+        if kind is Msg.AUTH and last is None:
+            out.messages[kind.name] += 1        # the shared-key proof precedes SETUP
+            continue
         if last is None and kind is not Msg.SETUP:
             raise reader.error(f"main channel: {kind.name} before SETUP", field="type",
                                received=kind.name, expected="SETUP first", at=at)

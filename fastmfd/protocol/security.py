@@ -1,0 +1,256 @@
+"""Who may talk to whom: TLS settings and the shared-key proof (DESIGN §4.6).
+
+Two independent protections, usable together:
+
+- **TLS** (:class:`TLSConfig`): every connection of a session — the main
+  channel and each multifd channel — is a TLS 1.2+ connection (1.3 preferred).
+  The source verifies the destination's certificate against ``ca`` and
+  ``hostname``; a destination given ``ca`` requires and verifies a client
+  certificate (QEMU's ``verify-peer=on``) and may restrict the accepted
+  identities (``authz``, QEMU's ``tls-authz``). The main channel uses Python's
+  :mod:`ssl`; each channel's worker process runs its own handshake in the
+  Cython core (an ``SSLContext`` cannot cross a process boundary, so the
+  config holds paths and plain values).
+- **auth_key**: every connection proves knowledge of a shared key with an
+  HMAC-SHA256 challenge-response bound to the session UUID and the channel
+  (:func:`prove_key` / :func:`check_key_proof`); a recorded exchange cannot be
+  replayed into another connection, session or channel, because each side's
+  proof covers a fresh nonce of the other. It authenticates; it does not
+  encrypt.
+
+::
+
+    client                                       server
+      nonce_c (32 bytes)                 ──▶
+                                         ◀──     nonce_s, HMAC(key, "server" | uuid | channel | nonce_c | nonce_s)
+      HMAC(key, "client" | uuid | channel | nonce_s | nonce_c)  ──▶
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import os
+import select
+import socket
+import ssl
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ..errors import ConfigError, SecurityError
+
+__all__ = ["TLSConfig", "ChannelSecurity", "MIN_AUTH_KEY_BYTES", "NONCE_SIZE", "PROOF_SIZE",
+           "MAIN_CHANNEL_ID", "check_auth_key", "read_key_file", "identities_of",
+           "check_authz", "tls_handshake", "is_tls_record", "Stream", "prove_key",
+           "check_key_proof", "default_hostname"]
+
+MIN_AUTH_KEY_BYTES = 16
+NONCE_SIZE = 32
+PROOF_SIZE = hashlib.sha256().digest_size
+MAIN_CHANNEL_ID = 0xFFFFFFFF        # the channel number a main-channel proof is bound to
+TLS_HANDSHAKE_RECORD = 0x16         # the first byte of every TLS connection
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """TLS settings for one side: file paths and plain values, so every worker
+    process can build its own context from them.
+
+    ``cert``/``key``: this side's certificate chain and private key (PEM);
+    required on a destination, and on a source whose destination verifies
+    clients. ``ca``: the CA bundle the peer's certificate must chain to (a
+    source without it uses the system's trust store; a destination with it
+    requires client certificates). ``hostname``: the name (or IP address) the
+    destination's certificate must carry; default: the host of the address
+    (no check on a Unix socket unless given). ``authz``: on a destination, the
+    client identities accepted (subject CN or a subjectAltName). ``ciphers``:
+    an OpenSSL cipher list for TLS 1.2 and/or TLS 1.3 suite names.
+    """
+
+    cert: str | None = None
+    key: str | None = None
+    ca: str | None = None
+    hostname: str | None = None
+    authz: tuple[str, ...] | None = None
+    ciphers: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.authz is not None:
+            if isinstance(self.authz, str) or not all(isinstance(a, str) for a in self.authz):
+                raise ConfigError("TLSConfig.authz must be a list of identity strings")
+            object.__setattr__(self, "authz", tuple(self.authz))
+        if (self.cert is None) != (self.key is None):
+            raise ConfigError("TLSConfig needs both cert and key, or neither")
+        for name in ("cert", "key", "ca"):
+            path = getattr(self, name)
+            if path is not None and not os.access(path, os.R_OK):
+                raise ConfigError(f"TLSConfig.{name}: cannot read {path}")
+
+    def check_server(self) -> None:
+        if self.cert is None:
+            raise ConfigError("a TLS destination needs its own certificate: TLSConfig(cert=..., "
+                              "key=...)")
+
+    def _context(self, purpose: ssl.Purpose) -> ssl.SSLContext:
+        server = purpose is ssl.Purpose.CLIENT_AUTH
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            if self.cert is not None:
+                ctx.load_cert_chain(self.cert, self.key)
+            if self.ca is not None:
+                ctx.load_verify_locations(self.ca)
+            elif not server:
+                ctx.load_default_certs(purpose)
+            if self.ciphers is not None:
+                ctx.set_ciphers(self.ciphers)
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(f"TLS configuration: {exc}") from None
+        if server:
+            ctx.verify_mode = ssl.CERT_REQUIRED if self.ca is not None else ssl.CERT_NONE
+        return ctx
+
+    def server_context(self) -> ssl.SSLContext:
+        """The destination's context for its main channel."""
+        self.check_server()
+        return self._context(ssl.Purpose.CLIENT_AUTH)
+
+    def client_context(self, hostname: str | None) -> ssl.SSLContext:
+        """The source's context for its main channel (``hostname`` None: no name check)."""
+        ctx = self._context(ssl.Purpose.SERVER_AUTH)
+        ctx.check_hostname = hostname is not None
+        return ctx
+
+
+@dataclass(frozen=True)
+class ChannelSecurity:
+    """What a channel worker needs to open its connection safely (picklable)."""
+    tls: TLSConfig | None = None
+    hostname: str | None = None     # the source's resolved check (None on a destination)
+    auth_key: bytes | None = field(default=None, repr=False)
+    timeout: float = 10.0           # the whole handshake's deadline, in seconds
+
+
+def check_auth_key(key: bytes | None, owner: str) -> bytes | None:
+    if key is None:
+        return None
+    if not isinstance(key, (bytes, bytearray)):
+        raise ConfigError(f"{owner} auth_key must be bytes, not {type(key).__name__}")
+    if len(key) < MIN_AUTH_KEY_BYTES:
+        raise ConfigError(f"{owner} auth_key must be at least {MIN_AUTH_KEY_BYTES} bytes, "
+                          f"not {len(key)}")
+    return bytes(key)
+
+
+def read_key_file(path: str) -> bytes:
+    """A key file's bytes, without the line end an editor or ``echo`` adds."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(1 << 16).rstrip(b"\r\n")
+    except OSError as exc:
+        raise ConfigError(f"cannot read the key file {path}: {exc.strerror}") from None
+
+
+# ---------------------------------------------------------------- identities
+
+def identities_of(cert: dict) -> list[str]:
+    """The identities of a peer certificate as ``ssl`` decodes it: its subject's
+    CN, then its subjectAltName values (DNS names, emails, IP addresses)."""
+    names = [value for rdn in cert.get("subject", ()) for key, value in rdn
+             if key == "commonName"]
+    for kind, value in cert.get("subjectAltName", ()):
+        if kind == "IP Address":
+            value = str(ipaddress.ip_address(value.strip()))
+        names.append(value)
+    return names
+
+
+def check_authz(identities: list[str], authz: tuple[str, ...] | None) -> None:
+    """Refuse a client whose certificate names none of the ``authz`` identities."""
+    if authz is not None and not set(identities) & set(authz):
+        raise SecurityError(f"the client certificate ({', '.join(identities) or 'no name'}) "
+                            f"is not in authz")
+
+
+def is_tls_record(first_byte: bytes) -> bool:
+    return first_byte[:1] == bytes([TLS_HANDSHAKE_RECORD])
+
+
+def tls_handshake(tls: ssl.SSLSocket, deadline: float) -> None:
+    """Finish ``tls``'s handshake by ``deadline`` (time.monotonic()) — a whole
+    deadline, not one per read, so a peer trickling bytes cannot stretch it."""
+    tls.setblocking(False)
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                tls.do_handshake()
+                return
+            except ssl.SSLWantReadError:
+                ready = select.select([tls], [], [], max(0.0, left))[0]
+            except ssl.SSLWantWriteError:
+                ready = select.select([], [tls], [], max(0.0, left))[1]
+            except ssl.SSLCertVerificationError as exc:
+                raise SecurityError(f"TLS handshake failed: {exc.verify_message}") from None
+            except ssl.SSLError as exc:
+                raise SecurityError(f"TLS handshake failed: {exc.reason or exc}") from None
+            except OSError as exc:
+                raise SecurityError(_handshake_lost(exc)) from None
+            if not ready:
+                raise SecurityError("TLS handshake: no answer within the handshake deadline")
+    finally:
+        tls.setblocking(True)
+
+
+def _handshake_lost(exc: OSError) -> str:
+    if isinstance(exc, ssl.SSLEOFError) or not exc.errno:
+        return "the peer closed the connection during the TLS handshake (does it use TLS?)"
+    return f"connection lost during the TLS handshake: {exc.strerror or exc}"
+
+
+# ---------------------------------------------------------------- the shared-key proof
+
+class Stream(Protocol):
+    """A connection as the proof sees it (a socket or a TLS channel)."""
+    def send_all(self, data: bytes) -> None: ...
+    def recv_exact(self, size: int) -> bytes: ...
+
+
+def _proof(key: bytes, role: bytes, uuid: bytes, channel: int, theirs: bytes,
+           mine: bytes) -> bytes:
+    message = b"fastmfd-auth " + role + b"\0" + uuid + channel.to_bytes(4, "big") + theirs + mine
+    return hmac.new(key, message, hashlib.sha256).digest()
+
+
+def prove_key(stream: Stream, key: bytes, uuid: bytes, channel: int) -> None:
+    """The client's side: prove ``key``, and check that the server knows it too."""
+    mine = os.urandom(NONCE_SIZE)
+    stream.send_all(mine)
+    answer = stream.recv_exact(NONCE_SIZE + PROOF_SIZE)
+    theirs, their_proof = answer[:NONCE_SIZE], answer[NONCE_SIZE:]
+    # Our proof goes out first, even to a server whose proof is wrong: it tells a
+    # real server at once that the keys differ, and it covers the server's fresh
+    # nonce, so an impostor cannot replay it anywhere.
+    stream.send_all(_proof(key, b"client", uuid, channel, theirs, mine))
+    if not hmac.compare_digest(their_proof, _proof(key, b"server", uuid, channel, mine, theirs)):
+        raise SecurityError("the destination does not know the auth_key")
+
+
+def check_key_proof(stream: Stream, key: bytes, uuid: bytes, channel: int) -> None:
+    """The server's side: the client must prove ``key`` for this session and channel."""
+    theirs = stream.recv_exact(NONCE_SIZE)
+    mine = os.urandom(NONCE_SIZE)
+    stream.send_all(mine + _proof(key, b"server", uuid, channel, theirs, mine))
+    if not hmac.compare_digest(stream.recv_exact(PROOF_SIZE),
+                               _proof(key, b"client", uuid, channel, mine, theirs)):
+        raise SecurityError("wrong auth_key proof: the peer does not know the key for this "
+                            "session and channel")
+
+
+def default_hostname(target, family: int, configured: str | None) -> str | None:
+    """The name the destination's certificate must carry."""
+    if configured is not None:
+        return configured
+    return None if family == socket.AF_UNIX else target[0]

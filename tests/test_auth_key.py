@@ -1,0 +1,188 @@
+"""The shared-key mode (issue #8): every connection proves it knows ``auth_key``
+with an HMAC-SHA256 challenge-response bound to the session UUID and the
+channel. A source without the key (or with another) is refused — told why,
+within 5 s — while the destination goes on waiting and writes nothing; a
+recorded proof cannot be replayed into another connection or channel.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import threading
+
+import numpy as np
+import pytest
+
+import fastmfd
+from fastmfd.errors import SecurityError
+from fastmfd.protocol import security
+from fastmfd.protocol.handshake import SocketStream
+from migration_support import FakeSource, Migration, hello, make_region, ram_packet, \
+    setup_message
+
+KEY = b"k" * 32
+OTHER_KEY = b"o" * 32
+CONFIG = fastmfd.MigrationConfig(channels=2, packet_pages=16, auth_key=KEY)
+SIZE = 64 * 4096
+
+
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
+@pytest.mark.parametrize("channels,device_channels", [(1, 0), (2, 1)])
+def test_migration_with_a_shared_key_is_byte_exact(transport, channels, device_channels):
+    config = CONFIG.replace(channels=channels, device_state_channels=device_channels)
+    region = make_region("ram", 1 << 20, seed=5)
+    with Migration(config, transport=transport, auth_key=KEY) as m:
+        m.source.add_region(region)
+        m.source.add_device(fastmfd.BytesDevice("dev", 0, b"state" * 1000))
+        _, result = m.run().ok()
+        assert np.array_equal(result.regions["ram"].array, region.array)
+        assert result.devices[("dev", 0)] == b"state" * 1000
+        assert m.destination.refused == []
+    region.close()
+
+
+@pytest.mark.parametrize("source_key,destination_key,source_says,destination_says", [
+    (OTHER_KEY, KEY, r"the destination does not know the auth_key",
+     r"wrong auth_key proof"),
+    (None, KEY, r"requires an auth_key proof; the source sent none",
+     r"requires an auth_key proof; the source sent none"),
+    (KEY, None, r"the source proves an auth_key; this destination has none",
+     r"the source proves an auth_key; this destination has none"),
+], ids=["wrong key", "no key at the source", "no key at the destination"])
+def test_a_source_without_the_key_is_refused(source_key, destination_key, source_says,
+                                             destination_says):
+    region = make_region("ram", SIZE, seed=1)
+    target = make_region("ram", SIZE)
+    target.array[:] = 0xAB
+    with Migration(CONFIG.replace(auth_key=source_key), auth_key=destination_key) as m:
+        m.source.add_region(region)
+        m.destination.add_region(target)
+        error, refused = m.run_refused()
+        assert re.search(source_says, str(error)), str(error)
+        assert re.search(destination_says, refused[0].reason), refused[0].reason
+        assert np.all(target.array == 0xAB), "a byte reached the region"
+    region.close()
+    target.close()
+
+
+class Recorder:
+    """A stream that records what the client sends."""
+
+    def __init__(self, stream) -> None:
+        self.stream, self.sent = stream, []
+
+    def send_all(self, data, what="handshake"):
+        self.sent.append(bytes(data))
+        self.stream.send_all(data, what)
+
+    def recv_exact(self, size, what="handshake"):
+        return self.stream.recv_exact(size, what)
+
+
+class Replayer:
+    """A client that replays recorded messages, whatever the server says."""
+
+    def __init__(self, stream, recorded) -> None:
+        self.stream, self.recorded = stream, list(recorded)
+
+    def run(self, reply_size: int) -> None:
+        self.stream.send_all(self.recorded[0])
+        self.stream.recv_exact(reply_size)
+        self.stream.send_all(self.recorded[1])
+
+
+def _pair():
+    a, b = socket.socketpair()
+    return SocketStream(a, "client"), SocketStream(b, "server"), (a, b)
+
+
+def _exchange(client_call, server_call):
+    """Run both sides at once; returns the server's outcome (None or its error)."""
+    outcome: list = []
+
+    def serve():
+        try:
+            server_call()
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        client_call()
+    except SecurityError:
+        pass
+    thread.join(5)
+    return outcome[0]
+
+
+UUID = bytes(range(16))
+
+
+@pytest.mark.parametrize("replay_into", ["the same channel", "another channel",
+                                         "another session"])
+def test_a_recorded_proof_cannot_be_replayed(replay_into):
+    client, server, socks = _pair()
+    recorder = Recorder(client)
+    assert _exchange(lambda: security.prove_key(recorder, KEY, UUID, 0),
+                     lambda: security.check_key_proof(server, KEY, UUID, 0)) is None
+    for sock in socks:
+        sock.close()
+
+    client, server, socks = _pair()
+    uuid, channel = {"the same channel": (UUID, 0), "another channel": (UUID, 1),
+                     "another session": (bytes(16), 0)}[replay_into]
+    replay = Replayer(client, recorder.sent)
+    error = _exchange(lambda: replay.run(security.NONCE_SIZE + security.PROOF_SIZE),
+                      lambda: security.check_key_proof(server, KEY, uuid, channel))
+    assert isinstance(error, SecurityError) and "wrong auth_key proof" in str(error)
+    for sock in socks:
+        sock.close()
+
+
+def test_a_channel_with_the_right_uuid_but_no_proof_is_dropped():
+    """Knowing the session's UUID is not enough: a channel must prove the key."""
+    target = make_region("ram", SIZE)
+    target.array[:] = 0xAB
+    with fastmfd.Destination("tcp:127.0.0.1:0", timeout=10, auth_key=KEY,
+                             handshake_timeout=1.0) as dst:
+        dst.add_region(target)
+        thread = threading.Thread(target=lambda: _swallow(dst.receive), daemon=True)
+        thread.start()
+        source = FakeSource(dst.address, setup_message(CONFIG, UUID, {"ram": SIZE}),
+                            auth_key=KEY)
+        try:
+            assert source.open_main()[0].name == "SETUP_ACK"
+            marker = ram_packet(CONFIG, "ram", list(range(16)), fill=0xEE)
+            source.connect(hello(0, UUID) + bytes(security.NONCE_SIZE)
+                           + bytes(security.PROOF_SIZE) + marker)
+            from test_handshake import wait_refused
+            wait_refused(dst, r"wrong auth_key proof|connection closed")
+            assert thread.is_alive()
+            assert np.all(target.array == 0xAB), "a byte reached the region"
+        finally:
+            dst.cancel("the test is over")
+            thread.join(10)
+            source.close()
+    target.close()
+
+
+def _swallow(call):
+    try:
+        call()
+    except fastmfd.MigrationError:
+        pass
+
+
+@pytest.mark.parametrize("key,message", [(b"short", "at least 16 bytes"),
+                                         ("text", "must be bytes")])
+def test_a_weak_or_mistyped_key_is_a_config_error(key, message):
+    with pytest.raises(fastmfd.ConfigError, match=message):
+        fastmfd.MigrationConfig(auth_key=key)
+    with pytest.raises(fastmfd.ConfigError, match=message):
+        fastmfd.Destination("tcp:127.0.0.1:0", auth_key=key)
+
+
+def test_the_key_never_shows_in_a_repr():
+    assert KEY.decode() not in repr(CONFIG)
