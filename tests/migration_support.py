@@ -798,11 +798,9 @@ class FakeSource:
             return self.reply()
         from fastmfd.protocol.handshake import open_main_channel
         from fastmfd.protocol.security import ChannelSecurity
-        self.main = self.connect()
-        open_main_channel(self.main, ChannelSecurity(auth_key=self.auth_key),
-                          bytes.fromhex(self.setup["uuid"]), self.channel_header)
-        self.main.sendall(encode_message(Msg.SETUP, self.setup))
-        return self.reply()
+        self.main = open_main_channel(self.connect(), ChannelSecurity(auth_key=self.auth_key),
+                                      Setup.decode(self.setup), self.channel_header)
+        return Msg.SETUP_ACK, {}
 
     def reply(self) -> tuple:
         """The next message on the main channel: (Msg, decoded dict)."""

@@ -52,18 +52,15 @@ def test_migration_with_a_shared_key_is_byte_exact(transport, channels, device_c
 ], ids=["wrong key", "no key at the source", "no key at the destination"])
 def test_a_source_without_the_key_is_refused(source_key, destination_key, source_says,
                                              destination_says):
-    region = make_region("ram", SIZE, seed=1)
-    target = make_region("ram", SIZE)
-    target.array[:] = 0xAB
-    with Migration(CONFIG.replace(auth_key=source_key), auth_key=destination_key) as m:
+    with make_region("ram", SIZE, seed=1) as region, make_region("ram", SIZE) as target, \
+            Migration(CONFIG.replace(auth_key=source_key), auth_key=destination_key) as m:
+        target.array[:] = 0xAB
         m.source.add_region(region)
         m.destination.add_region(target)
         error, refused = m.run_refused()
         assert re.search(source_says, str(error)), str(error)
         assert re.search(destination_says, refused[0].reason), refused[0].reason
         assert np.all(target.array == 0xAB), "a byte reached the region"
-    region.close()
-    target.close()
 
 
 class Recorder:

@@ -53,7 +53,7 @@ from ..protocol.sockets import recv_exact, tune_data_socket, tune_main_socket
 from ..regions import Region
 from ..stats import ChannelStats, ReceiveStats
 from .processes import ChildSet, Watch
-from .reassembly import pool_slots_for, reassembly_main
+from .reassembly import pool_slots_for
 from .session import SessionFailure, SessionResources, break_session
 from .workers import recv_worker_main
 

@@ -38,10 +38,10 @@ from ..errors import MigrationError, ProtocolError
 from ..protocol import handshake
 from ..protocol.control import Done, SendParams
 from ..protocol.main_channel import (MAIN, Complete, Error, Loaded, MainChannel, Msg, RoundAck,
-                                     RoundEnd, decode_payload, expect_message, read_message)
+                                     RoundEnd, decode_payload, read_message)
 from ..protocol.security import ChannelSecurity, default_hostname
 from ..protocol.setup import DeviceSpec, RegionSpec, Setup
-from ..protocol.sockets import Address, connect, send_all, tune_data_socket, tune_main_socket
+from ..protocol.sockets import Address, connect, tune_data_socket, tune_main_socket
 from ..regions import Region
 from ..shm import SharedMemory
 from ..stats import ChannelStats, MigrationStats, RoundStats
@@ -156,11 +156,8 @@ class Sending:
         setup = self._setup()
         sock = connect(parts.address, cfg.timeout)
         tune_main_socket(sock)
-        sock = handshake.open_main_channel(sock, self._security, setup.uuid, cfg.channel_header)
-        sock.settimeout(cfg.timeout)
+        sock = handshake.open_main_channel(sock, self._security, setup, cfg.channel_header)
         self.main = MainChannel(sock)
-        self.main.send(Msg.SETUP, setup)
-        expect_message(sock, Msg.SETUP_ACK)
 
         if parts.devices and cfg.channel_header:
             nslots = max(4, 2 * len(parts.devices) + cfg.total_channels)

@@ -30,12 +30,15 @@ from dataclasses import dataclass
 from .. import _core
 from ..errors import MigrationError, ProtocolError, SecurityError
 from .main_channel import (MAIN, MAIN_MAGIC, MAIN_VERSION, MESSAGE_HEADER,
-                           MESSAGE_HEADER_SIZE, Msg, decode_message_header, decode_payload, encode_message, encode_preamble,
-                           read_message)
+                           MESSAGE_HEADER_SIZE, Msg, decode_message_header, decode_payload,
+                           encode_message, encode_preamble, expect_message, read_message)
 from .security import (MAIN_CHANNEL_ID, ChannelSecurity, check_authz, check_key_proof,
                        identities_of, is_tls_record, prove_key, tls_handshake)
 from .setup import Setup
 from .sockets import recv_exact, send_all
+
+TELL_SECONDS = 0.5             # how long a refused peer is given to read why
+TELL_DRAIN_BYTES = 1 << 20
 
 __all__ = ["ChannelHello", "SocketStream", "TLSStream", "read_hello", "main_channel_start",
            "channel_start", "open_main_channel", "open_channel", "MainGreeting",
@@ -110,7 +113,7 @@ class _AuthMessages:
 def _check_auth_message(kind: Msg, body: bytes, size: int) -> None:
     if kind is Msg.ERROR:
         raise SecurityError(f"the peer refused: {decode_payload(kind, body).error}",
-                            channel=MAIN)
+                            channel=MAIN, side="peer")
     if kind is not Msg.AUTH or len(body) != size:
         raise SecurityError(f"expected an AUTH message of {size} bytes, received {kind.name} "
                             f"of {len(body)}", channel=MAIN)
@@ -137,11 +140,11 @@ def channel_start(setup: Setup, channel_id: int) -> bytes:
     return (_channel_header(kind) if setup.channel_header else b"") + bytes(init)
 
 
-def open_main_channel(sock: socket.socket, security: ChannelSecurity, uuid: bytes,
+def open_main_channel(sock: socket.socket, security: ChannelSecurity, setup: Setup,
                       channel_header: bool) -> socket.socket:
-    """The source's side of the main channel's greeting, up to (not including)
-    SETUP; returns the socket to use from then on (TLS-wrapped or not). On
-    failure the socket is closed."""
+    """The source's side of the main channel's opening: the greeting, SETUP, and
+    the destination's SETUP_ACK. Returns the socket to use from then on
+    (TLS-wrapped or not); on failure the socket is closed."""
     deadline = time.monotonic() + security.timeout
     try:
         if security.tls is not None:
@@ -152,8 +155,21 @@ def open_main_channel(sock: socket.socket, security: ChannelSecurity, uuid: byte
         stream = SocketStream(sock, MAIN, deadline)
         stream.send_all(main_channel_start(channel_header), "preamble")
         if security.auth_key is not None:
-            stream.send_all(encode_message(Msg.AUTH, uuid), "AUTH")
-            prove_key(_AuthMessages(sock), security.auth_key, uuid, MAIN_CHANNEL_ID)
+            stream.send_all(encode_message(Msg.AUTH, setup.uuid), "AUTH")
+            prove_key(_AuthMessages(sock), security.auth_key, setup.uuid, MAIN_CHANNEL_ID)
+        stream.send_all(encode_message(Msg.SETUP, setup), "SETUP")
+        expect_message(sock, Msg.SETUP_ACK)
+    except (MigrationError, ProtocolError) as exc:
+        sock.close()
+        if security.tls is None or isinstance(exc, SecurityError) or \
+                getattr(exc, "side", None) is not None:
+            raise
+        # TLS 1.3 lets a client finish its handshake before the server has
+        # checked the client's certificate: a refusal shows up as the end of
+        # the connection at the first read or write after it.
+        raise SecurityError(f"the destination ended the TLS connection after the handshake "
+                            f"(did it refuse this source's certificate?): {exc}",
+                            channel=MAIN) from exc
     except BaseException:
         sock.close()
         raise
@@ -332,10 +348,20 @@ def _message_type(header: bytes) -> int:
 
 
 def _tell(sock, error: BaseException) -> None:
-    """Best effort: tell a refused peer why, as the main channel's ERROR."""
+    """Best effort: tell a refused peer why, as the main channel's ERROR. What it
+    sent meanwhile is drained for a moment first: closing a socket with unread
+    bytes resets the connection, and a reset can overtake the ERROR."""
     try:
-        sock.settimeout(0.5)
+        sock.settimeout(TELL_SECONDS)
         sock.sendall(encode_message(Msg.ERROR, {"error": str(error)}))
+        deadline = time.monotonic() + TELL_SECONDS
+        drained = 0
+        while drained < TELL_DRAIN_BYTES and time.monotonic() < deadline:
+            sock.settimeout(max(0.001, deadline - time.monotonic()))
+            data = sock.recv(65536)
+            if not data:
+                break
+            drained += len(data)
     except (OSError, ValueError):
         pass
 

@@ -243,7 +243,7 @@ def expect_message(sock: socket.socket, kind: Msg) -> Any:
     """Read a control message that must be ``kind``; the peer's ERROR is raised."""
     got, payload = read_payload(sock)
     if got is Msg.ERROR:
-        raise MigrationError(f"the peer failed: {payload.error}", channel=MAIN)
+        raise MigrationError(f"the peer failed: {payload.error}", channel=MAIN, side="peer")
     if got is not kind:
         raise ProtocolError(f"main channel: received {got.name}, expected {kind.name}",
                             field="type", received=got.name, expected=kind.name)

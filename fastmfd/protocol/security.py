@@ -28,6 +28,7 @@ Two independent protections, usable together:
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import hmac
 import ipaddress
@@ -193,9 +194,12 @@ def tls_handshake(tls: ssl.SSLSocket, deadline: float) -> None:
             except ssl.SSLWantWriteError:
                 ready = select.select([], [tls], [], max(0.0, left))[1]
             except ssl.SSLCertVerificationError as exc:
-                raise SecurityError(f"TLS handshake failed: {exc.verify_message}") from None
+                raise SecurityError(f"TLS handshake failed: certificate verify failed "
+                                    f"({exc.verify_message})") from None
             except ssl.SSLError as exc:
-                raise SecurityError(f"TLS handshake failed: {exc.reason or exc}") from None
+                # OpenSSL's reason codes (PEER_DID_NOT_RETURN_A_CERTIFICATE) made readable.
+                reason = exc.reason.lower().replace("_", " ") if exc.reason else str(exc)
+                raise SecurityError(f"TLS handshake failed: {reason}") from None
             except OSError as exc:
                 raise SecurityError(_handshake_lost(exc)) from None
             if not ready:
@@ -205,7 +209,8 @@ def tls_handshake(tls: ssl.SSLSocket, deadline: float) -> None:
 
 
 def _handshake_lost(exc: OSError) -> str:
-    if isinstance(exc, ssl.SSLEOFError) or not exc.errno:
+    if isinstance(exc, ssl.SSLEOFError) or exc.errno in (None, 0, errno.ECONNRESET,
+                                                         errno.EPIPE):
         return "the peer closed the connection during the TLS handshake (does it use TLS?)"
     return f"connection lost during the TLS handshake: {exc.strerror or exc}"
 

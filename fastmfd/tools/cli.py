@@ -22,19 +22,23 @@ from .units import format_bytes, parse_size
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from . import security_options
     from .demo import run_demo
-    ok = run_demo(size=args.size, channels=args.channels, compression=args.compression,
-                  devices=not args.no_devices, device_size=args.device_size,
-                  rate=args.device_rate)
+    with security_options.loopback_security(args) as security:
+        ok = run_demo(size=args.size, channels=args.channels, compression=args.compression,
+                      devices=not args.no_devices, device_size=args.device_size,
+                      rate=args.device_rate, security=security)
     return 0 if ok else 1
 
 
 def _config(args: argparse.Namespace):
     from ..config import MigrationConfig
+    from . import security_options
     return MigrationConfig(channels=args.channels, compression=args.compression,
                            compression_level=args.level,
                            zero_page_detection=not args.no_zero_detection,
-                           checksum=args.checksum)
+                           checksum=args.checksum, tls=security_options.tls_config(args),
+                           auth_key=security_options.auth_key(args))
 
 
 def cmd_send(args: argparse.Namespace) -> int:
@@ -54,11 +58,13 @@ def cmd_send(args: argparse.Namespace) -> int:
 def cmd_listen(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from . import security_options
     from .transfer import listen_once
     console = Console(stderr=True)
     result, files = listen_once(
         args.address, args.dir, timeout=args.timeout,
-        on_listening=lambda address: console.print(f"listening on {address}"))
+        on_listening=lambda address: console.print(f"listening on {address}"),
+        tls=security_options.tls_config(args), auth_key=security_options.auth_key(args))
     for name, path in files.items():
         console.print(f"{name} -> {path} ({format_bytes(os.path.getsize(path))})")
     console.print(f"received in {result.stats.total_time_s * 1000:.0f} ms, "
@@ -68,6 +74,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
 
 def _build_parser() -> argparse.ArgumentParser:
     # Their arguments name the image kinds and compression methods: lazy, as above.
+    from . import security_options
     from .bench import command as bench
     from .inspect import command as inspect
 
@@ -87,6 +94,7 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="state per device in the experiment (default 100M)")
     p.add_argument("--device-rate", type=parse_size, default=200 << 20,
                    help="emulated per-device read and load rate, bytes/s (default 200M)")
+    security_options.add_arguments(p, loopback=True)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("send", help="send image files (and device state files) to a listener")
@@ -102,6 +110,7 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="send zero pages as data")
     p.add_argument("--checksum", action="store_true", help="CRC-32 every packet's payload")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress, no summary")
+    security_options.add_arguments(p)
     p.set_defaults(func=cmd_send)
 
     p = sub.add_parser("listen", help="receive one migration into files")
@@ -109,6 +118,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", default=".", help="output directory (default: here)")
     p.add_argument("--timeout", type=float, default=3600.0,
                    help="seconds to wait for the sender (default 3600)")
+    security_options.add_arguments(p)
     p.set_defaults(func=cmd_listen)
 
     p = sub.add_parser("inspect", help="decode captured multifd channel bytes (fastmfd or QEMU)")

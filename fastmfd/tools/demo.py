@@ -28,7 +28,7 @@ from rich.table import Table
 from ..config import MigrationConfig
 from ..devices import SyntheticDevice, VerifyLoader
 from .images import fill_image
-from .loopback import migrate_locally
+from .loopback import NO_SECURITY, LoopbackSecurity, migrate_locally
 from ..regions import Region
 from .report import stats_table
 from .units import format_bytes, format_rate
@@ -82,10 +82,12 @@ class Workload:
         self._process.join()
 
 
-def live_migration(console: Console, size: int, config: MigrationConfig) -> bool:
+def live_migration(console: Console, size: int, config: MigrationConfig,
+                   security: LoopbackSecurity = NO_SECURITY) -> bool:
     console.rule("[bold]Live migration")
     console.print(f"Image: {format_bytes(size)} in shared memory, half zero pages, a quarter "
-                  f"text, a quarter random; a workload process keeps rewriting pages.")
+                  f"text, a quarter random; a workload process keeps rewriting pages"
+                  + (f"; channels protected by {security.label}." if security.label else "."))
     region = Region.create("pc.ram", size, page_size=config.page_size)
     workload = None
     try:
@@ -93,7 +95,8 @@ def live_migration(console: Console, size: int, config: MigrationConfig) -> bool
         workload = Workload(region)
         result = migrate_locally(
             config, [region], live=True, on_stop=workload.stop, progress=True,
-            check=lambda dst: bool(np.array_equal(dst.regions["pc.ram"].array, region.array)))
+            check=lambda dst: bool(np.array_equal(dst.regions["pc.ram"].array, region.array)),
+            security=security)
     finally:
         if workload is not None:
             workload.close()
@@ -117,7 +120,7 @@ class WayResult:
 
 
 def _migrate_devices(config: MigrationConfig, ndevices: int, device_size: int,
-                     rate: float, ram_size: int):
+                     rate: float, ram_size: int, security: LoopbackSecurity):
     region = Region.create("pc.ram", ram_size, page_size=config.page_size)
     try:
         fill_image(region, "mixed")
@@ -127,7 +130,8 @@ def _migrate_devices(config: MigrationConfig, ndevices: int, device_size: int,
                    for i, d in enumerate(devices)}
         result = migrate_locally(
             config, [region], devices=devices, loaders=loaders, live=True,
-            check=lambda dst: bool(np.array_equal(dst.regions["pc.ram"].array, region.array)))
+            check=lambda dst: bool(np.array_equal(dst.regions["pc.ram"].array, region.array)),
+            security=security)
     finally:
         region.close()
     if not result.checked:
@@ -136,12 +140,13 @@ def _migrate_devices(config: MigrationConfig, ndevices: int, device_size: int,
 
 
 def seed_experiment(console: Console, *, ndevices: int = 4, device_size: int = 100 * MiB,
-                    rate: float = 200 * MiB, ram_size: int = 64 * MiB,
-                    channels: int = 4) -> list[WayResult]:
+                    rate: float = 200 * MiB, ram_size: int = 64 * MiB, channels: int = 4,
+                    security: LoopbackSecurity = NO_SECURITY) -> list[WayResult]:
     console.rule("[bold]Device state over multifd: the seed's downtime experiment")
     console.print(f"{ndevices} devices × {format_bytes(device_size)} of state, each read and "
                   f"loaded at {format_rate(rate)} (an emulated VFIO data fd), plus "
-                  f"{format_bytes(ram_size)} of RAM.")
+                  f"{format_bytes(ram_size)} of RAM"
+                  + (f"; {security.label} on every connection." if security.label else "."))
     ways = [
         ("old way: main channel, device after device",
          MigrationConfig(channels=channels, channel_header=False), f"{channels}"),
@@ -153,7 +158,7 @@ def seed_experiment(console: Console, *, ndevices: int = 4, device_size: int = 1
     ]
     results = []
     for label, config, channel_text in ways:
-        stats = _migrate_devices(config, ndevices, device_size, rate, ram_size)
+        stats = _migrate_devices(config, ndevices, device_size, rate, ram_size, security)
         results.append(WayResult(label, channel_text, stats.downtime_s, stats.total_time_s))
     old = results[0].downtime_s
     table = Table(title="Downtime by way of sending device state")
@@ -170,13 +175,13 @@ def seed_experiment(console: Console, *, ndevices: int = 4, device_size: int = 1
 
 def run_demo(*, size: int = 1 << 30, channels: int = 2, compression: str = "none",
              devices: bool = True, device_size: int = 100 * MiB, rate: float = 200 * MiB,
-             console: Console | None = None) -> bool:
+             console: Console | None = None, security: LoopbackSecurity = NO_SECURITY) -> bool:
     """Run both parts; True when the destination matched the source."""
     console = console or Console()
     started = time.monotonic()
     ok = live_migration(console, size, MigrationConfig(channels=channels,
-                                                       compression=compression))
+                                                       compression=compression), security)
     if devices:
-        seed_experiment(console, device_size=device_size, rate=rate)
+        seed_experiment(console, device_size=device_size, rate=rate, security=security)
     console.print(f"[dim]demo finished in {time.monotonic() - started:.1f} s")
     return ok

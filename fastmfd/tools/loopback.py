@@ -16,16 +16,40 @@ and as one call, :func:`migrate_locally`.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from ..config import MigrationConfig
 from ..destination import Destination, DestinationResult
 from ..errors import MigrationError
+from ..protocol.security import TLSConfig
 from ..source import Source
 from ..stats import MigrationStats, ReceiveStats
 
-__all__ = ["LoopbackResult", "LoopbackMigration", "migrate_locally"]
+__all__ = ["LoopbackSecurity", "LoopbackResult", "LoopbackMigration", "migrate_locally"]
+
+
+@dataclass(frozen=True)
+class LoopbackSecurity:
+    """Both ends' security settings (each end has its own certificate)."""
+    source_tls: TLSConfig | None = None
+    destination_tls: TLSConfig | None = None
+    auth_key: bytes | None = field(default=None, repr=False)
+
+    def source_config(self, config: MigrationConfig) -> MigrationConfig:
+        if self.source_tls is None and self.auth_key is None:
+            return config
+        return config.replace(tls=self.source_tls, auth_key=self.auth_key)
+
+    @property
+    def label(self) -> str:
+        """How the channels are protected, for tables ("" when they are not)."""
+        return " + ".join(name for name, on in (("TLS", self.source_tls is not None),
+                                                ("auth key", self.auth_key is not None))
+                          if on)
+
+
+NO_SECURITY = LoopbackSecurity()
 
 
 @dataclass(frozen=True)
@@ -46,19 +70,22 @@ class LoopbackMigration:
 
     def __init__(self, config: MigrationConfig, regions: list, *, devices: list = (),
                  loaders: dict | None = None, receive_into: list = (),
-                 address: str = "tcp:127.0.0.1:0") -> None:
+                 address: str = "tcp:127.0.0.1:0",
+                 security: LoopbackSecurity = NO_SECURITY) -> None:
         self._outcome: dict = {}
         self._thread: threading.Thread | None = None
         self._src: Source | None = None
         self._stats: MigrationStats | None = None
-        self._dst: Destination | None = Destination(address, workers=config.total_channels)
+        self._dst: Destination | None = Destination(
+            address, workers=config.total_channels, tls=security.destination_tls,
+            auth_key=security.auth_key)
         try:
             self._dst.__enter__()
             for region in receive_into:
                 self._dst.add_region(region)
             for (idstr, instance_id), loader in (loaders or {}).items():
                 self._dst.add_loader(idstr, instance_id, loader)
-            self._src = Source(self._dst.address, config).__enter__()
+            self._src = Source(self._dst.address, security.source_config(config)).__enter__()
             for region in regions:
                 self._src.add_region(region)
             for device in devices:
@@ -128,13 +155,15 @@ def migrate_locally(config: MigrationConfig, regions: list, *, devices: list = (
                     loaders: dict | None = None, live: bool = False, on_stop=None,
                     on_resume=None, progress: bool = False, receive_into: list = (),
                     check: Callable[[DestinationResult], object] | None = None,
-                    address: str = "tcp:127.0.0.1:0") -> LoopbackResult:
+                    address: str = "tcp:127.0.0.1:0",
+                    security: LoopbackSecurity = NO_SECURITY) -> LoopbackResult:
     """Migrate ``regions`` and ``devices`` to a destination in this process, in one call.
 
     ``check`` inspects the :class:`~fastmfd.DestinationResult` before the
     destination closes. Raises the source's error if the session fails.
     """
     with LoopbackMigration(config, regions, devices=devices, loaders=loaders,
-                           receive_into=receive_into, address=address) as migration:
+                           receive_into=receive_into, address=address,
+                           security=security) as migration:
         migration.run(live=live, on_stop=on_stop, on_resume=on_resume, progress=progress)
         return migration.finish(check)

@@ -18,6 +18,7 @@ from ..config import MigrationConfig
 from ..destination import Destination, DestinationResult
 from ..devices import FileDevice
 from ..errors import ConfigError
+from ..protocol.security import TLSConfig
 from ..regions import Region
 from ..source import Source
 from ..stats import MigrationStats
@@ -85,7 +86,8 @@ def output_name(name: str) -> str:
 
 
 def listen_once(address: str, directory: str, *, timeout: float = 3600.0,
-                on_listening=None) -> tuple[DestinationResult, dict[str, str]]:
+                on_listening=None, tls: TLSConfig | None = None,
+                auth_key: bytes | None = None) -> tuple[DestinationResult, dict[str, str]]:
     """Receive one migration into ``directory``: ``<region>.img`` files mapped
     while they are written, ``<idstr>.<instance>.state`` for each device.
     Returns the result and the files written, by region or device name."""
@@ -99,7 +101,8 @@ def listen_once(address: str, directory: str, *, timeout: float = 3600.0,
         files[name] = path
         return Region.from_file(name, path, size=size, page_size=page_size)
 
-    with Destination(address, timeout=timeout, region_factory=region_file) as dst:
+    with Destination(address, timeout=timeout, region_factory=region_file, tls=tls,
+                     auth_key=auth_key) as dst:
         if on_listening is not None:
             on_listening(dst.address)
         result = dst.receive()

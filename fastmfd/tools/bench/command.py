@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from contextlib import ExitStack
 
 from rich.console import Console
 
 from ...config import COMPRESSION_METHODS
+from .. import security_options
 from ..images import IMAGE_KINDS, Image
 from ..units import format_bytes, format_rate, parse_size
 from .matrix import PEERS, Setting, run_matrix
@@ -89,6 +91,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "fresh memory")
     parser.add_argument("--json", metavar="FILE", default=None,
                         help="also write every measurement to FILE as JSON")
+    security_options.add_arguments(parser, loopback=True)
 
 
 def settings_from_args(args: argparse.Namespace) -> list[Setting]:
@@ -111,7 +114,8 @@ def cli_main(args: argparse.Namespace) -> int:
     if "qemu" in args.peer:
         args.qemu_binary = find_qemu(args.qemu_binary)
     images: list[Image] = []
-    try:
+    with security_options.loopback_security(args) as security, ExitStack() as cleanup:
+        cleanup.callback(lambda: [image.close() for image in images])
         for kind in args.image:
             log.print(f"making a {format_bytes(args.size)} {kind} image ...")
             images.append(Image.create(kind, args.size))
@@ -121,11 +125,12 @@ def cli_main(args: argparse.Namespace) -> int:
                       f"{m.seconds * 1000:8.1f} ms  {format_rate(m.throughput)}  verified")
 
         results = run_matrix(settings, images, args.repeat, progress,
-                             qemu_binary=args.qemu_binary, prealloc=args.prealloc)
-    finally:
-        for image in images:
-            image.close()
-    render(results, console, note=", destination preallocated" if args.prealloc else "")
+                             qemu_binary=args.qemu_binary, prealloc=args.prealloc,
+                             security=security)
+    notes = [", destination preallocated"] if args.prealloc else []
+    if security.label:
+        notes.append(f", fastmfd with {security.label}")
+    render(results, console, note="".join(notes))
     if args.json:
         with open(args.json, "w") as out:
             json.dump([r.as_dict() for r in results], out, indent=2)

@@ -9,7 +9,7 @@ from ...config import MigrationConfig
 from ...errors import MigrationError
 from ...regions import Region
 from ..images import Image
-from ..loopback import LoopbackMigration
+from ..loopback import NO_SECURITY, LoopbackMigration, LoopbackSecurity
 from .trial import Measurement
 
 __all__ = ["FastmfdTrial", "LOOPBACK"]
@@ -34,7 +34,7 @@ class FastmfdTrial:
     """
 
     def __init__(self, image: Image, config: MigrationConfig, devices=(), *,
-                 prealloc: bool = False) -> None:
+                 prealloc: bool = False, security: LoopbackSecurity = NO_SECURITY) -> None:
         self.image = image
         # Closed last in, first out: the migration, then the preallocated region.
         self._resources = ExitStack()
@@ -48,7 +48,7 @@ class FastmfdTrial:
             self._migration = self._resources.enter_context(LoopbackMigration(
                 config, [image.region], devices=[d for d, _ in devices],
                 loaders={(d.idstr, d.instance_id): loader for d, loader in devices},
-                receive_into=targets, address=LOOPBACK))
+                receive_into=targets, address=LOOPBACK, security=security))
         except BaseException:
             self.close()
             raise

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from ...config import MigrationConfig
 from ...errors import ConfigError
 from ..images import Image
+from ..loopback import NO_SECURITY, LoopbackSecurity
 from .fastmfd_trial import FastmfdTrial
 from .peers import QemuTrial, SendallTrial
 from .trial import Measurement, Trial
@@ -82,14 +83,15 @@ class Result:
 
 
 def make_trial(setting: Setting, image: Image, *, qemu_binary: str | None = None,
-               prealloc: bool = False) -> Trial:
+               prealloc: bool = False, security: LoopbackSecurity = NO_SECURITY) -> Trial:
     """A prepared trial of ``setting`` moving ``image`` (see :mod:`.trial`).
 
     ``prealloc``: the destination's memory is allocated and faulted in before
-    timing, for every method alike (see :class:`.FastmfdTrial`).
+    timing, for every method alike (see :class:`.FastmfdTrial`). ``security``:
+    TLS and/or the shared key for fastmfd's channels.
     """
     if setting.method == "fastmfd":
-        return FastmfdTrial(image, setting.config(), prealloc=prealloc)
+        return FastmfdTrial(image, setting.config(), prealloc=prealloc, security=security)
     if setting.method == "sendall":
         return SendallTrial(image, prealloc=prealloc)
     if setting.method == "qemu":

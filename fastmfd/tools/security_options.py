@@ -1,0 +1,117 @@
+"""How the commands get their security settings: the ``--tls-*`` and
+``--auth-key-file`` options, and throwaway TLS credentials for migrations on
+this machine (``demo --tls``, ``bench --tls``).
+
+Throwaway credentials come from `trustme <https://trustme.readthedocs.io>`_
+(``pip install fastmfd[tls-demo]``): a CA, a destination certificate for
+``localhost``, ``127.0.0.1`` and ``::1``, and a client certificate for the
+source, written to a private temporary directory that is removed afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Iterator
+
+from ..errors import ConfigError
+from ..protocol.security import TLSConfig, read_key_file
+from .loopback import LoopbackSecurity
+
+__all__ = ["add_arguments", "tls_config", "auth_key", "LocalCredentials", "local_credentials",
+           "loopback_security"]
+
+LOCAL_CLIENT = "fastmfd-source"      # the client identity of throwaway credentials
+
+
+def add_arguments(parser: argparse.ArgumentParser, *, loopback: bool = False) -> None:
+    """The security options; ``loopback``: the command runs both ends (demo, bench)."""
+    group = parser.add_argument_group(
+        "security", "TLS for every connection, and/or a shared key every connection proves")
+    if loopback:
+        group.add_argument("--tls", action="store_true",
+                           help="TLS with throwaway certificates made for this run (mutual "
+                                "TLS; needs trustme)")
+    group.add_argument("--tls-cert", metavar="PEM", help="this side's certificate chain")
+    group.add_argument("--tls-key", metavar="PEM", help="this side's private key")
+    group.add_argument("--tls-ca", metavar="PEM",
+                       help="CA bundle the peer's certificate must chain to (on a listener: "
+                            "require client certificates)")
+    group.add_argument("--tls-hostname", metavar="NAME",
+                       help="name the destination's certificate must carry (default: the "
+                            "address's host)")
+    group.add_argument("--tls-authz", action="append", metavar="IDENTITY",
+                       help="a client identity (certificate CN or subjectAltName) a listener "
+                            "accepts; repeatable (default: any the CA signed)")
+    group.add_argument("--auth-key-file", metavar="FILE",
+                       help="a file holding the shared key (>= 16 bytes; a final newline is "
+                            "ignored); authenticates every connection, does not encrypt")
+
+
+def tls_config(args: argparse.Namespace) -> TLSConfig | None:
+    """The TLSConfig the ``--tls-*`` options describe, or None."""
+    values = {name: getattr(args, f"tls_{name}", None)
+              for name in ("cert", "key", "ca", "hostname", "authz")}
+    if all(value is None for value in values.values()):
+        return None
+    return TLSConfig(**values)
+
+
+def auth_key(args: argparse.Namespace) -> bytes | None:
+    path = getattr(args, "auth_key_file", None)
+    return read_key_file(path) if path is not None else None
+
+
+@dataclass(frozen=True)
+class LocalCredentials:
+    """Both ends' TLS settings for a migration on this machine."""
+    source: TLSConfig
+    destination: TLSConfig
+
+
+@contextlib.contextmanager
+def local_credentials() -> Iterator[LocalCredentials]:
+    """Throwaway mutual-TLS credentials, removed when the block ends."""
+    try:
+        import trustme
+    except ImportError:
+        raise ConfigError("throwaway TLS certificates need trustme: pip install "
+                          "'fastmfd[tls-demo]' (or give --tls-cert/--tls-key/--tls-ca)") from None
+    ca = trustme.CA(organization_name="fastmfd throwaway CA")
+    server = ca.issue_cert("localhost", "127.0.0.1", "::1")
+    client = ca.issue_cert(LOCAL_CLIENT)
+    with tempfile.TemporaryDirectory(prefix="fastmfd-tls-") as directory:
+        def write(name: str, blob) -> str:
+            path = os.path.join(directory, name)
+            blob.write_to_path(path)
+            return path
+        ca_path = write("ca.pem", ca.cert_pem)
+        server_key, client_key = (write(f"{who}-key.pem", cert.private_key_pem)
+                                  for who, cert in (("server", server), ("client", client)))
+        server_chain = os.path.join(directory, "server.pem")
+        client_chain = os.path.join(directory, "client.pem")
+        for path, cert in ((server_chain, server), (client_chain, client)):
+            with open(path, "wb") as out:
+                for blob in cert.cert_chain_pems:
+                    out.write(blob.bytes())
+        yield LocalCredentials(
+            source=TLSConfig(cert=client_chain, key=client_key, ca=ca_path),
+            destination=TLSConfig(cert=server_chain, key=server_key, ca=ca_path,
+                                  authz=(LOCAL_CLIENT,)))
+
+
+@contextlib.contextmanager
+def loopback_security(args: argparse.Namespace) -> Iterator[LoopbackSecurity]:
+    """The security of a command that runs both ends: throwaway credentials
+    with ``--tls``, else the ``--tls-*`` files for both ends (the certificate
+    must suit both), else no TLS; and the ``--auth-key-file`` key."""
+    key = auth_key(args)
+    if getattr(args, "tls", False):
+        with local_credentials() as credentials:
+            yield LoopbackSecurity(credentials.source, credentials.destination, key)
+        return
+    tls = tls_config(args)
+    yield LoopbackSecurity(tls, tls, key)

@@ -1,0 +1,276 @@
+"""TLS on every connection (issue #8), with real certificates from trustme.
+
+Migrations over TLS are byte-exact whatever the channels, compression and
+device-state arrangement; nothing of the image crosses the wire in clear; and
+every way a peer can fail to prove itself — another CA, an expired or
+misnamed certificate, no client certificate, an identity outside ``authz``,
+plaintext meeting TLS either way — is refused within 5 s, named on both
+sides, with nothing written at the destination and the destination still
+waiting for its real source.
+"""
+
+from __future__ import annotations
+
+import datetime
+import re
+import socket
+import threading
+
+import numpy as np
+import pytest
+import trustme
+
+import fastmfd
+from fastmfd.tools.security_options import LOCAL_CLIENT
+from migration_support import Migration, make_region
+
+SIZE = 1 << 20
+
+
+def _write(tmp_path, name: str, blob) -> str:
+    path = str(tmp_path / name)
+    blob.write_to_path(path)
+    return path
+
+
+def _identity(tmp_path, ca: trustme.CA, name: str, *identities: str, **validity):
+    """A certificate chain and key file for ``identities``, issued by ``ca``."""
+    cert = ca.issue_cert(*identities, **validity)
+    chain = tmp_path / f"{name}.pem"
+    chain.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+    return str(chain), _write(tmp_path, f"{name}-key.pem", cert.private_key_pem)
+
+
+@pytest.fixture
+def pki(tmp_path):
+    """A CA, the destination's certificate (localhost, 127.0.0.1) and the source's."""
+    ca = trustme.CA()
+    ca_path = _write(tmp_path, "ca.pem", ca.cert_pem)
+    server = _identity(tmp_path, ca, "server", "localhost", "127.0.0.1")
+    client = _identity(tmp_path, ca, "client", LOCAL_CLIENT)
+
+    class Pki:
+        def source(self, **changes) -> fastmfd.TLSConfig:
+            values = dict(cert=client[0], key=client[1], ca=ca_path) | changes
+            return fastmfd.TLSConfig(**values)
+
+        def destination(self, **changes) -> fastmfd.TLSConfig:
+            values = dict(cert=server[0], key=server[1], ca=ca_path) | changes
+            return fastmfd.TLSConfig(**values)
+
+        def other_ca(self, name: str, *identities: str, **validity):
+            """A certificate from another CA (and that CA's file)."""
+            other = trustme.CA()
+            return (_write(tmp_path, f"{name}-ca.pem", other.cert_pem),
+                    _identity(tmp_path, other, name, *identities, **validity))
+
+        def issue(self, name: str, *identities: str, **validity):
+            return _identity(tmp_path, ca, name, *identities, **validity)
+    return Pki()
+
+
+def _migrate(config, dst_tls, *, transport="tcp", devices=(), **dst):
+    region = make_region("ram", SIZE, seed=7, zero=0.2, text=0.4)
+    with Migration(config, transport=transport, tls=dst_tls, **dst) as m:
+        m.source.add_region(region)
+        for device in devices:
+            m.source.add_device(device)
+        _, result = m.run().ok()
+        assert np.array_equal(result.regions["ram"].array, region.array)
+        for device in devices:
+            assert result.devices[(device.idstr, device.instance_id)] == device.data
+        assert m.destination.refused == []
+    region.close()
+
+
+@pytest.mark.parametrize("transport,channels,compression", [
+    ("tcp", 1, "none"), ("tcp", 2, "zstd"), ("unix", 2, "zlib"), ("tcp", 4, "none"),
+    ("unix", 4, "zstd")])
+def test_a_migration_over_tls_is_byte_exact(pki, transport, channels, compression):
+    hostname = {"unix": "localhost"}.get(transport)
+    config = fastmfd.MigrationConfig(channels=channels, compression=compression,
+                                     tls=pki.source(hostname=hostname))
+    _migrate(config, pki.destination(), transport=transport,
+             devices=[fastmfd.BytesDevice("dev", 0, b"state" * 3000)])
+
+
+@pytest.mark.parametrize("arrangement", ["old way", "dedicated device channels",
+                                         "with auth_key"])
+def test_device_state_over_tls(pki, arrangement):
+    changes = {"old way": dict(channel_header=False),
+               "dedicated device channels": dict(device_state_channels=2),
+               "with auth_key": dict(auth_key=b"k" * 32)}[arrangement]
+    config = fastmfd.MigrationConfig(channels=2, tls=pki.source(), **changes)
+    devices = [fastmfd.BytesDevice(f"dev{i}", 0, bytes([i]) * 300_000) for i in range(3)]
+    _migrate(config, pki.destination(), devices=devices, auth_key=changes.get("auth_key"))
+
+
+class Tap:
+    """A relay in front of the destination that records every byte the source sends."""
+
+    def __init__(self, upstream: str) -> None:
+        _, host, port = upstream.split(":")
+        self.upstream = (host, int(port))
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.recorded = bytearray()
+        self.threads: list[threading.Thread] = []
+        self.sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+        self.address = f"tcp:127.0.0.1:{self.listener.getsockname()[1]}"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.upstream)
+            self.sockets += [client, server]
+            for a, b, record in ((client, server, True), (server, client, False)):
+                thread = threading.Thread(target=self._relay, args=(a, b, record), daemon=True)
+                thread.start()
+                self.threads.append(thread)
+
+    def _relay(self, a, b, record) -> None:
+        try:
+            while data := a.recv(1 << 16):
+                if record:
+                    with self._lock:
+                        self.recorded += data
+                b.sendall(data)
+            b.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.listener.close()
+        for sock in self.sockets:
+            sock.close()
+        for thread in self.threads:
+            thread.join(5)
+
+
+def test_the_wire_carries_none_of_the_image(pki):
+    text = b"the quick brown fox jumps over the lazy dog; " * 91
+    region = make_region("ram", SIZE)
+    for offset in range(0, SIZE, 4096):
+        region.array[offset:offset + 4095] = np.frombuffer(text[:4095], np.uint8)
+    state = b"device secret " * 1000
+    with fastmfd.Destination("tcp:127.0.0.1:0", tls=pki.destination()) as dst:
+        tap = Tap(dst.address)
+        result = {}
+        thread = threading.Thread(target=lambda: result.update(r=dst.receive()), daemon=True)
+        thread.start()
+        config = fastmfd.MigrationConfig(channels=2, tls=pki.source(hostname="127.0.0.1"))
+        with fastmfd.Source(tap.address, config) as src:
+            src.add_region(region)
+            src.add_device(fastmfd.BytesDevice("dev", 0, state))
+            src.migrate(live=False)
+        thread.join(10)
+        assert np.array_equal(result["r"].regions["ram"].array, region.array)
+        tap.close()
+    region.close()
+    wire = bytes(tap.recorded)
+    assert len(wire) > SIZE, "the tap saw less than the image"
+    for clear in (text[:32], b"device secret", b"FMFD", b"\x11\x22\x33\x44", b"ram"):
+        assert clear not in wire, f"{clear!r} crossed the wire in clear"
+
+
+def _refusal(pki, source_tls, destination_tls, *, source_says, destination_says,
+             transport="tcp", auth_key=None):
+    config = fastmfd.MigrationConfig(channels=2, tls=source_tls, auth_key=auth_key)
+    with make_region("ram", SIZE, seed=1) as region, make_region("ram", SIZE) as target, \
+            Migration(config, transport=transport, tls=destination_tls,
+                      handshake_timeout=3.0) as m:
+        target.array[:] = 0xAB
+        m.source.add_region(region)
+        m.destination.add_region(target)
+        error, refused = m.run_refused()
+        assert re.search(source_says, str(error)), str(error)
+        assert re.search(destination_says, refused[0].reason), refused[0].reason
+        assert np.all(target.array == 0xAB), "a byte reached the region"
+
+
+def test_a_destination_from_another_ca_is_refused(pki):
+    other_ca, (cert, key) = pki.other_ca("impostor", "localhost", "127.0.0.1")
+    _refusal(pki, pki.source(), pki.destination(cert=cert, key=key),
+             source_says=r"certificate verify failed",
+             destination_says=r"TLS handshake failed|closed the connection during the TLS")
+
+
+def test_a_source_from_another_ca_is_refused(pki):
+    _, (cert, key) = pki.other_ca("intruder", LOCAL_CLIENT)
+    _refusal(pki, pki.source(cert=cert, key=key), pki.destination(),
+             source_says=r"did it refuse this source's certificate",
+             destination_says=r"TLS handshake failed: .*certificate verify failed")
+
+
+def test_an_expired_destination_certificate_is_refused(pki):
+    past = datetime.datetime(2020, 1, 1, tzinfo=datetime.timezone.utc)
+    cert, key = pki.issue("expired", "localhost", "127.0.0.1",
+                          not_before=past - datetime.timedelta(days=30), not_after=past)
+    _refusal(pki, pki.source(), pki.destination(cert=cert, key=key),
+             source_says=r"certificate has expired",
+             destination_says=r"TLS handshake failed|closed the connection during the TLS")
+
+
+def test_an_expired_client_certificate_is_refused(pki):
+    past = datetime.datetime(2020, 1, 1, tzinfo=datetime.timezone.utc)
+    cert, key = pki.issue("old-client", LOCAL_CLIENT,
+                          not_before=past - datetime.timedelta(days=30), not_after=past)
+    _refusal(pki, pki.source(cert=cert, key=key), pki.destination(),
+             source_says=r"did it refuse this source's certificate",
+             destination_says=r"certificate has expired")
+
+
+def test_a_wrong_hostname_is_refused(pki):
+    _refusal(pki, pki.source(hostname="migration.example"), pki.destination(),
+             source_says=r"Hostname mismatch|certificate verify failed",
+             destination_says=r"TLS handshake failed|closed the connection during the TLS")
+
+
+def test_a_client_without_a_certificate_is_refused(pki):
+    _refusal(pki, pki.source(cert=None, key=None), pki.destination(),
+             source_says=r"did it refuse this source's certificate",
+             destination_says=r"TLS handshake failed: .*(certificate|peer did not return)")
+
+
+def test_an_identity_outside_authz_is_refused(pki):
+    _refusal(pki, pki.source(), pki.destination(authz=["someone-else"]),
+             source_says=r"the peer refused: .*not in authz|main channel: ",
+             destination_says=rf"client certificate \({LOCAL_CLIENT}\) is not in authz")
+
+
+def test_plaintext_to_a_tls_destination_is_refused(pki):
+    _refusal(pki, None, pki.destination(),
+             source_says=r"does not speak TLS \(it sent plaintext\); this destination "
+                         r"requires TLS",
+             destination_says=r"does not speak TLS \(it sent plaintext\)")
+
+
+def test_tls_to_a_plaintext_destination_is_refused(pki):
+    _refusal(pki, pki.source(), None,
+             source_says=r"closed the connection during the TLS handshake \(does it use TLS",
+             destination_says=r"the peer speaks TLS; this destination was not given tls=")
+
+
+def test_a_wrong_auth_key_under_tls_is_refused(pki):
+    region = make_region("ram", SIZE, seed=1)
+    config = fastmfd.MigrationConfig(channels=2, tls=pki.source(), auth_key=b"a" * 16)
+    with Migration(config, tls=pki.destination(), auth_key=b"b" * 16) as m:
+        m.source.add_region(region)
+        error, refused = m.run_refused()
+        assert "does not know the auth_key" in str(error)
+        assert "wrong auth_key proof" in refused[0].reason
+    region.close()
+
+
+def test_a_destination_needs_its_own_certificate(pki):
+    with pytest.raises(fastmfd.ConfigError, match="needs its own certificate"):
+        fastmfd.Destination("tcp:127.0.0.1:0", tls=fastmfd.TLSConfig(ca=pki.source().ca))
+    with pytest.raises(fastmfd.ConfigError, match="authz needs ca"):
+        fastmfd.Destination("tcp:127.0.0.1:0",
+                            tls=pki.destination(ca=None, authz=["x"]))
+    with pytest.raises(fastmfd.ConfigError, match="cannot read"):
+        fastmfd.TLSConfig(ca="/nonexistent/ca.pem")
