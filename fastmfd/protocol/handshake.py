@@ -1,4 +1,4 @@
-"""The channel handshake: how every connection of a session opens (DESIGN §4.1, §4.2, §4.6).
+"""The channel handshake: how every connection of a session opens (DESIGN §4.1, §4.2, §4.7).
 
 ::
 

@@ -1,4 +1,4 @@
-"""Who may talk to whom: TLS settings and the shared-key proof (DESIGN §4.6).
+"""Who may talk to whom: TLS settings and the shared-key proof (DESIGN §4.7).
 
 Two independent protections, usable together:
 
