@@ -5,13 +5,17 @@
 - :class:`ProtocolError` — bytes on the wire (or in a capture file) that break
   the format. It names the field, the value received and the value expected,
   and where the bytes were (a channel, or a file and byte offset).
+- :class:`TLSError` — a TLS handshake or session failed: it says what failed
+  ("TLS handshake failed: certificate verify failed (certificate has
+  expired)", "the peer does not speak TLS (it sent plaintext)").
 - :class:`MigrationError` — a session failed: a channel, a worker process, a
   device, a loader or the peer. It names the channel (or device) and the cause.
 """
 
 from __future__ import annotations
 
-__all__ = ["FastMFDError", "ConfigError", "ProtocolError", "MigrationError", "Aborted"]
+__all__ = ["FastMFDError", "ConfigError", "ProtocolError", "TLSError", "MigrationError",
+           "Aborted"]
 
 
 class FastMFDError(Exception):
@@ -44,6 +48,11 @@ class ProtocolError(FastMFDError):
         located = f"{where}, {self.where}" if self.where else where
         return ProtocolError(self.detail, field=self.field, received=self.received,
                              expected=self.expected, where=located)
+
+
+class TLSError(FastMFDError):
+    """A TLS handshake or session failed; the message says what (raised by
+    the core's ``TLSChannel``)."""
 
 
 class MigrationError(FastMFDError):
