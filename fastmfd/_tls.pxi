@@ -82,28 +82,33 @@ cdef int set_nonblocking(int fd, int *saved) noexcept nogil:
 
 # ---------------------------------------------------------------- the handshake
 
-cdef int peek_first_byte(int fd, bint server, double deadline, double timeout, char *msg,
-                         size_t cap) noexcept nogil:
-    """Wait for the peer's first byte and check that it opens a TLS record: a
-    handshake record (0x16), or for a client an alert (0x15). 0, or -1 with msg."""
+cdef int peek_first_byte(int fd, bint server, bint wait, double deadline, double timeout,
+                         char *msg, size_t cap) noexcept nogil:
+    """Check that the peer's first byte opens a TLS record: a handshake record
+    (0x16), or for a client an alert (0x15). Waits for it until the deadline
+    when ``wait``, else only looks. 0 when it does, 1 when nothing has come
+    (not waiting), -1 with msg otherwise."""
     cdef uint8_t first
     cdef ssize_t n
     cdef int w
     while True:
-        w = wait_fd(fd, POLLIN, deadline)
-        if w == 0:
-            snprintf(msg, cap, "TLS handshake: no answer within %g s", timeout)
-            return -1
-        if w < 0:
-            snprintf(msg, cap, "TLS handshake: poll: %s", strerror(-w))
-            return -1
-        n = recv(fd, &first, 1, MSG_PEEK)
+        if wait:
+            w = wait_fd(fd, POLLIN, deadline)
+            if w == 0:
+                snprintf(msg, cap, "TLS handshake: no answer within %g s", timeout)
+                return -1
+            if w < 0:
+                snprintf(msg, cap, "TLS handshake: poll: %s", strerror(-w))
+                return -1
+        n = recv(fd, &first, 1, MSG_PEEK)       # the fd is non-blocking
         if n == 1:
             break
         if n == 0 or errno == ECONNRESET:
             snprintf(msg, cap, "the peer closed the connection during the TLS handshake "
                      "(does it use TLS?)")
             return -1
+        if errno == EAGAIN and not wait:
+            return 1
         if errno != EAGAIN and errno != EINTR:
             snprintf(msg, cap, "TLS handshake: %s", strerror(errno))
             return -1
@@ -119,10 +124,14 @@ cdef int handshake_loop(SSL *ssl, int fd, bint server, double deadline, double t
     cdef int ret, err, saved, w
     cdef long verify
     cdef char reason[200]
-    if server:
-        if peek_first_byte(fd, True, deadline, timeout, msg, cap) < 0:
-            return -1
-        peeked = True
+    cdef int first
+    # A server waits for the client's first byte; a client looks once before
+    # its first call, which sends its hello and reads the answer if one is
+    # there already (a plaintext server may greet first).
+    first = peek_first_byte(fd, server, server, deadline, timeout, msg, cap)
+    if first < 0:
+        return -1
+    peeked = first == 0
     while True:
         ERR_clear_error()
         ret = SSL_do_handshake(ssl)
@@ -133,7 +142,7 @@ cdef int handshake_loop(SSL *ssl, int fd, bint server, double deadline, double t
         if err == SSL_ERROR_WANT_READ:
             if not peeked:
                 # A client has sent its hello: the answer must be TLS.
-                if peek_first_byte(fd, False, deadline, timeout, msg, cap) < 0:
+                if peek_first_byte(fd, False, True, deadline, timeout, msg, cap) < 0:
                     return -1
                 peeked = True
                 continue
@@ -156,6 +165,10 @@ cdef int handshake_loop(SSL *ssl, int fd, bint server, double deadline, double t
             if strstr(reason, "unexpected eof") != NULL:
                 snprintf(msg, cap, "the peer closed the connection during the TLS handshake "
                          "(does it use TLS?)")
+                return -1
+            if not peeked and strstr(reason, "wrong version number") != NULL:
+                # The answer arrived within the call that sent the hello.
+                snprintf(msg, cap, "the peer does not speak TLS (it sent plaintext)")
                 return -1
             verify = SSL_get_verify_result(ssl)
             if verify != X509_V_OK:
