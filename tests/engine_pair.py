@@ -72,6 +72,7 @@ class EnginePair:
             self._free()
             raise
         self.events: list[int] = []
+        self._event_cond = threading.Condition()
         self.send_error: BaseException | None = None
         self.recv_error: BaseException | None = None
         self._send_thread = threading.Thread(target=self._run_sender, daemon=True)
@@ -106,11 +107,15 @@ class EnginePair:
         try:
             while True:
                 event = self.receiver.run()
-                self.events.append(event)
+                with self._event_cond:
+                    self.events.append(event)
+                    self._event_cond.notify_all()
                 if event == _core.EVENT_EOF:
                     return
         except BaseException as exc:       # noqa: BLE001 - reported by finish()
-            self.recv_error = exc
+            with self._event_cond:
+                self.recv_error = exc
+                self._event_cond.notify_all()
             # A receiver that gave up reads no more: let the sender see it.
             try:
                 self.dst_sock.shutdown(socket.SHUT_RDWR)
@@ -140,6 +145,15 @@ class EnginePair:
 
     def sync(self) -> None:
         os.write(self.cmd_w, _core.pack_command(_core.CMD_SYNC))
+
+    def wait_events(self, count: int, timeout: float = 60) -> None:
+        """Wait until the receiver has returned ``count`` events (SYNCs applied)."""
+        with self._event_cond:
+            if not self._event_cond.wait_for(
+                    lambda: len(self.events) >= count or self.recv_error is not None, timeout):
+                raise TimeoutError(f"the receiver saw {len(self.events)} of {count} events")
+        if self.recv_error is not None:
+            raise self.recv_error
 
     def finish(self, timeout: float = 60) -> None:
         """QUIT the sender; wait for both threads; raise the first error seen."""
