@@ -7,6 +7,12 @@ libzstd. Debian ships ``libzstd.so.1`` as part of the base system but its
 header only in ``libzstd-dev``; ``includes/zstd_stable.h`` declares the stable
 streaming API when ``zstd.h`` is absent, so linking the runtime library by
 file name is enough.
+
+OpenSSL 3 (libssl, libcrypto) is linked the same way for the TLS transport:
+``includes/openssl_stable.h`` uses the ``libssl-dev`` headers when they are
+installed and otherwise declares the OpenSSL 3.0 ABI subset the core calls
+(build with ``CFLAGS=-DFASTMFD_NO_OPENSSL_HEADERS`` to use that fallback even
+where the headers exist).
 """
 
 import glob
@@ -17,17 +23,27 @@ from Cython.Build import cythonize
 from setuptools import Extension, setup
 
 
-def _find_libzstd():
+def _find_library(names, package):
+    """The path of the first of ``names`` (file names, in order of preference)
+    found in the usual library directories."""
     libdirs = [sysconfig.get_config_var("LIBDIR") or "", "/usr/lib", "/usr/local/lib",
                "/lib", "/usr/lib64", "/lib64"]
     libdirs += glob.glob("/usr/lib/*-linux-gnu") + glob.glob("/lib/*-linux-gnu")
-    for name in ("libzstd.so", "libzstd.so.1"):
+    for name in names:
         for d in libdirs:
             path = os.path.join(d, name)
             if os.path.exists(path):
                 return path
-    raise SystemExit("fastmfd needs libzstd (Debian/Ubuntu: libzstd1, Fedora: libzstd); "
+    raise SystemExit(f"fastmfd needs {names[0].split('.so')[0]} ({package}); "
                      "it was not found in the usual library directories")
+
+
+# OpenSSL: the 3.x runtime first, the ABI includes/openssl_stable.h declares.
+LIBRARIES = [
+    _find_library(("libzstd.so", "libzstd.so.1"), "Debian/Ubuntu: libzstd1, Fedora: libzstd"),
+    _find_library(("libssl.so.3", "libssl.so"), "OpenSSL 3; Debian/Ubuntu: libssl3, Fedora: openssl-libs"),
+    _find_library(("libcrypto.so.3", "libcrypto.so"), "OpenSSL 3; Debian/Ubuntu: libssl3, Fedora: openssl-libs"),
+]
 
 
 extension = Extension(
@@ -35,7 +51,7 @@ extension = Extension(
     sources=["fastmfd/_core.pyx"],
     include_dirs=["fastmfd/includes"],
     libraries=["z"],
-    extra_link_args=[_find_libzstd()],
+    extra_link_args=LIBRARIES,
     extra_compile_args=["-O2", "-fno-strict-aliasing", "-Wno-unused-function"],
 )
 

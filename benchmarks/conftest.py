@@ -22,10 +22,13 @@ class Sizes:
     name: str
     scan_bytes: int         # zero-page scan buffer
     bitmap_pages: int       # dirty bitmap collect: pages tracked
+    channel_bytes: int      # one channel's engines, plain vs TLS: bytes per round
 
 
-FULL = Sizes("full", scan_bytes=1 << 30, bitmap_pages=(1 << 30) // 4096)
-CI = Sizes("ci", scan_bytes=16 << 20, bitmap_pages=(64 << 20) // 4096)
+FULL = Sizes("full", scan_bytes=1 << 30, bitmap_pages=(1 << 30) // 4096,
+             channel_bytes=256 << 20)
+CI = Sizes("ci", scan_bytes=16 << 20, bitmap_pages=(64 << 20) // 4096,
+           channel_bytes=8 << 20)
 
 
 def pytest_addoption(parser):

@@ -98,12 +98,23 @@ cdef class _EngineBase:
 
     cdef int _setup(self, int fd, uint32_t channel, dict params, object codec, list regions,
                     Counters counters, BufferPool pool, list devices, object received,
-                    object fresh) except -1:
+                    object fresh, TLSChannel tls) except -1:
         cdef uint32_t pp = params["packet_pages"]
         comp_flag = 0 if codec is None else (<Codec>codec).flag
         ram_layout_init(&self.lay, pp, params["page_size"], LAYOUT_CURRENT, comp_flag, 0,
                         params.get("checksum", False))
-        self.fd = fd
+        self.link.fd = fd
+        self.link.ssl = NULL
+        self.link.err[0] = 0
+        if tls is not None:
+            if tls.ssl == NULL or tls.fd != fd:
+                raise ValueError(f"the TLS channel runs on fd {tls.fd}, not on the engine's fd {fd}")
+            self.tls = tls
+            self.link.ssl = tls.ssl
+            self.link.staging = <uint8_t *>PyMem_Malloc(TLS_STAGING_SIZE)
+            if self.link.staging == NULL:
+                raise MemoryError()
+            self.link.staging_cap = TLS_STAGING_SIZE
         self.channel = channel
         self.codec = codec
         self.regions = _RegionTable(regions, received, fresh)
@@ -122,19 +133,24 @@ cdef class _EngineBase:
         return 0
 
     def __dealloc__(self):
+        PyMem_Free(self.link.staging)
         PyMem_Free(self.header)
         PyMem_Free(self.scratch)
         PyMem_Free(self.iov)
         PyMem_Free(self.normal)
         PyMem_Free(self.zero)
 
-
-cdef int check_io(ssize_t rc, size_t want, str what) except -1:
-    if rc < 0:
-        raise OSError(-rc, f"{what}: {strerror(-rc).decode()}")
-    if <size_t>rc != want:
-        raise EOFError(f"{what}: connection closed after {rc} of {want} bytes")
-    return 0
+    cdef int check_io(self, ssize_t rc, size_t want, str what) except -1:
+        """Raise for a failed or short transfer of ``want`` bytes (rc: bytes or -errno)."""
+        cdef bytes reason
+        if rc < 0:
+            if rc == -EPROTO and self.link.err[0]:
+                reason = self.link.err      # OpenSSL's reason (_tls.pxi)
+                raise OSError(EPROTO, f"{what}: TLS: {reason.decode(errors='replace')}")
+            raise OSError(-rc, f"{what}: {strerror(-rc).decode()}")
+        if <size_t>rc != want:
+            raise EOFError(f"{what}: connection closed after {rc} of {want} bytes")
+        return 0
 
 
 cdef uint32_t payload_crc(const iovec *iov, size_t n) noexcept nogil:
@@ -163,10 +179,10 @@ cdef class SendEngine(_EngineBase):
 
     def __cinit__(self, int fd, uint32_t channel, dict params, codec, list regions,
                   Counters counters, ChannelSelector selector, uint32_t selector_index,
-                  mailbox, BufferPool pool=None, list devices=None):
+                  mailbox, BufferPool pool=None, list devices=None, TLSChannel tls=None):
         cdef const uint8_t[::1] box = mailbox
         self._setup(fd, channel, params, codec, regions, counters, pool, devices or [],
-                    None, None)
+                    None, None, tls)
         self.selector = selector
         self.selector_index = selector_index
         self.mailbox_keep = box
@@ -195,7 +211,8 @@ cdef class SendEngine(_EngineBase):
                 self.send_packet(FLAG_SYNC, 0, NULL, 0, 0, 0)
                 bump(self.stats, ST_SYNCS, 1)
             elif cmd.kind == CMD_QUIT:
-                shutdown(self.fd, SHUT_WR)
+                with nogil:
+                    link_close_write(&self.link)
                 return
             else:
                 raise ValueError(f"unknown command {cmd.kind}")
@@ -265,8 +282,8 @@ cdef class SendEngine(_EngineBase):
         self.iov[0].iov_base = self.header
         self.iov[0].iov_len = self.lay.header_size
         with nogil:
-            rc = writev_all(self.fd, self.iov, k)
-        check_io(rc, self.lay.header_size + (payload if nn else 0), "send")
+            rc = link_writev(&self.link, self.iov, k)
+        self.check_io(rc, self.lay.header_size + (payload if nn else 0), "send")
         bump(self.stats, ST_PACKETS, 1)
         bump(self.stats, ST_NORMAL, nn)
         bump(self.stats, ST_ZERO, nz)
@@ -294,8 +311,8 @@ cdef class SendEngine(_EngineBase):
         parts[0].iov_base = self.header
         parts[0].iov_len = DEVICE_HEADER_SIZE
         with nogil:
-            rc = writev_all(self.fd, parts, 2)
-        check_io(rc, DEVICE_HEADER_SIZE + payload, "send")
+            rc = link_writev(&self.link, parts, 2)
+        self.check_io(rc, DEVICE_HEADER_SIZE + payload, "send")
         self.pool.release_slot(slot)
         bump(self.stats, ST_DEVICE_PACKETS, 1)
         bump(self.stats, ST_DEVICE_BYTES, length)
@@ -321,9 +338,10 @@ cdef class RecvEngine(_EngineBase):
 
     def __cinit__(self, int fd, uint32_t channel, dict params, codec, list regions,
                   Counters counters, list received, list fresh, BufferPool pool=None,
-                  list devices=None, int reassembly_fd=-1, bint ram_allowed=True):
+                  list devices=None, int reassembly_fd=-1, bint ram_allowed=True,
+                  TLSChannel tls=None):
         self._setup(fd, channel, params, codec, regions, counters, pool, devices or [],
-                    received, fresh)
+                    received, fresh, tls)
         self.reassembly_fd = reassembly_fd
         self.ram_allowed = ram_allowed
         self.device_index = {name: i for i, name in enumerate(self.device_names)}
@@ -336,10 +354,10 @@ cdef class RecvEngine(_EngineBase):
         cdef uint32_t flags
         while True:
             with nogil:
-                got = read_exact(self.fd, self.header, 12)
+                got = link_read_exact(&self.link, self.header, 12)
             if got == 0:
                 return EVENT_EOF
-            check_io(got, 12, "packet header")
+            self.check_io(got, 12, "packet header")
             flags = ld32(self.header + 8)
             if flags & FLAG_DEVICE_STATE:
                 self.recv_device()
@@ -363,8 +381,8 @@ cdef class RecvEngine(_EngineBase):
         cdef uint64_t off, page
         cdef uint32_t psize = self.lay.page_size
         with nogil:
-            got = read_exact(self.fd, self.header + 12, self.lay.header_size - 12)
-        check_io(got, self.lay.header_size - 12, "RAM packet header")
+            got = link_read_exact(&self.link, self.header + 12, self.lay.header_size - 12)
+        self.check_io(got, self.lay.header_size - 12, "RAM packet header")
         if ram_decode(&self.lay, self.regions.entries, self.regions.count, self.header, &info,
                       &err, self.hint) < 0:
             raise_wire_error(&err)
@@ -383,15 +401,15 @@ cdef class RecvEngine(_EngineBase):
                 populate_for_write(self.iov, k)
             if self.codec is None:
                 with nogil:
-                    got = readv_all(self.fd, self.iov, k)
-                check_io(got, raw, "RAM payload")
+                    got = link_readv(&self.link, self.iov, k)
+                self.check_io(got, raw, "RAM payload")
                 if self.lay.checksum:
                     k = pages_to_iov(self.iov, ref.base, self.normal, info.normal_pages, psize)
                     self.verify_crc(self.iov, k, info.checksum)
             else:
                 with nogil:
-                    got = read_exact(self.fd, self.scratch, info.next_packet_size)
-                check_io(got, info.next_packet_size, "RAM payload")
+                    got = link_read_exact(&self.link, self.scratch, info.next_packet_size)
+                self.check_io(got, info.next_packet_size, "RAM payload")
                 if self.lay.checksum:
                     self.iov[k].iov_base = self.scratch
                     self.iov[k].iov_len = info.next_packet_size
@@ -438,8 +456,8 @@ cdef class RecvEngine(_EngineBase):
         cdef size_t produced
         cdef iovec one
         with nogil:
-            got = read_exact(self.fd, self.header + 12, DEVICE_HEADER_SIZE - 12)
-        check_io(got, DEVICE_HEADER_SIZE - 12, "device state header")
+            got = link_read_exact(&self.link, self.header + 12, DEVICE_HEADER_SIZE - 12)
+        self.check_io(got, DEVICE_HEADER_SIZE - 12, "device state header")
         if device_decode(self.header, self.lay.comp_flag, 0, self.max_device_payload, &info,
                          &err) < 0:
             raise_wire_error(&err)
@@ -459,13 +477,13 @@ cdef class RecvEngine(_EngineBase):
             dst = self.pool.slot_ptr(<uint32_t>slot)
             if self.codec is None:
                 with nogil:
-                    got = read_exact(self.fd, dst, info.next_packet_size)
-                check_io(got, info.next_packet_size, "device state payload")
+                    got = link_read_exact(&self.link, dst, info.next_packet_size)
+                self.check_io(got, info.next_packet_size, "device state payload")
                 produced = info.next_packet_size
             else:
                 with nogil:
-                    got = read_exact(self.fd, self.scratch, info.next_packet_size)
-                check_io(got, info.next_packet_size, "device state payload")
+                    got = link_read_exact(&self.link, self.scratch, info.next_packet_size)
+                self.check_io(got, info.next_packet_size, "device state payload")
                 produced = self.codec.decompress_bounded(self.scratch, info.next_packet_size,
                                                          dst, self.pool.hdr.slot_size)
             if produced < CHUNK_HEADER_SIZE:
@@ -480,7 +498,7 @@ cdef class RecvEngine(_EngineBase):
             desc.channel = self.channel
             with nogil:
                 got = write_exact(self.reassembly_fd, &desc, sizeof(Descriptor))
-            check_io(got, sizeof(Descriptor), "reassembly pipe")
+            self.check_io(got, sizeof(Descriptor), "reassembly pipe")
         except BaseException:
             self.pool.release_slot(<uint32_t>slot)
             raise

@@ -16,6 +16,7 @@ from posix.uio cimport iovec
 
 from fastmfd.includes.libz cimport z_stream
 from fastmfd.includes.libzstd cimport ZSTD_CCtx, ZSTD_DCtx
+from fastmfd.includes.openssl cimport SSL, SSL_CTX
 from fastmfd.includes.system cimport sem_t
 
 
@@ -332,6 +333,45 @@ cdef class IsalZlibCodec(Codec):
     cdef bytes _inflate(self, const uint8_t *src, size_t size, size_t limit, str what)
 
 
+# ================================================================ _tls.pxi
+
+cdef enum:
+    TLS_RECORD = 16384              # plaintext bytes of a full TLS record
+    TLS_DIRECT_MIN = 16384          # iovec elements this large go to SSL_write as they are
+    TLS_STAGING_SIZE = 65536        # an engine's gather buffer for the smaller ones
+    TLS_READ_BUFFER = 262144        # OpenSSL's read-ahead buffer (several records per read)
+
+
+cdef struct Link:                   # what an engine reads and writes through
+    int fd                          # the channel's socket
+    SSL *ssl                        # NULL: plain socket (transfer_all); else owned by a TLSChannel
+    uint8_t *staging                # TLS gather buffer (owned by the engine); NULL: none
+    size_t staging_cap              # a multiple of TLS_RECORD
+    char err[200]                   # OpenSSL's reason of the last -EPROTO
+
+
+cdef ssize_t link_writev(Link *link, iovec *iov, size_t count) noexcept nogil
+cdef ssize_t link_readv(Link *link, iovec *iov, size_t count) noexcept nogil
+cdef ssize_t link_read_exact(Link *link, void *buf, size_t size) noexcept nogil
+cdef ssize_t link_write_exact(Link *link, const void *buf, size_t size) noexcept nogil
+cdef int link_close_write(Link *link) noexcept nogil
+
+
+cdef class TLSChannel:
+    cdef SSL_CTX *ctx               # owned
+    cdef SSL *ssl                   # owned; NULL until configured
+    cdef Link link                  # fd + ssl, no staging (send_all writes one buffer)
+    cdef readonly int fd            # not owned: the Python socket object closes it
+    cdef readonly bint server
+
+    cdef int _configure(self, int fd, bint server, object cert, object key, object ca,
+                        object ciphers) except -1
+    cdef int _set_ciphers(self, str ciphers) except -1
+    cdef int _expect_host(self, str hostname) except -1
+    cdef int _handshake(self, double timeout) except -1
+    cdef int _check(self, ssize_t rc, size_t want, str what, double timeout) except -1
+
+
 # ================================================================ _channel.pxi
 
 cpdef enum:
@@ -383,7 +423,8 @@ cdef class _RegionTable:
 
 
 cdef class _EngineBase:
-    cdef int fd                     # the channel's socket
+    cdef Link link                  # the channel's socket, through TLS when tls is set
+    cdef TLSChannel tls             # None: plain socket; keeps link.ssl alive
     cdef readonly uint32_t channel
     cdef RamLayout lay
     cdef Codec codec                # None: no compression
@@ -401,7 +442,8 @@ cdef class _EngineBase:
 
     cdef int _setup(self, int fd, uint32_t channel, dict params, object codec, list regions,
                     Counters counters, BufferPool pool, list devices, object received,
-                    object fresh) except -1
+                    object fresh, TLSChannel tls) except -1
+    cdef int check_io(self, ssize_t rc, size_t want, str what) except -1
 
 
 cdef class SendEngine(_EngineBase):

@@ -6,6 +6,7 @@ tests pin its bytes and benchmarks time it (see the comment where it is
 defined).
 """
 
+import os
 from collections.abc import Iterable, Mapping
 from typing import Any, Final, Self
 
@@ -163,6 +164,29 @@ class IsalZlibCodec(Codec):
 def make_codec(method: str, compressing: bool, level: int = ...,
                use_isal: bool = ...) -> Codec | None: ...
 
+# ---------------------------------------------------------------- TLS
+class TLSChannel:
+    """One TLS session (OpenSSL, driven from C) on a connected socket it does not own."""
+    fd: int
+    server: bool
+    @staticmethod
+    def connect(fd: int, *, cert: str | os.PathLike[str] | None = ...,
+                key: str | os.PathLike[str] | None = ...,
+                ca: str | os.PathLike[str] | None = ..., hostname: str | None = ...,
+                ciphers: str | None = ..., timeout: float = ...) -> TLSChannel: ...
+    @staticmethod
+    def accept(fd: int, *, cert: str | os.PathLike[str], key: str | os.PathLike[str] | None,
+               ca: str | os.PathLike[str] | None = ..., ciphers: str | None = ...,
+               timeout: float = ...) -> TLSChannel: ...
+    def send_all(self, data: Buffer) -> None: ...
+    def recv_exact(self, n: int, timeout: float = ...) -> bytes: ...
+    def peer_identities(self) -> list[str]: ...
+    def close_write(self) -> None: ...
+    @property
+    def version(self) -> str: ...
+    @property
+    def cipher(self) -> str: ...
+
 # ---------------------------------------------------------------- channel engines
 CMD_RAM: Final[int]
 CMD_DEVICE: Final[int]
@@ -189,7 +213,8 @@ class SendEngine(_EngineBase):
     def __init__(self, fd: int, channel: int, params: dict[str, Any], codec: Codec | None,
                  regions: list[Any], counters: Counters, selector: ChannelSelector,
                  selector_index: int, mailbox: Buffer, pool: BufferPool | None = ...,
-                 devices: list[tuple[str, int]] | None = ...) -> None: ...
+                 devices: list[tuple[str, int]] | None = ...,
+                 tls: TLSChannel | None = ...) -> None: ...
     def run(self, cmd_fd: int) -> None: ...
 
 class RecvEngine(_EngineBase):
@@ -198,7 +223,7 @@ class RecvEngine(_EngineBase):
                  regions: list[Any], counters: Counters, received: list[DirtyBitmap],
                  fresh: list[bool], pool: BufferPool | None = ...,
                  devices: list[tuple[str, int]] | None = ..., reassembly_fd: int = ...,
-                 ram_allowed: bool = ...) -> None: ...
+                 ram_allowed: bool = ..., tls: TLSChannel | None = ...) -> None: ...
     def run(self) -> int: ...      # EVENT_SYNC or EVENT_EOF
 
 # ---------------------------------------------------------------- misc

@@ -5,6 +5,9 @@
 - :class:`ProtocolError` — bytes on the wire (or in a capture file) that break
   the format. It names the field, the value received and the value expected,
   and where the bytes were (a channel, or a file and byte offset).
+- :class:`TLSError` — a TLS handshake or session failed: it says what failed
+  ("TLS handshake failed: certificate verify failed (certificate has
+  expired)", "the peer does not speak TLS (it sent plaintext)").
 - :class:`MigrationError` — a session failed: a channel, a worker process, a
   device, a loader or the peer. It names the channel (or device) and the cause.
 - :class:`SecurityError` — a peer did not prove who it is (TLS or auth_key).
@@ -12,8 +15,8 @@
 
 from __future__ import annotations
 
-__all__ = ["FastMFDError", "ConfigError", "ProtocolError", "MigrationError", "SecurityError",
-           "Aborted"]
+__all__ = ["FastMFDError", "ConfigError", "ProtocolError", "TLSError", "MigrationError",
+           "SecurityError", "Aborted"]
 
 
 class FastMFDError(Exception):
@@ -46,6 +49,11 @@ class ProtocolError(FastMFDError):
         located = f"{where}, {self.where}" if self.where else where
         return ProtocolError(self.detail, field=self.field, received=self.received,
                              expected=self.expected, where=located)
+
+
+class TLSError(FastMFDError):
+    """A TLS handshake or session failed; the message says what (raised by
+    the core's ``TLSChannel``)."""
 
 
 class MigrationError(FastMFDError):

@@ -69,18 +69,17 @@ def pki(tmp_path):
     return Pki()
 
 
-def _migrate(config, dst_tls, *, transport="tcp", devices=(), **dst):
-    region = make_region("ram", SIZE, seed=7, zero=0.2, text=0.4)
-    with Migration(config, transport=transport, tls=dst_tls, **dst) as m:
+def _migrate(config, dst_tls, *, transport="tcp", states: dict = {}, **dst):
+    """Migrate a region and a BytesDevice per ``states`` entry (idstr -> bytes)."""
+    with make_region("ram", SIZE, seed=7, zero=0.2, text=0.4) as region, \
+            Migration(config, transport=transport, tls=dst_tls, **dst) as m:
         m.source.add_region(region)
-        for device in devices:
-            m.source.add_device(device)
+        for idstr, state in states.items():
+            m.source.add_device(fastmfd.BytesDevice(idstr, 0, state))
         _, result = m.run().ok()
         assert np.array_equal(result.regions["ram"].array, region.array)
-        for device in devices:
-            assert result.devices[(device.idstr, device.instance_id)] == device.data
+        assert {idstr: result.devices[(idstr, 0)] for idstr in states} == states
         assert m.destination.refused == []
-    region.close()
 
 
 @pytest.mark.parametrize("transport,channels,compression", [
@@ -90,8 +89,7 @@ def test_a_migration_over_tls_is_byte_exact(pki, transport, channels, compressio
     hostname = {"unix": "localhost"}.get(transport)
     config = fastmfd.MigrationConfig(channels=channels, compression=compression,
                                      tls=pki.source(hostname=hostname))
-    _migrate(config, pki.destination(), transport=transport,
-             devices=[fastmfd.BytesDevice("dev", 0, b"state" * 3000)])
+    _migrate(config, pki.destination(), transport=transport, states={"dev": b"state" * 3000})
 
 
 @pytest.mark.parametrize("arrangement", ["old way", "dedicated device channels",
@@ -101,8 +99,8 @@ def test_device_state_over_tls(pki, arrangement):
                "dedicated device channels": dict(device_state_channels=2),
                "with auth_key": dict(auth_key=b"k" * 32)}[arrangement]
     config = fastmfd.MigrationConfig(channels=2, tls=pki.source(), **changes)
-    devices = [fastmfd.BytesDevice(f"dev{i}", 0, bytes([i]) * 300_000) for i in range(3)]
-    _migrate(config, pki.destination(), devices=devices, auth_key=changes.get("auth_key"))
+    _migrate(config, pki.destination(), auth_key=changes.get("auth_key"),
+             states={f"dev{i}": bytes([i]) * 300_000 for i in range(3)})
 
 
 class Tap:

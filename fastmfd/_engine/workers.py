@@ -73,7 +73,7 @@ def _send_session(pipe: ChildPipe, params: SendParams, stack: list) -> None:
     engine = _core.SendEngine(sock.fileno(), params.channel,
                               _engine_geometry(params, params.zero_page_detection), codec,
                               regions, counters, selector, params.selector_index, box, pool,
-                              list(params.devices), **_TLS(tls))
+                              list(params.devices), tls=tls)
     engine.run(cmd_fd)
     del engine, box         # views of the mailbox must go before it closes
     pipe.send(Done())
@@ -112,7 +112,7 @@ def _recv_session(pipe: ChildPipe, greeting: Greeting, stack: list) -> None:
     codec = _core.make_codec(params.compression, False)
     engine = _core.RecvEngine(sock.fileno(), params.channel, _engine_geometry(params), codec,
                               regions, counters, received, list(params.fresh), pool,
-                              list(params.devices), reassembly_fd, params.ram, **_TLS(tls))
+                              list(params.devices), reassembly_fd, params.ram, tls=tls)
     while engine.run() == _core.EVENT_SYNC:
         pipe.send(Synced(engine.rounds))
         reply = pipe.recv()
@@ -124,10 +124,6 @@ def _recv_session(pipe: ChildPipe, greeting: Greeting, stack: list) -> None:
                                 received=reply, expected=Go(engine.rounds))
     del engine
     pipe.send(Eof())
-
-
-def _TLS(tls):  # TODO(tls merge): pass tls=tls once the core's engines take it
-    return {"tls": tls} if tls is not None else {}
 
 
 def send_worker_main(conn) -> None:

@@ -55,3 +55,17 @@ cdef extern from "<unistd.h>" nogil:
 cdef extern from * nogil:
     int __builtin_popcountll(unsigned long long x)
     int __builtin_ctzll(unsigned long long x)
+
+cdef extern from "<poll.h>" nogil:
+    struct pollfd:
+        int fd
+        short events
+        short revents
+    ctypedef unsigned long nfds_t
+    int poll(pollfd *fds, nfds_t nfds, int timeout)
+    short POLLIN
+    short POLLOUT
+
+cdef extern from "<sys/socket.h>" nogil:
+    ssize_t recv(int sockfd, void *buf, size_t len, int flags)
+    int MSG_PEEK

@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 
 from .. import _core
-from ..errors import MigrationError, ProtocolError, SecurityError
+from ..errors import MigrationError, ProtocolError, SecurityError, TLSError
 from .main_channel import (MAIN, MAIN_MAGIC, MAIN_VERSION, MESSAGE_HEADER,
                            MESSAGE_HEADER_SIZE, Msg, decode_message_header, decode_payload,
                            encode_message, encode_preamble, expect_message, read_message)
@@ -75,6 +75,8 @@ class TLSStream:
     def send_all(self, data: bytes, what: str = "handshake") -> None:
         try:
             self.tls.send_all(data)
+        except TLSError as exc:
+            raise SecurityError(f"sending {what}: {exc}", channel=self.where) from None
         except OSError as exc:
             raise MigrationError(f"connection lost sending {what}: {exc.strerror or exc}",
                                  channel=self.where) from None
@@ -89,6 +91,8 @@ class TLSStream:
                                 where=self.where) from None
         except TimeoutError:
             raise MigrationError(f"timed out waiting for {what}", channel=self.where) from None
+        except TLSError as exc:
+            raise SecurityError(f"reading {what}: {exc}", channel=self.where) from None
         except OSError as exc:
             raise MigrationError(f"connection lost reading {what}: {exc.strerror or exc}",
                                  channel=self.where) from None
@@ -200,7 +204,7 @@ def _tls_connect(sock: socket.socket, security: ChannelSecurity, deadline: float
         return _core.TLSChannel.connect(sock.fileno(), cert=tls.cert, key=tls.key, ca=tls.ca,
                                         hostname=security.hostname, ciphers=tls.ciphers,
                                         timeout=max(0.001, deadline - time.monotonic()))
-    except _core.TLSError as exc:
+    except TLSError as exc:
         raise SecurityError(str(exc), channel=where) from None
 
 
@@ -395,7 +399,7 @@ def _tls_accept(sock: socket.socket, security: ChannelSecurity, deadline: float,
         return _core.TLSChannel.accept(sock.fileno(), cert=tls.cert, key=tls.key, ca=tls.ca,
                                        ciphers=tls.ciphers,
                                        timeout=max(0.001, deadline - time.monotonic()))
-    except _core.TLSError as exc:
+    except TLSError as exc:
         raise SecurityError(str(exc), channel=where) from None
 
 
