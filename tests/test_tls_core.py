@@ -258,7 +258,7 @@ def test_a_plaintext_client_is_told_apart_at_once(pki, pair):
     with pytest.raises(TLSError) as info:
         TLSChannel.accept(server_sock.fileno(), cert=pki.server, key=None, timeout=5)
     assert str(info.value) == "the peer does not speak TLS (it sent plaintext)"
-    assert time.monotonic() - start < 1
+    assert time.monotonic() - start < 1.5
 
 
 def test_a_plaintext_server_is_told_apart_at_once(pki, pair):
