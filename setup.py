@@ -39,10 +39,11 @@ def _find_library(names, package):
 
 
 # OpenSSL: the 3.x runtime first, the ABI includes/openssl_stable.h declares.
+OPENSSL_PACKAGES = "OpenSSL 3; Debian/Ubuntu: libssl3, Fedora: openssl-libs"
 LIBRARIES = [
     _find_library(("libzstd.so", "libzstd.so.1"), "Debian/Ubuntu: libzstd1, Fedora: libzstd"),
-    _find_library(("libssl.so.3", "libssl.so"), "OpenSSL 3; Debian/Ubuntu: libssl3, Fedora: openssl-libs"),
-    _find_library(("libcrypto.so.3", "libcrypto.so"), "OpenSSL 3; Debian/Ubuntu: libssl3, Fedora: openssl-libs"),
+    _find_library(("libssl.so.3", "libssl.so"), OPENSSL_PACKAGES),
+    _find_library(("libcrypto.so.3", "libcrypto.so"), OPENSSL_PACKAGES),
 ]
 
 

@@ -108,7 +108,8 @@ cdef class _EngineBase:
         self.link.err[0] = 0
         if tls is not None:
             if tls.ssl == NULL or tls.fd != fd:
-                raise ValueError(f"the TLS channel runs on fd {tls.fd}, not on the engine's fd {fd}")
+                raise ValueError(f"the TLS channel runs on fd {tls.fd}, "
+                                 f"not on the engine's fd {fd}")
             self.tls = tls
             self.link.ssl = tls.ssl
             self.link.staging = <uint8_t *>PyMem_Malloc(TLS_STAGING_SIZE)

@@ -344,7 +344,7 @@ cdef enum:
 
 cdef struct Link:                   # what an engine reads and writes through
     int fd                          # the channel's socket
-    SSL *ssl                        # NULL: plain socket (transfer_all); else owned by a TLSChannel
+    SSL *ssl                        # NULL: plain socket (transfer_all); else a TLSChannel's
     uint8_t *staging                # TLS gather buffer (owned by the engine); NULL: none
     size_t staging_cap              # a multiple of TLS_RECORD
     char err[200]                   # OpenSSL's reason of the last -EPROTO

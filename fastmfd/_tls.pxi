@@ -31,7 +31,8 @@
 # the SSL and SSL_CTX, freed when it is.
 
 cdef void tls_reason(char *buf, size_t cap) noexcept nogil:
-    """The first error on this thread's OpenSSL queue, as text (its root cause); clears the queue."""
+    """The first error on this thread's OpenSSL queue (its root cause), as
+    text; clears the queue."""
     cdef unsigned long e = ERR_get_error()
     cdef const char *reason
     buf[0] = 0
@@ -511,8 +512,8 @@ cdef class TLSChannel:
                 raise TLSError(f"TLS: cannot load the certificate chain {cert!r}: "
                                f"{tls_error_text()}")
             if SSL_CTX_use_PrivateKey_file(self.ctx, key_path, SSL_FILETYPE_PEM) != 1:
-                raise TLSError(f"TLS: cannot load the private key {key if key is not None else cert!r}: "
-                               f"{tls_error_text()}")
+                raise TLSError(f"TLS: cannot load the private key "
+                               f"{(key if key is not None else cert)!r}: {tls_error_text()}")
             if SSL_CTX_check_private_key(self.ctx) != 1:
                 raise TLSError(f"TLS: the private key does not match the certificate {cert!r}: "
                                f"{tls_error_text()}")

@@ -258,7 +258,7 @@ def test_a_plaintext_client_is_told_apart_at_once(pki, pair):
     with pytest.raises(TLSError) as info:
         TLSChannel.accept(server_sock.fileno(), cert=pki.server, key=None, timeout=5)
     assert str(info.value) == "the peer does not speak TLS (it sent plaintext)"
-    assert time.monotonic() - start < 1
+    assert time.monotonic() - start < 1.5
 
 
 def test_a_plaintext_server_is_told_apart_at_once(pki, pair):
@@ -309,7 +309,7 @@ def test_the_handshake_deadline_holds_against_a_silent_peer(pki, pair, side):
             TLSChannel.connect(client_sock.fileno(), ca=pki.ca, hostname=HOST, timeout=0.5)
     elapsed = time.monotonic() - start
     assert str(info.value) == "TLS handshake: no answer within 0.5 s"
-    assert 0.45 <= elapsed < 1.2
+    assert 0.45 <= elapsed < 1.5
     # The socket is blocking again, as it was.
     assert (server_sock if side == "server" else client_sock).getblocking()
 
@@ -332,7 +332,7 @@ def test_the_handshake_deadline_is_total_not_per_read(pki, tcp_pair):
     try:
         with pytest.raises(TLSError, match="no answer within 0.5 s"):
             TLSChannel.accept(server_sock.fileno(), cert=pki.server, key=None, timeout=0.5)
-        assert time.monotonic() - start < 1.2
+        assert time.monotonic() - start < 1.5
     finally:
         stop.set()
         thread.join()
@@ -366,7 +366,7 @@ def test_recv_exact_times_out_and_the_channel_stays_usable(channels):
     start = time.monotonic()
     with pytest.raises(TimeoutError, match="no data within 0.3 s"):
         server.recv_exact(10, timeout=0.3)
-    assert 0.25 <= time.monotonic() - start < 1.0
+    assert 0.25 <= time.monotonic() - start < 1.5
     client.send_all(b"0123456789")
     assert server.recv_exact(10, timeout=5) == b"0123456789"
 

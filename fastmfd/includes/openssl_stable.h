@@ -151,7 +151,8 @@ const unsigned char *ASN1_STRING_get0_data(const ASN1_STRING *x);
 int OPENSSL_sk_num(const OPENSSL_STACK *st);
 void *OPENSSL_sk_value(const OPENSSL_STACK *st, int i);
 #define sk_GENERAL_NAME_num(sk) OPENSSL_sk_num((const OPENSSL_STACK *)(sk))
-#define sk_GENERAL_NAME_value(sk, idx) ((GENERAL_NAME *)OPENSSL_sk_value((const OPENSSL_STACK *)(sk), (idx)))
+#define sk_GENERAL_NAME_value(sk, idx) \
+    ((GENERAL_NAME *)OPENSSL_sk_value((const OPENSSL_STACK *)(sk), (idx)))
 #endif
 
 #endif
