@@ -267,3 +267,42 @@ def test_out_of_range_setup_fails_the_session_naming_the_field(bad):
             assert error.__cause__.field == f"SETUP.{field}"
         finally:
             source.close()
+
+
+def test_silent_and_trickling_strangers_do_not_hold_up_the_source():
+    """Strangers are greeted side by side with the real source: while five idle
+    connections and one trickling a byte at a time are still within their
+    greeting deadline, the real migration runs to the end."""
+    from fastmfd._engine.admission import ACCEPTED_ANOTHER
+    region = make_region("ram", SIZE, seed=4)
+    with fastmfd.Destination("tcp:127.0.0.1:0", timeout=20, handshake_timeout=30) as dst:
+        host, port = dst.address.split(":")[1:]
+        result = {}
+        thread = threading.Thread(target=lambda: result.update(r=dst.receive()), daemon=True)
+        thread.start()
+        idle = [socket.create_connection((host, int(port))) for _ in range(5)]
+        trickler = socket.create_connection((host, int(port)))
+        stop = threading.Event()
+
+        def trickle():
+            for byte in encode_preamble():
+                if stop.wait(0.2):
+                    return
+                trickler.send(bytes([byte]))
+        dripping = threading.Thread(target=trickle, daemon=True)
+        dripping.start()
+        try:
+            with fastmfd.Source(dst.address, CONFIG) as src:
+                src.add_region(region)
+                src.migrate(live=False)
+            thread.join(10)
+            assert np.array_equal(result["r"].regions["ram"].array, region.array)
+            # Each stranger was still being greeted when the source got through;
+            # it was dropped then, not at the end of its deadline.
+            assert [r.reason for r in dst.refused] == [ACCEPTED_ANOTHER] * 6
+        finally:
+            stop.set()
+            dripping.join()
+            for sock in idle + [trickler]:
+                sock.close()
+    region.close()

@@ -52,6 +52,7 @@ from ..protocol.setup import Setup
 from ..protocol.sockets import recv_exact, tune_data_socket, tune_main_socket
 from ..regions import Region
 from ..stats import ChannelStats, ReceiveStats
+from .admission import Admission, describe_peer
 from .processes import ChildSet, Watch
 from .reassembly import pool_slots_for
 from .session import SessionFailure, SessionResources, break_session
@@ -81,12 +82,6 @@ class Refusal:
     """A connection the destination dropped: who, and why."""
     peer: str
     reason: str
-
-
-def _describe_peer(peer) -> str:
-    if isinstance(peer, tuple):
-        return f"{peer[0]}:{peer[1]}"
-    return peer or "a local process"
 
 
 class DestinationParts:
@@ -135,20 +130,21 @@ class Receiving:
         self._reassembly_drained = False
         self._old_way_chunks = self._old_way_bytes = 0
         self._watch: Watch | None = None
+        self._admission: Admission | None = None   # while waiting for the source
 
     # ------------------------------------------------------------ setup
     def accept_main(self) -> None:
-        """Wait for the source's main channel (refusing strangers), check its
-        SETUP, answer SETUP_ACK."""
+        """Wait for the source's main channel (strangers are refused meanwhile,
+        see :mod:`.admission`), check its SETUP, answer SETUP_ACK."""
         deadline = time.monotonic() + self.parts.timeout
-        while True:
-            sock, peer = self._accept("the main channel", deadline)
+        with Admission(self.parts.listener, self.parts.security, self._refuse) as admission:
+            self._admission = admission
+            self.failure.check()                # cancelled before it started
             try:
-                greeting = handshake.greet_main_channel(sock, self.parts.security)
-                break
-            except (MigrationError, ProtocolError) as exc:
-                self._refuse(peer, exc)
-                sock.close()
+                greeting = admission.wait(deadline, "the main channel")
+            finally:
+                self._admission = None
+        self.failure.check()
         tune_main_socket(greeting.sock)
         self.main = MainChannel(greeting.sock)
         self.state = ReceivingState.SETUP
@@ -165,16 +161,6 @@ class Receiving:
         self._prepare(setup)
         self.main.send(Msg.SETUP_ACK)
         self.state = ReceivingState.RECEIVING
-
-    def _accept(self, what: str, deadline: float) -> tuple[socket.socket, str]:
-        listener = self.parts.listener
-        listener.settimeout(max(0.0, deadline - time.monotonic()))
-        try:
-            sock, peer = listener.accept()
-        except socket.timeout:
-            raise MigrationError(f"no connection for {what} within "
-                                 f"{self.parts.timeout:g} s") from None
-        return sock, _describe_peer(peer)
 
     def _refuse(self, peer: str, reason: BaseException | str) -> None:
         """A connection failed its greeting: dropped, counted and logged; the
@@ -279,7 +265,7 @@ class Receiving:
             self._watch_worker(worker)
         sock, peer = self.parts.listener.accept()
         self.parts.resources.sockets.append(sock)
-        self._greeting[worker] = (sock, _describe_peer(peer))
+        self._greeting[worker] = (sock, describe_peer(peer))
         greeting = Greeting(self.setup, self.parts.security)
         if worker in self._started:
             worker.send(greeting)
@@ -460,6 +446,9 @@ class Receiving:
 
     def _teardown(self, error: MigrationError) -> None:
         self.state = ReceivingState.FAILED
+        admission = self._admission
+        if admission is not None:
+            admission.abort()
         if self._pool is not None:
             self._pool.abort()
         break_session(error, "source", self.main, self.parts.resources)

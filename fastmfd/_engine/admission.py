@@ -1,0 +1,148 @@
+"""Before SETUP: which connection is the session's source.
+
+Until a source has passed its greeting (:func:`~fastmfd.protocol.handshake.
+greet_main_channel`: TLS, preamble, shared-key proof), every connection to a
+destination is a candidate, and most may be strangers: port scans, health
+checks, garbage, a peer trickling a byte a second. Each candidate is greeted
+in a thread of its own under the greeting's deadline, so no stranger holds up
+the real source; the first to pass wins, every other is refused (dropped,
+counted, logged) and the listener is left to the session.
+
+::
+
+    acceptor thread: select(listener, wake) -> accept -> greeting thread per connection
+    greeting threads: greet_main_channel() -> passed (a queue) | refused
+    Admission.wait(): the first that passed, or the deadline, or the session's failure
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import select
+import socket
+import threading
+import time
+from typing import Callable
+
+from ..errors import MigrationError, ProtocolError
+from ..protocol.handshake import MainGreeting, greet_main_channel
+from ..protocol.security import ChannelSecurity
+
+__all__ = ["Admission", "describe_peer", "MAX_CANDIDATES", "ACCEPTED_ANOTHER"]
+
+MAX_CANDIDATES = 64     # connections greeted at once; more are refused on arrival
+ACCEPTED_ANOTHER = "dropped: the session's source was accepted first"
+
+
+def describe_peer(peer) -> str:
+    if isinstance(peer, tuple):
+        return f"{peer[0]}:{peer[1]}"
+    return peer or "a local process"
+
+
+class Admission:
+    """Greets the connections arriving on ``listener`` until one passes.
+
+    ``refuse(peer, reason)`` is called for each connection dropped. Use as a
+    context manager: leaving stops the acceptor, ends every greeting still
+    running and closes their connections (never the winner's).
+    """
+
+    def __init__(self, listener: socket.socket, security: ChannelSecurity,
+                 refuse: Callable[[str, object], None]) -> None:
+        self._listener, self._security, self._refuse = listener, security, refuse
+        self._passed: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
+        self._greeting: dict[threading.Thread, tuple[int, int, int]] = {}  # fd, family, type
+        self._closing = False
+        self._wake_r, self._wake_w = os.pipe()
+        self._acceptor = threading.Thread(target=self._accept_loop, daemon=True,
+                                          name="fastmfd admission")
+        self._acceptor.start()
+
+    def wait(self, deadline: float, what: str) -> MainGreeting:
+        """The first connection that passed its greeting, by ``deadline``."""
+        try:
+            greeting = self._passed.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            raise MigrationError(f"no connection for {what} passed its greeting in "
+                                 f"time") from None
+        if greeting is None:
+            raise MigrationError("stopped waiting for the source")
+        return greeting
+
+    def abort(self) -> None:
+        """Wake :meth:`wait` (any thread): the session failed."""
+        self._passed.put(None)
+
+    # ------------------------------------------------------------ threads
+    def _accept_loop(self) -> None:
+        while True:
+            try:
+                readable = select.select([self._listener, self._wake_r], [], [])[0]
+                if self._wake_r in readable:
+                    return
+                sock, peer = self._listener.accept()
+            except (OSError, ValueError):       # the listener was shut down or closed
+                self.abort()
+                return
+            thread = threading.Thread(target=self._greet, args=(sock, describe_peer(peer)),
+                                      daemon=True, name="fastmfd greeting")
+            with self._lock:
+                if self._closing or len(self._greeting) >= MAX_CANDIDATES:
+                    self._refuse(describe_peer(peer), "too many connections are being greeted")
+                    sock.close()
+                    continue
+                self._greeting[thread] = (sock.fileno(), sock.family, sock.type)
+            thread.start()
+
+    def _greet(self, sock: socket.socket, peer: str) -> None:
+        try:
+            greeting, refusal = greet_main_channel(sock, self._security), None
+        except (MigrationError, ProtocolError) as exc:
+            greeting, refusal = None, exc
+        except Exception as exc:                # never lose a candidate's thread silently
+            greeting, refusal = None, f"{type(exc).__name__}: {exc}"
+        with self._lock:                        # before any close: see __exit__
+            self._greeting.pop(threading.current_thread(), None)
+            if self._closing:                   # ended by __exit__, or too late
+                greeting, refusal = None, ACCEPTED_ANOTHER
+            if greeting is not None:
+                self._passed.put(greeting)
+        if refusal is not None:
+            self._refuse(peer, refusal)
+            sock.close()                        # the greeting closed a TLS-wrapped one
+
+    # ------------------------------------------------------------ closing
+    def __enter__(self) -> "Admission":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        os.write(self._wake_w, b"x")
+        self._acceptor.join()
+        with self._lock:
+            self._closing = True
+            running = list(self._greeting)
+            # End each greeting still running now (its thread then refuses it). Its
+            # socket object may have been wrapped for TLS meanwhile (same
+            # descriptor, new object), so shut the connection down through a
+            # duplicate of the descriptor, which is still open: a greeting leaves
+            # this table before it closes anything.
+            for fd, family, kind in self._greeting.values():
+                try:
+                    with socket.fromfd(fd, family, kind) as dup:
+                        dup.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        for thread in running:
+            thread.join()
+        while True:                             # passed too, but not the one taken
+            try:
+                greeting = self._passed.get_nowait()
+            except queue.Empty:
+                break
+            if greeting is not None:
+                greeting.sock.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
