@@ -57,7 +57,8 @@ def cmd_listen(args: argparse.Namespace) -> int:
     from .transfer import listen_once
     console = Console(stderr=True)
     result, files = listen_once(
-        args.address, args.dir, timeout=args.timeout,
+        args.address, args.dir, timeout=args.timeout, force=args.force,
+        keep_partial=args.keep_partial,
         on_listening=lambda address: console.print(f"listening on {address}"))
     for name, path in files.items():
         console.print(f"{name} -> {path} ({format_bytes(os.path.getsize(path))})")
@@ -109,6 +110,11 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", default=".", help="output directory (default: here)")
     p.add_argument("--timeout", type=float, default=3600.0,
                    help="seconds to wait for the sender (default 3600)")
+    p.add_argument("--force", action="store_true",
+                   help="replace files of the same names in DIR (a symbolic link is replaced, "
+                        "never followed)")
+    p.add_argument("--keep-partial", action="store_true",
+                   help="after a failed receive, keep what arrived as NAME.part files")
     p.set_defaults(func=cmd_listen)
 
     p = sub.add_parser("inspect", help="decode captured multifd channel bytes (fastmfd or QEMU)")
