@@ -85,31 +85,28 @@ class BytesDevice:
 
 
 class FileDevice:
-    """A device whose state is read from a file; one that cannot be read is
-    refused here (ConfigError), before any migration starts."""
+    """A device whose state is read from a file. The file is opened here, so one
+    that cannot be read is refused (ConfigError) before any migration starts."""
 
     def __init__(self, idstr: str, instance_id: int, path: str | os.PathLike) -> None:
         _check_ids(idstr, instance_id)
         self.idstr, self.instance_id = idstr, instance_id
         self.path = os.fspath(path)
-        self._file = None
         try:
-            with open(self.path, "rb", buffering=0):
-                pass
+            self._file = open(self.path, "rb", buffering=0)
         except OSError as exc:
             raise ConfigError(f"device {idstr!r}: cannot read state file {self.path}: "
                               f"{exc.strerror or exc}") from None
 
-    def save_setup(self) -> None:
-        self._file = open(self.path, "rb", buffering=0)
-
     def read_state(self, buf) -> int:
-        if self._file is None:
-            self.save_setup()
         n = self._file.readinto(buf)
         if n == 0:
             self._file.close()
         return n
+
+    def close(self) -> None:
+        """Close the file (reading it to the end does too)."""
+        self._file.close()
 
 
 class SyntheticDevice:

@@ -62,21 +62,24 @@ class StateSpec:
 
 def send_images(address: str, config: MigrationConfig, images: list[ImageSpec],
                 states: list[StateSpec] = (), *, progress: bool = False) -> MigrationStats:
-    """Send image files (and state files) to a listening destination."""
+    """Send image files (and state files) to a listening destination. Every file is
+    opened before the destination is contacted: one that cannot be is refused."""
     source = Source(address, config)        # checks the address before files are opened
-    regions = []
+    regions, devices = [], []
     try:
         for image in images:
             regions.append(Region.from_file(image.name, image.path, page_size=config.page_size))
+        for state in states:
+            devices.append(FileDevice(state.idstr, state.instance_id, state.path))
         with source as src:
             for region in regions:
                 src.add_region(region)
-            for state in states:
-                src.add_device(FileDevice(state.idstr, state.instance_id, state.path))
+            for device in devices:
+                src.add_device(device)
             return src.migrate(live=False, progress=progress)
     finally:
-        for region in regions:
-            region.close()
+        for resource in regions + devices:
+            resource.close()
 
 
 def listen_once(address: str, directory: str, *, timeout: float = 3600.0,
