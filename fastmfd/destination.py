@@ -154,8 +154,8 @@ class Destination(Owner):
             total = time.monotonic() - started
             call_hook("on_resume", on_resume)
             session.resumed()
-        except KeyboardInterrupt:
-            self._failure.fail(MigrationError("interrupted by the user"))
+        except KeyboardInterrupt as exc:     # Ctrl-C, or the CLI's SIGTERM (which says so)
+            self._failure.fail(MigrationError(str(exc) or "interrupted by the user"))
             raise
         except BaseException as exc:
             self._failure.raise_for(exc)

@@ -119,8 +119,8 @@ class Sending:
             end = time.monotonic()
             # A destination that cannot resume fails the migration: wait for its word.
             self._wait_for(self._resumed)
-        except KeyboardInterrupt:
-            self.failure.fail(MigrationError("interrupted by the user"))
+        except KeyboardInterrupt as exc:     # Ctrl-C, or the CLI's SIGTERM (which says so)
+            self.failure.fail(MigrationError(str(exc) or "interrupted by the user"))
             raise
         except BaseException as exc:
             self.failure.raise_for(exc)

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 
 from ..errors import FastMFDError
 from .units import format_bytes, parse_size
@@ -128,16 +130,38 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread as Ctrl-C's KeyboardInterrupt is, so it
+    does what Ctrl-C does: the session fails on both sides (the peer is told
+    "terminated by SIGTERM"), every process and file the command made is cleaned
+    up, and the command exits with 143 (128 + SIGTERM; Ctrl-C: 130)."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    # A second SIGTERM, while the first one's cleanup runs, ends the process at once.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    raise Terminated("terminated by SIGTERM")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
+    handled = threading.current_thread() is threading.main_thread()
+    if handled:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return args.func(args)
     except FastMFDError as exc:
         print(f"fastmfd {args.command}: {exc}", file=sys.stderr)
         return 1
+    except Terminated:
+        print(f"fastmfd {args.command}: terminated (SIGTERM)", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print(f"fastmfd {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if handled:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
