@@ -159,6 +159,26 @@ def test_a_failed_receive_leaves_no_final_name(tmp_path, keep):
         assert files_in(out) == set()
 
 
+def test_a_rename_that_fails_at_the_end_takes_back_the_names_already_made(tmp_path):
+    """The region's file is renamed first; the device's rename then fails (a directory
+    took its name mid-transfer): the sender fails and the region's final name goes too."""
+    out = tmp_path / "out"
+    region = make_region("ram", 16 * PAGE, seed=6)
+    try:
+        with Listener(out) as listener:
+            with fastmfd.Source(listener.address) as source:
+                source.add_region(region)
+                source.add_device(fastmfd.BytesDevice("nic0", 0, b"n" * 5000))
+                with pytest.raises(fastmfd.MigrationError, match="nic0.0.state"):
+                    source.migrate(live=False,
+                                   on_stop=lambda: (out / "nic0.0.state").mkdir())
+            status, err = listener.finish()
+    finally:
+        region.close()
+    assert status == 1 and "Is a directory" in err, err
+    assert files_in(out) == {"nic0.0.state"} and not os.listdir(out / "nic0.0.state")
+
+
 def test_a_missing_state_file_fails_before_anything_is_sent(tmp_path, image):
     out = tmp_path / "out"
     with Listener(out) as listener:
