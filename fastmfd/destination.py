@@ -146,8 +146,18 @@ class Destination(Owner):
                 os.unlink(self._unix_path)
 
     # ------------------------------------------------------------ receive
-    def receive(self, *, on_resume=None) -> DestinationResult:
+    def receive(self, *, on_setup=None, on_resume=None) -> DestinationResult:
         """Accept one migration and apply it; returns a :class:`DestinationResult`.
+
+        ``on_setup(setup)`` runs when the source's SETUP arrives, before this side
+        commits anything or answers: ``setup`` (:class:`fastmfd.protocol.setup.Setup`)
+        lists the ``regions`` (name, size) and ``devices`` (idstr, instance_id) the
+        source sends; the hook may ``add_region()`` and ``add_loader()`` for them,
+        and what it raises refuses the session (the source is told why).
+
+        LOADED goes to the source only once every loader's ``load_finish()`` has
+        returned and every file-backed region was written to its file
+        (:meth:`Region.flush`), so a source that succeeds has its data on disk.
 
         ``on_resume()`` runs after everything is loaded and LOADED was sent; the source
         learns that it ran (or what it raised) before its ``migrate()`` returns.
@@ -159,7 +169,7 @@ class Destination(Owner):
         session = self._session = Receiving(DestinationParts(
             self._listener, self.timeout, self._security, self._workers, self._reassembly,
             self._user_regions, self._loaders, self._region_factory, self._queued_cap,
-            self._resources, self._failure, self.refused))
+            self._resources, self._failure, self.refused, on_setup=on_setup))
         try:
             session.accept_main()
             started = time.monotonic()
@@ -167,8 +177,8 @@ class Destination(Owner):
             total = time.monotonic() - started
             call_hook("on_resume", on_resume)
             session.resumed()
-        except KeyboardInterrupt:
-            self._failure.fail(MigrationError("interrupted by the user"))
+        except KeyboardInterrupt as exc:     # Ctrl-C, or the CLI's SIGTERM (which says so)
+            self._failure.fail(MigrationError(str(exc) or "interrupted by the user"))
             raise
         except BaseException as exc:
             self._failure.raise_for(exc)

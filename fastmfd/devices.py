@@ -85,24 +85,28 @@ class BytesDevice:
 
 
 class FileDevice:
-    """A device whose state is read from a file."""
+    """A device whose state is read from a file. The file is opened here, so one
+    that cannot be read is refused (ConfigError) before any migration starts."""
 
     def __init__(self, idstr: str, instance_id: int, path: str | os.PathLike) -> None:
         _check_ids(idstr, instance_id)
         self.idstr, self.instance_id = idstr, instance_id
         self.path = os.fspath(path)
-        self._file = None
-
-    def save_setup(self) -> None:
-        self._file = open(self.path, "rb", buffering=0)
+        try:
+            self._file = open(self.path, "rb", buffering=0)
+        except OSError as exc:
+            raise ConfigError(f"device {idstr!r}: cannot read state file {self.path}: "
+                              f"{exc.strerror or exc}") from None
 
     def read_state(self, buf) -> int:
-        if self._file is None:
-            self.save_setup()
         n = self._file.readinto(buf)
         if n == 0:
             self._file.close()
         return n
+
+    def close(self) -> None:
+        """Close the file (reading it to the end does too)."""
+        self._file.close()
 
 
 class SyntheticDevice:
@@ -145,23 +149,40 @@ class CollectLoader:
 
 
 class FileLoader:
-    """Writes the stream to ``path``; ``load_finish`` returns the path."""
+    """Writes the stream to ``path``, chunk after chunk in order; ``load_finish``
+    fsyncs the file (the destination sends LOADED only after it returned) and
+    returns the path. The file is created or truncated — ``exclusive``: created,
+    failing if anything exists there — and a symbolic link at ``path`` is never
+    followed. A write that fails (a full disk) fails the migration."""
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, *, exclusive: bool = False) -> None:
         self.path = os.fspath(path)
-        self._file = None
+        self.exclusive = exclusive
+        self._fd: int | None = None
+
+    def _open(self) -> int:
+        if self._fd is None:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+            self._fd = os.open(self.path, flags | (os.O_EXCL if self.exclusive
+                                                   else os.O_TRUNC), 0o644)
+        return self._fd
 
     def load_state_buffer(self, data) -> None:
-        if self._file is None:
-            self._file = open(self.path, "wb")
-        self._file.write(data)
+        fd, view = self._open(), memoryview(data).cast("B")
+        while view:
+            view = view[os.write(fd, view):]
 
     def load_finish(self) -> str:
-        if self._file is None:
-            open(self.path, "wb").close()
-        else:
-            self._file.close()
+        fd = self._open()
+        try:
+            os.fsync(fd)
+        finally:
+            self._fd = None
+            os.close(fd)
         return self.path
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_fd": None}   # a descriptor means nothing elsewhere
 
 
 class VerifyLoader:

@@ -71,22 +71,31 @@ class Region:
 
     @classmethod
     def from_file(cls, name: str, path: str | os.PathLike, *, size: int | None = None,
-                  page_size: int = 4096) -> "Region":
+                  page_size: int = 4096, exclusive: bool = False,
+                  dir_fd: int | None = None) -> "Region":
         """Map a file ``MAP_SHARED``; writes go to the file.
 
         Without ``size`` the file's size is the region's. With ``size`` a
         missing file is created and a shorter one extended (with zeros).
+        ``exclusive`` (with ``size``): create a new file, failing if anything
+        exists at ``path`` — a symbolic link included, which is never
+        followed. ``dir_fd``: ``path`` is relative to that open directory.
         """
         validate_region_name(name)
         if size is not None:
             _validate_size(name, size, page_size)     # before O_CREAT: refuse, create nothing
+        elif exclusive:
+            raise ConfigError(f"region {name!r}: an exclusive file needs a size")
         path = os.fspath(path)
         flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if size is not None else 0)
+        if exclusive:
+            flags |= os.O_EXCL | os.O_NOFOLLOW
         try:
-            fd = os.open(path, flags, 0o644)
+            fd = os.open(path, flags, 0o644, dir_fd=dir_fd)
         except OSError as exc:
             raise ConfigError(f"region {name!r}: cannot open {path}: {exc.strerror}") from None
         try:
+            location = os.readlink(f"/proc/self/fd/{fd}")   # what was opened, links resolved
             actual = os.fstat(fd).st_size
             if size is None:
                 size = actual
@@ -101,8 +110,7 @@ class Region:
         except BaseException:
             mapping.close()
             raise
-        return cls(name, size, page_size, "file", os.path.abspath(path), mapping, dirty,
-                   owner=True)
+        return cls(name, size, page_size, "file", location, mapping, dirty, owner=True)
 
     @classmethod
     def attach(cls, handle: RegionHandle) -> "Region":
@@ -110,7 +118,9 @@ class Region:
         if handle.kind == "shm":
             mapping = SharedMemory.attach(handle.location, handle.size)
         else:
-            fd = os.open(handle.location, os.O_RDWR | os.O_CLOEXEC)
+            # The location is the file's resolved path: a link there now was put by
+            # someone else, and is not followed.
+            fd = os.open(handle.location, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
             try:
                 if os.fstat(fd).st_size < handle.size:
                     raise ConfigError(f"region file {handle.location} shrank below "
@@ -165,6 +175,15 @@ class Region:
         first = offset // self.page_size
         last = (offset + length - 1) // self.page_size
         self._dirty.mark(first, last - first + 1)
+
+    def flush(self) -> None:
+        """Make a file-backed region's bytes durable: write its dirty pages to the
+        file and wait for the disk (``msync``); nothing for shared memory.
+        Raises OSError (a full disk: ENOSPC, EIO)."""
+        if self._buffer is None:
+            raise ValueError(f"region {self.name!r} is closed")
+        if self._kind == "file":
+            self._mapping.flush()
 
     @property
     def closed(self) -> bool:

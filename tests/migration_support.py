@@ -161,11 +161,12 @@ class Migration:
             assert failing or not left, f"the destination left {left} behind"
 
     def run(self, *, live=False, on_stop=None, on_resume=None, dst_on_resume=None,
-            timeout=60.0) -> Outcome:
+            dst_on_setup=None, timeout=60.0) -> Outcome:
         """Run ``migrate()`` and ``receive()`` in threads of their own. If either is
         still running after ``timeout`` seconds, the test fails as a hang (both
         sessions are failed first, so they stop and release everything)."""
         ends: dict = {}
+        hooks = {"on_setup": dst_on_setup} if dst_on_setup is not None else {}
 
         def side(name, call):
             try:
@@ -178,7 +179,7 @@ class Migration:
                    for args in (("source", lambda: self.source.migrate(
                                     live=live, on_stop=on_stop, on_resume=on_resume)),
                                 ("destination", lambda: self.destination.receive(
-                                    on_resume=dst_on_resume)))]
+                                    on_resume=dst_on_resume, **hooks)))]
         for thread in threads:
             thread.start()
         deadline = time.monotonic() + timeout
@@ -255,6 +256,22 @@ class Fault:
         link.send(data)
 
     def data(self, link: "Link", data: bytes, offset: int) -> None:
+        link.send(data)
+
+
+class Record(Fault):
+    """Forward everything unchanged, keeping a copy: ``.bytes`` is the connection as the
+    source wrote it (hello included), a capture file ``fastmfd inspect`` reads."""
+
+    def __init__(self) -> None:
+        self.bytes = bytearray()
+
+    def hello(self, link, data):
+        self.bytes += data
+        link.send(data)
+
+    def data(self, link, data, offset):
+        self.bytes += data
         link.send(data)
 
 

@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from fastmfd.tools.cli import main
-from fastmfd.tools.transfer import ImageSpec, StateSpec, listen_once, output_name
+from fastmfd.tools.transfer import ImageSpec, StateSpec, listen_once
 from fastmfd.tools.units import parse_size
 
 PAGE = 4096
@@ -33,7 +33,6 @@ def test_specs_parse():
     assert StateSpec.parse("nic0=s.bin") == StateSpec("nic0", 0, "s.bin")
     assert StateSpec.parse("0000:00:01.0/vfio:3=s.bin") == \
         StateSpec("0000:00:01.0/vfio", 3, "s.bin")
-    assert output_name("/rom@etc/acpi/tables") == "_rom@etc_acpi_tables"
 
 
 def test_send_to_listen_moves_images_and_state(tmp_path):
@@ -61,6 +60,8 @@ def test_send_to_listen_moves_images_and_state(tmp_path):
     assert (out / "ram.img").read_bytes() == images["ram.img"]
     assert (out / "pc.rom.img").read_bytes() == images["rom.bin"]
     assert (out / "nic0.1.state").read_bytes() == b"registers" * 1000
+    assert sorted(os.listdir(out)) == ["manifest.json", "nic0.1.state", "pc.rom.img", "ram.img"]
+    assert box["files"]["nic0/1"] == str(out / "nic0.1.state")
     assert box["result"].stats.zero_pages == 64
 
 

@@ -190,6 +190,46 @@ def test_from_file_refusing_a_size_creates_no_file(tmp_path, size, page_size):
     assert not path.exists()
 
 
+def test_from_file_exclusive_creates_a_new_file_only(tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep")
+    (tmp_path / "taken").write_bytes(b"mine")
+    os.symlink(victim, tmp_path / "link")
+    os.symlink(tmp_path / "nowhere", tmp_path / "dangling")
+    for name in ("taken", "link", "dangling"):
+        with pytest.raises(ConfigError, match="cannot open"):
+            Region.from_file("pc.ram", tmp_path / name, size=SIZE, exclusive=True)
+    assert victim.read_bytes() == b"keep" and (tmp_path / "taken").read_bytes() == b"mine"
+    assert not (tmp_path / "nowhere").exists()
+    with pytest.raises(ConfigError, match="needs a size"):
+        Region.from_file("pc.ram", tmp_path / "new", exclusive=True)
+
+
+def test_from_file_relative_to_a_directory_descriptor(tmp_path):
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with Region.from_file("pc.ram", "new.img", size=SIZE, exclusive=True,
+                              dir_fd=fd) as region:
+            region.array[:4] = 7
+            region.flush()
+            assert region.handle.location == str(tmp_path / "new.img")
+    finally:
+        os.close(fd)
+    assert (tmp_path / "new.img").read_bytes()[:5] == b"\x07" * 4 + b"\0"
+    with pytest.raises(ValueError, match="closed"):
+        region.flush()
+
+
+def test_attach_never_follows_a_link_put_at_the_location(tmp_path):
+    path, victim = tmp_path / "ram.img", tmp_path / "victim"
+    victim.write_bytes(bytes(SIZE))
+    with Region.from_file("pc.ram", path, size=SIZE) as region:
+        os.unlink(path)
+        os.symlink(victim, path)
+        with pytest.raises(OSError):
+            Region.attach(region.handle)
+
+
 def test_attach_a_file_that_shrank(tmp_path):
     path = tmp_path / "ram.img"
     with Region.from_file("pc.ram", path, size=SIZE) as region:

@@ -91,9 +91,9 @@ class DestinationParts:
                  workers: ChildSet, reassembly: ChildSet, user_regions: dict[str, Region],
                  loaders: dict, region_factory, queued_cap: int | None,
                  resources: SessionResources, failure: SessionFailure,
-                 refused: list[Refusal]) -> None:
+                 refused: list[Refusal], *, on_setup=None) -> None:
         self.listener, self.timeout, self.security = listener, timeout, security
-        self.refused = refused
+        self.refused, self.on_setup = refused, on_setup
         self.workers, self.reassembly = workers, reassembly
         self.user_regions, self.loaders = user_regions, loaders
         self.region_factory, self.queued_cap = region_factory, queued_cap
@@ -173,6 +173,8 @@ class Receiving:
         """Check SETUP against what the user added; make regions, counters, pool."""
         self.setup = setup
         parts = self.parts
+        if parts.on_setup is not None:
+            parts.on_setup(setup)       # may add regions and loaders, or refuse
         names = [r.name for r in setup.regions]
         keys = [d.key for d in setup.devices]
         for name in parts.user_regions:
@@ -433,6 +435,12 @@ class Receiving:
                     raise ProtocolError(f"channel {ch}: the source sent {theirs.get(key)} "
                                         f"{key.replace('_', ' ')}, {mine[key]} arrived",
                                         field=key, received=mine[key], expected=theirs.get(key))
+        for region in self.regions:     # success means durable: the files first, then LOADED
+            try:
+                region.flush()
+            except OSError as exc:
+                raise MigrationError(f"region {region.name!r}: writing it to disk failed: "
+                                     f"{exc.strerror or exc}") from exc
         self.main.send(Msg.LOADED, Loaded(rounds=self._round_end,
                                           load_seconds=self._load_seconds_by_name()))
         self.state = ReceivingState.RESUMING

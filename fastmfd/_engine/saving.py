@@ -57,8 +57,8 @@ def save_stream(device, chunk_size: int, sink: ChunkSink) -> int:
             raise ValueError(f"config_state is {len(config)} bytes, more than a chunk "
                              f"({chunk_size})")
         sink.send(idx, _core.CHUNK_FLAG_LAST, sink.fill(lambda data: _copy(data, config)))
-    except (Aborted, MigrationError):
-        raise
+    except (Aborted, MigrationError, KeyboardInterrupt):
+        raise       # (Ctrl-C or the CLI's SIGTERM, in the old way's main thread: no device's fault)
     except BaseException as exc:
         raise MigrationError(f"saving chunk {idx} failed: {type(exc).__name__}: {exc}",
                              device=device_key(device.idstr, device.instance_id)) from exc

@@ -120,8 +120,8 @@ class Sending:
             end = time.monotonic()
             # A destination that cannot resume fails the migration: wait for its word.
             self._wait_for(self._resumed)
-        except KeyboardInterrupt:
-            self.failure.fail(MigrationError("interrupted by the user"))
+        except KeyboardInterrupt as exc:     # Ctrl-C, or the CLI's SIGTERM (which says so)
+            self.failure.fail(MigrationError(str(exc) or "interrupted by the user"))
             raise
         except BaseException as exc:
             self.failure.raise_for(exc)
@@ -257,7 +257,7 @@ class Sending:
         bar.start_round(number, total, live)
         device_list = self.parts.devices if devices else []
         if device_list:
-            self.main.send(Msg.SWITCHOVER_START)
+            self._tell(Msg.SWITCHOVER_START)
             if self.config.channel_header:
                 self._saver = DeviceSaver(device_list, self._pool, self.parts.device_selector,
                                           self._device_command, self.failure,
@@ -272,7 +272,7 @@ class Sending:
                     device_list, self.main, self.config.device_chunk_size)
         for ch in range(self.config.channels):
             self._command(ch, _core.pack_command(_core.CMD_SYNC, round=number))
-        self.main.send(Msg.ROUND_END, RoundEnd(number))
+        self._tell(Msg.ROUND_END, RoundEnd(number))
         return RoundStats(number, total, time.monotonic() - started, live)
 
     def _dispatch_region(self, index: int, pages: np.ndarray, bar: RoundProgress) -> None:
@@ -306,6 +306,17 @@ class Sending:
             raise MigrationError(f"cannot hand work to its worker: {exc.strerror}",
                                  channel=f"send channel {ch}") from None
 
+    def _tell(self, kind: Msg, payload=None) -> None:
+        """Send to the destination. One that failed sent ERROR before it closed the
+        main channel: when the send breaks, the monitor is about to read that ERROR,
+        which is the real cause."""
+        try:
+            self.main.send(kind, payload)
+        except MigrationError:
+            self.failure.event.wait(WORKER_EXIT_GRACE)
+            self.failure.check()
+            raise
+
     def _device_command(self, ch: int, device: int, slot: int, length: int) -> None:
         self._command(self.config.channels + ch if self.config.device_state_channels else ch,
                       _core.pack_command(_core.CMD_DEVICE, device, length, slot))
@@ -318,7 +329,7 @@ class Sending:
         self.state = SendingState.COMPLETING
         self._wait_for(self._workers_done)
         counters = self.parts.counters
-        self.main.send(Msg.COMPLETE, Complete(
+        self._tell(Msg.COMPLETE, Complete(
             channels=[counters.read(ch) for ch in range(self.config.total_channels)],
             device_chunks=self._device_chunks))
 

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 
 from ..errors import FastMFDError
 from .units import format_bytes, parse_size
@@ -62,7 +64,8 @@ def cmd_listen(args: argparse.Namespace) -> int:
     from .transfer import listen_once
     console = Console(stderr=True)
     result, files = listen_once(
-        args.address, args.dir, timeout=args.timeout,
+        args.address, args.dir, timeout=args.timeout, force=args.force,
+        keep_partial=args.keep_partial,
         on_listening=lambda address: console.print(f"listening on {address}"),
         tls=security_options.tls_config(args), auth_key=security_options.auth_key(args))
     for name, path in files.items():
@@ -118,6 +121,11 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", default=".", help="output directory (default: here)")
     p.add_argument("--timeout", type=float, default=3600.0,
                    help="seconds to wait for the sender (default 3600)")
+    p.add_argument("--force", action="store_true",
+                   help="replace files of the same names in DIR (a symbolic link is replaced, "
+                        "never followed)")
+    p.add_argument("--keep-partial", action="store_true",
+                   help="after a failed receive, keep what arrived as NAME.part files")
     security_options.add_arguments(p)
     p.set_defaults(func=cmd_listen)
 
@@ -132,16 +140,38 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread as Ctrl-C's KeyboardInterrupt is, so it
+    does what Ctrl-C does: the session fails on both sides (the peer is told
+    "terminated by SIGTERM"), every process and file the command made is cleaned
+    up, and the command exits with 143 (128 + SIGTERM; Ctrl-C: 130)."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    # A second SIGTERM, while the first one's cleanup runs, ends the process at once.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    raise Terminated("terminated by SIGTERM")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
+    handled = threading.current_thread() is threading.main_thread()
+    if handled:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return args.func(args)
     except FastMFDError as exc:
         print(f"fastmfd {args.command}: {exc}", file=sys.stderr)
         return 1
+    except Terminated:
+        print(f"fastmfd {args.command}: terminated (SIGTERM)", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print(f"fastmfd {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if handled:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -4,14 +4,13 @@ across hosts.
 The sender maps each image file as a region (``Region.from_file``, nothing
 is read into memory first) and each state file as a device; the listener
 maps one output file per region the source announces and writes each
-device's state to a file. Neither side needs the other's parameters: the
-listener learns everything from SETUP.
+device's state to a file (:mod:`.outputs` keeps those files safe). Neither
+side needs the other's parameters: the listener learns everything from SETUP.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 
 from ..config import MigrationConfig
@@ -22,6 +21,7 @@ from ..protocol.security import TLSConfig
 from ..regions import Region
 from ..source import Source
 from ..stats import MigrationStats
+from .outputs import OutputDir, output_name
 
 __all__ = ["ImageSpec", "StateSpec", "send_images", "listen_once", "output_name"]
 
@@ -63,55 +63,53 @@ class StateSpec:
 
 def send_images(address: str, config: MigrationConfig, images: list[ImageSpec],
                 states: list[StateSpec] = (), *, progress: bool = False) -> MigrationStats:
-    """Send image files (and state files) to a listening destination."""
+    """Send image files (and state files) to a listening destination. Every file is
+    opened before the destination is contacted: one that cannot be is refused."""
     source = Source(address, config)        # checks the address before files are opened
-    regions = []
+    regions, devices = [], []
     try:
         for image in images:
             regions.append(Region.from_file(image.name, image.path, page_size=config.page_size))
+        for state in states:
+            devices.append(FileDevice(state.idstr, state.instance_id, state.path))
         with source as src:
             for region in regions:
                 src.add_region(region)
-            for state in states:
-                src.add_device(FileDevice(state.idstr, state.instance_id, state.path))
+            for device in devices:
+                src.add_device(device)
             return src.migrate(live=False, progress=progress)
     finally:
-        for region in regions:
-            region.close()
-
-
-def output_name(name: str) -> str:
-    """A file name for a region or device name ('/rom@etc/acpi/tables' is valid)."""
-    return re.sub(r"[^A-Za-z0-9._@+-]", "_", name).lstrip(".") or "_"
+        for resource in regions + devices:
+            resource.close()
 
 
 def listen_once(address: str, directory: str, *, timeout: float = 3600.0,
-                on_listening=None, tls: TLSConfig | None = None,
+                on_listening=None, force: bool = False, keep_partial: bool = False,
+                tls: TLSConfig | None = None,
                 auth_key: bytes | None = None) -> tuple[DestinationResult, dict[str, str]]:
     """Receive one migration into ``directory``: ``<region>.img`` files mapped
-    while they are written, ``<idstr>.<instance>.state`` for each device.
-    Returns the result and the files written, by region or device name."""
-    os.makedirs(directory, exist_ok=True)
-    files: dict[str, str] = {}
+    while they are written, ``<idstr>.<instance>.state`` for each device and
+    ``manifest.json`` (names: :func:`~.outputs.output_name`). Files are written
+    as ``.part`` and renamed once everything is loaded and on disk; a failure
+    removes them (``keep_partial``: keeps them as ``.part``); an existing file is
+    replaced only with ``force`` (see :mod:`.outputs`). Returns the result and
+    the files written, by region name, ``idstr/instance`` and ``manifest``."""
+    out = OutputDir(directory, force=force, keep_partial=keep_partial)
+    try:
+        with Destination(address, timeout=timeout, region_factory=out.region, tls=tls,
+                         auth_key=auth_key) as dst:
+            if on_listening is not None:
+                on_listening(dst.address)
 
-    def region_file(name: str, size: int, page_size: int) -> Region:
-        path = os.path.join(directory, output_name(name) + ".img")
-        if path in files.values():
-            raise ConfigError(f"regions {name!r} and another map to the same file {path}")
-        files[name] = path
-        return Region.from_file(name, path, size=size, page_size=page_size)
+            def on_setup(setup) -> None:
+                out.plan(setup)
+                for device in setup.devices:
+                    dst.add_loader(*device.key, out.loader(device.key))
 
-    with Destination(address, timeout=timeout, region_factory=region_file, tls=tls,
-                     auth_key=auth_key) as dst:
-        if on_listening is not None:
-            on_listening(dst.address)
-        result = dst.receive()
-        for (idstr, instance_id), state in result.devices.items():
-            path = os.path.join(directory, f"{output_name(idstr)}.{instance_id}.state")
-            with open(path, "wb") as out:
-                out.write(state)
-            files[f"{idstr}/{instance_id}"] = path
-        for name, path in files.items():
-            if name in result.regions:
-                os.truncate(path, result.regions[name].size)
-    return result, files
+            result = dst.receive(on_setup=on_setup, on_resume=out.commit)
+    except BaseException:
+        out.abort()         # after the Destination stopped: nothing writes any more
+        raise
+    finally:
+        out.close()
+    return result, out.files()

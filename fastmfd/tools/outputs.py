@@ -1,0 +1,228 @@
+"""The files ``fastmfd listen`` writes into its directory, and how it keeps them safe.
+
+::
+
+    OutputDir(D)   D opened once; every name below is relative to that descriptor
+    SETUP          plan(): one file name per region, device and the manifest (injective,
+                   within NAME_MAX); an existing final name is refused unless ``force``
+                   (a symbolic link there is replaced as a link, never followed), before
+                   anything is written; NAME.part created O_CREAT|O_EXCL|O_NOFOLLOW
+    receiving      regions: their .part files, mapped (the Destination msyncs them
+                   before LOADED); devices: a FileLoader each (fsync in load_finish,
+                   before LOADED)
+    on_resume      commit(): manifest.json.part written and fsynced, every .part renamed
+                   to its final name (the manifest last), D fsynced; only then does the
+                   source hear RESUMED and its migrate() return
+    any failure    abort(): the .part files removed (kept, still named .part, with
+                   ``keep_partial``); names already renamed are taken back
+
+So a final name in D always holds complete, durable data, and a ``manifest.json``
+there says the migration it lists finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import stat
+from dataclasses import dataclass
+
+from ..devices import FileLoader
+from ..errors import ConfigError, MigrationError
+from ..regions import Region
+
+__all__ = ["OutputDir", "output_name", "MANIFEST"]
+
+MANIFEST = "manifest.json"
+PART = ".part"
+_UNSAFE = re.compile(r"[^A-Za-z0-9._@+-]")
+# Longest stem kept whole: with ".4294967295.state.part" (22 bytes) a name stays
+# well within NAME_MAX (255 bytes).
+STEM_MAX = 200
+_DIGEST = 12        # hex digits of SHA-256 that tell changed names apart
+
+
+def output_name(name: str) -> str:
+    """The file stem for a region or device name.
+
+    A name made of ``A-Za-z0-9._@+-`` that does not start with a dot and has at
+    most STEM_MAX characters is its own stem. Any other name keeps its safe
+    characters (the others become ``_``, leading dots go), cut short, plus ``~``
+    and 12 hex digits of its SHA-256: ``~`` is never in a name kept whole, so
+    two different names never share a stem (``a/b`` -> ``a_b~…``, ``a_b`` -> ``a_b``).
+    """
+    safe = _UNSAFE.sub("_", name).lstrip(".")
+    if safe == name and len(name) <= STEM_MAX:
+        return name
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:_DIGEST]
+    return f"{safe[:STEM_MAX - _DIGEST - 1]}~{digest}"
+
+
+@dataclass
+class _Output:
+    """One file of the migration: what the manifest says of it, its names, and
+    the identity of the .part file this listener created (None until then)."""
+    entry: dict
+    final: str
+    identity: tuple[int, int] | None = None
+    renamed: bool = False
+
+    @property
+    def part(self) -> str:
+        return self.final + PART
+
+
+class OutputDir:
+    """The files one migration writes into ``path`` (see the module docstring)."""
+
+    def __init__(self, path: str | os.PathLike, *, force: bool = False,
+                 keep_partial: bool = False) -> None:
+        self.path = os.fspath(path)
+        self.force, self.keep_partial = force, keep_partial
+        try:
+            os.makedirs(self.path, exist_ok=True)
+            self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise ConfigError(f"output directory {self.path}: {exc.strerror or exc}") from None
+        # Loaders run in another process: they get the directory's resolved path.
+        self.real = os.readlink(f"/proc/self/fd/{self.fd}")
+        self.regions: dict[str, _Output] = {}
+        self.devices: dict[tuple[str, int], _Output] = {}
+        self.manifest = _Output({}, MANIFEST)
+
+    # ------------------------------------------------------------ SETUP
+    def plan(self, setup) -> None:
+        """Name every file of ``setup``'s regions and devices; refuse, before anything
+        is written, a name that is taken (unless ``force``) or that two would share;
+        create the devices' .part files."""
+        self.regions = {r.name: _Output({"name": r.name, "size": r.size},
+                                        output_name(r.name) + ".img") for r in setup.regions}
+        self.devices = {d.key: _Output({"idstr": d.idstr, "instance_id": d.instance_id},
+                                       f"{output_name(d.idstr)}.{d.instance_id}.state")
+                        for d in setup.devices}
+        seen: dict[str, dict] = {}
+        for out in self._outputs():
+            if out.final in seen:       # only if two SHA-256 prefixes collide
+                raise ConfigError(f"{seen[out.final]} and {out.entry} would both be written "
+                                  f"to {self._show(out.final)}")
+            seen[out.final] = out.entry
+        for out in self._outputs():
+            self._claim(out)
+        for out in self.devices.values():
+            os.close(self._create(out))
+
+    def region(self, name: str, size: int, page_size: int) -> Region:
+        """The Destination's region factory: ``name`` mapped from its new .part file."""
+        out = self.regions[name]
+        region = Region.from_file(name, out.part, size=size, page_size=page_size,
+                                  exclusive=True, dir_fd=self.fd)
+        out.identity = self._identity(out.part)
+        return region
+
+    def loader(self, key: tuple[str, int]) -> FileLoader:
+        """The loader writing device ``key`` into its .part file (made by plan())."""
+        return FileLoader(os.path.join(self.real, self.devices[key].part))
+
+    def _claim(self, out: _Output) -> None:
+        """Refuse a taken final name unless ``force`` (a directory always); a .part
+        left behind (``keep_partial``) is refused too, or removed with ``force``."""
+        for name in (out.final, out.part):
+            try:
+                st = os.stat(name, dir_fd=self.fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            what = ("a symbolic link" if stat.S_ISLNK(st.st_mode) else
+                    "a directory" if stat.S_ISDIR(st.st_mode) else "a file")
+            if stat.S_ISDIR(st.st_mode) or not self.force:
+                raise ConfigError(f"{self._show(name)} exists ({what}): not replacing it"
+                                  + ("" if stat.S_ISDIR(st.st_mode) else " without --force"))
+            if name == out.part:
+                os.unlink(name, dir_fd=self.fd)     # the link itself, never its target
+
+    def _create(self, out: _Output) -> int:
+        """Create ``out``'s .part file, new (never through a link); returns its
+        descriptor, open for writing."""
+        fd = os.open(out.part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                     | os.O_CLOEXEC, 0o644, dir_fd=self.fd)
+        st = os.fstat(fd)
+        out.identity = (st.st_dev, st.st_ino)
+        return fd
+
+    # ------------------------------------------------------------ the end
+    def commit(self) -> None:
+        """Everything is loaded and on disk: write the manifest, rename every .part to
+        its final name (the manifest last), make the renames durable."""
+        self._write_manifest()
+        for out in self._outputs():
+            if self._identity(out.part) != out.identity:
+                raise MigrationError(f"{self._show(out.part)} was replaced while the "
+                                     f"migration was received")
+            os.rename(out.part, out.final, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+            out.renamed = True
+        os.fsync(self.fd)
+
+    def _write_manifest(self) -> None:
+        regions = [{**out.entry, "file": out.final} for out in self.regions.values()]
+        devices = [{**out.entry, "size": os.stat(out.part, dir_fd=self.fd,
+                                                 follow_symlinks=False).st_size,
+                    "file": out.final} for out in self.devices.values()]
+        data = json.dumps({"regions": regions, "devices": devices}, indent=2).encode() + b"\n"
+        fd = self._create(self.manifest)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def abort(self) -> None:
+        """The migration failed: remove what this listener created (its .part files,
+        and final names it already renamed), or with ``keep_partial`` leave it
+        all under .part names. Best effort: the failure is what the caller reports."""
+        for out in self._outputs():
+            if out.identity is None:
+                continue
+            name = out.final if out.renamed else out.part
+            try:
+                if self._identity(name) != out.identity:
+                    continue                    # not ours (any more)
+                if self.keep_partial and out.renamed:
+                    os.rename(name, out.part, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+                elif not self.keep_partial:
+                    os.unlink(name, dir_fd=self.fd)
+            except OSError:
+                pass
+        try:
+            os.fsync(self.fd)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    # ------------------------------------------------------------ helpers
+    def files(self) -> dict[str, str]:
+        """Final paths by region name and ``idstr/instance`` (and ``manifest``)."""
+        out = {name: o.final for name, o in self.regions.items()}
+        out.update({f"{idstr}/{instance}": o.final
+                    for (idstr, instance), o in self.devices.items()})
+        out["manifest"] = MANIFEST
+        return {name: os.path.join(self.path, final) for name, final in out.items()}
+
+    def _outputs(self) -> list[_Output]:
+        return [*self.regions.values(), *self.devices.values(), self.manifest]
+
+    def _identity(self, name: str) -> tuple[int, int] | None:
+        try:
+            st = os.stat(name, dir_fd=self.fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        return (st.st_dev, st.st_ino)
+
+    def _show(self, name: str) -> str:
+        return os.path.join(self.path, name)

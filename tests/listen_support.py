@@ -1,0 +1,51 @@
+"""A ``fastmfd listen`` in a real process of its own, for the file-safety tests."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fastmfd", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+class Listener:
+    """``python -m fastmfd listen unix:… --dir DIRECTORY ARGS…``; entering waits until
+    it listens. ``finish()`` waits for its end: (exit status, stderr)."""
+
+    def __init__(self, directory, *args: str, preexec_fn=None) -> None:
+        # Short: a Unix socket path holds at most 107 bytes.
+        self._tmp = tempfile.mkdtemp(prefix="fmfd-listen-")
+        self.address = f"unix:{self._tmp}/sock"
+        self.args = ["listen", self.address, "--dir", str(directory), "--timeout", "60", *args]
+        self.preexec_fn = preexec_fn
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> "Listener":
+        self.proc = subprocess.Popen([sys.executable, "-m", "fastmfd", *self.args],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     preexec_fn=self.preexec_fn)
+        deadline = time.monotonic() + 30
+        while not os.path.exists(self.address[5:]):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.__exit__()
+                raise AssertionError(f"the listener did not start: {self.finish()}")
+            time.sleep(0.02)
+        return self
+
+    def finish(self, timeout: float = 30) -> tuple[int, str]:
+        _, err = self.proc.communicate(timeout=timeout)
+        return self.proc.returncode, err
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+        if self.proc is not None:
+            self.proc.communicate()
+        shutil.rmtree(self._tmp, ignore_errors=True)

@@ -1,0 +1,219 @@
+"""``fastmfd listen --dir D`` writes only what it must, only where it must, and
+a sender's success means the files are complete, durable and in place.
+
+Each test runs a real ``fastmfd listen`` process (a real directory, real
+sockets); the sender is ``fastmfd send`` or a Source in this process when the
+test needs a device that fails. Every output is written as ``NAME.part``
+(``O_EXCL|O_NOFOLLOW``) and renamed after everything was loaded and fsynced;
+a failed receive leaves no final name behind.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+
+import pytest
+
+import fastmfd
+from device_support import BrokenDevice
+from fastmfd.tools.outputs import STEM_MAX, output_name
+from listen_support import Listener, run_cli
+from migration_support import make_region
+
+PAGE = 4096
+LONG_IDSTR = "vfio-" + "x" * 250           # 255 bytes: the longest legal idstr
+
+
+def files_in(directory) -> set[str]:
+    return set(os.listdir(directory))
+
+
+def send(listener: Listener, *args: str) -> subprocess.CompletedProcess:
+    return run_cli("send", listener.address, *args, "--quiet")
+
+
+@pytest.fixture
+def image(tmp_path):
+    path = tmp_path / "ram.img"
+    path.write_bytes(os.urandom(8 * PAGE) + bytes(8 * PAGE))
+    return path
+
+
+# ---------------------------------------------------------------- names
+
+def test_names_map_to_files_injectively_within_name_max():
+    assert output_name("pc.ram") == "pc.ram"                 # a plain name is kept
+    assert output_name("a_b") == "a_b"
+    alike = ["a/b", "a_b", "a:b", ".a_b", "a_b~", "/rom@etc/acpi/tables", ".", ".."]
+    stems = [output_name(n) for n in alike]
+    assert len(set(stems)) == len(alike), dict(zip(alike, stems))
+    assert all("/" not in s and not s.startswith(".") and s for s in stems)
+    longs = [LONG_IDSTR, LONG_IDSTR[:-1] + "y", "z" * (STEM_MAX + 1)]
+    stems = [output_name(n) for n in longs]
+    assert len(set(stems)) == 3
+    for stem in stems:
+        assert len(f"{stem}.4294967295.state.part".encode()) <= 255
+
+
+def test_devices_named_alike_and_a_long_idstr_get_files_of_their_own(tmp_path, image):
+    states = {"a/b": b"slash" * 999, "a_b": b"underscore" * 777, LONG_IDSTR: b"long" * 5000}
+    args = []
+    for i, (idstr, data) in enumerate(states.items()):
+        (tmp_path / f"s{i}").write_bytes(data)
+        args += ["--state", f"{idstr}={tmp_path / f's{i}'}"]
+    out = tmp_path / "out"
+    with Listener(out) as listener:
+        done = send(listener, str(image), *args)
+        status, err = listener.finish()
+    assert done.returncode == 0, done.stderr
+    assert status == 0, err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["regions"] == [{"name": "ram", "size": 16 * PAGE, "file": "ram.img"}]
+    assert (out / "ram.img").read_bytes() == image.read_bytes()
+    got = {d["idstr"]: d for d in manifest["devices"]}
+    assert set(got) == set(states)
+    for idstr, data in states.items():
+        assert got[idstr]["instance_id"] == 0 and got[idstr]["size"] == len(data)
+        assert (out / got[idstr]["file"]).read_bytes() == data
+    assert files_in(out) == {"manifest.json", "ram.img"} | {d["file"] for d in got.values()}
+
+
+# ---------------------------------------------------------------- existing files, links
+
+def test_an_existing_file_is_refused_before_anything_is_written(tmp_path, image):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "ram.img").write_bytes(b"precious")
+    with Listener(out) as listener:
+        done = send(listener, str(image))
+        status, err = listener.finish()
+    assert done.returncode == 1 and status == 1
+    for text in (done.stderr, err):
+        assert f"{out / 'ram.img'} exists" in text and "--force" in text, text
+    assert (out / "ram.img").read_bytes() == b"precious"
+    assert files_in(out) == {"ram.img"}
+
+
+def test_force_replaces_an_existing_file(tmp_path, image):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "ram.img").write_bytes(b"old")
+    (out / "manifest.json").write_text("{}")
+    with Listener(out, "--force") as listener:
+        done = send(listener, str(image))
+        status, err = listener.finish()
+    assert done.returncode == 0 and status == 0, done.stderr + err
+    assert (out / "ram.img").read_bytes() == image.read_bytes()
+    assert files_in(out) == {"ram.img", "manifest.json"}
+
+
+@pytest.mark.parametrize("force", [False, True], ids=["refused", "force-replaces-the-link"])
+@pytest.mark.parametrize("link", ["ram.img", "ram.img.part", "nic0.0.state.part"])
+def test_a_symbolic_link_is_never_followed(tmp_path, image, link, force):
+    out, victim = tmp_path / "out", tmp_path / "victim"
+    out.mkdir()
+    victim.write_bytes(b"outside the directory")
+    os.symlink(victim, out / link)
+    (tmp_path / "nic").write_bytes(b"state" * 100)
+    with Listener(out, *(["--force"] if force else [])) as listener:
+        done = send(listener, str(image), "--state", f"nic0={tmp_path / 'nic'}")
+        status, err = listener.finish()
+    assert victim.read_bytes() == b"outside the directory"
+    if not force:
+        assert done.returncode == 1 and status == 1
+        assert f"{out / link} exists (a symbolic link)" in err
+        assert files_in(out) == {link}
+        return
+    assert done.returncode == 0 and status == 0, done.stderr + err
+    assert files_in(out) == {"ram.img", "nic0.0.state", "manifest.json"}
+    assert not (out / "ram.img").is_symlink()
+    assert (out / "ram.img").read_bytes() == image.read_bytes()
+    assert (out / "nic0.0.state").read_bytes() == b"state" * 100
+
+
+# ---------------------------------------------------------------- failures
+
+@pytest.mark.parametrize("keep", [False, True], ids=["removed", "keep-partial"])
+def test_a_failed_receive_leaves_no_final_name(tmp_path, keep):
+    out = tmp_path / "out"
+    region = make_region("ram", 64 * PAGE, seed=2)
+    try:
+        with Listener(out, *(["--keep-partial"] if keep else [])) as listener:
+            with fastmfd.Source(listener.address) as source:
+                source.add_region(region)
+                source.add_device(fastmfd.BytesDevice("good", 0, b"g" * 5000))
+                source.add_device(BrokenDevice("broken", 0, good=3))
+                with pytest.raises(fastmfd.MigrationError, match="data fd failed"):
+                    source.migrate(live=False)
+            status, err = listener.finish()
+    finally:
+        region.close()
+    assert status == 1 and "data fd failed" in err
+    if keep:
+        assert files_in(out) == {"ram.img.part", "good.0.state.part", "broken.0.state.part"}
+        assert (out / "ram.img.part").stat().st_size == 64 * PAGE
+    else:
+        assert files_in(out) == set()
+
+
+def test_a_rename_that_fails_at_the_end_takes_back_the_names_already_made(tmp_path):
+    """The region's file is renamed first; the device's rename then fails (a directory
+    took its name mid-transfer): the sender fails and the region's final name goes too."""
+    out = tmp_path / "out"
+    region = make_region("ram", 16 * PAGE, seed=6)
+    try:
+        with Listener(out) as listener:
+            with fastmfd.Source(listener.address) as source:
+                source.add_region(region)
+                source.add_device(fastmfd.BytesDevice("nic0", 0, b"n" * 5000))
+                with pytest.raises(fastmfd.MigrationError, match="nic0.0.state"):
+                    source.migrate(live=False,
+                                   on_stop=lambda: (out / "nic0.0.state").mkdir())
+            status, err = listener.finish()
+    finally:
+        region.close()
+    assert status == 1 and "Is a directory" in err, err
+    assert files_in(out) == {"nic0.0.state"} and not os.listdir(out / "nic0.0.state")
+
+
+def test_a_missing_state_file_fails_before_anything_is_sent(tmp_path, image):
+    out = tmp_path / "out"
+    with Listener(out) as listener:
+        done = send(listener, str(image), "--state", f"nic0={tmp_path / 'missing'}")
+        assert done.returncode == 1
+        assert f"cannot read state file {tmp_path / 'missing'}" in done.stderr
+        listener.proc.terminate()
+        listener.finish()
+    assert files_in(out) == set()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A directory on a 1 MiB file system of its own."""
+    directory = tmp_path / "small"
+    directory.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "fastmfd-test",
+                            str(directory)], capture_output=True, text=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mount.stderr.strip()}")
+    try:
+        yield directory
+    finally:
+        subprocess.run(["umount", str(directory)], check=True)
+
+
+def test_a_full_disk_fails_the_sender_and_leaves_no_final_name(tmp_path, image, small_disk):
+    """1 MiB of room, a 2 MiB state file: the listener's loader fails writing it,
+    before LOADED, so the sender is told the migration failed."""
+    (tmp_path / "big.state").write_bytes(os.urandom(2 << 20))
+    with Listener(small_disk) as listener:
+        done = send(listener, str(image), "--state", f"big={tmp_path / 'big.state'}")
+        status, err = listener.finish()
+    full = os.strerror(errno.ENOSPC)
+    assert done.returncode == 1, done.stderr
+    assert "big/0" in done.stderr and full in done.stderr, done.stderr
+    assert status == 1 and full in err, err
+    assert files_in(small_disk) == set()

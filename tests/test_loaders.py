@@ -1,0 +1,78 @@
+"""The ready-made file device and loader: FileDevice refuses a state file it
+cannot read before any migration starts; FileLoader writes its stream in order,
+fsyncs it before the destination may send LOADED, never follows a symbolic link,
+and a write that fails (a full disk) fails the migration on both sides."""
+
+from __future__ import annotations
+
+import errno
+import os
+import pickle
+import time
+
+import pytest
+
+import fastmfd
+from migration_support import Migration, make_region
+
+
+def test_file_device_refuses_a_state_file_it_cannot_read(tmp_path):
+    for path in (tmp_path / "missing", tmp_path):          # nothing there; a directory
+        with pytest.raises(fastmfd.ConfigError, match=f"cannot read state file {path}"):
+            fastmfd.FileDevice("nic0", 0, path)
+
+
+def test_file_loader_writes_the_stream_in_order(tmp_path):
+    path = tmp_path / "nic0.state"
+    path.write_bytes(b"an older, longer state file")
+    loader = pickle.loads(pickle.dumps(fastmfd.FileLoader(path)))   # as a loader travels
+    for piece in (b"one ", memoryview(b"two "), bytearray(b"three")):
+        loader.load_state_buffer(piece)
+    assert loader.load_finish() == str(path)
+    assert path.read_bytes() == b"one two three"
+    empty = fastmfd.FileLoader(tmp_path / "empty")
+    assert empty.load_finish() == str(tmp_path / "empty")
+    assert (tmp_path / "empty").read_bytes() == b""
+
+
+def test_file_loader_never_follows_a_link(tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep")
+    os.symlink(victim, tmp_path / "link")
+    with pytest.raises(OSError) as raised:
+        fastmfd.FileLoader(tmp_path / "link").load_state_buffer(b"overwritten")
+    assert raised.value.errno == errno.ELOOP
+    assert victim.read_bytes() == b"keep"
+
+
+def test_file_loader_exclusive_refuses_an_existing_file(tmp_path):
+    (tmp_path / "taken").write_bytes(b"keep")
+    with pytest.raises(FileExistsError):
+        fastmfd.FileLoader(tmp_path / "taken", exclusive=True).load_state_buffer(b"x")
+    assert (tmp_path / "taken").read_bytes() == b"keep"
+
+
+def test_a_loader_that_cannot_write_fails_both_sides():
+    with Migration() as m, make_region("ram", 16 * 4096, seed=1) as region:
+        m.source.add_region(region)
+        m.source.add_device(fastmfd.BytesDevice("nic0", 0, b"n" * 10000))
+        m.destination.add_loader("nic0", 0, fastmfd.FileLoader("/dev/full"))
+        since = time.monotonic()
+        src, dst = m.run().failed_both(since)
+    for error in (src, dst):
+        assert "nic0" in str(error) and os.strerror(errno.ENOSPC) in str(error)
+
+
+def test_on_setup_refuses_a_session_before_anything_is_committed():
+    def refuse(setup):
+        assert [r.name for r in setup.regions] == ["ram"]
+        assert [d.key for d in setup.devices] == [("nic0", 3)]
+        raise fastmfd.ConfigError("not this one")
+
+    with Migration() as m, make_region("ram", 16 * 4096) as region:
+        m.source.add_region(region)
+        m.source.add_device(fastmfd.BytesDevice("nic0", 3, b"n"))
+        since = time.monotonic()
+        src, dst = m.run(dst_on_setup=refuse).failed_both(since)
+    for error in (src, dst):
+        assert "not this one" in str(error)
