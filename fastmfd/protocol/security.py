@@ -218,9 +218,10 @@ def _handshake_lost(exc: OSError) -> str:
 # ---------------------------------------------------------------- the shared-key proof
 
 class Stream(Protocol):
-    """A connection as the proof sees it (a socket or a TLS channel)."""
-    def send_all(self, data: bytes) -> None: ...
-    def recv_exact(self, size: int) -> bytes: ...
+    """A connection as the proof sees it (a socket or a TLS channel, see
+    :mod:`.handshake`); ``what`` names the bytes in errors."""
+    def send_all(self, data: bytes, what: str = ...) -> None: ...
+    def recv_exact(self, size: int, what: str = ...) -> bytes: ...
 
 
 def _proof(key: bytes, role: bytes, uuid: bytes, channel: int, theirs: bytes,
