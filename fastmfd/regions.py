@@ -24,7 +24,7 @@ from ._core import DirtyBitmap
 from .errors import ConfigError
 from .protocol.control import RegionHandle
 from .protocol.setup import Invalid, check_name
-from .shm import SharedMemory
+from .shm import SharedMemory, map_file
 
 __all__ = ["Region", "RegionHandle", "validate_region_name"]
 
@@ -93,7 +93,7 @@ class Region:
             _validate_size(name, size, page_size)
             if actual < size:
                 os.ftruncate(fd, size)
-            mapping = mmap.mmap(fd, size)
+            mapping = map_file(fd, size)
         finally:
             os.close(fd)
         try:
@@ -115,7 +115,7 @@ class Region:
                 if os.fstat(fd).st_size < handle.size:
                     raise ConfigError(f"region file {handle.location} shrank below "
                                       f"{handle.size} bytes")
-                mapping = mmap.mmap(fd, handle.size)
+                mapping = map_file(fd, handle.size)
             finally:
                 os.close(fd)
         try:

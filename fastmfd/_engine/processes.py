@@ -62,8 +62,8 @@ class RemoteTraceback(Exception):
         return f"\n\"\"\"\n{self.text}\"\"\""
 
 
-def describe_exit(process: multiprocessing.Process) -> str:
-    code = process.exitcode
+def describe_exit(code: int | None) -> str:
+    """How a process with exit status ``code`` (None: still running) ended, in words."""
     if code is None:
         return "is still running"
     if code < 0:
@@ -86,10 +86,29 @@ class Child:
         self.process.start()
         theirs.close()
         self.finished = False          # sent its final report: its exit is expected
+        self._exitcode: int | None = None      # kept once the process object is closed
+        self.closed = False
 
     @property
     def sentinel(self) -> int:
         return self.process.sentinel
+
+    @property
+    def exitcode(self) -> int | None:
+        """The exit status (negative: killed by that signal), None while it runs."""
+        return self._exitcode if self.closed else self.process.exitcode
+
+    def close(self) -> None:
+        """Free the pipe and the process object's descriptors (its sentinel and
+        the forkserver's status pipe), which only the cyclic garbage collector
+        would free otherwise. The process must have been reaped."""
+        if self.closed:
+            return
+        self.conn.close()
+        self._exitcode = self.process.exitcode
+        if self._exitcode is not None:
+            self.process.close()
+            self.closed = True
 
     def next_report(self) -> Any | None:
         """The child's next report if one is waiting, else None (also once it is gone).
@@ -111,7 +130,7 @@ class Child:
         report = self.next_report() if ready else None
         if report is None:
             self.process.join(0.5 if ready else 0)
-            if self.process.exitcode is not None:
+            if self.exitcode is not None:
                 raise self.death_error()
             raise MigrationError(f"no {kind.__name__} report within {timeout:g} s",
                                  channel=self.name)
@@ -136,7 +155,7 @@ class Child:
         except OSError as exc:
             # A broken pipe means the child is gone: say what became of it.
             self.process.join(1)
-            if self.process.exitcode is not None:
+            if self.exitcode is not None:
                 raise self.death_error() from None
             raise MigrationError(f"cannot hand the session to the process: "
                                  f"{exc.strerror or exc}", channel=self.name) from None
@@ -147,7 +166,7 @@ class Child:
         return error
 
     def death_error(self) -> MigrationError:
-        return MigrationError(f"the worker process {describe_exit(self.process)}",
+        return MigrationError(f"the worker process {describe_exit(self.exitcode)}",
                               channel=self.name)
 
 
@@ -166,7 +185,7 @@ class ChildSet:
                 child.wait_ready()
         except BaseException:
             self.kill()
-            self._close_pipes()
+            self._close()
             raise
 
     def __iter__(self):
@@ -188,7 +207,7 @@ class ChildSet:
         """Tell idle children to exit, wait up to ``timeout`` for all of them, kill
         what is left, close the pipes."""
         for child in self.children:
-            if child.process.exitcode is None:
+            if child.exitcode is None:
                 try:
                     child.send(Stop())
                 except OSError:
@@ -196,26 +215,27 @@ class ChildSet:
         deadline = time.monotonic() + timeout
         # wait() returns at the first exit (and sleeps its whole timeout on an
         # empty list), so loop until every child is gone or time is up.
-        while running := [c.sentinel for c in self.children if c.process.exitcode is None]:
+        while running := [c.sentinel for c in self.children if c.exitcode is None]:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
             connection.wait(running, left)
         self.kill()
-        self._close_pipes()
+        self._close()
 
-    def _close_pipes(self) -> None:
+    def _close(self) -> None:
         for child in self.children:
-            child.conn.close()
+            child.close()
 
     def kill(self) -> None:
         """Kill every child still running and reap them all (any thread, idempotent)."""
         with self._lock:
             for child in self.children:
-                if child.process.exitcode is None:
+                if not child.closed and child.process.exitcode is None:
                     child.process.kill()
             for child in self.children:
-                child.process.join(timeout=5)
+                if not child.closed:
+                    child.process.join(timeout=5)
 
 
 class Watch:
