@@ -22,12 +22,14 @@ control pipe carries parameters once and reports once per session or round
 from __future__ import annotations
 
 import multiprocessing
+import os
+import select
 import signal
 import sys
 import threading
 import time
 import traceback
-from multiprocessing import connection, reduction
+from multiprocessing import connection, forkserver, reduction
 from typing import Any, Callable
 
 from .. import _core
@@ -324,9 +326,45 @@ class ChildPipe:
 
 def child_setup() -> None:
     """First thing in a child: ignore Ctrl-C (the main process tears down) and
-    die with the parent."""
+    die at once with whichever parent dies.
+
+    A child's OS parent is the forkserver, its owner the main process:
+    - the kernel kills it when the forkserver exits (PR_SET_PDEATHSIG);
+    - a watchdog thread kills it when the main process ends: multiprocessing
+      keeps the write end of a pipe in the main process for each child (the
+      "parent sentinel"), which reads end of file once the main process is gone;
+    - it lets go of the forkserver's "alive" pipe, which every child inherits
+      and which keeps the forkserver running while any holder lives: with it,
+      a SIGKILLed main process left the forkserver and a worker blocked on a
+      silent channel running, and the session's /dev/shm segments in place.
+    Once the whole tree is gone, the resource tracker unlinks the segments
+    their owner could not (:mod:`fastmfd.shm`).
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _core.die_with_parent()
+    server = forkserver._forkserver
+    if server._forkserver_alive_fd is not None:
+        try:
+            os.close(server._forkserver_alive_fd)
+        except OSError:
+            pass
+        server._forkserver_alive_fd = None
+    parent = multiprocessing.parent_process()
+    sentinel = getattr(parent, "sentinel", None)
+    if sentinel is not None:
+        threading.Thread(target=_die_with_parent, args=(sentinel,), daemon=True,
+                         name="fastmfd parent watchdog").start()
+    if os.getppid() == 1:           # the forkserver died before the prctl took effect
+        os._exit(1)
+
+
+def _die_with_parent(sentinel: int) -> None:
+    """Watchdog thread: block until the main process is gone, then die with it."""
+    try:
+        select.select([sentinel], [], [])
+    except (OSError, ValueError):
+        pass
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def close_all(stack: list) -> None:
