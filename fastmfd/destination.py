@@ -107,7 +107,9 @@ class Destination(Owner):
                 pass
 
     def close(self) -> None:
-        """Stop every process and free every resource (idempotent)."""
+        """Stop every process and free every resource (idempotent). From another thread
+        while ``receive()`` runs, it cancels the session first and waits for it."""
+        self._stop_running_call()
         self._resources.shutdown_sockets()
         for group in (self._workers, self._reassembly):
             if group is not None:
@@ -133,6 +135,10 @@ class Destination(Owner):
             raise ConfigError("use the Destination as a context manager")
         if self._session is not None:
             raise ConfigError("a Destination receives one migration; make a new one")
+        with self._running():
+            return self._receive(on_resume)
+
+    def _receive(self, on_resume) -> DestinationResult:
         session = self._session = Receiving(DestinationParts(
             self._listener, self.timeout, self._workers, self._reassembly, self._user_regions,
             self._loaders, self._region_factory, self._queued_cap, self._resources,

@@ -111,6 +111,7 @@ class Sending:
     def run(self, live: bool, on_stop, on_resume, progress: bool) -> MigrationStats:
         t_start = time.monotonic()
         try:
+            self.failure.check()
             self._connect()
             t_setup = time.monotonic() - t_start
             with RoundProgress(enabled=progress, regions=self.parts.regions) as bar:
