@@ -129,7 +129,23 @@ cdef class _EngineBase:
         PyMem_Free(self.zero)
 
 
-cdef int check_io(ssize_t rc, size_t want, str what) except -1:
+cdef double socket_timeout(int fd, int option) noexcept:
+    """The socket's SO_SNDTIMEO or SO_RCVTIMEO in seconds (0: none)."""
+    cdef timeval tv
+    cdef socklen_t size = sizeof(tv)
+    if getsockopt(fd, SOL_SOCKET, option, &tv, &size) != 0:
+        return 0
+    return tv.tv_sec + tv.tv_usec * 1e-6
+
+
+cdef int check_io(ssize_t rc, size_t want, str what, int fd=-1, bint sending=False) except -1:
+    # A socket's timeout (the session's stall_timeout, set by the main process)
+    # ends a transfer that made no progress for that long with EAGAIN.
+    if rc == -EAGAIN and fd >= 0:
+        raise MigrationError(
+            f"{what}: no progress for "
+            f"{socket_timeout(fd, SO_SNDTIMEO if sending else SO_RCVTIMEO):g} s ("
+            + ("the peer takes no data)" if sending else "no data arrives)"))
     if rc < 0:
         raise OSError(-rc, f"{what}: {strerror(-rc).decode()}")
     if <size_t>rc != want:
@@ -266,7 +282,7 @@ cdef class SendEngine(_EngineBase):
         self.iov[0].iov_len = self.lay.header_size
         with nogil:
             rc = writev_all(self.fd, self.iov, k)
-        check_io(rc, self.lay.header_size + (payload if nn else 0), "send")
+        check_io(rc, self.lay.header_size + (payload if nn else 0), "send", self.fd, True)
         bump(self.stats, ST_PACKETS, 1)
         bump(self.stats, ST_NORMAL, nn)
         bump(self.stats, ST_ZERO, nz)
@@ -295,7 +311,7 @@ cdef class SendEngine(_EngineBase):
         parts[0].iov_len = DEVICE_HEADER_SIZE
         with nogil:
             rc = writev_all(self.fd, parts, 2)
-        check_io(rc, DEVICE_HEADER_SIZE + payload, "send")
+        check_io(rc, DEVICE_HEADER_SIZE + payload, "send", self.fd, True)
         self.pool.release_slot(slot)
         bump(self.stats, ST_DEVICE_PACKETS, 1)
         bump(self.stats, ST_DEVICE_BYTES, length)

@@ -30,11 +30,12 @@ from cpython.buffer cimport (
 )
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.mem cimport PyMem_Calloc, PyMem_Free, PyMem_Malloc, PyMem_Realloc
-from libc.errno cimport EINTR, errno
+from libc.errno cimport EAGAIN, EINTR, errno
 from libc.stdint cimport uintptr_t
 from libc.stdio cimport snprintf
 from libc.string cimport memcmp, memcpy, memset, strcmp, strerror, strncpy
 from libc.time cimport time_t, timespec
+from posix.time cimport timeval
 from posix.uio cimport readv, writev
 
 from fastmfd.includes.atomics cimport (
@@ -52,14 +53,15 @@ from fastmfd.includes.libzstd cimport (
     ZSTD_getErrorName, ZSTD_inBuffer, ZSTD_isError, ZSTD_maxCLevel, ZSTD_minCLevel, ZSTD_outBuffer,
 )
 from fastmfd.includes.system cimport (
-    CLOCK_MONOTONIC, IOV_MAX, MADV_POPULATE_WRITE, PR_SET_PDEATHSIG, SHUT_WR, _SC_PAGESIZE,
-    __builtin_ctzll, __builtin_popcountll, clock_gettime, fm_buffer_is_zero, fm_pagescan_init,
-    madvise, prctl, sem_clockwait, sem_init, sem_post, sem_trywait, shutdown, strnlen, sysconf,
+    CLOCK_MONOTONIC, IOV_MAX, MADV_POPULATE_WRITE, PR_SET_PDEATHSIG, SHUT_WR, SO_RCVTIMEO,
+    SO_SNDTIMEO, SOL_SOCKET, _SC_PAGESIZE, __builtin_ctzll, __builtin_popcountll, clock_gettime,
+    fm_buffer_is_zero, fm_pagescan_init, getsockopt, madvise, prctl, sem_clockwait, sem_init,
+    sem_post, sem_trywait, shutdown, socklen_t, strnlen, sysconf,
 )
 
 import numpy as np
 
-from fastmfd.errors import Aborted, ProtocolError
+from fastmfd.errors import Aborted, MigrationError, ProtocolError
 from fastmfd.shm import SharedMemory
 
 fm_pagescan_init()

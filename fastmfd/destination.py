@@ -23,6 +23,7 @@ from ._engine.receiving import DestinationParts, Receiving
 from ._engine.session import Owner, SessionFailure, SessionResources, call_hook
 from ._engine.workers import recv_worker_main
 from .errors import ConfigError, MigrationError
+from .protocol.setup import MAX_STALL_SECONDS, MIN_STALL_SECONDS
 from .protocol.sockets import bound_address, listen, parse_address
 from .regions import Region
 from .stats import ReceiveStats
@@ -53,10 +54,16 @@ class Destination(Owner):
     """
 
     def __init__(self, address: str, *, workers: int = 4, timeout: float = 30.0,
-                 max_queued_bytes: int | None = None, region_factory=None) -> None:
+                 max_queued_bytes: int | None = None, region_factory=None,
+                 stall_timeout: float | None = None) -> None:
         requested = parse_address(address)
         if workers < 0:
             raise ConfigError(f"workers must be >= 0, not {workers}")
+        if stall_timeout is not None and not MIN_STALL_SECONDS <= stall_timeout <= \
+                MAX_STALL_SECONDS:
+            raise ConfigError(f"stall_timeout must be in {MIN_STALL_SECONDS:g}.."
+                              f"{MAX_STALL_SECONDS:g} s, not {stall_timeout!r}")
+        self.stall_timeout = stall_timeout
         self._listener = listen(requested)
         self.address = str(bound_address(self._listener, requested))
         self._unix_path = requested.target if requested.family == socket.AF_UNIX else None
@@ -142,7 +149,7 @@ class Destination(Owner):
         session = self._session = Receiving(DestinationParts(
             self._listener, self.timeout, self._workers, self._reassembly, self._user_regions,
             self._loaders, self._region_factory, self._queued_cap, self._resources,
-            self._failure))
+            self._failure, self.stall_timeout))
         try:
             session.accept_main()
             started = time.monotonic()

@@ -44,6 +44,7 @@ from ..protocol.setup import Setup
 from ..protocol.sockets import tune_data_socket, tune_main_socket
 from ..regions import Region
 from ..stats import ChannelStats, ReceiveStats
+from .liveness import Heartbeat, Progress, process_stopped, stall_error, tick
 from .processes import ChildSet, Watch
 from .reassembly import pool_slots_for, reassembly_main
 from .session import SessionFailure, SessionResources, break_session
@@ -72,8 +73,10 @@ class DestinationParts:
     def __init__(self, listener: socket.socket, timeout: float, workers: ChildSet,
                  reassembly: ChildSet, user_regions: dict[str, Region],
                  loaders: dict, region_factory, queued_cap: int | None,
-                 resources: SessionResources, failure: SessionFailure) -> None:
+                 resources: SessionResources, failure: SessionFailure,
+                 stall_timeout: float | None = None) -> None:
         self.listener, self.timeout = listener, timeout
+        self.stall_timeout = stall_timeout
         self.workers, self.reassembly = workers, reassembly
         self.user_regions, self.loaders = user_regions, loaders
         self.region_factory, self.queued_cap = region_factory, queued_cap
@@ -98,6 +101,7 @@ class Receiving:
         self._assigned: dict[int, object] = {}  # channel id -> its worker
         self._drained: set[int] = set()
         self._sync_count: dict[int, int] = {}
+        self._synced: dict[int, int] = {}       # channel id -> the last SYNC it reached
         self._round_end = 0
         self._released = 0
         self._complete: Complete | None = None
@@ -107,6 +111,9 @@ class Receiving:
         self._reassembly_drained = False
         self._old_way_chunks = self._old_way_bytes = 0
         self._watch: Watch | None = None
+        self._stall = 0.0                       # seconds: the session's stall deadline
+        self._heartbeat: Heartbeat | None = None
+        self._progress: Progress | None = None
 
     # ------------------------------------------------------------ setup
     def accept_main(self) -> None:
@@ -197,15 +204,24 @@ class Receiving:
     # ------------------------------------------------------------ the session
     def run(self) -> None:
         """Receive until everything is applied and loaded, then send LOADED."""
-        parts = self.parts
+        parts, setup = self.parts, self.setup
+        # The destination's own deadline if it has one, else the source's; its
+        # keepalives keep to the shorter of the two, so the source hears it in time.
+        self._stall = stall = parts.stall_timeout or setup.stall_timeout
+        self.main.sock.settimeout(stall)    # a message that starts must end in time
+        self._progress = Progress(stall)
+        self._heartbeat = Heartbeat(self.main, stall, "source",
+                                    interval=min(stall, setup.stall_timeout))
         self._watch = watch = Watch(self.main.sock)
         watch.add(parts.listener, self._accept_channel)
         watch.add(self.main.sock, self._on_main_message)
         if self.setup.devices:
             watch.add_child(parts.reassembly[0], self._on_reassembly_report)
+        self._check_liveness()              # the deadlines start now
         while not self._done():
             self.failure.check()
-            watch.poll(1.0)
+            watch.poll(tick(stall))
+            self._check_liveness()
         self._finish()
 
     def _done(self) -> bool:
@@ -242,11 +258,55 @@ class Receiving:
     def _on_worker_report(self, ch: int, report) -> None:
         if isinstance(report, Synced):
             self._sync_count[report.round] = self._sync_count.get(report.round, 0) + 1
+            self._synced[ch] = report.round
             self._release_rounds()
         elif isinstance(report, Eof):
             self._drained.add(ch)
+            self._check_ended_early()
             if len(self._drained) == self.setup.total_channels and self.setup.devices:
                 self.parts.reassembly[0].send(Drained())
+
+    def _check_ended_early(self) -> None:
+        """A RAM channel that ended cannot bring a SYNC the source says it sent."""
+        for ch in self._drained:
+            reached = self._synced.get(ch, 0)
+            if ch < self.setup.channels and reached < self._round_end:
+                raise MigrationError(f"the channel ended before the SYNC of round {reached + 1}",
+                                     channel=self._assigned[ch].name)
+
+    def _check_liveness(self) -> None:
+        """The source must be heard from; every channel must connect; a channel owing a
+        SYNC (ROUND_END came) or its end (COMPLETE came) must move; so must the
+        reassembly process once every channel ended; a stopped process fails."""
+        setup, stall, progress = self.setup, self._stall, self._progress
+        for ch in range(setup.total_channels):
+            worker = self._assigned.get(ch)
+            if worker is None:
+                if progress.stalled(("connect", ch), True, None):
+                    raise MigrationError(f"not connected {stall:g} s after SETUP_ACK",
+                                         channel=f"channel {ch}")
+                continue
+            if ch in self._drained:
+                continue
+            pid = worker.process.pid
+            reached = self._synced.get(ch, 0) if ch < setup.channels else 0
+            # Held at a SYNC the barrier has not released, a channel owes nothing:
+            # the channels that have not reached it do.
+            owed = reached <= self._released and (self._complete is not None
+                                                  or reached < self._round_end)
+            signature = tuple(self._counters.read(ch).values())
+            if progress.stalled(ch, owed or process_stopped(pid), signature):
+                raise stall_error(worker.name, stall, pid,
+                                  f" (it owes the SYNC of round {reached + 1})"
+                                  if reached < self._round_end else "")
+        if setup.devices and not self._reassembly_drained:
+            reassembly = self.parts.reassembly[0]
+            pid = reassembly.process.pid
+            owed = len(self._drained) == setup.total_channels
+            signature = (len(self._device_results), self._pool.free_count)
+            if progress.stalled("reassembly", owed or process_stopped(pid), signature):
+                raise stall_error(reassembly.name, stall, pid)
+        self._heartbeat.beat()
 
     def _release_rounds(self) -> None:
         """RAM barrier: let every RAM channel past round n once all reached it."""
@@ -261,6 +321,9 @@ class Receiving:
     def _on_main_message(self) -> None:
         kind, body = read_message(self.main.sock, OLD_WAY_PREFIX.size
                                   + _core.CHUNK_HEADER_SIZE + self.setup.chunk_size)
+        self._heartbeat.received()
+        if kind is Msg.KEEPALIVE:
+            return
         expected = {ReceivingState.RECEIVING: (Msg.ROUND_END, Msg.DEVICE_STATE,
                                                Msg.SWITCHOVER_START, Msg.COMPLETE),
                     ReceivingState.SWITCHOVER: (Msg.ROUND_END, Msg.DEVICE_STATE,
@@ -282,6 +345,7 @@ class Receiving:
                                     f"{self._round_end + 1}", field="round",
                                     received=payload.round, expected=self._round_end + 1)
             self._round_end = payload.round
+            self._check_ended_early()
             self._release_rounds()
         elif kind is Msg.SWITCHOVER_START:
             # Loaders already start as chunks arrive: nothing waits for it.
@@ -316,13 +380,18 @@ class Receiving:
 
     def _acquire_slot(self) -> int:
         reassembly = self.parts.reassembly[0]
+        deadline = time.monotonic() + self._stall
         while True:
-            slot = self._pool.acquire(timeout=0.5)
+            slot = self._pool.acquire(timeout=min(0.5, self._heartbeat.interval))
             if slot is not None:
                 return slot
             self.failure.check()
             if not reassembly.process.is_alive():
                 raise reassembly.death_error()
+            self._heartbeat.beat()
+            if time.monotonic() > deadline:
+                raise stall_error(reassembly.name, self._stall, reassembly.process.pid,
+                                  " (no device-state buffer came free)")
 
     def _on_reassembly_report(self, report) -> None:
         if isinstance(report, DeviceLoaded):

@@ -44,6 +44,8 @@ from ..protocol.sockets import Address, connect, send_all, tune_data_socket, tun
 from ..regions import Region
 from ..shm import SharedMemory
 from ..stats import ChannelStats, MigrationStats, RoundStats
+from .liveness import (Heartbeat, Progress, bytes_waiting, process_stopped, set_stall_timeout,
+                       stall_error, tick)
 from .processes import ChildSet, Watch
 from .progress import RoundProgress
 from .saving import DeviceSaver, save_old_way
@@ -106,6 +108,7 @@ class Sending:
         self._device_chunks: list[int] = []     # chunks each device sent, in device order
         self._old_way_bytes = 0                 # device bytes sent on the main channel
         self._loaded_report: Loaded | None = None
+        self._heartbeat: Heartbeat | None = None
 
     # ------------------------------------------------------------ the session
     def run(self, live: bool, on_stop, on_resume, progress: bool) -> MigrationStats:
@@ -170,6 +173,7 @@ class Sending:
             data = connect(parts.address, cfg.timeout)
             parts.resources.sockets.append(data)
             tune_data_socket(data)
+            set_stall_timeout(data, cfg.stall_timeout)
             send_all(data, handshake.channel_start(setup, ch), "handshake", f"channel {ch}")
             cmd_r, cmd_w = os.pipe()
             self._cmd_fds.append(cmd_w)
@@ -178,7 +182,8 @@ class Sending:
                 worker.start_session(self._params(ch), [data.fileno(), cmd_r])
             finally:
                 os.close(cmd_r)
-        sock.settimeout(None)
+        # A message that starts must end within the deadline, and so must a send.
+        sock.settimeout(cfg.stall_timeout)
         self._wake_r, self._wake_w = os.pipe()      # wakes the monitor thread to stop it
         parts.resources.fds += [self._wake_r, self._wake_w]
         self._monitor = threading.Thread(target=self._watch, name="fastmfd source monitor",
@@ -323,15 +328,19 @@ class Sending:
 
     # ------------------------------------------------------------ monitor
     def _watch(self) -> None:
-        """Monitor thread: worker reports and deaths, and the return path."""
+        """Monitor thread: worker reports and deaths, the return path, and deadlines."""
         watch = Watch(self.main.sock)
         for worker in self.parts.workers:
             watch.add_child(worker, self._on_worker_report)
         watch.add(self.main.sock, lambda: self._on_main_message(watch), MAIN)
         watch.add(self._wake_r, self._stop_watching)
+        stall = self.config.stall_timeout
+        self._heartbeat = Heartbeat(self.main, stall, "destination")
+        progress = Progress(stall)
         while self.failure.error is None:
             try:
-                watch.poll(None)
+                watch.poll(tick(stall))
+                self._check_liveness(progress)
             except _StopWatching:
                 return
             except OSError:
@@ -342,6 +351,27 @@ class Sending:
 
     def _stop_watching(self) -> None:
         raise _StopWatching()
+
+    def _check_liveness(self, progress: Progress) -> None:
+        """The destination must be heard from, and each send worker with work (a job,
+        a command in its pipe) or stopped must finish a packet within the deadline."""
+        if self._resumed.is_set():
+            return
+        self._heartbeat.beat()
+        cfg, parts = self.config, self.parts
+        for ch, worker in enumerate(parts.workers):
+            if worker.finished:
+                continue
+            pid = worker.process.pid
+            selector, index = ((parts.ram_selector, ch) if ch < cfg.channels
+                               else (parts.device_selector, ch - cfg.channels))
+            expected = (selector.is_busy(index) or bytes_waiting(self._cmd_fds[ch]) > 0
+                        or process_stopped(pid))
+            # Packets, not bytes: a path that lets a zero-window probe through now
+            # and then moves bytes, but nothing a destination could use.
+            signature = tuple(parts.counters.read(ch).values())
+            if progress.stalled(ch, expected, signature):
+                raise stall_error(worker.name, cfg.stall_timeout, pid)
 
     def _on_worker_report(self, report) -> None:
         if isinstance(report, Done) and all(w.finished for w in self.parts.workers):
@@ -357,6 +387,9 @@ class Sending:
                 return
             raise MigrationError(f"the destination closed the main channel ({exc.detail})",
                                  channel=MAIN) from None
+        self._heartbeat.received()
+        if kind is Msg.KEEPALIVE:
+            return
         payload = decode_payload(kind, body)
         if isinstance(payload, Error):
             raise MigrationError(f"the destination failed: {payload.error}",

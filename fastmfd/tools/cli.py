@@ -34,7 +34,7 @@ def _config(args: argparse.Namespace):
     return MigrationConfig(channels=args.channels, compression=args.compression,
                            compression_level=args.level,
                            zero_page_detection=not args.no_zero_detection,
-                           checksum=args.checksum)
+                           checksum=args.checksum, stall_timeout=args.stall_timeout)
 
 
 def cmd_send(args: argparse.Namespace) -> int:
@@ -57,7 +57,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
     from .transfer import listen_once
     console = Console(stderr=True)
     result, files = listen_once(
-        args.address, args.dir, timeout=args.timeout,
+        args.address, args.dir, timeout=args.timeout, stall_timeout=args.stall_timeout,
         on_listening=lambda address: console.print(f"listening on {address}"))
     for name, path in files.items():
         console.print(f"{name} -> {path} ({format_bytes(os.path.getsize(path))})")
@@ -102,6 +102,9 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="send zero pages as data")
     p.add_argument("--checksum", action="store_true", help="CRC-32 every packet's payload")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress, no summary")
+    p.add_argument("--stall-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="fail, on both sides, when a channel, process or the peer makes no "
+                        "progress for this long (default 30; the listener honours it)")
     p.set_defaults(func=cmd_send)
 
     p = sub.add_parser("listen", help="receive one migration into files")
@@ -109,6 +112,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", default=".", help="output directory (default: here)")
     p.add_argument("--timeout", type=float, default=3600.0,
                    help="seconds to wait for the sender (default 3600)")
+    p.add_argument("--stall-timeout", type=float, default=None, metavar="SECONDS",
+                   help="fail when the sender, a channel or a process makes no progress for "
+                        "this long (default: the sender's --stall-timeout)")
     p.set_defaults(func=cmd_listen)
 
     p = sub.add_parser("inspect", help="decode captured multifd channel bytes (fastmfd or QEMU)")

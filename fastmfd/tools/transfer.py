@@ -85,7 +85,7 @@ def output_name(name: str) -> str:
 
 
 def listen_once(address: str, directory: str, *, timeout: float = 3600.0,
-                on_listening=None) -> tuple[DestinationResult, dict[str, str]]:
+                stall_timeout: float | None = None, on_listening=None) -> tuple[DestinationResult, dict[str, str]]:
     """Receive one migration into ``directory``: ``<region>.img`` files mapped
     while they are written, ``<idstr>.<instance>.state`` for each device.
     Returns the result and the files written, by region or device name."""
@@ -99,7 +99,8 @@ def listen_once(address: str, directory: str, *, timeout: float = 3600.0,
         files[name] = path
         return Region.from_file(name, path, size=size, page_size=page_size)
 
-    with Destination(address, timeout=timeout, region_factory=region_file) as dst:
+    with Destination(address, timeout=timeout, region_factory=region_file,
+                     stall_timeout=stall_timeout) as dst:
         if on_listening is not None:
             on_listening(dst.address)
         result = dst.receive()
