@@ -378,6 +378,7 @@ cdef class RecvEngine(_EngineBase):
         cdef size_t i, k = 0, raw
         cdef uint64_t off, page
         cdef uint32_t psize = self.lay.page_size
+        cdef int failed
         with nogil:
             got = read_exact(self.fd, self.header + 12, self.lay.header_size - 12)
         check_io(got, self.lay.header_size - 12, "RAM packet header")
@@ -396,7 +397,8 @@ cdef class RecvEngine(_EngineBase):
             raw = <size_t>info.normal_pages * psize
             k = pages_to_iov(self.iov, ref.base, self.normal, info.normal_pages, psize)
             with nogil:
-                populate_for_write(self.iov, k)
+                failed = populate_for_write(self.iov, k)
+            check_populated(failed, f"region {ref.name.decode()}")
             if self.codec is None:
                 with nogil:
                     got = readv_all(self.fd, self.iov, k)
@@ -473,6 +475,7 @@ cdef class RecvEngine(_EngineBase):
         slot = self.pool.acquire_slot(-1.0)
         try:
             dst = self.pool.slot_ptr(<uint32_t>slot)
+            self.pool.back_slot(<uint32_t>slot)
             if self.codec is None:
                 with nogil:
                     got = read_exact(self.fd, dst, info.next_packet_size)

@@ -237,6 +237,7 @@ cdef class BufferPool(_SharedStructure):
     cdef PoolHeader *hdr
     cdef uint32_t *next_free        # per slot: the slot below it on the stack, + 1
     cdef uint32_t *held             # per slot: 1 while acquired
+    cdef bytearray backed           # per slot, this process: known to have memory
 
     cdef uint8_t *slot_ptr(self, uint32_t slot) noexcept nogil
     cdef int64_t _pop(self) noexcept nogil
@@ -244,6 +245,7 @@ cdef class BufferPool(_SharedStructure):
     cdef int64_t acquire_slot(self, double timeout) except -2
     cdef int release_slot(self, uint32_t slot) except -1
     cdef int check_slot(self, uint32_t slot) except -1
+    cdef int back_slot(self, uint32_t slot) except -1
 
 
 cdef class ChannelSelector(_SharedStructure):
@@ -276,7 +278,8 @@ cdef class Counters(_SharedStructure):
 
 cdef size_t pages_to_iov(iovec *iov, uint8_t *base, const uint64_t *offsets, size_t n,
                          size_t page_size) noexcept nogil
-cdef void populate_for_write(const iovec *iov, size_t count) noexcept nogil
+cdef int populate_for_write(const iovec *iov, size_t count) noexcept nogil
+cdef int check_populated(int err, str what) except -1
 cdef size_t gather_iov(const iovec *iov, size_t n, uint8_t *dst) noexcept nogil
 cdef ssize_t writev_all(int fd, iovec *iov, size_t count) noexcept nogil
 cdef ssize_t readv_all(int fd, iovec *iov, size_t count) noexcept nogil

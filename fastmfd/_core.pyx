@@ -30,7 +30,7 @@ from cpython.buffer cimport (
 )
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.mem cimport PyMem_Calloc, PyMem_Free, PyMem_Malloc, PyMem_Realloc
-from libc.errno cimport EAGAIN, EINTR, errno
+from libc.errno cimport EAGAIN, EFAULT, EINTR, ENOMEM, errno
 from libc.stdint cimport uintptr_t
 from libc.stdio cimport snprintf
 from libc.string cimport memcmp, memcpy, memset, strcmp, strerror, strncpy

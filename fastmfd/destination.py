@@ -51,11 +51,18 @@ class Destination(Owner):
     processes and the reassembly process ahead of time (more workers are
     started if the source asks for more channels); leaving stops them and
     frees the regions it created and every shared-memory segment.
+
+    ``stall_timeout``: seconds the source, a channel or a process may make no
+    progress before the session fails (default: the source's, from SETUP).
+    ``max_memory``: bytes of shared memory the session may make this
+    destination hold — the regions it creates plus the device-state buffers
+    (default: what ``/dev/shm`` has free); a SETUP asking for more is refused
+    before anything is allocated, and the source is told why.
     """
 
     def __init__(self, address: str, *, workers: int = 4, timeout: float = 30.0,
                  max_queued_bytes: int | None = None, region_factory=None,
-                 stall_timeout: float | None = None) -> None:
+                 stall_timeout: float | None = None, max_memory: int | None = None) -> None:
         requested = parse_address(address)
         if workers < 0:
             raise ConfigError(f"workers must be >= 0, not {workers}")
@@ -63,7 +70,10 @@ class Destination(Owner):
                 MAX_STALL_SECONDS:
             raise ConfigError(f"stall_timeout must be in {MIN_STALL_SECONDS:g}.."
                               f"{MAX_STALL_SECONDS:g} s, not {stall_timeout!r}")
+        if max_memory is not None and max_memory < 0:
+            raise ConfigError(f"max_memory must be >= 0 bytes, not {max_memory}")
         self.stall_timeout = stall_timeout
+        self.max_memory = max_memory
         self._listener = listen(requested)
         self.address = str(bound_address(self._listener, requested))
         self._unix_path = requested.target if requested.family == socket.AF_UNIX else None
@@ -149,7 +159,7 @@ class Destination(Owner):
         session = self._session = Receiving(DestinationParts(
             self._listener, self.timeout, self._workers, self._reassembly, self._user_regions,
             self._loaders, self._region_factory, self._queued_cap, self._resources,
-            self._failure, self.stall_timeout))
+            self._failure, self.stall_timeout, self.max_memory))
         try:
             session.accept_main()
             started = time.monotonic()

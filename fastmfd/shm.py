@@ -116,11 +116,13 @@ class SharedMemory:
         self._buf: memoryview | None = memoryview(mapping)
 
     @classmethod
-    def create(cls, size: int, *, tag: str = "seg", allocate: bool = True) -> "SharedMemory":
+    def create(cls, size: int, *, tag: str = "seg", allocate: bool | int = True
+               ) -> "SharedMemory":
         """Create and map a new segment of ``size`` bytes, filled with zeros.
 
-        ``allocate=False``: sparse; nothing is allocated until written (check
-        the room first, and populate before writing: see the module doc)."""
+        ``allocate``: True allocates it all now; False leaves it sparse (nothing is
+        allocated until written: check the room first, and populate before
+        writing, see the module doc); a number allocates that many first bytes."""
         if size <= 0:
             # A mapping cannot be empty (mmap refuses a zero-length file).
             raise ConfigError(f"segment size {size}: a segment holds at least 1 byte")
@@ -143,7 +145,7 @@ class SharedMemory:
                 registered = True
                 os.ftruncate(fd, size)
                 if allocate:
-                    os.posix_fallocate(fd, 0, size)
+                    os.posix_fallocate(fd, 0, size if allocate is True else min(allocate, size))
                 mapping = map_file(fd, size)
             except BaseException:
                 os.unlink(path)

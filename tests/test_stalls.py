@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 import fastmfd
+from fastmfd.shm import SHM_DIR
 from migration_support import (BlackHole, FakeSource, Migration, Packets, Proxy, Trigger,
                                hello, make_region, setup_message)
 
@@ -87,6 +88,10 @@ def test_a_source_silent_after_setup_ack(channels_connected):
             silent_since = time.monotonic()
             if channels_connected:
                 source.connect(hello(0, uuid))
+            # 240 MiB announced, nothing sent: next to nothing is allocated meanwhile.
+            segment = dst._session.regions[0].handle.location
+            held = os.stat(os.path.join(SHM_DIR, segment)).st_blocks * 512
+            assert held < MIB, f"a silent source holds {held} bytes of /dev/shm"
             thread.join(BOUND + 5)
             assert not thread.is_alive(), "the destination still waits for the silent source"
             kind, body = source.reply()

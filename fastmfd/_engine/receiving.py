@@ -43,10 +43,11 @@ from ..protocol.main_channel import (MAIN, OLD_WAY_PREFIX, Complete, Loaded, Mai
 from ..protocol.setup import Setup
 from ..protocol.sockets import tune_data_socket, tune_main_socket
 from ..regions import Region
+from ..shm import SHM_DIR, free_bytes
 from ..stats import ChannelStats, ReceiveStats
 from .liveness import Heartbeat, Progress, process_stopped, stall_error, tick
 from .processes import ChildSet, Watch
-from .reassembly import pool_slots_for, reassembly_main
+from .reassembly import plan_pool, reassembly_main
 from .session import SessionFailure, SessionResources, break_session
 from .workers import recv_worker_main
 
@@ -74,9 +75,9 @@ class DestinationParts:
                  reassembly: ChildSet, user_regions: dict[str, Region],
                  loaders: dict, region_factory, queued_cap: int | None,
                  resources: SessionResources, failure: SessionFailure,
-                 stall_timeout: float | None = None) -> None:
+                 stall_timeout: float | None = None, max_memory: int | None = None) -> None:
         self.listener, self.timeout = listener, timeout
-        self.stall_timeout = stall_timeout
+        self.stall_timeout, self.max_memory = stall_timeout, max_memory
         self.workers, self.reassembly = workers, reassembly
         self.user_regions, self.loaders = user_regions, loaders
         self.region_factory, self.queued_cap = region_factory, queued_cap
@@ -154,11 +155,28 @@ class Receiving:
             if key not in keys:
                 raise ConfigError(f"a loader was added for device {key[0]!r} instance "
                                   f"{key[1]} but the source does not send it")
+        left = self._memory_left()
         for spec in setup.regions:
             self.regions.append(self._region(spec.name, spec.size))
         self._counters = parts.resources.own(_core.Counters.create(setup.total_channels))
         if setup.devices:
-            self._start_reassembly()
+            self._start_reassembly(left)
+
+    def _memory_left(self) -> int:
+        """What SETUP asks this destination to hold, checked before anything is
+        allocated: the regions it creates must fit in ``max_memory`` (default:
+        what /dev/shm has free); returns what is left for the device-state pool.
+        Regions are sparse and filled as data arrives, so this bounds, it does
+        not commit."""
+        parts = self.parts
+        budget = parts.max_memory if parts.max_memory is not None else free_bytes()
+        created = sum(spec.size for spec in self.setup.regions
+                      if spec.name not in parts.user_regions and parts.region_factory is None)
+        if created > budget:
+            raise ConfigError(f"the source sends {created} bytes of regions for this "
+                              f"destination to hold; it holds at most {budget} (max_memory, "
+                              f"or what {SHM_DIR} has free)")
+        return budget - created
 
     def _region(self, name: str, size: int) -> Region:
         parts, page_size = self.parts, self.setup.page_size
@@ -177,7 +195,7 @@ class Receiving:
         self._fresh.append(fresh)
         return region
 
-    def _start_reassembly(self) -> None:
+    def _start_reassembly(self, budget: int) -> None:
         setup, parts = self.setup, self.parts
         cap = setup.max_queued_bytes
         if parts.queued_cap is not None:
@@ -187,10 +205,13 @@ class Receiving:
                                   f"device chunk of the source's device_chunk_size "
                                   f"({setup.chunk_size})")
         slot_size = setup.chunk_size + _core.CHUNK_HEADER_SIZE
-        nslots = pool_slots_for(len(setup.devices), cap, setup.chunk_size, setup.total_channels)
-        # Slots are touched only as chunks arrive, so the pool is not allocated up front.
+        # Sized for the worst case the caps allow, within what is left of the memory
+        # budget (a smaller out-of-order cap if need be), and sparse: slots take
+        # memory only as chunks arrive, so a 4-byte device state costs a page.
+        cap, nslots = plan_pool(len(setup.devices), cap, setup.chunk_size,
+                                setup.total_channels, budget)
         self._pool = parts.resources.own(_core.BufferPool.create(nslots, slot_size,
-                                                                 tag="dest-pool"))
+                                                                 tag="dest-pool", sparse=True))
         desc_r, self._desc_w = os.pipe()
         parts.resources.fds.append(self._desc_w)
         loaders = tuple((device_key(*d.key), parts.loaders.get(d.key, CollectLoader()))
@@ -372,6 +393,7 @@ class Receiving:
         chunk = memoryview(body)[OLD_WAY_PREFIX.size:]
         idx, flags = _core.decode_chunk_header(chunk)
         slot = self._acquire_slot()
+        self._pool.populate(slot)
         with self._pool.view(slot) as view:
             view[:len(chunk)] = chunk
         os.write(self._desc_w, _core.pack_descriptor(device, idx, flags, slot, len(chunk), 0))

@@ -168,7 +168,8 @@ class Sending:
         if parts.devices and cfg.channel_header:
             nslots = max(4, 2 * len(parts.devices) + cfg.total_channels)
             self._pool = parts.resources.own(_core.BufferPool.create(
-                nslots, cfg.device_chunk_size + _core.CHUNK_HEADER_SIZE, tag="source-pool"))
+                nslots, cfg.device_chunk_size + _core.CHUNK_HEADER_SIZE, tag="source-pool",
+                sparse=True))
         for ch, worker in enumerate(parts.workers):
             data = connect(parts.address, cfg.timeout)
             parts.resources.sockets.append(data)
