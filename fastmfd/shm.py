@@ -64,14 +64,12 @@ def map_file(fd: int, size: int) -> mmap.mmap:
         address = ctypes.addressof(anchor)
         got = _libc.mmap(address, size, mmap.PROT_READ | mmap.PROT_WRITE,
                          mmap.MAP_SHARED | 0x10, fd, 0)        # 0x10: MAP_FIXED
-        if got is None or got == _MAP_FAILED or got != address:
-            err = ctypes.get_errno()
-            raise OSError(err, f"mmap: {os.strerror(err)}")
-    except BaseException:
-        del anchor
+        err = ctypes.get_errno()
+    finally:
+        del anchor          # an exported buffer: the mapping cannot close while it lives
+    if got is None or got == _MAP_FAILED or got != address:
         mapping.close()
-        raise
-    del anchor
+        raise OSError(err, f"mmap: {os.strerror(err)}")
     return mapping
 
 

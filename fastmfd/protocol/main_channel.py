@@ -61,7 +61,7 @@ class Msg(enum.IntEnum):
     LOADED = 8              # destination -> source: everything applied and loaded
     ERROR = 9               # either way: the session failed (text)
     RESUMED = 10            # destination -> source: its on_resume ran; the session is over
-    KEEPALIVE = 11          # either way, after SETUP_ACK: still here (stall_timeout / 4 apart)
+    KEEPALIVE = 12          # either way, after SETUP_ACK: still here (stall_timeout / 4 apart)
 
 
 # ---------------------------------------------------------------- payloads
