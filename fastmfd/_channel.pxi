@@ -57,6 +57,15 @@ cdef inline void bump(uint64_t *row, int field, uint64_t by) noexcept nogil:
     fm_store64(&row[field], row[field] + by)
 
 
+cdef double socket_timeout(int fd, int option) noexcept:
+    """The socket's SO_SNDTIMEO or SO_RCVTIMEO in seconds (0: none)."""
+    cdef timeval tv
+    cdef socklen_t size = sizeof(tv)
+    if getsockopt(fd, SOL_SOCKET, option, &tv, &size) != 0:
+        return 0
+    return tv.tv_sec + tv.tv_usec * 1e-6
+
+
 # ---------------------------------------------------------------- regions as the engines see them
 
 cdef class _RegionTable:
@@ -141,9 +150,18 @@ cdef class _EngineBase:
         PyMem_Free(self.normal)
         PyMem_Free(self.zero)
 
-    cdef int check_io(self, ssize_t rc, size_t want, str what) except -1:
-        """Raise for a failed or short transfer of ``want`` bytes (rc: bytes or -errno)."""
+    cdef int check_io(self, ssize_t rc, size_t want, str what, bint sending=False) except -1:
+        """Raise for a failed or short transfer of ``want`` bytes (rc: bytes or -errno).
+
+        The socket's timeout (the session's stall_timeout, set by the main
+        process) ends a transfer that made no progress for that long with
+        EAGAIN, in plain and TLS transfers alike."""
         cdef bytes reason
+        if rc == -EAGAIN:
+            raise MigrationError(
+                f"{what}: no progress for "
+                f"{socket_timeout(self.link.fd, SO_SNDTIMEO if sending else SO_RCVTIMEO):g} s ("
+                + ("the peer takes no data)" if sending else "no data arrives)"))
         if rc < 0:
             if rc == -EPROTO and self.link.err[0]:
                 reason = self.link.err      # OpenSSL's reason (_tls.pxi)
@@ -284,7 +302,7 @@ cdef class SendEngine(_EngineBase):
         self.iov[0].iov_len = self.lay.header_size
         with nogil:
             rc = link_writev(&self.link, self.iov, k)
-        self.check_io(rc, self.lay.header_size + (payload if nn else 0), "send")
+        self.check_io(rc, self.lay.header_size + (payload if nn else 0), "send", True)
         bump(self.stats, ST_PACKETS, 1)
         bump(self.stats, ST_NORMAL, nn)
         bump(self.stats, ST_ZERO, nz)
@@ -313,7 +331,7 @@ cdef class SendEngine(_EngineBase):
         parts[0].iov_len = DEVICE_HEADER_SIZE
         with nogil:
             rc = link_writev(&self.link, parts, 2)
-        self.check_io(rc, DEVICE_HEADER_SIZE + payload, "send")
+        self.check_io(rc, DEVICE_HEADER_SIZE + payload, "send", True)
         self.pool.release_slot(slot)
         bump(self.stats, ST_DEVICE_PACKETS, 1)
         bump(self.stats, ST_DEVICE_BYTES, length)
@@ -381,6 +399,7 @@ cdef class RecvEngine(_EngineBase):
         cdef size_t i, k = 0, raw
         cdef uint64_t off, page
         cdef uint32_t psize = self.lay.page_size
+        cdef int failed
         with nogil:
             got = link_read_exact(&self.link, self.header + 12, self.lay.header_size - 12)
         self.check_io(got, self.lay.header_size - 12, "RAM packet header")
@@ -399,7 +418,8 @@ cdef class RecvEngine(_EngineBase):
             raw = <size_t>info.normal_pages * psize
             k = pages_to_iov(self.iov, ref.base, self.normal, info.normal_pages, psize)
             with nogil:
-                populate_for_write(self.iov, k)
+                failed = populate_for_write(self.iov, k)
+            check_populated(failed, f"region {ref.name.decode()}")
             if self.codec is None:
                 with nogil:
                     got = link_readv(&self.link, self.iov, k)
@@ -476,6 +496,7 @@ cdef class RecvEngine(_EngineBase):
         slot = self.pool.acquire_slot(-1.0)
         try:
             dst = self.pool.slot_ptr(<uint32_t>slot)
+            self.pool.back_slot(<uint32_t>slot)
             if self.codec is None:
                 with nogil:
                     got = link_read_exact(&self.link, dst, info.next_packet_size)

@@ -238,6 +238,7 @@ cdef class BufferPool(_SharedStructure):
     cdef PoolHeader *hdr
     cdef uint32_t *next_free        # per slot: the slot below it on the stack, + 1
     cdef uint32_t *held             # per slot: 1 while acquired
+    cdef bytearray backed           # per slot, this process: known to have memory
 
     cdef uint8_t *slot_ptr(self, uint32_t slot) noexcept nogil
     cdef int64_t _pop(self) noexcept nogil
@@ -245,6 +246,7 @@ cdef class BufferPool(_SharedStructure):
     cdef int64_t acquire_slot(self, double timeout) except -2
     cdef int release_slot(self, uint32_t slot) except -1
     cdef int check_slot(self, uint32_t slot) except -1
+    cdef int back_slot(self, uint32_t slot) except -1
 
 
 cdef class ChannelSelector(_SharedStructure):
@@ -277,7 +279,8 @@ cdef class Counters(_SharedStructure):
 
 cdef size_t pages_to_iov(iovec *iov, uint8_t *base, const uint64_t *offsets, size_t n,
                          size_t page_size) noexcept nogil
-cdef void populate_for_write(const iovec *iov, size_t count) noexcept nogil
+cdef int populate_for_write(const iovec *iov, size_t count) noexcept nogil
+cdef int check_populated(int err, str what) except -1
 cdef size_t gather_iov(const iovec *iov, size_t n, uint8_t *dst) noexcept nogil
 cdef ssize_t writev_all(int fd, iovec *iov, size_t count) noexcept nogil
 cdef ssize_t readv_all(int fd, iovec *iov, size_t count) noexcept nogil
@@ -443,7 +446,7 @@ cdef class _EngineBase:
     cdef int _setup(self, int fd, uint32_t channel, dict params, object codec, list regions,
                     Counters counters, BufferPool pool, list devices, object received,
                     object fresh, TLSChannel tls) except -1
-    cdef int check_io(self, ssize_t rc, size_t want, str what) except -1
+    cdef int check_io(self, ssize_t rc, size_t want, str what, bint sending=*) except -1
 
 
 cdef class SendEngine(_EngineBase):

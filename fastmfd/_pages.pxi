@@ -22,22 +22,39 @@ cdef size_t pages_to_iov(iovec *iov, uint8_t *base, const uint64_t *offsets, siz
 cdef uintptr_t SYSTEM_PAGE = <uintptr_t>sysconf(_SC_PAGESIZE)
 
 
-cdef void populate_for_write(const iovec *iov, size_t count) noexcept nogil:
+cdef int populate_for_write(const iovec *iov, size_t count) noexcept nogil:
     """Map the memory behind iov into this process ahead of writing it, one
-    system call per run of pages.
+    system call per run of pages; returns 0, or the errno of a run that no
+    memory can back.
 
     A receive worker's first write to a region page takes a page fault each
     (shared mappings get no fault-around), and on fresh memory that fault
     overhead costs as much as clearing the page; MADV_POPULATE_WRITE maps a
-    whole run in one kernel entry. Failures are ignored: the copy that
-    follows faults in whatever is still missing, as without this call.
+    whole run in one kernel entry. It is also the check that the memory
+    exists: regions and pools are sparse, and a write to a page that a full
+    file system (/dev/shm, or a region file's disk) cannot back would be a
+    SIGBUS (a copy in C) or EFAULT (a readv); populate says EFAULT or ENOMEM
+    first. Other failures (EINVAL: a kernel before 5.14) are ignored: the
+    copy that follows faults the pages in, as without this call.
     """
     cdef size_t i
     cdef uintptr_t start, end
     for i in range(count):
         start = <uintptr_t>iov[i].iov_base & ~(SYSTEM_PAGE - 1)
         end = (<uintptr_t>iov[i].iov_base + iov[i].iov_len + SYSTEM_PAGE - 1) & ~(SYSTEM_PAGE - 1)
-        madvise(<void *>start, end - start, MADV_POPULATE_WRITE)
+        if madvise(<void *>start, end - start, MADV_POPULATE_WRITE) != 0 \
+                and (errno == EFAULT or errno == ENOMEM):
+            return errno
+    return 0
+
+
+cdef int check_populated(int err, str what) except -1:
+    """Raise the clean error for a populate_for_write that found no memory."""
+    if err:
+        raise MigrationError(f"{what}: no memory to write into: its file system (/dev/shm "
+                             f"for shared memory) is full (populate: "
+                             f"{'EFAULT' if err == EFAULT else 'ENOMEM'})")
+    return 0
 
 
 cdef size_t gather_iov(const iovec *iov, size_t n, uint8_t *dst) noexcept nogil:

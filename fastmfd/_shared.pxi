@@ -163,10 +163,12 @@ cdef class _SharedStructure:
         self.close()
 
 
-cdef _SharedStructure create_structure(type cls, size_t size, str tag, tuple geometry):
-    """A new ``cls`` in a new segment of ``size`` bytes owned by the calling process."""
+cdef _SharedStructure create_structure(type cls, size_t size, str tag, tuple geometry,
+                                       object allocate=True):
+    """A new ``cls`` in a new segment of ``size`` bytes owned by the calling process
+    (``allocate``: as SharedMemory.create's)."""
     cdef _SharedStructure s = cls.__new__(cls)
-    s._open(SharedMemory.create(size, tag=tag), geometry)
+    s._open(SharedMemory.create(size, tag=tag, allocate=allocate), geometry)
     return s
 
 
@@ -194,6 +196,12 @@ cdef class BufferPool(_SharedStructure):
     is free; ``acquire(timeout=t)`` sleeps up to ``t`` seconds for a release
     and then returns ``None``; ``acquire()`` sleeps until a slot is released.
     After ``abort()`` every waiter, current or future, raises ``Aborted``.
+
+    A ``sparse`` pool allocates only its bookkeeping up front: a slot's memory
+    is allocated when first written, so a pool sized for the worst case costs
+    what its traffic uses. Writers ``populate(slot)`` first: it fails cleanly
+    where a write would be a SIGBUS (``/dev/shm`` full), and costs one system
+    call per slot and process (a slot once backed stays backed).
     """
 
     def __cinit__(self):
@@ -201,11 +209,12 @@ cdef class BufferPool(_SharedStructure):
         self.header_size = sizeof(PoolHeader)
 
     @classmethod
-    def create(cls, uint32_t nslots, uint64_t slot_size, str tag="pool"):
+    def create(cls, uint32_t nslots, uint64_t slot_size, str tag="pool", bint sparse=False):
         """Create a pool in a new segment owned by the calling process."""
         if nslots == 0 or slot_size == 0:
             raise ValueError("a pool needs at least one slot of at least one byte")
-        return create_structure(cls, pool_size(nslots, slot_size), tag, (nslots, slot_size))
+        return create_structure(cls, pool_size(nslots, slot_size), tag, (nslots, slot_size),
+                                pool_data_offset(nslots) if sparse else True)
 
     cdef int _set_geometry(self, tuple geometry) except -1:
         cdef PoolHeader *hdr = <PoolHeader *>self.base
@@ -312,6 +321,27 @@ cdef class BufferPool(_SharedStructure):
     def is_held(self, uint32_t slot):
         self.check_slot(slot)
         return bool(fm_load32(&self.held[slot]))
+
+    cdef int back_slot(self, uint32_t slot) except -1:
+        cdef iovec one
+        cdef int failed
+        if self.backed is None:
+            self.backed = bytearray(self.hdr.nslots)
+        if self.backed[slot]:
+            return 0
+        one.iov_base = self.slot_ptr(slot)
+        one.iov_len = self.hdr.slot_size
+        with nogil:
+            failed = populate_for_write(&one, 1)
+        check_populated(failed, "device-state buffer")
+        self.backed[slot] = 1
+        return 0
+
+    def populate(self, uint32_t slot):
+        """Back the slot with memory before writing it: MigrationError, not a
+        SIGBUS, when ``/dev/shm`` is full (once per slot in each process)."""
+        self.check_slot(slot)
+        self.back_slot(slot)
 
     def view(self, uint32_t slot):
         """A writable memoryview of the slot (``slot_size`` bytes), without copying."""

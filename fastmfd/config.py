@@ -64,6 +64,9 @@ class MigrationConfig:
     """RAM packets handed to a send worker per job (fewer wake-ups per GiB)."""
     timeout: float = 30.0
     """Seconds any setup step (connect, handshake) may take."""
+    stall_timeout: float = 30.0
+    """Seconds any channel, process or peer may make no progress while it has
+    work before the session fails, on both sides (SETUP carries it)."""
 
     def __post_init__(self) -> None:
         def need(ok: bool, message: str) -> None:
@@ -96,7 +99,8 @@ class MigrationConfig:
                 "zero_page_detection": self.zero_page_detection, "channels": self.channels,
                 "device_state_channels": self.device_state_channels,
                 "channel_header": self.channel_header, "checksum": self.checksum,
-                "chunk_size": self.device_chunk_size, "max_queued_bytes": self.max_queued_bytes}
+                "chunk_size": self.device_chunk_size, "max_queued_bytes": self.max_queued_bytes,
+                "stall_timeout": self.stall_timeout}
 
     @property
     def total_channels(self) -> int:

@@ -24,6 +24,7 @@ from ._engine.session import Owner, SessionFailure, SessionResources, call_hook
 from ._engine.workers import recv_worker_main
 from .errors import ConfigError, MigrationError
 from .protocol.security import ChannelSecurity, TLSConfig, check_auth_key
+from .protocol.setup import MAX_STALL_SECONDS, MIN_STALL_SECONDS
 from .protocol.sockets import bound_address, listen, parse_address
 from .regions import Region
 from .stats import ReceiveStats
@@ -57,12 +58,20 @@ class Destination(Owner):
     processes and the reassembly process ahead of time (more workers are
     started if the source asks for more channels); leaving stops them and
     frees the regions it created and every shared-memory segment.
+
+    ``stall_timeout``: seconds the source, a channel or a process may make no
+    progress before the session fails (default: the source's, from SETUP).
+    ``max_memory``: bytes of shared memory the session may make this
+    destination hold — the regions it creates plus the device-state buffers
+    (default: what ``/dev/shm`` has free); a SETUP asking for more is refused
+    before anything is allocated, and the source is told why.
     """
 
     def __init__(self, address: str, *, workers: int = 4, timeout: float = 30.0,
                  max_queued_bytes: int | None = None, region_factory=None,
                  tls: TLSConfig | None = None, auth_key: bytes | None = None,
-                 handshake_timeout: float = 10.0) -> None:
+                 handshake_timeout: float = 10.0, stall_timeout: float | None = None,
+                 max_memory: int | None = None) -> None:
         requested = parse_address(address)
         if workers < 0:
             raise ConfigError(f"workers must be >= 0, not {workers}")
@@ -80,6 +89,14 @@ class Destination(Owner):
             tls=tls, auth_key=check_auth_key(auth_key, "Destination"), timeout=handshake_timeout)
         self.refused: list[Refusal] = []
         """Connections dropped because they failed their greeting (who, and why)."""
+        if stall_timeout is not None and not MIN_STALL_SECONDS <= stall_timeout <= \
+                MAX_STALL_SECONDS:
+            raise ConfigError(f"stall_timeout must be in {MIN_STALL_SECONDS:g}.."
+                              f"{MAX_STALL_SECONDS:g} s, not {stall_timeout!r}")
+        if max_memory is not None and max_memory < 0:
+            raise ConfigError(f"max_memory must be >= 0 bytes, not {max_memory}")
+        self.stall_timeout = stall_timeout
+        self.max_memory = max_memory
         self._listener = listen(requested)
         self.address = str(bound_address(self._listener, requested))
         self._unix_path = requested.target if requested.family == socket.AF_UNIX else None
@@ -130,7 +147,9 @@ class Destination(Owner):
                 pass
 
     def close(self) -> None:
-        """Stop every process and free every resource (idempotent)."""
+        """Stop every process and free every resource (idempotent). From another thread
+        while ``receive()`` runs, it cancels the session first and waits for it."""
+        self._stop_running_call()
         self._resources.shutdown_sockets()
         for group in (self._workers, self._reassembly):
             if group is not None:
@@ -166,10 +185,15 @@ class Destination(Owner):
             raise ConfigError("use the Destination as a context manager")
         if self._session is not None:
             raise ConfigError("a Destination receives one migration; make a new one")
+        with self._running():
+            return self._receive(on_setup, on_resume)
+
+    def _receive(self, on_setup, on_resume) -> DestinationResult:
         session = self._session = Receiving(DestinationParts(
             self._listener, self.timeout, self._security, self._workers, self._reassembly,
             self._user_regions, self._loaders, self._region_factory, self._queued_cap,
-            self._resources, self._failure, self.refused, on_setup=on_setup))
+            self._resources, self._failure, self.refused, self.stall_timeout, self.max_memory,
+            on_setup=on_setup))
         try:
             session.accept_main()
             started = time.monotonic()

@@ -24,7 +24,7 @@ from ._core import DirtyBitmap
 from .errors import ConfigError
 from .protocol.control import RegionHandle
 from .protocol.setup import Invalid, check_name
-from .shm import SharedMemory
+from .shm import SharedMemory, check_room, map_file
 
 __all__ = ["Region", "RegionHandle", "validate_region_name"]
 
@@ -58,10 +58,16 @@ class Region:
     # ------------------------------------------------------------ construction
     @classmethod
     def create(cls, name: str, size: int, *, page_size: int = 4096) -> "Region":
-        """A new zero-filled region in shared memory, owned by this process."""
+        """A new zero-filled region in shared memory, owned by this process.
+
+        The memory is allocated as pages are first written (a destination's
+        receive workers populate each run they write, failing cleanly when
+        ``/dev/shm`` is full); the region must fit in what ``/dev/shm`` has
+        free now (ConfigError otherwise)."""
         validate_region_name(name)
         _validate_size(name, size, page_size)
-        data = SharedMemory.create(size, tag=f"region-{name}")
+        check_room(size, f"region {name!r}")
+        data = SharedMemory.create(size, tag=f"region-{name}", allocate=False)
         try:
             dirty = DirtyBitmap.create(size // page_size, tag=f"dirty-{name}")
         except BaseException:
@@ -102,7 +108,7 @@ class Region:
             _validate_size(name, size, page_size)
             if actual < size:
                 os.ftruncate(fd, size)
-            mapping = mmap.mmap(fd, size)
+            mapping = map_file(fd, size)
         finally:
             os.close(fd)
         try:
@@ -125,7 +131,7 @@ class Region:
                 if os.fstat(fd).st_size < handle.size:
                     raise ConfigError(f"region file {handle.location} shrank below "
                                       f"{handle.size} bytes")
-                mapping = mmap.mmap(fd, handle.size)
+                mapping = map_file(fd, handle.size)
             finally:
                 os.close(fd)
         try:

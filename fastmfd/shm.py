@@ -13,13 +13,23 @@ unlinking (SIGKILL, a crash), the tracker unlinks the segment once every
 process of the tree has exited. So no segment outlives its owner's process
 tree, whatever way it ends.
 
-Creating a segment allocates its memory up front (``posix_fallocate``): a
-full ``/dev/shm`` is then a clean ``ConfigError`` at creation rather than a
-SIGBUS in whichever process first touches a page that tmpfs cannot back.
+Creating a segment allocates its memory up front (``posix_fallocate``) unless
+the creator says otherwise: a full ``/dev/shm`` is then a clean ``ConfigError``
+at creation rather than a SIGBUS in whichever process first touches a page
+that tmpfs cannot back. Large segments written only as data arrives (a
+destination's regions, its device-state pool) are created sparse instead,
+after a check that ``/dev/shm`` has room (:func:`check_room`); their writers
+populate each run of pages before writing it and fail cleanly when that fails.
+
+A mapping keeps no file descriptor open (:func:`map_file`): CPython's
+``mmap`` keeps a duplicate of the descriptor for as long as the mapping
+lives, two per region, and a few hundred regions would reach the usual limit
+of 1024 open files in every process that maps them.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import mmap
 import os
@@ -28,10 +38,53 @@ from multiprocessing import resource_tracker
 
 from .errors import ConfigError
 
-__all__ = ["SharedMemory", "SHM_DIR", "SEGMENT_PREFIX", "list_segments"]
+__all__ = ["SharedMemory", "SHM_DIR", "SEGMENT_PREFIX", "list_segments", "map_file",
+           "free_bytes", "check_room"]
 
 SHM_DIR = "/dev/shm"
 SEGMENT_PREFIX = "fastmfd-"
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def map_file(fd: int, size: int) -> mmap.mmap:
+    """Map the first ``size`` bytes of ``fd`` shared and writable, keeping no descriptor.
+
+    An anonymous ``mmap`` reserves the address range (and owns it: closing it
+    unmaps, and it refuses to close while views are exported, like any
+    mmap); the file is then mapped over that same range with ``MAP_FIXED``.
+    The caller may close ``fd`` at once."""
+    mapping = mmap.mmap(-1, size)
+    anchor = ctypes.c_char.from_buffer(mapping)
+    try:
+        address = ctypes.addressof(anchor)
+        got = _libc.mmap(address, size, mmap.PROT_READ | mmap.PROT_WRITE,
+                         mmap.MAP_SHARED | 0x10, fd, 0)        # 0x10: MAP_FIXED
+        err = ctypes.get_errno()
+    finally:
+        del anchor          # an exported buffer: the mapping cannot close while it lives
+    if got is None or got == _MAP_FAILED or got != address:
+        mapping.close()
+        raise OSError(err, f"mmap: {os.strerror(err)}")
+    return mapping
+
+
+def free_bytes(directory: str = SHM_DIR) -> int:
+    """Bytes an unprivileged writer can still allocate in ``directory``'s file system."""
+    st = os.statvfs(directory)
+    return st.f_bavail * st.f_frsize
+
+
+def check_room(size: int, what: str) -> None:
+    """ConfigError unless ``/dev/shm`` has room for ``size`` more bytes of ``what``."""
+    free = free_bytes()
+    if size > free:
+        raise ConfigError(f"{what} needs {size} bytes of shared memory, {SHM_DIR} has "
+                          f"{free} free")
 
 
 def list_segments() -> list[str]:
@@ -61,8 +114,13 @@ class SharedMemory:
         self._buf: memoryview | None = memoryview(mapping)
 
     @classmethod
-    def create(cls, size: int, *, tag: str = "seg", allocate: bool = True) -> "SharedMemory":
-        """Create and map a new segment of ``size`` bytes, filled with zeros."""
+    def create(cls, size: int, *, tag: str = "seg", allocate: bool | int = True
+               ) -> "SharedMemory":
+        """Create and map a new segment of ``size`` bytes, filled with zeros.
+
+        ``allocate``: True allocates it all now; False leaves it sparse (nothing is
+        allocated until written: check the room first, and populate before
+        writing, see the module doc); a number allocates that many first bytes."""
         if size <= 0:
             # A mapping cannot be empty (mmap refuses a zero-length file).
             raise ConfigError(f"segment size {size}: a segment holds at least 1 byte")
@@ -85,8 +143,8 @@ class SharedMemory:
                 registered = True
                 os.ftruncate(fd, size)
                 if allocate:
-                    os.posix_fallocate(fd, 0, size)
-                mapping = mmap.mmap(fd, size)
+                    os.posix_fallocate(fd, 0, size if allocate is True else min(allocate, size))
+                mapping = map_file(fd, size)
             except BaseException:
                 os.unlink(path)
                 if registered:
@@ -117,7 +175,7 @@ class SharedMemory:
                 raise ConfigError(f"segment {name!r} has {actual} bytes, expected {size}")
             if actual == 0:
                 raise ConfigError(f"segment {name!r} is empty")
-            mapping = mmap.mmap(fd, actual)
+            mapping = map_file(fd, actual)
         finally:
             os.close(fd)
         return cls(name, actual, mapping, owner=False)

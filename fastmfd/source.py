@@ -46,6 +46,7 @@ class Source(Owner):
         self._workers: ChildSet | None = None
         self._parts: SourceParts | None = None
         self._session: Sending | None = None
+        self._cancelled: str | None = None
 
     # ------------------------------------------------------------ lifecycle
     def _start(self) -> None:
@@ -85,12 +86,15 @@ class Source(Owner):
     def cancel(self, reason: str = "cancelled") -> None:
         """Fail the running migration from another thread: ``migrate()`` raises
         MigrationError(reason) promptly and the destination is sent the ERROR."""
+        self._cancelled = reason
         session = self._session
         if session is not None:
             session.failure.fail(MigrationError(reason))
 
     def close(self) -> None:
-        """Stop the workers and free every resource (idempotent)."""
+        """Stop the workers and free every resource (idempotent). From another thread
+        while ``migrate()`` runs, it cancels the migration first and waits for it."""
+        self._stop_running_call()
         if self._session is not None:
             self._session.close()
         self._resources.shutdown_sockets()
@@ -118,5 +122,8 @@ class Source(Owner):
             raise ConfigError("a Source performs one migration; make a new one")
         if not self._regions and not self._devices:
             raise ConfigError("nothing to migrate: add a region or a device first")
-        self._session = Sending(self._parts)
-        return self._session.run(live, on_stop, on_resume, progress)
+        with self._running():
+            self._session = Sending(self._parts)
+            if self._cancelled is not None:         # cancelled just before it began
+                self._session.failure.fail(MigrationError(self._cancelled))
+            return self._session.run(live, on_stop, on_resume, progress)

@@ -331,6 +331,23 @@ class Truncate(Fault):
             link.cut()
 
 
+class BlackHole(Fault):
+    """Forward ``after`` bytes, then nothing more, ever. ``read=False``: stop reading
+    from the client too (a path that drops everything: the client's socket fills
+    and its writes block); ``read=True``: swallow what it sends."""
+
+    def __init__(self, after: int, *, read: bool = False) -> None:
+        self.after, self.read = after, read
+
+    def data(self, link, data, offset):
+        if offset < self.after:
+            link.send(data[:self.after - offset])
+        if offset + len(data) >= self.after and self.fired_at is None:
+            self.fire()
+            link.stalled = not self.read
+            link.holding = True
+
+
 class Trigger(Fault):
     """Forward unchanged; once ``after`` bytes went through, call ``action()``."""
 
@@ -479,6 +496,8 @@ class Link:
         self.client_eof = False
         self.upstream_eof = False
         self.cut_off = False
+        self.stalled = False            # reads nothing more from the client
+        self.holding = False            # passes nothing on, not even the client's end
         self.closed = False
 
     # -- what faults call
@@ -652,7 +671,8 @@ class Proxy:
                 for link in self.links:
                     if not link.closed:
                         link._flush()
-                        if link.client_eof and link.idle() and not link.cut_off:
+                        if link.client_eof and link.idle() and not (link.cut_off
+                                                                      or link.holding):
                             link.cut()
                         self._watch(sel, link)
         except BaseException as exc:       # a proxy bug must not pass for a fastmfd one
@@ -680,7 +700,7 @@ class Proxy:
         if link.closed:
             return
         waiting = bool(link.backlog)
-        client = 0 if link.client_eof or waiting else selectors.EVENT_READ
+        client = 0 if link.client_eof or waiting or link.stalled else selectors.EVENT_READ
         upstream = ((0 if link.upstream_eof else selectors.EVENT_READ)
                     | (selectors.EVENT_WRITE if waiting else 0))
         for sock, side, events in ((link.client, "client", client),

@@ -166,6 +166,14 @@ def test_main_channel_must_end_with_complete(tmp_path):
     assert located(info.value, paths[0]) == len(files["main.bin"])
 
 
+def test_keepalives_after_complete_are_part_of_a_whole_capture(tmp_path):
+    # A source keeps the main channel alive (KEEPALIVE) until LOADED arrives.
+    keepalive = (Msg.KEEPALIVE, {})
+    messages = ROUND_ENDS[:1] + [keepalive] + ROUND_ENDS[1:] + [keepalive, keepalive]
+    capture = read_capture(write_files(tmp_path, two_rounds().files(messages)))
+    assert capture.main.messages["KEEPALIVE"] == 3
+
+
 MISSING = object()
 
 

@@ -18,7 +18,7 @@ def test_stop_lets_every_idle_worker_exit_by_itself():
     # the slower ones once the first has gone.
     workers = ChildSet(recv_worker_main, [f"receive channel {i}" for i in range(4)])
     workers.stop(timeout=30)
-    assert [w.process.exitcode for w in workers] == [0, 0, 0, 0]
+    assert [w.exitcode for w in workers] == [0, 0, 0, 0]
 
 
 def _exits_at_once(conn):
@@ -38,7 +38,7 @@ def test_a_worker_set_is_entered_only_once_every_worker_is_up():
         assert all(worker.process.is_alive() for worker in workers)
     finally:
         workers.stop()
-    assert all(worker.process.exitcode == 0 for worker in workers)
+    assert all(worker.exitcode == 0 for worker in workers)
 
 
 def test_a_worker_that_dies_before_ready_is_named_with_its_exit():

@@ -22,12 +22,14 @@ control pipe carries parameters once and reports once per session or round
 from __future__ import annotations
 
 import multiprocessing
+import os
+import select
 import signal
 import sys
 import threading
 import time
 import traceback
-from multiprocessing import connection, reduction
+from multiprocessing import connection, forkserver, reduction
 from typing import Any, Callable
 
 from .. import _core
@@ -62,8 +64,8 @@ class RemoteTraceback(Exception):
         return f"\n\"\"\"\n{self.text}\"\"\""
 
 
-def describe_exit(process: multiprocessing.Process) -> str:
-    code = process.exitcode
+def describe_exit(code: int | None) -> str:
+    """How a process with exit status ``code`` (None: still running) ended, in words."""
     if code is None:
         return "is still running"
     if code < 0:
@@ -86,10 +88,29 @@ class Child:
         self.process.start()
         theirs.close()
         self.finished = False          # sent its final report: its exit is expected
+        self._exitcode: int | None = None      # kept once the process object is closed
+        self.closed = False
 
     @property
     def sentinel(self) -> int:
         return self.process.sentinel
+
+    @property
+    def exitcode(self) -> int | None:
+        """The exit status (negative: killed by that signal), None while it runs."""
+        return self._exitcode if self.closed else self.process.exitcode
+
+    def close(self) -> None:
+        """Free the pipe and the process object's descriptors (its sentinel and
+        the forkserver's status pipe), which only the cyclic garbage collector
+        would free otherwise. The process must have been reaped."""
+        if self.closed:
+            return
+        self.conn.close()
+        self._exitcode = self.process.exitcode
+        if self._exitcode is not None:
+            self.process.close()
+            self.closed = True
 
     def next_report(self) -> Any | None:
         """The child's next report if one is waiting, else None (also once it is gone).
@@ -111,7 +132,7 @@ class Child:
         report = self.next_report() if ready else None
         if report is None:
             self.process.join(0.5 if ready else 0)
-            if self.process.exitcode is not None:
+            if self.exitcode is not None:
                 raise self.death_error()
             raise MigrationError(f"no {kind.__name__} report within {timeout:g} s",
                                  channel=self.name)
@@ -145,7 +166,7 @@ class Child:
     def _lost(self, exc: OSError) -> MigrationError:
         """A broken pipe means the child is gone: say what became of it."""
         self.process.join(1)
-        if self.process.exitcode is not None:
+        if self.exitcode is not None:
             return self.death_error()
         return MigrationError(f"cannot reach the process: {exc.strerror or exc}",
                               channel=self.name)
@@ -156,7 +177,7 @@ class Child:
         return error
 
     def death_error(self) -> MigrationError:
-        return MigrationError(f"the worker process {describe_exit(self.process)}",
+        return MigrationError(f"the worker process {describe_exit(self.exitcode)}",
                               channel=self.name)
 
 
@@ -175,7 +196,7 @@ class ChildSet:
                 child.wait_ready()
         except BaseException:
             self.kill()
-            self._close_pipes()
+            self._close()
             raise
 
     def __iter__(self):
@@ -197,7 +218,7 @@ class ChildSet:
         """Tell idle children to exit, wait up to ``timeout`` for all of them, kill
         what is left, close the pipes."""
         for child in self.children:
-            if child.process.exitcode is None:
+            if child.exitcode is None:
                 try:
                     child.conn.send(Stop())
                 except OSError:
@@ -205,26 +226,27 @@ class ChildSet:
         deadline = time.monotonic() + timeout
         # wait() returns at the first exit (and sleeps its whole timeout on an
         # empty list), so loop until every child is gone or time is up.
-        while running := [c.sentinel for c in self.children if c.process.exitcode is None]:
+        while running := [c.sentinel for c in self.children if c.exitcode is None]:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
             connection.wait(running, left)
         self.kill()
-        self._close_pipes()
+        self._close()
 
-    def _close_pipes(self) -> None:
+    def _close(self) -> None:
         for child in self.children:
-            child.conn.close()
+            child.close()
 
     def kill(self) -> None:
         """Kill every child still running and reap them all (any thread, idempotent)."""
         with self._lock:
             for child in self.children:
-                if child.process.exitcode is None:
+                if not child.closed and child.process.exitcode is None:
                     child.process.kill()
             for child in self.children:
-                child.process.join(timeout=5)
+                if not child.closed:
+                    child.process.join(timeout=5)
 
 
 class Watch:
@@ -313,9 +335,45 @@ class ChildPipe:
 
 def child_setup() -> None:
     """First thing in a child: ignore Ctrl-C (the main process tears down) and
-    die with the parent."""
+    die at once with whichever parent dies.
+
+    A child's OS parent is the forkserver, its owner the main process:
+    - the kernel kills it when the forkserver exits (PR_SET_PDEATHSIG);
+    - a watchdog thread kills it when the main process ends: multiprocessing
+      keeps the write end of a pipe in the main process for each child (the
+      "parent sentinel"), which reads end of file once the main process is gone;
+    - it lets go of the forkserver's "alive" pipe, which every child inherits
+      and which keeps the forkserver running while any holder lives: with it,
+      a SIGKILLed main process left the forkserver and a worker blocked on a
+      silent channel running, and the session's /dev/shm segments in place.
+    Once the whole tree is gone, the resource tracker unlinks the segments
+    their owner could not (:mod:`fastmfd.shm`).
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _core.die_with_parent()
+    server = forkserver._forkserver
+    if server._forkserver_alive_fd is not None:
+        try:
+            os.close(server._forkserver_alive_fd)
+        except OSError:
+            pass
+        server._forkserver_alive_fd = None
+    parent = multiprocessing.parent_process()
+    sentinel = getattr(parent, "sentinel", None)
+    if sentinel is not None:
+        threading.Thread(target=_die_with_parent, args=(sentinel,), daemon=True,
+                         name="fastmfd parent watchdog").start()
+    if os.getppid() == 1:           # the forkserver died before the prctl took effect
+        os._exit(1)
+
+
+def _die_with_parent(sentinel: int) -> None:
+    """Watchdog thread: block until the main process is gone, then die with it."""
+    try:
+        select.select([sentinel], [], [])
+    except (OSError, ValueError):
+        pass
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def close_all(stack: list) -> None:

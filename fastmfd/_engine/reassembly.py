@@ -34,11 +34,12 @@ import time
 from multiprocessing import connection
 
 from .. import _core
-from ..errors import MigrationError
+from ..errors import ConfigError, MigrationError
 from ..protocol.control import DeviceLoaded, Drained, ReassemblyParams, Stop
+from ..shm import SHM_DIR
 from .processes import ChildPipe, run_child
 
-__all__ = ["reassembly_main", "pool_slots_for"]
+__all__ = ["reassembly_main", "pool_slots_for", "plan_pool"]
 
 CHUNK_HEADER = _core.CHUNK_HEADER_SIZE
 
@@ -50,6 +51,26 @@ def pool_slots_for(ndevices: int, max_queued_bytes: int, chunk_size: int,
     in-flight slots per channel and per loader."""
     per_device = max_queued_bytes // chunk_size + 1
     return ndevices * per_device + 2 * (nchannels + ndevices) + 2
+
+
+def plan_pool(ndevices: int, max_queued_bytes: int, chunk_size: int, nchannels: int,
+              budget: int) -> tuple[int, int]:
+    """(out-of-order cap per device, slots) for a pool of at most ``budget`` bytes:
+    the session's cap when it fits, else the largest cap that does. A slot
+    holds a chunk and its header (rounded as the pool lays slots out).
+    ConfigError when not even one out-of-order chunk per device fits."""
+    stride = -(-(chunk_size + CHUNK_HEADER) // 64) * 64
+    fits = budget // stride
+    cap = max_queued_bytes
+    if pool_slots_for(ndevices, cap, chunk_size, nchannels) > fits:
+        in_flight = pool_slots_for(ndevices, 0, chunk_size, nchannels) - ndevices
+        cap = ((fits - in_flight) // ndevices - 1) * chunk_size
+        if cap < chunk_size:
+            need = pool_slots_for(ndevices, chunk_size, chunk_size, nchannels) * stride
+            raise ConfigError(f"the device-state buffers of {ndevices} device(s) need at "
+                              f"least {need} bytes of shared memory; {budget} are left "
+                              f"(max_memory, or what {SHM_DIR} has free)")
+    return cap, pool_slots_for(ndevices, cap, chunk_size, nchannels)
 
 
 class _DeviceStream:

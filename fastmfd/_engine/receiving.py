@@ -51,10 +51,12 @@ from ..protocol.security import ChannelSecurity
 from ..protocol.setup import Setup
 from ..protocol.sockets import recv_exact, tune_data_socket, tune_main_socket
 from ..regions import Region
+from ..shm import SHM_DIR, free_bytes
 from ..stats import ChannelStats, ReceiveStats
 from .admission import Admission, describe_peer
+from .liveness import Heartbeat, Progress, process_stopped, stall_error, tick
 from .processes import ChildSet, Watch
-from .reassembly import pool_slots_for
+from .reassembly import plan_pool
 from .session import SessionFailure, SessionResources, break_session
 from .workers import recv_worker_main
 
@@ -91,9 +93,11 @@ class DestinationParts:
                  workers: ChildSet, reassembly: ChildSet, user_regions: dict[str, Region],
                  loaders: dict, region_factory, queued_cap: int | None,
                  resources: SessionResources, failure: SessionFailure,
-                 refused: list[Refusal], *, on_setup=None) -> None:
+                 refused: list[Refusal], stall_timeout: float | None = None,
+                 max_memory: int | None = None, *, on_setup=None) -> None:
         self.listener, self.timeout, self.security = listener, timeout, security
         self.refused, self.on_setup = refused, on_setup
+        self.stall_timeout, self.max_memory = stall_timeout, max_memory
         self.workers, self.reassembly = workers, reassembly
         self.user_regions, self.loaders = user_regions, loaders
         self.region_factory, self.queued_cap = region_factory, queued_cap
@@ -121,6 +125,7 @@ class Receiving:
         self._started: set = set()              # workers that were given a Greeting
         self._drained: set[int] = set()
         self._sync_count: dict[int, int] = {}
+        self._synced: dict[int, int] = {}       # channel id -> the last SYNC it reached
         self._round_end = 0
         self._released = 0
         self._complete: Complete | None = None
@@ -131,6 +136,9 @@ class Receiving:
         self._old_way_chunks = self._old_way_bytes = 0
         self._watch: Watch | None = None
         self._admission: Admission | None = None   # while waiting for the source
+        self._stall = 0.0                       # seconds: the session's stall deadline
+        self._heartbeat: Heartbeat | None = None
+        self._progress: Progress | None = None
 
     # ------------------------------------------------------------ setup
     def accept_main(self) -> None:
@@ -185,11 +193,28 @@ class Receiving:
             if key not in keys:
                 raise ConfigError(f"a loader was added for device {key[0]!r} instance "
                                   f"{key[1]} but the source does not send it")
+        left = self._memory_left()
         for spec in setup.regions:
             self.regions.append(self._region(spec.name, spec.size))
         self._counters = parts.resources.own(_core.Counters.create(setup.total_channels))
         if setup.devices:
-            self._start_reassembly()
+            self._start_reassembly(left)
+
+    def _memory_left(self) -> int:
+        """What SETUP asks this destination to hold, checked before anything is
+        allocated: the regions it creates must fit in ``max_memory`` (default:
+        what /dev/shm has free); returns what is left for the device-state pool.
+        Regions are sparse and filled as data arrives, so this bounds, it does
+        not commit."""
+        parts = self.parts
+        budget = parts.max_memory if parts.max_memory is not None else free_bytes()
+        created = sum(spec.size for spec in self.setup.regions
+                      if spec.name not in parts.user_regions and parts.region_factory is None)
+        if created > budget:
+            raise ConfigError(f"the source sends {created} bytes of regions for this "
+                              f"destination to hold; it holds at most {budget} (max_memory, "
+                              f"or what {SHM_DIR} has free)")
+        return budget - created
 
     def _region(self, name: str, size: int) -> Region:
         parts, page_size = self.parts, self.setup.page_size
@@ -208,7 +233,7 @@ class Receiving:
         self._fresh.append(fresh)
         return region
 
-    def _start_reassembly(self) -> None:
+    def _start_reassembly(self, budget: int) -> None:
         setup, parts = self.setup, self.parts
         cap = setup.max_queued_bytes
         if parts.queued_cap is not None:
@@ -218,10 +243,13 @@ class Receiving:
                                   f"device chunk of the source's device_chunk_size "
                                   f"({setup.chunk_size})")
         slot_size = setup.chunk_size + _core.CHUNK_HEADER_SIZE
-        nslots = pool_slots_for(len(setup.devices), cap, setup.chunk_size, setup.total_channels)
-        # Slots are touched only as chunks arrive, so the pool is not allocated up front.
+        # Sized for the worst case the caps allow, within what is left of the memory
+        # budget (a smaller out-of-order cap if need be), and sparse: slots take
+        # memory only as chunks arrive, so a 4-byte device state costs a page.
+        cap, nslots = plan_pool(len(setup.devices), cap, setup.chunk_size,
+                                setup.total_channels, budget)
         self._pool = parts.resources.own(_core.BufferPool.create(nslots, slot_size,
-                                                                 tag="dest-pool"))
+                                                                 tag="dest-pool", sparse=True))
         desc_r, self._desc_w = os.pipe()
         parts.resources.fds.append(self._desc_w)
         loaders = tuple((device_key(*d.key), parts.loaders.get(d.key, CollectLoader()))
@@ -235,7 +263,14 @@ class Receiving:
     # ------------------------------------------------------------ the session
     def run(self) -> None:
         """Receive until everything is applied and loaded, then send LOADED."""
-        parts = self.parts
+        parts, setup = self.parts, self.setup
+        # The destination's own deadline if it has one, else the source's; its
+        # keepalives keep to the shorter of the two, so the source hears it in time.
+        self._stall = stall = parts.stall_timeout or setup.stall_timeout
+        self.main.sock.settimeout(stall)    # a message that starts must end in time
+        self._progress = Progress(stall)
+        self._heartbeat = Heartbeat(self.main, stall, "source",
+                                    interval=min(stall, setup.stall_timeout))
         self._watch = watch = Watch(self.main.sock)
         watch.add(parts.listener, self._accept_channel)
         watch.add(self.main.sock, self._on_main_message)
@@ -243,9 +278,11 @@ class Receiving:
             self._watch_worker(worker)
         if self.setup.devices:
             watch.add_child(parts.reassembly[0], self._on_reassembly_report)
+        self._check_liveness()              # the deadlines start now
         while not self._done():
             self.failure.check()
-            watch.poll(1.0)
+            watch.poll(tick(stall))
+            self._check_liveness()
         self._finish()
 
     def _done(self) -> bool:
@@ -326,11 +363,55 @@ class Receiving:
         ch = self._channel_of[worker]
         if isinstance(report, Synced):
             self._sync_count[report.round] = self._sync_count.get(report.round, 0) + 1
+            self._synced[ch] = report.round
             self._release_rounds()
         elif isinstance(report, Eof):
             self._drained.add(ch)
+            self._check_ended_early()
             if len(self._drained) == self.setup.total_channels and self.setup.devices:
                 self.parts.reassembly[0].send(Drained())
+
+    def _check_ended_early(self) -> None:
+        """A RAM channel that ended cannot bring a SYNC the source says it sent."""
+        for ch in self._drained:
+            reached = self._synced.get(ch, 0)
+            if ch < self.setup.channels and reached < self._round_end:
+                raise MigrationError(f"the channel ended before the SYNC of round {reached + 1}",
+                                     channel=self._assigned[ch].name)
+
+    def _check_liveness(self) -> None:
+        """The source must be heard from; every channel must connect; a channel owing a
+        SYNC (ROUND_END came) or its end (COMPLETE came) must move; so must the
+        reassembly process once every channel ended; a stopped process fails."""
+        setup, stall, progress = self.setup, self._stall, self._progress
+        for ch in range(setup.total_channels):
+            worker = self._assigned.get(ch)
+            if worker is None:
+                if progress.stalled(("connect", ch), True, None):
+                    raise MigrationError(f"not connected {stall:g} s after SETUP_ACK",
+                                         channel=f"channel {ch}")
+                continue
+            if ch in self._drained:
+                continue
+            pid = worker.process.pid
+            reached = self._synced.get(ch, 0) if ch < setup.channels else 0
+            # Held at a SYNC the barrier has not released, a channel owes nothing:
+            # the channels that have not reached it do.
+            owed = reached <= self._released and (self._complete is not None
+                                                  or reached < self._round_end)
+            signature = tuple(self._counters.read(ch).values())
+            if progress.stalled(ch, owed or process_stopped(pid), signature):
+                raise stall_error(worker.name, stall, pid,
+                                  f" (it owes the SYNC of round {reached + 1})"
+                                  if reached < self._round_end else "")
+        if setup.devices and not self._reassembly_drained:
+            reassembly = self.parts.reassembly[0]
+            pid = reassembly.process.pid
+            owed = len(self._drained) == setup.total_channels
+            signature = (len(self._device_results), self._pool.free_count)
+            if progress.stalled("reassembly", owed or process_stopped(pid), signature):
+                raise stall_error(reassembly.name, stall, pid)
+        self._heartbeat.beat()
 
     def _release_rounds(self) -> None:
         """RAM barrier: let every RAM channel past round n once all reached it."""
@@ -345,6 +426,9 @@ class Receiving:
     def _on_main_message(self) -> None:
         kind, body = read_message(self.main.sock, OLD_WAY_PREFIX.size
                                   + _core.CHUNK_HEADER_SIZE + self.setup.chunk_size)
+        self._heartbeat.received()
+        if kind is Msg.KEEPALIVE:
+            return
         expected = {ReceivingState.RECEIVING: (Msg.ROUND_END, Msg.DEVICE_STATE,
                                                Msg.SWITCHOVER_START, Msg.COMPLETE),
                     ReceivingState.SWITCHOVER: (Msg.ROUND_END, Msg.DEVICE_STATE,
@@ -366,6 +450,7 @@ class Receiving:
                                     f"{self._round_end + 1}", field="round",
                                     received=payload.round, expected=self._round_end + 1)
             self._round_end = payload.round
+            self._check_ended_early()
             self._release_rounds()
         elif kind is Msg.SWITCHOVER_START:
             # Loaders already start as chunks arrive: nothing waits for it.
@@ -392,6 +477,7 @@ class Receiving:
         chunk = memoryview(body)[OLD_WAY_PREFIX.size:]
         idx, flags = _core.decode_chunk_header(chunk)
         slot = self._acquire_slot()
+        self._pool.populate(slot)
         with self._pool.view(slot) as view:
             view[:len(chunk)] = chunk
         os.write(self._desc_w, _core.pack_descriptor(device, idx, flags, slot, len(chunk), 0))
@@ -400,13 +486,18 @@ class Receiving:
 
     def _acquire_slot(self) -> int:
         reassembly = self.parts.reassembly[0]
+        deadline = time.monotonic() + self._stall
         while True:
-            slot = self._pool.acquire(timeout=0.5)
+            slot = self._pool.acquire(timeout=min(0.5, self._heartbeat.interval))
             if slot is not None:
                 return slot
             self.failure.check()
             if not reassembly.process.is_alive():
                 raise reassembly.death_error()
+            self._heartbeat.beat()
+            if time.monotonic() > deadline:
+                raise stall_error(reassembly.name, self._stall, reassembly.process.pid,
+                                  " (no device-state buffer came free)")
 
     def _on_reassembly_report(self, report) -> None:
         if isinstance(report, DeviceLoaded):

@@ -80,6 +80,7 @@ class _PoolSink:
 
     def fill(self, reader) -> int:
         self._slot = self._pool.acquire()
+        self._pool.populate(self._slot)             # a sparse pool: memory, or a clean error
         view = self._pool.view(self._slot)
         try:
             return reader(view[CHUNK_HEADER:CHUNK_HEADER + self._chunk])

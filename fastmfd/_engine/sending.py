@@ -45,6 +45,8 @@ from ..protocol.sockets import Address, connect, tune_data_socket, tune_main_soc
 from ..regions import Region
 from ..shm import SharedMemory
 from ..stats import ChannelStats, MigrationStats, RoundStats
+from .liveness import (Heartbeat, Progress, bytes_waiting, process_stopped, set_stall_timeout,
+                       stall_error, tick)
 from .processes import ChildSet, Watch
 from .progress import RoundProgress
 from .saving import DeviceSaver, save_old_way
@@ -107,11 +109,13 @@ class Sending:
         self._device_chunks: list[int] = []     # chunks each device sent, in device order
         self._old_way_bytes = 0                 # device bytes sent on the main channel
         self._loaded_report: Loaded | None = None
+        self._heartbeat: Heartbeat | None = None
 
     # ------------------------------------------------------------ the session
     def run(self, live: bool, on_stop, on_resume, progress: bool) -> MigrationStats:
         t_start = time.monotonic()
         try:
+            self.failure.check()
             self._connect()
             t_setup = time.monotonic() - t_start
             with RoundProgress(enabled=progress, regions=self.parts.regions) as bar:
@@ -162,11 +166,13 @@ class Sending:
         if parts.devices and cfg.channel_header:
             nslots = max(4, 2 * len(parts.devices) + cfg.total_channels)
             self._pool = parts.resources.own(_core.BufferPool.create(
-                nslots, cfg.device_chunk_size + _core.CHUNK_HEADER_SIZE, tag="source-pool"))
+                nslots, cfg.device_chunk_size + _core.CHUNK_HEADER_SIZE, tag="source-pool",
+                sparse=True))
         for ch, worker in enumerate(parts.workers):
             data = connect(parts.address, cfg.timeout)
             parts.resources.sockets.append(data)
             tune_data_socket(data)
+            set_stall_timeout(data, cfg.stall_timeout)
             cmd_r, cmd_w = os.pipe()
             self._cmd_fds.append(cmd_w)
             parts.resources.fds.append(cmd_w)
@@ -174,7 +180,8 @@ class Sending:
                 worker.start_session(self._params(ch, setup), [data.fileno(), cmd_r])
             finally:
                 os.close(cmd_r)
-        sock.settimeout(None)
+        # A message that starts must end within the deadline, and so must a send.
+        sock.settimeout(cfg.stall_timeout)
         self._wake_r, self._wake_w = os.pipe()      # wakes the monitor thread to stop it
         parts.resources.fds += [self._wake_r, self._wake_w]
         self._monitor = threading.Thread(target=self._watch, name="fastmfd source monitor",
@@ -340,15 +347,19 @@ class Sending:
 
     # ------------------------------------------------------------ monitor
     def _watch(self) -> None:
-        """Monitor thread: worker reports and deaths, and the return path."""
+        """Monitor thread: worker reports and deaths, the return path, and deadlines."""
         watch = Watch(self.main.sock)
         for worker in self.parts.workers:
             watch.add_child(worker, self._on_worker_report)
         watch.add(self.main.sock, lambda: self._on_main_message(watch), MAIN)
         watch.add(self._wake_r, self._stop_watching)
+        stall = self.config.stall_timeout
+        self._heartbeat = Heartbeat(self.main, stall, "destination")
+        progress = Progress(stall)
         while self.failure.error is None:
             try:
-                watch.poll(None)
+                watch.poll(tick(stall))
+                self._check_liveness(progress)
             except _StopWatching:
                 return
             except OSError:
@@ -359,6 +370,27 @@ class Sending:
 
     def _stop_watching(self) -> None:
         raise _StopWatching()
+
+    def _check_liveness(self, progress: Progress) -> None:
+        """The destination must be heard from, and each send worker with work (a job,
+        a command in its pipe) or stopped must finish a packet within the deadline."""
+        if self._resumed.is_set():
+            return
+        self._heartbeat.beat()
+        cfg, parts = self.config, self.parts
+        for ch, worker in enumerate(parts.workers):
+            if worker.finished:
+                continue
+            pid = worker.process.pid
+            selector, index = ((parts.ram_selector, ch) if ch < cfg.channels
+                               else (parts.device_selector, ch - cfg.channels))
+            expected = (selector.is_busy(index) or bytes_waiting(self._cmd_fds[ch]) > 0
+                        or process_stopped(pid))
+            # Packets, not bytes: a path that lets a zero-window probe through now
+            # and then moves bytes, but nothing a destination could use.
+            signature = tuple(parts.counters.read(ch).values())
+            if progress.stalled(ch, expected, signature):
+                raise stall_error(worker.name, cfg.stall_timeout, pid)
 
     def _on_worker_report(self, report) -> None:
         if isinstance(report, Done) and all(w.finished for w in self.parts.workers):
@@ -374,6 +406,9 @@ class Sending:
                 return
             raise MigrationError(f"the destination closed the main channel ({exc.detail})",
                                  channel=MAIN) from None
+        self._heartbeat.received()
+        if kind is Msg.KEEPALIVE:
+            return
         payload = decode_payload(kind, body)
         if isinstance(payload, Error):
             raise MigrationError(f"the destination failed: {payload.error}",

@@ -11,6 +11,7 @@ then raises the stored error.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -155,10 +156,40 @@ def break_session(error: MigrationError, peer: str, main, resources: SessionReso
         main.shutdown()
 
 
+CLOSE_WAIT = 10.0    # seconds close() waits for a cancelled migrate()/receive() to leave
+
+
 class Owner:
     """A context manager that starts what it owns on entry (``_start()``); a failure
     while starting, or leaving, calls ``close()``, which must free whatever was
-    started, however far ``_start`` got."""
+    started, however far ``_start`` got.
+
+    The owner's one session call (``migrate()``, ``receive()``) runs inside
+    ``self._running()``; ``close()`` from another thread first calls
+    :meth:`_stop_running_call`, which cancels that call and waits for it to
+    leave, so nothing is freed under a thread still using it."""
+
+    _call_thread: int | None = None
+    _call_left: threading.Event | None = None
+
+    @contextlib.contextmanager
+    def _running(self):
+        self._call_left = threading.Event()
+        self._call_thread = threading.get_ident()
+        try:
+            yield
+        finally:
+            self._call_thread = None
+            self._call_left.set()
+
+    def _stop_running_call(self) -> None:
+        thread = self._call_thread
+        if thread is not None and thread != threading.get_ident():
+            self.cancel(f"the {type(self).__name__} was closed")
+            self._call_left.wait(CLOSE_WAIT)
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        raise NotImplementedError
 
     def _start(self) -> None:
         raise NotImplementedError

@@ -44,8 +44,13 @@ cdef extern from *:
     int madvise(void *addr, size_t length, int advice) nogil
 
 cdef extern from "<sys/socket.h>" nogil:
+    ctypedef unsigned int socklen_t
     int shutdown(int sockfd, int how)
+    int getsockopt(int sockfd, int level, int optname, void *optval, socklen_t *optlen)
     int SHUT_WR
+    int SOL_SOCKET
+    int SO_SNDTIMEO
+    int SO_RCVTIMEO
 
 cdef extern from "<unistd.h>" nogil:
     long sysconf(int name)

@@ -23,6 +23,7 @@ import json
 import socket
 import struct
 import threading
+import time
 from dataclasses import dataclass, fields
 from typing import Any, Callable
 
@@ -63,6 +64,7 @@ class Msg(enum.IntEnum):
     ERROR = 9               # either way: the session failed (text)
     RESUMED = 10            # destination -> source: its on_resume ran; the session is over
     AUTH = 11               # either way, before SETUP: the shared-key proof (binary, .security)
+    KEEPALIVE = 12          # either way, after SETUP_ACK: still here (stall_timeout / 4 apart)
 
 
 # ---------------------------------------------------------------- payloads
@@ -258,12 +260,14 @@ class MainChannel:
         self.sock = sock
         self._lock = threading.Lock()
         self.bytes_sent = 0
+        self.last_sent = time.monotonic()
 
     def send(self, kind: Msg, payload: Any = None) -> None:
         data = encode_message(kind, payload)
         with self._lock:
             send_all(self.sock, data, kind.name, MAIN)
             self.bytes_sent += len(data)
+            self.last_sent = time.monotonic()
 
     def send_parts(self, kind: Msg, parts: list) -> None:
         """A binary message whose payload is several buffers (device chunks, old way)."""
@@ -273,6 +277,7 @@ class MainChannel:
             for part in parts:
                 send_all(self.sock, part, kind.name, MAIN)
             self.bytes_sent += MESSAGE_HEADER.size + length
+            self.last_sent = time.monotonic()
 
     def send_error(self, error: BaseException) -> None:
         """Best effort: tell the peer why the session failed."""

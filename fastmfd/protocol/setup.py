@@ -47,6 +47,7 @@ MAX_REGION_BYTES = 1 << 48          # 256 TiB: far beyond any RAMBlock, far belo
 MAX_PACKET_BYTES = 1 << 27          # 128 MiB of pages per RAM packet
 CHUNK_SIZES = range(4096, (64 << 20) + 1)       # device chunk: VFIO reads 1 MiB at a time
 MAX_QUEUED_BYTES = 1 << 40          # per device, out-of-order chunks held
+MIN_STALL_SECONDS, MAX_STALL_SECONDS = 0.1, 86400.0     # stall_timeout
 
 
 class Invalid(ValueError):
@@ -72,6 +73,11 @@ def _in(lo: int, hi: int) -> Callable[[Any], bool]:
 
 def _is_bool(value: Any) -> bool:
     return isinstance(value, bool)
+
+
+def _is_seconds(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and MIN_STALL_SECONDS <= value <= MAX_STALL_SECONDS)
 
 
 def _is_page_size(value: Any) -> bool:
@@ -118,6 +124,8 @@ _FIELDS: dict[str, tuple[Callable[[Any], bool], str, Any]] = {
     "chunk_size": (_in(CHUNK_SIZES.start, CHUNK_SIZES.stop - 1), "4096..67108864", None),
     "max_queued_bytes": (_in(CHUNK_SIZES.start, MAX_QUEUED_BYTES), f"4096..{MAX_QUEUED_BYTES}",
                          256 << 20),
+    "stall_timeout": (_is_seconds, f"seconds in {MIN_STALL_SECONDS:g}..{MAX_STALL_SECONDS:g}",
+                      30.0),
 }
 
 
@@ -193,6 +201,8 @@ class Setup:
     chunk_size: int | None
     """Largest device chunk's data; None only from a lenient decode that lacked it."""
     max_queued_bytes: int
+    stall_timeout: float
+    """Seconds a channel, process or peer with work may make no progress."""
     regions: tuple[RegionSpec, ...]
     devices: tuple[DeviceSpec, ...]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import stat
 import time
 from dataclasses import dataclass
 
@@ -58,8 +59,7 @@ def listen(address: Address, backlog: int = 128) -> socket.socket:
     sock = socket.socket(address.family, socket.SOCK_STREAM)
     try:
         if address.family == socket.AF_UNIX:
-            if os.path.exists(address.target):
-                raise ConfigError(f"{address}: the path already exists")
+            _remove_stale_socket(address)
         else:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address.target)
@@ -71,6 +71,37 @@ def listen(address: Address, backlog: int = 128) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def _remove_stale_socket(address: Address) -> None:
+    """Unlink the socket a killed listener left at ``address``'s path, and only that:
+    a path that is not a socket (a file, a symlink, a directory) or a socket
+    something still listens on is refused, untouched."""
+    path = address.target
+    try:
+        before = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(before.st_mode):
+        raise ConfigError(f"{address}: the path already exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        pass                        # nobody listens: stale
+    except FileNotFoundError:
+        return
+    except OSError as exc:          # a full backlog, a permission: somebody's
+        raise ConfigError(f"{address}: the socket exists and cannot be probed "
+                          f"({exc.strerror or exc})") from None
+    else:
+        raise ConfigError(f"{address}: another process listens on this socket")
+    finally:
+        probe.close()
+    now = os.lstat(path)
+    if (now.st_dev, now.st_ino) == (before.st_dev, before.st_ino):
+        os.unlink(path)
 
 
 def bound_address(sock: socket.socket, requested: Address) -> Address:

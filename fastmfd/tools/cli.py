@@ -39,7 +39,8 @@ def _config(args: argparse.Namespace):
     return MigrationConfig(channels=args.channels, compression=args.compression,
                            compression_level=args.level,
                            zero_page_detection=not args.no_zero_detection,
-                           checksum=args.checksum, tls=security_options.tls_config(args),
+                           checksum=args.checksum, stall_timeout=args.stall_timeout,
+                           tls=security_options.tls_config(args),
                            auth_key=security_options.auth_key(args))
 
 
@@ -64,8 +65,8 @@ def cmd_listen(args: argparse.Namespace) -> int:
     from .transfer import listen_once
     console = Console(stderr=True)
     result, files = listen_once(
-        args.address, args.dir, timeout=args.timeout, force=args.force,
-        keep_partial=args.keep_partial,
+        args.address, args.dir, timeout=args.timeout, stall_timeout=args.stall_timeout,
+        force=args.force, keep_partial=args.keep_partial,
         on_listening=lambda address: console.print(f"listening on {address}"),
         tls=security_options.tls_config(args), auth_key=security_options.auth_key(args))
     for name, path in files.items():
@@ -113,6 +114,9 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="send zero pages as data")
     p.add_argument("--checksum", action="store_true", help="CRC-32 every packet's payload")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress, no summary")
+    p.add_argument("--stall-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="fail, on both sides, when a channel, process or the peer makes no "
+                        "progress for this long (default 30; the listener honours it)")
     security_options.add_arguments(p)
     p.set_defaults(func=cmd_send)
 
@@ -121,6 +125,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", default=".", help="output directory (default: here)")
     p.add_argument("--timeout", type=float, default=3600.0,
                    help="seconds to wait for the sender (default 3600)")
+    p.add_argument("--stall-timeout", type=float, default=None, metavar="SECONDS",
+                   help="fail when the sender, a channel or a process makes no progress for "
+                        "this long (default: the sender's --stall-timeout)")
     p.add_argument("--force", action="store_true",
                    help="replace files of the same names in DIR (a symbolic link is replaced, "
                         "never followed)")

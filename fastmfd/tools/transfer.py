@@ -84,8 +84,8 @@ def send_images(address: str, config: MigrationConfig, images: list[ImageSpec],
 
 
 def listen_once(address: str, directory: str, *, timeout: float = 3600.0,
-                on_listening=None, force: bool = False, keep_partial: bool = False,
-                tls: TLSConfig | None = None,
+                stall_timeout: float | None = None, on_listening=None, force: bool = False,
+                keep_partial: bool = False, tls: TLSConfig | None = None,
                 auth_key: bytes | None = None) -> tuple[DestinationResult, dict[str, str]]:
     """Receive one migration into ``directory``: ``<region>.img`` files mapped
     while they are written, ``<idstr>.<instance>.state`` for each device and
@@ -97,7 +97,7 @@ def listen_once(address: str, directory: str, *, timeout: float = 3600.0,
     out = OutputDir(directory, force=force, keep_partial=keep_partial)
     try:
         with Destination(address, timeout=timeout, region_factory=out.region, tls=tls,
-                         auth_key=auth_key) as dst:
+                         auth_key=auth_key, stall_timeout=stall_timeout) as dst:
             if on_listening is not None:
                 on_listening(dst.address)
 

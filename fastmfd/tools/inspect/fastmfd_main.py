@@ -54,7 +54,8 @@ def decode_fastmfd_main(reader: ByteReader, channel_header: bool, session: Sessi
         elif kind is Msg.DEVICE_STATE:
             _main_device_chunk(reader, body, at + MESSAGE_HEADER_SIZE, session, devices)
         out.messages[kind.name] += 1
-        last = kind
+        if kind is not Msg.KEEPALIVE:       # the source's keep coming until LOADED
+            last = kind
     if last not in (Msg.COMPLETE, Msg.ERROR):
         raise reader.error(f"main channel ends after {last.name if last else 'the preamble'}, "
                            "expected COMPLETE or ERROR last (truncated?)", field="type",

@@ -1,0 +1,120 @@
+"""Deadlines: whatever a session waits for must make progress within
+``stall_timeout`` seconds, or the session fails naming who made none.
+
+::
+
+    main process monitor (each side), every stall_timeout / 4 at most:
+      Heartbeat   main channel: send KEEPALIVE when nothing else went out for a
+                  quarter of the deadline; fail when nothing came in for all of it
+                  ("main channel: nothing from the destination for 30 s")
+      Progress    each channel (and the reassembly process) that has work —
+                  a job or command queued, a SYNC or the end due — or whose
+                  process is stopped must finish a packet (change its shared
+                  counters) within the deadline
+                  ("receive channel 1: no progress for 30 s (its process is stopped)")
+    data sockets: SO_SNDTIMEO = stall_timeout, so a send worker whose peer takes
+                  nothing for that long fails by itself (the core maps the
+                  socket's EAGAIN to "no progress for 30 s")
+
+Nothing here polls faster than a quarter of the deadline: the checks ride on
+the monitor's existing wait, which wakes for reports and messages anyway.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import socket
+import struct
+import termios
+import time
+from typing import Hashable
+
+from ..errors import MigrationError
+from ..protocol.main_channel import MAIN, MainChannel, Msg
+
+__all__ = ["Heartbeat", "Progress", "set_stall_timeout", "bytes_waiting", "process_stopped",
+           "stall_error", "tick"]
+
+
+def tick(stall_timeout: float) -> float:
+    """How often a monitor looks: a quarter of the deadline, at most once a second."""
+    return min(1.0, stall_timeout / 4)
+
+
+def set_stall_timeout(sock: socket.socket, seconds: float) -> None:
+    """Kernel deadlines on a data socket: a send (or receive) that moves no byte for
+    ``seconds`` fails with EAGAIN, in whichever process holds the socket."""
+    whole = int(seconds)
+    value = struct.pack("ll", whole, int((seconds - whole) * 1e6))
+    for option in (socket.SO_SNDTIMEO, socket.SO_RCVTIMEO):
+        sock.setsockopt(socket.SOL_SOCKET, option, value)
+
+
+def bytes_waiting(fd: int) -> int:
+    """Bytes readable in a pipe or socket now (FIONREAD; either end of a pipe)."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+    except OSError:
+        return 0
+
+
+def process_stopped(pid: int | None) -> bool:
+    """True if the process is stopped (SIGSTOP, a debugger)."""
+    if pid is None:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state in ("T", "t")
+
+
+def stall_error(name: str, seconds: float, pid: int | None = None,
+                detail: str = "") -> MigrationError:
+    """``name: no progress for S s`` with what is known of why."""
+    why = " (its process is stopped)" if process_stopped(pid) else detail
+    return MigrationError(f"no progress for {seconds:g} s{why}", channel=name)
+
+
+class Progress:
+    """Per participant: while it has work (``expected``), its ``signature`` (a
+    snapshot of its counters) must change within ``limit`` seconds. The clock
+    starts when the work appears, not when the participant last moved: an idle
+    channel handed a job after a minute is not late."""
+
+    def __init__(self, limit: float) -> None:
+        self.limit = limit
+        self._seen: dict[Hashable, tuple[object, float]] = {}
+
+    def stalled(self, name: Hashable, expected: bool, signature: object,
+                now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        last = self._seen.get(name)
+        if not expected or last is None or last[0] != signature:
+            self._seen[name] = (signature, now)
+            return False
+        return now - last[1] > self.limit
+
+
+class Heartbeat:
+    """The main channel's liveness: KEEPALIVE out, anything in."""
+
+    def __init__(self, main: MainChannel, limit: float, peer: str,
+                 interval: float | None = None) -> None:
+        self.main, self.limit, self.peer = main, limit, peer
+        self.interval = (limit if interval is None else interval) / 4
+        self.last_received = time.monotonic()
+
+    def received(self) -> None:
+        self.last_received = time.monotonic()
+
+    def beat(self) -> None:
+        """Send KEEPALIVE if nothing went out for a while; fail if nothing came in."""
+        now = time.monotonic()
+        if now - self.main.last_sent >= self.interval:
+            self.main.send(Msg.KEEPALIVE)
+        silent = now - self.last_received
+        if silent > self.limit:
+            raise MigrationError(f"nothing from the {self.peer} for {silent:.3g} s "
+                                 f"(stall timeout {self.limit:g} s)", channel=MAIN)

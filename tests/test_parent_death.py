@@ -1,0 +1,97 @@
+"""Every child dies with whichever parent dies, and the last one out unlinks the
+session's shared memory (issue #9).
+
+A SIGKILLed Destination main process, while a channel is silent, used to leave
+its forkserver and the receive worker blocked on that channel running, and
+the session's /dev/shm segments in place, until the peer closed its socket.
+The destination runs in a real subprocess here; /proc and /dev/shm say what
+is left.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import fastmfd
+from fastmfd.shm import SHM_DIR
+from leakcheck import _process_tree
+from migration_support import FakeSource, hello, setup_message
+
+BOUND = 3.0         # seconds for the whole tree and its segments to go
+
+_DESTINATION = textwrap.dedent("""
+    import fastmfd
+    if __name__ == "__main__":
+        with fastmfd.Destination("tcp:127.0.0.1:0", workers=1) as dst:
+            print(dst.address, flush=True)
+            dst.receive()
+""")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _segments_mapped_by(pids: set[int]) -> set[str]:
+    names = set()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                maps = f.read()
+        except OSError:
+            continue
+        names.update(line.rsplit("/", 1)[1].split()[0] for line in maps.splitlines()
+                     if f"{SHM_DIR}/fastmfd-" in line)
+    return names
+
+
+def test_sigkilled_destination_leaves_no_process_and_no_segment():
+    proc = subprocess.Popen([sys.executable, "-c", _DESTINATION], stdout=subprocess.PIPE,
+                            text=True)
+    source = None
+    try:
+        address = proc.stdout.readline().strip()
+        uuid = os.urandom(16)
+        source = FakeSource(address, setup_message(fastmfd.MigrationConfig(channels=1), uuid,
+                                                   {"ram": 240 << 20}))
+        assert source.open_main()[0].name == "SETUP_ACK"
+        source.connect(hello(0, uuid))          # a channel, then silence
+        deadline = time.monotonic() + 10
+        while True:                             # until the worker has the channel
+            tree = _process_tree(proc.pid) - {proc.pid}
+            segments = _segments_mapped_by(tree)
+            if any("region-ram" in name for name in segments) or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert any("region-ram" in name for name in segments), segments
+        # resource tracker, forkserver, the receive worker, the reassembly process
+        assert len(tree) >= 4, tree
+
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        killed = time.monotonic()
+        while time.monotonic() - killed < BOUND + 2:
+            left = {pid for pid in tree if _alive(pid)}
+            kept = {name for name in segments if os.path.exists(os.path.join(SHM_DIR, name))}
+            if not left and not kept:
+                break
+            time.sleep(0.05)
+        took = time.monotonic() - killed
+        assert not left, f"processes alive {took:.1f} s after the owner died: {sorted(left)}"
+        assert not kept, f"segments left {took:.1f} s after the owner died: {sorted(kept)}"
+        assert took < BOUND, f"the tree took {took:.1f} s to go"
+    finally:
+        if source is not None:
+            source.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -1,0 +1,204 @@
+"""Memory: the destination commits shared memory only as data arrives, bounds what
+it will hold, and a file system that fills mid-transfer is a clean error on
+both sides, never a SIGBUS (issue #9).
+
+Some tests run a script in a private mount namespace whose /dev/shm is a
+small tmpfs, as in a container (Docker's default is 64 MiB); they need root
+(or an unprivileged user namespace) and are skipped without.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import fastmfd
+from fastmfd._engine.reassembly import plan_pool, pool_slots_for
+from migration_support import Migration, make_region
+
+MIB = 1 << 20
+TESTS = str(Path(__file__).parent)
+
+
+def _namespaces_work() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "-m", "sh", "-c",
+                            "mount -t tmpfs -o size=1m tmpfs /dev/shm"],
+                           capture_output=True)
+    return probe.returncode == 0
+
+
+needs_namespace = pytest.mark.skipif(not _namespaces_work(),
+                                     reason="needs a private mount namespace (unshare -m)")
+
+
+def run_with_small_shm(script: str, shm: str = "64m", disk: str | None = None,
+                       disk_size: str = "8m") -> subprocess.CompletedProcess:
+    """Run ``script`` with a /dev/shm of ``shm`` bytes (and a ``disk`` tmpfs of
+    ``disk_size`` mounted at that path), in a mount namespace of its own."""
+    mounts = f"mount -t tmpfs -o size={shm} tmpfs /dev/shm"
+    if disk is not None:
+        mounts += f" && mount -t tmpfs -o size={disk_size} tmpfs {disk}"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [TESTS, os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run(["unshare", "-m", "sh", "-c", mounts + ' && exec "$1" -c "$2"',
+                           "sh", sys.executable, textwrap.dedent(script)],
+                          capture_output=True, text=True, timeout=60, env=env)
+
+
+# ---------------------------------------------------------------- a container's /dev/shm
+
+@needs_namespace
+def test_a_small_migration_with_a_tiny_device_fits_a_64_mib_shm():
+    # The destination's device-state pool used to fallocate ~265 MiB for a 4-byte
+    # device state: nothing could be sent with Docker's default /dev/shm.
+    done = run_with_small_shm("""
+        import numpy as np, fastmfd
+        from migration_support import Migration, make_region
+        if __name__ == "__main__":
+            image = make_region("ram", 4 << 20, seed=1)
+            with Migration(fastmfd.MigrationConfig(channels=2)) as m:
+                m.source.add_region(image)
+                m.source.add_device(fastmfd.BytesDevice("nic", 0, b"abcd"))
+                stats, result = m.run().ok()
+                assert np.array_equal(result.regions["ram"].array, image.array)
+                assert result.devices[("nic", 0)] == b"abcd"
+            image.close()
+            print("ok")
+    """)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+@needs_namespace
+def test_a_setup_larger_than_the_free_shm_is_refused_before_allocating():
+    done = run_with_small_shm("""
+        import os, threading, fastmfd
+        from fastmfd.shm import list_segments
+        from migration_support import FakeSource, setup_message
+        if __name__ == "__main__":
+            with fastmfd.Destination("tcp:127.0.0.1:0", workers=1) as dst:
+                source = FakeSource(dst.address, setup_message(
+                    fastmfd.MigrationConfig(channels=1), os.urandom(16), {"ram": 240 << 20}))
+                thread = threading.Thread(target=lambda: print("source:", source.open_main()))
+                thread.start()
+                try:
+                    dst.receive()
+                except fastmfd.FastMFDError as exc:
+                    print("destination:", exc)
+                thread.join()
+                print("regions:", [s for s in list_segments() if "region" in s])
+                source.close()
+    """)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "regions: []" in done.stdout, done.stdout
+    assert "holds at most" in done.stdout and "/dev/shm has free" in done.stdout
+    assert "'error': 'the source sends 251658240 bytes of regions" in done.stdout, done.stdout
+
+
+# ---------------------------------------------------------------- filling up mid-transfer
+
+_FILL_MID_TRANSFER = """
+    import os, threading, time, fastmfd
+    from fastmfd.shm import free_bytes
+    from migration_support import Migration, make_region
+    if __name__ == "__main__":
+        image = make_region("ram", 16 << 20, seed=2, zero=0.0, text=0.0)
+        config = fastmfd.MigrationConfig(channels=2, compression="{compression}",
+                                         max_bandwidth=32 << 20, job_packets=1)
+        extra = {destination}
+        with Migration(config) as m:
+            m.source.add_region(image)
+            if extra is not None:
+                m.destination.add_region(extra)
+            counters = m.source._parts.counters
+
+            def fill():
+                while counters.total("wire_bytes") < (2 << 20):
+                    time.sleep(0.002)
+                {fill}
+
+            threading.Thread(target=fill, daemon=True).start()
+            outcome = m.run(timeout=30)
+        print("source:", outcome.source_error)
+        print("destination:", outcome.dest_error)
+        image.close()
+        if extra is not None:
+            extra.close()
+"""
+
+_FILL_SHM = """fd, size = os.open("/dev/shm/filler", os.O_RDWR | os.O_CREAT, 0o600), 0
+                while True:         # a MiB at a time: the destination takes pages meanwhile
+                    try:
+                        os.posix_fallocate(fd, size, 1 << 20)
+                    except OSError:
+                        break
+                    size += 1 << 20"""
+
+
+@needs_namespace
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+def test_a_shm_filling_mid_transfer_is_a_clean_error(compression):
+    # Regions are sparse now: the memory is found page run by page run as data
+    # arrives, and a /dev/shm that another program fills meanwhile must end the
+    # session cleanly on both sides.
+    done = run_with_small_shm(_FILL_MID_TRANSFER.format(
+        compression=compression, destination="None", fill=_FILL_SHM), shm="48m")
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = dict(line.split(": ", 1) for line in done.stdout.splitlines())
+    assert "region ram: no memory to write into" in lines["destination"], done.stdout
+    assert "region ram: no memory to write into" in lines["source"], done.stdout
+    assert "SIGBUS" not in done.stdout and "Bad address" not in done.stdout
+
+
+@needs_namespace
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+def test_a_full_disk_under_a_region_file_is_a_clean_error(tmp_path, compression):
+    # `fastmfd listen` maps files: a full disk was "RAM payload: Bad address"
+    # (readv) or a receive worker "killed by SIGBUS" (inflating into the page).
+    disk = str(tmp_path)
+    done = run_with_small_shm(_FILL_MID_TRANSFER.format(
+        compression=compression, fill="pass",
+        destination=f"fastmfd.Region.from_file('ram', '{disk}/ram.img', size=16 << 20)"),
+        disk=disk)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = dict(line.split(": ", 1) for line in done.stdout.splitlines())
+    assert "region ram: no memory to write into" in lines["destination"], done.stdout
+    assert "SIGBUS" not in done.stdout and "Bad address" not in done.stdout
+
+
+# ---------------------------------------------------------------- max_memory
+
+def test_max_memory_refuses_a_setup_before_allocating(leaks):
+    image = make_region("ram", 4 * MIB, seed=4)
+    try:
+        with Migration(fastmfd.MigrationConfig(channels=1), max_memory=MIB) as m:
+            m.source.add_region(image)
+            outcome = m.run(timeout=30)
+            assert m.destination._session.regions == []     # nothing was made
+        for error in (outcome.source_error, outcome.dest_error):
+            assert isinstance(error, fastmfd.FastMFDError), repr(error)
+            assert "4194304 bytes of regions" in str(error)
+            assert "it holds at most 1048576 (max_memory" in str(error)
+    finally:
+        image.close()
+
+
+def test_the_device_pool_shrinks_its_out_of_order_cap_to_fit():
+    chunk, stride = MIB, MIB + 64
+    # The session's cap fits: unchanged.
+    cap, slots = plan_pool(1, 256 * MIB, chunk, 2, budget=1 << 40)
+    assert cap == 256 * MIB and slots == pool_slots_for(1, 256 * MIB, chunk, 2)
+    # 60 MiB left: the largest cap whose pool fits.
+    cap, slots = plan_pool(1, 256 * MIB, chunk, 2, budget=60 * MIB)
+    assert slots * stride <= 60 * MIB < (slots + 1) * stride + stride
+    assert cap >= chunk and slots == pool_slots_for(1, cap, chunk, 2)
+    # Not even one out-of-order chunk per device: refused, with what it needs.
+    with pytest.raises(fastmfd.ConfigError, match="device-state buffers of 4 device"):
+        plan_pool(4, 256 * MIB, chunk, 2, budget=8 * MIB)

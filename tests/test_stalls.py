@@ -1,0 +1,255 @@
+"""Every wait has a deadline: ``stall_timeout`` (issue #9).
+
+Before, nothing after SETUP_ACK had one: a peer gone silent, a channel
+black-holed mid-transfer, a channel that ended before its SYNC, or a worker
+stopped with SIGSTOP left both sides waiting for as long as it lasted. Now
+both sides fail within about ``stall_timeout`` (1 s here), naming the channel
+or process that made no progress.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import fastmfd
+from fastmfd.shm import SHM_DIR
+from migration_support import (BlackHole, FakeSource, Migration, Packets, Proxy, Trigger,
+                               hello, make_region, setup_message)
+
+STALL = 1.0
+BOUND = STALL + 2.0         # seconds from the fault to each side's failure
+MIB = 1 << 20
+CONFIG = fastmfd.MigrationConfig(channels=2, job_packets=1, stall_timeout=STALL,
+                                 max_bandwidth=64 * MIB)
+
+
+@pytest.fixture
+def image():
+    region = make_region("ram", 16 * MIB, seed=5)
+    yield region
+    region.close()
+
+
+def _run(image, faults, config=CONFIG, on_enter=None):
+    with Migration(config, proxy=Proxy(faults)) as m:
+        m.source.add_region(image)
+        if on_enter is not None:
+            on_enter(m)
+        return m.run(timeout=30)
+
+
+def _check(outcome, since: float, *patterns: str) -> None:
+    """Both sides failed within BOUND of ``since``, and each names what stalled."""
+    for side, error, end in (("source", outcome.source_error, outcome.source_end),
+                             ("destination", outcome.dest_error, outcome.dest_end)):
+        assert isinstance(error, fastmfd.MigrationError), f"the {side} ended with {error!r}"
+        assert end - since < BOUND, f"the {side} failed {end - since:.2f} s after the fault"
+        assert any(re.search(p, str(error)) for p in patterns), \
+            f"the {side}'s error names none of {patterns}: {error}"
+
+
+# ---------------------------------------------------------------- a silent source
+
+def _receive_in_thread(dst):
+    done = {}
+
+    def receive():
+        try:
+            dst.receive()
+        except BaseException as exc:
+            done["error"] = exc
+        done["end"] = time.monotonic()
+
+    thread = threading.Thread(target=receive, daemon=True)
+    thread.start()
+    return thread, done
+
+
+@pytest.mark.parametrize("channels_connected", [False, True])
+def test_a_source_silent_after_setup_ack(channels_connected):
+    uuid = os.urandom(16)
+    setup = setup_message(fastmfd.MigrationConfig(channels=1, stall_timeout=STALL), uuid,
+                          {"ram": 240 * MIB})
+    with fastmfd.Destination("tcp:127.0.0.1:0", workers=1) as dst:
+        thread, done = _receive_in_thread(dst)
+        source = FakeSource(dst.address, setup)
+        try:
+            assert source.open_main()[0].name == "SETUP_ACK"
+            silent_since = time.monotonic()
+            if channels_connected:
+                source.connect(hello(0, uuid))
+            # 240 MiB announced, nothing sent: next to nothing is allocated meanwhile.
+            segment = dst._session.regions[0].handle.location
+            held = os.stat(os.path.join(SHM_DIR, segment)).st_blocks * 512
+            assert held < MIB, f"a silent source holds {held} bytes of /dev/shm"
+            thread.join(BOUND + 5)
+            assert not thread.is_alive(), "the destination still waits for the silent source"
+            kind, body = source.reply()
+            while kind.name == "KEEPALIVE":
+                kind, body = source.reply()
+        finally:
+            source.close()
+    error = done["error"]
+    assert isinstance(error, fastmfd.MigrationError), repr(error)
+    assert done["end"] - silent_since < BOUND
+    expected = "nothing from the source" if channels_connected else "channel 0: not connected"
+    assert expected in str(error)
+    assert kind.name == "ERROR" and expected in body["error"]
+
+
+# ---------------------------------------------------------------- channels
+
+def test_a_channel_black_holed_mid_transfer(image):
+    # The path drops everything after the first MiB: the source's writes block.
+    hole = BlackHole(MIB)
+    outcome = _run(image, {1: hole})
+    _check(outcome, hole.fired_at, r"channel 1: .*no progress for 1 s")
+
+
+def test_a_lone_channel_black_holed_mid_transfer(image):
+    # One channel: the source never gets to ROUND_END; its own deadline on the
+    # blocked send (SO_SNDTIMEO, or the monitor's) fails it, and it tells the destination.
+    hole = BlackHole(MIB)
+    outcome = _run(image, {0: hole}, config=CONFIG.replace(channels=1, max_bandwidth=None))
+    _check(outcome, hole.fired_at, r"send channel 0: .*no progress for 1 s")
+
+
+def test_a_channel_swallowed_mid_transfer(image):
+    # The source's writes all succeed; the destination waits for channel 1's SYNC.
+    hole = BlackHole(MIB, read=True)
+    outcome = _run(image, {1: hole})
+    _check(outcome, hole.fired_at, r"receive channel 1: no progress for 1 s \(it owes the SYNC")
+
+
+def test_a_channel_that_ends_before_its_sync(image):
+    # Channel 1 ends cleanly (FIN) at a packet boundary before its SYNC.
+    sent = []
+
+    def first_packets(link, packet):
+        if len(sent) < 4:
+            sent.append(packet)
+            link.send(packet.raw)
+        elif not link.cut_off:
+            fault.fire()
+            link.cut()
+
+    fault = Packets(CONFIG, first_packets)
+    outcome = _run(image, {1: fault})
+    _check(outcome, fault.fired_at, r"receive channel 1: the channel ended before the SYNC "
+                                    r"of round 1")
+
+
+@pytest.mark.parametrize("side", ["source", "destination"])
+def test_a_stopped_worker(image, side):
+    stopped = []
+
+    def stop(m):
+        owner = getattr(m, side)
+
+        def action():
+            pid = owner._workers[1].process.pid
+            os.kill(pid, signal.SIGSTOP)
+            stopped.append(pid)
+        return action
+
+    trigger = Trigger(MIB, None)
+    try:
+        outcome = _run(image, {1: trigger},
+                       on_enter=lambda m: setattr(trigger, "action", stop(m)))
+    finally:
+        for pid in stopped:         # the teardown SIGKILLs it; never leave one stopped
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+    assert stopped
+    name = "send" if side == "source" else "receive"
+    _check(outcome, trigger.fired_at, rf"{name} channel 1: no progress for 1 s \(its process "
+                                      rf"is stopped\)", r"channel 1: .*no progress for 1 s")
+
+
+# ---------------------------------------------------------------- a silent destination
+
+_DESTINATION = textwrap.dedent("""
+    import fastmfd
+    if __name__ == "__main__":
+        with fastmfd.Destination("tcp:127.0.0.1:0", workers=2) as dst:
+            print(dst.address, flush=True)
+            dst.receive()
+""")
+
+
+def test_a_stopped_destination(image):
+    proc = subprocess.Popen([sys.executable, "-c", _DESTINATION], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        address = proc.stdout.readline().strip()
+        with fastmfd.Source(address, CONFIG) as src:
+            src.add_region(image)
+            counters = src._parts.counters
+            stopped = {}
+
+            def stop_destination():
+                while counters.total("wire_bytes") < MIB:
+                    time.sleep(0.005)
+                os.kill(proc.pid, signal.SIGSTOP)
+                stopped["at"] = time.monotonic()
+
+            thread = threading.Thread(target=stop_destination, daemon=True)
+            thread.start()
+            with pytest.raises(fastmfd.MigrationError,
+                               match="main channel: nothing from the destination"):
+                src.migrate(live=False)
+            took = time.monotonic() - stopped["at"]
+        assert took < BOUND, f"the source failed {took:.2f} s after the destination stopped"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_the_config_and_setup_carry_the_deadline():
+    with pytest.raises(fastmfd.ConfigError, match="stall_timeout"):
+        fastmfd.MigrationConfig(stall_timeout=0)
+    with pytest.raises(fastmfd.ConfigError, match="stall_timeout"):
+        fastmfd.Destination("tcp:127.0.0.1:0", stall_timeout=-1)
+    setup = setup_message(fastmfd.MigrationConfig(stall_timeout=2.5), b"u" * 16, {"r": 4096})
+    assert setup["stall_timeout"] == 2.5
+    assert np.isclose(fastmfd.MigrationConfig().stall_timeout, 30.0)
+
+
+def test_listen_gives_up_on_a_silent_sender(tmp_path):
+    # `fastmfd listen --stall-timeout 1` keeps to its own deadline, shorter than the
+    # sender's 30 s.
+    proc = subprocess.Popen([sys.executable, "-m", "fastmfd", "listen", "tcp:127.0.0.1:0",
+                             "--dir", str(tmp_path), "--stall-timeout", str(STALL)],
+                            stderr=subprocess.PIPE, text=True)
+    source = None
+    try:
+        address = proc.stderr.readline().split()[-1]
+        uuid = os.urandom(16)
+        source = FakeSource(address, setup_message(fastmfd.MigrationConfig(channels=1), uuid,
+                                                   {"ram": MIB}))
+        assert source.open_main()[0].name == "SETUP_ACK"
+        since = time.monotonic()
+        proc.wait(timeout=BOUND + 10)
+        took = time.monotonic() - since
+        stderr = proc.stderr.read()
+    finally:
+        if source is not None:
+            source.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1, stderr
+    assert "channel 0: not connected 1 s after SETUP_ACK" in stderr
+    assert took < BOUND, f"listen gave up {took:.2f} s after SETUP_ACK"
