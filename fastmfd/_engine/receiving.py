@@ -34,6 +34,7 @@ from __future__ import annotations
 import enum
 import logging
 import os
+import select
 import socket
 import time
 from dataclasses import dataclass
@@ -64,6 +65,8 @@ __all__ = ["Receiving", "ReceivingState", "DestinationParts", "Refusal"]
 
 log = logging.getLogger("fastmfd")
 
+# How long a channel's end waits for the source's ERROR that explains it.
+SOURCE_WORD_GRACE = 0.5
 GREETING_SPARES = 2     # receive workers beyond the channels, to greet strangers meanwhile
 _COUNTED = ("packets", "normal_pages", "zero_pages", "device_packets")
 
@@ -136,6 +139,7 @@ class Receiving:
         self._old_way_chunks = self._old_way_bytes = 0
         self._watch: Watch | None = None
         self._admission: Admission | None = None   # while waiting for the source
+        self._hearing = False                   # in _hear_the_source
         self._stall = 0.0                       # seconds: the session's stall deadline
         self._heartbeat: Heartbeat | None = None
         self._progress: Progress | None = None
@@ -372,12 +376,30 @@ class Receiving:
                 self.parts.reassembly[0].send(Drained())
 
     def _check_ended_early(self) -> None:
-        """A RAM channel that ended cannot bring a SYNC the source says it sent."""
+        """A RAM channel that ended cannot bring a SYNC the source says it sent.
+
+        A source that fails shuts its channels down and then sends its ERROR:
+        the ERROR, the cause, is given a moment to arrive and wins over this,
+        its consequence."""
         for ch in self._drained:
             reached = self._synced.get(ch, 0)
             if ch < self.setup.channels and reached < self._round_end:
+                self._hear_the_source(SOURCE_WORD_GRACE)
                 raise MigrationError(f"the channel ended before the SYNC of round {reached + 1}",
                                      channel=self._assigned[ch].name)
+
+    def _hear_the_source(self, wait: float) -> None:
+        """Handle what the source sends within ``wait`` seconds (its ERROR raises)."""
+        if self._hearing:
+            return                      # already inside a main-channel message
+        self._hearing = True
+        try:
+            sock, deadline = self.main.sock, time.monotonic() + wait
+            while (getattr(sock, "pending", lambda: 0)() or select.select(
+                    [sock], [], [], max(0.0, deadline - time.monotonic()))[0]):
+                self._on_main_message()
+        finally:
+            self._hearing = False
 
     def _check_liveness(self) -> None:
         """The source must be heard from; every channel must connect; a channel owing a
