@@ -258,6 +258,22 @@ class Fault:
         link.send(data)
 
 
+class Record(Fault):
+    """Forward everything unchanged, keeping a copy: ``.bytes`` is the connection as the
+    source wrote it (hello included), a capture file ``fastmfd inspect`` reads."""
+
+    def __init__(self) -> None:
+        self.bytes = bytearray()
+
+    def hello(self, link, data):
+        self.bytes += data
+        link.send(data)
+
+    def data(self, link, data, offset):
+        self.bytes += data
+        link.send(data)
+
+
 class Delay(Fault):
     """Every byte reaches the destination ``seconds`` after the client sent it."""
 

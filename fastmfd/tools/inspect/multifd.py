@@ -110,8 +110,7 @@ class ChannelDecoder:
         except ProtocolError as exc:
             raise reader.locate(exc, at) from None
         if pkt.normal_pages + pkt.zero_pages and self.compression is None:
-            self.compression = pkt.flags & COMPRESSION_MASK[self.layout]
-            self.channel.compression = COMPRESSION_NAMES[self.compression]
+            self._learn_compression(pkt.flags)
         payload_at = reader.pos
         payload = reader.take(pkt.payload_size, "payload")
         block = pkt.ramblock
@@ -132,13 +131,11 @@ class ChannelDecoder:
             return [payload[i * page_size:(i + 1) * page_size] for i in range(count)]
         if not count:
             return []
-        if self.stream is None:
-            self.stream = _core.make_codec(COMPRESSION_NAMES[self.compression],
-                                           compressing=False)
+        if self.scratch is None:
             self.scratch = memoryview(bytearray(self.session.packet_pages * page_size))
         out = self.scratch[:count * page_size]
         try:
-            self.stream.decompress_into(payload, out)
+            self._stream().decompress_into(payload, out)
         except ProtocolError as exc:
             raise self.reader.locate(exc, at) from None
         # One copy per page: pages outlive the scratch buffer, and a page that
@@ -146,15 +143,25 @@ class ChannelDecoder:
         return [memoryview(bytes(out[i * page_size:(i + 1) * page_size]))
                 for i in range(count)]
 
-    def _inflate_chunk(self, payload: memoryview, at: int) -> memoryview:
-        """A compressed device chunk, inflated through the channel's stream."""
+    def _learn_compression(self, flags: int) -> None:
+        """The channel's method, from the first packet that shows it (no SETUP said)."""
+        self.compression = flags & COMPRESSION_MASK[self.layout]
+        self.channel.compression = COMPRESSION_NAMES[self.compression]
+
+    def _stream(self):
+        """The channel's one decompressor, RAM pages and device chunks alike (made by
+        whichever comes first)."""
         if self.stream is None:
             self.stream = _core.make_codec(COMPRESSION_NAMES[self.compression],
                                            compressing=False)
+        return self.stream
+
+    def _inflate_chunk(self, payload: memoryview, at: int) -> memoryview:
+        """A compressed device chunk, inflated through the channel's stream."""
         limit = (self.session.chunk_size or DEFAULT_CHUNK_LIMIT) + _core.CHUNK_HEADER_SIZE
         out = bytearray(limit)
         try:
-            produced = self.stream.decompress_upto(payload, out)
+            produced = self._stream().decompress_upto(payload, out)
         except ProtocolError as exc:
             raise self.reader.locate(exc, at) from None
         return memoryview(out)[:produced]
@@ -176,6 +183,8 @@ class ChannelDecoder:
         payload_at = reader.pos
         payload = reader.take(size, "device state payload")
         if flags & COMPRESSION_MASK[self.layout]:
+            if self.compression is None:
+                self._learn_compression(flags)
             payload = self._inflate_chunk(payload, payload_at)
         self.devices.add(idstr, instance_id, payload, reader, payload_at)
         self.channel.packets.append(PacketRecord(

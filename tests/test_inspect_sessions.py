@@ -1,0 +1,91 @@
+"""``fastmfd inspect`` decodes every capture fastmfd itself produces.
+
+Real sessions (a Destination and a Source, through the test proxy, which
+records each connection as the source wrote it): every compression method,
+with and without devices, with device state on the RAM channels, on a
+dedicated device-state channel, or on the main channel (the old way). And,
+built byte by byte, the case a real session only produces by chance: a
+compressed channel whose first packet is a device chunk, RAM pages after it.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+import fastmfd
+from fastmfd.tools.inspect.capture import read_capture
+from inspect_support import (PACKET_PAGES, REGIONS, ROUND_ENDS, SESSION_UUID, ChannelWriter,
+                             Session, write_files)
+from migration_support import PAGE, Migration, Proxy, Record, make_region
+
+DEVICE_SIZE = 150_000
+
+
+def _image(capture, name: str, size: int) -> np.ndarray:
+    out = np.zeros(size, dtype=np.uint8)
+    for offset, data in capture.ram[name].items():
+        out[offset:offset + PAGE] = np.frombuffer(data, dtype=np.uint8)
+    return out
+
+
+CASES = [(compression, devices, "dedicated" if dedicated else "multifd")
+         for compression, devices, dedicated in itertools.product(
+             ("none", "zlib", "zstd"), (0, 2), (False, True))]
+CASES += [(compression, 2, "main") for compression in ("none", "zstd")]
+
+
+@pytest.mark.parametrize("compression, devices, way", CASES,
+                         ids=[f"{c}-{d}dev-{w}" for c, d, w in CASES])
+def test_inspect_decodes_a_real_session(tmp_path, compression, devices, way):
+    config = fastmfd.MigrationConfig(channels=2, compression=compression, packet_pages=16,
+                                     device_state_channels=1 if way == "dedicated" else 0,
+                                     channel_header=way != "main",
+                                     device_chunk_size=64 << 10)
+    records = {"main": Record(), **{ch: Record() for ch in range(config.channels
+                                                                  + (way == "dedicated"))}}
+    region = make_region("ram", 96 * PAGE, seed=3)
+    try:
+        with Migration(config, proxy=Proxy(records, channel_header=config.channel_header)) as m:
+            m.source.add_region(region)
+            for i in range(devices):
+                m.source.add_device(fastmfd.SyntheticDevice(f"dev/{i}", i, DEVICE_SIZE, seed=i))
+            _, result = m.run().ok()
+        paths = write_files(tmp_path, {f"{name}.bin": bytes(record.bytes)
+                                       for name, record in records.items()})
+        capture = read_capture(paths)
+        assert len(capture.ram["ram"]) == region.npages
+        assert (_image(capture, "ram", region.size) == region.array).all()
+        assert capture.devices == result.devices
+        assert len(capture.devices) == devices
+        if way != "main":           # the multifd channels alone decode as well
+            alone = read_capture(paths[1:], packet_pages=config.packet_pages)
+            assert alone.devices == result.devices
+            assert (_image(alone, "ram", region.size) == region.array).all()
+    finally:
+        region.close()
+
+
+@pytest.mark.parametrize("compression", ["zlib", "zstd"])
+@pytest.mark.parametrize("main", [True, False], ids=["with-main", "channels-only"])
+def test_compressed_channel_starting_with_a_device_chunk(tmp_path, compression, main):
+    session = Session(compression)
+    ch0, ch1 = session.channels
+    ch0.device("nic0", 0, 0, b"first " * 100)
+    ch1.device("nic0", 0, 1, b"second " * 100, last=True)
+    for first in range(0, 48, 16):
+        session.send(first // 16 % 2, "ram0", range(first, first + 16), tag=0, zero_every=3)
+    session.send(1, "vga", range(0, 4), tag=0)
+    session.sync_all()
+    files = session.files([ROUND_ENDS[0], ROUND_ENDS[-1]], devices=[("nic0", 0)])
+    if not main:
+        del files["main.bin"]
+    capture = read_capture(write_files(tmp_path, files), packet_pages=PACKET_PAGES)
+    assert capture.devices == {("nic0", 0): b"first " * 100 + b"second " * 100}
+    assert {name: {off: bytes(p) for off, p in pages.items()}
+            for name, pages in capture.ram.items()} == session.expected
+    assert [c.compression for c in capture.channels] == [compression] * 2
+    assert set(REGIONS) == set(capture.ram)
+    assert SESSION_UUID == capture.channels[0].uuid
