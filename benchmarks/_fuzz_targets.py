@@ -148,13 +148,11 @@ def _capture_headers(version: str, compression: str, header_size: int, limit: in
         while pos + header_size <= len(data) and len(out) < limit * 2:
             header = data[pos:pos + header_size]
             normal, next_size = struct.unpack_from(">II", header, 16)
-            zero = struct.unpack_from(">I", header, 32)[0] if version != "qemu-7.2" else 0
             size = 0
             if normal:
                 size = next_size if compression != "none" else normal * 4096
             out.append(header)
             pos += header_size + size
-            del zero
     return out[::max(1, len(out) // limit)][:limit]
 
 

@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import os
 import random
 import signal
 import sys
@@ -252,14 +251,13 @@ def run_in_workers(counts: dict[str, int], seed: int, jobs: int, log) -> dict[st
                 tallies[name].cases += index - start + 1
                 done_cases += index - start + 1
                 log(f"CRASH {case_id(name, batch, index)}: the worker {how}")
-                workers[workers.index(worker)] = fresh = Worker(ctx)
+                workers[workers.index(worker)] = Worker(ctx)
                 worker.conn.close()
                 if len(tallies[name].crashes) >= MAX_CRASHES:
                     log(f"{name}: {MAX_CRASHES} crashes, its remaining cases are skipped")
                     tasks = [t for t in tasks if t[0] != name]
                 elif index + 1 < count:
                     tasks.insert(0, (name, batch, index + 1, count, seed))
-                del fresh
             now = time.monotonic()
             for i, worker in enumerate(workers):
                 if worker.task is not None and now - worker.progress[1] > HANG_SECONDS:
