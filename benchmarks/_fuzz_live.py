@@ -67,7 +67,7 @@ from _fuzz_targets import (CHANNEL_HEADER_FIELDS, CHUNK_FIELDS, DEVICE_FIELDS, I
                            MESSAGE_FIELDS, ram_fields)
 from inspect_support import ChannelWriter, channel_header
 
-__all__ = ["run_live", "LiveReport"]
+__all__ = ["run_live", "replay_session", "LiveReport"]
 
 PAGE = 4096
 REGIONS = {"guard_lo": 4 * PAGE, "ram0": 64 * PAGE, "guard_hi": 4 * PAGE}
@@ -510,6 +510,14 @@ class Session:
                 return
         start = main_start(setup.channel_header)
         message, verdict = setup_message
+        if not main_greeting_passes(start + message):
+            # Cut inside its message header: not a main channel yet, a stranger.
+            self.case("stranger before SETUP")
+            before = len(dst.refused)
+            self.connect(dst.address, start + message)
+            if self._wait_refused(dst, before, "stranger before SETUP", thread):
+                dst.cancel("fuzz: no source comes")
+            return
         if verdict != "valid":
             self.case("SETUP")
             if verdict == "mutant but valid":
@@ -582,6 +590,8 @@ class Session:
     def _judge_setup(self, message: bytes) -> str:
         """"invalid", "mutant but valid", or "skip" (valid, but more than this
         machine should give)."""
+        if len(message) < mc.MESSAGE_HEADER_SIZE:
+            return "invalid"
         try:
             kind, length = mc.decode_message_header(message[:8], 0)
             body = message[8:8 + length]
@@ -772,12 +782,8 @@ def run_live(cases: int, seed: int, seconds: float | None, log) -> LiveReport:
     gc.collect()
     fds_before = len(os.listdir("/proc/self/fd"))
     regions = {name: fastmfd.Region.create(name, size) for name, size in REGIONS.items()}
-    originals = {}
     try:
-        for i, region in enumerate(regions.values()):
-            region.array[:] = np.random.default_rng(seed * 7 + i).integers(
-                0, 256, region.size, dtype=np.uint8)
-            originals[region.name] = region.array.copy()
+        originals = _fill(regions, seed)
         n = 0
         last_log = started
         while report.cases < cases:
@@ -806,3 +812,32 @@ def run_live(cases: int, seed: int, seconds: float | None, log) -> LiveReport:
     report.fds = (fds_before, len(os.listdir("/proc/self/fd")))
     report.wall = time.monotonic() - started
     return report
+
+
+def replay_session(spec: str) -> int:
+    """Run live session ``live:SEED:N`` again and print what it found."""
+    logging.getLogger("fastmfd").setLevel(logging.CRITICAL)
+    _, seed, n = spec.split(":")
+    report = LiveReport()
+    regions = {name: fastmfd.Region.create(name, size) for name, size in REGIONS.items()}
+    try:
+        originals = _fill(regions, int(seed))
+        Session(report, regions, originals, random.Random(f"{seed}/live/{n}"), spec).run()
+    finally:
+        for region in regions.values():
+            region.close()
+    print(f"{spec}: cases {report.cases}, roots {report.roots}")
+    for kind, case, detail in report.findings:
+        print(f"  {kind} ({case}): {detail}")
+    return 1 if report.findings else 0
+
+
+def _fill(regions: dict, seed: int) -> dict:
+    """Fill each region with its pattern; returns copies to check against."""
+    originals = {}
+    for i, region in enumerate(regions.values()):
+        region.array[:] = np.random.default_rng(seed * 7 + i).integers(
+            0, 256, region.size, dtype=np.uint8)
+        originals[region.name] = region.array.copy()
+    return originals
+

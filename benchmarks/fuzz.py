@@ -25,7 +25,8 @@ Mutations: bit flips, byte replacement, truncation, extension, insertion,
 splices, and field-aware ones that put boundary values (0, 1, 2**31-1,
 2**32-1, 2**63, 2**64-1 and neighbours) into length, count, offset and flag
 fields (``_fuzz_mutate.py``). Every case is determined by ``--seed``, its
-target, batch and index: ``--replay TARGET:BATCH:INDEX`` runs one again here.
+target, batch and index: ``--replay TARGET:BATCH:INDEX`` runs one again here
+(``--replay live:SEED:N`` one live session).
 
 The summary counts per target: cases, accepted, refused with a FastMFDError,
 crashes (a worker killed by a signal), hangs, and everything else raised (one
@@ -342,6 +343,9 @@ def print_findings(tallies: dict[str, Tally], out=sys.stdout) -> None:
 
 def replay(spec: str, seed: int) -> int:
     """Run one case again in this process, printing what it was and what it raised."""
+    if spec.startswith("live:"):
+        from _fuzz_live import replay_session
+        return replay_session(spec)
     from _fuzz_targets import TARGETS
     name, batch, index = spec.rsplit(":", 2)
     target = TARGETS[name]
@@ -374,7 +378,8 @@ def main(argv=None) -> int:
     parser.add_argument("--targets", default=None,
                         help="comma-separated substrings: run only the matching targets")
     parser.add_argument("--replay", metavar="TARGET:BATCH:INDEX", default=None,
-                        help="run one in-process case again, here")
+                        help="run one in-process case again, here (live:SEED:SESSION: one "
+                             "live session)")
     parser.add_argument("--json", metavar="FILE", default=None, help="write the summary as JSON")
     args = parser.parse_args(argv)
     if args.replay:
