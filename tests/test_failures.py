@@ -199,7 +199,8 @@ def test_truncated_packet(image, leaks):
     cut = Truncate(after=_core.RamPacketCodec(CONFIG.packet_pages).header_size + 100)
     outcome = migrate(image, {1: cut})
     src, dst = outcome.failed_both(since=cut.fired_at)
-    expected = r"receive channel 1: EOFError: RAM \w+: connection closed after \d+ of \d+ bytes"
+    expected = (r"receive channel 1: ProtocolError: RAM \w+: connection closed after \d+ of "
+                r"\d+ bytes")
     assert_names(dst, expected)
     assert_names(src, "the destination failed: " + expected)
     leaks.assert_clean(keep=[image])

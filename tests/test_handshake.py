@@ -163,6 +163,28 @@ def test_bad_channel_fails_the_session(bad):
             source.close()
 
 
+@pytest.mark.parametrize("cut", [100, 16 * 4096 + 8, 340 + 5 * 4096],
+                         ids=["in the header", "in the payload", "in a page"])
+def test_a_channel_cut_inside_a_packet_is_a_protocol_error(cut):
+    """Found by benchmarks/fuzz.py: a stream that ends inside a packet failed the
+    session with the engine's EOFError; a truncated packet is a ProtocolError
+    (field 'length'), as on the main channel and in every decoder."""
+    cut = min(cut, len(_marker()) - 1)
+    with Receiving() as receiving:
+        source = _session(receiving)
+        try:
+            assert source.open_main()[0] is Msg.SETUP_ACK
+            channel = source.connect(hello(0, UUID) + _marker()[:cut])
+            channel.shutdown(socket.SHUT_WR)
+            receiving.thread.join(10)
+            error = receiving.error
+            assert isinstance(error, fastmfd.MigrationError), repr(error)
+            assert re.search(r"receive channel 0: ProtocolError: RAM (packet header|payload): "
+                             r"connection closed after \d+ of \d+ bytes", str(error)), str(error)
+        finally:
+            source.close()
+
+
 def test_duplicate_channel_id_is_refused():
     """A second connection for a channel already set up fails the session before
     a byte of it lands (connections are greeted concurrently, so the first one

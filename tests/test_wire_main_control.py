@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
+from fastmfd import MigrationConfig
+from fastmfd.protocol.setup import Setup
+
 from fastmfd.errors import ProtocolError
-from fastmfd.protocol.main_channel import Msg, decode_control
+from fastmfd.protocol.main_channel import Msg, decode_control, decode_payload
 
 
 def test_a_json_object_is_returned():
@@ -24,3 +29,22 @@ def test_anything_else_is_a_protocol_error(body):
     with pytest.raises(ProtocolError) as info:
         decode_control(Msg.SETUP, body)
     assert info.value.field == "payload"
+
+
+@pytest.mark.parametrize("where", ["page_size", "regions", "round"])
+def test_a_value_nested_as_deep_as_json_allows_is_a_protocol_error(where):
+    """Found by benchmarks/fuzz.py: a value nested just shallow enough for the
+    JSON decoder was too deep to show in the error message (RecursionError from
+    repr). Every depth, up to past the decoder's limit, is a ProtocolError."""
+    setup = json.dumps(Setup(uuid=bytes(16), **MigrationConfig().session_values(),
+                             regions=(), devices=()).encode()).encode()
+    for depth in range(1, 1200):
+        nested = b"[" * depth + b"]" * depth
+        if where == "round":
+            kind, body = Msg.ROUND_END, b'{"round": ' + nested + b"}"
+        else:
+            kind = Msg.SETUP
+            old = b'"page_size": 4096' if where == "page_size" else b'"regions": []'
+            body = setup.replace(old, f'"{where}": ['.encode() + nested + b"]")
+        with pytest.raises(ProtocolError):
+            decode_payload(kind, body)

@@ -33,7 +33,7 @@ from .sockets import recv_exact, send_all
 
 __all__ = [
     "MAIN", "MAIN_MAGIC", "MAIN_VERSION", "MAIN_PREAMBLE", "MESSAGE_HEADER", "MESSAGE_HEADER_SIZE",
-    "MAX_CONTROL_PAYLOAD", "OLD_WAY_PREFIX", "Msg", "RoundEnd", "RoundAck", "Complete",
+    "MAX_CONTROL_PAYLOAD", "MAX_JSON_DEPTH", "OLD_WAY_PREFIX", "Msg", "RoundEnd", "RoundAck", "Complete",
     "Loaded", "Error", "MainChannel", "encode_message", "decode_message_header",
     "decode_control", "decode_payload", "encode_preamble", "check_preamble", "read_message",
     "read_payload", "expect_message",
@@ -47,6 +47,8 @@ MESSAGE_HEADER = struct.Struct(">II")
 MESSAGE_HEADER_SIZE = MESSAGE_HEADER.size
 MAX_CONTROL_PAYLOAD = 16 << 20     # bound on any JSON message a peer can make us read
 MAX_AUTH_PAYLOAD = 64              # a UUID, a nonce, a nonce and a proof, or a proof
+MAX_JSON_DEPTH = 32                # nesting of a control payload (SETUP's is 3): deeper ones
+                                   # would not even fit an error message (repr recursion)
 OLD_WAY_PREFIX = struct.Struct(">I")    # DEVICE_STATE: the device index before the chunk
 _MAX_COUNT = (1 << 63) - 1          # any counter or round number
 
@@ -223,7 +225,26 @@ def decode_control(kind: Msg, body: bytes) -> dict:
     if not isinstance(value, dict):
         raise ProtocolError(f"main channel {kind.name}: payload is not a JSON object",
                             field="payload", received=type(value).__name__, expected="object")
+    if not _nested_at_most(value, MAX_JSON_DEPTH):
+        raise ProtocolError(f"main channel {kind.name}: payload nested deeper than "
+                            f"{MAX_JSON_DEPTH} levels", field="payload", received="deeper",
+                            expected=f"at most {MAX_JSON_DEPTH} levels")
     return value
+
+
+def _nested_at_most(value: Any, limit: int) -> bool:
+    """Whether no object or array in ``value`` lies more than ``limit`` levels deep
+    (iterative: a value too deep for recursion is exactly what it looks for)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return False
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values() if isinstance(v, (dict, list)))
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item if isinstance(v, (dict, list)))
+    return True
 
 
 # ---------------------------------------------------------------- reader and writer
