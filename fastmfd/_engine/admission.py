@@ -1,4 +1,6 @@
-"""Before SETUP: which connection is the session's source.
+"""Who gets in: before SETUP, which connection is the session's source
+(:class:`Admission`); after it, which connections are its channels
+(:class:`ChannelDoor`).
 
 Until a source has passed its greeting (:func:`~fastmfd.protocol.handshake.
 greet_main_channel`: TLS, preamble, shared-key proof), every connection to a
@@ -13,6 +15,13 @@ counted, logged) and the listener is left to the session.
     acceptor thread: select(listener, wake) -> accept -> greeting thread per connection
     greeting threads: greet_main_channel() -> passed (a queue) | refused
     Admission.wait(): the first that passed, or the deadline, or the session's failure
+
+After SETUP a connection can only be greeted by a receive worker (a TLS
+session cannot move between processes): the door hands each new connection
+to a free worker with a Greeting; the worker answers Greeted(channel), and
+the session assigns it, or Refused, and the worker is free again. At most
+``GREETING_SPARES`` workers beyond the session's channels greet at once; more
+connections wait in the listen backlog meanwhile.
 """
 
 from __future__ import annotations
@@ -26,13 +35,18 @@ import time
 from typing import Callable
 
 from ..errors import MigrationError, ProtocolError
+from ..protocol.control import Greeting
 from ..protocol.handshake import MainGreeting, greet_main_channel
 from ..protocol.security import ChannelSecurity
+from ..protocol.setup import Setup
+from .workers import recv_worker_main
 
-__all__ = ["Admission", "describe_peer", "MAX_CANDIDATES", "ACCEPTED_ANOTHER"]
+__all__ = ["Admission", "ChannelDoor", "describe_peer", "MAX_CANDIDATES", "ACCEPTED_ANOTHER",
+           "GREETING_SPARES"]
 
 MAX_CANDIDATES = 64     # connections greeted at once; more are refused on arrival
 ACCEPTED_ANOTHER = "dropped: the session's source was accepted first"
+GREETING_SPARES = 2     # receive workers beyond the channels, to greet strangers meanwhile
 
 
 def describe_peer(peer) -> str:
@@ -146,3 +160,61 @@ class Admission:
                 greeting.sock.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
+
+
+class ChannelDoor:
+    """After SETUP: hands each new connection on the listener to a free receive
+    worker to greet (``parts``: the session's :class:`DestinationParts`;
+    ``watch_worker(worker)`` starts watching a worker it adds)."""
+
+    def __init__(self, parts, setup: Setup, watch, watch_worker: Callable,
+                 refuse: Callable[[str, object], None]) -> None:
+        self._parts, self._setup, self._watch = parts, setup, watch
+        self._watch_worker, self._refuse = watch_worker, refuse
+        self._greeting: dict[object, tuple[socket.socket, str]] = {}  # worker -> connection
+        self._started: set = set()          # workers already given a Greeting
+        self._assigned: set = set()         # workers that became channels
+        self._open = True
+        watch.add(parts.listener, self._accept)
+
+    def _accept(self) -> None:
+        workers = self._parts.workers
+        busy = set(self._greeting) | self._assigned
+        worker = next((w for w in workers if w not in busy), None)
+        if worker is None:
+            if len(workers) >= self._setup.total_channels + GREETING_SPARES:
+                self._watch.remove(self._parts.listener)    # until a greeting ends
+                return
+            worker = workers.add(recv_worker_main, f"receive channel {len(workers)}")
+            self._watch_worker(worker)
+        sock, peer = self._parts.listener.accept()
+        self._parts.resources.sockets.append(sock)
+        self._greeting[worker] = (sock, describe_peer(peer))
+        greeting = Greeting(self._setup, self._parts.security)
+        if worker in self._started:
+            worker.send(greeting)
+            worker.send_fds([sock.fileno()])
+        else:
+            self._started.add(worker)
+            worker.start_session(greeting, [sock.fileno()])
+
+    def greeted(self, worker) -> socket.socket:
+        """``worker``'s connection passed its greeting: it is the session's now."""
+        sock, _ = self._greeting.pop(worker)
+        self._assigned.add(worker)
+        sock.settimeout(None)
+        return sock
+
+    def refused(self, worker, reason: str) -> None:
+        """``worker`` dropped its connection: refuse it; the worker is free again."""
+        sock, peer = self._greeting.pop(worker)
+        self._parts.resources.sockets.remove(sock)
+        sock.close()
+        self._refuse(peer, reason)
+        if self._open:
+            self._watch.add(self._parts.listener, self._accept)
+
+    def close(self) -> None:
+        """Every channel is in: stop taking connections."""
+        self._open = False
+        self._watch.remove(self._parts.listener)

@@ -43,7 +43,7 @@ from .. import _core
 from ..devices import CollectLoader, device_key
 from ..errors import ConfigError, MigrationError, ProtocolError, SecurityError
 from ..protocol import handshake
-from ..protocol.control import (DeviceLoaded, Drained, Eof, Go, Greeted, Greeting, Refused,
+from ..protocol.control import (DeviceLoaded, Drained, Eof, Go, Greeted, Refused,
                                 ReassemblyParams, RecvParams, Synced)
 from ..protocol.main_channel import (MAIN, OLD_WAY_PREFIX, Complete, Loaded, MainChannel,
                                      Msg, RoundAck, RoundEnd, decode_message_header,
@@ -54,12 +54,11 @@ from ..protocol.sockets import recv_exact, tune_data_socket, tune_main_socket
 from ..regions import Region
 from ..shm import SHM_DIR, free_bytes
 from ..stats import ChannelStats, ReceiveStats
-from .admission import Admission, describe_peer
+from .admission import Admission, ChannelDoor
 from .liveness import Heartbeat, Progress, process_stopped, stall_error, tick
 from .processes import ChildSet, Watch
 from .reassembly import plan_pool
 from .session import SessionFailure, SessionResources, break_session
-from .workers import recv_worker_main
 
 __all__ = ["Receiving", "ReceivingState", "DestinationParts", "Refusal"]
 
@@ -67,7 +66,6 @@ log = logging.getLogger("fastmfd")
 
 # How long a channel's end waits for the source's ERROR that explains it.
 SOURCE_WORD_GRACE = 0.5
-GREETING_SPARES = 2     # receive workers beyond the channels, to greet strangers meanwhile
 _COUNTED = ("packets", "normal_pages", "zero_pages", "device_packets")
 
 
@@ -124,8 +122,7 @@ class Receiving:
         self._desc_w = -1                       # descriptors to the reassembly process
         self._assigned: dict[int, object] = {}  # channel id -> its worker
         self._channel_of: dict[object, int] = {}  # worker -> its channel id
-        self._greeting: dict[object, tuple[socket.socket, str]] = {}  # worker -> connection
-        self._started: set = set()              # workers that were given a Greeting
+        self._door: ChannelDoor | None = None   # new connections, after SETUP
         self._drained: set[int] = set()
         self._sync_count: dict[int, int] = {}
         self._synced: dict[int, int] = {}       # channel id -> the last SYNC it reached
@@ -276,7 +273,7 @@ class Receiving:
         self._heartbeat = Heartbeat(self.main, stall, "source",
                                     interval=min(stall, setup.stall_timeout))
         self._watch = watch = Watch(self.main.sock)
-        watch.add(parts.listener, self._accept_channel)
+        self._door = ChannelDoor(parts, setup, watch, self._watch_worker, self._refuse)
         watch.add(self.main.sock, self._on_main_message)
         for worker in parts.workers:
             self._watch_worker(worker)
@@ -296,41 +293,15 @@ class Receiving:
                 and len(self._device_results) == len(self.setup.devices)
                 and (self._reassembly_drained or not self.setup.devices))
 
-    def _accept_channel(self) -> None:
-        """A new connection: hand it to a free receive worker to greet."""
-        workers = self.parts.workers
-        worker = next((w for w in workers if w not in self._busy), None)
-        if worker is None:
-            if len(workers) >= self.setup.total_channels + GREETING_SPARES:
-                self._watch.remove(self.parts.listener)    # until a greeting ends
-                return
-            worker = workers.add(recv_worker_main, f"receive channel {len(workers)}")
-            self._watch_worker(worker)
-        sock, peer = self.parts.listener.accept()
-        self.parts.resources.sockets.append(sock)
-        self._greeting[worker] = (sock, describe_peer(peer))
-        greeting = Greeting(self.setup, self.parts.security)
-        if worker in self._started:
-            worker.send(greeting)
-            worker.send_fds([sock.fileno()])
-        else:
-            self._started.add(worker)
-            worker.start_session(greeting, [sock.fileno()])
-
-    @property
-    def _busy(self) -> set:
-        return set(self._greeting) | set(self._assigned.values())
-
     def _watch_worker(self, worker) -> None:
         self._watch.add_child(worker, lambda report: self._on_worker_report(worker, report))
 
     def _on_greeted(self, worker, report: Greeted) -> None:
         setup = self.setup
-        sock, _ = self._greeting.pop(worker)
+        sock = self._door.greeted(worker)
         ch = handshake.check_channel(handshake.ChannelHello(report.kind, setup.uuid,
                                                             report.channel),
                                      setup, self._assigned)
-        sock.settimeout(None)
         tune_data_socket(sock)
         params = RecvParams(
             channel=ch, page_size=setup.page_size, packet_pages=setup.packet_pages,
@@ -347,22 +318,14 @@ class Receiving:
         self._assigned[ch] = worker
         self._channel_of[worker] = ch
         if len(self._assigned) == setup.total_channels:
-            self._watch.remove(self.parts.listener)
-
-    def _on_refused(self, worker, report: Refused) -> None:
-        sock, peer = self._greeting.pop(worker)
-        self.parts.resources.sockets.remove(sock)
-        sock.close()
-        self._refuse(peer, report.reason)
-        if len(self._assigned) < self.setup.total_channels:
-            self._watch.add(self.parts.listener, self._accept_channel)
+            self._door.close()
 
     def _on_worker_report(self, worker, report) -> None:
         if isinstance(report, Greeted):
             self._on_greeted(worker, report)
             return
         if isinstance(report, Refused):
-            self._on_refused(worker, report)
+            self._door.refused(worker, report.reason)
             return
         ch = self._channel_of[worker]
         if isinstance(report, Synced):
