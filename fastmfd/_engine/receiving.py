@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import enum
 import os
+import select
 import socket
 import time
 
@@ -420,9 +421,22 @@ class Receiving:
                     raise ProtocolError(f"channel {ch}: the source sent {theirs.get(key)} "
                                         f"{key.replace('_', ' ')}, {mine[key]} arrived",
                                         field=key, received=mine[key], expected=theirs.get(key))
+        self.source_still_there()
         self.main.send(Msg.LOADED, Loaded(rounds=self._round_end,
                                           load_seconds=self._load_seconds_by_name()))
         self.state = ReceivingState.RESUMING
+
+    def source_still_there(self) -> None:
+        """Before each step that commits (LOADED, then ``on_resume``), read what the
+        source has already sent: a source that gave up while this side was held up
+        (stopped, starved, slow past ``stall_timeout``) sent its ERROR and closed, and
+        the session must fail here too, not succeed where the source failed. Only
+        messages already waiting are read; a source that gives up later than this is
+        the window no two-party protocol closes."""
+        sock = self.main.sock
+        while (getattr(sock, "pending", lambda: 0)()
+               or select.select([sock], [], [], 0)[0]):
+            self._on_main_message()
 
     def resumed(self) -> None:
         self.main.send(Msg.RESUMED)
