@@ -54,6 +54,7 @@ import argparse
 import base64
 import collections
 import ctypes
+import faulthandler
 import hashlib
 import json
 import os
@@ -90,6 +91,8 @@ def _emit(**event) -> None:
 
 
 def _read_spec() -> dict:
+    # On a hang the harness asks for every thread's stack (SIGUSR1) before the kill.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     return pickle.loads(base64.b64decode(sys.stdin.readline()))
 
 
@@ -510,7 +513,7 @@ def choose_run(seed: str, size: int, stall: float) -> dict:
                   device_chunk_size=rng.choice([64 << 10, 1 << 20]),
                   checksum=rng.random() < (0.7 if fault == "corrupt" else 0.3),
                   max_rounds=rng.randint(2, 6), downtime_limit=0.3,
-                  stall_timeout=stall, timeout=10.0)
+                  stall_timeout=stall, timeout=stall + 1.0)
     if "auth_key" in fastmfd.MigrationConfig.__dataclass_fields__ and rng.random() < 0.3:
         config["auth_key"] = rng.randbytes(32)
     fastmfd.MigrationConfig(**config)       # a bad draw fails here, not in a child
@@ -755,6 +758,15 @@ class Child:
                 pass
 
 
+def _dump_stacks(child: "Child") -> None:
+    """A hung side writes every thread's stack to the run's log (faulthandler)."""
+    try:
+        os.kill(child.proc.pid, signal.SIGUSR1)
+    except ProcessLookupError:
+        return
+    time.sleep(0.5)
+
+
 class Signaller:
     """Signals processes by pidfd, so a pid reused after its process ended is never hit."""
 
@@ -818,7 +830,8 @@ def run_once(run: dict, size: int, stall: float, logdir: str, verbose: bool) -> 
         devices = [dict(d, path=os.path.join(work, f"dev{j}.state"))
                    for j, d in enumerate(run["devices"])]
         dst = Child("destination", {
-            "workers": run["dst_workers"], "timeout": 10.0, "stall_timeout": run["dst_stall"],
+            "workers": run["dst_workers"], "timeout": stall + 1.0,
+            "stall_timeout": run["dst_stall"],
             "user_regions": [r.handle for r in dst_regions], "devices": devices}, log)
         ready = dst.wait_for("ready", time.monotonic() + 60)
         if not ready or ready["event"] != "ready":
@@ -916,11 +929,14 @@ def run_once(run: dict, size: int, stall: float, logdir: str, verbose: bool) -> 
         outcome: dict[str, dict] = {}
         done = {"kill": "killed", "stop": "stopped"}
 
+        # Before SETUP_ACK a side waits up to its timeout (stall + 1 s), after it stall_timeout.
+        limit = max(stall, run["config"]["timeout"])
+
         def deadline() -> float:
             fired_at = state["fired"]
             if fired_at is None:
                 return start + CONTROL_LIMIT
-            return fired_at + stall + MARGIN
+            return fired_at + limit + MARGIN
 
         def faulted_main(side: str) -> bool:
             return (plan["mode"] == "signal" and plan["target"] == mains[side]
@@ -946,7 +962,9 @@ def run_once(run: dict, size: int, stall: float, logdir: str, verbose: bool) -> 
                 break
             if time.monotonic() >= deadline():
                 for side in sides:
-                    outcome.setdefault(side, {"how": "hang", "t": None})
+                    if side not in outcome:
+                        outcome[side] = {"how": "hang", "t": None}
+                        _dump_stacks(sides[side])
                 break
             time.sleep(0.02)
         with lock:
@@ -959,9 +977,10 @@ def run_once(run: dict, size: int, stall: float, logdir: str, verbose: bool) -> 
             if outcome[side]["how"] == "stopped":
                 signaller.send(pids[mains[side]], signal.SIGCONT)
                 resumed = time.monotonic()
-                ev = child.wait_for("end", resumed + stall + MARGIN)
+                ev = child.wait_for("end", resumed + limit + MARGIN)
                 if ev is None:
                     outcome[side] = {"how": "hang", "t": None, "after": "SIGCONT"}
+                    _dump_stacks(child)
                 else:
                     outcome[side] = dict(ev, how="end" if ev["event"] == "end" else "died",
                                          resumed=resumed)
@@ -1013,7 +1032,7 @@ def run_once(run: dict, size: int, stall: float, logdir: str, verbose: bool) -> 
     bad = [p for p in record["problems"]]
     if bad or verbose:
         with open(log_path) as f:
-            record["log"] = f.read()[-6000:]
+            record["log"] = f.read()[-30000:]
     return record
 
 
@@ -1088,7 +1107,8 @@ def _judge(record, run, outcome, state, stall, src_regions, dst_regions, devices
         elif entry["how"] == "end" and not entry["ok"] and fired is None:
             problems.append(f"unexpected failure without a fault: the {side}: {entry['error']}")
         elif entry["how"] == "end" and not entry["ok"] and fired is not None and \
-                outcome[side]["t"] - fired > stall + MARGIN and "resumed" not in outcome[side]:
+                outcome[side]["t"] - fired > max(stall, run["config"]["timeout"]) + MARGIN \
+                and "resumed" not in outcome[side]:
             problems.append(f"late: the {side} failed {outcome[side]['t'] - fired:.1f} s after "
                             f"the fault")
     src_ok = record["sides"]["source"].get("ok") is True
