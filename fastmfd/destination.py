@@ -199,6 +199,7 @@ class Destination(Owner):
             started = time.monotonic()
             session.run()
             total = time.monotonic() - started
+            session.source_still_there()
             call_hook("on_resume", on_resume)
             session.resumed()
         except KeyboardInterrupt as exc:     # Ctrl-C, or the CLI's SIGTERM (which says so)

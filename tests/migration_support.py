@@ -404,6 +404,37 @@ class AtMessage(Fault):
             del self.buf[:8 + length]
 
 
+class OnMessage(Fault):
+    """On the main channel: call ``action()`` when the first message of type ``kind``
+    from the source comes; that message and all after it reach the destination
+    ``delay`` seconds late (the others unchanged)."""
+
+    def __init__(self, kind, action, delay: float = 0.0) -> None:
+        self.kind, self.action, self.delay = kind, action, delay
+        self.buf = bytearray()
+        self.skip = 8               # the preamble
+
+    def data(self, link, data, offset):
+        if self.fired_at is None:
+            self._parse(data)
+        link.send(data, delay=self.delay if self.fired_at is not None else 0.0)
+
+    def _parse(self, data) -> None:
+        self.buf += data
+        while True:
+            take = min(self.skip, len(self.buf))
+            del self.buf[:take]
+            self.skip -= take
+            if self.skip or len(self.buf) < 8:
+                return
+            kind, length = struct.unpack_from(">II", self.buf)
+            if kind == self.kind:
+                self.fire()
+                self.action()
+                return
+            self.skip = 8 + length
+
+
 @dataclass
 class Packet:
     """One multifd packet as the proxy parsed it."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import struct
 import threading
 import time
 
@@ -254,6 +255,55 @@ def test_main_channel_lost_mid_session(image, leaks, then, cause):
     assert_names(src, r"^main channel: ")
     if then == "cut":       # only the destination saw it: the source hears it from there
         assert_names(src, r"the destination failed: main channel: " + cause)
+    leaks.assert_clean(keep=[image])
+
+
+class Retype(AtMessage):
+    """On the main channel: the first message of type ``kind`` goes on as ``becomes``
+    (one corrupted type field), everything else unchanged."""
+
+    def __init__(self, kind, becomes) -> None:
+        super().__init__(kind, then="")
+        self.becomes = becomes
+
+    def data(self, link, data, offset):
+        if self.fired_at is not None:
+            link.send(data)
+            return
+        self.buf += data
+        while self.fired_at is None:
+            if self.preamble:
+                if len(self.buf) < self.preamble:
+                    return
+                link.send(bytes(self.buf[:self.preamble]))
+                del self.buf[:self.preamble]
+                self.preamble = 0
+            if len(self.buf) < 8:
+                return
+            kind, length = struct.unpack_from(">II", self.buf)
+            if kind == self.kind:
+                struct.pack_into(">I", self.buf, 0, self.becomes)
+                self.fire()
+                link.send(bytes(self.buf))
+                return
+            if len(self.buf) < 8 + length:
+                return
+            link.send(bytes(self.buf[:8 + length]))
+            del self.buf[:8 + length]
+
+
+def test_round_end_corrupted_into_a_keepalive(image, leaks):
+    """A bit flip made ROUND_END a KEEPALIVE (found by the soak, benchmarks/soak.py):
+    its payload was skipped as a keepalive's, the round's end was lost, and each
+    side's keepalives kept the other waiting forever. A KEEPALIVE carries nothing:
+    one with a payload is a protocol error."""
+    fault = Retype(Msg.ROUND_END, Msg.KEEPALIVE)
+    outcome = migrate(image, {"main": fault}, config=CONFIG.replace(stall_timeout=2),
+                      timeout=20)
+    src, dst = outcome.failed_both(since=fault.fired_at)
+    expected = r"main channel KEEPALIVE: expected an empty payload"
+    assert_names(dst, expected)
+    assert_names(src, "the destination failed: " + expected)
     leaks.assert_clean(keep=[image])
 
 

@@ -22,9 +22,10 @@ import numpy as np
 import pytest
 
 import fastmfd
+from fastmfd.protocol.main_channel import Msg
 from fastmfd.shm import SHM_DIR
-from migration_support import (BlackHole, FakeSource, Migration, Packets, Proxy, Trigger,
-                               hello, make_region, setup_message)
+from migration_support import (BlackHole, FakeSource, Migration, OnMessage, Packets, Proxy,
+                               Trigger, hello, make_region, setup_message)
 
 STALL = 1.0
 BOUND = STALL + 2.0         # seconds from the fault to each side's failure
@@ -215,6 +216,58 @@ def test_a_stopped_destination(image):
     finally:
         proc.kill()
         proc.wait()
+
+
+_REPORTING_DESTINATION = textwrap.dedent("""
+    import fastmfd
+    if __name__ == "__main__":
+        with fastmfd.Destination("tcp:127.0.0.1:0", workers=2) as dst:
+            print(dst.address, flush=True)
+            try:
+                dst.receive()
+            except fastmfd.MigrationError as exc:
+                print("failed:", exc, flush=True)
+            else:
+                print("succeeded", flush=True)
+""")
+
+
+def test_a_destination_held_up_until_the_source_gave_up_does_not_succeed(image):
+    """The destination's main process stops with everything received but the
+    source's COMPLETE (found by the soak, benchmarks/soak.py): COMPLETE comes half
+    a second late, the destination is stopped after a quarter. The source hears
+    nothing for stall_timeout, fails and sends its ERROR. Resumed after that, the
+    destination has all it needs, but the source has given the migration up: it
+    must fail too, not report a success the source will never hear of (a source
+    whose migration failed carries on running)."""
+    proc = subprocess.Popen([sys.executable, "-c", _REPORTING_DESTINATION],
+                            stdout=subprocess.PIPE, text=True)
+    proxy = None
+    try:
+        address = proc.stdout.readline().strip()
+        stop = threading.Timer(0.25, lambda: os.kill(proc.pid, signal.SIGSTOP))
+        proxy = Proxy({"main": OnMessage(Msg.COMPLETE, stop.start, delay=0.5)})
+        with fastmfd.Source(proxy.start(address), CONFIG) as src:
+            src.add_region(image)
+            with pytest.raises(fastmfd.MigrationError,
+                               match="main channel: nothing from the destination"):
+                src.migrate(live=False)
+        # The source's ERROR and end of stream are through the proxy.
+        main = next(link for link in proxy.links if link.name == "main")
+        deadline = time.monotonic() + 5
+        while not (main.client_eof and main.idle()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGCONT)
+        out, _ = proc.communicate(timeout=BOUND + 5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            os.kill(proc.pid, signal.SIGCONT)
+        proc.wait()
+        if proxy is not None:
+            proxy.close()
+    assert out.startswith("failed: main channel: the source failed: main channel: nothing "
+                          "from the destination"), out
 
 
 def test_the_config_and_setup_carry_the_deadline():

@@ -413,6 +413,9 @@ class Receiving:
                                   + _core.CHUNK_HEADER_SIZE + self.setup.chunk_size)
         self._heartbeat.received()
         if kind is Msg.KEEPALIVE:
+            # It carries nothing: decoded all the same, so that another message a bit
+            # flip made a KEEPALIVE (ROUND_END 3 ^ 8 = 11) fails instead of being lost.
+            decode_payload(kind, body)
             return
         expected = {ReceivingState.RECEIVING: (Msg.ROUND_END, Msg.DEVICE_STATE,
                                                Msg.SWITCHOVER_START, Msg.COMPLETE),
@@ -517,9 +520,19 @@ class Receiving:
             except OSError as exc:
                 raise MigrationError(f"region {region.name!r}: writing it to disk failed: "
                                      f"{exc.strerror or exc}") from exc
+        self.source_still_there()
         self.main.send(Msg.LOADED, Loaded(rounds=self._round_end,
                                           load_seconds=self._load_seconds_by_name()))
         self.state = ReceivingState.RESUMING
+
+    def source_still_there(self) -> None:
+        """Before each step that commits (LOADED, then ``on_resume``), handle what the
+        source has already sent: a source that gave up while this side was held up
+        (stopped, starved, slow past ``stall_timeout``) sent its ERROR and closed, and
+        the session must fail here too, not succeed where the source failed. Only
+        what is already waiting is read; a source that gives up later than this is
+        the window no two-party protocol closes."""
+        self._hear_the_source(0.0)
 
     def resumed(self) -> None:
         self.main.send(Msg.RESUMED)
