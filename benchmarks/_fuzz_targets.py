@@ -618,7 +618,7 @@ def _setup_seeds():
     base = dict(uuid=UUID.hex(), page_size=4096, packet_pages=128, compression="none",
                 compression_level=1, zero_page_detection=True, channels=2,
                 device_state_channels=0, channel_header=True, checksum=False,
-                chunk_size=1 << 20, max_queued_bytes=256 << 20,
+                chunk_size=1 << 20, max_queued_bytes=256 << 20, stall_timeout=30.0,
                 regions=[{"name": "pc.ram", "size": 1 << 30}, {"name": "vga", "size": 4096}],
                 devices=[{"idstr": "nic0", "instance_id": 0}, {"idstr": "cpu", "instance_id": 1}])
     seeds = [base]

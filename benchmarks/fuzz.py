@@ -40,7 +40,6 @@ import argparse
 import json
 import multiprocessing
 import random
-import signal
 import sys
 import time
 import traceback
@@ -49,6 +48,8 @@ from multiprocessing import connection
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from fastmfd._engine.processes import describe_exit  # noqa: E402
 
 HANG_SECONDS = 60.0         # one case that long is a hang
 MAX_EXAMPLES = 3
@@ -281,17 +282,6 @@ def run_in_workers(counts: dict[str, int], seed: int, jobs: int, log) -> dict[st
         for worker in workers:
             worker.stop()
     return tallies
-
-
-def describe_exit(code: int | None) -> str:
-    if code is None:
-        return "is still running"
-    if code < 0:
-        try:
-            return f"was killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"was killed by signal {-code}"
-    return f"exited with status {code}"
 
 
 def split(total: int, group: str) -> dict[str, int]:
