@@ -207,7 +207,8 @@ def destination_child() -> None:
     try:
         with fastmfd.Destination("tcp:127.0.0.1:0", workers=spec["workers"],
                                  timeout=spec["timeout"],
-                                 stall_timeout=spec["stall_timeout"]) as dst:
+                                 stall_timeout=spec["stall_timeout"],
+                                 auth_key=spec["auth_key"]) as dst:
             for region in user.values():
                 dst.add_region(region)
             for d in spec["devices"]:
@@ -514,7 +515,7 @@ def choose_run(seed: str, size: int, stall: float) -> dict:
                   checksum=rng.random() < (0.7 if fault == "corrupt" else 0.3),
                   max_rounds=rng.randint(2, 6), downtime_limit=0.3,
                   stall_timeout=stall, timeout=stall + 1.0)
-    if "auth_key" in fastmfd.MigrationConfig.__dataclass_fields__ and rng.random() < 0.3:
+    if rng.random() < 0.3:
         config["auth_key"] = rng.randbytes(32)
     fastmfd.MigrationConfig(**config)       # a bad draw fails here, not in a child
     live = rng.random() < 0.4
@@ -831,7 +832,7 @@ def run_once(run: dict, size: int, stall: float, logdir: str, verbose: bool) -> 
                    for j, d in enumerate(run["devices"])]
         dst = Child("destination", {
             "workers": run["dst_workers"], "timeout": stall + 1.0,
-            "stall_timeout": run["dst_stall"],
+            "stall_timeout": run["dst_stall"], "auth_key": run["config"].get("auth_key"),
             "user_regions": [r.handle for r in dst_regions], "devices": devices}, log)
         ready = dst.wait_for("ready", time.monotonic() + 60)
         if not ready or ready["event"] != "ready":
