@@ -159,3 +159,14 @@ class BigResultLoader:
         with open(self.gate, "rb") as fifo:
             fifo.read(1)
         return bytes(self.size)
+
+
+class StuckLoader:
+    """A loader whose ``load_finish`` never returns (a flush to a disk that hangs)."""
+
+    def load_state_buffer(self, data) -> None:
+        pass
+
+    def load_finish(self) -> bytes:
+        time.sleep(3600)
+        return b""

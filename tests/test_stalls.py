@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 import fastmfd
+from device_support import StuckLoader
 from fastmfd.protocol.main_channel import Msg
 from fastmfd.shm import SHM_DIR
 from migration_support import (BlackHole, FakeSource, Migration, OnMessage, Packets, Proxy,
@@ -177,6 +178,18 @@ def test_a_stopped_worker(image, side):
     name = "send" if side == "source" else "receive"
     _check(outcome, trigger.fired_at, rf"{name} channel 1: no progress for 1 s \(its process "
                                       rf"is stopped\)", r"channel 1: .*no progress for 1 s")
+
+
+def test_a_loader_that_never_finishes():
+    """Every chunk arrived (the reassembly process said Drained) but load_finish()
+    never returns (found by the soak): the reassembly process was watched only until
+    Drained, and the destination waited for the device forever."""
+    with Migration(CONFIG) as m:
+        m.source.add_device(fastmfd.BytesDevice("nic0", 0, b"state"))
+        m.destination.add_loader("nic0", 0, StuckLoader())
+        started = time.monotonic()
+        outcome = m.run(timeout=30)
+    _check(outcome, started, r"reassembly: no progress for 1 s")
 
 
 # ---------------------------------------------------------------- a silent destination

@@ -367,7 +367,8 @@ class Receiving:
     def _check_liveness(self) -> None:
         """The source must be heard from; every channel must connect; a channel owing a
         SYNC (ROUND_END came) or its end (COMPLETE came) must move; so must the
-        reassembly process once every channel ended; a stopped process fails."""
+        reassembly process once every channel ended, until every device is loaded; a
+        stopped process fails."""
         setup, stall, progress = self.setup, self._stall, self._progress
         for ch in range(setup.total_channels):
             worker = self._assigned.get(ch)
@@ -389,7 +390,10 @@ class Receiving:
                 raise stall_error(worker.name, stall, pid,
                                   f" (it owes the SYNC of round {reached + 1})"
                                   if reached < self._round_end else "")
-        if setup.devices and not self._reassembly_drained:
+        # Drained says every chunk arrived, not that every device is loaded: a
+        # load_finish() still running (or stuck) owes its DeviceLoaded all the same.
+        if setup.devices and not (self._reassembly_drained
+                                  and len(self._device_results) == len(setup.devices)):
             reassembly = self.parts.reassembly[0]
             pid = reassembly.process.pid
             owed = len(self._drained) == setup.total_channels
