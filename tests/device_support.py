@@ -6,6 +6,8 @@ module that process can import cheaply (no pytest), not in a test module.
 
 from __future__ import annotations
 
+import os
+import signal
 import struct
 import time
 
@@ -158,6 +160,31 @@ class BigResultLoader:
     def load_finish(self) -> bytes:
         with open(self.gate, "rb") as fifo:
             fifo.read(1)
+        return bytes(self.size)
+
+
+class StopsHalfwayThroughItsReport:
+    """A loader whose process stops itself (SIGSTOP) once it has written the first
+    bytes of its next long report: its ("loaded", ...) report, carrying the
+    ``size`` bytes ``load_finish`` returns, whose length multiprocessing writes
+    on its own before the body."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def load_state_buffer(self, data) -> None:
+        pass
+
+    def load_finish(self) -> bytes:
+        from multiprocessing import connection
+        real = connection.Connection._send
+
+        def send(conn, buf, *args):
+            real(conn, buf, *args)
+            if len(buf) == 4:           # the length of a long message: its body follows
+                connection.Connection._send = real
+                os.kill(os.getpid(), signal.SIGSTOP)
+        connection.Connection._send = send
         return bytes(self.size)
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 import fastmfd
-from device_support import StuckLoader
+from device_support import StopsHalfwayThroughItsReport, StuckLoader
 from fastmfd.protocol.main_channel import Msg
 from fastmfd.shm import SHM_DIR
 from migration_support import (BlackHole, FakeSource, Migration, OnMessage, Packets, Proxy,
@@ -178,6 +178,20 @@ def test_a_stopped_worker(image, side):
     name = "send" if side == "source" else "receive"
     _check(outcome, trigger.fired_at, rf"{name} channel 1: no progress for 1 s \(its process "
                                       rf"is stopped\)", r"channel 1: .*no progress for 1 s")
+
+
+def test_a_process_stopped_halfway_through_a_report():
+    """The reassembly process stops after the length of its long report (a device's
+    collected state), before its body (found by the soak, benchmarks/soak.py): the
+    destination's main process sat in recv() for the rest, for as long as the
+    process stayed stopped, and watched nothing else. A report that began must end
+    within stall_timeout."""
+    with Migration(CONFIG) as m:
+        m.source.add_device(fastmfd.BytesDevice("nic0", 0, b"state"))
+        m.destination.add_loader("nic0", 0, StopsHalfwayThroughItsReport(1 << 20))
+        started = time.monotonic()
+        outcome = m.run(timeout=30)
+    _check(outcome, started, r"reassembly: no progress for 1 s \(its process is stopped\)")
 
 
 def test_a_loader_that_never_finishes():

@@ -25,6 +25,7 @@ import multiprocessing
 import os
 import select
 import signal
+import struct
 import sys
 import threading
 import time
@@ -90,6 +91,8 @@ class Child:
         self.finished = False          # sent its final report: its exit is expected
         self._exitcode: int | None = None      # kept once the process object is closed
         self.closed = False
+        self.gone = False              # its end of the pipe is closed: no more reports
+        self._partial = bytearray()    # a report read in part (see next_report)
 
     @property
     def sentinel(self) -> int:
@@ -113,23 +116,67 @@ class Child:
             self.closed = True
 
     def next_report(self) -> Any | None:
-        """The child's next report if one is waiting, else None (also once it is gone).
+        """The child's next report if one has arrived whole, else None (also once it is
+        gone: then ``gone`` is set).
 
-        A Failed report is raised as the child's MigrationError."""
-        try:
-            report = self.conn.recv() if self.conn.poll() else None
-        except (EOFError, OSError):
+        Reports are read as their bytes come and never waited for: a child stopped
+        (SIGSTOP) halfway through writing a long report (a device's collected state)
+        held its reader in ``recv()`` for as long as it stayed stopped, and nothing
+        else of the session was watched; now the part waits here for the rest while
+        the session's deadlines run. A Failed report is raised as the child's
+        MigrationError."""
+        while (missing := self._missing()) and not self.gone:
+            try:
+                if not self.conn.poll():
+                    return None
+                data = os.read(self.conn.fileno(), min(missing, 1 << 20))
+            except OSError:
+                data = b""
+            if not data:
+                self.gone = True
+            self._partial += data
+        if missing:
             return None
+        report = self._take_report()
         if isinstance(report, Failed):
             raise self.error_from(report)
         if isinstance(report, _FINAL_REPORTS):
             self.finished = True
         return report
 
+    def _missing(self) -> int:
+        """Bytes still to come of the report at the front of ``_partial`` (only those:
+        the pipe stays readable while whole reports wait in it). multiprocessing's
+        framing: a 4-byte length, -1 and an 8-byte one past 2 GiB, then the pickle."""
+        buf = self._partial
+        if len(buf) < 4:
+            return 4 - len(buf)
+        size, = struct.unpack_from("!i", buf)
+        start = 4
+        if size == -1:
+            if len(buf) < 12:
+                return 12 - len(buf)
+            size, = struct.unpack_from("!Q", buf, 4)
+            start = 12
+        return start + size - len(buf)
+
+    def _take_report(self) -> Any:
+        """The whole report in ``_partial``, unpickled; empties it."""
+        start = 12 if struct.unpack_from("!i", self._partial)[0] == -1 else 4
+        report = reduction.ForkingPickler.loads(self._partial[start:])
+        self._partial = bytearray()
+        return report
+
     def expect(self, kind: type, timeout: float) -> Any:
         """Wait up to ``timeout`` for the next report, which must be a ``kind``."""
-        ready = connection.wait([self.conn, self.sentinel], timeout)
-        report = self.next_report() if ready else None
+        deadline = time.monotonic() + timeout
+        report = ready = None
+        while report is None and not self.gone:
+            ready = connection.wait([self.conn, self.sentinel],
+                                    max(0.0, deadline - time.monotonic()))
+            report = self.next_report() if ready else None
+            if not ready or self.sentinel in ready:
+                break
         if report is None:
             self.process.join(0.5 if ready else 0)
             if self.exitcode is not None:
@@ -272,10 +319,10 @@ class Watch:
         its final report (Done, Eof, Drained) fails with its exit status."""
         def readable() -> None:
             report = child.next_report()
-            if report is None:
-                self.remove(child.conn)     # nothing more will come
-            else:
+            if report is not None:
                 on_report(report)
+            elif child.gone:
+                self.remove(child.conn)     # nothing more will come
 
         def exited() -> None:
             self.remove(child.sentinel)
