@@ -17,6 +17,7 @@ import sys
 import textwrap
 import threading
 import time
+from multiprocessing import forkserver
 
 import numpy as np
 import pytest
@@ -204,6 +205,24 @@ def test_a_loader_that_never_finishes():
         started = time.monotonic()
         outcome = m.run(timeout=30)
     _check(outcome, started, r"reassembly: no progress for 1 s")
+
+
+def test_a_stopped_forkserver(image):
+    """The destination must start a worker for a channel it did not start ahead
+    (workers=1, two channels) while multiprocessing's forkserver is stopped (found by
+    the soak, benchmarks/soak.py): Process.start() waited for the forkserver's
+    answer, with no deadline, for as long as it stayed stopped."""
+    with Migration(CONFIG, workers=1) as m:
+        m.source.add_region(image)
+        server = forkserver._forkserver._forkserver_pid
+        os.kill(server, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            outcome = m.run(timeout=30)
+        finally:
+            os.kill(server, signal.SIGCONT)
+    _check(outcome, started, r"receive channel 1: cannot start the process: "
+                             r"multiprocessing's forkserver \(pid \d+\) is stopped")
 
 
 # ---------------------------------------------------------------- a silent destination

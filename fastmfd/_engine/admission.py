@@ -167,9 +167,9 @@ class ChannelDoor:
     worker to greet (``parts``: the session's :class:`DestinationParts`;
     ``watch_worker(worker)`` starts watching a worker it adds)."""
 
-    def __init__(self, parts, setup: Setup, watch, watch_worker: Callable,
+    def __init__(self, parts, setup: Setup, stall: float, watch, watch_worker: Callable,
                  refuse: Callable[[str, object], None]) -> None:
-        self._parts, self._setup, self._watch = parts, setup, watch
+        self._parts, self._setup, self._stall, self._watch = parts, setup, stall, watch
         self._watch_worker, self._refuse = watch_worker, refuse
         self._greeting: dict[object, tuple[socket.socket, str]] = {}  # worker -> connection
         self._started: set = set()          # workers already given a Greeting
@@ -185,7 +185,9 @@ class ChannelDoor:
             if len(workers) >= self._setup.total_channels + GREETING_SPARES:
                 self._watch.remove(self._parts.listener)    # until a greeting ends
                 return
-            worker = workers.add(recv_worker_main, f"receive channel {len(workers)}")
+            # During a session a worker's start has the session's deadline.
+            worker = workers.add(recv_worker_main, f"receive channel {len(workers)}",
+                                 self._stall)
             self._watch_worker(worker)
         sock, peer = self._parts.listener.accept()
         self._parts.resources.sockets.append(sock)

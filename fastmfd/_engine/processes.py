@@ -36,6 +36,7 @@ from typing import Any, Callable
 from .. import _core
 from ..errors import MigrationError
 from ..protocol.control import Done, Drained, Eof, Failed, Ready, Stop
+from .liveness import process_stopped
 from .session import as_migration_error, main_first
 
 __all__ = ["Child", "ChildSet", "ChildPipe", "Watch", "RemoteTraceback", "mp_context",
@@ -77,6 +78,14 @@ def describe_exit(code: int | None) -> str:
     return f"exited with status {code}"
 
 
+def stopped_forkserver() -> int | None:
+    """The pid of multiprocessing's forkserver if it is stopped (SIGSTOP), else None.
+    It answers every start and reports every exit of its children: stopped, it
+    answers nothing."""
+    server = getattr(forkserver._forkserver, "_forkserver_pid", None)
+    return server if process_stopped(server) else None
+
+
 # ------------------------------------------------------------------ main side
 
 class Child:
@@ -84,6 +93,11 @@ class Child:
 
     def __init__(self, ctx, target: Callable, name: str) -> None:
         self.name = name
+        server = stopped_forkserver()
+        if server is not None:
+            # start() would wait for the forkserver's answer, with no deadline.
+            raise MigrationError(f"cannot start the process: multiprocessing's forkserver "
+                                 f"(pid {server}) is stopped", channel=name)
         self.conn, theirs = ctx.Pipe(duplex=True)
         self.process = ctx.Process(target=target, args=(theirs,), name=name, daemon=True)
         self.process.start()
@@ -255,10 +269,11 @@ class ChildSet:
     def __getitem__(self, index: int) -> Child:
         return self.children[index]
 
-    def add(self, target: Callable, name: str) -> Child:
+    def add(self, target: Callable, name: str, timeout: float = READY_TIMEOUT) -> Child:
+        """Start one more child (during a session: ``timeout``, its deadline)."""
         child = Child(mp_context(), target, name)
         self.children.append(child)
-        child.wait_ready()
+        child.wait_ready(timeout)
         return child
 
     def stop(self, timeout: float = 2.0) -> None:
@@ -291,9 +306,11 @@ class ChildSet:
             for child in self.children:
                 if not child.closed and child.process.exitcode is None:
                     child.process.kill()
+            # A child's exit is reported by the forkserver: a stopped one reports none.
+            wait = 0 if stopped_forkserver() is not None else 5
             for child in self.children:
                 if not child.closed:
-                    child.process.join(timeout=5)
+                    child.process.join(timeout=wait)
 
 
 class Watch:

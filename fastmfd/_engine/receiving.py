@@ -273,7 +273,7 @@ class Receiving:
         self._heartbeat = Heartbeat(self.main, stall, "source",
                                     interval=min(stall, setup.stall_timeout))
         self._watch = watch = Watch(self.main.sock)
-        self._door = ChannelDoor(parts, setup, watch, self._watch_worker, self._refuse)
+        self._door = ChannelDoor(parts, setup, stall, watch, self._watch_worker, self._refuse)
         watch.add(self.main.sock, self._on_main_message)
         for worker in parts.workers:
             self._watch_worker(worker)
