@@ -539,7 +539,8 @@ def choose_run(seed: str, size: int, stall: float) -> dict:
     total = config["channels"] + config["device_state_channels"]
     run = {"seed": seed, "fault": fault, "config": config, "live": live, "regions": regions,
            "devices": devices, "image_seed": rng.randrange(1 << 30),
-           "dst_workers": total + rng.choice([0, 0, 1]),
+           # fewer than the channels: the destination starts the others after SETUP
+           "dst_workers": rng.choice([total, total, total + 1, 1]),
            "dst_stall": rng.choice([stall, None]), "user_regions": rng.random() < 0.5}
     run["plan"] = _choose_fault(rng, run, size)
     return run
