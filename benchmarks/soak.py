@@ -1142,8 +1142,12 @@ def _judge(record, run, outcome, state, stall, src_regions, dst_regions, devices
             verdict = "ok"
         elif problems:
             verdict = "bad"
-        elif dst_ok or src_ok:
-            verdict = "late fault"      # one side finished before the fault reached it
+        elif dst_ok:
+            # The destination finished (its data checked) and the source failed: a
+            # reply lost or late (the last message's two-generals window).
+            verdict = "split"
+        elif src_ok:
+            verdict = "late fault"      # the destination killed after its last word
         else:
             verdict = "failed cleanly"
     record["verdict"] = verdict
@@ -1234,7 +1238,7 @@ def _check_leaks(record, segments_before, fds_before, children_before) -> None:
     if leaks:
         record["leaks"] = leaks
         record["problems"].append("leak: " + " | ".join(leaks))
-        if record.get("verdict") in ("ok", "failed cleanly", "late fault"):
+        if record.get("verdict") in ("ok", "failed cleanly", "late fault", "split"):
             record["verdict"] = "leak"
 
 
@@ -1243,7 +1247,8 @@ def _check_leaks(record, segments_before, fds_before, children_before) -> None:
 def summarize(records: list[dict], wall: float) -> str:
     kinds = list(FAULT_WEIGHTS)
     rows = []
-    header = ("fault", "runs", "fired", "ok", "failed cleanly", "late fault", "hangs", "leaks",
+    header = ("fault", "runs", "fired", "ok", "failed cleanly", "split*", "late fault*", "hangs",
+              "leaks",
               "false success", "other", "undetected*", "ttf median", "ttf max")
     for kind in kinds + ["all"]:
         rs = [r for r in records if kind == "all" or r["fault"] == kind]
@@ -1258,7 +1263,8 @@ def summarize(records: list[dict], wall: float) -> str:
         ttf = [e["after_fault"] for r in rs if r.get("verdict") == "failed cleanly"
                for e in r["sides"].values() if "after_fault" in e and not e.get("ok")]
         rows.append((kind, len(rs), sum(1 for r in rs if r.get("fired")), c["ok"],
-                     c["failed cleanly"], c["late fault"], hangs, leaks, false, other,
+                     c["failed cleanly"], c["split"], c["late fault"], hangs, leaks, false,
+                     other,
                      c["undetected"], f"{statistics.median(ttf):.2f} s" if ttf else "-",
                      f"{max(ttf):.2f} s" if ttf else "-"))
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
@@ -1266,8 +1272,10 @@ def summarize(records: list[dict], wall: float) -> str:
     out = [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     out += [line(row) for row in rows]
     out.append(f"\nwall time {wall / 60:.1f} min; ttf: time from the fault to a side's "
-               f"MigrationError, over the cleanly failed runs' surviving sides; late fault: "
-               f"the destination finished, the fault then failed the source; undetected*: "
+               f"MigrationError, over the cleanly failed runs' surviving sides; split: the "
+               f"destination finished (its data checked) while the source failed; late fault: "
+               f"the source finished, the destination was killed after its last word; "
+               f"undetected*: "
                f"a flipped byte no check covers (no checksum, or a header, device state, the "
                f"main channel) passed unnoticed")
     # the errors each fault kind produced, by their first words
@@ -1283,6 +1291,12 @@ def summarize(records: list[dict], wall: float) -> str:
         if words:
             out.append(f"  {kind}:")
             out += [f"    {n:3d}  {w}" for w, n in words.most_common(8)]
+    split = [r for r in records if r.get("verdict") == "split"]
+    if split:
+        out.append("\nsplit outcomes (destination ok, source failed):")
+        out += [f"  run {r['seed']}: {r['plan']} [{r['config']}]: source: "
+                f"{r['sides']['source'].get('error', r['sides']['source']['how'])[:100]}"
+                for r in split]
     bad = [r for r in records if r["problems"]]
     if bad:
         out.append("\nproblems:")
