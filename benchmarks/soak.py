@@ -333,6 +333,8 @@ class Framer:
                 return f"{kind} header byte {pos - start}"
             if start + header <= pos < start + header + payload:
                 return f"{kind} payload"
+        if pos >= self.at and not self.skip:
+            return "packet header (not yet whole)"
         return "unknown"
 
 
