@@ -17,8 +17,8 @@ import pytest
 
 import fastmfd
 from fastmfd.tools.inspect.capture import read_capture
-from inspect_support import (PACKET_PAGES, REGIONS, ROUND_ENDS, SESSION_UUID, ChannelWriter,
-                             Session, write_files)
+from inspect_support import (PACKET_PAGES, REGIONS, ROUND_ENDS, SESSION_UUID, Session,
+                             write_files)
 from migration_support import PAGE, Migration, Proxy, Record, make_region
 
 DEVICE_SIZE = 150_000
