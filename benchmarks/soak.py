@@ -293,6 +293,8 @@ class Framer:
         self.core = _core
         self.ram_header = _core.RamPacketCodec(config["packet_pages"]).header_size
         self.page_size = config.get("page_size", 4096)
+        # The checksum extension puts a CRC after every device payload.
+        self.device_trailer = _core.DEVICE_CHECKSUM_SIZE if config.get("checksum") else 0
         self.buf = bytearray()
         self.at = 0
         self.skip = 0
@@ -316,7 +318,8 @@ class Framer:
                 header = core.DEVICE_HEADER_SIZE
                 if len(self.buf) < header:
                     return
-                payload, kind = struct.unpack_from(">I", self.buf, 272)[0], "device"
+                payload = struct.unpack_from(">I", self.buf, 272)[0] + self.device_trailer
+                kind = "device"
             else:
                 header = self.ram_header
                 normal, size = struct.unpack_from(">II", self.buf, 16)
@@ -1156,12 +1159,12 @@ def _judge(record, run, outcome, state, stall, src_regions, dst_regions, devices
 
 
 def _covered(run: dict, where: str) -> bool:
-    """Whether fastmfd claims to detect a flipped byte there: checksum=True covers the
-    payload of RAM packets (README: "checksum=True covers RAM packets, not
-    device-state chunks"); nothing covers headers, device state or the main channel
+    """Whether fastmfd claims to detect a flipped byte there: checksum=True covers
+    every multifd packet, header and payload, RAM and device state alike (README);
+    nothing covers the channel headers, the init packets or the main channel
     without TLS."""
-    return bool(run["config"]["checksum"]) and where.startswith(("RAM payload",
-                                                                 "zero-RAM payload"))
+    return bool(run["config"]["checksum"]) and where.startswith(
+        ("RAM ", "zero-RAM ", "sync ", "device ", "packet header"))
 
 
 def _compare(dst_end, run, src_regions, dst_regions, devices) -> str | None:
@@ -1278,8 +1281,8 @@ def summarize(records: list[dict], wall: float) -> str:
                f"destination finished (its data checked) while the source failed; late fault: "
                f"the source finished, the destination was killed after its last word; "
                f"undetected*: "
-               f"a flipped byte no check covers (no checksum, or a header, device state, the "
-               f"main channel) passed unnoticed")
+               f"a flipped byte no check covers (no checksum, a channel's greeting, the main "
+               f"channel without TLS) passed unnoticed")
     # the errors each fault kind produced, by their first words
     out.append("\nerrors by fault kind (first words, count):")
     for kind in kinds:

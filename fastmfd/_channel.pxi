@@ -175,8 +175,14 @@ cdef class _EngineBase:
         return 0
 
 
-cdef uint32_t payload_crc(const iovec *iov, size_t n) noexcept nogil:
-    cdef unsigned long crc = 0
+cdef uint32_t packet_crc(const uint8_t *header, size_t header_size, const iovec *iov,
+                         size_t n) noexcept nogil:
+    """CRC-32 of a packet as sent: its header (checksum field zero), then its payload.
+
+    The header counts as much as the payload: a flipped offset or region name
+    would put intact pages in the wrong place, a flipped idstr or size would
+    give a device another device's bytes."""
+    cdef unsigned long crc = crc32(0, header, <unsigned int>header_size)
     cdef size_t i, done, take
     for i in range(n):
         done = 0
@@ -277,7 +283,6 @@ cdef class SendEngine(_EngineBase):
         cdef size_t k = 1, raw = <size_t>nn * self.lay.page_size
         cdef ssize_t payload = raw
         cdef const uint8_t *blob
-        cdef uint32_t crc = 0
         cdef ssize_t rc
         cdef RegionRef *ref = &self.regions.refs[region] if ram else NULL
         cdef uint64_t num = fm_fetch_add64(&self.counters.hdr.packet_num, 1)
@@ -296,11 +301,12 @@ cdef class SendEngine(_EngineBase):
                 self.iov[1].iov_base = self.scratch
                 self.iov[1].iov_len = raw
                 k = 2
-            if self.lay.checksum:
-                crc = payload_crc(self.iov + 1, k - 1)
         ram_encode(&self.lay, self.header, flags, num,
                    ref.name if ref != NULL else NULL, ref.name_len if ref != NULL else 0,
-                   self.normal, nn, self.zero, nz, <uint32_t>(payload if nn else 0), crc)
+                   self.normal, nn, self.zero, nz, <uint32_t>(payload if nn else 0), 0)
+        if self.lay.checksum:
+            st64(self.header + RAM_CHECKSUM_AT,
+                 packet_crc(self.header, self.lay.header_size, self.iov + 1, k - 1))
         self.iov[0].iov_base = self.header
         self.iov[0].iov_len = self.lay.header_size
         with nogil:
@@ -313,7 +319,9 @@ cdef class SendEngine(_EngineBase):
         return 0
 
     cdef int send_device(self, uint32_t device, uint32_t slot, uint32_t length) except -1:
-        cdef iovec parts[2]
+        cdef iovec parts[3]
+        cdef uint8_t trailer[DEVICE_CHECKSUM_SIZE]
+        cdef size_t k = 2
         cdef const uint8_t *blob
         cdef ssize_t payload = length, rc
         cdef bytes idstr
@@ -332,9 +340,16 @@ cdef class SendEngine(_EngineBase):
                       <uint32_t>payload)
         parts[0].iov_base = self.header
         parts[0].iov_len = DEVICE_HEADER_SIZE
+        if self.lay.checksum:
+            # The device header has no spare field: the checksum follows the payload.
+            st64(trailer, packet_crc(self.header, DEVICE_HEADER_SIZE, &parts[1], 1))
+            parts[2].iov_base = trailer
+            parts[2].iov_len = DEVICE_CHECKSUM_SIZE
+            k = 3
         with nogil:
-            rc = link_writev(&self.link, parts, 2)
-        self.check_io(rc, DEVICE_HEADER_SIZE + payload, "send", True)
+            rc = link_writev(&self.link, parts, k)
+        self.check_io(rc, DEVICE_HEADER_SIZE + payload + (k - 2) * DEVICE_CHECKSUM_SIZE,
+                      "send", True)
         self.pool.release_slot(slot)
         bump(self.stats, ST_DEVICE_PACKETS, 1)
         bump(self.stats, ST_DEVICE_BYTES, length)
@@ -411,6 +426,10 @@ cdef class RecvEngine(_EngineBase):
             raise_wire_error(&err)
         bump(self.stats, ST_PACKETS, 1)
         bump(self.stats, ST_WIRE, self.lay.header_size)
+        if self.lay.checksum:
+            st64(self.header + RAM_CHECKSUM_AT, 0)      # the CRC was taken with it zero
+            if not info.normal_pages:
+                self.verify_crc("RAM packet", self.lay.header_size, NULL, 0, info.checksum)
         if info.region < 0:
             return info.flags & FLAG_SYNC
         self.hint = info.region
@@ -429,7 +448,8 @@ cdef class RecvEngine(_EngineBase):
                 self.check_io(got, raw, "RAM payload")
                 if self.lay.checksum:
                     k = pages_to_iov(self.iov, ref.base, self.normal, info.normal_pages, psize)
-                    self.verify_crc(self.iov, k, info.checksum)
+                    self.verify_crc("RAM packet", self.lay.header_size, self.iov, k,
+                                    info.checksum)
             else:
                 with nogil:
                     got = link_read_exact(&self.link, self.scratch, info.next_packet_size)
@@ -437,7 +457,8 @@ cdef class RecvEngine(_EngineBase):
                 if self.lay.checksum:
                     self.iov[k].iov_base = self.scratch
                     self.iov[k].iov_len = info.next_packet_size
-                    self.verify_crc(&self.iov[k], 1, info.checksum)
+                    self.verify_crc("RAM packet", self.lay.header_size, &self.iov[k], 1,
+                                    info.checksum)
                 self.codec.decompress_iov(self.scratch, info.next_packet_size, self.iov, k)
             bump(self.stats, ST_WIRE, got)
             with nogil:
@@ -460,13 +481,15 @@ cdef class RecvEngine(_EngineBase):
         bump(self.stats, ST_ZERO, info.zero_pages)
         return info.flags & FLAG_SYNC
 
-    cdef int verify_crc(self, const iovec *iov, size_t n, uint64_t expected) except -1:
+    cdef int verify_crc(self, str what, size_t header_size, const iovec *iov, size_t n,
+                        uint64_t expected) except -1:
+        """Check the packet in ``self.header`` (checksum field zero) and ``iov``."""
         cdef uint32_t crc
         with nogil:
-            crc = payload_crc(iov, n)
+            crc = packet_crc(self.header, header_size, iov, n)
         if crc != expected:
-            raise ProtocolError(f"RAM packet field 'checksum': received {expected:#x}, "
-                                f"expected {crc:#x} (CRC-32 of the payload)",
+            raise ProtocolError(f"{what} field 'checksum': received {expected:#x}, "
+                                f"expected {crc:#x} (CRC-32 of the header and payload)",
                                 field="checksum", received=expected, expected=crc)
         return 0
 
@@ -478,7 +501,8 @@ cdef class RecvEngine(_EngineBase):
         cdef int64_t slot
         cdef uint8_t *dst
         cdef size_t produced
-        cdef iovec one
+        cdef iovec wire
+        cdef uint8_t trailer[DEVICE_CHECKSUM_SIZE]
         with nogil:
             got = link_read_exact(&self.link, self.header + 12, DEVICE_HEADER_SIZE - 12)
         self.check_io(got, DEVICE_HEADER_SIZE - 12, "device state header")
@@ -500,15 +524,21 @@ cdef class RecvEngine(_EngineBase):
         try:
             dst = self.pool.slot_ptr(<uint32_t>slot)
             self.pool.back_slot(<uint32_t>slot)
-            if self.codec is None:
+            wire.iov_base = dst if self.codec is None else self.scratch
+            wire.iov_len = info.next_packet_size
+            with nogil:
+                got = link_read_exact(&self.link, <uint8_t *>wire.iov_base, wire.iov_len)
+            self.check_io(got, wire.iov_len, "device state payload")
+            if self.lay.checksum:
                 with nogil:
-                    got = link_read_exact(&self.link, dst, info.next_packet_size)
-                self.check_io(got, info.next_packet_size, "device state payload")
+                    got = link_read_exact(&self.link, trailer, DEVICE_CHECKSUM_SIZE)
+                self.check_io(got, DEVICE_CHECKSUM_SIZE, "device state checksum")
+                self.verify_crc("device state packet", DEVICE_HEADER_SIZE, &wire, 1,
+                                ld64(trailer))
+                bump(self.stats, ST_WIRE, DEVICE_CHECKSUM_SIZE)
+            if self.codec is None:
                 produced = info.next_packet_size
             else:
-                with nogil:
-                    got = link_read_exact(&self.link, self.scratch, info.next_packet_size)
-                self.check_io(got, info.next_packet_size, "device state payload")
                 produced = self.codec.decompress_bounded(self.scratch, info.next_packet_size,
                                                          dst, self.pool.hdr.slot_size)
             if produced < CHUNK_HEADER_SIZE:

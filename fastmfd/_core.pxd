@@ -28,6 +28,8 @@ cpdef enum:
     CHANNEL_HEADER_SIZE = 12
     INIT_PACKET_SIZE = 64
     DEVICE_HEADER_SIZE = 276
+    RAM_CHECKSUM_AT = 40            # checksum extension: a RAM header's unused64[0]
+    DEVICE_CHECKSUM_SIZE = 8        # checksum extension: a BE u64 after a device payload
     CHUNK_HEADER_SIZE = 12
 
     FLAG_SYNC = 0x01
@@ -472,5 +474,6 @@ cdef class RecvEngine(_EngineBase):
     cdef uint32_t max_device_payload
 
     cdef bint recv_ram(self) except -1
-    cdef int verify_crc(self, const iovec *iov, size_t n, uint64_t expected) except -1
+    cdef int verify_crc(self, str what, size_t header_size, const iovec *iov, size_t n,
+                        uint64_t expected) except -1
     cdef int recv_device(self) except -1

@@ -22,6 +22,8 @@ MULTIFD_MAGIC: Final[int]
 CHANNEL_HEADER_SIZE: Final[int]
 INIT_PACKET_SIZE: Final[int]
 DEVICE_HEADER_SIZE: Final[int]
+RAM_CHECKSUM_AT: Final[int]
+DEVICE_CHECKSUM_SIZE: Final[int]
 CHUNK_HEADER_SIZE: Final[int]
 FLAG_SYNC: Final[int]           # RamPacketCodec's flag vocabulary (the library sends SYNC in C)
 FLAG_ZLIB: Final[int]

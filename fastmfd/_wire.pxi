@@ -284,7 +284,7 @@ cdef int ram_decode(const RamLayout *lay, const RegionEntry *regions, int nregio
     out.next_packet_size = ld32(p + 20)
     out.packet_num = ld64(p + 24)
     out.zero_pages = 0 if lay.qemu72 else ld32(p + 32)
-    out.checksum = ld64(p + 40) if lay.checksum else 0
+    out.checksum = ld64(p + RAM_CHECKSUM_AT) if lay.checksum else 0
     out.ramblock = p + 64
     out.offsets = p + RAM_HEADER_FIXED
     out.region = -1
@@ -301,7 +301,7 @@ cdef int ram_decode(const RamLayout *lay, const RegionEntry *regions, int nregio
     if not lay.qemu72:
         # QEMU >= 10 zeroes the whole header before filling it; the fields
         # fastmfd does not use must be zero unless an extension claims them.
-        if ld32(p + 36) or ld64(p + 48) or ld64(p + 56) or (not lay.checksum and ld64(p + 40)):
+        if ld32(p + 36) or ld64(p + 48) or ld64(p + 56) or (not lay.checksum and ld64(p + RAM_CHECKSUM_AT)):
             return wire_fail(err, "RAM packet", "unused", "nonzero bytes", "all zero")
     npages = out.normal_pages + out.zero_pages
     if npages == 0:
@@ -390,7 +390,7 @@ cdef size_t ram_encode(const RamLayout *lay, uint8_t *p, uint32_t flags, uint64_
     if not lay.qemu72:
         st32(p + 32, nzero)
         if lay.checksum:
-            st64(p + 40, checksum)
+            st64(p + RAM_CHECKSUM_AT, checksum)
     if name_len:
         memcpy(p + 64, ramblock, name_len)
     for i in range(nnormal):

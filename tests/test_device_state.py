@@ -17,6 +17,7 @@ WAYS = {
     "old": dict(channel_header=False),
     "mixed": dict(),
     "dedicated": dict(device_state_channels=2),
+    "checksummed": dict(device_state_channels=1, checksum=True),
 }
 
 
@@ -72,7 +73,7 @@ def test_devices_load_exactly(way, compression):
         carried[channel.kind] += channel.device_packets
     if way == "old":
         assert sum(carried.values()) == 0, "the old way sends device state on the main channel"
-    elif way == "dedicated":
+    elif way in ("dedicated", "checksummed"):
         assert carried == {"ram": 0, "device": stats.device_chunks}
     else:
         assert carried == {"ram": stats.device_chunks}

@@ -232,6 +232,37 @@ def test_corrupted_payload_fails_its_checksum(image, leaks):
     leaks.assert_clean(keep=[image])
 
 
+def test_corrupted_offset_fails_its_checksum(image, leaks):
+    """The CRC covers the header too: a flipped offset would otherwise put intact
+    pages one page off, and the migration would succeed."""
+    config = CONFIG.replace(checksum=True, zero_page_detection=False)
+    offsets_at = _core.RamPacketCodec(config.packet_pages).header_size - 8 * config.packet_pages
+    # Byte 6 of the first big-endian u64 offset, bit 4: the offset moves by one page.
+    flip = Corrupt(at=offsets_at + 6, mask=0x10)     # (offsets count after the hello)
+    outcome = migrate(image, {1: flip}, config=config)
+    src, dst = outcome.failed_both(since=flip.fired_at)
+    expected = r"receive channel 1: ProtocolError: RAM packet field 'checksum'"
+    assert_names(dst, expected)
+    assert_names(src, "the destination failed: " + expected)
+    leaks.assert_clean(keep=[image])
+
+
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+def test_corrupted_device_state_fails_its_checksum(image, leaks, compression):
+    """Device state is checksummed like RAM: one flipped bit in a chunk, and the
+    loader would get another device's bytes than the source sent."""
+    config = CONFIG.replace(checksum=True, device_state_channels=1, compression=compression)
+    flip = Corrupt(at=_core.DEVICE_HEADER_SIZE + 1000, mask=0x01)
+    device = fastmfd.SyntheticDevice("nic", 0, 4 * MIB, seed=5)
+    outcome = migrate(image, {2: flip}, config=config,
+                      on_enter=lambda m: m.source.add_device(device))
+    src, dst = outcome.failed_both(since=flip.fired_at)
+    expected = r"receive channel 2: ProtocolError: device state packet field 'checksum'"
+    assert_names(dst, expected)
+    assert_names(src, "the destination failed: " + expected)
+    leaks.assert_clean(keep=[image])
+
+
 def test_corrupted_main_channel_message(image, leaks):
     # Byte 8 after the main channel's header is the type of SETUP, the first message.
     flip = Corrupt(at=8, mask=0x70)

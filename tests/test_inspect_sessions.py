@@ -11,11 +11,13 @@ compressed channel whose first packet is a device chunk, RAM pages after it.
 from __future__ import annotations
 
 import itertools
+import re
 
 import numpy as np
 import pytest
 
 import fastmfd
+from fastmfd import _core
 from fastmfd.tools.inspect.capture import read_capture
 from inspect_support import (PACKET_PAGES, REGIONS, ROUND_ENDS, SESSION_UUID, Session,
                              write_files)
@@ -66,6 +68,44 @@ def test_inspect_decodes_a_real_session(tmp_path, compression, devices, way):
             assert (_image(alone, "ram", region.size) == region.array).all()
     finally:
         region.close()
+
+
+def _files_in(path, files: dict[str, bytes]):
+    path.mkdir()
+    return write_files(path, files)
+
+
+def test_inspect_checks_the_checksums_of_a_real_session(tmp_path):
+    """A checksummed session decodes; a flipped byte in a device payload or a RAM
+    header fails at its packet, named as a checksum mismatch."""
+    config = fastmfd.MigrationConfig(channels=1, compression="zstd", packet_pages=16,
+                                     device_state_channels=1, checksum=True)
+    records = {"main": Record(), 0: Record(), 1: Record()}
+    region = make_region("ram", 96 * PAGE, seed=3)
+    try:
+        with Migration(config, proxy=Proxy(records)) as m:
+            m.source.add_region(region)
+            m.source.add_device(fastmfd.SyntheticDevice("dev", 0, DEVICE_SIZE, seed=1))
+            _, result = m.run().ok()
+        files = {f"{name}.bin": bytes(record.bytes) for name, record in records.items()}
+    finally:
+        region.close()
+    capture = read_capture(_files_in(tmp_path / "intact", files))
+    assert capture.devices == result.devices
+    alone = read_capture(_files_in(tmp_path / "alone", {"0.bin": files["0.bin"],
+                                                          "1.bin": files["1.bin"]}),
+                         packet_pages=16, checksum=True)
+    assert alone.devices == result.devices
+    greeting = _core.CHANNEL_HEADER_SIZE + _core.INIT_PACKET_SIZE
+    for name, at in [("1.bin", greeting + _core.DEVICE_HEADER_SIZE + 10),   # device payload
+                     ("0.bin", greeting + 24)]:                           # packet_num
+        broken = dict(files)
+        flipped = bytearray(files[name])
+        flipped[at] ^= 0x04
+        broken[name] = bytes(flipped)
+        with pytest.raises(fastmfd.ProtocolError,
+                           match=re.escape(name) + r" at byte \d+: .* field 'checksum'"):
+            read_capture(_files_in(tmp_path / name, broken))
 
 
 @pytest.mark.parametrize("compression", ["zlib", "zstd"])

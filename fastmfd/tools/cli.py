@@ -112,7 +112,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--level", type=int, default=1, help="compression level (default 1)")
     p.add_argument("--no-zero-detection", action="store_true",
                    help="send zero pages as data")
-    p.add_argument("--checksum", action="store_true", help="CRC-32 every packet's payload")
+    p.add_argument("--checksum", action="store_true", help="CRC-32 every packet (header and payload)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress, no summary")
     p.add_argument("--stall-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="fail, on both sides, when a channel, process or the peer makes no "

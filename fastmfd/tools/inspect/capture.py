@@ -29,7 +29,7 @@ DEFAULT_MAX_RAM_BYTES = 1 << 32
 
 
 def read_capture(paths, *, packet_pages: int | None = None, page_size: int = 4096,
-                 layout: str | None = None,
+                 layout: str | None = None, checksum: bool = False,
                  max_ram_bytes: int = DEFAULT_MAX_RAM_BYTES) -> Capture:
     """Decode the captured channel files ``paths`` (one per connection, any order).
 
@@ -39,6 +39,8 @@ def read_capture(paths, *, packet_pages: int | None = None, page_size: int = 409
     unless the main channel says otherwise (fastmfd's SETUP gives both, QEMU's
     target-page-bits the page size). ``max_ram_bytes`` bounds the distinct
     pages kept, since a small compressed capture can inflate a lot.
+    ``checksum``: the packets carry fastmfd's checksum extension (SETUP says so
+    when the main channel is in the capture); their CRCs are checked.
     """
     if layout is not None and layout not in LAYOUTS:
         raise ConfigError(f"layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
@@ -56,7 +58,7 @@ def read_capture(paths, *, packet_pages: int | None = None, page_size: int = 409
                                 received="main channel", expected="one main channel", at=0)
 
     devices = DeviceChunks()
-    session = Session(packet_pages=packet_pages, page_size=page_size)
+    session = Session(packet_pages=packet_pages, page_size=page_size, checksum=checksum)
     main = _decode_main(*mains[0], session, devices) if mains else None
     if session.packet_pages is None:
         session.packet_pages = default_packet_pages(session.page_size)

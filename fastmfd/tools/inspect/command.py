@@ -25,10 +25,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layout", choices=LAYOUTS, default=None,
                         help="RAM packet layout (default: qemu-7.2 with a QEMU main channel, "
                              "else current)")
+    parser.add_argument("--checksum", action="store_true",
+                        help="the packets carry fastmfd's checksum (send --checksum) when no "
+                             "fastmfd main channel says")
 
 
 def cli_main(args: argparse.Namespace) -> int:
-    capture = read_capture(args.files, packet_pages=args.packet_pages, layout=args.layout)
+    capture = read_capture(args.files, packet_pages=args.packet_pages, layout=args.layout,
+                           checksum=args.checksum)
     summary = capture.summary()
     if args.json:
         json.dump(summary, sys.stdout, indent=2)

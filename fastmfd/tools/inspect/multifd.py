@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 from ... import _core
 from ...errors import ProtocolError
 from ...protocol.bytereader import ByteReader
@@ -113,6 +115,9 @@ class ChannelDecoder:
             self._learn_compression(pkt.flags)
         payload_at = reader.pos
         payload = reader.take(pkt.payload_size, "payload")
+        if self.session.checksum:
+            self._check_crc("RAM packet", header, _core.RAM_CHECKSUM_AT, payload, pkt.checksum,
+                            at)
         block = pkt.ramblock
         pages = self._pages(pkt.normal_pages, payload, payload_at)
         for offset, page in zip(pkt.offsets.tolist(), pages):
@@ -182,6 +187,10 @@ class ChannelDecoder:
                                expected="a device of SETUP", at=at)
         payload_at = reader.pos
         payload = reader.take(size, "device state payload")
+        if self.session.checksum:
+            trailer = reader.take(_core.DEVICE_CHECKSUM_SIZE, "device state checksum")
+            self._check_crc("device state packet", header, None, payload,
+                            int.from_bytes(trailer, "big"), at)
         if flags & COMPRESSION_MASK[self.layout]:
             if self.compression is None:
                 self._learn_compression(flags)
@@ -189,6 +198,19 @@ class ChannelDecoder:
         self.devices.add(idstr, instance_id, payload, reader, payload_at)
         self.channel.packets.append(PacketRecord(
             at, "device", flags, None, idstr, 0, 0, reader.pos - at, size, self.round))
+
+    def _check_crc(self, what: str, header: memoryview, checksum_at: int | None,
+                   payload: memoryview, expected: int, at: int) -> None:
+        """The checksum extension: CRC-32 of the header (its checksum field, if it
+        has one, zero) and the payload as sent."""
+        header = bytearray(header)
+        if checksum_at is not None:
+            header[checksum_at:checksum_at + 8] = bytes(8)
+        crc = zlib.crc32(payload, zlib.crc32(header))
+        if crc != expected:
+            raise self.reader.error(f"{what} field 'checksum': received {expected:#x}, "
+                                    f"expected {crc:#x} (CRC-32 of the header and payload)",
+                                    field="checksum", received=expected, expected=crc, at=at)
 
 
 def check_rounds(main, decoders: list[ChannelDecoder]) -> None:
