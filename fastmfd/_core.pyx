@@ -95,7 +95,7 @@ import os
 
 import numpy as np
 
-from fastmfd.errors import Aborted, MigrationError, ProtocolError, TLSError
+from fastmfd.errors import Aborted, MigrationError, ProtocolError, TLSError, printable
 from fastmfd.shm import SharedMemory
 
 fm_pagescan_init()

@@ -41,7 +41,7 @@ cdef int wire_fail_hex(WireError *err, const char *packet, const char *field,
 
 
 cdef int raise_wire_error(WireError *err) except -1:
-    received = err.received.decode("utf-8", "backslashreplace")
+    received = printable(err.received.decode("utf-8", "backslashreplace"))   # a peer's name
     expected = err.expected.decode("utf-8", "backslashreplace")
     packet = err.packet.decode()
     field = err.field.decode()

@@ -15,8 +15,19 @@
 
 from __future__ import annotations
 
+import re
+
 __all__ = ["FastMFDError", "ConfigError", "ProtocolError", "TLSError", "MigrationError",
-           "SecurityError", "Aborted"]
+           "SecurityError", "Aborted", "printable"]
+
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """``text`` from a peer or a file, safe to put in a message a terminal shows:
+    control characters (an escape sequence that would clear the screen or forge
+    a line) become ``\\xNN``; newlines and tabs stay."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 class FastMFDError(Exception):

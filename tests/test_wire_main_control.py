@@ -48,3 +48,10 @@ def test_a_value_nested_as_deep_as_json_allows_is_a_protocol_error(where):
             body = setup.replace(old, f'"{where}": ['.encode() + nested + b"]")
         with pytest.raises(ProtocolError):
             decode_payload(kind, body)
+
+
+def test_a_peers_error_reaches_the_user_escaped():
+    """The peer's reason is shown to a user: its control characters are escaped
+    (newlines stay: a reason may span lines)."""
+    body = json.dumps({"error": "bad\x1b[2J\rline\nnext\x07"}).encode()
+    assert decode_payload(Msg.ERROR, body).error == "bad\\x1b[2J\\x0dline\nnext\\x07"

@@ -208,6 +208,13 @@ def test_unknown_region(layout):
         codec.decode(valid_packet(make_codec(layout, regions=None), ramblock="pc.rom"))
 
 
+def test_a_peers_name_reaches_the_message_escaped():
+    """A ramblock of escape sequences must not reach a terminal as such."""
+    codec = make_codec()
+    with raises_protocol_error("ramblock", "pc\\x1b[2J\\x9b", "a region of the session"):
+        codec.decode(valid_packet(make_codec(regions=None), ramblock="pc\x1b[2J\x9b"))
+
+
 def test_region_lookup_follows_each_packet():
     """The lookup caches the last region: a change of region must not reuse it."""
     codec = make_codec()

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, fields
 from typing import Any, Callable
 
-from ..errors import MigrationError, ProtocolError
+from ..errors import MigrationError, ProtocolError, printable
 from .setup import MAX_CHANNELS, MAX_DEVICES, Setup
 from .sockets import recv_exact, send_all
 
@@ -133,6 +133,12 @@ def _typed(cls: type, **rules: tuple[Callable[[Any], bool], str]) -> Callable[[d
     return decode
 
 
+def _peer_error(value: dict) -> Error:
+    """The peer's reason, its control characters escaped: it is shown to a user."""
+    error = _typed(Error, error=(lambda v: isinstance(v, str), "a string"))(value)
+    return Error(printable(error.error))
+
+
 # How each control message's payload is decoded; messages not listed carry {}.
 _DECODERS: dict[Msg, Callable[[dict], Any]] = {
     Msg.SETUP: Setup.decode,
@@ -146,7 +152,7 @@ _DECODERS: dict[Msg, Callable[[dict], Any]] = {
                        and all(map(_count, v)), f"at most {MAX_DEVICES} chunk counts")),
     Msg.LOADED: _typed(Loaded, rounds=(_count, "a round count"),
                        load_seconds=(_seconds, "an object of seconds")),
-    Msg.ERROR: _typed(Error, error=(lambda v: isinstance(v, str), "a string")),
+    Msg.ERROR: _peer_error,
 }
 
 

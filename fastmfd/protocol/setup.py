@@ -24,6 +24,7 @@ Adding a field: a line in :class:`Setup` and one in ``_FIELDS``.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -84,6 +85,10 @@ def _is_page_size(value: Any) -> bool:
     return _in(512, 1 << 21)(value) and value & (value - 1) == 0
 
 
+# Names end up in file names, logs and error messages: no NUL, no escape sequences.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
 def _name_ok(name: Any) -> bool:
     if not isinstance(name, str):
         return False
@@ -91,10 +96,11 @@ def _name_ok(name: Any) -> bool:
         raw = name.encode()
     except UnicodeEncodeError:          # a lone surrogate: not UTF-8 at all
         return False
-    return 0 < len(raw) <= MAX_NAME_BYTES and b"\0" not in raw
+    return 0 < len(raw) <= MAX_NAME_BYTES and not _CONTROL.search(name)
 
 
-NAME_RULE = f"1..{MAX_NAME_BYTES} UTF-8 bytes without NUL"
+
+NAME_RULE = f"1..{MAX_NAME_BYTES} UTF-8 bytes, no control characters"
 
 
 def check_name(name: Any, what: str) -> str:
