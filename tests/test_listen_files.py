@@ -217,3 +217,36 @@ def test_a_full_disk_fails_the_sender_and_leaves_no_final_name(tmp_path, image, 
     assert "big/0" in done.stderr and full in done.stderr, done.stderr
     assert status == 1 and full in err, err
     assert files_in(small_disk) == set()
+
+
+# ---------------------------------------------------------------- room
+
+def test_regions_larger_than_the_disk_are_refused_at_setup(tmp_path, small_disk):
+    """Region files are sparse: without this check a sender could announce more
+    than the disk holds and fill it. 2 MiB of regions for 1 MiB of room: refused
+    before a byte is written."""
+    big = tmp_path / "big.img"
+    big.write_bytes(bytes(2 << 20))
+    with Listener(small_disk) as listener:
+        done = send(listener, str(big))
+        status, err = listener.finish()
+    expected = f"the source sends 2.00 MiB of regions; {small_disk} has"
+    assert done.returncode == 1 and expected in done.stderr, done.stderr
+    assert status == 1 and expected in err, err
+    assert files_in(small_disk) == set()
+
+
+def test_max_size_and_max_memory_bound_what_a_sender_may_ask(tmp_path, image):
+    out = tmp_path / "out"
+    with Listener(out, "--max-size", "32K") as listener:
+        done = send(listener, str(image))           # 64 KiB of region
+        status, _ = listener.finish()
+    assert done.returncode == 1 and status == 1
+    assert "the source sends 64.0 KiB of regions; --max-size allows 32.0 KiB" in done.stderr
+    (tmp_path / "nic.state").write_bytes(b"state" * 1000)
+    with Listener(out, "--max-memory", "4K") as listener:
+        done = send(listener, str(image), "--state", f"nic={tmp_path / 'nic.state'}")
+        status, _ = listener.finish()
+    assert done.returncode == 1 and status == 1
+    assert "shared memory; 4096 are left (max_memory" in done.stderr, done.stderr
+    assert files_in(out) == set()

@@ -66,8 +66,8 @@ def cmd_listen(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     result, files = listen_once(
         args.address, args.dir, timeout=args.timeout, stall_timeout=args.stall_timeout,
-        force=args.force, keep_partial=args.keep_partial,
-        on_listening=lambda address: console.print(f"listening on {address}"),
+        force=args.force, keep_partial=args.keep_partial, max_size=args.max_size,
+        max_memory=args.max_memory, on_listening=lambda address: console.print(f"listening on {address}"),
         tls=security_options.tls_config(args), auth_key=security_options.auth_key(args))
     for name, path in files.items():
         console.print(f"{name} -> {path} ({format_bytes(os.path.getsize(path))})")
@@ -133,6 +133,11 @@ def _build_parser() -> argparse.ArgumentParser:
                         "never followed)")
     p.add_argument("--keep-partial", action="store_true",
                    help="after a failed receive, keep what arrived as NAME.part files")
+    p.add_argument("--max-size", type=parse_size, default=None, metavar="SIZE",
+                   help="refuse a sender whose regions exceed SIZE (default: DIR's free space)")
+    p.add_argument("--max-memory", type=parse_size, default=None, metavar="SIZE",
+                   help="shared memory for device state in flight (default: what /dev/shm "
+                        "has free)")
     security_options.add_arguments(p)
     p.set_defaults(func=cmd_listen)
 

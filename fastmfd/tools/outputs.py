@@ -3,7 +3,8 @@
 ::
 
     OutputDir(D)   D opened once; every name below is relative to that descriptor
-    SETUP          plan(): one file name per region, device and the manifest (injective,
+    SETUP          plan(): the regions must fit in ``max_bytes`` (default: D's free space);
+                   one file name per region, device and the manifest (injective,
                    within NAME_MAX); an existing final name is refused unless ``force``
                    (a symbolic link there is replaced as a link, never followed), before
                    anything is written; NAME.part created O_CREAT|O_EXCL|O_NOFOLLOW
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 from ..devices import FileLoader
 from ..errors import ConfigError, MigrationError
 from ..regions import Region
+from .units import format_bytes
 
 __all__ = ["OutputDir", "output_name", "MANIFEST"]
 
@@ -78,9 +80,9 @@ class OutputDir:
     """The files one migration writes into ``path`` (see the module docstring)."""
 
     def __init__(self, path: str | os.PathLike, *, force: bool = False,
-                 keep_partial: bool = False) -> None:
+                 keep_partial: bool = False, max_bytes: int | None = None) -> None:
         self.path = os.fspath(path)
-        self.force, self.keep_partial = force, keep_partial
+        self.force, self.keep_partial, self.max_bytes = force, keep_partial, max_bytes
         try:
             os.makedirs(self.path, exist_ok=True)
             self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -97,6 +99,7 @@ class OutputDir:
         """Name every file of ``setup``'s regions and devices; refuse, before anything
         is written, a name that is taken (unless ``force``) or that two would share;
         create the devices' .part files."""
+        self._check_room(sum(r.size for r in setup.regions))
         self.regions = {r.name: _Output({"name": r.name, "size": r.size},
                                         output_name(r.name) + ".img") for r in setup.regions}
         self.devices = {d.key: _Output({"idstr": d.idstr, "instance_id": d.instance_id},
@@ -112,6 +115,17 @@ class OutputDir:
             self._claim(out)
         for out in self.devices.values():
             os.close(self._create(out))
+
+    def _check_room(self, size: int) -> None:
+        """Region files are sparse and fill as pages arrive: a sender must not be
+        able to fill the disk, so what it announces must fit first."""
+        info = os.statvfs(self.fd)
+        free = info.f_bavail * info.f_frsize
+        limit = free if self.max_bytes is None else min(self.max_bytes, free)
+        if size > limit:
+            why = (f"--max-size allows {format_bytes(self.max_bytes)}"
+                   if limit == self.max_bytes else f"{self.path} has {format_bytes(free)} free")
+            raise ConfigError(f"the source sends {format_bytes(size)} of regions; {why}")
 
     def region(self, name: str, size: int, page_size: int) -> Region:
         """The Destination's region factory: ``name`` mapped from its new .part file."""

@@ -86,18 +86,23 @@ def send_images(address: str, config: MigrationConfig, images: list[ImageSpec],
 def listen_once(address: str, directory: str, *, timeout: float = 3600.0,
                 stall_timeout: float | None = None, on_listening=None, force: bool = False,
                 keep_partial: bool = False, tls: TLSConfig | None = None,
-                auth_key: bytes | None = None) -> tuple[DestinationResult, dict[str, str]]:
+                auth_key: bytes | None = None, max_size: int | None = None,
+                max_memory: int | None = None) -> tuple[DestinationResult, dict[str, str]]:
     """Receive one migration into ``directory``: ``<region>.img`` files mapped
     while they are written, ``<idstr>.<instance>.state`` for each device and
     ``manifest.json`` (names: :func:`~.outputs.output_name`). Files are written
     as ``.part`` and renamed once everything is loaded and on disk; a failure
     removes them (``keep_partial``: keeps them as ``.part``); an existing file is
     replaced only with ``force`` (see :mod:`.outputs`). Returns the result and
-    the files written, by region name, ``idstr/instance`` and ``manifest``."""
-    out = OutputDir(directory, force=force, keep_partial=keep_partial)
+    the files written, by region name, ``idstr/instance`` and ``manifest``.
+    ``max_size``: most bytes of regions a source may announce (default: what
+    ``directory`` has free); ``max_memory``: the Destination's shared-memory
+    bound (device state in flight)."""
+    out = OutputDir(directory, force=force, keep_partial=keep_partial, max_bytes=max_size)
     try:
         with Destination(address, timeout=timeout, region_factory=out.region, tls=tls,
-                         auth_key=auth_key, stall_timeout=stall_timeout) as dst:
+                         auth_key=auth_key, stall_timeout=stall_timeout,
+                         max_memory=max_memory) as dst:
             if on_listening is not None:
                 on_listening(dst.address)
 
