@@ -25,7 +25,7 @@ from ._engine.workers import recv_worker_main
 from .errors import ConfigError, MigrationError
 from .protocol.security import ChannelSecurity, TLSConfig, check_auth_key
 from .protocol.setup import MAX_STALL_SECONDS, MIN_STALL_SECONDS
-from .protocol.sockets import bound_address, listen, parse_address
+from .protocol.sockets import bound_address, listen, listening_address, parse_address
 from .regions import Region
 from .stats import ReceiveStats
 
@@ -46,7 +46,9 @@ class DestinationResult:
 
 class Destination(Owner):
     """Receives one migration on ``address`` (``tcp:HOST:PORT``, port 0 picks one, or
-    ``unix:PATH``).
+    ``unix:PATH``), or on a socket already listening (the caller's: it stays open,
+    so a server serves one migration after another on it, see ``fastmfd listen
+    --forever``).
 
     ``tls``: a :class:`~fastmfd.TLSConfig` with this destination's certificate
     (and ``ca`` to require client certificates); ``auth_key``: the shared key
@@ -67,12 +69,12 @@ class Destination(Owner):
     before anything is allocated, and the source is told why.
     """
 
-    def __init__(self, address: str, *, workers: int = 4, timeout: float = 30.0,
+    def __init__(self, address: str | socket.socket, *, workers: int = 4, timeout: float = 30.0,
                  max_queued_bytes: int | None = None, region_factory=None,
                  tls: TLSConfig | None = None, auth_key: bytes | None = None,
                  handshake_timeout: float = 10.0, stall_timeout: float | None = None,
                  max_memory: int | None = None) -> None:
-        requested = parse_address(address)
+        requested = None if isinstance(address, socket.socket) else parse_address(address)
         if workers < 0:
             raise ConfigError(f"workers must be >= 0, not {workers}")
         if tls is not None:
@@ -97,9 +99,14 @@ class Destination(Owner):
             raise ConfigError(f"max_memory must be >= 0 bytes, not {max_memory}")
         self.stall_timeout = stall_timeout
         self.max_memory = max_memory
-        self._listener = listen(requested)
-        self.address = str(bound_address(self._listener, requested))
-        self._unix_path = requested.target if requested.family == socket.AF_UNIX else None
+        if requested is None:
+            self._listener, self._owns_listener = address, False
+            self.address = str(listening_address(address))
+            self._unix_path = None
+        else:
+            self._listener, self._owns_listener = listen(requested), True
+            self.address = str(bound_address(self._listener, requested))
+            self._unix_path = requested.target if requested.family == socket.AF_UNIX else None
         self._prespawn = workers
         self.timeout = timeout
         self._queued_cap = max_queued_bytes
@@ -140,7 +147,7 @@ class Destination(Owner):
         """Fail the session from another thread: ``receive()`` raises MigrationError
         promptly, even while it still waits for the source to connect."""
         self._failure.fail(MigrationError(reason))
-        if self._listener is not None:
+        if self._listener is not None and self._owns_listener:
             try:
                 self._listener.shutdown(socket.SHUT_RDWR)   # wakes a blocked accept()
             except OSError:
@@ -158,11 +165,11 @@ class Destination(Owner):
         if self._session is not None:
             self._session.close()
         self._resources.release()
-        if self._listener is not None:
+        if self._listener is not None and self._owns_listener:
             self._listener.close()
-            self._listener = None
             if self._unix_path and os.path.exists(self._unix_path):
                 os.unlink(self._unix_path)
+        self._listener = None
 
     # ------------------------------------------------------------ receive
     def receive(self, *, on_setup=None, on_resume=None) -> DestinationResult:

@@ -250,3 +250,33 @@ def test_max_size_and_max_memory_bound_what_a_sender_may_ask(tmp_path, image):
     assert done.returncode == 1 and status == 1
     assert "shared memory; 4096 are left (max_memory" in done.stderr, done.stderr
     assert files_in(out) == set()
+
+
+# ---------------------------------------------------------------- successive sessions
+
+def test_max_sessions_serves_migrations_one_after_another(tmp_path, image):
+    """Three sessions on one socket, each into DIR/<uuid>/; the failed second one
+    costs only itself (no final name in its directory) and the exit status."""
+    out = tmp_path / "out"
+    region = make_region("ram", 64 * PAGE, seed=2)
+    try:
+        with Listener(out, "--max-sessions", "3") as listener:
+            assert send(listener, str(image)).returncode == 0
+            with fastmfd.Source(listener.address) as source:
+                source.add_region(region)
+                source.add_device(BrokenDevice("broken", 0, good=3))
+                with pytest.raises(fastmfd.MigrationError, match="data fd failed"):
+                    source.migrate(live=False)
+            assert send(listener, str(image)).returncode == 0
+            status, err = listener.finish()
+    finally:
+        region.close()
+    assert status == 1, err
+    assert err.count("session failed:") == 1 and "data fd failed" in err
+    sessions = {path.name: files_in(path) for path in out.iterdir()}
+    assert len(sessions) == 3 and all(len(name) == 32 for name in sessions), sessions
+    complete = [name for name, files in sessions.items() if files]
+    assert len(complete) == 2
+    for name in complete:
+        assert sessions[name] == {"ram.img", "manifest.json"}
+        assert (out / name / "ram.img").read_bytes() == image.read_bytes()

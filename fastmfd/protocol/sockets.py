@@ -104,6 +104,14 @@ def _remove_stale_socket(address: Address) -> None:
         os.unlink(path)
 
 
+def listening_address(sock: socket.socket) -> Address:
+    """The address a listening socket accepts on."""
+    name = sock.getsockname()
+    if sock.family == socket.AF_UNIX:
+        return Address(socket.AF_UNIX, name)
+    return Address(sock.family, name[:2])
+
+
 def bound_address(sock: socket.socket, requested: Address) -> Address:
     if requested.family == socket.AF_UNIX:
         return requested

@@ -62,18 +62,42 @@ def cmd_listen(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from . import security_options
-    from .transfer import listen_once
+    from .transfer import listen_once, listen_sessions
     console = Console(stderr=True)
-    result, files = listen_once(
-        args.address, args.dir, timeout=args.timeout, stall_timeout=args.stall_timeout,
-        force=args.force, keep_partial=args.keep_partial, max_size=args.max_size,
-        max_memory=args.max_memory, on_listening=lambda address: console.print(f"listening on {address}"),
-        tls=security_options.tls_config(args), auth_key=security_options.auth_key(args))
+    options = dict(timeout=args.timeout, stall_timeout=args.stall_timeout, force=args.force,
+                   keep_partial=args.keep_partial, max_size=args.max_size,
+                   max_memory=args.max_memory, tls=security_options.tls_config(args),
+                   auth_key=security_options.auth_key(args))
+    def on_listening(address: str) -> None:
+        console.print(f"listening on {address}")
+
+    sessions = None if args.forever else args.max_sessions
+    if sessions == 1:
+        _report_session(console, *listen_once(args.address, args.dir, on_listening=on_listening,
+                                              **options))
+        return 0
+    failed = 0
+    for outcome, files in listen_sessions(args.address, args.dir, sessions=sessions,
+                                          on_listening=on_listening, **options):
+        if isinstance(outcome, BaseException):
+            failed += 1
+            console.print(f"session failed: {outcome}")
+        else:
+            _report_session(console, outcome, files)
+    return 1 if failed else 0
+
+
+def _report_session(console, result, files: dict[str, str]) -> None:
     for name, path in files.items():
         console.print(f"{name} -> {path} ({format_bytes(os.path.getsize(path))})")
     console.print(f"received in {result.stats.total_time_s * 1000:.0f} ms, "
                   f"{result.stats.rounds} round(s)")
-    return 0
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, not {text!r}")
+    return int(text)
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -133,6 +157,11 @@ def _build_parser() -> argparse.ArgumentParser:
                         "never followed)")
     p.add_argument("--keep-partial", action="store_true",
                    help="after a failed receive, keep what arrived as NAME.part files")
+    p.add_argument("--max-sessions", type=_positive_int, default=1, metavar="N",
+                   help="receive N migrations one after another, each into DIR/<session "
+                        "uuid>/; a failed one does not end the others (default 1: into DIR)")
+    p.add_argument("--forever", action="store_true",
+                   help="like --max-sessions, with no limit: until interrupted")
     p.add_argument("--max-size", type=parse_size, default=None, metavar="SIZE",
                    help="refuse a sender whose regions exceed SIZE (default: DIR's free space)")
     p.add_argument("--max-memory", type=parse_size, default=None, metavar="SIZE",

@@ -10,20 +10,25 @@ side needs the other's parameters: the listener learns everything from SETUP.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ..config import MigrationConfig
 from ..destination import Destination, DestinationResult
 from ..devices import FileDevice
-from ..errors import ConfigError
+from ..errors import ConfigError, FastMFDError
 from ..protocol.security import TLSConfig
+from ..protocol.sockets import bound_address, listen, parse_address
 from ..regions import Region
 from ..source import Source
 from ..stats import MigrationStats
 from .outputs import OutputDir, output_name
 
-__all__ = ["ImageSpec", "StateSpec", "send_images", "listen_once", "output_name"]
+__all__ = ["ImageSpec", "StateSpec", "send_images", "listen_once", "listen_sessions",
+           "output_name"]
 
 
 @dataclass(frozen=True)
@@ -83,9 +88,9 @@ def send_images(address: str, config: MigrationConfig, images: list[ImageSpec],
             resource.close()
 
 
-def listen_once(address: str, directory: str, *, timeout: float = 3600.0,
-                stall_timeout: float | None = None, on_listening=None, force: bool = False,
-                keep_partial: bool = False, tls: TLSConfig | None = None,
+def listen_once(address: str | socket.socket, directory: str, *, per_session: bool = False,
+                timeout: float = 3600.0, stall_timeout: float | None = None, on_listening=None,
+                force: bool = False, keep_partial: bool = False, tls: TLSConfig | None = None,
                 auth_key: bytes | None = None, max_size: int | None = None,
                 max_memory: int | None = None) -> tuple[DestinationResult, dict[str, str]]:
     """Receive one migration into ``directory``: ``<region>.img`` files mapped
@@ -95,26 +100,62 @@ def listen_once(address: str, directory: str, *, timeout: float = 3600.0,
     removes them (``keep_partial``: keeps them as ``.part``); an existing file is
     replaced only with ``force`` (see :mod:`.outputs`). Returns the result and
     the files written, by region name, ``idstr/instance`` and ``manifest``.
-    ``max_size``: most bytes of regions a source may announce (default: what
-    ``directory`` has free); ``max_memory``: the Destination's shared-memory
-    bound (device state in flight)."""
-    out = OutputDir(directory, force=force, keep_partial=keep_partial, max_bytes=max_size)
+    ``per_session``: into ``directory/<session uuid>/`` instead, made when SETUP
+    names the session. ``max_size``: most bytes of regions a source may announce
+    (default: what the directory has free); ``max_memory``: the Destination's
+    shared-memory bound (device state in flight). ``address`` may be a socket
+    already listening (see :func:`listen_sessions`)."""
+    def output_dir(path: str) -> OutputDir:
+        return OutputDir(path, force=force, keep_partial=keep_partial, max_bytes=max_size)
+
+    out = None if per_session else output_dir(directory)
     try:
-        with Destination(address, timeout=timeout, region_factory=out.region, tls=tls,
-                         auth_key=auth_key, stall_timeout=stall_timeout,
-                         max_memory=max_memory) as dst:
+        with Destination(address, timeout=timeout, region_factory=lambda *region:
+                         out.region(*region), tls=tls, auth_key=auth_key,
+                         stall_timeout=stall_timeout, max_memory=max_memory) as dst:
             if on_listening is not None:
                 on_listening(dst.address)
 
             def on_setup(setup) -> None:
+                nonlocal out
+                if out is None:
+                    out = output_dir(os.path.join(directory, setup.uuid.hex()))
                 out.plan(setup)
                 for device in setup.devices:
                     dst.add_loader(*device.key, out.loader(device.key))
 
-            result = dst.receive(on_setup=on_setup, on_resume=out.commit)
+            result = dst.receive(on_setup=on_setup, on_resume=lambda: out.commit())
     except BaseException:
-        out.abort()         # after the Destination stopped: nothing writes any more
+        if out is not None:
+            out.abort()     # after the Destination stopped: nothing writes any more
         raise
     finally:
-        out.close()
+        if out is not None:
+            out.close()
     return result, out.files()
+
+
+def listen_sessions(address: str, directory: str, *, sessions: int | None = None,
+                    on_listening=None, **options) -> Iterator[tuple[object, dict[str, str]]]:
+    """Receive ``sessions`` migrations (None: until interrupted), one after another
+    on one listening socket, each into ``directory/<session uuid>/`` (see
+    :func:`listen_once`, which takes ``options``). Yields each one's ``(result,
+    files)``, or ``(error, {})`` for one that failed, and goes on: a failed or
+    hostile session costs only itself."""
+    requested = parse_address(address)
+    listener = listen(requested)
+    try:
+        if on_listening is not None:
+            on_listening(str(bound_address(listener, requested)))
+        served = 0
+        while sessions is None or served < sessions:
+            served += 1
+            try:
+                yield listen_once(listener, directory, per_session=True, **options)
+            except FastMFDError as exc:
+                yield exc, {}
+    finally:
+        listener.close()
+        if requested.family == socket.AF_UNIX:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(requested.target)
