@@ -143,6 +143,13 @@ class Destination(Owner):
                 raise ConfigError(f"loader for {idstr!r} has no {method}() method")
         self._loaders[(idstr, instance_id)] = loader
 
+    def worker_pids(self) -> list[int]:
+        """The process ids of the receive workers and the reassembly process (empty
+        outside ``with``): what a benchmark measures the CPU time of, beside this
+        process's."""
+        return [pid for group in (self._workers, self._reassembly) if group is not None
+                for pid in group.pids()]
+
     def cancel(self, reason: str = "cancelled") -> None:
         """Fail the session from another thread: ``receive()`` raises MigrationError
         promptly, even while it still waits for the source to connect."""

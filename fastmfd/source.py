@@ -83,6 +83,11 @@ class Source(Owner):
             raise ConfigError(f"two devices {device.idstr!r} instance {device.instance_id}")
         self._devices.append(device)
 
+    def worker_pids(self) -> list[int]:
+        """The process ids of the send workers (empty outside ``with``): what a
+        benchmark measures the CPU time of, beside this process's."""
+        return self._workers.pids() if self._workers is not None else []
+
     def cancel(self, reason: str = "cancelled") -> None:
         """Fail the running migration from another thread: ``migrate()`` raises
         MigrationError(reason) promptly and the destination is sent the ERROR."""

@@ -263,6 +263,10 @@ class ChildSet:
     def __iter__(self):
         return iter(self.children)
 
+    def pids(self) -> list[int]:
+        """The process ids of the children still running."""
+        return [c.process.pid for c in self.children if c.process.exitcode is None]
+
     def __len__(self) -> int:
         return len(self.children)
 

@@ -15,6 +15,7 @@ and as one call, :func:`migrate_locally`.
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass, field
 from typing import Callable
@@ -110,6 +111,12 @@ class LoopbackMigration:
             self._dst.cancel(f"the source failed: {exc}")
             raise
         return self._stats
+
+    def pids(self) -> dict[str, list[int]]:
+        """Each side's worker processes, and this process ("main": both sides' main
+        threads): what a benchmark measures the CPU time of."""
+        return {"source": self._src.worker_pids(), "destination": self._dst.worker_pids(),
+                "main": [os.getpid()]}
 
     def _receive(self) -> None:
         try:

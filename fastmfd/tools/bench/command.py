@@ -16,6 +16,7 @@ from ..units import format_bytes, format_rate, parse_size
 from .matrix import PEERS, Setting, run_matrix
 from .output import render
 from .peers import find_qemu
+from .trial import FOREIGN_LOAD_FLAG
 
 __all__ = ["add_arguments", "settings_from_args", "cli_main"]
 
@@ -77,7 +78,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "pages, half text) or zero; comma-separated for several "
                              "(default random)")
     parser.add_argument("--repeat", type=_positive, default=1,
-                        help="runs per setting; the table shows the best (default 1)")
+                        help="runs per setting; the table shows the median, the fastest, "
+                             "the first (cold) run and the spread, and odd runs go in reverse "
+                             "order (default 1)")
     parser.add_argument("--peer", action="append", choices=PEERS, default=[],
                         help="also time a peer on the same image: sendall (one plain "
                              "socket) or qemu (real QEMU multifd, needs qemu-system-x86_64); "
@@ -121,8 +124,11 @@ def cli_main(args: argparse.Namespace) -> int:
             images.append(Image.create(kind, args.size))
 
         def progress(kind, setting, number, m):
+            load = m.details.get("foreign_cores", 0)
             log.print(f"  {kind:<6} {setting.label:<24} run {number + 1}: "
-                      f"{m.seconds * 1000:8.1f} ms  {format_rate(m.throughput)}  verified")
+                      f"{m.seconds * 1000:8.1f} ms  {format_rate(m.throughput)}  verified"
+                      + (f"  (other load {load:.2f} cores)" if load > FOREIGN_LOAD_FLAG
+                         else ""))
 
         results = run_matrix(settings, images, args.repeat, progress,
                              qemu_binary=args.qemu_binary, prealloc=args.prealloc,

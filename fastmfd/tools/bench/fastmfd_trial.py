@@ -53,6 +53,9 @@ class FastmfdTrial:
             self.close()
             raise
 
+    def pids(self) -> dict[str, list[int]]:
+        return self._migration.pids()
+
     def run(self) -> Measurement:
         started = time.perf_counter()
         stats = self._migration.run(live=False)

@@ -3,10 +3,14 @@
 ::
 
     for each repeat ─▶ for each image ─▶ for each setting ─▶ make_trial ─▶ run ─▶ finish
-      (repeats are the outer loop, so drift on a busy machine hits every setting alike)
+      (repeats are the outer loop, so drift on a busy machine hits every setting alike;
+       odd repeats run the settings in reverse, so no side always runs first — on fresh
+       memory whoever touches it first pays — and finish() frees each trial's memory
+       before the next starts)
                       │
                       ▼
-    Result per (setting, image): every Measurement, the best and the median time
+    Result per (setting, image): every Measurement (CPU seconds by side, foreign load);
+    median, min, first (cold) run and spread
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from ..images import Image
 from ..loopback import NO_SECURITY, LoopbackSecurity
 from .fastmfd_trial import FastmfdTrial
 from .peers import QemuTrial, SendallTrial
-from .trial import Measurement, Trial
+from .trial import FOREIGN_LOAD_FLAG, CpuMeter, Measurement, Trial
 
 __all__ = ["METHODS", "PEERS", "Setting", "Result", "make_trial", "run_once", "run_matrix"]
 
@@ -70,15 +74,43 @@ class Result:
     def median_seconds(self) -> float:
         return statistics.median(m.seconds for m in self.measurements)
 
+    @property
+    def first_seconds(self) -> float:
+        """The first (cold) run: a user migrates once."""
+        return self.measurements[0].seconds
+
+    @property
+    def spread(self) -> float:
+        """Slowest run over fastest."""
+        return max(m.seconds for m in self.measurements) / self.best.seconds
+
+    @property
+    def median_throughput(self) -> float:
+        return self.best.image_bytes / self.median_seconds
+
+    def median_cpu_s(self, side: str) -> float | None:
+        """Median CPU seconds of ``side``'s processes (None if not measured)."""
+        values = [m.details["cpu_s"][side] for m in self.measurements
+                  if side in m.details.get("cpu_s", {})]
+        return statistics.median(values) if values else None
+
+    @property
+    def loaded_runs(self) -> int:
+        """Runs beside a foreign load above FOREIGN_LOAD_FLAG cores."""
+        return sum(m.details.get("foreign_cores", 0) > FOREIGN_LOAD_FLAG
+                   for m in self.measurements)
+
     def as_dict(self) -> dict:
         best = self.best
         return {
             "image": self.image, "method": self.setting.method, "label": self.setting.label,
             "channels": self.setting.channels, "compression": self.setting.compression,
             "level": self.setting.level, "image_bytes": best.image_bytes,
-            "best_s": best.seconds, "median_s": self.median_seconds,
-            "throughput_bytes_per_s": best.throughput, "wire_bytes": best.wire_bytes,
-            "runs_s": [m.seconds for m in self.measurements], "details": best.details,
+            "median_s": self.median_seconds, "min_s": best.seconds,
+            "first_s": self.first_seconds, "spread": round(self.spread, 3),
+            "median_throughput_bytes_per_s": self.median_throughput,
+            "wire_bytes": best.wire_bytes, "loaded_runs": self.loaded_runs,
+            "runs": [{"seconds": m.seconds, **m.details} for m in self.measurements],
         }
 
 
@@ -104,7 +136,9 @@ def run_once(setting: Setting, image: Image, **kwargs) -> Measurement:
     """Prepare, time and check one transfer."""
     trial = make_trial(setting, image, **kwargs)
     try:
+        meter = CpuMeter(trial.pids())
         measurement = trial.run()
+        measurement.details.update(meter.stop())
     except BaseException:
         trial.close()
         raise
@@ -118,7 +152,7 @@ def run_matrix(settings: list[Setting], images: list[Image], repeat: int = 1,
     results = {(s, im.kind): Result(s, im.kind) for im in images for s in settings}
     for number in range(repeat):
         for image in images:
-            for setting in settings:
+            for setting in (settings if number % 2 == 0 else settings[::-1]):
                 measurement = run_once(setting, image, **kwargs)
                 results[setting, image.kind].measurements.append(measurement)
                 if on_measurement is not None:

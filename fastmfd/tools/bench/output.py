@@ -7,6 +7,7 @@ from rich.text import Text
 
 from ..units import format_bytes, format_rate
 from .matrix import Result
+from .trial import FOREIGN_LOAD_FLAG
 
 __all__ = ["render", "BAR_WIDTH"]
 
@@ -23,45 +24,67 @@ def render(results: list[Result], console, *, note: str = "") -> None:
 
 
 def _table(kind: str, rows: list[Result], note: str) -> Table:
-    fastest = min(r.best.seconds for r in rows)
+    fastest = min(r.median_seconds for r in rows)
     peer = next((r for r in rows if r.setting.method == "sendall"), None)
-    qemu = {(r.setting.channels, r.setting.compression): r.best.seconds
+    qemu = {(r.setting.channels, r.setting.compression): r.median_seconds
             for r in rows if r.setting.method == "qemu"}
     runs = len(rows[0].measurements)
     title = f"{kind} image, {format_bytes(rows[0].best.image_bytes)}{note}"
-    table = Table(title=f"{title} (best of {runs})" if runs > 1 else title,
-                  title_justify="left")
-    table.add_column("setting")
-    for column in ("time", "throughput", "wire bytes", "time / fastest"):
+    if runs > 1:
+        title += f" (median of {runs}; odd runs in reverse order)"
+    table = Table(title=title, title_justify="left",
+                  caption=f"CPU s: the source's/destination's processes (+ the bench "
+                          f"process's, which runs fastmfd's main threads); vs: their time "
+                          f"over this one's; "
+                          f"* a run beside more than {FOREIGN_LOAD_FLAG} cores of other "
+                          f"load" if rows else None, caption_justify="left")
+    table.add_column("setting", no_wrap=True)
+    columns = ["time", "throughput", "wire bytes"]
+    if runs > 1:
+        columns[1:1] = ["min", "first", "spread"]
+    for column in columns:
         table.add_column(column, justify="right")
+    table.add_column("CPU s", justify="right", no_wrap=True)
     if peer is not None:
-        table.add_column("speed vs sendall", justify="right")
+        table.add_column("vs sendall", justify="right")
     if qemu:
-        table.add_column("speed vs QEMU", justify="right")
+        table.add_column("vs QEMU", justify="right")
     for r in rows:
-        best = r.best
-        cells = [r.setting.label, f"{best.seconds * 1000:.0f} ms", format_rate(best.throughput),
-                 "-" if best.wire_bytes is None else format_bytes(best.wire_bytes),
-                 f"{best.seconds / fastest:.2f}x"]
+        median = r.median_seconds
+        cells = [r.setting.label + (" *" if r.loaded_runs else ""), f"{median * 1000:.0f} ms"]
+        if runs > 1:
+            cells += [f"{r.best.seconds * 1000:.0f} ms", f"{r.first_seconds * 1000:.0f} ms",
+                      f"{r.spread:.2f}"]
+        cells += [format_rate(r.median_throughput),
+                  "-" if r.best.wire_bytes is None else format_bytes(r.best.wire_bytes),
+                  _cpu_cell(r)]
         if peer is not None:
-            cells.append(f"{peer.best.seconds / best.seconds:.2f}x")
+            cells.append(f"{peer.median_seconds / median:.2f}x")
         if qemu:
             # fastmfd's rows: QEMU's time in the same cell over fastmfd's
             same = qemu.get((r.setting.channels, r.setting.compression))
-            cells.append(f"{same / best.seconds:.2f}x"
+            cells.append(f"{same / median:.2f}x"
                          if r.setting.method == "fastmfd" and same else "")
-        table.add_row(*cells, style="bold" if best.seconds == fastest else None)
+        table.add_row(*cells, style="bold" if median == fastest else None)
     return table
 
 
+def _cpu_cell(r: Result) -> str:
+    source, destination, main = (r.median_cpu_s(side)
+                                 for side in ("source", "destination", "main"))
+    if source is None or destination is None:
+        return "-"
+    return f"{source:.2f}/{destination:.2f}" + (f"+{main:.2f}" if main is not None else "")
+
+
 def _chart(kind: str, rows: list[Result], console) -> None:
-    top = max(r.best.throughput for r in rows)
+    top = max(r.median_throughput for r in rows)
     width = max(len(r.setting.label) for r in rows)
-    console.print(f"throughput, {kind} image")
+    console.print(f"throughput (median), {kind} image")
     for r in rows:
-        fill = r.best.throughput / top * BAR_WIDTH if top else 0
+        fill = r.median_throughput / top * BAR_WIDTH if top else 0
         bar = "█" * int(fill) + ("▌" if fill - int(fill) >= 0.5 else "")
         line = Text(f"  {r.setting.label:<{width}} ")
         line.append(f"{bar:<{BAR_WIDTH}}", style="cyan")
-        line.append(f" {format_rate(r.best.throughput)}")
+        line.append(f" {format_rate(r.median_throughput)}")
         console.print(line)

@@ -163,6 +163,10 @@ class SendallTrial(_PeerTrial):
             self.close()
             raise
 
+    def pids(self) -> dict[str, list[int]]:
+        return {"source": [self._sender.process.pid],
+                "destination": [self._receiver.process.pid]}
+
     def run(self) -> Measurement:
         started = time.perf_counter()
         self._sender.send(Go(1))
@@ -327,6 +331,10 @@ class QemuTrial(_PeerTrial):
         qmp = QMP(qmp_path, process)
         self._qmp.append(qmp)
         return qmp
+
+    def pids(self) -> dict[str, list[int]]:
+        source, destination = self._procs
+        return {"source": [source.pid], "destination": [destination.pid]}
 
     def run(self) -> Measurement:
         started = time.perf_counter()

@@ -3,6 +3,7 @@
 A trial is prepared in its constructor (processes started, connections made:
 not timed), then::
 
+    trial.pids()                    each side's processes, whose CPU time is measured
     measurement = trial.run()       the timed part: the whole transfer
     trial.finish()                  destination == source checked, everything freed
     trial.close()                   frees without checking (idempotent)
@@ -13,11 +14,14 @@ fastmfd's own trial is in :mod:`.fastmfd_trial`, the peers' in :mod:`.peers`.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
-__all__ = ["Measurement", "Trial", "wait_until_idle"]
+__all__ = ["Measurement", "Trial", "CpuMeter", "FOREIGN_LOAD_FLAG", "wait_until_idle"]
+
+FOREIGN_LOAD_FLAG = 0.25    # cores of other processes' CPU use that make a run suspect
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,8 @@ class Measurement:
 class Trial(Protocol):
     """One prepared transfer (see the module docstring)."""
 
+    def pids(self) -> dict[str, list[int]]: ...
+
     def run(self) -> Measurement: ...
 
     def finish(self) -> object: ...
@@ -55,6 +61,75 @@ def _cpu_ns(pids) -> int:
         except (FileNotFoundError, ProcessLookupError):
             continue
     return total
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _process_cpu_s(pid: int) -> float | None:
+    """CPU seconds ``pid`` has used so far, every thread counted (even ended ones);
+    None once it has exited."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / _TICK         # utime, stime
+
+
+def _machine_busy_s() -> float:
+    """CPU seconds the whole machine has been busy (every core, every process)."""
+    with open("/proc/stat") as stat:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = \
+            map(int, stat.readline().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / _TICK
+
+
+class CpuMeter:
+    """The CPU seconds of a trial's processes over its timed part, by side, and
+    the load of everything else on the machine meanwhile (in cores): a run
+    beside a foreign load above :data:`FOREIGN_LOAD_FLAG` is suspect.
+
+    A worker process exits when its session ends, taking its counters with
+    it: a thread samples every process every ``SAMPLE_SECONDS`` and keeps the
+    last value, so what a process used in its last few milliseconds (after its
+    last packet: teardown) is all that can be missed."""
+
+    SAMPLE_SECONDS = 0.01
+
+    def __init__(self, pids: dict[str, list[int]]) -> None:
+        self._sides = pids
+        self._first = self._sample({})
+        self._last = dict(self._first)
+        self._busy = _machine_busy_s()
+        self._wall = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="bench cpu meter")
+        self._thread.start()
+
+    def _sample(self, into: dict[int, float]) -> dict[int, float]:
+        for pids in self._sides.values():
+            for pid in pids:
+                value = _process_cpu_s(pid)
+                if value is not None:
+                    into[pid] = value
+        return into
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.SAMPLE_SECONDS):
+            self._sample(self._last)
+
+    def stop(self) -> dict:
+        """``{"cpu_s": {side: seconds}, "foreign_cores": load}`` for Measurement.details."""
+        self._stop.set()
+        self._thread.join()
+        self._sample(self._last)
+        wall = time.monotonic() - self._wall
+        cpu = {side: round(sum(self._last.get(pid, 0.0) - self._first.get(pid, 0.0)
+                               for pid in pids), 3)
+               for side, pids in self._sides.items()}
+        foreign = (_machine_busy_s() - self._busy - sum(cpu.values())) / wall if wall else 0.0
+        return {"cpu_s": cpu, "foreign_cores": round(max(0.0, foreign), 2)}
 
 
 def wait_until_idle(pids, *, window: float = 0.02, timeout: float = 10.0) -> None:
