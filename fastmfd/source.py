@@ -91,6 +91,25 @@ class Source(Owner):
         if session is not None:
             session.failure.fail(MigrationError(reason))
 
+    def status(self) -> dict:
+        """The migration's state now, from any thread — QEMU's ``query-migrate``:
+        ``status`` ("none" before ``migrate()``, "setup", "active" while live
+        rounds run, "device" from the stop to the end, "completed", "failed",
+        "cancelled"), ``total_time_ms``, ``setup_time_ms``, ``downtime_ms`` (so far,
+        once stopped), ``expected_downtime_ms`` (what is left at the measured
+        bandwidth), ``rounds``, ``transferred`` (wire bytes, main channel
+        included), ``throughput_bytes_per_s``, ``switchover_ack`` (None when off,
+        "pending", "requested" — waiting for the destination — or "acked"); ``ram``:
+        total, transferred, remaining, normal, duplicate (zero pages),
+        normal_bytes, dirty_pages_rate, dirty_sync_count; ``device``:
+        transferred, live_transferred, remaining, chunks; ``channels``: each
+        channel's counters. Once the migration is over it agrees with its
+        :class:`MigrationStats` (``transferred`` is ``wire_bytes``, and so on)."""
+        session = self._session
+        if session is None:
+            return {"status": "none"}
+        return session.status(cancelled=self._cancelled is not None)
+
     def close(self) -> None:
         """Stop the workers and free every resource (idempotent). From another thread
         while ``migrate()`` runs, it cancels the migration first and waits for it."""

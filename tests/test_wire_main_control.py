@@ -48,3 +48,24 @@ def test_a_value_nested_as_deep_as_json_allows_is_a_protocol_error(where):
             body = setup.replace(old, f'"{where}": ['.encode() + nested + b"]")
         with pytest.raises(ProtocolError):
             decode_payload(kind, body)
+
+
+def test_precopy_sent_and_switchover_ack_decode():
+    from fastmfd.protocol.main_channel import PrecopySent, encode_message
+    message = encode_message(Msg.PRECOPY_SENT, PrecopySent([3, 0, 17]))
+    assert decode_payload(Msg.PRECOPY_SENT, message[8:]) == PrecopySent([3, 0, 17])
+    assert decode_payload(Msg.SWITCHOVER_ACK, b"") is None
+
+
+@pytest.mark.parametrize("kind, body, field", [
+    (Msg.PRECOPY_SENT, b'{"device_chunks": [-1]}', "device_chunks"),
+    (Msg.PRECOPY_SENT, b'{"device_chunks": [true]}', "device_chunks"),
+    (Msg.PRECOPY_SENT, b'{"device_chunks": 3}', "device_chunks"),
+    (Msg.PRECOPY_SENT, b'{"device_chunks": [' + b"1," * 4096 + b'1]}', "device_chunks"),
+    (Msg.PRECOPY_SENT, b'{"device_chunks": [], "more": 1}', "payload"),
+    (Msg.SWITCHOVER_ACK, b'{"round": 1}', "payload"),
+], ids=["negative", "bool", "not-a-list", "too-many", "unknown-field", "ack-not-empty"])
+def test_bad_switchover_messages_are_protocol_errors(kind, body, field):
+    with pytest.raises(ProtocolError) as info:
+        decode_payload(kind, body)
+    assert info.value.field == field
