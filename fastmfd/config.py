@@ -51,7 +51,10 @@ class MigrationConfig:
     max_rounds: int = 30
     """Stop iterating after this many live rounds whatever the dirty rate."""
     max_bandwidth: int | None = None
-    """Bytes per second cap on the wire, or None."""
+    """Bytes per second cap on the wire, or None. Each channel's send worker holds
+    to its share (``max_bandwidth / total_channels``) packet by packet, RAM and
+    device state alike (a token bucket of one packet); an idle channel's share
+    is not lent to the others."""
     max_queued_bytes: int = 256 << 20
     """Per device, the bytes the destination may hold out of order."""
     tls: TLSConfig | None = None
@@ -113,6 +116,13 @@ class MigrationConfig:
         need(self.max_bandwidth is None or self.max_bandwidth > 0,
              f"max_bandwidth must be positive or None, not {self.max_bandwidth}")
         need(self.timeout > 0, f"timeout must be > 0, not {self.timeout}")
+        if self.max_bandwidth is not None:
+            # A paced worker with work must still finish a packet per stall_timeout.
+            packet = max(self.packet_pages * self.page_size, self.device_chunk_size)
+            need(self.channel_rate * self.stall_timeout >= packet,
+                 f"max_bandwidth {self.max_bandwidth} gives each of the {self.total_channels} "
+                 f"channels {self.channel_rate:.0f} bytes/s, less than one packet "
+                 f"({packet} bytes) per stall_timeout ({self.stall_timeout:g} s)")
         for name in ("switchover_ack", "device_channels_within"):
             need(isinstance(getattr(self, name), bool),
                  f"{name} must be True or False, not {getattr(self, name)!r}")
@@ -133,6 +143,13 @@ class MigrationConfig:
     @property
     def total_channels(self) -> int:
         return self.channels + self.device_state_channels
+
+    @property
+    def channel_rate(self) -> float:
+        """Bytes/s each channel may send (0.0: no cap)."""
+        if self.max_bandwidth is None:
+            return 0.0
+        return self.max_bandwidth / self.total_channels
 
     def replace(self, **changes) -> "MigrationConfig":
         """A copy with some fields changed (validated again)."""

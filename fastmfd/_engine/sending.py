@@ -234,7 +234,8 @@ class Sending:
             mailbox_row=ch, job_pages=parts.job_pages,
             selector=(parts.ram_selector if ram else parts.device_selector).name,
             selector_index=ch if ram else ch - cfg.channels,
-            hello=handshake.channel_start(setup, ch), uuid=setup.uuid, security=self._security)
+            hello=handshake.channel_start(setup, ch), uuid=setup.uuid, security=self._security,
+            rate=cfg.channel_rate)
 
     # ------------------------------------------------------------ rounds
     def _run_rounds(self, live: bool, on_stop, bar: RoundProgress) -> tuple[list, float]:
@@ -329,23 +330,12 @@ class Sending:
 
     def _dispatch_region(self, index: int, pages: np.ndarray, bar: RoundProgress) -> None:
         job = self.parts.job_pages
-        limit = self.config.max_bandwidth
         for start in range(0, len(pages), job):
             count = min(job, len(pages) - start)
-            if limit is not None:
-                self._throttle(limit)
             ch = self.parts.ram_selector.select(timeout=None)
             self._mailbox[ch, :count] = pages[start:start + count]
             self._command(ch, _core.pack_command(_core.CMD_RAM, index, count))
             bar.advance(count)
-
-    def _throttle(self, limit: int) -> None:
-        """Sleep while the bytes on the wire run ahead of ``limit`` bytes/s."""
-        ahead = self.parts.counters.total("wire_bytes") / limit - (time.monotonic() -
-                                                                  self._rounds_started)
-        if ahead > 0:
-            if self.failure.event.wait(ahead):
-                self.failure.check()
 
     def _command(self, ch: int, record: bytes) -> None:
         try:

@@ -88,6 +88,7 @@ class SendParams(ChannelParams):
     job_pages: int
     selector: str
     selector_index: int
+    rate: float = 0.0                       # bytes/s this channel may send (0: no cap)
 
 
 @dataclass(frozen=True)
