@@ -11,6 +11,7 @@ every shared-memory segment on every exit path.
 
 from __future__ import annotations
 
+import threading
 import uuid as uuid_module
 
 from . import _core
@@ -47,6 +48,8 @@ class Source(Owner):
         self._parts: SourceParts | None = None
         self._session: Sending | None = None
         self._cancelled: str | None = None
+        # status() reads the shared counters: close() must not free them under it.
+        self._status_lock = threading.Lock()
 
     # ------------------------------------------------------------ lifecycle
     def _start(self) -> None:
@@ -105,10 +108,11 @@ class Source(Owner):
         transferred, live_transferred, remaining, chunks; ``channels``: each
         channel's counters. Once the migration is over it agrees with its
         :class:`MigrationStats` (``transferred`` is ``wire_bytes``, and so on)."""
-        session = self._session
-        if session is None:
-            return {"status": "none"}
-        return session.status(cancelled=self._cancelled is not None)
+        with self._status_lock:
+            session = self._session
+            if session is None:
+                return {"status": "none"}
+            return session.status(cancelled=self._cancelled is not None)
 
     def close(self) -> None:
         """Stop the workers and free every resource (idempotent). From another thread
@@ -120,7 +124,10 @@ class Source(Owner):
         if self._workers is not None:
             self._workers.stop()
             self._workers = None
-        self._resources.release()
+        with self._status_lock:
+            if self._session is not None:
+                self._session.freeze_status()
+            self._resources.release()
         self._parts = None
 
     # ------------------------------------------------------------ migrate

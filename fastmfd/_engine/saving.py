@@ -65,15 +65,17 @@ class DeviceStream:
         """Bytes the device still wants to send while running (0 without precopy)."""
         if not self.has_precopy:
             return 0
-        with self.blame():
+        with self.device_calls():
             pending = self.device.state_pending()
             if not isinstance(pending, int) or pending < 0:
                 raise ValueError(f"state_pending returned {pending!r}, not a byte count")
             return pending
 
     @contextlib.contextmanager
-    def blame(self):
-        """A device that fails raises MigrationError naming the device and the chunk."""
+    def device_calls(self):
+        """Around every call of the device: its ``save_setup()`` first (once, whichever
+        phase comes first), and a device that fails raises MigrationError naming the
+        device and the chunk."""
         try:
             if not self.set_up:
                 self.set_up = True
@@ -111,7 +113,7 @@ def save_live(stream: DeviceStream, chunk_size: int, sink: ChunkSink) -> None:
     if not stream.has_precopy:
         return
     budget = stream.pending()
-    with stream.blame():
+    with stream.device_calls():
         if budget:
             stream.live_bytes += stream.send_all(stream.device.save_live_iterate,
                                                   chunk_size, sink, budget)
@@ -121,7 +123,7 @@ def save_stream(stream: DeviceStream, chunk_size: int, sink: ChunkSink) -> int:
     """The stop-copy: the rest of the stream and the LAST (config) chunk; returns
     the chunks the device sent in all."""
     device = stream.device
-    with stream.blame():
+    with stream.device_calls():
         stream.send_all(device.read_state, chunk_size, sink, float("inf"))
         config = device.config_state() if hasattr(device, "config_state") else b""
         if len(config) > chunk_size:

@@ -496,6 +496,11 @@ class Sending:
             report = {**report, "status": "cancelled"}
         return report
 
+    def freeze_status(self) -> None:
+        """The owner is about to free the counters: keep the last report."""
+        if self._last_report is None:
+            self._last_report = self._report()
+
     def _report(self) -> dict:
         state = _STATUS[self.state]
         old_way = self._saver.bytes_sent if isinstance(self._saver, OldWaySaver) else 0
