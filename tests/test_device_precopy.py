@@ -229,3 +229,58 @@ def test_the_seeds_channel_arithmetic_is_accepted():
     assert fastmfd.MigrationConfig(channels=11, device_state_channels=4).total_channels == 15
     with pytest.raises(fastmfd.ConfigError, match="must exceed device_state_channels"):
         fastmfd.MigrationConfig(channels=4, device_state_channels=4, device_channels_within=True)
+
+
+def _hand_driven_destination(devices, messages):
+    """A destination, and a source driven by hand that sends SETUP (with ``devices``)
+    then ``messages``; returns (the replies after SETUP_ACK, the destination's error)."""
+    import threading
+    from fastmfd.protocol.main_channel import Msg, encode_message
+    from migration_support import FakeSource, setup_message
+    config = fastmfd.MigrationConfig(channels=1, stall_timeout=30)
+    setup = setup_message(config, os.urandom(16), {"ram": 4096}, devices)
+    done = {}
+    with fastmfd.Destination("tcp:127.0.0.1:0") as dst:
+        def receive():
+            try:
+                dst.receive()
+            except BaseException as exc:
+                done["error"] = exc
+        thread = threading.Thread(target=receive, daemon=True)
+        thread.start()
+        source = FakeSource(dst.address, setup)
+        replies = []
+        try:
+            assert source.open_main()[0] is Msg.SETUP_ACK
+            for kind, payload in messages:
+                source.main.sendall(encode_message(kind, payload))
+            while True:
+                kind, body = source.reply()
+                if kind is not Msg.KEEPALIVE:
+                    replies.append((kind, body))
+                if kind is Msg.ERROR:
+                    break
+                if len(replies) == len(messages) and "error" not in done:
+                    dst.cancel("the test is over")
+        finally:
+            source.close()
+            thread.join(10)
+    return replies, done.get("error")
+
+
+def test_a_destination_refuses_precopy_counts_for_other_devices():
+    from fastmfd.protocol.main_channel import Msg, PrecopySent
+    replies, error = _hand_driven_destination([("nic", 0)],
+                                              [(Msg.PRECOPY_SENT, PrecopySent([1, 2]))])
+    assert isinstance(error, fastmfd.MigrationError)
+    assert isinstance(error.__cause__, fastmfd.ProtocolError)
+    assert "PRECOPY_SENT counts chunks of 2 devices, the session has 1" in str(error)
+    assert replies[-1][0] is Msg.ERROR
+
+
+def test_a_destination_acks_once_and_refuses_a_second_precopy_sent():
+    from fastmfd.protocol.main_channel import Msg, PrecopySent
+    replies, error = _hand_driven_destination(
+        [], [(Msg.PRECOPY_SENT, PrecopySent([])), (Msg.PRECOPY_SENT, PrecopySent([]))])
+    assert [kind for kind, _ in replies] == [Msg.SWITCHOVER_ACK, Msg.ERROR]
+    assert "unexpected PRECOPY_SENT" in str(error)

@@ -92,6 +92,8 @@ class _DeviceStream:
         self.loaded = 0             # chunks the loader has finished with
         self.finished = False
         self.cond = threading.Condition()
+        self.calls = threading.Lock()  # one call into the loader at a time (precopy_loaded
+                                        # comes from another thread than the chunks)
         self.seconds = 0.0
 
     def add(self, idx: int, flags: int, slot: int, length: int) -> None:
@@ -238,7 +240,8 @@ class _Reassembler:
         for stream in self.devices:
             if hasattr(stream.loader, "precopy_loaded"):
                 try:
-                    stream.loader.precopy_loaded()
+                    with stream.calls:
+                        stream.loader.precopy_loaded()
                 except Exception as exc:
                     raise MigrationError(f"approving the switchover failed: "
                                          f"{type(exc).__name__}: {exc}",
@@ -261,7 +264,7 @@ class _Reassembler:
                     self.pool.release(slot)
                     return
                 try:
-                    with self.pool.view(slot) as view:
+                    with stream.calls, self.pool.view(slot) as view:
                         data = view[CHUNK_HEADER:length]
                         if not last:
                             stream.loader.load_state_buffer(data)

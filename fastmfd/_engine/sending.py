@@ -119,6 +119,7 @@ class Sending:
         self._heartbeat: Heartbeat | None = None
         self.board = StatusBoard()              # what status() reports while it runs
         self._rounds_started = time.monotonic() # when round 1 began (bandwidth's clock)
+        self._ack_waited = 0.0                  # seconds spent waiting for SWITCHOVER_ACK
         self.stats: MigrationStats | None = None
         self._last_report: dict | None = None   # the report once the session is over
 
@@ -280,11 +281,11 @@ class Sending:
         if not self._ack_requested:
             self._ack_requested = True
             self._tell(Msg.PRECOPY_SENT, PrecopySent([s.next_idx for s in self._streams]))
-        if self._acked.wait(self.config.downtime_limit):
-            self.failure.check()        # a failure wakes it too
-            return True
-        self.failure.check()
-        return False
+        started = time.monotonic()
+        acked = self._acked.wait(self.config.downtime_limit)
+        self._ack_waited += time.monotonic() - started
+        self.failure.check()            # a failure wakes the wait too
+        return acked
 
     def _stop(self, on_stop) -> float:
         stop_time = self.board.stopped_at = time.monotonic()
@@ -297,8 +298,9 @@ class Sending:
         round 1 began.
 
         Counted from what the workers finished, not what was handed to them:
-        a round smaller than the channels' jobs is handed out in no time."""
-        elapsed = time.monotonic() - self._rounds_started
+        a round smaller than the channels' jobs is handed out in no time; and
+        over the time spent sending, not waiting for SWITCHOVER_ACK."""
+        elapsed = time.monotonic() - self._rounds_started - self._ack_waited
         return (self._pages_done() * self.config.page_size
                 + self.parts.counters.total("device_bytes")) / max(elapsed, 1e-6)
 
