@@ -119,7 +119,8 @@ def _make_device(d: dict):
     if d["kind"] == "bytes":
         return fastmfd.BytesDevice(d["idstr"], d["instance"], device_bytes(d, config=False),
                                    config=d["config"])
-    return fastmfd.SyntheticDevice(d["idstr"], d["instance"], d["size"], seed=d["seed"])
+    return fastmfd.SyntheticDevice(d["idstr"], d["instance"], d["size"], seed=d["seed"],
+                                   precopy_size=d.get("precopy", 0))
 
 
 def device_bytes(d: dict, config: bool = True) -> bytes:
@@ -216,7 +217,8 @@ def destination_child() -> None:
                     dst.add_loader(d["idstr"], d["instance"], fastmfd.FileLoader(d["path"]))
                 elif d["loader"] == "verify":
                     dst.add_loader(d["idstr"], d["instance"],
-                                   fastmfd.VerifyLoader(d["size"], seed=d["seed"]))
+                                   fastmfd.VerifyLoader(d["size"], seed=d["seed"],
+                                                        precopy_size=d.get("precopy", 0)))
             pids = {c.name: c.process.pid for c in dst._workers}
             pids["reassembly"] = dst._reassembly[0].process.pid
             pids["destination forkserver"] = _forkserver_pid()
@@ -519,6 +521,7 @@ def choose_run(seed: str, size: int, stall: float) -> dict:
                   device_chunk_size=rng.choice([64 << 10, 1 << 20]),
                   checksum=rng.random() < (0.7 if fault == "corrupt" else 0.3),
                   max_rounds=rng.randint(2, 6), downtime_limit=0.3,
+                  switchover_ack=rng.random() < 0.3, config_after_ram=rng.random() < 0.3,
                   stall_timeout=stall, timeout=stall + 1.0)
     if rng.random() < 0.3:
         config["auth_key"] = rng.randbytes(32)
@@ -536,6 +539,8 @@ def choose_run(seed: str, size: int, stall: float) -> dict:
              "instance": rng.choice([0, j, 7]), "seed": rng.randrange(1 << 30),
              "size": rng.choice([0, 1, 5000, 64 << 10, 300 << 10, 1 << 20]),
              "config": rng.randbytes(rng.choice([0, 17])) if kind == "bytes" else b""}
+        if kind == "synthetic" and rng.random() < 0.5:     # initial data sent live
+            d["precopy"] = rng.randint(0, d["size"])
         if any((e["idstr"], e["instance"]) == (d["idstr"], d["instance"]) for e in devices):
             continue
         d["loader"] = rng.choice(["collect", "collect", "file"]
@@ -1081,6 +1086,10 @@ def _config_text(run: dict) -> str:
         parts.append("no-zero-detect")
     if c["max_bandwidth"]:
         parts.append(f"bw={c['max_bandwidth'] >> 20}M")
+    if c.get("switchover_ack"):
+        parts.append("switchover-ack")
+    if c.get("config_after_ram"):
+        parts.append("config-after-ram")
     if c.get("auth_key"):
         parts.append("auth")
     if run["user_regions"]:

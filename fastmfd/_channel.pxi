@@ -193,6 +193,35 @@ cdef uint32_t packet_crc(const uint8_t *header, size_t header_size, const iovec 
     return <uint32_t>crc
 
 
+# ---------------------------------------------------------------- pacing
+
+cdef void pacer_init(Pacer *p, double rate) noexcept nogil:
+    p.rate = rate
+    p.tokens = 0
+    p.last = monotonic()
+
+
+cdef void pace(Pacer *p, size_t nbytes) noexcept nogil:
+    """Hold the channel to ``p.rate``: take ``nbytes`` from the bucket and sleep off
+    any debt. The bucket refills at the rate since the last call but holds at
+    most the packet at hand, so the channel is never more than one packet ahead
+    of its rate, however long it was idle: smooth, packet by packet."""
+    cdef double now, debt
+    cdef timespec req, rem
+    if p.rate <= 0:
+        return
+    now = monotonic()
+    p.tokens = min(<double>nbytes, p.tokens + (now - p.last) * p.rate)
+    p.last = now
+    p.tokens -= nbytes
+    if p.tokens < 0:
+        debt = -p.tokens / p.rate
+        req.tv_sec = <time_t>debt
+        req.tv_nsec = <long>((debt - req.tv_sec) * 1e9)
+        while nanosleep(&req, &rem) != 0 and errno == EINTR:
+            req = rem
+
+
 # ---------------------------------------------------------------- send
 
 cdef class SendEngine(_EngineBase):
@@ -217,6 +246,7 @@ cdef class SendEngine(_EngineBase):
         self.mailbox = <const uint64_t *>&box[0]
         self.mailbox_cap = box.shape[0] // 8
         self.zero_detection = params["zero_page_detection"]
+        pacer_init(&self.pacer, params.get("rate", 0.0))
 
     def run(self, int cmd_fd):
         """Execute commands until QUIT (then half-close the socket and return)."""
@@ -310,6 +340,7 @@ cdef class SendEngine(_EngineBase):
         self.iov[0].iov_base = self.header
         self.iov[0].iov_len = self.lay.header_size
         with nogil:
+            pace(&self.pacer, self.lay.header_size + (payload if nn else 0))
             rc = link_writev(&self.link, self.iov, k)
         self.check_io(rc, self.lay.header_size + (payload if nn else 0), "send", True)
         bump(self.stats, ST_PACKETS, 1)
@@ -347,6 +378,7 @@ cdef class SendEngine(_EngineBase):
             parts[2].iov_len = DEVICE_CHECKSUM_SIZE
             k = 3
         with nogil:
+            pace(&self.pacer, DEVICE_HEADER_SIZE + payload + (k - 2) * DEVICE_CHECKSUM_SIZE)
             rc = link_writev(&self.link, parts, k)
         self.check_io(rc, DEVICE_HEADER_SIZE + payload + (k - 2) * DEVICE_CHECKSUM_SIZE,
                       "send", True)

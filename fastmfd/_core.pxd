@@ -347,6 +347,12 @@ cdef enum:
     TLS_READ_BUFFER = 262144        # OpenSSL's read-ahead buffer (several records per read)
 
 
+cdef struct Pacer:                  # a send channel's token bucket (max_bandwidth's share)
+    double rate                     # bytes per second; 0: no limit
+    double tokens                   # bytes that may go now; negative: owed, slept off
+    double last                     # monotonic() of the last refill
+
+
 cdef struct Link:                   # what an engine reads and writes through
     int fd                          # the channel's socket
     SSL *ssl                        # NULL: plain socket (transfer_all); else a TLSChannel's
@@ -458,6 +464,7 @@ cdef class SendEngine(_EngineBase):
     cdef size_t mailbox_cap
     cdef object mailbox_keep        # keeps the mailbox buffer mapped
     cdef bint zero_detection
+    cdef Pacer pacer                # holds this channel to params["rate"] bytes/s
 
     cdef int send_ram(self, uint32_t region, uint32_t count) except -1
     cdef int send_packet(self, uint32_t flags, uint32_t region, uint8_t *base, uint32_t nn,

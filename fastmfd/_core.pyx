@@ -84,7 +84,7 @@ from fastmfd.includes.openssl cimport (
 from fastmfd.includes.system cimport (
     CLOCK_MONOTONIC, IOV_MAX, MADV_POPULATE_WRITE, MSG_PEEK, POLLIN, POLLOUT, PR_SET_PDEATHSIG,
     SHUT_WR, SO_RCVTIMEO, SO_SNDTIMEO, SOL_SOCKET, _SC_PAGESIZE, __builtin_ctzll,
-    __builtin_popcountll, clock_gettime, fm_buffer_is_zero, fm_pagescan_init, getsockopt,
+    __builtin_popcountll, clock_gettime, nanosleep, fm_buffer_is_zero, fm_pagescan_init, getsockopt,
     madvise, poll, pollfd, prctl, recv, sem_clockwait, sem_init, sem_post, sem_trywait,
     shutdown, socklen_t, strnlen, sysconf,
 )

@@ -21,6 +21,10 @@ __all__ = ["MigrationConfig", "COMPRESSION_METHODS", "COMPRESSION_LEVELS"]
 _CONFIG_NAMES = {"chunk_size": "device_chunk_size"}
 
 
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 @dataclass(frozen=True)
 class MigrationConfig:
     """Everything a source needs to run a migration (names follow QEMU's parameters)."""
@@ -28,7 +32,8 @@ class MigrationConfig:
     channels: int = 2
     """Multifd RAM channels (QEMU ``multifd-channels``)."""
     device_state_channels: int = 0
-    """Extra channels reserved for device state; they skip RAM syncs."""
+    """Extra channels reserved for device state; they skip RAM syncs. fastmfd
+    *adds* them to ``channels`` (``total_channels``)."""
     compression: str = "none"
     """``"none"``, ``"zlib"`` or ``"zstd"`` (``multifd-compression``)."""
     compression_level: int = 1
@@ -46,7 +51,10 @@ class MigrationConfig:
     max_rounds: int = 30
     """Stop iterating after this many live rounds whatever the dirty rate."""
     max_bandwidth: int | None = None
-    """Bytes per second cap on the wire, or None."""
+    """Bytes per second cap on the wire, or None. Each channel's send worker holds
+    to its share (``max_bandwidth / total_channels``) packet by packet, RAM and
+    device state alike (a token bucket of one packet); an idle channel's share
+    is not lent to the others."""
     max_queued_bytes: int = 256 << 20
     """Per device, the bytes the destination may hold out of order."""
     tls: TLSConfig | None = None
@@ -69,12 +77,32 @@ class MigrationConfig:
     stall_timeout: float = 30.0
     """Seconds any channel, process or peer may make no progress while it has
     work before the session fails, on both sides (SETUP carries it)."""
+    switchover_ack: bool = False
+    """Stop the workload only once the destination has loaded every device chunk
+    sent live (QEMU's ``switchover-ack`` capability)."""
+    config_after_ram: bool = False
+    """Hand each device's config chunk to its loader only after all RAM is in
+    (QEMU 10.1's order for ARM64 VFIO); SETUP carries it."""
+    device_channels_within: bool = False
+    """The seed's channel arithmetic: ``channels`` counts every channel and
+    ``device_state_channels`` of them carry device state (the RFC's
+    ``x-multifd-channels-device-state``). Normalized when the config is made:
+    ``channels`` becomes the RAM channels and this flag False."""
 
     def __post_init__(self) -> None:
         def need(ok: bool, message: str) -> None:
             if not ok:
                 raise ConfigError(message)
 
+        if self.device_channels_within:
+            # The seed counts device-state channels within the total; fastmfd adds them.
+            need(_is_count(self.channels) and _is_count(self.device_state_channels)
+                 and self.channels > self.device_state_channels,
+                 f"with device_channels_within, channels ({self.channels!r}) counts every "
+                 f"channel and must exceed device_state_channels "
+                 f"({self.device_state_channels!r})")
+            object.__setattr__(self, "channels", self.channels - self.device_state_channels)
+            object.__setattr__(self, "device_channels_within", False)
         for name in ("max_rounds", "job_packets"):
             value = getattr(self, name)
             need(isinstance(value, int) and not isinstance(value, bool),
@@ -90,6 +118,16 @@ class MigrationConfig:
         need(self.max_bandwidth is None or self.max_bandwidth > 0,
              f"max_bandwidth must be positive or None, not {self.max_bandwidth}")
         need(self.timeout > 0, f"timeout must be > 0, not {self.timeout}")
+        if self.max_bandwidth is not None:
+            # A paced worker with work must still finish a packet per stall_timeout.
+            packet = max(self.packet_pages * self.page_size, self.device_chunk_size)
+            need(self.channel_rate * self.stall_timeout >= packet,
+                 f"max_bandwidth {self.max_bandwidth} gives each of the {self.total_channels} "
+                 f"channels {self.channel_rate:.0f} bytes/s, less than one packet "
+                 f"({packet} bytes) per stall_timeout ({self.stall_timeout:g} s)")
+        for name in ("switchover_ack", "device_channels_within"):
+            need(isinstance(getattr(self, name), bool),
+                 f"{name} must be True or False, not {getattr(self, name)!r}")
         need(self.tls is None or isinstance(self.tls, TLSConfig),
              f"tls must be a fastmfd.TLSConfig or None, not {type(self.tls).__name__}")
         object.__setattr__(self, "auth_key", check_auth_key(self.auth_key, "MigrationConfig"))
@@ -102,11 +140,18 @@ class MigrationConfig:
                 "device_state_channels": self.device_state_channels,
                 "channel_header": self.channel_header, "checksum": self.checksum,
                 "chunk_size": self.device_chunk_size, "max_queued_bytes": self.max_queued_bytes,
-                "stall_timeout": self.stall_timeout}
+                "stall_timeout": self.stall_timeout, "config_after_ram": self.config_after_ram}
 
     @property
     def total_channels(self) -> int:
         return self.channels + self.device_state_channels
+
+    @property
+    def channel_rate(self) -> float:
+        """Bytes/s each channel may send (0.0: no cap)."""
+        if self.max_bandwidth is None:
+            return 0.0
+        return self.max_bandwidth / self.total_channels
 
     def replace(self, **changes) -> "MigrationConfig":
         """A copy with some fields changed (validated again)."""

@@ -4,10 +4,21 @@ A *device* produces one ordered state stream, the way a VFIO device's
 migration data fd does: ``read_state(buf)`` fills a writable buffer and
 returns the bytes written, 0 at the end. It may also have ``save_setup()``
 (called first) and ``config_state()`` (bytes sent as the last chunk, flagged
-LAST). A *loader* consumes one stream at the destination, strictly in order:
-``load_state_buffer(data)`` per chunk, then ``load_finish()``, whose return
-value lands in ``DestinationResult.devices``. Loaders run in the
-destination's reassembly process, so they must be picklable.
+LAST). A device that sends part of its state while the workload still runs
+(QEMU's ``save_live_iterate`` / ``state_pending_estimate``, a VFIO device's
+precopy) also has ``state_pending() -> int`` (bytes it still wants to send
+now) and ``save_live_iterate(buf) -> int`` (like ``read_state``, 0 when it has
+nothing right now); after the stop, ``read_state`` gives everything left.
+
+A *loader* consumes one stream at the destination, strictly in order, live
+chunks and stop-copy chunks alike (one idx space): ``load_state_buffer(data)``
+per chunk, then the LAST chunk's config bytes to ``load_config(data)`` if it
+has one (else to ``load_state_buffer``, when not empty), then
+``load_finish()``, whose return value lands in ``DestinationResult.devices``.
+It may have ``precopy_loaded()``: called once every chunk the source sent
+before asking for switchover-ack is loaded (QEMU's
+``qemu_loadvm_approve_switchover``). Loaders run in the destination's
+reassembly process, so they must be picklable.
 
 The save side (how a device's stream is cut into chunks and sent) is
 :mod:`fastmfd._engine.saving`.
@@ -112,20 +123,36 @@ class FileDevice:
 class SyntheticDevice:
     """Deterministic state of ``size`` bytes made from ``seed``, produced no
     faster than ``read_rate`` bytes/s (as a VFIO device's data fd limits reads).
-    :class:`VerifyLoader` checks it."""
+    :class:`VerifyLoader` checks it.
+
+    ``precopy_size``: the first that many bytes are the device's initial data,
+    offered while the workload runs (``state_pending`` /
+    ``save_live_iterate``, as a VFIO device in its PRE_COPY state); what a
+    live phase did not take, and the rest, is read after the stop."""
 
     def __init__(self, idstr: str, instance_id: int, size: int, read_rate: float | None = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, precopy_size: int = 0) -> None:
         _check_ids(idstr, instance_id)
         if size < 0:
             raise ConfigError(f"device size {size} is negative")
+        if not 0 <= precopy_size <= size:
+            raise ConfigError(f"device precopy_size {precopy_size} is not in 0..size ({size})")
         self.idstr, self.instance_id = idstr, instance_id
-        self.size, self.seed = size, seed
+        self.size, self.seed, self.precopy_size = size, seed, precopy_size
         self._offset = 0
         self._pace = _Paced(read_rate)
 
+    def state_pending(self) -> int:
+        return max(0, self.precopy_size - self._offset)
+
+    def save_live_iterate(self, buf) -> int:
+        return self._produce(buf, self.precopy_size)
+
     def read_state(self, buf) -> int:
-        n = min(len(buf), self.size - self._offset)
+        return self._produce(buf, self.size)
+
+    def _produce(self, buf, end: int) -> int:
+        n = max(0, min(len(buf), end - self._offset))
         if n:
             _core.fill_pattern(buf[:n], self.seed, self._offset)
             self._offset += n
@@ -188,12 +215,27 @@ class FileLoader:
 class VerifyLoader:
     """Checks a :class:`SyntheticDevice` stream of ``size`` bytes from ``seed``,
     consuming no faster than ``write_rate`` bytes/s (a device's load rate).
-    ``load_finish`` returns the bytes verified; any difference raises."""
+    ``load_finish`` returns the bytes verified; any difference raises.
 
-    def __init__(self, size: int, seed: int = 0, write_rate: float | None = None) -> None:
+    ``precopy_size``: the device's initial data (its SyntheticDevice's
+    ``precopy_size``). With switchover-ack the destination approves the
+    switchover once the chunks sent live are loaded (``precopy_loaded``); a
+    source that asked before all the initial data was sent fails the check
+    there, as a VFIO device would refuse to resume without it."""
+
+    def __init__(self, size: int, seed: int = 0, write_rate: float | None = None,
+                 precopy_size: int = 0) -> None:
+        if not 0 <= precopy_size <= size:
+            raise ConfigError(f"loader precopy_size {precopy_size} is not in 0..size ({size})")
         self.size, self.seed, self.write_rate = size, seed, write_rate
+        self.precopy_size = precopy_size
         self._offset = 0
         self._pace = None
+
+    def precopy_loaded(self) -> None:
+        if self._offset < self.precopy_size:
+            raise ValueError(f"switchover approved after {self._offset} of the "
+                             f"{self.precopy_size} bytes of initial data")
 
     def load_state_buffer(self, data) -> None:
         if self._pace is None:

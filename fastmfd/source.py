@@ -11,6 +11,7 @@ every shared-memory segment on every exit path.
 
 from __future__ import annotations
 
+import threading
 import uuid as uuid_module
 
 from . import _core
@@ -47,6 +48,8 @@ class Source(Owner):
         self._parts: SourceParts | None = None
         self._session: Sending | None = None
         self._cancelled: str | None = None
+        # status() reads the shared counters: close() must not free them under it.
+        self._status_lock = threading.Lock()
 
     # ------------------------------------------------------------ lifecycle
     def _start(self) -> None:
@@ -96,6 +99,26 @@ class Source(Owner):
         if session is not None:
             session.failure.fail(MigrationError(reason))
 
+    def status(self) -> dict:
+        """The migration's state now, from any thread — QEMU's ``query-migrate``:
+        ``status`` ("none" before ``migrate()``, "setup", "active" while live
+        rounds run, "device" from the stop to the end, "completed", "failed",
+        "cancelled"), ``total_time_ms``, ``setup_time_ms``, ``downtime_ms`` (so far,
+        once stopped), ``expected_downtime_ms`` (what is left at the measured
+        bandwidth), ``rounds``, ``transferred`` (wire bytes, main channel
+        included), ``throughput_bytes_per_s``, ``switchover_ack`` (None when off,
+        "pending", "requested" — waiting for the destination — or "acked"); ``ram``:
+        total, transferred, remaining, normal, duplicate (zero pages),
+        normal_bytes, dirty_pages_rate, dirty_sync_count; ``device``:
+        transferred, live_transferred, remaining, chunks; ``channels``: each
+        channel's counters. Once the migration is over it agrees with its
+        :class:`MigrationStats` (``transferred`` is ``wire_bytes``, and so on)."""
+        with self._status_lock:
+            session = self._session
+            if session is None:
+                return {"status": "none"}
+            return session.status(cancelled=self._cancelled is not None)
+
     def close(self) -> None:
         """Stop the workers and free every resource (idempotent). From another thread
         while ``migrate()`` runs, it cancels the migration first and waits for it."""
@@ -106,7 +129,10 @@ class Source(Owner):
         if self._workers is not None:
             self._workers.stop()
             self._workers = None
-        self._resources.release()
+        with self._status_lock:
+            if self._session is not None:
+                self._session.freeze_status()
+            self._resources.release()
         self._parts = None
 
     # ------------------------------------------------------------ migrate

@@ -49,6 +49,7 @@ class MigrationStats:
     zero_pages: int
     device_bytes: int           # device-state chunk bytes (headers included), before compression
     device_chunks: int
+    device_live_bytes: int      # of device_bytes, sent while the workload ran (precopy)
     page_size: int
     compression: str
     channels: tuple[ChannelStats, ...] = ()

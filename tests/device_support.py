@@ -11,6 +11,7 @@ import signal
 import struct
 import time
 
+import fastmfd
 from fastmfd import _core
 from migration_support import Packets, device_packet
 
@@ -197,3 +198,105 @@ class StuckLoader:
     def load_finish(self) -> bytes:
         time.sleep(3600)
         return b""
+
+
+class ChurningDevice:
+    """A device that always says it has ``claimed`` bytes to send live but gives one
+    small chunk per live round (it dirties its state as fast as it sends it, as a
+    busy device does); nothing is left at the stop. Its stream: the chunks in order."""
+
+    def __init__(self, idstr: str, instance_id: int, claimed: int) -> None:
+        self.idstr, self.instance_id, self.claimed = idstr, instance_id, claimed
+        self.sent = 0
+        self.gave_this_round = False
+
+    def state_pending(self) -> int:
+        return self.claimed
+
+    def save_live_iterate(self, buf) -> int:
+        if self.gave_this_round:        # the next call is in the next round
+            self.gave_this_round = False
+            return 0
+        self.gave_this_round = True
+        data = b"chunk %d;" % self.sent
+        buf[:len(data)] = data
+        self.sent += 1
+        return len(data)
+
+    def read_state(self, buf) -> int:
+        return 0
+
+
+class StampingLoader(fastmfd.VerifyLoader):
+    """A VerifyLoader that appends ``event monotonic-time`` lines to the file
+    ``log``: "initial" when its first ``precopy_size`` bytes are loaded, "approved"
+    when the destination approves the switchover (``precopy_loaded``), "config"
+    and "finish". CLOCK_MONOTONIC is one clock for every process of the machine,
+    so the test can order these against the source's own events."""
+
+    def __init__(self, log: str, size: int, *, write_rate=None, precopy_size=0,
+                 region=None, source_region=None) -> None:
+        super().__init__(size, write_rate=write_rate, precopy_size=precopy_size)
+        self.log = log
+        self.region, self.source_region = region, source_region
+
+    def _stamp(self, event: str) -> None:
+        with open(self.log, "a") as out:
+            out.write(f"{event} {time.monotonic()!r}\n")
+
+    def load_state_buffer(self, data) -> None:
+        before = self._offset
+        super().load_state_buffer(data)
+        if before < self.precopy_size <= self._offset:
+            self._stamp("initial")
+
+    def precopy_loaded(self) -> None:
+        super().precopy_loaded()
+        self._stamp("approved")
+
+    def load_config(self, data) -> None:
+        if self.region is not None:
+            # Whether all RAM was in when the config came: the destination's region
+            # against the source's, both attached here.
+            mine, theirs = (fastmfd.Region.attach(h) for h in (self.region, self.source_region))
+            try:
+                whole = bool((mine.array == theirs.array).all())
+            finally:
+                mine.close()
+                theirs.close()
+            self._stamp(f"config-ram-{'whole' if whole else 'partial'}")
+        else:
+            self._stamp("config")
+
+    def load_finish(self) -> int:
+        self._stamp("finish")
+        return super().load_finish()
+
+
+def read_stamps(log: str) -> dict[str, float]:
+    """The events of a StampingLoader's log: event -> time (each once)."""
+    stamps: dict[str, float] = {}
+    with open(log) as lines:
+        for line in lines:
+            event, when = line.split()
+            assert event not in stamps, f"{event} logged twice"
+            stamps[event] = float(when)
+    return stamps
+
+
+class ConfigRecorder:
+    """Records the calls it gets; ``load_finish`` returns them:
+    ("data", bytes) per chunk, ("config", bytes), ("finish",)."""
+
+    def __init__(self) -> None:
+        self.calls: list = []
+
+    def load_state_buffer(self, data) -> None:
+        self.calls.append(("data", bytes(data)))
+
+    def load_config(self, data) -> None:
+        self.calls.append(("config", bytes(data)))
+
+    def load_finish(self) -> list:
+        self.calls.append(("finish",))
+        return self.calls

@@ -89,3 +89,35 @@ def test_demo_runs_and_verifies():
     assert done.returncode == 0, done.stdout + done.stderr
     assert "identical" in done.stdout
     assert "old way" in done.stdout and "% less" in done.stdout
+
+
+def test_send_status_json_streams_the_status(tmp_path):
+    """``--status-json``: one JSON object per line on stdout, ending with the
+    completed status, whose totals are the migration's."""
+    import json
+    (tmp_path / "ram.img").write_bytes(os.urandom(256 * PAGE))
+    (tmp_path / "nic.state").write_bytes(b"registers" * 1000)
+    listening = threading.Event()
+    box = {}
+
+    def listen():
+        box["result"], box["files"] = listen_once(
+            f"unix:{tmp_path}/sock", str(tmp_path / "out"), timeout=30,
+            on_listening=lambda address: listening.set())
+
+    thread = threading.Thread(target=listen)
+    thread.start()
+    assert listening.wait(30)
+    done = run_cli("send", f"unix:{tmp_path}/sock", str(tmp_path / "ram.img"),
+                   "--state", f"nic0={tmp_path / 'nic.state'}", "--status-json", "0.05")
+    thread.join(60)
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert lines, "no status line"
+    last = lines[-1]
+    assert last["status"] == "completed"
+    assert last["ram"]["normal"] == 256 and last["ram"]["total"] == 256 * PAGE
+    assert last["device"]["transferred"] == box["result"].stats.device_bytes
+    assert last["transferred"] >= box["result"].stats.wire_bytes
+    assert all(line["status"] in ("none", "setup", "active", "device", "completed")
+               for line in lines)

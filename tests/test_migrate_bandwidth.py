@@ -34,3 +34,27 @@ def test_the_wire_never_runs_ahead_of_max_bandwidth():
     in_flight = (config.channels + 1) * job
     sent = sum(channel.wire_bytes for channel in stats.channels)
     assert stats.total_time_s >= (sent - in_flight) / cap
+
+
+def test_device_state_keeps_to_max_bandwidth_too():
+    """Device chunks go through each channel's token bucket like RAM packets: no
+    channel runs more than one packet (here one 256 KiB chunk) ahead of its share."""
+    cap, chunk = 16 * MiB, 256 << 10
+    config = fastmfd.MigrationConfig(channels=2, device_state_channels=1, max_bandwidth=cap,
+                                     device_chunk_size=chunk)
+    with Migration(config) as migration:
+        migration.source.add_device(fastmfd.SyntheticDevice("vfio", 0, 8 * MiB))
+        migration.destination.add_loader("vfio", 0, fastmfd.VerifyLoader(8 * MiB))
+        stats, result = migration.run().ok()
+        assert result.devices == {("vfio", 0): 8 * MiB}
+    share = cap / config.total_channels         # the one device channel's
+    burst = chunk + 1024                        # one chunk and its headers
+    sent = stats.channels[-1].wire_bytes
+    assert sent >= 8 * MiB
+    assert stats.total_time_s >= (sent - burst) / share
+
+
+def test_a_cap_below_one_packet_per_stall_timeout_is_refused():
+    import pytest
+    with pytest.raises(fastmfd.ConfigError, match="less than one packet"):
+        fastmfd.MigrationConfig(channels=4, max_bandwidth=100_000, stall_timeout=1.0)

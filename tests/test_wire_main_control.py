@@ -55,3 +55,24 @@ def test_a_peers_error_reaches_the_user_escaped():
     (newlines stay: a reason may span lines)."""
     body = json.dumps({"error": "bad\x1b[2J\rline\nnext\x07"}).encode()
     assert decode_payload(Msg.ERROR, body).error == "bad\\x1b[2J\\x0dline\nnext\\x07"
+
+
+def test_precopy_sent_and_switchover_ack_decode():
+    from fastmfd.protocol.main_channel import PrecopySent, encode_message
+    message = encode_message(Msg.PRECOPY_SENT, PrecopySent([3, 0, 17]))
+    assert decode_payload(Msg.PRECOPY_SENT, message[8:]) == PrecopySent([3, 0, 17])
+    assert decode_payload(Msg.SWITCHOVER_ACK, b"") is None
+
+
+@pytest.mark.parametrize("kind, body, field", [
+    (Msg.PRECOPY_SENT, b'{"device_chunks": [-1]}', "device_chunks"),
+    (Msg.PRECOPY_SENT, b'{"device_chunks": [true]}', "device_chunks"),
+    (Msg.PRECOPY_SENT, b'{"device_chunks": 3}', "device_chunks"),
+    (Msg.PRECOPY_SENT, b'{"device_chunks": [' + b"1," * 4096 + b'1]}', "device_chunks"),
+    (Msg.PRECOPY_SENT, b'{"device_chunks": [], "more": 1}', "payload"),
+    (Msg.SWITCHOVER_ACK, b'{"round": 1}', "payload"),
+], ids=["negative", "bool", "not-a-list", "too-many", "unknown-field", "ack-not-empty"])
+def test_bad_switchover_messages_are_protocol_errors(kind, body, field):
+    with pytest.raises(ProtocolError) as info:
+        decode_payload(kind, body)
+    assert info.value.field == field

@@ -8,7 +8,11 @@
       (24 bytes, atomic)                       out-of-order cap; wakes the loader thread
     destination main                         loader thread per device: chunk idx 0, 1, 2, ...
                                                load_state_buffer(view of the slot), release it
-                          ◀── conn ────        LAST chunk: load_finish() -> DeviceLoaded
+      AwaitPrecopy(counts) ─── conn ──▶        (switchover_ack) once every device loaded
+                          ◀── conn ────          its count: precopy_loaded(), PrecopyLoaded
+      RamLoaded           ─── conn ──▶         (config_after_ram) the LAST chunks may load
+                          ◀── conn ────        LAST chunk: load_config(), load_finish()
+                                               -> DeviceLoaded
       Drained             ─── conn ───▶      every channel ended: read what is left in the
                           ◀── conn ────        pipe, check no chunk is missing, Drained
                           ◀── conn ────      Failed(text, traceback) on any failure
@@ -35,7 +39,8 @@ from multiprocessing import connection
 
 from .. import _core
 from ..errors import ConfigError, MigrationError
-from ..protocol.control import DeviceLoaded, Drained, ReassemblyParams, Stop
+from ..protocol.control import (AwaitPrecopy, DeviceLoaded, Drained, PrecopyLoaded, RamLoaded,
+                               ReassemblyParams, Stop)
 from ..shm import SHM_DIR
 from .processes import ChildPipe, run_child
 
@@ -84,8 +89,11 @@ class _DeviceStream:
         self.out_of_order = 0       # chunk_size per pending chunk at idx > contiguous
         self.last: int | None = None
         self.loaded_upto = 0        # next idx the loader takes
+        self.loaded = 0             # chunks the loader has finished with
         self.finished = False
         self.cond = threading.Condition()
+        self.calls = threading.Lock()  # one call into the loader at a time (precopy_loaded
+                                        # comes from another thread than the chunks)
         self.seconds = 0.0
 
     def add(self, idx: int, flags: int, slot: int, length: int) -> None:
@@ -150,6 +158,10 @@ class _Reassembler:
         self.devices = [_DeviceStream(i, name, loader, params.max_queued_bytes, chunk_size)
                         for i, (name, loader) in enumerate(params.loaders)]
         self.stop = threading.Event()
+        self.config_after_ram = params.config_after_ram
+        self.ram_loaded = threading.Event()
+        self.precopy_lock = threading.Lock()
+        self.precopy_counts: tuple[int, ...] | None = None  # AwaitPrecopy's, until reported
         self.results: dict[int, object] = {}
         self.threads = [threading.Thread(target=self._load, args=(d,), daemon=True)
                         for d in self.devices]
@@ -183,6 +195,15 @@ class _Reassembler:
     def _on_message(self, message) -> None:
         if isinstance(message, Stop):
             self.stop.set()
+        elif isinstance(message, AwaitPrecopy):
+            if len(message.device_chunks) != len(self.devices):
+                raise MigrationError(f"PRECOPY_SENT counts {len(message.device_chunks)} "
+                                     f"devices, the session has {len(self.devices)}")
+            with self.precopy_lock:
+                self.precopy_counts = message.device_chunks
+            self._check_precopy()
+        elif isinstance(message, RamLoaded):
+            self.ram_loaded.set()
         elif isinstance(message, Drained):
             # Every channel has ended, after writing its descriptors: take
             # what is left in the pipe, then nothing more can arrive.
@@ -207,6 +228,26 @@ class _Reassembler:
             self.pool.release(slot)
             raise MigrationError(f"{exc} (from channel {channel})", device=stream.name) from None
 
+    def _check_precopy(self) -> None:
+        """Once every device has loaded the chunks AwaitPrecopy named: each loader's
+        ``precopy_loaded()`` (it may refuse by raising), then PrecopyLoaded, once."""
+        with self.precopy_lock:
+            counts = self.precopy_counts
+            if counts is None or any(stream.loaded < count
+                                     for stream, count in zip(self.devices, counts)):
+                return
+            self.precopy_counts = None
+        for stream in self.devices:
+            if hasattr(stream.loader, "precopy_loaded"):
+                try:
+                    with stream.calls:
+                        stream.loader.precopy_loaded()
+                except Exception as exc:
+                    raise MigrationError(f"approving the switchover failed: "
+                                         f"{type(exc).__name__}: {exc}",
+                                         device=stream.name) from exc
+        self.pipe.send(PrecopyLoaded())
+
     def _load(self, stream: _DeviceStream) -> None:
         started = None
         idx = 0
@@ -218,12 +259,25 @@ class _Reassembler:
                 slot, length, flags = entry
                 if started is None:
                     started = time.monotonic()
+                last = flags & _core.CHUNK_FLAG_LAST
+                if last and self.config_after_ram and not self._wait_for_ram():
+                    self.pool.release(slot)
+                    return
                 try:
-                    with self.pool.view(slot) as view:
-                        stream.loader.load_state_buffer(view[CHUNK_HEADER:length])
+                    with stream.calls, self.pool.view(slot) as view:
+                        data = view[CHUNK_HEADER:length]
+                        if not last:
+                            stream.loader.load_state_buffer(data)
+                        elif hasattr(stream.loader, "load_config"):
+                            stream.loader.load_config(data)
+                        elif len(data):     # a loader that knows no config gets it as data
+                            stream.loader.load_state_buffer(data)
                 finally:
                     self.pool.release(slot)
-                if flags & _core.CHUNK_FLAG_LAST:
+                with stream.cond:
+                    stream.loaded += 1
+                self._check_precopy()
+                if last:
                     result = stream.loader.load_finish()
                     break
                 idx += 1
@@ -232,8 +286,17 @@ class _Reassembler:
             self.pipe.send(DeviceLoaded(stream.index, result, seconds, idx + 1))
         except BaseException as exc:
             self.stop.set()
-            self.pipe.report_failure(MigrationError(
-                f"loading chunk {idx} failed: {type(exc).__name__}: {exc}", device=stream.name))
+            if not isinstance(exc, MigrationError):     # (one from _check_precopy names itself)
+                exc = MigrationError(f"loading chunk {idx} failed: {type(exc).__name__}: {exc}",
+                                     device=stream.name)
+            self.pipe.report_failure(exc)
+
+    def _wait_for_ram(self) -> bool:
+        """Hold a config chunk until all RAM is in; False when stopping instead."""
+        while not self.ram_loaded.wait(0.5):
+            if self.stop.is_set():
+                return False
+        return True
 
     def close(self) -> None:
         self.stop.set()

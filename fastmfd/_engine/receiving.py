@@ -12,12 +12,15 @@ processes) receives once.
         ◀── Greeted(ch): its RecvParams ──────────────▶    session, proof (or Refused)
                                                           RecvEngine.run(): pages into regions
         main channel: ROUND_END(n), DEVICE_STATE (old way)  Synced(n) at each SYNC, then waits
+        PRECOPY_SENT(counts) -> reassembly; its
+          PrecopyLoaded -> SWITCHOVER_ACK ──▶ source
         RAM barrier: round n released (Go) once every RAM
           channel reached SYNC n and ROUND_END(n) arrived ──▶ Go(n)
         reassembly process: DeviceLoaded, Drained
         workers: Eof when a channel is drained; deaths
       SWITCHOVER: SWITCHOVER_START (the source stopped)
-      COMPLETE: the source's totals; every channel drained, the last round released,
+      COMPLETE: the source's totals; every RAM channel drained and the last round
+        released (config_after_ram: RamLoaded -> reassembly), every channel drained,
         every device loaded -> totals checked -> LOADED
       RESUMING: on_resume(); DONE: RESUMED (or ERROR if on_resume raised)
 
@@ -33,21 +36,18 @@ from __future__ import annotations
 
 import enum
 import logging
-import os
 import select
 import socket
 import time
 from dataclasses import dataclass
 
 from .. import _core
-from ..devices import CollectLoader, device_key
 from ..errors import ConfigError, MigrationError, ProtocolError, SecurityError
 from ..protocol import handshake
-from ..protocol.control import (DeviceLoaded, Drained, Eof, Go, Greeted, Refused,
-                                ReassemblyParams, RecvParams, Synced)
+from ..protocol.control import Drained, Eof, Go, Greeted, Refused, RecvParams, Synced
 from ..protocol.main_channel import (MAIN, OLD_WAY_PREFIX, Complete, Loaded, MainChannel,
-                                     Msg, RoundAck, RoundEnd, decode_message_header,
-                                     decode_payload, read_message)
+                                     Msg, PrecopySent, RoundAck, RoundEnd,
+                                     decode_message_header, decode_payload, read_message)
 from ..protocol.security import ChannelSecurity
 from ..protocol.setup import Setup
 from ..protocol.sockets import recv_exact, tune_data_socket, tune_main_socket
@@ -56,8 +56,8 @@ from ..shm import SHM_DIR, free_bytes
 from ..stats import ChannelStats, ReceiveStats
 from .admission import Admission, ChannelDoor
 from .liveness import Heartbeat, Progress, process_stopped, stall_error, tick
+from .loading import DeviceLoading, check_precopy_counts, old_way_not_here
 from .processes import ChildSet, Watch
-from .reassembly import plan_pool
 from .session import SessionFailure, SessionResources, break_session
 
 __all__ = ["Receiving", "ReceivingState", "DestinationParts", "Refusal"]
@@ -118,8 +118,7 @@ class Receiving:
         self.regions: list[Region] = []
         self._fresh: list[bool] = []            # per region: created for this session
         self._counters = None
-        self._pool = None
-        self._desc_w = -1                       # descriptors to the reassembly process
+        self._devices: DeviceLoading | None = None  # the device-state side, if any
         self._assigned: dict[int, object] = {}  # channel id -> its worker
         self._channel_of: dict[object, int] = {}  # worker -> its channel id
         self._door: ChannelDoor | None = None   # new connections, after SETUP
@@ -127,13 +126,10 @@ class Receiving:
         self._sync_count: dict[int, int] = {}
         self._synced: dict[int, int] = {}       # channel id -> the last SYNC it reached
         self._round_end = 0
+        self._precopy_sent = False              # PRECOPY_SENT came (once per session)
         self._released = 0
         self._complete: Complete | None = None
-        self._device_results: dict[int, object] = {}
-        self._device_chunks: dict[int, int] = {}
-        self._load_seconds: dict[int, float] = {}
-        self._reassembly_drained = False
-        self._old_way_chunks = self._old_way_bytes = 0
+        self._ram_loaded = False                # every RAM channel drained, last round released
         self._watch: Watch | None = None
         self._admission: Admission | None = None   # while waiting for the source
         self._hearing = False                   # in _hear_the_source
@@ -199,7 +195,7 @@ class Receiving:
             self.regions.append(self._region(spec.name, spec.size))
         self._counters = parts.resources.own(_core.Counters.create(setup.total_channels))
         if setup.devices:
-            self._start_reassembly(left)
+            self._devices = DeviceLoading(setup, parts, left)
 
     def _memory_left(self) -> int:
         """What SETUP asks this destination to hold, checked before anything is
@@ -234,33 +230,6 @@ class Receiving:
         self._fresh.append(fresh)
         return region
 
-    def _start_reassembly(self, budget: int) -> None:
-        setup, parts = self.setup, self.parts
-        cap = setup.max_queued_bytes
-        if parts.queued_cap is not None:
-            cap = min(cap, parts.queued_cap)
-            if cap < setup.chunk_size:
-                raise ConfigError(f"this destination's max_queued_bytes ({cap}) cannot hold one "
-                                  f"device chunk of the source's device_chunk_size "
-                                  f"({setup.chunk_size})")
-        slot_size = setup.chunk_size + _core.CHUNK_HEADER_SIZE
-        # Sized for the worst case the caps allow, within what is left of the memory
-        # budget (a smaller out-of-order cap if need be), and sparse: slots take
-        # memory only as chunks arrive, so a 4-byte device state costs a page.
-        cap, nslots = plan_pool(len(setup.devices), cap, setup.chunk_size,
-                                setup.total_channels, budget)
-        self._pool = parts.resources.own(_core.BufferPool.create(nslots, slot_size,
-                                                                 tag="dest-pool", sparse=True))
-        desc_r, self._desc_w = os.pipe()
-        parts.resources.fds.append(self._desc_w)
-        loaders = tuple((device_key(*d.key), parts.loaders.get(d.key, CollectLoader()))
-                        for d in setup.devices)
-        try:
-            parts.reassembly[0].start_session(ReassemblyParams(self._pool.name, cap, loaders),
-                                              [desc_r])
-        finally:
-            os.close(desc_r)
-
     # ------------------------------------------------------------ the session
     def run(self) -> None:
         """Receive until everything is applied and loaded, then send LOADED."""
@@ -277,12 +246,14 @@ class Receiving:
         watch.add(self.main.sock, self._on_main_message)
         for worker in parts.workers:
             self._watch_worker(worker)
-        if self.setup.devices:
-            watch.add_child(parts.reassembly[0], self._on_reassembly_report)
+        if self._devices is not None:
+            watch.add_child(parts.reassembly[0], lambda report: self._devices.on_report(
+                report, self.main))
         self._check_liveness()              # the deadlines start now
         while not self._done():
             self.failure.check()
             watch.poll(tick(stall))
+            self._check_ram_loaded()
             self._check_liveness()
         self._finish()
 
@@ -290,8 +261,17 @@ class Receiving:
         return (self._complete is not None
                 and len(self._drained) == self.setup.total_channels
                 and self._released == self._round_end
-                and len(self._device_results) == len(self.setup.devices)
-                and (self._reassembly_drained or not self.setup.devices))
+                and (self._devices is None or self._devices.all_loaded))
+
+    def _check_ram_loaded(self) -> None:
+        """All RAM is in once COMPLETE came, every RAM channel ended and its last
+        round is released: then (config_after_ram) the config chunks may load."""
+        if self._ram_loaded or self._complete is None or self._released != self._round_end:
+            return
+        if all(ch in self._drained for ch in range(self.setup.channels)):
+            self._ram_loaded = True
+            if self._devices is not None:
+                self._devices.ram_loaded()
 
     def _watch_worker(self, worker) -> None:
         self._watch.add_child(worker, lambda report: self._on_worker_report(worker, report))
@@ -308,12 +288,12 @@ class Receiving:
             checksum=setup.checksum, chunk_size=setup.chunk_size,
             compression=setup.compression, regions=tuple(r.handle for r in self.regions),
             devices=tuple(d.key for d in setup.devices), counters=self._counters.name,
-            pool=self._pool.name if self._pool is not None else None,
+            pool=self._devices.pool.name if self._devices is not None else None,
             ram=ch < setup.channels, received=tuple(r.dirty.name for r in self.regions),
             fresh=tuple(self._fresh))
         worker.send(params)
-        if self._pool is not None:
-            worker.send_fds([self._desc_w])
+        if self._devices is not None:
+            worker.send_fds([self._devices.desc_w])
         worker.name = f"receive channel {ch}"
         self._assigned[ch] = worker
         self._channel_of[worker] = ch
@@ -390,14 +370,11 @@ class Receiving:
                 raise stall_error(worker.name, stall, pid,
                                   f" (it owes the SYNC of round {reached + 1})"
                                   if reached < self._round_end else "")
-        # Drained says every chunk arrived, not that every device is loaded: a
-        # load_finish() still running (or stuck) owes its DeviceLoaded all the same.
-        if setup.devices and not (self._reassembly_drained
-                                  and len(self._device_results) == len(setup.devices)):
+        if self._devices is not None and not self._devices.all_loaded:
             reassembly = self.parts.reassembly[0]
             pid = reassembly.process.pid
-            owed = len(self._drained) == setup.total_channels
-            signature = (len(self._device_results), self._pool.free_count)
+            owed = self._devices.owes_progress(len(self._drained) == setup.total_channels)
+            signature = (self._devices.signature(), self._counters.total("device_packets"))
             if progress.stalled("reassembly", owed or process_stopped(pid), signature):
                 raise stall_error(reassembly.name, stall, pid)
         self._heartbeat.beat()
@@ -422,7 +399,8 @@ class Receiving:
             decode_payload(kind, body)
             return
         expected = {ReceivingState.RECEIVING: (Msg.ROUND_END, Msg.DEVICE_STATE,
-                                               Msg.SWITCHOVER_START, Msg.COMPLETE),
+                                               Msg.SWITCHOVER_START, Msg.COMPLETE)
+                    + (() if self._precopy_sent else (Msg.PRECOPY_SENT,)),
                     ReceivingState.SWITCHOVER: (Msg.ROUND_END, Msg.DEVICE_STATE,
                                                 Msg.COMPLETE)}.get(self.state, ())
         if kind is Msg.ERROR:
@@ -433,7 +411,10 @@ class Receiving:
                                 f"{self.state.value}", field="type", received=kind.name,
                                 expected=" or ".join(m.name for m in expected) or "nothing")
         if kind is Msg.DEVICE_STATE:
-            self._on_old_way_chunk(body)
+            if self._devices is None:
+                raise old_way_not_here()
+            self._devices.on_old_way_chunk(body, self._waiting_for_slot,
+                                           min(0.5, self._heartbeat.interval))
             return
         payload = decode_payload(kind, body)
         if isinstance(payload, RoundEnd):
@@ -444,6 +425,13 @@ class Receiving:
             self._round_end = payload.round
             self._check_ended_early()
             self._release_rounds()
+        elif isinstance(payload, PrecopySent):
+            self._precopy_sent = True
+            if self._devices is None:
+                check_precopy_counts(payload, 0)
+                self.main.send(Msg.SWITCHOVER_ACK)
+            else:
+                self._devices.on_precopy_sent(payload)
         elif kind is Msg.SWITCHOVER_START:
             # Loaders already start as chunks arrive: nothing waits for it.
             self.state = ReceivingState.SWITCHOVER
@@ -451,64 +439,22 @@ class Receiving:
             self._complete = payload
             self.state = ReceivingState.COMPLETE
 
-    def _on_old_way_chunk(self, body: bytes) -> None:
-        devices = self.setup.devices
-        if self._pool is None or self.setup.channel_header:
-            raise ProtocolError("DEVICE_STATE on the main channel, but device state travels "
-                                "on the multifd channels in this session",
-                                field="type", received="DEVICE_STATE", expected="not here")
-        if len(body) < OLD_WAY_PREFIX.size + _core.CHUNK_HEADER_SIZE:
-            raise ProtocolError(f"DEVICE_STATE of {len(body)} bytes is shorter than its "
-                                f"headers", field="length", received=len(body),
-                                expected=OLD_WAY_PREFIX.size + _core.CHUNK_HEADER_SIZE)
-        device = OLD_WAY_PREFIX.unpack_from(body)[0]
-        if device >= len(devices):
-            raise ProtocolError(f"DEVICE_STATE for device number {device}, the session has "
-                                f"{len(devices)}", field="device", received=device,
-                                expected=f"< {len(devices)}")
-        chunk = memoryview(body)[OLD_WAY_PREFIX.size:]
-        idx, flags = _core.decode_chunk_header(chunk)
-        slot = self._acquire_slot()
-        self._pool.populate(slot)
-        with self._pool.view(slot) as view:
-            view[:len(chunk)] = chunk
-        os.write(self._desc_w, _core.pack_descriptor(device, idx, flags, slot, len(chunk), 0))
-        self._old_way_chunks += 1
-        self._old_way_bytes += len(chunk)
-
-    def _acquire_slot(self) -> int:
+    def _waiting_for_slot(self, since: float) -> None:
+        """An old-way chunk waits for a free slot: the session goes on living (its
+        keepalives), and fails rather than wait past the deadline."""
         reassembly = self.parts.reassembly[0]
-        deadline = time.monotonic() + self._stall
-        while True:
-            slot = self._pool.acquire(timeout=min(0.5, self._heartbeat.interval))
-            if slot is not None:
-                return slot
-            self.failure.check()
-            if not reassembly.process.is_alive():
-                raise reassembly.death_error()
-            self._heartbeat.beat()
-            if time.monotonic() > deadline:
-                raise stall_error(reassembly.name, self._stall, reassembly.process.pid,
-                                  " (no device-state buffer came free)")
-
-    def _on_reassembly_report(self, report) -> None:
-        if isinstance(report, DeviceLoaded):
-            self._device_results[report.device] = report.result
-            self._load_seconds[report.device] = report.seconds
-            self._device_chunks[report.device] = report.chunks
-        elif isinstance(report, Drained):
-            self._reassembly_drained = True
+        self.failure.check()
+        if not reassembly.process.is_alive():
+            raise reassembly.death_error()
+        self._heartbeat.beat()
+        if time.monotonic() > since + self._stall:
+            raise stall_error(reassembly.name, self._stall, reassembly.process.pid,
+                              " (no device-state buffer came free)")
 
     def _finish(self) -> None:
         """Everything is applied: check the source's totals, then send LOADED."""
-        counts = self._complete.device_chunks
-        for i, device in enumerate(self.setup.devices):
-            theirs = counts[i] if i < len(counts) else None
-            if theirs != self._device_chunks.get(i):
-                raise ProtocolError(f"device {device_key(*device.key)}: the source sent "
-                                    f"{theirs} chunks, {self._device_chunks.get(i)} were "
-                                    f"loaded", field="device_chunks",
-                                    received=self._device_chunks.get(i), expected=theirs)
+        if self._devices is not None:
+            self._devices.check_totals(self._complete.device_chunks)
         sent = self._complete.channels
         for ch in range(self.setup.total_channels):
             mine = self._counters.read(ch)
@@ -543,15 +489,15 @@ class Receiving:
         self.state = ReceivingState.DONE
 
     def _load_seconds_by_name(self) -> dict[str, float]:
-        return {device_key(*self.setup.devices[i].key): s for i, s in self._load_seconds.items()}
+        return self._devices.load_seconds_by_name() if self._devices is not None else {}
 
     def _teardown(self, error: MigrationError) -> None:
         self.state = ReceivingState.FAILED
         admission = self._admission
         if admission is not None:
             admission.abort()
-        if self._pool is not None:
-            self._pool.abort()
+        if self._devices is not None:
+            self._devices.pool.abort()
         break_session(error, "source", self.main, self.parts.resources)
         for group in (self.parts.workers, self.parts.reassembly):
             group.kill()
@@ -563,7 +509,7 @@ class Receiving:
 
     # ------------------------------------------------------------ results
     def stats(self, total: float) -> ReceiveStats:
-        setup, counters = self.setup, self._counters
+        setup, counters, devices = self.setup, self._counters, self._devices
         channels = tuple(
             ChannelStats.from_counters(ch, "ram" if ch < setup.channels else "device",
                                        counters.read(ch))
@@ -573,9 +519,10 @@ class Receiving:
             normal_pages=sum(c.normal_pages for c in channels),
             zero_pages=sum(c.zero_pages for c in channels),
             wire_bytes=sum(c.wire_bytes for c in channels),
-            device_bytes=counters.total("device_bytes") + self._old_way_bytes,
-            device_chunks=counters.total("device_packets") + self._old_way_chunks,
+            device_bytes=counters.total("device_bytes") + (devices.old_way_bytes if devices else 0),
+            device_chunks=counters.total("device_packets") + (devices.old_way_chunks if devices
+                                                              else 0),
             load_time_s=self._load_seconds_by_name(), channels=channels)
 
     def device_results(self) -> dict[tuple[str, int], object]:
-        return {self.setup.devices[i].key: result for i, result in self._device_results.items()}
+        return self._devices.results_by_key() if self._devices is not None else {}

@@ -1,20 +1,26 @@
 """The save side of device state: each device's stream, cut into chunks.
 
 QEMU calls a VFIO device the same way whatever carries its state:
-``save_setup()``, then ``read_state()`` until it returns 0, then
-``config_state()`` as the LAST chunk. :func:`save_stream` is that sequence,
-once; where the chunks go is a *sink*:
+``save_setup()``; while the workload runs, ``save_live_iterate()`` as long
+as ``state_pending()`` says it has data (precopy: :func:`save_live`, once per
+live round, taking at most what was pending when the round began, so a
+device that keeps dirtying cannot hold a round forever); after the stop,
+``read_state()`` until it returns 0, then ``config_state()`` as the LAST chunk
+(:func:`save_stream`). Both phases number their chunks in one idx space per
+device (:class:`DeviceStream`), so the loader gets them in one order.
+Where the chunks go is a *sink*:
 
 - new way (DESIGN §5.4, the seed's ``save_live_complete_precopy_async``):
-  :class:`DeviceSaver` runs one thread per device, reading straight into
-  buffer-pool slots (the 12-byte chunk header in front of the data in the same
-  slot) and handing each slot to an idle channel's send worker;
-- old way: :func:`save_old_way`, device after device, each chunk a
+  :class:`DeviceSaver` runs one thread per device and phase, reading straight
+  into buffer-pool slots (the 12-byte chunk header in front of the data in the
+  same slot) and handing each slot to an idle channel's send worker;
+- old way: :class:`OldWaySaver`, device after device, each chunk a
   DEVICE_STATE message on the main channel.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from typing import Callable, Protocol
 
@@ -23,7 +29,7 @@ from ..devices import device_key
 from ..errors import Aborted, MigrationError
 from ..protocol.main_channel import OLD_WAY_PREFIX, Msg
 
-__all__ = ["DeviceSaver", "save_old_way", "save_stream"]
+__all__ = ["DeviceSaver", "DeviceStream", "OldWaySaver", "save_live", "save_stream"]
 
 CHUNK_HEADER = _core.CHUNK_HEADER_SIZE
 
@@ -39,30 +45,94 @@ class ChunkSink(Protocol):
         """Send the chunk just filled: ``length`` bytes of data."""
 
 
-def save_stream(device, chunk_size: int, sink: ChunkSink) -> int:
-    """Save one device into ``sink``; returns the chunks sent. A device that fails
-    raises MigrationError naming the device and the chunk."""
-    idx = 0
-    try:
-        if hasattr(device, "save_setup"):
-            device.save_setup()
-        while n := sink.fill(device.read_state):
+class DeviceStream:
+    """One device's stream across the phases: the next chunk idx, whether its
+    ``save_setup`` ran, and the chunk bytes it sent live."""
+
+    def __init__(self, device) -> None:
+        self.device = device
+        self.name = device_key(device.idstr, device.instance_id)
+        self.next_idx = 0
+        self.set_up = False
+        self.live_bytes = 0
+
+    @property
+    def has_precopy(self) -> bool:
+        return hasattr(self.device, "save_live_iterate") and hasattr(self.device,
+                                                                     "state_pending")
+
+    def pending(self) -> int:
+        """Bytes the device still wants to send while running (0 without precopy)."""
+        if not self.has_precopy:
+            return 0
+        with self.device_calls():
+            pending = self.device.state_pending()
+            if not isinstance(pending, int) or pending < 0:
+                raise ValueError(f"state_pending returned {pending!r}, not a byte count")
+            return pending
+
+    @contextlib.contextmanager
+    def device_calls(self):
+        """Around every call of the device: its ``save_setup()`` first (once, whichever
+        phase comes first), and a device that fails raises MigrationError naming the
+        device and the chunk."""
+        try:
+            if not self.set_up:
+                self.set_up = True
+                if hasattr(self.device, "save_setup"):
+                    self.device.save_setup()
+            yield
+        except (Aborted, MigrationError, KeyboardInterrupt):
+            raise   # (Ctrl-C or the CLI's SIGTERM, in the old way's main thread: no device's fault)
+        except BaseException as exc:
+            raise MigrationError(f"saving chunk {self.next_idx} failed: "
+                                 f"{type(exc).__name__}: {exc}", device=self.name) from exc
+
+    def send_all(self, reader, chunk_size: int, sink: ChunkSink, budget: float) -> int:
+        """Chunks from ``reader`` until it returns 0 or ``budget`` bytes of data went;
+        returns the chunk bytes sent (headers included)."""
+        sent = chunks = 0
+        while sent < budget:
+            n = sink.fill(reader)
+            if n == 0:
+                sink.discard()
+                break
             if not 0 < n <= chunk_size:
-                raise ValueError(f"read_state returned {n} for a {chunk_size}-byte buffer")
-            sink.send(idx, 0, n)
-            idx += 1
-        sink.discard()
+                raise ValueError(f"{getattr(reader, '__name__', 'read')} returned {n} for a "
+                                 f"{chunk_size}-byte buffer")
+            sink.send(self.next_idx, 0, n)
+            self.next_idx += 1
+            sent += n
+            chunks += 1
+        return sent + chunks * CHUNK_HEADER
+
+
+def save_live(stream: DeviceStream, chunk_size: int, sink: ChunkSink) -> None:
+    """One live round of a device's precopy: ``save_live_iterate`` chunks, at most
+    what ``state_pending()`` said when the round began."""
+    if not stream.has_precopy:
+        return
+    budget = stream.pending()
+    with stream.device_calls():
+        if budget:
+            stream.live_bytes += stream.send_all(stream.device.save_live_iterate,
+                                                  chunk_size, sink, budget)
+
+
+def save_stream(stream: DeviceStream, chunk_size: int, sink: ChunkSink) -> int:
+    """The stop-copy: the rest of the stream and the LAST (config) chunk; returns
+    the chunks the device sent in all."""
+    device = stream.device
+    with stream.device_calls():
+        stream.send_all(device.read_state, chunk_size, sink, float("inf"))
         config = device.config_state() if hasattr(device, "config_state") else b""
         if len(config) > chunk_size:
             raise ValueError(f"config_state is {len(config)} bytes, more than a chunk "
                              f"({chunk_size})")
-        sink.send(idx, _core.CHUNK_FLAG_LAST, sink.fill(lambda data: _copy(data, config)))
-    except (Aborted, MigrationError, KeyboardInterrupt):
-        raise       # (Ctrl-C or the CLI's SIGTERM, in the old way's main thread: no device's fault)
-    except BaseException as exc:
-        raise MigrationError(f"saving chunk {idx} failed: {type(exc).__name__}: {exc}",
-                             device=device_key(device.idstr, device.instance_id)) from exc
-    return idx + 1
+        sink.send(stream.next_idx, _core.CHUNK_FLAG_LAST,
+                  sink.fill(lambda data: _copy(data, config)))
+        stream.next_idx += 1
+    return stream.next_idx
 
 
 def _copy(data: memoryview, config: bytes) -> int:
@@ -98,24 +168,31 @@ class _PoolSink:
 
 
 class DeviceSaver:
-    """Runs every device's save in its own thread, chunks out through the channels.
+    """The new way: a thread per device for each phase, chunks out through the channels.
 
     ``dispatch(ch, device, slot, length)`` hands a filled slot to channel
-    ``ch`` (chosen with ``selector``). ``join()`` waits for all devices and
-    returns the number of chunks each sent, in device order; ``wait()`` only
-    waits (after a failure, which aborts the pool and selector they block on).
+    ``ch`` (chosen with ``selector``). :meth:`start` begins a phase — ``live``:
+    one precopy round, or the stop-copy — on every device at once; ``join()``
+    waits for them and raises the session's failure; ``wait()`` only waits
+    (after a failure, which aborts the pool and selector they block on).
     """
 
-    def __init__(self, devices: list, pool, selector, dispatch, failure,
+    def __init__(self, streams: list[DeviceStream], pool, selector, dispatch, failure,
                  chunk_size: int) -> None:
-        self._failure = failure
-        self.chunks = [0] * len(devices)
+        self.streams = streams
+        self._failure, self._chunk = failure, chunk_size
+        self._sinks = [_PoolSink(pool, selector, dispatch, i, chunk_size)
+                       for i in range(len(streams))]
+        self._threads: list[threading.Thread] = []
+
+    def start(self, live: bool) -> None:
+        self.wait()
+        phase = save_live if live else save_stream
         self._threads = [
-            threading.Thread(target=self._save, daemon=True,
-                             args=(i, d, chunk_size, _PoolSink(pool, selector, dispatch, i,
-                                                               chunk_size)),
-                             name=f"fastmfd save {device_key(d.idstr, d.instance_id)}")
-            for i, d in enumerate(devices)]
+            threading.Thread(target=self._save, daemon=True, args=(phase, stream, sink),
+                             name=f"fastmfd save {stream.name}")
+            for stream, sink in zip(self.streams, self._sinks)
+            if not live or stream.has_precopy]
         for thread in self._threads:
             thread.start()
 
@@ -125,14 +202,13 @@ class DeviceSaver:
             while thread.is_alive():
                 thread.join(0.5)
 
-    def join(self) -> list[int]:
+    def join(self) -> None:
         self.wait()
         self._failure.check()
-        return self.chunks
 
-    def _save(self, index: int, device, chunk_size: int, sink: _PoolSink) -> None:
+    def _save(self, phase, stream: DeviceStream, sink: _PoolSink) -> None:
         try:
-            self.chunks[index] = save_stream(device, chunk_size, sink)
+            phase(stream, self._chunk, sink)
         except Aborted:
             pass                # the session failed elsewhere: that is its error
         except BaseException as exc:
@@ -160,13 +236,30 @@ class _MainChannelSink:
         self.bytes_sent += CHUNK_HEADER + length
 
 
-def save_old_way(devices: list, main, chunk_size: int) -> tuple[list[int], int]:
-    """The old way: each device in turn, its chunks as DEVICE_STATE messages.
+class OldWaySaver:
+    """The old way: each device in turn, in the caller's thread, its chunks as
+    DEVICE_STATE messages (same interface as :class:`DeviceSaver`). Nothing runs
+    beside the caller, so a phase runs when it is joined: after the round's RAM
+    jobs are handed to the channels, as QEMU saves RAM before the devices."""
 
-    Returns the chunks each device sent and the chunk bytes sent in all."""
-    chunks, total = [], 0
-    for index, device in enumerate(devices):
-        sink = _MainChannelSink(main, index, chunk_size)
-        chunks.append(save_stream(device, chunk_size, sink))
-        total += sink.bytes_sent
-    return chunks, total
+    def __init__(self, streams: list[DeviceStream], main, chunk_size: int) -> None:
+        self.streams, self._chunk = streams, chunk_size
+        self._sinks = [_MainChannelSink(main, i, chunk_size) for i in range(len(streams))]
+        self._phase = None
+
+    def start(self, live: bool) -> None:
+        self._phase = save_live if live else save_stream
+
+    def wait(self) -> None:
+        pass
+
+    def join(self) -> None:
+        phase, self._phase = self._phase, None
+        if phase is not None:
+            for stream, sink in zip(self.streams, self._sinks):
+                phase(stream, self._chunk, sink)
+
+    @property
+    def bytes_sent(self) -> int:
+        """Chunk bytes sent on the main channel."""
+        return sum(sink.bytes_sent for sink in self._sinks)

@@ -9,7 +9,11 @@ structures) runs once.
         channels (header + init packet) ──fds──▶       SendEngine.run(command pipe)
       LIVE: round 1 every page, rounds 2..k dirty       select an idle channel (atomic
         pages, until converged: page indices ->          selector); SYNC on every RAM
-        mailbox, RAM command -> pipe; ROUND_END          channel at each round's end
+        mailbox, RAM command -> pipe; devices'           channel at each round's end
+        precopy chunks -> pool slots -> DEVICE
+        commands; ROUND_END
+        (switchover_ack: PRECOPY_SENT ──▶, rounds go on
+         until ◀── SWITCHOVER_ACK)
       STOPPED: on_stop(); final dirty pages; device
         save threads -> pool slots -> DEVICE commands
       COMPLETING: QUIT, the workers' Done; COMPLETE ──▶ destination
@@ -37,8 +41,9 @@ from ..config import MigrationConfig
 from ..errors import MigrationError, ProtocolError
 from ..protocol import handshake
 from ..protocol.control import Done, SendParams
-from ..protocol.main_channel import (MAIN, Complete, Error, Loaded, MainChannel, Msg, RoundAck,
-                                     RoundEnd, decode_payload, read_message)
+from ..protocol.main_channel import (MAIN, Complete, Error, Loaded, MainChannel, Msg,
+                                     PrecopySent, RoundAck, RoundEnd, decode_payload,
+                                     read_message)
 from ..protocol.security import ChannelSecurity, default_hostname
 from ..protocol.setup import DeviceSpec, RegionSpec, Setup
 from ..protocol.sockets import Address, connect, tune_data_socket, tune_main_socket
@@ -49,8 +54,9 @@ from .liveness import (Heartbeat, Progress, bytes_waiting, process_stopped, set_
                        stall_error, tick)
 from .processes import ChildSet, Watch
 from .progress import RoundProgress
-from .saving import DeviceSaver, save_old_way
+from .saving import DeviceSaver, DeviceStream, OldWaySaver
 from .session import SessionFailure, SessionResources, break_session, call_hook
+from .status import StatusBoard
 
 __all__ = ["Sending", "SendingState", "SourceParts"]
 
@@ -105,19 +111,25 @@ class Sending:
         self._loaded = threading.Event()
         self._resumed = threading.Event()
         self._workers_done = threading.Event()
-        self._saver: DeviceSaver | None = None   # the device save threads, new way
-        self._device_chunks: list[int] = []     # chunks each device sent, in device order
-        self._old_way_bytes = 0                 # device bytes sent on the main channel
+        self._streams = [DeviceStream(d) for d in parts.devices]   # each device's save state
+        self._saver: DeviceSaver | OldWaySaver | None = None    # made once connected
+        self._ack_requested = False             # PRECOPY_SENT went out (switchover_ack)
+        self._acked = threading.Event()         # SWITCHOVER_ACK came back
         self._loaded_report: Loaded | None = None
         self._heartbeat: Heartbeat | None = None
+        self.board = StatusBoard()              # what status() reports while it runs
+        self._rounds_started = time.monotonic() # when round 1 began (bandwidth's clock)
+        self._ack_waited = 0.0                  # seconds spent waiting for SWITCHOVER_ACK
+        self.stats: MigrationStats | None = None
+        self._last_report: dict | None = None   # the report once the session is over
 
     # ------------------------------------------------------------ the session
     def run(self, live: bool, on_stop, on_resume, progress: bool) -> MigrationStats:
-        t_start = time.monotonic()
+        t_start = self.board.started_at = time.monotonic()
         try:
             self.failure.check()
             self._connect()
-            t_setup = time.monotonic() - t_start
+            t_setup = self.board.setup_s = time.monotonic() - t_start
             with RoundProgress(enabled=progress, regions=self.parts.regions) as bar:
                 rounds, stop_time = self._run_rounds(live, on_stop, bar)
             self._wait_for(self._loaded)
@@ -135,9 +147,13 @@ class Sending:
             # they end soon (it aborted their waits).
             if self._saver is not None:
                 self._saver.wait()
+            if self.failure.error is not None:
+                self._last_report = self._report()
+        self.stats = self._stats(end - t_start, t_setup, end - stop_time, rounds)
         self.state = SendingState.DONE
+        self._last_report = self._report()      # the owner frees the counters next
         call_hook("on_resume", on_resume)
-        return self._stats(end - t_start, t_setup, end - stop_time, rounds)
+        return self.stats
 
     def close(self) -> None:
         """Stop the monitor and let go of the main channel (the owner frees the rest)."""
@@ -187,6 +203,12 @@ class Sending:
         self._monitor = threading.Thread(target=self._watch, name="fastmfd source monitor",
                                          daemon=True)
         self._monitor.start()
+        if self._streams and cfg.channel_header:
+            self._saver = DeviceSaver(self._streams, self._pool, parts.device_selector,
+                                      self._device_command, self.failure,
+                                      cfg.device_chunk_size)
+        elif self._streams:
+            self._saver = OldWaySaver(self._streams, self.main, cfg.device_chunk_size)
         self.state = SendingState.LIVE
 
     @property
@@ -213,70 +235,96 @@ class Sending:
             mailbox_row=ch, job_pages=parts.job_pages,
             selector=(parts.ram_selector if ram else parts.device_selector).name,
             selector_index=ch if ram else ch - cfg.channels,
-            hello=handshake.channel_start(setup, ch), uuid=setup.uuid, security=self._security)
+            hello=handshake.channel_start(setup, ch), uuid=setup.uuid, security=self._security,
+            rate=cfg.channel_rate)
 
     # ------------------------------------------------------------ rounds
     def _run_rounds(self, live: bool, on_stop, bar: RoundProgress) -> tuple[list, float]:
         """Send every round; returns the round stats and the stop time."""
         cfg, regions = self.config, self.parts.regions
-        rounds: list[RoundStats] = []
+        rounds = self.board.rounds
         stop_time = None
         if not live:
             stop_time = self._stop(on_stop)
         for region in regions:
             region.dirty.collect()          # forget writes before the migration began
         pages = [np.arange(r.npages, dtype=np.uint64) for r in regions]
-        self._rounds_started = time.monotonic()
+        self._rounds_started = collected = time.monotonic()
         while True:
             final = stop_time is not None
             rounds.append(self._send_round(len(rounds) + 1, pages, not final, bar,
                                            devices=final))
             if final:
                 break
-            pending = sum(r.dirty.count() for r in regions) * cfg.page_size
-            if pending <= self._bandwidth() * cfg.downtime_limit \
-                    or len(rounds) >= cfg.max_rounds:
+            # Converged when what is left — dirty pages and what devices still
+            # want to send live — fits the downtime limit (QEMU's pending estimate).
+            devices = self.board.device_pending = sum(s.pending() for s in self._streams)
+            pending = sum(r.dirty.count() for r in regions) * cfg.page_size + devices
+            if (pending <= self._bandwidth() * cfg.downtime_limit
+                    or len(rounds) >= cfg.max_rounds) and self._switchover_acked():
                 stop_time = self._stop(on_stop)
             pages = [r.dirty.collect() for r in regions]
+            now = time.monotonic()
+            self.board.dirty_rate = sum(len(p) for p in pages) / max(now - collected, 1e-6)
+            collected = now
         self._finish()
         return rounds, stop_time
 
+    def _switchover_acked(self) -> bool:
+        """With switchover_ack, the source may stop only once the destination has
+        loaded every chunk sent live (QEMU's switchover-ack over the return path):
+        the first time it is ready, it says how many chunks each device sent
+        (PRECOPY_SENT) and waits a moment for SWITCHOVER_ACK; without it, the rounds
+        go on (sending what the workload dirties meanwhile) and it asks again."""
+        if not self.config.switchover_ack or self._acked.is_set():
+            return True
+        if not self._ack_requested:
+            self._ack_requested = True
+            self._tell(Msg.PRECOPY_SENT, PrecopySent([s.next_idx for s in self._streams]))
+        started = time.monotonic()
+        acked = self._acked.wait(self.config.downtime_limit)
+        self._ack_waited += time.monotonic() - started
+        self.failure.check()            # a failure wakes the wait too
+        return acked
+
     def _stop(self, on_stop) -> float:
-        stop_time = time.monotonic()
+        stop_time = self.board.stopped_at = time.monotonic()
         call_hook("on_stop", on_stop)
         self.state = SendingState.STOPPED
         return stop_time
 
     def _bandwidth(self) -> float:
-        """Bytes of pages the workers have cleared per second since round 1 began.
+        """Bytes of pages and device chunks the workers have cleared per second since
+        round 1 began.
 
         Counted from what the workers finished, not what was handed to them:
-        a round smaller than the channels' jobs is handed out in no time."""
+        a round smaller than the channels' jobs is handed out in no time; and
+        over the time spent sending, not waiting for SWITCHOVER_ACK."""
+        elapsed = time.monotonic() - self._rounds_started - self._ack_waited
+        return (self._pages_done() * self.config.page_size
+                + self.parts.counters.total("device_bytes")) / max(elapsed, 1e-6)
+
+    def _pages_done(self) -> int:
         counters = self.parts.counters
-        done = counters.total("normal_pages") + counters.total("zero_pages")
-        elapsed = time.monotonic() - self._rounds_started
-        return done * self.config.page_size / max(elapsed, 1e-6)
+        return counters.total("normal_pages") + counters.total("zero_pages")
 
     def _send_round(self, number: int, pages: list, live: bool, bar: RoundProgress,
                     devices: bool) -> RoundStats:
         started = time.monotonic()
         total = int(sum(len(p) for p in pages))
+        self.board.round_base = self._pages_done()
+        self.board.round_pages = total
         bar.start_round(number, total, live)
-        device_list = self.parts.devices if devices else []
-        if device_list:
-            self._tell(Msg.SWITCHOVER_START)
-            if self.config.channel_header:
-                self._saver = DeviceSaver(device_list, self._pool, self.parts.device_selector,
-                                          self._device_command, self.failure,
-                                          self.config.device_chunk_size)
+        saver = self._saver
+        if saver is not None:
+            if devices:
+                self._tell(Msg.SWITCHOVER_START)
+            # Live: each device's precopy for this round; stopped: the stop-copy.
+            saver.start(live=not devices)
         for index, region_pages in enumerate(pages):
             self._dispatch_region(index, region_pages, bar)
-        if device_list:
-            if self._saver is not None:
-                self._device_chunks = self._saver.join()
-            else:
-                self._device_chunks, self._old_way_bytes = save_old_way(
-                    device_list, self.main, self.config.device_chunk_size)
+        if saver is not None:
+            saver.join()
         for ch in range(self.config.channels):
             self._command(ch, _core.pack_command(_core.CMD_SYNC, round=number))
         self._tell(Msg.ROUND_END, RoundEnd(number))
@@ -284,23 +332,12 @@ class Sending:
 
     def _dispatch_region(self, index: int, pages: np.ndarray, bar: RoundProgress) -> None:
         job = self.parts.job_pages
-        limit = self.config.max_bandwidth
         for start in range(0, len(pages), job):
             count = min(job, len(pages) - start)
-            if limit is not None:
-                self._throttle(limit)
             ch = self.parts.ram_selector.select(timeout=None)
             self._mailbox[ch, :count] = pages[start:start + count]
             self._command(ch, _core.pack_command(_core.CMD_RAM, index, count))
             bar.advance(count)
-
-    def _throttle(self, limit: int) -> None:
-        """Sleep while the bytes on the wire run ahead of ``limit`` bytes/s."""
-        ahead = self.parts.counters.total("wire_bytes") / limit - (time.monotonic() -
-                                                                  self._rounds_started)
-        if ahead > 0:
-            if self.failure.event.wait(ahead):
-                self.failure.check()
 
     def _command(self, ch: int, record: bytes) -> None:
         try:
@@ -338,7 +375,7 @@ class Sending:
         counters = self.parts.counters
         self._tell(Msg.COMPLETE, Complete(
             channels=[counters.read(ch) for ch in range(self.config.total_channels)],
-            device_chunks=self._device_chunks))
+            device_chunks=[stream.next_idx for stream in self._streams]))
 
     def _wait_for(self, event: threading.Event) -> None:
         while not event.wait(0.5):
@@ -418,6 +455,8 @@ class Sending:
                                  channel=MAIN, side="destination")
         expected = {SendingState.COMPLETING: (Msg.LOADED, Msg.ROUND_ACK),
                     SendingState.RESUMING: (Msg.RESUMED,)}.get(self.state, (Msg.ROUND_ACK,))
+        if self._ack_requested and not self._acked.is_set():
+            expected += (Msg.SWITCHOVER_ACK,)
         if kind not in expected:
             raise ProtocolError(f"main channel: unexpected {kind.name} from the destination "
                                 f"while {self.state.value}", field="type", received=kind.name,
@@ -428,6 +467,8 @@ class Sending:
             self._loaded.set()
         elif kind is Msg.RESUMED:
             self._resumed.set()
+        elif kind is Msg.SWITCHOVER_ACK:
+            self._acked.set()
         else:
             assert isinstance(payload, RoundAck)
 
@@ -441,6 +482,7 @@ class Sending:
     def _teardown(self, error: MigrationError) -> None:
         """First failure: wake every waiter, tell the destination, break blocked I/O."""
         self.state = SendingState.FAILED
+        self._acked.set()                       # wakes a wait for it (which then checks)
         self.parts.ram_selector.abort()
         self.parts.device_selector.abort()
         if self._pool is not None:
@@ -449,6 +491,32 @@ class Sending:
         self.parts.workers.kill()
 
     # ------------------------------------------------------------ results
+    def status(self, cancelled: bool = False) -> dict:
+        """What QEMU's ``query-migrate`` says, now (any thread): see Source.status."""
+        report = self._last_report or self._report()
+        if report["status"] == "failed" and cancelled:
+            report = {**report, "status": "cancelled"}
+        return report
+
+    def freeze_status(self) -> None:
+        """The owner is about to free the counters: keep the last report."""
+        if self._last_report is None:
+            self._last_report = self._report()
+
+    def _report(self) -> dict:
+        state = _STATUS[self.state]
+        old_way = self._saver.bytes_sent if isinstance(self._saver, OldWaySaver) else 0
+        return self.board.report(
+            state, self.config, self.parts.counters, self.parts.regions,
+            running=self.stats is None and self.state is not SendingState.FAILED,
+            bandwidth=self._bandwidth() if self.state is not SendingState.CONNECTING else 0.0,
+            main_bytes=self.main.bytes_sent if self.main is not None else 0,
+            old_way_bytes=old_way, streams=self._streams,
+            switchover_ack=None if not self.config.switchover_ack else (
+                "acked" if self._acked.is_set() and self.state is not SendingState.FAILED
+                else "requested" if self._ack_requested else "pending"),
+            final=self.stats)
+
     def _stats(self, total: float, setup: float, downtime: float,
                rounds: list[RoundStats]) -> MigrationStats:
         cfg, counters = self.config, self.parts.counters
@@ -458,16 +526,26 @@ class Sending:
             for ch in range(cfg.total_channels))
         normal = sum(c.normal_pages for c in channels)
         zero = sum(c.zero_pages for c in channels)
-        device_bytes = counters.total("device_bytes") + self._old_way_bytes
+        old_way = self._saver.bytes_sent if isinstance(self._saver, OldWaySaver) else 0
+        device_bytes = counters.total("device_bytes") + old_way
         loaded = self._loaded_report
         return MigrationStats(
             total_time_s=total, setup_time_s=setup, downtime_s=downtime, rounds=len(rounds),
             ram_bytes=(normal + zero) * cfg.page_size,
             wire_bytes=sum(c.wire_bytes for c in channels) + self.main.bytes_sent,
             normal_pages=normal, zero_pages=zero, device_bytes=device_bytes,
-            device_chunks=sum(self._device_chunks), page_size=cfg.page_size,
+            device_chunks=sum(stream.next_idx for stream in self._streams),
+            device_live_bytes=sum(stream.live_bytes for stream in self._streams),
+            page_size=cfg.page_size,
             compression=cfg.compression, channels=channels, round_stats=tuple(rounds),
             destination={"rounds": loaded.rounds, "load_seconds": loaded.load_seconds})
+
+
+# QEMU's MigrationStatus names for each state ("device": the stop-and-copy).
+_STATUS = {SendingState.CONNECTING: "setup", SendingState.LIVE: "active",
+           SendingState.STOPPED: "device", SendingState.COMPLETING: "device",
+           SendingState.RESUMING: "device", SendingState.DONE: "completed",
+           SendingState.FAILED: "failed"}
 
 
 class _StopWatching(BaseException):

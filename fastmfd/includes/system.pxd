@@ -15,6 +15,7 @@ cdef extern from "<semaphore.h>" nogil:
 cdef extern from "<time.h>" nogil:
     int CLOCK_MONOTONIC
     int clock_gettime(int clk_id, timespec *tp)
+    int nanosleep(const timespec *req, timespec *rem)
 
 cdef extern from "<sys/prctl.h>" nogil:
     int PR_SET_PDEATHSIG

@@ -20,6 +20,9 @@ parameter or report is added here and used where it is made and read.
       ◀─────────────────────────────── Done         send worker: every command done
       ◀─────────────────────────────── Eof          receive worker: its channel ended
       ◀─────────────────────────────── DeviceLoaded reassembly: one device loaded
+      AwaitPrecopy(counts) ──────────────────────▶  reassembly: say when these are loaded
+      ◀─────────────────────────────── PrecopyLoaded  ... they are (switchover_ack)
+      RamLoaded ─────────────────────────────────▶  reassembly: config chunks may load now
       Drained ───────────────────────────────────▶  reassembly: every channel has ended
       ◀─────────────────────────────── Drained      reassembly: nothing is missing
       ◀─────────────────────────────── Failed(...)  any failure, then the child exits 1
@@ -36,7 +39,7 @@ from .setup import Setup
 __all__ = [
     "RegionHandle", "ChannelParams", "SendParams", "RecvParams", "ReassemblyParams",
     "Greeting", "Ready", "Stop", "Greeted", "Refused", "Synced", "Go", "Done", "Eof",
-    "DeviceLoaded", "Drained", "Failed",
+    "DeviceLoaded", "Drained", "Failed", "AwaitPrecopy", "PrecopyLoaded", "RamLoaded",
 ]
 
 
@@ -85,6 +88,7 @@ class SendParams(ChannelParams):
     job_pages: int
     selector: str
     selector_index: int
+    rate: float = 0.0                       # bytes/s this channel may send (0: no cap)
 
 
 @dataclass(frozen=True)
@@ -111,6 +115,7 @@ class ReassemblyParams:
     pool: str
     max_queued_bytes: int
     loaders: tuple[tuple[str, Any], ...]
+    config_after_ram: bool = False          # hold config chunks until RamLoaded
 
 
 # ---------------------------------------------------------------- reports
@@ -174,6 +179,23 @@ class DeviceLoaded:
 class Drained:
     """To the reassembly process: every channel ended. From it: every device
     stream was complete."""
+
+
+@dataclass(frozen=True)
+class AwaitPrecopy:
+    """To the reassembly process: report PrecopyLoaded once device i has loaded
+    ``device_chunks[i]`` chunks, for every i (the source's PRECOPY_SENT)."""
+    device_chunks: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class PrecopyLoaded:
+    """From the reassembly process: every chunk AwaitPrecopy named is loaded."""
+
+
+@dataclass(frozen=True)
+class RamLoaded:
+    """To the reassembly process: all RAM is in; config chunks may load."""
 
 
 @dataclass(frozen=True)

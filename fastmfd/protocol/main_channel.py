@@ -33,7 +33,8 @@ from .sockets import recv_exact, send_all
 
 __all__ = [
     "MAIN", "MAIN_MAGIC", "MAIN_VERSION", "MAIN_PREAMBLE", "MESSAGE_HEADER", "MESSAGE_HEADER_SIZE",
-    "MAX_CONTROL_PAYLOAD", "MAX_JSON_DEPTH", "OLD_WAY_PREFIX", "Msg", "RoundEnd", "RoundAck", "Complete",
+    "MAX_CONTROL_PAYLOAD", "MAX_JSON_DEPTH", "OLD_WAY_PREFIX", "Msg", "RoundEnd", "RoundAck",
+    "PrecopySent", "Complete",
     "Loaded", "Error", "MainChannel", "encode_message", "decode_message_header",
     "decode_control", "decode_payload", "encode_preamble", "check_preamble", "read_message",
     "read_payload", "expect_message",
@@ -67,6 +68,8 @@ class Msg(enum.IntEnum):
     RESUMED = 10            # destination -> source: its on_resume ran; the session is over
     AUTH = 11               # either way, before SETUP: the shared-key proof (binary, .security)
     KEEPALIVE = 12          # either way, after SETUP_ACK: still here (stall_timeout / 4 apart)
+    PRECOPY_SENT = 13       # source -> destination, switchover_ack: the chunks each device sent live
+    SWITCHOVER_ACK = 14     # destination -> source: those chunks are loaded; the source may stop
 
 
 # ---------------------------------------------------------------- payloads
@@ -81,6 +84,14 @@ class RoundEnd:
 class RoundAck:
     """Round ``round`` is applied on every RAM channel."""
     round: int
+
+
+@dataclass(frozen=True)
+class PrecopySent:
+    """The source is ready to stop (switchover_ack): per device, in SETUP's order,
+    the chunks it sent live (idx 0 up to this). The destination answers
+    SWITCHOVER_ACK once every one of them is loaded."""
+    device_chunks: list[int]
 
 
 @dataclass(frozen=True)
@@ -139,17 +150,21 @@ def _peer_error(value: dict) -> Error:
     return Error(printable(error.error))
 
 
+# Per device, a chunk count (COMPLETE, PRECOPY_SENT).
+_CHUNK_COUNTS = (lambda v: isinstance(v, list) and len(v) <= MAX_DEVICES and all(map(_count, v)),
+                 f"at most {MAX_DEVICES} chunk counts")
+
 # How each control message's payload is decoded; messages not listed carry {}.
 _DECODERS: dict[Msg, Callable[[dict], Any]] = {
     Msg.SETUP: Setup.decode,
     Msg.ROUND_END: _typed(RoundEnd, round=(_count, "a round number")),
     Msg.ROUND_ACK: _typed(RoundAck, round=(_count, "a round number")),
+    Msg.PRECOPY_SENT: _typed(PrecopySent, device_chunks=_CHUNK_COUNTS),
     Msg.COMPLETE: _typed(
         Complete,
         channels=(lambda v: isinstance(v, list) and len(v) <= MAX_CHANNELS
                   and all(map(_counters, v)), f"at most {MAX_CHANNELS} counter objects"),
-        device_chunks=(lambda v: isinstance(v, list) and len(v) <= MAX_DEVICES
-                       and all(map(_count, v)), f"at most {MAX_DEVICES} chunk counts")),
+        device_chunks=_CHUNK_COUNTS),
     Msg.LOADED: _typed(Loaded, rounds=(_count, "a round count"),
                        load_seconds=(_seconds, "an object of seconds")),
     Msg.ERROR: _peer_error,

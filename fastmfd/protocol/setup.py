@@ -132,6 +132,7 @@ _FIELDS: dict[str, tuple[Callable[[Any], bool], str, Any]] = {
                          256 << 20),
     "stall_timeout": (_is_seconds, f"seconds in {MIN_STALL_SECONDS:g}..{MAX_STALL_SECONDS:g}",
                       30.0),
+    "config_after_ram": (_is_bool, "a boolean", False),
 }
 
 
@@ -209,6 +210,8 @@ class Setup:
     max_queued_bytes: int
     stall_timeout: float
     """Seconds a channel, process or peer with work may make no progress."""
+    config_after_ram: bool
+    """Loaders get their config chunk only after all RAM is in."""
     regions: tuple[RegionSpec, ...]
     devices: tuple[DeviceSpec, ...]
 

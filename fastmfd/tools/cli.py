@@ -14,6 +14,7 @@ should not pay for rich and every command's code (about 0.2 s) to start.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -44,15 +45,23 @@ def _config(args: argparse.Namespace):
                            auth_key=security_options.auth_key(args))
 
 
+def _print_json_line(status: dict) -> None:
+    print(json.dumps(status, separators=(",", ":")), flush=True)
+
+
 def cmd_send(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from .report import stats_table
     from .transfer import ImageSpec, StateSpec, send_images
     config = _config(args)
+    streaming = args.status_json is not None
+    on_status = _print_json_line if streaming else None
     stats = send_images(args.address, config, [ImageSpec.parse(i) for i in args.images],
-                        [StateSpec.parse(s) for s in args.state], progress=not args.quiet)
-    if not args.quiet:
+                        [StateSpec.parse(s) for s in args.state],
+                        progress=not (args.quiet or streaming), on_status=on_status,
+                        status_interval=args.status_json or 0.5)
+    if not (args.quiet or streaming):
         Console().print(stats_table(stats, channels=f"{config.channels} × "
                                                     f"{config.compression}"))
     return 0
@@ -138,6 +147,11 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="send zero pages as data")
     p.add_argument("--checksum", action="store_true", help="CRC-32 every packet (header and payload)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress, no summary")
+    p.add_argument("--status-json", type=float, nargs="?", const=0.5, default=None,
+                   metavar="SECONDS",
+                   help="instead of the progress and summary, print the migration's status "
+                        "(QEMU query-migrate's fields) as one JSON line every SECONDS "
+                        "(default 0.5), and once at the end")
     p.add_argument("--stall-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="fail, on both sides, when a channel, process or the peer makes no "
                         "progress for this long (default 30; the listener honours it)")

@@ -12,8 +12,11 @@ Part 2 — the experiment of the patch series *Multifd device state transfer
 support with VFIO consumer*: four devices of 100 MiB whose state can only be
 read (and loaded) at an emulated per-device rate, migrated the old way
 (device after device on the main channel), the new way (all devices at once
-over the multifd channels) and with dedicated device-state channels. The
-table shows each way's downtime and how much less it is than the old way's.
+over the multifd channels), with dedicated device-state channels, and —
+issue #13 — as VFIO devices that send 8/9 of their state as initial data in
+the live rounds, the source stopping only once the destination acked it
+loaded that data (switchover-ack). The table shows each way's downtime and
+how much less it is than the old way's.
 """
 
 from __future__ import annotations
@@ -132,11 +135,15 @@ class WayResult:
 def _migrate_devices(config: MigrationConfig, ndevices: int, device_size: int,
                      rate: float, ram_size: int, security: LoopbackSecurity):
     region = Region.create("pc.ram", ram_size, page_size=config.page_size)
+    # With switchover-ack, the devices are VFIO devices with initial data (PRE_COPY):
+    # 8/9 of their state, as issue #13's 32 MiB of 36.
+    precopy = device_size * 8 // 9 if config.switchover_ack else 0
     try:
         fill_image(region, "mixed")
         devices = [SyntheticDevice(f"0000:00:0{i + 1}.0/vfio", 0, device_size, read_rate=rate,
-                                   seed=i) for i in range(ndevices)]
-        loaders = {(d.idstr, 0): VerifyLoader(device_size, seed=i, write_rate=rate)
+                                   seed=i, precopy_size=precopy) for i in range(ndevices)]
+        loaders = {(d.idstr, 0): VerifyLoader(device_size, seed=i, write_rate=rate,
+                                              precopy_size=precopy)
                    for i, d in enumerate(devices)}
         result = migrate_locally(
             config, [region], devices=devices, loaders=loaders, live=True,
@@ -165,6 +172,8 @@ def seed_experiment(console: Console, *, ndevices: int = 4, device_size: int = 1
         ("new way, dedicated device-state channels",
          MigrationConfig(channels=channels // 2, device_state_channels=channels - channels // 2),
          f"{channels // 2} RAM + {channels - channels // 2} device"),
+        ("new way + precopy + switchover-ack",
+         MigrationConfig(channels=channels, switchover_ack=True), f"{channels} mixed"),
     ]
     results = []
     for label, config, channel_text in ways:
@@ -181,7 +190,9 @@ def seed_experiment(console: Console, *, ndevices: int = 4, device_size: int = 1
         table.add_row(r.way, r.channels, f"{r.downtime_s * 1000:.0f} ms", change)
     console.print(table)
     console.print("The seed measured about 2100 ms → 1100 ms (48 % less) with 4 devices and "
-                  "~400 MiB; reading the devices fully in parallel can cut up to 75 %.")
+                  "~400 MiB; reading the devices fully in parallel can cut up to 75 %. With "
+                  "precopy, 8/9 of each device's state is initial data sent while the "
+                  "workload runs, and the source stops once the destination acked it loaded.")
     return results
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -67,9 +68,12 @@ class StateSpec:
 
 
 def send_images(address: str, config: MigrationConfig, images: list[ImageSpec],
-                states: list[StateSpec] = (), *, progress: bool = False) -> MigrationStats:
+                states: list[StateSpec] = (), *, progress: bool = False, on_status=None,
+                status_interval: float = 0.5) -> MigrationStats:
     """Send image files (and state files) to a listening destination. Every file is
-    opened before the destination is contacted: one that cannot be is refused."""
+    opened before the destination is contacted: one that cannot be is refused.
+    ``on_status(dict)`` gets :meth:`Source.status` every ``status_interval`` seconds
+    while it runs, and once more at the end (success or not)."""
     source = Source(address, config)        # checks the address before files are opened
     regions, devices = [], []
     try:
@@ -82,10 +86,35 @@ def send_images(address: str, config: MigrationConfig, images: list[ImageSpec],
                 src.add_region(region)
             for device in devices:
                 src.add_device(device)
-            return src.migrate(live=False, progress=progress)
+            if on_status is None:
+                return src.migrate(live=False, progress=progress)
+            with _StatusStream(src, on_status, status_interval):
+                return src.migrate(live=False, progress=progress)
     finally:
         for resource in regions + devices:
             resource.close()
+
+
+class _StatusStream:
+    """Reports a Source's status from a thread while the block runs, then its last."""
+
+    def __init__(self, source: Source, on_status, interval: float) -> None:
+        self._source, self._on_status, self._interval = source, on_status, interval
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fastmfd status", daemon=True)
+
+    def __enter__(self) -> "_StatusStream":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()
+        self._on_status(self._source.status())
+
+    def _run(self) -> None:
+        while not self._done.wait(self._interval):
+            self._on_status(self._source.status())
 
 
 def listen_once(address: str | socket.socket, directory: str, *, per_session: bool = False,

@@ -31,11 +31,15 @@ class FastmfdTrial:
     it, so the migration pays for fresh memory, as a new QEMU does.
     ``prealloc=True`` receives into a region allocated and faulted in
     beforehand (QEMU: ``prealloc=on``), which leaves the transport alone.
+    ``live=True`` runs live rounds before the stop (for devices with precopy
+    data); by default the source stops first and all of it is downtime.
     """
 
     def __init__(self, image: Image, config: MigrationConfig, devices=(), *,
-                 prealloc: bool = False, security: LoopbackSecurity = NO_SECURITY) -> None:
+                 prealloc: bool = False, security: LoopbackSecurity = NO_SECURITY,
+                 live: bool = False) -> None:
         self.image = image
+        self.live = live
         # Closed last in, first out: the migration, then the preallocated region.
         self._resources = ExitStack()
         try:
@@ -58,7 +62,7 @@ class FastmfdTrial:
 
     def run(self) -> Measurement:
         started = time.perf_counter()
-        stats = self._migration.run(live=False)
+        stats = self._migration.run(live=self.live)
         seconds = time.perf_counter() - started
         return Measurement(seconds, stats.ram_bytes, stats.wire_bytes, {
             "total_time_s": stats.total_time_s, "setup_time_s": stats.setup_time_s,

@@ -1,0 +1,169 @@
+"""The destination's device-state side: :class:`DeviceLoading`.
+
+::
+
+    Receiving (main process)                        reassembly process
+      SETUP with devices -> DeviceLoading:
+        the pool (sparse shm), the descriptor pipe ──▶ ReassemblyParams
+      receive workers: chunk -> slot -> descriptor ──▶ loaders, in idx order
+      DEVICE_STATE (old way): body -> slot -> descriptor ──▶
+      PRECOPY_SENT(counts) -> AwaitPrecopy ──────────▶
+        ◀── PrecopyLoaded: SWITCHOVER_ACK to the source
+      all RAM in (config_after_ram) -> RamLoaded ────▶ config chunks load
+        ◀── DeviceLoaded per device, Drained: totals checked against COMPLETE
+
+:mod:`.receiving` owns the session and its deadlines; this module owns what
+only sessions with devices have.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from .. import _core
+from ..devices import CollectLoader, device_key
+from ..errors import ConfigError, ProtocolError
+from ..protocol.control import (AwaitPrecopy, DeviceLoaded, Drained, PrecopyLoaded, RamLoaded,
+                                ReassemblyParams)
+from ..protocol.main_channel import OLD_WAY_PREFIX, Msg, PrecopySent
+from ..protocol.setup import Setup
+from .reassembly import plan_pool
+
+__all__ = ["DeviceLoading", "old_way_not_here"]
+
+
+def old_way_not_here() -> ProtocolError:
+    return ProtocolError("DEVICE_STATE on the main channel, but device state travels on the "
+                         "multifd channels in this session", field="type",
+                         received="DEVICE_STATE", expected="not here")
+
+
+class DeviceLoading:
+    """One session's device streams at the destination: the pool they arrive in,
+    the reassembly process that loads them, and what it reported."""
+
+    def __init__(self, setup: Setup, parts, budget: int) -> None:
+        self.setup, self._reassembly = setup, parts.reassembly[0]
+        self.results: dict[int, object] = {}
+        self.chunks: dict[int, int] = {}
+        self.load_seconds: dict[int, float] = {}
+        self.drained = False                    # the reassembly process found nothing missing
+        self.precopy_awaited = False            # PRECOPY_SENT came; SWITCHOVER_ACK not yet sent
+        self.old_way_chunks = self.old_way_bytes = 0
+        self._main = None
+        cap = setup.max_queued_bytes
+        if parts.queued_cap is not None:
+            cap = min(cap, parts.queued_cap)
+            if cap < setup.chunk_size:
+                raise ConfigError(f"this destination's max_queued_bytes ({cap}) cannot hold one "
+                                  f"device chunk of the source's device_chunk_size "
+                                  f"({setup.chunk_size})")
+        slot_size = setup.chunk_size + _core.CHUNK_HEADER_SIZE
+        # Sized for the worst case the caps allow, within what is left of the memory
+        # budget (a smaller out-of-order cap if need be), and sparse: slots take
+        # memory only as chunks arrive, so a 4-byte device state costs a page.
+        cap, nslots = plan_pool(len(setup.devices), cap, setup.chunk_size,
+                                setup.total_channels, budget)
+        self.pool = parts.resources.own(_core.BufferPool.create(nslots, slot_size,
+                                                                tag="dest-pool", sparse=True))
+        desc_r, self.desc_w = os.pipe()
+        parts.resources.fds.append(self.desc_w)
+        loaders = tuple((device_key(*d.key), parts.loaders.get(d.key, CollectLoader()))
+                        for d in setup.devices)
+        try:
+            self._reassembly.start_session(
+                ReassemblyParams(self.pool.name, cap, loaders, setup.config_after_ram), [desc_r])
+        finally:
+            os.close(desc_r)
+
+    # ------------------------------------------------------------ progress
+    @property
+    def all_loaded(self) -> bool:
+        return self.drained and len(self.results) == len(self.setup.devices)
+
+    def owes_progress(self, channels_ended: bool) -> bool:
+        """Once every channel ended, or while the source waits for SWITCHOVER_ACK,
+        the loaders owe progress (Drained says every chunk arrived, not that every
+        device is loaded: a load_finish() still running owes its DeviceLoaded)."""
+        return channels_ended or self.precopy_awaited
+
+    def signature(self) -> tuple:
+        """Changes whenever the loaders make progress: slots freed, devices done."""
+        return (len(self.results), self.pool.free_count)
+
+    # ------------------------------------------------------------ events
+    def on_report(self, report, main) -> None:
+        """A report of the reassembly process."""
+        if isinstance(report, DeviceLoaded):
+            self.results[report.device] = report.result
+            self.load_seconds[report.device] = report.seconds
+            self.chunks[report.device] = report.chunks
+        elif isinstance(report, Drained):
+            self.drained = True
+        elif isinstance(report, PrecopyLoaded):
+            self.precopy_awaited = False
+            main.send(Msg.SWITCHOVER_ACK)
+
+    def on_precopy_sent(self, payload: PrecopySent) -> None:
+        """switchover_ack: answer once every chunk the source sent live is loaded."""
+        check_precopy_counts(payload, len(self.setup.devices))
+        self.precopy_awaited = True
+        self._reassembly.send(AwaitPrecopy(tuple(payload.device_chunks)))
+
+    def ram_loaded(self) -> None:
+        """All RAM is in: config chunks may load (config_after_ram)."""
+        if self.setup.config_after_ram:
+            self._reassembly.send(RamLoaded())
+
+    def on_old_way_chunk(self, body: bytes, waiting, poll: float) -> None:
+        """A DEVICE_STATE message: its chunk into a slot, its descriptor to the pipe.
+        ``waiting(since)`` is called every ``poll`` seconds while no slot is free
+        (it raises to give up)."""
+        devices = self.setup.devices
+        if self.setup.channel_header:
+            raise old_way_not_here()
+        if len(body) < OLD_WAY_PREFIX.size + _core.CHUNK_HEADER_SIZE:
+            raise ProtocolError(f"DEVICE_STATE of {len(body)} bytes is shorter than its "
+                                f"headers", field="length", received=len(body),
+                                expected=OLD_WAY_PREFIX.size + _core.CHUNK_HEADER_SIZE)
+        device = OLD_WAY_PREFIX.unpack_from(body)[0]
+        if device >= len(devices):
+            raise ProtocolError(f"DEVICE_STATE for device number {device}, the session has "
+                                f"{len(devices)}", field="device", received=device,
+                                expected=f"< {len(devices)}")
+        chunk = memoryview(body)[OLD_WAY_PREFIX.size:]
+        idx, flags = _core.decode_chunk_header(chunk)
+        since = time.monotonic()
+        while (slot := self.pool.acquire(timeout=poll)) is None:
+            waiting(since)
+        self.pool.populate(slot)
+        with self.pool.view(slot) as view:
+            view[:len(chunk)] = chunk
+        os.write(self.desc_w, _core.pack_descriptor(device, idx, flags, slot, len(chunk), 0))
+        self.old_way_chunks += 1
+        self.old_way_bytes += len(chunk)
+
+    # ------------------------------------------------------------ results
+    def check_totals(self, counts: list[int]) -> None:
+        """Each device loaded as many chunks as the source's COMPLETE says it sent."""
+        for i, device in enumerate(self.setup.devices):
+            theirs = counts[i] if i < len(counts) else None
+            if theirs != self.chunks.get(i):
+                raise ProtocolError(f"device {device_key(*device.key)}: the source sent "
+                                    f"{theirs} chunks, {self.chunks.get(i)} were "
+                                    f"loaded", field="device_chunks",
+                                    received=self.chunks.get(i), expected=theirs)
+
+    def load_seconds_by_name(self) -> dict[str, float]:
+        return {device_key(*self.setup.devices[i].key): s for i, s in self.load_seconds.items()}
+
+    def results_by_key(self) -> dict[tuple[str, int], object]:
+        return {self.setup.devices[i].key: result for i, result in self.results.items()}
+
+
+def check_precopy_counts(payload: PrecopySent, ndevices: int) -> None:
+    if len(payload.device_chunks) != ndevices:
+        raise ProtocolError(f"PRECOPY_SENT counts chunks of {len(payload.device_chunks)} "
+                            f"devices, the session has {ndevices}", field="device_chunks",
+                            received=len(payload.device_chunks), expected=ndevices)

@@ -1,0 +1,74 @@
+"""What a running migration reports: :class:`StatusBoard`, the source's answer
+to QEMU's ``query-migrate`` (:meth:`fastmfd.Source.status`).
+
+The session's thread writes the board as it goes (round boundaries, the stop,
+what devices still want to send); the per-channel counters live in shared
+memory, written by the send workers. ``report()`` reads both from any thread
+without a lock: every value is one Python object swapped whole, so a report
+may be a moment old, never torn. Once the migration is over the report is
+made from its :class:`~fastmfd.MigrationStats`, so the two agree.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from ..stats import MigrationStats, RoundStats
+
+__all__ = ["StatusBoard"]
+
+
+@dataclass
+class StatusBoard:
+    """What the session's thread records for status reports."""
+    started_at: float = field(default_factory=time.monotonic)
+    setup_s: float | None = None
+    stopped_at: float | None = None         # on_stop ran (the downtime began)
+    rounds: list[RoundStats] = field(default_factory=list)   # rounds sent so far
+    round_pages: int = 0                    # pages of the round being sent
+    round_base: int = 0                     # pages the workers had cleared when it began
+    device_pending: int = 0                 # what devices said at the last estimate
+    dirty_rate: float = 0.0                 # pages dirtied per second, last live round
+
+    def report(self, state: str, config, counters, regions, *, running: bool,
+               bandwidth: float, main_bytes: int, old_way_bytes: int, streams: list,
+               switchover_ack: str | None, final: MigrationStats | None) -> dict:
+        """The status as a JSON-ready dict (field names after QEMU's MigrationInfo)."""
+        now = time.monotonic()
+        channels = [dict(channel=ch, kind="ram" if ch < config.channels else "device",
+                         **counters.read(ch)) for ch in range(config.total_channels)]
+        normal = sum(c["normal_pages"] for c in channels)
+        zero = sum(c["zero_pages"] for c in channels)
+        remaining = device_remaining = 0
+        if running:
+            # What the workers have not cleared of the round being sent, and what
+            # was dirtied since it began; devices: their last estimate, until the stop.
+            in_round = max(0, self.round_pages - (normal + zero - self.round_base))
+            remaining = (in_round + sum(r.dirty.count() for r in regions)) * config.page_size
+            device_remaining = self.device_pending if self.stopped_at is None else 0
+        expected = (remaining + device_remaining) / bandwidth if bandwidth > 0 else None
+        elapsed = final.total_time_s if final else now - self.started_at
+        downtime = final.downtime_s if final else (
+            None if self.stopped_at is None else now - self.stopped_at)
+        ram_bytes = (normal + zero) * config.page_size
+        return {
+            "status": state,
+            "total_time_ms": elapsed * 1000,
+            "setup_time_ms": None if self.setup_s is None else self.setup_s * 1000,
+            "downtime_ms": None if downtime is None else downtime * 1000,
+            "expected_downtime_ms": None if expected is None else expected * 1000,
+            "rounds": len(self.rounds),
+            "transferred": sum(c["wire_bytes"] for c in channels) + main_bytes,
+            "throughput_bytes_per_s": ram_bytes / elapsed if elapsed > 0 else 0.0,
+            "switchover_ack": switchover_ack,
+            "ram": {"total": sum(r.size for r in regions), "transferred": ram_bytes,
+                    "remaining": remaining, "normal": normal, "duplicate": zero,
+                    "normal_bytes": normal * config.page_size,
+                    "dirty_pages_rate": self.dirty_rate, "dirty_sync_count": len(self.rounds)},
+            "device": {"transferred": counters.total("device_bytes") + old_way_bytes,
+                       "live_transferred": sum(s.live_bytes for s in streams),
+                       "remaining": device_remaining,
+                       "chunks": sum(s.next_idx for s in streams)},
+            "channels": channels,
+        }

@@ -1,0 +1,286 @@
+"""Device precopy, switchover-ack and the config chunk (issue #13): a device's
+live chunks travel while the workload runs, in one idx space with its stop-copy
+chunks; the convergence test counts what devices still want to send; with
+``switchover_ack`` the source stops only once the destination loaded every
+live chunk; loaders get the config chunk through ``load_config``, once, last —
+after all RAM with ``config_after_ram``."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pytest
+
+import fastmfd
+from device_support import (ChurningDevice, ConfigRecorder, HoldFirstChunks, StampingLoader,
+                            read_stamps)
+from migration_support import Delay, Migration, Proxy, make_region
+
+MIB = 1 << 20
+WAYS = {
+    "old": dict(channel_header=False),
+    "mixed": dict(),
+    "dedicated": dict(device_state_channels=2),
+}
+
+
+def _run(config, devices, loaders=None, proxy=None, region=None, live=True, on_stop=None):
+    own = region is None
+    region = region if region is not None else make_region("ram", MIB, seed=3)
+    try:
+        with Migration(config, proxy=proxy) as m:
+            m.source.add_region(region)
+            for device in devices:
+                m.source.add_device(device)
+            for (idstr, instance), loader in (loaders or {}).items():
+                m.destination.add_loader(idstr, instance, loader)
+            stats, result = m.run(live=live, on_stop=on_stop).ok()
+            assert np.array_equal(result.regions["ram"].array, region.array)
+            return stats, result
+    finally:
+        if own:
+            region.close()
+
+
+@pytest.mark.parametrize("way", WAYS)
+def test_live_and_stop_copy_chunks_load_as_one_stream(way):
+    """Two devices with 1 MiB of initial data each and more left at the stop: the
+    live chunks and the stop-copy chunks reach each loader in one order."""
+    config = fastmfd.MigrationConfig(channels=2, device_chunk_size=64 << 10, **WAYS[way])
+    size, precopy = 3 * MIB + 5, MIB
+    devices = [fastmfd.SyntheticDevice(f"vfio{i}", 0, size, seed=i, precopy_size=precopy)
+               for i in range(2)]
+    loaders = {(f"vfio{i}", 0): fastmfd.VerifyLoader(size, seed=i, precopy_size=precopy)
+               for i in range(2)}
+    stats, result = _run(config, devices, loaders)
+    assert result.devices == {("vfio0", 0): size, ("vfio1", 0): size}
+    # 16 live chunks of 64 KiB per device, each with its 12-byte header.
+    assert stats.device_live_bytes == 2 * (precopy + 16 * 12)
+    assert stats.device_chunks == result.stats.device_chunks
+    assert stats.device_bytes == result.stats.device_bytes == 2 * size + 12 * stats.device_chunks
+
+
+def test_without_live_rounds_everything_goes_at_the_stop():
+    config = fastmfd.MigrationConfig(channels=2)
+    device = fastmfd.SyntheticDevice("vfio", 0, 2 * MIB, precopy_size=MIB)
+    stats, result = _run(config, [device], {("vfio", 0): fastmfd.VerifyLoader(2 * MIB)},
+                         live=False)
+    assert result.devices == {("vfio", 0): 2 * MIB}
+    assert stats.device_live_bytes == 0
+
+
+@pytest.mark.parametrize("way", ["mixed", "dedicated"])
+def test_live_chunks_overtaken_by_stop_copy_chunks_still_load_in_order(way):
+    """Chunk idx 0 (a live chunk) is held back while the rest of the live chunks and
+    the stop-copy chunks arrive first: the loader still gets idx 0, 1, 2, ..."""
+    config = fastmfd.MigrationConfig(channels=2, device_chunk_size=4096, **WAYS[way])
+    data_channels = range(config.total_channels) if way == "mixed" else \
+        range(config.channels, config.total_channels)
+    log: list = []
+    proxy = Proxy({ch: HoldFirstChunks(config, 0.5, ch, log) for ch in data_channels})
+    size, precopy = 40 * 4096, 8 * 4096
+    device = fastmfd.SyntheticDevice("vfio", 0, size, seed=4, precopy_size=precopy)
+    stats, result = _run(config, [device],
+                         {("vfio", 0): fastmfd.VerifyLoader(size, seed=4)}, proxy=proxy)
+    assert result.devices == {("vfio", 0): size}
+    assert stats.device_live_bytes == precopy + 8 * 12
+    held = [i for i, (_, _, idx) in enumerate(log) if idx == 0]
+    assert held and any(idx >= 8 for _, _, idx in log[held[0] + 1:]), \
+        "no stop-copy chunk was sent while chunk 0 was held back"
+
+
+def test_convergence_counts_what_devices_still_want_to_send():
+    """Idle RAM converges at once, but a device that always has state pending keeps
+    the rounds going until max_rounds."""
+    config = fastmfd.MigrationConfig(channels=2, max_rounds=3)
+    stats, result = _run(config, [ChurningDevice("busy", 0, claimed=1 << 40)])
+    assert stats.rounds == 4                    # 3 live rounds, then the stop
+    assert result.devices[("busy", 0)] == b"chunk 0;chunk 1;chunk 2;"
+    idle, _ = _run(config, [fastmfd.SyntheticDevice("idle", 0, 4096)])
+    assert idle.rounds == 2
+
+
+def test_switchover_waits_for_the_destination_to_load_the_live_chunks(tmp_path):
+    """A loader that takes half a second over its 4 MiB of initial data: with
+    switchover_ack the source stops only after the destination approved, which
+    it does only after the initial data is loaded; without it the source stops
+    while the loader is still at it."""
+    size, precopy = 5 * MIB, 4 * MIB
+    order = {}
+    for ack in (True, False):
+        log = str(tmp_path / f"stamps-{ack}")
+        config = fastmfd.MigrationConfig(channels=2, switchover_ack=ack)
+        device = fastmfd.SyntheticDevice("vfio", 0, size, precopy_size=precopy)
+        loader = StampingLoader(log, size, write_rate=8 * MIB, precopy_size=precopy)
+        stopped = []
+        _run(config, [device], {("vfio", 0): loader},
+             on_stop=lambda: stopped.append(time.monotonic()))
+        stamps = read_stamps(log)
+        order[ack] = sorted([("stop", stopped[0])] + list(stamps.items()), key=lambda e: e[1])
+    events = [event for event, _ in order[True]]
+    assert events == ["initial", "approved", "stop", "config", "finish"], order[True]
+    events = [event for event, _ in order[False]]
+    assert "approved" not in events and events.index("stop") < events.index("initial"), \
+        order[False]
+
+
+def test_a_session_without_devices_is_acked_at_once():
+    config = fastmfd.MigrationConfig(channels=2, switchover_ack=True)
+    stats, _ = _run(config, [])
+    assert stats.rounds == 2
+
+
+def test_the_config_chunk_goes_to_load_config_once_last():
+    config = fastmfd.MigrationConfig(channels=2, device_chunk_size=4096)
+    data = os.urandom(3 * 4096 + 17)
+    device = fastmfd.BytesDevice("nic", 0, data, config=b"the config")
+    stats, result = _run(config, [device], {("nic", 0): ConfigRecorder()})
+    calls = result.devices[("nic", 0)]
+    assert calls[-2:] == [("config", b"the config"), ("finish",)]
+    assert b"".join(d for kind, d, *_ in calls[:-2] if kind == "data") == data
+    assert [c[0] for c in calls].count("config") == 1
+    # A loader without load_config still gets the config bytes as data.
+    _, result = _run(config, [fastmfd.BytesDevice("nic", 0, data, config=b"cfg")])
+    assert result.devices[("nic", 0)] == data + b"cfg"
+
+
+@pytest.mark.parametrize("after_ram", [True, False])
+def test_config_after_ram_waits_for_every_page(tmp_path, after_ram):
+    """RAM channels delayed by 0.4 s, device state on a dedicated channel: the
+    config chunk arrives long before the pages. With config_after_ram its loader
+    sees the whole region; without, a part of it."""
+    config = fastmfd.MigrationConfig(channels=2, device_state_channels=1,
+                                     config_after_ram=after_ram)
+    proxy = Proxy({ch: Delay(0.4) for ch in range(config.channels)})
+    log = str(tmp_path / "stamps")
+    source = make_region("ram", 4 * MIB, seed=5)
+    target = fastmfd.Region.create("ram", 4 * MIB)
+    try:
+        loader = StampingLoader(log, 4096, region=target.handle, source_region=source.handle)
+        with Migration(config, proxy=proxy) as m:
+            m.source.add_region(source)
+            m.destination.add_region(target)
+            m.source.add_device(fastmfd.SyntheticDevice("vfio", 0, 4096))
+            m.destination.add_loader("vfio", 0, loader)
+            m.run(live=False).ok()
+        assert np.array_equal(target.array, source.array)
+    finally:
+        source.close()
+        target.close()
+    seen = "config-ram-whole" if after_ram else "config-ram-partial"
+    assert seen in read_stamps(log)
+
+
+class _BadPending:
+    def __init__(self, pending) -> None:
+        self.idstr, self.instance_id, self.pending = "bad", 0, pending
+
+    def state_pending(self):
+        if isinstance(self.pending, BaseException):
+            raise self.pending
+        return self.pending
+
+    def save_live_iterate(self, buf) -> int:
+        return 0
+
+    def read_state(self, buf) -> int:
+        return 0
+
+
+@pytest.mark.parametrize("pending, words", [
+    (OSError("the device's fd failed"), "OSError: the device's fd failed"),
+    (-1, "state_pending returned -1"),
+])
+def test_a_device_failing_its_estimate_fails_the_migration_naming_it(pending, words):
+    region = make_region("ram", MIB, seed=3)
+    try:
+        with Migration(fastmfd.MigrationConfig(channels=2)) as m:
+            m.source.add_region(region)
+            m.source.add_device(_BadPending(pending))
+            outcome = m.run(live=True)
+    finally:
+        region.close()
+    assert isinstance(outcome.source_error, fastmfd.MigrationError)
+    assert isinstance(outcome.dest_error, fastmfd.MigrationError)
+    assert "bad/0" in str(outcome.source_error) and words in str(outcome.source_error)
+
+
+def test_precopy_sizes_are_checked():
+    with pytest.raises(fastmfd.ConfigError, match="precopy_size 5 is not in 0..size"):
+        fastmfd.SyntheticDevice("d", 0, 4, precopy_size=5)
+    with pytest.raises(fastmfd.ConfigError, match="precopy_size -1"):
+        fastmfd.VerifyLoader(4, precopy_size=-1)
+    loader = fastmfd.VerifyLoader(8192, precopy_size=4096)
+    data = bytearray(4095)
+    fastmfd._core.fill_pattern(data, 0, 0)
+    loader.load_state_buffer(data)
+    with pytest.raises(ValueError, match="after 4095 of the 4096 bytes of initial data"):
+        loader.precopy_loaded()
+
+
+def test_the_seeds_channel_arithmetic_is_accepted():
+    """The RFC counts device-state channels within ``channels``; fastmfd adds them."""
+    seed = fastmfd.MigrationConfig(channels=15, device_state_channels=4,
+                                   device_channels_within=True)
+    assert (seed.channels, seed.device_state_channels, seed.total_channels) == (11, 4, 15)
+    assert seed.replace(compression="zstd").channels == 11      # normalized once
+    assert fastmfd.MigrationConfig(channels=11, device_state_channels=4).total_channels == 15
+    with pytest.raises(fastmfd.ConfigError, match="must exceed device_state_channels"):
+        fastmfd.MigrationConfig(channels=4, device_state_channels=4, device_channels_within=True)
+
+
+def _hand_driven_destination(devices, messages):
+    """A destination, and a source driven by hand that sends SETUP (with ``devices``)
+    then ``messages``; returns (the replies after SETUP_ACK, the destination's error)."""
+    import threading
+    from fastmfd.protocol.main_channel import Msg, encode_message
+    from migration_support import FakeSource, setup_message
+    config = fastmfd.MigrationConfig(channels=1, stall_timeout=30)
+    setup = setup_message(config, os.urandom(16), {"ram": 4096}, devices)
+    done = {}
+    with fastmfd.Destination("tcp:127.0.0.1:0") as dst:
+        def receive():
+            try:
+                dst.receive()
+            except BaseException as exc:
+                done["error"] = exc
+        thread = threading.Thread(target=receive, daemon=True)
+        thread.start()
+        source = FakeSource(dst.address, setup)
+        replies = []
+        try:
+            assert source.open_main()[0] is Msg.SETUP_ACK
+            for kind, payload in messages:
+                source.main.sendall(encode_message(kind, payload))
+            while True:
+                kind, body = source.reply()
+                if kind is not Msg.KEEPALIVE:
+                    replies.append((kind, body))
+                if kind is Msg.ERROR:
+                    break
+                if len(replies) == len(messages) and "error" not in done:
+                    dst.cancel("the test is over")
+        finally:
+            source.close()
+            thread.join(10)
+    return replies, done.get("error")
+
+
+def test_a_destination_refuses_precopy_counts_for_other_devices():
+    from fastmfd.protocol.main_channel import Msg, PrecopySent
+    replies, error = _hand_driven_destination([("nic", 0)],
+                                              [(Msg.PRECOPY_SENT, PrecopySent([1, 2]))])
+    assert isinstance(error, fastmfd.MigrationError)
+    assert isinstance(error.__cause__, fastmfd.ProtocolError)
+    assert "PRECOPY_SENT counts chunks of 2 devices, the session has 1" in str(error)
+    assert replies[-1][0] is Msg.ERROR
+
+
+def test_a_destination_acks_once_and_refuses_a_second_precopy_sent():
+    from fastmfd.protocol.main_channel import Msg, PrecopySent
+    replies, error = _hand_driven_destination(
+        [], [(Msg.PRECOPY_SENT, PrecopySent([])), (Msg.PRECOPY_SENT, PrecopySent([]))])
+    assert [kind for kind, _ in replies] == [Msg.SWITCHOVER_ACK, Msg.ERROR]
+    assert "unexpected PRECOPY_SENT" in str(error)
