@@ -5,10 +5,9 @@ Each subcommand is a function ``cmd_<name>(args) -> int`` (``bench`` and
 ``_build_parser``; the work itself lives in the library modules, so every
 command is also available from Python.
 
-The commands' modules are imported inside the functions on purpose: the
-worker processes a command starts (through multiprocessing's forkserver)
-import the program's main module, ``fastmfd.__main__`` and so this one, and
-should not pay for rich and every command's code (about 0.2 s) to start.
+The commands' modules are imported inside the functions on purpose: a
+command pays only for its own code (rich and every command's code take about
+0.2 s to import).
 """
 
 from __future__ import annotations
