@@ -118,9 +118,10 @@ class Sending:
             self.failure.check()
             self._connect()
             t_setup = time.monotonic() - t_start
-            with RoundProgress(enabled=progress, regions=self.parts.regions) as bar:
+            with RoundProgress(enabled=progress, regions=self.parts.regions,
+                               pages_done=self._pages_done) as bar:
                 rounds, stop_time = self._run_rounds(live, on_stop, bar)
-            self._wait_for(self._loaded)
+                self._wait_for(self._loaded)
             end = time.monotonic()
             # A destination that cannot resume fails the migration: wait for its word.
             self._wait_for(self._resumed)
@@ -252,10 +253,13 @@ class Sending:
 
         Counted from what the workers finished, not what was handed to them:
         a round smaller than the channels' jobs is handed out in no time."""
-        counters = self.parts.counters
-        done = counters.total("normal_pages") + counters.total("zero_pages")
         elapsed = time.monotonic() - self._rounds_started
-        return done * self.config.page_size / max(elapsed, 1e-6)
+        return self._pages_done() * self.config.page_size / max(elapsed, 1e-6)
+
+    def _pages_done(self) -> int:
+        """Pages the workers have sent whole (zero pages included) so far."""
+        counters = self.parts.counters
+        return counters.total("normal_pages") + counters.total("zero_pages")
 
     def _send_round(self, number: int, pages: list, live: bool, bar: RoundProgress,
                     devices: bool) -> RoundStats:
@@ -270,7 +274,7 @@ class Sending:
                                           self._device_command, self.failure,
                                           self.config.device_chunk_size)
         for index, region_pages in enumerate(pages):
-            self._dispatch_region(index, region_pages, bar)
+            self._dispatch_region(index, region_pages)
         if device_list:
             if self._saver is not None:
                 self._device_chunks = self._saver.join()
@@ -282,7 +286,7 @@ class Sending:
         self._tell(Msg.ROUND_END, RoundEnd(number))
         return RoundStats(number, total, time.monotonic() - started, live)
 
-    def _dispatch_region(self, index: int, pages: np.ndarray, bar: RoundProgress) -> None:
+    def _dispatch_region(self, index: int, pages: np.ndarray) -> None:
         job = self.parts.job_pages
         limit = self.config.max_bandwidth
         for start in range(0, len(pages), job):
@@ -292,7 +296,6 @@ class Sending:
             ch = self.parts.ram_selector.select(timeout=None)
             self._mailbox[ch, :count] = pages[start:start + count]
             self._command(ch, _core.pack_command(_core.CMD_RAM, index, count))
-            bar.advance(count)
 
     def _throttle(self, limit: int) -> None:
         """Sleep while the bytes on the wire run ahead of ``limit`` bytes/s."""

@@ -12,7 +12,8 @@ from rich.console import Console
 from ...config import COMPRESSION_METHODS
 from .. import security_options
 from ..images import IMAGE_KINDS, Image
-from ..units import format_bytes, format_rate, parse_size
+from ...units import format_bytes, format_rate, parse_size
+from .document import check_writable, document
 from .matrix import PEERS, Setting, run_matrix
 from .output import render
 from .peers import find_qemu
@@ -93,7 +94,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(QEMU: prealloc=on): times the transport without the cost of "
                              "fresh memory")
     parser.add_argument("--json", metavar="FILE", default=None,
-                        help="also write every measurement to FILE as JSON")
+                        help="also write the results to FILE as JSON, in pytest-benchmark's "
+                             "layout with the machine, commit and date")
     security_options.add_arguments(parser, loopback=True)
 
 
@@ -114,6 +116,8 @@ def cli_main(args: argparse.Namespace) -> int:
     console = Console(width=None if sys.stdout.isatty() else 120)
     log = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
     settings = settings_from_args(args)
+    if args.json:
+        check_writable(args.json)
     if "qemu" in args.peer:
         args.qemu_binary = find_qemu(args.qemu_binary)
     images: list[Image] = []
@@ -139,6 +143,7 @@ def cli_main(args: argparse.Namespace) -> int:
     render(results, console, note="".join(notes))
     if args.json:
         with open(args.json, "w") as out:
-            json.dump([r.as_dict() for r in results], out, indent=2)
+            json.dump(document(results, tls=security.label or None, prealloc=args.prealloc),
+                      out, indent=2)
             out.write("\n")
     return 0

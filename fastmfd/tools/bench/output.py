@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.table import Table
 from rich.text import Text
 
-from ..units import format_bytes, format_rate
+from ...units import format_bytes, format_rate
 from .matrix import Result
 from .trial import FOREIGN_LOAD_FLAG
 
