@@ -78,6 +78,7 @@ def test_send_and_listen_print_json_on_stdout_and_the_rest_on_stderr(tmp_path):
     assert result["sizes"]["ram"] == 64 * PAGE
     assert result["stats"]["zero_pages"] == 32
     assert f"listening on {address}" in received_err
+    assert "the source's SETUP: 1 region(s) (256 KiB)" in received_err     # -v
     assert (out / "ram.img").read_bytes() == image.read_bytes()
 
 
