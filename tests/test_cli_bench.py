@@ -11,6 +11,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -97,6 +98,37 @@ def test_json_to_an_unwritable_path_fails_before_the_run(tmp_path, capsys, where
     assert code == 2
     assert f"--json {path}" in err and "making a" not in err      # no image was made
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_compare_with_an_earlier_run_and_draw_an_svg_chart(tmp_path, capsys):
+    before, chart = tmp_path / "before.json", tmp_path / "chart.svg"
+    args = ["bench", "--size", "1M", "--channels", "1", "--compression", "none,zstd"]
+    assert main([*args, "--json", str(before)]) == 0
+    capsys.readouterr()
+    assert main([*args, "--compare", str(before), "--chart", str(chart)]) == 0
+    out = capsys.readouterr().out
+    compared = out.split("compared with before.json")[1]
+    for name in ("random fastmfd 1ch none", "random fastmfd 1ch zstd-1"):
+        row = next(line for line in compared.splitlines() if name in line)
+        assert re.search(r"\d+ ms .* \d+ ms .* \d+\.\d\dx", row), row
+    svg = chart.read_text()
+    text = re.sub(r"<[^>]*>", "", svg).replace("&#160;", " ")      # what it shows
+    assert svg.startswith("<svg") and "random image" in text
+    assert "fastmfd 1ch zstd-1" in text and "█" in text
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--compare", "/nonexistent/old.json"], "--compare /nonexistent/old.json: No such file"),
+    (["--chart", "chart.png"], "name a .svg file"),
+])
+def test_compare_and_chart_mistakes_fail_before_the_run(args, message, capsys):
+    try:
+        code = main(["bench", "--size", "1M", "--channels", "1", "--compression", "none", *args])
+    except SystemExit as exited:        # argparse's own checks
+        code = exited.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and "making a" not in err
 
 
 def test_json_check_leaves_no_file_behind(tmp_path):

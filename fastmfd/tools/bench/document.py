@@ -21,6 +21,7 @@ that cannot be written fails the command at once, not after every migration.
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import statistics
@@ -29,7 +30,7 @@ import subprocess
 from ... import __version__
 from ...errors import ConfigError
 
-__all__ = ["check_writable", "document"]
+__all__ = ["check_writable", "document", "load_best_times"]
 
 LINK = "loopback TCP"           # every trial moves its image over 127.0.0.1
 
@@ -49,6 +50,20 @@ def check_writable(path: str) -> None:
         os.unlink(path)
 
 
+def load_best_times(path: str) -> dict[str, float]:
+    """``name -> best seconds`` of the benchmarks in a document :func:`document` wrote
+    (or pytest-benchmark); read before the run, so a bad file costs no run."""
+    try:
+        with open(path) as f:
+            benchmarks = json.load(f)["benchmarks"]
+        return {b["name"]: float(b["stats"]["min"]) for b in benchmarks}
+    except OSError as exc:
+        raise ConfigError(f"--compare {path}: {exc.strerror or exc}") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"--compare {path}: not a results file written by "
+                          f"`fastmfd bench --json` ({type(exc).__name__}: {exc})") from None
+
+
 def document(results: list, *, tls: str | None, prealloc: bool) -> dict:
     """The JSON document of ``results`` (:class:`.matrix.Result`, in table order)."""
     return {
@@ -64,7 +79,7 @@ def _benchmark(result, tls: str | None, prealloc: bool) -> dict:
     runs = [m.seconds for m in result.measurements]
     best = result.best
     setting = result.setting
-    name = f"{result.image} {setting.label}"
+    name = result.name
     mean = statistics.fmean(runs)
     return {
         "name": name, "fullname": f"fastmfd bench::{name}", "group": result.image,

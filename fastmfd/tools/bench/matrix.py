@@ -67,6 +67,11 @@ class Result:
     measurements: list[Measurement] = field(default_factory=list)
 
     @property
+    def name(self) -> str:
+        """The benchmark's name in JSON results and comparisons: image and setting."""
+        return f"{self.image} {self.setting.label}"
+
+    @property
     def best(self) -> Measurement:
         return min(self.measurements, key=lambda m: m.seconds)
 
