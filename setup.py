@@ -2,7 +2,8 @@
 
 The core links two system compression libraries directly so send and receive
 workers can compress from, and decompress into, region pages without Python
-objects in between: libz (headers are always present where Python builds) and
+objects in between: libz, whose header ``zlib.h`` must be installed
+(``zlib1g-dev`` on Debian and Ubuntu: the build checks first and says so), and
 libzstd. Debian ships ``libzstd.so.1`` as part of the base system but its
 header only in ``libzstd-dev``; ``includes/zstd_stable.h`` declares the stable
 streaming API when ``zstd.h`` is absent, so linking the runtime library by
@@ -17,6 +18,8 @@ where the headers exist).
 
 import glob
 import os
+import shlex
+import subprocess
 import sysconfig
 
 from Cython.Build import cythonize
@@ -36,6 +39,24 @@ def _find_library(names, package):
                 return path
     raise SystemExit(f"fastmfd needs {names[0].split('.so')[0]} ({package}); "
                      "it was not found in the usual library directories")
+
+
+def _require_header(header, packages):
+    """Stop the build, saying what to install, unless the C compiler finds ``header``
+    (a preprocessor run: the compiler's own search path, CFLAGS and CPATH count)."""
+    cc = shlex.split(os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc")
+    cflags = shlex.split(os.environ.get("CFLAGS", ""))
+    try:
+        done = subprocess.run(cc + cflags + ["-E", "-x", "c", "-", "-o", os.devnull],
+                              input=f"#include <{header}>\n", capture_output=True, text=True)
+    except OSError as exc:
+        raise SystemExit(f"fastmfd needs a C compiler to build ({cc[0]}: {exc.strerror})")
+    if done.returncode != 0:
+        raise SystemExit(f"fastmfd needs {header} to build; install {packages} "
+                         f"(or install a binary wheel, which needs none)")
+
+
+_require_header("zlib.h", "zlib's header (Debian/Ubuntu: zlib1g-dev, Fedora: zlib-devel)")
 
 
 # OpenSSL: the 3.x runtime first, the ABI includes/openssl_stable.h declares.

@@ -24,7 +24,7 @@ import pytest
 
 from _migration import RECORDS
 from fastmfd.tools.images import Image
-from fastmfd.tools.units import parse_size
+from fastmfd.units import parse_size
 
 CI_SIZE = 16 << 20
 FULL_SIZE = 1 << 30

@@ -15,9 +15,10 @@ zlib/zstd compression::
 
 from .config import MigrationConfig
 from .destination import Destination, DestinationResult
-from .devices import (BytesDevice, CollectLoader, FileDevice, FileLoader, SyntheticDevice,
-                      VerifyLoader)
-from .errors import ConfigError, FastMFDError, MigrationError, ProtocolError, SecurityError
+from .devices import (BytesDevice, CollectLoader, Device, FileDevice, FileLoader, Loader,
+                      SyntheticDevice, VerifyLoader)
+from .errors import (ConfigError, ConnectError, FastMFDError, ListenError, MigrationError,
+                     ProtocolError, SecurityError)
 from .protocol.security import TLSConfig
 from .regions import Region
 from .source import Source
@@ -25,10 +26,10 @@ from .stats import ChannelStats, MigrationStats, ReceiveStats, RoundStats
 
 __all__ = [
     "MigrationConfig", "TLSConfig", "Source", "Destination", "DestinationResult", "Region",
-    "BytesDevice", "FileDevice", "SyntheticDevice", "CollectLoader", "FileLoader",
+    "Device", "Loader", "BytesDevice", "FileDevice", "SyntheticDevice", "CollectLoader", "FileLoader",
     "VerifyLoader", "MigrationStats", "ReceiveStats", "ChannelStats", "RoundStats",
-    "FastMFDError", "ConfigError", "ProtocolError", "MigrationError",
-    "SecurityError",
+    "FastMFDError", "ConfigError", "ListenError", "ProtocolError", "MigrationError",
+    "SecurityError", "ConnectError",
 ]
 
 __version__ = "0.1.0"

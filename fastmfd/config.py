@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Literal
 
 from .errors import ConfigError
 from .protocol.security import TLSConfig, check_auth_key
 from .protocol.setup import COMPRESSION_LEVELS, COMPRESSION_METHODS, Invalid, check_session
 
-__all__ = ["MigrationConfig", "COMPRESSION_METHODS", "COMPRESSION_LEVELS"]
+__all__ = ["MigrationConfig", "Compression", "COMPRESSION_METHODS", "COMPRESSION_LEVELS"]
+
+Compression = Literal["none", "zlib", "zstd"]
+"""The compression methods, for type checkers (``COMPRESSION_METHODS`` at run time)."""
 
 # SETUP's names for the config fields that differ (in errors, the config's own name).
 _CONFIG_NAMES = {"chunk_size": "device_chunk_size"}
@@ -34,7 +38,7 @@ class MigrationConfig:
     device_state_channels: int = 0
     """Extra channels reserved for device state; they skip RAM syncs. fastmfd
     *adds* them to ``channels`` (``total_channels``)."""
-    compression: str = "none"
+    compression: Compression = "none"
     """``"none"``, ``"zlib"`` or ``"zstd"`` (``multifd-compression``)."""
     compression_level: int = 1
     """zlib 0..9 or zstd 1..20 (``multifd-zlib-level`` / ``multifd-zstd-level``)."""

@@ -22,6 +22,7 @@ from ._engine.reassembly import reassembly_main
 from ._engine.receiving import DestinationParts, Receiving, Refusal
 from ._engine.session import Owner, SessionFailure, SessionResources, call_hook
 from ._engine.workers import recv_worker_main
+from .devices import Loader, type_error
 from .errors import ConfigError, MigrationError
 from .protocol.security import ChannelSecurity, TLSConfig, check_auth_key
 from .protocol.setup import MAX_STALL_SECONDS, MIN_STALL_SECONDS
@@ -132,15 +133,17 @@ class Destination(Owner):
         memory, or by ``region_factory(name, size, page_size)`` when the
         Destination was given one (``fastmfd listen`` maps files that way).
         """
+        if not isinstance(region, Region):
+            raise type_error("add_region(region)", "a fastmfd.Region", region)
         if region.name in self._user_regions:
             raise ConfigError(f"two regions named {region.name!r}")
         self._user_regions[region.name] = region
 
-    def add_loader(self, idstr: str, instance_id: int, loader) -> None:
+    def add_loader(self, idstr: str, instance_id: int, loader: Loader) -> None:
         """Load device ``idstr``/``instance_id`` with ``loader`` (default: CollectLoader)."""
-        for method in ("load_state_buffer", "load_finish"):
-            if not callable(getattr(loader, method, None)):
-                raise ConfigError(f"loader for {idstr!r} has no {method}() method")
+        if not isinstance(loader, Loader):
+            raise type_error(f"add_loader(loader) for {idstr!r}", "a fastmfd.Loader "
+                             "(load_state_buffer(data), load_finish())", loader)
         self._loaders[(idstr, instance_id)] = loader
 
     def worker_pids(self) -> list[int]:

@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Protocol, runtime_checkable
 
 from . import _core
 from .errors import ConfigError
 from .protocol.setup import Invalid, check_name
 
-__all__ = ["BytesDevice", "FileDevice", "SyntheticDevice", "CollectLoader", "FileLoader",
+__all__ = ["Device", "Loader", "BytesDevice", "FileDevice", "SyntheticDevice", "CollectLoader", "FileLoader",
            "VerifyLoader", "device_key"]
 
 CHUNK_HEADER = _core.CHUNK_HEADER_SIZE
@@ -71,6 +72,40 @@ class _Paced:
         delay = self.start + self.done / self.rate - time.monotonic()
         if delay > 0:
             time.sleep(delay)
+
+
+# ------------------------------------------------------------------ what they are
+
+@runtime_checkable
+class Device(Protocol):
+    """What :meth:`Source.add_device` takes: one ordered state stream.
+
+    ``save_setup()`` (called first) and ``config_state() -> bytes`` (sent as the
+    last chunk) are optional and so not part of the protocol."""
+    idstr: str
+    instance_id: int
+
+    def read_state(self, buf: memoryview) -> int:
+        """Fill the writable ``buf``; return the bytes written, 0 at the end."""
+        ...
+
+
+@runtime_checkable
+class Loader(Protocol):
+    """What :meth:`Destination.add_loader` takes: consumes one stream in order,
+    in the destination's reassembly process (so it must be picklable)."""
+
+    def load_state_buffer(self, data: memoryview) -> None:
+        """Take the next chunk (``data`` is valid only during the call)."""
+        ...
+
+    def load_finish(self) -> object:
+        """All chunks are in; what it returns lands in ``DestinationResult.devices``."""
+        ...
+
+
+def type_error(parameter: str, expected: str, value: object) -> TypeError:
+    return TypeError(f"{parameter} must be {expected}, not {type(value).__name__}")
 
 
 # ------------------------------------------------------------------ devices

@@ -1,7 +1,8 @@
 """The exceptions fastmfd raises. Every one derives from :class:`FastMFDError`.
 
 - :class:`ConfigError` — a setting or argument that cannot work, raised before
-  anything starts.
+  anything starts. Its :class:`ListenError` is an address that cannot be
+  listened on and keeps the OS's ``errno`` (it is an ``OSError`` too).
 - :class:`ProtocolError` — bytes on the wire (or in a capture file) that break
   the format. It names the field, the value received and the value expected,
   and where the bytes were (a channel, or a file and byte offset).
@@ -11,14 +12,16 @@
 - :class:`MigrationError` — a session failed: a channel, a worker process, a
   device, a loader or the peer. It names the channel (or device) and the cause.
 - :class:`SecurityError` — a peer did not prove who it is (TLS or auth_key).
+- :class:`ConnectError` — the peer could not be reached; keeps the OS's
+  ``errno`` (it is a ``ConnectionError`` too).
 """
 
 from __future__ import annotations
 
 import re
 
-__all__ = ["FastMFDError", "ConfigError", "ProtocolError", "TLSError", "MigrationError",
-           "SecurityError", "Aborted", "printable"]
+__all__ = ["FastMFDError", "ConfigError", "ListenError", "ProtocolError", "TLSError",
+           "MigrationError", "SecurityError", "ConnectError", "Aborted", "printable"]
 
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
@@ -36,6 +39,20 @@ class FastMFDError(Exception):
 
 class ConfigError(FastMFDError, ValueError):
     """A configuration value or argument that cannot work."""
+
+
+class ListenError(ConfigError, OSError):
+    """An address that cannot be listened on (in use, not permitted, no such
+    interface); ``errno`` is the OS's, e.g. ``errno.EADDRINUSE``."""
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        OSError.__init__(self, errno, message)
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+    def __reduce__(self):
+        return type(self), (self.strerror, self.errno)
 
 
 class ProtocolError(FastMFDError):
@@ -83,6 +100,18 @@ class MigrationError(FastMFDError):
 class SecurityError(MigrationError):
     """A peer failed TLS or the auth_key proof: a certificate that does not
     verify, an identity outside ``authz``, a wrong key, plaintext meeting TLS."""
+
+
+class ConnectError(MigrationError, ConnectionError):
+    """The peer could not be reached (refused, unreachable, timed out); ``errno``
+    is the OS's, e.g. ``errno.ECONNREFUSED``."""
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+    def __reduce__(self):
+        return type(self), (self.cause, self.errno)
 
 
 class Aborted(FastMFDError):

@@ -220,19 +220,26 @@ class Region:
 
     def _unmap(self) -> None:
         """Unmap the data; on BufferError keep (or restore) a usable ``_buffer``."""
-        if self._kind == "shm":
+        try:
+            if self._kind == "shm":
+                try:
+                    self._mapping.close()
+                except BufferError:
+                    self._buffer = self._mapping.buf
+                    raise
+                return
+            self._buffer.release()          # fails first, changing nothing, if exported
             try:
                 self._mapping.close()
-            except BufferError:
-                self._buffer = self._mapping.buf
+            except BufferError:             # slices of the buffer still hold the mapping
+                self._buffer = memoryview(self._mapping)
                 raise
-            return
-        self._buffer.release()          # fails first, changing nothing, if exported
-        try:
-            self._mapping.close()
-        except BufferError:             # slices of the buffer still hold the mapping
-            self._buffer = memoryview(self._mapping)
-            raise
+        except BufferError:
+            # Python's own words ("cannot close exported pointers exist") say neither
+            # which region nor what to do.
+            raise BufferError(f"region {self.name!r}: a view of it is still alive (an array "
+                              f"from .array or a slice of .buffer); delete every view, then "
+                              f"call close() again") from None
 
     def __enter__(self) -> "Region":
         return self

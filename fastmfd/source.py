@@ -20,6 +20,7 @@ from ._engine.sending import Sending, SourceParts
 from ._engine.session import Owner, SessionResources
 from ._engine.workers import send_worker_main
 from .config import MigrationConfig
+from .devices import Device, type_error
 from .errors import ConfigError, MigrationError
 from .protocol.sockets import parse_address
 from .regions import Region
@@ -72,6 +73,8 @@ class Source(Owner):
 
     def add_region(self, region: Region) -> None:
         """Migrate ``region`` (regions are sent in the order they are added)."""
+        if not isinstance(region, Region):
+            raise type_error("add_region(region)", "a fastmfd.Region", region)
         if region.page_size != self.config.page_size:
             raise ConfigError(f"region {region.name!r} has page size {region.page_size}, the "
                               f"migration {self.config.page_size}")
@@ -79,8 +82,11 @@ class Source(Owner):
             raise ConfigError(f"two regions named {region.name!r}")
         self._regions.append(region)
 
-    def add_device(self, device) -> None:
+    def add_device(self, device: Device) -> None:
         """Migrate ``device``'s state stream (a :class:`fastmfd.devices.Device`)."""
+        if not isinstance(device, Device):
+            raise type_error("add_device(device)", "a fastmfd.Device (idstr, instance_id, "
+                             "read_state(buf))", device)
         key = (device.idstr, device.instance_id)
         if any((d.idstr, d.instance_id) == key for d in self._devices):
             raise ConfigError(f"two devices {device.idstr!r} instance {device.instance_id}")

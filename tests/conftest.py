@@ -4,7 +4,8 @@
   ``/dev/shm/fastmfd-*`` segment or socket it started may be left.
 - ``mp_context`` (the start method the product uses) and ``processes``
   (starts children, kills and joins them at the end whatever happened).
-- ``qemu72_captures``: the real QEMU 7.2 captures shared by the project.
+- ``qemu72_captures``: the real QEMU 7.2 captures shared by the project (tests
+  that need them skip, saying why, where they are absent).
 """
 
 from __future__ import annotations
@@ -79,8 +80,5 @@ def processes(mp_context):
 
 @pytest.fixture(scope="session")
 def qemu72_captures() -> Path:
-    """The real QEMU 7.2 captures shared by the project (read only)."""
-    try:
-        return captures_dir()
-    except FileNotFoundError as exc:
-        pytest.fail(str(exc))
+    """The real QEMU 7.2 captures shared by the project (read only); skips without them."""
+    return captures_dir()

@@ -16,6 +16,7 @@ import struct
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from fastmfd import _core
 from fastmfd.protocol.main_channel import Msg, encode_message, encode_preamble
@@ -24,16 +25,23 @@ QEMU_UUID = bytes.fromhex("123456789abcdef01122334455667788")   # the captures' 
 
 
 def captures_dir() -> Path:
-    """``../shared/data/qemu-7.2`` beside the repository (or $FASTMFD_QEMU72_CAPTURES)."""
-    candidates = [Path(__file__).resolve().parents[2] / "shared/data/qemu-7.2",
-                  Path("/work/shared/data/qemu-7.2")]
+    """``../shared/data/qemu-7.2`` beside the repository, or $FASTMFD_QEMU72_CAPTURES
+    (then only there).
+
+    The captures are the project's, not the package's (an sdist has none): where
+    they are absent, whatever needs them is skipped, saying why — a test, or a
+    whole module that reads them as it is collected."""
     if "FASTMFD_QEMU72_CAPTURES" in os.environ:
-        candidates.insert(0, Path(os.environ["FASTMFD_QEMU72_CAPTURES"]))
+        candidates = [Path(os.environ["FASTMFD_QEMU72_CAPTURES"])]
+    else:
+        candidates = [Path(__file__).resolve().parents[2] / "shared/data/qemu-7.2",
+                      Path("/work/shared/data/qemu-7.2")]
     for path in candidates:
         if (path / "pattern-none" / "conn1.bin").is_file():
             return path
-    raise FileNotFoundError(f"QEMU 7.2 captures not found in {[str(p) for p in candidates]}; "
-                            "set FASTMFD_QEMU72_CAPTURES")
+    pytest.skip(f"the QEMU 7.2 captures are not in {', '.join(str(p) for p in candidates)} "
+                f"(they come with the project's shared/data, not the package; set "
+                f"FASTMFD_QEMU72_CAPTURES to their directory)", allow_module_level=True)
 
 
 def capture_files(compression: str) -> list[Path]:

@@ -7,8 +7,11 @@ are printed, never asserted.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
+import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -18,6 +21,7 @@ import pytest
 from leakcheck import leaks  # noqa: F401
 
 from fastmfd.tools import images
+from fastmfd.tools.bench.document import check_writable
 from fastmfd.tools.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,21 +59,81 @@ def test_matrix_with_peer_verifies_prints_and_writes_json(tmp_path, capsys):
     order = [next(label for label in labels if label in line) for line in runs]
     assert order == labels + labels[::-1]
 
-    results = json.loads(out.read_text())
-    assert [r["label"] for r in results] == labels
+    doc = json.loads(out.read_text())
+    # pytest-benchmark's layout: where, when, from which code, then the results.
+    assert doc["machine_info"]["cpu_count"] == os.cpu_count()
+    assert doc["machine_info"]["python_version"] == platform.python_version()
+    assert set(doc["commit_info"]) >= {"id", "dirty", "branch"}
+    assert datetime.datetime.fromisoformat(doc["datetime"]).tzinfo is not None
+    results = doc["benchmarks"]
+    assert [r["name"] for r in results] == [f"halftext {label}" for label in labels]
     for r in results:
-        assert r["image"] == "halftext" and r["image_bytes"] == 1 << 20
-        seconds = [run["seconds"] for run in r["runs"]]
-        assert len(seconds) == 2 and r["min_s"] == min(seconds)
-        assert r["first_s"] == seconds[0] and r["spread"] >= 1
-        assert all(run["foreign_cores"] >= 0 for run in r["runs"])
-    fastmfd = [r for r in results if r["method"] == "fastmfd"]
+        extra, stats = r["extra_info"], r["stats"]
+        assert extra["image"] == "halftext" and extra["image_bytes"] == 1 << 20
+        assert extra["link"] == "loopback TCP" and extra["tls"] is None
+        assert stats["rounds"] == 2 and stats["data"] == [run["seconds"] for run in extra["runs"]]
+        assert stats["min"] == min(stats["data"]) and stats["max"] == max(stats["data"])
+        assert stats["min"] <= stats["median"] <= stats["max"] and stats["stddev"] >= 0
+        assert extra["first_s"] == stats["data"][0] and extra["spread"] >= 1
+        assert all(run["foreign_cores"] >= 0 for run in extra["runs"])
+    assert [(r["extra_info"]["peer"], r["extra_info"]["channels"],
+             r["extra_info"]["compression"]) for r in results] == \
+        [("sendall", 1, "none"), ("fastmfd", 1, "none"), ("fastmfd", 2, "none"),
+         ("fastmfd", 1, "zstd-1"), ("fastmfd", 2, "zstd-1")]
+    fastmfd = [r["extra_info"] for r in results if r["extra_info"]["peer"] == "fastmfd"]
     # Half the pages are zero: fastmfd sends them as offsets only.
     assert all(run["zero_pages"] == 128 for r in fastmfd for run in r["runs"])
     assert all(r["wire_bytes"] < (1 << 20) for r in fastmfd)
     # Each side's processes were measured (CPU seconds can round to 0 at 1 MiB).
     assert all(set(run["cpu_s"]) == {"source", "destination", "main"}
                for r in fastmfd for run in r["runs"])
+
+
+@pytest.mark.parametrize("where", ["missing-dir/bench.json", "."])
+def test_json_to_an_unwritable_path_fails_before_the_run(tmp_path, capsys, where):
+    path = tmp_path / where
+    code = main(["bench", "--size", "1M", "--channels", "1", "--compression", "none",
+                 "--json", str(path)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"--json {path}" in err and "making a" not in err      # no image was made
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_compare_with_an_earlier_run_and_draw_an_svg_chart(tmp_path, capsys):
+    before, chart = tmp_path / "before.json", tmp_path / "chart.svg"
+    args = ["bench", "--size", "1M", "--channels", "1", "--compression", "none,zstd"]
+    assert main([*args, "--json", str(before)]) == 0
+    capsys.readouterr()
+    assert main([*args, "--compare", str(before), "--chart", str(chart)]) == 0
+    out = capsys.readouterr().out
+    compared = out.split("compared with before.json")[1]
+    for name in ("random fastmfd 1ch none", "random fastmfd 1ch zstd-1"):
+        row = next(line for line in compared.splitlines() if name in line)
+        assert re.search(r"\d+ ms .* \d+ ms .* \d+\.\d\dx", row), row
+    svg = chart.read_text()
+    text = re.sub(r"<[^>]*>", "", svg).replace("&#160;", " ")      # what it shows
+    assert svg.startswith("<svg") and "random image" in text
+    assert "fastmfd 1ch zstd-1" in text and "█" in text
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--compare", "/nonexistent/old.json"], "--compare /nonexistent/old.json: No such file"),
+    (["--chart", "chart.png"], "name a .svg file"),
+])
+def test_compare_and_chart_mistakes_fail_before_the_run(args, message, capsys):
+    try:
+        code = main(["bench", "--size", "1M", "--channels", "1", "--compression", "none", *args])
+    except SystemExit as exited:        # argparse's own checks
+        code = exited.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and "making a" not in err
+
+
+def test_json_check_leaves_no_file_behind(tmp_path):
+    check_writable(str(tmp_path / "new.json"))
+    assert not (tmp_path / "new.json").exists()
 
 
 @pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None,
@@ -81,10 +145,10 @@ def test_qemu_peer_migrates_the_same_image(tmp_path, capsys):
     printed = capsys.readouterr()
     assert code == 0, printed.err
     assert "vs QEMU" in printed.out
-    results = {r["label"]: r for r in json.loads(out.read_text())}
-    assert set(results) == {"fastmfd 2ch none", "qemu 2ch none", "fastmfd 2ch zlib-1",
-                            "qemu 2ch zlib-1"}
-    qemu = results["qemu 2ch zlib-1"]
+    results = {r["name"]: r["extra_info"] for r in json.loads(out.read_text())["benchmarks"]}
+    assert set(results) == {"halftext fastmfd 2ch none", "halftext qemu 2ch none",
+                            "halftext fastmfd 2ch zlib-1", "halftext qemu 2ch zlib-1"}
+    qemu = results["halftext qemu 2ch zlib-1"]
     # QEMU's own view of the run: the image's pages (plus its ROMs) went over.
     assert qemu["runs"][0]["normal_pages"] >= (16 << 20) // 4096 // 2
     assert qemu["runs"][0]["qemu_total_time_s"] > 0
@@ -134,8 +198,8 @@ def test_bad_arguments_exit_2_naming_the_problem(args, message, capsys):
     (["--compression", "zstd", "--level", "42"], "compression_level must be in 1..20 for zstd, not 42"),
     (["--peer", "qemu", "--qemu-binary", "/nonexistent/qemu"], "/nonexistent/qemu not found"),
 ])
-def test_settings_that_cannot_run_exit_1_before_any_work(args, message, capsys):
-    assert main(["bench", "--size", "256K", *args]) == 1
+def test_settings_that_cannot_run_exit_2_before_any_work(args, message, capsys):
+    assert main(["bench", "--size", "256K", *args]) == 2
     printed = capsys.readouterr()
     assert printed.err.startswith(f"fastmfd bench: {message}")
     assert "making" not in printed.err

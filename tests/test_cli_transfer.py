@@ -11,7 +11,7 @@ import pytest
 
 from fastmfd.tools.cli import main
 from fastmfd.tools.transfer import ImageSpec, StateSpec, listen_once
-from fastmfd.tools.units import parse_size
+from fastmfd.units import parse_size
 
 PAGE = 4096
 
@@ -68,7 +68,7 @@ def test_send_to_listen_moves_images_and_state(tmp_path):
 def test_send_refuses_an_image_that_is_not_whole_pages(tmp_path):
     (tmp_path / "odd.img").write_bytes(b"x" * 5000)
     done = run_cli("send", f"unix:{tmp_path}/nobody", str(tmp_path / "odd.img"))
-    assert done.returncode == 1
+    assert done.returncode == 2
     assert "multiple of the page size" in done.stderr
 
 
@@ -80,7 +80,7 @@ def test_send_without_a_listener_fails_clearly(tmp_path):
 
 
 def test_bad_address_is_a_usage_error(capsys):
-    assert main(["send", "carrier-pigeon:home", "/dev/null"]) == 1
+    assert main(["send", "carrier-pigeon:home", "/dev/null"]) == 2
     assert "bad address" in capsys.readouterr().err
 
 

@@ -18,7 +18,7 @@ import fastmfd
 
 PACKAGE = Path(fastmfd.__file__).parent
 LAYERS = [
-    ["fastmfd.errors"],
+    ["fastmfd.errors", "fastmfd.units"],
     ["fastmfd.shm"],
     ["fastmfd._core"],
     ["fastmfd.protocol"],

@@ -183,7 +183,7 @@ def test_a_missing_state_file_fails_before_anything_is_sent(tmp_path, image):
     out = tmp_path / "out"
     with Listener(out) as listener:
         done = send(listener, str(image), "--state", f"nic0={tmp_path / 'missing'}")
-        assert done.returncode == 1
+        assert done.returncode == 2         # a usage mistake
         assert f"cannot read state file {tmp_path / 'missing'}" in done.stderr
         listener.proc.terminate()
         listener.finish()

@@ -256,7 +256,7 @@ def test_close_with_a_live_view_leaks_nothing_and_can_be_retried(any_region, exp
     region = any_region
     view = export(region)
     names = region_segments(region)
-    with pytest.raises(BufferError):
+    with pytest.raises(BufferError, match="region 'pc.ram': a view of it is still alive"):
         region.close()
     assert not names & set(list_segments()), "the owner's segments must be gone"
     assert not region.closed

@@ -17,12 +17,20 @@ hang (loky's habit); its last reports are read before it is judged, so an
 error it reported is the one raised, not "exited with status 1". The
 control pipe carries parameters once and reports once per session or round
 (:mod:`fastmfd.protocol.control`), never per packet.
+
+A child runs only fastmfd's code, so it does not import the caller's
+``__main__`` as multiprocessing's children do: a script without an
+``if __name__ == "__main__":`` guard, ``python -``, a REPL or a notebook
+all work. Only a parameter pickled by reference to ``__main__`` (a loader
+class defined in the script) imports it, when it is unpickled.
 """
 
 from __future__ import annotations
 
+import io
 import multiprocessing
 import os
+import pickle
 import select
 import signal
 import struct
@@ -30,8 +38,11 @@ import sys
 import threading
 import time
 import traceback
-from multiprocessing import connection, forkserver, reduction
+from multiprocessing import connection, forkserver, popen_forkserver, reduction, spawn, util
+from multiprocessing.context import ForkServerProcess
 from typing import Any, Callable
+
+import setproctitle
 
 from .. import _core
 from ..errors import MigrationError
@@ -53,6 +64,68 @@ def mp_context() -> multiprocessing.context.BaseContext:
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(_PRELOAD)
     return ctx
+
+
+_MAIN_KEYS = ("init_main_from_name", "init_main_from_path")
+
+
+class _PopenWithoutMain(popen_forkserver.Popen):
+    """multiprocessing's forkserver launch, less the caller's ``__main__``.
+
+    multiprocessing's children re-import the caller's main module before they
+    run (to find a target defined there); fastmfd's targets never are, and the
+    import re-ran an unguarded script in every worker and failed on ``python -``
+    (``<stdin>`` is no file). The preparation data says where the main module
+    is; it is kept on the process object instead, for :func:`_import_callers_main`.
+    This is ``popen_forkserver.Popen._launch`` (CPython 3.11-3.13) with that one change.
+    """
+
+    def _launch(self, process_obj) -> None:
+        prep_data = spawn.get_preparation_data(process_obj._name)
+        process_obj.callers_main = {k: prep_data.pop(k) for k in _MAIN_KEYS if k in prep_data}
+        buf = io.BytesIO()
+        popen_forkserver.set_spawning_popen(self)
+        try:
+            reduction.dump(prep_data, buf)
+            reduction.dump(process_obj, buf)
+        finally:
+            popen_forkserver.set_spawning_popen(None)
+        self.sentinel, w = forkserver.connect_to_new_process(self._fds)
+        _parent_w = os.dup(w)       # the child's "parent sentinel", as in the original
+        self.finalizer = util.Finalize(self, util.close_fds, (_parent_w, self.sentinel))
+        with open(w, "wb", closefd=True) as f:
+            f.write(buf.getbuffer())
+        self.pid = forkserver.read_signed(self.sentinel)
+
+
+class _Process(ForkServerProcess):
+    callers_main: dict[str, str] = {}
+
+    @staticmethod
+    def _Popen(process_obj):
+        return _PopenWithoutMain(process_obj)
+
+
+def _import_callers_main() -> None:
+    """Import the caller's main module as multiprocessing would have at start
+    (as ``__mp_main__``), the first time a parameter refers to it."""
+    callers_main = getattr(multiprocessing.current_process(), "callers_main", {})
+    if callers_main and getattr(sys.modules.get("__main__"), "__name__", "") != "__mp_main__":
+        spawn.prepare(callers_main)
+
+
+class _MainOnDemandUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "__main__":
+            _import_callers_main()
+        return super().find_class(module, name)
+
+
+def process_title(name: str) -> tuple[str, str]:
+    """A child's title in ``ps``/``/proc/PID/cmdline`` and its short name in
+    ``top``/``/proc/PID/comm`` (the kernel keeps 15 bytes of it)."""
+    short = name.replace("receive", "recv").replace("channel ", "").replace("reassembly", "reasm")
+    return f"fastmfd: {name}", f"fastmfd {short}"[:15]
 
 
 class RemoteTraceback(Exception):
@@ -99,7 +172,7 @@ class Child:
             raise MigrationError(f"cannot start the process: multiprocessing's forkserver "
                                  f"(pid {server}) is stopped", channel=name)
         self.conn, theirs = ctx.Pipe(duplex=True)
-        self.process = ctx.Process(target=target, args=(theirs,), name=name, daemon=True)
+        self.process = _Process(target=target, args=(theirs,), name=name, daemon=True)
         self.process.start()
         theirs.close()
         self.finished = False          # sent its final report: its exit is expected
@@ -385,7 +458,7 @@ class ChildPipe:
             self.conn.send(report)
 
     def recv(self) -> Any:
-        return self.conn.recv()
+        return _MainOnDemandUnpickler(io.BytesIO(self.conn.recv_bytes())).load()
 
     def recv_fd(self) -> int:
         return reduction.recv_handle(self.conn)
@@ -402,8 +475,9 @@ class ChildPipe:
 
 
 def child_setup() -> None:
-    """First thing in a child: ignore Ctrl-C (the main process tears down) and
-    die at once with whichever parent dies.
+    """First thing in a child: take its title ("fastmfd: receive channel 1" in
+    ``ps``), ignore Ctrl-C (the main process tears down) and die at once with
+    whichever parent dies.
 
     A child's OS parent is the forkserver, its owner the main process:
     - the kernel kills it when the forkserver exits (PR_SET_PDEATHSIG);
@@ -417,6 +491,9 @@ def child_setup() -> None:
     Once the whole tree is gone, the resource tracker unlinks the segments
     their owner could not (:mod:`fastmfd.shm`).
     """
+    title, short = process_title(multiprocessing.current_process().name)
+    setproctitle.setproctitle(title)
+    setproctitle.setthreadtitle(short)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _core.die_with_parent()
     server = forkserver._forkserver

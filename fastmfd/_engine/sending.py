@@ -130,9 +130,10 @@ class Sending:
             self.failure.check()
             self._connect()
             t_setup = self.board.setup_s = time.monotonic() - t_start
-            with RoundProgress(enabled=progress, regions=self.parts.regions) as bar:
+            with RoundProgress(enabled=progress, regions=self.parts.regions,
+                               pages_done=self._pages_done) as bar:
                 rounds, stop_time = self._run_rounds(live, on_stop, bar)
-            self._wait_for(self._loaded)
+                self._wait_for(self._loaded)
             end = time.monotonic()
             # A destination that cannot resume fails the migration: wait for its word.
             self._wait_for(self._resumed)
@@ -305,6 +306,7 @@ class Sending:
                 + self.parts.counters.total("device_bytes")) / max(elapsed, 1e-6)
 
     def _pages_done(self) -> int:
+        """Pages the workers have sent whole (zero pages included) so far."""
         counters = self.parts.counters
         return counters.total("normal_pages") + counters.total("zero_pages")
 
@@ -322,7 +324,7 @@ class Sending:
             # Live: each device's precopy for this round; stopped: the stop-copy.
             saver.start(live=not devices)
         for index, region_pages in enumerate(pages):
-            self._dispatch_region(index, region_pages, bar)
+            self._dispatch_region(index, region_pages)
         if saver is not None:
             saver.join()
         for ch in range(self.config.channels):
@@ -330,14 +332,13 @@ class Sending:
         self._tell(Msg.ROUND_END, RoundEnd(number))
         return RoundStats(number, total, time.monotonic() - started, live)
 
-    def _dispatch_region(self, index: int, pages: np.ndarray, bar: RoundProgress) -> None:
+    def _dispatch_region(self, index: int, pages: np.ndarray) -> None:
         job = self.parts.job_pages
         for start in range(0, len(pages), job):
             count = min(job, len(pages) - start)
             ch = self.parts.ram_selector.select(timeout=None)
             self._mailbox[ch, :count] = pages[start:start + count]
             self._command(ch, _core.pack_command(_core.CMD_RAM, index, count))
-            bar.advance(count)
 
     def _command(self, ch: int, record: bytes) -> None:
         try:

@@ -1,7 +1,8 @@
 """Sockets: addresses, listening, connecting, tuning, and exact reads and writes.
 
-An address is ``tcp:HOST:PORT`` (``PORT`` 0 picks a free port) or
-``unix:PATH``. Nothing here knows fastmfd's messages: the handshake
+An address is ``tcp:HOST:PORT`` (``PORT`` 0 picks a free port; also written
+``tcp://HOST:PORT``; ``tcp::PORT``, as QEMU writes it, is every interface)
+or ``unix:PATH``. Nothing here knows fastmfd's messages: the handshake
 (:mod:`.handshake`) and the main channel (:mod:`.main_channel`) are built on
 these. Every error names the connection it happened on (``where``).
 """
@@ -15,7 +16,7 @@ import stat
 import time
 from dataclasses import dataclass
 
-from ..errors import ConfigError, MigrationError, ProtocolError
+from ..errors import ConfigError, ConnectError, ListenError, MigrationError, ProtocolError
 
 __all__ = ["Address", "parse_address", "listen", "bound_address", "connect", "recv_exact",
            "send_all", "tune_data_socket", "tune_main_socket"]
@@ -39,19 +40,24 @@ class Address:
 
 
 def parse_address(text: str | Address) -> Address:
-    """Parse ``tcp:HOST:PORT`` or ``unix:PATH``."""
+    """Parse ``tcp:HOST:PORT``, ``tcp://HOST:PORT``, ``tcp::PORT`` (every
+    interface, as QEMU's ``-incoming tcp::PORT``; connecting there reaches this
+    host) or ``unix:PATH``. An IPv6 host is in brackets: ``tcp:[::1]:PORT``."""
     if isinstance(text, Address):
         return text
     kind, _, rest = str(text).partition(":")
     if kind == "unix" and rest:
         return Address(socket.AF_UNIX, rest)
     if kind == "tcp":
-        host, sep, port = rest.rpartition(":")
+        host, sep, port = rest.removeprefix("//").rpartition(":")
         host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-        if sep and host and port.isdigit() and int(port) < 65536:
+        if sep and port.isdigit() and int(port) < 65536:
+            if not host:
+                host = "0.0.0.0"
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
             return Address(family, (host, int(port)))
-    raise ConfigError(f"bad address {text!r}: expected tcp:HOST:PORT or unix:PATH")
+    raise ConfigError(f"bad address {text!r}: expected tcp:HOST:PORT (or tcp://HOST:PORT, "
+                      f"tcp::PORT) or unix:PATH")
 
 
 def listen(address: Address, backlog: int = 128) -> socket.socket:
@@ -66,7 +72,7 @@ def listen(address: Address, backlog: int = 128) -> socket.socket:
         sock.listen(backlog)
     except OSError as exc:
         sock.close()
-        raise ConfigError(f"cannot listen on {address}: {exc.strerror}") from None
+        raise ListenError(f"cannot listen on {address}: {exc.strerror}", exc.errno) from None
     except BaseException:
         sock.close()
         raise
@@ -140,8 +146,8 @@ def connect(address: Address, timeout: float) -> socket.socket:
             sock.close()
             transient = exc.errno in (errno.ECONNREFUSED, errno.ENOENT, errno.EAGAIN)
             if not transient or time.monotonic() + delay >= retry_until:
-                raise MigrationError(f"cannot connect to {address}: "
-                                     f"{exc.strerror or exc}") from None
+                raise ConnectError(f"cannot connect to {address}: {exc.strerror or exc}",
+                                   exc.errno) from None
             time.sleep(delay)
             delay = min(delay * 2, 0.2)
 

@@ -5,33 +5,43 @@ Each subcommand is a function ``cmd_<name>(args) -> int`` (``bench`` and
 ``_build_parser``; the work itself lives in the library modules, so every
 command is also available from Python.
 
-The commands' modules are imported inside the functions on purpose: the
-worker processes a command starts (through multiprocessing's forkserver)
-import the program's main module, ``fastmfd.__main__`` and so this one, and
-should not pay for rich and every command's code (about 0.2 s) to start.
+The commands' modules are imported inside the functions on purpose: a
+command pays only for its own code (rich and every command's code take about
+0.2 s to import).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import sys
 import threading
 
-from ..errors import FastMFDError
-from .units import format_bytes, parse_size
+from .. import __version__
+from ..errors import ConfigError, FastMFDError
+from ..units import format_bytes, parse_size
+
+log = logging.getLogger("fastmfd")
+
+# Exit statuses: what a shell script tells apart.
+EXIT_FAILED = 1             # the work was tried and failed (a migration, a file)
+EXIT_USAGE = 2              # a mistake in the command, found before any work (argparse's too)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from ..config import MigrationConfig
     from . import security_options
     from .demo import run_demo
+    config = MigrationConfig(channels=args.channels, compression=args.compression,
+                             downtime_limit=args.downtime_limit,
+                             max_bandwidth=args.max_bandwidth)
     with security_options.loopback_security(args) as security:
-        ok = run_demo(size=args.size, channels=args.channels, compression=args.compression,
-                      devices=not args.no_devices, device_size=args.device_size,
-                      rate=args.device_rate, security=security)
-    return 0 if ok else 1
+        ok = run_demo(size=args.size, config=config, devices=not args.no_devices,
+                      device_size=args.device_size, rate=args.device_rate, security=security)
+    return 0 if ok else EXIT_FAILED
 
 
 def _config(args: argparse.Namespace):
@@ -41,12 +51,17 @@ def _config(args: argparse.Namespace):
                            compression_level=args.level,
                            zero_page_detection=not args.no_zero_detection,
                            checksum=args.checksum, stall_timeout=args.stall_timeout,
+                           timeout=args.timeout, max_bandwidth=args.max_bandwidth,
                            tls=security_options.tls_config(args),
                            auth_key=security_options.auth_key(args))
 
 
-def _print_json_line(status: dict) -> None:
-    print(json.dumps(status, separators=(",", ":")), flush=True)
+def _print_json(result: dict) -> None:
+    """A command's result for programs: one JSON object, on one line of stdout (a
+    listener of several sessions prints one line each: JSON Lines)."""
+    json.dump(result, sys.stdout)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
 
 
 def cmd_send(args: argparse.Namespace) -> int:
@@ -55,15 +70,20 @@ def cmd_send(args: argparse.Namespace) -> int:
     from .report import stats_table
     from .transfer import ImageSpec, StateSpec, send_images
     config = _config(args)
+    images = [ImageSpec.parse(i) for i in args.images]
+    states = [StateSpec.parse(s) for s in args.state]
+    log.info("sending %d image(s) and %d state file(s) to %s", len(images), len(states),
+             args.address)
     streaming = args.status_json is not None
-    on_status = _print_json_line if streaming else None
-    stats = send_images(args.address, config, [ImageSpec.parse(i) for i in args.images],
-                        [StateSpec.parse(s) for s in args.state],
-                        progress=not (args.quiet or streaming), on_status=on_status,
+    stats = send_images(args.address, config, images, states,
+                        progress=not (args.quiet or streaming),
+                        on_status=_print_json if streaming else None,
                         status_interval=args.status_json or 0.5)
     if not (args.quiet or streaming):
-        Console().print(stats_table(stats, channels=f"{config.channels} × "
-                                                    f"{config.compression}"))
+        Console(stderr=True).print(stats_table(stats, channels=f"{config.channels} × "
+                                                               f"{config.compression}"))
+    if args.json:
+        _print_json(stats.as_dict())
     return 0
 
 
@@ -72,41 +92,62 @@ def cmd_listen(args: argparse.Namespace) -> int:
 
     from . import security_options
     from .transfer import listen_once, listen_sessions
-    console = Console(stderr=True)
+    console = Console(stderr=True, quiet=args.quiet)
     options = dict(timeout=args.timeout, stall_timeout=args.stall_timeout, force=args.force,
                    keep_partial=args.keep_partial, max_size=args.max_size,
                    max_memory=args.max_memory, tls=security_options.tls_config(args),
                    auth_key=security_options.auth_key(args))
+
     def on_listening(address: str) -> None:
         console.print(f"listening on {address}")
 
     sessions = None if args.forever else args.max_sessions
     if sessions == 1:
         _report_session(console, *listen_once(args.address, args.dir, on_listening=on_listening,
-                                              **options))
+                                              **options), as_json=args.json)
         return 0
     failed = 0
     for outcome, files in listen_sessions(args.address, args.dir, sessions=sessions,
                                           on_listening=on_listening, **options):
         if isinstance(outcome, BaseException):
             failed += 1
-            console.print(f"session failed: {outcome}")
+            print(f"fastmfd listen: session failed: {outcome}", file=sys.stderr)
         else:
-            _report_session(console, outcome, files)
-    return 1 if failed else 0
+            _report_session(console, outcome, files, as_json=args.json)
+    return EXIT_FAILED if failed else 0
 
 
-def _report_session(console, result, files: dict[str, str]) -> None:
+def _report_session(console, result, files: dict[str, str], *, as_json: bool) -> None:
     for name, path in files.items():
         console.print(f"{name} -> {path} ({format_bytes(os.path.getsize(path))})")
     console.print(f"received in {result.stats.total_time_s * 1000:.0f} ms, "
                   f"{result.stats.rounds} round(s)")
+    if as_json:
+        _print_json({"files": files, "stats": result.stats.as_dict(),
+                     "sizes": {name: os.path.getsize(path) for name, path in files.items()}})
 
 
 def _positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 1, not {text!r}")
     return int(text)
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
+def _rate(text: str) -> int:
+    rate = parse_size(text)
+    if rate <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive rate")
+    return rate
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -118,11 +159,22 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastmfd",
         description="Move memory images and ordered device state over parallel connections "
-                    "(QEMU multifd, rebuilt).")
+                    "(QEMU multifd, rebuilt). Progress and logs go to stderr; --json "
+                    "results to stdout.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    # Every command takes -v, before or after its name.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                        help="log what happens to stderr (-vv: debug)")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="log what happens to stderr (-vv: debug)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="a live migration on this machine, then the seed's "
-                                    "device-state downtime experiment")
+    def add_command(name: str, **kwargs) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], **kwargs)
+
+    p = add_command("demo", help="a live migration on this machine, then the seed's "
+                                 "device-state downtime experiment")
     p.add_argument("--size", type=parse_size, default=1 << 30, help="image size (default 1G)")
     p.add_argument("--channels", type=int, default=2, help="multifd channels (default 2)")
     p.add_argument("--compression", choices=("none", "zlib", "zstd"), default="none")
@@ -131,11 +183,18 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="state per device in the experiment (default 100M)")
     p.add_argument("--device-rate", type=parse_size, default=200 << 20,
                    help="emulated per-device read and load rate, bytes/s (default 200M)")
+    p.add_argument("--downtime-limit", type=_positive_seconds, default=0.3, metavar="SECONDS",
+                   help="stop the workload once the dirty pages left can be sent in this "
+                        "long (default 0.3)")
+    p.add_argument("--max-bandwidth", type=_rate, default=None, metavar="RATE",
+                   help="cap the live migration's channels at RATE bytes/s in all, e.g. "
+                        "500M (binary units: MiB/s)")
     security_options.add_arguments(p, loopback=True)
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("send", help="send image files (and device state files) to a listener")
-    p.add_argument("address", help="tcp:HOST:PORT or unix:PATH of `fastmfd listen`")
+    p = add_command("send", help="send image files (and device state files) to a listener")
+    p.add_argument("address", help="tcp:HOST:PORT (or tcp://HOST:PORT) or unix:PATH of "
+                                   "`fastmfd listen`")
     p.add_argument("images", nargs="+", metavar="IMAGE",
                    help="PATH or NAME=PATH of a memory image (size a multiple of 4096)")
     p.add_argument("--state", action="append", default=[], metavar="IDSTR[:N]=PATH",
@@ -152,14 +211,22 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="instead of the progress and summary, print the migration's status "
                         "(QEMU query-migrate's fields) as one JSON line every SECONDS "
                         "(default 0.5), and once at the end")
+    p.add_argument("--json", action="store_true",
+                   help="print the migration's statistics as JSON on stdout")
+    p.add_argument("--timeout", type=_positive_seconds, default=30.0, metavar="SECONDS",
+                   help="how long connecting and the handshake may take (default 30)")
+    p.add_argument("--max-bandwidth", type=_rate, default=None, metavar="RATE",
+                   help="cap the channels at RATE bytes/s in all, e.g. 100M (binary units: "
+                        "MiB/s; default: no cap)")
     p.add_argument("--stall-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="fail, on both sides, when a channel, process or the peer makes no "
                         "progress for this long (default 30; the listener honours it)")
     security_options.add_arguments(p)
     p.set_defaults(func=cmd_send)
 
-    p = sub.add_parser("listen", help="receive one migration into files")
-    p.add_argument("address", help="tcp:HOST:PORT (port 0 picks one) or unix:PATH")
+    p = add_command("listen", help="receive one migration into files")
+    p.add_argument("address", help="tcp:HOST:PORT (port 0 picks one; tcp::PORT: every "
+                                   "interface) or unix:PATH")
     p.add_argument("--dir", default=".", help="output directory (default: here)")
     p.add_argument("--timeout", type=float, default=3600.0,
                    help="seconds to wait for the sender (default 3600)")
@@ -181,14 +248,18 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-memory", type=parse_size, default=None, metavar="SIZE",
                    help="shared memory for device state in flight (default: what /dev/shm "
                         "has free)")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    p.add_argument("--json", action="store_true",
+                   help="print the files written and the statistics as JSON on stdout (a "
+                        "line per session)")
     security_options.add_arguments(p)
     p.set_defaults(func=cmd_listen)
 
-    p = sub.add_parser("inspect", help="decode captured multifd channel bytes (fastmfd or QEMU)")
+    p = add_command("inspect", help="decode captured multifd channel bytes (fastmfd or QEMU)")
     inspect.add_arguments(p)
     p.set_defaults(func=inspect.cli_main)
 
-    p = sub.add_parser("bench", help="time migrations across channel and compression "
+    p = add_command("bench", help="time migrations across channel and compression "
                                      "settings (and peers), verify them, draw the result")
     bench.add_arguments(p)
     p.set_defaults(func=bench.cli_main)
@@ -208,16 +279,30 @@ def _on_sigterm(signum, frame) -> None:
     raise Terminated("terminated by SIGTERM")
 
 
+def _log_to_stderr(verbosity: int) -> logging.Handler | None:
+    if not verbosity:
+        return None
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO if verbosity == 1 else logging.DEBUG)
+    return handler
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
+    handler = _log_to_stderr(args.verbose)
     handled = threading.current_thread() is threading.main_thread()
     if handled:
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return args.func(args)
-    except FastMFDError as exc:
+    except ConfigError as exc:
         print(f"fastmfd {args.command}: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_USAGE
+    except (FastMFDError, OSError) as exc:
+        print(f"fastmfd {args.command}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except Terminated:
         print(f"fastmfd {args.command}: terminated (SIGTERM)", file=sys.stderr)
         return 128 + signal.SIGTERM
@@ -227,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if handled:
             signal.signal(signal.SIGTERM, previous)
+        if handler is not None:
+            log.removeHandler(handler)
 
 
 if __name__ == "__main__":

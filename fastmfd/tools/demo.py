@@ -34,7 +34,7 @@ from .images import fill_image
 from .loopback import NO_SECURITY, LoopbackSecurity, migrate_locally
 from ..regions import Region
 from .report import stats_table
-from .units import format_bytes, format_rate
+from ..units import format_bytes, format_rate
 from .._engine.processes import mp_context
 
 __all__ = ["run_demo", "live_migration", "seed_experiment", "WayResult"]
@@ -196,14 +196,14 @@ def seed_experiment(console: Console, *, ndevices: int = 4, device_size: int = 1
     return results
 
 
-def run_demo(*, size: int = 1 << 30, channels: int = 2, compression: str = "none",
+def run_demo(*, size: int = 1 << 30, config: MigrationConfig | None = None,
              devices: bool = True, device_size: int = 100 * MiB, rate: float = 200 * MiB,
              console: Console | None = None, security: LoopbackSecurity = NO_SECURITY) -> bool:
-    """Run both parts; True when the destination matched the source."""
+    """Run both parts (the live migration with ``config``, default 2 channels);
+    True when the destination matched the source."""
     console = console or Console()
     started = time.monotonic()
-    ok = live_migration(console, size, MigrationConfig(channels=channels,
-                                                       compression=compression), security)
+    ok = live_migration(console, size, config or MigrationConfig(channels=2), security)
     if devices:
         seed_experiment(console, device_size=device_size, rate=rate, security=security)
     console.print(f"[dim]demo finished in {time.monotonic() - started:.1f} s")

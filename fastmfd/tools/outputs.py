@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from ..devices import FileLoader
 from ..errors import ConfigError, MigrationError
 from ..regions import Region
-from .units import format_bytes
+from ..units import format_bytes
 
 __all__ = ["OutputDir", "output_name", "MANIFEST"]
 

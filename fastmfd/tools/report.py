@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.table import Table
 
 from ..stats import MigrationStats
-from .units import format_bytes, format_rate
+from ..units import format_bytes, format_rate
 
 __all__ = ["stats_table"]
 

@@ -11,6 +11,7 @@ side needs the other's parameters: the listener learns everything from SETUP.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 import threading
@@ -26,7 +27,10 @@ from ..protocol.sockets import bound_address, listen, parse_address
 from ..regions import Region
 from ..source import Source
 from ..stats import MigrationStats
+from ..units import format_bytes
 from .outputs import OutputDir, output_name
+
+log = logging.getLogger("fastmfd")
 
 __all__ = ["ImageSpec", "StateSpec", "send_images", "listen_once", "listen_sessions",
            "output_name"]
@@ -87,12 +91,15 @@ def send_images(address: str, config: MigrationConfig, images: list[ImageSpec],
             for device in devices:
                 src.add_device(device)
             if on_status is None:
-                return src.migrate(live=False, progress=progress)
-            with _StatusStream(src, on_status, status_interval):
-                return src.migrate(live=False, progress=progress)
+                stats = src.migrate(live=False, progress=progress)
+            else:
+                with _StatusStream(src, on_status, status_interval):
+                    stats = src.migrate(live=False, progress=progress)
     finally:
         for resource in regions + devices:
             resource.close()
+    log.info("sent %s in %.3f s", format_bytes(stats.ram_bytes), stats.total_time_s)
+    return stats
 
 
 class _StatusStream:
@@ -147,6 +154,10 @@ def listen_once(address: str | socket.socket, directory: str, *, per_session: bo
 
             def on_setup(setup) -> None:
                 nonlocal out
+                log.info("the source's SETUP: %d region(s) (%s), %d device(s), %d channel(s), "
+                         "compression %s", len(setup.regions),
+                         format_bytes(sum(r.size for r in setup.regions)), len(setup.devices),
+                         setup.channels, setup.compression)
                 if out is None:
                     out = output_dir(os.path.join(directory, setup.uuid.hex()))
                 out.plan(setup)

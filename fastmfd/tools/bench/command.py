@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 from contextlib import ExitStack
@@ -12,9 +13,10 @@ from rich.console import Console
 from ...config import COMPRESSION_METHODS
 from .. import security_options
 from ..images import IMAGE_KINDS, Image
-from ..units import format_bytes, format_rate, parse_size
+from ...units import format_bytes, format_rate, parse_size
+from .document import check_writable, document, load_best_times
 from .matrix import PEERS, Setting, run_matrix
-from .output import render
+from .output import comparison_table, render
 from .peers import find_qemu
 from .trial import FOREIGN_LOAD_FLAG
 
@@ -93,8 +95,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(QEMU: prealloc=on): times the transport without the cost of "
                              "fresh memory")
     parser.add_argument("--json", metavar="FILE", default=None,
-                        help="also write every measurement to FILE as JSON")
+                        help="also write the results to FILE as JSON, in pytest-benchmark's "
+                             "layout with the machine, commit and date")
+    parser.add_argument("--compare", metavar="OLD.json", default=None,
+                        help="also print each result beside the same one in OLD.json (a "
+                             "file --json wrote): best times and the speed-up")
+    parser.add_argument("--chart", metavar="FILE.svg", type=_svg, default=None,
+                        help="also draw the tables and throughput charts into FILE.svg")
     security_options.add_arguments(parser, loopback=True)
+
+
+def _svg(text: str) -> str:
+    if not text.endswith(".svg"):
+        raise argparse.ArgumentTypeError(f"{text!r}: the chart is drawn as SVG; name a .svg file")
+    return text
 
 
 def settings_from_args(args: argparse.Namespace) -> list[Setting]:
@@ -114,6 +128,10 @@ def cli_main(args: argparse.Namespace) -> int:
     console = Console(width=None if sys.stdout.isatty() else 120)
     log = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
     settings = settings_from_args(args)
+    for path in (args.json, args.chart):
+        if path:
+            check_writable(path)
+    baseline = load_best_times(args.compare) if args.compare else None
     if "qemu" in args.peer:
         args.qemu_binary = find_qemu(args.qemu_binary)
     images: list[Image] = []
@@ -137,8 +155,15 @@ def cli_main(args: argparse.Namespace) -> int:
     if security.label:
         notes.append(f", fastmfd with {security.label}")
     render(results, console, note="".join(notes))
+    if baseline is not None:
+        console.print(comparison_table(results, baseline, args.compare))
+    if args.chart:
+        chart = Console(record=True, width=120, file=io.StringIO())
+        render(results, chart, note="".join(notes))
+        chart.save_svg(args.chart, title="fastmfd bench")
     if args.json:
         with open(args.json, "w") as out:
-            json.dump([r.as_dict() for r in results], out, indent=2)
+            json.dump(document(results, tls=security.label or None, prealloc=args.prealloc),
+                      out, indent=2)
             out.write("\n")
     return 0

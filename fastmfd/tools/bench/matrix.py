@@ -67,6 +67,11 @@ class Result:
     measurements: list[Measurement] = field(default_factory=list)
 
     @property
+    def name(self) -> str:
+        """The benchmark's name in JSON results and comparisons: image and setting."""
+        return f"{self.image} {self.setting.label}"
+
+    @property
     def best(self) -> Measurement:
         return min(self.measurements, key=lambda m: m.seconds)
 
@@ -99,19 +104,6 @@ class Result:
         """Runs beside a foreign load above FOREIGN_LOAD_FLAG cores."""
         return sum(m.details.get("foreign_cores", 0) > FOREIGN_LOAD_FLAG
                    for m in self.measurements)
-
-    def as_dict(self) -> dict:
-        best = self.best
-        return {
-            "image": self.image, "method": self.setting.method, "label": self.setting.label,
-            "channels": self.setting.channels, "compression": self.setting.compression,
-            "level": self.setting.level, "image_bytes": best.image_bytes,
-            "median_s": self.median_seconds, "min_s": best.seconds,
-            "first_s": self.first_seconds, "spread": round(self.spread, 3),
-            "median_throughput_bytes_per_s": self.median_throughput,
-            "wire_bytes": best.wire_bytes, "loaded_runs": self.loaded_runs,
-            "runs": [{"seconds": m.seconds, **m.details} for m in self.measurements],
-        }
 
 
 def make_trial(setting: Setting, image: Image, *, qemu_binary: str | None = None,

@@ -1,15 +1,18 @@
-"""The comparison drawn: one table and one throughput bar chart per image."""
+"""The comparison drawn: one table and one throughput bar chart per image, and
+(``--compare``) each result beside the same one of an earlier run."""
 
 from __future__ import annotations
+
+import os
 
 from rich.table import Table
 from rich.text import Text
 
-from ..units import format_bytes, format_rate
+from ...units import format_bytes, format_rate
 from .matrix import Result
 from .trial import FOREIGN_LOAD_FLAG
 
-__all__ = ["render", "BAR_WIDTH"]
+__all__ = ["render", "comparison_table", "BAR_WIDTH"]
 
 BAR_WIDTH = 40
 
@@ -88,3 +91,18 @@ def _chart(kind: str, rows: list[Result], console) -> None:
         line.append(f"{bar:<{BAR_WIDTH}}", style="cyan")
         line.append(f" {format_rate(r.median_throughput)}")
         console.print(line)
+
+
+def comparison_table(results: list[Result], baseline: dict[str, float], source: str) -> Table:
+    """Each result's best time beside the same benchmark's in ``baseline`` (name ->
+    best seconds, :func:`.document.load_best_times`); > 1x: faster now."""
+    table = Table(title=f"compared with {os.path.basename(source)} (best times)",
+                  title_justify="left")
+    table.add_column("benchmark")
+    for column in ("before", "now", "speed-up"):
+        table.add_column(column, justify="right")
+    for r in results:
+        before, now = baseline.get(r.name), r.best.seconds
+        table.add_row(r.name, "-" if before is None else f"{before * 1000:.0f} ms",
+                      f"{now * 1000:.0f} ms", "" if before is None else f"{before / now:.2f}x")
+    return table

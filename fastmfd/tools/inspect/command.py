@@ -10,6 +10,7 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
+from ...errors import ConfigError
 from .capture import LAYOUTS, read_capture
 
 __all__ = ["add_arguments", "cli_main"]
@@ -17,7 +18,8 @@ __all__ = ["add_arguments", "cli_main"]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("files", nargs="+", metavar="FILE",
-                        help="captured channel bytes, one file per connection, any order")
+                        help="captured channel bytes, one file per connection, any order; "
+                             "a directory stands for its *.bin files")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.add_argument("--packet-pages", type=int, default=None, metavar="N",
                         help="pages per RAM packet when no fastmfd main channel says "
@@ -30,9 +32,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "fastmfd main channel says")
 
 
+def capture_files(paths: list[str]) -> list[str]:
+    """``paths`` with each directory replaced by its ``*.bin`` files (a capture
+    directory holds one per connection, beside notes such as ``meta.json``)."""
+    files = []
+    for path in paths:
+        if not os.path.isdir(path):
+            files.append(path)
+            continue
+        found = sorted(os.path.join(path, name) for name in os.listdir(path)
+                       if name.endswith(".bin"))
+        if not found:
+            raise ConfigError(f"{path} is a directory with no *.bin capture files: "
+                              f"name the files to inspect")
+        files += found
+    return files
+
+
 def cli_main(args: argparse.Namespace) -> int:
-    capture = read_capture(args.files, packet_pages=args.packet_pages, layout=args.layout,
-                           checksum=args.checksum)
+    capture = read_capture(capture_files(args.files), packet_pages=args.packet_pages,
+                           layout=args.layout, checksum=args.checksum)
     summary = capture.summary()
     if args.json:
         json.dump(summary, sys.stdout, indent=2)

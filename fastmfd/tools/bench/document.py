@@ -1,0 +1,131 @@
+"""``fastmfd bench --json FILE``: the results as one JSON document in
+pytest-benchmark's layout, so a result says where, when and from which code
+it was measured, and tools that read pytest-benchmark files read it::
+
+    {"machine_info": {"node", "machine", "processor", "cpu_count", "system",
+                      "release", "python_version", "python_implementation"},
+     "commit_info": {"id", "dirty", "project", "branch"},   # id None: not a checkout
+     "datetime": "2026-12-03T09:10:00+00:00", "version": "<fastmfd's>",
+     "benchmarks": [{"name", "fullname", "group",
+                     "stats": {"min", "max", "mean", "median", "stddev", "rounds",
+                               "iterations", "ops", "data"},       # seconds
+                     "extra_info": {"image", "compression", "channels", "peer", "link",
+                                    "tls", "image_bytes", "throughput_bytes_per_s",
+                                    "first_s", "spread", "loaded_runs",
+                                    "runs": [{"seconds", "cpu_s", ...}], ...}}]}
+
+The output file is checked before the run (:func:`check_writable`): a path
+that cannot be written fails the command at once, not after every migration.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+
+from ... import __version__
+from ...errors import ConfigError
+
+__all__ = ["check_writable", "document", "load_best_times"]
+
+LINK = "loopback TCP"           # every trial moves its image over 127.0.0.1
+
+
+def check_writable(path: str) -> None:
+    """Refuse ``path`` unless a file can be written there; leave nothing behind."""
+    existed = os.path.lexists(path)
+    if os.path.isdir(path):
+        raise ConfigError(f"--json {path}: is a directory; give a file name")
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"--json {path}: cannot write there ({exc.strerror or exc}); "
+                          f"give a writable file name") from None
+    if not existed:
+        os.unlink(path)
+
+
+def load_best_times(path: str) -> dict[str, float]:
+    """``name -> best seconds`` of the benchmarks in a document :func:`document` wrote
+    (or pytest-benchmark); read before the run, so a bad file costs no run."""
+    try:
+        with open(path) as f:
+            benchmarks = json.load(f)["benchmarks"]
+        return {b["name"]: float(b["stats"]["min"]) for b in benchmarks}
+    except OSError as exc:
+        raise ConfigError(f"--compare {path}: {exc.strerror or exc}") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"--compare {path}: not a results file written by "
+                          f"`fastmfd bench --json` ({type(exc).__name__}: {exc})") from None
+
+
+def document(results: list, *, tls: str | None, prealloc: bool) -> dict:
+    """The JSON document of ``results`` (:class:`.matrix.Result`, in table order)."""
+    return {
+        "machine_info": machine_info(),
+        "commit_info": commit_info(),
+        "datetime": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "version": __version__,
+        "benchmarks": [_benchmark(result, tls, prealloc) for result in results],
+    }
+
+
+def _benchmark(result, tls: str | None, prealloc: bool) -> dict:
+    runs = [m.seconds for m in result.measurements]
+    best = result.best
+    setting = result.setting
+    name = result.name
+    mean = statistics.fmean(runs)
+    return {
+        "name": name, "fullname": f"fastmfd bench::{name}", "group": result.image,
+        "stats": {"min": min(runs), "max": max(runs), "mean": mean,
+                  "median": statistics.median(runs),
+                  "stddev": statistics.stdev(runs) if len(runs) > 1 else 0.0,
+                  "rounds": len(runs), "iterations": 1, "ops": 1 / mean if mean else 0.0,
+                  "data": runs},
+        "extra_info": {
+            "image": result.image, "compression": setting.compression_label,
+            "channels": setting.channels, "peer": setting.method, "link": LINK,
+            "tls": tls if setting.method == "fastmfd" else None, "prealloc": prealloc,
+            "image_bytes": best.image_bytes, "throughput_bytes_per_s": best.throughput,
+            "median_throughput_bytes_per_s": result.median_throughput,
+            "first_s": result.first_seconds, "spread": round(result.spread, 3),
+            "wire_bytes": best.wire_bytes, "loaded_runs": result.loaded_runs,
+            "runs": [{"seconds": m.seconds, **m.details} for m in result.measurements],
+        },
+    }
+
+
+def machine_info() -> dict:
+    uname = platform.uname()
+    return {"node": uname.node, "machine": uname.machine, "processor": uname.processor,
+            "cpu_count": os.cpu_count(), "system": uname.system, "release": uname.release,
+            "python_version": platform.python_version(),
+            "python_implementation": platform.python_implementation()}
+
+
+def commit_info() -> dict:
+    """The git commit of the fastmfd source that ran, when it runs from a checkout
+    (an installed wheel has none: then ``id`` is None and ``version`` says which)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    info: dict = {"id": None, "dirty": None, "project": "fastmfd", "branch": None,
+                  "version": __version__}
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", here, *args], capture_output=True, text=True,
+                                  timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit:
+        info.update(id=commit, branch=git("rev-parse", "--abbrev-ref", "HEAD"),
+                    dirty=bool(git("status", "--porcelain", "--untracked-files=no")))
+    return info

@@ -1,0 +1,185 @@
+"""The command line's conventions (issue #11): ``--version``; results (``--json``)
+on stdout, progress and logs (``-v``) on stderr, for ``send`` and ``listen``
+alike; ``--timeout`` and ``--max-bandwidth``; QEMU's address forms;
+``inspect DIR``; every user mistake is exit 2 and one line, before any work;
+OS errors keep their errno; wrong types are TypeErrors naming the parameter.
+Commands run in real subprocesses over real sockets."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+
+import pytest
+
+import fastmfd
+from fastmfd.protocol.sockets import parse_address
+from inspect_support import ROUND_ENDS, two_rounds
+
+PAGE = 4096
+TIMEOUT = 120
+
+
+def fastmfd_cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fastmfd", *args], capture_output=True,
+                          text=True, timeout=TIMEOUT, **kwargs)
+
+
+def assert_one_line_usage_error(done: subprocess.CompletedProcess, *words: str) -> None:
+    assert done.returncode == 2, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "Traceback" not in done.stderr and done.stdout == ""
+    for word in words:
+        assert word in done.stderr
+
+
+def test_version():
+    done = fastmfd_cli("--version")
+    assert done.returncode == 0 and done.stdout.strip() == f"fastmfd {fastmfd.__version__}"
+
+
+def test_send_and_listen_print_json_on_stdout_and_the_rest_on_stderr(tmp_path):
+    image = tmp_path / "ram.img"
+    image.write_bytes(os.urandom(32 * PAGE) + bytes(32 * PAGE))
+    out = tmp_path / "out"
+    sock_dir = tempfile.mkdtemp(prefix="fmfd-cli-")      # a Unix path holds 107 bytes
+    address = f"unix:{sock_dir}/sock"
+    listener = subprocess.Popen([sys.executable, "-m", "fastmfd", "listen", address, "--dir",
+                                 str(out), "--timeout", "60", "--json", "-v"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        sent = fastmfd_cli("send", address, str(image), "--json", "-v", "--timeout", "30",
+                           "--max-bandwidth", "64M", "--compression", "zstd")
+        received_out, received_err = listener.communicate(timeout=TIMEOUT)
+    finally:
+        if listener.poll() is None:
+            listener.kill()
+            listener.communicate()
+        shutil.rmtree(sock_dir, ignore_errors=True)
+    assert sent.returncode == 0, sent.stderr
+    assert listener.returncode == 0, received_err
+    stats = json.loads(sent.stdout)             # stdout is the JSON and nothing else
+    assert stats["ram_bytes"] == 64 * PAGE and stats["zero_pages"] == 32
+    assert stats["compression"] == "zstd"
+    assert "sending 1 image(s)" in sent.stderr        # -v: a log line, on stderr
+    bar = sent.stderr.splitlines()[1]               # the progress bar's last state
+    assert "256.0/256.0 KiB" in bar and "iB/s" in bar, sent.stderr
+    assert not re.search(r"\d [kMG]B", sent.stderr)       # binary units only
+    result = json.loads(received_out)
+    assert result["files"]["ram"] == str(out / "ram.img")
+    assert result["sizes"]["ram"] == 64 * PAGE
+    assert result["stats"]["zero_pages"] == 32
+    assert f"listening on {address}" in received_err
+    assert "the source's SETUP: 1 region(s) (256 KiB)" in received_err     # -v
+    assert (out / "ram.img").read_bytes() == image.read_bytes()
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("tcp:127.0.0.1:4444", "tcp:127.0.0.1:4444"),
+    ("tcp://127.0.0.1:4444", "tcp:127.0.0.1:4444"),
+    ("tcp://[::1]:4444", "tcp:[::1]:4444"),
+    ("tcp::4444", "tcp:0.0.0.0:4444"),              # QEMU's -incoming tcp::PORT
+    ("unix:/run/x.sock", "unix:/run/x.sock"),
+])
+def test_address_forms(text, expected):
+    assert str(parse_address(text)) == expected
+
+
+def test_listen_on_qemu_form_with_a_free_port_accepts_a_migration(tmp_path):
+    ram = fastmfd.Region.create("ram", 16 * PAGE)
+    ram.array[:] = 3
+    try:
+        with fastmfd.Destination("tcp::0", workers=1) as dst:
+            port = dst.address.split(":")[-1]
+            box = {}
+            thread = threading.Thread(target=lambda: box.update(r=dst.receive()))
+            thread.start()
+            with fastmfd.Source(f"tcp://127.0.0.1:{port}",
+                                fastmfd.MigrationConfig(channels=1)) as src:
+                src.add_region(ram)
+                src.migrate(live=False)
+            thread.join(60)
+            assert (box["r"].regions["ram"].array == 3).all()
+    finally:
+        ram.close()
+
+
+def test_listen_dir_on_a_file_is_a_usage_error(tmp_path):
+    (tmp_path / "afile").write_text("")
+    done = fastmfd_cli("listen", "tcp:127.0.0.1:0", "--dir", str(tmp_path / "afile"))
+    assert_one_line_usage_error(done, "afile")
+
+
+def test_listen_on_a_port_in_use_keeps_its_errno(tmp_path):
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        address = f"tcp:127.0.0.1:{taken.getsockname()[1]}"
+        done = fastmfd_cli("listen", address, "--dir", str(tmp_path / "out"))
+        assert_one_line_usage_error(done, "Address already in use")
+        with pytest.raises(fastmfd.ListenError) as error:
+            with fastmfd.Destination(address, workers=0):
+                pass
+    finally:
+        taken.close()
+    assert error.value.errno == errno.EADDRINUSE
+    assert isinstance(error.value, OSError) and isinstance(error.value, fastmfd.ConfigError)
+
+
+def test_a_refused_connection_keeps_its_errno():
+    with socket.socket() as probe:           # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = fastmfd.MigrationConfig(channels=1, timeout=0.5)
+    ram = fastmfd.Region.create("ram", PAGE)
+    try:
+        with fastmfd.Source(f"tcp:127.0.0.1:{port}", config) as src:
+            src.add_region(ram)
+            with pytest.raises(fastmfd.ConnectError) as error:
+                src.migrate(live=False)
+    finally:
+        ram.close()
+    assert error.value.errno == errno.ECONNREFUSED
+    assert isinstance(error.value, ConnectionError)
+
+
+def test_send_timeout_and_bandwidth_are_checked_before_work(tmp_path):
+    done = fastmfd_cli("send", "tcp:127.0.0.1:1", "/nonexistent", "--timeout", "0")
+    assert done.returncode == 2 and "positive number of seconds" in done.stderr
+    done = fastmfd_cli("send", "tcp:127.0.0.1:1", "/nonexistent", "--max-bandwidth", "fast")
+    assert done.returncode == 2 and "is not a size" in done.stderr
+
+
+def test_inspect_a_capture_directory(tmp_path):
+    for name, data in two_rounds("zlib").files(ROUND_ENDS).items():
+        (tmp_path / name).write_bytes(data)
+    (tmp_path / "meta.json").write_text("{}")      # notes beside the captures are skipped
+    by_dir = fastmfd_cli("inspect", str(tmp_path), "--json")
+    by_files = fastmfd_cli("inspect", *sorted(str(p) for p in tmp_path.glob("*.bin")),
+                           "--json")
+    assert by_dir.returncode == 0, by_dir.stderr
+    assert json.loads(by_dir.stdout) == json.loads(by_files.stdout)
+
+
+def test_inspect_a_directory_without_captures_is_a_usage_error(tmp_path):
+    assert_one_line_usage_error(fastmfd_cli("inspect", str(tmp_path)), "no *.bin capture files")
+
+
+def test_wrong_types_are_type_errors_naming_the_parameter():
+    src = fastmfd.Source("tcp:127.0.0.1:1")
+    with pytest.raises(TypeError, match=r"add_device\(device\) must be a fastmfd.Device.*int"):
+        src.add_device(42)
+    with pytest.raises(TypeError, match=r"add_region\(region\) must be a fastmfd.Region"):
+        src.add_region(b"pages")
+    dst = fastmfd.Destination("tcp:127.0.0.1:0", workers=0)
+    with pytest.raises(TypeError, match=r"add_loader\(loader\) for 'nic0' must be"):
+        dst.add_loader("nic0", 0, object())
