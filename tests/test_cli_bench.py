@@ -151,7 +151,8 @@ def test_qemu_peer_migrates_the_same_image(tmp_path, capsys):
     qemu = results["halftext qemu 2ch zlib-1"]
     # QEMU's own view of the run: the image's pages (plus its ROMs) went over.
     assert qemu["runs"][0]["normal_pages"] >= (16 << 20) // 4096 // 2
-    assert qemu["runs"][0]["qemu_total_time_s"] > 0
+    assert qemu["runs"][0]["qemu_total_time_s"] >= 0     # whole ms: a small run may show 0
+    assert qemu["runs"][0]["seconds"] > 0
     assert set(qemu["runs"][0]["cpu_s"]) == {"source", "destination"}
     assert not [line for line in subprocess.run(["ps", "-eo", "args"], capture_output=True,
                                                 text=True).stdout.splitlines()
