@@ -21,6 +21,8 @@ import pytest
 import trustme
 
 import fastmfd
+from fastmfd import _core
+from fastmfd.protocol.main_channel import encode_preamble
 from fastmfd.tools.security_options import LOCAL_CLIENT
 from migration_support import Migration, make_region
 
@@ -171,8 +173,22 @@ def test_the_wire_carries_none_of_the_image(pki):
     region.close()
     wire = bytes(tap.recorded)
     assert len(wire) > SIZE, "the tap saw less than the image"
-    for clear in (text[:32], b"device secret", b"FMFD", b"\x11\x22\x33\x44", b"ram"):
+    # Needles long enough that ciphertext cannot hold one by chance (a 3-byte
+    # one turns up in a few MiB of random bytes about once in 16 runs): the
+    # image's text, the device's state, the main channel's preamble, a multifd
+    # packet's magic and version, and the ramblock field of a RAM header.
+    ramblock = b"ram" + bytes(13)
+    for clear in (text[:32], b"device secret", encode_preamble(),
+                  b"\x11\x22\x33\x44\x00\x00\x00\x01", ramblock):
         assert clear not in wire, f"{clear!r} crossed the wire in clear"
+    assert ramblock in _unencrypted_ram_header(), "the needle would not find a clear header"
+
+
+def _unencrypted_ram_header() -> bytes:
+    header = bytearray(_core.RamPacketCodec(128).header_size)
+    _core.RamPacketCodec(128, regions={"ram": SIZE}).encode(header, ramblock="ram",
+                                                            normal=[0])
+    return bytes(header)
 
 
 def _refusal(pki, source_tls, destination_tls, *, source_says, destination_says,
