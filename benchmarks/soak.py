@@ -208,6 +208,7 @@ def destination_child() -> None:
     try:
         with fastmfd.Destination("tcp:127.0.0.1:0", workers=spec["workers"],
                                  timeout=spec["timeout"],
+                                 handshake_timeout=spec["timeout"],
                                  stall_timeout=spec["stall_timeout"],
                                  auth_key=spec["auth_key"]) as dst:
             for region in user.values():

@@ -23,7 +23,7 @@ import pytest
 
 import fastmfd
 from fastmfd import _core
-from fastmfd.protocol.main_channel import Msg, encode_preamble
+from fastmfd.protocol.main_channel import Msg, encode_message, encode_preamble
 from migration_support import FakeSource, hello, make_region, ram_packet, setup_message
 
 CONFIG = fastmfd.MigrationConfig(channels=2, packet_pages=16)
@@ -332,3 +332,35 @@ def test_silent_and_trickling_strangers_do_not_hold_up_the_source():
             for sock in idle + [trickler]:
                 sock.close()
     region.close()
+
+
+def test_a_source_trickling_its_setup_is_bounded_by_the_greeting_deadline():
+    """A socket timeout bounds each recv, not a whole message: a peer sending its
+    SETUP a byte at a time, each within the timeout, held the destination for as
+    long as it liked (found by the soak). The greeting's deadline covers SETUP."""
+    message = encode_message(Msg.SETUP, setup_message(CONFIG, UUID, {"ram": SIZE}))
+    header = _core.CHANNEL_HEADER_SIZE      # the main channel's, then its preamble
+    with fastmfd.Destination("tcp:127.0.0.1:0", handshake_timeout=1.0) as dst:
+        outcome: dict = {}
+        thread = threading.Thread(target=lambda: _receive(dst, outcome), daemon=True)
+        thread.start()
+        _, host, port = dst.address.split(":")
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(hello(0, UUID, channel_type=_core.CHANNEL_MAIN)[:header]
+                         + encode_preamble() + message[:8])
+            give_up = time.monotonic() + 8
+            for byte in message[8:]:        # ~0.2 s a byte: minutes for the whole SETUP
+                if not thread.is_alive() or time.monotonic() > give_up:
+                    break
+                sock.sendall(bytes([byte]))
+                time.sleep(0.2)
+            thread.join(10)
+    assert not thread.is_alive(), "the trickle held the destination"
+    assert "timed out waiting for SETUP payload" in str(outcome["error"])
+
+
+def _receive(dst: fastmfd.Destination, outcome: dict) -> None:
+    try:
+        dst.receive()
+    except fastmfd.FastMFDError as exc:
+        outcome["error"] = exc

@@ -157,8 +157,8 @@ class Receiving:
         if kind is not Msg.SETUP:
             raise ProtocolError(f"main channel: received {kind.name}, expected SETUP",
                                 field="type", received=kind.name, expected="SETUP")
-        greeting.sock.settimeout(self.parts.security.timeout)
-        setup = decode_payload(kind, recv_exact(greeting.sock, length, "SETUP payload", MAIN))
+        setup = decode_payload(kind, recv_exact(greeting.sock, length, "SETUP payload", MAIN,
+                                                greeting.deadline))
         greeting.sock.settimeout(None)
         if greeting.auth_uuid is not None and setup.uuid != greeting.auth_uuid:
             raise SecurityError("SETUP's uuid is not the one the auth_key proof was bound to",

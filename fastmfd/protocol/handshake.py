@@ -62,8 +62,7 @@ class SocketStream:
         send_all(self.sock, data, what, self.where)
 
     def recv_exact(self, size: int, what: str = "handshake") -> bytes:
-        self._arm()
-        return recv_exact(self.sock, size, what, self.where)
+        return recv_exact(self.sock, size, what, self.where, self.deadline)
 
 
 class TLSStream:
@@ -280,10 +279,12 @@ def _check_transport(first: bytes, tls_expected: bool, where: str) -> None:
 class MainGreeting:
     """A main channel that passed its greeting: its socket, the header of its
     first message after the proof (read, not yet checked: from here on the
-    session checks what its source sends) and the UUID the proof was bound to."""
+    session checks what its source sends), the UUID the proof was bound to and
+    the greeting's deadline."""
     sock: socket.socket
     first_header: bytes
     auth_uuid: bytes | None
+    deadline: float         # the greeting's: the first message must be whole by then too
 
 
 def greet_main_channel(sock: socket.socket, security: ChannelSecurity) -> MainGreeting:
@@ -344,7 +345,7 @@ def _greet_main(sock, security: ChannelSecurity, deadline: float) -> MainGreetin
         raise SecurityError("this destination requires an auth_key proof; the source sent "
                             "none", channel=MAIN)
     sock.settimeout(None)
-    return MainGreeting(sock, header, auth_uuid)
+    return MainGreeting(sock, header, auth_uuid, deadline)
 
 
 def _message_type(header: bytes) -> int:

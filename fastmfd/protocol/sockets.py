@@ -178,14 +178,19 @@ def tune_data_socket(sock: socket.socket) -> None:
             pass
 
 
-def recv_exact(sock: socket.socket, size: int, what: str, where: str | None = None) -> bytes:
+def recv_exact(sock: socket.socket, size: int, what: str, where: str | None = None,
+               deadline: float | None = None) -> bytes:
     """Read exactly ``size`` bytes; a short read is a ProtocolError naming ``what``.
-    ``where`` names the connection in every error (e.g. "main channel")."""
+    ``where`` names the connection in every error (e.g. "main channel").
+    ``deadline`` (monotonic) bounds the whole read: a socket's own timeout bounds
+    each recv, so a peer trickling a byte at a time would never trip it."""
     buf = bytearray(size)
     view = memoryview(buf)
     got = 0
     while got < size:
         try:
+            if deadline is not None:
+                sock.settimeout(max(0.001, deadline - time.monotonic()))
             n = sock.recv_into(view[got:])
         except socket.timeout:
             raise MigrationError(f"timed out waiting for {what}", channel=where) from None
