@@ -541,6 +541,13 @@ cdef class DirtyBitmap(_SharedStructure):
         """Mark ``count`` pages starting at page ``first`` dirty."""
         self.mark_range(first, count)
 
+    def test(self, uint64_t page):
+        """Whether ``page`` is marked now (a snapshot; nothing is cleared)."""
+        self.check_open()
+        if page >= self.hdr.npages:
+            raise IndexError(f"page {page} outside the bitmap of {self.hdr.npages}")
+        return bool((fm_load64(&self.words[page >> 6]) >> (page & 63)) & 1)
+
     def mark_pages(self, pages):
         """Mark every page index in ``pages`` (any integer array-like) dirty."""
         cdef uint64_t[::1] idx = np.ascontiguousarray(pages, dtype=np.uint64)

@@ -21,6 +21,14 @@ to round k of the capture. The device sections are not decoded (their format is
 per device), but the stream must end with ``QEMU_VM_EOF`` and the VM
 description, so a main channel cut short anywhere is still an error.
 
+:class:`QevmDecoder` reads the stream through a
+:class:`~.bytereader.ByteReader` (a capture) or a
+:class:`~.bytereader.StreamReader` (a live migration, :mod:`fastmfd.qemu`)
+and hands what it decodes to hooks: ``on_blocks`` (the block list),
+``on_page`` (a ZERO or PAGE record), ``on_eos`` (a RAM section's end) and
+``on_command``. :func:`decode_qemu_main` is the capture's use: it keeps each
+round's records.
+
 Facts from migration/savevm.c, savevm.h and ram.c @ 7.2; no QEMU code is copied.
 """
 
@@ -32,7 +40,8 @@ from dataclasses import dataclass, field
 
 from .bytereader import ByteReader
 
-__all__ = ["QEVM_MAGIC", "QemuMainChannel", "RamRecord", "decode_qemu_main"]
+__all__ = ["QEVM_MAGIC", "QemuMainChannel", "RamRecord", "QevmDecoder", "decode_qemu_main",
+           "check_stream_end"]
 
 QEVM_MAGIC = b"QEVM"
 QEVM_VERSION = 3
@@ -51,6 +60,8 @@ SECTION_FOOTER = 0x7E
 SECTION_NAMES = {SECTION_START: "start", SECTION_PART: "part", SECTION_END: "end",
                  SECTION_FULL: "full"}
 
+MIG_CMD_OPEN_RETURN_PATH = 1    # the destination must answer on the same connection
+MIG_CMD_PING = 2
 MIG_CMD_POSTCOPY_ADVISE = 3     # changes the block list format: not supported
 
 # RAM record flags, the low bits of each record's BE u64 (migration/ram.c @ 7.2).
@@ -116,20 +127,40 @@ class QemuMainChannel:
 
 def decode_qemu_main(path: str, data: bytes, page_size: int = 4096) -> QemuMainChannel:
     """Decode a QEMU main channel capture; a ProtocolError locates any fault."""
-    return _QevmDecoder(ByteReader(path, data), page_size).decode()
+    decoder = _CaptureDecoder(ByteReader(path, data), page_size)
+    decoder.decode_ram()
+    out = decoder.out
+    out.vm_devices = check_stream_end(decoder.r, out.ram_bytes, out.page_size)
+    return out
 
 
-class _QevmDecoder:
+class QevmDecoder:
+    """Decodes a main channel up to its first device section (see the module
+    docstring); subclasses take what it finds through the ``on_*`` hooks."""
+
     def __init__(self, reader: ByteReader, page_size: int) -> None:
         self.r = reader
         self.out = QemuMainChannel(reader.path, reader.size, page_size=page_size)
         self.ram_section: int | None = None     # section id of "ram"
         self.ram_ended = False
-        self.round: list[RamRecord] = []
         self.last_block: str | None = None      # for RAM_CONTINUE records
         self.fill_pages: dict[int, memoryview] = {}
 
-    def decode(self) -> QemuMainChannel:
+    # -- hooks
+    def on_blocks(self) -> None:
+        """The block list (``out.blocks``) is known."""
+
+    def on_page(self, block: str, offset: int, page: memoryview, at: int) -> None:
+        """A page the main channel carries, in stream order."""
+
+    def on_eos(self) -> None:
+        """A RAM section ended (before it, a SYNC on every multifd channel)."""
+
+    def on_command(self, command: int, at: int) -> None:
+        """A COMMAND section (already refused: postcopy)."""
+
+    def decode_ram(self) -> QemuMainChannel:
+        """Decode up to the first device section: ``out.ram_bytes`` is its offset."""
         r = self.r
         magic = bytes(r.take(4, "magic"))
         if magic != QEVM_MAGIC:
@@ -143,7 +174,6 @@ class _QevmDecoder:
                           expected=QEVM_VERSION, at=4)
         while self._section():
             pass
-        self._check_tail()
         return self.out
 
     # -- sections
@@ -151,6 +181,7 @@ class _QevmDecoder:
     def _section(self) -> bool:
         """Decode one section; False once the first device section (or EOF) is reached."""
         r = self.r
+        r.mark()
         at = r.pos
         kind = r.u8("section type")
         if kind == CONFIGURATION and at == 8:
@@ -236,6 +267,7 @@ class _QevmDecoder:
         if cmd == MIG_CMD_POSTCOPY_ADVISE:
             raise r.error("main channel: postcopy (POSTCOPY_ADVISE) is not supported",
                           field="command", received=cmd, expected="not postcopy", at=at)
+        self.on_command(cmd, at)
         r.take(length, "command data")
         self.out.commands += 1
 
@@ -258,6 +290,7 @@ class _QevmDecoder:
     def _ram_record(self, first: bool) -> bool:
         """Decode one RAM record; False after EOS."""
         r = self.r
+        r.mark()
         at = r.pos
         header = r.be64("RAM record")
         page_size = self.out.page_size
@@ -265,14 +298,14 @@ class _QevmDecoder:
         addr = header - flags
         kind = flags & ~RAM_CONTINUE
         if kind == RAM_EOS:
-            self.out.rounds.append(self.round)
-            self.round = []
+            self.on_eos()
             return False
         if kind == RAM_MEM_SIZE:
             if not first or self.out.blocks:
                 raise r.error("RAM record MEM_SIZE outside the setup section", field="flags",
                               received=hex(flags), expected="ZERO, PAGE or EOS", at=at)
             self._block_list(addr)
+            self.on_blocks()
         elif kind in (RAM_ZERO, RAM_PAGE):
             block = self._record_block(flags, at)
             if addr >= self.out.blocks[block]:
@@ -286,7 +319,7 @@ class _QevmDecoder:
             else:
                 page = r.take(page_size, "page")
                 self.out.data_pages += 1
-            self.round.append(RamRecord(block, addr, page, at))
+            self.on_page(block, addr, page, at)
         elif kind in UNSUPPORTED_RECORDS:
             raise r.error(f"RAM record: {UNSUPPORTED_RECORDS[kind]} is not supported",
                           field="flags", received=hex(flags), expected="ZERO, PAGE or EOS",
@@ -359,35 +392,49 @@ class _QevmDecoder:
                                expected="UTF-8 text", at=at)
         return text
 
-    def _check_tail(self) -> None:
-        """The stream must end with QEMU_VM_EOF, VMDESCRIPTION, BE u32 length and JSON."""
-        r = self.r
-        start = self.out.ram_bytes
-        raw = r.raw
-        # The JSON holds no NUL, so the marker is among the last few "00 06" pairs.
-        marker = bytes((VM_EOF, VMDESCRIPTION))
-        pos = raw.rfind(marker, start)
-        while pos >= start:
-            if int.from_bytes(raw[pos + 2:pos + 6], "big") == r.size - pos - 6:
-                self._vm_description(pos)
-                return
-            pos = raw.rfind(marker, start, pos + 1)
-        raise r.error("main channel does not end with QEMU_VM_EOF and the VM description "
-                      "(truncated?)", field="QEMU_VM_EOF", received="no end marker",
-                      expected="00 06 <length> <json> at the end", at=r.size)
 
-    def _vm_description(self, pos: int) -> None:
-        r = self.r
-        try:
-            desc = json.loads(r.raw[pos + 6:])
-        except (ValueError, RecursionError) as exc:
-            raise r.error(f"main channel VM description is not JSON ({exc})",
-                          field="vmdescription", received="invalid JSON", expected="JSON",
-                          at=pos + 6) from None
-        devices = desc.get("devices") if isinstance(desc, dict) else None
-        page_size = desc.get("page_size") if isinstance(desc, dict) else None
-        if not isinstance(devices, list) or page_size != self.out.page_size:
-            raise r.error("main channel VM description: expected an object with 'devices' "
-                          f"and 'page_size' {self.out.page_size}", field="vmdescription",
-                          received=page_size, expected=self.out.page_size, at=pos + 6)
-        self.out.vm_devices = len(devices)
+class _CaptureDecoder(QevmDecoder):
+    """A capture's main channel: each round's records are kept."""
+
+    def __init__(self, reader: ByteReader, page_size: int) -> None:
+        super().__init__(reader, page_size)
+        self.round: list[RamRecord] = []
+
+    def on_page(self, block: str, offset: int, page: memoryview, at: int) -> None:
+        self.round.append(RamRecord(block, offset, page, at))
+
+    def on_eos(self) -> None:
+        self.out.rounds.append(self.round)
+        self.round = []
+
+
+def check_stream_end(r: ByteReader, start: int, page_size: int) -> int:
+    """The stream after ``start`` (its device sections) must end with QEMU_VM_EOF,
+    VMDESCRIPTION, BE u32 length and the JSON; returns the devices it lists."""
+    raw = r.raw
+    # The JSON holds no NUL, so the marker is among the last few "00 06" pairs.
+    marker = bytes((VM_EOF, VMDESCRIPTION))
+    pos = raw.rfind(marker, start)
+    while pos >= start:
+        if int.from_bytes(raw[pos + 2:pos + 6], "big") == r.size - pos - 6:
+            return _vm_description(r, pos, page_size)
+        pos = raw.rfind(marker, start, pos + 1)
+    raise r.error("main channel does not end with QEMU_VM_EOF and the VM description "
+                  "(truncated?)", field="QEMU_VM_EOF", received="no end marker",
+                  expected="00 06 <length> <json> at the end", at=r.size)
+
+
+def _vm_description(r: ByteReader, pos: int, page_size: int) -> int:
+    try:
+        desc = json.loads(r.raw[pos + 6:])
+    except (ValueError, RecursionError) as exc:
+        raise r.error(f"main channel VM description is not JSON ({exc})",
+                      field="vmdescription", received="invalid JSON", expected="JSON",
+                      at=pos + 6) from None
+    devices = desc.get("devices") if isinstance(desc, dict) else None
+    found = desc.get("page_size") if isinstance(desc, dict) else None
+    if not isinstance(devices, list) or found != page_size:
+        raise r.error("main channel VM description: expected an object with 'devices' "
+                      f"and 'page_size' {page_size}", field="vmdescription",
+                      received=found, expected=page_size, at=pos + 6)
+    return len(devices)
