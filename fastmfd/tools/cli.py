@@ -64,6 +64,8 @@ def cmd_listen(args: argparse.Namespace) -> int:
     from . import security_options
     from .transfer import listen_once
     console = Console(stderr=True)
+    if args.qemu:
+        return _listen_qemu(args, console)
     result, files = listen_once(
         args.address, args.dir, timeout=args.timeout, stall_timeout=args.stall_timeout,
         force=args.force, keep_partial=args.keep_partial,
@@ -73,6 +75,27 @@ def cmd_listen(args: argparse.Namespace) -> int:
         console.print(f"{name} -> {path} ({format_bytes(os.path.getsize(path))})")
     console.print(f"received in {result.stats.total_time_s * 1000:.0f} ms, "
                   f"{result.stats.rounds} round(s)")
+    return 0
+
+
+def _listen_qemu(args: argparse.Namespace, console) -> int:
+    from ..errors import ConfigError
+    from ..qemu import DEFAULT_STALL_TIMEOUT, receive
+    from . import security_options
+    if security_options.tls_config(args) or security_options.auth_key(args):
+        raise ConfigError("--qemu: QEMU's channels carry no fastmfd TLS or shared-key proof")
+    received = receive(
+        args.address, args.dir, timeout=args.timeout,
+        stall_timeout=args.stall_timeout or DEFAULT_STALL_TIMEOUT, force=args.force,
+        keep_partial=args.keep_partial,
+        on_listening=lambda address: console.print(f"listening on {address} (QEMU: migrate "
+                                                   f"with the multifd capability)"))
+    for name, path in received.files.items():
+        console.print(f"{name} -> {path} ({format_bytes(os.path.getsize(path))})")
+    facts = received.facts
+    console.print(f"received from QEMU ({facts.machine}) in {received.seconds * 1000:.0f} ms: "
+                  f"{facts.channels} channel(s), compression {facts.compression}, "
+                  f"{facts.rounds} RAM section end(s)")
     return 0
 
 
@@ -120,8 +143,12 @@ def _build_parser() -> argparse.ArgumentParser:
     security_options.add_arguments(p)
     p.set_defaults(func=cmd_send)
 
-    p = sub.add_parser("listen", help="receive one migration into files")
+    p = sub.add_parser("listen", help="receive one migration into files (from fastmfd send, "
+                                      "or with --qemu from a QEMU)")
     p.add_argument("address", help="tcp:HOST:PORT (port 0 picks one) or unix:PATH")
+    p.add_argument("--qemu", action="store_true",
+                   help="the source is a QEMU (7.2) migrating with the multifd capability: "
+                        "write each RAMBlock, vmstate.bin and manifest.json into DIR")
     p.add_argument("--dir", default=".", help="output directory (default: here)")
     p.add_argument("--timeout", type=float, default=3600.0,
                    help="seconds to wait for the sender (default 3600)")

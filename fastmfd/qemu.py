@@ -1,0 +1,107 @@
+"""Take part in a real QEMU migration: be its destination, into files.
+
+``receive(address, directory)`` listens at ``address`` for a QEMU 7.2
+source migrating with the ``multifd`` capability (``migrate`` to
+``tcp:HOST:PORT`` or ``unix:PATH``) and writes:
+
+- one file per RAMBlock, ``<idstr>.img`` (sparse: zero pages are holes;
+  an idstr such as ``/rom@etc/acpi/tables`` becomes a safe, distinct name,
+  see :func:`fastmfd.tools.outputs.output_name`);
+- ``vmstate.bin``: the rest of the main channel as QEMU sent it, from its
+  first device section to its end (QEMU_VM_EOF and the VM description);
+- ``manifest.json``: the stream's version, machine, page size, capabilities,
+  UUID, channel count and compression (both learnt from the stream, never
+  asked of the user), and each block's idstr, size and file.
+
+Files are written as ``.part`` and renamed once the stream reached its end
+and everything is on disk (:mod:`fastmfd.tools.outputs`); a truncated,
+corrupt or unsupported stream (postcopy, xbzrle, compress threads, a return
+path) raises one exception naming what and where, and leaves no file that
+looks complete. The multifd channels run in fastmfd's receive worker
+processes (one per channel, QEMU 7.2's packet layout); the main channel is
+decoded in the calling process (:mod:`fastmfd._engine.qemu_receiving`).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass
+
+from ._engine.qemu_receiving import QemuReceiving, QemuStreamFacts
+from .protocol.sockets import bound_address, listen, parse_address
+from .tools.outputs import OutputDir
+
+__all__ = ["receive", "QemuReceived", "QemuStreamFacts"]
+
+DEFAULT_STALL_TIMEOUT = 30.0
+
+
+@dataclass
+class QemuReceived:
+    """What :func:`receive` wrote and measured."""
+    facts: QemuStreamFacts
+    files: dict[str, str]           # block idstr / "vmstate" / "manifest" -> path
+    manifest: dict
+    seconds: float                  # from the main channel's arrival to the commit
+    channels: list[dict]            # per channel: packets, pages and bytes received
+
+
+def receive(address: str, directory: str, *, timeout: float = 3600.0,
+            stall_timeout: float = DEFAULT_STALL_TIMEOUT, force: bool = False,
+            keep_partial: bool = False, on_listening=None) -> QemuReceived:
+    """Receive one migration from QEMU into ``directory`` (see the module docstring).
+
+    ``timeout``: seconds to wait for QEMU to connect; ``stall_timeout``: any
+    wait for QEMU's next bytes, SYNCs or the end of its channels. ``force``
+    replaces files of the same names; ``keep_partial`` keeps what arrived of
+    a failed migration as ``.part`` files. ``on_listening(address)`` is called
+    with the bound address (``tcp:...:0`` picks a port) before any wait."""
+    requested = parse_address(address)
+    out = OutputDir(directory, force=force, keep_partial=keep_partial)
+    listener = None
+    session = None
+    try:
+        listener = listen(requested)
+        # Its first worker starts now, before QEMU is told where to go.
+        session = QemuReceiving(listener, out, timeout=timeout, stall_timeout=stall_timeout)
+        if on_listening is not None:
+            on_listening(str(bound_address(listener, requested)))
+        facts = session.run()
+        manifest = _manifest(facts, out)
+        out.commit(manifest)
+        return QemuReceived(facts, out.files(), manifest, time.monotonic() - session.main_at,
+                            session.channel_stats())
+    except BaseException:
+        if session is not None:
+            session.close()         # nothing writes any more
+        out.abort()
+        raise
+    finally:
+        if session is not None:
+            session.close()
+        if listener is not None:
+            listener.close()
+            if requested.family == socket.AF_UNIX and os.path.exists(requested.target):
+                os.unlink(requested.target)
+        out.close()
+
+
+def _manifest(facts: QemuStreamFacts, out: OutputDir) -> dict:
+    return {
+        "format": "qemu-migration",
+        "stream_version": facts.version,
+        "machine": facts.machine,
+        "page_size": facts.page_size,
+        "capabilities": ["multifd", *facts.capabilities],
+        "uuid": facts.uuid.hex() if facts.uuid is not None else None,
+        "channels": facts.channels,
+        "compression": facts.compression,
+        "blocks": [{"idstr": name, "size": size, "file": out.regions[name].final}
+                   for name, size in facts.blocks.items()],
+        "vmstate": {"file": out.streams["vmstate"].final, "size": facts.vmstate_bytes,
+                    "stream_offset": facts.ram_bytes, "devices": facts.vm_devices},
+        "ram_section_ends": facts.rounds,
+        "main_channel_zero_pages": facts.zero_pages,
+    }
