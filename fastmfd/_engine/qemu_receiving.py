@@ -80,6 +80,9 @@ class QemuStreamFacts:
     ram_bytes: int = 0                      # main-channel bytes before the device sections
     vmstate_bytes: int = 0
     vm_devices: int = 0
+    configuration: bytes = b""              # the stream's CONFIGURATION section
+    ram_section_id: int = 0
+    section_footers: bool = True
 
 
 @dataclass
@@ -132,6 +135,9 @@ class QemuReceiving:
         facts.machine, facts.page_size = decoder.out.machine, decoder.out.page_size
         facts.capabilities = list(decoder.out.capabilities)
         facts.ram_bytes = decoder.out.ram_bytes
+        facts.configuration = decoder.out.configuration
+        facts.ram_section_id = decoder.out.ram_section_id
+        facts.section_footers = decoder.out.section_footers
         if facts.uuid is None:
             facts.uuid = decoder.out.uuid
         self._save_vmstate(decoder.r)

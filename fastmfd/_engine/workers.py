@@ -72,8 +72,9 @@ def _send_session(pipe: ChildPipe, params: SendParams, stack: list) -> None:
     row_bytes = params.job_pages * 8
     box = mailbox.buf[params.mailbox_row * row_bytes:][:row_bytes]
     codec = _core.make_codec(params.compression, True, params.compression_level)
-    engine = _core.SendEngine(sock.fileno(), params.channel,
-                              _engine_geometry(params, params.zero_page_detection), codec,
+    geometry = _engine_geometry(params, params.zero_page_detection)
+    geometry["layout"] = params.layout
+    engine = _core.SendEngine(sock.fileno(), params.channel, geometry, codec,
                               regions, counters, selector, params.selector_index, box, pool,
                               list(params.devices), tls=tls)
     engine.run(cmd_fd)

@@ -85,6 +85,7 @@ class SendParams(ChannelParams):
     job_pages: int
     selector: str
     selector_index: int
+    layout: str = "current"                 # RAM header layout: "current" or "qemu-7.2"
 
 
 @dataclass(frozen=True)

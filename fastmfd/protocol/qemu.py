@@ -29,19 +29,27 @@ and hands what it decodes to hooks: ``on_blocks`` (the block list),
 ``on_command``. :func:`decode_qemu_main` is the capture's use: it keeps each
 round's records.
 
+The ``encode_*`` functions write the same format back, as much of it as a
+replay of saved RAM needs (``fastmfd.qemu.send``): the stream's start, the
+RAM section's start (block list), its ZERO records and its ends.
+
 Facts from migration/savevm.c, savevm.h and ram.c @ 7.2; no QEMU code is copied.
 """
 
 from __future__ import annotations
 
 import json
+import struct
 from collections import Counter
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from .bytereader import ByteReader
 
 __all__ = ["QEVM_MAGIC", "QemuMainChannel", "RamRecord", "QevmDecoder", "decode_qemu_main",
-           "check_stream_end"]
+           "check_stream_end", "encode_stream_start", "encode_ram_start", "encode_ram_end_start",
+           "encode_zero_records", "encode_ram_eos"]
 
 QEVM_MAGIC = b"QEVM"
 QEVM_VERSION = 3
@@ -98,6 +106,9 @@ class QemuMainChannel:
     page_size: int = 4096
     capabilities: list[str] = field(default_factory=list)
     uuid: bytes | None = None                   # configuration/uuid subsection, if sent
+    configuration: bytes = b""                  # the CONFIGURATION section as sent
+    ram_section_id: int | None = None
+    section_footers: bool = False               # RAM sections end with a footer
     blocks: dict[str, int] = field(default_factory=dict)
     rounds: list[list[RamRecord]] = field(default_factory=list)  # records before each EOS
     zero_pages: int = 0
@@ -186,6 +197,7 @@ class QevmDecoder:
         kind = r.u8("section type")
         if kind == CONFIGURATION and at == 8:
             self._configuration()
+            self.out.configuration = bytes(r.since(at)[:r.pos - at])
         elif kind == COMMAND:
             self._command(at)
         elif kind in (SECTION_START, SECTION_FULL):
@@ -198,7 +210,7 @@ class QevmDecoder:
                     raise r.error(f"RAM section field 'version_id': received {version}, "
                                   f"expected {RAM_SECTION_VERSION}", field="version_id",
                                   received=version, expected=RAM_SECTION_VERSION, at=at)
-                self.ram_section = section_id
+                self.ram_section = self.out.ram_section_id = section_id
                 self._ram_section("start", section_id)
             else:
                 return self._stop(at, idstr)
@@ -282,6 +294,7 @@ class QevmDecoder:
             at = r.pos
             r.u8("section footer")
             footer_id = r.be32("footer section id")
+            self.out.section_footers = True
             if footer_id != section_id:
                 raise r.error(f"main channel section footer: received section id {footer_id}, "
                               f"expected {section_id}", field="footer", received=footer_id,
@@ -438,3 +451,54 @@ def _vm_description(r: ByteReader, pos: int, page_size: int) -> int:
                       f"and 'page_size' {page_size}", field="vmdescription",
                       received=found, expected=page_size, at=pos + 6)
     return len(devices)
+
+
+# ---------------------------------------------------------------- encoding
+
+def _name_bytes(name: str) -> bytes:
+    raw = name.encode("utf-8")
+    if not raw or len(raw) > 255:
+        raise ValueError(f"name {name!r}: 1..255 bytes of UTF-8 expected")
+    return bytes([len(raw)]) + raw
+
+
+def encode_stream_start(configuration: bytes) -> bytes:
+    """``QEVM``, the version, then the CONFIGURATION section as a source sent it."""
+    return QEVM_MAGIC + struct.pack(">I", QEVM_VERSION) + configuration
+
+
+def encode_ram_start(section_id: int, blocks: dict[str, int]) -> bytes:
+    """The RAM section's START header and the block list (MEM_SIZE record): what
+    comes before the setup SYNC on every multifd channel."""
+    out = [struct.pack(">BI", SECTION_START, section_id), _name_bytes("ram"),
+           struct.pack(">IIQ", 0, RAM_SECTION_VERSION, sum(blocks.values()) | RAM_MEM_SIZE)]
+    for name, size in blocks.items():
+        out += [_name_bytes(name), struct.pack(">Q", size)]
+    return b"".join(out)
+
+
+def encode_ram_end_start(section_id: int) -> bytes:
+    """The header of the RAM section's END (the completion section)."""
+    return struct.pack(">BI", SECTION_END, section_id)
+
+
+_ZERO_RECORD = np.dtype([("header", ">u8"), ("fill", "u1")])      # packed: 9 bytes
+
+
+def encode_zero_records(block: str, offsets: np.ndarray) -> bytes:
+    """ZERO records (fill byte 0) for the pages at byte ``offsets`` of ``block``:
+    the first names the block, the others CONTINUE it (built without a Python
+    loop: a block may have millions)."""
+    if len(offsets) == 0:
+        return b""
+    records = np.empty(len(offsets), dtype=_ZERO_RECORD)
+    records["header"] = np.asarray(offsets, dtype=np.uint64) | (RAM_ZERO | RAM_CONTINUE)
+    records["fill"] = 0
+    first = struct.pack(">Q", int(offsets[0]) | RAM_ZERO) + _name_bytes(block) + b"\0"
+    return first + records[1:].tobytes()
+
+
+def encode_ram_eos(section_id: int, footer: bool) -> bytes:
+    """A RAM section's end: EOS, then (when the stream uses them) its footer."""
+    eos = struct.pack(">Q", RAM_EOS)
+    return eos + (struct.pack(">BI", SECTION_FOOTER, section_id) if footer else b"")

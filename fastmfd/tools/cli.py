@@ -47,8 +47,13 @@ def _config(args: argparse.Namespace):
 def cmd_send(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from ..errors import ConfigError
     from .report import stats_table
     from .transfer import ImageSpec, StateSpec, send_images
+    if args.qemu:
+        return _send_qemu(args)
+    if not args.images or args.dir is not None:
+        raise ConfigError("send: give IMAGE files (--dir goes with --qemu)")
     config = _config(args)
     stats = send_images(args.address, config, [ImageSpec.parse(i) for i in args.images],
                         [StateSpec.parse(s) for s in args.state], progress=not args.quiet)
@@ -99,6 +104,31 @@ def _listen_qemu(args: argparse.Namespace, console) -> int:
     return 0
 
 
+def _send_qemu(args: argparse.Namespace) -> int:
+    import time
+
+    from ..errors import ConfigError
+    from ..qemu import send
+    from . import security_options
+    if args.images or args.state or args.dir is None:
+        raise ConfigError("send --qemu: give --dir DIR (what listen --qemu wrote), no images")
+    if security_options.tls_config(args) or security_options.auth_key(args) \
+            or args.checksum or args.no_zero_detection:
+        raise ConfigError("send --qemu: QEMU's channels take no fastmfd TLS, shared key, "
+                          "checksum or zero-page setting")
+    started = time.monotonic()
+    channels = send(args.address, args.dir, channels=args.channels,
+                    compression=args.compression, level=args.level,
+                    stall_timeout=args.stall_timeout)
+    if not args.quiet:
+        pages = sum(c["normal_pages"] for c in channels)
+        wire = sum(c["wire_bytes"] for c in channels)
+        print(f"sent {args.dir} to QEMU in {(time.monotonic() - started) * 1000:.0f} ms: "
+              f"{pages} pages over {len(channels)} multifd channel(s), "
+              f"{format_bytes(wire)} on the wire", file=sys.stderr)
+    return 0
+
+
 def _build_parser() -> argparse.ArgumentParser:
     # Their arguments name the image kinds and compression methods: lazy, as above.
     from . import security_options
@@ -124,10 +154,17 @@ def _build_parser() -> argparse.ArgumentParser:
     security_options.add_arguments(p, loopback=True)
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("send", help="send image files (and device state files) to a listener")
-    p.add_argument("address", help="tcp:HOST:PORT or unix:PATH of `fastmfd listen`")
-    p.add_argument("images", nargs="+", metavar="IMAGE",
+    p = sub.add_parser("send", help="send image files (and device state files) to a listener, "
+                                    "or with --qemu a saved QEMU migration to a QEMU")
+    p.add_argument("address", help="tcp:HOST:PORT or unix:PATH of `fastmfd listen` (of QEMU's "
+                                   "migrate-incoming with --qemu)")
+    p.add_argument("images", nargs="*", metavar="IMAGE",
                    help="PATH or NAME=PATH of a memory image (size a multiple of 4096)")
+    p.add_argument("--qemu", action="store_true",
+                   help="migrate what `listen --qemu` saved in --dir into a QEMU started with "
+                        "-incoming defer; --channels and --compression must be its "
+                        "multifd-channels and multifd-compression")
+    p.add_argument("--dir", default=None, help="with --qemu: the saved directory")
     p.add_argument("--state", action="append", default=[], metavar="IDSTR[:N]=PATH",
                    help="a device state file (repeatable)")
     p.add_argument("--channels", type=int, default=2, help="multifd channels (default 2)")
