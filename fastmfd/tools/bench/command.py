@@ -13,7 +13,7 @@ from ...config import COMPRESSION_METHODS
 from .. import security_options
 from ..images import IMAGE_KINDS, Image
 from ..units import format_bytes, format_rate, parse_size
-from .matrix import PEERS, Setting, run_matrix
+from .matrix import PEERS, QEMU_METHODS, Setting, run_matrix
 from .output import render
 from .peers import find_qemu
 
@@ -80,8 +80,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="runs per setting; the table shows the best (default 1)")
     parser.add_argument("--peer", action="append", choices=PEERS, default=[],
                         help="also time a peer on the same image: sendall (one plain "
-                             "socket) or qemu (real QEMU multifd, needs qemu-system-x86_64); "
-                             "repeatable")
+                             "socket) or qemu (real QEMU multifd, needs qemu-system-x86_64: "
+                             "QEMU -> QEMU, QEMU -> fastmfd listen --qemu, fastmfd send "
+                             "--qemu -> QEMU); repeatable")
     parser.add_argument("--qemu-binary", default=None, metavar="PATH",
                         help="QEMU to run for --peer qemu (default: qemu-system-x86_64 "
                              "on PATH)")
@@ -97,7 +98,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def settings_from_args(args: argparse.Namespace) -> list[Setting]:
     """The settings to time, in run (and table) order: the sendall peer first, then
     each (compression, channels) cell with its QEMU peer right after it."""
-    methods = ["fastmfd"] + (["qemu"] if "qemu" in args.peer else [])
+    methods = ["fastmfd"] + (list(QEMU_METHODS) if "qemu" in args.peer else [])
     settings = [Setting("sendall", 1, "none")] if "sendall" in args.peer else []
     settings += [Setting(method, ch, comp, args.level)
                  for comp in args.compression for ch in args.channels for method in methods]
