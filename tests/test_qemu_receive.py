@@ -19,8 +19,10 @@ import numpy as np
 import pytest
 
 from captures import BLOCKS, UUID
-from fastmfd import qemu
+from fastmfd import _core, qemu
 from fastmfd.errors import MigrationError, ProtocolError
+from fastmfd.protocol.qemu import (encode_ram_end_start, encode_ram_eos, encode_ram_start,
+                                   encode_stream_start, encode_zero_records)
 from fastmfd.protocol.sockets import connect, parse_address
 from qemu_support import Guest, needs_qemu, pattern
 
@@ -255,3 +257,50 @@ def test_wrong_magic_fails_cleanly(tmp_path, qemu72_captures):
         for sock in socks:
             sock.close()
     assert_nothing_complete(out)
+
+
+# ---------------------------------------------------------------- a stream made here
+
+def test_zero_page_after_data_is_written(tmp_path):
+    """A page sent as data in one round and as ZERO in the next ends up zero (the
+    file is not left holding the older data); pages only ever zero stay holes."""
+    block, size, page = "pc.ram", 1 << 20, 4096
+    part, end = (bytes([kind]) + (2).to_bytes(4, "big") for kind in (0x02, 0x03))
+    eos = encode_ram_eos(2, True)
+    main = (encode_stream_start(b"\x07" + (3).to_bytes(4, "big") + b"abc")
+            + encode_ram_start(2, {block: size}) + eos           # round 1: setup
+            + part + eos                                         # round 2: data (multifd)
+            + part + encode_zero_records(block, np.array([5 * page, 9 * page],
+                                                         dtype=np.uint64)) + eos
+            + end + eos)
+    description = json.dumps({"page_size": page, "devices": []}).encode()
+    main += b"\x00\x06" + len(description).to_bytes(4, "big") + description
+
+    codec = _core.RamPacketCodec(128, page, _core.LAYOUT_QEMU72, 0, {block: size})
+    header = bytearray(codec.header_size)
+
+    def packet(flags, normal=(), data=b""):
+        codec.encode(header, flags=flags, ramblock=block if normal else b"", normal=normal,
+                     next_packet_size=len(data))
+        return bytes(header) + data
+
+    init = bytearray(_core.INIT_PACKET_SIZE)
+    _core.encode_init_packet(init, bytes(16), 0)
+    channel = (bytes(init) + packet(_core.FLAG_SYNC)                    # setup
+               + packet(0, [5 * page], b"\x77" * page) + packet(_core.FLAG_SYNC)   # round 2
+               + packet(_core.FLAG_SYNC) + packet(_core.FLAG_SYNC))     # rounds 3, 4
+
+    out = tmp_path / "out"
+    receiver = Receiver(out)
+    target = parse_address(receiver.address)
+    socks = [connect(target, 5), connect(target, 5)]
+    try:
+        for sock, data in zip(socks, (main, channel)):
+            threading.Thread(target=_send_quietly, args=(sock, data), daemon=True).start()
+        received = receiver.result()
+    finally:
+        for sock in socks:
+            sock.close()
+    image = (out / received.manifest["blocks"][0]["file"]).read_bytes()
+    assert image == bytes(size)
+    assert received.manifest["ram_section_ends"] == 4

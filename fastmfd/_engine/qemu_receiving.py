@@ -36,10 +36,12 @@ import socket
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from .. import _core
 from ..errors import MigrationError, ProtocolError
 from ..protocol.bytereader import ByteReader, StreamReader
-from ..protocol.control import Eof, Go, RecvParams, Synced
+from ..protocol.control import Eof, Go, Ready, RecvParams, Synced
 from ..protocol.qemu import (MIG_CMD_OPEN_RETURN_PATH, MIG_CMD_PING, QEVM_MAGIC, QevmDecoder,
                              check_stream_end)
 from ..protocol.sockets import tune_data_socket
@@ -90,6 +92,8 @@ class _Channel:
     id: int
     sock: socket.socket
     worker: object                          # its Child
+    ready: bool = False                     # its worker reported Ready
+    starting: bool = False                  # its parameters wait for that Ready
     synced: int = 0
     ended: bool = False
     compression: str | None = None
@@ -115,8 +119,10 @@ class QemuReceiving:
         self.closed_door = False
         self._main_readable = False
         self.main_at = 0.0                          # when the main channel came
+        # One worker started ahead (and with it multiprocessing's forkserver); the
+        # others start as their channels connect, all at once, reporting Ready.
         self.workers = ChildSet(qemu_recv_worker_main, ["receive worker"])
-        self.spare = self.workers[0]                # started ahead of its channel
+        self.spare = self.workers[0]
 
     # ------------------------------------------------------------ the session
     def run(self) -> QemuStreamFacts:
@@ -249,10 +255,10 @@ class QemuReceiving:
         sock.settimeout(None)
         tune_data_socket(sock)
         worker, self.spare = self.spare, None
+        channel = self.channels[ch] = _Channel(ch, sock, worker, ready=worker is not None)
         if worker is None:
-            worker = self.workers.add(qemu_recv_worker_main, where, self.stall)
+            channel.worker = worker = self.workers.spawn(qemu_recv_worker_main, where)
         worker.name = where
-        channel = self.channels[ch] = _Channel(ch, sock, worker)
         self.watch.add_child(worker, lambda report: self._on_report(channel, report))
         if self.regions:
             self._start_channel(channel)
@@ -289,6 +295,9 @@ class QemuReceiving:
             self._start_channel(channel)
 
     def _start_channel(self, channel: _Channel) -> None:
+        if not channel.ready:
+            channel.starting = True         # its Ready will start it (_on_report)
+            return
         regions = list(self.regions.values())
         page_size = self.facts.page_size
         params = RecvParams(
@@ -300,19 +309,21 @@ class QemuReceiving:
             layout=_core.LAYOUT_QEMU72, learn_compression=True)
         channel.worker.start_session(params, [channel.sock.fileno()])
 
-    def on_page(self, block: str, offset: int, page: memoryview, zero: bool) -> None:
-        """A ZERO or PAGE record. A zero page stays a hole unless this migration wrote
-        data there before (a page re-sent as zero in a later round)."""
+    def on_page(self, block: str, offset: int, page: memoryview) -> None:
+        """A PAGE record, or a ZERO record of a fill byte other than 0."""
         region = self.regions[block]
-        index = offset // region.page_size
-        if zero:
-            self.facts.zero_pages += 1
-            if region.dirty.test(index):
-                region.buffer[offset:offset + len(page)] = page
-            return
         self.facts.main_pages += 1
         region.buffer[offset:offset + len(page)] = page
-        region.dirty.mark(index)
+        region.dirty.mark(offset // region.page_size)
+
+    def on_zero_pages(self, block: str, offsets: np.ndarray) -> None:
+        """ZERO records. A zero page stays a hole unless this migration wrote data
+        there before (a page re-sent as zero in a later round)."""
+        region = self.regions[block]
+        self.facts.zero_pages += len(offsets)
+        for page in region.dirty.marked(offsets // np.uint64(region.page_size)).tolist():
+            region.buffer[page * region.page_size:(page + 1) * region.page_size] = \
+                bytes(region.page_size)
 
     def on_eos(self) -> None:
         """RAM barrier: every channel sent its SYNC for this section end; let them on."""
@@ -341,7 +352,11 @@ class QemuReceiving:
             channel.worker.send(Go(k))
 
     def _on_report(self, channel: _Channel, report) -> None:
-        if isinstance(report, Synced):
+        if isinstance(report, Ready):
+            channel.ready = True
+            if channel.starting:
+                self._start_channel(channel)
+        elif isinstance(report, Synced):
             if report.round > self.facts.rounds + 1:
                 raise ProtocolError(f"SYNC {report.round} before the main channel's RAM "
                                     f"section end {self.facts.rounds + 1}", field="SYNC",
@@ -451,8 +466,13 @@ class _LiveDecoder(QevmDecoder):
         self.session.on_blocks(self.out.blocks, self.out.page_size)
 
     def on_page(self, block: str, offset: int, page: memoryview, at: int) -> None:
-        # A ZERO record's page is the decoder's one page of its fill byte.
-        self.session.on_page(block, offset, page, page is self.fill_pages.get(0))
+        if page is self.fill_pages.get(0):      # a ZERO record outside a run
+            self.session.on_zero_pages(block, np.array([offset], dtype=np.uint64))
+        else:
+            self.session.on_page(block, offset, page)
+
+    def on_zero_pages(self, block: str, offsets: np.ndarray, at: int) -> None:
+        self.session.on_zero_pages(block, offsets)
 
     def on_eos(self) -> None:
         self.session.on_eos()

@@ -45,6 +45,7 @@ __all__ = ["QemuSending", "QemuStream"]
 
 QEMU_PACKET_BYTES = 512 << 10       # MULTIFD_PACKET_SIZE (spec §2.1)
 JOB_PACKETS = 4                     # packets per job handed to a worker
+SCAN_PAGES = 1 << 14                # pages scanned for zeros at a time (64 MiB of 4 KiB)
 MAIN = "main channel"
 
 
@@ -99,11 +100,7 @@ class QemuSending:
         self._sync()
         self._main(encode_ram_eos(section, footer) + encode_ram_end_start(section))
         for index, region in enumerate(self.regions):
-            zero = _core.find_zero_pages(region.buffer, self.page_size)
-            self._main(encode_zero_records(region.name, zero * np.uint64(self.page_size)))
-            data = np.setdiff1d(np.arange(region.npages, dtype=np.uint64), zero,
-                                assume_unique=True)
-            self._dispatch(index, data)
+            self._send_region(index, region)
         self._sync()
         self._main(encode_ram_eos(section, footer))
         self._send_vmstate()
@@ -140,6 +137,15 @@ class QemuSending:
         that follows on the main channel is where QEMU waits for them)."""
         for ch in range(self.channels):
             self._command(ch, _core.pack_command(_core.CMD_SYNC))
+
+    def _send_region(self, index: int, region: Region) -> None:
+        """The region's zero pages as ZERO records, the others to the channels; a
+        slice at a time, so the channels start while the rest is scanned."""
+        for first in range(0, region.npages, SCAN_PAGES):
+            pages = np.arange(first, min(first + SCAN_PAGES, region.npages), dtype=np.uint64)
+            zero = _core.find_zero_pages(region.buffer, self.page_size, pages)
+            self._main(encode_zero_records(region.name, zero * np.uint64(self.page_size)))
+            self._dispatch(index, np.setdiff1d(pages, zero, assume_unique=True))
 
     def _dispatch(self, index: int, pages: np.ndarray) -> None:
         for start in range(0, len(pages), self.job_pages):

@@ -58,6 +58,15 @@ class ByteReader:
         """Up to ``n`` bytes ahead, without moving (fewer at the end of the file)."""
         return bytes(self.view[self.pos:self.pos + n])
 
+    def available(self) -> int:
+        """Bytes at hand after the cursor (a stream's: what has arrived)."""
+        return self.size - self.pos
+
+    def peek_view(self, n: int) -> memoryview:
+        """The next ``n`` bytes at hand (``n <= available()``), not copied: release
+        it before reading on."""
+        return self.view[self.pos:self.pos + n]
+
     def mark(self) -> None:
         """A place the caller may come back to (:meth:`since`); a file keeps every byte."""
 
@@ -122,6 +131,10 @@ class StreamReader(ByteReader):
         self._fill(n)
         start = self.pos - self._base
         return bytes(self.view[start:start + n])
+
+    def peek_view(self, n: int) -> memoryview:
+        start = self.pos - self._base
+        return self.view[start:start + n]
 
     def at_end(self) -> bool:
         return not self._fill(1)
