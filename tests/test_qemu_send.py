@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from fastmfd import qemu
-from fastmfd.errors import ConfigError
+from fastmfd.errors import ConfigError, MigrationError
 from qemu_support import Guest, needs_qemu, pattern
 from test_qemu_receive import Receiver, replay
 
@@ -136,3 +136,16 @@ def test_send_refuses_a_manifest_naming_a_path(tmp_path, qemu72_captures):
     path.write_text(json.dumps(manifest))
     with pytest.raises(ConfigError, match="expected a file name in"):
         qemu.send("tcp:127.0.0.1:9", str(tmp_path / "saved"))
+
+
+@needs_qemu
+def test_a_destination_expecting_other_channels_fails_the_send(tmp_path):
+    """QEMU negotiates nothing: a destination waiting for 4 channels gets 2 and reads
+    nothing; the send fails within its deadline, saying what to check."""
+    saved, _ = saved_guest(tmp_path, 2, "none")
+    guest, _, address = incoming_guest(tmp_path, 4, "none")
+    try:
+        with pytest.raises(MigrationError, match="multifd-channels 2"):
+            qemu.send(address, str(saved), channels=2, stall_timeout=2.0)
+    finally:
+        guest.close()

@@ -153,9 +153,17 @@ class QemuSending:
             ch = self.selector.select(timeout=self.stall)
             if ch is None:
                 self._check_workers()
-                raise MigrationError(f"no channel took work for {self.stall:g} s")
+                raise MigrationError(f"no multifd channel took work for {self.stall:g} s"
+                                     + self._mismatch_hint)
             self.mailbox[ch, :count] = pages[start:start + count]
             self._command(ch, _core.pack_command(_core.CMD_RAM, index, count))
+
+    @property
+    def _mismatch_hint(self) -> str:
+        # A 7.2 destination reads no main channel before all of its channels came,
+        # and holds every channel at a SYNC until the main channel reaches its EOS.
+        return (f" (are the destination's multifd-channels {self.channels} and its "
+                f"multifd-compression {self.compression}?)")
 
     def _send_vmstate(self) -> None:
         while chunk := os.read(self.vmstate_fd, 1 << 20):
@@ -164,6 +172,10 @@ class QemuSending:
     def _main(self, data: bytes) -> None:
         try:
             self.main.sendall(data)
+        except TimeoutError:
+            self._check_workers()
+            raise MigrationError(f"the destination took no data for {self.stall:g} s"
+                                 + self._mismatch_hint, channel=MAIN) from None
         except OSError as exc:
             self._check_workers()
             raise MigrationError(f"sending failed: {exc.strerror or exc}",
