@@ -63,14 +63,17 @@ class QemuReceived:
 
 def receive(address: str, directory: str, *, timeout: float = 3600.0,
             stall_timeout: float = DEFAULT_STALL_TIMEOUT, force: bool = False,
-            keep_partial: bool = False, on_listening=None) -> QemuReceived:
+            keep_partial: bool = False, workers: int = 2, on_listening=None) -> QemuReceived:
     """Receive one migration from QEMU into ``directory`` (see the module docstring).
 
     ``timeout``: seconds to wait for QEMU to connect; ``stall_timeout``: any
     wait for QEMU's next bytes, SYNCs or the end of its channels. ``force``
     replaces files of the same names; ``keep_partial`` keeps what arrived of
-    a failed migration as ``.part`` files. ``on_listening(address)`` is called
-    with the bound address (``tcp:...:0`` picks a port) before any wait."""
+    a failed migration as ``.part`` files. ``workers``: receive worker processes
+    started before QEMU connects (default 2, QEMU's default multifd-channels;
+    a channel beyond them gets its worker as it connects).
+    ``on_listening(address)`` is called with the bound address (``tcp:...:0``
+    picks a port) before any wait."""
     requested = parse_address(address)
     out = OutputDir(directory, force=force, keep_partial=keep_partial)
     listener = None
@@ -78,7 +81,8 @@ def receive(address: str, directory: str, *, timeout: float = 3600.0,
     try:
         listener = listen(requested)
         # Its first worker starts now, before QEMU is told where to go.
-        session = QemuReceiving(listener, out, timeout=timeout, stall_timeout=stall_timeout)
+        session = QemuReceiving(listener, out, timeout=timeout, stall_timeout=stall_timeout,
+                                workers=workers)
         if on_listening is not None:
             on_listening(str(bound_address(listener, requested)))
         facts = session.run()

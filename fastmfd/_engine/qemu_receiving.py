@@ -103,9 +103,10 @@ class QemuReceiving:
     """The state of one migration from QEMU (see the module docstring)."""
 
     def __init__(self, listener: socket.socket, out, *, timeout: float,
-                 stall_timeout: float) -> None:
+                 stall_timeout: float, workers: int = 2) -> None:
         """``out`` names, creates and keeps the files (a tools.outputs.OutputDir:
-        plan_qemu, region, stream, fsync_part); the caller commits or aborts it."""
+        plan_qemu, region, stream, fsync_part); the caller commits or aborts it.
+        ``workers``: receive workers started now, before QEMU connects."""
         self.listener = listener
         self.out = out
         self.timeout, self.stall = timeout, stall_timeout
@@ -119,10 +120,10 @@ class QemuReceiving:
         self.closed_door = False
         self._main_readable = False
         self.main_at = 0.0                          # when the main channel came
-        # One worker started ahead (and with it multiprocessing's forkserver); the
-        # others start as their channels connect, all at once, reporting Ready.
-        self.workers = ChildSet(qemu_recv_worker_main, ["receive worker"])
-        self.spare = self.workers[0]
+        # Workers started ahead (at least one: it starts multiprocessing's forkserver);
+        # more start as their channels connect, all at once, reporting Ready.
+        self.workers = ChildSet(qemu_recv_worker_main, ["receive worker"] * max(1, workers))
+        self.spares = list(self.workers)
 
     # ------------------------------------------------------------ the session
     def run(self) -> QemuStreamFacts:
@@ -254,7 +255,7 @@ class QemuReceiving:
                                 where=where)
         sock.settimeout(None)
         tune_data_socket(sock)
-        worker, self.spare = self.spare, None
+        worker = self.spares.pop() if self.spares else None
         channel = self.channels[ch] = _Channel(ch, sock, worker, ready=worker is not None)
         if worker is None:
             channel.worker = worker = self.workers.spawn(qemu_recv_worker_main, where)

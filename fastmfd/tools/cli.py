@@ -92,7 +92,7 @@ def _listen_qemu(args: argparse.Namespace, console) -> int:
     received = receive(
         args.address, args.dir, timeout=args.timeout,
         stall_timeout=args.stall_timeout or DEFAULT_STALL_TIMEOUT, force=args.force,
-        keep_partial=args.keep_partial,
+        keep_partial=args.keep_partial, workers=args.workers,
         on_listening=lambda address: console.print(f"listening on {address} (QEMU: migrate "
                                                    f"with the multifd capability)"))
     for name, path in received.files.items():
@@ -186,6 +186,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qemu", action="store_true",
                    help="the source is a QEMU (7.2) migrating with the multifd capability: "
                         "write each RAMBlock, vmstate.bin and manifest.json into DIR")
+    p.add_argument("--workers", type=int, default=2, metavar="N",
+                   help="with --qemu: receive workers started before QEMU connects (default "
+                        "2; more start as channels connect)")
     p.add_argument("--dir", default=".", help="output directory (default: here)")
     p.add_argument("--timeout", type=float, default=3600.0,
                    help="seconds to wait for the sender (default 3600)")

@@ -34,21 +34,21 @@ RAM_BLOCK = "mem"           # the memory-backend's id: the guest RAM's RAMBlock
 class _Receiver:
     """``qemu.receive`` in a thread, listening once constructed."""
 
-    def __init__(self, directory: str) -> None:
+    def __init__(self, directory: str, workers: int) -> None:
         self._listening = threading.Event()
         self._outcome: dict = {}
         self.address = ""
-        self._thread = threading.Thread(target=self._run, args=(directory,),
+        self._thread = threading.Thread(target=self._run, args=(directory, workers),
                                         name="fastmfd qemu receive", daemon=True)
         self._thread.start()
         if not self._listening.wait(STEP_TIMEOUT):
             raise MigrationError("fastmfd's QEMU receiver did not start listening")
         self._raise()
 
-    def _run(self, directory: str) -> None:
+    def _run(self, directory: str, workers: int) -> None:
         try:
             self._outcome["result"] = qemu.receive(
-                "tcp:127.0.0.1:0", directory, timeout=STEP_TIMEOUT * 10,
+                "tcp:127.0.0.1:0", directory, timeout=STEP_TIMEOUT * 10, workers=workers,
                 on_listening=self._on_listening)
         except BaseException as exc:        # handed to the thread that waits
             self._outcome["error"] = exc
@@ -85,7 +85,8 @@ class QemuToFastmfdTrial(QemuPeer):
         try:
             self.src = self._start(image.path, incoming=False)
             self.multifd(self.src, channels, compression, level)
-            self._receiver = _Receiver(self._dir)
+            # Its workers ready before timing, as the QEMU destination's threads are.
+            self._receiver = _Receiver(self._dir, channels)
             wait_until_idle([p.pid for p in self._procs])
         except BaseException:
             self.close()
@@ -121,7 +122,7 @@ class FastmfdToQemuTrial(QemuPeer):
         try:
             source = self._start(image.path, incoming=False)
             self.multifd(source, 2, "none", 1)
-            receiver = _Receiver(self._dir)
+            receiver = _Receiver(self._dir, 2)
             source.command("migrate", uri=receiver.address)
             receiver.result(STEP_TIMEOUT * 10)
             self.dst = self._start(self._received, incoming=True)
