@@ -21,8 +21,8 @@ import pytest
 from captures import BLOCKS, UUID
 from fastmfd import _core, qemu
 from fastmfd.errors import MigrationError, ProtocolError
-from fastmfd.protocol.qemu import (encode_ram_end_start, encode_ram_eos, encode_ram_start,
-                                   encode_stream_start, encode_zero_records)
+from fastmfd.protocol.qemu import (encode_ram_eos, encode_ram_start, encode_stream_start,
+                                   encode_zero_records)
 from fastmfd.protocol.sockets import connect, parse_address
 from qemu_support import Guest, needs_qemu, pattern
 

@@ -70,10 +70,6 @@ class _Receiver:
         return self._outcome["result"]
 
 
-def _block_file(received: qemu.QemuReceived) -> str:
-    return received.files[RAM_BLOCK]
-
-
 class QemuToFastmfdTrial(QemuPeer):
     """A real QEMU migrates the image into ``fastmfd listen --qemu``."""
     _received_name = "fastmfd: the RAMBlock file listen --qemu wrote"
@@ -99,7 +95,7 @@ class QemuToFastmfdTrial(QemuPeer):
         seconds = time.perf_counter() - started
         if self.src.wait_migration(STEP_TIMEOUT) != "completed":
             raise MigrationError(f"QEMU source: {self.src.command('query-migrate')}")
-        self._received = _block_file(received)
+        self._received = received.files[RAM_BLOCK]
         channels = received.channels
         return Measurement(seconds, self.image.size,
                            sum(c["wire_bytes"] for c in channels) + received.facts.ram_bytes
