@@ -110,8 +110,8 @@ cdef class _EngineBase:
                     object fresh, TLSChannel tls) except -1:
         cdef uint32_t pp = params["packet_pages"]
         comp_flag = 0 if codec is None else (<Codec>codec).flag
-        ram_layout_init(&self.lay, pp, params["page_size"], LAYOUT_CURRENT, comp_flag, 0,
-                        params.get("checksum", False))
+        ram_layout_init(&self.lay, pp, params["page_size"], params.get("layout", LAYOUT_CURRENT),
+                        comp_flag, 0, params.get("checksum", False))
         self.link.fd = fd
         self.link.ssl = NULL
         self.link.err[0] = 0
@@ -399,6 +399,10 @@ cdef class RecvEngine(_EngineBase):
     peer closed the connection at a packet boundary. Everything else —
     malformed packets, truncation, I/O errors — raises.
 
+    With ``params["learn_compression"]`` (a QEMU stream: nothing announces
+    its method) ``codec`` is None and the channel takes the method of its
+    first packet with pages; every later packet must carry the same bits.
+
     ``received`` (one DirtyBitmap per region) records pages written, so a
     listed zero page is only zeroed where older data may sit (``fresh``
     regions started zero-filled). Device chunks go into slots of ``pool``;
@@ -413,6 +417,9 @@ cdef class RecvEngine(_EngineBase):
                     received, fresh, tls)
         self.reassembly_fd = reassembly_fd
         self.ram_allowed = ram_allowed
+        self.learn_compression = params.get("learn_compression", False)
+        if self.learn_compression and codec is not None:
+            raise ValueError("a channel that learns its compression starts without a codec")
         self.device_index = {name: i for i, name in enumerate(self.device_names)}
         chunk = params.get("chunk_size", 0) + CHUNK_HEADER_SIZE
         self.max_device_payload = chunk if codec is None else min(
@@ -428,7 +435,7 @@ cdef class RecvEngine(_EngineBase):
                 return EVENT_EOF
             self.check_io(got, 12, "packet header")
             flags = ld32(self.header + 8)
-            if flags & FLAG_DEVICE_STATE:
+            if flags & FLAG_DEVICE_STATE and not self.lay.qemu72:
                 self.recv_device()
             else:
                 if not self.ram_allowed:
@@ -453,6 +460,8 @@ cdef class RecvEngine(_EngineBase):
         with nogil:
             got = link_read_exact(&self.link, self.header + 12, self.lay.header_size - 12)
         self.check_io(got, self.lay.header_size - 12, "RAM packet header")
+        if self.learn_compression and ld32(self.header + 16):
+            self.learn_method(ld32(self.header + 8))
         if ram_decode(&self.lay, self.regions.entries, self.regions.count, self.header, &info,
                       &err, self.hint) < 0:
             raise_wire_error(&err)
@@ -512,6 +521,25 @@ cdef class RecvEngine(_EngineBase):
         bump(self.stats, ST_NORMAL, info.normal_pages)
         bump(self.stats, ST_ZERO, info.zero_pages)
         return info.flags & FLAG_SYNC
+
+    cdef int learn_method(self, uint32_t flags) except -1:
+        """The first packet with pages names the channel's compression (QEMU
+        sets the bits only on those, spec §2.4); bits of no known method are
+        left for ram_decode to refuse."""
+        cdef uint32_t method = flags & (COMPRESSION_MASK_72 if self.lay.qemu72
+                                        else COMPRESSION_MASK)
+        if method in (0, FLAG_ZLIB, FLAG_ZSTD):
+            self.codec = make_codec(COMPRESSION_NAMES[method], False)
+            self.lay.comp_flag = method
+            self.learn_compression = False
+        return 0
+
+    @property
+    def compression(self):
+        """The channel's method: "none", "zlib" or "zstd" (None: not learnt yet)."""
+        if self.learn_compression:
+            return None
+        return COMPRESSION_NAMES[self.lay.comp_flag]
 
     cdef int verify_crc(self, str what, size_t header_size, const iovec *iov, size_t n,
                         uint64_t expected) except -1:

@@ -471,6 +471,10 @@ cdef bint isal_available():
     return True
 
 
+# The method each compression flag of a RAM packet names (spec §2.4).
+COMPRESSION_NAMES = {0: "none", FLAG_ZLIB: "zlib", FLAG_ZSTD: "zstd"}
+
+
 def make_codec(str method, bint compressing, int level=1, bint use_isal=True):
     """The codec for ``method`` ("zlib" or "zstd"), or None for "none"; zlib
     runs on ISA-L when python-isal is installed (and ``use_isal``)."""

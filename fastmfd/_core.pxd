@@ -475,12 +475,14 @@ cdef class SendEngine(_EngineBase):
 cdef class RecvEngine(_EngineBase):
     cdef int reassembly_fd          # where device chunk descriptors go; -1 without devices
     cdef bint ram_allowed           # False on a dedicated device-state channel
+    cdef bint learn_compression     # QEMU: the first packet with pages sets codec and lay
     cdef readonly uint64_t rounds   # SYNC packets applied
     cdef int hint                   # the region of the last RAM packet
     cdef dict device_index          # (idstr bytes, instance_id) -> device number
     cdef uint32_t max_device_payload
 
     cdef bint recv_ram(self) except -1
+    cdef int learn_method(self, uint32_t flags) except -1
     cdef int verify_crc(self, str what, size_t header_size, const iovec *iov, size_t n,
                         uint64_t expected) except -1
     cdef int recv_device(self) except -1

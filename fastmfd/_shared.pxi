@@ -541,6 +541,34 @@ cdef class DirtyBitmap(_SharedStructure):
         """Mark ``count`` pages starting at page ``first`` dirty."""
         self.mark_range(first, count)
 
+    def test(self, uint64_t page):
+        """Whether ``page`` is marked now (a snapshot; nothing is cleared)."""
+        self.check_open()
+        if page >= self.hdr.npages:
+            raise IndexError(f"page {page} outside the bitmap of {self.hdr.npages}")
+        return bool((fm_load64(&self.words[page >> 6]) >> (page & 63)) & 1)
+
+    def marked(self, pages):
+        """The page indices in ``pages`` (any integer array-like) marked now, in
+        order, as a numpy ``uint64`` array (a snapshot; nothing is cleared)."""
+        cdef uint64_t[::1] idx = np.ascontiguousarray(pages, dtype=np.uint64)
+        cdef size_t i, k = 0, n = idx.shape[0]
+        cdef uint64_t page, npages
+        self.check_open()
+        npages = self.hdr.npages
+        for i in range(n):
+            if idx[i] >= npages:
+                raise IndexError(f"page {idx[i]} outside the bitmap of {npages}")
+        result = np.empty(n, dtype=np.uint64)
+        cdef uint64_t[::1] out = result
+        with nogil:
+            for i in range(n):
+                page = idx[i]
+                if (fm_load64(&self.words[page >> 6]) >> (page & 63)) & 1:
+                    out[k] = page
+                    k += 1
+        return result[:k].copy()
+
     def mark_pages(self, pages):
         """Mark every page index in ``pages`` (any integer array-like) dirty."""
         cdef uint64_t[::1] idx = np.ascontiguousarray(pages, dtype=np.uint64)

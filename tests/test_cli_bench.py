@@ -146,14 +146,19 @@ def test_qemu_peer_migrates_the_same_image(tmp_path, capsys):
     assert code == 0, printed.err
     assert "vs QEMU" in printed.out
     results = {r["name"]: r["extra_info"] for r in json.loads(out.read_text())["benchmarks"]}
-    assert set(results) == {"halftext fastmfd 2ch none", "halftext qemu 2ch none",
-                            "halftext fastmfd 2ch zlib-1", "halftext qemu 2ch zlib-1"}
+    assert set(results) == {f"halftext {method} 2ch {comp}" for comp in ("none", "zlib-1")
+                            for method in ("fastmfd", "qemu", "qemu-to-fastmfd",
+                                           "fastmfd-to-qemu")}
     qemu = results["halftext qemu 2ch zlib-1"]
     # QEMU's own view of the run: the image's pages (plus its ROMs) went over.
     assert qemu["runs"][0]["normal_pages"] >= (16 << 20) // 4096 // 2
     assert qemu["runs"][0]["qemu_total_time_s"] >= 0     # whole ms: a small run may show 0
     assert qemu["runs"][0]["seconds"] > 0
     assert set(qemu["runs"][0]["cpu_s"]) == {"source", "destination"}
+    # fastmfd as either end of a QEMU migration moved the same non-zero pages.
+    for method in ("qemu-to-fastmfd", "fastmfd-to-qemu"):
+        assert results[f"halftext {method} 2ch zlib-1"]["runs"][0]["normal_pages"] >= \
+            (16 << 20) // 4096 // 2
     assert not [line for line in subprocess.run(["ps", "-eo", "args"], capture_output=True,
                                                 text=True).stdout.splitlines()
                 if line.startswith("qemu-system") and "fastmfd-bench-" in line]

@@ -147,3 +147,19 @@ def test_no_mark_is_lost_while_collecting(processes):
     # Each page was marked once: it must come out exactly once.
     assert len(merged) == CONCURRENT_PAGES
     assert np.array_equal(np.sort(merged), np.arange(CONCURRENT_PAGES, dtype=np.uint64))
+
+
+def test_test_and_marked_read_without_clearing(bitmap):
+    bitmap.mark_pages([3, 64, NPAGES - 1])
+    assert [bitmap.test(p) for p in (2, 3, 64, 65, NPAGES - 1)] == [False, True, True, False,
+                                                                    True]
+    assert bitmap.marked(np.arange(NPAGES)).tolist() == [3, 64, NPAGES - 1]
+    assert bitmap.marked([NPAGES - 1, 5, 3]).tolist() == [NPAGES - 1, 3]
+    assert bitmap.count() == 3
+
+
+def test_test_and_marked_outside_the_bitmap(bitmap):
+    with pytest.raises(IndexError):
+        bitmap.test(NPAGES)
+    with pytest.raises(IndexError):
+        bitmap.marked([1, NPAGES])

@@ -26,7 +26,7 @@ LAYERS = [
     ["fastmfd._engine"],
     ["fastmfd.source", "fastmfd.destination"],
     ["fastmfd"],
-    ["fastmfd.tools"],
+    ["fastmfd.tools", "fastmfd.qemu"],     # fastmfd.qemu: QEMU's migrations to and from files
     ["fastmfd.__main__"],
 ]
 MAX_LINES = 600

@@ -348,9 +348,14 @@ class ChildSet:
 
     def add(self, target: Callable, name: str, timeout: float = READY_TIMEOUT) -> Child:
         """Start one more child (during a session: ``timeout``, its deadline)."""
+        child = self.spawn(target, name)
+        child.wait_ready(timeout)
+        return child
+
+    def spawn(self, target: Callable, name: str) -> Child:
+        """Start one more child without waiting for it: its first report is Ready."""
         child = Child(mp_context(), target, name)
         self.children.append(child)
-        child.wait_ready(timeout)
         return child
 
     def stop(self, timeout: float = 2.0) -> None:

@@ -15,6 +15,8 @@ channel's engine from the Cython core.
       Watch ◀── Synced(n) ────────────────────────        report, wait for Go(n)
             ─── Go(n) ────────────────────────────▶      ... until the channel ends: Eof
             ◀── Failed(text, traceback) ───────────      any failure, then exit(1)
+      QEMU (qemu_recv_worker_main): RecvParams +      the main process read the init packet:
+        socket ───────────────────────────────▶       RecvEngine on QEMU 7.2's layout, as above
 
 Only parameters (once) and per-round reports cross the control pipe; pages
 and device chunks go from socket to shared memory inside the engines.
@@ -27,13 +29,13 @@ import socket
 from .. import _core
 from ..errors import MigrationError, ProtocolError
 from ..protocol import handshake
-from ..protocol.control import (ChannelParams, Done, Eof, Go, Greeted, Greeting, Refused,
-                                SendParams, Stop, Synced)
+from ..protocol.control import (ChannelParams, Done, Eof, Go, Greeted, Greeting, RecvParams,
+                                Refused, SendParams, Stop, Synced)
 from ..regions import Region
 from ..shm import SharedMemory
 from .processes import ChildPipe, run_child
 
-__all__ = ["send_worker_main", "recv_worker_main"]
+__all__ = ["send_worker_main", "recv_worker_main", "qemu_recv_worker_main"]
 
 
 def _attach(params: ChannelParams, stack: list) -> tuple[list, "_core.Counters", object]:
@@ -70,9 +72,9 @@ def _send_session(pipe: ChildPipe, params: SendParams, stack: list) -> None:
     row_bytes = params.job_pages * 8
     box = mailbox.buf[params.mailbox_row * row_bytes:][:row_bytes]
     codec = _core.make_codec(params.compression, True, params.compression_level)
-    engine = _core.SendEngine(sock.fileno(), params.channel,
-                              {**_engine_geometry(params, params.zero_page_detection),
-                               "rate": params.rate}, codec,
+    geometry = _engine_geometry(params, params.zero_page_detection)
+    geometry.update(rate=params.rate, layout=params.layout)
+    engine = _core.SendEngine(sock.fileno(), params.channel, geometry, codec,
                               regions, counters, selector, params.selector_index, box, pool,
                               list(params.devices), tls=tls)
     engine.run(cmd_fd)
@@ -106,12 +108,27 @@ def _recv_session(pipe: ChildPipe, greeting: Greeting, stack: list) -> None:
     params = pipe.recv()
     if isinstance(params, Stop):
         return
+    _receive(pipe, sock, params, tls, stack)
+
+
+def _qemu_recv_session(pipe: ChildPipe, params: RecvParams, stack: list) -> None:
+    """A QEMU multifd channel, greeted (its init packet read) by the main process."""
+    sock = socket.socket(fileno=pipe.recv_fd())
+    stack.append(sock)
+    _receive(pipe, sock, params, None, stack)
+
+
+def _receive(pipe: ChildPipe, sock: socket.socket, params: RecvParams, tls,
+             stack: list) -> None:
+    """Run the channel's RecvEngine, holding at each SYNC until told Go."""
     reassembly_fd = pipe.recv_fd() if params.pool else -1
     regions, counters, pool = _attach(params, stack)
     received = [_core.DirtyBitmap.attach(name) for name in params.received]
     stack.extend(received)
-    codec = _core.make_codec(params.compression, False)
-    engine = _core.RecvEngine(sock.fileno(), params.channel, _engine_geometry(params), codec,
+    geometry = _engine_geometry(params)
+    geometry.update(layout=params.layout, learn_compression=params.learn_compression)
+    codec = None if params.learn_compression else _core.make_codec(params.compression, False)
+    engine = _core.RecvEngine(sock.fileno(), params.channel, geometry, codec,
                               regions, counters, received, list(params.fresh), pool,
                               list(params.devices), reassembly_fd, params.ram, tls=tls)
     while engine.run() == _core.EVENT_SYNC:
@@ -123,8 +140,9 @@ def _recv_session(pipe: ChildPipe, greeting: Greeting, stack: list) -> None:
             raise ProtocolError(f"channel {params.channel} holds at the SYNC of round "
                                 f"{engine.rounds} and was told {reply!r}", field="go",
                                 received=reply, expected=Go(engine.rounds))
+    learnt = engine.compression if params.learn_compression else None
     del engine
-    pipe.send(Eof())
+    pipe.send(Eof(learnt))
 
 
 def send_worker_main(conn) -> None:
@@ -135,3 +153,8 @@ def send_worker_main(conn) -> None:
 def recv_worker_main(conn) -> None:
     """A receive worker: runs one channel's RecvEngine, holding at each SYNC."""
     run_child(conn, _recv_session)
+
+
+def qemu_recv_worker_main(conn) -> None:
+    """A receive worker for a QEMU multifd channel (:mod:`.qemu_receiving`)."""
+    run_child(conn, _qemu_recv_session)

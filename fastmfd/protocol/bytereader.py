@@ -1,17 +1,22 @@
-"""Bounded, located reads over the bytes of one captured file.
+"""Bounded, located reads over the bytes of one captured file, or of a live stream.
 
 Every decoder of a capture reads through a :class:`ByteReader`, so no length
 taken from a file is used before it is checked against the bytes that are
 really there, and every failure becomes a :class:`~fastmfd.errors.ProtocolError`
 located as ``"<file> at byte <offset>"``. Reads return memoryview slices of
 the file's bytes: nothing is copied.
+
+A :class:`StreamReader` has the same reading surface over a connection that
+is read as the decoder asks (QEMU's main channel while a migration runs): a
+``take`` waits for its bytes, and the end of the stream inside one is a
+truncation error at that offset.
 """
 
 from __future__ import annotations
 
 from ..errors import ProtocolError
 
-__all__ = ["ByteReader"]
+__all__ = ["ByteReader", "StreamReader"]
 
 
 class ByteReader:
@@ -53,6 +58,22 @@ class ByteReader:
         """Up to ``n`` bytes ahead, without moving (fewer at the end of the file)."""
         return bytes(self.view[self.pos:self.pos + n])
 
+    def available(self) -> int:
+        """Bytes at hand after the cursor (a stream's: what has arrived)."""
+        return self.size - self.pos
+
+    def peek_view(self, n: int) -> memoryview:
+        """The next ``n`` bytes at hand (``n <= available()``), not copied: release
+        it before reading on."""
+        return self.view[self.pos:self.pos + n]
+
+    def mark(self) -> None:
+        """A place the caller may come back to (:meth:`since`); a file keeps every byte."""
+
+    def since(self, at: int) -> memoryview:
+        """The bytes from offset ``at`` on."""
+        return self.view[at:]
+
     def where(self, at: int | None = None) -> str:
         return f"{self.path} at byte {self.pos if at is None else at}"
 
@@ -65,3 +86,65 @@ class ByteReader:
         """A new ProtocolError located at byte ``at`` (default: the cursor)."""
         return self.locate(ProtocolError(message, field=field, received=received,
                                          expected=expected), at)
+
+
+class StreamReader(ByteReader):
+    """A cursor over a stream: ``recv(n)`` returns up to ``n`` more bytes (b"" at
+    its end). Bytes are kept from the latest :meth:`mark` on, so a caller can
+    take back the start of what it decoded last (:meth:`since`)."""
+
+    CHUNK = 1 << 20
+
+    def __init__(self, path: str, recv) -> None:
+        super().__init__(path, b"")
+        self._recv = recv
+        self._base = 0              # stream offset of self.raw[0]
+        self._mark = 0
+        self.ended = False
+
+    def _fill(self, n: int) -> bool:
+        """Have ``n`` bytes after the cursor buffered; False if the stream ends first."""
+        while self.size - self.pos < n:
+            if self.ended:
+                return False
+            data = self._recv(max(self.CHUNK, n))
+            if not data:
+                self.ended = True
+                continue
+            keep = self._mark - self._base
+            self.raw = self.raw[keep:] + data
+            self._base += keep
+            self.view = memoryview(self.raw)
+            self.size = self._base + len(self.raw)
+        return True
+
+    def take(self, n: int, what: str) -> memoryview:
+        if not self._fill(n):
+            raise self.error(f"{what}: truncated: needs {n} bytes, the stream ended "
+                             f"{self.size - self.pos} bytes later", field=what,
+                             received=self.size - self.pos, expected=n)
+        start = self.pos - self._base
+        self.pos += n
+        return self.view[start:start + n]
+
+    def peek(self, n: int) -> bytes:
+        self._fill(n)
+        start = self.pos - self._base
+        return bytes(self.view[start:start + n])
+
+    def peek_view(self, n: int) -> memoryview:
+        start = self.pos - self._base
+        return self.view[start:start + n]
+
+    def at_end(self) -> bool:
+        return not self._fill(1)
+
+    def mark(self) -> None:
+        """Keep the bytes from the cursor on (until the next mark)."""
+        self._mark = self.pos
+
+    def since(self, at: int) -> memoryview:
+        """The buffered bytes from stream offset ``at`` (not before the mark) on."""
+        if at < self._mark:
+            raise ValueError(f"byte {at} was before the mark {self._mark}")
+        return self.view[at - self._base:]

@@ -89,6 +89,7 @@ class SendParams(ChannelParams):
     selector: str
     selector_index: int
     rate: float = 0.0                       # bytes/s this channel may send (0: no cap)
+    layout: str = "current"                 # RAM header layout: "current" or "qemu-7.2"
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,8 @@ class RecvParams(ChannelParams):
     ram: bool                               # a RAM channel (device-state channels are not)
     received: tuple[str, ...]               # per region, the bitmap of pages received
     fresh: tuple[bool, ...]                 # per region, created empty for this session
+    layout: str = "current"                 # RAM header layout: "current" or "qemu-7.2"
+    learn_compression: bool = False         # QEMU: the first packet with pages names it
 
 
 @dataclass(frozen=True)
@@ -163,7 +166,9 @@ class Done:
 
 @dataclass(frozen=True)
 class Eof:
-    """A receive worker's channel ended cleanly."""
+    """A receive worker's channel ended cleanly (with the compression it used,
+    when it learnt it from the stream)."""
+    compression: str | None = None
 
 
 @dataclass(frozen=True)

@@ -21,18 +21,35 @@ to round k of the capture. The device sections are not decoded (their format is
 per device), but the stream must end with ``QEMU_VM_EOF`` and the VM
 description, so a main channel cut short anywhere is still an error.
 
+:class:`QevmDecoder` reads the stream through a
+:class:`~.bytereader.ByteReader` (a capture) or a
+:class:`~.bytereader.StreamReader` (a live migration, :mod:`fastmfd.qemu`)
+and hands what it decodes to hooks: ``on_blocks`` (the block list),
+``on_page`` (a ZERO or PAGE record), ``on_eos`` (a RAM section's end) and
+``on_command``. :func:`decode_qemu_main` is the capture's use: it keeps each
+round's records.
+
+The ``encode_*`` functions write the same format back, as much of it as a
+replay of saved RAM needs (``fastmfd.qemu.send``): the stream's start, the
+RAM section's start (block list), its ZERO records and its ends.
+
 Facts from migration/savevm.c, savevm.h and ram.c @ 7.2; no QEMU code is copied.
 """
 
 from __future__ import annotations
 
 import json
+import struct
 from collections import Counter
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from .bytereader import ByteReader
 
-__all__ = ["QEVM_MAGIC", "QemuMainChannel", "RamRecord", "decode_qemu_main"]
+__all__ = ["QEVM_MAGIC", "QemuMainChannel", "RamRecord", "QevmDecoder", "decode_qemu_main",
+           "check_stream_end", "encode_stream_start", "encode_ram_start", "encode_ram_end_start",
+           "encode_zero_records", "encode_ram_eos"]
 
 QEVM_MAGIC = b"QEVM"
 QEVM_VERSION = 3
@@ -51,6 +68,8 @@ SECTION_FOOTER = 0x7E
 SECTION_NAMES = {SECTION_START: "start", SECTION_PART: "part", SECTION_END: "end",
                  SECTION_FULL: "full"}
 
+MIG_CMD_OPEN_RETURN_PATH = 1    # the destination must answer on the same connection
+MIG_CMD_PING = 2
 MIG_CMD_POSTCOPY_ADVISE = 3     # changes the block list format: not supported
 
 # RAM record flags, the low bits of each record's BE u64 (migration/ram.c @ 7.2).
@@ -67,6 +86,9 @@ UNSUPPORTED_RECORDS = {RAM_XBZRLE: "XBZRLE", RAM_HOOK: "RDMA hook",
                        RAM_COMPRESS_PAGE: "compressed page (compress threads)",
                        RAM_MULTIFD_FLUSH: "MULTIFD_FLUSH (QEMU >= 8.0 per-round flush)"}
 RAM_SECTION_VERSION = 4
+# A ZERO record that CONTINUEs the last block: BE u64 offset | flags, fill byte
+# (packed, 9 bytes). Most of a stream's zero pages come as runs of these.
+_ZERO_RECORD = np.dtype([("header", ">u8"), ("fill", "u1")])
 
 
 @dataclass(frozen=True)
@@ -87,6 +109,9 @@ class QemuMainChannel:
     page_size: int = 4096
     capabilities: list[str] = field(default_factory=list)
     uuid: bytes | None = None                   # configuration/uuid subsection, if sent
+    configuration: bytes = b""                  # the CONFIGURATION section as sent
+    ram_section_id: int | None = None
+    section_footers: bool = False               # RAM sections end with a footer
     blocks: dict[str, int] = field(default_factory=dict)
     rounds: list[list[RamRecord]] = field(default_factory=list)  # records before each EOS
     zero_pages: int = 0
@@ -116,20 +141,47 @@ class QemuMainChannel:
 
 def decode_qemu_main(path: str, data: bytes, page_size: int = 4096) -> QemuMainChannel:
     """Decode a QEMU main channel capture; a ProtocolError locates any fault."""
-    return _QevmDecoder(ByteReader(path, data), page_size).decode()
+    decoder = _CaptureDecoder(ByteReader(path, data), page_size)
+    decoder.decode_ram()
+    out = decoder.out
+    out.vm_devices = check_stream_end(decoder.r, out.ram_bytes, out.page_size)
+    return out
 
 
-class _QevmDecoder:
+class QevmDecoder:
+    """Decodes a main channel up to its first device section (see the module
+    docstring); subclasses take what it finds through the ``on_*`` hooks."""
+
     def __init__(self, reader: ByteReader, page_size: int) -> None:
         self.r = reader
         self.out = QemuMainChannel(reader.path, reader.size, page_size=page_size)
         self.ram_section: int | None = None     # section id of "ram"
         self.ram_ended = False
-        self.round: list[RamRecord] = []
         self.last_block: str | None = None      # for RAM_CONTINUE records
         self.fill_pages: dict[int, memoryview] = {}
 
-    def decode(self) -> QemuMainChannel:
+    # -- hooks
+    def on_blocks(self) -> None:
+        """The block list (``out.blocks``) is known."""
+
+    def on_page(self, block: str, offset: int, page: memoryview, at: int) -> None:
+        """A page the main channel carries, in stream order."""
+
+    def on_zero_pages(self, block: str, offsets: np.ndarray, at: int) -> None:
+        """A run of zero pages (byte ``offsets`` in ``block``), ZERO records of 9
+        bytes each from byte ``at`` on; by default each is an ``on_page``."""
+        zero = self._fill_page(0)
+        for i, offset in enumerate(offsets.tolist()):
+            self.on_page(block, offset, zero, at + i * _ZERO_RECORD.itemsize)
+
+    def on_eos(self) -> None:
+        """A RAM section ended (before it, a SYNC on every multifd channel)."""
+
+    def on_command(self, command: int, at: int) -> None:
+        """A COMMAND section (already refused: postcopy)."""
+
+    def decode_ram(self) -> QemuMainChannel:
+        """Decode up to the first device section: ``out.ram_bytes`` is its offset."""
         r = self.r
         magic = bytes(r.take(4, "magic"))
         if magic != QEVM_MAGIC:
@@ -143,7 +195,6 @@ class _QevmDecoder:
                           expected=QEVM_VERSION, at=4)
         while self._section():
             pass
-        self._check_tail()
         return self.out
 
     # -- sections
@@ -151,10 +202,12 @@ class _QevmDecoder:
     def _section(self) -> bool:
         """Decode one section; False once the first device section (or EOF) is reached."""
         r = self.r
+        r.mark()
         at = r.pos
         kind = r.u8("section type")
         if kind == CONFIGURATION and at == 8:
             self._configuration()
+            self.out.configuration = bytes(r.since(at)[:r.pos - at])
         elif kind == COMMAND:
             self._command(at)
         elif kind in (SECTION_START, SECTION_FULL):
@@ -167,7 +220,7 @@ class _QevmDecoder:
                     raise r.error(f"RAM section field 'version_id': received {version}, "
                                   f"expected {RAM_SECTION_VERSION}", field="version_id",
                                   received=version, expected=RAM_SECTION_VERSION, at=at)
-                self.ram_section = section_id
+                self.ram_section = self.out.ram_section_id = section_id
                 self._ram_section("start", section_id)
             else:
                 return self._stop(at, idstr)
@@ -236,6 +289,7 @@ class _QevmDecoder:
         if cmd == MIG_CMD_POSTCOPY_ADVISE:
             raise r.error("main channel: postcopy (POSTCOPY_ADVISE) is not supported",
                           field="command", received=cmd, expected="not postcopy", at=at)
+        self.on_command(cmd, at)
         r.take(length, "command data")
         self.out.commands += 1
 
@@ -250,14 +304,18 @@ class _QevmDecoder:
             at = r.pos
             r.u8("section footer")
             footer_id = r.be32("footer section id")
+            self.out.section_footers = True
             if footer_id != section_id:
                 raise r.error(f"main channel section footer: received section id {footer_id}, "
                               f"expected {section_id}", field="footer", received=footer_id,
                               expected=section_id, at=at)
 
     def _ram_record(self, first: bool) -> bool:
-        """Decode one RAM record; False after EOS."""
+        """Decode one RAM record (or a run of zero pages); False after EOS."""
+        if self._zero_run():
+            return True
         r = self.r
+        r.mark()
         at = r.pos
         header = r.be64("RAM record")
         page_size = self.out.page_size
@@ -265,14 +323,14 @@ class _QevmDecoder:
         addr = header - flags
         kind = flags & ~RAM_CONTINUE
         if kind == RAM_EOS:
-            self.out.rounds.append(self.round)
-            self.round = []
+            self.on_eos()
             return False
         if kind == RAM_MEM_SIZE:
             if not first or self.out.blocks:
                 raise r.error("RAM record MEM_SIZE outside the setup section", field="flags",
                               received=hex(flags), expected="ZERO, PAGE or EOS", at=at)
             self._block_list(addr)
+            self.on_blocks()
         elif kind in (RAM_ZERO, RAM_PAGE):
             block = self._record_block(flags, at)
             if addr >= self.out.blocks[block]:
@@ -286,7 +344,7 @@ class _QevmDecoder:
             else:
                 page = r.take(page_size, "page")
                 self.out.data_pages += 1
-            self.round.append(RamRecord(block, addr, page, at))
+            self.on_page(block, addr, page, at)
         elif kind in UNSUPPORTED_RECORDS:
             raise r.error(f"RAM record: {UNSUPPORTED_RECORDS[kind]} is not supported",
                           field="flags", received=hex(flags), expected="ZERO, PAGE or EOS",
@@ -295,6 +353,31 @@ class _QevmDecoder:
             raise r.error(f"RAM record field 'flags': received {flags:#x}, expected one of "
                           "MEM_SIZE, ZERO, PAGE, EOS (+CONTINUE)", field="flags",
                           received=hex(flags), expected="0x2, 0x4, 0x8 or 0x10", at=at)
+        return True
+
+    def _zero_run(self) -> bool:
+        """Decode at once the ZERO records (fill 0, CONTINUE, in the block) that
+        follow, as far as the bytes at hand go: a 7.2 stream has one per zero
+        page, millions for a large guest. Anything else is left to _ram_record."""
+        r, block = self.r, self.last_block
+        n = r.available() // _ZERO_RECORD.itemsize
+        if block is None or n < 2:
+            return False
+        at = r.pos
+        records = np.frombuffer(r.peek_view(n * _ZERO_RECORD.itemsize), dtype=_ZERO_RECORD)
+        headers = records["header"]
+        mask = np.uint64(self.out.page_size - 1)
+        good = ((headers & mask) == RAM_ZERO | RAM_CONTINUE) & (records["fill"] == 0) \
+            & ((headers & ~mask) < self.out.blocks[block])
+        run = n if good.all() else int(np.argmin(good))
+        if run == 0:
+            return False
+        offsets = headers[:run] & ~mask
+        del records, headers, good              # views of the reader's buffer
+        r.mark()
+        r.take(run * _ZERO_RECORD.itemsize, "RAM records")
+        self.out.zero_pages += run
+        self.on_zero_pages(block, offsets, at)
         return True
 
     def _block_list(self, total: int) -> None:
@@ -359,35 +442,97 @@ class _QevmDecoder:
                                expected="UTF-8 text", at=at)
         return text
 
-    def _check_tail(self) -> None:
-        """The stream must end with QEMU_VM_EOF, VMDESCRIPTION, BE u32 length and JSON."""
-        r = self.r
-        start = self.out.ram_bytes
-        raw = r.raw
-        # The JSON holds no NUL, so the marker is among the last few "00 06" pairs.
-        marker = bytes((VM_EOF, VMDESCRIPTION))
-        pos = raw.rfind(marker, start)
-        while pos >= start:
-            if int.from_bytes(raw[pos + 2:pos + 6], "big") == r.size - pos - 6:
-                self._vm_description(pos)
-                return
-            pos = raw.rfind(marker, start, pos + 1)
-        raise r.error("main channel does not end with QEMU_VM_EOF and the VM description "
-                      "(truncated?)", field="QEMU_VM_EOF", received="no end marker",
-                      expected="00 06 <length> <json> at the end", at=r.size)
 
-    def _vm_description(self, pos: int) -> None:
-        r = self.r
-        try:
-            desc = json.loads(r.raw[pos + 6:])
-        except (ValueError, RecursionError) as exc:
-            raise r.error(f"main channel VM description is not JSON ({exc})",
-                          field="vmdescription", received="invalid JSON", expected="JSON",
-                          at=pos + 6) from None
-        devices = desc.get("devices") if isinstance(desc, dict) else None
-        page_size = desc.get("page_size") if isinstance(desc, dict) else None
-        if not isinstance(devices, list) or page_size != self.out.page_size:
-            raise r.error("main channel VM description: expected an object with 'devices' "
-                          f"and 'page_size' {self.out.page_size}", field="vmdescription",
-                          received=page_size, expected=self.out.page_size, at=pos + 6)
-        self.out.vm_devices = len(devices)
+class _CaptureDecoder(QevmDecoder):
+    """A capture's main channel: each round's records are kept."""
+
+    def __init__(self, reader: ByteReader, page_size: int) -> None:
+        super().__init__(reader, page_size)
+        self.round: list[RamRecord] = []
+
+    def on_page(self, block: str, offset: int, page: memoryview, at: int) -> None:
+        self.round.append(RamRecord(block, offset, page, at))
+
+    def on_eos(self) -> None:
+        self.out.rounds.append(self.round)
+        self.round = []
+
+
+def check_stream_end(r: ByteReader, start: int, page_size: int) -> int:
+    """The stream after ``start`` (its device sections) must end with QEMU_VM_EOF,
+    VMDESCRIPTION, BE u32 length and the JSON; returns the devices it lists."""
+    raw = r.raw
+    # The JSON holds no NUL, so the marker is among the last few "00 06" pairs.
+    marker = bytes((VM_EOF, VMDESCRIPTION))
+    pos = raw.rfind(marker, start)
+    while pos >= start:
+        if int.from_bytes(raw[pos + 2:pos + 6], "big") == r.size - pos - 6:
+            return _vm_description(r, pos, page_size)
+        pos = raw.rfind(marker, start, pos + 1)
+    raise r.error("main channel does not end with QEMU_VM_EOF and the VM description "
+                  "(truncated?)", field="QEMU_VM_EOF", received="no end marker",
+                  expected="00 06 <length> <json> at the end", at=r.size)
+
+
+def _vm_description(r: ByteReader, pos: int, page_size: int) -> int:
+    try:
+        desc = json.loads(r.raw[pos + 6:])
+    except (ValueError, RecursionError) as exc:
+        raise r.error(f"main channel VM description is not JSON ({exc})",
+                      field="vmdescription", received="invalid JSON", expected="JSON",
+                      at=pos + 6) from None
+    devices = desc.get("devices") if isinstance(desc, dict) else None
+    found = desc.get("page_size") if isinstance(desc, dict) else None
+    if not isinstance(devices, list) or found != page_size:
+        raise r.error("main channel VM description: expected an object with 'devices' "
+                      f"and 'page_size' {page_size}", field="vmdescription",
+                      received=found, expected=page_size, at=pos + 6)
+    return len(devices)
+
+
+# ---------------------------------------------------------------- encoding
+
+def _name_bytes(name: str) -> bytes:
+    raw = name.encode("utf-8")
+    if not raw or len(raw) > 255:
+        raise ValueError(f"name {name!r}: 1..255 bytes of UTF-8 expected")
+    return bytes([len(raw)]) + raw
+
+
+def encode_stream_start(configuration: bytes) -> bytes:
+    """``QEVM``, the version, then the CONFIGURATION section as a source sent it."""
+    return QEVM_MAGIC + struct.pack(">I", QEVM_VERSION) + configuration
+
+
+def encode_ram_start(section_id: int, blocks: dict[str, int]) -> bytes:
+    """The RAM section's START header and the block list (MEM_SIZE record): what
+    comes before the setup SYNC on every multifd channel."""
+    out = [struct.pack(">BI", SECTION_START, section_id), _name_bytes("ram"),
+           struct.pack(">IIQ", 0, RAM_SECTION_VERSION, sum(blocks.values()) | RAM_MEM_SIZE)]
+    for name, size in blocks.items():
+        out += [_name_bytes(name), struct.pack(">Q", size)]
+    return b"".join(out)
+
+
+def encode_ram_end_start(section_id: int) -> bytes:
+    """The header of the RAM section's END (the completion section)."""
+    return struct.pack(">BI", SECTION_END, section_id)
+
+
+def encode_zero_records(block: str, offsets: np.ndarray) -> bytes:
+    """ZERO records (fill byte 0) for the pages at byte ``offsets`` of ``block``:
+    the first names the block, the others CONTINUE it (built without a Python
+    loop: a block may have millions)."""
+    if len(offsets) == 0:
+        return b""
+    records = np.empty(len(offsets), dtype=_ZERO_RECORD)
+    records["header"] = np.asarray(offsets, dtype=np.uint64) | (RAM_ZERO | RAM_CONTINUE)
+    records["fill"] = 0
+    first = struct.pack(">Q", int(offsets[0]) | RAM_ZERO) + _name_bytes(block) + b"\0"
+    return first + records[1:].tobytes()
+
+
+def encode_ram_eos(section_id: int, footer: bool) -> bytes:
+    """A RAM section's end: EOS, then (when the stream uses them) its footer."""
+    eos = struct.pack(">Q", RAM_EOS)
+    return eos + (struct.pack(">BI", SECTION_FOOTER, section_id) if footer else b"")

@@ -67,8 +67,13 @@ def _print_json(result: dict) -> None:
 def cmd_send(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from ..errors import ConfigError
     from .report import stats_table
     from .transfer import ImageSpec, StateSpec, send_images
+    if args.qemu:
+        return _send_qemu(args)
+    if not args.images or args.dir is not None:
+        raise ConfigError("send: give IMAGE files (--dir goes with --qemu)")
     config = _config(args)
     images = [ImageSpec.parse(i) for i in args.images]
     states = [StateSpec.parse(s) for s in args.state]
@@ -93,6 +98,8 @@ def cmd_listen(args: argparse.Namespace) -> int:
     from . import security_options
     from .transfer import listen_once, listen_sessions
     console = Console(stderr=True, quiet=args.quiet)
+    if args.qemu:
+        return _listen_qemu(args, console)
     options = dict(timeout=args.timeout, stall_timeout=args.stall_timeout, force=args.force,
                    keep_partial=args.keep_partial, max_size=args.max_size,
                    max_memory=args.max_memory, tls=security_options.tls_config(args),
@@ -150,6 +157,52 @@ def _rate(text: str) -> int:
     return rate
 
 
+def _listen_qemu(args: argparse.Namespace, console) -> int:
+    from ..errors import ConfigError
+    from ..qemu import DEFAULT_STALL_TIMEOUT, receive
+    from . import security_options
+    if security_options.tls_config(args) or security_options.auth_key(args):
+        raise ConfigError("--qemu: QEMU's channels carry no fastmfd TLS or shared-key proof")
+    received = receive(
+        args.address, args.dir, timeout=args.timeout,
+        stall_timeout=args.stall_timeout or DEFAULT_STALL_TIMEOUT, force=args.force,
+        keep_partial=args.keep_partial, workers=args.workers,
+        on_listening=lambda address: console.print(f"listening on {address} (QEMU: migrate "
+                                                   f"with the multifd capability)"))
+    for name, path in received.files.items():
+        console.print(f"{name} -> {path} ({format_bytes(os.path.getsize(path))})")
+    facts = received.facts
+    console.print(f"received from QEMU ({facts.machine}) in {received.seconds * 1000:.0f} ms: "
+                  f"{facts.channels} channel(s), compression {facts.compression}, "
+                  f"{facts.rounds} RAM section end(s)")
+    return 0
+
+
+def _send_qemu(args: argparse.Namespace) -> int:
+    import time
+
+    from ..errors import ConfigError
+    from ..qemu import send
+    from . import security_options
+    if args.images or args.state or args.dir is None:
+        raise ConfigError("send --qemu: give --dir DIR (what listen --qemu wrote), no images")
+    if security_options.tls_config(args) or security_options.auth_key(args) \
+            or args.checksum or args.no_zero_detection:
+        raise ConfigError("send --qemu: QEMU's channels take no fastmfd TLS, shared key, "
+                          "checksum or zero-page setting")
+    started = time.monotonic()
+    channels = send(args.address, args.dir, channels=args.channels,
+                    compression=args.compression, level=args.level,
+                    stall_timeout=args.stall_timeout)
+    if not args.quiet:
+        pages = sum(c["normal_pages"] for c in channels)
+        wire = sum(c["wire_bytes"] for c in channels)
+        print(f"sent {args.dir} to QEMU in {(time.monotonic() - started) * 1000:.0f} ms: "
+              f"{pages} pages over {len(channels)} multifd channel(s), "
+              f"{format_bytes(wire)} on the wire", file=sys.stderr)
+    return 0
+
+
 def _build_parser() -> argparse.ArgumentParser:
     # Their arguments name the image kinds and compression methods: lazy, as above.
     from . import security_options
@@ -192,11 +245,17 @@ def _build_parser() -> argparse.ArgumentParser:
     security_options.add_arguments(p, loopback=True)
     p.set_defaults(func=cmd_demo)
 
-    p = add_command("send", help="send image files (and device state files) to a listener")
+    p = add_command("send", help="send image files (and device state files) to a listener, "
+                                 "or with --qemu a saved QEMU migration to a QEMU")
     p.add_argument("address", help="tcp:HOST:PORT (or tcp://HOST:PORT) or unix:PATH of "
-                                   "`fastmfd listen`")
-    p.add_argument("images", nargs="+", metavar="IMAGE",
+                                   "`fastmfd listen` (of QEMU's migrate-incoming with --qemu)")
+    p.add_argument("images", nargs="*", metavar="IMAGE",
                    help="PATH or NAME=PATH of a memory image (size a multiple of 4096)")
+    p.add_argument("--qemu", action="store_true",
+                   help="migrate what `listen --qemu` saved in --dir into a QEMU started with "
+                        "-incoming defer; --channels and --compression must be its "
+                        "multifd-channels and multifd-compression")
+    p.add_argument("--dir", default=None, help="with --qemu: the saved directory")
     p.add_argument("--state", action="append", default=[], metavar="IDSTR[:N]=PATH",
                    help="a device state file (repeatable)")
     p.add_argument("--channels", type=int, default=2, help="multifd channels (default 2)")
@@ -224,9 +283,16 @@ def _build_parser() -> argparse.ArgumentParser:
     security_options.add_arguments(p)
     p.set_defaults(func=cmd_send)
 
-    p = add_command("listen", help="receive one migration into files")
+    p = add_command("listen", help="receive one migration into files (from fastmfd send, "
+                                   "or with --qemu from a QEMU)")
     p.add_argument("address", help="tcp:HOST:PORT (port 0 picks one; tcp::PORT: every "
                                    "interface) or unix:PATH")
+    p.add_argument("--qemu", action="store_true",
+                   help="the source is a QEMU (7.2) migrating with the multifd capability: "
+                        "write each RAMBlock, vmstate.bin and manifest.json into DIR")
+    p.add_argument("--workers", type=int, default=2, metavar="N",
+                   help="with --qemu: receive workers started before QEMU connects (default "
+                        "2; more start as channels connect)")
     p.add_argument("--dir", default=".", help="output directory (default: here)")
     p.add_argument("--timeout", type=float, default=3600.0,
                    help="seconds to wait for the sender (default 3600)")

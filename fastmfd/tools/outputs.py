@@ -17,6 +17,11 @@
     any failure    abort(): the .part files removed (kept, still named .part, with
                    ``keep_partial``); names already renamed are taken back
 
+A migration from QEMU (:mod:`fastmfd.qemu`) plans with plan_qemu(): one
+``<idstr>.img`` per RAMBlock (region() maps it), ``vmstate.bin`` for the
+rest of the main channel (stream(): its .part file, written in order) and a
+manifest the caller composes (commit(document)).
+
 So a final name in D always holds complete, durable data, and a ``manifest.json``
 there says the migration it lists finished.
 """
@@ -35,9 +40,10 @@ from ..errors import ConfigError, MigrationError
 from ..regions import Region
 from ..units import format_bytes
 
-__all__ = ["OutputDir", "output_name", "MANIFEST"]
+__all__ = ["OutputDir", "output_name", "MANIFEST", "VMSTATE"]
 
 MANIFEST = "manifest.json"
+VMSTATE = "vmstate.bin"
 PART = ".part"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._@+-]")
 # Longest stem kept whole: with ".4294967295.state.part" (22 bytes) a name stays
@@ -92,6 +98,7 @@ class OutputDir:
         self.real = os.readlink(f"/proc/self/fd/{self.fd}")
         self.regions: dict[str, _Output] = {}
         self.devices: dict[tuple[str, int], _Output] = {}
+        self.streams: dict[str, _Output] = {}       # files written in order (vmstate)
         self.manifest = _Output({}, MANIFEST)
 
     # ------------------------------------------------------------ SETUP
@@ -105,6 +112,25 @@ class OutputDir:
         self.devices = {d.key: _Output({"idstr": d.idstr, "instance_id": d.instance_id},
                                        f"{output_name(d.idstr)}.{d.instance_id}.state")
                         for d in setup.devices}
+        self._claim_all()
+        for out in self.devices.values():
+            os.close(self._create(out))
+
+    def plan_qemu(self, blocks: dict[str, int]) -> None:
+        """Name the files of a QEMU migration: one per RAMBlock (``idstr`` -> size),
+        and vmstate.bin; refuse taken names as plan() does."""
+        self.regions = {name: _Output({"idstr": name, "size": size},
+                                      output_name(name) + ".img")
+                        for name, size in blocks.items()}
+        self.streams = {"vmstate": _Output({}, VMSTATE)}
+        self._claim_all()
+
+    def stream(self, key: str) -> int:
+        """A descriptor open for reading and writing on the new .part file of
+        stream ``key`` (the caller checks what it wrote)."""
+        return self._create(self.streams[key], os.O_RDWR)
+
+    def _claim_all(self) -> None:
         seen: dict[str, dict] = {}
         for out in self._outputs():
             if out.final in seen:       # only if two SHA-256 prefixes collide
@@ -113,8 +139,6 @@ class OutputDir:
             seen[out.final] = out.entry
         for out in self._outputs():
             self._claim(out)
-        for out in self.devices.values():
-            os.close(self._create(out))
 
     def _check_room(self, size: int) -> None:
         """Region files are sparse and fill as pages arrive: a sender must not be
@@ -155,20 +179,21 @@ class OutputDir:
             if name == out.part:
                 os.unlink(name, dir_fd=self.fd)     # the link itself, never its target
 
-    def _create(self, out: _Output) -> int:
+    def _create(self, out: _Output, access: int = os.O_WRONLY) -> int:
         """Create ``out``'s .part file, new (never through a link); returns its
-        descriptor, open for writing."""
-        fd = os.open(out.part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+        descriptor, open for writing (``access``)."""
+        fd = os.open(out.part, access | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                      | os.O_CLOEXEC, 0o644, dir_fd=self.fd)
         st = os.fstat(fd)
         out.identity = (st.st_dev, st.st_ino)
         return fd
 
     # ------------------------------------------------------------ the end
-    def commit(self) -> None:
-        """Everything is loaded and on disk: write the manifest, rename every .part to
-        its final name (the manifest last), make the renames durable."""
-        self._write_manifest()
+    def commit(self, document: dict | None = None) -> None:
+        """Everything is loaded and on disk: write the manifest (``document``, or
+        the regions and devices of plan()), rename every .part to its final name
+        (the manifest last), make the renames durable."""
+        self._write_manifest(document)
         for out in self._outputs():
             if self._identity(out.part) != out.identity:
                 raise MigrationError(f"{self._show(out.part)} was replaced while the "
@@ -177,12 +202,14 @@ class OutputDir:
             out.renamed = True
         os.fsync(self.fd)
 
-    def _write_manifest(self) -> None:
-        regions = [{**out.entry, "file": out.final} for out in self.regions.values()]
-        devices = [{**out.entry, "size": os.stat(out.part, dir_fd=self.fd,
-                                                 follow_symlinks=False).st_size,
-                    "file": out.final} for out in self.devices.values()]
-        data = json.dumps({"regions": regions, "devices": devices}, indent=2).encode() + b"\n"
+    def _write_manifest(self, document: dict | None) -> None:
+        if document is None:
+            regions = [{**out.entry, "file": out.final} for out in self.regions.values()]
+            devices = [{**out.entry, "size": os.stat(out.part, dir_fd=self.fd,
+                                                     follow_symlinks=False).st_size,
+                        "file": out.final} for out in self.devices.values()]
+            document = {"regions": regions, "devices": devices}
+        data = json.dumps(document, indent=2).encode() + b"\n"
         fd = self._create(self.manifest)
         try:
             view = memoryview(data)
@@ -221,15 +248,27 @@ class OutputDir:
 
     # ------------------------------------------------------------ helpers
     def files(self) -> dict[str, str]:
-        """Final paths by region name and ``idstr/instance`` (and ``manifest``)."""
+        """Final paths by region name, ``idstr/instance``, stream (and ``manifest``)."""
         out = {name: o.final for name, o in self.regions.items()}
         out.update({f"{idstr}/{instance}": o.final
                     for (idstr, instance), o in self.devices.items()})
+        out.update({key: o.final for key, o in self.streams.items()})
         out["manifest"] = MANIFEST
         return {name: os.path.join(self.path, final) for name, final in out.items()}
 
     def _outputs(self) -> list[_Output]:
-        return [*self.regions.values(), *self.devices.values(), self.manifest]
+        return [*self.regions.values(), *self.devices.values(), *self.streams.values(),
+                self.manifest]
+
+    def fsync_part(self, name: str) -> None:
+        """Make region ``name``'s .part file durable, its size included (a mapped
+        region's msync writes its pages, not the file's metadata)."""
+        fd = os.open(self.regions[name].part, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     dir_fd=self.fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def _identity(self, name: str) -> tuple[int, int] | None:
         try:

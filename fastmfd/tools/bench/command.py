@@ -15,7 +15,7 @@ from .. import security_options
 from ..images import IMAGE_KINDS, Image
 from ...units import format_bytes, format_rate, parse_size
 from .document import check_writable, document, load_best_times
-from .matrix import PEERS, Setting, run_matrix
+from .matrix import PEERS, QEMU_METHODS, Setting, run_matrix
 from .output import comparison_table, render
 from .peers import find_qemu
 from .trial import FOREIGN_LOAD_FLAG
@@ -85,8 +85,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "order (default 1)")
     parser.add_argument("--peer", action="append", choices=PEERS, default=[],
                         help="also time a peer on the same image: sendall (one plain "
-                             "socket) or qemu (real QEMU multifd, needs qemu-system-x86_64); "
-                             "repeatable")
+                             "socket) or qemu (real QEMU multifd, needs qemu-system-x86_64: "
+                             "QEMU -> QEMU, QEMU -> fastmfd listen --qemu, fastmfd send "
+                             "--qemu -> QEMU); repeatable")
     parser.add_argument("--qemu-binary", default=None, metavar="PATH",
                         help="QEMU to run for --peer qemu (default: qemu-system-x86_64 "
                              "on PATH)")
@@ -114,7 +115,7 @@ def _svg(text: str) -> str:
 def settings_from_args(args: argparse.Namespace) -> list[Setting]:
     """The settings to time, in run (and table) order: the sendall peer first, then
     each (compression, channels) cell with its QEMU peer right after it."""
-    methods = ["fastmfd"] + (["qemu"] if "qemu" in args.peer else [])
+    methods = ["fastmfd"] + (list(QEMU_METHODS) if "qemu" in args.peer else [])
     settings = [Setting("sendall", 1, "none")] if "sendall" in args.peer else []
     settings += [Setting(method, ch, comp, args.level)
                  for comp in args.compression for ch in args.channels for method in methods]

@@ -24,11 +24,17 @@ from ..images import Image
 from ..loopback import NO_SECURITY, LoopbackSecurity
 from .fastmfd_trial import FastmfdTrial
 from .peers import QemuTrial, SendallTrial
+from .qemu_cells import FastmfdToQemuTrial, QemuToFastmfdTrial
 from .trial import FOREIGN_LOAD_FLAG, CpuMeter, Measurement, Trial
 
-__all__ = ["METHODS", "PEERS", "Setting", "Result", "make_trial", "run_once", "run_matrix"]
+__all__ = ["METHODS", "PEERS", "QEMU_METHODS", "Setting", "Result", "make_trial", "run_once",
+           "run_matrix"]
 
-METHODS = ("fastmfd", "sendall", "qemu")
+METHODS = ("fastmfd", "sendall", "qemu", "qemu-to-fastmfd", "fastmfd-to-qemu")
+# --peer qemu: QEMU -> QEMU, and fastmfd as either end of a QEMU migration.
+QEMU_METHODS = ("qemu", "qemu-to-fastmfd", "fastmfd-to-qemu")
+_QEMU_TRIALS = {"qemu": QemuTrial, "qemu-to-fastmfd": QemuToFastmfdTrial,
+                "fastmfd-to-qemu": FastmfdToQemuTrial}
 PEERS = ("sendall", "qemu")
 
 
@@ -118,9 +124,10 @@ def make_trial(setting: Setting, image: Image, *, qemu_binary: str | None = None
         return FastmfdTrial(image, setting.config(), prealloc=prealloc, security=security)
     if setting.method == "sendall":
         return SendallTrial(image, prealloc=prealloc)
-    if setting.method == "qemu":
-        return QemuTrial(image, setting.channels, setting.compression, setting.level,
-                         binary=qemu_binary, prealloc=prealloc)
+    if setting.method in _QEMU_TRIALS:
+        return _QEMU_TRIALS[setting.method](image, setting.channels, setting.compression,
+                                            setting.level, binary=qemu_binary,
+                                            prealloc=prealloc)
     raise ConfigError(f"unknown method {setting.method!r}; choose one of {METHODS}")
 
 

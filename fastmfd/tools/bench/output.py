@@ -64,10 +64,10 @@ def _table(kind: str, rows: list[Result], note: str) -> Table:
         if peer is not None:
             cells.append(f"{peer.median_seconds / median:.2f}x")
         if qemu:
-            # fastmfd's rows: QEMU's time in the same cell over fastmfd's
+            # every row but QEMU -> QEMU's own: QEMU's time in the same cell over its
             same = qemu.get((r.setting.channels, r.setting.compression))
             cells.append(f"{same / median:.2f}x"
-                         if r.setting.method == "fastmfd" and same else "")
+                         if r.setting.method != "qemu" and same else "")
         table.add_row(*cells, style="bold" if median == fastest else None)
     return table
 

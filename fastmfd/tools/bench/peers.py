@@ -40,7 +40,7 @@ from ...errors import ConfigError, MigrationError
 from ..images import Image
 from .trial import Measurement, wait_until_idle
 
-__all__ = ["SendallTrial", "QemuTrial", "find_qemu", "QMP"]
+__all__ = ["SendallTrial", "QemuPeer", "QemuTrial", "find_qemu", "QMP"]
 
 STEP_TIMEOUT = 60.0             # seconds any one step (start, connect, transfer) may take
 
@@ -270,12 +270,11 @@ def _exit_text(process: subprocess.Popen) -> str:
     return f"{text}: {said}" if said else text
 
 
-class QemuTrial(_PeerTrial):
-    """The image migrated by two real QEMU processes (see the module docstring)."""
-    _received_name = "QEMU: the destination's RAM file"
+class QemuPeer(_PeerTrial):
+    """What the trials with a real QEMU share: QEMU processes on the image (or a
+    fresh file), their QMP sockets, and their files, all freed by ``close``."""
 
-    def __init__(self, image: Image, channels: int, compression: str, level: int = 1,
-                 binary: str | None = None, *, prealloc: bool = False) -> None:
+    def __init__(self, image: Image, binary: str | None, prealloc: bool) -> None:
         if image.size % (1 << 20):
             raise ConfigError(f"QEMU guest RAM is whole MiB; the image is {image.size} bytes")
         self.image = image
@@ -283,28 +282,26 @@ class QemuTrial(_PeerTrial):
         self._files: list[str] = []
         self._procs: list[subprocess.Popen] = []
         self._qmp: list[QMP] = []
-        self._received = self._new_file("qemu-dst-ram")
         self._prealloc = prealloc
+
+    @staticmethod
+    def multifd(qmp: QMP, channels: int, compression: str, level: int) -> None:
+        """The multifd capability and parameters, and migration events."""
         params = {"multifd-channels": channels, "multifd-compression": compression,
                   # QEMU's default cap is 128 MiB/s; lift it as the captures did.
                   "max-bandwidth": 100 << 30}
         if compression != "none":
             params[f"multifd-{compression}-level"] = level
-        try:
-            self.src = self._start(image.path, incoming=False)
-            self.dst = self._start(self._received, incoming=True)
-            for qmp in (self.src, self.dst):
-                qmp.command("migrate-set-capabilities", capabilities=[
-                    {"capability": "multifd", "state": True},
-                    {"capability": "events", "state": True}])
-                qmp.command("migrate-set-parameters", **params)
-            self.dst.command("migrate-incoming", uri="tcp:127.0.0.1:0")
-            listening = self.dst.command("query-migrate")["socket-address"][0]
-            self._uri = f"tcp:{listening['host']}:{listening['port']}"
-            wait_until_idle([p.pid for p in self._procs])
-        except BaseException:
-            self.close()
-            raise
+        qmp.command("migrate-set-capabilities", capabilities=[
+            {"capability": "multifd", "state": True}, {"capability": "events", "state": True}])
+        qmp.command("migrate-set-parameters", **params)
+
+    @staticmethod
+    def listening_uri(dst: QMP) -> str:
+        """Where a destination told ``migrate-incoming tcp:127.0.0.1:0`` listens."""
+        dst.command("migrate-incoming", uri="tcp:127.0.0.1:0")
+        listening = dst.command("query-migrate")["socket-address"][0]
+        return f"tcp:{listening['host']}:{listening['port']}"
 
     def _new_file(self, stem: str) -> str:
         path = self.image.new_path(stem)
@@ -332,32 +329,6 @@ class QemuTrial(_PeerTrial):
         self._qmp.append(qmp)
         return qmp
 
-    def pids(self) -> dict[str, list[int]]:
-        source, destination = self._procs
-        return {"source": [source.pid], "destination": [destination.pid]}
-
-    def run(self) -> Measurement:
-        started = time.perf_counter()
-        self.src.command("migrate", uri=self._uri)
-        status = self.src.wait_migration(STEP_TIMEOUT * 10)
-        source_done = time.perf_counter() - started
-        if status == "completed":
-            status = self.dst.wait_migration(STEP_TIMEOUT)
-        seconds = time.perf_counter() - started
-        info = self.src.command("query-migrate")
-        if status != "completed":
-            raise MigrationError(f"QEMU migration {status}: {info.get('error-desc', info)}")
-        ram = info["ram"]
-        # QEMU 7.2 counts pages at their raw size when it queues them, before
-        # compression, so it cannot tell the bytes that went on the wire.
-        return Measurement(seconds, self.image.size, None, {
-            "qemu_total_time_s": info["total-time"] / 1000,
-            "qemu_transferred": ram["transferred"],
-            "qemu_downtime_s": info.get("downtime", 0) / 1000,
-            "source_done_s": source_done,
-            "normal_pages": ram["normal"], "zero_pages": ram["duplicate"],
-            "multifd_bytes": ram.get("multifd-bytes")})
-
     def _stop(self) -> None:
         """Ask every QEMU to quit; kill those that do not within a few seconds."""
         for qmp in self._qmp:
@@ -384,6 +355,54 @@ class QemuTrial(_PeerTrial):
             process.wait()
         self._procs = []
         for path in self._files:
-            if os.path.exists(path):
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
                 os.unlink(path)
         self._files = []
+
+
+class QemuTrial(QemuPeer):
+    """The image migrated by two real QEMU processes (see the module docstring)."""
+    _received_name = "QEMU: the destination's RAM file"
+
+    def __init__(self, image: Image, channels: int, compression: str, level: int = 1,
+                 binary: str | None = None, *, prealloc: bool = False) -> None:
+        super().__init__(image, binary, prealloc)
+        self._received = self._new_file("qemu-dst-ram")
+        try:
+            self.src = self._start(image.path, incoming=False)
+            self.dst = self._start(self._received, incoming=True)
+            for qmp in (self.src, self.dst):
+                self.multifd(qmp, channels, compression, level)
+            self._uri = self.listening_uri(self.dst)
+            wait_until_idle([p.pid for p in self._procs])
+        except BaseException:
+            self.close()
+            raise
+
+    def pids(self) -> dict[str, list[int]]:
+        source, destination = self._procs
+        return {"source": [source.pid], "destination": [destination.pid]}
+
+    def run(self) -> Measurement:
+        started = time.perf_counter()
+        self.src.command("migrate", uri=self._uri)
+        status = self.src.wait_migration(STEP_TIMEOUT * 10)
+        source_done = time.perf_counter() - started
+        if status == "completed":
+            status = self.dst.wait_migration(STEP_TIMEOUT)
+        seconds = time.perf_counter() - started
+        info = self.src.command("query-migrate")
+        if status != "completed":
+            raise MigrationError(f"QEMU migration {status}: {info.get('error-desc', info)}")
+        ram = info["ram"]
+        # QEMU 7.2 counts pages at their raw size when it queues them, before
+        # compression, so it cannot tell the bytes that went on the wire.
+        return Measurement(seconds, self.image.size, None, {
+            "qemu_total_time_s": info["total-time"] / 1000,
+            "qemu_transferred": ram["transferred"],
+            "qemu_downtime_s": info.get("downtime", 0) / 1000,
+            "source_done_s": source_done,
+            "normal_pages": ram["normal"], "zero_pages": ram["duplicate"],
+            "multifd_bytes": ram.get("multifd-bytes")})

@@ -1,0 +1,503 @@
+"""One migration from a real QEMU (7.2), received into files: the
+destination's side of QEMU's own protocol, with fastmfd's receive workers.
+
+::
+
+    QemuReceiving.run()                                   receive workers (1 process / channel)
+      listener: each connection told apart by its first bytes:
+        "QEVM" -> the main channel; 0x11223344 -> a multifd
+        channel: its init packet read here (id, uuid), a worker
+        started for it ───────────── socket ──────────────▶  (waits for its RecvParams)
+      main channel, decoded as it arrives (QevmDecoder):
+        block list -> one sparse .part file per RAMBlock,
+          RecvParams (qemu-7.2 layout, compression learnt) ─▶  RecvEngine: pages into the files
+        ZERO / PAGE records -> written here (a zero page only
+          where this migration wrote data before)
+        EOS k -> barrier: every channel's SYNC k, then Go(k) ◀─ Synced(k) ─▶ Go(k)
+          (after EOS 1 the channel count is known: QEMU syncs
+          every channel before the setup section ends)
+        first device section -> the rest of the stream, as
+          QEMU sent it, into vmstate.bin
+      end of the main channel: it must end with QEMU_VM_EOF      ◀─ Eof(compression)
+        and the VM description; every channel ended after its
+        k-th SYNC; files flushed and fsynced -> manifest, renames
+
+A 7.2 source without a return path never waits for an answer, so nothing
+is sent back: any failure closes every connection (the source fails its
+migration) and removes the .part files.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .. import _core
+from ..errors import MigrationError, ProtocolError
+from ..protocol.bytereader import ByteReader, StreamReader
+from ..protocol.control import Eof, Go, Ready, RecvParams, Synced
+from ..protocol.qemu import (MIG_CMD_OPEN_RETURN_PATH, MIG_CMD_PING, QEVM_MAGIC, QevmDecoder,
+                             check_stream_end)
+from ..protocol.sockets import tune_data_socket
+from ..regions import Region
+from .processes import ChildSet, Watch
+from .session import shutdown_quietly
+from .workers import qemu_recv_worker_main
+
+__all__ = ["QemuReceiving", "QemuStreamFacts"]
+
+log = logging.getLogger("fastmfd")
+
+MAIN = "main channel"
+MULTIFD_MAGIC = _core.MULTIFD_MAGIC.to_bytes(4, "big")
+QEMU_PACKET_BYTES = 512 << 10       # MULTIFD_PACKET_SIZE (spec §2.1)
+MAX_CHANNELS = 256                  # multifd-channels is a uint8
+COPY_CHUNK = 1 << 20
+# When the setup section ends, QEMU's channels have written their init packets
+# (then their setup SYNC, which the section waits for): on this machine's
+# loopback they are here; a connection with nothing to say by then is not QEMU's.
+LATE_BYTES_WAIT = 1.0
+
+
+@dataclass
+class QemuStreamFacts:
+    """What the stream said, for the manifest and the caller."""
+    version: int = 3
+    machine: str = ""
+    page_size: int = 4096
+    capabilities: list[str] = field(default_factory=list)
+    uuid: bytes | None = None
+    channels: int = 0
+    compression: str | None = None
+    blocks: dict[str, int] = field(default_factory=dict)
+    rounds: int = 0                         # RAM section ends (EOS)
+    zero_pages: int = 0                     # ZERO records of the main channel
+    main_pages: int = 0                     # PAGE records of the main channel
+    ram_bytes: int = 0                      # main-channel bytes before the device sections
+    vmstate_bytes: int = 0
+    vm_devices: int = 0
+    configuration: bytes = b""              # the stream's CONFIGURATION section
+    ram_section_id: int = 0
+    section_footers: bool = True
+
+
+@dataclass
+class _Channel:
+    id: int
+    sock: socket.socket
+    worker: object                          # its Child
+    ready: bool = False                     # its worker reported Ready
+    starting: bool = False                  # its parameters wait for that Ready
+    synced: int = 0
+    ended: bool = False
+    compression: str | None = None
+
+
+class QemuReceiving:
+    """The state of one migration from QEMU (see the module docstring)."""
+
+    def __init__(self, listener: socket.socket, out, *, timeout: float,
+                 stall_timeout: float, workers: int = 2) -> None:
+        """``out`` names, creates and keeps the files (a tools.outputs.OutputDir:
+        plan_qemu, region, stream, fsync_part); the caller commits or aborts it.
+        ``workers``: receive workers started now, before QEMU connects."""
+        self.listener = listener
+        self.out = out
+        self.timeout, self.stall = timeout, stall_timeout
+        self.facts = QemuStreamFacts()
+        self.main: socket.socket | None = None
+        self.channels: dict[int, _Channel] = {}
+        self.pending: list[socket.socket] = []      # accepted, not yet told apart
+        self.regions: dict[str, Region] = {}
+        self.counters = None
+        self.watch = Watch()
+        self.closed_door = False
+        self._main_readable = False
+        self.main_at = 0.0                          # when the main channel came
+        # Workers started ahead (at least one: it starts multiprocessing's forkserver);
+        # more start as their channels connect, all at once, reporting Ready.
+        self.workers = ChildSet(qemu_recv_worker_main, ["receive worker"] * max(1, workers))
+        self.spares = list(self.workers)
+
+    # ------------------------------------------------------------ the session
+    def run(self) -> QemuStreamFacts:
+        self.listener.setblocking(False)
+        self.watch.add(self.listener, self._accept)
+        deadline = time.monotonic() + self.timeout
+        while self.main is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise MigrationError(f"no QEMU connected within {self.timeout:g} s",
+                                     channel=MAIN)
+            self.watch.poll(min(left, 1.0))
+        decoder = _LiveDecoder(StreamReader(MAIN, self._recv_main), self)
+        decoder.decode_ram()
+        facts = self.facts
+        facts.machine, facts.page_size = decoder.out.machine, decoder.out.page_size
+        facts.capabilities = list(decoder.out.capabilities)
+        facts.ram_bytes = decoder.out.ram_bytes
+        facts.configuration = decoder.out.configuration
+        facts.ram_section_id = decoder.out.ram_section_id
+        facts.section_footers = decoder.out.section_footers
+        if facts.uuid is None:
+            facts.uuid = decoder.out.uuid
+        self._save_vmstate(decoder.r)
+        self._wait_channels_end()
+        self._flush()
+        return facts
+
+    def _recv_main(self, n: int) -> bytes:
+        """Up to ``n`` bytes of the main channel, serving everything else while none
+        come; b"" at its end. No byte for ``stall`` seconds fails."""
+        deadline = time.monotonic() + self.stall
+        while True:
+            try:
+                return self.main.recv(n, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                raise MigrationError(f"reading failed: {exc.strerror or exc}",
+                                     channel=MAIN) from None
+            self._main_readable = False
+            while not self._main_readable:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise MigrationError(f"no data for {self.stall:g} s", channel=MAIN)
+                self.watch.poll(left)
+
+    def _on_main_readable(self) -> None:
+        self._main_readable = True
+
+    # ------------------------------------------------------------ connections
+    def _accept(self) -> None:
+        """Take every connection waiting; each is told apart once it has sent bytes."""
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            if self.closed_door:
+                log.warning("a connection after the channels were counted: dropped")
+                sock.close()
+                continue
+            self.pending.append(sock)
+            self.watch.add(sock, lambda s=sock: self._classify(s))
+
+    def _classify(self, sock: socket.socket, wait: float | None = None) -> None:
+        """Main channel or multifd channel, by its first 4 bytes (what QEMU >= 8.0
+        does; 7.2's "the first connection is main" holds for QEMU's own sources).
+        Without ``wait`` the socket is readable; with it, up to ``wait`` seconds
+        are given for its first bytes, and one that sends none is dropped."""
+        sock.settimeout(wait if wait is not None else self.stall)
+        try:
+            head = sock.recv(4, socket.MSG_PEEK | (socket.MSG_DONTWAIT if wait is None else 0))
+            if 0 < len(head) < 4:
+                head = sock.recv(4, socket.MSG_PEEK | socket.MSG_WAITALL)
+        except BlockingIOError:
+            return
+        except OSError as exc:          # a timeout included
+            head, reason = b"", str(exc)
+        else:
+            reason = "closed"
+        self.watch.remove(sock)
+        self.pending.remove(sock)
+        if len(head) < 4:
+            log.warning("a connection sent %d bytes (%s): dropped", len(head), reason)
+            sock.close()
+            return
+        if head == QEVM_MAGIC:
+            if self.main is not None:
+                sock.close()
+                raise ProtocolError("a second main channel (QEVM) connected", field="magic",
+                                    received=head.hex(), expected="one main channel",
+                                    where="a new connection")
+            sock.settimeout(None)
+            self.main = sock
+            self.main_at = time.monotonic()
+            self.watch.main = sock
+            self.watch.add(sock, self._on_main_readable)
+            return
+        if head != MULTIFD_MAGIC:
+            sock.close()
+            raise ProtocolError(f"first bytes {head.hex()}, expected {QEVM_MAGIC.hex()} (QEVM, "
+                                f"the main channel) or {MULTIFD_MAGIC.hex()} (a multifd "
+                                "channel)", field="magic", received=head.hex(),
+                                expected="QEVM or 0x11223344", where="a new connection")
+        self._open_channel(sock)
+
+    def _open_channel(self, sock: socket.socket) -> None:
+        """Read the init packet of a multifd channel; start its worker."""
+        try:
+            data = _recv_exact(sock, _core.INIT_PACKET_SIZE, self.stall, "init packet")
+            uuid, ch = _core.decode_init_packet(data)
+        except BaseException:
+            sock.close()
+            raise
+        where = f"multifd channel {ch}"
+        if ch in self.channels:
+            sock.close()
+            raise ProtocolError(f"init packet field 'id': received {ch}, already connected",
+                                field="id", received=ch, expected="a new channel id",
+                                where=where)
+        if self.facts.uuid is None:
+            self.facts.uuid = uuid
+        elif uuid != self.facts.uuid:
+            sock.close()
+            raise ProtocolError(f"init packet field 'uuid': received {uuid.hex()}, expected "
+                                f"{self.facts.uuid.hex()} (the other channels')", field="uuid",
+                                received=uuid.hex(), expected=self.facts.uuid.hex(),
+                                where=where)
+        sock.settimeout(None)
+        tune_data_socket(sock)
+        worker = self.spares.pop() if self.spares else None
+        channel = self.channels[ch] = _Channel(ch, sock, worker, ready=worker is not None)
+        if worker is None:
+            channel.worker = worker = self.workers.spawn(qemu_recv_worker_main, where)
+        worker.name = where
+        self.watch.add_child(worker, lambda report: self._on_report(channel, report))
+        if self.regions:
+            self._start_channel(channel)
+
+    def _close_door(self) -> None:
+        """The setup section ended: every channel QEMU opened has connected and sent
+        its init packet (its setup SYNC came before the EOS). Count them."""
+        self._accept()
+        for sock in list(self.pending):
+            self._classify(sock, wait=LATE_BYTES_WAIT)
+        self.closed_door = True
+        self.watch.remove(self.listener)
+        n = len(self.channels)
+        if n == 0:
+            raise ProtocolError("no multifd channel connected before the RAM setup section "
+                                "ended: the source needs the multifd capability",
+                                field="channels", received=0, expected=">= 1", where=MAIN)
+        if sorted(self.channels) != list(range(n)):
+            raise ProtocolError(f"multifd channel ids {sorted(self.channels)}, expected 0..{n - 1}",
+                                field="id", received=sorted(self.channels),
+                                expected=list(range(n)), where=MAIN)
+        self.facts.channels = n
+
+    # ------------------------------------------------------------ RAM
+    def on_blocks(self, blocks: dict[str, int], page_size: int) -> None:
+        """The block list: one sparse .part file each, then every channel may start."""
+        self.facts.blocks = dict(blocks)
+        self.facts.page_size = page_size
+        self.out.plan_qemu(blocks)
+        for name, size in blocks.items():
+            self.regions[name] = self.out.region(name, size, page_size)
+        self.counters = _core.Counters.create(MAX_CHANNELS, tag="qemu-counters")
+        for channel in self.channels.values():
+            self._start_channel(channel)
+
+    def _start_channel(self, channel: _Channel) -> None:
+        if not channel.ready:
+            channel.starting = True         # its Ready will start it (_on_report)
+            return
+        regions = list(self.regions.values())
+        page_size = self.facts.page_size
+        params = RecvParams(
+            channel=channel.id, page_size=page_size,
+            packet_pages=QEMU_PACKET_BYTES // page_size, checksum=False, chunk_size=0,
+            compression="none", regions=tuple(r.handle for r in regions), devices=(),
+            counters=self.counters.name, pool=None, ram=True,
+            received=tuple(r.dirty.name for r in regions), fresh=tuple(True for _ in regions),
+            layout=_core.LAYOUT_QEMU72, learn_compression=True)
+        channel.worker.start_session(params, [channel.sock.fileno()])
+
+    def on_page(self, block: str, offset: int, page: memoryview) -> None:
+        """A PAGE record, or a ZERO record of a fill byte other than 0."""
+        region = self.regions[block]
+        self.facts.main_pages += 1
+        region.buffer[offset:offset + len(page)] = page
+        region.dirty.mark(offset // region.page_size)
+
+    def on_zero_pages(self, block: str, offsets: np.ndarray) -> None:
+        """ZERO records. A zero page stays a hole unless this migration wrote data
+        there before (a page re-sent as zero in a later round)."""
+        region = self.regions[block]
+        self.facts.zero_pages += len(offsets)
+        for page in region.dirty.marked(offsets // np.uint64(region.page_size)).tolist():
+            region.buffer[page * region.page_size:(page + 1) * region.page_size] = \
+                bytes(region.page_size)
+
+    def on_eos(self) -> None:
+        """RAM barrier: every channel sent its SYNC for this section end; let them on."""
+        facts = self.facts
+        if not self.regions:
+            raise ProtocolError("main channel: a RAM section ended before the block list "
+                                "(MEM_SIZE)", field="flags", received="EOS",
+                                expected="MEM_SIZE first", where=MAIN)
+        facts.rounds += 1
+        if facts.rounds == 1:
+            self._close_door()
+        k = facts.rounds
+        deadline = time.monotonic() + self.stall
+        while late := [c for c in self.channels.values() if c.synced < k]:
+            ended = [c.id for c in late if c.ended]
+            if ended:
+                raise ProtocolError(f"the channel ended before its SYNC for RAM section end "
+                                    f"{k}", field="SYNC", received=late[0].synced, expected=k,
+                                    where=f"multifd channel {ended[0]}")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise MigrationError(f"no SYNC for RAM section end {k} within {self.stall:g} s",
+                                     channel=f"multifd channel {late[0].id}")
+            self.watch.poll(left)
+        for channel in self.channels.values():
+            channel.worker.send(Go(k))
+
+    def _on_report(self, channel: _Channel, report) -> None:
+        if isinstance(report, Ready):
+            channel.ready = True
+            if channel.starting:
+                self._start_channel(channel)
+        elif isinstance(report, Synced):
+            if report.round > self.facts.rounds + 1:
+                raise ProtocolError(f"SYNC {report.round} before the main channel's RAM "
+                                    f"section end {self.facts.rounds + 1}", field="SYNC",
+                                    received=report.round, expected=self.facts.rounds + 1,
+                                    where=f"multifd channel {channel.id}")
+            channel.synced = report.round
+        elif isinstance(report, Eof):
+            channel.ended = True
+            channel.compression = report.compression
+
+    # ------------------------------------------------------------ the end
+    def _save_vmstate(self, reader: StreamReader) -> None:
+        """The rest of the main channel, from its first device section to its end,
+        into vmstate.bin; then check it ends as a QEMU stream ends."""
+        fd = self.out.stream("vmstate")
+        try:
+            chunk = reader.since(self.facts.ram_bytes)
+            total = 0
+            while chunk:
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view):]
+                total += len(chunk)
+                chunk = self._recv_main(COPY_CHUNK)
+            os.fsync(fd)
+            self.facts.vmstate_bytes = total
+            if total:
+                with mmap.mmap(fd, total, prot=mmap.PROT_READ) as data:
+                    tail = ByteReader(f"{MAIN} (device sections from byte "
+                                      f"{self.facts.ram_bytes})", data)
+                    try:
+                        self.facts.vm_devices = check_stream_end(tail, 0,
+                                                                 self.facts.page_size)
+                    finally:
+                        tail.view.release()
+            else:
+                raise ProtocolError("main channel ended after the RAM section (truncated?)",
+                                    field="QEMU_VM_EOF", received="end of stream",
+                                    expected="device sections", where=MAIN)
+        finally:
+            os.close(fd)
+
+    def _wait_channels_end(self) -> None:
+        """Every channel ends (QEMU closes them) after its last SYNC."""
+        deadline = time.monotonic() + self.stall
+        while open_ := [c for c in self.channels.values() if not c.ended]:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise MigrationError(f"still open {self.stall:g} s after the main channel "
+                                     "ended", channel=f"multifd channel {open_[0].id}")
+            self.watch.poll(left)
+        for channel in self.channels.values():
+            if channel.synced != self.facts.rounds:
+                raise ProtocolError(f"{channel.synced} SYNC packets, expected "
+                                    f"{self.facts.rounds}: one per RAM section end",
+                                    field="SYNC", received=channel.synced,
+                                    expected=self.facts.rounds,
+                                    where=f"multifd channel {channel.id}")
+        methods = {c.compression for c in self.channels.values() if c.compression}
+        if len(methods) > 1:
+            raise ProtocolError(f"channels used different compression: {sorted(methods)}",
+                                field="flags", received=sorted(methods),
+                                expected="one method")
+        self.facts.compression = methods.pop() if methods else None
+
+    def _flush(self) -> None:
+        for name, region in self.regions.items():
+            try:
+                region.flush()
+                self.out.fsync_part(name)
+            except OSError as exc:
+                raise MigrationError(f"RAMBlock {name!r}: writing it to disk failed: "
+                                     f"{exc.strerror or exc}") from exc
+
+    def channel_stats(self) -> list[dict]:
+        return [{"channel": ch, **self.counters.read(ch)} for ch in sorted(self.channels)]
+
+    def close(self) -> None:
+        """Stop everything and free it (every exit path; idempotent)."""
+        for sock in [self.main, *self.pending, *(c.sock for c in self.channels.values())]:
+            if sock is not None:
+                shutdown_quietly(sock)
+        if self.workers is not None:
+            self.workers.kill()
+            self.workers.stop(0)
+            self.workers = None
+        for sock in [self.main, *self.pending, *(c.sock for c in self.channels.values())]:
+            if sock is not None:
+                sock.close()
+        self.main, self.pending = None, []
+        for region in self.regions.values():
+            region.close()
+        self.regions = {}
+        if self.counters is not None:
+            self.counters.close()
+            self.counters = None
+
+
+class _LiveDecoder(QevmDecoder):
+    """The main channel as it arrives: its findings go to the session."""
+
+    def __init__(self, reader: StreamReader, session: QemuReceiving) -> None:
+        super().__init__(reader, 4096)
+        self.session = session
+
+    def on_blocks(self) -> None:
+        self.session.on_blocks(self.out.blocks, self.out.page_size)
+
+    def on_page(self, block: str, offset: int, page: memoryview, at: int) -> None:
+        if page is self.fill_pages.get(0):      # a ZERO record outside a run
+            self.session.on_zero_pages(block, np.array([offset], dtype=np.uint64))
+        else:
+            self.session.on_page(block, offset, page)
+
+    def on_zero_pages(self, block: str, offsets: np.ndarray, at: int) -> None:
+        self.session.on_zero_pages(block, offsets)
+
+    def on_eos(self) -> None:
+        self.session.on_eos()
+
+    def on_command(self, command: int, at: int) -> None:
+        if command in (MIG_CMD_OPEN_RETURN_PATH, MIG_CMD_PING):
+            raise self.r.error("main channel: the source opened a return path (capability "
+                               "return-path), which fastmfd does not serve",
+                               field="command", received=command, expected="no return path",
+                               at=at)
+
+
+def _recv_exact(sock: socket.socket, size: int, timeout: float, what: str) -> bytes:
+    sock.settimeout(timeout)
+    data = b""
+    try:
+        while len(data) < size:
+            more = sock.recv(size - len(data))
+            if not more:
+                break
+            data += more
+    except socket.timeout:
+        raise MigrationError(f"no complete {what} within {timeout:g} s") from None
+    if len(data) < size:
+        raise ProtocolError(f"{what}: connection closed after {len(data)} of {size} bytes",
+                            field="length", received=len(data), expected=size)
+    return data

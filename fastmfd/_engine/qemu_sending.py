@@ -1,0 +1,223 @@
+"""One migration into a real QEMU (7.2) destination from saved RAM and device
+state: the source's side of QEMU's own protocol, with fastmfd's send workers.
+
+::
+
+    QemuSending.run()                                     send workers (1 process / channel)
+      main channel: QEVM, the saved CONFIGURATION, the RAM
+        section's START and block list
+      each multifd channel connects after the main one
+        (a 7.2 destination takes the first for main) ──▶  init packet (the saved UUID, id)
+      SYNC on every channel; EOS          (setup section)  SYNC packet
+      RAM END section: ZERO records for the zero pages,
+        the other pages in jobs through the selector ───▶  SendEngine: qemu-7.2 packets
+      SYNC on every channel; EOS          (one SYNC per channel per EOS, spec §5.3)
+      the saved device sections (vmstate.bin), verbatim
+      QUIT: every worker drains, half-closes; Done ◀───
+      the main channel half-closed: the destination loads and completes
+
+Nothing comes back (no return path): the destination's QEMU says in its
+own ``query-migrate`` whether it loaded what it got.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import numpy as np
+
+from .. import _core
+from ..errors import MigrationError
+from ..protocol.control import Done, SendParams
+from ..protocol.qemu import (encode_ram_end_start, encode_ram_eos, encode_ram_start,
+                             encode_stream_start, encode_zero_records)
+from ..protocol.security import ChannelSecurity
+from ..protocol.sockets import Address, connect, tune_data_socket
+from ..regions import Region
+from ..shm import SharedMemory
+from .processes import ChildSet
+from .session import shutdown_quietly
+from .workers import send_worker_main
+
+__all__ = ["QemuSending", "QemuStream"]
+
+QEMU_PACKET_BYTES = 512 << 10       # MULTIFD_PACKET_SIZE (spec §2.1)
+JOB_PACKETS = 4                     # packets per job handed to a worker
+SCAN_PAGES = 1 << 14                # pages scanned for zeros at a time (64 MiB of 4 KiB)
+MAIN = "main channel"
+
+
+class QemuStream:
+    """What a saved QEMU stream starts with (from its manifest)."""
+
+    def __init__(self, configuration: bytes, uuid: bytes, ram_section_id: int,
+                 section_footers: bool) -> None:
+        self.configuration, self.uuid = configuration, uuid
+        self.ram_section_id, self.section_footers = ram_section_id, section_footers
+
+
+class QemuSending:
+    """The state of one migration into QEMU (see the module docstring)."""
+
+    def __init__(self, address: Address, stream: QemuStream, regions: list[Region],
+                 vmstate_fd: int, *, channels: int, compression: str, level: int,
+                 stall_timeout: float) -> None:
+        self.address, self.stream, self.regions = address, stream, regions
+        self.vmstate_fd = vmstate_fd
+        self.channels, self.compression, self.level = channels, compression, level
+        self.stall = stall_timeout
+        self.page_size = regions[0].page_size
+        self.job_pages = QEMU_PACKET_BYTES // self.page_size * JOB_PACKETS
+        self.main: socket.socket | None = None
+        self.data: list[socket.socket] = []
+        self.cmd_fds: list[int] = []
+        self.owned: list = []
+        self.workers = ChildSet(send_worker_main,
+                                [f"multifd channel {ch}" for ch in range(channels)])
+        self.counters = self._own(_core.Counters.create(channels, tag="qemu-counters"))
+        self.selector = self._own(_core.ChannelSelector.create(channels))
+        self.mailbox_shm = self._own(SharedMemory.create(channels * self.job_pages * 8,
+                                                         tag="mailbox"))
+        self.mailbox = np.ndarray((channels, self.job_pages), dtype=np.uint64,
+                                  buffer=self.mailbox_shm.buf)
+
+    def _own(self, resource):
+        self.owned.append(resource)
+        return resource
+
+    # ------------------------------------------------------------ the session
+    def run(self) -> None:
+        stream, section = self.stream, self.stream.ram_section_id
+        footer = stream.section_footers
+        self.main = connect(self.address, self.stall)
+        self.main.settimeout(self.stall)
+        self._main(encode_stream_start(stream.configuration)
+                   + encode_ram_start(section, {r.name: r.size for r in self.regions}))
+        for ch, worker in enumerate(self.workers):
+            self._open_channel(ch, worker)
+        self._sync()
+        self._main(encode_ram_eos(section, footer) + encode_ram_end_start(section))
+        for index, region in enumerate(self.regions):
+            self._send_region(index, region)
+        self._sync()
+        self._main(encode_ram_eos(section, footer))
+        self._send_vmstate()
+        for ch in range(self.channels):
+            self._command(ch, _core.pack_command(_core.CMD_QUIT))
+        self._wait_done()
+        self.main.shutdown(socket.SHUT_WR)
+
+    def _open_channel(self, ch: int, worker) -> None:
+        sock = connect(self.address, self.stall)
+        self.data.append(sock)
+        tune_data_socket(sock)
+        sock.settimeout(self.stall)
+        hello = bytearray(_core.INIT_PACKET_SIZE)
+        _core.encode_init_packet(hello, self.stream.uuid, ch)
+        cmd_r, cmd_w = os.pipe()
+        self.cmd_fds.append(cmd_w)
+        params = SendParams(
+            channel=ch, page_size=self.page_size,
+            packet_pages=QEMU_PACKET_BYTES // self.page_size, checksum=False, chunk_size=0,
+            compression=self.compression, regions=tuple(r.handle for r in self.regions),
+            devices=(), counters=self.counters.name, pool=None, hello=bytes(hello),
+            uuid=self.stream.uuid, security=ChannelSecurity(timeout=self.stall),
+            compression_level=self.level, zero_page_detection=False,
+            mailbox=self.mailbox_shm.name, mailbox_row=ch, job_pages=self.job_pages,
+            selector=self.selector.name, selector_index=ch, layout=_core.LAYOUT_QEMU72)
+        try:
+            worker.start_session(params, [sock.fileno(), cmd_r])
+        finally:
+            os.close(cmd_r)
+
+    def _sync(self) -> None:
+        """One SYNC on every channel, once each is done with its jobs (the EOS
+        that follows on the main channel is where QEMU waits for them)."""
+        for ch in range(self.channels):
+            self._command(ch, _core.pack_command(_core.CMD_SYNC))
+
+    def _send_region(self, index: int, region: Region) -> None:
+        """The region's zero pages as ZERO records, the others to the channels; a
+        slice at a time, so the channels start while the rest is scanned."""
+        for first in range(0, region.npages, SCAN_PAGES):
+            pages = np.arange(first, min(first + SCAN_PAGES, region.npages), dtype=np.uint64)
+            zero = _core.find_zero_pages(region.buffer, self.page_size, pages)
+            self._main(encode_zero_records(region.name, zero * np.uint64(self.page_size)))
+            self._dispatch(index, np.setdiff1d(pages, zero, assume_unique=True))
+
+    def _dispatch(self, index: int, pages: np.ndarray) -> None:
+        for start in range(0, len(pages), self.job_pages):
+            count = min(self.job_pages, len(pages) - start)
+            ch = self.selector.select(timeout=self.stall)
+            if ch is None:
+                self._check_workers()
+                raise MigrationError(f"no multifd channel took work for {self.stall:g} s"
+                                     + self._mismatch_hint)
+            self.mailbox[ch, :count] = pages[start:start + count]
+            self._command(ch, _core.pack_command(_core.CMD_RAM, index, count))
+
+    @property
+    def _mismatch_hint(self) -> str:
+        # A 7.2 destination reads no main channel before all of its channels came,
+        # and holds every channel at a SYNC until the main channel reaches its EOS.
+        return (f" (are the destination's multifd-channels {self.channels} and its "
+                f"multifd-compression {self.compression}?)")
+
+    def _send_vmstate(self) -> None:
+        while chunk := os.read(self.vmstate_fd, 1 << 20):
+            self._main(chunk)
+
+    def _main(self, data: bytes) -> None:
+        try:
+            self.main.sendall(data)
+        except TimeoutError:
+            self._check_workers()
+            raise MigrationError(f"the destination took no data for {self.stall:g} s"
+                                 + self._mismatch_hint, channel=MAIN) from None
+        except OSError as exc:
+            self._check_workers()
+            raise MigrationError(f"sending failed: {exc.strerror or exc}",
+                                 channel=MAIN) from None
+
+    def _command(self, ch: int, record: bytes) -> None:
+        try:
+            os.write(self.cmd_fds[ch], record)
+        except OSError as exc:
+            self._check_workers()
+            raise MigrationError(f"cannot hand work to its worker: {exc.strerror}",
+                                 channel=f"multifd channel {ch}") from None
+
+    def _check_workers(self) -> None:
+        """Raise what a worker reported (its failure) or how it ended."""
+        for worker in self.workers:
+            while worker.next_report() is not None:
+                pass
+            if worker.exitcode not in (None, 0) and not worker.finished:
+                raise worker.death_error()
+
+    def _wait_done(self) -> None:
+        deadline = time.monotonic() + self.stall
+        for worker in self.workers:
+            worker.expect(Done, max(0.0, deadline - time.monotonic()))
+
+    def channel_stats(self) -> list[dict]:
+        return [{"channel": ch, **self.counters.read(ch)} for ch in range(self.channels)]
+
+    def close(self) -> None:
+        for sock in [self.main, *self.data]:
+            if sock is not None:
+                shutdown_quietly(sock)
+        self.workers.stop(2.0)
+        for sock in [self.main, *self.data]:
+            if sock is not None:
+                sock.close()
+        self.main, self.data = None, []
+        for fd in self.cmd_fds:
+            os.close(fd)
+        self.cmd_fds = []
+        del self.mailbox
+        for resource in reversed(self.owned):
+            resource.close()
+        self.owned = []

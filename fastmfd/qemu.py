@@ -1,0 +1,196 @@
+"""Take part in a real QEMU migration: be its destination, into files.
+
+``receive(address, directory)`` listens at ``address`` for a QEMU 7.2
+source migrating with the ``multifd`` capability (``migrate`` to
+``tcp:HOST:PORT`` or ``unix:PATH``) and writes:
+
+- one file per RAMBlock, ``<idstr>.img`` (sparse: zero pages are holes;
+  an idstr such as ``/rom@etc/acpi/tables`` becomes a safe, distinct name,
+  see :func:`fastmfd.tools.outputs.output_name`);
+- ``vmstate.bin``: the rest of the main channel as QEMU sent it, from its
+  first device section to its end (QEMU_VM_EOF and the VM description);
+- ``manifest.json``: the stream's version, machine, page size, capabilities,
+  UUID, channel count and compression (both learnt from the stream, never
+  asked of the user), and each block's idstr, size and file.
+
+``send(address, directory)`` plays such a directory back into a QEMU
+started with ``-incoming defer`` on the same machine configuration (and the
+same ``-uuid``, if any), whose multifd capability and parameters match
+``channels`` and ``compression``: the saved configuration, the block list,
+every zero page as a ZERO record and every other page over the multifd
+channels (fastmfd's send workers, QEMU 7.2's packet layout), then the saved
+device sections. The destination resumes (or stays paused) with the saved
+RAM and device state.
+
+Files are written as ``.part`` and renamed once the stream reached its end
+and everything is on disk (:mod:`fastmfd.tools.outputs`); a truncated,
+corrupt or unsupported stream (postcopy, xbzrle, compress threads, a return
+path) raises one exception naming what and where, and leaves no file that
+looks complete. The multifd channels run in fastmfd's receive worker
+processes (one per channel, QEMU 7.2's packet layout); the main channel is
+decoded in the calling process (:mod:`fastmfd._engine.qemu_receiving`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass
+
+from ._engine.qemu_receiving import QemuReceiving, QemuStreamFacts
+from ._engine.qemu_sending import QemuSending, QemuStream
+from .errors import ConfigError
+from .protocol.sockets import bound_address, listen, parse_address
+from .regions import Region
+from .tools.outputs import MANIFEST, OutputDir
+
+__all__ = ["receive", "send", "QemuReceived", "QemuStreamFacts"]
+
+DEFAULT_STALL_TIMEOUT = 30.0
+
+
+@dataclass
+class QemuReceived:
+    """What :func:`receive` wrote and measured."""
+    facts: QemuStreamFacts
+    files: dict[str, str]           # block idstr / "vmstate" / "manifest" -> path
+    manifest: dict
+    seconds: float                  # from the main channel's arrival to the commit
+    channels: list[dict]            # per channel: packets, pages and bytes received
+
+
+def receive(address: str, directory: str, *, timeout: float = 3600.0,
+            stall_timeout: float = DEFAULT_STALL_TIMEOUT, force: bool = False,
+            keep_partial: bool = False, workers: int = 2, on_listening=None) -> QemuReceived:
+    """Receive one migration from QEMU into ``directory`` (see the module docstring).
+
+    ``timeout``: seconds to wait for QEMU to connect; ``stall_timeout``: any
+    wait for QEMU's next bytes, SYNCs or the end of its channels. ``force``
+    replaces files of the same names; ``keep_partial`` keeps what arrived of
+    a failed migration as ``.part`` files. ``workers``: receive worker processes
+    started before QEMU connects (default 2, QEMU's default multifd-channels;
+    a channel beyond them gets its worker as it connects).
+    ``on_listening(address)`` is called with the bound address (``tcp:...:0``
+    picks a port) before any wait."""
+    requested = parse_address(address)
+    out = OutputDir(directory, force=force, keep_partial=keep_partial)
+    listener = None
+    session = None
+    try:
+        listener = listen(requested)
+        # Its first worker starts now, before QEMU is told where to go.
+        session = QemuReceiving(listener, out, timeout=timeout, stall_timeout=stall_timeout,
+                                workers=workers)
+        if on_listening is not None:
+            on_listening(str(bound_address(listener, requested)))
+        facts = session.run()
+        manifest = _manifest(facts, out)
+        out.commit(manifest)
+        return QemuReceived(facts, out.files(), manifest, time.monotonic() - session.main_at,
+                            session.channel_stats())
+    except BaseException:
+        if session is not None:
+            session.close()         # nothing writes any more
+        out.abort()
+        raise
+    finally:
+        if session is not None:
+            session.close()
+        if listener is not None:
+            listener.close()
+            if requested.family == socket.AF_UNIX and os.path.exists(requested.target):
+                os.unlink(requested.target)
+        out.close()
+
+
+def _manifest(facts: QemuStreamFacts, out: OutputDir) -> dict:
+    return {
+        "format": "qemu-migration",
+        "stream_version": facts.version,
+        "machine": facts.machine,
+        "page_size": facts.page_size,
+        "capabilities": ["multifd", *facts.capabilities],
+        "uuid": facts.uuid.hex() if facts.uuid is not None else None,
+        "channels": facts.channels,
+        "compression": facts.compression,
+        "blocks": [{"idstr": name, "size": size, "file": out.regions[name].final}
+                   for name, size in facts.blocks.items()],
+        "vmstate": {"file": out.streams["vmstate"].final, "size": facts.vmstate_bytes,
+                    "stream_offset": facts.ram_bytes, "devices": facts.vm_devices},
+        # What a stream replaying this directory starts with (send()).
+        "configuration": facts.configuration.hex(),
+        "ram_section_id": facts.ram_section_id,
+        "section_footers": facts.section_footers,
+        "ram_section_ends": facts.rounds,
+        "main_channel_zero_pages": facts.zero_pages,
+    }
+
+
+def send(address: str, directory: str, *, channels: int = 2, compression: str = "none",
+         level: int = 1, stall_timeout: float = DEFAULT_STALL_TIMEOUT) -> list[dict]:
+    """Migrate the directory :func:`receive` wrote into the QEMU listening at
+    ``address`` (see the module docstring); returns per-channel counters.
+    ``channels`` and ``compression`` must be the destination's
+    ``multifd-channels`` and ``multifd-compression`` (QEMU negotiates nothing)."""
+    target = parse_address(address)
+    if not 1 <= channels <= 255:
+        raise ConfigError(f"channels {channels}: QEMU's multifd-channels is 1..255")
+    if compression not in ("none", "zlib", "zstd"):
+        raise ConfigError(f"compression {compression!r}: expected none, zlib or zstd")
+    manifest = _read_manifest(directory)
+    regions: list[Region] = []
+    vmstate_fd = -1
+    session = None
+    try:
+        for block in manifest["blocks"]:
+            regions.append(Region.from_file(block["idstr"], _inside(directory, block["file"]),
+                                            page_size=manifest["page_size"]))
+            if regions[-1].size != block["size"]:
+                raise ConfigError(f"{block['file']}: {regions[-1].size} bytes, the manifest "
+                                  f"says {block['size']}")
+        vmstate_fd = os.open(_inside(directory, manifest["vmstate"]["file"]),
+                             os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        stream = QemuStream(bytes.fromhex(manifest["configuration"]),
+                            bytes.fromhex(manifest["uuid"] or "00" * 16),
+                            manifest["ram_section_id"], manifest["section_footers"])
+        session = QemuSending(target, stream, regions, vmstate_fd, channels=channels,
+                              compression=compression, level=level,
+                              stall_timeout=stall_timeout)
+        session.run()
+        return session.channel_stats()
+    finally:
+        if session is not None:
+            session.close()
+        if vmstate_fd >= 0:
+            os.close(vmstate_fd)
+        for region in regions:
+            region.close()
+
+
+_MANIFEST_KEYS = ("blocks", "page_size", "vmstate", "configuration", "uuid", "ram_section_id",
+                  "section_footers")
+
+
+def _read_manifest(directory: str) -> dict:
+    path = os.path.join(directory, MANIFEST)
+    try:
+        with open(path, "rb") as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: {getattr(exc, 'strerror', None) or exc}") from None
+    missing = [key for key in _MANIFEST_KEYS
+               if not isinstance(manifest, dict) or key not in manifest]
+    if missing or manifest.get("format") != "qemu-migration" or not manifest["blocks"]:
+        raise ConfigError(f"{path}: not the manifest of a QEMU migration received by fastmfd "
+                          f"(missing: {', '.join(missing) or 'format, blocks'})")
+    return manifest
+
+
+def _inside(directory: str, name: str) -> str:
+    """``name`` (from the manifest) as a file directly inside ``directory``."""
+    if not isinstance(name, str) or os.path.basename(name) != name or name in ("", ".", ".."):
+        raise ConfigError(f"manifest names the file {name!r}: expected a file name in "
+                          f"{directory}")
+    return os.path.join(directory, name)

@@ -1,0 +1,153 @@
+"""fastmfd in a real QEMU migration: the cells QEMU -> fastmfd and fastmfd -> QEMU.
+
+Each is compared with :class:`~.peers.QemuTrial` (QEMU -> QEMU) on the same
+image, channels and compression::
+
+    QemuToFastmfdTrial   QEMU source (paused guest on the image) ── migrate ──▶
+                         fastmfd.qemu.receive into a directory (its worker
+                         started before timing); timed from ``migrate`` until
+                         receive() returns: the stream ended, every file fsynced
+    FastmfdToQemuTrial   untimed: the image saved by receive() from a QEMU
+                         source; then fastmfd.qemu.send of that directory ──▶
+                         QEMU destination (-incoming defer, a fresh RAM file);
+                         timed from send() until the destination says completed
+
+``finish()`` compares the RAM file the destination wrote with the image.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+from ... import qemu
+from ...errors import MigrationError
+from ..images import Image
+from .peers import STEP_TIMEOUT, QemuPeer
+from .trial import Measurement, wait_until_idle
+
+__all__ = ["QemuToFastmfdTrial", "FastmfdToQemuTrial"]
+
+RAM_BLOCK = "mem"           # the memory-backend's id: the guest RAM's RAMBlock
+
+
+class _Receiver:
+    """``qemu.receive`` in a thread, listening once constructed."""
+
+    def __init__(self, directory: str, workers: int) -> None:
+        self._listening = threading.Event()
+        self._outcome: dict = {}
+        self.address = ""
+        self._thread = threading.Thread(target=self._run, args=(directory, workers),
+                                        name="fastmfd qemu receive", daemon=True)
+        self._thread.start()
+        if not self._listening.wait(STEP_TIMEOUT):
+            raise MigrationError("fastmfd's QEMU receiver did not start listening")
+        self._raise()
+
+    def _run(self, directory: str, workers: int) -> None:
+        try:
+            self._outcome["result"] = qemu.receive(
+                "tcp:127.0.0.1:0", directory, timeout=STEP_TIMEOUT * 10, workers=workers,
+                on_listening=self._on_listening)
+        except BaseException as exc:        # handed to the thread that waits
+            self._outcome["error"] = exc
+        self._listening.set()
+
+    def _on_listening(self, address: str) -> None:
+        self.address = address
+        self._listening.set()
+
+    def _raise(self) -> None:
+        if "error" in self._outcome:
+            raise self._outcome["error"]
+
+    def result(self, timeout: float) -> qemu.QemuReceived:
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise MigrationError(f"fastmfd's QEMU receiver did not finish within {timeout:g} s")
+        self._raise()
+        return self._outcome["result"]
+
+
+class QemuToFastmfdTrial(QemuPeer):
+    """A real QEMU migrates the image into ``fastmfd listen --qemu``."""
+    _received_name = "fastmfd: the RAMBlock file listen --qemu wrote"
+
+    def __init__(self, image: Image, channels: int, compression: str, level: int = 1,
+                 binary: str | None = None, *, prealloc: bool = False) -> None:
+        super().__init__(image, binary, prealloc)
+        self._dir = self._new_file("qemu-saved")
+        try:
+            self.src = self._start(image.path, incoming=False)
+            self.multifd(self.src, channels, compression, level)
+            # Its workers ready before timing, as the QEMU destination's threads are.
+            self._receiver = _Receiver(self._dir, channels)
+            wait_until_idle([p.pid for p in self._procs])
+        except BaseException:
+            self.close()
+            raise
+
+    def pids(self) -> dict[str, list[int]]:
+        # fastmfd's receive workers are qemu.receive's own: only its main side is seen.
+        return {"source": [self._procs[0].pid], "main": [os.getpid()]}
+
+    def run(self) -> Measurement:
+        started = time.perf_counter()
+        self.src.command("migrate", uri=self._receiver.address)
+        received = self._receiver.result(STEP_TIMEOUT * 10)
+        seconds = time.perf_counter() - started
+        if self.src.wait_migration(STEP_TIMEOUT) != "completed":
+            raise MigrationError(f"QEMU source: {self.src.command('query-migrate')}")
+        self._received = received.files[RAM_BLOCK]
+        channels = received.channels
+        return Measurement(seconds, self.image.size,
+                           sum(c["wire_bytes"] for c in channels) + received.facts.ram_bytes
+                           + received.facts.vmstate_bytes, {
+                               "normal_pages": sum(c["normal_pages"] for c in channels),
+                               "zero_pages": received.facts.zero_pages,
+                               "receive_s": received.seconds})
+
+
+class FastmfdToQemuTrial(QemuPeer):
+    """``fastmfd send --qemu`` migrates the image, saved from a QEMU, into a real QEMU."""
+    _received_name = "QEMU: the destination's RAM file"
+
+    def __init__(self, image: Image, channels: int, compression: str, level: int = 1,
+                 binary: str | None = None, *, prealloc: bool = False) -> None:
+        super().__init__(image, binary, prealloc)
+        self._channels, self._compression, self._level = channels, compression, level
+        self._dir = self._new_file("qemu-saved")
+        self._received = self._new_file("qemu-dst-ram")
+        try:
+            source = self._start(image.path, incoming=False)
+            self.multifd(source, 2, "none", 1)
+            receiver = _Receiver(self._dir, 2)
+            source.command("migrate", uri=receiver.address)
+            receiver.result(STEP_TIMEOUT * 10)
+            self.dst = self._start(self._received, incoming=True)
+            self.multifd(self.dst, channels, compression, level)
+            self._uri = self.listening_uri(self.dst)
+            wait_until_idle([p.pid for p in self._procs])
+        except BaseException:
+            self.close()
+            raise
+
+    def pids(self) -> dict[str, list[int]]:
+        # fastmfd's send workers are qemu.send's own: only its main side is seen.
+        return {"destination": [self._procs[-1].pid], "main": [os.getpid()]}
+
+    def run(self) -> Measurement:
+        started = time.perf_counter()
+        sent = qemu.send(self._uri, self._dir, channels=self._channels,
+                         compression=self._compression, level=self._level,
+                         stall_timeout=STEP_TIMEOUT)
+        send_s = time.perf_counter() - started
+        status = self.dst.wait_migration(STEP_TIMEOUT)
+        seconds = time.perf_counter() - started
+        if status != "completed":
+            raise MigrationError(f"QEMU destination {status}: "
+                                 f"{self.dst.command('query-migrate')}")
+        return Measurement(seconds, self.image.size, sum(c["wire_bytes"] for c in sent), {
+            "normal_pages": sum(c["normal_pages"] for c in sent), "send_s": send_s})
