@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import struct
+import threading
 import time
 
 import fastmfd
@@ -65,6 +66,26 @@ class StallingDevice:
             return 0
         buf[:100] = b"s" * 100
         return 100
+
+
+class BlockedDevice:
+    """Gives one chunk, then blocks in read_state() until ``release`` is set, as a
+    device whose data fd never answers (a FIFO nobody writes)."""
+
+    def __init__(self, idstr: str, instance_id: int) -> None:
+        self.idstr, self.instance_id = idstr, instance_id
+        self.release = threading.Event()
+        self.blocked_at: float | None = None
+        self.reads = 0
+
+    def read_state(self, buf) -> int:
+        self.reads += 1
+        if self.reads == 1:
+            buf[:100] = b"b" * 100
+            return 100
+        self.blocked_at = time.monotonic()
+        self.release.wait()
+        return 0
 
 
 class BrokenLoader:

@@ -20,8 +20,8 @@ import pytest
 
 import fastmfd
 from fastmfd import _core
-from device_support import (BrokenDevice, BrokenLoader, ChunkRewriter, HoldFirstChunks,
-                            OddDevice, StallingDevice, at_idx)
+from device_support import (BlockedDevice, BrokenDevice, BrokenLoader, ChunkRewriter,
+                            HoldFirstChunks, OddDevice, StallingDevice, at_idx)
 from migration_support import Migration, Outcome, Proxy, Trigger, make_region
 
 CONFIG = fastmfd.MigrationConfig(channels=2, device_chunk_size=4096)
@@ -186,6 +186,23 @@ def test_failure_while_devices_save_stops_their_threads_first(leaks):
     finally:
         region.close()
     check(outcome, fired(proxy), r"receive channel 1: the worker process was killed by SIGKILL")
+
+
+def test_a_device_whose_read_never_returns(leaks):
+    """A device's read_state() is its own code, like a loader: one that never
+    returns (a data fd nobody answers) left the source waiting for its save thread
+    forever, with keepalives flowing both ways, so neither side ever failed. Now
+    a read must return within stall_timeout, and after the failure the thread is
+    left behind rather than waited for."""
+    blocked = BlockedDevice("blocked", 0)
+    try:
+        outcome = migrate(CONFIG.replace(stall_timeout=1.0), devices=[blocked], timeout=30)
+        src, dst = outcome.failed_both(since=blocked.blocked_at)
+    finally:
+        blocked.release.set()
+    pattern = r"blocked/0: read_state\(\) made no progress for 1 s"
+    assert re.search(pattern, str(src)), str(src)
+    assert re.search(pattern, str(dst)) and "the source failed" in str(dst), str(dst)
 
 
 # ---------------------------------------------------------------- user code raising

@@ -21,7 +21,9 @@ Where the chunks go is a *sink*:
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
+import time
 from typing import Callable, Protocol
 
 from .. import _core
@@ -32,6 +34,9 @@ from ..protocol.main_channel import OLD_WAY_PREFIX, Msg
 __all__ = ["DeviceSaver", "DeviceStream", "OldWaySaver", "save_live", "save_stream"]
 
 CHUNK_HEADER = _core.CHUNK_HEADER_SIZE
+LEFT_BEHIND_AFTER = 1.0     # seconds a failed session waits for a device's read to return
+
+log = logging.getLogger("fastmfd")
 
 
 class ChunkSink(Protocol):
@@ -141,20 +146,24 @@ def _copy(data: memoryview, config: bytes) -> int:
 
 
 class _PoolSink:
-    """Chunks in buffer-pool slots, each handed to a channel picked by the selector."""
+    """Chunks in buffer-pool slots, each handed to a channel picked by the selector.
+    ``reading_since``: when the device's current read began (None: not in one)."""
 
     def __init__(self, pool, selector, dispatch, device: int, chunk_size: int) -> None:
         self._pool, self._selector, self._dispatch = pool, selector, dispatch
         self._device, self._chunk = device, chunk_size
         self._slot = -1
+        self.reading_since: float | None = None
 
     def fill(self, reader) -> int:
         self._slot = self._pool.acquire()
         self._pool.populate(self._slot)             # a sparse pool: memory, or a clean error
         view = self._pool.view(self._slot)
+        self.reading_since = time.monotonic()
         try:
             return reader(view[CHUNK_HEADER:CHUNK_HEADER + self._chunk])
         finally:
+            self.reading_since = None
             view.release()
 
     def discard(self) -> None:
@@ -178,29 +187,55 @@ class DeviceSaver:
     """
 
     def __init__(self, streams: list[DeviceStream], pool, selector, dispatch, failure,
-                 chunk_size: int) -> None:
+                 chunk_size: int, stall_timeout: float) -> None:
         self.streams = streams
-        self._failure, self._chunk = failure, chunk_size
+        self._failure, self._chunk, self._stall = failure, chunk_size, stall_timeout
         self._sinks = [_PoolSink(pool, selector, dispatch, i, chunk_size)
                        for i in range(len(streams))]
         self._threads: list[threading.Thread] = []
+        self._failed_at: float | None = None         # when wait() first saw the failure
+        self._running: list[DeviceStream] = []      # the threads' devices and sinks
+        self._sinks_running: list[_PoolSink] = []
 
     def start(self, live: bool) -> None:
         self.wait()
         phase = save_live if live else save_stream
+        running = [(stream, sink) for stream, sink in zip(self.streams, self._sinks)
+                   if not live or stream.has_precopy]
+        self._running = [stream for stream, _ in running]
+        self._sinks_running = [sink for _, sink in running]
         self._threads = [
             threading.Thread(target=self._save, daemon=True, args=(phase, stream, sink),
                              name=f"fastmfd save {stream.name}")
-            for stream, sink in zip(self.streams, self._sinks)
-            if not live or stream.has_precopy]
+            for stream, sink in running]
         for thread in self._threads:
             thread.start()
 
     def wait(self) -> None:
-        """Wait until every save thread has ended."""
-        for thread in self._threads:
+        """Wait until every save thread has ended. A device's read is the device's
+        own code: one that takes longer than ``stall_timeout`` fails the session;
+        after a failure (which aborts the pool and selector the threads block on)
+        a thread still inside a read is left behind after ``LEFT_BEHIND_AFTER``
+        seconds, so no wait here is unbounded. (Its slot's memory stays mapped
+        while its view is out: see SessionResources.release.)"""
+        for thread, sink, stream in zip(self._threads, self._sinks_running,
+                                        self._running):
             while thread.is_alive():
-                thread.join(0.5)
+                now = time.monotonic()
+                if self._failure.error is None:
+                    since = sink.reading_since
+                    if since is not None and now - since > self._stall:
+                        self._failure.fail(MigrationError(
+                            f"read_state() made no progress for {self._stall:g} s (stall "
+                            f"timeout)", device=stream.name))
+                    thread.join(min(0.5, self._stall / 4))
+                    continue
+                self._failed_at = self._failed_at or now       # one grace per session
+                if now - self._failed_at > LEFT_BEHIND_AFTER:
+                    log.warning("device %s: its read did not return after the session "
+                                "failed; its thread is left behind", stream.name)
+                    break
+                thread.join(0.1)
 
     def join(self) -> None:
         self.wait()

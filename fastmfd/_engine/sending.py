@@ -207,7 +207,7 @@ class Sending:
         if self._streams and cfg.channel_header:
             self._saver = DeviceSaver(self._streams, self._pool, parts.device_selector,
                                       self._device_command, self.failure,
-                                      cfg.device_chunk_size)
+                                      cfg.device_chunk_size, cfg.stall_timeout)
         elif self._streams:
             self._saver = OldWaySaver(self._streams, self.main, cfg.device_chunk_size)
         self.state = SendingState.LIVE
