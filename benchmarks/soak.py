@@ -444,33 +444,12 @@ def make_proxy_classes(ms):
             sel.register(client, ms.selectors.EVENT_READ, (link, "client"))
             sel.register(upstream, ms.selectors.EVENT_READ, (link, "upstream"))
 
-        def _readable(self, sel, link, side) -> None:
-            sock = link.client if side == "client" else link.upstream
-            try:
-                data = sock.recv(1 << 20) if not link.closed else b""
-            except BlockingIOError:
-                return
-            except OSError:
-                data = b""
-            if not data:
-                try:
-                    sel.unregister(sock)
-                except (KeyError, ValueError):
-                    pass
-                if side == "client":
-                    link.client_eof = True
-                elif not link.closed:
-                    link.upstream_eof = True
-                    try:
-                        link.client.shutdown(socket.SHUT_WR)
-                    except OSError:
-                        pass
-                return
-            if side == "client":
-                self.on_bytes(len(data))
-                link.from_client(data)
-                self.bytes_by_link[link.name] = link.offset
-                return
+        def _from_client(self, link, data) -> None:
+            self.on_bytes(len(data))
+            link.from_client(data)
+            self.bytes_by_link[link.name] = link.offset
+
+        def _from_upstream(self, link, data) -> None:
             if link.name == "main":
                 for kind, _ in link.back_parser.feed(data, link.back_offset):
                     self.on_back(link, kind)

@@ -769,12 +769,20 @@ class Proxy:
                     pass
             return
         if side == "client":
-            link.from_client(data)
+            self._from_client(link, data)
         else:
-            try:
-                link.client.sendall(data)
-            except OSError:
-                pass
+            self._from_upstream(link, data)
+
+    def _from_client(self, link: Link, data: bytes) -> None:
+        """The client's bytes: through the link's fault (a subclass may watch them)."""
+        link.from_client(data)
+
+    def _from_upstream(self, link: Link, data: bytes) -> None:
+        """The destination's bytes: back to the client, unchanged."""
+        try:
+            link.client.sendall(data)
+        except OSError:
+            pass
 
 
 # ---------------------------------------------------------------- a live workload
