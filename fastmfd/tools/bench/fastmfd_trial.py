@@ -35,6 +35,8 @@ class FastmfdTrial:
     data); by default the source stops first and all of it is downtime.
     """
 
+    pids_complete = True
+
     def __init__(self, image: Image, config: MigrationConfig, devices=(), *,
                  prealloc: bool = False, security: LoopbackSecurity = NO_SECURITY,
                  live: bool = False) -> None:

@@ -135,7 +135,7 @@ def run_once(setting: Setting, image: Image, **kwargs) -> Measurement:
     """Prepare, time and check one transfer."""
     trial = make_trial(setting, image, **kwargs)
     try:
-        meter = CpuMeter(trial.pids())
+        meter = CpuMeter(trial.pids(), trial.pids_complete)
         measurement = trial.run()
         measurement.details.update(meter.stop())
     except BaseException:

@@ -47,6 +47,7 @@ STEP_TIMEOUT = 60.0             # seconds any one step (start, connect, transfer
 
 class _PeerTrial:
     """What the peers' trials share: :meth:`finish` checks the file their destination wrote."""
+    pids_complete = True
     image: Image
     _received: str          # the destination's copy of the image
     _received_name: str     # what errors call it

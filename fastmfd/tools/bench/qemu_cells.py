@@ -73,6 +73,7 @@ class _Receiver:
 
 class QemuToFastmfdTrial(QemuPeer):
     """A real QEMU migrates the image into ``fastmfd listen --qemu``."""
+    pids_complete = False       # fastmfd's workers are qemu.receive/send's own
     _received_name = "fastmfd: the RAMBlock file listen --qemu wrote"
 
     def __init__(self, image: Image, channels: int, compression: str, level: int = 1,
@@ -90,7 +91,6 @@ class QemuToFastmfdTrial(QemuPeer):
             raise
 
     def pids(self) -> dict[str, list[int]]:
-        # fastmfd's receive workers are qemu.receive's own: only its main side is seen.
         return {"source": [self._procs[0].pid], "main": [os.getpid()]}
 
     def run(self) -> Measurement:
@@ -112,6 +112,7 @@ class QemuToFastmfdTrial(QemuPeer):
 
 class FastmfdToQemuTrial(QemuPeer):
     """``fastmfd send --qemu`` migrates the image, saved from a QEMU, into a real QEMU."""
+    pids_complete = False       # fastmfd's workers are qemu.receive/send's own
     _received_name = "QEMU: the destination's RAM file"
 
     def __init__(self, image: Image, channels: int, compression: str, level: int = 1,
@@ -135,7 +136,6 @@ class FastmfdToQemuTrial(QemuPeer):
             raise
 
     def pids(self) -> dict[str, list[int]]:
-        # fastmfd's send workers are qemu.send's own: only its main side is seen.
         return {"destination": [self._procs[-1].pid], "main": [os.getpid()]}
 
     def run(self) -> Measurement:

@@ -43,6 +43,8 @@ class Trial(Protocol):
 
     def pids(self) -> dict[str, list[int]]: ...
 
+    pids_complete: bool     # pids() lists every process the trial runs
+
     def run(self) -> Measurement: ...
 
     def finish(self) -> object: ...
@@ -88,7 +90,9 @@ def _machine_busy_s() -> float:
 class CpuMeter:
     """The CPU seconds of a trial's processes over its timed part, by side, and
     the load of everything else on the machine meanwhile (in cores): a run
-    beside a foreign load above :data:`FOREIGN_LOAD_FLAG` is suspect.
+    beside a foreign load above :data:`FOREIGN_LOAD_FLAG` is suspect. A trial
+    whose ``pids`` are not all its processes (``complete=False``) gets no load
+    figure: its own unseen processes would count as foreign.
 
     A worker process exits when its session ends, taking its counters with
     it: a thread samples every process every ``SAMPLE_SECONDS`` and keeps the
@@ -97,8 +101,8 @@ class CpuMeter:
 
     SAMPLE_SECONDS = 0.01
 
-    def __init__(self, pids: dict[str, list[int]]) -> None:
-        self._sides = pids
+    def __init__(self, pids: dict[str, list[int]], complete: bool = True) -> None:
+        self._sides, self._complete = pids, complete
         self._first = self._sample({})
         self._last = dict(self._first)
         self._busy = _machine_busy_s()
@@ -128,6 +132,8 @@ class CpuMeter:
         cpu = {side: round(sum(self._last.get(pid, 0.0) - self._first.get(pid, 0.0)
                                for pid in pids), 3)
                for side, pids in self._sides.items()}
+        if not self._complete:      # the trial's own unseen processes would count as foreign
+            return {"cpu_s": cpu}
         foreign = (_machine_busy_s() - self._busy - sum(cpu.values())) / wall if wall else 0.0
         return {"cpu_s": cpu, "foreign_cores": round(max(0.0, foreign), 2)}
 
