@@ -394,14 +394,18 @@ class AtMessage(Fault):
                 return
             kind, length = struct.unpack_from(">II", self.buf)
             if kind == self.kind:
-                link.send(bytes(self.buf[:self.keep]))
-                self.fire()
-                getattr(link, self.then)()
+                self._strike(link)
                 return
             if len(self.buf) < 8 + length:
                 return
             link.send(bytes(self.buf[:8 + length]))
             del self.buf[:8 + length]
+
+    def _strike(self, link) -> None:
+        """The message of type ``kind`` is at the front of ``buf``: break the link."""
+        link.send(bytes(self.buf[:self.keep]))
+        self.fire()
+        getattr(link, self.then)()
 
 
 class OnMessage(Fault):

@@ -300,27 +300,13 @@ class Retype(AtMessage):
     def data(self, link, data, offset):
         if self.fired_at is not None:
             link.send(data)
-            return
-        self.buf += data
-        while self.fired_at is None:
-            if self.preamble:
-                if len(self.buf) < self.preamble:
-                    return
-                link.send(bytes(self.buf[:self.preamble]))
-                del self.buf[:self.preamble]
-                self.preamble = 0
-            if len(self.buf) < 8:
-                return
-            kind, length = struct.unpack_from(">II", self.buf)
-            if kind == self.kind:
-                struct.pack_into(">I", self.buf, 0, self.becomes)
-                self.fire()
-                link.send(bytes(self.buf))
-                return
-            if len(self.buf) < 8 + length:
-                return
-            link.send(bytes(self.buf[:8 + length]))
-            del self.buf[:8 + length]
+        else:
+            super().data(link, data, offset)
+
+    def _strike(self, link) -> None:
+        struct.pack_into(">I", self.buf, 0, self.becomes)
+        self.fire()
+        link.send(bytes(self.buf))
 
 
 def test_round_end_corrupted_into_a_keepalive(image, leaks):
