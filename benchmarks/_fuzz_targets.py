@@ -29,11 +29,13 @@ from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+import fastmfd  # noqa: E402
 from fastmfd import _core  # noqa: E402
 from fastmfd.errors import ProtocolError  # noqa: E402
 from fastmfd.protocol import main_channel as mc  # noqa: E402
 from fastmfd.protocol.qemu import decode_qemu_main  # noqa: E402
-from fastmfd.protocol.setup import MAX_REGION_BYTES, Setup  # noqa: E402
+from fastmfd.protocol.setup import (MAX_REGION_BYTES, DeviceSpec, RegionSpec,  # noqa: E402
+                                    Setup)
 
 from _fuzz_mutate import Field, mutate_bytes, mutate_text  # noqa: E402
 
@@ -615,12 +617,11 @@ def _capture_target(weight: float) -> Target:
 # ---------------------------------------------------------------- SETUP and payloads
 
 def _setup_seeds():
-    base = dict(uuid=UUID.hex(), page_size=4096, packet_pages=128, compression="none",
-                compression_level=1, zero_page_detection=True, channels=2,
-                device_state_channels=0, channel_header=True, checksum=False,
-                chunk_size=1 << 20, max_queued_bytes=256 << 20, stall_timeout=30.0,
-                regions=[{"name": "pc.ram", "size": 1 << 30}, {"name": "vga", "size": 4096}],
-                devices=[{"idstr": "nic0", "instance_id": 0}, {"idstr": "cpu", "instance_id": 1}])
+    # Every field a real Source sends (the defaults: fields added to SETUP later
+    # come with them), then the variants below.
+    base = Setup(uuid=UUID, **fastmfd.MigrationConfig(packet_pages=128).session_values(),
+                 regions=(RegionSpec("pc.ram", 1 << 30), RegionSpec("vga", 4096)),
+                 devices=(DeviceSpec("nic0", 0), DeviceSpec("cpu", 1))).encode()
     seeds = [base]
     seeds.append({**base, "compression": "zstd", "compression_level": 3, "checksum": True,
                   "device_state_channels": 2, "page_size": 65536, "packet_pages": 2048,
