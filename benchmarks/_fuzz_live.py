@@ -51,7 +51,6 @@ import struct
 import threading
 import time
 from dataclasses import dataclass, field
-from multiprocessing import forkserver, resource_tracker
 
 import numpy as np
 
@@ -66,6 +65,7 @@ from _fuzz_mutate import Field, mutate_bytes, mutate_text
 from _fuzz_targets import (CHANNEL_HEADER_FIELDS, CHUNK_FIELDS, DEVICE_FIELDS, INIT_FIELDS,
                            MESSAGE_FIELDS, ram_fields)
 from inspect_support import ChannelWriter, channel_header
+import proc_scan
 
 __all__ = ["run_live", "replay_session", "LiveReport"]
 
@@ -711,38 +711,10 @@ def message_starts(data: bytes) -> tuple[int, ...]:
 
 # ---------------------------------------------------------------- leaks
 
-def _infrastructure() -> set[int]:
-    pids = {getattr(resource_tracker._resource_tracker, "_pid", None),
-            getattr(forkserver._forkserver, "_forkserver_pid", None)}
-    pids.discard(None)
-    return pids
-
-
 def _children() -> set[int]:
-    me, out = os.getpid(), set()
-    for task in os.listdir(f"/proc/{me}/task"):
-        try:
-            with open(f"/proc/{me}/task/{task}/children") as f:
-                out.update(int(p) for p in f.read().split())
-        except FileNotFoundError:
-            pass
+    """This process's children still running, multiprocessing's helpers aside."""
     multiprocessing.active_children()           # reaps the finished ones
-    return out - _infrastructure()
-
-
-def _mapped_by_others(names: set[str]) -> set[str]:
-    mine = {os.getpid(), *_children(), *_infrastructure()}
-    found = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) in mine:
-            continue
-        try:
-            with open(f"/proc/{entry}/maps") as f:
-                maps = f.read()
-        except OSError:
-            continue
-        found.update(n for n in names if n in maps)
-    return found
+    return proc_scan.os_children() - proc_scan.infrastructure_pids()
 
 
 def check_leaks(report: LiveReport, sid: str, segments_before: set[str]) -> None:
@@ -769,7 +741,8 @@ def judge_suspects(report: LiveReport) -> None:
     """Segments that appeared during a session and outlived its Destination: ours
     unless another process on this shared machine maps them (or they went away)."""
     left = set(report.suspects) & set(list_segments())
-    for name in sorted(left - _mapped_by_others(left)):
+    ours = proc_scan.process_tree(os.getpid())
+    for name in sorted(left - proc_scan.mapped_outside(left, ours)):
         report.find("leaked segment", report.suspects[name], name)
 
 

@@ -75,6 +75,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, os.path.join(ROOT, "tests"))     # the proxy, the /proc scans
+import proc_scan  # noqa: E402
 MIB = 1 << 20
 MARGIN = 5.0            # seconds past stall_timeout a side may take to fail after a fault
 CONTROL_LIMIT = 40.0    # seconds a run whose fault never fired may take
@@ -248,7 +250,6 @@ def destination_child() -> None:
 # ======================================================================== the proxy
 
 def _proxy_module():
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
     import migration_support
     return migration_support
 
@@ -620,18 +621,6 @@ def _choose_fault(rng: random.Random, run: dict, size: int) -> dict:
 
 # ------------------------------------------------------------------ processes
 
-def _children() -> set[int]:
-    me = os.getpid()
-    found: set[int] = set()
-    for task in os.listdir(f"/proc/{me}/task"):
-        try:
-            with open(f"/proc/{me}/task/{task}/children") as f:
-                found.update(int(p) for p in f.read().split())
-        except FileNotFoundError:
-            pass
-    return found
-
-
 def _describe(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -645,7 +634,7 @@ def _describe(pid: int) -> str:
 
 def _reap_orphans(keep: set[int]) -> None:
     """Reap zombies that were reparented to this subreaper."""
-    for pid in _children() - keep:
+    for pid in proc_scan.os_children() - keep:
         try:
             os.waitpid(pid, os.WNOHANG)
         except ChildProcessError:
@@ -660,37 +649,6 @@ def _fd_targets() -> dict[int, str]:
         except OSError:
             pass
     return fds
-
-
-def _our_tree() -> set[int]:
-    parent_of = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    parent_of[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                pass
-    tree, grew = {os.getpid()}, True
-    while grew:
-        grew = False
-        for pid, ppid in parent_of.items():
-            if ppid in tree and pid not in tree:
-                tree.add(pid)
-                grew = True
-    return tree
-
-
-def _mapped_by(names: set[str], pids) -> set[str]:
-    found = set()
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/maps") as f:
-                maps = f.read()
-        except OSError:
-            continue
-        found.update(n for n in names if f"/dev/shm/{n}" in maps)
-    return found
 
 
 class Child:
@@ -803,7 +761,7 @@ def run_once(run: dict, size: int, stall: float, logdir: str, verbose: bool) -> 
               "config": _config_text(run), "problems": []}
     segments_before = set(list_segments())
     fds_before = _fd_targets()
-    children_before = _children()
+    children_before = proc_scan.os_children()
     log_path = os.path.join(logdir, "run.log")
     log = open(log_path, "w")
     work = tempfile.mkdtemp(prefix="soak-", dir=logdir)
@@ -1197,12 +1155,12 @@ def _check_leaks(record, segments_before, fds_before, children_before) -> None:
     deadline = time.monotonic() + LEAK_GRACE
     while True:
         _reap_orphans(children_before)
-        procs = _children() - children_before
+        procs = proc_scan.os_children() - children_before
         new_segments = set(list_segments()) - segments_before
         if new_segments:
             # Another session on this machine may be making segments of its own.
-            new_segments -= _mapped_by(new_segments, set(map(int, filter(
-                str.isdigit, os.listdir("/proc")))) - _our_tree())
+            new_segments -= proc_scan.mapped_outside(new_segments,
+                                                     proc_scan.process_tree(os.getpid()))
         fds = _fd_targets()
         grown = {fd: t for fd, t in fds.items() if fds_before.get(fd) != t
                  and not t.startswith("/proc/")}

@@ -28,11 +28,11 @@ import multiprocessing
 import os
 import signal
 import time
-from multiprocessing import forkserver, resource_tracker
 
 import pytest
 
 from fastmfd.shm import SHM_DIR, list_segments
+from proc_scan import infrastructure_pids, mapped_outside, os_children, process_tree
 
 GRACE_SECONDS = 5.0     # how long a leftover may take to go away on its own
 POLL_SECONDS = 0.02
@@ -40,35 +40,14 @@ POLL_SECONDS = 0.02
 
 # ---------------------------------------------------------------- processes
 
-def _infrastructure_pids() -> set[int]:
-    """multiprocessing's shared helpers, started once and kept for the whole run."""
-    pids = {getattr(resource_tracker._resource_tracker, "_pid", None),
-            getattr(forkserver._forkserver, "_forkserver_pid", None)}
-    pids.discard(None)
-    return pids
-
-
-def _os_children() -> set[int]:
-    """Direct children of this process (any thread's), zombies included."""
-    me = os.getpid()
-    children: set[int] = set()
-    for task in os.listdir(f"/proc/{me}/task"):
-        try:
-            with open(f"/proc/{me}/task/{task}/children") as f:
-                children.update(int(pid) for pid in f.read().split())
-        except FileNotFoundError:       # the thread ended meanwhile
-            pass
-    return children
-
-
 def _leftover_processes() -> dict[int, object]:
     """pid -> what is left: a multiprocessing.Process, or None for a plain child."""
     # active_children() also sees forkserver children, which are not ours in
     # the OS sense; it reaps the finished ones as a side effect.
-    infra = _infrastructure_pids()
+    infra = infrastructure_pids()
     left: dict[int, object] = {p.pid: p for p in multiprocessing.active_children()
                                if p.pid not in infra}
-    for pid in _os_children() - infra:
+    for pid in os_children() - infra:
         left.setdefault(pid, None)
     return left
 
@@ -90,44 +69,9 @@ def _kill(leftovers: dict[int, object]) -> None:
 
 # ---------------------------------------------------------------- segments
 
-def _process_tree(root: int) -> set[int]:
-    """``root`` and all its descendants, from /proc."""
-    parent_of: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        # The command name may contain spaces and parentheses: split after it.
-        parent_of[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
-    tree = {root}
-    grew = True
-    while grew:
-        grew = False
-        for pid, ppid in parent_of.items():
-            if ppid in tree and pid not in tree:
-                tree.add(pid)
-                grew = True
-    return tree
-
-
 def _mapped_elsewhere(names: set[str]) -> set[str]:
     """The segments among ``names`` that a process outside this run maps."""
-    ours = _process_tree(os.getpid())
-    foreign: set[str] = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) in ours:
-            continue
-        try:
-            with open(f"/proc/{entry}/maps") as f:
-                maps = f.read()
-        except OSError:
-            continue
-        foreign.update(n for n in names if f"{SHM_DIR}/{n}" in maps)
-    return foreign
+    return mapped_outside(names, process_tree(os.getpid()))
 
 
 # ---------------------------------------------------------------- sockets

@@ -19,7 +19,7 @@ import time
 
 import fastmfd
 from fastmfd.shm import SHM_DIR
-from leakcheck import _process_tree
+from proc_scan import process_tree
 from migration_support import FakeSource, hello, setup_message
 
 BOUND = 3.0         # seconds for the whole tree and its segments to go
@@ -67,7 +67,7 @@ def test_sigkilled_destination_leaves_no_process_and_no_segment():
         source.connect(hello(0, uuid))          # a channel, then silence
         deadline = time.monotonic() + 10
         while True:                             # until the worker has the channel
-            tree = _process_tree(proc.pid) - {proc.pid}
+            tree = process_tree(proc.pid) - {proc.pid}
             segments = _segments_mapped_by(tree)
             if any("region-ram" in name for name in segments) or time.monotonic() > deadline:
                 break

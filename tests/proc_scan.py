@@ -1,0 +1,73 @@
+"""What /proc says about this run's processes and shared memory, for every leak
+check: the tests' (``leakcheck``) and the soak's and fuzz campaign's
+(``benchmarks/``). No pytest here: the benchmark harnesses import it as is."""
+
+from __future__ import annotations
+
+import os
+from multiprocessing import forkserver, resource_tracker
+
+from fastmfd.shm import SHM_DIR
+
+__all__ = ["infrastructure_pids", "os_children", "process_tree", "mapped_outside"]
+
+
+def infrastructure_pids() -> set[int]:
+    """multiprocessing's shared helpers, started once and kept for the whole run."""
+    pids = {getattr(resource_tracker._resource_tracker, "_pid", None),
+            getattr(forkserver._forkserver, "_forkserver_pid", None)}
+    pids.discard(None)
+    return pids
+
+
+def os_children() -> set[int]:
+    """Direct children of this process (any thread's), zombies included."""
+    me = os.getpid()
+    children: set[int] = set()
+    for task in os.listdir(f"/proc/{me}/task"):
+        try:
+            with open(f"/proc/{me}/task/{task}/children") as f:
+                children.update(int(pid) for pid in f.read().split())
+        except FileNotFoundError:       # the thread ended meanwhile
+            pass
+    return children
+
+
+def process_tree(root: int) -> set[int]:
+    """``root`` and all its descendants, from /proc."""
+    parent_of: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # The command name may contain spaces and parentheses: split after it.
+        parent_of[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+    tree = {root}
+    grew = True
+    while grew:
+        grew = False
+        for pid, ppid in parent_of.items():
+            if ppid in tree and pid not in tree:
+                tree.add(pid)
+                grew = True
+    return tree
+
+
+def mapped_outside(names: set[str], ours: set[int]) -> set[str]:
+    """The segments among ``names`` that a process not in ``ours`` maps: the machine
+    is shared with other sessions making segments of their own."""
+    foreign: set[str] = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) in ours:
+            continue
+        try:
+            with open(f"/proc/{entry}/maps") as f:
+                maps = f.read()
+        except OSError:
+            continue
+        foreign.update(n for n in names if f"{SHM_DIR}/{n}" in maps)
+    return foreign
