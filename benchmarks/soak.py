@@ -259,14 +259,29 @@ def _main_messages():
     return Msg
 
 
-class MessageParser:
-    """Splits one direction of the main channel into messages: ``feed(data, offset)``
-    returns [(kind, stream offset of the message's first byte)] for those that start."""
+class _RecordWalker:
+    """Walks a stream record by record, each sized by its own header: ``buf`` holds
+    what has come and not been passed, from stream offset ``at``; ``skip`` bytes of
+    the current record are still to pass."""
 
-    def __init__(self, preamble: int) -> None:
-        self.skip = preamble        # bytes still to skip before the next message header
+    def __init__(self, skip: int = 0) -> None:
+        self.skip = skip
         self.buf = bytearray()
-        self.at = 0                 # stream offset of buf[0]
+        self.at = 0
+
+    def _passed(self) -> bool:
+        """Pass what has come of the current record; False while more is owed."""
+        take = min(self.skip, len(self.buf))
+        del self.buf[:take]
+        self.at += take
+        self.skip -= take
+        return not self.skip
+
+
+class MessageParser(_RecordWalker):
+    """Splits one direction of the main channel into messages: ``feed(data, offset)``
+    returns [(kind, stream offset of the message's first byte)] for those that start.
+    ``preamble``: bytes before the first message."""
 
     def feed(self, data: bytes, offset: int) -> list[tuple[int, int]]:
         found = []
@@ -274,13 +289,8 @@ class MessageParser:
             self.at = offset
         self.buf += data
         while True:
-            if self.skip:
-                take = min(self.skip, len(self.buf))
-                del self.buf[:take]
-                self.at += take
-                self.skip -= take
-                if self.skip:
-                    return found
+            if self.skip and not self._passed():
+                return found
             if len(self.buf) < 8:
                 return found
             kind, length = struct.unpack_from(">II", self.buf)
@@ -288,33 +298,26 @@ class MessageParser:
             self.skip = 8 + length
 
 
-class Framer:
+class Framer(_RecordWalker):
     """Says what a byte of a multifd channel's stream is (RAM or device packet,
     header or payload), from the packets' own sizes."""
 
     def __init__(self, config: dict) -> None:
         from fastmfd import _core
+        super().__init__()
         self.core = _core
         self.ram_header = _core.RamPacketCodec(config["packet_pages"]).header_size
         self.page_size = config.get("page_size", 4096)
         # The checksum extension puts a CRC after every device payload.
         self.device_trailer = _core.DEVICE_CHECKSUM_SIZE if config.get("checksum") else 0
-        self.buf = bytearray()
-        self.at = 0
-        self.skip = 0
         self.packets: list[tuple[int, int, int, str]] = []   # (start, header, payload, kind)
 
     def feed(self, data: bytes) -> None:
         core = self.core
         self.buf += data
         while True:
-            if self.skip:
-                take = min(self.skip, len(self.buf))
-                del self.buf[:take]
-                self.at += take
-                self.skip -= take
-                if self.skip:
-                    return
+            if self.skip and not self._passed():
+                return
             if len(self.buf) < 24:
                 return
             flags = struct.unpack_from(">I", self.buf, 8)[0]
