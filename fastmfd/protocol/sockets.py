@@ -10,6 +10,7 @@ these. Every error names the connection it happened on (``where``).
 from __future__ import annotations
 
 import errno
+import ipaddress
 import os
 import socket
 import stat
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from ..errors import ConfigError, ConnectError, ListenError, MigrationError, ProtocolError
 
 __all__ = ["Address", "parse_address", "listen", "bound_address", "connect", "recv_exact",
-           "send_all", "tune_data_socket", "tune_main_socket"]
+           "send_all", "tune_data_socket", "tune_main_socket", "peer_on_this_host"]
 
 # Unix sockets have no buffer autotuning: large buffers let a send worker's
 # writev of a whole packet complete without waiting on its peer (the kernel
@@ -176,6 +177,20 @@ def tune_data_socket(sock: socket.socket) -> None:
             sock.setsockopt(socket.SOL_SOCKET, option, DATA_SOCKET_BUFFER)
         except OSError:
             pass
+
+
+def peer_on_this_host(sock: socket.socket) -> bool:
+    """Whether the connected peer runs on this host: a Unix socket, a loopback
+    address, or the socket's own address (another namespace's address is a peer
+    elsewhere). Both ends of such a connection share the CPUs, so the link is
+    not a wire that compression could relieve (``compression="auto"``)."""
+    if sock.family == socket.AF_UNIX:
+        return True
+    local, peer = sock.getsockname()[0], sock.getpeername()[0]
+    address = ipaddress.ip_address(peer.split("%")[0])
+    if getattr(address, "ipv4_mapped", None):
+        address = address.ipv4_mapped
+    return address.is_loopback or peer == local
 
 
 def recv_exact(sock: socket.socket, size: int, what: str, where: str | None = None,
