@@ -11,6 +11,11 @@ A transfer is timed as :mod:`fastmfd.tools.bench` defines a trial — the same c
 teardown, so :func:`time_trials` finishes whatever trial is left itself:
 every run, timed or not, checks its data.
 
+A peer (QEMU on the same cell) is timed beside fastmfd round by round, and
+the order alternates: even rounds run fastmfd first, odd rounds the peer, so
+neither always gets the machine's fresh memory (whoever touches it first
+pays); each trial frees its memory before the next starts.
+
 Each timed test also leaves a :class:`Record`; conftest_migrate.py prints
 them at the end as side-by-side tables with ratios (peers measured in the
 same run, on the same machine state).
@@ -18,7 +23,9 @@ same run, on the same machine state).
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass
+from typing import Callable
 
 from fastmfd.tools.bench.trial import Measurement
 
@@ -30,22 +37,51 @@ class Record:
     table: str              # which end-of-run table
     row: tuple              # e.g. ("random", "zstd-1", 2)
     column: str             # e.g. "fastmfd", "qemu", "old way"
-    best: Measurement       # the fastest run
+    runs: tuple[Measurement, ...]   # in the order they ran
+
+    @property
+    def best(self) -> Measurement:
+        return min(self.runs, key=lambda m: m.seconds)
+
+    @property
+    def median_seconds(self) -> float:
+        return statistics.median(m.seconds for m in self.runs)
+
+    @property
+    def first_seconds(self) -> float:
+        """The first (cold) run."""
+        return self.runs[0].seconds
+
+    @property
+    def spread(self) -> float:
+        """Slowest run over fastest."""
+        return max(m.seconds for m in self.runs) / self.best.seconds
 
 
 RECORDS: list[Record] = []
 
 
-def time_trials(benchmark, make_trial, *, rounds: int, check=None) -> list[Measurement]:
+def time_trials(benchmark, make_trial, *, rounds: int, check=None,
+                peer: Callable[[], Measurement] | None = None
+                ) -> tuple[list[Measurement], list[Measurement]]:
     """Time ``make_trial().run()`` over ``rounds`` fresh trials; finish (check) each.
 
     ``check(result)`` is called with what each trial's ``finish()`` returns.
-    Returns the measurements (one when benchmarks are disabled).
+    ``peer()`` times (and checks) one transfer by the peer; it runs once per
+    round, after fastmfd's trial in even rounds and before it in odd ones.
+    Returns fastmfd's measurements and the peer's (one each when benchmarks
+    are disabled).
     """
     live: list = []
     measurements: list[Measurement] = []
+    peer_measurements: list[Measurement] = []
+    rounds_started = 0
 
     def setup():
+        nonlocal rounds_started
+        if peer is not None and rounds_started % 2 == 1:
+            peer_measurements.append(peer())
+        rounds_started += 1
         trial = make_trial()
         live.append(trial)
         return (trial,), {}
@@ -60,6 +96,8 @@ def time_trials(benchmark, make_trial, *, rounds: int, check=None) -> list[Measu
         result = trial.finish()
         if check is not None:
             check(result)
+        if peer is not None and rounds_started % 2 == 1:     # an even round (counted from 0)
+            peer_measurements.append(peer())
 
     try:
         benchmark.pedantic(run, setup=setup, teardown=finish, rounds=rounds, iterations=1)
@@ -68,22 +106,30 @@ def time_trials(benchmark, make_trial, *, rounds: int, check=None) -> list[Measu
     finally:
         for trial in live:
             trial.close()
-    return measurements
+    return measurements, peer_measurements
 
 
 def report(benchmark, measurements: list[Measurement], *, table: str | None = None,
-           row: tuple = (), column: str = "", details: tuple[str, ...] = ()) -> Measurement:
-    """Put bytes and throughput of the fastest run (and ``details`` keys) in extra_info;
-    keep a Record for the end-of-run ``table`` when timing is on."""
+           row: tuple = (), column: str = "", details: tuple[str, ...] = (),
+           peers: dict[str, list[Measurement]] | None = None) -> Measurement:
+    """Put bytes and throughput of the fastest run (and ``details`` keys) in extra_info,
+    with every run's seconds and CPU; keep a Record for the end-of-run ``table`` when
+    timing is on. ``peers``: the runs of peers timed beside these (by column), kept
+    in extra_info and in the table alike."""
     best = min(measurements, key=lambda m: m.seconds)
     info = benchmark.extra_info
     info["image_bytes"] = best.image_bytes
     info["wire_bytes"] = best.wire_bytes
     info["bytes_per_s"] = round(best.throughput)
     info["GiB/s"] = round(best.throughput / GIB, 3)
+    info["runs"] = [{"seconds": m.seconds, **m.details} for m in measurements]
     for key in details:
         if key in best.details:
             info[key] = best.details[key]
+    for name, runs in (peers or {}).items():
+        info[f"{name}_runs"] = [{"seconds": m.seconds, **m.details} for m in runs]
     if table is not None and not benchmark.disabled:
-        RECORDS.append(Record(table, row, column, best))
+        RECORDS.append(Record(table, row, column, tuple(measurements)))
+        RECORDS.extend(Record(table, row, name, tuple(runs))
+                       for name, runs in (peers or {}).items() if runs)
     return best

@@ -2,18 +2,22 @@
 
 Options:
 
-- ``--qemu``: also time a real QEMU 7.2 multifd migration of each image
-  (needs ``qemu-system-x86_64``, or $FASTMFD_QEMU); skipped cleanly without.
+- ``--qemu``: also time a real QEMU multifd migration of each image, round by
+  round beside fastmfd (``qemu-system-x86_64``, or $FASTMFD_QEMU, e.g. a QEMU
+  10 build); the cells are skipped, saying why, when it is not installed.
 - ``--migrate-size=1G``: image size (default 1 GiB; 16 MiB when CI=true or
   ``--sizes=ci``); ``--migrate-rounds=N``: timed runs per cell (default 3).
 - ``--migrate-prealloc``: every destination's memory is allocated and faulted
   in before timing (QEMU: ``prealloc=on``), which times the transport alone;
   by default destinations start on fresh memory, as a new QEMU does.
+- ``--migrate-link=RATE[/DELAY]``: every destination behind an emulated link
+  (root; see ``fastmfd bench --link``) instead of loopback.
 
 At the end of a timed run, the records of ``_migration.report`` are printed
 as side-by-side tables: for every (image, compression, channels) cell
-fastmfd's best time against QEMU's and sendall's, and the downtime of the
-three ways to send device state, with the ratios the targets are stated in.
+fastmfd's median, first (cold) run and spread against QEMU's, with sendall's
+median per image, and the downtime of the three ways to send device state,
+with the ratios the targets are stated in.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import os
 
 import pytest
 
-from _migration import RECORDS
+from _migration import RECORDS, Record
 from fastmfd.tools.images import Image
 from fastmfd.units import parse_size
 
@@ -40,6 +44,8 @@ def pytest_addoption(parser):
                     help="timed runs per migration benchmark (default 3)")
     group.addoption("--migrate-prealloc", action="store_true", default=False,
                     help="preallocate destination memory before timing (QEMU prealloc=on)")
+    group.addoption("--migrate-link", default=None, metavar="RATE[/DELAY]",
+                    help="every destination behind an emulated link, e.g. 1gbit (root)")
 
 
 @pytest.fixture(scope="session")
@@ -85,16 +91,29 @@ def images():
 
 
 @pytest.fixture(scope="session")
-def qemu_binary(request) -> str:
-    """The QEMU to compare with; skips unless --qemu is given and QEMU is installed."""
+def qemu_peer(request) -> str | None:
+    """The QEMU to time beside fastmfd (None without --qemu); with --qemu and no
+    QEMU installed, the cells skip, saying why."""
     if not request.config.getoption("--qemu"):
-        pytest.skip("the QEMU peer runs with --qemu")
+        return None
     from fastmfd.tools.bench.peers import find_qemu
     from fastmfd.errors import ConfigError
     try:
         return find_qemu()
     except ConfigError as exc:
         pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
+def migrate_link(request):
+    """The emulated link every destination is behind (None: loopback)."""
+    text = request.config.getoption("--migrate-link")
+    if text is None:
+        yield None
+        return
+    from fastmfd.tools.bench.link import EmulatedLink, parse_link
+    with EmulatedLink(parse_link(text)) as link:
+        yield link
 
 
 # ---------------------------------------------------------------- end-of-run tables
@@ -107,27 +126,38 @@ def _ratio(num: float | None, den: float | None) -> str:
     return "-" if num is None or den is None else f"{num / den:.2f}x"
 
 
-def _migrate_lines(prealloc: bool) -> list[str]:
-    cells: dict[tuple, dict[str, float]] = {}
+def _runs(record: Record | None) -> str:
+    """``median (first, spread)`` of a record's runs."""
+    if record is None:
+        return "-"
+    return (f"{_ms(record.median_seconds)} ({_ms(record.first_seconds)}, "
+            f"{record.spread:.2f})")
+
+
+def _migrate_lines(prealloc: bool, link: str | None) -> list[str]:
+    cells: dict[tuple, dict[str, Record]] = {}
     for record in RECORDS:
         if record.table == "migrate":
-            cells.setdefault(record.row, {})[record.column] = record.best.seconds
+            cells.setdefault(record.row, {})[record.column] = record
     if not cells:
         return []
     sendall = {row[0]: cols["sendall"] for row, cols in cells.items() if "sendall" in cols}
     where = "destinations preallocated" if prealloc else "fresh destination memory"
-    lines = [f"migrate(live=False), {where}: best time per cell; 'qemu/fastmfd' > 1 means "
-             f"fastmfd is faster", "",
-             f"{'image':<7} {'compression':<12} {'ch':>3} {'fastmfd':>10} {'qemu':>10} "
-             f"{'qemu/fastmfd':>13} {'sendall':>10} {'sendall/fastmfd':>16}"]
+    over = f"an emulated {link} link" if link else "loopback"
+    lines = [f"migrate(live=False), {where}, over {over}: median (first run, spread) per "
+             f"cell; the ratios are of medians, > 1 means fastmfd is faster", "",
+             f"{'image':<8} {'compression':<11} {'ch':>2} {'fastmfd':>27} {'qemu':>27} "
+             f"{'qemu/fastmfd':>12} {'sendall':>9} {'sendall/fastmfd':>15}"]
     for row in sorted(r for r in cells if r[2] is not None):
         image, compression, channels = row
-        mine = cells[row].get("fastmfd")
-        qemu = cells[row].get("qemu")
+        mine, qemu = cells[row].get("fastmfd"), cells[row].get("qemu")
         peer = sendall.get(image)
-        lines.append(f"{image:<7} {compression:<12} {channels:>3} {_ms(mine):>10} "
-                     f"{_ms(qemu):>10} {_ratio(qemu, mine):>13} {_ms(peer):>10} "
-                     f"{_ratio(peer, mine):>16}")
+
+        def median(record: Record | None) -> float | None:
+            return None if record is None else record.median_seconds
+        lines.append(f"{image:<8} {compression:<11} {channels:>2} {_runs(mine):>27} "
+                     f"{_runs(qemu):>27} {_ratio(median(qemu), median(mine)):>12} "
+                     f"{_ms(median(peer)):>9} {_ratio(median(peer), median(mine)):>15}")
     return lines
 
 
@@ -171,7 +201,8 @@ def _precopy_lines() -> list[str]:
 @pytest.hookimpl(trylast=True)      # after pytest-benchmark's own tables
 def pytest_terminal_summary(terminalreporter, config):
     prealloc = config.getoption("--migrate-prealloc")
-    for lines in (_migrate_lines(prealloc), _downtime_lines(), _precopy_lines()):
+    link = config.getoption("--migrate-link")
+    for lines in (_migrate_lines(prealloc, link), _downtime_lines(), _precopy_lines()):
         if lines:
             terminalreporter.write_sep("-", lines[0])
             for line in lines[1:]:

@@ -74,9 +74,9 @@ def test_downtime(benchmark, images, downtime_sizes, migrate_rounds, ndevices, w
         # that every device arrived whole.
         assert loaded == {(f"dev{i}", 0): device_size for i in range(ndevices)}
 
-    measurements = time_trials(benchmark, make_trial, rounds=migrate_rounds, check=check)
+    measurements, _ = time_trials(benchmark, make_trial, rounds=migrate_rounds, check=check)
     report(benchmark, measurements, table="downtime", row=(ndevices,), column=way,
-                  details=("downtime_s", "device_bytes"))
+           details=("downtime_s", "device_bytes"))
     benchmark.extra_info["device_state_bytes"] = ndevices * device_size
 
 
@@ -104,6 +104,6 @@ def test_precopy_downtime(benchmark, images, small_sizes, migrate_rounds, way):
     def check(loaded: dict) -> None:
         assert loaded == {(f"dev{i}", 0): size for i in range(ndevices)}
 
-    measurements = time_trials(benchmark, make_trial, rounds=migrate_rounds, check=check)
+    measurements, _ = time_trials(benchmark, make_trial, rounds=migrate_rounds, check=check)
     report(benchmark, measurements, table="precopy", column=way,
            details=("downtime_s", "device_bytes"))

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from ._engine.qemu_receiving import QemuReceiving, QemuStreamFacts
 from ._engine.qemu_sending import QemuSending, QemuStream
 from .errors import ConfigError
-from .protocol.sockets import bound_address, listen, parse_address
+from .protocol.sockets import bound_address, listen, listening_address, parse_address
 from .regions import Region
 from .tools.outputs import MANIFEST, OutputDir
 
@@ -61,7 +61,7 @@ class QemuReceived:
     channels: list[dict]            # per channel: packets, pages and bytes received
 
 
-def receive(address: str, directory: str, *, timeout: float = 3600.0,
+def receive(address: str | socket.socket, directory: str, *, timeout: float = 3600.0,
             stall_timeout: float = DEFAULT_STALL_TIMEOUT, force: bool = False,
             keep_partial: bool = False, workers: int = 2, on_listening=None) -> QemuReceived:
     """Receive one migration from QEMU into ``directory`` (see the module docstring).
@@ -73,13 +73,16 @@ def receive(address: str, directory: str, *, timeout: float = 3600.0,
     started before QEMU connects (default 2, QEMU's default multifd-channels;
     a channel beyond them gets its worker as it connects).
     ``on_listening(address)`` is called with the bound address (``tcp:...:0``
-    picks a port) before any wait."""
-    requested = parse_address(address)
+    picks a port) before any wait. ``address`` may be a socket listening
+    already (the caller's to close)."""
+    given = address if isinstance(address, socket.socket) else None
+    requested = listening_address(given) if given is not None else parse_address(address)
     out = OutputDir(directory, force=force, keep_partial=keep_partial)
-    listener = None
+    listener = given
     session = None
     try:
-        listener = listen(requested)
+        if listener is None:
+            listener = listen(requested)
         # Its first worker starts now, before QEMU is told where to go.
         session = QemuReceiving(listener, out, timeout=timeout, stall_timeout=stall_timeout,
                                 workers=workers)
@@ -98,7 +101,7 @@ def receive(address: str, directory: str, *, timeout: float = 3600.0,
     finally:
         if session is not None:
             session.close()
-        if listener is not None:
+        if listener is not None and given is None:
             listener.close()
             if requested.family == socket.AF_UNIX and os.path.exists(requested.target):
                 os.unlink(requested.target)

@@ -16,6 +16,7 @@ and as one call, :func:`migrate_locally`.
 from __future__ import annotations
 
 import os
+import socket
 import threading
 from dataclasses import dataclass, field
 from typing import Callable
@@ -66,12 +67,13 @@ class LoopbackMigration:
     Creating it enters the Destination and the Source, which starts their
     worker processes; ``loaders`` maps ``(idstr, instance_id)`` to a loader;
     ``receive_into`` lists regions the destination receives into instead of
-    creating its own.
+    creating its own. ``address`` is where the destination listens, or a
+    socket listening already (the caller's to close).
     """
 
     def __init__(self, config: MigrationConfig, regions: list, *, devices: list = (),
                  loaders: dict | None = None, receive_into: list = (),
-                 address: str = "tcp:127.0.0.1:0",
+                 address: str | socket.socket = "tcp:127.0.0.1:0",
                  security: LoopbackSecurity = NO_SECURITY) -> None:
         self._outcome: dict = {}
         self._thread: threading.Thread | None = None

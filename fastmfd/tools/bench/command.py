@@ -11,10 +11,12 @@ from contextlib import ExitStack
 from rich.console import Console
 
 from ...config import COMPRESSION_METHODS
+from ...errors import ConfigError
 from .. import security_options
 from ..images import IMAGE_KINDS, Image
 from ...units import format_bytes, format_rate, parse_size
-from .document import check_writable, document, load_best_times
+from .document import LINK, check_writable, document, load_best_times
+from .link import EmulatedLink, LinkSpec, check_can_emulate, parse_link
 from .matrix import PEERS, QEMU_METHODS, Setting, run_matrix
 from .output import comparison_table, render
 from .peers import find_qemu
@@ -96,6 +98,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="allocate and fault in the destination's memory before timing "
                              "(QEMU: prealloc=on): times the transport without the cost of "
                              "fresh memory")
+    parser.add_argument("--link", metavar="RATE[/DELAY]", type=_link, default=None,
+                        help="run every destination (fastmfd's and the peers') behind an "
+                             "emulated link instead of loopback: a network namespace joined "
+                             "by a veth shaped with tc, RATE each way (e.g. 1gbit, 10gbit) "
+                             "and DELAY each way (e.g. 10gbit/1ms; needs the kernel's "
+                             "netem); needs root")
     parser.add_argument("--json", metavar="FILE", default=None,
                         help="also write the results to FILE as JSON, in pytest-benchmark's "
                              "layout with the machine, commit and date")
@@ -105,6 +113,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chart", metavar="FILE.svg", type=_svg, default=None,
                         help="also draw the tables and throughput charts into FILE.svg")
     security_options.add_arguments(parser, loopback=True)
+
+
+def _link(text: str) -> LinkSpec:
+    try:
+        return parse_link(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _svg(text: str) -> str:
@@ -138,8 +153,11 @@ def cli_main(args: argparse.Namespace) -> int:
     baseline = load_best_times(args.compare) if args.compare else None
     if "qemu" in args.peer:
         args.qemu_binary = find_qemu(args.qemu_binary)
+    if args.link is not None:
+        check_can_emulate()
     images: list[Image] = []
     with security_options.loopback_security(args) as security, ExitStack() as cleanup:
+        link = cleanup.enter_context(EmulatedLink(args.link)) if args.link else None
         cleanup.callback(lambda: [image.close() for image in images])
         for kind in args.image:
             log.print(f"making a {format_bytes(args.size)} {kind} image ...")
@@ -154,8 +172,10 @@ def cli_main(args: argparse.Namespace) -> int:
 
         results = run_matrix(settings, images, args.repeat, progress,
                              qemu_binary=args.qemu_binary, prealloc=args.prealloc,
-                             security=security)
-    notes = [", destination preallocated"] if args.prealloc else []
+                             security=security, link=link)
+    notes = [f", over an emulated {args.link.text} link"] if args.link else []
+    if args.prealloc:
+        notes.append(", destination preallocated")
     if security.label:
         notes.append(f", fastmfd with {security.label}")
     render(results, console, note="".join(notes))
@@ -167,7 +187,8 @@ def cli_main(args: argparse.Namespace) -> int:
         chart.save_svg(args.chart, title="fastmfd bench")
     if args.json:
         with open(args.json, "w") as out:
-            json.dump(document(results, tls=security.label or None, prealloc=args.prealloc),
-                      out, indent=2)
+            json.dump(document(results, tls=security.label or None, prealloc=args.prealloc,
+                               link=f"emulated {args.link.text} (veth, tc)" if args.link
+                               else LINK), out, indent=2)
             out.write("\n")
     return 0

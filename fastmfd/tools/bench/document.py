@@ -32,7 +32,7 @@ from ...errors import ConfigError
 
 __all__ = ["check_writable", "document", "load_best_times"]
 
-LINK = "loopback TCP"           # every trial moves its image over 127.0.0.1
+LINK = "loopback TCP"           # what carries the bytes without --link
 
 
 def check_writable(path: str) -> None:
@@ -64,18 +64,19 @@ def load_best_times(path: str) -> dict[str, float]:
                           f"`fastmfd bench --json` ({type(exc).__name__}: {exc})") from None
 
 
-def document(results: list, *, tls: str | None, prealloc: bool) -> dict:
-    """The JSON document of ``results`` (:class:`.matrix.Result`, in table order)."""
+def document(results: list, *, tls: str | None, prealloc: bool, link: str = LINK) -> dict:
+    """The JSON document of ``results`` (:class:`.matrix.Result`, in table order);
+    ``link``: what carried every trial's bytes."""
     return {
         "machine_info": machine_info(),
         "commit_info": commit_info(),
         "datetime": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "version": __version__,
-        "benchmarks": [_benchmark(result, tls, prealloc) for result in results],
+        "benchmarks": [_benchmark(result, tls, prealloc, link) for result in results],
     }
 
 
-def _benchmark(result, tls: str | None, prealloc: bool) -> dict:
+def _benchmark(result, tls: str | None, prealloc: bool, link: str) -> dict:
     runs = [m.seconds for m in result.measurements]
     best = result.best
     setting = result.setting
@@ -90,7 +91,7 @@ def _benchmark(result, tls: str | None, prealloc: bool) -> dict:
                   "data": runs},
         "extra_info": {
             "image": result.image, "compression": setting.compression_label,
-            "channels": setting.channels, "peer": setting.method, "link": LINK,
+            "channels": setting.channels, "peer": setting.method, "link": link,
             "tls": tls if setting.method == "fastmfd" else None, "prealloc": prealloc,
             "image_bytes": best.image_bytes, "throughput_bytes_per_s": best.throughput,
             "median_throughput_bytes_per_s": result.median_throughput,

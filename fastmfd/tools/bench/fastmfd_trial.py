@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 from contextlib import ExitStack
 
@@ -10,6 +11,7 @@ from ...errors import MigrationError
 from ...regions import Region
 from ..images import Image
 from ..loopback import NO_SECURITY, LoopbackMigration, LoopbackSecurity
+from .link import EmulatedLink
 from .trial import Measurement
 
 __all__ = ["FastmfdTrial", "LOOPBACK"]
@@ -33,13 +35,15 @@ class FastmfdTrial:
     beforehand (QEMU: ``prealloc=on``), which leaves the transport alone.
     ``live=True`` runs live rounds before the stop (for devices with precopy
     data); by default the source stops first and all of it is downtime.
+    ``link``: the destination listens on the far side of this emulated link
+    instead of on loopback.
     """
 
     pids_complete = True
 
     def __init__(self, image: Image, config: MigrationConfig, devices=(), *,
                  prealloc: bool = False, security: LoopbackSecurity = NO_SECURITY,
-                 live: bool = False) -> None:
+                 live: bool = False, link: EmulatedLink | None = None) -> None:
         self.image = image
         self.live = live
         # Closed last in, first out: the migration, then the preallocated region.
@@ -51,10 +55,13 @@ class FastmfdTrial:
                     image.region.name, image.size, page_size=image.region.page_size))
                 target.array[::image.region.page_size] = 0     # allocate, map
                 targets.append(target)
+            address: str | socket.socket = LOOPBACK
+            if link is not None:
+                address = self._resources.enter_context(link.listen())
             self._migration = self._resources.enter_context(LoopbackMigration(
                 config, [image.region], devices=[d for d, _ in devices],
                 loaders={(d.idstr, d.instance_id): loader for d, loader in devices},
-                receive_into=targets, address=LOOPBACK, security=security))
+                receive_into=targets, address=address, security=security))
         except BaseException:
             self.close()
             raise

@@ -23,6 +23,7 @@ from ...errors import ConfigError
 from ..images import Image
 from ..loopback import NO_SECURITY, LoopbackSecurity
 from .fastmfd_trial import FastmfdTrial
+from .link import EmulatedLink
 from .peers import QemuTrial, SendallTrial
 from .qemu_cells import FastmfdToQemuTrial, QemuToFastmfdTrial
 from .trial import FOREIGN_LOAD_FLAG, CpuMeter, Measurement, Trial
@@ -113,31 +114,39 @@ class Result:
 
 
 def make_trial(setting: Setting, image: Image, *, qemu_binary: str | None = None,
-               prealloc: bool = False, security: LoopbackSecurity = NO_SECURITY) -> Trial:
+               prealloc: bool = False, security: LoopbackSecurity = NO_SECURITY,
+               link: EmulatedLink | None = None) -> Trial:
     """A prepared trial of ``setting`` moving ``image`` (see :mod:`.trial`).
 
     ``prealloc``: the destination's memory is allocated and faulted in before
     timing, for every method alike (see :class:`.FastmfdTrial`). ``security``:
-    TLS and/or the shared key for fastmfd's channels.
+    TLS and/or the shared key for fastmfd's channels. ``link``: every method's
+    destination is on the far side of this emulated link (default: loopback).
     """
     if setting.method == "fastmfd":
-        return FastmfdTrial(image, setting.config(), prealloc=prealloc, security=security)
+        return FastmfdTrial(image, setting.config(), prealloc=prealloc, security=security,
+                            link=link)
     if setting.method == "sendall":
-        return SendallTrial(image, prealloc=prealloc)
+        return SendallTrial(image, prealloc=prealloc, link=link)
     if setting.method in _QEMU_TRIALS:
         return _QEMU_TRIALS[setting.method](image, setting.channels, setting.compression,
                                             setting.level, binary=qemu_binary,
-                                            prealloc=prealloc)
+                                            prealloc=prealloc, link=link)
     raise ConfigError(f"unknown method {setting.method!r}; choose one of {METHODS}")
 
 
 def run_once(setting: Setting, image: Image, **kwargs) -> Measurement:
-    """Prepare, time and check one transfer."""
+    """Prepare, time and check one transfer. On an emulated link, the bytes its
+    source side carried are kept as ``details["link_bytes"]``."""
     trial = make_trial(setting, image, **kwargs)
+    link: EmulatedLink | None = kwargs.get("link")
     try:
+        carried = link.sent_bytes() if link is not None else 0
         meter = CpuMeter(trial.pids(), trial.pids_complete)
         measurement = trial.run()
         measurement.details.update(meter.stop())
+        if link is not None:
+            measurement.details["link_bytes"] = link.sent_bytes() - carried
     except BaseException:
         trial.close()
         raise

@@ -38,11 +38,13 @@ from ..._engine.processes import ChildPipe, ChildSet, run_child
 from ...protocol.control import Done, Go
 from ...errors import ConfigError, MigrationError
 from ..images import Image
+from .link import EmulatedLink, enter_namespace
 from .trial import Measurement, wait_until_idle
 
 __all__ = ["SendallTrial", "QemuPeer", "QemuTrial", "find_qemu", "QMP"]
 
 STEP_TIMEOUT = 60.0             # seconds any one step (start, connect, transfer) may take
+LOOPBACK_HOST = "127.0.0.1"
 
 
 class _PeerTrial:
@@ -72,12 +74,15 @@ class _ReceiverParams:
     path: str
     size: int
     prealloc: bool
+    host: str                   # where to listen
+    namespace: str | None       # the network namespace to listen in (None: this one)
 
 
 @dataclass(frozen=True)
 class _SenderParams:
     path: str
     size: int
+    host: str
     port: int
 
 
@@ -97,7 +102,7 @@ def _sendall_sender(pipe: ChildPipe, params: _SenderParams, stack: list) -> None
             mmap.mmap(file.fileno(), params.size, access=mmap.ACCESS_READ) as m:
         view = memoryview(m)
         try:
-            with socket.create_connection(("127.0.0.1", params.port)) as sock:
+            with socket.create_connection((params.host, params.port)) as sock:
                 pipe.send(_Connected())
                 if isinstance(pipe.recv(), Go):
                     sock.sendall(view)
@@ -118,7 +123,9 @@ def _sendall_receiver(pipe: ChildPipe, params: _ReceiverParams, stack: list) -> 
     if params.prealloc:
         for offset in range(0, size, mmap.PAGESIZE):
             mapped[offset] = 0
-    with socket.create_server(("127.0.0.1", 0)) as server:
+    if params.namespace is not None:
+        enter_namespace(params.namespace)       # this thread, which makes the server
+    with socket.create_server((params.host, 0)) as server:
         pipe.send(_Listening(server.getsockname()[1]))
         sock, _ = server.accept()
     with sock, mapped:
@@ -147,17 +154,20 @@ class SendallTrial(_PeerTrial):
     """The image through one plain ``socket.sendall`` / ``recv_into`` pair of processes."""
     _received_name = "sendall: the received file"
 
-    def __init__(self, image: Image, *, prealloc: bool = False) -> None:
+    def __init__(self, image: Image, *, prealloc: bool = False,
+                 link: EmulatedLink | None = None) -> None:
         self.image = image
         self._received = image.new_path("sendall-dst")
+        host = link.destination_host if link is not None else LOOPBACK_HOST
         self._peers = ChildSet(sendall_receiver, ["sendall receiver"])
         try:
             self._receiver = self._peers[0]
             self._receiver.start_session(
-                _ReceiverParams(self._received, image.size, prealloc), [])
+                _ReceiverParams(self._received, image.size, prealloc, host,
+                                link.namespace if link is not None else None), [])
             port = self._receiver.expect(_Listening, STEP_TIMEOUT).port
             self._sender = self._peers.add(sendall_sender, "sendall sender")
-            self._sender.start_session(_SenderParams(image.path, image.size, port), [])
+            self._sender.start_session(_SenderParams(image.path, image.size, host, port), [])
             self._sender.expect(_Connected, STEP_TIMEOUT)
             wait_until_idle([child.process.pid for child in self._peers])
         except BaseException:
@@ -275,7 +285,8 @@ class QemuPeer(_PeerTrial):
     """What the trials with a real QEMU share: QEMU processes on the image (or a
     fresh file), their QMP sockets, and their files, all freed by ``close``."""
 
-    def __init__(self, image: Image, binary: str | None, prealloc: bool) -> None:
+    def __init__(self, image: Image, binary: str | None, prealloc: bool,
+                 link: EmulatedLink | None = None) -> None:
         if image.size % (1 << 20):
             raise ConfigError(f"QEMU guest RAM is whole MiB; the image is {image.size} bytes")
         self.image = image
@@ -284,6 +295,8 @@ class QemuPeer(_PeerTrial):
         self._procs: list[subprocess.Popen] = []
         self._qmp: list[QMP] = []
         self._prealloc = prealloc
+        self._link = link
+        self._destination_host = link.destination_host if link is not None else LOOPBACK_HOST
 
     @staticmethod
     def multifd(qmp: QMP, channels: int, compression: str, level: int) -> None:
@@ -297,10 +310,10 @@ class QemuPeer(_PeerTrial):
             {"capability": "multifd", "state": True}, {"capability": "events", "state": True}])
         qmp.command("migrate-set-parameters", **params)
 
-    @staticmethod
-    def listening_uri(dst: QMP) -> str:
-        """Where a destination told ``migrate-incoming tcp:127.0.0.1:0`` listens."""
-        dst.command("migrate-incoming", uri="tcp:127.0.0.1:0")
+    def listening_uri(self, dst: QMP) -> str:
+        """Where a destination told ``migrate-incoming tcp:HOST:0`` listens (HOST:
+        loopback, or the far side of the link)."""
+        dst.command("migrate-incoming", uri=f"tcp:{self._destination_host}:0")
         listening = dst.command("query-migrate")["socket-address"][0]
         return f"tcp:{listening['host']}:{listening['port']}"
 
@@ -320,6 +333,8 @@ class QemuPeer(_PeerTrial):
             "-qmp", f"unix:{qmp_path},server=on,wait=off", "-S"]
         if incoming:
             command += ["-incoming", "defer"]
+            if self._link is not None:
+                command = self._link.command(command)
         log_path = self._new_file("qemu-dst-log" if incoming else "qemu-src-log")
         with open(log_path, "wb") as log:
             process = subprocess.Popen(command, stdin=subprocess.DEVNULL,
@@ -368,8 +383,9 @@ class QemuTrial(QemuPeer):
     _received_name = "QEMU: the destination's RAM file"
 
     def __init__(self, image: Image, channels: int, compression: str, level: int = 1,
-                 binary: str | None = None, *, prealloc: bool = False) -> None:
-        super().__init__(image, binary, prealloc)
+                 binary: str | None = None, *, prealloc: bool = False,
+                 link: EmulatedLink | None = None) -> None:
+        super().__init__(image, binary, prealloc, link)
         self._received = self._new_file("qemu-dst-ram")
         try:
             self.src = self._start(image.path, incoming=False)

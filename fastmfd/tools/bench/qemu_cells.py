@@ -13,18 +13,22 @@ image, channels and compression::
                          timed from send() until the destination says completed
 
 ``finish()`` compares the RAM file the destination wrote with the image.
+On an emulated link (``bench --link``) the destination of the timed part is
+on the link's far side; FastmfdToQemuTrial's untimed save stays on loopback.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import time
 
 from ... import qemu
 from ...errors import MigrationError
 from ..images import Image
-from .peers import STEP_TIMEOUT, QemuPeer
+from .link import EmulatedLink
+from .peers import LOOPBACK_HOST, STEP_TIMEOUT, QemuPeer
 from .trial import Measurement, wait_until_idle
 
 __all__ = ["QemuToFastmfdTrial", "FastmfdToQemuTrial"]
@@ -33,23 +37,25 @@ RAM_BLOCK = "mem"           # the memory-backend's id: the guest RAM's RAMBlock
 
 
 class _Receiver:
-    """``qemu.receive`` in a thread, listening once constructed."""
+    """``qemu.receive`` in a thread, listening once constructed: on loopback, or on
+    ``listener``, a socket listening already (the caller's to close)."""
 
-    def __init__(self, directory: str, workers: int) -> None:
+    def __init__(self, directory: str, workers: int,
+                 listener: socket.socket | None = None) -> None:
         self._listening = threading.Event()
         self._outcome: dict = {}
         self.address = ""
-        self._thread = threading.Thread(target=self._run, args=(directory, workers),
+        self._thread = threading.Thread(target=self._run, args=(directory, workers, listener),
                                         name="fastmfd qemu receive", daemon=True)
         self._thread.start()
         if not self._listening.wait(STEP_TIMEOUT):
             raise MigrationError("fastmfd's QEMU receiver did not start listening")
         self._raise()
 
-    def _run(self, directory: str, workers: int) -> None:
+    def _run(self, directory: str, workers: int, listener: socket.socket | None) -> None:
         try:
             self._outcome["result"] = qemu.receive(
-                "tcp:127.0.0.1:0", directory, timeout=STEP_TIMEOUT * 10, workers=workers,
+                listener if listener is not None else f"tcp:{LOOPBACK_HOST}:0", directory, timeout=STEP_TIMEOUT * 10, workers=workers,
                 on_listening=self._on_listening)
         except BaseException as exc:        # handed to the thread that waits
             self._outcome["error"] = exc
@@ -77,14 +83,16 @@ class QemuToFastmfdTrial(QemuPeer):
     _received_name = "fastmfd: the RAMBlock file listen --qemu wrote"
 
     def __init__(self, image: Image, channels: int, compression: str, level: int = 1,
-                 binary: str | None = None, *, prealloc: bool = False) -> None:
-        super().__init__(image, binary, prealloc)
+                 binary: str | None = None, *, prealloc: bool = False,
+                 link: EmulatedLink | None = None) -> None:
+        super().__init__(image, binary, prealloc, link)
         self._dir = self._new_file("qemu-saved")
+        self._listener = link.listen() if link is not None else None
         try:
             self.src = self._start(image.path, incoming=False)
             self.multifd(self.src, channels, compression, level)
             # Its workers ready before timing, as the QEMU destination's threads are.
-            self._receiver = _Receiver(self._dir, channels)
+            self._receiver = _Receiver(self._dir, channels, self._listener)
             wait_until_idle([p.pid for p in self._procs])
         except BaseException:
             self.close()
@@ -92,6 +100,11 @@ class QemuToFastmfdTrial(QemuPeer):
 
     def pids(self) -> dict[str, list[int]]:
         return {"source": [self._procs[0].pid], "main": [os.getpid()]}
+
+    def close(self) -> None:
+        super().close()
+        if self._listener is not None:
+            self._listener.close()
 
     def run(self) -> Measurement:
         started = time.perf_counter()
@@ -116,8 +129,9 @@ class FastmfdToQemuTrial(QemuPeer):
     _received_name = "QEMU: the destination's RAM file"
 
     def __init__(self, image: Image, channels: int, compression: str, level: int = 1,
-                 binary: str | None = None, *, prealloc: bool = False) -> None:
-        super().__init__(image, binary, prealloc)
+                 binary: str | None = None, *, prealloc: bool = False,
+                 link: EmulatedLink | None = None) -> None:
+        super().__init__(image, binary, prealloc, link)
         self._channels, self._compression, self._level = channels, compression, level
         self._dir = self._new_file("qemu-saved")
         self._received = self._new_file("qemu-dst-ram")

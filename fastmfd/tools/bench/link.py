@@ -1,0 +1,236 @@
+"""An emulated network link for ``fastmfd bench --link RATE[/DELAY]``.
+
+Loopback moves bytes as fast as memory does, so it cannot show how a
+setting behaves on a real network. ``EmulatedLink`` gives the destination a
+network namespace of its own, joined to this one by a veth pair whose two
+ends each send through a tc qdisc: a token bucket (``tbf``) at RATE, behind
+``netem`` holding every packet DELAY when a delay is given. Both directions
+are shaped alike, so the round trip is twice DELAY::
+
+    this namespace (sources)                     namespace fastmfd-link-PID (destinations)
+      fmfdPIDs  10.254.X.1/30  ── veth ──  fmfdPIDd  10.254.X.2/30
+        egress: [netem DELAY] -> tbf RATE            egress: [netem DELAY] -> tbf RATE
+
+A destination listens in the namespace: :meth:`EmulatedLink.listen` makes
+its listening socket there (the socket keeps its namespace, and so does every
+connection it accepts, whichever process then owns it); a QEMU destination
+runs under :meth:`EmulatedLink.command` (``ip netns exec``). Sources stay in
+this namespace and connect to :attr:`EmulatedLink.destination_host`, so
+every byte crosses the shaped veth. Only the socket is made inside the
+namespace, in a thread of its own: no fastmfd process starts there, so a
+source's worker can never reach a destination without crossing the link.
+
+Creating namespaces and qdiscs needs root (CAP_NET_ADMIN) and iproute2;
+:func:`check_can_emulate` says why not before any work is done. Everything
+is removed by :meth:`EmulatedLink.close`: deleting the namespace deletes its
+veth end, which deletes the other.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import threading
+from dataclasses import dataclass
+
+from ...errors import ConfigError
+
+__all__ = ["LinkSpec", "parse_link", "check_can_emulate", "enter_namespace", "EmulatedLink"]
+
+_RATE = re.compile(r"^(\d+(?:\.\d+)?)(k|m|g)?bit$", re.IGNORECASE)
+_DELAY = re.compile(r"^(\d+(?:\.\d+)?)(us|ms|s)$", re.IGNORECASE)
+_RATE_SCALE = {None: 1, "k": 10 ** 3, "m": 10 ** 6, "g": 10 ** 9}
+_DELAY_SCALE = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
+CLONE_NEWNET = 0x40000000
+COMMAND_TIMEOUT = 10.0          # seconds any one ip/tc command may take
+
+
+@dataclass(frozen=True)
+class LinkSpec:
+    """A link to emulate: ``rate_bits`` per second each way, ``delay_s`` each way."""
+    rate_bits: int
+    delay_s: float
+    text: str                   # as the user wrote it, for tables
+
+    @property
+    def rate_bytes(self) -> float:
+        return self.rate_bits / 8
+
+
+def parse_link(text: str) -> LinkSpec:
+    """``1gbit``, ``10gbit/1ms``, ``500mbit/200us`` -> a LinkSpec (tc's units:
+    kbit, mbit, gbit are decimal bits per second; DELAY is one way)."""
+    rate_text, _, delay_text = text.strip().partition("/")
+    rate = _RATE.match(rate_text)
+    delay = _DELAY.match(delay_text) if delay_text else None
+    if rate is None or (delay_text and delay is None):
+        raise ConfigError(f"link {text!r}: expected RATE[/DELAY], e.g. 1gbit, 10gbit/1ms, "
+                          f"500mbit/200us")
+    rate_bits = int(float(rate.group(1)) * _RATE_SCALE[(rate.group(2) or "").lower() or None])
+    delay_s = float(delay.group(1)) * _DELAY_SCALE[delay.group(2).lower()] if delay else 0.0
+    if not 10 ** 6 <= rate_bits <= 100 * 10 ** 9:
+        raise ConfigError(f"link {text!r}: the rate must be between 1mbit and 100gbit")
+    if delay_s > 1.0:
+        raise ConfigError(f"link {text!r}: the delay must be at most 1s")
+    return LinkSpec(rate_bits, delay_s, text.strip())
+
+
+def check_can_emulate() -> None:
+    """Raise ConfigError saying why this process cannot build a link, if it cannot."""
+    if os.geteuid() != 0:
+        raise ConfigError("--link needs root: it creates a network namespace, a veth pair "
+                          "and tc qdiscs (run as root, or drop --link to use loopback)")
+    missing = [tool for tool in ("ip", "tc") if shutil.which(tool) is None]
+    if missing:
+        raise ConfigError(f"--link needs iproute2's {' and '.join(missing)} "
+                          f"(Debian: apt-get install iproute2)")
+
+
+def _run(*command: str) -> str:
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=COMMAND_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise ConfigError(f"{' '.join(command)} did not finish within "
+                          f"{COMMAND_TIMEOUT:g} s") from None
+    if done.returncode != 0:
+        raise ConfigError(f"{' '.join(command)} failed: {done.stderr.strip()}")
+    return done.stdout
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def enter_namespace(name: str) -> None:
+    """Move the calling thread (only it: namespaces are per thread) into network
+    namespace ``name``. Python 3.11 has no os.setns."""
+    with open(f"/run/netns/{name}") as target:
+        if _libc.setns(target.fileno(), CLONE_NEWNET) != 0:
+            errno = ctypes.get_errno()
+            raise OSError(errno, f"setns into {name}: {os.strerror(errno)}")
+
+
+class EmulatedLink:
+    """The namespace, the veth pair and both qdiscs of one ``spec`` (see the module
+    docstring); a context manager, removed on exit."""
+
+    def __init__(self, spec: LinkSpec) -> None:
+        check_can_emulate()
+        self.spec = spec
+        pid = os.getpid()
+        self.namespace = f"fastmfd-link-{pid}"
+        self.source_device, self.destination_device = f"fmfd{pid}s", f"fmfd{pid}d"
+        base = pid % 64 * 4             # a /30 of 10.254.0.0/24 per bench process
+        self.source_host, self.destination_host = f"10.254.0.{base + 1}", f"10.254.0.{base + 2}"
+        self._created = False
+        try:
+            self._create()
+        except BaseException:
+            self.close()
+            raise
+
+    def _create(self) -> None:
+        ns, src, dst = self.namespace, self.source_device, self.destination_device
+        _run("ip", "netns", "add", ns)
+        self._created = True
+        _run("ip", "link", "add", src, "type", "veth", "peer", "name", dst, "netns", ns)
+        _run("ip", "addr", "add", f"{self.source_host}/30", "dev", src)
+        _run("ip", "link", "set", src, "up")
+        _run("ip", "-n", ns, "addr", "add", f"{self.destination_host}/30", "dev", dst)
+        _run("ip", "-n", ns, "link", "set", dst, "up")
+        _run("ip", "-n", ns, "link", "set", "lo", "up")
+        for namespace, device in ((None, src), (ns, dst)):
+            self._shape(namespace, device)
+
+    def _shape(self, namespace: str | None, device: str) -> None:
+        """netem (if there is a delay) then tbf at the rate, on ``device``'s egress."""
+        tc = ["tc"] + (["-n", namespace] if namespace else [])
+        rate = self.spec.rate_bytes
+        # The bucket holds a millisecond of the rate, and never less than one
+        # 64 KiB GSO packet plus headers (tbf would have to split it); the queue
+        # holds the bucket plus the bandwidth-delay product plus 50 ms, so
+        # bursts wait instead of being dropped.
+        burst = max(int(rate / 1000), 128 << 10)
+        limit = burst + int(rate * (2 * self.spec.delay_s + 0.05))
+        tbf = ["tbf", "rate", f"{self.spec.rate_bits}bit", "burst", str(burst),
+               "limit", str(limit)]
+        if self.spec.delay_s:
+            # netem's queue is counted in packets: enough for the bytes in flight.
+            packets = max(1000, int(rate * 2 * self.spec.delay_s / 1500) * 2)
+            try:
+                _run(*tc, "qdisc", "add", "dev", device, "root", "handle", "1:", "netem",
+                     "delay", f"{self.spec.delay_s * 1e6:.0f}us", "limit", str(packets))
+            except ConfigError as exc:
+                if "unknown" not in str(exc):
+                    raise
+                raise ConfigError(f"link {self.spec.text}: this kernel has no netem qdisc "
+                                  f"(CONFIG_NET_SCH_NETEM), so a delay cannot be emulated "
+                                  f"here; give the rate alone") from None
+            _run(*tc, "qdisc", "add", "dev", device, "parent", "1:", "handle", "2:", *tbf)
+        else:
+            _run(*tc, "qdisc", "add", "dev", device, "root", *tbf)
+
+    def command(self, argv: list[str]) -> list[str]:
+        """``argv`` run inside the destination's namespace."""
+        return ["ip", "netns", "exec", self.namespace, *argv]
+
+    def listen(self, port: int = 0, backlog: int = 128) -> socket.socket:
+        """A TCP socket listening on the destination's side of the link."""
+        outcome: dict[str, object] = {}
+
+        def make() -> None:     # a thread of its own: setns changes only this thread
+            try:
+                enter_namespace(self.namespace)
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    sock.bind((self.destination_host, port))
+                    sock.listen(backlog)
+                except BaseException:
+                    sock.close()
+                    raise
+                outcome["socket"] = sock
+            except BaseException as exc:    # handed to the caller's thread
+                outcome["error"] = exc
+
+        thread = threading.Thread(target=make, name="fastmfd link listen")
+        thread.start()
+        thread.join()
+        if "error" in outcome:
+            raise ConfigError(f"cannot listen in namespace {self.namespace}: "
+                              f"{outcome['error']}")
+        sock = outcome["socket"]
+        assert isinstance(sock, socket.socket)
+        return sock
+
+    def sent_bytes(self) -> int:
+        """Bytes the source side's rate limiter has let through (every connection)."""
+        for qdisc in json.loads(_run("tc", "-s", "-j", "qdisc", "show", "dev",
+                                     self.source_device)):
+            if qdisc.get("kind") == "tbf":
+                return int(qdisc["bytes"])
+        raise ConfigError(f"no tbf qdisc on {self.source_device}")
+
+    def close(self) -> None:
+        """Remove the veth pair with its qdiscs, and the namespace (idempotent)."""
+        if self._created:
+            self._created = False
+            # Deleting a namespace frees its devices later, in the background: the
+            # veth goes first, at once, so the next link can reuse its names.
+            if os.path.exists(f"/sys/class/net/{self.source_device}"):
+                _run("ip", "link", "del", self.source_device)
+            _run("ip", "netns", "del", self.namespace)
+
+    def __enter__(self) -> "EmulatedLink":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def label(self) -> str:
+        return f"link {self.spec.text}"

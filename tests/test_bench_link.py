@@ -1,0 +1,131 @@
+"""``fastmfd bench --link RATE[/DELAY]``: every destination behind an emulated link.
+
+The link is real: a network namespace, a veth pair and tc qdiscs, made and
+removed by the bench (root only). The tests check that the bytes cross it
+(the rate limiter's own byte counter), that the transfers stay page-exact,
+and that nothing is left behind. Timings are printed, never asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from leakcheck import leaks  # noqa: F401
+
+from fastmfd.errors import ConfigError
+from fastmfd.tools.bench.link import EmulatedLink, parse_link
+from fastmfd.tools.bench.matrix import Setting, run_once
+from fastmfd.tools.cli import main
+from fastmfd.tools.images import Image
+from qemu_support import needs_qemu
+
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("tc") is None,
+    reason="an emulated link needs root and iproute2 (network namespace, veth, tc)")
+
+
+def namespaces() -> set[str]:
+    names = os.listdir("/run/netns") if os.path.isdir("/run/netns") else []
+    return {n for n in names if n.startswith("fastmfd-link-")}
+
+
+def devices() -> set[str]:
+    return {n for n in os.listdir("/sys/class/net") if n.startswith("fmfd")}
+
+
+@pytest.fixture
+def nothing_left_behind():
+    before = namespaces(), devices()
+    yield
+    assert (namespaces(), devices()) == before
+
+
+@pytest.mark.parametrize("text, rate_bits, delay_s", [
+    ("1gbit", 10 ** 9, 0.0), ("10gbit/1ms", 10 ** 10, 1e-3), ("500mbit/200us", 5 * 10 ** 8, 2e-4),
+    ("2.5Gbit/0.5ms", 25 * 10 ** 8, 5e-4)])
+def test_link_forms(text, rate_bits, delay_s):
+    spec = parse_link(text)
+    assert (spec.rate_bits, spec.delay_s) == (rate_bits, pytest.approx(delay_s))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("1gb", "expected RATE[/DELAY]"), ("fast", "expected RATE[/DELAY]"),
+    ("1gbit/1", "expected RATE[/DELAY]"), ("100kbit", "between 1mbit and 100gbit"),
+    ("1gbit/2s", "at most 1s")])
+def test_link_mistakes(text, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        parse_link(text)
+
+
+def test_a_bad_link_exits_2_before_any_work(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["bench", "--size", "1M", "--link", "fast"])
+    assert exit.value.code == 2
+    assert "expected RATE[/DELAY]" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
+                    reason="needs root to run the command as an unprivileged user")
+def test_without_root_the_command_says_why_before_any_work():
+    done = subprocess.run(
+        ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups",
+         sys.executable, "-m", "fastmfd", "bench", "--size", "1M", "--link", "1gbit"],
+        capture_output=True, text=True, timeout=60,
+        env={**os.environ, "HOME": "/nonexistent"})
+    assert done.returncode == 2, done.stderr
+    assert "--link needs root" in done.stderr
+    assert "making" not in done.stderr          # no image was made
+
+
+@needs_root
+@pytest.mark.parametrize("method", ["fastmfd", "sendall"])
+def test_a_transfer_crosses_the_link_page_exact(method, nothing_left_behind, leaks):
+    with EmulatedLink(parse_link("1gbit")) as link, Image.create("halftext", 8 << 20) as image:
+        setting = Setting(method, 2, "none")
+        measurement = run_once(setting, image, link=link)       # finish() compares pages
+        # Every byte the sender wrote went through the source side's rate limiter.
+        wire = measurement.wire_bytes
+        assert wire is not None and measurement.details["link_bytes"] >= wire
+        assert link.namespace in namespaces()
+    assert link.namespace not in namespaces()
+
+
+@needs_root
+@needs_qemu
+@pytest.mark.parametrize("method", ["qemu", "qemu-to-fastmfd", "fastmfd-to-qemu"])
+def test_qemu_cells_cross_the_link(method, nothing_left_behind, leaks):
+    with EmulatedLink(parse_link("10gbit")) as link, Image.create("halftext", 8 << 20) as image:
+        measurement = run_once(Setting(method, 2, "none"), image, link=link)
+        # Half the image is text pages, sent whole (zero pages are not): at least
+        # those bytes crossed the link.
+        assert measurement.details["link_bytes"] >= image.size // 2
+
+
+@needs_root
+def test_a_delay_needs_netem_or_says_so(nothing_left_behind):
+    try:
+        link = EmulatedLink(parse_link("1gbit/1ms"))
+    except ConfigError as exc:
+        assert "no netem qdisc" in str(exc)     # this kernel cannot delay packets
+        return
+    with link, Image.create("random", 4 << 20) as image:
+        measurement = run_once(Setting("fastmfd", 1, "none"), image, link=link)
+        assert measurement.details["link_bytes"] >= image.size
+
+
+@needs_root
+def test_the_command_runs_over_a_link_and_says_so(tmp_path, capsys, nothing_left_behind):
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--size", "4M", "--channels", "2", "--compression", "none",
+                 "--image", "halftext", "--link", "1gbit", "--json", str(out)])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert "over an emulated 1gbit link" in printed.out
+    benchmark, = json.loads(out.read_text())["benchmarks"]
+    assert benchmark["extra_info"]["link"] == "emulated 1gbit (veth, tc)"
+    assert benchmark["extra_info"]["runs"][0]["link_bytes"] > 0
