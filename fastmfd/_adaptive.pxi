@@ -25,8 +25,8 @@
 # AUTO_GAIN, so a slow link gets a strong level, a fast one a negative (fast)
 # level, and a link faster than the CPU compresses gets raw pages. No link
 # limit known (the queue never backs up): raw, no sampling. While sending raw
-# over a limited link it compresses one packet in `sample_every` (8, doubling
-# up to 64 while compression does not pay) to notice compressible data; every
+# over a limited link it compresses one packet in `sample_every` (16, doubling
+# up to 128 while compression does not pay) to notice compressible data; every
 # compressed packet is sent as such (the zstd stream must hold what the
 # destination's holds), so a sample costs CPU, never bytes.
 
@@ -35,8 +35,8 @@ cdef enum:
     AUTO_REFERENCE = 3              # AUTO_LEVEL[3] == 1: the level the estimates are scaled to
     AUTO_SETTLE = 8                 # backed-up intervals before the drain estimate counts
                                     # (TCP's slow start would make it low)
-    AUTO_SAMPLE_MIN = 8
-    AUTO_SAMPLE_MAX = 64
+    AUTO_SAMPLE_MIN = 16
+    AUTO_SAMPLE_MAX = 128
 
 # zstd levels to pick from, fastest first, with each one's typical compression
 # speed and savings relative to level 1 (libzstd 1.5 on English-like text).
@@ -44,11 +44,11 @@ cdef int AUTO_LEVEL[AUTO_NLEVELS]
 cdef double AUTO_SPEED[AUTO_NLEVELS]
 cdef double AUTO_SAVINGS[AUTO_NLEVELS]
 AUTO_LEVEL[:] = [-10, -5, -1, 1, 2, 3]
-AUTO_SPEED[:] = [1.6, 1.3, 1.1, 1.0, 0.85, 0.65]
+AUTO_SPEED[:] = [1.3, 1.15, 1.05, 1.0, 0.9, 0.65]
 AUTO_SAVINGS[:] = [0.6, 0.74, 0.83, 1.0, 1.03, 1.05]
 
 cdef double AUTO_WEIGHT = 0.125     # of a new sample in each average
-cdef double AUTO_GAIN = 1.1         # compress only when it is predicted 10 % faster than raw
+cdef double AUTO_GAIN = 1.25        # compress only when it is predicted 25 % faster than raw
 
 
 cdef void auto_init(AutoChoice *a, double pace_rate, bint measure_socket) noexcept nogil:

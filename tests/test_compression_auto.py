@@ -69,7 +69,7 @@ def test_a_compressible_image_over_a_slow_link_goes_compressed():
 def test_an_incompressible_image_over_a_slow_link_goes_raw():
     stats, received = _migrate("random", 16 * MiB, max_bandwidth=32 * MiB)
     compressed, raw = _counts(stats.channels)
-    # Only samples are compressed: one payload in 8, then fewer.
+    # Only samples are compressed: one payload in 16, then fewer.
     assert raw >= 0.8 * (compressed + raw), (compressed, raw)
     assert compressed >= 1, "auto never sampled the data"
     assert _counts(received.channels) == (compressed, raw)
