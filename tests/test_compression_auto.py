@@ -75,6 +75,13 @@ def test_an_incompressible_image_over_a_slow_link_goes_raw():
     assert _counts(received.channels) == (compressed, raw)
 
 
+def test_checksums_cover_raw_and_compressed_payloads_alike():
+    """Samples go compressed among raw payloads: each CRC covers what was sent."""
+    stats, received = _migrate("random", 8 * MiB, max_bandwidth=64 * MiB, checksum=True)
+    compressed, raw = _counts(received.channels)
+    assert compressed and raw, (compressed, raw)
+
+
 def test_a_peer_on_this_host_gets_raw_pages_unless_a_cap_makes_compression_pay():
     """On loopback both ends share the CPUs: without a cap nothing is compressed."""
     stats, _ = _migrate("text", 8 * MiB)
