@@ -508,14 +508,16 @@ COMPRESSION_NAMES = {0: "none", FLAG_ZLIB: "zlib", FLAG_ZSTD: "zstd"}
 def make_codec(str method, bint compressing, int level=1, bint use_isal=True):
     """The codec for ``method`` ("zlib" or "zstd"), or None for "none"; zlib
     runs on ISA-L when python-isal is installed (and ``use_isal``). "auto" is
-    zstd: its send engine picks per packet whether (and at which level) the
-    codec compresses (_adaptive.pxi)."""
+    zstd, ``level`` ignored: its send engine picks per packet whether (and at
+    which level) the codec compresses (_adaptive.pxi)."""
     if method == "none":
         return None
     if method == "zlib":
         if use_isal and isal_available():
             return IsalZlibCodec(compressing, level)
         return ZlibCodec(compressing, level)
-    if method == "zstd" or method == "auto":
+    if method == "zstd":
         return ZstdCodec(compressing, level)
+    if method == "auto":
+        return ZstdCodec(compressing)       # the send engine sets each packet's level
     raise ValueError(f"unknown compression method {method!r}")

@@ -194,6 +194,12 @@ def test_a_level_outside_zstd_is_refused():
 
 # ---------------------------------------------------------------- the protocol
 
+def test_auto_ignores_compression_level():
+    """auto picks every packet's level: a level no fixed method takes is no error."""
+    stats, _ = _migrate("text", 1 * MiB, compression_level=100, max_bandwidth=64 * MiB)
+    assert stats.compressed_payloads
+
+
 def test_setup_carries_auto_and_a_destination_accepts_it():
     config = fastmfd.MigrationConfig(compression="auto")
     setup = Setup(uuid=bytes(16), **config.session_values(), regions=(), devices=())
