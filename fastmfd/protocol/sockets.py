@@ -188,8 +188,8 @@ def peer_on_this_host(sock: socket.socket) -> bool:
         return True
     local, peer = sock.getsockname()[0], sock.getpeername()[0]
     address = ipaddress.ip_address(peer.split("%")[0])
-    if getattr(address, "ipv4_mapped", None):
-        address = address.ipv4_mapped
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped           # ::ffff:127.0.0.1
     return address.is_loopback or peer == local
 
 
