@@ -2,7 +2,8 @@
 # payload goes raw or through zstd, and at which level (README "Adaptive
 # compression"). All of it is a few float operations per packet, in C.
 #
-# What it measures, per channel (exponentially weighted, weight 1/8 per packet):
+# What it measures, per channel (exponentially weighted, weight 1/8 per packet;
+# bytes and seconds are averaged apart, so each interval or packet counts by size):
 #   drain    wire bytes/s the link takes. From SIOCOUTQ (bytes queued, not yet
 #            acknowledged) before and after each write: the bytes that left
 #            the queue between two writes over the time between them. Only an
@@ -59,10 +60,6 @@ cdef void auto_init(AutoChoice *a, double pace_rate, bint measure_socket) noexce
     a.sample_every = AUTO_SAMPLE_MIN
 
 
-cdef inline double ewma(double average, double sample) noexcept nogil:
-    return sample if average <= 0 else average + AUTO_WEIGHT * (sample - average)
-
-
 cdef double auto_link_rate(const AutoChoice *a) noexcept nogil:
     """Wire bytes/s the link takes; 0 when no limit is known."""
     cdef double drain = a.drain if a.settled >= AUTO_SETTLE else 0
@@ -109,11 +106,17 @@ cdef int auto_pick(AutoChoice *a) noexcept nogil:
 
 cdef void auto_compressed(AutoChoice *a, int index, size_t raw, size_t wire,
                           double seconds) noexcept nogil:
-    """Account one payload compressed at ``AUTO_LEVEL[index]``, then decide again."""
-    cdef double savings = 1 - <double>wire / raw if wire < raw else 0
-    if seconds > 0:
-        a.speed = ewma(a.speed, raw / seconds / AUTO_SPEED[index])
-    a.savings = ewma(a.savings, savings / AUTO_SAVINGS[index])
+    """Account one payload compressed at ``AUTO_LEVEL[index]``, then decide again.
+
+    Bytes and seconds are averaged apart and then divided, so a payload counts by
+    its size: a few pages that compress in no time do not outweigh full packets."""
+    cdef double weight = AUTO_WEIGHT if a.raw_bytes > 0 else 1
+    a.raw_bytes += weight * (raw - a.raw_bytes)
+    a.busy += weight * (seconds * AUTO_SPEED[index] - a.busy)
+    a.saved += weight * ((<double>raw - wire if wire < raw else 0) / AUTO_SAVINGS[index]
+                         - a.saved)
+    a.speed = a.raw_bytes / a.busy if a.busy > 0 else 0
+    a.savings = a.saved / a.raw_bytes if a.raw_bytes > 0 else 0
     auto_decide(a)
     if a.sampling:
         a.sampling = False
@@ -139,7 +142,8 @@ cdef void auto_before_write(AutoChoice *a, int fd) noexcept nogil:
 
 cdef void auto_after_write(AutoChoice *a, int fd, size_t wire) noexcept nogil:
     """Account one write of ``wire`` bytes: the drain since the previous write."""
-    cdef double now, seconds, drained
+    cdef double now, seconds, drained, weight
+    cdef bint backed_up
     cdef int64_t queued
     cdef int sndbuf = 0
     cdef socklen_t size = sizeof(sndbuf)
@@ -154,12 +158,16 @@ cdef void auto_after_write(AutoChoice *a, int fd, size_t wire) noexcept nogil:
     drained = <double>a.queued_after + wire - queued
     if a.last_write > 0 and seconds > 0 and drained > 0:
         getsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, &size)
-        if a.queued_before * 4 >= sndbuf > 0:
-            a.drain = ewma(a.drain, drained / seconds)       # backed up: the link's pace
-            if a.settled < AUTO_SETTLE:
-                a.settled += 1
-        elif a.drain > 0 and drained / seconds > a.drain:
-            a.drain = ewma(a.drain, drained / seconds)       # a lower bound above it
+        backed_up = a.queued_before * 4 >= sndbuf > 0
+        # Backed up, the interval shows the link's pace; otherwise it is a lower
+        # bound, which counts only when above the estimate.
+        if backed_up or (a.drain > 0 and drained / seconds > a.drain):
+            weight = AUTO_WEIGHT if a.drain_seconds > 0 else 1
+            a.drained += weight * (drained - a.drained)
+            a.drain_seconds += weight * (seconds - a.drain_seconds)
+            a.drain = a.drained / a.drain_seconds
+        if backed_up and a.settled < AUTO_SETTLE:
+            a.settled += 1
     a.last_write = now
     a.queued_after = queued
     if a.level_index >= 0 or a.settled >= AUTO_SETTLE:

@@ -398,10 +398,15 @@ cdef class TLSChannel:
 cdef struct AutoChoice:             # compression="auto": one send channel's measurements
     double pace_rate                # max_bandwidth's share: a known link rate (0: none)
     bint measure_socket             # False for a peer on this host (or a non-socket)
-    double drain                    # wire bytes/s the link takes (average; 0: not yet known)
+    double drained                  # averages of the bytes that left the send queue
+    double drain_seconds            # between two writes, and of the time between them
+    double drain                    # drained / drain_seconds: wire bytes/s the link takes
     uint32_t settled                # backed-up intervals measured so far (up to AUTO_SETTLE)
-    double speed                    # raw bytes/s zstd compresses, scaled to level 1
-    double savings                  # 1 - compressed/raw, scaled to level 1
+    double raw_bytes                # per compressed payload, averages of: its raw bytes,
+    double busy                     # the seconds level 1 would take to compress it,
+    double saved                    # and the bytes level 1 would save
+    double speed                    # raw_bytes / busy: raw bytes/s zstd compresses (level 1)
+    double savings                  # saved / raw_bytes: 1 - compressed/raw (level 1)
     int level_index                 # the level the next payloads go at; -1: raw
     int best_index                  # the best level even when raw is better (samples use it)
     uint32_t sample_every           # while raw: one payload in this many is compressed
