@@ -50,11 +50,11 @@ class Guest:
     """One QEMU process and its QMP socket; ``close()`` kills it whatever happened."""
 
     def __init__(self, tmp_path, ram_path: str, mib: int, *, incoming: bool = False,
-                 name: str = "src", binary: str = QEMU) -> None:
+                 name: str = "src", binary: str = QEMU, machine: str = "pc") -> None:
         self.qmp_path = str(tmp_path / f"qmp-{name}.sock")
         self.log_path = str(tmp_path / f"qemu-{name}.log")
         command = [
-            binary, "-machine", "pc,accel=tcg,memory-backend=mem", "-nodefaults",
+            binary, "-machine", f"{machine},accel=tcg,memory-backend=mem", "-nodefaults",
             "-display", "none", "-m", f"{mib}M",
             "-object", f"memory-backend-file,id=mem,size={mib}M,mem-path={ram_path},share=on",
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off", "-S"]

@@ -27,8 +27,8 @@ from captures import BLOCKS, UUID
 from fastmfd import _core, qemu
 from fastmfd.errors import MigrationError, ProtocolError
 from fastmfd.protocol.qemu import (SYNC_PER_ROUND, SYNC_PER_SECTION, decode_qemu_main,
-                                   encode_ram_eos, encode_ram_start, encode_stream_start,
-                                   encode_zero_records)
+                                   encode_multifd_flush, encode_ram_eos, encode_ram_start,
+                                   encode_stream_start, encode_zero_records)
 from fastmfd.protocol.sockets import connect, parse_address
 from qemu_support import QEMU, QEMU10, QEMUS, Guest, pattern
 
@@ -341,33 +341,40 @@ def test_corrupt_stream_fails_cleanly(tmp_path, captures, corrupt, match):
 
 # ---------------------------------------------------------------- a stream made here
 
-def test_zero_page_after_data_is_written(tmp_path):
-    """A page sent as data in one round and as ZERO in the next ends up zero (the
-    file is not left holding the older data); pages only ever zero stay holes."""
+@pytest.mark.parametrize("flavour", ["qemu-7.2", "qemu-10"])
+def test_zero_page_after_data_is_written(tmp_path, flavour):
+    """A page sent as data in one round and as zero in the next ends up zero (the
+    file is not left holding the older data); pages only ever zero stay holes.
+    QEMU 7.2's way: ZERO records on the main channel, a SYNC before each EOS;
+    QEMU 10's: zero pages listed in the multifd packets, a SYNC before each
+    MULTIFD_FLUSH record (and none at the EOS that follows)."""
     block, size, page = "pc.ram", 1 << 20, 4096
+    native = flavour == "qemu-10"
     part, end = (bytes([kind]) + (2).to_bytes(4, "big") for kind in (0x02, 0x03))
-    eos = encode_ram_eos(2, True)
+    eos = (encode_multifd_flush() if native else b"") + encode_ram_eos(2, True)
+    zeros = np.array([5 * page, 9 * page], dtype=np.uint64)
     main = (encode_stream_start(b"\x07" + (3).to_bytes(4, "big") + b"abc")
             + encode_ram_start(2, {block: size}) + eos           # round 1: setup
             + part + eos                                         # round 2: data (multifd)
-            + part + encode_zero_records(block, np.array([5 * page, 9 * page],
-                                                         dtype=np.uint64)) + eos
+            + part + (b"" if native else encode_zero_records(block, zeros)) + eos
             + end + eos)
     description = json.dumps({"page_size": page, "devices": []}).encode()
     main += b"\x00\x06" + len(description).to_bytes(4, "big") + description
 
-    codec = _core.RamPacketCodec(128, page, _core.LAYOUT_QEMU72, 0, {block: size})
+    layout = _core.LAYOUT_CURRENT if native else _core.LAYOUT_QEMU72
+    codec = _core.RamPacketCodec(128, page, layout, 0, {block: size})
     header = bytearray(codec.header_size)
 
-    def packet(flags, normal=(), data=b""):
-        codec.encode(header, flags=flags, ramblock=block if normal else b"", normal=normal,
-                     next_packet_size=len(data))
+    def packet(flags, normal=(), data=b"", zero=()):
+        codec.encode(header, flags=flags, ramblock=block if len(normal) + len(zero) else b"",
+                     normal=normal, zero=zero, next_packet_size=len(data))
         return bytes(header) + data
 
     init = bytearray(_core.INIT_PACKET_SIZE)
     _core.encode_init_packet(init, bytes(16), 0)
     channel = (bytes(init) + packet(_core.FLAG_SYNC)                    # setup
                + packet(0, [5 * page], b"\x77" * page) + packet(_core.FLAG_SYNC)   # round 2
+               + (packet(0, zero=zeros) if native else b"")            # round 3
                + packet(_core.FLAG_SYNC) + packet(_core.FLAG_SYNC))     # rounds 3, 4
 
     out = tmp_path / "out"
@@ -381,6 +388,10 @@ def test_zero_page_after_data_is_written(tmp_path):
     finally:
         for sock in socks:
             sock.close()
-    image = (out / received.manifest["blocks"][0]["file"]).read_bytes()
-    assert image == bytes(size)
-    assert received.manifest["ram_section_ends"] == received.manifest["syncs"] == 4
+    path = out / received.manifest["blocks"][0]["file"]
+    assert path.read_bytes() == bytes(size)
+    assert path.stat().st_blocks * 512 < size // 2          # holes, but for page 5
+    manifest = received.manifest
+    assert manifest["ram_section_ends"] == manifest["syncs"] == 4
+    assert (manifest["multifd_sync"], manifest["zero_page_detection"]) == \
+        ((SYNC_PER_ROUND, "multifd") if native else (SYNC_PER_SECTION, "legacy"))

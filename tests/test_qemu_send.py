@@ -25,12 +25,13 @@ from test_qemu_receive import Receiver, capture_bytes, receive_replay
 GUEST_MIB = 64
 
 
-def saved_guest(tmp_path, channels: int, compression: str, binary: str = QEMU):
+def saved_guest(tmp_path, channels: int, compression: str, binary: str = QEMU,
+                machine: str = "pc"):
     """A real guest's migration saved by ``qemu.receive``: (directory, its RAM)."""
     ram = pattern(GUEST_MIB, seed=3)
     ram_path = tmp_path / "src-ram.img"
     ram.tofile(ram_path)
-    source = Guest(tmp_path, str(ram_path), GUEST_MIB, binary=binary)
+    source = Guest(tmp_path, str(ram_path), GUEST_MIB, binary=binary, machine=machine)
     try:
         source.set_multifd(channels, compression)
         receiver = Receiver(tmp_path / "saved")
@@ -42,12 +43,14 @@ def saved_guest(tmp_path, channels: int, compression: str, binary: str = QEMU):
     return tmp_path / "saved", ram
 
 
-def incoming_guest(tmp_path, channels: int, compression: str, binary: str = QEMU):
+def incoming_guest(tmp_path, channels: int, compression: str, binary: str = QEMU,
+                   machine: str = "pc"):
     """A fresh QEMU waiting for a migration: (guest, its RAM file, address)."""
     ram_path = tmp_path / "dst-ram.img"
     with open(ram_path, "wb") as f:
         f.truncate(GUEST_MIB << 20)
-    guest = Guest(tmp_path, str(ram_path), GUEST_MIB, incoming=True, name="dst", binary=binary)
+    guest = Guest(tmp_path, str(ram_path), GUEST_MIB, incoming=True, name="dst", binary=binary,
+                  machine=machine)
     try:
         guest.set_multifd(channels, compression)
         guest.qmp.command("migrate-incoming", uri="tcp:127.0.0.1:0")
@@ -71,6 +74,22 @@ def test_saved_migration_goes_back_into_qemu(tmp_path, qemu_binary, channels, co
         assert len(sent) == channels and all(c["syncs"] == 2 for c in sent)
         guest.qmp.command("cont")
         assert guest.qmp.command("query-status")["status"] == "running"
+    finally:
+        guest.close()
+
+
+@pytest.mark.parametrize("qemu_binary", QEMUS)
+def test_q35_goes_to_files_and_back(tmp_path, qemu_binary):
+    """The other current machine type (q35: other RAMBlocks, other devices), both
+    ways: saved from one guest, sent into a fresh one, which completes with its RAM."""
+    saved, ram = saved_guest(tmp_path, 2, "zstd", qemu_binary, machine="q35")
+    manifest = json.loads((saved / "manifest.json").read_text())
+    assert manifest["machine"].startswith("pc-q35-")
+    guest, ram_path, address = incoming_guest(tmp_path, 2, "zstd", qemu_binary, machine="q35")
+    try:
+        qemu.send(address, str(saved), channels=2, compression="zstd", stall_timeout=10.0)
+        assert guest.wait() == "completed"
+        assert np.array_equal(np.fromfile(ram_path, dtype=np.uint8), ram)
     finally:
         guest.close()
 
