@@ -7,13 +7,13 @@ destination's side of QEMU's own protocol, with fastmfd's receive workers.
       listener: each connection told apart by its first bytes:
         "QEVM" -> the main channel; 0x11223344 -> a multifd
         channel: its init packet read here (id, uuid), a worker
-        started for it; anything else is not QEMU's: dropped
-                                     ───────────── socket ──────────────▶  (waits for its RecvParams)
+        started for it ───────────── socket ──────────────▶  (waits for its RecvParams)
+        (other first bytes, or none: not QEMU's, dropped)
       main channel, decoded as it arrives (QevmDecoder):
         block list -> one sparse .part file per RAMBlock,
-          RecvParams (qemu-7.2 layout, compression learnt) ─▶  RecvEngine: pages into the files,
-        ZERO / PAGE records -> written here (a zero page only      listed zero pages too (QEMU >= 9.0)
-          where this migration wrote data before)
+          RecvParams (qemu-7.2 layout, compression learnt) ─▶  RecvEngine: pages (and the
+        ZERO / PAGE records -> written here (a zero page only      zero pages QEMU >= 9.0
+          where this migration wrote data before)                  lists) into the files
         barrier k (a section's EOS, or a MULTIFD_FLUSH record
           when the machine type syncs per round) -> every
           channel's SYNC k, then Go(k) ◀─────────── Synced(k) ─▶ Go(k)

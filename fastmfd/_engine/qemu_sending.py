@@ -43,9 +43,9 @@ import numpy as np
 from .. import _core
 from ..errors import MigrationError
 from ..protocol.control import Done, SendParams
-from ..protocol.qemu import (SYNC_PER_ROUND, encode_multifd_flush, encode_ram_end_start,
-                             encode_ram_eos, encode_ram_start, encode_stream_start,
-                             encode_zero_records)
+from ..protocol.qemu import (SYNC_PER_ROUND, SYNC_PER_SECTION, encode_multifd_flush,
+                             encode_ram_end_start, encode_ram_eos, encode_ram_start,
+                             encode_stream_start, encode_zero_records)
 from ..protocol.security import ChannelSecurity
 from ..protocol.sockets import Address, connect, tune_data_socket
 from ..regions import Region
@@ -67,7 +67,7 @@ class QemuStream:
 
     def __init__(self, configuration: bytes, uuid: bytes, ram_section_id: int,
                  section_footers: bool, *, machine: str = "",
-                 multifd_sync: str = "per-section",
+                 multifd_sync: str = SYNC_PER_SECTION,
                  zero_page_detection: str = "legacy") -> None:
         self.configuration, self.uuid = configuration, uuid
         self.ram_section_id, self.section_footers = ram_section_id, section_footers

@@ -7,10 +7,10 @@ main channel up to its first device section::
 
     "QEVM" version 3
     CONFIGURATION   machine type [+ subsections: target-page-bits, capabilities, uuid]
-    COMMAND ...     (skipped: open return path, ping)
-    START  "ram" v4 MEM_SIZE + block list ..................... EOS  footer   round 0
-    PART   ram      ZERO / PAGE records ....................... EOS  footer   round 1
-    END    ram      ZERO / PAGE records ....................... EOS  footer   round 2
+    COMMAND ...     (skipped: open return path, ping; QEMU 10's switchover start)
+    START  "ram" v4 MEM_SIZE + block list ......... [MULTIFD_FLUSH] EOS  footer
+    PART   ram      ZERO / PAGE records ... [MULTIFD_FLUSH] ... EOS  footer
+    END    ram      ZERO / PAGE records ... [MULTIFD_FLUSH] ... EOS  footer
     FULL   "timer"  <- first device section: decoding stops here
     ... device sections (not decoded) ...
     EOF  VMDESCRIPTION <json>                                  <- checked at the end
@@ -146,7 +146,8 @@ class QemuMainChannel:
             "uuid": self.uuid.hex() if self.uuid is not None else None,
             "ram_sections": {name: self.ram_sections[name] for name in ("start", "part", "end")},
             "eos": self.ram_section_ends, "multifd_flushes": self.multifd_flushes,
-            "multifd_sync": self.multifd_sync, "syncs": self.syncs, "zero_pages": self.zero_pages, "page_records": self.data_pages,
+            "multifd_sync": self.multifd_sync, "syncs": self.syncs,
+            "zero_pages": self.zero_pages, "page_records": self.data_pages,
             "commands": self.commands, "ram_bytes": self.ram_bytes,
             "first_device_section": self.first_device_section,
             "device_bytes": self.size - self.ram_bytes, "vm_devices": self.vm_devices,

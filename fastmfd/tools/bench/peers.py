@@ -13,7 +13,8 @@ frees everything, ``close()`` frees without checking).
                                                       "done" ─▶ timed part ends
 
 ``QemuTrial`` — a real QEMU multifd migration (DESIGN §8): a paused TCG guest
-(``-S``, machine ``pc``: the binary's current i440fx machine type) whose RAM is a ``memory-backend-file`` (``share=on``) on the image,
+(``-S``, machine ``pc``: the binary's current i440fx machine type) whose RAM
+is a ``memory-backend-file`` (``share=on``) on the image,
 migrated over loopback TCP to a second QEMU started with ``-incoming defer``
 whose RAM is a fresh file; both get the multifd capability, channel count
 and compression over QMP. The timed part runs from ``migrate`` until the
