@@ -1,4 +1,4 @@
-"""One migration from a real QEMU (7.2), received into files: the
+"""One migration from a real QEMU (7.2 or later), received into files: the
 destination's side of QEMU's own protocol, with fastmfd's receive workers.
 
 ::
@@ -8,13 +8,16 @@ destination's side of QEMU's own protocol, with fastmfd's receive workers.
         "QEVM" -> the main channel; 0x11223344 -> a multifd
         channel: its init packet read here (id, uuid), a worker
         started for it ───────────── socket ──────────────▶  (waits for its RecvParams)
+        (other first bytes, or none: not QEMU's, dropped)
       main channel, decoded as it arrives (QevmDecoder):
         block list -> one sparse .part file per RAMBlock,
-          RecvParams (qemu-7.2 layout, compression learnt) ─▶  RecvEngine: pages into the files
-        ZERO / PAGE records -> written here (a zero page only
-          where this migration wrote data before)
-        EOS k -> barrier: every channel's SYNC k, then Go(k) ◀─ Synced(k) ─▶ Go(k)
-          (after EOS 1 the channel count is known: QEMU syncs
+          RecvParams (qemu-7.2 layout, compression learnt) ─▶  RecvEngine: pages (and the
+        ZERO / PAGE records -> written here (a zero page only      zero pages QEMU >= 9.0
+          where this migration wrote data before)                  lists) into the files
+        barrier k (a section's EOS, or a MULTIFD_FLUSH record
+          when the machine type syncs per round) -> every
+          channel's SYNC k, then Go(k) ◀─────────── Synced(k) ─▶ Go(k)
+          (after barrier 1 the channel count is known: QEMU syncs
           every channel before the setup section ends)
         first device section -> the rest of the stream, as
           QEMU sent it, into vmstate.bin
@@ -42,8 +45,8 @@ from .. import _core
 from ..errors import MigrationError, ProtocolError
 from ..protocol.bytereader import ByteReader, StreamReader
 from ..protocol.control import Eof, Go, Ready, RecvParams, Synced
-from ..protocol.qemu import (MIG_CMD_OPEN_RETURN_PATH, MIG_CMD_PING, QEVM_MAGIC, QevmDecoder,
-                             check_stream_end)
+from ..protocol.qemu import (MIG_CMD_OPEN_RETURN_PATH, MIG_CMD_PING, QEVM_MAGIC,
+                             SYNC_PER_SECTION, QevmDecoder, check_stream_end)
 from ..protocol.sockets import tune_data_socket
 from ..regions import Region
 from .processes import ChildSet, Watch
@@ -76,8 +79,11 @@ class QemuStreamFacts:
     channels: int = 0
     compression: str | None = None
     blocks: dict[str, int] = field(default_factory=dict)
-    rounds: int = 0                         # RAM section ends (EOS)
+    syncs: int = 0                          # SYNC barriers (one SYNC per channel each)
+    multifd_sync: str = SYNC_PER_SECTION    # where they sit (protocol.qemu)
+    ram_section_ends: int = 0               # EOS records
     zero_pages: int = 0                     # ZERO records of the main channel
+    multifd_zero_pages: int = 0             # zero pages listed in multifd packets (>= 9.0)
     main_pages: int = 0                     # PAGE records of the main channel
     ram_bytes: int = 0                      # main-channel bytes before the device sections
     vmstate_bytes: int = 0
@@ -145,10 +151,13 @@ class QemuReceiving:
         facts.configuration = decoder.out.configuration
         facts.ram_section_id = decoder.out.ram_section_id
         facts.section_footers = decoder.out.section_footers
+        facts.multifd_sync = decoder.out.multifd_sync or SYNC_PER_SECTION
+        facts.ram_section_ends = decoder.out.ram_section_ends
         if facts.uuid is None:
             facts.uuid = decoder.out.uuid
         self._save_vmstate(decoder.r)
         self._wait_channels_end()
+        facts.multifd_zero_pages = self.counters.total("zero_pages")
         self._flush()
         return facts
 
@@ -193,8 +202,11 @@ class QemuReceiving:
         """Main channel or multifd channel, by its first 4 bytes (what QEMU >= 8.0
         does; 7.2's "the first connection is main" holds for QEMU's own sources).
         Without ``wait`` the socket is readable; with it, up to ``wait`` seconds
-        are given for its first bytes, and one that sends none is dropped."""
-        sock.settimeout(wait if wait is not None else self.stall)
+        are given for its first bytes. A connection that sends fewer than 4 bytes
+        (within LATE_BYTES_WAIT once it sent some) or other first bytes is not
+        QEMU's, whatever it is (a port scan, a health check, a wrong address):
+        it is dropped, and the migration goes on without it."""
+        sock.settimeout(wait if wait is not None else LATE_BYTES_WAIT)
         try:
             head = sock.recv(4, socket.MSG_PEEK | (socket.MSG_DONTWAIT if wait is None else 0))
             if 0 < len(head) < 4:
@@ -224,11 +236,11 @@ class QemuReceiving:
             self.watch.add(sock, self._on_main_readable)
             return
         if head != MULTIFD_MAGIC:
+            log.warning("a connection sent first bytes %s, expected %s (QEVM, the main "
+                        "channel) or %s (a multifd channel): not QEMU's, dropped", head.hex(),
+                        QEVM_MAGIC.hex(), MULTIFD_MAGIC.hex())
             sock.close()
-            raise ProtocolError(f"first bytes {head.hex()}, expected {QEVM_MAGIC.hex()} (QEVM, "
-                                f"the main channel) or {MULTIFD_MAGIC.hex()} (a multifd "
-                                "channel)", field="magic", received=head.hex(),
-                                expected="QEVM or 0x11223344", where="a new connection")
+            return
         self._open_channel(sock)
 
     def _open_channel(self, sock: socket.socket) -> None:
@@ -326,27 +338,27 @@ class QemuReceiving:
             region.buffer[page * region.page_size:(page + 1) * region.page_size] = \
                 bytes(region.page_size)
 
-    def on_eos(self) -> None:
-        """RAM barrier: every channel sent its SYNC for this section end; let them on."""
+    def on_sync(self) -> None:
+        """RAM barrier: every channel sent its SYNC for it; let them on."""
         facts = self.facts
         if not self.regions:
-            raise ProtocolError("main channel: a RAM section ended before the block list "
-                                "(MEM_SIZE)", field="flags", received="EOS",
+            raise ProtocolError("main channel: a SYNC barrier (EOS or MULTIFD_FLUSH) before "
+                                "the block list (MEM_SIZE)", field="flags", received="EOS",
                                 expected="MEM_SIZE first", where=MAIN)
-        facts.rounds += 1
-        if facts.rounds == 1:
+        facts.syncs += 1
+        if facts.syncs == 1:
             self._close_door()
-        k = facts.rounds
+        k = facts.syncs
         deadline = time.monotonic() + self.stall
         while late := [c for c in self.channels.values() if c.synced < k]:
             ended = [c.id for c in late if c.ended]
             if ended:
-                raise ProtocolError(f"the channel ended before its SYNC for RAM section end "
-                                    f"{k}", field="SYNC", received=late[0].synced, expected=k,
+                raise ProtocolError(f"the channel ended before its SYNC for barrier {k}",
+                                    field="SYNC", received=late[0].synced, expected=k,
                                     where=f"multifd channel {ended[0]}")
             left = deadline - time.monotonic()
             if left <= 0:
-                raise MigrationError(f"no SYNC for RAM section end {k} within {self.stall:g} s",
+                raise MigrationError(f"no SYNC for barrier {k} within {self.stall:g} s",
                                      channel=f"multifd channel {late[0].id}")
             self.watch.poll(left)
         for channel in self.channels.values():
@@ -358,10 +370,10 @@ class QemuReceiving:
             if channel.starting:
                 self._start_channel(channel)
         elif isinstance(report, Synced):
-            if report.round > self.facts.rounds + 1:
-                raise ProtocolError(f"SYNC {report.round} before the main channel's RAM "
-                                    f"section end {self.facts.rounds + 1}", field="SYNC",
-                                    received=report.round, expected=self.facts.rounds + 1,
+            if report.round > self.facts.syncs + 1:
+                raise ProtocolError(f"SYNC {report.round} before the main channel's barrier "
+                                    f"{self.facts.syncs + 1}", field="SYNC",
+                                    received=report.round, expected=self.facts.syncs + 1,
                                     where=f"multifd channel {channel.id}")
             channel.synced = report.round
         elif isinstance(report, Eof):
@@ -410,11 +422,11 @@ class QemuReceiving:
                                      "ended", channel=f"multifd channel {open_[0].id}")
             self.watch.poll(left)
         for channel in self.channels.values():
-            if channel.synced != self.facts.rounds:
+            if channel.synced != self.facts.syncs:
                 raise ProtocolError(f"{channel.synced} SYNC packets, expected "
-                                    f"{self.facts.rounds}: one per RAM section end",
+                                    f"{self.facts.syncs}: one per barrier of the main channel",
                                     field="SYNC", received=channel.synced,
-                                    expected=self.facts.rounds,
+                                    expected=self.facts.syncs,
                                     where=f"multifd channel {channel.id}")
         methods = {c.compression for c in self.channels.values() if c.compression}
         if len(methods) > 1:
@@ -475,8 +487,8 @@ class _LiveDecoder(QevmDecoder):
     def on_zero_pages(self, block: str, offsets: np.ndarray, at: int) -> None:
         self.session.on_zero_pages(block, offsets)
 
-    def on_eos(self) -> None:
-        self.session.on_eos()
+    def on_sync(self) -> None:
+        self.session.on_sync()
 
     def on_command(self, command: int, at: int) -> None:
         if command in (MIG_CMD_OPEN_RETURN_PATH, MIG_CMD_PING):

@@ -174,7 +174,8 @@ def _listen_qemu(args: argparse.Namespace, console) -> int:
     facts = received.facts
     console.print(f"received from QEMU ({facts.machine}) in {received.seconds * 1000:.0f} ms: "
                   f"{facts.channels} channel(s), compression {facts.compression}, "
-                  f"{facts.rounds} RAM section end(s)")
+                  f"{facts.syncs} SYNC barrier(s) ({facts.multifd_sync}), "
+                  f"{facts.ram_section_ends} RAM section end(s)")
     return 0
 
 

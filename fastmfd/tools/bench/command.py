@@ -92,7 +92,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "--qemu -> QEMU); repeatable")
     parser.add_argument("--qemu-binary", default=None, metavar="PATH",
                         help="QEMU to run for --peer qemu (default: qemu-system-x86_64 "
-                             "on PATH)")
+                             "on PATH), with machine type pc: the binary's current one "
+                             "(QEMU 10's own stream from a QEMU 10)")
     parser.add_argument("--prealloc", action="store_true",
                         help="allocate and fault in the destination's memory before timing "
                              "(QEMU: prealloc=on): times the transport without the cost of "

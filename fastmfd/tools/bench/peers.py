@@ -13,7 +13,8 @@ frees everything, ``close()`` frees without checking).
                                                       "done" ─▶ timed part ends
 
 ``QemuTrial`` — a real QEMU multifd migration (DESIGN §8): a paused TCG guest
-(``-S``) whose RAM is a ``memory-backend-file`` (``share=on``) on the image,
+(``-S``, machine ``pc``: the binary's current i440fx machine type) whose RAM
+is a ``memory-backend-file`` (``share=on``) on the image,
 migrated over loopback TCP to a second QEMU started with ``-incoming defer``
 whose RAM is a fresh file; both get the multifd capability, channel count
 and compression over QMP. The timed part runs from ``migrate`` until the
@@ -326,7 +327,8 @@ class QemuPeer(_PeerTrial):
         mib = self.image.size >> 20
         qmp_path = self._new_file("qmp-dst" if incoming else "qmp-src")
         command = [
-            self._binary, "-machine", "pc-i440fx-7.2,accel=tcg,memory-backend=mem",
+            # The binary's own pc: QEMU 7.2's stream from 7.2, QEMU 10's from 10.
+            self._binary, "-machine", "pc,accel=tcg,memory-backend=mem",
             "-display", "none", "-nodefaults", "-m", f"{mib}M",
             "-object", f"memory-backend-file,id=mem,size={mib}M,mem-path={ram_path},share=on"
                        + (",prealloc=on" if incoming and self._prealloc else ""),

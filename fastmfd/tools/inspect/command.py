@@ -88,6 +88,8 @@ def _print_summary(summary: dict) -> None:
             f"{main['page_records']} page records in the first {main['ram_bytes']} bytes; "
             f"then device sections from {main['first_device_section']!r} "
             f"({main['vm_devices']} devices in the VM description)")
+        console.print(f"multifd SYNCs {main['multifd_sync']}: {main['syncs']} barrier(s), "
+                      f"{main['multifd_flushes']} MULTIFD_FLUSH record(s)")
     else:
         messages = ", ".join(f"{name} {n}" for name, n in main["messages"].items())
         console.print(f"main channel {_short(main['file'])}: fastmfd, {main['bytes']} bytes; "

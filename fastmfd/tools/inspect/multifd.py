@@ -7,7 +7,7 @@ import zlib
 from ... import _core
 from ...errors import ProtocolError
 from ...protocol.bytereader import ByteReader
-from ...protocol.qemu import QemuMainChannel
+from ...protocol.qemu import SYNC_PER_ROUND, QemuMainChannel
 from .contents import DeviceChunks, RamImage
 from .records import Channel, FastmfdMainChannel, PacketRecord
 from .session import COMPRESSION_NAMES, Session
@@ -216,7 +216,9 @@ class ChannelDecoder:
 def check_rounds(main, decoders: list[ChannelDecoder]) -> None:
     """Every RAM channel has one SYNC per round end of the main channel (spec §5.3)."""
     if isinstance(main, QemuMainChannel):
-        expected, what = main.eos, "RAM section end (EOS)"
+        expected = main.syncs
+        what = ("MULTIFD_FLUSH record" if main.multifd_sync == SYNC_PER_ROUND
+                else "RAM section end (EOS)")
     elif isinstance(main, FastmfdMainChannel):
         expected, what = main.round_ends, "ROUND_END message"
     else:
