@@ -107,7 +107,7 @@ class Destination(Owner):
         else:
             self._listener, self._owns_listener = listen(requested), True
             self.address = str(bound_address(self._listener, requested))
-            self._unix_path = requested.target if requested.family == socket.AF_UNIX else None
+            self._unix_path = requested.path
         self._prespawn = workers
         self.timeout = timeout
         self._queued_cap = max_queued_bytes

@@ -103,8 +103,8 @@ def receive(address: str | socket.socket, directory: str, *, timeout: float = 36
             session.close()
         if listener is not None and given is None:
             listener.close()
-            if requested.family == socket.AF_UNIX and os.path.exists(requested.target):
-                os.unlink(requested.target)
+            if requested.path is not None and os.path.exists(requested.path):
+                os.unlink(requested.path)
         out.close()
 
 

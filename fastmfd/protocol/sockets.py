@@ -32,8 +32,13 @@ class Address:
     family: int
     target: tuple[str, int] | str          # (host, port) or a filesystem path
 
+    @property
+    def path(self) -> str | None:
+        """The filesystem path of a ``unix:`` address; None for TCP."""
+        return self.target if isinstance(self.target, str) else None
+
     def __str__(self) -> str:
-        if self.family == socket.AF_UNIX:
+        if isinstance(self.target, str):
             return f"unix:{self.target}"
         host, port = self.target
         return f"tcp:[{host}]:{port}" if ":" in host else f"tcp:{host}:{port}"
@@ -83,7 +88,8 @@ def _remove_stale_socket(address: Address) -> None:
     """Unlink the socket a killed listener left at ``address``'s path, and only that:
     a path that is not a socket (a file, a symlink, a directory) or a socket
     something still listens on is refused, untouched."""
-    path = address.target
+    path = address.path
+    assert path is not None, "listen() removes stale sockets of unix: addresses only"
     try:
         before = os.lstat(path)
     except FileNotFoundError:

@@ -196,6 +196,6 @@ def listen_sessions(address: str, directory: str, *, sessions: int | None = None
                 yield exc, {}
     finally:
         listener.close()
-        if requested.family == socket.AF_UNIX:
+        if requested.path is not None:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(requested.target)
+                os.unlink(requested.path)
