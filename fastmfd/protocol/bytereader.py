@@ -14,6 +14,8 @@ truncation error at that offset.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from ..errors import ProtocolError
 
 __all__ = ["ByteReader", "StreamReader"]
@@ -95,7 +97,7 @@ class StreamReader(ByteReader):
 
     CHUNK = 1 << 20
 
-    def __init__(self, path: str, recv) -> None:
+    def __init__(self, path: str, recv: Callable[[int], bytes]) -> None:
         super().__init__(path, b"")
         self._recv = recv
         self._base = 0              # stream offset of self.raw[0]

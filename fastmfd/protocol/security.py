@@ -38,7 +38,8 @@ import socket
 import ssl
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 from ..errors import ConfigError, SecurityError
 
@@ -156,7 +157,7 @@ def read_key_file(path: str) -> bytes:
 
 # ---------------------------------------------------------------- identities
 
-def identities_of(cert: dict) -> list[str]:
+def identities_of(cert: Mapping[str, Any]) -> list[str]:
     """The identities of a peer certificate as ``ssl`` decodes it: its subject's
     CN, then its subjectAltName values (DNS names, emails, IP addresses)."""
     names = [value for rdn in cert.get("subject", ()) for key, value in rdn
@@ -255,7 +256,8 @@ def check_key_proof(stream: Stream, key: bytes, uuid: bytes, channel: int) -> No
                             "session and channel")
 
 
-def default_hostname(target, family: int, configured: str | None) -> str | None:
+def default_hostname(target: tuple[str, int] | str, family: int,
+                     configured: str | None) -> str | None:
     """The name the destination's certificate must carry."""
     if configured is not None:
         return configured
