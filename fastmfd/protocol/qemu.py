@@ -42,6 +42,7 @@ import json
 import struct
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -116,7 +117,7 @@ class QemuMainChannel:
     rounds: list[list[RamRecord]] = field(default_factory=list)  # records before each EOS
     zero_pages: int = 0
     data_pages: int = 0
-    ram_sections: Counter = field(default_factory=Counter)      # start/part/end
+    ram_sections: Counter[str] = field(default_factory=Counter)  # start/part/end
     commands: int = 0
     ram_bytes: int = 0                          # bytes up to the first device section
     first_device_section: str = ""
@@ -126,7 +127,7 @@ class QemuMainChannel:
     def eos(self) -> int:
         return len(self.rounds)
 
-    def summary(self) -> dict:
+    def summary(self) -> dict[str, Any]:
         return {
             "file": self.path, "format": "qemu", "bytes": self.size, "version": QEVM_VERSION,
             "machine": self.machine, "capabilities": self.capabilities,

@@ -15,8 +15,12 @@ import socket
 import stat
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..errors import ConfigError, ConnectError, ListenError, MigrationError, ProtocolError
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer     # collections.abc.Buffer from Python 3.12
 
 __all__ = ["Address", "parse_address", "listen", "bound_address", "connect", "recv_exact",
            "send_all", "tune_data_socket", "tune_main_socket"]
@@ -210,7 +214,7 @@ def recv_exact(sock: socket.socket, size: int, what: str, where: str | None = No
     return bytes(buf)
 
 
-def send_all(sock: socket.socket, data: bytes, what: str, where: str | None = None) -> None:
+def send_all(sock: socket.socket, data: Buffer, what: str, where: str | None = None) -> None:
     try:
         sock.sendall(data)
     except OSError as exc:
