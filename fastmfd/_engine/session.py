@@ -116,11 +116,11 @@ def shutdown_quietly(sock: socket.socket) -> None:
         pass
 
 
-class _Closable(Protocol):
+class Closable(Protocol):
     def close(self) -> None: ...
 
 
-_Owned = TypeVar("_Owned", bound=_Closable)
+_Owned = TypeVar("_Owned", bound=Closable)
 
 
 class SessionResources:
@@ -132,7 +132,7 @@ class SessionResources:
     def __init__(self) -> None:
         self.sockets: list[socket.socket] = []
         self.fds: list[int] = []
-        self._owned: list[_Closable] = []
+        self._owned: list[Closable] = []
 
     def own(self, resource: _Owned) -> _Owned:
         """Close ``resource`` (a Region, a shared structure) at release; returns it."""
