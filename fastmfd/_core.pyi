@@ -181,7 +181,8 @@ class TLSChannel:
                 ca: str | os.PathLike[str] | None = ..., hostname: str | None = ...,
                 ciphers: str | None = ..., timeout: float = ...) -> TLSChannel: ...
     @staticmethod
-    def accept(fd: int, *, cert: str | os.PathLike[str], key: str | os.PathLike[str] | None,
+    def accept(fd: int, *, cert: str | os.PathLike[str] | None,      # None: ValueError
+               key: str | os.PathLike[str] | None,
                ca: str | os.PathLike[str] | None = ..., ciphers: str | None = ...,
                timeout: float = ...) -> TLSChannel: ...
     def send_all(self, data: Buffer) -> None: ...
