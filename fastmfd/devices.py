@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, TypeGuard, runtime_checkable
 
 from . import _core
 from .errors import ConfigError
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from typing_extensions import Buffer     # collections.abc.Buffer from Python 3.12
 
 __all__ = ["Device", "Loader", "BytesDevice", "FileDevice", "SyntheticDevice", "CollectLoader", "FileLoader",
-           "VerifyLoader", "device_key"]
+           "VerifyLoader", "device_key", "PrecopyDevice", "has_precopy"]
 
 CHUNK_HEADER = _core.CHUNK_HEADER_SIZE
 
@@ -91,6 +91,23 @@ class Device(Protocol):
     def read_state(self, buf: memoryview) -> int:
         """Fill the writable ``buf``; return the bytes written, 0 at the end."""
         ...
+
+
+class PrecopyDevice(Device, Protocol):
+    """A :class:`Device` that also offers state while the workload runs (as a VFIO
+    device in PRE_COPY): the source calls these when a device has both."""
+
+    def state_pending(self) -> int:
+        """Bytes it still wants to send while running."""
+        ...
+
+    def save_live_iterate(self, buf: memoryview) -> int:
+        """Fill ``buf`` with live state; return the bytes written, 0 for none now."""
+        ...
+
+
+def has_precopy(device: Device) -> TypeGuard[PrecopyDevice]:
+    return hasattr(device, "save_live_iterate") and hasattr(device, "state_pending")
 
 
 @runtime_checkable
