@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from .. import _core
@@ -47,7 +47,7 @@ class LoadingParts(Protocol):
     """What device loading takes of the destination's parts (receiving's
     DestinationParts): the reassembly process, the loaders, the caps."""
     reassembly: ChildSet
-    loaders: Mapping[tuple[str, int], Loader]
+    loaders: dict[tuple[str, int], Loader]
     queued_cap: int | None
     resources: SessionResources
 
