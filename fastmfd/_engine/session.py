@@ -16,7 +16,7 @@ import os
 import socket
 import threading
 from collections.abc import Iterator
-from typing import Callable, Protocol, Self, TypeVar
+from typing import Callable, NoReturn, Protocol, Self, TypeVar
 
 from ..errors import Aborted, FastMFDError, MigrationError
 from ..protocol.main_channel import MainChannel
@@ -62,7 +62,7 @@ class SessionFailure:
         if self._error is not None:
             raise self._error
 
-    def raise_for(self, exc: BaseException, channel: str | None = None) -> None:
+    def raise_for(self, exc: BaseException, channel: str | None = None) -> NoReturn:
         """Fail with ``exc`` (an Aborted wait defers to the real cause) and raise the
         session's error. Its ``__cause__`` is what made it (set by as_migration_error,
         or a worker's RemoteTraceback): ``raise ... from exc`` would overwrite that,
@@ -84,7 +84,11 @@ def main_first(ready: list[_Ready], main: object) -> list[_Ready]:
     return sorted(ready, key=lambda item: item is not main)
 
 
-def call_hook(name: str, hook: Callable[[], object] | None) -> None:
+Hook = Callable[[], object]
+"""A user's hook (``on_stop``, ``on_resume``): called with nothing, its result unused."""
+
+
+def call_hook(name: str, hook: Hook | None) -> None:
     """Run the user's ``hook`` (if any); what it raises becomes a MigrationError
     naming the hook, with the original exception as its cause."""
     if hook is None:
