@@ -124,7 +124,7 @@ class Closable(Protocol):
     def close(self) -> None: ...
 
 
-_Owned = TypeVar("_Owned", bound=Closable)
+Owned = TypeVar("Owned", bound=Closable)
 
 
 class SessionResources:
@@ -138,7 +138,7 @@ class SessionResources:
         self.fds: list[int] = []
         self._owned: list[Closable] = []
 
-    def own(self, resource: _Owned) -> _Owned:
+    def own(self, resource: Owned) -> Owned:
         """Close ``resource`` (a Region, a shared structure) at release; returns it."""
         self._owned.append(resource)
         return resource
