@@ -14,6 +14,7 @@ truncation error at that offset.
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Callable
 
 from ..errors import ProtocolError
@@ -24,7 +25,7 @@ __all__ = ["ByteReader", "StreamReader"]
 class ByteReader:
     """A cursor over ``data``, the whole content of the file ``path``."""
 
-    def __init__(self, path: str, data: bytes) -> None:
+    def __init__(self, path: str, data: bytes | mmap.mmap) -> None:
         self.path = path
         self.raw = data
         self.view = memoryview(data)
