@@ -38,6 +38,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass
+from typing import Any, Callable
 
 from ._engine.qemu_receiving import QemuReceiving, QemuStreamFacts
 from ._engine.qemu_sending import QemuSending, QemuStream
@@ -56,14 +57,15 @@ class QemuReceived:
     """What :func:`receive` wrote and measured."""
     facts: QemuStreamFacts
     files: dict[str, str]           # block idstr / "vmstate" / "manifest" -> path
-    manifest: dict
+    manifest: dict[str, Any]
     seconds: float                  # from the main channel's arrival to the commit
-    channels: list[dict]            # per channel: packets, pages and bytes received
+    channels: list[dict[str, int]]  # per channel: packets, pages and bytes received
 
 
 def receive(address: str | socket.socket, directory: str, *, timeout: float = 3600.0,
             stall_timeout: float = DEFAULT_STALL_TIMEOUT, force: bool = False,
-            keep_partial: bool = False, workers: int = 2, on_listening=None) -> QemuReceived:
+            keep_partial: bool = False, workers: int = 2,
+            on_listening: Callable[[str], object] | None = None) -> QemuReceived:
     """Receive one migration from QEMU into ``directory`` (see the module docstring).
 
     ``timeout``: seconds to wait for QEMU to connect; ``stall_timeout``: any
@@ -108,7 +110,7 @@ def receive(address: str | socket.socket, directory: str, *, timeout: float = 36
         out.close()
 
 
-def _manifest(facts: QemuStreamFacts, out: OutputDir) -> dict:
+def _manifest(facts: QemuStreamFacts, out: OutputDir) -> dict[str, Any]:
     return {
         "format": "qemu-migration",
         "stream_version": facts.version,
@@ -132,7 +134,7 @@ def _manifest(facts: QemuStreamFacts, out: OutputDir) -> dict:
 
 
 def send(address: str, directory: str, *, channels: int = 2, compression: str = "none",
-         level: int = 1, stall_timeout: float = DEFAULT_STALL_TIMEOUT) -> list[dict]:
+         level: int = 1, stall_timeout: float = DEFAULT_STALL_TIMEOUT) -> list[dict[str, int]]:
     """Migrate the directory :func:`receive` wrote into the QEMU listening at
     ``address`` (see the module docstring); returns per-channel counters.
     ``channels`` and ``compression`` must be the destination's
@@ -176,11 +178,11 @@ _MANIFEST_KEYS = ("blocks", "page_size", "vmstate", "configuration", "uuid", "ra
                   "section_footers")
 
 
-def _read_manifest(directory: str) -> dict:
+def _read_manifest(directory: str) -> dict[str, Any]:
     path = os.path.join(directory, MANIFEST)
     try:
         with open(path, "rb") as f:
-            manifest = json.load(f)
+            manifest: dict[str, Any] = json.load(f)   # any JSON: refused below unless a dict
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{path}: {getattr(exc, 'strerror', None) or exc}") from None
     missing = [key for key in _MANIFEST_KEYS
