@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 import threading
+from typing import Any
 
 from .. import __version__
 from ..errors import ConfigError, FastMFDError
@@ -56,7 +57,7 @@ def _config(args: argparse.Namespace):
                            auth_key=security_options.auth_key(args))
 
 
-def _print_json(result: dict) -> None:
+def _print_json(result: dict[str, Any]) -> None:
     """A command's result for programs: one JSON object, on one line of stdout (a
     listener of several sessions prints one line each: JSON Lines)."""
     json.dump(result, sys.stdout)

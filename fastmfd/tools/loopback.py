@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Callable, Generic, TypeVar, overload
 
@@ -80,7 +80,7 @@ class LoopbackMigration:
 
     def __init__(self, config: MigrationConfig, regions: Sequence[Region], *,
                  devices: Sequence[Device] = (),
-                 loaders: dict[tuple[str, int], Loader] | None = None,
+                 loaders: Mapping[tuple[str, int], Loader] | None = None,
                  receive_into: Sequence[Region] = (),
                  address: str | socket.socket = "tcp:127.0.0.1:0",
                  security: LoopbackSecurity = NO_SECURITY) -> None:
@@ -182,7 +182,7 @@ class LoopbackMigration:
 
 def migrate_locally(config: MigrationConfig, regions: Sequence[Region], *,
                     devices: Sequence[Device] = (),
-                    loaders: dict[tuple[str, int], Loader] | None = None, live: bool = False,
+                    loaders: Mapping[tuple[str, int], Loader] | None = None, live: bool = False,
                     on_stop: Hook | None = None, on_resume: Hook | None = None,
                     progress: bool = False, receive_into: Sequence[Region] = (),
                     check: Callable[[DestinationResult], object] | None = None,
