@@ -25,11 +25,14 @@ import struct
 import threading
 import time
 from dataclasses import dataclass, fields
-from typing import Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from ..errors import MigrationError, ProtocolError, printable
 from .setup import MAX_CHANNELS, MAX_DEVICES, Setup
 from .sockets import recv_exact, send_all
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer     # collections.abc.Buffer from Python 3.12
 
 __all__ = [
     "MAIN", "MAIN_MAGIC", "MAIN_VERSION", "MAIN_PREAMBLE", "MESSAGE_HEADER", "MESSAGE_HEADER_SIZE",
@@ -201,7 +204,7 @@ def encode_preamble() -> bytes:
     return MAIN_PREAMBLE.pack(MAIN_MAGIC, MAIN_VERSION)
 
 
-def check_preamble(data: bytes) -> None:
+def check_preamble(data: Buffer) -> None:
     magic, version = MAIN_PREAMBLE.unpack(data)
     if magic != MAIN_MAGIC:
         raise ProtocolError(f"main channel field 'magic': received {magic:#x}, expected "
@@ -222,7 +225,7 @@ def encode_message(kind: Msg, payload: Any = None) -> bytes:
     return MESSAGE_HEADER.pack(int(kind), len(body)) + body
 
 
-def decode_message_header(data: bytes, max_payload: int) -> tuple[Msg, int]:
+def decode_message_header(data: Buffer, max_payload: int) -> tuple[Msg, int]:
     """Validate a message header; return ``(type, payload length)``."""
     kind, length = MESSAGE_HEADER.unpack(data)
     try:

@@ -39,6 +39,7 @@ Facts from migration/savevm.c, savevm.h and ram.c @ 7.2; no QEMU code is copied.
 from __future__ import annotations
 
 import json
+import mmap
 import struct
 from collections import Counter
 from dataclasses import dataclass, field
@@ -140,7 +141,7 @@ class QemuMainChannel:
         }
 
 
-def decode_qemu_main(path: str, data: bytes, page_size: int = 4096) -> QemuMainChannel:
+def decode_qemu_main(path: str, data: bytes | mmap.mmap, page_size: int = 4096) -> QemuMainChannel:
     """Decode a QEMU main channel capture; a ProtocolError locates any fault."""
     decoder = _CaptureDecoder(ByteReader(path, data), page_size)
     decoder.decode_ram()

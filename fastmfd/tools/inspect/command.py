@@ -128,5 +128,5 @@ def _print_summary(summary: dict[str, Any]) -> None:
         console.print(devices)
 
 
-def _text(value) -> str:
+def _text(value: object) -> str:
     return "?" if value is None else str(value)

@@ -16,7 +16,7 @@ from .session import COMPRESSION_FLAGS, Session
 __all__ = ["apply_setup", "check_arguments"]
 
 
-def check_arguments(page_size, packet_pages) -> None:
+def check_arguments(page_size: int, packet_pages: int) -> None:
     """The packet geometry given on the command line (ConfigError)."""
     try:
         check_geometry(page_size, packet_pages)
