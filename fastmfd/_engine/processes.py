@@ -61,7 +61,7 @@ READY_TIMEOUT = 30.0                # seconds a child may take to start
 _FINAL_REPORTS = (Done, Eof, Drained)   # after one of these a child's exit is expected
 
 
-def mp_context() -> multiprocessing.context.BaseContext:
+def mp_context() -> multiprocessing.context.ForkServerContext:
     """The forkserver context, preloading fastmfd."""
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(_PRELOAD)
@@ -179,7 +179,7 @@ def stopped_forkserver() -> int | None:
 class Child:
     """One child process and the main process's end of its control pipe."""
 
-    def __init__(self, ctx: multiprocessing.context.BaseContext, target: ChildMain,
+    def __init__(self, ctx: multiprocessing.context.ForkServerContext, target: ChildMain,
                  name: str) -> None:
         self.name = name
         server = stopped_forkserver()
