@@ -190,7 +190,8 @@ def listen_once(address: str | socket.socket, directory: str, *, per_session: bo
 
 def listen_sessions(address: str, directory: str, *, sessions: int | None = None,
                     on_listening: Callable[[str], object] | None = None,
-                    **options: Any) -> Iterator[tuple[object, dict[str, str]]]:
+                    **options: Any
+                    ) -> Iterator[tuple[DestinationResult | FastMFDError, dict[str, str]]]:
     """Receive ``sessions`` migrations (None: until interrupted), one after another
     on one listening socket, each into ``directory/<session uuid>/`` (see
     :func:`listen_once`, which takes ``options``). Yields each one's ``(result,
