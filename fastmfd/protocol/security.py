@@ -38,7 +38,7 @@ import socket
 import ssl
 import time
 from dataclasses import dataclass, field
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from ..errors import ConfigError, SecurityError
@@ -75,7 +75,7 @@ class TLSConfig:
     key: str | None = None
     ca: str | None = None
     hostname: str | None = None
-    authz: tuple[str, ...] | None = None
+    authz: Sequence[str] | None = None      # kept as a tuple
     ciphers: str | None = None
 
     def __post_init__(self) -> None:
@@ -169,7 +169,7 @@ def identities_of(cert: Mapping[str, Any]) -> list[str]:
     return names
 
 
-def check_authz(identities: list[str], authz: tuple[str, ...] | None) -> None:
+def check_authz(identities: list[str], authz: Sequence[str] | None) -> None:
     """Refuse a client whose certificate names none of the ``authz`` identities."""
     if authz is not None and not set(identities) & set(authz):
         raise SecurityError(f"the client certificate ({', '.join(identities) or 'no name'}) "
