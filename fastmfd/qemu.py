@@ -78,7 +78,8 @@ def receive(address: str | socket.socket, directory: str, *, timeout: float = 36
     picks a port) before any wait. ``address`` may be a socket listening
     already (the caller's to close)."""
     given = address if isinstance(address, socket.socket) else None
-    requested = listening_address(given) if given is not None else parse_address(address)
+    requested = (listening_address(address) if isinstance(address, socket.socket)
+                 else parse_address(address))
     out = OutputDir(directory, force=force, keep_partial=keep_partial)
     listener = given
     session = None
