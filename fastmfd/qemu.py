@@ -46,6 +46,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass
+from typing import Any, Callable
 
 from ._engine.qemu_receiving import QemuReceiving, QemuStreamFacts
 from ._engine.qemu_sending import QemuSending, QemuStream
@@ -65,14 +66,15 @@ class QemuReceived:
     """What :func:`receive` wrote and measured."""
     facts: QemuStreamFacts
     files: dict[str, str]           # block idstr / "vmstate" / "manifest" -> path
-    manifest: dict
+    manifest: dict[str, Any]
     seconds: float                  # from the main channel's arrival to the commit
-    channels: list[dict]            # per channel: packets, pages and bytes received
+    channels: list[dict[str, int]]  # per channel: packets, pages and bytes received
 
 
 def receive(address: str | socket.socket, directory: str, *, timeout: float = 3600.0,
             stall_timeout: float = DEFAULT_STALL_TIMEOUT, force: bool = False,
-            keep_partial: bool = False, workers: int = 2, on_listening=None) -> QemuReceived:
+            keep_partial: bool = False, workers: int = 2,
+            on_listening: Callable[[str], object] | None = None) -> QemuReceived:
     """Receive one migration from QEMU into ``directory`` (see the module docstring).
 
     ``timeout``: seconds to wait for QEMU to connect; ``stall_timeout``: any
@@ -85,7 +87,8 @@ def receive(address: str | socket.socket, directory: str, *, timeout: float = 36
     picks a port) before any wait. ``address`` may be a socket listening
     already (the caller's to close)."""
     given = address if isinstance(address, socket.socket) else None
-    requested = listening_address(given) if given is not None else parse_address(address)
+    requested = (listening_address(address) if isinstance(address, socket.socket)
+                 else parse_address(address))
     out = OutputDir(directory, force=force, keep_partial=keep_partial)
     listener = given
     session = None
@@ -112,12 +115,12 @@ def receive(address: str | socket.socket, directory: str, *, timeout: float = 36
             session.close()
         if listener is not None and given is None:
             listener.close()
-            if requested.family == socket.AF_UNIX and os.path.exists(requested.target):
-                os.unlink(requested.target)
+            if requested.path is not None and os.path.exists(requested.path):
+                os.unlink(requested.path)
         out.close()
 
 
-def _manifest(facts: QemuStreamFacts, out: OutputDir) -> dict:
+def _manifest(facts: QemuStreamFacts, out: OutputDir) -> dict[str, Any]:
     return {
         "format": "qemu-migration",
         "stream_version": facts.version,
@@ -154,7 +157,7 @@ def _zero_page_detection(facts: QemuStreamFacts) -> str:
 
 
 def send(address: str, directory: str, *, channels: int = 2, compression: str = "none",
-         level: int = 1, stall_timeout: float = DEFAULT_STALL_TIMEOUT) -> list[dict]:
+         level: int = 1, stall_timeout: float = DEFAULT_STALL_TIMEOUT) -> list[dict[str, int]]:
     """Migrate the directory :func:`receive` wrote into the QEMU listening at
     ``address`` (see the module docstring); returns per-channel counters.
     ``channels`` and ``compression`` must be the destination's
@@ -201,11 +204,11 @@ _MANIFEST_KEYS = ("blocks", "page_size", "vmstate", "configuration", "uuid", "ra
                   "section_footers")
 
 
-def _read_manifest(directory: str) -> dict:
+def _read_manifest(directory: str) -> dict[str, Any]:
     path = os.path.join(directory, MANIFEST)
     try:
         with open(path, "rb") as f:
-            manifest = json.load(f)
+            manifest: dict[str, Any] = json.load(f)   # any JSON: refused below unless a dict
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{path}: {getattr(exc, 'strerror', None) or exc}") from None
     missing = [key for key in _MANIFEST_KEYS

@@ -32,12 +32,14 @@ migration) and removes the .part files.
 
 from __future__ import annotations
 
+import functools
 import logging
 import mmap
 import os
 import socket
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -49,11 +51,11 @@ from ..protocol.qemu import (MIG_CMD_OPEN_RETURN_PATH, MIG_CMD_PING, QEVM_MAGIC,
                              SYNC_PER_SECTION, QevmDecoder, check_stream_end)
 from ..protocol.sockets import tune_data_socket
 from ..regions import Region
-from .processes import ChildSet, Watch
+from .processes import Child, ChildSet, Watch
 from .session import shutdown_quietly
 from .workers import qemu_recv_worker_main
 
-__all__ = ["QemuReceiving", "QemuStreamFacts"]
+__all__ = ["QemuReceiving", "QemuStreamFacts", "QemuOutput"]
 
 log = logging.getLogger("fastmfd")
 
@@ -66,6 +68,16 @@ COPY_CHUNK = 1 << 20
 # (then their setup SYNC, which the section waits for): on this machine's
 # loopback they are here; a connection with nothing to say by then is not QEMU's.
 LATE_BYTES_WAIT = 1.0
+
+
+class QemuOutput(Protocol):
+    """Where a QEMU migration's files go (tools.outputs.OutputDir): it names,
+    creates and keeps them; the caller commits or aborts it."""
+
+    def plan_qemu(self, blocks: dict[str, int]) -> None: ...
+    def region(self, name: str, size: int, page_size: int) -> Region: ...
+    def stream(self, key: str) -> int: ...
+    def fsync_part(self, name: str) -> None: ...
 
 
 @dataclass
@@ -89,7 +101,7 @@ class QemuStreamFacts:
     vmstate_bytes: int = 0
     vm_devices: int = 0
     configuration: bytes = b""              # the stream's CONFIGURATION section
-    ram_section_id: int = 0
+    ram_section_id: int | None = 0          # None: the stream had no RAM section
     section_footers: bool = True
 
 
@@ -97,7 +109,7 @@ class QemuStreamFacts:
 class _Channel:
     id: int
     sock: socket.socket
-    worker: object                          # its Child
+    worker: Child | None                    # None only while its worker starts
     ready: bool = False                     # its worker reported Ready
     starting: bool = False                  # its parameters wait for that Ready
     synced: int = 0
@@ -108,7 +120,7 @@ class _Channel:
 class QemuReceiving:
     """The state of one migration from QEMU (see the module docstring)."""
 
-    def __init__(self, listener: socket.socket, out, *, timeout: float,
+    def __init__(self, listener: socket.socket, out: QemuOutput, *, timeout: float,
                  stall_timeout: float, workers: int = 2) -> None:
         """``out`` names, creates and keeps the files (a tools.outputs.OutputDir:
         plan_qemu, region, stream, fsync_part); the caller commits or aborts it.
@@ -121,14 +133,14 @@ class QemuReceiving:
         self.channels: dict[int, _Channel] = {}
         self.pending: list[socket.socket] = []      # accepted, not yet told apart
         self.regions: dict[str, Region] = {}
-        self.counters = None
+        self.counters: _core.Counters | None = None
         self.watch = Watch()
         self.closed_door = False
         self._main_readable = False
         self.main_at = 0.0                          # when the main channel came
         # Workers started ahead (at least one: it starts multiprocessing's forkserver);
         # more start as their channels connect, all at once, reporting Ready.
-        self.workers = ChildSet(qemu_recv_worker_main, ["receive worker"] * max(1, workers))
+        self.workers: ChildSet | None = ChildSet(qemu_recv_worker_main, ["receive worker"] * max(1, workers))
         self.spares = list(self.workers)
 
     # ------------------------------------------------------------ the session
@@ -165,6 +177,7 @@ class QemuReceiving:
         """Up to ``n`` bytes of the main channel, serving everything else while none
         come; b"" at its end. No byte for ``stall`` seconds fails."""
         deadline = time.monotonic() + self.stall
+        assert self.main is not None, "run() waited for it"
         while True:
             try:
                 return self.main.recv(n, socket.MSG_DONTWAIT)
@@ -196,7 +209,7 @@ class QemuReceiving:
                 sock.close()
                 continue
             self.pending.append(sock)
-            self.watch.add(sock, lambda s=sock: self._classify(s))
+            self.watch.add(sock, functools.partial(self._classify, sock))
 
     def _classify(self, sock: socket.socket, wait: float | None = None) -> None:
         """Main channel or multifd channel, by its first 4 bytes (what QEMU >= 8.0
@@ -270,6 +283,7 @@ class QemuReceiving:
         worker = self.spares.pop() if self.spares else None
         channel = self.channels[ch] = _Channel(ch, sock, worker, ready=worker is not None)
         if worker is None:
+            assert self.workers is not None, "open until close()"
             channel.worker = worker = self.workers.spawn(qemu_recv_worker_main, where)
         worker.name = where
         self.watch.add_child(worker, lambda report: self._on_report(channel, report))
@@ -313,6 +327,7 @@ class QemuReceiving:
             return
         regions = list(self.regions.values())
         page_size = self.facts.page_size
+        assert self.counters is not None, "made with the block list, before any start"
         params = RecvParams(
             channel=channel.id, page_size=page_size,
             packet_pages=QEMU_PACKET_BYTES // page_size, checksum=False, chunk_size=0,
@@ -320,6 +335,7 @@ class QemuReceiving:
             counters=self.counters.name, pool=None, ram=True,
             received=tuple(r.dirty.name for r in regions), fresh=tuple(True for _ in regions),
             layout=_core.LAYOUT_QEMU72, learn_compression=True)
+        assert channel.worker is not None, "started with its channel"
         channel.worker.start_session(params, [channel.sock.fileno()])
 
     def on_page(self, block: str, offset: int, page: memoryview) -> None:
@@ -362,9 +378,10 @@ class QemuReceiving:
                                      channel=f"multifd channel {late[0].id}")
             self.watch.poll(left)
         for channel in self.channels.values():
+            assert channel.worker is not None, "started with its channel"
             channel.worker.send(Go(k))
 
-    def _on_report(self, channel: _Channel, report) -> None:
+    def _on_report(self, channel: _Channel, report: object) -> None:
         if isinstance(report, Ready):
             channel.ready = True
             if channel.starting:
@@ -386,7 +403,7 @@ class QemuReceiving:
         into vmstate.bin; then check it ends as a QEMU stream ends."""
         fd = self.out.stream("vmstate")
         try:
-            chunk = reader.since(self.facts.ram_bytes)
+            chunk: bytes | memoryview = reader.since(self.facts.ram_bytes)
             total = 0
             while chunk:
                 view = memoryview(chunk)
@@ -444,7 +461,8 @@ class QemuReceiving:
                 raise MigrationError(f"RAMBlock {name!r}: writing it to disk failed: "
                                      f"{exc.strerror or exc}") from exc
 
-    def channel_stats(self) -> list[dict]:
+    def channel_stats(self) -> list[dict[str, int]]:
+        assert self.counters is not None, "after the block list"
         return [{"channel": ch, **self.counters.read(ch)} for ch in sorted(self.channels)]
 
     def close(self) -> None:
@@ -470,6 +488,8 @@ class QemuReceiving:
 
 class _LiveDecoder(QevmDecoder):
     """The main channel as it arrives: its findings go to the session."""
+
+    r: StreamReader
 
     def __init__(self, reader: StreamReader, session: QemuReceiving) -> None:
         super().__init__(reader, 4096)

@@ -50,8 +50,8 @@ from ..protocol.security import ChannelSecurity
 from ..protocol.sockets import Address, connect, tune_data_socket
 from ..regions import Region
 from ..shm import SharedMemory
-from .processes import ChildSet
-from .session import shutdown_quietly
+from .processes import Child, ChildSet
+from .session import Closable, Owned, shutdown_quietly
 from .workers import send_worker_main
 
 __all__ = ["QemuSending", "QemuStream"]
@@ -101,7 +101,7 @@ class QemuSending:
         self.main: socket.socket | None = None
         self.data: list[socket.socket] = []
         self.cmd_fds: list[int] = []
-        self.owned: list = []
+        self.owned: list[Closable] = []
         self.workers = ChildSet(send_worker_main,
                                 [f"multifd channel {ch}" for ch in range(channels)])
         self.counters = self._own(_core.Counters.create(channels, tag="qemu-counters"))
@@ -111,7 +111,7 @@ class QemuSending:
         self.mailbox = np.ndarray((channels, self.job_pages), dtype=np.uint64,
                                   buffer=self.mailbox_shm.buf)
 
-    def _own(self, resource):
+    def _own(self, resource: Owned) -> Owned:
         self.owned.append(resource)
         return resource
 
@@ -151,7 +151,7 @@ class QemuSending:
         self._wait_done()
         self.main.shutdown(socket.SHUT_WR)
 
-    def _open_channel(self, ch: int, worker) -> None:
+    def _open_channel(self, ch: int, worker: Child) -> None:
         sock = connect(self.address, self.stall)
         self.data.append(sock)
         tune_data_socket(sock)
@@ -221,6 +221,7 @@ class QemuSending:
             self._main(chunk)
 
     def _main(self, data: bytes) -> None:
+        assert self.main is not None, "connected by run()"
         try:
             self.main.sendall(data)
         except TimeoutError:
@@ -253,7 +254,7 @@ class QemuSending:
         for worker in self.workers:
             worker.expect(Done, max(0.0, deadline - time.monotonic()))
 
-    def channel_stats(self) -> list[dict]:
+    def channel_stats(self) -> list[dict[str, int]]:
         return [{"channel": ch, **self.counters.read(ch)} for ch in range(self.channels)]
 
     def close(self) -> None:

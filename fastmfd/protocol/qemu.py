@@ -48,9 +48,11 @@ Facts from migration/savevm.c, savevm.h and ram.c @ 7.2; no QEMU code is copied.
 from __future__ import annotations
 
 import json
+import mmap
 import struct
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -132,14 +134,14 @@ class QemuMainChannel:
     multifd_flushes: int = 0                    # MULTIFD_FLUSH records
     zero_pages: int = 0
     data_pages: int = 0
-    ram_sections: Counter = field(default_factory=Counter)      # start/part/end
+    ram_sections: Counter[str] = field(default_factory=Counter)  # start/part/end
     commands: int = 0
     ram_bytes: int = 0                          # bytes up to the first device section
     first_device_section: str = ""
     vm_devices: int = 0                         # devices in the VM description
 
 
-    def summary(self) -> dict:
+    def summary(self) -> dict[str, Any]:
         return {
             "file": self.path, "format": "qemu", "bytes": self.size, "version": QEVM_VERSION,
             "machine": self.machine, "capabilities": self.capabilities,
@@ -154,7 +156,7 @@ class QemuMainChannel:
         }
 
 
-def decode_qemu_main(path: str, data: bytes, page_size: int = 4096) -> QemuMainChannel:
+def decode_qemu_main(path: str, data: bytes | mmap.mmap, page_size: int = 4096) -> QemuMainChannel:
     """Decode a QEMU main channel capture; a ProtocolError locates any fault."""
     decoder = _CaptureDecoder(ByteReader(path, data), page_size)
     decoder.decode_ram()

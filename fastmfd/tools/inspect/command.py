@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -61,7 +62,7 @@ def cli_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_summary(summary: dict) -> None:
+def _print_summary(summary: dict[str, Any]) -> None:
     # Not a terminal (a pipe, a test): wide enough that no cell is cut.
     console = Console(width=None if sys.stdout.isatty() else 160)
     files = [ch["file"] for ch in summary["channels"]]
@@ -129,5 +130,5 @@ def _print_summary(summary: dict) -> None:
         console.print(devices)
 
 
-def _text(value) -> str:
+def _text(value: object) -> str:
     return "?" if value is None else str(value)
