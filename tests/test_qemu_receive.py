@@ -339,6 +339,19 @@ def test_corrupt_stream_fails_cleanly(tmp_path, captures, corrupt, match):
     assert_nothing_complete(out)
 
 
+def test_a_stream_without_ram_fails_cleanly(tmp_path):
+    """A device section before any RAM section: nothing a saved directory could be
+    replayed from (its manifest would have no RAM section id), so it fails at once."""
+    timer = b"timer"
+    main = (b"QEVM" + (3).to_bytes(4, "big") + b"\x04" + (0).to_bytes(4, "big")
+            + bytes([len(timer)]) + timer + (0).to_bytes(4, "big") + (2).to_bytes(4, "big"))
+    out = tmp_path / "out"
+    with pytest.raises(ProtocolError, match=r"main channel at byte 8: main channel: timer "
+                                            r"before the RAM section ended"):
+        receive_replay(out, {"conn0.bin": main})
+    assert_nothing_complete(out)
+
+
 # ---------------------------------------------------------------- a stream made here
 
 @pytest.mark.parametrize("flavour", ["qemu-7.2", "qemu-10"])

@@ -169,7 +169,9 @@ class QemuReceiving:
             facts.uuid = decoder.out.uuid
         self._save_vmstate(decoder.r)
         self._wait_channels_end()
-        facts.multifd_zero_pages = self.counters.total("zero_pages")
+        # No block list, no counters: no channel carried a page.
+        facts.multifd_zero_pages = (self.counters.total("zero_pages")
+                                    if self.counters is not None else 0)
         self._flush()
         return facts
 
