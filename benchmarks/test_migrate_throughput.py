@@ -26,6 +26,7 @@ import pytest
 
 from _migration import report, time_trials
 from fastmfd.tools.bench.matrix import Setting, make_trial, run_once
+from fastmfd.tools.bench.trial import Measurement
 
 IMAGES = ("random", "halftext")
 COMPRESSIONS = ("none", "zlib", "zstd", "auto")     # auto: fastmfd only, QEMU has none
@@ -56,12 +57,13 @@ def test_migrate(benchmark, images, migrate_size, migrate_rounds, migrate_preall
     benchmark.group = f"migrate {image_kind} {setting.compression}" + "".join(where)
     options = dict(prealloc=migrate_prealloc, link=migrate_link)
 
-    peer = None
-    if qemu_peer is not None and setting.method == "fastmfd" and setting.compression != "auto":
-        qemu_setting = replace(setting, method="qemu")
+    qemu_setting = replace(setting, method="qemu")
 
-        def peer():
-            return run_once(qemu_setting, image, qemu_binary=qemu_peer, **options)
+    def time_qemu() -> Measurement:
+        return run_once(qemu_setting, image, qemu_binary=qemu_peer, **options)
+
+    peer = time_qemu if (qemu_peer is not None and setting.method == "fastmfd"
+                         and setting.compression != "auto") else None
 
     measurements, qemu_runs = time_trials(
         benchmark, lambda: make_trial(setting, image, **options), rounds=migrate_rounds,

@@ -8,7 +8,10 @@
 # Constants, the structs and the big-endian accessors are in _core.pxd.
 
 # The RAM header layouts RamPacketCodec speaks (strings: they name a layout
-# in inspect's output and options, they never go on the wire).
+# in inspect's output and options, they never go on the wire). "qemu-7.2"
+# decodes what any QEMU source writes: 7.2's stale fields in empty packets are
+# tolerated, and the zero-page list of QEMU >= 9.0 is read (7.2 leaves those
+# bytes zero); it encodes 7.2's packets, which every QEMU reads.
 LAYOUT_CURRENT = "current"
 LAYOUT_QEMU72 = "qemu-7.2"
 
@@ -287,7 +290,10 @@ cdef int ram_decode(const RamLayout *lay, const RegionEntry *regions, int nregio
     out.normal_pages = ld32(p + 16)
     out.next_packet_size = ld32(p + 20)
     out.packet_num = ld64(p + 24)
-    out.zero_pages = 0 if lay.qemu72 else ld32(p + 32)
+    # Read in both layouts: 7.2 never writes these bytes (its unused[0], zero
+    # from allocation), and a QEMU >= 9.0 source lists its zero pages here
+    # whatever its machine type's compat properties make of the rest.
+    out.zero_pages = ld32(p + 32)
     out.checksum = ld64(p + RAM_CHECKSUM_AT) if lay.checksum else 0
     out.ramblock = p + 64
     out.offsets = p + RAM_HEADER_FIXED

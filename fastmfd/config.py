@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from .errors import ConfigError
 from .protocol.security import TLSConfig, check_auth_key
@@ -25,7 +25,7 @@ Compression = Literal["none", "zlib", "zstd", "auto"]
 _CONFIG_NAMES = {"chunk_size": "device_chunk_size"}
 
 
-def _is_count(value) -> bool:
+def _is_count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
@@ -140,7 +140,7 @@ class MigrationConfig:
              f"tls must be a fastmfd.TLSConfig or None, not {type(self.tls).__name__}")
         object.__setattr__(self, "auth_key", check_auth_key(self.auth_key, "MigrationConfig"))
 
-    def session_values(self) -> dict:
+    def session_values(self) -> dict[str, Any]:
         """The parameters SETUP carries, by SETUP's names."""
         return {"page_size": self.page_size, "packet_pages": self.packet_pages,
                 "compression": self.compression, "compression_level": self.compression_level,
@@ -161,6 +161,6 @@ class MigrationConfig:
             return 0.0
         return self.max_bandwidth / self.total_channels
 
-    def replace(self, **changes) -> "MigrationConfig":
+    def replace(self, **changes: Any) -> "MigrationConfig":
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)

@@ -16,6 +16,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 from ._engine.processes import ChildSet
 from ._engine.reassembly import reassembly_main
@@ -25,7 +26,7 @@ from ._engine.workers import recv_worker_main
 from .devices import Loader, type_error
 from .errors import ConfigError, MigrationError
 from .protocol.security import ChannelSecurity, TLSConfig, check_auth_key
-from .protocol.setup import MAX_STALL_SECONDS, MIN_STALL_SECONDS
+from .protocol.setup import MAX_STALL_SECONDS, MIN_STALL_SECONDS, Setup
 from .protocol.sockets import bound_address, listen, listening_address, parse_address
 from .regions import Region
 from .stats import ReceiveStats
@@ -41,7 +42,7 @@ class DestinationResult:
     devices: dict[tuple[str, int], object]
     """(idstr, instance_id) -> what the device's loader returned (bytes for CollectLoader)."""
     stats: ReceiveStats
-    setup: dict = field(default_factory=dict)
+    setup: dict[str, Any] = field(default_factory=dict)
     """The source's SETUP message: every session parameter."""
 
 
@@ -71,7 +72,8 @@ class Destination(Owner):
     """
 
     def __init__(self, address: str | socket.socket, *, workers: int = 4, timeout: float = 30.0,
-                 max_queued_bytes: int | None = None, region_factory=None,
+                 max_queued_bytes: int | None = None,
+                 region_factory: Callable[[str, int, int], Region] | None = None,
                  tls: TLSConfig | None = None, auth_key: bytes | None = None,
                  handshake_timeout: float = 10.0, stall_timeout: float | None = None,
                  max_memory: int | None = None) -> None:
@@ -100,20 +102,22 @@ class Destination(Owner):
             raise ConfigError(f"max_memory must be >= 0 bytes, not {max_memory}")
         self.stall_timeout = stall_timeout
         self.max_memory = max_memory
+        self._listener: socket.socket | None
         if requested is None:
+            assert isinstance(address, socket.socket), "only a socket is not parsed"
             self._listener, self._owns_listener = address, False
             self.address = str(listening_address(address))
             self._unix_path = None
         else:
             self._listener, self._owns_listener = listen(requested), True
             self.address = str(bound_address(self._listener, requested))
-            self._unix_path = requested.target if requested.family == socket.AF_UNIX else None
+            self._unix_path = requested.path
         self._prespawn = workers
         self.timeout = timeout
         self._queued_cap = max_queued_bytes
         self._region_factory = region_factory
         self._user_regions: dict[str, Region] = {}
-        self._loaders: dict[tuple[str, int], object] = {}
+        self._loaders: dict[tuple[str, int], Loader] = {}
         self._workers: ChildSet | None = None
         self._reassembly: ChildSet | None = None
         self._resources = SessionResources()
@@ -182,7 +186,8 @@ class Destination(Owner):
         self._listener = None
 
     # ------------------------------------------------------------ receive
-    def receive(self, *, on_setup=None, on_resume=None) -> DestinationResult:
+    def receive(self, *, on_setup: Callable[[Setup], object] | None = None,
+                on_resume: Callable[[], object] | None = None) -> DestinationResult:
         """Accept one migration and apply it; returns a :class:`DestinationResult`.
 
         ``on_setup(setup)`` runs when the source's SETUP arrives, before this side
@@ -205,7 +210,10 @@ class Destination(Owner):
         with self._running():
             return self._receive(on_setup, on_resume)
 
-    def _receive(self, on_setup, on_resume) -> DestinationResult:
+    def _receive(self, on_setup: Callable[[Setup], object] | None,
+                 on_resume: Callable[[], object] | None) -> DestinationResult:
+        assert self._listener is not None and self._workers is not None, "inside with"
+        assert self._reassembly is not None, "started with the workers"
         session = self._session = Receiving(DestinationParts(
             self._listener, self.timeout, self._security, self._workers, self._reassembly,
             self._user_regions, self._loaders, self._region_factory, self._queued_cap,
@@ -224,5 +232,6 @@ class Destination(Owner):
             raise
         except BaseException as exc:
             self._failure.raise_for(exc)
+        assert session.setup is not None, "accept_main() took it"
         return DestinationResult({r.name: r for r in session.regions}, session.device_results(),
                                  session.stats(total), session.setup.encode())

@@ -28,14 +28,17 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, TypeGuard, runtime_checkable
 
 from . import _core
 from .errors import ConfigError
 from .protocol.setup import Invalid, check_name
 
+if TYPE_CHECKING:
+    from typing_extensions import Buffer     # collections.abc.Buffer from Python 3.12
+
 __all__ = ["Device", "Loader", "BytesDevice", "FileDevice", "SyntheticDevice", "CollectLoader", "FileLoader",
-           "VerifyLoader", "device_key"]
+           "VerifyLoader", "device_key", "PrecopyDevice", "has_precopy"]
 
 CHUNK_HEADER = _core.CHUNK_HEADER_SIZE
 
@@ -90,6 +93,23 @@ class Device(Protocol):
         ...
 
 
+class PrecopyDevice(Device, Protocol):
+    """A :class:`Device` that also offers state while the workload runs (as a VFIO
+    device in PRE_COPY): the source calls these when a device has both."""
+
+    def state_pending(self) -> int:
+        """Bytes it still wants to send while running."""
+        ...
+
+    def save_live_iterate(self, buf: memoryview) -> int:
+        """Fill ``buf`` with live state; return the bytes written, 0 for none now."""
+        ...
+
+
+def has_precopy(device: Device) -> TypeGuard[PrecopyDevice]:
+    return hasattr(device, "save_live_iterate") and hasattr(device, "state_pending")
+
+
 @runtime_checkable
 class Loader(Protocol):
     """What :meth:`Destination.add_loader` takes: consumes one stream in order,
@@ -113,14 +133,14 @@ def type_error(parameter: str, expected: str, value: object) -> TypeError:
 class BytesDevice:
     """A device whose state is a bytes-like object (and optional config bytes)."""
 
-    def __init__(self, idstr: str, instance_id: int, data, config: bytes = b"") -> None:
+    def __init__(self, idstr: str, instance_id: int, data: Buffer, config: bytes = b"") -> None:
         _check_ids(idstr, instance_id)
         self.idstr, self.instance_id = idstr, instance_id
         self._data = memoryview(data).cast("B")
         self._config = bytes(config)
         self._offset = 0
 
-    def read_state(self, buf) -> int:
+    def read_state(self, buf: memoryview) -> int:
         n = min(len(buf), len(self._data) - self._offset)
         buf[:n] = self._data[self._offset:self._offset + n]
         self._offset += n
@@ -134,7 +154,7 @@ class FileDevice:
     """A device whose state is read from a file. The file is opened here, so one
     that cannot be read is refused (ConfigError) before any migration starts."""
 
-    def __init__(self, idstr: str, instance_id: int, path: str | os.PathLike) -> None:
+    def __init__(self, idstr: str, instance_id: int, path: str | os.PathLike[str]) -> None:
         _check_ids(idstr, instance_id)
         self.idstr, self.instance_id = idstr, instance_id
         self.path = os.fspath(path)
@@ -144,7 +164,7 @@ class FileDevice:
             raise ConfigError(f"device {idstr!r}: cannot read state file {self.path}: "
                               f"{exc.strerror or exc}") from None
 
-    def read_state(self, buf) -> int:
+    def read_state(self, buf: memoryview) -> int:
         n = self._file.readinto(buf)
         if n == 0:
             self._file.close()
@@ -180,13 +200,13 @@ class SyntheticDevice:
     def state_pending(self) -> int:
         return max(0, self.precopy_size - self._offset)
 
-    def save_live_iterate(self, buf) -> int:
+    def save_live_iterate(self, buf: memoryview) -> int:
         return self._produce(buf, self.precopy_size)
 
-    def read_state(self, buf) -> int:
+    def read_state(self, buf: memoryview) -> int:
         return self._produce(buf, self.size)
 
-    def _produce(self, buf, end: int) -> int:
+    def _produce(self, buf: memoryview, end: int) -> int:
         n = max(0, min(len(buf), end - self._offset))
         if n:
             _core.fill_pattern(buf[:n], self.seed, self._offset)
@@ -203,7 +223,7 @@ class CollectLoader:
     def __init__(self) -> None:
         self._data = bytearray()
 
-    def load_state_buffer(self, data) -> None:
+    def load_state_buffer(self, data: memoryview) -> None:
         self._data += data
 
     def load_finish(self) -> bytes:
@@ -217,7 +237,7 @@ class FileLoader:
     failing if anything exists there — and a symbolic link at ``path`` is never
     followed. A write that fails (a full disk) fails the migration."""
 
-    def __init__(self, path: str | os.PathLike, *, exclusive: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, exclusive: bool = False) -> None:
         self.path = os.fspath(path)
         self.exclusive = exclusive
         self._fd: int | None = None
@@ -229,7 +249,7 @@ class FileLoader:
                                                    else os.O_TRUNC), 0o644)
         return self._fd
 
-    def load_state_buffer(self, data) -> None:
+    def load_state_buffer(self, data: memoryview) -> None:
         fd, view = self._open(), memoryview(data).cast("B")
         while view:
             view = view[os.write(fd, view):]
@@ -243,7 +263,7 @@ class FileLoader:
             os.close(fd)
         return self.path
 
-    def __getstate__(self) -> dict:
+    def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_fd": None}   # a descriptor means nothing elsewhere
 
 
@@ -265,14 +285,14 @@ class VerifyLoader:
         self.size, self.seed, self.write_rate = size, seed, write_rate
         self.precopy_size = precopy_size
         self._offset = 0
-        self._pace = None
+        self._pace: _Paced | None = None
 
     def precopy_loaded(self) -> None:
         if self._offset < self.precopy_size:
             raise ValueError(f"switchover approved after {self._offset} of the "
                              f"{self.precopy_size} bytes of initial data")
 
-    def load_state_buffer(self, data) -> None:
+    def load_state_buffer(self, data: memoryview) -> None:
         if self._pace is None:
             self._pace = _Paced(self.write_rate)
         n = len(data)

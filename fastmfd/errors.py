@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import re
+from typing import Self
 
 __all__ = ["FastMFDError", "ConfigError", "ListenError", "ProtocolError", "TLSError",
            "MigrationError", "SecurityError", "ConnectError", "Aborted", "printable"]
@@ -51,7 +52,7 @@ class ListenError(ConfigError, OSError):
     def __str__(self) -> str:
         return str(self.strerror)
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[type[Self], tuple[str | None, int | None]]:
         return type(self), (self.strerror, self.errno)
 
 
@@ -110,7 +111,7 @@ class ConnectError(MigrationError, ConnectionError):
         super().__init__(message)
         self.errno = errno
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[type[Self], tuple[str | None, int | None]]:
         return type(self), (self.cause, self.errno)
 
 

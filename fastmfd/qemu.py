@@ -1,8 +1,8 @@
 """Take part in a real QEMU migration: be its destination, into files.
 
-``receive(address, directory)`` listens at ``address`` for a QEMU 7.2
-source migrating with the ``multifd`` capability (``migrate`` to
-``tcp:HOST:PORT`` or ``unix:PATH``) and writes:
+``receive(address, directory)`` listens at ``address`` for a QEMU source
+(7.2, or 10.x with any machine type) migrating with the ``multifd``
+capability (``migrate`` to ``tcp:HOST:PORT`` or ``unix:PATH``) and writes:
 
 - one file per RAMBlock, ``<idstr>.img`` (sparse: zero pages are holes;
   an idstr such as ``/rom@etc/acpi/tables`` becomes a safe, distinct name,
@@ -11,16 +11,24 @@ source migrating with the ``multifd`` capability (``migrate`` to
   first device section to its end (QEMU_VM_EOF and the VM description);
 - ``manifest.json``: the stream's version, machine, page size, capabilities,
   UUID, channel count and compression (both learnt from the stream, never
-  asked of the user), and each block's idstr, size and file.
+  asked of the user), its flavour (where its multifd SYNCs sit,
+  ``multifd_sync``, and where its zero pages went, ``zero_page_detection``),
+  and each block's idstr, size and file.
 
 ``send(address, directory)`` plays such a directory back into a QEMU
-started with ``-incoming defer`` on the same machine configuration (and the
-same ``-uuid``, if any), whose multifd capability and parameters match
-``channels`` and ``compression``: the saved configuration, the block list,
-every zero page as a ZERO record and every other page over the multifd
-channels (fastmfd's send workers, QEMU 7.2's packet layout), then the saved
-device sections. The destination resumes (or stays paused) with the saved
-RAM and device state.
+started with ``-incoming defer`` on the same machine configuration (the
+machine type the manifest names, and the same ``-uuid``, if any), whose
+multifd capability and parameters match ``channels`` and ``compression``:
+the saved configuration, the block list, the pages over the multifd channels
+(fastmfd's send workers), then the saved device sections, in the saved
+stream's flavour: a QEMU 7.2 stream (or a later QEMU's with a machine type
+<= 8.0) syncs at every section end and has its zero pages as ZERO records on
+the main channel (7.2's packet layout); a QEMU 10 stream with its current
+machine type syncs per round (MULTIFD_FLUSH) and lists its zero pages in the
+multifd packets (the current layout). The destination resumes (or stays
+paused) with the saved RAM and device state; one that is not the saved
+stream's QEMU and machine type drops the migration, and the error says what
+the saved stream needs.
 
 Files are written as ``.part`` and renamed once the stream reached its end
 and everything is on disk (:mod:`fastmfd.tools.outputs`); a truncated,
@@ -38,10 +46,12 @@ import os
 import socket
 import time
 from dataclasses import dataclass
+from typing import Any, Callable
 
 from ._engine.qemu_receiving import QemuReceiving, QemuStreamFacts
 from ._engine.qemu_sending import QemuSending, QemuStream
 from .errors import ConfigError
+from .protocol.qemu import SYNC_PER_ROUND, SYNC_PER_SECTION
 from .protocol.sockets import bound_address, listen, listening_address, parse_address
 from .regions import Region
 from .tools.outputs import MANIFEST, OutputDir
@@ -56,14 +66,15 @@ class QemuReceived:
     """What :func:`receive` wrote and measured."""
     facts: QemuStreamFacts
     files: dict[str, str]           # block idstr / "vmstate" / "manifest" -> path
-    manifest: dict
+    manifest: dict[str, Any]
     seconds: float                  # from the main channel's arrival to the commit
-    channels: list[dict]            # per channel: packets, pages and bytes received
+    channels: list[dict[str, int]]  # per channel: packets, pages and bytes received
 
 
 def receive(address: str | socket.socket, directory: str, *, timeout: float = 3600.0,
             stall_timeout: float = DEFAULT_STALL_TIMEOUT, force: bool = False,
-            keep_partial: bool = False, workers: int = 2, on_listening=None) -> QemuReceived:
+            keep_partial: bool = False, workers: int = 2,
+            on_listening: Callable[[str], object] | None = None) -> QemuReceived:
     """Receive one migration from QEMU into ``directory`` (see the module docstring).
 
     ``timeout``: seconds to wait for QEMU to connect; ``stall_timeout``: any
@@ -76,7 +87,8 @@ def receive(address: str | socket.socket, directory: str, *, timeout: float = 36
     picks a port) before any wait. ``address`` may be a socket listening
     already (the caller's to close)."""
     given = address if isinstance(address, socket.socket) else None
-    requested = listening_address(given) if given is not None else parse_address(address)
+    requested = (listening_address(address) if isinstance(address, socket.socket)
+                 else parse_address(address))
     out = OutputDir(directory, force=force, keep_partial=keep_partial)
     listener = given
     session = None
@@ -103,12 +115,12 @@ def receive(address: str | socket.socket, directory: str, *, timeout: float = 36
             session.close()
         if listener is not None and given is None:
             listener.close()
-            if requested.family == socket.AF_UNIX and os.path.exists(requested.target):
-                os.unlink(requested.target)
+            if requested.path is not None and os.path.exists(requested.path):
+                os.unlink(requested.path)
         out.close()
 
 
-def _manifest(facts: QemuStreamFacts, out: OutputDir) -> dict:
+def _manifest(facts: QemuStreamFacts, out: OutputDir) -> dict[str, Any]:
     return {
         "format": "qemu-migration",
         "stream_version": facts.version,
@@ -126,13 +138,26 @@ def _manifest(facts: QemuStreamFacts, out: OutputDir) -> dict:
         "configuration": facts.configuration.hex(),
         "ram_section_id": facts.ram_section_id,
         "section_footers": facts.section_footers,
-        "ram_section_ends": facts.rounds,
+        "ram_section_ends": facts.ram_section_ends,
         "main_channel_zero_pages": facts.zero_pages,
+        # The stream's flavour, which a replay keeps (send()): the destination's
+        # machine type expects its SYNCs where the source's put them.
+        "multifd_sync": facts.multifd_sync,
+        "syncs": facts.syncs,
+        "zero_page_detection": _zero_page_detection(facts),
+        "multifd_zero_pages": facts.multifd_zero_pages,
     }
 
 
+def _zero_page_detection(facts: QemuStreamFacts) -> str:
+    """QEMU's parameter of the same name as the stream shows it: "multifd" when
+    the multifd packets listed zero pages (QEMU >= 9.0 with a >= 9.0 machine
+    type), else "legacy" (zero pages as ZERO records, which every QEMU reads)."""
+    return "multifd" if facts.multifd_zero_pages else "legacy"
+
+
 def send(address: str, directory: str, *, channels: int = 2, compression: str = "none",
-         level: int = 1, stall_timeout: float = DEFAULT_STALL_TIMEOUT) -> list[dict]:
+         level: int = 1, stall_timeout: float = DEFAULT_STALL_TIMEOUT) -> list[dict[str, int]]:
     """Migrate the directory :func:`receive` wrote into the QEMU listening at
     ``address`` (see the module docstring); returns per-channel counters.
     ``channels`` and ``compression`` must be the destination's
@@ -157,7 +182,10 @@ def send(address: str, directory: str, *, channels: int = 2, compression: str = 
                              os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         stream = QemuStream(bytes.fromhex(manifest["configuration"]),
                             bytes.fromhex(manifest["uuid"] or "00" * 16),
-                            manifest["ram_section_id"], manifest["section_footers"])
+                            manifest["ram_section_id"], manifest["section_footers"],
+                            machine=manifest.get("machine", ""),
+                            multifd_sync=manifest["multifd_sync"],
+                            zero_page_detection=manifest["zero_page_detection"])
         session = QemuSending(target, stream, regions, vmstate_fd, channels=channels,
                               compression=compression, level=level,
                               stall_timeout=stall_timeout)
@@ -176,11 +204,11 @@ _MANIFEST_KEYS = ("blocks", "page_size", "vmstate", "configuration", "uuid", "ra
                   "section_footers")
 
 
-def _read_manifest(directory: str) -> dict:
+def _read_manifest(directory: str) -> dict[str, Any]:
     path = os.path.join(directory, MANIFEST)
     try:
         with open(path, "rb") as f:
-            manifest = json.load(f)
+            manifest: dict[str, Any] = json.load(f)   # any JSON: refused below unless a dict
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{path}: {getattr(exc, 'strerror', None) or exc}") from None
     missing = [key for key in _MANIFEST_KEYS
@@ -188,6 +216,15 @@ def _read_manifest(directory: str) -> dict:
     if missing or manifest.get("format") != "qemu-migration" or not manifest["blocks"]:
         raise ConfigError(f"{path}: not the manifest of a QEMU migration received by fastmfd "
                           f"(missing: {', '.join(missing) or 'format, blocks'})")
+    # Manifests written before QEMU 10's flavour was told apart are QEMU 7.2's.
+    manifest.setdefault("multifd_sync", SYNC_PER_SECTION)
+    manifest.setdefault("zero_page_detection", "legacy")
+    flavours = {"multifd_sync": (SYNC_PER_SECTION, SYNC_PER_ROUND),
+                "zero_page_detection": ("legacy", "multifd")}
+    for key, known in flavours.items():
+        if manifest[key] not in known:
+            raise ConfigError(f"{path}: {key} {manifest[key]!r}, expected one of "
+                              f"{', '.join(known)} (a stream flavour this fastmfd cannot replay)")
     return manifest
 
 

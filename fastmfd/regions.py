@@ -19,6 +19,7 @@ import mmap
 import os
 
 import numpy as np
+import numpy.typing as npt
 
 from ._core import DirtyBitmap
 from .errors import ConfigError
@@ -52,8 +53,9 @@ class Region:
         self.name, self.size, self.page_size, self.owner = name, size, page_size, owner
         self._kind, self._location = kind, location
         self._mapping, self._dirty = mapping, dirty
-        self._buffer = memoryview(mapping) if kind == "file" else mapping.buf
-        self._array: np.ndarray | None = None
+        self._buffer: memoryview | None = (
+            mapping.buf if isinstance(mapping, SharedMemory) else memoryview(mapping))
+        self._array: npt.NDArray[np.uint8] | None = None
 
     # ------------------------------------------------------------ construction
     @classmethod
@@ -76,7 +78,7 @@ class Region:
         return cls(name, size, page_size, "shm", data.name, data, dirty, owner=True)
 
     @classmethod
-    def from_file(cls, name: str, path: str | os.PathLike, *, size: int | None = None,
+    def from_file(cls, name: str, path: str | os.PathLike[str], *, size: int | None = None,
                   page_size: int = 4096, exclusive: bool = False,
                   dir_fd: int | None = None) -> "Region":
         """Map a file ``MAP_SHARED``; writes go to the file.
@@ -121,6 +123,7 @@ class Region:
     @classmethod
     def attach(cls, handle: RegionHandle) -> "Region":
         """Map a region another process created."""
+        mapping: mmap.mmap | SharedMemory
         if handle.kind == "shm":
             mapping = SharedMemory.attach(handle.location, handle.size)
         else:
@@ -156,7 +159,7 @@ class Region:
         return self._buffer
 
     @property
-    def array(self) -> np.ndarray:
+    def array(self) -> npt.NDArray[np.uint8]:
         """A numpy ``uint8`` view of the region (writable, shares memory)."""
         if self._array is None:
             self._array = np.frombuffer(self.buffer, dtype=np.uint8)
@@ -188,7 +191,7 @@ class Region:
         Raises OSError (a full disk: ENOSPC, EIO)."""
         if self._buffer is None:
             raise ValueError(f"region {self.name!r} is closed")
-        if self._kind == "file":
+        if isinstance(self._mapping, mmap.mmap):        # a file's mapping (kind "file")
             self._mapping.flush()
 
     @property
@@ -214,21 +217,21 @@ class Region:
 
     def _owned_segments(self) -> list[SharedMemory]:
         segments = [self._dirty.segment]
-        if self._kind == "shm":
+        if isinstance(self._mapping, SharedMemory):     # kind "shm"
             segments.append(self._mapping)
         return [s for s in segments if s.owner]
 
     def _unmap(self) -> None:
         """Unmap the data; on BufferError keep (or restore) a usable ``_buffer``."""
         try:
-            if self._kind == "shm":
+            if isinstance(self._mapping, SharedMemory):     # kind "shm"
                 try:
                     self._mapping.close()
                 except BufferError:
                     self._buffer = self._mapping.buf
                     raise
                 return
-            self._buffer.release()          # fails first, changing nothing, if exported
+            self.buffer.release()           # fails first, changing nothing, if exported
             try:
                 self._mapping.close()
             except BufferError:             # slices of the buffer still hold the mapping
@@ -244,7 +247,7 @@ class Region:
     def __enter__(self) -> "Region":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __repr__(self) -> str:

@@ -201,7 +201,7 @@ class SharedMemory:
             self.unlink()
         if self._mmap is None:
             return
-        self._buf.release()
+        self.buf.release()          # mapped: the view is there
         try:
             self._mmap.close()
         except BufferError:

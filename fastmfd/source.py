@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 import uuid as uuid_module
+from typing import Any, Callable
 
 from . import _core
 from ._engine.processes import ChildSet
@@ -43,7 +44,7 @@ class Source(Owner):
         self.config = config or MigrationConfig()
         self.uuid = uuid_module.uuid4().bytes
         self._regions: list[Region] = []
-        self._devices: list = []
+        self._devices: list[Device] = []
         self._resources = SessionResources()
         self._workers: ChildSet | None = None
         self._parts: SourceParts | None = None
@@ -105,7 +106,7 @@ class Source(Owner):
         if session is not None:
             session.failure.fail(MigrationError(reason))
 
-    def status(self) -> dict:
+    def status(self) -> dict[str, Any]:
         """The migration's state now, from any thread — QEMU's ``query-migrate``:
         ``status`` ("none" before ``migrate()``, "setup", "active" while live
         rounds run, "device" from the stop to the end, "completed", "failed",
@@ -142,7 +143,8 @@ class Source(Owner):
         self._parts = None
 
     # ------------------------------------------------------------ migrate
-    def migrate(self, *, live: bool = True, on_stop=None, on_resume=None,
+    def migrate(self, *, live: bool = True, on_stop: Callable[[], object] | None = None,
+                on_resume: Callable[[], object] | None = None,
                 progress: bool = False) -> MigrationStats:
         """Run the migration; returns its :class:`MigrationStats`.
 

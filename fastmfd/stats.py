@@ -4,7 +4,9 @@ counters the workers keep, plus the main process's clocks."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 __all__ = ["ChannelStats", "MigrationStats", "ReceiveStats", "RoundStats"]
 
@@ -24,7 +26,7 @@ class ChannelStats:
     raw_payloads: int = 0           # ... and sent as they are (compression="auto" mixes both)
 
     @classmethod
-    def from_counters(cls, channel: int, kind: str, row: dict) -> "ChannelStats":
+    def from_counters(cls, channel: int, kind: str, row: Mapping[str, int]) -> "ChannelStats":
         return cls(channel, kind, row["packets"], row["device_packets"], row["normal_pages"],
                    row["zero_pages"], row["wire_bytes"], row["syncs"],
                    row["compressed_payloads"], row["raw_payloads"])
@@ -57,7 +59,7 @@ class MigrationStats:
     compression: str
     channels: tuple[ChannelStats, ...] = ()
     round_stats: tuple[RoundStats, ...] = ()
-    destination: dict = field(default_factory=dict)   # the destination's LOADED report
+    destination: dict[str, Any] = field(default_factory=dict)   # the destination's LOADED report
 
     @property
     def throughput_bytes_per_s(self) -> float:
@@ -78,7 +80,7 @@ class MigrationStats:
         """Payloads sent raw, over every channel."""
         return sum(c.raw_payloads for c in self.channels)
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["throughput_bytes_per_s"] = self.throughput_bytes_per_s
         return data
@@ -94,8 +96,8 @@ class ReceiveStats:
     wire_bytes: int
     device_bytes: int
     device_chunks: int
-    load_time_s: dict           # device "idstr/instance" -> seconds its loader took
+    load_time_s: dict[str, float]  # device "idstr/instance" -> seconds its loader took
     channels: tuple[ChannelStats, ...] = ()
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return asdict(self)

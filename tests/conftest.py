@@ -4,8 +4,9 @@
   ``/dev/shm/fastmfd-*`` segment or socket it started may be left.
 - ``mp_context`` (the start method the product uses) and ``processes``
   (starts children, kills and joins them at the end whatever happened).
-- ``qemu72_captures``: the real QEMU 7.2 captures shared by the project (tests
-  that need them skip, saying why, where they are absent).
+- ``qemu72_captures``, ``qemu10_captures``: the real QEMU 7.2 and 10.0 captures
+  shared by the project (tests that need them skip, saying why, where they are
+  absent); ``captures``: each capture set in turn, QEMU 10.0's own stream too.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import pytest
 pytest.register_assert_rewrite("leakcheck")
 pytest_plugins = ["leakcheck"]
 
-from inspect_support import captures_dir  # noqa: E402
+from inspect_support import NATIVE_CAPTURES, captures_dir  # noqa: E402
 from leakcheck import GRACE_SECONDS  # noqa: E402  (after the rewrite is registered)
 
 # Timings on a shared 2-core machine vary wildly: no per-example deadline.
@@ -82,3 +83,20 @@ def processes(mp_context):
 def qemu72_captures() -> Path:
     """The real QEMU 7.2 captures shared by the project (read only); skips without them."""
     return captures_dir()
+
+
+@pytest.fixture(scope="session")
+def qemu10_captures() -> Path:
+    """The real QEMU 10.0 captures shared by the project (read only); skips without them."""
+    return captures_dir("10.0")
+
+
+@pytest.fixture(params=["7.2", "10.0", "10.0-native"])
+def captures(request) -> tuple[str, Path]:
+    """A capture set, (name, directory): QEMU 7.2's, QEMU 10.0's with machine
+    pc-i440fx-7.2 (both shared/data), QEMU 10.0's with its own pc (in the
+    repository, compressed)."""
+    if request.param == "10.0-native":
+        return request.param, NATIVE_CAPTURES
+    fixture = {"7.2": "qemu72_captures", "10.0": "qemu10_captures"}[request.param]
+    return request.param, request.getfixturevalue(fixture)

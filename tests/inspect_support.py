@@ -24,24 +24,31 @@ from fastmfd.protocol.main_channel import Msg, encode_message, encode_preamble
 QEMU_UUID = bytes.fromhex("123456789abcdef01122334455667788")   # the captures' -uuid
 
 
-def captures_dir() -> Path:
-    """``../shared/data/qemu-7.2`` beside the repository, or $FASTMFD_QEMU72_CAPTURES
-    (then only there).
+# QEMU 10.0's own stream (machine pc-i440fx-10.0), zstd-compressed: in the repository.
+NATIVE_CAPTURES = Path(__file__).parent / "data" / "qemu-10.0-native"
+CAPTURE_ENV = {"7.2": "FASTMFD_QEMU72_CAPTURES", "10.0": "FASTMFD_QEMU10_CAPTURES"}
+
+
+def captures_dir(version: str = "7.2") -> Path:
+    """``../shared/data/qemu-<version>`` beside the repository, or the directory
+    $FASTMFD_QEMU72_CAPTURES / $FASTMFD_QEMU10_CAPTURES names (then only there).
 
     The captures are the project's, not the package's (an sdist has none): where
     they are absent, whatever needs them is skipped, saying why — a test, or a
     whole module that reads them as it is collected."""
-    if "FASTMFD_QEMU72_CAPTURES" in os.environ:
-        candidates = [Path(os.environ["FASTMFD_QEMU72_CAPTURES"])]
+    env = CAPTURE_ENV[version]
+    if env in os.environ:
+        candidates = [Path(os.environ[env])]
     else:
-        candidates = [Path(__file__).resolve().parents[2] / "shared/data/qemu-7.2",
-                      Path("/work/shared/data/qemu-7.2")]
+        candidates = [Path(__file__).resolve().parents[2] / f"shared/data/qemu-{version}",
+                      Path(f"/work/shared/data/qemu-{version}")]
     for path in candidates:
         if (path / "pattern-none" / "conn1.bin").is_file():
             return path
-    pytest.skip(f"the QEMU 7.2 captures are not in {', '.join(str(p) for p in candidates)} "
-                f"(they come with the project's shared/data, not the package; set "
-                f"FASTMFD_QEMU72_CAPTURES to their directory)", allow_module_level=True)
+    pytest.skip(f"the QEMU {version} captures are not in "
+                f"{', '.join(str(p) for p in candidates)} (they come with the project's "
+                f"shared/data, not the package; set {env} to their directory)",
+                allow_module_level=True)
 
 
 def capture_files(compression: str) -> list[Path]:

@@ -75,7 +75,9 @@ def test_channels_are_identified_by_the_init_packet_id(decoded):
 def test_one_sync_per_channel_for_each_ram_section_end(decoded):
     _, capture, _ = decoded
     assert capture.layout == "qemu-7.2"
-    assert capture.main.eos == 3                            # setup, one iterate, complete
+    # setup, one iterate, complete; a SYNC before each EOS (7.2 syncs per section)
+    assert capture.main.ram_section_ends == capture.main.syncs == 3
+    assert capture.main.multifd_sync == "per-section"
     assert dict(capture.main.ram_sections) == {"start": 1, "part": 1, "end": 1}
     for channel in capture.channels:
         assert channel.syncs == 3

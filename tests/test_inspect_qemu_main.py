@@ -126,7 +126,7 @@ def test_configuration_commands_page_records_and_fill_bytes(tmp_path, footers):
         "b": {0: fill(0x5a), PAGE: fill(0x44)}}
     main = capture.main
     assert (main.capabilities, main.uuid, main.commands) == (["x-ignore-shared"], UUID, 2)
-    assert (main.zero_pages, main.data_pages, main.eos) == (2, 2, 3)
+    assert (main.zero_pages, main.data_pages, main.ram_section_ends) == (2, 2, 3)
     assert (main.first_device_section, main.vm_devices) == ("timer", 1)
 
 

@@ -1,9 +1,12 @@
 """fastmfd as the destination of a QEMU migration (``fastmfd.qemu.receive``,
 ``fastmfd listen --qemu``).
 
-Two sources: a real QEMU 7.2 guest (skipped without qemu-system-x86_64),
-and the real 7.2 captures replayed over sockets, connection for
-connection, whole or cut short (these run everywhere).
+Two sources: a real QEMU guest, 7.2 and 10 (QEMU 10's own ``pc`` machine
+type; each skipped, saying why, without its binary), and real captures
+replayed over sockets, connection for connection, whole, cut short or
+corrupted (these run everywhere): QEMU 7.2's, QEMU 10.0's with the 7.2
+machine type (shared/data), and QEMU 10.0's with its own machine type
+(tests/data/qemu-10.0-native).
 """
 
 from __future__ import annotations
@@ -14,17 +17,20 @@ import socket
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
+import zstandard
 
 from captures import BLOCKS, UUID
 from fastmfd import _core, qemu
-from fastmfd.errors import ConnectError, MigrationError, ProtocolError
-from fastmfd.protocol.qemu import (encode_ram_eos, encode_ram_start, encode_stream_start,
-                                   encode_zero_records)
+from fastmfd.errors import MigrationError, ProtocolError
+from fastmfd.protocol.qemu import (SYNC_PER_ROUND, SYNC_PER_SECTION, decode_qemu_main,
+                                   encode_multifd_flush, encode_ram_eos, encode_ram_start,
+                                   encode_stream_start, encode_zero_records)
 from fastmfd.protocol.sockets import connect, parse_address
-from qemu_support import Guest, needs_qemu, pattern
+from qemu_support import QEMU, QEMU10, QEMUS, Guest, pattern
 
 GUEST_MIB = 64
 BIOS_BASE = 0xFFFC0000          # pc.bios (256 KiB) is mapped just below 4 GiB
@@ -82,14 +88,21 @@ def guest_ram(tmp_path):
     return path, ram
 
 
-@pytest.fixture
-def guest(tmp_path, guest_ram):
-    g = Guest(tmp_path, str(guest_ram[0]), GUEST_MIB)
+@pytest.fixture(params=QEMUS)
+def guest(request, tmp_path, guest_ram):
+    g = Guest(tmp_path, str(guest_ram[0]), GUEST_MIB, binary=request.param)
     yield g
     g.close()
 
 
-@needs_qemu
+def expected_flavour(guest: Guest) -> dict:
+    """The stream flavour the manifest records: QEMU 10's ``pc`` syncs per round
+    and lists zero pages in its packets; 7.2 does neither."""
+    native = guest.process.args[0] == QEMU10
+    return {"multifd_sync": SYNC_PER_ROUND if native else SYNC_PER_SECTION,
+            "zero_page_detection": "multifd" if native else "legacy"}
+
+
 @pytest.mark.parametrize("compression", ["none", "zlib", "zstd"])
 @pytest.mark.parametrize("channels", [1, 2, 4])
 def test_qemu_migrates_into_files(tmp_path, guest, guest_ram, channels, compression):
@@ -105,6 +118,8 @@ def test_qemu_migrates_into_files(tmp_path, guest, guest_ram, channels, compress
     assert manifest["channels"] == channels
     assert manifest["compression"] == compression
     assert manifest["page_size"] == 4096 and manifest["stream_version"] == 3
+    flavour = expected_flavour(guest)
+    assert {key: manifest[key] for key in flavour} == flavour
     blocks = {b["idstr"]: b for b in manifest["blocks"]}
     assert blocks["mem"]["size"] == GUEST_MIB << 20
     files = {b["file"] for b in manifest["blocks"]}
@@ -123,7 +138,6 @@ def test_qemu_migrates_into_files(tmp_path, guest, guest_ram, channels, compress
     assert not [name for name in os.listdir(out) if name.endswith(".part")]
 
 
-@needs_qemu
 def test_listen_qemu_command(tmp_path, guest, guest_ram):
     """The CLI: exit 0 once QEMU's stream ended and every file is written."""
     out = tmp_path / "out"
@@ -152,10 +166,11 @@ def test_listen_qemu_command(tmp_path, guest, guest_ram):
     assert np.array_equal(np.fromfile(out / mem, dtype=np.uint8), guest_ram[1])
 
 
-@needs_qemu
 def test_postcopy_is_refused(tmp_path, guest):
     """postcopy-ram makes QEMU open a return path (then advise postcopy) first:
     refused, naming it; QEMU's migration fails, no file is left."""
+    if guest.process.args[0] != QEMU:
+        pytest.skip("QEMU 10.0 itself refuses postcopy-ram with multifd")
     out = tmp_path / "out"
     guest.set_multifd(2, "none")
     guest.qmp.command("migrate-set-capabilities", capabilities=[
@@ -168,29 +183,61 @@ def test_postcopy_is_refused(tmp_path, guest):
     assert_nothing_complete(out)
 
 
+@pytest.mark.parametrize("stranger", [b"GET / HTTP/1.0\r\n\r\n", b"", None],
+                         ids=["garbage", "closes", "silent"])
+def test_a_stranger_before_qemu_is_dropped(tmp_path, guest, guest_ram, stranger):
+    """A connection that is not QEMU's (garbage, nothing then closing, nothing at
+    all) comes before QEMU's main channel: dropped; QEMU's migration succeeds."""
+    out = tmp_path / "out"
+    guest.set_multifd(2, "zstd")
+    receiver = Receiver(out)
+    with connect(parse_address(receiver.address), 5) as intruder:
+        if stranger is not None:
+            _send_quietly(intruder, stranger)       # it may be dropped before it is done
+        guest.migrate(receiver.address)
+        assert guest.wait() == "completed"
+        manifest = receiver.result().manifest
+    mem = next(b["file"] for b in manifest["blocks"] if b["idstr"] == "mem")
+    assert np.array_equal(np.fromfile(out / mem, dtype=np.uint8), guest_ram[1])
+
+
 # ---------------------------------------------------------------- replayed captures
 
-def replay(address: str, capture, cut: dict[str, int] | None = None,
-           first: bytes | None = None) -> list[socket.socket]:
+# Per capture set (the ``captures`` fixture): where its SYNCs sit and where its zero pages went.
+CAPTURE_FLAVOURS = {"7.2": (SYNC_PER_SECTION, "legacy"), "10.0": (SYNC_PER_SECTION, "legacy"),
+                    "10.0-native": (SYNC_PER_ROUND, "multifd")}
+
+
+def capture_bytes(directory: Path, kind: str) -> dict[str, bytes]:
+    """``conn0.bin`` (main) ... of ``pattern-<kind>``, decompressed where stored
+    as ``.zst``."""
+    files = {}
+    for i in range(3):
+        path = directory / f"pattern-{kind}" / f"conn{i}.bin"
+        if path.is_file():
+            files[path.name] = path.read_bytes()
+        else:
+            packed = path.with_name(path.name + ".zst").read_bytes()
+            files[path.name] = zstandard.ZstdDecompressor().decompressobj().decompress(packed)
+    return files
+
+
+def replay(address: str, files: dict[str, bytes], cut: dict[str, int] | None = None,
+           strangers: tuple[bytes | None, ...] = ()) -> list[socket.socket]:
     """Send a capture's connections as its QEMU did: the main channel connects
     first, then each multifd channel, and (as QEMU's setup SYNC ensures) all are
     connected before the main channel's first byte; each sends from its own
-    thread. ``cut`` ends a file's connection after that many bytes; ``first``:
-    a stranger's bytes before all. Returns the sockets, for the test to close."""
+    thread. ``cut`` ends a file's connection after that many bytes; each of
+    ``strangers`` connects before all and sends its bytes (None: nothing, and
+    stays open). Returns the sockets, for the test to close."""
     cut = cut or {}
     target = parse_address(address)
     socks = []
-    if first is not None:
+    for stranger in strangers:
         socks.append(connect(target, 5))
-        socks[-1].sendall(first)
-    streams = []
-    for name in ("conn0.bin", "conn1.bin", "conn2.bin"):
-        try:
-            streams.append((connect(target, 5), (capture / name).read_bytes()[:cut.get(name)]))
-        except ConnectError:
-            if first is None:
-                raise
-            break           # the stranger already failed the receive: it stopped listening
+        if stranger is not None:
+            _send_quietly(socks[-1], stranger)
+    streams = [(connect(target, 5), data[:cut.get(name)]) for name, data in files.items()]
     for sock, data in streams:
         socks.append(sock)
         threading.Thread(target=_send_quietly, args=(sock, data), daemon=True).start()
@@ -211,88 +258,136 @@ def capture_pattern(mib: int = 32) -> np.ndarray:
     return pattern(mib)
 
 
-@pytest.mark.parametrize("kind", ["none", "zlib", "zstd"])
-def test_capture_replay_is_received(tmp_path, qemu72_captures, kind):
-    out = tmp_path / "out"
-    receiver = Receiver(out)
-    socks = replay(receiver.address, qemu72_captures / f"pattern-{kind}")
+def receive_replay(out, files: dict[str, bytes], **replay_args) -> qemu.QemuReceived:
+    receiver = Receiver(out, stall_timeout=5.0)
+    socks = replay(receiver.address, files, **replay_args)
     try:
-        received = receiver.result()
+        return receiver.result()
     finally:
         for sock in socks:
             sock.close()
-    manifest = received.manifest
+
+
+@pytest.mark.parametrize("kind", ["none", "zlib", "zstd"])
+def test_capture_replay_is_received(tmp_path, captures, kind):
+    which, directory = captures
+    files = capture_bytes(directory, kind)
+    out = tmp_path / "out"
+    manifest = receive_replay(out, files).manifest
     assert manifest["channels"] == 2 and manifest["compression"] == kind
     assert manifest["uuid"] == UUID.hex()
+    assert (manifest["multifd_sync"], manifest["zero_page_detection"]) == \
+        CAPTURE_FLAVOURS[which]
+    assert manifest["syncs"] >= 2 and manifest["machine"].startswith("pc-i440fx-")
     assert {b["idstr"]: b["size"] for b in manifest["blocks"]} == BLOCKS
     mem = next(b["file"] for b in manifest["blocks"] if b["idstr"] == "mem")
     assert np.array_equal(np.fromfile(out / mem, dtype=np.uint8), capture_pattern())
-    main = (qemu72_captures / f"pattern-{kind}" / "conn0.bin").read_bytes()
     start = manifest["vmstate"]["stream_offset"]
-    assert (out / "vmstate.bin").read_bytes() == main[start:]
+    assert (out / "vmstate.bin").read_bytes() == files["conn0.bin"][start:]
+
+
+def test_strangers_before_the_capture_are_dropped(tmp_path, captures):
+    """Connections that are not QEMU's (garbage, nothing then closing, nothing and
+    staying open) before the main channel: dropped, the migration is received."""
+    files = capture_bytes(captures[1], "zstd")
+    out = tmp_path / "out"
+    manifest = receive_replay(out, files, strangers=(b"GET / HTTP/1.0\r\n\r\n", b"", None,
+                                                     b"QE")).manifest
+    mem = next(b["file"] for b in manifest["blocks"] if b["idstr"] == "mem")
+    assert np.array_equal(np.fromfile(out / mem, dtype=np.uint8), capture_pattern())
+
+
+def _ram_bytes(files: dict[str, bytes]) -> int:
+    return decode_qemu_main("conn0.bin", files["conn0.bin"]).ram_bytes
 
 
 @pytest.mark.parametrize("cut, match", [
-    ({"conn0.bin": 10000}, r"main channel at byte \d+.*truncated"),
-    ({"conn0.bin": -100}, r"does not end with QEMU_VM_EOF"),
-    ({"conn1.bin": 1344 * 3 + 5000}, r"multifd channel \d"),
+    (lambda files: {"conn0.bin": _ram_bytes(files) // 2},
+     r"main channel at byte \d+.*truncated"),
+    (lambda files: {"conn0.bin": -100}, r"does not end with QEMU_VM_EOF"),
+    (lambda files: {"conn1.bin": 1344 * 3 + 5000}, r"multifd channel \d"),
 ], ids=["main-in-ram", "main-in-devices", "multifd-in-packet"])
-def test_truncated_stream_fails_cleanly(tmp_path, qemu72_captures, cut, match):
+def test_truncated_stream_fails_cleanly(tmp_path, captures, cut, match):
+    files = capture_bytes(captures[1], "none")
     out = tmp_path / "out"
-    receiver = Receiver(out, stall_timeout=5.0)
-    socks = replay(receiver.address, qemu72_captures / "pattern-none", cut)
-    try:
-        with pytest.raises((ProtocolError, MigrationError), match=match):
-            receiver.result()
-    finally:
-        for sock in socks:
-            sock.close()
+    with pytest.raises((ProtocolError, MigrationError), match=match):
+        receive_replay(out, files, cut=cut(files))
     assert_nothing_complete(out)
 
 
-def test_wrong_magic_fails_cleanly(tmp_path, qemu72_captures):
+def _flip(data: bytes, at: int, value: bytes) -> bytes:
+    return data[:at] + value + data[at + len(value):]
+
+
+@pytest.mark.parametrize("corrupt, match", [
+    (lambda files: {"conn0.bin": _flip(files["conn0.bin"], 4, b"\0\0\0\x04")},
+     r"main channel field 'version': received 4, expected 3"),
+    (lambda files: {"conn0.bin": _flip(files["conn0.bin"], _ram_bytes(files) - 13,
+                                       (0x40).to_bytes(8, "big"))},
+     r"XBZRLE is not supported"),
+    (lambda files: {"conn1.bin": _flip(files["conn1.bin"], 64 + 1344, b"\xde\xad")},
+     r"RAM packet field 'magic': received 0xdead3344"),
+    (lambda files: {"conn2.bin": _flip(files["conn2.bin"], 64 + 1344 + 16, b"\xff")},
+     r"RAM packet field 'normal_pages'"),
+], ids=["main-version", "main-record", "multifd-magic", "multifd-normal-pages"])
+def test_corrupt_stream_fails_cleanly(tmp_path, captures, corrupt, match):
+    files = capture_bytes(captures[1], "zlib")
+    files.update(corrupt(files))
     out = tmp_path / "out"
-    receiver = Receiver(out)
-    socks = replay(receiver.address, qemu72_captures / "pattern-none", first=b"GET / HTTP/1.0\r\n")
-    try:
-        with pytest.raises((ProtocolError, MigrationError),
-                           match="first bytes 47455420, expected 5145564d"):
-            receiver.result()
-    finally:
-        for sock in socks:
-            sock.close()
+    with pytest.raises((ProtocolError, MigrationError), match=match):
+        receive_replay(out, files)
+    assert_nothing_complete(out)
+
+
+def test_a_stream_without_ram_fails_cleanly(tmp_path):
+    """A device section before any RAM section: nothing a saved directory could be
+    replayed from (its manifest would have no RAM section id), so it fails at once."""
+    timer = b"timer"
+    main = (b"QEVM" + (3).to_bytes(4, "big") + b"\x04" + (0).to_bytes(4, "big")
+            + bytes([len(timer)]) + timer + (0).to_bytes(4, "big") + (2).to_bytes(4, "big"))
+    out = tmp_path / "out"
+    with pytest.raises(ProtocolError, match=r"main channel at byte 8: main channel: timer "
+                                            r"before the RAM section ended"):
+        receive_replay(out, {"conn0.bin": main})
     assert_nothing_complete(out)
 
 
 # ---------------------------------------------------------------- a stream made here
 
-def test_zero_page_after_data_is_written(tmp_path):
-    """A page sent as data in one round and as ZERO in the next ends up zero (the
-    file is not left holding the older data); pages only ever zero stay holes."""
+@pytest.mark.parametrize("flavour", ["qemu-7.2", "qemu-10"])
+def test_zero_page_after_data_is_written(tmp_path, flavour):
+    """A page sent as data in one round and as zero in the next ends up zero (the
+    file is not left holding the older data); pages only ever zero stay holes.
+    QEMU 7.2's way: ZERO records on the main channel, a SYNC before each EOS;
+    QEMU 10's: zero pages listed in the multifd packets, a SYNC before each
+    MULTIFD_FLUSH record (and none at the EOS that follows)."""
     block, size, page = "pc.ram", 1 << 20, 4096
+    native = flavour == "qemu-10"
     part, end = (bytes([kind]) + (2).to_bytes(4, "big") for kind in (0x02, 0x03))
-    eos = encode_ram_eos(2, True)
+    eos = (encode_multifd_flush() if native else b"") + encode_ram_eos(2, True)
+    zeros = np.array([5 * page, 9 * page], dtype=np.uint64)
     main = (encode_stream_start(b"\x07" + (3).to_bytes(4, "big") + b"abc")
             + encode_ram_start(2, {block: size}) + eos           # round 1: setup
             + part + eos                                         # round 2: data (multifd)
-            + part + encode_zero_records(block, np.array([5 * page, 9 * page],
-                                                         dtype=np.uint64)) + eos
+            + part + (b"" if native else encode_zero_records(block, zeros)) + eos
             + end + eos)
     description = json.dumps({"page_size": page, "devices": []}).encode()
     main += b"\x00\x06" + len(description).to_bytes(4, "big") + description
 
-    codec = _core.RamPacketCodec(128, page, _core.LAYOUT_QEMU72, 0, {block: size})
+    layout = _core.LAYOUT_CURRENT if native else _core.LAYOUT_QEMU72
+    codec = _core.RamPacketCodec(128, page, layout, 0, {block: size})
     header = bytearray(codec.header_size)
 
-    def packet(flags, normal=(), data=b""):
-        codec.encode(header, flags=flags, ramblock=block if normal else b"", normal=normal,
-                     next_packet_size=len(data))
+    def packet(flags, normal=(), data=b"", zero=()):
+        codec.encode(header, flags=flags, ramblock=block if len(normal) + len(zero) else b"",
+                     normal=normal, zero=zero, next_packet_size=len(data))
         return bytes(header) + data
 
     init = bytearray(_core.INIT_PACKET_SIZE)
     _core.encode_init_packet(init, bytes(16), 0)
     channel = (bytes(init) + packet(_core.FLAG_SYNC)                    # setup
                + packet(0, [5 * page], b"\x77" * page) + packet(_core.FLAG_SYNC)   # round 2
+               + (packet(0, zero=zeros) if native else b"")            # round 3
                + packet(_core.FLAG_SYNC) + packet(_core.FLAG_SYNC))     # rounds 3, 4
 
     out = tmp_path / "out"
@@ -306,6 +401,10 @@ def test_zero_page_after_data_is_written(tmp_path):
     finally:
         for sock in socks:
             sock.close()
-    image = (out / received.manifest["blocks"][0]["file"]).read_bytes()
-    assert image == bytes(size)
-    assert received.manifest["ram_section_ends"] == 4
+    path = out / received.manifest["blocks"][0]["file"]
+    assert path.read_bytes() == bytes(size)
+    assert path.stat().st_blocks * 512 < size // 2          # holes, but for page 5
+    manifest = received.manifest
+    assert manifest["ram_section_ends"] == manifest["syncs"] == 4
+    assert (manifest["multifd_sync"], manifest["zero_page_detection"]) == \
+        ((SYNC_PER_ROUND, "multifd") if native else (SYNC_PER_SECTION, "legacy"))

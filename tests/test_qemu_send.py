@@ -1,9 +1,10 @@
 """fastmfd as the source of a QEMU migration (``fastmfd.qemu.send``,
 ``fastmfd send --qemu``): a directory ``listen --qemu`` saved, played back.
 
-Into a fresh real QEMU 7.2 started with ``-incoming defer`` (skipped without
-one), which must complete with the guest's RAM; and, everywhere, into
-``qemu.receive`` itself, which must save the same directory again.
+Into a fresh real QEMU started with ``-incoming defer``, 7.2 and 10 (QEMU 10's
+own ``pc``; each skipped, saying why, without its binary), which must complete
+with the guest's RAM; and, everywhere, into ``qemu.receive`` itself, which must
+save the same directory again, in the same flavour.
 """
 
 from __future__ import annotations
@@ -17,18 +18,20 @@ import pytest
 
 from fastmfd import qemu
 from fastmfd.errors import ConfigError, MigrationError
-from qemu_support import Guest, needs_qemu, pattern
-from test_qemu_receive import Receiver, replay
+from qemu_support import QEMU, QEMUS, Guest, needs_qemu, pattern
+from inspect_support import NATIVE_CAPTURES, captures_dir
+from test_qemu_receive import Receiver, capture_bytes, receive_replay
 
 GUEST_MIB = 64
 
 
-def saved_guest(tmp_path, channels: int, compression: str):
+def saved_guest(tmp_path, channels: int, compression: str, binary: str = QEMU,
+                machine: str = "pc"):
     """A real guest's migration saved by ``qemu.receive``: (directory, its RAM)."""
     ram = pattern(GUEST_MIB, seed=3)
     ram_path = tmp_path / "src-ram.img"
     ram.tofile(ram_path)
-    source = Guest(tmp_path, str(ram_path), GUEST_MIB)
+    source = Guest(tmp_path, str(ram_path), GUEST_MIB, binary=binary, machine=machine)
     try:
         source.set_multifd(channels, compression)
         receiver = Receiver(tmp_path / "saved")
@@ -40,12 +43,14 @@ def saved_guest(tmp_path, channels: int, compression: str):
     return tmp_path / "saved", ram
 
 
-def incoming_guest(tmp_path, channels: int, compression: str):
+def incoming_guest(tmp_path, channels: int, compression: str, binary: str = QEMU,
+                   machine: str = "pc"):
     """A fresh QEMU waiting for a migration: (guest, its RAM file, address)."""
     ram_path = tmp_path / "dst-ram.img"
     with open(ram_path, "wb") as f:
         f.truncate(GUEST_MIB << 20)
-    guest = Guest(tmp_path, str(ram_path), GUEST_MIB, incoming=True, name="dst")
+    guest = Guest(tmp_path, str(ram_path), GUEST_MIB, incoming=True, name="dst", binary=binary,
+                  machine=machine)
     try:
         guest.set_multifd(channels, compression)
         guest.qmp.command("migrate-incoming", uri="tcp:127.0.0.1:0")
@@ -56,11 +61,11 @@ def incoming_guest(tmp_path, channels: int, compression: str):
     return guest, ram_path, f"tcp:{socket_address['host']}:{socket_address['port']}"
 
 
-@needs_qemu
+@pytest.mark.parametrize("qemu_binary", QEMUS)
 @pytest.mark.parametrize("channels, compression", [(1, "zlib"), (2, "none"), (4, "zstd")])
-def test_saved_migration_goes_back_into_qemu(tmp_path, channels, compression):
-    saved, ram = saved_guest(tmp_path, 2, "none")
-    guest, ram_path, address = incoming_guest(tmp_path, channels, compression)
+def test_saved_migration_goes_back_into_qemu(tmp_path, qemu_binary, channels, compression):
+    saved, ram = saved_guest(tmp_path, 2, "none", qemu_binary)
+    guest, ram_path, address = incoming_guest(tmp_path, channels, compression, qemu_binary)
     try:
         sent = qemu.send(address, str(saved), channels=channels, compression=compression,
                          stall_timeout=10.0)
@@ -73,10 +78,26 @@ def test_saved_migration_goes_back_into_qemu(tmp_path, channels, compression):
         guest.close()
 
 
-@needs_qemu
-def test_send_qemu_command(tmp_path):
-    saved, ram = saved_guest(tmp_path, 4, "zstd")
-    guest, ram_path, address = incoming_guest(tmp_path, 2, "zlib")
+@pytest.mark.parametrize("qemu_binary", QEMUS)
+def test_q35_goes_to_files_and_back(tmp_path, qemu_binary):
+    """The other current machine type (q35: other RAMBlocks, other devices), both
+    ways: saved from one guest, sent into a fresh one, which completes with its RAM."""
+    saved, ram = saved_guest(tmp_path, 2, "zstd", qemu_binary, machine="q35")
+    manifest = json.loads((saved / "manifest.json").read_text())
+    assert manifest["machine"].startswith("pc-q35-")
+    guest, ram_path, address = incoming_guest(tmp_path, 2, "zstd", qemu_binary, machine="q35")
+    try:
+        qemu.send(address, str(saved), channels=2, compression="zstd", stall_timeout=10.0)
+        assert guest.wait() == "completed"
+        assert np.array_equal(np.fromfile(ram_path, dtype=np.uint8), ram)
+    finally:
+        guest.close()
+
+
+@pytest.mark.parametrize("qemu_binary", QEMUS)
+def test_send_qemu_command(tmp_path, qemu_binary):
+    saved, ram = saved_guest(tmp_path, 4, "zstd", qemu_binary)
+    guest, ram_path, address = incoming_guest(tmp_path, 2, "zlib", qemu_binary)
     try:
         done = subprocess.run(
             [sys.executable, "-m", "fastmfd", "send", "--qemu", address, "--dir", str(saved),
@@ -90,24 +111,19 @@ def test_send_qemu_command(tmp_path):
 
 
 @pytest.mark.parametrize("channels, compression", [(1, "none"), (3, "zstd"), (2, "zlib")])
-def test_send_into_receive_saves_the_same_directory(tmp_path, qemu72_captures, channels,
+def test_send_into_receive_saves_the_same_directory(tmp_path, captures, channels,
                                                     compression):
     """fastmfd -> fastmfd in QEMU's protocol: the replayed capture, saved, sent and
-    saved again, gives the same blocks and device sections."""
-    first = Receiver(tmp_path / "first")
-    socks = replay(first.address, qemu72_captures / "pattern-zstd")
-    try:
-        saved = first.result()
-    finally:
-        for sock in socks:
-            sock.close()
+    saved again, gives the same blocks and device sections, in the same flavour."""
+    saved = receive_replay(tmp_path / "first", capture_bytes(captures[1], "zstd"))
     second = Receiver(tmp_path / "second")
     qemu.send(second.address, str(tmp_path / "first"), channels=channels,
               compression=compression, stall_timeout=10.0)
     again = second.result()
     assert again.manifest["channels"] == channels
     assert again.manifest["compression"] == compression
-    for key in ("blocks", "configuration", "uuid", "machine", "page_size"):
+    for key in ("blocks", "configuration", "uuid", "machine", "page_size", "multifd_sync",
+                "zero_page_detection"):
         assert again.manifest[key] == saved.manifest[key]
     for block in saved.manifest["blocks"]:
         name = block["file"]
@@ -122,19 +138,23 @@ def test_send_refuses_a_directory_without_a_qemu_manifest(tmp_path):
         qemu.send("tcp:127.0.0.1:9", str(tmp_path))
 
 
-def test_send_refuses_a_manifest_naming_a_path(tmp_path, qemu72_captures):
-    first = Receiver(tmp_path / "saved")
-    socks = replay(first.address, qemu72_captures / "pattern-none")
-    try:
-        first.result()
-    finally:
-        for sock in socks:
-            sock.close()
+@pytest.mark.parametrize("key, value, match", [
+    ("file", "../outside.img", "expected a file name in"),
+    ("multifd_sync", "per-page", "multifd_sync 'per-page', expected one of per-section, "
+                                 "per-round"),
+    ("zero_page_detection", "none", "zero_page_detection 'none', expected one of legacy, "
+                                    "multifd"),
+])
+def test_send_refuses_a_bad_manifest(tmp_path, qemu72_captures, key, value, match):
+    receive_replay(tmp_path / "saved", capture_bytes(qemu72_captures, "none"))
     path = tmp_path / "saved" / "manifest.json"
     manifest = json.loads(path.read_text())
-    manifest["blocks"][0]["file"] = "../outside.img"
+    if key == "file":
+        manifest["blocks"][0]["file"] = value
+    else:
+        manifest[key] = value
     path.write_text(json.dumps(manifest))
-    with pytest.raises(ConfigError, match="expected a file name in"):
+    with pytest.raises(ConfigError, match=match):
         qemu.send("tcp:127.0.0.1:9", str(tmp_path / "saved"))
 
 
@@ -147,5 +167,24 @@ def test_a_destination_expecting_other_channels_fails_the_send(tmp_path):
     try:
         with pytest.raises(MigrationError, match="multifd-channels 2"):
             qemu.send(address, str(saved), channels=2, stall_timeout=2.0)
+    finally:
+        guest.close()
+
+
+@pytest.mark.parametrize("qemu_binary", QEMUS)
+def test_a_destination_of_another_flavour_fails_the_send(tmp_path, qemu_binary):
+    """A saved stream of the other QEMU (QEMU 10's own pc for a 7.2 destination,
+    7.2's for a QEMU 10 destination) is dropped by the destination; the send fails
+    within its deadline, naming the machine type and flavour the stream needs."""
+    native = qemu_binary != QEMU
+    which = "7.2" if native else "10.0-native"
+    directory = NATIVE_CAPTURES if which == "10.0-native" else captures_dir("7.2")
+    receive_replay(tmp_path / "saved", capture_bytes(directory, "none"))
+    machine = json.loads((tmp_path / "saved" / "manifest.json").read_text())["machine"]
+    guest, _, address = incoming_guest(tmp_path, 2, "none", qemu_binary)
+    try:
+        with pytest.raises(MigrationError, match=f"machine {machine}, "
+                           + ("QEMU 7.2" if native else "QEMU >= 8.1 machine type")):
+            qemu.send(address, str(tmp_path / "saved"), channels=2, stall_timeout=3.0)
     finally:
         guest.close()

@@ -295,10 +295,24 @@ def test_checksum_extension_claims_only_unused64_0(offset):
         codec.decode(put_bytes(valid_packet(codec), offset, b"\x01"))
 
 
-@pytest.mark.parametrize("offset", [32, 36, 40, 63])
+@pytest.mark.parametrize("offset", [36, 40, 63])
 def test_7_2_ignores_its_unused_words(offset):
     codec = make_codec("qemu-7.2")
     assert codec.decode(put_bytes(valid_packet(codec), offset, b"\x01")).zero_pages == 0
+
+
+def test_7_2_layout_reads_the_zero_pages_of_later_qemus():
+    """Bytes 32..35 are 7.2's unused[0], always zero there; QEMU >= 9.0 counts its
+    zero pages in them (listed after the normal ones), whatever its machine type:
+    the layout that reads every QEMU source reads them, and bounds them."""
+    codec = make_codec("qemu-7.2")
+    packet = put_bytes(valid_packet(codec), 32, (1).to_bytes(4, "big"))
+    packet = put_bytes(packet, 320 + 16, (0x5000).to_bytes(8, "big"))
+    decoded = codec.decode(packet)
+    assert (decoded.normal_pages, decoded.zero_pages) == (2, 1)
+    assert decoded.zero_offsets.tolist() == [0x5000]
+    with raises_protocol_error("zero_pages", PAGES - 1, f"<= {PAGES - 2}"):
+        codec.decode(put_bytes(packet, 32, (PAGES - 1).to_bytes(4, "big")))
 
 
 # ---------------------------------------------------------------- length

@@ -32,14 +32,19 @@ import select
 import socket
 import threading
 import time
-from typing import Callable
+from typing import Any, Callable, Protocol
 
 from ..errors import MigrationError, ProtocolError
 from ..protocol.control import Greeting
 from ..protocol.handshake import MainGreeting, greet_main_channel
 from ..protocol.security import ChannelSecurity
 from ..protocol.setup import Setup
+from .processes import Child, ChildSet, Watch
+from .session import SessionResources
 from .workers import recv_worker_main
+
+Refuse = Callable[[str, "BaseException | str"], None]
+"""``refuse(peer, reason)``: a connection was dropped, and why."""
 
 __all__ = ["Admission", "ChannelDoor", "describe_peer", "MAX_CANDIDATES", "ACCEPTED_ANOTHER",
            "GREETING_SPARES"]
@@ -49,7 +54,8 @@ ACCEPTED_ANOTHER = "dropped: the session's source was accepted first"
 GREETING_SPARES = 2     # receive workers beyond the channels, to greet strangers meanwhile
 
 
-def describe_peer(peer) -> str:
+def describe_peer(peer: tuple[Any, ...] | str) -> str:
+    """An accepted connection's address: (host, port, ...) or a Unix socket's path."""
     if isinstance(peer, tuple):
         return f"{peer[0]}:{peer[1]}"
     return peer or "a local process"
@@ -64,9 +70,9 @@ class Admission:
     """
 
     def __init__(self, listener: socket.socket, security: ChannelSecurity,
-                 refuse: Callable[[str, object], None]) -> None:
+                 refuse: Refuse) -> None:
         self._listener, self._security, self._refuse = listener, security, refuse
-        self._passed: queue.Queue = queue.Queue()
+        self._passed: queue.Queue[MainGreeting | None] = queue.Queue()
         self._lock = threading.Lock()
         self._greeting: dict[threading.Thread, tuple[int, int, int]] = {}  # fd, family, type
         self._closing = False
@@ -92,9 +98,10 @@ class Admission:
 
     # ------------------------------------------------------------ threads
     def _accept_loop(self) -> None:
+        waitables: list[socket.socket | int] = [self._listener, self._wake_r]
         while True:
             try:
-                readable = select.select([self._listener, self._wake_r], [], [])[0]
+                readable = select.select(waitables, [], [])[0]
                 if self._wake_r in readable:
                     return
                 sock, peer = self._listener.accept()
@@ -112,6 +119,8 @@ class Admission:
             thread.start()
 
     def _greet(self, sock: socket.socket, peer: str) -> None:
+        greeting: MainGreeting | None
+        refusal: BaseException | str | None
         try:
             greeting, refusal = greet_main_channel(sock, self._security), None
         except (MigrationError, ProtocolError) as exc:
@@ -132,7 +141,7 @@ class Admission:
     def __enter__(self) -> "Admission":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         os.write(self._wake_w, b"x")
         self._acceptor.join()
         with self._lock:
@@ -162,18 +171,26 @@ class Admission:
         os.close(self._wake_w)
 
 
+class DoorParts(Protocol):
+    """What the door takes of the destination's parts (receiving's DestinationParts)."""
+    listener: socket.socket
+    workers: ChildSet
+    security: ChannelSecurity
+    resources: SessionResources
+
+
 class ChannelDoor:
     """After SETUP: hands each new connection on the listener to a free receive
     worker to greet (``parts``: the session's :class:`DestinationParts`;
     ``watch_worker(worker)`` starts watching a worker it adds)."""
 
-    def __init__(self, parts, setup: Setup, stall: float, watch, watch_worker: Callable,
-                 refuse: Callable[[str, object], None]) -> None:
+    def __init__(self, parts: DoorParts, setup: Setup, stall: float, watch: Watch,
+                 watch_worker: Callable[[Child], None], refuse: Refuse) -> None:
         self._parts, self._setup, self._stall, self._watch = parts, setup, stall, watch
         self._watch_worker, self._refuse = watch_worker, refuse
-        self._greeting: dict[object, tuple[socket.socket, str]] = {}  # worker -> connection
-        self._started: set = set()          # workers already given a Greeting
-        self._assigned: set = set()         # workers that became channels
+        self._greeting: dict[Child, tuple[socket.socket, str]] = {}  # worker -> connection
+        self._started: set[Child] = set()   # workers already given a Greeting
+        self._assigned: set[Child] = set()  # workers that became channels
         self._open = True
         watch.add(parts.listener, self._accept)
 
@@ -200,14 +217,14 @@ class ChannelDoor:
             self._started.add(worker)
             worker.start_session(greeting, [sock.fileno()])
 
-    def greeted(self, worker) -> socket.socket:
+    def greeted(self, worker: Child) -> socket.socket:
         """``worker``'s connection passed its greeting: it is the session's now."""
         sock, _ = self._greeting.pop(worker)
         self._assigned.add(worker)
         sock.settimeout(None)
         return sock
 
-    def refused(self, worker, reason: str) -> None:
+    def refused(self, worker: Child, reason: str) -> None:
         """``worker`` dropped its connection: refuse it; the worker is free again."""
         sock, peer = self._greeting.pop(worker)
         self._parts.resources.sockets.remove(sock)

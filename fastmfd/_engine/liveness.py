@@ -53,7 +53,8 @@ def set_stall_timeout(sock: socket.socket, seconds: float) -> None:
 def bytes_waiting(fd: int) -> int:
     """Bytes readable in a pipe or socket now (FIONREAD; either end of a pipe)."""
     try:
-        return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+        waiting: int = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+        return waiting
     except OSError:
         return 0
 

@@ -20,15 +20,19 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from .. import _core
-from ..devices import CollectLoader, device_key
+from ..devices import CollectLoader, Loader, device_key
 from ..errors import ConfigError, ProtocolError
 from ..protocol.control import (AwaitPrecopy, DeviceLoaded, Drained, PrecopyLoaded, RamLoaded,
                                 ReassemblyParams)
-from ..protocol.main_channel import OLD_WAY_PREFIX, Msg, PrecopySent
+from ..protocol.main_channel import OLD_WAY_PREFIX, MainChannel, Msg, PrecopySent
 from ..protocol.setup import Setup
+from .processes import ChildSet
 from .reassembly import plan_pool
+from .session import SessionResources
 
 __all__ = ["DeviceLoading", "old_way_not_here"]
 
@@ -39,11 +43,20 @@ def old_way_not_here() -> ProtocolError:
                          received="DEVICE_STATE", expected="not here")
 
 
+class LoadingParts(Protocol):
+    """What device loading takes of the destination's parts (receiving's
+    DestinationParts): the reassembly process, the loaders, the caps."""
+    reassembly: ChildSet
+    loaders: dict[tuple[str, int], Loader]
+    queued_cap: int | None
+    resources: SessionResources
+
+
 class DeviceLoading:
     """One session's device streams at the destination: the pool they arrive in,
     the reassembly process that loads them, and what it reported."""
 
-    def __init__(self, setup: Setup, parts, budget: int) -> None:
+    def __init__(self, setup: Setup, parts: LoadingParts, budget: int) -> None:
         self.setup, self._reassembly = setup, parts.reassembly[0]
         self.results: dict[int, object] = {}
         self.chunks: dict[int, int] = {}
@@ -52,18 +65,20 @@ class DeviceLoading:
         self.precopy_awaited = False            # PRECOPY_SENT came; SWITCHOVER_ACK not yet sent
         self.old_way_chunks = self.old_way_bytes = 0
         self._main = None
+        chunk_size = setup.chunk_size
+        assert chunk_size is not None, "a session's SETUP is decoded strictly: it has one"
         cap = setup.max_queued_bytes
         if parts.queued_cap is not None:
             cap = min(cap, parts.queued_cap)
-            if cap < setup.chunk_size:
+            if cap < chunk_size:
                 raise ConfigError(f"this destination's max_queued_bytes ({cap}) cannot hold one "
                                   f"device chunk of the source's device_chunk_size "
                                   f"({setup.chunk_size})")
-        slot_size = setup.chunk_size + _core.CHUNK_HEADER_SIZE
+        slot_size = chunk_size + _core.CHUNK_HEADER_SIZE
         # Sized for the worst case the caps allow, within what is left of the memory
         # budget (a smaller out-of-order cap if need be), and sparse: slots take
         # memory only as chunks arrive, so a 4-byte device state costs a page.
-        cap, nslots = plan_pool(len(setup.devices), cap, setup.chunk_size,
+        cap, nslots = plan_pool(len(setup.devices), cap, chunk_size,
                                 setup.total_channels, budget)
         self.pool = parts.resources.own(_core.BufferPool.create(nslots, slot_size,
                                                                 tag="dest-pool", sparse=True))
@@ -88,12 +103,12 @@ class DeviceLoading:
         device is loaded: a load_finish() still running owes its DeviceLoaded)."""
         return channels_ended or self.precopy_awaited
 
-    def signature(self) -> tuple:
+    def signature(self) -> tuple[int, int]:
         """Changes whenever the loaders make progress: slots freed, devices done."""
         return (len(self.results), self.pool.free_count)
 
     # ------------------------------------------------------------ events
-    def on_report(self, report, main) -> None:
+    def on_report(self, report: Any, main: MainChannel) -> None:
         """A report of the reassembly process."""
         if isinstance(report, DeviceLoaded):
             self.results[report.device] = report.result
@@ -116,7 +131,8 @@ class DeviceLoading:
         if self.setup.config_after_ram:
             self._reassembly.send(RamLoaded())
 
-    def on_old_way_chunk(self, body: bytes, waiting, poll: float) -> None:
+    def on_old_way_chunk(self, body: bytes, waiting: Callable[[float], None],
+                         poll: float) -> None:
         """A DEVICE_STATE message: its chunk into a slot, its descriptor to the pipe.
         ``waiting(since)`` is called every ``poll`` seconds while no slot is free
         (it raises to give up)."""

@@ -33,14 +33,16 @@ import os
 import pickle
 import select
 import signal
+import socket
 import struct
 import sys
 import threading
 import time
 import traceback
 from multiprocessing import connection, forkserver, popen_forkserver, reduction, spawn, util
-from multiprocessing.context import ForkServerProcess
-from typing import Any, Callable
+from multiprocessing.connection import Connection
+from multiprocessing.context import ForkServerProcess, set_spawning_popen
+from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
 import setproctitle
 
@@ -48,7 +50,7 @@ from .. import _core
 from ..errors import MigrationError
 from ..protocol.control import Done, Drained, Eof, Failed, Ready, Stop
 from .liveness import process_stopped
-from .session import as_migration_error, main_first
+from .session import Closable, as_migration_error, main_first
 
 __all__ = ["Child", "ChildSet", "ChildPipe", "Watch", "RemoteTraceback", "mp_context",
            "run_child", "child_setup"]
@@ -59,7 +61,7 @@ READY_TIMEOUT = 30.0                # seconds a child may take to start
 _FINAL_REPORTS = (Done, Eof, Drained)   # after one of these a child's exit is expected
 
 
-def mp_context() -> multiprocessing.context.BaseContext:
+def mp_context() -> multiprocessing.context.ForkServerContext:
     """The forkserver context, preloading fastmfd."""
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(_PRELOAD)
@@ -67,6 +69,16 @@ def mp_context() -> multiprocessing.context.BaseContext:
 
 
 _MAIN_KEYS = ("init_main_from_name", "init_main_from_path")
+
+ChildMain = Callable[[Connection], None]
+"""A child's body: it runs with its end of the control pipe."""
+_Report = TypeVar("_Report")
+
+if TYPE_CHECKING:
+    from multiprocessing.connection import _ConnectionBase
+
+    # What Watch waits on: what multiprocessing.connection.wait takes and returns.
+    Waitable = _ConnectionBase[Any, Any] | socket.socket | int
 
 
 class _PopenWithoutMain(popen_forkserver.Popen):
@@ -80,19 +92,21 @@ class _PopenWithoutMain(popen_forkserver.Popen):
     This is ``popen_forkserver.Popen._launch`` (CPython 3.11-3.13) with that one change.
     """
 
-    def _launch(self, process_obj) -> None:
-        prep_data = spawn.get_preparation_data(process_obj._name)
+    def _launch(self, process_obj: _Process) -> None:
+        prep_data = spawn.get_preparation_data(process_obj.name)
         process_obj.callers_main = {k: prep_data.pop(k) for k in _MAIN_KEYS if k in prep_data}
         buf = io.BytesIO()
-        popen_forkserver.set_spawning_popen(self)
+        set_spawning_popen(self)        # popen_forkserver's is this one, imported
         try:
             reduction.dump(prep_data, buf)
             reduction.dump(process_obj, buf)
         finally:
-            popen_forkserver.set_spawning_popen(None)
-        self.sentinel, w = forkserver.connect_to_new_process(self._fds)
+            set_spawning_popen(None)
+        # _fds and close_fds are CPython's, private, so not in typeshed:
+        self.sentinel, w = forkserver.connect_to_new_process(self._fds)  # type: ignore[attr-defined]
         _parent_w = os.dup(w)       # the child's "parent sentinel", as in the original
-        self.finalizer = util.Finalize(self, util.close_fds, (_parent_w, self.sentinel))
+        self.finalizer = util.Finalize(self, util.close_fds,  # type: ignore[attr-defined]
+                                       (_parent_w, self.sentinel))
         with open(w, "wb", closefd=True) as f:
             f.write(buf.getbuffer())
         self.pid = forkserver.read_signed(self.sentinel)
@@ -101,8 +115,9 @@ class _PopenWithoutMain(popen_forkserver.Popen):
 class _Process(ForkServerProcess):
     callers_main: dict[str, str] = {}
 
+    # Narrower than ForkServerProcess's (any process): it is only ever given itself.
     @staticmethod
-    def _Popen(process_obj):
+    def _Popen(process_obj: _Process) -> _PopenWithoutMain:       # type: ignore[override]
         return _PopenWithoutMain(process_obj)
 
 
@@ -164,7 +179,8 @@ def stopped_forkserver() -> int | None:
 class Child:
     """One child process and the main process's end of its control pipe."""
 
-    def __init__(self, ctx, target: Callable, name: str) -> None:
+    def __init__(self, ctx: multiprocessing.context.ForkServerContext, target: ChildMain,
+                 name: str) -> None:
         self.name = name
         server = stopped_forkserver()
         if server is not None:
@@ -238,6 +254,7 @@ class Child:
         buf = self._partial
         if len(buf) < 4:
             return 4 - len(buf)
+        size: int
         size, = struct.unpack_from("!i", buf)
         start = 4
         if size == -1:
@@ -254,7 +271,7 @@ class Child:
         self._partial = bytearray()
         return report
 
-    def expect(self, kind: type, timeout: float) -> Any:
+    def expect(self, kind: type[_Report], timeout: float) -> _Report:
         """Wait up to ``timeout`` for the next report, which must be a ``kind``."""
         deadline = time.monotonic() + timeout
         report = ready = None
@@ -319,7 +336,7 @@ class ChildSet:
     """Starts, holds and stops a group of children; the one owner that joins or
     kills every one of them on every exit path."""
 
-    def __init__(self, target: Callable, names: list[str]) -> None:
+    def __init__(self, target: ChildMain, names: list[str]) -> None:
         self._lock = threading.Lock()
         self.children: list[Child] = []
         try:
@@ -333,12 +350,13 @@ class ChildSet:
             self._close()
             raise
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Child]:
         return iter(self.children)
 
     def pids(self) -> list[int]:
         """The process ids of the children still running."""
-        return [c.process.pid for c in self.children if c.process.exitcode is None]
+        return [c.process.pid for c in self.children
+                if c.process.pid is not None and c.process.exitcode is None]
 
     def __len__(self) -> int:
         return len(self.children)
@@ -346,13 +364,13 @@ class ChildSet:
     def __getitem__(self, index: int) -> Child:
         return self.children[index]
 
-    def add(self, target: Callable, name: str, timeout: float = READY_TIMEOUT) -> Child:
+    def add(self, target: ChildMain, name: str, timeout: float = READY_TIMEOUT) -> Child:
         """Start one more child (during a session: ``timeout``, its deadline)."""
         child = self.spawn(target, name)
         child.wait_ready(timeout)
         return child
 
-    def spawn(self, target: Callable, name: str) -> Child:
+    def spawn(self, target: ChildMain, name: str) -> Child:
         """Start one more child without waiting for it: its first report is Ready."""
         child = Child(mp_context(), target, name)
         self.children.append(child)
@@ -403,14 +421,15 @@ class Watch:
     A handler's exception leaves :meth:`poll` as a MigrationError naming the
     channel it was registered with."""
 
-    def __init__(self, main=None) -> None:
+    def __init__(self, main: socket.socket | None = None) -> None:
         self.main = main
-        self._handlers: dict[Any, tuple[Callable[[], None], str | None]] = {}
+        self._handlers: dict[Waitable, tuple[Callable[[], None], str | None]] = {}
 
-    def add(self, waitable, handler: Callable[[], None], channel: str | None = None) -> None:
+    def add(self, waitable: Waitable, handler: Callable[[], None],
+            channel: str | None = None) -> None:
         self._handlers[waitable] = (handler, channel)
 
-    def remove(self, waitable) -> None:
+    def remove(self, waitable: Waitable) -> None:
         self._handlers.pop(waitable, None)
 
     def add_child(self, child: Child, on_report: Callable[[Any], None]) -> None:
@@ -454,7 +473,7 @@ class ChildPipe:
     reassembly's reader and loaders), so each whole message goes out under one
     lock: two writers interleave their bytes on a pipe and break its framing."""
 
-    def __init__(self, conn) -> None:
+    def __init__(self, conn: Connection) -> None:
         self.conn = conn
         self._lock = threading.Lock()
 
@@ -502,12 +521,14 @@ def child_setup() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _core.die_with_parent()
     server = forkserver._forkserver
-    if server._forkserver_alive_fd is not None:
+    # CPython's private "alive" descriptor, not in typeshed:
+    alive: int | None = server._forkserver_alive_fd  # type: ignore[attr-defined]
+    if alive is not None:
         try:
-            os.close(server._forkserver_alive_fd)
+            os.close(alive)
         except OSError:
             pass
-        server._forkserver_alive_fd = None
+        server._forkserver_alive_fd = None  # type: ignore[attr-defined]
     parent = multiprocessing.parent_process()
     sentinel = getattr(parent, "sentinel", None)
     if sentinel is not None:
@@ -526,7 +547,7 @@ def _die_with_parent(sentinel: int) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def close_all(stack: list) -> None:
+def close_all(stack: list[Closable]) -> None:
     """Close what a child attached, newest first, whatever fails."""
     for item in reversed(stack):
         try:
@@ -535,7 +556,7 @@ def close_all(stack: list) -> None:
             pass
 
 
-def run_child(conn, body: Callable[[ChildPipe, Any, list], None]) -> None:
+def run_child(conn: Connection, body: Callable[[ChildPipe, Any, list[Closable]], None]) -> None:
     """A child's life: report Ready, take one session's parameters, run
     ``body(pipe, params, stack)``, close what it attached (``stack``), report
     Failed and exit 1 on failure. Told Stop instead of parameters, it exits."""
@@ -545,7 +566,7 @@ def run_child(conn, body: Callable[[ChildPipe, Any, list], None]) -> None:
     params = pipe.recv()
     if isinstance(params, Stop):
         return
-    stack: list = []
+    stack: list[Closable] = []
     failed = False
     try:
         body(pipe, params, stack)

@@ -11,7 +11,14 @@ flag itself.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    from rich.console import RenderableType
+    from rich.progress import Progress, Task, TaskID
+
+    from ..regions import Region
 
 __all__ = ["RoundProgress"]
 
@@ -19,12 +26,13 @@ __all__ = ["RoundProgress"]
 class RoundProgress:
     """``pages_done()``: pages the workers have completed since the migration began."""
 
-    def __init__(self, *, enabled: bool, regions: list, pages_done: Callable[[], int]) -> None:
+    def __init__(self, *, enabled: bool, regions: Sequence[Region],
+                 pages_done: Callable[[], int]) -> None:
         self._enabled = enabled
         self._page_size = regions[0].page_size if regions else 4096
         self._pages_done = pages_done
-        self._progress = None
-        self._rounds: list[tuple[int, int, int]] = []   # (task, pages done before it, pages)
+        self._progress: Progress | None = None
+        self._rounds: list[tuple[TaskID, int, int]] = []   # (task, pages done before it, pages)
 
     def __enter__(self) -> "RoundProgress":
         if self._enabled:
@@ -43,17 +51,19 @@ class RoundProgress:
         """Before each redraw: each round's bar from the counters. Rounds overlap
         little (a round's pages all go out before the next is collected), so the
         pages done past a round's start fill its bar up to its size."""
+        if self._progress is None:
+            return
         done = self._pages_done()
         for task, before, pages in self._rounds:
             completed = min(max(done - before, 0), pages)
             self._progress.update(task, completed=completed * self._page_size)
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self._progress is not None:
             self._progress.stop()           # draws once more: the final counts
 
 
-def _progress(before_redraw: Callable[[], None]):
+def _progress(before_redraw: Callable[[], None]) -> Progress:
     from rich.console import Console
     from rich.progress import (BarColumn, DownloadColumn, Progress, ProgressColumn,
                                TextColumn, TimeElapsedColumn)
@@ -64,14 +74,14 @@ def _progress(before_redraw: Callable[[], None]):
     class BinaryRateColumn(ProgressColumn):
         """rich's TransferSpeedColumn prints decimal MB/s; fastmfd prints MiB/s."""
 
-        def render(self, task) -> Text:
+        def render(self, task: Task) -> Text:
             speed = task.speed          # recent samples; a finished round: its average
             if task.finished and task.finished_time:
                 speed = task.completed / task.finished_time
             return Text("?" if speed is None else format_rate(speed), style="progress.data.speed")
 
     class CountingProgress(Progress):
-        def get_renderables(self):
+        def get_renderables(self) -> Iterable[RenderableType]:
             before_redraw()
             yield from super().get_renderables()
 

@@ -1,4 +1,4 @@
-"""One migration from a real QEMU (7.2), received into files: the
+"""One migration from a real QEMU (7.2 or later), received into files: the
 destination's side of QEMU's own protocol, with fastmfd's receive workers.
 
 ::
@@ -8,13 +8,16 @@ destination's side of QEMU's own protocol, with fastmfd's receive workers.
         "QEVM" -> the main channel; 0x11223344 -> a multifd
         channel: its init packet read here (id, uuid), a worker
         started for it ───────────── socket ──────────────▶  (waits for its RecvParams)
+        (other first bytes, or none: not QEMU's, dropped)
       main channel, decoded as it arrives (QevmDecoder):
         block list -> one sparse .part file per RAMBlock,
-          RecvParams (qemu-7.2 layout, compression learnt) ─▶  RecvEngine: pages into the files
-        ZERO / PAGE records -> written here (a zero page only
-          where this migration wrote data before)
-        EOS k -> barrier: every channel's SYNC k, then Go(k) ◀─ Synced(k) ─▶ Go(k)
-          (after EOS 1 the channel count is known: QEMU syncs
+          RecvParams (qemu-7.2 layout, compression learnt) ─▶  RecvEngine: pages (and the
+        ZERO / PAGE records -> written here (a zero page only      zero pages QEMU >= 9.0
+          where this migration wrote data before)                  lists) into the files
+        barrier k (a section's EOS, or a MULTIFD_FLUSH record
+          when the machine type syncs per round) -> every
+          channel's SYNC k, then Go(k) ◀─────────── Synced(k) ─▶ Go(k)
+          (after barrier 1 the channel count is known: QEMU syncs
           every channel before the setup section ends)
         first device section -> the rest of the stream, as
           QEMU sent it, into vmstate.bin
@@ -29,12 +32,14 @@ migration) and removes the .part files.
 
 from __future__ import annotations
 
+import functools
 import logging
 import mmap
 import os
 import socket
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -42,15 +47,15 @@ from .. import _core
 from ..errors import MigrationError, ProtocolError
 from ..protocol.bytereader import ByteReader, StreamReader
 from ..protocol.control import Eof, Go, Ready, RecvParams, Synced
-from ..protocol.qemu import (MIG_CMD_OPEN_RETURN_PATH, MIG_CMD_PING, QEVM_MAGIC, QevmDecoder,
-                             check_stream_end)
+from ..protocol.qemu import (MIG_CMD_OPEN_RETURN_PATH, MIG_CMD_PING, QEVM_MAGIC,
+                             SYNC_PER_SECTION, QevmDecoder, check_stream_end)
 from ..protocol.sockets import tune_data_socket
 from ..regions import Region
-from .processes import ChildSet, Watch
+from .processes import Child, ChildSet, Watch
 from .session import shutdown_quietly
 from .workers import qemu_recv_worker_main
 
-__all__ = ["QemuReceiving", "QemuStreamFacts"]
+__all__ = ["QemuReceiving", "QemuStreamFacts", "QemuOutput"]
 
 log = logging.getLogger("fastmfd")
 
@@ -65,6 +70,16 @@ COPY_CHUNK = 1 << 20
 LATE_BYTES_WAIT = 1.0
 
 
+class QemuOutput(Protocol):
+    """Where a QEMU migration's files go (tools.outputs.OutputDir): it names,
+    creates and keeps them; the caller commits or aborts it."""
+
+    def plan_qemu(self, blocks: dict[str, int]) -> None: ...
+    def region(self, name: str, size: int, page_size: int) -> Region: ...
+    def stream(self, key: str) -> int: ...
+    def fsync_part(self, name: str) -> None: ...
+
+
 @dataclass
 class QemuStreamFacts:
     """What the stream said, for the manifest and the caller."""
@@ -76,14 +91,17 @@ class QemuStreamFacts:
     channels: int = 0
     compression: str | None = None
     blocks: dict[str, int] = field(default_factory=dict)
-    rounds: int = 0                         # RAM section ends (EOS)
+    syncs: int = 0                          # SYNC barriers (one SYNC per channel each)
+    multifd_sync: str = SYNC_PER_SECTION    # where they sit (protocol.qemu)
+    ram_section_ends: int = 0               # EOS records
     zero_pages: int = 0                     # ZERO records of the main channel
+    multifd_zero_pages: int = 0             # zero pages listed in multifd packets (>= 9.0)
     main_pages: int = 0                     # PAGE records of the main channel
     ram_bytes: int = 0                      # main-channel bytes before the device sections
     vmstate_bytes: int = 0
     vm_devices: int = 0
     configuration: bytes = b""              # the stream's CONFIGURATION section
-    ram_section_id: int = 0
+    ram_section_id: int | None = 0          # None: the stream had no RAM section
     section_footers: bool = True
 
 
@@ -91,7 +109,7 @@ class QemuStreamFacts:
 class _Channel:
     id: int
     sock: socket.socket
-    worker: object                          # its Child
+    worker: Child | None                    # None only while its worker starts
     ready: bool = False                     # its worker reported Ready
     starting: bool = False                  # its parameters wait for that Ready
     synced: int = 0
@@ -102,7 +120,7 @@ class _Channel:
 class QemuReceiving:
     """The state of one migration from QEMU (see the module docstring)."""
 
-    def __init__(self, listener: socket.socket, out, *, timeout: float,
+    def __init__(self, listener: socket.socket, out: QemuOutput, *, timeout: float,
                  stall_timeout: float, workers: int = 2) -> None:
         """``out`` names, creates and keeps the files (a tools.outputs.OutputDir:
         plan_qemu, region, stream, fsync_part); the caller commits or aborts it.
@@ -115,14 +133,14 @@ class QemuReceiving:
         self.channels: dict[int, _Channel] = {}
         self.pending: list[socket.socket] = []      # accepted, not yet told apart
         self.regions: dict[str, Region] = {}
-        self.counters = None
+        self.counters: _core.Counters | None = None
         self.watch = Watch()
         self.closed_door = False
         self._main_readable = False
         self.main_at = 0.0                          # when the main channel came
         # Workers started ahead (at least one: it starts multiprocessing's forkserver);
         # more start as their channels connect, all at once, reporting Ready.
-        self.workers = ChildSet(qemu_recv_worker_main, ["receive worker"] * max(1, workers))
+        self.workers: ChildSet | None = ChildSet(qemu_recv_worker_main, ["receive worker"] * max(1, workers))
         self.spares = list(self.workers)
 
     # ------------------------------------------------------------ the session
@@ -145,10 +163,15 @@ class QemuReceiving:
         facts.configuration = decoder.out.configuration
         facts.ram_section_id = decoder.out.ram_section_id
         facts.section_footers = decoder.out.section_footers
+        facts.multifd_sync = decoder.out.multifd_sync or SYNC_PER_SECTION
+        facts.ram_section_ends = decoder.out.ram_section_ends
         if facts.uuid is None:
             facts.uuid = decoder.out.uuid
         self._save_vmstate(decoder.r)
         self._wait_channels_end()
+        # No block list, no counters: no channel carried a page.
+        facts.multifd_zero_pages = (self.counters.total("zero_pages")
+                                    if self.counters is not None else 0)
         self._flush()
         return facts
 
@@ -156,6 +179,7 @@ class QemuReceiving:
         """Up to ``n`` bytes of the main channel, serving everything else while none
         come; b"" at its end. No byte for ``stall`` seconds fails."""
         deadline = time.monotonic() + self.stall
+        assert self.main is not None, "run() waited for it"
         while True:
             try:
                 return self.main.recv(n, socket.MSG_DONTWAIT)
@@ -187,14 +211,17 @@ class QemuReceiving:
                 sock.close()
                 continue
             self.pending.append(sock)
-            self.watch.add(sock, lambda s=sock: self._classify(s))
+            self.watch.add(sock, functools.partial(self._classify, sock))
 
     def _classify(self, sock: socket.socket, wait: float | None = None) -> None:
         """Main channel or multifd channel, by its first 4 bytes (what QEMU >= 8.0
         does; 7.2's "the first connection is main" holds for QEMU's own sources).
         Without ``wait`` the socket is readable; with it, up to ``wait`` seconds
-        are given for its first bytes, and one that sends none is dropped."""
-        sock.settimeout(wait if wait is not None else self.stall)
+        are given for its first bytes. A connection that sends fewer than 4 bytes
+        (within LATE_BYTES_WAIT once it sent some) or other first bytes is not
+        QEMU's, whatever it is (a port scan, a health check, a wrong address):
+        it is dropped, and the migration goes on without it."""
+        sock.settimeout(wait if wait is not None else LATE_BYTES_WAIT)
         try:
             head = sock.recv(4, socket.MSG_PEEK | (socket.MSG_DONTWAIT if wait is None else 0))
             if 0 < len(head) < 4:
@@ -224,11 +251,11 @@ class QemuReceiving:
             self.watch.add(sock, self._on_main_readable)
             return
         if head != MULTIFD_MAGIC:
+            log.warning("a connection sent first bytes %s, expected %s (QEVM, the main "
+                        "channel) or %s (a multifd channel): not QEMU's, dropped", head.hex(),
+                        QEVM_MAGIC.hex(), MULTIFD_MAGIC.hex())
             sock.close()
-            raise ProtocolError(f"first bytes {head.hex()}, expected {QEVM_MAGIC.hex()} (QEVM, "
-                                f"the main channel) or {MULTIFD_MAGIC.hex()} (a multifd "
-                                "channel)", field="magic", received=head.hex(),
-                                expected="QEVM or 0x11223344", where="a new connection")
+            return
         self._open_channel(sock)
 
     def _open_channel(self, sock: socket.socket) -> None:
@@ -258,6 +285,7 @@ class QemuReceiving:
         worker = self.spares.pop() if self.spares else None
         channel = self.channels[ch] = _Channel(ch, sock, worker, ready=worker is not None)
         if worker is None:
+            assert self.workers is not None, "open until close()"
             channel.worker = worker = self.workers.spawn(qemu_recv_worker_main, where)
         worker.name = where
         self.watch.add_child(worker, lambda report: self._on_report(channel, report))
@@ -301,6 +329,7 @@ class QemuReceiving:
             return
         regions = list(self.regions.values())
         page_size = self.facts.page_size
+        assert self.counters is not None, "made with the block list, before any start"
         params = RecvParams(
             channel=channel.id, page_size=page_size,
             packet_pages=QEMU_PACKET_BYTES // page_size, checksum=False, chunk_size=0,
@@ -308,6 +337,7 @@ class QemuReceiving:
             counters=self.counters.name, pool=None, ram=True,
             received=tuple(r.dirty.name for r in regions), fresh=tuple(True for _ in regions),
             layout=_core.LAYOUT_QEMU72, learn_compression=True)
+        assert channel.worker is not None, "started with its channel"
         channel.worker.start_session(params, [channel.sock.fileno()])
 
     def on_page(self, block: str, offset: int, page: memoryview) -> None:
@@ -326,42 +356,43 @@ class QemuReceiving:
             region.buffer[page * region.page_size:(page + 1) * region.page_size] = \
                 bytes(region.page_size)
 
-    def on_eos(self) -> None:
-        """RAM barrier: every channel sent its SYNC for this section end; let them on."""
+    def on_sync(self) -> None:
+        """RAM barrier: every channel sent its SYNC for it; let them on."""
         facts = self.facts
         if not self.regions:
-            raise ProtocolError("main channel: a RAM section ended before the block list "
-                                "(MEM_SIZE)", field="flags", received="EOS",
+            raise ProtocolError("main channel: a SYNC barrier (EOS or MULTIFD_FLUSH) before "
+                                "the block list (MEM_SIZE)", field="flags", received="EOS",
                                 expected="MEM_SIZE first", where=MAIN)
-        facts.rounds += 1
-        if facts.rounds == 1:
+        facts.syncs += 1
+        if facts.syncs == 1:
             self._close_door()
-        k = facts.rounds
+        k = facts.syncs
         deadline = time.monotonic() + self.stall
         while late := [c for c in self.channels.values() if c.synced < k]:
             ended = [c.id for c in late if c.ended]
             if ended:
-                raise ProtocolError(f"the channel ended before its SYNC for RAM section end "
-                                    f"{k}", field="SYNC", received=late[0].synced, expected=k,
+                raise ProtocolError(f"the channel ended before its SYNC for barrier {k}",
+                                    field="SYNC", received=late[0].synced, expected=k,
                                     where=f"multifd channel {ended[0]}")
             left = deadline - time.monotonic()
             if left <= 0:
-                raise MigrationError(f"no SYNC for RAM section end {k} within {self.stall:g} s",
+                raise MigrationError(f"no SYNC for barrier {k} within {self.stall:g} s",
                                      channel=f"multifd channel {late[0].id}")
             self.watch.poll(left)
         for channel in self.channels.values():
+            assert channel.worker is not None, "started with its channel"
             channel.worker.send(Go(k))
 
-    def _on_report(self, channel: _Channel, report) -> None:
+    def _on_report(self, channel: _Channel, report: object) -> None:
         if isinstance(report, Ready):
             channel.ready = True
             if channel.starting:
                 self._start_channel(channel)
         elif isinstance(report, Synced):
-            if report.round > self.facts.rounds + 1:
-                raise ProtocolError(f"SYNC {report.round} before the main channel's RAM "
-                                    f"section end {self.facts.rounds + 1}", field="SYNC",
-                                    received=report.round, expected=self.facts.rounds + 1,
+            if report.round > self.facts.syncs + 1:
+                raise ProtocolError(f"SYNC {report.round} before the main channel's barrier "
+                                    f"{self.facts.syncs + 1}", field="SYNC",
+                                    received=report.round, expected=self.facts.syncs + 1,
                                     where=f"multifd channel {channel.id}")
             channel.synced = report.round
         elif isinstance(report, Eof):
@@ -374,7 +405,7 @@ class QemuReceiving:
         into vmstate.bin; then check it ends as a QEMU stream ends."""
         fd = self.out.stream("vmstate")
         try:
-            chunk = reader.since(self.facts.ram_bytes)
+            chunk: bytes | memoryview = reader.since(self.facts.ram_bytes)
             total = 0
             while chunk:
                 view = memoryview(chunk)
@@ -410,11 +441,11 @@ class QemuReceiving:
                                      "ended", channel=f"multifd channel {open_[0].id}")
             self.watch.poll(left)
         for channel in self.channels.values():
-            if channel.synced != self.facts.rounds:
+            if channel.synced != self.facts.syncs:
                 raise ProtocolError(f"{channel.synced} SYNC packets, expected "
-                                    f"{self.facts.rounds}: one per RAM section end",
+                                    f"{self.facts.syncs}: one per barrier of the main channel",
                                     field="SYNC", received=channel.synced,
-                                    expected=self.facts.rounds,
+                                    expected=self.facts.syncs,
                                     where=f"multifd channel {channel.id}")
         methods = {c.compression for c in self.channels.values() if c.compression}
         if len(methods) > 1:
@@ -432,7 +463,8 @@ class QemuReceiving:
                 raise MigrationError(f"RAMBlock {name!r}: writing it to disk failed: "
                                      f"{exc.strerror or exc}") from exc
 
-    def channel_stats(self) -> list[dict]:
+    def channel_stats(self) -> list[dict[str, int]]:
+        assert self.counters is not None, "after the block list"
         return [{"channel": ch, **self.counters.read(ch)} for ch in sorted(self.channels)]
 
     def close(self) -> None:
@@ -459,6 +491,8 @@ class QemuReceiving:
 class _LiveDecoder(QevmDecoder):
     """The main channel as it arrives: its findings go to the session."""
 
+    r: StreamReader
+
     def __init__(self, reader: StreamReader, session: QemuReceiving) -> None:
         super().__init__(reader, 4096)
         self.session = session
@@ -475,8 +509,8 @@ class _LiveDecoder(QevmDecoder):
     def on_zero_pages(self, block: str, offsets: np.ndarray, at: int) -> None:
         self.session.on_zero_pages(block, offsets)
 
-    def on_eos(self) -> None:
-        self.session.on_eos()
+    def on_sync(self) -> None:
+        self.session.on_sync()
 
     def on_command(self, command: int, at: int) -> None:
         if command in (MIG_CMD_OPEN_RETURN_PATH, MIG_CMD_PING):

@@ -1,5 +1,6 @@
-"""One migration into a real QEMU (7.2) destination from saved RAM and device
-state: the source's side of QEMU's own protocol, with fastmfd's send workers.
+"""One migration into a real QEMU destination (7.2, or 10.x with any machine
+type) from saved RAM and device state: the source's side of QEMU's own
+protocol, with fastmfd's send workers.
 
 ::
 
@@ -8,16 +9,27 @@ state: the source's side of QEMU's own protocol, with fastmfd's send workers.
         section's START and block list
       each multifd channel connects after the main one
         (a 7.2 destination takes the first for main) ──▶  init packet (the saved UUID, id)
-      SYNC on every channel; EOS          (setup section)  SYNC packet
-      RAM END section: ZERO records for the zero pages,
-        the other pages in jobs through the selector ───▶  SendEngine: qemu-7.2 packets
-      SYNC on every channel; EOS          (one SYNC per channel per EOS, spec §5.3)
+      SYNC on every channel; [MULTIFD_FLUSH] EOS (setup)   SYNC packet
+      RAM END section: the pages in jobs through the
+        selector (zero pages: ZERO records here, or ───▶  SendEngine: qemu-7.2 packets, or
+        listed by the workers)                              current ones listing zero pages
+      SYNC on every channel; [MULTIFD_FLUSH] EOS
       the saved device sections (vmstate.bin), verbatim
       QUIT: every worker drains, half-closes; Done ◀───
       the main channel half-closed: the destination loads and completes
 
+The saved stream's flavour decides the bracketed parts (spec §4.4, §5.3): a
+stream that synced per section (7.2; machine types <= 8.0) has no
+MULTIFD_FLUSH and its destination waits for the SYNCs at each EOS; one that
+synced per round (machine types >= 8.1) has a MULTIFD_FLUSH where its
+destination waits. Zero pages go as the source sent them: ZERO records on the
+main channel (zero-page-detection "legacy", all a 7.2 destination reads) or
+listed in the multifd packets ("multifd", QEMU >= 9.0).
+
 Nothing comes back (no return path): the destination's QEMU says in its
-own ``query-migrate`` whether it loaded what it got.
+own ``query-migrate`` whether it loaded what it got. A destination that is
+not the saved stream's QEMU and machine type closes its connections, and the
+error names what the saved stream needs.
 """
 
 from __future__ import annotations
@@ -31,14 +43,15 @@ import numpy as np
 from .. import _core
 from ..errors import MigrationError
 from ..protocol.control import Done, SendParams
-from ..protocol.qemu import (encode_ram_end_start, encode_ram_eos, encode_ram_start,
+from ..protocol.qemu import (SYNC_PER_ROUND, SYNC_PER_SECTION, encode_multifd_flush,
+                             encode_ram_end_start, encode_ram_eos, encode_ram_start,
                              encode_stream_start, encode_zero_records)
 from ..protocol.security import ChannelSecurity
 from ..protocol.sockets import Address, connect, tune_data_socket
 from ..regions import Region
 from ..shm import SharedMemory
-from .processes import ChildSet
-from .session import shutdown_quietly
+from .processes import Child, ChildSet
+from .session import Closable, Owned, shutdown_quietly
 from .workers import send_worker_main
 
 __all__ = ["QemuSending", "QemuStream"]
@@ -50,12 +63,27 @@ MAIN = "main channel"
 
 
 class QemuStream:
-    """What a saved QEMU stream starts with (from its manifest)."""
+    """What a saved QEMU stream starts with and its flavour (from its manifest)."""
 
     def __init__(self, configuration: bytes, uuid: bytes, ram_section_id: int,
-                 section_footers: bool) -> None:
+                 section_footers: bool, *, machine: str = "",
+                 multifd_sync: str = SYNC_PER_SECTION,
+                 zero_page_detection: str = "legacy") -> None:
         self.configuration, self.uuid = configuration, uuid
         self.ram_section_id, self.section_footers = ram_section_id, section_footers
+        self.machine = machine
+        self.per_round = multifd_sync == SYNC_PER_ROUND
+        self.zeros_in_packets = zero_page_detection == "multifd"
+
+    def describe(self) -> str:
+        """The destination this stream needs, for an error message."""
+        if self.per_round:
+            flavour = ("QEMU >= 8.1 machine type: SYNCs per round (MULTIFD_FLUSH)"
+                       + (", zero pages listed in multifd packets (QEMU >= 9.0)"
+                          if self.zeros_in_packets else ""))
+        else:
+            flavour = "QEMU 7.2, or a later QEMU with a machine type <= 8.0: SYNCs per section"
+        return f"machine {self.machine or '(unknown)'}, {flavour}"
 
 
 class QemuSending:
@@ -73,7 +101,7 @@ class QemuSending:
         self.main: socket.socket | None = None
         self.data: list[socket.socket] = []
         self.cmd_fds: list[int] = []
-        self.owned: list = []
+        self.owned: list[Closable] = []
         self.workers = ChildSet(send_worker_main,
                                 [f"multifd channel {ch}" for ch in range(channels)])
         self.counters = self._own(_core.Counters.create(channels, tag="qemu-counters"))
@@ -83,14 +111,28 @@ class QemuSending:
         self.mailbox = np.ndarray((channels, self.job_pages), dtype=np.uint64,
                                   buffer=self.mailbox_shm.buf)
 
-    def _own(self, resource):
+    def _own(self, resource: Owned) -> Owned:
         self.owned.append(resource)
         return resource
 
     # ------------------------------------------------------------ the session
     def run(self) -> None:
+        try:
+            self._run()
+        except MigrationError as exc:
+            if self.main is None or exc.cause.endswith(self._mismatch_hint):
+                raise           # no QEMU listening at all, or the hint is there
+            # The destination dropped the stream (it says why only in its own log;
+            # a QEMU >= 8.0 reads the main channel at once, and may have closed its
+            # listener before the multifd channels came): name what the stream needs.
+            raise MigrationError(exc.cause + self._mismatch_hint, channel=exc.channel,
+                                 device=exc.device, side=exc.side) from exc
+
+    def _run(self) -> None:
         stream, section = self.stream, self.stream.ram_section_id
         footer = stream.section_footers
+        # Where the destination waits for the SYNCs: a MULTIFD_FLUSH, or the EOS.
+        barrier = encode_multifd_flush() if stream.per_round else b""
         self.main = connect(self.address, self.stall)
         self.main.settimeout(self.stall)
         self._main(encode_stream_start(stream.configuration)
@@ -98,18 +140,18 @@ class QemuSending:
         for ch, worker in enumerate(self.workers):
             self._open_channel(ch, worker)
         self._sync()
-        self._main(encode_ram_eos(section, footer) + encode_ram_end_start(section))
+        self._main(barrier + encode_ram_eos(section, footer) + encode_ram_end_start(section))
         for index, region in enumerate(self.regions):
             self._send_region(index, region)
         self._sync()
-        self._main(encode_ram_eos(section, footer))
+        self._main(barrier + encode_ram_eos(section, footer))
         self._send_vmstate()
         for ch in range(self.channels):
             self._command(ch, _core.pack_command(_core.CMD_QUIT))
         self._wait_done()
         self.main.shutdown(socket.SHUT_WR)
 
-    def _open_channel(self, ch: int, worker) -> None:
+    def _open_channel(self, ch: int, worker: Child) -> None:
         sock = connect(self.address, self.stall)
         self.data.append(sock)
         tune_data_socket(sock)
@@ -118,15 +160,17 @@ class QemuSending:
         _core.encode_init_packet(hello, self.stream.uuid, ch)
         cmd_r, cmd_w = os.pipe()
         self.cmd_fds.append(cmd_w)
+        zeros_listed = self.stream.zeros_in_packets
         params = SendParams(
             channel=ch, page_size=self.page_size,
             packet_pages=QEMU_PACKET_BYTES // self.page_size, checksum=False, chunk_size=0,
             compression=self.compression, regions=tuple(r.handle for r in self.regions),
             devices=(), counters=self.counters.name, pool=None, hello=bytes(hello),
             uuid=self.stream.uuid, security=ChannelSecurity(timeout=self.stall),
-            compression_level=self.level, zero_page_detection=False,
+            compression_level=self.level, zero_page_detection=zeros_listed,
             mailbox=self.mailbox_shm.name, mailbox_row=ch, job_pages=self.job_pages,
-            selector=self.selector.name, selector_index=ch, layout=_core.LAYOUT_QEMU72)
+            selector=self.selector.name, selector_index=ch,
+            layout=_core.LAYOUT_CURRENT if zeros_listed else _core.LAYOUT_QEMU72)
         try:
             worker.start_session(params, [sock.fileno(), cmd_r])
         finally:
@@ -140,9 +184,14 @@ class QemuSending:
 
     def _send_region(self, index: int, region: Region) -> None:
         """The region's zero pages as ZERO records, the others to the channels; a
-        slice at a time, so the channels start while the rest is scanned."""
+        slice at a time, so the channels start while the rest is scanned. With
+        zero pages listed in the packets, every page goes to the channels, whose
+        workers tell the zero ones apart as they frame them."""
         for first in range(0, region.npages, SCAN_PAGES):
             pages = np.arange(first, min(first + SCAN_PAGES, region.npages), dtype=np.uint64)
+            if self.stream.zeros_in_packets:
+                self._dispatch(index, pages)
+                continue
             zero = _core.find_zero_pages(region.buffer, self.page_size, pages)
             self._main(encode_zero_records(region.name, zero * np.uint64(self.page_size)))
             self._dispatch(index, np.setdiff1d(pages, zero, assume_unique=True))
@@ -161,15 +210,18 @@ class QemuSending:
     @property
     def _mismatch_hint(self) -> str:
         # A 7.2 destination reads no main channel before all of its channels came,
-        # and holds every channel at a SYNC until the main channel reaches its EOS.
+        # and holds every channel at a SYNC until the main channel reaches its EOS;
+        # a destination of another QEMU or machine type refuses the stream.
         return (f" (are the destination's multifd-channels {self.channels} and its "
-                f"multifd-compression {self.compression}?)")
+                f"multifd-compression {self.compression}, and is it a QEMU this saved "
+                f"stream can go to: {self.stream.describe()}?)")
 
     def _send_vmstate(self) -> None:
         while chunk := os.read(self.vmstate_fd, 1 << 20):
             self._main(chunk)
 
     def _main(self, data: bytes) -> None:
+        assert self.main is not None, "connected by run()"
         try:
             self.main.sendall(data)
         except TimeoutError:
@@ -202,7 +254,7 @@ class QemuSending:
         for worker in self.workers:
             worker.expect(Done, max(0.0, deadline - time.monotonic()))
 
-    def channel_stats(self) -> list[dict]:
+    def channel_stats(self) -> list[dict[str, int]]:
         return [{"channel": ch, **self.counters.read(ch)} for ch in range(self.channels)]
 
     def close(self) -> None:

@@ -36,13 +36,16 @@ import os
 import threading
 import time
 from multiprocessing import connection
+from multiprocessing.connection import Connection
 
 from .. import _core
+from ..devices import Loader
 from ..errors import ConfigError, MigrationError
 from ..protocol.control import (AwaitPrecopy, DeviceLoaded, Drained, PrecopyLoaded, RamLoaded,
                                ReassemblyParams, Stop)
 from ..shm import SHM_DIR
 from .processes import ChildPipe, run_child
+from .session import Closable
 
 __all__ = ["reassembly_main", "pool_slots_for", "plan_pool"]
 
@@ -81,7 +84,7 @@ def plan_pool(ndevices: int, max_queued_bytes: int, chunk_size: int, nchannels: 
 class _DeviceStream:
     """One device's chunks between arrival and loading."""
 
-    def __init__(self, index: int, name: str, loader, cap: int, chunk_size: int) -> None:
+    def __init__(self, index: int, name: str, loader: Loader, cap: int, chunk_size: int) -> None:
         self.index, self.name, self.loader, self.cap = index, name, loader, cap
         self.chunk_size = chunk_size    # what a queued chunk counts against the cap
         self.pending: dict[int, tuple[int, int, int]] = {}   # idx -> (slot, length, flags)
@@ -192,7 +195,7 @@ class _Reassembler:
             if block:
                 return
 
-    def _on_message(self, message) -> None:
+    def _on_message(self, message: object) -> None:
         if isinstance(message, Stop):
             self.stop.set()
         elif isinstance(message, AwaitPrecopy):
@@ -217,7 +220,8 @@ class _Reassembler:
                         raise MigrationError(str(exc), device=stream.name) from None
             self.pipe.send(Drained())
 
-    def _on_chunk(self, device, idx, flags, slot, length, channel) -> None:
+    def _on_chunk(self, device: int, idx: int, flags: int, slot: int, length: int,
+                  channel: int) -> None:
         if device >= len(self.devices):
             self.pool.release(slot)
             raise MigrationError(f"descriptor for unknown device number {device}")
@@ -308,12 +312,12 @@ class _Reassembler:
         self.pool.close()
 
 
-def _reassemble(pipe: ChildPipe, params: ReassemblyParams, stack: list) -> None:
+def _reassemble(pipe: ChildPipe, params: ReassemblyParams, stack: list[Closable]) -> None:
     reassembler = _Reassembler(pipe, params, pipe.recv_fd())
     stack.append(reassembler)
     reassembler.run()
 
 
-def reassembly_main(conn) -> None:
+def reassembly_main(conn: Connection) -> None:
     """The reassembly process: one session's device streams, then exit."""
     run_child(conn, _reassemble)

@@ -40,8 +40,10 @@ import select
 import socket
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 from .. import _core
+from ..devices import Loader
 from ..errors import ConfigError, MigrationError, ProtocolError, SecurityError
 from ..protocol import handshake
 from ..protocol.control import Drained, Eof, Go, Greeted, Refused, RecvParams, Synced
@@ -57,12 +59,15 @@ from ..stats import ChannelStats, ReceiveStats
 from .admission import Admission, ChannelDoor
 from .liveness import Heartbeat, Progress, process_stopped, stall_error, tick
 from .loading import DeviceLoading, check_precopy_counts, old_way_not_here
-from .processes import ChildSet, Watch
+from .processes import Child, ChildSet, Watch
 from .session import SessionFailure, SessionResources, break_session
 
 __all__ = ["Receiving", "ReceivingState", "DestinationParts", "Refusal"]
 
 log = logging.getLogger("fastmfd")
+
+RegionFactory = Callable[[str, int, int], Region]
+"""Makes the region SETUP names: ``factory(name, size, page_size)``."""
 
 # How long a channel's end waits for the source's ERROR that explains it.
 SOURCE_WORD_GRACE = 0.5
@@ -92,10 +97,12 @@ class DestinationParts:
 
     def __init__(self, listener: socket.socket, timeout: float, security: ChannelSecurity,
                  workers: ChildSet, reassembly: ChildSet, user_regions: dict[str, Region],
-                 loaders: dict, region_factory, queued_cap: int | None,
+                 loaders: dict[tuple[str, int], Loader],
+                 region_factory: RegionFactory | None, queued_cap: int | None,
                  resources: SessionResources, failure: SessionFailure,
                  refused: list[Refusal], stall_timeout: float | None = None,
-                 max_memory: int | None = None, *, on_setup=None) -> None:
+                 max_memory: int | None = None, *,
+                 on_setup: Callable[[Setup], object] | None = None) -> None:
         self.listener, self.timeout, self.security = listener, timeout, security
         self.refused, self.on_setup = refused, on_setup
         self.stall_timeout, self.max_memory = stall_timeout, max_memory
@@ -117,10 +124,10 @@ class Receiving:
         self.setup: Setup | None = None
         self.regions: list[Region] = []
         self._fresh: list[bool] = []            # per region: created for this session
-        self._counters = None
+        self._counters: _core.Counters | None = None
         self._devices: DeviceLoading | None = None  # the device-state side, if any
-        self._assigned: dict[int, object] = {}  # channel id -> its worker
-        self._channel_of: dict[object, int] = {}  # worker -> its channel id
+        self._assigned: dict[int, Child] = {}   # channel id -> its worker
+        self._channel_of: dict[Child, int] = {}  # worker -> its channel id
         self._door: ChannelDoor | None = None   # new connections, after SETUP
         self._drained: set[int] = set()
         self._sync_count: dict[int, int] = {}
@@ -204,6 +211,7 @@ class Receiving:
         Regions are sparse and filled as data arrives, so this bounds, it does
         not commit."""
         parts = self.parts
+        assert self.setup is not None, "after SETUP"
         budget = parts.max_memory if parts.max_memory is not None else free_bytes()
         created = sum(spec.size for spec in self.setup.regions
                       if spec.name not in parts.user_regions and parts.region_factory is None)
@@ -214,6 +222,7 @@ class Receiving:
         return budget - created
 
     def _region(self, name: str, size: int) -> Region:
+        assert self.setup is not None, "after SETUP"
         parts, page_size = self.parts, self.setup.page_size
         region = parts.user_regions.get(name)
         fresh = region is None
@@ -234,6 +243,8 @@ class Receiving:
     def run(self) -> None:
         """Receive until everything is applied and loaded, then send LOADED."""
         parts, setup = self.parts, self.setup
+        assert setup is not None and self.main is not None, "after accept_main()"
+        main = self.main
         # The destination's own deadline if it has one, else the source's; its
         # keepalives keep to the shorter of the two, so the source hears it in time.
         self._stall = stall = parts.stall_timeout or setup.stall_timeout
@@ -247,8 +258,9 @@ class Receiving:
         for worker in parts.workers:
             self._watch_worker(worker)
         if self._devices is not None:
-            watch.add_child(parts.reassembly[0], lambda report: self._devices.on_report(
-                report, self.main))
+            devices = self._devices
+            watch.add_child(parts.reassembly[0], lambda report: devices.on_report(
+                report, main))
         self._check_liveness()              # the deadlines start now
         while not self._done():
             self.failure.check()
@@ -258,6 +270,7 @@ class Receiving:
         self._finish()
 
     def _done(self) -> bool:
+        assert self.setup is not None, "after SETUP"
         return (self._complete is not None
                 and len(self._drained) == self.setup.total_channels
                 and self._released == self._round_end
@@ -268,16 +281,20 @@ class Receiving:
         round is released: then (config_after_ram) the config chunks may load."""
         if self._ram_loaded or self._complete is None or self._released != self._round_end:
             return
+        assert self.setup is not None, "after SETUP"
         if all(ch in self._drained for ch in range(self.setup.channels)):
             self._ram_loaded = True
             if self._devices is not None:
                 self._devices.ram_loaded()
 
-    def _watch_worker(self, worker) -> None:
+    def _watch_worker(self, worker: Child) -> None:
+        assert self._watch is not None, "in run()"
         self._watch.add_child(worker, lambda report: self._on_worker_report(worker, report))
 
-    def _on_greeted(self, worker, report: Greeted) -> None:
+    def _on_greeted(self, worker: Child, report: Greeted) -> None:
         setup = self.setup
+        assert setup is not None and self._door is not None and self._counters is not None
+        assert setup.chunk_size is not None, "a session's SETUP is decoded strictly: it has one"
         sock = self._door.greeted(worker)
         ch = handshake.check_channel(handshake.ChannelHello(report.kind, setup.uuid,
                                                             report.channel),
@@ -300,7 +317,8 @@ class Receiving:
         if len(self._assigned) == setup.total_channels:
             self._door.close()
 
-    def _on_worker_report(self, worker, report) -> None:
+    def _on_worker_report(self, worker: Child, report: object) -> None:
+        assert self.setup is not None and self._door is not None, "in run()"
         if isinstance(report, Greeted):
             self._on_greeted(worker, report)
             return
@@ -324,6 +342,7 @@ class Receiving:
         A source that fails shuts its channels down and then sends its ERROR:
         the ERROR, the cause, is given a moment to arrive and wins over this,
         its consequence."""
+        assert self.setup is not None, "after SETUP"
         for ch in self._drained:
             reached = self._synced.get(ch, 0)
             if ch < self.setup.channels and reached < self._round_end:
@@ -336,6 +355,7 @@ class Receiving:
         if self._hearing:
             return                      # already inside a main-channel message
         self._hearing = True
+        assert self.main is not None, "after accept_main()"
         try:
             sock, deadline = self.main.sock, time.monotonic() + wait
             while (getattr(sock, "pending", lambda: 0)() or select.select(
@@ -350,6 +370,8 @@ class Receiving:
         reassembly process once every channel ended, until every device is loaded; a
         stopped process fails."""
         setup, stall, progress = self.setup, self._stall, self._progress
+        assert setup is not None and progress is not None and self._counters is not None
+        assert self._heartbeat is not None, "in run()"
         for ch in range(setup.total_channels):
             worker = self._assigned.get(ch)
             if worker is None:
@@ -365,7 +387,7 @@ class Receiving:
             # the channels that have not reached it do.
             owed = reached <= self._released and (self._complete is not None
                                                   or reached < self._round_end)
-            signature = tuple(self._counters.read(ch).values())
+            signature: tuple[object, ...] = tuple(self._counters.read(ch).values())
             if progress.stalled(ch, owed or process_stopped(pid), signature):
                 raise stall_error(worker.name, stall, pid,
                                   f" (it owes the SYNC of round {reached + 1})"
@@ -381,6 +403,7 @@ class Receiving:
 
     def _release_rounds(self) -> None:
         """RAM barrier: let every RAM channel past round n once all reached it."""
+        assert self.setup is not None and self.main is not None, "after accept_main()"
         n_ram = self.setup.channels
         while (self._released < self._round_end
                and self._sync_count.get(self._released + 1, 0) == n_ram):
@@ -390,6 +413,8 @@ class Receiving:
             self.main.send(Msg.ROUND_ACK, RoundAck(self._released))
 
     def _on_main_message(self) -> None:
+        assert self.setup is not None and self.main is not None and self._heartbeat is not None
+        assert self.setup.chunk_size is not None, "a session's SETUP is decoded strictly"
         kind, body = read_message(self.main.sock, OLD_WAY_PREFIX.size
                                   + _core.CHUNK_HEADER_SIZE + self.setup.chunk_size)
         self._heartbeat.received()
@@ -443,6 +468,7 @@ class Receiving:
         """An old-way chunk waits for a free slot: the session goes on living (its
         keepalives), and fails rather than wait past the deadline."""
         reassembly = self.parts.reassembly[0]
+        assert self._heartbeat is not None, "in run()"
         self.failure.check()
         if not reassembly.process.is_alive():
             raise reassembly.death_error()
@@ -453,6 +479,8 @@ class Receiving:
 
     def _finish(self) -> None:
         """Everything is applied: check the source's totals, then send LOADED."""
+        assert self._complete is not None and self.setup is not None and self.main is not None
+        assert self._counters is not None, "after SETUP"
         if self._devices is not None:
             self._devices.check_totals(self._complete.device_chunks)
         sent = self._complete.channels
@@ -485,6 +513,7 @@ class Receiving:
         self._hear_the_source(0.0)
 
     def resumed(self) -> None:
+        assert self.main is not None, "after accept_main()"
         self.main.send(Msg.RESUMED)
         self.state = ReceivingState.DONE
 
@@ -510,6 +539,7 @@ class Receiving:
     # ------------------------------------------------------------ results
     def stats(self, total: float) -> ReceiveStats:
         setup, counters, devices = self.setup, self._counters, self._devices
+        assert setup is not None and counters is not None, "after SETUP"
         channels = tuple(
             ChannelStats.from_counters(ch, "ram" if ch < setup.channels else "device",
                                        counters.read(ch))

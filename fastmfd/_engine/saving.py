@@ -24,12 +24,19 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from typing import Callable, Protocol
 
 from .. import _core
-from ..devices import device_key
+from ..devices import Device, device_key, has_precopy
 from ..errors import Aborted, MigrationError
-from ..protocol.main_channel import OLD_WAY_PREFIX, Msg
+from ..protocol.main_channel import OLD_WAY_PREFIX, MainChannel, Msg
+from .session import SessionFailure
+
+Reader = Callable[[memoryview], int]
+"""A device's read: fills the buffer, returns the bytes written (0: nothing more)."""
+Dispatch = Callable[[int, int, int, int], None]
+"""Hands a filled pool slot to a channel: ``dispatch(ch, device, slot, length)``."""
 
 __all__ = ["DeviceSaver", "DeviceStream", "OldWaySaver", "save_live", "save_stream"]
 
@@ -40,7 +47,7 @@ log = logging.getLogger("fastmfd")
 
 
 class ChunkSink(Protocol):
-    def fill(self, reader: Callable[[memoryview], int]) -> int:
+    def fill(self, reader: Reader) -> int:
         """Let ``reader`` fill the next chunk's data area; returns what it wrote."""
 
     def discard(self) -> None:
@@ -54,7 +61,7 @@ class DeviceStream:
     """One device's stream across the phases: the next chunk idx, whether its
     ``save_setup`` ran, and the chunk bytes it sent live."""
 
-    def __init__(self, device) -> None:
+    def __init__(self, device: Device) -> None:
         self.device = device
         self.name = device_key(device.idstr, device.instance_id)
         self.next_idx = 0
@@ -63,21 +70,21 @@ class DeviceStream:
 
     @property
     def has_precopy(self) -> bool:
-        return hasattr(self.device, "save_live_iterate") and hasattr(self.device,
-                                                                     "state_pending")
+        return has_precopy(self.device)
 
     def pending(self) -> int:
         """Bytes the device still wants to send while running (0 without precopy)."""
-        if not self.has_precopy:
+        device = self.device
+        if not has_precopy(device):
             return 0
         with self.device_calls():
-            pending = self.device.state_pending()
+            pending = device.state_pending()
             if not isinstance(pending, int) or pending < 0:
                 raise ValueError(f"state_pending returned {pending!r}, not a byte count")
             return pending
 
     @contextlib.contextmanager
-    def device_calls(self):
+    def device_calls(self) -> Iterator[None]:
         """Around every call of the device: its ``save_setup()`` first (once, whichever
         phase comes first), and a device that fails raises MigrationError naming the
         device and the chunk."""
@@ -93,7 +100,7 @@ class DeviceStream:
             raise MigrationError(f"saving chunk {self.next_idx} failed: "
                                  f"{type(exc).__name__}: {exc}", device=self.name) from exc
 
-    def send_all(self, reader, chunk_size: int, sink: ChunkSink, budget: float) -> int:
+    def send_all(self, reader: Reader, chunk_size: int, sink: ChunkSink, budget: float) -> int:
         """Chunks from ``reader`` until it returns 0 or ``budget`` bytes of data went;
         returns the chunk bytes sent (headers included)."""
         sent = chunks = 0
@@ -115,12 +122,13 @@ class DeviceStream:
 def save_live(stream: DeviceStream, chunk_size: int, sink: ChunkSink) -> None:
     """One live round of a device's precopy: ``save_live_iterate`` chunks, at most
     what ``state_pending()`` said when the round began."""
-    if not stream.has_precopy:
+    device = stream.device
+    if not has_precopy(device):
         return
     budget = stream.pending()
     with stream.device_calls():
         if budget:
-            stream.live_bytes += stream.send_all(stream.device.save_live_iterate,
+            stream.live_bytes += stream.send_all(device.save_live_iterate,
                                                   chunk_size, sink, budget)
 
 
@@ -140,6 +148,10 @@ def save_stream(stream: DeviceStream, chunk_size: int, sink: ChunkSink) -> int:
     return stream.next_idx
 
 
+Phase = Callable[[DeviceStream, int, ChunkSink], object]
+"""A device's phase: :func:`save_live` or :func:`save_stream`."""
+
+
 def _copy(data: memoryview, config: bytes) -> int:
     data[:len(config)] = config
     return len(config)
@@ -149,13 +161,14 @@ class _PoolSink:
     """Chunks in buffer-pool slots, each handed to a channel picked by the selector.
     ``reading_since``: when the device's current read began (None: not in one)."""
 
-    def __init__(self, pool, selector, dispatch, device: int, chunk_size: int) -> None:
+    def __init__(self, pool: _core.BufferPool, selector: _core.ChannelSelector,
+                 dispatch: Dispatch, device: int, chunk_size: int) -> None:
         self._pool, self._selector, self._dispatch = pool, selector, dispatch
         self._device, self._chunk = device, chunk_size
         self._slot = -1
         self.reading_since: float | None = None
 
-    def fill(self, reader) -> int:
+    def fill(self, reader: Reader) -> int:
         self._slot = self._pool.acquire()
         self._pool.populate(self._slot)             # a sparse pool: memory, or a clean error
         view = self._pool.view(self._slot)
@@ -186,7 +199,8 @@ class DeviceSaver:
     (after a failure, which aborts the pool and selector they block on).
     """
 
-    def __init__(self, streams: list[DeviceStream], pool, selector, dispatch, failure,
+    def __init__(self, streams: list[DeviceStream], pool: _core.BufferPool,
+                 selector: _core.ChannelSelector, dispatch: Dispatch, failure: SessionFailure,
                  chunk_size: int, stall_timeout: float) -> None:
         self.streams = streams
         self._failure, self._chunk, self._stall = failure, chunk_size, stall_timeout
@@ -241,7 +255,7 @@ class DeviceSaver:
         self.wait()
         self._failure.check()
 
-    def _save(self, phase, stream: DeviceStream, sink: _PoolSink) -> None:
+    def _save(self, phase: Phase, stream: DeviceStream, sink: _PoolSink) -> None:
         try:
             phase(stream, self._chunk, sink)
         except Aborted:
@@ -253,13 +267,13 @@ class DeviceSaver:
 class _MainChannelSink:
     """Chunks as DEVICE_STATE messages: device index, chunk header, data."""
 
-    def __init__(self, main, device: int, chunk_size: int) -> None:
+    def __init__(self, main: MainChannel, device: int, chunk_size: int) -> None:
         self._main = main
         self._prefix = OLD_WAY_PREFIX.pack(device)
         self._buf = memoryview(bytearray(CHUNK_HEADER + chunk_size))
         self.bytes_sent = 0
 
-    def fill(self, reader) -> int:
+    def fill(self, reader: Reader) -> int:
         return reader(self._buf[CHUNK_HEADER:])
 
     def discard(self) -> None:
@@ -277,10 +291,10 @@ class OldWaySaver:
     beside the caller, so a phase runs when it is joined: after the round's RAM
     jobs are handed to the channels, as QEMU saves RAM before the devices."""
 
-    def __init__(self, streams: list[DeviceStream], main, chunk_size: int) -> None:
+    def __init__(self, streams: list[DeviceStream], main: MainChannel, chunk_size: int) -> None:
         self.streams, self._chunk = streams, chunk_size
         self._sinks = [_MainChannelSink(main, i, chunk_size) for i in range(len(streams))]
-        self._phase = None
+        self._phase: Phase | None = None
 
     def start(self, live: bool) -> None:
         self._phase = save_live if live else save_stream

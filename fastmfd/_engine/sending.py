@@ -33,11 +33,14 @@ import os
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from .. import _core
 from ..config import MigrationConfig
+from ..devices import Device
 from ..errors import MigrationError, ProtocolError
 from ..protocol import handshake
 from ..protocol.control import Done, SendParams
@@ -55,7 +58,7 @@ from .liveness import (Heartbeat, Progress, bytes_waiting, process_stopped, set_
 from .processes import ChildSet, Watch
 from .progress import RoundProgress
 from .saving import DeviceSaver, DeviceStream, OldWaySaver
-from .session import SessionFailure, SessionResources, break_session, call_hook
+from .session import Hook, SessionFailure, SessionResources, break_session, call_hook
 from .status import StatusBoard
 
 __all__ = ["Sending", "SendingState", "SourceParts"]
@@ -82,7 +85,7 @@ class SourceParts:
     config: MigrationConfig
     uuid: bytes
     regions: list[Region]
-    devices: list
+    devices: list[Device]
     workers: ChildSet
     counters: "_core.Counters"
     ram_selector: "_core.ChannelSelector"
@@ -102,10 +105,10 @@ class Sending:
         self.failure = SessionFailure("source")
         self.failure.on_failure(self._teardown)
         self.main: MainChannel | None = None
-        self._mailbox = np.frombuffer(parts.mailbox_shm.buf, dtype=np.uint64).reshape(
+        self._mailbox: npt.NDArray[np.uint64] | None = np.frombuffer(parts.mailbox_shm.buf, dtype=np.uint64).reshape(
             self.config.total_channels, parts.job_pages)
         self._cmd_fds: list[int] = []           # one command pipe per worker (also in resources)
-        self._pool = None
+        self._pool: _core.BufferPool | None = None
         self._monitor: threading.Thread | None = None
         self._wake_r, self._wake_w = -1, -1
         self._loaded = threading.Event()
@@ -121,10 +124,11 @@ class Sending:
         self._rounds_started = time.monotonic() # when round 1 began (bandwidth's clock)
         self._ack_waited = 0.0                  # seconds spent waiting for SWITCHOVER_ACK
         self.stats: MigrationStats | None = None
-        self._last_report: dict | None = None   # the report once the session is over
+        self._last_report: dict[str, Any] | None = None  # the report once the session is over
 
     # ------------------------------------------------------------ the session
-    def run(self, live: bool, on_stop, on_resume, progress: bool) -> MigrationStats:
+    def run(self, live: bool, on_stop: Hook | None, on_resume: Hook | None,
+            progress: bool) -> MigrationStats:
         t_start = self.board.started_at = time.monotonic()
         try:
             self.failure.check()
@@ -205,6 +209,7 @@ class Sending:
                                          daemon=True)
         self._monitor.start()
         if self._streams and cfg.channel_header:
+            assert self._pool is not None, "made above, for these devices"
             self._saver = DeviceSaver(self._streams, self._pool, parts.device_selector,
                                       self._device_command, self.failure,
                                       cfg.device_chunk_size, cfg.stall_timeout)
@@ -240,7 +245,8 @@ class Sending:
             rate=cfg.channel_rate)
 
     # ------------------------------------------------------------ rounds
-    def _run_rounds(self, live: bool, on_stop, bar: RoundProgress) -> tuple[list, float]:
+    def _run_rounds(self, live: bool, on_stop: Hook | None,
+                    bar: RoundProgress) -> tuple[list[RoundStats], float]:
         """Send every round; returns the round stats and the stop time."""
         cfg, regions = self.config, self.parts.regions
         rounds = self.board.rounds
@@ -255,7 +261,7 @@ class Sending:
             final = stop_time is not None
             rounds.append(self._send_round(len(rounds) + 1, pages, not final, bar,
                                            devices=final))
-            if final:
+            if stop_time is not None:       # final
                 break
             # Converged when what is left — dirty pages and what devices still
             # want to send live — fits the downtime limit (QEMU's pending estimate).
@@ -288,7 +294,7 @@ class Sending:
         self.failure.check()            # a failure wakes the wait too
         return acked
 
-    def _stop(self, on_stop) -> float:
+    def _stop(self, on_stop: Hook | None) -> float:
         stop_time = self.board.stopped_at = time.monotonic()
         call_hook("on_stop", on_stop)
         self.state = SendingState.STOPPED
@@ -310,7 +316,8 @@ class Sending:
         counters = self.parts.counters
         return counters.total("normal_pages") + counters.total("zero_pages")
 
-    def _send_round(self, number: int, pages: list, live: bool, bar: RoundProgress,
+    def _send_round(self, number: int, pages: list[npt.NDArray[np.uint64]], live: bool,
+                    bar: RoundProgress,
                     devices: bool) -> RoundStats:
         started = time.monotonic()
         total = int(sum(len(p) for p in pages))
@@ -332,8 +339,9 @@ class Sending:
         self._tell(Msg.ROUND_END, RoundEnd(number))
         return RoundStats(number, total, time.monotonic() - started, live)
 
-    def _dispatch_region(self, index: int, pages: np.ndarray) -> None:
+    def _dispatch_region(self, index: int, pages: npt.NDArray[np.uint64]) -> None:
         job = self.parts.job_pages
+        assert self._mailbox is not None, "open until close()"
         for start in range(0, len(pages), job):
             count = min(job, len(pages) - start)
             ch = self.parts.ram_selector.select(timeout=None)
@@ -351,10 +359,11 @@ class Sending:
             raise MigrationError(f"cannot hand work to its worker: {exc.strerror}",
                                  channel=f"send channel {ch}") from None
 
-    def _tell(self, kind: Msg, payload=None) -> None:
+    def _tell(self, kind: Msg, payload: object = None) -> None:
         """Send to the destination. One that failed sent ERROR before it closed the
         main channel: when the send breaks, the monitor is about to read that ERROR,
         which is the real cause."""
+        assert self.main is not None, "connected"
         try:
             self.main.send(kind, payload)
         except MigrationError:
@@ -386,13 +395,15 @@ class Sending:
     # ------------------------------------------------------------ monitor
     def _watch(self) -> None:
         """Monitor thread: worker reports and deaths, the return path, and deadlines."""
-        watch = Watch(self.main.sock)
+        assert self.main is not None, "connected"
+        main = self.main
+        watch = Watch(main.sock)
         for worker in self.parts.workers:
             watch.add_child(worker, self._on_worker_report)
-        watch.add(self.main.sock, lambda: self._on_main_message(watch), MAIN)
+        watch.add(main.sock, lambda: self._on_main_message(watch), MAIN)
         watch.add(self._wake_r, self._stop_watching)
         stall = self.config.stall_timeout
-        self._heartbeat = Heartbeat(self.main, stall, "destination")
+        self._heartbeat = Heartbeat(main, stall, "destination")
         progress = Progress(stall)
         while self.failure.error is None:
             try:
@@ -414,6 +425,7 @@ class Sending:
         a command in its pipe) or stopped must finish a packet within the deadline."""
         if self._resumed.is_set():
             return
+        assert self._heartbeat is not None, "made by _watch() first"
         self._heartbeat.beat()
         cfg, parts = self.config, self.parts
         for ch, worker in enumerate(parts.workers):
@@ -430,12 +442,13 @@ class Sending:
             if progress.stalled(ch, expected, signature):
                 raise stall_error(worker.name, cfg.stall_timeout, pid)
 
-    def _on_worker_report(self, report) -> None:
+    def _on_worker_report(self, report: object) -> None:
         if isinstance(report, Done) and all(w.finished for w in self.parts.workers):
             self._workers_done.set()
 
     def _on_main_message(self, watch: Watch) -> None:
         """Handle one message from the destination."""
+        assert self.main is not None and self._heartbeat is not None, "made by _watch()"
         try:
             kind, body = read_message(self.main.sock, 0)
         except ProtocolError as exc:
@@ -476,7 +489,7 @@ class Sending:
     def _stop_monitor(self) -> None:
         if self._wake_w >= 0:
             os.write(self._wake_w, b"x")
-        if self._monitor is not threading.current_thread():
+        if self._monitor is not None and self._monitor is not threading.current_thread():
             self._monitor.join(timeout=5)
         self._monitor = None
 
@@ -492,7 +505,7 @@ class Sending:
         self.parts.workers.kill()
 
     # ------------------------------------------------------------ results
-    def status(self, cancelled: bool = False) -> dict:
+    def status(self, cancelled: bool = False) -> dict[str, Any]:
         """What QEMU's ``query-migrate`` says, now (any thread): see Source.status."""
         report = self._last_report or self._report()
         if report["status"] == "failed" and cancelled:
@@ -504,7 +517,7 @@ class Sending:
         if self._last_report is None:
             self._last_report = self._report()
 
-    def _report(self) -> dict:
+    def _report(self) -> dict[str, Any]:
         state = _STATUS[self.state]
         old_way = self._saver.bytes_sent if isinstance(self._saver, OldWaySaver) else 0
         return self.board.report(
@@ -530,6 +543,7 @@ class Sending:
         old_way = self._saver.bytes_sent if isinstance(self._saver, OldWaySaver) else 0
         device_bytes = counters.total("device_bytes") + old_way
         loaded = self._loaded_report
+        assert loaded is not None and self.main is not None, "after LOADED"
         return MigrationStats(
             total_time_s=total, setup_time_s=setup, downtime_s=downtime, rounds=len(rounds),
             ram_bytes=(normal + zero) * cfg.page_size,

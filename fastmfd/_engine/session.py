@@ -15,9 +15,11 @@ import contextlib
 import os
 import socket
 import threading
-from typing import Callable, Self
+from collections.abc import Iterator
+from typing import Callable, NoReturn, Protocol, Self, TypeVar
 
 from ..errors import Aborted, FastMFDError, MigrationError
+from ..protocol.main_channel import MainChannel
 
 __all__ = ["SessionFailure", "SessionResources", "Owner", "break_session", "call_hook", "main_first",
            "as_migration_error"]
@@ -60,7 +62,7 @@ class SessionFailure:
         if self._error is not None:
             raise self._error
 
-    def raise_for(self, exc: BaseException, channel: str | None = None) -> None:
+    def raise_for(self, exc: BaseException, channel: str | None = None) -> NoReturn:
         """Fail with ``exc`` (an Aborted wait defers to the real cause) and raise the
         session's error. Its ``__cause__`` is what made it (set by as_migration_error,
         or a worker's RemoteTraceback): ``raise ... from exc`` would overwrite that,
@@ -70,7 +72,10 @@ class SessionFailure:
         raise self.fail(exc, channel)
 
 
-def main_first(ready: list, main) -> list:
+_Ready = TypeVar("_Ready")
+
+
+def main_first(ready: list[_Ready], main: object) -> list[_Ready]:
     """``ready`` (from connection.wait, in registration order) with the main channel
     first. A failing peer sends its ERROR before it shuts its sockets down, so when
     one of our channels breaks because of that shutdown, the ERROR is already
@@ -79,7 +84,11 @@ def main_first(ready: list, main) -> list:
     return sorted(ready, key=lambda item: item is not main)
 
 
-def call_hook(name: str, hook) -> None:
+Hook = Callable[[], object]
+"""A user's hook (``on_stop``, ``on_resume``): called with nothing, its result unused."""
+
+
+def call_hook(name: str, hook: Hook | None) -> None:
     """Run the user's ``hook`` (if any); what it raises becomes a MigrationError
     naming the hook, with the original exception as its cause."""
     if hook is None:
@@ -111,6 +120,13 @@ def shutdown_quietly(sock: socket.socket) -> None:
         pass
 
 
+class Closable(Protocol):
+    def close(self) -> None: ...
+
+
+Owned = TypeVar("Owned", bound=Closable)
+
+
 class SessionResources:
     """What one side of a session owns besides its processes: the data
     sockets (the main process keeps a copy of each, so shutting them down
@@ -120,9 +136,9 @@ class SessionResources:
     def __init__(self) -> None:
         self.sockets: list[socket.socket] = []
         self.fds: list[int] = []
-        self._owned: list = []
+        self._owned: list[Closable] = []
 
-    def own(self, resource):
+    def own(self, resource: Owned) -> Owned:
         """Close ``resource`` (a Region, a shared structure) at release; returns it."""
         self._owned.append(resource)
         return resource
@@ -146,7 +162,8 @@ class SessionResources:
         self._owned = []
 
 
-def break_session(error: MigrationError, peer: str, main, resources: SessionResources) -> None:
+def break_session(error: MigrationError, peer: str, main: MainChannel | None,
+                  resources: SessionResources) -> None:
     """The common part of a side's teardown: tell the peer why (unless the error is
     the peer's own), then break every blocked read and write on the session's sockets."""
     if main is not None and error.side != peer:
@@ -173,7 +190,7 @@ class Owner:
     _call_left: threading.Event | None = None
 
     @contextlib.contextmanager
-    def _running(self):
+    def _running(self) -> Iterator[None]:
         self._call_left = threading.Event()
         self._call_thread = threading.get_ident()
         try:
@@ -186,7 +203,9 @@ class Owner:
         thread = self._call_thread
         if thread is not None and thread != threading.get_ident():
             self.cancel(f"the {type(self).__name__} was closed")
-            self._call_left.wait(CLOSE_WAIT)
+            left = self._call_left          # set before _call_thread
+            if left is not None:
+                left.wait(CLOSE_WAIT)
 
     def cancel(self, reason: str = "cancelled") -> None:
         raise NotImplementedError
@@ -205,5 +224,5 @@ class Owner:
             raise
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()

@@ -12,9 +12,17 @@ made from its :class:`~fastmfd.MigrationStats`, so the two agree.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from ..stats import MigrationStats, RoundStats
+
+if TYPE_CHECKING:
+    from .._core import Counters
+    from ..config import MigrationConfig
+    from ..regions import Region
+    from .saving import DeviceStream
 
 __all__ = ["StatusBoard"]
 
@@ -31,11 +39,14 @@ class StatusBoard:
     device_pending: int = 0                 # what devices said at the last estimate
     dirty_rate: float = 0.0                 # pages dirtied per second, last live round
 
-    def report(self, state: str, config, counters, regions, *, running: bool,
-               bandwidth: float, main_bytes: int, old_way_bytes: int, streams: list,
-               switchover_ack: str | None, final: MigrationStats | None) -> dict:
+    def report(self, state: str, config: MigrationConfig, counters: Counters,
+               regions: Sequence[Region], *, running: bool,
+               bandwidth: float, main_bytes: int, old_way_bytes: int,
+               streams: Sequence[DeviceStream],
+               switchover_ack: str | None, final: MigrationStats | None) -> dict[str, Any]:
         """The status as a JSON-ready dict (field names after QEMU's MigrationInfo)."""
         now = time.monotonic()
+        channels: list[dict[str, Any]]          # counters, their channel and kind: JSON
         channels = [dict(channel=ch, kind="ram" if ch < config.channels else "device",
                          **counters.read(ch)) for ch in range(config.total_channels)]
         normal = sum(c["normal_pages"] for c in channels)

@@ -25,6 +25,8 @@ and device chunks go from socket to shared memory inside the engines.
 from __future__ import annotations
 
 import socket
+from multiprocessing.connection import Connection
+from typing import Any
 
 from .. import _core
 from ..errors import MigrationError, ProtocolError
@@ -35,24 +37,26 @@ from ..protocol.sockets import peer_on_this_host
 from ..regions import Region
 from ..shm import SharedMemory
 from .processes import ChildPipe, run_child
+from .session import Closable
 
 __all__ = ["send_worker_main", "recv_worker_main", "qemu_recv_worker_main"]
 
 
-def _attach(params: ChannelParams, stack: list) -> tuple[list, "_core.Counters", object]:
+def _attach(params: ChannelParams, stack: list[Closable]
+            ) -> tuple[list[Region], _core.Counters, _core.BufferPool | None]:
     """Map the session's regions, counters and pool; remember them for closing."""
     regions = [Region.attach(handle) for handle in params.regions]
     stack.extend(regions)
     counters = _core.Counters.attach(params.counters)
     stack.append(counters)
-    pool = None
+    pool: _core.BufferPool | None = None
     if params.pool:
         pool = _core.BufferPool.attach(params.pool)
         stack.append(pool)
     return regions, counters, pool
 
 
-def _engine_geometry(params: ChannelParams, zero_page_detection: bool = False) -> dict:
+def _engine_geometry(params: ChannelParams, zero_page_detection: bool = False) -> dict[str, Any]:
     """What the core's engines read from their parameters."""
     return {"page_size": params.page_size, "packet_pages": params.packet_pages,
             "checksum": params.checksum, "chunk_size": params.chunk_size,
@@ -60,7 +64,7 @@ def _engine_geometry(params: ChannelParams, zero_page_detection: bool = False) -
             "auto": params.compression == "auto"}
 
 
-def _send_session(pipe: ChildPipe, params: SendParams, stack: list) -> None:
+def _send_session(pipe: ChildPipe, params: SendParams, stack: list[Closable]) -> None:
     sock = socket.socket(fileno=pipe.recv_fd())
     stack.append(sock)
     cmd_fd = pipe.recv_fd()
@@ -86,7 +90,8 @@ def _send_session(pipe: ChildPipe, params: SendParams, stack: list) -> None:
     pipe.send(Done())
 
 
-def _greet(pipe: ChildPipe, greeting: Greeting):
+def _greet(pipe: ChildPipe, greeting: Greeting
+           ) -> tuple[socket.socket, handshake.ChannelHello, _core.TLSChannel | None] | None:
     """Greet each connection handed over until one is a channel of the session;
     returns ``(socket, hello, tls)``, or None when told to Stop."""
     while True:
@@ -102,12 +107,13 @@ def _greet(pipe: ChildPipe, greeting: Greeting):
             return None
 
 
-def _recv_session(pipe: ChildPipe, greeting: Greeting, stack: list) -> None:
+def _recv_session(pipe: ChildPipe, greeting: Greeting, stack: list[Closable]) -> None:
     greeted = _greet(pipe, greeting)
     if greeted is None:
         return
     sock, hello, tls = greeted
     stack.append(sock)
+    assert hello.channel_id is not None, "greet_channel refuses a main channel"
     pipe.send(Greeted(hello.channel_id, hello.kind))
     params = pipe.recv()
     if isinstance(params, Stop):
@@ -115,15 +121,15 @@ def _recv_session(pipe: ChildPipe, greeting: Greeting, stack: list) -> None:
     _receive(pipe, sock, params, tls, stack)
 
 
-def _qemu_recv_session(pipe: ChildPipe, params: RecvParams, stack: list) -> None:
+def _qemu_recv_session(pipe: ChildPipe, params: RecvParams, stack: list[Closable]) -> None:
     """A QEMU multifd channel, greeted (its init packet read) by the main process."""
     sock = socket.socket(fileno=pipe.recv_fd())
     stack.append(sock)
     _receive(pipe, sock, params, None, stack)
 
 
-def _receive(pipe: ChildPipe, sock: socket.socket, params: RecvParams, tls,
-             stack: list) -> None:
+def _receive(pipe: ChildPipe, sock: socket.socket, params: RecvParams,
+             tls: _core.TLSChannel | None, stack: list[Closable]) -> None:
     """Run the channel's RecvEngine, holding at each SYNC until told Go."""
     reassembly_fd = pipe.recv_fd() if params.pool else -1
     regions, counters, pool = _attach(params, stack)
@@ -149,16 +155,16 @@ def _receive(pipe: ChildPipe, sock: socket.socket, params: RecvParams, tls,
     pipe.send(Eof(learnt))
 
 
-def send_worker_main(conn) -> None:
+def send_worker_main(conn: Connection) -> None:
     """A send worker: runs one channel's SendEngine for one session."""
     run_child(conn, _send_session)
 
 
-def recv_worker_main(conn) -> None:
+def recv_worker_main(conn: Connection) -> None:
     """A receive worker: runs one channel's RecvEngine, holding at each SYNC."""
     run_child(conn, _recv_session)
 
 
-def qemu_recv_worker_main(conn) -> None:
+def qemu_recv_worker_main(conn: Connection) -> None:
     """A receive worker for a QEMU multifd channel (:mod:`.qemu_receiving`)."""
     run_child(conn, _qemu_recv_session)

@@ -14,6 +14,9 @@ truncation error at that offset.
 
 from __future__ import annotations
 
+import mmap
+from collections.abc import Callable
+
 from ..errors import ProtocolError
 
 __all__ = ["ByteReader", "StreamReader"]
@@ -22,7 +25,7 @@ __all__ = ["ByteReader", "StreamReader"]
 class ByteReader:
     """A cursor over ``data``, the whole content of the file ``path``."""
 
-    def __init__(self, path: str, data: bytes) -> None:
+    def __init__(self, path: str, data: bytes | mmap.mmap) -> None:
         self.path = path
         self.raw = data
         self.view = memoryview(data)
@@ -95,7 +98,7 @@ class StreamReader(ByteReader):
 
     CHUNK = 1 << 20
 
-    def __init__(self, path: str, recv) -> None:
+    def __init__(self, path: str, recv: Callable[[int], bytes]) -> None:
         super().__init__(path, b"")
         self._recv = recv
         self._base = 0              # stream offset of self.raw[0]

@@ -23,8 +23,10 @@ What a connection that passed its greeting then breaks fails the session.
 from __future__ import annotations
 
 import socket
+import ssl
 import struct
 import time
+from collections.abc import Container
 from dataclasses import dataclass
 
 from .. import _core
@@ -32,8 +34,9 @@ from ..errors import MigrationError, ProtocolError, SecurityError, TLSError
 from .main_channel import (MAIN, MAIN_MAGIC, MAIN_VERSION, MESSAGE_HEADER,
                            MESSAGE_HEADER_SIZE, Msg, decode_message_header, decode_payload,
                            encode_message, encode_preamble, expect_message, read_message)
-from .security import (MAIN_CHANNEL_ID, ChannelSecurity, check_authz, check_key_proof,
-                       identities_of, is_tls_record, prove_key, tls_handshake)
+from .security import (MAIN_CHANNEL_ID, ChannelSecurity, Stream, TLSConfig, check_authz,
+                       check_key_proof, identities_of, is_tls_record, prove_key,
+                       tls_handshake)
 from .setup import Setup
 from .sockets import recv_exact, send_all
 
@@ -50,7 +53,8 @@ __all__ = ["ChannelHello", "SocketStream", "TLSStream", "read_hello", "main_chan
 class SocketStream:
     """A plain socket as the greeting reads and writes it, under one deadline."""
 
-    def __init__(self, sock: socket.socket, where: str, deadline: float | None = None) -> None:
+    def __init__(self, sock: socket.socket, where: str | None,
+                 deadline: float | None = None) -> None:
         self.sock, self.where, self.deadline = sock, where, deadline
 
     def _arm(self) -> None:
@@ -68,7 +72,7 @@ class SocketStream:
 class TLSStream:
     """A channel's TLS connection (the core's, as its worker holds it)."""
 
-    def __init__(self, tls: "_core.TLSChannel", where: str, deadline: float) -> None:
+    def __init__(self, tls: "_core.TLSChannel", where: str | None, deadline: float) -> None:
         self.tls, self.where, self.deadline = tls, where, deadline
 
     def send_all(self, data: bytes, what: str = "handshake") -> None:
@@ -101,7 +105,7 @@ class _AuthMessages:
     """The shared-key proof on the main channel, carried as AUTH messages (so a
     peer without a key meets an ERROR it can read, not stray bytes)."""
 
-    def __init__(self, sock) -> None:
+    def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
 
     def send_all(self, data: bytes, what: str = "AUTH") -> None:
@@ -180,14 +184,14 @@ def open_main_channel(sock: socket.socket, security: ChannelSecurity, setup: Set
 
 
 def open_channel(sock: socket.socket, security: ChannelSecurity, hello: bytes, uuid: bytes,
-                 channel: int, where: str):
+                 channel: int, where: str | None) -> _core.TLSChannel | None:
     """A send worker's greeting on its channel: TLS (returns the core's
     TLSChannel, or None), the init packet ``hello``, the shared-key proof."""
     deadline = time.monotonic() + security.timeout
     tls = None
     stream: SocketStream | TLSStream = SocketStream(sock, where, deadline)
     if security.tls is not None:
-        tls = _tls_connect(sock, security, deadline, where)
+        tls = _tls_connect(sock, security.tls, security.hostname, deadline, where)
         stream = TLSStream(tls, where, deadline)
     stream.send_all(hello, "init packet")
     if security.auth_key is not None:
@@ -197,11 +201,11 @@ def open_channel(sock: socket.socket, security: ChannelSecurity, hello: bytes, u
     return tls
 
 
-def _tls_connect(sock: socket.socket, security: ChannelSecurity, deadline: float, where: str):
-    tls = security.tls
+def _tls_connect(sock: socket.socket, tls: TLSConfig, hostname: str | None, deadline: float,
+                 where: str | None) -> _core.TLSChannel:
     try:
         return _core.TLSChannel.connect(sock.fileno(), cert=tls.cert, key=tls.key, ca=tls.ca,
-                                        hostname=security.hostname, ciphers=tls.ciphers,
+                                        hostname=hostname, ciphers=tls.ciphers,
                                         timeout=max(0.001, deadline - time.monotonic()))
     except TLSError as exc:
         raise SecurityError(str(exc), channel=where) from None
@@ -217,7 +221,7 @@ class ChannelHello:
     channel_id: int | None = None
 
 
-def read_hello(stream, with_header: bool | None, expected_uuid: bytes | None,
+def read_hello(stream: Stream, with_header: bool | None, expected_uuid: bytes | None,
                nchannels: int | None) -> ChannelHello:
     """Read and check a new connection's channel header and init packet.
 
@@ -251,7 +255,7 @@ def read_hello(stream, with_header: bool | None, expected_uuid: bytes | None,
                         field="magic", received=hex(magic), expected=expected)
 
 
-def _first_byte(sock: socket.socket, deadline: float, where: str) -> bytes:
+def _first_byte(sock: socket.socket, deadline: float, where: str | None) -> bytes:
     """The connection's first byte, left unread (it tells TLS from plaintext)."""
     sock.settimeout(max(0.001, deadline - time.monotonic()))
     try:
@@ -266,7 +270,7 @@ def _first_byte(sock: socket.socket, deadline: float, where: str) -> bytes:
     return first
 
 
-def _check_transport(first: bytes, tls_expected: bool, where: str) -> None:
+def _check_transport(first: bytes, tls_expected: bool, where: str | None) -> None:
     if is_tls_record(first) and not tls_expected:
         raise SecurityError("the peer speaks TLS; this destination was not given tls=",
                             channel=where)
@@ -316,8 +320,9 @@ def greet_main_channel(sock: socket.socket, security: ChannelSecurity) -> MainGr
         raise
 
 
-def _greet_main(sock, security: ChannelSecurity, deadline: float) -> MainGreeting:
+def _greet_main(sock: socket.socket, security: ChannelSecurity, deadline: float) -> MainGreeting:
     if security.tls is not None:
+        assert isinstance(sock, ssl.SSLSocket), "greet_main_channel wraps it when tls is set"
         check_authz(identities_of(sock.getpeercert() or {}), security.tls.authz)
     stream = SocketStream(sock, MAIN, deadline)
     hello = read_hello(stream, None, None, None)
@@ -349,10 +354,11 @@ def _greet_main(sock, security: ChannelSecurity, deadline: float) -> MainGreetin
 
 
 def _message_type(header: bytes) -> int:
-    return MESSAGE_HEADER.unpack(header)[0]
+    kind: int = MESSAGE_HEADER.unpack(header)[0]
+    return kind
 
 
-def _tell(sock, error: BaseException) -> None:
+def _tell(sock: socket.socket, error: BaseException) -> None:
     """Best effort: tell a refused peer why, as the main channel's ERROR. What it
     sent meanwhile is drained for a moment first: closing a socket with unread
     bytes resets the connection, and a reset can overtake the ERROR."""
@@ -371,7 +377,8 @@ def _tell(sock, error: BaseException) -> None:
         pass
 
 
-def greet_channel(sock: socket.socket, security: ChannelSecurity, setup: Setup, where: str):
+def greet_channel(sock: socket.socket, security: ChannelSecurity, setup: Setup,
+                  where: str | None) -> tuple[ChannelHello, _core.TLSChannel | None]:
     """A receive worker's side of a new connection after SETUP: TLS (and authz)
     when set, a multifd channel of *this* session (its UUID), the shared-key
     proof when set. Returns ``(hello, tls)`` — ``tls`` the core's TLSChannel
@@ -381,7 +388,7 @@ def greet_channel(sock: socket.socket, security: ChannelSecurity, setup: Setup, 
     tls = None
     stream: SocketStream | TLSStream = SocketStream(sock, where, deadline)
     if security.tls is not None:
-        tls = _tls_accept(sock, security, deadline, where)
+        tls = _tls_accept(sock, security.tls, deadline, where)
         check_authz(tls.peer_identities(), security.tls.authz)
         stream = TLSStream(tls, where, deadline)
     hello = read_hello(stream, setup.channel_header, setup.uuid, None)
@@ -389,13 +396,14 @@ def greet_channel(sock: socket.socket, security: ChannelSecurity, setup: Setup, 
         raise ProtocolError("a second main channel connected", field="channel_type",
                             received=0, expected="2 (multifd) or 3 (device state)")
     if security.auth_key is not None:
+        assert hello.channel_id is not None, "read_hello reads a multifd channel's id"
         check_key_proof(stream, security.auth_key, setup.uuid, hello.channel_id)
     sock.settimeout(None)
     return hello, tls
 
 
-def _tls_accept(sock: socket.socket, security: ChannelSecurity, deadline: float, where: str):
-    tls = security.tls
+def _tls_accept(sock: socket.socket, tls: TLSConfig, deadline: float,
+                where: str | None) -> _core.TLSChannel:
     try:
         return _core.TLSChannel.accept(sock.fileno(), cert=tls.cert, key=tls.key, ca=tls.ca,
                                        ciphers=tls.ciphers,
@@ -404,11 +412,12 @@ def _tls_accept(sock: socket.socket, security: ChannelSecurity, deadline: float,
         raise SecurityError(str(exc), channel=where) from None
 
 
-def check_channel(hello: ChannelHello, setup: Setup, taken) -> int:
+def check_channel(hello: ChannelHello, setup: Setup, taken: Container[int]) -> int:
     """The session's rules for a channel that passed its greeting; returns its id.
 
     ``taken``: the ids already set up (a second connection for one is refused)."""
     ch = hello.channel_id
+    assert ch is not None, "greet_channel refuses a main channel"
     if ch >= setup.total_channels:
         raise ProtocolError(f"init packet field 'id': received {ch}, expected < "
                             f"{setup.total_channels} (channels)", field="id", received=ch,

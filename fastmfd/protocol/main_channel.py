@@ -25,11 +25,14 @@ import struct
 import threading
 import time
 from dataclasses import dataclass, fields
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from ..errors import MigrationError, ProtocolError, printable
 from .setup import MAX_CHANNELS, MAX_DEVICES, Setup
 from .sockets import recv_exact, send_all
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer     # collections.abc.Buffer from Python 3.12
 
 __all__ = [
     "MAIN", "MAIN_MAGIC", "MAIN_VERSION", "MAIN_PREAMBLE", "MESSAGE_HEADER", "MESSAGE_HEADER_SIZE",
@@ -115,6 +118,9 @@ class Error:
     error: str
 
 
+_Payload = TypeVar("_Payload")
+
+
 def _count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MAX_COUNT
 
@@ -128,9 +134,10 @@ def _seconds(value: Any) -> bool:
         isinstance(v, (int, float)) and not isinstance(v, bool) for v in value.values())
 
 
-def _typed(cls: type, **rules: tuple[Callable[[Any], bool], str]) -> Callable[[dict], Any]:
+def _typed(cls: type[_Payload],
+           **rules: tuple[Callable[[Any], bool], str]) -> Callable[[dict[str, Any]], _Payload]:
     """A decoder for ``cls``: exactly the fields of ``rules``, each passing its check."""
-    def decode(value: dict) -> Any:
+    def decode(value: dict[str, Any]) -> _Payload:
         if set(value) != set(rules):
             raise ProtocolError(f"{cls.__name__}: fields {sorted(value)[:8]}, expected "
                                 f"{sorted(rules)}", field="payload",
@@ -144,7 +151,7 @@ def _typed(cls: type, **rules: tuple[Callable[[Any], bool], str]) -> Callable[[d
     return decode
 
 
-def _peer_error(value: dict) -> Error:
+def _peer_error(value: dict[str, Any]) -> Error:
     """The peer's reason, its control characters escaped: it is shown to a user."""
     error = _typed(Error, error=(lambda v: isinstance(v, str), "a string"))(value)
     return Error(printable(error.error))
@@ -155,7 +162,7 @@ _CHUNK_COUNTS = (lambda v: isinstance(v, list) and len(v) <= MAX_DEVICES and all
                  f"at most {MAX_DEVICES} chunk counts")
 
 # How each control message's payload is decoded; messages not listed carry {}.
-_DECODERS: dict[Msg, Callable[[dict], Any]] = {
+_DECODERS: dict[Msg, Callable[[dict[str, Any]], Any]] = {
     Msg.SETUP: Setup.decode,
     Msg.ROUND_END: _typed(RoundEnd, round=(_count, "a round number")),
     Msg.ROUND_ACK: _typed(RoundAck, round=(_count, "a round number")),
@@ -183,7 +190,7 @@ def decode_payload(kind: Msg, body: bytes) -> Any:
     return None
 
 
-def _encode_payload(payload: Any) -> dict:
+def _encode_payload(payload: Any) -> dict[str, Any]:
     if isinstance(payload, Setup):
         return payload.encode()
     if isinstance(payload, dict):
@@ -197,7 +204,7 @@ def encode_preamble() -> bytes:
     return MAIN_PREAMBLE.pack(MAIN_MAGIC, MAIN_VERSION)
 
 
-def check_preamble(data: bytes) -> None:
+def check_preamble(data: Buffer) -> None:
     magic, version = MAIN_PREAMBLE.unpack(data)
     if magic != MAIN_MAGIC:
         raise ProtocolError(f"main channel field 'magic': received {magic:#x}, expected "
@@ -218,7 +225,7 @@ def encode_message(kind: Msg, payload: Any = None) -> bytes:
     return MESSAGE_HEADER.pack(int(kind), len(body)) + body
 
 
-def decode_message_header(data: bytes, max_payload: int) -> tuple[Msg, int]:
+def decode_message_header(data: Buffer, max_payload: int) -> tuple[Msg, int]:
     """Validate a message header; return ``(type, payload length)``."""
     kind, length = MESSAGE_HEADER.unpack(data)
     try:
@@ -236,7 +243,7 @@ def decode_message_header(data: bytes, max_payload: int) -> tuple[Msg, int]:
     return msg, length
 
 
-def decode_control(kind: Msg, body: bytes) -> dict:
+def decode_control(kind: Msg, body: bytes) -> dict[str, Any]:
     """The JSON object of a control message."""
     try:
         value = json.loads(body) if body else {}
@@ -311,7 +318,7 @@ class MainChannel:
             self.bytes_sent += len(data)
             self.last_sent = time.monotonic()
 
-    def send_parts(self, kind: Msg, parts: list) -> None:
+    def send_parts(self, kind: Msg, parts: list[bytes | memoryview]) -> None:
         """A binary message whose payload is several buffers (device chunks, old way)."""
         length = sum(len(part) for part in parts)
         with self._lock:

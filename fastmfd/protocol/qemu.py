@@ -1,31 +1,40 @@
 """QEMU's main migration channel (the ``QEVM`` stream), decoded as far as RAM goes.
 
-A QEMU 7.2 multifd migration sends the data pages on the multifd channels, but
-the RAM block list and every zero page travel on the main channel (spec §4.4,
-§4.5), so a capture's RAM image needs both. This module reads the main channel
-up to its first device section::
+A QEMU multifd migration sends the data pages on the multifd channels, but the
+RAM block list (and, in 7.2's way, every zero page) travels on the main channel
+(spec §4.4, §4.5), so a capture's RAM image needs both. This module reads the
+main channel up to its first device section::
 
     "QEVM" version 3
     CONFIGURATION   machine type [+ subsections: target-page-bits, capabilities, uuid]
-    COMMAND ...     (skipped: open return path, ping)
-    START  "ram" v4 MEM_SIZE + block list ..................... EOS  footer   round 0
-    PART   ram      ZERO / PAGE records ....................... EOS  footer   round 1
-    END    ram      ZERO / PAGE records ....................... EOS  footer   round 2
+    COMMAND ...     (skipped: open return path, ping; QEMU 10's switchover start)
+    START  "ram" v4 MEM_SIZE + block list ......... [MULTIFD_FLUSH] EOS  footer
+    PART   ram      ZERO / PAGE records ... [MULTIFD_FLUSH] ... EOS  footer
+    END    ram      ZERO / PAGE records ... [MULTIFD_FLUSH] ... EOS  footer
     FULL   "timer"  <- first device section: decoding stops here
     ... device sections (not decoded) ...
     EOF  VMDESCRIPTION <json>                                  <- checked at the end
 
-Every RAM section ends with EOS, and before each EOS the source sends one SYNC
-on every multifd channel (spec §5.3), so the records before the k-th EOS belong
-to round k of the capture. The device sections are not decoded (their format is
-per device), but the stream must end with ``QEMU_VM_EOF`` and the VM
-description, so a main channel cut short anywhere is still an error.
+Every RAM section ends with EOS. Where the multifd SYNCs sit depends on the
+machine type (spec §5.3), and the stream itself says which:
+
+- per section (QEMU 7.2; later QEMUs with a machine type <= 8.0): one SYNC on
+  every multifd channel before each EOS;
+- per round (QEMU >= 8.1 machine types, e.g. QEMU 10's ``pc``): one SYNC on
+  every channel before each ``MULTIFD_FLUSH`` record (the setup section has one
+  before its EOS, then one comes each time the dirty scan wraps, mid-section).
+
+Either way the records before the k-th such barrier belong to round k of the
+capture. The device sections are not decoded (their format is per device), but
+the stream must end with ``QEMU_VM_EOF`` and the VM description, so a main
+channel cut short anywhere is still an error.
 
 :class:`QevmDecoder` reads the stream through a
 :class:`~.bytereader.ByteReader` (a capture) or a
 :class:`~.bytereader.StreamReader` (a live migration, :mod:`fastmfd.qemu`)
 and hands what it decodes to hooks: ``on_blocks`` (the block list),
-``on_page`` (a ZERO or PAGE record), ``on_eos`` (a RAM section's end) and
+``on_page`` (a ZERO or PAGE record), ``on_sync`` (a SYNC barrier: a
+MULTIFD_FLUSH record, or a section's EOS when syncs are per section) and
 ``on_command``. :func:`decode_qemu_main` is the capture's use: it keeps each
 round's records.
 
@@ -39,9 +48,11 @@ Facts from migration/savevm.c, savevm.h and ram.c @ 7.2; no QEMU code is copied.
 from __future__ import annotations
 
 import json
+import mmap
 import struct
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -49,7 +60,8 @@ from .bytereader import ByteReader
 
 __all__ = ["QEVM_MAGIC", "QemuMainChannel", "RamRecord", "QevmDecoder", "decode_qemu_main",
            "check_stream_end", "encode_stream_start", "encode_ram_start", "encode_ram_end_start",
-           "encode_zero_records", "encode_ram_eos"]
+           "encode_zero_records", "encode_ram_eos", "encode_multifd_flush", "SYNC_PER_SECTION",
+           "SYNC_PER_ROUND"]
 
 QEVM_MAGIC = b"QEVM"
 QEVM_VERSION = 3
@@ -83,8 +95,10 @@ RAM_HOOK = 0x80
 RAM_COMPRESS_PAGE = 0x100
 RAM_MULTIFD_FLUSH = 0x200
 UNSUPPORTED_RECORDS = {RAM_XBZRLE: "XBZRLE", RAM_HOOK: "RDMA hook",
-                       RAM_COMPRESS_PAGE: "compressed page (compress threads)",
-                       RAM_MULTIFD_FLUSH: "MULTIFD_FLUSH (QEMU >= 8.0 per-round flush)"}
+                       RAM_COMPRESS_PAGE: "compressed page (compress threads)"}
+# Where the multifd SYNCs sit (module docstring): the manifest's words for it.
+SYNC_PER_SECTION = "per-section"
+SYNC_PER_ROUND = "per-round"
 RAM_SECTION_VERSION = 4
 # A ZERO record that CONTINUEs the last block: BE u64 offset | flags, fill byte
 # (packed, 9 bytes). Most of a stream's zero pages come as runs of these.
@@ -113,37 +127,42 @@ class QemuMainChannel:
     ram_section_id: int | None = None
     section_footers: bool = False               # RAM sections end with a footer
     blocks: dict[str, int] = field(default_factory=dict)
-    rounds: list[list[RamRecord]] = field(default_factory=list)  # records before each EOS
+    rounds: list[list[RamRecord]] = field(default_factory=list)  # records before each SYNC
+    syncs: int = 0                              # barriers: one SYNC per multifd channel each
+    multifd_sync: str | None = None             # SYNC_PER_SECTION or SYNC_PER_ROUND
+    ram_section_ends: int = 0                   # EOS records
+    multifd_flushes: int = 0                    # MULTIFD_FLUSH records
     zero_pages: int = 0
     data_pages: int = 0
-    ram_sections: Counter = field(default_factory=Counter)      # start/part/end
+    ram_sections: Counter[str] = field(default_factory=Counter)  # start/part/end
     commands: int = 0
     ram_bytes: int = 0                          # bytes up to the first device section
     first_device_section: str = ""
     vm_devices: int = 0                         # devices in the VM description
 
-    @property
-    def eos(self) -> int:
-        return len(self.rounds)
 
-    def summary(self) -> dict:
+    def summary(self) -> dict[str, Any]:
         return {
             "file": self.path, "format": "qemu", "bytes": self.size, "version": QEVM_VERSION,
             "machine": self.machine, "capabilities": self.capabilities,
             "uuid": self.uuid.hex() if self.uuid is not None else None,
             "ram_sections": {name: self.ram_sections[name] for name in ("start", "part", "end")},
-            "eos": self.eos, "zero_pages": self.zero_pages, "page_records": self.data_pages,
+            "eos": self.ram_section_ends, "multifd_flushes": self.multifd_flushes,
+            "multifd_sync": self.multifd_sync, "syncs": self.syncs,
+            "zero_pages": self.zero_pages, "page_records": self.data_pages,
             "commands": self.commands, "ram_bytes": self.ram_bytes,
             "first_device_section": self.first_device_section,
             "device_bytes": self.size - self.ram_bytes, "vm_devices": self.vm_devices,
         }
 
 
-def decode_qemu_main(path: str, data: bytes, page_size: int = 4096) -> QemuMainChannel:
+def decode_qemu_main(path: str, data: bytes | mmap.mmap, page_size: int = 4096) -> QemuMainChannel:
     """Decode a QEMU main channel capture; a ProtocolError locates any fault."""
     decoder = _CaptureDecoder(ByteReader(path, data), page_size)
     decoder.decode_ram()
     out = decoder.out
+    if decoder.round:               # records after the last barrier: a round of their own
+        out.rounds.append(decoder.round)
     out.vm_devices = check_stream_end(decoder.r, out.ram_bytes, out.page_size)
     return out
 
@@ -174,8 +193,8 @@ class QevmDecoder:
         for i, offset in enumerate(offsets.tolist()):
             self.on_page(block, offset, zero, at + i * _ZERO_RECORD.itemsize)
 
-    def on_eos(self) -> None:
-        """A RAM section ended (before it, a SYNC on every multifd channel)."""
+    def on_sync(self) -> None:
+        """A SYNC barrier: every multifd channel sent one SYNC packet before it."""
 
     def on_command(self, command: int, at: int) -> None:
         """A COMMAND section (already refused: postcopy)."""
@@ -323,8 +342,15 @@ class QevmDecoder:
         addr = header - flags
         kind = flags & ~RAM_CONTINUE
         if kind == RAM_EOS:
-            self.on_eos()
+            self.out.ram_section_ends += 1
+            if self._sync_mode(SYNC_PER_SECTION, at) == SYNC_PER_SECTION:
+                self._barrier()
             return False
+        if kind == RAM_MULTIFD_FLUSH:
+            self._sync_mode(SYNC_PER_ROUND, at)
+            self.out.multifd_flushes += 1
+            self._barrier()
+            return True
         if kind == RAM_MEM_SIZE:
             if not first or self.out.blocks:
                 raise r.error("RAM record MEM_SIZE outside the setup section", field="flags",
@@ -351,9 +377,26 @@ class QevmDecoder:
                           at=at)
         else:
             raise r.error(f"RAM record field 'flags': received {flags:#x}, expected one of "
-                          "MEM_SIZE, ZERO, PAGE, EOS (+CONTINUE)", field="flags",
-                          received=hex(flags), expected="0x2, 0x4, 0x8 or 0x10", at=at)
+                          "MEM_SIZE, ZERO, PAGE, EOS, MULTIFD_FLUSH (+CONTINUE)", field="flags",
+                          received=hex(flags), expected="0x2, 0x4, 0x8, 0x10 or 0x200", at=at)
         return True
+
+    def _barrier(self) -> None:
+        self.out.syncs += 1
+        self.on_sync()
+
+    def _sync_mode(self, seen: str, at: int) -> str:
+        """The stream's SYNC placement, fixed by its first barrier: the setup section
+        has either a MULTIFD_FLUSH before its EOS (per round) or not (per section)."""
+        out = self.out
+        if out.multifd_sync is None:
+            out.multifd_sync = seen
+        elif seen == SYNC_PER_ROUND and out.multifd_sync == SYNC_PER_SECTION:
+            raise self.r.error("RAM record MULTIFD_FLUSH in a stream that syncs at every "
+                               "section end (its setup section had none)", field="flags",
+                               received=hex(RAM_MULTIFD_FLUSH), expected="ZERO, PAGE or EOS",
+                               at=at)
+        return out.multifd_sync
 
     def _zero_run(self) -> bool:
         """Decode at once the ZERO records (fill 0, CONTINUE, in the block) that
@@ -453,7 +496,7 @@ class _CaptureDecoder(QevmDecoder):
     def on_page(self, block: str, offset: int, page: memoryview, at: int) -> None:
         self.round.append(RamRecord(block, offset, page, at))
 
-    def on_eos(self) -> None:
+    def on_sync(self) -> None:
         self.out.rounds.append(self.round)
         self.round = []
 
@@ -530,6 +573,11 @@ def encode_zero_records(block: str, offsets: np.ndarray) -> bytes:
     records["fill"] = 0
     first = struct.pack(">Q", int(offsets[0]) | RAM_ZERO) + _name_bytes(block) + b"\0"
     return first + records[1:].tobytes()
+
+
+def encode_multifd_flush() -> bytes:
+    """The MULTIFD_FLUSH record: a per-round stream's SYNC barrier."""
+    return struct.pack(">Q", RAM_MULTIFD_FLUSH)
 
 
 def encode_ram_eos(section_id: int, footer: bool) -> bytes:

@@ -38,7 +38,8 @@ import socket
 import ssl
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 from ..errors import ConfigError, SecurityError
 
@@ -74,7 +75,7 @@ class TLSConfig:
     key: str | None = None
     ca: str | None = None
     hostname: str | None = None
-    authz: tuple[str, ...] | None = None
+    authz: Sequence[str] | None = None      # kept as a tuple
     ciphers: str | None = None
 
     def __post_init__(self) -> None:
@@ -156,7 +157,7 @@ def read_key_file(path: str) -> bytes:
 
 # ---------------------------------------------------------------- identities
 
-def identities_of(cert: dict) -> list[str]:
+def identities_of(cert: Mapping[str, Any]) -> list[str]:
     """The identities of a peer certificate as ``ssl`` decodes it: its subject's
     CN, then its subjectAltName values (DNS names, emails, IP addresses)."""
     names = [value for rdn in cert.get("subject", ()) for key, value in rdn
@@ -168,7 +169,7 @@ def identities_of(cert: dict) -> list[str]:
     return names
 
 
-def check_authz(identities: list[str], authz: tuple[str, ...] | None) -> None:
+def check_authz(identities: list[str], authz: Sequence[str] | None) -> None:
     """Refuse a client whose certificate names none of the ``authz`` identities."""
     if authz is not None and not set(identities) & set(authz):
         raise SecurityError(f"the client certificate ({', '.join(identities) or 'no name'}) "
@@ -255,7 +256,8 @@ def check_key_proof(stream: Stream, key: bytes, uuid: bytes, channel: int) -> No
                             "session and channel")
 
 
-def default_hostname(target, family: int, configured: str | None) -> str | None:
+def default_hostname(target: tuple[str, int] | str, family: int,
+                     configured: str | None) -> str | None:
     """The name the destination's certificate must carry."""
     if configured is not None:
         return configured

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, TypeGuard, TypeVar
 
 from ..errors import ProtocolError
 
@@ -95,7 +95,7 @@ def _is_page_size(value: Any) -> bool:
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
-def _name_ok(name: Any) -> bool:
+def _name_ok(name: Any) -> TypeGuard[str]:
     if not isinstance(name, str):
         return False
     try:
@@ -304,7 +304,11 @@ class Setup:
         return values
 
 
-def _items(value: Any, what: str, keys: tuple[str, str], kind) -> tuple:
+_Item = TypeVar("_Item")
+
+
+def _items(value: Any, what: str, keys: tuple[str, str],
+           kind: Callable[..., _Item]) -> tuple[_Item, ...]:
     """A list of JSON objects with exactly ``keys`` as ``kind`` instances."""
     _check(what, value, isinstance(value, list), f"a list of {{{', '.join(keys)}}}")
     limit = MAX_REGIONS if what == "regions" else MAX_DEVICES

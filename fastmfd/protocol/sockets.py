@@ -16,8 +16,12 @@ import socket
 import stat
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..errors import ConfigError, ConnectError, ListenError, MigrationError, ProtocolError
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer     # collections.abc.Buffer from Python 3.12
 
 __all__ = ["Address", "parse_address", "listen", "bound_address", "connect", "recv_exact",
            "send_all", "tune_data_socket", "tune_main_socket", "peer_on_this_host"]
@@ -33,8 +37,13 @@ class Address:
     family: int
     target: tuple[str, int] | str          # (host, port) or a filesystem path
 
+    @property
+    def path(self) -> str | None:
+        """The filesystem path of a ``unix:`` address; None for TCP."""
+        return self.target if isinstance(self.target, str) else None
+
     def __str__(self) -> str:
-        if self.family == socket.AF_UNIX:
+        if isinstance(self.target, str):
             return f"unix:{self.target}"
         host, port = self.target
         return f"tcp:[{host}]:{port}" if ":" in host else f"tcp:{host}:{port}"
@@ -84,7 +93,8 @@ def _remove_stale_socket(address: Address) -> None:
     """Unlink the socket a killed listener left at ``address``'s path, and only that:
     a path that is not a socket (a file, a symlink, a directory) or a socket
     something still listens on is refused, untouched."""
-    path = address.target
+    path = address.path
+    assert path is not None, "listen() removes stale sockets of unix: addresses only"
     try:
         before = os.lstat(path)
     except FileNotFoundError:
@@ -219,7 +229,7 @@ def recv_exact(sock: socket.socket, size: int, what: str, where: str | None = No
     return bytes(buf)
 
 
-def send_all(sock: socket.socket, data: bytes, what: str, where: str | None = None) -> None:
+def send_all(sock: socket.socket, data: Buffer, what: str, where: str | None = None) -> None:
     try:
         sock.sendall(data)
     except OSError as exc:

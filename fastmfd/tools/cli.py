@@ -19,11 +19,19 @@ import os
 import signal
 import sys
 import threading
+from types import FrameType
+from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from ..errors import ConfigError, FastMFDError
 from ..protocol.setup import COMPRESSION_METHODS
 from ..units import format_bytes, parse_size
+
+if TYPE_CHECKING:       # imported where used, so that `fastmfd --version` starts fast
+    from rich.console import Console
+
+    from ..config import MigrationConfig
+    from ..destination import DestinationResult
 
 log = logging.getLogger("fastmfd")
 
@@ -45,7 +53,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if ok else EXIT_FAILED
 
 
-def _config(args: argparse.Namespace):
+def _config(args: argparse.Namespace) -> MigrationConfig:
     from ..config import MigrationConfig
     from . import security_options
     return MigrationConfig(channels=args.channels, compression=args.compression,
@@ -57,7 +65,7 @@ def _config(args: argparse.Namespace):
                            auth_key=security_options.auth_key(args))
 
 
-def _print_json(result: dict) -> None:
+def _print_json(result: dict[str, Any]) -> None:
     """A command's result for programs: one JSON object, on one line of stdout (a
     listener of several sessions prints one line each: JSON Lines)."""
     json.dump(result, sys.stdout)
@@ -125,7 +133,8 @@ def cmd_listen(args: argparse.Namespace) -> int:
     return EXIT_FAILED if failed else 0
 
 
-def _report_session(console, result, files: dict[str, str], *, as_json: bool) -> None:
+def _report_session(console: Console, result: DestinationResult, files: dict[str, str], *,
+                    as_json: bool) -> None:
     for name, path in files.items():
         console.print(f"{name} -> {path} ({format_bytes(os.path.getsize(path))})")
     console.print(f"received in {result.stats.total_time_s * 1000:.0f} ms, "
@@ -158,7 +167,7 @@ def _rate(text: str) -> int:
     return rate
 
 
-def _listen_qemu(args: argparse.Namespace, console) -> int:
+def _listen_qemu(args: argparse.Namespace, console: Console) -> int:
     from ..errors import ConfigError
     from ..qemu import DEFAULT_STALL_TIMEOUT, receive
     from . import security_options
@@ -175,7 +184,8 @@ def _listen_qemu(args: argparse.Namespace, console) -> int:
     facts = received.facts
     console.print(f"received from QEMU ({facts.machine}) in {received.seconds * 1000:.0f} ms: "
                   f"{facts.channels} channel(s), compression {facts.compression}, "
-                  f"{facts.rounds} RAM section end(s)")
+                  f"{facts.syncs} SYNC barrier(s) ({facts.multifd_sync}), "
+                  f"{facts.ram_section_ends} RAM section end(s)")
     return 0
 
 
@@ -224,7 +234,7 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="log what happens to stderr (-vv: debug)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add_command(name: str, **kwargs) -> argparse.ArgumentParser:
+    def add_command(name: str, **kwargs: Any) -> argparse.ArgumentParser:
         return sub.add_parser(name, parents=[common], **kwargs)
 
     p = add_command("demo", help="a live migration on this machine, then the seed's "
@@ -344,7 +354,7 @@ class Terminated(KeyboardInterrupt):
     up, and the command exits with 143 (128 + SIGTERM; Ctrl-C: 130)."""
 
 
-def _on_sigterm(signum, frame) -> None:
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     # A second SIGTERM, while the first one's cleanup runs, ends the process at once.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     raise Terminated("terminated by SIGTERM")
@@ -367,7 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     if handled:
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        return args.func(args)
+        status: int = args.func(args)
+        return status
     except ConfigError as exc:
         print(f"fastmfd {args.command}: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from multiprocessing import synchronize
 
 import numpy as np
 from rich.console import Console
@@ -32,7 +33,9 @@ from ..config import MigrationConfig
 from ..devices import SyntheticDevice, VerifyLoader
 from .images import fill_image
 from .loopback import NO_SECURITY, LoopbackSecurity, migrate_locally
+from ..protocol.control import RegionHandle
 from ..regions import Region
+from ..stats import MigrationStats
 from .report import stats_table
 from ..units import format_bytes, format_rate
 from .._engine.processes import mp_context
@@ -54,7 +57,8 @@ def _release(region: Region) -> None:
 
 # ------------------------------------------------------------------ workload
 
-def _workload(handle, stop, stopped, pages_per_burst: int, seed: int) -> None:
+def _workload(handle: RegionHandle, stop: synchronize.Event, stopped: synchronize.Event,
+              pages_per_burst: int, seed: int) -> None:
     """Rewrite random pages in bursts (a guest dirtying memory) until told to stop."""
     region = Region.attach(handle)
     try:
@@ -133,7 +137,7 @@ class WayResult:
 
 
 def _migrate_devices(config: MigrationConfig, ndevices: int, device_size: int,
-                     rate: float, ram_size: int, security: LoopbackSecurity):
+                     rate: float, ram_size: int, security: LoopbackSecurity) -> MigrationStats:
     region = Region.create("pc.ram", ram_size, page_size=config.page_size)
     # With switchover-ack, the devices are VFIO devices with initial data (PRE_COPY):
     # 8/9 of their state, as issue #13's 32 MiB of 36.

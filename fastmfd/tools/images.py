@@ -26,12 +26,17 @@ import mmap
 import os
 import shutil
 import tempfile
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
+import numpy.typing as npt
 
 from .. import _core
 from ..errors import ConfigError
 from ..regions import Region
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer     # collections.abc.Buffer from Python 3.12
 
 __all__ = ["IMAGE_KINDS", "Image", "fill_image", "english_like_text", "scratch_dir",
            "scratch_parent"]
@@ -43,7 +48,15 @@ _TEXT_CORPUS_BYTES = 4 << 20
 _COMPARE_CHUNK = 64 << 20         # bytes compared at a time (bounds the temporaries)
 
 
-def fill_image(region, kind: str, seed: int = 0) -> None:
+class Fillable(Protocol):
+    """What :func:`fill_image` fills: a Region, or anything with its ``array`` and ``page_size``."""
+    @property
+    def array(self) -> npt.NDArray[np.uint8]: ...
+    @property
+    def page_size(self) -> int: ...
+
+
+def fill_image(region: Fillable, kind: str, seed: int = 0) -> None:
     """Fill ``region`` (a Region or anything with ``.array`` and ``.page_size``)."""
     if kind not in IMAGE_KINDS:
         raise ValueError(f"unknown image kind {kind!r}; choose one of {IMAGE_KINDS}")
@@ -157,7 +170,7 @@ class Image:
         os.unlink(path)
         return path
 
-    def matches(self, data) -> bool:
+    def matches(self, data: Buffer | str | os.PathLike[str]) -> bool:
         """True when ``data`` (a buffer or a file path) holds exactly the image's bytes."""
         if isinstance(data, (str, os.PathLike)):
             if os.path.getsize(data) != self.size:
@@ -190,5 +203,5 @@ class Image:
     def __enter__(self) -> "Image":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()

@@ -18,13 +18,16 @@ from __future__ import annotations
 import os
 import socket
 import threading
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Generic, TypeVar, overload
 
 from ..config import MigrationConfig
 from ..destination import Destination, DestinationResult
+from ..devices import Device, Loader
 from ..errors import MigrationError
 from ..protocol.security import TLSConfig
+from ..regions import Region
 from ..source import Source
 from ..stats import MigrationStats, ReceiveStats
 
@@ -54,11 +57,15 @@ class LoopbackSecurity:
 NO_SECURITY = LoopbackSecurity()
 
 
+_Checked = TypeVar("_Checked", covariant=True)     # LoopbackResult is frozen
+Hook = Callable[[], object]
+
+
 @dataclass(frozen=True)
-class LoopbackResult:
+class LoopbackResult(Generic[_Checked]):
     stats: MigrationStats
     received: ReceiveStats
-    checked: object                 # what ``check`` returned
+    checked: _Checked               # what ``check`` returned
 
 
 class LoopbackMigration:
@@ -71,11 +78,13 @@ class LoopbackMigration:
     socket listening already (the caller's to close).
     """
 
-    def __init__(self, config: MigrationConfig, regions: list, *, devices: list = (),
-                 loaders: dict | None = None, receive_into: list = (),
+    def __init__(self, config: MigrationConfig, regions: Sequence[Region], *,
+                 devices: Sequence[Device] = (),
+                 loaders: Mapping[tuple[str, int], Loader] | None = None,
+                 receive_into: Sequence[Region] = (),
                  address: str | socket.socket = "tcp:127.0.0.1:0",
                  security: LoopbackSecurity = NO_SECURITY) -> None:
-        self._outcome: dict = {}
+        self._outcome: dict[str, DestinationResult | BaseException] = {}
         self._thread: threading.Thread | None = None
         self._src: Source | None = None
         self._stats: MigrationStats | None = None
@@ -97,9 +106,10 @@ class LoopbackMigration:
             self.close()
             raise
 
-    def run(self, *, live: bool = False, on_stop=None, on_resume=None,
-            progress: bool = False) -> MigrationStats:
+    def run(self, *, live: bool = False, on_stop: Hook | None = None,
+            on_resume: Hook | None = None, progress: bool = False) -> MigrationStats:
         """The migration itself (:meth:`Source.migrate`); raises the source's error."""
+        assert self._src is not None and self._dst is not None, "open until close()"
         # The receiving thread starts here, so a migration closed before it
         # runs has no thread waiting for a source that never comes.
         self._thread = threading.Thread(target=self._receive, daemon=True,
@@ -117,25 +127,35 @@ class LoopbackMigration:
     def pids(self) -> dict[str, list[int]]:
         """Each side's worker processes, and this process ("main": both sides' main
         threads): what a benchmark measures the CPU time of."""
+        assert self._src is not None and self._dst is not None, "open until close()"
         return {"source": self._src.worker_pids(), "destination": self._dst.worker_pids(),
                 "main": [os.getpid()]}
 
     def _receive(self) -> None:
+        assert self._dst is not None, "closed only after this thread ends"
         try:
             self._outcome["result"] = self._dst.receive()
         except BaseException as exc:        # reported by finish(), after the source's
             self._outcome["error"] = exc
 
-    def finish(self, check: Callable[[DestinationResult], object] | None = None
-               ) -> LoopbackResult:
+    @overload
+    def finish(self, check: None = None) -> LoopbackResult[None]: ...
+    @overload
+    def finish(self, check: Callable[[DestinationResult], _Checked]
+               ) -> LoopbackResult[_Checked]: ...
+
+    def finish(self, check: Callable[[DestinationResult], _Checked] | None = None
+               ) -> LoopbackResult[_Checked | None]:
         """Wait for the destination, call ``check`` on its result, free everything."""
         try:
             if self._thread is None or self._stats is None:
                 raise MigrationError("the migration has not run")
             self._thread.join()
-            if "error" in self._outcome:
-                raise self._outcome["error"]
+            error = self._outcome.get("error")
+            if isinstance(error, BaseException):
+                raise error
             result = self._outcome.pop("result")
+            assert isinstance(result, DestinationResult), "no error: a result"
             checked = check(result) if check is not None else None
             return LoopbackResult(self._stats, result.stats, checked)
         finally:
@@ -156,16 +176,18 @@ class LoopbackMigration:
     def __enter__(self) -> "LoopbackMigration":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
-def migrate_locally(config: MigrationConfig, regions: list, *, devices: list = (),
-                    loaders: dict | None = None, live: bool = False, on_stop=None,
-                    on_resume=None, progress: bool = False, receive_into: list = (),
+def migrate_locally(config: MigrationConfig, regions: Sequence[Region], *,
+                    devices: Sequence[Device] = (),
+                    loaders: Mapping[tuple[str, int], Loader] | None = None, live: bool = False,
+                    on_stop: Hook | None = None, on_resume: Hook | None = None,
+                    progress: bool = False, receive_into: Sequence[Region] = (),
                     check: Callable[[DestinationResult], object] | None = None,
                     address: str = "tcp:127.0.0.1:0",
-                    security: LoopbackSecurity = NO_SECURITY) -> LoopbackResult:
+                    security: LoopbackSecurity = NO_SECURITY) -> LoopbackResult[object]:
     """Migrate ``regions`` and ``devices`` to a destination in this process, in one call.
 
     ``check`` inspects the :class:`~fastmfd.DestinationResult` before the

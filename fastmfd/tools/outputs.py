@@ -34,9 +34,11 @@ import os
 import re
 import stat
 from dataclasses import dataclass
+from typing import Any
 
 from ..devices import FileLoader
 from ..errors import ConfigError, MigrationError
+from ..protocol.setup import Setup
 from ..regions import Region
 from ..units import format_bytes
 
@@ -72,7 +74,7 @@ def output_name(name: str) -> str:
 class _Output:
     """One file of the migration: what the manifest says of it, its names, and
     the identity of the .part file this listener created (None until then)."""
-    entry: dict
+    entry: dict[str, Any]
     final: str
     identity: tuple[int, int] | None = None
     renamed: bool = False
@@ -85,7 +87,7 @@ class _Output:
 class OutputDir:
     """The files one migration writes into ``path`` (see the module docstring)."""
 
-    def __init__(self, path: str | os.PathLike, *, force: bool = False,
+    def __init__(self, path: str | os.PathLike[str], *, force: bool = False,
                  keep_partial: bool = False, max_bytes: int | None = None) -> None:
         self.path = os.fspath(path)
         self.force, self.keep_partial, self.max_bytes = force, keep_partial, max_bytes
@@ -102,7 +104,7 @@ class OutputDir:
         self.manifest = _Output({}, MANIFEST)
 
     # ------------------------------------------------------------ SETUP
-    def plan(self, setup) -> None:
+    def plan(self, setup: Setup) -> None:
         """Name every file of ``setup``'s regions and devices; refuse, before anything
         is written, a name that is taken (unless ``force``) or that two would share;
         create the devices' .part files."""
@@ -131,7 +133,7 @@ class OutputDir:
         return self._create(self.streams[key], os.O_RDWR)
 
     def _claim_all(self) -> None:
-        seen: dict[str, dict] = {}
+        seen: dict[str, dict[str, Any]] = {}
         for out in self._outputs():
             if out.final in seen:       # only if two SHA-256 prefixes collide
                 raise ConfigError(f"{seen[out.final]} and {out.entry} would both be written "
@@ -189,7 +191,7 @@ class OutputDir:
         return fd
 
     # ------------------------------------------------------------ the end
-    def commit(self, document: dict | None = None) -> None:
+    def commit(self, document: dict[str, Any] | None = None) -> None:
         """Everything is loaded and on disk: write the manifest (``document``, or
         the regions and devices of plan()), rename every .part to its final name
         (the manifest last), make the renames durable."""
@@ -202,7 +204,7 @@ class OutputDir:
             out.renamed = True
         os.fsync(self.fd)
 
-    def _write_manifest(self, document: dict | None) -> None:
+    def _write_manifest(self, document: dict[str, Any] | None) -> None:
         if document is None:
             regions = [{**out.entry, "file": out.final} for out in self.regions.values()]
             devices = [{**out.entry, "size": os.stat(out.part, dir_fd=self.fd,

@@ -84,7 +84,7 @@ def local_credentials() -> Iterator[LocalCredentials]:
     server = ca.issue_cert("localhost", "127.0.0.1", "::1")
     client = ca.issue_cert(LOCAL_CLIENT)
     with tempfile.TemporaryDirectory(prefix="fastmfd-tls-") as directory:
-        def write(name: str, blob) -> str:
+        def write(name: str, blob: trustme.Blob) -> str:
             path = os.path.join(directory, name)
             blob.write_to_path(path)
             return path

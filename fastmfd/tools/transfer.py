@@ -15,14 +15,16 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from ..config import MigrationConfig
 from ..destination import Destination, DestinationResult
 from ..devices import FileDevice
 from ..errors import ConfigError, FastMFDError
 from ..protocol.security import TLSConfig
+from ..protocol.setup import Setup
 from ..protocol.sockets import bound_address, listen, parse_address
 from ..regions import Region
 from ..source import Source
@@ -71,15 +73,17 @@ class StateSpec:
         return cls(idstr, int(instance), path)
 
 
-def send_images(address: str, config: MigrationConfig, images: list[ImageSpec],
-                states: list[StateSpec] = (), *, progress: bool = False, on_status=None,
+def send_images(address: str, config: MigrationConfig, images: Sequence[ImageSpec],
+                states: Sequence[StateSpec] = (), *, progress: bool = False,
+                on_status: Callable[[dict[str, Any]], object] | None = None,
                 status_interval: float = 0.5) -> MigrationStats:
     """Send image files (and state files) to a listening destination. Every file is
     opened before the destination is contacted: one that cannot be is refused.
     ``on_status(dict)`` gets :meth:`Source.status` every ``status_interval`` seconds
     while it runs, and once more at the end (success or not)."""
     source = Source(address, config)        # checks the address before files are opened
-    regions, devices = [], []
+    regions: list[Region] = []
+    devices: list[FileDevice] = []
     try:
         for image in images:
             regions.append(Region.from_file(image.name, image.path, page_size=config.page_size))
@@ -96,7 +100,8 @@ def send_images(address: str, config: MigrationConfig, images: list[ImageSpec],
                 with _StatusStream(src, on_status, status_interval):
                     stats = src.migrate(live=False, progress=progress)
     finally:
-        for resource in regions + devices:
+        closing: list[Region | FileDevice] = [*regions, *devices]
+        for resource in closing:
             resource.close()
     log.info("sent %s in %.3f s", format_bytes(stats.ram_bytes), stats.total_time_s)
     return stats
@@ -105,7 +110,8 @@ def send_images(address: str, config: MigrationConfig, images: list[ImageSpec],
 class _StatusStream:
     """Reports a Source's status from a thread while the block runs, then its last."""
 
-    def __init__(self, source: Source, on_status, interval: float) -> None:
+    def __init__(self, source: Source, on_status: Callable[[dict[str, Any]], object],
+                 interval: float) -> None:
         self._source, self._on_status, self._interval = source, on_status, interval
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fastmfd status", daemon=True)
@@ -114,7 +120,7 @@ class _StatusStream:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._done.set()
         self._thread.join()
         self._on_status(self._source.status())
@@ -125,7 +131,8 @@ class _StatusStream:
 
 
 def listen_once(address: str | socket.socket, directory: str, *, per_session: bool = False,
-                timeout: float = 3600.0, stall_timeout: float | None = None, on_listening=None,
+                timeout: float = 3600.0, stall_timeout: float | None = None,
+                on_listening: Callable[[str], object] | None = None,
                 force: bool = False, keep_partial: bool = False, tls: TLSConfig | None = None,
                 auth_key: bytes | None = None, max_size: int | None = None,
                 max_memory: int | None = None) -> tuple[DestinationResult, dict[str, str]]:
@@ -145,14 +152,20 @@ def listen_once(address: str | socket.socket, directory: str, *, per_session: bo
         return OutputDir(path, force=force, keep_partial=keep_partial, max_bytes=max_size)
 
     out = None if per_session else output_dir(directory)
+
+    def made() -> OutputDir:
+        """``out``, made by now: it is made at SETUP at the latest."""
+        assert out is not None, "made before the regions and the end"
+        return out
+
     try:
         with Destination(address, timeout=timeout, region_factory=lambda *region:
-                         out.region(*region), tls=tls, auth_key=auth_key,
+                         made().region(*region), tls=tls, auth_key=auth_key,
                          stall_timeout=stall_timeout, max_memory=max_memory) as dst:
             if on_listening is not None:
                 on_listening(dst.address)
 
-            def on_setup(setup) -> None:
+            def on_setup(setup: Setup) -> None:
                 nonlocal out
                 log.info("the source's SETUP: %d region(s) (%s), %d device(s), %d channel(s), "
                          "compression %s", len(setup.regions),
@@ -164,7 +177,7 @@ def listen_once(address: str | socket.socket, directory: str, *, per_session: bo
                 for device in setup.devices:
                     dst.add_loader(*device.key, out.loader(device.key))
 
-            result = dst.receive(on_setup=on_setup, on_resume=lambda: out.commit())
+            result = dst.receive(on_setup=on_setup, on_resume=lambda: made().commit())
     except BaseException:
         if out is not None:
             out.abort()     # after the Destination stopped: nothing writes any more
@@ -172,11 +185,13 @@ def listen_once(address: str | socket.socket, directory: str, *, per_session: bo
     finally:
         if out is not None:
             out.close()
-    return result, out.files()
+    return result, made().files()
 
 
 def listen_sessions(address: str, directory: str, *, sessions: int | None = None,
-                    on_listening=None, **options) -> Iterator[tuple[object, dict[str, str]]]:
+                    on_listening: Callable[[str], object] | None = None,
+                    **options: Any
+                    ) -> Iterator[tuple[DestinationResult | FastMFDError, dict[str, str]]]:
     """Receive ``sessions`` migrations (None: until interrupted), one after another
     on one listening socket, each into ``directory/<session uuid>/`` (see
     :func:`listen_once`, which takes ``options``). Yields each one's ``(result,
@@ -196,6 +211,6 @@ def listen_sessions(address: str, directory: str, *, sessions: int | None = None
                 yield exc, {}
     finally:
         listener.close()
-        if requested.family == socket.AF_UNIX:
+        if requested.path is not None:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(requested.target)
+                os.unlink(requested.path)

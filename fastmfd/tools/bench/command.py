@@ -6,6 +6,7 @@ import argparse
 import io
 import json
 import sys
+from collections.abc import Callable
 from contextlib import ExitStack
 
 from rich.console import Console
@@ -20,7 +21,7 @@ from .link import EmulatedLink, LinkSpec, check_can_emulate, parse_link
 from .matrix import PEERS, QEMU_METHODS, Setting, run_matrix
 from .output import comparison_table, render
 from .peers import find_qemu
-from .trial import FOREIGN_LOAD_FLAG
+from .trial import FOREIGN_LOAD_FLAG, Measurement
 
 __all__ = ["add_arguments", "settings_from_args", "cli_main"]
 
@@ -36,7 +37,7 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
-def _choice_list(choices: tuple[str, ...]):
+def _choice_list(choices: tuple[str, ...]) -> Callable[[str], list[str]]:
     def parse(text: str) -> list[str]:
         values = [v.strip() for v in text.split(",") if v.strip()]
         bad = [v for v in values if v not in choices]
@@ -93,7 +94,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "--qemu -> QEMU); repeatable")
     parser.add_argument("--qemu-binary", default=None, metavar="PATH",
                         help="QEMU to run for --peer qemu (default: qemu-system-x86_64 "
-                             "on PATH)")
+                             "on PATH), with machine type pc: the binary's current one "
+                             "(QEMU 10's own stream from a QEMU 10)")
     parser.add_argument("--prealloc", action="store_true",
                         help="allocate and fault in the destination's memory before timing "
                              "(QEMU: prealloc=on): times the transport without the cost of "
@@ -158,12 +160,17 @@ def cli_main(args: argparse.Namespace) -> int:
     images: list[Image] = []
     with security_options.loopback_security(args) as security, ExitStack() as cleanup:
         link = cleanup.enter_context(EmulatedLink(args.link)) if args.link else None
-        cleanup.callback(lambda: [image.close() for image in images])
+
+        def close_images() -> None:
+            for image in images:
+                image.close()
+
+        cleanup.callback(close_images)
         for kind in args.image:
             log.print(f"making a {format_bytes(args.size)} {kind} image ...")
             images.append(Image.create(kind, args.size))
 
-        def progress(kind, setting, number, m):
+        def progress(kind: str, setting: Setting, number: int, m: Measurement) -> None:
             load = m.details.get("foreign_cores", 0)
             log.print(f"  {kind:<6} {setting.label:<24} run {number + 1}: "
                       f"{m.seconds * 1000:8.1f} ms  {format_rate(m.throughput)}  verified"

@@ -26,9 +26,13 @@ import os
 import platform
 import statistics
 import subprocess
+from typing import TYPE_CHECKING, Any
 
 from ... import __version__
 from ...errors import ConfigError
+
+if TYPE_CHECKING:
+    from .matrix import Result
 
 __all__ = ["check_writable", "document", "load_best_times"]
 
@@ -64,7 +68,8 @@ def load_best_times(path: str) -> dict[str, float]:
                           f"`fastmfd bench --json` ({type(exc).__name__}: {exc})") from None
 
 
-def document(results: list, *, tls: str | None, prealloc: bool, link: str = LINK) -> dict:
+def document(results: list[Result], *, tls: str | None, prealloc: bool,
+             link: str = LINK) -> dict[str, Any]:
     """The JSON document of ``results`` (:class:`.matrix.Result`, in table order);
     ``link``: what carried every trial's bytes."""
     return {
@@ -76,7 +81,7 @@ def document(results: list, *, tls: str | None, prealloc: bool, link: str = LINK
     }
 
 
-def _benchmark(result, tls: str | None, prealloc: bool, link: str) -> dict:
+def _benchmark(result: Result, tls: str | None, prealloc: bool, link: str) -> dict[str, Any]:
     runs = [m.seconds for m in result.measurements]
     best = result.best
     setting = result.setting
@@ -102,7 +107,7 @@ def _benchmark(result, tls: str | None, prealloc: bool, link: str) -> dict:
     }
 
 
-def machine_info() -> dict:
+def machine_info() -> dict[str, Any]:
     uname = platform.uname()
     return {"node": uname.node, "machine": uname.machine, "processor": uname.processor,
             "cpu_count": os.cpu_count(), "system": uname.system, "release": uname.release,
@@ -110,11 +115,11 @@ def machine_info() -> dict:
             "python_implementation": platform.python_implementation()}
 
 
-def commit_info() -> dict:
+def commit_info() -> dict[str, Any]:
     """The git commit of the fastmfd source that ran, when it runs from a checkout
     (an installed wheel has none: then ``id`` is None and ``version`` says which)."""
     here = os.path.dirname(os.path.abspath(__file__))
-    info: dict = {"id": None, "dirty": None, "project": "fastmfd", "branch": None,
+    info: dict[str, Any] = {"id": None, "dirty": None, "project": "fastmfd", "branch": None,
                   "version": __version__}
 
     def git(*args: str) -> str | None:

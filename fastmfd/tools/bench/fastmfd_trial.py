@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Sequence
 from contextlib import ExitStack
 
 from ...config import MigrationConfig
+from ...destination import DestinationResult
+from ...devices import Device, Loader
 from ...errors import MigrationError
 from ...regions import Region
 from ..images import Image
@@ -41,7 +44,8 @@ class FastmfdTrial:
 
     pids_complete = True
 
-    def __init__(self, image: Image, config: MigrationConfig, devices=(), *,
+    def __init__(self, image: Image, config: MigrationConfig,
+                 devices: Sequence[tuple[Device, Loader]] = (), *,
                  prealloc: bool = False, security: LoopbackSecurity = NO_SECURITY,
                  live: bool = False, link: EmulatedLink | None = None) -> None:
         self.image = image
@@ -49,7 +53,7 @@ class FastmfdTrial:
         # Closed last in, first out: the migration, then the preallocated region.
         self._resources = ExitStack()
         try:
-            targets = []
+            targets: list[Region] = []
             if prealloc:
                 target = self._resources.enter_context(Region.create(
                     image.region.name, image.size, page_size=image.region.page_size))
@@ -78,9 +82,9 @@ class FastmfdTrial:
             "downtime_s": stats.downtime_s, "normal_pages": stats.normal_pages,
             "zero_pages": stats.zero_pages, "device_bytes": stats.device_bytes})
 
-    def finish(self) -> dict:
+    def finish(self) -> dict[tuple[str, int], object]:
         """Check the destination holds the image; return the loaders' results; free all."""
-        def check(result) -> dict:
+        def check(result: DestinationResult) -> dict[tuple[str, int], object]:
             if not self.image.matches(result.regions[self.image.region.name].buffer):
                 raise MigrationError(f"the destination's region differs from the "
                                      f"{self.image.kind} image")

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
-from ...config import MigrationConfig
+from ...config import Compression, MigrationConfig
 from ...errors import ConfigError
 from ..images import Image
 from ..loopback import NO_SECURITY, LoopbackSecurity
@@ -34,8 +35,9 @@ __all__ = ["METHODS", "PEERS", "QEMU_METHODS", "Setting", "Result", "make_trial"
 METHODS = ("fastmfd", "sendall", "qemu", "qemu-to-fastmfd", "fastmfd-to-qemu")
 # --peer qemu: QEMU -> QEMU, and fastmfd as either end of a QEMU migration.
 QEMU_METHODS = ("qemu", "qemu-to-fastmfd", "fastmfd-to-qemu")
-_QEMU_TRIALS = {"qemu": QemuTrial, "qemu-to-fastmfd": QemuToFastmfdTrial,
-                "fastmfd-to-qemu": FastmfdToQemuTrial}
+_QEMU_TRIALS: dict[str, type[QemuTrial | QemuToFastmfdTrial | FastmfdToQemuTrial]] = {
+    "qemu": QemuTrial, "qemu-to-fastmfd": QemuToFastmfdTrial,
+    "fastmfd-to-qemu": FastmfdToQemuTrial}
 PEERS = ("sendall", "qemu")
 
 
@@ -44,7 +46,7 @@ class Setting:
     """One way to move an image: a column of the comparison."""
     method: str = "fastmfd"
     channels: int = 2
-    compression: str = "none"
+    compression: Compression = "none"
     level: int = 1
 
     @property
@@ -135,7 +137,7 @@ def make_trial(setting: Setting, image: Image, *, qemu_binary: str | None = None
     raise ConfigError(f"unknown method {setting.method!r}; choose one of {METHODS}")
 
 
-def run_once(setting: Setting, image: Image, **kwargs) -> Measurement:
+def run_once(setting: Setting, image: Image, **kwargs: Any) -> Measurement:
     """Prepare, time and check one transfer. On an emulated link, the bytes its
     source side carried are kept as ``details["link_bytes"]``."""
     trial = make_trial(setting, image, **kwargs)
@@ -155,7 +157,8 @@ def run_once(setting: Setting, image: Image, **kwargs) -> Measurement:
 
 
 def run_matrix(settings: list[Setting], images: list[Image], repeat: int = 1,
-               on_measurement=None, **kwargs) -> list[Result]:
+               on_measurement: Callable[[str, Setting, int, Measurement], None] | None = None,
+               **kwargs: Any) -> list[Result]:
     """Time every setting on every image ``repeat`` times; one Result per pair."""
     results = {(s, im.kind): Result(s, im.kind) for im in images for s in settings}
     for number in range(repeat):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
@@ -17,7 +18,7 @@ __all__ = ["render", "comparison_table", "BAR_WIDTH"]
 BAR_WIDTH = 40
 
 
-def render(results: list[Result], console, *, note: str = "") -> None:
+def render(results: list[Result], console: Console, *, note: str = "") -> None:
     """Print one table and one throughput bar chart per image (``note`` in the titles)."""
     for kind in dict.fromkeys(r.image for r in results):
         rows = [r for r in results if r.image == kind]
@@ -80,7 +81,7 @@ def _cpu_cell(r: Result) -> str:
     return f"{source:.2f}/{destination:.2f}" + (f"+{main:.2f}" if main is not None else "")
 
 
-def _chart(kind: str, rows: list[Result], console) -> None:
+def _chart(kind: str, rows: list[Result], console: Console) -> None:
     top = max(r.median_throughput for r in rows)
     width = max(len(r.setting.label) for r in rows)
     console.print(f"throughput (median), {kind} image")

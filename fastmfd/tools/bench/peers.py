@@ -13,7 +13,8 @@ frees everything, ``close()`` frees without checking).
                                                       "done" ─▶ timed part ends
 
 ``QemuTrial`` — a real QEMU multifd migration (DESIGN §8): a paused TCG guest
-(``-S``) whose RAM is a ``memory-backend-file`` (``share=on``) on the image,
+(``-S``, machine ``pc``: the binary's current i440fx machine type) whose RAM
+is a ``memory-backend-file`` (``share=on``) on the image,
 migrated over loopback TCP to a second QEMU started with ``-incoming defer``
 whose RAM is a fresh file; both get the multifd capability, channel count
 and compression over QMP. The timed part runs from ``migrate`` until the
@@ -33,13 +34,21 @@ import socket
 import subprocess
 import time
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
 
-from ..._engine.processes import ChildPipe, ChildSet, run_child
+from ..._engine.processes import Child, ChildPipe, ChildSet, run_child
+from ..._engine.session import Closable
 from ...protocol.control import Done, Go
 from ...errors import ConfigError, MigrationError
 from ..images import Image
 from .link import EmulatedLink, enter_namespace
 from .trial import Measurement, wait_until_idle
+
+
+def _pid(child: Child) -> list[int]:
+    """A started child's pid, as a list for Trial.pids."""
+    return [child.process.pid] if child.process.pid is not None else []
 
 __all__ = ["SendallTrial", "QemuPeer", "QemuTrial", "find_qemu", "QMP"]
 
@@ -56,6 +65,10 @@ class _PeerTrial:
 
     def _stop(self) -> None:
         """End the peer's processes, as a finished transfer does (``close`` kills them)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Free everything the trial holds (idempotent)."""
         raise NotImplementedError
 
     def finish(self) -> None:
@@ -97,7 +110,7 @@ class _Connected:
     """The sender is connected and waits for Go."""
 
 
-def _sendall_sender(pipe: ChildPipe, params: _SenderParams, stack: list) -> None:
+def _sendall_sender(pipe: ChildPipe, params: _SenderParams, stack: list[Closable]) -> None:
     with open(params.path, "rb") as file, \
             mmap.mmap(file.fileno(), params.size, access=mmap.ACCESS_READ) as m:
         view = memoryview(m)
@@ -110,7 +123,8 @@ def _sendall_sender(pipe: ChildPipe, params: _SenderParams, stack: list) -> None
             view.release()
 
 
-def _sendall_receiver(pipe: ChildPipe, params: _ReceiverParams, stack: list) -> None:
+def _sendall_receiver(pipe: ChildPipe, params: _ReceiverParams,
+                      stack: list[Closable]) -> None:
     # A new file on tmpfs, as a destination guest's RAM: pages are allocated as
     # they arrive, unless preallocated (written once) before timing.
     size = params.size
@@ -142,11 +156,11 @@ def _sendall_receiver(pipe: ChildPipe, params: _ReceiverParams, stack: list) -> 
     pipe.send(Done())
 
 
-def sendall_sender(conn) -> None:
+def sendall_sender(conn: Connection) -> None:
     run_child(conn, _sendall_sender)
 
 
-def sendall_receiver(conn) -> None:
+def sendall_receiver(conn: Connection) -> None:
     run_child(conn, _sendall_receiver)
 
 
@@ -169,14 +183,13 @@ class SendallTrial(_PeerTrial):
             self._sender = self._peers.add(sendall_sender, "sendall sender")
             self._sender.start_session(_SenderParams(image.path, image.size, host, port), [])
             self._sender.expect(_Connected, STEP_TIMEOUT)
-            wait_until_idle([child.process.pid for child in self._peers])
+            wait_until_idle(self._peers.pids())
         except BaseException:
             self.close()
             raise
 
     def pids(self) -> dict[str, list[int]]:
-        return {"source": [self._sender.process.pid],
-                "destination": [self._receiver.process.pid]}
+        return {"source": _pid(self._sender), "destination": _pid(self._receiver)}
 
     def run(self) -> Measurement:
         started = time.perf_counter()
@@ -209,7 +222,7 @@ def find_qemu(binary: str | None = None) -> str:
 class QMP:
     """A minimal QMP client on a Unix socket: commands, and events kept for waiting."""
 
-    def __init__(self, path: str, process: subprocess.Popen, timeout: float = STEP_TIMEOUT):
+    def __init__(self, path: str, process: QemuProcess, timeout: float = STEP_TIMEOUT) -> None:
         self.process = process
         deadline = time.monotonic() + timeout
         while True:
@@ -225,18 +238,19 @@ class QMP:
                 time.sleep(0.02)
         self.sock.settimeout(timeout)
         self._file = self.sock.makefile("rb")
-        self.events: list[dict] = []
+        self.events: list[dict[str, Any]] = []
         self._read()                                    # the greeting
         self.command("qmp_capabilities")
 
-    def _read(self) -> dict:
+    def _read(self) -> dict[str, Any]:
         line = self._file.readline()
         if not line:
             raise MigrationError(f"QEMU closed its QMP socket (QEMU {_exit_text(self.process)})")
-        return json.loads(line)
+        reply: dict[str, Any] = json.loads(line)     # QMP sends one JSON object a line
+        return reply
 
-    def command(self, name: str, **arguments):
-        message = {"execute": name}
+    def command(self, name: str, **arguments: Any) -> Any:
+        message: dict[str, Any] = {"execute": name}
         if arguments:
             message["arguments"] = arguments
         self.sock.sendall(json.dumps(message).encode() + b"\n")
@@ -258,7 +272,7 @@ class QMP:
                 status = event.get("data", {}).get("status")
                 if event["event"] == "MIGRATION" and status in final:
                     self.events.clear()
-                    return status
+                    return str(status)
             self.events.clear()
             reply = self._read()
             if "event" in reply:
@@ -269,7 +283,12 @@ class QMP:
         self.sock.close()
 
 
-def _exit_text(process: subprocess.Popen) -> str:
+class QemuProcess(subprocess.Popen[bytes]):
+    """A QEMU process, with the file its stderr goes to (its last words, in errors)."""
+    log_path = ""
+
+
+def _exit_text(process: QemuProcess) -> str:
     """How a QEMU process is doing, with what it wrote to stderr."""
     code = process.poll()
     text = "is running" if code is None else f"exited with status {code}"
@@ -292,7 +311,7 @@ class QemuPeer(_PeerTrial):
         self.image = image
         self._binary = find_qemu(binary)
         self._files: list[str] = []
-        self._procs: list[subprocess.Popen] = []
+        self._procs: list[QemuProcess] = []
         self._qmp: list[QMP] = []
         self._prealloc = prealloc
         self._link = link
@@ -326,7 +345,8 @@ class QemuPeer(_PeerTrial):
         mib = self.image.size >> 20
         qmp_path = self._new_file("qmp-dst" if incoming else "qmp-src")
         command = [
-            self._binary, "-machine", "pc-i440fx-7.2,accel=tcg,memory-backend=mem",
+            # The binary's own pc: QEMU 7.2's stream from 7.2, QEMU 10's from 10.
+            self._binary, "-machine", "pc,accel=tcg,memory-backend=mem",
             "-display", "none", "-nodefaults", "-m", f"{mib}M",
             "-object", f"memory-backend-file,id=mem,size={mib}M,mem-path={ram_path},share=on"
                        + (",prealloc=on" if incoming and self._prealloc else ""),
@@ -337,7 +357,7 @@ class QemuPeer(_PeerTrial):
                 command = self._link.command(command)
         log_path = self._new_file("qemu-dst-log" if incoming else "qemu-src-log")
         with open(log_path, "wb") as log:
-            process = subprocess.Popen(command, stdin=subprocess.DEVNULL,
+            process = QemuProcess(command, stdin=subprocess.DEVNULL,
                                        stdout=subprocess.DEVNULL, stderr=log)
         process.log_path = log_path
         self._procs.append(process)

@@ -43,7 +43,7 @@ class _Receiver:
     def __init__(self, directory: str, workers: int,
                  listener: socket.socket | None = None) -> None:
         self._listening = threading.Event()
-        self._outcome: dict = {}
+        self._outcome: dict[str, qemu.QemuReceived | BaseException] = {}
         self.address = ""
         self._thread = threading.Thread(target=self._run, args=(directory, workers, listener),
                                         name="fastmfd qemu receive", daemon=True)
@@ -66,15 +66,18 @@ class _Receiver:
         self._listening.set()
 
     def _raise(self) -> None:
-        if "error" in self._outcome:
-            raise self._outcome["error"]
+        error = self._outcome.get("error")
+        if isinstance(error, BaseException):
+            raise error
 
     def result(self, timeout: float) -> qemu.QemuReceived:
         self._thread.join(timeout)
         if self._thread.is_alive():
             raise MigrationError(f"fastmfd's QEMU receiver did not finish within {timeout:g} s")
         self._raise()
-        return self._outcome["result"]
+        result = self._outcome["result"]
+        assert isinstance(result, qemu.QemuReceived), "no error: a result"
+        return result
 
 
 class QemuToFastmfdTrial(QemuPeer):

@@ -16,8 +16,9 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 __all__ = ["Measurement", "Trial", "CpuMeter", "FOREIGN_LOAD_FLAG", "wait_until_idle"]
 
@@ -30,7 +31,7 @@ class Measurement:
     seconds: float              # wall clock of the timed part
     image_bytes: int            # bytes of memory moved
     wire_bytes: int | None      # bytes written on every connection (None: not known)
-    details: dict = field(default_factory=dict)   # what else the method measured
+    details: dict[str, Any] = field(default_factory=dict)   # what else the method measured
 
     @property
     def throughput(self) -> float:
@@ -52,7 +53,7 @@ class Trial(Protocol):
     def close(self) -> None: ...
 
 
-def _cpu_ns(pids) -> int:
+def _cpu_ns(pids: Iterable[int]) -> int:
     """CPU time used so far by every thread of ``pids`` (those that have exited count 0)."""
     total = 0
     for pid in pids:
@@ -123,7 +124,7 @@ class CpuMeter:
         while not self._stop.wait(self.SAMPLE_SECONDS):
             self._sample(self._last)
 
-    def stop(self) -> dict:
+    def stop(self) -> dict[str, Any]:
         """``{"cpu_s": {side: seconds}, "foreign_cores": load}`` for Measurement.details."""
         self._stop.set()
         self._thread.join()
@@ -138,7 +139,7 @@ class CpuMeter:
         return {"cpu_s": cpu, "foreign_cores": round(max(0.0, foreign), 2)}
 
 
-def wait_until_idle(pids, *, window: float = 0.02, timeout: float = 10.0) -> None:
+def wait_until_idle(pids: Iterable[int], *, window: float = 0.02, timeout: float = 10.0) -> None:
     """Return once ``pids`` used under 5% of a CPU for ``window`` seconds (or at ``timeout``).
 
     A peer's processes (QEMU, the sendall pair) start in the background; on a

@@ -5,6 +5,8 @@ See the package docstring for the flow; :func:`read_capture` is the entry point.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from ... import _core
@@ -28,7 +30,7 @@ FMFD_MAGIC = MAIN_MAGIC.to_bytes(4, "big")
 DEFAULT_MAX_RAM_BYTES = 1 << 32
 
 
-def read_capture(paths, *, packet_pages: int | None = None, page_size: int = 4096,
+def read_capture(paths: Iterable[str | os.PathLike[str]], *, packet_pages: int | None = None, page_size: int = 4096,
                  layout: str | None = None, checksum: bool = False,
                  max_ram_bytes: int = DEFAULT_MAX_RAM_BYTES) -> Capture:
     """Decode the captured channel files ``paths`` (one per connection, any order).
@@ -93,7 +95,7 @@ def _decode_main(reader: ByteReader, kind: tuple[str, int | None], session: Sess
     return main
 
 
-def _decode_rounds(main, decoders: list[ChannelDecoder], image: RamImage) -> None:
+def _decode_rounds(main: QemuMainChannel | FastmfdMainChannel | None, decoders: list[ChannelDecoder], image: RamImage) -> None:
     """Apply the capture's pages in the order the SYNC barriers impose.
 
     Round r: the main channel's records before its r-th round end, then each
@@ -101,11 +103,12 @@ def _decode_rounds(main, decoders: list[ChannelDecoder], image: RamImage) -> Non
     sources concurrently (they do not overlap); across rounds the barrier
     orders them, so a later round's copy of a page wins.
     """
-    main_rounds = main.rounds if isinstance(main, QemuMainChannel) else []
+    main_rounds, main_path = (main.rounds, main.path) if isinstance(main, QemuMainChannel) \
+        else ([], "")
     r = 0
     while r < len(main_rounds) or any(not d.done for d in decoders):
         for record in main_rounds[r] if r < len(main_rounds) else ():
-            image.apply_located(record.block, record.offset, record.page, main.path,
+            image.apply_located(record.block, record.offset, record.page, main_path,
                                 record.at)
         for decoder in decoders:
             if not decoder.done:
@@ -113,7 +116,7 @@ def _decode_rounds(main, decoders: list[ChannelDecoder], image: RamImage) -> Non
         r += 1
 
 
-def _read_file(path) -> bytes:
+def _read_file(path: str | os.PathLike[str]) -> bytes:
     try:
         return Path(path).read_bytes()
     except OSError as exc:

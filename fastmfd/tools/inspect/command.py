@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -61,7 +62,7 @@ def cli_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_summary(summary: dict) -> None:
+def _print_summary(summary: dict[str, Any]) -> None:
     # Not a terminal (a pipe, a test): wide enough that no cell is cut.
     console = Console(width=None if sys.stdout.isatty() else 160)
     files = [ch["file"] for ch in summary["channels"]]
@@ -88,6 +89,8 @@ def _print_summary(summary: dict) -> None:
             f"{main['page_records']} page records in the first {main['ram_bytes']} bytes; "
             f"then device sections from {main['first_device_section']!r} "
             f"({main['vm_devices']} devices in the VM description)")
+        console.print(f"multifd SYNCs {main['multifd_sync']}: {main['syncs']} barrier(s), "
+                      f"{main['multifd_flushes']} MULTIFD_FLUSH record(s)")
     else:
         messages = ", ".join(f"{name} {n}" for name, n in main["messages"].items())
         console.print(f"main channel {_short(main['file'])}: fastmfd, {main['bytes']} bytes; "
@@ -127,5 +130,5 @@ def _print_summary(summary: dict) -> None:
         console.print(devices)
 
 
-def _text(value) -> str:
+def _text(value: object) -> str:
     return "?" if value is None else str(value)

@@ -26,7 +26,7 @@ def decode_fastmfd_main(reader: ByteReader, channel_header: bool, session: Sessi
         check_preamble(reader.take(8, "preamble"))
     except ProtocolError as exc:
         raise reader.locate(exc, at) from None
-    last = None
+    last: Msg | None = None
     while not reader.at_end():
         at = reader.pos
         try:
@@ -71,9 +71,11 @@ def _main_device_chunk(reader: ByteReader, body: memoryview, at: int, session: S
         raise reader.error("DEVICE_STATE payload: truncated: needs 4 bytes of device index",
                            field="device index", received=len(body), expected=4, at=at)
     index = int.from_bytes(body[:4], "big")
-    if index >= len(session.devices):
+    known = session.devices
+    assert known is not None, "SETUP, which lists them, came first"
+    if index >= len(known):
         raise reader.error(f"DEVICE_STATE field 'device index': received {index}, expected < "
-                           f"{len(session.devices)} (devices in SETUP)", field="device index",
-                           received=index, expected=f"< {len(session.devices)}", at=at)
-    idstr, instance_id = session.devices[index]
+                           f"{len(known)} (devices in SETUP)", field="device index",
+                           received=index, expected=f"< {len(known)}", at=at)
+    idstr, instance_id = known[index]
     devices.add(idstr, instance_id, body[4:], reader, at + 4)

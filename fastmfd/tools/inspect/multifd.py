@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import zlib
+from typing import TYPE_CHECKING
 
 from ... import _core
 from ...errors import ProtocolError
 from ...protocol.bytereader import ByteReader
-from ...protocol.qemu import QemuMainChannel
+from ...protocol.qemu import SYNC_PER_ROUND, QemuMainChannel
 from .contents import DeviceChunks, RamImage
 from .records import Channel, FastmfdMainChannel, PacketRecord
 from .session import COMPRESSION_NAMES, Session
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer     # collections.abc.Buffer from Python 3.12
 
 __all__ = ["open_channels", "ChannelDecoder", "check_rounds"]
 
@@ -19,7 +23,7 @@ DEFAULT_CHUNK_LIMIT = 64 << 20          # device chunk bound when no SETUP says 
 COMPRESSION_MASK = {_core.LAYOUT_QEMU72: 0x0E, _core.LAYOUT_CURRENT: 0x3E}
 
 
-def open_channels(found: list, session: Session) -> list[tuple[ByteReader, Channel]]:
+def open_channels(found: list[tuple[ByteReader, tuple[str, int | None]]], session: Session) -> list[tuple[ByteReader, Channel]]:
     """Read each channel's init packet; order the channels by id (not by file)."""
     opened: dict[int, tuple[ByteReader, Channel]] = {}
     first: tuple[str, bytes] | None = None      # (file, uuid) of the first channel read
@@ -68,11 +72,12 @@ class ChannelDecoder:
         self.devices = devices
         self.compression = session.compression
         self.codecs: dict[int, _core.RamPacketCodec] = {}
-        self.stream = None            # the channel's decompressor
+        self.stream: _core.Codec | None = None     # the channel's decompressor
         self.scratch: memoryview | None = None
         self.round = 0
         self.done = False
-        if compression_name := COMPRESSION_NAMES.get(self.compression):
+        if self.compression is not None and (
+                compression_name := COMPRESSION_NAMES.get(self.compression)):
             channel.compression = "auto" if session.compression_optional else compression_name
 
     def decode_round(self) -> None:
@@ -97,6 +102,7 @@ class ChannelDecoder:
         codec = self.codecs.get(comp)
         if codec is None:
             s = self.session
+            assert s.packet_pages is not None, "read_capture sets it before decoding"
             codec = self.codecs[comp] = _core.RamPacketCodec(
                 s.packet_pages, s.page_size, self.layout, comp, s.regions,
                 checksum=s.checksum, compression_optional=s.compression_optional and comp != 0)
@@ -139,6 +145,7 @@ class ChannelDecoder:
         if not count:
             return []
         if self.scratch is None:
+            assert self.session.packet_pages is not None, "read_capture sets it first"
             self.scratch = memoryview(bytearray(self.session.packet_pages * page_size))
         out = self.scratch[:count * page_size]
         try:
@@ -155,12 +162,14 @@ class ChannelDecoder:
         self.compression = flags & COMPRESSION_MASK[self.layout]
         self.channel.compression = COMPRESSION_NAMES[self.compression]
 
-    def _stream(self):
+    def _stream(self) -> _core.Codec:
         """The channel's one decompressor, RAM pages and device chunks alike (made by
         whichever comes first)."""
         if self.stream is None:
+            assert self.compression, "called once the channel's compression is known"
             self.stream = _core.make_codec(COMPRESSION_NAMES[self.compression],
                                            compressing=False)
+            assert self.stream is not None, "a method other than none has a codec"
         return self.stream
 
     def _inflate_chunk(self, payload: memoryview, at: int) -> memoryview:
@@ -202,7 +211,7 @@ class ChannelDecoder:
         self.channel.packets.append(PacketRecord(
             at, "device", flags, None, idstr, 0, 0, reader.pos - at, size, self.round))
 
-    def _check_crc(self, what: str, header: memoryview, checksum_at: int | None,
+    def _check_crc(self, what: str, header: Buffer, checksum_at: int | None,
                    payload: memoryview, expected: int, at: int) -> None:
         """The checksum extension: CRC-32 of the header (its checksum field, if it
         has one, zero) and the payload as sent."""
@@ -216,10 +225,12 @@ class ChannelDecoder:
                                     field="checksum", received=expected, expected=crc, at=at)
 
 
-def check_rounds(main, decoders: list[ChannelDecoder]) -> None:
+def check_rounds(main: QemuMainChannel | FastmfdMainChannel | None, decoders: list[ChannelDecoder]) -> None:
     """Every RAM channel has one SYNC per round end of the main channel (spec §5.3)."""
     if isinstance(main, QemuMainChannel):
-        expected, what = main.eos, "RAM section end (EOS)"
+        expected = main.syncs
+        what = ("MULTIFD_FLUSH record" if main.multifd_sync == SYNC_PER_ROUND
+                else "RAM section end (EOS)")
     elif isinstance(main, FastmfdMainChannel):
         expected, what = main.round_ends, "ROUND_END message"
     else:

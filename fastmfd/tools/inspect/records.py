@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 from ...protocol.main_channel import Msg
 from ...protocol.qemu import QemuMainChannel
@@ -48,7 +49,7 @@ class Channel:
     def syncs(self) -> int:
         return sum(1 for p in self.packets if p.kind == "sync")
 
-    def summary(self) -> dict:
+    def summary(self) -> dict[str, Any]:
         ram = [p for p in self.packets if p.kind != "device"]
         repeated = sum(1 for a, b in zip(ram, ram[1:]) if a.packet_num == b.packet_num)
         return {
@@ -77,14 +78,14 @@ class FastmfdMainChannel:
     path: str
     size: int
     channel_header: bool
-    setup: dict = field(default_factory=dict)
-    messages: Counter = field(default_factory=Counter)
+    setup: dict[str, Any] = field(default_factory=dict)
+    messages: Counter[str] = field(default_factory=Counter)
 
     @property
     def round_ends(self) -> int:
         return self.messages[Msg.ROUND_END.name]
 
-    def summary(self) -> dict:
+    def summary(self) -> dict[str, Any]:
         return {"file": self.path, "format": "fastmfd", "bytes": self.size,
                 "channel_header": self.channel_header, "setup": self.setup,
                 "messages": dict(self.messages), "round_ends": self.round_ends}
@@ -104,7 +105,7 @@ class Capture:
     pages_resent: int = 0                          # pages that arrived again
     pages_resent_changed: int = 0                  # ... with different content
 
-    def summary(self) -> dict:
+    def summary(self) -> dict[str, Any]:
         """Everything the capture shows, as JSON-able data."""
         return {
             "layout": self.layout, "page_size": self.page_size,

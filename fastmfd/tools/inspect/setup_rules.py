@@ -7,6 +7,8 @@ into the decoders' session.
 
 from __future__ import annotations
 
+from typing import Any
+
 from ...errors import ConfigError
 from ...protocol.setup import Invalid, Setup, check_geometry
 from .session import COMPRESSION_FLAGS, Session
@@ -14,7 +16,7 @@ from .session import COMPRESSION_FLAGS, Session
 __all__ = ["apply_setup", "check_arguments"]
 
 
-def check_arguments(page_size, packet_pages) -> None:
+def check_arguments(page_size: int, packet_pages: int) -> None:
     """The packet geometry given on the command line (ConfigError)."""
     try:
         check_geometry(page_size, packet_pages)
@@ -22,7 +24,7 @@ def check_arguments(page_size, packet_pages) -> None:
         raise ConfigError(f"{exc.field} {exc.value!r}: expected {exc.expected}") from None
 
 
-def apply_setup(payload: dict, session: Session) -> None:
+def apply_setup(payload: dict[str, Any], session: Session) -> None:
     """Decode a SETUP payload (ProtocolError naming ``SETUP.<field>``) into ``session``."""
     setup = Setup.decode_lenient(payload)
     session.uuid = setup.uuid
