@@ -29,7 +29,7 @@ from fastmfd.tools.bench.matrix import Setting, make_trial, run_once
 from fastmfd.tools.bench.trial import Measurement
 
 IMAGES = ("random", "halftext")
-COMPRESSIONS = ("none", "zlib", "zstd")
+COMPRESSIONS = ("none", "zlib", "zstd", "auto")     # auto: fastmfd only, QEMU has none
 CHANNELS = (1, 2, 4, 8)
 LEVEL = 1                   # the reference QEMU numbers are zlib-1 and zstd-1
 
@@ -62,7 +62,8 @@ def test_migrate(benchmark, images, migrate_size, migrate_rounds, migrate_preall
     def time_qemu() -> Measurement:
         return run_once(qemu_setting, image, qemu_binary=qemu_peer, **options)
 
-    peer = time_qemu if qemu_peer is not None and setting.method == "fastmfd" else None
+    peer = time_qemu if (qemu_peer is not None and setting.method == "fastmfd"
+                         and setting.compression != "auto") else None
 
     measurements, qemu_runs = time_trials(
         benchmark, lambda: make_trial(setting, image, **options), rounds=migrate_rounds,

@@ -111,7 +111,7 @@ cdef class _EngineBase:
         cdef uint32_t pp = params["packet_pages"]
         comp_flag = 0 if codec is None else (<Codec>codec).flag
         ram_layout_init(&self.lay, pp, params["page_size"], params.get("layout", LAYOUT_CURRENT),
-                        comp_flag, 0, params.get("checksum", False))
+                        comp_flag, 0, params.get("checksum", False), params.get("auto", False))
         self.link.fd = fd
         self.link.ssl = NULL
         self.link.err[0] = 0
@@ -228,7 +228,10 @@ cdef class SendEngine(_EngineBase):
     """Runs one send channel: executes the commands that arrive on ``cmd_fd``.
 
     ``params`` holds the session's page_size, packet_pages, zero_page_detection
-    and checksum; ``regions`` are attached Region objects in SETUP order;
+    and checksum; with ``auto`` (compression="auto", ``codec`` a ZstdCodec) each
+    payload goes raw or compressed as _adaptive.pxi decides, measuring the
+    link unless ``measure_link`` is False (a peer on this host), within the
+    pacer's ``rate``; ``regions`` are attached Region objects in SETUP order;
     ``mailbox`` a writable buffer of at least job_pages u64 page indices that
     the main process fills before each RAM command; ``selector`` the selector
     this channel belongs to (released after each RAM or device job).
@@ -247,6 +250,10 @@ cdef class SendEngine(_EngineBase):
         self.mailbox_cap = box.shape[0] // 8
         self.zero_detection = params["zero_page_detection"]
         pacer_init(&self.pacer, params.get("rate", 0.0))
+        self.auto = params.get("auto", False)
+        if self.auto and not isinstance(codec, ZstdCodec):
+            raise ValueError("compression auto compresses with zstd")
+        auto_init(&self.choice, params.get("rate", 0.0), params.get("measure_link", True))
 
     def run(self, int cmd_fd):
         """Execute commands until QUIT (then half-close the socket and return)."""
@@ -302,7 +309,8 @@ cdef class SendEngine(_EngineBase):
                         nn += 1
             if nn + nz != m:
                 raise ValueError(f"RAM job lists page {page} outside region {ref.name.decode()}")
-            self.send_packet(self.lay.comp_flag, region, ref.base, nn, nz, 1)
+            # A packet of a fixed method carries its bit even with zero pages only.
+            self.send_packet(0 if self.auto else self.lay.comp_flag, region, ref.base, nn, nz, 1)
             start += m
         return 0
 
@@ -318,8 +326,9 @@ cdef class SendEngine(_EngineBase):
         cdef uint64_t num = fm_fetch_add64(&self.counters.hdr.packet_num, 1)
         if nn:
             k += pages_to_iov(self.iov + 1, base, self.normal, nn, self.lay.page_size)
-            if self.codec is not None:
-                payload = self.codec.compress_iov(self.iov + 1, k - 1, raw, &blob)
+            blob = self.compress(self.iov + 1, k - 1, raw, &payload)
+            if blob != NULL:
+                flags |= self.lay.comp_flag
                 self.iov[1].iov_base = <void *>blob
                 self.iov[1].iov_len = payload
                 k = 2
@@ -339,15 +348,44 @@ cdef class SendEngine(_EngineBase):
                  packet_crc(self.header, self.lay.header_size, self.iov + 1, k - 1))
         self.iov[0].iov_base = self.header
         self.iov[0].iov_len = self.lay.header_size
-        with nogil:
-            pace(&self.pacer, self.lay.header_size + (payload if nn else 0))
-            rc = link_writev(&self.link, self.iov, k)
-        self.check_io(rc, self.lay.header_size + (payload if nn else 0), "send", True)
+        rc = self.write_packet(self.iov, k, self.lay.header_size + (payload if nn else 0))
         bump(self.stats, ST_PACKETS, 1)
         bump(self.stats, ST_NORMAL, nn)
         bump(self.stats, ST_ZERO, nz)
         bump(self.stats, ST_WIRE, rc)
         return 0
+
+    cdef const uint8_t *compress(self, iovec *iov, size_t n, size_t raw,
+                                 ssize_t *size) except? NULL:
+        """The payload ``iov[:n]`` (``raw`` bytes) compressed, its size in ``size``;
+        NULL when it goes raw (no codec, or auto chose raw). Counts which."""
+        cdef const uint8_t *blob = NULL
+        cdef int index
+        cdef double started
+        if self.codec is not None and not self.auto:
+            size[0] = self.codec.compress_iov(iov, n, raw, &blob)
+        elif self.auto:
+            index = auto_pick(&self.choice)
+            if index >= 0:
+                (<ZstdCodec>self.codec).set_level(AUTO_LEVEL[index])
+                started = monotonic()
+                size[0] = self.codec.compress_iov(iov, n, raw, &blob)
+                auto_compressed(&self.choice, index, raw, size[0], monotonic() - started)
+        bump(self.stats, ST_RAW if blob == NULL else ST_COMPRESSED, 1)
+        return blob
+
+    cdef ssize_t write_packet(self, iovec *iov, size_t k, size_t size) except -1:
+        """Write one packet of ``size`` bytes at the channel's pace; returns ``size``."""
+        cdef ssize_t rc
+        with nogil:
+            pace(&self.pacer, size)
+            if self.auto:
+                auto_before_write(&self.choice, self.link.fd)
+            rc = link_writev(&self.link, iov, k)
+            if self.auto and rc == <ssize_t>size:
+                auto_after_write(&self.choice, self.link.fd, size)
+        self.check_io(rc, size, "send", True)
+        return rc
 
     cdef int send_device(self, uint32_t device, uint32_t slot, uint32_t length) except -1:
         cdef iovec parts[3]
@@ -363,12 +401,12 @@ cdef class SendEngine(_EngineBase):
         idstr, instance_id = self.device_names[device]
         parts[1].iov_base = self.pool.slot_ptr(slot)
         parts[1].iov_len = length
-        if self.codec is not None:
-            payload = self.codec.compress_iov(&parts[1], 1, length, &blob)
+        blob = self.compress(&parts[1], 1, length, &payload)
+        if blob != NULL:
             parts[1].iov_base = <void *>blob
             parts[1].iov_len = payload
-        device_encode(self.header, self.lay.comp_flag, idstr, len(idstr), instance_id,
-                      <uint32_t>payload)
+        device_encode(self.header, self.lay.comp_flag if blob != NULL else 0, idstr, len(idstr),
+                      instance_id, <uint32_t>payload)
         parts[0].iov_base = self.header
         parts[0].iov_len = DEVICE_HEADER_SIZE
         if self.lay.checksum:
@@ -377,11 +415,8 @@ cdef class SendEngine(_EngineBase):
             parts[2].iov_base = trailer
             parts[2].iov_len = DEVICE_CHECKSUM_SIZE
             k = 3
-        with nogil:
-            pace(&self.pacer, DEVICE_HEADER_SIZE + payload + (k - 2) * DEVICE_CHECKSUM_SIZE)
-            rc = link_writev(&self.link, parts, k)
-        self.check_io(rc, DEVICE_HEADER_SIZE + payload + (k - 2) * DEVICE_CHECKSUM_SIZE,
-                      "send", True)
+        rc = self.write_packet(parts, k,
+                               DEVICE_HEADER_SIZE + payload + (k - 2) * DEVICE_CHECKSUM_SIZE)
         self.pool.release_slot(slot)
         bump(self.stats, ST_DEVICE_PACKETS, 1)
         bump(self.stats, ST_DEVICE_BYTES, length)
@@ -457,6 +492,7 @@ cdef class RecvEngine(_EngineBase):
         cdef uint64_t off, page
         cdef uint32_t psize = self.lay.page_size
         cdef int failed
+        cdef uint32_t compressed
         with nogil:
             got = link_read_exact(&self.link, self.header + 12, self.lay.header_size - 12)
         self.check_io(got, self.lay.header_size - 12, "RAM packet header")
@@ -483,7 +519,11 @@ cdef class RecvEngine(_EngineBase):
             with nogil:
                 failed = populate_for_write(self.iov, k)
             check_populated(failed, f"region {ref.name.decode()}")
-            if self.codec is None:
+            # ram_decode let through only the session's bit, or none where
+            # compression is optional ("auto"): the header says which.
+            compressed = info.flags & self.lay.comp_flag
+            bump(self.stats, ST_COMPRESSED if compressed else ST_RAW, 1)
+            if not compressed:
                 with nogil:
                     got = link_readv(&self.link, self.iov, k)
                 self.check_io(got, raw, "RAM payload")
@@ -561,13 +601,14 @@ cdef class RecvEngine(_EngineBase):
         cdef int64_t slot
         cdef uint8_t *dst
         cdef size_t produced
+        cdef uint32_t compressed = 0
         cdef iovec wire
         cdef uint8_t trailer[DEVICE_CHECKSUM_SIZE]
         with nogil:
             got = link_read_exact(&self.link, self.header + 12, DEVICE_HEADER_SIZE - 12)
         self.check_io(got, DEVICE_HEADER_SIZE - 12, "device state header")
-        if device_decode(self.header, self.lay.comp_flag, 0, self.max_device_payload, &info,
-                         &err) < 0:
+        if device_decode(self.header, self.lay.comp_flag, self.lay.comp_optional, 0,
+                         self.max_device_payload, &info, &err) < 0:
             raise_wire_error(&err)
         key = (<bytes>info.idstr, info.instance_id)
         device = self.device_index.get(key)
@@ -584,7 +625,8 @@ cdef class RecvEngine(_EngineBase):
         try:
             dst = self.pool.slot_ptr(<uint32_t>slot)
             self.pool.back_slot(<uint32_t>slot)
-            wire.iov_base = dst if self.codec is None else self.scratch
+            compressed = info.flags & self.lay.comp_flag
+            wire.iov_base = self.scratch if compressed else dst
             wire.iov_len = info.next_packet_size
             with nogil:
                 got = link_read_exact(&self.link, <uint8_t *>wire.iov_base, wire.iov_len)
@@ -596,7 +638,7 @@ cdef class RecvEngine(_EngineBase):
                 self.verify_crc("device state packet", DEVICE_HEADER_SIZE, &wire, 1,
                                 ld64(trailer))
                 bump(self.stats, ST_WIRE, DEVICE_CHECKSUM_SIZE)
-            if self.codec is None:
+            if not compressed:
                 produced = info.next_packet_size
             else:
                 produced = self.codec.decompress_bounded(self.scratch, info.next_packet_size,
@@ -618,6 +660,7 @@ cdef class RecvEngine(_EngineBase):
             self.pool.release_slot(<uint32_t>slot)
             raise
         bump(self.stats, ST_DEVICE_PACKETS, 1)
+        bump(self.stats, ST_COMPRESSED if compressed else ST_RAW, 1)
         bump(self.stats, ST_DEVICE_BYTES, produced)
         bump(self.stats, ST_WIRE, DEVICE_HEADER_SIZE + info.next_packet_size)
         return 0

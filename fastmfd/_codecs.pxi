@@ -209,19 +209,19 @@ cdef class ZlibCodec(Codec):
 
 
 cdef class ZstdCodec(Codec):
-    """zstd with libzstd: one frame per channel that is flushed, never ended."""
+    """zstd with libzstd: one frame per channel that is flushed, never ended —
+    except where the sender changes its level (``compression="auto"``): libzstd
+    applies a new level only to a new frame, so the packet that starts at the
+    new level first ends the frame (3 bytes), and the stream goes on as the
+    next frame. A decompressor reads concatenated frames as one stream."""
 
     def __cinit__(self, bint compressing, int level=1):
         self.flag = FLAG_ZSTD
         if compressing:
-            if not ZSTD_minCLevel() <= level <= ZSTD_maxCLevel():
-                raise ValueError(f"zstd level {level} outside {ZSTD_minCLevel()}.."
-                                 f"{ZSTD_maxCLevel()}")
             self.cctx = ZSTD_createCCtx()
             if self.cctx == NULL:
                 raise MemoryError()
-            check_zstd(ZSTD_CCtx_setParameter(self.cctx, ZSTD_c_compressionLevel, level),
-                       "set level")
+            self.set_level(level)
         else:
             self.dctx = ZSTD_createDCtx()
             if self.dctx == NULL:
@@ -236,8 +236,16 @@ cdef class ZstdCodec(Codec):
         if self.dctx != NULL:
             ZSTD_freeDCtx(self.dctx)
 
+    cpdef int set_level(self, int level) except -1:
+        """Compress the next packet (and those after it) at ``level``."""
+        if not ZSTD_minCLevel() <= level <= ZSTD_maxCLevel():
+            raise ValueError(f"zstd level {level} outside {ZSTD_minCLevel()}.."
+                             f"{ZSTD_maxCLevel()}")
+        self.level = level      # compress_iov applies it: at once, or with a new frame
+        return 0
+
     cdef size_t bound(self, size_t raw_bytes) noexcept:
-        return ZSTD_compressBound(raw_bytes) + 64
+        return ZSTD_compressBound(raw_bytes) + 64     # + a frame's end and the next one's header
 
     cdef ssize_t compress_iov(self, const iovec *iov, size_t n, size_t raw_bytes,
                               const uint8_t **result) except -1:
@@ -248,6 +256,13 @@ cdef class ZstdCodec(Codec):
         out.dst = self.out
         out.size = self.out_cap
         out.pos = 0
+        if self.in_frame and self.level != self.frame_level:
+            self.end_frame(&out)
+        if not self.in_frame:
+            check_zstd(ZSTD_CCtx_setParameter(self.cctx, ZSTD_c_compressionLevel, self.level),
+                       "set level")
+            self.frame_level = self.level
+            self.in_frame = True
         with nogil:
             for i in range(n):
                 inp.src = iov[i].iov_base
@@ -271,6 +286,21 @@ cdef class ZstdCodec(Codec):
                                f"{ZSTD_getErrorName(rc).decode() if ZSTD_isError(rc) else 'output full'}")
         result[0] = self.out
         return out.pos
+
+    cdef int end_frame(self, ZSTD_outBuffer *out) except -1:
+        """End the current frame into ``out`` (a new level starts a new frame)."""
+        cdef ZSTD_inBuffer none
+        cdef size_t rc = 1
+        none.src = NULL
+        none.size = 0
+        none.pos = 0
+        while rc != 0 and not ZSTD_isError(rc) and out.pos < out.size:
+            rc = ZSTD_compressStream2(self.cctx, out, &none, ZSTD_e_end)
+        if rc != 0:
+            raise RuntimeError(f"zstd frame end failed: "
+                               f"{ZSTD_getErrorName(rc).decode() if ZSTD_isError(rc) else 'output full'}")
+        self.in_frame = False
+        return 0
 
     cdef int decompress_iov(self, const uint8_t *src, size_t size, const iovec *iov,
                             size_t n) except -1:
@@ -477,7 +507,9 @@ COMPRESSION_NAMES = {0: "none", FLAG_ZLIB: "zlib", FLAG_ZSTD: "zstd"}
 
 def make_codec(str method, bint compressing, int level=1, bint use_isal=True):
     """The codec for ``method`` ("zlib" or "zstd"), or None for "none"; zlib
-    runs on ISA-L when python-isal is installed (and ``use_isal``)."""
+    runs on ISA-L when python-isal is installed (and ``use_isal``). "auto" is
+    zstd, ``level`` ignored: its send engine picks per packet whether (and at
+    which level) the codec compresses (_adaptive.pxi)."""
     if method == "none":
         return None
     if method == "zlib":
@@ -486,4 +518,6 @@ def make_codec(str method, bint compressing, int level=1, bint use_isal=True):
         return ZlibCodec(compressing, level)
     if method == "zstd":
         return ZstdCodec(compressing, level)
+    if method == "auto":
+        return ZstdCodec(compressing)       # the send engine sets each packet's level
     raise ValueError(f"unknown compression method {method!r}")

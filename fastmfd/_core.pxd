@@ -15,7 +15,7 @@ from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 from posix.uio cimport iovec
 
 from fastmfd.includes.libz cimport z_stream
-from fastmfd.includes.libzstd cimport ZSTD_CCtx, ZSTD_DCtx
+from fastmfd.includes.libzstd cimport ZSTD_CCtx, ZSTD_DCtx, ZSTD_outBuffer
 from fastmfd.includes.openssl cimport SSL, SSL_CTX
 from fastmfd.includes.system cimport sem_t
 
@@ -69,6 +69,7 @@ cdef struct RamLayout:              # one session's RAM packet geometry; set by 
     uint32_t header_size            # RAM_HEADER_FIXED + 8 * packet_pages
     bint qemu72                     # QEMU 7.2: stale fields in empty packets, no zero pages
     uint32_t comp_flag              # compression bit every data packet carries
+    bint comp_optional              # "auto": a data packet carries comp_flag or no bit (raw)
     uint32_t extensions             # negotiated fastmfd flag bits (FLAG_STORED)
     bint checksum                   # unused64[0] carries a CRC-32 of the payload
     uint32_t max_payload            # bound on next_packet_size of compressed packets
@@ -119,7 +120,8 @@ cdef inline void st64(uint8_t *p, uint64_t v) noexcept nogil:
 cdef int raise_wire_error(WireError *err) except -1
 cdef bytes encode_name(object name, str what)
 cdef int ram_layout_init(RamLayout *lay, uint32_t packet_pages, uint32_t page_size, str layout,
-                         uint32_t comp_flag, uint32_t extensions, bint checksum) except -1
+                         uint32_t comp_flag, uint32_t extensions, bint checksum,
+                         bint comp_optional) except -1
 cdef int ram_decode(const RamLayout *lay, const RegionEntry *regions, int nregions,
                     const uint8_t *p, RamPacketInfo *out, WireError *err,
                     int region_hint) noexcept nogil
@@ -128,8 +130,8 @@ cdef size_t ram_encode(const RamLayout *lay, uint8_t *p, uint32_t flags, uint64_
                        const uint64_t *normal, uint32_t nnormal,
                        const uint64_t *zero, uint32_t nzero,
                        uint32_t next_packet_size, uint64_t checksum) noexcept nogil
-cdef int device_decode(const uint8_t *p, uint32_t comp_flag, uint32_t extensions,
-                       uint32_t max_payload, DeviceHeaderInfo *out,
+cdef int device_decode(const uint8_t *p, uint32_t comp_flag, bint comp_optional,
+                       uint32_t extensions, uint32_t max_payload, DeviceHeaderInfo *out,
                        WireError *err) noexcept nogil
 cdef void device_encode(uint8_t *p, uint32_t flags, const char *idstr, size_t idstr_len,
                         uint32_t instance_id, uint32_t next_packet_size) noexcept nogil
@@ -181,7 +183,9 @@ cdef enum:
     ST_DEVICE_BYTES = 5             # chunk bytes (header + data), before compression
     ST_SYNCS = 6
     ST_JOBS = 7
-    ST_FIELDS = 8
+    ST_COMPRESSED = 8               # payloads (RAM pages, device chunks) sent/received compressed
+    ST_RAW = 9                      # ... and raw
+    ST_FIELDS = 10
 
 
 # Each shared header starts with its magic, stored last by create() so an
@@ -323,6 +327,12 @@ cdef class ZlibCodec(Codec):
 cdef class ZstdCodec(Codec):
     cdef ZSTD_CCtx *cctx            # compressing; NULL otherwise
     cdef ZSTD_DCtx *dctx            # decompressing; NULL otherwise
+    cdef readonly int level         # compressing: the level of the next packet
+    cdef int frame_level            # ... and of the frame in progress
+    cdef bint in_frame              # a frame was started (and not ended)
+
+    cpdef int set_level(self, int level) except -1
+    cdef int end_frame(self, ZSTD_outBuffer *out) except -1
 
 
 cdef class IsalZlibCodec(Codec):
@@ -381,6 +391,38 @@ cdef class TLSChannel:
     cdef int _expect_host(self, str hostname) except -1
     cdef int _handshake(self, double timeout) except -1
     cdef int _check(self, ssize_t rc, size_t want, str what, double timeout) except -1
+
+
+# ================================================================ _adaptive.pxi
+
+cdef struct AutoChoice:             # compression="auto": one send channel's measurements
+    double pace_rate                # max_bandwidth's share: a known link rate (0: none)
+    bint measure_socket             # False for a peer on this host (or a non-socket)
+    double drained                  # averages of the bytes that left the send queue
+    double drain_seconds            # between two writes, and of the time between them
+    double drain                    # drained / drain_seconds: wire bytes/s the link takes
+    uint32_t settled                # backed-up intervals measured so far (up to AUTO_SETTLE)
+    double raw_bytes                # per compressed payload, averages of: its raw bytes,
+    double busy                     # the seconds level 1 would take to compress it,
+    double saved                    # and the bytes level 1 would save
+    double speed                    # raw_bytes / busy: raw bytes/s zstd compresses (level 1)
+    double savings                  # saved / raw_bytes: 1 - compressed/raw (level 1)
+    int level_index                 # the level the next payloads go at; -1: raw
+    int best_index                  # the best level even when raw is better (samples use it)
+    uint32_t sample_every           # while raw: one payload in this many is compressed
+    uint32_t countdown              # payloads until the next sample
+    bint sampling                   # the payload being compressed is a sample
+    int64_t queued_before           # SIOCOUTQ before the write in progress
+    int64_t queued_after            # ... and after the previous one
+    double last_write               # monotonic() after the previous write
+
+
+cdef void auto_init(AutoChoice *a, double pace_rate, bint measure_socket) noexcept nogil
+cdef int auto_pick(AutoChoice *a) noexcept nogil
+cdef void auto_compressed(AutoChoice *a, int index, size_t raw, size_t wire,
+                          double seconds) noexcept nogil
+cdef void auto_before_write(AutoChoice *a, int fd) noexcept nogil
+cdef void auto_after_write(AutoChoice *a, int fd, size_t wire) noexcept nogil
 
 
 # ================================================================ _channel.pxi
@@ -465,6 +507,12 @@ cdef class SendEngine(_EngineBase):
     cdef object mailbox_keep        # keeps the mailbox buffer mapped
     cdef bint zero_detection
     cdef Pacer pacer                # holds this channel to params["rate"] bytes/s
+    cdef bint auto                  # compression="auto": choice decides each payload
+    cdef AutoChoice choice
+
+    cdef const uint8_t *compress(self, iovec *iov, size_t n, size_t raw,
+                                 ssize_t *size) except? NULL
+    cdef ssize_t write_packet(self, iovec *iov, size_t k, size_t size) except -1
 
     cdef int send_ram(self, uint32_t region, uint32_t count) except -1
     cdef int send_packet(self, uint32_t flags, uint32_t region, uint8_t *base, uint32_t nn,

@@ -54,7 +54,7 @@ from fastmfd.includes.libz cimport (
 from fastmfd.includes.libzstd cimport (
     ZSTD_CCtx_setParameter, ZSTD_DCtx_setParameter, ZSTD_c_compressionLevel, ZSTD_compressBound,
     ZSTD_compressStream2, ZSTD_createCCtx, ZSTD_createDCtx, ZSTD_d_windowLogMax,
-    ZSTD_decompressStream, ZSTD_e_continue, ZSTD_e_flush, ZSTD_freeCCtx, ZSTD_freeDCtx,
+    ZSTD_decompressStream, ZSTD_e_continue, ZSTD_e_end, ZSTD_e_flush, ZSTD_freeCCtx, ZSTD_freeDCtx,
     ZSTD_getErrorName, ZSTD_inBuffer, ZSTD_isError, ZSTD_maxCLevel, ZSTD_minCLevel, ZSTD_outBuffer,
 )
 from fastmfd.includes.openssl cimport (
@@ -83,9 +83,9 @@ from fastmfd.includes.openssl cimport (
 )
 from fastmfd.includes.system cimport (
     CLOCK_MONOTONIC, IOV_MAX, MADV_POPULATE_WRITE, MSG_PEEK, POLLIN, POLLOUT, PR_SET_PDEATHSIG,
-    SHUT_WR, SO_RCVTIMEO, SO_SNDTIMEO, SOL_SOCKET, _SC_PAGESIZE, __builtin_ctzll,
+    SHUT_WR, SIOCOUTQ, SO_RCVTIMEO, SO_SNDBUF, SO_SNDTIMEO, SOL_SOCKET, _SC_PAGESIZE, __builtin_ctzll,
     __builtin_popcountll, clock_gettime, nanosleep, fm_buffer_is_zero, fm_pagescan_init, getsockopt,
-    madvise, poll, pollfd, prctl, recv, sem_clockwait, sem_init, sem_post, sem_trywait,
+    ioctl, madvise, poll, pollfd, prctl, recv, sem_clockwait, sem_init, sem_post, sem_trywait,
     shutdown, socklen_t, strnlen, sysconf,
 )
 
@@ -111,5 +111,6 @@ include "_shared.pxi"
 include "_pages.pxi"
 include "_codecs.pxi"
 include "_tls.pxi"
+include "_adaptive.pxi"
 include "_channel.pxi"
 include "_pattern.pxi"

@@ -635,7 +635,8 @@ cdef class DirtyBitmap(_SharedStructure):
 
 # The keys of Counters.read(), in row order (ST_* in _core.pxd).
 cdef tuple COUNTER_FIELDS = ("packets", "normal_pages", "zero_pages", "wire_bytes",
-                             "device_packets", "device_bytes", "syncs", "jobs")
+                             "device_packets", "device_bytes", "syncs", "jobs",
+                             "compressed_payloads", "raw_payloads")
 
 
 cdef size_t counters_size(uint32_t nrows) noexcept:

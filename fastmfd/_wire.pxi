@@ -223,7 +223,8 @@ cdef uint32_t ram_max_payload(uint32_t packet_pages, uint32_t page_size) noexcep
 
 
 cdef int ram_layout_init(RamLayout *lay, uint32_t packet_pages, uint32_t page_size, str layout,
-                         uint32_t comp_flag, uint32_t extensions, bint checksum) except -1:
+                         uint32_t comp_flag, uint32_t extensions, bint checksum,
+                         bint comp_optional) except -1:
     if packet_pages == 0 or packet_pages > 65536:
         raise ValueError(f"packet_pages {packet_pages} outside 1..65536")
     if page_size < 512 or page_size > (1 << 21) or (page_size & (page_size - 1)):
@@ -241,11 +242,14 @@ cdef int ram_layout_init(RamLayout *lay, uint32_t packet_pages, uint32_t page_si
     lay.header_size = RAM_HEADER_FIXED + 8 * packet_pages
     lay.qemu72 = layout == LAYOUT_QEMU72
     lay.comp_flag = comp_flag
+    lay.comp_optional = comp_optional
     lay.extensions = extensions
     lay.checksum = checksum
     lay.max_payload = ram_max_payload(packet_pages, page_size)
-    if lay.qemu72 and (extensions or checksum):
+    if lay.qemu72 and (extensions or checksum or comp_optional):
         raise ValueError("the QEMU 7.2 layout has no fastmfd extensions")
+    if comp_optional and comp_flag == 0:
+        raise ValueError("optional compression needs a compression flag")
     return 0
 
 
@@ -323,8 +327,11 @@ cdef int ram_decode(const RamLayout *lay, const RegionEntry *regions, int nregio
                                  "0 in a packet without pages")
         return 0
     if not lay.qemu72 or out.normal_pages:
-        if (flags & comp_mask) != lay.comp_flag:
-            snprintf(text, sizeof(text), "compression bits 0x%x", lay.comp_flag)
+        # "auto" sessions decide per packet: the session's method or none.
+        if ((flags & comp_mask) != lay.comp_flag
+                and not (lay.comp_optional and not (flags & comp_mask))):
+            snprintf(text, sizeof(text), "compression bits 0x%x%s", lay.comp_flag,
+                     " or none (auto)" if lay.comp_optional else "")
             return wire_fail_hex(err, "RAM packet", "flags", flags, text)
     if name_field(p + 64, not lay.qemu72, name) < 0:
         return wire_fail(err, "RAM packet", "ramblock", "256 bytes without a NUL",
@@ -335,7 +342,7 @@ cdef int ram_decode(const RamLayout *lay, const RegionEntry *regions, int nregio
         if out.next_packet_size != 0 and not lay.qemu72:
             return wire_fail_u64(err, "RAM packet", "next_packet_size", out.next_packet_size,
                                  "0 in a zero-pages-only packet")
-    elif lay.comp_flag == 0 or (flags & FLAG_STORED):
+    elif not (flags & comp_mask) or (flags & FLAG_STORED):
         if out.next_packet_size != expect_size:
             snprintf(text, sizeof(text), "%llu (normal_pages * page_size)",
                      <unsigned long long>expect_size)
@@ -435,16 +442,18 @@ cdef class RamPacketCodec:
     ``layout`` is ``"current"`` (QEMU >= 9.0, fastmfd's own) or ``"qemu-7.2"``;
     ``regions`` maps region names to sizes for the name and bounds checks
     (``None`` checks page alignment only); ``compression`` is the wire flag
-    every data packet must carry (0, FLAG_ZLIB or FLAG_ZSTD); ``extensions``
+    every data packet must carry (0, FLAG_ZLIB or FLAG_ZSTD), or may carry
+    with ``compression_optional`` (an ``"auto"`` session: each packet says
+    whether its payload is compressed); ``extensions``
     the negotiated fastmfd flag bits; ``checksum`` whether ``unused64[0]``
     carries a payload CRC-32.
     """
 
     def __cinit__(self, uint32_t packet_pages=128, uint32_t page_size=4096, str layout="current",
                   uint32_t compression=0, regions=None, uint32_t extensions=0,
-                  bint checksum=False):
+                  bint checksum=False, bint compression_optional=False):
         ram_layout_init(&self.lay, packet_pages, page_size, layout, compression, extensions,
-                        checksum)
+                        checksum, compression_optional)
         self.nregions = -1
         if regions is not None:
             items = list(dict(regions).items())
@@ -530,7 +539,7 @@ cdef class RamPacketCodec:
         pkt.zero_offsets = offsets[info.normal_pages:]
         if info.normal_pages == 0:
             pkt.payload_size = 0
-        elif self.lay.comp_flag == 0:
+        elif not (info.flags & self.lay.comp_flag):
             pkt.payload_size = info.normal_pages * self.lay.page_size
         else:
             pkt.payload_size = info.next_packet_size
@@ -589,8 +598,8 @@ cdef class RamPacketCodec:
 
 # ---------------------------------------------------------------- device state (§4.4)
 
-cdef int device_decode(const uint8_t *p, uint32_t comp_flag, uint32_t extensions,
-                       uint32_t max_payload, DeviceHeaderInfo *out,
+cdef int device_decode(const uint8_t *p, uint32_t comp_flag, bint comp_optional,
+                       uint32_t extensions, uint32_t max_payload, DeviceHeaderInfo *out,
                        WireError *err) noexcept nogil:
     cdef uint32_t flags = ld32(p + 8)
     cdef uint32_t allowed = FLAG_DEVICE_STATE | comp_flag | extensions
@@ -600,10 +609,13 @@ cdef int device_decode(const uint8_t *p, uint32_t comp_flag, uint32_t extensions
     if flags & FLAG_SYNC:
         return wire_fail_hex(err, "device state packet", "flags", flags, "no SYNC bit")
     if not (flags & FLAG_DEVICE_STATE) or (flags & ~allowed):
-        snprintf(text, sizeof(text), "0x40 plus only bits 0x%x", comp_flag | extensions)
+        snprintf(text, sizeof(text), "0x40 plus only bits 0x%x%s", comp_flag | extensions,
+                 " or none (auto)" if comp_optional else "")
         return wire_fail_hex(err, "device state packet", "flags", flags, text)
-    if (flags & COMPRESSION_MASK) != comp_flag:
-        snprintf(text, sizeof(text), "compression bits 0x%x", comp_flag)
+    if ((flags & COMPRESSION_MASK) != comp_flag
+            and not (comp_optional and not (flags & COMPRESSION_MASK))):
+        snprintf(text, sizeof(text), "compression bits 0x%x%s", comp_flag,
+                 " or none (auto)" if comp_optional else "")
         return wire_fail_hex(err, "device state packet", "flags", flags, text)
     if name_field(p + 12, True, out.idstr) < 0:
         return wire_fail(err, "device state packet", "idstr", "256 bytes without a NUL",
@@ -644,12 +656,17 @@ def encode_device_header(uint8_t[::1] out, idstr, uint32_t instance_id,
 
 
 def decode_device_header(const uint8_t[::1] data, uint32_t compression=0,
-                         uint32_t extensions=0, uint32_t max_payload=1 << 30):
-    """Validate a device-state header; return ``(flags, idstr, instance_id, next_packet_size)``."""
+                         uint32_t extensions=0, uint32_t max_payload=1 << 30,
+                         bint compression_optional=False):
+    """Validate a device-state header; return ``(flags, idstr, instance_id, next_packet_size)``.
+
+    With ``compression_optional`` (an ``"auto"`` session) the packet may carry
+    ``compression`` or no compression bit."""
     cdef const uint8_t *p = need(data, DEVICE_HEADER_SIZE, "device state header")
     cdef DeviceHeaderInfo info
     cdef WireError err
-    if device_decode(p, compression, extensions, max_payload, &info, &err) < 0:
+    if device_decode(p, compression, compression_optional, extensions, max_payload, &info,
+                     &err) < 0:
         raise_wire_error(&err)
     return (info.flags, info.idstr.decode("utf-8", "backslashreplace"), info.instance_id,
             info.next_packet_size)

@@ -18,7 +18,7 @@ from .protocol.setup import COMPRESSION_LEVELS, COMPRESSION_METHODS, Invalid, ch
 
 __all__ = ["MigrationConfig", "Compression", "COMPRESSION_METHODS", "COMPRESSION_LEVELS"]
 
-Compression = Literal["none", "zlib", "zstd"]
+Compression = Literal["none", "zlib", "zstd", "auto"]
 """The compression methods, for type checkers (``COMPRESSION_METHODS`` at run time)."""
 
 # SETUP's names for the config fields that differ (in errors, the config's own name).
@@ -39,9 +39,13 @@ class MigrationConfig:
     """Extra channels reserved for device state; they skip RAM syncs. fastmfd
     *adds* them to ``channels`` (``total_channels``)."""
     compression: Compression = "none"
-    """``"none"``, ``"zlib"`` or ``"zstd"`` (``multifd-compression``)."""
+    """``"none"``, ``"zlib"`` or ``"zstd"`` (``multifd-compression``), or ``"auto"``:
+    each channel chooses per packet between raw pages and zstd, and its level
+    (negative fast levels to 3), from how fast the link drains, how fast zstd
+    compresses and how much it saves (README, "Adaptive compression")."""
     compression_level: int = 1
-    """zlib 0..9 or zstd 1..20 (``multifd-zlib-level`` / ``multifd-zstd-level``)."""
+    """zlib 0..9 or zstd 1..20 (``multifd-zlib-level`` / ``multifd-zstd-level``);
+    "auto" chooses its own."""
     zero_page_detection: bool = True
     """Detect zero pages in the send workers and send them as offsets only."""
     channel_header: bool = True

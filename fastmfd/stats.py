@@ -22,11 +22,14 @@ class ChannelStats:
     zero_pages: int
     wire_bytes: int             # headers plus payloads, as sent or received
     syncs: int
+    compressed_payloads: int = 0    # payloads (a RAM packet's pages, a device chunk) compressed
+    raw_payloads: int = 0           # ... and sent as they are (compression="auto" mixes both)
 
     @classmethod
     def from_counters(cls, channel: int, kind: str, row: Mapping[str, int]) -> "ChannelStats":
         return cls(channel, kind, row["packets"], row["device_packets"], row["normal_pages"],
-                   row["zero_pages"], row["wire_bytes"], row["syncs"])
+                   row["zero_pages"], row["wire_bytes"], row["syncs"],
+                   row["compressed_payloads"], row["raw_payloads"])
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,16 @@ class MigrationStats:
     @property
     def packets(self) -> int:
         return sum(c.packets + c.device_packets for c in self.channels)
+
+    @property
+    def compressed_payloads(self) -> int:
+        """Payloads sent compressed, over every channel."""
+        return sum(c.compressed_payloads for c in self.channels)
+
+    @property
+    def raw_payloads(self) -> int:
+        """Payloads sent raw, over every channel."""
+        return sum(c.raw_payloads for c in self.channels)
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)

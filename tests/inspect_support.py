@@ -99,16 +99,23 @@ def chunk(idx: int, data: bytes, last: bool = False) -> bytes:
 
 
 class ChannelWriter:
-    """Builds one fastmfd multifd channel's bytes, packet by packet."""
+    """Builds one fastmfd multifd channel's bytes, packet by packet.
+
+    With ``compression="auto"`` payloads alternate: raw, zstd (level 1, then -5:
+    a new frame), raw, ... as an auto sender may send them."""
 
     def __init__(self, channel_id: int, uuid: bytes, *, packet_pages: int = 128,
                  page_size: int = 4096, compression: str = "none",
                  header_type: int | None = _core.CHANNEL_MULTIFD) -> None:
         self.page_size = page_size
+        self.auto = compression == "auto"
         self.codec = _core.RamPacketCodec(packet_pages, page_size, "current",
                                           {"none": 0, "zlib": _core.FLAG_ZLIB,
-                                           "zstd": _core.FLAG_ZSTD}[compression])
+                                           "zstd": _core.FLAG_ZSTD,
+                                           "auto": _core.FLAG_ZSTD}[compression],
+                                          compression_optional=self.auto)
         self.compressor = _core.make_codec(compression, compressing=True)
+        self.payloads = 0
         self.parts = [channel_header(header_type)] if header_type is not None else []
         init = bytearray(_core.INIT_PACKET_SIZE)
         _core.encode_init_packet(init, uuid, channel_id)
@@ -120,10 +127,10 @@ class ChannelWriter:
         raw = b"".join(pages.values())
         flags = _core.FLAG_SYNC if sync else 0
         payload = raw
-        if self.compressor is not None and pages:
+        if pages and self._compress_next():
             payload = self.compressor.compress(raw)
             flags |= self.compressor.flag
-        elif self.compressor is not None and zero:
+        elif self.compressor is not None and zero and not self.auto:
             flags |= self.compressor.flag       # the method's bit, even without data
         header = bytearray(self.codec.header_size)
         self.codec.encode(header, flags=flags, packet_num=packet_num, ramblock=block,
@@ -140,13 +147,24 @@ class ChannelWriter:
                last: bool = False) -> "ChannelWriter":
         body = chunk(idx, data, last)
         flags = 0
-        if self.compressor is not None:     # the channel's one stream, as RAM packets use
+        if self._compress_next():           # the channel's one stream, as RAM packets use
             body = self.compressor.compress(body)
             flags = self.compressor.flag
         header = bytearray(_core.DEVICE_HEADER_SIZE)
         _core.encode_device_header(header, idstr, instance_id, len(body), flags=flags)
         self.parts += [bytes(header), body]
         return self
+
+    def _compress_next(self) -> bool:
+        """Whether the next payload goes compressed."""
+        if self.compressor is None:
+            return False
+        self.payloads += 1
+        if not self.auto:
+            return True
+        if self.payloads % 4 == 0:
+            self.compressor.set_level(-5)
+        return self.payloads % 2 == 0
 
     def bytes(self) -> bytes:
         return b"".join(self.parts)

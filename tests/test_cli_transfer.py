@@ -35,7 +35,8 @@ def test_specs_parse():
         StateSpec("0000:00:01.0/vfio", 3, "s.bin")
 
 
-def test_send_to_listen_moves_images_and_state(tmp_path):
+@pytest.mark.parametrize("compression", ["zlib", "auto"])
+def test_send_to_listen_moves_images_and_state(tmp_path, compression):
     images = {"ram.img": os.urandom(64 * PAGE) + bytes(64 * PAGE), "rom.bin": os.urandom(PAGE)}
     for name, data in images.items():
         (tmp_path / name).write_bytes(data)
@@ -54,7 +55,7 @@ def test_send_to_listen_moves_images_and_state(tmp_path):
     assert listening.wait(30)
     done = run_cli("send", f"unix:{tmp_path}/sock", str(tmp_path / "ram.img"),
                    f"pc.rom={tmp_path / 'rom.bin'}", "--state", f"nic0:1={tmp_path / 'nic.state'}",
-                   "--compression", "zlib", "--quiet")
+                   "--compression", compression, "--quiet")
     thread.join(60)
     assert done.returncode == 0, done.stderr
     assert (out / "ram.img").read_bytes() == images["ram.img"]

@@ -8,7 +8,7 @@ from fastmfd import _core
 
 # The names Counters.read() reports, in row order: the main processes sum them by name.
 FIELDS = ("packets", "normal_pages", "zero_pages", "wire_bytes", "device_packets",
-          "device_bytes", "syncs", "jobs")
+          "device_bytes", "syncs", "jobs", "compressed_payloads", "raw_payloads")
 
 
 def test_rows_start_at_zero_and_attach_sees_the_same_memory():

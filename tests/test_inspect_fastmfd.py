@@ -23,7 +23,7 @@ from inspect_support import (
     device_message, main_channel, setup_message, two_rounds, write_files,
 )
 
-@pytest.mark.parametrize("compression", ["none", "zlib", "zstd"])
+@pytest.mark.parametrize("compression", ["none", "zlib", "zstd", "auto"])
 def test_two_rounds_with_zero_pages(tmp_path, compression):
     session = two_rounds(compression)
     paths = write_files(tmp_path, session.files(ROUND_ENDS))
@@ -219,7 +219,7 @@ def test_two_channels_with_one_id(tmp_path):
     assert located(info.value, paths[2]) == 12 + 24
 
 
-@pytest.mark.parametrize("compression", ["zlib", "zstd"])
+@pytest.mark.parametrize("compression", ["zlib", "zstd", "auto"])
 def test_compressed_device_state_shares_the_channel_stream(tmp_path, compression):
     session = two_rounds(compression)
     data = bytes(range(256)) * 64

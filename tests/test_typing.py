@@ -40,7 +40,7 @@ PLANTED = textwrap.dedent("""
 
     def main() -> None:
         cfg = fastmfd.MigrationConfig(channels="4")         # MISTAKE: incompatible type "str"
-        fastmfd.MigrationConfig(compression="lz4")          # MISTAKE: "Literal['none', 'zlib', 'zstd']"
+        fastmfd.MigrationConfig(compression="lz4")          # MISTAKE: "Literal['none', 'zlib', 'zstd', 'auto']"
         ram = fastmfd.Region.create("ram", "1G")            # MISTAKE: incompatible type "str"
         with fastmfd.Destination("tcp:127.0.0.1:0") as dst:
             dst.add_loader("nic0", 0, object())             # MISTAKE: expected "Loader"

@@ -33,6 +33,7 @@ from ..errors import MigrationError, ProtocolError
 from ..protocol import handshake
 from ..protocol.control import (ChannelParams, Done, Eof, Go, Greeted, Greeting, RecvParams,
                                 Refused, SendParams, Stop, Synced)
+from ..protocol.sockets import peer_on_this_host
 from ..regions import Region
 from ..shm import SharedMemory
 from .processes import ChildPipe, run_child
@@ -59,7 +60,8 @@ def _engine_geometry(params: ChannelParams, zero_page_detection: bool = False) -
     """What the core's engines read from their parameters."""
     return {"page_size": params.page_size, "packet_pages": params.packet_pages,
             "checksum": params.checksum, "chunk_size": params.chunk_size,
-            "zero_page_detection": zero_page_detection}
+            "zero_page_detection": zero_page_detection,
+            "auto": params.compression == "auto"}
 
 
 def _send_session(pipe: ChildPipe, params: SendParams, stack: list[Closable]) -> None:
@@ -77,7 +79,9 @@ def _send_session(pipe: ChildPipe, params: SendParams, stack: list[Closable]) ->
     box = mailbox.buf[params.mailbox_row * row_bytes:][:row_bytes]
     codec = _core.make_codec(params.compression, True, params.compression_level)
     geometry = _engine_geometry(params, params.zero_page_detection)
-    geometry.update(rate=params.rate, layout=params.layout)
+    # auto measures the link only where it is one: a peer on this host shares our CPUs.
+    geometry.update(rate=params.rate, layout=params.layout,
+                    measure_link=not peer_on_this_host(sock))
     engine = _core.SendEngine(sock.fileno(), params.channel, geometry, codec,
                               regions, counters, selector, params.selector_index, box, pool,
                               list(params.devices), tls=tls)

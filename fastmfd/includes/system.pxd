@@ -52,6 +52,13 @@ cdef extern from "<sys/socket.h>" nogil:
     int SOL_SOCKET
     int SO_SNDTIMEO
     int SO_RCVTIMEO
+    int SO_SNDBUF
+
+cdef extern from "<sys/ioctl.h>" nogil:
+    int ioctl(int fd, unsigned long request, ...)
+
+cdef extern from "<linux/sockios.h>" nogil:
+    unsigned long SIOCOUTQ          # bytes in a socket's send queue (TCP: not yet acknowledged)
 
 cdef extern from "<unistd.h>" nogil:
     long sysconf(int name)

@@ -37,9 +37,15 @@ __all__ = [
     "MAX_REGIONS", "MAX_DEVICES", "MAX_REGION_BYTES", "MAX_PACKET_BYTES",
 ]
 
-COMPRESSION_METHODS = ("none", "zlib", "zstd")
-# Accepted levels, as QEMU's multifd-zlib-level and multifd-zstd-level.
-COMPRESSION_LEVELS = {"none": range(0, 1 << 31), "zlib": range(0, 10), "zstd": range(1, 21)}
+# "auto" (fastmfd only, QEMU has no such method): each data packet goes raw or as
+# zstd, as its sender decides, and says which in its flags; the destination
+# decodes zstd or raw packets and refuses any other bit. A destination older than
+# "auto" refuses the SETUP with "expected none, zlib or zstd".
+COMPRESSION_METHODS = ("none", "zlib", "zstd", "auto")
+# Accepted levels, as QEMU's multifd-zlib-level and multifd-zstd-level; "auto"
+# picks its own (none's, it ignores it).
+COMPRESSION_LEVELS = {"none": range(0, 1 << 31), "zlib": range(0, 10), "zstd": range(1, 21),
+                      "auto": range(0, 1 << 31)}
 MAX_CHANNELS = 255                  # the init packet's channel id is one byte
 MAX_NAME_BYTES = 255                # region and device names: the RAM packet's ramblock field
 MAX_REGIONS = 4096                  # each costs the destination a mapping and a bitmap
@@ -120,7 +126,7 @@ _REQUIRED = object()
 _FIELDS: dict[str, tuple[Callable[[Any], bool], str, Any]] = {
     "page_size": (_is_page_size, "a power of two in 512..2097152", _REQUIRED),
     "packet_pages": (_in(1, 65536), "1..65536", _REQUIRED),
-    "compression": (COMPRESSION_METHODS.__contains__, "none, zlib or zstd", _REQUIRED),
+    "compression": (COMPRESSION_METHODS.__contains__, "none, zlib, zstd or auto", _REQUIRED),
     "compression_level": (_in(0, (1 << 31) - 1), "0..2147483647", 1),
     "zero_page_detection": (_is_bool, "a boolean", True),
     "channels": (_in(1, MAX_CHANNELS), f"1..{MAX_CHANNELS}", _REQUIRED),
@@ -157,7 +163,7 @@ def check_session(values: Mapping[str, Any]) -> None:
         _check(key, value, ok(value), expected)
     levels = COMPRESSION_LEVELS[values["compression"]]
     _check("compression_level", values["compression_level"],
-           values["compression"] == "none" or values["compression_level"] in levels,
+           values["compression_level"] in levels,
            f"in {levels.start}..{levels.stop - 1} for {values['compression']}")
     total = values["channels"] + values["device_state_channels"]
     _check("device_state_channels", values["device_state_channels"], total <= MAX_CHANNELS,

@@ -10,6 +10,7 @@ these. Every error names the connection it happened on (``where``).
 from __future__ import annotations
 
 import errno
+import ipaddress
 import os
 import socket
 import stat
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
     from typing_extensions import Buffer     # collections.abc.Buffer from Python 3.12
 
 __all__ = ["Address", "parse_address", "listen", "bound_address", "connect", "recv_exact",
-           "send_all", "tune_data_socket", "tune_main_socket"]
+           "send_all", "tune_data_socket", "tune_main_socket", "peer_on_this_host"]
 
 # Unix sockets have no buffer autotuning: large buffers let a send worker's
 # writev of a whole packet complete without waiting on its peer (the kernel
@@ -186,6 +187,20 @@ def tune_data_socket(sock: socket.socket) -> None:
             sock.setsockopt(socket.SOL_SOCKET, option, DATA_SOCKET_BUFFER)
         except OSError:
             pass
+
+
+def peer_on_this_host(sock: socket.socket) -> bool:
+    """Whether the connected peer runs on this host: a Unix socket, a loopback
+    address, or the socket's own address (another namespace's address is a peer
+    elsewhere). Both ends of such a connection share the CPUs, so the link is
+    not a wire that compression could relieve (``compression="auto"``)."""
+    if sock.family == socket.AF_UNIX:
+        return True
+    local, peer = sock.getsockname()[0], sock.getpeername()[0]
+    address = ipaddress.ip_address(peer.split("%")[0])
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped           # ::ffff:127.0.0.1
+    return address.is_loopback or peer == local
 
 
 def recv_exact(sock: socket.socket, size: int, what: str, where: str | None = None,

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from ..errors import ConfigError, FastMFDError
+from ..protocol.setup import COMPRESSION_METHODS
 from ..units import format_bytes, parse_size
 
 if TYPE_CHECKING:       # imported where used, so that `fastmfd --version` starts fast
@@ -240,7 +241,9 @@ def _build_parser() -> argparse.ArgumentParser:
                                  "device-state downtime experiment")
     p.add_argument("--size", type=parse_size, default=1 << 30, help="image size (default 1G)")
     p.add_argument("--channels", type=int, default=2, help="multifd channels (default 2)")
-    p.add_argument("--compression", choices=("none", "zlib", "zstd"), default="none")
+    p.add_argument("--compression", choices=COMPRESSION_METHODS, default="none",
+                   help="none, zlib, zstd, or auto: raw or zstd per packet, as the link and "
+                        "the data make pay (default none)")
     p.add_argument("--no-devices", action="store_true", help="skip the device-state experiment")
     p.add_argument("--device-size", type=parse_size, default=100 << 20,
                    help="state per device in the experiment (default 100M)")
@@ -269,7 +272,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state", action="append", default=[], metavar="IDSTR[:N]=PATH",
                    help="a device state file (repeatable)")
     p.add_argument("--channels", type=int, default=2, help="multifd channels (default 2)")
-    p.add_argument("--compression", choices=("none", "zlib", "zstd"), default="none")
+    p.add_argument("--compression", choices=COMPRESSION_METHODS, default="none",
+                   help="none, zlib, zstd, or auto: raw or zstd per packet, as the link and "
+                        "the data make pay (default none)")
     p.add_argument("--level", type=int, default=1, help="compression level (default 1)")
     p.add_argument("--no-zero-detection", action="store_true",
                    help="send zero pages as data")

@@ -27,6 +27,10 @@ def stats_table(stats: MigrationStats, *, channels: str, downtime_limit: float |
                       f"{stats.device_chunks} chunks")
     table.add_row("wire bytes", f"{format_bytes(stats.wire_bytes)} for "
                   f"{format_bytes(stats.ram_bytes)} of memory")
+    if stats.compression != "none":
+        payloads = stats.compressed_payloads + stats.raw_payloads
+        table.add_row("compressed", f"{stats.compressed_payloads} of {payloads} payloads "
+                      f"({stats.compression})")
     limit = f" (limit {downtime_limit * 1000:.0f} ms)" if downtime_limit is not None else ""
     table.add_row("downtime", f"{stats.downtime_s * 1000:.0f} ms{limit}")
     if verdict is not None:

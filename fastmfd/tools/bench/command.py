@@ -74,7 +74,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated channel counts (default 1,2,4)")
     parser.add_argument("--compression", type=_choice_list(COMPRESSION_METHODS),
                         default=list(COMPRESSION_METHODS),
-                        help="comma-separated methods from none, zlib, zstd (default all)")
+                        help="comma-separated methods from none, zlib, zstd, auto (fastmfd "
+                             "only: raw or zstd per packet; default all)")
     parser.add_argument("--level", type=_positive, default=1,
                         help="zlib/zstd compression level (default 1)")
     parser.add_argument("--image", type=_choice_list(IMAGE_KINDS), default=["random"],
@@ -134,8 +135,10 @@ def settings_from_args(args: argparse.Namespace) -> list[Setting]:
     each (compression, channels) cell with its QEMU peer right after it."""
     methods = ["fastmfd"] + (list(QEMU_METHODS) if "qemu" in args.peer else [])
     settings = [Setting("sendall", 1, "none")] if "sendall" in args.peer else []
+    # QEMU has no "auto": that cell is fastmfd's alone.
     settings += [Setting(method, ch, comp, args.level)
-                 for comp in args.compression for ch in args.channels for method in methods]
+                 for comp in args.compression for ch in args.channels for method in methods
+                 if comp != "auto" or method == "fastmfd"]
     for setting in settings:
         if setting.method != "sendall":
             setting.config()            # a bad level fails here, before any work

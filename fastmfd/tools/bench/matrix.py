@@ -51,8 +51,8 @@ class Setting:
 
     @property
     def compression_label(self) -> str:
-        """``none``, ``zlib-1``, ``zstd-3``..."""
-        return self.compression if self.compression == "none" else \
+        """``none``, ``auto``, ``zlib-1``, ``zstd-3``..."""
+        return self.compression if self.compression in ("none", "auto") else \
             f"{self.compression}-{self.level}"
 
     @property
@@ -64,7 +64,7 @@ class Setting:
     def config(self) -> MigrationConfig:
         """The fastmfd configuration of this setting."""
         return MigrationConfig(channels=self.channels, compression=self.compression,
-                               compression_level=self.level if self.compression != "none"
+                               compression_level=self.level if self.compression in ("zlib", "zstd")
                                else 1)
 
 

@@ -78,7 +78,7 @@ class ChannelDecoder:
         self.done = False
         if self.compression is not None and (
                 compression_name := COMPRESSION_NAMES.get(self.compression)):
-            channel.compression = compression_name
+            channel.compression = "auto" if session.compression_optional else compression_name
 
     def decode_round(self) -> None:
         """Decode packets up to and including the next SYNC, or to the end of the file."""
@@ -105,7 +105,7 @@ class ChannelDecoder:
             assert s.packet_pages is not None, "read_capture sets it before decoding"
             codec = self.codecs[comp] = _core.RamPacketCodec(
                 s.packet_pages, s.page_size, self.layout, comp, s.regions,
-                checksum=s.checksum)
+                checksum=s.checksum, compression_optional=s.compression_optional and comp != 0)
         return codec
 
     def _ram_packet(self, at: int, flags: int) -> bool:
@@ -125,7 +125,8 @@ class ChannelDecoder:
             self._check_crc("RAM packet", header, _core.RAM_CHECKSUM_AT, payload, pkt.checksum,
                             at)
         block = pkt.ramblock
-        pages = self._pages(pkt.normal_pages, payload, payload_at)
+        pages = self._pages(pkt.normal_pages, payload, payload_at,
+                            bool(pkt.flags & (self.compression or 0)))
         for offset, page in zip(pkt.offsets.tolist(), pages):
             self.image.apply_located(block, offset, page, reader.path, at)
         for offset in pkt.zero_offsets.tolist():
@@ -135,10 +136,11 @@ class ChannelDecoder:
             pkt.normal_pages, pkt.zero_pages, reader.pos - at, pkt.payload_size, self.round))
         return pkt.is_sync
 
-    def _pages(self, count: int, payload: memoryview, at: int) -> list[memoryview]:
+    def _pages(self, count: int, payload: memoryview, at: int,
+               compressed: bool) -> list[memoryview]:
         """The ``count`` pages of a packet: slices of the payload, or of its decompression."""
         page_size = self.session.page_size
-        if not self.compression:
+        if not compressed:
             return [payload[i * page_size:(i + 1) * page_size] for i in range(count)]
         if not count:
             return []
@@ -186,7 +188,8 @@ class ChannelDecoder:
         comp = self.compression if self.compression is not None else \
             flags & COMPRESSION_MASK[self.layout]
         try:
-            flags, idstr, instance_id, size = _core.decode_device_header(header, comp)
+            flags, idstr, instance_id, size = _core.decode_device_header(
+                header, comp, compression_optional=self.session.compression_optional)
         except ProtocolError as exc:
             raise reader.locate(exc, at) from None
         known = self.session.devices

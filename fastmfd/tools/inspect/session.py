@@ -24,6 +24,7 @@ class Session:
     packet_pages: int | None                # None: QEMU's, from the page size
     page_size: int
     compression: int | None = None          # wire flag; None: learn it from the packets
+    compression_optional: bool = False      # "auto": a packet may also go raw (no bit)
     checksum: bool = False
     uuid: bytes | None = None
     channels: int | None = None

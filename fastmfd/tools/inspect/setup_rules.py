@@ -29,7 +29,10 @@ def apply_setup(payload: dict[str, Any], session: Session) -> None:
     setup = Setup.decode_lenient(payload)
     session.uuid = setup.uuid
     session.page_size, session.packet_pages = setup.page_size, setup.packet_pages
-    session.compression = COMPRESSION_FLAGS[setup.compression]
+    # "auto" sends each payload raw or as zstd, and its flags say which.
+    session.compression_optional = setup.compression == "auto"
+    session.compression = COMPRESSION_FLAGS["zstd" if session.compression_optional
+                                            else setup.compression]
     session.channels = setup.total_channels
     session.checksum = setup.checksum
     session.chunk_size = setup.chunk_size
