@@ -68,13 +68,19 @@ class Destination(Owner):
     destination hold — the regions it creates plus the device-state buffers
     (default: what ``/dev/shm`` has free); a SETUP asking for more is refused
     before anything is allocated, and the source is told why.
+    ``prealloc``: fault every region of the session in (allocate and map each
+    page, QEMU's ``prealloc=on``) before the source may send: the receive
+    workers each fault in a share, in parallel, between SETUP and SETUP_ACK,
+    so the transfer writes into memory that is there; it takes
+    ``stats.prealloc_time_s``, and a /dev/shm that cannot hold the regions
+    fails the session cleanly on both sides before any page is sent.
     """
 
     def __init__(self, address: str | socket.socket, *, workers: int = 4, timeout: float = 30.0,
                  max_queued_bytes: int | None = None, region_factory=None,
                  tls: TLSConfig | None = None, auth_key: bytes | None = None,
                  handshake_timeout: float = 10.0, stall_timeout: float | None = None,
-                 max_memory: int | None = None) -> None:
+                 max_memory: int | None = None, prealloc: bool = False) -> None:
         requested = None if isinstance(address, socket.socket) else parse_address(address)
         if workers < 0:
             raise ConfigError(f"workers must be >= 0, not {workers}")
@@ -100,6 +106,7 @@ class Destination(Owner):
             raise ConfigError(f"max_memory must be >= 0 bytes, not {max_memory}")
         self.stall_timeout = stall_timeout
         self.max_memory = max_memory
+        self.prealloc = prealloc
         if requested is None:
             self._listener, self._owns_listener = address, False
             self.address = str(listening_address(address))
@@ -210,7 +217,7 @@ class Destination(Owner):
             self._listener, self.timeout, self._security, self._workers, self._reassembly,
             self._user_regions, self._loaders, self._region_factory, self._queued_cap,
             self._resources, self._failure, self.refused, self.stall_timeout, self.max_memory,
-            on_setup=on_setup))
+            on_setup=on_setup, prealloc=self.prealloc))
         try:
             session.accept_main()
             started = time.monotonic()

@@ -32,7 +32,7 @@ import select
 import socket
 import threading
 import time
-from typing import Callable
+from typing import Callable, Iterable
 
 from ..errors import MigrationError, ProtocolError
 from ..protocol.control import Greeting
@@ -168,11 +168,12 @@ class ChannelDoor:
     ``watch_worker(worker)`` starts watching a worker it adds)."""
 
     def __init__(self, parts, setup: Setup, stall: float, watch, watch_worker: Callable,
-                 refuse: Callable[[str, object], None]) -> None:
+                 refuse: Callable[[str, object], None], started: Iterable = ()) -> None:
         self._parts, self._setup, self._stall, self._watch = parts, setup, stall, watch
         self._watch_worker, self._refuse = watch_worker, refuse
         self._greeting: dict[object, tuple[socket.socket, str]] = {}  # worker -> connection
-        self._started: set = set()          # workers already given a Greeting
+        self._started: set = set(started)   # workers already given a session (a Greeting,
+                                            # or Prealloc: they wait for a Greeting next)
         self._assigned: set = set()         # workers that became channels
         self._open = True
         watch.add(parts.listener, self._accept)

@@ -7,7 +7,8 @@ processes) receives once.
     Receiving.run()                                       receive workers (1 process / channel)
       AWAITING_SOURCE: accept the main channel (its greeting:
         TLS, preamble, shared-key proof; strangers refused)
-      SETUP: check SETUP; regions, pool, counters; SETUP_ACK
+      SETUP: check SETUP; regions, pool, counters; prealloc: the
+        workers fault the regions in (KEEPALIVE meanwhile); SETUP_ACK
       RECEIVING: each new connection to a free worker ──▶  greets it: TLS, init packet of this
         ◀── Greeted(ch): its RecvParams ──────────────▶    session, proof (or Refused)
                                                           RecvEngine.run(): pages into regions
@@ -57,6 +58,7 @@ from ..stats import ChannelStats, ReceiveStats
 from .admission import Admission, ChannelDoor
 from .liveness import Heartbeat, Progress, process_stopped, stall_error, tick
 from .loading import DeviceLoading, check_precopy_counts, old_way_not_here
+from .prealloc import preallocate
 from .processes import ChildSet, Watch
 from .session import SessionFailure, SessionResources, break_session
 
@@ -95,8 +97,10 @@ class DestinationParts:
                  loaders: dict, region_factory, queued_cap: int | None,
                  resources: SessionResources, failure: SessionFailure,
                  refused: list[Refusal], stall_timeout: float | None = None,
-                 max_memory: int | None = None, *, on_setup=None) -> None:
+                 max_memory: int | None = None, *, on_setup=None,
+                 prealloc: bool = False) -> None:
         self.listener, self.timeout, self.security = listener, timeout, security
+        self.prealloc = prealloc
         self.refused, self.on_setup = refused, on_setup
         self.stall_timeout, self.max_memory = stall_timeout, max_memory
         self.workers, self.reassembly = workers, reassembly
@@ -117,6 +121,8 @@ class Receiving:
         self.setup: Setup | None = None
         self.regions: list[Region] = []
         self._fresh: list[bool] = []            # per region: created for this session
+        self._prestarted: list = []             # workers given a Prealloc share
+        self.prealloc_seconds: float | None = None  # prealloc: how long faulting in took
         self._counters = None
         self._devices: DeviceLoading | None = None  # the device-state side, if any
         self._assigned: dict[int, object] = {}  # channel id -> its worker
@@ -164,6 +170,8 @@ class Receiving:
             raise SecurityError("SETUP's uuid is not the one the auth_key proof was bound to",
                                 channel=MAIN)
         self._prepare(setup)
+        if self.parts.prealloc:
+            self._preallocate()
         self.main.send(Msg.SETUP_ACK)
         self.state = ReceivingState.RECEIVING
 
@@ -230,6 +238,17 @@ class Receiving:
         self._fresh.append(fresh)
         return region
 
+    def _preallocate(self) -> None:
+        """prealloc: every region faulted in by the workers of the RAM channels,
+        before SETUP_ACK lets the source send (see :mod:`.prealloc`)."""
+        started = time.monotonic()
+        setup, parts = self.setup, self.parts
+        stall = parts.stall_timeout or setup.stall_timeout
+        self._prestarted = preallocate(
+            parts.workers, max(1, setup.channels), list(enumerate(self.regions)), self.main,
+            stall, min(stall, setup.stall_timeout) / 4, self.failure)
+        self.prealloc_seconds = time.monotonic() - started
+
     # ------------------------------------------------------------ the session
     def run(self) -> None:
         """Receive until everything is applied and loaded, then send LOADED."""
@@ -242,7 +261,8 @@ class Receiving:
         self._heartbeat = Heartbeat(self.main, stall, "source",
                                     interval=min(stall, setup.stall_timeout))
         self._watch = watch = Watch(self.main.sock)
-        self._door = ChannelDoor(parts, setup, stall, watch, self._watch_worker, self._refuse)
+        self._door = ChannelDoor(parts, setup, stall, watch, self._watch_worker, self._refuse,
+                                 self._prestarted)
         watch.add(self.main.sock, self._on_main_message)
         for worker in parts.workers:
             self._watch_worker(worker)
@@ -522,7 +542,8 @@ class Receiving:
             device_bytes=counters.total("device_bytes") + (devices.old_way_bytes if devices else 0),
             device_chunks=counters.total("device_packets") + (devices.old_way_chunks if devices
                                                               else 0),
-            load_time_s=self._load_seconds_by_name(), channels=channels)
+            load_time_s=self._load_seconds_by_name(), channels=channels,
+            prealloc_time_s=self.prealloc_seconds)
 
     def device_results(self) -> dict[tuple[str, int], object]:
         return self._devices.results_by_key() if self._devices is not None else {}

@@ -102,7 +102,8 @@ def cmd_listen(args: argparse.Namespace) -> int:
         return _listen_qemu(args, console)
     options = dict(timeout=args.timeout, stall_timeout=args.stall_timeout, force=args.force,
                    keep_partial=args.keep_partial, max_size=args.max_size,
-                   max_memory=args.max_memory, tls=security_options.tls_config(args),
+                   max_memory=args.max_memory, prealloc=args.prealloc,
+                   tls=security_options.tls_config(args),
                    auth_key=security_options.auth_key(args))
 
     def on_listening(address: str) -> None:
@@ -127,8 +128,10 @@ def cmd_listen(args: argparse.Namespace) -> int:
 def _report_session(console, result, files: dict[str, str], *, as_json: bool) -> None:
     for name, path in files.items():
         console.print(f"{name} -> {path} ({format_bytes(os.path.getsize(path))})")
+    prealloc = result.stats.prealloc_time_s
     console.print(f"received in {result.stats.total_time_s * 1000:.0f} ms, "
-                  f"{result.stats.rounds} round(s)")
+                  f"{result.stats.rounds} round(s)"
+                  + (f", after {prealloc * 1000:.0f} ms of prealloc" if prealloc else ""))
     if as_json:
         _print_json({"files": files, "stats": result.stats.as_dict(),
                      "sizes": {name: os.path.getsize(path) for name, path in files.items()}})
@@ -315,6 +318,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-memory", type=parse_size, default=None, metavar="SIZE",
                    help="shared memory for device state in flight (default: what /dev/shm "
                         "has free)")
+    p.add_argument("--prealloc", action="store_true",
+                   help="fault each region's file in (allocate every page) before the sender "
+                        "may send, in parallel in the receive workers (QEMU: prealloc=on)")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     p.add_argument("--json", action="store_true",
                    help="print the files written and the statistics as JSON on stdout (a "

@@ -128,7 +128,8 @@ def listen_once(address: str | socket.socket, directory: str, *, per_session: bo
                 timeout: float = 3600.0, stall_timeout: float | None = None, on_listening=None,
                 force: bool = False, keep_partial: bool = False, tls: TLSConfig | None = None,
                 auth_key: bytes | None = None, max_size: int | None = None,
-                max_memory: int | None = None) -> tuple[DestinationResult, dict[str, str]]:
+                max_memory: int | None = None, prealloc: bool = False
+                ) -> tuple[DestinationResult, dict[str, str]]:
     """Receive one migration into ``directory``: ``<region>.img`` files mapped
     while they are written, ``<idstr>.<instance>.state`` for each device and
     ``manifest.json`` (names: :func:`~.outputs.output_name`). Files are written
@@ -139,8 +140,9 @@ def listen_once(address: str | socket.socket, directory: str, *, per_session: bo
     ``per_session``: into ``directory/<session uuid>/`` instead, made when SETUP
     names the session. ``max_size``: most bytes of regions a source may announce
     (default: what the directory has free); ``max_memory``: the Destination's
-    shared-memory bound (device state in flight). ``address`` may be a socket
-    already listening (see :func:`listen_sessions`)."""
+    shared-memory bound (device state in flight); ``prealloc``: each region's
+    file faulted in before the source sends (the Destination's). ``address``
+    may be a socket already listening (see :func:`listen_sessions`)."""
     def output_dir(path: str) -> OutputDir:
         return OutputDir(path, force=force, keep_partial=keep_partial, max_bytes=max_size)
 
@@ -148,7 +150,8 @@ def listen_once(address: str | socket.socket, directory: str, *, per_session: bo
     try:
         with Destination(address, timeout=timeout, region_factory=lambda *region:
                          out.region(*region), tls=tls, auth_key=auth_key,
-                         stall_timeout=stall_timeout, max_memory=max_memory) as dst:
+                         stall_timeout=stall_timeout, max_memory=max_memory,
+                         prealloc=prealloc) as dst:
             if on_listening is not None:
                 on_listening(dst.address)
 
