@@ -27,6 +27,7 @@ from .errors import ConfigError, MigrationError
 from .protocol.security import ChannelSecurity, TLSConfig, check_auth_key
 from .protocol.setup import MAX_STALL_SECONDS, MIN_STALL_SECONDS
 from .protocol.sockets import bound_address, listen, listening_address, parse_address
+from .region_pool import RegionPool
 from .regions import Region
 from .stats import ReceiveStats
 
@@ -74,13 +75,20 @@ class Destination(Owner):
     so the transfer writes into memory that is there; it takes
     ``stats.prealloc_time_s``, and a /dev/shm that cannot hold the regions
     fails the session cleanly on both sides before any page is sent.
+    ``region_pool``: a :class:`~fastmfd.RegionPool` that the regions this
+    destination creates come from, when it holds one of the same name and
+    size (warm memory, left by an earlier session; one that was preallocated
+    then is not again), and go
+    back to when the Destination closes (drop every view of them by then: the
+    next session writes into them).
     """
 
     def __init__(self, address: str | socket.socket, *, workers: int = 4, timeout: float = 30.0,
                  max_queued_bytes: int | None = None, region_factory=None,
                  tls: TLSConfig | None = None, auth_key: bytes | None = None,
                  handshake_timeout: float = 10.0, stall_timeout: float | None = None,
-                 max_memory: int | None = None, prealloc: bool = False) -> None:
+                 max_memory: int | None = None, prealloc: bool = False,
+                 region_pool: RegionPool | None = None) -> None:
         requested = None if isinstance(address, socket.socket) else parse_address(address)
         if workers < 0:
             raise ConfigError(f"workers must be >= 0, not {workers}")
@@ -107,6 +115,9 @@ class Destination(Owner):
         self.stall_timeout = stall_timeout
         self.max_memory = max_memory
         self.prealloc = prealloc
+        if region_pool is not None and not isinstance(region_pool, RegionPool):
+            raise type_error("region_pool", "a fastmfd.RegionPool or None", region_pool)
+        self.region_pool = region_pool
         if requested is None:
             self._listener, self._owns_listener = address, False
             self.address = str(listening_address(address))
@@ -217,7 +228,7 @@ class Destination(Owner):
             self._listener, self.timeout, self._security, self._workers, self._reassembly,
             self._user_regions, self._loaders, self._region_factory, self._queued_cap,
             self._resources, self._failure, self.refused, self.stall_timeout, self.max_memory,
-            on_setup=on_setup, prealloc=self.prealloc))
+            on_setup=on_setup, prealloc=self.prealloc, region_pool=self.region_pool))
         try:
             session.accept_main()
             started = time.monotonic()

@@ -54,6 +54,9 @@ class Region:
         self._mapping, self._dirty = mapping, dirty
         self._buffer = memoryview(mapping) if kind == "file" else mapping.buf
         self._array: np.ndarray | None = None
+        self.faulted_in = False
+        """Every page is allocated already (a destination's prealloc did it, or the
+        region came warm): a later prealloc skips it."""
 
     # ------------------------------------------------------------ construction
     @classmethod

@@ -7,12 +7,15 @@ import json
 import os
 import signal
 import threading
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import fastmfd
 from fastmfd._engine.prealloc import plan_shares
+from fastmfd.tools.warm_files import FILLING, WarmFiles
 from migration_support import Migration, first_difference, make_region
 from listen_support import Listener, run_cli
 from test_shm_limits import needs_namespace, run_with_small_shm
@@ -213,3 +216,60 @@ def test_listen_prealloc_writes_the_image_and_reports_the_prealloc_time(tmp_path
     assert (out / "ram.img").read_bytes() == data
     report = json.loads(listener.out)
     assert report["stats"]["prealloc_time_s"] > 0, report
+
+
+def _wait_for_a_warm_file(directory: Path, within: float = 30.0) -> None:
+    """Until the listener's hidden directory holds a file faulted in whole."""
+    deadline = time.monotonic() + within
+    while not [f for d in directory.glob(".fastmfd-warm-*") for f in d.iterdir()
+               if not f.name.endswith(FILLING)]:
+        assert time.monotonic() < deadline, "no warm file was made"
+        time.sleep(0.05)
+
+
+def test_listen_prealloc_lands_the_next_session_in_a_warm_file(tmp_path):
+    # Two sessions of one geometry: the second gets a file faulted in between
+    # them (new, so none of the first session's bytes), renamed to its name.
+    first, second = tmp_path / "a.img", tmp_path / "b.img"
+    old = os.urandom(128 * 4096) + bytes(128 * 4096)
+    new = bytes(128 * 4096) + os.urandom(128 * 4096)
+    first.write_bytes(old)
+    second.write_bytes(new)
+    out = tmp_path / "out"
+    with Listener(out, "--prealloc", "--max-sessions", "2", "--json", "-v") as listener:
+        sent = run_cli("send", listener.address, f"ram={first}", "--quiet")
+        assert sent.returncode == 0, sent.stderr
+        _wait_for_a_warm_file(out)
+        sent = run_cli("send", listener.address, f"ram={second}", "--quiet")
+        assert sent.returncode == 0, sent.stderr
+        status, err = listener.finish()
+    assert status == 0, err
+    reports = [json.loads(line) for line in listener.out.splitlines()]
+    assert [Path(r["files"]["ram"]).read_bytes() for r in reports] == [old, new]
+    assert err.count("region ram: into a warm file") == 1, err
+    assert sorted(os.listdir(out)) == sorted(Path(r["files"]["ram"]).parent.name
+                                             for r in reports)      # no warm file left
+
+
+def _settle(warm: WarmFiles) -> None:
+    if warm._thread is not None:
+        warm._thread.join(30)
+
+
+def test_warm_files_are_new_bounded_and_removed_at_close(tmp_path):
+    warm = WarmFiles(str(tmp_path), max_bytes=3 * MIB)
+    try:
+        warm.refill([(MIB, 4096), (2 * MIB, 4096)])
+        _settle(warm)
+        assert warm.held_bytes == 3 * MIB
+        path = warm.take(MIB, 4096)
+        assert path is not None and Path(path).read_bytes() == bytes(MIB)
+        os.unlink(path)
+        assert warm.take(MIB, 4096) is None                 # one per size
+        warm.refill([(4 * MIB, 4096)])                      # over max_bytes: none made,
+        _settle(warm)                                       # the other size freed
+        assert warm.held_bytes == 0 and warm.take(4 * MIB, 4096) is None
+        warm.refill([(MIB, 8192)])
+    finally:
+        warm.close()
+    assert os.listdir(tmp_path) == []

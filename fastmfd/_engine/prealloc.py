@@ -21,6 +21,7 @@ the worker's clean MigrationError, sent to the source as ERROR.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Sequence
 
@@ -59,18 +60,18 @@ def plan_shares(sizes: Sequence[int], parts: int, align: int = SHARE_ALIGN) -> l
     return shares
 
 
-def preallocate(workers: ChildSet, count: int, regions: Sequence[tuple[int, Region]],
+def preallocate(workers: ChildSet, count: int, regions: Sequence[Region],
                 main: MainChannel, stall: float, keepalive_every: float,
                 failure: SessionFailure) -> list[Child]:
-    """Fault ``regions`` ((index in the session, region) pairs) in with ``count``
+    """Fault ``regions`` in with ``count``
     receive workers (started if missing), each its share; returns the workers
     that were given one (they wait for a Greeting next). KEEPALIVE goes to the
     source at once and at least every ``keepalive_every`` seconds meanwhile; a worker that
     reports no slice for ``stall`` seconds fails the session."""
-    shares = plan_shares([region.size for _, region in regions], count)
+    shares = plan_shares([region.size for region in regions], count)
     while len(workers) < count:
         workers.add(recv_worker_main, f"receive channel {len(workers)}", stall)
-    handles = tuple(region.handle for _, region in regions)
+    handles = tuple(region.handle for region in regions)
     owed: dict[Child, int] = {}
     done: dict[Child, int] = {}
     watch = Watch()
@@ -80,7 +81,7 @@ def preallocate(workers: ChildSet, count: int, regions: Sequence[tuple[int, Regi
         worker.start_session(Prealloc(handles, share), [])
         owed[worker] = sum(length for _, _, length in share)
         done[worker] = 0
-        watch.add_child(worker, lambda report, w=worker: _on_report(w, report, done))
+        watch.add_child(worker, functools.partial(_on_report, worker, done=done))
     # The first at once: the source waits for SETUP_ACK within its handshake
     # deadline, which a KEEPALIVE replaces with the session's stall deadline.
     main.send(Msg.KEEPALIVE)
@@ -97,7 +98,7 @@ def preallocate(workers: ChildSet, count: int, regions: Sequence[tuple[int, Regi
     return list(owed)
 
 
-def _on_report(worker: Child, report: object, done: dict[Child, int]) -> None:
+def _on_report(worker: Child, report: object, *, done: dict[Child, int]) -> None:
     if not isinstance(report, Preallocated):
         raise MigrationError(f"reported {type(report).__name__} while preallocating",
                              channel=worker.name)

@@ -50,8 +50,9 @@ from ..protocol.main_channel import (MAIN, OLD_WAY_PREFIX, Complete, Loaded, Mai
                                      Msg, PrecopySent, RoundAck, RoundEnd,
                                      decode_message_header, decode_payload, read_message)
 from ..protocol.security import ChannelSecurity
-from ..protocol.setup import Setup
+from ..protocol.setup import RegionSpec, Setup
 from ..protocol.sockets import recv_exact, tune_data_socket, tune_main_socket
+from ..region_pool import RegionPool
 from ..regions import Region
 from ..shm import SHM_DIR, free_bytes
 from ..stats import ChannelStats, ReceiveStats
@@ -98,9 +99,9 @@ class DestinationParts:
                  resources: SessionResources, failure: SessionFailure,
                  refused: list[Refusal], stall_timeout: float | None = None,
                  max_memory: int | None = None, *, on_setup=None,
-                 prealloc: bool = False) -> None:
+                 prealloc: bool = False, region_pool: RegionPool | None = None) -> None:
         self.listener, self.timeout, self.security = listener, timeout, security
-        self.prealloc = prealloc
+        self.prealloc, self.region_pool = prealloc, region_pool
         self.refused, self.on_setup = refused, on_setup
         self.stall_timeout, self.max_memory = stall_timeout, max_memory
         self.workers, self.reassembly = workers, reassembly
@@ -198,6 +199,8 @@ class Receiving:
             if key not in keys:
                 raise ConfigError(f"a loader was added for device {key[0]!r} instance "
                                   f"{key[1]} but the source does not send it")
+        if parts.region_pool is not None:
+            parts.region_pool.prune(self._specs_to_create(), setup.page_size)
         left = self._memory_left()
         for spec in setup.regions:
             self.regions.append(self._region(spec.name, spec.size))
@@ -211,15 +214,23 @@ class Receiving:
         what /dev/shm has free); returns what is left for the device-state pool.
         Regions are sparse and filled as data arrives, so this bounds, it does
         not commit."""
-        parts = self.parts
-        budget = parts.max_memory if parts.max_memory is not None else free_bytes()
-        created = sum(spec.size for spec in self.setup.regions
-                      if spec.name not in parts.user_regions and parts.region_factory is None)
+        parts, pool = self.parts, self.parts.region_pool
+        budget = parts.max_memory
+        if budget is None:      # the pool's regions (all of use now) are allocated already
+            budget = free_bytes() + (pool.held_bytes if pool is not None else 0)
+        created = sum(spec.size for spec in self._specs_to_create())
         if created > budget:
             raise ConfigError(f"the source sends {created} bytes of regions for this "
                               f"destination to hold; it holds at most {budget} (max_memory, "
                               f"or what {SHM_DIR} has free)")
         return budget - created
+
+    def _specs_to_create(self) -> list[RegionSpec]:
+        """The regions of SETUP this destination makes in shared memory itself."""
+        parts = self.parts
+        if parts.region_factory is not None:
+            return []
+        return [spec for spec in self.setup.regions if spec.name not in parts.user_regions]
 
     def _region(self, name: str, size: int) -> Region:
         parts, page_size = self.parts, self.setup.page_size
@@ -229,6 +240,13 @@ class Receiving:
             region = parts.resources.own(parts.region_factory(name, size, page_size))
             parts.user_regions[name] = region
             fresh = False
+        elif region is None and parts.region_pool is not None:
+            # A region from the pool holds the last session's bytes: not fresh.
+            region = parts.region_pool.take(name, size, page_size)
+            fresh = region is None
+            if region is None:
+                region = Region.create(name, size, page_size=page_size)
+            parts.resources.own(parts.region_pool.loan(region))
         elif region is None:
             region = parts.resources.own(Region.create(name, size, page_size=page_size))
         elif region.size != size or region.page_size != page_size:
@@ -240,13 +258,17 @@ class Receiving:
 
     def _preallocate(self) -> None:
         """prealloc: every region faulted in by the workers of the RAM channels,
-        before SETUP_ACK lets the source send (see :mod:`.prealloc`)."""
+        before SETUP_ACK lets the source send (see :mod:`.prealloc`), but for
+        those faulted in already (a pooled region preallocated before, a warm file)."""
         started = time.monotonic()
         setup, parts = self.setup, self.parts
         stall = parts.stall_timeout or setup.stall_timeout
+        cold = [region for region in self.regions if not region.faulted_in]
         self._prestarted = preallocate(
-            parts.workers, max(1, setup.channels), list(enumerate(self.regions)), self.main,
-            stall, min(stall, setup.stall_timeout) / 4, self.failure)
+            parts.workers, max(1, setup.channels), cold, self.main, stall,
+            min(stall, setup.stall_timeout) / 4, self.failure)
+        for region in cold:
+            region.faulted_in = True
         self.prealloc_seconds = time.monotonic() - started
 
     # ------------------------------------------------------------ the session

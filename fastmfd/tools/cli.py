@@ -317,10 +317,13 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="refuse a sender whose regions exceed SIZE (default: DIR's free space)")
     p.add_argument("--max-memory", type=parse_size, default=None, metavar="SIZE",
                    help="shared memory for device state in flight (default: what /dev/shm "
-                        "has free)")
+                        "has free); with --prealloc and several sessions, also the most "
+                        "bytes of warm region files kept for the next session")
     p.add_argument("--prealloc", action="store_true",
                    help="fault each region's file in (allocate every page) before the sender "
-                        "may send, in parallel in the receive workers (QEMU: prealloc=on)")
+                        "may send, in parallel in the receive workers (QEMU: prealloc=on); "
+                        "with several sessions, the files of the next one are faulted in "
+                        "between sessions")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     p.add_argument("--json", action="store_true",
                    help="print the files written and the statistics as JSON on stdout (a "
