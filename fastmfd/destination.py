@@ -28,7 +28,8 @@ from .protocol.security import ChannelSecurity, TLSConfig, check_auth_key
 from .protocol.setup import MAX_STALL_SECONDS, MIN_STALL_SECONDS
 from .protocol.sockets import bound_address, listen, listening_address, parse_address
 from .region_pool import RegionPool
-from .regions import Region
+from .regions import Region, check_huge_pages
+from .shm import SHM_DIR
 from .stats import ReceiveStats
 
 __all__ = ["Destination", "DestinationResult"]
@@ -80,7 +81,9 @@ class Destination(Owner):
     size (warm memory, left by an earlier session; one that was preallocated
     then is not again), and go
     back to when the Destination closes (drop every view of them by then: the
-    next session writes into them).
+    next session writes into them). ``huge_pages``: the regions it creates ask
+    for transparent huge pages; ConfigError, saying why and what would allow
+    them, where the system gives none (see :mod:`fastmfd.huge_pages`).
     """
 
     def __init__(self, address: str | socket.socket, *, workers: int = 4, timeout: float = 30.0,
@@ -88,7 +91,7 @@ class Destination(Owner):
                  tls: TLSConfig | None = None, auth_key: bytes | None = None,
                  handshake_timeout: float = 10.0, stall_timeout: float | None = None,
                  max_memory: int | None = None, prealloc: bool = False,
-                 region_pool: RegionPool | None = None) -> None:
+                 region_pool: RegionPool | None = None, huge_pages: bool = False) -> None:
         requested = None if isinstance(address, socket.socket) else parse_address(address)
         if workers < 0:
             raise ConfigError(f"workers must be >= 0, not {workers}")
@@ -118,6 +121,9 @@ class Destination(Owner):
         if region_pool is not None and not isinstance(region_pool, RegionPool):
             raise type_error("region_pool", "a fastmfd.RegionPool or None", region_pool)
         self.region_pool = region_pool
+        if huge_pages:
+            check_huge_pages(SHM_DIR)
+        self.huge_pages = huge_pages
         if requested is None:
             self._listener, self._owns_listener = address, False
             self.address = str(listening_address(address))
@@ -228,7 +234,8 @@ class Destination(Owner):
             self._listener, self.timeout, self._security, self._workers, self._reassembly,
             self._user_regions, self._loaders, self._region_factory, self._queued_cap,
             self._resources, self._failure, self.refused, self.stall_timeout, self.max_memory,
-            on_setup=on_setup, prealloc=self.prealloc, region_pool=self.region_pool))
+            on_setup=on_setup, prealloc=self.prealloc, region_pool=self.region_pool,
+            huge_pages=self.huge_pages))
         try:
             session.accept_main()
             started = time.monotonic()

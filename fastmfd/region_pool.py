@@ -34,7 +34,7 @@ from .regions import Region
 
 __all__ = ["RegionPool", "Loan"]
 
-Geometry = tuple[str, int, int]         # region name, size, page size
+Geometry = tuple[str, int, int, bool]   # region name, size, page size, huge pages
 
 
 class RegionPool:
@@ -60,11 +60,12 @@ class RegionPool:
         with self._lock:
             return len(self._regions)
 
-    def take(self, name: str, size: int, page_size: int) -> Region | None:
+    def take(self, name: str, size: int, page_size: int, huge_pages: bool = False
+             ) -> Region | None:
         """A held region of this geometry (its dirty bitmap cleared), or None."""
         with self._lock:
             for region in self._regions:
-                if _geometry(region) == (name, size, page_size):
+                if _geometry(region) == (name, size, page_size, huge_pages):
                     self._regions.remove(region)
                     break
             else:
@@ -72,13 +73,14 @@ class RegionPool:
         region.dirty.collect()          # the last session's received pages
         return region
 
-    def prune(self, wanted: Iterable[RegionSpec], page_size: int) -> None:
+    def prune(self, wanted: Iterable[RegionSpec], page_size: int, huge_pages: bool = False
+              ) -> None:
         """Free every held region a session of ``wanted`` regions cannot take
         (another geometry, or more of one than it has), so that its memory is
         free for the regions that session creates."""
         needed: dict[Geometry, int] = {}
         for spec in wanted:
-            key = (spec.name, spec.size, page_size)
+            key = (spec.name, spec.size, page_size, huge_pages)
             needed[key] = needed.get(key, 0) + 1
         with self._lock:
             kept, freed = [], []
@@ -139,7 +141,7 @@ class Loan:
 
 
 def _geometry(region: Region) -> Geometry:
-    return region.name, region.size, region.page_size
+    return region.name, region.size, region.page_size, region.huge_pages
 
 
 def _close_all(regions: list[Region]) -> None:

@@ -99,9 +99,10 @@ class DestinationParts:
                  resources: SessionResources, failure: SessionFailure,
                  refused: list[Refusal], stall_timeout: float | None = None,
                  max_memory: int | None = None, *, on_setup=None,
-                 prealloc: bool = False, region_pool: RegionPool | None = None) -> None:
+                 prealloc: bool = False, region_pool: RegionPool | None = None,
+                 huge_pages: bool = False) -> None:
         self.listener, self.timeout, self.security = listener, timeout, security
-        self.prealloc, self.region_pool = prealloc, region_pool
+        self.prealloc, self.region_pool, self.huge_pages = prealloc, region_pool, huge_pages
         self.refused, self.on_setup = refused, on_setup
         self.stall_timeout, self.max_memory = stall_timeout, max_memory
         self.workers, self.reassembly = workers, reassembly
@@ -200,7 +201,8 @@ class Receiving:
                 raise ConfigError(f"a loader was added for device {key[0]!r} instance "
                                   f"{key[1]} but the source does not send it")
         if parts.region_pool is not None:
-            parts.region_pool.prune(self._specs_to_create(), setup.page_size)
+            parts.region_pool.prune(self._specs_to_create(), setup.page_size,
+                                    parts.huge_pages)
         left = self._memory_left()
         for spec in setup.regions:
             self.regions.append(self._region(spec.name, spec.size))
@@ -242,13 +244,15 @@ class Receiving:
             fresh = False
         elif region is None and parts.region_pool is not None:
             # A region from the pool holds the last session's bytes: not fresh.
-            region = parts.region_pool.take(name, size, page_size)
+            region = parts.region_pool.take(name, size, page_size, parts.huge_pages)
             fresh = region is None
             if region is None:
-                region = Region.create(name, size, page_size=page_size)
+                region = Region.create(name, size, page_size=page_size,
+                                   huge_pages=parts.huge_pages)
             parts.resources.own(parts.region_pool.loan(region))
         elif region is None:
-            region = parts.resources.own(Region.create(name, size, page_size=page_size))
+            region = parts.resources.own(Region.create(name, size, page_size=page_size,
+                                                      huge_pages=parts.huge_pages))
         elif region.size != size or region.page_size != page_size:
             raise ConfigError(f"region {name!r}: the source sends {size} bytes in "
                               f"{page_size}-byte pages, the destination's region has "

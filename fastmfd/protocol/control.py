@@ -55,6 +55,7 @@ class RegionHandle:
     kind: str           # "shm" or "file"
     location: str       # segment name or file path
     dirty: str          # dirty bitmap segment name
+    huge_pages: bool = False    # every process mapping it asks for huge pages
 
 
 # ---------------------------------------------------------------- parameters

@@ -103,6 +103,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
     options = dict(timeout=args.timeout, stall_timeout=args.stall_timeout, force=args.force,
                    keep_partial=args.keep_partial, max_size=args.max_size,
                    max_memory=args.max_memory, prealloc=args.prealloc,
+                   huge_pages=args.huge_pages,
                    tls=security_options.tls_config(args),
                    auth_key=security_options.auth_key(args))
 
@@ -324,6 +325,9 @@ def _build_parser() -> argparse.ArgumentParser:
                         "may send, in parallel in the receive workers (QEMU: prealloc=on); "
                         "with several sessions, the files of the next one are faulted in "
                         "between sessions")
+    p.add_argument("--huge-pages", action="store_true",
+                   help="map the region files with transparent huge pages (DIR on a tmpfs "
+                        "mounted huge=advise, or within_size/always); says why not otherwise")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     p.add_argument("--json", action="store_true",
                    help="print the files written and the statistics as JSON on stdout (a "

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 from ..devices import FileLoader
 from ..errors import ConfigError, MigrationError
-from ..regions import Region
+from ..regions import Region, check_huge_pages
 from ..units import format_bytes
 from .warm_files import WarmFiles
 
@@ -93,10 +93,10 @@ class OutputDir:
 
     def __init__(self, path: str | os.PathLike, *, force: bool = False,
                  keep_partial: bool = False, max_bytes: int | None = None,
-                 warm: WarmFiles | None = None) -> None:
+                 warm: WarmFiles | None = None, huge_pages: bool = False) -> None:
         self.path = os.fspath(path)
         self.force, self.keep_partial, self.max_bytes = force, keep_partial, max_bytes
-        self.warm = warm
+        self.warm, self.huge_pages = warm, huge_pages
         try:
             os.makedirs(self.path, exist_ok=True)
             self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -104,6 +104,12 @@ class OutputDir:
             raise ConfigError(f"output directory {self.path}: {exc.strerror or exc}") from None
         # Loaders run in another process: they get the directory's resolved path.
         self.real = os.readlink(f"/proc/self/fd/{self.fd}")
+        if huge_pages:
+            try:
+                check_huge_pages(self.real)
+            except ConfigError:
+                os.close(self.fd)
+                raise
         self.regions: dict[str, _Output] = {}
         self.devices: dict[tuple[str, int], _Output] = {}
         self.streams: dict[str, _Output] = {}       # files written in order (vmstate)
@@ -168,11 +174,12 @@ class OutputDir:
         warm = self.warm.take(size, page_size) if self.warm is not None else None
         if warm is None:
             region = Region.from_file(name, out.part, size=size, page_size=page_size,
-                                      exclusive=True, dir_fd=self.fd)
+                                      exclusive=True, dir_fd=self.fd,
+                                      huge_pages=self.huge_pages)
         else:
             os.rename(warm, out.part, dst_dir_fd=self.fd)
             region = Region.from_file(name, out.part, size=size, page_size=page_size,
-                                      dir_fd=self.fd)
+                                      dir_fd=self.fd, huge_pages=self.huge_pages)
             region.faulted_in = True
             log.info("region %s: into a warm file (faulted in before the session)", name)
         out.identity = self._identity(out.part)

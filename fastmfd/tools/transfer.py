@@ -130,7 +130,8 @@ def listen_once(address: str | socket.socket, directory: str, *, per_session: bo
                 force: bool = False, keep_partial: bool = False, tls: TLSConfig | None = None,
                 auth_key: bytes | None = None, max_size: int | None = None,
                 max_memory: int | None = None, prealloc: bool = False,
-                warm: WarmFiles | None = None) -> tuple[DestinationResult, dict[str, str]]:
+                huge_pages: bool = False, warm: WarmFiles | None = None
+                ) -> tuple[DestinationResult, dict[str, str]]:
     """Receive one migration into ``directory``: ``<region>.img`` files mapped
     while they are written, ``<idstr>.<instance>.state`` for each device and
     ``manifest.json`` (names: :func:`~.outputs.output_name`). Files are written
@@ -142,12 +143,14 @@ def listen_once(address: str | socket.socket, directory: str, *, per_session: bo
     names the session. ``max_size``: most bytes of regions a source may announce
     (default: what the directory has free); ``max_memory``: the Destination's
     shared-memory bound (device state in flight); ``prealloc``: each region's
-    file faulted in before the source sends (the Destination's); ``warm``:
+    file faulted in before the source sends (the Destination's); ``huge_pages``:
+    the region files ask for transparent huge pages (ConfigError where the
+    directory's file system gives none); ``warm``:
     where faulted-in files may come from. ``address`` may be a socket already
     listening (see :func:`listen_sessions`)."""
     def output_dir(path: str) -> OutputDir:
         return OutputDir(path, force=force, keep_partial=keep_partial, max_bytes=max_size,
-                         warm=warm)
+                         warm=warm, huge_pages=huge_pages)
 
     out = None if per_session else output_dir(directory)
     try:
