@@ -273,3 +273,10 @@ def test_warm_files_are_new_bounded_and_removed_at_close(tmp_path):
     finally:
         warm.close()
     assert os.listdir(tmp_path) == []
+
+
+def test_listen_qemu_refuses_prealloc_rather_than_ignore_it(tmp_path):
+    done = run_cli("listen", "--qemu", "unix:/nonexistent/x", "--dir", str(tmp_path),
+                   "--prealloc")
+    assert done.returncode == 2, done.stderr
+    assert "--prealloc and --huge-pages work with fastmfd sources only" in done.stderr

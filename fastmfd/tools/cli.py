@@ -99,6 +99,9 @@ def cmd_listen(args: argparse.Namespace) -> int:
     from .transfer import listen_once, listen_sessions
     console = Console(stderr=True, quiet=args.quiet)
     if args.qemu:
+        if args.prealloc or args.huge_pages:
+            raise ConfigError("listen --qemu: --prealloc and --huge-pages work with fastmfd "
+                              "sources only, not yet with a QEMU's stream")
         return _listen_qemu(args, console)
     options = dict(timeout=args.timeout, stall_timeout=args.stall_timeout, force=args.force,
                    keep_partial=args.keep_partial, max_size=args.max_size,

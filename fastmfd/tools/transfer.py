@@ -24,7 +24,7 @@ from ..devices import FileDevice
 from ..errors import ConfigError, FastMFDError
 from ..protocol.security import TLSConfig
 from ..protocol.sockets import bound_address, listen, parse_address
-from ..regions import Region
+from ..regions import Region, check_huge_pages
 from ..source import Source
 from ..stats import MigrationStats
 from ..units import format_bytes
@@ -196,6 +196,8 @@ def listen_sessions(address: str, directory: str, *, sessions: int | None = None
     one between sessions (:class:`~.warm_files.WarmFiles`, at most
     ``max_memory`` bytes of them), so a session of the same geometry lands in
     memory that is there."""
+    if options.get("huge_pages"):
+        check_huge_pages(directory)     # once, before any session: not each at its SETUP
     requested = parse_address(address)
     listener = listen(requested)
     warm = None
