@@ -280,3 +280,29 @@ def test_listen_qemu_refuses_prealloc_rather_than_ignore_it(tmp_path):
                    "--prealloc")
     assert done.returncode == 2, done.stderr
     assert "--prealloc and --huge-pages work with fastmfd sources only" in done.stderr
+
+
+@pytest.mark.parametrize("variant", ["auth_key", "old_way_device", "device_channel"])
+def test_prealloc_with_the_other_session_features(leaks, variant):
+    # The shared-key proof, device state over the main channel (no channel
+    # headers) and a dedicated device-state channel: prealloc sits between
+    # SETUP and SETUP_ACK and must leave each of them as it was.
+    key = b"k" * 32
+    config, options = {
+        "auth_key": (fastmfd.MigrationConfig(channels=2, auth_key=key), {"auth_key": key}),
+        "old_way_device": (fastmfd.MigrationConfig(channels=2, channel_header=False), {}),
+        "device_channel": (fastmfd.MigrationConfig(channels=2, device_state_channels=1), {}),
+    }[variant]
+    image = make_region("ram", 8 * MIB, seed=8)
+    try:
+        with Migration(config, prealloc=True, **options) as m:
+            m.source.add_region(image)
+            if variant != "auth_key":
+                m.source.add_device(fastmfd.BytesDevice("nic", 0, b"state" * 1000))
+            _, result = m.run().ok()
+            assert np.array_equal(result.regions["ram"].array, image.array)
+            assert result.stats.prealloc_time_s is not None
+            if variant != "auth_key":
+                assert result.devices[("nic", 0)] == b"state" * 1000
+    finally:
+        image.close()
