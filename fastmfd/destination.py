@@ -39,7 +39,8 @@ __all__ = ["Destination", "DestinationResult"]
 class DestinationResult:
     """What :meth:`Destination.receive` returns."""
     regions: dict[str, Region]
-    """Region name -> Region holding the received bytes (open until the Destination closes)."""
+    """Region name -> Region holding the received bytes (open until the Destination closes;
+    then, with a region_pool, back in the pool)."""
     devices: dict[tuple[str, int], object]
     """(idstr, instance_id) -> what the device's loader returned (bytes for CollectLoader)."""
     stats: ReceiveStats
