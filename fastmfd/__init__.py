@@ -20,12 +20,14 @@ from .devices import (BytesDevice, CollectLoader, Device, FileDevice, FileLoader
 from .errors import (ConfigError, ConnectError, FastMFDError, ListenError, MigrationError,
                      ProtocolError, SecurityError)
 from .protocol.security import TLSConfig
+from .region_pool import RegionPool
 from .regions import Region
 from .source import Source
 from .stats import ChannelStats, MigrationStats, ReceiveStats, RoundStats
 
 __all__ = [
     "MigrationConfig", "TLSConfig", "Source", "Destination", "DestinationResult", "Region",
+    "RegionPool",
     "Device", "Loader", "BytesDevice", "FileDevice", "SyntheticDevice", "CollectLoader", "FileLoader",
     "VerifyLoader", "MigrationStats", "ReceiveStats", "ChannelStats", "RoundStats",
     "FastMFDError", "ConfigError", "ListenError", "ProtocolError", "MigrationError",

@@ -57,6 +57,22 @@ cdef int check_populated(int err, str what) except -1:
     return 0
 
 
+def populate(uint8_t[::1] memory, str what):
+    """Fault ``memory`` in for writing, GIL released: every page allocated and
+    mapped before data arrives (a destination's prealloc). Raises the clean
+    MigrationError where its file system (/dev/shm) cannot back it, never a
+    SIGBUS; on a kernel without MADV_POPULATE_WRITE (< 5.14) it does nothing."""
+    cdef iovec one
+    cdef int failed
+    if memory.shape[0] == 0:
+        return
+    one.iov_base = &memory[0]
+    one.iov_len = memory.shape[0]
+    with nogil:
+        failed = populate_for_write(&one, 1)
+    check_populated(failed, what)
+
+
 cdef size_t gather_iov(const iovec *iov, size_t n, uint8_t *dst) noexcept nogil:
     """Copy the bytes iov describes into dst, one after the other; returns the total."""
     cdef size_t i, pos = 0

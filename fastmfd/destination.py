@@ -28,7 +28,9 @@ from .errors import ConfigError, MigrationError
 from .protocol.security import ChannelSecurity, TLSConfig, check_auth_key
 from .protocol.setup import MAX_STALL_SECONDS, MIN_STALL_SECONDS, Setup
 from .protocol.sockets import bound_address, listen, listening_address, parse_address
-from .regions import Region
+from .region_pool import RegionPool
+from .regions import Region, check_huge_pages
+from .shm import SHM_DIR
 from .stats import ReceiveStats
 
 __all__ = ["Destination", "DestinationResult"]
@@ -38,7 +40,8 @@ __all__ = ["Destination", "DestinationResult"]
 class DestinationResult:
     """What :meth:`Destination.receive` returns."""
     regions: dict[str, Region]
-    """Region name -> Region holding the received bytes (open until the Destination closes)."""
+    """Region name -> Region holding the received bytes (open until the Destination closes;
+    then, with a region_pool, back in the pool)."""
     devices: dict[tuple[str, int], object]
     """(idstr, instance_id) -> what the device's loader returned (bytes for CollectLoader)."""
     stats: ReceiveStats
@@ -69,6 +72,20 @@ class Destination(Owner):
     destination hold — the regions it creates plus the device-state buffers
     (default: what ``/dev/shm`` has free); a SETUP asking for more is refused
     before anything is allocated, and the source is told why.
+    ``prealloc``: fault every region of the session in (allocate and map each
+    page, QEMU's ``prealloc=on``) before the source may send: the receive
+    workers each fault in a share, in parallel, between SETUP and SETUP_ACK,
+    so the transfer writes into memory that is there; it takes
+    ``stats.prealloc_time_s``, and a /dev/shm that cannot hold the regions
+    fails the session cleanly on both sides before any page is sent.
+    ``region_pool``: a :class:`~fastmfd.RegionPool` that the regions this
+    destination creates come from, when it holds one of the same name and
+    size (warm memory, left by an earlier session; one that was preallocated
+    then is not again), and go
+    back to when the Destination closes (drop every view of them by then: the
+    next session writes into them). ``huge_pages``: the regions it creates ask
+    for transparent huge pages; ConfigError, saying why and what would allow
+    them, where the system gives none (see :mod:`fastmfd.huge_pages`).
     """
 
     def __init__(self, address: str | socket.socket, *, workers: int = 4, timeout: float = 30.0,
@@ -76,7 +93,8 @@ class Destination(Owner):
                  region_factory: Callable[[str, int, int], Region] | None = None,
                  tls: TLSConfig | None = None, auth_key: bytes | None = None,
                  handshake_timeout: float = 10.0, stall_timeout: float | None = None,
-                 max_memory: int | None = None) -> None:
+                 max_memory: int | None = None, prealloc: bool = False,
+                 region_pool: RegionPool | None = None, huge_pages: bool = False) -> None:
         requested = None if isinstance(address, socket.socket) else parse_address(address)
         if workers < 0:
             raise ConfigError(f"workers must be >= 0, not {workers}")
@@ -103,6 +121,13 @@ class Destination(Owner):
         self.stall_timeout = stall_timeout
         self.max_memory = max_memory
         self._listener: socket.socket | None
+        self.prealloc = prealloc
+        if region_pool is not None and not isinstance(region_pool, RegionPool):
+            raise type_error("region_pool", "a fastmfd.RegionPool or None", region_pool)
+        self.region_pool = region_pool
+        if huge_pages:
+            check_huge_pages(SHM_DIR)
+        self.huge_pages = huge_pages
         if requested is None:
             assert isinstance(address, socket.socket), "only a socket is not parsed"
             self._listener, self._owns_listener = address, False
@@ -218,7 +243,8 @@ class Destination(Owner):
             self._listener, self.timeout, self._security, self._workers, self._reassembly,
             self._user_regions, self._loaders, self._region_factory, self._queued_cap,
             self._resources, self._failure, self.refused, self.stall_timeout, self.max_memory,
-            on_setup=on_setup))
+            on_setup=on_setup, prealloc=self.prealloc, region_pool=self.region_pool,
+            huge_pages=self.huge_pages))
         try:
             session.accept_main()
             started = time.monotonic()

@@ -25,9 +25,10 @@ from ._core import DirtyBitmap
 from .errors import ConfigError
 from .protocol.control import RegionHandle
 from .protocol.setup import Invalid, check_name
-from .shm import SharedMemory, check_room, map_file
+from .huge_pages import advise_huge_pages, why_no_huge_pages
+from .shm import SHM_DIR, SharedMemory, check_room, map_file, mapped_view
 
-__all__ = ["Region", "RegionHandle", "validate_region_name"]
+__all__ = ["Region", "RegionHandle", "validate_region_name", "check_huge_pages"]
 
 
 def validate_region_name(name: str) -> str:
@@ -35,6 +36,14 @@ def validate_region_name(name: str) -> str:
         return check_name(name, "region name")
     except Invalid as exc:
         raise ConfigError(f"region name {name!r} must be {exc.expected}") from None
+
+
+def check_huge_pages(directory: str) -> None:
+    """ConfigError, saying why and what would allow them, unless regions in files
+    under ``directory`` can get transparent huge pages."""
+    reason = why_no_huge_pages(directory)
+    if reason is not None:
+        raise ConfigError(f"huge pages are not available: {reason}")
 
 
 def _validate_size(name: str, size: int, page_size: int) -> None:
@@ -49,38 +58,53 @@ class Region:
     """A named block of ``size`` bytes (a multiple of ``page_size``) shared by processes."""
 
     def __init__(self, name: str, size: int, page_size: int, kind: str, location: str,
-                 mapping: mmap.mmap | SharedMemory, dirty: DirtyBitmap, owner: bool) -> None:
+                 mapping: mmap.mmap | SharedMemory, dirty: DirtyBitmap, owner: bool,
+                 huge_pages: bool = False) -> None:
         self.name, self.size, self.page_size, self.owner = name, size, page_size, owner
         self._kind, self._location = kind, location
         self._mapping, self._dirty = mapping, dirty
         self._buffer: memoryview | None = (
-            mapping.buf if isinstance(mapping, SharedMemory) else memoryview(mapping))
+            mapping.buf if isinstance(mapping, SharedMemory) else mapped_view(mapping, size))
         self._array: npt.NDArray[np.uint8] | None = None
+        self.huge_pages = huge_pages
+        """Pages are faulted in as huge pages where the system allows (see
+        :mod:`fastmfd.huge_pages`): every process that maps it asks."""
+        if huge_pages:
+            advise_huge_pages(mapping if isinstance(mapping, mmap.mmap) else mapping.mapping)
+        self.faulted_in = False
+        """Every page is allocated already (a destination's prealloc did it, or the
+        region came warm): a later prealloc skips it."""
 
     # ------------------------------------------------------------ construction
     @classmethod
-    def create(cls, name: str, size: int, *, page_size: int = 4096) -> "Region":
+    def create(cls, name: str, size: int, *, page_size: int = 4096,
+               huge_pages: bool = False) -> "Region":
         """A new zero-filled region in shared memory, owned by this process.
 
         The memory is allocated as pages are first written (a destination's
         receive workers populate each run they write, failing cleanly when
         ``/dev/shm`` is full); the region must fit in what ``/dev/shm`` has
-        free now (ConfigError otherwise)."""
+        free now (ConfigError otherwise). ``huge_pages``: ask for transparent
+        huge pages (ConfigError, saying why, where the system gives none)."""
+        if huge_pages:
+            check_huge_pages(SHM_DIR)
         validate_region_name(name)
         _validate_size(name, size, page_size)
         check_room(size, f"region {name!r}")
-        data = SharedMemory.create(size, tag=f"region-{name}", allocate=False)
+        data = SharedMemory.create(size, tag=f"region-{name}", allocate=False,
+                                   huge_aligned=huge_pages)
         try:
             dirty = DirtyBitmap.create(size // page_size, tag=f"dirty-{name}")
         except BaseException:
             data.close()
             raise
-        return cls(name, size, page_size, "shm", data.name, data, dirty, owner=True)
+        return cls(name, size, page_size, "shm", data.name, data, dirty, owner=True,
+                   huge_pages=huge_pages)
 
     @classmethod
     def from_file(cls, name: str, path: str | os.PathLike[str], *, size: int | None = None,
                   page_size: int = 4096, exclusive: bool = False,
-                  dir_fd: int | None = None) -> "Region":
+                  dir_fd: int | None = None, huge_pages: bool = False) -> "Region":
         """Map a file ``MAP_SHARED``; writes go to the file.
 
         Without ``size`` the file's size is the region's. With ``size`` a
@@ -88,6 +112,8 @@ class Region:
         ``exclusive`` (with ``size``): create a new file, failing if anything
         exists at ``path`` — a symbolic link included, which is never
         followed. ``dir_fd``: ``path`` is relative to that open directory.
+        ``huge_pages``: ask for transparent huge pages (the caller checks
+        first that the file's file system gives them: :func:`check_huge_pages`).
         """
         validate_region_name(name)
         if size is not None:
@@ -110,7 +136,7 @@ class Region:
             _validate_size(name, size, page_size)
             if actual < size:
                 os.ftruncate(fd, size)
-            mapping = map_file(fd, size)
+            mapping = map_file(fd, size, huge_aligned=huge_pages)
         finally:
             os.close(fd)
         try:
@@ -118,14 +144,16 @@ class Region:
         except BaseException:
             mapping.close()
             raise
-        return cls(name, size, page_size, "file", location, mapping, dirty, owner=True)
+        return cls(name, size, page_size, "file", location, mapping, dirty, owner=True,
+                   huge_pages=huge_pages)
 
     @classmethod
     def attach(cls, handle: RegionHandle) -> "Region":
         """Map a region another process created."""
         mapping: mmap.mmap | SharedMemory
         if handle.kind == "shm":
-            mapping = SharedMemory.attach(handle.location, handle.size)
+            mapping = SharedMemory.attach(handle.location, handle.size,
+                                          huge_aligned=handle.huge_pages)
         else:
             # The location is the file's resolved path: a link there now was put by
             # someone else, and is not followed.
@@ -134,7 +162,7 @@ class Region:
                 if os.fstat(fd).st_size < handle.size:
                     raise ConfigError(f"region file {handle.location} shrank below "
                                       f"{handle.size} bytes")
-                mapping = map_file(fd, handle.size)
+                mapping = map_file(fd, handle.size, huge_aligned=handle.huge_pages)
             finally:
                 os.close(fd)
         try:
@@ -143,13 +171,13 @@ class Region:
             mapping.close()
             raise
         return cls(handle.name, handle.size, handle.page_size, handle.kind, handle.location,
-                   mapping, dirty, owner=False)
+                   mapping, dirty, owner=False, huge_pages=handle.huge_pages)
 
     # ------------------------------------------------------------ access
     @property
     def handle(self) -> RegionHandle:
         return RegionHandle(self.name, self.size, self.page_size, self._kind, self._location,
-                            self._dirty.name)
+                            self._dirty.name, self.huge_pages)
 
     @property
     def buffer(self) -> memoryview:
@@ -235,7 +263,7 @@ class Region:
             try:
                 self._mapping.close()
             except BufferError:             # slices of the buffer still hold the mapping
-                self._buffer = memoryview(self._mapping)
+                self._buffer = mapped_view(self._mapping, self.size)
                 raise
         except BufferError:
             # Python's own words ("cannot close exported pointers exist") say neither

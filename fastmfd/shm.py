@@ -38,11 +38,13 @@ from multiprocessing import resource_tracker
 
 from .errors import ConfigError
 
-__all__ = ["SharedMemory", "SHM_DIR", "SEGMENT_PREFIX", "list_segments", "map_file",
+__all__ = ["SharedMemory", "SHM_DIR", "SEGMENT_PREFIX", "HUGE_PAGE", "list_segments",
+           "map_file", "mapped_view",
            "free_bytes", "check_room"]
 
 SHM_DIR = "/dev/shm"
 SEGMENT_PREFIX = "fastmfd-"
+HUGE_PAGE = 2 << 20     # a transparent huge page (x86-64, arm64 with 4 KiB pages)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
@@ -51,26 +53,49 @@ _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
 
-def map_file(fd: int, size: int) -> mmap.mmap:
+def _aligned_offset(mapping: mmap.mmap, size: int) -> int:
+    """Where in ``mapping`` the file's ``size`` bytes start: 0, or past the
+    slack map_file reserved to align them (to HUGE_PAGE)."""
+    if len(mapping) == size:
+        return 0
+    anchor = ctypes.c_char.from_buffer(mapping)
+    try:
+        return -ctypes.addressof(anchor) % HUGE_PAGE
+    finally:
+        del anchor          # an exported buffer: the mapping cannot close while it lives
+
+
+def map_file(fd: int, size: int, *, huge_aligned: bool = False) -> mmap.mmap:
     """Map the first ``size`` bytes of ``fd`` shared and writable, keeping no descriptor.
 
     An anonymous ``mmap`` reserves the address range (and owns it: closing it
     unmaps, and it refuses to close while views are exported, like any
     mmap); the file is then mapped over that same range with ``MAP_FIXED``.
-    The caller may close ``fd`` at once."""
-    mapping = mmap.mmap(-1, size)
+    The caller may close ``fd`` at once. ``huge_aligned``: the file starts at
+    a multiple of HUGE_PAGE (without it no huge page can map it), inside a
+    reservation HUGE_PAGE longer; :func:`mapped_view` finds it."""
+    slack = HUGE_PAGE if huge_aligned else 0
+    mapping = mmap.mmap(-1, size + slack)
+    address = _aligned_offset(mapping, size)
     anchor = ctypes.c_char.from_buffer(mapping)
     try:
-        address = ctypes.addressof(anchor)
+        address += ctypes.addressof(anchor)
         got = _libc.mmap(address, size, mmap.PROT_READ | mmap.PROT_WRITE,
                          mmap.MAP_SHARED | 0x10, fd, 0)        # 0x10: MAP_FIXED
         err = ctypes.get_errno()
     finally:
-        del anchor          # an exported buffer: the mapping cannot close while it lives
+        del anchor
     if got is None or got == _MAP_FAILED or got != address:
         mapping.close()
         raise OSError(err, f"mmap: {os.strerror(err)}")
     return mapping
+
+
+def mapped_view(mapping: mmap.mmap, size: int) -> memoryview:
+    """The file's ``size`` bytes in a mapping :func:`map_file` made, writable."""
+    offset = _aligned_offset(mapping, size)
+    view = memoryview(mapping)
+    return view if offset == 0 and len(mapping) == size else view[offset:offset + size]
 
 
 def free_bytes(directory: str = SHM_DIR) -> int:
@@ -111,16 +136,17 @@ class SharedMemory:
         self.size = size
         self.owner = owner
         self._mmap: mmap.mmap | None = mapping
-        self._buf: memoryview | None = memoryview(mapping)
+        self._buf: memoryview | None = mapped_view(mapping, size)
 
     @classmethod
-    def create(cls, size: int, *, tag: str = "seg", allocate: bool | int = True
-               ) -> "SharedMemory":
+    def create(cls, size: int, *, tag: str = "seg", allocate: bool | int = True,
+               huge_aligned: bool = False) -> "SharedMemory":
         """Create and map a new segment of ``size`` bytes, filled with zeros.
 
         ``allocate``: True allocates it all now; False leaves it sparse (nothing is
         allocated until written: check the room first, and populate before
-        writing, see the module doc); a number allocates that many first bytes."""
+        writing, see the module doc); a number allocates that many first bytes.
+        ``huge_aligned``: mapped where huge pages can map it (:func:`map_file`)."""
         if size <= 0:
             # A mapping cannot be empty (mmap refuses a zero-length file).
             raise ConfigError(f"segment size {size}: a segment holds at least 1 byte")
@@ -144,7 +170,7 @@ class SharedMemory:
                 os.ftruncate(fd, size)
                 if allocate:
                     os.posix_fallocate(fd, 0, size if allocate is True else min(allocate, size))
-                mapping = map_file(fd, size)
+                mapping = map_file(fd, size, huge_aligned=huge_aligned)
             except BaseException:
                 os.unlink(path)
                 if registered:
@@ -161,7 +187,8 @@ class SharedMemory:
         return cls(name, size, mapping, owner=True)
 
     @classmethod
-    def attach(cls, name: str, size: int | None = None) -> "SharedMemory":
+    def attach(cls, name: str, size: int | None = None, *, huge_aligned: bool = False
+               ) -> "SharedMemory":
         """Map an existing segment. Attachers close; they never unlink."""
         if not name.startswith(SEGMENT_PREFIX) or "/" in name:
             raise ConfigError(f"{name!r} is not a fastmfd segment name")
@@ -175,7 +202,7 @@ class SharedMemory:
                 raise ConfigError(f"segment {name!r} has {actual} bytes, expected {size}")
             if actual == 0:
                 raise ConfigError(f"segment {name!r} is empty")
-            mapping = map_file(fd, actual)
+            mapping = map_file(fd, actual, huge_aligned=huge_aligned)
         finally:
             os.close(fd)
         return cls(name, actual, mapping, owner=False)
@@ -185,6 +212,13 @@ class SharedMemory:
         if self._buf is None:
             raise ValueError(f"segment {self.name} is closed")
         return self._buf
+
+    @property
+    def mapping(self) -> mmap.mmap:
+        """The mmap object of the segment's memory (for madvise)."""
+        if self._mmap is None:
+            raise ValueError(f"segment {self.name} is closed")
+        return self._mmap
 
     @property
     def closed(self) -> bool:
@@ -205,7 +239,7 @@ class SharedMemory:
         try:
             self._mmap.close()
         except BufferError:
-            self._buf = memoryview(self._mmap)
+            self._buf = mapped_view(self._mmap, self.size)
             raise
         self._mmap = None
         self._buf = None

@@ -98,6 +98,8 @@ class ReceiveStats:
     device_chunks: int
     load_time_s: dict[str, float]  # device "idstr/instance" -> seconds its loader took
     channels: tuple[ChannelStats, ...] = ()
+    prealloc_time_s: float | None = None    # prealloc: faulting the regions in, before
+                                            # SETUP_ACK (not in total_time_s); None: no prealloc
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -17,7 +17,8 @@ def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 
 class Listener:
     """``python -m fastmfd listen unix:… --dir DIRECTORY ARGS…``; entering waits until
-    it listens. ``finish()`` waits for its end: (exit status, stderr)."""
+    it listens. ``finish()`` waits for its end: (exit status, stderr); its stdout
+    is then ``out``."""
 
     def __init__(self, directory, *args: str, preexec_fn=None) -> None:
         # Short: a Unix socket path holds at most 107 bytes.
@@ -26,6 +27,7 @@ class Listener:
         self.args = ["listen", self.address, "--dir", str(directory), "--timeout", "60", *args]
         self.preexec_fn = preexec_fn
         self.proc: subprocess.Popen | None = None
+        self.out = ""
 
     def __enter__(self) -> "Listener":
         self.proc = subprocess.Popen([sys.executable, "-m", "fastmfd", *self.args],
@@ -40,7 +42,7 @@ class Listener:
         return self
 
     def finish(self, timeout: float = 30) -> tuple[int, str]:
-        _, err = self.proc.communicate(timeout=timeout)
+        self.out, err = self.proc.communicate(timeout=timeout)
         return self.proc.returncode, err
 
     def __exit__(self, *exc) -> None:

@@ -19,10 +19,11 @@ import fastmfd
 PACKAGE = Path(fastmfd.__file__).parent
 LAYERS = [
     ["fastmfd.errors", "fastmfd.units"],
-    ["fastmfd.shm"],
+    ["fastmfd.shm", "fastmfd.huge_pages"],
     ["fastmfd._core"],
     ["fastmfd.protocol"],
-    ["fastmfd.config", "fastmfd.regions", "fastmfd.devices", "fastmfd.stats"],
+    ["fastmfd.config", "fastmfd.regions", "fastmfd.region_pool", "fastmfd.devices",
+     "fastmfd.stats"],
     ["fastmfd._engine"],
     ["fastmfd.source", "fastmfd.destination"],
     ["fastmfd"],

@@ -94,6 +94,12 @@ def test_a_migration_over_tls_is_byte_exact(pki, transport, channels, compressio
     _migrate(config, pki.destination(), transport=transport, states={"dev": b"state" * 3000})
 
 
+def test_a_preallocating_destination_over_tls(pki):
+    # Its KEEPALIVEs before SETUP_ACK travel inside TLS like every main-channel message.
+    config = fastmfd.MigrationConfig(channels=2, tls=pki.source())
+    _migrate(config, pki.destination(), prealloc=True, states={"dev": b"state" * 3000})
+
+
 @pytest.mark.parametrize("arrangement", ["old way", "dedicated device channels",
                                          "with auth_key"])
 def test_device_state_over_tls(pki, arrangement):

@@ -32,7 +32,7 @@ import select
 import socket
 import threading
 import time
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterable, Protocol
 
 from ..errors import MigrationError, ProtocolError
 from ..protocol.control import Greeting
@@ -185,11 +185,13 @@ class ChannelDoor:
     ``watch_worker(worker)`` starts watching a worker it adds)."""
 
     def __init__(self, parts: DoorParts, setup: Setup, stall: float, watch: Watch,
-                 watch_worker: Callable[[Child], None], refuse: Refuse) -> None:
+                 watch_worker: Callable[[Child], None], refuse: Refuse,
+                 started: Iterable[Child] = ()) -> None:
         self._parts, self._setup, self._stall, self._watch = parts, setup, stall, watch
         self._watch_worker, self._refuse = watch_worker, refuse
         self._greeting: dict[Child, tuple[socket.socket, str]] = {}  # worker -> connection
-        self._started: set[Child] = set()   # workers already given a Greeting
+        self._started: set[Child] = set(started)    # workers already given a session (a
+                                                    # Greeting, or Prealloc: a Greeting next)
         self._assigned: set[Child] = set()  # workers that became channels
         self._open = True
         watch.add(parts.listener, self._accept)

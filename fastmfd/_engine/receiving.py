@@ -7,7 +7,8 @@ processes) receives once.
     Receiving.run()                                       receive workers (1 process / channel)
       AWAITING_SOURCE: accept the main channel (its greeting:
         TLS, preamble, shared-key proof; strangers refused)
-      SETUP: check SETUP; regions, pool, counters; SETUP_ACK
+      SETUP: check SETUP; regions, pool, counters; prealloc: the
+        workers fault the regions in (KEEPALIVE meanwhile); SETUP_ACK
       RECEIVING: each new connection to a free worker ──▶  greets it: TLS, init packet of this
         ◀── Greeted(ch): its RecvParams ──────────────▶    session, proof (or Refused)
                                                           RecvEngine.run(): pages into regions
@@ -51,14 +52,16 @@ from ..protocol.main_channel import (MAIN, OLD_WAY_PREFIX, Complete, Loaded, Mai
                                      Msg, PrecopySent, RoundAck, RoundEnd,
                                      decode_message_header, decode_payload, read_message)
 from ..protocol.security import ChannelSecurity
-from ..protocol.setup import Setup
+from ..protocol.setup import RegionSpec, Setup
 from ..protocol.sockets import recv_exact, tune_data_socket, tune_main_socket
+from ..region_pool import RegionPool
 from ..regions import Region
 from ..shm import SHM_DIR, free_bytes
 from ..stats import ChannelStats, ReceiveStats
 from .admission import Admission, ChannelDoor
 from .liveness import Heartbeat, Progress, process_stopped, stall_error, tick
 from .loading import DeviceLoading, check_precopy_counts, old_way_not_here
+from .prealloc import preallocate
 from .processes import Child, ChildSet, Watch
 from .session import SessionFailure, SessionResources, break_session
 
@@ -102,8 +105,11 @@ class DestinationParts:
                  resources: SessionResources, failure: SessionFailure,
                  refused: list[Refusal], stall_timeout: float | None = None,
                  max_memory: int | None = None, *,
-                 on_setup: Callable[[Setup], object] | None = None) -> None:
+                 on_setup: Callable[[Setup], object] | None = None,
+                 prealloc: bool = False, region_pool: RegionPool | None = None,
+                 huge_pages: bool = False) -> None:
         self.listener, self.timeout, self.security = listener, timeout, security
+        self.prealloc, self.region_pool, self.huge_pages = prealloc, region_pool, huge_pages
         self.refused, self.on_setup = refused, on_setup
         self.stall_timeout, self.max_memory = stall_timeout, max_memory
         self.workers, self.reassembly = workers, reassembly
@@ -124,6 +130,8 @@ class Receiving:
         self.setup: Setup | None = None
         self.regions: list[Region] = []
         self._fresh: list[bool] = []            # per region: created for this session
+        self._prestarted: list[Child] = []      # workers given a Prealloc share
+        self.prealloc_seconds: float | None = None  # prealloc: how long faulting in took
         self._counters: _core.Counters | None = None
         self._devices: DeviceLoading | None = None  # the device-state side, if any
         self._assigned: dict[int, Child] = {}   # channel id -> its worker
@@ -171,6 +179,8 @@ class Receiving:
             raise SecurityError("SETUP's uuid is not the one the auth_key proof was bound to",
                                 channel=MAIN)
         self._prepare(setup)
+        if self.parts.prealloc:
+            self._preallocate()
         self.main.send(Msg.SETUP_ACK)
         self.state = ReceivingState.RECEIVING
 
@@ -197,6 +207,9 @@ class Receiving:
             if key not in keys:
                 raise ConfigError(f"a loader was added for device {key[0]!r} instance "
                                   f"{key[1]} but the source does not send it")
+        if parts.region_pool is not None:
+            parts.region_pool.prune(self._specs_to_create(), setup.page_size,
+                                    parts.huge_pages)
         left = self._memory_left()
         for spec in setup.regions:
             self.regions.append(self._region(spec.name, spec.size))
@@ -210,16 +223,24 @@ class Receiving:
         what /dev/shm has free); returns what is left for the device-state pool.
         Regions are sparse and filled as data arrives, so this bounds, it does
         not commit."""
-        parts = self.parts
-        assert self.setup is not None, "after SETUP"
-        budget = parts.max_memory if parts.max_memory is not None else free_bytes()
-        created = sum(spec.size for spec in self.setup.regions
-                      if spec.name not in parts.user_regions and parts.region_factory is None)
+        parts, pool = self.parts, self.parts.region_pool
+        budget = parts.max_memory
+        if budget is None:      # the pool's regions (all of use now) are allocated already
+            budget = free_bytes() + (pool.held_bytes if pool is not None else 0)
+        created = sum(spec.size for spec in self._specs_to_create())
         if created > budget:
             raise ConfigError(f"the source sends {created} bytes of regions for this "
                               f"destination to hold; it holds at most {budget} (max_memory, "
                               f"or what {SHM_DIR} has free)")
         return budget - created
+
+    def _specs_to_create(self) -> list[RegionSpec]:
+        """The regions of SETUP this destination makes in shared memory itself."""
+        parts = self.parts
+        assert self.setup is not None, "after SETUP"
+        if parts.region_factory is not None:
+            return []
+        return [spec for spec in self.setup.regions if spec.name not in parts.user_regions]
 
     def _region(self, name: str, size: int) -> Region:
         assert self.setup is not None, "after SETUP"
@@ -230,14 +251,39 @@ class Receiving:
             region = parts.resources.own(parts.region_factory(name, size, page_size))
             parts.user_regions[name] = region
             fresh = False
+        elif region is None and parts.region_pool is not None:
+            # A region from the pool holds the last session's bytes: not fresh.
+            region = parts.region_pool.take(name, size, page_size, parts.huge_pages)
+            fresh = region is None
+            if region is None:
+                region = Region.create(name, size, page_size=page_size,
+                                   huge_pages=parts.huge_pages)
+            parts.resources.own(parts.region_pool.loan(region))
         elif region is None:
-            region = parts.resources.own(Region.create(name, size, page_size=page_size))
+            region = parts.resources.own(Region.create(name, size, page_size=page_size,
+                                                      huge_pages=parts.huge_pages))
         elif region.size != size or region.page_size != page_size:
             raise ConfigError(f"region {name!r}: the source sends {size} bytes in "
                               f"{page_size}-byte pages, the destination's region has "
                               f"{region.size} bytes in {region.page_size}-byte pages")
         self._fresh.append(fresh)
         return region
+
+    def _preallocate(self) -> None:
+        """prealloc: every region faulted in by the workers of the RAM channels,
+        before SETUP_ACK lets the source send (see :mod:`.prealloc`), but for
+        those faulted in already (a pooled region preallocated before, a warm file)."""
+        started = time.monotonic()
+        setup, parts = self.setup, self.parts
+        assert setup is not None and self.main is not None, "after SETUP"
+        stall = parts.stall_timeout or setup.stall_timeout
+        cold = [region for region in self.regions if not region.faulted_in]
+        self._prestarted = preallocate(
+            parts.workers, max(1, setup.channels), cold, self.main, stall,
+            min(stall, setup.stall_timeout) / 4, self.failure)
+        for region in cold:
+            region.faulted_in = True
+        self.prealloc_seconds = time.monotonic() - started
 
     # ------------------------------------------------------------ the session
     def run(self) -> None:
@@ -253,7 +299,8 @@ class Receiving:
         self._heartbeat = Heartbeat(self.main, stall, "source",
                                     interval=min(stall, setup.stall_timeout))
         self._watch = watch = Watch(self.main.sock)
-        self._door = ChannelDoor(parts, setup, stall, watch, self._watch_worker, self._refuse)
+        self._door = ChannelDoor(parts, setup, stall, watch, self._watch_worker, self._refuse,
+                                 self._prestarted)
         watch.add(self.main.sock, self._on_main_message)
         for worker in parts.workers:
             self._watch_worker(worker)
@@ -552,7 +599,8 @@ class Receiving:
             device_bytes=counters.total("device_bytes") + (devices.old_way_bytes if devices else 0),
             device_chunks=counters.total("device_packets") + (devices.old_way_chunks if devices
                                                               else 0),
-            load_time_s=self._load_seconds_by_name(), channels=channels)
+            load_time_s=self._load_seconds_by_name(), channels=channels,
+            prealloc_time_s=self.prealloc_seconds)
 
     def device_results(self) -> dict[tuple[str, int], object]:
         return self._devices.results_by_key() if self._devices is not None else {}

@@ -8,6 +8,8 @@ channel's engine from the Cython core.
       source: start_session(SendParams,                  send: opens its channel (TLS, init
         [socket, command pipe]) ──────────────────▶        packet, shared-key proof), then
                                                            SendEngine.run(command pipe), Done
+      destination (prealloc): Prealloc ─────────▶   receive: faults its share in,
+      ◀── Preallocated(bytes) per slice ──────────        reporting each slice; then:
       destination: start_session(Greeting, [socket]) ▶   receive: greets the connection (TLS,
       ◀── Greeted(ch) or Refused (then the next           init packet of this session, proof);
             connection: Greeting + socket)                Refused: dropped, waits for another
@@ -31,15 +33,20 @@ from typing import Any
 from .. import _core
 from ..errors import MigrationError, ProtocolError
 from ..protocol import handshake
-from ..protocol.control import (ChannelParams, Done, Eof, Go, Greeted, Greeting, RecvParams,
-                                Refused, SendParams, Stop, Synced)
+from ..protocol.control import (ChannelParams, Done, Eof, Go, Greeted, Greeting, Prealloc,
+                                Preallocated, RecvParams, Refused, SendParams, Stop, Synced)
 from ..protocol.sockets import peer_on_this_host
 from ..regions import Region
 from ..shm import SharedMemory
 from .processes import ChildPipe, run_child
 from .session import Closable
 
-__all__ = ["send_worker_main", "recv_worker_main", "qemu_recv_worker_main"]
+__all__ = ["send_worker_main", "recv_worker_main", "qemu_recv_worker_main", "PREALLOC_SLICE"]
+
+# Bytes a receive worker faults in between two progress reports: small enough
+# that even memory the host must find again (~4 s/GiB) reports every ~0.25 s,
+# well inside any stall deadline.
+PREALLOC_SLICE = 64 << 20
 
 
 def _attach(params: ChannelParams, stack: list[Closable]
@@ -107,8 +114,32 @@ def _greet(pipe: ChildPipe, greeting: Greeting
             return None
 
 
-def _recv_session(pipe: ChildPipe, greeting: Greeting, stack: list[Closable]) -> None:
-    greeted = _greet(pipe, greeting)
+def _preallocate(pipe: ChildPipe, prealloc: Prealloc) -> None:
+    """Fault this worker's share of the regions in, one slice at a time, each
+    reported; the pages stay allocated (in /dev/shm, or a file's page cache)
+    after the regions are unmapped."""
+    done = 0
+    for index, offset, length in prealloc.shares:
+        with Region.attach(prealloc.regions[index]) as region:
+            for start in range(offset, offset + length, PREALLOC_SLICE):
+                end = min(start + PREALLOC_SLICE, offset + length)
+                with region.buffer[start:end] as part:
+                    _core.populate(part, f"region {region.name}")
+                done += end - start
+                pipe.send(Preallocated(done))
+
+
+def _recv_session(pipe: ChildPipe, first: Greeting | Prealloc, stack: list[Closable]) -> None:
+    if isinstance(first, Prealloc):
+        _preallocate(pipe, first)
+        after = pipe.recv()
+        if isinstance(after, Stop):
+            return
+        if not isinstance(after, Greeting):
+            raise MigrationError(f"expected a Greeting after Prealloc, not "
+                                 f"{type(after).__name__}")
+        first = after
+    greeted = _greet(pipe, first)
     if greeted is None:
         return
     sock, hello, tls = greeted

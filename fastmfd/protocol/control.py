@@ -12,6 +12,9 @@ parameter or report is added here and used where it is made and read.
     main process                                   child
       Params ───────────────────────────────────▶   (or Stop: exit without a session)
       ◀─────────────────────────────── Ready        started, waiting for its Params
+      Prealloc(its share) ──────────────────────▶   receive worker (prealloc): fault its
+      ◀─────────────────────────────── Preallocated   share in, slice by slice, reporting
+                                                      each; then a Greeting (or Stop) follows
       Greeting + a new connection ──────────────▶   receive worker: greet it (TLS, hello,
       ◀─────────────────────────────── Greeted(ch)    shared key) — then RecvParams follow —
       ◀─────────────────────────────── Refused        or drop it and wait for the next one
@@ -38,7 +41,7 @@ from .setup import Setup
 
 __all__ = [
     "RegionHandle", "ChannelParams", "SendParams", "RecvParams", "ReassemblyParams",
-    "Greeting", "Ready", "Stop", "Greeted", "Refused", "Synced", "Go", "Done", "Eof",
+    "Greeting", "Prealloc", "Preallocated", "Ready", "Stop", "Greeted", "Refused", "Synced", "Go", "Done", "Eof",
     "DeviceLoaded", "Drained", "Failed", "AwaitPrecopy", "PrecopyLoaded", "RamLoaded",
 ]
 
@@ -52,6 +55,7 @@ class RegionHandle:
     kind: str           # "shm" or "file"
     location: str       # segment name or file path
     dirty: str          # dirty bitmap segment name
+    huge_pages: bool = False    # every process mapping it asks for huge pages
 
 
 # ---------------------------------------------------------------- parameters
@@ -112,6 +116,15 @@ class Greeting:
 
 
 @dataclass(frozen=True)
+class Prealloc:
+    """A receive worker's first parameters when the destination preallocates:
+    fault in ``shares`` (region index, byte offset, length: page-aligned runs
+    of ``regions``), then greet connections as a Greeting says."""
+    regions: tuple[RegionHandle, ...]
+    shares: tuple[tuple[int, int, int], ...]
+
+
+@dataclass(frozen=True)
 class ReassemblyParams:
     """The reassembly process's session: the pool chunks arrive in, and a loader
     per device (in SETUP's order, named ``idstr/instance``)."""
@@ -131,6 +144,13 @@ class Ready:
 @dataclass(frozen=True)
 class Stop:
     """Instead of parameters or a Go: exit now."""
+
+
+@dataclass(frozen=True)
+class Preallocated:
+    """A receive worker faulted in ``done`` bytes of its Prealloc share so far
+    (``done`` equal to the share's total: all of it)."""
+    done: int
 
 
 @dataclass(frozen=True)

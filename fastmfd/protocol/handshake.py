@@ -165,7 +165,9 @@ def open_main_channel(sock: socket.socket, security: ChannelSecurity, setup: Set
             stream.send_all(encode_message(Msg.AUTH, setup.uuid), "AUTH")
             prove_key(_AuthMessages(sock), security.auth_key, setup.uuid, MAIN_CHANNEL_ID)
         stream.send_all(encode_message(Msg.SETUP, setup), "SETUP")
-        expect_message(sock, Msg.SETUP_ACK)
+        # A destination that preallocates its memory (prealloc) answers only once
+        # it is done, sending KEEPALIVE meanwhile: each one restarts the wait.
+        expect_message(sock, Msg.SETUP_ACK, keepalive_wait=setup.stall_timeout)
     except (MigrationError, ProtocolError) as exc:
         sock.close()
         if security.tls is None or isinstance(exc, SecurityError) or \

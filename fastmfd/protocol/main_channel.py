@@ -70,7 +70,8 @@ class Msg(enum.IntEnum):
     ERROR = 9               # either way: the session failed (text)
     RESUMED = 10            # destination -> source: its on_resume ran; the session is over
     AUTH = 11               # either way, before SETUP: the shared-key proof (binary, .security)
-    KEEPALIVE = 12          # either way, after SETUP_ACK: still here (stall_timeout / 4 apart)
+    KEEPALIVE = 12          # either way, after SETUP_ACK: still here (stall_timeout / 4 apart);
+                            # and destination -> source before it, while preallocating
     PRECOPY_SENT = 13       # source -> destination, switchover_ack: the chunks each device sent live
     SWITCHOVER_ACK = 14     # destination -> source: those chunks are loaded; the source may stop
 
@@ -290,9 +291,16 @@ def read_payload(sock: socket.socket) -> tuple[Msg, Any]:
     return kind, decode_payload(kind, body)
 
 
-def expect_message(sock: socket.socket, kind: Msg) -> Any:
-    """Read a control message that must be ``kind``; the peer's ERROR is raised."""
+def expect_message(sock: socket.socket, kind: Msg, *, keepalive_wait: float | None = None
+                   ) -> Any:
+    """Read a control message that must be ``kind``; the peer's ERROR is raised.
+
+    ``keepalive_wait``: KEEPALIVEs may come first (a peer still busy, alive),
+    each giving the peer that many more seconds (the socket's timeout)."""
     got, payload = read_payload(sock)
+    while got is Msg.KEEPALIVE and keepalive_wait is not None:
+        sock.settimeout(keepalive_wait)
+        got, payload = read_payload(sock)
     if got is Msg.ERROR:
         raise MigrationError(f"the peer failed: {payload.error}", channel=MAIN, side="peer")
     if got is not kind:

@@ -108,10 +108,15 @@ def cmd_listen(args: argparse.Namespace) -> int:
     from .transfer import listen_once, listen_sessions
     console = Console(stderr=True, quiet=args.quiet)
     if args.qemu:
+        if args.prealloc or args.huge_pages:
+            raise ConfigError("listen --qemu: --prealloc and --huge-pages work with fastmfd "
+                              "sources only, not yet with a QEMU's stream")
         return _listen_qemu(args, console)
     options = dict(timeout=args.timeout, stall_timeout=args.stall_timeout, force=args.force,
                    keep_partial=args.keep_partial, max_size=args.max_size,
-                   max_memory=args.max_memory, tls=security_options.tls_config(args),
+                   max_memory=args.max_memory, prealloc=args.prealloc,
+                   huge_pages=args.huge_pages,
+                   tls=security_options.tls_config(args),
                    auth_key=security_options.auth_key(args))
 
     def on_listening(address: str) -> None:
@@ -137,8 +142,10 @@ def _report_session(console: Console, result: DestinationResult, files: dict[str
                     as_json: bool) -> None:
     for name, path in files.items():
         console.print(f"{name} -> {path} ({format_bytes(os.path.getsize(path))})")
+    prealloc = result.stats.prealloc_time_s
     console.print(f"received in {result.stats.total_time_s * 1000:.0f} ms, "
-                  f"{result.stats.rounds} round(s)")
+                  f"{result.stats.rounds} round(s)"
+                  + (f", after {prealloc * 1000:.0f} ms of prealloc" if prealloc else ""))
     if as_json:
         _print_json({"files": files, "stats": result.stats.as_dict(),
                      "sizes": {name: os.path.getsize(path) for name, path in files.items()}})
@@ -328,7 +335,16 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="refuse a sender whose regions exceed SIZE (default: DIR's free space)")
     p.add_argument("--max-memory", type=parse_size, default=None, metavar="SIZE",
                    help="shared memory for device state in flight (default: what /dev/shm "
-                        "has free)")
+                        "has free); with --prealloc and several sessions, also the most "
+                        "bytes of warm region files kept for the next session")
+    p.add_argument("--prealloc", action="store_true",
+                   help="fault each region's file in (allocate every page) before the sender "
+                        "may send, in parallel in the receive workers (QEMU: prealloc=on); "
+                        "with several sessions, the files of the next one are faulted in "
+                        "between sessions")
+    p.add_argument("--huge-pages", action="store_true",
+                   help="map the region files with transparent huge pages (DIR on a tmpfs "
+                        "mounted huge=advise, or within_size/always); says why not otherwise")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     p.add_argument("--json", action="store_true",
                    help="print the files written and the statistics as JSON on stdout (a "

@@ -8,6 +8,8 @@
                    within NAME_MAX); an existing final name is refused unless ``force``
                    (a symbolic link there is replaced as a link, never followed), before
                    anything is written; NAME.part created O_CREAT|O_EXCL|O_NOFOLLOW
+                   (listen --prealloc of several sessions: a warm file renamed to it,
+                   see :mod:`.warm_files`)
     receiving      regions: their .part files, mapped (the Destination msyncs them
                    before LOADED); devices: a FileLoader each (fsync in load_finish,
                    before LOADED)
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import stat
@@ -39,10 +42,13 @@ from typing import Any
 from ..devices import FileLoader
 from ..errors import ConfigError, MigrationError
 from ..protocol.setup import Setup
-from ..regions import Region
+from ..regions import Region, check_huge_pages
 from ..units import format_bytes
+from .warm_files import WarmFiles
 
 __all__ = ["OutputDir", "output_name", "MANIFEST", "VMSTATE"]
+
+log = logging.getLogger("fastmfd")
 
 MANIFEST = "manifest.json"
 VMSTATE = "vmstate.bin"
@@ -88,9 +94,11 @@ class OutputDir:
     """The files one migration writes into ``path`` (see the module docstring)."""
 
     def __init__(self, path: str | os.PathLike[str], *, force: bool = False,
-                 keep_partial: bool = False, max_bytes: int | None = None) -> None:
+                 keep_partial: bool = False, max_bytes: int | None = None,
+                 warm: WarmFiles | None = None, huge_pages: bool = False) -> None:
         self.path = os.fspath(path)
         self.force, self.keep_partial, self.max_bytes = force, keep_partial, max_bytes
+        self.warm, self.huge_pages = warm, huge_pages
         try:
             os.makedirs(self.path, exist_ok=True)
             self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -98,6 +106,12 @@ class OutputDir:
             raise ConfigError(f"output directory {self.path}: {exc.strerror or exc}") from None
         # Loaders run in another process: they get the directory's resolved path.
         self.real = os.readlink(f"/proc/self/fd/{self.fd}")
+        if huge_pages:
+            try:
+                check_huge_pages(self.real)
+            except ConfigError:
+                os.close(self.fd)
+                raise
         self.regions: dict[str, _Output] = {}
         self.devices: dict[tuple[str, int], _Output] = {}
         self.streams: dict[str, _Output] = {}       # files written in order (vmstate)
@@ -147,6 +161,8 @@ class OutputDir:
         able to fill the disk, so what it announces must fit first."""
         info = os.statvfs(self.fd)
         free = info.f_bavail * info.f_frsize
+        if self.warm is not None:       # warm files become region files: their room counts
+            free += self.warm.held_bytes
         limit = free if self.max_bytes is None else min(self.max_bytes, free)
         if size > limit:
             why = (f"--max-size allows {format_bytes(self.max_bytes)}"
@@ -154,10 +170,20 @@ class OutputDir:
             raise ConfigError(f"the source sends {format_bytes(size)} of regions; {why}")
 
     def region(self, name: str, size: int, page_size: int) -> Region:
-        """The Destination's region factory: ``name`` mapped from its new .part file."""
+        """The Destination's region factory: ``name`` mapped from its new .part file
+        (a warm file moved there, when one of its size is ready)."""
         out = self.regions[name]
-        region = Region.from_file(name, out.part, size=size, page_size=page_size,
-                                  exclusive=True, dir_fd=self.fd)
+        warm = self.warm.take(size, page_size) if self.warm is not None else None
+        if warm is None:
+            region = Region.from_file(name, out.part, size=size, page_size=page_size,
+                                      exclusive=True, dir_fd=self.fd,
+                                      huge_pages=self.huge_pages)
+        else:
+            os.rename(warm, out.part, dst_dir_fd=self.fd)
+            region = Region.from_file(name, out.part, size=size, page_size=page_size,
+                                      dir_fd=self.fd, huge_pages=self.huge_pages)
+            region.faulted_in = True
+            log.info("region %s: into a warm file (faulted in before the session)", name)
         out.identity = self._identity(out.part)
         return region
 

@@ -26,11 +26,12 @@ from ..errors import ConfigError, FastMFDError
 from ..protocol.security import TLSConfig
 from ..protocol.setup import Setup
 from ..protocol.sockets import bound_address, listen, parse_address
-from ..regions import Region
+from ..regions import Region, check_huge_pages
 from ..source import Source
 from ..stats import MigrationStats
 from ..units import format_bytes
 from .outputs import OutputDir, output_name
+from .warm_files import WarmFiles
 
 log = logging.getLogger("fastmfd")
 
@@ -135,7 +136,9 @@ def listen_once(address: str | socket.socket, directory: str, *, per_session: bo
                 on_listening: Callable[[str], object] | None = None,
                 force: bool = False, keep_partial: bool = False, tls: TLSConfig | None = None,
                 auth_key: bytes | None = None, max_size: int | None = None,
-                max_memory: int | None = None) -> tuple[DestinationResult, dict[str, str]]:
+                max_memory: int | None = None, prealloc: bool = False,
+                huge_pages: bool = False, warm: WarmFiles | None = None
+                ) -> tuple[DestinationResult, dict[str, str]]:
     """Receive one migration into ``directory``: ``<region>.img`` files mapped
     while they are written, ``<idstr>.<instance>.state`` for each device and
     ``manifest.json`` (names: :func:`~.outputs.output_name`). Files are written
@@ -146,10 +149,15 @@ def listen_once(address: str | socket.socket, directory: str, *, per_session: bo
     ``per_session``: into ``directory/<session uuid>/`` instead, made when SETUP
     names the session. ``max_size``: most bytes of regions a source may announce
     (default: what the directory has free); ``max_memory``: the Destination's
-    shared-memory bound (device state in flight). ``address`` may be a socket
-    already listening (see :func:`listen_sessions`)."""
+    shared-memory bound (device state in flight); ``prealloc``: each region's
+    file faulted in before the source sends (the Destination's); ``huge_pages``:
+    the region files ask for transparent huge pages (ConfigError where the
+    directory's file system gives none); ``warm``:
+    where faulted-in files may come from. ``address`` may be a socket already
+    listening (see :func:`listen_sessions`)."""
     def output_dir(path: str) -> OutputDir:
-        return OutputDir(path, force=force, keep_partial=keep_partial, max_bytes=max_size)
+        return OutputDir(path, force=force, keep_partial=keep_partial, max_bytes=max_size,
+                         warm=warm, huge_pages=huge_pages)
 
     out = None if per_session else output_dir(directory)
 
@@ -161,7 +169,8 @@ def listen_once(address: str | socket.socket, directory: str, *, per_session: bo
     try:
         with Destination(address, timeout=timeout, region_factory=lambda *region:
                          made().region(*region), tls=tls, auth_key=auth_key,
-                         stall_timeout=stall_timeout, max_memory=max_memory) as dst:
+                         stall_timeout=stall_timeout, max_memory=max_memory,
+                         prealloc=prealloc) as dst:
             if on_listening is not None:
                 on_listening(dst.address)
 
@@ -196,20 +205,37 @@ def listen_sessions(address: str, directory: str, *, sessions: int | None = None
     on one listening socket, each into ``directory/<session uuid>/`` (see
     :func:`listen_once`, which takes ``options``). Yields each one's ``(result,
     files)``, or ``(error, {})`` for one that failed, and goes on: a failed or
-    hostile session costs only itself."""
+    hostile session costs only itself.
+
+    With ``prealloc``, each session's region files are faulted in for the next
+    one between sessions (:class:`~.warm_files.WarmFiles`, at most
+    ``max_memory`` bytes of them), so a session of the same geometry lands in
+    memory that is there."""
+    if options.get("huge_pages"):
+        check_huge_pages(directory)     # once, before any session: not each at its SETUP
     requested = parse_address(address)
     listener = listen(requested)
+    warm = None
     try:
+        if options.get("prealloc") and sessions != 1:
+            warm = WarmFiles(directory, options.get("max_memory"))
         if on_listening is not None:
             on_listening(str(bound_address(listener, requested)))
         served = 0
         while sessions is None or served < sessions:
             served += 1
             try:
-                yield listen_once(listener, directory, per_session=True, **options)
+                result, files = listen_once(listener, directory, per_session=True, warm=warm,
+                                            **options)
             except FastMFDError as exc:
                 yield exc, {}
+                continue
+            if warm is not None and served != sessions:
+                warm.refill((r.size, r.page_size) for r in result.regions.values())
+            yield result, files
     finally:
+        if warm is not None:
+            warm.close()
         listener.close()
         if requested.path is not None:
             with contextlib.suppress(FileNotFoundError):

@@ -1,0 +1,130 @@
+"""Warm region files for a long-running ``fastmfd listen --prealloc``: :class:`WarmFiles`.
+
+``listen`` writes each region into a file of its own (``DIR/<uuid>/<region>.img``),
+which the user keeps: the memory of one session cannot be reused by the next.
+What can be done ahead is the faulting in. Between sessions, a thread makes one
+new file per region of the last session's geometry in a hidden directory of
+DIR and faults it in (every page allocated: blocks and page cache, or tmpfs
+pages); the next session of that geometry renames it to its ``.part`` name
+instead of creating an empty one, so it lands in memory that is there, and
+its prealloc skips it::
+
+    listen_sessions      after a session: refill(its regions' sizes)   (returns at once)
+    refill thread        per size not held: DIR/.fastmfd-warm-*/N.filling, created O_EXCL,
+                         faulted in a slice at a time (close() stops it between two
+                         slices), then renamed N: ready
+    OutputDir.region()   take(size, page_size): a warm file, renamed to NAME.img.part
+    close()              stops the thread, removes the hidden directory and what is in it
+
+A warm file is new: it holds zeros, never another session's bytes. The files
+held are bounded by ``max_bytes`` (``--max-memory``) and are at most one of
+each size of the last session: a session of another geometry frees them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterable
+
+from .. import _core
+from ..errors import FastMFDError
+from ..regions import Region
+
+__all__ = ["WarmFiles", "SLICE", "FILLING"]
+
+log = logging.getLogger("fastmfd")
+
+SLICE = 64 << 20        # bytes faulted in between two looks at close()
+FILLING = ".filling"    # the name's suffix until the file is all faulted in
+
+Size = tuple[int, int]  # bytes, page size
+
+
+class WarmFiles:
+    """Faulted-in spare region files in a hidden directory of ``directory``."""
+
+    def __init__(self, directory: str, max_bytes: int | None = None) -> None:
+        os.makedirs(directory, exist_ok=True)
+        self.path = tempfile.mkdtemp(prefix=".fastmfd-warm-", dir=directory)
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+        self._ready: dict[Size, str] = {}           # one faulted-in file per size
+        self._thread: threading.Thread | None = None
+        self._closing = threading.Event()
+        self._count = 0
+
+    @property
+    def held_bytes(self) -> int:
+        with self._lock:
+            return sum(size for size, _ in self._ready)
+
+    def take(self, size: int, page_size: int) -> str | None:
+        """The path of a faulted-in file of ``size`` bytes (now the caller's to
+        rename), or None: none is ready (never waits for one)."""
+        with self._lock:
+            return self._ready.pop((size, page_size), None)
+
+    def refill(self, sizes: Iterable[Size]) -> None:
+        """In the background, fault in one file of each of ``sizes`` not held yet;
+        files of other sizes are removed. Does nothing while a refill runs."""
+        wanted = list(dict.fromkeys(sizes))
+        with self._lock:
+            if self._closing.is_set() or (self._thread is not None and self._thread.is_alive()):
+                return
+            for size in [s for s in self._ready if s not in wanted]:
+                os.unlink(self._ready.pop(size))
+            missing = [s for s in wanted if s not in self._ready]
+            total = sum(size for size, _ in wanted)
+            if not missing or (self.max_bytes is not None and total > self.max_bytes):
+                return
+            self._thread = threading.Thread(target=self._fill, args=(missing,), daemon=True,
+                                            name="fastmfd warm files")
+            self._thread.start()
+
+    def _fill(self, sizes: list[Size]) -> None:
+        for size, page_size in sizes:
+            self._count += 1
+            path = os.path.join(self.path, str(self._count))
+            filling = path + FILLING
+            try:
+                done = self._fault_in(filling, size, page_size)
+            except (OSError, FastMFDError) as exc:      # a full disk: no warm file, that is all
+                log.warning("could not prepare a warm region file of %d bytes: %s", size, exc)
+                done = False
+            with self._lock:
+                if done and not self._closing.is_set():
+                    os.rename(filling, path)
+                    self._ready[(size, page_size)] = path
+                    continue
+            if os.path.exists(filling):
+                os.unlink(filling)
+
+    def _fault_in(self, path: str, size: int, page_size: int) -> bool:
+        """Create ``path`` and fault every page in; False if closed meanwhile."""
+        with Region.from_file("warm", path, size=size, page_size=page_size,
+                              exclusive=True) as region:
+            for start in range(0, size, SLICE):
+                if self._closing.is_set():
+                    return False
+                with region.buffer[start:start + SLICE] as part:
+                    _core.populate(part, f"warm region file {path}")
+        return True
+
+    def close(self) -> None:
+        """Stop faulting in, remove every file held (idempotent)."""
+        self._closing.set()
+        if self._thread is not None:
+            self._thread.join()
+        with self._lock:
+            self._ready.clear()
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def __enter__(self) -> "WarmFiles":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

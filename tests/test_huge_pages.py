@@ -1,0 +1,90 @@
+"""Huge pages for regions (issue #12): used where the system allows them, and a
+clear ConfigError saying why not (and what would allow them) where it does not.
+
+The migrations run in a mount namespace of their own whose /dev/shm is a tmpfs
+mounted huge=advise (or huge=never), so nothing of the machine changes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+import fastmfd
+from fastmfd.huge_pages import why_no_huge_pages
+from test_shm_limits import needs_namespace, run_with_small_shm
+
+_CHECK = """
+    import ctypes, numpy as np, fastmfd
+    from migration_support import Migration, make_region
+
+    def pmd_mapped_kb(region):
+        # Huge pages mapping the region in this process (its VMA in smaps).
+        anchor = ctypes.c_char.from_buffer(region.buffer)
+        start = format(ctypes.addressof(anchor), "x")
+        del anchor
+        lines = open("/proc/self/smaps").read().splitlines()
+        for i, line in enumerate(lines):
+            if "-" in line.split()[0] and line.split("-")[0] == start:
+                return next(int(l.split()[1]) for l in lines[i + 1:]
+                            if l.startswith("ShmemPmdMapped:"))
+        raise AssertionError("the region's mapping is not in smaps")
+
+    if __name__ == "__main__":
+        image = make_region("ram", 16 << 20, seed=1)
+        with Migration(fastmfd.MigrationConfig(channels=2), prealloc={prealloc},
+                       huge_pages=True) as m:
+            m.source.add_region(image)
+            _, result = m.run().ok()
+            got = result.regions["ram"]
+            assert got.huge_pages and got.handle.huge_pages
+            assert np.array_equal(got.array, image.array)     # reads: maps it here
+            print("pmd mapped kB:", pmd_mapped_kb(got))
+            del got
+        image.close()
+"""
+
+
+@needs_namespace
+@pytest.mark.parametrize("prealloc", [False, True])
+def test_a_huge_pages_destination_receives_into_huge_pages(prealloc):
+    done = run_with_small_shm(_CHECK.replace("{prealloc}", str(prealloc)),
+                              shm="256m,huge=advise")
+    assert done.returncode == 0, done.stderr[-3000:]
+    kb = int(done.stdout.split("pmd mapped kB:")[1])
+    assert kb == 16 << 10, done.stdout          # all 16 MiB, in 2 MiB pages
+
+
+@needs_namespace
+def test_without_huge_pages_allowed_the_destination_says_why_and_what_would_allow_them():
+    done = run_with_small_shm("""
+        import fastmfd
+        try:
+            fastmfd.Destination("tcp:127.0.0.1:0", huge_pages=True)
+        except fastmfd.ConfigError as exc:
+            print(exc)
+    """, shm="64m")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "huge pages are not available: the tmpfs at /dev/shm is mounted huge=never" \
+        in done.stdout, done.stdout
+    assert "mount -o remount,huge=advise /dev/shm" in done.stdout
+
+
+@pytest.mark.parametrize("sessions", [[], ["--forever"]])
+def test_listen_huge_pages_refuses_a_directory_that_cannot_have_them(tmp_path, sessions):
+    reason = why_no_huge_pages(str(tmp_path))
+    if reason is None:
+        pytest.skip(f"{tmp_path} allows huge pages here")
+    done = subprocess.run([sys.executable, "-m", "fastmfd", "listen", "unix:/nonexistent/x",
+                           "--dir", str(tmp_path), "--huge-pages", "--timeout", "1", *sessions],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert f"huge pages are not available: {reason}" in done.stderr, done.stderr
+
+
+def test_a_region_file_outside_tmpfs_is_named_as_the_reason(tmp_path):
+    reason = why_no_huge_pages("/proc")
+    assert reason is not None and "/proc is on proc" in reason
+    with pytest.raises(fastmfd.ConfigError, match="huge pages are not available"):
+        fastmfd.regions.check_huge_pages("/proc")
