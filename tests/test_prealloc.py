@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 
 import fastmfd
 from fastmfd._engine.prealloc import plan_shares
+from fastmfd.protocol.main_channel import Msg, encode_message
 from fastmfd.tools.warm_files import FILLING, WarmFiles
 from migration_support import Migration, first_difference, make_region
 from listen_support import Listener, run_cli
@@ -305,4 +307,40 @@ def test_prealloc_with_the_other_session_features(leaks, variant):
             if variant != "auth_key":
                 assert result.devices[("nic", 0)] == b"state" * 1000
     finally:
+        image.close()
+
+
+def test_a_destination_that_only_sends_keepalives_fails_the_source(leaks):
+    """KEEPALIVEs before SETUP_ACK restart the source's wait (a slow prealloc), but
+    only within what faulting in the announced regions can take: a destination
+    that never answers but keeps saying it is alive must not hold the source
+    forever."""
+    server = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def keepalives_forever() -> None:
+        conn, _ = server.accept()
+        with conn:
+            while not stop.wait(0.1):
+                try:
+                    conn.sendall(encode_message(Msg.KEEPALIVE))
+                except OSError:
+                    return              # the source gave up
+
+    thread = threading.Thread(target=keepalives_forever, daemon=True)
+    thread.start()
+    image = make_region("ram", 64 * 1024, seed=5)
+    try:
+        config = fastmfd.MigrationConfig(channels=1, timeout=0.5, stall_timeout=1.0)
+        address = f"tcp:127.0.0.1:{server.getsockname()[1]}"
+        with fastmfd.Source(address, config) as src:
+            src.add_region(image)
+            with pytest.raises(fastmfd.MigrationError,
+                               match=r"still no SETUP_ACK after the peer's KEEPALIVEs ran "
+                                     r"past their deadline"):
+                src.migrate()
+    finally:
+        stop.set()
+        thread.join(10)
+        server.close()
         image.close()

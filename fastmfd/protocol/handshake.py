@@ -147,6 +147,11 @@ def channel_start(setup: Setup, channel_id: int) -> bytes:
     return (_channel_header(kind) if setup.channel_header else b"") + bytes(init)
 
 
+# The longest a destination may take to fault in a GiB of regions before its
+# SETUP_ACK (prealloc): memory the host must find again costs ~4 s/GiB here.
+PREALLOC_SECONDS_PER_GIB = 30.0
+
+
 def open_main_channel(sock: socket.socket, security: ChannelSecurity, setup: Setup,
                       channel_header: bool) -> socket.socket:
     """The source's side of the main channel's opening: the greeting, SETUP, and
@@ -166,8 +171,13 @@ def open_main_channel(sock: socket.socket, security: ChannelSecurity, setup: Set
             prove_key(_AuthMessages(sock), security.auth_key, setup.uuid, MAIN_CHANNEL_ID)
         stream.send_all(encode_message(Msg.SETUP, setup), "SETUP")
         # A destination that preallocates its memory (prealloc) answers only once
-        # it is done, sending KEEPALIVE meanwhile: each one restarts the wait.
-        expect_message(sock, Msg.SETUP_ACK, keepalive_wait=setup.stall_timeout)
+        # it is done, sending KEEPALIVE meanwhile: each one restarts the wait,
+        # within what faulting in the announced regions can take.
+        announced = sum(region.size for region in setup.regions)
+        until = (time.monotonic() + security.timeout + setup.stall_timeout
+                 + PREALLOC_SECONDS_PER_GIB * announced / (1 << 30))
+        expect_message(sock, Msg.SETUP_ACK, keepalive_wait=setup.stall_timeout,
+                       keepalive_until=until)
     except (MigrationError, ProtocolError) as exc:
         sock.close()
         if security.tls is None or isinstance(exc, SecurityError) or \

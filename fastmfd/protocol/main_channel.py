@@ -291,14 +291,19 @@ def read_payload(sock: socket.socket) -> tuple[Msg, Any]:
     return kind, decode_payload(kind, body)
 
 
-def expect_message(sock: socket.socket, kind: Msg, *, keepalive_wait: float | None = None
-                   ) -> Any:
+def expect_message(sock: socket.socket, kind: Msg, *, keepalive_wait: float | None = None,
+                   keepalive_until: float | None = None) -> Any:
     """Read a control message that must be ``kind``; the peer's ERROR is raised.
 
     ``keepalive_wait``: KEEPALIVEs may come first (a peer still busy, alive),
-    each giving the peer that many more seconds (the socket's timeout)."""
+    each giving the peer that many more seconds (the socket's timeout), but
+    none past ``keepalive_until`` (monotonic): a peer that only ever says it is
+    alive must not hold the wait forever."""
     got, payload = read_payload(sock)
     while got is Msg.KEEPALIVE and keepalive_wait is not None:
+        if keepalive_until is not None and time.monotonic() > keepalive_until:
+            raise MigrationError(f"main channel: still no {kind.name} after the peer's "
+                                 f"KEEPALIVEs ran past their deadline", channel=MAIN)
         sock.settimeout(keepalive_wait)
         got, payload = read_payload(sock)
     if got is Msg.ERROR:
