@@ -189,10 +189,10 @@ class StopsHalfwayThroughItsReport:
     """A loader whose process stops itself (SIGSTOP) once it has written the first
     bytes of its next long report: its ("loaded", ...) report, carrying the
     ``size`` bytes ``load_finish`` returns, whose length multiprocessing writes
-    on its own before the body."""
+    on its own before the body. ``marker``: a file created just before the stop."""
 
-    def __init__(self, size: int) -> None:
-        self.size = size
+    def __init__(self, size: int, marker: str | None = None) -> None:
+        self.size, self.marker = size, marker
 
     def load_state_buffer(self, data) -> None:
         pass
@@ -205,6 +205,8 @@ class StopsHalfwayThroughItsReport:
             real(conn, buf, *args)
             if len(buf) == 4:           # the length of a long message: its body follows
                 connection.Connection._send = real
+                if self.marker is not None:     # the test can tell the stop was reached
+                    open(self.marker, "x").close()
                 os.kill(os.getpid(), signal.SIGSTOP)
         connection.Connection._send = send
         return bytes(self.size)

@@ -120,11 +120,15 @@ def test_a_channel_black_holed_mid_transfer(image):
 
 
 def test_a_lone_channel_black_holed_mid_transfer(image):
-    # One channel: the source never gets to ROUND_END; its own deadline on the
-    # blocked send (SO_SNDTIMEO, or the monitor's) fails it, and it tells the destination.
+    # One channel: its own deadline on the blocked send (SO_SNDTIMEO, or the
+    # monitor's) fails the source, which tells the destination. When the source's
+    # main thread got its ROUND_END out first (the socket buffers took the round's
+    # tail), the destination's deadline on the owed SYNC may fire first, within the
+    # same second, and it tells the source: both name channel 0's stall.
     hole = BlackHole(MIB)
     outcome = _run(image, {0: hole}, config=CONFIG.replace(channels=1, max_bandwidth=None))
-    _check(outcome, hole.fired_at, r"send channel 0: .*no progress for 1 s")
+    _check(outcome, hole.fired_at, r"send channel 0: .*no progress for 1 s",
+           r"receive channel 0: no progress for 1 s \(it owes the SYNC of round 1\)")
 
 
 def test_a_channel_swallowed_mid_transfer(image):
@@ -181,17 +185,26 @@ def test_a_stopped_worker(image, side):
                                       rf"is stopped\)", r"channel 1: .*no progress for 1 s")
 
 
-def test_a_process_stopped_halfway_through_a_report():
+def test_a_process_stopped_halfway_through_a_report(tmp_path):
     """The reassembly process stops after the length of its long report (a device's
     collected state), before its body (found by the soak, benchmarks/soak.py): the
     destination's main process sat in recv() for the rest, for as long as the
     process stayed stopped, and watched nothing else. A report that began must end
     within stall_timeout."""
-    with Migration(CONFIG) as m:
-        m.source.add_device(fastmfd.BytesDevice("nic0", 0, b"state"))
-        m.destination.add_loader("nic0", 0, StopsHalfwayThroughItsReport(1 << 20))
-        started = time.monotonic()
-        outcome = m.run(timeout=30)
+    # About one full-suite run in 40 ended with both sides succeeding (not
+    # understood). A run whose loader never reached its stop tests nothing and is
+    # run again; one whose loader reached it must fail both sides.
+    for attempt in range(3):
+        marker = tmp_path / f"stopped-{attempt}"
+        with Migration(CONFIG) as m:
+            m.source.add_device(fastmfd.BytesDevice("nic0", 0, b"state"))
+            m.destination.add_loader("nic0", 0,
+                                     StopsHalfwayThroughItsReport(1 << 20, str(marker)))
+            started = time.monotonic()
+            outcome = m.run(timeout=30)
+        if marker.exists() or outcome.source_error is not None:
+            break
+    assert marker.exists(), "the reassembly process never reached its stop, 3 times"
     _check(outcome, started, r"reassembly: no progress for 1 s \(its process is stopped\)")
 
 

@@ -52,11 +52,10 @@ from ..protocol.main_channel import (MAIN, OLD_WAY_PREFIX, Complete, Loaded, Mai
                                      Msg, PrecopySent, RoundAck, RoundEnd,
                                      decode_message_header, decode_payload, read_message)
 from ..protocol.security import ChannelSecurity
-from ..protocol.setup import RegionSpec, Setup
+from ..protocol.setup import Setup
 from ..protocol.sockets import recv_exact, tune_data_socket, tune_main_socket
 from ..region_pool import RegionPool
 from ..regions import Region
-from ..shm import SHM_DIR, free_bytes
 from ..stats import ChannelStats, ReceiveStats
 from .admission import Admission, ChannelDoor
 from .liveness import Heartbeat, Progress, process_stopped, stall_error, tick
@@ -64,12 +63,12 @@ from .loading import DeviceLoading, check_precopy_counts, old_way_not_here
 from .prealloc import preallocate
 from .processes import Child, ChildSet, Watch
 from .session import SessionFailure, SessionResources, break_session
+from .session_regions import RegionFactory, make_session_regions
 
 __all__ = ["Receiving", "ReceivingState", "DestinationParts", "Refusal"]
 
 log = logging.getLogger("fastmfd")
 
-RegionFactory = Callable[[str, int, int], Region]
 """Makes the region SETUP names: ``factory(name, size, page_size)``."""
 
 # How long a channel's end waits for the source's ERROR that explains it.
@@ -207,67 +206,11 @@ class Receiving:
             if key not in keys:
                 raise ConfigError(f"a loader was added for device {key[0]!r} instance "
                                   f"{key[1]} but the source does not send it")
-        if parts.region_pool is not None:
-            parts.region_pool.prune(self._specs_to_create(), setup.page_size,
-                                    parts.huge_pages)
-        left = self._memory_left()
-        for spec in setup.regions:
-            self.regions.append(self._region(spec.name, spec.size))
+        made = make_session_regions(setup, parts)
+        self.regions, self._fresh, left = made.regions, made.fresh, made.memory_left
         self._counters = parts.resources.own(_core.Counters.create(setup.total_channels))
         if setup.devices:
             self._devices = DeviceLoading(setup, parts, left)
-
-    def _memory_left(self) -> int:
-        """What SETUP asks this destination to hold, checked before anything is
-        allocated: the regions it creates must fit in ``max_memory`` (default:
-        what /dev/shm has free); returns what is left for the device-state pool.
-        Regions are sparse and filled as data arrives, so this bounds, it does
-        not commit."""
-        parts, pool = self.parts, self.parts.region_pool
-        budget = parts.max_memory
-        if budget is None:      # the pool's regions (all of use now) are allocated already
-            budget = free_bytes() + (pool.held_bytes if pool is not None else 0)
-        created = sum(spec.size for spec in self._specs_to_create())
-        if created > budget:
-            raise ConfigError(f"the source sends {created} bytes of regions for this "
-                              f"destination to hold; it holds at most {budget} (max_memory, "
-                              f"or what {SHM_DIR} has free)")
-        return budget - created
-
-    def _specs_to_create(self) -> list[RegionSpec]:
-        """The regions of SETUP this destination makes in shared memory itself."""
-        parts = self.parts
-        assert self.setup is not None, "after SETUP"
-        if parts.region_factory is not None:
-            return []
-        return [spec for spec in self.setup.regions if spec.name not in parts.user_regions]
-
-    def _region(self, name: str, size: int) -> Region:
-        assert self.setup is not None, "after SETUP"
-        parts, page_size = self.parts, self.setup.page_size
-        region = parts.user_regions.get(name)
-        fresh = region is None
-        if region is None and parts.region_factory is not None:
-            region = parts.resources.own(parts.region_factory(name, size, page_size))
-            parts.user_regions[name] = region
-            fresh = False
-        elif region is None and parts.region_pool is not None:
-            # A region from the pool holds the last session's bytes: not fresh.
-            region = parts.region_pool.take(name, size, page_size, parts.huge_pages)
-            fresh = region is None
-            if region is None:
-                region = Region.create(name, size, page_size=page_size,
-                                   huge_pages=parts.huge_pages)
-            parts.resources.own(parts.region_pool.loan(region))
-        elif region is None:
-            region = parts.resources.own(Region.create(name, size, page_size=page_size,
-                                                      huge_pages=parts.huge_pages))
-        elif region.size != size or region.page_size != page_size:
-            raise ConfigError(f"region {name!r}: the source sends {size} bytes in "
-                              f"{page_size}-byte pages, the destination's region has "
-                              f"{region.size} bytes in {region.page_size}-byte pages")
-        self._fresh.append(fresh)
-        return region
 
     def _preallocate(self) -> None:
         """prealloc: every region faulted in by the workers of the RAM channels,

@@ -1,0 +1,106 @@
+"""The regions a destination receives one session into, made at SETUP: the
+user's own, a factory's, the pool's or new shared memory, each checked against
+what the source announces, and the new ones against the memory bound first.
+
+A region is *fresh* when it is new zero memory made for this session: there a
+zero page needs no write (the receive workers skip them); a user's, a
+factory's or a pooled region holds earlier bytes, and its zero pages are
+cleared where they hold data.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+from ..errors import ConfigError
+from ..protocol.setup import RegionSpec, Setup
+from ..region_pool import RegionPool
+from ..regions import Region
+from ..shm import SHM_DIR, free_bytes
+from .session import SessionResources
+
+__all__ = ["RegionFactory", "RegionParts", "SessionRegions", "make_session_regions"]
+
+RegionFactory = Callable[[str, int, int], Region]
+
+
+class RegionParts(Protocol):
+    """What of the destination's parts the regions come from."""
+    user_regions: dict[str, Region]
+    region_factory: RegionFactory | None
+    region_pool: RegionPool | None
+    huge_pages: bool
+    max_memory: int | None
+    resources: SessionResources
+
+
+class SessionRegions:
+    """SETUP's regions in its order, whether each is fresh, and what is left of the
+    memory bound for the device-state pool."""
+
+    def __init__(self, regions: list[Region], fresh: list[bool], memory_left: int) -> None:
+        self.regions, self.fresh, self.memory_left = regions, fresh, memory_left
+
+
+def make_session_regions(setup: Setup, parts: RegionParts) -> SessionRegions:
+    """Check SETUP's regions against the memory bound, then make or find each."""
+    to_create = _specs_to_create(setup, parts)
+    if parts.region_pool is not None:
+        parts.region_pool.prune(to_create, setup.page_size, parts.huge_pages)
+    left = _memory_left(parts, to_create)
+    regions, fresh = [], []
+    for spec in setup.regions:
+        region, is_fresh = _region(parts, spec.name, spec.size, setup.page_size)
+        regions.append(region)
+        fresh.append(is_fresh)
+    return SessionRegions(regions, fresh, left)
+
+
+def _specs_to_create(setup: Setup, parts: RegionParts) -> list[RegionSpec]:
+    """The regions of SETUP this destination makes in shared memory itself."""
+    if parts.region_factory is not None:
+        return []
+    return [spec for spec in setup.regions if spec.name not in parts.user_regions]
+
+
+def _memory_left(parts: RegionParts, to_create: list[RegionSpec]) -> int:
+    """What SETUP asks this destination to hold, checked before anything is
+    allocated: the regions it creates must fit in ``max_memory`` (default: what
+    /dev/shm has free); returns what is left for the device-state pool. Regions
+    are sparse and filled as data arrives, so this bounds, it does not commit."""
+    pool = parts.region_pool
+    budget = parts.max_memory
+    if budget is None:      # the pool's regions (all of use now) are allocated already
+        budget = free_bytes() + (pool.held_bytes if pool is not None else 0)
+    created = sum(spec.size for spec in to_create)
+    if created > budget:
+        raise ConfigError(f"the source sends {created} bytes of regions for this "
+                          f"destination to hold; it holds at most {budget} (max_memory, "
+                          f"or what {SHM_DIR} has free)")
+    return budget - created
+
+
+def _region(parts: RegionParts, name: str, size: int, page_size: int) -> tuple[Region, bool]:
+    """The region ``name`` receives into, and whether it is fresh."""
+    region = parts.user_regions.get(name)
+    fresh = region is None
+    if region is None and parts.region_factory is not None:
+        region = parts.resources.own(parts.region_factory(name, size, page_size))
+        parts.user_regions[name] = region
+        fresh = False
+    elif region is None and parts.region_pool is not None:
+        # A region from the pool holds the last session's bytes: not fresh.
+        region = parts.region_pool.take(name, size, page_size, parts.huge_pages)
+        fresh = region is None
+        if region is None:
+            region = Region.create(name, size, page_size=page_size,
+                                   huge_pages=parts.huge_pages)
+        parts.resources.own(parts.region_pool.loan(region))
+    elif region is None:
+        region = parts.resources.own(Region.create(name, size, page_size=page_size,
+                                                  huge_pages=parts.huge_pages))
+    elif region.size != size or region.page_size != page_size:
+        raise ConfigError(f"region {name!r}: the source sends {size} bytes in "
+                          f"{page_size}-byte pages, the destination's region has "
+                          f"{region.size} bytes in {region.page_size}-byte pages")
+    return region, fresh
