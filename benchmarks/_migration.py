@@ -23,39 +23,21 @@ same run, on the same machine state).
 
 from __future__ import annotations
 
-import statistics
 from dataclasses import dataclass
 from typing import Callable
 
+from fastmfd.tools.bench.matrix import RunStatistics
 from fastmfd.tools.bench.trial import Measurement
 
 GIB = 1 << 30
 
 
 @dataclass(frozen=True)
-class Record:
+class Record(RunStatistics):
     table: str              # which end-of-run table
     row: tuple              # e.g. ("random", "zstd-1", 2)
     column: str             # e.g. "fastmfd", "qemu", "old way"
-    runs: tuple[Measurement, ...]   # in the order they ran
-
-    @property
-    def best(self) -> Measurement:
-        return min(self.runs, key=lambda m: m.seconds)
-
-    @property
-    def median_seconds(self) -> float:
-        return statistics.median(m.seconds for m in self.runs)
-
-    @property
-    def first_seconds(self) -> float:
-        """The first (cold) run."""
-        return self.runs[0].seconds
-
-    @property
-    def spread(self) -> float:
-        """Slowest run over fastest."""
-        return max(m.seconds for m in self.runs) / self.best.seconds
+    measurements: tuple[Measurement, ...]   # in the order they ran
 
 
 RECORDS: list[Record] = []

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from ...config import Compression, MigrationConfig
 from ...errors import ConfigError
@@ -29,7 +29,7 @@ from .peers import QemuTrial, SendallTrial
 from .qemu_cells import FastmfdToQemuTrial, QemuToFastmfdTrial
 from .trial import FOREIGN_LOAD_FLAG, CpuMeter, Measurement, Trial
 
-__all__ = ["METHODS", "PEERS", "QEMU_METHODS", "Setting", "Result", "make_trial", "run_once",
+__all__ = ["METHODS", "PEERS", "QEMU_METHODS", "Setting", "RunStatistics", "Result", "make_trial", "run_once",
            "run_matrix"]
 
 METHODS = ("fastmfd", "sendall", "qemu", "qemu-to-fastmfd", "fastmfd-to-qemu")
@@ -68,17 +68,9 @@ class Setting:
                                else 1)
 
 
-@dataclass
-class Result:
-    """Every measurement of one setting on one image."""
-    setting: Setting
-    image: str
-    measurements: list[Measurement] = field(default_factory=list)
-
-    @property
-    def name(self) -> str:
-        """The benchmark's name in JSON results and comparisons: image and setting."""
-        return f"{self.image} {self.setting.label}"
+class RunStatistics:
+    """What the runs of one thing say, in the order they ran (``measurements``)."""
+    measurements: Sequence[Measurement]
 
     @property
     def best(self) -> Measurement:
@@ -97,6 +89,19 @@ class Result:
     def spread(self) -> float:
         """Slowest run over fastest."""
         return max(m.seconds for m in self.measurements) / self.best.seconds
+
+
+@dataclass
+class Result(RunStatistics):
+    """Every measurement of one setting on one image."""
+    setting: Setting
+    image: str
+    measurements: list[Measurement] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        """The benchmark's name in JSON results and comparisons: image and setting."""
+        return f"{self.image} {self.setting.label}"
 
     @property
     def median_throughput(self) -> float:
