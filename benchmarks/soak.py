@@ -212,7 +212,7 @@ def destination_child() -> None:
                                  timeout=spec["timeout"],
                                  handshake_timeout=spec["timeout"],
                                  stall_timeout=spec["stall_timeout"],
-                                 auth_key=spec["auth_key"]) as dst:
+                                 auth_key=spec["auth_key"], prealloc=spec["prealloc"]) as dst:
             for region in user.values():
                 dst.add_region(region)
             for d in spec["devices"]:
@@ -496,7 +496,7 @@ def choose_run(seed: str, size: int, stall: float) -> dict:
     header = rng.random() < 0.8
     config = dict(channels=channels,
                   device_state_channels=rng.choice([0, 0, 1]) if header else 0,
-                  compression=rng.choice(["none", "zlib", "zstd"]),
+                  compression=rng.choice(["none", "zlib", "zstd", "auto"]),
                   channel_header=header,
                   zero_page_detection=rng.random() < 0.9,
                   packet_pages=rng.choice([32, 128, 128]),
@@ -535,7 +535,8 @@ def choose_run(seed: str, size: int, stall: float) -> dict:
            "devices": devices, "image_seed": rng.randrange(1 << 30),
            # fewer than the channels: the destination starts the others after SETUP
            "dst_workers": rng.choice([total, total, total + 1, 1]),
-           "dst_stall": rng.choice([stall, None]), "user_regions": rng.random() < 0.5}
+           "dst_stall": rng.choice([stall, None]), "user_regions": rng.random() < 0.5,
+           "prealloc": rng.random() < 0.3}
     run["plan"] = _choose_fault(rng, run, size)
     return run
 
@@ -544,7 +545,9 @@ def _estimate(run: dict, size: int) -> dict:
     """Rough bytes each kind of connection carries, to aim offsets into the stream."""
     cfg = run["config"]
     ram = size * (0.72 if cfg["zero_page_detection"] else 1.0)
-    if cfg["compression"] != "none":
+    # auto compresses only where the link is the limit (max_bandwidth on loopback)
+    if cfg["compression"] in ("zlib", "zstd") or (cfg["compression"] == "auto"
+                                                  and cfg["max_bandwidth"]):
         ram = size * 0.42
     if run["live"]:
         ram *= 1.3
@@ -785,6 +788,7 @@ def run_once(run: dict, size: int, stall: float, logdir: str, verbose: bool) -> 
         dst = Child("destination", {
             "workers": run["dst_workers"], "timeout": stall + 1.0,
             "stall_timeout": run["dst_stall"], "auth_key": run["config"].get("auth_key"),
+            "prealloc": run["prealloc"],
             "user_regions": [r.handle for r in dst_regions], "devices": devices}, log)
         ready = dst.wait_for("ready", time.monotonic() + 60)
         if not ready or ready["event"] != "ready":

@@ -20,7 +20,7 @@ every byte crosses the shaped veth. Only the socket is made inside the
 namespace, in a thread of its own: no fastmfd process starts there, so a
 source's worker can never reach a destination without crossing the link.
 
-Creating namespaces and qdiscs needs root (CAP_NET_ADMIN) and iproute2;
+Creating namespaces and qdiscs needs CAP_NET_ADMIN (root) and iproute2;
 :func:`check_can_emulate` says why not before any work is done. Everything
 is removed by :meth:`EmulatedLink.close`: deleting the namespace deletes its
 veth end, which deletes the other.
@@ -80,11 +80,24 @@ def parse_link(text: str) -> LinkSpec:
     return LinkSpec(rate_bits, delay_s, text.strip())
 
 
+CAP_NET_ADMIN = 12
+
+
+def _has_net_admin() -> bool:
+    """This process may configure networks (CAP_NET_ADMIN in its effective set)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> CAP_NET_ADMIN & 1)
+    return False
+
+
 def check_can_emulate() -> None:
     """Raise ConfigError saying why this process cannot build a link, if it cannot."""
-    if os.geteuid() != 0:
-        raise ConfigError("--link needs root: it creates a network namespace, a veth pair "
-                          "and tc qdiscs (run as root, or drop --link to use loopback)")
+    if not _has_net_admin():
+        raise ConfigError("--link needs root (CAP_NET_ADMIN): it creates a network "
+                          "namespace, a veth pair and tc qdiscs (run as root, or drop "
+                          "--link to use loopback)")
     missing = [tool for tool in ("ip", "tc") if shutil.which(tool) is None]
     if missing:
         raise ConfigError(f"--link needs iproute2's {' and '.join(missing)} "
