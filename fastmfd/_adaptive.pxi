@@ -29,7 +29,8 @@
 # over a limited link it compresses one packet in `sample_every` (16, doubling
 # up to 128 while compression does not pay) to notice compressible data; every
 # compressed packet is sent as such (the zstd stream must hold what the
-# destination's holds), so a sample costs CPU, never bytes.
+# destination's holds), so a sample costs CPU and, on data zstd cannot shrink,
+# a few bytes of framing.
 
 cdef enum:
     AUTO_NLEVELS = 6

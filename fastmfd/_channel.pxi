@@ -621,6 +621,15 @@ cdef class RecvEngine(_EngineBase):
         if self.pool is None or self.reassembly_fd < 0:
             raise ProtocolError("device state packet in a session without devices",
                                 field="flags", received="DEVICE_STATE", expected="RAM only")
+        # max_device_payload bounds a compressed payload (read into scratch); one sent
+        # raw (auto) is read straight into a slot, which holds one chunk and no more.
+        if not (info.flags & self.lay.comp_flag) and \
+                info.next_packet_size > self.pool.hdr.slot_size:
+            raise ProtocolError(f"device state packet field 'next_packet_size': received "
+                                f"{info.next_packet_size}, expected at most "
+                                f"{self.pool.hdr.slot_size} for an uncompressed chunk",
+                                field="next_packet_size", received=info.next_packet_size,
+                                expected=f"<= {self.pool.hdr.slot_size}")
         slot = self.pool.acquire_slot(-1.0)
         try:
             dst = self.pool.slot_ptr(<uint32_t>slot)

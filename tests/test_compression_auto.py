@@ -10,6 +10,7 @@ else, and the zstd stream survives level changes (each starts a new frame).
 
 from __future__ import annotations
 
+import os
 import socket
 
 import numpy as np
@@ -98,6 +99,9 @@ def test_device_state_goes_through_the_same_choice():
     assert result.devices == {("vfio", 0): 4 * MiB}
     device = stats.channels[-1]
     assert device.compressed_payloads + device.raw_payloads == device.device_packets
+    # Over a capped link the device channel decided too: it compressed (or sampled)
+    # at least one chunk, which a channel without the choice never does.
+    assert device.compressed_payloads >= 1, (device.compressed_payloads, device.raw_payloads)
 
 
 # ---------------------------------------------------------------- the wire
@@ -165,6 +169,43 @@ def test_a_receive_engine_of_an_auto_session_fails_on_a_zlib_packet():
         src.close()
         dst.close()
         for owned in (region, counters, received):
+            owned.close()
+
+
+def test_a_raw_device_chunk_larger_than_a_slot_is_refused_before_it_is_read():
+    """A raw device-state payload is read straight into a pool slot; the payload
+    bound was a compressed one's (up to chunk/8 + 64 KiB more), so a peer could
+    write past the slot into the next one, or past the pool (found in review)."""
+    chunk = 64 << 10
+    slot = chunk + _core.CHUNK_HEADER_SIZE
+    src, dst = socket.socketpair()
+    region = fastmfd.Region.create("pc.ram", 1 * MiB)
+    counters = _core.Counters.create(1, tag="test-counters")
+    received = _core.DirtyBitmap.create(256, tag="test-received")
+    pool = _core.BufferPool.create(2, slot, tag="test-pool")
+    reassembly_r, reassembly_w = os.pipe()
+    try:
+        for i in range(2):
+            pool.view(i)[:] = b"\xaa" * slot
+        params = {"page_size": 4096, "packet_pages": 128, "checksum": False,
+                  "chunk_size": chunk, "zero_page_detection": True, "auto": True}
+        engine = _core.RecvEngine(dst.fileno(), 0, params, _core.make_codec("auto", False),
+                                  [region], counters, [received], [True], pool, [("dev0", 0)],
+                                  reassembly_w, True)
+        header = bytearray(_core.DEVICE_HEADER_SIZE)
+        _core.encode_device_header(header, "dev0", 0, slot + 8192, 0)
+        src.sendall(bytes(header) + b"\x55" * (slot + 8192))
+        with pytest.raises(ProtocolError, match=r"next_packet_size.*received 73740, "
+                                                r"expected at most 65548"):
+            engine.run()
+        del engine
+        assert all(bytes(pool.view(i)) == b"\xaa" * slot for i in range(2))
+    finally:
+        src.close()
+        dst.close()
+        os.close(reassembly_r)
+        os.close(reassembly_w)
+        for owned in (region, counters, received, pool):
             owned.close()
 
 
