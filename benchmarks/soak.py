@@ -1039,6 +1039,8 @@ def _config_text(run: dict) -> str:
         parts.append("auth")
     if run["user_regions"]:
         parts.append("dst-user-regions")
+    if run.get("prealloc"):
+        parts.append("prealloc")
     return " ".join(parts)
 
 
