@@ -15,9 +15,8 @@ import fastmfd
 from fastmfd.huge_pages import why_no_huge_pages
 from test_shm_limits import needs_namespace, run_with_small_shm
 
-_CHECK = """
-    import ctypes, numpy as np, fastmfd
-    from migration_support import Migration, make_region
+_PMD_MAPPED = """
+    import ctypes
 
     def pmd_mapped_kb(region):
         # Huge pages mapping the region in this process (its VMA in smaps).
@@ -30,6 +29,11 @@ _CHECK = """
                 return next(int(l.split()[1]) for l in lines[i + 1:]
                             if l.startswith("ShmemPmdMapped:"))
         raise AssertionError("the region's mapping is not in smaps")
+"""
+
+_CHECK = _PMD_MAPPED + """
+    import numpy as np, fastmfd
+    from migration_support import Migration, make_region
 
     if __name__ == "__main__":
         image = make_region("ram", 16 << 20, seed=1)
@@ -54,6 +58,32 @@ def test_a_huge_pages_destination_receives_into_huge_pages(prealloc):
     assert done.returncode == 0, done.stderr[-3000:]
     kb = int(done.stdout.split("pmd mapped kB:")[1])
     assert kb == 16 << 10, done.stdout          # all 16 MiB, in 2 MiB pages
+
+
+_WARM = _PMD_MAPPED + """
+    import os, tempfile, fastmfd
+    from fastmfd.tools.warm_files import WarmFiles
+
+    if __name__ == "__main__":
+        directory = tempfile.mkdtemp(dir="/dev/shm")
+        with WarmFiles(directory, huge_pages=True) as warm:
+            warm.refill([(8 << 20, 4096)])
+            warm._thread.join(30)
+            path = warm.take(8 << 20, 4096)
+            with fastmfd.Region.from_file("ram", path, huge_pages=True) as region:
+                region.array[::4096].sum()          # map every page here
+                print("pmd mapped kB:", pmd_mapped_kb(region))
+            os.unlink(path)
+"""
+
+
+@needs_namespace
+def test_warm_files_for_huge_page_regions_are_faulted_in_as_huge_pages():
+    """listen --prealloc --huge-pages: the spare files were faulted in as 4 KiB pages,
+    so from the second session on the regions had none (found in review)."""
+    done = run_with_small_shm(_WARM, shm="64m,huge=advise")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert int(done.stdout.split("pmd mapped kB:")[1]) == 8 << 10, done.stdout
 
 
 @needs_namespace

@@ -17,6 +17,7 @@ import pytest
 import fastmfd
 from fastmfd._engine.prealloc import plan_shares
 from fastmfd.protocol.main_channel import Msg, encode_message
+from fastmfd.tools.outputs import OutputDir
 from fastmfd.tools.warm_files import FILLING, WarmFiles
 from migration_support import Migration, first_difference, make_region
 from listen_support import Listener, run_cli
@@ -275,6 +276,30 @@ def test_warm_files_are_new_bounded_and_removed_at_close(tmp_path):
     finally:
         warm.close()
     assert os.listdir(tmp_path) == []
+
+
+def test_a_warm_file_never_replaces_a_file_at_its_part_name(tmp_path):
+    """A file that appeared at a region's .part name after plan() checked it is kept:
+    the warm file is linked there, not renamed over it (found in review); the
+    session then gets the cold path's refusal."""
+    out_dir, warm_dir = tmp_path / "out", tmp_path / "warm"
+    warm_dir.mkdir()
+    with WarmFiles(str(warm_dir), max_bytes=MIB) as warm:
+        warm.refill([(MIB, 4096)])
+        _settle(warm)
+        out = OutputDir(str(out_dir), warm=warm)
+        try:
+            out.plan_qemu({"ram": MIB})
+            planted = out_dir / out.regions["ram"].part
+            planted.write_bytes(b"someone else's")
+            with pytest.raises((FileExistsError, fastmfd.FastMFDError)):
+                out.region("ram", MIB, 4096)
+            assert planted.read_bytes() == b"someone else's"
+            assert warm.held_bytes == 0             # the warm file was dropped, not leaked
+        finally:
+            out.abort()
+            out.close()
+    assert list(warm_dir.iterdir()) == []
 
 
 def test_listen_qemu_refuses_prealloc_rather_than_ignore_it(tmp_path):

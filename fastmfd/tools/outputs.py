@@ -174,18 +174,30 @@ class OutputDir:
         (a warm file moved there, when one of its size is ready)."""
         out = self.regions[name]
         warm = self.warm.take(size, page_size) if self.warm is not None else None
-        if warm is None:
-            region = Region.from_file(name, out.part, size=size, page_size=page_size,
-                                      exclusive=True, dir_fd=self.fd,
-                                      huge_pages=self.huge_pages)
-        else:
-            os.rename(warm, out.part, dst_dir_fd=self.fd)
+        if warm is not None and self._adopt(warm, out):
             region = Region.from_file(name, out.part, size=size, page_size=page_size,
                                       dir_fd=self.fd, huge_pages=self.huge_pages)
             region.faulted_in = True
             log.info("region %s: into a warm file (faulted in before the session)", name)
+        else:
+            region = Region.from_file(name, out.part, size=size, page_size=page_size,
+                                      exclusive=True, dir_fd=self.fd,
+                                      huge_pages=self.huge_pages)
         out.identity = self._identity(out.part)
         return region
+
+    def _adopt(self, warm: str, out: _Output) -> bool:
+        """Move the warm file ``warm`` to ``out``'s .part name, which must be free: a
+        link, which never replaces a file that appeared there since plan() (a rename
+        would), then the warm name unlinked. False (the warm file dropped) if taken."""
+        try:
+            os.link(warm, out.part, dst_dir_fd=self.fd, follow_symlinks=False)
+        except FileExistsError:
+            os.unlink(warm)
+            return False
+        out.identity = self._identity(out.part)     # abort() removes it from here on
+        os.unlink(warm)
+        return True
 
     def loader(self, key: tuple[str, int]) -> FileLoader:
         """The loader writing device ``key`` into its .part file (made by plan())."""

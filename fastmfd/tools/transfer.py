@@ -218,7 +218,8 @@ def listen_sessions(address: str, directory: str, *, sessions: int | None = None
     warm = None
     try:
         if options.get("prealloc") and sessions != 1:
-            warm = WarmFiles(directory, options.get("max_memory"))
+            warm = WarmFiles(directory, options.get("max_memory"),
+                             huge_pages=bool(options.get("huge_pages")))
         if on_listening is not None:
             on_listening(str(bound_address(listener, requested)))
         served = 0

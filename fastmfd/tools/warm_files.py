@@ -47,10 +47,12 @@ Size = tuple[int, int]  # bytes, page size
 class WarmFiles:
     """Faulted-in spare region files in a hidden directory of ``directory``."""
 
-    def __init__(self, directory: str, max_bytes: int | None = None) -> None:
+    def __init__(self, directory: str, max_bytes: int | None = None,
+                 huge_pages: bool = False) -> None:
         os.makedirs(directory, exist_ok=True)
         self.path = tempfile.mkdtemp(prefix=".fastmfd-warm-", dir=directory)
         self.max_bytes = max_bytes
+        self.huge_pages = huge_pages    # faulted in as the region files will map them
         self._lock = threading.Lock()
         self._ready: dict[Size, str] = {}           # one faulted-in file per size
         self._thread: threading.Thread | None = None
@@ -106,7 +108,7 @@ class WarmFiles:
     def _fault_in(self, path: str, size: int, page_size: int) -> bool:
         """Create ``path`` and fault every page in; False if closed meanwhile."""
         with Region.from_file("warm", path, size=size, page_size=page_size,
-                              exclusive=True) as region:
+                              exclusive=True, huge_pages=self.huge_pages) as region:
             for start in range(0, size, SLICE):
                 if self._closing.is_set():
                     return False

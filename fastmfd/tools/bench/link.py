@@ -127,6 +127,17 @@ def enter_namespace(name: str) -> None:
             raise OSError(errno, f"setns into {name}: {os.strerror(errno)}")
 
 
+def _free_subnet(pid: int) -> int:
+    """The base of a /30 of 10.254.0.0/24 no address on this host is in (another
+    bench's link), tried from one the pid picks."""
+    taken = set(re.findall(r"inet 10\.254\.0\.(\d+)/", _run("ip", "-o", "-4", "addr", "show")))
+    for step in range(64):
+        base = (pid + step) % 64 * 4
+        if not {str(base + 1), str(base + 2)} & taken:
+            return base
+    raise ConfigError("no free /30 in 10.254.0.0/24 for an emulated link (64 benches running?)")
+
+
 class EmulatedLink:
     """The namespace, the veth pair and both qdiscs of one ``spec`` (see the module
     docstring); a context manager, removed on exit."""
@@ -137,7 +148,7 @@ class EmulatedLink:
         pid = os.getpid()
         self.namespace = f"fastmfd-link-{pid}"
         self.source_device, self.destination_device = f"fmfd{pid}s", f"fmfd{pid}d"
-        base = pid % 64 * 4             # a /30 of 10.254.0.0/24 per bench process
+        base = _free_subnet(pid)
         self.source_host, self.destination_host = f"10.254.0.{base + 1}", f"10.254.0.{base + 2}"
         self._created = False
         try:
@@ -234,9 +245,11 @@ class EmulatedLink:
             self._created = False
             # Deleting a namespace frees its devices later, in the background: the
             # veth goes first, at once, so the next link can reuse its names.
-            if os.path.exists(f"/sys/class/net/{self.source_device}"):
-                _run("ip", "link", "del", self.source_device)
-            _run("ip", "netns", "del", self.namespace)
+            try:
+                if os.path.exists(f"/sys/class/net/{self.source_device}"):
+                    _run("ip", "link", "del", self.source_device)
+            finally:
+                _run("ip", "netns", "del", self.namespace)
 
     def __enter__(self) -> "EmulatedLink":
         return self
