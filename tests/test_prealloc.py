@@ -265,6 +265,10 @@ def test_warm_files_are_new_bounded_and_removed_at_close(tmp_path):
         warm.refill([(MIB, 4096), (2 * MIB, 4096)])
         _settle(warm)
         assert warm.held_bytes == 3 * MIB
+        # The room a session's check may count: only files of its regions' sizes,
+        # one per size (a new geometry cannot use the others).
+        assert warm.held_for([(MIB, 4096), (MIB, 4096), (4 * MIB, 4096)]) == MIB
+        assert warm.held_for([(2 * MIB, 8192)]) == 0
         path = warm.take(MIB, 4096)
         assert path is not None and Path(path).read_bytes() == bytes(MIB)
         os.unlink(path)

@@ -122,7 +122,7 @@ class OutputDir:
         """Name every file of ``setup``'s regions and devices; refuse, before anything
         is written, a name that is taken (unless ``force``) or that two would share;
         create the devices' .part files."""
-        self._check_room(sum(r.size for r in setup.regions))
+        self._check_room([(r.size, setup.page_size) for r in setup.regions])
         self.regions = {r.name: _Output({"name": r.name, "size": r.size},
                                         output_name(r.name) + ".img") for r in setup.regions}
         self.devices = {d.key: _Output({"idstr": d.idstr, "instance_id": d.instance_id},
@@ -156,13 +156,15 @@ class OutputDir:
         for out in self._outputs():
             self._claim(out)
 
-    def _check_room(self, size: int) -> None:
+    def _check_room(self, sizes: list[tuple[int, int]]) -> None:
         """Region files are sparse and fill as pages arrive: a sender must not be
-        able to fill the disk, so what it announces must fit first."""
+        able to fill the disk, so what it announces (``sizes``: each region's size
+        and page size) must fit first."""
+        size = sum(region_size for region_size, _ in sizes)
         info = os.statvfs(self.fd)
         free = info.f_bavail * info.f_frsize
-        if self.warm is not None:       # warm files become region files: their room counts
-            free += self.warm.held_bytes
+        if self.warm is not None:       # only warm files of these sizes free their room
+            free += self.warm.held_for(sizes)
         limit = free if self.max_bytes is None else min(self.max_bytes, free)
         if size > limit:
             why = (f"--max-size allows {format_bytes(self.max_bytes)}"

@@ -64,6 +64,13 @@ class WarmFiles:
         with self._lock:
             return sum(size for size, _ in self._ready)
 
+    def held_for(self, sizes: Iterable[Size]) -> int:
+        """Bytes of the held files a session whose regions are ``sizes`` would take
+        (one file per size)."""
+        with self._lock:
+            return sum(size for size, page_size in set(sizes)
+                       if (size, page_size) in self._ready)
+
     def take(self, size: int, page_size: int) -> str | None:
         """The path of a faulted-in file of ``size`` bytes (now the caller's to
         rename), or None: none is ready (never waits for one)."""
