@@ -221,24 +221,21 @@ def test_corrupted_packet_header(image, leaks):
     leaks.assert_clean(keep=[image])
 
 
-def test_corrupted_payload_fails_its_checksum(image, leaks):
-    config = CONFIG.replace(checksum=True, zero_page_detection=False)
-    flip = Corrupt(at=_core.RamPacketCodec(config.packet_pages).header_size + 5000, mask=0x01)
-    outcome = migrate(image, {1: flip}, config=config)
-    src, dst = outcome.failed_both(since=flip.fired_at)
-    expected = r"receive channel 1: ProtocolError: RAM packet field 'checksum'"
-    assert_names(dst, expected)
-    assert_names(src, "the destination failed: " + expected)
-    leaks.assert_clean(keep=[image])
+def _offsets_at(config) -> int:
+    """Where a RAM packet's offsets start on the wire (they count after the hello)."""
+    return _core.RamPacketCodec(config.packet_pages).header_size - 8 * config.packet_pages
 
 
-def test_corrupted_offset_fails_its_checksum(image, leaks):
-    """The CRC covers the header too: a flipped offset would otherwise put intact
-    pages one page off, and the migration would succeed."""
+@pytest.mark.parametrize("where, mask", [
+    # A flipped payload bit.
+    (lambda config: _core.RamPacketCodec(config.packet_pages).header_size + 5000, 0x01),
+    # The CRC covers the header too: byte 6 of the first big-endian u64 offset,
+    # bit 4, moves the offset by one page, and intact pages would land one page off.
+    (lambda config: _offsets_at(config) + 6, 0x10),
+], ids=["payload", "offset"])
+def test_a_corrupted_packet_fails_its_checksum(image, leaks, where, mask):
     config = CONFIG.replace(checksum=True, zero_page_detection=False)
-    offsets_at = _core.RamPacketCodec(config.packet_pages).header_size - 8 * config.packet_pages
-    # Byte 6 of the first big-endian u64 offset, bit 4: the offset moves by one page.
-    flip = Corrupt(at=offsets_at + 6, mask=0x10)     # (offsets count after the hello)
+    flip = Corrupt(at=where(config), mask=mask)
     outcome = migrate(image, {1: flip}, config=config)
     src, dst = outcome.failed_both(since=flip.fired_at)
     expected = r"receive channel 1: ProtocolError: RAM packet field 'checksum'"

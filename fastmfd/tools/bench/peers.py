@@ -302,13 +302,17 @@ def _exit_text(process: QemuProcess) -> str:
 
 class QemuPeer(_PeerTrial):
     """What the trials with a real QEMU share: QEMU processes on the image (or a
-    fresh file), their QMP sockets, and their files, all freed by ``close``."""
+    fresh file), their QMP sockets, and their files, all freed by ``close``.
+    Each trial starts its processes in :meth:`_prepare`; once they are idle the
+    trial is ready to time (anything that fails on the way frees all)."""
 
-    def __init__(self, image: Image, binary: str | None, prealloc: bool,
+    def __init__(self, image: Image, channels: int, compression: str, level: int = 1,
+                 binary: str | None = None, *, prealloc: bool = False,
                  link: EmulatedLink | None = None) -> None:
         if image.size % (1 << 20):
             raise ConfigError(f"QEMU guest RAM is whole MiB; the image is {image.size} bytes")
         self.image = image
+        self.channels, self.compression, self.level = channels, compression, level
         self._binary = find_qemu(binary)
         self._files: list[str] = []
         self._procs: list[QemuProcess] = []
@@ -316,6 +320,16 @@ class QemuPeer(_PeerTrial):
         self._prealloc = prealloc
         self._link = link
         self._destination_host = link.destination_host if link is not None else LOOPBACK_HOST
+        try:
+            self._prepare()
+            wait_until_idle([p.pid for p in self._procs])
+        except BaseException:
+            self.close()
+            raise
+
+    def _prepare(self) -> None:
+        """Start the trial's processes and connections (not timed)."""
+        raise NotImplementedError
 
     @staticmethod
     def multifd(qmp: QMP, channels: int, compression: str, level: int) -> None:
@@ -402,21 +416,13 @@ class QemuTrial(QemuPeer):
     """The image migrated by two real QEMU processes (see the module docstring)."""
     _received_name = "QEMU: the destination's RAM file"
 
-    def __init__(self, image: Image, channels: int, compression: str, level: int = 1,
-                 binary: str | None = None, *, prealloc: bool = False,
-                 link: EmulatedLink | None = None) -> None:
-        super().__init__(image, binary, prealloc, link)
+    def _prepare(self) -> None:
         self._received = self._new_file("qemu-dst-ram")
-        try:
-            self.src = self._start(image.path, incoming=False)
-            self.dst = self._start(self._received, incoming=True)
-            for qmp in (self.src, self.dst):
-                self.multifd(qmp, channels, compression, level)
-            self._uri = self.listening_uri(self.dst)
-            wait_until_idle([p.pid for p in self._procs])
-        except BaseException:
-            self.close()
-            raise
+        self.src = self._start(self.image.path, incoming=False)
+        self.dst = self._start(self._received, incoming=True)
+        for qmp in (self.src, self.dst):
+            self.multifd(qmp, self.channels, self.compression, self.level)
+        self._uri = self.listening_uri(self.dst)
 
     def pids(self) -> dict[str, list[int]]:
         source, destination = self._procs

@@ -26,10 +26,8 @@ import time
 
 from ... import qemu
 from ...errors import MigrationError
-from ..images import Image
-from .link import EmulatedLink
 from .peers import LOOPBACK_HOST, STEP_TIMEOUT, QemuPeer
-from .trial import Measurement, wait_until_idle
+from .trial import Measurement
 
 __all__ = ["QemuToFastmfdTrial", "FastmfdToQemuTrial"]
 
@@ -85,21 +83,16 @@ class QemuToFastmfdTrial(QemuPeer):
     pids_complete = False       # fastmfd's workers are qemu.receive/send's own
     _received_name = "fastmfd: the RAMBlock file listen --qemu wrote"
 
-    def __init__(self, image: Image, channels: int, compression: str, level: int = 1,
-                 binary: str | None = None, *, prealloc: bool = False,
-                 link: EmulatedLink | None = None) -> None:
-        super().__init__(image, binary, prealloc, link)
+    _listener: socket.socket | None = None     # on an emulated link: where it listens
+
+    def _prepare(self) -> None:
         self._dir = self._new_file("qemu-saved")
-        self._listener = link.listen() if link is not None else None
-        try:
-            self.src = self._start(image.path, incoming=False)
-            self.multifd(self.src, channels, compression, level)
-            # Its workers ready before timing, as the QEMU destination's threads are.
-            self._receiver = _Receiver(self._dir, channels, self._listener)
-            wait_until_idle([p.pid for p in self._procs])
-        except BaseException:
-            self.close()
-            raise
+        if self._link is not None:
+            self._listener = self._link.listen()
+        self.src = self._start(self.image.path, incoming=False)
+        self.multifd(self.src, self.channels, self.compression, self.level)
+        # Its workers ready before timing, as the QEMU destination's threads are.
+        self._receiver = _Receiver(self._dir, self.channels, self._listener)
 
     def pids(self) -> dict[str, list[int]]:
         return {"source": [self._procs[0].pid], "main": [os.getpid()]}
@@ -131,34 +124,25 @@ class FastmfdToQemuTrial(QemuPeer):
     pids_complete = False       # fastmfd's workers are qemu.receive/send's own
     _received_name = "QEMU: the destination's RAM file"
 
-    def __init__(self, image: Image, channels: int, compression: str, level: int = 1,
-                 binary: str | None = None, *, prealloc: bool = False,
-                 link: EmulatedLink | None = None) -> None:
-        super().__init__(image, binary, prealloc, link)
-        self._channels, self._compression, self._level = channels, compression, level
+    def _prepare(self) -> None:
         self._dir = self._new_file("qemu-saved")
         self._received = self._new_file("qemu-dst-ram")
-        try:
-            source = self._start(image.path, incoming=False)
-            self.multifd(source, 2, "none", 1)
-            receiver = _Receiver(self._dir, 2)
-            source.command("migrate", uri=receiver.address)
-            receiver.result(STEP_TIMEOUT * 10)
-            self.dst = self._start(self._received, incoming=True)
-            self.multifd(self.dst, channels, compression, level)
-            self._uri = self.listening_uri(self.dst)
-            wait_until_idle([p.pid for p in self._procs])
-        except BaseException:
-            self.close()
-            raise
+        source = self._start(self.image.path, incoming=False)
+        self.multifd(source, 2, "none", 1)
+        receiver = _Receiver(self._dir, 2)
+        source.command("migrate", uri=receiver.address)
+        receiver.result(STEP_TIMEOUT * 10)
+        self.dst = self._start(self._received, incoming=True)
+        self.multifd(self.dst, self.channels, self.compression, self.level)
+        self._uri = self.listening_uri(self.dst)
 
     def pids(self) -> dict[str, list[int]]:
         return {"destination": [self._procs[-1].pid], "main": [os.getpid()]}
 
     def run(self) -> Measurement:
         started = time.perf_counter()
-        sent = qemu.send(self._uri, self._dir, channels=self._channels,
-                         compression=self._compression, level=self._level,
+        sent = qemu.send(self._uri, self._dir, channels=self.channels,
+                         compression=self.compression, level=self.level,
                          stall_timeout=STEP_TIMEOUT)
         send_s = time.perf_counter() - started
         status = self.dst.wait_migration(STEP_TIMEOUT)
