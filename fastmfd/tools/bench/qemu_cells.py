@@ -52,8 +52,9 @@ class _Receiver:
 
     def _run(self, directory: str, workers: int, listener: socket.socket | None) -> None:
         try:
+            address = listener if listener is not None else f"tcp:{LOOPBACK_HOST}:0"
             self._outcome["result"] = qemu.receive(
-                listener if listener is not None else f"tcp:{LOOPBACK_HOST}:0", directory, timeout=STEP_TIMEOUT * 10, workers=workers,
+                address, directory, timeout=STEP_TIMEOUT * 10, workers=workers,
                 on_listening=self._on_listening)
         except BaseException as exc:        # handed to the thread that waits
             self._outcome["error"] = exc
