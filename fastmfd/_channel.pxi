@@ -71,7 +71,7 @@ cdef double socket_timeout(int fd, int option) noexcept:
 cdef class _RegionTable:
     """The session's regions, in SETUP order, as C pointers (kept mapped by ``keep``)."""
 
-    def __cinit__(self, regions, received=None, fresh=None):
+    def __cinit__(self, regions, received=None, fresh=None, uint32_t page_size=0):
         cdef uint8_t[::1] view
         cdef DirtyBitmap bm
         regions = list(regions)
@@ -92,7 +92,9 @@ cdef class _RegionTable:
             self.entries[i].size = view.shape[0]
             if received is not None:
                 bm = received[i]
-                if bm.hdr.npages * region.page_size < view.shape[0]:
+                # The engine indexes it in the session's pages: a region of larger
+                # pages has a map too small for them.
+                if bm.hdr.npages * <uint64_t>(page_size or region.page_size) < view.shape[0]:
                     raise ValueError("received map smaller than its region")
                 self.refs[i].received = bm.words
                 self.refs[i].fresh = fresh[i]
@@ -127,7 +129,7 @@ cdef class _EngineBase:
             self.link.staging_cap = TLS_STAGING_SIZE
         self.channel = channel
         self.codec = codec
-        self.regions = _RegionTable(regions, received, fresh)
+        self.regions = _RegionTable(regions, received, fresh, self.lay.page_size)
         self.counters = counters
         self.stats = counters.row(channel)
         self.pool = pool
@@ -518,7 +520,8 @@ cdef class RecvEngine(_EngineBase):
             k = pages_to_iov(self.iov, ref.base, self.normal, info.normal_pages, psize)
             with nogil:
                 failed = populate_for_write(self.iov, k)
-            check_populated(failed, f"region {ref.name.decode()}")
+            if failed:
+                raise_unpopulated(failed, f"region {ref.name.decode()}")
             # ram_decode let through only the session's bit, or none where
             # compression is optional ("auto"): the header says which.
             compressed = info.flags & self.lay.comp_flag

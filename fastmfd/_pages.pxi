@@ -48,13 +48,12 @@ cdef int populate_for_write(const iovec *iov, size_t count) noexcept nogil:
     return 0
 
 
-cdef int check_populated(int err, str what) except -1:
-    """Raise the clean error for a populate_for_write that found no memory."""
-    if err:
-        raise MigrationError(f"{what}: no memory to write into: its file system (/dev/shm "
-                             f"for shared memory) is full (populate: "
-                             f"{'EFAULT' if err == EFAULT else 'ENOMEM'})")
-    return 0
+cdef int raise_unpopulated(int err, str what) except -1:
+    """Raise the clean error for a populate_for_write that found no memory (err:
+    its errno). Called only then: ``what`` is text built for the error."""
+    raise MigrationError(f"{what}: no memory to write into: its file system (/dev/shm "
+                         f"for shared memory) is full (populate: "
+                         f"{'EFAULT' if err == EFAULT else 'ENOMEM'})")
 
 
 def populate(uint8_t[::1] memory, str what):
@@ -70,7 +69,8 @@ def populate(uint8_t[::1] memory, str what):
     one.iov_len = memory.shape[0]
     with nogil:
         failed = populate_for_write(&one, 1)
-    check_populated(failed, what)
+    if failed:
+        raise_unpopulated(failed, what)
 
 
 cdef size_t gather_iov(const iovec *iov, size_t n, uint8_t *dst) noexcept nogil:

@@ -333,7 +333,8 @@ cdef class BufferPool(_SharedStructure):
         one.iov_len = self.hdr.slot_size
         with nogil:
             failed = populate_for_write(&one, 1)
-        check_populated(failed, "device-state buffer")
+        if failed:
+            raise_unpopulated(failed, "device-state buffer")
         self.backed[slot] = 1
         return 0
 

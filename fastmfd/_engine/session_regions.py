@@ -88,6 +88,7 @@ def _region(parts: RegionParts, name: str, size: int, page_size: int) -> tuple[R
         region = parts.resources.own(parts.region_factory(name, size, page_size))
         parts.user_regions[name] = region
         fresh = False
+        _check_geometry(region, name, size, page_size)
     elif region is None and parts.region_pool is not None:
         # A region from the pool holds the last session's bytes: not fresh.
         region = parts.region_pool.take(name, size, page_size, parts.huge_pages)
@@ -99,8 +100,14 @@ def _region(parts: RegionParts, name: str, size: int, page_size: int) -> tuple[R
     elif region is None:
         region = parts.resources.own(Region.create(name, size, page_size=page_size,
                                                   huge_pages=parts.huge_pages))
-    elif region.size != size or region.page_size != page_size:
+    else:
+        _check_geometry(region, name, size, page_size)
+    return region, fresh
+
+
+def _check_geometry(region: Region, name: str, size: int, page_size: int) -> None:
+    """A region the user gave (or their factory made) matches what the source sends."""
+    if region.size != size or region.page_size != page_size:
         raise ConfigError(f"region {name!r}: the source sends {size} bytes in "
                           f"{page_size}-byte pages, the destination's region has "
                           f"{region.size} bytes in {region.page_size}-byte pages")
-    return region, fresh
