@@ -73,14 +73,17 @@ class QemuReceived:
 
 def receive(address: str | socket.socket, directory: str, *, timeout: float = 3600.0,
             stall_timeout: float = DEFAULT_STALL_TIMEOUT, force: bool = False,
-            keep_partial: bool = False, workers: int = 2,
+            keep_partial: bool = False, max_size: int | None = None, workers: int = 2,
             on_listening: Callable[[str], object] | None = None) -> QemuReceived:
     """Receive one migration from QEMU into ``directory`` (see the module docstring).
 
     ``timeout``: seconds to wait for QEMU to connect; ``stall_timeout``: any
     wait for QEMU's next bytes, SYNCs or the end of its channels. ``force``
     replaces files of the same names; ``keep_partial`` keeps what arrived of
-    a failed migration as ``.part`` files. ``workers``: receive worker processes
+    a failed migration as ``.part`` files. ``max_size``: the most bytes of RAM
+    blocks QEMU may announce (default: the directory's free space; the block
+    files are sparse and fill as pages arrive, so a larger guest is refused
+    before any is written). ``workers``: receive worker processes
     started before QEMU connects (default 2, QEMU's default multifd-channels;
     a channel beyond them gets its worker as it connects).
     ``on_listening(address)`` is called with the bound address (``tcp:...:0``
@@ -89,7 +92,7 @@ def receive(address: str | socket.socket, directory: str, *, timeout: float = 36
     given = address if isinstance(address, socket.socket) else None
     requested = (listening_address(address) if isinstance(address, socket.socket)
                  else parse_address(address))
-    out = OutputDir(directory, force=force, keep_partial=keep_partial)
+    out = OutputDir(directory, force=force, keep_partial=keep_partial, max_bytes=max_size)
     listener = given
     session = None
     try:

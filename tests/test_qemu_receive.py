@@ -25,7 +25,7 @@ import zstandard
 
 from captures import BLOCKS, UUID
 from fastmfd import _core, qemu
-from fastmfd.errors import MigrationError, ProtocolError
+from fastmfd.errors import ConfigError, MigrationError, ProtocolError
 from fastmfd.protocol.qemu import (SYNC_PER_ROUND, SYNC_PER_SECTION, decode_qemu_main,
                                    encode_multifd_flush, encode_ram_eos, encode_ram_start,
                                    encode_stream_start, encode_zero_records)
@@ -258,8 +258,9 @@ def capture_pattern(mib: int = 32) -> np.ndarray:
     return pattern(mib)
 
 
-def receive_replay(out, files: dict[str, bytes], **replay_args) -> qemu.QemuReceived:
-    receiver = Receiver(out, stall_timeout=5.0)
+def receive_replay(out, files: dict[str, bytes], receive_args: dict | None = None,
+                   **replay_args) -> qemu.QemuReceived:
+    receiver = Receiver(out, stall_timeout=5.0, **(receive_args or {}))
     socks = replay(receiver.address, files, **replay_args)
     try:
         return receiver.result()
@@ -336,6 +337,18 @@ def test_corrupt_stream_fails_cleanly(tmp_path, captures, corrupt, match):
     out = tmp_path / "out"
     with pytest.raises((ProtocolError, MigrationError), match=match):
         receive_replay(out, files)
+    assert_nothing_complete(out)
+
+
+def test_blocks_larger_than_max_size_are_refused_before_any_is_written(tmp_path, captures):
+    """The block files are sparse and fill as pages arrive: what QEMU announces
+    must fit (max_size, or the directory's free space) before a page is taken
+    (found in review: a QEMU stream was never checked, fastmfd's own were)."""
+    files = capture_bytes(captures[1], "none")
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match=r"the source sends 32\.\d+ MiB of regions; "
+                                          r"--max-size allows 16\.0 MiB"):
+        receive_replay(out, files, receive_args={"max_size": 16 << 20})
     assert_nothing_complete(out)
 
 

@@ -74,7 +74,7 @@ class QemuOutput(Protocol):
     """Where a QEMU migration's files go (tools.outputs.OutputDir): it names,
     creates and keeps them; the caller commits or aborts it."""
 
-    def plan_qemu(self, blocks: dict[str, int]) -> None: ...
+    def plan_qemu(self, blocks: dict[str, int], page_size: int) -> None: ...
     def region(self, name: str, size: int, page_size: int) -> Region: ...
     def stream(self, key: str) -> int: ...
     def fsync_part(self, name: str) -> None: ...
@@ -316,7 +316,7 @@ class QemuReceiving:
         """The block list: one sparse .part file each, then every channel may start."""
         self.facts.blocks = dict(blocks)
         self.facts.page_size = page_size
-        self.out.plan_qemu(blocks)
+        self.out.plan_qemu(blocks, page_size)
         for name, size in blocks.items():
             self.regions[name] = self.out.region(name, size, page_size)
         self.counters = _core.Counters.create(MAX_CHANNELS, tag="qemu-counters")

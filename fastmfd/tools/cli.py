@@ -183,7 +183,7 @@ def _listen_qemu(args: argparse.Namespace, console: Console) -> int:
     received = receive(
         args.address, args.dir, timeout=args.timeout,
         stall_timeout=args.stall_timeout or DEFAULT_STALL_TIMEOUT, force=args.force,
-        keep_partial=args.keep_partial, workers=args.workers,
+        keep_partial=args.keep_partial, max_size=args.max_size, workers=args.workers,
         on_listening=lambda address: console.print(f"listening on {address} (QEMU: migrate "
                                                    f"with the multifd capability)"))
     for name, path in received.files.items():
@@ -332,7 +332,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--forever", action="store_true",
                    help="like --max-sessions, with no limit: until interrupted")
     p.add_argument("--max-size", type=parse_size, default=None, metavar="SIZE",
-                   help="refuse a sender whose regions exceed SIZE (default: DIR's free space)")
+                   help="refuse a sender whose regions (QEMU: RAM blocks) exceed SIZE "
+                        "(default: DIR's free space)")
     p.add_argument("--max-memory", type=parse_size, default=None, metavar="SIZE",
                    help="shared memory for device state in flight (default: what /dev/shm "
                         "has free); with --prealloc and several sessions, also the most "

@@ -132,9 +132,10 @@ class OutputDir:
         for out in self.devices.values():
             os.close(self._create(out))
 
-    def plan_qemu(self, blocks: dict[str, int]) -> None:
+    def plan_qemu(self, blocks: dict[str, int], page_size: int) -> None:
         """Name the files of a QEMU migration: one per RAMBlock (``idstr`` -> size),
-        and vmstate.bin; refuse taken names as plan() does."""
+        and vmstate.bin; refuse blocks that do not fit and taken names as plan() does."""
+        self._check_room([(size, page_size) for size in blocks.values()])
         self.regions = {name: _Output({"idstr": name, "size": size},
                                       output_name(name) + ".img")
                         for name, size in blocks.items()}
