@@ -129,16 +129,28 @@ class Region:
         except OSError as exc:
             raise ConfigError(f"region {name!r}: cannot open {path}: {exc.strerror}") from None
         try:
-            location = os.readlink(f"/proc/self/fd/{fd}")   # what was opened, links resolved
-            actual = os.fstat(fd).st_size
-            if size is None:
-                size = actual
-            _validate_size(name, size, page_size)
-            if actual < size:
-                os.ftruncate(fd, size)
-            mapping = map_file(fd, size, huge_aligned=huge_pages)
+            return cls.from_fd(name, fd, size=size, page_size=page_size, huge_pages=huge_pages)
+        except BaseException:
+            if exclusive:           # the file is the one this call created: none is left
+                os.unlink(path, dir_fd=dir_fd)
+            raise
         finally:
             os.close(fd)
+
+    @classmethod
+    def from_fd(cls, name: str, fd: int, *, size: int | None = None, page_size: int = 4096,
+                huge_pages: bool = False) -> "Region":
+        """Map the open file ``fd`` ``MAP_SHARED`` (the caller keeps and closes ``fd``),
+        as :meth:`from_file` does: one opened by whoever checked what it is."""
+        validate_region_name(name)
+        location = os.readlink(f"/proc/self/fd/{fd}")   # what was opened, links resolved
+        actual = os.fstat(fd).st_size
+        if size is None:
+            size = actual
+        _validate_size(name, size, page_size)
+        if actual < size:
+            os.ftruncate(fd, size)
+        mapping = map_file(fd, size, huge_aligned=huge_pages)
         try:
             dirty = DirtyBitmap.create(size // page_size, tag=f"dirty-{name}")
         except BaseException:

@@ -20,7 +20,7 @@ import pytest
 
 import fastmfd
 from device_support import BrokenDevice
-from fastmfd.tools.outputs import STEM_MAX, output_name
+from fastmfd.tools.outputs import STEM_MAX, OutputDir, output_name
 from listen_support import Listener, run_cli
 from migration_support import make_region
 
@@ -283,3 +283,24 @@ def test_max_sessions_serves_migrations_one_after_another(tmp_path, image):
     for name in complete:
         assert sessions[name] == {"ram.img", "manifest.json"}
         assert (out / name / "ram.img").read_bytes() == image.read_bytes()
+
+
+def test_a_region_file_whose_mapping_fails_is_removed_by_abort(tmp_path, monkeypatch):
+    """The .part file is the listener's from the moment it is created: when mapping
+    it fails (a full /dev/shm), abort() removes it (found in review: its identity
+    was taken after the mapping, so abort() did not know it)."""
+    import fastmfd.regions
+
+    def no_memory(*args, **kwargs):
+        raise OSError(errno.ENOMEM, "Cannot allocate memory")
+    out = OutputDir(str(tmp_path / "out"))
+    try:
+        out.plan_qemu({"ram": 1 << 20}, 4096)
+        monkeypatch.setattr(fastmfd.regions, "map_file", no_memory)
+        with pytest.raises(OSError, match="Cannot allocate memory"):
+            out.region("ram", 1 << 20, 4096)
+        assert files_in(tmp_path / "out") == {out.regions["ram"].part}
+    finally:
+        out.abort()
+        out.close()
+    assert files_in(tmp_path / "out") == set()

@@ -293,7 +293,7 @@ def test_a_warm_file_never_replaces_a_file_at_its_part_name(tmp_path):
         _settle(warm)
         out = OutputDir(str(out_dir), warm=warm)
         try:
-            out.plan_qemu({"ram": MIB})
+            out.plan_qemu({"ram": MIB}, 4096)
             planted = out_dir / out.regions["ram"].part
             planted.write_bytes(b"someone else's")
             with pytest.raises((FileExistsError, fastmfd.FastMFDError)):

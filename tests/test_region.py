@@ -205,6 +205,19 @@ def test_from_file_exclusive_creates_a_new_file_only(tmp_path):
         Region.from_file("pc.ram", tmp_path / "new", exclusive=True)
 
 
+def test_from_file_exclusive_leaves_no_file_when_mapping_fails(tmp_path, monkeypatch):
+    """The file it created is removed when what follows fails (found in review:
+    a full /dev/shm failing the mapping or the page map left it behind)."""
+    import fastmfd.regions
+
+    def no_memory(*args, **kwargs):
+        raise OSError(12, "Cannot allocate memory")
+    monkeypatch.setattr(fastmfd.regions, "map_file", no_memory)
+    with pytest.raises(OSError, match="Cannot allocate memory"):
+        Region.from_file("pc.ram", tmp_path / "new.img", size=SIZE, exclusive=True)
+    assert os.listdir(tmp_path) == []
+
+
 def test_from_file_relative_to_a_directory_descriptor(tmp_path):
     fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
     try:

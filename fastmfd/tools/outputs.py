@@ -177,17 +177,31 @@ class OutputDir:
         (a warm file moved there, when one of its size is ready)."""
         out = self.regions[name]
         warm = self.warm.take(size, page_size) if self.warm is not None else None
-        if warm is not None and self._adopt(warm, out):
-            region = Region.from_file(name, out.part, size=size, page_size=page_size,
-                                      dir_fd=self.fd, huge_pages=self.huge_pages)
+        adopted = warm is not None and self._adopt(warm, out)
+        # Opened as the file it is (identity recorded, so abort() removes it if
+        # mapping fails), never through a link swapped in since.
+        fd = self._open_adopted(out) if adopted else self._create(out, os.O_RDWR)
+        try:
+            region = Region.from_fd(name, fd, size=size, page_size=page_size,
+                                    huge_pages=self.huge_pages)
+        finally:
+            os.close(fd)
+        if adopted:
             region.faulted_in = True
             log.info("region %s: into a warm file (faulted in before the session)", name)
-        else:
-            region = Region.from_file(name, out.part, size=size, page_size=page_size,
-                                      exclusive=True, dir_fd=self.fd,
-                                      huge_pages=self.huge_pages)
-        out.identity = self._identity(out.part)
         return region
+
+    def _open_adopted(self, out: _Output) -> int:
+        """``out``'s .part file as _adopt() linked it: the same file, not a link."""
+        try:
+            fd = os.open(out.part, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.fd)
+        except OSError as exc:
+            raise ConfigError(f"{self._show(out.part)}: cannot open it: {exc.strerror}") from None
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != out.identity:
+            os.close(fd)
+            raise ConfigError(f"{self._show(out.part)} was replaced while it was being opened")
+        return fd
 
     def _adopt(self, warm: str, out: _Output) -> bool:
         """Move the warm file ``warm`` to ``out``'s .part name, which must be free: a
