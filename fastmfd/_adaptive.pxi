@@ -31,6 +31,14 @@
 # compressed packet is sent as such (the zstd stream must hold what the
 # destination's holds), so a sample costs CPU and, on data zstd cannot shrink,
 # a few bytes of framing.
+#
+# While it compresses, the drain it measures cannot exceed what zstd produces:
+# a link that got faster (or one underestimated in TCP's slow start) would
+# look just fast enough to keep compressing, for good. So when `idle_limit`
+# compressed writes in a row find the queue not backed up (the link takes
+# every byte as soon as it is made: the CPU sets the pace), it forgets the
+# link's rate and measures it again sending raw; `idle_limit` doubles (16 up
+# to 1024) each time, so a link at the edge does not make it flip often.
 
 cdef enum:
     AUTO_NLEVELS = 6
@@ -39,6 +47,8 @@ cdef enum:
                                     # (TCP's slow start would make it low)
     AUTO_SAMPLE_MIN = 16
     AUTO_SAMPLE_MAX = 128
+    AUTO_IDLE_MIN = 16
+    AUTO_IDLE_MAX = 1024
 
 # zstd levels to pick from, fastest first, with each one's typical compression
 # speed and savings relative to level 1 (libzstd 1.5 on English-like text).
@@ -59,6 +69,7 @@ cdef void auto_init(AutoChoice *a, double pace_rate, bint measure_socket) noexce
     a.measure_socket = measure_socket
     a.level_index = -1
     a.sample_every = AUTO_SAMPLE_MIN
+    a.idle_limit = AUTO_IDLE_MIN
 
 
 cdef double auto_link_rate(const AutoChoice *a) noexcept nogil:
@@ -143,23 +154,38 @@ cdef void auto_before_write(AutoChoice *a, int fd) noexcept nogil:
 
 cdef void auto_after_write(AutoChoice *a, int fd, size_t wire) noexcept nogil:
     """Account one write of ``wire`` bytes: the drain since the previous write."""
-    cdef double now, seconds, drained, weight
-    cdef bint backed_up
     cdef int64_t queued
     cdef int sndbuf = 0
     cdef socklen_t size = sizeof(sndbuf)
     if not a.measure_socket:
         return
-    now = monotonic()
     queued = socket_queued(fd)
     if queued < 0 or a.queued_before < 0:
         a.measure_socket = False    # not a socket that says: measure nothing
         return
-    seconds = now - a.last_write
-    drained = <double>a.queued_after + wire - queued
+    getsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, &size)
+    auto_account_write(a, queued, sndbuf, wire, monotonic())
+
+
+cdef void auto_account_write(AutoChoice *a, int64_t queued, int sndbuf, size_t wire,
+                             double now) noexcept nogil:
+    """auto_after_write's measurements: ``queued`` bytes in the send queue of
+    ``sndbuf`` after the write, at ``now``."""
+    cdef double seconds = now - a.last_write
+    cdef double drained = <double>a.queued_after + wire - queued, weight
+    cdef bint backed_up = a.queued_before * 4 >= sndbuf > 0
+    if a.level_index >= 0:
+        a.idle = 0 if backed_up else a.idle + 1
+        if a.idle >= a.idle_limit:      # the CPU sets the pace: measure the link again, raw
+            a.idle = 0
+            a.idle_limit = min(a.idle_limit * 2, <uint32_t>AUTO_IDLE_MAX)
+            a.drained = a.drain_seconds = a.drain = 0
+            a.settled = 0
+            a.level_index = -1
+            a.last_write = now
+            a.queued_after = queued
+            return
     if a.last_write > 0 and seconds > 0 and drained > 0:
-        getsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, &size)
-        backed_up = a.queued_before * 4 >= sndbuf > 0
         # Backed up, the interval shows the link's pace; otherwise it is a lower
         # bound, which counts only when above the estimate.
         if backed_up or (a.drain > 0 and drained / seconds > a.drain):
@@ -173,3 +199,33 @@ cdef void auto_after_write(AutoChoice *a, int fd, size_t wire) noexcept nogil:
     a.queued_after = queued
     if a.level_index >= 0 or a.settled >= AUTO_SETTLE:
         auto_decide(a)
+
+
+# ---------------------------------------------------------------- test face
+
+cdef class AutoModel:
+    """One channel's auto choice fed given measurements instead of a socket's and
+    the clock's, so tests can play a link that changes."""
+    cdef AutoChoice a
+
+    def __cinit__(self, double pace_rate=0):
+        auto_init(&self.a, pace_rate, True)
+
+    def pick(self) -> int:
+        """The level index for the next payload, -1: raw."""
+        return auto_pick(&self.a)
+
+    def compressed(self, int index, size_t raw, size_t wire, double seconds):
+        """A payload of ``raw`` bytes went out as ``wire`` in ``seconds`` of zstd."""
+        auto_compressed(&self.a, index, raw, wire, seconds)
+
+    def wrote(self, int64_t queued_before, int64_t queued_after, size_t wire, double now,
+              int sndbuf):
+        """A write of ``wire`` bytes: the send queue held ``queued_before`` bytes
+        before it and ``queued_after`` after it, at ``now`` seconds."""
+        self.a.queued_before = queued_before
+        auto_account_write(&self.a, queued_after, sndbuf, wire, now)
+
+    @property
+    def link_rate(self) -> float:
+        return auto_link_rate(&self.a)

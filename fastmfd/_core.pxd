@@ -415,6 +415,8 @@ cdef struct AutoChoice:             # compression="auto": one send channel's mea
     int64_t queued_before           # SIOCOUTQ before the write in progress
     int64_t queued_after            # ... and after the previous one
     double last_write               # monotonic() after the previous write
+    uint32_t idle                   # compressed writes in a row that found the queue not backed up
+    uint32_t idle_limit             # ... after which the link is measured again, raw
 
 
 cdef void auto_init(AutoChoice *a, double pace_rate, bint measure_socket) noexcept nogil

@@ -259,3 +259,53 @@ def test_loopback_and_unix_peers_are_on_this_host(tmp_path):
     server = socket.create_server(("127.0.0.1", 0))
     with server, socket.create_connection(server.getsockname()) as client:
         assert peer_on_this_host(client)
+
+
+# ---------------------------------------------------------------- the choice, on a played link
+
+class PlayedLink:
+    """A send queue of SNDBUF bytes draining at ``rate`` bytes/s, fed by a writer
+    that compresses at SPEED raw bytes/s (halving the payload) when the model
+    says so: the measurements a send channel would take, without the clock."""
+    SNDBUF, PAYLOAD, SPEED, COPY = 4 * MiB, 512 << 10, 500e6, 10e9
+
+    def __init__(self, model: _core.AutoModel) -> None:
+        self.model, self.now, self.queued = model, 1.0, 0.0
+
+    def _drain(self, seconds: float, rate: float) -> None:
+        self.now += seconds
+        self.queued = max(0.0, self.queued - rate * seconds)
+
+    def send(self, packets: int, rate: float) -> list[bool]:
+        """Send ``packets`` payloads over a link of ``rate``; which went compressed."""
+        compressed = []
+        for _ in range(packets):
+            index = self.model.pick()
+            wire = self.PAYLOAD
+            if index >= 0:
+                seconds = self.PAYLOAD / self.SPEED
+                self._drain(seconds, rate)
+                wire //= 2
+                self.model.compressed(index, self.PAYLOAD, wire, seconds)
+            before = self.queued
+            if self.queued + wire > self.SNDBUF:        # the write blocks for room
+                self._drain((self.queued + wire - self.SNDBUF) / rate, rate)
+            self.queued += wire
+            self._drain(wire / self.COPY, rate)
+            self.model.wrote(int(before), int(self.queued), wire, self.now, self.SNDBUF)
+            compressed.append(index >= 0)
+        return compressed
+
+
+def test_auto_compresses_over_a_slow_link_and_goes_raw_when_it_gets_fast():
+    """Compressing, a channel measures at most what zstd makes, so a link that
+    got faster looked just fast enough to go on compressing, for good (found in
+    review, with a port of the choice to Python). Now compressed writes that
+    keep finding the queue not backed up make it measure the link again, raw."""
+    link = PlayedLink(_core.AutoModel())
+    slow = link.send(400, rate=100e6)           # zstd halves it at 500 MB/s: it pays
+    assert sum(slow[-100:]) >= 90, "compression paid on the slow link and was not used"
+    fast = link.send(3000, rate=5e9)            # raw now moves 10x what zstd does
+    assert sum(fast[-500:]) <= 50, f"still compressing: {sum(fast[-500:])} of the last 500"
+    slow_again = link.send(600, rate=100e6)
+    assert sum(slow_again[-100:]) >= 90, "compression was not taken up again"
