@@ -70,17 +70,35 @@ def test_a_bad_link_exits_2_before_any_work(capsys):
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
-                    reason="needs root and setpriv to run the command without CAP_NET_ADMIN")
-def test_without_net_admin_the_command_says_why_before_any_work():
-    # Root without CAP_NET_ADMIN (as in a container): still root, so it reads the
-    # checkout wherever it is, but cannot make a namespace.
+                    reason="needs root and setpriv to run the command without a capability")
+@pytest.mark.parametrize("capability", ["net_admin", "sys_admin"])
+def test_without_a_capability_the_command_says_why_before_any_work(capability):
+    # Root without CAP_NET_ADMIN, or without CAP_SYS_ADMIN (`ip netns add` mounts),
+    # as in a container: still root, so it reads the checkout wherever it is, but
+    # cannot make a namespace.
     done = subprocess.run(
-        ["setpriv", "--bounding-set=-net_admin", "--inh-caps=-net_admin",
+        ["setpriv", f"--bounding-set=-{capability}", f"--inh-caps=-{capability}",
          sys.executable, "-m", "fastmfd", "bench", "--size", "1M", "--link", "1gbit"],
         capture_output=True, text=True, timeout=60)
     assert done.returncode == 2, done.stderr
-    assert "--link needs root (CAP_NET_ADMIN)" in done.stderr
+    assert f"--link needs root (CAP_{capability.upper()})" in done.stderr
     assert "making" not in done.stderr          # no image was made
+
+
+@needs_root
+def test_a_device_of_the_links_name_left_by_another_is_not_removed(nothing_left_behind):
+    """A veth of this pid's name left by a killed bench (pids are reused): the
+    link cannot be made, says so, removes the namespace it made, and leaves
+    the device that was there (found in review: close() deleted it)."""
+    stale = f"fmfd{os.getpid()}s"
+    subprocess.run(["ip", "link", "add", stale, "type", "veth", "peer", "name",
+                    f"fmfd{os.getpid()}x"], check=True)
+    try:
+        with pytest.raises(ConfigError, match=f"ip link add {stale} .*failed"):
+            EmulatedLink(parse_link("1gbit"))
+        assert os.path.exists(f"/sys/class/net/{stale}")
+    finally:
+        subprocess.run(["ip", "link", "del", stale], check=True)
 
 
 @needs_root

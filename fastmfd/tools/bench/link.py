@@ -80,24 +80,28 @@ def parse_link(text: str) -> LinkSpec:
     return LinkSpec(rate_bits, delay_s, text.strip())
 
 
-CAP_NET_ADMIN = 12
+# What building a link takes: network configuration, and (for `ip netns add`,
+# which bind-mounts the namespace under /run/netns) mounting.
+NEEDED_CAPABILITIES = {"CAP_NET_ADMIN": 12, "CAP_SYS_ADMIN": 21}
 
 
-def _has_net_admin() -> bool:
-    """This process may configure networks (CAP_NET_ADMIN in its effective set)."""
+def _missing_capabilities() -> list[str]:
+    """The NEEDED_CAPABILITIES not in this process's effective set."""
+    effective = 0
     with open("/proc/self/status") as status:
         for line in status:
             if line.startswith("CapEff:"):
-                return bool(int(line.split()[1], 16) >> CAP_NET_ADMIN & 1)
-    return False
+                effective = int(line.split()[1], 16)
+    return [name for name, bit in NEEDED_CAPABILITIES.items() if not effective >> bit & 1]
 
 
 def check_can_emulate() -> None:
     """Raise ConfigError saying why this process cannot build a link, if it cannot."""
-    if not _has_net_admin():
-        raise ConfigError("--link needs root (CAP_NET_ADMIN): it creates a network "
-                          "namespace, a veth pair and tc qdiscs (run as root, or drop "
-                          "--link to use loopback)")
+    missing = _missing_capabilities()
+    if missing:
+        raise ConfigError(f"--link needs root ({' and '.join(missing)}): it creates a "
+                          f"network namespace, a veth pair and tc qdiscs (run as root, or "
+                          f"drop --link to use loopback)")
     missing = [tool for tool in ("ip", "tc") if shutil.which(tool) is None]
     if missing:
         raise ConfigError(f"--link needs iproute2's {' and '.join(missing)} "
@@ -150,18 +154,24 @@ class EmulatedLink:
         self.source_device, self.destination_device = f"fmfd{pid}s", f"fmfd{pid}d"
         base = _free_subnet(pid)
         self.source_host, self.destination_host = f"10.254.0.{base + 1}", f"10.254.0.{base + 2}"
-        self._created = False
+        # What this link made, so close() removes that and nothing else (a namespace
+        # or a veth of these names left by a killed bench whose pid was ours is not).
+        self._namespace_made = self._veth_made = False
         try:
             self._create()
-        except BaseException:
-            self.close()
+        except BaseException as exc:
+            try:
+                self.close()
+            except ConfigError as cleanup:      # the first failure is the one to report
+                exc.add_note(f"and removing the link failed: {cleanup}")
             raise
 
     def _create(self) -> None:
         ns, src, dst = self.namespace, self.source_device, self.destination_device
         _run("ip", "netns", "add", ns)
-        self._created = True
+        self._namespace_made = True
         _run("ip", "link", "add", src, "type", "veth", "peer", "name", dst, "netns", ns)
+        self._veth_made = True
         _run("ip", "addr", "add", f"{self.source_host}/30", "dev", src)
         _run("ip", "link", "set", src, "up")
         _run("ip", "-n", ns, "addr", "add", f"{self.destination_host}/30", "dev", dst)
@@ -241,14 +251,16 @@ class EmulatedLink:
 
     def close(self) -> None:
         """Remove the veth pair with its qdiscs, and the namespace (idempotent)."""
-        if self._created:
-            self._created = False
-            # Deleting a namespace frees its devices later, in the background: the
-            # veth goes first, at once, so the next link can reuse its names.
-            try:
+        # Deleting a namespace frees its devices later, in the background: the veth
+        # goes first, at once, so the next link can reuse its names.
+        try:
+            if self._veth_made:
+                self._veth_made = False
                 if os.path.exists(f"/sys/class/net/{self.source_device}"):
                     _run("ip", "link", "del", self.source_device)
-            finally:
+        finally:
+            if self._namespace_made:
+                self._namespace_made = False
                 _run("ip", "netns", "del", self.namespace)
 
     def __enter__(self) -> "EmulatedLink":
