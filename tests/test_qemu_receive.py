@@ -183,14 +183,20 @@ def test_postcopy_is_refused(tmp_path, guest):
     assert_nothing_complete(out)
 
 
-@pytest.mark.parametrize("stranger", [b"GET / HTTP/1.0\r\n\r\n", b"", None],
-                         ids=["garbage", "closes", "silent"])
+@pytest.mark.parametrize("stranger", [b"GET / HTTP/1.0\r\n\r\n", b"", None, "bad-version",
+                                      "other-uuid", "same-id"],
+                         ids=["garbage", "closes", "silent", "multifd-bad-version",
+                              "multifd-other-uuid", "multifd-same-id"])
 def test_a_stranger_before_qemu_is_dropped(tmp_path, guest, guest_ram, stranger):
     """A connection that is not QEMU's (garbage, nothing then closing, nothing at
-    all) comes before QEMU's main channel: dropped; QEMU's migration succeeds."""
+    all, or the multifd magic and an init packet of another version, of another
+    UUID than QEMU's (all zero: no -uuid) or of an id one of QEMU's channels has) comes
+    before QEMU's main channel: dropped; QEMU's migration succeeds."""
     out = tmp_path / "out"
     guest.set_multifd(2, "zstd")
     receiver = Receiver(out)
+    if isinstance(stranger, str):
+        stranger = MULTIFD_STRANGERS[stranger](bytes(16))
     with connect(parse_address(receiver.address), 5) as intruder:
         if stranger is not None:
             _send_quietly(intruder, stranger)       # it may be dropped before it is done
@@ -286,13 +292,40 @@ def test_capture_replay_is_received(tmp_path, captures, kind):
     assert (out / "vmstate.bin").read_bytes() == files["conn0.bin"][start:]
 
 
-def test_strangers_before_the_capture_are_dropped(tmp_path, captures):
-    """Connections that are not QEMU's (garbage, nothing then closing, nothing and
-    staying open) before the main channel: dropped, the migration is received."""
+def init_packet(uuid: bytes, channel: int, version: int = 1) -> bytes:
+    """A multifd channel's first 64 bytes (``version`` written over the real one)."""
+    packet = bytearray(_core.INIT_PACKET_SIZE)
+    _core.encode_init_packet(packet, uuid, channel)
+    packet[4:8] = version.to_bytes(4, "big")
+    return bytes(packet)
+
+
+# Connections that start as a multifd channel, but are not QEMU's: they come
+# before the main channel. Ids: the named capture's (QEMU's) channels are 0 and 1.
+MULTIFD_STRANGERS = {
+    "bad-version": lambda uuid: init_packet(uuid, 0, version=2),
+    "cut-short": lambda uuid: init_packet(uuid, 0)[:30],
+    "magic-only": lambda uuid: init_packet(uuid, 0)[:4],
+    "other-uuid": lambda uuid: init_packet(bytes(b ^ 0xFF for b in uuid), 0),
+    "same-id": lambda uuid: init_packet(uuid, 1),
+    "id-beyond": lambda uuid: init_packet(uuid, 7),
+}
+
+
+@pytest.mark.parametrize("stranger", ["other", *MULTIFD_STRANGERS])
+def test_strangers_before_the_capture_are_dropped(tmp_path, captures, stranger):
+    """Connections that are not QEMU's before the main channel: garbage, nothing
+    then closing, nothing and staying open; or the multifd magic and an init
+    packet QEMU's channels do not send (cut short, another version) or could not
+    (another UUID, an id QEMU's channels have or do not reach). Dropped, and the
+    migration is received."""
     files = capture_bytes(captures[1], "zstd")
     out = tmp_path / "out"
-    manifest = receive_replay(out, files, strangers=(b"GET / HTTP/1.0\r\n\r\n", b"", None,
-                                                     b"QE")).manifest
+    strangers: tuple[bytes | None, ...] = (
+        (b"GET / HTTP/1.0\r\n\r\n", b"", None, b"QE") if stranger == "other"
+        else (MULTIFD_STRANGERS[stranger](UUID),))
+    manifest = receive_replay(out, files, strangers=strangers).manifest
+    assert manifest["channels"] == 2 and manifest["uuid"] == UUID.hex()
     mem = next(b["file"] for b in manifest["blocks"] if b["idstr"] == "mem")
     assert np.array_equal(np.fromfile(out / mem, dtype=np.uint8), capture_pattern())
 
@@ -329,7 +362,13 @@ def _flip(data: bytes, at: int, value: bytes) -> bytes:
      r"RAM packet field 'magic': received 0xdead3344"),
     (lambda files: {"conn2.bin": _flip(files["conn2.bin"], 64 + 1344 + 16, b"\xff")},
      r"RAM packet field 'normal_pages'"),
-], ids=["main-version", "main-record", "multifd-magic", "multifd-normal-pages"])
+    (lambda files: {"conn1.bin": _flip(files["conn1.bin"], 4, b"\0\0\0\x02")},
+     r"bad init packet on a connection after the main channel: init packet field "
+     r"'version': received 2"),
+    (lambda files: {"conn2.bin": _flip(files["conn2.bin"], 8, b"\0" * 16)},
+     r"multifd channel \d: init packet field 'uuid': received 0{32}, expected 1234"),
+], ids=["main-version", "main-record", "multifd-magic", "multifd-normal-pages",
+        "multifd-init-version", "multifd-init-uuid"])
 def test_corrupt_stream_fails_cleanly(tmp_path, captures, corrupt, match):
     files = capture_bytes(captures[1], "zlib")
     files.update(corrupt(files))
