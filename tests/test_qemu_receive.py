@@ -290,6 +290,10 @@ def test_capture_replay_is_received(tmp_path, captures, kind):
     assert np.array_equal(np.fromfile(out / mem, dtype=np.uint8), capture_pattern())
     start = manifest["vmstate"]["stream_offset"]
     assert (out / "vmstate.bin").read_bytes() == files["conn0.bin"][start:]
+    # QEMU 10's own pc announces the switchover (the VM stopped) before the RAM
+    # END section: COMMAND 11 (SWITCHOVER_START), no data; the others send none.
+    assert manifest["commands"] == ([{"before": "ram-end", "section": "08000b0000"}]
+                                    if which == "10.0-native" else [])
 
 
 def init_packet(uuid: bytes, channel: int, version: int = 1) -> bytes:

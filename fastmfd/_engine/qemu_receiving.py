@@ -104,6 +104,7 @@ class QemuStreamFacts:
     vmstate_bytes: int = 0
     vm_devices: int = 0
     configuration: bytes = b""              # the stream's CONFIGURATION section
+    commands: list[tuple[str, bytes]] = field(default_factory=list)  # COMMANDs: place, bytes
     ram_section_id: int | None = 0          # None: the stream had no RAM section
     section_footers: bool = True
 
@@ -156,6 +157,7 @@ class QemuReceiving:
         facts.capabilities = list(decoder.out.capabilities)
         facts.ram_bytes = decoder.out.ram_bytes
         facts.configuration = decoder.out.configuration
+        facts.commands = decoder.out.command_sections
         facts.ram_section_id = decoder.out.ram_section_id
         facts.section_footers = decoder.out.section_footers
         facts.multifd_sync = decoder.out.multifd_sync or SYNC_PER_SECTION
