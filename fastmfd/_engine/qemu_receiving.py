@@ -360,7 +360,8 @@ class QemuReceiving:
             compression="none", regions=tuple(r.handle for r in regions), devices=(),
             counters=self.counters.name, pool=None, ram=True,
             received=tuple(r.dirty.name for r in regions), fresh=tuple(True for _ in regions),
-            layout=_core.LAYOUT_QEMU72, learn_compression=True)
+            layout=_core.LAYOUT_QEMU72, learn_compression=True,
+            sparse=tuple(self._sparse(r) for r in regions))
         assert channel.worker is not None, "started with its channel"
         channel.worker.start_session(params, [channel.sock.fileno()])
 
@@ -373,12 +374,21 @@ class QemuReceiving:
 
     def on_zero_pages(self, block: str, offsets: np.ndarray) -> None:
         """ZERO records. A zero page stays a hole unless this migration wrote data
-        there before (a page re-sent as zero in a later round)."""
+        there before (a page re-sent as zero in a later round): then it is made
+        one again, as the receive workers do with the pages QEMU >= 9.0 lists."""
         region = self.regions[block]
         self.facts.zero_pages += len(offsets)
-        for page in region.dirty.marked(offsets // np.uint64(region.page_size)).tolist():
-            region.buffer[page * region.page_size:(page + 1) * region.page_size] = \
-                bytes(region.page_size)
+        pages = region.dirty.marked(offsets // np.uint64(region.page_size))
+        if len(pages):
+            _core.clear_pages(region.buffer, pages * np.uint64(region.page_size),
+                              region.page_size, self._sparse(region))
+
+    @staticmethod
+    def _sparse(region: Region) -> bool:
+        """A block file whose cleared pages become holes: not a warm file (faulted
+        in, its blocks allocated on purpose) nor one of huge pages (a hole would
+        split one)."""
+        return not region.faulted_in and not region.huge_pages
 
     def on_sync(self, uuid: bytes | None) -> None:
         """RAM barrier: every channel sent its SYNC for it; let them on. ``uuid``:
