@@ -8,19 +8,21 @@ destination's side of QEMU's own protocol, with fastmfd's receive workers.
         "QEVM" -> the main channel; 0x11223344 -> a multifd
         channel: its init packet read here (id, uuid), a worker
         set aside for it ─────────── socket ──────────────▶  (waits for its RecvParams)
-        (other first bytes, none, or a bad init packet:
-        not QEMU's, dropped)
+        (other first bytes or none: not QEMU's, dropped; a
+        bad init packet too, before the main channel came)
       main channel, decoded as it arrives (QevmDecoder):
-        block list -> one sparse .part file per RAMBlock,
-          RecvParams (qemu-7.2 layout, compression learnt) ─▶  RecvEngine: pages (and the
-        ZERO / PAGE records -> written here (a zero page only      zero pages QEMU >= 9.0
-          where this migration wrote data before)                  lists) into the files
+        block list -> one sparse .part file per RAMBlock
+        ZERO / PAGE records -> written here (a zero page only
+          where this migration wrote data before: cleared)
+        barrier 1 (the setup section's end): QEMU synced every
+          channel before it, so all have connected; QEMU's are
+          chosen (qemu_channels), RecvParams (qemu-7.2 layout,
+          compression learnt) ─────────────────────────────▶  RecvEngine: pages (and the
+                                                                 zero pages QEMU >= 9.0
+                                                                 lists) into the files
         barrier k (a section's EOS, or a MULTIFD_FLUSH record
           when the machine type syncs per round) -> every
           channel's SYNC k, then Go(k) ◀─────────── Synced(k) ─▶ Go(k)
-          (at barrier 1 the channels are known, QEMU synced each
-          before its setup section ended: QEMU's are chosen,
-          qemu_channels, and started)
         first device section -> the rest of the stream, as
           QEMU sent it, into vmstate.bin
       end of the main channel: it must end with QEMU_VM_EOF      ◀─ Eof(compression)
