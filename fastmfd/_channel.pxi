@@ -71,7 +71,8 @@ cdef double socket_timeout(int fd, int option) noexcept:
 cdef class _RegionTable:
     """The session's regions, in SETUP order, as C pointers (kept mapped by ``keep``)."""
 
-    def __cinit__(self, regions, received=None, fresh=None, uint32_t page_size=0):
+    def __cinit__(self, regions, received=None, fresh=None, sparse=None,
+                  uint32_t page_size=0):
         cdef uint8_t[::1] view
         cdef DirtyBitmap bm
         regions = list(regions)
@@ -98,6 +99,9 @@ cdef class _RegionTable:
                     raise ValueError("received map smaller than its region")
                 self.refs[i].received = bm.words
                 self.refs[i].fresh = fresh[i]
+            # A hole is punched a system page at a time: a smaller page is zero-filled.
+            self.refs[i].sparse = (sparse is not None and sparse[i]
+                                   and region.page_size % SYSTEM_PAGE == 0)
 
     def __dealloc__(self):
         PyMem_Free(self.refs)
@@ -109,7 +113,7 @@ cdef class _EngineBase:
 
     cdef int _setup(self, int fd, uint32_t channel, dict params, object codec, list regions,
                     Counters counters, BufferPool pool, list devices, object received,
-                    object fresh, TLSChannel tls) except -1:
+                    object fresh, TLSChannel tls, object sparse=None) except -1:
         cdef uint32_t pp = params["packet_pages"]
         comp_flag = 0 if codec is None else (<Codec>codec).flag
         ram_layout_init(&self.lay, pp, params["page_size"], params.get("layout", LAYOUT_CURRENT),
@@ -129,7 +133,7 @@ cdef class _EngineBase:
             self.link.staging_cap = TLS_STAGING_SIZE
         self.channel = channel
         self.codec = codec
-        self.regions = _RegionTable(regions, received, fresh, self.lay.page_size)
+        self.regions = _RegionTable(regions, received, fresh, sparse, self.lay.page_size)
         self.counters = counters
         self.stats = counters.row(channel)
         self.pool = pool
@@ -442,16 +446,17 @@ cdef class RecvEngine(_EngineBase):
 
     ``received`` (one DirtyBitmap per region) records pages written, so a
     listed zero page is only zeroed where older data may sit (``fresh``
-    regions started zero-filled). Device chunks go into slots of ``pool``;
-    their descriptors are written to ``reassembly_fd``.
+    regions started zero-filled); in a ``sparse`` region (a sparse file
+    mapped shared) it becomes a hole again (clear_page_runs). Device chunks
+    go into slots of ``pool``; their descriptors are written to ``reassembly_fd``.
     """
 
     def __cinit__(self, int fd, uint32_t channel, dict params, codec, list regions,
                   Counters counters, list received, list fresh, BufferPool pool=None,
                   list devices=None, int reassembly_fd=-1, bint ram_allowed=True,
-                  TLSChannel tls=None):
+                  TLSChannel tls=None, list sparse=None):
         self._setup(fd, channel, params, codec, regions, counters, pool, devices or [],
-                    received, fresh, tls)
+                    received, fresh, tls, sparse)
         self.reassembly_fd = reassembly_fd
         self.ram_allowed = ram_allowed
         self.learn_compression = params.get("learn_compression", False)
@@ -550,6 +555,7 @@ cdef class RecvEngine(_EngineBase):
                     page = self.normal[i] // psize
                     fm_fetch_or64(&ref.received[page >> 6], (<uint64_t>1) << (page & 63))
         with nogil:
+            k = 0
             for i in range(info.zero_pages):
                 off = ld64(info.offsets + 8 * (info.normal_pages + i))
                 page = off // psize
@@ -560,7 +566,9 @@ cdef class RecvEngine(_EngineBase):
                 if ((not ref.fresh
                         or fm_load64(&ref.received[page >> 6]) & ((<uint64_t>1) << (page & 63)))
                         and not fm_buffer_is_zero(ref.base + off, psize)):
-                    memset(ref.base + off, 0, psize)
+                    self.zero[k] = off
+                    k += 1
+            clear_page_runs(ref, self.zero, k, psize)
         bump(self.stats, ST_NORMAL, info.normal_pages)
         bump(self.stats, ST_ZERO, info.zero_pages)
         return info.flags & FLAG_SYNC

@@ -25,6 +25,7 @@ _Buffer: TypeAlias = Buffer | npt.NDArray[Any]
 MULTIFD_MAGIC: Final[int]
 CHANNEL_HEADER_SIZE: Final[int]
 INIT_PACKET_SIZE: Final[int]
+PUNCH_MIN_BYTES: Final[int]
 DEVICE_HEADER_SIZE: Final[int]
 RAM_CHECKSUM_AT: Final[int]
 DEVICE_CHECKSUM_SIZE: Final[int]
@@ -159,6 +160,7 @@ def writev_pages(fd: int, header: _Buffer, buffer: _Buffer, offsets: Iterable[in
 def readv_pages(fd: int, header: _Buffer, buffer: _Buffer, offsets: Iterable[int],
                 page_size: int = ...) -> int: ...
 def populate(memory: _Buffer, what: str) -> None: ...
+def clear_pages(buffer: _Buffer, offsets: Any, page_size: int, punch: bool) -> bool: ...
 def is_zero(buffer: _Buffer) -> bool: ...
 def find_zero_pages(buffer: _Buffer, page_size: int = ...,
                     pages: Iterable[int] | None = ...) -> npt.NDArray[np.uint64]: ...
@@ -255,7 +257,8 @@ class RecvEngine(_EngineBase):
                  regions: list[Any], counters: Counters, received: list[DirtyBitmap],
                  fresh: list[bool], pool: BufferPool | None = ...,
                  devices: list[tuple[str, int]] | None = ..., reassembly_fd: int = ...,
-                 ram_allowed: bool = ..., tls: TLSChannel | None = ...) -> None: ...
+                 ram_allowed: bool = ..., tls: TLSChannel | None = ...,
+                 sparse: list[bool] | None = ...) -> None: ...
     def run(self) -> int: ...      # EVENT_SYNC or EVENT_EOF
 
 # ---------------------------------------------------------------- misc

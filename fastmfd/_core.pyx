@@ -82,7 +82,7 @@ from fastmfd.includes.openssl cimport (
     sk_GENERAL_NAME_num, sk_GENERAL_NAME_value,
 )
 from fastmfd.includes.system cimport (
-    CLOCK_MONOTONIC, IOV_MAX, MADV_POPULATE_WRITE, MSG_PEEK, POLLIN, POLLOUT, PR_SET_PDEATHSIG,
+    CLOCK_MONOTONIC, IOV_MAX, MADV_POPULATE_WRITE, MADV_REMOVE, MSG_PEEK, POLLIN, POLLOUT, PR_SET_PDEATHSIG,
     SHUT_WR, SIOCOUTQ, SO_RCVTIMEO, SO_SNDBUF, SO_SNDTIMEO, SOL_SOCKET, _SC_PAGESIZE, __builtin_ctzll,
     __builtin_popcountll, clock_gettime, nanosleep, fm_buffer_is_zero, fm_pagescan_init, getsockopt,
     ioctl, madvise, poll, pollfd, prctl, recv, sem_clockwait, sem_init, sem_post, sem_trywait,

@@ -203,6 +203,54 @@ def readv_pages(int fd, uint8_t[::1] header, uint8_t[::1] buffer, offsets,
                    offsets, page_size, True)
 
 
+cdef void clear_page_runs(RegionRef *ref, const uint64_t *offsets, size_t n,
+                         uint32_t page_size) noexcept nogil:
+    """Zero the pages at byte ``offsets`` of ``ref``, a run of adjacent pages at a
+    time. In a sparse region (a sparse file mapped shared) a run of at least
+    PUNCH_MIN_BYTES is a hole punched into the file (MADV_REMOVE: fallocate
+    PUNCH_HOLE|KEEP_SIZE under the mapping; every mapping of it then reads
+    zeros), so pages cleared in a later round keep no disk blocks or tmpfs
+    memory, and are not written back at the flush; a shorter run is
+    zero-filled (cheaper than a punch). Where the file system cannot punch
+    (EOPNOTSUPP, EINVAL) the run is zero-filled, and so is every later one."""
+    cdef size_t i = 0, j
+    cdef uint64_t length
+    while i < n:
+        j = i + 1
+        while j < n and offsets[j] == offsets[j - 1] + page_size:
+            j += 1
+        length = (j - i) * <uint64_t>page_size
+        if not (ref.sparse and length >= PUNCH_MIN_BYTES
+                and madvise(ref.base + offsets[i], length, MADV_REMOVE) == 0):
+            if ref.sparse and length >= PUNCH_MIN_BYTES:
+                ref.sparse = False
+            memset(ref.base + offsets[i], 0, length)
+        i = j
+
+
+def clear_pages(uint8_t[::1] buffer, offsets, size_t page_size, bint punch):
+    """Zero the pages at byte ``offsets`` (page-aligned, inside ``buffer``) as a
+    receive worker does (clear_page_runs): with ``punch`` (``buffer`` maps a
+    sparse file shared) its long runs as holes. False when no hole could be
+    punched (``punch`` off, the memory or its page size not fit for it)."""
+    cdef RegionRef ref
+    cdef uint64_t[::1] offs = np.ascontiguousarray(offsets, dtype=np.uint64)
+    cdef size_t i, n = offs.shape[0]
+    check_page_size(page_size)
+    for i in range(n):
+        if offs[i] % page_size or offs[i] + page_size > <uint64_t>buffer.shape[0]:
+            raise IndexError(f"page at byte {offs[i]} outside a buffer of "
+                             f"{buffer.shape[0]} bytes, or not page-aligned")
+    if n == 0:
+        return punch
+    memset(&ref, 0, sizeof(ref))
+    ref.base = &buffer[0]
+    ref.sparse = punch and page_size % SYSTEM_PAGE == 0
+    with nogil:
+        clear_page_runs(&ref, &offs[0], n, <uint32_t>page_size)
+    return ref.sparse
+
+
 # Test face: the send engine runs fm_buffer_is_zero (includes/pagescan.h) on
 # each page in C; these expose the same scan so tests check it on edge cases
 # and benchmarks measure its speed.

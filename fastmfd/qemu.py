@@ -13,7 +13,9 @@ capability (``migrate`` to ``tcp:HOST:PORT`` or ``unix:PATH``) and writes:
   UUID, channel count and compression (both learnt from the stream, never
   asked of the user), its flavour (where its multifd SYNCs sit,
   ``multifd_sync``, and where its zero pages went, ``zero_page_detection``),
-  and each block's idstr, size and file.
+  the COMMAND sections of the stream outside its device sections and where
+  each sat (``commands``: QEMU 10's SWITCHOVER_START, before the RAM END
+  section), and each block's idstr, size and file.
 
 ``send(address, directory)`` plays such a directory back into a QEMU
 started with ``-incoming defer`` on the same machine configuration (the
@@ -25,7 +27,8 @@ stream's flavour: a QEMU 7.2 stream (or a later QEMU's with a machine type
 <= 8.0) syncs at every section end and has its zero pages as ZERO records on
 the main channel (7.2's packet layout); a QEMU 10 stream with its current
 machine type syncs per round (MULTIFD_FLUSH) and lists its zero pages in the
-multifd packets (the current layout). The destination resumes (or stays
+multifd packets (the current layout); the saved COMMAND sections go where
+the source put them. The destination resumes (or stays
 paused) with the saved RAM and device state; one that is not the saved
 stream's QEMU and machine type drops the migration, and the error says what
 the saved stream needs.
@@ -51,7 +54,7 @@ from typing import Any, Callable
 from ._engine.qemu_receiving import QemuReceiving, QemuStreamFacts
 from ._engine.qemu_sending import QemuSending, QemuStream
 from .errors import ConfigError
-from .protocol.qemu import SYNC_PER_ROUND, SYNC_PER_SECTION
+from .protocol.qemu import COMMAND, COMMAND_PLACES, SYNC_PER_ROUND, SYNC_PER_SECTION
 from .protocol.sockets import bound_address, listen, listening_address, parse_address
 from .regions import Region
 from .tools.outputs import MANIFEST, OutputDir
@@ -139,6 +142,7 @@ def _manifest(facts: QemuStreamFacts, out: OutputDir) -> dict[str, Any]:
                     "stream_offset": facts.ram_bytes, "devices": facts.vm_devices},
         # What a stream replaying this directory starts with (send()).
         "configuration": facts.configuration.hex(),
+        "commands": [{"before": place, "section": raw.hex()} for place, raw in facts.commands],
         "ram_section_id": facts.ram_section_id,
         "section_footers": facts.section_footers,
         "ram_section_ends": facts.ram_section_ends,
@@ -188,7 +192,8 @@ def send(address: str, directory: str, *, channels: int = 2, compression: str = 
                             manifest["ram_section_id"], manifest["section_footers"],
                             machine=manifest.get("machine", ""),
                             multifd_sync=manifest["multifd_sync"],
-                            zero_page_detection=manifest["zero_page_detection"])
+                            zero_page_detection=manifest["zero_page_detection"],
+                            commands=manifest["commands"])
         session = QemuSending(target, stream, regions, vmstate_fd, channels=channels,
                               compression=compression, level=level,
                               stall_timeout=stall_timeout)
@@ -222,12 +227,22 @@ def _read_manifest(directory: str) -> dict[str, Any]:
     # Manifests written before QEMU 10's flavour was told apart are QEMU 7.2's.
     manifest.setdefault("multifd_sync", SYNC_PER_SECTION)
     manifest.setdefault("zero_page_detection", "legacy")
+    manifest.setdefault("commands", [])     # and so are those without the COMMANDs kept
     flavours = {"multifd_sync": (SYNC_PER_SECTION, SYNC_PER_ROUND),
                 "zero_page_detection": ("legacy", "multifd")}
     for key, known in flavours.items():
         if manifest[key] not in known:
             raise ConfigError(f"{path}: {key} {manifest[key]!r}, expected one of "
                               f"{', '.join(known)} (a stream flavour this fastmfd cannot replay)")
+    for command in manifest["commands"]:
+        try:
+            place, section = command["before"], bytes.fromhex(command["section"])
+        except (TypeError, KeyError, ValueError):
+            place, section = None, b""
+        if place not in COMMAND_PLACES or section[:1] != bytes([COMMAND]):
+            raise ConfigError(f"{path}: commands: {command!r} is not a COMMAND section "
+                              f"('section', hex) and its place ('before': "
+                              f"{', '.join(COMMAND_PLACES)})")
     return manifest
 
 

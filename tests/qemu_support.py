@@ -50,7 +50,8 @@ class Guest:
     """One QEMU process and its QMP socket; ``close()`` kills it whatever happened."""
 
     def __init__(self, tmp_path, ram_path: str, mib: int, *, incoming: bool = False,
-                 name: str = "src", binary: str = QEMU, machine: str = "pc") -> None:
+                 name: str = "src", binary: str = QEMU, machine: str = "pc",
+                 options: tuple[str, ...] = ()) -> None:
         self.qmp_path = str(tmp_path / f"qmp-{name}.sock")
         self.log_path = str(tmp_path / f"qemu-{name}.log")
         command = [
@@ -60,6 +61,7 @@ class Guest:
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off", "-S"]
         if incoming:
             command += ["-incoming", "defer"]
+        command += options
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL,
                                             stdout=subprocess.DEVNULL, stderr=log)

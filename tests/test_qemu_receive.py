@@ -183,14 +183,20 @@ def test_postcopy_is_refused(tmp_path, guest):
     assert_nothing_complete(out)
 
 
-@pytest.mark.parametrize("stranger", [b"GET / HTTP/1.0\r\n\r\n", b"", None],
-                         ids=["garbage", "closes", "silent"])
+@pytest.mark.parametrize("stranger", [b"GET / HTTP/1.0\r\n\r\n", b"", None, "bad-version",
+                                      "other-uuid", "same-id"],
+                         ids=["garbage", "closes", "silent", "multifd-bad-version",
+                              "multifd-other-uuid", "multifd-same-id"])
 def test_a_stranger_before_qemu_is_dropped(tmp_path, guest, guest_ram, stranger):
     """A connection that is not QEMU's (garbage, nothing then closing, nothing at
-    all) comes before QEMU's main channel: dropped; QEMU's migration succeeds."""
+    all, or the multifd magic and an init packet of another version, of another
+    UUID than QEMU's (all zero: no -uuid) or of an id one of QEMU's channels has) comes
+    before QEMU's main channel: dropped; QEMU's migration succeeds."""
     out = tmp_path / "out"
     guest.set_multifd(2, "zstd")
     receiver = Receiver(out)
+    if isinstance(stranger, str):
+        stranger = MULTIFD_STRANGERS[stranger](bytes(16))
     with connect(parse_address(receiver.address), 5) as intruder:
         if stranger is not None:
             _send_quietly(intruder, stranger)       # it may be dropped before it is done
@@ -285,15 +291,46 @@ def test_capture_replay_is_received(tmp_path, captures, kind):
     assert np.array_equal(np.fromfile(out / mem, dtype=np.uint8), capture_pattern())
     start = manifest["vmstate"]["stream_offset"]
     assert (out / "vmstate.bin").read_bytes() == files["conn0.bin"][start:]
+    # QEMU 10's own pc announces the switchover (the VM stopped) before the RAM
+    # END section: COMMAND 11 (SWITCHOVER_START), no data; the others send none.
+    assert manifest["commands"] == ([{"before": "ram-end", "section": "08000b0000"}]
+                                    if which == "10.0-native" else [])
 
 
-def test_strangers_before_the_capture_are_dropped(tmp_path, captures):
-    """Connections that are not QEMU's (garbage, nothing then closing, nothing and
-    staying open) before the main channel: dropped, the migration is received."""
+def init_packet(uuid: bytes, channel: int, version: int = 1) -> bytes:
+    """A multifd channel's first 64 bytes (``version`` written over the real one)."""
+    packet = bytearray(_core.INIT_PACKET_SIZE)
+    _core.encode_init_packet(packet, uuid, channel)
+    packet[4:8] = version.to_bytes(4, "big")
+    return bytes(packet)
+
+
+# Connections that start as a multifd channel, but are not QEMU's: they come
+# before the main channel. Ids: the named capture's (QEMU's) channels are 0 and 1.
+MULTIFD_STRANGERS = {
+    "bad-version": lambda uuid: init_packet(uuid, 0, version=2),
+    "cut-short": lambda uuid: init_packet(uuid, 0)[:30],
+    "magic-only": lambda uuid: init_packet(uuid, 0)[:4],
+    "other-uuid": lambda uuid: init_packet(bytes(b ^ 0xFF for b in uuid), 0),
+    "same-id": lambda uuid: init_packet(uuid, 1),
+    "id-beyond": lambda uuid: init_packet(uuid, 7),
+}
+
+
+@pytest.mark.parametrize("stranger", ["other", *MULTIFD_STRANGERS])
+def test_strangers_before_the_capture_are_dropped(tmp_path, captures, stranger):
+    """Connections that are not QEMU's before the main channel: garbage, nothing
+    then closing, nothing and staying open; or the multifd magic and an init
+    packet QEMU's channels do not send (cut short, another version) or could not
+    (another UUID, an id QEMU's channels have or do not reach). Dropped, and the
+    migration is received."""
     files = capture_bytes(captures[1], "zstd")
     out = tmp_path / "out"
-    manifest = receive_replay(out, files, strangers=(b"GET / HTTP/1.0\r\n\r\n", b"", None,
-                                                     b"QE")).manifest
+    strangers: tuple[bytes | None, ...] = (
+        (b"GET / HTTP/1.0\r\n\r\n", b"", None, b"QE") if stranger == "other"
+        else (MULTIFD_STRANGERS[stranger](UUID),))
+    manifest = receive_replay(out, files, strangers=strangers).manifest
+    assert manifest["channels"] == 2 and manifest["uuid"] == UUID.hex()
     mem = next(b["file"] for b in manifest["blocks"] if b["idstr"] == "mem")
     assert np.array_equal(np.fromfile(out / mem, dtype=np.uint8), capture_pattern())
 
@@ -330,7 +367,13 @@ def _flip(data: bytes, at: int, value: bytes) -> bytes:
      r"RAM packet field 'magic': received 0xdead3344"),
     (lambda files: {"conn2.bin": _flip(files["conn2.bin"], 64 + 1344 + 16, b"\xff")},
      r"RAM packet field 'normal_pages'"),
-], ids=["main-version", "main-record", "multifd-magic", "multifd-normal-pages"])
+    (lambda files: {"conn1.bin": _flip(files["conn1.bin"], 4, b"\0\0\0\x02")},
+     r"bad init packet on a connection after the main channel: init packet field "
+     r"'version': received 2"),
+    (lambda files: {"conn2.bin": _flip(files["conn2.bin"], 8, b"\0" * 16)},
+     r"multifd channel \d: init packet field 'uuid': received 0{32}, expected 1234"),
+], ids=["main-version", "main-record", "multifd-magic", "multifd-normal-pages",
+        "multifd-init-version", "multifd-init-uuid"])
 def test_corrupt_stream_fails_cleanly(tmp_path, captures, corrupt, match):
     files = capture_bytes(captures[1], "zlib")
     files.update(corrupt(files))
@@ -370,7 +413,8 @@ def test_a_stream_without_ram_fails_cleanly(tmp_path):
 @pytest.mark.parametrize("flavour", ["qemu-7.2", "qemu-10"])
 def test_zero_page_after_data_is_written(tmp_path, flavour):
     """A page sent as data in one round and as zero in the next ends up zero (the
-    file is not left holding the older data); pages only ever zero stay holes.
+    file is not left holding the older data), and a hole again, as the pages only
+    ever zero stay.
     QEMU 7.2's way: ZERO records on the main channel, a SYNC before each EOS;
     QEMU 10's: zero pages listed in the multifd packets, a SYNC before each
     MULTIFD_FLUSH record (and none at the EOS that follows)."""
@@ -378,7 +422,11 @@ def test_zero_page_after_data_is_written(tmp_path, flavour):
     native = flavour == "qemu-10"
     part, end = (bytes([kind]) + (2).to_bytes(4, "big") for kind in (0x02, 0x03))
     eos = (encode_multifd_flush() if native else b"") + encode_ram_eos(2, True)
-    zeros = np.array([5 * page, 9 * page], dtype=np.uint64)
+    # Round 2 sends page 5 and a run long enough to be punched out as data,
+    # round 3 lists them (and pages that were never data) as zero.
+    run = np.arange(64, 64 + _core.PUNCH_MIN_BYTES // page, dtype=np.uint64) * page
+    data = np.concatenate([[5 * page], run]).astype(np.uint64)
+    zeros = np.concatenate([[5 * page, 9 * page], run]).astype(np.uint64)
     main = (encode_stream_start(b"\x07" + (3).to_bytes(4, "big") + b"abc")
             + encode_ram_start(2, {block: size}) + eos           # round 1: setup
             + part + eos                                         # round 2: data (multifd)
@@ -399,7 +447,8 @@ def test_zero_page_after_data_is_written(tmp_path, flavour):
     init = bytearray(_core.INIT_PACKET_SIZE)
     _core.encode_init_packet(init, bytes(16), 0)
     channel = (bytes(init) + packet(_core.FLAG_SYNC)                    # setup
-               + packet(0, [5 * page], b"\x77" * page) + packet(_core.FLAG_SYNC)   # round 2
+               + packet(0, data, b"\x77" * page * len(data))
+               + packet(_core.FLAG_SYNC)                                       # round 2
                + (packet(0, zero=zeros) if native else b"")            # round 3
                + packet(_core.FLAG_SYNC) + packet(_core.FLAG_SYNC))     # rounds 3, 4
 
@@ -416,7 +465,9 @@ def test_zero_page_after_data_is_written(tmp_path, flavour):
             sock.close()
     path = out / received.manifest["blocks"][0]["file"]
     assert path.read_bytes() == bytes(size)
-    assert path.stat().st_blocks * 512 < size // 2          # holes, but for page 5
+    # The run's data took blocks until round 3 cleared it: a hole punched, not
+    # zeros written; page 5, alone, is zero-filled (cheaper), and keeps its block.
+    assert path.stat().st_blocks * 512 <= page
     manifest = received.manifest
     assert manifest["ram_section_ends"] == manifest["syncs"] == 4
     assert (manifest["multifd_sync"], manifest["zero_page_detection"]) == \

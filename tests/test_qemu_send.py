@@ -10,6 +10,7 @@ save the same directory again, in the same flavour.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -45,12 +46,13 @@ def saved_guest(tmp_path, channels: int, compression: str, binary: str = QEMU,
 
 def incoming_guest(tmp_path, channels: int, compression: str, binary: str = QEMU,
                    machine: str = "pc"):
-    """A fresh QEMU waiting for a migration: (guest, its RAM file, address)."""
+    """A fresh QEMU waiting for a migration: (guest, its RAM file, address). It
+    traces each COMMAND section it loads into its log (``loaded_commands``)."""
     ram_path = tmp_path / "dst-ram.img"
     with open(ram_path, "wb") as f:
         f.truncate(GUEST_MIB << 20)
     guest = Guest(tmp_path, str(ram_path), GUEST_MIB, incoming=True, name="dst", binary=binary,
-                  machine=machine)
+                  machine=machine, options=("-trace", "loadvm_process_command"))
     try:
         guest.set_multifd(channels, compression)
         guest.qmp.command("migrate-incoming", uri="tcp:127.0.0.1:0")
@@ -61,10 +63,21 @@ def incoming_guest(tmp_path, channels: int, compression: str, binary: str = QEMU
     return guest, ram_path, f"tcp:{socket_address['host']}:{socket_address['port']}"
 
 
+def loaded_commands(guest: Guest) -> list[str]:
+    """The COMMAND sections the destination loaded, by name (its trace)."""
+    with open(guest.log_path) as log:
+        return re.findall(r"loadvm_process_command com=(\w+)", log.read())
+
+
 @pytest.mark.parametrize("qemu_binary", QEMUS)
 @pytest.mark.parametrize("channels, compression", [(1, "zlib"), (2, "none"), (4, "zstd")])
 def test_saved_migration_goes_back_into_qemu(tmp_path, qemu_binary, channels, compression):
+    """The destination completes with the guest's RAM, and loads the COMMAND
+    sections the source sent: none from 7.2, SWITCHOVER_START (before the RAM
+    END section) from QEMU 10's own pc."""
     saved, ram = saved_guest(tmp_path, 2, "none", qemu_binary)
+    switchover = [] if qemu_binary == QEMU else [{"before": "ram-end", "section": "08000b0000"}]
+    assert json.loads((saved / "manifest.json").read_text())["commands"] == switchover
     guest, ram_path, address = incoming_guest(tmp_path, channels, compression, qemu_binary)
     try:
         sent = qemu.send(address, str(saved), channels=channels, compression=compression,
@@ -72,6 +85,7 @@ def test_saved_migration_goes_back_into_qemu(tmp_path, qemu_binary, channels, co
         assert guest.wait() == "completed"
         assert np.array_equal(np.fromfile(ram_path, dtype=np.uint8), ram)
         assert len(sent) == channels and all(c["syncs"] == 2 for c in sent)
+        assert loaded_commands(guest) == ["SWITCHOVER_START"] * len(switchover)
         guest.qmp.command("cont")
         assert guest.qmp.command("query-status")["status"] == "running"
     finally:
@@ -123,7 +137,7 @@ def test_send_into_receive_saves_the_same_directory(tmp_path, captures, channels
     assert again.manifest["channels"] == channels
     assert again.manifest["compression"] == compression
     for key in ("blocks", "configuration", "uuid", "machine", "page_size", "multifd_sync",
-                "zero_page_detection"):
+                "zero_page_detection", "commands"):
         assert again.manifest[key] == saved.manifest[key]
     for block in saved.manifest["blocks"]:
         name = block["file"]
@@ -144,6 +158,9 @@ def test_send_refuses_a_directory_without_a_qemu_manifest(tmp_path):
                                  "per-round"),
     ("zero_page_detection", "none", "zero_page_detection 'none', expected one of legacy, "
                                     "multifd"),
+    ("commands", [{"before": "ram-middle", "section": "08000b0000"}],
+     "is not a COMMAND section .* and its place"),
+    ("commands", [{"before": "ram-end", "section": "04"}], "is not a COMMAND section"),
 ])
 def test_send_refuses_a_bad_manifest(tmp_path, qemu72_captures, key, value, match):
     receive_replay(tmp_path / "saved", capture_bytes(qemu72_captures, "none"))

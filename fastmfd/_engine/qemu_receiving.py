@@ -7,18 +7,22 @@ destination's side of QEMU's own protocol, with fastmfd's receive workers.
       listener: each connection told apart by its first bytes:
         "QEVM" -> the main channel; 0x11223344 -> a multifd
         channel: its init packet read here (id, uuid), a worker
-        started for it ───────────── socket ──────────────▶  (waits for its RecvParams)
-        (other first bytes, or none: not QEMU's, dropped)
+        set aside for it ─────────── socket ──────────────▶  (waits for its RecvParams)
+        (other first bytes or none: not QEMU's, dropped; a
+        bad init packet too, before the main channel came)
       main channel, decoded as it arrives (QevmDecoder):
-        block list -> one sparse .part file per RAMBlock,
-          RecvParams (qemu-7.2 layout, compression learnt) ─▶  RecvEngine: pages (and the
-        ZERO / PAGE records -> written here (a zero page only      zero pages QEMU >= 9.0
-          where this migration wrote data before)                  lists) into the files
+        block list -> one sparse .part file per RAMBlock
+        ZERO / PAGE records -> written here (a zero page only
+          where this migration wrote data before: cleared)
+        barrier 1 (the setup section's end): QEMU synced every
+          channel before it, so all have connected; QEMU's are
+          chosen (qemu_channels), RecvParams (qemu-7.2 layout,
+          compression learnt) ─────────────────────────────▶  RecvEngine: pages (and the
+                                                                 zero pages QEMU >= 9.0
+                                                                 lists) into the files
         barrier k (a section's EOS, or a MULTIFD_FLUSH record
           when the machine type syncs per round) -> every
           channel's SYNC k, then Go(k) ◀─────────── Synced(k) ─▶ Go(k)
-          (after barrier 1 the channel count is known: QEMU syncs
-          every channel before the setup section ends)
         first device section -> the rest of the stream, as
           QEMU sent it, into vmstate.bin
       end of the main channel: it must end with QEMU_VM_EOF      ◀─ Eof(compression)
@@ -44,14 +48,15 @@ from typing import Protocol
 import numpy as np
 
 from .. import _core
-from ..errors import MigrationError, ProtocolError
+from ..errors import FastMFDError, MigrationError, ProtocolError
 from ..protocol.bytereader import ByteReader, StreamReader
 from ..protocol.control import Eof, Go, Ready, RecvParams, Synced
 from ..protocol.qemu import (MIG_CMD_OPEN_RETURN_PATH, MIG_CMD_PING, QEVM_MAGIC,
                              SYNC_PER_SECTION, QevmDecoder, check_stream_end)
 from ..protocol.sockets import tune_data_socket
 from ..regions import Region
-from .processes import Child, ChildSet, Watch
+from .processes import ChildSet, Watch
+from .qemu_channels import QemuChannel, choose_channels, migration_uuid
 from .session import shutdown_quietly
 from .workers import qemu_recv_worker_main
 
@@ -101,20 +106,9 @@ class QemuStreamFacts:
     vmstate_bytes: int = 0
     vm_devices: int = 0
     configuration: bytes = b""              # the stream's CONFIGURATION section
+    commands: list[tuple[str, bytes]] = field(default_factory=list)  # COMMANDs: place, bytes
     ram_section_id: int | None = 0          # None: the stream had no RAM section
     section_footers: bool = True
-
-
-@dataclass
-class _Channel:
-    id: int
-    sock: socket.socket
-    worker: Child | None                    # None only while its worker starts
-    ready: bool = False                     # its worker reported Ready
-    starting: bool = False                  # its parameters wait for that Ready
-    synced: int = 0
-    ended: bool = False
-    compression: str | None = None
 
 
 class QemuReceiving:
@@ -130,8 +124,12 @@ class QemuReceiving:
         self.timeout, self.stall = timeout, stall_timeout
         self.facts = QemuStreamFacts()
         self.main: socket.socket | None = None
-        self.channels: dict[int, _Channel] = {}
-        self.pending: list[socket.socket] = []      # accepted, not yet told apart
+        self.channels: dict[int, QemuChannel] = {}     # QEMU's, chosen at barrier 1
+        self.candidates: list[QemuChannel] = []        # good init packets, until then
+        self.bad_inits: list[tuple[int, FastMFDError]] = []  # arrival, what was bad
+        self.pending: dict[socket.socket, int] = {}  # accepted, not yet told apart: arrival
+        self.arrivals = 0
+        self.main_arrival = -1
         self.regions: dict[str, Region] = {}
         self.counters: _core.Counters | None = None
         self.watch = Watch()
@@ -161,12 +159,11 @@ class QemuReceiving:
         facts.capabilities = list(decoder.out.capabilities)
         facts.ram_bytes = decoder.out.ram_bytes
         facts.configuration = decoder.out.configuration
+        facts.commands = decoder.out.command_sections
         facts.ram_section_id = decoder.out.ram_section_id
         facts.section_footers = decoder.out.section_footers
         facts.multifd_sync = decoder.out.multifd_sync or SYNC_PER_SECTION
         facts.ram_section_ends = decoder.out.ram_section_ends
-        if facts.uuid is None:
-            facts.uuid = decoder.out.uuid
         self._save_vmstate(decoder.r)
         self._wait_channels_end()
         # No block list, no counters: no channel carried a page.
@@ -210,7 +207,8 @@ class QemuReceiving:
                 log.warning("a connection after the channels were counted: dropped")
                 sock.close()
                 continue
-            self.pending.append(sock)
+            self.pending[sock] = self.arrivals
+            self.arrivals += 1
             self.watch.add(sock, functools.partial(self._classify, sock))
 
     def _classify(self, sock: socket.socket, wait: float | None = None) -> None:
@@ -233,7 +231,7 @@ class QemuReceiving:
         else:
             reason = "closed"
         self.watch.remove(sock)
-        self.pending.remove(sock)
+        arrival = self.pending.pop(sock)
         if len(head) < 4:
             log.warning("a connection sent %d bytes (%s): dropped", len(head), reason)
             sock.close()
@@ -245,7 +243,7 @@ class QemuReceiving:
                                     received=head.hex(), expected="one main channel",
                                     where="a new connection")
             sock.settimeout(None)
-            self.main = sock
+            self.main, self.main_arrival = sock, arrival
             self.main_at = time.monotonic()
             self.watch.main = sock
             self.watch.add(sock, self._on_main_readable)
@@ -256,50 +254,63 @@ class QemuReceiving:
                         QEVM_MAGIC.hex(), MULTIFD_MAGIC.hex())
             sock.close()
             return
-        self._open_channel(sock)
+        self._open_channel(sock, arrival)
 
-    def _open_channel(self, sock: socket.socket) -> None:
-        """Read the init packet of a multifd channel; start its worker."""
+    def _open_channel(self, sock: socket.socket, arrival: int) -> None:
+        """Read the init packet of a multifd channel and set a worker aside for it.
+        QEMU writes the packet whole as it connects, and connects its main channel
+        first: a packet cut short, late or bad (another version) fails the migration
+        on a connection that came after the main channel, and on one that came
+        before it is a stranger's, dropped. Whether a good one is QEMU's (its UUID
+        and id) is decided at barrier 1 (qemu_channels)."""
         try:
-            data = _recv_exact(sock, _core.INIT_PACKET_SIZE, self.stall, "init packet")
+            data = _recv_exact(sock, _core.INIT_PACKET_SIZE, LATE_BYTES_WAIT, "init packet")
             uuid, ch = _core.decode_init_packet(data)
-        except BaseException:
+        except FastMFDError as exc:
             sock.close()
-            raise
-        where = f"multifd channel {ch}"
-        if ch in self.channels:
-            sock.close()
-            raise ProtocolError(f"init packet field 'id': received {ch}, already connected",
-                                field="id", received=ch, expected="a new channel id",
-                                where=where)
-        if self.facts.uuid is None:
-            self.facts.uuid = uuid
-        elif uuid != self.facts.uuid:
-            sock.close()
-            raise ProtocolError(f"init packet field 'uuid': received {uuid.hex()}, expected "
-                                f"{self.facts.uuid.hex()} (the other channels')", field="uuid",
-                                received=uuid.hex(), expected=self.facts.uuid.hex(),
-                                where=where)
+            self.bad_inits.append((arrival, exc))
+            self._judge_bad_inits(final=False)
+            return
         sock.settimeout(None)
-        tune_data_socket(sock)
         worker = self.spares.pop() if self.spares else None
-        channel = self.channels[ch] = _Channel(ch, sock, worker, ready=worker is not None)
+        channel = QemuChannel(ch, sock, worker, uuid, arrival, ready=worker is not None)
+        self.candidates.append(channel)
         if worker is None:
             assert self.workers is not None, "open until close()"
-            channel.worker = worker = self.workers.spawn(qemu_recv_worker_main, where)
-        worker.name = where
+            channel.worker = worker = self.workers.spawn(qemu_recv_worker_main, "receive worker")
         self.watch.add_child(worker, lambda report: self._on_report(channel, report))
-        if self.regions:
-            self._start_channel(channel)
 
-    def _close_door(self) -> None:
+    def _judge_bad_inits(self, final: bool) -> None:
+        """Drop the connections with a bad init packet that came before the main
+        channel; fail on one that came after it. Until the main channel is told
+        apart (``final``: it is), a connection after an undecided one waits."""
+        undecided = min(self.pending.values(), default=None) if self.main is None else None
+        for arrival, problem in list(self.bad_inits):
+            before = (arrival < self.main_arrival if self.main is not None
+                      else undecided is None or arrival < undecided)
+            if not before and (final or self.main is not None):
+                raise MigrationError(f"bad init packet on a connection after the main "
+                                     f"channel: {problem}", channel="multifd channel")
+            if before:
+                log.warning("a connection sent the multifd magic before the main channel "
+                            "came, but %s: not QEMU's, dropped", problem)
+                self.bad_inits.remove((arrival, problem))
+
+    def _close_door(self, uuid: bytes | None) -> None:
         """The setup section ended: every channel QEMU opened has connected and sent
-        its init packet (its setup SYNC came before the EOS). Count them."""
+        its init packet (its setup SYNC came before the EOS). Choose them, count
+        them and start them; ``uuid``: the main channel's, if its configuration said."""
         self._accept()
         for sock in list(self.pending):
             self._classify(sock, wait=LATE_BYTES_WAIT)
         self.closed_door = True
         self.watch.remove(self.listener)
+        self._judge_bad_inits(final=True)
+        uuid = self.facts.uuid = migration_uuid(self.candidates, self.main_arrival, uuid)
+        self.channels, strangers = choose_channels(self.candidates, self.main_arrival, uuid)
+        for channel, why in strangers:
+            self._drop(channel, why)
+        self.candidates = []
         n = len(self.channels)
         if n == 0:
             raise ProtocolError("no multifd channel connected before the RAM setup section "
@@ -310,6 +321,23 @@ class QemuReceiving:
                                 field="id", received=sorted(self.channels),
                                 expected=list(range(n)), where=MAIN)
         self.facts.channels = n
+        for channel in self.channels.values():
+            tune_data_socket(channel.sock)
+            assert channel.worker is not None, "set aside with its channel"
+            channel.worker.name = f"multifd channel {channel.id}"
+            self._start_channel(channel)
+
+    def _drop(self, channel: QemuChannel, why: str) -> None:
+        """A connection that sent a good init packet before the main channel came,
+        but is not one of QEMU's."""
+        log.warning("a connection sent the init packet of multifd channel %d (uuid %s) before "
+                    "the main channel came, but %s: not QEMU's, dropped", channel.id,
+                    channel.uuid.hex(), why)
+        channel.sock.close()
+        assert channel.worker is not None, "set aside with its channel"
+        self.watch.remove(channel.worker.conn)
+        self.watch.remove(channel.worker.sentinel)
+        self.spares.append(channel.worker)
 
     # ------------------------------------------------------------ RAM
     def on_blocks(self, blocks: dict[str, int], page_size: int) -> None:
@@ -320,10 +348,8 @@ class QemuReceiving:
         for name, size in blocks.items():
             self.regions[name] = self.out.region(name, size, page_size)
         self.counters = _core.Counters.create(MAX_CHANNELS, tag="qemu-counters")
-        for channel in self.channels.values():
-            self._start_channel(channel)
 
-    def _start_channel(self, channel: _Channel) -> None:
+    def _start_channel(self, channel: QemuChannel) -> None:
         if not channel.ready:
             channel.starting = True         # its Ready will start it (_on_report)
             return
@@ -336,7 +362,8 @@ class QemuReceiving:
             compression="none", regions=tuple(r.handle for r in regions), devices=(),
             counters=self.counters.name, pool=None, ram=True,
             received=tuple(r.dirty.name for r in regions), fresh=tuple(True for _ in regions),
-            layout=_core.LAYOUT_QEMU72, learn_compression=True)
+            layout=_core.LAYOUT_QEMU72, learn_compression=True,
+            sparse=tuple(self._sparse(r) for r in regions))
         assert channel.worker is not None, "started with its channel"
         channel.worker.start_session(params, [channel.sock.fileno()])
 
@@ -349,15 +376,25 @@ class QemuReceiving:
 
     def on_zero_pages(self, block: str, offsets: np.ndarray) -> None:
         """ZERO records. A zero page stays a hole unless this migration wrote data
-        there before (a page re-sent as zero in a later round)."""
+        there before (a page re-sent as zero in a later round): then it is made
+        one again, as the receive workers do with the pages QEMU >= 9.0 lists."""
         region = self.regions[block]
         self.facts.zero_pages += len(offsets)
-        for page in region.dirty.marked(offsets // np.uint64(region.page_size)).tolist():
-            region.buffer[page * region.page_size:(page + 1) * region.page_size] = \
-                bytes(region.page_size)
+        pages = region.dirty.marked(offsets // np.uint64(region.page_size))
+        if len(pages):
+            _core.clear_pages(region.buffer, pages * np.uint64(region.page_size),
+                              region.page_size, self._sparse(region))
 
-    def on_sync(self) -> None:
-        """RAM barrier: every channel sent its SYNC for it; let them on."""
+    @staticmethod
+    def _sparse(region: Region) -> bool:
+        """A block file whose cleared pages become holes: not a warm file (faulted
+        in, its blocks allocated on purpose) nor one of huge pages (a hole would
+        split one)."""
+        return not region.faulted_in and not region.huge_pages
+
+    def on_sync(self, uuid: bytes | None) -> None:
+        """RAM barrier: every channel sent its SYNC for it; let them on. ``uuid``:
+        what the main channel's configuration said, if it did."""
         facts = self.facts
         if not self.regions:
             raise ProtocolError("main channel: a SYNC barrier (EOS or MULTIFD_FLUSH) before "
@@ -365,7 +402,7 @@ class QemuReceiving:
                                 expected="MEM_SIZE first", where=MAIN)
         facts.syncs += 1
         if facts.syncs == 1:
-            self._close_door()
+            self._close_door(uuid)
         k = facts.syncs
         deadline = time.monotonic() + self.stall
         while late := [c for c in self.channels.values() if c.synced < k]:
@@ -383,7 +420,7 @@ class QemuReceiving:
             assert channel.worker is not None, "started with its channel"
             channel.worker.send(Go(k))
 
-    def _on_report(self, channel: _Channel, report: object) -> None:
+    def _on_report(self, channel: QemuChannel, report: object) -> None:
         if isinstance(report, Ready):
             channel.ready = True
             if channel.starting:
@@ -469,17 +506,19 @@ class QemuReceiving:
 
     def close(self) -> None:
         """Stop everything and free it (every exit path; idempotent)."""
-        for sock in [self.main, *self.pending, *(c.sock for c in self.channels.values())]:
+        socks = [self.main, *self.pending, *(c.sock for c in self.candidates),
+                 *(c.sock for c in self.channels.values())]
+        for sock in socks:
             if sock is not None:
                 shutdown_quietly(sock)
         if self.workers is not None:
             self.workers.kill()
             self.workers.stop(0)
             self.workers = None
-        for sock in [self.main, *self.pending, *(c.sock for c in self.channels.values())]:
+        for sock in socks:
             if sock is not None:
                 sock.close()
-        self.main, self.pending = None, []
+        self.main, self.pending, self.candidates = None, {}, []
         for region in self.regions.values():
             region.close()
         self.regions = {}
@@ -510,7 +549,7 @@ class _LiveDecoder(QevmDecoder):
         self.session.on_zero_pages(block, offsets)
 
     def on_sync(self) -> None:
-        self.session.on_sync()
+        self.session.on_sync(self.out.uuid)
 
     def on_command(self, command: int, at: int) -> None:
         if command in (MIG_CMD_OPEN_RETURN_PATH, MIG_CMD_PING):

@@ -6,7 +6,9 @@ protocol, with fastmfd's send workers.
 
     QemuSending.run()                                     send workers (1 process / channel)
       main channel: QEVM, the saved CONFIGURATION, the RAM
-        section's START and block list
+        section's START and block list (saved COMMAND sections
+        go back where they sat: before it, before the END, or
+        before the device sections)
       each multifd channel connects after the main one
         (a 7.2 destination takes the first for main) ──▶  init packet (the saved UUID, id)
       SYNC on every channel; [MULTIFD_FLUSH] EOS (setup)   SYNC packet
@@ -43,9 +45,9 @@ import numpy as np
 from .. import _core
 from ..errors import MigrationError
 from ..protocol.control import Done, SendParams
-from ..protocol.qemu import (SYNC_PER_ROUND, SYNC_PER_SECTION, encode_multifd_flush,
-                             encode_ram_end_start, encode_ram_eos, encode_ram_start,
-                             encode_stream_start, encode_zero_records)
+from ..protocol.qemu import (COMMAND_PLACES, SYNC_PER_ROUND, SYNC_PER_SECTION,
+                             encode_multifd_flush, encode_ram_end_start, encode_ram_eos,
+                             encode_ram_start, encode_stream_start, encode_zero_records)
 from ..protocol.security import ChannelSecurity
 from ..protocol.sockets import Address, connect, tune_data_socket
 from ..regions import Region
@@ -68,8 +70,13 @@ class QemuStream:
     def __init__(self, configuration: bytes, uuid: bytes, ram_section_id: int,
                  section_footers: bool, *, machine: str = "",
                  multifd_sync: str = SYNC_PER_SECTION,
-                 zero_page_detection: str = "legacy") -> None:
+                 zero_page_detection: str = "legacy",
+                 commands: list[dict[str, str]] | None = None) -> None:
         self.configuration, self.uuid = configuration, uuid
+        # The saved COMMAND sections, joined per place (protocol.qemu.COMMAND_PLACES).
+        self.commands = dict.fromkeys(COMMAND_PLACES, b"")
+        for command in commands or []:
+            self.commands[command["before"]] += bytes.fromhex(command["section"])
         self.ram_section_id, self.section_footers = ram_section_id, section_footers
         self.machine = machine
         self.per_round = multifd_sync == SYNC_PER_ROUND
@@ -135,16 +142,18 @@ class QemuSending:
         barrier = encode_multifd_flush() if stream.per_round else b""
         self.main = connect(self.address, self.stall)
         self.main.settimeout(self.stall)
-        self._main(encode_stream_start(stream.configuration)
+        commands = stream.commands
+        self._main(encode_stream_start(stream.configuration) + commands["ram"]
                    + encode_ram_start(section, {r.name: r.size for r in self.regions}))
         for ch, worker in enumerate(self.workers):
             self._open_channel(ch, worker)
         self._sync()
-        self._main(barrier + encode_ram_eos(section, footer) + encode_ram_end_start(section))
+        self._main(barrier + encode_ram_eos(section, footer) + commands["ram-end"]
+                   + encode_ram_end_start(section))
         for index, region in enumerate(self.regions):
             self._send_region(index, region)
         self._sync()
-        self._main(barrier + encode_ram_eos(section, footer))
+        self._main(barrier + encode_ram_eos(section, footer) + commands["devices"])
         self._send_vmstate()
         for ch in range(self.channels):
             self._command(ch, _core.pack_command(_core.CMD_QUIT))

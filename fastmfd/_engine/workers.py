@@ -171,7 +171,8 @@ def _receive(pipe: ChildPipe, sock: socket.socket, params: RecvParams,
     codec = None if params.learn_compression else _core.make_codec(params.compression, False)
     engine = _core.RecvEngine(sock.fileno(), params.channel, geometry, codec,
                               regions, counters, received, list(params.fresh), pool,
-                              list(params.devices), reassembly_fd, params.ram, tls=tls)
+                              list(params.devices), reassembly_fd, params.ram, tls=tls,
+                              sparse=list(params.sparse) or None)
     while engine.run() == _core.EVENT_SYNC:
         pipe.send(Synced(engine.rounds))
         reply = pipe.recv()

@@ -42,6 +42,7 @@ cdef extern from *:
     #endif
     """
     int MADV_POPULATE_WRITE
+    int MADV_REMOVE
     int madvise(void *addr, size_t length, int advice) nogil
 
 cdef extern from "<sys/socket.h>" nogil:

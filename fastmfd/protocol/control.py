@@ -105,6 +105,7 @@ class RecvParams(ChannelParams):
     fresh: tuple[bool, ...]                 # per region, created empty for this session
     layout: str = "current"                 # RAM header layout: "current" or "qemu-7.2"
     learn_compression: bool = False         # QEMU: the first packet with pages names it
+    sparse: tuple[bool, ...] = ()           # per region, a sparse file: cleared pages are holes
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,10 @@ main channel up to its first device section::
 
     "QEVM" version 3
     CONFIGURATION   machine type [+ subsections: target-page-bits, capabilities, uuid]
-    COMMAND ...     (skipped: open return path, ping; QEMU 10's switchover start)
+    COMMAND ...     (kept, with where they sat: see below)
     START  "ram" v4 MEM_SIZE + block list ......... [MULTIFD_FLUSH] EOS  footer
     PART   ram      ZERO / PAGE records ... [MULTIFD_FLUSH] ... EOS  footer
+    [COMMAND SWITCHOVER_START]  (QEMU >= 10.0, machine types >= 10.0: the VM stopped)
     END    ram      ZERO / PAGE records ... [MULTIFD_FLUSH] ... EOS  footer
     FULL   "timer"  <- first device section: decoding stops here
     ... device sections (not decoded) ...
@@ -25,7 +26,10 @@ machine type (spec §5.3), and the stream itself says which:
   before its EOS, then one comes each time the dirty scan wraps, mid-section).
 
 Either way the records before the k-th such barrier belong to round k of the
-capture. The device sections are not decoded (their format is per device), but
+capture. COMMAND sections are kept as sent, each with its place: before the
+RAM section, before its END section (QEMU 10's SWITCHOVER_START, which tells
+the destination's devices, VFIO ones, that the source stopped) or before the
+device sections; a replay puts each back there. The device sections are not decoded (their format is per device), but
 the stream must end with ``QEMU_VM_EOF`` and the VM description, so a main
 channel cut short anywhere is still an error.
 
@@ -61,7 +65,7 @@ from .bytereader import ByteReader
 __all__ = ["QEVM_MAGIC", "QemuMainChannel", "RamRecord", "QevmDecoder", "decode_qemu_main",
            "check_stream_end", "encode_stream_start", "encode_ram_start", "encode_ram_end_start",
            "encode_zero_records", "encode_ram_eos", "encode_multifd_flush", "SYNC_PER_SECTION",
-           "SYNC_PER_ROUND"]
+           "SYNC_PER_ROUND", "COMMAND_PLACES"]
 
 QEVM_MAGIC = b"QEVM"
 QEVM_VERSION = 3
@@ -83,6 +87,9 @@ SECTION_NAMES = {SECTION_START: "start", SECTION_PART: "part", SECTION_END: "end
 MIG_CMD_OPEN_RETURN_PATH = 1    # the destination must answer on the same connection
 MIG_CMD_PING = 2
 MIG_CMD_POSTCOPY_ADVISE = 3     # changes the block list format: not supported
+# Where a COMMAND section sat: before the RAM section, before its END, before the
+# device sections (the first after the RAM section ended).
+COMMAND_PLACES = ("ram", "ram-end", "devices")
 
 # RAM record flags, the low bits of each record's BE u64 (migration/ram.c @ 7.2).
 RAM_ZERO = 0x02
@@ -136,6 +143,7 @@ class QemuMainChannel:
     data_pages: int = 0
     ram_sections: Counter[str] = field(default_factory=Counter)  # start/part/end
     commands: int = 0
+    command_sections: list[tuple[str, bytes]] = field(default_factory=list)  # place, bytes
     ram_bytes: int = 0                          # bytes up to the first device section
     first_device_section: str = ""
     vm_devices: int = 0                         # devices in the VM description
@@ -311,6 +319,9 @@ class QevmDecoder:
         self.on_command(cmd, at)
         r.take(length, "command data")
         self.out.commands += 1
+        place = ("ram" if self.ram_section is None else "devices" if self.ram_ended
+                 else "ram-end")
+        self.out.command_sections.append((place, bytes(r.since(at)[:r.pos - at])))
 
     # -- the RAM section
 
