@@ -60,10 +60,15 @@ def fired(proxy: Proxy, outcome: Outcome) -> float:
     return min(times)
 
 
-def check(outcome: Outcome, proxy: Proxy, pattern: str) -> None:
-    """Both sides failed in time after ``proxy``'s fault struck, naming ``pattern``;
-    the source hears it from the destination (or the other way round)."""
-    src, dst = outcome.failed_both(fired(proxy, outcome))
+def check_fault(outcome: Outcome, proxy: Proxy, pattern: str) -> None:
+    """check() from the moment ``proxy``'s fault struck."""
+    check(outcome, fired(proxy, outcome), pattern)
+
+
+def check(outcome: Outcome, since: float, pattern: str) -> None:
+    """Both sides failed in time, naming ``pattern``; the source hears it from the
+    destination (or the other way round)."""
+    src, dst = outcome.failed_both(since)
     for side, error in (("source", src), ("destination", dst)):
         assert re.search(pattern, str(error)), f"{side}: {pattern!r} not in {str(error)!r}"
 
@@ -72,31 +77,31 @@ def check(outcome: Outcome, proxy: Proxy, pattern: str) -> None:
 
 def test_duplicate_idx(leaks):
     proxy = rewritten(at_idx(2, idx=1))
-    check(migrate(proxy=proxy), proxy, r"dev/0: duplicate chunk idx 1 \(from channel \d\)")
+    check_fault(migrate(proxy=proxy), proxy, r"dev/0: duplicate chunk idx 1 \(from channel \d\)")
 
 
 def test_missing_last_chunk(leaks):
     proxy = rewritten(lambda packet: None if packet.chunk[1] & _core.CHUNK_FLAG_LAST
                       else packet.raw)
-    check(migrate(proxy=proxy), proxy, rf"dev/0: missing chunk idx {CHUNKS}")
+    check_fault(migrate(proxy=proxy), proxy, rf"dev/0: missing chunk idx {CHUNKS}")
 
 
 def test_idx_after_the_last(leaks):
     proxy = rewritten(at_idx(5, flags=_core.CHUNK_FLAG_LAST))
-    check(migrate(proxy=proxy), proxy,
+    check_fault(migrate(proxy=proxy), proxy,
           r"dev/0: chunk idx \d+ after the last chunk \(idx 5\)")
 
 
 def test_chunk_for_an_unknown_device(leaks):
     proxy = rewritten(at_idx(3, idstr="ghost"))
-    check(migrate(proxy=proxy), proxy,
+    check_fault(migrate(proxy=proxy), proxy,
           r"receive channel \d: ProtocolError: device state packet for unknown device "
           r"'ghost' instance 0")
 
 
 def test_empty_chunk(leaks):
     proxy = rewritten(at_idx(4, data=b""))
-    check(migrate(proxy=proxy), proxy,
+    check_fault(migrate(proxy=proxy), proxy,
           r"dev/0: empty chunk idx 4: only the last chunk may carry no data")
 
 
@@ -108,7 +113,7 @@ def test_out_of_order_bytes_over_the_cap(leaks):
     proxy = Proxy({ch: HoldFirstChunks(config, 3.0, ch, log) for ch in range(config.channels)})
     outcome = migrate(config, proxy=proxy,
                       devices=[fastmfd.BytesDevice(*DEVICE, bytes(64 * 4096))])
-    check(outcome, proxy,
+    check_fault(outcome, proxy,
           r"dev/0: 5 chunks queued out of order would hold 20480 bytes of buffer, more than "
           r"max_queued_bytes \(16384\); waiting for chunk idx 0")
 
@@ -122,7 +127,7 @@ def test_tiny_chunks_out_of_order_hit_the_cap_not_a_full_pool(leaks):
     proxy = Proxy({ch: HoldFirstChunks(config, 3.0, ch, log) for ch in range(config.channels)})
     outcome = migrate(config, proxy=proxy, devices=[OddDevice(*DEVICE, bytes(2000), [1])],
                       timeout=20)
-    check(outcome, proxy, r"dev/0: 5 chunks queued out of order would hold")
+    check_fault(outcome, proxy, r"dev/0: 5 chunks queued out of order would hold")
 
 
 def test_destination_cap_below_one_chunk_is_refused_at_setup(leaks):
@@ -161,7 +166,7 @@ def test_reassembly_process_sigkilled(leaks):
     finally:
         region.close()
     # A receive worker writing to the dead process's pipe may report first.
-    check(outcome, proxy, r"reassembly: the worker process was killed by SIGKILL"
+    check_fault(outcome, proxy, r"reassembly: the worker process was killed by SIGKILL"
                                  r"|receive channel \d: BrokenPipeError: .* reassembly pipe")
 
 
@@ -186,7 +191,7 @@ def test_failure_while_devices_save_stops_their_threads_first(leaks):
             assert not saving, f"{[t.name for t in saving]} outlived migrate()"
     finally:
         region.close()
-    check(outcome, proxy, r"receive channel 1: the worker process was killed by SIGKILL")
+    check_fault(outcome, proxy, r"receive channel 1: the worker process was killed by SIGKILL")
 
 
 def test_a_device_whose_read_never_returns(leaks):
