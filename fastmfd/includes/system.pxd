@@ -44,6 +44,18 @@ cdef extern from *:
     int MADV_POPULATE_WRITE
     int madvise(void *addr, size_t length, int advice) nogil
 
+cdef extern from *:
+    """
+    #include <unistd.h>
+    /* Linux 3.1+; C libraries name them only under _GNU_SOURCE. */
+    #ifndef SEEK_DATA
+    #define SEEK_DATA 3
+    #define SEEK_HOLE 4
+    #endif
+    """
+    int SEEK_DATA
+    int SEEK_HOLE
+
 cdef extern from "<sys/socket.h>" nogil:
     ctypedef unsigned int socklen_t
     int shutdown(int sockfd, int how)
