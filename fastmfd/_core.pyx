@@ -84,9 +84,10 @@ from fastmfd.includes.openssl cimport (
     sk_GENERAL_NAME_num, sk_GENERAL_NAME_value,
 )
 from fastmfd.includes.system cimport (
-    CLOCK_MONOTONIC, IOV_MAX, MADV_POPULATE_WRITE, MSG_PEEK, POLLIN, POLLOUT, PR_SET_PDEATHSIG,
-    SEEK_DATA, SEEK_HOLE, SHUT_WR, SIOCOUTQ, SO_RCVTIMEO, SO_SNDBUF, SO_SNDTIMEO, SOL_SOCKET,
-    _SC_PAGESIZE, __builtin_ctzll, __builtin_popcountll, clock_gettime, nanosleep,
+    CLOCK_MONOTONIC, IOV_MAX, MADV_POPULATE_WRITE, MSG_PEEK, OFF_MAX, POLLIN, POLLOUT,
+    PR_SET_PDEATHSIG, SEEK_DATA, SEEK_HOLE, SHUT_WR, SIOCOUTQ, SO_RCVTIMEO, SO_SNDBUF,
+    SO_SNDTIMEO, SOL_SOCKET, _SC_PAGESIZE, __builtin_ctzll, __builtin_popcountll, clock_gettime,
+    nanosleep,
     fm_buffer_is_zero, fm_pagescan_init, getsockopt, ioctl, madvise, poll, pollfd, prctl, recv,
     sem_clockwait, sem_init, sem_post, sem_trywait, shutdown, socklen_t, strnlen, sysconf,
 )

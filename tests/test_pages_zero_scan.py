@@ -1,5 +1,5 @@
 """Zero-page detection: is_zero (QEMU's buffer_is_zero), find_zero_pages,
-file_zero_pages (a sparse file's holes, learnt without reading them), and the
+FileHoles (a sparse file's holes, learnt without reading them), and the
 send engine's pages marked KNOWN_ZERO_PAGE (listed as zero, unread).
 
 The scan tests the first 16 bytes on their own, then OR-reduces the body 128
@@ -15,7 +15,7 @@ import socket
 import numpy as np
 import pytest
 
-from fastmfd._core import KNOWN_ZERO_PAGE, file_zero_pages, find_zero_pages, is_zero
+from fastmfd._core import KNOWN_ZERO_PAGE, FileHoles, find_zero_pages, is_zero
 from engine_pair import PAGE, EnginePair
 
 SMALL_LENGTHS = range(1, 300)
@@ -142,7 +142,7 @@ def test_page_size_zero_is_refused():
         find_zero_pages(np.zeros(4096, dtype=np.uint8), 0)
 
 
-# ---------------------------------------------------------------- file_zero_pages
+# ---------------------------------------------------------------- FileHoles
 
 @pytest.fixture
 def sparse_file(tmpfs_path):
@@ -164,20 +164,28 @@ HOLES = [0, 3, 4, 6, 7, 8, 10, 11, 12, 13, 14, 15]
 def test_the_holes_are_zero_pages_found_without_reading_them(sparse_file):
     fd, mapping = sparse_file
     held = os.fstat(fd).st_blocks
-    assert file_zero_pages(fd, mapping, 4096, 0, 16).tolist() == sorted(HOLES + [5])
-    assert file_zero_pages(fd, mapping, 4096, 0, 16, scan_data=False).tolist() == HOLES
+    assert FileHoles(fd).zero_pages(mapping, 4096, 0, 16).tolist() == sorted(HOLES + [5])
+    assert FileHoles(fd).zero_pages(mapping, 4096, 0, 16, scan_data=False).tolist() == HOLES
     assert os.fstat(fd).st_blocks == held       # no hole was read: none was allocated
     # What the check above would catch: a scan of the mapping fills tmpfs's holes.
     assert find_zero_pages(mapping, 4096).tolist() == sorted(HOLES + [5])
     assert os.fstat(fd).st_blocks > held
 
 
-def test_a_slice_of_the_file(sparse_file):
+def test_slices_in_any_order_on_one_file(sparse_file):
+    """The extent kept from one slice answers only for the places it covers."""
     fd, mapping = sparse_file
-    assert file_zero_pages(fd, mapping, 4096, 2, 4).tolist() == [3, 4, 5]
-    assert file_zero_pages(fd, mapping, 4096, 9, 1).tolist() == []
-    assert file_zero_pages(fd, mapping, 4096, 15, 1).tolist() == [15]
-    assert file_zero_pages(fd, mapping, 4096, 16, 0).tolist() == []
+    holes = FileHoles(fd)
+    assert holes.zero_pages(mapping, 4096, 2, 4).tolist() == [3, 4, 5]
+    assert holes.zero_pages(mapping, 4096, 1, 1).tolist() == []
+    assert holes.zero_pages(mapping, 4096, 6, 4).tolist() == [6, 7, 8]
+    assert holes.zero_pages(mapping, 4096, 9, 1).tolist() == []
+    assert holes.zero_pages(mapping, 4096, 0, 2).tolist() == [0]
+    assert holes.zero_pages(mapping, 4096, 10, 6).tolist() == [10, 11, 12, 13, 14, 15]
+    assert holes.zero_pages(mapping, 4096, 15, 1).tolist() == [15]
+    assert holes.zero_pages(mapping, 4096, 16, 0).tolist() == []
+    assert [holes.zero_pages(mapping, 4096, first, 4).tolist() for first in (0, 4, 8, 12)] \
+        == [[0, 3], [4, 5, 6, 7], [8, 10, 11], [12, 13, 14, 15]]
 
 
 def test_a_page_partly_in_a_hole_is_read(tmp_path):
@@ -191,19 +199,19 @@ def test_a_page_partly_in_a_hole_is_read(tmp_path):
     with open(path, "rb") as f:
         mapping = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
         try:
-            assert file_zero_pages(f.fileno(), mapping, 8192, 0, 4).tolist() == [0, 2, 3]
+            assert FileHoles(f.fileno()).zero_pages(mapping, 8192, 0, 4).tolist() == [0, 2, 3]
         finally:
             mapping.close()
 
 
-def test_file_zero_pages_refuses_pages_outside_and_a_bad_descriptor(sparse_file):
+def test_zero_pages_refuses_pages_outside_and_a_bad_descriptor(sparse_file):
     fd, mapping = sparse_file
     with pytest.raises(IndexError, match="pages 10..17 outside a buffer of 16 pages"):
-        file_zero_pages(fd, mapping, 4096, 10, 8)
+        FileHoles(fd).zero_pages(mapping, 4096, 10, 8)
     bad = os.open(os.devnull, os.O_RDONLY)
     os.close(bad)
     with pytest.raises(OSError, match="finding the holes of file descriptor"):
-        file_zero_pages(bad, mapping, 4096, 0, 16)
+        FileHoles(bad).zero_pages(mapping, 4096, 0, 16)
 
 
 # ---------------------------------------------------------------- KNOWN_ZERO_PAGE

@@ -193,18 +193,18 @@ class QemuSending:
         sparse: its zero pages are holes) are zero pages known unread: reading
         them would fault in every one, and on tmpfs allocate it, filling the
         saved file; the workers are told they are zero (KNOWN_ZERO_PAGE)."""
-        fd = self.block_fds[index]
+        holes = _core.FileHoles(self.block_fds[index])
         for first in range(0, region.npages, SCAN_PAGES):
             count = min(SCAN_PAGES, region.npages - first)
             pages = np.arange(first, first + count, dtype=np.uint64)
             if self.stream.zeros_in_packets:
-                holes = _core.file_zero_pages(fd, region.buffer, self.page_size, first, count,
-                                              scan_data=False)
-                pages[(holes - np.uint64(first)).astype(np.intp)] |= np.uint64(
+                unread = holes.zero_pages(region.buffer, self.page_size, first, count,
+                                          scan_data=False)
+                pages[(unread - np.uint64(first)).astype(np.intp)] |= np.uint64(
                     _core.KNOWN_ZERO_PAGE)
                 self._dispatch(index, pages)
                 continue
-            zero = _core.file_zero_pages(fd, region.buffer, self.page_size, first, count)
+            zero = holes.zero_pages(region.buffer, self.page_size, first, count)
             self._main(encode_zero_records(region.name, zero * np.uint64(self.page_size)))
             self._dispatch(index, np.setdiff1d(pages, zero, assume_unique=True))
 
