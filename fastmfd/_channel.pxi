@@ -239,7 +239,8 @@ cdef class SendEngine(_EngineBase):
     link unless ``measure_link`` is False (a peer on this host), within the
     pacer's ``rate``; ``regions`` are attached Region objects in SETUP order;
     ``mailbox`` a writable buffer of at least job_pages u64 page indices that
-    the main process fills before each RAM command; ``selector`` the selector
+    the main process fills before each RAM command (with KNOWN_ZERO_PAGE set:
+    a zero page that zero_page_detection lists unread); ``selector`` the selector
     this channel belongs to (released after each RAM or device job).
     """
 
@@ -291,7 +292,7 @@ cdef class SendEngine(_EngineBase):
     cdef int send_ram(self, uint32_t region, uint32_t count) except -1:
         cdef RegionRef *ref
         cdef uint32_t start = 0, m, i, nn, nz
-        cdef uint64_t page, off, npages
+        cdef uint64_t page, off, npages, known_zero
         cdef uint32_t psize = self.lay.page_size
         if region >= <uint32_t>self.regions.count or count > self.mailbox_cap:
             raise ValueError(f"bad RAM job: region {region}, {count} pages")
@@ -304,10 +305,13 @@ cdef class SendEngine(_EngineBase):
             with nogil:
                 for i in range(m):
                     page = self.mailbox[start + i]
+                    known_zero = page & KNOWN_ZERO_BIT
+                    page &= ~KNOWN_ZERO_BIT
                     if page >= npages:
                         break
                     off = page * psize
-                    if self.zero_detection and fm_buffer_is_zero(ref.base + off, psize):
+                    if self.zero_detection and (known_zero
+                                                or fm_buffer_is_zero(ref.base + off, psize)):
                         self.zero[nz] = off
                         nz += 1
                     else:

@@ -33,14 +33,16 @@ from cpython.buffer cimport (
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.mem cimport PyMem_Calloc, PyMem_Free, PyMem_Malloc, PyMem_Realloc
-from libc.errno cimport (EAGAIN, ECONNRESET, EFAULT, EINTR, ENOMEM, EPIPE, EPROTO, ETIMEDOUT,
-                         errno)
+from libc.errno cimport (EAGAIN, ECONNRESET, EFAULT, EINTR, ENOMEM, ENXIO, EPIPE, EPROTO,
+                         ETIMEDOUT, errno)
 from libc.stdint cimport uintptr_t
 from libc.stdio cimport snprintf
 from libc.string cimport memcmp, memcpy, memset, strcmp, strerror, strncpy, strstr
 from libc.time cimport time_t, timespec
 from posix.fcntl cimport F_GETFL, F_SETFL, O_NONBLOCK, fcntl
 from posix.time cimport timeval
+from posix.types cimport off_t
+from posix.unistd cimport lseek
 from posix.uio cimport readv, writev
 
 from fastmfd.includes.atomics cimport (
@@ -82,11 +84,12 @@ from fastmfd.includes.openssl cimport (
     sk_GENERAL_NAME_num, sk_GENERAL_NAME_value,
 )
 from fastmfd.includes.system cimport (
-    CLOCK_MONOTONIC, IOV_MAX, MADV_POPULATE_WRITE, MADV_REMOVE, MSG_PEEK, POLLIN, POLLOUT, PR_SET_PDEATHSIG,
-    SHUT_WR, SIOCOUTQ, SO_RCVTIMEO, SO_SNDBUF, SO_SNDTIMEO, SOL_SOCKET, _SC_PAGESIZE, __builtin_ctzll,
-    __builtin_popcountll, clock_gettime, nanosleep, fm_buffer_is_zero, fm_pagescan_init, getsockopt,
-    ioctl, madvise, poll, pollfd, prctl, recv, sem_clockwait, sem_init, sem_post, sem_trywait,
-    shutdown, socklen_t, strnlen, sysconf,
+    CLOCK_MONOTONIC, IOV_MAX, MADV_POPULATE_WRITE, MADV_REMOVE, MSG_PEEK, OFF_MAX, POLLIN,
+    POLLOUT, PR_SET_PDEATHSIG, SEEK_DATA, SEEK_HOLE, SHUT_WR, SIOCOUTQ, SO_RCVTIMEO, SO_SNDBUF,
+    SO_SNDTIMEO, SOL_SOCKET, _SC_PAGESIZE, __builtin_ctzll, __builtin_popcountll, clock_gettime,
+    nanosleep, fm_buffer_is_zero, fm_pagescan_init, getsockopt, ioctl, madvise, poll, pollfd,
+    prctl, recv, sem_clockwait, sem_init, sem_post, sem_trywait, shutdown, socklen_t, strnlen,
+    sysconf,
 )
 
 import errno as errno_module

@@ -287,3 +287,92 @@ def find_zero_pages(const uint8_t[::1] buffer, size_t page_size=4096, pages=None
                 out[k] = idx[i]
                 k += 1
     return result[:k].copy()
+
+
+# The send engine lists a mailbox page index with this bit as a zero page
+# without reading it (a packet layout that lists zero pages); the main
+# process sets it on pages it knows are zero, such as a file's holes.
+cdef uint64_t KNOWN_ZERO_BIT = (<uint64_t>1) << 63
+KNOWN_ZERO_PAGE = KNOWN_ZERO_BIT
+
+
+cdef class FileHoles:
+    """The zero pages of a file, slice after slice: the pages in its holes,
+    learnt with SEEK_DATA/SEEK_HOLE and never read, and (``scan_data``) the
+    all-zero pages among the others, read. Reading a hole through a mapping
+    costs a page fault per page and, on tmpfs, allocates the page: a sparse
+    file would fill up. A page partly in a hole is read; a file system that
+    reports no holes has every page read, as find_zero_pages would.
+
+    The last extent found is kept: on tmpfs an lseek walks the page cache from
+    where it starts to the extent's end, so a data extent that reaches past a
+    slice is walked once, not again for every slice it covers."""
+
+    cdef int fd
+    cdef off_t hole_from, data_from, data_to   # [hole_from, data_from) hole, then data
+
+    def __cinit__(self, int fd):
+        self.fd = fd
+        self.hole_from = self.data_from = self.data_to = -1
+
+    cdef int extent(self, off_t pos, off_t *data, off_t *hole) noexcept nogil:
+        """The data extent at or after ``pos``: [data, hole) (data = OFF_MAX: none
+        before the end of the file); 0, or the errno of a failed lseek."""
+        if not (self.hole_from <= pos < self.data_to):
+            self.hole_from = pos
+            self.data_from = lseek(self.fd, pos, SEEK_DATA)
+            if self.data_from < 0:
+                if errno != ENXIO:          # ENXIO: no data from pos to the end of the file
+                    self.hole_from = self.data_to = -1
+                    return errno
+                self.data_from = self.data_to = OFF_MAX
+            else:
+                self.data_to = lseek(self.fd, self.data_from, SEEK_HOLE)
+                if self.data_to < 0:
+                    self.hole_from = self.data_to = -1
+                    return errno
+        data[0] = max(pos, self.data_from)
+        hole[0] = self.data_to
+        return 0
+
+    def zero_pages(self, const uint8_t[::1] buffer, size_t page_size, uint64_t first,
+                   uint64_t count, bint scan_data=True):
+        """Indices of the zero pages among pages ``first`` .. ``first + count - 1``
+        of the file, which ``buffer`` maps."""
+        cdef size_t total
+        cdef uint64_t[::1] out
+        cdef uint64_t page, k = 0, last
+        cdef off_t pos, data, hole, end
+        cdef int err = 0
+        check_page_size(page_size)
+        total = buffer.shape[0] // page_size
+        if first > total or count > total - first:
+            raise IndexError(f"pages {first}..{first + count - 1} outside a buffer of "
+                             f"{total} pages")
+        result = np.empty(count, dtype=np.uint64)
+        out = result
+        pos = <off_t>(first * page_size)
+        end = <off_t>((first + count) * page_size)
+        with nogil:
+            while pos < end:
+                err = self.extent(pos, &data, &hole)
+                if err:
+                    break
+                data = min(data, end)
+                # The hole [pos, data): pos is on a page boundary, its last page may be partial.
+                for page in range(<uint64_t>pos // page_size, <uint64_t>data // page_size):
+                    out[k] = page
+                    k += 1
+                if data >= end:
+                    break
+                last = (<uint64_t>min(hole, end) + page_size - 1) // page_size   # past the data
+                if scan_data:
+                    for page in range(<uint64_t>data // page_size, last):
+                        if fm_buffer_is_zero(&buffer[0] + page * page_size, page_size):
+                            out[k] = page
+                            k += 1
+                pos = <off_t>(last * page_size)
+        if err:
+            raise OSError(err, f"finding the holes of file descriptor {self.fd}: "
+                               f"{strerror(err).decode()}")
+        return result[:k].copy()

@@ -176,12 +176,15 @@ def send(address: str, directory: str, *, channels: int = 2, compression: str = 
         raise ConfigError(f"compression {compression!r}: expected none, zlib or zstd")
     manifest = _read_manifest(directory)
     regions: list[Region] = []
+    block_fds: list[int] = []       # where each block file's holes are (its zero pages)
     vmstate_fd = -1
     session = None
     try:
         for block in manifest["blocks"]:
-            regions.append(Region.from_file(block["idstr"], _inside(directory, block["file"]),
+            path = _inside(directory, block["file"])
+            regions.append(Region.from_file(block["idstr"], path,
                                             page_size=manifest["page_size"]))
+            block_fds.append(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
             if regions[-1].size != block["size"]:
                 raise ConfigError(f"{block['file']}: {regions[-1].size} bytes, the manifest "
                                   f"says {block['size']}")
@@ -194,7 +197,7 @@ def send(address: str, directory: str, *, channels: int = 2, compression: str = 
                             multifd_sync=manifest["multifd_sync"],
                             zero_page_detection=manifest["zero_page_detection"],
                             commands=manifest["commands"])
-        session = QemuSending(target, stream, regions, vmstate_fd, channels=channels,
+        session = QemuSending(target, stream, regions, block_fds, vmstate_fd, channels=channels,
                               compression=compression, level=level,
                               stall_timeout=stall_timeout)
         session.run()
@@ -202,8 +205,9 @@ def send(address: str, directory: str, *, channels: int = 2, compression: str = 
     finally:
         if session is not None:
             session.close()
-        if vmstate_fd >= 0:
-            os.close(vmstate_fd)
+        for fd in [*block_fds, vmstate_fd]:
+            if fd >= 0:
+                os.close(fd)
         for region in regions:
             region.close()
 

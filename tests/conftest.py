@@ -7,12 +7,16 @@
 - ``qemu72_captures``, ``qemu10_captures``: the real QEMU 7.2 and 10.0 captures
   shared by the project (tests that need them skip, saying why, where they are
   absent); ``captures``: each capture set in turn, QEMU 10.0's own stream too.
+- ``tmpfs_path``: a private directory on tmpfs, where reading a hole of a file
+  through a mapping allocates it (a test can tell whether holes were read).
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -70,6 +74,15 @@ class Processes:
             if proc.is_alive():
                 proc.kill()
             proc.join(GRACE_SECONDS)
+
+
+@pytest.fixture
+def tmpfs_path():
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no tmpfs at /dev/shm")
+    path = Path(tempfile.mkdtemp(prefix="test-tmpfs-", dir="/dev/shm"))
+    yield path
+    shutil.rmtree(path)
 
 
 @pytest.fixture

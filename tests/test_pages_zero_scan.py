@@ -1,4 +1,6 @@
-"""Zero-page detection: is_zero (QEMU's buffer_is_zero) and find_zero_pages.
+"""Zero-page detection: is_zero (QEMU's buffer_is_zero), find_zero_pages,
+FileHoles (a sparse file's holes, learnt without reading them), and the
+send engine's pages marked KNOWN_ZERO_PAGE (listed as zero, unread).
 
 The scan tests the first 16 bytes on their own, then OR-reduces the body 128
 (AVX2) or 64 (SSE2) bytes at a time, then checks a tail shorter than 64 bytes
@@ -6,10 +8,15 @@ bytewise. A single nonzero byte must be found in each of those places, at
 every alignment, for every length class around the block sizes.
 """
 
+import mmap
+import os
+import socket
+
 import numpy as np
 import pytest
 
-from fastmfd._core import find_zero_pages, is_zero
+from fastmfd._core import KNOWN_ZERO_PAGE, FileHoles, find_zero_pages, is_zero
+from engine_pair import PAGE, EnginePair
 
 SMALL_LENGTHS = range(1, 300)
 LARGE_LENGTHS = [4095, 4096, 4097, 65536 + 17, 1 << 20]
@@ -133,3 +140,101 @@ def test_result_does_not_keep_the_scratch_array_alive():
 def test_page_size_zero_is_refused():
     with pytest.raises(ValueError, match="page_size"):
         find_zero_pages(np.zeros(4096, dtype=np.uint8), 0)
+
+
+# ---------------------------------------------------------------- FileHoles
+
+@pytest.fixture
+def sparse_file(tmpfs_path):
+    """16 pages on tmpfs: pages 1, 2 and 9 hold text, page 5 is written zeros,
+    the others are holes; (fd, its mapping)."""
+    fd = os.open(tmpfs_path / "sparse.img", os.O_RDWR | os.O_CREAT, 0o600)
+    os.ftruncate(fd, 16 * 4096)
+    for page, fill in [(1, b"a"), (2, b"b"), (5, b"\0"), (9, b"c")]:
+        os.pwrite(fd, fill * 4096, page * 4096)
+    mapping = mmap.mmap(fd, 16 * 4096, prot=mmap.PROT_READ)
+    yield fd, mapping
+    mapping.close()
+    os.close(fd)
+
+
+HOLES = [0, 3, 4, 6, 7, 8, 10, 11, 12, 13, 14, 15]
+
+
+def test_the_holes_are_zero_pages_found_without_reading_them(sparse_file):
+    fd, mapping = sparse_file
+    held = os.fstat(fd).st_blocks
+    assert FileHoles(fd).zero_pages(mapping, 4096, 0, 16).tolist() == sorted(HOLES + [5])
+    assert FileHoles(fd).zero_pages(mapping, 4096, 0, 16, scan_data=False).tolist() == HOLES
+    assert os.fstat(fd).st_blocks == held       # no hole was read: none was allocated
+    # What the check above would catch: a scan of the mapping fills tmpfs's holes.
+    assert find_zero_pages(mapping, 4096).tolist() == sorted(HOLES + [5])
+    assert os.fstat(fd).st_blocks > held
+
+
+def test_slices_in_any_order_on_one_file(sparse_file):
+    """The extent kept from one slice answers only for the places it covers."""
+    fd, mapping = sparse_file
+    holes = FileHoles(fd)
+    assert holes.zero_pages(mapping, 4096, 2, 4).tolist() == [3, 4, 5]
+    assert holes.zero_pages(mapping, 4096, 1, 1).tolist() == []
+    assert holes.zero_pages(mapping, 4096, 6, 4).tolist() == [6, 7, 8]
+    assert holes.zero_pages(mapping, 4096, 9, 1).tolist() == []
+    assert holes.zero_pages(mapping, 4096, 0, 2).tolist() == [0]
+    assert holes.zero_pages(mapping, 4096, 10, 6).tolist() == [10, 11, 12, 13, 14, 15]
+    assert holes.zero_pages(mapping, 4096, 15, 1).tolist() == [15]
+    assert holes.zero_pages(mapping, 4096, 16, 0).tolist() == []
+    assert [holes.zero_pages(mapping, 4096, first, 4).tolist() for first in (0, 4, 8, 12)] \
+        == [[0, 3], [4, 5, 6, 7], [8, 10, 11], [12, 13, 14, 15]]
+
+
+def test_a_page_partly_in_a_hole_is_read(tmp_path):
+    """Holes finer than a page (here: 8 KiB pages over 4 KiB blocks, or any file
+    system's granularity) leave a page partly data: it is read, as data."""
+    path = tmp_path / "half.img"
+    with open(path, "wb") as f:
+        f.truncate(4 * 8192)
+        f.seek(8192 + 4096)
+        f.write(b"x" * 4096)            # the second half of page 1
+    with open(path, "rb") as f:
+        mapping = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+        try:
+            assert FileHoles(f.fileno()).zero_pages(mapping, 8192, 0, 4).tolist() == [0, 2, 3]
+        finally:
+            mapping.close()
+
+
+def test_zero_pages_refuses_pages_outside_and_a_bad_descriptor(sparse_file):
+    fd, mapping = sparse_file
+    with pytest.raises(IndexError, match="pages 10..17 outside a buffer of 16 pages"):
+        FileHoles(fd).zero_pages(mapping, 4096, 10, 8)
+    bad = os.open(os.devnull, os.O_RDONLY)
+    os.close(bad)
+    with pytest.raises(OSError, match="finding the holes of file descriptor"):
+        FileHoles(bad).zero_pages(mapping, 4096, 0, 16)
+
+
+# ---------------------------------------------------------------- KNOWN_ZERO_PAGE
+
+def test_the_send_engine_lists_a_known_zero_page_unread():
+    """A page the main process marks KNOWN_ZERO_PAGE goes as a zero page whatever
+    its bytes (the engine never reads it); the others are scanned as before."""
+    size = 16 * PAGE
+    data = np.full(size, 7, dtype=np.uint8)
+    data[3 * PAGE:4 * PAGE] = 0
+    src, dst = socket.socketpair()
+    engines = EnginePair(src, dst, size, image_data=data, devices=False)
+    try:
+        marked = np.arange(16, dtype=np.uint64)
+        marked[[5, 6]] |= np.uint64(KNOWN_ZERO_PAGE)
+        engines.send_pages(marked)
+        engines.finish()
+        expected = data.reshape(16, PAGE).copy()
+        expected[[5, 6]] = 0
+        assert np.array_equal(engines.dst.array.reshape(16, PAGE), expected)
+        sent = engines.counters_src.read(0)
+        assert (sent["normal_pages"], sent["zero_pages"]) == (13, 3)
+    finally:
+        engines.close()
+        src.close()
+        dst.close()

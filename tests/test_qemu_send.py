@@ -10,6 +10,7 @@ save the same directory again, in the same flavour.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -144,6 +145,25 @@ def test_send_into_receive_saves_the_same_directory(tmp_path, captures, channels
         assert (tmp_path / "second" / name).read_bytes() == (tmp_path / "first" / name).read_bytes()
     assert (tmp_path / "second" / "vmstate.bin").read_bytes() == \
         (tmp_path / "first" / "vmstate.bin").read_bytes()
+
+
+def test_send_reads_no_hole_of_the_saved_files(tmpfs_path, captures):
+    """The saved block files are sparse (zero pages are holes): a send learns the
+    holes from the file system and sends them as zero pages unread, in either
+    flavour (ZERO records, or listed in the packets), so on tmpfs no hole gets
+    allocated; and what arrives is the same."""
+    saved = receive_replay(tmpfs_path / "first", capture_bytes(captures[1], "none"))
+    files = [tmpfs_path / "first" / block["file"] for block in saved.manifest["blocks"]]
+    held = {path: os.stat(path).st_blocks for path in files}
+    assert sum(os.path.getsize(path) for path in files) - sum(held.values()) * 512 > 1 << 20
+    second = Receiver(tmpfs_path / "second")
+    qemu.send(second.address, str(tmpfs_path / "first"), channels=2, stall_timeout=10.0)
+    again = second.result()
+    assert {path: os.stat(path).st_blocks for path in files} == held
+    assert again.facts.zero_pages + again.facts.multifd_zero_pages == \
+        saved.facts.zero_pages + saved.facts.multifd_zero_pages
+    for path in files:
+        assert (tmpfs_path / "second" / path.name).read_bytes() == path.read_bytes()
 
 
 def test_send_refuses_a_directory_without_a_qemu_manifest(tmp_path):

@@ -97,9 +97,10 @@ class QemuSending:
     """The state of one migration into QEMU (see the module docstring)."""
 
     def __init__(self, address: Address, stream: QemuStream, regions: list[Region],
-                 vmstate_fd: int, *, channels: int, compression: str, level: int,
-                 stall_timeout: float) -> None:
+                 block_fds: list[int], vmstate_fd: int, *, channels: int, compression: str,
+                 level: int, stall_timeout: float) -> None:
         self.address, self.stream, self.regions = address, stream, regions
+        self.block_fds = block_fds      # each region's file, read-only: where its holes are
         self.vmstate_fd = vmstate_fd
         self.channels, self.compression, self.level = channels, compression, level
         self.stall = stall_timeout
@@ -195,13 +196,24 @@ class QemuSending:
         """The region's zero pages as ZERO records, the others to the channels; a
         slice at a time, so the channels start while the rest is scanned. With
         zero pages listed in the packets, every page goes to the channels, whose
-        workers tell the zero ones apart as they frame them."""
+        workers tell the zero ones apart as they frame them.
+
+        The pages in the holes of the region's file (a saved block file is
+        sparse: its zero pages are holes) are zero pages known unread: reading
+        them would fault in every one, and on tmpfs allocate it, filling the
+        saved file; the workers are told they are zero (KNOWN_ZERO_PAGE)."""
+        holes = _core.FileHoles(self.block_fds[index])
         for first in range(0, region.npages, SCAN_PAGES):
-            pages = np.arange(first, min(first + SCAN_PAGES, region.npages), dtype=np.uint64)
+            count = min(SCAN_PAGES, region.npages - first)
+            pages = np.arange(first, first + count, dtype=np.uint64)
             if self.stream.zeros_in_packets:
+                unread = holes.zero_pages(region.buffer, self.page_size, first, count,
+                                          scan_data=False)
+                pages[(unread - np.uint64(first)).astype(np.intp)] |= np.uint64(
+                    _core.KNOWN_ZERO_PAGE)
                 self._dispatch(index, pages)
                 continue
-            zero = _core.find_zero_pages(region.buffer, self.page_size, pages)
+            zero = holes.zero_pages(region.buffer, self.page_size, first, count)
             self._main(encode_zero_records(region.name, zero * np.uint64(self.page_size)))
             self._dispatch(index, np.setdiff1d(pages, zero, assume_unique=True))
 

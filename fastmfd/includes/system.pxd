@@ -45,6 +45,21 @@ cdef extern from *:
     int MADV_REMOVE
     int madvise(void *addr, size_t length, int advice) nogil
 
+cdef extern from *:
+    """
+    #include <unistd.h>
+    /* Linux 3.1+; C libraries name them only under _GNU_SOURCE. */
+    #ifndef SEEK_DATA
+    #define SEEK_DATA 3
+    #define SEEK_HOLE 4
+    #endif
+    #include <stdint.h>
+    #define FM_OFF_MAX ((off_t)INT64_MAX)   /* off_t: 64 bits (Python's _FILE_OFFSET_BITS) */
+    """
+    int SEEK_DATA
+    int SEEK_HOLE
+    long long OFF_MAX "FM_OFF_MAX"
+
 cdef extern from "<sys/socket.h>" nogil:
     ctypedef unsigned int socklen_t
     int shutdown(int sockfd, int how)
