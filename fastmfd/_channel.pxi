@@ -504,6 +504,7 @@ cdef class RecvEngine(_EngineBase):
         cdef uint32_t psize = self.lay.page_size
         cdef int failed
         cdef uint32_t compressed
+        cdef size_t lone
         with nogil:
             got = link_read_exact(&self.link, self.header + 12, self.lay.header_size - 12)
         self.check_io(got, self.lay.header_size - 12, "RAM packet header")
@@ -527,17 +528,23 @@ cdef class RecvEngine(_EngineBase):
         if info.normal_pages:
             raw = <size_t>info.normal_pages * psize
             k = pages_to_iov(self.iov, ref.base, self.normal, info.normal_pages, psize)
-            with nogil:
-                failed = populate_for_write(self.iov, k)
-            if failed:
-                raise_unpopulated(failed, f"region {ref.name.decode()}")
             # ram_decode let through only the session's bit, or none where
             # compression is optional ("auto"): the header says which.
             compressed = info.flags & self.lay.comp_flag
+            # A plain readv faults a lone page in as cheaply as a populate call
+            # would, and says EFAULT where no memory backs it; a decompressor or
+            # TLS copies in C, where that would be a SIGBUS: everything populated.
+            lone = SYSTEM_PAGE if not compressed and self.link.ssl == NULL else 0
+            with nogil:
+                failed = populate_for_write(self.iov, k, lone)
+            if failed:
+                raise_unpopulated(failed, f"region {ref.name.decode()}")
             bump(self.stats, ST_COMPRESSED if compressed else ST_RAW, 1)
             if not compressed:
                 with nogil:
                     got = link_readv(&self.link, self.iov, k)
+                if got == -EFAULT:
+                    raise_unpopulated(EFAULT, f"region {ref.name.decode()}")
                 self.check_io(got, raw, "RAM payload")
                 if self.lay.checksum:
                     k = pages_to_iov(self.iov, ref.base, self.normal, info.normal_pages, psize)

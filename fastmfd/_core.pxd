@@ -292,7 +292,7 @@ cpdef enum:
 
 cdef size_t pages_to_iov(iovec *iov, uint8_t *base, const uint64_t *offsets, size_t n,
                          size_t page_size) noexcept nogil
-cdef int populate_for_write(const iovec *iov, size_t count) noexcept nogil
+cdef int populate_for_write(const iovec *iov, size_t count, size_t skip_upto=*) noexcept nogil
 cdef int raise_unpopulated(int err, str what) except -1
 cdef size_t gather_iov(const iovec *iov, size_t n, uint8_t *dst) noexcept nogil
 cdef ssize_t writev_all(int fd, iovec *iov, size_t count) noexcept nogil

@@ -22,10 +22,12 @@ cdef size_t pages_to_iov(iovec *iov, uint8_t *base, const uint64_t *offsets, siz
 cdef uintptr_t SYSTEM_PAGE = <uintptr_t>sysconf(_SC_PAGESIZE)
 
 
-cdef int populate_for_write(const iovec *iov, size_t count) noexcept nogil:
+cdef int populate_for_write(const iovec *iov, size_t count,
+                            size_t skip_upto=0) noexcept nogil:
     """Map the memory behind iov into this process ahead of writing it, one
-    system call per run of pages; returns 0, or the errno of a run that no
-    memory can back.
+    system call per run of pages (runs of at most ``skip_upto`` bytes left to
+    the write that follows); returns 0, or the errno of a run that no memory
+    can back.
 
     A receive worker's first write to a region page takes a page fault each
     (shared mappings get no fault-around), and on fresh memory that fault
@@ -40,6 +42,8 @@ cdef int populate_for_write(const iovec *iov, size_t count) noexcept nogil:
     cdef size_t i
     cdef uintptr_t start, end
     for i in range(count):
+        if iov[i].iov_len <= skip_upto:
+            continue
         start = <uintptr_t>iov[i].iov_base & ~(SYSTEM_PAGE - 1)
         end = (<uintptr_t>iov[i].iov_base + iov[i].iov_len + SYSTEM_PAGE - 1) & ~(SYSTEM_PAGE - 1)
         if madvise(<void *>start, end - start, MADV_POPULATE_WRITE) != 0 \

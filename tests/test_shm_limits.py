@@ -109,7 +109,9 @@ _FILL_MID_TRANSFER = """
     from fastmfd.shm import free_bytes
     from migration_support import Migration, make_region
     if __name__ == "__main__":
-        image = make_region("ram", 16 << 20, seed=2, zero=0.0, text=0.0)
+        from fastmfd.tools.images import fill_image
+        image = make_region("ram", 16 << 20)
+        fill_image(image, "{image}")
         config = fastmfd.MigrationConfig(channels=2, compression="{compression}",
                                          max_bandwidth=32 << 20, job_packets=1)
         extra = {destination}
@@ -144,12 +146,15 @@ _FILL_SHM = """fd, size = os.open("/dev/shm/filler", os.O_RDWR | os.O_CREAT, 0o6
 
 @needs_namespace
 @pytest.mark.parametrize("compression", ["none", "zstd"])
-def test_a_shm_filling_mid_transfer_is_a_clean_error(compression):
+@pytest.mark.parametrize("image", ["random", "halftext"])
+def test_a_shm_filling_mid_transfer_is_a_clean_error(compression, image):
     # Regions are sparse now: the memory is found page run by page run as data
     # arrives, and a /dev/shm that another program fills meanwhile must end the
-    # session cleanly on both sides.
+    # session cleanly on both sides. Every other page zero ("halftext"): each
+    # page is a run of its own, which a raw payload's readv faults in itself.
     done = run_with_small_shm(_FILL_MID_TRANSFER.format(
-        compression=compression, destination="None", fill=_FILL_SHM), shm="48m")
+        compression=compression, destination="None", fill=_FILL_SHM, image=image),
+        shm="48m")
     assert done.returncode == 0, done.stderr[-3000:]
     lines = dict(line.split(": ", 1) for line in done.stdout.splitlines())
     assert "region ram: no memory to write into" in lines["destination"], done.stdout
@@ -164,7 +169,7 @@ def test_a_full_disk_under_a_region_file_is_a_clean_error(tmp_path, compression)
     # (readv) or a receive worker "killed by SIGBUS" (inflating into the page).
     disk = str(tmp_path)
     done = run_with_small_shm(_FILL_MID_TRANSFER.format(
-        compression=compression, fill="pass",
+        compression=compression, fill="pass", image="random",
         destination=f"fastmfd.Region.from_file('ram', '{disk}/ram.img', size=16 << 20)"),
         disk=disk)
     assert done.returncode == 0, done.stderr[-3000:]
