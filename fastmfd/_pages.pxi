@@ -32,8 +32,10 @@ cdef int populate_for_write(const iovec *iov, size_t count,
     A receive worker's first write to a region page takes a page fault each
     (shared mappings get no fault-around), and on fresh memory that fault
     overhead costs as much as clearing the page; MADV_POPULATE_WRITE maps a
-    whole run in one kernel entry. It is also the check that the memory
-    exists: regions and pools are sparse, and a write to a page that a full
+    whole run in one kernel entry (a lone page gains nothing from it: the
+    caller may leave runs of ``skip_upto`` bytes to a readv, which faults them
+    in and says EFAULT where no memory backs them). It is also the check that
+    the memory exists: regions and pools are sparse, and a write to a page that a full
     file system (/dev/shm, or a region file's disk) cannot back would be a
     SIGBUS (a copy in C) or EFAULT (a readv); populate says EFAULT or ENOMEM
     first. Other failures (EINVAL: a kernel before 5.14) are ignored: the
