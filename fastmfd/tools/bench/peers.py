@@ -18,7 +18,8 @@ is a ``memory-backend-file`` (``share=on``) on the image,
 migrated over loopback TCP to a second QEMU started with ``-incoming defer``
 whose RAM is a fresh file; both get the multifd capability, channel count
 and compression over QMP. The timed part runs from ``migrate`` until the
-destination reports ``completed`` (a QEMU 7.2 source without return path may
+destination reports ``completed``, by that event's own timestamp
+(:func:`destination_loaded`; a QEMU 7.2 source without return path may
 finish before its destination has loaded everything; fastmfd's time always
 includes the destination's LOADED). QEMU's own ``total-time`` is kept in
 the details. The destination's RAM file is then compared with the image.
@@ -50,7 +51,7 @@ def _pid(child: Child) -> list[int]:
     """A started child's pid, as a list for Trial.pids."""
     return [child.process.pid] if child.process.pid is not None else []
 
-__all__ = ["SendallTrial", "QemuPeer", "QemuTrial", "find_qemu", "QMP"]
+__all__ = ["SendallTrial", "QemuPeer", "QemuTrial", "find_qemu", "QMP", "destination_loaded"]
 
 STEP_TIMEOUT = 60.0             # seconds any one step (start, connect, transfer) may take
 LOOPBACK_HOST = "127.0.0.1"
@@ -239,6 +240,8 @@ class QMP:
         self.sock.settimeout(timeout)
         self._file = self.sock.makefile("rb")
         self.events: list[dict[str, Any]] = []
+        # When the last final MIGRATION event happened (QEMU's time.time() of it).
+        self.final_at: float | None = None
         self._read()                                    # the greeting
         self.command("qmp_capabilities")
 
@@ -264,7 +267,8 @@ class QMP:
                 return reply["return"]
 
     def wait_migration(self, timeout: float) -> str:
-        """Wait for a MIGRATION event with a final status; returns the status."""
+        """Wait for a MIGRATION event with a final status; returns the status and
+        keeps when QEMU reached it in ``final_at``."""
         final = ("completed", "failed", "cancelled")
         self.sock.settimeout(timeout)
         while True:
@@ -272,6 +276,9 @@ class QMP:
                 status = event.get("data", {}).get("status")
                 if event["event"] == "MIGRATION" and status in final:
                     self.events.clear()
+                    # QMP stamps each event with the host's wall-clock time.
+                    stamp = event.get("timestamp", {})
+                    self.final_at = stamp.get("seconds", 0) + stamp.get("microseconds", 0) / 1e6
                     return str(status)
             self.events.clear()
             reply = self._read()
@@ -281,6 +288,16 @@ class QMP:
     def close(self) -> None:
         self._file.close()
         self.sock.close()
+
+
+def destination_loaded(dst: QMP, started: float) -> float:
+    """Seconds from ``started`` (``time.time()``) until the destination QEMU said
+    its migration completed: the moment it has loaded everything, by its own
+    event's timestamp (neither the delay in reading the event nor the source's
+    cleanup after it counts, for QEMU's source or fastmfd's)."""
+    if dst.final_at is None:
+        raise MigrationError("the destination QEMU reported no final migration status")
+    return dst.final_at - started
 
 
 class QemuProcess(subprocess.Popen[bytes]):
@@ -429,13 +446,13 @@ class QemuTrial(QemuPeer):
         return {"source": [source.pid], "destination": [destination.pid]}
 
     def run(self) -> Measurement:
-        started = time.perf_counter()
+        started = time.time()
         self.src.command("migrate", uri=self._uri)
         status = self.src.wait_migration(STEP_TIMEOUT * 10)
-        source_done = time.perf_counter() - started
+        source_done = time.time() - started
         if status == "completed":
             status = self.dst.wait_migration(STEP_TIMEOUT)
-        seconds = time.perf_counter() - started
+        seconds = destination_loaded(self.dst, started)
         info = self.src.command("query-migrate")
         if status != "completed":
             raise MigrationError(f"QEMU migration {status}: {info.get('error-desc', info)}")

@@ -11,6 +11,8 @@ image, channels and compression::
                          source; then fastmfd.qemu.send of that directory ──▶
                          QEMU destination (-incoming defer, a fresh RAM file);
                          timed from send() until the destination says completed
+                         (its event's timestamp; send() returns after that,
+                         once its workers are gone: ``send_s``)
 
 ``finish()`` compares the RAM file the destination wrote with the image.
 On an emulated link (``bench --link``) the destination of the timed part is
@@ -26,7 +28,7 @@ import time
 
 from ... import qemu
 from ...errors import MigrationError
-from .peers import LOOPBACK_HOST, STEP_TIMEOUT, QemuPeer
+from .peers import LOOPBACK_HOST, STEP_TIMEOUT, QemuPeer, destination_loaded
 from .trial import Measurement
 
 __all__ = ["QemuToFastmfdTrial", "FastmfdToQemuTrial"]
@@ -141,13 +143,13 @@ class FastmfdToQemuTrial(QemuPeer):
         return {"destination": [self._procs[-1].pid], "main": [os.getpid()]}
 
     def run(self) -> Measurement:
-        started = time.perf_counter()
+        started = time.time()
         sent = qemu.send(self._uri, self._dir, channels=self.channels,
                          compression=self.compression, level=self.level,
                          stall_timeout=STEP_TIMEOUT)
-        send_s = time.perf_counter() - started
+        send_s = time.time() - started     # with its teardown: the workers' exits
         status = self.dst.wait_migration(STEP_TIMEOUT)
-        seconds = time.perf_counter() - started
+        seconds = destination_loaded(self.dst, started)
         if status != "completed":
             raise MigrationError(f"QEMU destination {status}: "
                                  f"{self.dst.command('query-migrate')}")
