@@ -42,7 +42,8 @@ from libc.time cimport time_t, timespec
 from posix.fcntl cimport F_GETFL, F_SETFL, O_NONBLOCK, fcntl
 from posix.time cimport timeval
 from posix.types cimport off_t
-from posix.unistd cimport lseek
+from posix.stat cimport fstat, struct_stat
+from posix.unistd cimport geteuid, lseek
 from posix.uio cimport readv, writev
 
 from fastmfd.includes.atomics cimport (
@@ -86,10 +87,10 @@ from fastmfd.includes.openssl cimport (
 from fastmfd.includes.system cimport (
     CLOCK_MONOTONIC, IOV_MAX, MADV_POPULATE_WRITE, MADV_REMOVE, MSG_PEEK, OFF_MAX, POLLIN,
     POLLOUT, PR_SET_PDEATHSIG, SEEK_DATA, SEEK_HOLE, SHUT_WR, SIOCOUTQ, SO_RCVTIMEO, SO_SNDBUF,
-    SO_SNDTIMEO, SOL_SOCKET, _SC_PAGESIZE, __builtin_ctzll, __builtin_popcountll, clock_gettime,
-    nanosleep, fm_buffer_is_zero, fm_pagescan_init, getsockopt, ioctl, madvise, poll, pollfd,
-    prctl, recv, sem_clockwait, sem_init, sem_post, sem_trywait, shutdown, socklen_t, strnlen,
-    sysconf,
+    SO_SNDTIMEO, SOL_SOCKET, TMPFS_MAGIC, _SC_PAGESIZE, __builtin_ctzll, __builtin_popcountll,
+    c_sysinfo, clock_gettime, nanosleep, fm_buffer_is_zero, fm_pagescan_init, fstatfs,
+    getsockopt, ioctl, madvise, mincore, poll, pollfd, prctl, recv, sem_clockwait, sem_init,
+    sem_post, sem_trywait, shutdown, socklen_t, statfs, strnlen, sysconf, sysinfo,
 )
 
 import errno as errno_module

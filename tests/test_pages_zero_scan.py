@@ -161,21 +161,26 @@ def sparse_file(tmpfs_path):
 HOLES = [0, 3, 4, 6, 7, 8, 10, 11, 12, 13, 14, 15]
 
 
-def test_the_holes_are_zero_pages_found_without_reading_them(sparse_file):
+@pytest.mark.parametrize("page_cache", [True, False], ids=["mincore", "lseek"])
+def test_the_holes_are_zero_pages_found_without_reading_them(sparse_file, page_cache):
     fd, mapping = sparse_file
     held = os.fstat(fd).st_blocks
-    assert FileHoles(fd).zero_pages(mapping, 4096, 0, 16).tolist() == sorted(HOLES + [5])
-    assert FileHoles(fd).zero_pages(mapping, 4096, 0, 16, scan_data=False).tolist() == HOLES
+    holes = FileHoles(fd, page_cache=page_cache)
+    assert holes.zero_pages(mapping, 4096, 0, 16).tolist() == sorted(HOLES + [5])
+    assert holes.reads_page_cache == page_cache     # tmpfs, a file of ours
+    assert FileHoles(fd, page_cache).zero_pages(mapping, 4096, 0, 16,
+                                                scan_data=False).tolist() == HOLES
     assert os.fstat(fd).st_blocks == held       # no hole was read: none was allocated
     # What the check above would catch: a scan of the mapping fills tmpfs's holes.
     assert find_zero_pages(mapping, 4096).tolist() == sorted(HOLES + [5])
     assert os.fstat(fd).st_blocks > held
 
 
-def test_slices_in_any_order_on_one_file(sparse_file):
+@pytest.mark.parametrize("page_cache", [True, False], ids=["mincore", "lseek"])
+def test_slices_in_any_order_on_one_file(sparse_file, page_cache):
     """The extent kept from one slice answers only for the places it covers."""
     fd, mapping = sparse_file
-    holes = FileHoles(fd)
+    holes = FileHoles(fd, page_cache)
     assert holes.zero_pages(mapping, 4096, 2, 4).tolist() == [3, 4, 5]
     assert holes.zero_pages(mapping, 4096, 1, 1).tolist() == []
     assert holes.zero_pages(mapping, 4096, 6, 4).tolist() == [6, 7, 8]
@@ -186,6 +191,61 @@ def test_slices_in_any_order_on_one_file(sparse_file):
     assert holes.zero_pages(mapping, 4096, 16, 0).tolist() == []
     assert [holes.zero_pages(mapping, 4096, first, 4).tolist() for first in (0, 4, 8, 12)] \
         == [[0, 3], [4, 5, 6, 7], [8, 10, 11], [12, 13, 14, 15]]
+
+
+def test_the_page_cache_and_the_lseeks_agree_on_a_file_of_lone_pages(tmpfs_path):
+    """A saved half-zero image: every other page a hole (two lseeks each), some
+    pages fallocate()d but never written (holes to both), a written zero page
+    (data), on tmpfs; 8 KiB pages too (two system pages each)."""
+    pages = 4096
+    fd = os.open(tmpfs_path / "lone.img", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.ftruncate(fd, pages * 4096)
+        text = b"text" * 1024
+        for page in range(0, pages, 2):
+            if not 2000 <= page < 2010:
+                os.pwrite(fd, text, page * 4096)
+        os.posix_fallocate(fd, 2000 * 4096, 5 * 4096)       # pages 2000-2004, unwritten
+        os.pwrite(fd, bytes(4096), 3001 * 4096)
+        mapping = mmap.mmap(fd, pages * 4096, prot=mmap.PROT_READ)
+        try:
+            held = os.fstat(fd).st_blocks
+            for page_size, scan_data in [(4096, False), (4096, True), (8192, True)]:
+                by_cache, by_lseek = FileHoles(fd), FileHoles(fd, page_cache=False)
+                count = pages * 4096 // page_size
+                slices = [(first, min(1000, count - first)) for first in range(0, count, 1000)]
+                found = [np.concatenate([h.zero_pages(mapping, page_size, first, n, scan_data)
+                                         for first, n in slices]) for h in (by_cache, by_lseek)]
+                assert by_cache.reads_page_cache and not by_lseek.reads_page_cache
+                assert found[0].tolist() == found[1].tolist()
+                if page_size == 4096:
+                    assert found[0].tolist() == sorted(
+                        (set(range(1, pages, 2)) | set(range(2000, 2010))) - {3001}
+                        | ({3001} if scan_data else set()))
+                else:                   # 8 KiB pages: text in each but 1000-1004
+                    assert found[0].tolist() == list(range(1000, 1005))
+            assert os.fstat(fd).st_blocks == held       # the holes were never read
+        finally:
+            mapping.close()
+    finally:
+        os.close(fd)
+
+
+def test_off_tmpfs_the_holes_come_from_lseek(tmp_path):
+    """On another file system the page cache says nothing of holes (a data page
+    need not be cached): lseek it is."""
+    with open(tmp_path / "disk.img", "wb") as f:
+        f.truncate(4 * 4096)
+        f.seek(4096)
+        f.write(b"x" * 4096)
+    with open(tmp_path / "disk.img", "rb") as f:
+        mapping = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+        try:
+            holes = FileHoles(f.fileno())
+            assert holes.zero_pages(mapping, 4096, 0, 4, scan_data=False).tolist() == [0, 2, 3]
+            assert not holes.reads_page_cache or os.statvfs(tmp_path).f_type == 0x01021994
+        finally:
+            mapping.close()
 
 
 def test_a_page_partly_in_a_hole_is_read(tmp_path):

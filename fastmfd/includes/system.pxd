@@ -44,6 +44,20 @@ cdef extern from *:
     int MADV_POPULATE_WRITE
     int MADV_REMOVE
     int madvise(void *addr, size_t length, int advice) nogil
+    int mincore(void *addr, size_t length, unsigned char *vec) nogil
+
+cdef extern from "<sys/vfs.h>" nogil:
+    struct statfs:
+        long f_type
+    int fstatfs(int fd, statfs *buf)
+
+cdef extern from "<linux/magic.h>" nogil:
+    long TMPFS_MAGIC
+
+cdef extern from "<sys/sysinfo.h>" nogil:
+    struct sysinfo:
+        unsigned long totalswap
+    int c_sysinfo "sysinfo"(sysinfo *info)
 
 cdef extern from *:
     """
