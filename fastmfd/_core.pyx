@@ -42,8 +42,7 @@ from libc.time cimport time_t, timespec
 from posix.fcntl cimport F_GETFL, F_SETFL, O_NONBLOCK, fcntl
 from posix.time cimport timeval
 from posix.types cimport off_t
-from posix.stat cimport fstat, struct_stat
-from posix.unistd cimport geteuid, lseek
+from posix.unistd cimport lseek
 from posix.uio cimport readv, writev
 
 from fastmfd.includes.atomics cimport (

@@ -309,15 +309,9 @@ cdef bint no_swap() noexcept nogil:
     return c_sysinfo(&info) == 0 and info.totalswap == 0
 
 
-cdef bint own_tmpfs_file(int fd) noexcept nogil:
-    """``fd`` is a file on tmpfs that mincore() may report on: the kernel tells
-    the page-cache state of a file only to its owner (or a capable caller, or
-    one allowed to write it); to anyone else every page not mapped is "absent"."""
+cdef bint on_tmpfs(int fd) noexcept nogil:
     cdef statfs fs
-    cdef struct_stat st
-    if fstatfs(fd, &fs) != 0 or fs.f_type != TMPFS_MAGIC or fstat(fd, &st) != 0:
-        return False
-    return st.st_uid == geteuid() or geteuid() == 0
+    return fstatfs(fd, &fs) == 0 and fs.f_type == TMPFS_MAGIC
 
 
 cdef class FileHoles:
@@ -334,8 +328,13 @@ cdef class FileHoles:
     when it is in the page cache (both count a page fallocate()d but never
     written as a hole), so one mincore() per slice tells the same for a
     slice of any size: ``page_cache`` (default on) uses it there, with no swap
-    in use before and after each call, once a data page the lseeks found is
-    seen resident; elsewhere, and with swap, the lseeks.
+    in use before and after each call, once the file's first data page is
+    seen resident and its first hole absent (a caller the kernel does not let
+    see the page cache, neither owner nor writer of the file, is told every
+    page is resident); elsewhere, and with swap, the lseeks. What neither
+    way can tell is a page whose swap-in failed during a swapoff (kernels >=
+    6.2 keep an error entry): the lseeks call it data, whose read then fails;
+    mincore calls it a hole, so it goes as a zero page: lost either way.
 
     The last extent found is kept: on tmpfs an lseek walks the page cache from
     where it starts to the extent's end, so a data extent that reaches past a
@@ -348,7 +347,7 @@ cdef class FileHoles:
     def __cinit__(self, int fd, bint page_cache=True):
         self.fd = fd
         self.hole_from = self.data_from = self.data_to = -1
-        self.by_residency = page_cache and own_tmpfs_file(fd)
+        self.by_residency = page_cache and on_tmpfs(fd)
         self.residency_checked = False
 
     @property
@@ -357,15 +356,24 @@ cdef class FileHoles:
         return self.by_residency
 
     cdef bint residency_agrees(self, const uint8_t *base, size_t length) noexcept nogil:
-        """The first data page the lseeks find is resident (or there is no data)."""
-        cdef unsigned char resident = 0
-        cdef off_t data = lseek(self.fd, 0, SEEK_DATA)
-        if data < 0:
-            return errno == ENXIO
-        if <size_t>data >= length:
-            return False
-        data -= data % <off_t>SYSTEM_PAGE
-        return mincore(<void *>(base + data), SYSTEM_PAGE, &resident) == 0 and resident & 1
+        """mincore() and the lseeks agree on the file's first data page (resident)
+        and its first hole (absent), where the mapping has them."""
+        return (self.resident_at(base, length, SEEK_DATA, True)
+                and self.resident_at(base, length, SEEK_HOLE, False))
+
+    cdef bint resident_at(self, const uint8_t *base, size_t length, int whence,
+                          bint expected) noexcept nogil:
+        """The page of the first place lseek(0, ``whence``) finds has the
+        residency ``expected`` (true too when there is no such place)."""
+        cdef unsigned char state = 0
+        cdef off_t place = lseek(self.fd, 0, whence)
+        if place < 0:
+            return errno == ENXIO                   # SEEK_DATA: no data at all
+        if <size_t>place >= length:
+            return True                             # none within the mapping
+        place -= place % <off_t>SYSTEM_PAGE
+        return (mincore(<void *>(base + place), SYSTEM_PAGE, &state) == 0
+                and (state & 1) == expected)
 
     cdef bint resident_zero_pages(self, const uint8_t *base, size_t page_size,
                                   uint64_t first, uint64_t count, bint scan_data,
@@ -416,9 +424,11 @@ cdef class FileHoles:
         of the file, which ``buffer`` maps."""
         cdef size_t total
         cdef uint64_t[::1] out
+        cdef uint8_t[::1] state
         cdef uint64_t page, k = 0, last
         cdef off_t pos, data, hole, end
         cdef int err = 0
+        cdef bint answered
         check_page_size(page_size)
         total = buffer.shape[0] // page_size
         if first > total or count > total - first:
@@ -428,12 +438,15 @@ cdef class FileHoles:
         out = result
         if count and self.by_residency and page_size % SYSTEM_PAGE == 0:
             if not self.residency_checked:
-                self.by_residency = self.residency_agrees(&buffer[0], buffer.shape[0])
+                with nogil:
+                    self.by_residency = self.residency_agrees(&buffer[0], buffer.shape[0])
                 self.residency_checked = True
             if self.by_residency:
                 state = np.empty(count * (page_size // SYSTEM_PAGE), dtype=np.uint8)
-                if self.resident_zero_pages(&buffer[0], page_size, first, count, scan_data,
-                                            state, out, &k):
+                with nogil:
+                    answered = self.resident_zero_pages(&buffer[0], page_size, first, count,
+                                                        scan_data, state, out, &k)
+                if answered:
                     return result[:k].copy()
         pos = <off_t>(first * page_size)
         end = <off_t>((first + count) * page_size)

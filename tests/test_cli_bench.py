@@ -20,7 +20,9 @@ from pathlib import Path
 import pytest
 from leakcheck import leaks  # noqa: F401
 
+from fastmfd.errors import MigrationError
 from fastmfd.tools import images
+from fastmfd.tools.bench.peers import QemuTrial
 from fastmfd.tools.bench.document import check_writable
 from fastmfd.tools.cli import main
 
@@ -162,6 +164,23 @@ def test_qemu_peer_migrates_the_same_image(tmp_path, capsys):
     assert not [line for line in subprocess.run(["ps", "-eo", "args"], capture_output=True,
                                                 text=True).stdout.splitlines()
                 if line.startswith("qemu-system") and "fastmfd-bench-" in line]
+
+
+@pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None,
+                    reason="qemu-system-x86_64 is not installed")
+def test_a_failed_qemu_migration_says_what_qemu_said():
+    """A QEMU -> QEMU trial whose destination is gone fails with the source's own
+    error, not with the destination's missing completion time."""
+    with images.Image.create("random", 4 << 20) as image:
+        trial = QemuTrial(image, 2, "none")
+        try:
+            destination = trial._procs[1]
+            destination.kill()
+            destination.wait()
+            with pytest.raises(MigrationError, match=r"QEMU migration failed: \S"):
+                trial.run()
+        finally:
+            trial.close()
 
 
 def test_command_line_entry_point():

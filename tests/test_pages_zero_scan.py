@@ -10,7 +10,10 @@ every alignment, for every length class around the block sizes.
 
 import mmap
 import os
+import shutil
 import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -231,21 +234,67 @@ def test_the_page_cache_and_the_lseeks_agree_on_a_file_of_lone_pages(tmpfs_path)
         os.close(fd)
 
 
-def test_off_tmpfs_the_holes_come_from_lseek(tmp_path):
+def file_system_type(path) -> str:
+    """The type of the file system ``path`` is on, from /proc/self/mountinfo."""
+    path, mount, kind = os.path.realpath(path), "", ""
+    with open("/proc/self/mountinfo") as mounts:
+        for line in mounts:
+            fields = line.split()
+            point = fields[4]
+            if (path == point or path.startswith(point.rstrip("/") + "/")) \
+                    and len(point) >= len(mount):
+                mount, kind = point, fields[fields.index("-") + 1]
+    return kind
+
+
+def test_only_tmpfs_has_its_holes_read_from_the_page_cache(tmp_path, tmpfs_path):
     """On another file system the page cache says nothing of holes (a data page
-    need not be cached): lseek it is."""
-    with open(tmp_path / "disk.img", "wb") as f:
-        f.truncate(4 * 4096)
-        f.seek(4096)
-        f.write(b"x" * 4096)
-    with open(tmp_path / "disk.img", "rb") as f:
-        mapping = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
-        try:
-            holes = FileHoles(f.fileno())
-            assert holes.zero_pages(mapping, 4096, 0, 4, scan_data=False).tolist() == [0, 2, 3]
-            assert not holes.reads_page_cache or os.statvfs(tmp_path).f_type == 0x01021994
-        finally:
-            mapping.close()
+    need not be cached): lseek it is; either way the same holes."""
+    for directory in (tmp_path, tmpfs_path):
+        with open(directory / "sparse.img", "wb") as f:
+            f.truncate(4 * 4096)
+            f.seek(4096)
+            f.write(b"x" * 4096)
+        with open(directory / "sparse.img", "rb") as f:
+            mapping = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+            try:
+                holes = FileHoles(f.fileno())
+                assert holes.zero_pages(mapping, 4096, 0, 4, scan_data=False).tolist() \
+                    == [0, 2, 3]
+                assert holes.reads_page_cache == (file_system_type(directory) == "tmpfs")
+            finally:
+                mapping.close()
+    assert file_system_type(tmpfs_path) == "tmpfs"
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+READS_AS_ANOTHER = """
+import mmap, os, sys
+from fastmfd._core import FileHoles
+fd = os.open(sys.argv[1], os.O_RDONLY)
+mapping = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
+holes = FileHoles(fd)
+print(holes.zero_pages(mapping, 4096, 0, 16, scan_data=False).tolist(), holes.reads_page_cache)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
+                    reason="needs root and setpriv to read the file without its rights")
+def test_a_reader_the_kernel_hides_the_page_cache_from_gets_the_lseeks(sparse_file):
+    """mincore() tells a file's page cache only to its owner or a writer (or one
+    with CAP_FOWNER or CAP_DAC_OVERRIDE); anyone else is told every page is
+    resident, which would make every hole data (read, and on tmpfs allocated):
+    the residency check sees the first hole "resident" and uses the lseeks."""
+    fd, _ = sparse_file
+    os.fchown(fd, 65534, 65534)
+    os.fchmod(fd, 0o444)
+    rights = "-fowner,-dac_override"
+    done = subprocess.run(["setpriv", f"--bounding-set={rights}", f"--inh-caps={rights}",
+                           sys.executable, "-c", READS_AS_ANOTHER, f"/proc/self/fd/{fd}"],
+                          env=dict(os.environ, PYTHONPATH=REPO), capture_output=True,
+                          text=True, timeout=60, pass_fds=[fd])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"{HOLES} False\n"
 
 
 def test_a_page_partly_in_a_hole_is_read(tmp_path):

@@ -452,10 +452,10 @@ class QemuTrial(QemuPeer):
         source_done = time.time() - started
         if status == "completed":
             status = self.dst.wait_migration(STEP_TIMEOUT)
-        seconds = destination_loaded(self.dst, started)
         info = self.src.command("query-migrate")
         if status != "completed":
             raise MigrationError(f"QEMU migration {status}: {info.get('error-desc', info)}")
+        seconds = destination_loaded(self.dst, started)
         ram = info["ram"]
         # QEMU 7.2 counts pages at their raw size when it queues them, before
         # compression, so it cannot tell the bytes that went on the wire.

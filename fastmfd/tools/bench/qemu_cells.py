@@ -149,9 +149,9 @@ class FastmfdToQemuTrial(QemuPeer):
                          stall_timeout=STEP_TIMEOUT)
         send_s = time.time() - started     # with its teardown: the workers' exits
         status = self.dst.wait_migration(STEP_TIMEOUT)
-        seconds = destination_loaded(self.dst, started)
         if status != "completed":
             raise MigrationError(f"QEMU destination {status}: "
                                  f"{self.dst.command('query-migrate')}")
+        seconds = destination_loaded(self.dst, started)
         return Measurement(seconds, self.image.size, sum(c["wire_bytes"] for c in sent), {
             "normal_pages": sum(c["normal_pages"] for c in sent), "send_s": send_s})
