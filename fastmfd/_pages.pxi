@@ -327,11 +327,12 @@ cdef class FileHoles:
     calls, 80-95 CPU-ms. On tmpfs with no swap in use, a page is data exactly
     when it is in the page cache (both count a page fallocate()d but never
     written as a hole), so one mincore() per slice tells the same for a
-    slice of any size: ``page_cache`` (default on) uses it there, with no swap
-    in use before and after each call, once the file's first data page is
-    seen resident and its first hole absent (a caller the kernel does not let
-    see the page cache, neither owner nor writer of the file, is told every
-    page is resident); elsewhere, and with swap, the lseeks. What neither
+    slice of any size: ``page_cache`` (default on) uses it there for a slice
+    of both holes and data, with no swap in use before and after each call,
+    if it agrees with the lseeks on the slice's first hole (absent) and data
+    page (resident): a caller the kernel does not let see the page cache,
+    neither owner nor writer of the file, is told every page is resident;
+    elsewhere, and with swap, the lseeks. What neither
     way can tell is a page whose swap-in failed during a swapoff (kernels >=
     6.2 keep an error entry): the lseeks call it data, whose read then fails;
     mincore calls it a hole, so it goes as a zero page: lost either way.
@@ -342,50 +343,43 @@ cdef class FileHoles:
 
     cdef int fd
     cdef off_t hole_from, data_from, data_to   # [hole_from, data_from) hole, then data
-    cdef bint by_residency, residency_checked
+    cdef bint by_residency
 
     def __cinit__(self, int fd, bint page_cache=True):
         self.fd = fd
         self.hole_from = self.data_from = self.data_to = -1
         self.by_residency = page_cache and on_tmpfs(fd)
-        self.residency_checked = False
 
     @property
     def reads_page_cache(self):
-        """Whether the holes are learnt from the page cache (mincore) so far."""
+        """Whether mincore() may still tell holes (False once it disagreed with the lseeks)."""
         return self.by_residency
-
-    cdef bint residency_agrees(self, const uint8_t *base, size_t length) noexcept nogil:
-        """mincore() and the lseeks agree on the file's first data page (resident)
-        and its first hole (absent), where the mapping has them."""
-        return (self.resident_at(base, length, SEEK_DATA, True)
-                and self.resident_at(base, length, SEEK_HOLE, False))
-
-    cdef bint resident_at(self, const uint8_t *base, size_t length, int whence,
-                          bint expected) noexcept nogil:
-        """The page of the first place lseek(0, ``whence``) finds has the
-        residency ``expected`` (true too when there is no such place)."""
-        cdef unsigned char state = 0
-        cdef off_t place = lseek(self.fd, 0, whence)
-        if place < 0:
-            return errno == ENXIO                   # SEEK_DATA: no data at all
-        if <size_t>place >= length:
-            return True                             # none within the mapping
-        place -= place % <off_t>SYSTEM_PAGE
-        return (mincore(<void *>(base + place), SYSTEM_PAGE, &state) == 0
-                and (state & 1) == expected)
 
     cdef bint resident_zero_pages(self, const uint8_t *base, size_t page_size,
                                   uint64_t first, uint64_t count, bint scan_data,
                                   uint8_t[::1] state, uint64_t[::1] out,
                                   uint64_t *found) noexcept nogil:
         """zero_pages by mincore() into ``state`` (a byte per system page of the
-        slice); False when it cannot answer (swap in use)."""
+        slice), for a slice of both holes and data: one extent, all data or all
+        hole, is the lseeks' to tell (they walk it once; mincore looks up every
+        page). False when the lseeks answer: a slice of one kind, an lseek that
+        failed (the lseek walk says how), swap in use, or mincore disagreeing
+        with the first hole and data page the lseeks found in the slice (and
+        then never again)."""
         cdef size_t per = page_size // SYSTEM_PAGE, j
         cdef uint64_t i, k = 0
         cdef bint resident
-        if not (no_swap() and mincore(<void *>(base + first * page_size), count * page_size,
+        cdef off_t pos = <off_t>(first * page_size), end = <off_t>((first + count) * page_size)
+        cdef off_t data, hole
+        if self.extent(pos, &data, &hole) or data >= end or (data == pos and hole >= end):
+            return False
+        if not (no_swap() and mincore(<void *>(base + pos), count * page_size,
                                       &state[0]) == 0 and no_swap()):
+            return False
+        hole = pos if data > pos else hole              # in the slice, as data is
+        if state[(hole - pos) // <off_t>SYSTEM_PAGE] & 1 \
+                or not state[(data - pos) // <off_t>SYSTEM_PAGE] & 1:
+            self.by_residency = False
             return False
         for i in range(count):
             resident = False
@@ -437,17 +431,12 @@ cdef class FileHoles:
         result = np.empty(count, dtype=np.uint64)
         out = result
         if count and self.by_residency and page_size % SYSTEM_PAGE == 0:
-            if not self.residency_checked:
-                with nogil:
-                    self.by_residency = self.residency_agrees(&buffer[0], buffer.shape[0])
-                self.residency_checked = True
-            if self.by_residency:
-                state = np.empty(count * (page_size // SYSTEM_PAGE), dtype=np.uint8)
-                with nogil:
-                    answered = self.resident_zero_pages(&buffer[0], page_size, first, count,
-                                                        scan_data, state, out, &k)
-                if answered:
-                    return result[:k].copy()
+            state = np.empty(count * (page_size // SYSTEM_PAGE), dtype=np.uint8)
+            with nogil:
+                answered = self.resident_zero_pages(&buffer[0], page_size, first, count,
+                                                    scan_data, state, out, &k)
+            if answered:
+                return result[:k].copy()
         pos = <off_t>(first * page_size)
         end = <off_t>((first + count) * page_size)
         with nogil:
