@@ -17,6 +17,8 @@ import sys
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from fastmfd._core import KNOWN_ZERO_PAGE, FileHoles, find_zero_pages, is_zero
 from engine_pair import PAGE, EnginePair
@@ -232,6 +234,51 @@ def test_the_page_cache_and_the_lseeks_agree_on_a_file_of_lone_pages(tmpfs_path)
             mapping.close()
     finally:
         os.close(fd)
+
+
+PAGE_KINDS = "hdfz"         # hole, data, fallocated but unwritten, written zeros
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kinds=st.lists(st.sampled_from(PAGE_KINDS), min_size=1, max_size=96),
+       slice_pages=st.integers(1, 40), page_size=st.sampled_from([4096, 8192]),
+       scan_data=st.booleans())
+def test_the_page_cache_and_the_lseeks_agree_on_any_file(tmpfs_path, kinds, slice_pages,
+                                                         page_size, scan_data):
+    """Any mix of holes, data, fallocated and zero-written pages, in slices of any
+    size: mincore() (where it is used) finds exactly the lseeks' zero pages."""
+    path = tmpfs_path / "mix.img"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        size = -(-len(kinds) * 4096 // page_size) * page_size
+        os.ftruncate(fd, size)
+        for page, kind in enumerate(kinds):
+            if kind == "d":
+                os.pwrite(fd, b"d" * 4096, page * 4096)
+            elif kind == "z":
+                os.pwrite(fd, bytes(4096), page * 4096)
+            elif kind == "f":
+                os.posix_fallocate(fd, page * 4096, 4096)
+        mapping = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+        try:
+            count = size // page_size
+            found = [np.concatenate([holes.zero_pages(mapping, page_size, first,
+                                                      min(slice_pages, count - first),
+                                                      scan_data)
+                                     for first in range(0, count, slice_pages)]).tolist()
+                     for holes in (FileHoles(fd), FileHoles(fd, page_cache=False))]
+        finally:
+            mapping.close()
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    assert found[0] == found[1]
+    zero = "hfz" if scan_data else "hf"
+    per = page_size // 4096
+    padded = kinds + ["h"] * (size // 4096 - len(kinds))
+    assert found[0] == [p for p in range(size // page_size)
+                        if all(k in zero for k in padded[p * per:(p + 1) * per])]
 
 
 def file_system_type(path) -> str:
