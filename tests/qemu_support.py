@@ -21,7 +21,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from fastmfd.tools.bench.peers import QMP
+from fastmfd.tools.bench.peers import QMP, dying_with_this_thread
 
 QEMU = os.environ.get("FASTMFD_QEMU") or "qemu-system-x86_64"
 QEMU10 = os.environ.get("FASTMFD_QEMU10") or ""
@@ -63,7 +63,8 @@ class Guest:
             command += ["-incoming", "defer"]
         command += options
         with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL,
+            self.process = subprocess.Popen(dying_with_this_thread(command),
+                                            stdin=subprocess.DEVNULL,
                                             stdout=subprocess.DEVNULL, stderr=log)
         self.process.log_path = self.log_path
         try:

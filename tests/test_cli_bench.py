@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -181,6 +182,45 @@ def test_a_failed_qemu_migration_says_what_qemu_said():
                 trial.run()
         finally:
             trial.close()
+
+
+KILLED_WITH_ITS_QEMUS = """
+import os, signal
+from fastmfd.tools.images import Image
+from fastmfd.tools.bench.peers import QemuTrial
+image = Image.create("random", 4 << 20)
+trial = QemuTrial(image, 2, "none")
+print(os.path.dirname(image.path), *[process.pid for process in trial._procs], flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None or shutil.which("setpriv") is None,
+                    reason="needs qemu-system-x86_64, and setpriv to tie QEMU to the bench")
+def test_a_bench_killed_takes_its_qemus_with_it():
+    """A bench that dies without cleaning up (SIGKILL, a crash) leaves no paused
+    QEMU holding its guest's RAM (found when a crashed bench left nine)."""
+    done = subprocess.run([sys.executable, "-c", KILLED_WITH_ITS_QEMUS],
+                          env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == -9, done.stderr
+    scratch, *pids = done.stdout.split()
+    try:
+        assert len(pids) == 2
+        deadline = time.monotonic() + 10
+        while any(running(int(pid)) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [pid for pid in pids if running(int(pid))]
+    finally:
+        shutil.rmtree(scratch)
 
 
 def test_command_line_entry_point():

@@ -51,7 +51,8 @@ def _pid(child: Child) -> list[int]:
     """A started child's pid, as a list for Trial.pids."""
     return [child.process.pid] if child.process.pid is not None else []
 
-__all__ = ["SendallTrial", "QemuPeer", "QemuTrial", "find_qemu", "QMP", "destination_loaded"]
+__all__ = ["SendallTrial", "QemuPeer", "QemuTrial", "find_qemu", "QMP", "destination_loaded",
+           "dying_with_this_thread"]
 
 STEP_TIMEOUT = 60.0             # seconds any one step (start, connect, transfer) may take
 LOOPBACK_HOST = "127.0.0.1"
@@ -300,6 +301,16 @@ def destination_loaded(dst: QMP, started: float) -> float:
     return dst.final_at - started
 
 
+def dying_with_this_thread(command: list[str]) -> list[str]:
+    """``command``, killed by the kernel when the thread that starts it ends
+    (``setpriv --pdeathsig``, kept across exec, where util-linux has it): a
+    bench killed or crashed would otherwise leave its paused QEMUs running,
+    each holding its guest's RAM. Start it from a thread that outlives it."""
+    if shutil.which("setpriv") is None:
+        return command
+    return ["setpriv", "--pdeathsig", "SIGKILL", "--", *command]
+
+
 class QemuProcess(subprocess.Popen[bytes]):
     """A QEMU process, with the file its stderr goes to (its last words, in errors)."""
     log_path = ""
@@ -386,6 +397,7 @@ class QemuPeer(_PeerTrial):
             command += ["-incoming", "defer"]
             if self._link is not None:
                 command = self._link.command(command)
+        command = dying_with_this_thread(command)
         log_path = self._new_file("qemu-dst-log" if incoming else "qemu-src-log")
         with open(log_path, "wb") as log:
             process = QemuProcess(command, stdin=subprocess.DEVNULL,
