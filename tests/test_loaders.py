@@ -60,7 +60,8 @@ def test_a_loader_that_cannot_write_fails_both_sides():
         since = time.monotonic()
         src, dst = m.run().failed_both(since)
     for error in (src, dst):
-        assert "nic0" in str(error) and os.strerror(errno.ENOSPC) in str(error)
+        assert "nic0" in str(error) and os.strerror(errno.ENOSPC) in str(error), \
+            f"source: {src!r}; destination: {dst!r}"
 
 
 def test_on_setup_refuses_a_session_before_anything_is_committed():

@@ -289,11 +289,14 @@ class _Reassembler:
             self.results[stream.index] = result
             self.pipe.send(DeviceLoaded(stream.index, result, seconds, idx + 1))
         except BaseException as exc:
-            self.stop.set()
             if not isinstance(exc, MigrationError):     # (one from _check_precopy names itself)
                 exc = MigrationError(f"loading chunk {idx} failed: {type(exc).__name__}: {exc}",
                                      device=stream.name)
+            # Reported before the stop, which ends the process: in the other
+            # order, a loader's failure was now and then missing at the
+            # destination, which said only that the process had exited (status 0).
             self.pipe.report_failure(exc)
+            self.stop.set()
 
     def _wait_for_ram(self) -> bool:
         """Hold a config chunk until all RAM is in; False when stopping instead."""
