@@ -52,6 +52,7 @@ class Guest:
     def __init__(self, tmp_path, ram_path: str, mib: int, *, incoming: bool = False,
                  name: str = "src", binary: str = QEMU, machine: str = "pc",
                  options: tuple[str, ...] = ()) -> None:
+        self.binary = binary
         self.qmp_path = str(tmp_path / f"qmp-{name}.sock")
         self.log_path = str(tmp_path / f"qemu-{name}.log")
         command = [

@@ -98,7 +98,7 @@ def guest(request, tmp_path, guest_ram):
 def expected_flavour(guest: Guest) -> dict:
     """The stream flavour the manifest records: QEMU 10's ``pc`` syncs per round
     and lists zero pages in its packets; 7.2 does neither."""
-    native = guest.process.args[0] == QEMU10
+    native = guest.binary == QEMU10
     return {"multifd_sync": SYNC_PER_ROUND if native else SYNC_PER_SECTION,
             "zero_page_detection": "multifd" if native else "legacy"}
 
@@ -169,7 +169,7 @@ def test_listen_qemu_command(tmp_path, guest, guest_ram):
 def test_postcopy_is_refused(tmp_path, guest):
     """postcopy-ram makes QEMU open a return path (then advise postcopy) first:
     refused, naming it; QEMU's migration fails, no file is left."""
-    if guest.process.args[0] != QEMU:
+    if guest.binary != QEMU:
         pytest.skip("QEMU 10.0 itself refuses postcopy-ram with multifd")
     out = tmp_path / "out"
     guest.set_multifd(2, "none")
