@@ -324,18 +324,18 @@ cdef class FileHoles:
 
     Holes are learnt with SEEK_DATA/SEEK_HOLE: two lseeks per hole, which for
     a file of lone zero pages (1 GiB of every other page) is 262144 system
-    calls, 80-95 CPU-ms. On tmpfs with no swap in use, a page is data exactly
+    calls, 78-111 CPU-ms. On tmpfs with no swap in use, a page is data exactly
     when it is in the page cache (both count a page fallocate()d but never
-    written as a hole), so one mincore() per slice tells the same for a
-    slice of any size: ``page_cache`` (default on) uses it there for a slice
-    of both holes and data, with no swap in use before and after each call,
-    if it agrees with the lseeks on the slice's first hole (absent) and data
-    page (resident): a caller the kernel does not let see the page cache,
-    neither owner nor writer of the file, is told every page is resident;
-    elsewhere, and with swap, the lseeks. What neither
-    way can tell is a page whose swap-in failed during a swapoff (kernels >=
-    6.2 keep an error entry): the lseeks call it data, whose read then fails;
-    mincore calls it a hole, so it goes as a zero page: lost either way.
+    written as a hole), so one mincore() per slice tells the same:
+    ``page_cache`` (default on) uses it there for a slice of both holes and
+    data, with no swap in use before and after each call, if it agrees with
+    the lseeks on the slice's first hole (absent) and data page (resident): a
+    caller the kernel does not let see the page cache, neither owner nor
+    writer of the file, is told every page is resident. Elsewhere, and with
+    swap, the lseeks. What neither way can tell is a page whose swap-in
+    failed during a swapoff (kernels >= 6.2 keep an error entry): the lseeks
+    call it data, whose read then fails; mincore calls it a hole, so it goes
+    as a zero page: lost either way.
 
     The last extent found is kept: on tmpfs an lseek walks the page cache from
     where it starts to the extent's end, so a data extent that reaches past a

@@ -9,7 +9,17 @@ from multiprocessing import forkserver, resource_tracker
 
 from fastmfd.shm import SHM_DIR
 
-__all__ = ["infrastructure_pids", "os_children", "process_tree", "mapped_outside"]
+__all__ = ["alive", "infrastructure_pids", "os_children", "process_tree", "mapped_outside"]
+
+
+def alive(pid: int) -> bool:
+    """Process ``pid`` exists and is no zombie (one orphaned to an init that
+    does not reap stays a zombie)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def infrastructure_pids() -> set[int]:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from leakcheck import leaks  # noqa: F401
+from proc_scan import alive
 
 from fastmfd.errors import MigrationError
 from fastmfd.tools import images
@@ -195,14 +196,6 @@ os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
-def running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 @pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None or shutil.which("setpriv") is None,
                     reason="needs qemu-system-x86_64, and setpriv to tie QEMU to the bench")
 def test_a_bench_killed_takes_its_qemus_with_it():
@@ -216,9 +209,9 @@ def test_a_bench_killed_takes_its_qemus_with_it():
     try:
         assert len(pids) == 2
         deadline = time.monotonic() + 10
-        while any(running(int(pid)) for pid in pids) and time.monotonic() < deadline:
+        while any(alive(int(pid)) for pid in pids) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not [pid for pid in pids if running(int(pid))]
+        assert not [pid for pid in pids if alive(int(pid))]
     finally:
         shutil.rmtree(scratch)
 

@@ -19,7 +19,7 @@ import time
 
 import fastmfd
 from fastmfd.shm import SHM_DIR
-from proc_scan import process_tree
+from proc_scan import alive, process_tree
 from migration_support import FakeSource, hello, setup_message
 
 BOUND = 3.0         # seconds for the whole tree and its segments to go
@@ -31,14 +31,6 @@ _DESTINATION = textwrap.dedent("""
             print(dst.address, flush=True)
             dst.receive()
 """)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def _segments_mapped_by(pids: set[int]) -> set[str]:
@@ -80,7 +72,7 @@ def test_sigkilled_destination_leaves_no_process_and_no_segment():
         proc.wait()
         killed = time.monotonic()
         while time.monotonic() - killed < BOUND + 2:
-            left = {pid for pid in tree if _alive(pid)}
+            left = {pid for pid in tree if alive(pid)}
             kept = {name for name in segments if os.path.exists(os.path.join(SHM_DIR, name))}
             if not left and not kept:
                 break
