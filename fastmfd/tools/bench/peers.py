@@ -295,9 +295,9 @@ def destination_loaded(dst: QMP, started: float) -> float:
     """Seconds from ``started`` (``time.time()``) until the destination QEMU said
     its migration completed: the moment it has loaded everything, by its own
     event's timestamp (neither the delay in reading the event nor the source's
-    cleanup after it counts, for QEMU's source or fastmfd's)."""
-    if dst.final_at is None:
-        raise MigrationError("the destination QEMU reported no final migration status")
+    cleanup after it counts, for QEMU's source or fastmfd's). Call it once
+    ``dst.wait_migration`` said "completed"."""
+    assert dst.final_at is not None, "set by wait_migration"
     return dst.final_at - started
 
 
