@@ -72,7 +72,7 @@ cdef class _RegionTable:
     """The session's regions, in SETUP order, as C pointers (kept mapped by ``keep``)."""
 
     def __cinit__(self, regions, received=None, fresh=None, sparse=None,
-                  uint32_t page_size=0):
+                  uint32_t page_size=0, write_fds=None):
         cdef uint8_t[::1] view
         cdef DirtyBitmap bm
         regions = list(regions)
@@ -102,6 +102,7 @@ cdef class _RegionTable:
             # A hole is punched a system page at a time: a smaller page is zero-filled.
             self.refs[i].sparse = (sparse is not None and sparse[i]
                                    and region.page_size % SYSTEM_PAGE == 0)
+            self.refs[i].write_fd = write_fds[i] if write_fds is not None else -1
 
     def __dealloc__(self):
         PyMem_Free(self.refs)
@@ -113,7 +114,8 @@ cdef class _EngineBase:
 
     cdef int _setup(self, int fd, uint32_t channel, dict params, object codec, list regions,
                     Counters counters, BufferPool pool, list devices, object received,
-                    object fresh, TLSChannel tls, object sparse=None) except -1:
+                    object fresh, TLSChannel tls, object sparse=None,
+                    object write_fds=None) except -1:
         cdef uint32_t pp = params["packet_pages"]
         comp_flag = 0 if codec is None else (<Codec>codec).flag
         ram_layout_init(&self.lay, pp, params["page_size"], params.get("layout", LAYOUT_CURRENT),
@@ -133,7 +135,8 @@ cdef class _EngineBase:
             self.link.staging_cap = TLS_STAGING_SIZE
         self.channel = channel
         self.codec = codec
-        self.regions = _RegionTable(regions, received, fresh, sparse, self.lay.page_size)
+        self.regions = _RegionTable(regions, received, fresh, sparse, self.lay.page_size,
+                                    write_fds)
         self.counters = counters
         self.stats = counters.row(channel)
         self.pool = pool
@@ -453,14 +456,22 @@ cdef class RecvEngine(_EngineBase):
     regions started zero-filled); in a ``sparse`` region (a sparse file
     mapped shared) it becomes a hole again (clear_page_runs). Device chunks
     go into slots of ``pool``; their descriptors are written to ``reassembly_fd``.
+
+    ``write_fds`` (per region, an fd of its file or -1): pages for that region
+    are assembled in a buffer and written with ``pwrite`` (write_through)
+    instead of into the mapping, for memory not allocated yet: the kernel
+    then allocates each page as it copies into it, with no page fault and no
+    clearing first, where the mapping takes a fault and clears every page
+    before the copy (1 GiB over loopback into fresh /dev/shm: 0.6-0.66 CPU-s
+    in the receiver against 1.05, medians of 10 alternating runs).
     """
 
     def __cinit__(self, int fd, uint32_t channel, dict params, codec, list regions,
                   Counters counters, list received, list fresh, BufferPool pool=None,
                   list devices=None, int reassembly_fd=-1, bint ram_allowed=True,
-                  TLSChannel tls=None, list sparse=None):
+                  TLSChannel tls=None, list sparse=None, list write_fds=None):
         self._setup(fd, channel, params, codec, regions, counters, pool, devices or [],
-                    received, fresh, tls, sparse)
+                    received, fresh, tls, sparse, write_fds)
         self.reassembly_fd = reassembly_fd
         self.ram_allowed = ram_allowed
         self.learn_compression = params.get("learn_compression", False)
@@ -470,6 +481,14 @@ cdef class RecvEngine(_EngineBase):
         chunk = params.get("chunk_size", 0) + CHUNK_HEADER_SIZE
         self.max_device_payload = chunk if codec is None else min(
             self.scratch_cap, chunk + chunk // 8 + 65536)
+        if write_fds is not None and any(fd >= 0 for fd in write_fds):
+            self.unpacked = <uint8_t *>PyMem_Malloc(
+                <size_t>self.lay.packet_pages * self.lay.page_size)
+            if self.unpacked == NULL:
+                raise MemoryError()
+
+    def __dealloc__(self):
+        PyMem_Free(self.unpacked)      # the base class frees the rest after this
 
     def run(self):
         cdef ssize_t got
@@ -531,16 +550,28 @@ cdef class RecvEngine(_EngineBase):
             # ram_decode let through only the session's bit, or none where
             # compression is optional ("auto"): the header says which.
             compressed = info.flags & self.lay.comp_flag
-            # A plain readv faults a lone page in as cheaply as a populate call
-            # would, and says EFAULT where no memory backs it; a decompressor or
-            # TLS copies in C, where that would be a SIGBUS: everything populated.
-            lone = SYSTEM_PAGE if not compressed and self.link.ssl == NULL else 0
-            with nogil:
-                failed = populate_for_write(self.iov, k, lone)
-            if failed:
-                raise_unpopulated(failed, f"region {ref.name.decode()}")
             bump(self.stats, ST_COMPRESSED if compressed else ST_RAW, 1)
-            if not compressed:
+            if ref.write_fd < 0:
+                # A plain readv faults a lone page in as cheaply as a populate
+                # call would, and says EFAULT where no memory backs it; a
+                # decompressor or TLS copies in C, where that would be a SIGBUS:
+                # everything populated.
+                lone = SYSTEM_PAGE if not compressed and self.link.ssl == NULL else 0
+                with nogil:
+                    failed = populate_for_write(self.iov, k, lone)
+                if failed:
+                    raise_unpopulated(failed, f"region {ref.name.decode()}")
+            if not compressed and ref.write_fd >= 0:
+                with nogil:
+                    got = link_read_exact(&self.link, self.scratch, raw)
+                self.check_io(got, raw, "RAM payload")
+                if self.lay.checksum:
+                    self.iov[k].iov_base = self.scratch
+                    self.iov[k].iov_len = raw
+                    self.verify_crc("RAM packet", self.lay.header_size, &self.iov[k], 1,
+                                    info.checksum)
+                self.write_through(ref, self.scratch, k)
+            elif not compressed:
                 with nogil:
                     got = link_readv(&self.link, self.iov, k)
                 if got == -EFAULT:
@@ -559,7 +590,14 @@ cdef class RecvEngine(_EngineBase):
                     self.iov[k].iov_len = info.next_packet_size
                     self.verify_crc("RAM packet", self.lay.header_size, &self.iov[k], 1,
                                     info.checksum)
-                self.codec.decompress_iov(self.scratch, info.next_packet_size, self.iov, k)
+                if ref.write_fd >= 0:
+                    self.iov[k].iov_base = self.unpacked
+                    self.iov[k].iov_len = raw
+                    self.codec.decompress_iov(self.scratch, info.next_packet_size,
+                                              &self.iov[k], 1)
+                    self.write_through(ref, self.unpacked, k)
+                else:
+                    self.codec.decompress_iov(self.scratch, info.next_packet_size, self.iov, k)
             bump(self.stats, ST_WIRE, got)
             with nogil:
                 for i in range(info.normal_pages):
@@ -583,6 +621,16 @@ cdef class RecvEngine(_EngineBase):
         bump(self.stats, ST_NORMAL, info.normal_pages)
         bump(self.stats, ST_ZERO, info.zero_pages)
         return info.flags & FLAG_SYNC
+
+    cdef int write_through(self, RegionRef *ref, const uint8_t *pages, size_t k) except -1:
+        """Write ``pages`` (the packet's, in order) where ``self.iov[:k]`` says in
+        ``ref``'s mapping, through its file."""
+        cdef int failed
+        with nogil:
+            failed = write_runs(ref.write_fd, ref.base, self.iov, k, pages)
+        if failed:
+            raise_unwritable(failed, f"region {ref.name.decode()}")
+        return 0
 
     cdef int learn_method(self, uint32_t flags) except -1:
         """The first packet with pages names the channel's compression (QEMU

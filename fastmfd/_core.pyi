@@ -265,7 +265,8 @@ class RecvEngine(_EngineBase):
                  fresh: list[bool], pool: BufferPool | None = ...,
                  devices: list[tuple[str, int]] | None = ..., reassembly_fd: int = ...,
                  ram_allowed: bool = ..., tls: TLSChannel | None = ...,
-                 sparse: list[bool] | None = ...) -> None: ...
+                 sparse: list[bool] | None = ...,
+                 write_fds: list[int] | None = ...) -> None: ...
     def run(self) -> int: ...      # EVENT_SYNC or EVENT_EOF
 
 # ---------------------------------------------------------------- misc

@@ -33,8 +33,8 @@ from cpython.buffer cimport (
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.mem cimport PyMem_Calloc, PyMem_Free, PyMem_Malloc, PyMem_Realloc
-from libc.errno cimport (EAGAIN, ECONNRESET, EFAULT, EINTR, ENOMEM, ENXIO, EPIPE, EPROTO,
-                         ETIMEDOUT, errno)
+from libc.errno cimport (EAGAIN, ECONNRESET, EFAULT, EINTR, ENOMEM, ENOSPC, ENXIO, EPIPE,
+                         EPROTO, ETIMEDOUT, errno)
 from libc.stdint cimport uintptr_t
 from libc.stdio cimport snprintf
 from libc.string cimport memcmp, memcpy, memset, strcmp, strerror, strncpy, strstr
@@ -42,7 +42,7 @@ from libc.time cimport time_t, timespec
 from posix.fcntl cimport F_GETFL, F_SETFL, O_NONBLOCK, fcntl
 from posix.time cimport timeval
 from posix.types cimport off_t
-from posix.unistd cimport lseek
+from posix.unistd cimport lseek, pwrite
 from posix.uio cimport readv, writev
 
 from fastmfd.includes.atomics cimport (

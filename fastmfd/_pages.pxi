@@ -62,6 +62,40 @@ cdef int raise_unpopulated(int err, str what) except -1:
                          f"{'EFAULT' if err == EFAULT else 'ENOMEM'})")
 
 
+cdef int write_runs(int fd, const uint8_t *base, const iovec *iov, size_t count,
+                    const uint8_t *src) noexcept nogil:
+    """pwrite the bytes at ``src``, in order, to the file ``fd`` that ``base``
+    maps: each iov entry (a run of pages in that mapping) at its offset from
+    ``base``. Returns 0, or the errno of the write that failed (ENOSPC where
+    the file system is full: the clean error a mapping gives only as SIGBUS)."""
+    cdef size_t i, left
+    cdef ssize_t rc
+    cdef off_t at
+    for i in range(count):
+        at = <off_t>(<const uint8_t *>iov[i].iov_base - base)
+        left = iov[i].iov_len
+        while left:
+            rc = pwrite(fd, src, left, at)
+            if rc < 0:
+                if errno == EINTR:
+                    continue
+                return errno
+            if rc == 0:
+                return ENOSPC
+            src += rc
+            at += rc
+            left -= <size_t>rc
+    return 0
+
+
+cdef int raise_unwritable(int err, str what) except -1:
+    """Raise the clean error for a write_runs that failed (err: its errno)."""
+    if err == ENOSPC:
+        raise MigrationError(f"{what}: no memory to write into: its file system (/dev/shm "
+                             f"for shared memory) is full (write: ENOSPC)")
+    raise MigrationError(f"{what}: cannot write its file: {strerror(err).decode()}")
+
+
 def populate(uint8_t[::1] memory, str what):
     """Fault ``memory`` in for writing, GIL released: every page allocated and
     mapped before data arrives (a destination's prealloc). Raises the clean

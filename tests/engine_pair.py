@@ -40,7 +40,7 @@ class EnginePair:
     def __init__(self, src_sock: socket.socket, dst_sock: socket.socket, size: int, *,
                  compression: str = "none", tls: tuple | None = None,
                  packet_pages: int = 128, checksum: bool = False, devices: bool = True,
-                 image_data: np.ndarray | None = None) -> None:
+                 image_data: np.ndarray | None = None, write_through: bool = False) -> None:
         self.size = size
         self.src_sock, self.dst_sock = src_sock, dst_sock
         self.owned: list = []
@@ -49,6 +49,9 @@ class EnginePair:
         self.job_pages = 1024
         self.src = self._own(Region.create("ram0", size))
         self.dst = self._own(Region.create("ram0", size))
+        # write_through: the receiver writes pages with pwrite through the
+        # region's file, as a destination's workers do into fresh memory.
+        self.dst_file = self._own(self.dst.open_file()) if write_through else None
         data = image(size) if image_data is None else image_data
         self.src.array[:] = data
         self.counters_src = self._own(_core.Counters.create(1, tag="test-counters"))
@@ -89,7 +92,8 @@ class EnginePair:
         self.receiver = _core.RecvEngine(
             self.dst_sock.fileno(), 0, self.params, _core.make_codec(compression, False),
             [self.dst], self.counters_dst, [self.received], [True], self.pool_dst, dev,
-            self.reasm_w, True, tls=tls_dst)
+            self.reasm_w, True, tls=tls_dst,
+            write_fds=[self.dst_file.fileno() if self.dst_file is not None else -1])
 
     def _own(self, thing):
         self.owned.append(thing)

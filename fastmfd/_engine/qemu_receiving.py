@@ -58,6 +58,7 @@ from ..regions import Region
 from .processes import ChildSet, Watch
 from .qemu_channels import QemuChannel, choose_channels, migration_uuid
 from .session import shutdown_quietly
+from .session_regions import write_through
 from .workers import qemu_recv_worker_main
 
 __all__ = ["QemuReceiving", "QemuStreamFacts", "QemuOutput"]
@@ -363,7 +364,8 @@ class QemuReceiving:
             counters=self.counters.name, pool=None, ram=True,
             received=tuple(r.dirty.name for r in regions), fresh=tuple(True for _ in regions),
             layout=_core.LAYOUT_QEMU72, learn_compression=True,
-            sparse=tuple(self._sparse(r) for r in regions))
+            sparse=tuple(self._sparse(r) for r in regions),
+            write_through=tuple(write_through(r, True) for r in regions))
         assert channel.worker is not None, "started with its channel"
         channel.worker.start_session(params, [channel.sock.fileno()])
 

@@ -63,7 +63,7 @@ from .loading import DeviceLoading, check_precopy_counts, old_way_not_here
 from .prealloc import preallocate
 from .processes import Child, ChildSet, Watch
 from .session import SessionFailure, SessionResources, break_session
-from .session_regions import RegionFactory, make_session_regions
+from .session_regions import RegionFactory, make_session_regions, write_through
 
 __all__ = ["Receiving", "ReceivingState", "DestinationParts", "Refusal"]
 
@@ -297,7 +297,9 @@ class Receiving:
             devices=tuple(d.key for d in setup.devices), counters=self._counters.name,
             pool=self._devices.pool.name if self._devices is not None else None,
             ram=ch < setup.channels, received=tuple(r.dirty.name for r in self.regions),
-            fresh=tuple(self._fresh))
+            fresh=tuple(self._fresh),
+            write_through=tuple(write_through(r, fresh)
+                                for r, fresh in zip(self.regions, self._fresh)))
         worker.send(params)
         if self._devices is not None:
             worker.send_fds([self._devices.desc_w])
