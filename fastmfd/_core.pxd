@@ -474,8 +474,8 @@ cdef struct RegionRef:              # a region as the engines see it
     uint64_t *received              # destination: bit per page written since the session began
     bint fresh                      # destination: memory started zero-filled (zero pages may be skipped)
     bint sparse                     # destination: a sparse file mapped shared: clearing punches holes
-    int write_fd                    # destination: write pages with pwrite through this fd of the
-                                    # region's file, not through the mapping (-1: the mapping)
+    uint8_t *place                  # destination, fresh memory: a second mapping that pages are
+                                    # placed into with UFFDIO_COPY (NULL: written through base)
     char name[256]
     size_t name_len
 
@@ -485,6 +485,9 @@ cdef class _RegionTable:
     cdef int count
     cdef RegionEntry *entries       # name/size table for ram_decode (owned, PyMem)
     cdef list keep                  # the regions and bitmaps the pointers point into
+    cdef int uffd                   # the userfaultfd pages are placed with; -1 without
+
+    cdef uint8_t *placing_mapping(self, int fd, size_t size) noexcept
 
 
 cdef class _EngineBase:
@@ -508,7 +511,7 @@ cdef class _EngineBase:
     cdef int _setup(self, int fd, uint32_t channel, dict params, object codec, list regions,
                     Counters counters, BufferPool pool, list devices, object received,
                     object fresh, TLSChannel tls, object sparse=*,
-                    object write_fds=*) except -1
+                    object place_fds=*) except -1
     cdef int check_io(self, ssize_t rc, size_t want, str what, bint sending=*) except -1
 
 
@@ -541,11 +544,11 @@ cdef class RecvEngine(_EngineBase):
     cdef int hint                   # the region of the last RAM packet
     cdef dict device_index          # (idstr bytes, instance_id) -> device number
     cdef uint32_t max_device_payload
-    cdef uint8_t *unpacked          # a compressed packet's pages before they are written through
-                                    # a region's write_fd (NULL: no region has one)
+    cdef uint8_t *unpacked          # a compressed packet's pages before they are placed (NULL:
+                                    # no region is placed into)
 
     cdef bint recv_ram(self) except -1
-    cdef int write_through(self, RegionRef *ref, const uint8_t *pages, size_t k) except -1
+    cdef int place_pages(self, RegionRef *ref, const uint8_t *pages, size_t k) except -1
     cdef int learn_method(self, uint32_t flags) except -1
     cdef int verify_crc(self, str what, size_t header_size, const iovec *iov, size_t n,
                         uint64_t expected) except -1

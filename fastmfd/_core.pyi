@@ -266,7 +266,7 @@ class RecvEngine(_EngineBase):
                  devices: list[tuple[str, int]] | None = ..., reassembly_fd: int = ...,
                  ram_allowed: bool = ..., tls: TLSChannel | None = ...,
                  sparse: list[bool] | None = ...,
-                 write_fds: list[int] | None = ...) -> None: ...
+                 place_fds: list[int] | None = ...) -> None: ...
     def run(self) -> int: ...      # EVENT_SYNC or EVENT_EOF
 
 # ---------------------------------------------------------------- misc

@@ -33,8 +33,8 @@ from cpython.buffer cimport (
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.mem cimport PyMem_Calloc, PyMem_Free, PyMem_Malloc, PyMem_Realloc
-from libc.errno cimport (EAGAIN, ECONNRESET, EFAULT, EINTR, ENOMEM, ENOSPC, ENXIO, EPIPE,
-                         EPROTO, ETIMEDOUT, errno)
+from libc.errno cimport (EAGAIN, ECONNRESET, EEXIST, EFAULT, EINTR, ENOMEM, ENOSPC, ENXIO,
+                         EPIPE, EPROTO, ETIMEDOUT, errno)
 from libc.stdint cimport uintptr_t
 from libc.stdio cimport snprintf
 from libc.string cimport memcmp, memcpy, memset, strcmp, strerror, strncpy, strstr
@@ -42,7 +42,7 @@ from libc.time cimport time_t, timespec
 from posix.fcntl cimport F_GETFL, F_SETFL, O_NONBLOCK, fcntl
 from posix.time cimport timeval
 from posix.types cimport off_t
-from posix.unistd cimport lseek, pwrite
+from posix.unistd cimport close as close_fd, lseek
 from posix.uio cimport readv, writev
 
 from fastmfd.includes.atomics cimport (
@@ -87,9 +87,11 @@ from fastmfd.includes.system cimport (
     CLOCK_MONOTONIC, IOV_MAX, MADV_POPULATE_WRITE, MADV_REMOVE, MSG_PEEK, OFF_MAX, POLLIN,
     POLLOUT, PR_SET_PDEATHSIG, SEEK_DATA, SEEK_HOLE, SHUT_WR, SIOCOUTQ, SO_RCVTIMEO, SO_SNDBUF,
     SO_SNDTIMEO, SOL_SOCKET, TMPFS_MAGIC, _SC_PAGESIZE, __builtin_ctzll, __builtin_popcountll,
-    c_sysinfo, clock_gettime, nanosleep, fm_buffer_is_zero, fm_pagescan_init, fstatfs,
-    getsockopt, ioctl, madvise, mincore, poll, pollfd, prctl, recv, sem_clockwait, sem_init,
-    sem_post, sem_trywait, shutdown, socklen_t, statfs, strnlen, sysconf, sysinfo,
+    c_sysinfo, clock_gettime, nanosleep, fm_buffer_is_zero, fm_pagescan_init, fm_place_copy,
+    fm_place_open, fm_place_register, fstatfs, getsockopt, ioctl, madvise, MAP_FAILED,
+    MAP_SHARED, mincore, mmap, munmap, poll, pollfd, prctl, PROT_READ, PROT_WRITE, recv,
+    sem_clockwait, sem_init, sem_post, sem_trywait, shutdown, socklen_t, statfs, strnlen,
+    sysconf, sysinfo,
 )
 
 import errno as errno_module

@@ -54,46 +54,41 @@ cdef int populate_for_write(const iovec *iov, size_t count,
     return 0
 
 
-cdef int raise_unpopulated(int err, str what) except -1:
-    """Raise the clean error for a populate_for_write that found no memory (err:
-    its errno). Called only then: ``what`` is text built for the error."""
+cdef int raise_unpopulated(int err, str what, str call="populate") except -1:
+    """Raise the clean error for a populate_for_write (or place_runs: ``call``)
+    that found no memory (err: its errno). Called only then: ``what`` is text
+    built for the error."""
     raise MigrationError(f"{what}: no memory to write into: its file system (/dev/shm "
-                         f"for shared memory) is full (populate: "
-                         f"{'EFAULT' if err == EFAULT else 'ENOMEM'})")
+                         f"for shared memory) is full ({call}: "
+                         f"{errno_module.errorcode.get(err, err)})")
 
 
-cdef int write_runs(int fd, const uint8_t *base, const iovec *iov, size_t count,
+cdef int place_runs(int uffd, RegionRef *ref, const iovec *iov, size_t count,
                     const uint8_t *src) noexcept nogil:
-    """pwrite the bytes at ``src``, in order, to the file ``fd`` that ``base``
-    maps: each iov entry (a run of pages in that mapping) at its offset from
-    ``base``. Returns 0, or the errno of the write that failed (ENOSPC where
-    the file system is full: the clean error a mapping gives only as SIGBUS)."""
-    cdef size_t i, left
-    cdef ssize_t rc
-    cdef off_t at
+    """Place the bytes at ``src``, in order, into ``ref`` where each iov entry
+    (a run of pages in its mapping ``base``) says, through its placing mapping
+    (includes/placing.h). A system page that exists already is copied through
+    ``base`` (it is there: no fault clears it). Returns 0, or the errno of a
+    page no memory backs (ENOSPC, ENOMEM: a full /dev/shm; a mapping would
+    say SIGBUS)."""
+    cdef size_t i, at, length, done
+    cdef int rc
     for i in range(count):
-        at = <off_t>(<const uint8_t *>iov[i].iov_base - base)
-        left = iov[i].iov_len
-        while left:
-            rc = pwrite(fd, src, left, at)
-            if rc < 0:
-                if errno == EINTR:
-                    continue
-                return errno
-            if rc == 0:
-                return ENOSPC
-            src += rc
-            at += rc
-            left -= <size_t>rc
+        at = <size_t>(<const uint8_t *>iov[i].iov_base - ref.base)
+        length = iov[i].iov_len
+        while length:
+            rc = fm_place_copy(uffd, ref.place + at, src, length, &done)
+            src += done
+            at += done
+            length -= done
+            if rc == -EEXIST:
+                memcpy(ref.base + at, src, SYSTEM_PAGE)
+                src += SYSTEM_PAGE
+                at += SYSTEM_PAGE
+                length -= SYSTEM_PAGE
+            elif rc < 0:
+                return -rc
     return 0
-
-
-cdef int raise_unwritable(int err, str what) except -1:
-    """Raise the clean error for a write_runs that failed (err: its errno)."""
-    if err == ENOSPC:
-        raise MigrationError(f"{what}: no memory to write into: its file system (/dev/shm "
-                             f"for shared memory) is full (write: ENOSPC)")
-    raise MigrationError(f"{what}: cannot write its file: {strerror(err).decode()}")
 
 
 def populate(uint8_t[::1] memory, str what):

@@ -187,10 +187,9 @@ class Region:
                    mapping, dirty, owner=False, huge_pages=handle.huge_pages)
 
     def open_file(self) -> io.FileIO:
-        """The region's file opened anew, for writing into with ``pwrite`` (a
-        destination's receive workers do, into memory not allocated yet: no page
-        fault and no clearing before the copy). The caller closes it. Like
-        :meth:`attach`, follows no link put where the file was."""
+        """The region's file opened anew (a destination's receive workers map it
+        a second time to place pages into fresh memory). The caller closes it.
+        Like :meth:`attach`, follows no link put where the file was."""
         path = (os.path.join(SHM_DIR, self._location) if self._kind == "shm"
                 else self._location)
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)

@@ -40,7 +40,8 @@ class EnginePair:
     def __init__(self, src_sock: socket.socket, dst_sock: socket.socket, size: int, *,
                  compression: str = "none", tls: tuple | None = None,
                  packet_pages: int = 128, checksum: bool = False, devices: bool = True,
-                 image_data: np.ndarray | None = None, write_through: bool = False) -> None:
+                 image_data: np.ndarray | None = None, place: bool = False,
+                 dst_path: str | os.PathLike[str] | None = None) -> None:
         self.size = size
         self.src_sock, self.dst_sock = src_sock, dst_sock
         self.owned: list = []
@@ -48,10 +49,11 @@ class EnginePair:
                        "chunk_size": CHUNK, "zero_page_detection": True}
         self.job_pages = 1024
         self.src = self._own(Region.create("ram0", size))
-        self.dst = self._own(Region.create("ram0", size))
-        # write_through: the receiver writes pages with pwrite through the
-        # region's file, as a destination's workers do into fresh memory.
-        self.dst_file = self._own(self.dst.open_file()) if write_through else None
+        self.dst = self._own(Region.create("ram0", size) if dst_path is None else
+                             Region.from_file("ram0", dst_path, size=size, exclusive=True))
+        # place: the receiver places pages into the fresh region through a
+        # second mapping of its file, as a destination's workers do.
+        self.dst_file = self._own(self.dst.open_file()) if place else None
         data = image(size) if image_data is None else image_data
         self.src.array[:] = data
         self.counters_src = self._own(_core.Counters.create(1, tag="test-counters"))
@@ -93,7 +95,7 @@ class EnginePair:
             self.dst_sock.fileno(), 0, self.params, _core.make_codec(compression, False),
             [self.dst], self.counters_dst, [self.received], [True], self.pool_dst, dev,
             self.reasm_w, True, tls=tls_dst,
-            write_fds=[self.dst_file.fileno() if self.dst_file is not None else -1])
+            place_fds=[self.dst_file.fileno() if self.dst_file is not None else -1])
 
     def _own(self, thing):
         self.owned.append(thing)

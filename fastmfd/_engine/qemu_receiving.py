@@ -58,7 +58,7 @@ from ..regions import Region
 from .processes import ChildSet, Watch
 from .qemu_channels import QemuChannel, choose_channels, migration_uuid
 from .session import shutdown_quietly
-from .session_regions import write_through
+from .session_regions import places_pages
 from .workers import qemu_recv_worker_main
 
 __all__ = ["QemuReceiving", "QemuStreamFacts", "QemuOutput"]
@@ -365,7 +365,7 @@ class QemuReceiving:
             received=tuple(r.dirty.name for r in regions), fresh=tuple(True for _ in regions),
             layout=_core.LAYOUT_QEMU72, learn_compression=True,
             sparse=tuple(self._sparse(r) for r in regions),
-            write_through=tuple(write_through(r, True) for r in regions))
+            place=tuple(places_pages(r, True) for r in regions))
         assert channel.worker is not None, "started with its channel"
         channel.worker.start_session(params, [channel.sock.fileno()])
 

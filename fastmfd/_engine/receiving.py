@@ -63,7 +63,7 @@ from .loading import DeviceLoading, check_precopy_counts, old_way_not_here
 from .prealloc import preallocate
 from .processes import Child, ChildSet, Watch
 from .session import SessionFailure, SessionResources, break_session
-from .session_regions import RegionFactory, make_session_regions, write_through
+from .session_regions import RegionFactory, make_session_regions, places_pages
 
 __all__ = ["Receiving", "ReceivingState", "DestinationParts", "Refusal"]
 
@@ -298,8 +298,7 @@ class Receiving:
             pool=self._devices.pool.name if self._devices is not None else None,
             ram=ch < setup.channels, received=tuple(r.dirty.name for r in self.regions),
             fresh=tuple(self._fresh),
-            write_through=tuple(write_through(r, fresh)
-                                for r, fresh in zip(self.regions, self._fresh)))
+            place=tuple(places_pages(r, fresh) for r, fresh in zip(self.regions, self._fresh)))
         worker.send(params)
         if self._devices is not None:
             worker.send_fds([self._devices.desc_w])

@@ -20,7 +20,7 @@ from ..shm import SHM_DIR, free_bytes
 from .session import SessionResources
 
 __all__ = ["RegionFactory", "RegionParts", "SessionRegions", "make_session_regions",
-           "write_through"]
+           "places_pages"]
 
 RegionFactory = Callable[[str, int, int], Region]
 
@@ -57,14 +57,14 @@ def make_session_regions(setup: Setup, parts: RegionParts) -> SessionRegions:
     return SessionRegions(regions, fresh, left)
 
 
-def write_through(region: Region, fresh: bool) -> bool:
-    """Whether the receive workers write ``region``'s pages with ``pwrite``
-    through its file rather than through their mapping (RecvEngine's
-    ``write_fds``): where its memory is not allocated yet, so the kernel
-    allocates each page as it copies into it, with no page fault and no
-    clearing first. Not memory faulted in already (prealloc, a warm file),
-    where the mapping is one copy with nothing to fault, nor huge pages,
-    which only a mapping that asks for them gets."""
+def places_pages(region: Region, fresh: bool) -> bool:
+    """Whether the receive workers place ``region``'s pages (RecvEngine's
+    ``place_fds``: the kernel allocates each page as it copies into it, with
+    no page fault and no clearing first) rather than write them through their
+    mapping: where its memory is not allocated yet. Not memory faulted in
+    already (prealloc, a warm file), where the mapping is one copy with
+    nothing to fault, nor huge pages, which only a mapping that asks for
+    them gets."""
     return fresh and not region.faulted_in and not region.huge_pages
 
 

@@ -166,19 +166,19 @@ def _receive(pipe: ChildPipe, sock: socket.socket, params: RecvParams,
     regions, counters, pool = _attach(params, stack)
     received = [_core.DirtyBitmap.attach(name) for name in params.received]
     stack.extend(received)
-    write_fds = [-1] * len(regions)
-    for index, through in enumerate(params.write_through):
-        if through:
+    place_fds = [-1] * len(regions)
+    for index, place in enumerate(params.place):
+        if place:
             file = regions[index].open_file()
             stack.append(file)
-            write_fds[index] = file.fileno()
+            place_fds[index] = file.fileno()
     geometry = _engine_geometry(params)
     geometry.update(layout=params.layout, learn_compression=params.learn_compression)
     codec = None if params.learn_compression else _core.make_codec(params.compression, False)
     engine = _core.RecvEngine(sock.fileno(), params.channel, geometry, codec,
                               regions, counters, received, list(params.fresh), pool,
                               list(params.devices), reassembly_fd, params.ram, tls=tls,
-                              sparse=list(params.sparse) or None, write_fds=write_fds)
+                              sparse=list(params.sparse) or None, place_fds=place_fds)
     while engine.run() == _core.EVENT_SYNC:
         pipe.send(Synced(engine.rounds))
         reply = pipe.recv()

@@ -29,6 +29,19 @@ cdef extern from "pagescan.h" nogil:
     void fm_pagescan_init()
     bint fm_buffer_is_zero(const void *buf, size_t length)
 
+cdef extern from "placing.h" nogil:
+    int fm_place_open()
+    int fm_place_register(int uffd, void *addr, size_t length)
+    int fm_place_copy(int uffd, void *dst, const void *src, size_t length, size_t *done)
+
+cdef extern from "<sys/mman.h>" nogil:
+    void *mmap(void *addr, size_t length, int prot, int flags, int fd, long offset)
+    int munmap(void *addr, size_t length)
+    void *MAP_FAILED
+    int PROT_READ
+    int PROT_WRITE
+    int MAP_SHARED
+
 cdef extern from "<string.h>" nogil:
     size_t strnlen(const char *s, size_t maxlen)
 

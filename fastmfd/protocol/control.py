@@ -106,8 +106,8 @@ class RecvParams(ChannelParams):
     layout: str = "current"                 # RAM header layout: "current" or "qemu-7.2"
     learn_compression: bool = False         # QEMU: the first packet with pages names it
     sparse: tuple[bool, ...] = ()           # per region, a sparse file: cleared pages are holes
-    write_through: tuple[bool, ...] = ()    # per region, not allocated yet: pages are written
-                                            # with pwrite through its file (RecvEngine)
+    place: tuple[bool, ...] = ()            # per region, fresh memory: pages are placed into
+                                            # it, not written through the mapping (RecvEngine)
 
 
 @dataclass(frozen=True)
