@@ -103,7 +103,8 @@ cdef class _RegionTable:
             # A hole is punched a system page at a time: a smaller page is zero-filled.
             self.refs[i].sparse = (sparse is not None and sparse[i]
                                    and region.page_size % SYSTEM_PAGE == 0)
-            if place_fds is not None and place_fds[i] >= 0 and region.page_size % SYSTEM_PAGE == 0:
+            if (place_fds is not None and place_fds[i] >= 0 and received is not None
+                    and region.page_size % SYSTEM_PAGE == 0):
                 self.refs[i].place = self.placing_mapping(place_fds[i], view.shape[0])
 
     cdef uint8_t *placing_mapping(self, int fd, size_t size) noexcept:
@@ -111,7 +112,8 @@ cdef class _RegionTable:
         (includes/placing.h), or NULL where userfaultfd or the file's file
         system cannot (the engine then writes through the region's mapping)."""
         cdef void *mapped
-        if self.uffd == -1:
+        if not self.tried_placing:
+            self.tried_placing = True
             self.uffd = fm_place_open()
         if self.uffd < 0:
             return NULL
@@ -653,9 +655,12 @@ cdef class RecvEngine(_EngineBase):
         an earlier round) is copied through the region's mapping instead."""
         cdef int failed
         with nogil:
-            failed = place_runs(self.regions.uffd, ref, self.iov, k, pages)
-        if failed:
+            failed = place_runs(self.regions.uffd, ref, self.iov, k, pages, self.lay.page_size)
+        if failed in (ENOSPC, ENOMEM, EFAULT, EDQUOT):
             raise_unpopulated(failed, f"region {ref.name.decode()}", "place")
+        if failed:
+            raise OSError(failed, f"region {ref.name.decode()}: placing pages: "
+                                  f"{strerror(failed).decode()}")
         return 0
 
     cdef int learn_method(self, uint32_t flags) except -1:

@@ -485,7 +485,8 @@ cdef class _RegionTable:
     cdef int count
     cdef RegionEntry *entries       # name/size table for ram_decode (owned, PyMem)
     cdef list keep                  # the regions and bitmaps the pointers point into
-    cdef int uffd                   # the userfaultfd pages are placed with; -1 without
+    cdef int uffd                   # the userfaultfd pages are placed with; < 0 without
+    cdef bint tried_placing         # uffd was asked for (once per table)
 
     cdef uint8_t *placing_mapping(self, int fd, size_t size) noexcept
 

@@ -33,8 +33,8 @@ from cpython.buffer cimport (
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.mem cimport PyMem_Calloc, PyMem_Free, PyMem_Malloc, PyMem_Realloc
-from libc.errno cimport (EAGAIN, ECONNRESET, EEXIST, EFAULT, EINTR, ENOMEM, ENOSPC, ENXIO,
-                         EPIPE, EPROTO, ETIMEDOUT, errno)
+from libc.errno cimport (EAGAIN, ECONNRESET, EDQUOT, EEXIST, EFAULT, EINTR, ENOMEM, ENOSPC,
+                         ENXIO, EPIPE, EPROTO, ETIMEDOUT, errno)
 from libc.stdint cimport uintptr_t
 from libc.stdio cimport snprintf
 from libc.string cimport memcmp, memcpy, memset, strcmp, strerror, strncpy, strstr

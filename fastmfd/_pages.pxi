@@ -64,30 +64,69 @@ cdef int raise_unpopulated(int err, str what, str call="populate") except -1:
 
 
 cdef int place_runs(int uffd, RegionRef *ref, const iovec *iov, size_t count,
-                    const uint8_t *src) noexcept nogil:
+                    const uint8_t *src, uint32_t page_size) noexcept nogil:
     """Place the bytes at ``src``, in order, into ``ref`` where each iov entry
     (a run of pages in its mapping ``base``) says, through its placing mapping
-    (includes/placing.h). A system page that exists already is copied through
-    ``base`` (it is there: no fault clears it). Returns 0, or the errno of a
-    page no memory backs (ENOSPC, ENOMEM: a full /dev/shm; a mapping would
-    say SIGBUS)."""
-    cdef size_t i, at, length, done
+    (includes/placing.h). A page written before in this session (its bit in
+    ``ref.received``) is copied through ``base`` instead: UFFDIO_COPY would
+    allocate a page before finding it there, and fail where memory is short.
+    So is a page the kernel finds there anyway (EEXIST) or has no memory for
+    (ENOSPC, ENOMEM: populated through ``base`` first, which says whether
+    any memory is left). Returns 0, or the errno of what failed."""
+    cdef size_t i, at, end, stop, done
+    cdef uint64_t page
     cdef int rc
+    cdef bint written
     for i in range(count):
         at = <size_t>(<const uint8_t *>iov[i].iov_base - ref.base)
-        length = iov[i].iov_len
-        while length:
-            rc = fm_place_copy(uffd, ref.place + at, src, length, &done)
-            src += done
-            at += done
-            length -= done
-            if rc == -EEXIST:
-                memcpy(ref.base + at, src, SYSTEM_PAGE)
-                src += SYSTEM_PAGE
-                at += SYSTEM_PAGE
-                length -= SYSTEM_PAGE
-            elif rc < 0:
-                return -rc
+        end = at + iov[i].iov_len
+        while at < end:
+            page = at // page_size
+            written = (fm_load64(&ref.received[page >> 6]) >> (page & 63)) & 1
+            stop = at + page_size
+            while stop < end:
+                page = stop // page_size
+                if ((fm_load64(&ref.received[page >> 6]) >> (page & 63)) & 1) != written:
+                    break
+                stop += page_size
+            if not written:
+                rc = fm_place_copy(uffd, ref.place + at, src, stop - at, &done)
+                src += done
+                at += done
+                if rc == 0:
+                    continue
+                if rc != -EEXIST and rc != -ENOSPC and rc != -ENOMEM:
+                    return -rc
+                stop = at + SYSTEM_PAGE         # that page through the mapping, then on
+            rc = copy_through_mapping(ref, at, src, stop - at)
+            if rc:
+                return rc
+            src += stop - at
+            at = stop
+    return 0
+
+
+def placing_available():
+    """Whether this process may place pages with userfaultfd (includes/placing.h;
+    where it may not, receive workers write through their mapping). Test face."""
+    cdef int uffd = fm_place_open()
+    if uffd < 0:
+        return False
+    close_fd(uffd)
+    return True
+
+
+cdef int copy_through_mapping(RegionRef *ref, size_t at, const uint8_t *src,
+                              size_t length) noexcept nogil:
+    """Copy ``length`` bytes from ``src`` to byte ``at`` of ``ref`` through its
+    mapping, populated first: 0, or EFAULT/ENOMEM where no memory backs it."""
+    cdef iovec one
+    one.iov_base = ref.base + at
+    one.iov_len = length
+    cdef int failed = populate_for_write(&one, 1)
+    if failed:
+        return failed
+    memcpy(ref.base + at, src, length)
     return 0
 
 

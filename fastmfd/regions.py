@@ -83,8 +83,8 @@ class Region:
         """A new zero-filled region in shared memory, owned by this process.
 
         The memory is allocated as pages are first written (a destination's
-        receive workers populate each run they write, failing cleanly when
-        ``/dev/shm`` is full); the region must fit in what ``/dev/shm`` has
+        receive workers place them, or populate each run they write, failing
+        cleanly when ``/dev/shm`` is full); the region must fit in what ``/dev/shm`` has
         free now (ConfigError otherwise). ``huge_pages``: ask for transparent
         huge pages (ConfigError, saying why, where the system gives none)."""
         if huge_pages:

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from fastmfd._core import KNOWN_ZERO_PAGE, FileHoles, find_zero_pages, is_zero
 from engine_pair import PAGE, EnginePair
+from filesystems import file_system_type
 
 SMALL_LENGTHS = range(1, 300)
 LARGE_LENGTHS = [4095, 4096, 4097, 65536 + 17, 1 << 20]
@@ -279,19 +280,6 @@ def test_the_page_cache_and_the_lseeks_agree_on_any_file(tmpfs_path, kinds, slic
     padded = kinds + ["h"] * (size // 4096 - len(kinds))
     assert found[0] == [p for p in range(size // page_size)
                         if all(k in zero for k in padded[p * per:(p + 1) * per])]
-
-
-def file_system_type(path) -> str:
-    """The type of the file system ``path`` is on, from /proc/self/mountinfo."""
-    path, mount, kind = os.path.realpath(path), "", ""
-    with open("/proc/self/mountinfo") as mounts:
-        for line in mounts:
-            fields = line.split()
-            point = fields[4]
-            if (path == point or path.startswith(point.rstrip("/") + "/")) \
-                    and len(point) >= len(mount):
-                mount, kind = point, fields[fields.index("-") + 1]
-    return kind
 
 
 def test_only_tmpfs_has_its_holes_read_from_the_page_cache(tmp_path, tmpfs_path):
