@@ -81,9 +81,12 @@ cdef int place_runs(int uffd, RegionRef *ref, const iovec *iov, size_t count,
         at = <size_t>(<const uint8_t *>iov[i].iov_base - ref.base)
         end = at + iov[i].iov_len
         while at < end:
+            # The stretch from here to the first page whose received bit differs
+            # (from the next page boundary: after a page copied alone, ``at``
+            # may be inside a page larger than a system page).
             page = at // page_size
             written = (fm_load64(&ref.received[page >> 6]) >> (page & 63)) & 1
-            stop = at + page_size
+            stop = (page + 1) * page_size
             while stop < end:
                 page = stop // page_size
                 if ((fm_load64(&ref.received[page >> 6]) >> (page & 63)) & 1) != written:

@@ -41,16 +41,18 @@ class EnginePair:
                  compression: str = "none", tls: tuple | None = None,
                  packet_pages: int = 128, checksum: bool = False, devices: bool = True,
                  image_data: np.ndarray | None = None, place: bool = False,
-                 dst_path: str | os.PathLike[str] | None = None) -> None:
+                 dst_path: str | os.PathLike[str] | None = None,
+                 page_size: int = PAGE) -> None:
         self.size = size
         self.src_sock, self.dst_sock = src_sock, dst_sock
         self.owned: list = []
-        self.params = {"page_size": PAGE, "packet_pages": packet_pages, "checksum": checksum,
+        self.params = {"page_size": page_size, "packet_pages": packet_pages, "checksum": checksum,
                        "chunk_size": CHUNK, "zero_page_detection": True}
         self.job_pages = 1024
-        self.src = self._own(Region.create("ram0", size))
-        self.dst = self._own(Region.create("ram0", size) if dst_path is None else
-                             Region.from_file("ram0", dst_path, size=size, exclusive=True))
+        self.src = self._own(Region.create("ram0", size, page_size=page_size))
+        self.dst = self._own(
+            Region.create("ram0", size, page_size=page_size) if dst_path is None else
+            Region.from_file("ram0", dst_path, size=size, exclusive=True, page_size=page_size))
         # place: the receiver places pages into the fresh region through a
         # second mapping of its file, as a destination's workers do.
         self.dst_file = self._own(self.dst.open_file()) if place else None
@@ -61,7 +63,8 @@ class EnginePair:
         self.selector = self._own(_core.ChannelSelector.create(1, tag="test-selector"))
         self.mailbox = self._own(SharedMemory.create(self.job_pages * 8, tag="test-mailbox"))
         self.box = np.frombuffer(self.mailbox.buf, dtype=np.uint64)
-        self.received = self._own(_core.DirtyBitmap.create(size // PAGE, tag="test-received"))
+        self.received = self._own(_core.DirtyBitmap.create(size // page_size,
+                                                           tag="test-received"))
         dev = [("dev0", 0)] if devices else []
         self.pool_src = self.pool_dst = None
         if devices:

@@ -101,3 +101,27 @@ def test_a_region_on_a_file_system_userfaultfd_does_not_serve_is_written_through
         engines.close()
         for sock in pair:
             sock.close()
+
+
+@pytest.mark.skipif(not placing_available(), reason="this process may not use userfaultfd")
+def test_system_pages_there_already_inside_larger_pages_are_copied_through_the_mapping():
+    """Session pages of 64 KiB, some of whose 4 KiB system pages exist before any
+    is sent (read or written by someone else): the kernel refuses to place those
+    (EEXIST), each is copied through the mapping, and placing goes on from the
+    next system page, inside the same session page, up to the run's end."""
+    page = 64 << 10
+    pair = socket.socketpair()
+    engines = EnginePair(pair[0], pair[1], SIZE, devices=False, place=True, page_size=page,
+                         image_data=image(SIZE, zero_every=NPAGES))
+    try:
+        last = SIZE - page
+        for offset in (5 * page + 8192, last + 4096, last + page - 4096):
+            engines.dst.array[offset] = 0           # the system page exists now
+        engines.send_pages(np.arange(SIZE // page))
+        engines.sync()
+        engines.finish()
+        assert np.array_equal(engines.dst.array, engines.src.array)
+    finally:
+        engines.close()
+        for sock in pair:
+            sock.close()
