@@ -31,7 +31,8 @@ multifd packets (the current layout); the saved COMMAND sections go where
 the source put them. The destination resumes (or stays
 paused) with the saved RAM and device state; one that is not the saved
 stream's QEMU and machine type drops the migration, and the error says what
-the saved stream needs.
+the saved stream needs. ``QemuSender(directory)`` does the same in two
+steps: it opens the directory and starts the workers, then ``send(address)``.
 
 Files are written as ``.part`` and renamed once the stream reached its end
 and everything is on disk (:mod:`fastmfd.tools.outputs`); a truncated,
@@ -59,7 +60,7 @@ from .protocol.sockets import bound_address, listen, listening_address, parse_ad
 from .regions import Region
 from .tools.outputs import MANIFEST, OutputDir
 
-__all__ = ["receive", "send", "QemuReceived", "QemuStreamFacts"]
+__all__ = ["receive", "send", "QemuReceived", "QemuSender", "QemuStreamFacts"]
 
 DEFAULT_STALL_TIMEOUT = 30.0
 
@@ -168,48 +169,90 @@ def send(address: str, directory: str, *, channels: int = 2, compression: str = 
     """Migrate the directory :func:`receive` wrote into the QEMU listening at
     ``address`` (see the module docstring); returns per-channel counters.
     ``channels`` and ``compression`` must be the destination's
-    ``multifd-channels`` and ``multifd-compression`` (QEMU negotiates nothing)."""
-    target = parse_address(address)
-    if not 1 <= channels <= 255:
-        raise ConfigError(f"channels {channels}: QEMU's multifd-channels is 1..255")
-    if compression not in ("none", "zlib", "zstd"):
-        raise ConfigError(f"compression {compression!r}: expected none, zlib or zstd")
-    manifest = _read_manifest(directory)
-    regions: list[Region] = []
-    block_fds: list[int] = []       # where each block file's holes are (its zero pages)
-    vmstate_fd = -1
-    session = None
-    try:
-        for block in manifest["blocks"]:
-            path = _inside(directory, block["file"])
-            regions.append(Region.from_file(block["idstr"], path,
-                                            page_size=manifest["page_size"]))
-            block_fds.append(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
-            if regions[-1].size != block["size"]:
-                raise ConfigError(f"{block['file']}: {regions[-1].size} bytes, the manifest "
-                                  f"says {block['size']}")
-        vmstate_fd = os.open(_inside(directory, manifest["vmstate"]["file"]),
-                             os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        stream = QemuStream(bytes.fromhex(manifest["configuration"]),
-                            bytes.fromhex(manifest["uuid"] or "00" * 16),
-                            manifest["ram_section_id"], manifest["section_footers"],
-                            machine=manifest.get("machine", ""),
-                            multifd_sync=manifest["multifd_sync"],
-                            zero_page_detection=manifest["zero_page_detection"],
-                            commands=manifest["commands"])
-        session = QemuSending(target, stream, regions, block_fds, vmstate_fd, channels=channels,
-                              compression=compression, level=level,
-                              stall_timeout=stall_timeout)
-        session.run()
-        return session.channel_stats()
-    finally:
-        if session is not None:
-            session.close()
-        for fd in [*block_fds, vmstate_fd]:
+    ``multifd-channels`` and ``multifd-compression`` (QEMU negotiates nothing).
+    A :class:`QemuSender` made and used at once."""
+    parse_address(address)                  # a wrong address fails before anything starts
+    with QemuSender(directory, channels=channels, compression=compression, level=level,
+                    stall_timeout=stall_timeout) as sender:
+        return sender.send(address)
+
+
+class QemuSender:
+    """A saved directory made ready to migrate into a QEMU: its manifest read,
+    its files opened and mapped, one send worker process per channel started.
+    :meth:`send` migrates it, once; :meth:`close` (or the end of a ``with``
+    block) frees it all. Made ahead of the migration, as a service that
+    migrates on request would, it keeps the workers' start (a process each,
+    some milliseconds) out of the migration itself, as fastmfd's own
+    ``Source`` does; QEMU starts threads."""
+
+    def __init__(self, directory: str, *, channels: int = 2, compression: str = "none",
+                 level: int = 1, stall_timeout: float = DEFAULT_STALL_TIMEOUT) -> None:
+        if not 1 <= channels <= 255:
+            raise ConfigError(f"channels {channels}: QEMU's multifd-channels is 1..255")
+        if compression not in ("none", "zlib", "zstd"):
+            raise ConfigError(f"compression {compression!r}: expected none, zlib or zstd")
+        manifest = _read_manifest(directory)
+        self._regions: list[Region] = []
+        self._block_fds: list[int] = []     # where each block file's holes are (its zero pages)
+        self._vmstate_fd = -1
+        self._session: QemuSending | None = None
+        self._sent = False
+        try:
+            for block in manifest["blocks"]:
+                path = _inside(directory, block["file"])
+                self._regions.append(Region.from_file(block["idstr"], path,
+                                                      page_size=manifest["page_size"]))
+                self._block_fds.append(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+                if self._regions[-1].size != block["size"]:
+                    raise ConfigError(f"{block['file']}: {self._regions[-1].size} bytes, the "
+                                      f"manifest says {block['size']}")
+            self._vmstate_fd = os.open(_inside(directory, manifest["vmstate"]["file"]),
+                                       os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            stream = QemuStream(bytes.fromhex(manifest["configuration"]),
+                                bytes.fromhex(manifest["uuid"] or "00" * 16),
+                                manifest["ram_section_id"], manifest["section_footers"],
+                                machine=manifest.get("machine", ""),
+                                multifd_sync=manifest["multifd_sync"],
+                                zero_page_detection=manifest["zero_page_detection"],
+                                commands=manifest["commands"])
+            self._session = QemuSending(stream, self._regions, self._block_fds,
+                                        self._vmstate_fd, channels=channels,
+                                        compression=compression, level=level,
+                                        stall_timeout=stall_timeout)
+        except BaseException:
+            self.close()
+            raise
+
+    def send(self, address: str) -> list[dict[str, int]]:
+        """Migrate into the QEMU listening at ``address``; per-channel counters."""
+        target = parse_address(address)
+        if self._session is None:
+            raise ConfigError("this QemuSender is closed")
+        if self._sent:
+            raise ConfigError("a QemuSender migrates once: make another")
+        self._sent = True
+        self._session.run(target)
+        return self._session.channel_stats()
+
+    def close(self) -> None:
+        """Stop the workers and free the files (idempotent)."""
+        if self._session is not None:
+            self._session.close()
+            self._session = None
+        for fd in [*self._block_fds, self._vmstate_fd]:
             if fd >= 0:
                 os.close(fd)
-        for region in regions:
+        self._block_fds, self._vmstate_fd = [], -1
+        for region in self._regions:
             region.close()
+        self._regions = []
+
+    def __enter__(self) -> "QemuSender":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 _MANIFEST_KEYS = ("blocks", "page_size", "vmstate", "configuration", "uuid", "ram_section_id",

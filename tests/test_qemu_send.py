@@ -10,6 +10,7 @@ save the same directory again, in the same flavour.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import re
 import subprocess
@@ -164,6 +165,33 @@ def test_send_reads_no_hole_of_the_saved_files(tmpfs_path, captures):
         saved.facts.zero_pages + saved.facts.multifd_zero_pages
     for path in files:
         assert (tmpfs_path / "second" / path.name).read_bytes() == path.read_bytes()
+
+
+def test_a_sender_made_ahead_has_its_workers_up_and_migrates_once(tmp_path, captures):
+    saved = receive_replay(tmp_path / "first", capture_bytes(captures[1], "none"))
+    with qemu.QemuSender(str(tmp_path / "first"), channels=3, stall_timeout=10.0) as sender:
+        assert len(multiprocessing.active_children()) == 3      # before any connection
+        second = Receiver(tmp_path / "second")
+        stats = sender.send(second.address)
+        again = second.result()
+        with pytest.raises(ConfigError, match="migrates once"):
+            sender.send(second.address)
+    assert len(stats) == 3 and again.manifest["channels"] == 3
+    for block in saved.manifest["blocks"]:
+        name = block["file"]
+        assert (tmp_path / "second" / name).read_bytes() == (tmp_path / "first" / name).read_bytes()
+    with pytest.raises(ConfigError, match="closed"):
+        sender.send(second.address)
+
+
+def test_a_sender_closed_unused_stops_its_workers(tmp_path, captures):
+    # The autouse leak check fails the test if a worker, segment or socket is left.
+    receive_replay(tmp_path / "first", capture_bytes(captures[1], "none"))
+    sender = qemu.QemuSender(str(tmp_path / "first"), channels=2)
+    assert len(multiprocessing.active_children()) == 2
+    sender.close()
+    sender.close()
+    assert multiprocessing.active_children() == []
 
 
 def test_send_refuses_a_directory_without_a_qemu_manifest(tmp_path):

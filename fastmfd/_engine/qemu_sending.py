@@ -96,10 +96,11 @@ class QemuStream:
 class QemuSending:
     """The state of one migration into QEMU (see the module docstring)."""
 
-    def __init__(self, address: Address, stream: QemuStream, regions: list[Region],
+    def __init__(self, stream: QemuStream, regions: list[Region],
                  block_fds: list[int], vmstate_fd: int, *, channels: int, compression: str,
                  level: int, stall_timeout: float) -> None:
-        self.address, self.stream, self.regions = address, stream, regions
+        self.address: Address | None = None     # run()'s
+        self.stream, self.regions = stream, regions
         self.block_fds = block_fds      # each region's file, read-only: where its holes are
         self.vmstate_fd = vmstate_fd
         self.channels, self.compression, self.level = channels, compression, level
@@ -124,7 +125,9 @@ class QemuSending:
         return resource
 
     # ------------------------------------------------------------ the session
-    def run(self) -> None:
+    def run(self, address: Address) -> None:
+        """Migrate into the QEMU listening at ``address`` (once)."""
+        self.address = address
         try:
             self._run()
         except MigrationError as exc:
@@ -137,6 +140,7 @@ class QemuSending:
                                  device=exc.device, side=exc.side) from exc
 
     def _run(self) -> None:
+        assert self.address is not None, "run() sets it"
         stream, section = self.stream, self.stream.ram_section_id
         footer = stream.section_footers
         # Where the destination waits for the SYNCs: a MULTIFD_FLUSH, or the EOS.
@@ -162,6 +166,7 @@ class QemuSending:
         self.main.shutdown(socket.SHUT_WR)
 
     def _open_channel(self, ch: int, worker: Child) -> None:
+        assert self.address is not None, "run() sets it"
         sock = connect(self.address, self.stall)
         self.data.append(sock)
         tune_data_socket(sock)
