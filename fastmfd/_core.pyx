@@ -11,7 +11,8 @@ functions used across files) and includes/ declaring every C header:
     _shared.pxi    shared-memory structures: buffer pool, channel selector,
                    dirty bitmap, counters (C11 atomics, process-shared
                    semaphores), all created and attached by one template
-    _pages.pxi     zero-page scan, scatter/gather readv/writev of page lists
+    _pages.pxi     zero-page scan, scatter/gather readv/writev of page lists,
+                   placing pages into fresh memory (includes/placing.h)
     _codecs.pxi    one zlib or zstd stream per channel, straight from/into pages
     _tls.pxi       TLS through OpenSSL: the handshake, and the Link the
                    engines read and write through (plain socket or TLS)
