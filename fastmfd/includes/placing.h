@@ -70,9 +70,12 @@ static int fm_place_register(int uffd, void *addr, size_t len) {
  * range. Returns 0, or -errno with *done the bytes placed before the failure:
  * -EEXIST when the page at dst + *done exists already (written before: the
  * caller copies it through its other mapping), -ENOSPC or -ENOMEM when no
- * memory backs it. */
+ * memory backs it, -EAGAIN if the kernel kept asking for a retry (it does so
+ * only while the mappings change under a userfaultfd with event features,
+ * which this one lacks). */
 static int fm_place_copy(int uffd, void *dst, const void *src, size_t len, size_t *done) {
     struct fm_uffdio_copy copy;
+    int idle = 0;   /* EAGAIN/EINTR in a row with nothing placed: bounded, never a spin */
     *done = 0;
     while (*done < len) {
         copy.dst = (uintptr_t)dst + *done;
@@ -86,10 +89,12 @@ static int fm_place_copy(int uffd, void *dst, const void *src, size_t len, size_
         }
         /* A failure after some pages reports them (and EAGAIN); the next call
          * meets the page that failed and says why. */
-        if (copy.copy > 0)
+        if (copy.copy > 0) {
             *done += (size_t)copy.copy;
-        else if (errno != EAGAIN && errno != EINTR)
+            idle = 0;
+        } else if ((errno != EAGAIN && errno != EINTR) || ++idle > 64) {
             return -errno;
+        }
     }
     return 0;
 }
