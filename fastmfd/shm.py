@@ -252,8 +252,14 @@ class SharedMemory:
             os.unlink(os.path.join(SHM_DIR, self.name))
         except FileNotFoundError:
             pass
-        resource_tracker.unregister("/" + self.name, "shared_memory")
         self.owner = False
+        try:
+            resource_tracker.unregister("/" + self.name, "shared_memory")
+        except OSError:
+            # The tracker is gone (killed, or it could not start: a BrokenPipe).
+            # The name is removed already; raising would leave the caller's
+            # other segments (a region's dirty bitmap) linked.
+            pass
 
     def __repr__(self) -> str:
         state = "owner" if self.owner else "attached"

@@ -149,3 +149,22 @@ def test_close_waits_for_exported_views(segment, export):
     del view
     segment.close()
     assert segment.closed
+
+
+def test_a_gone_resource_tracker_leaves_no_segment_of_a_region(monkeypatch):
+    """A resource tracker that died (or never started: a BrokenPipe on every
+    message) must not stop a region's close half way: both its segments (data
+    and dirty bitmap) are unlinked all the same."""
+    from multiprocessing import resource_tracker
+    from fastmfd.regions import Region
+
+    region = Region.create("ram0", 1 << 20)
+    names = {region.handle.location, region.handle.dirty}
+    assert names <= set(list_segments())
+
+    def tracker_gone(name, rtype):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(resource_tracker, "unregister", tracker_gone)
+    region.close()
+    assert not names & set(list_segments())
