@@ -55,6 +55,20 @@ def _validate_size(name: str, size: int, page_size: int) -> None:
                           f"page size {page_size}")
 
 
+def _open_region_file(path: str, size: int) -> int:
+    """Open a region's file read-write, by the resolved path its creator
+    recorded: a link there now was put by someone else, and is not followed;
+    a file shorter than the region is refused (mapping it would SIGBUS)."""
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        if os.fstat(fd).st_size < size:
+            raise ConfigError(f"region file {path} shrank below {size} bytes")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 class Region:
     """A named block of ``size`` bytes (a multiple of ``page_size``) shared by processes."""
 
@@ -168,13 +182,8 @@ class Region:
             mapping = SharedMemory.attach(handle.location, handle.size,
                                           huge_aligned=handle.huge_pages)
         else:
-            # The location is the file's resolved path: a link there now was put by
-            # someone else, and is not followed.
-            fd = os.open(handle.location, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+            fd = _open_region_file(handle.location, handle.size)
             try:
-                if os.fstat(fd).st_size < handle.size:
-                    raise ConfigError(f"region file {handle.location} shrank below "
-                                      f"{handle.size} bytes")
                 mapping = map_file(fd, handle.size, huge_aligned=handle.huge_pages)
             finally:
                 os.close(fd)
@@ -192,14 +201,7 @@ class Region:
         Like :meth:`attach`, follows no link put where the file was."""
         path = (os.path.join(SHM_DIR, self._location) if self._kind == "shm"
                 else self._location)
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
-        try:
-            if os.fstat(fd).st_size < self.size:
-                raise ConfigError(f"region file {path} shrank below {self.size} bytes")
-        except BaseException:
-            os.close(fd)
-            raise
-        return io.FileIO(fd, "r+", closefd=True)
+        return io.FileIO(_open_region_file(path, self.size), "r+", closefd=True)
 
     # ------------------------------------------------------------ access
     @property

@@ -99,7 +99,6 @@ class QemuSending:
     def __init__(self, stream: QemuStream, regions: list[Region],
                  block_fds: list[int], vmstate_fd: int, *, channels: int, compression: str,
                  level: int, stall_timeout: float) -> None:
-        self.address: Address | None = None     # run()'s
         self.stream, self.regions = stream, regions
         self.block_fds = block_fds      # each region's file, read-only: where its holes are
         self.vmstate_fd = vmstate_fd
@@ -127,9 +126,8 @@ class QemuSending:
     # ------------------------------------------------------------ the session
     def run(self, address: Address) -> None:
         """Migrate into the QEMU listening at ``address`` (once)."""
-        self.address = address
         try:
-            self._run()
+            self._run(address)
         except MigrationError as exc:
             if self.main is None or exc.cause.endswith(self._mismatch_hint):
                 raise           # no QEMU listening at all, or the hint is there
@@ -139,19 +137,18 @@ class QemuSending:
             raise MigrationError(exc.cause + self._mismatch_hint, channel=exc.channel,
                                  device=exc.device, side=exc.side) from exc
 
-    def _run(self) -> None:
-        assert self.address is not None, "run() sets it"
+    def _run(self, address: Address) -> None:
         stream, section = self.stream, self.stream.ram_section_id
         footer = stream.section_footers
         # Where the destination waits for the SYNCs: a MULTIFD_FLUSH, or the EOS.
         barrier = encode_multifd_flush() if stream.per_round else b""
-        self.main = connect(self.address, self.stall)
+        self.main = connect(address, self.stall)
         self.main.settimeout(self.stall)
         commands = stream.commands
         self._main(encode_stream_start(stream.configuration) + commands["ram"]
                    + encode_ram_start(section, {r.name: r.size for r in self.regions}))
         for ch, worker in enumerate(self.workers):
-            self._open_channel(ch, worker)
+            self._open_channel(address, ch, worker)
         self._sync()
         self._main(barrier + encode_ram_eos(section, footer) + commands["ram-end"]
                    + encode_ram_end_start(section))
@@ -165,9 +162,8 @@ class QemuSending:
         self._wait_done()
         self.main.shutdown(socket.SHUT_WR)
 
-    def _open_channel(self, ch: int, worker: Child) -> None:
-        assert self.address is not None, "run() sets it"
-        sock = connect(self.address, self.stall)
+    def _open_channel(self, address: Address, ch: int, worker: Child) -> None:
+        sock = connect(address, self.stall)
         self.data.append(sock)
         tune_data_socket(sock)
         sock.settimeout(self.stall)
