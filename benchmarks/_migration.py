@@ -14,7 +14,8 @@ every run, timed or not, checks its data.
 A peer (QEMU on the same cell) is timed beside fastmfd round by round, and
 the order alternates: even rounds run fastmfd first, odd rounds the peer, so
 neither always gets the machine's fresh memory (whoever touches it first
-pays); each trial frees its memory before the next starts.
+pays); each trial frees its memory before the next starts, and the machine's
+free memory is warmed right before each timed run (``warm_free_memory``).
 
 Each timed test also leaves a :class:`Record`; conftest_migrate.py prints
 them at the end as side-by-side tables with ratios (peers measured in the
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from fastmfd.tools.bench.matrix import RunStatistics
-from fastmfd.tools.bench.trial import Measurement
+from fastmfd.tools.bench.trial import Measurement, warm_free_memory
 
 GIB = 1 << 30
 
@@ -66,6 +67,7 @@ def time_trials(benchmark, make_trial, *, rounds: int, check=None,
         rounds_started += 1
         trial = make_trial()
         live.append(trial)
+        warm_free_memory(trial.image.size)     # as run_once does for the peer
         return (trial,), {}
 
     def run(trial) -> Measurement:

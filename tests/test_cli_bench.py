@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from proc_scan import alive
 from fastmfd.errors import MigrationError
 from fastmfd.tools import images
 from fastmfd.tools.bench.peers import QemuTrial
+from fastmfd.tools.bench.trial import WARM_MARGIN, warm_free_memory
 from fastmfd.tools.bench.document import check_writable
 from fastmfd.tools.cli import main
 
@@ -75,6 +77,7 @@ def test_matrix_with_peer_verifies_prints_and_writes_json(tmp_path, capsys):
         extra, stats = r["extra_info"], r["stats"]
         assert extra["image"] == "halftext" and extra["image_bytes"] == 1 << 20
         assert extra["link"] == "loopback TCP" and extra["tls"] is None
+        assert extra["warm_memory"] is True and extra["prealloc"] is False
         assert stats["rounds"] == 2 and stats["data"] == [run["seconds"] for run in extra["runs"]]
         assert stats["min"] == min(stats["data"]) and stats["max"] == max(stats["data"])
         assert stats["min"] <= stats["median"] <= stats["max"] and stats["stddev"] >= 0
@@ -91,6 +94,29 @@ def test_matrix_with_peer_verifies_prints_and_writes_json(tmp_path, capsys):
     # Each side's processes were measured (CPU seconds can round to 0 at 1 MiB).
     assert all(set(run["cpu_s"]) == {"source", "destination", "main"}
                for r in fastmfd for run in r["runs"])
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_warming_free_memory_touches_a_little_more_than_the_image_and_frees_it():
+    size = 64 << 20
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    resident = _resident_bytes()
+    warm_free_memory(size)
+    touched = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) * 4096
+    assert touched >= size + size // WARM_MARGIN        # every page faulted in, written
+    assert _resident_bytes() - resident < 8 << 20       # and given back
+
+
+def test_cold_memory_is_said_in_the_table_and_the_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--size", "1M", "--channels", "1", "--compression", "none",
+                 "--cold-memory", "--json", str(out)]) == 0
+    assert "free memory not warmed" in capsys.readouterr().out
+    assert json.loads(out.read_text())["benchmarks"][0]["extra_info"]["warm_memory"] is False
 
 
 @pytest.mark.parametrize("where", ["missing-dir/bench.json", "."])
@@ -189,6 +215,7 @@ KILLED_WITH_ITS_QEMUS = """
 import os, signal
 from fastmfd.tools.images import Image
 from fastmfd.tools.bench.peers import QemuTrial
+from fastmfd.tools.bench.trial import WARM_MARGIN, warm_free_memory
 image = Image.create("random", 4 << 20)
 trial = QemuTrial(image, 2, "none")
 print(os.path.dirname(image.path), *[process.pid for process in trial._procs], flush=True)

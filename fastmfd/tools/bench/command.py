@@ -100,6 +100,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="allocate and fault in the destination's memory before timing "
                              "(QEMU: prealloc=on): times the transport without the cost of "
                              "fresh memory")
+    parser.add_argument("--cold-memory", action="store_true",
+                        help="do not warm the machine's free memory right before each timed "
+                             "run: each destination takes memory as the host left it (on a VM "
+                             "that hands free memory back to its host, memory freed a few "
+                             "seconds ago costs several times more to touch, so runs spread "
+                             "with whatever came before them)")
     parser.add_argument("--link", metavar="RATE[/DELAY]", type=_link, default=None,
                         help="run every destination (fastmfd's and the peers') behind an "
                              "emulated link instead of loopback: a network namespace joined "
@@ -179,10 +185,12 @@ def cli_main(args: argparse.Namespace) -> int:
 
         results = run_matrix(settings, images, args.repeat, progress,
                              qemu_binary=args.qemu_binary, prealloc=args.prealloc,
-                             security=security, link=link)
+                             security=security, link=link, warm_memory=not args.cold_memory)
     notes = [f", over an emulated {args.link.text} link"] if args.link else []
     if args.prealloc:
         notes.append(", destination preallocated")
+    if args.cold_memory:
+        notes.append(", free memory not warmed")
     if security.label:
         notes.append(f", fastmfd with {security.label}")
     render(results, console, note="".join(notes))
@@ -194,8 +202,9 @@ def cli_main(args: argparse.Namespace) -> int:
         chart.save_svg(args.chart, title="fastmfd bench")
     if args.json:
         with open(args.json, "w") as out:
+            link_text = f"emulated {args.link.text} (veth, tc)" if args.link else LINK
             json.dump(document(results, tls=security.label or None, prealloc=args.prealloc,
-                               link=f"emulated {args.link.text} (veth, tc)" if args.link
-                               else LINK), out, indent=2)
+                               warm_memory=not args.cold_memory, link=link_text),
+                      out, indent=2)
             out.write("\n")
     return 0

@@ -69,19 +69,22 @@ def load_best_times(path: str) -> dict[str, float]:
 
 
 def document(results: list[Result], *, tls: str | None, prealloc: bool,
-             link: str = LINK) -> dict[str, Any]:
+             warm_memory: bool = True, link: str = LINK) -> dict[str, Any]:
     """The JSON document of ``results`` (:class:`.matrix.Result`, in table order);
-    ``link``: what carried every trial's bytes."""
+    ``warm_memory``: whether free memory was warmed before each run; ``link``:
+    what carried every trial's bytes."""
     return {
         "machine_info": machine_info(),
         "commit_info": commit_info(),
         "datetime": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "version": __version__,
-        "benchmarks": [_benchmark(result, tls, prealloc, link) for result in results],
+        "benchmarks": [_benchmark(result, tls, prealloc, warm_memory, link)
+                       for result in results],
     }
 
 
-def _benchmark(result: Result, tls: str | None, prealloc: bool, link: str) -> dict[str, Any]:
+def _benchmark(result: Result, tls: str | None, prealloc: bool, warm_memory: bool,
+               link: str) -> dict[str, Any]:
     runs = [m.seconds for m in result.measurements]
     best = result.best
     setting = result.setting
@@ -98,6 +101,7 @@ def _benchmark(result: Result, tls: str | None, prealloc: bool, link: str) -> di
             "image": result.image, "compression": setting.compression_label,
             "channels": setting.channels, "peer": setting.method, "link": link,
             "tls": tls if setting.method == "fastmfd" else None, "prealloc": prealloc,
+            "warm_memory": warm_memory,
             "image_bytes": best.image_bytes, "throughput_bytes_per_s": best.throughput,
             "median_throughput_bytes_per_s": result.median_throughput,
             "first_s": result.first_seconds, "spread": round(result.spread, 3),

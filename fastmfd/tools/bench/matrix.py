@@ -5,8 +5,9 @@
     for each repeat ─▶ for each image ─▶ for each setting ─▶ make_trial ─▶ run ─▶ finish
       (repeats are the outer loop, so drift on a busy machine hits every setting alike;
        odd repeats run the settings in reverse, so no side always runs first — on fresh
-       memory whoever touches it first pays — and finish() frees each trial's memory
-       before the next starts)
+       memory whoever touches it first pays — finish() frees each trial's memory
+       before the next starts, and the machine's free memory is warmed right before
+       each timed run: see warm_free_memory)
                       │
                       ▼
     Result per (setting, image): every Measurement (CPU seconds by side, foreign load);
@@ -27,7 +28,7 @@ from .fastmfd_trial import FastmfdTrial
 from .link import EmulatedLink
 from .peers import QemuTrial, SendallTrial
 from .qemu_cells import FastmfdToQemuTrial, QemuToFastmfdTrial
-from .trial import FOREIGN_LOAD_FLAG, CpuMeter, Measurement, Trial
+from .trial import FOREIGN_LOAD_FLAG, CpuMeter, Measurement, Trial, warm_free_memory
 
 __all__ = ["METHODS", "PEERS", "QEMU_METHODS", "Setting", "RunStatistics", "Result", "make_trial", "run_once",
            "run_matrix"]
@@ -142,12 +143,17 @@ def make_trial(setting: Setting, image: Image, *, qemu_binary: str | None = None
     raise ConfigError(f"unknown method {setting.method!r}; choose one of {METHODS}")
 
 
-def run_once(setting: Setting, image: Image, **kwargs: Any) -> Measurement:
-    """Prepare, time and check one transfer. On an emulated link, the bytes its
-    source side carried are kept as ``details["link_bytes"]``."""
+def run_once(setting: Setting, image: Image, *, warm_memory: bool = True,
+             **kwargs: Any) -> Measurement:
+    """Prepare, time and check one transfer. ``warm_memory``: the machine's free
+    memory is warmed right before timing (:func:`.warm_free_memory`). On an
+    emulated link, the bytes its source side carried are kept as
+    ``details["link_bytes"]``."""
     trial = make_trial(setting, image, **kwargs)
     link: EmulatedLink | None = kwargs.get("link")
     try:
+        if warm_memory:
+            warm_free_memory(image.size)
         carried = link.sent_bytes() if link is not None else 0
         meter = CpuMeter(trial.pids(), trial.pids_complete)
         measurement = trial.run()
@@ -164,7 +170,8 @@ def run_once(setting: Setting, image: Image, **kwargs: Any) -> Measurement:
 def run_matrix(settings: list[Setting], images: list[Image], repeat: int = 1,
                on_measurement: Callable[[str, Setting, int, Measurement], None] | None = None,
                **kwargs: Any) -> list[Result]:
-    """Time every setting on every image ``repeat`` times; one Result per pair."""
+    """Time every setting on every image ``repeat`` times; one Result per pair
+    (``kwargs``: :func:`run_once`'s)."""
     results = {(s, im.kind): Result(s, im.kind) for im in images for s in settings}
     for number in range(repeat):
         for image in images:
