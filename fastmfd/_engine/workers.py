@@ -188,9 +188,10 @@ def _receive(pipe: ChildPipe, sock: socket.socket, params: RecvParams,
             raise ProtocolError(f"channel {params.channel} holds at the SYNC of round "
                                 f"{engine.rounds} and was told {reply!r}", field="go",
                                 received=reply, expected=Go(engine.rounds))
-    learnt = engine.compression if params.learn_compression else None
+    # Eof first: the engine's teardown unmaps every page it placed (milliseconds for
+    # a share of a gigabyte), and the session's end waits on each channel's Eof.
+    pipe.send(Eof(engine.compression if params.learn_compression else None))
     del engine
-    pipe.send(Eof(learnt))
 
 
 def send_worker_main(conn: Connection) -> None:
