@@ -179,9 +179,9 @@ def warm_free_memory(image_bytes: int) -> None:
     1 GiB against 0.58-0.66 right after a free. Which runs met such memory
     depended on how long the step before them took (a QEMU started, an image
     made), not on the transfer: without this, the first run after a 1 GiB
-    image was made took 1.4-1.6 s where the rest took 0.46-0.58 (fastmfd and
-    fastmfd -> QEMU 10 alike). A kernel without MADV_POPULATE_WRITE (< 5.14)
-    gets no warm-up.
+    image was made took 1.40 s where the rest took 0.46-0.52 (fastmfd ->
+    fastmfd), and 1.63 s against 0.56-0.87 (fastmfd -> QEMU 10); with it, 0.48
+    and 0.58. A kernel without MADV_POPULATE_WRITE (< 5.14) gets no warm-up.
     """
     size = image_bytes + image_bytes // WARM_MARGIN
     size -= size % mmap.PAGESIZE
