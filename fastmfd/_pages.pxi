@@ -109,16 +109,6 @@ cdef int place_runs(int uffd, RegionRef *ref, const iovec *iov, size_t count,
     return 0
 
 
-def placing_available():
-    """Whether this process may place pages with userfaultfd (includes/placing.h;
-    where it may not, receive workers write through their mapping). Test face."""
-    cdef int uffd = fm_place_open()
-    if uffd < 0:
-        return False
-    close_fd(uffd)
-    return True
-
-
 cdef int copy_through_mapping(RegionRef *ref, size_t at, const uint8_t *src,
                               size_t length) noexcept nogil:
     """Copy ``length`` bytes from ``src`` to byte ``at`` of ``ref`` through its
@@ -131,6 +121,16 @@ cdef int copy_through_mapping(RegionRef *ref, size_t at, const uint8_t *src,
         return failed
     memcpy(ref.base + at, src, length)
     return 0
+
+
+def placing_available():
+    """Whether this process may place pages with userfaultfd (includes/placing.h;
+    where it may not, receive workers write through their mapping). Test face."""
+    cdef int uffd = fm_place_open()
+    if uffd < 0:
+        return False
+    close_fd(uffd)
+    return True
 
 
 def populate(uint8_t[::1] memory, str what):
