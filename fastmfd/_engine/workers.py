@@ -17,6 +17,7 @@ channel's engine from the Cython core.
       Watch ◀── Synced(n) ────────────────────────        report, wait for Go(n)
             ─── Go(n) ────────────────────────────▶      ... until the channel ends: Eof
             ◀── Failed(text, traceback) ───────────      any failure, then exit(1)
+      close: Stop ─────────────────────────────────▶   after Done / Eof: tear down, exit
       QEMU (qemu_recv_worker_main): RecvParams +      the main process read the init packet:
         socket ───────────────────────────────▶       RecvEngine on QEMU 7.2's layout, as above
 
@@ -93,8 +94,9 @@ def _send_session(pipe: ChildPipe, params: SendParams, stack: list[Closable]) ->
                               regions, counters, selector, params.selector_index, box, pool,
                               list(params.devices), tls=tls)
     engine.run(cmd_fd)
-    del engine, box         # views of the mailbox must go before it closes
     pipe.send(Done())
+    _hold_until_stopped(pipe)
+    del engine, box         # views of the mailbox must go before it closes
 
 
 def _greet(pipe: ChildPipe, greeting: Greeting
@@ -188,10 +190,22 @@ def _receive(pipe: ChildPipe, sock: socket.socket, params: RecvParams,
             raise ProtocolError(f"channel {params.channel} holds at the SYNC of round "
                                 f"{engine.rounds} and was told {reply!r}", field="go",
                                 received=reply, expected=Go(engine.rounds))
-    # Eof first: the engine's teardown unmaps every page it placed (milliseconds for
-    # a share of a gigabyte), and the session's end waits on each channel's Eof.
     pipe.send(Eof(engine.compression if params.learn_compression else None))
+    _hold_until_stopped(pipe)
     del engine
+
+
+def _hold_until_stopped(pipe: ChildPipe) -> None:
+    """After its last report, a worker keeps its engine, its mappings and its
+    process until the owner closes the session (its Stop). Tearing them down
+    (unmapping every page of its share, exiting) costs milliseconds of CPU per
+    channel, which on a busy machine the channels still running and the end of
+    the session would wait for: a 64 MiB migration over 8 channels took 67 ms
+    with it in the session and 47-52 without."""
+    told = pipe.recv()
+    if not isinstance(told, Stop):
+        raise MigrationError(f"a worker whose channel ended was told {told!r}, "
+                             f"expected Stop")
 
 
 def send_worker_main(conn: Connection) -> None:

@@ -102,10 +102,12 @@ class CpuMeter:
     whose ``pids`` are not all its processes (``complete=False``) gets no load
     figure: its own unseen processes would count as foreign.
 
-    A worker process exits when its session ends, taking its counters with
-    it: a thread samples every process every ``SAMPLE_SECONDS`` and keeps the
-    last value, so what a process used in its last few milliseconds (after its
-    last packet: teardown) is all that can be missed."""
+    fastmfd's workers tear down and exit when their session is closed, after
+    the timed part, so their teardown is not counted (nor is QEMU's: its
+    processes outlive the timed part too). A process that exits within it takes
+    its counters along: a thread samples every process every
+    ``SAMPLE_SECONDS`` and keeps the last value, so only its last few
+    milliseconds can be missed."""
 
     SAMPLE_SECONDS = 0.01
 
