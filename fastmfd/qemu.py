@@ -32,7 +32,8 @@ the source put them. The destination resumes (or stays
 paused) with the saved RAM and device state; one that is not the saved
 stream's QEMU and machine type drops the migration, and the error says what
 the saved stream needs. ``QemuSender(directory)`` does the same in two
-steps: it opens the directory and starts the workers, then ``send(address)``.
+steps: it opens the directory and starts the workers, then ``send(address)``;
+``QemuReceiver(address, directory)`` is ``receive`` in two steps likewise.
 
 Files are written as ``.part`` and renamed once the stream reached its end
 and everything is on disk (:mod:`fastmfd.tools.outputs`); a truncated,
@@ -60,7 +61,7 @@ from .protocol.sockets import bound_address, listen, listening_address, parse_ad
 from .regions import Region
 from .tools.outputs import MANIFEST, OutputDir
 
-__all__ = ["receive", "send", "QemuReceived", "QemuSender", "QemuStreamFacts"]
+__all__ = ["receive", "send", "QemuReceived", "QemuReceiver", "QemuSender", "QemuStreamFacts"]
 
 DEFAULT_STALL_TIMEOUT = 30.0
 
@@ -93,38 +94,88 @@ def receive(address: str | socket.socket, directory: str, *, timeout: float = 36
     ``on_listening(address)`` is called with the bound address (``tcp:...:0``
     picks a port) before any wait. ``address`` may be a socket listening
     already (the caller's to close)."""
-    given = address if isinstance(address, socket.socket) else None
-    requested = (listening_address(address) if isinstance(address, socket.socket)
-                 else parse_address(address))
-    out = OutputDir(directory, force=force, keep_partial=keep_partial, max_bytes=max_size)
-    listener = given
-    session = None
-    try:
-        if listener is None:
-            listener = listen(requested)
-        # Its first worker starts now, before QEMU is told where to go.
-        session = QemuReceiving(listener, out, timeout=timeout, stall_timeout=stall_timeout,
-                                workers=workers)
+    with QemuReceiver(address, directory, timeout=timeout, stall_timeout=stall_timeout,
+                      force=force, keep_partial=keep_partial, max_size=max_size,
+                      workers=workers) as receiver:
         if on_listening is not None:
-            on_listening(str(bound_address(listener, requested)))
-        facts = session.run()
-        manifest = _manifest(facts, out)
-        out.commit(manifest)
-        return QemuReceived(facts, out.files(), manifest, time.monotonic() - session.main_at,
-                            session.channel_stats())
-    except BaseException:
-        if session is not None:
+            on_listening(receiver.address)
+        return receiver.receive()
+
+
+class QemuReceiver:
+    """:func:`receive` in two steps: made, it has checked the directory, bound
+    the address (:attr:`address`, where QEMU is to ``migrate``) and started the
+    first workers; :meth:`receive` then takes the migration, once; :meth:`close`
+    (or the end of a ``with`` block) frees it all. The parameters are
+    :func:`receive`'s."""
+
+    def __init__(self, address: str | socket.socket, directory: str, *,
+                 timeout: float = 3600.0, stall_timeout: float = DEFAULT_STALL_TIMEOUT,
+                 force: bool = False, keep_partial: bool = False, max_size: int | None = None,
+                 workers: int = 2) -> None:
+        self._given = address if isinstance(address, socket.socket) else None
+        self._requested = (listening_address(address) if isinstance(address, socket.socket)
+                           else parse_address(address))
+        self._out: OutputDir | None = OutputDir(directory, force=force,
+                                                keep_partial=keep_partial, max_bytes=max_size)
+        self._listener = self._given
+        self._session: QemuReceiving | None = None
+        self._received = False
+        try:
+            if self._listener is None:
+                self._listener = listen(self._requested)
+            self._session = QemuReceiving(self._listener, self._out, timeout=timeout,
+                                          stall_timeout=stall_timeout, workers=workers)
+            self.address = str(bound_address(self._listener, self._requested))
+        except BaseException:
+            self.close()
+            raise
+
+    def worker_pids(self) -> list[int]:
+        """The process ids of the receive workers (empty once closed): what a
+        benchmark measures the CPU time of, beside this process's."""
+        workers = self._session.workers if self._session is not None else None
+        return workers.pids() if workers is not None else []
+
+    def receive(self) -> QemuReceived:
+        """Take QEMU's migration; returns once every file is written and fsynced."""
+        session, out = self._session, self._out
+        if session is None or out is None:
+            raise ConfigError("this QemuReceiver is closed")
+        if self._received:
+            raise ConfigError("a QemuReceiver receives once: make another")
+        self._received = True
+        try:
+            facts = session.run()
+            manifest = _manifest(facts, out)
+            out.commit(manifest)
+            return QemuReceived(facts, out.files(), manifest,
+                                time.monotonic() - session.main_at, session.channel_stats())
+        except BaseException:
             session.close()         # nothing writes any more
-        out.abort()
-        raise
-    finally:
-        if session is not None:
-            session.close()
-        if listener is not None and given is None:
-            listener.close()
-            if requested.path is not None and os.path.exists(requested.path):
-                os.unlink(requested.path)
-        out.close()
+            out.abort()
+            raise
+
+    def close(self) -> None:
+        """Stop the workers, close the listener, free the directory (idempotent)."""
+        if self._session is not None:
+            self._session.close()
+            self._session = None
+        if self._listener is not None and self._given is None:
+            self._listener.close()
+            path = self._requested.path
+            if path is not None and os.path.exists(path):
+                os.unlink(path)
+        self._listener = None
+        if self._out is not None:
+            self._out.close()
+            self._out = None
+
+    def __enter__(self) -> "QemuReceiver":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _manifest(facts: QemuStreamFacts, out: OutputDir) -> dict[str, Any]:
@@ -234,6 +285,11 @@ class QemuSender:
         self._sent = True
         self._session.run(target)
         return self._session.channel_stats()
+
+    def worker_pids(self) -> list[int]:
+        """The process ids of the send workers (empty once closed): what a
+        benchmark measures the CPU time of, beside this process's."""
+        return self._session.workers.pids() if self._session is not None else []
 
     def close(self) -> None:
         """Stop the workers and free the files (idempotent)."""

@@ -12,6 +12,7 @@ machine type (shared/data), and QEMU 10.0's with its own machine type
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import socket
 import subprocess
@@ -295,6 +296,40 @@ def test_capture_replay_is_received(tmp_path, captures, kind):
     # END section: COMMAND 11 (SWITCHOVER_START), no data; the others send none.
     assert manifest["commands"] == ([{"before": "ram-end", "section": "08000b0000"}]
                                     if which == "10.0-native" else [])
+
+
+def test_a_receiver_made_ahead_has_its_workers_up_and_receives_once(tmp_path, captures):
+    _, directory = captures
+    files = capture_bytes(directory, "none")
+    with qemu.QemuReceiver("tcp:127.0.0.1:0", str(tmp_path / "out"), workers=3,
+                           stall_timeout=10.0) as receiver:
+        pids = receiver.worker_pids()
+        assert len(pids) == 3 and {p.pid for p in multiprocessing.active_children()} == set(pids)
+        socks = replay(receiver.address, files)
+        try:
+            received = receiver.receive()
+        finally:
+            for sock in socks:
+                sock.close()
+        with pytest.raises(ConfigError, match="receives once"):
+            receiver.receive()
+    assert received.manifest["channels"] == 2
+    mem = next(b["file"] for b in received.manifest["blocks"] if b["idstr"] == "mem")
+    assert np.array_equal(np.fromfile(tmp_path / "out" / mem, dtype=np.uint8),
+                          capture_pattern())
+    assert receiver.worker_pids() == []
+    with pytest.raises(ConfigError, match="closed"):
+        receiver.receive()
+
+
+def test_a_receiver_closed_unused_leaves_nothing(tmp_path):
+    # The autouse leak check fails the test if a worker, segment or socket is left.
+    receiver = qemu.QemuReceiver("tcp:127.0.0.1:0", str(tmp_path / "out"), workers=2)
+    assert len(multiprocessing.active_children()) == 2
+    receiver.close()
+    receiver.close()
+    assert multiprocessing.active_children() == []
+    assert not any((tmp_path / "out").iterdir())
 
 
 def init_packet(uuid: bytes, channel: int, version: int = 1) -> bytes:
