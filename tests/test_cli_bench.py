@@ -188,6 +188,11 @@ def test_qemu_peer_migrates_the_same_image(tmp_path, capsys):
     assert qemu["runs"][0]["qemu_total_time_s"] >= 0     # whole ms: a small run may show 0
     assert qemu["runs"][0]["seconds"] > 0
     assert set(qemu["runs"][0]["cpu_s"]) == {"source", "destination"}
+    # fastmfd's workers at either end are measured too, so the machine's other load is known.
+    for method in ("qemu-to-fastmfd", "fastmfd-to-qemu"):
+        run = results[f"halftext {method} 2ch zlib-1"]["runs"][0]
+        assert set(run["cpu_s"]) == {"source", "destination", "main"}
+        assert "foreign_cores" in run
     # fastmfd as either end of a QEMU migration moved the same non-zero pages.
     for method in ("qemu-to-fastmfd", "fastmfd-to-qemu"):
         assert results[f"halftext {method} 2ch zlib-1"]["runs"][0]["normal_pages"] >= \

@@ -38,45 +38,39 @@ RAM_BLOCK = "mem"           # the memory-backend's id: the guest RAM's RAMBlock
 
 
 class _Receiver:
-    """``qemu.receive`` in a thread, listening once constructed: on loopback, or on
-    ``listener``, a socket listening already (the caller's to close)."""
+    """A :class:`~fastmfd.qemu.QemuReceiver` receiving in a thread: listening, its
+    workers up, once constructed; on loopback, or on ``listener``, a socket
+    listening already (the caller's to close)."""
 
     def __init__(self, directory: str, workers: int,
                  listener: socket.socket | None = None) -> None:
-        self._listening = threading.Event()
         self._outcome: dict[str, qemu.QemuReceived | BaseException] = {}
-        self.address = ""
-        self._thread = threading.Thread(target=self._run, args=(directory, workers, listener),
-                                        name="fastmfd qemu receive", daemon=True)
+        address = listener if listener is not None else f"tcp:{LOOPBACK_HOST}:0"
+        self._receiver = qemu.QemuReceiver(address, directory, timeout=STEP_TIMEOUT * 10,
+                                           workers=workers)
+        self.address = self._receiver.address
+        self._thread = threading.Thread(target=self._run, name="fastmfd qemu receive",
+                                        daemon=True)
         self._thread.start()
-        if not self._listening.wait(STEP_TIMEOUT):
-            raise MigrationError("fastmfd's QEMU receiver did not start listening")
-        self._raise()
 
-    def _run(self, directory: str, workers: int, listener: socket.socket | None) -> None:
+    def _run(self) -> None:
         try:
-            address = listener if listener is not None else f"tcp:{LOOPBACK_HOST}:0"
-            self._outcome["result"] = qemu.receive(
-                address, directory, timeout=STEP_TIMEOUT * 10, workers=workers,
-                on_listening=self._on_listening)
+            self._outcome["result"] = self._receiver.receive()
         except BaseException as exc:        # handed to the thread that waits
             self._outcome["error"] = exc
-        self._listening.set()
+        finally:
+            self._receiver.close()
 
-    def _on_listening(self, address: str) -> None:
-        self.address = address
-        self._listening.set()
-
-    def _raise(self) -> None:
-        error = self._outcome.get("error")
-        if isinstance(error, BaseException):
-            raise error
+    def worker_pids(self) -> list[int]:
+        return self._receiver.worker_pids()
 
     def result(self, timeout: float) -> qemu.QemuReceived:
         self._thread.join(timeout)
         if self._thread.is_alive():
             raise MigrationError(f"fastmfd's QEMU receiver did not finish within {timeout:g} s")
-        self._raise()
+        error = self._outcome.get("error")
+        if isinstance(error, BaseException):
+            raise error
         result = self._outcome["result"]
         assert isinstance(result, qemu.QemuReceived), "no error: a result"
         return result
@@ -84,7 +78,6 @@ class _Receiver:
 
 class QemuToFastmfdTrial(QemuPeer):
     """A real QEMU migrates the image into ``fastmfd listen --qemu``."""
-    pids_complete = False       # fastmfd's workers are qemu.receive/send's own
     _received_name = "fastmfd: the RAMBlock file listen --qemu wrote"
 
     _listener: socket.socket | None = None     # on an emulated link: where it listens
@@ -99,7 +92,8 @@ class QemuToFastmfdTrial(QemuPeer):
         self._receiver = _Receiver(self._dir, self.channels, self._listener)
 
     def pids(self) -> dict[str, list[int]]:
-        return {"source": [self._procs[0].pid], "main": [os.getpid()]}
+        return {"source": [self._procs[0].pid], "destination": self._receiver.worker_pids(),
+                "main": [os.getpid()]}
 
     def close(self) -> None:
         super().close()
@@ -125,7 +119,6 @@ class QemuToFastmfdTrial(QemuPeer):
 
 class FastmfdToQemuTrial(QemuPeer):
     """``fastmfd send --qemu`` migrates the image, saved from a QEMU, into a real QEMU."""
-    pids_complete = False       # fastmfd's workers are qemu.receive/send's own
     _received_name = "QEMU: the destination's RAM file"
 
     _sender: qemu.QemuSender | None = None
@@ -168,7 +161,9 @@ class FastmfdToQemuTrial(QemuPeer):
         return hashlib.sha1(os.path.realpath(self._binary).encode()).hexdigest()[:12]
 
     def pids(self) -> dict[str, list[int]]:
-        return {"destination": [self._procs[-1].pid], "main": [os.getpid()]}
+        assert self._sender is not None, "made by _prepare"
+        return {"source": self._sender.worker_pids(), "destination": [self._procs[-1].pid],
+                "main": [os.getpid()]}
 
     def close(self) -> None:
         if self._sender is not None:
