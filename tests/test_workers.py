@@ -15,6 +15,7 @@ from fastmfd._engine.processes import ChildSet, child_setup
 from fastmfd._engine.workers import recv_worker_main
 from fastmfd.protocol.control import Ready
 from migration_support import make_region
+from proc_scan import alive
 
 MIB = 1 << 20
 
@@ -62,19 +63,10 @@ def test_the_main_channel_sends_small_messages_at_once():
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
 
 
-def _running(pid: int) -> bool:
-    """Whether ``pid`` is a live process (not gone, not a zombie)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 def test_workers_keep_their_share_until_the_session_closes_then_exit(leaks):
     # After its last report (Done, Eof) a worker tears nothing down until the
     # owner closes: that work is not the migration's to wait for. Closing then
-    # lets each one unmap and exit by itself (Stop), with nothing left over.
+    # ends every one of them, with nothing left over (the leak check).
     image = make_region("ram", 4 * MIB, seed=7)
     try:
         with LoopbackMigration(fastmfd.MigrationConfig(channels=2), [image]) as migration:
@@ -84,10 +76,10 @@ def test_workers_keep_their_share_until_the_session_closes_then_exit(leaks):
             def still_running(result: fastmfd.DestinationResult) -> list[int]:
                 assert np.array_equal(result.regions["ram"].array, image.array)
                 return [pid for side in ("source", "destination") for pid in pids[side]
-                        if _running(pid)]
+                        if alive(pid)]
 
             workers = pids["source"] + pids["destination"]
             assert migration.finish(still_running).checked == workers
-        assert not any(_running(pid) for pid in workers)
+        assert not any(alive(pid) for pid in workers)
     finally:
         image.close()
