@@ -386,12 +386,10 @@ cdef bint on_tmpfs(int fd) noexcept nogil:
 
 
 cdef class FileHoles:
-    """The zero pages of a file, slice after slice: the pages in its holes,
-    learnt without reading them, and (``scan_data``) the all-zero pages among
-    the others, read. Reading a hole through a mapping costs a page fault per
-    page and, on tmpfs, allocates the page: a sparse file would fill up. A
-    page partly in a hole is read; a file system that reports no holes has
-    every page read, as find_zero_pages would.
+    """The zero pages of a file known without reading it, slice after slice: the
+    pages in its holes. Reading a hole through a mapping costs a page fault per
+    page and, on tmpfs, allocates the page: a sparse file would fill up. A page
+    partly in a hole is data; a file system that reports no holes has none.
 
     Holes are learnt with SEEK_DATA/SEEK_HOLE: two lseeks per hole, which for
     a file of lone zero pages (1 GiB of every other page) is 262144 system
@@ -427,8 +425,7 @@ cdef class FileHoles:
         return self.by_residency
 
     cdef bint resident_zero_pages(self, const uint8_t *base, size_t page_size,
-                                  uint64_t first, uint64_t count, bint scan_data,
-                                  uint8_t[::1] state, uint64_t[::1] out,
+                                  uint64_t first, uint64_t count, uint8_t[::1] state, uint64_t[::1] out,
                                   uint64_t *found) noexcept nogil:
         """zero_pages by mincore() into ``state`` (a byte per system page of the
         slice), for a slice of both holes and data: one extent, all data or all
@@ -456,8 +453,7 @@ cdef class FileHoles:
             resident = False
             for j in range(i * per, (i + 1) * per):
                 resident = resident or state[j] & 1
-            if not resident or (scan_data and fm_buffer_is_zero(base + (first + i) * page_size,
-                                                                page_size)):
+            if not resident:
                 out[k] = first + i
                 k += 1
         found[0] = k
@@ -484,9 +480,9 @@ cdef class FileHoles:
         return 0
 
     def zero_pages(self, const uint8_t[::1] buffer, size_t page_size, uint64_t first,
-                   uint64_t count, bint scan_data=True):
-        """Indices of the zero pages among pages ``first`` .. ``first + count - 1``
-        of the file, which ``buffer`` maps."""
+                   uint64_t count):
+        """Indices of the pages in holes among pages ``first`` .. ``first + count
+        - 1`` of the file, which ``buffer`` maps."""
         cdef size_t total
         cdef uint64_t[::1] out
         cdef uint8_t[::1] state
@@ -505,7 +501,7 @@ cdef class FileHoles:
             state = np.empty(count * (page_size // SYSTEM_PAGE), dtype=np.uint8)
             with nogil:
                 answered = self.resident_zero_pages(&buffer[0], page_size, first, count,
-                                                    scan_data, state, out, &k)
+                                                    state, out, &k)
             if answered:
                 return result[:k].copy()
         pos = <off_t>(first * page_size)
@@ -523,11 +519,6 @@ cdef class FileHoles:
                 if data >= end:
                     break
                 last = (<uint64_t>min(hole, end) + page_size - 1) // page_size   # past the data
-                if scan_data:
-                    for page in range(<uint64_t>data // page_size, last):
-                        if fm_buffer_is_zero(&buffer[0] + page * page_size, page_size):
-                            out[k] = page
-                            k += 1
                 pos = <off_t>(last * page_size)
         if err:
             raise OSError(err, f"finding the holes of file descriptor {self.fd}: "

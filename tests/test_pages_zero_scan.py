@@ -172,10 +172,8 @@ def test_the_holes_are_zero_pages_found_without_reading_them(sparse_file, page_c
     fd, mapping = sparse_file
     held = os.fstat(fd).st_blocks
     holes = FileHoles(fd, page_cache=page_cache)
-    assert holes.zero_pages(mapping, 4096, 0, 16).tolist() == sorted(HOLES + [5])
+    assert holes.zero_pages(mapping, 4096, 0, 16).tolist() == HOLES    # page 5 is data
     assert holes.reads_page_cache == page_cache     # tmpfs, a file of ours
-    assert FileHoles(fd, page_cache).zero_pages(mapping, 4096, 0, 16,
-                                                scan_data=False).tolist() == HOLES
     assert os.fstat(fd).st_blocks == held       # no hole was read: none was allocated
     # What the check above would catch: a scan of the mapping fills tmpfs's holes.
     assert find_zero_pages(mapping, 4096).tolist() == sorted(HOLES + [5])
@@ -187,7 +185,7 @@ def test_slices_in_any_order_on_one_file(sparse_file, page_cache):
     """The extent kept from one slice answers only for the places it covers."""
     fd, mapping = sparse_file
     holes = FileHoles(fd, page_cache)
-    assert holes.zero_pages(mapping, 4096, 2, 4).tolist() == [3, 4, 5]
+    assert holes.zero_pages(mapping, 4096, 2, 4).tolist() == [3, 4]
     assert holes.zero_pages(mapping, 4096, 1, 1).tolist() == []
     assert holes.zero_pages(mapping, 4096, 6, 4).tolist() == [6, 7, 8]
     assert holes.zero_pages(mapping, 4096, 9, 1).tolist() == []
@@ -196,7 +194,7 @@ def test_slices_in_any_order_on_one_file(sparse_file, page_cache):
     assert holes.zero_pages(mapping, 4096, 15, 1).tolist() == [15]
     assert holes.zero_pages(mapping, 4096, 16, 0).tolist() == []
     assert [holes.zero_pages(mapping, 4096, first, 4).tolist() for first in (0, 4, 8, 12)] \
-        == [[0, 3], [4, 5, 6, 7], [8, 10, 11], [12, 13, 14, 15]]
+        == [[0, 3], [4, 6, 7], [8, 10, 11], [12, 13, 14, 15]]
 
 
 def test_the_page_cache_and_the_lseeks_agree_on_a_file_of_lone_pages(tmpfs_path):
@@ -216,18 +214,17 @@ def test_the_page_cache_and_the_lseeks_agree_on_a_file_of_lone_pages(tmpfs_path)
         mapping = mmap.mmap(fd, pages * 4096, prot=mmap.PROT_READ)
         try:
             held = os.fstat(fd).st_blocks
-            for page_size, scan_data in [(4096, False), (4096, True), (8192, True)]:
+            for page_size in (4096, 8192):
                 by_cache, by_lseek = FileHoles(fd), FileHoles(fd, page_cache=False)
                 count = pages * 4096 // page_size
                 slices = [(first, min(1000, count - first)) for first in range(0, count, 1000)]
-                found = [np.concatenate([h.zero_pages(mapping, page_size, first, n, scan_data)
+                found = [np.concatenate([h.zero_pages(mapping, page_size, first, n)
                                          for first, n in slices]) for h in (by_cache, by_lseek)]
                 assert by_cache.reads_page_cache and not by_lseek.reads_page_cache
                 assert found[0].tolist() == found[1].tolist()
                 if page_size == 4096:
                     assert found[0].tolist() == sorted(
-                        (set(range(1, pages, 2)) | set(range(2000, 2010))) - {3001}
-                        | ({3001} if scan_data else set()))
+                        (set(range(1, pages, 2)) | set(range(2000, 2010))) - {3001})
                 else:                   # 8 KiB pages: text in each but 1000-1004
                     assert found[0].tolist() == list(range(1000, 1005))
             assert os.fstat(fd).st_blocks == held       # the holes were never read
@@ -243,10 +240,9 @@ PAGE_KINDS = "hdfz"         # hole, data, fallocated but unwritten, written zero
 @settings(max_examples=60, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(kinds=st.lists(st.sampled_from(PAGE_KINDS), min_size=1, max_size=96),
-       slice_pages=st.integers(1, 40), page_size=st.sampled_from([4096, 8192]),
-       scan_data=st.booleans())
+       slice_pages=st.integers(1, 40), page_size=st.sampled_from([4096, 8192]))
 def test_the_page_cache_and_the_lseeks_agree_on_any_file(tmpfs_path, kinds, slice_pages,
-                                                         page_size, scan_data):
+                                                         page_size):
     """Any mix of holes, data, fallocated and zero-written pages, in slices of any
     size: mincore() (where it is used) finds exactly the lseeks' zero pages."""
     path = tmpfs_path / "mix.img"
@@ -265,8 +261,7 @@ def test_the_page_cache_and_the_lseeks_agree_on_any_file(tmpfs_path, kinds, slic
         try:
             count = size // page_size
             found = [np.concatenate([holes.zero_pages(mapping, page_size, first,
-                                                      min(slice_pages, count - first),
-                                                      scan_data)
+                                                      min(slice_pages, count - first))
                                      for first in range(0, count, slice_pages)]).tolist()
                      for holes in (FileHoles(fd), FileHoles(fd, page_cache=False))]
         finally:
@@ -275,11 +270,10 @@ def test_the_page_cache_and_the_lseeks_agree_on_any_file(tmpfs_path, kinds, slic
         os.close(fd)
         os.unlink(path)
     assert found[0] == found[1]
-    zero = "hfz" if scan_data else "hf"
     per = page_size // 4096
     padded = kinds + ["h"] * (size // 4096 - len(kinds))
     assert found[0] == [p for p in range(size // page_size)
-                        if all(k in zero for k in padded[p * per:(p + 1) * per])]
+                        if all(k in "hf" for k in padded[p * per:(p + 1) * per])]
 
 
 def test_only_tmpfs_has_its_holes_read_from_the_page_cache(tmp_path, tmpfs_path):
@@ -294,8 +288,7 @@ def test_only_tmpfs_has_its_holes_read_from_the_page_cache(tmp_path, tmpfs_path)
             mapping = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
             try:
                 holes = FileHoles(f.fileno())
-                assert holes.zero_pages(mapping, 4096, 0, 4, scan_data=False).tolist() \
-                    == [0, 2, 3]
+                assert holes.zero_pages(mapping, 4096, 0, 4).tolist() == [0, 2, 3]
                 assert holes.reads_page_cache == (file_system_type(directory) == "tmpfs")
             finally:
                 mapping.close()
@@ -309,7 +302,7 @@ from fastmfd._core import FileHoles
 fd = os.open(sys.argv[1], os.O_RDONLY)
 mapping = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
 holes = FileHoles(fd)
-print(holes.zero_pages(mapping, 4096, 0, 16, scan_data=False).tolist(), holes.reads_page_cache)
+print(holes.zero_pages(mapping, 4096, 0, 16).tolist(), holes.reads_page_cache)
 """
 
 
@@ -332,9 +325,9 @@ def test_a_reader_the_kernel_hides_the_page_cache_from_gets_the_lseeks(sparse_fi
     assert done.stdout == f"{HOLES} False\n"
 
 
-def test_a_page_partly_in_a_hole_is_read(tmp_path):
+def test_a_page_partly_in_a_hole_is_data(tmp_path):
     """Holes finer than a page (here: 8 KiB pages over 4 KiB blocks, or any file
-    system's granularity) leave a page partly data: it is read, as data."""
+    system's granularity) leave a page partly data: it is data."""
     path = tmp_path / "half.img"
     with open(path, "wb") as f:
         f.truncate(4 * 8192)

@@ -195,21 +195,25 @@ class QemuSending:
 
     def _send_region(self, index: int, region: Region) -> None:
         """The region's zero pages as ZERO records, the others to the channels; a
-        slice at a time, so the channels start while the rest is scanned. With
+        slice at a time, so the channels start while the rest is learnt. With
         zero pages listed in the packets, every page goes to the channels, whose
         workers tell the zero ones apart as they frame them.
 
         The pages in the holes of the region's file (a saved block file is
         sparse: its zero pages are holes) are zero pages known unread: reading
         them would fault in every one, and on tmpfs allocate it, filling the
-        saved file; the workers are told they are zero (KNOWN_ZERO_PAGE)."""
+        saved file; the workers are told they are zero (KNOWN_ZERO_PAGE). The
+        ZERO records are the holes alone: the rest of the file is what the
+        saved stream's source sent as pages, and goes as pages again, unread
+        here (a 7.2 source finds every zero page itself, so none of it is zero;
+        scanning it, through a mapping nothing else reads, made this process
+        take 0.21-0.24 CPU-s per GiB against 0.05-0.07 without it)."""
         holes = _core.FileHoles(self.block_fds[index])
         for first in range(0, region.npages, SCAN_PAGES):
             count = min(SCAN_PAGES, region.npages - first)
             pages = np.arange(first, first + count, dtype=np.uint64)
             if self.stream.zeros_in_packets:
-                unread = holes.zero_pages(region.buffer, self.page_size, first, count,
-                                          scan_data=False)
+                unread = holes.zero_pages(region.buffer, self.page_size, first, count)
                 pages[(unread - np.uint64(first)).astype(np.intp)] |= np.uint64(
                     _core.KNOWN_ZERO_PAGE)
                 self._dispatch(index, pages)
