@@ -425,8 +425,8 @@ cdef class FileHoles:
         return self.by_residency
 
     cdef bint resident_zero_pages(self, const uint8_t *base, size_t page_size,
-                                  uint64_t first, uint64_t count, uint8_t[::1] state, uint64_t[::1] out,
-                                  uint64_t *found) noexcept nogil:
+                                  uint64_t first, uint64_t count, uint8_t[::1] state,
+                                  uint64_t[::1] out, uint64_t *found) noexcept nogil:
         """zero_pages by mincore() into ``state`` (a byte per system page of the
         slice), for a slice of both holes and data: one extent, all data or all
         hole, is the lseeks' to tell (they walk it once; mincore looks up every
