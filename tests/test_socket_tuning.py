@@ -40,10 +40,13 @@ def test_a_unix_channel_gets_large_buffers():
     a, b = socket.socketpair()
     with a, b:
         tune_data_socket(a)
-        # The kernel caps the request at net.core.wmem_max (and doubles it).
-        wmem_max = int(open("/proc/sys/net/core/wmem_max").read())
-        assert a.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) >= \
-            2 * min(DATA_SOCKET_BUFFER, wmem_max)
+        # The kernel caps each request at net.core.[wr]mem_max, and doubles it.
+        for option, limit in ((socket.SO_SNDBUF, "wmem_max"), (socket.SO_RCVBUF, "rmem_max")):
+            with open(f"/proc/sys/net/core/{limit}") as f:
+                cap = int(f.read())
+            assert a.getsockopt(socket.SOL_SOCKET, option) == 2 * min(DATA_SOCKET_BUFFER, cap)
+        assert b.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) != \
+            a.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)      # b, untuned, differs
 
 
 def test_a_channel_its_peer_reset_is_left_for_its_first_read_to_report():
