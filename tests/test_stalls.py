@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -24,7 +25,8 @@ import pytest
 
 import fastmfd
 from device_support import StopsHalfwayThroughItsReport, StuckLoader
-from fastmfd.protocol.main_channel import Msg
+from fastmfd._engine.liveness import Heartbeat
+from fastmfd.protocol.main_channel import MainChannel, Msg
 from fastmfd.shm import SHM_DIR
 from migration_support import (BlackHole, FakeSource, Migration, OnMessage, Packets, Proxy,
                                Trigger, hello, make_region, setup_message)
@@ -356,3 +358,20 @@ def test_listen_gives_up_on_a_silent_sender(tmp_path):
     assert proc.returncode == 1, stderr
     assert "channel 0: not connected 1 s after SETUP_ACK" in stderr
     assert took < BOUND, f"listen gave up {took:.2f} s after SETUP_ACK"
+
+
+@pytest.mark.parametrize("peer_wrote", [False, True])
+def test_a_late_heartbeat_does_not_call_a_peer_silent_whose_message_is_waiting(peer_wrote):
+    """A side stopped past the deadline (the test above, SIGSTOP) ran its heartbeat
+    before reading the peer's ERROR queued meanwhile, and reported the peer silent
+    (seen once in CI). Silence is nothing readable, not nothing read."""
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        heartbeat = Heartbeat(MainChannel(ours), limit=1.0, peer="source")
+        heartbeat.last_received -= 2.0
+        if peer_wrote:
+            theirs.sendall(b"\0" * 8)
+            heartbeat.beat()
+        else:
+            with pytest.raises(fastmfd.MigrationError, match="nothing from the source for 2"):
+                heartbeat.beat()

@@ -5,7 +5,8 @@
 
     main process monitor (each side), every stall_timeout / 4 at most:
       Heartbeat   main channel: send KEEPALIVE when nothing else went out for a
-                  quarter of the deadline; fail when nothing came in for all of it
+                  quarter of the deadline; fail when nothing came in (nor waits
+                  to be read) for all of it
                   ("main channel: nothing from the destination for 30 s")
       Progress    each channel (and the reassembly process) that has work —
                   a job or command queued, a SYNC or the end due — or whose
@@ -116,6 +117,15 @@ class Heartbeat:
         if now - self.main.last_sent >= self.interval:
             self.main.send(Msg.KEEPALIVE)
         silent = now - self.last_received
-        if silent > self.limit:
+        if silent > self.limit and not self._peer_spoke():
             raise MigrationError(f"nothing from the {self.peer} for {silent:.3g} s "
                                  f"(stall timeout {self.limit:g} s)", channel=MAIN)
+
+    def _peer_spoke(self) -> bool:
+        """Whether the peer's next message is already here, unread. A process stopped
+        or descheduled past the deadline finds it queued when it runs again: the
+        peer was not silent, this side was late to read (and what it reads may be
+        the peer's own ERROR, the failure worth reporting)."""
+        sock = self.main.sock
+        pending = getattr(sock, "pending", None)        # TLS: decrypted, not yet read
+        return bool(pending and pending()) or bytes_waiting(sock.fileno()) > 0
