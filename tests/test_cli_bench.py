@@ -13,6 +13,7 @@ import os
 import platform
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -25,6 +26,7 @@ from proc_scan import alive
 from fastmfd.errors import MigrationError
 from fastmfd.tools import images
 from fastmfd.tools.bench.peers import QemuTrial
+from fastmfd.tools.bench.qemu_cells import QemuToFastmfdTrial
 from fastmfd.tools.bench.trial import WARM_MARGIN, warm_free_memory
 from fastmfd.tools.bench.document import check_writable
 from fastmfd.tools.cli import main
@@ -217,6 +219,31 @@ def test_a_failed_qemu_migration_says_what_qemu_said():
                 trial.run()
         finally:
             trial.close()
+
+
+@pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None,
+                    reason="qemu-system-x86_64 is not installed")
+def test_a_qemu_that_never_reaches_listen_qemu_fails_the_trial_at_once():
+    """QEMU -> listen --qemu whose QEMU cannot connect (told a port nothing listens
+    on) fails with QEMU's error once QEMU says it, its receiver stopped: before,
+    the trial waited for that receiver's connect timeout, ten minutes."""
+    with images.Image.create("random", 4 << 20) as image:
+        trial = QemuToFastmfdTrial(image, 2, "none")
+        try:
+            workers = trial.pids()["destination"]
+            assert workers, "the receiver's workers are up before the run"
+            with socket.socket() as nothing_listens:
+                nothing_listens.bind(("127.0.0.1", 0))
+                port = nothing_listens.getsockname()[1]
+            trial._receiver.address = f"tcp:127.0.0.1:{port}"
+            since = time.monotonic()
+            with pytest.raises(MigrationError, match=r"QEMU migration failed: \S"):
+                trial.run()
+            took = time.monotonic() - since
+        finally:
+            trial.close()
+    assert took < 30, f"the trial failed {took:.1f} s after migrate"
+    assert not [pid for pid in workers if alive(pid)]
 
 
 KILLED_WITH_ITS_QEMUS = """

@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import select
 import shutil
 import socket
 import subprocess
@@ -239,7 +240,7 @@ class QMP:
                                          f"(QEMU {_exit_text(process)})") from None
                 time.sleep(0.02)
         self.sock.settimeout(timeout)
-        self._file = self.sock.makefile("rb")
+        self._unread = b""          # what was received past the last whole line
         self.events: list[dict[str, Any]] = []
         # When the last final MIGRATION event happened (QEMU's time.time() of it).
         self.final_at: float | None = None
@@ -247,11 +248,31 @@ class QMP:
         self.command("qmp_capabilities")
 
     def _read(self) -> dict[str, Any]:
-        line = self._file.readline()
-        if not line:
-            raise MigrationError(f"QEMU closed its QMP socket (QEMU {_exit_text(self.process)})")
+        while b"\n" not in self._unread:
+            received = self.sock.recv(65536)
+            if not received:
+                raise MigrationError(f"QEMU closed its QMP socket "
+                                     f"(QEMU {_exit_text(self.process)})")
+            self._unread += received
+        line, _, self._unread = self._unread.partition(b"\n")
         reply: dict[str, Any] = json.loads(line)     # QMP sends one JSON object a line
         return reply
+
+    def take_events(self) -> None:
+        """Keep the events QEMU has sent by now, without waiting for more."""
+        while b"\n" in self._unread or select.select([self.sock], [], [], 0)[0]:
+            message = self._read()
+            if "event" in message:
+                self.events.append(message)
+
+    def migration_failure(self) -> str | None:
+        """QEMU's error if a MIGRATION event (of those taken) said it failed."""
+        if not any(event["event"] == "MIGRATION"
+                   and event.get("data", {}).get("status") == "failed"
+                   for event in self.events):
+            return None
+        info = self.command("query-migrate")
+        return str(info.get("error-desc", info))
 
     def command(self, name: str, **arguments: Any) -> Any:
         message: dict[str, Any] = {"execute": name}
@@ -287,7 +308,6 @@ class QMP:
                 self.events.append(reply)
 
     def close(self) -> None:
-        self._file.close()
         self.sock.close()
 
 

@@ -23,13 +23,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+import select
 import socket
 import threading
 import time
 
 from ... import qemu
 from ...errors import MigrationError
-from .peers import LOOPBACK_HOST, STEP_TIMEOUT, QemuPeer, destination_loaded
+from ...protocol.sockets import listen, parse_address
+from .peers import LOOPBACK_HOST, QMP, STEP_TIMEOUT, QemuPeer, destination_loaded
 from .trial import Measurement
 
 __all__ = ["QemuToFastmfdTrial", "FastmfdToQemuTrial"]
@@ -45,9 +47,16 @@ class _Receiver:
     def __init__(self, directory: str, workers: int,
                  listener: socket.socket | None = None) -> None:
         self._outcome: dict[str, qemu.QemuReceived | BaseException] = {}
-        address = listener if listener is not None else f"tcp:{LOOPBACK_HOST}:0"
-        self._receiver = qemu.QemuReceiver(address, directory, timeout=STEP_TIMEOUT * 10,
-                                           workers=workers)
+        self._own_listener = listener is None
+        self._listener = listener if listener is not None else listen(
+            parse_address(f"tcp:{LOOPBACK_HOST}:0"))
+        self._ended_r, self._ended_w = os.pipe()
+        try:
+            self._receiver = qemu.QemuReceiver(self._listener, directory,
+                                               timeout=STEP_TIMEOUT * 10, workers=workers)
+        except BaseException:
+            self._close_own()
+            raise
         self.address = self._receiver.address
         self._thread = threading.Thread(target=self._run, name="fastmfd qemu receive",
                                         daemon=True)
@@ -59,15 +68,29 @@ class _Receiver:
         except BaseException as exc:        # handed to the thread that waits
             self._outcome["error"] = exc
         finally:
+            os.write(self._ended_w, b"!")   # the time receive() took ends here
             self._receiver.close()
 
     def worker_pids(self) -> list[int]:
         return self._receiver.worker_pids()
 
-    def result(self, timeout: float) -> qemu.QemuReceived:
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            raise MigrationError(f"fastmfd's QEMU receiver did not finish within {timeout:g} s")
+    def result(self, timeout: float, source: QMP) -> qemu.QemuReceived:
+        """What receive() returned, or raised; or, if ``source``'s migration fails
+        first, QEMU's error, the receiver stopped: a QEMU that never connected
+        (a wrong address, a link that drops it) would leave it waiting for its
+        whole connect timeout."""
+        deadline = time.monotonic() + timeout
+        while "result" not in self._outcome and "error" not in self._outcome:
+            source.take_events()
+            failure = source.migration_failure()
+            if failure is not None:
+                self._stop()
+                raise MigrationError(f"QEMU migration failed: {failure}")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise MigrationError(f"fastmfd's QEMU receiver did not finish within "
+                                     f"{timeout:g} s")
+            select.select([self._ended_r, source.sock.fileno()], [], [], left)
         error = self._outcome.get("error")
         if isinstance(error, BaseException):
             raise error
@@ -75,12 +98,31 @@ class _Receiver:
         assert isinstance(result, qemu.QemuReceived), "no error: a result"
         return result
 
+    def close(self) -> None:
+        """Stop the receiver if it still waits for QEMU, wait for its thread's
+        cleanup, and free what this made."""
+        self._stop()
+        if not self._thread.is_alive():     # else it may still write its pipe
+            self._close_own()
+
+    def _stop(self) -> None:
+        if self._thread.is_alive() and not self._outcome:
+            self._listener.shutdown(socket.SHUT_RDWR)   # its accept fails: it ends
+        self._thread.join(STEP_TIMEOUT)
+
+    def _close_own(self) -> None:
+        os.close(self._ended_r)
+        os.close(self._ended_w)
+        if self._own_listener:
+            self._listener.close()
+
 
 class QemuToFastmfdTrial(QemuPeer):
     """A real QEMU migrates the image into ``fastmfd listen --qemu``."""
     _received_name = "fastmfd: the RAMBlock file listen --qemu wrote"
 
     _listener: socket.socket | None = None     # on an emulated link: where it listens
+    _receiver: _Receiver | None = None
 
     def _prepare(self) -> None:
         self._dir = self._new_file("qemu-saved")
@@ -92,18 +134,22 @@ class QemuToFastmfdTrial(QemuPeer):
         self._receiver = _Receiver(self._dir, self.channels, self._listener)
 
     def pids(self) -> dict[str, list[int]]:
+        assert self._receiver is not None, "made by _prepare"
         return {"source": [self._procs[0].pid], "destination": self._receiver.worker_pids(),
                 "main": [os.getpid()]}
 
     def close(self) -> None:
+        if self._receiver is not None:
+            self._receiver.close()
         super().close()
         if self._listener is not None:
             self._listener.close()
 
     def run(self) -> Measurement:
+        assert self._receiver is not None, "made by _prepare"
         started = time.perf_counter()
         self.src.command("migrate", uri=self._receiver.address)
-        received = self._receiver.result(STEP_TIMEOUT * 10)
+        received = self._receiver.result(STEP_TIMEOUT * 10, self.src)
         seconds = time.perf_counter() - started
         if self.src.wait_migration(STEP_TIMEOUT) != "completed":
             raise MigrationError(f"QEMU source: {self.src.command('query-migrate')}")
@@ -151,8 +197,11 @@ class FastmfdToQemuTrial(QemuPeer):
             source = self._start(self.image.path, incoming=False)
             self.multifd(source, 2, "none", 1)
             receiver = _Receiver(saved, 2)
-            source.command("migrate", uri=receiver.address)
-            receiver.result(STEP_TIMEOUT * 10)
+            try:
+                source.command("migrate", uri=receiver.address)
+                receiver.result(STEP_TIMEOUT * 10, source)
+            finally:
+                receiver.close()
             self._stop()            # the source's QEMU: nothing of it beside the timed run
         return saved
 
