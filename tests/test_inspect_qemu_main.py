@@ -16,6 +16,7 @@ import pytest
 
 from fastmfd import _core
 from fastmfd.errors import ProtocolError
+from fastmfd.protocol.qemu import stream_end_at
 from fastmfd.tools.inspect.capture import read_capture
 
 UUID = bytes.fromhex("00112233445566778899aabbccddeeff")
@@ -183,3 +184,15 @@ def test_faults_are_located_in_the_main_channel(tmp_path, case):
         decode(tmp_path, stream())
     assert info.value.field == field
     assert str(info.value).startswith(f"{tmp_path / 'main.bin'} at byte ")
+
+
+def test_a_stream_ends_at_its_vm_description_and_at_no_shorter_length():
+    """Where listen --qemu completes, QEMU's connections still open: after the VM
+    description, whose length the 4 bytes before it give; at no other length,
+    though the device section holds NULs and the description ends in '}'
+    several times over."""
+    stream = Qevm().ram_setup().end()
+    marker = stream.rindex(b"\x00\x06")
+    assert stream_end_at(stream, 0, len(stream)) == marker
+    assert [n for n in range(len(stream) - 1) if stream_end_at(stream, 0, n) is not None] == []
+    assert stream_end_at(stream + b"}", 0, len(stream) + 1) is None

@@ -230,13 +230,15 @@ def capture_bytes(directory: Path, kind: str) -> dict[str, bytes]:
 
 
 def replay(address: str, files: dict[str, bytes], cut: dict[str, int] | None = None,
-           strangers: tuple[bytes | None, ...] = ()) -> list[socket.socket]:
+           strangers: tuple[bytes | None, ...] = (), keep_open: bool = False
+           ) -> list[socket.socket]:
     """Send a capture's connections as its QEMU did: the main channel connects
     first, then each multifd channel, and (as QEMU's setup SYNC ensures) all are
     connected before the main channel's first byte; each sends from its own
     thread. ``cut`` ends a file's connection after that many bytes; each of
     ``strangers`` connects before all and sends its bytes (None: nothing, and
-    stays open). Returns the sockets, for the test to close."""
+    stays open); ``keep_open``: the connections stay open after their bytes, as
+    QEMU's do until its cleanup. Returns the sockets, for the test to close."""
     cut = cut or {}
     target = parse_address(address)
     socks = []
@@ -247,14 +249,16 @@ def replay(address: str, files: dict[str, bytes], cut: dict[str, int] | None = N
     streams = [(connect(target, 5), data[:cut.get(name)]) for name, data in files.items()]
     for sock, data in streams:
         socks.append(sock)
-        threading.Thread(target=_send_quietly, args=(sock, data), daemon=True).start()
+        threading.Thread(target=_send_quietly, args=(sock, data, not keep_open),
+                         daemon=True).start()
     return socks
 
 
-def _send_quietly(sock: socket.socket, data: bytes) -> None:
+def _send_quietly(sock: socket.socket, data: bytes, end: bool = True) -> None:
     try:
         sock.sendall(data)
-        sock.shutdown(socket.SHUT_WR)
+        if end:
+            sock.shutdown(socket.SHUT_WR)
     except OSError:
         pass            # the receiver gave up first: what the test checks
 
@@ -296,6 +300,22 @@ def test_capture_replay_is_received(tmp_path, captures, kind):
     # END section: COMMAND 11 (SWITCHOVER_START), no data; the others send none.
     assert manifest["commands"] == ([{"before": "ram-end", "section": "08000b0000"}]
                                     if which == "10.0-native" else [])
+
+
+def test_the_migration_is_complete_at_the_stream_end_not_when_qemu_closes(tmp_path, captures):
+    """QEMU's destination completes at the VM description, the stream's last
+    bytes, and QEMU's source closes its connections after that, in its cleanup.
+    receive() completes there too, every connection still open (it waited for
+    their ends: 1-15 ms of QEMU's cleanup in each migration)."""
+    _, directory = captures
+    files = capture_bytes(directory, "zstd")
+    out = tmp_path / "out"
+    manifest = receive_replay(out, files, keep_open=True).manifest
+    mem = next(b["file"] for b in manifest["blocks"] if b["idstr"] == "mem")
+    assert np.array_equal(np.fromfile(out / mem, dtype=np.uint8), capture_pattern())
+    start = manifest["vmstate"]["stream_offset"]
+    assert (out / "vmstate.bin").read_bytes() == files["conn0.bin"][start:]
+    assert manifest["compression"] == "zstd" and manifest["channels"] == 2
 
 
 def test_a_receiver_made_ahead_has_its_workers_up_and_receives_once(tmp_path, captures):

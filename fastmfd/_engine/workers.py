@@ -182,7 +182,8 @@ def _receive(pipe: ChildPipe, sock: socket.socket, params: RecvParams,
                               list(params.devices), reassembly_fd, params.ram, tls=tls,
                               sparse=list(params.sparse) or None, place_fds=place_fds)
     while engine.run() == _core.EVENT_SYNC:
-        pipe.send(Synced(engine.rounds))
+        pipe.send(Synced(engine.rounds,
+                         engine.compression if params.learn_compression else None))
         reply = pipe.recv()
         if isinstance(reply, Stop):
             break
@@ -190,7 +191,7 @@ def _receive(pipe: ChildPipe, sock: socket.socket, params: RecvParams,
             raise ProtocolError(f"channel {params.channel} holds at the SYNC of round "
                                 f"{engine.rounds} and was told {reply!r}", field="go",
                                 received=reply, expected=Go(engine.rounds))
-    pipe.send(Eof(engine.compression if params.learn_compression else None))
+    pipe.send(Eof())
     _hold_until_stopped(pipe)
     del engine
 

@@ -172,8 +172,10 @@ class Refused:
 
 @dataclass(frozen=True)
 class Synced:
-    """A receive worker reached the SYNC of ``round`` and holds there."""
+    """A receive worker reached the SYNC of ``round`` and holds there (with the
+    compression its channel used so far, when it learns it from the stream)."""
     round: int
+    compression: str | None = None
 
 
 @dataclass(frozen=True)
@@ -189,9 +191,7 @@ class Done:
 
 @dataclass(frozen=True)
 class Eof:
-    """A receive worker's channel ended cleanly (with the compression it used,
-    when it learnt it from the stream)."""
-    compression: str | None = None
+    """A receive worker's channel ended cleanly."""
 
 
 @dataclass(frozen=True)

@@ -63,9 +63,9 @@ import numpy as np
 from .bytereader import ByteReader
 
 __all__ = ["QEVM_MAGIC", "QemuMainChannel", "RamRecord", "QevmDecoder", "decode_qemu_main",
-           "check_stream_end", "encode_stream_start", "encode_ram_start", "encode_ram_end_start",
-           "encode_zero_records", "encode_ram_eos", "encode_multifd_flush", "SYNC_PER_SECTION",
-           "SYNC_PER_ROUND", "COMMAND_PLACES"]
+           "check_stream_end", "stream_end_at", "encode_stream_start", "encode_ram_start",
+           "encode_ram_end_start", "encode_zero_records", "encode_ram_eos",
+           "encode_multifd_flush", "SYNC_PER_SECTION", "SYNC_PER_ROUND", "COMMAND_PLACES"]
 
 QEVM_MAGIC = b"QEVM"
 QEVM_VERSION = 3
@@ -515,17 +515,26 @@ class _CaptureDecoder(QevmDecoder):
 def check_stream_end(r: ByteReader, start: int, page_size: int) -> int:
     """The stream after ``start`` (its device sections) must end with QEMU_VM_EOF,
     VMDESCRIPTION, BE u32 length and the JSON; returns the devices it lists."""
-    raw = r.raw
-    # The JSON holds no NUL, so the marker is among the last few "00 06" pairs.
-    marker = bytes((VM_EOF, VMDESCRIPTION))
-    pos = raw.rfind(marker, start)
-    while pos >= start:
-        if int.from_bytes(raw[pos + 2:pos + 6], "big") == r.size - pos - 6:
-            return _vm_description(r, pos, page_size)
-        pos = raw.rfind(marker, start, pos + 1)
-    raise r.error("main channel does not end with QEMU_VM_EOF and the VM description "
-                  "(truncated?)", field="QEMU_VM_EOF", received="no end marker",
-                  expected="00 06 <length> <json> at the end", at=r.size)
+    pos = stream_end_at(r.raw, start, r.size)
+    if pos is None:
+        raise r.error("main channel does not end with QEMU_VM_EOF and the VM description "
+                      "(truncated?)", field="QEMU_VM_EOF", received="no end marker",
+                      expected="00 06 <length> <json> at the end", at=r.size)
+    return _vm_description(r, pos, page_size)
+
+
+def stream_end_at(raw: bytes | mmap.mmap, start: int, size: int) -> int | None:
+    """Where QEMU_VM_EOF stands if ``raw[start:size]`` ends as a QEMU stream ends:
+    QEMU_VM_EOF, VMDESCRIPTION, a BE u32 length and that many bytes of JSON, the
+    last the source sends (QEMU's destination stops reading there). The JSON
+    holds no NUL, so the last NUL is the marker's or one of the length's bytes:
+    six places to try, however long the stream."""
+    last_nul = raw.rfind(b"\0", start, size)
+    for pos in range(last_nul, max(start, last_nul - 5) - 1, -1):
+        if (raw[pos:pos + 2] == bytes((VM_EOF, VMDESCRIPTION))
+                and int.from_bytes(raw[pos + 2:pos + 6], "big") == size - pos - 6):
+            return pos
+    return None
 
 
 def _vm_description(r: ByteReader, pos: int, page_size: int) -> int:
