@@ -37,8 +37,8 @@ import threading
 import numpy as np
 
 from fastmfd import _core, qemu
-from fastmfd.protocol.qemu import (encode_multifd_flush, encode_ram_eos, encode_ram_start,
-                                   encode_stream_start)
+from fastmfd.protocol.qemu_encoding import (encode_multifd_flush, encode_ram_eos,
+                                            encode_ram_start, encode_stream_start)
 from fastmfd.protocol.sockets import connect, parse_address
 
 PAGE = 4096

@@ -27,9 +27,10 @@ import zstandard
 from captures import BLOCKS, UUID
 from fastmfd import _core, qemu
 from fastmfd.errors import ConfigError, MigrationError, ProtocolError
-from fastmfd.protocol.qemu import (SYNC_PER_ROUND, SYNC_PER_SECTION, decode_qemu_main,
-                                   encode_multifd_flush, encode_ram_eos, encode_ram_start,
-                                   encode_stream_start, encode_zero_records)
+from fastmfd.protocol.qemu import SYNC_PER_ROUND, SYNC_PER_SECTION, decode_qemu_main
+from fastmfd.protocol.qemu_encoding import (encode_multifd_flush, encode_ram_eos,
+                                            encode_ram_start, encode_stream_start,
+                                            encode_zero_records)
 from fastmfd.protocol.sockets import connect, parse_address
 from qemu_support import QEMU, QEMU10, QEMUS, Guest, pattern
 

@@ -45,9 +45,10 @@ import numpy as np
 from .. import _core
 from ..errors import MigrationError
 from ..protocol.control import Done, SendParams
-from ..protocol.qemu import (COMMAND_PLACES, SYNC_PER_ROUND, SYNC_PER_SECTION,
-                             encode_multifd_flush, encode_ram_end_start, encode_ram_eos,
-                             encode_ram_start, encode_stream_start, encode_zero_records)
+from ..protocol.qemu import COMMAND_PLACES, SYNC_PER_ROUND, SYNC_PER_SECTION
+from ..protocol.qemu_encoding import (encode_multifd_flush, encode_ram_end_start,
+                                      encode_ram_eos, encode_ram_start, encode_stream_start,
+                                      encode_zero_records)
 from ..protocol.security import ChannelSecurity
 from ..protocol.sockets import Address, connect, tune_data_socket
 from ..regions import Region

@@ -42,9 +42,7 @@ MULTIFD_FLUSH record, or a section's EOS when syncs are per section) and
 ``on_command``. :func:`decode_qemu_main` is the capture's use: it keeps each
 round's records.
 
-The ``encode_*`` functions write the same format back, as much of it as a
-replay of saved RAM needs (``fastmfd.qemu.send``): the stream's start, the
-RAM section's start (block list), its ZERO records and its ends.
+:mod:`.qemu_encoding` writes the same format back.
 
 Facts from migration/savevm.c, savevm.h and ram.c @ 7.2; no QEMU code is copied.
 """
@@ -53,7 +51,6 @@ from __future__ import annotations
 
 import json
 import mmap
-import struct
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,9 +60,8 @@ import numpy as np
 from .bytereader import ByteReader
 
 __all__ = ["QEVM_MAGIC", "QemuMainChannel", "RamRecord", "QevmDecoder", "decode_qemu_main",
-           "check_stream_end", "stream_end_at", "encode_stream_start", "encode_ram_start",
-           "encode_ram_end_start", "encode_zero_records", "encode_ram_eos",
-           "encode_multifd_flush", "SYNC_PER_SECTION", "SYNC_PER_ROUND", "COMMAND_PLACES"]
+           "check_stream_end", "stream_end_at", "SYNC_PER_SECTION", "SYNC_PER_ROUND",
+           "COMMAND_PLACES"]
 
 QEVM_MAGIC = b"QEVM"
 QEVM_VERSION = 3
@@ -109,7 +105,7 @@ SYNC_PER_ROUND = "per-round"
 RAM_SECTION_VERSION = 4
 # A ZERO record that CONTINUEs the last block: BE u64 offset | flags, fill byte
 # (packed, 9 bytes). Most of a stream's zero pages come as runs of these.
-_ZERO_RECORD = np.dtype([("header", ">u8"), ("fill", "u1")])
+ZERO_RECORD = np.dtype([("header", ">u8"), ("fill", "u1")])
 
 
 @dataclass(frozen=True)
@@ -199,7 +195,7 @@ class QevmDecoder:
         bytes each from byte ``at`` on; by default each is an ``on_page``."""
         zero = self._fill_page(0)
         for i, offset in enumerate(offsets.tolist()):
-            self.on_page(block, offset, zero, at + i * _ZERO_RECORD.itemsize)
+            self.on_page(block, offset, zero, at + i * ZERO_RECORD.itemsize)
 
     def on_sync(self) -> None:
         """A SYNC barrier: every multifd channel sent one SYNC packet before it."""
@@ -414,11 +410,11 @@ class QevmDecoder:
         follow, as far as the bytes at hand go: a 7.2 stream has one per zero
         page, millions for a large guest. Anything else is left to _ram_record."""
         r, block = self.r, self.last_block
-        n = r.available() // _ZERO_RECORD.itemsize
+        n = r.available() // ZERO_RECORD.itemsize
         if block is None or n < 2:
             return False
         at = r.pos
-        records = np.frombuffer(r.peek_view(n * _ZERO_RECORD.itemsize), dtype=_ZERO_RECORD)
+        records = np.frombuffer(r.peek_view(n * ZERO_RECORD.itemsize), dtype=ZERO_RECORD)
         headers = records["header"]
         mask = np.uint64(self.out.page_size - 1)
         good = ((headers & mask) == RAM_ZERO | RAM_CONTINUE) & (records["fill"] == 0) \
@@ -429,7 +425,7 @@ class QevmDecoder:
         offsets = headers[:run] & ~mask
         del records, headers, good              # views of the reader's buffer
         r.mark()
-        r.take(run * _ZERO_RECORD.itemsize, "RAM records")
+        r.take(run * ZERO_RECORD.itemsize, "RAM records")
         self.out.zero_pages += run
         self.on_zero_pages(block, offsets, at)
         return True
@@ -551,56 +547,3 @@ def _vm_description(r: ByteReader, pos: int, page_size: int) -> int:
                       f"and 'page_size' {page_size}", field="vmdescription",
                       received=found, expected=page_size, at=pos + 6)
     return len(devices)
-
-
-# ---------------------------------------------------------------- encoding
-
-def _name_bytes(name: str) -> bytes:
-    raw = name.encode("utf-8")
-    if not raw or len(raw) > 255:
-        raise ValueError(f"name {name!r}: 1..255 bytes of UTF-8 expected")
-    return bytes([len(raw)]) + raw
-
-
-def encode_stream_start(configuration: bytes) -> bytes:
-    """``QEVM``, the version, then the CONFIGURATION section as a source sent it."""
-    return QEVM_MAGIC + struct.pack(">I", QEVM_VERSION) + configuration
-
-
-def encode_ram_start(section_id: int, blocks: dict[str, int]) -> bytes:
-    """The RAM section's START header and the block list (MEM_SIZE record): what
-    comes before the setup SYNC on every multifd channel."""
-    out = [struct.pack(">BI", SECTION_START, section_id), _name_bytes("ram"),
-           struct.pack(">IIQ", 0, RAM_SECTION_VERSION, sum(blocks.values()) | RAM_MEM_SIZE)]
-    for name, size in blocks.items():
-        out += [_name_bytes(name), struct.pack(">Q", size)]
-    return b"".join(out)
-
-
-def encode_ram_end_start(section_id: int) -> bytes:
-    """The header of the RAM section's END (the completion section)."""
-    return struct.pack(">BI", SECTION_END, section_id)
-
-
-def encode_zero_records(block: str, offsets: np.ndarray) -> bytes:
-    """ZERO records (fill byte 0) for the pages at byte ``offsets`` of ``block``:
-    the first names the block, the others CONTINUE it (built without a Python
-    loop: a block may have millions)."""
-    if len(offsets) == 0:
-        return b""
-    records = np.empty(len(offsets), dtype=_ZERO_RECORD)
-    records["header"] = np.asarray(offsets, dtype=np.uint64) | (RAM_ZERO | RAM_CONTINUE)
-    records["fill"] = 0
-    first = struct.pack(">Q", int(offsets[0]) | RAM_ZERO) + _name_bytes(block) + b"\0"
-    return first + records[1:].tobytes()
-
-
-def encode_multifd_flush() -> bytes:
-    """The MULTIFD_FLUSH record: a per-round stream's SYNC barrier."""
-    return struct.pack(">Q", RAM_MULTIFD_FLUSH)
-
-
-def encode_ram_eos(section_id: int, footer: bool) -> bytes:
-    """A RAM section's end: EOS, then (when the stream uses them) its footer."""
-    eos = struct.pack(">Q", RAM_EOS)
-    return eos + (struct.pack(">BI", SECTION_FOOTER, section_id) if footer else b"")
