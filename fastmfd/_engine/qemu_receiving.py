@@ -453,9 +453,10 @@ class QemuReceiving:
 
         Its end is the VM description's last byte, where QEMU's own destination
         stops reading and completes, not the connection's end: QEMU's source
-        closes its connections in its cleanup, after it completed, 1-15 ms later
-        (measured, 1 GiB over 8 channels). A chunk that ends as the stream may
-        end (``}``) is checked as the end; the connection's end is checked too."""
+        closes its connections in its cleanup, after it completed (waiting for
+        them took 4.5-23.3 ms of each 1 GiB migration over 8 channels). A chunk
+        that ends as the stream may end (``}``) is checked as the end; the
+        connection's end is checked too."""
         fd = self.out.stream("vmstate")
         try:
             chunk: bytes | memoryview = reader.since(self.facts.ram_bytes)
