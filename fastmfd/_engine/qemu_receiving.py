@@ -451,12 +451,11 @@ class QemuReceiving:
         """The rest of the main channel, from its first device section to its end,
         into vmstate.bin, checked to end as a QEMU stream ends.
 
-        Its end is the VM description's last byte, where QEMU's own destination
-        stops reading and completes, not the connection's end: QEMU's source
-        closes its connections in its cleanup, after it completed (waiting for
-        them took 4.5-23.3 ms of each 1 GiB migration over 8 channels). A chunk
-        that ends as the stream may end (``}``) is checked as the end; the
-        connection's end is checked too."""
+        Its end is the VM description's last byte, where QEMU's destination
+        completes, not the connection's end (QEMU's source closes it in its
+        cleanup: waiting took 4.5-23.3 ms of each 1 GiB migration, 8 channels).
+        A chunk ending as the stream may (``}``) is checked as the end; so is
+        the connection's end."""
         fd = self.out.stream("vmstate")
         try:
             chunk: bytes | memoryview = reader.since(self.facts.ram_bytes)
