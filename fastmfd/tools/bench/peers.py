@@ -428,6 +428,17 @@ class QemuPeer(_PeerTrial):
         self._qmp.append(qmp)
         return qmp
 
+    def _kill(self) -> None:
+        """Kill every QEMU now (idempotent)."""
+        for qmp in self._qmp:
+            qmp.close()
+        self._qmp = []
+        for process in self._procs:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+        self._procs = []
+
     def _stop(self) -> None:
         """Ask every QEMU to quit; kill those that do not within a few seconds."""
         for qmp in self._qmp:
@@ -445,14 +456,7 @@ class QemuPeer(_PeerTrial):
                 process.wait()
 
     def close(self) -> None:
-        for qmp in self._qmp:
-            qmp.close()
-        self._qmp = []
-        for process in self._procs:
-            if process.poll() is None:
-                process.kill()
-            process.wait()
-        self._procs = []
+        self._kill()
         for path in self._files:
             if os.path.isdir(path):
                 shutil.rmtree(path)

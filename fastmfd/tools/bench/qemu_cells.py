@@ -47,6 +47,7 @@ class _Receiver:
     def __init__(self, directory: str, workers: int,
                  listener: socket.socket | None = None) -> None:
         self._outcome: dict[str, qemu.QemuReceived | BaseException] = {}
+        self._shut = self._closed = False
         self._own_listener = listener is None
         self._listener = listener if listener is not None else listen(
             parse_address(f"tcp:{LOOPBACK_HOST}:0"))
@@ -100,13 +101,15 @@ class _Receiver:
 
     def close(self) -> None:
         """Stop the receiver if it still waits for QEMU, wait for its thread's
-        cleanup, and free what this made."""
+        cleanup, and free what this made (idempotent)."""
         self._stop()
-        if not self._thread.is_alive():     # else it may still write its pipe
+        if not self._thread.is_alive() and not self._closed:   # else it may still write its pipe
+            self._closed = True
             self._close_own()
 
     def _stop(self) -> None:
-        if self._thread.is_alive() and not self._outcome:
+        if self._thread.is_alive() and not self._outcome and not self._shut:
+            self._shut = True
             self._listener.shutdown(socket.SHUT_RDWR)   # its accept fails: it ends
         self._thread.join(STEP_TIMEOUT)
 
@@ -139,8 +142,11 @@ class QemuToFastmfdTrial(QemuPeer):
                 "main": [os.getpid()]}
 
     def close(self) -> None:
+        # QEMU first: a receiver still receiving then sees its connections end.
+        self._kill()
         if self._receiver is not None:
             self._receiver.close()
+            self._receiver = None
         super().close()
         if self._listener is not None:
             self._listener.close()
