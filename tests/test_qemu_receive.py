@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -231,15 +232,16 @@ def capture_bytes(directory: Path, kind: str) -> dict[str, bytes]:
 
 
 def replay(address: str, files: dict[str, bytes], cut: dict[str, int] | None = None,
-           strangers: tuple[bytes | None, ...] = (), keep_open: bool = False
-           ) -> list[socket.socket]:
+           strangers: tuple[bytes | None, ...] = (), keep_open: bool = False,
+           pause: dict[str, int] | None = None) -> list[socket.socket]:
     """Send a capture's connections as its QEMU did: the main channel connects
     first, then each multifd channel, and (as QEMU's setup SYNC ensures) all are
     connected before the main channel's first byte; each sends from its own
     thread. ``cut`` ends a file's connection after that many bytes; each of
     ``strangers`` connects before all and sends its bytes (None: nothing, and
     stays open); ``keep_open``: the connections stay open after their bytes, as
-    QEMU's do until its cleanup. Returns the sockets, for the test to close."""
+    QEMU's do until its cleanup; ``pause``: a file's connection stops for 0.2 s
+    after that many bytes. Returns the sockets, for the test to close."""
     cut = cut or {}
     target = parse_address(address)
     socks = []
@@ -247,16 +249,23 @@ def replay(address: str, files: dict[str, bytes], cut: dict[str, int] | None = N
         socks.append(connect(target, 5))
         if stranger is not None:
             _send_quietly(socks[-1], stranger)
-    streams = [(connect(target, 5), data[:cut.get(name)]) for name, data in files.items()]
-    for sock, data in streams:
+    pause = pause or {}
+    streams = [(connect(target, 5), data[:cut.get(name)], pause.get(name))
+               for name, data in files.items()]
+    for sock, data, pause_at in streams:
         socks.append(sock)
-        threading.Thread(target=_send_quietly, args=(sock, data, not keep_open),
+        threading.Thread(target=_send_quietly, args=(sock, data, not keep_open, pause_at),
                          daemon=True).start()
     return socks
 
 
-def _send_quietly(sock: socket.socket, data: bytes, end: bool = True) -> None:
+def _send_quietly(sock: socket.socket, data: bytes, end: bool = True,
+                  pause_at: int | None = None) -> None:
     try:
+        if pause_at is not None:
+            sock.sendall(data[:pause_at])
+            time.sleep(0.2)
+            data = data[pause_at:]
         sock.sendall(data)
         if end:
             sock.shutdown(socket.SHUT_WR)
@@ -317,6 +326,21 @@ def test_the_migration_is_complete_at_the_stream_end_not_when_qemu_closes(tmp_pa
     start = manifest["vmstate"]["stream_offset"]
     assert (out / "vmstate.bin").read_bytes() == files["conn0.bin"][start:]
     assert manifest["compression"] == "zstd" and manifest["channels"] == 2
+
+
+def test_a_brace_before_the_stream_end_is_not_taken_for_it(tmp_path, captures):
+    """The main channel pauses right after the first '}' inside the VM description:
+    what has come ends as a stream may, but its length says more is due, so
+    receive() reads on, and completes with all of it (the connections open)."""
+    _, directory = captures
+    files = capture_bytes(directory, "none")
+    main = files["conn0.bin"]
+    brace = main.index(b"}", main.rindex(b"\x00\x06") + 6) + 1
+    assert brace < len(main)
+    out = tmp_path / "out"
+    manifest = receive_replay(out, files, keep_open=True, pause={"conn0.bin": brace}).manifest
+    start = manifest["vmstate"]["stream_offset"]
+    assert (out / "vmstate.bin").read_bytes() == main[start:]
 
 
 def test_a_receiver_made_ahead_has_its_workers_up_and_receives_once(tmp_path, captures):
