@@ -415,6 +415,43 @@ def test_strangers_before_the_capture_are_dropped(tmp_path, captures, stranger):
     assert np.array_equal(np.fromfile(out / mem, dtype=np.uint8), capture_pattern())
 
 
+def test_a_stranger_trickling_an_init_packet_does_not_hold_the_migration_up(tmp_path,
+                                                                           captures):
+    """A connection before the main channel sends the multifd magic, then the
+    rest of its init packet a byte every 0.2 s. The packet is waited for once,
+    not per byte (that held the receiver up to 60 waits of LATE_BYTES_WAIT, the
+    main channel unread): it is dropped, and the migration is received while
+    the stranger is still trickling."""
+    files = capture_bytes(captures[1], "none")
+    receiver = Receiver(tmp_path / "out", stall_timeout=10.0)
+    stranger = connect(parse_address(receiver.address), 5)
+    packet = init_packet(UUID, 0)
+    sent = [stranger.send(packet[:4])]
+
+    def trickle() -> None:
+        try:
+            for byte in packet[4:]:
+                time.sleep(0.2)
+                sent.append(stranger.send(bytes([byte])))
+        except OSError:
+            pass                # dropped: what the test checks
+
+    trickler = threading.Thread(target=trickle, daemon=True)
+    trickler.start()
+    while len(sent) < 2:        # the magic and a byte: a multifd channel begun
+        time.sleep(0.01)
+    socks = replay(receiver.address, files)
+    try:
+        manifest = receiver.result().manifest
+        assert sum(sent) < len(packet), "received only once the stranger had sent it all"
+    finally:
+        stranger.close()
+        trickler.join(20)
+        for sock in socks:
+            sock.close()
+    assert manifest["channels"] == 2
+
+
 def _ram_bytes(files: dict[str, bytes]) -> int:
     return decode_qemu_main("conn0.bin", files["conn0.bin"]).ram_bytes
 

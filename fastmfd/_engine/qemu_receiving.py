@@ -55,7 +55,7 @@ from ..protocol.bytereader import ByteReader, StreamReader
 from ..protocol.control import Eof, Go, Ready, RecvParams, Synced
 from ..protocol.qemu import (MIG_CMD_OPEN_RETURN_PATH, MIG_CMD_PING, QEVM_MAGIC,
                              SYNC_PER_SECTION, QevmDecoder, check_stream_end)
-from ..protocol.sockets import tune_data_socket
+from ..protocol.sockets import recv_exact, tune_data_socket
 from ..regions import Region
 from .processes import ChildSet, Watch
 from .qemu_channels import QemuChannel, choose_channels, migration_uuid
@@ -219,21 +219,20 @@ class QemuReceiving:
         """Main channel or multifd channel, by its first 4 bytes (what QEMU >= 8.0
         does; 7.2's "the first connection is main" holds for QEMU's own sources).
         Without ``wait`` the socket is readable; with it, up to ``wait`` seconds
-        are given for its first bytes. A connection that sends fewer than 4 bytes
-        (within LATE_BYTES_WAIT once it sent some) or other first bytes is not
-        QEMU's, whatever it is (a port scan, a health check, a wrong address):
-        it is dropped, and the migration goes on without it."""
-        sock.settimeout(wait if wait is not None else LATE_BYTES_WAIT)
+        are given for its first bytes. A connection whose first bytes are fewer
+        than 4 (QEMU writes those and more at once; TCP's MSG_WAITALL does not
+        wait when it peeks) or other bytes is not QEMU's, whatever it is (a port
+        scan, a health check, a wrong address): it is dropped, and the
+        migration goes on without it."""
+        sock.settimeout(wait)
         try:
             head = sock.recv(4, socket.MSG_PEEK | (socket.MSG_DONTWAIT if wait is None else 0))
-            if 0 < len(head) < 4:
-                head = sock.recv(4, socket.MSG_PEEK | socket.MSG_WAITALL)
         except BlockingIOError:
             return
         except OSError as exc:          # a timeout included
             head, reason = b"", str(exc)
         else:
-            reason = "closed"
+            reason = "fewer than QEMU's first bytes" if head else "closed"
         self.watch.remove(sock)
         arrival = self.pending.pop(sock)
         if len(head) < 4:
@@ -268,7 +267,8 @@ class QemuReceiving:
         before it is a stranger's, dropped. Whether a good one is QEMU's (its UUID
         and id) is decided at barrier 1 (qemu_channels)."""
         try:
-            data = _recv_exact(sock, _core.INIT_PACKET_SIZE, LATE_BYTES_WAIT, "init packet")
+            data = recv_exact(sock, _core.INIT_PACKET_SIZE, "init packet",
+                              deadline=time.monotonic() + LATE_BYTES_WAIT)
             uuid, ch = _core.decode_init_packet(data)
         except FastMFDError as exc:
             sock.close()
@@ -582,19 +582,3 @@ class _LiveDecoder(QevmDecoder):
                                field="command", received=command, expected="no return path",
                                at=at)
 
-
-def _recv_exact(sock: socket.socket, size: int, timeout: float, what: str) -> bytes:
-    sock.settimeout(timeout)
-    data = b""
-    try:
-        while len(data) < size:
-            more = sock.recv(size - len(data))
-            if not more:
-                break
-            data += more
-    except socket.timeout:
-        raise MigrationError(f"no complete {what} within {timeout:g} s") from None
-    if len(data) < size:
-        raise ProtocolError(f"{what}: connection closed after {len(data)} of {size} bytes",
-                            field="length", received=len(data), expected=size)
-    return data
