@@ -282,6 +282,11 @@ def capture_pattern(mib: int = 32) -> np.ndarray:
 def receive_replay(out, files: dict[str, bytes], receive_args: dict | None = None,
                    **replay_args) -> qemu.QemuReceived:
     receiver = Receiver(out, stall_timeout=5.0, **(receive_args or {}))
+    return receive_replay_into(receiver, files, **replay_args)
+
+
+def receive_replay_into(receiver: Receiver, files: dict[str, bytes],
+                        **replay_args) -> qemu.QemuReceived:
     socks = replay(receiver.address, files, **replay_args)
     try:
         return receiver.result()
@@ -449,6 +454,23 @@ def test_a_stranger_trickling_an_init_packet_does_not_hold_the_migration_up(tmp_
         trickler.join(20)
         for sock in socks:
             sock.close()
+    assert manifest["channels"] == 2
+
+
+def test_silent_strangers_are_waited_for_together(tmp_path, captures):
+    """Ten connections before the main channel say nothing and stay open. At
+    barrier 1 they get LATE_BYTES_WAIT (1 s) together, not one after another
+    (which held the migration up 10 s): it is received well within 6 s."""
+    files = capture_bytes(captures[1], "none")
+    late = threading.Event()
+    timer = threading.Timer(6.0, late.set)
+    receiver = Receiver(tmp_path / "out", stall_timeout=30.0)
+    timer.start()
+    try:
+        manifest = receive_replay_into(receiver, files, strangers=(None,) * 10).manifest
+        assert not late.is_set(), "the silent strangers were waited for one by one"
+    finally:
+        timer.cancel()
     assert manifest["channels"] == 2
 
 

@@ -18,17 +18,38 @@ destination relies on it, spec §1.4).
   and fills a gap in their ids (or, if none came after the main channel, is
   the first of its id): the accept order of two connections can only be
   turned around by a lost handshake packet, and such a channel is QEMU's.
+
+No connection is waited for alone (:class:`QemuConnections`): each is read as
+its bytes come (its first 4 peeked, a multifd channel's init packet taken into
+a buffer), so a stranger that says nothing, or trickles, holds nothing up. At
+barrier 1 those not yet complete get LATE_BYTES_WAIT, all together.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import socket
+import time
 from dataclasses import dataclass
+from typing import Callable
 
-from ..errors import ProtocolError
-from .processes import Child
+from .. import _core
+from ..errors import FastMFDError, MigrationError, ProtocolError
+from ..protocol.qemu import QEVM_MAGIC
+from .processes import Child, Watch
 
-__all__ = ["QemuChannel", "migration_uuid", "choose_channels"]
+__all__ = ["QemuChannel", "QemuConnections", "migration_uuid", "choose_channels",
+           "LATE_BYTES_WAIT"]
+
+log = logging.getLogger("fastmfd")
+
+MULTIFD_MAGIC = _core.MULTIFD_MAGIC.to_bytes(4, "big")
+INIT_PACKET_SIZE = _core.INIT_PACKET_SIZE
+# When the setup section ends, QEMU's channels have written their init packets
+# (then their setup SYNC, which the section waits for): on this machine's
+# loopback they are here; a connection with nothing to say by then is not QEMU's.
+LATE_BYTES_WAIT = 1.0
 
 
 @dataclass
@@ -84,3 +105,167 @@ def choose_channels(candidates: list[QemuChannel], main_arrival: int, uuid: byte
         else:
             chosen[channel.id] = channel
     return chosen, strangers
+
+
+class QemuConnections:
+    """The connections a QEMU destination's listener takes, until barrier 1: each
+    told apart by its first bytes (the main channel: ``main``; a multifd
+    channel: its init packet read; anything else dropped) as its bytes come,
+    none waited for alone (module docstring). ``on_channel`` is called with
+    each channel whose init packet is good (``candidates``), to give it a
+    worker; :meth:`close` ends the taking at barrier 1."""
+
+    def __init__(self, listener: socket.socket, watch: Watch,
+                 on_channel: Callable[[QemuChannel], None]) -> None:
+        self.listener, self.watch, self.on_channel = listener, watch, on_channel
+        self.main: socket.socket | None = None
+        self.main_arrival = -1
+        self.main_at = 0.0                              # when the main channel came
+        self.candidates: list[QemuChannel] = []         # good init packets
+        self.bad_inits: list[tuple[int, FastMFDError]] = []     # arrival, what was bad
+        self.pending: dict[socket.socket, int] = {}     # not told apart yet: arrival
+        self.opening: dict[socket.socket, tuple[int, bytearray]] = {}  # init packet so far
+        self.arrivals = 0
+        self.closed = False
+        listener.setblocking(False)
+        watch.add(listener, self._accept)
+
+    def sockets(self) -> list[socket.socket]:
+        """Every connection held (for the session's close)."""
+        return [*([self.main] if self.main is not None else []), *self.pending,
+                *self.opening, *(c.sock for c in self.candidates)]
+
+    def _accept(self) -> None:
+        """Take every connection waiting; each is told apart once it has sent bytes."""
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            if self.closed:
+                log.warning("a connection after the channels were counted: dropped")
+                sock.close()
+                continue
+            sock.setblocking(False)
+            self.pending[sock] = self.arrivals
+            self.arrivals += 1
+            self.watch.add(sock, functools.partial(self._classify, sock))
+
+    def _classify(self, sock: socket.socket) -> None:
+        """Main channel or multifd channel, by its first 4 bytes (what QEMU >= 8.0
+        does; 7.2's "the first connection is main" holds for QEMU's own
+        sources), once it is readable. A connection whose first bytes are fewer
+        than 4 (QEMU writes those and more at once) or other bytes is not
+        QEMU's, whatever it is (a port scan, a health check, a wrong address):
+        it is dropped, and the migration goes on without it."""
+        try:
+            head = sock.recv(4, socket.MSG_PEEK)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            head, reason = b"", str(exc)
+        else:
+            reason = "fewer than QEMU's first bytes" if head else "closed"
+        self.watch.remove(sock)
+        arrival = self.pending.pop(sock)
+        if len(head) < 4:
+            log.warning("a connection sent %d bytes (%s): dropped", len(head), reason)
+            sock.close()
+        elif head == QEVM_MAGIC:
+            if self.main is not None:
+                sock.close()
+                raise ProtocolError("a second main channel (QEVM) connected", field="magic",
+                                    received=head.hex(), expected="one main channel",
+                                    where="a new connection")
+            sock.setblocking(True)
+            self.main, self.main_arrival, self.main_at = sock, arrival, time.monotonic()
+        elif head == MULTIFD_MAGIC:
+            self.opening[sock] = (arrival, bytearray())
+            self.watch.add(sock, functools.partial(self._read_init, sock))
+            self._read_init(sock)
+        else:
+            log.warning("a connection sent first bytes %s, expected %s (QEVM, the main "
+                        "channel) or %s (a multifd channel): not QEMU's, dropped", head.hex(),
+                        QEVM_MAGIC.hex(), MULTIFD_MAGIC.hex())
+            sock.close()
+
+    def _read_init(self, sock: socket.socket) -> None:
+        """Take what has come of a multifd channel's init packet. QEMU writes the
+        packet whole as it connects, and connects its main channel first: a
+        packet cut short or bad (another version) fails the migration on a
+        connection that came after the main channel, and on one that came
+        before it is a stranger's, dropped. Whether a good one is QEMU's (its
+        UUID and id) is decided at barrier 1 (:func:`choose_channels`)."""
+        arrival, data = self.opening[sock]
+        try:
+            more = sock.recv(INIT_PACKET_SIZE - len(data))
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._bad_init(sock, MigrationError(f"init packet: reading failed: "
+                                                f"{exc.strerror or exc}"))
+            return
+        if not more:
+            self._bad_init(sock, ProtocolError(
+                f"init packet: connection closed after {len(data)} of {INIT_PACKET_SIZE} "
+                "bytes", field="length", received=len(data), expected=INIT_PACKET_SIZE))
+            return
+        data += more
+        if len(data) < INIT_PACKET_SIZE:
+            return
+        try:
+            uuid, ch = _core.decode_init_packet(bytes(data))
+        except FastMFDError as exc:
+            self._bad_init(sock, exc)
+            return
+        self.watch.remove(sock)
+        del self.opening[sock]
+        sock.setblocking(True)
+        channel = QemuChannel(ch, sock, None, uuid, arrival)
+        self.candidates.append(channel)
+        self.on_channel(channel)
+
+    def _bad_init(self, sock: socket.socket, problem: FastMFDError) -> None:
+        arrival, _ = self.opening.pop(sock)
+        self.watch.remove(sock)
+        sock.close()
+        self.bad_inits.append((arrival, problem))
+        self._judge_bad_inits(final=False)
+
+    def _judge_bad_inits(self, final: bool) -> None:
+        """Drop the connections with a bad init packet that came before the main
+        channel; fail on one that came after it. Until the main channel is told
+        apart (``final``: it is), a connection after an undecided one waits."""
+        undecided = min(self.pending.values(), default=None) if self.main is None else None
+        for arrival, problem in list(self.bad_inits):
+            before = (arrival < self.main_arrival if self.main is not None
+                      else undecided is None or arrival < undecided)
+            if not before and (final or self.main is not None):
+                raise MigrationError(f"bad init packet on a connection after the main "
+                                     f"channel: {problem}", channel="multifd channel")
+            if before:
+                log.warning("a connection sent the multifd magic before the main channel "
+                            "came, but %s: not QEMU's, dropped", problem)
+                self.bad_inits.remove((arrival, problem))
+
+    def close(self, wait: float = LATE_BYTES_WAIT) -> None:
+        """Barrier 1, the setup section's end: every channel QEMU opened has
+        connected and sent its init packet (its setup SYNC came before). Take
+        the last connections, give those not complete ``wait`` seconds, all
+        together, then judge what each sent; no more are taken."""
+        self._accept()
+        self.closed = True
+        self.watch.remove(self.listener)
+        deadline = time.monotonic() + wait
+        while (self.pending or self.opening) and (left := deadline - time.monotonic()) > 0:
+            self.watch.poll(left)
+        for sock in list(self.pending):
+            log.warning("a connection sent nothing within %g s of the setup section's "
+                        "end: dropped", wait)
+            self.watch.remove(sock)
+            del self.pending[sock]
+            sock.close()
+        for sock in list(self.opening):
+            self._bad_init(sock, MigrationError(f"no complete init packet within {wait:g} s "
+                                                "of the setup section's end"))
+        self._judge_bad_inits(final=True)

@@ -4,7 +4,8 @@ destination's side of QEMU's own protocol, with fastmfd's receive workers.
 ::
 
     QemuReceiving.run()                                   receive workers (1 process / channel)
-      listener: each connection told apart by its first bytes:
+      listener (qemu_channels.QemuConnections): each connection
+        told apart by its first bytes, as they come:
         "QEVM" -> the main channel; 0x11223344 -> a multifd
         channel: its init packet read here (id, uuid), a worker
         set aside for it ─────────── socket ──────────────▶  (waits for its RecvParams)
@@ -38,7 +39,6 @@ migration) and removes the .part files.
 
 from __future__ import annotations
 
-import functools
 import logging
 import mmap
 import os
@@ -50,15 +50,15 @@ from typing import Protocol
 import numpy as np
 
 from .. import _core
-from ..errors import FastMFDError, MigrationError, ProtocolError
+from ..errors import MigrationError, ProtocolError
 from ..protocol.bytereader import ByteReader, StreamReader
 from ..protocol.control import Eof, Go, Ready, RecvParams, Synced
-from ..protocol.qemu import (MIG_CMD_OPEN_RETURN_PATH, MIG_CMD_PING, QEVM_MAGIC,
+from ..protocol.qemu import (MIG_CMD_OPEN_RETURN_PATH, MIG_CMD_PING,
                              SYNC_PER_SECTION, QevmDecoder, check_stream_end)
-from ..protocol.sockets import recv_exact, tune_data_socket
+from ..protocol.sockets import tune_data_socket
 from ..regions import Region
 from .processes import ChildSet, Watch
-from .qemu_channels import QemuChannel, choose_channels, migration_uuid
+from .qemu_channels import QemuChannel, QemuConnections, choose_channels, migration_uuid
 from .session import shutdown_quietly
 from .session_regions import places_pages
 from .workers import qemu_recv_worker_main
@@ -68,15 +68,10 @@ __all__ = ["QemuReceiving", "QemuStreamFacts", "QemuOutput"]
 log = logging.getLogger("fastmfd")
 
 MAIN = "main channel"
-MULTIFD_MAGIC = _core.MULTIFD_MAGIC.to_bytes(4, "big")
 QEMU_PACKET_BYTES = 512 << 10       # MULTIFD_PACKET_SIZE (spec §2.1)
 MAX_CHANNELS = 256                  # multifd-channels is a uint8
 COPY_CHUNK = 1 << 20
 JSON_END = ord("}")                 # the VM description's closing brace: a stream's last byte
-# When the setup section ends, QEMU's channels have written their init packets
-# (then their setup SYNC, which the section waits for): on this machine's
-# loopback they are here; a connection with nothing to say by then is not QEMU's.
-LATE_BYTES_WAIT = 1.0
 
 
 class QemuOutput(Protocol):
@@ -123,23 +118,16 @@ class QemuReceiving:
         """``out`` names, creates and keeps the files (a tools.outputs.OutputDir:
         plan_qemu, region, stream, fsync_part); the caller commits or aborts it.
         ``workers``: receive workers started now, before QEMU connects."""
-        self.listener = listener
         self.out = out
         self.timeout, self.stall = timeout, stall_timeout
         self.facts = QemuStreamFacts()
         self.main: socket.socket | None = None
         self.channels: dict[int, QemuChannel] = {}     # QEMU's, chosen at barrier 1
-        self.candidates: list[QemuChannel] = []        # good init packets, until then
-        self.bad_inits: list[tuple[int, FastMFDError]] = []  # arrival, what was bad
-        self.pending: dict[socket.socket, int] = {}  # accepted, not yet told apart: arrival
-        self.arrivals = 0
-        self.main_arrival = -1
         self.regions: dict[str, Region] = {}
         self.counters: _core.Counters | None = None
         self.watch = Watch()
-        self.closed_door = False
+        self.connections = QemuConnections(listener, self.watch, self._set_aside)
         self._main_readable = False
-        self.main_at = 0.0                          # when the main channel came
         # Workers started ahead (at least one: it starts multiprocessing's forkserver);
         # more start as their channels connect, all at once, reporting Ready.
         self.workers: ChildSet | None = ChildSet(qemu_recv_worker_main, ["receive worker"] * max(1, workers))
@@ -147,15 +135,15 @@ class QemuReceiving:
 
     # ------------------------------------------------------------ the session
     def run(self) -> QemuStreamFacts:
-        self.listener.setblocking(False)
-        self.watch.add(self.listener, self._accept)
         deadline = time.monotonic() + self.timeout
-        while self.main is None:
+        while self.connections.main is None:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise MigrationError(f"no QEMU connected within {self.timeout:g} s",
                                      channel=MAIN)
             self.watch.poll(min(left, 1.0))
+        self.main = self.watch.main = self.connections.main
+        self.watch.add(self.main, self._on_main_readable)
         decoder = _LiveDecoder(StreamReader(MAIN, self._recv_main), self)
         decoder.decode_ram()
         facts = self.facts
@@ -200,121 +188,35 @@ class QemuReceiving:
         self._main_readable = True
 
     # ------------------------------------------------------------ connections
-    def _accept(self) -> None:
-        """Take every connection waiting; each is told apart once it has sent bytes."""
-        while True:
-            try:
-                sock, _ = self.listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            if self.closed_door:
-                log.warning("a connection after the channels were counted: dropped")
-                sock.close()
-                continue
-            self.pending[sock] = self.arrivals
-            self.arrivals += 1
-            self.watch.add(sock, functools.partial(self._classify, sock))
+    @property
+    def main_at(self) -> float:
+        """When the main channel came (monotonic)."""
+        return self.connections.main_at
 
-    def _classify(self, sock: socket.socket, wait: float | None = None) -> None:
-        """Main channel or multifd channel, by its first 4 bytes (what QEMU >= 8.0
-        does; 7.2's "the first connection is main" holds for QEMU's own sources).
-        Without ``wait`` the socket is readable; with it, up to ``wait`` seconds
-        are given for its first bytes. A connection whose first bytes are fewer
-        than 4 (QEMU writes those and more at once; TCP's MSG_WAITALL does not
-        wait when it peeks) or other bytes is not QEMU's, whatever it is (a port
-        scan, a health check, a wrong address): it is dropped, and the
-        migration goes on without it."""
-        sock.settimeout(wait)
-        try:
-            head = sock.recv(4, socket.MSG_PEEK | (socket.MSG_DONTWAIT if wait is None else 0))
-        except BlockingIOError:
-            return
-        except OSError as exc:          # a timeout included
-            head, reason = b"", str(exc)
-        else:
-            reason = "fewer than QEMU's first bytes" if head else "closed"
-        self.watch.remove(sock)
-        arrival = self.pending.pop(sock)
-        if len(head) < 4:
-            log.warning("a connection sent %d bytes (%s): dropped", len(head), reason)
-            sock.close()
-            return
-        if head == QEVM_MAGIC:
-            if self.main is not None:
-                sock.close()
-                raise ProtocolError("a second main channel (QEVM) connected", field="magic",
-                                    received=head.hex(), expected="one main channel",
-                                    where="a new connection")
-            sock.settimeout(None)
-            self.main, self.main_arrival = sock, arrival
-            self.main_at = time.monotonic()
-            self.watch.main = sock
-            self.watch.add(sock, self._on_main_readable)
-            return
-        if head != MULTIFD_MAGIC:
-            log.warning("a connection sent first bytes %s, expected %s (QEVM, the main "
-                        "channel) or %s (a multifd channel): not QEMU's, dropped", head.hex(),
-                        QEVM_MAGIC.hex(), MULTIFD_MAGIC.hex())
-            sock.close()
-            return
-        self._open_channel(sock, arrival)
-
-    def _open_channel(self, sock: socket.socket, arrival: int) -> None:
-        """Read the init packet of a multifd channel and set a worker aside for it.
-        QEMU writes the packet whole as it connects, and connects its main channel
-        first: a packet cut short, late or bad (another version) fails the migration
-        on a connection that came after the main channel, and on one that came
-        before it is a stranger's, dropped. Whether a good one is QEMU's (its UUID
-        and id) is decided at barrier 1 (qemu_channels)."""
-        try:
-            data = recv_exact(sock, _core.INIT_PACKET_SIZE, "init packet",
-                              deadline=time.monotonic() + LATE_BYTES_WAIT)
-            uuid, ch = _core.decode_init_packet(data)
-        except FastMFDError as exc:
-            sock.close()
-            self.bad_inits.append((arrival, exc))
-            self._judge_bad_inits(final=False)
-            return
-        sock.settimeout(None)
+    def _set_aside(self, channel: QemuChannel) -> None:
+        """A worker for a connection that sent a good init packet: a spare, or one
+        started now (it reports Ready)."""
         worker = self.spares.pop() if self.spares else None
-        channel = QemuChannel(ch, sock, worker, uuid, arrival, ready=worker is not None)
-        self.candidates.append(channel)
+        channel.ready = worker is not None
         if worker is None:
             assert self.workers is not None, "open until close()"
-            channel.worker = worker = self.workers.spawn(qemu_recv_worker_main, "receive worker")
+            worker = self.workers.spawn(qemu_recv_worker_main, "receive worker")
+        channel.worker = worker
         self.watch.add_child(worker, lambda report: self._on_report(channel, report))
-
-    def _judge_bad_inits(self, final: bool) -> None:
-        """Drop the connections with a bad init packet that came before the main
-        channel; fail on one that came after it. Until the main channel is told
-        apart (``final``: it is), a connection after an undecided one waits."""
-        undecided = min(self.pending.values(), default=None) if self.main is None else None
-        for arrival, problem in list(self.bad_inits):
-            before = (arrival < self.main_arrival if self.main is not None
-                      else undecided is None or arrival < undecided)
-            if not before and (final or self.main is not None):
-                raise MigrationError(f"bad init packet on a connection after the main "
-                                     f"channel: {problem}", channel="multifd channel")
-            if before:
-                log.warning("a connection sent the multifd magic before the main channel "
-                            "came, but %s: not QEMU's, dropped", problem)
-                self.bad_inits.remove((arrival, problem))
 
     def _close_door(self, uuid: bytes | None) -> None:
         """The setup section ended: every channel QEMU opened has connected and sent
         its init packet (its setup SYNC came before the EOS). Choose them, count
         them and start them; ``uuid``: the main channel's, if its configuration said."""
-        self._accept()
-        for sock in list(self.pending):
-            self._classify(sock, wait=LATE_BYTES_WAIT)
-        self.closed_door = True
-        self.watch.remove(self.listener)
-        self._judge_bad_inits(final=True)
-        uuid = self.facts.uuid = migration_uuid(self.candidates, self.main_arrival, uuid)
-        self.channels, strangers = choose_channels(self.candidates, self.main_arrival, uuid)
+        connections = self.connections
+        connections.close()
+        uuid = self.facts.uuid = migration_uuid(connections.candidates,
+                                                connections.main_arrival, uuid)
+        self.channels, strangers = choose_channels(connections.candidates,
+                                                   connections.main_arrival, uuid)
         for channel, why in strangers:
             self._drop(channel, why)
-        self.candidates = []
+        connections.candidates = []
         n = len(self.channels)
         if n == 0:
             raise ProtocolError("no multifd channel connected before the RAM setup section "
@@ -530,19 +432,18 @@ class QemuReceiving:
 
     def close(self) -> None:
         """Stop everything and free it (every exit path; idempotent)."""
-        socks = [self.main, *self.pending, *(c.sock for c in self.candidates),
-                 *(c.sock for c in self.channels.values())]
+        socks = [*self.connections.sockets(), *(c.sock for c in self.channels.values())]
         for sock in socks:
-            if sock is not None:
-                shutdown_quietly(sock)
+            shutdown_quietly(sock)
         if self.workers is not None:
             self.workers.kill()
             self.workers.stop(0)
             self.workers = None
         for sock in socks:
-            if sock is not None:
-                sock.close()
-        self.main, self.pending, self.candidates = None, {}, []
+            sock.close()
+        self.main = self.connections.main = None
+        self.connections.pending, self.connections.opening = {}, {}
+        self.connections.candidates = []
         for region in self.regions.values():
             region.close()
         self.regions = {}
