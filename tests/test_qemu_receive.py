@@ -12,6 +12,7 @@ machine type (shared/data), and QEMU 10.0's with its own machine type
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing
 import os
 import socket
@@ -28,7 +29,9 @@ import zstandard
 from captures import BLOCKS, UUID
 from fastmfd import _core, qemu
 from fastmfd.errors import ConfigError, MigrationError, ProtocolError
-from fastmfd.protocol.qemu import SYNC_PER_ROUND, SYNC_PER_SECTION, decode_qemu_main
+from fastmfd.protocol.bytereader import ByteReader
+from fastmfd.protocol.qemu import (SYNC_PER_ROUND, SYNC_PER_SECTION, QevmDecoder,
+                                   decode_qemu_main)
 from fastmfd.protocol.qemu_encoding import (encode_multifd_flush, encode_ram_eos,
                                             encode_ram_start, encode_stream_start,
                                             encode_zero_records)
@@ -233,7 +236,8 @@ def capture_bytes(directory: Path, kind: str) -> dict[str, bytes]:
 
 def replay(address: str, files: dict[str, bytes], cut: dict[str, int] | None = None,
            strangers: tuple[bytes | None, ...] = (), keep_open: bool = False,
-           pause: dict[str, int] | None = None) -> list[socket.socket]:
+           pause: dict[str, int] | None = None, resume: threading.Event | None = None
+           ) -> list[socket.socket]:
     """Send a capture's connections as its QEMU did: the main channel connects
     first, then each multifd channel, and (as QEMU's setup SYNC ensures) all are
     connected before the main channel's first byte; each sends from its own
@@ -241,7 +245,8 @@ def replay(address: str, files: dict[str, bytes], cut: dict[str, int] | None = N
     ``strangers`` connects before all and sends its bytes (None: nothing, and
     stays open); ``keep_open``: the connections stay open after their bytes, as
     QEMU's do until its cleanup; ``pause``: a file's connection stops for 0.2 s
-    after that many bytes. Returns the sockets, for the test to close."""
+    after that many bytes (until ``resume`` is set, if given). Returns the
+    sockets, for the test to close."""
     cut = cut or {}
     target = parse_address(address)
     socks = []
@@ -254,17 +259,20 @@ def replay(address: str, files: dict[str, bytes], cut: dict[str, int] | None = N
                for name, data in files.items()]
     for sock, data, pause_at in streams:
         socks.append(sock)
-        threading.Thread(target=_send_quietly, args=(sock, data, not keep_open, pause_at),
-                         daemon=True).start()
+        threading.Thread(target=_send_quietly, args=(sock, data, not keep_open, pause_at,
+                                                     resume), daemon=True).start()
     return socks
 
 
 def _send_quietly(sock: socket.socket, data: bytes, end: bool = True,
-                  pause_at: int | None = None) -> None:
+                  pause_at: int | None = None, resume: threading.Event | None = None) -> None:
     try:
         if pause_at is not None:
             sock.sendall(data[:pause_at])
-            time.sleep(0.2)
+            if resume is None:
+                time.sleep(0.2)
+            else:
+                resume.wait(30)
             data = data[pause_at:]
         sock.sendall(data)
         if end:
@@ -474,6 +482,149 @@ def test_silent_strangers_are_waited_for_together(tmp_path, captures):
     assert manifest["channels"] == 2
 
 
+@pytest.mark.parametrize("sent, keep_open, match", [
+    (b"", True, r"it sent nothing within 1 s of the setup section's end"),
+    (b"\x11\x22", False, r"it sent 2 bytes"),
+    (b"GET / HTTP/1.0\r\n\r\n", False, r"it sent first bytes 47455420"),
+], ids=["silent", "magic-cut", "other"])
+def test_a_connection_after_the_main_channel_that_is_not_a_channel_fails(
+        tmp_path, captures, sent, keep_open, match):
+    """QEMU connects its channels after its main channel: a connection after it
+    that is not a multifd channel (silent, cut short, other bytes) was one of
+    QEMU's. Dropping it lost its pages (the migration "succeeded" with fewer
+    channels, found by fuzzing): it fails the migration."""
+    files = {**capture_bytes(captures[1], "none"), "stranger": sent}
+    out = tmp_path / "out"
+    with pytest.raises((ProtocolError, MigrationError),
+                       match="a connection after the main channel: not one of QEMU's "
+                             "channels: " + match):
+        receive_replay(out, files, keep_open=keep_open)
+    assert_nothing_complete(out)
+
+
+class _FirstBarrier(QevmDecoder):
+    class Found(Exception):
+        pass
+
+    def on_sync(self) -> None:
+        raise self.Found()
+
+
+def first_barrier_at(main: bytes) -> int:
+    """Where the main channel's first SYNC barrier record (8 bytes: the setup
+    section's EOS or MULTIFD_FLUSH) starts."""
+    decoder = _FirstBarrier(ByteReader("main channel", main), 4096)
+    with pytest.raises(_FirstBarrier.Found):
+        decoder.decode_ram()
+    return decoder.r.pos - 8
+
+
+def test_a_channel_of_the_migration_after_the_setup_section_fails_it(tmp_path, captures,
+                                                                     caplog):
+    """A multifd channel with the migration's UUID that connects once the
+    channels were counted (barrier 1) would have its pages missed: it fails
+    the migration; the main channel waits meanwhile."""
+    files = capture_bytes(captures[1], "none")
+    main = files.pop("conn0.bin")
+    (first, first_data), (late, late_data) = files.items()
+    resume = threading.Event()
+    caplog.set_level(logging.INFO, logger="fastmfd")
+    receiver = Receiver(tmp_path / "out", stall_timeout=30.0)
+    socks = replay(receiver.address, {"conn0.bin": main, first: first_data}, keep_open=True,
+                   pause={"conn0.bin": first_barrier_at(main) + 8}, resume=resume)
+    try:
+        deadline = time.monotonic() + 20
+        while "1 multifd channels counted" not in caplog.text:
+            assert time.monotonic() < deadline, "barrier 1 never came"
+            time.sleep(0.01)
+        socks += replay(receiver.address, {late: late_data}, keep_open=True)
+        with pytest.raises((ProtocolError, MigrationError),
+                           match=r"multifd channel \d of this migration "
+                                                r"\(uuid [0-9a-f]+\) connected after the "
+                                                r"setup section ended"):
+            receiver.result()
+    finally:
+        resume.set()
+        for sock in socks:
+            sock.close()
+    assert_nothing_complete(tmp_path / "out")
+
+
+def far_ends(clients: list[socket.socket]) -> list[tuple[int, int]]:
+    """Each client's connection as the far end has it: its TCP state and the
+    bytes it has not read (IPv4, /proc/net/tcp)."""
+    ends = {(c.getpeername()[1], c.getsockname()[1]): i for i, c in enumerate(clients)}
+    found: dict[int, tuple[int, int]] = {}
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        key = tuple(int(f.split(":")[1], 16) for f in fields[1:3])
+        if key in ends:
+            found[ends[key]] = (int(fields[3], 16), int(fields[4].split(":")[1], 16))
+    assert len(found) == len(clients), f"connections missing from /proc/net/tcp: {found}"
+    return [found[i] for i in range(len(clients))]
+
+
+CLOSE_WAIT = 8                          # the far end has the client's FIN
+
+
+def channel_packets(data: bytes) -> list[tuple[int, _core.RamPacket]]:
+    """A capture's multifd channel: where each packet starts, and its header."""
+    codec = _core.RamPacketCodec(128, layout=_core.LAYOUT_QEMU72)
+    packets, at = [], _core.INIT_PACKET_SIZE
+    while at < len(data):
+        packet = codec.decode(data[at:at + codec.header_size])
+        packets.append((at, packet))
+        at += codec.header_size + packet.payload_size
+    return packets
+
+
+@pytest.mark.parametrize("extra, match", [
+    ("page", r"multifd channel \d: \d+ pages after its last SYNC"),
+    ("sync", r"multifd channel \d: (SYNC \d+ after the stream's end|\d+ SYNC packets, "
+             r"expected \d+)"),
+])
+def test_a_channel_going_on_after_its_last_sync_fails_the_migration(tmp_path, captures,
+                                                                    extra, match):
+    """A multifd channel sends a page (a copy of its first data packet, one
+    byte changed), or another SYNC, after its last SYNC, then closes. All
+    pages precede the last SYNC in QEMU's stream, and its SYNCs match the
+    main channel's barriers: this fails the migration. Before, the page was
+    written into the block file, before or after receive() had committed it
+    (found by fuzzing). The main channel's last byte waits until the channel
+    is read to its end."""
+    files = capture_bytes(captures[1], "none")
+    header = _core.RamPacketCodec(128, layout=_core.LAYOUT_QEMU72).header_size
+    channel = next(name for name in files if name != "conn0.bin")
+    data = files[channel]
+    packets = channel_packets(data)
+    if extra == "page":
+        at, packet = next((at, p) for at, p in packets if p.normal_pages)
+        more = bytearray(data[at:at + header + packet.payload_size])
+        more[header + 8] ^= 0x55
+    else:
+        at, packet = [(at, p) for at, p in packets if p.is_sync][-1]
+        more = bytearray(data[at:at + header + packet.payload_size])
+    files[channel] = data + bytes(more)
+    main = files["conn0.bin"]
+    resume = threading.Event()
+    receiver = Receiver(tmp_path / "out", stall_timeout=30.0)
+    socks = replay(receiver.address, files, pause={"conn0.bin": len(main) - 1}, resume=resume)
+    try:
+        client = socks[list(files).index(channel)]
+        deadline = time.monotonic() + 20
+        while far_ends([client])[0] != (CLOSE_WAIT, 0):
+            assert time.monotonic() < deadline, f"channel not read to its end: {far_ends([client])}"
+            time.sleep(0.01)
+        resume.set()
+        with pytest.raises((ProtocolError, MigrationError), match=match):
+            receiver.result()
+    finally:
+        resume.set()
+        for sock in socks:
+            sock.close()
+    assert_nothing_complete(tmp_path / "out")
+
+
 def _ram_bytes(files: dict[str, bytes]) -> int:
     return decode_qemu_main("conn0.bin", files["conn0.bin"]).ram_bytes
 
@@ -507,8 +658,8 @@ def _flip(data: bytes, at: int, value: bytes) -> bytes:
     (lambda files: {"conn2.bin": _flip(files["conn2.bin"], 64 + 1344 + 16, b"\xff")},
      r"RAM packet field 'normal_pages'"),
     (lambda files: {"conn1.bin": _flip(files["conn1.bin"], 4, b"\0\0\0\x02")},
-     r"bad init packet on a connection after the main channel: init packet field "
-     r"'version': received 2"),
+     r"a connection after the main channel: not one of QEMU's channels: bad init packet: "
+     r"init packet field 'version': received 2"),
     (lambda files: {"conn2.bin": _flip(files["conn2.bin"], 8, b"\0" * 16)},
      r"multifd channel \d: init packet field 'uuid': received 0{32}, expected 1234"),
 ], ids=["main-version", "main-record", "multifd-magic", "multifd-normal-pages",

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .. import _core
-from ..errors import FastMFDError, MigrationError, ProtocolError
+from ..errors import FastMFDError, ProtocolError
 from ..protocol.qemu import QEVM_MAGIC
 from .processes import Child, Watch
 
@@ -63,6 +63,7 @@ class QemuChannel:
     ready: bool = False                     # its worker reported Ready
     starting: bool = False                  # its parameters wait for that Ready
     synced: int = 0
+    pages_at_sync: int = 0                  # its page count when let on from its last SYNC
     ended: bool = False
     compression: str | None = None
 
@@ -113,7 +114,7 @@ class QemuConnections:
     channel: its init packet read; anything else dropped) as its bytes come,
     none waited for alone (module docstring). ``on_channel`` is called with
     each channel whose init packet is good (``candidates``), to give it a
-    worker; :meth:`close` ends the taking at barrier 1."""
+    worker; :meth:`close` counts them at barrier 1."""
 
     def __init__(self, listener: socket.socket, watch: Watch,
                  on_channel: Callable[[QemuChannel], None]) -> None:
@@ -122,11 +123,12 @@ class QemuConnections:
         self.main_arrival = -1
         self.main_at = 0.0                              # when the main channel came
         self.candidates: list[QemuChannel] = []         # good init packets
-        self.bad_inits: list[tuple[int, FastMFDError]] = []     # arrival, what was bad
+        self.rejects: list[tuple[int, str]] = []        # not QEMU's: arrival, why
         self.pending: dict[socket.socket, int] = {}     # not told apart yet: arrival
         self.opening: dict[socket.socket, tuple[int, bytearray]] = {}  # init packet so far
         self.arrivals = 0
-        self.closed = False
+        self.counted_at: int | None = None          # arrivals when barrier 1 came
+        self.uuid: bytes | None = None              # the migration's, once counted
         listener.setblocking(False)
         watch.add(listener, self._accept)
 
@@ -142,10 +144,6 @@ class QemuConnections:
                 sock, _ = self.listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            if self.closed:
-                log.warning("a connection after the channels were counted: dropped")
-                sock.close()
-                continue
             sock.setblocking(False)
             self.pending[sock] = self.arrivals
             self.arrivals += 1
@@ -157,7 +155,8 @@ class QemuConnections:
         sources), once it is readable. A connection whose first bytes are fewer
         than 4 (QEMU writes those and more at once) or other bytes is not
         QEMU's, whatever it is (a port scan, a health check, a wrong address):
-        it is dropped, and the migration goes on without it."""
+        before the main channel it is dropped, and the migration goes on
+        without it; after it, it fails the migration (:meth:`_judge`)."""
         try:
             head = sock.recv(4, socket.MSG_PEEK)
         except BlockingIOError:
@@ -168,9 +167,12 @@ class QemuConnections:
             reason = "fewer than QEMU's first bytes" if head else "closed"
         self.watch.remove(sock)
         arrival = self.pending.pop(sock)
-        if len(head) < 4:
-            log.warning("a connection sent %d bytes (%s): dropped", len(head), reason)
+        if len(head) < 4 or head not in (QEVM_MAGIC, MULTIFD_MAGIC):
             sock.close()
+            self._reject(arrival, f"it sent {len(head)} bytes ({reason})" if len(head) < 4 else
+                         f"it sent first bytes {head.hex()}, expected {QEVM_MAGIC.hex()} "
+                         f"(QEVM, the main channel) or {MULTIFD_MAGIC.hex()} (a multifd "
+                         "channel)")
         elif head == QEVM_MAGIC:
             if self.main is not None:
                 sock.close()
@@ -183,11 +185,6 @@ class QemuConnections:
             self.opening[sock] = (arrival, bytearray())
             self.watch.add(sock, functools.partial(self._read_init, sock))
             self._read_init(sock)
-        else:
-            log.warning("a connection sent first bytes %s, expected %s (QEVM, the main "
-                        "channel) or %s (a multifd channel): not QEMU's, dropped", head.hex(),
-                        QEVM_MAGIC.hex(), MULTIFD_MAGIC.hex())
-            sock.close()
 
     def _read_init(self, sock: socket.socket) -> None:
         """Take what has come of a multifd channel's init packet. QEMU writes the
@@ -202,13 +199,11 @@ class QemuConnections:
         except BlockingIOError:
             return
         except OSError as exc:
-            self._bad_init(sock, MigrationError(f"init packet: reading failed: "
-                                                f"{exc.strerror or exc}"))
+            self._bad_init(sock, f"reading it failed: {exc.strerror or exc}")
             return
         if not more:
-            self._bad_init(sock, ProtocolError(
-                f"init packet: connection closed after {len(data)} of {INIT_PACKET_SIZE} "
-                "bytes", field="length", received=len(data), expected=INIT_PACKET_SIZE))
+            self._bad_init(sock, f"connection closed after {len(data)} of {INIT_PACKET_SIZE} "
+                                 "bytes")
             return
         data += more
         if len(data) < INIT_PACKET_SIZE:
@@ -216,56 +211,89 @@ class QemuConnections:
         try:
             uuid, ch = _core.decode_init_packet(bytes(data))
         except FastMFDError as exc:
-            self._bad_init(sock, exc)
+            self._bad_init(sock, str(exc))
             return
         self.watch.remove(sock)
         del self.opening[sock]
+        if self._late(arrival):
+            sock.close()
+            if uuid == self.uuid:
+                raise ProtocolError(f"multifd channel {ch} of this migration (uuid "
+                                    f"{uuid.hex()}) connected after the setup section ended, "
+                                    "when the channels were counted: its pages would be "
+                                    "missed", field="connection", received="a late channel",
+                                    expected="every channel before barrier 1",
+                                    where=f"multifd channel {ch}")
+            log.warning("a multifd channel of another migration (uuid %s) connected after "
+                        "the channels were counted: dropped", uuid.hex())
+            return
         sock.setblocking(True)
         channel = QemuChannel(ch, sock, None, uuid, arrival)
         self.candidates.append(channel)
         self.on_channel(channel)
 
-    def _bad_init(self, sock: socket.socket, problem: FastMFDError) -> None:
+    def _bad_init(self, sock: socket.socket, why: str) -> None:
         arrival, _ = self.opening.pop(sock)
         self.watch.remove(sock)
         sock.close()
-        self.bad_inits.append((arrival, problem))
-        self._judge_bad_inits(final=False)
+        self._reject(arrival, f"bad init packet: {why}")
 
-    def _judge_bad_inits(self, final: bool) -> None:
-        """Drop the connections with a bad init packet that came before the main
-        channel; fail on one that came after it. Until the main channel is told
-        apart (``final``: it is), a connection after an undecided one waits."""
+    def _reject(self, arrival: int, why: str) -> None:
+        """A connection that is not QEMU's (closed): judged by when it came."""
+        self.rejects.append((arrival, why))
+        self._judge(final=False)
+
+    def _judge(self, final: bool) -> None:
+        """Drop the connections that are not QEMU's and came before the main
+        channel; fail on one that came after it: QEMU connects every channel
+        after its main channel, so that was one of QEMU's (and losing one
+        loses its pages). Until the main channel is told apart (``final``: it
+        is), a connection after an undecided one waits."""
         undecided = min(self.pending.values(), default=None) if self.main is None else None
-        for arrival, problem in list(self.bad_inits):
+        for arrival, why in list(self.rejects):
+            if self._late(arrival):
+                log.warning("a connection after the channels were counted: %s: dropped", why)
+                self.rejects.remove((arrival, why))
+                continue
             before = (arrival < self.main_arrival if self.main is not None
                       else undecided is None or arrival < undecided)
             if not before and (final or self.main is not None):
-                raise MigrationError(f"bad init packet on a connection after the main "
-                                     f"channel: {problem}", channel="multifd channel")
+                raise ProtocolError(f"not one of QEMU's channels: {why}", field="connection",
+                                    received=why, expected="a multifd channel of QEMU's",
+                                    where="a connection after the main channel")
             if before:
-                log.warning("a connection sent the multifd magic before the main channel "
-                            "came, but %s: not QEMU's, dropped", problem)
-                self.bad_inits.remove((arrival, problem))
+                log.warning("a connection before the main channel came: %s: not QEMU's, "
+                            "dropped", why)
+                self.rejects.remove((arrival, why))
+
+    def _late(self, arrival: int) -> bool:
+        return self.counted_at is not None and arrival >= self.counted_at
 
     def close(self, wait: float = LATE_BYTES_WAIT) -> None:
         """Barrier 1, the setup section's end: every channel QEMU opened has
         connected and sent its init packet (its setup SYNC came before). Take
         the last connections, give those not complete ``wait`` seconds, all
-        together, then judge what each sent; no more are taken."""
+        together, then judge what each sent. Later connections are still told
+        apart: one of this migration's channels (``uuid``, which the caller
+        sets once it has counted them) fails it, any other is dropped."""
         self._accept()
-        self.closed = True
-        self.watch.remove(self.listener)
+        self.counted_at = self.arrivals
         deadline = time.monotonic() + wait
-        while (self.pending or self.opening) and (left := deadline - time.monotonic()) > 0:
+        while self._counted() and (left := deadline - time.monotonic()) > 0:
             self.watch.poll(left)
-        for sock in list(self.pending):
-            log.warning("a connection sent nothing within %g s of the setup section's "
-                        "end: dropped", wait)
+        for sock in self._counted():
+            if sock in self.opening:
+                self._bad_init(sock, f"no complete init packet within {wait:g} s of the "
+                                     "setup section's end")
+                continue
             self.watch.remove(sock)
-            del self.pending[sock]
             sock.close()
-        for sock in list(self.opening):
-            self._bad_init(sock, MigrationError(f"no complete init packet within {wait:g} s "
-                                                "of the setup section's end"))
-        self._judge_bad_inits(final=True)
+            self.rejects.append((self.pending.pop(sock), f"it sent nothing within {wait:g} s "
+                                                         "of the setup section's end"))
+        self._judge(final=True)
+
+    def _counted(self) -> list[socket.socket]:
+        """The connections before barrier 1 that have not said what they are."""
+        return [sock for sock, arrival in
+                [*self.pending.items(), *((s, a) for s, (a, _) in self.opening.items())]
+                if not self._late(arrival)]

@@ -128,6 +128,7 @@ class QemuReceiving:
         self.watch = Watch()
         self.connections = QemuConnections(listener, self.watch, self._set_aside)
         self._main_readable = False
+        self.stream_ended = False                   # its VM description came: no SYNC more
         # Workers started ahead (at least one: it starts multiprocessing's forkserver);
         # more start as their channels connect, all at once, reporting Ready.
         self.workers: ChildSet | None = ChildSet(qemu_recv_worker_main, ["receive worker"] * max(1, workers))
@@ -157,7 +158,7 @@ class QemuReceiving:
         facts.multifd_sync = decoder.out.multifd_sync or SYNC_PER_SECTION
         facts.ram_section_ends = decoder.out.ram_section_ends
         self._save_vmstate(decoder.r)
-        self._check_channels()
+        self._end_channels()
         # No block list, no counters: no channel carried a page.
         facts.multifd_zero_pages = (self.counters.total("zero_pages")
                                     if self.counters is not None else 0)
@@ -217,6 +218,7 @@ class QemuReceiving:
         for channel, why in strangers:
             self._drop(channel, why)
         connections.candidates = []
+        connections.uuid = uuid
         n = len(self.channels)
         if n == 0:
             raise ProtocolError("no multifd channel connected before the RAM setup section "
@@ -227,6 +229,8 @@ class QemuReceiving:
                                 field="id", received=sorted(self.channels),
                                 expected=list(range(n)), where=MAIN)
         self.facts.channels = n
+        log.info("%d multifd channels counted at the setup section's end (uuid %s)", n,
+                 uuid.hex() if uuid is not None else "none")
         for channel in self.channels.values():
             tune_data_socket(channel.sock)
             assert channel.worker is not None, "set aside with its channel"
@@ -323,7 +327,10 @@ class QemuReceiving:
                 raise MigrationError(f"no SYNC for barrier {k} within {self.stall:g} s",
                                      channel=f"multifd channel {late[0].id}")
             self.watch.poll(left)
+        assert self.counters is not None, "made with the block list"
         for channel in self.channels.values():
+            # Held at its SYNC until Go: no page moves its count meanwhile.
+            channel.pages_at_sync = self._pages(channel)
             assert channel.worker is not None, "started with its channel"
             channel.worker.send(Go(k))
 
@@ -333,6 +340,11 @@ class QemuReceiving:
             if channel.starting:
                 self._start_channel(channel)
         elif isinstance(report, Synced):
+            if self.stream_ended:
+                raise ProtocolError(f"SYNC {report.round} after the stream's end (its last "
+                                    f"barrier: {self.facts.syncs})", field="SYNC",
+                                    received=report.round, expected="no more",
+                                    where=f"multifd channel {channel.id}")
             if report.round > self.facts.syncs + 1:
                 raise ProtocolError(f"SYNC {report.round} before the main channel's barrier "
                                     f"{self.facts.syncs + 1}", field="SYNC",
@@ -399,10 +411,41 @@ class QemuReceiving:
             finally:
                 tail.view.release()
 
-    def _check_channels(self) -> None:
-        """Every channel sent one SYNC per barrier (the main channel waited for
-        each), with one compression method. Their ends are not waited for: QEMU
-        closes them in its cleanup, after the stream ended."""
+    def _end_channels(self) -> None:
+        """The stream has ended: every channel sent one SYNC per barrier (the main
+        channel waited for each) and nothing after its last, with one
+        compression method. QEMU closes the channels later, in its cleanup, so
+        each is shut for reading here: its worker, past its last SYNC, reads
+        what has come and ends (Eof). Once all have, nothing writes into the
+        files any more: only then may they be committed."""
+        self.stream_ended = True
+        self._check_syncs()
+        for channel in self.channels.values():
+            shutdown_quietly(channel.sock, socket.SHUT_RD)
+        deadline = time.monotonic() + self.stall
+        while running := [c for c in self.channels.values() if not c.ended]:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise MigrationError(f"its worker did not end within {self.stall:g} s of "
+                                     "the stream's end",
+                                     channel=f"multifd channel {running[0].id}")
+            self.watch.poll(left)
+        for channel in self.channels.values():
+            # QEMU 7.2 may send an empty packet after a SYNC (spec 2.6), never a page.
+            after = self._pages(channel) - channel.pages_at_sync
+            if after:
+                raise ProtocolError(f"{after} pages after its last SYNC (the stream had "
+                                    "ended)", field="SYNC", received=after, expected=0,
+                                    where=f"multifd channel {channel.id}")
+
+    def _pages(self, channel: QemuChannel) -> int:
+        assert self.counters is not None, "channels start with the block list"
+        counts = self.counters.read(channel.id)
+        return int(counts["normal_pages"] + counts["zero_pages"])
+
+    def _check_syncs(self) -> None:
+        """One SYNC per barrier from every channel (a SYNC after the stream's end
+        fails as it is reported), and one compression method (the facts')."""
         for channel in self.channels.values():
             if channel.synced != self.facts.syncs:
                 raise ProtocolError(f"{channel.synced} SYNC packets, expected "

@@ -112,10 +112,11 @@ def as_migration_error(exc: BaseException, channel: str | None = None) -> Migrat
     return error
 
 
-def shutdown_quietly(sock: socket.socket) -> None:
-    """Break any I/O blocked on ``sock``, in this process or another sharing it."""
+def shutdown_quietly(sock: socket.socket, how: int = socket.SHUT_RDWR) -> None:
+    """Break any I/O blocked on ``sock`` (reading, writing or ``how``), in this
+    process or another sharing it."""
     try:
-        sock.shutdown(socket.SHUT_RDWR)
+        sock.shutdown(how)
     except OSError:
         pass
 
