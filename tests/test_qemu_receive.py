@@ -538,16 +538,10 @@ def test_a_channel_of_the_migration_after_the_setup_section_fails_it(tmp_path, c
             assert time.monotonic() < deadline, "barrier 1 never came"
             time.sleep(0.01)
         socks += replay(receiver.address, {late: late_data}, keep_open=True)
-        with pytest.raises((ProtocolError, MigrationError),
-                           match=r"multifd channel \d of this migration "
-                                                r"\(uuid [0-9a-f]+\) connected after the "
-                                                r"setup section ended"):
-            receiver.result()
     finally:
         resume.set()
-        for sock in socks:
-            sock.close()
-    assert_nothing_complete(tmp_path / "out")
+    fails_cleanly(receiver, socks, tmp_path / "out", r"multifd channel \d of this migration "
+                  r"\(uuid [0-9a-f]+\) connected after the setup section ended")
 
 
 def far_ends(clients: list[socket.socket]) -> list[tuple[int, int]]:
@@ -612,17 +606,25 @@ def test_a_channel_going_on_after_its_last_sync_fails_the_migration(tmp_path, ca
     try:
         client = socks[list(files).index(channel)]
         deadline = time.monotonic() + 20
-        while far_ends([client])[0] != (CLOSE_WAIT, 0):
-            assert time.monotonic() < deadline, f"channel not read to its end: {far_ends([client])}"
+        while (end := far_ends([client])[0]) != (CLOSE_WAIT, 0):
+            assert time.monotonic() < deadline, f"channel not read to its end: {end}"
             time.sleep(0.01)
+    finally:
         resume.set()
+    fails_cleanly(receiver, socks, tmp_path / "out", match)
+
+
+def fails_cleanly(receiver: Receiver, socks: list[socket.socket], out: Path,
+                  match: str) -> None:
+    """The receiver fails as ``match`` says, leaving nothing that looks complete;
+    the replay's connections are closed."""
+    try:
         with pytest.raises((ProtocolError, MigrationError), match=match):
             receiver.result()
     finally:
-        resume.set()
         for sock in socks:
             sock.close()
-    assert_nothing_complete(tmp_path / "out")
+    assert_nothing_complete(out)
 
 
 def _ram_bytes(files: dict[str, bytes]) -> int:
