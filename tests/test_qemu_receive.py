@@ -11,6 +11,7 @@ machine type (shared/data), and QEMU 10.0's with its own machine type
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import multiprocessing
@@ -21,12 +22,14 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
 import zstandard
 
 from captures import BLOCKS, UUID
+from inspect_support import NATIVE_CAPTURES
 from fastmfd import _core, qemu
 from fastmfd.errors import ConfigError, MigrationError, ProtocolError
 from fastmfd.protocol.bytereader import ByteReader
@@ -532,16 +535,14 @@ def test_a_channel_of_the_migration_after_the_setup_section_fails_it(tmp_path, c
     receiver = Receiver(tmp_path / "out", stall_timeout=30.0)
     socks = replay(receiver.address, {"conn0.bin": main, first: first_data}, keep_open=True,
                    pause={"conn0.bin": first_barrier_at(main) + 8}, resume=resume)
-    try:
+    with failing_replay(receiver, socks, resume, tmp_path / "out",
+                        r"multifd channel \d of this migration \(uuid [0-9a-f]+\) connected "
+                        r"after the setup section ended"):
         deadline = time.monotonic() + 20
         while "1 multifd channels counted" not in caplog.text:
             assert time.monotonic() < deadline, "barrier 1 never came"
             time.sleep(0.01)
         socks += replay(receiver.address, {late: late_data}, keep_open=True)
-    finally:
-        resume.set()
-    fails_cleanly(receiver, socks, tmp_path / "out", r"multifd channel \d of this migration "
-                  r"\(uuid [0-9a-f]+\) connected after the setup section ended")
 
 
 def far_ends(clients: list[socket.socket]) -> list[tuple[int, int]]:
@@ -603,25 +604,29 @@ def test_a_channel_going_on_after_its_last_sync_fails_the_migration(tmp_path, ca
     resume = threading.Event()
     receiver = Receiver(tmp_path / "out", stall_timeout=30.0)
     socks = replay(receiver.address, files, pause={"conn0.bin": len(main) - 1}, resume=resume)
-    try:
+    with failing_replay(receiver, socks, resume, tmp_path / "out", match):
         client = socks[list(files).index(channel)]
         deadline = time.monotonic() + 20
-        while (end := far_ends([client])[0]) != (CLOSE_WAIT, 0):
+        # All its bytes came and were read; its FIN too, unless its worker holds
+        # at that extra SYNC (an unread FIN counts as a byte here).
+        while (end := far_ends([client])[0])[0] != CLOSE_WAIT or end[1] > 1:
             assert time.monotonic() < deadline, f"channel not read to its end: {end}"
             time.sleep(0.01)
-    finally:
-        resume.set()
-    fails_cleanly(receiver, socks, tmp_path / "out", match)
 
 
-def fails_cleanly(receiver: Receiver, socks: list[socket.socket], out: Path,
-                  match: str) -> None:
-    """The receiver fails as ``match`` says, leaving nothing that looks complete;
-    the replay's connections are closed."""
+@contextlib.contextmanager
+def failing_replay(receiver: Receiver, socks: list[socket.socket], resume: threading.Event,
+                   out: Path, match: str) -> Iterator[None]:
+    """Around a test's steps while a replay is paused: then it resumes, the
+    receiver fails as ``match`` says, leaving nothing that looks complete;
+    the replay's connections (``socks``, as the steps left it) are closed."""
     try:
+        yield
+        resume.set()
         with pytest.raises((ProtocolError, MigrationError), match=match):
             receiver.result()
     finally:
+        resume.set()
         for sock in socks:
             sock.close()
     assert_nothing_complete(out)
@@ -669,6 +674,42 @@ def _flip(data: bytes, at: int, value: bytes) -> bytes:
 def test_corrupt_stream_fails_cleanly(tmp_path, captures, corrupt, match):
     files = capture_bytes(captures[1], "zlib")
     files.update(corrupt(files))
+    out = tmp_path / "out"
+    with pytest.raises((ProtocolError, MigrationError), match=match):
+        receive_replay(out, files)
+    assert_nothing_complete(out)
+
+
+def _flip_at(data: bytes, find: bytes, value: bytes, skip: int = 0) -> bytes:
+    """``data`` with ``value`` written where ``find`` first occurs, ``skip`` bytes in."""
+    return _flip(data, data.index(find) + skip, value)
+
+
+@pytest.mark.parametrize("corrupt, match", [
+    (lambda main: _flip(main, 9, b"\xff\xff\xff\xff"),
+     r"main channel at byte 9: .*'configuration name length': received 4294967295, "
+     r"expected at most 256"),
+    (lambda main: _flip_at(main, b"pc.bios", b"\x01"),
+     r"main channel at byte \d+: main channel block name: b'\\x01c.bios' is not "
+     r"1..255 UTF-8 bytes, no control characters"),
+    (lambda main: _flip_at(main, b"\x08\x00\x0b\x00\x00", b"\x63", skip=2),
+     r"main channel at byte \d+: main channel: unknown command 99"),
+    (lambda main: _flip_at(main, b"\x08\x00\x0b\x00\x00", b"\x09", skip=2),
+     r"main channel at byte \d+: main channel: command ENABLE_COLO is not supported"),
+    (lambda main: _flip_at(main, b"\x08\x00\x0b\x00\x00", b"\x02", skip=2),
+     r"main channel at byte \d+: main channel: command PING with 0 bytes of data, "
+     r"expected 4"),
+], ids=["machine-name-length", "idstr-control", "command-unknown", "command-colo",
+        "command-length"])
+def test_bounded_and_checked_where_read(tmp_path, corrupt, match):
+    """Fields of the main channel fail where they are read (found by fuzzing):
+    a machine name length of 4 GiB before anything is allocated for it (it
+    was asked of recv() at once: a MemoryError where memory is short), a
+    block name that no file may have (a ConfigError without a place), a
+    command QEMU does not have, one fastmfd cannot serve, one whose length
+    is not QEMU's (QEMU 10's own pc sends SWITCHOVER_START, 08 000b 0000)."""
+    files = capture_bytes(NATIVE_CAPTURES, "none")
+    files["conn0.bin"] = corrupt(files["conn0.bin"])
     out = tmp_path / "out"
     with pytest.raises((ProtocolError, MigrationError), match=match):
         receive_replay(out, files)

@@ -53,7 +53,8 @@ from .. import _core
 from ..errors import MigrationError, ProtocolError
 from ..protocol.bytereader import ByteReader, StreamReader
 from ..protocol.control import Eof, Go, Ready, RecvParams, Synced
-from ..protocol.qemu import (MIG_CMD_OPEN_RETURN_PATH, MIG_CMD_PING,
+from ..protocol.qemu import (MIG_CMD_OPEN_RETURN_PATH, MIG_CMD_PING, MIG_CMD_SWITCHOVER_START,
+                             MIG_CMDS,
                              SYNC_PER_SECTION, QevmDecoder, check_stream_end)
 from ..protocol.sockets import tune_data_socket
 from ..regions import Region
@@ -525,4 +526,9 @@ class _LiveDecoder(QevmDecoder):
                                "return-path), which fastmfd does not serve",
                                field="command", received=command, expected="no return path",
                                at=at)
+        if command != MIG_CMD_SWITCHOVER_START:
+            raise self.r.error(f"main channel: command {MIG_CMDS[command][0]} is not supported "
+                               "(a precopy migration without a return path sends only "
+                               "SWITCHOVER_START)", field="command", received=command,
+                               expected=MIG_CMD_SWITCHOVER_START, at=at)
 

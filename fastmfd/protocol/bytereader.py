@@ -110,7 +110,8 @@ class StreamReader(ByteReader):
         while self.size - self.pos < n:
             if self.ended:
                 return False
-            data = self._recv(max(self.CHUNK, n))
+            # A chunk at a time, whatever n says: n may come from the wire.
+            data = self._recv(self.CHUNK)
             if not data:
                 self.ended = True
                 continue

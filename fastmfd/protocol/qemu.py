@@ -58,6 +58,7 @@ from typing import Any
 import numpy as np
 
 from .bytereader import ByteReader
+from .setup import NAME_RULE, Invalid, check_name
 
 __all__ = ["QEVM_MAGIC", "QemuMainChannel", "RamRecord", "QevmDecoder", "decode_qemu_main",
            "check_stream_end", "stream_end_at", "SYNC_PER_SECTION", "SYNC_PER_ROUND",
@@ -83,6 +84,17 @@ SECTION_NAMES = {SECTION_START: "start", SECTION_PART: "part", SECTION_END: "end
 MIG_CMD_OPEN_RETURN_PATH = 1    # the destination must answer on the same connection
 MIG_CMD_PING = 2
 MIG_CMD_POSTCOPY_ADVISE = 3     # changes the block list format: not supported
+MIG_CMD_SWITCHOVER_START = 11   # QEMU >= 9.2 at switchover (the VM stopped), no data
+# QEMU's commands (migration/savevm.c @ 10.0, enum qemu_vm_cmd) and the length of
+# their data where it is fixed (mig_cmd_args); 0 (INVALID) and the rest are unknown.
+MIG_CMDS = {1: ("OPEN_RETURN_PATH", 0), 2: ("PING", 4), 3: ("POSTCOPY_ADVISE", None),
+            4: ("POSTCOPY_LISTEN", 0), 5: ("POSTCOPY_RUN", 0),
+            6: ("POSTCOPY_RAM_DISCARD", None), 7: ("POSTCOPY_RESUME", 0), 8: ("PACKAGED", 4),
+            9: ("ENABLE_COLO", 0), 10: ("RECV_BITMAP", None), 11: ("SWITCHOVER_START", 0)}
+# The configuration's machine type name (QEMU's are tens of bytes) and its
+# capability list (QEMU 10 has 25 capabilities): bounded before they are read.
+MAX_MACHINE_NAME = 256
+MAX_CAPABILITIES = 256
 # Where a COMMAND section sat: before the RAM section, before its END, before the
 # device sections (the first after the RAM section ended).
 COMMAND_PLACES = ("ram", "ram-end", "devices")
@@ -276,6 +288,10 @@ class QevmDecoder:
         r = self.r
         at = r.pos
         length = r.be32("configuration name length")
+        if length > MAX_MACHINE_NAME:
+            raise r.error(f"main channel field 'configuration name length': received {length},"
+                          f" expected at most {MAX_MACHINE_NAME}", field="configuration name "
+                          "length", received=length, expected=f"<= {MAX_MACHINE_NAME}", at=at)
         self.out.machine = self._text(r.take(length, "configuration name"),
                                       "configuration name", at)
         while r.peek(1) == bytes([SUBSECTION]):
@@ -296,7 +312,11 @@ class QevmDecoder:
                 self.out.page_size = 1 << bits
             elif name == "configuration/capabilities":
                 count = r.be32("caps_count")
-                # Each capability takes at least one byte, so the file bounds the loop.
+                if count > MAX_CAPABILITIES:
+                    raise r.error(f"configuration field 'caps_count': received {count}, "
+                                  f"expected at most {MAX_CAPABILITIES}", field="caps_count",
+                                  received=count, expected=f"<= {MAX_CAPABILITIES}",
+                                  at=r.pos - 4)
                 self.out.capabilities = [self._name("capability") for _ in range(count)]
             elif name == "configuration/uuid":
                 self.out.uuid = bytes(r.take(16, "uuid"))
@@ -309,6 +329,14 @@ class QevmDecoder:
         r = self.r
         cmd = r.be16("command")
         length = r.be16("command length")
+        name, fixed = MIG_CMDS.get(cmd, (None, None))
+        if name is None:
+            raise r.error(f"main channel: unknown command {cmd}", field="command",
+                          received=cmd, expected="1..11", at=at)
+        if fixed is not None and length != fixed:
+            raise r.error(f"main channel: command {name} with {length} bytes of data, "
+                          f"expected {fixed}", field="command length", received=length,
+                          expected=fixed, at=at)
         if cmd == MIG_CMD_POSTCOPY_ADVISE:
             raise r.error("main channel: postcopy (POSTCOPY_ADVISE) is not supported",
                           field="command", received=cmd, expected="not postcopy", at=at)
@@ -482,15 +510,14 @@ class QevmDecoder:
         return self._text(self.r.take(length, what), what, at)
 
     def _text(self, raw: memoryview, what: str, at: int | None = None) -> str:
+        """A name (QEMU's are UTF-8, without control characters: a block's
+        becomes a file's and a region's name)."""
         try:
-            text = bytes(raw).decode("utf-8")
-        except UnicodeDecodeError:
-            text = None
-        if text is None or "\0" in text:
-            raise self.r.error(f"main channel {what}: {bytes(raw)[:64]!r} is not a UTF-8 "
-                               "name without NUL", field=what, received=bytes(raw)[:64],
-                               expected="UTF-8 text", at=at)
-        return text
+            return check_name(bytes(raw).decode("utf-8"), what)
+        except (UnicodeDecodeError, Invalid):
+            raise self.r.error(f"main channel {what}: {bytes(raw)[:64]!r} is not "
+                               f"{NAME_RULE}", field=what, received=bytes(raw)[:64],
+                               expected=NAME_RULE, at=at) from None
 
 
 class _CaptureDecoder(QevmDecoder):
