@@ -29,8 +29,10 @@ destination's side of QEMU's own protocol, with fastmfd's receive workers.
       end of the stream: QEMU_VM_EOF and the VM description      (each Synced carries the
         (where QEMU's destination stops too; QEMU closes the        compression learnt)
         connections later, in its cleanup); every channel sent
-        k SYNCs, one compression; files flushed and fsynced ->
-        manifest, renames
+        k SYNCs, one compression; each channel shut for
+        reading ──────────────────────────────────────────▶  reads to its end: Eof
+        (no page after its last SYNC); files flushed and     (then holds until close)
+        fsynced -> manifest, renames
 
 A 7.2 source without a return path never waits for an answer, so nothing
 is sent back: any failure closes every connection (the source fails its
@@ -328,7 +330,6 @@ class QemuReceiving:
                 raise MigrationError(f"no SYNC for barrier {k} within {self.stall:g} s",
                                      channel=f"multifd channel {late[0].id}")
             self.watch.poll(left)
-        assert self.counters is not None, "made with the block list"
         for channel in self.channels.values():
             # Held at its SYNC until Go: no page moves its count meanwhile.
             channel.pages_at_sync = self._pages(channel)
