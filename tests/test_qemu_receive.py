@@ -499,8 +499,8 @@ def test_a_connection_after_the_main_channel_that_is_not_a_channel_fails(
     files = {**capture_bytes(captures[1], "none"), "stranger": sent}
     out = tmp_path / "out"
     with pytest.raises((ProtocolError, MigrationError),
-                       match="a connection after the main channel: not one of QEMU's "
-                             "channels: " + match):
+                       match=r"a connection after the main channel \(from 127.0.0.1:\d+\): "
+                             "not one of QEMU's channels: " + match):
         receive_replay(out, files, keep_open=keep_open)
     assert_nothing_complete(out)
 
@@ -543,6 +543,41 @@ def test_a_channel_of_the_migration_after_the_setup_section_fails_it(tmp_path, c
             assert time.monotonic() < deadline, "barrier 1 never came"
             time.sleep(0.01)
         socks += replay(receiver.address, {late: late_data}, keep_open=True)
+
+
+def test_silent_connections_after_the_count_are_dropped_as_others_come(tmp_path, captures,
+                                                                       caplog):
+    """Once the channels were counted, the listener still tells connections
+    apart (a late channel of the migration fails it); one that says nothing
+    is dropped as the next comes, LATE_BYTES_WAIT on, so a client holding
+    connections open cannot use up the receiver's descriptors. The
+    migration goes on."""
+    files = capture_bytes(captures[1], "none")
+    main = files["conn0.bin"]
+    resume = threading.Event()
+    caplog.set_level(logging.INFO, logger="fastmfd")
+    receiver = Receiver(tmp_path / "out", stall_timeout=30.0)
+    socks = replay(receiver.address, files, keep_open=True,
+                   pause={"conn0.bin": first_barrier_at(main) + 8}, resume=resume)
+    address = parse_address(receiver.address)
+    try:
+        deadline = time.monotonic() + 20
+        while "2 multifd channels counted" not in caplog.text:
+            assert time.monotonic() < deadline, "barrier 1 never came"
+            time.sleep(0.01)
+        silent = connect(address, 5)
+        socks.append(silent)
+        time.sleep(1.5)                     # beyond LATE_BYTES_WAIT
+        socks.append(connect(address, 5))   # the next: the silent one is dropped
+        silent.settimeout(10)
+        assert silent.recv(1) == b"", "the silent connection was kept"
+        resume.set()
+        manifest = receiver.result().manifest
+    finally:
+        resume.set()
+        for sock in socks:
+            sock.close()
+    assert manifest["channels"] == 2
 
 
 def far_ends(clients: list[socket.socket]) -> list[tuple[int, int]]:
@@ -665,7 +700,8 @@ def _flip(data: bytes, at: int, value: bytes) -> bytes:
     (lambda files: {"conn2.bin": _flip(files["conn2.bin"], 64 + 1344 + 16, b"\xff")},
      r"RAM packet field 'normal_pages'"),
     (lambda files: {"conn1.bin": _flip(files["conn1.bin"], 4, b"\0\0\0\x02")},
-     r"a connection after the main channel: not one of QEMU's channels: bad init packet: "
+     r"a connection after the main channel \(from 127.0.0.1:\d+\): not one of QEMU's "
+     r"channels: bad init packet: "
      r"init packet field 'version': received 2"),
     (lambda files: {"conn2.bin": _flip(files["conn2.bin"], 8, b"\0" * 16)},
      r"multifd channel \d: init packet field 'uuid': received 0{32}, expected 1234"),
@@ -688,13 +724,13 @@ def _flip_at(data: bytes, find: bytes, value: bytes, skip: int = 0) -> bytes:
 @pytest.mark.parametrize("corrupt, match", [
     (lambda main: _flip(main, 9, b"\xff\xff\xff\xff"),
      r"main channel at byte 9: .*'configuration name length': received 4294967295, "
-     r"expected at most 256"),
+     r"expected at most 255"),
     (lambda main: _flip_at(main, b"pc.bios", b"\x01"),
      r"main channel at byte \d+: main channel block name: b'\\x01c.bios' is not "
      r"1..255 UTF-8 bytes, no control characters"),
     (lambda main: _flip_at(main, b"\x08\x00\x0b\x00\x00", b"\x63", skip=2),
      r"main channel at byte \d+: main channel: unknown command 99"),
-    (lambda main: _flip_at(main, b"\x08\x00\x0b\x00\x00", b"\x09", skip=2),
+    (lambda main: _flip_at(main, b"\x08\x00\x0b\x00\x00", b"\x08", skip=2),
      r"main channel at byte \d+: main channel: command ENABLE_COLO is not supported"),
     (lambda main: _flip_at(main, b"\x08\x00\x0b\x00\x00", b"\x02", skip=2),
      r"main channel at byte \d+: main channel: command PING with 0 bytes of data, "

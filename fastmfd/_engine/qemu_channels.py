@@ -2,22 +2,23 @@
 
 The listener of ``listen --qemu`` takes any connection; QEMU's are told apart
 by their first bytes (``QEVM``: the main channel; the multifd magic: a multifd
-channel, then its 64-byte init packet: UUID and id). Anything else is not
-QEMU's and is dropped as it shows (:mod:`.qemu_receiving`). A connection that
-sends the multifd magic and a good init packet could still be another
-program's, or another VM's migration. Whether it is QEMU's is decided once
-the setup section ended (barrier 1: by then every channel of QEMU's has
-connected and sent its init packet), by one fact of QEMU's own: it connects
-its main channel first, then its multifd channels (both 7.2 and 10.x; a 7.2
-destination relies on it, spec §1.4).
+channel, then its 64-byte init packet: UUID and id). Whether a connection is
+QEMU's is decided once the setup section ended (barrier 1: by then every
+channel of QEMU's has connected and sent its init packet), by one fact of
+QEMU's own: it connects its main channel first, then its multifd channels
+(both 7.2 and 10.x; a 7.2 destination relies on it, spec §1.4).
 
-- One that came after the main channel is QEMU's: all of them must carry
-  one UUID (the main channel's, where its configuration names one) and each
-  id once, or the migration fails, as QEMU's own destination fails it.
+- One that came after the main channel is QEMU's: it must be a multifd
+  channel with a good init packet, all of them must carry one UUID (the
+  main channel's, where its configuration names one) and each id once, or
+  the migration fails, as QEMU's own destination fails it (dropped, its
+  pages would be lost).
 - One that came before it is a stranger's, dropped, unless it has that UUID
   and fills a gap in their ids (or, if none came after the main channel, is
   the first of its id): the accept order of two connections can only be
   turned around by a lost handshake packet, and such a channel is QEMU's.
+- One that came after barrier 1 is a stranger's, dropped, unless it is a
+  multifd channel with the migration's UUID: then it fails the migration.
 
 No connection is waited for alone (:class:`QemuConnections`): each is read as
 its bytes come (its first 4 peeked, a multifd channel's init packet taken into
@@ -27,6 +28,7 @@ barrier 1 those not yet complete get LATE_BYTES_WAIT, all together.
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import socket
@@ -35,8 +37,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .. import _core
-from ..errors import FastMFDError, ProtocolError
+from ..errors import FastMFDError, MigrationError, ProtocolError
 from ..protocol.qemu import QEVM_MAGIC
+from .admission import describe_peer
 from .processes import Child, Watch
 
 __all__ = ["QemuChannel", "QemuConnections", "migration_uuid", "choose_channels",
@@ -50,6 +53,11 @@ INIT_PACKET_SIZE = _core.INIT_PACKET_SIZE
 # (then their setup SYNC, which the section waits for): on this machine's
 # loopback they are here; a connection with nothing to say by then is not QEMU's.
 LATE_BYTES_WAIT = 1.0
+# accept(2) on Linux passes a new connection's own pending network error on:
+# retried, as for EAGAIN; any other failure (out of descriptors) is the listener's.
+ACCEPT_RETRY = {errno.ECONNABORTED, errno.EPROTO, errno.ENETDOWN, errno.ENOPROTOOPT,
+                errno.EHOSTDOWN, errno.ENONET, errno.EHOSTUNREACH, errno.EOPNOTSUPP,
+                errno.ENETUNREACH}
 
 
 @dataclass
@@ -109,12 +117,13 @@ def choose_channels(candidates: list[QemuChannel], main_arrival: int, uuid: byte
 
 
 class QemuConnections:
-    """The connections a QEMU destination's listener takes, until barrier 1: each
-    told apart by its first bytes (the main channel: ``main``; a multifd
-    channel: its init packet read; anything else dropped) as its bytes come,
-    none waited for alone (module docstring). ``on_channel`` is called with
-    each channel whose init packet is good (``candidates``), to give it a
-    worker; :meth:`close` counts them at barrier 1."""
+    """The connections a QEMU destination's listener takes: each told apart by
+    its first bytes as they come, none waited for alone (module docstring).
+    The main channel becomes ``main``; a multifd channel's init packet is read,
+    and each good one (``candidates``) goes to ``on_channel`` for a worker; a
+    connection that is not QEMU's is judged by when it came (:meth:`_judge`).
+    :meth:`count` takes stock at barrier 1; later connections are still told
+    apart (a channel of the migration fails it, anything else is dropped)."""
 
     def __init__(self, listener: socket.socket, watch: Watch,
                  on_channel: Callable[[QemuChannel], None]) -> None:
@@ -123,12 +132,14 @@ class QemuConnections:
         self.main_arrival = -1
         self.main_at = 0.0                              # when the main channel came
         self.candidates: list[QemuChannel] = []         # good init packets
-        self.rejects: list[tuple[int, str]] = []        # not QEMU's: arrival, why
+        self.rejects: list[tuple[int, str, str]] = []   # not QEMU's: arrival, why, peer
         self.pending: dict[socket.socket, int] = {}     # not told apart yet: arrival
         self.opening: dict[socket.socket, tuple[int, bytearray]] = {}  # init packet so far
+        self.peers: dict[socket.socket, str] = {}       # each held connection's address
         self.arrivals = 0
-        self.counted_at: int | None = None          # arrivals when barrier 1 came
-        self.uuid: bytes | None = None              # the migration's, once counted
+        self.counted_at: int | None = None              # arrivals when barrier 1 came
+        self.uuid: bytes | None = None                  # the migration's, once counted
+        self.late: dict[socket.socket, float] = {}      # after the count: when it came
         listener.setblocking(False)
         watch.add(listener, self._accept)
 
@@ -137,26 +148,58 @@ class QemuConnections:
         return [*([self.main] if self.main is not None else []), *self.pending,
                 *self.opening, *(c.sock for c in self.candidates)]
 
+    # ------------------------------------------------------------ taking them
     def _accept(self) -> None:
-        """Take every connection waiting; each is told apart once it has sent bytes."""
+        """Take every connection waiting; each is told apart once it has sent bytes.
+        After the count, one still silent after LATE_BYTES_WAIT is dropped as
+        the next comes, so a client that holds connections open cannot use up
+        the descriptors."""
+        self._drop_stale()
         while True:
             try:
-                sock, _ = self.listener.accept()
+                sock, peer = self.listener.accept()
             except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in ACCEPT_RETRY:   # that connection's own failure
+                    continue
+                if self.counted_at is None:
+                    raise MigrationError(f"taking a connection failed: {exc.strerror or exc}",
+                                         channel="listener") from None
+                log.warning("taking a connection failed (%s): no more are taken",
+                            exc.strerror or exc)
+                self.watch.remove(self.listener)
                 return
             sock.setblocking(False)
             self.pending[sock] = self.arrivals
+            self.peers[sock] = describe_peer(peer)
+            if self.counted_at is not None:
+                self.late[sock] = time.monotonic()
             self.arrivals += 1
             self.watch.add(sock, functools.partial(self._classify, sock))
+
+    def _drop_stale(self) -> None:
+        now = time.monotonic()
+        for sock, came in list(self.late.items()):
+            if now - came > LATE_BYTES_WAIT and (sock in self.pending or sock in self.opening):
+                log.warning("a connection after the channels were counted (%s) said nothing "
+                            "QEMU's would within %g s: dropped", self.peers[sock],
+                            LATE_BYTES_WAIT)
+                self._forget(sock)
+
+    def _forget(self, sock: socket.socket) -> None:
+        """Stop watching ``sock``, hold it no more, close it."""
+        self.watch.remove(sock)
+        for held in (self.pending, self.opening, self.late, self.peers):
+            held.pop(sock, None)
+        sock.close()
 
     def _classify(self, sock: socket.socket) -> None:
         """Main channel or multifd channel, by its first 4 bytes (what QEMU >= 8.0
         does; 7.2's "the first connection is main" holds for QEMU's own
         sources), once it is readable. A connection whose first bytes are fewer
         than 4 (QEMU writes those and more at once) or other bytes is not
-        QEMU's, whatever it is (a port scan, a health check, a wrong address):
-        before the main channel it is dropped, and the migration goes on
-        without it; after it, it fails the migration (:meth:`_judge`)."""
+        QEMU's, whatever it is (a port scan, a health check, a wrong address)."""
         try:
             head = sock.recv(4, socket.MSG_PEEK)
         except BlockingIOError:
@@ -165,45 +208,44 @@ class QemuConnections:
             head, reason = b"", str(exc)
         else:
             reason = "fewer than QEMU's first bytes" if head else "closed"
-        self.watch.remove(sock)
-        arrival = self.pending.pop(sock)
+        arrival = self.pending[sock]
         if len(head) < 4 or head not in (QEVM_MAGIC, MULTIFD_MAGIC):
-            sock.close()
-            self._reject(arrival, f"it sent {len(head)} bytes ({reason})" if len(head) < 4 else
+            self._reject(sock, f"it sent {len(head)} bytes ({reason})" if len(head) < 4 else
                          f"it sent first bytes {head.hex()}, expected {QEVM_MAGIC.hex()} "
                          f"(QEVM, the main channel) or {MULTIFD_MAGIC.hex()} (a multifd "
                          "channel)")
         elif head == QEVM_MAGIC:
             if self.main is not None:
-                sock.close()
-                raise ProtocolError("a second main channel (QEVM) connected", field="magic",
-                                    received=head.hex(), expected="one main channel",
-                                    where="a new connection")
+                self._reject(sock, "a second main channel (QEVM)")
+                return
+            self.watch.remove(sock)
+            del self.pending[sock]
             sock.setblocking(True)
             self.main, self.main_arrival, self.main_at = sock, arrival, time.monotonic()
-        elif head == MULTIFD_MAGIC:
+            self._judge(final=False)        # those that waited for the main channel
+        else:
+            self.watch.remove(sock)
+            del self.pending[sock]
             self.opening[sock] = (arrival, bytearray())
             self.watch.add(sock, functools.partial(self._read_init, sock))
             self._read_init(sock)
 
     def _read_init(self, sock: socket.socket) -> None:
         """Take what has come of a multifd channel's init packet. QEMU writes the
-        packet whole as it connects, and connects its main channel first: a
-        packet cut short or bad (another version) fails the migration on a
-        connection that came after the main channel, and on one that came
-        before it is a stranger's, dropped. Whether a good one is QEMU's (its
-        UUID and id) is decided at barrier 1 (:func:`choose_channels`)."""
+        packet whole as it connects; one cut short or bad (another version) is
+        not QEMU's. Whether a good one is QEMU's (its UUID and id) is decided
+        at barrier 1 (:func:`choose_channels`)."""
         arrival, data = self.opening[sock]
         try:
             more = sock.recv(INIT_PACKET_SIZE - len(data))
         except BlockingIOError:
             return
         except OSError as exc:
-            self._bad_init(sock, f"reading it failed: {exc.strerror or exc}")
+            self._reject(sock, f"bad init packet: reading it failed: {exc.strerror or exc}")
             return
         if not more:
-            self._bad_init(sock, f"connection closed after {len(data)} of {INIT_PACKET_SIZE} "
-                                 "bytes")
+            self._reject(sock, f"bad init packet: connection closed after {len(data)} of "
+                               f"{INIT_PACKET_SIZE} bytes")
             return
         data += more
         if len(data) < INIT_PACKET_SIZE:
@@ -211,89 +253,82 @@ class QemuConnections:
         try:
             uuid, ch = _core.decode_init_packet(bytes(data))
         except FastMFDError as exc:
-            self._bad_init(sock, str(exc))
+            self._reject(sock, f"bad init packet: {exc}")
             return
-        self.watch.remove(sock)
-        del self.opening[sock]
         if self._late(arrival):
-            sock.close()
             if uuid == self.uuid:
+                peer = self.peers[sock]
+                self._forget(sock)
                 raise ProtocolError(f"multifd channel {ch} of this migration (uuid "
                                     f"{uuid.hex()}) connected after the setup section ended, "
                                     "when the channels were counted: its pages would be "
                                     "missed", field="connection", received="a late channel",
                                     expected="every channel before barrier 1",
-                                    where=f"multifd channel {ch}")
-            log.warning("a multifd channel of another migration (uuid %s) connected after "
-                        "the channels were counted: dropped", uuid.hex())
+                                    where=f"multifd channel {ch} (from {peer})")
+            self._reject(sock, f"a multifd channel of another migration (uuid {uuid.hex()})")
             return
+        self.watch.remove(sock)
+        del self.opening[sock]
         sock.setblocking(True)
         channel = QemuChannel(ch, sock, None, uuid, arrival)
         self.candidates.append(channel)
         self.on_channel(channel)
 
-    def _bad_init(self, sock: socket.socket, why: str) -> None:
-        arrival, _ = self.opening.pop(sock)
-        self.watch.remove(sock)
-        sock.close()
-        self._reject(arrival, f"bad init packet: {why}")
-
-    def _reject(self, arrival: int, why: str) -> None:
-        """A connection that is not QEMU's (closed): judged by when it came."""
-        self.rejects.append((arrival, why))
+    # ------------------------------------------------------------ judging them
+    def _reject(self, sock: socket.socket, why: str) -> None:
+        """A connection that is not QEMU's: closed, and judged by when it came."""
+        arrival = self.pending[sock] if sock in self.pending else self.opening[sock][0]
+        self.rejects.append((arrival, why, self.peers[sock]))
+        self._forget(sock)
         self._judge(final=False)
 
     def _judge(self, final: bool) -> None:
         """Drop the connections that are not QEMU's and came before the main
-        channel; fail on one that came after it: QEMU connects every channel
-        after its main channel, so that was one of QEMU's (and losing one
-        loses its pages). Until the main channel is told apart (``final``: it
-        is), a connection after an undecided one waits."""
+        channel (or after the count); fail on one that came after the main
+        channel before the count: QEMU connects every channel after its main
+        channel, so that was one of QEMU's (and losing one loses its pages).
+        Until the main channel is told apart (``final``: it is), a connection
+        after an undecided one waits."""
         undecided = min(self.pending.values(), default=None) if self.main is None else None
-        for arrival, why in list(self.rejects):
+        for reject in list(self.rejects):
+            arrival, why, peer = reject
             if self._late(arrival):
-                log.warning("a connection after the channels were counted: %s: dropped", why)
-                self.rejects.remove((arrival, why))
+                log.warning("a connection after the channels were counted (%s): %s: dropped",
+                            peer, why)
+                self.rejects.remove(reject)
                 continue
             before = (arrival < self.main_arrival if self.main is not None
                       else undecided is None or arrival < undecided)
             if not before and (final or self.main is not None):
                 raise ProtocolError(f"not one of QEMU's channels: {why}", field="connection",
                                     received=why, expected="a multifd channel of QEMU's",
-                                    where="a connection after the main channel")
+                                    where=f"a connection after the main channel (from {peer})")
             if before:
-                log.warning("a connection before the main channel came: %s: not QEMU's, "
-                            "dropped", why)
-                self.rejects.remove((arrival, why))
+                log.warning("a connection before the main channel came (%s): %s: not QEMU's, "
+                            "dropped", peer, why)
+                self.rejects.remove(reject)
 
     def _late(self, arrival: int) -> bool:
         return self.counted_at is not None and arrival >= self.counted_at
 
-    def close(self, wait: float = LATE_BYTES_WAIT) -> None:
+    def count(self, wait: float = LATE_BYTES_WAIT) -> None:
         """Barrier 1, the setup section's end: every channel QEMU opened has
         connected and sent its init packet (its setup SYNC came before). Take
         the last connections, give those not complete ``wait`` seconds, all
-        together, then judge what each sent. Later connections are still told
-        apart: one of this migration's channels (``uuid``, which the caller
-        sets once it has counted them) fails it, any other is dropped."""
+        together, then judge what each sent. The caller then sets ``uuid``."""
         self._accept()
         self.counted_at = self.arrivals
         deadline = time.monotonic() + wait
-        while self._counted() and (left := deadline - time.monotonic()) > 0:
+        while self._untold() and (left := deadline - time.monotonic()) > 0:
             self.watch.poll(left)
-        for sock in self._counted():
-            if sock in self.opening:
-                self._bad_init(sock, f"no complete init packet within {wait:g} s of the "
-                                     "setup section's end")
-                continue
-            self.watch.remove(sock)
-            sock.close()
-            self.rejects.append((self.pending.pop(sock), f"it sent nothing within {wait:g} s "
-                                                         "of the setup section's end"))
+        for sock in self._untold():
+            self._reject(sock, f"no complete init packet within {wait:g} s of the setup "
+                               "section's end" if sock in self.opening else
+                         f"it sent nothing within {wait:g} s of the setup section's end")
         self._judge(final=True)
 
-    def _counted(self) -> list[socket.socket]:
-        """The connections before barrier 1 that have not said what they are."""
+    def _untold(self) -> list[socket.socket]:
+        """The connections from before the count that have not said what they are."""
         return [sock for sock, arrival in
                 [*self.pending.items(), *((s, a) for s, (a, _) in self.opening.items())]
                 if not self._late(arrival)]

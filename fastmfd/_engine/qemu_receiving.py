@@ -9,8 +9,8 @@ destination's side of QEMU's own protocol, with fastmfd's receive workers.
         "QEVM" -> the main channel; 0x11223344 -> a multifd
         channel: its init packet read here (id, uuid), a worker
         set aside for it ─────────── socket ──────────────▶  (waits for its RecvParams)
-        (other first bytes or none: not QEMU's, dropped; a
-        bad init packet too, before the main channel came)
+        (anything else is not QEMU's: dropped if it came
+        before the main channel, else the migration fails)
       main channel, decoded as it arrives (QevmDecoder):
         block list -> one sparse .part file per RAMBlock
         ZERO / PAGE records -> written here (a zero page only
@@ -147,7 +147,6 @@ class QemuReceiving:
                                      channel=MAIN)
             self.watch.poll(min(left, 1.0))
         self.main = self.watch.main = self.connections.main
-        self.watch.add(self.main, self._on_main_readable)
         decoder = _LiveDecoder(StreamReader(MAIN, self._recv_main), self)
         decoder.decode_ram()
         facts = self.facts
@@ -170,7 +169,10 @@ class QemuReceiving:
 
     def _recv_main(self, n: int) -> bytes:
         """Up to ``n`` bytes of the main channel, serving everything else while none
-        come; b"" at its end. No byte for ``stall`` seconds fails."""
+        come; b"" at its end. No byte for ``stall`` seconds fails. The main channel
+        is watched only here: elsewhere its unread bytes would end every wait at
+        once (a barrier's wait for SYNCs spun through it, taking a core from the
+        channels it waited for)."""
         deadline = time.monotonic() + self.stall
         assert self.main is not None, "run() waited for it"
         while True:
@@ -182,11 +184,15 @@ class QemuReceiving:
                 raise MigrationError(f"reading failed: {exc.strerror or exc}",
                                      channel=MAIN) from None
             self._main_readable = False
-            while not self._main_readable:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise MigrationError(f"no data for {self.stall:g} s", channel=MAIN)
-                self.watch.poll(left)
+            self.watch.add(self.main, self._on_main_readable)
+            try:
+                while not self._main_readable:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise MigrationError(f"no data for {self.stall:g} s", channel=MAIN)
+                    self.watch.poll(left)
+            finally:
+                self.watch.remove(self.main)
 
     def _on_main_readable(self) -> None:
         self._main_readable = True
@@ -213,7 +219,7 @@ class QemuReceiving:
         its init packet (its setup SYNC came before the EOS). Choose them, count
         them and start them; ``uuid``: the main channel's, if its configuration said."""
         connections = self.connections
-        connections.close()
+        connections.count()
         uuid = self.facts.uuid = migration_uuid(connections.candidates,
                                                 connections.main_arrival, uuid)
         self.channels, strangers = choose_channels(connections.candidates,
@@ -415,8 +421,12 @@ class QemuReceiving:
         each is shut for reading here: its worker, past its last SYNC, reads
         what has come and ends (Eof). Once all have, nothing writes into the
         files any more: only then may they be committed. The workers then hold
-        until close(): their teardown (unmapping, exiting), started here, held
-        up the files' fsync by up to 7 ms (8 channels, 2 cores)."""
+        until close(): their teardown (unmapping, exiting), when they were let
+        go here, held up the files' fsync by up to 7 ms (8 channels, 2 cores).
+        (A 7.2 source may write an empty packet after a SYNC, racing its main
+        channel's end; one only partly here when the channel is shut would
+        fail the migration. It follows the SYNC at once, the main channel's
+        end comes after the device state: not seen in any run.)"""
         self.stream_ended = True
         self._check_syncs()
         for channel in self.channels.values():

@@ -89,11 +89,11 @@ MIG_CMD_SWITCHOVER_START = 11   # QEMU >= 9.2 at switchover (the VM stopped), no
 # their data where it is fixed (mig_cmd_args); 0 (INVALID) and the rest are unknown.
 MIG_CMDS = {1: ("OPEN_RETURN_PATH", 0), 2: ("PING", 4), 3: ("POSTCOPY_ADVISE", None),
             4: ("POSTCOPY_LISTEN", 0), 5: ("POSTCOPY_RUN", 0),
-            6: ("POSTCOPY_RAM_DISCARD", None), 7: ("POSTCOPY_RESUME", 0), 8: ("PACKAGED", 4),
-            9: ("ENABLE_COLO", 0), 10: ("RECV_BITMAP", None), 11: ("SWITCHOVER_START", 0)}
+            6: ("POSTCOPY_RAM_DISCARD", None), 7: ("PACKAGED", 4), 8: ("ENABLE_COLO", 0),
+            9: ("POSTCOPY_RESUME", 0), 10: ("RECV_BITMAP", None), 11: ("SWITCHOVER_START", 0)}
 # The configuration's machine type name (QEMU's are tens of bytes) and its
 # capability list (QEMU 10 has 25 capabilities): bounded before they are read.
-MAX_MACHINE_NAME = 256
+MAX_MACHINE_NAME = 255                  # a name's limit (protocol.setup.NAME_RULE)
 MAX_CAPABILITIES = 256
 # Where a COMMAND section sat: before the RAM section, before its END, before the
 # device sections (the first after the RAM section ended).
