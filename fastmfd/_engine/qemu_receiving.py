@@ -124,7 +124,6 @@ class QemuReceiving:
         self.out = out
         self.timeout, self.stall = timeout, stall_timeout
         self.facts = QemuStreamFacts()
-        self.main: socket.socket | None = None
         self.channels: dict[int, QemuChannel] = {}     # QEMU's, chosen at barrier 1
         self.regions: dict[str, Region] = {}
         self.counters: _core.Counters | None = None
@@ -146,7 +145,7 @@ class QemuReceiving:
                 raise MigrationError(f"no QEMU connected within {self.timeout:g} s",
                                      channel=MAIN)
             self.watch.poll(min(left, 1.0))
-        self.main = self.watch.main = self.connections.main
+        self.watch.main = self.connections.main
         decoder = _LiveDecoder(StreamReader(MAIN, self._recv_main), self)
         decoder.decode_ram()
         facts = self.facts
@@ -174,17 +173,18 @@ class QemuReceiving:
         once (a barrier's wait for SYNCs spun through it, taking a core from the
         channels it waited for)."""
         deadline = time.monotonic() + self.stall
-        assert self.main is not None, "run() waited for it"
+        main = self.connections.main
+        assert main is not None, "run() waited for it"
         while True:
             try:
-                return self.main.recv(n, socket.MSG_DONTWAIT)
+                return main.recv(n, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 pass
             except OSError as exc:
                 raise MigrationError(f"reading failed: {exc.strerror or exc}",
                                      channel=MAIN) from None
             self._main_readable = False
-            self.watch.add(self.main, self._on_main_readable)
+            self.watch.add(main, self._on_main_readable)
             try:
                 while not self._main_readable:
                     left = deadline - time.monotonic()
@@ -192,7 +192,7 @@ class QemuReceiving:
                         raise MigrationError(f"no data for {self.stall:g} s", channel=MAIN)
                     self.watch.poll(left)
             finally:
-                self.watch.remove(self.main)
+                self.watch.remove(main)
 
     def _on_main_readable(self) -> None:
         self._main_readable = True
@@ -493,7 +493,7 @@ class QemuReceiving:
             self.workers = None
         for sock in socks:
             sock.close()
-        self.main = self.connections.main = None
+        self.connections.main = None
         self.connections.pending, self.connections.opening = {}, {}
         self.connections.candidates = []
         for region in self.regions.values():
