@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import time
 from dataclasses import dataclass
@@ -315,6 +316,36 @@ _MANIFEST_KEYS = ("blocks", "page_size", "vmstate", "configuration", "uuid", "ra
                   "section_footers")
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_hex(value: object, size: int | None = None) -> bool:
+    return (isinstance(value, str) and re.fullmatch(r"(?:[0-9a-f]{2})*", value) is not None
+            and (size is None or len(value) == 2 * size))
+
+
+def _is_block(value: object) -> bool:
+    return (isinstance(value, dict) and isinstance(value.get("idstr"), str)
+            and isinstance(value.get("file"), str) and _is_int(value.get("size")))
+
+
+# What each field the sender reads must be: a manifest is a file a person may
+# have edited, or another program written; a wrong one is refused up front.
+_MANIFEST_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "blocks": (lambda v: isinstance(v, list) and bool(v), "a list of blocks"),
+    "page_size": (_is_int, "an integer"),
+    "vmstate": (lambda v: isinstance(v, dict) and isinstance(v.get("file"), str),
+                "an object with the file's name"),
+    "configuration": (_is_hex, "bytes in hex"),
+    "uuid": (lambda v: v is None or _is_hex(v, 16), "null or 16 bytes in hex"),
+    "ram_section_id": (lambda v: v is None or _is_int(v), "null or an integer"),
+    "section_footers": (lambda v: isinstance(v, bool), "true or false"),
+    "machine": (lambda v: isinstance(v, str), "a string"),
+    "commands": (lambda v: isinstance(v, list), "a list"),
+}
+
+
 def _read_manifest(directory: str) -> dict[str, Any]:
     path = os.path.join(directory, MANIFEST)
     try:
@@ -327,6 +358,13 @@ def _read_manifest(directory: str) -> dict[str, Any]:
     if missing or manifest.get("format") != "qemu-migration" or not manifest["blocks"]:
         raise ConfigError(f"{path}: not the manifest of a QEMU migration received by fastmfd "
                           f"(missing: {', '.join(missing) or 'format, blocks'})")
+    for key, (valid, expected) in _MANIFEST_FIELDS.items():
+        if key in manifest and not valid(manifest[key]):
+            raise ConfigError(f"{path}: {key} {manifest[key]!r}: expected {expected}")
+    for i, block in enumerate(manifest["blocks"]):
+        if not _is_block(block):
+            raise ConfigError(f"{path}: blocks[{i}] {block!r}: expected an object with idstr, "
+                              "size and file")
     # Manifests written before QEMU 10's flavour was told apart are QEMU 7.2's.
     manifest.setdefault("multifd_sync", SYNC_PER_SECTION)
     manifest.setdefault("zero_page_detection", "legacy")

@@ -209,6 +209,18 @@ def test_send_refuses_a_directory_without_a_qemu_manifest(tmp_path):
     ("commands", [{"before": "ram-middle", "section": "08000b0000"}],
      "is not a COMMAND section .* and its place"),
     ("commands", [{"before": "ram-end", "section": "04"}], "is not a COMMAND section"),
+    # Each field of the wrong type or form: a clear error before anything is opened
+    # (they were a TypeError, KeyError or ValueError from deep inside, or accepted).
+    ("page_size", "4096", "page_size '4096': expected an integer"),
+    ("blocks", {"a": 1}, r"blocks \{'a': 1\}: expected a list of blocks"),
+    ("blocks[0]", {"size": 4096, "file": "mem.img"},
+     r"blocks\[0\] .*: expected an object with idstr, size and file"),
+    ("uuid", "00", "uuid '00': expected null or 16 bytes in hex"),
+    ("configuration", "zz", "configuration 'zz': expected bytes in hex"),
+    ("ram_section_id", "x", "ram_section_id 'x': expected null or an integer"),
+    ("vmstate", "x", "vmstate 'x': expected an object with the file's name"),
+    ("section_footers", "yes", "section_footers 'yes': expected true or false"),
+    ("commands", 5, "commands 5: expected a list"),
 ])
 def test_send_refuses_a_bad_manifest(tmp_path, qemu72_captures, key, value, match):
     receive_replay(tmp_path / "saved", capture_bytes(qemu72_captures, "none"))
@@ -216,6 +228,8 @@ def test_send_refuses_a_bad_manifest(tmp_path, qemu72_captures, key, value, matc
     manifest = json.loads(path.read_text())
     if key == "file":
         manifest["blocks"][0]["file"] = value
+    elif key == "blocks[0]":
+        manifest["blocks"][0] = value
     else:
         manifest[key] = value
     path.write_text(json.dumps(manifest))
