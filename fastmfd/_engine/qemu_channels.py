@@ -148,6 +148,12 @@ class QemuConnections:
         return [*([self.main] if self.main is not None else []), *self.pending,
                 *self.opening, *(c.sock for c in self.candidates)]
 
+    def forget(self) -> None:
+        """Hold no connection any more (the session has closed them all)."""
+        self.main, self.candidates = None, []
+        for held in (self.pending, self.opening, self.late, self.peers):
+            held.clear()
+
     # ------------------------------------------------------------ taking them
     def _accept(self) -> None:
         """Take every connection waiting; each is told apart once it has sent bytes.

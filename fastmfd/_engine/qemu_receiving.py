@@ -493,9 +493,7 @@ class QemuReceiving:
             self.workers = None
         for sock in socks:
             sock.close()
-        self.connections.main = None
-        self.connections.pending, self.connections.opening = {}, {}
-        self.connections.candidates = []
+        self.connections.forget()
         for region in self.regions.values():
             region.close()
         self.regions = {}

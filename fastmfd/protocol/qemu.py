@@ -58,7 +58,7 @@ from typing import Any
 import numpy as np
 
 from .bytereader import ByteReader
-from .setup import NAME_RULE, Invalid, check_name
+from .setup import MAX_NAME_BYTES, NAME_RULE, Invalid, check_name
 
 __all__ = ["QEVM_MAGIC", "QemuMainChannel", "RamRecord", "QevmDecoder", "decode_qemu_main",
            "check_stream_end", "stream_end_at", "SYNC_PER_SECTION", "SYNC_PER_ROUND",
@@ -91,9 +91,9 @@ MIG_CMDS = {1: ("OPEN_RETURN_PATH", 0), 2: ("PING", 4), 3: ("POSTCOPY_ADVISE", N
             4: ("POSTCOPY_LISTEN", 0), 5: ("POSTCOPY_RUN", 0),
             6: ("POSTCOPY_RAM_DISCARD", None), 7: ("PACKAGED", 4), 8: ("ENABLE_COLO", 0),
             9: ("POSTCOPY_RESUME", 0), 10: ("RECV_BITMAP", None), 11: ("SWITCHOVER_START", 0)}
-# The configuration's machine type name (QEMU's are tens of bytes) and its
-# capability list (QEMU 10 has 25 capabilities): bounded before they are read.
-MAX_MACHINE_NAME = 255                  # a name's limit (protocol.setup.NAME_RULE)
+# The configuration's machine type name (a name: at most MAX_NAME_BYTES; QEMU's
+# are tens of bytes) and its capability list (QEMU 10 has 25) are bounded
+# before they are read.
 MAX_CAPABILITIES = 256
 # Where a COMMAND section sat: before the RAM section, before its END, before the
 # device sections (the first after the RAM section ended).
@@ -288,10 +288,10 @@ class QevmDecoder:
         r = self.r
         at = r.pos
         length = r.be32("configuration name length")
-        if length > MAX_MACHINE_NAME:
+        if length > MAX_NAME_BYTES:
             raise r.error(f"main channel field 'configuration name length': received {length},"
-                          f" expected at most {MAX_MACHINE_NAME}", field="configuration name "
-                          "length", received=length, expected=f"<= {MAX_MACHINE_NAME}", at=at)
+                          f" expected at most {MAX_NAME_BYTES}", field="configuration name "
+                          "length", received=length, expected=f"<= {MAX_NAME_BYTES}", at=at)
         self.out.machine = self._text(r.take(length, "configuration name"),
                                       "configuration name", at)
         while r.peek(1) == bytes([SUBSECTION]):
