@@ -72,7 +72,7 @@ cdef class _RegionTable:
     """The session's regions, in SETUP order, as C pointers (kept mapped by ``keep``)."""
 
     def __cinit__(self, regions, received=None, fresh=None, sparse=None,
-                  uint32_t page_size=0, place_fds=None):
+                  uint32_t page_size=0, place_fds=None, hole_fds=None):
         cdef uint8_t[::1] view
         cdef DirtyBitmap bm
         regions = list(regions)
@@ -92,6 +92,8 @@ cdef class _RegionTable:
             self.refs[i].name_len = len(raw)
             memcpy(self.entries[i].name, <const char *>raw, len(raw))
             self.entries[i].size = view.shape[0]
+            self.refs[i].holes.fd = hole_fds[i] if hole_fds is not None else -1
+            forget_extents(&self.refs[i].holes)
             if received is not None:
                 bm = received[i]
                 # The engine indexes it in the session's pages: a region of larger
@@ -142,7 +144,7 @@ cdef class _EngineBase:
     cdef int _setup(self, int fd, uint32_t channel, dict params, object codec, list regions,
                     Counters counters, BufferPool pool, list devices, object received,
                     object fresh, TLSChannel tls, object sparse=None,
-                    object place_fds=None) except -1:
+                    object place_fds=None, object hole_fds=None) except -1:
         cdef uint32_t pp = params["packet_pages"]
         comp_flag = 0 if codec is None else (<Codec>codec).flag
         ram_layout_init(&self.lay, pp, params["page_size"], params.get("layout", LAYOUT_CURRENT),
@@ -163,7 +165,7 @@ cdef class _EngineBase:
         self.channel = channel
         self.codec = codec
         self.regions = _RegionTable(regions, received, fresh, sparse, self.lay.page_size,
-                                    place_fds)
+                                    place_fds, hole_fds)
         self.counters = counters
         self.stats = counters.row(channel)
         self.pool = pool
@@ -491,14 +493,20 @@ cdef class RecvEngine(_EngineBase):
     receivers of 512 MiB each into fresh /dev/shm: 0.63 CPU-s against 0.92,
     medians of 10 alternating runs). Where userfaultfd or the file's file
     system does not serve it, the region is written through its mapping.
+
+    ``hole_fds`` (per region, an fd of its file or -1): memory not fresh,
+    whose file's holes are learnt (may_hold_data) so that a zero page sent
+    for one is not read: the read would allocate it, on tmpfs, and where
+    the file system is full that is a SIGBUS.
     """
 
     def __cinit__(self, int fd, uint32_t channel, dict params, codec, list regions,
                   Counters counters, list received, list fresh, BufferPool pool=None,
                   list devices=None, int reassembly_fd=-1, bint ram_allowed=True,
-                  TLSChannel tls=None, list sparse=None, list place_fds=None):
+                  TLSChannel tls=None, list sparse=None, list place_fds=None,
+                  list hole_fds=None):
         self._setup(fd, channel, params, codec, regions, counters, pool, devices or [],
-                    received, fresh, tls, sparse, place_fds)
+                    received, fresh, tls, sparse, place_fds, hole_fds)
         self.reassembly_fd = reassembly_fd
         self.ram_allowed = ram_allowed
         self.learn_compression = params.get("learn_compression", False)
@@ -520,6 +528,7 @@ cdef class RecvEngine(_EngineBase):
     def run(self):
         cdef ssize_t got
         cdef uint32_t flags
+        cdef int i
         while True:
             with nogil:
                 got = link_read_exact(&self.link, self.header, 12)
@@ -535,6 +544,9 @@ cdef class RecvEngine(_EngineBase):
                                         field="flags", received=hex(flags),
                                         expected="DEVICE_STATE (0x40)")
                 if self.recv_ram():
+                    # Other channels write the regions from here on: holes known go stale.
+                    for i in range(self.regions.count):
+                        forget_extents(&self.regions.refs[i].holes)
                     self.rounds += 1
                     bump(self.stats, ST_SYNCS, 1)
                     return EVENT_SYNC
@@ -634,13 +646,9 @@ cdef class RecvEngine(_EngineBase):
             k = 0
             for i in range(info.zero_pages):
                 off = ld64(info.offsets + 8 * (info.normal_pages + i))
-                page = off // psize
-                # Fresh memory is already zero: only a page written earlier
-                # in this session can hold data the zero page must erase. Any
-                # other page is read before it is cleared (QEMU does too):
-                # most are zero already, and a write would dirty them all.
-                if ((not ref.fresh
-                        or fm_load64(&ref.received[page >> 6]) & ((<uint64_t>1) << (page & 63)))
+                # A page that may hold data is read before it is cleared (QEMU
+                # does too): most are zero already, and a write would dirty them all.
+                if (may_hold_data(ref, off, psize)
                         and not fm_buffer_is_zero(ref.base + off, psize)):
                     self.zero[k] = off
                     k += 1

@@ -12,6 +12,7 @@
 # events), `cdef enum` for those only the core uses.
 
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
+from posix.types cimport off_t
 from posix.uio cimport iovec
 
 from fastmfd.includes.libz cimport z_stream
@@ -468,6 +469,13 @@ cdef struct Descriptor:             # a device chunk in a destination pool slot
     uint32_t channel
 
 
+cdef struct Extents:                # where a file's data is, as lseek last said (extent_at)
+    int fd                          # -1: not asked (all data)
+    off_t hole_from                 # [hole_from, data_from) a hole, [data_from, data_to) data;
+    off_t data_from                 # hole_from = data_to = -1: nothing known
+    off_t data_to
+
+
 cdef struct RegionRef:              # a region as the engines see it
     uint8_t *base
     uint64_t size
@@ -476,6 +484,8 @@ cdef struct RegionRef:              # a region as the engines see it
     bint sparse                     # destination: a sparse file mapped shared: clearing punches holes
     uint8_t *place                  # destination, fresh memory: a second mapping that pages are
                                     # placed into with UFFDIO_COPY (NULL: written through base)
+    Extents holes                   # destination, memory not fresh: its file's holes, which read
+                                    # as zero already (a read would allocate them)
     char name[256]
     size_t name_len
 
@@ -512,7 +522,7 @@ cdef class _EngineBase:
     cdef int _setup(self, int fd, uint32_t channel, dict params, object codec, list regions,
                     Counters counters, BufferPool pool, list devices, object received,
                     object fresh, TLSChannel tls, object sparse=*,
-                    object place_fds=*) except -1
+                    object place_fds=*, object hole_fds=*) except -1
     cdef int check_io(self, ssize_t rc, size_t want, str what, bint sending=*) except -1
 
 

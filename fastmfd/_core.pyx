@@ -47,7 +47,8 @@ from posix.unistd cimport close as close_fd, lseek
 from posix.uio cimport readv, writev
 
 from fastmfd.includes.atomics cimport (
-    fm_cas32, fm_cas64, fm_exchange64, fm_fetch_add32, fm_fetch_add64, fm_fetch_or64,
+    fm_cas32, fm_cas64, fm_exchange64, fm_fetch_add32, fm_fetch_add64, fm_fetch_and64,
+    fm_fetch_or64,
     fm_fetch_sub32, fm_load32, fm_load64, fm_store32, fm_store64,
 )
 from fastmfd.includes.libz cimport (

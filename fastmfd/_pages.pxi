@@ -289,16 +289,22 @@ cdef void clear_page_runs(RegionRef *ref, const uint64_t *offsets, size_t n,
     zeros), so pages cleared in a later round keep no disk blocks or tmpfs
     memory, and are not written back at the flush; a shorter run is
     zero-filled (cheaper than a punch). Where the file system cannot punch
-    (EOPNOTSUPP, EINVAL) the run is zero-filled, and so is every later one."""
+    (EOPNOTSUPP, EINVAL) the run is zero-filled, and so is every later one.
+    A punched page is no longer one written (its ``received`` bit is
+    dropped): it is a hole again, which a read would allocate."""
     cdef size_t i = 0, j
-    cdef uint64_t length
+    cdef uint64_t length, page
     while i < n:
         j = i + 1
         while j < n and offsets[j] == offsets[j - 1] + page_size:
             j += 1
         length = (j - i) * <uint64_t>page_size
-        if not (ref.sparse and length >= PUNCH_MIN_BYTES
+        if (ref.sparse and length >= PUNCH_MIN_BYTES
                 and madvise(ref.base + offsets[i], length, MADV_REMOVE) == 0):
+            if ref.received != NULL:
+                for page in range(offsets[i] // page_size, offsets[j - 1] // page_size + 1):
+                    fm_fetch_and64(&ref.received[page >> 6], ~((<uint64_t>1) << (page & 63)))
+        else:
             if ref.sparse and length >= PUNCH_MIN_BYTES:
                 ref.sparse = False
             memset(ref.base + offsets[i], 0, length)
@@ -385,6 +391,50 @@ cdef bint on_tmpfs(int fd) noexcept nogil:
     return fstatfs(fd, &fs) == 0 and fs.f_type == TMPFS_MAGIC
 
 
+cdef int extent_at(Extents *known, off_t pos, off_t *data, off_t *hole) noexcept nogil:
+    """The data extent of ``known.fd`` at or after ``pos``: [data, hole) (data =
+    OFF_MAX: none before the end of the file); 0, or the errno of a failed
+    lseek. The last extent found is kept in ``known`` and answers again while
+    ``pos`` is in it or the hole before it."""
+    if not (known.hole_from <= pos < known.data_to):
+        known.hole_from = pos
+        known.data_from = lseek(known.fd, pos, SEEK_DATA)
+        if known.data_from < 0:
+            if errno != ENXIO:          # ENXIO: no data from pos to the end of the file
+                forget_extents(known)
+                return errno
+            known.data_from = known.data_to = OFF_MAX
+        else:
+            known.data_to = lseek(known.fd, known.data_from, SEEK_HOLE)
+            if known.data_to < 0:
+                forget_extents(known)
+                return errno
+    data[0] = max(pos, known.data_from)
+    hole[0] = known.data_to
+    return 0
+
+
+cdef inline void forget_extents(Extents *known) noexcept nogil:
+    """Drop what ``known`` kept: the file changed since (or an lseek failed)."""
+    known.hole_from = known.data_to = -1
+
+
+cdef bint may_hold_data(RegionRef *ref, uint64_t offset, uint32_t page_size) noexcept nogil:
+    """Whether the page at byte ``offset`` of ``ref`` may hold data that a zero
+    page sent for it must erase, known without reading the page. Fresh memory
+    is zero but where this session wrote (its ``received`` bit; a punched page
+    is a hole again, and its bit dropped). Other memory may, but in the holes
+    of its file (``ref.holes``, when known): they read as zero, and a read
+    would allocate each (on tmpfs), a SIGBUS where the file system is full."""
+    cdef uint64_t page = offset // page_size
+    cdef off_t data, hole
+    if ref.fresh:
+        return (fm_load64(&ref.received[page >> 6]) >> (page & 63)) & 1
+    if ref.holes.fd < 0 or extent_at(&ref.holes, <off_t>offset, &data, &hole) != 0:
+        return True
+    return <uint64_t>data < offset + page_size
+
+
 cdef class FileHoles:
     """The zero pages of a file known without reading it, slice after slice: the
     pages in its holes. Reading a hole through a mapping costs a page fault per
@@ -410,13 +460,12 @@ cdef class FileHoles:
     where it starts to the extent's end, so a data extent that reaches past a
     slice is walked once, not again for every slice it covers."""
 
-    cdef int fd
-    cdef off_t hole_from, data_from, data_to   # [hole_from, data_from) hole, then data
+    cdef Extents known
     cdef bint by_residency
 
     def __cinit__(self, int fd, bint page_cache=True):
-        self.fd = fd
-        self.hole_from = self.data_from = self.data_to = -1
+        self.known.fd = fd
+        forget_extents(&self.known)
         self.by_residency = page_cache and on_tmpfs(fd)
 
     @property
@@ -439,7 +488,7 @@ cdef class FileHoles:
         cdef bint resident
         cdef off_t pos = <off_t>(first * page_size), end = <off_t>((first + count) * page_size)
         cdef off_t data, hole
-        if self.extent(pos, &data, &hole) or data >= end or (data == pos and hole >= end):
+        if extent_at(&self.known, pos, &data, &hole) or data >= end or (data == pos and hole >= end):
             return False
         if not (no_swap() and mincore(<void *>(base + pos), count * page_size,
                                       &state[0]) == 0 and no_swap()):
@@ -458,26 +507,6 @@ cdef class FileHoles:
                 k += 1
         found[0] = k
         return True
-
-    cdef int extent(self, off_t pos, off_t *data, off_t *hole) noexcept nogil:
-        """The data extent at or after ``pos``: [data, hole) (data = OFF_MAX: none
-        before the end of the file); 0, or the errno of a failed lseek."""
-        if not (self.hole_from <= pos < self.data_to):
-            self.hole_from = pos
-            self.data_from = lseek(self.fd, pos, SEEK_DATA)
-            if self.data_from < 0:
-                if errno != ENXIO:          # ENXIO: no data from pos to the end of the file
-                    self.hole_from = self.data_to = -1
-                    return errno
-                self.data_from = self.data_to = OFF_MAX
-            else:
-                self.data_to = lseek(self.fd, self.data_from, SEEK_HOLE)
-                if self.data_to < 0:
-                    self.hole_from = self.data_to = -1
-                    return errno
-        data[0] = max(pos, self.data_from)
-        hole[0] = self.data_to
-        return 0
 
     def zero_pages(self, const uint8_t[::1] buffer, size_t page_size, uint64_t first,
                    uint64_t count):
@@ -508,7 +537,7 @@ cdef class FileHoles:
         end = <off_t>((first + count) * page_size)
         with nogil:
             while pos < end:
-                err = self.extent(pos, &data, &hole)
+                err = extent_at(&self.known, pos, &data, &hole)
                 if err:
                     break
                 data = min(data, end)
@@ -521,6 +550,6 @@ cdef class FileHoles:
                 last = (<uint64_t>min(hole, end) + page_size - 1) // page_size   # past the data
                 pos = <off_t>(last * page_size)
         if err:
-            raise OSError(err, f"finding the holes of file descriptor {self.fd}: "
+            raise OSError(err, f"finding the holes of file descriptor {self.known.fd}: "
                                f"{strerror(err).decode()}")
         return result[:k].copy()

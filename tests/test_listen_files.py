@@ -191,6 +191,20 @@ def test_a_missing_state_file_fails_before_anything_is_sent(tmp_path, image):
     assert files_in(out) == set()
 
 
+def test_zero_pages_stay_holes_unread(tmpfs_path, image):
+    """The region file is sparse: the zero pages sent for it stay holes, and are
+    not read (on tmpfs, where this one is, a read allocates the page, and on a
+    full disk that is a SIGBUS)."""
+    out = tmpfs_path / "out"
+    with Listener(out) as listener:
+        done = send(listener, str(image))
+        status, err = listener.finish()
+    assert done.returncode == 0 and status == 0, (done.stderr, err)
+    ram = out / "ram.img"
+    assert ram.read_bytes() == image.read_bytes()
+    assert ram.stat().st_blocks * 512 == 8 * PAGE          # its 8 pages of data, no more
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A directory on a 1 MiB file system of its own."""

@@ -168,19 +168,22 @@ def _receive(pipe: ChildPipe, sock: socket.socket, params: RecvParams,
     regions, counters, pool = _attach(params, stack)
     received = [_core.DirtyBitmap.attach(name) for name in params.received]
     stack.extend(received)
-    place_fds = [-1] * len(regions)
-    for index, place in enumerate(params.place):
-        if place:
-            file = regions[index].open_file()
+    place = params.place or (False,) * len(regions)
+    place_fds, hole_fds = [-1] * len(regions), [-1] * len(regions)
+    for index, region in enumerate(regions):
+        if place[index] or not params.fresh[index]:
+            file = region.open_file()
             stack.append(file)
-            place_fds[index] = file.fileno()
+            place_fds[index] = file.fileno() if place[index] else -1
+            hole_fds[index] = file.fileno() if not params.fresh[index] else -1
     geometry = _engine_geometry(params)
     geometry.update(layout=params.layout, learn_compression=params.learn_compression)
     codec = None if params.learn_compression else _core.make_codec(params.compression, False)
     engine = _core.RecvEngine(sock.fileno(), params.channel, geometry, codec,
                               regions, counters, received, list(params.fresh), pool,
                               list(params.devices), reassembly_fd, params.ram, tls=tls,
-                              sparse=list(params.sparse) or None, place_fds=place_fds)
+                              sparse=list(params.sparse) or None, place_fds=place_fds,
+                              hole_fds=hole_fds)
     while engine.run() == _core.EVENT_SYNC:
         pipe.send(Synced(engine.rounds,
                          engine.compression if params.learn_compression else None))

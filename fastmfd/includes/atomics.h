@@ -29,6 +29,7 @@ static inline uint32_t fm_fetch_add32(uint32_t *p, uint32_t v) { return __atomic
 static inline uint32_t fm_fetch_sub32(uint32_t *p, uint32_t v) { return __atomic_fetch_sub(p, v, FM_SC); }
 static inline uint64_t fm_fetch_add64(uint64_t *p, uint64_t v) { return __atomic_fetch_add(p, v, FM_SC); }
 static inline uint64_t fm_fetch_or64(uint64_t *p, uint64_t v) { return __atomic_fetch_or(p, v, FM_SC); }
+static inline uint64_t fm_fetch_and64(uint64_t *p, uint64_t v) { return __atomic_fetch_and(p, v, FM_SC); }
 static inline uint64_t fm_exchange64(uint64_t *p, uint64_t v) { return __atomic_exchange_n(p, v, FM_SC); }
 
 #endif

@@ -13,4 +13,5 @@ cdef extern from "atomics.h" nogil:
     uint32_t fm_fetch_sub32(uint32_t *p, uint32_t v)
     uint64_t fm_fetch_add64(uint64_t *p, uint64_t v)
     uint64_t fm_fetch_or64(uint64_t *p, uint64_t v)
+    uint64_t fm_fetch_and64(uint64_t *p, uint64_t v)
     uint64_t fm_exchange64(uint64_t *p, uint64_t v)
