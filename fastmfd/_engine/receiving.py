@@ -45,7 +45,7 @@ from typing import Callable
 
 from .. import _core
 from ..devices import Loader
-from ..errors import ConfigError, MigrationError, ProtocolError, SecurityError
+from ..errors import ConfigError, FastMFDError, MigrationError, ProtocolError, SecurityError
 from ..protocol import handshake
 from ..protocol.control import Drained, Eof, Go, Greeted, Refused, RecvParams, Synced
 from ..protocol.main_channel import (MAIN, OLD_WAY_PREFIX, Complete, Loaded, MainChannel,
@@ -254,7 +254,11 @@ class Receiving:
         self._check_liveness()              # the deadlines start now
         while not self._done():
             self.failure.check()
-            watch.poll(tick(stall))
+            try:
+                watch.poll(tick(stall))
+            except MigrationError as error:
+                self._raise_the_cause_of(error)
+                raise
             self._check_ram_loaded()
             self._check_liveness()
         self._finish()
@@ -341,6 +345,38 @@ class Receiving:
                 raise MigrationError(f"the channel ended before the SYNC of round {reached + 1}",
                                      channel=self._assigned[ch].name)
 
+    def _raise_the_cause_of(self, error: MigrationError) -> None:
+        """A receive channel that broke, or device state that stopped short, is
+        most often the consequence of the source's failure: it shuts its
+        channels down, then sends its ERROR. If that ERROR comes within
+        SOURCE_WORD_GRACE it is raised instead, the cause over its consequence
+        (the source's other messages are skipped: the session is failing)."""
+        assert self.main is not None, "in run()"
+        children = [*self._assigned.values(), *self.parts.reassembly]
+        if error.channel not in {child.name for child in children}:
+            return
+        deadline, kind = time.monotonic() + SOURCE_WORD_GRACE, None
+        try:
+            while kind is not Msg.ERROR and self._source_speaks_by(deadline):
+                kind, body = read_message(self.main.sock, self._max_message())
+        except (FastMFDError, OSError):
+            return                      # the main channel broke too: the error stands
+        if kind is Msg.ERROR:
+            raise source_failed(body) from error
+
+    def _source_speaks_by(self, deadline: float) -> bool:
+        """Whether a main-channel message comes before ``deadline`` (TLS may hold
+        one decrypted already)."""
+        assert self.main is not None, "in run()"
+        sock = self.main.sock
+        return bool(getattr(sock, "pending", lambda: 0)() or select.select(
+            [sock], [], [], max(0.0, deadline - time.monotonic()))[0])
+
+    def _max_message(self) -> int:
+        """The largest main-channel payload (an old-way device chunk)."""
+        assert self.setup is not None and self.setup.chunk_size is not None, "after SETUP"
+        return OLD_WAY_PREFIX.size + _core.CHUNK_HEADER_SIZE + self.setup.chunk_size
+
     def _hear_the_source(self, wait: float) -> None:
         """Handle what the source sends within ``wait`` seconds (its ERROR raises)."""
         if self._hearing:
@@ -348,9 +384,8 @@ class Receiving:
         self._hearing = True
         assert self.main is not None, "after accept_main()"
         try:
-            sock, deadline = self.main.sock, time.monotonic() + wait
-            while (getattr(sock, "pending", lambda: 0)() or select.select(
-                    [sock], [], [], max(0.0, deadline - time.monotonic()))[0]):
+            deadline = time.monotonic() + wait
+            while self._source_speaks_by(deadline):
                 self._on_main_message()
         finally:
             self._hearing = False
@@ -405,9 +440,7 @@ class Receiving:
 
     def _on_main_message(self) -> None:
         assert self.setup is not None and self.main is not None and self._heartbeat is not None
-        assert self.setup.chunk_size is not None, "a session's SETUP is decoded strictly"
-        kind, body = read_message(self.main.sock, OLD_WAY_PREFIX.size
-                                  + _core.CHUNK_HEADER_SIZE + self.setup.chunk_size)
+        kind, body = read_message(self.main.sock, self._max_message())
         self._heartbeat.received()
         if kind is Msg.KEEPALIVE:
             # It carries nothing: decoded all the same, so that another message a bit
@@ -420,8 +453,7 @@ class Receiving:
                     ReceivingState.SWITCHOVER: (Msg.ROUND_END, Msg.DEVICE_STATE,
                                                 Msg.COMPLETE)}.get(self.state, ())
         if kind is Msg.ERROR:
-            raise MigrationError(f"the source failed: {decode_payload(kind, body).error}",
-                                 channel=MAIN, side="source")
+            raise source_failed(body)
         if kind not in expected:
             raise ProtocolError(f"main channel: unexpected {kind.name} from the source while "
                                 f"{self.state.value}", field="type", received=kind.name,
@@ -548,3 +580,9 @@ class Receiving:
 
     def device_results(self) -> dict[tuple[str, int], object]:
         return self._devices.results_by_key() if self._devices is not None else {}
+
+
+def source_failed(body: bytes) -> MigrationError:
+    """The source's ERROR message (its payload ``body``) as the session's error."""
+    return MigrationError(f"the source failed: {decode_payload(Msg.ERROR, body).error}",
+                          channel=MAIN, side="source")
