@@ -89,6 +89,11 @@ class Region:
         self.faulted_in = False
         """Every page is allocated already (a destination's prealloc did it, or the
         region came warm): a later prealloc skips it."""
+        self.zero_filled = False
+        """Every byte is zero: new memory that nothing has written. A destination
+        takes a region its ``region_factory`` returns with this set as it takes
+        its own new memory: it writes no zero page into it and places pages into
+        it. Set it only on a region nothing has written (a file just created)."""
 
     # ------------------------------------------------------------ construction
     @classmethod

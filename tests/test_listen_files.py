@@ -205,19 +205,18 @@ def test_zero_pages_stay_holes_unread(tmpfs_path, image):
     assert ram.stat().st_blocks * 512 == 8 * PAGE          # its 8 pages of data, no more
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A directory on a 1 MiB file system of its own."""
-    directory = tmp_path / "small"
-    directory.mkdir()
-    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "fastmfd-test",
-                            str(directory)], capture_output=True, text=True)
-    if mount.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {mount.stderr.strip()}")
+def test_a_region_file_is_new_zero_memory_to_the_destination(tmp_path):
+    """A region's .part file is created empty, so the destination takes it as
+    its own new memory (``Region.zero_filled``): zero pages sent for it are not
+    looked at, and its pages are placed into it."""
+    out = OutputDir(str(tmp_path / "out"))
     try:
-        yield directory
+        out.plan_qemu({"ram": 64 * PAGE}, PAGE)
+        with out.region("ram", 64 * PAGE, PAGE) as region:
+            assert region.zero_filled and not region.faulted_in
     finally:
-        subprocess.run(["umount", str(directory)], check=True)
+        out.abort()
+        out.close()
 
 
 def test_a_full_disk_fails_the_sender_and_leaves_no_final_name(tmp_path, image, small_disk):

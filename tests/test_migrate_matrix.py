@@ -103,6 +103,34 @@ def test_receive_into_user_regions_overwrites_stale_data(zero_detection):
         stale.close()
 
 
+@pytest.mark.parametrize("said", [True, False], ids=["zero_filled", "not_said"])
+def test_a_factory_region_said_zero_filled_gets_no_zero_page_written(said):
+    """``Region.zero_filled`` is taken at its word: a factory's region that says
+    it is new zero memory gets no zero page written, as the destination's own
+    new memory (here it holds bytes, against what it says, to show it is
+    believed); without it, every zero page is cleared where data sits."""
+    config = fastmfd.MigrationConfig(channels=2, packet_pages=PACKET_PAGES)
+    source = make_region("mixed", SIZES["mixed"], seed=3, zero=0.5)
+
+    def factory(name, size, page_size):
+        region = fastmfd.Region.create(name, size, page_size=page_size)
+        region.array[:] = 0xAB
+        region.zero_filled = said
+        return region
+
+    try:
+        with Migration(config, region_factory=factory) as m:
+            m.source.add_region(source)
+            _, result = m.run().ok()
+            got = result.regions["mixed"].array.reshape(-1, PAGE)
+            zero = ~source.array.reshape(-1, PAGE).any(axis=1)
+            assert zero.sum() > 0
+            assert np.array_equal(got[~zero], source.array.reshape(-1, PAGE)[~zero])
+            assert (got[zero] == 0xAB).all() if said else not got[zero].any()
+    finally:
+        source.close()
+
+
 def test_zero_pages_into_the_holes_of_a_user_region_are_not_read(tmpfs_path):
     """A user's region mapped from a sparse file: a zero page sent where older
     data sits is cleared, one sent where the file has a hole is left as it is,

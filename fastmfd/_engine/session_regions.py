@@ -2,10 +2,10 @@
 user's own, a factory's, the pool's or new shared memory, each checked against
 what the source announces, and the new ones against the memory bound first.
 
-A region is *fresh* when it is new zero memory made for this session: there a
-zero page needs no write (the receive workers skip them); a user's, a
-factory's or a pooled region holds earlier bytes, and its zero pages are
-cleared where they hold data.
+A region is *fresh* when it is new zero memory made for this session (or a
+factory's that says it is, ``Region.zero_filled``): there a zero page needs no
+write (the receive workers skip them); a user's, another factory's or a pooled
+region holds earlier bytes, and its zero pages are cleared where they hold data.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def _region(parts: RegionParts, name: str, size: int, page_size: int) -> tuple[R
     if region is None and parts.region_factory is not None:
         region = parts.resources.own(parts.region_factory(name, size, page_size))
         parts.user_regions[name] = region
-        fresh = False
+        fresh = region.zero_filled
         _check_geometry(region, name, size, page_size)
     elif region is None and parts.region_pool is not None:
         # A region from the pool holds the last session's bytes: not fresh.

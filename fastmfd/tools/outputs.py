@@ -189,6 +189,8 @@ class OutputDir:
         if adopted:
             region.faulted_in = True
             log.info("region %s: into a warm file (faulted in before the session)", name)
+        else:
+            region.zero_filled = True       # a file created empty, just now
         return region
 
     def _open_adopted(self, out: _Output) -> int:
