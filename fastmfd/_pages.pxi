@@ -311,10 +311,12 @@ cdef void clear_page_runs(RegionRef *ref, const uint64_t *offsets, size_t n,
         i = j
 
 
-def clear_pages(uint8_t[::1] buffer, offsets, size_t page_size, bint punch):
+def clear_pages(uint8_t[::1] buffer, offsets, size_t page_size, bint punch,
+                DirtyBitmap written=None):
     """Zero the pages at byte ``offsets`` (page-aligned, inside ``buffer``) as a
     receive worker does (clear_page_runs): with ``punch`` (``buffer`` maps a
-    sparse file shared) its long runs as holes. False when no hole could be
+    sparse file shared) its long runs as holes, their pages unmarked in
+    ``written`` (the pages written, when given). False when no hole could be
     punched (``punch`` off, the memory or its page size not fit for it)."""
     cdef RegionRef ref
     cdef uint64_t[::1] offs = np.ascontiguousarray(offsets, dtype=np.uint64)
@@ -324,10 +326,13 @@ def clear_pages(uint8_t[::1] buffer, offsets, size_t page_size, bint punch):
         if offs[i] % page_size or offs[i] + page_size > <uint64_t>buffer.shape[0]:
             raise IndexError(f"page at byte {offs[i]} outside a buffer of "
                              f"{buffer.shape[0]} bytes, or not page-aligned")
+    if written is not None and written.hdr.npages * <uint64_t>page_size < buffer.shape[0]:
+        raise ValueError("written map smaller than the buffer")
     if n == 0:
         return punch
     memset(&ref, 0, sizeof(ref))
     ref.base = &buffer[0]
+    ref.received = written.words if written is not None else NULL
     ref.sparse = punch and page_size % SYSTEM_PAGE == 0
     with nogil:
         clear_page_runs(&ref, &offs[0], n, <uint32_t>page_size)

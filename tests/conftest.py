@@ -8,7 +8,8 @@
   shared by the project (tests that need them skip, saying why, where they are
   absent); ``captures``: each capture set in turn, QEMU 10.0's own stream too.
 - ``tmpfs_path``: a private directory on tmpfs, where reading a hole of a file
-  through a mapping allocates it (a test can tell whether holes were read).
+  through a mapping allocates it (a test can tell whether holes were read);
+  ``small_disk``: one on a 1 MiB tmpfs of its own, to fill up.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import shutil
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -83,6 +85,21 @@ def tmpfs_path():
     path = Path(tempfile.mkdtemp(prefix="test-tmpfs-", dir="/dev/shm"))
     yield path
     shutil.rmtree(path)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A directory on a 1 MiB file system of its own (a tmpfs: mounting takes root)."""
+    directory = tmp_path / "small"
+    directory.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "fastmfd-test",
+                            str(directory)], capture_output=True, text=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mount.stderr.strip()}")
+    try:
+        yield directory
+    finally:
+        subprocess.run(["umount", str(directory)], check=True)
 
 
 @pytest.fixture

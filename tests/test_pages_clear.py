@@ -45,6 +45,22 @@ def test_runs_of_pages_of_a_file_become_holes(block_file):
     assert os.stat(path).st_blocks == before - len(punched) * PAGE // 512
 
 
+def test_punched_pages_are_no_longer_marked_written(block_file):
+    """A punched page is a hole again, which a read would allocate: the map of
+    pages written (``written``, a region's dirty map) loses it, so a later zero
+    page for it is not read; a zero-filled page keeps its block and its mark."""
+    region, _, _ = block_file
+    region.dirty.mark(0, PAGES)
+    cleared = [5, *range(RUN, 2 * RUN)]
+    clear_pages(region.buffer, np.array(cleared, dtype=np.uint64) * PAGE, PAGE, True,
+                region.dirty)
+    unmarked = set(range(PAGES)) - set(region.dirty.marked(np.arange(PAGES, dtype=np.uint64)))
+    assert unmarked == set(range(RUN, 2 * RUN))
+    with pytest.raises(ValueError, match="written map smaller than the buffer"):
+        clear_pages(region.buffer, np.array([0], dtype=np.uint64), PAGE // 2, True,
+                    region.dirty)
+
+
 def test_without_punching_the_pages_are_written(block_file):
     region, path, data = block_file
     before = os.stat(path).st_blocks

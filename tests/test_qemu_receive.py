@@ -18,6 +18,7 @@ import logging
 import multiprocessing
 import os
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -36,8 +37,8 @@ from inspect_support import NATIVE_CAPTURES
 from fastmfd import _core, qemu
 from fastmfd.errors import ConfigError, FastMFDError, MigrationError, ProtocolError
 from fastmfd.protocol.bytereader import ByteReader
-from fastmfd.protocol.qemu import (SYNC_PER_ROUND, SYNC_PER_SECTION, QevmDecoder,
-                                   decode_qemu_main)
+from fastmfd.protocol.qemu import (RAM_CONTINUE, RAM_ZERO, SYNC_PER_ROUND, SYNC_PER_SECTION,
+                                   QevmDecoder, decode_qemu_main)
 from fastmfd.protocol.qemu_encoding import (encode_multifd_flush, encode_ram_eos,
                                             encode_ram_start, encode_stream_start,
                                             encode_zero_records)
@@ -821,6 +822,56 @@ def test_a_stream_without_ram_fails_cleanly(tmp_path):
 
 
 # ---------------------------------------------------------------- a stream made here
+
+def test_pages_on_the_main_channel_into_a_full_disk_fail_cleanly(small_disk):
+    """QEMU 7.2 may send a page on the main channel (a ZERO record of a fill byte
+    other than 0 is one); written into a sparse block file whose disk filled up
+    after the block list was checked, that is a clean error, not a SIGBUS (which
+    would kill the receiving process: this one)."""
+    block, size, page = "pc.ram", 512 << 10, 4096
+    eos = encode_ram_eos(2, True)
+    part, end = (bytes([kind]) + (2).to_bytes(4, "big") for kind in (0x02, 0x03))
+    name = bytes([len(block)]) + block.encode()
+    filled = (struct.pack(">Q", RAM_ZERO) + name + b"\x55" + b"".join(
+        struct.pack(">QB", n * page | RAM_ZERO | RAM_CONTINUE, 0x55)
+        for n in range(1, size // page)))
+    start = (encode_stream_start(b"\x07" + (3).to_bytes(4, "big") + b"abc")
+             + encode_ram_start(2, {block: size}) + eos)
+    description = json.dumps({"page_size": page, "devices": []}).encode()
+    main = (start + part + filled + eos + end + eos
+            + b"\x00\x06" + len(description).to_bytes(4, "big") + description)
+    codec = _core.RamPacketCodec(128, page, _core.LAYOUT_QEMU72, 0, {block: size})
+    sync = bytearray(codec.header_size)
+    codec.encode(sync, flags=_core.FLAG_SYNC, ramblock=b"", normal=(), zero=(),
+                 next_packet_size=0)
+    init = bytearray(_core.INIT_PACKET_SIZE)
+    _core.encode_init_packet(init, bytes(16), 0)
+    channel = bytes(init) + bytes(sync) * 3
+
+    out = small_disk / "out"
+    receiver = Receiver(out)
+    target = parse_address(receiver.address)
+    socks = [connect(target, 5), connect(target, 5)]
+    resume = threading.Event()
+    try:
+        threading.Thread(target=_send_quietly, args=(socks[0], main, True, len(start), resume),
+                         daemon=True).start()
+        threading.Thread(target=_send_quietly, args=(socks[1], channel), daemon=True).start()
+        deadline = time.monotonic() + 10
+        while not any(p.suffix == ".part" for p in out.glob("*.img.part")):
+            assert time.monotonic() < deadline, "the block file was never made"
+            time.sleep(0.01)
+        with contextlib.suppress(OSError), open(small_disk / "filler", "wb") as filler:
+            filler.write(bytes(1 << 20))            # the disk full: ENOSPC
+        resume.set()
+        with pytest.raises(MigrationError, match=r"block pc\.ram: no memory to write into: "
+                                                 r"its file system .* is full"):
+            receiver.result()
+    finally:
+        resume.set()
+        for sock in socks:
+            sock.close()
+    assert_nothing_complete(out)
 
 @pytest.mark.parametrize("flavour", ["qemu-7.2", "qemu-10"])
 def test_zero_page_after_data_is_written(tmpfs_path, flavour):

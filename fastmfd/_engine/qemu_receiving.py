@@ -291,7 +291,12 @@ class QemuReceiving:
         """A PAGE record, or a ZERO record of a fill byte other than 0."""
         region = self.regions[block]
         self.facts.main_pages += 1
-        region.buffer[offset:offset + len(page)] = page
+        # The block file is sparse: where its disk is full, a plain write into
+        # the mapping would be a SIGBUS; populating says so first. (Released at
+        # once: an error's traceback would keep the view, and the file mapped.)
+        with region.buffer[offset:offset + len(page)] as target:
+            _core.populate(target, f"block {block}")
+            target[:] = page
         region.dirty.mark(offset // region.page_size)
 
     def on_zero_pages(self, block: str, offsets: np.ndarray) -> None:
@@ -303,7 +308,7 @@ class QemuReceiving:
         pages = region.dirty.marked(offsets // np.uint64(region.page_size))
         if len(pages):
             _core.clear_pages(region.buffer, pages * np.uint64(region.page_size),
-                              region.page_size, self._sparse(region))
+                              region.page_size, self._sparse(region), region.dirty)
 
     @staticmethod
     def _sparse(region: Region) -> bool:
