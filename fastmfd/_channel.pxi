@@ -92,7 +92,11 @@ cdef class _RegionTable:
             self.refs[i].name_len = len(raw)
             memcpy(self.entries[i].name, <const char *>raw, len(raw))
             self.entries[i].size = view.shape[0]
-            self.refs[i].holes.fd = hole_fds[i] if hole_fds is not None else -1
+            # Only tmpfs allocates a hole that is read; and SEEK_DATA elsewhere
+            # may not know of data still in the page cache (FUSE does not flush).
+            self.refs[i].holes.fd = -1
+            if hole_fds is not None and hole_fds[i] >= 0 and on_tmpfs(hole_fds[i]):
+                self.refs[i].holes.fd = hole_fds[i]
             forget_extents(&self.refs[i].holes)
             if received is not None:
                 bm = received[i]
@@ -480,10 +484,11 @@ cdef class RecvEngine(_EngineBase):
     its method) ``codec`` is None and the channel takes the method of its
     first packet with pages; every later packet must carry the same bits.
 
-    ``received`` (one DirtyBitmap per region) records pages written, so a
-    listed zero page is only zeroed where older data may sit (``fresh``
-    regions started zero-filled); in a ``sparse`` region (a sparse file
-    mapped shared) it becomes a hole again (clear_page_runs). Device chunks
+    ``received`` (one DirtyBitmap per region) records pages written (and
+    not punched out since), so a listed zero page is only zeroed where older
+    data may sit (``fresh`` regions started zero-filled); in a ``sparse``
+    region (a sparse file mapped shared) it becomes a hole again
+    (clear_page_runs). Device chunks
     go into slots of ``pool``; their descriptors are written to ``reassembly_fd``.
 
     ``place_fds`` (per region, an fd of its file or -1): fresh memory, whose
@@ -495,9 +500,11 @@ cdef class RecvEngine(_EngineBase):
     system does not serve it, the region is written through its mapping.
 
     ``hole_fds`` (per region, an fd of its file or -1): memory not fresh,
-    whose file's holes are learnt (may_hold_data) so that a zero page sent
-    for one is not read: the read would allocate it, on tmpfs, and where
-    the file system is full that is a SIGBUS.
+    whose file's holes, on tmpfs, are learnt (may_hold_data) so that a zero
+    page sent for one is not read: the read would allocate it, and where
+    the file system is full that is a SIGBUS. (On tmpfs an lseek walks the
+    page cache to the end of the extent: a region of all data is walked once
+    per round and channel.)
     """
 
     def __cinit__(self, int fd, uint32_t channel, dict params, codec, list regions,
@@ -560,7 +567,7 @@ cdef class RecvEngine(_EngineBase):
         cdef size_t i, k = 0, raw
         cdef uint64_t off, page
         cdef uint32_t psize = self.lay.page_size
-        cdef int failed
+        cdef int failed, held
         cdef uint32_t compressed
         cdef size_t lone
         with nogil:
@@ -644,15 +651,21 @@ cdef class RecvEngine(_EngineBase):
                     fm_fetch_or64(&ref.received[page >> 6], (<uint64_t>1) << (page & 63))
         with nogil:
             k = 0
+            held = 0
             for i in range(info.zero_pages):
                 off = ld64(info.offsets + 8 * (info.normal_pages + i))
                 # A page that may hold data is read before it is cleared (QEMU
                 # does too): most are zero already, and a write would dirty them all.
-                if (may_hold_data(ref, off, psize)
-                        and not fm_buffer_is_zero(ref.base + off, psize)):
+                held = may_hold_data(ref, off, psize)
+                if held < 0:
+                    break
+                if held and not fm_buffer_is_zero(ref.base + off, psize):
                     self.zero[k] = off
                     k += 1
-            clear_page_runs(ref, self.zero, k, psize)
+            if held >= 0:
+                clear_page_runs(ref, self.zero, k, psize)
+        if held < 0:
+            raise_unpopulated(-held, f"region {ref.name.decode()}")
         bump(self.stats, ST_NORMAL, info.normal_pages)
         bump(self.stats, ST_ZERO, info.zero_pages)
         return info.flags & FLAG_SYNC

@@ -333,6 +333,7 @@ def clear_pages(uint8_t[::1] buffer, offsets, size_t page_size, bint punch,
     memset(&ref, 0, sizeof(ref))
     ref.base = &buffer[0]
     ref.received = written.words if written is not None else NULL
+    ref.holes.fd = -1
     ref.sparse = punch and page_size % SYSTEM_PAGE == 0
     with nogil:
         clear_page_runs(&ref, &offs[0], n, <uint32_t>page_size)
@@ -424,20 +425,33 @@ cdef inline void forget_extents(Extents *known) noexcept nogil:
     known.hole_from = known.data_to = -1
 
 
-cdef bint may_hold_data(RegionRef *ref, uint64_t offset, uint32_t page_size) noexcept nogil:
-    """Whether the page at byte ``offset`` of ``ref`` may hold data that a zero
-    page sent for it must erase, known without reading the page. Fresh memory
-    is zero but where this session wrote (its ``received`` bit; a punched page
+cdef int may_hold_data(RegionRef *ref, uint64_t offset, uint32_t page_size) noexcept nogil:
+    """1 when the page at byte ``offset`` of ``ref`` may hold data that a zero
+    page sent for it must erase, 0 when it cannot, known without reading the
+    page; or -errno where it could not be populated (below). Fresh memory is
+    zero but where this session wrote (its ``received`` bit; a punched page
     is a hole again, and its bit dropped). Other memory may, but in the holes
-    of its file (``ref.holes``, when known): they read as zero, and a read
-    would allocate each (on tmpfs), a SIGBUS where the file system is full."""
+    of its file on tmpfs (``ref.holes``, when given): they read as zero, and
+    a read would allocate each, a SIGBUS where the file system is full. A
+    page only partly in a hole (one larger than a system page) is populated
+    first, so that reading and clearing it fail cleanly there instead."""
     cdef uint64_t page = offset // page_size
     cdef off_t data, hole
+    cdef iovec whole
+    cdef int failed
     if ref.fresh:
         return (fm_load64(&ref.received[page >> 6]) >> (page & 63)) & 1
     if ref.holes.fd < 0 or extent_at(&ref.holes, <off_t>offset, &data, &hole) != 0:
-        return True
-    return <uint64_t>data < offset + page_size
+        return 1
+    if <uint64_t>data >= offset + page_size:
+        return 0
+    if <uint64_t>data > offset or <uint64_t>hole < offset + page_size:
+        whole.iov_base = ref.base + offset
+        whole.iov_len = page_size
+        failed = populate_for_write(&whole, 1)
+        if failed:
+            return -failed
+    return 1
 
 
 cdef class FileHoles:
@@ -493,7 +507,8 @@ cdef class FileHoles:
         cdef bint resident
         cdef off_t pos = <off_t>(first * page_size), end = <off_t>((first + count) * page_size)
         cdef off_t data, hole
-        if extent_at(&self.known, pos, &data, &hole) or data >= end or (data == pos and hole >= end):
+        if (extent_at(&self.known, pos, &data, &hole) or data >= end
+                or (data == pos and hole >= end)):
             return False
         if not (no_swap() and mincore(<void *>(base + pos), count * page_size,
                                       &state[0]) == 0 and no_swap()):

@@ -131,35 +131,6 @@ def test_a_factory_region_said_zero_filled_gets_no_zero_page_written(said):
         source.close()
 
 
-def test_zero_pages_into_the_holes_of_a_user_region_are_not_read(tmpfs_path):
-    """A user's region mapped from a sparse file: a zero page sent where older
-    data sits is cleared, one sent where the file has a hole is left as it is,
-    unread (on tmpfs a read would allocate the page, and on a full disk that
-    is a SIGBUS). 32 pages: 0-7 hold older data, 8-31 are holes; the source
-    sends 0-3 and 16-31 as zero pages, 4-15 as data."""
-    pages = 32
-    source = make_region("ram", pages * PAGE)
-    source.array[4 * PAGE:16 * PAGE] = np.random.default_rng(7).integers(
-        1, 256, 12 * PAGE, dtype=np.uint8)
-    path = tmpfs_path / "ram.img"
-    with open(path, "wb") as file:
-        file.write(b"\xab" * 8 * PAGE)
-        file.truncate(pages * PAGE)
-    stale = fastmfd.Region.from_file("ram", path)
-    try:
-        with Migration(fastmfd.MigrationConfig(channels=2)) as m:
-            m.source.add_region(source)
-            m.destination.add_region(stale)
-            stats, _ = m.run().ok()
-            assert stats.zero_pages == 20
-        # Read with read(), which allocates no hole (a read through the mapping would).
-        assert path.read_bytes() == source.array.tobytes()
-        assert path.stat().st_blocks * 512 == 16 * PAGE     # 0-3 cleared, 4-15 written
-    finally:
-        source.close()
-        stale.close()
-
-
 def test_user_region_of_another_size_fails_both_sides():
     source = make_region("mixed", SIZES["mixed"], seed=4)
     other = make_region("mixed", SIZES["mixed"] + PAGE)

@@ -292,8 +292,9 @@ class QemuReceiving:
         region = self.regions[block]
         self.facts.main_pages += 1
         # The block file is sparse: where its disk is full, a plain write into
-        # the mapping would be a SIGBUS; populating says so first. (Released at
-        # once: an error's traceback would keep the view, and the file mapped.)
+        # the mapping would be a SIGBUS; populating says so first (on Linux >=
+        # 5.14; older kernels have no MADV_POPULATE_WRITE). Released at once:
+        # an error's traceback would keep the view, and the file mapped.
         with region.buffer[offset:offset + len(page)] as target:
             _core.populate(target, f"block {block}")
             target[:] = page

@@ -99,7 +99,7 @@ def _region(parts: RegionParts, name: str, size: int, page_size: int) -> tuple[R
     if region is None and parts.region_factory is not None:
         region = parts.resources.own(parts.region_factory(name, size, page_size))
         parts.user_regions[name] = region
-        fresh = region.zero_filled
+        fresh, region.zero_filled = region.zero_filled, False     # written from now on
         _check_geometry(region, name, size, page_size)
     elif region is None and parts.region_pool is not None:
         # A region from the pool holds the last session's bytes: not fresh.

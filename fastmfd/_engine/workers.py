@@ -168,14 +168,15 @@ def _receive(pipe: ChildPipe, sock: socket.socket, params: RecvParams,
     regions, counters, pool = _attach(params, stack)
     received = [_core.DirtyBitmap.attach(name) for name in params.received]
     stack.extend(received)
-    place = params.place or (False,) * len(regions)
+    # A RAM channel's regions' files: fresh memory's to place pages into, other
+    # memory's to learn its holes (placed memory is fresh: one or the other).
     place_fds, hole_fds = [-1] * len(regions), [-1] * len(regions)
-    for index, region in enumerate(regions):
-        if place[index] or not params.fresh[index]:
+    for index, region in enumerate(regions if params.ram else ()):
+        placed = bool(params.place) and params.place[index]
+        if placed or not params.fresh[index]:
             file = region.open_file()
             stack.append(file)
-            place_fds[index] = file.fileno() if place[index] else -1
-            hole_fds[index] = file.fileno() if not params.fresh[index] else -1
+            (place_fds if placed else hole_fds)[index] = file.fileno()
     geometry = _engine_geometry(params)
     geometry.update(layout=params.layout, learn_compression=params.learn_compression)
     codec = None if params.learn_compression else _core.make_codec(params.compression, False)

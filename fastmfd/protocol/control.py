@@ -101,8 +101,9 @@ class RecvParams(ChannelParams):
     """A receive worker's session: RAM packets go into the regions (marked in
     the ``received`` bitmaps), device chunks into the pool."""
     ram: bool                               # a RAM channel (device-state channels are not)
-    received: tuple[str, ...]               # per region, the bitmap of pages received
-    fresh: tuple[bool, ...]                 # per region, created empty for this session
+    received: tuple[str, ...]               # per region, the bitmap of pages written
+                                            # (and not punched out since)
+    fresh: tuple[bool, ...]                 # per region, new zero memory (session_regions)
     layout: str = "current"                 # RAM header layout: "current" or "qemu-7.2"
     learn_compression: bool = False         # QEMU: the first packet with pages names it
     sparse: tuple[bool, ...] = ()           # per region, a sparse file: cleared pages are holes

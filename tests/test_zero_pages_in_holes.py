@@ -1,0 +1,113 @@
+"""A destination never reads a hole of a region's file for a zero page.
+
+A region that is not new zero memory (a user's, a pooled one, a factory's)
+has every zero page sent for it cleared where it holds data. Where the
+region's file has a hole there is nothing to clear, and reading it through
+the shared mapping would, on tmpfs, allocate the page: the file would lose
+its sparseness, and on a full file system the read is a SIGBUS that kills
+the receive worker. The workers learn the holes with SEEK_DATA instead,
+afresh each round (other channels write into them in between).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+
+import numpy as np
+
+import fastmfd
+from fastmfd import _core
+from migration_support import PAGE, Migration, first_difference, make_region
+
+
+def sparse_file(path, pages: int, data_pages: int) -> None:
+    """``pages`` pages: the first ``data_pages`` of the byte 0xab, the rest a hole."""
+    with open(path, "wb") as file:
+        file.write(b"\xab" * data_pages * PAGE)
+        file.truncate(pages * PAGE)
+
+
+def migrate_into(path, source: fastmfd.Region) -> fastmfd.MigrationStats:
+    """Migrate ``source`` into a region of the user's mapped from ``path``."""
+    target = fastmfd.Region.from_file(source.name, path)
+    try:
+        with Migration(fastmfd.MigrationConfig(channels=2)) as m:
+            m.source.add_region(source)
+            m.destination.add_region(target)
+            stats, _ = m.run().ok()
+    finally:
+        target.close()
+    return stats
+
+
+def test_stale_pages_are_cleared_and_holes_left_unread(tmpfs_path):
+    """32 pages: 0-7 hold older data, 8-31 are holes; the source sends 0-3 and
+    16-31 as zero pages, 4-15 as data."""
+    source = make_region("ram", 32 * PAGE)
+    source.array[4 * PAGE:16 * PAGE] = np.random.default_rng(7).integers(
+        1, 256, 12 * PAGE, dtype=np.uint8)
+    path = tmpfs_path / "ram.img"
+    sparse_file(path, 32, 8)
+    try:
+        assert migrate_into(path, source).zero_pages == 20
+        # Read with read(), which allocates no hole (a read through a mapping would).
+        got = np.frombuffer(path.read_bytes(), dtype=np.uint8)
+        assert np.array_equal(got, source.array), first_difference(got, source.array)
+        assert path.stat().st_blocks * 512 == 16 * PAGE     # 0-3 cleared, 4-15 written
+    finally:
+        source.close()
+
+
+def test_zero_pages_into_the_holes_of_a_full_file_system(small_disk):
+    """The region's file system is full: its holes cannot be allocated, and the
+    zero pages sent for them need not be."""
+    source = make_region("ram", 128 * PAGE)
+    source.array[:8 * PAGE] = np.random.default_rng(8).integers(1, 256, 8 * PAGE,
+                                                                 dtype=np.uint8)
+    path = small_disk / "ram.img"
+    sparse_file(path, 128, 8)
+    with contextlib.suppress(OSError), open(small_disk / "filler", "wb") as filler:
+        filler.write(bytes(1 << 20))                # the disk full: ENOSPC
+    try:
+        assert migrate_into(path, source).zero_pages == 120
+        assert path.read_bytes() == source.array.tobytes()
+    finally:
+        source.close()
+
+
+def test_holes_learnt_in_one_round_are_looked_up_again_in_the_next(tmpfs_path):
+    """Round 1 lists page 0 as zero (the worker learns: a hole from there to the
+    end of the file) and sends page 1 as data; round 2 lists page 1 as zero,
+    which must be cleared, not taken for the hole learnt in round 1."""
+    pages, params = 16, {"page_size": PAGE, "packet_pages": 16, "checksum": False,
+                         "zero_page_detection": True}
+    path = tmpfs_path / "ram.img"
+    sparse_file(path, pages, 0)
+    codec = _core.RamPacketCodec(16, PAGE, _core.LAYOUT_CURRENT, 0, {"ram": pages * PAGE})
+
+    def packet(flags=0, normal=(), zero=()):
+        header = bytearray(codec.header_size)
+        codec.encode(header, flags=flags, ramblock=b"ram" if normal or zero else b"",
+                     normal=[n * PAGE for n in normal], zero=[z * PAGE for z in zero],
+                     next_packet_size=PAGE * len(normal))
+        return bytes(header) + b"\x77" * PAGE * len(normal)
+
+    stream = (packet(zero=[0]) + packet(normal=[1]) + packet(_core.FLAG_SYNC)
+              + packet(zero=[1]) + packet(_core.FLAG_SYNC))
+    a, b = socket.socketpair()
+    with fastmfd.Region.from_file("ram", path) as region, open(path, "rb") as file, \
+            _core.Counters.create(1, tag="test-counters") as counters, \
+            _core.DirtyBitmap.create(pages, tag="test-received") as received:
+        try:
+            engine = _core.RecvEngine(b.fileno(), 0, params, None, [region], counters,
+                                      [received], [False], hole_fds=[file.fileno()])
+            a.sendall(stream)
+            a.shutdown(socket.SHUT_WR)
+            assert [engine.run() for _ in range(3)] == \
+                [_core.EVENT_SYNC, _core.EVENT_SYNC, _core.EVENT_EOF]
+            del engine
+        finally:
+            a.close()
+            b.close()
+    assert path.read_bytes() == bytes(pages * PAGE)
