@@ -113,6 +113,12 @@ cdef class _RegionTable:
                     and region.page_size % SYSTEM_PAGE == 0):
                 self.refs[i].place = self.placing_mapping(place_fds[i], view.shape[0])
 
+    cdef void forget_holes(self) noexcept:
+        """Drop the holes learnt: at a round's end, after which the regions change."""
+        cdef int i
+        for i in range(self.count):
+            forget_extents(&self.refs[i].holes)
+
     cdef uint8_t *placing_mapping(self, int fd, size_t size) noexcept:
         """A second mapping of the file ``fd`` registered for placing pages
         (includes/placing.h), or NULL where userfaultfd or the file's file
@@ -278,14 +284,19 @@ cdef class SendEngine(_EngineBase):
     the main process fills before each RAM command (with KNOWN_ZERO_PAGE set:
     a zero page that zero_page_detection lists unread); ``selector`` the selector
     this channel belongs to (released after each RAM or device job).
+    ``hole_fds`` (per region, an fd of its file or -1): a page in a hole of a
+    file on tmpfs is a zero page, listed unread (a read would allocate it in
+    the user's sparse file, and be a SIGBUS where its file system is full);
+    the holes are learnt afresh each round.
     """
 
     def __cinit__(self, int fd, uint32_t channel, dict params, codec, list regions,
                   Counters counters, ChannelSelector selector, uint32_t selector_index,
-                  mailbox, BufferPool pool=None, list devices=None, TLSChannel tls=None):
+                  mailbox, BufferPool pool=None, list devices=None, TLSChannel tls=None,
+                  list hole_fds=None):
         cdef const uint8_t[::1] box = mailbox
         self._setup(fd, channel, params, codec, regions, counters, pool, devices or [],
-                    None, None, tls)
+                    None, None, tls, None, None, hole_fds)
         self.selector = selector
         self.selector_index = selector_index
         self.mailbox_keep = box
@@ -318,6 +329,7 @@ cdef class SendEngine(_EngineBase):
             elif cmd.kind == CMD_SYNC:
                 self.send_packet(FLAG_SYNC, 0, NULL, 0, 0, 0)
                 bump(self.stats, ST_SYNCS, 1)
+                self.regions.forget_holes()         # the workload writes on
             elif cmd.kind == CMD_QUIT:
                 with nogil:
                     link_close_write(&self.link)
@@ -346,8 +358,9 @@ cdef class SendEngine(_EngineBase):
                     if page >= npages:
                         break
                     off = page * psize
-                    if self.zero_detection and (known_zero
-                                                or fm_buffer_is_zero(ref.base + off, psize)):
+                    if self.zero_detection and (
+                            known_zero or page_extent(ref, off, psize) == PAGE_HOLE
+                            or fm_buffer_is_zero(ref.base + off, psize)):
                         self.zero[nz] = off
                         nz += 1
                     else:
@@ -535,7 +548,6 @@ cdef class RecvEngine(_EngineBase):
     def run(self):
         cdef ssize_t got
         cdef uint32_t flags
-        cdef int i
         while True:
             with nogil:
                 got = link_read_exact(&self.link, self.header, 12)
@@ -551,9 +563,7 @@ cdef class RecvEngine(_EngineBase):
                                         field="flags", received=hex(flags),
                                         expected="DEVICE_STATE (0x40)")
                 if self.recv_ram():
-                    # Other channels write the regions from here on: holes known go stale.
-                    for i in range(self.regions.count):
-                        forget_extents(&self.regions.refs[i].holes)
+                    self.regions.forget_holes()     # other channels write into them next
                     self.rounds += 1
                     bump(self.stats, ST_SYNCS, 1)
                     return EVENT_SYNC

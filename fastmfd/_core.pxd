@@ -498,6 +498,7 @@ cdef class _RegionTable:
     cdef int uffd                   # the userfaultfd pages are placed with; < 0 without
     cdef bint tried_placing         # uffd was asked for (once per table)
 
+    cdef void forget_holes(self) noexcept
     cdef uint8_t *placing_mapping(self, int fd, size_t size) noexcept
 
 

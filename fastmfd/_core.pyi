@@ -255,7 +255,8 @@ class SendEngine(_EngineBase):
                  regions: list[Any], counters: Counters, selector: ChannelSelector,
                  selector_index: int, mailbox: _Buffer, pool: BufferPool | None = ...,
                  devices: list[tuple[str, int]] | None = ...,
-                 tls: TLSChannel | None = ...) -> None: ...
+                 tls: TLSChannel | None = ...,
+                 hole_fds: list[int] | None = ...) -> None: ...
     def run(self, cmd_fd: int) -> None: ...
 
 class RecvEngine(_EngineBase):

@@ -425,6 +425,25 @@ cdef inline void forget_extents(Extents *known) noexcept nogil:
     known.hole_from = known.data_to = -1
 
 
+cdef enum PageExtent:
+    PAGE_HOLE       # all in a hole of its file: reads as zero
+    PAGE_DATA       # all data, or not known
+    PAGE_PARTLY     # partly in a hole (a page larger than a system page)
+
+
+cdef PageExtent page_extent(RegionRef *ref, uint64_t offset, uint32_t page_size) noexcept nogil:
+    """Where the page at byte ``offset`` of ``ref`` lies in its file, as
+    ``ref.holes`` knows (no fd, or an lseek that failed: data)."""
+    cdef off_t data, hole
+    if ref.holes.fd < 0 or extent_at(&ref.holes, <off_t>offset, &data, &hole) != 0:
+        return PAGE_DATA
+    if <uint64_t>data >= offset + page_size:
+        return PAGE_HOLE
+    if <uint64_t>data > offset or <uint64_t>hole < offset + page_size:
+        return PAGE_PARTLY
+    return PAGE_DATA
+
+
 cdef int may_hold_data(RegionRef *ref, uint64_t offset, uint32_t page_size) noexcept nogil:
     """1 when the page at byte ``offset`` of ``ref`` may hold data that a zero
     page sent for it must erase, 0 when it cannot, known without reading the
@@ -433,19 +452,18 @@ cdef int may_hold_data(RegionRef *ref, uint64_t offset, uint32_t page_size) noex
     is a hole again, and its bit dropped). Other memory may, but in the holes
     of its file on tmpfs (``ref.holes``, when given): they read as zero, and
     a read would allocate each, a SIGBUS where the file system is full. A
-    page only partly in a hole (one larger than a system page) is populated
-    first, so that reading and clearing it fail cleanly there instead."""
+    page only partly in a hole is populated first, so that reading and
+    clearing it fail cleanly there instead."""
     cdef uint64_t page = offset // page_size
-    cdef off_t data, hole
+    cdef PageExtent where
     cdef iovec whole
     cdef int failed
     if ref.fresh:
         return (fm_load64(&ref.received[page >> 6]) >> (page & 63)) & 1
-    if ref.holes.fd < 0 or extent_at(&ref.holes, <off_t>offset, &data, &hole) != 0:
-        return 1
-    if <uint64_t>data >= offset + page_size:
+    where = page_extent(ref, offset, page_size)
+    if where == PAGE_HOLE:
         return 0
-    if <uint64_t>data > offset or <uint64_t>hole < offset + page_size:
+    if where == PAGE_PARTLY:
         whole.iov_base = ref.base + offset
         whole.iov_len = page_size
         failed = populate_for_write(&whole, 1)

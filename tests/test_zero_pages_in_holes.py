@@ -1,12 +1,13 @@
-"""A destination never reads a hole of a region's file for a zero page.
+"""Neither side reads a hole of a region's file: it is a zero page.
 
-A region that is not new zero memory (a user's, a pooled one, a factory's)
-has every zero page sent for it cleared where it holds data. Where the
-region's file has a hole there is nothing to clear, and reading it through
-the shared mapping would, on tmpfs, allocate the page: the file would lose
-its sparseness, and on a full file system the read is a SIGBUS that kills
-the receive worker. The workers learn the holes with SEEK_DATA instead,
-afresh each round (other channels write into them in between).
+Reading a hole of a tmpfs file through a shared mapping allocates the page:
+the file loses its sparseness, and on a full file system the read is a
+SIGBUS that kills the worker. A source's image may be a sparse file; a
+destination's region that is not new zero memory (a user's, a pooled one, a
+factory's) has every zero page sent for it cleared where it holds data, and
+where its file has a hole there is nothing to clear. The workers learn the
+holes with SEEK_DATA instead, afresh each round (the workload, or other
+channels, write into them in between).
 """
 
 from __future__ import annotations
@@ -111,3 +112,61 @@ def test_holes_learnt_in_one_round_are_looked_up_again_in_the_next(tmpfs_path):
             a.close()
             b.close()
     assert path.read_bytes() == bytes(pages * PAGE)
+
+
+# ---------------------------------------------------------------- the source
+
+def test_a_sparse_image_is_sent_without_filling_its_holes(tmpfs_path):
+    path = tmpfs_path / "ram.img"
+    sparse_file(path, 32, 0)
+    with open(path, "r+b") as file:
+        file.seek(4 * PAGE)
+        file.write(np.random.default_rng(9).bytes(12 * PAGE))
+    source = fastmfd.Region.from_file("ram", path)
+    try:
+        with Migration(fastmfd.MigrationConfig(channels=2)) as m:
+            m.source.add_region(source)
+            stats, result = m.run().ok()
+            assert stats.zero_pages == 20
+            assert result.regions["ram"].buffer == path.read_bytes()
+        assert path.stat().st_blocks * 512 == 12 * PAGE
+    finally:
+        source.close()
+
+
+def test_a_sparse_image_on_a_full_file_system_is_sent(small_disk):
+    path = small_disk / "ram.img"
+    sparse_file(path, 128, 8)
+    with contextlib.suppress(OSError), open(small_disk / "filler", "wb") as filler:
+        filler.write(bytes(1 << 20))                # the disk full: ENOSPC
+    source = fastmfd.Region.from_file("ram", path)
+    try:
+        with Migration(fastmfd.MigrationConfig(channels=2)) as m:
+            m.source.add_region(source)
+            stats, result = m.run().ok()
+            assert stats.zero_pages == 120
+            assert result.regions["ram"].buffer == path.read_bytes()
+    finally:
+        source.close()
+
+
+def test_a_hole_written_between_rounds_is_sent_as_data(tmpfs_path):
+    """Round 1 finds the whole image a hole; the workload writes page 1 before
+    the final round, which must read it, not take it for the hole learnt in
+    round 1 (one channel: the same worker sends both rounds)."""
+    path = tmpfs_path / "ram.img"
+    sparse_file(path, 16, 0)
+    source = fastmfd.Region.from_file("ram", path)
+
+    def write_page_1() -> None:
+        source.buffer[PAGE:2 * PAGE] = b"\x77" * PAGE
+        source.mark_dirty(PAGE, PAGE)
+
+    try:
+        with Migration(fastmfd.MigrationConfig(channels=1)) as m:
+            m.source.add_region(source)
+            stats, result = m.run(live=True, on_stop=write_page_1).ok()
+            assert stats.rounds == 2 and stats.zero_pages == 16
+            assert result.regions["ram"].buffer == bytes(PAGE) + b"\x77" * PAGE + bytes(14 * PAGE)
+    finally:
+        source.close()

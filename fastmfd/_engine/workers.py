@@ -90,9 +90,12 @@ def _send_session(pipe: ChildPipe, params: SendParams, stack: list[Closable]) ->
     # auto measures the link only where it is one: a peer on this host shares our CPUs.
     geometry.update(rate=params.rate, layout=params.layout,
                     measure_link=not peer_on_this_host(sock))
+    # The regions' files: a page in a hole of one is a zero page, sent unread.
+    hole_fds = ([_region_file(region, stack) for region in regions]
+                if params.zero_page_detection else None)
     engine = _core.SendEngine(sock.fileno(), params.channel, geometry, codec,
                               regions, counters, selector, params.selector_index, box, pool,
-                              list(params.devices), tls=tls)
+                              list(params.devices), tls=tls, hole_fds=hole_fds)
     engine.run(cmd_fd)
     pipe.send(Done())
     _hold_until_stopped(pipe)
@@ -174,9 +177,7 @@ def _receive(pipe: ChildPipe, sock: socket.socket, params: RecvParams,
     for index, region in enumerate(regions if params.ram else ()):
         placed = bool(params.place) and params.place[index]
         if placed or not params.fresh[index]:
-            file = region.open_file()
-            stack.append(file)
-            (place_fds if placed else hole_fds)[index] = file.fileno()
+            (place_fds if placed else hole_fds)[index] = _region_file(region, stack)
     geometry = _engine_geometry(params)
     geometry.update(layout=params.layout, learn_compression=params.learn_compression)
     codec = None if params.learn_compression else _core.make_codec(params.compression, False)
@@ -198,6 +199,13 @@ def _receive(pipe: ChildPipe, sock: socket.socket, params: RecvParams,
     pipe.send(Eof())
     _hold_until_stopped(pipe)
     del engine
+
+
+def _region_file(region: Region, stack: list[Closable]) -> int:
+    """``region``'s file opened anew for the engine (closed with ``stack``)."""
+    file = region.open_file()
+    stack.append(file)
+    return file.fileno()
 
 
 def _hold_until_stopped(pipe: ChildPipe) -> None:
