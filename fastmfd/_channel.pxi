@@ -68,6 +68,16 @@ cdef double socket_timeout(int fd, int option) noexcept:
 
 # ---------------------------------------------------------------- regions as the engines see them
 
+cdef bint sparse_on_tmpfs(int fd) except -1:
+    """Whether the file ``fd`` is on tmpfs and has holes now: only there does a
+    read of a hole allocate it (and SEEK_DATA elsewhere may not know of data
+    still in the page cache: FUSE does not flush first); and a file with none
+    (tmpfs counts every page it holds) is not worth an lseek, which walks the
+    page cache to the end of an extent, once per channel and round."""
+    st = os.fstat(fd)
+    return on_tmpfs(fd) and st.st_blocks * 512 < st.st_size
+
+
 cdef class _RegionTable:
     """The session's regions, in SETUP order, as C pointers (kept mapped by ``keep``)."""
 
@@ -92,10 +102,8 @@ cdef class _RegionTable:
             self.refs[i].name_len = len(raw)
             memcpy(self.entries[i].name, <const char *>raw, len(raw))
             self.entries[i].size = view.shape[0]
-            # Only tmpfs allocates a hole that is read; and SEEK_DATA elsewhere
-            # may not know of data still in the page cache (FUSE does not flush).
             self.refs[i].holes.fd = -1
-            if hole_fds is not None and hole_fds[i] >= 0 and on_tmpfs(hole_fds[i]):
+            if hole_fds is not None and hole_fds[i] >= 0 and sparse_on_tmpfs(hole_fds[i]):
                 self.refs[i].holes.fd = hole_fds[i]
             forget_extents(&self.refs[i].holes)
             if received is not None:

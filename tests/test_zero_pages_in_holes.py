@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import time
 
 import numpy as np
 
@@ -159,6 +160,12 @@ def test_a_hole_written_between_rounds_is_sent_as_data(tmpfs_path):
     source = fastmfd.Region.from_file("ram", path)
 
     def write_page_1() -> None:
+        # After round 1 went out whole: the stop comes as soon as its jobs are
+        # handed out, and a page read after this write would not be a hole.
+        deadline = time.monotonic() + 10
+        while m.source.status()["ram"]["duplicate"] < 16:
+            assert time.monotonic() < deadline, "round 1 never went out"
+            time.sleep(0.001)
         source.buffer[PAGE:2 * PAGE] = b"\x77" * PAGE
         source.mark_dirty(PAGE, PAGE)
 
