@@ -681,7 +681,7 @@ cdef class RecvEngine(_EngineBase):
                     self.zero[k] = off
                     k += 1
             if held >= 0:
-                clear_page_runs(ref, self.zero, k, psize)
+                held = -clear_page_runs(ref, self.zero, k, psize)
         if held < 0:
             raise_unpopulated(-held, f"region {ref.name.decode()}")
         bump(self.stats, ST_NORMAL, info.normal_pages)

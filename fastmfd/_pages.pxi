@@ -280,7 +280,7 @@ def readv_pages(int fd, uint8_t[::1] header, uint8_t[::1] buffer, offsets,
                    offsets, page_size, True)
 
 
-cdef void clear_page_runs(RegionRef *ref, const uint64_t *offsets, size_t n,
+cdef int clear_page_runs(RegionRef *ref, const uint64_t *offsets, size_t n,
                          uint32_t page_size) noexcept nogil:
     """Zero the pages at byte ``offsets`` of ``ref``, a run of adjacent pages at a
     time. In a sparse region (a sparse file mapped shared) a run of at least
@@ -291,9 +291,15 @@ cdef void clear_page_runs(RegionRef *ref, const uint64_t *offsets, size_t n,
     zero-filled (cheaper than a punch). Where the file system cannot punch
     (EOPNOTSUPP, EINVAL) the run is zero-filled, and so is every later one.
     A punched page is no longer one written (its ``received`` bit is
-    dropped): it is a hole again, which a read would allocate."""
+    dropped): it is a hole again, which a read would allocate. A run is
+    populated before it is zero-filled: on a file system that copies on
+    write, writing a page that holds data takes a new block, and where there
+    is none that is a SIGBUS. Returns 0, or populate's errno (nothing more
+    cleared)."""
     cdef size_t i = 0, j
     cdef uint64_t length, page
+    cdef iovec run
+    cdef int failed
     while i < n:
         j = i + 1
         while j < n and offsets[j] == offsets[j - 1] + page_size:
@@ -307,18 +313,26 @@ cdef void clear_page_runs(RegionRef *ref, const uint64_t *offsets, size_t n,
         else:
             if ref.sparse and length >= PUNCH_MIN_BYTES:
                 ref.sparse = False
+            run.iov_base = ref.base + offsets[i]
+            run.iov_len = length
+            failed = populate_for_write(&run, 1)
+            if failed:
+                return failed
             memset(ref.base + offsets[i], 0, length)
         i = j
+    return 0
 
 
 def clear_pages(uint8_t[::1] buffer, offsets, size_t page_size, bint punch,
-                DirtyBitmap written=None):
+                DirtyBitmap written=None, str what="memory"):
     """Zero the pages at byte ``offsets`` (page-aligned, inside ``buffer``) as a
     receive worker does (clear_page_runs): with ``punch`` (``buffer`` maps a
     sparse file shared) its long runs as holes, their pages unmarked in
     ``written`` (the pages written, when given). False when no hole could be
-    punched (``punch`` off, the memory or its page size not fit for it)."""
+    punched (``punch`` off, the memory or its page size not fit for it).
+    Raises MigrationError, naming ``what``, where no memory is left to zero."""
     cdef RegionRef ref
+    cdef int failed
     cdef uint64_t[::1] offs = np.ascontiguousarray(offsets, dtype=np.uint64)
     cdef size_t i, n = offs.shape[0]
     check_page_size(page_size)
@@ -336,7 +350,9 @@ def clear_pages(uint8_t[::1] buffer, offsets, size_t page_size, bint punch,
     ref.holes.fd = -1
     ref.sparse = punch and page_size % SYSTEM_PAGE == 0
     with nogil:
-        clear_page_runs(&ref, &offs[0], n, <uint32_t>page_size)
+        failed = clear_page_runs(&ref, &offs[0], n, <uint32_t>page_size)
+    if failed:
+        raise_unpopulated(failed, what)
     return ref.sparse
 
 

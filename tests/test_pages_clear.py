@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from fastmfd._core import PUNCH_MIN_BYTES, clear_pages
+from fastmfd.errors import MigrationError
 from fastmfd.regions import Region
 
 PAGE = 4096
@@ -59,6 +60,24 @@ def test_punched_pages_are_no_longer_marked_written(block_file):
     with pytest.raises(ValueError, match="written map smaller than the buffer"):
         clear_pages(region.buffer, np.array([0], dtype=np.uint64), PAGE // 2, True,
                     region.dirty)
+
+
+def test_pages_no_memory_backs_fail_cleanly_instead_of_a_sigbus(tmp_path):
+    """A zero-filled run is populated first: where no memory can back a page
+    (here the file was cut short under the mapping; on a file system that
+    copies on write and is full, a page that holds data is the same), the
+    clearing fails with the clean error, and a write would be a SIGBUS."""
+    path = tmp_path / "pc.ram.img"
+    path.write_bytes(b"\x01" * 8 * PAGE)
+    region = Region.from_file("pc.ram", str(path), page_size=PAGE)
+    try:
+        os.truncate(path, 2 * PAGE)
+        with pytest.raises(MigrationError, match=r"block pc\.ram: no memory to write into"):
+            clear_pages(region.buffer, np.array([4 * PAGE], dtype=np.uint64), PAGE, False,
+                        what="block pc.ram")
+    finally:
+        os.truncate(path, 8 * PAGE)
+        region.close()
 
 
 def test_without_punching_the_pages_are_written(block_file):

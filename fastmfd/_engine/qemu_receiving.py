@@ -309,7 +309,8 @@ class QemuReceiving:
         pages = region.dirty.marked(offsets // np.uint64(region.page_size))
         if len(pages):
             _core.clear_pages(region.buffer, pages * np.uint64(region.page_size),
-                              region.page_size, self._sparse(region), region.dirty)
+                              region.page_size, self._sparse(region), region.dirty,
+                              f"block {block}")
 
     @staticmethod
     def _sparse(region: Region) -> bool:
