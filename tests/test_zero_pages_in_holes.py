@@ -30,6 +30,12 @@ def sparse_file(path, pages: int, data_pages: int) -> None:
         file.truncate(pages * PAGE)
 
 
+def fill(directory) -> None:
+    """Fill the file system of ``directory`` (a small one) up: ENOSPC from now on."""
+    with contextlib.suppress(OSError), open(directory / "filler", "wb") as filler:
+        filler.write(bytes(1 << 20))
+
+
 def migrate_into(path, source: fastmfd.Region) -> fastmfd.MigrationStats:
     """Migrate ``source`` into a region of the user's mapped from ``path``."""
     target = fastmfd.Region.from_file(source.name, path)
@@ -69,8 +75,7 @@ def test_zero_pages_into_the_holes_of_a_full_file_system(small_disk):
                                                                  dtype=np.uint8)
     path = small_disk / "ram.img"
     sparse_file(path, 128, 8)
-    with contextlib.suppress(OSError), open(small_disk / "filler", "wb") as filler:
-        filler.write(bytes(1 << 20))                # the disk full: ENOSPC
+    fill(small_disk)
     try:
         assert migrate_into(path, source).zero_pages == 120
         assert path.read_bytes() == source.array.tobytes()
@@ -117,38 +122,35 @@ def test_holes_learnt_in_one_round_are_looked_up_again_in_the_next(tmpfs_path):
 
 # ---------------------------------------------------------------- the source
 
+def send_image(path, zero_pages: int) -> None:
+    """Migrate the image file ``path`` into new memory: ``zero_pages`` of it
+    go as zero pages, and what arrives is the file's bytes."""
+    source = fastmfd.Region.from_file("ram", path)
+    try:
+        with Migration(fastmfd.MigrationConfig(channels=2)) as m:
+            m.source.add_region(source)
+            stats, result = m.run().ok()
+            assert stats.zero_pages == zero_pages
+            assert result.regions["ram"].buffer == path.read_bytes()
+    finally:
+        source.close()
+
+
 def test_a_sparse_image_is_sent_without_filling_its_holes(tmpfs_path):
     path = tmpfs_path / "ram.img"
     sparse_file(path, 32, 0)
     with open(path, "r+b") as file:
         file.seek(4 * PAGE)
         file.write(np.random.default_rng(9).bytes(12 * PAGE))
-    source = fastmfd.Region.from_file("ram", path)
-    try:
-        with Migration(fastmfd.MigrationConfig(channels=2)) as m:
-            m.source.add_region(source)
-            stats, result = m.run().ok()
-            assert stats.zero_pages == 20
-            assert result.regions["ram"].buffer == path.read_bytes()
-        assert path.stat().st_blocks * 512 == 12 * PAGE
-    finally:
-        source.close()
+    send_image(path, 20)
+    assert path.stat().st_blocks * 512 == 12 * PAGE
 
 
 def test_a_sparse_image_on_a_full_file_system_is_sent(small_disk):
     path = small_disk / "ram.img"
     sparse_file(path, 128, 8)
-    with contextlib.suppress(OSError), open(small_disk / "filler", "wb") as filler:
-        filler.write(bytes(1 << 20))                # the disk full: ENOSPC
-    source = fastmfd.Region.from_file("ram", path)
-    try:
-        with Migration(fastmfd.MigrationConfig(channels=2)) as m:
-            m.source.add_region(source)
-            stats, result = m.run().ok()
-            assert stats.zero_pages == 120
-            assert result.regions["ram"].buffer == path.read_bytes()
-    finally:
-        source.close()
+    fill(small_disk)
+    send_image(path, 120)
 
 
 def test_a_hole_written_between_rounds_is_sent_as_data(tmpfs_path):
