@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import threading
 import time
 
 import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import fastmfd
 from fastmfd import _core
@@ -118,6 +121,77 @@ def test_holes_learnt_in_one_round_are_looked_up_again_in_the_next(tmpfs_path):
             a.close()
             b.close()
     assert path.read_bytes() == bytes(pages * PAGE)
+
+
+@settings(max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.data())
+def test_any_rounds_into_any_sparse_file_leave_what_was_last_sent(tmpfs_path, data):
+    """Property: a file of 24 pages, each data or a hole; one to four rounds,
+    each sending some pages once, as data or as zero, in packets of up to four
+    pages, in any order. Every page then holds what it was last sent (or what
+    it held), and no hole was read: a page takes memory only where it was
+    ever data."""
+    pages, params = 24, {"page_size": PAGE, "packet_pages": 4, "checksum": False,
+                         "zero_page_detection": True}
+    # Few pages of data at the start: long holes, which a round's first zero page
+    # learns, and the round then writes into.
+    at_start = data.draw(st.sets(st.integers(0, pages - 1), max_size=6), "data at start")
+    held = [p in at_start for p in range(pages)]
+    expected = [bytes([0x10 + p]) * PAGE if d else bytes(PAGE) for p, d in enumerate(held)]
+    ever_data = {p for p, d in enumerate(held) if d}
+    codec = _core.RamPacketCodec(4, PAGE, _core.LAYOUT_CURRENT, 0, {"ram": pages * PAGE})
+    stream = []
+    rounds = data.draw(st.integers(1, 4), "rounds")
+    for number in range(1, rounds + 1):
+        sent = data.draw(st.permutations(range(pages)), "order")[:data.draw(
+            st.integers(0, pages), "pages sent")]
+        as_data = data.draw(st.lists(st.booleans(), min_size=len(sent), max_size=len(sent)))
+        for start in range(0, len(sent), 4):
+            normal = [p for p, d in zip(sent[start:start + 4], as_data[start:start + 4]) if d]
+            zero = [p for p, d in zip(sent[start:start + 4], as_data[start:start + 4]) if not d]
+            header = bytearray(codec.header_size)
+            codec.encode(header, flags=0, ramblock=b"ram", normal=[p * PAGE for p in normal],
+                         zero=[p * PAGE for p in zero], next_packet_size=len(normal) * PAGE)
+            contents = [bytes([(number * 31 + p) % 255 + 1]) * PAGE for p in normal]
+            stream += [bytes(header), *contents]
+            for p, content in zip(normal, contents):
+                expected[p] = content
+                ever_data.add(p)
+            for p in zero:
+                expected[p] = bytes(PAGE)
+        header = bytearray(codec.header_size)
+        codec.encode(header, flags=_core.FLAG_SYNC, ramblock=b"", normal=(), zero=(),
+                     next_packet_size=0)
+        stream.append(bytes(header))
+
+    path = tmpfs_path / f"ram-{time.monotonic_ns()}.img"
+    with open(path, "wb") as file:
+        for p in (p for p, d in enumerate(held) if d):
+            file.seek(p * PAGE)
+            file.write(bytes([0x10 + p]) * PAGE)
+        file.truncate(pages * PAGE)
+    a, b = socket.socketpair()
+    sender = threading.Thread(target=lambda: (a.sendall(b"".join(stream)),
+                                              a.shutdown(socket.SHUT_WR)), daemon=True)
+    try:
+        with fastmfd.Region.from_file("ram", path) as region, open(path, "rb") as file, \
+                _core.Counters.create(1, tag="test-counters") as counters, \
+                _core.DirtyBitmap.create(pages, tag="test-received") as received:
+            engine = _core.RecvEngine(b.fileno(), 0, params, None, [region], counters,
+                                      [received], [False], hole_fds=[file.fileno()])
+            sender.start()
+            assert [engine.run() for _ in range(rounds + 1)] == \
+                [_core.EVENT_SYNC] * rounds + [_core.EVENT_EOF]
+            del engine
+        sender.join(10)
+        got = path.read_bytes()
+        assert [got[p * PAGE:(p + 1) * PAGE] == expected[p] for p in range(pages)] == \
+            [True] * pages
+        assert path.stat().st_blocks * 512 == len(ever_data) * PAGE
+    finally:
+        a.close()
+        b.close()
+        path.unlink()
 
 
 # ---------------------------------------------------------------- the source
