@@ -509,8 +509,8 @@ cdef class RecvEngine(_EngineBase):
     not punched out since), so a listed zero page is only zeroed where older
     data may sit (``fresh`` regions started zero-filled); in a ``sparse``
     region (a sparse file mapped shared) it becomes a hole again
-    (clear_page_runs). Device chunks
-    go into slots of ``pool``; their descriptors are written to ``reassembly_fd``.
+    (clear_page_runs). Device chunks go into slots of ``pool``; their
+    descriptors are written to ``reassembly_fd``.
 
     ``place_fds`` (per region, an fd of its file or -1): fresh memory, whose
     pages are assembled in a buffer and placed with userfaultfd's UFFDIO_COPY

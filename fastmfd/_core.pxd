@@ -484,8 +484,8 @@ cdef struct RegionRef:              # a region as the engines see it
     bint sparse                     # destination: a sparse file mapped shared: clearing punches holes
     uint8_t *place                  # destination, fresh memory: a second mapping that pages are
                                     # placed into with UFFDIO_COPY (NULL: written through base)
-    Extents holes                   # destination, memory not fresh: its file's holes, which read
-                                    # as zero already (a read would allocate them)
+    Extents holes                   # a source's, or a destination's not fresh: its file's holes
+                                    # on tmpfs, zero already (a read would allocate them)
     char name[256]
     size_t name_len
 

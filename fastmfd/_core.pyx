@@ -48,8 +48,7 @@ from posix.uio cimport readv, writev
 
 from fastmfd.includes.atomics cimport (
     fm_cas32, fm_cas64, fm_exchange64, fm_fetch_add32, fm_fetch_add64, fm_fetch_and64,
-    fm_fetch_or64,
-    fm_fetch_sub32, fm_load32, fm_load64, fm_store32, fm_store64,
+    fm_fetch_or64, fm_fetch_sub32, fm_load32, fm_load64, fm_store32, fm_store64,
 )
 from fastmfd.includes.libz cimport (
     crc32, MAX_WBITS, Z_BUF_ERROR, Z_DEFAULT_STRATEGY, Z_DEFLATED, Z_NO_FLUSH, Z_OK, Z_SYNC_FLUSH,
