@@ -26,10 +26,11 @@ import pytest
 import fastmfd
 from device_support import StopsHalfwayThroughItsReport, StuckLoader
 from fastmfd._engine.liveness import Heartbeat
-from fastmfd.protocol.main_channel import MainChannel, Msg
+from fastmfd import _core
+from fastmfd.protocol.main_channel import MainChannel, Msg, encode_message
 from fastmfd.shm import SHM_DIR
 from migration_support import (BlackHole, FakeSource, Migration, OnMessage, Packets, Proxy,
-                               Trigger, hello, make_region, setup_message)
+                               Trigger, hello, make_region, ram_packet, setup_message)
 
 STALL = 1.0
 BOUND = STALL + 2.0         # seconds from the fault to each side's failure
@@ -110,6 +111,57 @@ def test_a_source_silent_after_setup_ack(channels_connected):
     expected = "nothing from the source" if channels_connected else "channel 0: not connected"
     assert expected in str(error)
     assert kind.name == "ERROR" and expected in body["error"]
+
+
+def _fake_session(syncs: int, messages: list[tuple[Msg, dict]]) -> BaseException:
+    """A hand-made source: one channel sends a RAM packet and ``syncs`` SYNCs, the
+    main channel ``messages``, then KEEPALIVEs, as a live source does, until the
+    destination ends (within BOUND + 5 s); returns the destination's error."""
+    config = fastmfd.MigrationConfig(channels=1, packet_pages=16)
+    uuid = os.urandom(16)
+    codec = _core.RamPacketCodec(config.packet_pages, config.page_size)
+    sync = bytearray(codec.header_size)
+    codec.encode(sync, flags=_core.FLAG_SYNC)
+    with fastmfd.Destination("tcp:127.0.0.1:0", workers=1, stall_timeout=STALL) as dst:
+        thread, done = _receive_in_thread(dst)
+        source = FakeSource(dst.address, setup_message(config, uuid, {"ram": 16 * 4096}))
+        try:
+            assert source.open_main()[0] is Msg.SETUP_ACK
+            source.connect(hello(0, uuid) + ram_packet(config, "ram", [0, 1], 0xEE)
+                           + bytes(sync) * syncs)
+            for kind, payload in messages:
+                source.main.sendall(encode_message(kind, payload))
+            deadline = time.monotonic() + BOUND + 5
+            while thread.is_alive() and time.monotonic() < deadline:
+                source.main.sendall(encode_message(Msg.KEEPALIVE))
+                thread.join(0.2)
+            assert not thread.is_alive(), "the destination still waits"
+        finally:
+            source.close()
+    return done["error"]
+
+
+COMPLETE = (Msg.COMPLETE, {"channels": [{}], "device_chunks": []})
+
+
+@pytest.mark.parametrize("fault", ["one SYNC too many", "ROUND_END lost"])
+def test_a_channel_past_the_last_round_fails_at_once(fault):
+    """A RAM channel at the SYNC of a round the source never ended (a SYNC too
+    many, or the ROUND_END lost) can never be let on once COMPLETE came: the
+    session fails, naming the channel, however long the source keeps its main
+    channel alive (found by fuzzing: it waited for ever, excused as held)."""
+    syncs, rounds = (2, 1) if fault == "one SYNC too many" else (1, 0)
+    error = _fake_session(syncs, [(Msg.ROUND_END, {"round": n}) for n in range(1, rounds + 1)]
+                          + [COMPLETE])
+    assert isinstance(error, fastmfd.MigrationError), repr(error)
+    assert (f"receive channel 0: SYNC of round {rounds + 1}, but the source ended {rounds} "
+            f"round(s) (COMPLETE)") in str(error)
+
+
+def test_a_round_end_out_of_turn_names_its_place():
+    error = _fake_session(1, [(Msg.ROUND_END, {"round": 5})])
+    assert isinstance(error, fastmfd.MigrationError), repr(error)
+    assert "main channel: ROUND_END field 'round': received 5, expected 1" in str(error)
 
 
 # ---------------------------------------------------------------- channels

@@ -324,6 +324,7 @@ class Receiving:
         if isinstance(report, Synced):
             self._sync_count[report.round] = self._sync_count.get(report.round, 0) + 1
             self._synced[ch] = report.round
+            self._check_no_round_past_the_end()
             self._release_rounds()
         elif isinstance(report, Eof):
             self._drained.add(ch)
@@ -427,6 +428,20 @@ class Receiving:
                 raise stall_error(reassembly.name, stall, pid)
         self._heartbeat.beat()
 
+    def _check_no_round_past_the_end(self) -> None:
+        """After COMPLETE no ROUND_END comes: a RAM channel at the SYNC of a round
+        the source did not end would be held there for ever (found by fuzzing:
+        a ROUND_END lost, or one SYNC too many, hung a session whose source kept
+        its main channel alive)."""
+        if self._complete is None:
+            return
+        for ch, reached in self._synced.items():
+            if reached > self._round_end:
+                raise ProtocolError(f"receive channel {ch}: SYNC of round {reached}, but "
+                                    f"the source ended {self._round_end} round(s) (COMPLETE)",
+                                    field="round", received=reached,
+                                    expected=f"<= {self._round_end}")
+
     def _release_rounds(self) -> None:
         """RAM barrier: let every RAM channel past round n once all reached it."""
         assert self.setup is not None and self.main is not None, "after accept_main()"
@@ -467,8 +482,9 @@ class Receiving:
         payload = decode_payload(kind, body)
         if isinstance(payload, RoundEnd):
             if payload.round != self._round_end + 1:
-                raise ProtocolError(f"ROUND_END for round {payload.round}, expected "
-                                    f"{self._round_end + 1}", field="round",
+                raise ProtocolError(f"main channel: ROUND_END field 'round': received "
+                                    f"{payload.round}, expected {self._round_end + 1}",
+                                    field="round",
                                     received=payload.round, expected=self._round_end + 1)
             self._round_end = payload.round
             self._check_ended_early()
@@ -486,6 +502,7 @@ class Receiving:
         else:
             self._complete = payload
             self.state = ReceivingState.COMPLETE
+            self._check_no_round_past_the_end()
 
     def _waiting_for_slot(self, since: float) -> None:
         """An old-way chunk waits for a free slot: the session goes on living (its
