@@ -408,6 +408,29 @@ class AtMessage(Fault):
         getattr(link, self.then)()
 
 
+class FlipInMessage(AtMessage):
+    """On the main channel: flip ``mask`` in byte ``at`` of the payload of the
+    first message of type ``kind``; every byte else passes as it came."""
+
+    def __init__(self, kind, at: int, mask: int) -> None:
+        super().__init__(kind, "flip")
+        self.at, self.mask = at, mask
+
+    def data(self, link, data, offset):
+        if self.fired_at is not None:
+            link.send(data)
+        else:
+            super().data(link, data, offset)
+
+    def _strike(self, link) -> None:
+        if len(self.buf) <= 8 + self.at:
+            return                          # called again as more of it comes
+        self.buf[8 + self.at] ^= self.mask
+        self.fire()
+        link.send(bytes(self.buf))
+        self.buf.clear()
+
+
 class OnMessage(Fault):
     """On the main channel: call ``action()`` when the first message of type ``kind``
     from the source comes; that message and all after it reach the destination

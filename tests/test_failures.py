@@ -26,8 +26,8 @@ import fastmfd
 from fastmfd import _core
 from fastmfd.protocol.main_channel import Msg
 from fastmfd._engine.processes import RemoteTraceback
-from migration_support import (AtMessage, Corrupt, Migration, Outcome, Proxy, Reset, Trigger,
-                               Truncate, make_region)
+from migration_support import (AtMessage, Corrupt, FlipInMessage, Migration, Outcome, Proxy, Reset,
+                               Trigger, Truncate, make_region)
 
 CONFIG = fastmfd.MigrationConfig(channels=2, max_bandwidth=64 << 20, job_packets=1)
 MIB = 1 << 20
@@ -47,7 +47,8 @@ def image():
 def migrate(image, faults=None, config=CONFIG, on_enter=None, **hooks) -> Outcome:
     """Migrate ``image`` through a proxy with ``faults``; the Source and Destination
     are closed when this returns. ``on_enter(migration)`` runs before the start."""
-    proxy = Proxy(faults) if faults is not None else None
+    proxy = (Proxy(faults, channel_header=config.channel_header)
+             if faults is not None else None)
     with Migration(config, proxy=proxy) as m:
         m.source.add_region(image)
         if on_enter is not None:
@@ -257,6 +258,21 @@ def test_corrupted_device_state_fails_its_checksum(image, leaks, compression):
     expected = r"receive channel 2: ProtocolError: device state packet field 'checksum'"
     assert_names(dst, expected)
     assert_names(src, "the destination failed: " + expected)
+    leaks.assert_clean(keep=[image])
+
+
+def test_corrupted_old_way_device_state_fails_its_checksum(image, leaks):
+    """The old way's DEVICE_STATE messages carry the CRC-32 too (found by a
+    fuzzing helper: a flipped bit in one was loaded)."""
+    config = CONFIG.replace(checksum=True, channel_header=False)
+    flip = FlipInMessage(Msg.DEVICE_STATE, at=1000, mask=0x01)
+    device = fastmfd.SyntheticDevice("nic", 0, 4 * MIB, seed=5)
+    outcome = migrate(image, {"main": flip}, config=config,
+                      on_enter=lambda m: m.source.add_device(device))
+    src, dst = outcome.failed_both(since=flip.fired_at)
+    expected = r"DEVICE_STATE field 'checksum': received [0-9a-f]{16}, expected [0-9a-f]{16}"
+    assert_names(dst, expected)
+    assert_names(src, expected)
     leaks.assert_clean(keep=[image])
 
 

@@ -28,7 +28,8 @@ from ..devices import CollectLoader, Loader, device_key
 from ..errors import ConfigError, ProtocolError
 from ..protocol.control import (AwaitPrecopy, DeviceLoaded, Drained, PrecopyLoaded, RamLoaded,
                                 ReassemblyParams)
-from ..protocol.main_channel import OLD_WAY_PREFIX, MainChannel, Msg, PrecopySent
+from ..protocol.main_channel import (OLD_WAY_CHECKSUM, OLD_WAY_PREFIX, MainChannel, Msg,
+                                     PrecopySent, old_way_checksum)
 from ..protocol.setup import Setup
 from .processes import ChildSet
 from .reassembly import plan_pool
@@ -149,6 +150,14 @@ class DeviceLoading:
                                 f"{len(devices)}", field="device", received=device,
                                 expected=f"< {len(devices)}")
         chunk = memoryview(body)[OLD_WAY_PREFIX.size:]
+        if self.setup.checksum:
+            chunk, trailer = chunk[:-OLD_WAY_CHECKSUM.size], chunk[-OLD_WAY_CHECKSUM.size:]
+            expected = old_way_checksum(body[:OLD_WAY_PREFIX.size], chunk)
+            if len(chunk) < _core.CHUNK_HEADER_SIZE or trailer != expected:
+                raise ProtocolError(
+                    f"DEVICE_STATE field 'checksum': received {bytes(trailer).hex()}, "
+                    f"expected {expected.hex()}", field="checksum",
+                    received=bytes(trailer).hex(), expected=expected.hex())
         idx, flags = _core.decode_chunk_header(chunk)
         since = time.monotonic()
         while (slot := self.pool.acquire(timeout=poll)) is None:

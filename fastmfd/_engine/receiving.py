@@ -48,8 +48,8 @@ from ..devices import Loader
 from ..errors import ConfigError, FastMFDError, MigrationError, ProtocolError, SecurityError
 from ..protocol import handshake
 from ..protocol.control import Drained, Eof, Go, Greeted, Refused, RecvParams, Synced
-from ..protocol.main_channel import (MAIN, OLD_WAY_PREFIX, Complete, Loaded, MainChannel,
-                                     Msg, PrecopySent, RoundAck, RoundEnd,
+from ..protocol.main_channel import (MAIN, OLD_WAY_CHECKSUM, OLD_WAY_PREFIX, Complete, Loaded,
+                                     MainChannel, Msg, PrecopySent, RoundAck, RoundEnd,
                                      decode_message_header, decode_payload, read_message)
 from ..protocol.security import ChannelSecurity
 from ..protocol.setup import Setup
@@ -376,7 +376,8 @@ class Receiving:
     def _max_message(self) -> int:
         """The largest main-channel payload (an old-way device chunk)."""
         assert self.setup is not None and self.setup.chunk_size is not None, "after SETUP"
-        return OLD_WAY_PREFIX.size + _core.CHUNK_HEADER_SIZE + self.setup.chunk_size
+        return (OLD_WAY_PREFIX.size + _core.CHUNK_HEADER_SIZE + self.setup.chunk_size
+                + OLD_WAY_CHECKSUM.size * self.setup.checksum)
 
     def _hear_the_source(self, wait: float) -> None:
         """Handle what the source sends within ``wait`` seconds (its ERROR raises)."""

@@ -30,7 +30,7 @@ from typing import Callable, Protocol
 from .. import _core
 from ..devices import Device, device_key, has_precopy
 from ..errors import Aborted, MigrationError
-from ..protocol.main_channel import OLD_WAY_PREFIX, MainChannel, Msg
+from ..protocol.main_channel import OLD_WAY_PREFIX, MainChannel, Msg, old_way_checksum
 from .session import SessionFailure
 
 Reader = Callable[[memoryview], int]
@@ -265,10 +265,13 @@ class DeviceSaver:
 
 
 class _MainChannelSink:
-    """Chunks as DEVICE_STATE messages: device index, chunk header, data."""
+    """Chunks as DEVICE_STATE messages: device index, chunk header, data (and
+    with ``checksum``, its CRC-32)."""
 
-    def __init__(self, main: MainChannel, device: int, chunk_size: int) -> None:
+    def __init__(self, main: MainChannel, device: int, chunk_size: int,
+                 checksum: bool) -> None:
         self._main = main
+        self._checksum = checksum
         self._prefix = OLD_WAY_PREFIX.pack(device)
         self._buf = memoryview(bytearray(CHUNK_HEADER + chunk_size))
         self.bytes_sent = 0
@@ -281,7 +284,10 @@ class _MainChannelSink:
 
     def send(self, idx: int, flags: int, length: int) -> None:
         _core.encode_chunk_header(self._buf[:CHUNK_HEADER], idx, flags)
-        self._main.send_parts(Msg.DEVICE_STATE, [self._prefix, self._buf[:CHUNK_HEADER + length]])
+        parts = [self._prefix, self._buf[:CHUNK_HEADER + length]]
+        if self._checksum:
+            parts.append(old_way_checksum(*parts))
+        self._main.send_parts(Msg.DEVICE_STATE, parts)
         self.bytes_sent += CHUNK_HEADER + length
 
 
@@ -291,9 +297,11 @@ class OldWaySaver:
     beside the caller, so a phase runs when it is joined: after the round's RAM
     jobs are handed to the channels, as QEMU saves RAM before the devices."""
 
-    def __init__(self, streams: list[DeviceStream], main: MainChannel, chunk_size: int) -> None:
+    def __init__(self, streams: list[DeviceStream], main: MainChannel, chunk_size: int,
+                 checksum: bool) -> None:
         self.streams, self._chunk = streams, chunk_size
-        self._sinks = [_MainChannelSink(main, i, chunk_size) for i in range(len(streams))]
+        self._sinks = [_MainChannelSink(main, i, chunk_size, checksum)
+                       for i in range(len(streams))]
         self._phase: Phase | None = None
 
     def start(self, live: bool) -> None:

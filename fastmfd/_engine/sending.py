@@ -214,7 +214,8 @@ class Sending:
                                       self._device_command, self.failure,
                                       cfg.device_chunk_size, cfg.stall_timeout)
         elif self._streams:
-            self._saver = OldWaySaver(self._streams, self.main, cfg.device_chunk_size)
+            self._saver = OldWaySaver(self._streams, self.main, cfg.device_chunk_size,
+                                      cfg.checksum)
         self.state = SendingState.LIVE
 
     @property

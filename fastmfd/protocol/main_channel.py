@@ -24,6 +24,7 @@ import socket
 import struct
 import threading
 import time
+import zlib
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
@@ -54,6 +55,8 @@ MAX_AUTH_PAYLOAD = 64              # a UUID, a nonce, a nonce and a proof, or a 
 MAX_JSON_DEPTH = 32                # nesting of a control payload (SETUP's is 3): deeper ones
                                    # would not even fit an error message (repr recursion)
 OLD_WAY_PREFIX = struct.Struct(">I")    # DEVICE_STATE: the device index before the chunk
+OLD_WAY_CHECKSUM = struct.Struct("<Q")  # DEVICE_STATE with SETUP's checksum: CRC-32 of the
+                                        # rest, as a multifd device packet's trailer
 _MAX_COUNT = (1 << 63) - 1          # any counter or round number
 
 
@@ -96,6 +99,15 @@ class PrecopySent:
     the chunks it sent live (idx 0 up to this). The destination answers
     SWITCHOVER_ACK once every one of them is loaded."""
     device_chunks: list[int]
+
+
+def old_way_checksum(*parts: bytes | memoryview) -> bytes:
+    """The trailer of a checksummed DEVICE_STATE message: the CRC-32 of ``parts``
+    (its device index, chunk header and data)."""
+    crc = 0
+    for part in parts:
+        crc = zlib.crc32(part, crc)
+    return OLD_WAY_CHECKSUM.pack(crc)
 
 
 @dataclass(frozen=True)
