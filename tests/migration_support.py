@@ -408,13 +408,16 @@ class AtMessage(Fault):
         getattr(link, self.then)()
 
 
-class FlipInMessage(AtMessage):
-    """On the main channel: flip ``mask`` in byte ``at`` of the payload of the
-    first message of type ``kind``; every byte else passes as it came."""
+class EditMessage(AtMessage):
+    """On the main channel: the first message of type ``kind`` goes on as ``edit``
+    changes it (in place, in ``buf``: the message from its header on; False
+    while more of it must come first); every other byte passes as it came."""
 
-    def __init__(self, kind, at: int, mask: int) -> None:
-        super().__init__(kind, "flip")
-        self.at, self.mask = at, mask
+    def __init__(self, kind) -> None:
+        super().__init__(kind, then="")
+
+    def edit(self, buf: bytearray) -> bool:
+        raise NotImplementedError
 
     def data(self, link, data, offset):
         if self.fired_at is not None:
@@ -423,12 +426,24 @@ class FlipInMessage(AtMessage):
             super().data(link, data, offset)
 
     def _strike(self, link) -> None:
-        if len(self.buf) <= 8 + self.at:
-            return                          # called again as more of it comes
-        self.buf[8 + self.at] ^= self.mask
-        self.fire()
-        link.send(bytes(self.buf))
-        self.buf.clear()
+        if self.edit(self.buf):
+            self.fire()
+            link.send(bytes(self.buf))
+            self.buf.clear()
+
+
+class FlipInMessage(EditMessage):
+    """Flip ``mask`` in byte ``at`` of the payload of the first ``kind`` message."""
+
+    def __init__(self, kind, at: int, mask: int) -> None:
+        super().__init__(kind)
+        self.at, self.mask = at, mask
+
+    def edit(self, buf: bytearray) -> bool:
+        if len(buf) <= 8 + self.at:
+            return False
+        buf[8 + self.at] ^= self.mask
+        return True
 
 
 class OnMessage(Fault):

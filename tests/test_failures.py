@@ -26,8 +26,8 @@ import fastmfd
 from fastmfd import _core
 from fastmfd.protocol.main_channel import Msg
 from fastmfd._engine.processes import RemoteTraceback
-from migration_support import (AtMessage, Corrupt, FlipInMessage, Migration, Outcome, Proxy, Reset,
-                               Trigger, Truncate, make_region)
+from migration_support import (AtMessage, Corrupt, EditMessage, FlipInMessage, Migration,
+                               Outcome, Proxy, Reset, Trigger, Truncate, make_region)
 
 CONFIG = fastmfd.MigrationConfig(channels=2, max_bandwidth=64 << 20, job_packets=1)
 MIB = 1 << 20
@@ -302,24 +302,17 @@ def test_main_channel_lost_mid_session(image, leaks, then, cause):
     leaks.assert_clean(keep=[image])
 
 
-class Retype(AtMessage):
+class Retype(EditMessage):
     """On the main channel: the first message of type ``kind`` goes on as ``becomes``
     (one corrupted type field), everything else unchanged."""
 
     def __init__(self, kind, becomes) -> None:
-        super().__init__(kind, then="")
+        super().__init__(kind)
         self.becomes = becomes
 
-    def data(self, link, data, offset):
-        if self.fired_at is not None:
-            link.send(data)
-        else:
-            super().data(link, data, offset)
-
-    def _strike(self, link) -> None:
-        struct.pack_into(">I", self.buf, 0, self.becomes)
-        self.fire()
-        link.send(bytes(self.buf))
+    def edit(self, buf: bytearray) -> bool:
+        struct.pack_into(">I", buf, 0, self.becomes)
+        return True
 
 
 def test_round_end_corrupted_into_a_keepalive(image, leaks):
