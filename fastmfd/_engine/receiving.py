@@ -48,9 +48,10 @@ from ..devices import Loader
 from ..errors import ConfigError, FastMFDError, MigrationError, ProtocolError, SecurityError
 from ..protocol import handshake
 from ..protocol.control import Drained, Eof, Go, Greeted, Refused, RecvParams, Synced
-from ..protocol.main_channel import (MAIN, OLD_WAY_CHECKSUM, OLD_WAY_PREFIX, Complete, Loaded,
-                                     MainChannel, Msg, PrecopySent, RoundAck, RoundEnd,
-                                     decode_message_header, decode_payload, read_message)
+from ..protocol.main_channel import (MAIN, Complete, Loaded, MainChannel, Msg, PrecopySent,
+                                     RoundAck, RoundEnd, decode_message_header,
+                                     decode_payload, old_way_message_size, read_message,
+                                     source_failed)
 from ..protocol.security import ChannelSecurity
 from ..protocol.setup import Setup
 from ..protocol.sockets import recv_exact, tune_data_socket, tune_main_socket
@@ -376,8 +377,7 @@ class Receiving:
     def _max_message(self) -> int:
         """The largest main-channel payload (an old-way device chunk)."""
         assert self.setup is not None and self.setup.chunk_size is not None, "after SETUP"
-        return (OLD_WAY_PREFIX.size + _core.CHUNK_HEADER_SIZE + self.setup.chunk_size
-                + OLD_WAY_CHECKSUM.size * self.setup.checksum)
+        return old_way_message_size(self.setup.chunk_size, self.setup.checksum)
 
     def _hear_the_source(self, wait: float) -> None:
         """Handle what the source sends within ``wait`` seconds (its ERROR raises)."""
@@ -431,9 +431,7 @@ class Receiving:
 
     def _check_no_round_past_the_end(self) -> None:
         """After COMPLETE no ROUND_END comes: a RAM channel at the SYNC of a round
-        the source did not end would be held there for ever (found by fuzzing:
-        a ROUND_END lost, or one SYNC too many, hung a session whose source kept
-        its main channel alive)."""
+        the source did not end would be held there for ever (found by fuzzing)."""
         if self._complete is None:
             return
         for ch, reached in self._synced.items():
@@ -598,9 +596,3 @@ class Receiving:
 
     def device_results(self) -> dict[tuple[str, int], object]:
         return self._devices.results_by_key() if self._devices is not None else {}
-
-
-def source_failed(body: bytes) -> MigrationError:
-    """The source's ERROR message (its payload ``body``) as the session's error."""
-    return MigrationError(f"the source failed: {decode_payload(Msg.ERROR, body).error}",
-                          channel=MAIN, side="source")

@@ -284,7 +284,7 @@ class _MainChannelSink:
 
     def send(self, idx: int, flags: int, length: int) -> None:
         _core.encode_chunk_header(self._buf[:CHUNK_HEADER], idx, flags)
-        parts = [self._prefix, self._buf[:CHUNK_HEADER + length]]
+        parts: list[bytes | memoryview] = [self._prefix, self._buf[:CHUNK_HEADER + length]]
         if self._checksum:
             parts.append(old_way_checksum(*parts))
         self._main.send_parts(Msg.DEVICE_STATE, parts)

@@ -28,6 +28,7 @@ import zlib
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
+from .. import _core
 from ..errors import MigrationError, ProtocolError, printable
 from .setup import MAX_CHANNELS, MAX_DEVICES, Setup
 from .sockets import recv_exact, send_all
@@ -37,11 +38,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MAIN", "MAIN_MAGIC", "MAIN_VERSION", "MAIN_PREAMBLE", "MESSAGE_HEADER", "MESSAGE_HEADER_SIZE",
-    "MAX_CONTROL_PAYLOAD", "MAX_JSON_DEPTH", "OLD_WAY_PREFIX", "Msg", "RoundEnd", "RoundAck",
-    "PrecopySent", "Complete",
+    "MAX_CONTROL_PAYLOAD", "MAX_JSON_DEPTH", "OLD_WAY_PREFIX", "OLD_WAY_CHECKSUM", "Msg",
+    "RoundEnd", "RoundAck", "PrecopySent", "Complete",
     "Loaded", "Error", "MainChannel", "encode_message", "decode_message_header",
     "decode_control", "decode_payload", "encode_preamble", "check_preamble", "read_message",
-    "read_payload", "expect_message",
+    "read_payload", "expect_message", "old_way_message_size", "old_way_checksum",
+    "source_failed",
 ]
 
 MAIN = "main channel"               # how errors name the main channel
@@ -101,6 +103,13 @@ class PrecopySent:
     device_chunks: list[int]
 
 
+def old_way_message_size(chunk_size: int, checksum: bool) -> int:
+    """The largest DEVICE_STATE payload: device index, chunk header, a chunk of
+    ``chunk_size`` and, with ``checksum``, its trailer."""
+    return (OLD_WAY_PREFIX.size + _core.CHUNK_HEADER_SIZE + chunk_size
+            + OLD_WAY_CHECKSUM.size * checksum)
+
+
 def old_way_checksum(*parts: bytes | memoryview) -> bytes:
     """The trailer of a checksummed DEVICE_STATE message: the CRC-32 of ``parts``
     (its device index, chunk header and data)."""
@@ -108,6 +117,12 @@ def old_way_checksum(*parts: bytes | memoryview) -> bytes:
     for part in parts:
         crc = zlib.crc32(part, crc)
     return OLD_WAY_CHECKSUM.pack(crc)
+
+
+def source_failed(body: bytes) -> MigrationError:
+    """The source's ERROR message (its payload ``body``) as the session's error."""
+    return MigrationError(f"the source failed: {decode_payload(Msg.ERROR, body).error}",
+                          channel=MAIN, side="source")
 
 
 @dataclass(frozen=True)
