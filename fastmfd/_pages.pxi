@@ -54,6 +54,14 @@ cdef int populate_for_write(const iovec *iov, size_t count,
     return 0
 
 
+cdef int populate_range(void *start, size_t length) noexcept nogil:
+    """populate_for_write of the one run ``start`` .. ``start + length``."""
+    cdef iovec run
+    run.iov_base = start
+    run.iov_len = length
+    return populate_for_write(&run, 1)
+
+
 cdef int raise_unpopulated(int err, str what, str call="populate") except -1:
     """Raise the clean error for a populate_for_write (or place_runs: ``call``)
     that found no memory (err: its errno). Called only then: ``what`` is text
@@ -113,10 +121,7 @@ cdef int copy_through_mapping(RegionRef *ref, size_t at, const uint8_t *src,
                               size_t length) noexcept nogil:
     """Copy ``length`` bytes from ``src`` to byte ``at`` of ``ref`` through its
     mapping, populated first: 0, or EFAULT/ENOMEM where no memory backs it."""
-    cdef iovec one
-    one.iov_base = ref.base + at
-    one.iov_len = length
-    cdef int failed = populate_for_write(&one, 1)
+    cdef int failed = populate_range(ref.base + at, length)
     if failed:
         return failed
     memcpy(ref.base + at, src, length)
@@ -138,14 +143,11 @@ def populate(uint8_t[::1] memory, str what):
     mapped before data arrives (a destination's prealloc). Raises the clean
     MigrationError where its file system (/dev/shm) cannot back it, never a
     SIGBUS; on a kernel without MADV_POPULATE_WRITE (< 5.14) it does nothing."""
-    cdef iovec one
     cdef int failed
     if memory.shape[0] == 0:
         return
-    one.iov_base = &memory[0]
-    one.iov_len = memory.shape[0]
     with nogil:
-        failed = populate_for_write(&one, 1)
+        failed = populate_range(&memory[0], memory.shape[0])
     if failed:
         raise_unpopulated(failed, what)
 
@@ -298,7 +300,6 @@ cdef int clear_page_runs(RegionRef *ref, const uint64_t *offsets, size_t n,
     cleared)."""
     cdef size_t i = 0, j
     cdef uint64_t length, page
-    cdef iovec run
     cdef int failed
     while i < n:
         j = i + 1
@@ -313,9 +314,7 @@ cdef int clear_page_runs(RegionRef *ref, const uint64_t *offsets, size_t n,
         else:
             if ref.sparse and length >= PUNCH_MIN_BYTES:
                 ref.sparse = False
-            run.iov_base = ref.base + offsets[i]
-            run.iov_len = length
-            failed = populate_for_write(&run, 1)
+            failed = populate_range(ref.base + offsets[i], length)
             if failed:
                 return failed
             memset(ref.base + offsets[i], 0, length)
@@ -472,7 +471,6 @@ cdef int may_hold_data(RegionRef *ref, uint64_t offset, uint32_t page_size) noex
     clearing it fail cleanly there instead."""
     cdef uint64_t page = offset // page_size
     cdef PageExtent where
-    cdef iovec whole
     cdef int failed
     if ref.fresh:
         return (fm_load64(&ref.received[page >> 6]) >> (page & 63)) & 1
@@ -480,9 +478,7 @@ cdef int may_hold_data(RegionRef *ref, uint64_t offset, uint32_t page_size) noex
     if where == PAGE_HOLE:
         return 0
     if where == PAGE_PARTLY:
-        whole.iov_base = ref.base + offset
-        whole.iov_len = page_size
-        failed = populate_for_write(&whole, 1)
+        failed = populate_range(ref.base + offset, page_size)
         if failed:
             return -failed
     return 1

@@ -323,16 +323,13 @@ cdef class BufferPool(_SharedStructure):
         return bool(fm_load32(&self.held[slot]))
 
     cdef int back_slot(self, uint32_t slot) except -1:
-        cdef iovec one
         cdef int failed
         if self.backed is None:
             self.backed = bytearray(self.hdr.nslots)
         if self.backed[slot]:
             return 0
-        one.iov_base = self.slot_ptr(slot)
-        one.iov_len = self.hdr.slot_size
         with nogil:
-            failed = populate_for_write(&one, 1)
+            failed = populate_range(self.slot_ptr(slot), self.hdr.slot_size)
         if failed:
             raise_unpopulated(failed, "device-state buffer")
         self.backed[slot] = 1
