@@ -231,14 +231,18 @@ cdef class _EngineBase:
         return 0
 
 
-cdef uint32_t packet_crc(const uint8_t *header, size_t header_size, const iovec *iov,
-                         size_t n) noexcept nogil:
-    """CRC-32 of a packet as sent: its header (checksum field zero), then its payload.
+cdef uint32_t packet_crc(uint32_t chain, const uint8_t *header, size_t header_size,
+                         const iovec *iov, size_t n) noexcept nogil:
+    """CRC-32 of a packet as sent, its header (checksum field zero) then its
+    payload, continuing ``chain``: the CRC of the channel's packets before it.
 
     The header counts as much as the payload: a flipped offset or region name
     would put intact pages in the wrong place, a flipped idstr or size would
-    give a device another device's bytes."""
-    cdef unsigned long crc = crc32(0, header, <unsigned int>header_size)
+    give a device another device's bytes. The chain makes each CRC cover the
+    channel's order too: a packet lost, repeated or moved within the channel
+    fails, and a compressed channel is one stream, whose packets inflated out
+    of order give wrong pages with no error from the decompressor."""
+    cdef unsigned long crc = crc32(chain, header, <unsigned int>header_size)
     cdef size_t i, done, take
     for i in range(n):
         done = 0
@@ -411,8 +415,9 @@ cdef class SendEngine(_EngineBase):
                    ref.name if ref != NULL else NULL, ref.name_len if ref != NULL else 0,
                    self.normal, nn, self.zero, nz, <uint32_t>(payload if nn else 0), 0)
         if self.lay.checksum:
-            st64(self.header + RAM_CHECKSUM_AT,
-                 packet_crc(self.header, self.lay.header_size, self.iov + 1, k - 1))
+            self.crc_chain = packet_crc(self.crc_chain, self.header, self.lay.header_size,
+                                        self.iov + 1, k - 1)
+            st64(self.header + RAM_CHECKSUM_AT, self.crc_chain)
         self.iov[0].iov_base = self.header
         self.iov[0].iov_len = self.lay.header_size
         rc = self.write_packet(self.iov, k, self.lay.header_size + (payload if nn else 0))
@@ -478,7 +483,9 @@ cdef class SendEngine(_EngineBase):
         parts[0].iov_len = DEVICE_HEADER_SIZE
         if self.lay.checksum:
             # The device header has no spare field: the checksum follows the payload.
-            st64(trailer, packet_crc(self.header, DEVICE_HEADER_SIZE, &parts[1], 1))
+            self.crc_chain = packet_crc(self.crc_chain, self.header, DEVICE_HEADER_SIZE,
+                                        &parts[1], 1)
+            st64(trailer, self.crc_chain)
             parts[2].iov_base = trailer
             parts[2].iov_len = DEVICE_CHECKSUM_SIZE
             k = 3
@@ -723,14 +730,18 @@ cdef class RecvEngine(_EngineBase):
 
     cdef int verify_crc(self, str what, size_t header_size, const iovec *iov, size_t n,
                         uint64_t expected) except -1:
-        """Check the packet in ``self.header`` (checksum field zero) and ``iov``."""
+        """Check the packet in ``self.header`` (checksum field zero) and ``iov``,
+        the next of the channel's chain."""
         cdef uint32_t crc
         with nogil:
-            crc = packet_crc(self.header, header_size, iov, n)
+            crc = packet_crc(self.crc_chain, self.header, header_size, iov, n)
         if crc != expected:
             raise ProtocolError(f"{what} field 'checksum': received {expected:#x}, "
-                                f"expected {crc:#x} (CRC-32 of the header and payload)",
+                                f"expected {crc:#x} (CRC-32 of the header and payload, "
+                                f"chained through the channel's packets: this one or one "
+                                f"before it was damaged, lost or reordered)",
                                 field="checksum", received=expected, expected=crc)
+        self.crc_chain = crc
         return 0
 
     cdef int recv_device(self) except -1:

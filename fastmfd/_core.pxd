@@ -519,6 +519,7 @@ cdef class _EngineBase:
     cdef iovec *iov                 # packet_pages + 2 entries
     cdef uint64_t *normal           # packet_pages byte offsets of the normal pages
     cdef uint64_t *zero             # packet_pages byte offsets of the zero pages
+    cdef uint32_t crc_chain         # checksum of the channel's packets so far (packet_crc)
 
     cdef int _setup(self, int fd, uint32_t channel, dict params, object codec, list regions,
                     Counters counters, BufferPool pool, list devices, object received,

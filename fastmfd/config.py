@@ -74,8 +74,9 @@ class MigrationConfig:
     not encrypt: use TLS for that."""
     checksum: bool = False
     """A CRC-32 of every multifd packet, header and payload, RAM and device state,
-    checked by the destination before it applies the packet's pages or passes its
-    chunk on (for bit flips TCP's checksum misses; TLS already authenticates)."""
+    each continuing the one before it on its channel (so a packet lost, repeated or
+    moved fails too), checked by the destination as the packet arrives: a mismatch
+    fails the session (for bit flips TCP's checksum misses; TLS already authenticates)."""
     device_chunk_size: int = 1 << 20
     """Largest device-state chunk (VFIO reads up to 1 MiB at a time)."""
     job_packets: int = 8

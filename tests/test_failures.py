@@ -27,7 +27,7 @@ from fastmfd import _core
 from fastmfd.protocol.main_channel import Msg
 from fastmfd._engine.processes import RemoteTraceback
 from migration_support import (AtMessage, Corrupt, EditMessage, FlipInMessage, Migration,
-                               Outcome, Proxy, Reset, Trigger, Truncate, make_region)
+                               Outcome, Packets, Proxy, Reset, Trigger, Truncate, make_region)
 
 CONFIG = fastmfd.MigrationConfig(channels=2, max_bandwidth=64 << 20, job_packets=1)
 MIB = 1 << 20
@@ -240,6 +240,36 @@ def test_a_corrupted_packet_fails_its_checksum(image, leaks, where, mask):
     outcome = migrate(image, {1: flip}, config=config)
     src, dst = outcome.failed_both(since=flip.fired_at)
     expected = r"receive channel 1: ProtocolError: RAM packet field 'checksum'"
+    assert_names(dst, expected)
+    assert_names(src, "the destination failed: " + expected)
+    leaks.assert_clean(keep=[image])
+
+
+@pytest.mark.parametrize("compression", ["zlib", "zstd"])
+def test_packets_swapped_within_a_channel_fail_its_checksum(image, leaks, compression):
+    """A compressed channel is one stream: two of its packets swapped, each intact,
+    inflate against the wrong history into wrong pages with no error from the
+    decompressor. The CRCs chain through the channel, so the swap fails (found by
+    a fuzzing helper: the pages were loaded)."""
+    config = CONFIG.replace(checksum=True, compression=compression)
+    held = []
+
+    def swap_second_and_third(link, packet):
+        if len(held) < 3 and not packet.flags & _core.FLAG_SYNC:
+            held.append(packet)
+            if len(held) == 1:
+                link.send(packet.raw)
+            elif len(held) == 3:
+                swap.fire()
+                link.send(held[2].raw + held[1].raw)
+        else:
+            link.send(packet.raw)
+
+    swap = Packets(config, swap_second_and_third)
+    outcome = migrate(image, {1: swap}, config=config)
+    src, dst = outcome.failed_both(since=swap.fired_at)
+    expected = (r"receive channel 1: ProtocolError: RAM packet field 'checksum': .* "
+                r"chained through the channel's packets")
     assert_names(dst, expected)
     assert_names(src, "the destination failed: " + expected)
     leaks.assert_clean(keep=[image])

@@ -77,7 +77,7 @@ def _files_in(path, files: dict[str, bytes]):
 
 def test_inspect_checks_the_checksums_of_a_real_session(tmp_path):
     """A checksummed session decodes; a flipped byte in a device payload or a RAM
-    header fails at its packet, named as a checksum mismatch."""
+    header, or two packets swapped, fails at the packet, named as a checksum mismatch."""
     config = fastmfd.MigrationConfig(channels=1, compression="zstd", packet_pages=16,
                                      device_state_channels=1, checksum=True)
     records = {"main": Record(), 0: Record(), 1: Record()}
@@ -106,6 +106,17 @@ def test_inspect_checks_the_checksums_of_a_real_session(tmp_path):
         with pytest.raises(fastmfd.ProtocolError,
                            match=re.escape(name) + r" at byte \d+: .* field 'checksum'"):
             read_capture(_files_in(tmp_path / name, broken))
+    # The CRCs chain through a channel: two intact packets of its one zstd stream
+    # swapped fail too (they would inflate into wrong pages without an error).
+    channel = next(c for c in capture.channels if c.path.endswith("0.bin"))
+    first, second = [p for p in channel.packets if p.normal_pages][:2]
+    assert first.offset + first.wire_bytes == second.offset
+    data = files["0.bin"]
+    swapped = (data[:first.offset] + data[second.offset:second.offset + second.wire_bytes]
+               + data[first.offset:second.offset] + data[second.offset + second.wire_bytes:])
+    with pytest.raises(fastmfd.ProtocolError,
+                       match=r"0\.bin at byte \d+: RAM packet field 'checksum': .* chained"):
+        read_capture(_files_in(tmp_path / "swapped", {**files, "0.bin": swapped}))
 
 
 @pytest.mark.parametrize("compression", ["zlib", "zstd"])

@@ -76,6 +76,7 @@ class ChannelDecoder:
         self.scratch: memoryview | None = None
         self.round = 0
         self.done = False
+        self.crc_chain = 0      # the checksum extension chains each CRC to the one before
         if self.compression is not None and (
                 compression_name := COMPRESSION_NAMES.get(self.compression)):
             channel.compression = "auto" if session.compression_optional else compression_name
@@ -214,15 +215,18 @@ class ChannelDecoder:
     def _check_crc(self, what: str, header: Buffer, checksum_at: int | None,
                    payload: memoryview, expected: int, at: int) -> None:
         """The checksum extension: CRC-32 of the header (its checksum field, if it
-        has one, zero) and the payload as sent."""
+        has one, zero) and the payload as sent, continuing the CRC of the channel's
+        packets before it (so that their order is checked too)."""
         header = bytearray(header)
         if checksum_at is not None:
             header[checksum_at:checksum_at + 8] = bytes(8)
-        crc = zlib.crc32(payload, zlib.crc32(header))
+        crc = zlib.crc32(payload, zlib.crc32(header, self.crc_chain))
         if crc != expected:
             raise self.reader.error(f"{what} field 'checksum': received {expected:#x}, "
-                                    f"expected {crc:#x} (CRC-32 of the header and payload)",
+                                    f"expected {crc:#x} (CRC-32 of the header and payload, "
+                                    f"chained through the channel's packets)",
                                     field="checksum", received=expected, expected=crc, at=at)
+        self.crc_chain = crc
 
 
 def check_rounds(main: QemuMainChannel | FastmfdMainChannel | None, decoders: list[ChannelDecoder]) -> None:
