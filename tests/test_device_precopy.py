@@ -268,13 +268,20 @@ def _hand_driven_destination(devices, messages):
     return replies, done.get("error")
 
 
-def test_a_destination_refuses_precopy_counts_for_other_devices():
-    from fastmfd.protocol.main_channel import Msg, PrecopySent
-    replies, error = _hand_driven_destination([("nic", 0)],
-                                              [(Msg.PRECOPY_SENT, PrecopySent([1, 2]))])
+@pytest.mark.parametrize("message", ["PRECOPY_SENT", "COMPLETE"])
+@pytest.mark.parametrize("devices, counts", [([("nic", 0)], [1, 2]), ([("nic", 0)], []),
+                                             ([], [3])], ids=["more", "fewer", "no-devices"])
+def test_a_destination_refuses_chunk_counts_for_other_devices(message, devices, counts):
+    """A source's chunk counts name every device of the session and no other: a
+    COMPLETE with fewer failed as "the source sent None chunks", with more or
+    without devices it passed (found by a fuzzing helper)."""
+    from fastmfd.protocol.main_channel import Complete, Msg, PrecopySent
+    payload = PrecopySent(counts) if message == "PRECOPY_SENT" else Complete([{}], counts)
+    replies, error = _hand_driven_destination(devices, [(Msg[message], payload)])
     assert isinstance(error, fastmfd.MigrationError)
     assert isinstance(error.__cause__, fastmfd.ProtocolError)
-    assert "PRECOPY_SENT counts chunks of 2 devices, the session has 1" in str(error)
+    assert (f"main channel: {message} counts chunks of {len(counts)} devices, the session "
+            f"has {len(devices)}") in str(error)
     assert replies[-1][0] is Msg.ERROR
 
 

@@ -123,7 +123,6 @@ class DeviceLoading:
 
     def on_precopy_sent(self, payload: PrecopySent) -> None:
         """switchover_ack: answer once every chunk the source sent live is loaded."""
-        check_precopy_counts(payload, len(self.setup.devices))
         self.precopy_awaited = True
         self._reassembly.send(AwaitPrecopy(tuple(payload.device_chunks)))
 
@@ -173,7 +172,7 @@ class DeviceLoading:
     def check_totals(self, counts: list[int]) -> None:
         """Each device loaded as many chunks as the source's COMPLETE says it sent."""
         for i, device in enumerate(self.setup.devices):
-            theirs = counts[i] if i < len(counts) else None
+            theirs = counts[i]          # one per device (check_chunk_counts)
             if theirs != self.chunks.get(i):
                 raise ProtocolError(f"device {device_key(*device.key)}: the source sent "
                                     f"{theirs} chunks, {self.chunks.get(i)} were "
@@ -187,8 +186,9 @@ class DeviceLoading:
         return {self.setup.devices[i].key: result for i, result in self.results.items()}
 
 
-def check_precopy_counts(payload: PrecopySent, ndevices: int) -> None:
-    if len(payload.device_chunks) != ndevices:
-        raise ProtocolError(f"PRECOPY_SENT counts chunks of {len(payload.device_chunks)} "
+def check_chunk_counts(message: str, counts: list[int], ndevices: int) -> None:
+    """A PRECOPY_SENT's or COMPLETE's chunk counts: one per device of the session."""
+    if len(counts) != ndevices:
+        raise ProtocolError(f"main channel: {message} counts chunks of {len(counts)} "
                             f"devices, the session has {ndevices}", field="device_chunks",
-                            received=len(payload.device_chunks), expected=ndevices)
+                            received=len(counts), expected=ndevices)

@@ -60,7 +60,7 @@ from ..regions import Region
 from ..stats import ChannelStats, ReceiveStats
 from .admission import Admission, ChannelDoor
 from .liveness import Heartbeat, Progress, process_stopped, stall_error, tick
-from .loading import DeviceLoading, check_precopy_counts, old_way_not_here
+from .loading import DeviceLoading, check_chunk_counts, old_way_not_here
 from .prealloc import preallocate
 from .processes import Child, ChildSet, Watch
 from .session import SessionFailure, SessionResources, break_session
@@ -490,8 +490,8 @@ class Receiving:
             self._release_rounds()
         elif isinstance(payload, PrecopySent):
             self._precopy_sent = True
+            check_chunk_counts("PRECOPY_SENT", payload.device_chunks, len(self.setup.devices))
             if self._devices is None:
-                check_precopy_counts(payload, 0)
                 self.main.send(Msg.SWITCHOVER_ACK)
             else:
                 self._devices.on_precopy_sent(payload)
@@ -499,6 +499,7 @@ class Receiving:
             # Loaders already start as chunks arrive: nothing waits for it.
             self.state = ReceivingState.SWITCHOVER
         else:
+            check_chunk_counts("COMPLETE", payload.device_chunks, len(self.setup.devices))
             self._complete = payload
             self.state = ReceivingState.COMPLETE
             self._check_no_round_past_the_end()
