@@ -27,7 +27,7 @@ from .errors import ConfigError
 from .protocol.control import RegionHandle
 from .protocol.setup import Invalid, check_name
 from .huge_pages import advise_huge_pages, why_no_huge_pages
-from .shm import SHM_DIR, SharedMemory, check_room, map_file, mapped_view
+from .shm import SHM_DIR, SharedMemory, check_room, file_identity, map_file, mapped_view
 
 __all__ = ["Region", "RegionHandle", "validate_region_name", "check_huge_pages"]
 
@@ -55,12 +55,14 @@ def _validate_size(name: str, size: int, page_size: int) -> None:
                           f"page size {page_size}")
 
 
-def _open_region_file(path: str, size: int) -> int:
+def _open_region_file(path: str, size: int, file_id: tuple[int, int]) -> int:
     """Open a region's file read-write, by the resolved path its creator
     recorded: a link there now was put by someone else, and is not followed;
-    a file shorter than the region is refused (mapping it would SIGBUS)."""
+    another file put there since (``file_id`` is the creator's) is refused,
+    as a file shorter than the region is (mapping it would SIGBUS)."""
     fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
     try:
+        _check_identity(fd, file_id, f"region file {path}")
         if os.fstat(fd).st_size < size:
             raise ConfigError(f"region file {path} shrank below {size} bytes")
     except BaseException:
@@ -69,14 +71,22 @@ def _open_region_file(path: str, size: int) -> int:
     return fd
 
 
+def _check_identity(fd: int, file_id: tuple[int, int], what: str) -> None:
+    """``fd`` is the file its creator mapped: one renamed over its path since would
+    split a migration between two files (half one image, half another)."""
+    if file_identity(fd) != file_id:
+        raise ConfigError(f"{what} was replaced by another file since the region was "
+                          f"made (device and inode {file_identity(fd)}, expected {file_id})")
+
+
 class Region:
     """A named block of ``size`` bytes (a multiple of ``page_size``) shared by processes."""
 
     def __init__(self, name: str, size: int, page_size: int, kind: str, location: str,
-                 mapping: mmap.mmap | SharedMemory, dirty: DirtyBitmap, owner: bool,
-                 huge_pages: bool = False) -> None:
+                 file_id: tuple[int, int], mapping: mmap.mmap | SharedMemory,
+                 dirty: DirtyBitmap, owner: bool, huge_pages: bool = False) -> None:
         self.name, self.size, self.page_size, self.owner = name, size, page_size, owner
-        self._kind, self._location = kind, location
+        self._kind, self._location, self._file_id = kind, location, file_id
         self._mapping, self._dirty = mapping, dirty
         self._buffer: memoryview | None = (
             mapping.buf if isinstance(mapping, SharedMemory) else mapped_view(mapping, size))
@@ -118,7 +128,7 @@ class Region:
         except BaseException:
             data.close()
             raise
-        return cls(name, size, page_size, "shm", data.name, data, dirty, owner=True,
+        return cls(name, size, page_size, "shm", data.name, data.file_id, data, dirty, owner=True,
                    huge_pages=huge_pages)
 
     @classmethod
@@ -164,6 +174,7 @@ class Region:
         as :meth:`from_file` does: one opened by whoever checked what it is."""
         validate_region_name(name)
         location = os.readlink(f"/proc/self/fd/{fd}")   # what was opened, links resolved
+        file_id = file_identity(fd)
         actual = os.fstat(fd).st_size
         if size is None:
             size = actual
@@ -176,7 +187,7 @@ class Region:
         except BaseException:
             mapping.close()
             raise
-        return cls(name, size, page_size, "file", location, mapping, dirty, owner=True,
+        return cls(name, size, page_size, "file", location, file_id, mapping, dirty, owner=True,
                    huge_pages=huge_pages)
 
     @classmethod
@@ -186,8 +197,12 @@ class Region:
         if handle.kind == "shm":
             mapping = SharedMemory.attach(handle.location, handle.size,
                                           huge_aligned=handle.huge_pages)
+            if mapping.file_id != handle.file_id:
+                mapping.close()
+                raise ConfigError(f"shared memory segment {handle.location} was replaced by "
+                                  f"another since region {handle.name!r} was made")
         else:
-            fd = _open_region_file(handle.location, handle.size)
+            fd = _open_region_file(handle.location, handle.size, handle.file_id)
             try:
                 mapping = map_file(fd, handle.size, huge_aligned=handle.huge_pages)
             finally:
@@ -198,7 +213,7 @@ class Region:
             mapping.close()
             raise
         return cls(handle.name, handle.size, handle.page_size, handle.kind, handle.location,
-                   mapping, dirty, owner=False, huge_pages=handle.huge_pages)
+                   handle.file_id, mapping, dirty, owner=False, huge_pages=handle.huge_pages)
 
     def open_file(self) -> io.FileIO:
         """The region's file opened anew (a destination's receive workers map it
@@ -206,13 +221,13 @@ class Region:
         Like :meth:`attach`, follows no link put where the file was."""
         path = (os.path.join(SHM_DIR, self._location) if self._kind == "shm"
                 else self._location)
-        return io.FileIO(_open_region_file(path, self.size), "r+", closefd=True)
+        return io.FileIO(_open_region_file(path, self.size, self._file_id), "r+", closefd=True)
 
     # ------------------------------------------------------------ access
     @property
     def handle(self) -> RegionHandle:
         return RegionHandle(self.name, self.size, self.page_size, self._kind, self._location,
-                            self._dirty.name, self.huge_pages)
+                            self._file_id, self._dirty.name, self.huge_pages)
 
     @property
     def buffer(self) -> memoryview:

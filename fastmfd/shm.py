@@ -98,6 +98,13 @@ def mapped_view(mapping: mmap.mmap, size: int) -> memoryview:
     return view if offset == 0 and len(mapping) == size else view[offset:offset + size]
 
 
+def file_identity(fd: int) -> tuple[int, int]:
+    """(st_dev, st_ino) of the open file ``fd``: which file it is, whatever its path
+    now names (the worker processes that open it again check they got this one)."""
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
 def free_bytes(directory: str = SHM_DIR) -> int:
     """Bytes an unprivileged writer can still allocate in ``directory``'s file system."""
     st = os.statvfs(directory)
@@ -129,12 +136,14 @@ def list_segments() -> list[str]:
 class SharedMemory:
     """A mapped shared-memory segment: ``create`` it (owner) or ``attach`` to it."""
 
-    __slots__ = ("name", "size", "owner", "_mmap", "_buf", "__weakref__")
+    __slots__ = ("name", "size", "owner", "file_id", "_mmap", "_buf", "__weakref__")
 
-    def __init__(self, name: str, size: int, mapping: mmap.mmap, owner: bool) -> None:
+    def __init__(self, name: str, size: int, mapping: mmap.mmap, owner: bool,
+                 file_id: tuple[int, int]) -> None:
         self.name = name
         self.size = size
         self.owner = owner
+        self.file_id = file_id      # (st_dev, st_ino) of the file mapped: file_identity
         self._mmap: mmap.mmap | None = mapping
         self._buf: memoryview | None = mapped_view(mapping, size)
 
@@ -171,6 +180,7 @@ class SharedMemory:
                 if allocate:
                     os.posix_fallocate(fd, 0, size if allocate is True else min(allocate, size))
                 mapping = map_file(fd, size, huge_aligned=huge_aligned)
+                file_id = file_identity(fd)
             except BaseException:
                 os.unlink(path)
                 if registered:
@@ -184,7 +194,7 @@ class SharedMemory:
             raise
         finally:
             os.close(fd)
-        return cls(name, size, mapping, owner=True)
+        return cls(name, size, mapping, owner=True, file_id=file_id)
 
     @classmethod
     def attach(cls, name: str, size: int | None = None, *, huge_aligned: bool = False
@@ -203,9 +213,10 @@ class SharedMemory:
             if actual == 0:
                 raise ConfigError(f"segment {name!r} is empty")
             mapping = map_file(fd, actual, huge_aligned=huge_aligned)
+            file_id = file_identity(fd)
         finally:
             os.close(fd)
-        return cls(name, actual, mapping, owner=False)
+        return cls(name, actual, mapping, owner=False, file_id=file_id)
 
     @property
     def buf(self) -> memoryview:

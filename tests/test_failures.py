@@ -142,6 +142,27 @@ def test_worker_killed_before_the_session(image, leaks, side, name):
     leaks.assert_clean(keep=[image])
 
 
+def test_a_region_file_replaced_before_the_migration(tmp_path, leaks):
+    """A program that renames a new image over the one being sent: the workers
+    open the file again by its path, and would send half of each; they refuse it."""
+    path = tmp_path / "ram.img"
+    (tmp_path / "new.img").write_bytes(bytes(range(256)) * 4096)
+    started = []
+
+    def replace(migration):
+        os.rename(tmp_path / "new.img", path)
+        started.append(time.monotonic())
+
+    with fastmfd.Region.from_file("ram", path, size=1 * MIB) as region:
+        outcome = migrate(region, on_enter=replace)
+    src, dst = outcome.failed_both(since=started[0])
+    expected = (rf"send channel \d: ConfigError: region file {re.escape(str(path))} was "
+                rf"replaced by another file since the region was made")
+    assert_names(src, expected)
+    assert_names(dst, "the source failed: " + expected)
+    leaks.assert_clean()
+
+
 @pytest.fixture
 def ctrl_c():
     """Python's own SIGINT handler (KeyboardInterrupt) for the test's duration.

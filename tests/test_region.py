@@ -7,7 +7,7 @@ import pytest
 
 from fastmfd.errors import ConfigError
 from fastmfd.regions import Region
-from fastmfd.shm import list_segments
+from fastmfd.shm import SHM_DIR, list_segments
 
 SIZE = 64 * 4096
 
@@ -241,6 +241,36 @@ def test_attach_never_follows_a_link_put_at_the_location(tmp_path):
         os.symlink(victim, path)
         with pytest.raises(OSError):
             Region.attach(region.handle)
+
+
+def test_attach_refuses_a_file_renamed_over_the_location(tmp_path):
+    """A program that rewrites its image and renames the new one into place while
+    it is sent: the workers would map the new file, the main process the old,
+    and the migration would carry half of each."""
+    path, other = tmp_path / "ram.img", tmp_path / "ram.img.new"
+    other.write_bytes(bytes(SIZE))
+    with Region.from_file("pc.ram", path, size=SIZE) as region:
+        os.rename(other, path)
+        with pytest.raises(ConfigError, match=f"region file {path} was replaced by another "
+                                              f"file since the region was made"):
+            Region.attach(region.handle)
+        with pytest.raises(ConfigError, match="was replaced"):
+            region.open_file()
+
+
+def test_attach_refuses_a_segment_put_in_place_of_the_regions():
+    with Region.create("pc.ram", SIZE) as region:
+        path = os.path.join(SHM_DIR, region.handle.location)
+        kept = path + "-kept"
+        os.rename(path, kept)
+        try:
+            with open(path, "xb") as impostor:
+                impostor.truncate(SIZE)
+            with pytest.raises(ConfigError, match="was replaced by another since region "
+                                                  "'pc.ram' was made"):
+                Region.attach(region.handle)
+        finally:
+            os.replace(kept, path)
 
 
 def test_attach_a_file_that_shrank(tmp_path):

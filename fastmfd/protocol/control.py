@@ -54,6 +54,7 @@ class RegionHandle:
     page_size: int
     kind: str           # "shm" or "file"
     location: str       # segment name or file path
+    file_id: tuple[int, int]    # (st_dev, st_ino) of the file the creator mapped
     dirty: str          # dirty bitmap segment name
     huge_pages: bool = False    # every process mapping it asks for huge pages
 
