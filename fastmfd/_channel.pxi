@@ -299,7 +299,10 @@ cdef class SendEngine(_EngineBase):
     ``hole_fds`` (per region, an fd of its file or -1): a page in a hole of a
     file on tmpfs is a zero page, listed unread (a read would allocate it in
     the user's sparse file, and be a SIGBUS where its file system is full);
-    the holes are learnt afresh each round.
+    the holes are learnt afresh each round. A page that must be read although
+    it lies in a hole (no zero page detection; a page larger than a system page
+    partly in one) is populated first: a clean error where the file system is
+    full.
     """
 
     def __cinit__(self, int fd, uint32_t channel, dict params, codec, list regions,
@@ -354,6 +357,8 @@ cdef class SendEngine(_EngineBase):
         cdef uint32_t start = 0, m, i, nn, nz
         cdef uint64_t page, off, npages, known_zero
         cdef uint32_t psize = self.lay.page_size
+        cdef PageExtent where
+        cdef int failed = 0
         if region >= <uint32_t>self.regions.count or count > self.mailbox_cap:
             raise ValueError(f"bad RAM job: region {region}, {count} pages")
         ref = &self.regions.refs[region]
@@ -370,14 +375,28 @@ cdef class SendEngine(_EngineBase):
                     if page >= npages:
                         break
                     off = page * psize
-                    if self.zero_detection and (
-                            known_zero or page_extent(ref, off, psize) == PAGE_HOLE
-                            or fm_buffer_is_zero(ref.base + off, psize)):
+                    where = page_extent(ref, off, psize)
+                    if self.zero_detection and (known_zero or where == PAGE_HOLE):
+                        self.zero[nz] = off
+                        nz += 1
+                        continue
+                    if where != PAGE_DATA:
+                        # It is read (here, or as it is sent) where it lies in a hole,
+                        # which a read allocates: populated first, so that a full
+                        # file system is a clean error, not a SIGBUS. (Only without
+                        # zero page detection, or for a page larger than a system
+                        # page partly in a hole.)
+                        failed = populate_range(ref.base + off, psize)
+                        if failed:
+                            break
+                    if self.zero_detection and fm_buffer_is_zero(ref.base + off, psize):
                         self.zero[nz] = off
                         nz += 1
                     else:
                         self.normal[nn] = off
                         nn += 1
+            if failed:
+                raise_unpopulated(failed, f"region {ref.name.decode()}")
             if nn + nz != m:
                 raise ValueError(f"RAM job lists page {page} outside region {ref.name.decode()}")
             # A packet of a fixed method carries its bit even with zero pages only.

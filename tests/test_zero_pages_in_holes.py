@@ -13,11 +13,13 @@ channels, write into them in between).
 from __future__ import annotations
 
 import contextlib
+import re
 import socket
 import threading
 import time
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -225,6 +227,30 @@ def test_a_sparse_image_on_a_full_file_system_is_sent(small_disk):
     sparse_file(path, 128, 8)
     fill(small_disk)
     send_image(path, 120)
+
+
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+def test_holes_read_without_zero_page_detection_fail_cleanly_on_a_full_file_system(
+        small_disk, compression):
+    """Without zero page detection every page is read, holes too, and on tmpfs a
+    read allocates: where the file system is full, the send fails saying so (it
+    was a SIGBUS in the compressor, an EFAULT from the socket without one)."""
+    path = small_disk / "ram.img"
+    sparse_file(path, 128, 8)
+    fill(small_disk)
+    source = fastmfd.Region.from_file("ram", path)
+    config = fastmfd.MigrationConfig(channels=2, zero_page_detection=False,
+                                     compression=compression)
+    try:
+        with Migration(config) as m:
+            m.source.add_region(source)
+            src, dst = m.run().failed_both(since=time.monotonic())
+    finally:
+        source.close()
+    expected = (r"send channel \d: region ram: no memory to write into: its file system .* "
+                r"is full \(populate: E\w+\)")
+    assert re.search(expected, str(src)), src
+    assert re.search("the source failed: " + expected, str(dst)), dst
 
 
 def test_a_hole_written_between_rounds_is_sent_as_data(tmpfs_path):

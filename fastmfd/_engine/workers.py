@@ -90,9 +90,9 @@ def _send_session(pipe: ChildPipe, params: SendParams, stack: list[Closable]) ->
     # auto measures the link only where it is one: a peer on this host shares our CPUs.
     geometry.update(rate=params.rate, layout=params.layout,
                     measure_link=not peer_on_this_host(sock))
-    # The regions' files: a page in a hole of one is a zero page, sent unread.
-    hole_fds = ([_region_file(region, stack) for region in regions]
-                if params.zero_page_detection else None)
+    # The regions' files: a page in a hole of one is a zero page, sent unread (or,
+    # without zero page detection, populated before it is read).
+    hole_fds = [_region_file(region, stack) for region in regions]
     engine = _core.SendEngine(sock.fileno(), params.channel, geometry, codec,
                               regions, counters, selector, params.selector_index, box, pool,
                               list(params.devices), tls=tls, hole_fds=hole_fds)
