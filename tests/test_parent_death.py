@@ -5,11 +5,13 @@ A SIGKILLed Destination main process, while a channel is silent, used to leave
 its forkserver and the receive worker blocked on that channel running, and
 the session's /dev/shm segments in place, until the peer closed its socket.
 The destination runs in a real subprocess here; /proc and /dev/shm say what
-is left.
+is left (and the temporary directory: multiprocessing's ``pymp-*`` directory of
+the forkserver's socket stayed behind).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -46,6 +48,22 @@ def _segments_mapped_by(pids: set[int]) -> set[str]:
     return names
 
 
+def _socket_directories(pids: set[int]) -> set[str]:
+    """The directories of the Unix sockets bound to a path that ``pids`` hold open
+    (a forkserver's listener is in multiprocessing's ``pymp-*`` directory)."""
+    inodes = set()
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                    if link.startswith("socket:["):
+                        inodes.add(link[8:-1])
+    with open("/proc/net/unix") as table:
+        rows = [line.split() for line in table.read().splitlines()[1:]]
+    return {os.path.dirname(row[7]) for row in rows if len(row) > 7 and row[6] in inodes}
+
+
 def test_sigkilled_destination_leaves_no_process_and_no_segment():
     proc = subprocess.Popen([sys.executable, "-c", _DESTINATION], stdout=subprocess.PIPE,
                             text=True)
@@ -67,6 +85,8 @@ def test_sigkilled_destination_leaves_no_process_and_no_segment():
         assert any("region-ram" in name for name in segments), segments
         # resource tracker, forkserver, the receive worker, the reassembly process
         assert len(tree) >= 4, tree
+        directories = _socket_directories(tree)
+        assert any(os.path.basename(d).startswith("pymp-") for d in directories), directories
 
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -81,6 +101,8 @@ def test_sigkilled_destination_leaves_no_process_and_no_segment():
         assert not left, f"processes alive {took:.1f} s after the owner died: {sorted(left)}"
         assert not kept, f"segments left {took:.1f} s after the owner died: {sorted(kept)}"
         assert took < BOUND, f"the tree took {took:.1f} s to go"
+        # Its forkserver removed the directory of its socket as it went.
+        assert not [d for d in directories if os.path.exists(d)], directories
     finally:
         if source is not None:
             source.close()
