@@ -27,13 +27,11 @@ class defined in the script) imports it, when it is unpickled.
 
 from __future__ import annotations
 
-import atexit
 import io
 import multiprocessing
 import os
 import pickle
 import select
-import shutil
 import signal
 import socket
 import struct
@@ -58,7 +56,8 @@ __all__ = ["Child", "ChildSet", "ChildPipe", "Watch", "RemoteTraceback", "mp_con
            "run_child", "child_setup"]
 
 # Imported once by the forkserver, so a child starts in milliseconds.
-_PRELOAD = ["fastmfd._engine.workers", "fastmfd._engine.reassembly"]
+_PRELOAD = ["fastmfd._engine.workers", "fastmfd._engine.reassembly",
+            "fastmfd._engine.forkserver_exit"]
 READY_TIMEOUT = 30.0                # seconds a child may take to start
 _FINAL_REPORTS = (Done, Eof, Drained)   # after one of these a child's exit is expected
 
@@ -69,26 +68,6 @@ def mp_context() -> multiprocessing.context.ForkServerContext:
     ctx.set_forkserver_preload(_PRELOAD)
     return ctx
 
-
-def _remove_the_forkserver_directory() -> None:
-    """At the forkserver's exit, remove the directory of its socket.
-
-    multiprocessing makes it (``pymp-*`` in the temporary directory) in the main
-    process, and removes it at that process's exit: a main process SIGKILLed
-    never does. Its forkserver exits once the main process is gone (the end of
-    its "alive" pipe) and cleans up here, as ``multiprocessing.util`` would have.
-    (In the main process this module is imported too; there the forkserver's
-    pid is known, and multiprocessing's own finalizer does it.)"""
-    server = forkserver._forkserver           # multiprocessing's, not public API
-    address = server._forkserver_address
-    if server._forkserver_pid is not None or not isinstance(address, str):
-        return
-    directory = os.path.dirname(address)
-    if os.path.basename(directory).startswith("pymp-"):
-        shutil.rmtree(directory, ignore_errors=True)
-
-
-atexit.register(_remove_the_forkserver_directory)
 
 
 _MAIN_KEYS = ("init_main_from_name", "init_main_from_path")
