@@ -95,6 +95,7 @@ class Destination(Owner):
                  handshake_timeout: float = 10.0, stall_timeout: float | None = None,
                  max_memory: int | None = None, prealloc: bool = False,
                  region_pool: RegionPool | None = None, huge_pages: bool = False) -> None:
+        super().__init__()
         requested = None if isinstance(address, socket.socket) else parse_address(address)
         if workers < 0:
             raise ConfigError(f"workers must be >= 0, not {workers}")
@@ -192,10 +193,8 @@ class Destination(Owner):
             except OSError:
                 pass
 
-    def close(self) -> None:
-        """Stop every process and free every resource (idempotent). From another thread
-        while ``receive()`` runs, it cancels the session first and waits for it."""
-        self._stop_running_call()
+    def _release(self) -> None:
+        """Stop every process and free every resource (idempotent): see close()."""
         self._resources.shutdown_sockets()
         for group in (self._workers, self._reassembly):
             if group is not None:

@@ -40,6 +40,7 @@ class Source(Owner):
     """
 
     def __init__(self, address: str, config: MigrationConfig | None = None) -> None:
+        super().__init__()
         self.address = parse_address(address)
         self.config = config or MigrationConfig()
         self.uuid = uuid_module.uuid4().bytes
@@ -126,10 +127,8 @@ class Source(Owner):
                 return {"status": "none"}
             return session.status(cancelled=self._cancelled is not None)
 
-    def close(self) -> None:
-        """Stop the workers and free every resource (idempotent). From another thread
-        while ``migrate()`` runs, it cancels the migration first and waits for it."""
-        self._stop_running_call()
+    def _release(self) -> None:
+        """Stop the workers and free every resource (idempotent): see close()."""
         if self._session is not None:
             self._session.close()
         self._resources.shutdown_sockets()

@@ -238,7 +238,7 @@ class Receiving:
         # The destination's own deadline if it has one, else the source's; its
         # keepalives keep to the shorter of the two, so the source hears it in time.
         self._stall = stall = parts.stall_timeout or setup.stall_timeout
-        self.main.sock.settimeout(stall)    # a message that starts must end in time
+        self.main.sock.settimeout(stall)    # and so must a send
         self._progress = Progress(stall)
         self._heartbeat = Heartbeat(self.main, stall, "source",
                                     interval=min(stall, setup.stall_timeout))
@@ -360,7 +360,7 @@ class Receiving:
         deadline, kind = time.monotonic() + SOURCE_WORD_GRACE, None
         try:
             while kind is not Msg.ERROR and self._source_speaks_by(deadline):
-                kind, body = read_message(self.main.sock, self._max_message())
+                kind, body = read_message(self.main.sock, self._max_message(), deadline)
         except (FastMFDError, OSError):
             return                      # the main channel broke too: the error stands
         if kind is Msg.ERROR:
@@ -454,7 +454,8 @@ class Receiving:
 
     def _on_main_message(self) -> None:
         assert self.setup is not None and self.main is not None and self._heartbeat is not None
-        kind, body = read_message(self.main.sock, self._max_message())
+        deadline = time.monotonic() + self._stall      # a trickled message fails, whole
+        kind, body = read_message(self.main.sock, self._max_message(), deadline)
         self._heartbeat.received()
         if kind is Msg.KEEPALIVE:
             # It carries nothing: decoded all the same, so that another message a bit

@@ -15,8 +15,9 @@ structures) runs once.
         (switchover_ack: PRECOPY_SENT ──▶, rounds go on
          until ◀── SWITCHOVER_ACK)
       STOPPED: on_stop(); final dirty pages; device
-        save threads -> pool slots -> DEVICE commands
-      COMPLETING: QUIT, the workers' Done; COMPLETE ──▶ destination
+        save threads -> pool slots -> DEVICE commands;
+        QUIT, the workers' Done
+      COMPLETING: COMPLETE ──▶ destination
       RESUMING: ◀── LOADED (downtime ends)
       DONE: ◀── RESUMED (the destination's on_resume ran); on_resume()
 
@@ -49,7 +50,8 @@ from ..protocol.main_channel import (MAIN, Complete, Error, Loaded, MainChannel,
                                      read_message)
 from ..protocol.security import ChannelSecurity, default_hostname
 from ..protocol.setup import DeviceSpec, RegionSpec, Setup
-from ..protocol.sockets import Address, connect, tune_data_socket, tune_main_socket
+from ..protocol.sockets import (Address, ConnectionClosed, connect, tune_data_socket,
+                                tune_main_socket)
 from ..regions import Region
 from ..shm import SharedMemory
 from ..stats import ChannelStats, MigrationStats, RoundStats
@@ -72,7 +74,7 @@ class SendingState(enum.Enum):
     CONNECTING = "connecting"
     LIVE = "live"                   # rounds while the workload runs
     STOPPED = "stopped"             # on_stop ran: the final round and device state
-    COMPLETING = "completing"       # every command queued; COMPLETE goes out
+    COMPLETING = "completing"       # every worker done; COMPLETE sent, LOADED awaited
     RESUMING = "resuming"           # LOADED arrived (downtime is over); waiting for RESUMED
     DONE = "done"
     FAILED = "failed"
@@ -119,6 +121,9 @@ class Sending:
         self._ack_requested = False             # PRECOPY_SENT went out (switchover_ack)
         self._acked = threading.Event()         # SWITCHOVER_ACK came back
         self._loaded_report: Loaded | None = None
+        self._loaded_at: float | None = None    # when LOADED came (monotonic)
+        self._rounds_ended = 0                  # ROUND_ENDs sent
+        self._rounds_acked = 0                  # ROUND_ACKs received (one per round, in order)
         self._heartbeat: Heartbeat | None = None
         self.board = StatusBoard()              # what status() reports while it runs
         self._rounds_started = time.monotonic() # when round 1 began (bandwidth's clock)
@@ -180,6 +185,9 @@ class Sending:
         cfg, parts = self.config, self.parts
         setup = self._setup()
         sock = connect(parts.address, cfg.timeout)
+        # A cancel, or close() from another thread, breaks the handshake through this
+        # (the same connection; TLS detaches ``sock`` itself as it wraps it).
+        parts.resources.sockets.append(sock.dup())
         tune_main_socket(sock)
         sock = handshake.open_main_channel(sock, self._security, setup, cfg.channel_header)
         self.main = MainChannel(sock)
@@ -337,6 +345,7 @@ class Sending:
             saver.join()
         for ch in range(self.config.channels):
             self._command(ch, _core.pack_command(_core.CMD_SYNC, round=number))
+        self._rounds_ended = number         # before: its ROUND_ACK may beat _tell's return
         self._tell(Msg.ROUND_END, RoundEnd(number))
         return RoundStats(number, total, time.monotonic() - started, live)
 
@@ -381,9 +390,10 @@ class Sending:
         with the totals they sent, which the destination checks against its own."""
         for ch in range(self.config.total_channels):
             self._command(ch, _core.pack_command(_core.CMD_QUIT))
-        self.state = SendingState.COMPLETING
         self._wait_for(self._workers_done)
         counters = self.parts.counters
+        # LOADED is taken from now on (set first: it may come before _tell returns).
+        self.state = SendingState.COMPLETING
         self._tell(Msg.COMPLETE, Complete(
             channels=[counters.read(ch) for ch in range(self.config.total_channels)],
             device_chunks=[stream.next_idx for stream in self._streams]))
@@ -401,7 +411,7 @@ class Sending:
         watch = Watch(main.sock)
         for worker in self.parts.workers:
             watch.add_child(worker, self._on_worker_report)
-        watch.add(main.sock, lambda: self._on_main_message(watch), MAIN)
+        watch.add(main.sock, lambda: self._on_main_message(watch))
         watch.add(self._wake_r, self._stop_watching)
         stall = self.config.stall_timeout
         self._heartbeat = Heartbeat(main, stall, "destination")
@@ -429,6 +439,13 @@ class Sending:
         assert self._heartbeat is not None, "made by _watch() first"
         self._heartbeat.beat()
         cfg, parts = self.config, self.parts
+        # The destination's on_resume has the stall timeout: its KEEPALIVEs meanwhile
+        # say it is alive, not that it will ever answer.
+        if (self._loaded_at is not None
+                and time.monotonic() > self._loaded_at + cfg.stall_timeout):
+            raise MigrationError(f"no RESUMED from the destination {cfg.stall_timeout:g} s "
+                                 f"after its LOADED (its on_resume must finish within the "
+                                 f"stall timeout)", channel=MAIN)
         for ch, worker in enumerate(parts.workers):
             if worker.finished:
                 continue
@@ -451,13 +468,21 @@ class Sending:
         """Handle one message from the destination."""
         assert self.main is not None and self._heartbeat is not None, "made by _watch()"
         try:
-            kind, body = read_message(self.main.sock, 0)
-        except ProtocolError as exc:
+            # A message that has begun must arrive whole in time (a peer trickling
+            # it would otherwise hold this thread, and every deadline it keeps).
+            kind, body = read_message(self.main.sock, 0,
+                                      time.monotonic() + self.config.stall_timeout)
+        except ConnectionClosed as exc:
             if self._resumed.is_set():
                 watch.remove(self.main.sock)        # the destination is done and gone
                 return
             raise MigrationError(f"the destination closed the main channel ({exc.detail})",
                                  channel=MAIN) from None
+        except MigrationError:                      # reset, or too slow
+            if self._resumed.is_set():
+                watch.remove(self.main.sock)
+                return
+            raise
         self._heartbeat.received()
         if kind is Msg.KEEPALIVE:
             # It carries nothing: decoded all the same, so that another message a bit
@@ -477,7 +502,9 @@ class Sending:
                                 f"while {self.state.value}", field="type", received=kind.name,
                                 expected=" or ".join(m.name for m in expected))
         if isinstance(payload, Loaded):
+            self._check_rounds("LOADED", payload.rounds, self._rounds_ended)
             self._loaded_report = payload
+            self._loaded_at = time.monotonic()
             self.state = SendingState.RESUMING
             self._loaded.set()
         elif kind is Msg.RESUMED:
@@ -486,6 +513,18 @@ class Sending:
             self._acked.set()
         else:
             assert isinstance(payload, RoundAck)
+            self._check_rounds("ROUND_ACK", payload.round,
+                               min(self._rounds_acked + 1, self._rounds_ended))
+            self._rounds_acked = payload.round
+
+    @staticmethod
+    def _check_rounds(message: str, rounds: int, expected: int) -> None:
+        """A destination's count of rounds must be the source's: another would say
+        it applied rounds that were never sent, or missed one."""
+        if rounds != expected:
+            raise ProtocolError(f"main channel: {message} field 'round': received {rounds}, "
+                                f"expected {expected}", field="round", received=rounds,
+                                expected=expected)
 
     def _stop_monitor(self) -> None:
         if self._wake_w >= 0:

@@ -185,10 +185,15 @@ class Owner:
     The owner's one session call (``migrate()``, ``receive()``) runs inside
     ``self._running()``; ``close()`` from another thread first calls
     :meth:`_stop_running_call`, which cancels that call and waits for it to
-    leave, so nothing is freed under a thread still using it."""
+    leave, so nothing is freed under a thread still using it; then it frees
+    (``_release()``) under a lock: that thread's own ``close()`` (leaving its
+    ``with``) may come at the same time."""
 
     _call_thread: int | None = None
     _call_left: threading.Event | None = None
+
+    def __init__(self) -> None:
+        self._releasing = threading.Lock()
 
     @contextlib.contextmanager
     def _running(self) -> Iterator[None]:
@@ -215,6 +220,13 @@ class Owner:
         raise NotImplementedError
 
     def close(self) -> None:
+        """Free everything (idempotent, any thread); from another thread while the
+        session call runs, cancel it first and wait for it to leave."""
+        self._stop_running_call()
+        with self._releasing:
+            self._release()
+
+    def _release(self) -> None:
         raise NotImplementedError
 
     def __enter__(self) -> Self:

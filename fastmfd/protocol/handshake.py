@@ -105,14 +105,14 @@ class _AuthMessages:
     """The shared-key proof on the main channel, carried as AUTH messages (so a
     peer without a key meets an ERROR it can read, not stray bytes)."""
 
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self.sock, self.deadline = sock, deadline
 
     def send_all(self, data: bytes, what: str = "AUTH") -> None:
         send_all(self.sock, encode_message(Msg.AUTH, data), what, MAIN)
 
     def recv_exact(self, size: int, what: str = "AUTH") -> bytes:
-        kind, body = read_message(self.sock, 0)
+        kind, body = read_message(self.sock, 0, self.deadline)
         _check_auth_message(kind, body, size)
         return body
 
@@ -168,7 +168,8 @@ def open_main_channel(sock: socket.socket, security: ChannelSecurity, setup: Set
         stream.send_all(main_channel_start(channel_header), "preamble")
         if security.auth_key is not None:
             stream.send_all(encode_message(Msg.AUTH, setup.uuid), "AUTH")
-            prove_key(_AuthMessages(sock), security.auth_key, setup.uuid, MAIN_CHANNEL_ID)
+            prove_key(_AuthMessages(sock, deadline), security.auth_key, setup.uuid,
+                      MAIN_CHANNEL_ID)
         stream.send_all(encode_message(Msg.SETUP, setup), "SETUP")
         # A destination that preallocates its memory (prealloc) answers only once
         # it is done, sending KEEPALIVE meanwhile: each one restarts the wait,
@@ -176,8 +177,8 @@ def open_main_channel(sock: socket.socket, security: ChannelSecurity, setup: Set
         announced = sum(region.size for region in setup.regions)
         until = (time.monotonic() + security.timeout + setup.stall_timeout
                  + PREALLOC_SECONDS_PER_GIB * announced / (1 << 30))
-        expect_message(sock, Msg.SETUP_ACK, keepalive_wait=setup.stall_timeout,
-                       keepalive_until=until)
+        expect_message(sock, Msg.SETUP_ACK, deadline=deadline,
+                       keepalive_wait=setup.stall_timeout, keepalive_until=until)
     except (MigrationError, ProtocolError) as exc:
         sock.close()
         if security.tls is None or isinstance(exc, SecurityError) or \
@@ -356,7 +357,8 @@ def _greet_main(sock: socket.socket, security: ChannelSecurity, deadline: float)
         kind, length = decode_message_header(header, 0)
         auth_uuid = stream.recv_exact(length, "AUTH")
         _check_auth_message(kind, auth_uuid, 16)
-        check_key_proof(_AuthMessages(sock), security.auth_key, auth_uuid, MAIN_CHANNEL_ID)
+        check_key_proof(_AuthMessages(sock, deadline), security.auth_key, auth_uuid,
+                        MAIN_CHANNEL_ID)
         header = stream.recv_exact(MESSAGE_HEADER_SIZE, "message")
     elif security.auth_key is not None:
         raise SecurityError("this destination requires an auth_key proof; the source sent "

@@ -60,6 +60,7 @@ OLD_WAY_PREFIX = struct.Struct(">I")    # DEVICE_STATE: the device index before 
 OLD_WAY_CHECKSUM = struct.Struct("<Q")  # DEVICE_STATE with SETUP's checksum: CRC-32 of the
                                         # rest, as a multifd device packet's trailer
 _MAX_COUNT = (1 << 63) - 1          # any counter or round number
+_MAX_SECONDS = 1e9                  # any duration (about 32 years)
 
 
 class Msg(enum.IntEnum):
@@ -159,7 +160,8 @@ def _counters(value: Any) -> bool:
 
 def _seconds(value: Any) -> bool:
     return isinstance(value, dict) and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value.values())
+        isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < _MAX_SECONDS
+        for v in value.values())
 
 
 def _typed(cls: type[_Payload],
@@ -249,7 +251,8 @@ def encode_message(kind: Msg, payload: Any = None) -> bytes:
     if payload is None or isinstance(payload, (bytes, bytearray)):
         body = bytes(payload or b"")
     else:
-        body = json.dumps(_encode_payload(payload), separators=(",", ":")).encode()
+        body = json.dumps(_encode_payload(payload), separators=(",", ":"),
+                          allow_nan=False).encode()
     return MESSAGE_HEADER.pack(int(kind), len(body)) + body
 
 
@@ -271,10 +274,16 @@ def decode_message_header(data: Buffer, max_payload: int) -> tuple[Msg, int]:
     return msg, length
 
 
+def _no_constant(name: str) -> Any:
+    """NaN and Infinity are not JSON (Python's reader takes them): a count or a
+    time that is one would make every result computed from it one too."""
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def decode_control(kind: Msg, body: bytes) -> dict[str, Any]:
     """The JSON object of a control message."""
     try:
-        value = json.loads(body) if body else {}
+        value = json.loads(body, parse_constant=_no_constant) if body else {}
     except (ValueError, RecursionError) as exc:     # bad UTF-8 or JSON; nesting too deep
         raise ProtocolError(f"main channel {kind.name}: payload is not JSON ({exc})",
                             field="payload", received=body[:40], expected="JSON") from None
@@ -305,34 +314,39 @@ def _nested_at_most(value: Any, limit: int) -> bool:
 
 # ---------------------------------------------------------------- reader and writer
 
-def read_message(sock: socket.socket, max_payload: int) -> tuple[Msg, bytes]:
-    """One main-channel message (type, raw payload); ``max_payload`` bounds DEVICE_STATE."""
-    kind, length = decode_message_header(recv_exact(sock, MESSAGE_HEADER_SIZE, "message", MAIN),
-                                         max_payload)
-    return kind, recv_exact(sock, length, f"{kind.name} payload", MAIN) if length else b""
+def read_message(sock: socket.socket, max_payload: int,
+                 deadline: float | None = None) -> tuple[Msg, bytes]:
+    """One main-channel message (type, raw payload); ``max_payload`` bounds DEVICE_STATE.
+    ``deadline`` (monotonic) bounds the whole message: a peer that trickles one
+    must not hold the reader (and every deadline its thread keeps) for ever."""
+    kind, length = decode_message_header(
+        recv_exact(sock, MESSAGE_HEADER_SIZE, "message", MAIN, deadline), max_payload)
+    return kind, (recv_exact(sock, length, f"{kind.name} payload", MAIN, deadline)
+                  if length else b"")
 
 
-def read_payload(sock: socket.socket) -> tuple[Msg, Any]:
+def read_payload(sock: socket.socket, deadline: float | None = None) -> tuple[Msg, Any]:
     """One control message, typed (an ERROR is returned, not raised)."""
-    kind, body = read_message(sock, 0)
+    kind, body = read_message(sock, 0, deadline)
     return kind, decode_payload(kind, body)
 
 
-def expect_message(sock: socket.socket, kind: Msg, *, keepalive_wait: float | None = None,
+def expect_message(sock: socket.socket, kind: Msg, *, deadline: float,
+                   keepalive_wait: float | None = None,
                    keepalive_until: float | None = None) -> Any:
-    """Read a control message that must be ``kind``; the peer's ERROR is raised.
+    """Read a control message that must be ``kind``, whole by ``deadline``
+    (monotonic); the peer's ERROR is raised.
 
     ``keepalive_wait``: KEEPALIVEs may come first (a peer still busy, alive),
-    each giving the peer that many more seconds (the socket's timeout), but
+    each giving the peer that many more seconds for the next message, but
     none past ``keepalive_until`` (monotonic): a peer that only ever says it is
     alive must not hold the wait forever."""
-    got, payload = read_payload(sock)
+    got, payload = read_payload(sock, deadline)
     while got is Msg.KEEPALIVE and keepalive_wait is not None:
         if keepalive_until is not None and time.monotonic() > keepalive_until:
             raise MigrationError(f"main channel: still no {kind.name} after the peer's "
                                  f"KEEPALIVEs ran past their deadline", channel=MAIN)
-        sock.settimeout(keepalive_wait)
-        got, payload = read_payload(sock)
+        got, payload = read_payload(sock, time.monotonic() + keepalive_wait)
     if got is Msg.ERROR:
         raise MigrationError(f"the peer failed: {payload.error}", channel=MAIN, side="peer")
     if got is not kind:

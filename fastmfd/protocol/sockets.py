@@ -9,6 +9,7 @@ these. Every error names the connection it happened on (``where``).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import os
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
     from typing_extensions import Buffer     # collections.abc.Buffer from Python 3.12
 
 __all__ = ["Address", "parse_address", "listen", "bound_address", "connect", "recv_exact",
-           "send_all", "tune_data_socket", "tune_main_socket", "peer_on_this_host"]
+           "ConnectionClosed", "send_all", "tune_data_socket", "tune_main_socket", "peer_on_this_host"]
 
 # Unix sockets have no buffer autotuning: large buffers let a send worker's
 # writev of a whole packet complete without waiting on its peer (the kernel
@@ -224,29 +225,40 @@ def peer_on_this_host(sock: socket.socket) -> bool:
     return address.is_loopback or peer == local
 
 
+class ConnectionClosed(ProtocolError):
+    """The peer closed the connection before a read was complete."""
+
+
 def recv_exact(sock: socket.socket, size: int, what: str, where: str | None = None,
                deadline: float | None = None) -> bytes:
-    """Read exactly ``size`` bytes; a short read is a ProtocolError naming ``what``.
+    """Read exactly ``size`` bytes; a short read is a ConnectionClosed naming ``what``.
     ``where`` names the connection in every error (e.g. "main channel").
     ``deadline`` (monotonic) bounds the whole read: a socket's own timeout bounds
-    each recv, so a peer trickling a byte at a time would never trip it."""
+    each recv, so a peer trickling a byte at a time would never trip it. The
+    socket's timeout is restored after (other threads' sends go by it)."""
     buf = bytearray(size)
     view = memoryview(buf)
     got = 0
-    while got < size:
-        try:
+    previous = sock.gettimeout()
+    try:
+        while got < size:
             if deadline is not None:
                 sock.settimeout(max(0.001, deadline - time.monotonic()))
             n = sock.recv_into(view[got:])
-        except socket.timeout:
-            raise MigrationError(f"timed out waiting for {what}", channel=where) from None
-        except OSError as exc:
-            raise MigrationError(f"connection lost reading {what}: {exc.strerror or exc}",
-                                 channel=where) from None
-        if n == 0:
-            raise ProtocolError(f"connection closed after {got} of {size} bytes of {what}",
-                                field="length", received=got, expected=size, where=where)
-        got += n
+            if n == 0:
+                raise ConnectionClosed(f"connection closed after {got} of {size} bytes of "
+                                       f"{what}", field="length", received=got, expected=size,
+                                       where=where)
+            got += n
+    except socket.timeout:
+        raise MigrationError(f"timed out waiting for {what}", channel=where) from None
+    except OSError as exc:
+        raise MigrationError(f"connection lost reading {what}: {exc.strerror or exc}",
+                             channel=where) from None
+    finally:
+        if deadline is not None:
+            with contextlib.suppress(OSError):      # closed meanwhile by another thread
+                sock.settimeout(previous)
     return bytes(buf)
 
 

@@ -1,0 +1,237 @@
+"""A source against a destination that breaks the protocol: it fails, in time, saying what.
+
+The destination here is a script over plain sockets: it greets, acknowledges and
+answers as a real one does (``FakeDestination``), except where a test makes it
+trickle a message, answer out of turn, count rounds wrongly, send a number that
+is not one, or never say RESUMED. Each case was found by a fuzzing helper:
+before its fix the source hung, took the answer, or named the wrong cause.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import threading
+import time
+
+import pytest
+
+import fastmfd
+from fastmfd.protocol.main_channel import (MESSAGE_HEADER, Loaded, Msg, RoundAck,
+                                           encode_message)
+from migration_support import make_region
+
+STALL = 2.0
+CONFIG = fastmfd.MigrationConfig(channels=2, timeout=STALL, stall_timeout=STALL)
+SLACK = 3.0         # seconds past a deadline a failure may take (the monitor's period)
+
+
+class FakeDestination:
+    """Accepts a source's connections on loopback and runs ``script(self)`` on its
+    main channel once SETUP arrived; the data channels are read and dropped."""
+
+    def __init__(self, script) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = "tcp:127.0.0.1:%d" % self.listener.getsockname()[1]
+        self.script = script
+        self.main: socket.socket | None = None
+        self.sockets: list[socket.socket] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        try:
+            self.main = self._accept()
+            self._recv(12 + 8)                      # channel header, preamble
+            assert self.read()[0] is Msg.SETUP
+            threading.Thread(target=self._accept_channels, daemon=True).start()
+            self.script(self)
+        except (OSError, EOFError):
+            pass                                    # the source gave up: the test judges
+
+    def _accept(self) -> socket.socket:
+        sock, _ = self.listener.accept()
+        self.sockets.append(sock)
+        return sock
+
+    def _accept_channels(self) -> None:
+        while not self.stop.is_set():
+            try:
+                channel = self._accept()
+            except OSError:
+                return
+            threading.Thread(target=self._drain, args=(channel,), daemon=True).start()
+
+    @staticmethod
+    def _drain(channel: socket.socket) -> None:
+        try:
+            while channel.recv(1 << 16):
+                pass
+        except OSError:
+            pass
+
+    def _recv(self, size: int) -> bytes:
+        data = b""
+        while len(data) < size:
+            part = self.main.recv(size - len(data))
+            if not part:
+                raise EOFError
+            data += part
+        return data
+
+    def read(self) -> tuple[Msg, bytes]:
+        """The source's next message other than KEEPALIVE."""
+        while True:
+            kind, length = MESSAGE_HEADER.unpack(self._recv(MESSAGE_HEADER.size))
+            body = self._recv(length) if length else b""
+            if kind != Msg.KEEPALIVE:
+                return Msg(kind), body
+
+    def send(self, kind: Msg, payload=None) -> None:
+        self.main.sendall(encode_message(kind, payload))
+
+    def trickle(self, data: bytes, every: float = 0.5) -> None:
+        """``data`` a byte at a time, each well within the stall timeout."""
+        for byte in data:
+            if self.stop.wait(every):
+                return
+            self.main.sendall(bytes([byte]))
+
+    def until(self, kind: Msg) -> bytes:
+        """Answer as a destination does (ROUND_ACK each ROUND_END) until ``kind``."""
+        while True:
+            got, body = self.read()
+            if got is kind:
+                return body
+            if got is Msg.ROUND_END:
+                self.send(Msg.ROUND_ACK, RoundAck(int(re.search(rb"\d+", body)[0])))
+
+    def close(self) -> None:
+        self.stop.set()
+        for sock in [self.listener, *self.sockets]:
+            sock.close()
+        self.thread.join(10)
+
+
+def migrate_against(script, *, hold=None):
+    """A real Source migrates 4 MiB to ``FakeDestination(script)``; returns its
+    error and the seconds it took. ``hold(source)`` runs in another thread."""
+    destination = FakeDestination(script)
+    region = make_region("ram", 4 << 20, seed=7)
+    error = None
+    try:
+        with fastmfd.Source(destination.address, CONFIG) as source:
+            source.add_region(region)
+            if hold is not None:
+                threading.Thread(target=hold, args=(source,), daemon=True).start()
+            started = time.monotonic()
+            try:
+                source.migrate(live=False)
+            except fastmfd.MigrationError as exc:
+                error = exc
+            took = time.monotonic() - started
+    finally:
+        destination.close()
+        region.close()
+    assert error is not None, "the source took the destination's word"
+    return error, took
+
+
+def _header(kind: Msg, length: int = 0) -> bytes:
+    return MESSAGE_HEADER.pack(int(kind), length)
+
+
+# ---------------------------------------------------------------- deadlines
+
+def test_a_trickled_setup_ack_fails_within_the_handshake_timeout(leaks):
+    error, took = migrate_against(lambda d: d.trickle(_header(Msg.SETUP_ACK)))
+    assert "main channel: timed out waiting for message" in str(error)
+    assert took < CONFIG.timeout + SLACK
+    leaks.assert_clean()
+
+
+def test_a_trickled_round_ack_fails_within_the_stall_timeout(leaks):
+    def script(d):
+        d.send(Msg.SETUP_ACK)
+        d.read()                                        # ROUND_END 1
+        d.trickle(encode_message(Msg.ROUND_ACK, RoundAck(1)))
+
+    error, took = migrate_against(script)
+    assert "main channel: timed out waiting for" in str(error)
+    assert took < STALL + SLACK
+    leaks.assert_clean()
+
+
+def test_keepalives_without_resumed_fail_within_the_stall_timeout(leaks):
+    """After LOADED the destination's on_resume has the stall timeout: KEEPALIVEs
+    say it is alive, not that it will ever answer."""
+    def script(d):
+        d.send(Msg.SETUP_ACK)
+        d.until(Msg.COMPLETE)
+        d.send(Msg.LOADED, Loaded(rounds=1, load_seconds={}))
+        while not d.stop.wait(STALL / 4):
+            d.send(Msg.KEEPALIVE)
+
+    error, took = migrate_against(script)
+    assert "no RESUMED from the destination 2 s after its LOADED" in str(error)
+    assert took < STALL + SLACK
+    leaks.assert_clean()
+
+
+@pytest.mark.parametrize("how", ["cancel", "close"])
+def test_cancel_or_close_while_waiting_for_setup_ack(leaks, how):
+    """The handshake's socket is the session's: breaking the session breaks its
+    wait (close() had waited 10 s, then freed the counters under migrate())."""
+    def hold(source):
+        time.sleep(0.3)
+        source.cancel("the user gave up") if how == "cancel" else source.close()
+
+    error, took = migrate_against(lambda d: d.stop.wait(30), hold=hold)
+    expected = "the user gave up" if how == "cancel" else "closed"
+    assert expected in str(error)
+    assert took < 2.0
+    leaks.assert_clean()
+
+
+# ---------------------------------------------------------------- answers
+
+def _answers(*after_complete):
+    def script(d):
+        d.send(Msg.SETUP_ACK)
+        d.until(Msg.COMPLETE)
+        for kind, payload in after_complete:
+            d.main.sendall(payload if isinstance(payload, bytes) else
+                           encode_message(kind, payload))
+        d.stop.wait(30)
+    return script
+
+
+@pytest.mark.parametrize("script, expected", [
+    pytest.param(lambda d: (d.send(Msg.SETUP_ACK), d.send(Msg.LOADED, Loaded(1, {})),
+                            d.send(Msg.RESUMED), d.stop.wait(30)),
+                 r"main channel: unexpected LOADED from the destination while \w+",
+                 id="loaded-before-complete"),
+    pytest.param(lambda d: (d.send(Msg.SETUP_ACK), d.read(),
+                            d.send(Msg.ROUND_ACK, RoundAck(999)), d.stop.wait(30)),
+                 r"main channel: ROUND_ACK field 'round': received 999, expected 1",
+                 id="round-ack-of-another-round"),
+    pytest.param(_answers((Msg.LOADED, Loaded(7777, {}))),
+                 r"main channel: LOADED field 'round': received 7777, expected 1",
+                 id="loaded-other-rounds"),
+    pytest.param(_answers((Msg.LOADED, _header(Msg.LOADED, 40)
+                           + b'{"rounds":1,"load_seconds":{"x": NaN}}  ')),
+                 r"main channel LOADED: payload is not JSON \(NaN is not a JSON number",
+                 id="loaded-nan"),
+    pytest.param(_answers((Msg.LOADED, Loaded(1, {"x": -1.0}))),
+                 r"Loaded field 'load_seconds': received \{'x': -1.0\}",
+                 id="loaded-negative-seconds"),
+    pytest.param(_answers((Msg.LOADED, _header(99))),
+                 r"main channel field 'type': received 99", id="unknown-type"),
+])
+def test_an_answer_out_of_turn_or_out_of_range_fails(leaks, script, expected):
+    error, _ = migrate_against(script)
+    assert re.search(expected, str(error)), str(error)
+    assert "closed the main channel" not in str(error)      # it did not close it
+    assert "main channel: main channel" not in str(error)
+    leaks.assert_clean()
