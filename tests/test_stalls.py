@@ -113,10 +113,12 @@ def test_a_source_silent_after_setup_ack(channels_connected):
     assert kind.name == "ERROR" and expected in body["error"]
 
 
-def _fake_session(syncs: int, messages: list[tuple[Msg, dict]]) -> BaseException:
+def _fake_session(syncs: int, messages: list[tuple[Msg, dict]],
+                  trickled: bytes = b"") -> BaseException:
     """A hand-made source: one channel sends a RAM packet and ``syncs`` SYNCs, the
-    main channel ``messages``, then KEEPALIVEs, as a live source does, until the
-    destination ends (within BOUND + 5 s); returns the destination's error."""
+    main channel ``messages``, then KEEPALIVEs, as a live source does (or first
+    ``trickled``, a byte every third of the stall timeout), until the destination
+    ends (within BOUND + 5 s); returns the destination's error."""
     config = fastmfd.MigrationConfig(channels=1, packet_pages=16)
     uuid = os.urandom(16)
     codec = _core.RamPacketCodec(config.packet_pages, config.page_size)
@@ -132,6 +134,11 @@ def _fake_session(syncs: int, messages: list[tuple[Msg, dict]]) -> BaseException
             for kind, payload in messages:
                 source.main.sendall(encode_message(kind, payload))
             deadline = time.monotonic() + BOUND + 5
+            for byte in trickled:
+                thread.join(STALL / 3)
+                if not thread.is_alive():
+                    break
+                source.main.sendall(bytes([byte]))
             while thread.is_alive() and time.monotonic() < deadline:
                 source.main.sendall(encode_message(Msg.KEEPALIVE))
                 thread.join(0.2)
@@ -156,6 +163,16 @@ def test_a_channel_past_the_last_round_fails_at_once(fault):
     assert isinstance(error, fastmfd.MigrationError), repr(error)
     assert (f"receive channel 0: SYNC of round {rounds + 1}, but the source ended {rounds} "
             f"round(s) (COMPLETE)") in str(error)
+
+
+def test_a_trickled_message_fails_within_the_stall_timeout():
+    """A message that has begun must arrive whole in time: a source sending it a
+    byte at a time held the destination's monitor, and every deadline it keeps."""
+    started = time.monotonic()
+    error = _fake_session(1, [], trickled=encode_message(Msg.ROUND_END, {"round": 1}))
+    assert isinstance(error, fastmfd.MigrationError), repr(error)
+    assert "main channel: timed out waiting for message" in str(error)
+    assert time.monotonic() - started < BOUND + 2
 
 
 def test_a_round_end_out_of_turn_names_its_place():
