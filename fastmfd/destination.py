@@ -12,7 +12,6 @@ and frees the regions it created and every shared-memory segment.
 
 from __future__ import annotations
 
-import os
 import socket
 import time
 from dataclasses import dataclass, field
@@ -27,7 +26,8 @@ from .devices import Loader, type_error
 from .errors import ConfigError, MigrationError
 from .protocol.security import ChannelSecurity, TLSConfig, check_auth_key
 from .protocol.setup import MAX_STALL_SECONDS, MIN_STALL_SECONDS, Setup
-from .protocol.sockets import bound_address, listen, listening_address, parse_address
+from .protocol.sockets import (bound_address, listen, listening_address, parse_address,
+                               remove_socket_file)
 from .region_pool import RegionPool
 from .regions import Region, check_huge_pages
 from .shm import SHM_DIR
@@ -205,8 +205,8 @@ class Destination(Owner):
         self._resources.release()
         if self._listener is not None and self._owns_listener:
             self._listener.close()
-            if self._unix_path and os.path.exists(self._unix_path):
-                os.unlink(self._unix_path)
+            if self._unix_path:
+                remove_socket_file(self._unix_path)
         self._listener = None
 
     # ------------------------------------------------------------ receive

@@ -31,7 +31,7 @@ import time
 from typing import TYPE_CHECKING, Any, Protocol, TypeGuard, runtime_checkable
 
 from . import _core
-from .errors import ConfigError
+from .errors import ConfigError, MigrationError
 from .protocol.setup import Invalid, check_name
 
 if TYPE_CHECKING:
@@ -237,16 +237,31 @@ class FileLoader:
     failing if anything exists there — and a symbolic link at ``path`` is never
     followed. A write that fails (a full disk) fails the migration."""
 
-    def __init__(self, path: str | os.PathLike[str], *, exclusive: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, exclusive: bool = False,
+                 file_id: tuple[int, int] | None = None) -> None:
         self.path = os.fspath(path)
         self.exclusive = exclusive
+        self.file_id = file_id
+        """(st_dev, st_ino) of an empty file made for it at ``path`` (by a process
+        that made it safely, e.g. in a directory it holds open): written as it
+        is, neither created nor truncated, and another file found there refused."""
         self._fd: int | None = None
 
     def _open(self) -> int:
         if self._fd is None:
+            if self.file_id is not None:
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                st = os.fstat(self._fd)
+                if (st.st_dev, st.st_ino) != self.file_id:
+                    os.close(self._fd)
+                    self._fd = None
+                    raise MigrationError(f"{self.path} is not the file made for this "
+                                         f"device's state: it was replaced, or its "
+                                         f"directory moved")
+                return self._fd
             flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
             self._fd = os.open(self.path, flags | (os.O_EXCL if self.exclusive
-                                                   else os.O_TRUNC), 0o644)
+                                                   else os.O_TRUNC), 0o600)
         return self._fd
 
     def load_state_buffer(self, data: memoryview) -> None:

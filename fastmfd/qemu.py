@@ -46,6 +46,7 @@ decoded in the calling process (:mod:`fastmfd._engine.qemu_receiving`).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -58,7 +59,8 @@ from ._engine.qemu_receiving import QemuReceiving, QemuStreamFacts
 from ._engine.qemu_sending import QemuSending, QemuStream
 from .errors import ConfigError
 from .protocol.qemu import COMMAND, COMMAND_PLACES, SYNC_PER_ROUND, SYNC_PER_SECTION
-from .protocol.sockets import bound_address, listen, listening_address, parse_address
+from .protocol.sockets import (bound_address, listen, listening_address, parse_address,
+                               remove_socket_file)
 from .regions import Region
 from .tools.outputs import MANIFEST, OutputDir
 
@@ -164,9 +166,8 @@ class QemuReceiver:
             self._session = None
         if self._listener is not None and self._given is None:
             self._listener.close()
-            path = self._requested.path
-            if path is not None and os.path.exists(path):
-                os.unlink(path)
+            if self._requested.path is not None:
+                remove_socket_file(self._requested.path)
         self._listener = None
         if self._out is not None:
             self._out.close()
@@ -252,15 +253,15 @@ class QemuSender:
         self._sent = False
         try:
             for block in manifest["blocks"]:
-                path = _inside(directory, block["file"])
-                self._regions.append(Region.from_file(block["idstr"], path,
-                                                      page_size=manifest["page_size"]))
-                self._block_fds.append(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+                # One open: the file mapped is the file whose holes are learnt.
+                self._block_fds.append(_open_inside(directory, block["file"], os.O_RDWR))
+                self._regions.append(Region.from_fd(block["idstr"], self._block_fds[-1],
+                                                    page_size=manifest["page_size"]))
                 if self._regions[-1].size != block["size"]:
                     raise ConfigError(f"{block['file']}: {self._regions[-1].size} bytes, the "
                                       f"manifest says {block['size']}")
-            self._vmstate_fd = os.open(_inside(directory, manifest["vmstate"]["file"]),
-                                       os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            self._vmstate_fd = _open_inside(directory, manifest["vmstate"]["file"],
+                                            os.O_RDONLY)
             stream = QemuStream(bytes.fromhex(manifest["configuration"]),
                                 bytes.fromhex(manifest["uuid"] or "00" * 16),
                                 manifest["ram_section_id"], manifest["section_footers"],
@@ -387,9 +388,16 @@ def _read_manifest(directory: str) -> dict[str, Any]:
     return manifest
 
 
-def _inside(directory: str, name: str) -> str:
-    """``name`` (from the manifest) as a file directly inside ``directory``."""
+def _open_inside(directory: str, name: str, access: int) -> int:
+    """The file ``name`` (from the manifest) directly inside ``directory``, opened
+    for ``access``, never through a symbolic link."""
     if not isinstance(name, str) or os.path.basename(name) != name or name in ("", ".", ".."):
         raise ConfigError(f"manifest names the file {name!r}: expected a file name in "
                           f"{directory}")
-    return os.path.join(directory, name)
+    path = os.path.join(directory, name)
+    try:
+        return os.open(path, access | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        why = ("it is a symbolic link" if exc.errno == errno.ELOOP
+               else exc.strerror or str(exc))
+        raise ConfigError(f"{path}: cannot open it: {why}") from None

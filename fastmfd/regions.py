@@ -155,7 +155,7 @@ class Region:
         if exclusive:
             flags |= os.O_EXCL | os.O_NOFOLLOW
         try:
-            fd = os.open(path, flags, 0o644, dir_fd=dir_fd)
+            fd = os.open(path, flags, 0o600, dir_fd=dir_fd)     # memory is private
         except OSError as exc:
             raise ConfigError(f"region {name!r}: cannot open {path}: {exc.strerror}") from None
         try:

@@ -23,13 +23,13 @@ import pytest
 from leakcheck import leaks  # noqa: F401
 from proc_scan import alive
 
-from fastmfd.errors import MigrationError
+from fastmfd.errors import ConfigError, MigrationError
 from fastmfd.tools import images
 from fastmfd.tools.bench.peers import QemuTrial
 from fastmfd.tools.bench.qemu_cells import QemuToFastmfdTrial
 from fastmfd.tools.bench.trial import WARM_MARGIN, warm_free_memory
-from fastmfd.tools.bench.document import check_writable
 from fastmfd.tools.cli import main
+from fastmfd.tools.new_files import check_new_file, write_new_file
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -166,9 +166,41 @@ def test_compare_and_chart_mistakes_fail_before_the_run(args, message, capsys):
     assert message in err and "making a" not in err
 
 
-def test_json_check_leaves_no_file_behind(tmp_path):
-    check_writable(str(tmp_path / "new.json"))
-    assert not (tmp_path / "new.json").exists()
+def test_output_checks_leave_no_file_behind(tmp_path):
+    check_new_file(str(tmp_path / "new.json"), "--json")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("option", ["--json", "--chart"])
+@pytest.mark.parametrize("kind", ["file", "symlink", "fifo"])
+def test_an_output_that_exists_is_refused_before_the_run(tmp_path, capsys, option, kind):
+    """A user's file is not replaced, a link not followed (its target was
+    overwritten), a FIFO not opened (the check hung on it)."""
+    path, victim = tmp_path / "out.svg", tmp_path / "victim"
+    victim.write_text("the user's")
+    if kind == "file":
+        path.write_text("the user's")
+    elif kind == "symlink":
+        path.symlink_to(victim)
+    else:
+        os.mkfifo(path)
+    code = main(["bench", "--size", "1M", "--channels", "1", "--compression", "none",
+                 option, str(path)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"{option} {path}: exists" in err and "making a" not in err
+    assert victim.read_text() == "the user's"
+    if kind == "file":
+        assert path.read_text() == "the user's"
+
+
+def test_write_new_file_never_replaces_what_appeared_meanwhile(tmp_path):
+    path = tmp_path / "bench.json"
+    write_new_file(str(path), b"first")
+    with pytest.raises(ConfigError, match="appeared meanwhile: not replacing it"):
+        write_new_file(str(path), b"second")
+    assert path.read_bytes() == b"first"
+    assert os.listdir(tmp_path) == ["bench.json"]           # no temporary file left
 
 
 @pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None,

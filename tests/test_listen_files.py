@@ -176,8 +176,73 @@ def test_a_rename_that_fails_at_the_end_takes_back_the_names_already_made(tmp_pa
             status, err = listener.finish()
     finally:
         region.close()
-    assert status == 1 and "Is a directory" in err, err
+    assert status == 1 and "nic0.0.state appeared while the migration was received" in err, err
     assert files_in(out) == {"nic0.0.state"} and not os.listdir(out / "nic0.0.state")
+
+
+def test_a_file_put_at_a_final_name_mid_transfer_is_not_replaced(tmp_path):
+    """The names are claimed at SETUP; a user's file written at one afterwards
+    was replaced by the rename at the end, silently. Now the migration fails and
+    the file stays as the user wrote it."""
+    out = tmp_path / "out"
+    region = make_region("ram", 16 * PAGE, seed=6)
+    try:
+        with Listener(out) as listener:
+            with fastmfd.Source(listener.address) as source:
+                source.add_region(region)
+                with pytest.raises(fastmfd.MigrationError, match="ram.img appeared"):
+                    source.migrate(live=False,
+                                   on_stop=lambda: (out / "ram.img").write_text("mine"))
+            status, err = listener.finish()
+    finally:
+        region.close()
+    assert status == 1, err
+    assert files_in(out) == {"ram.img"} and (out / "ram.img").read_text() == "mine"
+
+
+def test_a_device_state_file_replaced_mid_transfer_is_refused(tmp_path):
+    """The loader runs in another process, which opens the device's .part file by
+    path: it was created and truncated anew there (through a hard link swapped
+    in, into someone else's file). Now it must be the file the listener made."""
+    out = tmp_path / "out"
+    victim = tmp_path / "victim"
+    victim.write_text("the user's")
+    region = make_region("ram", 16 * PAGE, seed=6)
+
+    def swap():
+        os.unlink(out / "nic0.0.state.part")
+        os.link(victim, out / "nic0.0.state.part")
+    try:
+        with Listener(out) as listener:
+            with fastmfd.Source(listener.address) as source:
+                source.add_region(region)
+                source.add_device(fastmfd.BytesDevice("nic0", 0, b"n" * 5000))
+                with pytest.raises(fastmfd.MigrationError, match="is not the file made for "
+                                                                 "this device's state"):
+                    source.migrate(live=False, on_stop=swap)
+            listener.finish()
+    finally:
+        region.close()
+    assert victim.read_text() == "the user's"
+
+
+def test_outputs_are_private_and_their_directories_durable(tmp_path, image, monkeypatch):
+    """Memory images and device state are the user's alone (0600, as QEMU's dumps;
+    they were 0644), and a directory made for them is fsynced into its parent."""
+    out = tmp_path / "new" / "out"
+    with Listener(out) as listener:
+        done = send(listener, str(image), "--state", f"nic0={image}")
+        status, err = listener.finish()
+    assert done.returncode == 0 and status == 0, (done.stderr, err)
+    for name in files_in(out):
+        assert (out / name).stat().st_mode & 0o777 == 0o600, name
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/"
+                                                                          f"{fd}")),
+                                                 real_fsync(fd)))
+    OutputDir(str(tmp_path / "a" / "b")).close()
+    assert synced == [str(tmp_path), str(tmp_path / "a")]
 
 
 def test_a_missing_state_file_fails_before_anything_is_sent(tmp_path, image):

@@ -237,6 +237,22 @@ def test_send_refuses_a_bad_manifest(tmp_path, qemu72_captures, key, value, matc
         qemu.send("tcp:127.0.0.1:9", str(tmp_path / "saved"))
 
 
+@pytest.mark.parametrize("which", ["block", "vmstate"])
+def test_send_follows_no_symbolic_link_in_the_saved_directory(tmp_path, qemu72_captures,
+                                                               which):
+    """A block file linked elsewhere was opened through the link; a linked
+    vmstate.bin failed with a raw ELOOP."""
+    receive_replay(tmp_path / "saved", capture_bytes(qemu72_captures, "none"))
+    manifest = json.loads((tmp_path / "saved" / "manifest.json").read_text())
+    name = manifest["blocks"][0]["file"] if which == "block" else manifest["vmstate"]["file"]
+    moved = tmp_path / "elsewhere"
+    (tmp_path / "saved" / name).rename(moved)
+    (tmp_path / "saved" / name).symlink_to(moved)
+    with pytest.raises(ConfigError, match=re.escape(name) + ": cannot open it: it is a "
+                                                         "symbolic link"):
+        qemu.send("tcp:127.0.0.1:9", str(tmp_path / "saved"))
+
+
 @needs_qemu
 def test_a_destination_expecting_other_channels_fails_the_send(tmp_path):
     """QEMU negotiates nothing: a destination waiting for 4 channels gets 2 and reads

@@ -49,6 +49,16 @@ def test_a_live_listener_is_not_displaced(tmp_path):
         assert os.path.exists(path)
 
 
+def test_a_closing_listener_removes_only_its_own_socket(tmp_path):
+    """What was put at the path after it listened (a user's file) is not its socket
+    file: it stays (the listener unlinked whatever was at its path)."""
+    path = tmp_path / "dst.sock"
+    with fastmfd.Destination(f"unix:{path}", workers=0):
+        path.unlink()
+        path.write_text("the user's")
+    assert path.read_text() == "the user's"
+
+
 @pytest.mark.parametrize("kind", ["file", "symlink", "directory"])
 def test_what_is_not_a_socket_is_left_alone(tmp_path, kind):
     path = tmp_path / "dst.sock"

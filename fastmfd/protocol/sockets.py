@@ -24,7 +24,8 @@ from ..errors import ConfigError, ConnectError, ListenError, MigrationError, Pro
 if TYPE_CHECKING:
     from typing_extensions import Buffer     # collections.abc.Buffer from Python 3.12
 
-__all__ = ["Address", "parse_address", "listen", "bound_address", "connect", "recv_exact",
+__all__ = ["Address", "parse_address", "listen", "remove_socket_file", "bound_address",
+           "connect", "recv_exact",
            "ConnectionClosed", "send_all", "tune_data_socket", "tune_main_socket", "peer_on_this_host"]
 
 # Unix sockets have no buffer autotuning: large buffers let a send worker's
@@ -85,8 +86,13 @@ def parse_address(text: str | Address) -> Address:
                       f"tcp::PORT) or unix:PATH")
 
 
+# The socket files listen() made: path -> (st_dev, st_ino), for remove_socket_file.
+_socket_files: dict[str, tuple[int, int]] = {}
+
+
 def listen(address: Address, backlog: int = 128) -> socket.socket:
-    """A listening socket; the caller reads the real port from ``getsockname``."""
+    """A listening socket; the caller reads the real port from ``getsockname``.
+    A ``unix:`` listener's file is removed with :func:`remove_socket_file`."""
     sock = socket.socket(address.family, socket.SOCK_STREAM)
     try:
         if address.family == socket.AF_UNIX:
@@ -94,6 +100,9 @@ def listen(address: Address, backlog: int = 128) -> socket.socket:
         else:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address.target)
+        if address.path is not None:
+            st = os.lstat(address.path)
+            _socket_files[address.path] = (st.st_dev, st.st_ino)
         sock.listen(backlog)
     except OSError as exc:
         sock.close()
@@ -133,6 +142,19 @@ def _remove_stale_socket(address: Address) -> None:
         probe.close()
     now = os.lstat(path)
     if (now.st_dev, now.st_ino) == (before.st_dev, before.st_ino):
+        os.unlink(path)
+
+
+def remove_socket_file(path: str) -> None:
+    """Unlink the socket file listen() made at ``path`` when its listener closes,
+    if it is still that one: whatever was put there since (a file of the user's, a
+    later listener's socket) is left alone."""
+    made = _socket_files.pop(path, None)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISSOCK(st.st_mode) and (st.st_dev, st.st_ino) == made:
         os.unlink(path)
 
 

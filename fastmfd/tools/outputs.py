@@ -44,6 +44,7 @@ from ..errors import ConfigError, MigrationError
 from ..protocol.setup import Setup
 from ..regions import Region, check_huge_pages
 from ..units import format_bytes
+from .new_files import make_directories, rename_without_replacing
 from .warm_files import WarmFiles
 
 __all__ = ["OutputDir", "output_name", "MANIFEST", "VMSTATE"]
@@ -100,8 +101,11 @@ class OutputDir:
         self.force, self.keep_partial, self.max_bytes = force, keep_partial, max_bytes
         self.warm, self.huge_pages = warm, huge_pages
         try:
-            os.makedirs(self.path, exist_ok=True)
+            make_directories(self.path)
             self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except (NotADirectoryError, FileExistsError):
+            raise ConfigError(f"output directory {self.path}: exists and is not a "
+                              f"directory") from None
         except OSError as exc:
             raise ConfigError(f"output directory {self.path}: {exc.strerror or exc}") from None
         # Loaders run in another process: they get the directory's resolved path.
@@ -219,8 +223,11 @@ class OutputDir:
         return True
 
     def loader(self, key: tuple[str, int]) -> FileLoader:
-        """The loader writing device ``key`` into its .part file (made by plan())."""
-        return FileLoader(os.path.join(self.real, self.devices[key].part))
+        """The loader writing device ``key`` into its .part file, made by plan(): it
+        runs in another process, which opens it by path, and refuses another file
+        found there (the directory moved, a link swapped in)."""
+        out = self.devices[key]
+        return FileLoader(os.path.join(self.real, out.part), file_id=out.identity)
 
     def _claim(self, out: _Output) -> None:
         """Refuse a taken final name unless ``force`` (a directory always); a .part
@@ -241,8 +248,9 @@ class OutputDir:
     def _create(self, out: _Output, access: int = os.O_WRONLY) -> int:
         """Create ``out``'s .part file, new (never through a link); returns its
         descriptor, open for writing (``access``)."""
+        # Memory and device state are private, as QEMU's dumps are (0600).
         fd = os.open(out.part, access | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                     | os.O_CLOEXEC, 0o644, dir_fd=self.fd)
+                     | os.O_CLOEXEC, 0o600, dir_fd=self.fd)
         st = os.fstat(fd)
         out.identity = (st.st_dev, st.st_ino)
         return fd
@@ -251,13 +259,22 @@ class OutputDir:
     def commit(self, document: dict[str, Any] | None = None) -> None:
         """Everything is loaded and on disk: write the manifest (``document``, or
         the regions and devices of plan()), rename every .part to its final name
-        (the manifest last), make the renames durable."""
+        (the manifest last), make the renames durable. A final name taken since
+        plan() is not replaced (but with ``force``): the migration fails."""
         self._write_manifest(document)
         for out in self._outputs():
             if self._identity(out.part) != out.identity:
                 raise MigrationError(f"{self._show(out.part)} was replaced while the "
                                      f"migration was received")
-            os.rename(out.part, out.final, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+            if self.force:
+                os.rename(out.part, out.final, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+            else:
+                try:
+                    rename_without_replacing(out.part, out.final, self.fd)
+                except FileExistsError:
+                    raise MigrationError(f"{self._show(out.final)} appeared while the "
+                                         f"migration was received: not replacing it "
+                                         f"without --force") from None
             out.renamed = True
         os.fsync(self.fd)
 

@@ -10,7 +10,6 @@ side needs the other's parameters: the listener learns everything from SETUP.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import socket
@@ -25,7 +24,7 @@ from ..devices import FileDevice
 from ..errors import ConfigError, FastMFDError
 from ..protocol.security import TLSConfig
 from ..protocol.setup import Setup
-from ..protocol.sockets import bound_address, listen, parse_address
+from ..protocol.sockets import bound_address, listen, parse_address, remove_socket_file
 from ..regions import Region, check_huge_pages
 from ..source import Source
 from ..stats import MigrationStats
@@ -239,5 +238,4 @@ def listen_sessions(address: str, directory: str, *, sessions: int | None = None
             warm.close()
         listener.close()
         if requested.path is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(requested.path)
+            remove_socket_file(requested.path)

@@ -16,7 +16,8 @@ from ...errors import ConfigError
 from .. import security_options
 from ..images import IMAGE_KINDS, Image
 from ...units import format_bytes, format_rate, parse_size
-from .document import LINK, check_writable, document, load_best_times
+from ..new_files import check_new_file, write_new_file
+from .document import LINK, document, load_best_times
 from .link import EmulatedLink, LinkSpec, check_can_emulate, parse_link
 from .matrix import PEERS, QEMU_METHODS, Setting, run_matrix
 from .output import comparison_table, render
@@ -155,9 +156,9 @@ def cli_main(args: argparse.Namespace) -> int:
     console = Console(width=None if sys.stdout.isatty() else 120)
     log = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
     settings = settings_from_args(args)
-    for path in (args.json, args.chart):
+    for option, path in (("--json", args.json), ("--chart", args.chart)):
         if path:
-            check_writable(path)
+            check_new_file(path, option)
     baseline = load_best_times(args.compare) if args.compare else None
     if "qemu" in args.peer:
         args.qemu_binary = find_qemu(args.qemu_binary)
@@ -199,12 +200,11 @@ def cli_main(args: argparse.Namespace) -> int:
     if args.chart:
         chart = Console(record=True, width=120, file=io.StringIO())
         render(results, chart, note="".join(notes))
-        chart.save_svg(args.chart, title="fastmfd bench")
+        write_new_file(args.chart, chart.export_svg(title="fastmfd bench").encode())
     if args.json:
-        with open(args.json, "w") as out:
-            link_text = f"emulated {args.link.text} (veth, tc)" if args.link else LINK
-            json.dump(document(results, tls=security.label or None, prealloc=args.prealloc,
-                               warm_memory=not args.cold_memory, link=link_text),
-                      out, indent=2)
-            out.write("\n")
+        link_text = f"emulated {args.link.text} (veth, tc)" if args.link else LINK
+        write_new_file(args.json, json.dumps(
+            document(results, tls=security.label or None, prealloc=args.prealloc,
+                     warm_memory=not args.cold_memory, link=link_text), indent=2).encode()
+            + b"\n")
     return 0

@@ -14,8 +14,9 @@ it was measured, and tools that read pytest-benchmark files read it::
                                     "first_s", "spread", "loaded_runs",
                                     "runs": [{"seconds", "cpu_s", ...}], ...}}]}
 
-The output file is checked before the run (:func:`check_writable`): a path
-that cannot be written fails the command at once, not after every migration.
+The output files are checked before the run
+(:func:`fastmfd.tools.new_files.check_new_file`): a path that exists or cannot
+be written fails the command at once, not after every migration.
 """
 
 from __future__ import annotations
@@ -34,24 +35,9 @@ from ...errors import ConfigError
 if TYPE_CHECKING:
     from .matrix import Result
 
-__all__ = ["check_writable", "document", "load_best_times"]
+__all__ = ["document", "load_best_times"]
 
 LINK = "loopback TCP"           # what carries the bytes without --link
-
-
-def check_writable(path: str) -> None:
-    """Refuse ``path`` unless a file can be written there; leave nothing behind."""
-    existed = os.path.lexists(path)
-    if os.path.isdir(path):
-        raise ConfigError(f"--json {path}: is a directory; give a file name")
-    try:
-        with open(path, "a"):
-            pass
-    except OSError as exc:
-        raise ConfigError(f"--json {path}: cannot write there ({exc.strerror or exc}); "
-                          f"give a writable file name") from None
-    if not existed:
-        os.unlink(path)
 
 
 def load_best_times(path: str) -> dict[str, float]:

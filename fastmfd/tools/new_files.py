@@ -1,0 +1,118 @@
+"""Files and directories a command makes for its user: new, durable, never in
+place of anything.
+
+A name is taken only once what it names is complete and on disk: a file is
+written under a temporary name, fsynced, then renamed to its name without
+replacing whatever may have appeared there meanwhile (``renameat2`` with
+``RENAME_NOREPLACE``; a link and an unlink where the file system lacks it),
+and its directory is fsynced. A directory made is made durable in its parent.
+No path is followed through a symbolic link at its last component.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import secrets
+import stat
+
+from ..errors import ConfigError
+
+__all__ = ["rename_without_replacing", "make_directories", "check_new_file", "write_new_file"]
+
+_RENAME_NOREPLACE = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def rename_without_replacing(src: str, dst: str, dir_fd: int) -> None:
+    """Rename ``src`` to ``dst`` (both in the directory ``dir_fd``); FileExistsError
+    if anything is at ``dst``, which is left as it was."""
+    renameat2 = getattr(_libc, "renameat2", None)
+    if renameat2 is not None:
+        if renameat2(dir_fd, os.fsencode(src), dir_fd, os.fsencode(dst),
+                     _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOSYS):       # EINVAL: not on this file system
+            raise OSError(err, os.strerror(err), dst)
+    os.link(src, dst, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+    os.unlink(src, dir_fd=dir_fd)
+
+
+def make_directories(path: str) -> None:
+    """``mkdir -p path``, each directory it makes fsynced into its parent (else a
+    crash could lose a directory whose files were reported durable)."""
+    path = os.path.abspath(path)
+    missing = []
+    while not os.path.isdir(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    for directory in reversed(missing):
+        os.mkdir(directory)
+        _fsync_directory(os.path.dirname(directory))
+
+
+def _fsync_directory(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def check_new_file(path: str, option: str) -> None:
+    """Refuse, before any work, an output ``path`` that exists (whatever it is: a
+    file is not replaced, a link not followed, a FIFO not opened) or whose
+    directory cannot take a new file. ``option`` names it in the error."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        what = ("a symbolic link" if stat.S_ISLNK(st.st_mode) else
+                "a directory" if stat.S_ISDIR(st.st_mode) else
+                "a file" if stat.S_ISREG(st.st_mode) else "not a regular file")
+        raise ConfigError(f"{option} {path}: exists ({what}): not replacing it; give a new "
+                          f"file name")
+    directory = os.path.dirname(os.path.abspath(path))
+    probe = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(4)}")
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+        os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(f"{option} {path}: cannot write there ({exc.strerror or exc}); "
+                          f"give a writable file name") from None
+
+
+def write_new_file(path: str, data: bytes) -> None:
+    """Write ``data`` to the new file ``path``: under a temporary name, fsynced, then
+    renamed to ``path`` unless something is there by then (ConfigError; the
+    temporary file is removed), and the directory fsynced."""
+    directory, name = os.path.split(os.path.abspath(path))
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    temporary = f".{name}.{secrets.token_hex(4)}.part"
+    try:
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                     | os.O_CLOEXEC, 0o644, dir_fd=dir_fd)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            rename_without_replacing(temporary, name, dir_fd)
+        except FileExistsError:
+            os.unlink(temporary, dir_fd=dir_fd)
+            raise ConfigError(f"{path}: appeared meanwhile: not replacing it") from None
+        except BaseException:
+            os.unlink(temporary, dir_fd=dir_fd)
+            raise
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
