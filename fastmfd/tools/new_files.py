@@ -40,9 +40,10 @@ def rename_without_replacing(src: str, dst: str, dir_fd: int) -> None:
     os.unlink(src, dir_fd=dir_fd)
 
 
-def make_directories(path: str) -> None:
+def make_directories(path: str) -> list[str]:
     """``mkdir -p path``, each directory it makes fsynced into its parent (else a
-    crash could lose a directory whose files were reported durable)."""
+    crash could lose a directory whose files were reported durable); returns the
+    directories it made, outermost first."""
     path = os.path.abspath(path)
     missing = []
     while not os.path.isdir(path):
@@ -51,9 +52,12 @@ def make_directories(path: str) -> None:
         if parent == path:
             break
         path = parent
+    made = []
     for directory in reversed(missing):
         os.mkdir(directory)
+        made.append(directory)
         _fsync_directory(os.path.dirname(directory))
+    return made
 
 
 def _fsync_directory(path: str) -> None:

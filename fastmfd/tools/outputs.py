@@ -17,7 +17,8 @@
                    to its final name (the manifest last), D fsynced; only then does the
                    source hear RESUMED and its migrate() return
     any failure    abort(): the .part files removed (kept, still named .part, with
-                   ``keep_partial``); names already renamed are taken back
+                   ``keep_partial``); names already renamed are taken back; a
+                   session's own directory removed if this made it
 
 A migration from QEMU (:mod:`fastmfd.qemu`) plans with plan_qemu(): one
 ``<idstr>.img`` per RAMBlock (region() maps it), ``vmstate.bin`` for the
@@ -96,12 +97,16 @@ class OutputDir:
 
     def __init__(self, path: str | os.PathLike[str], *, force: bool = False,
                  keep_partial: bool = False, max_bytes: int | None = None,
-                 warm: WarmFiles | None = None, huge_pages: bool = False) -> None:
+                 warm: WarmFiles | None = None, huge_pages: bool = False,
+                 own_directory: bool = False) -> None:
         self.path = os.fspath(path)
+        # The migration's own directory (a session's, of several): abort() removes
+        # it too if this made it and it is left empty.
+        self.own_directory = own_directory
         self.force, self.keep_partial, self.max_bytes = force, keep_partial, max_bytes
         self.warm, self.huge_pages = warm, huge_pages
         try:
-            make_directories(self.path)
+            self._made = make_directories(self.path)
             self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except (NotADirectoryError, FileExistsError):
             raise ConfigError(f"output directory {self.path}: exists and is not a "
@@ -316,6 +321,11 @@ class OutputDir:
             os.fsync(self.fd)
         except OSError:
             pass
+        if self.own_directory and not self.keep_partial and self._made:
+            try:
+                os.rmdir(self.path)
+            except OSError:
+                pass
 
     def close(self) -> None:
         if self.fd >= 0:
