@@ -49,7 +49,7 @@ from ..errors import ConfigError, FastMFDError, MigrationError, ProtocolError, S
 from ..protocol import handshake
 from ..protocol.control import Drained, Eof, Go, Greeted, Refused, RecvParams, Synced
 from ..protocol.main_channel import (MAIN, Complete, Loaded, MainChannel, Msg, PrecopySent,
-                                     RoundAck, RoundEnd, decode_message_header,
+                                     RoundAck, RoundEnd, check_round, decode_message_header,
                                      decode_payload, old_way_message_size, read_message,
                                      source_failed)
 from ..protocol.security import ChannelSecurity
@@ -481,11 +481,7 @@ class Receiving:
             return
         payload = decode_payload(kind, body)
         if isinstance(payload, RoundEnd):
-            if payload.round != self._round_end + 1:
-                raise ProtocolError(f"main channel: ROUND_END field 'round': received "
-                                    f"{payload.round}, expected {self._round_end + 1}",
-                                    field="round",
-                                    received=payload.round, expected=self._round_end + 1)
+            check_round("ROUND_END", payload.round, self._round_end + 1)
             self._round_end = payload.round
             self._check_ended_early()
             self._release_rounds()

@@ -46,8 +46,8 @@ from ..errors import MigrationError, ProtocolError
 from ..protocol import handshake
 from ..protocol.control import Done, SendParams
 from ..protocol.main_channel import (MAIN, Complete, Error, Loaded, MainChannel, Msg,
-                                     PrecopySent, RoundAck, RoundEnd, decode_payload,
-                                     read_message)
+                                     PrecopySent, RoundAck, RoundEnd, check_round,
+                                     decode_payload, read_message)
 from ..protocol.security import ChannelSecurity, default_hostname
 from ..protocol.setup import DeviceSpec, RegionSpec, Setup
 from ..protocol.sockets import (Address, ConnectionClosed, connect, tune_data_socket,
@@ -107,8 +107,9 @@ class Sending:
         self.failure = SessionFailure("source")
         self.failure.on_failure(self._teardown)
         self.main: MainChannel | None = None
-        self._mailbox: npt.NDArray[np.uint64] | None = np.frombuffer(parts.mailbox_shm.buf, dtype=np.uint64).reshape(
-            self.config.total_channels, parts.job_pages)
+        self._mailbox: npt.NDArray[np.uint64] | None = np.frombuffer(
+            parts.mailbox_shm.buf, dtype=np.uint64).reshape(self.config.total_channels,
+                                                            parts.job_pages)
         self._cmd_fds: list[int] = []           # one command pipe per worker (also in resources)
         self._pool: _core.BufferPool | None = None
         self._monitor: threading.Thread | None = None
@@ -468,20 +469,16 @@ class Sending:
         """Handle one message from the destination."""
         assert self.main is not None and self._heartbeat is not None, "made by _watch()"
         try:
-            # A message that has begun must arrive whole in time (a peer trickling
-            # it would otherwise hold this thread, and every deadline it keeps).
+            # Whole in time: a trickled message held this thread and its deadlines.
             kind, body = read_message(self.main.sock, 0,
                                       time.monotonic() + self.config.stall_timeout)
-        except ConnectionClosed as exc:
+        except (ConnectionClosed, MigrationError) as exc:   # closed, reset or too slow
             if self._resumed.is_set():
                 watch.remove(self.main.sock)        # the destination is done and gone
                 return
-            raise MigrationError(f"the destination closed the main channel ({exc.detail})",
-                                 channel=MAIN) from None
-        except MigrationError:                      # reset, or too slow
-            if self._resumed.is_set():
-                watch.remove(self.main.sock)
-                return
+            if isinstance(exc, ConnectionClosed):
+                raise MigrationError(f"the destination closed the main channel "
+                                     f"({exc.detail})", channel=MAIN) from None
             raise
         self._heartbeat.received()
         if kind is Msg.KEEPALIVE:
@@ -502,7 +499,7 @@ class Sending:
                                 f"while {self.state.value}", field="type", received=kind.name,
                                 expected=" or ".join(m.name for m in expected))
         if isinstance(payload, Loaded):
-            self._check_rounds("LOADED", payload.rounds, self._rounds_ended)
+            check_round("LOADED", payload.rounds, self._rounds_ended)
             self._loaded_report = payload
             self._loaded_at = time.monotonic()
             self.state = SendingState.RESUMING
@@ -513,18 +510,10 @@ class Sending:
             self._acked.set()
         else:
             assert isinstance(payload, RoundAck)
-            self._check_rounds("ROUND_ACK", payload.round,
-                               min(self._rounds_acked + 1, self._rounds_ended))
+            # One per round ended, in order (not rounds never sent, none missed).
+            check_round("ROUND_ACK", payload.round,
+                        min(self._rounds_acked + 1, self._rounds_ended))
             self._rounds_acked = payload.round
-
-    @staticmethod
-    def _check_rounds(message: str, rounds: int, expected: int) -> None:
-        """A destination's count of rounds must be the source's: another would say
-        it applied rounds that were never sent, or missed one."""
-        if rounds != expected:
-            raise ProtocolError(f"main channel: {message} field 'round': received {rounds}, "
-                                f"expected {expected}", field="round", received=rounds,
-                                expected=expected)
 
     def _stop_monitor(self) -> None:
         if self._wake_w >= 0:

@@ -43,7 +43,7 @@ __all__ = [
     "Loaded", "Error", "MainChannel", "encode_message", "decode_message_header",
     "decode_control", "decode_payload", "encode_preamble", "check_preamble", "read_message",
     "read_payload", "expect_message", "old_way_message_size", "old_way_checksum",
-    "source_failed",
+    "check_round", "source_failed",
 ]
 
 MAIN = "main channel"               # how errors name the main channel
@@ -118,6 +118,14 @@ def old_way_checksum(*parts: bytes | memoryview) -> bytes:
     for part in parts:
         crc = zlib.crc32(part, crc)
     return OLD_WAY_CHECKSUM.pack(crc)
+
+
+def check_round(message: str, received: int, expected: int) -> None:
+    """A round number (or count) the peer sent must be the one this side knows."""
+    if received != expected:
+        raise ProtocolError(f"main channel: {message} field 'round': received {received}, "
+                            f"expected {expected}", field="round", received=received,
+                            expected=expected)
 
 
 def source_failed(body: bytes) -> MigrationError:
