@@ -83,7 +83,7 @@ cdef class _RegionTable:
 
     def __cinit__(self, regions, received=None, fresh=None, sparse=None,
                   uint32_t page_size=0, place_fds=None, hole_fds=None):
-        cdef uint8_t[::1] view
+        cdef const uint8_t[::1] view        # a source's may be read-only (Region.read_only)
         cdef DirtyBitmap bm
         regions = list(regions)
         self.uffd = -1
@@ -96,8 +96,9 @@ cdef class _RegionTable:
         for i, region in enumerate(regions):
             view = region.buffer
             raw = encode_name(region.name, "region name")
-            self.refs[i].base = &view[0]
+            self.refs[i].base = <uint8_t *>&view[0]
             self.refs[i].size = view.shape[0]
+            self.refs[i].writable = not region.read_only
             memcpy(self.refs[i].name, <const char *>raw, len(raw))
             self.refs[i].name_len = len(raw)
             memcpy(self.entries[i].name, <const char *>raw, len(raw))
@@ -380,12 +381,12 @@ cdef class SendEngine(_EngineBase):
                         self.zero[nz] = off
                         nz += 1
                         continue
-                    if where != PAGE_DATA:
+                    if where != PAGE_DATA and ref.writable:
                         # It is read (here, or as it is sent) where it lies in a hole,
                         # which a read allocates: populated first, so that a full
                         # file system is a clean error, not a SIGBUS. (Only without
                         # zero page detection, or for a page larger than a system
-                        # page partly in a hole.)
+                        # page partly in a hole; a read-only mapping cannot be.)
                         failed = populate_range(ref.base + off, psize)
                         if failed:
                             break

@@ -477,8 +477,9 @@ cdef struct Extents:                # where a file's data is, as lseek last said
 
 
 cdef struct RegionRef:              # a region as the engines see it
-    uint8_t *base
+    uint8_t *base                   # written only at a destination (never a read-only region)
     uint64_t size
+    bint writable                   # mapped writable (a source's may be read-only)
     uint64_t *received              # destination: bit per page written since the session began
     bint fresh                      # destination: memory started zero-filled (zero pages may be skipped)
     bint sparse                     # destination: a sparse file mapped shared: clearing punches holes

@@ -254,7 +254,7 @@ class QemuSender:
         try:
             for block in manifest["blocks"]:
                 # One open: the file mapped is the file whose holes are learnt.
-                self._block_fds.append(_open_inside(directory, block["file"], os.O_RDWR))
+                self._block_fds.append(_open_inside(directory, block["file"], os.O_RDONLY))
                 self._regions.append(Region.from_fd(block["idstr"], self._block_fds[-1],
                                                     page_size=manifest["page_size"]))
                 if self._regions[-1].size != block["size"]:

@@ -15,6 +15,7 @@ tracker, if it dies first).
 
 from __future__ import annotations
 
+import fcntl
 import io
 import mmap
 import os
@@ -55,12 +56,14 @@ def _validate_size(name: str, size: int, page_size: int) -> None:
                           f"page size {page_size}")
 
 
-def _open_region_file(path: str, size: int, file_id: tuple[int, int]) -> int:
+def _open_region_file(path: str, size: int, file_id: tuple[int, int],
+                      read_only: bool = False) -> int:
     """Open a region's file read-write, by the resolved path its creator
     recorded: a link there now was put by someone else, and is not followed;
     another file put there since (``file_id`` is the creator's) is refused,
     as a file shorter than the region is (mapping it would SIGBUS)."""
-    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+    fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+                 | os.O_NOFOLLOW)
     try:
         _check_identity(fd, file_id, f"region file {path}")
         if os.fstat(fd).st_size < size:
@@ -84,12 +87,16 @@ class Region:
 
     def __init__(self, name: str, size: int, page_size: int, kind: str, location: str,
                  file_id: tuple[int, int], mapping: mmap.mmap | SharedMemory,
-                 dirty: DirtyBitmap, owner: bool, huge_pages: bool = False) -> None:
+                 dirty: DirtyBitmap, owner: bool, huge_pages: bool = False,
+                 read_only: bool = False) -> None:
         self.name, self.size, self.page_size, self.owner = name, size, page_size, owner
         self._kind, self._location, self._file_id = kind, location, file_id
         self._mapping, self._dirty = mapping, dirty
-        self._buffer: memoryview | None = (
-            mapping.buf if isinstance(mapping, SharedMemory) else mapped_view(mapping, size))
+        self.read_only = read_only
+        """Mapped from a file opened for reading (a source's image it may not, or
+        need not, write): ``buffer`` and ``array`` are read-only, no process maps
+        it writable, and a destination refuses it."""
+        self._buffer: memoryview | None = self._view()
         self._array: npt.NDArray[np.uint8] | None = None
         self.huge_pages = huge_pages
         """Pages are faulted in as huge pages where the system allows (see
@@ -134,7 +141,8 @@ class Region:
     @classmethod
     def from_file(cls, name: str, path: str | os.PathLike[str], *, size: int | None = None,
                   page_size: int = 4096, exclusive: bool = False,
-                  dir_fd: int | None = None, huge_pages: bool = False) -> "Region":
+                  dir_fd: int | None = None, huge_pages: bool = False,
+                  read_only: bool = False) -> "Region":
         """Map a file ``MAP_SHARED``; writes go to the file.
 
         Without ``size`` the file's size is the region's. With ``size`` a
@@ -144,14 +152,19 @@ class Region:
         followed. ``dir_fd``: ``path`` is relative to that open directory.
         ``huge_pages``: ask for transparent huge pages (the caller checks
         first that the file's file system gives them: :func:`check_huge_pages`).
+        ``read_only``: open the file for reading only (a source's image: it needs
+        no write access, and nothing can write it through the region).
         """
         validate_region_name(name)
+        if read_only and size is not None:
+            raise ConfigError(f"region {name!r}: a read-only file is taken as it is (no size)")
         if size is not None:
             _validate_size(name, size, page_size)     # before O_CREAT: refuse, create nothing
         elif exclusive:
             raise ConfigError(f"region {name!r}: an exclusive file needs a size")
         path = os.fspath(path)
-        flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if size is not None else 0)
+        flags = ((os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+                 | (os.O_CREAT if size is not None else 0))
         if exclusive:
             flags |= os.O_EXCL | os.O_NOFOLLOW
         try:
@@ -175,20 +188,24 @@ class Region:
         validate_region_name(name)
         location = os.readlink(f"/proc/self/fd/{fd}")   # what was opened, links resolved
         file_id = file_identity(fd)
+        read_only = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
         actual = os.fstat(fd).st_size
         if size is None:
             size = actual
         _validate_size(name, size, page_size)
         if actual < size:
+            if read_only:
+                raise ConfigError(f"region {name!r}: {location} has {actual} bytes, fewer "
+                                  f"than {size}, and is open for reading only")
             os.ftruncate(fd, size)
-        mapping = map_file(fd, size, huge_aligned=huge_pages)
+        mapping = map_file(fd, size, huge_aligned=huge_pages, writable=not read_only)
         try:
             dirty = DirtyBitmap.create(size // page_size, tag=f"dirty-{name}")
         except BaseException:
             mapping.close()
             raise
         return cls(name, size, page_size, "file", location, file_id, mapping, dirty, owner=True,
-                   huge_pages=huge_pages)
+                   huge_pages=huge_pages, read_only=read_only)
 
     @classmethod
     def attach(cls, handle: RegionHandle) -> "Region":
@@ -202,9 +219,11 @@ class Region:
                 raise ConfigError(f"shared memory segment {handle.location} was replaced by "
                                   f"another since region {handle.name!r} was made")
         else:
-            fd = _open_region_file(handle.location, handle.size, handle.file_id)
+            fd = _open_region_file(handle.location, handle.size, handle.file_id,
+                                   handle.read_only)
             try:
-                mapping = map_file(fd, handle.size, huge_aligned=handle.huge_pages)
+                mapping = map_file(fd, handle.size, huge_aligned=handle.huge_pages,
+                                   writable=not handle.read_only)
             finally:
                 os.close(fd)
         try:
@@ -213,7 +232,8 @@ class Region:
             mapping.close()
             raise
         return cls(handle.name, handle.size, handle.page_size, handle.kind, handle.location,
-                   handle.file_id, mapping, dirty, owner=False, huge_pages=handle.huge_pages)
+                   handle.file_id, mapping, dirty, owner=False, huge_pages=handle.huge_pages,
+                   read_only=handle.read_only)
 
     def open_file(self) -> io.FileIO:
         """The region's file opened anew (a destination's receive workers map it
@@ -221,13 +241,14 @@ class Region:
         Like :meth:`attach`, follows no link put where the file was."""
         path = (os.path.join(SHM_DIR, self._location) if self._kind == "shm"
                 else self._location)
-        return io.FileIO(_open_region_file(path, self.size, self._file_id), "r+", closefd=True)
+        return io.FileIO(_open_region_file(path, self.size, self._file_id, self.read_only),
+                         "r" if self.read_only else "r+", closefd=True)
 
     # ------------------------------------------------------------ access
     @property
     def handle(self) -> RegionHandle:
         return RegionHandle(self.name, self.size, self.page_size, self._kind, self._location,
-                            self._file_id, self._dirty.name, self.huge_pages)
+                            self._file_id, self._dirty.name, self.huge_pages, self.read_only)
 
     @property
     def buffer(self) -> memoryview:
@@ -299,6 +320,13 @@ class Region:
             segments.append(self._mapping)
         return [s for s in segments if s.owner]
 
+    def _view(self) -> memoryview:
+        """The region's bytes in its mapping (read-only if it is)."""
+        mapping = self._mapping
+        view = mapping.buf if isinstance(mapping, SharedMemory) else mapped_view(mapping,
+                                                                                  self.size)
+        return view.toreadonly() if self.read_only else view
+
     def _unmap(self) -> None:
         """Unmap the data; on BufferError keep (or restore) a usable ``_buffer``."""
         try:
@@ -306,14 +334,14 @@ class Region:
                 try:
                     self._mapping.close()
                 except BufferError:
-                    self._buffer = self._mapping.buf
+                    self._buffer = self._view()
                     raise
                 return
             self.buffer.release()           # fails first, changing nothing, if exported
             try:
                 self._mapping.close()
             except BufferError:             # slices of the buffer still hold the mapping
-                self._buffer = mapped_view(self._mapping, self.size)
+                self._buffer = self._view()
                 raise
         except BufferError:
             # Python's own words ("cannot close exported pointers exist") say neither

@@ -65,8 +65,10 @@ def _aligned_offset(mapping: mmap.mmap, size: int) -> int:
         del anchor          # an exported buffer: the mapping cannot close while it lives
 
 
-def map_file(fd: int, size: int, *, huge_aligned: bool = False) -> mmap.mmap:
-    """Map the first ``size`` bytes of ``fd`` shared and writable, keeping no descriptor.
+def map_file(fd: int, size: int, *, huge_aligned: bool = False,
+             writable: bool = True) -> mmap.mmap:
+    """Map the first ``size`` bytes of ``fd`` shared (and ``writable``), keeping no
+    descriptor; a mapping that is not writable is read through a read-only view.
 
     An anonymous ``mmap`` reserves the address range (and owns it: closing it
     unmaps, and it refuses to close while views are exported, like any
@@ -80,7 +82,7 @@ def map_file(fd: int, size: int, *, huge_aligned: bool = False) -> mmap.mmap:
     anchor = ctypes.c_char.from_buffer(mapping)
     try:
         address += ctypes.addressof(anchor)
-        got = _libc.mmap(address, size, mmap.PROT_READ | mmap.PROT_WRITE,
+        got = _libc.mmap(address, size, mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0),
                          mmap.MAP_SHARED | 0x10, fd, 0)        # 0x10: MAP_FIXED
         err = ctypes.get_errno()
     finally:

@@ -118,7 +118,11 @@ def _region(parts: RegionParts, name: str, size: int, page_size: int) -> tuple[R
 
 
 def _check_geometry(region: Region, name: str, size: int, page_size: int) -> None:
-    """A region the user gave (or their factory made) matches what the source sends."""
+    """A region the user gave (or their factory made) matches what the source sends,
+    and can be written."""
+    if region.read_only:
+        raise ConfigError(f"region {name!r}: read-only (Region.read_only): a destination "
+                          f"writes into its regions")
     if region.size != size or region.page_size != page_size:
         raise ConfigError(f"region {name!r}: the source sends {size} bytes in "
                           f"{page_size}-byte pages, the destination's region has "

@@ -57,6 +57,7 @@ class RegionHandle:
     file_id: tuple[int, int]    # (st_dev, st_ino) of the file the creator mapped
     dirty: str          # dirty bitmap segment name
     huge_pages: bool = False    # every process mapping it asks for huge pages
+    read_only: bool = False     # a file opened for reading: mapped so everywhere
 
 
 # ---------------------------------------------------------------- parameters

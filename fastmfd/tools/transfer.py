@@ -86,7 +86,8 @@ def send_images(address: str, config: MigrationConfig, images: Sequence[ImageSpe
     devices: list[FileDevice] = []
     try:
         for image in images:
-            regions.append(Region.from_file(image.name, image.path, page_size=config.page_size))
+            regions.append(Region.from_file(image.name, image.path, page_size=config.page_size,
+                                            read_only=True))
         for state in states:
             devices.append(FileDevice(state.idstr, state.instance_id, state.path))
         with source as src:
