@@ -244,6 +244,16 @@ class Region:
         return io.FileIO(_open_region_file(path, self.size, self._file_id, self.read_only),
                          "r" if self.read_only else "r+", closefd=True)
 
+    def file_changed(self) -> str | None:
+        """What befell the region's file since it was mapped (another put at its
+        path, or cut shorter than the region: a read of the lost part is a
+        SIGBUS), or None."""
+        try:
+            self.open_file().close()
+        except (ConfigError, OSError) as exc:
+            return str(exc)
+        return None
+
     # ------------------------------------------------------------ access
     @property
     def handle(self) -> RegionHandle:

@@ -163,6 +163,33 @@ def test_a_region_file_replaced_before_the_migration(tmp_path, leaks):
     leaks.assert_clean()
 
 
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+def test_an_image_cut_short_while_it_is_sent_is_named(tmp_path, leaks, compression):
+    """Reading what was cut off is an EFAULT from the socket (raw pages) or a SIGBUS
+    (compressed): the error said only that, now it says what happened to the file."""
+    path = tmp_path / "ram.img"
+    path.write_bytes(os.urandom(16 * MIB))
+    config = CONFIG.replace(compression=compression, zero_page_detection=False,
+                            max_bandwidth=16 * MIB)
+    started = []
+
+    def cut_short_soon():
+        def cut():
+            os.truncate(path, 4096)
+            started.append(time.monotonic())
+        threading.Timer(0.2, cut).start()       # while the channels read it
+
+    with fastmfd.Region.from_file("ram", path, read_only=True) as region:
+        outcome = migrate(region, config=config, live=False, on_stop=cut_short_soon)
+    src, dst = outcome.failed_both(since=started[0])
+    expected = (rf"send channel \d: (OSError: .*send: Bad address|the worker process was "
+                rf"killed by SIGBUS) \(region file {re.escape(str(path))} shrank below "
+                rf"{16 * MIB} bytes\)")
+    assert_names(src, expected)
+    assert_names(dst, "the source failed: " + expected)
+    leaks.assert_clean()
+
+
 @pytest.fixture
 def ctrl_c():
     """Python's own SIGINT handler (KeyboardInterrupt) for the test's duration.

@@ -198,6 +198,9 @@ class Child:
         self.closed = False
         self.gone = False              # its end of the pipe is closed: no more reports
         self._partial = bytearray()    # a report read in part (see next_report)
+        # Its owner's guess at what made it fail, added to the error (a source's
+        # image that shrank under it: a SIGBUS, or EFAULT from the socket).
+        self.explain_failure: Callable[[], str | None] | None = None
 
     @property
     def sentinel(self) -> int:
@@ -334,13 +337,17 @@ class Child:
                               channel=self.name)
 
     def error_from(self, report: Failed) -> MigrationError:
-        error = MigrationError(report.text, channel=self.name)
+        error = MigrationError(report.text + self._explained(report.text), channel=self.name)
         error.__cause__ = RemoteTraceback(report.traceback)
         return error
 
     def death_error(self) -> MigrationError:
-        return MigrationError(f"the worker process {describe_exit(self.exitcode)}",
-                              channel=self.name)
+        return MigrationError(f"the worker process {describe_exit(self.exitcode)}"
+                              + self._explained(), channel=self.name)
+
+    def _explained(self, said: str = "") -> str:
+        why = self.explain_failure() if self.explain_failure is not None else None
+        return f" ({why})" if why and why not in said else ""
 
 
 class ChildSet:

@@ -106,6 +106,9 @@ class Sending:
         self.state = SendingState.CONNECTING
         self.failure = SessionFailure("source")
         self.failure.on_failure(self._teardown)
+        for worker in parts.workers:        # a read that failed: did an image change?
+            worker.explain_failure = lambda: next(
+                filter(None, (region.file_changed() for region in parts.regions)), None)
         self.main: MainChannel | None = None
         self._mailbox: npt.NDArray[np.uint64] | None = np.frombuffer(
             parts.mailbox_shm.buf, dtype=np.uint64).reshape(self.config.total_channels,
