@@ -82,6 +82,11 @@ def _check_identity(fd: int, file_id: tuple[int, int], what: str) -> None:
                           f"made (device and inode {file_identity(fd)}, expected {file_id})")
 
 
+def first_file_changed(regions: list["Region"]) -> str | None:
+    """What befell the first of ``regions`` whose file changed (Region.file_changed)."""
+    return next(filter(None, (region.file_changed() for region in regions)), None)
+
+
 class Region:
     """A named block of ``size`` bytes (a multiple of ``page_size``) shared by processes."""
 

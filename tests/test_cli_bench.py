@@ -197,10 +197,12 @@ def test_an_output_that_exists_is_refused_before_the_run(tmp_path, capsys, optio
 def test_write_new_file_never_replaces_what_appeared_meanwhile(tmp_path):
     path = tmp_path / "bench.json"
     write_new_file(str(path), b"first")
-    with pytest.raises(ConfigError, match="appeared meanwhile: not replacing it"):
+    with pytest.raises(ConfigError, match="appeared meanwhile: not replacing it; the data "
+                                          "is in ") as refused:
         write_new_file(str(path), b"second")
     assert path.read_bytes() == b"first"
-    assert os.listdir(tmp_path) == ["bench.json"]           # no temporary file left
+    kept = str(refused.value).rsplit(" ", 1)[1]             # the second run's data, kept
+    assert open(kept, "rb").read() == b"second"
 
 
 @pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None,

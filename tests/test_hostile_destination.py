@@ -194,6 +194,41 @@ def test_cancel_or_close_while_waiting_for_setup_ack(leaks, how):
     leaks.assert_clean()
 
 
+def test_cancel_while_connecting(leaks):
+    """A cancel while connect() still retries (the destination not listening yet)
+    found no socket to break; the handshake then ran to its end, against a
+    destination answering only KEEPALIVEs for timeout + stall timeout."""
+    reserved = socket.create_server(("127.0.0.1", 0))
+    port = reserved.getsockname()[1]
+    reserved.close()
+    stop = threading.Event()
+
+    def late_destination():
+        stop.wait(1.0)
+        with socket.create_server(("127.0.0.1", port)) as server:
+            main, _ = server.accept()
+            with main:
+                while not stop.wait(STALL / 4):
+                    main.sendall(encode_message(Msg.KEEPALIVE))
+
+    thread = threading.Thread(target=late_destination, daemon=True)
+    thread.start()
+    region = make_region("ram", 1 << 20, seed=7)
+    try:
+        with fastmfd.Source(f"tcp:127.0.0.1:{port}", CONFIG) as source:
+            source.add_region(region)
+            threading.Timer(0.3, source.cancel, args=("the user gave up",)).start()
+            started = time.monotonic()
+            with pytest.raises(fastmfd.MigrationError, match="the user gave up"):
+                source.migrate(live=False)
+            assert time.monotonic() - started < 2.0
+    finally:
+        stop.set()
+        thread.join(10)
+        region.close()
+    leaks.assert_clean()
+
+
 # ---------------------------------------------------------------- answers
 
 def _answers(*after_complete):
@@ -216,6 +251,13 @@ def _answers(*after_complete):
                             d.send(Msg.ROUND_ACK, RoundAck(999)), d.stop.wait(30)),
                  r"main channel: ROUND_ACK field 'round': received 999, expected 1",
                  id="round-ack-of-another-round"),
+    pytest.param(lambda d: (d.send(Msg.SETUP_ACK), d.read(), d.send(Msg.ROUND_ACK, RoundAck(1)),
+                            d.send(Msg.ROUND_ACK, RoundAck(1)), d.stop.wait(30)),
+                 r"main channel: ROUND_ACK field 'round': received 1, expected 2",
+                 id="round-ack-repeated"),
+    pytest.param(lambda d: (d.send(Msg.SETUP_ACK), d.read(), d.send(Msg.ROUND_ACK, RoundAck(1)),
+                            d.send(Msg.ROUND_ACK, RoundAck(2)), d.stop.wait(30)),
+                 r"main channel: ROUND_ACK of round 2, not ended", id="round-ack-not-ended"),
     pytest.param(_answers((Msg.LOADED, Loaded(7777, {}))),
                  r"main channel: LOADED field 'round': received 7777, expected 1",
                  id="loaded-other-rounds"),

@@ -109,3 +109,33 @@ def test_sigkilled_destination_leaves_no_process_and_no_segment():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+_FORKSERVER_DIES = textwrap.dedent("""
+    import os, socket, time
+    from multiprocessing import forkserver
+    from fastmfd._engine.processes import mp_context
+    if __name__ == "__main__":
+        ctx = mp_context()
+        child = ctx.Process(target=time.sleep, args=(0,)); child.start(); child.join()
+        server = forkserver._forkserver
+        address, pid = server._forkserver_address, server._forkserver_pid
+        # A connection that sends no descriptors: the forkserver's loop raises, it exits.
+        probe = socket.socket(socket.AF_UNIX); probe.connect(address); probe.close()
+        while open(f"/proc/{pid}/stat").read().split(")")[1].split()[0] != "Z":
+            time.sleep(0.05)
+        print(os.path.isdir(os.path.dirname(address)))
+        child = ctx.Process(target=time.sleep, args=(0,)); child.start(); child.join()
+        print(child.exitcode)
+""")
+
+
+def test_a_forkserver_that_dies_while_its_main_process_lives_keeps_the_directory():
+    """Only a main process that is gone has its directory removed: a forkserver
+    that exits while it lives (a fork that failed ends its loop) removed it, and
+    the next forkserver, binding its socket there, could start no process again
+    (found in review)."""
+    done = subprocess.run([sys.executable, "-c", _FORKSERVER_DIES], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "0"], (done.stdout, done.stderr)

@@ -52,7 +52,7 @@ from ..protocol.security import ChannelSecurity, default_hostname
 from ..protocol.setup import DeviceSpec, RegionSpec, Setup
 from ..protocol.sockets import (Address, ConnectionClosed, connect, tune_data_socket,
                                 tune_main_socket)
-from ..regions import Region
+from ..regions import Region, first_file_changed
 from ..shm import SharedMemory
 from ..stats import ChannelStats, MigrationStats, RoundStats
 from .liveness import (Heartbeat, Progress, bytes_waiting, process_stopped, set_stall_timeout,
@@ -107,8 +107,7 @@ class Sending:
         self.failure = SessionFailure("source")
         self.failure.on_failure(self._teardown)
         for worker in parts.workers:        # a read that failed: did an image change?
-            worker.explain_failure = lambda: next(
-                filter(None, (region.file_changed() for region in parts.regions)), None)
+            worker.explain_failure = lambda: first_file_changed(parts.regions)
         self.main: MainChannel | None = None
         self._mailbox: npt.NDArray[np.uint64] | None = np.frombuffer(
             parts.mailbox_shm.buf, dtype=np.uint64).reshape(self.config.total_channels,
@@ -189,9 +188,9 @@ class Sending:
         cfg, parts = self.config, self.parts
         setup = self._setup()
         sock = connect(parts.address, cfg.timeout)
-        # A cancel, or close() from another thread, breaks the handshake through this
-        # (the same connection; TLS detaches ``sock`` itself as it wraps it).
-        parts.resources.sockets.append(sock.dup())
+        # cancel()/close() break the handshake through the dup (TLS detaches ``sock``).
+        parts.resources.sockets += [sock, sock.dup()]
+        self.failure.check()                # a cancel while connecting found none
         tune_main_socket(sock)
         sock = handshake.open_main_channel(sock, self._security, setup, cfg.channel_header)
         self.main = MainChannel(sock)
@@ -443,8 +442,7 @@ class Sending:
         assert self._heartbeat is not None, "made by _watch() first"
         self._heartbeat.beat()
         cfg, parts = self.config, self.parts
-        # The destination's on_resume has the stall timeout: its KEEPALIVEs meanwhile
-        # say it is alive, not that it will ever answer.
+        # on_resume has the stall timeout: KEEPALIVEs say alive, not that it answers.
         if (self._loaded_at is not None
                 and time.monotonic() > self._loaded_at + cfg.stall_timeout):
             raise MigrationError(f"no RESUMED from the destination {cfg.stall_timeout:g} s "
@@ -514,8 +512,10 @@ class Sending:
         else:
             assert isinstance(payload, RoundAck)
             # One per round ended, in order (not rounds never sent, none missed).
-            check_round("ROUND_ACK", payload.round,
-                        min(self._rounds_acked + 1, self._rounds_ended))
+            check_round("ROUND_ACK", payload.round, self._rounds_acked + 1)
+            if payload.round > self._rounds_ended:
+                raise ProtocolError(f"main channel: ROUND_ACK of round {payload.round}, not "
+                                    f"ended", field="round", received=payload.round)
             self._rounds_acked = payload.round
 
     def _stop_monitor(self) -> None:

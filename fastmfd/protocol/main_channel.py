@@ -48,7 +48,9 @@ __all__ = [
 
 MAIN = "main channel"               # how errors name the main channel
 MAIN_MAGIC = 0x464D4644            # "FMFD"; differs from MULTIFD_MAGIC, so channels can be told apart
-MAIN_VERSION = 1
+# 2: a checksum (SETUP's) chains through its channel's packets; a peer of 1
+# would take every checksummed packet after the first for a damaged one.
+MAIN_VERSION = 2
 MAIN_PREAMBLE = struct.Struct(">II")
 MESSAGE_HEADER = struct.Struct(">II")
 MESSAGE_HEADER_SIZE = MESSAGE_HEADER.size

@@ -41,22 +41,28 @@ def rename_without_replacing(src: str, dst: str, dir_fd: int) -> None:
 
 
 def make_directories(path: str) -> list[str]:
-    """``mkdir -p path``, each directory it makes fsynced into its parent (else a
-    crash could lose a directory whose files were reported durable); returns the
-    directories it made, outermost first."""
-    path = os.path.abspath(path)
-    missing = []
-    while not os.path.isdir(path):
-        missing.append(path)
-        parent = os.path.dirname(path)
-        if parent == path:
-            break
-        path = parent
+    """``os.makedirs(path, exist_ok=True)``, each directory it makes fsynced into its
+    parent (else a crash could lose a directory whose files were reported durable;
+    a parent it may not read is left unsynced); returns the directories it made,
+    outermost first. The path is walked as the kernel resolves it (``..`` after a
+    link is the link's parent), and one made meanwhile by another is taken."""
+    head, tail = os.path.split(path)
+    if not tail:
+        head, tail = os.path.split(head)
     made = []
-    for directory in reversed(missing):
-        os.mkdir(directory)
-        made.append(directory)
-        _fsync_directory(os.path.dirname(directory))
+    if head and tail and not os.path.exists(head):
+        made = make_directories(head)
+    try:
+        os.mkdir(path)
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise
+        return made
+    made.append(path)
+    try:
+        _fsync_directory(head or ".")
+    except PermissionError:
+        pass
     return made
 
 
@@ -94,8 +100,9 @@ def check_new_file(path: str, option: str) -> None:
 
 def write_new_file(path: str, data: bytes) -> None:
     """Write ``data`` to the new file ``path``: under a temporary name, fsynced, then
-    renamed to ``path`` unless something is there by then (ConfigError; the
-    temporary file is removed), and the directory fsynced."""
+    renamed to ``path``, and the directory fsynced. If something is at ``path`` by
+    then, ConfigError names where the data was kept instead (the temporary file);
+    any other failure removes the temporary file."""
     directory, name = os.path.split(os.path.abspath(path))
     dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     temporary = f".{name}.{secrets.token_hex(4)}.part"
@@ -103,17 +110,17 @@ def write_new_file(path: str, data: bytes) -> None:
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                      | os.O_CLOEXEC, 0o644, dir_fd=dir_fd)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             rename_without_replacing(temporary, name, dir_fd)
         except FileExistsError:
-            os.unlink(temporary, dir_fd=dir_fd)
-            raise ConfigError(f"{path}: appeared meanwhile: not replacing it") from None
+            raise ConfigError(f"{path}: appeared meanwhile: not replacing it; the data is "
+                              f"in {os.path.join(directory, temporary)}") from None
         except BaseException:
             os.unlink(temporary, dir_fd=dir_fd)
             raise

@@ -1,0 +1,54 @@
+"""The directories and files commands make for their users (fastmfd.tools.new_files):
+made as ``os.makedirs`` makes them, durable, and nothing left behind by a failure."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+
+from fastmfd.tools import new_files
+from fastmfd.tools.new_files import make_directories, write_new_file
+
+
+def test_make_directories_walks_the_path_as_the_kernel_does(tmp_path):
+    """``link/../out`` is ``out`` beside the link's target: the walk went by the
+    text and made a stray ``out`` beside the link instead (found in review)."""
+    (tmp_path / "elsewhere" / "inner").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere" / "inner")
+    made = make_directories(str(tmp_path / "link" / ".." / "out"))
+    assert (tmp_path / "elsewhere" / "out").is_dir() and not (tmp_path / "out").exists()
+    assert len(made) == 1
+
+
+def test_make_directories_takes_one_made_meanwhile(tmp_path, monkeypatch):
+    """Another listener makes the same directory between the look and the mkdir:
+    it was refused as "exists and is not a directory"."""
+    real_mkdir = os.mkdir
+
+    def beaten(path, *args, **kwargs):
+        real_mkdir(path)            # the other one, first
+        real_mkdir(path, *args, **kwargs)
+    monkeypatch.setattr(os, "mkdir", beaten)
+    assert make_directories(str(tmp_path / "a" / "b")) == []
+    assert (tmp_path / "a" / "b").is_dir()
+
+
+def test_make_directories_fsyncs_each_parent(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(
+        f"/proc/self/fd/{fd}")), real_fsync(fd)))
+    assert make_directories(str(tmp_path / "a" / "b")) == [str(tmp_path / "a"),
+                                                           str(tmp_path / "a" / "b")]
+    assert synced == [str(tmp_path), str(tmp_path / "a")]
+
+
+def test_a_write_that_fails_leaves_no_temporary_file(tmp_path, monkeypatch):
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(new_files.os, "fsync", full)
+    with pytest.raises(OSError, match="No space left"):
+        write_new_file(str(tmp_path / "bench.json"), b"{}")
+    assert os.listdir(tmp_path) == []
