@@ -160,22 +160,30 @@ def test_a_failed_receive_leaves_no_final_name(tmp_path, keep):
         assert files_in(out) == set()
 
 
-def test_a_rename_that_fails_at_the_end_takes_back_the_names_already_made(tmp_path):
-    """The region's file is renamed first; the device's rename then fails (a directory
-    took its name mid-transfer): the sender fails and the region's final name goes too."""
-    out = tmp_path / "out"
+def _fail_mid_transfer(out, on_stop, match: str, device: bool = False) -> tuple[int, str]:
+    """A Source migrates a region (and a device) into ``listen --dir out``, whose
+    files ``on_stop`` meddles with; its migrate() must fail with ``match``.
+    Returns the listener's exit status and stderr."""
     region = make_region("ram", 16 * PAGE, seed=6)
     try:
         with Listener(out) as listener:
             with fastmfd.Source(listener.address) as source:
                 source.add_region(region)
-                source.add_device(fastmfd.BytesDevice("nic0", 0, b"n" * 5000))
-                with pytest.raises(fastmfd.MigrationError, match="nic0.0.state"):
-                    source.migrate(live=False,
-                                   on_stop=lambda: (out / "nic0.0.state").mkdir())
-            status, err = listener.finish()
+                if device:
+                    source.add_device(fastmfd.BytesDevice("nic0", 0, b"n" * 5000))
+                with pytest.raises(fastmfd.MigrationError, match=match):
+                    source.migrate(live=False, on_stop=on_stop)
+            return listener.finish()
     finally:
         region.close()
+
+
+def test_a_rename_that_fails_at_the_end_takes_back_the_names_already_made(tmp_path):
+    """The region's file is renamed first; the device's rename then fails (a directory
+    took its name mid-transfer): the sender fails and the region's final name goes too."""
+    out = tmp_path / "out"
+    status, err = _fail_mid_transfer(out, lambda: (out / "nic0.0.state").mkdir(),
+                                     "nic0.0.state", device=True)
     assert status == 1 and "nic0.0.state appeared while the migration was received" in err, err
     assert files_in(out) == {"nic0.0.state"} and not os.listdir(out / "nic0.0.state")
 
@@ -185,17 +193,8 @@ def test_a_file_put_at_a_final_name_mid_transfer_is_not_replaced(tmp_path):
     was replaced by the rename at the end, silently. Now the migration fails and
     the file stays as the user wrote it."""
     out = tmp_path / "out"
-    region = make_region("ram", 16 * PAGE, seed=6)
-    try:
-        with Listener(out) as listener:
-            with fastmfd.Source(listener.address) as source:
-                source.add_region(region)
-                with pytest.raises(fastmfd.MigrationError, match="ram.img appeared"):
-                    source.migrate(live=False,
-                                   on_stop=lambda: (out / "ram.img").write_text("mine"))
-            status, err = listener.finish()
-    finally:
-        region.close()
+    status, err = _fail_mid_transfer(out, lambda: (out / "ram.img").write_text("mine"),
+                                     "ram.img appeared")
     assert status == 1, err
     assert files_in(out) == {"ram.img"} and (out / "ram.img").read_text() == "mine"
 
@@ -207,22 +206,11 @@ def test_a_device_state_file_replaced_mid_transfer_is_refused(tmp_path):
     out = tmp_path / "out"
     victim = tmp_path / "victim"
     victim.write_text("the user's")
-    region = make_region("ram", 16 * PAGE, seed=6)
 
     def swap():
         os.unlink(out / "nic0.0.state.part")
         os.link(victim, out / "nic0.0.state.part")
-    try:
-        with Listener(out) as listener:
-            with fastmfd.Source(listener.address) as source:
-                source.add_region(region)
-                source.add_device(fastmfd.BytesDevice("nic0", 0, b"n" * 5000))
-                with pytest.raises(fastmfd.MigrationError, match="is not the file made for "
-                                                                 "this device's state"):
-                    source.migrate(live=False, on_stop=swap)
-            listener.finish()
-    finally:
-        region.close()
+    _fail_mid_transfer(out, swap, "is not the file made for this device's state", device=True)
     assert victim.read_text() == "the user's"
 
 

@@ -19,7 +19,8 @@ import stat
 
 from ..errors import ConfigError
 
-__all__ = ["rename_without_replacing", "make_directories", "check_new_file", "write_new_file"]
+__all__ = ["rename_without_replacing", "make_directories", "check_new_file", "write_durably",
+           "write_new_file"]
 
 _RENAME_NOREPLACE = 1
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -98,6 +99,14 @@ def check_new_file(path: str, option: str) -> None:
                           f"give a writable file name") from None
 
 
+def write_durably(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to ``fd``, then fsync it."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    os.fsync(fd)
+
+
 def write_new_file(path: str, data: bytes) -> None:
     """Write ``data`` to the new file ``path``: under a temporary name, fsynced, then
     renamed to ``path``, and the directory fsynced. If something is at ``path`` by
@@ -111,10 +120,7 @@ def write_new_file(path: str, data: bytes) -> None:
                      | os.O_CLOEXEC, 0o644, dir_fd=dir_fd)
         try:
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-                os.fsync(fd)
+                write_durably(fd, data)
             finally:
                 os.close(fd)
             rename_without_replacing(temporary, name, dir_fd)

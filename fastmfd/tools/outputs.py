@@ -45,7 +45,7 @@ from ..errors import ConfigError, MigrationError
 from ..protocol.setup import Setup
 from ..regions import Region, check_huge_pages
 from ..units import format_bytes
-from .new_files import make_directories, rename_without_replacing
+from .new_files import make_directories, rename_without_replacing, write_durably
 from .warm_files import WarmFiles
 
 __all__ = ["OutputDir", "output_name", "MANIFEST", "VMSTATE"]
@@ -293,10 +293,7 @@ class OutputDir:
         data = json.dumps(document, indent=2).encode() + b"\n"
         fd = self._create(self.manifest)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
+            write_durably(fd, data)
         finally:
             os.close(fd)
 
