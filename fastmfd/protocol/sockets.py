@@ -25,8 +25,8 @@ if TYPE_CHECKING:
     from typing_extensions import Buffer     # collections.abc.Buffer from Python 3.12
 
 __all__ = ["Address", "parse_address", "listen", "remove_socket_file", "bound_address",
-           "connect", "recv_exact",
-           "ConnectionClosed", "send_all", "tune_data_socket", "tune_main_socket", "peer_on_this_host"]
+           "connect", "recv_exact", "ConnectionClosed", "send_all", "tune_data_socket",
+           "tune_main_socket", "peer_on_this_host"]
 
 # Unix sockets have no buffer autotuning: large buffers let a send worker's
 # writev of a whole packet complete without waiting on its peer (the kernel
