@@ -175,6 +175,27 @@ def test_a_trickled_message_fails_within_the_stall_timeout():
     assert time.monotonic() - started < BOUND + 2
 
 
+def test_a_read_under_a_deadline_leaves_another_threads_timeout_alone():
+    """The reader arms the socket's timeout for each read and restores it after; a
+    teardown's ERROR, sent meanwhile from another thread under its own 1 s, had its
+    bound raised back to the stall timeout by the reader (found in review)."""
+    from fastmfd.protocol.sockets import recv_exact
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        ours.settimeout(30.0)
+        got = []
+        reader = threading.Thread(target=lambda: got.append(
+            recv_exact(ours, 2, "message", "main channel", time.monotonic() + 10)))
+        reader.start()
+        time.sleep(0.2)                     # the reader waits in recv
+        ours.settimeout(1.0)                # the teardown's, from this thread
+        theirs.sendall(b"a")
+        time.sleep(0.2)
+        theirs.sendall(b"b")
+        reader.join(5)
+        assert got == [b"ab"] and ours.gettimeout() == 1.0
+
+
 def test_a_round_end_out_of_turn_names_its_place():
     error = _fake_session(1, [(Msg.ROUND_END, {"round": 5})])
     assert isinstance(error, fastmfd.MigrationError), repr(error)

@@ -257,15 +257,17 @@ def recv_exact(sock: socket.socket, size: int, what: str, where: str | None = No
     ``where`` names the connection in every error (e.g. "main channel").
     ``deadline`` (monotonic) bounds the whole read: a socket's own timeout bounds
     each recv, so a peer trickling a byte at a time would never trip it. The
-    socket's timeout is restored after (other threads' sends go by it)."""
+    socket's timeout is restored after (other threads' sends go by it), and left
+    alone once another thread set its own meanwhile (a teardown's bounded ERROR)."""
     buf = bytearray(size)
     view = memoryview(buf)
     got = 0
-    previous = sock.gettimeout()
+    previous = armed = sock.gettimeout()
     try:
         while got < size:
-            if deadline is not None:
-                sock.settimeout(max(0.001, deadline - time.monotonic()))
+            if deadline is not None and sock.gettimeout() == armed:
+                armed = max(0.001, deadline - time.monotonic())
+                sock.settimeout(armed)
             n = sock.recv_into(view[got:])
             if n == 0:
                 raise ConnectionClosed(f"connection closed after {got} of {size} bytes of "
@@ -278,8 +280,8 @@ def recv_exact(sock: socket.socket, size: int, what: str, where: str | None = No
         raise MigrationError(f"connection lost reading {what}: {exc.strerror or exc}",
                              channel=where) from None
     finally:
-        if deadline is not None:
-            with contextlib.suppress(OSError):      # closed meanwhile by another thread
+        with contextlib.suppress(OSError):          # closed meanwhile by another thread
+            if deadline is not None and sock.gettimeout() == armed:
                 sock.settimeout(previous)
     return bytes(buf)
 
