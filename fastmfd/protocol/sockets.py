@@ -266,8 +266,8 @@ def recv_exact(sock: socket.socket, size: int, what: str, where: str | None = No
     try:
         while got < size:
             if deadline is not None and sock.gettimeout() == armed:
-                armed = max(0.001, deadline - time.monotonic())
-                sock.settimeout(armed)
+                sock.settimeout(max(0.001, deadline - time.monotonic()))
+                armed = sock.gettimeout()       # as the socket keeps it (nanoseconds)
             n = sock.recv_into(view[got:])
             if n == 0:
                 raise ConnectionClosed(f"connection closed after {got} of {size} bytes of "
