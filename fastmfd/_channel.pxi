@@ -376,8 +376,8 @@ cdef class SendEngine(_EngineBase):
                     if page >= npages:
                         break
                     off = page * psize
-                    where = page_extent(ref, off, psize)
-                    if self.zero_detection and (known_zero or where == PAGE_HOLE):
+                    where = PAGE_HOLE if known_zero else page_extent(ref, off, psize)
+                    if self.zero_detection and where == PAGE_HOLE:
                         self.zero[nz] = off
                         nz += 1
                         continue

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeGuard, runtime_checkable
 from . import _core
 from .errors import ConfigError, MigrationError
 from .protocol.setup import Invalid, check_name
+from .shm import file_identity
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer     # collections.abc.Buffer from Python 3.12
@@ -251,8 +252,7 @@ class FileLoader:
         if self._fd is None:
             if self.file_id is not None:
                 self._fd = os.open(self.path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-                st = os.fstat(self._fd)
-                if (st.st_dev, st.st_ino) != self.file_id:
+                if file_identity(self._fd) != self.file_id:
                     os.close(self._fd)
                     self._fd = None
                     raise MigrationError(f"{self.path} is not the file made for this "

@@ -65,7 +65,7 @@ def _open_region_file(path: str, size: int, file_id: tuple[int, int],
     fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
                  | os.O_NOFOLLOW)
     try:
-        _check_identity(fd, file_id, f"region file {path}")
+        _check_identity(file_identity(fd), file_id, f"region file {path}")
         if os.fstat(fd).st_size < size:
             raise ConfigError(f"region file {path} shrank below {size} bytes")
     except BaseException:
@@ -74,12 +74,12 @@ def _open_region_file(path: str, size: int, file_id: tuple[int, int],
     return fd
 
 
-def _check_identity(fd: int, file_id: tuple[int, int], what: str) -> None:
-    """``fd`` is the file its creator mapped: one renamed over its path since would
-    split a migration between two files (half one image, half another)."""
-    if file_identity(fd) != file_id:
+def _check_identity(found: tuple[int, int], file_id: tuple[int, int], what: str) -> None:
+    """The file found (its device and inode) is the one the region's creator mapped:
+    one renamed over its path since would split a migration between two files."""
+    if found != file_id:
         raise ConfigError(f"{what} was replaced by another file since the region was "
-                          f"made (device and inode {file_identity(fd)}, expected {file_id})")
+                          f"made (device and inode {found}, expected {file_id})")
 
 
 def first_file_changed(regions: list["Region"]) -> str | None:
@@ -219,10 +219,12 @@ class Region:
         if handle.kind == "shm":
             mapping = SharedMemory.attach(handle.location, handle.size,
                                           huge_aligned=handle.huge_pages)
-            if mapping.file_id != handle.file_id:
+            try:
+                _check_identity(mapping.file_id, handle.file_id,
+                                f"shared memory segment {handle.location}")
+            except ConfigError:
                 mapping.close()
-                raise ConfigError(f"shared memory segment {handle.location} was replaced by "
-                                  f"another since region {handle.name!r} was made")
+                raise
         else:
             fd = _open_region_file(handle.location, handle.size, handle.file_id,
                                    handle.read_only)

@@ -62,6 +62,14 @@ def assert_names(error: BaseException, *patterns: str) -> None:
         assert re.search(pattern, str(error)), f"{pattern!r} not in {str(error)!r}"
 
 
+def assert_failed_at(side: str, src: BaseException, dst: BaseException, expected: str) -> None:
+    """The ``side`` that failed names ``expected``; its peer heard it, as "the
+    <side> failed: ..."."""
+    failed, told = (dst, src) if side == "destination" else (src, dst)
+    assert_names(failed, expected)
+    assert_names(told, f"the {side} failed: " + expected)
+
+
 # ---------------------------------------------------------------- processes killed
 
 class Kill:
@@ -158,8 +166,7 @@ def test_a_region_file_replaced_before_the_migration(tmp_path, leaks):
     src, dst = outcome.failed_both(since=started[0])
     expected = (rf"send channel \d: ConfigError: region file {re.escape(str(path))} was "
                 rf"replaced by another file since the region was made")
-    assert_names(src, expected)
-    assert_names(dst, "the source failed: " + expected)
+    assert_failed_at("source", src, dst, expected)
     leaks.assert_clean()
 
 
@@ -185,8 +192,7 @@ def test_an_image_cut_short_while_it_is_sent_is_named(tmp_path, leaks, compressi
     expected = (rf"send channel \d: (OSError: .*send: Bad address|the worker process was "
                 rf"killed by SIGBUS) \(region file {re.escape(str(path))} shrank below "
                 rf"{16 * MIB} bytes\)")
-    assert_names(src, expected)
-    assert_names(dst, "the source failed: " + expected)
+    assert_failed_at("source", src, dst, expected)
     leaks.assert_clean()
 
 
@@ -251,8 +257,7 @@ def test_truncated_packet(image, leaks):
     src, dst = outcome.failed_both(since=cut.fired_at)
     expected = (r"receive channel 1: ProtocolError: RAM \w+: connection closed after \d+ of "
                 r"\d+ bytes")
-    assert_names(dst, expected)
-    assert_names(src, "the destination failed: " + expected)
+    assert_failed_at("destination", src, dst, expected)
     leaks.assert_clean(keep=[image])
 
 
@@ -262,8 +267,7 @@ def test_corrupted_packet_header(image, leaks):
     src, dst = outcome.failed_both(since=flip.fired_at)
     expected = (r"receive channel 1: ProtocolError: RAM packet field 'magic': "
                 r"received 0xee223344, expected 0x11223344")
-    assert_names(dst, expected)
-    assert_names(src, "the destination failed: " + expected)
+    assert_failed_at("destination", src, dst, expected)
     # The receive worker's traceback crossed the process boundary as the cause.
     assert isinstance(dst.__cause__, RemoteTraceback)
     assert "fastmfd.errors.ProtocolError: RAM packet field 'magic'" in dst.__cause__.text
@@ -288,8 +292,7 @@ def test_a_corrupted_packet_fails_its_checksum(image, leaks, where, mask):
     outcome = migrate(image, {1: flip}, config=config)
     src, dst = outcome.failed_both(since=flip.fired_at)
     expected = r"receive channel 1: ProtocolError: RAM packet field 'checksum'"
-    assert_names(dst, expected)
-    assert_names(src, "the destination failed: " + expected)
+    assert_failed_at("destination", src, dst, expected)
     leaks.assert_clean(keep=[image])
 
 
@@ -318,8 +321,7 @@ def test_packets_swapped_within_a_channel_fail_its_checksum(image, leaks, compre
     src, dst = outcome.failed_both(since=swap.fired_at)
     expected = (r"receive channel 1: ProtocolError: RAM packet field 'checksum': .* "
                 r"chained through the channel's packets")
-    assert_names(dst, expected)
-    assert_names(src, "the destination failed: " + expected)
+    assert_failed_at("destination", src, dst, expected)
     leaks.assert_clean(keep=[image])
 
 
@@ -334,8 +336,7 @@ def test_corrupted_device_state_fails_its_checksum(image, leaks, compression):
                       on_enter=lambda m: m.source.add_device(device))
     src, dst = outcome.failed_both(since=flip.fired_at)
     expected = r"receive channel 2: ProtocolError: device state packet field 'checksum'"
-    assert_names(dst, expected)
-    assert_names(src, "the destination failed: " + expected)
+    assert_failed_at("destination", src, dst, expected)
     leaks.assert_clean(keep=[image])
 
 
@@ -403,8 +404,7 @@ def test_round_end_corrupted_into_a_keepalive(image, leaks):
                       timeout=20)
     src, dst = outcome.failed_both(since=fault.fired_at)
     expected = r"main channel KEEPALIVE: expected an empty payload"
-    assert_names(dst, expected)
-    assert_names(src, "the destination failed: " + expected)
+    assert_failed_at("destination", src, dst, expected)
     leaks.assert_clean(keep=[image])
 
 
@@ -441,8 +441,7 @@ def test_destination_on_resume_raising(image, leaks):
                       on_resume=lambda: resumed.append(True))
     src, dst = outcome.failed_both(since=when["raised"])
     expected = r"the on_resume hook raised HookError: on_resume broke"
-    assert_names(dst, expected)
-    assert_names(src, "the destination failed: " + expected)
+    assert_failed_at("destination", src, dst, expected)
     assert not resumed, "the source ran on_resume although the destination did not resume"
     leaks.assert_clean(keep=[image])
 

@@ -259,7 +259,7 @@ def _answers(*after_complete):
                             d.send(Msg.ROUND_ACK, RoundAck(2)), d.stop.wait(30)),
                  r"main channel: ROUND_ACK of round 2, not ended", id="round-ack-not-ended"),
     pytest.param(_answers((Msg.LOADED, Loaded(7777, {}))),
-                 r"main channel: LOADED field 'round': received 7777, expected 1",
+                 r"main channel: LOADED field 'rounds': received 7777, expected 1",
                  id="loaded-other-rounds"),
     pytest.param(_answers((Msg.LOADED, _header(Msg.LOADED, 40)
                            + b'{"rounds":1,"load_seconds":{"x": NaN}}  ')),

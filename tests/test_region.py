@@ -266,8 +266,9 @@ def test_attach_refuses_a_segment_put_in_place_of_the_regions():
         try:
             with open(path, "xb") as impostor:
                 impostor.truncate(SIZE)
-            with pytest.raises(ConfigError, match="was replaced by another since region "
-                                                  "'pc.ram' was made"):
+            with pytest.raises(ConfigError, match=f"shared memory segment "
+                                                  f"{region.handle.location} was replaced by "
+                                                  f"another file since the region was made"):
                 Region.attach(region.handle)
         finally:
             os.replace(kept, path)

@@ -500,7 +500,7 @@ class Sending:
                                 f"while {self.state.value}", field="type", received=kind.name,
                                 expected=" or ".join(m.name for m in expected))
         if isinstance(payload, Loaded):
-            check_round("LOADED", payload.rounds, self._rounds_ended)
+            check_round("LOADED", payload.rounds, self._rounds_ended, "rounds")
             self._loaded_report = payload
             self._loaded_at = time.monotonic()
             self.state = SendingState.RESUMING

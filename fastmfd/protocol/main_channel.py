@@ -122,11 +122,11 @@ def old_way_checksum(*parts: bytes | memoryview) -> bytes:
     return OLD_WAY_CHECKSUM.pack(crc)
 
 
-def check_round(message: str, received: int, expected: int) -> None:
-    """A round number (or count) the peer sent must be the one this side knows."""
+def check_round(message: str, received: int, expected: int, field: str = "round") -> None:
+    """A round number (or count, ``field``) the peer sent must be the one this side knows."""
     if received != expected:
-        raise ProtocolError(f"main channel: {message} field 'round': received {received}, "
-                            f"expected {expected}", field="round", received=received,
+        raise ProtocolError(f"main channel: {message} field {field!r}: received {received}, "
+                            f"expected {expected}", field=field, received=received,
                             expected=expected)
 
 

@@ -44,6 +44,7 @@ from ..devices import FileLoader
 from ..errors import ConfigError, MigrationError
 from ..protocol.setup import Setup
 from ..regions import Region, check_huge_pages
+from ..shm import file_identity
 from ..units import format_bytes
 from .new_files import make_directories, rename_without_replacing, write_durably
 from .warm_files import WarmFiles
@@ -208,8 +209,7 @@ class OutputDir:
             fd = os.open(out.part, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.fd)
         except OSError as exc:
             raise ConfigError(f"{self._show(out.part)}: cannot open it: {exc.strerror}") from None
-        st = os.fstat(fd)
-        if (st.st_dev, st.st_ino) != out.identity:
+        if file_identity(fd) != out.identity:
             os.close(fd)
             raise ConfigError(f"{self._show(out.part)} was replaced while it was being opened")
         return fd
@@ -256,8 +256,7 @@ class OutputDir:
         # Memory and device state are private, as QEMU's dumps are (0600).
         fd = os.open(out.part, access | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                      | os.O_CLOEXEC, 0o600, dir_fd=self.fd)
-        st = os.fstat(fd)
-        out.identity = (st.st_dev, st.st_ino)
+        out.identity = file_identity(fd)
         return fd
 
     # ------------------------------------------------------------ the end
