@@ -157,7 +157,7 @@ def test_a_failed_receive_leaves_no_final_name(tmp_path, keep):
         assert files_in(out) == {"ram.img.part", "good.0.state.part", "broken.0.state.part"}
         assert (out / "ram.img.part").stat().st_size == 64 * PAGE
     else:
-        assert files_in(out) == set()
+        assert not out.exists()       # the listener made it: gone with what it held
 
 
 def _fail_mid_transfer(out, on_stop, match: str, device: bool = False) -> tuple[int, str]:
@@ -234,7 +234,7 @@ def test_a_missing_state_file_fails_before_anything_is_sent(tmp_path, image):
         assert f"cannot read state file {tmp_path / 'missing'}" in done.stderr
         listener.proc.terminate()
         listener.finish()
-    assert files_in(out) == set()
+    assert not out.exists()       # the listener made it: gone with what it held
 
 
 def test_zero_pages_stay_holes_unread(tmpfs_path, image):
@@ -311,7 +311,7 @@ def test_max_size_and_max_memory_bound_what_a_sender_may_ask(tmp_path, image):
         status, _ = listener.finish()
     assert done.returncode == 1 and status == 1
     assert "shared memory; 4096 are left (max_memory" in done.stderr, done.stderr
-    assert files_in(out) == set()
+    assert not out.exists()       # the listener made it: gone with what it held
 
 
 # ---------------------------------------------------------------- successive sessions
@@ -360,4 +360,4 @@ def test_a_region_file_whose_mapping_fails_is_removed_by_abort(tmp_path, monkeyp
     finally:
         out.abort()
         out.close()
-    assert files_in(tmp_path / "out") == set()
+    assert not (tmp_path / "out").exists()

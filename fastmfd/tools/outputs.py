@@ -98,15 +98,13 @@ class OutputDir:
 
     def __init__(self, path: str | os.PathLike[str], *, force: bool = False,
                  keep_partial: bool = False, max_bytes: int | None = None,
-                 warm: WarmFiles | None = None, huge_pages: bool = False,
-                 own_directory: bool = False) -> None:
+                 warm: WarmFiles | None = None, huge_pages: bool = False) -> None:
         self.path = os.fspath(path)
-        # The migration's own directory (a session's, of several): abort() removes
-        # it too if this made it and it is left empty.
-        self.own_directory = own_directory
         self.force, self.keep_partial, self.max_bytes = force, keep_partial, max_bytes
         self.warm, self.huge_pages = warm, huge_pages
         try:
+            # What abort() removes again if it is left empty: a failed migration
+            # leaves no directory behind that it made (a session's, or --dir's).
             self._made = make_directories(self.path)
             self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except (NotADirectoryError, FileExistsError):
@@ -317,11 +315,12 @@ class OutputDir:
             os.fsync(self.fd)
         except OSError:
             pass
-        if self.own_directory and not self.keep_partial and self._made:
-            try:
-                os.rmdir(self.path)
-            except OSError:
-                pass
+        if not self.keep_partial:
+            for made in reversed(self._made):
+                try:
+                    os.rmdir(made)
+                except OSError:
+                    break       # not empty (or not ours to remove): nor are its parents
 
     def close(self) -> None:
         if self.fd >= 0:
