@@ -56,7 +56,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ._engine.qemu_receiving import QemuReceiving, QemuStreamFacts
-from ._engine.qemu_sending import QemuSending, QemuStream
+from ._engine.qemu_sending import QEMU_PACKET_BYTES, QemuSending, QemuStream
 from .errors import ConfigError
 from .protocol.qemu import COMMAND, COMMAND_PLACES, SYNC_PER_ROUND, SYNC_PER_SECTION
 from .protocol.sockets import (bound_address, listen, listening_address, parse_address,
@@ -67,6 +67,7 @@ from .tools.outputs import MANIFEST, OutputDir
 __all__ = ["receive", "send", "QemuReceived", "QemuReceiver", "QemuSender", "QemuStreamFacts"]
 
 DEFAULT_STALL_TIMEOUT = 30.0
+DEFAULT_CONNECT_TIMEOUT = 30.0
 
 
 @dataclass
@@ -218,15 +219,20 @@ def _zero_page_detection(facts: QemuStreamFacts) -> str:
 
 
 def send(address: str, directory: str, *, channels: int = 2, compression: str = "none",
-         level: int = 1, stall_timeout: float = DEFAULT_STALL_TIMEOUT) -> list[dict[str, int]]:
+         level: int = 1, stall_timeout: float = DEFAULT_STALL_TIMEOUT,
+         timeout: float = DEFAULT_CONNECT_TIMEOUT, max_bandwidth: int | None = None
+         ) -> list[dict[str, int]]:
     """Migrate the directory :func:`receive` wrote into the QEMU listening at
     ``address`` (see the module docstring); returns per-channel counters.
     ``channels`` and ``compression`` must be the destination's
     ``multifd-channels`` and ``multifd-compression`` (QEMU negotiates nothing).
-    A :class:`QemuSender` made and used at once."""
+    ``timeout``: seconds each connection may take; ``max_bandwidth``: bytes/s
+    the multifd channels may send in all (QEMU's ``max-bandwidth``; default no
+    cap). A :class:`QemuSender` made and used at once."""
     parse_address(address)                  # a wrong address fails before anything starts
     with QemuSender(directory, channels=channels, compression=compression, level=level,
-                    stall_timeout=stall_timeout) as sender:
+                    stall_timeout=stall_timeout, timeout=timeout,
+                    max_bandwidth=max_bandwidth) as sender:
         return sender.send(address)
 
 
@@ -240,11 +246,16 @@ class QemuSender:
     ``Source`` does; QEMU starts threads."""
 
     def __init__(self, directory: str, *, channels: int = 2, compression: str = "none",
-                 level: int = 1, stall_timeout: float = DEFAULT_STALL_TIMEOUT) -> None:
+                 level: int = 1, stall_timeout: float = DEFAULT_STALL_TIMEOUT,
+                 timeout: float = DEFAULT_CONNECT_TIMEOUT,
+                 max_bandwidth: int | None = None) -> None:
         if not 1 <= channels <= 255:
             raise ConfigError(f"channels {channels}: QEMU's multifd-channels is 1..255")
         if compression not in ("none", "zlib", "zstd"):
             raise ConfigError(f"compression {compression!r}: expected none, zlib or zstd")
+        if not timeout > 0:
+            raise ConfigError(f"timeout {timeout!r}: expected a positive number of seconds")
+        channel_rate = _channel_rate(max_bandwidth, channels, stall_timeout)
         manifest = _read_manifest(directory)
         self._regions: list[Region] = []
         self._block_fds: list[int] = []     # where each block file's holes are (its zero pages)
@@ -272,7 +283,8 @@ class QemuSender:
             self._session = QemuSending(stream, self._regions, self._block_fds,
                                         self._vmstate_fd, channels=channels,
                                         compression=compression, level=level,
-                                        stall_timeout=stall_timeout)
+                                        stall_timeout=stall_timeout,
+                                        connect_timeout=timeout, channel_rate=channel_rate)
         except BaseException:
             self.close()
             raise
@@ -311,6 +323,20 @@ class QemuSender:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _channel_rate(max_bandwidth: int | None, channels: int, stall_timeout: float) -> float:
+    """Bytes/s each multifd channel may send (0.0: no cap). A paced channel must
+    still send a packet per ``stall_timeout``, or QEMU would wait on a channel
+    this side counts as stalled."""
+    if max_bandwidth is None:
+        return 0.0
+    rate = max_bandwidth / channels
+    if not rate * stall_timeout >= QEMU_PACKET_BYTES:
+        raise ConfigError(f"max_bandwidth {max_bandwidth!r} gives each of the {channels} "
+                          f"channels less than one packet ({QEMU_PACKET_BYTES} bytes) per "
+                          f"stall_timeout ({stall_timeout:g} s)")
+    return rate
 
 
 _MANIFEST_KEYS = ("blocks", "page_size", "vmstate", "configuration", "uuid", "ram_section_id",

@@ -345,7 +345,8 @@ def test_bad_arguments_exit_2_naming_the_problem(args, message, capsys):
         main(["bench", *args])
     assert exited.value.code == 2
     err = capsys.readouterr().err
-    assert "fastmfd bench: error:" in err and message in err
+    assert err.startswith("fastmfd bench: ") and message in err
+    assert err.endswith("(see fastmfd bench --help)\n") and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("args, message", [

@@ -152,11 +152,48 @@ def test_a_refused_connection_keeps_its_errno():
     assert isinstance(error.value, ConnectionError)
 
 
-def test_send_timeout_and_bandwidth_are_checked_before_work(tmp_path):
-    done = fastmfd_cli("send", "tcp:127.0.0.1:1", "/nonexistent", "--timeout", "0")
-    assert done.returncode == 2 and "positive number of seconds" in done.stderr
-    done = fastmfd_cli("send", "tcp:127.0.0.1:1", "/nonexistent", "--max-bandwidth", "fast")
-    assert done.returncode == 2 and "is not a size" in done.stderr
+@pytest.mark.parametrize("args, words", [
+    (["send", "tcp:127.0.0.1:1", "/nonexistent", "--timeout", "0"],
+     ["--timeout", "positive number of seconds"]),
+    (["send", "tcp:127.0.0.1:1", "/nonexistent", "--max-bandwidth", "fast"],
+     ["--max-bandwidth", "is not a size"]),
+    (["send", "tcp:127.0.0.1:1", "/nonexistent", "--stall-timeout", "-1"], ["--stall-timeout"]),
+    (["send", "tcp:127.0.0.1:1", "/nonexistent", "--channels", "0"], ["--channels", ">= 1"]),
+    (["send", "tcp:127.0.0.1:1", "/nonexistent", "--downtime-limit", "0.3"],
+     ["unrecognized arguments: --downtime-limit"]),
+    (["bench", "--compression", "lz4"], ["lz4: choose from", "fastmfd bench --help"]),
+    (["demo", "--size", "0"], ["--size", "not a positive size"]),
+    (["listen", "tcp:127.0.0.1:0", "--timeout", "0"], ["--timeout"]),
+    (["listen", "tcp:127.0.0.1:0", "--max-memory", "0"], ["--max-memory"]),
+    (["listen", "tcp:127.0.0.1:0", "--qemu", "--workers", "-3"], ["--workers"]),
+    (["listen"], ["required: address"]),
+    ([], ["required: COMMAND"]),
+])
+def test_a_mistake_argparse_finds_is_one_line_too(args, words):
+    """Before any work (a listener would wait for its sender): exit 2, and one
+    line saying what and where to read more, not argparse's usage block."""
+    assert_one_line_usage_error(fastmfd_cli(*args), *words)
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["send", "--qemu", "tcp:127.0.0.1:1", "--dir", ".", "--checksum"], "--checksum"),
+    (["send", "--qemu", "tcp:127.0.0.1:1", "--dir", ".", "--status-json"], "--status-json"),
+    (["listen", "--qemu", "tcp:127.0.0.1:0", "--forever"], "--forever"),
+    (["listen", "--qemu", "tcp:127.0.0.1:0", "--max-memory", "1M"], "--max-memory"),
+    (["listen", "--qemu", "tcp:127.0.0.1:0", "--max-sessions", "2"], "--max-sessions"),
+    (["listen", "--qemu", "tcp:127.0.0.1:0", "--prealloc"], "--prealloc"),
+])
+def test_what_a_qemu_peer_cannot_take_is_refused_not_ignored(args, flag):
+    assert_one_line_usage_error(fastmfd_cli(*args), "--qemu", flag)
+
+
+def test_a_listener_that_failed_leaves_no_directory_it_made(tmp_path):
+    """Nobody came within --timeout: the directories --dir made are gone again, a
+    directory that was there before stays."""
+    done = fastmfd_cli("listen", "tcp:127.0.0.1:0", "--dir", str(tmp_path / "new" / "out"),
+                       "--timeout", "0.2")
+    assert done.returncode == 1 and "in time" in done.stderr, done.stderr
+    assert os.listdir(tmp_path) == []
 
 
 def test_inspect_a_capture_directory(tmp_path):

@@ -85,8 +85,9 @@ class Receiver:
 
 
 def assert_nothing_complete(directory) -> None:
-    """A failed receive leaves no file, not even a .part one."""
-    assert sorted(os.listdir(directory)) == []
+    """A failed receive leaves no file, not even a .part one, nor the directory
+    it made for them."""
+    assert not os.path.exists(directory)
 
 
 # ---------------------------------------------------------------- a real QEMU
@@ -152,7 +153,8 @@ def test_qemu_migrates_into_files(tmp_path, guest, guest_ram, channels, compress
 
 
 def test_listen_qemu_command(tmp_path, guest, guest_ram):
-    """The CLI: exit 0 once QEMU's stream ended and every file is written."""
+    """The CLI: exit 0 once QEMU's stream ended and every file is written; with
+    --json, what it wrote and learnt on stdout."""
     out = tmp_path / "out"
     guest.set_multifd(2, "zstd")
     with socket.socket() as probe:
@@ -160,7 +162,7 @@ def test_listen_qemu_command(tmp_path, guest, guest_ram):
         port = probe.getsockname()[1]
     listen = subprocess.Popen(
         [sys.executable, "-m", "fastmfd", "listen", "--qemu", f"tcp:127.0.0.1:{port}",
-         "--dir", str(out), "--stall-timeout", "10"],
+         "--dir", str(out), "--stall-timeout", "10", "--json"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         for line in listen.stderr:
@@ -168,13 +170,17 @@ def test_listen_qemu_command(tmp_path, guest, guest_ram):
                 break
         guest.migrate(f"tcp:127.0.0.1:{port}")
         assert guest.wait() == "completed"
-        rest, _ = listen.communicate(timeout=60)
+        printed, rest = listen.communicate(timeout=60)
     finally:
         if listen.poll() is None:
             listen.kill()
             listen.wait()
     assert listen.returncode == 0, rest
     manifest = json.loads((out / "manifest.json").read_text())
+    result = json.loads(printed)
+    assert result["manifest"] == manifest and len(result["channels"]) == 2
+    assert result["files"]["manifest"] == str(out / "manifest.json")
+    assert result["sizes"]["mem"] == guest_ram[1].size
     mem = next(b["file"] for b in manifest["blocks"] if b["idstr"] == "mem")
     assert np.array_equal(np.fromfile(out / mem, dtype=np.uint8), guest_ram[1])
 

@@ -15,11 +15,13 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
 from fastmfd import qemu
+from fastmfd._engine.qemu_sending import QEMU_PACKET_BYTES
 from fastmfd.errors import ConfigError, MigrationError
 from qemu_support import QEMU, QEMUS, Guest, needs_qemu, pattern
 from inspect_support import NATIVE_CAPTURES, captures_dir
@@ -117,9 +119,11 @@ def test_send_qemu_command(tmp_path, qemu_binary):
     try:
         done = subprocess.run(
             [sys.executable, "-m", "fastmfd", "send", "--qemu", address, "--dir", str(saved),
-             "--channels", "2", "--compression", "zlib", "--stall-timeout", "10"],
+             "--channels", "2", "--compression", "zlib", "--stall-timeout", "10", "--json"],
             capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr
+        channels = json.loads(done.stdout)["channels"]
+        assert len(channels) == 2 and sum(c["normal_pages"] for c in channels) > 0
         assert guest.wait() == "completed"
         assert np.array_equal(np.fromfile(ram_path, dtype=np.uint8), ram)
     finally:
@@ -165,6 +169,25 @@ def test_send_reads_no_hole_of_the_saved_files(tmpfs_path, captures):
         saved.facts.zero_pages + saved.facts.multifd_zero_pages
     for path in files:
         assert (tmpfs_path / "second" / path.name).read_bytes() == path.read_bytes()
+
+
+def test_max_bandwidth_holds_the_multifd_channels_to_their_cap(tmp_path, captures):
+    """QEMU's max-bandwidth: a lower bound on the time, as for fastmfd's own
+    migrations (test_migrate_bandwidth), less a packet per channel in flight."""
+    receive_replay(tmp_path / "first", capture_bytes(captures[1], "none"))
+    cap, channels = 48 << 20, 2
+    second = Receiver(tmp_path / "second")
+    started = time.monotonic()
+    stats = qemu.send(second.address, str(tmp_path / "first"), channels=channels,
+                      stall_timeout=10.0, max_bandwidth=cap)
+    seconds = time.monotonic() - started
+    second.result()
+    sent = sum(c["wire_bytes"] for c in stats)
+    assert sent > 8 << 20
+    assert seconds >= (sent - channels * QEMU_PACKET_BYTES) / cap
+    with pytest.raises(ConfigError, match="less than one packet"):
+        qemu.send(second.address, str(tmp_path / "first"), channels=channels,
+                  stall_timeout=1.0, max_bandwidth=QEMU_PACKET_BYTES)
 
 
 def test_a_sender_made_ahead_has_its_workers_up_and_migrates_once(tmp_path, captures):

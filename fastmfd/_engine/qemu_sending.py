@@ -99,12 +99,14 @@ class QemuSending:
 
     def __init__(self, stream: QemuStream, regions: list[Region],
                  block_fds: list[int], vmstate_fd: int, *, channels: int, compression: str,
-                 level: int, stall_timeout: float) -> None:
+                 level: int, stall_timeout: float, connect_timeout: float,
+                 channel_rate: float) -> None:
         self.stream, self.regions = stream, regions
         self.block_fds = block_fds      # each region's file, read-only: where its holes are
         self.vmstate_fd = vmstate_fd
         self.channels, self.compression, self.level = channels, compression, level
-        self.stall = stall_timeout
+        self.stall, self.connect_timeout = stall_timeout, connect_timeout
+        self.channel_rate = channel_rate        # bytes/s each channel may send (0: no cap)
         self.page_size = regions[0].page_size
         self.job_pages = QEMU_PACKET_BYTES // self.page_size * JOB_PACKETS
         self.main: socket.socket | None = None
@@ -143,7 +145,7 @@ class QemuSending:
         footer = stream.section_footers
         # Where the destination waits for the SYNCs: a MULTIFD_FLUSH, or the EOS.
         barrier = encode_multifd_flush() if stream.per_round else b""
-        self.main = connect(address, self.stall)
+        self.main = connect(address, self.connect_timeout)
         self.main.settimeout(self.stall)
         commands = stream.commands
         self._main(encode_stream_start(stream.configuration) + commands["ram"]
@@ -164,7 +166,7 @@ class QemuSending:
         self.main.shutdown(socket.SHUT_WR)
 
     def _open_channel(self, address: Address, ch: int, worker: Child) -> None:
-        sock = connect(address, self.stall)
+        sock = connect(address, self.connect_timeout)
         self.data.append(sock)
         tune_data_socket(sock)
         sock.settimeout(self.stall)
@@ -180,6 +182,7 @@ class QemuSending:
             devices=(), counters=self.counters.name, pool=None, hello=bytes(hello),
             uuid=self.stream.uuid, security=ChannelSecurity(timeout=self.stall),
             compression_level=self.level, zero_page_detection=zeros_listed,
+            rate=self.channel_rate,
             mailbox=self.mailbox_shm.name, mailbox_row=ch, job_pages=self.job_pages,
             selector=self.selector.name, selector_index=ch,
             layout=_core.LAYOUT_CURRENT if zeros_listed else _core.LAYOUT_QEMU72)

@@ -20,7 +20,7 @@ import signal
 import sys
 import threading
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from .. import __version__
 from ..errors import ConfigError, FastMFDError
@@ -76,13 +76,12 @@ def _print_json(result: dict[str, Any]) -> None:
 def cmd_send(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from ..errors import ConfigError
     from .report import stats_table
     from .transfer import ImageSpec, StateSpec, send_images
     if args.qemu:
         return _send_qemu(args)
     if not args.images or args.dir is not None:
-        raise ConfigError("send: give IMAGE files (--dir goes with --qemu)")
+        raise ConfigError("give IMAGE files (--dir goes with --qemu)")
     config = _config(args)
     images = [ImageSpec.parse(i) for i in args.images]
     states = [StateSpec.parse(s) for s in args.state]
@@ -108,9 +107,6 @@ def cmd_listen(args: argparse.Namespace) -> int:
     from .transfer import listen_once, listen_sessions
     console = Console(stderr=True, quiet=args.quiet)
     if args.qemu:
-        if args.prealloc or args.huge_pages:
-            raise ConfigError("listen --qemu: --prealloc and --huge-pages work with fastmfd "
-                              "sources only, not yet with a QEMU's stream")
         return _listen_qemu(args, console)
     options = dict(timeout=args.timeout, stall_timeout=args.stall_timeout, force=args.force,
                    keep_partial=args.keep_partial, max_size=args.max_size,
@@ -167,6 +163,13 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+def _positive_size(text: str) -> int:
+    size = parse_size(text)
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive size")
+    return size
+
+
 def _rate(text: str) -> int:
     rate = parse_size(text)
     if rate <= 0:
@@ -174,12 +177,24 @@ def _rate(text: str) -> int:
     return rate
 
 
-def _listen_qemu(args: argparse.Namespace, console: Console) -> int:
-    from ..errors import ConfigError
-    from ..qemu import DEFAULT_STALL_TIMEOUT, receive
+def _refuse_with_qemu(args: argparse.Namespace, options: dict[str, str]) -> None:
+    """A ConfigError naming the first of ``options`` (dest -> its flag) given:
+    what the command cannot do with a QEMU at the other end, said up front
+    rather than ignored."""
     from . import security_options
     if security_options.tls_config(args) or security_options.auth_key(args):
         raise ConfigError("--qemu: QEMU's channels carry no fastmfd TLS or shared-key proof")
+    for dest, flag in options.items():
+        if getattr(args, dest) not in (None, False, []):
+            raise ConfigError(f"--qemu: {flag} works with fastmfd peers only, not with a QEMU")
+
+
+def _listen_qemu(args: argparse.Namespace, console: Console) -> int:
+    from ..qemu import DEFAULT_STALL_TIMEOUT, receive
+    _refuse_with_qemu(args, {"prealloc": "--prealloc", "huge_pages": "--huge-pages",
+                             "max_memory": "--max-memory", "forever": "--forever"})
+    if args.max_sessions != 1:
+        raise ConfigError("--qemu: receives one migration (no --max-sessions)")
     received = receive(
         args.address, args.dir, timeout=args.timeout,
         stall_timeout=args.stall_timeout or DEFAULT_STALL_TIMEOUT, force=args.force,
@@ -193,31 +208,37 @@ def _listen_qemu(args: argparse.Namespace, console: Console) -> int:
                   f"{facts.channels} channel(s), compression {facts.compression}, "
                   f"{facts.syncs} SYNC barrier(s) ({facts.multifd_sync}), "
                   f"{facts.ram_section_ends} RAM section end(s)")
+    if args.json:
+        _print_json({"files": received.files, "seconds": received.seconds,
+                     "channels": received.channels, "manifest": received.manifest,
+                     "sizes": {name: os.path.getsize(path)
+                               for name, path in received.files.items()}})
     return 0
 
 
 def _send_qemu(args: argparse.Namespace) -> int:
     import time
 
-    from ..errors import ConfigError
     from ..qemu import send
-    from . import security_options
     if args.images or args.state or args.dir is None:
-        raise ConfigError("send --qemu: give --dir DIR (what listen --qemu wrote), no images")
-    if security_options.tls_config(args) or security_options.auth_key(args) \
-            or args.checksum or args.no_zero_detection:
-        raise ConfigError("send --qemu: QEMU's channels take no fastmfd TLS, shared key, "
-                          "checksum or zero-page setting")
+        raise ConfigError("--qemu: give --dir DIR (what listen --qemu wrote), no images")
+    _refuse_with_qemu(args, {"checksum": "--checksum",
+                             "no_zero_detection": "--no-zero-detection",
+                             "status_json": "--status-json"})
     started = time.monotonic()
     channels = send(args.address, args.dir, channels=args.channels,
                     compression=args.compression, level=args.level,
-                    stall_timeout=args.stall_timeout)
+                    stall_timeout=args.stall_timeout, timeout=args.timeout,
+                    max_bandwidth=args.max_bandwidth)
+    seconds = time.monotonic() - started
     if not args.quiet:
         pages = sum(c["normal_pages"] for c in channels)
         wire = sum(c["wire_bytes"] for c in channels)
-        print(f"sent {args.dir} to QEMU in {(time.monotonic() - started) * 1000:.0f} ms: "
+        print(f"sent {args.dir} to QEMU in {seconds * 1000:.0f} ms: "
               f"{pages} pages over {len(channels)} multifd channel(s), "
               f"{format_bytes(wire)} on the wire", file=sys.stderr)
+    if args.json:
+        _print_json({"seconds": seconds, "channels": channels})
     return 0
 
 
@@ -227,14 +248,14 @@ def _build_parser() -> argparse.ArgumentParser:
     from .bench import command as bench
     from .inspect import command as inspect
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="fastmfd",
         description="Move memory images and ordered device state over parallel connections "
                     "(QEMU multifd, rebuilt). Progress and logs go to stderr; --json "
                     "results to stdout.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     # Every command takes -v, before or after its name.
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
                         help="log what happens to stderr (-vv: debug)")
     parser.add_argument("-v", "--verbose", action="count", default=0,
@@ -246,15 +267,17 @@ def _build_parser() -> argparse.ArgumentParser:
 
     p = add_command("demo", help="a live migration on this machine, then the seed's "
                                  "device-state downtime experiment")
-    p.add_argument("--size", type=parse_size, default=1 << 30, help="image size (default 1G)")
-    p.add_argument("--channels", type=int, default=2, help="multifd channels (default 2)")
+    p.add_argument("--size", type=_positive_size, default=1 << 30,
+                   help="image size (default 1G)")
+    p.add_argument("--channels", type=_positive_int, default=2,
+                   help="multifd channels (default 2)")
     p.add_argument("--compression", choices=COMPRESSION_METHODS, default="none",
                    help="none, zlib, zstd, or auto: raw or zstd per packet, as the link and "
                         "the data make pay (default none)")
     p.add_argument("--no-devices", action="store_true", help="skip the device-state experiment")
-    p.add_argument("--device-size", type=parse_size, default=100 << 20,
+    p.add_argument("--device-size", type=_positive_size, default=100 << 20,
                    help="state per device in the experiment (default 100M)")
-    p.add_argument("--device-rate", type=parse_size, default=200 << 20,
+    p.add_argument("--device-rate", type=_rate, default=200 << 20,
                    help="emulated per-device read and load rate, bytes/s (default 200M)")
     p.add_argument("--downtime-limit", type=_positive_seconds, default=0.3, metavar="SECONDS",
                    help="stop the workload once the dirty pages left can be sent in this "
@@ -278,7 +301,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", default=None, help="with --qemu: the saved directory")
     p.add_argument("--state", action="append", default=[], metavar="IDSTR[:N]=PATH",
                    help="a device state file (repeatable)")
-    p.add_argument("--channels", type=int, default=2, help="multifd channels (default 2)")
+    p.add_argument("--channels", type=_positive_int, default=2,
+                   help="multifd channels (default 2)")
     p.add_argument("--compression", choices=COMPRESSION_METHODS, default="none",
                    help="none, zlib, zstd, or auto: raw or zstd per packet, as the link and "
                         "the data make pay (default none)")
@@ -299,7 +323,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-bandwidth", type=_rate, default=None, metavar="RATE",
                    help="cap the channels at RATE bytes/s in all, e.g. 100M (binary units: "
                         "MiB/s; default: no cap)")
-    p.add_argument("--stall-timeout", type=float, default=30.0, metavar="SECONDS",
+    p.add_argument("--stall-timeout", type=_positive_seconds, default=30.0, metavar="SECONDS",
                    help="fail, on both sides, when a channel, process or the peer makes no "
                         "progress for this long (default 30; the listener honours it)")
     security_options.add_arguments(p)
@@ -312,13 +336,13 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qemu", action="store_true",
                    help="the source is a QEMU (7.2) migrating with the multifd capability: "
                         "write each RAMBlock, vmstate.bin and manifest.json into DIR")
-    p.add_argument("--workers", type=int, default=2, metavar="N",
+    p.add_argument("--workers", type=_positive_int, default=2, metavar="N",
                    help="with --qemu: receive workers started before QEMU connects (default "
                         "2; more start as channels connect)")
     p.add_argument("--dir", default=".", help="output directory (default: here)")
-    p.add_argument("--timeout", type=float, default=3600.0,
-                   help="seconds to wait for the sender (default 3600)")
-    p.add_argument("--stall-timeout", type=float, default=None, metavar="SECONDS",
+    p.add_argument("--timeout", type=_positive_seconds, default=3600.0, metavar="SECONDS",
+                   help="how long to wait for the sender (default 3600)")
+    p.add_argument("--stall-timeout", type=_positive_seconds, default=None, metavar="SECONDS",
                    help="fail when the sender, a channel or a process makes no progress for "
                         "this long (default: the sender's --stall-timeout)")
     p.add_argument("--force", action="store_true",
@@ -331,10 +355,10 @@ def _build_parser() -> argparse.ArgumentParser:
                         "uuid>/; a failed one does not end the others (default 1: into DIR)")
     p.add_argument("--forever", action="store_true",
                    help="like --max-sessions, with no limit: until interrupted")
-    p.add_argument("--max-size", type=parse_size, default=None, metavar="SIZE",
+    p.add_argument("--max-size", type=_positive_size, default=None, metavar="SIZE",
                    help="refuse a sender whose regions (QEMU: RAM blocks) exceed SIZE "
                         "(default: DIR's free space)")
-    p.add_argument("--max-memory", type=parse_size, default=None, metavar="SIZE",
+    p.add_argument("--max-memory", type=_positive_size, default=None, metavar="SIZE",
                    help="shared memory for device state in flight (default: what /dev/shm "
                         "has free); with --prealloc and several sessions, also the most "
                         "bytes of warm region files kept for the next session")
@@ -362,6 +386,14 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_arguments(p)
     p.set_defaults(func=bench.cli_main)
     return parser
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, whose mistakes read as the commands' own do: one line
+    on stderr, exit 2 (argparse prints its whole usage block first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
 class Terminated(KeyboardInterrupt):
