@@ -13,6 +13,7 @@ the module: numpy and the standard library are analysed once, ~20 s of CPU.
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import re
 import subprocess
@@ -69,6 +70,26 @@ def _mypy(tmp_path: Path, monkeypatch, source: str, cache: Path) -> list[str]:
                                 "--cache-dir", str(cache), str(script)])
     assert not err, err
     return [line for line in out.splitlines() if ": error: " in line]
+
+
+def test_mypy_finds_the_installed_package_without_help(tmp_path, mypy_cache):
+    """As a user runs it: no MYPYPATH, from elsewhere. An editable install that
+    hid the checkout behind setuptools' import hook left mypy with "Cannot find
+    implementation or library stub" and every use of fastmfd unchecked."""
+    try:
+        importlib.metadata.distribution("fastmfd")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("fastmfd is imported from a checkout, not installed: mypy finds it "
+                    "only through MYPYPATH")
+    script = tmp_path / "user_script.py"
+    script.write_text('import fastmfd\nram: int = fastmfd.Region.create("ram", 4096)\n')
+    env = {k: v for k, v in os.environ.items() if k not in ("MYPYPATH", "PYTHONPATH")}
+    done = subprocess.run([sys.executable, "-m", "mypy", "--strict", "--no-error-summary",
+                           "--cache-dir", str(mypy_cache), str(script)],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert done.stdout.splitlines() == [
+        f'{script.name}:2: error: Incompatible types in assignment (expression has type "Region", '
+        f'variable has type "int")  [assignment]'], done.stdout + done.stderr
 
 
 def test_mypy_strict_catches_every_planted_mistake(tmp_path, monkeypatch, mypy_cache):
