@@ -41,7 +41,8 @@ from _fuzz_mutate import Field, mutate_bytes, mutate_text  # noqa: E402
 
 __all__ = ["Target", "Broken", "TARGETS", "DATA_DIR"]
 
-DATA_DIR = Path("/work/shared/data")        # read only: the real QEMU captures
+# Read only: the real QEMU captures, in the project's shared/data beside the checkout.
+DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 COMPRESSION_MASK = {_core.LAYOUT_CURRENT: 0x3E, _core.LAYOUT_QEMU72: 0x0E}
 QEMU_BLOCKS = {"mem": 0x2000000, "/rom@etc/acpi/tables": 0x20000, "pc.bios": 0x40000,
                "pc.rom": 0x20000, "/rom@etc/table-loader": 0x1000, "/rom@etc/acpi/rsdp": 0x1000}

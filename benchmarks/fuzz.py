@@ -13,8 +13,8 @@ Not part of the unit suite (pytest does not collect it): a campaign of minutes.
   headers, init packets, channel headers, main-channel message headers,
   zlib/zstd payload streams, the QEMU main channel (``protocol.qemu``) and
   whole captures through ``fastmfd inspect``'s reader (the real QEMU 7.2 and
-  10.0 captures in /work/shared/data, read only, and captures fastmfd's
-  encoders make);
+  10.0 captures in shared/data beside the checkout, read only, and captures
+  fastmfd's encoders make);
 - ``--setups N`` mutated SETUPs (``Setup.decode`` strict and lenient) and
   main-channel payloads of every message type (``decode_payload``);
 - ``--live N`` connections to real ``fastmfd.Destination`` s on loopback:

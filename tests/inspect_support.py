@@ -40,8 +40,7 @@ def captures_dir(version: str = "7.2") -> Path:
     if env in os.environ:
         candidates = [Path(os.environ[env])]
     else:
-        candidates = [Path(__file__).resolve().parents[2] / f"shared/data/qemu-{version}",
-                      Path(f"/work/shared/data/qemu-{version}")]
+        candidates = [Path(__file__).resolve().parents[2] / f"shared/data/qemu-{version}"]
     for path in candidates:
         if (path / "pattern-none" / "conn1.bin").is_file():
             return path
