@@ -289,7 +289,12 @@ def _build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = add_command("send", help="send image files (and device state files) to a listener, "
-                                 "or with --qemu a saved QEMU migration to a QEMU")
+                                 "or with --qemu a saved QEMU migration to a QEMU",
+                    description="Send image files (and device state files) to `fastmfd "
+                                "listen`, or with --qemu a directory `listen --qemu` saved to "
+                                "a QEMU. A file is sent as it is, in one round: no workload "
+                                "dirties it meanwhile, so there is no --downtime-limit (live "
+                                "rounds are the library's: Source.migrate(live=True)).")
     p.add_argument("address", help="tcp:HOST:PORT (or tcp://HOST:PORT) or unix:PATH of "
                                    "`fastmfd listen` (of QEMU's migrate-incoming with --qemu)")
     p.add_argument("images", nargs="*", metavar="IMAGE",
