@@ -808,8 +808,8 @@ def test_blocks_larger_than_max_size_are_refused_before_any_is_written(tmp_path,
     (found in review: a QEMU stream was never checked, fastmfd's own were)."""
     files = capture_bytes(captures[1], "none")
     out = tmp_path / "out"
-    with pytest.raises(ConfigError, match=r"the source sends 32\.\d+ MiB of regions; "
-                                          r"--max-size allows 16\.0 MiB"):
+    with pytest.raises(MigrationError, match=r"main channel: the source sends 32\.\d+ MiB "
+                                             r"of regions; --max-size allows 16\.0 MiB"):
         receive_replay(out, files, receive_args={"max_size": 16 << 20})
     assert_nothing_complete(out)
 

@@ -52,7 +52,7 @@ from typing import Protocol
 import numpy as np
 
 from .. import _core
-from ..errors import MigrationError, ProtocolError
+from ..errors import ConfigError, MigrationError, ProtocolError
 from ..protocol.bytereader import ByteReader, StreamReader
 from ..protocol.control import Eof, Go, Ready, RecvParams, Synced
 from ..protocol.qemu import (MIG_CMD_OPEN_RETURN_PATH, MIG_CMD_PING, MIG_CMD_SWITCHOVER_START,
@@ -263,7 +263,13 @@ class QemuReceiving:
         """The block list: one sparse .part file each, then every channel may start."""
         self.facts.blocks = dict(blocks)
         self.facts.page_size = page_size
-        self.out.plan_qemu(blocks, page_size)
+        try:
+            self.out.plan_qemu(blocks, page_size)
+        except ConfigError as exc:
+            # Blocks this side refuses (no room, a name taken) fail the migration, as
+            # a SETUP fastmfd's own listener refuses does: a session tried, not a
+            # mistake in the command (exit 1, not 2).
+            raise MigrationError(str(exc), channel=MAIN) from exc
         for name, size in blocks.items():
             self.regions[name] = self.out.region(name, size, page_size)
         self.counters = _core.Counters.create(MAX_CHANNELS, tag="qemu-counters")
