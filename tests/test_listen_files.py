@@ -16,6 +16,7 @@ import os
 import re
 import subprocess
 
+import numpy as np
 import pytest
 
 import fastmfd
@@ -361,3 +362,34 @@ def test_a_region_file_whose_mapping_fails_is_removed_by_abort(tmp_path, monkeyp
         out.abort()
         out.close()
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("inside, sessions", [("", "1"), ("", "2"), ("new/out", "1")])
+def test_a_directory_it_cannot_write_in_is_refused_before_listening(small_disk, inside,
+                                                                     sessions):
+    """A read-only DIR (or the directory above a DIR to be made) is a mistake in
+    the command: exit 2 before it listens (found at the sender's SETUP, it was a
+    failed session, after the sender had connected)."""
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    target = small_disk / inside
+    done = run_cli("listen", "tcp:127.0.0.1:0", "--dir", str(target), "--timeout", "30",
+                   "--max-sessions", sessions)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == f"fastmfd listen: output directory {target}: cannot write in it" \
+        + (f" (nor in {small_disk})" if inside else "") + "\n"
+
+
+def test_a_disk_that_fills_with_the_manifest_fails_naming_it(small_disk, tmp_path):
+    """Regions exactly as large as the disk pass the room check; then the manifest
+    finds no room. Both sides name the file (it was "the on_resume hook raised
+    OSError"), and nothing is left."""
+    image = tmp_path / "ram.img"
+    room = os.statvfs(small_disk)
+    image.write_bytes(np.random.default_rng(1).bytes(room.f_bavail * room.f_frsize))
+    with Listener(small_disk) as listener:
+        done = send(listener, str(image))
+        status, stderr = listener.finish()
+    expected = f"{small_disk}/manifest.json.part: writing the manifest failed: No space left"
+    assert status == 1 and expected in stderr, stderr
+    assert done.returncode == 1 and f"the destination failed: {expected}" in done.stderr
+    assert files_in(small_disk) == set()

@@ -90,11 +90,14 @@ Hook = Callable[[], object]
 
 def call_hook(name: str, hook: Hook | None) -> None:
     """Run the user's ``hook`` (if any); what it raises becomes a MigrationError
-    naming the hook, with the original exception as its cause."""
+    naming the hook, with the original exception as its cause. A MigrationError
+    passes as it is: it says what failed (a listener's commit of its files)."""
     if hook is None:
         return
     try:
         hook()
+    except MigrationError:
+        raise
     except Exception as exc:
         raise MigrationError(f"the {name} hook raised {type(exc).__name__}: {exc}") from exc
 

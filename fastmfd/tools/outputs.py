@@ -49,7 +49,7 @@ from ..units import format_bytes
 from .new_files import make_directories, rename_without_replacing, write_durably
 from .warm_files import WarmFiles
 
-__all__ = ["OutputDir", "output_name", "MANIFEST", "VMSTATE"]
+__all__ = ["OutputDir", "output_name", "check_writable", "MANIFEST", "VMSTATE"]
 
 log = logging.getLogger("fastmfd")
 
@@ -93,6 +93,18 @@ class _Output:
         return self.final + PART
 
 
+def check_writable(path: str) -> None:
+    """ConfigError unless files can be made in ``path``, or, where it does not exist
+    yet, in the nearest directory above it (where it would be made): a listener
+    finds out before it waits for a sender, not at the sender's SETUP."""
+    existing = os.path.abspath(path)
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if os.path.isdir(existing) and not os.access(existing, os.W_OK | os.X_OK):
+        why = "" if existing == os.path.abspath(path) else f" (nor in {existing})"
+        raise ConfigError(f"output directory {path}: cannot write in it{why}")
+
+
 class OutputDir:
     """The files one migration writes into ``path`` (see the module docstring)."""
 
@@ -102,6 +114,7 @@ class OutputDir:
         self.path = os.fspath(path)
         self.force, self.keep_partial, self.max_bytes = force, keep_partial, max_bytes
         self.warm, self.huge_pages = warm, huge_pages
+        check_writable(self.path)
         try:
             # What abort() removes again if it is left empty: a failed migration
             # leaves no directory behind that it made (a session's, or --dir's).
@@ -288,11 +301,15 @@ class OutputDir:
                         "file": out.final} for out in self.devices.values()]
             document = {"regions": regions, "devices": devices}
         data = json.dumps(document, indent=2).encode() + b"\n"
-        fd = self._create(self.manifest)
         try:
-            write_durably(fd, data)
-        finally:
-            os.close(fd)
+            fd = self._create(self.manifest)
+            try:
+                write_durably(fd, data)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise MigrationError(f"{self._show(self.manifest.part)}: writing the manifest "
+                                 f"failed: {exc.strerror or exc}") from exc
 
     def abort(self) -> None:
         """The migration failed: remove what this listener created (its .part files,

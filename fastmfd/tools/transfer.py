@@ -29,7 +29,7 @@ from ..regions import Region, check_huge_pages
 from ..source import Source
 from ..stats import MigrationStats
 from ..units import format_bytes
-from .outputs import OutputDir, output_name
+from .outputs import OutputDir, check_writable, output_name
 from .warm_files import WarmFiles
 
 log = logging.getLogger("fastmfd")
@@ -211,8 +211,9 @@ def listen_sessions(address: str, directory: str, *, sessions: int | None = None
     one between sessions (:class:`~.warm_files.WarmFiles`, at most
     ``max_memory`` bytes of them), so a session of the same geometry lands in
     memory that is there."""
+    check_writable(directory)           # before any session: not each at its SETUP
     if options.get("huge_pages"):
-        check_huge_pages(directory)     # once, before any session: not each at its SETUP
+        check_huge_pages(directory)
     requested = parse_address(address)
     listener = listen(requested)
     warm = None
