@@ -24,6 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ._core import DirtyBitmap
+from .arguments import INT, PATH, STR, check_types, instance_of, optional
 from .errors import ConfigError
 from .protocol.control import RegionHandle
 from .protocol.setup import Invalid, check_name
@@ -128,6 +129,8 @@ class Region:
         cleanly when ``/dev/shm`` is full); the region must fit in what ``/dev/shm`` has
         free now (ConfigError otherwise). ``huge_pages``: ask for transparent
         huge pages (ConfigError, saying why, where the system gives none)."""
+        check_types("Region.create", name=(name, STR), size=(size, INT),
+                    page_size=(page_size, INT))
         if huge_pages:
             check_huge_pages(SHM_DIR)
         validate_region_name(name)
@@ -160,6 +163,9 @@ class Region:
         ``read_only``: open the file for reading only (a source's image: it needs
         no write access, and nothing can write it through the region).
         """
+        check_types("Region.from_file", name=(name, STR), path=(path, PATH),
+                    size=(size, optional(INT)), page_size=(page_size, INT),
+                    dir_fd=(dir_fd, optional(INT)))
         validate_region_name(name)
         if read_only and size is not None:
             raise ConfigError(f"region {name!r}: a read-only file is taken as it is (no size)")
@@ -190,6 +196,8 @@ class Region:
                 huge_pages: bool = False) -> "Region":
         """Map the open file ``fd`` ``MAP_SHARED`` (the caller keeps and closes ``fd``),
         as :meth:`from_file` does: one opened by whoever checked what it is."""
+        check_types("Region.from_fd", name=(name, STR), fd=(fd, INT),
+                    size=(size, optional(INT)), page_size=(page_size, INT))
         validate_region_name(name)
         location = os.readlink(f"/proc/self/fd/{fd}")   # what was opened, links resolved
         file_id = file_identity(fd)
@@ -215,6 +223,8 @@ class Region:
     @classmethod
     def attach(cls, handle: RegionHandle) -> "Region":
         """Map a region another process created."""
+        check_types("Region.attach",
+                    handle=(handle, instance_of(RegionHandle, "a RegionHandle (region.handle)")))
         mapping: mmap.mmap | SharedMemory
         if handle.kind == "shm":
             mapping = SharedMemory.attach(handle.location, handle.size,

@@ -20,8 +20,9 @@ from ._engine.processes import ChildSet
 from ._engine.sending import Sending, SourceParts
 from ._engine.session import Owner, SessionResources
 from ._engine.workers import send_worker_main
+from .arguments import CALLABLE, STR, check_types, instance_of, optional, type_error
 from .config import MigrationConfig
-from .devices import Device, type_error
+from .devices import Device
 from .errors import ConfigError, MigrationError
 from .protocol.sockets import parse_address
 from .regions import Region
@@ -40,6 +41,8 @@ class Source(Owner):
     """
 
     def __init__(self, address: str, config: MigrationConfig | None = None) -> None:
+        check_types("Source", address=(address, STR), config=(config, optional(
+            instance_of(MigrationConfig, "a fastmfd.MigrationConfig"))))
         super().__init__()
         self.address = parse_address(address)
         self.config = config or MigrationConfig()
@@ -102,6 +105,7 @@ class Source(Owner):
     def cancel(self, reason: str = "cancelled") -> None:
         """Fail the running migration from another thread: ``migrate()`` raises
         MigrationError(reason) promptly and the destination is sent the ERROR."""
+        check_types("cancel", reason=(reason, STR))
         self._cancelled = reason
         session = self._session
         if session is not None:
@@ -154,6 +158,8 @@ class Source(Owner):
         call, as a MigrationError naming the hook).
         ``progress``: show a live progress display on the terminal.
         """
+        check_types("migrate", on_stop=(on_stop, optional(CALLABLE)),
+                    on_resume=(on_resume, optional(CALLABLE)))
         if self._parts is None:
             raise ConfigError("use the Source as a context manager: `with Source(...) as src`")
         if self._session is not None:

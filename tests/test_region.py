@@ -87,7 +87,7 @@ def test_mark_dirty_outside_the_region(region, offset, length):
         region.mark_dirty(offset, length)
 
 
-@pytest.mark.parametrize("name", ["", "x" * 256, "a\0b", b"pc.ram"])
+@pytest.mark.parametrize("name", ["", "x" * 256, "a\0b"])
 def test_bad_names(name):
     with pytest.raises(ConfigError, match="region name"):
         Region.create(name, SIZE)
