@@ -31,7 +31,7 @@ from .protocol.setup import MAX_STALL_SECONDS, MIN_STALL_SECONDS, Setup
 from .protocol.sockets import (bound_address, listen, listening_address, parse_address,
                                remove_socket_file)
 from .region_pool import RegionPool
-from .regions import Region, check_huge_pages
+from .regions import Region, check_huge_pages, region_to_add
 from .shm import SHM_DIR
 from .stats import ReceiveStats
 
@@ -173,8 +173,7 @@ class Destination(Owner):
         memory, or by ``region_factory(name, size, page_size)`` when the
         Destination was given one (``fastmfd listen`` maps files that way).
         """
-        if not isinstance(region, Region):
-            raise type_error("add_region(region)", "a fastmfd.Region", region)
+        region = region_to_add(region)
         if region.name in self._user_regions:
             raise ConfigError(f"two regions named {region.name!r}")
         self._user_regions[region.name] = region

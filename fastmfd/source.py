@@ -25,7 +25,7 @@ from .config import MigrationConfig
 from .devices import Device
 from .errors import ConfigError, MigrationError
 from .protocol.sockets import parse_address
-from .regions import Region
+from .regions import Region, region_to_add
 from .shm import SharedMemory
 from .stats import MigrationStats
 
@@ -78,8 +78,7 @@ class Source(Owner):
 
     def add_region(self, region: Region) -> None:
         """Migrate ``region`` (regions are sent in the order they are added)."""
-        if not isinstance(region, Region):
-            raise type_error("add_region(region)", "a fastmfd.Region", region)
+        region = region_to_add(region)
         if region.page_size != self.config.page_size:
             raise ConfigError(f"region {region.name!r} has page size {region.page_size}, the "
                               f"migration {self.config.page_size}")
