@@ -2,8 +2,9 @@
 
 The source holds the configuration; its SETUP message carries every value
 the destination needs, so a destination is started with no matching
-parameters at all. Bad values raise :class:`~fastmfd.errors.ConfigError` when
-the config is made, before anything starts.
+parameters at all. When the config is made, before anything starts, a field
+of the wrong type raises a TypeError naming it, and a bad value a
+:class:`~fastmfd.errors.ConfigError`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from .arguments import BOOL, BYTES, INT, NUMBER, STR, Kind, check_types, instance_of, optional
 from .errors import ConfigError
 from .protocol.security import TLSConfig, check_auth_key
 from .protocol.setup import COMPRESSION_LEVELS, COMPRESSION_METHODS, Invalid, check_session
@@ -24,9 +26,13 @@ Compression = Literal["none", "zlib", "zstd", "auto"]
 # SETUP's names for the config fields that differ (in errors, the config's own name).
 _CONFIG_NAMES = {"chunk_size": "device_chunk_size"}
 
-
-def _is_count(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+# What a field accepts, by its annotation below: every field is checked for its type
+# first (a TypeError), then for its value (a ConfigError).
+_KINDS: dict[str, Kind] = {
+    "int": INT, "float": NUMBER, "bool": BOOL, "Compression": STR,
+    "int | None": optional(INT), "bytes | None": optional(BYTES),
+    "TLSConfig | None": optional(instance_of(TLSConfig, "a fastmfd.TLSConfig")),
+}
 
 
 @dataclass(frozen=True)
@@ -103,19 +109,17 @@ class MigrationConfig:
             if not ok:
                 raise ConfigError(message)
 
+        check_types("MigrationConfig", **{field.name: (getattr(self, field.name),
+                                                       _KINDS[str(field.type)])
+                                          for field in dataclasses.fields(self)})
         if self.device_channels_within:
             # The seed counts device-state channels within the total; fastmfd adds them.
-            need(_is_count(self.channels) and _is_count(self.device_state_channels)
-                 and self.channels > self.device_state_channels,
+            need(0 <= self.device_state_channels < self.channels,
                  f"with device_channels_within, channels ({self.channels!r}) counts every "
                  f"channel and must exceed device_state_channels "
                  f"({self.device_state_channels!r})")
             object.__setattr__(self, "channels", self.channels - self.device_state_channels)
             object.__setattr__(self, "device_channels_within", False)
-        for name in ("max_rounds", "job_packets"):
-            value = getattr(self, name)
-            need(isinstance(value, int) and not isinstance(value, bool),
-                 f"{name} must be an integer, not {value!r}")
         try:
             check_session(self.session_values())
         except Invalid as exc:
@@ -134,11 +138,6 @@ class MigrationConfig:
                  f"max_bandwidth {self.max_bandwidth} gives each of the {self.total_channels} "
                  f"channels {self.channel_rate:.0f} bytes/s, less than one packet "
                  f"({packet} bytes) per stall_timeout ({self.stall_timeout:g} s)")
-        for name in ("switchover_ack", "device_channels_within"):
-            need(isinstance(getattr(self, name), bool),
-                 f"{name} must be True or False, not {getattr(self, name)!r}")
-        need(self.tls is None or isinstance(self.tls, TLSConfig),
-             f"tls must be a fastmfd.TLSConfig or None, not {type(self.tls).__name__}")
         object.__setattr__(self, "auth_key", check_auth_key(self.auth_key, "MigrationConfig"))
 
     def session_values(self) -> dict[str, Any]:

@@ -22,18 +22,23 @@ from ._engine.reassembly import reassembly_main
 from ._engine.receiving import DestinationParts, Receiving, Refusal
 from ._engine.session import Owner, SessionFailure, SessionResources, call_hook
 from ._engine.workers import recv_worker_main
-from .devices import Loader, type_error
+from .arguments import (CALLABLE, INT, NUMBER, STR, Kind, check_types, instance_of,
+                        optional, type_error)
+from .devices import Loader, check_device_ids
 from .errors import ConfigError, MigrationError
 from .protocol.security import ChannelSecurity, TLSConfig, check_auth_key
 from .protocol.setup import MAX_STALL_SECONDS, MIN_STALL_SECONDS, Setup
 from .protocol.sockets import (bound_address, listen, listening_address, parse_address,
                                remove_socket_file)
 from .region_pool import RegionPool
-from .regions import Region, check_huge_pages
+from .regions import Region, check_huge_pages, region_to_add
 from .shm import SHM_DIR
 from .stats import ReceiveStats
 
 __all__ = ["Destination", "DestinationResult"]
+
+_ADDRESS = Kind("a str (tcp:HOST:PORT or unix:PATH) or a listening socket.socket",
+                lambda value: isinstance(value, (str, socket.socket)))
 
 
 @dataclass
@@ -95,14 +100,21 @@ class Destination(Owner):
                  handshake_timeout: float = 10.0, stall_timeout: float | None = None,
                  max_memory: int | None = None, prealloc: bool = False,
                  region_pool: RegionPool | None = None, huge_pages: bool = False) -> None:
+        check_types("Destination",
+                    address=(address, _ADDRESS), workers=(workers, INT), timeout=(timeout, NUMBER),
+                    max_queued_bytes=(max_queued_bytes, optional(INT)),
+                    region_factory=(region_factory, optional(CALLABLE)),
+                    tls=(tls, optional(instance_of(TLSConfig, "a fastmfd.TLSConfig"))),
+                    handshake_timeout=(handshake_timeout, NUMBER),
+                    stall_timeout=(stall_timeout, optional(NUMBER)),
+                    max_memory=(max_memory, optional(INT)),
+                    region_pool=(region_pool, optional(
+                        instance_of(RegionPool, "a fastmfd.RegionPool"))))
         super().__init__()
         requested = None if isinstance(address, socket.socket) else parse_address(address)
         if workers < 0:
             raise ConfigError(f"workers must be >= 0, not {workers}")
         if tls is not None:
-            if not isinstance(tls, TLSConfig):
-                raise ConfigError(f"tls must be a fastmfd.TLSConfig or None, not "
-                                  f"{type(tls).__name__}")
             tls.check_server()
             if tls.authz is not None and tls.ca is None:
                 raise ConfigError("TLSConfig.authz needs ca: client identities are only "
@@ -123,8 +135,6 @@ class Destination(Owner):
         self.max_memory = max_memory
         self._listener: socket.socket | None
         self.prealloc = prealloc
-        if region_pool is not None and not isinstance(region_pool, RegionPool):
-            raise type_error("region_pool", "a fastmfd.RegionPool or None", region_pool)
         self.region_pool = region_pool
         if huge_pages:
             check_huge_pages(SHM_DIR)
@@ -163,14 +173,14 @@ class Destination(Owner):
         memory, or by ``region_factory(name, size, page_size)`` when the
         Destination was given one (``fastmfd listen`` maps files that way).
         """
-        if not isinstance(region, Region):
-            raise type_error("add_region(region)", "a fastmfd.Region", region)
+        region = region_to_add(region)
         if region.name in self._user_regions:
             raise ConfigError(f"two regions named {region.name!r}")
         self._user_regions[region.name] = region
 
     def add_loader(self, idstr: str, instance_id: int, loader: Loader) -> None:
         """Load device ``idstr``/``instance_id`` with ``loader`` (default: CollectLoader)."""
+        check_device_ids("add_loader", idstr, instance_id)
         if not isinstance(loader, Loader):
             raise type_error(f"add_loader(loader) for {idstr!r}", "a fastmfd.Loader "
                              "(load_state_buffer(data), load_finish())", loader)
@@ -186,6 +196,7 @@ class Destination(Owner):
     def cancel(self, reason: str = "cancelled") -> None:
         """Fail the session from another thread: ``receive()`` raises MigrationError
         promptly, even while it still waits for the source to connect."""
+        check_types("cancel", reason=(reason, STR))
         self._failure.fail(MigrationError(reason))
         if self._listener is not None and self._owns_listener:
             try:
@@ -227,6 +238,8 @@ class Destination(Owner):
         ``on_resume()`` runs after everything is loaded and LOADED was sent; the source
         learns that it ran (or what it raised) before its ``migrate()`` returns.
         """
+        check_types("receive", on_setup=(on_setup, optional(CALLABLE)),
+                    on_resume=(on_resume, optional(CALLABLE)))
         if self._workers is None:
             raise ConfigError("use the Destination as a context manager")
         if self._session is not None:

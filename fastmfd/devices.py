@@ -31,6 +31,7 @@ import time
 from typing import TYPE_CHECKING, Any, Protocol, TypeGuard, runtime_checkable
 
 from . import _core
+from .arguments import BUFFER, INT, NUMBER, PATH, STR, check_types, optional
 from .errors import ConfigError, MigrationError
 from .protocol.setup import Invalid, check_name
 from .shm import file_identity
@@ -38,8 +39,9 @@ from .shm import file_identity
 if TYPE_CHECKING:
     from typing_extensions import Buffer     # collections.abc.Buffer from Python 3.12
 
-__all__ = ["Device", "Loader", "BytesDevice", "FileDevice", "SyntheticDevice", "CollectLoader", "FileLoader",
-           "VerifyLoader", "device_key", "PrecopyDevice", "has_precopy"]
+__all__ = ["Device", "Loader", "BytesDevice", "FileDevice", "SyntheticDevice", "CollectLoader",
+           "FileLoader", "VerifyLoader", "device_key", "check_device_ids", "PrecopyDevice",
+           "has_precopy"]
 
 CHUNK_HEADER = _core.CHUNK_HEADER_SIZE
 
@@ -48,12 +50,15 @@ def device_key(idstr: str, instance_id: int) -> str:
     return f"{idstr}/{instance_id}"
 
 
-def _check_ids(idstr: str, instance_id: int) -> None:
+def check_device_ids(call: str, idstr: str, instance_id: int) -> None:
+    """The device ``call`` names: a TypeError for a wrong type, a ConfigError for an
+    idstr or instance_id the wire cannot carry."""
+    check_types(call, idstr=(idstr, STR), instance_id=(instance_id, INT))
     try:
         check_name(idstr, "device idstr")
     except Invalid as exc:
         raise ConfigError(f"device idstr {idstr!r} must be {exc.expected}") from None
-    if not isinstance(instance_id, int) or not 0 <= instance_id < 1 << 32:
+    if not 0 <= instance_id < 1 << 32:
         raise ConfigError(f"device instance_id {instance_id} does not fit in 32 bits")
 
 
@@ -125,17 +130,14 @@ class Loader(Protocol):
         ...
 
 
-def type_error(parameter: str, expected: str, value: object) -> TypeError:
-    return TypeError(f"{parameter} must be {expected}, not {type(value).__name__}")
-
-
 # ------------------------------------------------------------------ devices
 
 class BytesDevice:
     """A device whose state is a bytes-like object (and optional config bytes)."""
 
     def __init__(self, idstr: str, instance_id: int, data: Buffer, config: bytes = b"") -> None:
-        _check_ids(idstr, instance_id)
+        check_device_ids("BytesDevice", idstr, instance_id)
+        check_types("BytesDevice", data=(data, BUFFER), config=(config, BUFFER))
         self.idstr, self.instance_id = idstr, instance_id
         self._data = memoryview(data).cast("B")
         self._config = bytes(config)
@@ -156,7 +158,8 @@ class FileDevice:
     that cannot be read is refused (ConfigError) before any migration starts."""
 
     def __init__(self, idstr: str, instance_id: int, path: str | os.PathLike[str]) -> None:
-        _check_ids(idstr, instance_id)
+        check_device_ids("FileDevice", idstr, instance_id)
+        check_types("FileDevice", path=(path, PATH))
         self.idstr, self.instance_id = idstr, instance_id
         self.path = os.fspath(path)
         try:
@@ -188,7 +191,9 @@ class SyntheticDevice:
 
     def __init__(self, idstr: str, instance_id: int, size: int, read_rate: float | None = None,
                  seed: int = 0, precopy_size: int = 0) -> None:
-        _check_ids(idstr, instance_id)
+        check_device_ids("SyntheticDevice", idstr, instance_id)
+        check_types("SyntheticDevice", size=(size, INT), read_rate=(read_rate, optional(NUMBER)),
+                    seed=(seed, INT), precopy_size=(precopy_size, INT))
         if size < 0:
             raise ConfigError(f"device size {size} is negative")
         if not 0 <= precopy_size <= size:
@@ -240,6 +245,7 @@ class FileLoader:
 
     def __init__(self, path: str | os.PathLike[str], *, exclusive: bool = False,
                  file_id: tuple[int, int] | None = None) -> None:
+        check_types("FileLoader", path=(path, PATH))
         self.path = os.fspath(path)
         self.exclusive = exclusive
         self.file_id = file_id
@@ -295,6 +301,8 @@ class VerifyLoader:
 
     def __init__(self, size: int, seed: int = 0, write_rate: float | None = None,
                  precopy_size: int = 0) -> None:
+        check_types("VerifyLoader", size=(size, INT), seed=(seed, INT),
+                    write_rate=(write_rate, optional(NUMBER)), precopy_size=(precopy_size, INT))
         if not 0 <= precopy_size <= size:
             raise ConfigError(f"loader precopy_size {precopy_size} is not in 0..size ({size})")
         self.size, self.seed, self.write_rate = size, seed, write_rate

@@ -28,6 +28,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable
 
+from .arguments import INT, check_types
 from .errors import ConfigError
 from .protocol.setup import RegionSpec
 from .regions import Region
@@ -43,6 +44,7 @@ class RegionPool:
     (or call :meth:`close`) so its regions are freed."""
 
     def __init__(self, max_bytes: int) -> None:
+        check_types("RegionPool", max_bytes=(max_bytes, INT))
         if max_bytes < 0:
             raise ConfigError(f"a region pool holds max_bytes >= 0, not {max_bytes}")
         self.max_bytes = max_bytes
@@ -92,7 +94,8 @@ class RegionPool:
                 else:
                     freed.append(region)
             self._regions = kept
-        _close_all(freed)
+        for region in freed:
+            region.close()
 
     def give_back(self, region: Region) -> None:
         """Keep ``region`` for a later session if the pool has room (and is open),
@@ -103,7 +106,7 @@ class RegionPool:
             if keep:
                 self._regions.append(region)
         if not keep:
-            _close_all([region])
+            region.close()
 
     def loan(self, region: Region) -> "Loan":
         """What a session owns for ``region``: closing it gives the region back."""
@@ -115,7 +118,8 @@ class RegionPool:
         with self._lock:
             self._closed = True
             regions, self._regions = self._regions, []
-        _close_all(regions)
+        for region in regions:
+            region.close()
 
     def __enter__(self) -> "RegionPool":
         return self
@@ -142,13 +146,3 @@ class Loan:
 
 def _geometry(region: Region) -> Geometry:
     return region.name, region.size, region.page_size, region.huge_pages
-
-
-def _close_all(regions: list[Region]) -> None:
-    """Free each region; a view of one still alive does not stop the others (its
-    segment is unlinked all the same, see Region.close)."""
-    for region in regions:
-        try:
-            region.close()
-        except BufferError:
-            pass

@@ -24,13 +24,14 @@ import numpy as np
 import numpy.typing as npt
 
 from ._core import DirtyBitmap
+from .arguments import INT, PATH, STR, check_types, instance_of, optional, type_error
 from .errors import ConfigError
 from .protocol.control import RegionHandle
 from .protocol.setup import Invalid, check_name
 from .huge_pages import advise_huge_pages, why_no_huge_pages
 from .shm import SHM_DIR, SharedMemory, check_room, file_identity, map_file, mapped_view
 
-__all__ = ["Region", "RegionHandle", "validate_region_name", "check_huge_pages"]
+__all__ = ["Region", "RegionHandle", "validate_region_name", "check_huge_pages", "region_to_add"]
 
 
 def validate_region_name(name: str) -> str:
@@ -82,6 +83,16 @@ def _check_identity(found: tuple[int, int], file_id: tuple[int, int], what: str)
                           f"made (device and inode {found}, expected {file_id})")
 
 
+def region_to_add(region: object) -> "Region":
+    """``add_region``'s argument, checked: a Region (TypeError) that is open (ConfigError:
+    a closed region's memory may be gone, and its segments are)."""
+    if not isinstance(region, Region):
+        raise type_error("add_region(region)", "a fastmfd.Region", region)
+    if region.closed:
+        raise ConfigError(f"add_region(region): region {region.name!r} is closed")
+    return region
+
+
 def first_file_changed(regions: list["Region"]) -> str | None:
     """What befell the first of ``regions`` whose file changed (Region.file_changed)."""
     return next(filter(None, (region.file_changed() for region in regions)), None)
@@ -96,12 +107,14 @@ class Region:
                  read_only: bool = False) -> None:
         self.name, self.size, self.page_size, self.owner = name, size, page_size, owner
         self._kind, self._location, self._file_id = kind, location, file_id
-        self._mapping, self._dirty = mapping, dirty
+        self._mapping: mmap.mmap | SharedMemory | None = mapping    # None once closed
+        self._dirty = dirty
         self.read_only = read_only
         """Mapped from a file opened for reading (a source's image it may not, or
         need not, write): ``buffer`` and ``array`` are read-only, no process maps
         it writable, and a destination refuses it."""
-        self._buffer: memoryview | None = self._view()
+        view = mapping.buf if isinstance(mapping, SharedMemory) else mapped_view(mapping, size)
+        self._buffer: memoryview | None = view.toreadonly() if read_only else view
         self._array: npt.NDArray[np.uint8] | None = None
         self.huge_pages = huge_pages
         """Pages are faulted in as huge pages where the system allows (see
@@ -128,6 +141,8 @@ class Region:
         cleanly when ``/dev/shm`` is full); the region must fit in what ``/dev/shm`` has
         free now (ConfigError otherwise). ``huge_pages``: ask for transparent
         huge pages (ConfigError, saying why, where the system gives none)."""
+        check_types("Region.create", name=(name, STR), size=(size, INT),
+                    page_size=(page_size, INT))
         if huge_pages:
             check_huge_pages(SHM_DIR)
         validate_region_name(name)
@@ -160,6 +175,9 @@ class Region:
         ``read_only``: open the file for reading only (a source's image: it needs
         no write access, and nothing can write it through the region).
         """
+        check_types("Region.from_file", name=(name, STR), path=(path, PATH),
+                    size=(size, optional(INT)), page_size=(page_size, INT),
+                    dir_fd=(dir_fd, optional(INT)))
         validate_region_name(name)
         if read_only and size is not None:
             raise ConfigError(f"region {name!r}: a read-only file is taken as it is (no size)")
@@ -190,6 +208,8 @@ class Region:
                 huge_pages: bool = False) -> "Region":
         """Map the open file ``fd`` ``MAP_SHARED`` (the caller keeps and closes ``fd``),
         as :meth:`from_file` does: one opened by whoever checked what it is."""
+        check_types("Region.from_fd", name=(name, STR), fd=(fd, INT),
+                    size=(size, optional(INT)), page_size=(page_size, INT))
         validate_region_name(name)
         location = os.readlink(f"/proc/self/fd/{fd}")   # what was opened, links resolved
         file_id = file_identity(fd)
@@ -215,6 +235,8 @@ class Region:
     @classmethod
     def attach(cls, handle: RegionHandle) -> "Region":
         """Map a region another process created."""
+        check_types("Region.attach",
+                    handle=(handle, instance_of(RegionHandle, "a RegionHandle (region.handle)")))
         mapping: mmap.mmap | SharedMemory
         if handle.kind == "shm":
             mapping = SharedMemory.attach(handle.location, handle.size,
@@ -264,15 +286,15 @@ class Region:
     # ------------------------------------------------------------ access
     @property
     def handle(self) -> RegionHandle:
+        """What another process attaches the region by."""
+        self._check_open()
         return RegionHandle(self.name, self.size, self.page_size, self._kind, self._location,
                             self._file_id, self._dirty.name, self.huge_pages, self.read_only)
 
     @property
     def buffer(self) -> memoryview:
         """The region's bytes, writable, without a copy."""
-        if self._buffer is None:
-            raise ValueError(f"region {self.name!r} is closed")
-        return self._buffer
+        return self._check_open()
 
     @property
     def array(self) -> npt.NDArray[np.uint8]:
@@ -305,8 +327,7 @@ class Region:
         """Make a file-backed region's bytes durable: write its dirty pages to the
         file and wait for the disk (``msync``); nothing for shared memory.
         Raises OSError (a full disk: ENOSPC, EIO)."""
-        if self._buffer is None:
-            raise ValueError(f"region {self.name!r} is closed")
+        self._check_open()
         if isinstance(self._mapping, mmap.mmap):        # a file's mapping (kind "file")
             self._mapping.flush()
 
@@ -314,58 +335,39 @@ class Region:
     def closed(self) -> bool:
         return self._buffer is None
 
-    def close(self) -> None:
-        """Unmap; the owner also removes the shared-memory segments.
+    def _check_open(self) -> memoryview:
+        """The region's bytes; ValueError once it is closed."""
+        if self._buffer is None:
+            raise ValueError(f"region {self.name!r} is closed")
+        return self._buffer
 
-        Views handed out (``array``, ``buffer`` slices) must be dropped first:
-        while one is alive this raises ``BufferError`` and the region stays
-        open and usable. The owner's segments are unlinked even then, so none
-        outlives this call, whatever the caller does next.
+    def close(self) -> None:
+        """Close the region; the owner also removes its shared-memory segments.
+
+        The memory is unmapped at once or, while views handed out (``array``,
+        ``buffer`` slices) are alive, when the last of them is dropped: they hold
+        the mapping, as a numpy.memmap's arrays hold theirs, and stay usable until
+        then. The region is closed either way: its ``buffer``, ``array`` and
+        ``handle`` raise ValueError, and a Source or Destination refuses it.
         """
         if self._buffer is None:
             return
         for segment in self._owned_segments():
             segment.unlink()
-        self._array = None
-        self._unmap()
-        self._buffer = None
+        self._array = self._buffer = None
         self._dirty.close()
+        mapping, self._mapping = self._mapping, None
+        assert mapping is not None, "mapped while open"
+        try:
+            mapping.close()
+        except BufferError:
+            pass            # a view holds the mapping: it goes with the last one
 
     def _owned_segments(self) -> list[SharedMemory]:
         segments = [self._dirty.segment]
         if isinstance(self._mapping, SharedMemory):     # kind "shm"
             segments.append(self._mapping)
         return [s for s in segments if s.owner]
-
-    def _view(self) -> memoryview:
-        """The region's bytes in its mapping (read-only if it is)."""
-        mapping = self._mapping
-        view = mapping.buf if isinstance(mapping, SharedMemory) else mapped_view(mapping,
-                                                                                  self.size)
-        return view.toreadonly() if self.read_only else view
-
-    def _unmap(self) -> None:
-        """Unmap the data; on BufferError keep (or restore) a usable ``_buffer``."""
-        try:
-            if isinstance(self._mapping, SharedMemory):     # kind "shm"
-                try:
-                    self._mapping.close()
-                except BufferError:
-                    self._buffer = self._view()
-                    raise
-                return
-            self.buffer.release()           # fails first, changing nothing, if exported
-            try:
-                self._mapping.close()
-            except BufferError:             # slices of the buffer still hold the mapping
-                self._buffer = self._view()
-                raise
-        except BufferError:
-            # Python's own words ("cannot close exported pointers exist") say neither
-            # which region nor what to do.
-            raise BufferError(f"region {self.name!r}: a view of it is still alive (an array "
-                              f"from .array or a slice of .buffer); delete every view, then "
-                              f"call close() again") from None
 
     def __enter__(self) -> "Region":
         return self

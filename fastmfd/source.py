@@ -20,11 +20,12 @@ from ._engine.processes import ChildSet
 from ._engine.sending import Sending, SourceParts
 from ._engine.session import Owner, SessionResources
 from ._engine.workers import send_worker_main
+from .arguments import CALLABLE, STR, check_types, instance_of, optional, type_error
 from .config import MigrationConfig
-from .devices import Device, type_error
+from .devices import Device
 from .errors import ConfigError, MigrationError
 from .protocol.sockets import parse_address
-from .regions import Region
+from .regions import Region, region_to_add
 from .shm import SharedMemory
 from .stats import MigrationStats
 
@@ -40,6 +41,8 @@ class Source(Owner):
     """
 
     def __init__(self, address: str, config: MigrationConfig | None = None) -> None:
+        check_types("Source", address=(address, STR), config=(config, optional(
+            instance_of(MigrationConfig, "a fastmfd.MigrationConfig"))))
         super().__init__()
         self.address = parse_address(address)
         self.config = config or MigrationConfig()
@@ -75,8 +78,7 @@ class Source(Owner):
 
     def add_region(self, region: Region) -> None:
         """Migrate ``region`` (regions are sent in the order they are added)."""
-        if not isinstance(region, Region):
-            raise type_error("add_region(region)", "a fastmfd.Region", region)
+        region = region_to_add(region)
         if region.page_size != self.config.page_size:
             raise ConfigError(f"region {region.name!r} has page size {region.page_size}, the "
                               f"migration {self.config.page_size}")
@@ -102,6 +104,7 @@ class Source(Owner):
     def cancel(self, reason: str = "cancelled") -> None:
         """Fail the running migration from another thread: ``migrate()`` raises
         MigrationError(reason) promptly and the destination is sent the ERROR."""
+        check_types("cancel", reason=(reason, STR))
         self._cancelled = reason
         session = self._session
         if session is not None:
@@ -154,6 +157,8 @@ class Source(Owner):
         call, as a MigrationError naming the hook).
         ``progress``: show a live progress display on the terminal.
         """
+        check_types("migrate", on_stop=(on_stop, optional(CALLABLE)),
+                    on_resume=(on_resume, optional(CALLABLE)))
         if self._parts is None:
             raise ConfigError("use the Source as a context manager: `with Source(...) as src`")
         if self._session is not None:

@@ -172,12 +172,14 @@ def _swallow(call):
         pass
 
 
-@pytest.mark.parametrize("key,message", [(b"short", "at least 16 bytes"),
-                                         ("text", "must be bytes")])
-def test_a_weak_or_mistyped_key_is_a_config_error(key, message):
-    with pytest.raises(fastmfd.ConfigError, match=message):
+@pytest.mark.parametrize("key,error,message", [
+    (b"short", fastmfd.ConfigError, "auth_key must be at least 16 bytes"),
+    ("text", TypeError, r"\(auth_key\) must be bytes or None, not str"),
+])
+def test_a_weak_key_is_a_config_error_a_mistyped_one_a_type_error(key, error, message):
+    with pytest.raises(error, match=message):
         fastmfd.MigrationConfig(auth_key=key)
-    with pytest.raises(fastmfd.ConfigError, match=message):
+    with pytest.raises(error, match=message):
         fastmfd.Destination("tcp:127.0.0.1:0", auth_key=key)
 
 

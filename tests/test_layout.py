@@ -18,7 +18,7 @@ import fastmfd
 
 PACKAGE = Path(fastmfd.__file__).parent
 LAYERS = [
-    ["fastmfd.errors", "fastmfd.units"],
+    ["fastmfd.errors", "fastmfd.units", "fastmfd.arguments"],
     ["fastmfd.shm", "fastmfd.huge_pages"],
     ["fastmfd._core"],
     ["fastmfd.protocol"],

@@ -1,10 +1,13 @@
 """fastmfd.regions.Region: named page-aligned memory in shared memory or a MAP_SHARED file."""
 
+import gc
 import os
+import sys
 
 import numpy as np
 import pytest
 
+import fastmfd
 from fastmfd.errors import ConfigError
 from fastmfd.regions import Region
 from fastmfd.shm import SHM_DIR, list_segments
@@ -87,7 +90,7 @@ def test_mark_dirty_outside_the_region(region, offset, length):
         region.mark_dirty(offset, length)
 
 
-@pytest.mark.parametrize("name", ["", "x" * 256, "a\0b", b"pc.ram"])
+@pytest.mark.parametrize("name", ["", "x" * 256, "a\0b"])
 def test_bad_names(name):
     with pytest.raises(ConfigError, match="region name"):
         Region.create(name, SIZE)
@@ -292,21 +295,49 @@ def any_region(request, tmp_path):
     region.close()
 
 
+def _mapped(name):
+    """Whether this process maps a file whose path contains ``name``."""
+    with open("/proc/self/maps") as maps:
+        return any(name in line for line in maps)
+
+
 @pytest.mark.parametrize("export", [
     pytest.param(lambda region: region.array, id="array"),
     pytest.param(lambda region: region.buffer[10:20], id="slice"),
 ])
-def test_close_with_a_live_view_leaks_nothing_and_can_be_retried(any_region, export):
+def test_close_with_a_live_view_closes_and_unmaps_with_the_last_view(any_region, export,
+                                                                      monkeypatch):
     region = any_region
+    handle, names = region.handle, region_segments(region)
     view = export(region)
-    names = region_segments(region)
-    with pytest.raises(BufferError, match="region 'pc.ram': a view of it is still alive"):
-        region.close()
-    assert not names & set(list_segments()), "the owner's segments must be gone"
-    assert not region.closed
-    region.array[5] = 1
-    region.mark_dirty(5, 1)
-    assert region.dirty.collect().tolist() == [0]
-    del view
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
     region.close()
     assert region.closed
+    assert not names & set(list_segments()), "the owner's segments must be gone"
+    assert not _mapped(handle.dirty), "nothing holds the dirty bitmap"
+    view[0] = 1                         # the view holds its memory until it goes
+    assert view[0] == 1 and _mapped(handle.location)
+    del view
+    gc.collect()
+    assert not _mapped(handle.location), "the last view took the mapping with it"
+    assert unraisable == []
+    region.close()                      # closed already: nothing to do
+
+
+def test_a_closed_region_cannot_be_used(any_region):
+    region = any_region
+    region.close()
+    for use in (lambda: region.buffer, lambda: region.array, lambda: region.handle,
+                region.flush, lambda: region.mark_dirty(0, 1)):
+        with pytest.raises(ValueError, match="closed"):
+            use()
+    source = fastmfd.Source("tcp:127.0.0.1:1")
+    destination = fastmfd.Destination("tcp:127.0.0.1:0", workers=0)
+    try:
+        for owner in (source, destination):
+            with pytest.raises(ConfigError, match=r"add_region\(region\): region 'pc.ram' is "
+                                                  r"closed"):
+                owner.add_region(region)
+    finally:
+        destination.close()

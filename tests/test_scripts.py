@@ -1,7 +1,7 @@
 """Workers never import the caller's ``__main__`` (issue #11): a script without
 an ``if __name__ == "__main__":`` guard and one piped to ``python -`` migrate;
-a loader class defined in a (guarded) script still reaches the reassembly
-process; every worker is named in ``ps``.
+a loader class defined in the script reaches the reassembly process whichever
+way it runs; every worker is named in ``ps``.
 
 multiprocessing's children re-import the main module; through fastmfd's
 forkserver that re-ran an unguarded script inside every worker, and failed
@@ -15,6 +15,8 @@ import os
 import subprocess
 import sys
 import textwrap
+
+import pytest
 
 import fastmfd
 from fastmfd._engine.processes import process_title
@@ -67,37 +69,63 @@ def test_script_piped_to_python_stdin_migrates():
     _assert_migrated_once(_run(["-"], stdin=_UNGUARDED))
 
 
-def test_loader_class_defined_in_the_script_reaches_the_reassembly_process(tmp_path):
-    # The one thing a worker needs from __main__: it is imported when unpickled.
-    script = tmp_path / "own_loader.py"
-    script.write_text(textwrap.dedent("""
-        import threading
-        import fastmfd
+# A loader, what it returns and a device, all defined in the user's __main__.
+_OWN_CLASSES = textwrap.dedent("""
+    import threading
+    import fastmfd
 
-        class Upper:
-            def __init__(self, path):
-                self.path, self.parts = path, []
-            def load_state_buffer(self, data):
-                self.parts.append(bytes(data).upper())
-            def load_finish(self):
-                with open(self.path, "wb") as f:
-                    f.write(b"".join(self.parts))
+    class Tally:
+        def __init__(self, nbytes):
+            self.nbytes = nbytes
 
-        if __name__ == "__main__":
-            import sys
-            with fastmfd.Destination("tcp:127.0.0.1:0", workers=1) as dst:
-                dst.add_loader("dev", 0, Upper(sys.argv[1]))
-                thread = threading.Thread(target=dst.receive)
-                thread.start()
-                with fastmfd.Source(dst.address, fastmfd.MigrationConfig(channels=1)) as src:
-                    src.add_device(fastmfd.BytesDevice("dev", 0, b"abc" * 100))
-                    src.migrate(live=False)
-                thread.join()
-    """))
-    out = tmp_path / "loaded"
-    proc = _run([str(script), str(out)])
+    class CountingLoader:
+        def __init__(self):
+            self.nbytes = 0
+        def load_state_buffer(self, data):
+            self.nbytes += len(data)
+        def load_finish(self):
+            return Tally(self.nbytes)
+
+    class ZerosDevice:
+        idstr, instance_id = "nic0", 0
+        def __init__(self, size):
+            self.left = size
+        def read_state(self, buf):
+            n = min(len(buf), self.left)
+            buf[:n] = bytes(n)
+            self.left -= n
+            return n
+""")
+_MIGRATE_OWN = textwrap.dedent("""
+    with fastmfd.Destination("tcp:127.0.0.1:0", workers=1) as dst:
+        dst.add_loader("nic0", 0, CountingLoader())
+        received = {}
+        thread = threading.Thread(target=lambda: received.update(r=dst.receive()))
+        thread.start()
+        with fastmfd.Source(dst.address, fastmfd.MigrationConfig(channels=1)) as src:
+            src.add_device(ZerosDevice(3 << 20))
+            src.migrate(live=False)
+        thread.join()
+    tally = received["r"].devices[("nic0", 0)]
+    print(type(tally) is Tally, tally.nbytes, flush=True)
+""")
+
+
+@pytest.mark.parametrize("way", ["guarded script", "unguarded script", "python -"])
+def test_classes_defined_in_main_reach_the_reassembly_process(tmp_path, way):
+    # The reassembly process cannot import a __main__ piped to `python -`, and
+    # importing an unguarded one re-ran the migration in it: the loader's class
+    # travels by value, and what it returns comes back as the caller's own class.
+    if way == "guarded script":
+        text = (_OWN_CLASSES + 'if __name__ == "__main__":\n'
+                + textwrap.indent(_MIGRATE_OWN, "    "))
+    else:
+        text = _OWN_CLASSES + _MIGRATE_OWN
+    script = tmp_path / "own_classes.py"
+    script.write_text(text)
+    proc = _run(["-"], stdin=text) if way == "python -" else _run([str(script)])
     assert proc.returncode == 0, proc.stderr
-    assert out.read_bytes() == b"ABC" * 100
+    assert proc.stdout.split() == ["True", str(3 << 20)], proc.stdout + proc.stderr
 
 
 def _children_of(pid: int) -> list[int]:

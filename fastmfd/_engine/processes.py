@@ -18,11 +18,13 @@ error it reported is the one raised, not "exited with status 1". The
 control pipe carries parameters once and reports once per session or round
 (:mod:`fastmfd.protocol.control`), never per packet.
 
-A child runs only fastmfd's code, so it does not import the caller's
+A child runs only fastmfd's code, so it never imports the caller's
 ``__main__`` as multiprocessing's children do: a script without an
 ``if __name__ == "__main__":`` guard, ``python -``, a REPL or a notebook
-all work. Only a parameter pickled by reference to ``__main__`` (a loader
-class defined in the script) imports it, when it is unpickled.
+all work. Messages on the control pipe are pickled with cloudpickle, which
+takes what ``__main__`` defines (a loader class in the user's script or
+notebook) by value: the child needs no ``__main__`` to unpickle it, and a
+loader's result of such a class comes back as that class.
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ from __future__ import annotations
 import io
 import multiprocessing
 import os
-import pickle
 import select
 import signal
 import socket
@@ -44,6 +45,8 @@ from multiprocessing.connection import Connection
 from multiprocessing.context import ForkServerProcess, set_spawning_popen
 from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
+# cloudpickle ships no type information (no py.typed, no stubs): dumps() is all it gives here.
+import cloudpickle  # type: ignore[import-untyped]
 import setproctitle
 
 from .. import _core
@@ -90,13 +93,14 @@ class _PopenWithoutMain(popen_forkserver.Popen):
     run (to find a target defined there); fastmfd's targets never are, and the
     import re-ran an unguarded script in every worker and failed on ``python -``
     (``<stdin>`` is no file). The preparation data says where the main module
-    is; it is kept on the process object instead, for :func:`_import_callers_main`.
-    This is ``popen_forkserver.Popen._launch`` (CPython 3.11-3.13) with that one change.
+    is: it is left out. This is ``popen_forkserver.Popen._launch`` (CPython
+    3.11-3.13) with that one change.
     """
 
     def _launch(self, process_obj: _Process) -> None:
         prep_data = spawn.get_preparation_data(process_obj.name)
-        process_obj.callers_main = {k: prep_data.pop(k) for k in _MAIN_KEYS if k in prep_data}
+        for key in _MAIN_KEYS:
+            prep_data.pop(key, None)
         buf = io.BytesIO()
         set_spawning_popen(self)        # popen_forkserver's is this one, imported
         try:
@@ -115,27 +119,10 @@ class _PopenWithoutMain(popen_forkserver.Popen):
 
 
 class _Process(ForkServerProcess):
-    callers_main: dict[str, str] = {}
-
     # Narrower than ForkServerProcess's (any process): it is only ever given itself.
     @staticmethod
     def _Popen(process_obj: _Process) -> _PopenWithoutMain:       # type: ignore[override]
         return _PopenWithoutMain(process_obj)
-
-
-def _import_callers_main() -> None:
-    """Import the caller's main module as multiprocessing would have at start
-    (as ``__mp_main__``), the first time a parameter refers to it."""
-    callers_main = getattr(multiprocessing.current_process(), "callers_main", {})
-    if callers_main and getattr(sys.modules.get("__main__"), "__name__", "") != "__mp_main__":
-        spawn.prepare(callers_main)
-
-
-class _MainOnDemandUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        if module == "__main__":
-            _import_callers_main()
-        return super().find_class(module, name)
 
 
 def process_title(name: str) -> tuple[str, str]:
@@ -317,7 +304,7 @@ class Child:
 
     def send(self, message: Any) -> None:
         try:
-            self.conn.send(message)
+            self.conn.send_bytes(cloudpickle.dumps(message))
         except OSError as exc:
             raise self._lost(exc) from None
 
@@ -493,11 +480,12 @@ class ChildPipe:
         self._lock = threading.Lock()
 
     def send(self, report: Any) -> None:
+        data = cloudpickle.dumps(report)
         with self._lock:
-            self.conn.send(report)
+            self.conn.send_bytes(data)
 
     def recv(self) -> Any:
-        return _MainOnDemandUnpickler(io.BytesIO(self.conn.recv_bytes())).load()
+        return self.conn.recv()
 
     def recv_fd(self) -> int:
         return reduction.recv_handle(self.conn)

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
+from ..arguments import BYTES, check_types, optional
 from ..errors import ConfigError, SecurityError
 
 __all__ = ["TLSConfig", "ChannelSecurity", "MIN_AUTH_KEY_BYTES", "NONCE_SIZE", "PROOF_SIZE",
@@ -136,10 +137,9 @@ class ChannelSecurity:
 
 
 def check_auth_key(key: bytes | None, owner: str) -> bytes | None:
+    check_types(owner, auth_key=(key, optional(BYTES)))
     if key is None:
         return None
-    if not isinstance(key, (bytes, bytearray)):
-        raise ConfigError(f"{owner} auth_key must be bytes, not {type(key).__name__}")
     if len(key) < MIN_AUTH_KEY_BYTES:
         raise ConfigError(f"{owner} auth_key must be at least {MIN_AUTH_KEY_BYTES} bytes, "
                           f"not {len(key)}")
