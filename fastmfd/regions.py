@@ -19,6 +19,7 @@ import fcntl
 import io
 import mmap
 import os
+import stat
 
 import numpy as np
 import numpy.typing as npt
@@ -212,9 +213,13 @@ class Region:
                     size=(size, optional(INT)), page_size=(page_size, INT))
         validate_region_name(name)
         location = os.readlink(f"/proc/self/fd/{fd}")   # what was opened, links resolved
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode):
+            what = "a directory" if stat.S_ISDIR(status.st_mode) else "not a regular file"
+            raise ConfigError(f"region {name!r}: {location} is {what}: a region maps a file")
         file_id = file_identity(fd)
         read_only = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
-        actual = os.fstat(fd).st_size
+        actual = status.st_size
         if size is None:
             size = actual
         _validate_size(name, size, page_size)

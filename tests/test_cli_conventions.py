@@ -187,6 +187,23 @@ def test_what_a_qemu_peer_cannot_take_is_refused_not_ignored(args, flag):
     assert_one_line_usage_error(fastmfd_cli(*args), "--qemu", flag)
 
 
+def test_an_image_that_is_not_a_file_is_a_usage_error(tmp_path):
+    (tmp_path / "adir").mkdir()
+    done = fastmfd_cli("send", "tcp:127.0.0.1:1", str(tmp_path / "adir"))
+    assert_one_line_usage_error(done, f"{tmp_path / 'adir'} is a directory")
+    done = fastmfd_cli("send", "tcp:127.0.0.1:1", "/dev/null")
+    assert_one_line_usage_error(done, "/dev/null is not a regular file")
+
+
+def test_a_certificate_that_does_not_load_is_refused_before_listening(tmp_path):
+    (tmp_path / "garbage.pem").write_text("not a certificate\n")
+    pem = str(tmp_path / "garbage.pem")
+    done = fastmfd_cli("listen", "tcp:127.0.0.1:0", "--dir", str(tmp_path / "out"),
+                       "--tls-cert", pem, "--tls-key", pem, "--timeout", "30")
+    assert_one_line_usage_error(done, "TLS configuration: [SSL]")
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_listener_that_failed_leaves_no_directory_it_made(tmp_path):
     """Nobody came within --timeout: the directories --dir made are gone again, a
     directory that was there before stays."""

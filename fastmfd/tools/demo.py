@@ -45,16 +45,6 @@ __all__ = ["run_demo", "live_migration", "seed_experiment", "WayResult"]
 MiB = 1 << 20
 
 
-def _release(region: Region) -> None:
-    """Close ``region`` at the end of a part, however it ended. A Ctrl-C or SIGTERM
-    can land while a view of it is in flight (filling it): that view only delays
-    the unmap (the segments are unlinked anyway) and must not hide the interrupt."""
-    try:
-        region.close()
-    except BufferError:
-        pass
-
-
 # ------------------------------------------------------------------ workload
 
 def _workload(handle: RegionHandle, stop: synchronize.Event, stopped: synchronize.Event,
@@ -117,7 +107,7 @@ def live_migration(console: Console, size: int, config: MigrationConfig,
     finally:
         if workload is not None:
             workload.close()
-        _release(region)
+        region.close()
     verdict = ("[green]identical[/] to the source's final content" if result.checked
                else "[red]DIFFERENT[/] from the source's final content")
     table = stats_table(result.stats, channels=f"{config.channels} × {config.compression}",
@@ -154,7 +144,7 @@ def _migrate_devices(config: MigrationConfig, ndevices: int, device_size: int,
             check=lambda dst: bool(np.array_equal(dst.regions["pc.ram"].array, region.array)),
             security=security)
     finally:
-        _release(region)
+        region.close()
     if not result.checked:
         raise AssertionError("the destination's RAM differs from the source's")
     return result.stats
