@@ -306,13 +306,6 @@ def test_a_warm_file_never_replaces_a_file_at_its_part_name(tmp_path):
     assert list(warm_dir.iterdir()) == []
 
 
-def test_listen_qemu_refuses_prealloc_rather_than_ignore_it(tmp_path):
-    done = run_cli("listen", "--qemu", "unix:/nonexistent/x", "--dir", str(tmp_path),
-                   "--prealloc")
-    assert done.returncode == 2, done.stderr
-    assert "--prealloc and --huge-pages work with fastmfd sources only" in done.stderr
-
-
 @pytest.mark.parametrize("variant", ["auth_key", "old_way_device", "device_channel"])
 def test_prealloc_with_the_other_session_features(leaks, variant):
     # The shared-key proof, device state over the main channel (no channel
