@@ -272,17 +272,27 @@ class FileLoader:
 
     def load_state_buffer(self, data: memoryview) -> None:
         fd, view = self._open(), memoryview(data).cast("B")
-        while view:
-            view = view[os.write(fd, view):]
+        try:
+            while view:
+                view = view[os.write(fd, view):]
+        except OSError as exc:
+            raise self._naming_the_file(exc) from None
 
     def load_finish(self) -> str:
         fd = self._open()
         try:
             os.fsync(fd)
+        except OSError as exc:
+            raise self._naming_the_file(exc) from None
         finally:
             self._fd = None
             os.close(fd)
         return self.path
+
+    def _naming_the_file(self, exc: OSError) -> OSError:
+        """``exc`` with the file's name: "No space left on device" alone does not say
+        which of the destination's files the disk filled up with."""
+        return OSError(exc.errno, exc.strerror, self.path)
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_fd": None}   # a descriptor means nothing elsewhere

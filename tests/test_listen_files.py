@@ -393,3 +393,18 @@ def test_a_disk_that_fills_with_the_manifest_fails_naming_it(small_disk, tmp_pat
     assert status == 1 and expected in stderr, stderr
     assert done.returncode == 1 and f"the destination failed: {expected}" in done.stderr
     assert files_in(small_disk) == set()
+
+
+def test_a_disk_that_fills_with_device_state_fails_naming_its_file(small_disk, tmp_path):
+    """SETUP announces no device state sizes, so no room check can come first: the
+    write that finds the disk full fails the migration, naming the file."""
+    image, state = tmp_path / "ram.img", tmp_path / "nic.bin"
+    image.write_bytes(bytes(16 * PAGE))
+    state.write_bytes(np.random.default_rng(2).bytes(2 << 20))
+    with Listener(small_disk) as listener:
+        done = send(listener, str(image), "--state", f"nic={state}")
+        status, stderr = listener.finish()
+    expected = f"No space left on device: '{small_disk}/nic.0.state.part'"
+    assert status == 1 and expected in stderr, stderr
+    assert done.returncode == 1 and expected in done.stderr
+    assert files_in(small_disk) == set()
