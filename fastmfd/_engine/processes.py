@@ -21,10 +21,8 @@ control pipe carries parameters once and reports once per session or round
 A child runs only fastmfd's code, so it never imports the caller's
 ``__main__`` as multiprocessing's children do: a script without an
 ``if __name__ == "__main__":`` guard, ``python -``, a REPL or a notebook
-all work. Messages on the control pipe are pickled with cloudpickle, which
-takes what ``__main__`` defines (a loader class in the user's script or
-notebook) by value: the child needs no ``__main__`` to unpickle it, and a
-loader's result of such a class comes back as that class.
+all work: what ``__main__`` defines goes on the control pipe by value
+(:mod:`.control_pickling`).
 """
 
 from __future__ import annotations
@@ -45,13 +43,13 @@ from multiprocessing.connection import Connection
 from multiprocessing.context import ForkServerProcess, set_spawning_popen
 from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
-# cloudpickle ships no type information (no py.typed, no stubs): dumps() is all it gives here.
-import cloudpickle  # type: ignore[import-untyped]
 import setproctitle
 
 from .. import _core
 from ..errors import MigrationError
 from ..protocol.control import Done, Drained, Eof, Failed, Ready, Stop
+from . import control_pickling
+from .control_pickling import MAIN_KEYS
 from .liveness import process_stopped
 from .session import Closable, as_migration_error, main_first
 
@@ -73,8 +71,6 @@ def mp_context() -> multiprocessing.context.ForkServerContext:
 
 
 
-_MAIN_KEYS = ("init_main_from_name", "init_main_from_path")
-
 ChildMain = Callable[[Connection], None]
 """A child's body: it runs with its end of the control pipe."""
 _Report = TypeVar("_Report")
@@ -93,14 +89,14 @@ class _PopenWithoutMain(popen_forkserver.Popen):
     run (to find a target defined there); fastmfd's targets never are, and the
     import re-ran an unguarded script in every worker and failed on ``python -``
     (``<stdin>`` is no file). The preparation data says where the main module
-    is: it is left out. This is ``popen_forkserver.Popen._launch`` (CPython
-    3.11-3.13) with that one change.
+    is: it is kept on the process object instead, for a message that names
+    ``__main__`` (:mod:`.control_pickling`). This is
+    ``popen_forkserver.Popen._launch`` (CPython 3.11-3.13) with that one change.
     """
 
     def _launch(self, process_obj: _Process) -> None:
         prep_data = spawn.get_preparation_data(process_obj.name)
-        for key in _MAIN_KEYS:
-            prep_data.pop(key, None)
+        process_obj.callers_main = {k: prep_data.pop(k) for k in MAIN_KEYS if k in prep_data}
         buf = io.BytesIO()
         set_spawning_popen(self)        # popen_forkserver's is this one, imported
         try:
@@ -119,6 +115,8 @@ class _PopenWithoutMain(popen_forkserver.Popen):
 
 
 class _Process(ForkServerProcess):
+    callers_main: dict[str, str] = {}
+
     # Narrower than ForkServerProcess's (any process): it is only ever given itself.
     @staticmethod
     def _Popen(process_obj: _Process) -> _PopenWithoutMain:       # type: ignore[override]
@@ -259,7 +257,7 @@ class Child:
     def _take_report(self) -> Any:
         """The whole report in ``_partial``, unpickled; empties it."""
         start = 12 if struct.unpack_from("!i", self._partial)[0] == -1 else 4
-        report = reduction.ForkingPickler.loads(self._partial[start:])
+        report = control_pickling.loads(self._partial[start:])
         self._partial = bytearray()
         return report
 
@@ -304,7 +302,7 @@ class Child:
 
     def send(self, message: Any) -> None:
         try:
-            self.conn.send_bytes(cloudpickle.dumps(message))
+            self.conn.send_bytes(control_pickling.dumps(message))
         except OSError as exc:
             raise self._lost(exc) from None
 
@@ -480,12 +478,12 @@ class ChildPipe:
         self._lock = threading.Lock()
 
     def send(self, report: Any) -> None:
-        data = cloudpickle.dumps(report)
+        data = control_pickling.dumps(report)
         with self._lock:
             self.conn.send_bytes(data)
 
     def recv(self) -> Any:
-        return self.conn.recv()
+        return control_pickling.loads(self.conn.recv_bytes())
 
     def recv_fd(self) -> int:
         return reduction.recv_handle(self.conn)

@@ -1,0 +1,85 @@
+"""How the messages of a worker's control pipe are pickled (parameters once, a
+report per session or round: never per packet).
+
+A child runs only fastmfd's code and never imports the caller's ``__main__`` by
+itself (:mod:`.processes`). What ``__main__`` defines (a loader class in a
+script, one piped to ``python -``, a REPL or a notebook) therefore goes by
+value, with cloudpickle: the child needs no ``__main__`` to unpickle it, and a
+loader's result of such a class comes back as that class. multiprocessing's
+reducers still apply, so a pipe end or socket a loader holds reaches the child
+as a descriptor of its own, as ``Connection.send`` would send it.
+
+By value, a class takes the globals its methods use along: one of them may not
+pickle (a module-level lock). Where ``__main__`` is a file or module the child
+can import, such a message goes by reference instead, as multiprocessing sends
+it, and the child imports the caller's ``__main__`` (as ``__mp_main__``) the
+first time a message names it, as multiprocessing's children do at start.
+"""
+
+from __future__ import annotations
+
+import io
+import multiprocessing
+import os
+import pickle
+import sys
+from collections import ChainMap
+from multiprocessing import reduction, spawn
+from typing import Any
+
+# cloudpickle ships no type information (no py.typed, no stubs).
+import cloudpickle  # type: ignore[import-untyped]
+
+__all__ = ["dumps", "loads", "MAIN_KEYS"]
+
+MAIN_KEYS = ("init_main_from_name", "init_main_from_path")
+"""Where multiprocessing's preparation data says the caller's ``__main__`` is:
+kept on the child's process object (``callers_main``), not imported at start."""
+
+
+class _ByValuePickler(cloudpickle.Pickler):  # type: ignore[misc]
+    # multiprocessing's reducers (Connection, socket, ...) before cloudpickle's own
+    # (_extra_reducers is CPython's, private, so not in typeshed).
+    _mp_reducers = reduction.ForkingPickler._extra_reducers  # type: ignore[attr-defined]
+    dispatch_table = ChainMap(_mp_reducers, cloudpickle.Pickler.dispatch_table)
+
+
+def dumps(message: Any) -> bytes:
+    """``message`` pickled for the other end of a control pipe."""
+    out = io.BytesIO()
+    try:
+        _ByValuePickler(out, protocol=pickle.HIGHEST_PROTOCOL).dump(message)
+    except (TypeError, pickle.PicklingError):
+        if not _main_can_be_imported():
+            raise
+        return bytes(reduction.ForkingPickler.dumps(message, pickle.HIGHEST_PROTOCOL))
+    return out.getvalue()
+
+
+def loads(data: bytes | bytearray | memoryview) -> Any:
+    """A message :func:`dumps` pickled."""
+    return _MainOnDemandUnpickler(io.BytesIO(data)).load()
+
+
+def _main_can_be_imported() -> bool:
+    """``__main__`` is a module (``python -m``) or a script file, not ``<stdin>``,
+    a REPL or a notebook: a child can import it."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    return getattr(main, "__spec__", None) is not None or (path is not None
+                                                           and os.path.isfile(path))
+
+
+class _MainOnDemandUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "__main__":
+            _import_callers_main()
+        return super().find_class(module, name)
+
+
+def _import_callers_main() -> None:
+    """Import the caller's main module as multiprocessing would have at start
+    (as ``__mp_main__``), the first time a message refers to it."""
+    callers_main = getattr(multiprocessing.current_process(), "callers_main", {})
+    if callers_main and getattr(sys.modules.get("__main__"), "__name__", "") != "__mp_main__":
+        spawn.prepare(callers_main)
