@@ -10,12 +10,14 @@ after.
 What a parameter accepts is a :class:`Kind`, said once here: a bool is an int
 to Python but never a size or a count to a user, and a float is a number of
 seconds or bytes per second but never a size (4096.0 is refused, not
-truncated). Flags (``huge_pages=...``) are taken for their truth, as Python's
+truncated). A size or count must be Python's int (a numpy integer is refused,
+saying how to convert it): it goes on the wire in JSON as it is. Flags (``huge_pages=...``) are taken for their truth, as Python's
 own functions take them.
 """
 
 from __future__ import annotations
 
+import numbers
 import os
 from typing import Any, Callable, NamedTuple
 
@@ -33,6 +35,10 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def _is_buffer(value: Any) -> bool:
     try:
         memoryview(value).release()
@@ -42,7 +48,7 @@ def _is_buffer(value: Any) -> bool:
 
 
 INT = Kind("an int", _is_int)
-NUMBER = Kind("a number", lambda value: _is_int(value) or isinstance(value, float))
+NUMBER = Kind("a number", _is_number)
 BOOL = Kind("True or False", lambda value: isinstance(value, bool))
 STR = Kind("a str", lambda value: isinstance(value, str))
 PATH = Kind("a str or os.PathLike", lambda value: isinstance(value, (str, os.PathLike)))
@@ -69,4 +75,11 @@ def check_types(call: str, **arguments: tuple[object, Kind]) -> None:
 
 
 def type_error(parameter: str, expected: str, value: object) -> TypeError:
-    return TypeError(f"{parameter} must be {expected}, not {type(value).__name__}")
+    kind = type(value)
+    name = (kind.__qualname__ if kind.__module__ == "builtins"
+            else f"{kind.__module__}.{kind.__qualname__}")
+    # A numpy integer is not an int: sizes and counts go on the wire (JSON) as they are.
+    converts = (expected.startswith("an int") and isinstance(value, numbers.Integral)
+                and not isinstance(value, bool))
+    hint = " (int(value) converts it)" if converts else ""
+    return TypeError(f"{parameter} must be {expected}, not {name}{hint}")

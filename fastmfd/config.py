@@ -30,7 +30,8 @@ _CONFIG_NAMES = {"chunk_size": "device_chunk_size"}
 # first (a TypeError), then for its value (a ConfigError).
 _KINDS: dict[str, Kind] = {
     "int": INT, "float": NUMBER, "bool": BOOL, "Compression": STR,
-    "int | None": optional(INT), "bytes | None": optional(BYTES),
+    "int | None": optional(INT), "float | None": optional(NUMBER),
+    "bytes | None": optional(BYTES),
     "TLSConfig | None": optional(instance_of(TLSConfig, "a fastmfd.TLSConfig")),
 }
 
@@ -64,7 +65,7 @@ class MigrationConfig:
     """Seconds the final stop-and-copy may take at the measured bandwidth."""
     max_rounds: int = 30
     """Stop iterating after this many live rounds whatever the dirty rate."""
-    max_bandwidth: int | None = None
+    max_bandwidth: float | None = None
     """Bytes per second cap on the wire, or None. Each channel's send worker holds
     to its share (``max_bandwidth / total_channels``) packet by packet, RAM and
     device state alike (a token bucket of one packet); an idle channel's share
@@ -109,9 +110,9 @@ class MigrationConfig:
             if not ok:
                 raise ConfigError(message)
 
-        check_types("MigrationConfig", **{field.name: (getattr(self, field.name),
-                                                       _KINDS[str(field.type)])
-                                          for field in dataclasses.fields(self)})
+        # A subclass's own fields are its own to check.
+        check_types("MigrationConfig", **{name: (getattr(self, name), kind)
+                                          for name, kind in _FIELD_KINDS.items()})
         if self.device_channels_within:
             # The seed counts device-state channels within the total; fastmfd adds them.
             need(0 <= self.device_state_channels < self.channels,
@@ -164,3 +165,8 @@ class MigrationConfig:
     def replace(self, **changes: Any) -> "MigrationConfig":
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
+
+
+# Each field's kind, by its annotation (text: this module postpones annotations).
+_FIELD_KINDS = {field.name: _KINDS[str(field.type)]
+                for field in dataclasses.fields(MigrationConfig)}

@@ -4,9 +4,11 @@ ConfigError. A bool is no size or count, and a float no size."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 
+import numpy as np
 import pytest
 
 import fastmfd
@@ -62,8 +64,10 @@ WRONG = [
     (lambda: fastmfd.MigrationConfig(checksum=1), "MigrationConfig(checksum)", "int"),
     (lambda: fastmfd.MigrationConfig(downtime_limit="1"), "MigrationConfig(downtime_limit)",
      "str"),
-    (lambda: fastmfd.MigrationConfig(max_bandwidth=1e9), "MigrationConfig(max_bandwidth)",
-     "float"),
+    (lambda: fastmfd.MigrationConfig(max_bandwidth="1G"), "MigrationConfig(max_bandwidth)",
+     "str"),
+    (lambda: fastmfd.MigrationConfig(checksum=np.True_), "MigrationConfig(checksum)",
+     "numpy.bool"),
     (lambda: fastmfd.MigrationConfig(tls="tls.pem"), "MigrationConfig(tls)", "str"),
     (lambda: fastmfd.MigrationConfig(device_channels_within=True, channels="3"),
      "MigrationConfig(channels)", "str"),
@@ -108,10 +112,31 @@ def test_a_wrong_value_of_the_right_type_stays_a_config_error():
 
 
 def test_the_kinds_tell_ints_from_bools_and_floats():
-    check_types("f", count=(3, INT), seconds=(0.5, NUMBER), rate=(3, NUMBER))
+    check_types("f", count=(3, INT), seconds=(0.5, NUMBER), rate=(3, NUMBER),
+                numpy_seconds=(np.float32(0.5), NUMBER), numpy_rate=(np.int64(10), NUMBER))
     for value, kind in ((True, INT), (3.0, INT), (False, NUMBER), ("1", NUMBER)):
         with pytest.raises(TypeError, match=r"^f\(x\) must be"):
             check_types("f", x=(value, kind))
+
+
+def test_a_rate_may_be_a_float_and_a_numpy_integer_says_how_to_convert_it():
+    """A size or count goes on the wire in JSON as it is, so it must be an int;
+    a rate or a number of seconds is any real number (1e9 bytes/s was refused)."""
+    assert fastmfd.MigrationConfig(max_bandwidth=1e9).channel_rate == 5e8
+    with pytest.raises(TypeError, match=r"^Region.create\(size\) must be an int, not "
+                                        r"numpy.int64 \(int\(value\) converts it\)$"):
+        fastmfd.Region.create("r", np.int64(4096))
+
+
+def test_a_subclass_of_the_config_is_made_as_before():
+    @dataclasses.dataclass(frozen=True)
+    class SiteConfig(fastmfd.MigrationConfig):
+        channels: int = 8       # a default of its own
+        site: str = "lab"       # a field of its own, the subclass's to check (a KeyError)
+
+    assert (SiteConfig().channels, SiteConfig().site) == (8, "lab")
+    with pytest.raises(TypeError, match=r"MigrationConfig\(channels\)"):
+        SiteConfig(channels="8")
 
 
 def test_no_file_is_made_for_a_wrong_type(tmp_path):
