@@ -161,7 +161,8 @@ class QemuReceiver:
             raise
 
     def close(self) -> None:
-        """Stop the workers, close the listener, free the directory (idempotent)."""
+        """Stop the workers, close the listener, free the directory (idempotent);
+        never used, the directories it made are removed again."""
         if self._session is not None:
             self._session.close()
             self._session = None
@@ -171,6 +172,8 @@ class QemuReceiver:
                 remove_socket_file(self._requested.path)
         self._listener = None
         if self._out is not None:
+            if not self._received:
+                self._out.abort()   # nothing came: no directory it made is left either
             self._out.close()
             self._out = None
 

@@ -400,7 +400,7 @@ def test_a_receiver_closed_unused_leaves_nothing(tmp_path):
     receiver.close()
     receiver.close()
     assert multiprocessing.active_children() == []
-    assert not any((tmp_path / "out").iterdir())
+    assert not (tmp_path / "out").exists()      # nor the directory it made for its files
 
 
 def init_packet(uuid: bytes, channel: int, version: int = 1) -> bytes:
@@ -936,3 +936,15 @@ def test_zero_page_after_data_is_written(tmpfs_path, flavour):
     assert manifest["ram_section_ends"] == manifest["syncs"] == 5
     assert (manifest["multifd_sync"], manifest["zero_page_detection"]) == \
         ((SYNC_PER_ROUND, "multifd") if native else (SYNC_PER_SECTION, "legacy"))
+
+
+def test_a_receiver_that_failed_to_start_leaves_no_directory(tmp_path):
+    """A port taken: the directories it made for its files are removed, as after a
+    failed receive (listen --qemu --dir NEW left NEW)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(ConfigError, match="Address already in use"):
+            qemu.QemuReceiver(f"tcp:127.0.0.1:{taken.getsockname()[1]}",
+                              str(tmp_path / "new" / "out"))
+    assert os.listdir(tmp_path) == []

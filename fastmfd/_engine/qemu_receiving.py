@@ -265,14 +265,14 @@ class QemuReceiving:
         self.facts.page_size = page_size
         try:
             self.out.plan_qemu(blocks, page_size)
+            for name, size in blocks.items():
+                self.regions[name] = self.out.region(name, size, page_size)
+            self.counters = _core.Counters.create(MAX_CHANNELS, tag="qemu-counters")
         except ConfigError as exc:
-            # Blocks this side refuses (no room, a name taken) fail the migration, as
-            # a SETUP fastmfd's own listener refuses does: a session tried, not a
-            # mistake in the command (exit 1, not 2).
+            # Blocks this side refuses or cannot hold (no room, a name taken, no
+            # shared memory) fail the migration, as a SETUP fastmfd's own listener
+            # refuses does: a session tried, not a mistake in the command (exit 1).
             raise MigrationError(str(exc), channel=MAIN) from exc
-        for name, size in blocks.items():
-            self.regions[name] = self.out.region(name, size, page_size)
-        self.counters = _core.Counters.create(MAX_CHANNELS, tag="qemu-counters")
 
     def _start_channel(self, channel: QemuChannel) -> None:
         if not channel.ready:
