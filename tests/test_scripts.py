@@ -12,6 +12,7 @@ subprocess here.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -175,6 +176,23 @@ def test_a_loader_with_a_pipe_and_a_lock_in_its_globals(tmp_path):
     proc = _run([str(script)])
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["300000", "300000"], proc.stdout + proc.stderr
+
+
+def test_run_from_a_directory_holding_an_unbuilt_source_tree(tmp_path):
+    """An unpacked sdist or a checkout not built in place, as the current
+    directory of a program using the installed fastmfd: Python 3.11's forkserver
+    has the current directory first on its path, and preloaded that tree's
+    fastmfd, whose core is not compiled; every worker failed to import it."""
+    tree = tmp_path / "fastmfd-0.1.0"
+    shutil.copytree(os.path.dirname(fastmfd.__file__), tree / "fastmfd",
+                    ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    script = tmp_path / "elsewhere" / "migrate.py"
+    script.parent.mkdir()
+    script.write_text(_UNGUARDED)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=TIMEOUT, env=env, cwd=tree)
+    _assert_migrated_once(proc)
 
 
 def _children_of(pid: int) -> list[int]:

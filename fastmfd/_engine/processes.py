@@ -57,7 +57,8 @@ __all__ = ["Child", "ChildSet", "ChildPipe", "Watch", "RemoteTraceback", "mp_con
            "run_child", "child_setup"]
 
 # Imported once by the forkserver, so a child starts in milliseconds.
-_PRELOAD = ["fastmfd._engine.workers", "fastmfd._engine.reassembly",
+# _fastmfd_forkserver first: it gives the forkserver its parent's import path.
+_PRELOAD = ["_fastmfd_forkserver", "fastmfd._engine.workers", "fastmfd._engine.reassembly",
             "fastmfd._engine.forkserver_exit"]
 READY_TIMEOUT = 30.0                # seconds a child may take to start
 _FINAL_REPORTS = (Done, Eof, Drained)   # after one of these a child's exit is expected

@@ -1,0 +1,33 @@
+"""Imported first by fastmfd's forkserver: its import path becomes its parent's.
+
+Python 3.11 starts multiprocessing's forkserver with ``python -c``, so the
+current directory comes first on its import path, and it ignores the path the
+parent passes along (``sys_path``; later Pythons apply it). Run from a
+directory that holds fastmfd's source tree (a checkout not built in place, an
+unpacked sdist), the forkserver preloaded that tree's ``fastmfd``, whose core
+is not compiled, and every worker forked from it failed to import fastmfd.
+
+This module lives outside the package: importing it cannot import the wrong
+``fastmfd``. It takes the path from the forkserver's ``main`` (the caller of
+the preload) before anything of fastmfd is imported.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def _parent_sys_path() -> list[str] | None:
+    frame = sys._getframe(1)
+    while frame is not None:
+        if (frame.f_code.co_name == "main"
+                and frame.f_globals.get("__name__") == "multiprocessing.forkserver"):
+            path = frame.f_locals.get("sys_path")
+            return list(path) if isinstance(path, list) else None
+        frame = frame.f_back
+    return None
+
+
+_path = _parent_sys_path()
+if _path is not None:
+    sys.path[:] = _path
