@@ -375,8 +375,28 @@ def test_a_directory_it_cannot_write_in_is_refused_before_listening(small_disk, 
     done = run_cli("listen", "tcp:127.0.0.1:0", "--dir", str(target), "--timeout", "30",
                    "--max-sessions", sessions)
     assert done.returncode == 2, done.stderr
-    assert done.stderr == f"fastmfd listen: output directory {target}: cannot write in it" \
-        + (f" (nor in {small_disk})" if inside else "") + "\n"
+    assert done.stderr == (f"fastmfd listen: output directory {target}: cannot make files in "
+                           f"{small_disk} (Read-only file system)\n")
+
+
+@pytest.mark.parametrize("sessions", ["1", "2"])
+def test_a_directory_that_is_a_file_is_refused_before_listening(tmp_path, sessions):
+    (tmp_path / "afile").write_text("mine")
+    for target in (tmp_path / "afile", tmp_path / "afile" / "out"):
+        done = run_cli("listen", "tcp:127.0.0.1:0", "--dir", str(target), "--timeout", "30",
+                       "--max-sessions", sessions)
+        assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+        assert "exists and is not a directory" in done.stderr
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
+def test_sessions_that_all_failed_leave_no_directory_made_for_them(tmp_path):
+    """--prealloc's warm files went into DIR, made for them and left behind."""
+    target = tmp_path / "new" / "out"
+    done = run_cli("listen", "tcp:127.0.0.1:0", "--dir", str(target), "--timeout", "0.5",
+                   "--max-sessions", "2", "--prealloc")
+    assert done.returncode == 1, done.stderr
+    assert os.listdir(tmp_path) == []
 
 
 def test_a_disk_that_fills_with_the_manifest_fails_naming_it(small_disk, tmp_path):

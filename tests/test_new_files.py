@@ -10,6 +10,7 @@ import pytest
 
 from fastmfd.tools import new_files
 from fastmfd.tools.new_files import make_directories, write_new_file
+from fastmfd.tools.outputs import OutputDir
 
 
 def test_make_directories_walks_the_path_as_the_kernel_does(tmp_path):
@@ -33,6 +34,27 @@ def test_make_directories_takes_one_made_meanwhile(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "mkdir", beaten)
     assert make_directories(str(tmp_path / "a" / "b")) == []
     assert (tmp_path / "a" / "b").is_dir()
+
+
+def test_make_directories_makes_again_a_parent_removed_meanwhile(tmp_path, monkeypatch):
+    """Listener A made P for P/a and fails, removing P, empty for that instant,
+    just as listener B, which found P there, makes P/b: B failed with "No such
+    file or directory" (found in review; the interleaving forced here)."""
+    first = OutputDir(str(tmp_path / "P" / "a"))
+    real_mkdir = os.mkdir
+
+    def after_a_failed(path, *args, **kwargs):
+        if path == str(tmp_path / "P" / "b") and first.fd >= 0:
+            first.abort()
+            first.close()
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(new_files.os, "mkdir", after_a_failed)
+    second = OutputDir(str(tmp_path / "P" / "b"))
+    try:
+        assert (tmp_path / "P" / "b").is_dir() and first.fd < 0
+    finally:
+        second.close()
 
 
 def test_make_directories_fsyncs_each_parent(tmp_path, monkeypatch):

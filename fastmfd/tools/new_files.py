@@ -19,10 +19,11 @@ import stat
 
 from ..errors import ConfigError
 
-__all__ = ["rename_without_replacing", "make_directories", "check_new_file", "write_durably",
-           "write_new_file"]
+__all__ = ["rename_without_replacing", "make_directories", "remove_directories_made",
+           "check_new_file", "try_making_a_file", "write_durably", "write_new_file"]
 
 _RENAME_NOREPLACE = 1
+_TRIES = 3                  # make_directories' tries, each parent removed meanwhile
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -46,13 +47,23 @@ def make_directories(path: str) -> list[str]:
     parent (else a crash could lose a directory whose files were reported durable;
     a parent it may not read is left unsynced); returns the directories it made,
     outermost first. The path is walked as the kernel resolves it (``..`` after a
-    link is the link's parent), and one made meanwhile by another is taken."""
+    link is the link's parent), and one made meanwhile by another is taken; a
+    parent removed meanwhile (another listener's, failed, left empty) is made again."""
+    for _ in range(_TRIES - 1):
+        try:
+            return _make_directories(path)
+        except FileNotFoundError:
+            continue
+    return _make_directories(path)
+
+
+def _make_directories(path: str) -> list[str]:
     head, tail = os.path.split(path)
     if not tail:
         head, tail = os.path.split(head)
     made = []
     if head and tail and not os.path.exists(head):
-        made = make_directories(head)
+        made = _make_directories(head)
     try:
         os.mkdir(path)
     except FileExistsError:
@@ -89,14 +100,30 @@ def check_new_file(path: str, option: str) -> None:
                 "a file" if stat.S_ISREG(st.st_mode) else "not a regular file")
         raise ConfigError(f"{option} {path}: exists ({what}): not replacing it; give a new "
                           f"file name")
-    directory = os.path.dirname(os.path.abspath(path))
-    probe = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(4)}")
     try:
-        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
-        os.unlink(probe)
+        try_making_a_file(os.path.dirname(os.path.abspath(path)), os.path.basename(path))
     except OSError as exc:
         raise ConfigError(f"{option} {path}: cannot write there ({exc.strerror or exc}); "
                           f"give a writable file name") from None
+
+
+def try_making_a_file(directory: str, stem: str) -> None:
+    """Make and remove a new file in ``directory`` (OSError where none can be made):
+    whether the kernel lets files be made there (permissions, a read-only mount, a
+    file system that takes none), which no access() check says for every case."""
+    probe = os.path.join(directory, f".{stem}.{secrets.token_hex(4)}")
+    os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+    os.unlink(probe)
+
+
+def remove_directories_made(made: list[str]) -> None:
+    """Remove the directories :func:`make_directories` made (its list), innermost
+    first, as long as each is empty: what a failed listener leaves of its own."""
+    for path in reversed(made):
+        try:
+            os.rmdir(path)
+        except OSError:
+            return      # not empty (or not ours to remove any more): nor are its parents
 
 
 def write_durably(fd: int, data: bytes) -> None:

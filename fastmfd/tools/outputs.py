@@ -46,7 +46,8 @@ from ..protocol.setup import Setup
 from ..regions import Region, check_huge_pages
 from ..shm import file_identity
 from ..units import format_bytes
-from .new_files import make_directories, rename_without_replacing, write_durably
+from .new_files import (make_directories, remove_directories_made, rename_without_replacing,
+                        try_making_a_file, write_durably)
 from .warm_files import WarmFiles
 
 __all__ = ["OutputDir", "output_name", "check_writable", "MANIFEST", "VMSTATE"]
@@ -95,14 +96,20 @@ class _Output:
 
 def check_writable(path: str) -> None:
     """ConfigError unless files can be made in ``path``, or, where it does not exist
-    yet, in the nearest directory above it (where it would be made): a listener
-    finds out before it waits for a sender, not at the sender's SETUP."""
-    existing = os.path.abspath(path)
+    yet, in the nearest directory above it (where it would be made), tried with a
+    file made and removed there: a listener finds out before it waits for a
+    sender, not at the sender's SETUP."""
+    existing = os.path.realpath(path)       # as the kernel walks it: a link, then ".."
     while not os.path.lexists(existing):
         existing = os.path.dirname(existing)
-    if os.path.isdir(existing) and not os.access(existing, os.W_OK | os.X_OK):
-        why = "" if existing == os.path.abspath(path) else f" (nor in {existing})"
-        raise ConfigError(f"output directory {path}: cannot write in it{why}")
+    if not os.path.isdir(existing):
+        raise ConfigError(f"output directory {path}: {existing} exists and is not a "
+                          f"directory")
+    try:
+        try_making_a_file(existing, "fastmfd-probe")
+    except OSError as exc:
+        raise ConfigError(f"output directory {path}: cannot make files in {existing} "
+                          f"({exc.strerror or exc})") from None
 
 
 class OutputDir:
@@ -333,11 +340,7 @@ class OutputDir:
         except OSError:
             pass
         if not self.keep_partial:
-            for made in reversed(self._made):
-                try:
-                    os.rmdir(made)
-                except OSError:
-                    break       # not empty (or not ours to remove): nor are its parents
+            remove_directories_made(self._made)
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -29,6 +29,7 @@ from ..regions import Region, check_huge_pages
 from ..source import Source
 from ..stats import MigrationStats
 from ..units import format_bytes
+from .new_files import make_directories, remove_directories_made
 from .outputs import OutputDir, check_writable, output_name
 from .warm_files import WarmFiles
 
@@ -217,7 +218,11 @@ def listen_sessions(address: str, directory: str, *, sessions: int | None = None
     requested = parse_address(address)
     listener = listen(requested)
     warm = None
+    made: list[str] = []
     try:
+        # The sessions' parent, made now (the warm files go in it too): removed at
+        # the end if no session left anything in it.
+        made = make_directories(directory)
         if options.get("prealloc") and sessions != 1:
             warm = WarmFiles(directory, options.get("max_memory"),
                              huge_pages=bool(options.get("huge_pages")))
@@ -238,6 +243,7 @@ def listen_sessions(address: str, directory: str, *, sessions: int | None = None
     finally:
         if warm is not None:
             warm.close()
+        remove_directories_made(made)
         listener.close()
         if requested.path is not None:
             remove_socket_file(requested.path)
