@@ -115,7 +115,7 @@ class Destination(Owner):
         if workers < 0:
             raise ConfigError(f"workers must be >= 0, not {workers}")
         if tls is not None:
-            tls.server_context()    # loads its files now: a bad one fails before listening
+            tls.check_server()
             if tls.authz is not None and tls.ca is None:
                 raise ConfigError("TLSConfig.authz needs ca: client identities are only "
                                   "known from verified client certificates")

@@ -57,6 +57,7 @@ from typing import Any, Callable
 
 from ._engine.qemu_receiving import QemuReceiving, QemuStreamFacts
 from ._engine.qemu_sending import QEMU_PACKET_BYTES, QemuSending, QemuStream
+from .arguments import INT, NUMBER, PATH, STR, Kind, check_types, optional
 from .errors import ConfigError
 from .protocol.qemu import COMMAND, COMMAND_PLACES, SYNC_PER_ROUND, SYNC_PER_SECTION
 from .protocol.sockets import (bound_address, listen, listening_address, parse_address,
@@ -117,6 +118,12 @@ class QemuReceiver:
                  timeout: float = 3600.0, stall_timeout: float = DEFAULT_STALL_TIMEOUT,
                  force: bool = False, keep_partial: bool = False, max_size: int | None = None,
                  workers: int = 2) -> None:
+        check_types("QemuReceiver",
+                    address=(address, Kind("a str or a listening socket",
+                                           lambda a: isinstance(a, (str, socket.socket)))),
+                    directory=(directory, PATH), timeout=(timeout, NUMBER),
+                    stall_timeout=(stall_timeout, NUMBER), max_size=(max_size, optional(INT)),
+                    workers=(workers, INT))
         self._given = address if isinstance(address, socket.socket) else None
         self._requested = (listening_address(address) if isinstance(address, socket.socket)
                            else parse_address(address))
@@ -223,7 +230,7 @@ def _zero_page_detection(facts: QemuStreamFacts) -> str:
 
 def send(address: str, directory: str, *, channels: int = 2, compression: str = "none",
          level: int = 1, stall_timeout: float = DEFAULT_STALL_TIMEOUT,
-         timeout: float = DEFAULT_CONNECT_TIMEOUT, max_bandwidth: int | None = None
+         timeout: float = DEFAULT_CONNECT_TIMEOUT, max_bandwidth: float | None = None
          ) -> list[dict[str, int]]:
     """Migrate the directory :func:`receive` wrote into the QEMU listening at
     ``address`` (see the module docstring); returns per-channel counters.
@@ -232,6 +239,7 @@ def send(address: str, directory: str, *, channels: int = 2, compression: str = 
     ``timeout``: seconds each connection may take; ``max_bandwidth``: bytes/s
     the multifd channels may send in all (QEMU's ``max-bandwidth``; default no
     cap). A :class:`QemuSender` made and used at once."""
+    check_types("qemu.send", address=(address, STR))
     parse_address(address)                  # a wrong address fails before anything starts
     with QemuSender(directory, channels=channels, compression=compression, level=level,
                     stall_timeout=stall_timeout, timeout=timeout,
@@ -251,7 +259,11 @@ class QemuSender:
     def __init__(self, directory: str, *, channels: int = 2, compression: str = "none",
                  level: int = 1, stall_timeout: float = DEFAULT_STALL_TIMEOUT,
                  timeout: float = DEFAULT_CONNECT_TIMEOUT,
-                 max_bandwidth: int | None = None) -> None:
+                 max_bandwidth: float | None = None) -> None:
+        check_types("QemuSender", directory=(directory, PATH), channels=(channels, INT),
+                    compression=(compression, STR), level=(level, INT),
+                    stall_timeout=(stall_timeout, NUMBER), timeout=(timeout, NUMBER),
+                    max_bandwidth=(max_bandwidth, optional(NUMBER)))
         if not 1 <= channels <= 255:
             raise ConfigError(f"channels {channels}: QEMU's multifd-channels is 1..255")
         if compression not in ("none", "zlib", "zstd"):
@@ -328,7 +340,7 @@ class QemuSender:
         self.close()
 
 
-def _channel_rate(max_bandwidth: int | None, channels: int, stall_timeout: float) -> float:
+def _channel_rate(max_bandwidth: float | None, channels: int, stall_timeout: float) -> float:
     """Bytes/s each multifd channel may send (0.0: no cap). A paced channel must
     still send a packet per ``stall_timeout``, or QEMU would wait on a channel
     this side counts as stalled."""

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import fastmfd
+from fastmfd import qemu
 from fastmfd.arguments import INT, NUMBER, check_types
 from fastmfd.shm import list_segments
 
@@ -85,6 +86,14 @@ WRONG = [
     (lambda: _on_destination("receive", on_setup="setup"), "receive(on_setup)", "str"),
     (lambda: _on_destination("cancel", b"why"), "cancel(reason)", "bytes"),
     (lambda: fastmfd.Source(42), "Source(address)", "int"),
+    (lambda: fastmfd.TLSConfig(cert=42, key=42), "TLSConfig(cert)", "int"),
+    (lambda: fastmfd.TLSConfig(hostname=b"host"), "TLSConfig(hostname)", "bytes"),
+    (lambda: qemu.send("tcp:127.0.0.1:1", 42), "QemuSender(directory)", "int"),
+    (lambda: qemu.send("tcp:127.0.0.1:1", ".", channels="2"), "QemuSender(channels)", "str"),
+    (lambda: qemu.send(("127.0.0.1", 1), "."), "qemu.send(address)", "tuple"),
+    (lambda: qemu.receive(42, "."), "QemuReceiver(address)", "int"),
+    (lambda: qemu.receive("tcp:127.0.0.1:0", ".", workers=2.0), "QemuReceiver(workers)",
+     "float"),
     (lambda: fastmfd.Source("tcp:127.0.0.1:1", {"channels": 2}), "Source(config)", "dict"),
     (lambda: fastmfd.Source("tcp:127.0.0.1:1").migrate(on_stop="stop"), "migrate(on_stop)",
      "str"),

@@ -337,7 +337,7 @@ def test_a_destination_that_differs_fails_the_command(monkeypatch, capsys):
     (["--channels", "two"], "is not a comma-separated list"),
     (["--compression", "none,lz4"], "lz4: choose from none, zlib, zstd"),
     (["--image", "noise"], "noise: choose from random, text, mixed, halftext, zero"),
-    (["--repeat", "0"], "argument --repeat: '0' is not a positive whole number"),
+    (["--repeat", "0"], "argument --repeat: '0' is not a whole number >= 1"),
     (["--peer", "scp"], "argument --peer: invalid choice: 'scp'"),
 ])
 def test_bad_arguments_exit_2_naming_the_problem(args, message, capsys):

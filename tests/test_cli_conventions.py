@@ -160,7 +160,13 @@ def test_a_refused_connection_keeps_its_errno():
     (["send", "tcp:127.0.0.1:1", "/nonexistent", "--stall-timeout", "-1"], ["--stall-timeout"]),
     (["send", "tcp:127.0.0.1:1", "/nonexistent", "--channels", "0"], ["--channels", ">= 1"]),
     (["send", "tcp:127.0.0.1:1", "/nonexistent", "--downtime-limit", "0.3"],
-     ["unrecognized arguments: --downtime-limit"]),
+     ["fastmfd send: unrecognized arguments: --downtime-limit", "fastmfd send --help"]),
+    (["send", "tcp:127.0.0.1:1", "/nonexistent", "--status-json", "-1"], ["--status-json"]),
+    (["send", "tcp:127.0.0.1:1", "/nonexistent", "--status-json", "nan"], ["--status-json"]),
+    (["demo", "--size", "1000"], ["not a whole number of 4 KiB pages"]),
+    (["listen", "tcp:127.0.0.1:0", "--max-sessions", "3", "--forever"],
+     ["--forever: not allowed with argument --max-sessions"]),
+    (["listen", "tcp:127.0.0.1:0", "--workers", "3"], ["--workers goes with --qemu"]),
     (["bench", "--compression", "lz4"], ["lz4: choose from", "fastmfd bench --help"]),
     (["demo", "--size", "0"], ["--size", "not a positive size"]),
     (["listen", "tcp:127.0.0.1:0", "--timeout", "0"], ["--timeout"]),
@@ -178,6 +184,8 @@ def test_a_mistake_argparse_finds_is_one_line_too(args, words):
 @pytest.mark.parametrize("args, flag", [
     (["send", "--qemu", "tcp:127.0.0.1:1", "--dir", ".", "--checksum"], "--checksum"),
     (["send", "--qemu", "tcp:127.0.0.1:1", "--dir", ".", "--status-json"], "--status-json"),
+    (["send", "--qemu", "tcp:127.0.0.1:1", "--dir", ".", "--status-json", "0.1"],
+     "--status-json"),
     (["listen", "--qemu", "tcp:127.0.0.1:0", "--forever"], "--forever"),
     (["listen", "--qemu", "tcp:127.0.0.1:0", "--max-memory", "1M"], "--max-memory"),
     (["listen", "--qemu", "tcp:127.0.0.1:0", "--max-sessions", "2"], "--max-sessions"),
@@ -196,13 +204,25 @@ def test_an_image_that_is_not_a_file_is_a_usage_error(tmp_path):
     assert_one_line_usage_error(done, "/dev/null is not a regular file")
 
 
-def test_a_certificate_that_does_not_load_is_refused_before_listening(tmp_path):
+def test_a_certificate_that_does_not_load_is_refused_before_any_connection(tmp_path):
+    """Found at the first connection, it was a failed session on both sides (a
+    listener waited for its sender first)."""
     (tmp_path / "garbage.pem").write_text("not a certificate\n")
     pem = str(tmp_path / "garbage.pem")
+    expected = f"TLS configuration: cannot load the certificate {pem} (key {pem}): [SSL]"
     done = fastmfd_cli("listen", "tcp:127.0.0.1:0", "--dir", str(tmp_path / "out"),
                        "--tls-cert", pem, "--tls-key", pem, "--timeout", "30")
-    assert_one_line_usage_error(done, "TLS configuration: [SSL]")
+    assert_one_line_usage_error(done, expected)
     assert not (tmp_path / "out").exists()
+    with socket.socket() as listening:          # a sender never connects
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        done = fastmfd_cli("send", f"tcp:127.0.0.1:{listening.getsockname()[1]}", pem,
+                           "--tls-cert", pem, "--tls-key", pem)
+        assert_one_line_usage_error(done, expected)
+        listening.settimeout(0.1)
+        with pytest.raises(TimeoutError):
+            listening.accept()
 
 
 def test_a_listener_that_failed_leaves_no_directory_it_made(tmp_path):

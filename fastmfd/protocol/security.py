@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
-from ..arguments import BYTES, check_types, optional
+from ..arguments import BYTES, PATH, STR, check_types, optional
 from ..errors import ConfigError, SecurityError
 
 __all__ = ["TLSConfig", "ChannelSecurity", "MIN_AUTH_KEY_BYTES", "NONCE_SIZE", "PROOF_SIZE",
@@ -80,6 +80,9 @@ class TLSConfig:
     ciphers: str | None = None
 
     def __post_init__(self) -> None:
+        check_types("TLSConfig", cert=(self.cert, optional(PATH)), key=(self.key, optional(PATH)),
+                    ca=(self.ca, optional(PATH)), hostname=(self.hostname, optional(STR)),
+                    ciphers=(self.ciphers, optional(STR)))
         if self.authz is not None:
             if isinstance(self.authz, str) or not all(isinstance(a, str) for a in self.authz):
                 raise ConfigError("TLSConfig.authz must be a list of identity strings")
@@ -90,6 +93,9 @@ class TLSConfig:
             path = getattr(self, name)
             if path is not None and not os.access(path, os.R_OK):
                 raise ConfigError(f"TLSConfig.{name}: cannot read {path}")
+        # Loaded once now, as a destination's context loads them (no system CA store):
+        # a file that does not load fails here, named, not at the first connection.
+        self._context(ssl.Purpose.CLIENT_AUTH)
 
     def check_server(self) -> None:
         if self.cert is None:
@@ -100,17 +106,22 @@ class TLSConfig:
         server = purpose is ssl.Purpose.CLIENT_AUTH
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        what = ""
         try:
             if self.cert is not None:
+                what = f"certificate {self.cert} (key {self.key})"
                 ctx.load_cert_chain(self.cert, self.key)
             if self.ca is not None:
+                what = f"CA bundle {self.ca}"
                 ctx.load_verify_locations(self.ca)
             elif not server:
+                what = "system's CA certificates"
                 ctx.load_default_certs(purpose)
             if self.ciphers is not None:
+                what = f"ciphers {self.ciphers!r}"
                 ctx.set_ciphers(self.ciphers)
         except (ssl.SSLError, OSError) as exc:
-            raise ConfigError(f"TLS configuration: {exc}") from None
+            raise ConfigError(f"TLS configuration: cannot load the {what}: {exc}") from None
         if server:
             ctx.verify_mode = ssl.CERT_REQUIRED if self.ca is not None else ssl.CERT_NONE
         return ctx

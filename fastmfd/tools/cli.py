@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from .. import __version__
 from ..errors import ConfigError, FastMFDError
 from ..protocol.setup import COMPRESSION_METHODS
-from ..units import format_bytes, parse_size
+from ..units import format_bytes
+from .option_values import positive_int, positive_seconds, positive_size, rate, whole_pages
 
 if TYPE_CHECKING:       # imported where used, so that `fastmfd --version` starts fast
     from rich.console import Console
@@ -108,6 +109,9 @@ def cmd_listen(args: argparse.Namespace) -> int:
     console = Console(stderr=True, quiet=args.quiet)
     if args.qemu:
         return _listen_qemu(args, console)
+    if args.workers is not None:
+        raise ConfigError("--workers goes with --qemu (a fastmfd source's channels get their "
+                          "workers at its SETUP)")
     options = dict(timeout=args.timeout, stall_timeout=args.stall_timeout, force=args.force,
                    keep_partial=args.keep_partial, max_size=args.max_size,
                    max_memory=args.max_memory, prealloc=args.prealloc,
@@ -147,36 +151,6 @@ def _report_session(console: Console, result: DestinationResult, files: dict[str
                      "sizes": {name: os.path.getsize(path) for name, path in files.items()}})
 
 
-def _positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, not {text!r}")
-    return int(text)
-
-
-def _positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
-    return value
-
-
-def _positive_size(text: str) -> int:
-    size = parse_size(text)
-    if size <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive size")
-    return size
-
-
-def _rate(text: str) -> int:
-    rate = parse_size(text)
-    if rate <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive rate")
-    return rate
-
-
 def _refuse_with_qemu(args: argparse.Namespace, options: dict[str, str]) -> None:
     """A ConfigError naming the first of ``options`` (dest -> its flag) given:
     what the command cannot do with a QEMU at the other end, said up front
@@ -185,7 +159,8 @@ def _refuse_with_qemu(args: argparse.Namespace, options: dict[str, str]) -> None
     if security_options.tls_config(args) or security_options.auth_key(args):
         raise ConfigError("--qemu: QEMU's channels carry no fastmfd TLS or shared-key proof")
     for dest, flag in options.items():
-        if getattr(args, dest) not in (None, False, []):
+        value = getattr(args, dest)
+        if not (value is None or value is False):
             raise ConfigError(f"--qemu: {flag} works with fastmfd peers only, not with a QEMU")
 
 
@@ -198,7 +173,8 @@ def _listen_qemu(args: argparse.Namespace, console: Console) -> int:
     received = receive(
         args.address, args.dir, timeout=args.timeout,
         stall_timeout=args.stall_timeout or DEFAULT_STALL_TIMEOUT, force=args.force,
-        keep_partial=args.keep_partial, max_size=args.max_size, workers=args.workers,
+        keep_partial=args.keep_partial, max_size=args.max_size,
+        **({} if args.workers is None else {"workers": args.workers}),
         on_listening=lambda address: console.print(f"listening on {address} (QEMU: migrate "
                                                    f"with the multifd capability)"))
     for name, path in received.files.items():
@@ -242,7 +218,25 @@ def _send_qemu(args: argparse.Namespace) -> int:
     return 0
 
 
-def _build_parser() -> argparse.ArgumentParser:
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, whose mistakes read as the commands' own do: one line
+    on stderr, exit 2 (argparse prints its whole usage block first)."""
+
+    commands: dict[str, _Parser]        # the top parser's: each command's own
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+    def parse_command_line(self, argv: list[str] | None) -> argparse.Namespace:
+        """parse_args, with an option the command does not take said by that
+        command (argparse has the top parser say it, pointing at its help)."""
+        args, unknown = self.parse_known_args(argv)
+        if unknown:
+            self.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+        return args
+
+
+def _build_parser() -> _Parser:
     # Their arguments name the image kinds and compression methods: lazy, as above.
     from . import security_options
     from .bench import command as bench
@@ -262,27 +256,30 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="log what happens to stderr (-vv: debug)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    parser.commands = {}
+
     def add_command(name: str, **kwargs: Any) -> argparse.ArgumentParser:
-        return sub.add_parser(name, parents=[common], **kwargs)
+        parser.commands[name] = sub.add_parser(name, parents=[common], **kwargs)
+        return parser.commands[name]
 
     p = add_command("demo", help="a live migration on this machine, then the seed's "
                                  "device-state downtime experiment")
-    p.add_argument("--size", type=_positive_size, default=1 << 30,
+    p.add_argument("--size", type=whole_pages, default=1 << 30,
                    help="image size (default 1G)")
-    p.add_argument("--channels", type=_positive_int, default=2,
+    p.add_argument("--channels", type=positive_int, default=2,
                    help="multifd channels (default 2)")
     p.add_argument("--compression", choices=COMPRESSION_METHODS, default="none",
                    help="none, zlib, zstd, or auto: raw or zstd per packet, as the link and "
                         "the data make pay (default none)")
     p.add_argument("--no-devices", action="store_true", help="skip the device-state experiment")
-    p.add_argument("--device-size", type=_positive_size, default=100 << 20,
+    p.add_argument("--device-size", type=positive_size, default=100 << 20,
                    help="state per device in the experiment (default 100M)")
-    p.add_argument("--device-rate", type=_rate, default=200 << 20,
+    p.add_argument("--device-rate", type=rate, default=200 << 20,
                    help="emulated per-device read and load rate, bytes/s (default 200M)")
-    p.add_argument("--downtime-limit", type=_positive_seconds, default=0.3, metavar="SECONDS",
+    p.add_argument("--downtime-limit", type=positive_seconds, default=0.3, metavar="SECONDS",
                    help="stop the workload once the dirty pages left can be sent in this "
                         "long (default 0.3)")
-    p.add_argument("--max-bandwidth", type=_rate, default=None, metavar="RATE",
+    p.add_argument("--max-bandwidth", type=rate, default=None, metavar="RATE",
                    help="cap the live migration's channels at RATE bytes/s in all, e.g. "
                         "500M (binary units: MiB/s)")
     security_options.add_arguments(p, loopback=True)
@@ -306,7 +303,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", default=None, help="with --qemu: the saved directory")
     p.add_argument("--state", action="append", default=[], metavar="IDSTR[:N]=PATH",
                    help="a device state file (repeatable)")
-    p.add_argument("--channels", type=_positive_int, default=2,
+    p.add_argument("--channels", type=positive_int, default=2,
                    help="multifd channels (default 2)")
     p.add_argument("--compression", choices=COMPRESSION_METHODS, default="none",
                    help="none, zlib, zstd, or auto: raw or zstd per packet, as the link and "
@@ -316,19 +313,19 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="send zero pages as data")
     p.add_argument("--checksum", action="store_true", help="CRC-32 every packet (header and payload)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress, no summary")
-    p.add_argument("--status-json", type=float, nargs="?", const=0.5, default=None,
+    p.add_argument("--status-json", type=positive_seconds, nargs="?", const=0.5, default=None,
                    metavar="SECONDS",
                    help="instead of the progress and summary, print the migration's status "
                         "(QEMU query-migrate's fields) as one JSON line every SECONDS "
                         "(default 0.5), and once at the end")
     p.add_argument("--json", action="store_true",
                    help="print the migration's statistics as JSON on stdout")
-    p.add_argument("--timeout", type=_positive_seconds, default=30.0, metavar="SECONDS",
+    p.add_argument("--timeout", type=positive_seconds, default=30.0, metavar="SECONDS",
                    help="how long connecting and the handshake may take (default 30)")
-    p.add_argument("--max-bandwidth", type=_rate, default=None, metavar="RATE",
+    p.add_argument("--max-bandwidth", type=rate, default=None, metavar="RATE",
                    help="cap the channels at RATE bytes/s in all, e.g. 100M (binary units: "
                         "MiB/s; default: no cap)")
-    p.add_argument("--stall-timeout", type=_positive_seconds, default=30.0, metavar="SECONDS",
+    p.add_argument("--stall-timeout", type=positive_seconds, default=30.0, metavar="SECONDS",
                    help="fail, on both sides, when a channel, process or the peer makes no "
                         "progress for this long (default 30; the listener honours it)")
     security_options.add_arguments(p)
@@ -341,13 +338,13 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qemu", action="store_true",
                    help="the source is a QEMU (7.2) migrating with the multifd capability: "
                         "write each RAMBlock, vmstate.bin and manifest.json into DIR")
-    p.add_argument("--workers", type=_positive_int, default=2, metavar="N",
+    p.add_argument("--workers", type=positive_int, default=None, metavar="N",
                    help="with --qemu: receive workers started before QEMU connects (default "
                         "2; more start as channels connect)")
     p.add_argument("--dir", default=".", help="output directory (default: here)")
-    p.add_argument("--timeout", type=_positive_seconds, default=3600.0, metavar="SECONDS",
+    p.add_argument("--timeout", type=positive_seconds, default=3600.0, metavar="SECONDS",
                    help="how long to wait for the sender (default 3600)")
-    p.add_argument("--stall-timeout", type=_positive_seconds, default=None, metavar="SECONDS",
+    p.add_argument("--stall-timeout", type=positive_seconds, default=None, metavar="SECONDS",
                    help="fail when the sender, a channel or a process makes no progress for "
                         "this long (default: the sender's --stall-timeout)")
     p.add_argument("--force", action="store_true",
@@ -355,15 +352,16 @@ def _build_parser() -> argparse.ArgumentParser:
                         "never followed)")
     p.add_argument("--keep-partial", action="store_true",
                    help="after a failed receive, keep what arrived as NAME.part files")
-    p.add_argument("--max-sessions", type=_positive_int, default=1, metavar="N",
+    sessions = p.add_mutually_exclusive_group()
+    sessions.add_argument("--max-sessions", type=positive_int, default=1, metavar="N",
                    help="receive N migrations one after another, each into DIR/<session "
                         "uuid>/; a failed one does not end the others (default 1: into DIR)")
-    p.add_argument("--forever", action="store_true",
+    sessions.add_argument("--forever", action="store_true",
                    help="like --max-sessions, with no limit: until interrupted")
-    p.add_argument("--max-size", type=_positive_size, default=None, metavar="SIZE",
+    p.add_argument("--max-size", type=positive_size, default=None, metavar="SIZE",
                    help="refuse a sender whose regions (QEMU: RAM blocks) exceed SIZE "
                         "(default: DIR's free space)")
-    p.add_argument("--max-memory", type=_positive_size, default=None, metavar="SIZE",
+    p.add_argument("--max-memory", type=positive_size, default=None, metavar="SIZE",
                    help="shared memory for device state in flight (default: what /dev/shm "
                         "has free); with --prealloc and several sessions, also the most "
                         "bytes of warm region files kept for the next session")
@@ -393,14 +391,6 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse's parser, whose mistakes read as the commands' own do: one line
-    on stderr, exit 2 (argparse prints its whole usage block first)."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
-
-
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised in the main thread as Ctrl-C's KeyboardInterrupt is, so it
     does what Ctrl-C does: the session fails on both sides (the peer is told
@@ -425,7 +415,7 @@ def _log_to_stderr(verbosity: int) -> logging.Handler | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _build_parser().parse_args(argv)
+    args = _build_parser().parse_command_line(argv)
     handler = _log_to_stderr(args.verbose)
     handled = threading.current_thread() is threading.main_thread()
     if handled:

@@ -15,8 +15,9 @@ from ...config import COMPRESSION_METHODS
 from ...errors import ConfigError
 from .. import security_options
 from ..images import IMAGE_KINDS, Image
-from ...units import format_bytes, format_rate, parse_size
+from ...units import format_bytes, format_rate
 from ..new_files import check_new_file, write_new_file
+from ..option_values import positive_int, whole_pages
 from .document import LINK, document, load_best_times
 from .link import EmulatedLink, LinkSpec, check_can_emulate, parse_link
 from .matrix import PEERS, QEMU_METHODS, Setting, run_matrix
@@ -49,27 +50,8 @@ def _choice_list(choices: tuple[str, ...]) -> Callable[[str], list[str]]:
     return parse
 
 
-def _size(text: str) -> int:
-    size = parse_size(text)
-    if size <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive size")
-    if size % 4096:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of 4 KiB pages")
-    return size
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--size", type=_size, default=256 << 20,
+    parser.add_argument("--size", type=whole_pages, default=256 << 20,
                         help="image size, e.g. 64M, 1G (default 256M)")
     parser.add_argument("--channels", type=_int_list, default=[1, 2, 4],
                         help="comma-separated channel counts (default 1,2,4)")
@@ -77,14 +59,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         default=list(COMPRESSION_METHODS),
                         help="comma-separated methods from none, zlib, zstd, auto (fastmfd "
                              "only: raw or zstd per packet; default all)")
-    parser.add_argument("--level", type=_positive, default=1,
+    parser.add_argument("--level", type=positive_int, default=1,
                         help="zlib/zstd compression level (default 1)")
     parser.add_argument("--image", type=_choice_list(IMAGE_KINDS), default=["random"],
                         help="random (incompressible), text, mixed (the demo's: half zero "
                              "pages, a quarter text, a quarter random), halftext (half zero "
                              "pages, half text) or zero; comma-separated for several "
                              "(default random)")
-    parser.add_argument("--repeat", type=_positive, default=1,
+    parser.add_argument("--repeat", type=positive_int, default=1,
                         help="runs per setting; the table shows the median, the fastest, "
                              "the first (cold) run and the spread, and odd runs go in reverse "
                              "order (default 1)")

@@ -1,0 +1,53 @@
+"""What the commands' options take: argparse types that refuse a bad value
+while the command line is read, before any work, in one line that names it
+(``fastmfd send: argument --timeout: '0' is not a positive number of seconds``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+from ..units import parse_size
+
+__all__ = ["positive_int", "positive_seconds", "positive_size", "whole_pages", "rate"]
+
+PAGE = 4096
+
+
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return int(text)
+
+
+def positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
+def positive_size(text: str) -> int:
+    size = parse_size(text)
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive size")
+    return size
+
+
+def whole_pages(text: str) -> int:
+    """A positive size that is a whole number of 4 KiB pages (an image's)."""
+    size = positive_size(text)
+    if size % PAGE:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of 4 KiB pages")
+    return size
+
+
+def rate(text: str) -> int:
+    value = parse_size(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive rate")
+    return value
