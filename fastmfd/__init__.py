@@ -18,7 +18,7 @@ from .destination import Destination, DestinationResult
 from .devices import (BytesDevice, CollectLoader, Device, FileDevice, FileLoader, Loader,
                       SyntheticDevice, VerifyLoader)
 from .errors import (ConfigError, ConnectError, FastMFDError, ListenError, MigrationError,
-                     ProtocolError, SecurityError)
+                     OutputError, ProtocolError, SecurityError)
 from .protocol.security import TLSConfig
 from .region_pool import RegionPool
 from .regions import Region
@@ -31,7 +31,7 @@ __all__ = [
     "Device", "Loader", "BytesDevice", "FileDevice", "SyntheticDevice", "CollectLoader", "FileLoader",
     "VerifyLoader", "MigrationStats", "ReceiveStats", "ChannelStats", "RoundStats",
     "FastMFDError", "ConfigError", "ListenError", "ProtocolError", "MigrationError",
-    "SecurityError", "ConnectError",
+    "SecurityError", "ConnectError", "OutputError",
 ]
 
 __version__ = "0.1.0"

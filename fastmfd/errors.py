@@ -14,6 +14,8 @@
 - :class:`SecurityError` — a peer did not prove who it is (TLS or auth_key).
 - :class:`ConnectError` — the peer could not be reached; keeps the OS's
   ``errno`` (it is a ``ConnectionError`` too).
+- :class:`OutputError` — a file a listener writes could not be written or
+  committed (a full disk, a name taken meanwhile); it names the file.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import re
 from typing import Self
 
 __all__ = ["FastMFDError", "ConfigError", "ListenError", "ProtocolError", "TLSError",
-           "MigrationError", "SecurityError", "ConnectError", "Aborted", "printable"]
+           "MigrationError", "SecurityError", "ConnectError", "OutputError", "Aborted",
+           "printable"]
 
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
@@ -113,6 +116,12 @@ class ConnectError(MigrationError, ConnectionError):
 
     def __reduce__(self) -> tuple[type[Self], tuple[str | None, int | None]]:
         return type(self), (self.cause, self.errno)
+
+
+class OutputError(MigrationError):
+    """A file a listener writes could not be written or committed; the message
+    names it. Raised from fastmfd's own hooks (a listener commits its files in
+    ``on_resume``), it passes as it is, not as "the on_resume hook raised"."""
 
 
 class Aborted(FastMFDError):

@@ -167,6 +167,8 @@ def test_a_refused_connection_keeps_its_errno():
     (["listen", "tcp:127.0.0.1:0", "--max-sessions", "3", "--forever"],
      ["--forever: not allowed with argument --max-sessions"]),
     (["listen", "tcp:127.0.0.1:0", "--workers", "3"], ["--workers goes with --qemu"]),
+    (["listen", "tcp:127.0.0.1:0", "--tls-cert", "/dev/null"],
+     ["--tls-cert and --tls-key go together"]),
     (["bench", "--compression", "lz4"], ["lz4: choose from", "fastmfd bench --help"]),
     (["demo", "--size", "0"], ["--size", "not a positive size"]),
     (["listen", "tcp:127.0.0.1:0", "--timeout", "0"], ["--timeout"]),

@@ -26,6 +26,7 @@ import fastmfd
 from fastmfd import _core
 from fastmfd.protocol.main_channel import Msg
 from fastmfd._engine.processes import RemoteTraceback
+from fastmfd._engine.session import call_hook
 from migration_support import (AtMessage, Corrupt, EditMessage, FlipInMessage, Migration,
                                Outcome, Packets, Proxy, Reset, Trigger, Truncate, make_region)
 
@@ -459,3 +460,19 @@ def test_source_on_resume_raising(image, leaks):
     assert_names(outcome.source_error, r"the on_resume hook raised HookError: on_resume broke")
     assert outcome.source_end - when["raised"] < 5
     leaks.assert_clean(keep=[image])
+
+
+def test_only_a_listener_s_own_output_error_passes_a_hook_unnamed():
+    """A listener commits its files in its on_resume hook: its OutputError names the
+    file and passes as it is; anything else a hook raises, a MigrationError too,
+    is said to come from the hook."""
+    def raising(exc: Exception):
+        def hook() -> None:
+            raise exc
+        return hook
+
+    with pytest.raises(fastmfd.OutputError, match=r"^out/ram.img.part: full$"):
+        call_hook("on_resume", raising(fastmfd.OutputError("out/ram.img.part: full")))
+    with pytest.raises(fastmfd.MigrationError,
+                       match=r"^the on_stop hook raised MigrationError: mine$"):
+        call_hook("on_stop", raising(fastmfd.MigrationError("mine")))

@@ -18,7 +18,7 @@ import threading
 from collections.abc import Iterator
 from typing import Callable, NoReturn, Protocol, Self, TypeVar
 
-from ..errors import Aborted, FastMFDError, MigrationError
+from ..errors import Aborted, FastMFDError, MigrationError, OutputError
 from ..protocol.main_channel import MainChannel
 
 __all__ = ["SessionFailure", "SessionResources", "Owner", "break_session", "call_hook", "main_first",
@@ -90,13 +90,13 @@ Hook = Callable[[], object]
 
 def call_hook(name: str, hook: Hook | None) -> None:
     """Run the user's ``hook`` (if any); what it raises becomes a MigrationError
-    naming the hook, with the original exception as its cause. A MigrationError
-    passes as it is: it says what failed (a listener's commit of its files)."""
+    naming the hook, with the original exception as its cause. An OutputError
+    passes as it is: it names the file a listener's own hook could not commit."""
     if hook is None:
         return
     try:
         hook()
-    except MigrationError:
+    except OutputError:
         raise
     except Exception as exc:
         raise MigrationError(f"the {name} hook raised {type(exc).__name__}: {exc}") from exc
@@ -161,7 +161,7 @@ class SessionResources:
         for resource in reversed(self._owned):
             try:
                 resource.close()
-            except BufferError:     # a view is still out: the name is unlinked anyway
+            except BufferError:     # a structure's view is still out: its name is unlinked
                 pass
         self._owned = []
 

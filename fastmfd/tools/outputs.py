@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..devices import FileLoader
-from ..errors import ConfigError, MigrationError
+from ..errors import ConfigError, OutputError
 from ..protocol.setup import Setup
 from ..regions import Region, check_huge_pages
 from ..shm import file_identity
@@ -282,23 +282,30 @@ class OutputDir:
         """Everything is loaded and on disk: write the manifest (``document``, or
         the regions and devices of plan()), rename every .part to its final name
         (the manifest last), make the renames durable. A final name taken since
-        plan() is not replaced (but with ``force``): the migration fails."""
+        plan() is not replaced (but with ``force``): the migration fails. What
+        fails raises an OutputError naming the file."""
         self._write_manifest(document)
         for out in self._outputs():
             if self._identity(out.part) != out.identity:
-                raise MigrationError(f"{self._show(out.part)} was replaced while the "
-                                     f"migration was received")
-            if self.force:
-                os.rename(out.part, out.final, src_dir_fd=self.fd, dst_dir_fd=self.fd)
-            else:
-                try:
+                raise OutputError(f"{self._show(out.part)} was replaced while the "
+                                  f"migration was received")
+            try:
+                if self.force:
+                    os.rename(out.part, out.final, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+                else:
                     rename_without_replacing(out.part, out.final, self.fd)
-                except FileExistsError:
-                    raise MigrationError(f"{self._show(out.final)} appeared while the "
-                                         f"migration was received: not replacing it "
-                                         f"without --force") from None
+            except FileExistsError:
+                raise OutputError(f"{self._show(out.final)} appeared while the migration was "
+                                  f"received: not replacing it without --force") from None
+            except OSError as exc:
+                raise OutputError(f"{self._show(out.part)}: renaming it to {out.final} "
+                                  f"failed: {exc.strerror or exc}") from exc
             out.renamed = True
-        os.fsync(self.fd)
+        try:
+            os.fsync(self.fd)
+        except OSError as exc:
+            raise OutputError(f"{self.path}: making its new names durable failed: "
+                              f"{exc.strerror or exc}") from exc
 
     def _write_manifest(self, document: dict[str, Any] | None) -> None:
         if document is None:
@@ -315,8 +322,8 @@ class OutputDir:
             finally:
                 os.close(fd)
         except OSError as exc:
-            raise MigrationError(f"{self._show(self.manifest.part)}: writing the manifest "
-                                 f"failed: {exc.strerror or exc}") from exc
+            raise OutputError(f"{self._show(self.manifest.part)}: writing the manifest "
+                              f"failed: {exc.strerror or exc}") from exc
 
     def abort(self) -> None:
         """The migration failed: remove what this listener created (its .part files,

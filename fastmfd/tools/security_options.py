@@ -57,6 +57,9 @@ def tls_config(args: argparse.Namespace) -> TLSConfig | None:
               for name in ("cert", "key", "ca", "hostname", "authz")}
     if all(value is None for value in values.values()):
         return None
+    if (values["cert"] is None) != (values["key"] is None):
+        raise ConfigError("--tls-cert and --tls-key go together: this side's certificate "
+                          "chain and its private key")
     return TLSConfig(**values)
 
 
