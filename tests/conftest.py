@@ -7,6 +7,7 @@
 - ``qemu72_captures``, ``qemu10_captures``: the real QEMU 7.2 and 10.0 captures
   shared by the project (tests that need them skip, saying why, where they are
   absent); ``captures``: each capture set in turn, QEMU 10.0's own stream too.
+- Every test runs from a directory of its own (``away_from_the_source_tree``).
 - ``tmpfs_path``: a private directory on tmpfs, where reading a hole of a file
   through a mapping allocates it (a test can tell whether holes were read);
   ``small_disk``: one on a 1 MiB tmpfs of its own, to fill up.
@@ -37,6 +38,18 @@ hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fastmfd")
 
 
 # ---------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="session", autouse=True)
+def away_from_the_source_tree(tmp_path_factory):
+    """The tests run from a directory of their own, not from the checkout or the
+    unpacked sdist: a Python they start (``-c``, ``-m fastmfd``, ``-``) puts its
+    current directory first on its path, which in an unpacked sdist holds
+    fastmfd's unbuilt source, not the package installed from it."""
+    previous = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))
+    yield
+    os.chdir(previous)
+
 
 @pytest.fixture(scope="session")
 def mp_context():

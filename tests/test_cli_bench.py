@@ -23,6 +23,7 @@ import pytest
 from leakcheck import leaks  # noqa: F401
 from proc_scan import alive
 
+import fastmfd
 from fastmfd.errors import ConfigError, MigrationError
 from fastmfd.tools import images
 from fastmfd.tools.bench.peers import QemuTrial
@@ -31,7 +32,9 @@ from fastmfd.tools.bench.trial import WARM_MARGIN, warm_free_memory
 from fastmfd.tools.cli import main
 from fastmfd.tools.new_files import check_new_file, write_new_file
 
-REPO = Path(__file__).resolve().parents[1]
+# Where the fastmfd these tests import lives (a checkout, or site-packages for an sdist's
+# tests): what a child must import too.
+REPO = Path(fastmfd.__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)

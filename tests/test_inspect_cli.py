@@ -11,11 +11,13 @@ from pathlib import Path
 
 import pytest
 
+import fastmfd
 from fastmfd.tools.cli import main
 from fastmfd.tools.inspect.capture import read_capture
 from inspect_support import PACKET_PAGES, ROUND_ENDS, capture_files, two_rounds, write_files
 
-REPO = Path(__file__).resolve().parents[1]
+# Where the fastmfd these tests import lives: what a child must import too.
+REPO = Path(fastmfd.__file__).resolve().parents[1]
 BORDER = re.compile("[│|]")     # rich draws ASCII borders when stdout is not UTF-8
 
 

@@ -20,6 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import fastmfd
 from fastmfd._core import KNOWN_ZERO_PAGE, FileHoles, find_zero_pages, is_zero
 from engine_pair import PAGE, EnginePair
 from filesystems import file_system_type
@@ -295,7 +296,8 @@ def test_only_tmpfs_has_its_holes_read_from_the_page_cache(tmp_path, tmpfs_path)
     assert file_system_type(tmpfs_path) == "tmpfs"
 
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Where the fastmfd these tests import lives: what a child must import too.
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(fastmfd.__file__)))
 READS_AS_ANOTHER = """
 import mmap, os, sys
 from fastmfd._core import FileHoles

@@ -27,8 +27,24 @@ import fastmfd
 
 mypy_api = pytest.importorskip("mypy.api", reason="mypy is not installed")
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+SOURCE_TREE = Path(__file__).resolve().parents[1]     # the checkout or unpacked sdist
+README = SOURCE_TREE / "README.md"
 PACKAGE_ROOT = Path(fastmfd.__file__).resolve().parents[1]     # where mypy finds fastmfd
+
+
+def _installed() -> bool:
+    """fastmfd is installed (mypy finds it by itself), not imported from a checkout
+    only through PYTHONPATH (then mypy needs MYPYPATH; an installed one's
+    site-packages in MYPYPATH is an error to mypy)."""
+    try:
+        importlib.metadata.distribution("fastmfd")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def _mypy_path() -> dict[str, str]:
+    return {} if _installed() else {"MYPYPATH": str(PACKAGE_ROOT)}
 
 
 def readme_python_blocks() -> list[str]:
@@ -65,7 +81,8 @@ def _mypy(tmp_path: Path, monkeypatch, source: str, cache: Path) -> list[str]:
     """mypy --strict's errors in ``source`` (a script of its own)."""
     script = tmp_path / "user_script.py"
     script.write_text(source)
-    monkeypatch.setenv("MYPYPATH", str(PACKAGE_ROOT))
+    for name, value in _mypy_path().items():
+        monkeypatch.setenv(name, value)
     out, err, _ = mypy_api.run(["--strict", "--follow-imports=silent", "--no-error-summary",
                                 "--cache-dir", str(cache), str(script)])
     assert not err, err
@@ -76,9 +93,7 @@ def test_mypy_finds_the_installed_package_without_help(tmp_path, mypy_cache):
     """As a user runs it: no MYPYPATH, from elsewhere. An editable install that
     hid the checkout behind setuptools' import hook left mypy with "Cannot find
     implementation or library stub" and every use of fastmfd unchecked."""
-    try:
-        importlib.metadata.distribution("fastmfd")
-    except importlib.metadata.PackageNotFoundError:
+    if not _installed():
         pytest.skip("fastmfd is imported from a checkout, not installed: mypy finds it "
                     "only through MYPYPATH")
     script = tmp_path / "user_script.py"
@@ -106,7 +121,7 @@ def test_mypy_strict_catches_every_planted_mistake(tmp_path, monkeypatch, mypy_c
 
 
 def test_mypy_strict_passes_the_package_and_the_readme_examples(tmp_path, mypy_cache):
-    """``python -m mypy --strict`` on fastmfd itself and on each README example (a
+    """``python -m mypy --strict`` on fastmfd's source and on each README example (a
     module of its own), as a developer runs it: any error fails, with mypy's output."""
     examples = readme_python_blocks()
     assert len(examples) >= 2, "the README's examples were not found"
@@ -117,8 +132,8 @@ def test_mypy_strict_passes_the_package_and_the_readme_examples(tmp_path, mypy_c
         paths.append(str(path))
     proc = subprocess.run(
         [sys.executable, "-m", "mypy", "--strict", "--cache-dir", str(mypy_cache),
-         str(PACKAGE_ROOT / "fastmfd"), *paths],
+         str(SOURCE_TREE / "fastmfd"), *paths],
         cwd=tmp_path, capture_output=True, text=True, timeout=600,
-        env=dict(os.environ, MYPYPATH=str(PACKAGE_ROOT)))
+        env={**os.environ, **_mypy_path()})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Success: no issues found" in proc.stdout, proc.stdout
