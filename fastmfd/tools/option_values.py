@@ -32,10 +32,7 @@ def positive_seconds(text: str) -> float:
 
 
 def positive_size(text: str) -> int:
-    size = parse_size(text)
-    if size <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive size")
-    return size
+    return _positive_bytes(text, "size")
 
 
 def whole_pages(text: str) -> int:
@@ -47,7 +44,12 @@ def whole_pages(text: str) -> int:
 
 
 def rate(text: str) -> int:
+    """Bytes per second, in a size's units (``100M``: 100 MiB/s)."""
+    return _positive_bytes(text, "rate")
+
+
+def _positive_bytes(text: str, what: str) -> int:
     value = parse_size(text)
     if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive rate")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive {what}")
     return value
