@@ -129,10 +129,10 @@ def test_classes_defined_in_main_reach_the_reassembly_process(tmp_path, way):
     assert proc.stdout.split() == ["True", str(3 << 20)], proc.stdout + proc.stderr
 
 
-# A guarded script's loader whose methods use a module-level lock (by value, its
-# globals would go too, and a lock does not pickle: it goes by reference) and that
-# reports to the script over a pipe (the child gets a descriptor of its own).
-_LOCKED_AND_PIPED = textwrap.dedent("""
+# A loader whose methods use a module-level lock (by value, its globals would go
+# too, and a lock does not pickle) and that reports to the script over a pipe (the
+# child gets a descriptor of its own).
+_LOCKED_LOADER = textwrap.dedent("""
     import multiprocessing
     import threading
     import fastmfd
@@ -149,33 +149,48 @@ _LOCKED_AND_PIPED = textwrap.dedent("""
         def load_finish(self):
             self.conn.send(None)
             return self.nbytes
-
-    if __name__ == "__main__":
-        reports, mine = multiprocessing.Pipe(duplex=False)
-        with fastmfd.Destination("tcp:127.0.0.1:0", workers=1) as dst:
-            dst.add_loader("nic0", 0, ReportingLoader(mine))
-            received = {}
-            thread = threading.Thread(target=lambda: received.update(r=dst.receive()))
-            thread.start()
-            with fastmfd.Source(dst.address, fastmfd.MigrationConfig(channels=1)) as src:
-                src.add_device(fastmfd.BytesDevice("nic0", 0, bytes(300000)))
-                src.migrate(live=False)
-            thread.join()
-        reported = 0
-        while (n := reports.recv()) is not None:
-            reported += n
-        print(reported, received["r"].devices[("nic0", 0)], flush=True)
+""")
+_MIGRATE_LOCKED = textwrap.dedent("""
+    print("script ran", flush=True)
+    reports, mine = multiprocessing.Pipe(duplex=False)
+    with fastmfd.Destination("tcp:127.0.0.1:0", workers=1) as dst:
+        dst.add_loader("nic0", 0, ReportingLoader(mine))
+        received = {}
+        thread = threading.Thread(target=lambda: received.update(r=dst.receive()))
+        thread.start()
+        with fastmfd.Source(dst.address, fastmfd.MigrationConfig(channels=1)) as src:
+            src.add_device(fastmfd.BytesDevice("nic0", 0, bytes(300000)))
+            src.migrate(live=False)
+        thread.join()
+    reported = 0
+    while (n := reports.recv()) is not None:
+        reported += n
+    print(reported, received["r"].devices[("nic0", 0)], flush=True)
 """)
 
 
 def test_a_loader_with_a_pipe_and_a_lock_in_its_globals(tmp_path):
-    """Both broke when loaders went by value alone: the pipe's descriptor number
+    """A guarded script's: it goes by reference, the worker imports the script.
+    Both broke when loaders went by value alone: the pipe's descriptor number
     named nothing in the child (EBADF), and the lock refused to pickle."""
     script = tmp_path / "locked_and_piped.py"
-    script.write_text(_LOCKED_AND_PIPED)
+    script.write_text(_LOCKED_LOADER + 'if __name__ == "__main__":\n'
+                      + textwrap.indent(_MIGRATE_LOCKED, "    "))
     proc = _run([str(script)])
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["300000", "300000"], proc.stdout + proc.stderr
+    assert proc.stdout.split() == ["script", "ran", "300000", "300000"], proc.stdout
+
+
+def test_an_unguarded_script_whose_loader_cannot_go_by_value_is_told_why(tmp_path):
+    """Unguarded, the script cannot be imported by a worker (it would run again
+    there, migration and all): the lock in its loader's globals is refused in
+    the script itself, saying what to do."""
+    script = tmp_path / "unguarded_locked.py"
+    script.write_text(_LOCKED_LOADER + _MIGRATE_LOCKED)
+    proc = _run([str(script)])
+    assert proc.returncode == 1 and proc.stdout.split() == ["script", "ran"], proc.stdout
+    assert "cannot pickle '_thread.lock' object (what __main__ defines goes to fastmfd's " \
+           "workers by value" in proc.stderr, proc.stderr
 
 
 def test_run_from_a_directory_holding_an_unbuilt_source_tree(tmp_path):

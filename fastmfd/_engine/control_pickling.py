@@ -10,14 +10,16 @@ reducers still apply, so a pipe end or socket a loader holds reaches the child
 as a descriptor of its own, as ``Connection.send`` would send it.
 
 By value, a class takes the globals its methods use along: one of them may not
-pickle (a module-level lock). Where ``__main__`` is a file or module the child
-can import, such a message goes by reference instead, as multiprocessing sends
-it, and the child imports the caller's ``__main__`` (as ``__mp_main__``) the
-first time a message names it, as multiprocessing's children do at start.
+pickle (a module-level lock). Where ``__main__`` is a guarded script or module
+the child can import, such a message goes by reference instead, as
+multiprocessing sends it, and the child imports the caller's ``__main__`` (as
+``__mp_main__``) the first time a message names it, as multiprocessing's
+children do at start. Elsewhere the pickling error is raised, saying what to do.
 """
 
 from __future__ import annotations
 
+import ast
 import io
 import multiprocessing
 import os
@@ -49,9 +51,12 @@ def dumps(message: Any) -> bytes:
     out = io.BytesIO()
     try:
         _ByValuePickler(out, protocol=pickle.HIGHEST_PROTOCOL).dump(message)
-    except (TypeError, pickle.PicklingError):
+    except (TypeError, pickle.PicklingError) as exc:
         if not _main_can_be_imported():
-            raise
+            raise TypeError(f"{exc} (what __main__ defines goes to fastmfd's workers by "
+                            f"value, with the globals its methods use: define it in a "
+                            f"module, or guard the script with if __name__ == "
+                            f"'__main__':)") from exc
         return bytes(reduction.ForkingPickler.dumps(message, pickle.HIGHEST_PROTOCOL))
     return out.getvalue()
 
@@ -62,12 +67,30 @@ def loads(data: bytes | bytearray | memoryview) -> Any:
 
 
 def _main_can_be_imported() -> bool:
-    """``__main__`` is a module (``python -m``) or a script file, not ``<stdin>``,
-    a REPL or a notebook: a child can import it."""
+    """A child can import ``__main__`` without harm: it is a script file or a module
+    (``python -m``), not ``<stdin>``, a REPL or a notebook, nor a package's
+    ``__main__`` (multiprocessing never imports one in a child), and it is guarded
+    (importing an unguarded one would run the caller's program again)."""
     main = sys.modules.get("__main__")
-    path = getattr(main, "__file__", None)
-    return getattr(main, "__spec__", None) is not None or (path is not None
-                                                           and os.path.isfile(path))
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name.rpartition(".")[2] == "__main__":
+        return False
+    path = spec.origin if spec is not None else getattr(main, "__file__", None)
+    return isinstance(path, str) and os.path.isfile(path) and _is_guarded(path)
+
+
+def _is_guarded(path: str) -> bool:
+    """The script's top level has an ``if __name__ == "__main__":`` block."""
+    try:
+        with open(path, "rb") as source:
+            tree = ast.parse(source.read(), path)
+    except (OSError, SyntaxError, ValueError):
+        return False
+    return any(isinstance(node, ast.If) and isinstance(node.test, ast.Compare)
+               and isinstance(node.test.left, ast.Name) and node.test.left.id == "__name__"
+               and any(isinstance(c, ast.Constant) and c.value == "__main__"
+                       for c in node.test.comparators)
+               for node in tree.body)
 
 
 class _MainOnDemandUnpickler(pickle.Unpickler):
