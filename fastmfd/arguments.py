@@ -10,8 +10,9 @@ after.
 What a parameter accepts is a :class:`Kind`, said once here: a bool is an int
 to Python but never a size or a count to a user, and a float is a number of
 seconds or bytes per second but never a size (4096.0 is refused, not
-truncated). A size or count must be Python's int (a numpy integer is refused,
-saying how to convert it): it goes on the wire in JSON as it is. Flags (``huge_pages=...``) are taken for their truth, as Python's
+truncated). Sizes, counts, seconds and rates must be Python's int and float (a
+numpy number is refused, saying how to convert it): they go on the wire in JSON
+and to the socket calls as they are. Flags (``huge_pages=...``) are taken for their truth, as Python's
 own functions take them.
 """
 
@@ -36,7 +37,7 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _is_buffer(value: Any) -> bool:
@@ -78,8 +79,12 @@ def type_error(parameter: str, expected: str, value: object) -> TypeError:
     kind = type(value)
     name = (kind.__qualname__ if kind.__module__ == "builtins"
             else f"{kind.__module__}.{kind.__qualname__}")
-    # A numpy integer is not an int: sizes and counts go on the wire (JSON) as they are.
-    converts = (expected.startswith("an int") and isinstance(value, numbers.Integral)
-                and not isinstance(value, bool))
-    hint = " (int(value) converts it)" if converts else ""
+    # A numpy number is neither int nor float: sizes and counts go on the wire (JSON)
+    # as they are, and seconds to the socket calls that take Python's numbers only.
+    hint = ""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        if expected.startswith("an int") and isinstance(value, numbers.Integral):
+            hint = " (int(value) converts it)"
+        elif expected.startswith("a number"):
+            hint = " (float(value) converts it)"
     return TypeError(f"{parameter} must be {expected}, not {name}{hint}")

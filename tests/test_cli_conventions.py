@@ -192,6 +192,8 @@ def test_a_mistake_argparse_finds_is_one_line_too(args, words):
     (["listen", "--qemu", "tcp:127.0.0.1:0", "--max-memory", "1M"], "--max-memory"),
     (["listen", "--qemu", "tcp:127.0.0.1:0", "--max-sessions", "2"], "--max-sessions"),
     (["listen", "--qemu", "tcp:127.0.0.1:0", "--prealloc"], "--prealloc"),
+    (["listen", "--qemu", "tcp:127.0.0.1:0", "--tls-cert", "/dev/null", "--tls-key",
+      "/dev/null"], "no fastmfd TLS"),
     (["listen", "--qemu", "tcp:127.0.0.1:0", "--huge-pages"], "--huge-pages"),
 ])
 def test_what_a_qemu_peer_cannot_take_is_refused_not_ignored(args, flag):

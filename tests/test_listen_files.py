@@ -382,12 +382,17 @@ def test_a_directory_it_cannot_write_in_is_refused_before_listening(small_disk, 
 @pytest.mark.parametrize("sessions", ["1", "2"])
 def test_a_directory_that_is_a_file_is_refused_before_listening(tmp_path, sessions):
     (tmp_path / "afile").write_text("mine")
-    for target in (tmp_path / "afile", tmp_path / "afile" / "out"):
+    (tmp_path / "dangling").symlink_to(tmp_path / "nothing")
+    for target, words in ((tmp_path / "afile", "exists and is not a directory"),
+                          (tmp_path / "afile" / "out", "exists and is not a directory"),
+                          (tmp_path / "dangling", "is a symbolic link to nothing"),
+                          (tmp_path / "dangling" / "out", "is a symbolic link to nothing")):
         done = run_cli("listen", "tcp:127.0.0.1:0", "--dir", str(target), "--timeout", "30",
                        "--max-sessions", sessions)
         assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
-        assert "exists and is not a directory" in done.stderr
+        assert words in done.stderr, done.stderr
     assert (tmp_path / "afile").read_text() == "mine"
+    assert sorted(os.listdir(tmp_path)) == ["afile", "dangling"]
 
 
 def test_sessions_that_all_failed_leave_no_directory_made_for_them(tmp_path):

@@ -156,7 +156,7 @@ def _refuse_with_qemu(args: argparse.Namespace, options: dict[str, str]) -> None
     what the command cannot do with a QEMU at the other end, said up front
     rather than ignored."""
     from . import security_options
-    if security_options.tls_config(args) or security_options.auth_key(args):
+    if security_options.given(args):
         raise ConfigError("--qemu: QEMU's channels carry no fastmfd TLS or shared-key proof")
     for dest, flag in options.items():
         value = getattr(args, dest)

@@ -99,6 +99,11 @@ def check_writable(path: str) -> None:
     yet, in the nearest directory above it (where it would be made), tried with a
     file made and removed there: a listener finds out before it waits for a
     sender, not at the sender's SETUP."""
+    named = os.path.abspath(path)
+    while not os.path.lexists(named):
+        named = os.path.dirname(named)
+    if not os.path.exists(named):
+        raise ConfigError(f"output directory {path}: {named} is a symbolic link to nothing")
     existing = os.path.realpath(path)       # as the kernel walks it: a link, then ".."
     while not os.path.lexists(existing):
         existing = os.path.dirname(existing)

@@ -21,7 +21,7 @@ from ..errors import ConfigError
 from ..protocol.security import TLSConfig, read_key_file
 from .loopback import LoopbackSecurity
 
-__all__ = ["add_arguments", "tls_config", "auth_key", "LocalCredentials", "local_credentials",
+__all__ = ["add_arguments", "given", "tls_config", "auth_key", "LocalCredentials", "local_credentials",
            "loopback_security"]
 
 LOCAL_CLIENT = "fastmfd-source"      # the client identity of throwaway credentials
@@ -49,6 +49,13 @@ def add_arguments(parser: argparse.ArgumentParser, *, loopback: bool = False) ->
     group.add_argument("--auth-key-file", metavar="FILE",
                        help="a file holding the shared key (>= 16 bytes; a final newline is "
                             "ignored); authenticates every connection, does not encrypt")
+
+
+def given(args: argparse.Namespace) -> bool:
+    """Any of the security options is given (none is loaded or read)."""
+    names = ("tls", "tls_cert", "tls_key", "tls_ca", "tls_hostname", "tls_authz",
+             "auth_key_file")
+    return any(getattr(args, name, None) not in (None, False) for name in names)
 
 
 def tls_config(args: argparse.Namespace) -> TLSConfig | None:

@@ -222,7 +222,10 @@ def listen_sessions(address: str, directory: str, *, sessions: int | None = None
     try:
         # The sessions' parent, made now (the warm files go in it too): removed at
         # the end if no session left anything in it.
-        made = make_directories(directory)
+        try:
+            made = make_directories(directory)
+        except OSError as exc:
+            raise ConfigError(f"output directory {directory}: {exc.strerror or exc}") from None
         if options.get("prealloc") and sessions != 1:
             warm = WarmFiles(directory, options.get("max_memory"),
                              huge_pages=bool(options.get("huge_pages")))
