@@ -3,10 +3,10 @@
 Python 3.11 starts multiprocessing's forkserver with ``python -c``, so the
 current directory comes first on its import path, and it ignores the path the
 parent passes along (``sys_path``; CPython applies it from 3.12.8 and 3.13.1,
-gh-117378). Run from a
-directory that holds fastmfd's source tree (a checkout not built in place, an
-unpacked sdist), the forkserver preloaded that tree's ``fastmfd``, whose core
-is not compiled, and every worker forked from it failed to import fastmfd.
+gh-117378). Run from a directory that holds fastmfd's source tree (a checkout
+not built in place, an unpacked sdist), the forkserver preloaded that tree's
+``fastmfd``, whose core is not compiled, and every worker forked from it failed
+to import fastmfd.
 
 This module lives outside the package: importing it cannot import the wrong
 ``fastmfd``. It takes the path from the forkserver's ``main`` (the caller of
