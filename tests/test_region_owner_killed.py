@@ -70,7 +70,11 @@ def run(tmp_path):
     def start(source):
         script = tmp_path / f"owner{len(started)}.py"
         script.write_text(textwrap.dedent(source))
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        # TMPDIR: multiprocessing's directory for the forkserver's socket goes with the
+        # test's (a tree killed whole, forkserver and all, cannot remove it: it was left
+        # in /tmp, one per run of this file).
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p),
+                   TMPDIR=str(tmp_path))
         proc = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env=env, start_new_session=True)
