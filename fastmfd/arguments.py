@@ -12,8 +12,8 @@ to Python but never a size or a count to a user, and a float is a number of
 seconds or bytes per second but never a size (4096.0 is refused, not
 truncated). Sizes, counts, seconds and rates must be Python's int and float (a
 numpy number is refused, saying how to convert it): they go on the wire in JSON
-and to the socket calls as they are. Flags (``huge_pages=...``) are taken for their truth, as Python's
-own functions take them.
+and to the socket calls as they are. A flag (``huge_pages=...``) is True or
+False: ``"no"`` would be true.
 """
 
 from __future__ import annotations

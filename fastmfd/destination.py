@@ -22,7 +22,7 @@ from ._engine.reassembly import reassembly_main
 from ._engine.receiving import DestinationParts, Receiving, Refusal
 from ._engine.session import Owner, SessionFailure, SessionResources, call_hook
 from ._engine.workers import recv_worker_main
-from .arguments import (CALLABLE, INT, NUMBER, STR, Kind, check_types, instance_of,
+from .arguments import (BOOL, CALLABLE, INT, NUMBER, STR, Kind, check_types, instance_of,
                         optional, type_error)
 from .devices import Loader, check_device_ids
 from .errors import ConfigError, MigrationError
@@ -109,7 +109,8 @@ class Destination(Owner):
                     stall_timeout=(stall_timeout, optional(NUMBER)),
                     max_memory=(max_memory, optional(INT)),
                     region_pool=(region_pool, optional(
-                        instance_of(RegionPool, "a fastmfd.RegionPool"))))
+                        instance_of(RegionPool, "a fastmfd.RegionPool"))),
+                    prealloc=(prealloc, BOOL))
         super().__init__()
         requested = None if isinstance(address, socket.socket) else parse_address(address)
         if workers < 0:

@@ -31,7 +31,7 @@ import time
 from typing import TYPE_CHECKING, Any, Protocol, TypeGuard, runtime_checkable
 
 from . import _core
-from .arguments import BUFFER, INT, NUMBER, PATH, STR, check_types, optional
+from .arguments import BOOL, BUFFER, INT, NUMBER, PATH, STR, check_types, optional
 from .errors import ConfigError, MigrationError
 from .protocol.setup import Invalid, check_name
 from .shm import file_identity
@@ -245,7 +245,7 @@ class FileLoader:
 
     def __init__(self, path: str | os.PathLike[str], *, exclusive: bool = False,
                  file_id: tuple[int, int] | None = None) -> None:
-        check_types("FileLoader", path=(path, PATH))
+        check_types("FileLoader", path=(path, PATH), exclusive=(exclusive, BOOL))
         self.path = os.fspath(path)
         self.exclusive = exclusive
         self.file_id = file_id

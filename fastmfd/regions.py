@@ -25,7 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ._core import DirtyBitmap
-from .arguments import INT, PATH, STR, check_types, instance_of, optional, type_error
+from .arguments import BOOL, INT, PATH, STR, check_types, instance_of, optional, type_error
 from .errors import ConfigError
 from .protocol.control import RegionHandle
 from .protocol.setup import Invalid, check_name
@@ -143,7 +143,7 @@ class Region:
         free now (ConfigError otherwise). ``huge_pages``: ask for transparent
         huge pages (ConfigError, saying why, where the system gives none)."""
         check_types("Region.create", name=(name, STR), size=(size, INT),
-                    page_size=(page_size, INT))
+                    page_size=(page_size, INT), huge_pages=(huge_pages, BOOL))
         if huge_pages:
             check_huge_pages(SHM_DIR)
         validate_region_name(name)
@@ -178,7 +178,8 @@ class Region:
         """
         check_types("Region.from_file", name=(name, STR), path=(path, PATH),
                     size=(size, optional(INT)), page_size=(page_size, INT),
-                    dir_fd=(dir_fd, optional(INT)))
+                    exclusive=(exclusive, BOOL), dir_fd=(dir_fd, optional(INT)),
+                    huge_pages=(huge_pages, BOOL), read_only=(read_only, BOOL))
         validate_region_name(name)
         if read_only and size is not None:
             raise ConfigError(f"region {name!r}: a read-only file is taken as it is (no size)")
@@ -210,7 +211,8 @@ class Region:
         """Map the open file ``fd`` ``MAP_SHARED`` (the caller keeps and closes ``fd``),
         as :meth:`from_file` does: one opened by whoever checked what it is."""
         check_types("Region.from_fd", name=(name, STR), fd=(fd, INT),
-                    size=(size, optional(INT)), page_size=(page_size, INT))
+                    size=(size, optional(INT)), page_size=(page_size, INT),
+                    huge_pages=(huge_pages, BOOL))
         validate_region_name(name)
         location = os.readlink(f"/proc/self/fd/{fd}")   # what was opened, links resolved
         status = os.fstat(fd)

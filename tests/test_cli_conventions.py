@@ -169,6 +169,12 @@ def test_a_refused_connection_keeps_its_errno():
     (["listen", "tcp:127.0.0.1:0", "--workers", "3"], ["--workers goes with --qemu"]),
     (["listen", "tcp:127.0.0.1:0", "--tls-cert", "/dev/null"],
      ["--tls-cert and --tls-key go together"]),
+    (["bench", "--size", "64M", "--qemu-binary", "/nonexistent"],
+     ["--qemu-binary goes with --peer qemu"]),
+    (["demo", "--size", "64M", "--tls", "--tls-cert", "/dev/null", "--tls-key", "/dev/null"],
+     ["--tls makes throwaway certificates"]),
+    (["send", "unix:/tmp/" + "a" * 200, "/nonexistent"], ["holds at most 107 bytes"]),
+    (["listen", "unix:/tmp/" + "a" * 200], ["holds at most 107 bytes"]),
     (["bench", "--compression", "lz4"], ["lz4: choose from", "fastmfd bench --help"]),
     (["demo", "--size", "0"], ["--size", "not a positive size"]),
     (["listen", "tcp:127.0.0.1:0", "--timeout", "0"], ["--timeout"]),
@@ -227,6 +233,16 @@ def test_a_certificate_that_does_not_load_is_refused_before_any_connection(tmp_p
         listening.settimeout(0.1)
         with pytest.raises(TimeoutError):
             listening.accept()
+
+
+@pytest.mark.parametrize("command", [["demo", "--size", "64M"], ["bench", "--size", "64M"],
+                                     ["listen", "tcp:127.0.0.1:0"]])
+def test_a_short_shared_key_is_refused_before_any_work(tmp_path, command):
+    """demo printed its header, bench made its image, before the key was refused."""
+    (tmp_path / "key").write_bytes(b"short\n")
+    done = fastmfd_cli(*command, "--auth-key-file", str(tmp_path / "key"))
+    assert_one_line_usage_error(done, f"--auth-key-file {tmp_path / 'key'}: the key has 5 "
+                                      f"bytes, at least 16 are needed")
 
 
 def test_a_listener_that_failed_leaves_no_directory_it_made(tmp_path):

@@ -189,8 +189,8 @@ def test_an_unguarded_script_whose_loader_cannot_go_by_value_is_told_why(tmp_pat
     script.write_text(_LOCKED_LOADER + _MIGRATE_LOCKED)
     proc = _run([str(script)])
     assert proc.returncode == 1 and proc.stdout.split() == ["script", "ran"], proc.stdout
-    assert "cannot pickle '_thread.lock' object (what __main__ defines goes to fastmfd's " \
-           "workers by value" in proc.stderr, proc.stderr
+    assert "cannot pickle '_thread.lock' object (a loader goes to fastmfd's workers " \
+           "pickled, and what __main__ defines by value" in proc.stderr, proc.stderr
 
 
 def test_run_from_a_directory_holding_an_unbuilt_source_tree(tmp_path):

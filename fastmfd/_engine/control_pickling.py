@@ -53,10 +53,11 @@ def dumps(message: Any) -> bytes:
         _ByValuePickler(out, protocol=pickle.HIGHEST_PROTOCOL).dump(message)
     except (TypeError, pickle.PicklingError) as exc:
         if not _main_can_be_imported():
-            raise TypeError(f"{exc} (what __main__ defines goes to fastmfd's workers by "
-                            f"value, with the globals its methods use: define it in a "
-                            f"module, or guard the script with if __name__ == "
-                            f"'__main__':)") from exc
+            raise TypeError(f"{exc} (a loader goes to fastmfd's workers pickled, and what "
+                            f"__main__ defines by value, with the globals its methods use: "
+                            f"define its class in a module, or guard the script with if "
+                            f"__name__ == '__main__':, and keep what it holds picklable)"
+                            ) from exc
         return bytes(reduction.ForkingPickler.dumps(message, pickle.HIGHEST_PROTOCOL))
     return out.getvalue()
 

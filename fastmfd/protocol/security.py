@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
-from ..arguments import BYTES, PATH, STR, check_types, optional
+from ..arguments import BYTES, PATH, STR, check_types, optional, type_error
 from ..errors import ConfigError, SecurityError
 
 __all__ = ["TLSConfig", "ChannelSecurity", "MIN_AUTH_KEY_BYTES", "NONCE_SIZE", "PROOF_SIZE",
@@ -85,7 +85,7 @@ class TLSConfig:
                     ciphers=(self.ciphers, optional(STR)))
         if self.authz is not None:
             if isinstance(self.authz, str) or not all(isinstance(a, str) for a in self.authz):
-                raise ConfigError("TLSConfig.authz must be a list of identity strings")
+                raise type_error("TLSConfig(authz)", "a list of identity strings", self.authz)
             object.__setattr__(self, "authz", tuple(self.authz))
         if (self.cert is None) != (self.key is None):
             raise ConfigError("TLSConfig needs both cert and key, or neither")

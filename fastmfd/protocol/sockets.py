@@ -65,6 +65,9 @@ class Address:
         return f"tcp:[{host}]:{port}" if ":" in host else f"tcp:{host}:{port}"
 
 
+UNIX_PATH_MAX = 107                  # sun_path less its terminating NUL
+
+
 def parse_address(text: str | Address) -> Address:
     """Parse ``tcp:HOST:PORT``, ``tcp://HOST:PORT``, ``tcp::PORT`` (every
     interface, as QEMU's ``-incoming tcp::PORT``; connecting there reaches this
@@ -73,6 +76,9 @@ def parse_address(text: str | Address) -> Address:
         return text
     kind, _, rest = str(text).partition(":")
     if kind == "unix" and rest:
+        if len(os.fsencode(rest)) > UNIX_PATH_MAX:
+            raise ConfigError(f"bad address {text!r}: a Unix socket's path holds at most "
+                              f"{UNIX_PATH_MAX} bytes, not {len(os.fsencode(rest))}")
         return Address(socket.AF_UNIX, rest)
     if kind == "tcp":
         host, sep, port = rest.removeprefix("//").rpartition(":")

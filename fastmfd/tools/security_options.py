@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from ..errors import ConfigError
-from ..protocol.security import TLSConfig, read_key_file
+from ..protocol.security import MIN_AUTH_KEY_BYTES, TLSConfig, read_key_file
 from .loopback import LoopbackSecurity
 
-__all__ = ["add_arguments", "given", "tls_config", "auth_key", "LocalCredentials", "local_credentials",
-           "loopback_security"]
+__all__ = ["add_arguments", "given", "tls_config", "auth_key", "LocalCredentials",
+           "local_credentials", "loopback_security"]
 
 LOCAL_CLIENT = "fastmfd-source"      # the client identity of throwaway credentials
 
@@ -51,28 +51,42 @@ def add_arguments(parser: argparse.ArgumentParser, *, loopback: bool = False) ->
                             "ignored); authenticates every connection, does not encrypt")
 
 
+_TLS_FIELDS = ("cert", "key", "ca", "hostname", "authz")     # --tls-<field>, TLSConfig's
+
+
+def _tls_values(args: argparse.Namespace) -> dict[str, object]:
+    """The ``--tls-*`` options given (none is loaded or read)."""
+    return {name: value for name in _TLS_FIELDS
+            if (value := getattr(args, f"tls_{name}", None)) is not None}
+
+
 def given(args: argparse.Namespace) -> bool:
     """Any of the security options is given (none is loaded or read)."""
-    names = ("tls", "tls_cert", "tls_key", "tls_ca", "tls_hostname", "tls_authz",
-             "auth_key_file")
-    return any(getattr(args, name, None) not in (None, False) for name in names)
+    return (bool(_tls_values(args)) or getattr(args, "tls", False)
+            or getattr(args, "auth_key_file", None) is not None)
 
 
 def tls_config(args: argparse.Namespace) -> TLSConfig | None:
     """The TLSConfig the ``--tls-*`` options describe, or None."""
-    values = {name: getattr(args, f"tls_{name}", None)
-              for name in ("cert", "key", "ca", "hostname", "authz")}
-    if all(value is None for value in values.values()):
+    values = _tls_values(args)
+    if not values:
         return None
-    if (values["cert"] is None) != (values["key"] is None):
+    if ("cert" in values) != ("key" in values):
         raise ConfigError("--tls-cert and --tls-key go together: this side's certificate "
                           "chain and its private key")
-    return TLSConfig(**values)
+    return TLSConfig(**values)  # type: ignore[arg-type]  # each option's type is its field's
 
 
 def auth_key(args: argparse.Namespace) -> bytes | None:
+    """The ``--auth-key-file`` key, checked now (a short one fails before any work)."""
     path = getattr(args, "auth_key_file", None)
-    return read_key_file(path) if path is not None else None
+    if path is None:
+        return None
+    key = read_key_file(path)
+    if len(key) < MIN_AUTH_KEY_BYTES:
+        raise ConfigError(f"--auth-key-file {path}: the key has {len(key)} bytes, at least "
+                          f"{MIN_AUTH_KEY_BYTES} are needed")
+    return key
 
 
 @dataclass(frozen=True)
@@ -120,6 +134,9 @@ def loopback_security(args: argparse.Namespace) -> Iterator[LoopbackSecurity]:
     must suit both), else no TLS; and the ``--auth-key-file`` key."""
     key = auth_key(args)
     if getattr(args, "tls", False):
+        if _tls_values(args):
+            raise ConfigError("--tls makes throwaway certificates: give it no --tls-* files "
+                              "(or give the files without --tls)")
         with local_credentials() as credentials:
             yield LoopbackSecurity(credentials.source, credentials.destination, key)
         return

@@ -144,6 +144,8 @@ def cli_main(args: argparse.Namespace) -> int:
     baseline = load_best_times(args.compare) if args.compare else None
     if "qemu" in args.peer:
         args.qemu_binary = find_qemu(args.qemu_binary)
+    elif args.qemu_binary is not None:
+        raise ConfigError("--qemu-binary goes with --peer qemu")
     if args.link is not None:
         check_can_emulate()
     images: list[Image] = []
