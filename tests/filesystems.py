@@ -1,4 +1,5 @@
-"""What file system a path is on, for tests whose behaviour depends on it."""
+"""What file system a path is on, for tests whose behaviour depends on it; what
+a user may have put where a command writes."""
 
 from __future__ import annotations
 
@@ -16,3 +17,17 @@ def file_system_type(path) -> str:
                     and len(point) >= len(mount):
                 mount, kind = point, fields[fields.index("-") + 1]
     return kind
+
+
+def put_in_the_way(path, kind: str, target) -> None:
+    """Make ``path`` a user's ``kind`` of thing: a "file", a "symlink" to
+    ``target``, a "fifo" or a "directory"."""
+    if kind == "file":
+        path.write_text("the user's")
+    elif kind == "symlink":
+        path.symlink_to(target)
+    elif kind == "fifo":
+        os.mkfifo(path)
+    else:
+        assert kind == "directory", kind
+        path.mkdir()

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from leakcheck import leaks  # noqa: F401
+from filesystems import put_in_the_way
 from proc_scan import alive
 
 import fastmfd
@@ -181,12 +182,7 @@ def test_an_output_that_exists_is_refused_before_the_run(tmp_path, capsys, optio
     overwritten), a FIFO not opened (the check hung on it)."""
     path, victim = tmp_path / "out.svg", tmp_path / "victim"
     victim.write_text("the user's")
-    if kind == "file":
-        path.write_text("the user's")
-    elif kind == "symlink":
-        path.symlink_to(victim)
-    else:
-        os.mkfifo(path)
+    put_in_the_way(path, kind, victim)
     code = main(["bench", "--size", "1M", "--channels", "1", "--compression", "none",
                  option, str(path)])
     err = capsys.readouterr().err

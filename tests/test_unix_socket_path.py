@@ -13,6 +13,7 @@ import textwrap
 import pytest
 
 import fastmfd
+from filesystems import put_in_the_way
 
 _LISTENER = textwrap.dedent("""
     import sys, fastmfd
@@ -64,14 +65,9 @@ def test_what_is_not_a_socket_is_left_alone(tmp_path, kind):
     path = tmp_path / "dst.sock"
     target = tmp_path / "precious"
     target.write_text("keep me")
-    if kind == "file":
-        path.write_text("keep me too")
-    elif kind == "symlink":
-        path.symlink_to(target)
-    else:
-        path.mkdir()
+    put_in_the_way(path, kind, target)
     with pytest.raises(fastmfd.ConfigError, match="not a socket"):
         fastmfd.Destination(f"unix:{path}", workers=0)
     assert os.path.lexists(path) and target.read_text() == "keep me"
     if kind == "file":
-        assert path.read_text() == "keep me too"
+        assert path.read_text() == "the user's"
