@@ -193,6 +193,23 @@ def test_an_unguarded_script_whose_loader_cannot_go_by_value_is_told_why(tmp_pat
            "pickled, and what __main__ defines by value" in proc.stderr, proc.stderr
 
 
+def test_a_package_main_whose_loader_cannot_go_by_value_is_told_why(tmp_path):
+    """``python -m pkg``: multiprocessing never imports a package's ``__main__`` in
+    a worker, guarded or not, so by reference the worker could not find the class
+    ("Can't get attribute 'ReportingLoader'"); the script is told instead."""
+    package = tmp_path / "lockpkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "__main__.py").write_text(_LOCKED_LOADER + 'if __name__ == "__main__":\n'
+                                         + textwrap.indent(_MIGRATE_LOCKED, "    "))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), *sys.path]))
+    proc = subprocess.run([sys.executable, "-m", "lockpkg"], capture_output=True, text=True,
+                          timeout=TIMEOUT, env=env)
+    assert proc.returncode == 1 and proc.stdout.split() == ["script", "ran"], proc.stdout
+    assert "cannot pickle '_thread.lock' object (a loader goes to fastmfd's workers " \
+           "pickled" in proc.stderr, proc.stderr
+
+
 def test_run_from_a_directory_holding_an_unbuilt_source_tree(tmp_path):
     """An unpacked sdist or a checkout not built in place, as the current
     directory of a program using the installed fastmfd: Python 3.11's forkserver
