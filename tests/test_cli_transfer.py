@@ -35,8 +35,11 @@ def test_specs_parse():
         StateSpec("0000:00:01.0/vfio", 3, "s.bin")
 
 
-@pytest.mark.parametrize("compression", ["zlib", "auto"])
-def test_send_to_listen_moves_images_and_state(tmp_path, compression):
+@pytest.mark.parametrize("compression, images_last", [("zlib", False), ("auto", False),
+                                                     ("zlib", True)])
+def test_send_to_listen_moves_images_and_state(tmp_path, compression, images_last):
+    """``images_last``: the images among and after the options (argparse alone
+    took positionals in one run, and refused the rest as unrecognized)."""
     images = {"ram.img": os.urandom(64 * PAGE) + bytes(64 * PAGE), "rom.bin": os.urandom(PAGE)}
     for name, data in images.items():
         (tmp_path / name).write_bytes(data)
@@ -53,9 +56,13 @@ def test_send_to_listen_moves_images_and_state(tmp_path, compression):
     thread = threading.Thread(target=listen)
     thread.start()
     assert listening.wait(30)
-    done = run_cli("send", f"unix:{tmp_path}/sock", str(tmp_path / "ram.img"),
-                   f"pc.rom={tmp_path / 'rom.bin'}", "--state", f"nic0:1={tmp_path / 'nic.state'}",
-                   "--compression", compression, "--quiet")
+    images_args = [str(tmp_path / "ram.img"), f"pc.rom={tmp_path / 'rom.bin'}"]
+    state_args = ["--state", f"nic0:1={tmp_path / 'nic.state'}"]
+    if images_last:
+        args = [*state_args, images_args[0], "--compression", compression, images_args[1]]
+    else:
+        args = [*images_args, *state_args, "--compression", compression]
+    done = run_cli("send", f"unix:{tmp_path}/sock", *args, "--quiet")
     thread.join(60)
     assert done.returncode == 0, done.stderr
     assert (out / "ram.img").read_bytes() == images["ram.img"]

@@ -229,10 +229,19 @@ class _Parser(argparse.ArgumentParser):
 
     def parse_command_line(self, argv: list[str] | None) -> argparse.Namespace:
         """parse_args, with an option the command does not take said by that
-        command (argparse has the top parser say it, pointing at its help)."""
+        command (argparse has the top parser say it, pointing at its help), and
+        a command's positionals allowed after its options (``send ADDR --state
+        S IMG``: argparse takes positionals in one run, and left IMG over)."""
+        if argv is None:
+            argv = sys.argv[1:]
         args, unknown = self.parse_known_args(argv)
         if unknown:
-            self.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+            # Parsed again, from the command's name on, by the command's parser,
+            # which reports what is still left over; a fresh namespace, so that
+            # a repeatable option is not counted twice.
+            command_line = argv[argv.index(args.command) + 1:]
+            top = argparse.Namespace(command=args.command, verbose=args.verbose)
+            return self.commands[args.command].parse_intermixed_args(command_line, top)
         return args
 
 
