@@ -182,6 +182,7 @@ def test_a_refused_connection_keeps_its_errno():
     (["listen", "tcp:127.0.0.1:0", "--qemu", "--workers", "-3"], ["--workers"]),
     (["listen"], ["required: address"]),
     ([], ["required: COMMAND"]),
+    (["--bogus"], ["fastmfd: unrecognized arguments: --bogus", "fastmfd --help"]),
 ])
 def test_a_mistake_argparse_finds_is_one_line_too(args, words):
     """Before any work (a listener would wait for its sender): exit 2, and one

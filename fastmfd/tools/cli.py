@@ -235,6 +235,9 @@ class _Parser(argparse.ArgumentParser):
         if argv is None:
             argv = sys.argv[1:]
         args, unknown = self.parse_known_args(argv)
+        if args.command is None:        # an option before it is what to say first
+            self.error(f"unrecognized arguments: {' '.join(unknown)}" if unknown
+                       else "the following arguments are required: COMMAND")
         if unknown:
             # Parsed again, from the command's name on, by the command's parser,
             # which reports what is still left over; a fresh namespace, so that
@@ -263,7 +266,7 @@ def _build_parser() -> _Parser:
                         help="log what happens to stderr (-vv: debug)")
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="log what happens to stderr (-vv: debug)")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")     # checked above
 
     parser.commands = {}
 
