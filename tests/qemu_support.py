@@ -10,17 +10,32 @@ Two QEMUs: ``qemu-system-x86_64`` on the path ($FASTMFD_QEMU), Debian's 7.2 in
 CI, and a QEMU 10 given by $FASTMFD_QEMU10 (its ``pc`` is then
 ``pc-i440fx-10.0``: QEMU 10's own stream). ``QEMUS`` parametrizes a test over
 both, each skipped, saying why, where it is absent.
+
+Around them, what the QEMU tests share: ``Receiver`` (``qemu.receive`` in a
+thread), ``Background`` (any call in a thread, with a deadline for its
+return), ``listening_command`` (``fastmfd listen --qemu`` as a subprocess),
+``saved_guest`` (a real guest's migration saved by ``qemu.receive``),
+``incoming_guest`` (a QEMU waiting with ``-incoming defer``) and
+``wait_until_filled`` (until pages have landed in files).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import socket
 import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import pytest
 
+from fastmfd import qemu
 from fastmfd.tools.bench.peers import QMP, dying_with_this_thread
 
 QEMU = os.environ.get("FASTMFD_QEMU") or "qemu-system-x86_64"
@@ -74,12 +89,15 @@ class Guest:
             self.close()
             raise
 
-    def set_multifd(self, channels: int, compression: str) -> None:
+    def set_multifd(self, channels: int, compression: str,
+                    max_bandwidth: int = 100 << 30) -> None:
+        """The multifd capability and parameters; ``max_bandwidth``: bytes/s a
+        source sends (QEMU's default, 128 MiB/s, is lifted)."""
         self.qmp.command("migrate-set-capabilities", capabilities=[
             {"capability": "multifd", "state": True}, {"capability": "events", "state": True}])
         self.qmp.command("migrate-set-parameters", **{
             "multifd-channels": channels, "multifd-compression": compression,
-            "max-bandwidth": 100 << 30})
+            "max-bandwidth": max_bandwidth})
 
     def migrate(self, uri: str) -> None:
         self.qmp.command("migrate", uri=uri)
@@ -94,3 +112,143 @@ class Guest:
         if self.process.poll() is None:
             self.process.kill()
         self.process.wait()
+
+
+# ---------------------------------------------------------------- around a QEMU
+
+class Background:
+    """``call()`` in a thread; :meth:`result` returns what it returned, or raises
+    what it raised, and fails the test if it has not returned by then (a hang).
+    ``then()`` runs in the thread once ``call`` is done, whatever happened."""
+
+    def __init__(self, what: str, call: Callable[[], Any],
+                 then: Callable[[], object] | None = None) -> None:
+        self.what = what
+        self.outcome: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                self.outcome["result"] = call()
+            except BaseException as exc:        # handed to the test thread
+                self.outcome["error"] = exc
+            if then is not None:
+                then()
+
+        self.thread = threading.Thread(target=run, name=what)
+        self.thread.start()
+
+    def result(self, timeout: float = 60.0) -> Any:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), f"{self.what} did not return within {timeout:g} s"
+        if "error" in self.outcome:
+            raise self.outcome["error"]
+        return self.outcome["result"]
+
+
+class Receiver:
+    """``qemu.receive`` in a thread: ``address`` once it listens, then ``result()``."""
+
+    def __init__(self, directory, **kwargs) -> None:
+        self.listening = threading.Event()
+        kwargs.setdefault("stall_timeout", 10.0)
+        kwargs.setdefault("timeout", 30.0)
+        self.call = Background("receive()", lambda: qemu.receive(
+            "tcp:127.0.0.1:0", str(directory), on_listening=self._listening, **kwargs),
+            then=self.listening.set)
+        assert self.listening.wait(30), "receive() never listened"
+        if "error" in self.call.outcome:
+            raise self.call.outcome["error"]
+
+    def _listening(self, address: str) -> None:
+        self.address = address
+        self.listening.set()
+
+    def result(self, timeout: float = 60.0) -> qemu.QemuReceived:
+        received: qemu.QemuReceived = self.call.result(timeout)
+        return received
+
+
+def assert_nothing_complete(directory) -> None:
+    """A failed receive leaves no file, not even a .part one, nor the directory
+    it made for them."""
+    assert not os.path.exists(directory)
+
+
+@contextlib.contextmanager
+def listening_command(out: Path, *options: str) -> Iterator[tuple[subprocess.Popen, str]]:
+    """``fastmfd listen --qemu`` into ``out`` on a free port, as a subprocess
+    (stdout and stderr piped, text), once it said it listens: (it, its address).
+    Killed at the end if it still runs."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        address = f"tcp:127.0.0.1:{probe.getsockname()[1]}"
+    listen = subprocess.Popen(
+        [sys.executable, "-m", "fastmfd", "listen", "--qemu", address, "--dir", str(out),
+         *options], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert listen.stderr is not None
+        for line in listen.stderr:
+            if "listening on" in line:
+                break
+        else:
+            raise AssertionError(f"listen --qemu never listened (status {listen.wait()})")
+        yield listen, address
+    finally:
+        if listen.poll() is None:
+            listen.kill()
+            listen.wait()
+
+
+def saved_guest(tmp_path, channels: int, compression: str, binary: str = QEMU,
+                machine: str = "pc", mib: int = 64) -> tuple[Path, np.ndarray]:
+    """A real guest's migration saved by ``qemu.receive``: (directory, its RAM)."""
+    ram = pattern(mib, seed=3)
+    ram_path = tmp_path / "src-ram.img"
+    ram.tofile(ram_path)
+    source = Guest(tmp_path, str(ram_path), mib, binary=binary, machine=machine)
+    try:
+        source.set_multifd(channels, compression)
+        receiver = Receiver(tmp_path / "saved")
+        source.migrate(receiver.address)
+        assert source.wait() == "completed"
+        receiver.result()
+    finally:
+        source.close()
+    return tmp_path / "saved", ram
+
+
+def incoming_guest(tmp_path, channels: int, compression: str, binary: str = QEMU,
+                   machine: str = "pc", mib: int = 64) -> tuple[Guest, Path, str]:
+    """A fresh QEMU waiting for a migration: (guest, its RAM file, address). It
+    traces each COMMAND section it loads into its log (``loaded_commands`` in
+    test_qemu_send)."""
+    ram_path = tmp_path / "dst-ram.img"
+    with open(ram_path, "wb") as f:
+        f.truncate(mib << 20)
+    guest = Guest(tmp_path, str(ram_path), mib, incoming=True, name="dst", binary=binary,
+                  machine=machine, options=("-trace", "loadvm_process_command"))
+    try:
+        guest.set_multifd(channels, compression)
+        guest.qmp.command("migrate-incoming", uri="tcp:127.0.0.1:0")
+        socket_address = guest.qmp.command("query-migrate")["socket-address"][0]
+    except BaseException:
+        guest.close()
+        raise
+    return guest, ram_path, f"tcp:{socket_address['host']}:{socket_address['port']}"
+
+
+def wait_until_filled(paths: Callable[[], Iterable[Path]], at_least: int,
+                      timeout: float = 20.0) -> None:
+    """Until the files ``paths()`` names (looked up anew each time) hold
+    ``at_least`` bytes of data (allocated blocks: they are sparse, and fill as
+    pages land): a migration under way."""
+    deadline = time.monotonic() + timeout
+    while True:
+        held = 0
+        for path in paths():
+            with contextlib.suppress(FileNotFoundError):
+                held += path.stat().st_blocks * 512
+        if held >= at_least:
+            return
+        assert time.monotonic() < deadline, f"only {held} bytes landed in {timeout:g} s"
+        time.sleep(0.02)

@@ -19,8 +19,6 @@ import multiprocessing
 import os
 import socket
 import struct
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -43,51 +41,11 @@ from fastmfd.protocol.qemu_encoding import (encode_multifd_flush, encode_ram_eos
                                             encode_ram_start, encode_stream_start,
                                             encode_zero_records)
 from fastmfd.protocol.sockets import connect, parse_address
-from qemu_support import QEMU, QEMU10, QEMUS, Guest, pattern
+from qemu_support import (QEMU, QEMU10, QEMUS, Guest, Receiver, assert_nothing_complete,
+                          listening_command, pattern)
 
 GUEST_MIB = 64
 BIOS_BASE = 0xFFFC0000          # pc.bios (256 KiB) is mapped just below 4 GiB
-
-
-class Receiver:
-    """``qemu.receive`` in a thread: ``address`` once it listens, then ``result()``."""
-
-    def __init__(self, directory, **kwargs) -> None:
-        self.listening = threading.Event()
-        self.outcome: dict = {}
-        kwargs.setdefault("stall_timeout", 10.0)
-        kwargs.setdefault("timeout", 30.0)
-
-        def run() -> None:
-            try:
-                self.outcome["result"] = qemu.receive(
-                    "tcp:127.0.0.1:0", str(directory), on_listening=self._listening, **kwargs)
-            except BaseException as exc:        # handed to the test thread
-                self.outcome["error"] = exc
-            self.listening.set()
-
-        self.thread = threading.Thread(target=run)
-        self.thread.start()
-        assert self.listening.wait(30), "receive() never listened"
-        if "error" in self.outcome:
-            raise self.outcome["error"]
-
-    def _listening(self, address: str) -> None:
-        self.address = address
-        self.listening.set()
-
-    def result(self, timeout: float = 60.0) -> qemu.QemuReceived:
-        self.thread.join(timeout)
-        assert not self.thread.is_alive(), "receive() did not return"
-        if "error" in self.outcome:
-            raise self.outcome["error"]
-        return self.outcome["result"]
-
-
-def assert_nothing_complete(directory) -> None:
-    """A failed receive leaves no file, not even a .part one, nor the directory
-    it made for them."""
-    assert not os.path.exists(directory)
 
 
 # ---------------------------------------------------------------- a real QEMU
@@ -157,24 +115,10 @@ def test_listen_qemu_command(tmp_path, guest, guest_ram):
     --json, what it wrote and learnt on stdout."""
     out = tmp_path / "out"
     guest.set_multifd(2, "zstd")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    listen = subprocess.Popen(
-        [sys.executable, "-m", "fastmfd", "listen", "--qemu", f"tcp:127.0.0.1:{port}",
-         "--dir", str(out), "--stall-timeout", "10", "--json"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        for line in listen.stderr:
-            if "listening on" in line:
-                break
-        guest.migrate(f"tcp:127.0.0.1:{port}")
+    with listening_command(out, "--stall-timeout", "10", "--json") as (listen, address):
+        guest.migrate(address)
         assert guest.wait() == "completed"
         printed, rest = listen.communicate(timeout=60)
-    finally:
-        if listen.poll() is None:
-            listen.kill()
-            listen.wait()
     assert listen.returncode == 0, rest
     manifest = json.loads((out / "manifest.json").read_text())
     result = json.loads(printed)

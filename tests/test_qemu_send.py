@@ -23,48 +23,9 @@ import pytest
 from fastmfd import qemu
 from fastmfd._engine.qemu_sending import QEMU_PACKET_BYTES
 from fastmfd.errors import ConfigError, MigrationError
-from qemu_support import QEMU, QEMUS, Guest, needs_qemu, pattern
+from qemu_support import QEMU, QEMUS, Guest, Receiver, incoming_guest, needs_qemu, saved_guest
 from inspect_support import NATIVE_CAPTURES, captures_dir
-from test_qemu_receive import Receiver, capture_bytes, receive_replay
-
-GUEST_MIB = 64
-
-
-def saved_guest(tmp_path, channels: int, compression: str, binary: str = QEMU,
-                machine: str = "pc"):
-    """A real guest's migration saved by ``qemu.receive``: (directory, its RAM)."""
-    ram = pattern(GUEST_MIB, seed=3)
-    ram_path = tmp_path / "src-ram.img"
-    ram.tofile(ram_path)
-    source = Guest(tmp_path, str(ram_path), GUEST_MIB, binary=binary, machine=machine)
-    try:
-        source.set_multifd(channels, compression)
-        receiver = Receiver(tmp_path / "saved")
-        source.migrate(receiver.address)
-        assert source.wait() == "completed"
-        receiver.result()
-    finally:
-        source.close()
-    return tmp_path / "saved", ram
-
-
-def incoming_guest(tmp_path, channels: int, compression: str, binary: str = QEMU,
-                   machine: str = "pc"):
-    """A fresh QEMU waiting for a migration: (guest, its RAM file, address). It
-    traces each COMMAND section it loads into its log (``loaded_commands``)."""
-    ram_path = tmp_path / "dst-ram.img"
-    with open(ram_path, "wb") as f:
-        f.truncate(GUEST_MIB << 20)
-    guest = Guest(tmp_path, str(ram_path), GUEST_MIB, incoming=True, name="dst", binary=binary,
-                  machine=machine, options=("-trace", "loadvm_process_command"))
-    try:
-        guest.set_multifd(channels, compression)
-        guest.qmp.command("migrate-incoming", uri="tcp:127.0.0.1:0")
-        socket_address = guest.qmp.command("query-migrate")["socket-address"][0]
-    except BaseException:
-        guest.close()
-        raise
-    return guest, ram_path, f"tcp:{socket_address['host']}:{socket_address['port']}"
+from test_qemu_receive import capture_bytes, receive_replay
 
 
 def loaded_commands(guest: Guest) -> list[str]:

@@ -77,6 +77,20 @@ COPY_CHUNK = 1 << 20
 JSON_END = ord("}")                 # the VM description's closing brace: a stream's last byte
 
 
+# Why a stream is cut short by its connection's end: the source went away mid-migration.
+SOURCE_GONE = "(its migration failed or was cancelled, or it exited)"
+
+
+def closed_early(exc: ProtocolError) -> MigrationError:
+    """``exc``, the main channel's stream cut short by the connection's end, as
+    what it is: the source gone (a QEMU killed mid-migration), a session failure
+    like any dropped connection (the README's "Fails cleanly": one
+    MigrationError), not bad bytes. It was a ProtocolError from the main
+    channel, and a MigrationError when a channel's worker saw the end first."""
+    return MigrationError(f"the source closed it before the stream's end {SOURCE_GONE}: "
+                          f"{exc.detail}", channel=exc.where or MAIN)
+
+
 class QemuOutput(Protocol):
     """Where a QEMU migration's files go (tools.outputs.OutputDir): it names,
     creates and keeps them; the caller commits or aborts it."""
@@ -147,7 +161,12 @@ class QemuReceiving:
             self.watch.poll(min(left, 1.0))
         self.watch.main = self.connections.main
         decoder = _LiveDecoder(StreamReader(MAIN, self._recv_main), self)
-        decoder.decode_ram()
+        try:
+            decoder.decode_ram()
+        except ProtocolError as exc:
+            if decoder.r.truncated:
+                raise closed_early(exc) from exc
+            raise
         facts = self.facts
         facts.machine, facts.page_size = decoder.out.machine, decoder.out.page_size
         facts.capabilities = list(decoder.out.capabilities)
@@ -341,9 +360,8 @@ class QemuReceiving:
         while late := [c for c in self.channels.values() if c.synced < k]:
             ended = [c.id for c in late if c.ended]
             if ended:
-                raise ProtocolError(f"the channel ended before its SYNC for barrier {k}",
-                                    field="SYNC", received=late[0].synced, expected=k,
-                                    where=f"multifd channel {ended[0]}")
+                raise MigrationError(f"the source closed it before its SYNC for barrier {k} "
+                                     f"{SOURCE_GONE}", channel=f"multifd channel {ended[0]}")
             left = deadline - time.monotonic()
             if left <= 0:
                 raise MigrationError(f"no SYNC for barrier {k} within {self.stall:g} s",
@@ -398,13 +416,16 @@ class QemuReceiving:
                 if chunk[-1] == JSON_END and self._check_end(fd, total, final=False):
                     break
                 chunk = self._recv_main(COPY_CHUNK)
-            else:
-                if not total:
-                    raise ProtocolError("main channel ended after the RAM section "
-                                        "(truncated?)", field="QEMU_VM_EOF",
-                                        received="end of stream", expected="device sections",
-                                        where=MAIN)
-                self._check_end(fd, total, final=True)
+            else:               # the connection ended
+                try:
+                    if not total:
+                        raise ProtocolError("main channel ended after the RAM section "
+                                            "(truncated?)", field="QEMU_VM_EOF",
+                                            received="end of stream",
+                                            expected="device sections", where=MAIN)
+                    self._check_end(fd, total, final=True)
+                except ProtocolError as exc:
+                    raise closed_early(exc) from exc
             os.fsync(fd)
             self.facts.vmstate_bytes = total
         finally:

@@ -37,6 +37,7 @@ error names what the saved stream needs.
 from __future__ import annotations
 
 import os
+import select
 import socket
 import time
 
@@ -53,6 +54,7 @@ from ..protocol.security import ChannelSecurity
 from ..protocol.sockets import Address, connect, tune_data_socket
 from ..regions import Region
 from ..shm import SharedMemory
+from .liveness import tick
 from .processes import Child, ChildSet
 from .session import Closable, Owned, shutdown_quietly
 from .workers import send_worker_main
@@ -132,12 +134,15 @@ class QemuSending:
         try:
             self._run(address)
         except MigrationError as exc:
-            if self.main is None or exc.cause.endswith(self._mismatch_hint):
+            if self.main is None or exc.cause.endswith((self._hint(), self._hint(True))):
                 raise           # no QEMU listening at all, or the hint is there
             # The destination dropped the stream (it says why only in its own log;
             # a QEMU >= 8.0 reads the main channel at once, and may have closed its
             # listener before the multifd channels came): name what the stream needs.
-            raise MigrationError(exc.cause + self._mismatch_hint, channel=exc.channel,
+            # Or it died: one killed mid-migration closes its connections too (and
+            # was only asked about its kind, as if it could not have gone).
+            hint = self._hint(dropped=self._main_ended() is not None)
+            raise MigrationError(exc.cause + hint, channel=exc.channel,
                                  device=exc.device, side=exc.side) from exc
 
     def _run(self, address: Address) -> None:
@@ -229,22 +234,63 @@ class QemuSending:
     def _dispatch(self, index: int, pages: np.ndarray) -> None:
         for start in range(0, len(pages), self.job_pages):
             count = min(self.job_pages, len(pages) - start)
-            ch = self.selector.select(timeout=self.stall)
-            if ch is None:
-                self._check_workers()
-                raise MigrationError(f"no multifd channel took work for {self.stall:g} s"
-                                     + self._mismatch_hint)
+            ch = self._idle_channel()
             self.mailbox[ch, :count] = pages[start:start + count]
             self._command(ch, _core.pack_command(_core.CMD_RAM, index, count))
 
-    @property
-    def _mismatch_hint(self) -> str:
-        # A 7.2 destination reads no main channel before all of its channels came,
-        # and holds every channel at a SYNC until the main channel reaches its EOS;
-        # a destination of another QEMU or machine type refuses the stream.
-        return (f" (are the destination's multifd-channels {self.channels} and its "
-                f"multifd-compression {self.compression}, and is it a QEMU this saved "
-                f"stream can go to: {self.stream.describe()}?)")
+    def _idle_channel(self) -> int:
+        """The next channel to take a job, waited for up to the stall timeout, a
+        tick at a time: only a worker that finishes a job frees one, and a worker
+        that failed (its connection reset: the destination died) never will, so
+        between ticks the workers and the main channel are looked at. (The whole
+        stall timeout at once made a SIGKILLed destination fail the send only
+        after it: 30 s by default, not at once.)"""
+        deadline = time.monotonic() + self.stall
+        while True:
+            left = deadline - time.monotonic()
+            ch = self.selector.select(timeout=max(0.0, min(left, tick(self.stall))))
+            if ch is not None:
+                return int(ch)
+            self._check_workers()
+            self._check_main_open()
+            if left <= tick(self.stall):
+                raise MigrationError(f"no multifd channel took work for {self.stall:g} s"
+                                     + self._hint())
+
+    def _check_main_open(self) -> None:
+        """Raise if the destination closed or reset the main channel."""
+        ended = self._main_ended()
+        if ended is not None:
+            raise MigrationError(ended, channel=MAIN)
+
+    def _main_ended(self) -> str | None:
+        """How the destination ended the main channel, if it did. It sends nothing
+        on it (no return path), so readable means ended."""
+        assert self.main is not None, "connected by run()"
+        ended = select.poll()
+        ended.register(self.main, select.POLLIN)
+        if not ended.poll(0):       # (recv() would wait the socket's timeout first)
+            return None
+        try:
+            if self.main.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT):
+                return None
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            return f"the destination broke the connection: {exc.strerror or exc}"
+        return "the destination closed the connection"
+
+    def _hint(self, dropped: bool = False) -> str:
+        """What to check on the destination. A 7.2 destination reads no main
+        channel before all of its channels came, and holds every channel at a
+        SYNC until the main channel reaches its EOS; a destination of another
+        QEMU or machine type refuses the stream; ``dropped``: it closed the
+        connection (refused the stream, or exited)."""
+        check = ("the destination closed the connection: did its QEMU exit, or drop the "
+                 "stream (its log says why)? Are its" if dropped else "are the destination's")
+        return (f" ({check} multifd-channels {self.channels} and its multifd-compression "
+                f"{self.compression}, and is it a QEMU this saved stream can go to: "
+                f"{self.stream.describe()}?)")
 
     def _send_vmstate(self) -> None:
         while chunk := os.read(self.vmstate_fd, 1 << 20):
@@ -257,7 +303,7 @@ class QemuSending:
         except TimeoutError:
             self._check_workers()
             raise MigrationError(f"the destination took no data for {self.stall:g} s"
-                                 + self._mismatch_hint, channel=MAIN) from None
+                                 + self._hint(), channel=MAIN) from None
         except OSError as exc:
             self._check_workers()
             raise MigrationError(f"sending failed: {exc.strerror or exc}",

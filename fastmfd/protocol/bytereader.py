@@ -104,6 +104,7 @@ class StreamReader(ByteReader):
         self._base = 0              # stream offset of self.raw[0]
         self._mark = 0
         self.ended = False
+        self.truncated = False      # a take() failed for the stream's end: it was cut short
 
     def _fill(self, n: int) -> bool:
         """Have ``n`` bytes after the cursor buffered; False if the stream ends first."""
@@ -124,6 +125,7 @@ class StreamReader(ByteReader):
 
     def take(self, n: int, what: str) -> memoryview:
         if not self._fill(n):
+            self.truncated = True
             raise self.error(f"{what}: truncated: needs {n} bytes, the stream ended "
                              f"{self.size - self.pos} bytes later", field=what,
                              received=self.size - self.pos, expected=n)

@@ -1,0 +1,249 @@
+"""A real QEMU peer that dies (SIGKILL) or stops (SIGSTOP) in the middle of a
+migration, either way: the QEMU source of ``qemu.receive`` / ``listen --qemu``,
+the ``-incoming defer`` destination of ``qemu.send`` / ``send --qemu``.
+
+Each migration is slowed down (QEMU's ``max-bandwidth``, send's
+``max_bandwidth``) so that the peer is hit while pages are landing. A killed
+peer closes its connections: the call fails at once, well within a stall
+timeout it could otherwise have waited for (PATIENT). A stopped one keeps them
+open and silent: the call fails at its stall timeout, naming what it waited
+for. Either way with one MigrationError, no file that looks complete and
+nothing left behind: no worker, /dev/shm segment or socket (the leak check).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from fastmfd import qemu
+from fastmfd.errors import MigrationError
+from leakcheck import GRACE_SECONDS
+from proc_scan import alive, process_tree
+from qemu_support import (QEMUS, Background, Guest, Receiver, assert_nothing_complete,
+                          incoming_guest, listening_command, needs_qemu, pattern, saved_guest,
+                          wait_until_filled)
+
+GUEST_MIB = 64                  # 3/4 of it data: 48 MiB of pages
+SLOW = 8 << 20                  # bytes/s: some 6 s for those pages
+UNDER_WAY = 4 << 20             # bytes landed: the peer is hit mid-migration
+PATIENT = 60.0                  # a stall timeout no failure here may wait for
+PROMPT = 20.0                   # seconds a failing call has to return: it did not hang
+STALL = 2.0                     # the stall timeout of the stopped-peer cases
+
+# receive(), its source killed: the main channel cut short, or a multifd
+# channel (at a packet's end, or inside one: its worker says so).
+SOURCE_KILLED = (r"^(main channel at byte \d+: the source closed it before the stream's end "
+                 r"\(its migration failed or was cancelled, or it exited\): .*truncated"
+                 r"|multifd channel \d: (the source closed it before its SYNC for barrier \d+"
+                 r"|.*connection closed after \d+ of \d+ bytes))")
+# send(), its destination killed: a channel's write broke, or the main channel
+# was found closed; then what to check on the destination.
+DESTINATION_KILLED = (r"^(main|multifd) channel( \d)?: .*(Broken pipe|Connection reset by peer"
+                      r"|the destination (closed|broke) the connection).* \(the destination "
+                      r"closed the connection: did its QEMU exit, or drop the stream")
+
+
+@pytest.fixture(params=QEMUS)
+def source(request, tmp_path):
+    """A QEMU guest about to migrate at SLOW bytes/s over 2 multifd channels."""
+    ram_path = tmp_path / "src-ram.img"
+    pattern(GUEST_MIB, seed=5).tofile(ram_path)
+    guest = Guest(tmp_path, str(ram_path), GUEST_MIB, binary=request.param)
+    try:
+        guest.set_multifd(2, "none", max_bandwidth=SLOW)
+        yield guest
+    finally:
+        resume_and_close(guest)
+
+
+def resume_and_close(guest: Guest) -> None:
+    """Kill the guest, stopped or not (continued first: nothing is left stopped)."""
+    if guest.process.poll() is None:
+        os.kill(guest.process.pid, signal.SIGCONT)
+    guest.close()
+
+
+def kill(guest: Guest) -> None:
+    guest.process.kill()
+    guest.process.wait()
+
+
+def landing(out):
+    """The receiver's block files, as their pages land."""
+    return lambda: out.glob("*.part")
+
+
+def assert_one_line(error: BaseException) -> None:
+    assert isinstance(error, MigrationError) and "\n" not in str(error), repr(error)
+
+
+# ---------------------------------------------------------------- qemu.receive
+
+def test_a_source_killed_mid_migration_fails_receive_at_once(tmp_path, source, leaks):
+    """The connections end with the source: receive() fails then, not at its
+    stall timeout, and removes its .part files (and the directory it made)."""
+    out = tmp_path / "out"
+    receiver = Receiver(out, stall_timeout=PATIENT)
+    source.migrate(receiver.address)
+    wait_until_filled(landing(out), UNDER_WAY)
+    kill(source)
+    with pytest.raises(MigrationError, match=SOURCE_KILLED) as failed:
+        receiver.result(PROMPT)
+    assert_one_line(failed.value)
+    assert_nothing_complete(out)
+    source.close()          # its QMP socket is the test's
+    leaks.assert_clean()
+
+
+def test_a_source_stopped_mid_migration_fails_receive_at_its_stall_timeout(tmp_path, source,
+                                                                            leaks):
+    """The connections stay open and silent: receive() fails at its stall
+    timeout, saying what did not come."""
+    out = tmp_path / "out"
+    receiver = Receiver(out, stall_timeout=STALL)
+    source.migrate(receiver.address)
+    wait_until_filled(landing(out), UNDER_WAY)
+    os.kill(source.process.pid, signal.SIGSTOP)
+    with pytest.raises(MigrationError, match=r"^(main channel: no data for 2 s|multifd channel "
+                                             r"\d: no SYNC for barrier \d+ within 2 s)$"):
+        receiver.result(PROMPT)
+    assert_nothing_complete(out)
+    resume_and_close(source)
+    leaks.assert_clean()
+
+
+@needs_qemu
+def test_listen_qemu_fails_when_its_source_is_killed(tmp_path, leaks):
+    """The command: exit 1 at once, one line on stderr, no file, no process left."""
+    ram_path = tmp_path / "src-ram.img"
+    pattern(GUEST_MIB, seed=5).tofile(ram_path)
+    source = Guest(tmp_path, str(ram_path), GUEST_MIB)
+    out = tmp_path / "out"
+    try:
+        source.set_multifd(2, "none", max_bandwidth=SLOW)
+        with listening_command(out, "--stall-timeout", str(PATIENT)) as (listen, address):
+            source.migrate(address)
+            wait_until_filled(landing(out), UNDER_WAY)
+            tree = process_tree(listen.pid)
+            kill(source)
+            printed, said = listen.communicate(timeout=PROMPT)
+    finally:
+        source.close()
+    assert listen.returncode == 1, said
+    assert printed == ""
+    assert len(said.splitlines()) == 1, said
+    assert said.startswith("fastmfd listen: main channel at byte ") \
+        or said.startswith("fastmfd listen: multifd channel "), said
+    assert_nothing_complete(out)
+    assert_tree_gone(tree)
+
+
+def assert_tree_gone(tree: set[int]) -> None:
+    """A command's processes (its workers, its forkserver) end with it."""
+    deadline = time.monotonic() + GRACE_SECONDS
+    while left := [pid for pid in tree if alive(pid)]:
+        assert time.monotonic() < deadline, f"processes of the command outlived it: {left}"
+        time.sleep(0.02)
+
+
+# ---------------------------------------------------------------- qemu.send
+
+@pytest.fixture(params=QEMUS)
+def destination(request, tmp_path):
+    """A saved guest (2 channels, no compression) and a QEMU of the same binary
+    waiting for it: (saved directory, guest, its RAM file, address)."""
+    saved, _ = saved_guest(tmp_path, 2, "none", request.param, mib=GUEST_MIB)
+    guest, ram_path, address = incoming_guest(tmp_path, 2, "none", request.param,
+                                              mib=GUEST_MIB)
+    try:
+        yield saved, guest, ram_path, address
+    finally:
+        resume_and_close(guest)
+
+
+def send_slowly(destination, **kwargs) -> tuple[Background, list[int]]:
+    """qemu.send into ``destination`` at SLOW bytes/s, in a thread, once its
+    pages are landing: (the call, its worker processes)."""
+    saved, guest, ram_path, address = destination
+    before = {p.pid for p in multiprocessing.active_children()}
+    landed = ram_path.stat().st_blocks * 512
+    sending = Background("send()", lambda: qemu.send(
+        address, str(saved), channels=2, max_bandwidth=SLOW, **kwargs))
+    wait_until_filled(lambda: [ram_path], landed + UNDER_WAY)
+    workers = [p.pid for p in multiprocessing.active_children() if p.pid not in before]
+    assert len(workers) == 2, workers
+    return sending, workers
+
+
+def assert_gone(workers: list[int]) -> None:
+    """Gone when send() returned, not left to the leak check's grace."""
+    assert not [pid for pid in workers if alive(pid)], "a worker outlived the failed send"
+
+
+def test_a_destination_killed_mid_send_fails_it_at_once(destination, leaks):
+    """The connections end with the destination: send() fails then, not at its
+    stall timeout (it waited for it: a dead worker frees no channel), saying
+    the destination closed the connection, and its workers are gone."""
+    guest = destination[1]
+    sending, workers = send_slowly(destination, stall_timeout=PATIENT)
+    kill(guest)
+    with pytest.raises(MigrationError, match=DESTINATION_KILLED) as failed:
+        sending.result(PROMPT)
+    assert_one_line(failed.value)
+    assert_gone(workers)
+    guest.close()           # its QMP socket is the test's
+    leaks.assert_clean()
+
+
+def test_a_destination_stopped_mid_send_fails_it_at_its_stall_timeout(destination, leaks):
+    """The connections stay open and take nothing: send() fails at its stall
+    timeout, saying what made no progress, and its workers are gone."""
+    guest = destination[1]
+    sending, workers = send_slowly(destination, stall_timeout=STALL)
+    os.kill(guest.process.pid, signal.SIGSTOP)
+    with pytest.raises(MigrationError, match=r"^(no multifd channel took work for 2 s|main "
+                                             r"channel: the destination took no data for 2 s"
+                                             r"|multifd channel \d: no Done report within)"):
+        sending.result(PROMPT)
+    assert_gone(workers)
+    resume_and_close(guest)
+    leaks.assert_clean()
+
+
+@needs_qemu
+def test_send_qemu_fails_when_its_destination_is_killed(tmp_path, leaks):
+    """The command: exit 1 at once, one line on stderr, no process left."""
+    saved, _ = saved_guest(tmp_path, 2, "none", mib=GUEST_MIB)
+    guest, ram_path, address = incoming_guest(tmp_path, 2, "none", mib=GUEST_MIB)
+    try:
+        landed = ram_path.stat().st_blocks * 512
+        send = subprocess.Popen(
+            [sys.executable, "-m", "fastmfd", "send", "--qemu", address, "--dir", str(saved),
+             "--channels", "2", "--compression", "none", "--max-bandwidth", str(SLOW),
+             "--stall-timeout", str(PATIENT)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_until_filled(lambda: [ram_path], landed + UNDER_WAY)
+            tree = process_tree(send.pid)
+            kill(guest)
+            printed, said = send.communicate(timeout=PROMPT)
+        finally:
+            if send.poll() is None:
+                send.kill()
+                send.wait()
+    finally:
+        guest.close()
+    assert send.returncode == 1, said
+    assert printed == ""
+    assert len(said.splitlines()) == 1, said
+    assert said.startswith("fastmfd send: ")
+    assert re.match(DESTINATION_KILLED, said.removeprefix("fastmfd send: ")), said
+    assert_tree_gone(tree)
