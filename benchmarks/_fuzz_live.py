@@ -80,7 +80,8 @@ MAX_SESSION_BYTES = 64 << 20          # what one mutated SETUP may make the dest
 OK_ROOTS = {"ProtocolError", "MigrationError", "ConfigError", "TLSError", "SecurityError",
             "Aborted", "FastMFDError"}
 CONNECTION_ROOTS = {"ConnectionResetError", "BrokenPipeError", "ConnectionAbortedError",
-                    "TimeoutError", "ConnectionRefusedError"}
+                    "TimeoutError", "ConnectionRefusedError",
+                    "ConnectionClosed"}     # fastmfd's own: a peer closed mid-message
 
 
 # ---------------------------------------------------------------- results
