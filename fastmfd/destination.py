@@ -175,6 +175,9 @@ class Destination(Owner):
         Destination was given one (``fastmfd listen`` maps files that way).
         """
         region = region_to_add(region)
+        if region.read_only:        # said now, not to the source at its SETUP
+            raise ConfigError(f"add_region(region): region {region.name!r} is read-only "
+                              f"(Region.read_only): a destination writes into its regions")
         if region.name in self._user_regions:
             raise ConfigError(f"two regions named {region.name!r}")
         self._user_regions[region.name] = region

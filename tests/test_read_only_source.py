@@ -67,13 +67,25 @@ def test_send_reads_an_image_it_cannot_write(read_only_image, tmp_path):
     assert (out / "ram.img").read_bytes() == read_only_image.read_bytes()
 
 
-def test_a_destination_refuses_a_read_only_region(read_only_image):
+def test_a_destination_refuses_a_read_only_region_when_it_is_added(read_only_image):
+    """At add_region, a ConfigError: it was taken, and refused only at the
+    source's SETUP, failing the source's migration too (found by a README audit)."""
+    target = fastmfd.Region.from_file("ram", read_only_image, read_only=True)
+    try:
+        with fastmfd.Destination("tcp:127.0.0.1:0") as destination:
+            with pytest.raises(fastmfd.ConfigError, match="region 'ram' is read-only"):
+                destination.add_region(target)
+    finally:
+        target.close()
+
+
+def test_a_destination_refuses_a_read_only_region_its_factory_made(read_only_image):
     target = fastmfd.Region.from_file("ram", read_only_image, read_only=True)
     source = fastmfd.Region.create("ram", target.size)
     try:
-        with Migration(fastmfd.MigrationConfig(channels=1)) as m:
+        with Migration(fastmfd.MigrationConfig(channels=1),
+                       region_factory=lambda name, size, page_size: target) as m:
             m.source.add_region(source)
-            m.destination.add_region(target)
             outcome = m.run()
         assert "region 'ram': read-only (Region.read_only): a destination writes into its " \
                "regions" in str(outcome.dest_error)
