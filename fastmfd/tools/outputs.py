@@ -144,6 +144,7 @@ class OutputDir:
                 check_huge_pages(self.real)
             except ConfigError:
                 os.close(self.fd)
+                remove_directories_made(self._made)     # refused: leaves nothing
                 raise
         self.regions: dict[str, _Output] = {}
         self.devices: dict[tuple[str, int], _Output] = {}
