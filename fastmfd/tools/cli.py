@@ -348,8 +348,8 @@ def _build_parser() -> _Parser:
     p.add_argument("address", help="tcp:HOST:PORT (port 0 picks one; tcp::PORT: every "
                                    "interface) or unix:PATH")
     p.add_argument("--qemu", action="store_true",
-                   help="the source is a QEMU (7.2 or 10.x) migrating with the multifd capability: "
-                        "write each RAMBlock, vmstate.bin and manifest.json into DIR")
+                   help="the source is a QEMU (7.2 or 10.x) migrating with the multifd "
+                        "capability: write each RAMBlock, vmstate.bin and manifest.json into DIR")
     p.add_argument("--workers", type=positive_int, default=None, metavar="N",
                    help="with --qemu: receive workers started before QEMU connects (default "
                         "2; more start as channels connect)")
