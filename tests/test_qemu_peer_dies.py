@@ -81,8 +81,12 @@ def landing(out):
     return lambda: out.glob("*.part")
 
 
-def assert_one_line(error: BaseException) -> None:
-    assert isinstance(error, MigrationError) and "\n" not in str(error), repr(error)
+def assert_fails(pending: Background | Receiver, pattern: str) -> None:
+    """``pending`` (a receive() or send() running) fails within PROMPT seconds
+    with one MigrationError matching ``pattern``, on one line."""
+    with pytest.raises(MigrationError, match=pattern) as failed:
+        pending.result(PROMPT)
+    assert "\n" not in str(failed.value), repr(failed.value)
 
 
 # ---------------------------------------------------------------- qemu.receive
@@ -95,9 +99,7 @@ def test_a_source_killed_mid_migration_fails_receive_at_once(tmp_path, source, l
     source.migrate(receiver.address)
     wait_until_filled(landing(out), UNDER_WAY)
     kill(source)
-    with pytest.raises(MigrationError, match=SOURCE_KILLED) as failed:
-        receiver.result(PROMPT)
-    assert_one_line(failed.value)
+    assert_fails(receiver, SOURCE_KILLED)
     assert_nothing_complete(out)
     source.close()          # its QMP socket is the test's
     leaks.assert_clean()
@@ -112,9 +114,8 @@ def test_a_source_stopped_mid_migration_fails_receive_at_its_stall_timeout(tmp_p
     source.migrate(receiver.address)
     wait_until_filled(landing(out), UNDER_WAY)
     os.kill(source.process.pid, signal.SIGSTOP)
-    with pytest.raises(MigrationError, match=r"^(main channel: no data for 2 s|multifd channel "
-                                             r"\d: no SYNC for barrier \d+ within 2 s)$"):
-        receiver.result(PROMPT)
+    assert_fails(receiver, r"^(main channel: no data for 2 s|multifd channel \d: no SYNC for "
+                           r"barrier \d+ within 2 s)$")
     assert_nothing_complete(out)
     resume_and_close(source)
     leaks.assert_clean()
@@ -195,9 +196,7 @@ def test_a_destination_killed_mid_send_fails_it_at_once(destination, leaks):
     guest = destination[1]
     sending, workers = send_slowly(destination, stall_timeout=PATIENT)
     kill(guest)
-    with pytest.raises(MigrationError, match=DESTINATION_KILLED) as failed:
-        sending.result(PROMPT)
-    assert_one_line(failed.value)
+    assert_fails(sending, DESTINATION_KILLED)
     assert_gone(workers)
     guest.close()           # its QMP socket is the test's
     leaks.assert_clean()
@@ -209,10 +208,9 @@ def test_a_destination_stopped_mid_send_fails_it_at_its_stall_timeout(destinatio
     guest = destination[1]
     sending, workers = send_slowly(destination, stall_timeout=STALL)
     os.kill(guest.process.pid, signal.SIGSTOP)
-    with pytest.raises(MigrationError, match=r"^(no multifd channel took work for 2 s|main "
-                                             r"channel: the destination took no data for 2 s"
-                                             r"|multifd channel \d: no Done report within)"):
-        sending.result(PROMPT)
+    assert_fails(sending, r"^(no multifd channel took work for 2 s|main channel: the "
+                          r"destination took no data for 2 s|multifd channel \d: no Done "
+                          r"report within)")
     assert_gone(workers)
     resume_and_close(guest)
     leaks.assert_clean()
