@@ -19,7 +19,7 @@ from fastmfd.errors import ConfigError, ProtocolError
 from fastmfd.tools.inspect.capture import read_capture
 from fastmfd.protocol.main_channel import Msg
 from inspect_support import (
-    PACKET_PAGES, PAGE, REGIONS, ROUND_ENDS, SESSION_UUID, ChannelWriter, Session,
+    PACKET_PAGES, PAGE, REGIONS, ROUND_ENDS, SESSION_UUID, ChannelWriter, Session, chunk,
     device_message, main_channel, setup_message, two_rounds, write_files,
 )
 
@@ -228,6 +228,28 @@ def test_compressed_device_state_shares_the_channel_stream(tmp_path, compression
     paths = write_files(tmp_path, session.files(ROUND_ENDS, devices=[("nic0", 0)]))
     capture = read_capture(paths)
     assert capture.devices[("nic0", 0)] == data + data[:5000]
+
+
+@pytest.mark.parametrize("bits", [_core.FLAG_ZLIB | _core.FLAG_ZSTD, 12])
+def test_a_device_packet_naming_no_method_is_refused_before_the_method_is_known(tmp_path,
+                                                                                bits):
+    """Channel files read without their main channel (no SETUP): a channel's
+    method is learnt from its first compressed payload. A device packet first,
+    its bits naming no method, is a ProtocolError on its flags (it was a
+    KeyError: found by fuzzing)."""
+    session = Session()
+    header = bytearray(_core.DEVICE_HEADER_SIZE)
+    body = chunk(0, b"state", last=True)
+    _core.encode_device_header(header, "nic0", 0, len(body), flags=bits)
+    session.channels[0].parts += [bytes(header), body]
+    session.sync_all()
+    files = session.files([(Msg.ROUND_END, {}), (Msg.COMPLETE, {})], devices=[("nic0", 0)])
+    del files["main.bin"]
+    paths = write_files(tmp_path, files)
+    with pytest.raises(ProtocolError) as info:
+        read_capture(paths)
+    assert info.value.field == "flags", info.value
+    assert str(info.value).startswith(f"{paths[0]} at byte "), info.value
 
 
 def test_compressed_device_chunk_over_the_chunk_size_is_refused(tmp_path):

@@ -94,12 +94,16 @@ class ChannelDecoder:
                 return
         self.done = True
 
+    def _method_of(self, flags: int) -> int:
+        """The channel's compression; not known yet, the packet's own bits, or 0
+        for bits that name no method (the decoder then refuses them)."""
+        if self.compression is not None:
+            return self.compression
+        comp = flags & COMPRESSION_MASK[self.layout]
+        return comp if comp in COMPRESSION_NAMES else 0
+
     def _codec(self, flags: int) -> _core.RamPacketCodec:
-        comp = self.compression
-        if comp is None:
-            # Not known yet: take the packet's own bits; the codec rejects unknown ones.
-            comp = flags & COMPRESSION_MASK[self.layout]
-            comp = comp if comp in COMPRESSION_NAMES else 0
+        comp = self._method_of(flags)
         codec = self.codecs.get(comp)
         if codec is None:
             s = self.session
@@ -186,11 +190,10 @@ class ChannelDecoder:
     def _device_packet(self, at: int, flags: int) -> None:
         reader = self.reader
         header = reader.take(_core.DEVICE_HEADER_SIZE, "device state header")
-        comp = self.compression if self.compression is not None else \
-            flags & COMPRESSION_MASK[self.layout]
         try:
             flags, idstr, instance_id, size = _core.decode_device_header(
-                header, comp, compression_optional=self.session.compression_optional)
+                header, self._method_of(flags),
+                compression_optional=self.session.compression_optional)
         except ProtocolError as exc:
             raise reader.locate(exc, at) from None
         known = self.session.devices
