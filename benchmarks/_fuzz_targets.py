@@ -671,8 +671,8 @@ def _run_payload(seeds, case):
     kind, body = case
     payload = mc.decode_payload(mc.Msg(kind), body)
     typed = {mc.Msg.ROUND_END: mc.RoundEnd, mc.Msg.ROUND_ACK: mc.RoundAck,
-             mc.Msg.COMPLETE: mc.Complete, mc.Msg.LOADED: mc.Loaded, mc.Msg.ERROR: mc.Error,
-             mc.Msg.SETUP: Setup}
+             mc.Msg.PRECOPY_SENT: mc.PrecopySent, mc.Msg.COMPLETE: mc.Complete,
+             mc.Msg.LOADED: mc.Loaded, mc.Msg.ERROR: mc.Error, mc.Msg.SETUP: Setup}
     want = typed.get(mc.Msg(kind))
     if want is None and payload is not None or want is not None and not isinstance(payload,
                                                                                       want):
