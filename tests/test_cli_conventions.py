@@ -21,6 +21,7 @@ import threading
 import pytest
 
 import fastmfd
+from fastmfd.tools import cli
 from fastmfd.protocol.sockets import parse_address
 from inspect_support import ROUND_ENDS, two_rounds
 
@@ -183,11 +184,28 @@ def test_a_refused_connection_keeps_its_errno():
     (["listen"], ["required: address"]),
     ([], ["required: COMMAND"]),
     (["--bogus"], ["fastmfd: unrecognized arguments: --bogus", "fastmfd --help"]),
+    (["--bogus", "send", "tcp:127.0.0.1:1", "/nonexistent"],
+     ["fastmfd: unrecognized arguments: --bogus"]),
+    (["--auth-key-file=/nonexistent", "send", "tcp:127.0.0.1:1", "/nonexistent"],
+     ["fastmfd: unrecognized arguments: --auth-key-file"]),     # was dropped, not refused
+    (["bogus"], ["argument COMMAND: invalid choice: 'bogus'"]),
 ])
 def test_a_mistake_argparse_finds_is_one_line_too(args, words):
     """Before any work (a listener would wait for its sender): exit 2, and one
     line saying what and where to read more, not argparse's usage block."""
     assert_one_line_usage_error(fastmfd_cli(*args), *words)
+
+
+def test_a_command_line_is_parsed_once_whatever_the_order():
+    """-v before and after the command add up, once each (a second parse of the
+    command's part counted them again); a repeatable option keeps each value
+    once; images may follow options."""
+    parse = cli._build_parser().parse_command_line
+    assert parse(["send", "-v", "tcp:h:1", "--state", "a=s", "img"]).verbose == 1
+    assert parse(["-v", "send", "-vv", "tcp:h:1", "img", "--json"]).verbose == 3
+    args = parse(["send", "tcp:h:1", "--state", "a=s", "img", "--state", "b=t", "img2"])
+    assert (args.state, args.images, args.command) == (["a=s", "b=t"], ["img", "img2"], "send")
+    assert args.func is cli.cmd_send
 
 
 @pytest.mark.parametrize("args, flag", [

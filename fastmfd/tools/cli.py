@@ -228,24 +228,24 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
     def parse_command_line(self, argv: list[str] | None) -> argparse.Namespace:
-        """parse_args, with an option the command does not take said by that
-        command (argparse has the top parser say it, pointing at its help), and
-        a command's positionals allowed after its options (``send ADDR --state
-        S IMG``: argparse takes positionals in one run, and left IMG over)."""
-        if argv is None:
-            argv = sys.argv[1:]
-        args, unknown = self.parse_known_args(argv)
-        if args.command is None:        # an option before it is what to say first
-            self.error(f"unrecognized arguments: {' '.join(unknown)}" if unknown
-                       else "the following arguments are required: COMMAND")
-        if unknown:
-            # Parsed again, from the command's name on, by the command's parser,
-            # which reports what is still left over; a fresh namespace, so that
-            # a repeatable option is not counted twice.
-            command_line = argv[argv.index(args.command) + 1:]
-            top = argparse.Namespace(command=args.command, verbose=args.verbose)
-            return self.commands[args.command].parse_intermixed_args(command_line, top)
-        return args
+        """parse_args, in two parts: this parser takes what comes before the
+        command (-v, --version, --help: none takes a value, so the first word
+        is the command) and refuses anything else there; the command's parser
+        takes the rest, and says what it does not take. Its positionals may
+        follow its options (``send ADDR --state S IMG``: argparse alone takes
+        positionals in one run, and left IMG over)."""
+        argv = list(sys.argv[1:] if argv is None else argv)
+        at = next((i for i, word in enumerate(argv) if not word.startswith("-")), len(argv))
+        top = self.parse_args(argv[:at])
+        if at == len(argv):
+            self.error("the following arguments are required: COMMAND")
+        command = argv[at]
+        if command not in self.commands:
+            self.error(f"argument COMMAND: invalid choice: {command!r} (choose from "
+                       f"{', '.join(self.commands)})")
+        # -v before the command and after it add up.
+        return self.commands[command].parse_intermixed_args(
+            argv[at + 1:], argparse.Namespace(command=command, verbose=top.verbose))
 
 
 def _build_parser() -> _Parser:
