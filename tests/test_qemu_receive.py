@@ -758,6 +758,21 @@ def test_blocks_larger_than_max_size_are_refused_before_any_is_written(tmp_path,
     assert_nothing_complete(out)
 
 
+def test_a_stream_whose_end_is_wrong_is_bad_bytes_not_a_source_gone(tmp_path):
+    """The whole stream came, and the connection ended as it should, but its VM
+    description is not this stream's (the page size): a ProtocolError naming
+    it, not "the source closed it before the stream's end" (found in review)."""
+    files = capture_bytes(NATIVE_CAPTURES, "none")
+    assert files["conn0.bin"].count(b'"page_size": 4096') == 1
+    files["conn0.bin"] = files["conn0.bin"].replace(b'"page_size": 4096',
+                                                    b'"page_size": 8192')
+    out = tmp_path / "out"
+    with pytest.raises(ProtocolError, match=r"VM description: expected an object with "
+                                            r"'devices' and 'page_size' 4096"):
+        receive_replay(out, files)
+    assert_nothing_complete(out)
+
+
 def test_a_stream_without_ram_fails_cleanly(tmp_path):
     """A device section before any RAM section: nothing a saved directory could be
     replayed from (its manifest would have no RAM section id), so it fails at once."""

@@ -425,6 +425,8 @@ class QemuReceiving:
                                             expected="device sections", where=MAIN)
                     self._check_end(fd, total, final=True)
                 except ProtocolError as exc:
+                    if exc.field != "QEMU_VM_EOF":
+                        raise       # the end is there, what stands in it is wrong
                     raise closed_early(exc) from exc
             os.fsync(fd)
             self.facts.vmstate_bytes = total
