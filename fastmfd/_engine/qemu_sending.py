@@ -134,7 +134,8 @@ class QemuSending:
         try:
             self._run(address)
         except MigrationError as exc:
-            if self.main is None or exc.cause.endswith((self._hint(), self._hint(True))):
+            if self.main is None or exc.cause.endswith(
+                    (self._hint(), self._hint(True), self._hint(True, said=True))):
                 raise           # no QEMU listening at all, or the hint is there
             # The destination dropped the stream (it says why only in its own log;
             # a QEMU >= 8.0 reads the main channel at once, and may have closed its
@@ -261,7 +262,7 @@ class QemuSending:
         """Raise if the destination closed or reset the main channel."""
         ended = self._main_ended()
         if ended is not None:
-            raise MigrationError(ended, channel=MAIN)
+            raise MigrationError(ended + self._hint(True, said=True), channel=MAIN)
 
     def _main_ended(self) -> str | None:
         """How the destination ended the main channel, if it did. It sends nothing
@@ -280,14 +281,18 @@ class QemuSending:
             return f"the destination broke the connection: {exc.strerror or exc}"
         return "the destination closed the connection"
 
-    def _hint(self, dropped: bool = False) -> str:
+    def _hint(self, dropped: bool = False, *, said: bool = False) -> str:
         """What to check on the destination. A 7.2 destination reads no main
         channel before all of its channels came, and holds every channel at a
         SYNC until the main channel reaches its EOS; a destination of another
         QEMU or machine type refuses the stream; ``dropped``: it closed the
-        connection (refused the stream, or exited)."""
-        check = ("the destination closed the connection: did its QEMU exit, or drop the "
-                 "stream (its log says why)? Are its" if dropped else "are the destination's")
+        connection (refused the stream, or exited), which the error ``said``
+        already."""
+        check = "are the destination's"
+        if dropped:
+            check = "did its QEMU exit, or drop the stream (its log says why)? Are its"
+            if not said:
+                check = "the destination closed the connection: " + check
         return (f" ({check} multifd-channels {self.channels} and its multifd-compression "
                 f"{self.compression}, and is it a QEMU this saved stream can go to: "
                 f"{self.stream.describe()}?)")
