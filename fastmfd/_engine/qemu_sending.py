@@ -134,9 +134,8 @@ class QemuSending:
         try:
             self._run(address)
         except MigrationError as exc:
-            if self.main is None or exc.cause.endswith(
-                    (self._hint(), self._hint(True), self._hint(True, said=True))):
-                raise           # no QEMU listening at all, or the hint is there
+            if self.main is None or exc.cause.endswith(self._checklist()):
+                raise           # no QEMU listening at all, or a hint is there
             # The destination dropped the stream (it says why only in its own log;
             # a QEMU >= 8.0 reads the main channel at once, and may have closed its
             # listener before the multifd channels came): name what the stream needs.
@@ -293,7 +292,11 @@ class QemuSending:
             check = "did its QEMU exit, or drop the stream (its log says why)? Are its"
             if not said:
                 check = "the destination closed the connection: " + check
-        return (f" ({check} multifd-channels {self.channels} and its multifd-compression "
+        return f" ({check}{self._checklist()}"
+
+    def _checklist(self) -> str:
+        """How every hint ends: what the destination must be for this stream."""
+        return (f" multifd-channels {self.channels} and its multifd-compression "
                 f"{self.compression}, and is it a QEMU this saved stream can go to: "
                 f"{self.stream.describe()}?)")
 

@@ -266,7 +266,7 @@ def _build_parser() -> _Parser:
                         help="log what happens to stderr (-vv: debug)")
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="log what happens to stderr (-vv: debug)")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")     # checked above
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")  # parse_command_line checks
 
     parser.commands = {}
 
