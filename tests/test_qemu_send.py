@@ -168,6 +168,21 @@ def test_a_sender_made_ahead_has_its_workers_up_and_migrates_once(tmp_path, capt
         sender.send(second.address)
 
 
+def test_the_workers_yield_the_cpu_to_a_destination_on_this_host(tmp_path, captures):
+    """A QEMU destination loads the stream in one thread, which workers at its
+    priority held off the CPU: beside it they run at the lowest priority."""
+    receive_replay(tmp_path / "first", capture_bytes(captures[1], "none"))
+    with qemu.QemuSender(str(tmp_path / "first"), channels=2, stall_timeout=10.0) as sender:
+        pids = sender.worker_pids()
+        ours = os.getpriority(os.PRIO_PROCESS, 0)
+        assert [os.getpriority(os.PRIO_PROCESS, pid) for pid in pids] == [ours, ours]
+        second = Receiver(tmp_path / "second")
+        sender.send(second.address)
+        second.result()
+        # The workers stay until the sender is closed.
+        assert [os.getpriority(os.PRIO_PROCESS, pid) for pid in pids] == [19, 19]
+
+
 def test_a_sender_closed_unused_stops_its_workers(tmp_path, captures):
     # The autouse leak check fails the test if a worker, segment or socket is left.
     receive_replay(tmp_path / "first", capture_bytes(captures[1], "none"))

@@ -188,6 +188,10 @@ class QemuSending:
             uuid=self.stream.uuid, security=ChannelSecurity(timeout=self.stall),
             compression_level=self.level, zero_page_detection=zeros_listed,
             rate=self.channel_rate,
+            # A QEMU destination on this host loads the stream in one thread (7.2:
+            # each ZERO record in its main thread, after the pages): workers beside
+            # it at its own priority held that thread off the CPU until they were done.
+            yield_cpu=True,
             mailbox=self.mailbox_shm.name, mailbox_row=ch, job_pages=self.job_pages,
             selector=self.selector.name, selector_index=ch,
             layout=_core.LAYOUT_CURRENT if zeros_listed else _core.LAYOUT_QEMU72)

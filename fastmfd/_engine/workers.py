@@ -27,6 +27,7 @@ and device chunks go from socket to shared memory inside the engines.
 
 from __future__ import annotations
 
+import os
 import socket
 from multiprocessing.connection import Connection
 from typing import Any
@@ -48,6 +49,9 @@ __all__ = ["send_worker_main", "recv_worker_main", "qemu_recv_worker_main", "PRE
 # that even memory the host must find again (~4 s/GiB) reports every ~0.25 s,
 # well inside any stall deadline.
 PREALLOC_SLICE = 64 << 20
+# The nice value of a send worker told to yield the CPU (SendParams.yield_cpu)
+# to a peer on this host: it then runs only where the peer leaves a core idle.
+LOWEST_PRIORITY = 19
 
 
 def _attach(params: ChannelParams, stack: list[Closable]
@@ -88,8 +92,11 @@ def _send_session(pipe: ChildPipe, params: SendParams, stack: list[Closable]) ->
     codec = _core.make_codec(params.compression, True, params.compression_level)
     geometry = _engine_geometry(params, params.zero_page_detection)
     # auto measures the link only where it is one: a peer on this host shares our CPUs.
-    geometry.update(rate=params.rate, layout=params.layout,
-                    measure_link=not peer_on_this_host(sock))
+    beside_peer = peer_on_this_host(sock)
+    geometry.update(rate=params.rate, layout=params.layout, measure_link=not beside_peer)
+    if params.yield_cpu and beside_peer:
+        # The peer's CPU time goes first (the one thread that runs the engine).
+        os.setpriority(os.PRIO_PROCESS, 0, LOWEST_PRIORITY)
     # The regions' files: a page in a hole of one is a zero page, sent unread (or,
     # without zero page detection, populated before it is read).
     hole_fds = [_region_file(region, stack) for region in regions]

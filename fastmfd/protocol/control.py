@@ -96,6 +96,7 @@ class SendParams(ChannelParams):
     selector_index: int
     rate: float = 0.0                       # bytes/s this channel may send (0: no cap)
     layout: str = "current"                 # RAM header layout: "current" or "qemu-7.2"
+    yield_cpu: bool = False                 # a peer on this host: run at the lowest priority
 
 
 @dataclass(frozen=True)
