@@ -37,7 +37,10 @@ anything but a FastMFDError (oracle failures included), else 0.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import importlib
 import json
+import math
 import multiprocessing
 import random
 import sys
@@ -51,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fastmfd._engine.processes import describe_exit  # noqa: E402
 
-HANG_SECONDS = 60.0         # one case that long is a hang
+HANG_SECONDS = 60.0         # one case (made and run) that long is a hang
 MAX_EXAMPLES = 3
 MAX_CRASHES = 20          # per target: then its remaining cases are skipped
 
@@ -74,21 +77,21 @@ class Tally:
     hangs: list = field(default_factory=list)
     bad: dict = field(default_factory=dict)         # exception type -> Finding
 
-    def add_bad(self, kind: str, case_id: str, message: str, tb: str) -> None:
+    def add_bad(self, kind: str, case_id: str, detail: tuple[str, str] | None) -> None:
+        """One case that raised ``kind``; ``detail``: its (message, traceback tail),
+        if the worker sent them (the first few of each kind in a batch)."""
         finding = self.bad.setdefault(kind, Finding())
         finding.count += 1
-        if len(finding.examples) < MAX_EXAMPLES:
-            finding.examples.append((case_id, message, tb))
+        if detail is not None and len(finding.examples) < MAX_EXAMPLES:
+            finding.examples.append((case_id, *detail))
 
-    def merge(self, other: dict) -> None:
-        self.cases += other["cases"]
-        self.accepted += other["accepted"]
-        self.refused += other["refused"]
-        self.seconds += other["seconds"]
-        for kind, (count, examples) in other["bad"].items():
-            finding = self.bad.setdefault(kind, Finding())
-            finding.count += count
-            finding.examples += examples[:MAX_EXAMPLES - len(finding.examples)]
+    def add_batch(self, progress: "Progress", cases: int) -> None:
+        """The outcomes a worker kept in ``progress`` of ``cases`` cases (those that
+        raised anything else were counted as they came)."""
+        self.cases += cases
+        self.accepted += progress.accepted
+        self.refused += progress.refused
+        self.seconds += progress.cpu
 
     @property
     def bad_count(self) -> int:
@@ -105,71 +108,101 @@ def batch_rng(seed: int, name: str, batch: int) -> random.Random:
 
 # ---------------------------------------------------------------- the worker
 
-def run_batch(targets, states, task, progress=None) -> dict:
-    """Run cases ``start..count-1`` of one batch; returns the tally as a dict."""
+BUILDING = -1       # Progress.index while the seeds are built: no case yet
+WAITING = -2        # while the worker has not taken its batch yet
+
+
+class Progress(ctypes.Structure):
+    """Where a worker's batch is, in shared memory: what the parent judges a hang
+    by, and what it counts of a batch whose worker died before it reported. The
+    worker writes it, but for :meth:`given`, which the parent calls while the
+    worker waits for its next batch."""
+    _fields_ = [("index", ctypes.c_int64),      # the case made or run (or BUILDING, WAITING)
+                ("since", ctypes.c_double),     # when it began: time.monotonic(), one clock
+                                                # for every process
+                ("making", ctypes.c_bool),      # it is still being made
+                ("accepted", ctypes.c_int64),   # the outcomes of the batch's cases so far
+                ("refused", ctypes.c_int64),
+                ("cpu", ctypes.c_double)]       # the CPU seconds they took
+
+    def given(self) -> None:
+        """A new batch: no outcome yet, and no clock until the worker takes it (a
+        fresh worker imports fastmfd first, which is no case's time)."""
+        self.index, self.since, self.making = WAITING, math.inf, False
+        self.accepted = self.refused = 0
+        self.cpu = 0.0
+
+    def at(self, index: int) -> None:
+        self.index, self.since, self.making = index, time.monotonic(), True
+
+
+def run_batch(targets, states, task, progress: Progress, report) -> tuple:
+    """Run cases ``start..count-1`` of one batch, keeping ``progress`` and calling
+    ``report(("bad", kind, case id, detail))`` at once for a case that raised
+    anything but a FastMFDError (a worker that dies later in the batch loses no
+    finding); returns ``("done",)``, or ``("error", why)`` if the harness failed."""
     from fastmfd.errors import FastMFDError
     name, batch, start, count, seed = task
     target = targets[name]
     if name not in states:
-        if progress is not None:
-            progress[0] = -1                # building: not a case
+        progress.at(BUILDING)
         try:
             states[name] = target.build()
         except Exception:
-            return {"error": f"building the seeds of {name!r} failed:\n"
-                             f"{traceback.format_exc()}"}
+            return ("error", f"building the seeds of {name!r} failed:\n"
+                             f"{traceback.format_exc()}")
     state = states[name]
-    if progress is not None:
-        progress[0] = start
     rng = batch_rng(seed, name, batch)
-    out = {"cases": 0, "accepted": 0, "refused": 0, "seconds": 0.0, "bad": {}}
+    detailed: dict[str, int] = {}       # exception kind -> cases sent with their detail
     began = time.process_time()
     for index in range(count):
+        # A case is timed from the start of its making: a make that hangs is its own
+        # case's hang, and a slow one never counts to the case before. The cases
+        # before start (run by a worker that died) are made again only to reach it.
+        progress.at(max(index, start))
         try:
             case = target.make(rng, state)
         except Exception:
-            return {"error": f"making case {case_id(name, batch, index)} failed:\n"
-                             f"{traceback.format_exc()}"}
+            return ("error", f"making case {case_id(name, batch, index)} failed:\n"
+                             f"{traceback.format_exc()}")
         if index < start:
             continue
-        if progress is not None:
-            progress[0] = index
-            progress[1] = int(time.monotonic())
-        out["cases"] += 1
+        progress.making = False
         try:
             target.run(state, case)
         except FastMFDError:
-            out["refused"] += 1
+            progress.refused += 1
         except Exception as exc:        # noqa: BLE001 - this is what the fuzzer looks for
             kind = type(exc).__name__
-            count_, examples = out["bad"].setdefault(kind, [0, []])
-            out["bad"][kind][0] = count_ + 1
-            if len(examples) < MAX_EXAMPLES:
+            detail = None
+            if detailed.get(kind, 0) < MAX_EXAMPLES:
+                detailed[kind] = detailed.get(kind, 0) + 1
                 tail = "".join(traceback.format_exception(exc)[-4:])
-                examples.append((case_id(name, batch, index), str(exc)[:300], tail[-1500:]))
+                detail = (str(exc)[:300], tail[-1500:])
+            report(("bad", kind, case_id(name, batch, index), detail))
         else:
-            out["accepted"] += 1
-    out["seconds"] = time.process_time() - began
-    return out
+            progress.accepted += 1
+        progress.cpu = time.process_time() - began
+    return ("done",)
 
 
-def worker_main(conn, progress) -> None:
+def worker_main(conn, progress: Progress, targets: str) -> None:
     import logging
     logging.getLogger("fastmfd").setLevel(logging.CRITICAL)
-    from _fuzz_targets import TARGETS
+    found = importlib.import_module(targets).TARGETS
     states: dict = {}
     while True:
         task = conn.recv()
         if task is None:
             return
-        conn.send(run_batch(TARGETS, states, task, progress))
+        conn.send(run_batch(found, states, task, progress, conn.send))
 
 
 class Worker:
-    def __init__(self, ctx) -> None:
-        self.progress = ctx.Array("q", 2, lock=False)
+    def __init__(self, ctx, targets: str) -> None:
+        self.progress = ctx.Value(Progress, lock=False)
         self.conn, theirs = ctx.Pipe()
-        self.process = ctx.Process(target=worker_main, args=(theirs, self.progress),
+        self.process = ctx.Process(target=worker_main, args=(theirs, self.progress, targets),
                                    daemon=True, name="fuzz worker")
         self.process.start()
         theirs.close()
@@ -177,8 +210,7 @@ class Worker:
 
     def give(self, task) -> None:
         self.task = task
-        self.progress[0] = task[2]
-        self.progress[1] = int(time.monotonic())
+        self.progress.given()
         self.conn.send(task)
 
     def stop(self) -> None:
@@ -209,79 +241,117 @@ def plan(counts: dict[str, int], targets) -> list[tuple]:
     return tasks
 
 
-def run_in_workers(counts: dict[str, int], seed: int, jobs: int, log) -> dict[str, Tally]:
-    from _fuzz_targets import TARGETS
-    tallies = {name: Tally() for name in counts}
-    tasks = [(*t, seed) for t in plan(counts, TARGETS)]
-    total = sum(counts.values())
-    ctx = multiprocessing.get_context("spawn")
-    workers = [Worker(ctx) for _ in range(jobs)]
-    done_cases = 0
-    last_report = time.monotonic()
-    started = time.monotonic()
-    try:
-        while tasks or any(w.task for w in workers):
-            for worker in workers:
-                if worker.task is None and tasks:
-                    worker.give(tasks.pop(0))
-            busy = [w for w in workers if w.task is not None]
-            waitables = {w.conn: w for w in busy} | {w.process.sentinel: w for w in busy}
-            ready = connection.wait(list(waitables), timeout=5.0)
-            for item in ready:
-                worker = waitables[item]
-                if worker.task is None:
-                    continue
-                name, batch, start, count, _ = worker.task
-                if item is worker.conn:
-                    try:
-                        result = worker.conn.recv()
-                    except (EOFError, OSError):
-                        continue            # it died: its sentinel says so
-                    if "error" in result:
-                        raise SystemExit(f"fuzz.py: {result['error']}")
-                    tallies[name].merge(result)
-                    done_cases += result["cases"]
-                    worker.task = None
-                    continue
-                # The worker died mid-batch: a crash at the case it was running.
-                worker.process.join()
-                index = worker.progress[0]
-                how = describe_exit(worker.process.exitcode)
-                if index < 0:
-                    raise SystemExit(f"fuzz.py: a worker {how} building the seeds of {name!r}")
-                tallies[name].crashes.append((case_id(name, batch, index), how))
-                tallies[name].cases += index - start + 1
-                done_cases += index - start + 1
-                log(f"CRASH {case_id(name, batch, index)}: the worker {how}")
-                workers[workers.index(worker)] = Worker(ctx)
-                worker.conn.close()
-                if len(tallies[name].crashes) >= MAX_CRASHES:
-                    log(f"{name}: {MAX_CRASHES} crashes, its remaining cases are skipped")
-                    tasks = [t for t in tasks if t[0] != name]
-                elif index + 1 < count:
-                    tasks.insert(0, (name, batch, index + 1, count, seed))
-            now = time.monotonic()
-            for i, worker in enumerate(workers):
-                if worker.task is not None and now - worker.progress[1] > HANG_SECONDS:
-                    name, batch, start, count, _ = worker.task
-                    index = worker.progress[0]
-                    tallies[name].hangs.append((case_id(name, batch, index),
-                                                f"no progress for {HANG_SECONDS:g} s"))
-                    log(f"HANG {case_id(name, batch, index)}")
-                    worker.process.kill()
+class Campaign:
+    """The in-process cases of a run, in ``jobs`` worker processes. A worker that
+    dies (a crash) or makes no progress for ``hang_seconds`` (a hang: it is
+    killed) is replaced, the case it was at is recorded once, and its batch goes
+    on with the next case in the new worker; the cases before it are counted
+    from what the dead worker kept in its Progress. ``targets``: the module
+    whose TARGETS the workers run."""
+
+    def __init__(self, counts: dict[str, int], seed: int, jobs: int, log,
+                 targets: str = "_fuzz_targets", hang_seconds: float = HANG_SECONDS) -> None:
+        self.tallies = {name: Tally() for name in counts}
+        self.tasks = [(*t, seed) for t in plan(counts, importlib.import_module(targets).TARGETS)]
+        self.total = sum(counts.values())
+        self.done_cases = 0
+        self.jobs, self.log, self.hang_seconds, self._targets = jobs, log, hang_seconds, targets
+        self._ctx = multiprocessing.get_context("spawn")
+        self.workers: list[Worker] = []
+
+    def run(self) -> dict[str, Tally]:
+        last_report = started = time.monotonic()
+        try:
+            self.workers = [Worker(self._ctx, self._targets) for _ in range(self.jobs)]
+            while self.tasks or any(w.task for w in self.workers):
+                for worker in self.workers:
+                    if worker.task is None and self.tasks:
+                        worker.give(self.tasks.pop(0))
+                busy = [w for w in self.workers if w.task is not None]
+                waitables = {w.conn: w for w in busy} | {w.process.sentinel: w for w in busy}
+                for item in connection.wait(list(waitables),
+                                            timeout=min(5.0, self.hang_seconds / 4)):
+                    worker = waitables[item]
+                    if worker.task is None:
+                        continue
+                    if item is worker.conn:
+                        try:
+                            self._take(worker, worker.conn.recv())
+                        except (EOFError, OSError):
+                            pass            # it died: its sentinel says so
+                        continue
                     worker.process.join()
-                    worker.conn.close()
-                    workers[i] = Worker(ctx)
-                    if index + 1 < count:
-                        tasks.insert(0, (name, batch, index + 1, count, seed))
-            if now - last_report > 15:
-                last_report = now
-                bad = sum(t.bad_count + len(t.crashes) + len(t.hangs) for t in tallies.values())
-                log(f"  {done_cases}/{total} cases, {now - started:.0f} s, findings {bad}")
-    finally:
-        for worker in workers:
-            worker.stop()
-    return tallies
+                    self._lost(worker, describe_exit(worker.process.exitcode), crashed=True)
+                now = time.monotonic()
+                for worker in busy:
+                    if worker.task is not None and \
+                            now - worker.progress.since > self.hang_seconds:
+                        worker.process.kill()
+                        worker.process.join()
+                        self._lost(worker, f"made no progress for {self.hang_seconds:g} s",
+                                   crashed=False)
+                if now - last_report > 15:
+                    last_report = now
+                    bad = sum(t.bad_count + len(t.crashes) + len(t.hangs)
+                              for t in self.tallies.values())
+                    self.log(f"  {self.done_cases}/{self.total} cases, {now - started:.0f} s, "
+                             f"findings {bad}")
+        finally:
+            for worker in self.workers:
+                worker.stop()
+        return self.tallies
+
+    def _take(self, worker: Worker, message: tuple) -> None:
+        """A message from ``worker`` (see run_batch)."""
+        name, _, start, count, _ = worker.task
+        if message[0] == "error":
+            raise SystemExit(f"fuzz.py: {message[1]}")
+        if message[0] == "bad":
+            self.tallies[name].add_bad(*message[1:])
+            return
+        self.tallies[name].add_batch(worker.progress, count - start)
+        self.done_cases += count - start
+        worker.task = None
+
+    def _lost(self, worker: Worker, how: str, crashed: bool) -> None:
+        """``worker`` died, or hung and was killed (``how``), at the case its
+        Progress names: record that case once, count it and the batch's cases
+        before it, and go on with the next case in a new worker."""
+        while True:         # what it sent before it died: findings, or its batch's end
+            try:
+                if worker.task is None or not worker.conn.poll():
+                    break
+                self._take(worker, worker.conn.recv())
+            except (EOFError, OSError):
+                break
+        self.workers[self.workers.index(worker)] = Worker(self._ctx, self._targets)
+        worker.conn.close()
+        task, worker.task = worker.task, None
+        if task is None:
+            return          # it had ended its batch: nothing was lost
+        name, batch, start, count, seed = task
+        index, making = worker.progress.index, worker.progress.making
+        if index < 0:
+            raise SystemExit(f"fuzz.py: a worker {how} "
+                             + (f"building the seeds of {name!r}" if index == BUILDING
+                                else "before it took a batch"))
+        cid = case_id(name, batch, index)
+        if making:
+            how += " making the case"
+        found = self.tallies[name]
+        (found.crashes if crashed else found.hangs).append((cid, how))
+        self.log(f"{'CRASH' if crashed else 'HANG'} {cid}: the worker {how}")
+        found.add_batch(worker.progress, index - start + 1)
+        self.done_cases += index - start + 1
+        if len(found.crashes) >= MAX_CRASHES:
+            self.log(f"{name}: {MAX_CRASHES} crashes, its remaining cases are skipped")
+            self.tasks = [t for t in self.tasks if t[0] != name]
+        elif making and index + 1 < count:
+            # A batch's cases are made in turn from one generator: the next ones
+            # cannot be made without this one.
+            self.log(f"{name}: cases {index + 1}..{count - 1} of batch {batch} skipped")
+        elif index + 1 < count:
+            self.tasks.insert(0, (name, batch, index + 1, count, seed))
 
 
 def split(total: int, group: str) -> dict[str, int]:
@@ -323,7 +393,7 @@ def print_findings(tallies: dict[str, Tally], out=sys.stdout) -> None:
         for cid, how in t.crashes:
             out.write(f"\nCRASH {cid}: the worker {how}\n")
         for cid, how in t.hangs:
-            out.write(f"\nHANG {cid}: {how}\n")
+            out.write(f"\nHANG {cid}: the worker {how}\n")
         for kind, finding in t.bad.items():
             out.write(f"\n{name}: {kind} x{finding.count}\n")
             for cid, message, tb in finding.examples[:1]:
@@ -385,7 +455,7 @@ def main(argv=None) -> int:
         counts = {n: c for n, c in counts.items() if any(w in n for w in wanted)}
     log(f"fuzz: seed {args.seed}, {sum(counts.values())} in-process cases over "
         f"{len(counts)} targets, {args.jobs} workers")
-    tallies = run_in_workers(counts, args.seed, args.jobs, log) if counts else {}
+    tallies = Campaign(counts, args.seed, args.jobs, log).run() if counts else {}
     in_process = time.monotonic() - began
 
     live = None

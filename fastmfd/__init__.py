@@ -13,6 +13,20 @@ zlib/zstd compression::
         stats = src.migrate(live=False)
 """
 
+import importlib.util
+import os
+
+# Imported from a source tree whose extension was never built (a fresh checkout,
+# an unpacked sdist: ``python -m pytest`` there puts the tree first on the path),
+# the first module to need the core would fail with "cannot import name '_core'
+# from partially initialized module" instead.
+if importlib.util.find_spec(f"{__name__}._core") is None:
+    _tree = os.path.dirname(__path__[0])
+    raise ImportError(f"fastmfd is imported from the source tree {_tree}, whose compiled "
+                      f"core (fastmfd._core) is not built: run `pip install -e .[test]` "
+                      f"(or `python setup.py build_ext --inplace`) in {_tree}",
+                      name=f"{__name__}._core")
+
 from .config import MigrationConfig
 from .destination import Destination, DestinationResult
 from .devices import (BytesDevice, CollectLoader, Device, FileDevice, FileLoader, Loader,

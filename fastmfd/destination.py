@@ -21,6 +21,7 @@ from ._engine.processes import ChildSet
 from ._engine.reassembly import reassembly_main
 from ._engine.receiving import DestinationParts, Receiving, Refusal
 from ._engine.session import Owner, SessionFailure, SessionResources, call_hook
+from ._engine.session_regions import check_writable
 from ._engine.workers import recv_worker_main
 from .arguments import (BOOL, CALLABLE, INT, NUMBER, STR, Kind, check_types, instance_of,
                         optional, type_error)
@@ -175,9 +176,7 @@ class Destination(Owner):
         Destination was given one (``fastmfd listen`` maps files that way).
         """
         region = region_to_add(region)
-        if region.read_only:        # said now, not to the source at its SETUP
-            raise ConfigError(f"add_region(region): region {region.name!r} is read-only "
-                              f"(Region.read_only): a destination writes into its regions")
+        check_writable(region, "add_region(region)")    # now, not to the source at its SETUP
         if region.name in self._user_regions:
             raise ConfigError(f"two regions named {region.name!r}")
         self._user_regions[region.name] = region

@@ -99,7 +99,7 @@ def receive(address: str | socket.socket, directory: str, *, timeout: float = 36
     ``on_listening(address)`` is called with the bound address (``tcp:...:0``
     picks a port) before any wait. ``address`` may be a socket listening
     already (the caller's to close)."""
-    with QemuReceiver(address, directory, timeout=timeout, stall_timeout=stall_timeout,
+    with _ReceiveCall(address, directory, timeout=timeout, stall_timeout=stall_timeout,
                       force=force, keep_partial=keep_partial, max_size=max_size,
                       workers=workers) as receiver:
         if on_listening is not None:
@@ -114,11 +114,13 @@ class QemuReceiver:
     (or the end of a ``with`` block) frees it all. The parameters are
     :func:`receive`'s."""
 
+    _call = "QemuReceiver"      # what a wrong argument's TypeError names (see _ReceiveCall)
+
     def __init__(self, address: str | socket.socket, directory: str, *,
                  timeout: float = 3600.0, stall_timeout: float = DEFAULT_STALL_TIMEOUT,
                  force: bool = False, keep_partial: bool = False, max_size: int | None = None,
                  workers: int = 2) -> None:
-        check_types("QemuReceiver",
+        check_types(self._call,
                     address=(address, Kind("a str or a listening socket",
                                            lambda a: isinstance(a, (str, socket.socket)))),
                     directory=(directory, PATH), timeout=(timeout, NUMBER),
@@ -191,6 +193,12 @@ class QemuReceiver:
         self.close()
 
 
+class _ReceiveCall(QemuReceiver):
+    """The QemuReceiver :func:`receive` makes: a wrong argument is the user's
+    ``qemu.receive(...)``, and its TypeError says so, not a class never called."""
+    _call = "qemu.receive"
+
+
 def _manifest(facts: QemuStreamFacts, out: OutputDir) -> dict[str, Any]:
     return {
         "format": "qemu-migration",
@@ -239,11 +247,11 @@ def send(address: str, directory: str, *, channels: int = 2, compression: str = 
     ``timeout``: seconds each connection may take; ``max_bandwidth``: bytes/s
     the multifd channels may send in all (QEMU's ``max-bandwidth``; default no
     cap). A :class:`QemuSender` made and used at once."""
-    check_types("qemu.send", address=(address, STR))
+    check_types(_SendCall._call, address=(address, STR))
     parse_address(address)                  # a wrong address fails before anything starts
-    with QemuSender(directory, channels=channels, compression=compression, level=level,
-                    stall_timeout=stall_timeout, timeout=timeout,
-                    max_bandwidth=max_bandwidth) as sender:
+    with _SendCall(directory, channels=channels, compression=compression, level=level,
+                   stall_timeout=stall_timeout, timeout=timeout,
+                   max_bandwidth=max_bandwidth) as sender:
         return sender.send(address)
 
 
@@ -256,11 +264,13 @@ class QemuSender:
     some milliseconds) out of the migration itself, as fastmfd's own
     ``Source`` does; QEMU starts threads."""
 
+    _call = "QemuSender"        # what a wrong argument's TypeError names (see _SendCall)
+
     def __init__(self, directory: str, *, channels: int = 2, compression: str = "none",
                  level: int = 1, stall_timeout: float = DEFAULT_STALL_TIMEOUT,
                  timeout: float = DEFAULT_CONNECT_TIMEOUT,
                  max_bandwidth: float | None = None) -> None:
-        check_types("QemuSender", directory=(directory, PATH), channels=(channels, INT),
+        check_types(self._call, directory=(directory, PATH), channels=(channels, INT),
                     compression=(compression, STR), level=(level, INT),
                     stall_timeout=(stall_timeout, NUMBER), timeout=(timeout, NUMBER),
                     max_bandwidth=(max_bandwidth, optional(NUMBER)))
@@ -338,6 +348,12 @@ class QemuSender:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _SendCall(QemuSender):
+    """The QemuSender :func:`send` makes: a wrong argument is the user's
+    ``qemu.send(...)``, and its TypeError says so, not a class never called."""
+    _call = "qemu.send"
 
 
 def _channel_rate(max_bandwidth: float | None, channels: int, stall_timeout: float) -> float:

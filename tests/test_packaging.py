@@ -1,10 +1,12 @@
 """The package people pick up (issue #11): a license in the metadata and the
 files; an sdist whose tests can run (conftest.py and every support module go
-with them); a build that says what to install when zlib's header is missing."""
+with them); a build that says what to install when zlib's header is missing; a
+source tree imported unbuilt that says what to run."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -58,3 +60,32 @@ def test_build_without_zlib_header_says_what_to_install(setup_py_runs):
     assert done.returncode == 1
     assert "fastmfd needs zlib.h to build" in done.stderr
     assert "zlib1g-dev" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_an_unbuilt_source_tree_says_what_to_run(tmp_path):
+    """``python -m pytest`` from a fresh checkout or an unpacked sdist imports the
+    tree there, before any installed fastmfd: unbuilt, that was "cannot import name
+    '_core' from partially initialized module 'fastmfd' (most likely due to a
+    circular import)". Now one line says what to run."""
+    tree = tmp_path / "fastmfd-0.1.0"
+    shutil.copytree(ROOT / "fastmfd", tree / "fastmfd",
+                    ignore=shutil.ignore_patterns("*.so", "*.c", "__pycache__"))
+    shutil.copytree(TESTS, tree / "tests", ignore=shutil.ignore_patterns("data", "__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", tree)
+    expected = (f"ImportError: fastmfd is imported from the source tree {tree}, whose compiled "
+                "core (fastmfd._core) is not built: run `pip install -e .[test]` (or `python "
+                f"setup.py build_ext --inplace`) in {tree}")
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
+
+    imported = subprocess.run([sys.executable, "-c", "import fastmfd"], cwd=tree, env=env,
+                              capture_output=True, text=True, timeout=60)
+    assert imported.returncode == 1
+    assert imported.stderr.splitlines()[-1] == expected, imported.stderr
+
+    tested = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                             "tests/test_layout.py"], cwd=tree, env=env, capture_output=True,
+                            text=True, timeout=120)
+    output = tested.stdout + tested.stderr
+    assert tested.returncode != 0
+    assert f"E   {expected}" in output.splitlines(), output
+    assert "partially initialized" not in output

@@ -38,6 +38,26 @@ PATIENT = 60.0                  # a stall timeout no failure here may wait for
 PROMPT = 20.0                   # seconds a failing call has to return: it did not hang
 STALL = 2.0                     # the stall timeout of the stopped-peer cases
 
+
+def tcp_buffer_cap(name: str) -> int:
+    """The most bytes autotuning lets a TCP socket's buffer grow to here: the
+    third value of net.ipv4.tcp_wmem (send) or tcp_rmem (receive). Neither
+    qemu.send nor QEMU sets SO_SNDBUF or SO_RCVBUF, which would turn it off
+    (protocol.sockets.tune_data_socket)."""
+    with open(f"/proc/sys/net/ipv4/{name}") as f:
+        return int(f.read().split()[2])
+
+
+# A destination stopped mid-send takes nothing more, and says nothing (no return
+# path): the send fails at its stall timeout only if its channels still have
+# more to send than their connections can hold, each its sender's and its
+# receiver's buffer full, or it writes the rest into them and ends as if
+# migrated. The guest's pages left when it stops (3/4 of the guest, less
+# UNDER_WAY and a second at SLOW landed meanwhile) are made more than that.
+SEND_CHANNELS = 2
+HELD_AT_MOST = SEND_CHANNELS * (tcp_buffer_cap("tcp_wmem") + tcp_buffer_cap("tcp_rmem"))
+STOPPED_GUEST_MIB = -(-(UNDER_WAY + SLOW + HELD_AT_MOST + (1 << 20)) * 4 // 3 >> 20)
+
 # receive(), its source killed: the main channel cut short, or a multifd
 # channel (at a packet's end, or inside one: its worker says so).
 SOURCE_KILLED = (r"^(main channel at byte \d+: the source closed it before the stream's end "
@@ -158,17 +178,28 @@ def assert_tree_gone(tree: set[int]) -> None:
 
 # ---------------------------------------------------------------- qemu.send
 
-@pytest.fixture(params=QEMUS)
-def destination(request, tmp_path):
-    """A saved guest (2 channels, no compression) and a QEMU of the same binary
-    waiting for it: (saved directory, guest, its RAM file, address)."""
-    saved, _ = saved_guest(tmp_path, 2, "none", request.param, mib=GUEST_MIB)
-    guest, ram_path, address = incoming_guest(tmp_path, 2, "none", request.param,
-                                              mib=GUEST_MIB)
+def waiting_destination(tmp_path, binary: str, mib: int):
+    """A saved guest of ``mib`` MiB (SEND_CHANNELS channels, no compression) and a
+    QEMU of the same binary waiting for it: yields (saved directory, guest, its
+    RAM file, address)."""
+    saved, _ = saved_guest(tmp_path, SEND_CHANNELS, "none", binary, mib=mib)
+    guest, ram_path, address = incoming_guest(tmp_path, SEND_CHANNELS, "none", binary,
+                                              mib=mib)
     try:
         yield saved, guest, ram_path, address
     finally:
         resume_and_close(guest)
+
+
+@pytest.fixture(params=QEMUS)
+def destination(request, tmp_path):
+    yield from waiting_destination(tmp_path, request.param, GUEST_MIB)
+
+
+@pytest.fixture(params=QEMUS)
+def destination_to_stop(request, tmp_path):
+    """A destination whose guest has more pages than the send's connections hold."""
+    yield from waiting_destination(tmp_path, request.param, STOPPED_GUEST_MIB)
 
 
 def send_slowly(destination, **kwargs) -> tuple[Background, list[int]]:
@@ -178,10 +209,10 @@ def send_slowly(destination, **kwargs) -> tuple[Background, list[int]]:
     before = {p.pid for p in multiprocessing.active_children()}
     landed = ram_path.stat().st_blocks * 512
     sending = Background("send()", lambda: qemu.send(
-        address, str(saved), channels=2, max_bandwidth=SLOW, **kwargs))
+        address, str(saved), channels=SEND_CHANNELS, max_bandwidth=SLOW, **kwargs))
     wait_until_filled(lambda: [ram_path], landed + UNDER_WAY)
     workers = [p.pid for p in multiprocessing.active_children() if p.pid not in before]
-    assert len(workers) == 2, workers
+    assert len(workers) == SEND_CHANNELS, workers
     return sending, workers
 
 
@@ -204,11 +235,12 @@ def test_a_destination_killed_mid_send_fails_it_at_once(destination, leaks):
     leaks.assert_clean()
 
 
-def test_a_destination_stopped_mid_send_fails_it_at_its_stall_timeout(destination, leaks):
+def test_a_destination_stopped_mid_send_fails_it_at_its_stall_timeout(destination_to_stop,
+                                                                      leaks):
     """The connections stay open and take nothing: send() fails at its stall
     timeout, saying what made no progress, and its workers are gone."""
-    guest = destination[1]
-    sending, workers = send_slowly(destination, stall_timeout=STALL)
+    guest = destination_to_stop[1]
+    sending, workers = send_slowly(destination_to_stop, stall_timeout=STALL)
     os.kill(guest.process.pid, signal.SIGSTOP)
     assert_fails(sending, r"^(no multifd channel took work for 2 s|main channel: the "
                           r"destination took no data for 2 s|multifd channel \d: no Done "

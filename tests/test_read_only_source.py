@@ -73,7 +73,9 @@ def test_a_destination_refuses_a_read_only_region_when_it_is_added(read_only_ima
     target = fastmfd.Region.from_file("ram", read_only_image, read_only=True)
     try:
         with fastmfd.Destination("tcp:127.0.0.1:0") as destination:
-            with pytest.raises(fastmfd.ConfigError, match="region 'ram' is read-only"):
+            with pytest.raises(fastmfd.ConfigError, match=r"^add_region\(region\): region "
+                               r"'ram' is read-only \(Region.read_only\): a destination "
+                               r"writes into its regions$"):
                 destination.add_region(target)
     finally:
         target.close()
@@ -87,8 +89,8 @@ def test_a_destination_refuses_a_read_only_region_its_factory_made(read_only_ima
                        region_factory=lambda name, size, page_size: target) as m:
             m.source.add_region(source)
             outcome = m.run()
-        assert "region 'ram': read-only (Region.read_only): a destination writes into its " \
-               "regions" in str(outcome.dest_error)
+        assert "at SETUP: region 'ram' is read-only (Region.read_only): a destination " \
+               "writes into its regions" in str(outcome.dest_error)
     finally:
         source.close()
         target.close()

@@ -20,7 +20,7 @@ from ..shm import SHM_DIR, free_bytes
 from .session import SessionResources
 
 __all__ = ["RegionFactory", "RegionParts", "SessionRegions", "make_session_regions",
-           "places_pages"]
+           "places_pages", "check_writable"]
 
 RegionFactory = Callable[[str, int, int], Region]
 
@@ -120,10 +120,16 @@ def _region(parts: RegionParts, name: str, size: int, page_size: int) -> tuple[R
 def _check_geometry(region: Region, name: str, size: int, page_size: int) -> None:
     """A region the user gave (or their factory made) matches what the source sends,
     and can be written."""
-    if region.read_only:
-        raise ConfigError(f"region {name!r}: read-only (Region.read_only): a destination "
-                          f"writes into its regions")
+    check_writable(region, "at SETUP")
     if region.size != size or region.page_size != page_size:
         raise ConfigError(f"region {name!r}: the source sends {size} bytes in "
                           f"{page_size}-byte pages, the destination's region has "
                           f"{region.size} bytes in {region.page_size}-byte pages")
+
+
+def check_writable(region: Region, where: str) -> None:
+    """A destination writes into its regions: a read-only one is refused, the
+    error saying ``where`` it was met (``add_region(region)``, or at SETUP)."""
+    if region.read_only:
+        raise ConfigError(f"{where}: region {region.name!r} is read-only (Region.read_only): "
+                          f"a destination writes into its regions")

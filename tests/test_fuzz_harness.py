@@ -1,0 +1,68 @@
+"""benchmarks/fuzz.py's harness when a case hangs or kills its worker (real worker
+processes, on fuzz_support's targets): the case is recorded once, its batch goes
+on with the next case in a new worker, every case is counted once with its
+outcome, and a hang is the case's own, from the start of its making.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from fuzz_support import (CRASH_AT, HANG_AT, MAKE_HANGS_AT, RAISES_AT, SEED, case_value,
+                          outcome)
+from fuzz import Campaign  # after fuzz_support, which puts benchmarks/ on the path
+
+HANG = 1.0      # seconds: fuzz.HANG_SECONDS is a minute
+
+
+def _campaign(counts: dict[str, int]):
+    return Campaign(counts, SEED, jobs=2, log=lambda text: None, targets="fuzz_support",
+                    hang_seconds=HANG)
+
+
+def _expected(name: str, count: int, batch: int, special: set[str]) -> dict[str, int]:
+    """How many of the first ``count`` cases of ``name`` run() accepts and refuses,
+    but for the ``special`` ones."""
+    cases = [f"{name}:{i // batch}:{i % batch}" for i in range(count)]
+    outcomes = [outcome(case_value(cid)) for cid in cases if cid not in special]
+    return {kind: outcomes.count(kind) for kind in ("accepted", "refused")}
+
+
+@pytest.mark.timeout(60)
+def test_a_hang_or_crash_is_recorded_once_and_its_batch_goes_on_after_it():
+    tallies = _campaign({"hang": 30, "crash": 5, "make_hang": 10}).run()
+
+    hang = tallies["hang"]
+    assert hang.hangs == [(HANG_AT, f"made no progress for {HANG:g} s")]
+    assert hang.crashes == []
+    assert hang.cases == 30, "every case once: none lost, none counted twice"
+    assert {"accepted": hang.accepted, "refused": hang.refused} == \
+        _expected("hang", 30, 10, {HANG_AT, RAISES_AT})
+    assert hang.bad_count == 1 and hang.bad["ValueError"].examples[0][:2] == \
+        (RAISES_AT, "found before the hang"), "the batch's finding before its hang is kept"
+
+    crash = tallies["crash"]
+    assert crash.crashes == [(CRASH_AT, "was killed by SIGKILL")]
+    # Its new worker made the cases before the crash again to reach the next one,
+    # longer than HANG in all: no one case was, and none hung.
+    assert crash.hangs == []
+    assert crash.cases == 5
+    assert {"accepted": crash.accepted, "refused": crash.refused} == \
+        _expected("crash", 5, 5, {CRASH_AT})
+
+    # A make that hangs is its own case's hang, not the case made before; the
+    # batch's later cases cannot be made without it.
+    make_hang = tallies["make_hang"]
+    assert make_hang.hangs == [(MAKE_HANGS_AT,
+                                f"made no progress for {HANG:g} s making the case")]
+    assert make_hang.cases == 4
+    assert make_hang.accepted + make_hang.refused == 3
+
+
+@pytest.mark.timeout(60)
+def test_a_hang_building_the_seeds_stops_the_run():
+    """Not a case, so not one to go on after: it used to count as case -1 and
+    start the batch again, building the seeds again, forever."""
+    with pytest.raises(SystemExit, match=f"^fuzz.py: a worker made no progress for {HANG:g} s "
+                                         "building the seeds of 'build_hang'$"):
+        _campaign({"build_hang": 10}).run()
