@@ -10,7 +10,7 @@ import pytest
 import fastmfd
 from fastmfd.tools.loopback import LoopbackMigration
 from fastmfd.protocol.sockets import tune_main_socket
-from fastmfd.errors import MigrationError
+from fastmfd.errors import ConfigError, MigrationError
 from fastmfd._engine.processes import ChildSet, child_setup
 from fastmfd._engine.workers import recv_worker_main
 from fastmfd.protocol.control import Ready
@@ -83,3 +83,30 @@ def test_workers_keep_their_share_until_the_session_closes_then_exit(leaks):
         assert not any(alive(pid) for pid in workers)
     finally:
         image.close()
+
+
+def _owner(side: str, tmp_path) -> fastmfd.Source | fastmfd.Destination:
+    """A Source (nothing listens at its address: it is never asked to migrate) or a
+    Destination on a Unix socket (a file that must go with it)."""
+    if side == "source":
+        return fastmfd.Source("tcp:127.0.0.1:1")
+    return fastmfd.Destination(f"unix:{tmp_path}/d.sock", workers=2)
+
+
+@pytest.mark.parametrize("side", ["source", "destination"])
+def test_an_owner_is_entered_once(side, tmp_path, leaks):
+    # A nested `with` used to start a second set of workers over the first, which
+    # close() then missed (they died later, each printing an EOFError traceback).
+    owner = _owner(side, tmp_path)
+    name = type(owner).__name__
+    with owner:
+        pids = owner.worker_pids()
+        with pytest.raises(ConfigError, match=f"this {name} was entered already"):
+            with owner:
+                pass
+        assert owner.worker_pids() == pids
+    assert not any(alive(pid) for pid in pids)
+    with pytest.raises(ConfigError, match=f"a {name} is entered once"):
+        owner.__enter__()
+    assert owner.worker_pids() == []
+

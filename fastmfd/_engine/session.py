@@ -18,7 +18,7 @@ import threading
 from collections.abc import Iterator
 from typing import Callable, NoReturn, Protocol, Self, TypeVar
 
-from ..errors import Aborted, FastMFDError, MigrationError, OutputError
+from ..errors import Aborted, ConfigError, FastMFDError, MigrationError, OutputError
 from ..protocol.main_channel import MainChannel
 
 __all__ = ["SessionFailure", "SessionResources", "Owner", "break_session", "call_hook", "main_first",
@@ -181,7 +181,9 @@ CLOSE_WAIT = 10.0    # seconds close() waits for a cancelled migrate()/receive()
 
 
 class Owner:
-    """A context manager that starts what it owns on entry (``_start()``); a failure
+    """A context manager that starts what it owns on entry (``_start()``), once:
+    entering it again, inside its ``with`` or after, is refused (a second set of
+    processes would replace the first, which close() would then miss). A failure
     while starting, or leaving, calls ``close()``, which must free whatever was
     started, however far ``_start`` got.
 
@@ -194,6 +196,7 @@ class Owner:
 
     _call_thread: int | None = None
     _call_left: threading.Event | None = None
+    _entered = False
 
     def __init__(self) -> None:
         self._releasing = threading.Lock()
@@ -233,6 +236,11 @@ class Owner:
         raise NotImplementedError
 
     def __enter__(self) -> Self:
+        name = type(self).__name__
+        if self._entered:
+            raise ConfigError(f"this {name} was entered already: a {name} is entered once, "
+                              f"by one `with`; make a new one")
+        self._entered = True
         try:
             self._start()
         except BaseException:
