@@ -20,7 +20,7 @@ from typing import Any, Callable
 from ._engine.processes import ChildSet
 from ._engine.reassembly import reassembly_main
 from ._engine.receiving import DestinationParts, Receiving, Refusal
-from ._engine.session import Owner, SessionFailure, SessionResources, call_hook
+from ._engine.session import Owner, SessionFailure, call_hook
 from ._engine.workers import recv_worker_main
 from .arguments import (BOOL, CALLABLE, INT, NUMBER, STR, Kind, check_types, instance_of,
                         optional, type_error)
@@ -52,6 +52,19 @@ class DestinationResult:
     stats: ReceiveStats
     setup: dict[str, Any] = field(default_factory=dict)
     """The source's SETUP message: every session parameter."""
+
+
+@dataclass
+class _Listening:
+    """A listener a Destination made (one it was given stays open): closed, its
+    socket file removed, when the Destination is."""
+    sock: socket.socket
+    path: str | None
+
+    def close(self) -> None:
+        self.sock.close()
+        if self.path is not None:
+            remove_socket_file(self.path)
 
 
 class Destination(Owner):
@@ -144,11 +157,10 @@ class Destination(Owner):
             assert isinstance(address, socket.socket), "only a socket is not parsed"
             self._listener, self._owns_listener = address, False
             self.address = str(listening_address(address))
-            self._unix_path = None
         else:
             self._listener, self._owns_listener = listen(requested), True
+            self._resources.own(_Listening(self._listener, requested.path))
             self.address = str(bound_address(self._listener, requested))
-            self._unix_path = requested.path
         self._prespawn = workers
         self.timeout = timeout
         self._queued_cap = max_queued_bytes
@@ -157,15 +169,15 @@ class Destination(Owner):
         self._loaders: dict[tuple[str, int], Loader] = {}
         self._workers: ChildSet | None = None
         self._reassembly: ChildSet | None = None
-        self._resources = SessionResources()
         self._failure = SessionFailure("destination")
         self._session: Receiving | None = None
 
     # ------------------------------------------------------------ lifecycle
     def _start(self) -> None:
         names = [f"receive channel {i}" for i in range(self._prespawn)]
-        self._workers = ChildSet(recv_worker_main, names)
-        self._reassembly = ChildSet(reassembly_main, ["reassembly"])
+        own = self._resources.own_processes
+        self._workers = own(ChildSet(recv_worker_main, names))
+        self._reassembly = own(ChildSet(reassembly_main, ["reassembly"]))
 
     def add_region(self, region: Region) -> None:
         """Receive into ``region`` (it must match the source's size) instead of a new one.
@@ -210,18 +222,9 @@ class Destination(Owner):
 
     def _release(self) -> None:
         """Stop every process and free every resource (idempotent): see close()."""
-        self._resources.shutdown_sockets()
-        for group in (self._workers, self._reassembly):
-            if group is not None:
-                group.stop()
+        self._resources.stop()
         self._workers = self._reassembly = None
-        if self._session is not None:
-            self._session.close()
-        self._resources.release()
-        if self._listener is not None and self._owns_listener:
-            self._listener.close()
-            if self._unix_path:
-                remove_socket_file(self._unix_path)
+        self._resources.release()       # the listener it made last: see __init__
         self._listener = None
 
     # ------------------------------------------------------------ receive
@@ -255,7 +258,7 @@ class Destination(Owner):
                  on_resume: Callable[[], object] | None) -> DestinationResult:
         assert self._listener is not None and self._workers is not None, "inside with"
         assert self._reassembly is not None, "started with the workers"
-        session = self._session = Receiving(DestinationParts(
+        session = self._session = self._resources.session = Receiving(DestinationParts(
             self._listener, self.timeout, self._security, self._workers, self._reassembly,
             self._user_regions, self._loaders, self._region_factory, self._queued_cap,
             self._resources, self._failure, self.refused, self.stall_timeout, self.max_memory,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import socket
 
 import numpy as np
@@ -11,8 +12,9 @@ import fastmfd
 from fastmfd.tools.loopback import LoopbackMigration
 from fastmfd.protocol.sockets import tune_main_socket
 from fastmfd.errors import ConfigError, MigrationError
+from fastmfd.shm import list_segments
 from fastmfd._engine.processes import ChildSet, child_setup
-from fastmfd._engine.workers import recv_worker_main
+from fastmfd._engine.workers import recv_worker_main, send_worker_main
 from fastmfd.protocol.control import Ready
 from migration_support import make_region
 from proc_scan import alive
@@ -110,3 +112,32 @@ def test_an_owner_is_entered_once(side, tmp_path, leaks):
         owner.__enter__()
     assert owner.worker_pids() == []
 
+
+@pytest.mark.parametrize("side", ["source", "destination"])
+def test_an_owner_collected_unclosed_frees_what_it_holds(side, tmp_path, leaks):
+    # Dropped without close(), an entered owner kept its /dev/shm segments until
+    # the interpreter's exit. Now its finalizer frees everything, saying so.
+    owner = _owner(side, tmp_path).__enter__()
+    pids = owner.worker_pids()
+    parts = getattr(owner, "_parts", None)        # the source's shared structures
+    held = [] if parts is None else [parts.counters.name, parts.ram_selector.name,
+                                     parts.mailbox_shm.name]
+    assert pids and set(held) <= set(list_segments())
+    with pytest.warns(ResourceWarning, match=f"unclosed fastmfd.{type(owner).__name__}"):
+        del owner, parts
+        gc.collect()
+    assert not any(alive(pid) for pid in pids)
+    assert not set(held) & set(list_segments())
+    assert not (tmp_path / "d.sock").exists()
+
+
+def test_a_worker_whose_owner_is_gone_exits_quietly():
+    # Its end of the control pipe closed without a Stop (the owner collected, or
+    # its process gone): it exits at once, status 0, not 1 with an EOFError traceback.
+    workers = ChildSet(send_worker_main, ["send channel 0"])
+    try:
+        workers[0].conn.close()
+        workers[0].process.join(10)
+        assert workers[0].exitcode == 0
+    finally:
+        workers.stop()
