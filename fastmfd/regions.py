@@ -312,6 +312,7 @@ class Region:
 
     @property
     def npages(self) -> int:
+        """The region's size in pages."""
         return self.size // self.page_size
 
     @property
@@ -340,6 +341,7 @@ class Region:
 
     @property
     def closed(self) -> bool:
+        """Whether :meth:`close` was called (its bytes are then out of reach)."""
         return self._buffer is None
 
     def _check_open(self) -> memoryview:
