@@ -35,7 +35,7 @@ from .regions import Region, check_huge_pages, region_to_add
 from .shm import SHM_DIR
 from .stats import ReceiveStats
 
-__all__ = ["Destination", "DestinationResult"]
+__all__ = ["Destination", "DestinationResult", "Refusal"]
 
 _ADDRESS = Kind("a str (tcp:HOST:PORT or unix:PATH) or a listening socket.socket",
                 lambda value: isinstance(value, (str, socket.socket)))
@@ -138,7 +138,7 @@ class Destination(Owner):
         self._security = ChannelSecurity(
             tls=tls, auth_key=check_auth_key(auth_key, "Destination"), timeout=handshake_timeout)
         self.refused: list[Refusal] = []
-        """Connections dropped because they failed their greeting (who, and why)."""
+        """Connections dropped because they failed their greeting: a :class:`Refusal` each."""
         if stall_timeout is not None and not MIN_STALL_SECONDS <= stall_timeout <= \
                 MAX_STALL_SECONDS:
             raise ConfigError(f"stall_timeout must be in {MIN_STALL_SECONDS:g}.."
@@ -233,7 +233,7 @@ class Destination(Owner):
         """Accept one migration and apply it; returns a :class:`DestinationResult`.
 
         ``on_setup(setup)`` runs when the source's SETUP arrives, before this side
-        commits anything or answers: ``setup`` (:class:`fastmfd.protocol.setup.Setup`)
+        commits anything or answers: ``setup`` (:class:`fastmfd.Setup`)
         lists the ``regions`` (name, size) and ``devices`` (idstr, instance_id) the
         source sends; the hook may ``add_region()`` and ``add_loader()`` for them,
         and what it raises refuses the session (the source is told why).

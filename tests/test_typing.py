@@ -58,6 +58,14 @@ def readme_python_blocks() -> list[str]:
 PLANTED = textwrap.dedent("""
     import fastmfd
 
+    def on_setup(setup: fastmfd.Setup) -> None:           # the names to annotate with
+        print([region.name for region in setup.regions])
+
+    def refusals(dst: fastmfd.Destination) -> list[fastmfd.Refusal]:
+        return dst.refused
+
+    METHODS: list[fastmfd.Compression] = ["zstd", "auto"]
+
     def main() -> None:
         cfg = fastmfd.MigrationConfig(channels="4")         # MISTAKE: incompatible type "str"
         fastmfd.MigrationConfig(compression="lz4")          # MISTAKE: "Literal['none', 'zlib', 'zstd', 'auto']"
@@ -69,7 +77,7 @@ PLANTED = textwrap.dedent("""
                 src.add_region(ram)
                 stats = src.migrate(live=False)
                 print(stats.total_time)                     # MISTAKE: no attribute "total_time"
-            result = dst.receive()
+            result = dst.receive(on_setup=on_setup)
             print(result.regions["ram"].arrayy)             # MISTAKE: no attribute "arrayy"
 """)
 
