@@ -27,21 +27,22 @@ if importlib.util.find_spec(f"{__name__}._core") is None:
                       f"(or `python setup.py build_ext --inplace`) in {_tree}",
                       name=f"{__name__}._core")
 
-from .config import MigrationConfig
-from .destination import Destination, DestinationResult
+from .config import Compression, MigrationConfig
+from .destination import Destination, DestinationResult, Refusal
 from .devices import (BytesDevice, CollectLoader, Device, FileDevice, FileLoader, Loader,
                       SyntheticDevice, VerifyLoader)
 from .errors import (ConfigError, ConnectError, FastMFDError, ListenError, MigrationError,
                      OutputError, ProtocolError, SecurityError)
 from .protocol.security import TLSConfig
+from .protocol.setup import Setup
 from .region_pool import RegionPool
 from .regions import Region
 from .source import Source
 from .stats import ChannelStats, MigrationStats, ReceiveStats, RoundStats
 
 __all__ = [
-    "MigrationConfig", "TLSConfig", "Source", "Destination", "DestinationResult", "Region",
-    "RegionPool",
+    "MigrationConfig", "Compression", "TLSConfig", "Source", "Destination", "DestinationResult",
+    "Setup", "Refusal", "Region", "RegionPool",
     "Device", "Loader", "BytesDevice", "FileDevice", "SyntheticDevice", "CollectLoader", "FileLoader",
     "VerifyLoader", "MigrationStats", "ReceiveStats", "ChannelStats", "RoundStats",
     "FastMFDError", "ConfigError", "ListenError", "ProtocolError", "MigrationError",

@@ -153,6 +153,8 @@ class MigrationConfig:
 
     @property
     def total_channels(self) -> int:
+        """The data channels a session opens (one send worker each): ``channels`` plus
+        ``device_state_channels``."""
         return self.channels + self.device_state_channels
 
     @property

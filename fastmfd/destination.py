@@ -20,7 +20,7 @@ from typing import Any, Callable
 from ._engine.processes import ChildSet
 from ._engine.reassembly import reassembly_main
 from ._engine.receiving import DestinationParts, Receiving, Refusal
-from ._engine.session import Owner, SessionFailure, SessionResources, call_hook
+from ._engine.session import Owner, SessionFailure, call_hook
 from ._engine.session_regions import check_writable
 from ._engine.workers import recv_worker_main
 from .arguments import (BOOL, CALLABLE, INT, NUMBER, STR, Kind, check_types, instance_of,
@@ -36,7 +36,7 @@ from .regions import Region, check_huge_pages, region_to_add
 from .shm import SHM_DIR
 from .stats import ReceiveStats
 
-__all__ = ["Destination", "DestinationResult"]
+__all__ = ["Destination", "DestinationResult", "Refusal"]
 
 _ADDRESS = Kind("a str (tcp:HOST:PORT or unix:PATH) or a listening socket.socket",
                 lambda value: isinstance(value, (str, socket.socket)))
@@ -53,6 +53,19 @@ class DestinationResult:
     stats: ReceiveStats
     setup: dict[str, Any] = field(default_factory=dict)
     """The source's SETUP message: every session parameter."""
+
+
+@dataclass
+class _Listening:
+    """A listener a Destination made (one it was given stays open): closed, its
+    socket file removed, when the Destination is."""
+    sock: socket.socket
+    path: str | None
+
+    def close(self) -> None:
+        self.sock.close()
+        if self.path is not None:
+            remove_socket_file(self.path)
 
 
 class Destination(Owner):
@@ -126,7 +139,7 @@ class Destination(Owner):
         self._security = ChannelSecurity(
             tls=tls, auth_key=check_auth_key(auth_key, "Destination"), timeout=handshake_timeout)
         self.refused: list[Refusal] = []
-        """Connections dropped because they failed their greeting (who, and why)."""
+        """Connections dropped because they failed their greeting: a :class:`Refusal` each."""
         if stall_timeout is not None and not MIN_STALL_SECONDS <= stall_timeout <= \
                 MAX_STALL_SECONDS:
             raise ConfigError(f"stall_timeout must be in {MIN_STALL_SECONDS:g}.."
@@ -145,11 +158,10 @@ class Destination(Owner):
             assert isinstance(address, socket.socket), "only a socket is not parsed"
             self._listener, self._owns_listener = address, False
             self.address = str(listening_address(address))
-            self._unix_path = None
         else:
             self._listener, self._owns_listener = listen(requested), True
+            self._resources.own(_Listening(self._listener, requested.path))
             self.address = str(bound_address(self._listener, requested))
-            self._unix_path = requested.path
         self._prespawn = workers
         self.timeout = timeout
         self._queued_cap = max_queued_bytes
@@ -158,15 +170,15 @@ class Destination(Owner):
         self._loaders: dict[tuple[str, int], Loader] = {}
         self._workers: ChildSet | None = None
         self._reassembly: ChildSet | None = None
-        self._resources = SessionResources()
         self._failure = SessionFailure("destination")
         self._session: Receiving | None = None
 
     # ------------------------------------------------------------ lifecycle
     def _start(self) -> None:
         names = [f"receive channel {i}" for i in range(self._prespawn)]
-        self._workers = ChildSet(recv_worker_main, names)
-        self._reassembly = ChildSet(reassembly_main, ["reassembly"])
+        own = self._resources.own_processes
+        self._workers = own(ChildSet(recv_worker_main, names))
+        self._reassembly = own(ChildSet(reassembly_main, ["reassembly"]))
 
     def add_region(self, region: Region) -> None:
         """Receive into ``region`` (it must match the source's size) instead of a new one.
@@ -209,18 +221,9 @@ class Destination(Owner):
 
     def _release(self) -> None:
         """Stop every process and free every resource (idempotent): see close()."""
-        self._resources.shutdown_sockets()
-        for group in (self._workers, self._reassembly):
-            if group is not None:
-                group.stop()
+        self._resources.stop()
         self._workers = self._reassembly = None
-        if self._session is not None:
-            self._session.close()
-        self._resources.release()
-        if self._listener is not None and self._owns_listener:
-            self._listener.close()
-            if self._unix_path:
-                remove_socket_file(self._unix_path)
+        self._resources.release()       # the listener it made last: see __init__
         self._listener = None
 
     # ------------------------------------------------------------ receive
@@ -229,7 +232,7 @@ class Destination(Owner):
         """Accept one migration and apply it; returns a :class:`DestinationResult`.
 
         ``on_setup(setup)`` runs when the source's SETUP arrives, before this side
-        commits anything or answers: ``setup`` (:class:`fastmfd.protocol.setup.Setup`)
+        commits anything or answers: ``setup`` (:class:`fastmfd.Setup`)
         lists the ``regions`` (name, size) and ``devices`` (idstr, instance_id) the
         source sends; the hook may ``add_region()`` and ``add_loader()`` for them,
         and what it raises refuses the session (the source is told why).
@@ -254,7 +257,7 @@ class Destination(Owner):
                  on_resume: Callable[[], object] | None) -> DestinationResult:
         assert self._listener is not None and self._workers is not None, "inside with"
         assert self._reassembly is not None, "started with the workers"
-        session = self._session = Receiving(DestinationParts(
+        session = self._session = self._resources.session = Receiving(DestinationParts(
             self._listener, self.timeout, self._security, self._workers, self._reassembly,
             self._user_regions, self._loaders, self._region_factory, self._queued_cap,
             self._resources, self._failure, self.refused, self.stall_timeout, self.max_memory,

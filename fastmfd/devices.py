@@ -150,6 +150,7 @@ class BytesDevice:
         return n
 
     def config_state(self) -> bytes:
+        """The ``config`` bytes, sent as the stream's last chunk."""
         return self._config
 
 
@@ -204,9 +205,11 @@ class SyntheticDevice:
         self._pace = _Paced(read_rate)
 
     def state_pending(self) -> int:
+        """Bytes of the initial data (``precopy_size``) not read yet."""
         return max(0, self.precopy_size - self._offset)
 
     def save_live_iterate(self, buf: memoryview) -> int:
+        """Fill ``buf`` with the next bytes of the initial data; 0 once it is all read."""
         return self._produce(buf, self.precopy_size)
 
     def read_state(self, buf: memoryview) -> int:
@@ -321,6 +324,7 @@ class VerifyLoader:
         self._pace: _Paced | None = None
 
     def precopy_loaded(self) -> None:
+        """ValueError unless all ``precopy_size`` bytes of initial data are loaded."""
         if self._offset < self.precopy_size:
             raise ValueError(f"switchover approved after {self._offset} of the "
                              f"{self.precopy_size} bytes of initial data")

@@ -172,7 +172,8 @@ class Region:
         exists at ``path`` — a symbolic link included, which is never
         followed. ``dir_fd``: ``path`` is relative to that open directory.
         ``huge_pages``: ask for transparent huge pages (the caller checks
-        first that the file's file system gives them: :func:`check_huge_pages`).
+        first that the file's file system gives them:
+        :func:`fastmfd.huge_pages.why_no_huge_pages` says why not, None if it does).
         ``read_only``: open the file for reading only (a source's image: it needs
         no write access, and nothing can write it through the region).
         """
@@ -312,6 +313,7 @@ class Region:
 
     @property
     def npages(self) -> int:
+        """The region's size in pages."""
         return self.size // self.page_size
 
     @property
@@ -340,6 +342,7 @@ class Region:
 
     @property
     def closed(self) -> bool:
+        """Whether :meth:`close` was called (its bytes are then out of reach)."""
         return self._buffer is None
 
     def _check_open(self) -> memoryview:

@@ -18,7 +18,7 @@ from typing import Any, Callable
 from . import _core
 from ._engine.processes import ChildSet
 from ._engine.sending import Sending, SourceParts
-from ._engine.session import Owner, SessionResources
+from ._engine.session import Owner
 from ._engine.workers import send_worker_main
 from .arguments import CALLABLE, STR, check_types, instance_of, optional, type_error
 from .config import MigrationConfig
@@ -49,7 +49,6 @@ class Source(Owner):
         self.uuid = uuid_module.uuid4().bytes
         self._regions: list[Region] = []
         self._devices: list[Device] = []
-        self._resources = SessionResources()
         self._workers: ChildSet | None = None
         self._parts: SourceParts | None = None
         self._session: Sending | None = None
@@ -60,8 +59,8 @@ class Source(Owner):
     # ------------------------------------------------------------ lifecycle
     def _start(self) -> None:
         cfg, own = self.config, self._resources.own
-        self._workers = workers = ChildSet(
-            send_worker_main, [f"send channel {i}" for i in range(cfg.total_channels)])
+        self._workers = workers = self._resources.own_processes(ChildSet(
+            send_worker_main, [f"send channel {i}" for i in range(cfg.total_channels)]))
         ram_selector = own(_core.ChannelSelector.create(cfg.channels))
         device_selector = ram_selector
         if cfg.device_state_channels:
@@ -132,12 +131,8 @@ class Source(Owner):
 
     def _release(self) -> None:
         """Stop the workers and free every resource (idempotent): see close()."""
-        if self._session is not None:
-            self._session.close()
-        self._resources.shutdown_sockets()
-        if self._workers is not None:
-            self._workers.stop()
-            self._workers = None
+        self._resources.stop()
+        self._workers = None
         with self._status_lock:
             if self._session is not None:
                 self._session.freeze_status()
@@ -166,7 +161,7 @@ class Source(Owner):
         if not self._regions and not self._devices:
             raise ConfigError("nothing to migrate: add a region or a device first")
         with self._running():
-            self._session = Sending(self._parts)
+            self._session = self._resources.session = Sending(self._parts)
             if self._cancelled is not None:         # cancelled just before it began
                 self._session.failure.fail(MigrationError(self._cancelled))
             return self._session.run(live, on_stop, on_resume, progress)

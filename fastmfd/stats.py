@@ -13,20 +13,33 @@ __all__ = ["ChannelStats", "MigrationStats", "ReceiveStats", "RoundStats"]
 
 @dataclass(frozen=True)
 class ChannelStats:
-    """One multifd channel's totals."""
+    """One multifd channel's totals:
+
+    channel -- its number: the RAM channels first, then the device-state channels
+    kind -- "ram" or "device"
+    packets -- RAM packets, SYNC packets included
+    device_packets -- device-state packets (a chunk each)
+    normal_pages -- pages carried with their bytes
+    zero_pages -- pages carried as offsets only
+    wire_bytes -- headers plus payloads, as sent or received
+    syncs -- SYNC packets (one per round on a RAM channel)
+    compressed_payloads -- payloads (a RAM packet's pages, a device chunk) compressed
+    raw_payloads -- ... and sent as they are (compression="auto" mixes both)
+    """
     channel: int
-    kind: str                   # "ram" or "device"
-    packets: int                # RAM packets, SYNC packets included
+    kind: str
+    packets: int
     device_packets: int
     normal_pages: int
     zero_pages: int
-    wire_bytes: int             # headers plus payloads, as sent or received
+    wire_bytes: int
     syncs: int
-    compressed_payloads: int = 0    # payloads (a RAM packet's pages, a device chunk) compressed
-    raw_payloads: int = 0           # ... and sent as they are (compression="auto" mixes both)
+    compressed_payloads: int = 0
+    raw_payloads: int = 0
 
     @classmethod
     def from_counters(cls, channel: int, kind: str, row: Mapping[str, int]) -> "ChannelStats":
+        """The totals of ``channel`` from its row of the session's shared counters."""
         return cls(channel, kind, row["packets"], row["device_packets"], row["normal_pages"],
                    row["zero_pages"], row["wire_bytes"], row["syncs"],
                    row["compressed_payloads"], row["raw_payloads"])
@@ -34,32 +47,57 @@ class ChannelStats:
 
 @dataclass(frozen=True)
 class RoundStats:
-    """One pass over the dirty pages."""
+    """One pass over the dirty pages:
+
+    round -- its number, from 1
+    pages -- pages handed to the channels this round
+    seconds -- from the round's first job to its ROUND_END
+    live -- False for the round after the stop
+    """
     round: int
-    pages: int                  # pages handed to the channels this round
-    seconds: float              # from the round's first job to its ROUND_END
-    live: bool                  # False for the round after the stop
+    pages: int
+    seconds: float
+    live: bool
 
 
 @dataclass(frozen=True)
 class MigrationStats:
-    """Returned by :meth:`fastmfd.Source.migrate`."""
-    total_time_s: float         # connect to LOADED
-    setup_time_s: float         # connect to every channel up
-    downtime_s: float           # on_stop to LOADED (source clock)
+    """Returned by :meth:`fastmfd.Source.migrate` (times in seconds):
+
+    total_time_s -- connect to LOADED
+    setup_time_s -- connect to every channel up
+    downtime_s -- on_stop to LOADED (the source's clock)
+    rounds -- passes over the dirty pages, the one after the stop included
+    ram_bytes -- (normal + zero pages) * page_size
+    wire_bytes -- every byte written on every channel, main channel included
+    normal_pages -- pages sent with their bytes
+    zero_pages -- pages sent as offsets only
+    device_bytes -- device-state chunk bytes (headers included), before compression
+    device_chunks -- device-state chunks
+    device_live_bytes -- of device_bytes, sent while the workload ran (precopy)
+    page_size -- bytes per page
+    compression -- the method configured: "none", "zlib", "zstd" or "auto"
+    channels -- each data channel's :class:`ChannelStats`
+    round_stats -- each round's :class:`RoundStats`
+    destination -- the destination's LOADED report: "rounds" (as ReceiveStats) and
+        "load_seconds" (as ReceiveStats.load_time_s)
+    """
+    total_time_s: float
+    setup_time_s: float
+    downtime_s: float
     rounds: int
-    ram_bytes: int              # (normal + zero pages) * page_size
-    wire_bytes: int             # every byte written on every channel, main channel included
+    ram_bytes: int
+    wire_bytes: int
     normal_pages: int
     zero_pages: int
-    device_bytes: int           # device-state chunk bytes (headers included), before compression
+    device_bytes: int
     device_chunks: int
-    device_live_bytes: int      # of device_bytes, sent while the workload ran (precopy)
+    device_live_bytes: int
     page_size: int
     compression: str
     channels: tuple[ChannelStats, ...] = ()
     round_stats: tuple[RoundStats, ...] = ()
-    destination: dict[str, Any] = field(default_factory=dict)   # the destination's LOADED report
+    destination: dict[str, Any] = field(default_factory=dict)
 
     @property
     def throughput_bytes_per_s(self) -> float:
@@ -68,6 +106,7 @@ class MigrationStats:
 
     @property
     def packets(self) -> int:
+        """Packets sent over every data channel: RAM (SYNCs included) and device-state."""
         return sum(c.packets + c.device_packets for c in self.channels)
 
     @property
@@ -81,6 +120,8 @@ class MigrationStats:
         return sum(c.raw_payloads for c in self.channels)
 
     def as_dict(self) -> dict[str, Any]:
+        """Every field (channels and rounds as dicts too) and ``throughput_bytes_per_s``:
+        what ``fastmfd send --json`` prints."""
         data = asdict(self)
         data["throughput_bytes_per_s"] = self.throughput_bytes_per_s
         return data
@@ -88,18 +129,32 @@ class MigrationStats:
 
 @dataclass(frozen=True)
 class ReceiveStats:
-    """The destination's view, in :attr:`fastmfd.DestinationResult.stats`."""
-    total_time_s: float         # SETUP to LOADED
+    """The destination's view, in :attr:`fastmfd.DestinationResult.stats` (times in
+    seconds):
+
+    total_time_s -- SETUP to LOADED
+    rounds -- the source's rounds (its ROUND_END messages)
+    normal_pages -- pages received with their bytes
+    zero_pages -- pages received as offsets only
+    wire_bytes -- every byte read on the data channels (the main channel not counted)
+    device_bytes -- device-state chunk bytes (headers included), decompressed
+    device_chunks -- device-state chunks
+    load_time_s -- device "idstr/instance" -> seconds its loader took
+    channels -- each data channel's :class:`ChannelStats`
+    prealloc_time_s -- with prealloc, faulting the regions in, before SETUP_ACK (not
+        in total_time_s); None without
+    """
+    total_time_s: float
     rounds: int
     normal_pages: int
     zero_pages: int
     wire_bytes: int
     device_bytes: int
     device_chunks: int
-    load_time_s: dict[str, float]  # device "idstr/instance" -> seconds its loader took
+    load_time_s: dict[str, float]
     channels: tuple[ChannelStats, ...] = ()
-    prealloc_time_s: float | None = None    # prealloc: faulting the regions in, before
-                                            # SETUP_ACK (not in total_time_s); None: no prealloc
+    prealloc_time_s: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
+        """Every field (channels as dicts too): the ``stats`` of ``fastmfd listen --json``."""
         return asdict(self)

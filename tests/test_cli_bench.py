@@ -101,6 +101,26 @@ def test_matrix_with_peer_verifies_prints_and_writes_json(tmp_path, capsys):
                for r in fastmfd for run in r["runs"])
 
 
+def test_json_is_read_by_pytest_benchmarks_own_compare(tmp_path, capsys):
+    # It lacked iqr, q1, q3, outliers, ...: `pytest-benchmark compare` failed with
+    # KeyError 'iqr'. Three runs: an odd count takes pytest-benchmark's other quartiles.
+    from pytest_benchmark.stats import Stats
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--size", "1M", "--channels", "1", "--compression", "none",
+                 "--repeat", "3", "--json", str(out)]) == 0, capsys.readouterr().err
+    for bench in json.loads(out.read_text())["benchmarks"]:
+        theirs = Stats()
+        for seconds in bench["stats"]["data"]:
+            theirs.update(seconds)
+        stats = bench["stats"]
+        assert stats.pop("data") == theirs.data and stats.pop("iterations") == 1
+        assert stats == pytest.approx(theirs.as_dict())
+    compare = subprocess.run([sys.executable, "-m", "pytest_benchmark", "compare", str(out)],
+                             capture_output=True, text=True, timeout=60)
+    assert compare.returncode == 0, compare.stderr
+    assert "random fastmfd 1ch none" in compare.stdout and "IQR" in compare.stdout
+
+
 def _memory_kib(field: str) -> int:
     """VmRSS (resident now) or VmHWM (the peak since the last reset) of this process."""
     with open("/proc/self/status") as status:

@@ -191,6 +191,8 @@ def test_an_unguarded_script_whose_loader_cannot_go_by_value_is_told_why(tmp_pat
     assert proc.returncode == 1 and proc.stdout.split() == ["script", "ran"], proc.stdout
     assert "cannot pickle '_thread.lock' object (a loader goes to fastmfd's workers " \
            "pickled, and what __main__ defines by value" in proc.stderr, proc.stderr
+    assert f"guard the entry of your script {script} with if __name__ == '__main__':" \
+        in proc.stderr, proc.stderr
 
 
 def test_a_package_main_whose_loader_cannot_go_by_value_is_told_why(tmp_path):
@@ -208,6 +210,7 @@ def test_a_package_main_whose_loader_cannot_go_by_value_is_told_why(tmp_path):
     assert proc.returncode == 1 and proc.stdout.split() == ["script", "ran"], proc.stdout
     assert "cannot pickle '_thread.lock' object (a loader goes to fastmfd's workers " \
            "pickled" in proc.stderr, proc.stderr
+    assert "define its class in a module, and keep" in proc.stderr, proc.stderr  # no guard helps
 
 
 def test_run_from_a_directory_holding_an_unbuilt_source_tree(tmp_path):

@@ -2,7 +2,7 @@
 every Python example of the README clean, and on a user's script catches the
 mistakes people make with fastmfd — a wrong type, a compression method that
 does not exist, something that is not a Device or Loader, a misspelled
-attribute.
+attribute. And ``help()`` says what each public name is.
 
 mypy reads fastmfd's sources (``py.typed``, ``_core.pyi``) from where it is
 imported, which also works for an editable install. In a user's script,
@@ -13,7 +13,9 @@ the module: numpy and the standard library are analysed once, ~20 s of CPU.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
+import inspect
 import os
 import re
 import subprocess
@@ -24,6 +26,7 @@ from pathlib import Path
 import pytest
 
 import fastmfd
+from fastmfd.devices import PrecopyDevice
 
 mypy_api = pytest.importorskip("mypy.api", reason="mypy is not installed")
 
@@ -55,6 +58,14 @@ def readme_python_blocks() -> list[str]:
 PLANTED = textwrap.dedent("""
     import fastmfd
 
+    def on_setup(setup: fastmfd.Setup) -> None:           # the names to annotate with
+        print([region.name for region in setup.regions])
+
+    def refusals(dst: fastmfd.Destination) -> list[fastmfd.Refusal]:
+        return dst.refused
+
+    METHODS: list[fastmfd.Compression] = ["zstd", "auto"]
+
     def main() -> None:
         cfg = fastmfd.MigrationConfig(channels="4")         # MISTAKE: incompatible type "str"
         fastmfd.MigrationConfig(compression="lz4")          # MISTAKE: "Literal['none', 'zlib', 'zstd', 'auto']"
@@ -66,7 +77,7 @@ PLANTED = textwrap.dedent("""
                 src.add_region(ram)
                 stats = src.migrate(live=False)
                 print(stats.total_time)                     # MISTAKE: no attribute "total_time"
-            result = dst.receive()
+            result = dst.receive(on_setup=on_setup)
             print(result.regions["ram"].arrayy)             # MISTAKE: no attribute "arrayy"
 """)
 
@@ -137,3 +148,27 @@ def test_mypy_strict_passes_the_package_and_the_readme_examples(tmp_path, mypy_c
         env={**os.environ, **_mypy_path()})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Success: no issues found" in proc.stdout, proc.stdout
+
+
+def test_help_describes_every_public_method_and_statistic():
+    """help() showed nothing for Region.npages, MigrationStats.as_dict, ... and the
+    statistics' fields were described in source comments only. A method of a
+    Device or Loader protocol may leave its description to the protocol's."""
+    protocols = [fastmfd.Device, fastmfd.Loader, PrecopyDevice]
+    missing = []
+    for name in fastmfd.__all__:
+        cls = getattr(fastmfd, name)
+        if not inspect.isclass(cls) or issubclass(cls, BaseException):
+            continue
+        for attr, value in vars(cls).items():
+            if attr.startswith("_") or not (inspect.isfunction(value) or isinstance(
+                    value, (property, classmethod, staticmethod))):
+                continue
+            described = [getattr(owner, attr) for owner in [cls, *protocols]
+                         if attr in vars(owner)]
+            if not any(inspect.getdoc(method) for method in described):
+                missing.append(f"{name}.{attr}")
+        if dataclasses.is_dataclass(cls) and name.endswith("Stats"):
+            missing += [f"{name}.{field.name} (field)" for field in dataclasses.fields(cls)
+                        if f"\n{field.name} -- " not in inspect.cleandoc(cls.__doc__ or "")]
+    assert not missing, missing

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import socket
 
 import numpy as np
@@ -10,9 +11,10 @@ import pytest
 import fastmfd
 from fastmfd.tools.loopback import LoopbackMigration
 from fastmfd.protocol.sockets import tune_main_socket
-from fastmfd.errors import MigrationError
+from fastmfd.errors import ConfigError, MigrationError
+from fastmfd.shm import list_segments
 from fastmfd._engine.processes import ChildSet, child_setup
-from fastmfd._engine.workers import recv_worker_main
+from fastmfd._engine.workers import recv_worker_main, send_worker_main
 from fastmfd.protocol.control import Ready
 from migration_support import make_region
 from proc_scan import alive
@@ -83,3 +85,59 @@ def test_workers_keep_their_share_until_the_session_closes_then_exit(leaks):
         assert not any(alive(pid) for pid in workers)
     finally:
         image.close()
+
+
+def _owner(side: str, tmp_path) -> fastmfd.Source | fastmfd.Destination:
+    """A Source (nothing listens at its address: it is never asked to migrate) or a
+    Destination on a Unix socket (a file that must go with it)."""
+    if side == "source":
+        return fastmfd.Source("tcp:127.0.0.1:1")
+    return fastmfd.Destination(f"unix:{tmp_path}/d.sock", workers=2)
+
+
+@pytest.mark.parametrize("side", ["source", "destination"])
+def test_an_owner_is_entered_once(side, tmp_path, leaks):
+    # A nested `with` used to start a second set of workers over the first, which
+    # close() then missed (they died later, each printing an EOFError traceback).
+    owner = _owner(side, tmp_path)
+    name = type(owner).__name__
+    with owner:
+        pids = owner.worker_pids()
+        with pytest.raises(ConfigError, match=f"this {name} was entered already"):
+            with owner:
+                pass
+        assert owner.worker_pids() == pids
+    assert not any(alive(pid) for pid in pids)
+    with pytest.raises(ConfigError, match=f"a {name} is entered once"):
+        owner.__enter__()
+    assert owner.worker_pids() == []
+
+
+@pytest.mark.parametrize("side", ["source", "destination"])
+def test_an_owner_collected_unclosed_frees_what_it_holds(side, tmp_path, leaks):
+    # Dropped without close(), an entered owner kept its /dev/shm segments until
+    # the interpreter's exit. Now its finalizer frees everything, saying so.
+    owner = _owner(side, tmp_path).__enter__()
+    pids = owner.worker_pids()
+    parts = getattr(owner, "_parts", None)        # the source's shared structures
+    held = [] if parts is None else [parts.counters.name, parts.ram_selector.name,
+                                     parts.mailbox_shm.name]
+    assert pids and set(held) <= set(list_segments())
+    with pytest.warns(ResourceWarning, match=f"unclosed fastmfd.{type(owner).__name__}"):
+        del owner, parts
+        gc.collect()
+    assert not any(alive(pid) for pid in pids)
+    assert not set(held) & set(list_segments())
+    assert not (tmp_path / "d.sock").exists()
+
+
+def test_a_worker_whose_owner_is_gone_exits_quietly():
+    # Its end of the control pipe closed without a Stop (the owner collected, or
+    # its process gone): it exits at once, status 0, not 1 with an EOFError traceback.
+    workers = ChildSet(send_worker_main, ["send channel 0"])
+    try:
+        workers[0].conn.close()
+        workers[0].process.join(10)
+        assert workers[0].exitcode == 0
+    finally:
+        workers.stop()

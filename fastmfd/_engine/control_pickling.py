@@ -52,14 +52,23 @@ def dumps(message: Any) -> bytes:
     try:
         _ByValuePickler(out, protocol=pickle.HIGHEST_PROTOCOL).dump(message)
     except (TypeError, pickle.PicklingError) as exc:
-        if not _main_can_be_imported():
+        script = _main_script()
+        if script is None or not _is_guarded(script):
             raise TypeError(f"{exc} (a loader goes to fastmfd's workers pickled, and what "
                             f"__main__ defines by value, with the globals its methods use: "
-                            f"define its class in a module, or guard the script with if "
-                            f"__name__ == '__main__':, and keep what it holds picklable)"
+                            f"{_what_to_do(script)}, and keep what it holds picklable)"
                             ) from exc
         return bytes(reduction.ForkingPickler.dumps(message, pickle.HIGHEST_PROTOCOL))
     return out.getvalue()
+
+
+def _what_to_do(script: str | None) -> str:
+    """How a class of ``__main__`` that does not pickle by value could reach a worker."""
+    if script is None:
+        return "define its class in a module"
+    return (f"guard the entry of your script {script} with if __name__ == '__main__': "
+            f"(a worker then imports it and takes the class from there), or define the "
+            f"class in a module")
 
 
 def loads(data: bytes | bytearray | memoryview) -> Any:
@@ -67,17 +76,18 @@ def loads(data: bytes | bytearray | memoryview) -> Any:
     return _MainOnDemandUnpickler(io.BytesIO(data)).load()
 
 
-def _main_can_be_imported() -> bool:
-    """A child can import ``__main__`` without harm: it is a script file or a module
+def _main_script() -> str | None:
+    """The file of ``__main__`` if a child could import it: a script file or a module
     (``python -m``), not ``<stdin>``, a REPL or a notebook, nor a package's
-    ``__main__`` (multiprocessing never imports one in a child), and it is guarded
-    (importing an unguarded one would run the caller's program again)."""
+    ``__main__`` (multiprocessing never imports one in a child). Only a guarded one
+    may be imported (:func:`_is_guarded`): an unguarded one would run the caller's
+    program again."""
     main = sys.modules.get("__main__")
     spec = getattr(main, "__spec__", None)
     if spec is not None and spec.name.rpartition(".")[2] == "__main__":
-        return False
+        return None
     path = spec.origin if spec is not None else getattr(main, "__file__", None)
-    return isinstance(path, str) and os.path.isfile(path) and _is_guarded(path)
+    return path if isinstance(path, str) and os.path.isfile(path) else None
 
 
 def _is_guarded(path: str) -> bool:

@@ -561,11 +561,16 @@ def close_all(stack: list[Closable]) -> None:
 def run_child(conn: Connection, body: Callable[[ChildPipe, Any, list[Closable]], None]) -> None:
     """A child's life: report Ready, take one session's parameters, run
     ``body(pipe, params, stack)``, close what it attached (``stack``), report
-    Failed and exit 1 on failure. Told Stop instead of parameters, it exits."""
+    Failed and exit 1 on failure. Told Stop instead of parameters, it exits; so
+    it does, quietly, when its owner is gone before that (its end of the pipe
+    closed: the owner was collected, or its process ended, without a Stop)."""
     child_setup()
     pipe = ChildPipe(conn)
-    pipe.send(Ready())
-    params = pipe.recv()
+    try:
+        pipe.send(Ready())
+        params = pipe.recv()
+    except (EOFError, OSError):
+        return
     if isinstance(params, Stop):
         return
     stack: list[Closable] = []

@@ -90,7 +90,8 @@ class ReceivingState(enum.Enum):
 
 @dataclass(frozen=True)
 class Refusal:
-    """A connection the destination dropped: who, and why."""
+    """A connection the destination dropped (``fastmfd.Refusal``): who (``peer``), and
+    why (``reason``)."""
     peer: str
     reason: str
 

@@ -15,10 +15,12 @@ import contextlib
 import os
 import socket
 import threading
+import warnings
+import weakref
 from collections.abc import Iterator
 from typing import Callable, NoReturn, Protocol, Self, TypeVar
 
-from ..errors import Aborted, FastMFDError, MigrationError, OutputError
+from ..errors import Aborted, ConfigError, FastMFDError, MigrationError, OutputError
 from ..protocol.main_channel import MainChannel
 
 __all__ = ["SessionFailure", "SessionResources", "Owner", "break_session", "call_hook", "main_first",
@@ -131,15 +133,26 @@ class Closable(Protocol):
 Owned = TypeVar("Owned", bound=Closable)
 
 
+class Stoppable(Protocol):
+    def stop(self) -> None: ...
+
+
+Processes = TypeVar("Processes", bound=Stoppable)
+
+
 class SessionResources:
-    """What one side of a session owns besides its processes: the data
-    sockets (the main process keeps a copy of each, so shutting them down
-    breaks a worker's blocked I/O), pipe file descriptors, and the shared
-    structures it created. ``release()`` frees them all, on every exit path."""
+    """What one side of a session owns: its child processes, its session (whose
+    ``close()`` stops the threads that watch them), the data sockets (the main
+    process keeps a copy of each, so shutting them down breaks a worker's
+    blocked I/O), pipe file descriptors, and the shared structures it created.
+    ``stop()`` then ``release()`` free them all, on every exit path. Nothing here
+    refers to the owner, so its finalizer can free them too (:class:`Owner`)."""
 
     def __init__(self) -> None:
+        self.session: Closable | None = None
         self.sockets: list[socket.socket] = []
         self.fds: list[int] = []
+        self._processes: list[Stoppable] = []
         self._owned: list[Closable] = []
 
     def own(self, resource: Owned) -> Owned:
@@ -147,12 +160,32 @@ class SessionResources:
         self._owned.append(resource)
         return resource
 
+    def own_processes(self, processes: Processes) -> Processes:
+        """Stop ``processes`` (a ChildSet) at stop(); returns it."""
+        self._processes.append(processes)
+        return processes
+
+    def holds_any(self) -> bool:
+        return self.session is not None or bool(self.sockets or self.fds or self._processes
+                                                 or self._owned)
+
     def shutdown_sockets(self) -> None:
         for sock in self.sockets:
             shutdown_quietly(sock)
 
+    def stop(self) -> None:
+        """Stop the session's threads, break its blocked I/O, then stop every
+        process (idempotent)."""
+        if self.session is not None:
+            self.session.close()
+        self.shutdown_sockets()
+        for processes in self._processes:
+            processes.stop()
+        self._processes = []
+
     def release(self) -> None:
-        """Close every socket, descriptor and owned structure (idempotent)."""
+        """Close every socket, descriptor and owned structure (idempotent; after stop())."""
+        self.session = None
         for sock in self.sockets:
             sock.close()
         for fd in self.fds:
@@ -181,9 +214,17 @@ CLOSE_WAIT = 10.0    # seconds close() waits for a cancelled migrate()/receive()
 
 
 class Owner:
-    """A context manager that starts what it owns on entry (``_start()``); a failure
+    """A context manager that starts what it owns on entry (``_start()``), once:
+    entering it again, inside its ``with`` or after, is refused (a second set of
+    processes would replace the first, which close() would then miss). A failure
     while starting, or leaving, calls ``close()``, which must free whatever was
     started, however far ``_start`` got.
+
+    What it owns is in ``self._resources``, which refers to no owner: an owner
+    collected without ``close()`` (dropped, or lost on an exception path) has
+    them freed by its finalizer then, with a ResourceWarning as an unclosed file
+    gives, and one alive at the interpreter's exit at that exit (as is one that
+    a hook it was given refers to).
 
     The owner's one session call (``migrate()``, ``receive()``) runs inside
     ``self._running()``; ``close()`` from another thread first calls
@@ -194,9 +235,12 @@ class Owner:
 
     _call_thread: int | None = None
     _call_left: threading.Event | None = None
+    _entered = False
 
     def __init__(self) -> None:
         self._releasing = threading.Lock()
+        self._resources = SessionResources()
+        weakref.finalize(self, _free_unclosed, type(self).__name__, self._resources)
 
     @contextlib.contextmanager
     def _running(self) -> Iterator[None]:
@@ -233,6 +277,11 @@ class Owner:
         raise NotImplementedError
 
     def __enter__(self) -> Self:
+        name = type(self).__name__
+        if self._entered:
+            raise ConfigError(f"this {name} was entered already: a {name} is entered once, "
+                              f"by one `with`; make a new one")
+        self._entered = True
         try:
             self._start()
         except BaseException:
@@ -242,3 +291,12 @@ class Owner:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _free_unclosed(owner: str, resources: SessionResources) -> None:
+    """An Owner's finalizer: free what it still holds (nothing, once closed)."""
+    if resources.holds_any():
+        warnings.warn(f"unclosed fastmfd.{owner}: its processes, sockets and shared memory are "
+                      f"freed now; close() it, or use it in a `with`", ResourceWarning)
+    resources.stop()
+    resources.release()

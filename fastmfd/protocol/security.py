@@ -98,6 +98,7 @@ class TLSConfig:
         self._context(ssl.Purpose.CLIENT_AUTH)
 
     def check_server(self) -> None:
+        """ConfigError unless it can be a destination's: that needs ``cert`` and ``key``."""
         if self.cert is None:
             raise ConfigError("a TLS destination needs its own certificate: TLSConfig(cert=..., "
                               "key=...)")

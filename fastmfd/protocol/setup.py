@@ -247,6 +247,7 @@ class Setup:
 
     @property
     def total_channels(self) -> int:
+        """The data channels of the session: ``channels`` plus ``device_state_channels``."""
         return self.channels + self.device_state_channels
 
     def session_values(self) -> dict[str, Any]:

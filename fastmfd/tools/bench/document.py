@@ -7,8 +7,10 @@ it was measured, and tools that read pytest-benchmark files read it::
      "commit_info": {"id", "dirty", "project", "branch"},   # id None: not a checkout
      "datetime": "2026-12-03T09:10:00+00:00", "version": "<fastmfd's>",
      "benchmarks": [{"name", "fullname", "group",
-                     "stats": {"min", "max", "mean", "median", "stddev", "rounds",
-                               "iterations", "ops", "data"},       # seconds
+                     "stats": {"min", "max", "mean", "stddev", "rounds", "median",
+                               "iqr", "q1", "q3", "iqr_outliers", "stddev_outliers",
+                               "outliers", "ld15iqr", "hd15iqr", "ops", "total",
+                               "iterations", "data"},      # seconds, as pytest-benchmark's
                      "extra_info": {"image", "compression", "channels", "peer", "link",
                                     "tls", "image_bytes", "throughput_bytes_per_s",
                                     "first_s", "spread", "loaded_runs",
@@ -71,18 +73,12 @@ def document(results: list[Result], *, tls: str | None, prealloc: bool,
 
 def _benchmark(result: Result, tls: str | None, prealloc: bool, warm_memory: bool,
                link: str) -> dict[str, Any]:
-    runs = [m.seconds for m in result.measurements]
     best = result.best
     setting = result.setting
     name = result.name
-    mean = statistics.fmean(runs)
     return {
         "name": name, "fullname": f"fastmfd bench::{name}", "group": result.image,
-        "stats": {"min": min(runs), "max": max(runs), "mean": mean,
-                  "median": statistics.median(runs),
-                  "stddev": statistics.stdev(runs) if len(runs) > 1 else 0.0,
-                  "rounds": len(runs), "iterations": 1, "ops": 1 / mean if mean else 0.0,
-                  "data": runs},
+        "stats": run_stats([m.seconds for m in result.measurements]),
         "extra_info": {
             "image": result.image, "compression": setting.compression_label,
             "channels": setting.channels, "peer": setting.method, "link": link,
@@ -95,6 +91,43 @@ def _benchmark(result: Result, tls: str | None, prealloc: bool, warm_memory: boo
             "runs": [{"seconds": m.seconds, **m.details} for m in result.measurements],
         },
     }
+
+
+def run_stats(runs: list[float]) -> dict[str, Any]:
+    """pytest-benchmark's statistics of ``runs`` (seconds, one iteration each),
+    field for field as its ``Stats`` computes them: its quartiles (Wikipedia's
+    methods 2 and 3), Tukey's fences at 1.5 IQR (``ld15iqr``/``hd15iqr``: the
+    runs nearest inside them), ``outliers``: "beyond one stddev;beyond the fences"."""
+    data = sorted(runs)
+    rounds, total, mean = len(runs), sum(runs), statistics.fmean(runs)
+    stddev = statistics.stdev(runs) if rounds > 1 else 0.0
+    q1, q3 = _quartiles(data)
+    iqr = q3 - q1
+    low, high = q1 - 1.5 * iqr, q3 + 1.5 * iqr
+    stddev_outliers = sum(not mean - stddev <= run <= mean + stddev for run in runs)
+    iqr_outliers = sum(not low <= run <= high for run in runs)
+    return {"min": data[0], "max": data[-1], "mean": mean, "stddev": stddev, "rounds": rounds,
+            "median": statistics.median(data), "iqr": iqr, "q1": q1, "q3": q3,
+            "iqr_outliers": iqr_outliers, "stddev_outliers": stddev_outliers,
+            "outliers": f"{stddev_outliers};{iqr_outliers}",
+            "ld15iqr": next(run for run in data if run >= low),
+            "hd15iqr": next(run for run in reversed(data) if run <= high),
+            "ops": rounds / total if total else 0.0, "total": total, "iterations": 1,
+            "data": runs}
+
+
+def _quartiles(data: list[float]) -> tuple[float, float]:
+    """Q1 and Q3 of sorted ``data`` as pytest-benchmark computes them."""
+    n = len(data)
+    if n == 1:
+        return data[0], data[0]
+    if n % 2 == 0:      # the medians of each half
+        return statistics.median(data[:n // 2]), statistics.median(data[n // 2:])
+    m, r = divmod(n, 4)     # odd: weighted between the two data around each quarter
+    if r == 1:
+        return (0.25 * data[m - 1] + 0.75 * data[m],
+                0.75 * data[3 * m] + 0.25 * data[3 * m + 1])
+    return 0.75 * data[m] + 0.25 * data[m + 1], 0.25 * data[3 * m + 1] + 0.75 * data[3 * m + 2]
 
 
 def machine_info() -> dict[str, Any]:
