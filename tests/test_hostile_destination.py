@@ -28,12 +28,15 @@ SLACK = 3.0         # seconds past a deadline a failure may take (the monitor's 
 
 class FakeDestination:
     """Accepts a source's connections on loopback and runs ``script(self)`` on its
-    main channel once SETUP arrived; the data channels are read and dropped."""
+    main channel once SETUP arrived; the data channels are read and dropped.
+    ``channel_header``: the source's (False: the old way, no header on the main
+    channel either)."""
 
-    def __init__(self, script) -> None:
+    def __init__(self, script, channel_header: bool = True) -> None:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.address = "tcp:127.0.0.1:%d" % self.listener.getsockname()[1]
         self.script = script
+        self.channel_header = channel_header
         self.main: socket.socket | None = None
         self.sockets: list[socket.socket] = []
         self.stop = threading.Event()
@@ -43,7 +46,7 @@ class FakeDestination:
     def _serve(self) -> None:
         try:
             self.main = self._accept()
-            self._recv(12 + 8)                      # channel header, preamble
+            self._recv(12 * self.channel_header + 8)    # channel header, preamble
             assert self.read()[0] is Msg.SETUP
             threading.Thread(target=self._accept_channels, daemon=True).start()
             self.script(self)
@@ -114,15 +117,17 @@ class FakeDestination:
         self.thread.join(10)
 
 
-def migrate_against(script, *, hold=None):
-    """A real Source migrates 4 MiB to ``FakeDestination(script)``; returns its
-    error and the seconds it took. ``hold(source)`` runs in another thread."""
-    destination = FakeDestination(script)
+def migrate_against(script, *, hold=None, config=CONFIG, device=None):
+    """A real Source migrates 4 MiB (and ``device``) to ``FakeDestination(script)``;
+    returns its error and the seconds it took. ``hold(source)`` runs in another thread."""
+    destination = FakeDestination(script, config.channel_header)
     region = make_region("ram", 4 << 20, seed=7)
     error = None
     try:
-        with fastmfd.Source(destination.address, CONFIG) as source:
+        with fastmfd.Source(destination.address, config) as source:
             source.add_region(region)
+            if device is not None:
+                source.add_device(device)
             if hold is not None:
                 threading.Thread(target=hold, args=(source,), daemon=True).start()
             started = time.monotonic()
@@ -191,6 +196,33 @@ def test_cancel_or_close_while_waiting_for_setup_ack(leaks, how):
     expected = "the user gave up" if how == "cancel" else "closed"
     assert expected in str(error)
     assert took < 2.0
+    leaks.assert_clean()
+
+
+def test_cancel_while_the_main_channel_s_writer_is_stuck(leaks):
+    """A destination that reads nothing more of its main channel: the source's
+    thread is stuck there writing old-way device state, holding the channel.
+    The teardown's ERROR waited for that write to give up (at the stall timeout,
+    10 s here) before the shutdown that breaks it, so cancel() and migrate()
+    took that long; now the ERROR gives up after a second."""
+    config = CONFIG.replace(channels=1, channel_header=False, stall_timeout=10.0)
+    hold_for, cancelled = 1.0, {}       # by then the main channel's buffers are full
+
+    def hold(source):
+        time.sleep(hold_for)
+        cancelled["at"] = time.monotonic()
+        source.cancel("the user gave up")
+        cancelled["returned"] = time.monotonic()
+
+    def script(d):
+        d.send(Msg.SETUP_ACK)
+        d.stop.wait(30)
+
+    error, took = migrate_against(script, hold=hold, config=config,
+                                  device=fastmfd.SyntheticDevice("vfio", 0, 256 << 20))
+    assert "the user gave up" in str(error)
+    assert cancelled["returned"] - cancelled["at"] < 2.0
+    assert took < hold_for + 2.0
     leaks.assert_clean()
 
 

@@ -5,8 +5,10 @@ First error wins (QEMU's ``multifd_send_terminate_threads``): the first
 failure reported — by a worker, the peer, a device or the main thread — is
 stored once; every later one is dropped. Failing runs the session's
 teardown callbacks, which wake every waiter (aborting the shared selector
-and pool) and shut the sockets down so blocked I/O returns; whoever waits
-then raises the stored error.
+and pool), tell the peer why and shut the sockets down so blocked I/O
+returns; whoever waits then raises the stored error, but only once the
+teardown is over: raising lets the owner close the sockets, and the peer
+must have been told first.
 """
 
 from __future__ import annotations
@@ -28,40 +30,58 @@ __all__ = ["SessionFailure", "SessionResources", "Owner", "break_session", "call
 
 
 class SessionFailure:
-    """The first error of a session, and the teardown it triggers."""
+    """The first error of a session, and the teardown it triggers.
+
+    The teardown runs in the thread that failed first, often not the session's
+    own (``cancel()`` from the user's thread, the monitor, a device's save
+    thread); its first steps wake the session's thread. ``fail()`` and
+    ``check()`` give the error back only once the teardown is over: the
+    session's thread, woken and raising, lets its owner close the main channel,
+    and a cancel's ERROR not written by then never reached the peer (1 cancel
+    in 5)."""
 
     def __init__(self, side: str) -> None:
         self.side = side
         self._lock = threading.Lock()
         self._error: MigrationError | None = None
         self._on_failure: list[Callable[[MigrationError], None]] = []
-        self.event = threading.Event()          # set once failed
+        self.event = threading.Event()          # set once failed and torn down
 
     def on_failure(self, callback: Callable[[MigrationError], None]) -> None:
+        """Run ``callback(error)`` at the first failure, in the thread that failed;
+        it must not call fail() or check() (they wait for the teardown it is part of)."""
         self._on_failure.append(callback)
 
     @property
     def error(self) -> MigrationError | None:
+        """The first error, from the moment it is recorded (its teardown may still run)."""
         return self._error
 
     def fail(self, exc: BaseException, channel: str | None = None) -> MigrationError:
-        """Record ``exc`` as the session's failure unless one is recorded already."""
+        """Record ``exc`` as the session's failure unless one is recorded already,
+        and return the first error once its teardown is over."""
         error = as_migration_error(exc, channel)
         with self._lock:
-            if self._error is not None:
-                return self._error
-            self._error = error
-        self.event.set()
-        for callback in self._on_failure:
-            try:
-                callback(error)
-            except Exception:
-                pass
+            first = self._error
+            if first is None:
+                self._error = error
+        if first is not None:
+            self.event.wait()
+            return first
+        try:
+            for callback in self._on_failure:
+                try:
+                    callback(error)
+                except Exception:
+                    pass
+        finally:            # a KeyboardInterrupt in a callback must not leave waiters blocked
+            self.event.set()
         return error
 
     def check(self) -> None:
-        """Raise the session's failure if there is one."""
+        """Raise the session's failure if there is one (once its teardown is over)."""
         if self._error is not None:
+            self.event.wait()
             raise self._error
 
     def raise_for(self, exc: BaseException, channel: str | None = None) -> NoReturn:
@@ -70,6 +90,7 @@ class SessionFailure:
         or a worker's RemoteTraceback): ``raise ... from exc`` would overwrite that,
         with the error itself when ``exc`` already is the MigrationError."""
         if isinstance(exc, Aborted) and self._error is not None:
+            self.event.wait()
             raise self._error from None
         raise self.fail(exc, channel)
 

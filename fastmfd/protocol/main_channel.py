@@ -61,6 +61,7 @@ MAX_JSON_DEPTH = 32                # nesting of a control payload (SETUP's is 3)
 OLD_WAY_PREFIX = struct.Struct(">I")    # DEVICE_STATE: the device index before the chunk
 OLD_WAY_CHECKSUM = struct.Struct("<Q")  # DEVICE_STATE with SETUP's checksum: CRC-32 of the
                                         # rest, as a multifd device packet's trailer
+ERROR_TIMEOUT = 1.0                 # seconds a failing side gives its ERROR (send_error)
 _MAX_COUNT = (1 << 63) - 1          # any counter or round number
 _MAX_SECONDS = 1e9                  # any duration (about 32 years)
 
@@ -376,11 +377,14 @@ class MainChannel:
         self.last_sent = time.monotonic()
 
     def send(self, kind: Msg, payload: Any = None) -> None:
-        data = encode_message(kind, payload)
         with self._lock:
-            send_all(self.sock, data, kind.name, MAIN)
-            self.bytes_sent += len(data)
-            self.last_sent = time.monotonic()
+            self._write(kind, encode_message(kind, payload))
+
+    def _write(self, kind: Msg, data: bytes) -> None:
+        """Send a whole message (the caller holds the lock)."""
+        send_all(self.sock, data, kind.name, MAIN)
+        self.bytes_sent += len(data)
+        self.last_sent = time.monotonic()
 
     def send_parts(self, kind: Msg, parts: list[bytes | memoryview]) -> None:
         """A binary message whose payload is several buffers (device chunks, old way)."""
@@ -393,12 +397,19 @@ class MainChannel:
             self.last_sent = time.monotonic()
 
     def send_error(self, error: BaseException) -> None:
-        """Best effort: tell the peer why the session failed."""
+        """Best effort, within ERROR_TIMEOUT for the lock and as much for the send:
+        tell the peer why the session failed. The failure's teardown waits on it,
+        and the shutdown that follows is what breaks another thread's send stuck
+        behind a peer that reads nothing (the ERROR could not have followed it)."""
+        if not self._lock.acquire(timeout=ERROR_TIMEOUT):
+            return
         try:
-            self.sock.settimeout(1.0)
-            self.send(Msg.ERROR, Error(str(error)))
+            self.sock.settimeout(ERROR_TIMEOUT)
+            self._write(Msg.ERROR, encode_message(Msg.ERROR, Error(str(error))))
         except Exception:
             pass
+        finally:
+            self._lock.release()
 
     def shutdown(self) -> None:
         """Break any I/O blocked on the socket, in this thread or another."""
