@@ -29,6 +29,9 @@ __all__ = ["SessionFailure", "SessionResources", "Owner", "break_session", "call
            "as_migration_error"]
 
 
+TEARDOWN_TIMEOUT = 10.0     # seconds a waiter gives a failure's teardown (_torn_down)
+
+
 class SessionFailure:
     """The first error of a session, and the teardown it triggers.
 
@@ -66,7 +69,7 @@ class SessionFailure:
             if first is None:
                 self._error = error
         if first is not None:
-            self.event.wait()
+            self._torn_down()
             return first
         try:
             for callback in self._on_failure:
@@ -78,10 +81,16 @@ class SessionFailure:
             self.event.set()
         return error
 
+    def _torn_down(self) -> None:
+        """Wait for the first failure's teardown, within TEARDOWN_TIMEOUT: it is
+        bounded (its ERROR within 2 s, aborts and shutdowns), and were a callback
+        ever to wait on this thread, the error is raised anyway, not never."""
+        self.event.wait(TEARDOWN_TIMEOUT)
+
     def check(self) -> None:
         """Raise the session's failure if there is one (once its teardown is over)."""
         if self._error is not None:
-            self.event.wait()
+            self._torn_down()
             raise self._error
 
     def raise_for(self, exc: BaseException, channel: str | None = None) -> NoReturn:
@@ -90,7 +99,7 @@ class SessionFailure:
         or a worker's RemoteTraceback): ``raise ... from exc`` would overwrite that,
         with the error itself when ``exc`` already is the MigrationError."""
         if isinstance(exc, Aborted) and self._error is not None:
-            self.event.wait()
+            self._torn_down()
             raise self._error from None
         raise self.fail(exc, channel)
 
