@@ -124,7 +124,7 @@ class Destination(Owner):
                     max_memory=(max_memory, optional(INT)),
                     region_pool=(region_pool, optional(
                         instance_of(RegionPool, "a fastmfd.RegionPool"))),
-                    prealloc=(prealloc, BOOL))
+                    prealloc=(prealloc, BOOL), huge_pages=(huge_pages, BOOL))
         super().__init__()
         requested = None if isinstance(address, socket.socket) else parse_address(address)
         if workers < 0:

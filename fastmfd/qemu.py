@@ -57,7 +57,7 @@ from typing import Any, Callable
 
 from ._engine.qemu_receiving import QemuReceiving, QemuStreamFacts
 from ._engine.qemu_sending import QEMU_PACKET_BYTES, QemuSending, QemuStream
-from .arguments import INT, NUMBER, PATH, STR, Kind, check_types, optional
+from .arguments import BOOL, INT, NUMBER, PATH, STR, Kind, check_types, optional
 from .errors import ConfigError
 from .protocol.qemu import COMMAND, COMMAND_PLACES, SYNC_PER_ROUND, SYNC_PER_SECTION
 from .protocol.sockets import (bound_address, listen, listening_address, parse_address,
@@ -124,7 +124,8 @@ class QemuReceiver:
                     address=(address, Kind("a str or a listening socket",
                                            lambda a: isinstance(a, (str, socket.socket)))),
                     directory=(directory, PATH), timeout=(timeout, NUMBER),
-                    stall_timeout=(stall_timeout, NUMBER), max_size=(max_size, optional(INT)),
+                    stall_timeout=(stall_timeout, NUMBER), force=(force, BOOL),
+                    keep_partial=(keep_partial, BOOL), max_size=(max_size, optional(INT)),
                     workers=(workers, INT))
         self._given = address if isinstance(address, socket.socket) else None
         self._requested = (listening_address(address) if isinstance(address, socket.socket)

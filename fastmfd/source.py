@@ -20,7 +20,7 @@ from ._engine.processes import ChildSet
 from ._engine.sending import Sending, SourceParts
 from ._engine.session import Owner
 from ._engine.workers import send_worker_main
-from .arguments import CALLABLE, STR, check_types, instance_of, optional, type_error
+from .arguments import BOOL, CALLABLE, STR, check_types, instance_of, optional, type_error
 from .config import MigrationConfig
 from .devices import Device
 from .errors import ConfigError, MigrationError
@@ -152,8 +152,8 @@ class Source(Owner):
         call, as a MigrationError naming the hook).
         ``progress``: show a live progress display on the terminal.
         """
-        check_types("migrate", on_stop=(on_stop, optional(CALLABLE)),
-                    on_resume=(on_resume, optional(CALLABLE)))
+        check_types("migrate", live=(live, BOOL), on_stop=(on_stop, optional(CALLABLE)),
+                    on_resume=(on_resume, optional(CALLABLE)), progress=(progress, BOOL))
         if self._parts is None:
             raise ConfigError("use the Source as a context manager: `with Source(...) as src`")
         if self._session is not None:

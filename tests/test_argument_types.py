@@ -113,6 +113,17 @@ WRONG = [
     (lambda: fastmfd.Source("tcp:127.0.0.1:1").migrate(on_stop="stop"), "migrate(on_stop)",
      "str"),
     (lambda: fastmfd.Source("tcp:127.0.0.1:1").cancel(0), "cancel(reason)", "int"),
+    # A flag is True or False: migrate(live="no") ran a live migration.
+    (lambda: fastmfd.Source("tcp:127.0.0.1:1").migrate(live="no"), "migrate(live)", "str"),
+    (lambda: fastmfd.Source("tcp:127.0.0.1:1").migrate(progress=1), "migrate(progress)",
+     "int"),
+    (lambda: fastmfd.Destination("tcp:127.0.0.1:0", huge_pages=0), "Destination(huge_pages)",
+     "int"),
+    (lambda: fastmfd.Destination("tcp:127.0.0.1:0", huge_pages="no"),
+     "Destination(huge_pages)", "str"),
+    (lambda: qemu.receive("tcp:127.0.0.1:0", ".", force="no"), "qemu.receive(force)", "str"),
+    (lambda: qemu.receive("tcp:127.0.0.1:0", ".", keep_partial=1),
+     "qemu.receive(keep_partial)", "int"),
 ]
 
 
