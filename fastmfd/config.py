@@ -111,8 +111,10 @@ class MigrationConfig:
                 raise ConfigError(message)
 
         # A subclass's own fields are its own to check.
-        check_types("MigrationConfig", **{name: (getattr(self, name), kind)
-                                          for name, kind in _FIELD_KINDS.items()})
+        values = check_types("MigrationConfig", **{name: (getattr(self, name), kind)
+                                                   for name, kind in _FIELD_KINDS.items()})
+        for name, value in zip(_FIELD_KINDS, values):       # Python's int and float
+            object.__setattr__(self, name, value)
         if self.device_channels_within:
             # The seed counts device-state channels within the total; fastmfd adds them.
             need(0 <= self.device_state_channels < self.channels,

@@ -115,16 +115,18 @@ class Destination(Owner):
                  max_memory: int | None = None, prealloc: bool = False,
                  region_pool: RegionPool | None = None, huge_pages: bool = False) -> None:
         check_types("Destination",
-                    address=(address, _ADDRESS), workers=(workers, INT), timeout=(timeout, NUMBER),
-                    max_queued_bytes=(max_queued_bytes, optional(INT)),
+                    address=(address, _ADDRESS),
                     region_factory=(region_factory, optional(CALLABLE)),
                     tls=(tls, optional(instance_of(TLSConfig, "a fastmfd.TLSConfig"))),
-                    handshake_timeout=(handshake_timeout, NUMBER),
-                    stall_timeout=(stall_timeout, optional(NUMBER)),
-                    max_memory=(max_memory, optional(INT)),
                     region_pool=(region_pool, optional(
                         instance_of(RegionPool, "a fastmfd.RegionPool"))),
                     prealloc=(prealloc, BOOL), huge_pages=(huge_pages, BOOL))
+        workers, timeout, max_queued_bytes, handshake_timeout, stall_timeout, max_memory = \
+            check_types("Destination", workers=(workers, INT), timeout=(timeout, NUMBER),
+                        max_queued_bytes=(max_queued_bytes, optional(INT)),
+                        handshake_timeout=(handshake_timeout, NUMBER),
+                        stall_timeout=(stall_timeout, optional(NUMBER)),
+                        max_memory=(max_memory, optional(INT)))
         super().__init__()
         requested = None if isinstance(address, socket.socket) else parse_address(address)
         if workers < 0:
@@ -195,7 +197,7 @@ class Destination(Owner):
 
     def add_loader(self, idstr: str, instance_id: int, loader: Loader) -> None:
         """Load device ``idstr``/``instance_id`` with ``loader`` (default: CollectLoader)."""
-        check_device_ids("add_loader", idstr, instance_id)
+        idstr, instance_id = check_device_ids("add_loader", idstr, instance_id)
         if not isinstance(loader, Loader):
             raise type_error(f"add_loader(loader) for {idstr!r}", "a fastmfd.Loader "
                              "(load_state_buffer(data), load_finish())", loader)

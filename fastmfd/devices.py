@@ -50,16 +50,17 @@ def device_key(idstr: str, instance_id: int) -> str:
     return f"{idstr}/{instance_id}"
 
 
-def check_device_ids(call: str, idstr: str, instance_id: int) -> None:
-    """The device ``call`` names: a TypeError for a wrong type, a ConfigError for an
-    idstr or instance_id the wire cannot carry."""
-    check_types(call, idstr=(idstr, STR), instance_id=(instance_id, INT))
+def check_device_ids(call: str, idstr: str, instance_id: int) -> tuple[str, int]:
+    """The device ``call`` names, its instance_id a Python int: a TypeError for a
+    wrong type, a ConfigError for an idstr or instance_id the wire cannot carry."""
+    idstr, instance_id = check_types(call, idstr=(idstr, STR), instance_id=(instance_id, INT))
     try:
         check_name(idstr, "device idstr")
     except Invalid as exc:
         raise ConfigError(f"device idstr {idstr!r} must be {exc.expected}") from None
     if not 0 <= instance_id < 1 << 32:
         raise ConfigError(f"device instance_id {instance_id} does not fit in 32 bits")
+    return idstr, instance_id
 
 
 class _Paced:
@@ -136,7 +137,7 @@ class BytesDevice:
     """A device whose state is a bytes-like object (and optional config bytes)."""
 
     def __init__(self, idstr: str, instance_id: int, data: Buffer, config: bytes = b"") -> None:
-        check_device_ids("BytesDevice", idstr, instance_id)
+        idstr, instance_id = check_device_ids("BytesDevice", idstr, instance_id)
         check_types("BytesDevice", data=(data, BUFFER), config=(config, BUFFER))
         self.idstr, self.instance_id = idstr, instance_id
         self._data = memoryview(data).cast("B")
@@ -159,7 +160,7 @@ class FileDevice:
     that cannot be read is refused (ConfigError) before any migration starts."""
 
     def __init__(self, idstr: str, instance_id: int, path: str | os.PathLike[str]) -> None:
-        check_device_ids("FileDevice", idstr, instance_id)
+        idstr, instance_id = check_device_ids("FileDevice", idstr, instance_id)
         check_types("FileDevice", path=(path, PATH))
         self.idstr, self.instance_id = idstr, instance_id
         self.path = os.fspath(path)
@@ -192,9 +193,10 @@ class SyntheticDevice:
 
     def __init__(self, idstr: str, instance_id: int, size: int, read_rate: float | None = None,
                  seed: int = 0, precopy_size: int = 0) -> None:
-        check_device_ids("SyntheticDevice", idstr, instance_id)
-        check_types("SyntheticDevice", size=(size, INT), read_rate=(read_rate, optional(NUMBER)),
-                    seed=(seed, INT), precopy_size=(precopy_size, INT))
+        idstr, instance_id = check_device_ids("SyntheticDevice", idstr, instance_id)
+        size, read_rate, seed, precopy_size = check_types(
+            "SyntheticDevice", size=(size, INT), read_rate=(read_rate, optional(NUMBER)),
+            seed=(seed, INT), precopy_size=(precopy_size, INT))
         if size < 0:
             raise ConfigError(f"device size {size} is negative")
         if not 0 <= precopy_size <= size:
@@ -314,8 +316,9 @@ class VerifyLoader:
 
     def __init__(self, size: int, seed: int = 0, write_rate: float | None = None,
                  precopy_size: int = 0) -> None:
-        check_types("VerifyLoader", size=(size, INT), seed=(seed, INT),
-                    write_rate=(write_rate, optional(NUMBER)), precopy_size=(precopy_size, INT))
+        size, seed, write_rate, precopy_size = check_types(
+            "VerifyLoader", size=(size, INT), seed=(seed, INT),
+            write_rate=(write_rate, optional(NUMBER)), precopy_size=(precopy_size, INT))
         if not 0 <= precopy_size <= size:
             raise ConfigError(f"loader precopy_size {precopy_size} is not in 0..size ({size})")
         self.size, self.seed, self.write_rate = size, seed, write_rate

@@ -123,10 +123,11 @@ class QemuReceiver:
         check_types(self._call,
                     address=(address, Kind("a str or a listening socket",
                                            lambda a: isinstance(a, (str, socket.socket)))),
-                    directory=(directory, PATH), timeout=(timeout, NUMBER),
-                    stall_timeout=(stall_timeout, NUMBER), force=(force, BOOL),
-                    keep_partial=(keep_partial, BOOL), max_size=(max_size, optional(INT)),
-                    workers=(workers, INT))
+                    directory=(directory, PATH), force=(force, BOOL),
+                    keep_partial=(keep_partial, BOOL))
+        timeout, stall_timeout, max_size, workers = check_types(
+            self._call, timeout=(timeout, NUMBER), stall_timeout=(stall_timeout, NUMBER),
+            max_size=(max_size, optional(INT)), workers=(workers, INT))
         self._given = address if isinstance(address, socket.socket) else None
         self._requested = (listening_address(address) if isinstance(address, socket.socket)
                            else parse_address(address))
@@ -271,10 +272,11 @@ class QemuSender:
                  level: int = 1, stall_timeout: float = DEFAULT_STALL_TIMEOUT,
                  timeout: float = DEFAULT_CONNECT_TIMEOUT,
                  max_bandwidth: float | None = None) -> None:
-        check_types(self._call, directory=(directory, PATH), channels=(channels, INT),
-                    compression=(compression, STR), level=(level, INT),
-                    stall_timeout=(stall_timeout, NUMBER), timeout=(timeout, NUMBER),
-                    max_bandwidth=(max_bandwidth, optional(NUMBER)))
+        check_types(self._call, directory=(directory, PATH), compression=(compression, STR))
+        channels, level, stall_timeout, timeout, max_bandwidth = check_types(
+            self._call, channels=(channels, INT), level=(level, INT),
+            stall_timeout=(stall_timeout, NUMBER), timeout=(timeout, NUMBER),
+            max_bandwidth=(max_bandwidth, optional(NUMBER)))
         if not 1 <= channels <= 255:
             raise ConfigError(f"channels {channels}: QEMU's multifd-channels is 1..255")
         if compression not in ("none", "zlib", "zstd"):

@@ -44,7 +44,7 @@ class RegionPool:
     (or call :meth:`close`) so its regions are freed."""
 
     def __init__(self, max_bytes: int) -> None:
-        check_types("RegionPool", max_bytes=(max_bytes, INT))
+        (max_bytes,) = check_types("RegionPool", max_bytes=(max_bytes, INT))
         if max_bytes < 0:
             raise ConfigError(f"a region pool holds max_bytes >= 0, not {max_bytes}")
         self.max_bytes = max_bytes

@@ -142,8 +142,9 @@ class Region:
         cleanly when ``/dev/shm`` is full); the region must fit in what ``/dev/shm`` has
         free now (ConfigError otherwise). ``huge_pages``: ask for transparent
         huge pages (ConfigError, saying why, where the system gives none)."""
-        check_types("Region.create", name=(name, STR), size=(size, INT),
-                    page_size=(page_size, INT), huge_pages=(huge_pages, BOOL))
+        name, size, page_size, huge_pages = check_types(
+            "Region.create", name=(name, STR), size=(size, INT), page_size=(page_size, INT),
+            huge_pages=(huge_pages, BOOL))
         if huge_pages:
             check_huge_pages(SHM_DIR)
         validate_region_name(name)
@@ -177,10 +178,11 @@ class Region:
         ``read_only``: open the file for reading only (a source's image: it needs
         no write access, and nothing can write it through the region).
         """
-        check_types("Region.from_file", name=(name, STR), path=(path, PATH),
-                    size=(size, optional(INT)), page_size=(page_size, INT),
-                    exclusive=(exclusive, BOOL), dir_fd=(dir_fd, optional(INT)),
-                    huge_pages=(huge_pages, BOOL), read_only=(read_only, BOOL))
+        name, path, size, page_size, exclusive, dir_fd, huge_pages, read_only = check_types(
+            "Region.from_file", name=(name, STR), path=(path, PATH), size=(size, optional(INT)),
+            page_size=(page_size, INT), exclusive=(exclusive, BOOL),
+            dir_fd=(dir_fd, optional(INT)), huge_pages=(huge_pages, BOOL),
+            read_only=(read_only, BOOL))
         validate_region_name(name)
         if read_only and size is not None:
             raise ConfigError(f"region {name!r}: a read-only file is taken as it is (no size)")
@@ -211,9 +213,9 @@ class Region:
                 huge_pages: bool = False) -> "Region":
         """Map the open file ``fd`` ``MAP_SHARED`` (the caller keeps and closes ``fd``),
         as :meth:`from_file` does: one opened by whoever checked what it is."""
-        check_types("Region.from_fd", name=(name, STR), fd=(fd, INT),
-                    size=(size, optional(INT)), page_size=(page_size, INT),
-                    huge_pages=(huge_pages, BOOL))
+        name, fd, size, page_size, huge_pages = check_types(
+            "Region.from_fd", name=(name, STR), fd=(fd, INT), size=(size, optional(INT)),
+            page_size=(page_size, INT), huge_pages=(huge_pages, BOOL))
         validate_region_name(name)
         location = os.readlink(f"/proc/self/fd/{fd}")   # what was opened, links resolved
         status = os.fstat(fd)

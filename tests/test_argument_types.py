@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ import fastmfd
 from fastmfd import qemu
 from fastmfd.arguments import INT, NUMBER, check_types
 from fastmfd.shm import list_segments
+from migration_support import Migration, make_region
 
 LOADER = fastmfd.CollectLoader()
 
@@ -147,26 +149,57 @@ def test_a_wrong_value_of_the_right_type_stays_a_config_error():
 
 
 def test_the_kinds_tell_ints_from_bools_and_floats():
-    check_types("f", count=(3, INT), seconds=(0.5, NUMBER), rate=(3, NUMBER),
-                float64=(np.float64(0.5), NUMBER))     # a float subclass
-    for value, kind in ((True, INT), (3.0, INT), (False, NUMBER), ("1", NUMBER)):
+    values = check_types("f", count=(np.int64(3), INT), seconds=(Fraction(1, 2), NUMBER),
+                         rate=(3, NUMBER), float32=(np.float32(0.25), NUMBER))
+    assert values == (3, 0.5, 3.0, 0.25)
+    assert [type(v) for v in values] == [int, float, float, float], "Python's, converted"
+    for value, kind in ((True, INT), (3.0, INT), (np.float64(3.0), INT), (np.True_, INT),
+                        (False, NUMBER), (np.True_, NUMBER), ("1", NUMBER)):
         with pytest.raises(TypeError, match=r"^f\(x\) must be"):
             check_types("f", x=(value, kind))
 
 
-def test_a_rate_may_be_a_float_and_a_numpy_number_says_how_to_convert_it():
-    """Sizes and counts go on the wire in JSON as they are, seconds to the socket
-    calls: Python's int and float only (a numpy float32 of seconds passed the
-    check, then failed inside settimeout). A rate may be a float (1e9 bytes/s
-    was refused)."""
-    assert fastmfd.MigrationConfig(max_bandwidth=1e9).channel_rate == 5e8
-    with pytest.raises(TypeError, match=r"^Region.create\(size\) must be an int, not "
-                                        r"numpy.int64 \(int\(value\) converts it\)$"):
-        fastmfd.Region.create("r", np.int64(4096))
-    with pytest.raises(TypeError, match=r"^MigrationConfig\(stall_timeout\) must be a "
-                                        r"number, not numpy.float32 \(float\(value\) "
-                                        r"converts it\)$"):
-        fastmfd.MigrationConfig(stall_timeout=np.float32(5.0))
+def test_numpy_numbers_and_fractions_are_taken_as_python_numbers():
+    """README: sizes and counts take any integer, rates and seconds any real number
+    (np.float32, np.int64 and Fraction were refused). Each is made Python's int or
+    float when the call is made: they go on the wire in JSON (np.int64 does not
+    encode) and to the socket calls (np.float32 is not a float to settimeout)."""
+    config = fastmfd.MigrationConfig(channels=np.int64(2), downtime_limit=Fraction(1, 2),
+                                     timeout=np.int64(5), stall_timeout=np.float32(5),
+                                     max_bandwidth=np.float32(1 << 30),
+                                     packet_pages=np.uint16(64))
+    assert config == fastmfd.MigrationConfig(channels=2, downtime_limit=0.5, timeout=5.0,
+                                             stall_timeout=5.0, max_bandwidth=float(1 << 30),
+                                             packet_pages=64)
+    assert [type(getattr(config, name)) for name in ("channels", "downtime_limit", "timeout",
+                                                     "stall_timeout", "max_bandwidth")] == \
+        [int, float, float, float, float]
+    device = fastmfd.SyntheticDevice("d", np.uint32(1), np.int64(1 << 20),
+                                     read_rate=np.float32(1e9), seed=np.uint64(7))
+    loader = fastmfd.VerifyLoader(np.int64(1 << 20), seed=np.uint64(7),
+                                  write_rate=Fraction(10 ** 9))
+    assert (type(device.instance_id), type(device.seed), type(loader.write_rate)) == \
+        (int, int, float)
+    with make_region("pc.ram", 1 << 20, seed=3) as ram, \
+            Migration(config, workers=np.int64(2), timeout=np.float32(30),
+                      handshake_timeout=Fraction(5), stall_timeout=np.float64(10),
+                      max_queued_bytes=np.int64(4 << 20), max_memory=np.uint64(1 << 30)) as m:
+        m.source.add_region(ram)
+        m.source.add_device(device)
+        m.destination.add_loader("d", np.int64(1), loader)
+        _, result = m.run(live=False).ok()
+        assert (result.regions["pc.ram"].array == ram.array).all()
+        assert result.devices[("d", 1)] == 1 << 20
+    with fastmfd.Region.create("r", np.int64(4096), page_size=np.int32(4096)) as region:
+        assert (type(region.size), type(region.page_size)) == (int, int)
+
+
+def test_qemu_receive_takes_numpy_numbers_as_python_numbers(tmp_path):
+    """Its seconds go to the socket calls: an np.float32 must arrive as a float."""
+    with pytest.raises(fastmfd.MigrationError, match="no QEMU connected within 0.3 s"):
+        qemu.receive("tcp:127.0.0.1:0", str(tmp_path / "out"), timeout=np.float32(0.3),
+                     stall_timeout=np.float32(5), workers=np.int64(1),
+                     max_size=np.int64(1 << 30))
 
 
 def test_a_subclass_of_the_config_is_made_as_before():
