@@ -1,4 +1,6 @@
-"""Wrong types at the public entry points: a TypeError that names the parameter.
+"""Arguments at the public entry points: a wrong type is a TypeError that names the
+parameter, a value that cannot work a ConfigError that names it too, both raised
+before any work.
 
 Every public constructor and method checks its arguments first, so
 ``Region.create("ram", "4096")`` says ``Region.create(size) must be an int, not
@@ -12,9 +14,14 @@ truncated). Any integer (numpy's too) is a size or count and any real number
 (numpy's, a Fraction) a number of seconds or a rate: :func:`check_types`
 returns each converted to Python's int or float, the one type the rest of
 fastmfd sees (they go on the wire in JSON, and to the socket calls, which take
-Python's numbers only). A value of the right type that cannot work (a negative
-size) is a ConfigError, raised after. A flag (``huge_pages=...``) is True or
-False: ``"no"`` would be true.
+Python's numbers only). A flag (``huge_pages=...``) is True or False: ``"no"``
+would be true.
+
+A kind may also bound its values (:func:`within`): a timeout is a finite
+number of seconds > 0, a seed fits in 64 bits. A value of the right type out
+of those bounds is a ConfigError, raised once every type is checked, before any
+work: not a failure deep inside a migration (an infinite timeout overflowed a
+deadline, a negative seed a worker's uint64).
 """
 
 from __future__ import annotations
@@ -25,8 +32,11 @@ import operator
 import os
 from typing import Any, Callable, NamedTuple
 
-__all__ = ["Kind", "INT", "NUMBER", "BOOL", "STR", "PATH", "BYTES", "BUFFER", "CALLABLE",
-           "instance_of", "optional", "check_types", "type_error"]
+from .errors import ConfigError
+
+__all__ = ["Kind", "INT", "UNSIGNED", "SEED", "NUMBER", "POSITIVE", "BOOL", "STR", "PATH",
+           "BYTES", "BUFFER", "CALLABLE", "instance_of", "optional", "within", "check_types",
+           "type_error"]
 
 
 def _same(value: Any) -> Any:
@@ -35,10 +45,13 @@ def _same(value: Any) -> Any:
 
 class Kind(NamedTuple):
     """What a parameter accepts: the values ``accepts`` is true of, ``what`` in words,
-    each made the one type fastmfd uses by ``convert``."""
+    each made the one type fastmfd uses by ``convert``; of those, only the ones
+    ``valid`` is true of (``valid_what`` in words) can work."""
     what: str
     accepts: Callable[[Any], bool]
     convert: Callable[[Any], Any] = _same
+    valid: Callable[[Any], bool] | None = None
+    valid_what: str = ""
 
 
 def _is_integral(value: Any) -> bool:
@@ -64,8 +77,17 @@ def _is_buffer(value: Any) -> bool:
     return True
 
 
+def within(kind: Kind, valid_what: str, valid: Callable[[Any], bool]) -> Kind:
+    """``kind``, of which only the values ``valid`` is true of can work."""
+    return kind._replace(valid=valid, valid_what=valid_what)
+
+
 INT = Kind("an int", _is_integral, operator.index)
+UNSIGNED = within(INT, "an int >= 0", lambda value: value >= 0)
+SEED = within(INT, "an int in 0..2**64-1", lambda value: 0 <= value < 1 << 64)
 NUMBER = Kind("a real number", _is_real, _to_float)
+POSITIVE = within(NUMBER, "a finite number > 0", lambda value: 0 < value < math.inf)
+"""Seconds (a timeout) and rates (bytes per second)."""
 BOOL = Kind("True or False", lambda value: isinstance(value, bool))
 STR = Kind("a str", lambda value: isinstance(value, str))
 PATH = Kind("a str or os.PathLike", lambda value: isinstance(value, (str, os.PathLike)))
@@ -80,18 +102,27 @@ def instance_of(cls: type, what: str) -> Kind:
 
 def optional(kind: Kind) -> Kind:
     """``kind``, or None."""
+    valid = kind.valid
     return Kind(f"{kind.what} or None", lambda value: value is None or kind.accepts(value),
-                lambda value: None if value is None else kind.convert(value))
+                lambda value: None if value is None else kind.convert(value),
+                None if valid is None else (lambda value: value is None or valid(value)),
+                f"{kind.valid_what} or None" if valid is not None else "")
 
 
 def check_types(call: str, **arguments: tuple[object, Kind]) -> tuple[Any, ...]:
     """The values of ``arguments`` (``parameter=(value, kind)``), each converted by
     its kind, in their order. Raises a TypeError naming ``call(parameter)`` for the
-    first whose value is not of its kind."""
+    first whose value is not of its kind, then a ConfigError for the first whose
+    converted value its kind does not take as valid."""
     for parameter, (value, kind) in arguments.items():
         if not kind.accepts(value):
             raise type_error(f"{call}({parameter})", kind.what, value)
-    return tuple(kind.convert(value) for value, kind in arguments.values())
+    converted = tuple(kind.convert(value) for value, kind in arguments.values())
+    for (parameter, (value, kind)), made in zip(arguments.items(), converted):
+        if kind.valid is not None and not kind.valid(made):
+            raise ConfigError(f"{call}({parameter}) must be {kind.valid_what}, "
+                              f"not {value!r:.80}")
+    return converted
 
 
 def type_error(parameter: str, expected: str, value: object) -> TypeError:

@@ -13,7 +13,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .arguments import BOOL, BYTES, INT, NUMBER, STR, Kind, check_types, instance_of, optional
+from .arguments import (BOOL, BYTES, INT, POSITIVE, STR, Kind, check_types, instance_of,
+                        optional)
 from .errors import ConfigError
 from .protocol.security import TLSConfig, check_auth_key
 from .protocol.setup import COMPRESSION_LEVELS, COMPRESSION_METHODS, Invalid, check_session
@@ -27,10 +28,11 @@ Compression = Literal["none", "zlib", "zstd", "auto"]
 _CONFIG_NAMES = {"chunk_size": "device_chunk_size"}
 
 # What a field accepts, by its annotation below: every field is checked for its type
-# first (a TypeError), then for its value (a ConfigError).
+# first (a TypeError), then for its value (a ConfigError). Every float is seconds or
+# bytes per second: finite and > 0 (an infinite timeout overflowed a deadline).
 _KINDS: dict[str, Kind] = {
-    "int": INT, "float": NUMBER, "bool": BOOL, "Compression": STR,
-    "int | None": optional(INT), "float | None": optional(NUMBER),
+    "int": INT, "float": POSITIVE, "bool": BOOL, "Compression": STR,
+    "int | None": optional(INT), "float | None": optional(POSITIVE),
     "bytes | None": optional(BYTES),
     "TLSConfig | None": optional(instance_of(TLSConfig, "a fastmfd.TLSConfig")),
 }
@@ -129,11 +131,7 @@ class MigrationConfig:
             name = _CONFIG_NAMES.get(exc.field, exc.field)
             raise ConfigError(f"{name} must be {exc.expected}, not {exc.value!r}") from None
         need(1 <= self.job_packets <= 64, f"job_packets must be in 1..64, not {self.job_packets}")
-        need(self.downtime_limit > 0, f"downtime_limit must be > 0, not {self.downtime_limit}")
         need(self.max_rounds >= 1, f"max_rounds must be >= 1, not {self.max_rounds}")
-        need(self.max_bandwidth is None or self.max_bandwidth > 0,
-             f"max_bandwidth must be positive or None, not {self.max_bandwidth}")
-        need(self.timeout > 0, f"timeout must be > 0, not {self.timeout}")
         if self.max_bandwidth is not None:
             # A paced worker with work must still finish a packet per stall_timeout.
             packet = max(self.packet_pages * self.page_size, self.device_chunk_size)

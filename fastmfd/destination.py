@@ -23,12 +23,12 @@ from ._engine.receiving import DestinationParts, Receiving, Refusal
 from ._engine.session import Owner, SessionFailure, call_hook
 from ._engine.session_regions import check_writable
 from ._engine.workers import recv_worker_main
-from .arguments import (BOOL, CALLABLE, INT, NUMBER, STR, Kind, check_types, instance_of,
-                        optional, type_error)
+from .arguments import (BOOL, CALLABLE, INT, NUMBER, POSITIVE, STR, UNSIGNED, Kind,
+                        check_types, instance_of, optional, type_error, within)
 from .devices import Loader, check_device_ids
 from .errors import ConfigError, MigrationError
 from .protocol.security import ChannelSecurity, TLSConfig, check_auth_key
-from .protocol.setup import MAX_STALL_SECONDS, MIN_STALL_SECONDS, Setup
+from .protocol.setup import Setup, rule
 from .protocol.sockets import (bound_address, listen, listening_address, parse_address,
                                remove_socket_file)
 from .region_pool import RegionPool
@@ -40,6 +40,9 @@ __all__ = ["Destination", "DestinationResult", "Refusal"]
 
 _ADDRESS = Kind("a str (tcp:HOST:PORT or unix:PATH) or a listening socket.socket",
                 lambda value: isinstance(value, (str, socket.socket)))
+# Its own bounds on values SETUP carries: what the source's would have to be.
+_STALL_TIMEOUT = optional(within(NUMBER, *rule("stall_timeout")))
+_MAX_QUEUED_BYTES = optional(within(INT, *rule("max_queued_bytes")))
 
 
 @dataclass
@@ -122,32 +125,22 @@ class Destination(Owner):
                         instance_of(RegionPool, "a fastmfd.RegionPool"))),
                     prealloc=(prealloc, BOOL), huge_pages=(huge_pages, BOOL))
         workers, timeout, max_queued_bytes, handshake_timeout, stall_timeout, max_memory = \
-            check_types("Destination", workers=(workers, INT), timeout=(timeout, NUMBER),
-                        max_queued_bytes=(max_queued_bytes, optional(INT)),
-                        handshake_timeout=(handshake_timeout, NUMBER),
-                        stall_timeout=(stall_timeout, optional(NUMBER)),
-                        max_memory=(max_memory, optional(INT)))
+            check_types("Destination", workers=(workers, UNSIGNED), timeout=(timeout, POSITIVE),
+                        max_queued_bytes=(max_queued_bytes, _MAX_QUEUED_BYTES),
+                        handshake_timeout=(handshake_timeout, POSITIVE),
+                        stall_timeout=(stall_timeout, _STALL_TIMEOUT),
+                        max_memory=(max_memory, optional(UNSIGNED)))
         super().__init__()
         requested = None if isinstance(address, socket.socket) else parse_address(address)
-        if workers < 0:
-            raise ConfigError(f"workers must be >= 0, not {workers}")
         if tls is not None:
             tls.check_server()
             if tls.authz is not None and tls.ca is None:
                 raise ConfigError("TLSConfig.authz needs ca: client identities are only "
                                   "known from verified client certificates")
-        if not handshake_timeout > 0:
-            raise ConfigError(f"handshake_timeout must be > 0, not {handshake_timeout}")
         self._security = ChannelSecurity(
             tls=tls, auth_key=check_auth_key(auth_key, "Destination"), timeout=handshake_timeout)
         self.refused: list[Refusal] = []
         """Connections dropped because they failed their greeting: a :class:`Refusal` each."""
-        if stall_timeout is not None and not MIN_STALL_SECONDS <= stall_timeout <= \
-                MAX_STALL_SECONDS:
-            raise ConfigError(f"stall_timeout must be in {MIN_STALL_SECONDS:g}.."
-                              f"{MAX_STALL_SECONDS:g} s, not {stall_timeout!r}")
-        if max_memory is not None and max_memory < 0:
-            raise ConfigError(f"max_memory must be >= 0 bytes, not {max_memory}")
         self.stall_timeout = stall_timeout
         self.max_memory = max_memory
         self._listener: socket.socket | None

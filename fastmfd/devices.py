@@ -31,7 +31,8 @@ import time
 from typing import TYPE_CHECKING, Any, Protocol, TypeGuard, runtime_checkable
 
 from . import _core
-from .arguments import BOOL, BUFFER, INT, NUMBER, PATH, STR, check_types, optional
+from .arguments import (BOOL, BUFFER, INT, PATH, POSITIVE, SEED, STR, UNSIGNED, check_types,
+                        optional)
 from .errors import ConfigError, MigrationError
 from .protocol.setup import Invalid, check_name
 from .shm import file_identity
@@ -64,11 +65,10 @@ def check_device_ids(call: str, idstr: str, instance_id: int) -> tuple[str, int]
 
 
 class _Paced:
-    """Hold a stream to ``rate`` bytes/s, as a device's data fd limits it."""
+    """Hold a stream to ``rate`` bytes/s (checked: finite, > 0), as a device's data fd
+    limits it."""
 
     def __init__(self, rate: float | None) -> None:
-        if rate is not None and rate <= 0:
-            raise ConfigError(f"rate must be positive, not {rate}")
         self.rate = rate
         self.start: float | None = None
         self.done = 0
@@ -195,10 +195,8 @@ class SyntheticDevice:
                  seed: int = 0, precopy_size: int = 0) -> None:
         idstr, instance_id = check_device_ids("SyntheticDevice", idstr, instance_id)
         size, read_rate, seed, precopy_size = check_types(
-            "SyntheticDevice", size=(size, INT), read_rate=(read_rate, optional(NUMBER)),
-            seed=(seed, INT), precopy_size=(precopy_size, INT))
-        if size < 0:
-            raise ConfigError(f"device size {size} is negative")
+            "SyntheticDevice", size=(size, UNSIGNED), read_rate=(read_rate, optional(POSITIVE)),
+            seed=(seed, SEED), precopy_size=(precopy_size, INT))
         if not 0 <= precopy_size <= size:
             raise ConfigError(f"device precopy_size {precopy_size} is not in 0..size ({size})")
         self.idstr, self.instance_id = idstr, instance_id
@@ -317,8 +315,8 @@ class VerifyLoader:
     def __init__(self, size: int, seed: int = 0, write_rate: float | None = None,
                  precopy_size: int = 0) -> None:
         size, seed, write_rate, precopy_size = check_types(
-            "VerifyLoader", size=(size, INT), seed=(seed, INT),
-            write_rate=(write_rate, optional(NUMBER)), precopy_size=(precopy_size, INT))
+            "VerifyLoader", size=(size, UNSIGNED), seed=(seed, SEED),
+            write_rate=(write_rate, optional(POSITIVE)), precopy_size=(precopy_size, INT))
         if not 0 <= precopy_size <= size:
             raise ConfigError(f"loader precopy_size {precopy_size} is not in 0..size ({size})")
         self.size, self.seed, self.write_rate = size, seed, write_rate

@@ -57,7 +57,8 @@ from typing import Any, Callable
 
 from ._engine.qemu_receiving import QemuReceiving, QemuStreamFacts
 from ._engine.qemu_sending import QEMU_PACKET_BYTES, QemuSending, QemuStream
-from .arguments import BOOL, INT, NUMBER, PATH, STR, Kind, check_types, optional
+from .arguments import (BOOL, INT, PATH, POSITIVE, STR, UNSIGNED, Kind, check_types,
+                        optional)
 from .errors import ConfigError
 from .protocol.qemu import COMMAND, COMMAND_PLACES, SYNC_PER_ROUND, SYNC_PER_SECTION
 from .protocol.sockets import (bound_address, listen, listening_address, parse_address,
@@ -126,8 +127,8 @@ class QemuReceiver:
                     directory=(directory, PATH), force=(force, BOOL),
                     keep_partial=(keep_partial, BOOL))
         timeout, stall_timeout, max_size, workers = check_types(
-            self._call, timeout=(timeout, NUMBER), stall_timeout=(stall_timeout, NUMBER),
-            max_size=(max_size, optional(INT)), workers=(workers, INT))
+            self._call, timeout=(timeout, POSITIVE), stall_timeout=(stall_timeout, POSITIVE),
+            max_size=(max_size, optional(UNSIGNED)), workers=(workers, UNSIGNED))
         self._given = address if isinstance(address, socket.socket) else None
         self._requested = (listening_address(address) if isinstance(address, socket.socket)
                            else parse_address(address))
@@ -275,14 +276,12 @@ class QemuSender:
         check_types(self._call, directory=(directory, PATH), compression=(compression, STR))
         channels, level, stall_timeout, timeout, max_bandwidth = check_types(
             self._call, channels=(channels, INT), level=(level, INT),
-            stall_timeout=(stall_timeout, NUMBER), timeout=(timeout, NUMBER),
-            max_bandwidth=(max_bandwidth, optional(NUMBER)))
+            stall_timeout=(stall_timeout, POSITIVE), timeout=(timeout, POSITIVE),
+            max_bandwidth=(max_bandwidth, optional(POSITIVE)))
         if not 1 <= channels <= 255:
             raise ConfigError(f"channels {channels}: QEMU's multifd-channels is 1..255")
         if compression not in ("none", "zlib", "zstd"):
             raise ConfigError(f"compression {compression!r}: expected none, zlib or zstd")
-        if not timeout > 0:
-            raise ConfigError(f"timeout {timeout!r}: expected a positive number of seconds")
         channel_rate = _channel_rate(max_bandwidth, channels, stall_timeout)
         manifest = _read_manifest(directory)
         self._regions: list[Region] = []

@@ -28,8 +28,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable
 
-from .arguments import INT, check_types
-from .errors import ConfigError
+from .arguments import UNSIGNED, check_types
 from .protocol.setup import RegionSpec
 from .regions import Region
 
@@ -44,9 +43,7 @@ class RegionPool:
     (or call :meth:`close`) so its regions are freed."""
 
     def __init__(self, max_bytes: int) -> None:
-        (max_bytes,) = check_types("RegionPool", max_bytes=(max_bytes, INT))
-        if max_bytes < 0:
-            raise ConfigError(f"a region pool holds max_bytes >= 0, not {max_bytes}")
+        (max_bytes,) = check_types("RegionPool", max_bytes=(max_bytes, UNSIGNED))
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
         self._regions: list[Region] = []

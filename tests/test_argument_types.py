@@ -5,6 +5,7 @@ ConfigError. A bool is no size or count, and a float no size."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from fractions import Fraction
@@ -134,6 +135,62 @@ WRONG = [
 def test_a_wrong_type_is_a_type_error_naming_the_parameter(call, parameter, given):
     before = set(list_segments())
     with pytest.raises(TypeError, match=rf"^{re.escape(parameter)} must be .*, not {given}$"):
+        call()
+    assert set(list_segments()) == before, "refused before any work"
+
+
+# (call, the parameter its message names): a value of the right type that cannot work,
+# refused when the object is made, not deep inside a migration.
+BAD_VALUES = [
+    # Destination(timeout=0) dropped a source that connected at once after 30 s; -1 and nan
+    # alike; a timeout is a finite number of seconds > 0.
+    (lambda: fastmfd.Destination("tcp:127.0.0.1:0", timeout=0), "Destination(timeout)"),
+    (lambda: fastmfd.Destination("tcp:127.0.0.1:0", timeout=-1), "Destination(timeout)"),
+    (lambda: fastmfd.Destination("tcp:127.0.0.1:0", timeout=math.nan), "Destination(timeout)"),
+    (lambda: fastmfd.Destination("tcp:127.0.0.1:0", timeout=math.inf), "Destination(timeout)"),
+    (lambda: fastmfd.Destination("tcp:127.0.0.1:0", handshake_timeout=math.nan),
+     "Destination(handshake_timeout)"),
+    (lambda: fastmfd.Destination("tcp:127.0.0.1:0", stall_timeout=-1),
+     "Destination(stall_timeout)"),
+    # Refused only at the source's SETUP: no chunk (>= 4096 bytes) fits.
+    (lambda: fastmfd.Destination("tcp:127.0.0.1:0", max_queued_bytes=-5),
+     "Destination(max_queued_bytes)"),
+    (lambda: fastmfd.Destination("tcp:127.0.0.1:0", max_queued_bytes=4095),
+     "Destination(max_queued_bytes)"),
+    (lambda: fastmfd.Destination("tcp:127.0.0.1:0", max_memory=-1), "Destination(max_memory)"),
+    (lambda: fastmfd.Destination("tcp:127.0.0.1:0", workers=-1), "Destination(workers)"),
+    # An infinite timeout overflowed a deadline in migrate().
+    (lambda: fastmfd.MigrationConfig(timeout=math.inf), "MigrationConfig(timeout)"),
+    (lambda: fastmfd.MigrationConfig(timeout=10 ** 400), "MigrationConfig(timeout)"),
+    (lambda: fastmfd.MigrationConfig(downtime_limit=math.nan), "MigrationConfig(downtime_limit)"),
+    (lambda: fastmfd.MigrationConfig(max_bandwidth=math.inf), "MigrationConfig(max_bandwidth)"),
+    (lambda: fastmfd.MigrationConfig(max_bandwidth=0), "MigrationConfig(max_bandwidth)"),
+    (lambda: fastmfd.MigrationConfig(stall_timeout=math.nan), "MigrationConfig(stall_timeout)"),
+    # A seed is a uint64 to the pattern: -1 failed in the save thread.
+    (lambda: fastmfd.SyntheticDevice("d", 0, 4096, seed=-1), "SyntheticDevice(seed)"),
+    (lambda: fastmfd.SyntheticDevice("d", 0, 4096, seed=1 << 64), "SyntheticDevice(seed)"),
+    (lambda: fastmfd.SyntheticDevice("d", 0, -1), "SyntheticDevice(size)"),
+    (lambda: fastmfd.SyntheticDevice("d", 0, 4096, read_rate=0), "SyntheticDevice(read_rate)"),
+    (lambda: fastmfd.SyntheticDevice("d", 0, 4096, read_rate=math.inf),
+     "SyntheticDevice(read_rate)"),
+    # write_rate=0 failed in the reassembly process at the first chunk; VerifyLoader(-1)
+    # blamed precopy_size.
+    (lambda: fastmfd.VerifyLoader(4096, write_rate=0), "VerifyLoader(write_rate)"),
+    (lambda: fastmfd.VerifyLoader(-1), "VerifyLoader(size)"),
+    (lambda: fastmfd.VerifyLoader(4096, seed=-1), "VerifyLoader(seed)"),
+    (lambda: fastmfd.RegionPool(-1), "RegionPool(max_bytes)"),
+    (lambda: qemu.receive("tcp:127.0.0.1:0", ".", timeout=0), "qemu.receive(timeout)"),
+    (lambda: qemu.receive("tcp:127.0.0.1:0", ".", workers=-1), "qemu.receive(workers)"),
+    (lambda: qemu.send("tcp:127.0.0.1:1", ".", timeout=math.inf), "qemu.send(timeout)"),
+    (lambda: qemu.send("tcp:127.0.0.1:1", ".", max_bandwidth=-1), "qemu.send(max_bandwidth)"),
+]
+
+
+@pytest.mark.parametrize("call,parameter", BAD_VALUES,
+                         ids=[f"{parameter}-{i}" for i, (_, parameter) in enumerate(BAD_VALUES)])
+def test_a_value_that_cannot_work_is_a_config_error_naming_the_parameter(call, parameter):
+    before = set(list_segments())
+    with pytest.raises(fastmfd.ConfigError, match=rf"^{re.escape(parameter)} must be "):
         call()
     assert set(list_segments()) == before, "refused before any work"
 

@@ -103,7 +103,7 @@ def test_closing_the_pool_frees_every_region(leaks):
 
 
 def test_region_pool_is_checked():
-    with pytest.raises(fastmfd.ConfigError, match="max_bytes >= 0"):
+    with pytest.raises(fastmfd.ConfigError, match=r"RegionPool\(max_bytes\) must be an int >= 0"):
         fastmfd.RegionPool(max_bytes=-1)
     with pytest.raises(TypeError, match="region_pool"):
         fastmfd.Destination("tcp:127.0.0.1:0", region_pool=object())

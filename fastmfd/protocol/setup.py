@@ -32,7 +32,7 @@ from ..errors import ProtocolError
 
 __all__ = [
     "Setup", "RegionSpec", "DeviceSpec", "Invalid", "check_name", "check_geometry",
-    "check_session",
+    "check_session", "rule",
     "COMPRESSION_METHODS", "COMPRESSION_LEVELS", "MAX_CHANNELS", "MAX_NAME_BYTES",
     "MAX_REGIONS", "MAX_DEVICES", "MAX_REGION_BYTES", "MAX_PACKET_BYTES",
 ]
@@ -140,6 +140,13 @@ _FIELDS: dict[str, tuple[Callable[[Any], bool], str, Any]] = {
                       30.0),
     "config_after_ram": (_is_bool, "a boolean", False),
 }
+
+
+def rule(key: str) -> tuple[str, Callable[[Any], bool]]:
+    """What SETUP's ``key`` must be, in words, and the check of it: for a
+    destination's own bound on the same value (its ``max_queued_bytes``)."""
+    ok, expected, _ = _FIELDS[key]
+    return expected, ok
 
 
 def check_geometry(page_size: Any, packet_pages: Any) -> None:
