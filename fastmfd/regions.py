@@ -325,6 +325,9 @@ class Region:
 
     def mark_dirty(self, offset: int, length: int) -> None:
         """Record that bytes ``offset .. offset+length`` changed (call after writing)."""
+        if type(offset) is not int or type(length) is not int:     # cheap: called often
+            offset, length = check_types("mark_dirty", offset=(offset, INT),
+                                         length=(length, INT))
         if length <= 0:
             return
         if offset < 0 or offset + length > self.size:

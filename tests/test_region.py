@@ -90,6 +90,26 @@ def test_mark_dirty_outside_the_region(region, offset, length):
         region.mark_dirty(offset, length)
 
 
+@pytest.mark.parametrize("offset, length, parameter, given", [
+    ("0", 4096, "offset", "str"), (0, "4096", "length", "str"),
+    (0.0, 4096, "offset", "float"), (True, 4096, "offset", "bool"), (0, 4096.0, "length", "float"),
+])
+def test_mark_dirty_of_a_wrong_type_is_a_type_error_naming_it(region, offset, length,
+                                                              parameter, given):
+    """Not a comparison's TypeError from inside ("'<' not supported between 'str' and
+    'int'"), nor a float offset taken."""
+    with pytest.raises(TypeError, match=rf"^mark_dirty\({parameter}\) must be an int, not "
+                                        rf"{given}$"):
+        region.mark_dirty(offset, length)
+    assert region.dirty.collect().tolist() == []
+
+
+def test_mark_dirty_takes_numpy_integers(region):
+    """Offsets computed with numpy (a workload's page indices) are integers too."""
+    region.mark_dirty(np.int64(4096), np.uint32(1))
+    assert region.dirty.collect().tolist() == [1]
+
+
 @pytest.mark.parametrize("name", ["", "x" * 256, "a\0b"])
 def test_bad_names(name):
     with pytest.raises(ConfigError, match="region name"):
