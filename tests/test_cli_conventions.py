@@ -87,11 +87,31 @@ def test_send_and_listen_print_json_on_stdout_and_the_rest_on_stderr(tmp_path):
     ("tcp:127.0.0.1:4444", "tcp:127.0.0.1:4444"),
     ("tcp://127.0.0.1:4444", "tcp:127.0.0.1:4444"),
     ("tcp://[::1]:4444", "tcp:[::1]:4444"),
+    ("tcp:[fe80::1%lo]:4444", "tcp:[fe80::1%lo]:4444"),
     ("tcp::4444", "tcp:0.0.0.0:4444"),              # QEMU's -incoming tcp::PORT
     ("unix:/run/x.sock", "unix:/run/x.sock"),
 ])
 def test_address_forms(text, expected):
     assert str(parse_address(text)) == expected
+
+
+@pytest.mark.parametrize("text", [
+    "tcp:[::1:5",           # a bracket left open: was taken, then 'tcp:[[::1]:5' to connect to
+    "tcp:::1]:5", "tcp:[[::1]]:5", "tcp:[]:5",
+    "tcp:::5",              # ':' is no IPv6 address
+])
+def test_a_malformed_tcp_host_is_a_bad_address(text):
+    with pytest.raises(fastmfd.ConfigError, match="^bad address"):
+        parse_address(text)
+
+
+def test_source_and_destination_refuse_an_open_bracket_when_made():
+    """Source took it (its migrate() failed with 'cannot connect to tcp:[[::1]:5: Name
+    or service not known'), Destination raised a ListenError about a name lookup."""
+    for make, text in ((fastmfd.Source, "tcp:[::1:5"), (fastmfd.Destination, "tcp:[::1:0")):
+        with pytest.raises(fastmfd.ConfigError, match=r"^bad address 'tcp:\[::1:\d'") as error:
+            make(text)
+        assert not isinstance(error.value, fastmfd.ListenError)
 
 
 def test_listen_on_qemu_form_with_a_free_port_accepts_a_migration(tmp_path):

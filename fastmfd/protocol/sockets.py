@@ -81,15 +81,31 @@ def parse_address(text: str | Address) -> Address:
                               f"{UNIX_PATH_MAX} bytes, not {len(os.fsencode(rest))}")
         return Address(socket.AF_UNIX, rest)
     if kind == "tcp":
-        host, sep, port = rest.removeprefix("//").rpartition(":")
-        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-        if sep and port.isdigit() and int(port) < 65536:
-            if not host:
-                host = "0.0.0.0"
+        text_host, sep, port = rest.removeprefix("//").rpartition(":")
+        host = _tcp_host(text_host)
+        if sep and port.isdigit() and int(port) < 65536 and host is not None:
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
             return Address(family, (host, int(port)))
     raise ConfigError(f"bad address {text!r}: expected tcp:HOST:PORT (or tcp://HOST:PORT, "
-                      f"tcp::PORT) or unix:PATH")
+                      f"tcp::PORT; an IPv6 HOST in brackets, tcp:[::1]:PORT) or unix:PATH")
+
+
+def _tcp_host(text: str) -> str | None:
+    """The host of ``tcp:HOST:PORT`` (empty: every interface), or None when it is
+    malformed: a bracket left open ("[::1"), or an IPv6 address that is not one.
+    Nothing else is checked here: a name is looked up when it is used."""
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+        if not text:
+            return None
+    if "[" in text or "]" in text:
+        return None
+    if ":" in text:
+        try:
+            ipaddress.IPv6Address(text)
+        except ValueError:
+            return None
+    return text or "0.0.0.0"
 
 
 # The socket files listen() made: path -> (st_dev, st_ino), for remove_socket_file.
