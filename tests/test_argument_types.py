@@ -8,6 +8,8 @@ import dataclasses
 import math
 import os
 import re
+import socket
+import threading
 from fractions import Fraction
 
 import numpy as np
@@ -193,6 +195,68 @@ def test_a_value_that_cannot_work_is_a_config_error_naming_the_parameter(call, p
     with pytest.raises(fastmfd.ConfigError, match=rf"^{re.escape(parameter)} must be "):
         call()
     assert set(list_segments()) == before, "refused before any work"
+
+
+def _unbound():
+    return socket.socket()
+
+
+def _bound_not_listening():
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+def _udp():
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+def _closed():
+    sock = socket.socket()
+    sock.close()
+    return sock
+
+
+@pytest.mark.parametrize("make, says", [
+    (_unbound, r"not listening: bind\(\) and listen\(\) it first"),
+    (_bound_not_listening, "not listening"),
+    (_udp, "AF_INET SOCK_DGRAM: a migration is accepted on a TCP or Unix stream socket"),
+    (_closed, "cannot be used: Bad file descriptor"),
+], ids=["unbound", "bound", "udp", "closed"])
+def test_a_socket_no_source_could_reach_is_refused_when_made(make, says):
+    """Destination(sock) took it, and receive() failed only at its timeout."""
+    sock = make()
+    try:
+        with pytest.raises(fastmfd.ConfigError, match=f"^the socket given (is )?{says}"):
+            fastmfd.Destination(sock, workers=0)
+        with pytest.raises(fastmfd.ConfigError, match=f"^the socket given (is )?{says}"):
+            qemu.QemuReceiver(sock, ".")
+    finally:
+        sock.close()
+
+
+def test_a_listening_unix_socket_with_an_abstract_name_is_taken():
+    """Its name is bytes to getsockname(): the Destination failed to unpack it."""
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(f"\0fastmfd-test-{os.getpid()}")
+    sock.listen()
+    received = {}
+    try:
+        with make_region("ram", 16 * 4096, seed=1) as ram, \
+                fastmfd.Destination(sock, workers=1) as dst:
+            assert dst.address == f"unix:\0fastmfd-test-{os.getpid()}"
+            thread = threading.Thread(target=lambda: received.update(result=dst.receive()))
+            thread.start()
+            with fastmfd.Source(dst.address, fastmfd.MigrationConfig(channels=1)) as src:
+                src.add_region(ram)
+                src.migrate(live=False)
+            thread.join(60)
+            assert (received["result"].regions["ram"].array == ram.array).all()
+        assert sock.fileno() != -1, "the caller's socket stays open"
+    finally:
+        sock.close()
 
 
 def test_a_wrong_value_of_the_right_type_stays_a_config_error():

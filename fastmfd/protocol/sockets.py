@@ -181,10 +181,22 @@ def remove_socket_file(path: str) -> None:
 
 
 def listening_address(sock: socket.socket) -> Address:
-    """The address a listening socket accepts on."""
+    """The address a listening socket accepts on. A socket given that no source could
+    connect to (closed, not a TCP or Unix stream socket, not listening) is a
+    ConfigError now: accept() would only wait on it until the timeout."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX) or \
+            sock.type != socket.SOCK_STREAM:
+        raise ConfigError(f"the socket given is {sock.family.name} {sock.type.name}: a "
+                          f"migration is accepted on a TCP or Unix stream socket")
+    try:
+        listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    except OSError as exc:
+        raise ConfigError(f"the socket given cannot be used: {exc.strerror or exc}") from None
+    if not listening:
+        raise ConfigError("the socket given is not listening: bind() and listen() it first")
     name = sock.getsockname()
     if sock.family == socket.AF_UNIX:
-        return Address(socket.AF_UNIX, name)
+        return Address(socket.AF_UNIX, os.fsdecode(name))   # bytes: an abstract name
     return Address(sock.family, name[:2])
 
 
