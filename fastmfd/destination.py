@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from ._engine.processes import ChildSet
 from ._engine.reassembly import reassembly_main
-from ._engine.receiving import DestinationParts, Receiving, Refusal
+from ._engine.receiving import DestinationParts, Receiving, ReceivingState, Refusal
 from ._engine.session import Owner, SessionFailure, call_hook
 from ._engine.session_regions import check_writable
 from ._engine.workers import recv_worker_main
@@ -167,6 +167,7 @@ class Destination(Owner):
         self._reassembly: ChildSet | None = None
         self._failure = SessionFailure("destination")
         self._session: Receiving | None = None
+        self._additions_taken = False       # the session took the regions and loaders added
 
     # ------------------------------------------------------------ lifecycle
     def _start(self) -> None:
@@ -181,7 +182,10 @@ class Destination(Owner):
         Regions the source sends that were not added are created in shared
         memory, or by ``region_factory(name, size, page_size)`` when the
         Destination was given one (``fastmfd listen`` maps files that way).
+        Regions and loaders are added before :meth:`receive`, or from its
+        ``on_setup``: the session takes them then (ConfigError after).
         """
+        self._check_adding("add_region")
         region = region_to_add(region)
         check_writable(region, "add_region(region)")    # now, not to the source at its SETUP
         if region.name in self._user_regions:
@@ -190,11 +194,34 @@ class Destination(Owner):
 
     def add_loader(self, idstr: str, instance_id: int, loader: Loader) -> None:
         """Load device ``idstr``/``instance_id`` with ``loader`` (default: CollectLoader)."""
+        self._check_adding("add_loader")
         idstr, instance_id = check_device_ids("add_loader", idstr, instance_id)
         if not isinstance(loader, Loader):
             raise type_error(f"add_loader(loader) for {idstr!r}", "a fastmfd.Loader "
                              "(load_state_buffer(data), load_finish())", loader)
         self._loaders[(idstr, instance_id)] = loader
+
+    def _check_adding(self, call: str) -> None:
+        """Regions and loaders are taken when the source's SETUP arrives, after
+        ``on_setup`` (which may add them): one added later would be ignored."""
+        session = self._session
+        if self._additions_taken or (session is not None
+                                     and session.state is ReceivingState.FAILED):
+            raise ConfigError(f"{call}() after the session took its regions and loaders "
+                              f"(at the source's SETUP): add them before receive(), or in "
+                              f"its on_setup")
+
+    def _taking_additions(self, on_setup: Callable[[Setup], object] | None
+                          ) -> Callable[[Setup], object]:
+        """``on_setup``, after which the session takes what was added (next, in the
+        same thread), so that :meth:`_check_adding` refuses more from then on."""
+        def hook(setup: Setup) -> None:
+            try:
+                if on_setup is not None:
+                    on_setup(setup)
+            finally:
+                self._additions_taken = True
+        return hook
 
     def worker_pids(self) -> list[int]:
         """The process ids of the receive workers and the reassembly process (empty
@@ -256,8 +283,8 @@ class Destination(Owner):
             self._listener, self.timeout, self._security, self._workers, self._reassembly,
             self._user_regions, self._loaders, self._region_factory, self._queued_cap,
             self._resources, self._failure, self.refused, self.stall_timeout, self.max_memory,
-            on_setup=on_setup, prealloc=self.prealloc, region_pool=self.region_pool,
-            huge_pages=self.huge_pages))
+            on_setup=self._taking_additions(on_setup), prealloc=self.prealloc,
+            region_pool=self.region_pool, huge_pages=self.huge_pages))
         try:
             session.accept_main()
             started = time.monotonic()

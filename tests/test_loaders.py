@@ -1,7 +1,9 @@
 """The ready-made file device and loader: FileDevice refuses a state file it
 cannot read before any migration starts; FileLoader writes its stream in order,
 fsyncs it before the destination may send LOADED, never follows a symbolic link,
-and a write that fails (a full disk) fails the migration on both sides."""
+and a write that fails (a full disk) fails the migration on both sides. A
+destination's on_setup may refuse the session, or add regions and loaders, which
+the session takes then: not later."""
 
 from __future__ import annotations
 
@@ -77,3 +79,42 @@ def test_on_setup_refuses_a_session_before_anything_is_committed():
         src, dst = m.run(dst_on_setup=refuse).failed_both(since)
     for error in (src, dst):
         assert "not this one" in str(error)
+
+
+def test_regions_and_loaders_are_added_until_the_session_takes_them():
+    """on_setup may add them (README); once the session took them at the source's
+    SETUP, one more would be ignored: a ConfigError, during the session and after."""
+    refused = []
+
+    def add_more():
+        for call in (lambda: m.destination.add_region(other),
+                     lambda: m.destination.add_loader("nic1", 0, fastmfd.CollectLoader())):
+            with pytest.raises(fastmfd.ConfigError) as error:
+                call()
+            refused.append(str(error.value))
+
+    def on_setup(setup):
+        m.destination.add_region(mine)
+        m.destination.add_loader("nic0", 0, fastmfd.CollectLoader())
+
+    with Migration() as m, make_region("ram", 16 * 4096, seed=1) as region, \
+            make_region("ram", 16 * 4096) as mine, make_region("other", 4096) as other:
+        m.source.add_region(region)
+        m.source.add_device(fastmfd.BytesDevice("nic0", 0, b"state"))
+        _, result = m.run(dst_on_setup=on_setup, dst_on_resume=add_more).ok()
+        assert result.regions["ram"] is mine and (mine.array == region.array).all()
+        assert result.devices[("nic0", 0)] == b"state"
+        add_more()
+    assert refused == [
+        f"{call}() after the session took its regions and loaders (at the source's SETUP): "
+        f"add them before receive(), or in its on_setup"
+        for call in ("add_region", "add_loader") * 2]
+
+
+def test_nothing_is_added_after_a_session_that_failed_before_its_setup():
+    with fastmfd.Destination("tcp:127.0.0.1:0", workers=0, timeout=0.2) as dst, \
+            make_region("ram", 4096) as region:
+        with pytest.raises(fastmfd.MigrationError, match="main channel"):
+            dst.receive()
+        with pytest.raises(fastmfd.ConfigError, match=r"^add_region\(\) after the session"):
+            dst.add_region(region)
