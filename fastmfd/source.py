@@ -22,7 +22,7 @@ from ._engine.session import Owner
 from ._engine.workers import send_worker_main
 from .arguments import BOOL, CALLABLE, STR, check_types, instance_of, optional, type_error
 from .config import MigrationConfig
-from .devices import Device
+from .devices import Device, check_device_ids
 from .errors import ConfigError, MigrationError
 from .protocol.sockets import parse_address
 from .regions import Region, region_to_add
@@ -90,6 +90,12 @@ class Source(Owner):
         if not isinstance(device, Device):
             raise type_error("add_device(device)", "a fastmfd.Device (idstr, instance_id, "
                              "read_state(buf))", device)
+        # Its ids go into SETUP as they are: checked now, not at migrate().
+        for attribute, kind, what in (("idstr", str, "a str"), ("instance_id", int, "an int")):
+            if type(getattr(device, attribute)) is not kind:
+                raise type_error(f"add_device(device).{attribute}", what,
+                                 getattr(device, attribute))
+        check_device_ids("add_device(device)", device.idstr, device.instance_id)
         key = (device.idstr, device.instance_id)
         if any((d.idstr, d.instance_id) == key for d in self._devices):
             raise ConfigError(f"two devices {device.idstr!r} instance {device.instance_id}")

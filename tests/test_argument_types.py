@@ -339,3 +339,26 @@ def test_no_file_is_made_for_a_wrong_type(tmp_path):
     with pytest.raises(TypeError, match=r"Region.from_file\(size\)"):
         fastmfd.Region.from_file("r", path, size="4096")
     assert not os.path.exists(path)
+
+
+class _Custom:
+    """A user's own device: the ids are its attributes, as it set them."""
+
+    def __init__(self, idstr: object, instance_id: object) -> None:
+        self.idstr, self.instance_id = idstr, instance_id
+
+    def read_state(self, buf: memoryview) -> int:
+        return 0
+
+
+@pytest.mark.parametrize("idstr, instance_id, error, says", [
+    ("dev", "0", TypeError, r"add_device\(device\).instance_id must be an int, not str"),
+    ("dev", True, TypeError, r"add_device\(device\).instance_id must be an int, not bool"),
+    (b"dev", 0, TypeError, r"add_device\(device\).idstr must be a str, not bytes"),
+    ("dev", 1 << 32, fastmfd.ConfigError, "instance_id 4294967296 does not fit in 32 bits"),
+    ("", 0, fastmfd.ConfigError, "device idstr '' must be"),
+])
+def test_a_custom_device_s_ids_are_checked_when_added(idstr, instance_id, error, says):
+    """They went into SETUP unchecked: a str instance_id failed only at migrate()."""
+    with fastmfd.Source("tcp:127.0.0.1:1") as source, pytest.raises(error, match=says):
+        source.add_device(_Custom(idstr, instance_id))
