@@ -279,12 +279,12 @@ class Destination(Owner):
                  on_resume: Callable[[], object] | None) -> DestinationResult:
         assert self._listener is not None and self._workers is not None, "inside with"
         assert self._reassembly is not None, "started with the workers"
-        session = self._session = self._resources.session = Receiving(DestinationParts(
+        session = self._session = self._resources.own_session(Receiving(DestinationParts(
             self._listener, self.timeout, self._security, self._workers, self._reassembly,
             self._user_regions, self._loaders, self._region_factory, self._queued_cap,
             self._resources, self._failure, self.refused, self.stall_timeout, self.max_memory,
             on_setup=self._taking_additions(on_setup), prealloc=self.prealloc,
-            region_pool=self.region_pool, huge_pages=self.huge_pages))
+            region_pool=self.region_pool, huge_pages=self.huge_pages)))
         try:
             session.accept_main()
             started = time.monotonic()

@@ -20,7 +20,7 @@ from ._engine.processes import ChildSet
 from ._engine.sending import Sending, SourceParts
 from ._engine.session import Owner
 from ._engine.workers import send_worker_main
-from .arguments import BOOL, CALLABLE, STR, check_types, instance_of, optional, type_error
+from .arguments import BOOL, CALLABLE, INT, STR, check_types, instance_of, optional, type_error
 from .config import MigrationConfig
 from .devices import Device, check_device_ids
 from .errors import ConfigError, MigrationError
@@ -91,9 +91,9 @@ class Source(Owner):
             raise type_error("add_device(device)", "a fastmfd.Device (idstr, instance_id, "
                              "read_state(buf))", device)
         # Its ids go into SETUP as they are: checked now, not at migrate().
-        for attribute, kind, what in (("idstr", str, "a str"), ("instance_id", int, "an int")):
-            if type(getattr(device, attribute)) is not kind:
-                raise type_error(f"add_device(device).{attribute}", what,
+        for attribute, kind in (("idstr", STR), ("instance_id", INT)):
+            if not kind.accepts(getattr(device, attribute)):
+                raise type_error(f"add_device(device).{attribute}", kind.what,
                                  getattr(device, attribute))
         check_device_ids("add_device(device)", device.idstr, device.instance_id)
         key = (device.idstr, device.instance_id)
@@ -167,7 +167,7 @@ class Source(Owner):
         if not self._regions and not self._devices:
             raise ConfigError("nothing to migrate: add a region or a device first")
         with self._running():
-            self._session = self._resources.session = Sending(self._parts)
+            self._session = self._resources.own_session(Sending(self._parts))
             if self._cancelled is not None:         # cancelled just before it began
                 self._session.failure.fail(MigrationError(self._cancelled))
             return self._session.run(live, on_stop, on_resume, progress)

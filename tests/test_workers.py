@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import socket
 
 import numpy as np
@@ -129,6 +130,58 @@ def test_an_owner_collected_unclosed_frees_what_it_holds(side, tmp_path, leaks):
     assert not any(alive(pid) for pid in pids)
     assert not set(held) & set(list_segments())
     assert not (tmp_path / "d.sock").exists()
+
+
+@pytest.mark.parametrize("side", ["source", "destination"])
+def test_an_owner_collected_unclosed_after_its_session_call_frees_what_it_holds(
+        side, tmp_path, leaks):
+    # Its session (kept by the finalizer) led back to it: the Destination's through
+    # the on_setup hook, the Source's through its failure's traceback. It was then
+    # freed only at the interpreter's exit: the listener accepting, segments kept.
+    owner = _owner(side, tmp_path).__enter__()
+    pids = owner.worker_pids()
+    if isinstance(owner, fastmfd.Source):
+        with make_region("r", 1 << 20) as ram:
+            owner.add_region(ram)
+            with pytest.raises(MigrationError):
+                owner.migrate(live=False)       # nothing listens at its address
+        held = [owner._parts.counters.name, owner._parts.mailbox_shm.name]
+    else:
+        owner.timeout = 0.2
+        with pytest.raises(MigrationError):
+            owner.receive()                     # no source comes
+        held = []
+    assert set(held) <= set(list_segments())
+    with pytest.warns(ResourceWarning, match=f"unclosed fastmfd.{type(owner).__name__}"):
+        del owner
+        gc.collect()
+    assert not any(alive(pid) for pid in pids)
+    assert not set(held) & set(list_segments())
+    assert not (tmp_path / "d.sock").exists()
+
+
+def test_a_fork_of_an_owner_s_process_leaves_its_resources_alone(tmp_path, leaks):
+    # A child forked from the owner's process runs the owner's finalizer at its
+    # exit too: it shut the parent's sockets and stopped the parent's workers.
+    with fastmfd.Source("tcp:127.0.0.1:1") as owner:
+        pids = owner.worker_pids()
+        child = os.fork()
+        if child == 0:
+            os._exit(_exit_as_a_fork_does())
+        _, status = os.waitpid(child, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert all(alive(pid) for pid in pids)
+
+
+def _exit_as_a_fork_does() -> int:
+    """Run, in a forked child, the finalizers an exiting interpreter runs (only
+    fastmfd's: multiprocessing's own would stop the daemonic workers anyway)."""
+    import weakref
+    for finalizer in list(weakref.finalize._registry):       # type: ignore[attr-defined]
+        info = finalizer.peek()
+        if info is not None and getattr(info[1], "__name__", "") == "_free_unclosed":
+            finalizer()
+    return 0
 
 
 def test_a_worker_whose_owner_is_gone_exits_quietly():

@@ -176,10 +176,12 @@ class SessionResources:
     process keeps a copy of each, so shutting them down breaks a worker's
     blocked I/O), pipe file descriptors, and the shared structures it created.
     ``stop()`` then ``release()`` free them all, on every exit path. Nothing here
-    refers to the owner, so its finalizer can free them too (:class:`Owner`)."""
+    refers to the owner, so its finalizer can free them too (:class:`Owner`): the
+    session, which may (through a hook, or a failure's traceback), is held weakly;
+    its owner keeps it, and so does its monitor thread while it runs."""
 
     def __init__(self) -> None:
-        self.session: Closable | None = None
+        self._session: weakref.ref[Closable] | None = None
         self.sockets: list[socket.socket] = []
         self.fds: list[int] = []
         self._processes: list[Stoppable] = []
@@ -190,13 +192,21 @@ class SessionResources:
         self._owned.append(resource)
         return resource
 
+    def own_session(self, session: Owned) -> Owned:
+        """Close ``session`` at stop() if it is still alive; returns it."""
+        self._session = weakref.ref(session)
+        return session
+
+    def _live_session(self) -> Closable | None:
+        return self._session() if self._session is not None else None
+
     def own_processes(self, processes: Processes) -> Processes:
         """Stop ``processes`` (a ChildSet) at stop(); returns it."""
         self._processes.append(processes)
         return processes
 
     def holds_any(self) -> bool:
-        return self.session is not None or bool(self.sockets or self.fds or self._processes
+        return self._live_session() is not None or bool(self.sockets or self.fds or self._processes
                                                  or self._owned)
 
     def shutdown_sockets(self) -> None:
@@ -206,8 +216,9 @@ class SessionResources:
     def stop(self) -> None:
         """Stop the session's threads, break its blocked I/O, then stop every
         process (idempotent)."""
-        if self.session is not None:
-            self.session.close()
+        session = self._live_session()
+        if session is not None:
+            session.close()
         self.shutdown_sockets()
         for processes in self._processes:
             processes.stop()
@@ -215,7 +226,7 @@ class SessionResources:
 
     def release(self) -> None:
         """Close every socket, descriptor and owned structure (idempotent; after stop())."""
-        self.session = None
+        self._session = None
         for sock in self.sockets:
             sock.close()
         for fd in self.fds:
@@ -270,7 +281,8 @@ class Owner:
     def __init__(self) -> None:
         self._releasing = threading.Lock()
         self._resources = SessionResources()
-        weakref.finalize(self, _free_unclosed, type(self).__name__, self._resources)
+        weakref.finalize(self, _free_unclosed, type(self).__name__, self._resources,
+                         os.getpid())
 
     @contextlib.contextmanager
     def _running(self) -> Iterator[None]:
@@ -323,8 +335,12 @@ class Owner:
         self.close()
 
 
-def _free_unclosed(owner: str, resources: SessionResources) -> None:
-    """An Owner's finalizer: free what it still holds (nothing, once closed)."""
+def _free_unclosed(owner: str, resources: SessionResources, pid: int) -> None:
+    """An Owner's finalizer: free what it still holds (nothing, once closed). In a
+    child forked from its process (which runs finalizers at its exit too) it does
+    nothing: the sockets, processes and segments are the parent's."""
+    if os.getpid() != pid:
+        return
     if resources.holds_any():
         warnings.warn(f"unclosed fastmfd.{owner}: its processes, sockets and shared memory are "
                       f"freed now; close() it, or use it in a `with`", ResourceWarning)
