@@ -26,6 +26,7 @@ The save side (how a device's stream is cut into chunks and sent) is
 
 from __future__ import annotations
 
+import operator
 import os
 import time
 from typing import TYPE_CHECKING, Any, Protocol, TypeGuard, runtime_checkable
@@ -41,7 +42,8 @@ if TYPE_CHECKING:
     from typing_extensions import Buffer     # collections.abc.Buffer from Python 3.12
 
 __all__ = ["Device", "Loader", "BytesDevice", "FileDevice", "SyntheticDevice", "CollectLoader",
-           "FileLoader", "VerifyLoader", "device_key", "check_device_ids", "PrecopyDevice",
+           "FileLoader", "VerifyLoader", "device_key", "check_device_ids", "wire_ids",
+           "PrecopyDevice",
            "has_precopy"]
 
 CHUNK_HEADER = _core.CHUNK_HEADER_SIZE
@@ -62,6 +64,12 @@ def check_device_ids(call: str, idstr: str, instance_id: int) -> tuple[str, int]
     if not 0 <= instance_id < 1 << 32:
         raise ConfigError(f"device instance_id {instance_id} does not fit in 32 bits")
     return idstr, instance_id
+
+
+def wire_ids(device: Device) -> tuple[str, int]:
+    """``device``'s (idstr, instance_id) as SETUP carries them: Python's str and int
+    (Source.add_device takes any str and integer, numpy's too)."""
+    return str(device.idstr), operator.index(device.instance_id)
 
 
 class _Paced:

@@ -362,3 +362,14 @@ def test_a_custom_device_s_ids_are_checked_when_added(idstr, instance_id, error,
     """They went into SETUP unchecked: a str instance_id failed only at migrate()."""
     with fastmfd.Source("tcp:127.0.0.1:1") as source, pytest.raises(error, match=says):
         source.add_device(_Custom(idstr, instance_id))
+
+
+def test_a_custom_device_s_numpy_ids_go_as_python_ones():
+    """Any integer is an instance_id, numpy's too, as for add_loader: SETUP
+    carries it as Python's int (JSON could not)."""
+    with make_region("pc.ram", 1 << 20, seed=3) as ram, \
+            Migration(fastmfd.MigrationConfig(channels=1)) as m:
+        m.source.add_region(ram)
+        m.source.add_device(_Custom("dev", np.uint32(3)))
+        _, result = m.run(live=False).ok()
+        assert result.devices[("dev", 3)] == b""

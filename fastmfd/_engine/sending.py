@@ -41,7 +41,7 @@ import numpy.typing as npt
 
 from .. import _core
 from ..config import MigrationConfig
-from ..devices import Device
+from ..devices import Device, wire_ids
 from ..errors import MigrationError, ProtocolError
 from ..protocol import handshake
 from ..protocol.control import Done, SendParams
@@ -181,8 +181,7 @@ class Sending:
     def _setup(self) -> Setup:
         return Setup(uuid=self.parts.uuid, **self.config.session_values(),
                      regions=tuple(RegionSpec(r.name, r.size) for r in self.parts.regions),
-                     devices=tuple(DeviceSpec(d.idstr, d.instance_id)
-                                   for d in self.parts.devices))
+                     devices=tuple(DeviceSpec(*wire_ids(d)) for d in self.parts.devices))
 
     def _connect(self) -> None:
         cfg, parts = self.config, self.parts
@@ -245,7 +244,7 @@ class Sending:
             channel=ch, page_size=cfg.page_size, packet_pages=cfg.packet_pages,
             checksum=cfg.checksum, chunk_size=cfg.device_chunk_size,
             compression=cfg.compression, regions=tuple(r.handle for r in parts.regions),
-            devices=tuple((d.idstr, d.instance_id) for d in parts.devices),
+            devices=tuple(wire_ids(d) for d in parts.devices),
             counters=parts.counters.name,
             pool=self._pool.name if self._pool is not None else None,
             compression_level=cfg.compression_level,
