@@ -11,7 +11,12 @@ The owner registers each segment with multiprocessing's resource tracker, a
 separate process that outlives its clients: if the owner dies without
 unlinking (SIGKILL, a crash), the tracker unlinks the segment once every
 process of the tree has exited. So no segment outlives its owner's process
-tree, whatever way it ends.
+tree, whatever way it ends. That unlinking is the tracker's job, not a leak:
+fastmfd starts the tracker (:func:`start_tracker`) told not to print that it
+found "leaked shared_memory objects" — said on the terminal of a killed
+``fastmfd send``, it told the user segments leaked when none did. A tracker
+someone else started first (the program used multiprocessing before fastmfd)
+is theirs, and still says it.
 
 Creating a segment allocates its memory up front (``posix_fallocate``) unless
 the creator says otherwise: a full ``/dev/shm`` is then a clean ``ConfigError``
@@ -34,12 +39,13 @@ import errno
 import mmap
 import os
 import secrets
+import sys
 from multiprocessing import resource_tracker
 
 from .errors import ConfigError
 
 __all__ = ["SharedMemory", "SHM_DIR", "SEGMENT_PREFIX", "HUGE_PAGE", "list_segments",
-           "map_file", "mapped_view",
+           "start_tracker", "map_file", "mapped_view",
            "free_bytes", "check_room"]
 
 SHM_DIR = "/dev/shm"
@@ -121,6 +127,25 @@ def check_room(size: int, what: str) -> None:
                           f"{free} free")
 
 
+# A -W option for the tracker's process only: the UserWarnings its module prints there
+# are its report of the segments it unlinked after their owner died.
+_QUIET_TRACKER = "ignore::UserWarning:multiprocessing.resource_tracker"
+
+
+def start_tracker() -> None:
+    """Start multiprocessing's resource tracker unless it runs, with its warnings off.
+
+    Its process takes its warning options from ``sys.warnoptions`` when it
+    starts (multiprocessing.util._args_from_interpreter_flags); the option is
+    there only for that moment. Call it before anything starts the tracker:
+    creating a segment, starting the forkserver."""
+    sys.warnoptions.append(_QUIET_TRACKER)
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        sys.warnoptions.remove(_QUIET_TRACKER)
+
+
 def list_segments() -> list[str]:
     """Names of the fastmfd segments that exist now (for leak checks).
 
@@ -176,6 +201,7 @@ class SharedMemory:
         registered = False
         try:
             try:
+                start_tracker()
                 resource_tracker.register("/" + name, "shared_memory")
                 registered = True
                 os.ftruncate(fd, size)

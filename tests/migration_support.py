@@ -917,7 +917,8 @@ class FakeSource:
         from fastmfd.protocol.handshake import open_main_channel
         from fastmfd.protocol.security import ChannelSecurity
         self.main = open_main_channel(self.connect(), ChannelSecurity(auth_key=self.auth_key),
-                                      Setup.decode(self.setup), self.channel_header)
+                                      Setup.decode(self.setup), self.channel_header,
+                                      str(self.target))
         return Msg.SETUP_ACK, {}
 
     def reply(self) -> tuple:

@@ -59,6 +59,9 @@ def test_a_source_without_the_key_is_refused(source_key, destination_key, source
         m.destination.add_region(target)
         error, refused = m.run_refused()
         assert re.search(source_says, str(error)), str(error)
+        # It says where, as a failed connect does ("the destination does not know the
+        # auth_key" named neither the channel nor the address).
+        assert str(error).startswith(f"main channel to {m.source.address}: "), str(error)
         assert re.search(destination_says, refused[0].reason), refused[0].reason
         assert np.all(target.array == 0xAB), "a byte reached the region"
 

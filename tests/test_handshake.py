@@ -334,6 +334,31 @@ def test_silent_and_trickling_strangers_do_not_hold_up_the_source():
     region.close()
 
 
+@pytest.mark.parametrize("end", ["timeout", "cancel"])
+def test_a_stranger_still_greeted_when_the_wait_ends_is_refused_for_what_ended_it(end):
+    """A connection still being greeted when the destination stops waiting for its
+    source is dropped for the reason the wait ended: it was refused as "the
+    session's source was accepted first", though none was (found in a two-host
+    trial: `listen --timeout 3` and a silent stranger). The timeout's error says
+    how long it waited."""
+    timeout = 1.0 if end == "timeout" else 30
+    with fastmfd.Destination("tcp:127.0.0.1:0", timeout=timeout, handshake_timeout=30) as dst:
+        outcome: dict = {}
+        thread = threading.Thread(target=lambda: _receive(dst, outcome), daemon=True)
+        thread.start()
+        _, host, port = dst.address.split(":")
+        with socket.create_connection((host, int(port))):
+            if end == "cancel":
+                time.sleep(0.3)                 # being greeted: it sends nothing
+                dst.cancel("cancelled by the test")
+            thread.join(10)
+    assert not thread.is_alive()
+    ended = {"timeout": "no connection for the main channel passed its greeting within 1 s",
+             "cancel": "cancelled by the test"}[end]
+    assert str(outcome["error"]) == ended
+    assert [r.reason for r in dst.refused] == [f"dropped: the session ended: {ended}"]
+
+
 def test_a_source_trickling_its_setup_is_bounded_by_the_greeting_deadline():
     """A socket timeout bounds each recv, not a whole message: a peer sending its
     SETUP a byte at a time, each within the timeout, held the destination for as

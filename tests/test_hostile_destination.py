@@ -150,8 +150,11 @@ def _header(kind: Msg, length: int = 0) -> bytes:
 # ---------------------------------------------------------------- deadlines
 
 def test_a_trickled_setup_ack_fails_within_the_handshake_timeout(leaks):
+    """The error says where, what it waited for and how long (it said "main channel:
+    timed out waiting for message")."""
     error, took = migrate_against(lambda d: d.trickle(_header(Msg.SETUP_ACK)))
-    assert "main channel: timed out waiting for message" in str(error)
+    assert re.fullmatch(rf"main channel to tcp:127\.0\.0\.1:\d+: timed out waiting for "
+                        rf"SETUP_ACK within {CONFIG.timeout:g} s", str(error)), str(error)
     assert took < CONFIG.timeout + SLACK
     leaks.assert_clean()
 

@@ -208,8 +208,18 @@ def _refusal(pki, source_tls, destination_tls, *, source_says, destination_says,
         m.destination.add_region(target)
         error, refused = m.run_refused()
         assert re.search(source_says, str(error)), str(error)
+        assert_says_where_once(error, m.source.address)
         assert re.search(destination_says, refused[0].reason), refused[0].reason
         assert np.all(target.array == 0xAB), "a byte reached the region"
+
+
+def assert_says_where_once(error, address):
+    """A source's refusal names the main channel and the address, once (it named
+    neither after a certificate it did not accept, and "main channel" twice after
+    the destination refused its own). What the destination said is quoted as it is."""
+    assert str(error).startswith(f"main channel to {address}: "), str(error)
+    ours = str(error).split("the peer failed: ")[0]
+    assert ours.count("main channel") == 1, str(error)
 
 
 def test_a_destination_from_another_ca_is_refused(pki):
@@ -258,7 +268,7 @@ def test_a_client_without_a_certificate_is_refused(pki):
 
 def test_an_identity_outside_authz_is_refused(pki):
     _refusal(pki, pki.source(), pki.destination(authz=["someone-else"]),
-             source_says=r"the peer refused: .*not in authz|main channel: ",
+             source_says=r"the peer (refused|failed): .*not in authz",
              destination_says=rf"client certificate \({LOCAL_CLIENT}\) is not in authz")
 
 
@@ -282,6 +292,7 @@ def test_a_wrong_auth_key_under_tls_is_refused(pki):
         m.source.add_region(region)
         error, refused = m.run_refused()
         assert "does not know the auth_key" in str(error)
+        assert_says_where_once(error, m.source.address)
         assert "wrong auth_key proof" in refused[0].reason
     region.close()
 

@@ -8,13 +8,15 @@ destination is a candidate, and most may be strangers: port scans, health
 checks, garbage, a peer trickling a byte a second. Each candidate is greeted
 in a thread of its own under the greeting's deadline, so no stranger holds up
 the real source; the first to pass wins, every other is refused (dropped,
-counted, logged) and the listener is left to the session.
+counted, logged) and the listener is left to the session. A greeting still
+running when the wait ends is refused with the reason it ended: another passed
+(ACCEPTED_ANOTHER), or the session ended (its timeout, a failure, a cancel).
 
 ::
 
     acceptor thread: select(listener, wake) -> accept -> greeting thread per connection
     greeting threads: greet_main_channel() -> passed (a queue) | refused
-    Admission.wait(): the first that passed, or the deadline, or the session's failure
+    Admission.wait(): the first that passed, or the timeout, or the session's failure
 
 After SETUP a connection can only be greeted by a receive worker (a TLS
 session cannot move between processes): the door hands each new connection
@@ -31,7 +33,6 @@ import queue
 import select
 import socket
 import threading
-import time
 from typing import Any, Callable, Iterable, Protocol
 
 from ..errors import MigrationError, ProtocolError
@@ -47,11 +48,16 @@ Refuse = Callable[[str, "BaseException | str"], None]
 """``refuse(peer, reason)``: a connection was dropped, and why."""
 
 __all__ = ["Admission", "ChannelDoor", "describe_peer", "MAX_CANDIDATES", "ACCEPTED_ANOTHER",
-           "GREETING_SPARES"]
+           "session_ended", "GREETING_SPARES"]
 
 MAX_CANDIDATES = 64     # connections greeted at once; more are refused on arrival
 ACCEPTED_ANOTHER = "dropped: the session's source was accepted first"
 GREETING_SPARES = 2     # receive workers beyond the channels, to greet strangers meanwhile
+
+
+def session_ended(why: BaseException | str) -> str:
+    """The reason a connection still being greeted is dropped when the session ends."""
+    return f"dropped: the session ended: {why}"
 
 
 def describe_peer(peer: tuple[Any, ...] | str) -> str:
@@ -76,25 +82,37 @@ class Admission:
         self._lock = threading.Lock()
         self._greeting: dict[threading.Thread, tuple[int, int, int]] = {}  # fd, family, type
         self._closing = False
+        self._ended: str | None = None      # why the wait ended: the first reason given
         self._wake_r, self._wake_w = os.pipe()
         self._acceptor = threading.Thread(target=self._accept_loop, daemon=True,
                                           name="fastmfd admission")
         self._acceptor.start()
 
-    def wait(self, deadline: float, what: str) -> MainGreeting:
-        """The first connection that passed its greeting, by ``deadline``."""
+    def wait(self, timeout: float, what: str) -> MainGreeting:
+        """The first connection that passed its greeting, within ``timeout`` seconds."""
         try:
-            greeting = self._passed.get(timeout=max(0.0, deadline - time.monotonic()))
+            greeting = self._passed.get(timeout=max(0.0, timeout))
         except queue.Empty:
-            raise MigrationError(f"no connection for {what} passed its greeting in "
-                                 f"time") from None
+            error = MigrationError(f"no connection for {what} passed its greeting within "
+                                   f"{timeout:g} s")
+            self._end(session_ended(error))
+            raise error from None
         if greeting is None:
             raise MigrationError("stopped waiting for the source")
+        self._end(ACCEPTED_ANOTHER)
         return greeting
 
-    def abort(self) -> None:
-        """Wake :meth:`wait` (any thread): the session failed."""
+    def abort(self, why: BaseException | str) -> None:
+        """Wake :meth:`wait` (any thread): the session failed, ``why``."""
+        self._end(session_ended(why))
         self._passed.put(None)
+
+    def _end(self, reason: str) -> None:
+        """The wait ended: greetings still running are refused with ``reason``
+        (the first one given: what ended it)."""
+        with self._lock:
+            if self._ended is None:
+                self._ended = reason
 
     # ------------------------------------------------------------ threads
     def _accept_loop(self) -> None:
@@ -106,7 +124,7 @@ class Admission:
                     return
                 sock, peer = self._listener.accept()
             except (OSError, ValueError):       # the listener was shut down or closed
-                self.abort()
+                self.abort("its listener was shut down")
                 return
             thread = threading.Thread(target=self._greet, args=(sock, describe_peer(peer)),
                                       daemon=True, name="fastmfd greeting")
@@ -130,7 +148,7 @@ class Admission:
         with self._lock:                        # before any close: see __exit__
             self._greeting.pop(threading.current_thread(), None)
             if self._closing:                   # ended by __exit__, or too late
-                greeting, refusal = None, ACCEPTED_ANOTHER
+                greeting, refusal = None, self._ended
             if greeting is not None:
                 self._passed.put(greeting)
         if refusal is not None:
@@ -141,9 +159,12 @@ class Admission:
     def __enter__(self) -> "Admission":
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
         os.write(self._wake_w, b"x")
         self._acceptor.join()
+        # Left without a wait's end: the session failed before (its teardown
+        # aborted this already) or raised here.
+        self._end(session_ended(exc if exc is not None else "stopped waiting for the source"))
         with self._lock:
             self._closing = True
             running = list(self._greeting)

@@ -47,6 +47,7 @@ import setproctitle
 
 from .. import _core
 from ..errors import MigrationError
+from ..shm import start_tracker
 from ..protocol.control import Done, Drained, Eof, Failed, Ready, Stop
 from . import control_pickling
 from .control_pickling import MAIN_KEYS
@@ -65,7 +66,11 @@ _FINAL_REPORTS = (Done, Eof, Drained)   # after one of these a child's exit is e
 
 
 def mp_context() -> multiprocessing.context.ForkServerContext:
-    """The forkserver context, preloading fastmfd."""
+    """The forkserver context, preloading fastmfd.
+
+    The forkserver starts the resource tracker if nothing did yet: started
+    here first, it is fastmfd's quiet one (shm.start_tracker)."""
+    start_tracker()
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(_PRELOAD)
     return ctx

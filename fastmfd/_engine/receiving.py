@@ -157,12 +157,11 @@ class Receiving:
     def accept_main(self) -> None:
         """Wait for the source's main channel (strangers are refused meanwhile,
         see :mod:`.admission`), check its SETUP, answer SETUP_ACK."""
-        deadline = time.monotonic() + self.parts.timeout
         with Admission(self.parts.listener, self.parts.security, self._refuse) as admission:
             self._admission = admission
             self.failure.check()                # cancelled before it started
             try:
-                greeting = admission.wait(deadline, "the main channel")
+                greeting = admission.wait(self.parts.timeout, "the main channel")
             finally:
                 self._admission = None
         self.failure.check()
@@ -562,7 +561,7 @@ class Receiving:
         self.state = ReceivingState.FAILED
         admission = self._admission
         if admission is not None:
-            admission.abort()
+            admission.abort(error)
         if self._devices is not None:
             self._devices.pool.abort()
         break_session(error, "source", self.main, self.parts.resources)

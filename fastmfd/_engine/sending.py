@@ -184,14 +184,14 @@ class Sending:
                      devices=tuple(DeviceSpec(*wire_ids(d)) for d in self.parts.devices))
 
     def _connect(self) -> None:
-        cfg, parts = self.config, self.parts
-        setup = self._setup()
+        cfg, parts, setup = self.config, self.parts, self._setup()
         sock = connect(parts.address, cfg.timeout)
         # cancel()/close() break the handshake through the dup (TLS detaches ``sock``).
         parts.resources.sockets += [sock, sock.dup()]
         self.failure.check()                # a cancel while connecting found none
         tune_main_socket(sock)
-        sock = handshake.open_main_channel(sock, self._security, setup, cfg.channel_header)
+        sock = handshake.open_main_channel(sock, self._security, setup, cfg.channel_header,
+                                           str(parts.address))
         self.main = MainChannel(sock)
 
         if parts.devices and cfg.channel_header:

@@ -103,27 +103,30 @@ class TLSStream:
 
 class _AuthMessages:
     """The shared-key proof on the main channel, carried as AUTH messages (so a
-    peer without a key meets an ERROR it can read, not stray bytes)."""
+    peer without a key meets an ERROR it can read, not stray bytes). ``where``
+    names the connection in errors, ``seconds`` the greeting's deadline."""
 
-    def __init__(self, sock: socket.socket, deadline: float) -> None:
-        self.sock, self.deadline = sock, deadline
+    def __init__(self, sock: socket.socket, deadline: float, where: str = MAIN,
+                 seconds: float | None = None) -> None:
+        self.sock, self.deadline, self.where, self.seconds = sock, deadline, where, seconds
 
     def send_all(self, data: bytes, what: str = "AUTH") -> None:
-        send_all(self.sock, encode_message(Msg.AUTH, data), what, MAIN)
+        send_all(self.sock, encode_message(Msg.AUTH, data), what, self.where)
 
     def recv_exact(self, size: int, what: str = "AUTH") -> bytes:
-        kind, body = read_message(self.sock, 0, self.deadline)
-        _check_auth_message(kind, body, size)
+        kind, body = read_message(self.sock, 0, self.deadline, what=what, where=self.where,
+                                  seconds=self.seconds)
+        _check_auth_message(kind, body, size, self.where)
         return body
 
 
-def _check_auth_message(kind: Msg, body: bytes, size: int) -> None:
+def _check_auth_message(kind: Msg, body: bytes, size: int, where: str) -> None:
     if kind is Msg.ERROR:
         raise SecurityError(f"the peer refused: {decode_payload(kind, body).error}",
-                            channel=MAIN, side="peer")
+                            channel=where, side="peer")
     if kind is not Msg.AUTH or len(body) != size:
         raise SecurityError(f"expected an AUTH message of {size} bytes, received {kind.name} "
-                            f"of {len(body)}", channel=MAIN)
+                            f"of {len(body)}", channel=where)
 
 
 # ---------------------------------------------------------------- what a source sends
@@ -153,23 +156,25 @@ PREALLOC_SECONDS_PER_GIB = 30.0
 
 
 def open_main_channel(sock: socket.socket, security: ChannelSecurity, setup: Setup,
-                      channel_header: bool) -> socket.socket:
+                      channel_header: bool, address: str) -> socket.socket:
     """The source's side of the main channel's opening: the greeting, SETUP, and
     the destination's SETUP_ACK. Returns the socket to use from then on
-    (TLS-wrapped or not); on failure the socket is closed."""
+    (TLS-wrapped or not); on failure the socket is closed. Its errors say where:
+    "main channel to ``address``", as a failed connect does."""
+    where = f"{MAIN} to {address}"
     deadline = time.monotonic() + security.timeout
     try:
         if security.tls is not None:
             hostname = security.hostname
             sock = security.tls.client_context(hostname).wrap_socket(
                 sock, server_hostname=hostname, do_handshake_on_connect=False)
-            tls_handshake(sock, deadline)
-        stream = SocketStream(sock, MAIN, deadline)
+            tls_handshake(sock, deadline, where)
+        stream = SocketStream(sock, where, deadline)
         stream.send_all(main_channel_start(channel_header), "preamble")
         if security.auth_key is not None:
             stream.send_all(encode_message(Msg.AUTH, setup.uuid), "AUTH")
-            prove_key(_AuthMessages(sock, deadline), security.auth_key, setup.uuid,
-                      MAIN_CHANNEL_ID)
+            prove_key(_AuthMessages(sock, deadline, where, security.timeout),
+                      security.auth_key, setup.uuid, MAIN_CHANNEL_ID, where)
         stream.send_all(encode_message(Msg.SETUP, setup), "SETUP")
         # A destination that preallocates its memory (prealloc) answers only once
         # it is done, sending KEEPALIVE meanwhile: each one restarts the wait,
@@ -177,8 +182,8 @@ def open_main_channel(sock: socket.socket, security: ChannelSecurity, setup: Set
         announced = sum(region.size for region in setup.regions)
         until = (time.monotonic() + security.timeout + setup.stall_timeout
                  + PREALLOC_SECONDS_PER_GIB * announced / (1 << 30))
-        expect_message(sock, Msg.SETUP_ACK, deadline=deadline,
-                       keepalive_wait=setup.stall_timeout, keepalive_until=until)
+        expect_message(sock, Msg.SETUP_ACK, deadline=deadline, seconds=security.timeout,
+                       where=where, keepalive_wait=setup.stall_timeout, keepalive_until=until)
     except (MigrationError, ProtocolError) as exc:
         sock.close()
         if security.tls is None or isinstance(exc, SecurityError) or \
@@ -187,9 +192,10 @@ def open_main_channel(sock: socket.socket, security: ChannelSecurity, setup: Set
         # TLS 1.3 lets a client finish its handshake before the server has
         # checked the client's certificate: a refusal shows up as the end of
         # the connection at the first read or write after it.
+        cause = exc.cause if isinstance(exc, MigrationError) else exc.detail    # not where
         raise SecurityError(f"the destination ended the TLS connection after the handshake "
-                            f"(did it refuse this source's certificate?): {exc}",
-                            channel=MAIN) from exc
+                            f"(did it refuse this source's certificate?): {cause}",
+                            channel=where) from exc
     except BaseException:
         sock.close()
         raise
@@ -356,7 +362,7 @@ def _greet_main(sock: socket.socket, security: ChannelSecurity, deadline: float)
                                 channel=MAIN)
         kind, length = decode_message_header(header, 0)
         auth_uuid = stream.recv_exact(length, "AUTH")
-        _check_auth_message(kind, auth_uuid, 16)
+        _check_auth_message(kind, auth_uuid, 16, MAIN)
         check_key_proof(_AuthMessages(sock, deadline), security.auth_key, auth_uuid,
                         MAIN_CHANNEL_ID)
         header = stream.recv_exact(MESSAGE_HEADER_SIZE, "message")

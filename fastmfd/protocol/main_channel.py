@@ -325,43 +325,49 @@ def _nested_at_most(value: Any, limit: int) -> bool:
 
 # ---------------------------------------------------------------- reader and writer
 
-def read_message(sock: socket.socket, max_payload: int,
-                 deadline: float | None = None) -> tuple[Msg, bytes]:
+def read_message(sock: socket.socket, max_payload: int, deadline: float | None = None, *,
+                 what: str = "message", where: str = MAIN,
+                 seconds: float | None = None) -> tuple[Msg, bytes]:
     """One main-channel message (type, raw payload); ``max_payload`` bounds DEVICE_STATE.
     ``deadline`` (monotonic) bounds the whole message: a peer that trickles one
-    must not hold the reader (and every deadline its thread keeps) for ever."""
+    must not hold the reader (and every deadline its thread keeps) for ever.
+    Errors name the message awaited (``what``), the connection (``where``) and
+    the ``seconds`` the deadline gave, if said."""
     kind, length = decode_message_header(
-        recv_exact(sock, MESSAGE_HEADER_SIZE, "message", MAIN, deadline), max_payload)
-    return kind, (recv_exact(sock, length, f"{kind.name} payload", MAIN, deadline)
+        recv_exact(sock, MESSAGE_HEADER_SIZE, what, where, deadline, seconds), max_payload)
+    return kind, (recv_exact(sock, length, f"{kind.name} payload", where, deadline, seconds)
                   if length else b"")
 
 
-def read_payload(sock: socket.socket, deadline: float | None = None) -> tuple[Msg, Any]:
+def read_payload(sock: socket.socket, deadline: float | None = None, *, what: str = "message",
+                 where: str = MAIN, seconds: float | None = None) -> tuple[Msg, Any]:
     """One control message, typed (an ERROR is returned, not raised)."""
-    kind, body = read_message(sock, 0, deadline)
+    kind, body = read_message(sock, 0, deadline, what=what, where=where, seconds=seconds)
     return kind, decode_payload(kind, body)
 
 
-def expect_message(sock: socket.socket, kind: Msg, *, deadline: float,
-                   keepalive_wait: float | None = None,
+def expect_message(sock: socket.socket, kind: Msg, *, deadline: float, seconds: float,
+                   where: str = MAIN, keepalive_wait: float | None = None,
                    keepalive_until: float | None = None) -> Any:
     """Read a control message that must be ``kind``, whole by ``deadline``
-    (monotonic); the peer's ERROR is raised.
+    (monotonic, ``seconds`` from the wait's start); the peer's ERROR is raised.
+    Errors name the connection: ``where``.
 
     ``keepalive_wait``: KEEPALIVEs may come first (a peer still busy, alive),
     each giving the peer that many more seconds for the next message, but
     none past ``keepalive_until`` (monotonic): a peer that only ever says it is
     alive must not hold the wait forever."""
-    got, payload = read_payload(sock, deadline)
+    got, payload = read_payload(sock, deadline, what=kind.name, where=where, seconds=seconds)
     while got is Msg.KEEPALIVE and keepalive_wait is not None:
         if keepalive_until is not None and time.monotonic() > keepalive_until:
-            raise MigrationError(f"main channel: still no {kind.name} after the peer's "
-                                 f"KEEPALIVEs ran past their deadline", channel=MAIN)
-        got, payload = read_payload(sock, time.monotonic() + keepalive_wait)
+            raise MigrationError(f"still no {kind.name} after the peer's KEEPALIVEs ran past "
+                                 f"their deadline", channel=where)
+        got, payload = read_payload(sock, time.monotonic() + keepalive_wait, what=kind.name,
+                                    where=where, seconds=keepalive_wait)
     if got is Msg.ERROR:
-        raise MigrationError(f"the peer failed: {payload.error}", channel=MAIN, side="peer")
+        raise MigrationError(f"the peer failed: {payload.error}", channel=where, side="peer")
     if got is not kind:
-        raise ProtocolError(f"main channel: received {got.name}, expected {kind.name}",
+        raise ProtocolError(f"received {got.name}, expected {kind.name}", where=where,
                             field="type", received=got.name, expected=kind.name)
     return payload
 

@@ -192,9 +192,10 @@ def is_tls_record(first_byte: bytes) -> bool:
     return first_byte[:1] == bytes([TLS_HANDSHAKE_RECORD])
 
 
-def tls_handshake(tls: ssl.SSLSocket, deadline: float) -> None:
+def tls_handshake(tls: ssl.SSLSocket, deadline: float, where: str | None = None) -> None:
     """Finish ``tls``'s handshake by ``deadline`` (time.monotonic()) — a whole
-    deadline, not one per read, so a peer trickling bytes cannot stretch it."""
+    deadline, not one per read, so a peer trickling bytes cannot stretch it.
+    ``where`` names the connection in its errors."""
     tls.setblocking(False)
     try:
         while True:
@@ -208,15 +209,16 @@ def tls_handshake(tls: ssl.SSLSocket, deadline: float) -> None:
                 ready = select.select([], [tls], [], max(0.0, left))[1]
             except ssl.SSLCertVerificationError as exc:
                 raise SecurityError(f"TLS handshake failed: certificate verify failed "
-                                    f"({exc.verify_message})") from None
+                                    f"({exc.verify_message})", channel=where) from None
             except ssl.SSLError as exc:
                 # OpenSSL's reason codes (PEER_DID_NOT_RETURN_A_CERTIFICATE) made readable.
                 reason = exc.reason.lower().replace("_", " ") if exc.reason else str(exc)
-                raise SecurityError(f"TLS handshake failed: {reason}") from None
+                raise SecurityError(f"TLS handshake failed: {reason}", channel=where) from None
             except OSError as exc:
-                raise SecurityError(_handshake_lost(exc)) from None
+                raise SecurityError(_handshake_lost(exc), channel=where) from None
             if not ready:
-                raise SecurityError("TLS handshake: no answer within the handshake deadline")
+                raise SecurityError("TLS handshake: no answer within the handshake deadline",
+                                    channel=where)
     finally:
         tls.setblocking(True)
 
@@ -243,8 +245,10 @@ def _proof(key: bytes, role: bytes, uuid: bytes, channel: int, theirs: bytes,
     return hmac.new(key, message, hashlib.sha256).digest()
 
 
-def prove_key(stream: Stream, key: bytes, uuid: bytes, channel: int) -> None:
-    """The client's side: prove ``key``, and check that the server knows it too."""
+def prove_key(stream: Stream, key: bytes, uuid: bytes, channel: int,
+              where: str | None = None) -> None:
+    """The client's side: prove ``key``, and check that the server knows it too
+    (``where`` names the connection in the error)."""
     mine = os.urandom(NONCE_SIZE)
     stream.send_all(mine)
     answer = stream.recv_exact(NONCE_SIZE + PROOF_SIZE)
@@ -254,7 +258,7 @@ def prove_key(stream: Stream, key: bytes, uuid: bytes, channel: int) -> None:
     # nonce, so an impostor cannot replay it anywhere.
     stream.send_all(_proof(key, b"client", uuid, channel, theirs, mine))
     if not hmac.compare_digest(their_proof, _proof(key, b"server", uuid, channel, mine, theirs)):
-        raise SecurityError("the destination does not know the auth_key")
+        raise SecurityError("the destination does not know the auth_key", channel=where)
 
 
 def check_key_proof(stream: Stream, key: bytes, uuid: bytes, channel: int) -> None:

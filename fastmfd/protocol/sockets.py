@@ -286,11 +286,12 @@ class ConnectionClosed(ProtocolError):
 
 
 def recv_exact(sock: socket.socket, size: int, what: str, where: str | None = None,
-               deadline: float | None = None) -> bytes:
+               deadline: float | None = None, seconds: float | None = None) -> bytes:
     """Read exactly ``size`` bytes; a short read is a ConnectionClosed naming ``what``.
     ``where`` names the connection in every error (e.g. "main channel").
     ``deadline`` (monotonic) bounds the whole read: a socket's own timeout bounds
-    each recv, so a peer trickling a byte at a time would never trip it. The
+    each recv, so a peer trickling a byte at a time would never trip it; ``seconds``,
+    the wait it ends, is said when it passes. The
     socket's timeout is restored after (other threads' sends go by it), and left
     alone once another thread set its own meanwhile (a teardown's bounded ERROR)."""
     buf = bytearray(size)
@@ -309,7 +310,8 @@ def recv_exact(sock: socket.socket, size: int, what: str, where: str | None = No
                                        where=where)
             got += n
     except socket.timeout:
-        raise MigrationError(f"timed out waiting for {what}", channel=where) from None
+        within = f" within {seconds:g} s" if seconds is not None else ""
+        raise MigrationError(f"timed out waiting for {what}{within}", channel=where) from None
     except OSError as exc:
         raise MigrationError(f"connection lost reading {what}: {exc.strerror or exc}",
                              channel=where) from None
