@@ -205,11 +205,14 @@ class Destination(Owner):
         """Regions and loaders are taken when the source's SETUP arrives, after
         ``on_setup`` (which may add them): one added later would be ignored."""
         session = self._session
-        if self._additions_taken or (session is not None
-                                     and session.state is ReceivingState.FAILED):
-            raise ConfigError(f"{call}() after the session took its regions and loaders "
-                              f"(at the source's SETUP): add them before receive(), or in "
-                              f"its on_setup")
+        if self._additions_taken:
+            when = "the session took its regions and loaders (at the source's SETUP)"
+        elif session is not None and session.state is ReceivingState.FAILED:
+            when = "its receive() failed (a Destination receives once)"
+        else:
+            return
+        raise ConfigError(f"{call}() after {when}: add them before receive(), or in its "
+                          f"on_setup")
 
     def _taking_additions(self, on_setup: Callable[[Setup], object] | None
                           ) -> Callable[[Setup], object]:

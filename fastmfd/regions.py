@@ -329,6 +329,9 @@ class Region:
             offset, length = check_types("mark_dirty", offset=(offset, INT),
                                          length=(length, INT))
         if length <= 0:
+            if length < 0:
+                raise IndexError(f"mark_dirty(length) {length}: no range of region "
+                                 f"{self.name!r} has a negative length")
             return
         if offset < 0 or offset + length > self.size:
             raise IndexError(f"bytes {offset}..{offset + length} outside region {self.name!r} "

@@ -90,6 +90,13 @@ def test_mark_dirty_outside_the_region(region, offset, length):
         region.mark_dirty(offset, length)
 
 
+def test_mark_dirty_of_a_negative_length_is_refused(region):
+    # It was taken as nothing to mark: a caller's bug, silently.
+    with pytest.raises(IndexError, match="negative length"):
+        region.mark_dirty(4096, -1)
+    assert region.dirty.collect().tolist() == []
+
+
 @pytest.mark.parametrize("offset, length, parameter, given", [
     ("0", 4096, "offset", "str"), (0, "4096", "length", "str"),
     (0.0, 4096, "offset", "float"), (True, 4096, "offset", "bool"), (0, 4096.0, "length", "float"),
