@@ -53,10 +53,12 @@ def device_key(idstr: str, instance_id: int) -> str:
     return f"{idstr}/{instance_id}"
 
 
-def check_device_ids(call: str, idstr: str, instance_id: int) -> tuple[str, int]:
+def check_device_ids(call: str, idstr: str, instance_id: int, of: str = "") -> tuple[str, int]:
     """The device ``call`` names, its instance_id a Python int: a TypeError for a
-    wrong type, a ConfigError for an idstr or instance_id the wire cannot carry."""
-    idstr, instance_id = check_types(call, idstr=(idstr, STR), instance_id=(instance_id, INT))
+    wrong type, a ConfigError for an idstr or instance_id the wire cannot carry.
+    ``of`` prefixes the names in errors (``device.``: attributes, not parameters)."""
+    idstr, instance_id = check_types(call, **{f"{of}idstr": (idstr, STR),
+                                              f"{of}instance_id": (instance_id, INT)})
     try:
         check_name(idstr, "device idstr")
     except Invalid as exc:

@@ -20,7 +20,7 @@ from ._engine.processes import ChildSet
 from ._engine.sending import Sending, SourceParts
 from ._engine.session import Owner
 from ._engine.workers import send_worker_main
-from .arguments import BOOL, CALLABLE, INT, STR, check_types, instance_of, optional, type_error
+from .arguments import BOOL, CALLABLE, STR, check_types, instance_of, optional, type_error
 from .config import MigrationConfig
 from .devices import Device, check_device_ids
 from .errors import ConfigError, MigrationError
@@ -90,12 +90,8 @@ class Source(Owner):
         if not isinstance(device, Device):
             raise type_error("add_device(device)", "a fastmfd.Device (idstr, instance_id, "
                              "read_state(buf))", device)
-        # Its ids go into SETUP as they are: checked now, not at migrate().
-        for attribute, kind in (("idstr", STR), ("instance_id", INT)):
-            if not kind.accepts(getattr(device, attribute)):
-                raise type_error(f"add_device(device).{attribute}", kind.what,
-                                 getattr(device, attribute))
-        check_device_ids("add_device(device)", device.idstr, device.instance_id)
+        # Its ids go into SETUP (devices.wire_ids): checked now, not at migrate().
+        check_device_ids("add_device", device.idstr, device.instance_id, of="device.")
         key = (device.idstr, device.instance_id)
         if any((d.idstr, d.instance_id) == key for d in self._devices):
             raise ConfigError(f"two devices {device.idstr!r} instance {device.instance_id}")

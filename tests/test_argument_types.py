@@ -352,9 +352,9 @@ class _Custom:
 
 
 @pytest.mark.parametrize("idstr, instance_id, error, says", [
-    ("dev", "0", TypeError, r"add_device\(device\).instance_id must be an int, not str"),
-    ("dev", True, TypeError, r"add_device\(device\).instance_id must be an int, not bool"),
-    (b"dev", 0, TypeError, r"add_device\(device\).idstr must be a str, not bytes"),
+    ("dev", "0", TypeError, r"add_device\(device.instance_id\) must be an int, not str"),
+    ("dev", True, TypeError, r"add_device\(device.instance_id\) must be an int, not bool"),
+    (b"dev", 0, TypeError, r"add_device\(device.idstr\) must be a str, not bytes"),
     ("dev", 1 << 32, fastmfd.ConfigError, "instance_id 4294967296 does not fit in 32 bits"),
     ("", 0, fastmfd.ConfigError, "device idstr '' must be"),
 ])
