@@ -389,3 +389,47 @@ def _receive(dst: fastmfd.Destination, outcome: dict) -> None:
         dst.receive()
     except fastmfd.FastMFDError as exc:
         outcome["error"] = exc
+
+
+@pytest.mark.parametrize("auth", [False, True], ids=["plain", "auth_key"])
+def test_a_source_refused_at_the_greeting_limit_is_told_why(auth):
+    """A source arriving while MAX_CANDIDATES strangers are being greeted is refused
+    at once, and told so (an ERROR): it saw only "Connection reset by peer"
+    (found by an audit)."""
+    from fastmfd._engine.admission import MAX_CANDIDATES, TOO_MANY
+    key = {"auth_key": bytes(32)} if auth else {}
+    config = fastmfd.MigrationConfig(channels=2, packet_pages=16, **key)
+    with fastmfd.Destination("tcp:127.0.0.1:0", timeout=20, handshake_timeout=30,
+                             **key) as dst:
+        outcome: dict = {}
+        thread = threading.Thread(target=lambda: _receive(dst, outcome), daemon=True)
+        thread.start()
+        _, host, port = dst.address.split(":")
+        idle = [socket.create_connection((host, int(port))) for _ in range(MAX_CANDIDATES)]
+        try:
+            # Once a further connection is refused, the limit is reached (one taken
+            # for a greeting meanwhile stays open, holding its place).
+            for _ in range(10):
+                idle.append(socket.create_connection((host, int(port))))
+                idle[-1].settimeout(1)
+                try:
+                    told = idle[-1].recv(1 << 16)
+                    break
+                except TimeoutError:
+                    continue
+            else:
+                raise AssertionError("no connection was refused at the greeting limit")
+            assert TOO_MANY.encode() in told, told
+            region = make_region("ram", SIZE, seed=5)
+            with pytest.raises(fastmfd.MigrationError, match=TOO_MANY):
+                with fastmfd.Source(dst.address, config) as src:
+                    src.add_region(region)
+                    src.migrate(live=False)
+            region.close()
+            assert TOO_MANY in [r.reason for r in dst.refused]
+        finally:
+            for sock in idle:
+                sock.close()
+            dst.cancel("the test is over")
+            thread.join(10)
+    assert not thread.is_alive()

@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterable, Protocol
 
 from ..errors import MigrationError, ProtocolError
 from ..protocol.control import Greeting
-from ..protocol.handshake import MainGreeting, greet_main_channel
+from ..protocol.handshake import MainGreeting, greet_main_channel, refuse_on_arrival
 from ..protocol.security import ChannelSecurity
 from ..protocol.setup import Setup
 from .processes import Child, ChildSet, Watch
@@ -48,10 +48,11 @@ Refuse = Callable[[str, "BaseException | str"], None]
 """``refuse(peer, reason)``: a connection was dropped, and why."""
 
 __all__ = ["Admission", "ChannelDoor", "describe_peer", "MAX_CANDIDATES", "ACCEPTED_ANOTHER",
-           "session_ended", "GREETING_SPARES"]
+           "TOO_MANY", "session_ended", "GREETING_SPARES"]
 
 MAX_CANDIDATES = 64     # connections greeted at once; more are refused on arrival
 ACCEPTED_ANOTHER = "dropped: the session's source was accepted first"
+TOO_MANY = f"{MAX_CANDIDATES} connections are being greeted already"
 GREETING_SPARES = 2     # receive workers beyond the channels, to greet strangers meanwhile
 
 
@@ -129,11 +130,13 @@ class Admission:
             thread = threading.Thread(target=self._greet, args=(sock, describe_peer(peer)),
                                       daemon=True, name="fastmfd greeting")
             with self._lock:
-                if self._closing or len(self._greeting) >= MAX_CANDIDATES:
-                    self._refuse(describe_peer(peer), "too many connections are being greeted")
-                    sock.close()
-                    continue
-                self._greeting[thread] = (sock.fileno(), sock.family, sock.type)
+                crowded = self._closing or len(self._greeting) >= MAX_CANDIDATES
+                if not crowded:
+                    self._greeting[thread] = (sock.fileno(), sock.family, sock.type)
+            if crowded:
+                refuse_on_arrival(sock, TOO_MANY, plaintext=self._security.tls is None)
+                self._refuse(describe_peer(peer), TOO_MANY)
+                continue
             thread.start()
 
     def _greet(self, sock: socket.socket, peer: str) -> None:

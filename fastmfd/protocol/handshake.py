@@ -45,7 +45,7 @@ TELL_DRAIN_BYTES = 1 << 20
 
 __all__ = ["ChannelHello", "SocketStream", "TLSStream", "read_hello", "main_channel_start",
            "channel_start", "open_main_channel", "open_channel", "MainGreeting",
-           "greet_main_channel", "greet_channel", "check_channel"]
+           "greet_main_channel", "refuse_on_arrival", "greet_channel", "check_channel"]
 
 
 # ---------------------------------------------------------------- streams
@@ -185,9 +185,14 @@ def open_main_channel(sock: socket.socket, security: ChannelSecurity, setup: Set
         expect_message(sock, Msg.SETUP_ACK, deadline=deadline, seconds=security.timeout,
                        where=where, keepalive_wait=setup.stall_timeout, keepalive_until=until)
     except (MigrationError, ProtocolError) as exc:
+        # A connection lost, not a verdict of this side's own or the peer's:
+        # the destination may have refused it.
+        lost = not isinstance(exc, SecurityError) and getattr(exc, "side", None) is None
+        refusal = _refusal_left(sock, where) if lost and security.tls is None else None
         sock.close()
-        if security.tls is None or isinstance(exc, SecurityError) or \
-                getattr(exc, "side", None) is not None:
+        if refusal is not None:
+            raise refusal from exc
+        if security.tls is None or not lost:
             raise
         # TLS 1.3 lets a client finish its handshake before the server has
         # checked the client's certificate: a refusal shows up as the end of
@@ -200,6 +205,22 @@ def open_main_channel(sock: socket.socket, security: ChannelSecurity, setup: Set
         sock.close()
         raise
     return sock
+
+
+def _refusal_left(sock: socket.socket, where: str) -> MigrationError | None:
+    """The ERROR a destination left before it closed the connection, when one is
+    there to read: a source still sending its greeting then meets a closed
+    connection (refuse_on_arrival) before it reads why. None if none is. (It
+    came before the end of the connection that failed the source, so it is
+    read at once, or not there.)"""
+    try:
+        kind, body = read_message(sock, 0, time.monotonic() + 0.05, where=where)
+        if kind is Msg.ERROR:
+            return MigrationError(f"the destination refused: {decode_payload(kind, body).error}",
+                                  channel=where, side="peer")
+    except (MigrationError, ProtocolError, OSError):
+        pass
+    return None
 
 
 def open_channel(sock: socket.socket, security: ChannelSecurity, hello: bytes, uuid: bytes,
@@ -395,6 +416,30 @@ def _tell(sock: socket.socket, error: BaseException) -> None:
             drained += len(data)
     except (OSError, ValueError):
         pass
+
+
+def refuse_on_arrival(sock: socket.socket, reason: str, plaintext: bool) -> None:
+    """Refuse a connection as it arrives, waiting for nothing (no thread greets
+    it): a ``plaintext`` peer is sent an ERROR saying why, which fits the new
+    connection's empty send buffer, then the end of the stream. What the peer
+    sent so far is drained without waiting (closing with unread bytes resets
+    the connection, and a reset can overtake the ERROR). A TLS peer could not
+    read a plaintext ERROR: it sees the connection end. Closes ``sock``."""
+    try:
+        sock.setblocking(False)
+        if plaintext:
+            sock.send(encode_message(Msg.ERROR, {"error": reason}))
+        sock.shutdown(socket.SHUT_WR)
+        drained = 0
+        while drained < TELL_DRAIN_BYTES:
+            data = sock.recv(65536)
+            if not data:
+                break
+            drained += len(data)
+    except OSError:         # BlockingIOError: nothing more sent yet
+        pass
+    finally:
+        sock.close()
 
 
 def greet_channel(sock: socket.socket, security: ChannelSecurity, setup: Setup,
