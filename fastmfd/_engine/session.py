@@ -14,6 +14,7 @@ must have been told first.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import socket
 import threading
@@ -338,11 +339,36 @@ class Owner:
 def _free_unclosed(owner: str, resources: SessionResources, pid: int) -> None:
     """An Owner's finalizer: free what it still holds (nothing, once closed). In a
     child forked from its process (which runs finalizers at its exit too) it does
-    nothing: the sockets, processes and segments are the parent's."""
+    nothing: the sockets, processes and segments are the parent's.
+
+    A cyclic collection runs it in whichever thread the collection interrupted,
+    wherever that thread was: inside multiprocessing's resource tracker (which
+    then refuses the segments' unregistering as a reentrant call), or in a
+    session's thread that would wait for the workers to stop. Then it frees
+    from a thread of its own, which the interpreter's exit waits for."""
     if os.getpid() != pid:
         return
-    if resources.holds_any():
-        warnings.warn(f"unclosed fastmfd.{owner}: its processes, sockets and shared memory are "
-                      f"freed now; close() it, or use it in a `with`", ResourceWarning)
+    if not resources.holds_any():
+        return
+    warnings.warn(f"unclosed fastmfd.{owner}: its processes, sockets and shared memory are "
+                  f"freed now; close() it, or use it in a `with`", ResourceWarning)
+    if _collecting:
+        threading.Thread(target=_free, args=(resources,), name=f"fastmfd unclosed {owner}").start()
+    else:
+        _free(resources)
+
+
+def _free(resources: SessionResources) -> None:
     resources.stop()
     resources.release()
+
+
+_collecting = False     # a garbage collection is running (it runs one at a time)
+
+
+def _note_collection(phase: str, info: dict[str, int]) -> None:
+    global _collecting
+    _collecting = phase == "start"
+
+
+gc.callbacks.append(_note_collection)
