@@ -15,6 +15,7 @@ the preload) before anything of fastmfd is imported.
 
 from __future__ import annotations
 
+import os
 import sys
 
 
@@ -32,3 +33,8 @@ def _parent_sys_path() -> list[str] | None:
 _path = _parent_sys_path()
 if _path is not None:
     sys.path[:] = _path
+
+# fastmfd started this forkserver with a safe import path (fastmfd.safe_path):
+# that was for this interpreter, not for the workers it forks (or what they start).
+if os.environ.get("PYTHONSAFEPATH") == "fastmfd":
+    del os.environ["PYTHONSAFEPATH"]

@@ -43,6 +43,7 @@ import sys
 from multiprocessing import resource_tracker
 
 from .errors import ConfigError
+from .safe_path import safe_import_path
 
 __all__ = ["SharedMemory", "SHM_DIR", "SEGMENT_PREFIX", "HUGE_PAGE", "list_segments",
            "start_tracker", "map_file", "mapped_view",
@@ -141,7 +142,8 @@ def start_tracker() -> None:
     creating a segment, starting the forkserver."""
     sys.warnoptions.append(_QUIET_TRACKER)
     try:
-        resource_tracker.ensure_running()
+        with safe_import_path():
+            resource_tracker.ensure_running()
     finally:
         sys.warnoptions.remove(_QUIET_TRACKER)
 

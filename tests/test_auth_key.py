@@ -17,7 +17,8 @@ import pytest
 import fastmfd
 from fastmfd.errors import SecurityError
 from fastmfd.protocol import security
-from fastmfd.protocol.handshake import SocketStream
+from fastmfd.protocol.handshake import SocketStream, main_channel_start
+from fastmfd.protocol.main_channel import MESSAGE_HEADER, Msg, encode_message
 from migration_support import FakeSource, Migration, hello, make_region, ram_packet, \
     setup_message
 
@@ -166,6 +167,32 @@ def test_a_channel_with_the_right_uuid_but_no_proof_is_dropped():
             thread.join(10)
             source.close()
     target.close()
+
+
+@pytest.mark.parametrize("kind,length", [(Msg.ERROR, 16 << 20), (Msg.SETUP, 1 << 20),
+                                         (Msg.AUTH, 31)],
+                         ids=["a 16 MiB ERROR", "a SETUP", "a short AUTH"])
+def test_a_message_in_the_proof_is_refused_on_its_header(kind, length):
+    """A stranger in the middle of the proof has proved nothing: a message that is
+    not the AUTH expected (nor a short ERROR) is refused on its header, its payload
+    unread. It was allocated whole and waited for: 16 MiB of the destination's
+    memory per connection, each held for the handshake timeout."""
+    with fastmfd.Destination("tcp:127.0.0.1:0", timeout=10, auth_key=KEY,
+                             handshake_timeout=10.0) as dst:
+        thread = threading.Thread(target=lambda: _swallow(dst.receive), daemon=True)
+        thread.start()
+        _, host, port = dst.address.split(":")
+        try:
+            with socket.create_connection((host, int(port)), timeout=5) as sock:
+                sock.sendall(main_channel_start(True) + encode_message(Msg.AUTH, bytes(16))
+                             + MESSAGE_HEADER.pack(int(kind), length))
+                from test_handshake import wait_refused
+                wait_refused(dst, rf"expected an AUTH message of {security.NONCE_SIZE} "
+                                  rf"bytes, received {kind.name} of {length}$")
+            assert thread.is_alive()
+        finally:
+            dst.cancel("the test is over")
+            thread.join(10)
 
 
 def _swallow(call):

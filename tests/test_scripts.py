@@ -230,6 +230,35 @@ def test_run_from_a_directory_holding_an_unbuilt_source_tree(tmp_path):
     _assert_migrated_once(proc)
 
 
+_PLANT = "import os\nopen(os.path.join({marks!r}, {name!r}), 'w').close()\n"
+
+
+def test_run_from_a_directory_others_can_write(tmp_path):
+    """Nothing in the current directory is imported by fastmfd's helper processes.
+    multiprocessing starts its forkserver and resource tracker with ``python -c``,
+    which put the current directory first on their path: a ``_fastmfd_forkserver.py``
+    or a ``multiprocessing`` package left in a shared directory the program ran from
+    ran as its user, in the forkserver and every worker."""
+    planted, marks = tmp_path / "shared", tmp_path / "marks"
+    (planted / "multiprocessing").mkdir(parents=True)
+    marks.mkdir()
+    (planted / "_fastmfd_forkserver.py").write_text(
+        _PLANT.format(marks=str(marks), name="_fastmfd_forkserver"))
+    (planted / "multiprocessing" / "__init__.py").write_text(
+        _PLANT.format(marks=str(marks), name="multiprocessing") + "raise ImportError\n")
+    script = tmp_path / "elsewhere" / "migrate.py"
+    script.parent.mkdir()
+    script.write_text(_UNGUARDED + "import os\nprint(os.environ.get('PYTHONSAFEPATH'))\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    env.pop("PYTHONSAFEPATH", None)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=TIMEOUT, env=env, cwd=planted)
+    assert sorted(os.listdir(marks)) == [], proc.stderr
+    assert proc.returncode == 0, proc.stderr
+    # The setting is the helpers' alone: the program's environment is as it was.
+    assert proc.stdout.split() == ["script", "ran", "migrated", "None"], proc.stdout
+
+
 def _children_of(pid: int) -> list[int]:
     found = []
     for task in os.listdir(f"/proc/{pid}/task"):

@@ -111,6 +111,36 @@ def test_device_state_over_tls(pki, arrangement):
              states={f"dev{i}": bytes([i]) * 300_000 for i in range(3)})
 
 
+# TLS 1.2 ciphers for trustme's keys (ECDSA, or RSA in older versions), and a TLS 1.3 suite.
+TLS12_CIPHERS = "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384"
+TLS13_SUITE = "TLS_CHACHA20_POLY1305_SHA256"
+
+
+@pytest.mark.parametrize("ciphers,version", [(TLS12_CIPHERS, "TLSv1.2"),
+                                             (TLS13_SUITE, "TLSv1.3")],
+                         ids=["TLS 1.2 ciphers", "a TLS 1.3 suite"])
+def test_ciphers_hold_on_the_main_channel_too(pki, ciphers, version):
+    """``ciphers`` applies to the main channel as to the channels: TLS 1.2 names
+    alone keep it to TLS 1.2 and a cipher named (it negotiated TLS 1.3 with a
+    suite not named), TLS 1.3 names alone to TLS 1.3 (they were a ConfigError)."""
+    source = pki.source(ciphers=ciphers)
+    destination = pki.destination(ciphers=ciphers)
+    a, b = socket.socketpair()
+    negotiated: list = []
+
+    def serve():
+        with destination.server_context().wrap_socket(a, server_side=True) as tls:
+            negotiated.append((tls.version(), tls.cipher()[0]))
+    thread = threading.Thread(target=serve)
+    thread.start()
+    with source.client_context("localhost").wrap_socket(b, server_hostname="localhost"):
+        thread.join(10)
+    assert negotiated and negotiated[0][0] == version, negotiated
+    if version == "TLSv1.2":
+        assert negotiated[0][1] in ciphers.split(":"), negotiated
+    _migrate(fastmfd.MigrationConfig(channels=2, tls=source), destination)
+
+
 class Tap:
     """A relay in front of the destination that records every byte the source sends."""
 

@@ -47,6 +47,7 @@ import setproctitle
 
 from .. import _core
 from ..errors import MigrationError
+from ..safe_path import safe_import_path
 from ..shm import start_tracker
 from ..protocol.control import Done, Drained, Eof, Failed, Ready, Stop
 from . import control_pickling
@@ -73,6 +74,8 @@ def mp_context() -> multiprocessing.context.ForkServerContext:
     start_tracker()
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(_PRELOAD)
+    with safe_import_path():        # started here, not by a child's start (see safe_path)
+        forkserver.ensure_running()
     return ctx
 
 

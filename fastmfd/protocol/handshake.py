@@ -33,7 +33,7 @@ from .. import _core
 from ..errors import MigrationError, ProtocolError, SecurityError, TLSError
 from .main_channel import (MAIN, MAIN_MAGIC, MAIN_VERSION, MESSAGE_HEADER,
                            MESSAGE_HEADER_SIZE, Msg, decode_message_header, decode_payload,
-                           encode_message, encode_preamble, expect_message, read_message)
+                           encode_message, encode_preamble, expect_message)
 from .security import (MAIN_CHANNEL_ID, ChannelSecurity, Stream, TLSConfig, check_authz,
                        check_key_proof, identities_of, is_tls_record, prove_key,
                        tls_handshake)
@@ -42,6 +42,7 @@ from .sockets import recv_exact, send_all
 
 TELL_SECONDS = 0.5             # how long a refused peer is given to read why
 TELL_DRAIN_BYTES = 1 << 20
+MAX_REFUSAL = 64 << 10         # the longest ERROR read during the shared-key proof
 
 __all__ = ["ChannelHello", "SocketStream", "TLSStream", "read_hello", "main_channel_start",
            "channel_start", "open_main_channel", "open_channel", "MainGreeting",
@@ -114,19 +115,29 @@ class _AuthMessages:
         send_all(self.sock, encode_message(Msg.AUTH, data), what, self.where)
 
     def recv_exact(self, size: int, what: str = "AUTH") -> bytes:
-        kind, body = read_message(self.sock, 0, self.deadline, what=what, where=self.where,
-                                  seconds=self.seconds)
-        _check_auth_message(kind, body, size, self.where)
+        kind, length = decode_message_header(
+            recv_exact(self.sock, MESSAGE_HEADER_SIZE, what, self.where, self.deadline,
+                       self.seconds), 0)
+        _check_auth_header(kind, length, size, self.where)
+        body = recv_exact(self.sock, length, f"{kind.name} payload", self.where,
+                          self.deadline, self.seconds) if length else b""
+        if kind is Msg.ERROR:
+            raise SecurityError(f"the peer refused: {decode_payload(kind, body).error}",
+                                channel=self.where, side="peer")
         return body
 
 
-def _check_auth_message(kind: Msg, body: bytes, size: int, where: str) -> None:
-    if kind is Msg.ERROR:
-        raise SecurityError(f"the peer refused: {decode_payload(kind, body).error}",
-                            channel=where, side="peer")
-    if kind is not Msg.AUTH or len(body) != size:
+def _check_auth_header(kind: Msg, length: int, size: int, where: str) -> None:
+    """Before its payload is read, a message of the proof must be an AUTH of
+    ``size`` bytes or the peer's refusal (an ERROR of at most MAX_REFUSAL bytes).
+    The peer has proved nothing yet, and a payload is allocated whole before
+    it arrives: a stranger announcing 16 MiB messages held that much of a
+    destination's memory per connection."""
+    if kind is Msg.ERROR and length <= MAX_REFUSAL:
+        return
+    if kind is not Msg.AUTH or length != size:
         raise SecurityError(f"expected an AUTH message of {size} bytes, received {kind.name} "
-                            f"of {len(body)}", channel=where)
+                            f"of {length}", channel=where)
 
 
 # ---------------------------------------------------------------- what a source sends
@@ -382,8 +393,8 @@ def _greet_main(sock: socket.socket, security: ChannelSecurity, deadline: float)
             raise SecurityError("the source proves an auth_key; this destination has none",
                                 channel=MAIN)
         kind, length = decode_message_header(header, 0)
+        _check_auth_header(kind, length, 16, MAIN)
         auth_uuid = stream.recv_exact(length, "AUTH")
-        _check_auth_message(kind, auth_uuid, 16, MAIN)
         check_key_proof(_AuthMessages(sock, deadline), security.auth_key, auth_uuid,
                         MAIN_CHANNEL_ID)
         header = stream.recv_exact(MESSAGE_HEADER_SIZE, "message")

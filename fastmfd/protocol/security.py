@@ -69,7 +69,10 @@ class TLSConfig:
     destination's certificate must carry; default: the host of the address
     (no check on a Unix socket unless given). ``authz``: on a destination, the
     client identities accepted (subject CN or a subjectAltName). ``ciphers``:
-    an OpenSSL cipher list for TLS 1.2 and/or TLS 1.3 suite names.
+    an OpenSSL cipher list for TLS 1.2 and/or TLS 1.3 suite names (``TLS_*``);
+    a list of one kind only turns the other version off. On the main channel
+    TLS 1.3 uses OpenSSL's default suites (Python's :mod:`ssl` cannot choose
+    them); the channels use the suites named.
     """
 
     cert: str | None = None
@@ -120,7 +123,7 @@ class TLSConfig:
                 ctx.load_default_certs(purpose)
             if self.ciphers is not None:
                 what = f"ciphers {self.ciphers!r}"
-                ctx.set_ciphers(self.ciphers)
+                _restrict_ciphers(ctx, self.ciphers)
         except (ssl.SSLError, OSError) as exc:
             raise ConfigError(f"TLS configuration: cannot load the {what}: {exc}") from None
         if server:
@@ -137,6 +140,25 @@ class TLSConfig:
         ctx = self._context(ssl.Purpose.SERVER_AUTH)
         ctx.check_hostname = hostname is not None
         return ctx
+
+
+def _restrict_ciphers(ctx: ssl.SSLContext, ciphers: str) -> None:
+    """``ciphers`` on a main-channel context, as the core's TLSChannel applies it to
+    the channels: ``TLS_*`` names are TLS 1.3 suites, the others TLS 1.2 ciphers,
+    and a list of one kind only turns the other version off. Handed whole to
+    set_ciphers (TLS 1.2 only), a list of TLS 1.2 ciphers still let the main
+    channel negotiate TLS 1.3 with a suite not named, and one of TLS 1.3 suites
+    was refused."""
+    names = [name for name in ciphers.split(":") if name]
+    legacy = [name for name in names if not name.startswith("TLS_")]
+    if not names:
+        raise ssl.SSLError("an empty list")
+    if not legacy:
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        return
+    ctx.set_ciphers(":".join(legacy))
+    if len(legacy) == len(names):
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
 
 
 @dataclass(frozen=True)
