@@ -13,9 +13,10 @@
     receiving      regions: their .part files, mapped (the Destination msyncs them
                    before LOADED); devices: a FileLoader each (fsync in load_finish,
                    before LOADED)
-    on_resume      commit(): manifest.json.part written and fsynced, every .part renamed
-                   to its final name (the manifest last), D fsynced; only then does the
-                   source hear RESUMED and its migrate() return
+    on_resume      commit(): manifest.json.part written and fsynced; with ``force``, the
+                   manifest.json of the save being replaced removed and D fsynced first;
+                   every .part renamed to its final name (the manifest last), D fsynced;
+                   only then does the source hear RESUMED and its migrate() return
     any failure    abort(): the .part files removed (kept, still named .part, with
                    ``keep_partial``); names already renamed are taken back; a
                    session's own directory removed if this made it
@@ -291,6 +292,8 @@ class OutputDir:
         plan() is not replaced (but with ``force``): the migration fails. What
         fails raises an OutputError naming the file."""
         self._write_manifest(document)
+        if self.force:
+            self._retire_manifest()
         for out in self._outputs():
             if self._identity(out.part) != out.identity:
                 raise OutputError(f"{self._show(out.part)} was replaced while the "
@@ -312,6 +315,24 @@ class OutputDir:
         except OSError as exc:
             raise OutputError(f"{self.path}: making its new names durable failed: "
                               f"{exc.strerror or exc}") from exc
+
+    def _retire_manifest(self) -> None:
+        """Remove the manifest of the save ``force`` replaces, durably, before any of
+        its files is: a crash among the renames below would otherwise leave that
+        manifest listing files that are partly this migration's, a directory that
+        says it holds a complete save and mixes two."""
+        try:
+            os.unlink(MANIFEST, dir_fd=self.fd)         # a link itself, never its target
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise OutputError(f"{self._show(MANIFEST)}: removing the manifest of the save "
+                              f"being replaced failed: {exc.strerror or exc}") from exc
+        try:
+            os.fsync(self.fd)
+        except OSError as exc:
+            raise OutputError(f"{self.path}: making the old manifest's removal durable "
+                              f"failed: {exc.strerror or exc}") from exc
 
     def _write_manifest(self, document: dict[str, Any] | None) -> None:
         if document is None:
