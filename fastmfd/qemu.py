@@ -300,6 +300,13 @@ class QemuSender:
                                       f"manifest says {block['size']}")
             self._vmstate_fd = _open_inside(directory, manifest["vmstate"]["file"],
                                             os.O_RDONLY)
+            # Sent as it is, to its end: one cut short (a copy interrupted) would
+            # go out whole-looking, and the destination QEMU fail to load it.
+            vmstate_size = os.fstat(self._vmstate_fd).st_size
+            if vmstate_size != manifest["vmstate"]["size"]:
+                raise ConfigError(f"{os.path.join(directory, manifest['vmstate']['file'])}: "
+                                  f"{vmstate_size} bytes, the manifest says "
+                                  f"{manifest['vmstate']['size']}")
             stream = QemuStream(bytes.fromhex(manifest["configuration"]),
                                 bytes.fromhex(manifest["uuid"] or "00" * 16),
                                 manifest["ram_section_id"], manifest["section_footers"],
@@ -395,8 +402,8 @@ def _is_block(value: object) -> bool:
 _MANIFEST_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "blocks": (lambda v: isinstance(v, list) and bool(v), "a list of blocks"),
     "page_size": (_is_int, "an integer"),
-    "vmstate": (lambda v: isinstance(v, dict) and isinstance(v.get("file"), str),
-                "an object with the file's name"),
+    "vmstate": (lambda v: isinstance(v, dict) and isinstance(v.get("file"), str)
+                and _is_int(v.get("size")), "an object with the file's name and size"),
     "configuration": (_is_hex, "bytes in hex"),
     "uuid": (lambda v: v is None or _is_hex(v, 16), "null or 16 bytes in hex"),
     "ram_section_id": (lambda v: v is None or _is_int(v), "null or an integer"),
@@ -408,11 +415,15 @@ _MANIFEST_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
 
 def _read_manifest(directory: str) -> dict[str, Any]:
     path = os.path.join(directory, MANIFEST)
-    try:
-        with open(path, "rb") as f:
+    if os.path.isdir(directory) and not os.path.lexists(path):
+        raise ConfigError(f"{path} is missing: not a complete save (listen --qemu writes "
+                          f"it last, once every other file is on disk)")
+    # Never through a link, as the files it names: it says what the directory's are.
+    with os.fdopen(_open_inside(directory, MANIFEST, os.O_RDONLY), "rb") as f:
+        try:
             manifest: dict[str, Any] = json.load(f)   # any JSON: refused below unless a dict
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{path}: {getattr(exc, 'strerror', None) or exc}") from None
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{path}: {getattr(exc, 'strerror', None) or exc}") from None
     missing = [key for key in _MANIFEST_KEYS
                if not isinstance(manifest, dict) or key not in manifest]
     if missing or manifest.get("format") != "qemu-migration" or not manifest["blocks"]:
