@@ -147,6 +147,35 @@ def test_force_killed_while_renaming_leaves_no_manifest_of_the_old_save(tmp_path
     assert files_in(out) == {"ram.img", "manifest.json.part"}
 
 
+# ``python -c`` this, then listen's arguments: the CLI, sent SIGTERM as soon as it
+# renamed manifest.json.part into place (its handler raises at the next
+# statement: what a signal arriving during the rename itself does).
+TERMINATED_AT_THE_MANIFEST = """
+import os, runpy, signal, sys
+import fastmfd.tools.outputs as outputs
+rename = outputs.rename_without_replacing
+def terminate_at_the_manifest(src, dst, dir_fd):
+    rename(src, dst, dir_fd)
+    if src == "manifest.json.part":
+        os.kill(os.getpid(), signal.SIGTERM)
+outputs.rename_without_replacing = terminate_at_the_manifest
+sys.argv[0] = "fastmfd"
+runpy.run_module("fastmfd", run_name="__main__")
+"""
+
+
+def test_terminated_as_the_manifest_is_renamed_leaves_no_manifest(tmp_path, image):
+    """abort() knew a file was renamed by a flag set after the rename, which the
+    SIGTERM's exception skipped: the manifest stayed, its region file removed,
+    after a receive that failed (143). Now nothing stays."""
+    out = tmp_path / "out"
+    with Listener(out, program=("-c", TERMINATED_AT_THE_MANIFEST)) as listener:
+        done = send(listener, str(image))
+        status, err = listener.finish()
+    assert status == 143 and done.returncode == 1, err
+    assert not out.exists()       # the listener made it: gone with what it held
+
+
 @pytest.mark.parametrize("force", [False, True], ids=["refused", "force-replaces-the-link"])
 @pytest.mark.parametrize("link", ["ram.img", "ram.img.part", "nic0.0.state.part"])
 def test_a_symbolic_link_is_never_followed(tmp_path, image, link, force):
