@@ -51,6 +51,7 @@ import json
 import os
 import re
 import socket
+import stat
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -459,15 +460,21 @@ def _read_manifest(directory: str) -> dict[str, Any]:
 
 
 def _open_inside(directory: str, name: str, access: int) -> int:
-    """The file ``name`` (from the manifest) directly inside ``directory``, opened
-    for ``access``, never through a symbolic link."""
+    """The regular file ``name`` (from the manifest) directly inside ``directory``,
+    opened for ``access``, never through a symbolic link."""
     if not isinstance(name, str) or os.path.basename(name) != name or name in ("", ".", ".."):
         raise ConfigError(f"manifest names the file {name!r}: expected a file name in "
                           f"{directory}")
     path = os.path.join(directory, name)
     try:
-        return os.open(path, access | os.O_NOFOLLOW | os.O_CLOEXEC)
+        # O_NONBLOCK: a FIFO there is refused below, not waited on for a writer
+        # (for ever: no timeout runs yet); a regular file's reads ignore it.
+        fd = os.open(path, access | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         why = ("it is a symbolic link" if exc.errno == errno.ELOOP
                else exc.strerror or str(exc))
         raise ConfigError(f"{path}: cannot open it: {why}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ConfigError(f"{path}: not a regular file")
+    return fd

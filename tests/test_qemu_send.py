@@ -255,6 +255,20 @@ def test_send_follows_no_symbolic_link_in_the_saved_directory(tmp_path, qemu72_c
         qemu.send("tcp:127.0.0.1:9", str(tmp_path / "saved"))
 
 
+@pytest.mark.parametrize("name", ["vmstate.bin", "manifest.json"])
+def test_send_refuses_a_fifo_in_the_saved_directory(tmp_path, qemu72_captures, name):
+    """It was opened for reading, which waits for a writer: the send hung for ever
+    (in a process of its own here, which the timeout kills)."""
+    receive_replay(tmp_path / "saved", capture_bytes(qemu72_captures, "none"))
+    (tmp_path / "saved" / name).unlink()
+    os.mkfifo(tmp_path / "saved" / name)
+    done = subprocess.run([sys.executable, "-m", "fastmfd", "send", "--qemu", "tcp:127.0.0.1:9",
+                           "--dir", str(tmp_path / "saved")], capture_output=True, text=True,
+                          timeout=20)
+    assert done.returncode == 2
+    assert done.stderr == f"fastmfd send: {tmp_path / 'saved' / name}: not a regular file\n"
+
+
 def test_send_refuses_a_save_cut_short(tmp_path, qemu72_captures):
     """An interrupted receive leaves no manifest.json: refused as no complete save
     (it said only "No such file or directory"). A vmstate.bin shorter than the
