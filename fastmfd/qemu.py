@@ -51,6 +51,7 @@ import json
 import os
 import re
 import socket
+import stat
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -300,6 +301,13 @@ class QemuSender:
                                       f"manifest says {block['size']}")
             self._vmstate_fd = _open_inside(directory, manifest["vmstate"]["file"],
                                             os.O_RDONLY)
+            # Sent as it is, to its end: one cut short (a copy interrupted) would
+            # go out whole-looking, and the destination QEMU fail to load it.
+            vmstate_size = os.fstat(self._vmstate_fd).st_size
+            if vmstate_size != manifest["vmstate"]["size"]:
+                raise ConfigError(f"{os.path.join(directory, manifest['vmstate']['file'])}: "
+                                  f"{vmstate_size} bytes, the manifest says "
+                                  f"{manifest['vmstate']['size']}")
             stream = QemuStream(bytes.fromhex(manifest["configuration"]),
                                 bytes.fromhex(manifest["uuid"] or "00" * 16),
                                 manifest["ram_section_id"], manifest["section_footers"],
@@ -395,8 +403,8 @@ def _is_block(value: object) -> bool:
 _MANIFEST_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "blocks": (lambda v: isinstance(v, list) and bool(v), "a list of blocks"),
     "page_size": (_is_int, "an integer"),
-    "vmstate": (lambda v: isinstance(v, dict) and isinstance(v.get("file"), str),
-                "an object with the file's name"),
+    "vmstate": (lambda v: isinstance(v, dict) and isinstance(v.get("file"), str)
+                and _is_int(v.get("size")), "an object with the file's name and size"),
     "configuration": (_is_hex, "bytes in hex"),
     "uuid": (lambda v: v is None or _is_hex(v, 16), "null or 16 bytes in hex"),
     "ram_section_id": (lambda v: v is None or _is_int(v), "null or an integer"),
@@ -408,11 +416,15 @@ _MANIFEST_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
 
 def _read_manifest(directory: str) -> dict[str, Any]:
     path = os.path.join(directory, MANIFEST)
-    try:
-        with open(path, "rb") as f:
+    if os.path.isdir(directory) and not os.path.lexists(path):
+        raise ConfigError(f"{path} is missing: not a complete save (listen --qemu writes "
+                          f"it last, once every other file is on disk)")
+    # Never through a link, as the files it names: it says what the directory's are.
+    with os.fdopen(_open_inside(directory, MANIFEST, os.O_RDONLY), "rb") as f:
+        try:
             manifest: dict[str, Any] = json.load(f)   # any JSON: refused below unless a dict
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{path}: {getattr(exc, 'strerror', None) or exc}") from None
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{path}: {getattr(exc, 'strerror', None) or exc}") from None
     missing = [key for key in _MANIFEST_KEYS
                if not isinstance(manifest, dict) or key not in manifest]
     if missing or manifest.get("format") != "qemu-migration" or not manifest["blocks"]:
@@ -448,15 +460,21 @@ def _read_manifest(directory: str) -> dict[str, Any]:
 
 
 def _open_inside(directory: str, name: str, access: int) -> int:
-    """The file ``name`` (from the manifest) directly inside ``directory``, opened
-    for ``access``, never through a symbolic link."""
+    """The regular file ``name`` (from the manifest) directly inside ``directory``,
+    opened for ``access``, never through a symbolic link."""
     if not isinstance(name, str) or os.path.basename(name) != name or name in ("", ".", ".."):
         raise ConfigError(f"manifest names the file {name!r}: expected a file name in "
                           f"{directory}")
     path = os.path.join(directory, name)
     try:
-        return os.open(path, access | os.O_NOFOLLOW | os.O_CLOEXEC)
+        # O_NONBLOCK: a FIFO there is refused below, not waited on for a writer
+        # (for ever: no timeout runs yet); a regular file's reads ignore it.
+        fd = os.open(path, access | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         why = ("it is a symbolic link" if exc.errno == errno.ELOOP
                else exc.strerror or str(exc))
         raise ConfigError(f"{path}: cannot open it: {why}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ConfigError(f"{path}: not a regular file")
+    return fd

@@ -20,17 +20,19 @@ class Listener:
     it listens. ``finish()`` waits for its end: (exit status, stderr); its stdout
     is then ``out``."""
 
-    def __init__(self, directory, *args: str, preexec_fn=None) -> None:
+    def __init__(self, directory, *args: str, preexec_fn=None,
+                 program: tuple[str, ...] = ("-m", "fastmfd")) -> None:
         # Short: a Unix socket path holds at most 107 bytes.
         self._tmp = tempfile.mkdtemp(prefix="fmfd-listen-")
         self.address = f"unix:{self._tmp}/sock"
         self.args = ["listen", self.address, "--dir", str(directory), "--timeout", "60", *args]
         self.preexec_fn = preexec_fn
+        self.program = program          # what runs the command: python PROGRAM... ARGS...
         self.proc: subprocess.Popen | None = None
         self.out = ""
 
     def __enter__(self) -> "Listener":
-        self.proc = subprocess.Popen([sys.executable, "-m", "fastmfd", *self.args],
+        self.proc = subprocess.Popen([sys.executable, *self.program, *self.args],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                      preexec_fn=self.preexec_fn)
         deadline = time.monotonic() + 30

@@ -112,6 +112,70 @@ def test_force_replaces_an_existing_file(tmp_path, image):
     assert files_in(out) == {"ram.img", "manifest.json"}
 
 
+# ``python -c`` this, then listen's arguments: the CLI, killed (SIGKILL) as it
+# renames manifest.json.part into place, every other file renamed already.
+KILLED_AT_THE_MANIFEST = """
+import os, runpy, signal, sys
+rename = os.rename
+def kill_at_the_manifest(src, dst, **kwargs):
+    if src == "manifest.json.part":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return rename(src, dst, **kwargs)
+os.rename = kill_at_the_manifest
+sys.argv[0] = "fastmfd"
+runpy.run_module("fastmfd", run_name="__main__")
+"""
+
+
+def test_force_killed_while_renaming_leaves_no_manifest_of_the_old_save(tmp_path, image):
+    """--force over a save, killed after its region file replaced the old one but
+    before its manifest was in place: the old manifest.json stayed, listing the
+    new ram.img as its own, a directory that said it held a complete save and
+    mixed two. Now the old manifest goes, durably, before any file is replaced."""
+    out = tmp_path / "out"
+    old = tmp_path / "old" / "ram.img"
+    old.parent.mkdir()
+    old.write_bytes(os.urandom(16 * PAGE))
+    with Listener(out) as listener:
+        assert send(listener, str(old)).returncode == 0
+        assert listener.finish()[0] == 0
+    with Listener(out, "--force", program=("-c", KILLED_AT_THE_MANIFEST)) as listener:
+        send(listener, str(image), "--stall-timeout", "2")
+        status, err = listener.finish()
+    assert status == -9, err
+    assert (out / "ram.img").read_bytes() == image.read_bytes()       # renamed already
+    assert files_in(out) == {"ram.img", "manifest.json.part"}
+
+
+# ``python -c`` this, then listen's arguments: the CLI, sent SIGTERM as soon as it
+# renamed manifest.json.part into place (its handler raises at the next
+# statement: what a signal arriving during the rename itself does).
+TERMINATED_AT_THE_MANIFEST = """
+import os, runpy, signal, sys
+import fastmfd.tools.outputs as outputs
+rename = outputs.rename_without_replacing
+def terminate_at_the_manifest(src, dst, dir_fd):
+    rename(src, dst, dir_fd)
+    if src == "manifest.json.part":
+        os.kill(os.getpid(), signal.SIGTERM)
+outputs.rename_without_replacing = terminate_at_the_manifest
+sys.argv[0] = "fastmfd"
+runpy.run_module("fastmfd", run_name="__main__")
+"""
+
+
+def test_terminated_as_the_manifest_is_renamed_leaves_no_manifest(tmp_path, image):
+    """abort() knew a file was renamed by a flag set after the rename, which the
+    SIGTERM's exception skipped: the manifest stayed, its region file removed,
+    after a receive that failed (143). Now nothing stays."""
+    out = tmp_path / "out"
+    with Listener(out, program=("-c", TERMINATED_AT_THE_MANIFEST)) as listener:
+        done = send(listener, str(image))
+        status, err = listener.finish()
+    assert status == 143 and done.returncode == 1, err
+    assert not out.exists()       # the listener made it: gone with what it held
+
+
 @pytest.mark.parametrize("force", [False, True], ids=["refused", "force-replaces-the-link"])
 @pytest.mark.parametrize("link", ["ram.img", "ram.img.part", "nic0.0.state.part"])
 def test_a_symbolic_link_is_never_followed(tmp_path, image, link, force):

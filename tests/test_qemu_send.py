@@ -217,7 +217,8 @@ def test_send_refuses_a_directory_without_a_qemu_manifest(tmp_path):
     ("uuid", "00", "uuid '00': expected null or 16 bytes in hex"),
     ("configuration", "zz", "configuration 'zz': expected bytes in hex"),
     ("ram_section_id", "x", "ram_section_id 'x': expected null or an integer"),
-    ("vmstate", "x", "vmstate 'x': expected an object with the file's name"),
+    ("vmstate", "x", "vmstate 'x': expected an object with the file's name and size"),
+    ("vmstate", {"file": "vmstate.bin"}, "expected an object with the file's name and size"),
     ("section_footers", "yes", "section_footers 'yes': expected true or false"),
     ("commands", 5, "commands 5: expected a list"),
 ])
@@ -236,19 +237,53 @@ def test_send_refuses_a_bad_manifest(tmp_path, qemu72_captures, key, value, matc
         qemu.send("tcp:127.0.0.1:9", str(tmp_path / "saved"))
 
 
-@pytest.mark.parametrize("which", ["block", "vmstate"])
+@pytest.mark.parametrize("which", ["block", "vmstate", "manifest"])
 def test_send_follows_no_symbolic_link_in_the_saved_directory(tmp_path, qemu72_captures,
                                                                which):
     """A block file linked elsewhere was opened through the link; a linked
-    vmstate.bin failed with a raw ELOOP."""
+    vmstate.bin failed with a raw ELOOP; a linked manifest.json (another save's,
+    say) was read, to describe this directory's files."""
     receive_replay(tmp_path / "saved", capture_bytes(qemu72_captures, "none"))
     manifest = json.loads((tmp_path / "saved" / "manifest.json").read_text())
-    name = manifest["blocks"][0]["file"] if which == "block" else manifest["vmstate"]["file"]
+    name = {"block": manifest["blocks"][0]["file"], "vmstate": manifest["vmstate"]["file"],
+            "manifest": "manifest.json"}[which]
     moved = tmp_path / "elsewhere"
     (tmp_path / "saved" / name).rename(moved)
     (tmp_path / "saved" / name).symlink_to(moved)
     with pytest.raises(ConfigError, match=re.escape(name) + ": cannot open it: it is a "
                                                          "symbolic link"):
+        qemu.send("tcp:127.0.0.1:9", str(tmp_path / "saved"))
+
+
+@pytest.mark.parametrize("name", ["vmstate.bin", "manifest.json"])
+def test_send_refuses_a_fifo_in_the_saved_directory(tmp_path, qemu72_captures, name):
+    """It was opened for reading, which waits for a writer: the send hung for ever
+    (in a process of its own here, which the timeout kills)."""
+    receive_replay(tmp_path / "saved", capture_bytes(qemu72_captures, "none"))
+    (tmp_path / "saved" / name).unlink()
+    os.mkfifo(tmp_path / "saved" / name)
+    done = subprocess.run([sys.executable, "-m", "fastmfd", "send", "--qemu", "tcp:127.0.0.1:9",
+                           "--dir", str(tmp_path / "saved")], capture_output=True, text=True,
+                          timeout=20)
+    assert done.returncode == 2
+    assert done.stderr == f"fastmfd send: {tmp_path / 'saved' / name}: not a regular file\n"
+
+
+def test_send_refuses_a_save_cut_short(tmp_path, qemu72_captures):
+    """An interrupted receive leaves no manifest.json: refused as no complete save
+    (it said only "No such file or directory"). A vmstate.bin shorter than the
+    manifest says (a copy cut short) was sent, and the send said it succeeded
+    while the destination QEMU failed to load it; now it is refused up front."""
+    receive_replay(tmp_path / "saved", capture_bytes(qemu72_captures, "none"))
+    vmstate = tmp_path / "saved" / "vmstate.bin"
+    size = vmstate.stat().st_size
+    os.truncate(vmstate, size - 1)
+    with pytest.raises(ConfigError, match=re.escape(f"{vmstate}: {size - 1} bytes, the "
+                                                    f"manifest says {size}")):
+        qemu.send("tcp:127.0.0.1:9", str(tmp_path / "saved"))
+    (tmp_path / "saved" / "manifest.json").unlink()
+    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'saved' / 'manifest.json'}"
+                                                    " is missing: not a complete save")):
         qemu.send("tcp:127.0.0.1:9", str(tmp_path / "saved"))
 
 

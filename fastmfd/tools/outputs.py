@@ -13,11 +13,13 @@
     receiving      regions: their .part files, mapped (the Destination msyncs them
                    before LOADED); devices: a FileLoader each (fsync in load_finish,
                    before LOADED)
-    on_resume      commit(): manifest.json.part written and fsynced, every .part renamed
-                   to its final name (the manifest last), D fsynced; only then does the
-                   source hear RESUMED and its migrate() return
-    any failure    abort(): the .part files removed (kept, still named .part, with
-                   ``keep_partial``); names already renamed are taken back; a
+    on_resume      commit(): manifest.json.part written and fsynced; with ``force``, the
+                   manifest.json of the save being replaced removed and D fsynced first;
+                   every .part renamed to its final name (the manifest last), D fsynced;
+                   only then does the source hear RESUMED and its migrate() return
+    any failure    abort(): the manifest first, then the .part files removed (kept,
+                   still named .part, with ``keep_partial``); names already renamed
+                   are taken back (each found by its file's identity); a
                    session's own directory removed if this made it
 
 A migration from QEMU (:mod:`fastmfd.qemu`) plans with plan_qemu(): one
@@ -87,7 +89,6 @@ class _Output:
     entry: dict[str, Any]
     final: str
     identity: tuple[int, int] | None = None
-    renamed: bool = False
 
     @property
     def part(self) -> str:
@@ -291,6 +292,8 @@ class OutputDir:
         plan() is not replaced (but with ``force``): the migration fails. What
         fails raises an OutputError naming the file."""
         self._write_manifest(document)
+        if self.force:
+            self._retire_manifest()
         for out in self._outputs():
             if self._identity(out.part) != out.identity:
                 raise OutputError(f"{self._show(out.part)} was replaced while the "
@@ -306,12 +309,29 @@ class OutputDir:
             except OSError as exc:
                 raise OutputError(f"{self._show(out.part)}: renaming it to {out.final} "
                                   f"failed: {exc.strerror or exc}") from exc
-            out.renamed = True
         try:
             os.fsync(self.fd)
         except OSError as exc:
             raise OutputError(f"{self.path}: making its new names durable failed: "
                               f"{exc.strerror or exc}") from exc
+
+    def _retire_manifest(self) -> None:
+        """Remove the manifest of the save ``force`` replaces, durably, before any of
+        its files is: a crash among the renames below would otherwise leave that
+        manifest listing files that are partly this migration's, a directory that
+        says it holds a complete save and mixes two."""
+        try:
+            os.unlink(MANIFEST, dir_fd=self.fd)         # a link itself, never its target
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise OutputError(f"{self._show(MANIFEST)}: removing the manifest of the save "
+                              f"being replaced failed: {exc.strerror or exc}") from exc
+        try:
+            os.fsync(self.fd)
+        except OSError as exc:
+            raise OutputError(f"{self.path}: making the old manifest's removal durable "
+                              f"failed: {exc.strerror or exc}") from exc
 
     def _write_manifest(self, document: dict[str, Any] | None) -> None:
         if document is None:
@@ -334,18 +354,24 @@ class OutputDir:
     def abort(self) -> None:
         """The migration failed: remove what this listener created (its .part files,
         and final names it already renamed), or with ``keep_partial`` leave it
-        all under .part names. Best effort: the failure is what the caller reports."""
-        for out in self._outputs():
+        all under .part names. Best effort: the failure is what the caller reports.
+
+        The manifest goes first (commit()'s order reversed): a process killed
+        meanwhile leaves no manifest listing files that are gone. The name each
+        file is under is told by its identity, not by a record commit() keeps:
+        an exception from a signal's handler can come between a rename and the
+        next statement (a manifest renamed so stayed, its files removed)."""
+        for out in reversed(self._outputs()):
             if out.identity is None:
                 continue
-            name = out.final if out.renamed else out.part
             try:
-                if self._identity(name) != out.identity:
-                    continue                    # not ours (any more)
-                if self.keep_partial and out.renamed:
-                    os.rename(name, out.part, src_dir_fd=self.fd, dst_dir_fd=self.fd)
-                elif not self.keep_partial:
-                    os.unlink(name, dir_fd=self.fd)
+                ours = [name for name in (out.final, out.part)
+                        if self._identity(name) == out.identity]
+                for name in ours:       # both: a link made, its source not yet unlinked
+                    if self.keep_partial and name == out.final and out.part not in ours:
+                        os.rename(name, out.part, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+                    elif not self.keep_partial or name == out.final:
+                        os.unlink(name, dir_fd=self.fd)
             except OSError:
                 pass
         try:
