@@ -224,9 +224,12 @@ def _refusal_left(sock: socket.socket, where: str) -> MigrationError | None:
     connection (refuse_on_arrival) before it reads why. None if none is. (It
     came before the end of the connection that failed the source, so it is
     read at once, or not there.)"""
+    deadline = time.monotonic() + 0.05
     try:
-        kind, body = read_message(sock, 0, time.monotonic() + 0.05, where=where)
-        if kind is Msg.ERROR:
+        kind, length = decode_message_header(
+            recv_exact(sock, MESSAGE_HEADER_SIZE, "ERROR", where, deadline), 0)
+        if kind is Msg.ERROR and length <= MAX_REFUSAL:
+            body = recv_exact(sock, length, "ERROR payload", where, deadline)
             return MigrationError(f"the destination refused: {decode_payload(kind, body).error}",
                                   channel=where, side="peer")
     except (MigrationError, ProtocolError, OSError):
