@@ -66,8 +66,8 @@ cdef int raise_unpopulated(int err, str what, str call="populate") except -1:
     """Raise the clean error for a populate_for_write (or place_runs: ``call``)
     that found no memory (err: its errno). Called only then: ``what`` is text
     built for the error."""
-    raise MigrationError(f"{what}: no memory to write into: its file system (/dev/shm "
-                         f"for shared memory) is full ({call}: "
+    raise MigrationError(f"{what}: no memory to write into: the file system that holds "
+                         f"it is full (its file's, or /dev/shm for shared memory; {call}: "
                          f"{errno_module.errorcode.get(err, err)})")
 
 

@@ -247,8 +247,8 @@ def test_holes_read_without_zero_page_detection_fail_cleanly_on_a_full_file_syst
             src, dst = m.run().failed_both(since=time.monotonic())
     finally:
         source.close()
-    expected = (r"send channel \d: region ram: no memory to write into: its file system .* "
-                r"is full \(populate: E\w+\)")
+    expected = (r"send channel \d: region ram: no memory to write into: the file system "
+                r"that holds it is full \(.*; populate: E\w+\)")
     assert re.search(expected, str(src)), src
     assert re.search("the source failed: " + expected, str(dst)), dst
 
