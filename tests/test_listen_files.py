@@ -99,6 +99,24 @@ def test_an_existing_file_is_refused_before_anything_is_written(tmp_path, image)
     assert files_in(out) == {"ram.img"}
 
 
+@pytest.mark.parametrize("qemu", [False, True], ids=["listen", "listen-qemu"])
+def test_a_save_already_there_is_refused_before_listening(tmp_path, qemu):
+    # It was refused only once a migration came for the directory: the source
+    # (a QEMU) had started migrating, and failed (from the durability audit).
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest.json").write_text('{"precious": true}')
+    sock = tmp_path / "sock"
+    done = run_cli("listen", *(["--qemu"] if qemu else []), f"unix:{sock}", "--dir", str(out),
+                   "--timeout", "60", timeout=30)
+    assert done.returncode == 2, done.stderr
+    assert f"{out / 'manifest.json'} exists (a file): not replacing it without --force" \
+        in done.stderr
+    assert not sock.exists()
+    assert files_in(out) == {"manifest.json"}
+    assert (out / "manifest.json").read_text() == '{"precious": true}'
+
+
 def test_force_replaces_an_existing_file(tmp_path, image):
     out = tmp_path / "out"
     out.mkdir()
@@ -339,7 +357,7 @@ def test_a_full_disk_fails_the_sender_and_leaves_no_final_name(tmp_path, image, 
         done = send(listener, str(image), "--state", f"big={tmp_path / 'big.state'}")
         status, err = listener.finish()
     full = re.compile(rf"big/0: .*{os.strerror(errno.ENOSPC)}|region ram: no memory to "
-                      rf"write into: its file system .* is full")
+                      rf"write into: the file system that holds it is full")
     assert done.returncode == 1, done.stderr
     assert full.search(done.stderr), done.stderr
     assert status == 1 and full.search(err), err

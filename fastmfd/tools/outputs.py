@@ -140,17 +140,20 @@ class OutputDir:
             raise ConfigError(f"output directory {self.path}: {exc.strerror or exc}") from None
         # Loaders run in another process: they get the directory's resolved path.
         self.real = os.readlink(f"/proc/self/fd/{self.fd}")
-        if huge_pages:
-            try:
-                check_huge_pages(self.real)
-            except ConfigError:
-                os.close(self.fd)
-                remove_directories_made(self._made)     # refused: leaves nothing
-                raise
         self.regions: dict[str, _Output] = {}
         self.devices: dict[tuple[str, int], _Output] = {}
         self.streams: dict[str, _Output] = {}       # files written in order (vmstate)
         self.manifest = _Output({}, MANIFEST)
+        try:
+            if huge_pages:
+                check_huge_pages(self.real)
+            # A save already there is refused now, before a migration comes for it
+            # (and fails at SETUP), unless ``force``; plan() checks again.
+            self._claim(self.manifest)
+        except ConfigError:
+            os.close(self.fd)
+            remove_directories_made(self._made)     # refused: leaves nothing
+            raise
 
     # ------------------------------------------------------------ SETUP
     def plan(self, setup: Setup) -> None:
