@@ -282,6 +282,23 @@ def test_a_file_put_at_a_final_name_mid_transfer_is_not_replaced(tmp_path):
     assert files_in(out) == {"ram.img"} and (out / "ram.img").read_text() == "mine"
 
 
+def test_a_part_file_made_by_another_after_the_claim_is_named(tmp_path):
+    # Two listeners on one DIR: the second one's region file appeared between the
+    # claim of its name and its creation, a bare "[Errno 17] File exists: 'ram.img.part'"
+    # (from the durability audit). It is the other's file: left alone.
+    out = OutputDir(str(tmp_path / "out"))
+    try:
+        out.plan_qemu({"ram": 64 * PAGE}, PAGE)
+        (tmp_path / "out" / "ram.img.part").write_text("the other listener's")
+        with pytest.raises(fastmfd.OutputError, match=r"ram\.img\.part appeared after its "
+                           r"name was claimed \(another listener writing into .*\?\)"):
+            out.region("ram", 64 * PAGE, PAGE)
+    finally:
+        out.abort()
+        out.close()
+    assert (tmp_path / "out" / "ram.img.part").read_text() == "the other listener's"
+
+
 def test_a_device_state_file_replaced_mid_transfer_is_refused(tmp_path):
     """The loader runs in another process, which opens the device's .part file by
     path: it was created and truncated anew there (through a hard link swapped

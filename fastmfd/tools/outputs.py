@@ -282,8 +282,13 @@ class OutputDir:
         """Create ``out``'s .part file, new (never through a link); returns its
         descriptor, open for writing (``access``)."""
         # Memory and device state are private, as QEMU's dumps are (0600).
-        fd = os.open(out.part, access | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                     | os.O_CLOEXEC, 0o600, dir_fd=self.fd)
+        try:
+            fd = os.open(out.part, access | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600, dir_fd=self.fd)
+        except FileExistsError:
+            raise OutputError(f"{self._show(out.part)} appeared after its name was claimed "
+                              f"(another listener writing into {self.path}?): not replacing "
+                              f"it") from None
         out.identity = file_identity(fd)
         return fd
 
