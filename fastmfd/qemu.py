@@ -304,6 +304,7 @@ class QemuSender:
                                 bytes.fromhex(manifest["uuid"] or "00" * 16),
                                 manifest["ram_section_id"], manifest["section_footers"],
                                 machine=manifest.get("machine", ""),
+                                blocks={b["idstr"]: b["size"] for b in manifest["blocks"]},
                                 multifd_sync=manifest["multifd_sync"],
                                 zero_page_detection=manifest["zero_page_detection"],
                                 commands=manifest["commands"])

@@ -266,6 +266,22 @@ def test_a_destination_expecting_other_channels_fails_the_send(tmp_path):
 
 
 @pytest.mark.parametrize("qemu_binary", QEMUS)
+def test_a_destination_of_other_ram_fails_the_send_naming_the_saved_blocks(tmp_path,
+                                                                          qemu_binary):
+    """A destination started with another -m drops the stream (QEMU says 'Size
+    mismatch' in its own log only); the send fails within its deadline, listing
+    the RAM blocks the saved stream has, with their sizes (it named none)."""
+    saved, _ = saved_guest(tmp_path, 2, "none", qemu_binary, mib=64)
+    guest, _, address = incoming_guest(tmp_path, 2, "none", qemu_binary, mib=96)
+    try:
+        with pytest.raises(MigrationError, match=r"with the RAM blocks \(its -m and devices\) "
+                                                 r"mem 64\.0 MiB, .*pc\.bios 256 KiB"):
+            qemu.send(address, str(saved), channels=2, stall_timeout=3.0)
+    finally:
+        guest.close()
+
+
+@pytest.mark.parametrize("qemu_binary", QEMUS)
 def test_a_destination_of_another_flavour_fails_the_send(tmp_path, qemu_binary):
     """A saved stream of the other QEMU (QEMU 10's own pc for a 7.2 destination,
     7.2's for a QEMU 10 destination) is dropped by the destination; the send fails
