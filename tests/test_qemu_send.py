@@ -282,6 +282,23 @@ def test_a_destination_of_other_ram_fails_the_send_naming_the_saved_blocks(tmp_p
 
 
 @pytest.mark.parametrize("qemu_binary", QEMUS)
+def test_a_destination_without_the_saved_uuid_fails_the_send_naming_it(tmp_path,
+                                                                       qemu_binary):
+    """A source started with -uuid sends it in every multifd init packet; a
+    destination without the same -uuid refuses the channels (saying so in its own
+    log only): the send fails within its deadline, naming the -uuid it needs (it
+    did not)."""
+    uuid = "12345678-1234-5678-9abc-def012345678"
+    saved, _ = saved_guest(tmp_path, 2, "none", qemu_binary, options=("-uuid", uuid))
+    guest, _, address = incoming_guest(tmp_path, 2, "none", qemu_binary)
+    try:
+        with pytest.raises(MigrationError, match=f"machine pc-i440fx-[0-9.]+, .*; with -uuid {uuid}; "):
+            qemu.send(address, str(saved), channels=2, stall_timeout=3.0)
+    finally:
+        guest.close()
+
+
+@pytest.mark.parametrize("qemu_binary", QEMUS)
 def test_a_destination_of_another_flavour_fails_the_send(tmp_path, qemu_binary):
     """A saved stream of the other QEMU (QEMU 10's own pc for a 7.2 destination,
     7.2's for a QEMU 10 destination) is dropped by the destination; the send fails

@@ -40,6 +40,7 @@ import os
 import select
 import socket
 import time
+from uuid import UUID
 
 import numpy as np
 
@@ -99,7 +100,10 @@ class QemuStream:
         # A destination of other RAM (-m, a device missing) drops the stream
         # too, and says which block differs only in its own log.
         ram = ", ".join(f"{name} {format_bytes(size)}" for name, size in self.blocks.items())
-        return (f"machine {self.machine or '(unknown)'}, {flavour}"
+        # Every multifd channel's init packet carries the source's -uuid, which the
+        # destination's must equal (it says so only in its log, too).
+        uuid = f"; with -uuid {UUID(bytes=self.uuid)}" if any(self.uuid) else ""
+        return (f"machine {self.machine or '(unknown)'}, {flavour}{uuid}"
                 + (f"; with the RAM blocks (its -m and devices) {ram}" if ram else ""))
 
 
