@@ -266,6 +266,26 @@ def test_a_destination_expecting_other_channels_fails_the_send(tmp_path):
 
 
 @pytest.mark.parametrize("qemu_binary", QEMUS)
+def test_a_destination_without_multifd_fails_the_send_naming_it(tmp_path, qemu_binary):
+    """A destination whose multifd capability is off ignores the channels and fails
+    its load (saying so in its own log only); the send fails within its deadline,
+    saying the capability must be on (it named only the channel count)."""
+    saved, _ = saved_guest(tmp_path, 2, "none", qemu_binary)
+    ram_path = tmp_path / "dst-ram.img"
+    with open(ram_path, "wb") as f:
+        f.truncate(64 << 20)
+    guest = Guest(tmp_path, str(ram_path), 64, incoming=True, name="dst", binary=qemu_binary)
+    try:
+        guest.qmp.command("migrate-incoming", uri="tcp:127.0.0.1:0")
+        listening = guest.qmp.command("query-migrate")["socket-address"][0]
+        with pytest.raises(MigrationError, match="multifd capability on, its multifd-channels 2"):
+            qemu.send(f"tcp:{listening['host']}:{listening['port']}", str(saved), channels=2,
+                      stall_timeout=3.0)
+    finally:
+        guest.close()
+
+
+@pytest.mark.parametrize("qemu_binary", QEMUS)
 def test_a_destination_of_other_ram_fails_the_send_naming_the_saved_blocks(tmp_path,
                                                                           qemu_binary):
     """A destination started with another -m drops the stream (QEMU says 'Size

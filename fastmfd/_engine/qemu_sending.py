@@ -311,9 +311,9 @@ class QemuSending:
 
     def _checklist(self) -> str:
         """How every hint ends: what the destination must be for this stream."""
-        return (f" multifd-channels {self.channels} and its multifd-compression "
-                f"{self.compression}, and is it a QEMU this saved stream can go to: "
-                f"{self.stream.describe()}?)")
+        return (f" multifd capability on, its multifd-channels {self.channels} and its "
+                f"multifd-compression {self.compression}, and is it a QEMU this saved stream "
+                f"can go to: {self.stream.describe()}?)")
 
     def _send_vmstate(self) -> None:
         while chunk := os.read(self.vmstate_fd, 1 << 20):
