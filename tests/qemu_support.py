@@ -200,12 +200,15 @@ def listening_command(out: Path, *options: str) -> Iterator[tuple[subprocess.Pop
 
 
 def saved_guest(tmp_path, channels: int, compression: str, binary: str = QEMU,
-                machine: str = "pc", mib: int = 64) -> tuple[Path, np.ndarray]:
-    """A real guest's migration saved by ``qemu.receive``: (directory, its RAM)."""
+                machine: str = "pc", mib: int = 64,
+                options: tuple[str, ...] = ()) -> tuple[Path, np.ndarray]:
+    """A real guest's migration saved by ``qemu.receive``: (directory, its RAM);
+    ``options``: more of the source QEMU's command line."""
     ram = pattern(mib, seed=3)
     ram_path = tmp_path / "src-ram.img"
     ram.tofile(ram_path)
-    source = Guest(tmp_path, str(ram_path), mib, binary=binary, machine=machine)
+    source = Guest(tmp_path, str(ram_path), mib, binary=binary, machine=machine,
+                   options=options)
     try:
         source.set_multifd(channels, compression)
         receiver = Receiver(tmp_path / "saved")

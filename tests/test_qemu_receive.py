@@ -140,7 +140,30 @@ def test_postcopy_is_refused(tmp_path, guest):
         {"capability": "postcopy-ram", "state": True}])
     receiver = Receiver(out)
     guest.migrate(receiver.address)
-    with pytest.raises(ProtocolError, match="return path"):
+    with pytest.raises(ProtocolError, match="return path .*postcopy-ram"):
+        receiver.result()
+    assert guest.wait() == "failed"
+    assert_nothing_complete(out)
+
+
+@pytest.mark.parametrize("capability, match", [
+    # Listed blocks whose pages never come: they completed as all-hole files.
+    ("x-ignore-shared", "x-ignore-shared.*no page of its shared file-backed RAM blocks"),
+    # A POSTCOPY_ADVISE without data: it was refused as plain "postcopy".
+    ("dirty-bitmaps", r"POSTCOPY_ADVISE: capability dirty-bitmaps"),
+])
+def test_an_unsupported_capability_is_refused_naming_it(tmp_path, guest, capability, match):
+    """A capability fastmfd cannot receive is refused, named, before any file is
+    written: x-ignore-shared (the guest's RAM is the shared file-backed block
+    it never sends), dirty-bitmaps (postcopy advised, without postcopy-ram);
+    QEMU's migration fails, no file is left."""
+    out = tmp_path / "out"
+    guest.set_multifd(2, "none")
+    guest.qmp.command("migrate-set-capabilities", capabilities=[
+        {"capability": capability, "state": True}])
+    receiver = Receiver(out)
+    guest.migrate(receiver.address)
+    with pytest.raises(ProtocolError, match=match):
         receiver.result()
     assert guest.wait() == "failed"
     assert_nothing_complete(out)

@@ -301,6 +301,59 @@ def test_a_destination_expecting_other_channels_fails_the_send(tmp_path):
 
 
 @pytest.mark.parametrize("qemu_binary", QEMUS)
+def test_a_destination_without_multifd_fails_the_send_naming_it(tmp_path, qemu_binary):
+    """A destination whose multifd capability is off ignores the channels and fails
+    its load (saying so in its own log only); the send fails within its deadline,
+    saying the capability must be on (it named only the channel count)."""
+    saved, _ = saved_guest(tmp_path, 2, "none", qemu_binary)
+    ram_path = tmp_path / "dst-ram.img"
+    with open(ram_path, "wb") as f:
+        f.truncate(64 << 20)
+    guest = Guest(tmp_path, str(ram_path), 64, incoming=True, name="dst", binary=qemu_binary)
+    try:
+        guest.qmp.command("migrate-incoming", uri="tcp:127.0.0.1:0")
+        listening = guest.qmp.command("query-migrate")["socket-address"][0]
+        with pytest.raises(MigrationError, match="multifd capability on, its multifd-channels 2"):
+            qemu.send(f"tcp:{listening['host']}:{listening['port']}", str(saved), channels=2,
+                      stall_timeout=3.0)
+    finally:
+        guest.close()
+
+
+@pytest.mark.parametrize("qemu_binary", QEMUS)
+def test_a_destination_of_other_ram_fails_the_send_naming_the_saved_blocks(tmp_path,
+                                                                          qemu_binary):
+    """A destination started with another -m drops the stream (QEMU says 'Size
+    mismatch' in its own log only); the send fails within its deadline, listing
+    the RAM blocks the saved stream has, with their sizes (it named none)."""
+    saved, _ = saved_guest(tmp_path, 2, "none", qemu_binary, mib=64)
+    guest, _, address = incoming_guest(tmp_path, 2, "none", qemu_binary, mib=96)
+    try:
+        with pytest.raises(MigrationError, match=r"with the RAM blocks \(its -m and devices\) "
+                                                 r"mem 64\.0 MiB, .*pc\.bios 256 KiB"):
+            qemu.send(address, str(saved), channels=2, stall_timeout=3.0)
+    finally:
+        guest.close()
+
+
+@pytest.mark.parametrize("qemu_binary", QEMUS)
+def test_a_destination_without_the_saved_uuid_fails_the_send_naming_it(tmp_path,
+                                                                       qemu_binary):
+    """A source started with -uuid sends it in every multifd init packet; a
+    destination without the same -uuid refuses the channels (saying so in its own
+    log only): the send fails within its deadline, naming the -uuid it needs (it
+    did not)."""
+    uuid = "12345678-1234-5678-9abc-def012345678"
+    saved, _ = saved_guest(tmp_path, 2, "none", qemu_binary, options=("-uuid", uuid))
+    guest, _, address = incoming_guest(tmp_path, 2, "none", qemu_binary)
+    try:
+        with pytest.raises(MigrationError, match=f"machine pc-i440fx-[0-9.]+, .*; with -uuid {uuid}; "):
+            qemu.send(address, str(saved), channels=2, stall_timeout=3.0)
+    finally:
+        guest.close()
+
+
+@pytest.mark.parametrize("qemu_binary", QEMUS)
 def test_a_destination_of_another_flavour_fails_the_send(tmp_path, qemu_binary):
     """A saved stream of the other QEMU (QEMU 10's own pc for a 7.2 destination,
     7.2's for a QEMU 10 destination) is dropped by the destination; the send fails

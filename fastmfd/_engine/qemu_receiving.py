@@ -55,8 +55,8 @@ from .. import _core
 from ..errors import ConfigError, MigrationError, ProtocolError
 from ..protocol.bytereader import ByteReader, StreamReader
 from ..protocol.control import Eof, Go, Ready, RecvParams, Synced
-from ..protocol.qemu import (MIG_CMD_OPEN_RETURN_PATH, MIG_CMD_PING, MIG_CMD_SWITCHOVER_START,
-                             MIG_CMDS,
+from ..protocol.qemu import (CONFIGURATION_AT, IGNORE_SHARED, MIG_CMD_OPEN_RETURN_PATH,
+                             MIG_CMD_PING, MIG_CMD_SWITCHOVER_START, MIG_CMDS,
                              SYNC_PER_SECTION, QevmDecoder, check_stream_end)
 from ..protocol.sockets import tune_data_socket
 from ..regions import Region
@@ -548,6 +548,16 @@ class _LiveDecoder(QevmDecoder):
         self.session = session
 
     def on_blocks(self) -> None:
+        if IGNORE_SHARED in self.out.capabilities:
+            # Its shared file-backed blocks are listed but their pages never sent
+            # (they stay in the file both QEMUs map): their files would hold
+            # holes, not the guest's RAM, and look complete.
+            raise self.r.error(f"main channel: capability {IGNORE_SHARED} (its "
+                               "configuration says): the source sends no page of its shared "
+                               "file-backed RAM blocks, so their files would not hold the "
+                               "guest's RAM; not supported", field="capabilities",
+                               received=IGNORE_SHARED, expected=f"no {IGNORE_SHARED}",
+                               at=CONFIGURATION_AT)
         self.session.on_blocks(self.out.blocks, self.out.page_size)
 
     def on_page(self, block: str, offset: int, page: memoryview, at: int) -> None:
@@ -565,7 +575,8 @@ class _LiveDecoder(QevmDecoder):
     def on_command(self, command: int, at: int) -> None:
         if command in (MIG_CMD_OPEN_RETURN_PATH, MIG_CMD_PING):
             raise self.r.error("main channel: the source opened a return path (capability "
-                               "return-path), which fastmfd does not serve",
+                               "return-path, or postcopy-ram, which opens one), which "
+                               "fastmfd does not serve",
                                field="command", received=command, expected="no return path",
                                at=at)
         if command != MIG_CMD_SWITCHOVER_START:

@@ -40,6 +40,7 @@ import os
 import select
 import socket
 import time
+from uuid import UUID
 
 import numpy as np
 
@@ -54,6 +55,7 @@ from ..protocol.security import ChannelSecurity
 from ..protocol.sockets import Address, connect, tune_data_socket
 from ..regions import Region
 from ..shm import SharedMemory
+from ..units import format_bytes
 from .liveness import tick
 from .processes import Child, ChildSet
 from .session import Closable, Owned, shutdown_quietly
@@ -72,6 +74,7 @@ class QemuStream:
 
     def __init__(self, configuration: bytes, uuid: bytes, ram_section_id: int,
                  section_footers: bool, *, machine: str = "",
+                 blocks: dict[str, int] | None = None,
                  multifd_sync: str = SYNC_PER_SECTION,
                  zero_page_detection: str = "legacy",
                  commands: list[dict[str, str]] | None = None) -> None:
@@ -82,6 +85,7 @@ class QemuStream:
             self.commands[command["before"]] += bytes.fromhex(command["section"])
         self.ram_section_id, self.section_footers = ram_section_id, section_footers
         self.machine = machine
+        self.blocks = blocks or {}      # idstr -> size: the RAM a destination must have
         self.per_round = multifd_sync == SYNC_PER_ROUND
         self.zeros_in_packets = zero_page_detection == "multifd"
 
@@ -93,7 +97,14 @@ class QemuStream:
                           if self.zeros_in_packets else ""))
         else:
             flavour = "QEMU 7.2, or a later QEMU with a machine type <= 8.0: SYNCs per section"
-        return f"machine {self.machine or '(unknown)'}, {flavour}"
+        # A destination of other RAM (-m, a device missing) drops the stream
+        # too, and says which block differs only in its own log.
+        ram = ", ".join(f"{name} {format_bytes(size)}" for name, size in self.blocks.items())
+        # Every multifd channel's init packet carries the source's -uuid, which the
+        # destination's must equal (it says so only in its log, too).
+        uuid = f"; with -uuid {UUID(bytes=self.uuid)}" if any(self.uuid) else ""
+        return (f"machine {self.machine or '(unknown)'}, {flavour}{uuid}"
+                + (f"; with the RAM blocks (its -m and devices) {ram}" if ram else ""))
 
 
 class QemuSending:
@@ -300,9 +311,9 @@ class QemuSending:
 
     def _checklist(self) -> str:
         """How every hint ends: what the destination must be for this stream."""
-        return (f" multifd-channels {self.channels} and its multifd-compression "
-                f"{self.compression}, and is it a QEMU this saved stream can go to: "
-                f"{self.stream.describe()}?)")
+        return (f" multifd capability on, its multifd-channels {self.channels} and its "
+                f"multifd-compression {self.compression}, and is it a QEMU this saved stream "
+                f"can go to: {self.stream.describe()}?)")
 
     def _send_vmstate(self) -> None:
         while chunk := os.read(self.vmstate_fd, 1 << 20):

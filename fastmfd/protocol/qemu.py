@@ -66,6 +66,10 @@ __all__ = ["QEVM_MAGIC", "QemuMainChannel", "RamRecord", "QevmDecoder", "decode_
 
 QEVM_MAGIC = b"QEVM"
 QEVM_VERSION = 3
+CONFIGURATION_AT = 8            # the CONFIGURATION section follows the magic and version
+# The capability that adds each block's address to the block list, and sends no
+# page of a shared file-backed block (the destination maps the same file).
+IGNORE_SHARED = "x-ignore-shared"
 
 # Section types (migration/savevm.h).
 VM_EOF = 0x00
@@ -240,7 +244,7 @@ class QevmDecoder:
         r.mark()
         at = r.pos
         kind = r.u8("section type")
-        if kind == CONFIGURATION and at == 8:
+        if kind == CONFIGURATION and at == CONFIGURATION_AT:
             self._configuration()
             self.out.configuration = bytes(r.since(at)[:r.pos - at])
         elif kind == COMMAND:
@@ -338,8 +342,12 @@ class QevmDecoder:
                           f"expected {fixed}", field="command length", received=length,
                           expected=fixed, at=at)
         if cmd == MIG_CMD_POSTCOPY_ADVISE:
-            raise r.error("main channel: postcopy (POSTCOPY_ADVISE) is not supported",
-                          field="command", received=cmd, expected="not postcopy", at=at)
+            # Either capability advises postcopy: postcopy-ram's advice carries its
+            # page sizes, dirty-bitmaps' (bitmaps sent after the switchover) nothing.
+            which = "dirty-bitmaps" if length == 0 else "postcopy-ram"
+            raise r.error(f"main channel: postcopy (POSTCOPY_ADVISE: capability {which}) is "
+                          "not supported", field="command", received=cmd,
+                          expected="not postcopy", at=at)
         self.on_command(cmd, at)
         r.take(length, "command data")
         self.out.commands += 1
@@ -461,7 +469,7 @@ class QevmDecoder:
     def _block_list(self, total: int) -> None:
         """MEM_SIZE: the blocks, each ``u8 len, idstr, BE u64 used_length``, summing to total."""
         r = self.r
-        ignore_shared = "x-ignore-shared" in self.out.capabilities
+        ignore_shared = IGNORE_SHARED in self.out.capabilities
         left = total
         while left:
             at = r.pos
