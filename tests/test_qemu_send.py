@@ -313,7 +313,7 @@ def test_a_destination_without_multifd_fails_the_send_naming_it(tmp_path, qemu_b
     try:
         guest.qmp.command("migrate-incoming", uri="tcp:127.0.0.1:0")
         listening = guest.qmp.command("query-migrate")["socket-address"][0]
-        with pytest.raises(MigrationError, match="multifd capability on, its multifd-channels 2"):
+        with pytest.raises(MigrationError, match="multifd capability on, with multifd-channels 2"):
             qemu.send(f"tcp:{listening['host']}:{listening['port']}", str(saved), channels=2,
                       stall_timeout=3.0)
     finally:

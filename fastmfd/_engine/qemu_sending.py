@@ -302,16 +302,16 @@ class QemuSending:
         QEMU or machine type refuses the stream; ``dropped``: it closed the
         connection (refused the stream, or exited), which the error ``said``
         already."""
-        check = "are the destination's"
+        check = "is the destination's"
         if dropped:
-            check = "did its QEMU exit, or drop the stream (its log says why)? Are its"
+            check = "did its QEMU exit, or drop the stream (its log says why)? Is its"
             if not said:
                 check = "the destination closed the connection: " + check
         return f" ({check}{self._checklist()}"
 
     def _checklist(self) -> str:
         """How every hint ends: what the destination must be for this stream."""
-        return (f" multifd capability on, its multifd-channels {self.channels} and its "
+        return (f" multifd capability on, with multifd-channels {self.channels} and "
                 f"multifd-compression {self.compression}, and is it a QEMU this saved stream "
                 f"can go to: {self.stream.describe()}?)")
 
