@@ -19,7 +19,8 @@ from typing import Any, Callable
 
 from ._engine.processes import ChildSet
 from ._engine.reassembly import reassembly_main
-from ._engine.receiving import DestinationParts, Receiving, ReceivingState, Refusal
+from ._engine.admission import Refusal, Refusals
+from ._engine.receiving import DestinationParts, Receiving, ReceivingState
 from ._engine.session import Owner, SessionFailure, call_hook
 from ._engine.session_regions import check_writable
 from ._engine.workers import recv_worker_main
@@ -139,8 +140,7 @@ class Destination(Owner):
                                   "known from verified client certificates")
         self._security = ChannelSecurity(
             tls=tls, auth_key=check_auth_key(auth_key, "Destination"), timeout=handshake_timeout)
-        self.refused: list[Refusal] = []
-        """Connections dropped because they failed their greeting: a :class:`Refusal` each."""
+        self._refusals = Refusals()
         self.stall_timeout = stall_timeout
         self.max_memory = max_memory
         self._listener: socket.socket | None
@@ -226,6 +226,18 @@ class Destination(Owner):
                 self._additions_taken = True
         return hook
 
+    @property
+    def refused(self) -> list[Refusal]:
+        """Connections dropped because they failed their greeting: a :class:`Refusal`
+        each, the first 1000 (MAX_REFUSALS_KEPT); all are counted in
+        :attr:`refused_total`."""
+        return self._refusals.kept
+
+    @property
+    def refused_total(self) -> int:
+        """How many connections were refused, kept in :attr:`refused` or not."""
+        return self._refusals.total
+
     def worker_pids(self) -> list[int]:
         """The process ids of the receive workers and the reassembly process (empty
         outside ``with``): what a benchmark measures the CPU time of, beside this
@@ -285,7 +297,7 @@ class Destination(Owner):
         session = self._session = self._resources.own_session(Receiving(DestinationParts(
             self._listener, self.timeout, self._security, self._workers, self._reassembly,
             self._user_regions, self._loaders, self._region_factory, self._queued_cap,
-            self._resources, self._failure, self.refused, self.stall_timeout, self.max_memory,
+            self._resources, self._failure, self._refusals, self.stall_timeout, self.max_memory,
             on_setup=self._taking_additions(on_setup), prealloc=self.prealloc,
             region_pool=self.region_pool, huge_pages=self.huge_pages)))
         try:

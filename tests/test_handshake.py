@@ -433,3 +433,32 @@ def test_a_source_refused_at_the_greeting_limit_is_told_why(auth):
             dst.cancel("the test is over")
             thread.join(10)
     assert not thread.is_alive()
+
+
+def test_refusals_past_the_cap_are_counted_not_kept_or_logged(monkeypatch, caplog):
+    """A stranger opening connection after connection grew Destination.refused and
+    the log without bound while a listener waited (about 175 a second here; from
+    the security review). The first MAX_REFUSALS_KEPT are kept and logged, the
+    rest counted."""
+    from fastmfd._engine import admission
+    monkeypatch.setattr(admission, "MAX_REFUSALS_KEPT", 3)
+    with fastmfd.Destination("tcp:127.0.0.1:0", timeout=20) as dst:
+        outcome: dict = {}
+        thread = threading.Thread(target=lambda: _receive(dst, outcome), daemon=True)
+        thread.start()
+        _, host, port = dst.address.split(":")
+        for _ in range(7):
+            with socket.create_connection((host, int(port))) as stranger:
+                stranger.sendall(STRANGERS["garbage"][0])
+                stranger.settimeout(5)
+                assert stranger.recv(1 << 16)         # told why
+        deadline = time.monotonic() + 5
+        while dst.refused_total < 7 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        dst.cancel("the test is over")
+        thread.join(10)
+    assert dst.refused_total == 7
+    assert len(dst.refused) == 3
+    logged = [r.getMessage() for r in caplog.records if r.name == "fastmfd"]
+    assert sum(m.startswith("refused a connection from") for m in logged) == 3
+    assert "refused 3 connections: further ones are counted" in "\n".join(logged)

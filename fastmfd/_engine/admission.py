@@ -28,11 +28,13 @@ connections wait in the listen backlog meanwhile.
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import select
 import socket
 import threading
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Protocol
 
 from ..errors import MigrationError, ProtocolError
@@ -44,16 +46,53 @@ from .processes import Child, ChildSet, Watch
 from .session import SessionResources
 from .workers import recv_worker_main
 
+log = logging.getLogger("fastmfd")
+
 Refuse = Callable[[str, "BaseException | str"], None]
 """``refuse(peer, reason)``: a connection was dropped, and why."""
 
-__all__ = ["Admission", "ChannelDoor", "describe_peer", "MAX_CANDIDATES", "ACCEPTED_ANOTHER",
-           "TOO_MANY", "session_ended", "GREETING_SPARES"]
+__all__ = ["Admission", "ChannelDoor", "Refusal", "Refusals", "describe_peer", "MAX_CANDIDATES",
+           "MAX_REFUSALS_KEPT", "ACCEPTED_ANOTHER", "TOO_MANY", "session_ended",
+           "GREETING_SPARES"]
 
 MAX_CANDIDATES = 64     # connections greeted at once; more are refused on arrival
+MAX_REFUSALS_KEPT = 1000    # refusals kept and logged by one destination; the rest counted
 ACCEPTED_ANOTHER = "dropped: the session's source was accepted first"
 TOO_MANY = f"{MAX_CANDIDATES} connections are being greeted already"
 GREETING_SPARES = 2     # receive workers beyond the channels, to greet strangers meanwhile
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A connection the destination dropped (``fastmfd.Refusal``): who (``peer``), and
+    why (``reason``)."""
+    peer: str
+    reason: str
+
+
+class Refusals:
+    """The connections one destination refused: each counted (``total``), the
+    first MAX_REFUSALS_KEPT kept (``kept``) and logged. A stranger can open
+    about 175 connections a second here: kept and logged, all of them, they
+    grew a long-waiting listener's memory and log without bound."""
+
+    def __init__(self) -> None:
+        self.kept: list[Refusal] = []
+        self.total = 0
+        self._lock = threading.Lock()      # refused from greeting threads and the watch loop
+
+    def add(self, peer: str, reason: BaseException | str) -> None:
+        with self._lock:
+            self.total += 1
+            if len(self.kept) >= MAX_REFUSALS_KEPT:
+                return
+            refusal = Refusal(peer, str(reason))
+            self.kept.append(refusal)
+            full = len(self.kept) == MAX_REFUSALS_KEPT
+        log.warning("refused a connection from %s: %s", refusal.peer, refusal.reason)
+        if full:
+            log.warning("refused %d connections: further ones are counted "
+                        "(Destination.refused_total), not kept or logged", MAX_REFUSALS_KEPT)
 
 
 def session_ended(why: BaseException | str) -> str:

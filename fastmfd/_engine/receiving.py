@@ -36,11 +36,9 @@ any byte of it reaches a region: state FAILED, the source is sent ERROR.
 from __future__ import annotations
 
 import enum
-import logging
 import select
 import socket
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 from .. import _core
@@ -58,7 +56,7 @@ from ..protocol.sockets import recv_exact, tune_data_socket, tune_main_socket
 from ..region_pool import RegionPool
 from ..regions import Region
 from ..stats import ChannelStats, ReceiveStats
-from .admission import Admission, ChannelDoor
+from .admission import Admission, ChannelDoor, Refusals
 from .liveness import Heartbeat, Progress, process_stopped, stall_error, tick
 from .loading import DeviceLoading, check_chunk_counts, old_way_not_here
 from .prealloc import preallocate
@@ -66,11 +64,7 @@ from .processes import Child, ChildSet, Watch
 from .session import SessionFailure, SessionResources, break_session
 from .session_regions import RegionFactory, make_session_regions, places_pages
 
-__all__ = ["Receiving", "ReceivingState", "DestinationParts", "Refusal"]
-
-log = logging.getLogger("fastmfd")
-
-"""Makes the region SETUP names: ``factory(name, size, page_size)``."""
+__all__ = ["Receiving", "ReceivingState", "DestinationParts"]
 
 # How long a channel's end waits for the source's ERROR that explains it.
 SOURCE_WORD_GRACE = 0.5
@@ -88,14 +82,6 @@ class ReceivingState(enum.Enum):
     FAILED = "failed"
 
 
-@dataclass(frozen=True)
-class Refusal:
-    """A connection the destination dropped (``fastmfd.Refusal``): who (``peer``), and
-    why (``reason``)."""
-    peer: str
-    reason: str
-
-
 class DestinationParts:
     """What a Destination owns and its session uses."""
 
@@ -104,7 +90,7 @@ class DestinationParts:
                  loaders: dict[tuple[str, int], Loader],
                  region_factory: RegionFactory | None, queued_cap: int | None,
                  resources: SessionResources, failure: SessionFailure,
-                 refused: list[Refusal], stall_timeout: float | None = None,
+                 refused: Refusals, stall_timeout: float | None = None,
                  max_memory: int | None = None, *,
                  on_setup: Callable[[Setup], object] | None = None,
                  prealloc: bool = False, region_pool: RegionPool | None = None,
@@ -187,9 +173,7 @@ class Receiving:
     def _refuse(self, peer: str, reason: BaseException | str) -> None:
         """A connection failed its greeting: dropped, counted and logged; the
         session goes on waiting for its real source."""
-        refusal = Refusal(peer, str(reason))
-        self.parts.refused.append(refusal)
-        log.warning("refused a connection from %s: %s", refusal.peer, refusal.reason)
+        self.parts.refused.add(peer, reason)
 
     def _prepare(self, setup: Setup) -> None:
         """Check SETUP against what the user added; make regions, counters, pool."""
