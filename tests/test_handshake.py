@@ -392,11 +392,13 @@ def _receive(dst: fastmfd.Destination, outcome: dict) -> None:
 
 
 @pytest.mark.parametrize("auth", [False, True], ids=["plain", "auth_key"])
-def test_a_source_refused_at_the_greeting_limit_is_told_why(auth):
-    """A source arriving while MAX_CANDIDATES strangers are being greeted is refused
-    at once, and told so (an ERROR): it saw only "Connection reset by peer"
-    (found by an audit)."""
+def test_a_source_refused_at_the_greeting_limit_is_told_why(auth, monkeypatch):
+    """A source arriving while MAX_CANDIDATES strangers are being greeted, none for
+    long (EVICT_AFTER), is refused at once, and told so (an ERROR): it saw only
+    "Connection reset by peer" (found by an audit)."""
+    from fastmfd._engine import admission
     from fastmfd._engine.admission import MAX_CANDIDATES, TOO_MANY
+    monkeypatch.setattr(admission, "EVICT_AFTER", 600.0)
     key = {"auth_key": bytes(32)} if auth else {}
     config = fastmfd.MigrationConfig(channels=2, packet_pages=16, **key)
     with fastmfd.Destination("tcp:127.0.0.1:0", timeout=20, handshake_timeout=30,
@@ -462,3 +464,34 @@ def test_refusals_past_the_cap_are_counted_not_kept_or_logged(monkeypatch, caplo
     logged = [r.getMessage() for r in caplog.records if r.name == "fastmfd"]
     assert sum(m.startswith("refused a connection from") for m in logged) == 3
     assert "refused 3 connections: further ones are counted" in "\n".join(logged)
+
+
+def test_a_source_takes_the_place_of_a_stranger_greeted_for_long(monkeypatch):
+    """MAX_CANDIDATES idle connections refused every source for as long as they
+    stayed (the handshake timeout, and again): a newcomer now takes the place of
+    the oldest greeting once that one has run for EVICT_AFTER (from the security
+    review)."""
+    from fastmfd._engine import admission
+    from fastmfd._engine.admission import EVICTED, MAX_CANDIDATES
+    monkeypatch.setattr(admission, "EVICT_AFTER", 0.2)
+    region = make_region("ram", SIZE, seed=6)
+    with fastmfd.Destination("tcp:127.0.0.1:0", timeout=20, handshake_timeout=30) as dst:
+        result: dict = {}
+        thread = threading.Thread(target=lambda: result.update(r=dst.receive()), daemon=True)
+        thread.start()
+        _, host, port = dst.address.split(":")
+        idle = [socket.create_connection((host, int(port))) for _ in range(MAX_CANDIDATES)]
+        try:
+            time.sleep(0.5)                     # every one of them greeted for long
+            with fastmfd.Source(dst.address, CONFIG) as src:
+                src.add_region(region)
+                src.migrate(live=False)
+            thread.join(10)
+            assert np.array_equal(result["r"].regions["ram"].array, region.array)
+            reasons = [r.reason for r in dst.refused]
+            assert reasons.count(EVICTED) == 1, reasons
+            assert len(reasons) == MAX_CANDIDATES       # the others when the source won
+        finally:
+            for sock in idle:
+                sock.close()
+    region.close()

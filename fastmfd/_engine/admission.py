@@ -12,6 +12,13 @@ counted, logged) and the listener is left to the session. A greeting still
 running when the wait ends is refused with the reason it ended: another passed
 (ACCEPTED_ANOTHER), or the session ended (its timeout, a failure, a cancel).
 
+At most MAX_CANDIDATES are greeted at once. One more arriving then takes the
+place of the oldest greeting if that one has run for EVICT_AFTER seconds (a
+source greets in milliseconds: what lingers is a stranger), and is refused
+on arrival otherwise (TOO_MANY): holding the destination shut takes a
+stranger MAX_CANDIDATES new connections every EVICT_AFTER seconds, not
+MAX_CANDIDATES idle ones.
+
 ::
 
     acceptor thread: select(listener, wake) -> accept -> greeting thread per connection
@@ -34,6 +41,7 @@ import queue
 import select
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Protocol
 
@@ -52,13 +60,16 @@ Refuse = Callable[[str, "BaseException | str"], None]
 """``refuse(peer, reason)``: a connection was dropped, and why."""
 
 __all__ = ["Admission", "ChannelDoor", "Refusal", "Refusals", "describe_peer", "MAX_CANDIDATES",
-           "MAX_REFUSALS_KEPT", "ACCEPTED_ANOTHER", "TOO_MANY", "session_ended",
+           "MAX_REFUSALS_KEPT", "EVICT_AFTER", "ACCEPTED_ANOTHER", "TOO_MANY", "EVICTED",
+           "session_ended",
            "GREETING_SPARES"]
 
-MAX_CANDIDATES = 64     # connections greeted at once; more are refused on arrival
+MAX_CANDIDATES = 64     # connections greeted at once (see the module's docstring)
+EVICT_AFTER = 1.0       # seconds a greeting runs before a newcomer may take its place
 MAX_REFUSALS_KEPT = 1000    # refusals kept and logged by one destination; the rest counted
 ACCEPTED_ANOTHER = "dropped: the session's source was accepted first"
 TOO_MANY = f"{MAX_CANDIDATES} connections are being greeted already"
+EVICTED = "dropped: still greeting after the others took their places (too many connections)"
 GREETING_SPARES = 2     # receive workers beyond the channels, to greet strangers meanwhile
 
 
@@ -120,7 +131,9 @@ class Admission:
         self._listener, self._security, self._refuse = listener, security, refuse
         self._passed: queue.Queue[MainGreeting | None] = queue.Queue()
         self._lock = threading.Lock()
-        self._greeting: dict[threading.Thread, tuple[int, int, int]] = {}  # fd, family, type
+        # Each greeting's connection (its fd, family and type) and start, oldest first.
+        self._greeting: dict[threading.Thread, tuple[int, int, int, float]] = {}
+        self._evicted: set[threading.Thread] = set()    # ended for a newcomer, not yet gone
         self._closing = False
         self._ended: str | None = None      # why the wait ended: the first reason given
         self._wake_r, self._wake_w = os.pipe()
@@ -169,14 +182,29 @@ class Admission:
             thread = threading.Thread(target=self._greet, args=(sock, describe_peer(peer)),
                                       daemon=True, name="fastmfd greeting")
             with self._lock:
-                crowded = self._closing or len(self._greeting) >= MAX_CANDIDATES
+                crowded = self._closing or not self._room()
                 if not crowded:
-                    self._greeting[thread] = (sock.fileno(), sock.family, sock.type)
+                    self._greeting[thread] = (sock.fileno(), sock.family, sock.type,
+                                              time.monotonic())
             if crowded:
                 refuse_on_arrival(sock, TOO_MANY, plaintext=self._security.tls is None)
                 self._refuse(describe_peer(peer), TOO_MANY)
                 continue
             thread.start()
+
+    def _room(self) -> bool:
+        """Whether one more may be greeted: under MAX_CANDIDATES, or the oldest
+        greeting, past EVICT_AFTER, ended for it (its thread then refuses it,
+        EVICTED). Under the lock."""
+        running = [t for t in self._greeting if t not in self._evicted]
+        if len(running) < MAX_CANDIDATES:
+            return True
+        oldest = running[0]
+        if time.monotonic() - self._greeting[oldest][3] < EVICT_AFTER:
+            return False
+        self._evicted.add(oldest)
+        _end_connection(*self._greeting[oldest][:3])
+        return True
 
     def _greet(self, sock: socket.socket, peer: str) -> None:
         greeting: MainGreeting | None
@@ -187,15 +215,21 @@ class Admission:
             greeting, refusal = None, exc
         except Exception as exc:                # never lose a candidate's thread silently
             greeting, refusal = None, f"{type(exc).__name__}: {exc}"
+        passed = greeting
         with self._lock:                        # before any close: see __exit__
             self._greeting.pop(threading.current_thread(), None)
+            if threading.current_thread() in self._evicted:
+                self._evicted.discard(threading.current_thread())
+                greeting, refusal = None, EVICTED
             if self._closing:                   # ended by __exit__, or too late
                 greeting, refusal = None, self._ended
             if greeting is not None:
                 self._passed.put(greeting)
         if refusal is not None:
             self._refuse(peer, refusal)
-            sock.close()                        # the greeting closed a TLS-wrapped one
+            # A greeting that failed closed a TLS-wrapped socket; one that passed
+            # too late holds the connection in its own (TLS) socket.
+            (passed.sock if passed is not None else sock).close()
 
     # ------------------------------------------------------------ closing
     def __enter__(self) -> "Admission":
@@ -215,12 +249,8 @@ class Admission:
             # descriptor, new object), so shut the connection down through a
             # duplicate of the descriptor, which is still open: a greeting leaves
             # this table before it closes anything.
-            for fd, family, kind in self._greeting.values():
-                try:
-                    with socket.fromfd(fd, family, kind) as dup:
-                        dup.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            for fd, family, kind, _ in self._greeting.values():
+                _end_connection(fd, family, kind)
         for thread in running:
             thread.join()
         while True:                             # passed too, but not the one taken
@@ -232,6 +262,19 @@ class Admission:
                 greeting.sock.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
+
+
+def _end_connection(fd: int, family: int, kind: int) -> None:
+    """End a connection being greeted in another thread (which then refuses it).
+    Its socket object may have been wrapped for TLS meanwhile (same descriptor,
+    new object), so it is shut down through a duplicate of the descriptor,
+    which is still open: a greeting leaves Admission's table before it closes
+    anything."""
+    try:
+        with socket.fromfd(fd, family, kind) as dup:
+            dup.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 class DoorParts(Protocol):
