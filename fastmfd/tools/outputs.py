@@ -317,10 +317,14 @@ class OutputDir:
             except OSError as exc:
                 raise OutputError(f"{self._show(out.part)}: renaming it to {out.final} "
                                   f"failed: {exc.strerror or exc}") from exc
+        self._sync("its new names")
+
+    def _sync(self, what: str) -> None:
+        """Make ``what`` done in the directory (names made, removed) durable."""
         try:
             os.fsync(self.fd)
         except OSError as exc:
-            raise OutputError(f"{self.path}: making its new names durable failed: "
+            raise OutputError(f"{self.path}: making {what} durable failed: "
                               f"{exc.strerror or exc}") from exc
 
     def _retire_manifest(self) -> None:
@@ -335,11 +339,7 @@ class OutputDir:
         except OSError as exc:
             raise OutputError(f"{self._show(MANIFEST)}: removing the manifest of the save "
                               f"being replaced failed: {exc.strerror or exc}") from exc
-        try:
-            os.fsync(self.fd)
-        except OSError as exc:
-            raise OutputError(f"{self.path}: making the old manifest's removal durable "
-                              f"failed: {exc.strerror or exc}") from exc
+        self._sync("the old manifest's removal")
 
     def _write_manifest(self, document: dict[str, Any] | None) -> None:
         if document is None:
