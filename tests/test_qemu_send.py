@@ -337,6 +337,31 @@ def test_a_destination_of_other_ram_fails_the_send_naming_the_saved_blocks(tmp_p
 
 
 @pytest.mark.parametrize("qemu_binary", QEMUS)
+def test_a_destination_that_fails_to_load_the_devices_fails_the_send(tmp_path, qemu_binary):
+    """A destination QEMU that cannot load a device section exits ("load of migration
+    failed"), with the rest of the stream unread: the send said it succeeded. It
+    now waits for the destination to end the main channel, and a reset says the
+    load failed (from the durability audit)."""
+    saved, _ = saved_guest(tmp_path, 2, "none", qemu_binary)
+    vmstate = saved / "vmstate.bin"
+    data = bytearray(vmstate.read_bytes())
+    first = data.index(b"timer")            # the first device section's idstr
+    data[first] = ord("T")                  # a device the destination does not have
+    vmstate.write_bytes(bytes(data))
+    guest, _, address = incoming_guest(tmp_path, 2, "none", qemu_binary)
+    try:
+        # (Or it fails as it sends, if the reset comes before its last byte.)
+        with pytest.raises(MigrationError, match=r"the destination broke the connection "
+                                                 r"before it read the whole stream .*: its "
+                                                 r"load failed|connection lost sending"):
+            qemu.send(address, str(saved), channels=2, stall_timeout=10.0)
+        guest.process.wait(10)
+        assert "Unknown savevm section or instance 'Timer'" in open(guest.log_path).read()
+    finally:
+        guest.close()
+
+
+@pytest.mark.parametrize("qemu_binary", QEMUS)
 def test_a_destination_without_the_saved_uuid_fails_the_send_naming_it(tmp_path,
                                                                        qemu_binary):
     """A source started with -uuid sends it in every multifd init packet; a

@@ -179,7 +179,27 @@ class QemuSending:
         for ch in range(self.channels):
             self._command(ch, _core.pack_command(_core.CMD_QUIT))
         self._wait_done()
-        self.main.shutdown(socket.SHUT_WR)
+        self._wait_loaded()
+
+    def _wait_loaded(self) -> None:
+        """End the stream, then wait for the destination to end the main channel: a
+        QEMU closes it once it has loaded the stream, or failed to, and says nothing
+        else without a return path. One that failed midway closes with bytes of the
+        stream unread, which resets the connection: the send fails. (It said it
+        succeeded while the destination QEMU exited, "load of migration failed".)"""
+        assert self.main is not None, "connected by run()"
+        self.main.settimeout(self.stall)
+        try:
+            self.main.shutdown(socket.SHUT_WR)
+            while self.main.recv(1 << 16):     # nothing is expected; whatever, not held
+                pass
+        except TimeoutError:
+            raise MigrationError(f"the destination did not end the stream within "
+                                 f"{self.stall:g} s of its last byte", channel=MAIN) from None
+        except OSError as exc:
+            raise MigrationError(f"the destination broke the connection before it read the "
+                                 f"whole stream ({exc.strerror or exc}): its load failed",
+                                 channel=MAIN) from None
 
     def _open_channel(self, address: Address, ch: int, worker: Child) -> None:
         sock = connect(address, self.connect_timeout)
