@@ -215,3 +215,16 @@ def test_a_weak_key_is_a_config_error_a_mistyped_one_a_type_error(key, error, me
 
 def test_the_key_never_shows_in_a_repr():
     assert KEY.decode() not in repr(CONFIG)
+
+
+@pytest.mark.parametrize("content,key", [(b"0123456789abcdef\n", b"0123456789abcdef"),
+                                         (b"0123456789abcdef\r\n", b"0123456789abcdef"),
+                                         (b"\x00binary\n\n", b"\x00binary\n"),
+                                         (b"no line end", b"no line end")])
+def test_a_key_file_loses_one_line_end_only(tmp_path, content, key):
+    # Every trailing CR and LF went, a binary key's own last bytes too.
+    from fastmfd.protocol.security import read_key_file
+    path = tmp_path / "key"
+    path.write_bytes(content)
+    path.chmod(0o600)
+    assert read_key_file(str(path)) == key

@@ -279,9 +279,32 @@ def test_a_certificate_that_does_not_load_is_refused_before_any_connection(tmp_p
 def test_a_short_shared_key_is_refused_before_any_work(tmp_path, command):
     """demo printed its header, bench made its image, before the key was refused."""
     (tmp_path / "key").write_bytes(b"short\n")
+    (tmp_path / "key").chmod(0o600)
     done = fastmfd_cli(*command, "--auth-key-file", str(tmp_path / "key"))
     assert_one_line_usage_error(done, f"--auth-key-file {tmp_path / 'key'}: the key has 5 "
                                       f"bytes, at least 16 are needed")
+
+
+@pytest.mark.parametrize("kind", ["open to others", "fifo", "too long"])
+def test_a_key_file_that_is_no_private_key_is_refused_before_any_work(tmp_path, kind):
+    """A key file others could read was taken (a key others read proves nothing), a
+    FIFO made the command wait for a writer, and a file past 64 KiB was cut short
+    silently (from the security review)."""
+    key = tmp_path / "key"
+    if kind == "fifo":
+        os.mkfifo(key, 0o600)
+        expected = f"the key file {key} is not a regular file"
+    elif kind == "too long":
+        key.write_bytes(b"k" * (64 * 1024 + 1))
+        key.chmod(0o600)
+        expected = f"the key file {key} is longer than 65536 bytes: not a key"
+    else:
+        key.write_bytes(b"0123456789abcdef\n")
+        key.chmod(0o640)
+        expected = f"the key file {key} is open to others (mode 0640): make it private " \
+                   f"(chmod 600 {key})"
+    done = fastmfd_cli("listen", "tcp:127.0.0.1:0", "--auth-key-file", str(key))
+    assert_one_line_usage_error(done, expected)
 
 
 def test_a_listener_that_failed_leaves_no_directory_it_made(tmp_path):

@@ -35,6 +35,7 @@ import ipaddress
 import os
 import select
 import socket
+import stat
 import ssl
 import time
 from dataclasses import dataclass, field
@@ -180,13 +181,39 @@ def check_auth_key(key: bytes | None, owner: str) -> bytes | None:
     return bytes(key)
 
 
+MAX_KEY_FILE_BYTES = 1 << 16
+
+
 def read_key_file(path: str) -> bytes:
-    """A key file's bytes, without the line end an editor or ``echo`` adds."""
+    """A key file's bytes, without the one line end an editor or ``echo`` adds.
+
+    Refused, as ssh refuses a private key file: one that others may read or
+    anyone but its owner write (mode & 0o077: a key others read proves nothing),
+    one that is not a regular file (a FIFO would wait for a writer), and one
+    longer than MAX_KEY_FILE_BYTES (it was cut there silently)."""
     try:
-        with open(path, "rb") as f:
-            return f.read(1 << 16).rstrip(b"\r\n")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise ConfigError(f"cannot read the key file {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"the key file {path} is not a regular file")
+        if st.st_mode & 0o077:
+            raise ConfigError(f"the key file {path} is open to others (mode "
+                              f"{stat.S_IMODE(st.st_mode):04o}): make it private "
+                              f"(chmod 600 {path})")
+        try:
+            key = f.read(MAX_KEY_FILE_BYTES + 1)
+        except OSError as exc:
+            raise ConfigError(f"cannot read the key file {path}: {exc.strerror}") from None
+    if len(key) > MAX_KEY_FILE_BYTES:
+        raise ConfigError(f"the key file {path} is longer than {MAX_KEY_FILE_BYTES} bytes: "
+                          f"not a key")
+    for line_end in (b"\r\n", b"\n"):
+        if key.endswith(line_end):
+            return key[:-len(line_end)]
+    return key
 
 
 # ---------------------------------------------------------------- identities
