@@ -854,6 +854,27 @@ def test_pages_on_the_main_channel_into_a_full_disk_fail_cleanly(small_disk):
             filler.write(bytes(1 << 20))            # the disk full: ENOSPC
 
 
+@pytest.mark.parametrize("bits", [20, 21])
+def test_pages_larger_than_a_multifd_packet_are_refused_where_read(tmp_path, bits):
+    """A configuration saying target pages of 1 or 2 MiB (blocks of whole such
+    pages): a ProtocolError at its target-page-bits, not receive workers each
+    failing on a ValueError (0 pages per 512 KiB packet; found in an audit)."""
+    name = b"configuration/target-page-bits"
+    configuration = (b"\x07" + (3).to_bytes(4, "big") + b"abc" + bytes([0x05, len(name)])
+                     + name + struct.pack(">II", 1, bits))
+    eos = encode_ram_eos(2, True)
+    main = (encode_stream_start(configuration) + encode_ram_start(2, {"pc.ram": 4 << 20})
+            + eos + b"\x03" + (2).to_bytes(4, "big") + eos)
+    init = bytearray(_core.INIT_PACKET_SIZE)
+    _core.encode_init_packet(init, bytes(16), 0)
+    out = tmp_path / "out"
+    with pytest.raises(ProtocolError, match=rf"main channel at byte 52: configuration field "
+                                            rf"'target_page_bits': received {bits}, expected "
+                                            r"9..19 \(a multifd packet holds 512 KiB of pages"):
+        receive_replay(out, {"conn0.bin": main, "conn1.bin": bytes(init)})
+    assert_nothing_complete(out)
+
+
 @pytest.mark.parametrize("flavour", ["qemu-7.2", "qemu-10"])
 def test_zero_page_after_data_is_written(tmpfs_path, flavour):
     """A page sent as data in one round and as zero in the next ends up zero (the

@@ -95,6 +95,10 @@ MIG_CMDS = {1: ("OPEN_RETURN_PATH", 0), 2: ("PING", 4), 3: ("POSTCOPY_ADVISE", N
             4: ("POSTCOPY_LISTEN", 0), 5: ("POSTCOPY_RUN", 0),
             6: ("POSTCOPY_RAM_DISCARD", None), 7: ("PACKAGED", 4), 8: ("ENABLE_COLO", 0),
             9: ("POSTCOPY_RESUME", 0), 10: ("RECV_BITMAP", None), 11: ("SWITCHOVER_START", 0)}
+# Target pages of 512 bytes (fastmfd's smallest) up to 512 KiB: QEMU's multifd
+# packet (MULTIFD_PACKET_SIZE) holds 512 KiB of pages, none of a larger page.
+# (QEMU's targets have 1..64 KiB pages.)
+MIN_PAGE_BITS, MAX_PAGE_BITS = 9, 19
 # The configuration's machine type name (a name: at most MAX_NAME_BYTES; QEMU's
 # are tens of bytes) and its capability list (QEMU 10 has 25) are bounded
 # before they are read.
@@ -309,10 +313,12 @@ class QevmDecoder:
                               expected=1, at=at)
             if name == "configuration/target-page-bits":
                 bits = r.be32("target_page_bits")
-                if not 9 <= bits <= 21:
+                if not MIN_PAGE_BITS <= bits <= MAX_PAGE_BITS:
+                    expected = f"{MIN_PAGE_BITS}..{MAX_PAGE_BITS}"
                     raise r.error(f"configuration field 'target_page_bits': received {bits}, "
-                                  "expected 9..21", field="target_page_bits", received=bits,
-                                  expected="9..21", at=r.pos - 4)
+                                  f"expected {expected} (a multifd packet holds 512 KiB of "
+                                  "pages)", field="target_page_bits", received=bits,
+                                  expected=expected, at=r.pos - 4)
                 self.out.page_size = 1 << bits
             elif name == "configuration/capabilities":
                 count = r.be32("caps_count")
