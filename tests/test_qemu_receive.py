@@ -875,6 +875,39 @@ def test_pages_larger_than_a_multifd_packet_are_refused_where_read(tmp_path, bit
     assert_nothing_complete(out)
 
 
+def test_device_state_into_a_full_disk_fails_cleanly(small_disk):
+    """The device sections, written into vmstate.bin as they come, fill the disk
+    (they are not counted in the room the block list must find): a
+    MigrationError naming the file, not a bare OSError (found in an audit)."""
+    block, size, page = "pc.ram", 64 << 10, 4096
+    eos = encode_ram_eos(2, True)
+    description = json.dumps({"page_size": page, "devices": []}).encode()
+    devices = b"\x04" + (3).to_bytes(4, "big") + b"\x05timer" + bytes(8) + bytes(2 << 20)
+    main = (encode_stream_start(b"\x07" + (3).to_bytes(4, "big") + b"abc")
+            + encode_ram_start(2, {block: size}) + eos + b"\x03" + (2).to_bytes(4, "big") + eos
+            + devices + b"\x00\x06" + len(description).to_bytes(4, "big") + description)
+    codec = _core.RamPacketCodec(128, page, _core.LAYOUT_QEMU72, 0, {block: size})
+    sync = bytearray(codec.header_size)
+    codec.encode(sync, flags=_core.FLAG_SYNC, ramblock=b"", normal=(), zero=(),
+                 next_packet_size=0)
+    init = bytearray(_core.INIT_PACKET_SIZE)
+    _core.encode_init_packet(init, bytes(16), 0)
+    out = small_disk / "out"
+    receiver = Receiver(out)
+    target = parse_address(receiver.address)
+    socks = [connect(target, 5), connect(target, 5)]
+    try:
+        for sock, data in zip(socks, (main, bytes(init) + bytes(sync) * 2)):
+            threading.Thread(target=_send_quietly, args=(sock, data), daemon=True).start()
+        with pytest.raises(MigrationError, match=r"the device state \(vmstate\.bin\): writing "
+                                                 r"it to disk failed: No space left on device"):
+            receiver.result()
+    finally:
+        for sock in socks:
+            sock.close()
+    assert_nothing_complete(out)
+
+
 @pytest.mark.parametrize("flavour", ["qemu-7.2", "qemu-10"])
 def test_zero_page_after_data_is_written(tmpfs_path, flavour):
     """A page sent as data in one round and as zero in the next ends up zero (the

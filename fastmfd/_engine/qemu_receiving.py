@@ -430,6 +430,9 @@ class QemuReceiving:
                     raise closed_early(exc) from exc
             os.fsync(fd)
             self.facts.vmstate_bytes = total
+        except OSError as exc:      # a full disk: as a block file's (_flush)
+            raise MigrationError(f"the device state (vmstate.bin): writing it to disk failed: "
+                                 f"{exc.strerror or exc}") from exc
         finally:
             os.close(fd)
 
