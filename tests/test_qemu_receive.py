@@ -35,6 +35,7 @@ from inspect_support import NATIVE_CAPTURES
 from fastmfd import _core, qemu
 from fastmfd.errors import ConfigError, FastMFDError, MigrationError, ProtocolError
 from fastmfd.protocol.bytereader import ByteReader
+from fastmfd.protocol.setup import MAX_REGIONS
 from fastmfd.protocol.qemu import (RAM_CONTINUE, RAM_ZERO, SYNC_PER_ROUND, SYNC_PER_SECTION,
                                    QevmDecoder, decode_qemu_main)
 from fastmfd.protocol.qemu_encoding import (encode_multifd_flush, encode_ram_eos,
@@ -871,6 +872,26 @@ def test_pages_larger_than_a_multifd_packet_are_refused_where_read(tmp_path, bit
     with pytest.raises(ProtocolError, match=rf"main channel at byte 52: configuration field "
                                             rf"'target_page_bits': received {bits}, expected "
                                             r"9..19 \(a multifd packet holds 512 KiB of pages"):
+        receive_replay(out, {"conn0.bin": main, "conn1.bin": bytes(init)})
+    assert_nothing_complete(out)
+
+
+def test_a_block_list_of_too_many_blocks_is_refused_where_read(tmp_path):
+    """More RAM blocks than fastmfd's own sessions may have regions (a block is
+    some 15 bytes of the stream, its file, mapping and bitmap much more): a
+    ProtocolError at the first one too many. 30000 took every receive worker
+    to a bare OSError (mmap: Cannot allocate memory); found in an audit."""
+    blocks = {f"b{i}": 4096 for i in range(MAX_REGIONS + 1)}
+    eos = encode_ram_eos(2, True)
+    main = (encode_stream_start(b"\x07" + (3).to_bytes(4, "big") + b"abc")
+            + encode_ram_start(2, blocks))
+    last = len(main) - len(b"\x05b4096") - 8
+    main += eos
+    init = bytearray(_core.INIT_PACKET_SIZE)
+    _core.encode_init_packet(init, bytes(16), 0)
+    out = tmp_path / "out"
+    with pytest.raises(ProtocolError, match=rf"main channel at byte {last}: RAM block "
+                                            rf"list: more than {MAX_REGIONS} blocks"):
         receive_replay(out, {"conn0.bin": main, "conn1.bin": bytes(init)})
     assert_nothing_complete(out)
 

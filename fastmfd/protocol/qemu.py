@@ -58,7 +58,7 @@ from typing import Any
 import numpy as np
 
 from .bytereader import ByteReader
-from .setup import MAX_NAME_BYTES, NAME_RULE, Invalid, check_name
+from .setup import MAX_NAME_BYTES, MAX_REGIONS, NAME_RULE, Invalid, check_name
 
 __all__ = ["QEVM_MAGIC", "QemuMainChannel", "RamRecord", "QevmDecoder", "decode_qemu_main",
            "check_stream_end", "stream_end_at", "SYNC_PER_SECTION", "SYNC_PER_ROUND",
@@ -479,6 +479,11 @@ class QevmDecoder:
         left = total
         while left:
             at = r.pos
+            if len(self.out.blocks) == MAX_REGIONS:
+                raise r.error(f"RAM block list: more than {MAX_REGIONS} blocks (each costs the "
+                              "destination a file, a mapping and a bitmap)", field="blocks",
+                              received=f"> {MAX_REGIONS}",
+                              expected=f"at most {MAX_REGIONS} (fastmfd's regions)", at=at)
             name = self._name("block name")
             size = r.be64("block size")
             if ignore_shared:
