@@ -627,6 +627,39 @@ def test_a_channel_going_on_after_its_last_sync_fails_the_migration(tmp_path, ca
             time.sleep(0.01)
 
 
+def test_a_channel_a_sync_ahead_fails_saying_it_went_on(tmp_path):
+    """A multifd channel with a SYNC early (the flag on a data packet) is a
+    barrier ahead for the rest of the stream: it is still sending when the
+    main channel ends and the channels are shut for reading. Its worker,
+    cut short mid-packet, failed as "connection closed after N of M bytes"
+    alone, as a source gone would (found by fuzzing): now it says why."""
+    files = capture_bytes(NATIVE_CAPTURES, "none")
+    data = files["conn1.bin"]
+    packets = channel_packets(data)
+    early, later = packets[3][0], packets[5][0]
+    assert packets[3][1].normal_pages and not packets[3][1].is_sync
+    flags = int.from_bytes(data[early + 8:early + 12], "big") | _core.FLAG_SYNC
+    files["conn1.bin"] = _flip(data, early + 8, flags.to_bytes(4, "big"))
+    out = tmp_path / "out"
+    receiver = Receiver(out, stall_timeout=5.0)
+    resume = threading.Event()
+    # Held in the middle of a packet (its 1344-byte header, then data) until the
+    # receiver failed: cut short there.
+    socks = replay(receiver.address, files, resume=resume,
+                   pause={"conn1.bin": later + 1344 + 100})
+    try:
+        with pytest.raises(MigrationError, match=r"multifd channel \d: .*connection closed .* "
+                                                 r"\(the stream had ended and every channel had "
+                                                 r"sent its last SYNC, but this one went on "
+                                                 r"sending, and was shut for reading here\)"):
+            receiver.result()
+    finally:
+        resume.set()
+        for sock in socks:
+            sock.close()
+    assert_nothing_complete(out)
+
+
 @contextlib.contextmanager
 def failing_replay(receiver: Receiver, socks: list[socket.socket], resume: threading.Event,
                    out: Path, match: str) -> Iterator[None]:
