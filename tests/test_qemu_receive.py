@@ -756,8 +756,13 @@ def _flip(data: bytes, at: int, value: bytes) -> bytes:
      r"init packet field 'version': received 2"),
     (lambda files: {"conn2.bin": _flip(files["conn2.bin"], 8, b"\0" * 16)},
      r"multifd channel \d: init packet field 'uuid': received 0{32}, expected 1234"),
+    # The first channel's is taken for the migration's (no configuration/uuid):
+    # which channel's uuid is wrong is not known, so both are named.
+    (lambda files: {"conn1.bin": _flip(files["conn1.bin"], 8, b"\x01")},
+     r"multifd channel (\d): init packet field 'uuid': received 1234\w+, expected 0134\w+ "
+     r"\(the migration's: multifd channel (?!\1)\d's, the first after the main channel\)"),
 ], ids=["main-version", "main-record", "multifd-magic", "multifd-normal-pages",
-        "multifd-init-version", "multifd-init-uuid"])
+        "multifd-init-version", "multifd-init-uuid", "multifd-init-first-uuid"])
 def test_corrupt_stream_fails_cleanly(tmp_path, captures, corrupt, match):
     files = capture_bytes(captures[1], "zlib")
     files.update(corrupt(files))
