@@ -35,6 +35,7 @@ from inspect_support import NATIVE_CAPTURES
 from fastmfd import _core, qemu
 from fastmfd.errors import ConfigError, FastMFDError, MigrationError, ProtocolError
 from fastmfd.protocol.bytereader import ByteReader
+from fastmfd.protocol.setup import MAX_REGIONS
 from fastmfd.protocol.qemu import (RAM_CONTINUE, RAM_ZERO, SYNC_PER_ROUND, SYNC_PER_SECTION,
                                    QevmDecoder, decode_qemu_main)
 from fastmfd.protocol.qemu_encoding import (encode_multifd_flush, encode_ram_eos,
@@ -626,6 +627,39 @@ def test_a_channel_going_on_after_its_last_sync_fails_the_migration(tmp_path, ca
             time.sleep(0.01)
 
 
+def test_a_channel_a_sync_ahead_fails_saying_it_went_on(tmp_path):
+    """A multifd channel with a SYNC early (the flag on a data packet) is a
+    barrier ahead for the rest of the stream: it is still sending when the
+    main channel ends and the channels are shut for reading. Its worker,
+    cut short mid-packet, failed as "connection closed after N of M bytes"
+    alone, as a source gone would (found by fuzzing): now it says why."""
+    files = capture_bytes(NATIVE_CAPTURES, "none")
+    data = files["conn1.bin"]
+    packets = channel_packets(data)
+    early, later = packets[3][0], packets[5][0]
+    assert packets[3][1].normal_pages and not packets[3][1].is_sync
+    flags = int.from_bytes(data[early + 8:early + 12], "big") | _core.FLAG_SYNC
+    files["conn1.bin"] = _flip(data, early + 8, flags.to_bytes(4, "big"))
+    out = tmp_path / "out"
+    receiver = Receiver(out, stall_timeout=5.0)
+    resume = threading.Event()
+    # Held in the middle of a packet (its 1344-byte header, then data) until the
+    # receiver failed: cut short there.
+    socks = replay(receiver.address, files, resume=resume,
+                   pause={"conn1.bin": later + 1344 + 100})
+    try:
+        with pytest.raises(MigrationError, match=r"multifd channel \d: .*connection closed .* "
+                                                 r"\(the stream had ended and every channel had "
+                                                 r"sent its last SYNC, but this one went on "
+                                                 r"sending, and was shut for reading here\)"):
+            receiver.result()
+    finally:
+        resume.set()
+        for sock in socks:
+            sock.close()
+    assert_nothing_complete(out)
+
+
 @contextlib.contextmanager
 def failing_replay(receiver: Receiver, socks: list[socket.socket], resume: threading.Event,
                    out: Path, match: str) -> Iterator[None]:
@@ -722,8 +756,13 @@ def _flip(data: bytes, at: int, value: bytes) -> bytes:
      r"init packet field 'version': received 2"),
     (lambda files: {"conn2.bin": _flip(files["conn2.bin"], 8, b"\0" * 16)},
      r"multifd channel \d: init packet field 'uuid': received 0{32}, expected 1234"),
+    # The first channel's is taken for the migration's (no configuration/uuid):
+    # which channel's uuid is wrong is not known, so both are named.
+    (lambda files: {"conn1.bin": _flip(files["conn1.bin"], 8, b"\x01")},
+     r"multifd channel (\d): init packet field 'uuid': received 1234\w+, expected 0134\w+ "
+     r"\(the migration's: multifd channel (?!\1)\d's, the first after the main channel\)"),
 ], ids=["main-version", "main-record", "multifd-magic", "multifd-normal-pages",
-        "multifd-init-version", "multifd-init-uuid"])
+        "multifd-init-version", "multifd-init-uuid", "multifd-init-first-uuid"])
 def test_corrupt_stream_fails_cleanly(tmp_path, captures, corrupt, match):
     files = capture_bytes(captures[1], "zlib")
     files.update(corrupt(files))
@@ -852,6 +891,109 @@ def test_pages_on_the_main_channel_into_a_full_disk_fail_cleanly(small_disk):
             time.sleep(0.01)
         with contextlib.suppress(OSError), open(small_disk / "filler", "wb") as filler:
             filler.write(bytes(1 << 20))            # the disk full: ENOSPC
+
+
+@pytest.mark.parametrize("bits", [20, 21])
+def test_pages_larger_than_a_multifd_packet_are_refused_where_read(tmp_path, bits):
+    """A configuration saying target pages of 1 or 2 MiB (blocks of whole such
+    pages): a ProtocolError at its target-page-bits, not receive workers each
+    failing on a ValueError (0 pages per 512 KiB packet; found in an audit)."""
+    name = b"configuration/target-page-bits"
+    configuration = (b"\x07" + (3).to_bytes(4, "big") + b"abc" + bytes([0x05, len(name)])
+                     + name + struct.pack(">II", 1, bits))
+    eos = encode_ram_eos(2, True)
+    main = (encode_stream_start(configuration) + encode_ram_start(2, {"pc.ram": 4 << 20})
+            + eos + b"\x03" + (2).to_bytes(4, "big") + eos)
+    init = bytearray(_core.INIT_PACKET_SIZE)
+    _core.encode_init_packet(init, bytes(16), 0)
+    out = tmp_path / "out"
+    with pytest.raises(ProtocolError, match=rf"main channel at byte 52: configuration field "
+                                            rf"'target_page_bits': received {bits}, expected "
+                                            r"9..19 \(a multifd packet holds 512 KiB of pages"):
+        receive_replay(out, {"conn0.bin": main, "conn1.bin": bytes(init)})
+    assert_nothing_complete(out)
+
+
+def test_a_block_list_of_too_many_blocks_is_refused_where_read(tmp_path):
+    """More RAM blocks than fastmfd's own sessions may have regions (a block is
+    some 15 bytes of the stream, its file, mapping and bitmap much more): a
+    ProtocolError at the first one too many. 30000 took every receive worker
+    to a bare OSError (mmap: Cannot allocate memory); found in an audit."""
+    blocks = {f"b{i}": 4096 for i in range(MAX_REGIONS + 1)}
+    eos = encode_ram_eos(2, True)
+    main = (encode_stream_start(b"\x07" + (3).to_bytes(4, "big") + b"abc")
+            + encode_ram_start(2, blocks))
+    last = len(main) - len(b"\x05b4096") - 8
+    main += eos
+    init = bytearray(_core.INIT_PACKET_SIZE)
+    _core.encode_init_packet(init, bytes(16), 0)
+    out = tmp_path / "out"
+    with pytest.raises(ProtocolError, match=rf"main channel at byte {last}: RAM block "
+                                            rf"list: more than {MAX_REGIONS} blocks"):
+        receive_replay(out, {"conn0.bin": main, "conn1.bin": bytes(init)})
+    assert_nothing_complete(out)
+
+
+class _CountingReader(ByteReader):
+    """A capture's reader that counts the bytes the decoder looks ahead at."""
+    looked_at = 0
+
+    def peek_view(self, n: int) -> memoryview:
+        self.looked_at += n
+        return super().peek_view(n)
+
+
+def test_records_that_break_zero_runs_are_decoded_in_linear_time():
+    """ZERO records of a fill byte other than 0 (QEMU sends 0; a corrupt or
+    hostile stream need not), each breaking the run of zero pages the decoder
+    looks for: each look scanned every record at hand, quadratic in what is
+    buffered (a 1.6 MB capture took `fastmfd inspect` minutes; found in an
+    audit). Now the bytes looked at grow with the stream, not its square."""
+    block, page, n = "pc.ram", 4096, 20000
+    name = bytes([len(block)]) + block.encode()
+    records = struct.pack(">Q", RAM_ZERO) + name + b"\x55" + b"".join(
+        struct.pack(">QB", i * page | RAM_ZERO | RAM_CONTINUE, 0x55) for i in range(1, n))
+    main = (encode_stream_start(b"\x07" + (3).to_bytes(4, "big") + b"abc")
+            + encode_ram_start(2, {block: n * page}) + encode_ram_eos(2, True)
+            + b"\x03" + (2).to_bytes(4, "big") + records + encode_ram_eos(2, True))
+    devices = b"\x04" + (3).to_bytes(4, "big") + b"\x05timer" + bytes(8)
+    reader = _CountingReader("main channel", main + devices)
+    out = QevmDecoder(reader, page).decode_ram()
+    assert (out.zero_pages, out.ram_bytes) == (n, len(main))
+    assert reader.looked_at < 100 * len(main)
+
+
+def test_device_state_into_a_full_disk_fails_cleanly(small_disk):
+    """The device sections, written into vmstate.bin as they come, fill the disk
+    (they are not counted in the room the block list must find): a
+    MigrationError naming the file, not a bare OSError (found in an audit)."""
+    block, size, page = "pc.ram", 64 << 10, 4096
+    eos = encode_ram_eos(2, True)
+    description = json.dumps({"page_size": page, "devices": []}).encode()
+    devices = b"\x04" + (3).to_bytes(4, "big") + b"\x05timer" + bytes(8) + bytes(2 << 20)
+    main = (encode_stream_start(b"\x07" + (3).to_bytes(4, "big") + b"abc")
+            + encode_ram_start(2, {block: size}) + eos + b"\x03" + (2).to_bytes(4, "big") + eos
+            + devices + b"\x00\x06" + len(description).to_bytes(4, "big") + description)
+    codec = _core.RamPacketCodec(128, page, _core.LAYOUT_QEMU72, 0, {block: size})
+    sync = bytearray(codec.header_size)
+    codec.encode(sync, flags=_core.FLAG_SYNC, ramblock=b"", normal=(), zero=(),
+                 next_packet_size=0)
+    init = bytearray(_core.INIT_PACKET_SIZE)
+    _core.encode_init_packet(init, bytes(16), 0)
+    out = small_disk / "out"
+    receiver = Receiver(out)
+    target = parse_address(receiver.address)
+    socks = [connect(target, 5), connect(target, 5)]
+    try:
+        for sock, data in zip(socks, (main, bytes(init) + bytes(sync) * 2)):
+            threading.Thread(target=_send_quietly, args=(sock, data), daemon=True).start()
+        with pytest.raises(MigrationError, match=r"the device state \(vmstate\.bin\): writing "
+                                                 r"it to disk failed: No space left on device"):
+            receiver.result()
+    finally:
+        for sock in socks:
+            sock.close()
+    assert_nothing_complete(out)
 
 
 @pytest.mark.parametrize("flavour", ["qemu-7.2", "qemu-10"])

@@ -95,9 +95,13 @@ def choose_channels(candidates: list[QemuChannel], main_arrival: int, uuid: byte
     for channel in [c for c in candidates if c.arrival > main_arrival]:
         where = f"multifd channel {channel.id}"
         if channel.uuid != uuid:
+            # Which one is wrong is not known: say whose uuid this one differs from.
+            whose = (f"multifd channel {next(iter(chosen))}'s, the first after the main "
+                     "channel" if chosen else "the main channel's configuration's")
             raise ProtocolError(f"init packet field 'uuid': received {channel.uuid.hex()}, "
-                                f"expected {expected} (the migration's)", field="uuid",
-                                received=channel.uuid.hex(), expected=expected, where=where)
+                                f"expected {expected} (the migration's: {whose})",
+                                field="uuid", received=channel.uuid.hex(), expected=expected,
+                                where=where)
         if channel.id in chosen:
             raise ProtocolError(f"init packet field 'id': received {channel.id}, already "
                                 "connected", field="id", received=channel.id,

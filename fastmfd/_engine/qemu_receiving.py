@@ -77,6 +77,10 @@ COPY_CHUNK = 1 << 20
 JSON_END = ord("}")                 # the VM description's closing brace: a stream's last byte
 
 
+# Why a channel's worker failed once the stream ended (_end_channels): past its last
+# SYNC it only reads to the end, so it was cut short there, or read on (a SYNC early).
+STILL_SENDING = ("the stream had ended and every channel had sent its last SYNC, but this "
+                 "one went on sending, and was shut for reading here")
 # Why a stream is cut short by its connection's end: the source went away mid-migration.
 SOURCE_GONE = "(its migration failed or was cancelled, or it exited)"
 
@@ -430,6 +434,9 @@ class QemuReceiving:
                     raise closed_early(exc) from exc
             os.fsync(fd)
             self.facts.vmstate_bytes = total
+        except OSError as exc:      # a full disk: as a block file's (_flush)
+            raise MigrationError(f"the device state (vmstate.bin): writing it to disk failed: "
+                                 f"{exc.strerror or exc}") from exc
         finally:
             os.close(fd)
 
@@ -466,6 +473,8 @@ class QemuReceiving:
         self.stream_ended = True
         self._check_syncs()
         for channel in self.channels.values():
+            assert channel.worker is not None, "started with its channel"
+            channel.worker.explain_failure = lambda: STILL_SENDING
             shutdown_quietly(channel.sock, socket.SHUT_RD)
         deadline = time.monotonic() + self.stall
         while running := [c for c in self.channels.values() if not c.ended]:

@@ -58,7 +58,7 @@ from typing import Any
 import numpy as np
 
 from .bytereader import ByteReader
-from .setup import MAX_NAME_BYTES, NAME_RULE, Invalid, check_name
+from .setup import MAX_NAME_BYTES, MAX_REGIONS, NAME_RULE, Invalid, check_name
 
 __all__ = ["QEVM_MAGIC", "QemuMainChannel", "RamRecord", "QevmDecoder", "decode_qemu_main",
            "check_stream_end", "stream_end_at", "SYNC_PER_SECTION", "SYNC_PER_ROUND",
@@ -95,6 +95,9 @@ MIG_CMDS = {1: ("OPEN_RETURN_PATH", 0), 2: ("PING", 4), 3: ("POSTCOPY_ADVISE", N
             4: ("POSTCOPY_LISTEN", 0), 5: ("POSTCOPY_RUN", 0),
             6: ("POSTCOPY_RAM_DISCARD", None), 7: ("PACKAGED", 4), 8: ("ENABLE_COLO", 0),
             9: ("POSTCOPY_RESUME", 0), 10: ("RECV_BITMAP", None), 11: ("SWITCHOVER_START", 0)}
+# Target pages of 512 bytes (fastmfd's smallest) to 512 KiB, all a multifd packet
+# (512 KiB, MULTIFD_PACKET_SIZE) holds (QEMU's targets have 1..64 KiB pages).
+MIN_PAGE_BITS, MAX_PAGE_BITS = 9, 19
 # The configuration's machine type name (a name: at most MAX_NAME_BYTES; QEMU's
 # are tens of bytes) and its capability list (QEMU 10 has 25) are bounded
 # before they are read.
@@ -122,6 +125,7 @@ RAM_SECTION_VERSION = 4
 # A ZERO record that CONTINUEs the last block: BE u64 offset | flags, fill byte
 # (packed, 9 bytes). Most of a stream's zero pages come as runs of these.
 ZERO_RECORD = np.dtype([("header", ">u8"), ("fill", "u1")])
+ZERO_WINDOW = 64
 
 
 @dataclass(frozen=True)
@@ -198,6 +202,7 @@ class QevmDecoder:
         self.ram_ended = False
         self.last_block: str | None = None      # for RAM_CONTINUE records
         self.fill_pages: dict[int, memoryview] = {}
+        self.zero_window = ZERO_WINDOW          # records _zero_run looks at next
 
     # -- hooks
     def on_blocks(self) -> None:
@@ -309,10 +314,12 @@ class QevmDecoder:
                               expected=1, at=at)
             if name == "configuration/target-page-bits":
                 bits = r.be32("target_page_bits")
-                if not 9 <= bits <= 21:
+                if not MIN_PAGE_BITS <= bits <= MAX_PAGE_BITS:
+                    expected = f"{MIN_PAGE_BITS}..{MAX_PAGE_BITS}"
                     raise r.error(f"configuration field 'target_page_bits': received {bits}, "
-                                  "expected 9..21", field="target_page_bits", received=bits,
-                                  expected="9..21", at=r.pos - 4)
+                                  f"expected {expected} (a multifd packet holds 512 KiB of "
+                                  "pages)", field="target_page_bits", received=bits,
+                                  expected=expected, at=r.pos - 4)
                 self.out.page_size = 1 << bits
             elif name == "configuration/capabilities":
                 count = r.be32("caps_count")
@@ -444,9 +451,12 @@ class QevmDecoder:
     def _zero_run(self) -> bool:
         """Decode at once the ZERO records (fill 0, CONTINUE, in the block) that
         follow, as far as the bytes at hand go: a 7.2 stream has one per zero
-        page, millions for a large guest. Anything else is left to _ram_record."""
+        page, millions for a large guest. Anything else is left to _ram_record.
+        It looks twice as far after a run that filled its window, back at the
+        first window after one that did not: a record that breaks runs, again
+        and again, made each look scan all the bytes at hand (quadratic)."""
         r, block = self.r, self.last_block
-        n = r.available() // ZERO_RECORD.itemsize
+        n = min(r.available() // ZERO_RECORD.itemsize, self.zero_window)
         if block is None or n < 2:
             return False
         at = r.pos
@@ -456,6 +466,7 @@ class QevmDecoder:
         good = ((headers & mask) == RAM_ZERO | RAM_CONTINUE) & (records["fill"] == 0) \
             & ((headers & ~mask) < self.out.blocks[block])
         run = n if good.all() else int(np.argmin(good))
+        self.zero_window = 2 * self.zero_window if run == n else ZERO_WINDOW
         if run == 0:
             return False
         offsets = headers[:run] & ~mask
@@ -473,6 +484,11 @@ class QevmDecoder:
         left = total
         while left:
             at = r.pos
+            if len(self.out.blocks) == MAX_REGIONS:
+                raise r.error(f"RAM block list: more than {MAX_REGIONS} blocks (each costs the "
+                              "destination a file, a mapping and a bitmap)", field="blocks",
+                              received=f"> {MAX_REGIONS}",
+                              expected=f"at most {MAX_REGIONS} (fastmfd's regions)", at=at)
             name = self._name("block name")
             size = r.be64("block size")
             if ignore_shared:
