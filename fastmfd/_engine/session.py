@@ -23,6 +23,7 @@ import weakref
 from collections.abc import Iterator
 from typing import Callable, NoReturn, Protocol, Self, TypeVar
 
+from .. import _core
 from ..errors import Aborted, ConfigError, FastMFDError, MigrationError, OutputError
 from ..protocol.main_channel import MainChannel
 
@@ -367,7 +368,7 @@ def _free_unclosed(owner: str, resources: SessionResources, pid: int) -> None:
         return
     warnings.warn(f"unclosed fastmfd.{owner}: its processes, sockets and shared memory are "
                   f"freed now; close() it, or use it in a `with`", ResourceWarning)
-    if _collecting:
+    if _core.collecting():
         threading.Thread(target=_free, args=(resources,), name=f"fastmfd unclosed {owner}").start()
     else:
         _free(resources)
@@ -378,12 +379,4 @@ def _free(resources: SessionResources) -> None:
     resources.release()
 
 
-_collecting = False     # a garbage collection is running (it runs one at a time)
-
-
-def _note_collection(phase: str, info: dict[str, int]) -> None:
-    global _collecting
-    _collecting = phase == "start"
-
-
-gc.callbacks.append(_note_collection)
+gc.callbacks.append(_core.note_collection)      # compiled: see there why
