@@ -112,6 +112,24 @@ def die_with_parent(int sig=9):
     if prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
         raise OSError(errno, "prctl(PR_SET_PDEATHSIG) failed")
 
+
+cdef bint gc_running = False
+
+
+def note_collection(str phase, dict info):
+    """A ``gc.callbacks`` entry: note whether a garbage collection runs
+    (:func:`collecting`). Compiled, not for speed: it runs no bytecode, so a
+    signal that comes meanwhile (Ctrl-C, the CLI's SIGTERM) is raised after the
+    collection; raised inside a Python callback, it was printed as "Exception
+    ignored" and lost, and the migration went on."""
+    global gc_running
+    gc_running = phase == "start"
+
+
+def collecting():
+    """Whether a garbage collection is running (as :func:`note_collection` saw)."""
+    return gc_running
+
 include "_wire.pxi"
 include "_shared.pxi"
 include "_pages.pxi"

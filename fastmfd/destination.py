@@ -285,9 +285,7 @@ class Destination(Owner):
                     on_resume=(on_resume, optional(CALLABLE)))
         if self._workers is None:
             raise ConfigError("use the Destination as a context manager")
-        if self._session is not None:
-            raise ConfigError("a Destination receives one migration; make a new one")
-        with self._running():
+        with self._running("a Destination receives one migration; make a new one"):
             return self._receive(on_setup, on_resume)
 
     def _receive(self, on_setup: Callable[[Setup], object] | None,

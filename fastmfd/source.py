@@ -158,11 +158,9 @@ class Source(Owner):
                     on_resume=(on_resume, optional(CALLABLE)), progress=(progress, BOOL))
         if self._parts is None:
             raise ConfigError("use the Source as a context manager: `with Source(...) as src`")
-        if self._session is not None:
-            raise ConfigError("a Source performs one migration; make a new one")
         if not self._regions and not self._devices:
             raise ConfigError("nothing to migrate: add a region or a device first")
-        with self._running():
+        with self._running("a Source performs one migration; make a new one"):
             self._session = self._resources.own_session(Sending(self._parts))
             if self._cancelled is not None:         # cancelled just before it began
                 self._session.failure.fail(MigrationError(self._cancelled))

@@ -102,6 +102,16 @@ class BrokenLoader:
         return None
 
 
+class FinishFailingLoader(BrokenLoader):
+    """Accepts every chunk; its ``load_finish`` raises."""
+
+    def __init__(self) -> None:
+        super().__init__(good=1 << 30)
+
+    def load_finish(self):
+        raise ValueError("the device could not be started")
+
+
 class ChunkRewriter(Packets):
     """Pass a channel's packets through ``rewrite(packet) -> bytes | None`` when they
     carry a chunk of ``device`` (uncompressed only); everything else goes on as is.

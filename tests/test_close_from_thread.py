@@ -8,6 +8,7 @@ leave, then frees everything; the same holds for ``Destination.close()``.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 
@@ -65,3 +66,92 @@ def test_close_from_another_thread_ends_the_session(image, side, leaks):
             assert end - closed["at"] < BOUND, \
                 f"try {attempt}: the {name} ended {end - closed['at']:.2f} s after close()"
         leaks.assert_clean(keep=[image])
+
+
+# ---------------------------------------------------------------- at the same moment
+
+RACES = 8       # each race below was lost in about 9 tries of 10 before the fix
+
+
+@pytest.fixture
+def small_image():
+    region = make_region("ram", MIB)
+    yield region
+    region.close()
+
+
+@pytest.fixture
+def eager_switching():
+    """Threads switch as often as the interpreter lets them: a race between two
+    calls that start together is run through its interleavings, not won by
+    whichever thread started first."""
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    yield
+    sys.setswitchinterval(interval)
+
+
+def _at_once(*calls) -> list[object]:
+    """Run ``calls`` from threads released together; what each returned or raised."""
+    outcomes: list[object] = [None] * len(calls)
+    start = threading.Barrier(len(calls))
+
+    def run(index, call):
+        start.wait()
+        try:
+            outcomes[index] = call()
+        except BaseException as exc:
+            outcomes[index] = exc
+
+    threads = [threading.Thread(target=run, args=(i, call), name=f"test call {i}")
+               for i, call in enumerate(calls)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    assert not any(thread.is_alive() for thread in threads), f"a call hangs: {outcomes}"
+    return outcomes
+
+
+@pytest.mark.parametrize("side", ["source", "destination"])
+def test_close_as_the_call_begins(small_image, side, eager_switching):
+    """close() from another thread just as migrate()/receive() begins: the call is
+    refused (the owner is closed) or cancelled; before the fix it ran on what close()
+    had freed ("ValueError: Counters is closed") or, at the destination, waited for
+    the source on a closed listener until its timeout."""
+    config = fastmfd.MigrationConfig(channels=1)
+    for attempt in range(RACES):
+        with fastmfd.Destination("tcp:127.0.0.1:0", workers=1) as destination:
+            with fastmfd.Source(destination.address, config) as source:
+                source.add_region(small_image)
+                owner, call = ((source, lambda: source.migrate(live=False)) if side == "source"
+                               else (destination, destination.receive))
+                outcome, closed = _at_once(call, owner.close)
+        assert closed is None, f"try {attempt}: close() raised {closed!r}"
+        assert isinstance(outcome, (fastmfd.ConfigError, fastmfd.MigrationError)), \
+            f"try {attempt}: the {side}'s call ended with {outcome!r}"
+
+
+def test_two_calls_at_once(small_image, eager_switching):
+    """migrate() twice at once from two threads, receive() likewise: one runs and
+    succeeds, the other is refused. Before the fix both passed the check and ran
+    two sessions on one set of workers, and both failed."""
+    config = fastmfd.MigrationConfig(channels=1)
+    for attempt in range(RACES):
+        with fastmfd.Destination("tcp:127.0.0.1:0", workers=1) as destination:
+            received: list[object] = []
+            receiver = threading.Thread(target=lambda: received.extend(
+                _at_once(destination.receive, destination.receive)), name="test receiver")
+            receiver.start()
+            with fastmfd.Source(destination.address, config) as source:
+                source.add_region(small_image)
+                sent = _at_once(lambda: source.migrate(live=False),
+                                lambda: source.migrate(live=False))
+            receiver.join(30)
+        for name, outcomes, kind in (("migrate", sent, fastmfd.MigrationStats),
+                                     ("receive", received, fastmfd.DestinationResult)):
+            refused = [o for o in outcomes if isinstance(o, fastmfd.ConfigError)]
+            ran = [o for o in outcomes if isinstance(o, kind)]
+            assert len(refused) == 1 and len(ran) == 1, \
+                f"try {attempt}: two {name}() calls at once ended with {outcomes!r}"
+            assert "one migration" in str(refused[0])

@@ -21,7 +21,8 @@ import pytest
 import fastmfd
 from fastmfd import _core
 from device_support import (BlockedDevice, BrokenDevice, BrokenLoader, ChunkRewriter,
-                            HoldFirstChunks, OddDevice, StallingDevice, at_idx)
+                            FinishFailingLoader, HoldFirstChunks, OddDevice, StallingDevice,
+                            at_idx)
 from migration_support import Delay, Migration, Outcome, Proxy, Trigger, make_region
 
 CONFIG = fastmfd.MigrationConfig(channels=2, device_chunk_size=4096)
@@ -242,3 +243,15 @@ def test_loader_raising(leaks, way):
                       loaders={DEVICE: BrokenLoader(good=3)})
     check(outcome, started,
           r"dev/0: loading chunk 3 failed: ValueError: the device rejected its state")
+
+
+@pytest.mark.parametrize("way", ["new", "old"])
+def test_load_finish_raising_is_named(leaks, way):
+    """A loader's load_finish() that raises is named as such, not as the loading of
+    the last chunk (the error said "loading chunk 16 failed", sending its user to
+    look at a chunk)."""
+    started = time.monotonic()
+    outcome = migrate(CONFIG.replace(channel_header=way == "new"),
+                      loaders={DEVICE: FinishFailingLoader()})
+    check(outcome, started,
+          r"dev/0: load_finish\(\) failed: ValueError: the device could not be started")

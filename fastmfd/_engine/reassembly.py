@@ -255,6 +255,7 @@ class _Reassembler:
     def _load(self, stream: _DeviceStream) -> None:
         started = None
         idx = 0
+        step = "loading chunk 0"    # what a failure names: the chunk, or load_finish()
         try:
             while True:
                 entry = stream.take(self.stop)
@@ -282,15 +283,17 @@ class _Reassembler:
                     stream.loaded += 1
                 self._check_precopy()
                 if last:
+                    step = "load_finish()"
                     result = stream.loader.load_finish()
                     break
                 idx += 1
+                step = f"loading chunk {idx}"
             seconds = time.monotonic() - (started or time.monotonic())
             self.results[stream.index] = result
             self.pipe.send(DeviceLoaded(stream.index, result, seconds, idx + 1))
         except BaseException as exc:
             if not isinstance(exc, MigrationError):     # (one from _check_precopy names itself)
-                exc = MigrationError(f"loading chunk {idx} failed: {type(exc).__name__}: {exc}",
+                exc = MigrationError(f"{step} failed: {type(exc).__name__}: {exc}",
                                      device=stream.name)
             # Reported before the stop, which ends the process: in the other
             # order, a loader's failure was now and then missing at the

@@ -23,6 +23,7 @@ import weakref
 from collections.abc import Iterator
 from typing import Callable, NoReturn, Protocol, Self, TypeVar
 
+from .. import _core
 from ..errors import Aborted, ConfigError, FastMFDError, MigrationError, OutputError
 from ..protocol.main_channel import MainChannel
 
@@ -269,11 +270,14 @@ class Owner:
     a hook it was given refers to).
 
     The owner's one session call (``migrate()``, ``receive()``) runs inside
-    ``self._running()``; ``close()`` from another thread first calls
-    :meth:`_stop_running_call`, which cancels that call and waits for it to
-    leave, so nothing is freed under a thread still using it; then it frees
-    (``_release()``) under a lock: that thread's own ``close()`` (leaving its
-    ``with``) may come at the same time."""
+    ``self._running()``, which claims it: a second call, or one after
+    ``close()`` began, is a ConfigError. Claiming and closing take one lock,
+    so a call from one thread and ``close()`` from another, at the same
+    moment, are ordered: the call is refused, or ``close()`` sees it and
+    first cancels it and waits for it to leave (:meth:`_stop_running_call`),
+    so nothing is freed under a thread still using it. Then ``close()``
+    frees (``_release()``) under another lock: the calling thread's own
+    ``close()`` (leaving its ``with``) may come at the same time."""
 
     _call_thread: int | None = None
     _call_left: threading.Event | None = None
@@ -281,27 +285,39 @@ class Owner:
 
     def __init__(self) -> None:
         self._releasing = threading.Lock()
+        self._claiming = threading.Lock()   # the session call against a second one, and close()
+        self._called = False
+        self._closed = False
         self._resources = SessionResources()
         weakref.finalize(self, _free_unclosed, type(self).__name__, self._resources,
                          os.getpid())
 
     @contextlib.contextmanager
-    def _running(self) -> Iterator[None]:
-        self._call_left = threading.Event()
-        self._call_thread = threading.get_ident()
+    def _running(self, once: str) -> Iterator[None]:
+        """Run the session call, claimed; ``once``: the ConfigError of a second one."""
+        name = type(self).__name__
+        with self._claiming:
+            if self._closed:
+                raise ConfigError(f"this {name} was closed: make a new one")
+            if self._called:
+                raise ConfigError(once)
+            self._called = True
+            self._call_left = left = threading.Event()
+            self._call_thread = threading.get_ident()
         try:
             yield
         finally:
             self._call_thread = None
-            self._call_left.set()
+            left.set()
 
     def _stop_running_call(self) -> None:
-        thread = self._call_thread
+        with self._claiming:
+            self._closed = True             # no session call starts from now on
+            thread, left = self._call_thread, self._call_left
         if thread is not None and thread != threading.get_ident():
             self.cancel(f"the {type(self).__name__} was closed")
-            left = self._call_left          # set before _call_thread
-            if left is not None:
-                left.wait(CLOSE_WAIT)
+            assert left is not None, "set with _call_thread"
+            left.wait(CLOSE_WAIT)
 
     def cancel(self, reason: str = "cancelled") -> None:
         raise NotImplementedError
@@ -352,7 +368,7 @@ def _free_unclosed(owner: str, resources: SessionResources, pid: int) -> None:
         return
     warnings.warn(f"unclosed fastmfd.{owner}: its processes, sockets and shared memory are "
                   f"freed now; close() it, or use it in a `with`", ResourceWarning)
-    if _collecting:
+    if _core.collecting():
         threading.Thread(target=_free, args=(resources,), name=f"fastmfd unclosed {owner}").start()
     else:
         _free(resources)
@@ -363,12 +379,4 @@ def _free(resources: SessionResources) -> None:
     resources.release()
 
 
-_collecting = False     # a garbage collection is running (it runs one at a time)
-
-
-def _note_collection(phase: str, info: dict[str, int]) -> None:
-    global _collecting
-    _collecting = phase == "start"
-
-
-gc.callbacks.append(_note_collection)
+gc.callbacks.append(_core.note_collection)      # compiled: see there why
