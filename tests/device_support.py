@@ -325,3 +325,24 @@ class ConfigRecorder:
     def load_finish(self) -> list:
         self.calls.append(("finish",))
         return self.calls
+
+
+class MiscountingDevice:
+    """Writes 10 bytes once and returns ``count`` for them (something other than an
+    int, say), then 0 — with ``precopy``, state_pending() says ``pending`` and the
+    10 bytes go live instead."""
+
+    def __init__(self, idstr: str, instance_id: int, count, pending=None) -> None:
+        self.idstr, self.instance_id, self.count = idstr, instance_id, count
+        self.pending, self.done = pending, False
+        if pending is not None:
+            self.state_pending = lambda: 0 if self.done else self.pending
+            self.save_live_iterate = self.read_state
+
+    def read_state(self, buf) -> int:
+        if self.done:
+            return 0
+        self.done = True
+        buf[:10] = b"0123456789"
+        return self.count
+

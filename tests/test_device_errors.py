@@ -21,6 +21,7 @@ import pytest
 import fastmfd
 from fastmfd import _core
 from device_support import (BlockedDevice, BrokenDevice, BrokenLoader, ChunkRewriter,
+                            MiscountingDevice,
                             HoldFirstChunks, OddDevice, StallingDevice, at_idx)
 from migration_support import Delay, Migration, Outcome, Proxy, Trigger, make_region
 
@@ -242,3 +243,30 @@ def test_loader_raising(leaks, way):
                       loaders={DEVICE: BrokenLoader(good=3)})
     check(outcome, started,
           r"dev/0: loading chunk 3 failed: ValueError: the device rejected its state")
+
+
+# ---------------------------------------------------------------- user code returning nonsense
+
+@pytest.mark.parametrize("way", ["new", "old"])
+def test_device_returning_a_float(leaks, way):
+    """read_state() wrote 10 bytes and said 9.9: the new way sent a 9-byte chunk on
+    (the core truncated the length), and the loader got a byte less than the device
+    wrote, with no error anywhere."""
+    started = time.monotonic()
+    outcome = migrate(CONFIG.replace(channel_header=way == "new"),
+                      devices=[MiscountingDevice("odd", 2, 9.9)])
+    check(outcome, started, r"odd/2: saving chunk 0 failed: ValueError: read_state returned "
+                            r"9\.9 for a 4096-byte buffer, not a byte count")
+
+
+def test_device_counting_in_numpy_integers(leaks):
+    """state_pending() and read_state() may answer with numpy's integers (any integer
+    is a byte count, as everywhere in the API): state_pending's np.int64 was refused
+    as 'not a byte count'."""
+    device = MiscountingDevice("np", 0, np.int64(10), pending=np.int64(10))
+    with Migration(CONFIG) as m:
+        m.source.add_device(device)
+        stats, result = m.run(live=True).ok()
+    assert result.devices[("np", 0)] == b"0123456789"
+    assert stats.device_live_bytes > 0, "the state went after the stop, not live"
+

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import operator
 import threading
 import time
 from collections.abc import Iterator
@@ -78,10 +79,7 @@ class DeviceStream:
         if not has_precopy(device):
             return 0
         with self.device_calls():
-            pending = device.state_pending()
-            if not isinstance(pending, int) or pending < 0:
-                raise ValueError(f"state_pending returned {pending!r}, not a byte count")
-            return pending
+            return byte_count("state_pending", device.state_pending())
 
     @contextlib.contextmanager
     def device_calls(self) -> Iterator[None]:
@@ -105,18 +103,29 @@ class DeviceStream:
         returns the chunk bytes sent (headers included)."""
         sent = chunks = 0
         while sent < budget:
-            n = sink.fill(reader)
+            n = byte_count(getattr(reader, "__name__", "read"), sink.fill(reader), chunk_size)
             if n == 0:
                 sink.discard()
                 break
-            if not 0 < n <= chunk_size:
-                raise ValueError(f"{getattr(reader, '__name__', 'read')} returned {n} for a "
-                                 f"{chunk_size}-byte buffer")
             sink.send(self.next_idx, 0, n)
             self.next_idx += 1
             sent += n
             chunks += 1
         return sent + chunks * CHUNK_HEADER
+
+
+def byte_count(hook: str, value: object, most: int | None = None) -> int:
+    """What a device's ``hook`` returned, as a byte count (at most ``most``): any
+    integer, numpy's too. Anything else is refused: a float went on as a truncated
+    length, its chunk silently shorter than the device said it wrote."""
+    try:
+        n = operator.index(value)       # type: ignore[arg-type]
+    except TypeError:
+        n = -1
+    if n < 0 or most is not None and n > most:
+        limit = "" if most is None else f" for a {most}-byte buffer"
+        raise ValueError(f"{hook} returned {value!r}{limit}, not a byte count")
+    return n
 
 
 def save_live(stream: DeviceStream, chunk_size: int, sink: ChunkSink) -> None:
