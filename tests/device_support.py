@@ -346,3 +346,18 @@ class MiscountingDevice:
         buf[:10] = b"0123456789"
         return self.count
 
+
+class FinishingLoader:
+    """A loader whose ``load_finish`` raises (``result`` None) or returns ``result``
+    (which may not pickle)."""
+
+    def __init__(self, result=None) -> None:
+        self.result = result
+
+    def load_state_buffer(self, data) -> None:
+        pass
+
+    def load_finish(self):
+        if self.result is None:
+            raise OSError("the device would not resume")
+        return self.result()

@@ -21,7 +21,7 @@ import pytest
 import fastmfd
 from fastmfd import _core
 from device_support import (BlockedDevice, BrokenDevice, BrokenLoader, ChunkRewriter,
-                            MiscountingDevice,
+                            FinishingLoader, MiscountingDevice,
                             HoldFirstChunks, OddDevice, StallingDevice, at_idx)
 from migration_support import Delay, Migration, Outcome, Proxy, Trigger, make_region
 
@@ -270,3 +270,22 @@ def test_device_counting_in_numpy_integers(leaks):
     assert result.devices[("np", 0)] == b"0123456789"
     assert stats.device_live_bytes > 0, "the state went after the stop, not live"
 
+
+def test_loader_finish_raising_is_named(leaks):
+    """load_finish() raising was reported as 'loading chunk N failed', the last chunk's
+    load, which had gone well."""
+    started = time.monotonic()
+    outcome = migrate(loaders={DEVICE: FinishingLoader()})
+    check(outcome, started, r"dev/0: load_finish\(\) failed: OSError: the device would not "
+                            r"resume")
+
+
+def test_loader_finish_returning_what_cannot_be_pickled(leaks):
+    """What load_finish() returns goes to the destination's main process: one that does
+    not pickle was reported as 'loading chunk N failed', with advice about pickling
+    loaders (the loader had pickled)."""
+    started = time.monotonic()
+    outcome = migrate(loaders={DEVICE: FinishingLoader(result=threading.Lock)})
+    check(outcome, started, r"dev/0: load_finish\(\) returned 'lock', which cannot be "
+                            r"pickled to the destination's main process: cannot pickle "
+                            r"'_thread.lock' object$")

@@ -33,6 +33,7 @@ would wait for a slot forever.
 from __future__ import annotations
 
 import os
+import pickle
 import threading
 import time
 from multiprocessing import connection
@@ -282,12 +283,9 @@ class _Reassembler:
                     stream.loaded += 1
                 self._check_precopy()
                 if last:
-                    result = stream.loader.load_finish()
                     break
                 idx += 1
-            seconds = time.monotonic() - (started or time.monotonic())
-            self.results[stream.index] = result
-            self.pipe.send(DeviceLoaded(stream.index, result, seconds, idx + 1))
+            self._finish(stream, idx + 1, time.monotonic() - (started or time.monotonic()))
         except BaseException as exc:
             if not isinstance(exc, MigrationError):     # (one from _check_precopy names itself)
                 exc = MigrationError(f"loading chunk {idx} failed: {type(exc).__name__}: {exc}",
@@ -297,6 +295,22 @@ class _Reassembler:
             # destination, which said only that the process had exited (status 0).
             self.pipe.report_failure(exc)
             self.stop.set()
+
+    def _finish(self, stream: _DeviceStream, chunks: int, seconds: float) -> None:
+        """``load_finish()``, its result to the main process: what fails here is named
+        as such, not as the last chunk's load."""
+        try:
+            result = stream.loader.load_finish()
+        except Exception as exc:
+            raise MigrationError(f"load_finish() failed: {type(exc).__name__}: {exc}",
+                                 device=stream.name) from exc
+        self.results[stream.index] = result
+        try:
+            self.pipe.send(DeviceLoaded(stream.index, result, seconds, chunks))
+        except (TypeError, pickle.PicklingError) as exc:   # (the pickler's is the cause)
+            raise MigrationError(f"load_finish() returned {type(result).__name__!r}, which "
+                                 f"cannot be pickled to the destination's main process: "
+                                 f"{exc.__cause__ or exc}", device=stream.name) from exc
 
     def _wait_for_ram(self) -> bool:
         """Hold a config chunk until all RAM is in; False when stopping instead."""
