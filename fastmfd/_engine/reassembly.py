@@ -53,6 +53,10 @@ __all__ = ["reassembly_main", "pool_slots_for", "plan_pool"]
 CHUNK_HEADER = _core.CHUNK_HEADER_SIZE
 
 
+_SLOT_BOOKKEEPING = 8          # a pool's next_free and held flag per slot (_shared.pxi)
+_POOL_HEADER = 2 * 4096         # its header, and the rounding of its bookkeeping to a page
+
+
 def pool_slots_for(ndevices: int, max_queued_bytes: int, chunk_size: int,
                    nchannels: int) -> int:
     """Slots the destination pool needs so out-of-order chunks can never fill it:
@@ -66,10 +70,13 @@ def plan_pool(ndevices: int, max_queued_bytes: int, chunk_size: int, nchannels: 
               budget: int) -> tuple[int, int]:
     """(out-of-order cap per device, slots) for a pool of at most ``budget`` bytes:
     the session's cap when it fits, else the largest cap that does. A slot
-    holds a chunk and its header (rounded as the pool lays slots out).
+    holds a chunk and its header (rounded as the pool lays slots out), and
+    takes 8 bytes of the pool's bookkeeping, which with the pool's header
+    (a page, rounded up to pages) made a pool planned to the byte larger than
+    ``budget``: by 48 MB for 6 million slots of 4 KiB chunks.
     ConfigError when not even one out-of-order chunk per device fits."""
-    stride = -(-(chunk_size + CHUNK_HEADER) // 64) * 64
-    fits = budget // stride
+    stride = -(-(chunk_size + CHUNK_HEADER) // 64) * 64 + _SLOT_BOOKKEEPING
+    fits = max(0, budget - _POOL_HEADER) // stride
     cap = max_queued_bytes
     if pool_slots_for(ndevices, cap, chunk_size, nchannels) > fits:
         in_flight = pool_slots_for(ndevices, 0, chunk_size, nchannels) - ndevices
