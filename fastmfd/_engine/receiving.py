@@ -237,6 +237,7 @@ class Receiving:
             watch.add_child(parts.reassembly[0], lambda report: devices.on_report(
                 report, main))
         self._check_liveness()              # the deadlines start now
+        looked = time.monotonic()
         while not self._done():
             self.failure.check()
             try:
@@ -245,7 +246,12 @@ class Receiving:
                 self._raise_the_cause_of(error)
                 raise
             self._check_ram_loaded()
-            self._check_liveness()
+            # A look reads every channel's counters and every device-pool slot: taken
+            # after each report, thousands of devices' reports kept this thread
+            # looking for seconds. A look per tick is what the deadlines need.
+            if time.monotonic() - looked >= tick(stall):
+                looked = time.monotonic()
+                self._check_liveness()
         self._finish()
 
     def _done(self) -> bool:
