@@ -289,3 +289,14 @@ def test_loader_finish_returning_what_cannot_be_pickled(leaks):
     check(outcome, started, r"dev/0: load_finish\(\) returned 'lock', which cannot be "
                             r"pickled to the destination's main process: cannot pickle "
                             r"'_thread.lock' object$")
+
+
+def test_one_device_too_many_is_refused_when_added(leaks):
+    """The 4097th device went into the Source, and migrate() connected to the
+    destination before it found that SETUP cannot carry it ('Invalid: devices:
+    4097, ...'), leaving the destination waiting for a greeting that never came."""
+    source = fastmfd.Source("tcp:127.0.0.1:1")
+    for i in range(4096):
+        source.add_device(fastmfd.BytesDevice("dev", i, b""))
+    with pytest.raises(fastmfd.ConfigError, match="at most 4096 devices"):
+        source.add_device(fastmfd.BytesDevice("dev", 4096, b""))
