@@ -361,3 +361,48 @@ class FinishingLoader:
         if self.result is None:
             raise OSError("the device would not resume")
         return self.result()
+
+
+class HangingDevice:
+    """A precopy device (state_pending, save_live_iterate) with save_setup and
+    config_state, whose ``hook`` blocks once called (at its second call for
+    state_pending, so the first live round begins) until ``release`` is set."""
+
+    def __init__(self, idstr: str, instance_id: int, hook: str) -> None:
+        self.idstr, self.instance_id, self.hook = idstr, instance_id, hook
+        self.release = threading.Event()
+        self.blocked_at: float | None = None
+        self.calls = {"state_pending": 0}
+        self.live, self.left = 2, 10_000
+
+    def _maybe_hang(self, hook: str) -> None:
+        self.calls[hook] = self.calls.get(hook, 0) + 1
+        if hook == self.hook and (hook != "state_pending" or self.calls[hook] > 1):
+            self.blocked_at = time.monotonic()
+            self.release.wait()
+
+    def save_setup(self) -> None:
+        self._maybe_hang("save_setup")
+
+    def state_pending(self) -> int:
+        self._maybe_hang("state_pending")
+        return 100 if self.live else 0
+
+    def save_live_iterate(self, buf) -> int:
+        self._maybe_hang("save_live_iterate")
+        if not self.live:
+            return 0
+        self.live -= 1
+        buf[:10] = b"L" * 10
+        return 10
+
+    def read_state(self, buf) -> int:
+        self._maybe_hang("read_state")
+        n = min(len(buf), self.left)
+        buf[:n] = b"x" * n
+        self.left -= n
+        return n
+
+    def config_state(self) -> bytes:
+        self._maybe_hang("config_state")
+        return b"c"

@@ -21,7 +21,7 @@ import pytest
 import fastmfd
 from fastmfd import _core
 from device_support import (BlockedDevice, BrokenDevice, BrokenLoader, ChunkRewriter,
-                            FinishingLoader, MiscountingDevice,
+                            FinishingLoader, HangingDevice, MiscountingDevice,
                             HoldFirstChunks, OddDevice, StallingDevice, at_idx)
 from migration_support import Delay, Migration, Outcome, Proxy, Trigger, make_region
 
@@ -208,6 +208,32 @@ def test_a_device_whose_read_never_returns(leaks):
     finally:
         blocked.release.set()
     pattern = r"blocked/0: read_state\(\) made no progress for 1 s"
+    assert re.search(pattern, str(src)), str(src)
+    assert re.search(pattern, str(dst)) and "the source failed" in str(dst), str(dst)
+
+
+
+@pytest.mark.parametrize("way", ["new", "old"])
+@pytest.mark.parametrize("hook", ["save_setup", "state_pending", "save_live_iterate",
+                                  "read_state", "config_state"])
+def test_a_device_hook_that_never_returns(leaks, hook, way):
+    """Only read_state() and save_live_iterate() in the new way's save threads were
+    held to the deadline (and both were called read_state()): a device's
+    save_setup(), config_state() or state_pending() (called for the convergence test
+    in migrate()'s own thread), or any hook in the old way, where every call ran in
+    migrate()'s thread, that never returned hung both sides for ever, keepalives
+    flowing. Now no device code runs in migrate()'s thread and every call is held
+    to stall_timeout."""
+    device = HangingDevice("hang", 0, hook)
+    try:
+        with Migration(CONFIG.replace(stall_timeout=1.0, channel_header=way == "new")) as m:
+            m.source.add_device(device)
+            outcome = m.run(live=True, timeout=30)
+        assert device.blocked_at is not None, "the hook was never called"
+        src, dst = outcome.failed_both(since=device.blocked_at)
+    finally:
+        device.release.set()
+    pattern = rf"hang/0: {hook}\(\) made no progress for 1 s \(stall timeout\)"
     assert re.search(pattern, str(src)), str(src)
     assert re.search(pattern, str(dst)) and "the source failed" in str(dst), str(dst)
 
