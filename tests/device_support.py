@@ -406,3 +406,28 @@ class HangingDevice:
     def config_state(self) -> bytes:
         self._maybe_hang("config_state")
         return b"c"
+
+
+class HangingLoader:
+    """A loader whose ``hook`` (load_state_buffer: at its third chunk) never returns."""
+
+    def __init__(self, hook: str) -> None:
+        self.hook, self.chunks = hook, 0
+
+    def _maybe_hang(self, hook: str) -> None:
+        if hook == self.hook:
+            time.sleep(3600)
+
+    def load_state_buffer(self, data) -> None:
+        self.chunks += 1
+        if self.chunks == 3:
+            self._maybe_hang("load_state_buffer")
+
+    def load_config(self, data) -> None:
+        self._maybe_hang("load_config")
+
+    def precopy_loaded(self) -> None:
+        self._maybe_hang("precopy_loaded")
+
+    def load_finish(self) -> None:
+        self._maybe_hang("load_finish")

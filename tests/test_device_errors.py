@@ -21,7 +21,7 @@ import pytest
 import fastmfd
 from fastmfd import _core
 from device_support import (BlockedDevice, BrokenDevice, BrokenLoader, ChunkRewriter,
-                            FinishingLoader, HangingDevice, MiscountingDevice,
+                            FinishingLoader, HangingDevice, HangingLoader, MiscountingDevice,
                             HoldFirstChunks, OddDevice, StallingDevice, at_idx)
 from migration_support import Delay, Migration, Outcome, Proxy, Trigger, make_region
 
@@ -236,6 +236,28 @@ def test_a_device_hook_that_never_returns(leaks, hook, way):
     pattern = rf"hang/0: {hook}\(\) made no progress for 1 s \(stall timeout\)"
     assert re.search(pattern, str(src)), str(src)
     assert re.search(pattern, str(dst)) and "the source failed" in str(dst), str(dst)
+
+
+
+@pytest.mark.parametrize("hook, call", [
+    ("load_state_buffer", r"load_state_buffer\(\) of chunk 2"),
+    ("load_config", r"load_config\(\) of chunk 16"),
+    ("precopy_loaded", r"precopy_loaded\(\)"),
+    ("load_finish", r"load_finish\(\)")])
+def test_a_loader_hook_that_never_returns_is_named(leaks, hook, call):
+    """A loader that hangs left the reassembly process without progress, and both
+    sides said only "reassembly: no progress for 1 s": not which device's loader,
+    nor in which call. The reassembly process now reports a call that has run for
+    half the deadline, and the error names it."""
+    config = CONFIG.replace(stall_timeout=1.0, switchover_ack=True)
+    with Migration(config) as m:
+        m.source.add_device(fastmfd.SyntheticDevice(*DEVICE, 16 * 4096,
+                                                    precopy_size=8 * 4096))
+        m.destination.add_loader(*DEVICE, HangingLoader(hook))
+        started = time.monotonic()
+        outcome = m.run(live=True, timeout=30)
+    check(outcome, started, rf"reassembly: no progress for 1 s \(dev/0: {call} has not "
+                            rf"returned\)")
 
 
 # ---------------------------------------------------------------- user code raising

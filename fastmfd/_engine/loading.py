@@ -26,8 +26,8 @@ from typing import Any, Protocol
 from .. import _core
 from ..devices import CollectLoader, Loader, device_key
 from ..errors import ConfigError, ProtocolError
-from ..protocol.control import (AwaitPrecopy, DeviceLoaded, Drained, PrecopyLoaded, RamLoaded,
-                                ReassemblyParams)
+from ..protocol.control import (AwaitPrecopy, DeviceLoaded, Drained, LoaderBusy, PrecopyLoaded,
+                                RamLoaded, ReassemblyParams)
 from ..protocol.main_channel import (OLD_WAY_CHECKSUM, OLD_WAY_PREFIX, MainChannel, Msg,
                                      PrecopySent, old_way_checksum)
 from ..protocol.setup import Setup
@@ -51,6 +51,7 @@ class LoadingParts(Protocol):
     loaders: dict[tuple[str, int], Loader]
     queued_cap: int | None
     resources: SessionResources
+    stall_timeout: float | None
 
 
 class DeviceLoading:
@@ -62,6 +63,7 @@ class DeviceLoading:
         self.results: dict[int, object] = {}
         self.chunks: dict[int, int] = {}
         self.load_seconds: dict[int, float] = {}
+        self.busy: dict[int, str] = {}           # device -> its loader's slow call (LoaderBusy)
         self.drained = False                    # the reassembly process found nothing missing
         self.precopy_awaited = False            # PRECOPY_SENT came; SWITCHOVER_ACK not yet sent
         self.old_way_chunks = self.old_way_bytes = 0
@@ -89,7 +91,8 @@ class DeviceLoading:
                         for d in setup.devices)
         try:
             self._reassembly.start_session(
-                ReassemblyParams(self.pool.name, cap, loaders, setup.config_after_ram), [desc_r])
+                ReassemblyParams(self.pool.name, cap, loaders, setup.config_after_ram,
+                                 parts.stall_timeout or setup.stall_timeout), [desc_r])
         finally:
             os.close(desc_r)
 
@@ -104,6 +107,12 @@ class DeviceLoading:
         device is loaded: a load_finish() still running owes its DeviceLoaded)."""
         return channels_ended or self.precopy_awaited
 
+    def stall_detail(self) -> str:
+        """Which loaders are inside a slow call, for a "no progress" error."""
+        calls = [f"{device_key(*self.setup.devices[i].key)}: {call} has not returned"
+                 for i, call in sorted(self.busy.items())]
+        return f" ({'; '.join(calls[:3])}{'; ...' if len(calls) > 3 else ''})" if calls else ""
+
     def signature(self) -> tuple[int, int]:
         """Changes whenever the loaders make progress: slots freed, devices done."""
         return (len(self.results), self.pool.free_count)
@@ -117,6 +126,11 @@ class DeviceLoading:
             self.chunks[report.device] = report.chunks
         elif isinstance(report, Drained):
             self.drained = True
+        elif isinstance(report, LoaderBusy):
+            if report.call is None:
+                self.busy.pop(report.device, None)
+            else:
+                self.busy[report.device] = report.call
         elif isinstance(report, PrecopyLoaded):
             self.precopy_awaited = False
             main.send(Msg.SWITCHOVER_ACK)

@@ -42,8 +42,8 @@ from multiprocessing.connection import Connection
 from .. import _core
 from ..devices import Loader
 from ..errors import ConfigError, MigrationError
-from ..protocol.control import (AwaitPrecopy, DeviceLoaded, Drained, PrecopyLoaded, RamLoaded,
-                               ReassemblyParams, Stop)
+from ..protocol.control import (AwaitPrecopy, DeviceLoaded, Drained, LoaderBusy, PrecopyLoaded,
+                                RamLoaded, ReassemblyParams, Stop)
 from ..shm import SHM_DIR
 from .processes import ChildPipe, run_child
 from .session import Closable
@@ -106,6 +106,17 @@ class _DeviceStream:
         self.calls = threading.Lock()  # one call into the loader at a time (precopy_loaded
                                         # comes from another thread than the chunks)
         self.seconds = 0.0
+        self.calling: tuple[str, float] | None = None   # the loader's call under way, since
+        self.reported: str | None = None                # the slow call reported (LoaderBusy)
+
+    def call(self, what: str, hook: str, *args: object) -> object:
+        """The loader's ``hook``, timed (``what`` names it: "load_finish()", ...), so a
+        slow one can be reported."""
+        self.calling = (what, time.monotonic())
+        try:
+            return getattr(self.loader, hook)(*args)
+        finally:
+            self.calling = None
 
     def add(self, idx: int, flags: int, slot: int, length: int) -> None:
         """Queue a chunk (reader thread); raises on any rule it breaks, before taking
@@ -176,16 +187,32 @@ class _Reassembler:
         self.results: dict[int, object] = {}
         self.threads = [threading.Thread(target=self._load, args=(d,), daemon=True)
                         for d in self.devices]
+        self.slow_after = params.stall_timeout / 2
 
     def run(self) -> None:
         for thread in self.threads:
             thread.start()
         while not self.stop.is_set():
-            for ready in connection.wait([self.pipe.conn, self.desc_fd], 0.5):
+            for ready in connection.wait([self.pipe.conn, self.desc_fd],
+                                         min(0.5, self.slow_after / 4)):
                 if ready is self.pipe.conn:
                     self._on_message(self.pipe.recv())
                 else:
                     self._read_descriptors(block=True)
+            self._report_slow_loaders()
+
+    def _report_slow_loaders(self) -> None:
+        """Tell the main process of a loader's call that has run for half the deadline
+        (and when it returns): the reassembly process is alive and well while one of
+        its loaders hangs, and the main process, which sees only that no progress is
+        made, can then say which loader, in which call."""
+        now = time.monotonic()
+        for stream in self.devices:
+            calling = stream.calling
+            slow = calling[0] if calling and now - calling[1] >= self.slow_after else None
+            if slow != stream.reported:
+                stream.reported = slow
+                self.pipe.send(LoaderBusy(stream.index, slow))
 
     def _read_descriptors(self, block: bool) -> None:
         """Handle the descriptors in the pipe; without ``block``, all of them."""
@@ -253,7 +280,7 @@ class _Reassembler:
             if hasattr(stream.loader, "precopy_loaded"):
                 try:
                     with stream.calls:
-                        stream.loader.precopy_loaded()
+                        stream.call("precopy_loaded()", "precopy_loaded")
                 except Exception as exc:
                     raise MigrationError(f"approving the switchover failed: "
                                          f"{type(exc).__name__}: {exc}",
@@ -278,12 +305,12 @@ class _Reassembler:
                 try:
                     with stream.calls, self.pool.view(slot) as view:
                         data = view[CHUNK_HEADER:length]
-                        if not last:
-                            stream.loader.load_state_buffer(data)
-                        elif hasattr(stream.loader, "load_config"):
-                            stream.loader.load_config(data)
-                        elif len(data):     # a loader that knows no config gets it as data
-                            stream.loader.load_state_buffer(data)
+                        hook = "load_state_buffer"
+                        if last and hasattr(stream.loader, "load_config"):
+                            hook = "load_config"
+                        if hook == "load_config" or len(data) or not last:
+                            # (a loader that knows no config gets it as data, if any)
+                            stream.call(f"{hook}() of chunk {idx}", hook, data)
                 finally:
                     self.pool.release(slot)
                 with stream.cond:
@@ -307,7 +334,7 @@ class _Reassembler:
         """``load_finish()``, its result to the main process: what fails here is named
         as such, not as the last chunk's load."""
         try:
-            result = stream.loader.load_finish()
+            result = stream.call("load_finish()", "load_finish")
         except Exception as exc:
             raise MigrationError(f"load_finish() failed: {type(exc).__name__}: {exc}",
                                  device=stream.name) from exc

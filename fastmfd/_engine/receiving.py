@@ -416,7 +416,7 @@ class Receiving:
             owed = self._devices.owes_progress(len(self._drained) == setup.total_channels)
             signature = (self._devices.signature(), self._counters.total("device_packets"))
             if progress.stalled("reassembly", owed or process_stopped(pid), signature):
-                raise stall_error(reassembly.name, stall, pid)
+                raise stall_error(reassembly.name, stall, pid, self._devices.stall_detail())
         self._heartbeat.beat()
 
     def _check_no_round_past_the_end(self) -> None:
