@@ -431,3 +431,12 @@ class HangingLoader:
 
     def load_finish(self) -> None:
         self._maybe_hang("load_finish")
+
+
+class LockedLoader(fastmfd.CollectLoader):
+    """A loader holding a lock: it does not pickle, so cannot reach the reassembly
+    process."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lock = threading.Lock()

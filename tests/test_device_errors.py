@@ -21,7 +21,8 @@ import pytest
 import fastmfd
 from fastmfd import _core
 from device_support import (BlockedDevice, BrokenDevice, BrokenLoader, ChunkRewriter,
-                            FinishingLoader, HangingDevice, HangingLoader, MiscountingDevice,
+                            FinishingLoader, HangingDevice, HangingLoader, LockedLoader,
+                            MiscountingDevice,
                             HoldFirstChunks, OddDevice, StallingDevice, at_idx)
 from migration_support import Delay, Migration, Outcome, Proxy, Trigger, make_region
 
@@ -348,3 +349,13 @@ def test_one_device_too_many_is_refused_when_added(leaks):
         source.add_device(fastmfd.BytesDevice("dev", i, b""))
     with pytest.raises(fastmfd.ConfigError, match="at most 4096 devices"):
         source.add_device(fastmfd.BytesDevice("dev", 4096, b""))
+
+
+def test_a_loader_that_does_not_pickle_is_named(leaks):
+    """The loaders go to the reassembly process together: one that did not pickle
+    failed the session with the pickler's words alone ("cannot pickle
+    '_thread.lock' object"), not saying which of the devices' loaders it was."""
+    started = time.monotonic()
+    outcome = migrate(loaders={("bystander", 0): LockedLoader()})
+    check(outcome, started, r"TypeError: the loader of device bystander/0: cannot pickle "
+                            r"'_thread.lock' object")

@@ -19,6 +19,7 @@ only sessions with devices have.
 from __future__ import annotations
 
 import os
+import pickle
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -31,6 +32,7 @@ from ..protocol.control import (AwaitPrecopy, DeviceLoaded, Drained, LoaderBusy,
 from ..protocol.main_channel import (OLD_WAY_CHECKSUM, OLD_WAY_PREFIX, MainChannel, Msg,
                                      PrecopySent, old_way_checksum)
 from ..protocol.setup import Setup
+from . import control_pickling
 from .processes import ChildSet
 from .reassembly import plan_pool
 from .session import SessionResources
@@ -93,6 +95,8 @@ class DeviceLoading:
             self._reassembly.start_session(
                 ReassemblyParams(self.pool.name, cap, loaders, setup.config_after_ram,
                                  parts.stall_timeout or setup.stall_timeout), [desc_r])
+        except (TypeError, pickle.PicklingError) as exc:
+            raise _whose_loader(loaders) or exc
         finally:
             os.close(desc_r)
 
@@ -198,6 +202,18 @@ class DeviceLoading:
 
     def results_by_key(self) -> dict[tuple[str, int], object]:
         return {self.setup.devices[i].key: result for i, result in self.results.items()}
+
+
+def _whose_loader(loaders: tuple[tuple[str, Loader], ...]) -> TypeError | None:
+    """The loaders went to the reassembly process in one message, which did not
+    pickle: the first loader that does not pickle, named (the pickler's error named
+    only what it met, a lock, say), or None if each does on its own."""
+    for name, loader in loaders:
+        try:
+            control_pickling.dumps(loader)
+        except (TypeError, pickle.PicklingError) as exc:
+            return TypeError(f"the loader of device {name}: {exc}")
+    return None
 
 
 def check_chunk_counts(message: str, counts: list[int], ndevices: int) -> None:
