@@ -72,6 +72,9 @@ def _aligned_offset(mapping: mmap.mmap, size: int) -> int:
         del anchor          # an exported buffer: the mapping cannot close while it lives
 
 
+_MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)    # Linux's; Python 3.11 lacks the name
+
+
 def map_file(fd: int, size: int, *, huge_aligned: bool = False,
              writable: bool = True) -> mmap.mmap:
     """Map the first ``size`` bytes of ``fd`` shared (and ``writable``), keeping no
@@ -84,7 +87,11 @@ def map_file(fd: int, size: int, *, huge_aligned: bool = False,
     a multiple of HUGE_PAGE (without it no huge page can map it), inside a
     reservation HUGE_PAGE longer; :func:`mapped_view` finds it."""
     slack = HUGE_PAGE if huge_aligned else 0
-    mapping = mmap.mmap(-1, size + slack)
+    # MAP_NORESERVE: the reservation is never written (the file is mapped over it),
+    # so it must not be charged against the commit limit, which refuses a writable
+    # shared mapping larger than RAM and swap: a sparse segment that /dev/shm has
+    # room for could not be mapped.
+    mapping = mmap.mmap(-1, size + slack, flags=mmap.MAP_SHARED | _MAP_NORESERVE)
     address = _aligned_offset(mapping, size)
     anchor = ctypes.c_char.from_buffer(mapping)
     try:

@@ -24,6 +24,7 @@ from .arguments import BOOL, CALLABLE, STR, check_types, instance_of, optional, 
 from .config import MigrationConfig
 from .devices import Device, check_device_ids
 from .errors import ConfigError, MigrationError
+from .protocol.setup import MAX_DEVICES
 from .protocol.sockets import parse_address
 from .regions import Region, region_to_add
 from .shm import SharedMemory
@@ -95,6 +96,10 @@ class Source(Owner):
         key = (device.idstr, device.instance_id)
         if any((d.idstr, d.instance_id) == key for d in self._devices):
             raise ConfigError(f"two devices {device.idstr!r} instance {device.instance_id}")
+        if len(self._devices) == MAX_DEVICES:
+            # Refused here, not at migrate(), which found out only once connected.
+            raise ConfigError(f"at most {MAX_DEVICES} devices: a migration's SETUP carries "
+                              f"no more")
         self._devices.append(device)
 
     def worker_pids(self) -> list[int]:

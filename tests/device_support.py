@@ -102,16 +102,6 @@ class BrokenLoader:
         return None
 
 
-class FinishFailingLoader(BrokenLoader):
-    """Accepts every chunk; its ``load_finish`` raises."""
-
-    def __init__(self) -> None:
-        super().__init__(good=1 << 30)
-
-    def load_finish(self):
-        raise ValueError("the device could not be started")
-
-
 class ChunkRewriter(Packets):
     """Pass a channel's packets through ``rewrite(packet) -> bytes | None`` when they
     carry a chunk of ``device`` (uncompressed only); everything else goes on as is.
@@ -335,3 +325,118 @@ class ConfigRecorder:
     def load_finish(self) -> list:
         self.calls.append(("finish",))
         return self.calls
+
+
+class MiscountingDevice:
+    """Writes 10 bytes once and returns ``count`` for them (something other than an
+    int, say), then 0 — with ``precopy``, state_pending() says ``pending`` and the
+    10 bytes go live instead."""
+
+    def __init__(self, idstr: str, instance_id: int, count, pending=None) -> None:
+        self.idstr, self.instance_id, self.count = idstr, instance_id, count
+        self.pending, self.done = pending, False
+        if pending is not None:
+            self.state_pending = lambda: 0 if self.done else self.pending
+            self.save_live_iterate = self.read_state
+
+    def read_state(self, buf) -> int:
+        if self.done:
+            return 0
+        self.done = True
+        buf[:10] = b"0123456789"
+        return self.count
+
+
+class FinishingLoader:
+    """A loader whose ``load_finish`` raises (``result`` None) or returns ``result``
+    (which may not pickle)."""
+
+    def __init__(self, result=None) -> None:
+        self.result = result
+
+    def load_state_buffer(self, data) -> None:
+        pass
+
+    def load_finish(self):
+        if self.result is None:
+            raise OSError("the device would not resume")
+        return self.result()
+
+
+class HangingDevice:
+    """A precopy device (state_pending, save_live_iterate) with save_setup and
+    config_state, whose ``hook`` blocks once called (at its second call for
+    state_pending, so the first live round begins) until ``release`` is set."""
+
+    def __init__(self, idstr: str, instance_id: int, hook: str) -> None:
+        self.idstr, self.instance_id, self.hook = idstr, instance_id, hook
+        self.release = threading.Event()
+        self.blocked_at: float | None = None
+        self.calls = {"state_pending": 0}
+        self.live, self.left = 2, 10_000
+
+    def _maybe_hang(self, hook: str) -> None:
+        self.calls[hook] = self.calls.get(hook, 0) + 1
+        if hook == self.hook and (hook != "state_pending" or self.calls[hook] > 1):
+            self.blocked_at = time.monotonic()
+            self.release.wait()
+
+    def save_setup(self) -> None:
+        self._maybe_hang("save_setup")
+
+    def state_pending(self) -> int:
+        self._maybe_hang("state_pending")
+        return 100 if self.live else 0
+
+    def save_live_iterate(self, buf) -> int:
+        self._maybe_hang("save_live_iterate")
+        if not self.live:
+            return 0
+        self.live -= 1
+        buf[:10] = b"L" * 10
+        return 10
+
+    def read_state(self, buf) -> int:
+        self._maybe_hang("read_state")
+        n = min(len(buf), self.left)
+        buf[:n] = b"x" * n
+        self.left -= n
+        return n
+
+    def config_state(self) -> bytes:
+        self._maybe_hang("config_state")
+        return b"c"
+
+
+class HangingLoader:
+    """A loader whose ``hook`` (load_state_buffer: at its third chunk) never returns."""
+
+    def __init__(self, hook: str) -> None:
+        self.hook, self.chunks = hook, 0
+
+    def _maybe_hang(self, hook: str) -> None:
+        if hook == self.hook:
+            time.sleep(3600)
+
+    def load_state_buffer(self, data) -> None:
+        self.chunks += 1
+        if self.chunks == 3:
+            self._maybe_hang("load_state_buffer")
+
+    def load_config(self, data) -> None:
+        self._maybe_hang("load_config")
+
+    def precopy_loaded(self) -> None:
+        self._maybe_hang("precopy_loaded")
+
+    def load_finish(self) -> None:
+        self._maybe_hang("load_finish")
+
+
+class LockedLoader(fastmfd.CollectLoader):
+    """A loader holding a lock: it does not pickle, so cannot reach the reassembly
+    process."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lock = threading.Lock()

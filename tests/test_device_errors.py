@@ -21,8 +21,9 @@ import pytest
 import fastmfd
 from fastmfd import _core
 from device_support import (BlockedDevice, BrokenDevice, BrokenLoader, ChunkRewriter,
-                            FinishFailingLoader, HoldFirstChunks, OddDevice, StallingDevice,
-                            at_idx)
+                            FinishingLoader, HangingDevice, HangingLoader, LockedLoader,
+                            MiscountingDevice,
+                            HoldFirstChunks, OddDevice, StallingDevice, at_idx)
 from migration_support import Delay, Migration, Outcome, Proxy, Trigger, make_region
 
 CONFIG = fastmfd.MigrationConfig(channels=2, device_chunk_size=4096)
@@ -212,6 +213,54 @@ def test_a_device_whose_read_never_returns(leaks):
     assert re.search(pattern, str(dst)) and "the source failed" in str(dst), str(dst)
 
 
+
+@pytest.mark.parametrize("way", ["new", "old"])
+@pytest.mark.parametrize("hook", ["save_setup", "state_pending", "save_live_iterate",
+                                  "read_state", "config_state"])
+def test_a_device_hook_that_never_returns(leaks, hook, way):
+    """Only read_state() and save_live_iterate() in the new way's save threads were
+    held to the deadline (and both were called read_state()): a device's
+    save_setup(), config_state() or state_pending() (called for the convergence test
+    in migrate()'s own thread), or any hook in the old way, where every call ran in
+    migrate()'s thread, that never returned hung both sides for ever, keepalives
+    flowing. Now no device code runs in migrate()'s thread and every call is held
+    to stall_timeout."""
+    device = HangingDevice("hang", 0, hook)
+    try:
+        with Migration(CONFIG.replace(stall_timeout=1.0, channel_header=way == "new")) as m:
+            m.source.add_device(device)
+            outcome = m.run(live=True, timeout=30)
+        assert device.blocked_at is not None, "the hook was never called"
+        src, dst = outcome.failed_both(since=device.blocked_at)
+    finally:
+        device.release.set()
+    pattern = rf"hang/0: {hook}\(\) made no progress for 1 s \(stall timeout\)"
+    assert re.search(pattern, str(src)), str(src)
+    assert re.search(pattern, str(dst)) and "the source failed" in str(dst), str(dst)
+
+
+
+@pytest.mark.parametrize("hook, call", [
+    ("load_state_buffer", r"load_state_buffer\(\) of chunk 2"),
+    ("load_config", r"load_config\(\) of chunk 16"),
+    ("precopy_loaded", r"precopy_loaded\(\)"),
+    ("load_finish", r"load_finish\(\)")])
+def test_a_loader_hook_that_never_returns_is_named(leaks, hook, call):
+    """A loader that hangs left the reassembly process without progress, and both
+    sides said only "reassembly: no progress for 1 s": not which device's loader,
+    nor in which call. The reassembly process now reports a call that has run for
+    half the deadline, and the error names it."""
+    config = CONFIG.replace(stall_timeout=1.0, switchover_ack=True)
+    with Migration(config) as m:
+        m.source.add_device(fastmfd.SyntheticDevice(*DEVICE, 16 * 4096,
+                                                    precopy_size=8 * 4096))
+        m.destination.add_loader(*DEVICE, HangingLoader(hook))
+        started = time.monotonic()
+        outcome = m.run(live=True, timeout=30)
+    check(outcome, started, rf"reassembly: no progress for 1 s \(dev/0: {call} has not "
+                            rf"returned\)")
+
+
 # ---------------------------------------------------------------- user code raising
 
 @pytest.mark.parametrize("way", ["new", "old"])
@@ -252,6 +301,64 @@ def test_load_finish_raising_is_named(leaks, way):
     look at a chunk)."""
     started = time.monotonic()
     outcome = migrate(CONFIG.replace(channel_header=way == "new"),
-                      loaders={DEVICE: FinishFailingLoader()})
+                      loaders={DEVICE: FinishingLoader()})
     check(outcome, started,
-          r"dev/0: load_finish\(\) failed: ValueError: the device could not be started")
+          r"dev/0: load_finish\(\) failed: OSError: the device would not resume")
+
+
+# ---------------------------------------------------------------- user code returning nonsense
+
+@pytest.mark.parametrize("way", ["new", "old"])
+def test_device_returning_a_float(leaks, way):
+    """read_state() wrote 10 bytes and said 9.9: the new way sent a 9-byte chunk on
+    (the core truncated the length), and the loader got a byte less than the device
+    wrote, with no error anywhere."""
+    started = time.monotonic()
+    outcome = migrate(CONFIG.replace(channel_header=way == "new"),
+                      devices=[MiscountingDevice("odd", 2, 9.9)])
+    check(outcome, started, r"odd/2: saving chunk 0 failed: ValueError: read_state returned "
+                            r"9\.9 for a 4096-byte buffer, not a byte count")
+
+
+def test_device_counting_in_numpy_integers(leaks):
+    """state_pending() and read_state() may answer with numpy's integers (any integer
+    is a byte count, as everywhere in the API): state_pending's np.int64 was refused
+    as 'not a byte count'."""
+    device = MiscountingDevice("np", 0, np.int64(10), pending=np.int64(10))
+    with Migration(CONFIG) as m:
+        m.source.add_device(device)
+        stats, result = m.run(live=True).ok()
+    assert result.devices[("np", 0)] == b"0123456789"
+    assert stats.device_live_bytes > 0, "the state went after the stop, not live"
+
+
+def test_loader_finish_returning_what_cannot_be_pickled(leaks):
+    """What load_finish() returns goes to the destination's main process: one that does
+    not pickle was reported as 'loading chunk N failed', with advice about pickling
+    loaders (the loader had pickled)."""
+    started = time.monotonic()
+    outcome = migrate(loaders={DEVICE: FinishingLoader(result=threading.Lock)})
+    check(outcome, started, r"dev/0: load_finish\(\) returned 'lock', which cannot be "
+                            r"pickled to the destination's main process: cannot pickle "
+                            r"'_thread.lock' object$")
+
+
+def test_one_device_too_many_is_refused_when_added(leaks):
+    """The 4097th device went into the Source, and migrate() connected to the
+    destination before it found that SETUP cannot carry it ('Invalid: devices:
+    4097, ...'), leaving the destination waiting for a greeting that never came."""
+    source = fastmfd.Source("tcp:127.0.0.1:1")
+    for i in range(4096):
+        source.add_device(fastmfd.BytesDevice("dev", i, b""))
+    with pytest.raises(fastmfd.ConfigError, match="at most 4096 devices"):
+        source.add_device(fastmfd.BytesDevice("dev", 4096, b""))
+
+
+def test_a_loader_that_does_not_pickle_is_named(leaks):
+    """The loaders go to the reassembly process together: one that did not pickle
+    failed the session with the pickler's words alone ("cannot pickle
+    '_thread.lock' object"), not saying which of the devices' loaders it was."""
+    started = time.monotonic()
+    outcome = migrate(loaders={("bystander", 0): LockedLoader()})
+    check(outcome, started, r"TypeError: the loader of device bystander/0: cannot pickle "
+                            r"'_thread.lock' object")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import fastmfd
+from fastmfd._engine.loading import DeviceLoading
 from device_support import HoldFirstChunks, OddDevice
 from migration_support import Migration, Proxy, make_region
 
@@ -88,6 +89,27 @@ def test_many_devices():
     devices = [fastmfd.BytesDevice(idstr, inst, data) for (idstr, inst), data in contents.items()]
     stats, result = _migrate(config, devices)
     assert result.devices == contents
+
+
+
+def test_thousands_of_devices_are_watched_once_a_tick(monkeypatch):
+    """The destination looked at its deadlines after every report, and a look reads
+    every slot of the device-state pool: 4096 devices, each loaded with a report,
+    kept its main thread looking for 12 s (its pool sized to a 24 GB /dev/shm), and
+    a source with stall_timeout=10 heard nothing from it. Counted here with a spy on
+    the look at the pool: a tick is 1 s, the migration takes a few."""
+    looks = []
+    look = DeviceLoading.signature
+    monkeypatch.setattr(DeviceLoading, "signature", lambda self: looks.append(1) or look(self))
+    contents = {(f"d{i}", i): b"%d" % i * 10 for i in range(1000)}
+    devices = [fastmfd.BytesDevice(idstr, inst, data) for (idstr, inst), data in contents.items()]
+    with Migration(fastmfd.MigrationConfig(channels=2, device_chunk_size=4096,
+                                           stall_timeout=60), max_memory=256 * MIB) as m:
+        for device in devices:
+            m.source.add_device(device)
+        stats, result = m.run(timeout=120).ok()
+    assert result.devices == contents
+    assert len(looks) < 100, f"{len(looks)} looks at the pool for {len(devices)} devices"
 
 
 def test_a_cap_of_one_chunk_lets_one_chunk_wait():

@@ -8,9 +8,10 @@ import time
 
 import fastmfd
 from fastmfd import _core
-from fastmfd._engine.reassembly import reassembly_main
+from fastmfd._engine.reassembly import plan_pool, reassembly_main
 from fastmfd._engine.processes import ChildSet
 from fastmfd.protocol.control import DeviceLoaded, Failed, ReassemblyParams
+from fastmfd.shm import SHM_DIR
 from device_support import BigResultLoader
 
 CHUNK = 4096
@@ -61,3 +62,18 @@ def test_an_error_report_never_cuts_into_a_loaded_report(tmp_path):
         os.close(desc_w)
         workers.stop()
         pool.close()
+
+
+def test_a_planned_pool_fits_its_budget():
+    """plan_pool() sized a pool to ``budget`` counting its slots only: the pool's
+    bookkeeping (8 bytes a slot) and header made it larger than the budget (max_memory,
+    or what /dev/shm has free), by 48 MB for thousands of devices."""
+    for ndevices, budget in ((1, 1 << 20), (2000, 64 << 20), (4096, 1 << 30), (3, 10 << 20)):
+        _, nslots = plan_pool(ndevices, 256 << 20, CHUNK, 4, budget)
+        pool = _core.BufferPool.create(nslots, CHUNK + _core.CHUNK_HEADER_SIZE,
+                                       tag="test-pool", sparse=True)
+        try:
+            size = os.stat(os.path.join(SHM_DIR, pool.name)).st_size
+        finally:
+            pool.close()
+        assert size <= budget, f"{ndevices} devices: a pool of {size} bytes for {budget}"

@@ -134,6 +134,26 @@ def test_full_shm_is_a_config_error_and_leaves_nothing():
     assert not {n for n in set(list_segments()) - before if "-huge-" in n}
 
 
+def test_a_sparse_segment_larger_than_memory_maps():
+    """A sparse segment takes memory only as it is written, so one larger than RAM and
+    swap must map (a destination's device-state pool for many devices is sized to what
+    /dev/shm has free, which may be more): the range reserved for it was a writable
+    shared anonymous mapping, charged against the commit limit, and the kernel
+    refused it ("cannot allocate ... Cannot allocate memory")."""
+    with open("/proc/sys/vm/overcommit_memory") as f:
+        if f.read().strip() == "2":
+            pytest.skip("strict overcommit charges every writable shared mapping")
+    with open("/proc/meminfo") as f:
+        meminfo = {key: int(value.split()[0]) * 1024
+                   for key, value in (line.split(":") for line in f)}
+    size = meminfo["MemTotal"] + meminfo["SwapTotal"] + (1 << 30)
+    segment = SharedMemory.create(size, tag="test", allocate=False)
+    try:
+        assert len(segment.buf) == size
+    finally:
+        segment.close()
+
+
 @pytest.mark.parametrize("export", [
     pytest.param(lambda buf: np.frombuffer(buf, dtype=np.uint8), id="numpy"),
     pytest.param(lambda buf: buf[10:20], id="slice"),

@@ -19,6 +19,7 @@ only sessions with devices have.
 from __future__ import annotations
 
 import os
+import pickle
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -26,11 +27,12 @@ from typing import Any, Protocol
 from .. import _core
 from ..devices import CollectLoader, Loader, device_key
 from ..errors import ConfigError, ProtocolError
-from ..protocol.control import (AwaitPrecopy, DeviceLoaded, Drained, PrecopyLoaded, RamLoaded,
-                                ReassemblyParams)
+from ..protocol.control import (AwaitPrecopy, DeviceLoaded, Drained, LoaderBusy, PrecopyLoaded,
+                                RamLoaded, ReassemblyParams)
 from ..protocol.main_channel import (OLD_WAY_CHECKSUM, OLD_WAY_PREFIX, MainChannel, Msg,
                                      PrecopySent, old_way_checksum)
 from ..protocol.setup import Setup
+from . import control_pickling
 from .processes import ChildSet
 from .reassembly import plan_pool
 from .session import SessionResources
@@ -51,6 +53,7 @@ class LoadingParts(Protocol):
     loaders: dict[tuple[str, int], Loader]
     queued_cap: int | None
     resources: SessionResources
+    stall_timeout: float | None
 
 
 class DeviceLoading:
@@ -62,6 +65,7 @@ class DeviceLoading:
         self.results: dict[int, object] = {}
         self.chunks: dict[int, int] = {}
         self.load_seconds: dict[int, float] = {}
+        self.busy: dict[int, str] = {}           # device -> its loader's slow call (LoaderBusy)
         self.drained = False                    # the reassembly process found nothing missing
         self.precopy_awaited = False            # PRECOPY_SENT came; SWITCHOVER_ACK not yet sent
         self.old_way_chunks = self.old_way_bytes = 0
@@ -89,7 +93,10 @@ class DeviceLoading:
                         for d in setup.devices)
         try:
             self._reassembly.start_session(
-                ReassemblyParams(self.pool.name, cap, loaders, setup.config_after_ram), [desc_r])
+                ReassemblyParams(self.pool.name, cap, loaders, setup.config_after_ram,
+                                 parts.stall_timeout or setup.stall_timeout), [desc_r])
+        except (TypeError, pickle.PicklingError) as exc:
+            raise _whose_loader(loaders) or exc
         finally:
             os.close(desc_r)
 
@@ -104,6 +111,12 @@ class DeviceLoading:
         device is loaded: a load_finish() still running owes its DeviceLoaded)."""
         return channels_ended or self.precopy_awaited
 
+    def stall_detail(self) -> str:
+        """Which loaders are inside a slow call, for a "no progress" error."""
+        calls = [f"{device_key(*self.setup.devices[i].key)}: {call} has not returned"
+                 for i, call in sorted(self.busy.items())]
+        return f" ({'; '.join(calls[:3])}{'; ...' if len(calls) > 3 else ''})" if calls else ""
+
     def signature(self) -> tuple[int, int]:
         """Changes whenever the loaders make progress: slots freed, devices done."""
         return (len(self.results), self.pool.free_count)
@@ -117,6 +130,11 @@ class DeviceLoading:
             self.chunks[report.device] = report.chunks
         elif isinstance(report, Drained):
             self.drained = True
+        elif isinstance(report, LoaderBusy):
+            if report.call is None:
+                self.busy.pop(report.device, None)
+            else:
+                self.busy[report.device] = report.call
         elif isinstance(report, PrecopyLoaded):
             self.precopy_awaited = False
             main.send(Msg.SWITCHOVER_ACK)
@@ -184,6 +202,18 @@ class DeviceLoading:
 
     def results_by_key(self) -> dict[tuple[str, int], object]:
         return {self.setup.devices[i].key: result for i, result in self.results.items()}
+
+
+def _whose_loader(loaders: tuple[tuple[str, Loader], ...]) -> TypeError | None:
+    """The loaders went to the reassembly process in one message, which did not
+    pickle: the first loader that does not pickle, named (the pickler's error named
+    only what it met, a lock, say), or None if each does on its own."""
+    for name, loader in loaders:
+        try:
+            control_pickling.dumps(loader)
+        except (TypeError, pickle.PicklingError) as exc:
+            return TypeError(f"the loader of device {name}: {exc}")
+    return None
 
 
 def check_chunk_counts(message: str, counts: list[int], ndevices: int) -> None:

@@ -33,6 +33,7 @@ would wait for a slot forever.
 from __future__ import annotations
 
 import os
+import pickle
 import threading
 import time
 from multiprocessing import connection
@@ -41,8 +42,8 @@ from multiprocessing.connection import Connection
 from .. import _core
 from ..devices import Loader
 from ..errors import ConfigError, MigrationError
-from ..protocol.control import (AwaitPrecopy, DeviceLoaded, Drained, PrecopyLoaded, RamLoaded,
-                               ReassemblyParams, Stop)
+from ..protocol.control import (AwaitPrecopy, DeviceLoaded, Drained, LoaderBusy, PrecopyLoaded,
+                                RamLoaded, ReassemblyParams, Stop)
 from ..shm import SHM_DIR
 from .processes import ChildPipe, run_child
 from .session import Closable
@@ -50,6 +51,10 @@ from .session import Closable
 __all__ = ["reassembly_main", "pool_slots_for", "plan_pool"]
 
 CHUNK_HEADER = _core.CHUNK_HEADER_SIZE
+
+
+_SLOT_BOOKKEEPING = 8          # a pool's next_free and held flag per slot (_shared.pxi)
+_POOL_HEADER = 2 * 4096         # its header, and the rounding of its bookkeeping to a page
 
 
 def pool_slots_for(ndevices: int, max_queued_bytes: int, chunk_size: int,
@@ -65,10 +70,13 @@ def plan_pool(ndevices: int, max_queued_bytes: int, chunk_size: int, nchannels: 
               budget: int) -> tuple[int, int]:
     """(out-of-order cap per device, slots) for a pool of at most ``budget`` bytes:
     the session's cap when it fits, else the largest cap that does. A slot
-    holds a chunk and its header (rounded as the pool lays slots out).
+    holds a chunk and its header (rounded as the pool lays slots out), and
+    takes 8 bytes of the pool's bookkeeping, which with the pool's header
+    (a page, rounded up to pages) made a pool planned to the byte larger than
+    ``budget``: by 48 MB for 6 million slots of 4 KiB chunks.
     ConfigError when not even one out-of-order chunk per device fits."""
-    stride = -(-(chunk_size + CHUNK_HEADER) // 64) * 64
-    fits = budget // stride
+    stride = -(-(chunk_size + CHUNK_HEADER) // 64) * 64 + _SLOT_BOOKKEEPING
+    fits = max(0, budget - _POOL_HEADER) // stride
     cap = max_queued_bytes
     if pool_slots_for(ndevices, cap, chunk_size, nchannels) > fits:
         in_flight = pool_slots_for(ndevices, 0, chunk_size, nchannels) - ndevices
@@ -98,6 +106,17 @@ class _DeviceStream:
         self.calls = threading.Lock()  # one call into the loader at a time (precopy_loaded
                                         # comes from another thread than the chunks)
         self.seconds = 0.0
+        self.calling: tuple[str, float] | None = None   # the loader's call under way, since
+        self.reported: str | None = None                # the slow call reported (LoaderBusy)
+
+    def call(self, what: str, hook: str, *args: object) -> object:
+        """The loader's ``hook``, timed (``what`` names it: "load_finish()", ...), so a
+        slow one can be reported."""
+        self.calling = (what, time.monotonic())
+        try:
+            return getattr(self.loader, hook)(*args)
+        finally:
+            self.calling = None
 
     def add(self, idx: int, flags: int, slot: int, length: int) -> None:
         """Queue a chunk (reader thread); raises on any rule it breaks, before taking
@@ -168,16 +187,32 @@ class _Reassembler:
         self.results: dict[int, object] = {}
         self.threads = [threading.Thread(target=self._load, args=(d,), daemon=True)
                         for d in self.devices]
+        self.slow_after = params.stall_timeout / 2
 
     def run(self) -> None:
         for thread in self.threads:
             thread.start()
         while not self.stop.is_set():
-            for ready in connection.wait([self.pipe.conn, self.desc_fd], 0.5):
+            for ready in connection.wait([self.pipe.conn, self.desc_fd],
+                                         min(0.5, self.slow_after / 4)):
                 if ready is self.pipe.conn:
                     self._on_message(self.pipe.recv())
                 else:
                     self._read_descriptors(block=True)
+            self._report_slow_loaders()
+
+    def _report_slow_loaders(self) -> None:
+        """Tell the main process of a loader's call that has run for half the deadline
+        (and when it returns): the reassembly process is alive and well while one of
+        its loaders hangs, and the main process, which sees only that no progress is
+        made, can then say which loader, in which call."""
+        now = time.monotonic()
+        for stream in self.devices:
+            calling = stream.calling
+            slow = calling[0] if calling and now - calling[1] >= self.slow_after else None
+            if slow != stream.reported:
+                stream.reported = slow
+                self.pipe.send(LoaderBusy(stream.index, slow))
 
     def _read_descriptors(self, block: bool) -> None:
         """Handle the descriptors in the pipe; without ``block``, all of them."""
@@ -245,7 +280,7 @@ class _Reassembler:
             if hasattr(stream.loader, "precopy_loaded"):
                 try:
                     with stream.calls:
-                        stream.loader.precopy_loaded()
+                        stream.call("precopy_loaded()", "precopy_loaded")
                 except Exception as exc:
                     raise MigrationError(f"approving the switchover failed: "
                                          f"{type(exc).__name__}: {exc}",
@@ -255,7 +290,6 @@ class _Reassembler:
     def _load(self, stream: _DeviceStream) -> None:
         started = None
         idx = 0
-        step = "loading chunk 0"    # what a failure names: the chunk, or load_finish()
         try:
             while True:
                 entry = stream.take(self.stop)
@@ -271,35 +305,46 @@ class _Reassembler:
                 try:
                     with stream.calls, self.pool.view(slot) as view:
                         data = view[CHUNK_HEADER:length]
-                        if not last:
-                            stream.loader.load_state_buffer(data)
-                        elif hasattr(stream.loader, "load_config"):
-                            stream.loader.load_config(data)
-                        elif len(data):     # a loader that knows no config gets it as data
-                            stream.loader.load_state_buffer(data)
+                        hook = "load_state_buffer"
+                        if last and hasattr(stream.loader, "load_config"):
+                            hook = "load_config"
+                        if hook == "load_config" or len(data) or not last:
+                            # (a loader that knows no config gets it as data, if any)
+                            stream.call(f"{hook}() of chunk {idx}", hook, data)
                 finally:
                     self.pool.release(slot)
                 with stream.cond:
                     stream.loaded += 1
                 self._check_precopy()
                 if last:
-                    step = "load_finish()"
-                    result = stream.loader.load_finish()
                     break
                 idx += 1
-                step = f"loading chunk {idx}"
-            seconds = time.monotonic() - (started or time.monotonic())
-            self.results[stream.index] = result
-            self.pipe.send(DeviceLoaded(stream.index, result, seconds, idx + 1))
+            self._finish(stream, idx + 1, time.monotonic() - (started or time.monotonic()))
         except BaseException as exc:
             if not isinstance(exc, MigrationError):     # (one from _check_precopy names itself)
-                exc = MigrationError(f"{step} failed: {type(exc).__name__}: {exc}",
+                exc = MigrationError(f"loading chunk {idx} failed: {type(exc).__name__}: {exc}",
                                      device=stream.name)
             # Reported before the stop, which ends the process: in the other
             # order, a loader's failure was now and then missing at the
             # destination, which said only that the process had exited (status 0).
             self.pipe.report_failure(exc)
             self.stop.set()
+
+    def _finish(self, stream: _DeviceStream, chunks: int, seconds: float) -> None:
+        """``load_finish()``, its result to the main process: what fails here is named
+        as such, not as the last chunk's load."""
+        try:
+            result = stream.call("load_finish()", "load_finish")
+        except Exception as exc:
+            raise MigrationError(f"load_finish() failed: {type(exc).__name__}: {exc}",
+                                 device=stream.name) from exc
+        self.results[stream.index] = result
+        try:
+            self.pipe.send(DeviceLoaded(stream.index, result, seconds, chunks))
+        except (TypeError, pickle.PicklingError) as exc:   # (the pickler's is the cause)
+            raise MigrationError(f"load_finish() returned {type(result).__name__!r}, which "
+                                 f"cannot be pickled to the destination's main process: "
+                                 f"{exc.__cause__ or exc}", device=stream.name) from exc
 
     def _wait_for_ram(self) -> bool:
         """Hold a config chunk until all RAM is in; False when stopping instead."""

@@ -237,6 +237,7 @@ class Receiving:
             watch.add_child(parts.reassembly[0], lambda report: devices.on_report(
                 report, main))
         self._check_liveness()              # the deadlines start now
+        looked = time.monotonic()
         while not self._done():
             self.failure.check()
             try:
@@ -245,7 +246,12 @@ class Receiving:
                 self._raise_the_cause_of(error)
                 raise
             self._check_ram_loaded()
-            self._check_liveness()
+            # A look reads every channel's counters and every device-pool slot: taken
+            # after each report, thousands of devices' reports kept this thread
+            # looking for seconds. A look per tick is what the deadlines need.
+            if time.monotonic() - looked >= tick(stall):
+                looked = time.monotonic()
+                self._check_liveness()
         self._finish()
 
     def _done(self) -> bool:
@@ -410,7 +416,7 @@ class Receiving:
             owed = self._devices.owes_progress(len(self._drained) == setup.total_channels)
             signature = (self._devices.signature(), self._counters.total("device_packets"))
             if progress.stalled("reassembly", owed or process_stopped(pid), signature):
-                raise stall_error(reassembly.name, stall, pid)
+                raise stall_error(reassembly.name, stall, pid, self._devices.stall_detail())
         self._heartbeat.beat()
 
     def _check_no_round_past_the_end(self) -> None:

@@ -21,11 +21,13 @@ Where the chunks go is a *sink*:
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import operator
 import threading
 import time
 from collections.abc import Iterator
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 from .. import _core
 from ..devices import Device, device_key, has_precopy
@@ -59,7 +61,8 @@ class ChunkSink(Protocol):
 
 class DeviceStream:
     """One device's stream across the phases: the next chunk idx, whether its
-    ``save_setup`` ran, and the chunk bytes it sent live."""
+    ``save_setup`` ran, the chunk bytes it sent live, what ``state_pending()`` said
+    after its last live round, and the call of the device under way."""
 
     def __init__(self, device: Device) -> None:
         self.device = device
@@ -67,6 +70,17 @@ class DeviceStream:
         self.next_idx = 0
         self.set_up = False
         self.live_bytes = 0
+        self.still_pending = 0
+        self.calling: tuple[str, float] | None = None   # (hook, since): for the deadline
+
+    def call(self, hook: str, *args: Any) -> Any:
+        """The device's ``hook``, timed: one that does not return within the
+        deadline fails the session (:meth:`DeviceSaver.wait`)."""
+        self.calling = (hook, time.monotonic())
+        try:
+            return getattr(self.device, hook)(*args)
+        finally:
+            self.calling = None
 
     @property
     def has_precopy(self) -> bool:
@@ -78,10 +92,7 @@ class DeviceStream:
         if not has_precopy(device):
             return 0
         with self.device_calls():
-            pending = device.state_pending()
-            if not isinstance(pending, int) or pending < 0:
-                raise ValueError(f"state_pending returned {pending!r}, not a byte count")
-            return pending
+            return byte_count("state_pending", self.call("state_pending"))
 
     @contextlib.contextmanager
     def device_calls(self) -> Iterator[None]:
@@ -92,26 +103,24 @@ class DeviceStream:
             if not self.set_up:
                 self.set_up = True
                 if hasattr(self.device, "save_setup"):
-                    self.device.save_setup()
+                    self.call("save_setup")
             yield
-        except (Aborted, MigrationError, KeyboardInterrupt):
-            raise   # (Ctrl-C or the CLI's SIGTERM, in the old way's main thread: no device's fault)
+        except (Aborted, MigrationError):
+            raise
         except BaseException as exc:
             raise MigrationError(f"saving chunk {self.next_idx} failed: "
                                  f"{type(exc).__name__}: {exc}", device=self.name) from exc
 
-    def send_all(self, reader: Reader, chunk_size: int, sink: ChunkSink, budget: float) -> int:
-        """Chunks from ``reader`` until it returns 0 or ``budget`` bytes of data went;
-        returns the chunk bytes sent (headers included)."""
+    def send_all(self, hook: str, chunk_size: int, sink: ChunkSink, budget: float) -> int:
+        """Chunks from the device's ``hook`` (``read_state``, ``save_live_iterate``)
+        until it returns 0 or ``budget`` bytes of data went; returns the chunk bytes
+        sent (headers included)."""
         sent = chunks = 0
         while sent < budget:
-            n = sink.fill(reader)
+            n = byte_count(hook, sink.fill(lambda buf: self.call(hook, buf)), chunk_size)
             if n == 0:
                 sink.discard()
                 break
-            if not 0 < n <= chunk_size:
-                raise ValueError(f"{getattr(reader, '__name__', 'read')} returned {n} for a "
-                                 f"{chunk_size}-byte buffer")
             sink.send(self.next_idx, 0, n)
             self.next_idx += 1
             sent += n
@@ -119,26 +128,42 @@ class DeviceStream:
         return sent + chunks * CHUNK_HEADER
 
 
+def byte_count(hook: str, value: object, most: int | None = None) -> int:
+    """What a device's ``hook`` returned, as a byte count (at most ``most``): any
+    integer, numpy's too. Anything else is refused: a float went on as a truncated
+    length, its chunk silently shorter than the device said it wrote."""
+    try:
+        n = operator.index(value)       # type: ignore[arg-type]
+    except TypeError:
+        n = -1
+    if n < 0 or most is not None and n > most:
+        limit = "" if most is None else f" for a {most}-byte buffer"
+        raise ValueError(f"{hook} returned {value!r}{limit}, not a byte count")
+    return n
+
+
 def save_live(stream: DeviceStream, chunk_size: int, sink: ChunkSink) -> None:
     """One live round of a device's precopy: ``save_live_iterate`` chunks, at most
-    what ``state_pending()`` said when the round began."""
-    device = stream.device
-    if not has_precopy(device):
+    what ``state_pending()`` said when the round began; then what it says is left
+    (``still_pending``, for the convergence test: asked here, in the saver's
+    thread, so that no device's code runs in the caller's)."""
+    if not stream.has_precopy:
         return
     budget = stream.pending()
     with stream.device_calls():
         if budget:
-            stream.live_bytes += stream.send_all(device.save_live_iterate,
-                                                  chunk_size, sink, budget)
+            stream.live_bytes += stream.send_all("save_live_iterate", chunk_size, sink, budget)
+    stream.still_pending = stream.pending()
 
 
 def save_stream(stream: DeviceStream, chunk_size: int, sink: ChunkSink) -> int:
     """The stop-copy: the rest of the stream and the LAST (config) chunk; returns
     the chunks the device sent in all."""
-    device = stream.device
     with stream.device_calls():
-        stream.send_all(device.read_state, chunk_size, sink, float("inf"))
-        config = device.config_state() if hasattr(device, "config_state") else b""
+        stream.send_all("read_state", chunk_size, sink, float("inf"))
+        stream.still_pending = 0
+        config = (stream.call("config_state") if hasattr(stream.device, "config_state")
+                  else b"")
         if len(config) > chunk_size:
             raise ValueError(f"config_state is {len(config)} bytes, more than a chunk "
                              f"({chunk_size})")
@@ -158,26 +183,19 @@ def _copy(data: memoryview, config: bytes) -> int:
 
 
 class _PoolSink:
-    """Chunks in buffer-pool slots, each handed to a channel picked by the selector.
-    ``reading_since``: when the device's current read began (None: not in one)."""
+    """Chunks in buffer-pool slots, each handed to a channel picked by the selector."""
 
     def __init__(self, pool: _core.BufferPool, selector: _core.ChannelSelector,
                  dispatch: Dispatch, device: int, chunk_size: int) -> None:
         self._pool, self._selector, self._dispatch = pool, selector, dispatch
         self._device, self._chunk = device, chunk_size
         self._slot = -1
-        self.reading_since: float | None = None
 
     def fill(self, reader: Reader) -> int:
         self._slot = self._pool.acquire()
         self._pool.populate(self._slot)             # a sparse pool: memory, or a clean error
-        view = self._pool.view(self._slot)
-        self.reading_since = time.monotonic()
-        try:
+        with self._pool.view(self._slot) as view:
             return reader(view[CHUNK_HEADER:CHUNK_HEADER + self._chunk])
-        finally:
-            self.reading_since = None
-            view.release()
 
     def discard(self) -> None:
         self._pool.release(self._slot)
@@ -189,7 +207,69 @@ class _PoolSink:
         self._dispatch(ch, self._device, self._slot, CHUNK_HEADER + length)
 
 
-class DeviceSaver:
+class _Saver:
+    """What both ways share: a phase runs in threads of its own, never in the
+    caller's, and :meth:`wait` holds every call of a device to the deadline.
+
+    A device's hooks are the device's own code: one that takes longer than
+    ``stall_timeout`` fails the session, naming the device and the hook; after a
+    failure (which aborts what the threads block on) a thread still inside a
+    device's call is left behind after ``LEFT_BEHIND_AFTER`` seconds, so no wait
+    here is unbounded. (A pool slot's memory stays mapped while its view is out:
+    see SessionResources.release.)"""
+
+    def __init__(self, streams: list[DeviceStream], failure: SessionFailure,
+                 stall_timeout: float) -> None:
+        self.streams = streams
+        self._failure, self._stall = failure, stall_timeout
+        self._threads: list[tuple[threading.Thread, list[DeviceStream]]] = []
+        self._failed_at: float | None = None         # when wait() first saw the failure
+
+    def _run(self, name: str, streams: list[DeviceStream], work: Callable[[], object]) -> None:
+        """Run ``work`` (the calls of ``streams``' devices) in a thread of its own."""
+        thread = threading.Thread(target=self._guarded, args=(work,), daemon=True, name=name)
+        self._threads.append((thread, streams))
+        thread.start()
+
+    def _guarded(self, work: Callable[[], object]) -> None:
+        try:
+            work()
+        except Aborted:
+            pass                # the session failed elsewhere: that is its error
+        except BaseException as exc:
+            self._failure.fail(exc)
+
+    def wait(self) -> None:
+        """Wait until every thread of the phase has ended (see the class doc)."""
+        for thread, streams in self._threads:
+            while thread.is_alive():
+                now = time.monotonic()
+                if self._failure.error is None:
+                    self._check_calls(streams, now)
+                    thread.join(min(0.5, self._stall / 4))
+                    continue
+                self._failed_at = self._failed_at or now       # one grace per session
+                if now - self._failed_at > LEFT_BEHIND_AFTER:
+                    log.warning("device %s: its call did not return after the session "
+                                "failed; its thread is left behind",
+                                ", ".join(s.name for s in streams if s.calling))
+                    break
+                thread.join(0.1)
+
+    def _check_calls(self, streams: list[DeviceStream], now: float) -> None:
+        for stream in streams:
+            calling = stream.calling
+            if calling is not None and now - calling[1] > self._stall:
+                self._failure.fail(MigrationError(
+                    f"{calling[0]}() made no progress for {self._stall:g} s (stall "
+                    f"timeout)", device=stream.name))
+
+    def join(self) -> None:
+        self.wait()
+        self._failure.check()
+
+
+class DeviceSaver(_Saver):
     """The new way: a thread per device for each phase, chunks out through the channels.
 
     ``dispatch(ch, device, slot, length)`` hands a filled slot to channel
@@ -202,66 +282,19 @@ class DeviceSaver:
     def __init__(self, streams: list[DeviceStream], pool: _core.BufferPool,
                  selector: _core.ChannelSelector, dispatch: Dispatch, failure: SessionFailure,
                  chunk_size: int, stall_timeout: float) -> None:
-        self.streams = streams
-        self._failure, self._chunk, self._stall = failure, chunk_size, stall_timeout
+        super().__init__(streams, failure, stall_timeout)
+        self._chunk = chunk_size
         self._sinks = [_PoolSink(pool, selector, dispatch, i, chunk_size)
                        for i in range(len(streams))]
-        self._threads: list[threading.Thread] = []
-        self._failed_at: float | None = None         # when wait() first saw the failure
-        self._running: list[DeviceStream] = []      # the threads' devices and sinks
-        self._sinks_running: list[_PoolSink] = []
 
     def start(self, live: bool) -> None:
         self.wait()
         phase = save_live if live else save_stream
-        running = [(stream, sink) for stream, sink in zip(self.streams, self._sinks)
-                   if not live or stream.has_precopy]
-        self._running = [stream for stream, _ in running]
-        self._sinks_running = [sink for _, sink in running]
-        self._threads = [
-            threading.Thread(target=self._save, daemon=True, args=(phase, stream, sink),
-                             name=f"fastmfd save {stream.name}")
-            for stream, sink in running]
-        for thread in self._threads:
-            thread.start()
-
-    def wait(self) -> None:
-        """Wait until every save thread has ended. A device's read is the device's
-        own code: one that takes longer than ``stall_timeout`` fails the session;
-        after a failure (which aborts the pool and selector the threads block on)
-        a thread still inside a read is left behind after ``LEFT_BEHIND_AFTER``
-        seconds, so no wait here is unbounded. (Its slot's memory stays mapped
-        while its view is out: see SessionResources.release.)"""
-        for thread, sink, stream in zip(self._threads, self._sinks_running,
-                                        self._running):
-            while thread.is_alive():
-                now = time.monotonic()
-                if self._failure.error is None:
-                    since = sink.reading_since
-                    if since is not None and now - since > self._stall:
-                        self._failure.fail(MigrationError(
-                            f"read_state() made no progress for {self._stall:g} s (stall "
-                            f"timeout)", device=stream.name))
-                    thread.join(min(0.5, self._stall / 4))
-                    continue
-                self._failed_at = self._failed_at or now       # one grace per session
-                if now - self._failed_at > LEFT_BEHIND_AFTER:
-                    log.warning("device %s: its read did not return after the session "
-                                "failed; its thread is left behind", stream.name)
-                    break
-                thread.join(0.1)
-
-    def join(self) -> None:
-        self.wait()
-        self._failure.check()
-
-    def _save(self, phase: Phase, stream: DeviceStream, sink: _PoolSink) -> None:
-        try:
-            phase(stream, self._chunk, sink)
-        except Aborted:
-            pass                # the session failed elsewhere: that is its error
-        except BaseException as exc:
-            self._failure.fail(exc)
+        self._threads = []
+        for stream, sink in zip(self.streams, self._sinks):
+            if not live or stream.has_precopy:
+                self._run(f"fastmfd save {stream.name}", [stream],
+                          functools.partial(phase, stream, self._chunk, sink))
 
 
 class _MainChannelSink:
@@ -291,15 +324,16 @@ class _MainChannelSink:
         self.bytes_sent += CHUNK_HEADER + length
 
 
-class OldWaySaver:
-    """The old way: each device in turn, in the caller's thread, its chunks as
-    DEVICE_STATE messages (same interface as :class:`DeviceSaver`). Nothing runs
-    beside the caller, so a phase runs when it is joined: after the round's RAM
-    jobs are handed to the channels, as QEMU saves RAM before the devices."""
+class OldWaySaver(_Saver):
+    """The old way: each device in turn, its chunks as DEVICE_STATE messages (same
+    interface as :class:`DeviceSaver`). A phase runs when it is joined: after the
+    round's RAM jobs are handed to the channels, as QEMU saves RAM before the
+    devices; in one thread, which the caller waits for under the deadline."""
 
     def __init__(self, streams: list[DeviceStream], main: MainChannel, chunk_size: int,
-                 checksum: bool) -> None:
-        self.streams, self._chunk = streams, chunk_size
+                 checksum: bool, failure: SessionFailure, stall_timeout: float) -> None:
+        super().__init__(streams, failure, stall_timeout)
+        self._chunk = chunk_size
         self._sinks = [_MainChannelSink(main, i, chunk_size, checksum)
                        for i in range(len(streams))]
         self._phase: Phase | None = None
@@ -307,14 +341,14 @@ class OldWaySaver:
     def start(self, live: bool) -> None:
         self._phase = save_live if live else save_stream
 
-    def wait(self) -> None:
-        pass
-
     def join(self) -> None:
         phase, self._phase = self._phase, None
         if phase is not None:
-            for stream, sink in zip(self.streams, self._sinks):
-                phase(stream, self._chunk, sink)
+            self._threads = []
+            self._run("fastmfd save (old way)", self.streams, lambda: [
+                phase(stream, self._chunk, sink) for stream, sink in zip(self.streams,
+                                                                         self._sinks)])
+        super().join()
 
     @property
     def bytes_sent(self) -> int:

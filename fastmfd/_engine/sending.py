@@ -225,7 +225,7 @@ class Sending:
                                       cfg.device_chunk_size, cfg.stall_timeout)
         elif self._streams:
             self._saver = OldWaySaver(self._streams, self.main, cfg.device_chunk_size,
-                                      cfg.checksum)
+                                      cfg.checksum, self.failure, cfg.stall_timeout)
         self.state = SendingState.LIVE
 
     @property
@@ -276,7 +276,7 @@ class Sending:
                 break
             # Converged when what is left — dirty pages and what devices still
             # want to send live — fits the downtime limit (QEMU's pending estimate).
-            devices = self.board.device_pending = sum(s.pending() for s in self._streams)
+            devices = self.board.device_pending = sum(s.still_pending for s in self._streams)
             pending = sum(r.dirty.count() for r in regions) * cfg.page_size + devices
             if (pending <= self._bandwidth() * cfg.downtime_limit
                     or len(rounds) >= cfg.max_rounds) and self._switchover_acked():

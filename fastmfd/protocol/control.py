@@ -25,6 +25,7 @@ parameter or report is added here and used where it is made and read.
       ◀─────────────────────────────── DeviceLoaded reassembly: one device loaded
       AwaitPrecopy(counts) ──────────────────────▶  reassembly: say when these are loaded
       ◀─────────────────────────────── PrecopyLoaded  ... they are (switchover_ack)
+      ◀─────────────────────────────── LoaderBusy   reassembly: a loader's call is slow
       RamLoaded ─────────────────────────────────▶  reassembly: config chunks may load now
       Drained ───────────────────────────────────▶  reassembly: every channel has ended
       ◀─────────────────────────────── Drained      reassembly: nothing is missing
@@ -43,6 +44,7 @@ __all__ = [
     "RegionHandle", "ChannelParams", "SendParams", "RecvParams", "ReassemblyParams",
     "Greeting", "Prealloc", "Preallocated", "Ready", "Stop", "Greeted", "Refused", "Synced", "Go", "Done", "Eof",
     "DeviceLoaded", "Drained", "Failed", "AwaitPrecopy", "PrecopyLoaded", "RamLoaded",
+    "LoaderBusy",
 ]
 
 
@@ -139,6 +141,7 @@ class ReassemblyParams:
     max_queued_bytes: int
     loaders: tuple[tuple[str, Any], ...]
     config_after_ram: bool = False          # hold config chunks until RamLoaded
+    stall_timeout: float = 30.0             # a loader's call slower than half is reported
 
 
 # ---------------------------------------------------------------- reports
@@ -218,6 +221,15 @@ class AwaitPrecopy:
     """To the reassembly process: report PrecopyLoaded once device i has loaded
     ``device_chunks[i]`` chunks, for every i (the source's PRECOPY_SENT)."""
     device_chunks: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class LoaderBusy:
+    """From the reassembly process: device ``device``'s loader has been in ``call``
+    ("load_state_buffer() of chunk 2") for half the deadline; ``call`` None: that
+    call returned. The main process names it if the deadline passes."""
+    device: int
+    call: str | None
 
 
 @dataclass(frozen=True)
