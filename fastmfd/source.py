@@ -24,7 +24,7 @@ from .arguments import BOOL, CALLABLE, STR, check_types, instance_of, optional, 
 from .config import MigrationConfig
 from .devices import Device, check_device_ids
 from .errors import ConfigError, MigrationError
-from .protocol.setup import MAX_DEVICES
+from .protocol.setup import MAX_DEVICES, MAX_REGIONS
 from .protocol.sockets import parse_address
 from .regions import Region, region_to_add
 from .shm import SharedMemory
@@ -78,12 +78,16 @@ class Source(Owner):
 
     def add_region(self, region: Region) -> None:
         """Migrate ``region`` (regions are sent in the order they are added)."""
+        # Refused here, not at migrate(), which finds out only once connected.
         region = region_to_add(region)
         if region.page_size != self.config.page_size:
             raise ConfigError(f"region {region.name!r} has page size {region.page_size}, the "
                               f"migration {self.config.page_size}")
         if any(r.name == region.name for r in self._regions):
             raise ConfigError(f"two regions named {region.name!r}")
+        if len(self._regions) == MAX_REGIONS:
+            raise ConfigError(f"at most {MAX_REGIONS} regions: a migration's SETUP carries "
+                              f"no more")
         self._regions.append(region)
 
     def add_device(self, device: Device) -> None:
@@ -96,8 +100,7 @@ class Source(Owner):
         key = (device.idstr, device.instance_id)
         if any((d.idstr, d.instance_id) == key for d in self._devices):
             raise ConfigError(f"two devices {device.idstr!r} instance {device.instance_id}")
-        if len(self._devices) == MAX_DEVICES:
-            # Refused here, not at migrate(), which found out only once connected.
+        if len(self._devices) == MAX_DEVICES:       # (as add_region's bound)
             raise ConfigError(f"at most {MAX_DEVICES} devices: a migration's SETUP carries "
                               f"no more")
         self._devices.append(device)

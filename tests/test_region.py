@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import fastmfd
+import fastmfd.source
 from fastmfd.errors import ConfigError
 from fastmfd.regions import Region
 from fastmfd.shm import SHM_DIR, list_segments
@@ -368,3 +369,20 @@ def test_a_closed_region_cannot_be_used(any_region):
                 owner.add_region(region)
     finally:
         destination.close()
+
+
+def test_one_region_too_many_is_refused_when_added(monkeypatch, leaks):
+    # As a device too many (test_device_errors): migrate() found out only once it
+    # had connected, leaving the destination waiting for a greeting.
+    monkeypatch.setattr(fastmfd.source, "MAX_REGIONS", 2)
+    regions = [Region.create(f"r{i}", 4096) for i in range(3)]
+    try:
+        source = fastmfd.Source("tcp:127.0.0.1:1")
+        source.add_region(regions[0])
+        source.add_region(regions[1])
+        with pytest.raises(fastmfd.ConfigError, match="at most 2 regions: a migration's "
+                                                      "SETUP carries no more"):
+            source.add_region(regions[2])
+    finally:
+        for region in regions:
+            region.close()
