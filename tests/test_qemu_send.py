@@ -13,8 +13,10 @@ import json
 import multiprocessing
 import os
 import re
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -285,6 +287,42 @@ def test_send_refuses_a_save_cut_short(tmp_path, qemu72_captures):
     with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'saved' / 'manifest.json'}"
                                                     " is missing: not a complete save")):
         qemu.send("tcp:127.0.0.1:9", str(tmp_path / "saved"))
+
+
+def test_the_wait_for_the_destination_to_close_has_one_deadline(tmp_path, qemu72_captures):
+    """The send waits for the destination to end the main channel, for stall_timeout:
+    a peer that sent a byte now and then restarted that wait at each byte, and
+    kept the send waiting as long as it went on (here 6 s, then it closes)."""
+    receive_replay(tmp_path / "saved", capture_bytes(qemu72_captures, "none"))
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def trickle(conn: socket.socket) -> None:
+        ends = time.monotonic() + 6
+        while not stop.wait(0.2) and time.monotonic() < ends:
+            conn.send(b"x")
+        conn.close()
+
+    def drain(conn: socket.socket) -> None:
+        while conn.recv(1 << 16):
+            pass
+
+    def serve() -> None:
+        for i in range(3):          # the main channel, then the 2 multifd channels
+            conn = listener.accept()[0]
+            threading.Thread(target=drain, args=(conn,), daemon=True).start()
+            if i == 0:
+                threading.Thread(target=trickle, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        with pytest.raises(MigrationError, match="the destination did not end the stream "
+                                                 "within 1 s"):
+            qemu.send(f"tcp:127.0.0.1:{listener.getsockname()[1]}", str(tmp_path / "saved"),
+                      channels=2, stall_timeout=1.0)
+    finally:
+        stop.set()
+        listener.close()
 
 
 @needs_qemu

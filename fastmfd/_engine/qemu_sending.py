@@ -188,11 +188,18 @@ class QemuSending:
         stream unread, which resets the connection: the send fails. (It said it
         succeeded while the destination QEMU exited, "load of migration failed".)"""
         assert self.main is not None, "connected by run()"
-        self.main.settimeout(self.stall)
+        # One deadline for the whole wait: a peer that sends a byte now and then
+        # must not restart it.
+        deadline = time.monotonic() + self.stall
         try:
             self.main.shutdown(socket.SHUT_WR)
-            while self.main.recv(1 << 16):     # nothing is expected; whatever, not held
-                pass
+            while True:     # nothing is expected; whatever comes, not held
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError
+                self.main.settimeout(left)
+                if not self.main.recv(1 << 16):
+                    break
         except TimeoutError:
             raise MigrationError(f"the destination did not end the stream within "
                                  f"{self.stall:g} s of its last byte", channel=MAIN) from None

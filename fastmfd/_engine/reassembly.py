@@ -192,20 +192,29 @@ class _Reassembler:
     def run(self) -> None:
         for thread in self.threads:
             thread.start()
+        # Its own thread: a loader's call may run in this one (precopy_loaded(),
+        # when AwaitPrecopy comes after the chunks it names are loaded).
+        threading.Thread(target=self._watch_loaders, daemon=True,
+                         name="fastmfd loader watch").start()
         while not self.stop.is_set():
-            for ready in connection.wait([self.pipe.conn, self.desc_fd],
-                                         min(0.5, self.slow_after / 4)):
+            for ready in connection.wait([self.pipe.conn, self.desc_fd], 0.5):
                 if ready is self.pipe.conn:
                     self._on_message(self.pipe.recv())
                 else:
                     self._read_descriptors(block=True)
-            self._report_slow_loaders()
 
-    def _report_slow_loaders(self) -> None:
+    def _watch_loaders(self) -> None:
         """Tell the main process of a loader's call that has run for half the deadline
         (and when it returns): the reassembly process is alive and well while one of
         its loaders hangs, and the main process, which sees only that no progress is
         made, can then say which loader, in which call."""
+        while not self.stop.wait(min(0.5, self.slow_after / 4)):
+            try:
+                self._report_slow_loaders()
+            except OSError:
+                return      # the main process is gone: the main loop ends on its pipe
+
+    def _report_slow_loaders(self) -> None:
         now = time.monotonic()
         for stream in self.devices:
             calling = stream.calling

@@ -250,9 +250,13 @@ class _Saver:
                     continue
                 self._failed_at = self._failed_at or now       # one grace per session
                 if now - self._failed_at > LEFT_BEHIND_AFTER:
-                    log.warning("device %s: its call did not return after the session "
-                                "failed; its thread is left behind",
-                                ", ".join(s.name for s in streams if s.calling))
+                    # (Not always inside a device's call: the old way's may be
+                    # sending on the main channel.)
+                    calls = [f"{s.name}: {calling[0]}()" for s in streams
+                             if (calling := s.calling) is not None]
+                    log.warning("%s did not end after the session failed (%s); it is left "
+                                "behind", thread.name,
+                                "; ".join(calls) or "in no device's call")
                     break
                 thread.join(0.1)
 
