@@ -69,7 +69,8 @@ EVICT_AFTER = 1.0       # seconds a greeting runs before a newcomer may take its
 MAX_REFUSALS_KEPT = 1000    # refusals kept and logged by one destination; the rest counted
 ACCEPTED_ANOTHER = "dropped: the session's source was accepted first"
 TOO_MANY = f"{MAX_CANDIDATES} connections are being greeted already"
-EVICTED = "dropped: still greeting after the others took their places (too many connections)"
+EVICTED = (f"dropped: greeted for over {EVICT_AFTER:g} s when {MAX_CANDIDATES} were being "
+           f"greeted, for a newer connection")
 GREETING_SPARES = 2     # receive workers beyond the channels, to greet strangers meanwhile
 
 
@@ -182,7 +183,7 @@ class Admission:
             thread = threading.Thread(target=self._greet, args=(sock, describe_peer(peer)),
                                       daemon=True, name="fastmfd greeting")
             with self._lock:
-                crowded = self._closing or not self._room()
+                crowded = not self._room()      # (_closing comes after this thread)
                 if not crowded:
                     self._greeting[thread] = (sock.fileno(), sock.family, sock.type,
                                               time.monotonic())
