@@ -647,28 +647,36 @@ def test_a_channel_a_sync_ahead_fails_saying_it_went_on(tmp_path):
     # receiver failed: cut short there.
     socks = replay(receiver.address, files, resume=resume,
                    pause={"conn1.bin": later + 1344 + 100})
-    try:
-        with pytest.raises(MigrationError, match=r"multifd channel \d: .*connection closed .* "
-                                                 r"\(the stream had ended and every channel had "
-                                                 r"sent its last SYNC, but this one went on "
-                                                 r"sending, and was shut for reading here\)"):
-            receiver.result()
-    finally:
-        resume.set()
-        for sock in socks:
-            sock.close()
-    assert_nothing_complete(out)
+    with failing_replay(receiver, socks, resume, out, r"multifd channel \d: .*connection "
+                        r"closed .* \(the stream had ended and every channel had sent its last "
+                        r"SYNC, but this one went on sending, and was shut for reading here\)",
+                        hold=True):
+        pass
+
+
+def _syncs_only(block: str, size: int, page: int, syncs: int) -> bytes:
+    """A QEMU 7.2 multifd channel 0 that sends no page: its init packet, then
+    ``syncs`` SYNC packets (for a stream of one block ``block`` of ``size``)."""
+    codec = _core.RamPacketCodec(128, page, _core.LAYOUT_QEMU72, 0, {block: size})
+    sync = bytearray(codec.header_size)
+    codec.encode(sync, flags=_core.FLAG_SYNC, ramblock=b"", normal=(), zero=(),
+                 next_packet_size=0)
+    init = bytearray(_core.INIT_PACKET_SIZE)
+    _core.encode_init_packet(init, bytes(16), 0)
+    return bytes(init) + bytes(sync) * syncs
 
 
 @contextlib.contextmanager
 def failing_replay(receiver: Receiver, socks: list[socket.socket], resume: threading.Event,
-                   out: Path, match: str) -> Iterator[None]:
-    """Around a test's steps while a replay is paused: then it resumes, the
-    receiver fails as ``match`` says, leaving nothing that looks complete;
-    the replay's connections (``socks``, as the steps left it) are closed."""
+                   out: Path, match: str, hold: bool = False) -> Iterator[None]:
+    """Around a test's steps while a replay is paused: then it resumes (after the
+    failure, with ``hold``), the receiver fails as ``match`` says, leaving nothing
+    that looks complete; the replay's connections (``socks``, as the steps left
+    it) are closed."""
     try:
         yield
-        resume.set()
+        if not hold:
+            resume.set()
         with pytest.raises((ProtocolError, MigrationError), match=match):
             receiver.result()
     finally:
@@ -867,13 +875,7 @@ def test_pages_on_the_main_channel_into_a_full_disk_fail_cleanly(small_disk):
     description = json.dumps({"page_size": page, "devices": []}).encode()
     main = (start + part + filled + eos + end + eos
             + b"\x00\x06" + len(description).to_bytes(4, "big") + description)
-    codec = _core.RamPacketCodec(128, page, _core.LAYOUT_QEMU72, 0, {block: size})
-    sync = bytearray(codec.header_size)
-    codec.encode(sync, flags=_core.FLAG_SYNC, ramblock=b"", normal=(), zero=(),
-                 next_packet_size=0)
-    init = bytearray(_core.INIT_PACKET_SIZE)
-    _core.encode_init_packet(init, bytes(16), 0)
-    channel = bytes(init) + bytes(sync) * 3
+    channel = _syncs_only(block, size, page, 3)
 
     out = small_disk / "out"
     receiver = Receiver(out)
@@ -974,18 +976,12 @@ def test_device_state_into_a_full_disk_fails_cleanly(small_disk):
     main = (encode_stream_start(b"\x07" + (3).to_bytes(4, "big") + b"abc")
             + encode_ram_start(2, {block: size}) + eos + b"\x03" + (2).to_bytes(4, "big") + eos
             + devices + b"\x00\x06" + len(description).to_bytes(4, "big") + description)
-    codec = _core.RamPacketCodec(128, page, _core.LAYOUT_QEMU72, 0, {block: size})
-    sync = bytearray(codec.header_size)
-    codec.encode(sync, flags=_core.FLAG_SYNC, ramblock=b"", normal=(), zero=(),
-                 next_packet_size=0)
-    init = bytearray(_core.INIT_PACKET_SIZE)
-    _core.encode_init_packet(init, bytes(16), 0)
     out = small_disk / "out"
     receiver = Receiver(out)
     target = parse_address(receiver.address)
     socks = [connect(target, 5), connect(target, 5)]
     try:
-        for sock, data in zip(socks, (main, bytes(init) + bytes(sync) * 2)):
+        for sock, data in zip(socks, (main, _syncs_only(block, size, page, 2))):
             threading.Thread(target=_send_quietly, args=(sock, data), daemon=True).start()
         with pytest.raises(MigrationError, match=r"the device state \(vmstate\.bin\): writing "
                                                  r"it to disk failed: No space left on device"):
