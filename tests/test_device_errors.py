@@ -207,13 +207,18 @@ def test_a_device_whose_read_never_returns(leaks):
     blocked = BlockedDevice("blocked", 0)
     try:
         outcome = migrate(CONFIG.replace(stall_timeout=1.0), devices=[blocked], timeout=30)
-        src, dst = outcome.failed_both(since=blocked.blocked_at)
+        assert_stall_named(outcome, blocked.blocked_at,
+                           r"blocked/0: read_state\(\) made no progress for 1 s")
     finally:
         blocked.release.set()
-    pattern = r"blocked/0: read_state\(\) made no progress for 1 s"
+
+
+def assert_stall_named(outcome: Outcome, since: float, pattern: str) -> None:
+    """Both sides failed within the bound of ``since``, naming the stalled call
+    (``pattern``); the destination as the source's failure."""
+    src, dst = outcome.failed_both(since=since)
     assert re.search(pattern, str(src)), str(src)
     assert re.search(pattern, str(dst)) and "the source failed" in str(dst), str(dst)
-
 
 
 @pytest.mark.parametrize("way", ["new", "old"])
@@ -233,13 +238,10 @@ def test_a_device_hook_that_never_returns(leaks, hook, way):
             m.source.add_device(device)
             outcome = m.run(live=True, timeout=30)
         assert device.blocked_at is not None, "the hook was never called"
-        src, dst = outcome.failed_both(since=device.blocked_at)
+        assert_stall_named(outcome, device.blocked_at,
+                           rf"hang/0: {hook}\(\) made no progress for 1 s \(stall timeout\)")
     finally:
         device.release.set()
-    pattern = rf"hang/0: {hook}\(\) made no progress for 1 s \(stall timeout\)"
-    assert re.search(pattern, str(src)), str(src)
-    assert re.search(pattern, str(dst)) and "the source failed" in str(dst), str(dst)
-
 
 
 @pytest.mark.parametrize("hook, call", [

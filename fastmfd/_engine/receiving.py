@@ -143,7 +143,8 @@ class Receiving:
     def accept_main(self) -> None:
         """Wait for the source's main channel (strangers are refused meanwhile,
         see :mod:`.admission`), check its SETUP, answer SETUP_ACK."""
-        with Admission(self.parts.listener, self.parts.security, self._refuse) as admission:
+        refuse = self.parts.refused.add         # dropped, kept, logged; the wait goes on
+        with Admission(self.parts.listener, self.parts.security, refuse) as admission:
             self._admission = admission
             self.failure.check()                # cancelled before it started
             try:
@@ -169,11 +170,6 @@ class Receiving:
             self._preallocate()
         self.main.send(Msg.SETUP_ACK)
         self.state = ReceivingState.RECEIVING
-
-    def _refuse(self, peer: str, reason: BaseException | str) -> None:
-        """A connection failed its greeting: dropped, counted and logged; the
-        session goes on waiting for its real source."""
-        self.parts.refused.add(peer, reason)
 
     def _prepare(self, setup: Setup) -> None:
         """Check SETUP against what the user added; make regions, counters, pool."""
@@ -227,7 +223,7 @@ class Receiving:
         self._heartbeat = Heartbeat(self.main, stall, "source",
                                     interval=min(stall, setup.stall_timeout))
         self._watch = watch = Watch(self.main.sock)
-        self._door = ChannelDoor(parts, setup, stall, watch, self._watch_worker, self._refuse,
+        self._door = ChannelDoor(parts, setup, stall, watch, self._watch_worker, parts.refused.add,
                                  self._prestarted)
         watch.add(self.main.sock, self._on_main_message)
         for worker in parts.workers:

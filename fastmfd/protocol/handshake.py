@@ -26,7 +26,7 @@ import socket
 import ssl
 import struct
 import time
-from collections.abc import Container
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 
 from .. import _core
@@ -115,16 +115,26 @@ class _AuthMessages:
         send_all(self.sock, encode_message(Msg.AUTH, data), what, self.where)
 
     def recv_exact(self, size: int, what: str = "AUTH") -> bytes:
-        kind, length = decode_message_header(
-            recv_exact(self.sock, MESSAGE_HEADER_SIZE, what, self.where, self.deadline,
-                       self.seconds), 0)
-        _check_auth_header(kind, length, size, self.where)
-        body = recv_exact(self.sock, length, f"{kind.name} payload", self.where,
-                          self.deadline, self.seconds) if length else b""
+        kind, body = _read_bounded(
+            self.sock, what, self.where, self.deadline, self.seconds,
+            lambda kind, length: _check_auth_header(kind, length, size, self.where))
         if kind is Msg.ERROR:
             raise SecurityError(f"the peer refused: {decode_payload(kind, body).error}",
                                 channel=self.where, side="peer")
         return body
+
+
+def _read_bounded(sock: socket.socket, what: str, where: str, deadline: float,
+                  seconds: float | None, check: Callable[[Msg, int], None]) -> tuple[Msg, bytes]:
+    """A message from a peer that has proved nothing: ``check(kind, length)``
+    judges its header (raising) before the payload, which is allocated whole
+    as it is read, is read."""
+    kind, length = decode_message_header(
+        recv_exact(sock, MESSAGE_HEADER_SIZE, what, where, deadline, seconds), 0)
+    check(kind, length)
+    body = recv_exact(sock, length, f"{kind.name} payload", where, deadline,
+                      seconds) if length else b""
+    return kind, body
 
 
 def _check_auth_header(kind: Msg, length: int, size: int, where: str) -> None:
@@ -224,17 +234,16 @@ def _refusal_left(sock: socket.socket, where: str) -> MigrationError | None:
     connection (refuse_on_arrival) before it reads why. None if none is. (It
     came before the end of the connection that failed the source, so it is
     read at once, or not there.)"""
-    deadline = time.monotonic() + 0.05
+    def refusal(kind: Msg, length: int) -> None:
+        if kind is not Msg.ERROR or length > MAX_REFUSAL:
+            raise ProtocolError(f"no refusal: {kind.name} of {length} bytes", where=where)
     try:
-        kind, length = decode_message_header(
-            recv_exact(sock, MESSAGE_HEADER_SIZE, "ERROR", where, deadline), 0)
-        if kind is Msg.ERROR and length <= MAX_REFUSAL:
-            body = recv_exact(sock, length, "ERROR payload", where, deadline)
-            return MigrationError(f"the destination refused: {decode_payload(kind, body).error}",
-                                  channel=where, side="peer")
+        kind, body = _read_bounded(sock, "ERROR", where, time.monotonic() + 0.05, None,
+                                   refusal)
     except (MigrationError, ProtocolError, OSError):
-        pass
-    return None
+        return None
+    return MigrationError(f"the destination refused: {decode_payload(kind, body).error}",
+                          channel=where, side="peer")
 
 
 def open_channel(sock: socket.socket, security: ChannelSecurity, hello: bytes, uuid: bytes,
