@@ -349,10 +349,13 @@ class OldWaySaver(_Saver):
         phase, self._phase = self._phase, None
         if phase is not None:
             self._threads = []
-            self._run("fastmfd save (old way)", self.streams, lambda: [
-                phase(stream, self._chunk, sink) for stream, sink in zip(self.streams,
-                                                                         self._sinks)])
+            self._run("fastmfd save (old way)", self.streams,
+                      functools.partial(self._save_each, phase))
         super().join()
+
+    def _save_each(self, phase: Phase) -> None:
+        for stream, sink in zip(self.streams, self._sinks):
+            phase(stream, self._chunk, sink)
 
     @property
     def bytes_sent(self) -> int:
