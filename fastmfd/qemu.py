@@ -38,8 +38,8 @@ steps: it opens the directory and starts the workers, then ``send(address)``;
 Files are written as ``.part`` and renamed once the stream reached its end
 and everything is on disk (:mod:`fastmfd.tools.outputs`); a truncated,
 corrupt or unsupported stream (postcopy, dirty-bitmaps, x-ignore-shared,
-xbzrle, compress threads, a return path) raises one exception naming what and where, and leaves no file that
-looks complete. The multifd channels run in fastmfd's receive worker
+xbzrle, compress threads, a return path) raises one exception naming what and
+where, and leaves no file that looks complete. The multifd channels run in fastmfd's receive worker
 processes (one per channel, QEMU 7.2's packet layout); the main channel is
 decoded in the calling process (:mod:`fastmfd._engine.qemu_receiving`).
 """

@@ -883,7 +883,7 @@ def test_pages_on_the_main_channel_into_a_full_disk_fail_cleanly(small_disk):
     socks = [connect(target, 5), connect(target, 5)]
     resume = threading.Event()
     with failing_replay(receiver, socks, resume, out, r"block pc\.ram: no memory to write "
-                                                      r"into: the file system that holds it is full"):
+                        r"into: the file system that holds it is full"):
         threading.Thread(target=_send_quietly, args=(socks[0], main, True, len(start), resume),
                          daemon=True).start()
         threading.Thread(target=_send_quietly, args=(socks[1], channel), daemon=True).start()

@@ -410,7 +410,8 @@ def test_a_destination_without_the_saved_uuid_fails_the_send_naming_it(tmp_path,
     saved, _ = saved_guest(tmp_path, 2, "none", qemu_binary, options=("-uuid", uuid))
     guest, _, address = incoming_guest(tmp_path, 2, "none", qemu_binary)
     try:
-        with pytest.raises(MigrationError, match=f"machine pc-i440fx-[0-9.]+, .*; with -uuid {uuid}; "):
+        with pytest.raises(MigrationError,
+                           match=f"machine pc-i440fx-[0-9.]+, .*; with -uuid {uuid}; "):
             qemu.send(address, str(saved), channels=2, stall_timeout=3.0)
     finally:
         guest.close()
