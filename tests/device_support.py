@@ -150,21 +150,22 @@ def at_idx(which: int, **changes):
 class HoldFirstChunks(Packets):
     """Hold back every device's chunk idx 0 by ``seconds`` while the packets behind
     it (on this channel and the others) go on, so the chunks after it arrive
-    first. Each chunk seen is logged as (channel, idstr, idx) in ``log``."""
+    first. Each chunk seen is logged as (channel, idstr, idx, released) in ``log``,
+    ``released`` being the ``time.monotonic()`` at which it is passed on."""
 
     def __init__(self, config, seconds: float, channel: int, log: list) -> None:
         super().__init__(config, self._on_packet)
         self.seconds, self.channel, self.log = seconds, channel, log
 
     def _on_packet(self, link, packet):
-        first = False
+        delay = 0.0
         if packet.is_device:
             idx = chunk_idx(packet)
-            self.log.append((self.channel, packet.device[0], idx))
-            first = idx == 0
-        if first:
+            delay = self.seconds if idx == 0 else 0.0
+            self.log.append((self.channel, packet.device[0], idx, time.monotonic() + delay))
+        if delay:
             self.fire()
-        link.send(packet.raw, delay=self.seconds if first else 0.0, overtakable=first)
+        link.send(packet.raw, delay=delay, overtakable=bool(delay))
 
 
 class BigResultLoader:

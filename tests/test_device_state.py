@@ -140,4 +140,4 @@ def test_chunks_arriving_out_of_order_load_in_order(way):
     devices = [fastmfd.BytesDevice(idstr, inst, data) for (idstr, inst), data in contents.items()]
     stats, result = _migrate(config, devices, proxy=proxy)
     assert result.devices == contents
-    assert {name for _, name, idx in log if idx == 0} == {idstr for idstr, _ in contents}
+    assert {name for _, name, idx, _ in log if idx == 0} == {idstr for idstr, _ in contents}
