@@ -150,7 +150,7 @@ class OutputDir:
             # A save already there is refused now, before a migration comes for it
             # (and fails at SETUP), unless ``force``; plan() checks again.
             self._claim(self.manifest)
-        except ConfigError:
+        except BaseException:
             os.close(self.fd)
             remove_directories_made(self._made)     # refused: leaves nothing
             raise
@@ -276,7 +276,11 @@ class OutputDir:
                 raise ConfigError(f"{self._show(name)} exists ({what}): not replacing it"
                                   + ("" if stat.S_ISDIR(st.st_mode) else " without --force"))
             if name == out.part:
-                os.unlink(name, dir_fd=self.fd)     # the link itself, never its target
+                try:
+                    os.unlink(name, dir_fd=self.fd)     # the link itself, never its target
+                except OSError as exc:      # another user's, in a sticky directory
+                    raise ConfigError(f"{self._show(name)} exists ({what}) and cannot be "
+                                      f"removed: {exc.strerror or exc}") from None
 
     def _create(self, out: _Output, access: int = os.O_WRONLY) -> int:
         """Create ``out``'s .part file, new (never through a link); returns its
