@@ -19,11 +19,14 @@ import textwrap
 
 import pytest
 
+from listen_support import Listener, run_cli
+
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
                                 reason="needs root and setpriv to act as other users")
 
 NOBODY = 65534
 UID = 4242              # the listener, where it must not be root
+PAGE = 4096
 
 
 def as_user(uid: int, *argv: str) -> subprocess.CompletedProcess:
@@ -64,3 +67,54 @@ def test_a_part_file_of_another_user_is_refused_cleanly(shared_dir):
     assert f"ConfigError: {part} exists (a file) and cannot be removed: Operation not " \
            f"permitted" in done.stdout
     assert "left open: 0" in done.stdout
+
+
+def _image(directory: str) -> str:
+    path = os.path.join(directory, "ram.img")
+    with open(path, "wb") as f:
+        f.write(b"a secret page".ljust(PAGE, b"."))
+    return path
+
+
+@pytest.mark.parametrize("other", ["owner", "writer"])
+def test_a_directory_another_user_can_change_is_refused(shared_dir, tmp_path, other):
+    """Another user made the directory (in /tmp, under a name they guessed), or may
+    write in it: they could swap the saved memory for theirs once it is written.
+    The listener refuses it before it listens, and writes nothing there."""
+    out = os.path.join(shared_dir, "vm1")
+    if other == "owner":
+        assert as_user(NOBODY, "mkdir", "-m", "0755", out).returncode == 0
+        why = f"{out} belongs to another user (uid {NOBODY})"
+    else:
+        os.mkdir(out)
+        os.chmod(out, 0o777)
+        why = f"others may write in {out} (mode 0777)"
+    for sessions in ([], ["--max-sessions", "2", "--prealloc"]):
+        done = run_cli("listen", f"unix:{tmp_path}/sock", "--dir", out, *sessions)
+        assert done.returncode != 0 and why in done.stderr, done.stderr
+        assert os.listdir(out) == []
+
+
+def test_a_directory_above_that_another_user_owns_is_refused(shared_dir, tmp_path):
+    """Its owner could rename the directory away and put another in its place."""
+    theirs = os.path.join(shared_dir, "theirs")
+    assert as_user(NOBODY, "mkdir", "-m", "0777", theirs).returncode == 0
+    out = os.path.join(theirs, "vm1")
+    done = run_cli("listen", f"unix:{tmp_path}/sock", "--dir", out)
+    assert done.returncode != 0, done.stderr
+    assert f"{theirs} belongs to another user (uid {NOBODY})" in done.stderr
+    assert not os.path.exists(out)
+
+
+def test_a_sticky_directory_and_one_made_under_a_lax_umask_are_taken(shared_dir, tmp_path):
+    """In a sticky directory (/tmp) nobody renames another's files: the listener
+    writes there. A directory it makes is never writable by others, whatever the
+    umask (under umask 000 it was 0777: anyone could replace its files)."""
+    out = os.path.join(shared_dir, "made", "vm1")
+    with Listener(out, preexec_fn=lambda: os.umask(0)) as listener:
+        sent = run_cli("send", listener.address, _image(str(tmp_path)), "--quiet")
+        assert sent.returncode == 0, sent.stderr
+        assert listener.finish()[0] == 0
+    for made in (out, os.path.dirname(out)):
+        assert os.stat(made).st_mode & 0o7777 == 0o755
+    assert sorted(os.listdir(out)) == ["manifest.json", "ram.img"]

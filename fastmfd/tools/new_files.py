@@ -65,7 +65,7 @@ def _make_directories(path: str) -> list[str]:
     if head and tail and not os.path.exists(head):
         made = _make_directories(head)
     try:
-        os.mkdir(path)
+        os.mkdir(path, 0o755)   # others never write where a command puts its user's files
     except FileExistsError:
         if not os.path.isdir(path):
             raise

@@ -52,7 +52,8 @@ from .new_files import (make_directories, remove_directories_made, rename_withou
                         try_making_a_file, write_durably)
 from .warm_files import WarmFiles
 
-__all__ = ["OutputDir", "output_name", "check_writable", "MANIFEST", "VMSTATE"]
+__all__ = ["OutputDir", "output_name", "check_writable", "check_only_yours", "MANIFEST",
+           "VMSTATE"]
 
 log = logging.getLogger("fastmfd")
 
@@ -118,6 +119,29 @@ def check_writable(path: str) -> None:
                           f"({exc.strerror or exc})") from None
 
 
+def check_only_yours(path: str) -> None:
+    """ConfigError unless no other user can rename or replace what is written in the
+    directory ``path``: it and every directory above it belong to this user or
+    root, and those others may write in are sticky (as /tmp is). Another user's
+    directory (one made in /tmp under a name they guessed first) would let them
+    swap a saved VM's memory for theirs after it was written: refused, as ssh
+    refuses an ``authorized_keys`` in such a place (``StrictModes``)."""
+    me, where = os.geteuid(), os.path.realpath(path)
+    while True:
+        st = os.stat(where)
+        if st.st_uid not in (me, 0):
+            raise ConfigError(f"output directory {path}: {where} belongs to another user "
+                              f"(uid {st.st_uid}), who could replace the files written "
+                              f"there; give a directory of your own")
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
+            raise ConfigError(f"output directory {path}: others may write in {where} (mode "
+                              f"{stat.S_IMODE(st.st_mode):04o}) and replace the files written "
+                              f"there; chmod go-w {where}")
+        if where == "/":
+            return
+        where = os.path.dirname(where)
+
+
 class OutputDir:
     """The files one migration writes into ``path`` (see the module docstring)."""
 
@@ -145,6 +169,7 @@ class OutputDir:
         self.streams: dict[str, _Output] = {}       # files written in order (vmstate)
         self.manifest = _Output({}, MANIFEST)
         try:
+            check_only_yours(self.real)
             if huge_pages:
                 check_huge_pages(self.real)
             # A save already there is refused now, before a migration comes for it

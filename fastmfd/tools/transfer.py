@@ -30,7 +30,7 @@ from ..source import Source
 from ..stats import MigrationStats
 from ..units import format_bytes
 from .new_files import make_directories, remove_directories_made
-from .outputs import OutputDir, check_writable, output_name
+from .outputs import OutputDir, check_only_yours, check_writable, output_name
 from .warm_files import WarmFiles
 
 log = logging.getLogger("fastmfd")
@@ -226,6 +226,7 @@ def listen_sessions(address: str, directory: str, *, sessions: int | None = None
             made = make_directories(directory)
         except OSError as exc:
             raise ConfigError(f"output directory {directory}: {exc.strerror or exc}") from None
+        check_only_yours(directory)     # the warm files go in it: before they are made
         if options.get("prealloc") and sessions != 1:
             warm = WarmFiles(directory, options.get("max_memory"),
                              huge_pages=bool(options.get("huge_pages")))
