@@ -19,6 +19,8 @@ import textwrap
 
 import pytest
 
+import fastmfd
+
 from listen_support import Listener, run_cli
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
@@ -118,3 +120,23 @@ def test_a_sticky_directory_and_one_made_under_a_lax_umask_are_taken(shared_dir,
     for made in (out, os.path.dirname(out)):
         assert os.stat(made).st_mode & 0o7777 == 0o755
     assert sorted(os.listdir(out)) == ["manifest.json", "ram.img"]
+
+
+_CONNECT = "import socket, sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1])"
+
+
+def test_only_the_listeners_user_may_connect_to_its_unix_socket(shared_dir):
+    """Who may connect to a Unix socket is who may write its file. It was made as
+    the umask said: under umask 000, 0777, and any user of the host could connect
+    first and, without an auth key, be the source. Now it is 0600 whatever the
+    umask (the user chmods it for another user, QEMU run as its own, say)."""
+    path = os.path.join(shared_dir, "dst.sock")
+    previous = os.umask(0)
+    try:
+        with fastmfd.Destination(f"unix:{path}", workers=0) as dst:
+            assert os.stat(path).st_mode & 0o777 == 0o600
+            tried = as_user(NOBODY, sys.executable, "-c", _CONNECT, path)
+            dst.cancel()
+    finally:
+        os.umask(previous)
+    assert tried.returncode != 0 and "PermissionError" in tried.stderr, tried.stderr

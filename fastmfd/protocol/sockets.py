@@ -123,7 +123,7 @@ def listen(address: Address, backlog: int = 128) -> socket.socket:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address.target)
         if address.path is not None:
-            st = os.lstat(address.path)
+            st = _only_for_this_user(address)
             _socket_files[address.path] = (st.st_dev, st.st_ino)
         sock.listen(backlog)
     except OSError as exc:
@@ -133,6 +133,23 @@ def listen(address: Address, backlog: int = 128) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def _only_for_this_user(address: Address) -> os.stat_result:
+    """Make the socket file bind() just made 0600, before listen(): who may connect
+    is who may write it, and bind() made it as the umask says (0777 under umask 000:
+    any user of the host could connect first and be the source). It is changed
+    through a descriptor (O_PATH), never through a link put there meanwhile."""
+    assert address.path is not None, "only a unix: address has a socket file"
+    fd = os.open(address.path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISSOCK(st.st_mode):
+            raise ConfigError(f"{address}: the socket was replaced as it was made")
+        os.chmod(f"/proc/self/fd/{fd}", 0o600)      # chmod() of an O_PATH descriptor
+    finally:
+        os.close(fd)
+    return st
 
 
 def _remove_stale_socket(address: Address) -> None:
