@@ -236,15 +236,26 @@ class SharedMemory:
     @classmethod
     def attach(cls, name: str, size: int | None = None, *, huge_aligned: bool = False
                ) -> "SharedMemory":
-        """Map an existing segment. Attachers close; they never unlink."""
+        """Map an existing segment. Attachers close; they never unlink.
+
+        Only a segment of this user is mapped, never through a link: once its owner
+        unlinked a name (a failed session), another user could put a file of theirs
+        under it (names are listed in /dev/shm) for a late attacher to write into."""
         if not name.startswith(SEGMENT_PREFIX) or "/" in name:
             raise ConfigError(f"{name!r} is not a fastmfd segment name")
         try:
-            fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR | os.O_CLOEXEC)
+            fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
             raise ConfigError(f"shared memory segment {name!r} does not exist") from None
+        except OSError as exc:
+            raise ConfigError(f"shared memory segment {name!r}: cannot open it: "
+                              f"{exc.strerror or exc}") from None
         try:
-            actual = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            if st.st_uid != os.geteuid():
+                raise ConfigError(f"shared memory segment {name!r} belongs to another user "
+                                  f"(uid {st.st_uid}): not mapping it")
+            actual = st.st_size
             if size is not None and actual != size:
                 raise ConfigError(f"segment {name!r} has {actual} bytes, expected {size}")
             if actual == 0:

@@ -20,6 +20,8 @@ import textwrap
 import pytest
 
 import fastmfd
+from fastmfd.errors import ConfigError
+from fastmfd.shm import SEGMENT_PREFIX, SHM_DIR, SharedMemory
 
 from listen_support import Listener, run_cli
 
@@ -140,3 +142,28 @@ def test_only_the_listeners_user_may_connect_to_its_unix_socket(shared_dir):
     finally:
         os.umask(previous)
     assert tried.returncode != 0 and "PermissionError" in tried.stderr, tried.stderr
+
+
+@pytest.mark.parametrize("kind", ["file", "symlink"])
+def test_a_segment_another_user_put_under_a_segments_name_is_not_mapped(tmp_path, kind):
+    """Segment names are listed in /dev/shm; once the owner unlinked one (a failed
+    session), another user could make a file of that name for a late attacher
+    (a worker still starting) to map and write into, or a link to a file of this
+    user's, to have it written: only this user's own segment is mapped."""
+    name = f"{SEGMENT_PREFIX}test-{os.getpid()}"
+    path = os.path.join(SHM_DIR, name)
+    precious = tmp_path / "precious"
+    precious.write_bytes(b"keep me".ljust(4096))
+    if kind == "file":
+        made = as_user(NOBODY, "sh", "-c", f"umask 0 && head -c 4096 /dev/zero > {path}")
+        why = f"{name}' belongs to another user \\(uid {NOBODY}\\): not mapping it"
+    else:
+        made = as_user(NOBODY, "ln", "-s", str(precious), path)
+        why = f"{name}': cannot open it: Too many levels of symbolic links"
+    try:
+        assert made.returncode == 0, made.stderr
+        with pytest.raises(ConfigError, match=why):
+            SharedMemory.attach(name)
+    finally:
+        os.unlink(path)
+    assert precious.read_bytes() == b"keep me".ljust(4096)
