@@ -257,6 +257,7 @@ def test_a_certificate_that_does_not_load_is_refused_before_any_connection(tmp_p
     """Found at the first connection, it was a failed session on both sides (a
     listener waited for its sender first)."""
     (tmp_path / "garbage.pem").write_text("not a certificate\n")
+    (tmp_path / "garbage.pem").chmod(0o600)     # as a key file must be: it is one here
     pem = str(tmp_path / "garbage.pem")
     expected = f"TLS configuration: cannot load the certificate {pem} (key {pem}): [SSL]"
     done = fastmfd_cli("listen", "tcp:127.0.0.1:0", "--dir", str(tmp_path / "out"),

@@ -12,6 +12,7 @@ waiting for its real source.
 from __future__ import annotations
 
 import datetime
+import os
 import re
 import socket
 import threading
@@ -32,6 +33,7 @@ SIZE = 1 << 20
 def _write(tmp_path, name: str, blob) -> str:
     path = str(tmp_path / name)
     blob.write_to_path(path)
+    os.chmod(path, 0o600)               # a key others may read is refused
     return path
 
 
@@ -325,6 +327,20 @@ def test_a_wrong_auth_key_under_tls_is_refused(pki):
         assert_says_where_once(error, m.source.address)
         assert "wrong auth_key proof" in refused[0].reason
     region.close()
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o604, 0o620, 0o640], ids=lambda m: f"{m:04o}")
+def test_a_private_key_others_may_read_or_write_is_refused(pki, mode):
+    """As the auth key file is (but its group may read it: a service's group often
+    does): a key every user of the host may read is no secret."""
+    key = pki.source().key
+    os.chmod(key, mode)
+    if mode == 0o640:
+        assert pki.source().key == key
+        return
+    with pytest.raises(fastmfd.ConfigError, match=f"TLSConfig.key: {key} is open to others "
+                                                  f"\\(mode {mode:04o}\\): make it private"):
+        pki.source()
 
 
 def test_a_destination_needs_its_own_certificate(pki):

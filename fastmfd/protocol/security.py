@@ -97,6 +97,8 @@ class TLSConfig:
             path = getattr(self, name)
             if path is not None and not os.access(path, os.R_OK):
                 raise ConfigError(f"TLSConfig.{name}: cannot read {path}")
+        if self.key is not None:
+            _check_private(self.key)
         # Loaded once now, as a destination's context loads them (no system CA store):
         # a file that does not load fails here, named, not at the first connection.
         self._context(ssl.Purpose.CLIENT_AUTH)
@@ -179,6 +181,16 @@ def check_auth_key(key: bytes | None, owner: str) -> bytes | None:
         raise ConfigError(f"{owner} auth_key must be at least {MIN_AUTH_KEY_BYTES} bytes, "
                           f"not {len(key)}")
     return bytes(key)
+
+
+def _check_private(key: str) -> None:
+    """ConfigError if any user of the host may read the private key file ``key``, or
+    anyone but its owner write it. Its group may read it: a service's group often
+    does (``ssl-cert``, libvirt's ``qemu``), which the shared key's rule refuses."""
+    mode = stat.S_IMODE(os.stat(key).st_mode)
+    if mode & (stat.S_IROTH | stat.S_IWOTH | stat.S_IWGRP):
+        raise ConfigError(f"TLSConfig.key: {key} is open to others (mode {mode:04o}): make "
+                          f"it private (chmod 600 {key}; 640 to share it with its group)")
 
 
 MAX_KEY_FILE_BYTES = 1 << 16

@@ -111,6 +111,7 @@ def local_credentials() -> Iterator[LocalCredentials]:
         def write(name: str, blob: trustme.Blob) -> str:
             path = os.path.join(directory, name)
             blob.write_to_path(path)
+            os.chmod(path, 0o600)       # a private key others may read is refused
             return path
         ca_path = write("ca.pem", ca.cert_pem)
         server_key, client_key = (write(f"{who}-key.pem", cert.private_key_pem)
