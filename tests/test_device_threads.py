@@ -12,10 +12,14 @@ read, until as many devices are reading as a pool has threads.
 
 from __future__ import annotations
 
+import os
+import resource
 import subprocess
 import sys
 import textwrap
 import threading
+
+import pytest
 
 import fastmfd
 from fastmfd._engine.saving import SAVE_THREADS
@@ -92,3 +96,48 @@ def test_three_hundred_devices_are_saved_by_a_pool_of_threads():
     devices = got["result"].devices                 # type: ignore[attr-defined]
     assert devices == {(f"dev{i}", 0): b"dev!" for i in range(DEVICES)}
 
+
+# The destination's reassembly process starts a loader thread per device (as
+# QEMU's destination does); where it cannot, the error names the limit and the
+# count, not only "can't start new thread". Its address space here holds about
+# 8 threads of 256 MiB stacks.
+_DESTINATION = textwrap.dedent("""
+    import sys
+    import fastmfd
+
+    if __name__ == "__main__":
+        with fastmfd.Destination("tcp:127.0.0.1:0") as dst:
+            print(dst.address, flush=True)
+            try:
+                dst.receive()
+                print("ok")
+            except fastmfd.FastMFDError as exc:
+                print(f"{type(exc).__name__}: {exc}")
+""")
+
+
+def _little_room() -> None:
+    resource.setrlimit(resource.RLIMIT_STACK, (256 << 20, 256 << 20))
+    resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
+
+
+def test_a_destination_that_cannot_start_a_loader_thread_per_device_says_so():
+    dst = subprocess.Popen([sys.executable, "-c", _DESTINATION], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, preexec_fn=_little_room,
+                           env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
+    try:
+        address = dst.stdout.readline().strip()
+        cfg = fastmfd.MigrationConfig(channels=1, device_chunk_size=4096, max_queued_bytes=4096)
+        with fastmfd.Source(address, cfg) as src:
+            for i in range(40):
+                src.add_device(fastmfd.BytesDevice(f"dev{i}", 0, b"dev!"))
+            with pytest.raises(fastmfd.MigrationError) as raised:
+                src.migrate(live=False)
+        out, err = dst.communicate(timeout=60)
+    finally:
+        if dst.poll() is None:
+            dst.kill()
+            dst.wait()
+    naming = "a loader thread for each of the 40 devices"
+    assert naming in str(raised.value), raised.value
+    assert naming in out and "(ulimit -u, ulimit -v, kernel.threads-max)" in out, out + err
