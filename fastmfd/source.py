@@ -16,6 +16,7 @@ import uuid as uuid_module
 from typing import Any, Callable
 
 from . import _core
+from ._engine.open_files import SOURCE_PER_CHANNEL, check_session_files, check_worker_files
 from ._engine.processes import ChildSet
 from ._engine.sending import Sending, SourceParts
 from ._engine.session import Owner
@@ -60,6 +61,7 @@ class Source(Owner):
     # ------------------------------------------------------------ lifecycle
     def _start(self) -> None:
         cfg, own = self.config, self._resources.own
+        check_session_files(cfg.total_channels, SOURCE_PER_CHANNEL, "the source")
         self._workers = workers = self._resources.own_processes(ChildSet(
             send_worker_main, [f"send channel {i}" for i in range(cfg.total_channels)]))
         ram_selector = own(_core.ChannelSelector.create(cfg.channels))
@@ -168,6 +170,7 @@ class Source(Owner):
             raise ConfigError("use the Source as a context manager: `with Source(...) as src`")
         if not self._regions and not self._devices:
             raise ConfigError("nothing to migrate: add a region or a device first")
+        check_worker_files(len(self._regions), "the source")
         with self._running("a Source performs one migration; make a new one"):
             self._session = self._resources.own_session(Sending(self._parts))
             if self._cancelled is not None:         # cancelled just before it began

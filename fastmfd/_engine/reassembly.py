@@ -190,8 +190,15 @@ class _Reassembler:
         self.slow_after = params.stall_timeout / 2
 
     def run(self) -> None:
-        for thread in self.threads:
-            thread.start()
+        for started, thread in enumerate(self.threads):
+            try:
+                thread.start()
+            except RuntimeError as exc:         # "can't start new thread"
+                del self.threads[started:]      # (close() joins those that started)
+                raise MigrationError(
+                    f"{exc}: a loader thread for each of the {len(self.devices)} devices, "
+                    f"{started} started; this process may start no more (ulimit -u, "
+                    f"ulimit -v, kernel.threads-max)") from exc
         # Its own thread: a loader's call may run in this one (precopy_loaded(),
         # when AwaitPrecopy comes after the chunks it names are loaded).
         threading.Thread(target=self._watch_loaders, daemon=True,

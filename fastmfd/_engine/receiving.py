@@ -59,6 +59,7 @@ from ..stats import ChannelStats, ReceiveStats
 from .admission import Admission, ChannelDoor, Refusals
 from .liveness import Heartbeat, Progress, process_stopped, stall_error, tick
 from .loading import DeviceLoading, check_chunk_counts, old_way_not_here
+from .open_files import DESTINATION_PER_CHANNEL, check_session_files, check_worker_files
 from .prealloc import preallocate
 from .processes import Child, ChildSet, Watch
 from .session import SessionFailure, SessionResources, break_session
@@ -187,6 +188,8 @@ class Receiving:
             if key not in keys:
                 raise ConfigError(f"a loader was added for device {key[0]!r} instance "
                                   f"{key[1]} but the source does not send it")
+        check_session_files(setup.total_channels, DESTINATION_PER_CHANNEL, "this destination")
+        check_worker_files(len(setup.regions), "this destination")
         made = make_session_regions(setup, parts)
         self.regions, self._fresh, left = made.regions, made.fresh, made.memory_left
         self._counters = parts.resources.own(_core.Counters.create(setup.total_channels))

@@ -11,9 +11,10 @@ device (:class:`DeviceStream`), so the loader gets them in one order.
 Where the chunks go is a *sink*:
 
 - new way (DESIGN §5.4, the seed's ``save_live_complete_precopy_async``):
-  :class:`DeviceSaver` runs one thread per device and phase, reading straight
-  into buffer-pool slots (the 12-byte chunk header in front of the data in the
-  same slot) and handing each slot to an idle channel's send worker;
+  :class:`DeviceSaver` saves up to ``SAVE_THREADS`` devices at once, each in a
+  thread of the phase's pool, reading straight into buffer-pool slots (the
+  12-byte chunk header in front of the data in the same slot) and handing each
+  slot to an idle channel's send worker;
 - old way: :class:`OldWaySaver`, device after device, each chunk a
   DEVICE_STATE message on the main channel.
 """
@@ -26,6 +27,7 @@ import logging
 import operator
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from typing import Any, Callable, Protocol
 
@@ -44,6 +46,10 @@ __all__ = ["DeviceSaver", "DeviceStream", "OldWaySaver", "save_live", "save_stre
 
 CHUNK_HEADER = _core.CHUNK_HEADER_SIZE
 LEFT_BEHIND_AFTER = 1.0     # seconds a failed session waits for a device's read to return
+# Devices saved at once (new way): a thread each was 4096 threads at MAX_DEVICES, and
+# where a process may not start that many (ulimit -u, -v) the session failed with
+# a bare "can't start new thread". A device past these waits for one to finish.
+SAVE_THREADS = 64
 
 log = logging.getLogger("fastmfd")
 
@@ -274,13 +280,14 @@ class _Saver:
 
 
 class DeviceSaver(_Saver):
-    """The new way: a thread per device for each phase, chunks out through the channels.
+    """The new way: each phase in a pool of up to ``SAVE_THREADS`` threads, each
+    taking the next device until none is left; chunks out through the channels.
 
     ``dispatch(ch, device, slot, length)`` hands a filled slot to channel
     ``ch`` (chosen with ``selector``). :meth:`start` begins a phase — ``live``:
-    one precopy round, or the stop-copy — on every device at once; ``join()``
-    waits for them and raises the session's failure; ``wait()`` only waits
-    (after a failure, which aborts the pool and selector they block on).
+    one precopy round, or the stop-copy — on every device; ``join()`` waits for
+    them and raises the session's failure; ``wait()`` only waits (after a
+    failure, which aborts the pool and selector they block on).
     """
 
     def __init__(self, streams: list[DeviceStream], pool: _core.BufferPool,
@@ -295,22 +302,38 @@ class DeviceSaver(_Saver):
         self.wait()
         phase = save_live if live else save_stream
         self._threads = []
-        for stream, sink in zip(self.streams, self._sinks):
-            if not live or stream.has_precopy:
-                self._run(f"fastmfd save {stream.name}", [stream],
-                          functools.partial(phase, stream, self._chunk, sink))
+        todo = deque((stream, sink) for stream, sink in zip(self.streams, self._sinks)
+                     if not live or stream.has_precopy)
+        for i in range(min(SAVE_THREADS, len(todo))):
+            saving: list[DeviceStream] = []     # the device the thread is on: for wait()
+            self._run(f"fastmfd save {i}", saving,
+                      functools.partial(self._save_from, todo, phase, saving))
+
+    def _save_from(self, todo: deque[tuple[DeviceStream, _PoolSink]], phase: Phase,
+                   saving: list[DeviceStream]) -> None:
+        """A pool thread: the phase of the next device in ``todo`` until none is left,
+        or the session failed (no device is called after that)."""
+        while todo and self._failure.error is None:
+            try:
+                stream, sink = todo.popleft()
+            except IndexError:      # another thread took the last one
+                return
+            saving[:] = [stream]
+            phase(stream, self._chunk, sink)
+        saving.clear()
 
 
 class _MainChannelSink:
     """Chunks as DEVICE_STATE messages: device index, chunk header, data (and
-    with ``checksum``, its CRC-32)."""
+    with ``checksum``, its CRC-32). ``buf`` (a chunk and its header) is shared by
+    every device's sink: the old way saves one device at a time."""
 
-    def __init__(self, main: MainChannel, device: int, chunk_size: int,
+    def __init__(self, main: MainChannel, device: int, buf: memoryview,
                  checksum: bool) -> None:
         self._main = main
         self._checksum = checksum
         self._prefix = OLD_WAY_PREFIX.pack(device)
-        self._buf = memoryview(bytearray(CHUNK_HEADER + chunk_size))
+        self._buf = buf
         self.bytes_sent = 0
 
     def fill(self, reader: Reader) -> int:
@@ -338,8 +361,10 @@ class OldWaySaver(_Saver):
                  checksum: bool, failure: SessionFailure, stall_timeout: float) -> None:
         super().__init__(streams, failure, stall_timeout)
         self._chunk = chunk_size
-        self._sinks = [_MainChannelSink(main, i, chunk_size, checksum)
-                       for i in range(len(streams))]
+        # One buffer for all: one per device cost 4 GiB before a byte was sent
+        # for 4096 devices (MAX_DEVICES) of the default 1 MiB chunk.
+        buf = memoryview(bytearray(CHUNK_HEADER + chunk_size))
+        self._sinks = [_MainChannelSink(main, i, buf, checksum) for i in range(len(streams))]
         self._phase: Phase | None = None
 
     def start(self, live: bool) -> None:

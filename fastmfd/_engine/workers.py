@@ -40,6 +40,7 @@ from ..protocol.control import (ChannelParams, Done, Eof, Go, Greeted, Greeting,
 from ..protocol.sockets import peer_on_this_host
 from ..regions import Region
 from ..shm import SharedMemory
+from .open_files import allow_worker_files
 from .processes import ChildPipe, run_child
 from .session import Closable
 
@@ -57,6 +58,7 @@ LOWEST_PRIORITY = 19
 def _attach(params: ChannelParams, stack: list[Closable]
             ) -> tuple[list[Region], _core.Counters, _core.BufferPool | None]:
     """Map the session's regions, counters and pool; remember them for closing."""
+    allow_worker_files(len(params.regions))     # the engine holds a file per region
     regions = [Region.attach(handle) for handle in params.regions]
     stack.extend(regions)
     counters = _core.Counters.attach(params.counters)

@@ -1,0 +1,157 @@
+"""Open files at the limits SETUP accepts (:mod:`fastmfd._engine.open_files`).
+
+Each channel costs the main process about 5 descriptors at the source and 4 at
+the destination: 255 channels (the most SETUP allows) went past the usual
+``ulimit -n`` of 1024, and the session died halfway with a bare 'Too many open
+files'. Now a session that cannot fit is refused before it starts, naming the
+limit. Each side runs in a process of its own with a low limit.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import threading
+
+import fastmfd
+
+LIMIT = 256
+CHANNELS = 60           # ~300 descriptors at the source, ~240 at the destination
+
+_SOURCE = textwrap.dedent("""
+    import resource, sys
+    import fastmfd
+
+    if __name__ == "__main__":
+        if int(sys.argv[3]):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[3]),
+                               resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+        region = fastmfd.Region.create("ram", 1 << 16)
+        try:
+            with fastmfd.Source(sys.argv[1], fastmfd.MigrationConfig(
+                    channels=int(sys.argv[2]), timeout=5)) as src:
+                src.add_region(region)
+                src.migrate(live=False)
+        except fastmfd.FastMFDError as exc:
+            print(f"{type(exc).__name__}: {exc}")
+        finally:
+            region.close()
+""")
+
+_DESTINATION = textwrap.dedent("""
+    import resource, sys
+    import fastmfd
+
+    if __name__ == "__main__":
+        resource.setrlimit(resource.RLIMIT_NOFILE,
+                           (int(sys.argv[1]), resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+        with fastmfd.Destination("tcp:127.0.0.1:0", timeout=20) as dst:
+            print(dst.address, flush=True)
+            try:
+                dst.receive()
+            except fastmfd.FastMFDError as exc:
+                print(f"{type(exc).__name__}: {exc}")
+""")
+
+
+def _receive(dst: fastmfd.Destination, got: dict[str, BaseException]) -> None:
+    try:
+        dst.receive()
+    except fastmfd.MigrationError as exc:
+        got["error"] = exc
+
+
+def _source(address: str, limit: int | None = None) -> str:
+    done = subprocess.run([sys.executable, "-c", _SOURCE, address, str(CHANNELS),
+                           str(limit or 0)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_source_with_more_channels_than_its_open_file_limit_is_refused_naming_it():
+    with fastmfd.Destination("tcp:127.0.0.1:0") as dst:
+        got: dict[str, BaseException] = {}
+        thread = threading.Thread(target=lambda: _receive(dst, got))
+        thread.start()
+        try:
+            said = _source(dst.address, LIMIT)
+        finally:
+            dst.cancel("the source is over")        # refused before contacting it: it waits
+            thread.join()
+    assert said.startswith("ConfigError: 60 channels need about "), said
+    assert f"its limit (RLIMIT_NOFILE, ulimit -n) is {LIMIT}" in said, said
+
+
+def test_destination_refuses_a_setup_with_more_channels_than_it_may_open_files():
+    dst = subprocess.Popen([sys.executable, "-c", _DESTINATION, str(LIMIT)],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        address = dst.stdout.readline().strip()
+        said = _source(address)
+        out, err = dst.communicate(timeout=60)
+    finally:
+        if dst.poll() is None:
+            dst.kill()
+            dst.wait()
+    naming = "60 channels need about"
+    assert naming in said and "this destination's process" in said, said
+    assert f"ulimit -n) is {LIMIT}" in said, said
+    assert naming in out, out + err[-3000:]
+
+
+# Each channel worker holds a file per region (the source learns holes from it,
+# the destination places pages): 4096 regions (the most SETUP allows) went past
+# the limit in every worker. The workers raise their soft limit, within the hard.
+_REGIONS = textwrap.dedent("""
+    import resource, sys, threading
+    import fastmfd
+
+    if __name__ == "__main__":
+        soft, hard = int(sys.argv[1]), int(sys.argv[2]) or resource.getrlimit(
+            resource.RLIMIT_NOFILE)[1]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        regions = [fastmfd.Region.create(f"r{i}", 4096) for i in range(int(sys.argv[3]))]
+        for i, region in enumerate(regions):
+            region.array[:] = i % 251
+        try:
+            with fastmfd.Destination("tcp:127.0.0.1:0", workers=1, timeout=20) as dst:
+                got = {}
+                thread = threading.Thread(target=lambda: got.update(r=dst.receive()))
+                thread.start()
+                try:
+                    with fastmfd.Source(dst.address, fastmfd.MigrationConfig(
+                            channels=1, timeout=20)) as src:
+                        for region in regions:
+                            src.add_region(region)
+                        src.migrate(live=False)
+                finally:
+                    dst.cancel("the source is over")
+                    thread.join()
+                received = got["r"].regions
+                assert all((received[r.name].array == r.array).all() for r in regions)
+            print("ok")
+        except fastmfd.FastMFDError as exc:
+            print(f"{type(exc).__name__}: {exc}")
+        finally:
+            for region in regions:
+                region.close()
+""")
+REGIONS = 400
+
+
+def _regions(soft: int, hard: int) -> str:
+    done = subprocess.run([sys.executable, "-c", _REGIONS, str(soft), str(hard), str(REGIONS)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.strip()
+
+
+def test_channel_workers_raise_their_soft_limit_for_a_file_per_region():
+    assert _regions(LIMIT, 0) == "ok"
+
+
+def test_more_regions_than_a_worker_may_ever_open_files_for_are_refused_naming_the_limit():
+    said = _regions(LIMIT, LIMIT)
+    assert said.startswith(f"ConfigError: {REGIONS} regions need about "), said
+    assert f"(RLIMIT_NOFILE, ulimit -Hn) is {LIMIT}" in said, said
