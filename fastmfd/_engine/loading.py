@@ -81,8 +81,9 @@ class DeviceLoading:
                                   f"({setup.chunk_size})")
         slot_size = chunk_size + _core.CHUNK_HEADER_SIZE
         # Sized for the worst case the caps allow, within what is left of the memory
-        # budget (a smaller out-of-order cap if need be), and sparse: slots take
-        # memory only as chunks arrive, so a 4-byte device state costs a page.
+        # budget (a smaller out-of-order cap if need be), and sparse: a slot takes
+        # memory when a chunk first arrives in it, and then all of it (populated
+        # whole, so that a full /dev/shm is an error rather than a SIGBUS).
         cap, nslots = plan_pool(len(setup.devices), cap, chunk_size,
                                 setup.total_channels, budget)
         self.pool = parts.resources.own(_core.BufferPool.create(nslots, slot_size,
