@@ -345,8 +345,8 @@ def _build_parser() -> _Parser:
 
     p = add_command("listen", help="receive one migration into files (from fastmfd send, "
                                    "or with --qemu from a QEMU)")
-    p.add_argument("address", help="tcp:HOST:PORT (port 0 picks one; tcp::PORT: every "
-                                   "interface) or unix:PATH")
+    p.add_argument("address", help="tcp:HOST:PORT (port 0 picks one; tcp::PORT: every IPv4 "
+                                   "interface; tcp:[::]:PORT: IPv6 too) or unix:PATH")
     p.add_argument("--qemu", action="store_true",
                    help="the source is a QEMU (7.2 or 10.x) migrating with the multifd "
                         "capability: write each RAMBlock, vmstate.bin and manifest.json into DIR")
