@@ -197,7 +197,8 @@ def _send_qemu(args: argparse.Namespace) -> int:
 
     from ..qemu import send
     if args.images or args.state or args.dir is None:
-        raise ConfigError("--qemu: give --dir DIR (what listen --qemu wrote), no images")
+        raise ConfigError("--qemu: give --dir DIR (what listen --qemu wrote), no images "
+                          "or --state files")
     _refuse_with_qemu(args, {"checksum": "--checksum",
                              "no_zero_detection": "--no-zero-detection",
                              "status_json": "--status-json"})
