@@ -209,6 +209,11 @@ def test_a_refused_connection_keeps_its_errno():
     (["--auth-key-file=/nonexistent", "send", "tcp:127.0.0.1:1", "/nonexistent"],
      ["fastmfd: unrecognized arguments: --auth-key-file"]),     # was dropped, not refused
     (["bogus"], ["argument COMMAND: invalid choice: 'bogus'"]),
+    # The other side's TLS option: a sender's --tls-authz was taken and ignored.
+    (["send", "tcp:127.0.0.1:1", "/nonexistent", "--tls-authz", "a.example"],
+     ["unrecognized arguments: --tls-authz a.example"]),
+    (["listen", "tcp:127.0.0.1:0", "--tls-hostname", "a.example"],
+     ["unrecognized arguments: --tls-hostname a.example"]),
 ])
 def test_a_mistake_argparse_finds_is_one_line_too(args, words):
     """Before any work (a listener would wait for its sender): exit 2, and one

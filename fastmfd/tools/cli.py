@@ -295,7 +295,7 @@ def _build_parser() -> _Parser:
     p.add_argument("--max-bandwidth", type=rate, default=None, metavar="RATE",
                    help="cap the live migration's channels at RATE bytes/s in all, e.g. "
                         "500M (binary units: MiB/s)")
-    security_options.add_arguments(p, loopback=True)
+    security_options.add_arguments(p, side="both")
     p.set_defaults(func=cmd_demo)
 
     p = add_command("send", help="send image files (and device state files) to a listener, "
@@ -341,7 +341,7 @@ def _build_parser() -> _Parser:
     p.add_argument("--stall-timeout", type=positive_seconds, default=30.0, metavar="SECONDS",
                    help="fail, on both sides, when a channel, process or the peer makes no "
                         "progress for this long (default 30; the listener honours it)")
-    security_options.add_arguments(p)
+    security_options.add_arguments(p, side="send")
     p.set_defaults(func=cmd_send)
 
     p = add_command("listen", help="receive one migration into files (from fastmfd send, "
@@ -390,7 +390,7 @@ def _build_parser() -> _Parser:
     p.add_argument("--json", action="store_true",
                    help="print the files written and the statistics as JSON on stdout (a "
                         "line per session)")
-    security_options.add_arguments(p)
+    security_options.add_arguments(p, side="listen")
     p.set_defaults(func=cmd_listen)
 
     p = add_command("inspect", help="decode captured multifd channel bytes (fastmfd or QEMU)")
