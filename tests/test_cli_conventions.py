@@ -260,6 +260,19 @@ def test_an_image_that_is_not_a_file_is_a_usage_error(tmp_path):
     assert_one_line_usage_error(done, "/dev/null is not a regular file")
 
 
+@pytest.mark.parametrize("options, words", [
+    (["--tls-ca", "/dev/null"], ["needs its own certificate: give --tls-cert and --tls-key"]),
+    (["--tls-cert", "/dev/null", "--tls-key", "/dev/null", "--tls-authz", "a.example"],
+     ["--tls-authz needs --tls-ca"]),
+])
+def test_a_listener_tls_mistake_names_its_options(tmp_path, options, words):
+    """It named the library's fields instead: "TLSConfig(cert=..., key=...)",
+    "TLSConfig.authz needs ca"."""
+    done = fastmfd_cli("listen", "tcp:127.0.0.1:0", "--dir", str(tmp_path / "out"), *options)
+    assert_one_line_usage_error(done, *words)
+    assert "TLSConfig" not in done.stderr
+
+
 def test_a_certificate_that_does_not_load_is_refused_before_any_connection(tmp_path):
     """Found at the first connection, it was a failed session on both sides (a
     listener waited for its sender first)."""

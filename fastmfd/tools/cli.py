@@ -116,7 +116,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
                    keep_partial=args.keep_partial, max_size=args.max_size,
                    max_memory=args.max_memory, prealloc=args.prealloc,
                    huge_pages=args.huge_pages,
-                   tls=security_options.tls_config(args),
+                   tls=security_options.tls_config(args, listener=True),
                    auth_key=security_options.auth_key(args))
 
     def on_listening(address: str) -> None:

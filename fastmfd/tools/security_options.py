@@ -74,14 +74,22 @@ def given(args: argparse.Namespace) -> bool:
             or getattr(args, "auth_key_file", None) is not None)
 
 
-def tls_config(args: argparse.Namespace) -> TLSConfig | None:
-    """The TLSConfig the ``--tls-*`` options describe, or None."""
+def tls_config(args: argparse.Namespace, *, listener: bool = False) -> TLSConfig | None:
+    """The TLSConfig the ``--tls-*`` options describe, or None. A ``listener``'s
+    mistakes are said in its options' words (TLSConfig's own errors name the
+    library's fields, which a command's user never wrote)."""
     values = _tls_values(args)
     if not values:
         return None
     if ("cert" in values) != ("key" in values):
         raise ConfigError("--tls-cert and --tls-key go together: this side's certificate "
                           "chain and its private key")
+    if listener and "cert" not in values:
+        raise ConfigError("a TLS listener needs its own certificate: give --tls-cert and "
+                          "--tls-key with --tls-ca or --tls-authz")
+    if listener and "authz" in values and "ca" not in values:
+        raise ConfigError("--tls-authz needs --tls-ca: a client's identity is known only "
+                          "from a certificate that chains to it")
     return TLSConfig(**values)  # type: ignore[arg-type]  # each option's type is its field's
 
 
