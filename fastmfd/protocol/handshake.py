@@ -37,6 +37,7 @@ from .main_channel import (MAIN, MAIN_MAGIC, MAIN_VERSION, MESSAGE_HEADER,
 from .security import (MAIN_CHANNEL_ID, ChannelSecurity, Stream, TLSConfig, check_authz,
                        check_key_proof, identities_of, is_tls_record, prove_key,
                        tls_handshake)
+from .qemu import QEVM_MAGIC
 from .setup import Setup
 from .sockets import recv_exact, send_all
 
@@ -314,7 +315,11 @@ def read_hello(stream: Stream, with_header: bool | None, expected_uuid: bytes | 
     expected = "the main channel magic" if kind == _core.CHANNEL_MAIN else (
         "the multifd magic 0x11223344" if kind is not None else
         f"the main channel magic {MAIN_MAGIC:#x} or the multifd magic 0x11223344")
-    raise ProtocolError(f"new connection: first word {magic:#010x}, expected {expected}",
+    # A QEMU source sent to a listener of fastmfd's own stream (``listen`` without
+    # --qemu): it is refused as any stranger is, but its log line says what it was.
+    qemu = (" (a QEMU migration stream: a QEMU source needs `fastmfd listen --qemu` or "
+            "fastmfd.qemu.receive)" if first == QEVM_MAGIC else "")
+    raise ProtocolError(f"new connection: first word {magic:#010x}, expected {expected}{qemu}",
                         field="magic", received=hex(magic), expected=expected)
 
 
