@@ -273,6 +273,21 @@ def test_a_listener_tls_mistake_names_its_options(tmp_path, options, words):
     assert "TLSConfig" not in done.stderr
 
 
+def test_a_silent_peer_is_asked_whether_it_is_a_fastmfd_listener(tmp_path):
+    """A QEMU's -incoming (send without --qemu) reads nothing before its multifd
+    channels come: the send timed out "waiting for SETUP_ACK", saying no more."""
+    image = tmp_path / "ram.img"
+    image.write_bytes(bytes(PAGE))
+    with socket.socket() as listening:          # accepts, never answers
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        done = fastmfd_cli("send", f"tcp:127.0.0.1:{listening.getsockname()[1]}",
+                           str(image), "--timeout", "1")
+    assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert ("timed out waiting for SETUP_ACK within 1 s (is a fastmfd listener there? a QEMU "
+            "destination takes `fastmfd send --qemu`)") in done.stderr
+
+
 def test_a_certificate_that_does_not_load_is_refused_before_any_connection(tmp_path):
     """Found at the first connection, it was a failed session on both sides (a
     listener waited for its sender first)."""

@@ -204,8 +204,19 @@ def open_main_channel(sock: socket.socket, security: ChannelSecurity, setup: Set
         announced = sum(region.size for region in setup.regions)
         until = (time.monotonic() + security.timeout + setup.stall_timeout
                  + PREALLOC_SECONDS_PER_GIB * announced / (1 << 30))
-        expect_message(sock, Msg.SETUP_ACK, deadline=deadline, seconds=security.timeout,
-                       where=where, keepalive_wait=setup.stall_timeout, keepalive_until=until)
+        try:
+            expect_message(sock, Msg.SETUP_ACK, deadline=deadline, seconds=security.timeout,
+                           where=where, keepalive_wait=setup.stall_timeout,
+                           keepalive_until=until)
+        except MigrationError as exc:
+            # A listener answers SETUP at once (or with KEEPALIVEs): silence is
+            # most likely no fastmfd listener, e.g. a QEMU's -incoming, which
+            # waits for its multifd channels before it reads a byte.
+            if not isinstance(exc.__context__, TimeoutError):
+                raise
+            raise MigrationError(f"{exc.cause} (is a fastmfd listener there? a QEMU "
+                                 f"destination takes `fastmfd send --qemu`)",
+                                 channel=where) from exc
     except (MigrationError, ProtocolError) as exc:
         # A connection lost, not a verdict of this side's own or the peer's:
         # the destination may have refused it.
