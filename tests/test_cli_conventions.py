@@ -209,6 +209,11 @@ def test_a_refused_connection_keeps_its_errno():
     (["--auth-key-file=/nonexistent", "send", "tcp:127.0.0.1:1", "/nonexistent"],
      ["fastmfd: unrecognized arguments: --auth-key-file"]),     # was dropped, not refused
     (["bogus"], ["argument COMMAND: invalid choice: 'bogus'"]),
+    # The other side's TLS option: a sender's --tls-authz was taken and ignored.
+    (["send", "tcp:127.0.0.1:1", "/nonexistent", "--tls-authz", "a.example"],
+     ["unrecognized arguments: --tls-authz a.example"]),
+    (["listen", "tcp:127.0.0.1:0", "--tls-hostname", "a.example"],
+     ["unrecognized arguments: --tls-hostname a.example"]),
 ])
 def test_a_mistake_argparse_finds_is_one_line_too(args, words):
     """Before any work (a listener would wait for its sender): exit 2, and one
@@ -233,6 +238,8 @@ def test_a_command_line_is_parsed_once_whatever_the_order():
     (["send", "--qemu", "tcp:127.0.0.1:1", "--dir", ".", "--status-json"], "--status-json"),
     (["send", "--qemu", "tcp:127.0.0.1:1", "--dir", ".", "--status-json", "0.1"],
      "--status-json"),
+    (["send", "--qemu", "tcp:127.0.0.1:1", "--dir", ".", "--state", "a=/dev/null"],
+     "--state"),        # was "no images": the --state file was not named
     (["listen", "--qemu", "tcp:127.0.0.1:0", "--forever"], "--forever"),
     (["listen", "--qemu", "tcp:127.0.0.1:0", "--max-memory", "1M"], "--max-memory"),
     (["listen", "--qemu", "tcp:127.0.0.1:0", "--max-sessions", "2"], "--max-sessions"),
@@ -251,6 +258,34 @@ def test_an_image_that_is_not_a_file_is_a_usage_error(tmp_path):
     assert_one_line_usage_error(done, f"{tmp_path / 'adir'} is a directory")
     done = fastmfd_cli("send", "tcp:127.0.0.1:1", "/dev/null")
     assert_one_line_usage_error(done, "/dev/null is not a regular file")
+
+
+@pytest.mark.parametrize("options, words", [
+    (["--tls-ca", "/dev/null"], ["needs its own certificate: give --tls-cert and --tls-key"]),
+    (["--tls-cert", "/dev/null", "--tls-key", "/dev/null", "--tls-authz", "a.example"],
+     ["--tls-authz needs --tls-ca"]),
+])
+def test_a_listener_tls_mistake_names_its_options(tmp_path, options, words):
+    """It named the library's fields instead: "TLSConfig(cert=..., key=...)",
+    "TLSConfig.authz needs ca"."""
+    done = fastmfd_cli("listen", "tcp:127.0.0.1:0", "--dir", str(tmp_path / "out"), *options)
+    assert_one_line_usage_error(done, *words)
+    assert "TLSConfig" not in done.stderr
+
+
+def test_a_silent_peer_is_asked_whether_it_is_a_fastmfd_listener(tmp_path):
+    """A QEMU's -incoming (send without --qemu) reads nothing before its multifd
+    channels come: the send timed out "waiting for SETUP_ACK", saying no more."""
+    image = tmp_path / "ram.img"
+    image.write_bytes(bytes(PAGE))
+    with socket.socket() as listening:          # accepts, never answers
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        done = fastmfd_cli("send", f"tcp:127.0.0.1:{listening.getsockname()[1]}",
+                           str(image), "--timeout", "1")
+    assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert ("timed out waiting for SETUP_ACK within 1 s (is a fastmfd listener there? a QEMU "
+            "destination takes `fastmfd send --qemu`)") in done.stderr
 
 
 def test_a_certificate_that_does_not_load_is_refused_before_any_connection(tmp_path):

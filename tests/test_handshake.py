@@ -208,10 +208,11 @@ def test_duplicate_channel_id_is_refused():
             source.close()
 
 
-@pytest.mark.parametrize("junk", ["garbage", "http", "idle", "closed"])
+@pytest.mark.parametrize("junk", ["garbage", "http", "qemu", "idle", "closed"])
 def test_a_stranger_before_the_source_is_dropped_and_the_source_still_migrates(junk):
     """Port scans, health checks and garbage reach a listener before its
-    source: each is refused and the real migration then runs."""
+    source: each is refused and the real migration then runs. A QEMU's main
+    channel (a QEMU sent to ``listen`` without --qemu) is named as such."""
     region = make_region("ram", SIZE, seed=3)
     with fastmfd.Destination("tcp:127.0.0.1:0", timeout=20, handshake_timeout=0.5) as dst:
         host, port = dst.address.split(":")[1:]
@@ -222,12 +223,15 @@ def test_a_stranger_before_the_source_is_dropped_and_the_source_still_migrates(j
         payload = {"garbage": np.random.default_rng(2).integers(1, 256, 4096,
                                                                 np.uint8).tobytes(),
                    "http": b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "idle": b"",
+                   "qemu": b"QEVM\0\0\0\3\x07\0\0\0\x02pc",
                    "closed": b""}[junk]
         stranger.sendall(payload)
         if junk == "closed":
             stranger.close()
         wait_refused(dst, {"garbage": r"first word 0x[0-9a-f]{8}, expected the main channel",
-                           "http": r"first word 0x47455420",
+                           "http": r"first word 0x47455420, expected [^(]*$",
+                           "qemu": r"first word 0x5145564d, .*\(a QEMU migration stream: "
+                                   r"a QEMU source needs `fastmfd listen --qemu`",
                            "idle": r"sent nothing within the handshake deadline",
                            "closed": r"closed before it said anything"}[junk])
         stranger.close()

@@ -194,6 +194,37 @@ def test_a_stranger_before_qemu_is_dropped(tmp_path, guest, guest_ram, stranger)
     assert np.array_equal(np.fromfile(out / mem, dtype=np.uint8), guest_ram[1])
 
 
+def test_a_fastmfd_source_at_a_qemu_listener_is_told_apart(tmp_path, caplog):
+    """fastmfd's own source sent to ``listen --qemu`` (a user's mix-up): dropped as
+    any stranger, its log line saying where its stream goes (it said only 'first
+    bytes 00000000')."""
+    import fastmfd
+    receiver = qemu.QemuReceiver("tcp:127.0.0.1:0", str(tmp_path / "out"), timeout=5.0)
+    ram = fastmfd.Region.create("ram", 16 * 4096)
+    failed: list[BaseException] = []
+
+    def receive() -> None:
+        try:
+            receiver.receive()
+        except MigrationError as exc:
+            failed.append(exc)
+    thread = threading.Thread(target=receive)
+    try:
+        with caplog.at_level(logging.WARNING, logger="fastmfd"):
+            thread.start()
+            with fastmfd.Source(receiver.address, fastmfd.MigrationConfig(
+                    channels=1, timeout=30)) as src:
+                src.add_region(ram)
+                with pytest.raises(MigrationError, match="reset|closed|lost"):
+                    src.migrate(live=False)     # dropped, not left waiting
+            thread.join(30)
+    finally:
+        receiver.close()
+        ram.close()
+    assert "no QEMU connected" in str(failed[0])
+    assert "it goes to `fastmfd listen` without --qemu" in caplog.text
+
+
 # ---------------------------------------------------------------- replayed captures
 
 # Per capture set (the ``captures`` fixture): where its SYNCs sit and where its zero pages went.

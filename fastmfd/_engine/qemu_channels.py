@@ -220,10 +220,14 @@ class QemuConnections:
             reason = "fewer than QEMU's first bytes" if head else "closed"
         arrival = self.pending[sock]
         if len(head) < 4 or head not in (QEVM_MAGIC, MULTIFD_MAGIC):
+            # A fastmfd source's main channel starts with its channel header's zero
+            # bytes (or, the old way, with FMFD): a user may have sent it here.
+            ours = (" (a fastmfd source's stream? it goes to `fastmfd listen` without --qemu)"
+                    if head in (bytes(4), b"FMFD") else "")
             self._reject(sock, f"it sent {len(head)} bytes ({reason})" if len(head) < 4 else
                          f"it sent first bytes {head.hex()}, expected {QEVM_MAGIC.hex()} "
                          f"(QEVM, the main channel) or {MULTIFD_MAGIC.hex()} (a multifd "
-                         "channel)")
+                         f"channel){ours}")
         elif head == QEVM_MAGIC:
             if self.main is not None:
                 self._reject(sock, "a second main channel (QEVM)")

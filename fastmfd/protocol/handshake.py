@@ -37,6 +37,7 @@ from .main_channel import (MAIN, MAIN_MAGIC, MAIN_VERSION, MESSAGE_HEADER,
 from .security import (MAIN_CHANNEL_ID, ChannelSecurity, Stream, TLSConfig, check_authz,
                        check_key_proof, identities_of, is_tls_record, prove_key,
                        tls_handshake)
+from .qemu import QEVM_MAGIC
 from .setup import Setup
 from .sockets import recv_exact, send_all
 
@@ -203,8 +204,19 @@ def open_main_channel(sock: socket.socket, security: ChannelSecurity, setup: Set
         announced = sum(region.size for region in setup.regions)
         until = (time.monotonic() + security.timeout + setup.stall_timeout
                  + PREALLOC_SECONDS_PER_GIB * announced / (1 << 30))
-        expect_message(sock, Msg.SETUP_ACK, deadline=deadline, seconds=security.timeout,
-                       where=where, keepalive_wait=setup.stall_timeout, keepalive_until=until)
+        try:
+            expect_message(sock, Msg.SETUP_ACK, deadline=deadline, seconds=security.timeout,
+                           where=where, keepalive_wait=setup.stall_timeout,
+                           keepalive_until=until)
+        except MigrationError as exc:
+            # A listener answers SETUP at once (or with KEEPALIVEs): silence is
+            # most likely no fastmfd listener, e.g. a QEMU's -incoming, which
+            # waits for its multifd channels before it reads a byte.
+            if not isinstance(exc.__context__, TimeoutError):
+                raise
+            raise MigrationError(f"{exc.cause} (is a fastmfd listener there? a QEMU "
+                                 f"destination takes `fastmfd send --qemu`)",
+                                 channel=where) from exc
     except (MigrationError, ProtocolError) as exc:
         # A connection lost, not a verdict of this side's own or the peer's:
         # the destination may have refused it.
@@ -314,7 +326,11 @@ def read_hello(stream: Stream, with_header: bool | None, expected_uuid: bytes | 
     expected = "the main channel magic" if kind == _core.CHANNEL_MAIN else (
         "the multifd magic 0x11223344" if kind is not None else
         f"the main channel magic {MAIN_MAGIC:#x} or the multifd magic 0x11223344")
-    raise ProtocolError(f"new connection: first word {magic:#010x}, expected {expected}",
+    # A QEMU source sent to a listener of fastmfd's own stream (``listen`` without
+    # --qemu): it is refused as any stranger is, but its log line says what it was.
+    qemu = (" (a QEMU migration stream: a QEMU source needs `fastmfd listen --qemu` or "
+            "fastmfd.qemu.receive)" if first == QEVM_MAGIC else "")
+    raise ProtocolError(f"new connection: first word {magic:#010x}, expected {expected}{qemu}",
                         field="magic", received=hex(magic), expected=expected)
 
 

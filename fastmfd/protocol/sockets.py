@@ -1,10 +1,11 @@
 """Sockets: addresses, listening, connecting, tuning, and exact reads and writes.
 
 An address is ``tcp:HOST:PORT`` (``PORT`` 0 picks a free port; also written
-``tcp://HOST:PORT``; ``tcp::PORT``, as QEMU writes it, is every interface)
-or ``unix:PATH``. Nothing here knows fastmfd's messages: the handshake
-(:mod:`.handshake`) and the main channel (:mod:`.main_channel`) are built on
-these. Every error names the connection it happened on (``where``).
+``tcp://HOST:PORT``; ``tcp::PORT``, as QEMU writes it, is ``0.0.0.0``: every
+IPv4 interface, where QEMU's listens on IPv6 too) or ``unix:PATH``. Nothing
+here knows fastmfd's messages: the handshake (:mod:`.handshake`) and the main
+channel (:mod:`.main_channel`) are built on these. Every error names the
+connection it happened on (``where``).
 """
 
 from __future__ import annotations
@@ -69,9 +70,10 @@ UNIX_PATH_MAX = 107                  # sun_path less its terminating NUL
 
 
 def parse_address(text: str | Address) -> Address:
-    """Parse ``tcp:HOST:PORT``, ``tcp://HOST:PORT``, ``tcp::PORT`` (every
-    interface, as QEMU's ``-incoming tcp::PORT``; connecting there reaches this
-    host) or ``unix:PATH``. An IPv6 host is in brackets: ``tcp:[::1]:PORT``."""
+    """Parse ``tcp:HOST:PORT``, ``tcp://HOST:PORT``, ``tcp::PORT`` (every IPv4
+    interface, ``0.0.0.0``: QEMU's ``-incoming tcp::PORT`` takes IPv6 too, which
+    ``tcp:[::]:PORT`` does here; connecting there reaches this host) or
+    ``unix:PATH``. An IPv6 host is in brackets: ``tcp:[::1]:PORT``."""
     if isinstance(text, Address):
         return text
     kind, _, rest = str(text).partition(":")
@@ -91,8 +93,9 @@ def parse_address(text: str | Address) -> Address:
 
 
 def _tcp_host(text: str) -> str | None:
-    """The host of ``tcp:HOST:PORT`` (empty: every interface), or None when it is
-    malformed: a bracket left open ("[::1"), or an IPv6 address that is not one.
+    """The host of ``tcp:HOST:PORT`` (empty: every IPv4 interface), or None when
+    it is malformed: a bracket left open ("[::1"), or an IPv6 address that is
+    not one.
     Nothing else is checked here: a name is looked up when it is used."""
     if text.startswith("[") and text.endswith("]"):
         text = text[1:-1]

@@ -116,7 +116,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
                    keep_partial=args.keep_partial, max_size=args.max_size,
                    max_memory=args.max_memory, prealloc=args.prealloc,
                    huge_pages=args.huge_pages,
-                   tls=security_options.tls_config(args),
+                   tls=security_options.tls_config(args, listener=True),
                    auth_key=security_options.auth_key(args))
 
     def on_listening(address: str) -> None:
@@ -197,7 +197,8 @@ def _send_qemu(args: argparse.Namespace) -> int:
 
     from ..qemu import send
     if args.images or args.state or args.dir is None:
-        raise ConfigError("--qemu: give --dir DIR (what listen --qemu wrote), no images")
+        raise ConfigError("--qemu: give --dir DIR (what listen --qemu wrote), no images "
+                          "or --state files")
     _refuse_with_qemu(args, {"checksum": "--checksum",
                              "no_zero_detection": "--no-zero-detection",
                              "status_json": "--status-json"})
@@ -294,7 +295,7 @@ def _build_parser() -> _Parser:
     p.add_argument("--max-bandwidth", type=rate, default=None, metavar="RATE",
                    help="cap the live migration's channels at RATE bytes/s in all, e.g. "
                         "500M (binary units: MiB/s)")
-    security_options.add_arguments(p, loopback=True)
+    security_options.add_arguments(p, side="both")
     p.set_defaults(func=cmd_demo)
 
     p = add_command("send", help="send image files (and device state files) to a listener, "
@@ -340,13 +341,13 @@ def _build_parser() -> _Parser:
     p.add_argument("--stall-timeout", type=positive_seconds, default=30.0, metavar="SECONDS",
                    help="fail, on both sides, when a channel, process or the peer makes no "
                         "progress for this long (default 30; the listener honours it)")
-    security_options.add_arguments(p)
+    security_options.add_arguments(p, side="send")
     p.set_defaults(func=cmd_send)
 
     p = add_command("listen", help="receive one migration into files (from fastmfd send, "
                                    "or with --qemu from a QEMU)")
-    p.add_argument("address", help="tcp:HOST:PORT (port 0 picks one; tcp::PORT: every "
-                                   "interface) or unix:PATH")
+    p.add_argument("address", help="tcp:HOST:PORT (port 0 picks one; tcp::PORT: every IPv4 "
+                                   "interface; tcp:[::]:PORT: IPv6 too) or unix:PATH")
     p.add_argument("--qemu", action="store_true",
                    help="the source is a QEMU (7.2 or 10.x) migrating with the multifd "
                         "capability: write each RAMBlock, vmstate.bin and manifest.json into DIR")
@@ -389,7 +390,7 @@ def _build_parser() -> _Parser:
     p.add_argument("--json", action="store_true",
                    help="print the files written and the statistics as JSON on stdout (a "
                         "line per session)")
-    security_options.add_arguments(p)
+    security_options.add_arguments(p, side="listen")
     p.set_defaults(func=cmd_listen)
 
     p = add_command("inspect", help="decode captured multifd channel bytes (fastmfd or QEMU)")

@@ -15,7 +15,7 @@ import contextlib
 import os
 import tempfile
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Literal
 
 from ..errors import ConfigError
 from ..protocol.security import MIN_AUTH_KEY_BYTES, TLSConfig, read_key_file
@@ -27,8 +27,14 @@ __all__ = ["add_arguments", "given", "tls_config", "auth_key", "LocalCredentials
 LOCAL_CLIENT = "fastmfd-source"      # the client identity of throwaway credentials
 
 
-def add_arguments(parser: argparse.ArgumentParser, *, loopback: bool = False) -> None:
-    """The security options; ``loopback``: the command runs both ends (demo, bench)."""
+def add_arguments(parser: argparse.ArgumentParser, *,
+                  side: Literal["send", "listen", "both"]) -> None:
+    """The security options of a command that runs ``side``: ``both`` ends (demo,
+    bench) take every option. A sender has no clients to authorize and a listener
+    no name to check: each is offered only its own, so that ``--tls-authz`` given
+    to ``send`` is refused, not ignored (it was, and a sender's user could believe
+    it named the listeners it would trust)."""
+    loopback = side == "both"
     group = parser.add_argument_group(
         "security", "TLS for every connection, and/or a shared key every connection proves")
     if loopback:
@@ -40,12 +46,14 @@ def add_arguments(parser: argparse.ArgumentParser, *, loopback: bool = False) ->
     group.add_argument("--tls-ca", metavar="PEM",
                        help="CA bundle the peer's certificate must chain to (on a listener: "
                             "require client certificates)")
-    group.add_argument("--tls-hostname", metavar="NAME",
-                       help="name the destination's certificate must carry (default: the "
-                            "address's host)")
-    group.add_argument("--tls-authz", action="append", metavar="IDENTITY",
-                       help="a client identity (certificate CN or subjectAltName) a listener "
-                            "accepts; repeatable (default: any the CA signed)")
+    if side != "listen":
+        group.add_argument("--tls-hostname", metavar="NAME",
+                           help="name the destination's certificate must carry (default: "
+                                "the address's host)")
+    if side != "send":
+        group.add_argument("--tls-authz", action="append", metavar="IDENTITY",
+                           help="a client identity (certificate CN or subjectAltName) a "
+                                "listener accepts; repeatable (default: any the CA signed)")
     group.add_argument("--auth-key-file", metavar="FILE",
                        help="a file holding the shared key (>= 16 bytes; a final newline is "
                             "ignored); authenticates every connection, does not encrypt")
@@ -66,14 +74,22 @@ def given(args: argparse.Namespace) -> bool:
             or getattr(args, "auth_key_file", None) is not None)
 
 
-def tls_config(args: argparse.Namespace) -> TLSConfig | None:
-    """The TLSConfig the ``--tls-*`` options describe, or None."""
+def tls_config(args: argparse.Namespace, *, listener: bool = False) -> TLSConfig | None:
+    """The TLSConfig the ``--tls-*`` options describe, or None. A ``listener``'s
+    mistakes are said in its options' words (TLSConfig's own errors name the
+    library's fields, which a command's user never wrote)."""
     values = _tls_values(args)
     if not values:
         return None
     if ("cert" in values) != ("key" in values):
         raise ConfigError("--tls-cert and --tls-key go together: this side's certificate "
                           "chain and its private key")
+    if listener and "cert" not in values:
+        raise ConfigError("a TLS listener needs its own certificate: give --tls-cert and "
+                          "--tls-key with --tls-ca or --tls-authz")
+    if listener and "authz" in values and "ca" not in values:
+        raise ConfigError("--tls-authz needs --tls-ca: a client's identity is known only "
+                          "from a certificate that chains to it")
     return TLSConfig(**values)  # type: ignore[arg-type]  # each option's type is its field's
 
 

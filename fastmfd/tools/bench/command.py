@@ -103,7 +103,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "file --json wrote): best times and the speed-up")
     parser.add_argument("--chart", metavar="FILE.svg", type=_svg, default=None,
                         help="also draw the tables and throughput charts into FILE.svg")
-    security_options.add_arguments(parser, loopback=True)
+    security_options.add_arguments(parser, side="both")
 
 
 def _link(text: str) -> LinkSpec:
