@@ -140,6 +140,8 @@ class MigrationConfig:
                  f"channels {self.channel_rate:.0f} bytes/s, less than one packet "
                  f"({packet} bytes) per stall_timeout ({self.stall_timeout:g} s)")
         object.__setattr__(self, "auth_key", check_auth_key(self.auth_key, "MigrationConfig"))
+        if self.tls is not None:
+            self.tls.check_client()
 
     def session_values(self) -> dict[str, Any]:
         """The parameters SETUP carries, by SETUP's names."""

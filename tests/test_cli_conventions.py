@@ -376,3 +376,29 @@ def test_wrong_types_are_type_errors_naming_the_parameter():
     dst = fastmfd.Destination("tcp:127.0.0.1:0", workers=0)
     with pytest.raises(TypeError, match=r"add_loader\(loader\) for 'nic0' must be"):
         dst.add_loader("nic0", 0, object())
+
+
+@pytest.mark.parametrize("checks, refused", [
+    (["--tls-hostname", "localhost", "--tls-authz", "localhost"], None),
+    (["--tls-authz", "other.example"], "is not in authz"),
+    (["--tls-hostname", "other.example"], "Hostname mismatch"),
+])
+def test_demo_with_tls_files_gives_each_end_its_own_check(tmp_path, checks, refused):
+    """demo runs both ends with one set of --tls-* files: the source checks
+    --tls-hostname, the destination --tls-authz (a TLSConfig with the other side's
+    check is refused, as that check would be ignored)."""
+    import trustme
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    (tmp_path / "key.pem").chmod(0o600)
+    (tmp_path / "chain.pem").write_bytes(b"".join(b.bytes() for b in cert.cert_chain_pems))
+    done = fastmfd_cli("demo", "--size", "16M", "--device-size", "1M",
+                       "--tls-cert", str(tmp_path / "chain.pem"),
+                       "--tls-key", str(tmp_path / "key.pem"),
+                       "--tls-ca", str(tmp_path / "ca.pem"), *checks, cwd=tmp_path)
+    if refused is None:
+        assert done.returncode == 0, done.stderr
+    else:
+        assert done.returncode == 1 and refused in done.stderr, done.stderr

@@ -351,3 +351,14 @@ def test_a_destination_needs_its_own_certificate(pki):
                             tls=pki.destination(ca=None, authz=["x"]))
     with pytest.raises(fastmfd.ConfigError, match="cannot read"):
         fastmfd.TLSConfig(ca="/nonexistent/ca.pem")
+
+
+def test_each_side_refuses_the_other_sides_check(pki):
+    """A source's authz (the sources a destination accepts) and a destination's
+    hostname (the name a source checks) would be ignored: a source given authz=["X"]
+    migrated to a destination whose certificate is not X."""
+    with pytest.raises(fastmfd.ConfigError, match="authz names the sources a destination "
+                                                  "accepts"):
+        fastmfd.MigrationConfig(tls=pki.source(authz=["someone"]))
+    with pytest.raises(fastmfd.ConfigError, match="hostname is the name a source checks"):
+        fastmfd.Destination("tcp:127.0.0.1:0", tls=pki.destination(hostname="localhost"))

@@ -104,10 +104,22 @@ class TLSConfig:
         self._context(ssl.Purpose.CLIENT_AUTH)
 
     def check_server(self) -> None:
-        """ConfigError unless it can be a destination's: that needs ``cert`` and ``key``."""
+        """ConfigError unless it can be a destination's: that needs ``cert`` and ``key``,
+        and takes no ``hostname`` (a source's check, which would be ignored here)."""
         if self.cert is None:
             raise ConfigError("a TLS destination needs its own certificate: TLSConfig(cert=..., "
                               "key=...)")
+        if self.hostname is not None:
+            raise ConfigError("TLSConfig.hostname is the name a source checks in its "
+                              "destination's certificate; a destination checks its sources "
+                              "with authz=")
+
+    def check_client(self) -> None:
+        """ConfigError if it holds what only a destination uses: ``authz``, which a
+        source would ignore (it checks its destination by ``hostname``)."""
+        if self.authz is not None:
+            raise ConfigError("TLSConfig.authz names the sources a destination accepts; a "
+                              "source checks its destination's certificate with hostname=")
 
     def _context(self, purpose: ssl.Purpose) -> ssl.SSLContext:
         server = purpose is ssl.Purpose.CLIENT_AUTH
