@@ -94,6 +94,7 @@ class Outcome:
     result: fastmfd.DestinationResult | None
     source_error: BaseException | None
     dest_error: BaseException | None
+    started: float              # time.monotonic() when migrate() and receive() were called
     source_end: float           # time.monotonic() when migrate() returned or raised
     dest_end: float             # ... when receive() returned or raised
 
@@ -180,9 +181,10 @@ class Migration:
                                     live=live, on_stop=on_stop, on_resume=on_resume)),
                                 ("destination", lambda: self.destination.receive(
                                     on_resume=dst_on_resume, **hooks)))]
+        started = time.monotonic()
         for thread in threads:
             thread.start()
-        deadline = time.monotonic() + timeout
+        deadline = started + timeout
         for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         hung = [t.name for t in threads if t.is_alive()]
@@ -195,7 +197,7 @@ class Migration:
         (src_how, src), (dst_how, dst) = ends["source"], ends["destination"]
         return Outcome(src if src_how == "ok" else None, dst if dst_how == "ok" else None,
                        src if src_how == "error" else None, dst if dst_how == "error" else None,
-                       ends["source end"], ends["destination end"])
+                       started, ends["source end"], ends["destination end"])
 
 
     def run_refused(self, within: float = 5.0) -> tuple[BaseException, list]:

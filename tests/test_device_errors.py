@@ -13,7 +13,6 @@ import os
 import re
 import signal
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -138,7 +137,6 @@ def test_destination_cap_below_one_chunk_is_refused_at_setup(leaks):
     """A destination's own max_queued_bytes must hold one of the source's chunks, or
     any reordering would fail the session: SETUP is refused instead."""
     region = make_region("ram", 1 << 20, seed=5)
-    started = time.monotonic()
     try:
         with Migration(CONFIG.replace(device_chunk_size=8192),
                        max_queued_bytes=8191) as m:
@@ -147,8 +145,9 @@ def test_destination_cap_below_one_chunk_is_refused_at_setup(leaks):
             outcome = m.run()
     finally:
         region.close()
-    check(outcome, started, r"this destination's max_queued_bytes \(8191\) cannot hold one "
-                            r"device chunk of the source's device_chunk_size \(8192\)")
+    check(outcome, outcome.started,
+          r"this destination's max_queued_bytes \(8191\) cannot hold one "
+          r"device chunk of the source's device_chunk_size \(8192\)")
 
 
 def test_reassembly_process_sigkilled(leaks):
@@ -259,10 +258,10 @@ def test_a_loader_hook_that_never_returns_is_named(leaks, hook, call):
         m.source.add_device(fastmfd.SyntheticDevice(*DEVICE, 16 * 4096,
                                                     precopy_size=8 * 4096))
         m.destination.add_loader(*DEVICE, HangingLoader(hook))
-        started = time.monotonic()
         outcome = m.run(live=True, timeout=30)
-    check(outcome, started, rf"reassembly: no progress for 1 s \(dev/0: {call} has not "
-                            rf"returned\)")
+    check(outcome, outcome.started,
+          rf"reassembly: no progress for 1 s \(dev/0: {call} has not "
+          rf"returned\)")
 
 
 def test_a_precopy_loaded_that_never_returns_is_named_when_it_runs_last(leaks):
@@ -277,10 +276,10 @@ def test_a_precopy_loaded_that_never_returns_is_named_when_it_runs_last(leaks):
         m.source.add_device(fastmfd.SyntheticDevice(*DEVICE, 16 * 4096,
                                                     precopy_size=8 * 4096))
         m.destination.add_loader(*DEVICE, HangingLoader("precopy_loaded"))
-        started = time.monotonic()
         outcome = m.run(live=True, timeout=30)
-    check(outcome, started, r"reassembly: no progress for 1 s \(dev/0: precopy_loaded\(\) "
-                            r"has not returned\)")
+    check(outcome, outcome.started,
+          r"reassembly: no progress for 1 s \(dev/0: precopy_loaded\(\) "
+          r"has not returned\)")
 
 
 # ---------------------------------------------------------------- user code raising
@@ -309,10 +308,9 @@ def test_device_raising_with_the_sources_word_late(leaks, way):
 
 @pytest.mark.parametrize("way", ["new", "old"])
 def test_loader_raising(leaks, way):
-    started = time.monotonic()
     outcome = migrate(CONFIG.replace(channel_header=way == "new"),
                       loaders={DEVICE: BrokenLoader(good=3)})
-    check(outcome, started,
+    check(outcome, outcome.started,
           r"dev/0: loading chunk 3 failed: ValueError: the device rejected its state")
 
 
@@ -321,10 +319,9 @@ def test_load_finish_raising_is_named(leaks, way):
     """A loader's load_finish() that raises is named as such, not as the loading of
     the last chunk (the error said "loading chunk 16 failed", sending its user to
     look at a chunk)."""
-    started = time.monotonic()
     outcome = migrate(CONFIG.replace(channel_header=way == "new"),
                       loaders={DEVICE: FinishingLoader()})
-    check(outcome, started,
+    check(outcome, outcome.started,
           r"dev/0: load_finish\(\) failed: OSError: the device would not resume")
 
 
@@ -335,11 +332,11 @@ def test_device_returning_a_float(leaks, way):
     """read_state() wrote 10 bytes and said 9.9: the new way sent a 9-byte chunk on
     (the core truncated the length), and the loader got a byte less than the device
     wrote, with no error anywhere."""
-    started = time.monotonic()
     outcome = migrate(CONFIG.replace(channel_header=way == "new"),
                       devices=[MiscountingDevice("odd", 2, 9.9)])
-    check(outcome, started, r"odd/2: saving chunk 0 failed: ValueError: read_state returned "
-                            r"9\.9 for a 4096-byte buffer, not a byte count")
+    check(outcome, outcome.started,
+          r"odd/2: saving chunk 0 failed: ValueError: read_state returned "
+          r"9\.9 for a 4096-byte buffer, not a byte count")
 
 
 def test_device_counting_in_numpy_integers(leaks):
@@ -358,11 +355,11 @@ def test_loader_finish_returning_what_cannot_be_pickled(leaks):
     """What load_finish() returns goes to the destination's main process: one that does
     not pickle was reported as 'loading chunk N failed', with advice about pickling
     loaders (the loader had pickled)."""
-    started = time.monotonic()
     outcome = migrate(loaders={DEVICE: FinishingLoader(result=threading.Lock)})
-    check(outcome, started, r"dev/0: load_finish\(\) returned 'lock', which cannot be "
-                            r"pickled to the destination's main process: cannot pickle "
-                            r"'_thread.lock' object$")
+    check(outcome, outcome.started,
+          r"dev/0: load_finish\(\) returned 'lock', which cannot be "
+          r"pickled to the destination's main process: cannot pickle "
+          r"'_thread.lock' object$")
 
 
 def test_one_device_too_many_is_refused_when_added(leaks):
@@ -380,7 +377,7 @@ def test_a_loader_that_does_not_pickle_is_named(leaks):
     """The loaders go to the reassembly process together: one that did not pickle
     failed the session with the pickler's words alone ("cannot pickle
     '_thread.lock' object"), not saying which of the devices' loaders it was."""
-    started = time.monotonic()
     outcome = migrate(loaders={("bystander", 0): LockedLoader()})
-    check(outcome, started, r"TypeError: the loader of device bystander/0: cannot pickle "
-                            r"'_thread.lock' object")
+    check(outcome, outcome.started,
+          r"TypeError: the loader of device bystander/0: cannot pickle "
+          r"'_thread.lock' object")

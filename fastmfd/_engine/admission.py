@@ -220,9 +220,11 @@ class Admission:
         with self._lock:                        # before any close: see __exit__
             self._greeting.pop(threading.current_thread(), None)
             if threading.current_thread() in self._evicted:
+                # Evicted stays its reason though the admission closed before this
+                # thread ran (a loaded host): the newcomer, not the end, dropped it.
                 self._evicted.discard(threading.current_thread())
                 greeting, refusal = None, EVICTED
-            if self._closing:                   # ended by __exit__, or too late
+            elif self._closing:                 # ended by __exit__, or too late
                 greeting, refusal = None, self._ended
             if greeting is not None:
                 self._passed.put(greeting)
