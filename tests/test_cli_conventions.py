@@ -209,6 +209,11 @@ def test_a_refused_connection_keeps_its_errno():
     (["--auth-key-file=/nonexistent", "send", "tcp:127.0.0.1:1", "/nonexistent"],
      ["fastmfd: unrecognized arguments: --auth-key-file"]),     # was dropped, not refused
     (["bogus"], ["argument COMMAND: invalid choice: 'bogus'"]),
+    # A level with no level to set was taken and ignored.
+    (["send", "tcp:127.0.0.1:1", "/nonexistent", "--level", "5"],
+     ["--level sets zlib's or zstd's level; --compression none takes none"]),
+    (["send", "tcp:127.0.0.1:1", "/nonexistent", "--compression", "auto", "--level", "5"],
+     ["--compression auto takes none"]),
     # The other side's TLS option: a sender's --tls-authz was taken and ignored.
     (["send", "tcp:127.0.0.1:1", "/nonexistent", "--tls-authz", "a.example"],
      ["unrecognized arguments: --tls-authz a.example"]),

@@ -58,12 +58,23 @@ def _config(args: argparse.Namespace) -> MigrationConfig:
     from ..config import MigrationConfig
     from . import security_options
     return MigrationConfig(channels=args.channels, compression=args.compression,
-                           compression_level=args.level,
+                           compression_level=_level(args),
                            zero_page_detection=not args.no_zero_detection,
                            checksum=args.checksum, stall_timeout=args.stall_timeout,
                            timeout=args.timeout, max_bandwidth=args.max_bandwidth,
                            tls=security_options.tls_config(args),
                            auth_key=security_options.auth_key(args))
+
+
+def _level(args: argparse.Namespace) -> int:
+    """``--level``, which only zlib and zstd take (given with none or auto, it was
+    taken and ignored)."""
+    if args.level is None:
+        return 1
+    if args.compression not in ("zlib", "zstd"):
+        raise ConfigError(f"--level sets zlib's or zstd's level; --compression "
+                          f"{args.compression} takes none")
+    return int(args.level)
 
 
 def _print_json(result: dict[str, Any]) -> None:
@@ -204,7 +215,7 @@ def _send_qemu(args: argparse.Namespace) -> int:
                              "status_json": "--status-json"})
     started = time.monotonic()
     channels = send(args.address, args.dir, channels=args.channels,
-                    compression=args.compression, level=args.level,
+                    compression=args.compression, level=_level(args),
                     stall_timeout=args.stall_timeout, timeout=args.timeout,
                     max_bandwidth=args.max_bandwidth)
     seconds = time.monotonic() - started
@@ -321,7 +332,8 @@ def _build_parser() -> _Parser:
     p.add_argument("--compression", choices=COMPRESSION_METHODS, default="none",
                    help="none, zlib, zstd, or auto: raw or zstd per packet, as the link and "
                         "the data make pay (default none)")
-    p.add_argument("--level", type=int, default=1, help="compression level (default 1)")
+    p.add_argument("--level", type=int, default=None,
+                   help="zlib's (0..9) or zstd's (1..20) level (default 1)")
     p.add_argument("--no-zero-detection", action="store_true",
                    help="send zero pages as data")
     p.add_argument("--checksum", action="store_true", help="CRC-32 every packet (header and payload)")
