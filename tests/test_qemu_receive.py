@@ -576,10 +576,17 @@ def test_silent_connections_after_the_count_are_dropped_as_others_come(tmp_path,
             time.sleep(0.01)
         silent = connect(address, 5)
         socks.append(silent)
-        time.sleep(1.5)                     # beyond LATE_BYTES_WAIT
-        socks.append(connect(address, 5))   # the next: the silent one is dropped
-        silent.settimeout(10)
-        assert silent.recv(1) == b"", "the silent connection was kept"
+        silent.settimeout(0.5)
+        # Others come, each beyond LATE_BYTES_WAIT after the one before (counted from
+        # when the receiver took it, which a loaded host may do late): one drops it.
+        deadline = time.monotonic() + 20
+        while True:
+            time.sleep(1.5)
+            socks.append(connect(address, 5))
+            with contextlib.suppress(TimeoutError):
+                if silent.recv(1) == b"":
+                    break
+            assert time.monotonic() < deadline, "the silent connection was kept"
         resume.set()
         manifest = receiver.result().manifest
     finally:
