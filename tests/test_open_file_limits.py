@@ -155,3 +155,38 @@ def test_more_regions_than_a_worker_may_ever_open_files_for_are_refused_naming_t
     said = _regions(LIMIT, LIMIT)
     assert said.startswith(f"ConfigError: {REGIONS} regions need about "), said
     assert f"(RLIMIT_NOFILE, ulimit -Hn) is {LIMIT}" in said, said
+
+
+_CHILDREN = textwrap.dedent("""
+    import os, resource
+    from fastmfd._engine.processes import ChildSet
+    from fastmfd._engine.reassembly import reassembly_main
+    from fastmfd.errors import MigrationError
+
+    if __name__ == "__main__":
+        children = ChildSet(reassembly_main, ["first"])     # the forkserver runs
+        soft = len(os.listdir("/proc/self/fd")) + 20
+        resource.setrlimit(resource.RLIMIT_NOFILE,
+                           (soft, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+        try:
+            for n in range(20):
+                children.spawn(reassembly_main, f"worker {n}")
+        except MigrationError as exc:
+            print(f"refused at {len(children)}: {exc}")
+        finally:
+            children.stop()
+""")
+
+
+def test_a_child_this_process_has_no_files_left_for_is_refused_before_its_start():
+    """listen --qemu starts a worker per channel as QEMU's connect: at 255 channels
+    under ulimit -n 1024 the forkserver, given a start this process could not finish,
+    died with a traceback of its own and the session failed with 'Too many open
+    files'. Now the child is refused before its start, naming the limit."""
+    done = subprocess.run([sys.executable, "-c", _CHILDREN], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "cannot start the process: this process has" in done.stdout, done.stdout
+    assert "its limit (RLIMIT_NOFILE, ulimit -n) is" in done.stdout
+    assert "refused at 1:" not in done.stdout       # some started before the limit
+    assert "Traceback" not in done.stderr, done.stderr

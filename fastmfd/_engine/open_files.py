@@ -21,10 +21,10 @@ from __future__ import annotations
 import os
 import resource
 
-from ..errors import ConfigError
+from ..errors import ConfigError, MigrationError
 
 __all__ = ["check_session_files", "check_worker_files", "allow_worker_files",
-           "SOURCE_PER_CHANNEL", "DESTINATION_PER_CHANNEL"]
+           "check_room_for_child", "SOURCE_PER_CHANNEL", "DESTINATION_PER_CHANNEL"]
 
 # Files the main process opens per channel (counted with 255 channels): the
 # source, checked as it is entered, before it starts its workers: each worker's
@@ -35,6 +35,9 @@ SOURCE_PER_CHANNEL = 5
 DESTINATION_PER_CHANNEL = 4
 SPARE = 32              # the main channel, shared structures, the reassembly process
 WORKER_OWN = 64         # a channel worker's files besides its regions' (~20 counted)
+# What starting a child takes in this process: its control pipe and sentinel, and
+# the forkserver's connection and the descriptors passed over it while it starts.
+CHILD_START = 8
 
 
 def _limits() -> tuple[int, int]:
@@ -79,3 +82,17 @@ def allow_worker_files(regions: int) -> None:
                           f"worker (one per region); its hard limit (RLIMIT_NOFILE, "
                           f"ulimit -Hn) is {hard}")
     resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+
+
+def check_room_for_child(name: str) -> None:
+    """MigrationError unless this process has the files to start the child ``name``:
+    ``listen --qemu`` starts a worker per channel as QEMU's connect (up to 255, which
+    the usual ``ulimit -n`` of 1024 does not hold), and the forkserver, given the
+    start of a child this process could not finish, died with a traceback of its own
+    and took every worker with it; the session failed with 'Too many open files'."""
+    soft, _ = _limits()
+    open_now = len(os.listdir("/proc/self/fd"))
+    if open_now + CHILD_START > soft:
+        raise MigrationError(f"cannot start the process: this process has {open_now} open "
+                             f"files, and its limit (RLIMIT_NOFILE, ulimit -n) is {soft}: "
+                             f"raise it, or use fewer channels", channel=name)

@@ -53,6 +53,7 @@ from ..protocol.control import Done, Drained, Eof, Failed, Ready, Stop
 from . import control_pickling
 from .control_pickling import MAIN_KEYS
 from .liveness import process_stopped
+from .open_files import check_room_for_child
 from .session import Closable, as_migration_error, main_first
 
 __all__ = ["Child", "ChildSet", "ChildPipe", "Watch", "RemoteTraceback", "mp_context",
@@ -178,6 +179,7 @@ class Child:
     def __init__(self, ctx: multiprocessing.context.ForkServerContext, target: ChildMain,
                  name: str) -> None:
         self.name = name
+        check_room_for_child(name)
         server = stopped_forkserver()
         if server is not None:
             # start() would wait for the forkserver's answer, with no deadline.
