@@ -121,17 +121,25 @@ def check_writable(path: str) -> None:
                           f"({exc.strerror or exc})") from None
 
 
-def check_only_yours(path: str) -> None:
+def check_only_yours(path: str, opened: int | None = None) -> None:
     """ConfigError unless no other user can rename or replace what is written in the
     directory ``path``: it and every directory above it belong to this user or
     root, and those others may write in are sticky (as /tmp is); a group of the
     user's own (:func:`_only_mine`) is no other. Another user's directory (one
     made in /tmp under a name they guessed first) would let them swap a saved
     VM's memory for theirs after it was written: refused, as ssh refuses an
-    ``authorized_keys`` in such a place (``StrictModes``)."""
+    ``authorized_keys`` in such a place (``StrictModes``). ``opened``:
+    the directory's descriptor, which must still be what ``path`` names."""
     me, where = os.geteuid(), os.path.realpath(path)
+    identity = None if opened is None else file_identity(opened)
     while True:
-        st = os.stat(where)
+        # lstat: a directory swapped for a link to a safe one since it was opened
+        # or resolved (its owner may) shows as the link, not as the safe one.
+        st = os.lstat(where)
+        if stat.S_ISLNK(st.st_mode) or identity not in (None, (st.st_dev, st.st_ino)):
+            raise ConfigError(f"output directory {path}: {where} was replaced as it was "
+                              f"opened; give a directory of your own")
+        identity = None                 # (the directory itself is the one opened)
         if st.st_uid not in (me, 0):
             raise ConfigError(f"output directory {path}: {where} belongs to another user "
                               f"(uid {st.st_uid}), who could replace the files written "
@@ -188,7 +196,7 @@ class OutputDir:
         self.streams: dict[str, _Output] = {}       # files written in order (vmstate)
         self.manifest = _Output({}, MANIFEST)
         try:
-            check_only_yours(self.real)
+            check_only_yours(self.real, self.fd)
             if huge_pages:
                 check_huge_pages(self.real)
             # A save already there is refused now, before a migration comes for it
