@@ -97,6 +97,53 @@ def test_three_hundred_devices_are_saved_by_a_pool_of_threads():
     assert devices == {(f"dev{i}", 0): b"dev!" for i in range(DEVICES)}
 
 
+@pytest.mark.parametrize("room", [3, 0])
+def test_a_source_that_may_start_fewer_save_threads_than_the_pool_saves_with_those(
+        monkeypatch, room):
+    """Where even SAVE_THREADS threads cannot start, the pool saves every device with
+    those that did (the source failed with a bare "can't start new thread", as with
+    a thread per device); where none did, the error names the limit. The process's
+    limit is played by Thread.start: under a
+    real one (ulimit -v) threads that end at once free their stacks for the next,
+    and whether a test meets it would be the scheduler's to say."""
+    started = []
+
+    class Limited(threading.Thread):
+        def start(self) -> None:
+            if self.name.startswith("fastmfd save"):
+                if len(started) == room:
+                    raise RuntimeError("can't start new thread")
+                started.append(self.name)
+            super().start()
+    monkeypatch.setattr(threading, "Thread", Limited)
+    with fastmfd.Destination("tcp:127.0.0.1:0") as dst:
+        got: dict[str, object] = {}
+
+        def receive() -> None:
+            try:
+                got["result"] = dst.receive()
+            except fastmfd.MigrationError as exc:
+                got["error"] = exc
+        thread = threading.Thread(target=receive)
+        thread.start()
+        cfg = fastmfd.MigrationConfig(channels=1, device_chunk_size=4096, max_queued_bytes=4096)
+        with fastmfd.Source(dst.address, cfg) as src:
+            for i in range(100):
+                src.add_device(fastmfd.BytesDevice(f"dev{i}", 0, b"dev!"))
+            if room:
+                src.migrate(live=False)
+            else:
+                with pytest.raises(fastmfd.MigrationError, match="can't start new thread: "
+                                   r"not one thread to save the devices in; .*\(ulimit -u"):
+                    src.migrate(live=False)
+        thread.join()
+    assert len(started) == room, started
+    if not room:
+        return
+    devices = got["result"].devices                 # type: ignore[attr-defined]
+    assert devices == {(f"dev{i}", 0): b"dev!" for i in range(100)}
+
+
 # The destination's reassembly process starts a loader thread per device (as
 # QEMU's destination does); where it cannot, the error names the limit and the
 # count, not only "can't start new thread". Its address space here holds about

@@ -160,6 +160,22 @@ def test_a_trickled_setup_ack_fails_within_the_handshake_timeout(leaks):
     leaks.assert_clean()
 
 
+def test_a_destination_silent_after_its_keepalive_is_not_asked_whether_it_is_there(leaks):
+    """A KEEPALIVE answers SETUP only from a fastmfd listener (busy preallocating,
+    say): its silence after that was still met with 'is a fastmfd listener there?
+    a QEMU destination takes fastmfd send --qemu', which blamed the wrong thing."""
+    def script(d):
+        d.send(Msg.KEEPALIVE)
+        d.stop.wait(30)
+
+    error, took = migrate_against(script)
+    assert re.fullmatch(rf"main channel to tcp:127\.0\.0\.1:\d+: timed out waiting for "
+                        rf"SETUP_ACK within {STALL:g} s, after the peer's KEEPALIVE \(it was "
+                        rf"alive and busy\)", str(error)), str(error)
+    assert took < CONFIG.timeout + STALL + SLACK
+    leaks.assert_clean()
+
+
 def test_a_trickled_round_ack_fails_within_the_stall_timeout(leaks):
     def script(d):
         d.send(Msg.SETUP_ACK)

@@ -532,3 +532,26 @@ def test_a_disk_that_fills_with_device_state_fails_naming_its_file(small_disk, t
     assert status == 1 and expected in stderr, stderr
     assert done.returncode == 1 and expected in done.stderr
     assert files_in(small_disk) == set()
+
+
+def test_a_directory_swapped_as_it_is_opened_is_refused(tmp_path, monkeypatch):
+    """The directory is checked (no other user may change it) after it is opened: its
+    owner could swap it for a link to a safe one in between, and the check, by its
+    path, passed while the files went into theirs (here 0777, as a stranger's is)."""
+    unsafe, safe = tmp_path / "vmsave", tmp_path / "safe"
+    unsafe.mkdir()
+    unsafe.chmod(0o777)
+    safe.mkdir()
+    readlink = os.readlink
+
+    def swapping(path, *args, **kwargs):      # the stranger wins the race here
+        got = readlink(path, *args, **kwargs)
+        if str(path).startswith("/proc/self/fd/") and not os.path.islink(unsafe):
+            os.rename(unsafe, tmp_path / "moved")
+            os.symlink(safe, unsafe)
+        return got
+    monkeypatch.setattr(os, "readlink", swapping)
+    with pytest.raises(fastmfd.ConfigError, match=f"output directory {unsafe}: .* was "
+                                                  f"replaced as it was opened"):
+        OutputDir(str(unsafe))
+    assert os.listdir(tmp_path / "moved") == []

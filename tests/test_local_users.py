@@ -10,7 +10,9 @@ and removed after.
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
 import shutil
 import subprocess
 import sys
@@ -22,6 +24,7 @@ import pytest
 import fastmfd
 from fastmfd.errors import ConfigError
 from fastmfd.shm import SEGMENT_PREFIX, SHM_DIR, SharedMemory
+from fastmfd.tools.outputs import OutputDir
 
 from listen_support import Listener, run_cli
 
@@ -108,6 +111,34 @@ def test_a_directory_above_that_another_user_owns_is_refused(shared_dir, tmp_pat
     assert done.returncode != 0, done.stderr
     assert f"{theirs} belongs to another user (uid {NOBODY})" in done.stderr
     assert not os.path.exists(out)
+
+
+NOGROUP = 65534         # nobody's group: a group of another user
+
+
+@pytest.mark.parametrize("group", ["own", "another's"])
+def test_a_directory_its_users_own_group_may_write_is_taken(tmp_path, group):
+    """Where each user has a group of their own, Fedora's and RHEL's umask 002 makes
+    every directory they make group-writable by that group, which holds them
+    alone: such a directory is taken (it was refused, 'chmod go-w'), as Debian's
+    ssh takes it. One another user's group may write is still refused."""
+    gid = 0 if group == "own" else NOGROUP
+    others = [user.pw_name for user in pwd.getpwall() if user.pw_gid == 0 and user.pw_uid]
+    if group == "own" and (others or grp.getgrgid(0).gr_mem):
+        pytest.skip("root's group has other members on this host")
+    vms = tmp_path / "vms"
+    vms.mkdir()
+    os.chown(vms, 0, gid)
+    os.chmod(vms, 0o775)
+    out = os.path.join(vms, "vm1")
+    if group == "own":
+        taken = OutputDir(out)
+        taken.abort()           # (removes vm1, which it made)
+        taken.close()
+    else:
+        with pytest.raises(ConfigError, match=f"others may write in {vms} \\(mode 0775\\)"):
+            OutputDir(out)
+    assert os.listdir(vms) == []
 
 
 def test_a_sticky_directory_and_one_made_under_a_lax_umask_are_taken(shared_dir, tmp_path):

@@ -10,7 +10,7 @@ import fastmfd
 from fastmfd import _core
 from fastmfd._engine.reassembly import plan_pool, reassembly_main
 from fastmfd._engine.processes import ChildSet
-from fastmfd.protocol.control import DeviceLoaded, Failed, ReassemblyParams
+from fastmfd.protocol.control import DeviceLoaded, Failed, ReassemblyParams, Stop
 from fastmfd.shm import SHM_DIR
 from device_support import BigResultLoader
 
@@ -81,8 +81,9 @@ def test_a_planned_pool_fits_its_budget():
 
 def test_a_loader_waiting_for_its_next_chunk_is_woken_by_the_stop(monkeypatch):
     """An idle loader sleeps until a chunk comes or the session stops, not in
-    0.5 s polls (4096 idle loaders cost 0.4 CPU-s a second): the stop wakes it, long
-    before its wait's deadline."""
+    0.5 s polls (4096 idle loaders cost 0.4 CPU-s a second): the main process's Stop
+    wakes it, long before its wait's deadline (the test called the stream's wake()
+    itself, so a Stop that only set the event passed it)."""
     from fastmfd._engine import reassembly
     monkeypatch.setattr(reassembly, "IDLE_WAKE", 3600.0)
     stream = reassembly._DeviceStream(0, "dev/0", fastmfd.CollectLoader(), 1 << 20, 4096)
@@ -92,7 +93,8 @@ def test_a_loader_waiting_for_its_next_chunk_is_woken_by_the_stop(monkeypatch):
     loader.start()
     while not stream.cond._waiters:     # (in its wait: the stop comes while it sleeps)
         time.sleep(0.01)
-    stop.set()
-    stream.wake()
+    reassembler = object.__new__(reassembly._Reassembler)     # (only what a Stop touches)
+    reassembler.stop, reassembler.devices = stop, [stream]
+    reassembler._on_message(Stop())     # the main process's, as the session ends
     loader.join(timeout=60)
     assert not loader.is_alive() and taken == [None]

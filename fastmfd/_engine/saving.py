@@ -48,7 +48,8 @@ CHUNK_HEADER = _core.CHUNK_HEADER_SIZE
 LEFT_BEHIND_AFTER = 1.0     # seconds a failed session waits for a device's read to return
 # Devices saved at once (new way): a thread each was 4096 threads at MAX_DEVICES, and
 # where a process may not start that many (ulimit -u, -v) the session failed with
-# a bare "can't start new thread". A device past these waits for one to finish.
+# a bare "can't start new thread". A device past these waits for one to finish (and
+# where fewer threads may start, those that did take every device).
 SAVE_THREADS = 64
 
 log = logging.getLogger("fastmfd")
@@ -234,8 +235,8 @@ class _Saver:
     def _run(self, name: str, streams: list[DeviceStream], work: Callable[[], object]) -> None:
         """Run ``work`` (the calls of ``streams``' devices) in a thread of its own."""
         thread = threading.Thread(target=self._guarded, args=(work,), daemon=True, name=name)
-        self._threads.append((thread, streams))
         thread.start()
+        self._threads.append((thread, streams))
 
     def _guarded(self, work: Callable[[], object]) -> None:
         try:
@@ -306,8 +307,15 @@ class DeviceSaver(_Saver):
                      if not live or stream.has_precopy)
         for i in range(min(SAVE_THREADS, len(todo))):
             saving: list[DeviceStream] = []     # the device the thread is on: for wait()
-            self._run(f"fastmfd save {i}", saving,
-                      functools.partial(self._save_from, todo, phase, saving))
+            try:
+                self._run(f"fastmfd save {i}", saving,
+                          functools.partial(self._save_from, todo, phase, saving))
+            except RuntimeError as exc:         # "can't start new thread"
+                if not self._threads:
+                    raise MigrationError(f"{exc}: not one thread to save the devices in; "
+                                         f"this process may start no more (ulimit -u, "
+                                         f"ulimit -v, kernel.threads-max)") from exc
+                break       # the threads started take every device, a few at a time
 
     def _save_from(self, todo: deque[tuple[DeviceStream, _PoolSink]], phase: Phase,
                    saving: list[DeviceStream]) -> None:

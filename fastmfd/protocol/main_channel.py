@@ -362,8 +362,12 @@ def expect_message(sock: socket.socket, kind: Msg, *, deadline: float, seconds: 
         if keepalive_until is not None and time.monotonic() > keepalive_until:
             raise MigrationError(f"still no {kind.name} after the peer's KEEPALIVEs ran past "
                                  f"their deadline", channel=where)
-        got, payload = read_payload(sock, time.monotonic() + keepalive_wait, what=kind.name,
-                                    where=where, seconds=keepalive_wait)
+        try:
+            got, payload = read_payload(sock, time.monotonic() + keepalive_wait,
+                                        what=kind.name, where=where, seconds=keepalive_wait)
+        except MigrationError as exc:       # (a peer that spoke: no "is it there?" hint)
+            raise MigrationError(f"{exc.cause}, after the peer's KEEPALIVE (it was alive and "
+                                 f"busy)", channel=where) from exc
     if got is Msg.ERROR:
         raise MigrationError(f"the peer failed: {payload.error}", channel=where, side="peer")
     if got is not kind:
