@@ -18,6 +18,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -89,6 +90,19 @@ class Processes:
             if proc.is_alive():
                 proc.kill()
             proc.join(GRACE_SECONDS)
+
+
+@pytest.fixture
+def ctrl_c():
+    """Python's own SIGINT handler (KeyboardInterrupt) for the test's duration.
+
+    Python installs it only when SIGINT is not ignored at its start; a process
+    started as a background job of a non-interactive shell (``pytest ... &`` in a
+    CI script) inherits SIGINT ignored and keeps it so: there a Ctrl-C — like the
+    SIGINT a test sends — does nothing."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture

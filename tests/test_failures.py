@@ -197,19 +197,6 @@ def test_an_image_cut_short_while_it_is_sent_is_named(tmp_path, leaks, compressi
     leaks.assert_clean()
 
 
-@pytest.fixture
-def ctrl_c():
-    """Python's own SIGINT handler (KeyboardInterrupt) for the test's duration.
-
-    Python installs it only when SIGINT is not ignored at its start; a process
-    started as a background job of a non-interactive shell (``pytest ... &`` in a
-    CI script) inherits SIGINT ignored and keeps it so: there a Ctrl-C — like the
-    SIGINT the test sends — does nothing, and the migration just completes."""
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    signal.signal(signal.SIGINT, previous)
-
-
 def test_ctrl_c_during_migrate(image, leaks, ctrl_c):
     """SIGINT while migrate() runs in the main thread: KeyboardInterrupt reaches the
     caller, the destination hears "interrupted by the user", nothing is left."""

@@ -27,9 +27,6 @@ LOST = 5.0          # seconds without the KeyboardInterrupt: the signal was lost
 def constant_collections():
     """A collection at nearly every allocation: the callback runs all the time."""
     thresholds = gc.get_threshold()
-    # The earlier tests' garbage goes first: a finalizer of theirs that a collection
-    # ran (Python code) could take the signal, and Python drops what it raises there.
-    gc.collect()
     gc.set_threshold(1)
     yield
     gc.set_threshold(*thresholds)
@@ -47,7 +44,7 @@ def test_the_callback_is_installed_and_sees_collections():
     assert not _core.collecting()
 
 
-def test_no_sigint_is_lost_in_a_collection(constant_collections):
+def test_no_sigint_is_lost_in_a_collection(ctrl_c, constant_collections):
     sent: list[float] = []
 
     def send() -> None:
