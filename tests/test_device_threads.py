@@ -75,18 +75,23 @@ _SOURCE = textwrap.dedent("""
 """)
 
 
+def _receiving(dst: fastmfd.Destination) -> tuple[threading.Thread, dict[str, object]]:
+    """``dst.receive()`` in a thread: it and what it returned ("result") or raised."""
+    got: dict[str, object] = {}
+
+    def receive() -> None:
+        try:
+            got["result"] = dst.receive()
+        except fastmfd.MigrationError as exc:
+            got["error"] = exc
+    thread = threading.Thread(target=receive)
+    thread.start()
+    return thread, got
+
+
 def test_three_hundred_devices_are_saved_by_a_pool_of_threads():
     with fastmfd.Destination("tcp:127.0.0.1:0") as dst:
-        got: dict[str, object] = {}
-
-        def receive() -> None:
-            try:
-                got["result"] = dst.receive()
-            except fastmfd.MigrationError as exc:
-                got["error"] = exc
-
-        thread = threading.Thread(target=receive)
-        thread.start()
+        thread, got = _receiving(dst)
         done = subprocess.run([sys.executable, "-c", _SOURCE, dst.address, str(DEVICES),
                                str(min(SAVE_THREADS, DEVICES))],
                               capture_output=True, text=True, timeout=120)
@@ -117,15 +122,7 @@ def test_a_source_that_may_start_fewer_save_threads_than_the_pool_saves_with_tho
             super().start()
     monkeypatch.setattr(threading, "Thread", Limited)
     with fastmfd.Destination("tcp:127.0.0.1:0") as dst:
-        got: dict[str, object] = {}
-
-        def receive() -> None:
-            try:
-                got["result"] = dst.receive()
-            except fastmfd.MigrationError as exc:
-                got["error"] = exc
-        thread = threading.Thread(target=receive)
-        thread.start()
+        thread, got = _receiving(dst)
         cfg = fastmfd.MigrationConfig(channels=1, device_chunk_size=4096, max_queued_bytes=4096)
         with fastmfd.Source(dst.address, cfg) as src:
             for i in range(100):
