@@ -79,7 +79,6 @@ def mp_context() -> multiprocessing.context.ForkServerContext:
     return ctx
 
 
-
 ChildMain = Callable[[Connection], None]
 """A child's body: it runs with its end of the control pipe."""
 _Report = TypeVar("_Report")
@@ -100,7 +99,8 @@ class _PopenWithoutMain(popen_forkserver.Popen):
     (``<stdin>`` is no file). The preparation data says where the main module
     is: it is kept on the process object instead, for a message that names
     ``__main__`` (:mod:`.control_pickling`). This is
-    ``popen_forkserver.Popen._launch`` (CPython 3.11-3.13) with that one change.
+    ``popen_forkserver.Popen._launch`` (CPython 3.11-3.13) with that change and one
+    more: the forkserver's answer has a deadline (a stopped or blocked one never answers).
     """
 
     def _launch(self, process_obj: _Process) -> None:
@@ -120,11 +120,18 @@ class _PopenWithoutMain(popen_forkserver.Popen):
                                        (_parent_w, self.sentinel))
         with open(w, "wb", closefd=True) as f:
             f.write(buf.getbuffer())
+        if not connection.wait([self.sentinel], process_obj.start_timeout):
+            server = getattr(forkserver._forkserver, "_forkserver_pid", None)
+            how = "is stopped" if process_stopped(server) else "did not start it within " \
+                f"{process_obj.start_timeout:g} s"
+            raise MigrationError(f"cannot start the process: multiprocessing's forkserver "
+                                 f"(pid {server}) {how}", channel=process_obj.name)
         self.pid = forkserver.read_signed(self.sentinel)
 
 
 class _Process(ForkServerProcess):
     callers_main: dict[str, str] = {}
+    start_timeout = READY_TIMEOUT       # seconds the forkserver may take to fork it
 
     # Narrower than ForkServerProcess's (any process): it is only ever given itself.
     @staticmethod
@@ -163,9 +170,8 @@ def describe_exit(code: int | None) -> str:
 
 
 def stopped_forkserver() -> int | None:
-    """The pid of multiprocessing's forkserver if it is stopped (SIGSTOP), else None.
-    It answers every start and reports every exit of its children: stopped, it
-    answers nothing."""
+    """The pid of multiprocessing's forkserver if it is stopped (SIGSTOP), else None:
+    stopped, it answers no start and reports no exit of its children."""
     server = getattr(forkserver._forkserver, "_forkserver_pid", None)
     return server if process_stopped(server) else None
 
@@ -176,17 +182,17 @@ class Child:
     """One child process and the main process's end of its control pipe."""
 
     def __init__(self, ctx: multiprocessing.context.ForkServerContext, target: ChildMain,
-                 name: str) -> None:
+                 name: str, timeout: float = READY_TIMEOUT) -> None:
         self.name = name
-        server = stopped_forkserver()
-        if server is not None:
-            # start() would wait for the forkserver's answer, with no deadline.
-            raise MigrationError(f"cannot start the process: multiprocessing's forkserver "
-                                 f"(pid {server}) is stopped", channel=name)
         self.conn, theirs = ctx.Pipe(duplex=True)
         self.process = _Process(target=target, args=(theirs,), name=name, daemon=True)
-        self.process.start()
-        theirs.close()
+        self.process.start_timeout = timeout
+        try:
+            self.process.start()
+        finally:
+            theirs.close()          # the child's now; not started, ours goes too
+            if self.process.pid is None:
+                self.conn.close()
         self.finished = False          # sent its final report: its exit is expected
         self._exitcode: int | None = None      # kept once the process object is closed
         self.closed = False
@@ -378,13 +384,13 @@ class ChildSet:
 
     def add(self, target: ChildMain, name: str, timeout: float = READY_TIMEOUT) -> Child:
         """Start one more child (during a session: ``timeout``, its deadline)."""
-        child = self.spawn(target, name)
+        child = self.spawn(target, name, timeout)
         child.wait_ready(timeout)
         return child
 
-    def spawn(self, target: ChildMain, name: str) -> Child:
+    def spawn(self, target: ChildMain, name: str, timeout: float = READY_TIMEOUT) -> Child:
         """Start one more child without waiting for it: its first report is Ready."""
-        child = Child(mp_context(), target, name)
+        child = Child(mp_context(), target, name, timeout)
         self.children.append(child)
         return child
 
