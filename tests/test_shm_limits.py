@@ -39,18 +39,36 @@ needs_namespace = pytest.mark.skipif(not _namespaces_work(),
                                      reason="needs a private mount namespace (unshare -m)")
 
 
+# Seconds a script may run, then it prints every thread's stack and exits 1. A
+# script takes about 3 s; on a 2-core machine at a load average of 120 about 60 s,
+# nearly all of it in starting up (imports, the forkserver, the workers), while
+# its migration keeps to its own deadline. Within pytest's 120 s (pyproject).
+SCRIPT_DEADLINE = 100
+
+
 def run_with_small_shm(script: str, shm: str = "64m", disk: str | None = None,
                        disk_size: str = "8m") -> subprocess.CompletedProcess:
     """Run ``script`` with a /dev/shm of ``shm`` bytes (and a ``disk`` tmpfs of
-    ``disk_size`` mounted at that path), in a mount namespace of its own."""
+    ``disk_size`` mounted at that path), in a mount namespace of its own. Past
+    SCRIPT_DEADLINE, the script's stacks on stderr say where it waited."""
     mounts = f"mount -t tmpfs -o size={shm} tmpfs /dev/shm"
     if disk is not None:
         mounts += f" && mount -t tmpfs -o size={disk_size} tmpfs {disk}"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [TESTS, os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run(["unshare", "-m", "sh", "-c", mounts + ' && exec "$1" -c "$2"',
-                           "sh", sys.executable, textwrap.dedent(script)],
-                          capture_output=True, text=True, timeout=60, env=env)
+    script = ("import faulthandler\n"
+              f"faulthandler.dump_traceback_later({SCRIPT_DEADLINE}, exit=True)\n"
+              + textwrap.dedent(script))
+    try:
+        return subprocess.run(["unshare", "-m", "sh", "-c", mounts + ' && exec "$1" -c "$2"',
+                               "sh", sys.executable, script],
+                              capture_output=True, text=True, timeout=SCRIPT_DEADLINE + 10,
+                              env=env)
+    except subprocess.TimeoutExpired as exc:    # the script's own deadline did not end it
+        said = [out.decode(errors="replace") if isinstance(out, bytes) else out or ""
+                for out in (exc.stdout, exc.stderr)]
+        raise AssertionError(f"the script still ran {SCRIPT_DEADLINE + 10} s after its start; "
+                             f"stdout:\n{said[0]}\nstderr:\n{said[1][-3000:]}") from None
 
 
 # ---------------------------------------------------------------- a container's /dev/shm
@@ -113,7 +131,7 @@ _FILL_MID_TRANSFER = """
         image = make_region("ram", 16 << 20)
         fill_image(image, "{image}")
         config = fastmfd.MigrationConfig(channels=2, compression="{compression}",
-                                         max_bandwidth=32 << 20, job_packets=1)
+                                         max_bandwidth=8 << 20, job_packets=1)
         extra = {destination}
         with Migration(config) as m:
             m.source.add_region(image)
@@ -121,8 +139,11 @@ _FILL_MID_TRANSFER = """
                 m.destination.add_region(extra)
             counters = m.source._parts.counters
 
+            # From 2 MiB of pages sent (wire bytes: 3/4 of a zstd halftext transfer,
+            # whose end a loaded machine's filler missed), the fill has the rest, at
+            # 8 MiB/s 0.25 s or more, to take /dev/shm.
             def fill():
-                while counters.total("wire_bytes") < (2 << 20):
+                while counters.total("normal_pages") < (2 << 20) // 4096:
                     time.sleep(0.002)
                 {fill}
 

@@ -321,6 +321,44 @@ def test_a_stopped_forkserver(image):
                              r"multiprocessing's forkserver \(pid \d+\) is stopped")
 
 
+_BLOCKED_FORKSERVER = textwrap.dedent("""
+    import socket, time, fastmfd
+    from multiprocessing import forkserver
+    from migration_support import Migration, make_region
+    if __name__ == "__main__":
+        config = fastmfd.MigrationConfig(channels=2, job_packets=1, stall_timeout=1.0)
+        image = make_region("ram", 4 << 20, seed=1)
+        with Migration(config, workers=1) as m:
+            m.source.add_region(image)
+            silent = socket.socket(socket.AF_UNIX)      # the forkserver waits for its request
+            silent.connect(forkserver._forkserver._forkserver_address)
+            try:
+                outcome = m.run(timeout=20)
+            finally:
+                silent.close()      # the forkserver ends: the workers' exits are known
+            print("destination:", outcome.dest_error)
+            print("took:", outcome.dest_end - outcome.started)
+        image.close()
+""")
+
+
+def test_a_forkserver_that_does_not_answer():
+    """As with a stopped forkserver, but it runs: blocked by a client that sent
+    nothing (as it would be stopped after the check, or still importing its preload
+    on a loaded machine). Process.start() waited for its answer with no deadline:
+    the session hung past its 1 s stall deadline, as long as the forkserver did."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", _BLOCKED_FORKSERVER], capture_output=True,
+                          text=True, timeout=90, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = dict(line.split(": ", 1) for line in done.stdout.splitlines())
+    assert re.fullmatch(r"receive channel 1: cannot start the process: multiprocessing's "
+                        r"forkserver \(pid \d+\) did not start it within 1 s",
+                        lines["destination"]), done.stdout
+    assert float(lines["took"]) < 20, done.stdout
+
+
 # ---------------------------------------------------------------- a silent destination
 
 _DESTINATION = textwrap.dedent("""

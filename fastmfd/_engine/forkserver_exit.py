@@ -4,7 +4,7 @@ multiprocessing makes that directory (``pymp-*`` in the temporary directory)
 in the main process, and removes it at that process's exit: a main process
 SIGKILLed never does. Its forkserver exits once the main process is gone (the
 end of its "alive" pipe), running its ``atexit`` handlers; this module, which
-the forkserver preloads (:func:`fastmfd._engine.processes.mp_context`),
+the forkserver preloads (:func:`fastmfd._engine.forkserver_start.mp_context`),
 registers one that cleans up as ``multiprocessing.util`` would have, only then:
 a forkserver that exits while its main process lives (a fork that failed ends
 its loop) leaves the directory, in which the next forkserver binds its socket.

@@ -27,7 +27,6 @@ all work: what ``__main__`` defines goes on the control pipe by value
 
 from __future__ import annotations
 
-import io
 import multiprocessing
 import os
 import select
@@ -38,47 +37,25 @@ import sys
 import threading
 import time
 import traceback
-from multiprocessing import connection, forkserver, popen_forkserver, reduction, spawn, util
+from multiprocessing import connection, forkserver, reduction
 from multiprocessing.connection import Connection
-from multiprocessing.context import ForkServerProcess, set_spawning_popen
 from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
 import setproctitle
 
 from .. import _core
 from ..errors import MigrationError
-from ..safe_path import safe_import_path
-from ..shm import start_tracker
 from ..protocol.control import Done, Drained, Eof, Failed, Ready, Stop
 from . import control_pickling
-from .control_pickling import MAIN_KEYS
-from .liveness import process_stopped
+from .forkserver_start import (READY_TIMEOUT, ForkServerChild, forkserver_failure, mp_context,
+                               stopped_forkserver)
 from .open_files import check_room_for_child
 from .session import Closable, as_migration_error, main_first
 
 __all__ = ["Child", "ChildSet", "ChildPipe", "Watch", "RemoteTraceback", "mp_context",
            "run_child", "child_setup"]
 
-# Imported once by the forkserver, so a child starts in milliseconds.
-# _fastmfd_forkserver first: it gives the forkserver its parent's import path.
-_PRELOAD = ["_fastmfd_forkserver", "fastmfd._engine.workers", "fastmfd._engine.reassembly",
-            "fastmfd._engine.forkserver_exit"]
-READY_TIMEOUT = 30.0                # seconds a child may take to start
 _FINAL_REPORTS = (Done, Eof, Drained)   # after one of these a child's exit is expected
-
-
-def mp_context() -> multiprocessing.context.ForkServerContext:
-    """The forkserver context, preloading fastmfd.
-
-    The forkserver starts the resource tracker if nothing did yet: started
-    here first, it is fastmfd's quiet one (shm.start_tracker)."""
-    start_tracker()
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(_PRELOAD)
-    with safe_import_path():        # started here, not by a child's start (see safe_path)
-        forkserver.ensure_running()
-    return ctx
-
 
 
 ChildMain = Callable[[Connection], None]
@@ -90,47 +67,6 @@ if TYPE_CHECKING:
 
     # What Watch waits on: what multiprocessing.connection.wait takes and returns.
     Waitable = _ConnectionBase[Any, Any] | socket.socket | int
-
-
-class _PopenWithoutMain(popen_forkserver.Popen):
-    """multiprocessing's forkserver launch, less the caller's ``__main__``.
-
-    multiprocessing's children re-import the caller's main module before they
-    run (to find a target defined there); fastmfd's targets never are, and the
-    import re-ran an unguarded script in every worker and failed on ``python -``
-    (``<stdin>`` is no file). The preparation data says where the main module
-    is: it is kept on the process object instead, for a message that names
-    ``__main__`` (:mod:`.control_pickling`). This is
-    ``popen_forkserver.Popen._launch`` (CPython 3.11-3.13) with that one change.
-    """
-
-    def _launch(self, process_obj: _Process) -> None:
-        prep_data = spawn.get_preparation_data(process_obj.name)
-        process_obj.callers_main = {k: prep_data.pop(k) for k in MAIN_KEYS if k in prep_data}
-        buf = io.BytesIO()
-        set_spawning_popen(self)        # popen_forkserver's is this one, imported
-        try:
-            reduction.dump(prep_data, buf)
-            reduction.dump(process_obj, buf)
-        finally:
-            set_spawning_popen(None)
-        # _fds and close_fds are CPython's, private, so not in typeshed:
-        self.sentinel, w = forkserver.connect_to_new_process(self._fds)  # type: ignore[attr-defined]
-        _parent_w = os.dup(w)       # the child's "parent sentinel", as in the original
-        self.finalizer = util.Finalize(self, util.close_fds,  # type: ignore[attr-defined]
-                                       (_parent_w, self.sentinel))
-        with open(w, "wb", closefd=True) as f:
-            f.write(buf.getbuffer())
-        self.pid = forkserver.read_signed(self.sentinel)
-
-
-class _Process(ForkServerProcess):
-    callers_main: dict[str, str] = {}
-
-    # Narrower than ForkServerProcess's (any process): it is only ever given itself.
-    @staticmethod
-    def _Popen(process_obj: _Process) -> _PopenWithoutMain:       # type: ignore[override]
-        return _PopenWithoutMain(process_obj)
 
 
 def process_title(name: str) -> tuple[str, str]:
@@ -163,32 +99,26 @@ def describe_exit(code: int | None) -> str:
     return f"exited with status {code}"
 
 
-def stopped_forkserver() -> int | None:
-    """The pid of multiprocessing's forkserver if it is stopped (SIGSTOP), else None.
-    It answers every start and reports every exit of its children: stopped, it
-    answers nothing."""
-    server = getattr(forkserver._forkserver, "_forkserver_pid", None)
-    return server if process_stopped(server) else None
-
-
 # ------------------------------------------------------------------ main side
 
 class Child:
     """One child process and the main process's end of its control pipe."""
 
     def __init__(self, ctx: multiprocessing.context.ForkServerContext, target: ChildMain,
-                 name: str) -> None:
+                 name: str, timeout: float = READY_TIMEOUT) -> None:
         self.name = name
         check_room_for_child(name)
-        server = stopped_forkserver()
-        if server is not None:
-            # start() would wait for the forkserver's answer, with no deadline.
-            raise MigrationError(f"cannot start the process: multiprocessing's forkserver "
-                                 f"(pid {server}) is stopped", channel=name)
+        if stopped_forkserver() is not None:    # said now, not at the deadline of its answer
+            raise forkserver_failure(name)
         self.conn, theirs = ctx.Pipe(duplex=True)
-        self.process = _Process(target=target, args=(theirs,), name=name, daemon=True)
-        self.process.start()
-        theirs.close()
+        self.process = ForkServerChild(target=target, args=(theirs,), name=name, daemon=True)
+        self.process.start_timeout = timeout
+        try:
+            self.process.start()
+        finally:
+            theirs.close()          # the child's now; not started, ours goes too
+            if self.process.pid is None:
+                self.conn.close()
         self.finished = False          # sent its final report: its exit is expected
         self._exitcode: int | None = None      # kept once the process object is closed
         self.closed = False
@@ -380,13 +310,13 @@ class ChildSet:
 
     def add(self, target: ChildMain, name: str, timeout: float = READY_TIMEOUT) -> Child:
         """Start one more child (during a session: ``timeout``, its deadline)."""
-        child = self.spawn(target, name)
+        child = self.spawn(target, name, timeout)
         child.wait_ready(timeout)
         return child
 
-    def spawn(self, target: ChildMain, name: str) -> Child:
+    def spawn(self, target: ChildMain, name: str, timeout: float = READY_TIMEOUT) -> Child:
         """Start one more child without waiting for it: its first report is Ready."""
-        child = Child(mp_context(), target, name)
+        child = Child(mp_context(), target, name, timeout)
         self.children.append(child)
         return child
 

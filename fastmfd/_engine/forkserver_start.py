@@ -1,0 +1,105 @@
+"""Starting a child through multiprocessing's forkserver, fastmfd's way.
+
+The forkserver preloads fastmfd (a child starts in milliseconds), starts
+without the current directory on its import path (:mod:`fastmfd.safe_path`),
+and a child it starts never imports the caller's ``__main__``. Its answer to
+each start has a deadline: a stopped or blocked forkserver answers nothing,
+and the start would wait for it for ever.
+"""
+
+from __future__ import annotations
+
+import io
+import multiprocessing
+import os
+from multiprocessing import connection, forkserver, popen_forkserver, reduction, spawn, util
+from multiprocessing.context import ForkServerProcess, set_spawning_popen
+
+from ..errors import MigrationError
+from ..safe_path import safe_import_path
+from ..shm import start_tracker
+from .control_pickling import MAIN_KEYS
+from .liveness import process_stopped
+
+__all__ = ["mp_context", "ForkServerChild", "READY_TIMEOUT", "stopped_forkserver",
+           "forkserver_failure"]
+
+# Imported once by the forkserver, so a child starts in milliseconds.
+# _fastmfd_forkserver first: it gives the forkserver its parent's import path.
+_PRELOAD = ["_fastmfd_forkserver", "fastmfd._engine.workers", "fastmfd._engine.reassembly",
+            "fastmfd._engine.forkserver_exit"]
+READY_TIMEOUT = 30.0                # seconds a child may take to start
+
+
+def mp_context() -> multiprocessing.context.ForkServerContext:
+    """The forkserver context, preloading fastmfd.
+
+    The forkserver starts the resource tracker if nothing did yet: started
+    here first, it is fastmfd's quiet one (shm.start_tracker)."""
+    start_tracker()
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)
+    with safe_import_path():        # started here, not by a child's start (see safe_path)
+        forkserver.ensure_running()
+    return ctx
+
+
+class _PopenWithoutMain(popen_forkserver.Popen):
+    """multiprocessing's forkserver launch, less the caller's ``__main__``.
+
+    multiprocessing's children re-import the caller's main module before they
+    run (to find a target defined there); fastmfd's targets never are, and the
+    import re-ran an unguarded script in every worker and failed on ``python -``
+    (``<stdin>`` is no file). The preparation data says where the main module
+    is: it is kept on the process object instead, for a message that names
+    ``__main__`` (:mod:`.control_pickling`). This is
+    ``popen_forkserver.Popen._launch`` (CPython 3.11-3.13) with that change and one
+    more: the forkserver's answer has a deadline (a stopped or blocked one never answers).
+    """
+
+    def _launch(self, process_obj: ForkServerChild) -> None:
+        prep_data = spawn.get_preparation_data(process_obj.name)
+        process_obj.callers_main = {k: prep_data.pop(k) for k in MAIN_KEYS if k in prep_data}
+        buf = io.BytesIO()
+        set_spawning_popen(self)        # popen_forkserver's is this one, imported
+        try:
+            reduction.dump(prep_data, buf)
+            reduction.dump(process_obj, buf)
+        finally:
+            set_spawning_popen(None)
+        # _fds and close_fds are CPython's, private, so not in typeshed:
+        self.sentinel, w = forkserver.connect_to_new_process(self._fds)  # type: ignore[attr-defined]
+        _parent_w = os.dup(w)       # the child's "parent sentinel", as in the original
+        self.finalizer = util.Finalize(self, util.close_fds,  # type: ignore[attr-defined]
+                                       (_parent_w, self.sentinel))
+        with open(w, "wb", closefd=True) as f:
+            f.write(buf.getbuffer())
+        if not connection.wait([self.sentinel], process_obj.start_timeout):
+            raise forkserver_failure(process_obj.name, process_obj.start_timeout)
+        self.pid = forkserver.read_signed(self.sentinel)
+
+
+class ForkServerChild(ForkServerProcess):
+    callers_main: dict[str, str] = {}
+    start_timeout = READY_TIMEOUT       # seconds the forkserver may take to fork it
+
+    # Narrower than ForkServerProcess's (any process): it is only ever given itself.
+    @staticmethod
+    def _Popen(process_obj: ForkServerChild) -> _PopenWithoutMain:       # type: ignore[override]
+        return _PopenWithoutMain(process_obj)
+
+
+def stopped_forkserver() -> int | None:
+    """The pid of multiprocessing's forkserver if it is stopped (SIGSTOP), else None:
+    stopped, it answers no start and reports no exit of its children."""
+    server = getattr(forkserver._forkserver, "_forkserver_pid", None)
+    return server if process_stopped(server) else None
+
+
+def forkserver_failure(name: str, waited: float | None = None) -> MigrationError:
+    """The forkserver did not start ``name``: it is stopped, or did not answer in ``waited``."""
+    server = getattr(forkserver._forkserver, "_forkserver_pid", None)
+    how = f"did not start it within {waited:g} s" if waited and not process_stopped(server) \
+        else "is stopped"
+    return MigrationError(f"cannot start the process: multiprocessing's forkserver (pid "
+                          f"{server}) {how}", channel=name)
