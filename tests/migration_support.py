@@ -24,16 +24,20 @@ Every wait is bounded; nothing here sleeps to synchronize.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import selectors
 import shutil
 import socket
 import struct
+import subprocess
+import sys
 import tempfile
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -229,6 +233,37 @@ def _outcome(call):
         return call()
     except BaseException as exc:
         return exc
+
+
+def receiving(dst: fastmfd.Destination) -> tuple[threading.Thread, dict[str, object]]:
+    """``dst.receive()`` in a thread: it, and what it returned ("result") or the
+    MigrationError it raised ("error")."""
+    got: dict[str, object] = {}
+
+    def receive() -> None:
+        try:
+            got["result"] = dst.receive()
+        except fastmfd.MigrationError as exc:
+            got["error"] = exc
+    thread = threading.Thread(target=receive)
+    thread.start()
+    return thread, got
+
+
+@contextlib.contextmanager
+def destination_process(script: str, *args: str, **popen: Any
+                        ) -> Iterator[tuple[subprocess.Popen, str]]:
+    """``script`` (a Destination that prints its address first) in a Python of its
+    own: (the process, that address); killed at the end if it still runs."""
+    dst = subprocess.Popen([sys.executable, "-c", script, *args], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, **popen)
+    try:
+        assert dst.stdout is not None
+        yield dst, dst.stdout.readline().strip()
+    finally:
+        if dst.poll() is None:
+            dst.kill()
+            dst.wait()
 
 
 def make_region(name: str, size: int, seed: int | None = None, **mix) -> fastmfd.Region:

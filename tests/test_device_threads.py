@@ -23,6 +23,7 @@ import pytest
 
 import fastmfd
 from fastmfd._engine.saving import SAVE_THREADS
+from migration_support import destination_process, receiving
 
 DEVICES = 300
 
@@ -75,23 +76,9 @@ _SOURCE = textwrap.dedent("""
 """)
 
 
-def _receiving(dst: fastmfd.Destination) -> tuple[threading.Thread, dict[str, object]]:
-    """``dst.receive()`` in a thread: it and what it returned ("result") or raised."""
-    got: dict[str, object] = {}
-
-    def receive() -> None:
-        try:
-            got["result"] = dst.receive()
-        except fastmfd.MigrationError as exc:
-            got["error"] = exc
-    thread = threading.Thread(target=receive)
-    thread.start()
-    return thread, got
-
-
 def test_three_hundred_devices_are_saved_by_a_pool_of_threads():
     with fastmfd.Destination("tcp:127.0.0.1:0") as dst:
-        thread, got = _receiving(dst)
+        thread, got = receiving(dst)
         done = subprocess.run([sys.executable, "-c", _SOURCE, dst.address, str(DEVICES),
                                str(min(SAVE_THREADS, DEVICES))],
                               capture_output=True, text=True, timeout=120)
@@ -122,7 +109,7 @@ def test_a_source_that_may_start_fewer_save_threads_than_the_pool_saves_with_tho
             super().start()
     monkeypatch.setattr(threading, "Thread", Limited)
     with fastmfd.Destination("tcp:127.0.0.1:0") as dst:
-        thread, got = _receiving(dst)
+        thread, got = receiving(dst)
         cfg = fastmfd.MigrationConfig(channels=1, device_chunk_size=4096, max_queued_bytes=4096)
         with fastmfd.Source(dst.address, cfg) as src:
             for i in range(100):
@@ -166,11 +153,8 @@ def _little_room() -> None:
 
 
 def test_a_destination_that_cannot_start_a_loader_thread_per_device_says_so():
-    dst = subprocess.Popen([sys.executable, "-c", _DESTINATION], stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True, preexec_fn=_little_room,
-                           env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
-    try:
-        address = dst.stdout.readline().strip()
+    with destination_process(_DESTINATION, preexec_fn=_little_room,
+                             env={**os.environ, "OPENBLAS_NUM_THREADS": "1"}) as (dst, address):
         cfg = fastmfd.MigrationConfig(channels=1, device_chunk_size=4096, max_queued_bytes=4096)
         with fastmfd.Source(address, cfg) as src:
             for i in range(40):
@@ -178,10 +162,6 @@ def test_a_destination_that_cannot_start_a_loader_thread_per_device_says_so():
             with pytest.raises(fastmfd.MigrationError) as raised:
                 src.migrate(live=False)
         out, err = dst.communicate(timeout=60)
-    finally:
-        if dst.poll() is None:
-            dst.kill()
-            dst.wait()
     naming = "a loader thread for each of the 40 devices"
     assert naming in str(raised.value), raised.value
     assert naming in out and "(ulimit -u, ulimit -v, kernel.threads-max)" in out, out + err

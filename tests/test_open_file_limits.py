@@ -12,9 +12,9 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
-import threading
 
 import fastmfd
+from migration_support import destination_process, receiving
 
 LIMIT = 256
 CHANNELS = 60           # ~300 descriptors at the source, ~240 at the destination
@@ -55,13 +55,6 @@ _DESTINATION = textwrap.dedent("""
 """)
 
 
-def _receive(dst: fastmfd.Destination, got: dict[str, BaseException]) -> None:
-    try:
-        dst.receive()
-    except fastmfd.MigrationError as exc:
-        got["error"] = exc
-
-
 def _source(address: str, limit: int | None = None) -> str:
     done = subprocess.run([sys.executable, "-c", _SOURCE, address, str(CHANNELS),
                            str(limit or 0)], capture_output=True, text=True, timeout=60)
@@ -71,9 +64,7 @@ def _source(address: str, limit: int | None = None) -> str:
 
 def test_source_with_more_channels_than_its_open_file_limit_is_refused_naming_it():
     with fastmfd.Destination("tcp:127.0.0.1:0") as dst:
-        got: dict[str, BaseException] = {}
-        thread = threading.Thread(target=lambda: _receive(dst, got))
-        thread.start()
+        thread, _ = receiving(dst)
         try:
             said = _source(dst.address, LIMIT)
         finally:
@@ -84,16 +75,9 @@ def test_source_with_more_channels_than_its_open_file_limit_is_refused_naming_it
 
 
 def test_destination_refuses_a_setup_with_more_channels_than_it_may_open_files():
-    dst = subprocess.Popen([sys.executable, "-c", _DESTINATION, str(LIMIT)],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        address = dst.stdout.readline().strip()
+    with destination_process(_DESTINATION, str(LIMIT)) as (dst, address):
         said = _source(address)
         out, err = dst.communicate(timeout=60)
-    finally:
-        if dst.poll() is None:
-            dst.kill()
-            dst.wait()
     naming = "60 channels need about"
     assert naming in said and "this destination's process" in said, said
     assert f"ulimit -n) is {LIMIT}" in said, said
