@@ -46,11 +46,15 @@ def _limits() -> tuple[int, int]:
     return (soft if soft != unlimited else 1 << 62), (hard if hard != unlimited else 1 << 62)
 
 
+def _open_now() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
 def check_session_files(channels: int, per_channel: int, where: str) -> None:
     """ConfigError, before the session starts, if ``channels`` need more open files
     than this process (``where``: "the source", "this destination") may have."""
     soft, _ = _limits()
-    open_now = len(os.listdir("/proc/self/fd"))
+    open_now = _open_now()
     need = open_now + SPARE + per_channel * channels
     if need > soft:
         raise ConfigError(f"{channels} channels need about {need} open files in {where}'s "
@@ -73,15 +77,16 @@ def allow_worker_files(regions: int) -> None:
     """In a channel worker, before it opens the regions' files: its soft limit
     raised to hold them (within the hard limit, which :func:`check_worker_files`
     checked; ConfigError if it is lower)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    need = len(os.listdir("/proc/self/fd")) + SPARE + regions
-    if soft == resource.RLIM_INFINITY or need <= soft:
+    soft, hard = _limits()
+    need = _open_now() + SPARE + regions
+    if need <= soft:
         return
-    if hard != resource.RLIM_INFINITY and need > hard:
+    if need > hard:
         raise ConfigError(f"{regions} regions need about {need} open files in a channel "
                           f"worker (one per region); its hard limit (RLIMIT_NOFILE, "
                           f"ulimit -Hn) is {hard}")
-    resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+    resource.setrlimit(resource.RLIMIT_NOFILE,
+                       (need, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 
 
 def check_room_for_child(name: str) -> None:
@@ -91,7 +96,7 @@ def check_room_for_child(name: str) -> None:
     start of a child this process could not finish, died with a traceback of its own
     and took every worker with it; the session failed with 'Too many open files'."""
     soft, _ = _limits()
-    open_now = len(os.listdir("/proc/self/fd"))
+    open_now = _open_now()
     if open_now + CHILD_START > soft:
         raise MigrationError(f"cannot start the process: this process has {open_now} open "
                              f"files, and its limit (RLIMIT_NOFILE, ulimit -n) is {soft}: "
