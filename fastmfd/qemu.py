@@ -38,10 +38,14 @@ steps: it opens the directory and starts the workers, then ``send(address)``;
 Files are written as ``.part`` and renamed once the stream reached its end
 and everything is on disk (:mod:`fastmfd.tools.outputs`); a truncated,
 corrupt or unsupported stream (postcopy, dirty-bitmaps, x-ignore-shared,
-xbzrle, compress threads, a return path) raises one exception naming what and
-where, and leaves no file that looks complete. The multifd channels run in fastmfd's receive worker
-processes (one per channel, QEMU 7.2's packet layout); the main channel is
-decoded in the calling process (:mod:`fastmfd._engine.qemu_receiving`).
+xbzrle, compress threads) raises one exception naming what and where, and
+leaves no file that looks complete. A source with the capability
+``return-path`` is told (SHUT) once the files are committed, and reports
+``completed`` only then; ``send`` always opens one, and succeeds only when the
+destination says it loaded the whole stream. The multifd channels run in
+fastmfd's receive worker processes (one per channel, QEMU 7.2's packet
+layout); the main channel is decoded in the calling process
+(:mod:`fastmfd._engine.qemu_receiving`).
 """
 
 from __future__ import annotations
@@ -166,6 +170,7 @@ class QemuReceiver:
             facts = session.run()
             manifest = _manifest(facts, out)
             out.commit(manifest)
+            session.answers.confirm()       # a source with a return path completes now
             return QemuReceived(facts, out.files(), manifest,
                                 time.monotonic() - session.main_at, session.channel_stats())
         except BaseException:

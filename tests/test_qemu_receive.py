@@ -17,6 +17,7 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 import socket
 import struct
 import threading
@@ -38,9 +39,10 @@ from fastmfd.protocol.bytereader import ByteReader
 from fastmfd.protocol.setup import MAX_REGIONS
 from fastmfd.protocol.qemu import (RAM_CONTINUE, RAM_ZERO, SYNC_PER_ROUND, SYNC_PER_SECTION,
                                    QevmDecoder, decode_qemu_main)
-from fastmfd.protocol.qemu_encoding import (encode_multifd_flush, encode_ram_eos,
-                                            encode_ram_start, encode_stream_start,
-                                            encode_zero_records)
+from fastmfd.protocol.qemu_encoding import (encode_multifd_flush, encode_open_return_path,
+                                            encode_ram_eos, encode_ram_start,
+                                            encode_stream_start, encode_zero_records)
+from fastmfd.protocol.qemu_return_path import encode_rp_pong, encode_rp_shut
 from fastmfd.protocol.sockets import connect, parse_address
 from qemu_support import (QEMU, QEMU10, QEMUS, Guest, Receiver, assert_nothing_complete,
                           listening_command, pattern)
@@ -130,8 +132,74 @@ def test_listen_qemu_command(tmp_path, guest, guest_ram):
     assert np.array_equal(np.fromfile(out / mem, dtype=np.uint8), guest_ram[1])
 
 
+@pytest.fixture(params=QEMUS)
+def traced_guest(request, tmp_path, guest_ram):
+    """A source QEMU with the capability return-path, tracing what its return
+    path gets (PONG, SHUT)."""
+    g = Guest(tmp_path, str(guest_ram[0]), GUEST_MIB, binary=request.param,
+              options=("-trace", "source_return_path_thread_*"))
+    try:
+        g.set_multifd(2, "zstd")
+        g.qmp.command("migrate-set-capabilities", capabilities=[
+            {"capability": "return-path", "state": True}])
+        yield g
+    finally:
+        g.close()
+
+
+def test_a_source_with_a_return_path_completes_once_the_files_are_durable(
+        tmp_path, traced_guest, guest_ram):
+    """With a return path, QEMU waits at its stream's end for the destination's
+    SHUT, which fastmfd says once every file is committed: when QEMU reports
+    completed, the manifest is there. Its PING is answered (PONG 1); the
+    return path's commands are the connection's, not recorded for a replay.
+    (It was refused: "a return path, which fastmfd does not serve".)"""
+    out = tmp_path / "out"
+    receiver = Receiver(out)
+    traced_guest.migrate(receiver.address)
+    assert traced_guest.wait() == "completed"
+    assert (out / "manifest.json").exists()
+    manifest = receiver.result().manifest
+    mem = next(b["file"] for b in manifest["blocks"] if b["idstr"] == "mem")
+    assert np.array_equal(np.fromfile(out / mem, dtype=np.uint8), guest_ram[1])
+    assert [c["section"] for c in manifest["commands"]] == (
+        [] if traced_guest.binary == QEMU else ["08000b0000"])      # SWITCHOVER_START
+    log = open(traced_guest.log_path).read()
+    assert re.search(r"source_return_path_thread_pong (0x)?0*1\b", log), log
+    assert re.search(r"source_return_path_thread_shut (0x)?0\b", log), log
+
+
+def test_a_source_with_a_return_path_fails_when_the_files_cannot_be_committed(
+        tmp_path, traced_guest):
+    """fastmfd fails after the source's last byte (a manifest.json of someone
+    else appeared in DIR; it is not replaced): with a return path, the source
+    is told, and its migration fails, the guest still its own, where it had
+    reported completed and given up a guest whose state no file holds. The
+    source pauses before its switchover (pause-before-switchover) while the
+    file appears."""
+    out = tmp_path / "out"
+    traced_guest.qmp.command("migrate-set-capabilities", capabilities=[
+        {"capability": "pause-before-switchover", "state": True}])
+    receiver = Receiver(out)
+    traced_guest.migrate(receiver.address)
+    deadline = time.monotonic() + 30
+    while traced_guest.qmp.command("query-migrate")["status"] != "pre-switchover":
+        assert time.monotonic() < deadline, "the source never paused before its switchover"
+        time.sleep(0.05)
+    (out / "manifest.json").write_text("someone else's\n")
+    traced_guest.qmp.command("migrate-continue", state="pre-switchover")
+    with pytest.raises(MigrationError, match="manifest.json appeared while the migration was "
+                                             "received: not replacing it"):
+        receiver.result()
+    assert traced_guest.wait() == "failed"
+    assert os.listdir(out) == ["manifest.json"]
+    assert (out / "manifest.json").read_text() == "someone else's\n"
+    assert re.search(r"source_return_path_thread_shut (0x)?0*1\b",
+                     open(traced_guest.log_path).read())
+
+
 def test_postcopy_is_refused(tmp_path, guest):
-    """postcopy-ram makes QEMU open a return path (then advise postcopy) first:
+    """postcopy-ram makes QEMU open a return path (answered), then advise postcopy:
     refused, naming it; QEMU's migration fails, no file is left."""
     if guest.binary != QEMU:
         pytest.skip("QEMU 10.0 itself refuses postcopy-ram with multifd")
@@ -141,7 +209,8 @@ def test_postcopy_is_refused(tmp_path, guest):
         {"capability": "postcopy-ram", "state": True}])
     receiver = Receiver(out)
     guest.migrate(receiver.address)
-    with pytest.raises(ProtocolError, match="return path .*postcopy-ram"):
+    with pytest.raises(ProtocolError, match=r"postcopy \(POSTCOPY_ADVISE: capability "
+                                            r"postcopy-ram\) is not supported"):
         receiver.result()
     assert guest.wait() == "failed"
     assert_nothing_complete(out)
@@ -837,8 +906,11 @@ def _flip_at(data: bytes, find: bytes, value: bytes, skip: int = 0) -> bytes:
     (lambda main: _flip_at(main, b"\x08\x00\x0b\x00\x00", b"\x02", skip=2),
      r"main channel at byte \d+: main channel: command PING with 0 bytes of data, "
      r"expected 4"),
+    (lambda main: main.replace(b"\x08\x00\x0b\x00\x00", b"\x08\x00\x02\x00\x04" + b"\0" * 4),
+     r"main channel at byte \d+: main channel: PING before OPEN_RETURN_PATH: no return "
+     r"path to answer on"),
 ], ids=["machine-name-length", "idstr-control", "command-unknown", "command-colo",
-        "command-length"])
+        "command-length", "ping-unopened"])
 def test_bounded_and_checked_where_read(tmp_path, corrupt, match):
     """Fields of the main channel fail where they are read (found by fuzzing):
     a machine name length of 4 GiB before anything is allocated for it (it
@@ -850,6 +922,49 @@ def test_bounded_and_checked_where_read(tmp_path, corrupt, match):
     files["conn0.bin"] = corrupt(files["conn0.bin"])
     out = tmp_path / "out"
     with pytest.raises((ProtocolError, MigrationError), match=match):
+        receive_replay(out, files)
+    assert_nothing_complete(out)
+
+
+def with_return_path(main: bytes, pings: int) -> bytes:
+    """``main`` with the commands that open a return path after its
+    configuration, and ``pings`` PINGs more (values 2..)."""
+    at = 8 + len(decode_qemu_main("conn0.bin", main).configuration)
+    more = b"".join(struct.pack(">BHHI", 8, 2, 4, value) for value in range(2, pings + 2))
+    return main[:at] + encode_open_return_path(1) + more + main[at:]
+
+
+def test_a_return_path_is_answered_and_shut_once_the_files_are_committed(tmp_path, captures):
+    """Each PING gets its PONG as it comes, and SHUT 0 comes once the manifest is
+    on disk, then the connection's end."""
+    files = capture_bytes(captures[1], "none")
+    files["conn0.bin"] = with_return_path(files["conn0.bin"], 2)
+    receiver = Receiver(tmp_path / "out")
+    socks = replay(receiver.address, files, keep_open=True)
+    try:
+        receiver.result()
+        socks[0].settimeout(10)
+        said = b""
+        while data := socks[0].recv(1 << 16):
+            said += data
+    finally:
+        for sock in socks:
+            sock.close()
+    assert said == b"".join(map(encode_rp_pong, [1, 2, 3])) + encode_rp_shut(failed=False)
+    assert (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_a_source_that_reads_nothing_of_its_return_path_fails_it_not_holds_it(tmp_path,
+                                                                          qemu72_captures):
+    """A source that PINGs and never reads the PONGs fills its connection's buffer
+    (2 Mi PINGs: 16 MiB of PONGs, more than this host's socket buffers hold
+    unread): the answer that does not fit fails the migration at once, it never
+    waits."""
+    files = capture_bytes(qemu72_captures, "none")
+    files["conn0.bin"] = with_return_path(files["conn0.bin"], 1 << 21)
+    out = tmp_path / "out"
+    with pytest.raises(MigrationError, match=r"main channel: the source reads nothing of its "
+                                             r"return path \(its socket buffer is full\)"):
         receive_replay(out, files)
     assert_nothing_complete(out)
 

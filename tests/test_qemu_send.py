@@ -24,9 +24,12 @@ import pytest
 
 from fastmfd import qemu
 from fastmfd._engine.qemu_sending import QEMU_PACKET_BYTES
-from fastmfd.errors import ConfigError, MigrationError
+from fastmfd.errors import ConfigError, FastMFDError, MigrationError
+from fastmfd.protocol.qemu_encoding import encode_open_return_path
+from fastmfd.protocol.qemu_return_path import encode_rp_pong, encode_rp_shut
 from qemu_support import QEMU, QEMUS, Guest, Receiver, incoming_guest, needs_qemu, saved_guest
 from inspect_support import NATIVE_CAPTURES, captures_dir
+from migration_support import Proxy
 from test_qemu_receive import capture_bytes, receive_replay
 
 
@@ -52,7 +55,8 @@ def test_saved_migration_goes_back_into_qemu(tmp_path, qemu_binary, channels, co
         assert guest.wait() == "completed"
         assert np.array_equal(np.fromfile(ram_path, dtype=np.uint8), ram)
         assert len(sent) == channels and all(c["syncs"] == 2 for c in sent)
-        assert loaded_commands(guest) == ["SWITCHOVER_START"] * len(switchover)
+        assert loaded_commands(guest) == (["OPEN_RETURN_PATH", "PING"]
+                                          + ["SWITCHOVER_START"] * len(switchover))
         guest.qmp.command("cont")
         assert guest.qmp.command("query-status")["status"] == "running"
     finally:
@@ -292,15 +296,18 @@ def test_send_refuses_a_save_cut_short(tmp_path, qemu72_captures):
 def test_the_wait_for_the_destination_to_close_has_one_deadline(tmp_path, qemu72_captures):
     """The send waits for the destination to end the main channel, for stall_timeout:
     a peer that sent a byte now and then restarted that wait at each byte, and
-    kept the send waiting as long as it went on (here 6 s, then it closes)."""
+    kept the send waiting as long as it went on (here its answers, a byte every
+    0.25 s, then it closes: a success, had the wait restarted)."""
     receive_replay(tmp_path / "saved", capture_bytes(qemu72_captures, "none"))
     listener = socket.create_server(("127.0.0.1", 0))
     stop = threading.Event()
 
     def trickle(conn: socket.socket) -> None:
-        ends = time.monotonic() + 6
-        while not stop.wait(0.2) and time.monotonic() < ends:
-            conn.send(b"x")
+        answers = encode_rp_pong(1) + encode_rp_shut(failed=False)
+        for at in range(len(answers)):
+            if stop.wait(0.25):
+                break
+            conn.send(answers[at:at + 1])
         conn.close()
 
     def drain(conn: socket.socket) -> None:
@@ -323,6 +330,79 @@ def test_the_wait_for_the_destination_to_close_has_one_deadline(tmp_path, qemu72
     finally:
         stop.set()
         listener.close()
+
+
+@pytest.mark.parametrize("answers, match", [
+    (b"", "closed the connection without saying it had loaded the stream "
+          r"\(no SHUT on its return path\): its load failed"),
+    (encode_rp_pong(1) + encode_rp_shut(failed=True),
+     r"said it failed to load the stream \(SHUT 1 on its return path"),
+    (b"HTTP/1.0 400 Bad Request\r\n", r"main channel \(return path\): return path "
+                                       "message 18516"),
+    (encode_rp_pong(1) + encode_rp_shut(failed=False), None),
+], ids=["no-shut", "shut-1", "not-qemu", "shut-0"])
+def test_the_send_succeeds_only_when_the_destination_says_shut_0(tmp_path, qemu72_captures,
+                                                               answers, match):
+    """A destination that read the whole stream, then closed the connection
+    without SHUT 0 on the return path the send opened, did not load it: a QEMU
+    that failed at the stream's last bytes, or any behind a relay (which reads
+    everything and ends the connection with a FIN, never a reset). The send
+    took such an end for success."""
+    receive_replay(tmp_path / "saved", capture_bytes(qemu72_captures, "none"))
+    listener = socket.create_server(("127.0.0.1", 0))
+    opened = []
+
+    def drain(conn: socket.socket, main: bool) -> None:
+        with conn:
+            first = conn.recv(1 << 16)
+            while conn.recv(1 << 16):
+                pass
+            if main:
+                opened.append(first)
+                conn.sendall(answers)
+
+    def serve() -> None:
+        for i in range(3):          # the main channel, then the 2 multifd channels
+            conn = listener.accept()[0]
+            threading.Thread(target=drain, args=(conn, i == 0), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        address = f"tcp:127.0.0.1:{listener.getsockname()[1]}"
+        if match is None:
+            assert len(qemu.send(address, str(tmp_path / "saved"), channels=2)) == 2
+        else:
+            with pytest.raises(FastMFDError, match=match):
+                qemu.send(address, str(tmp_path / "saved"), channels=2, stall_timeout=5.0)
+        # The return path is opened right after the configuration, as QEMU does.
+        assert encode_open_return_path(1) in opened[0]
+    finally:
+        listener.close()
+
+
+@pytest.mark.parametrize("qemu_binary", QEMUS)
+def test_a_destination_behind_a_relay_that_fails_to_load_fails_the_send(tmp_path,
+                                                                       qemu_binary):
+    """Behind a TCP relay (ssh -L, socat), a destination QEMU that cannot load a
+    device section does not reset the send's connection: the relay has read the
+    stream whole, and ends it with a FIN. The send said it succeeded; now the
+    missing SHUT 0 fails it (QEMU 10 even says SHUT 1)."""
+    saved, _ = saved_guest(tmp_path, 2, "none", qemu_binary)
+    vmstate = saved / "vmstate.bin"
+    data = bytearray(vmstate.read_bytes())
+    data[data.index(b"timer")] = ord("T")   # a device the destination does not have
+    vmstate.write_bytes(bytes(data))
+    guest, _, address = incoming_guest(tmp_path, 2, "none", qemu_binary)
+    relay = Proxy(channel_header=False)
+    try:
+        said = "closed the connection without saying" if qemu_binary == QEMU else "SHUT 1"
+        with pytest.raises(MigrationError, match=said):
+            qemu.send(relay.start(address), str(saved), channels=2, stall_timeout=10.0)
+        guest.process.wait(10)
+        assert "Unknown savevm section or instance 'Timer'" in open(guest.log_path).read()
+    finally:
+        relay.close()
+        guest.close()
 
 
 @needs_qemu

@@ -32,11 +32,10 @@ destination's side of QEMU's own protocol, with fastmfd's receive workers.
         k SYNCs, one compression; each channel shut for
         reading ──────────────────────────────────────────▶  reads to its end: Eof
         (no page after its last SYNC); files flushed and     (then holds until close)
-        fsynced -> manifest, renames
-
-A 7.2 source without a return path never waits for an answer, so nothing
-is sent back: any failure closes every connection (the source fails its
-migration) and removes the .part files.
+        fsynced -> manifest, renames -> SHUT 0 to a source with a return path (its
+        PINGs answered as they come: qemu_return_path)
+Any failure closes every connection (the source fails its migration) and
+removes the .part files.
 """
 
 from __future__ import annotations
@@ -62,6 +61,7 @@ from ..protocol.sockets import tune_data_socket
 from ..regions import Region
 from .processes import ChildSet, Watch
 from .qemu_channels import QemuChannel, QemuConnections, choose_channels, migration_uuid
+from .qemu_return_path import ReturnPathAnswers
 from .session import shutdown_quietly
 from .session_regions import places_pages
 from .workers import qemu_recv_worker_main
@@ -89,8 +89,7 @@ def closed_early(exc: ProtocolError) -> MigrationError:
     """``exc``, the main channel's stream cut short by the connection's end, as
     what it is: the source gone (a QEMU killed mid-migration), a session failure
     like any dropped connection (the README's "Fails cleanly": one
-    MigrationError), not bad bytes. It was a ProtocolError from the main
-    channel, and a MigrationError when a channel's worker saw the end first."""
+    MigrationError, as when a channel's worker sees the end first), not bad bytes."""
     return MigrationError(f"the source closed it before the stream's end {SOURCE_GONE}: "
                           f"{exc.detail}", channel=exc.where or MAIN)
 
@@ -136,8 +135,8 @@ class QemuReceiving:
 
     def __init__(self, listener: socket.socket, out: QemuOutput, *, timeout: float,
                  stall_timeout: float, workers: int = 2) -> None:
-        """``out`` names, creates and keeps the files (a tools.outputs.OutputDir:
-        plan_qemu, region, stream, fsync_part); the caller commits or aborts it.
+        """``out`` names, creates and keeps the files (a tools.outputs.OutputDir);
+        the caller commits or aborts it, and then confirms on ``answers``.
         ``workers``: receive workers started now, before QEMU connects."""
         self.out = out
         self.timeout, self.stall = timeout, stall_timeout
@@ -147,6 +146,7 @@ class QemuReceiving:
         self.counters: _core.Counters | None = None
         self.watch = Watch()
         self.connections = QemuConnections(listener, self.watch, self._set_aside)
+        self.answers = ReturnPathAnswers()
         self._main_readable = False
         self.stream_ended = False                   # its VM description came: no SYNC more
         # Workers started ahead (at least one: it starts multiprocessing's forkserver);
@@ -529,6 +529,7 @@ class QemuReceiving:
 
     def close(self) -> None:
         """Stop everything and free it (every exit path; idempotent)."""
+        self.answers.refuse()                       # (after confirm(): nothing)
         socks = [*self.connections.sockets(), *(c.sock for c in self.channels.values())]
         for sock in socks:
             shutdown_quietly(sock)
@@ -581,16 +582,19 @@ class _LiveDecoder(QevmDecoder):
     def on_sync(self) -> None:
         self.session.on_sync(self.out.uuid)
 
-    def on_command(self, command: int, at: int) -> None:
-        if command in (MIG_CMD_OPEN_RETURN_PATH, MIG_CMD_PING):
-            raise self.r.error("main channel: the source opened a return path (capability "
-                               "return-path, or postcopy-ram, which opens one), which "
-                               "fastmfd does not serve",
-                               field="command", received=command, expected="no return path",
-                               at=at)
-        if command != MIG_CMD_SWITCHOVER_START:
+    def on_command(self, command: int, data: memoryview, at: int) -> None:
+        answers, main = self.session.answers, self.session.connections.main
+        if command == MIG_CMD_OPEN_RETURN_PATH and main is not None:
+            answers.open(main)
+        elif command == MIG_CMD_PING and answers.opened:
+            answers.pong(int.from_bytes(data, "big"))
+        elif command == MIG_CMD_PING:
+            raise self.r.error("main channel: PING before OPEN_RETURN_PATH: no return path "
+                               "to answer on", field="command", received=command,
+                               expected="OPEN_RETURN_PATH first", at=at)
+        elif command != MIG_CMD_SWITCHOVER_START:
             raise self.r.error(f"main channel: command {MIG_CMDS[command][0]} is not supported "
-                               "(a precopy migration without a return path sends only "
+                               "(a precopy migration sends only OPEN_RETURN_PATH, PING and "
                                "SWITCHOVER_START)", field="command", received=command,
                                expected=MIG_CMD_SWITCHOVER_START, at=at)
 

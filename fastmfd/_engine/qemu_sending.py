@@ -28,16 +28,16 @@ destination waits. Zero pages go as the source sent them: ZERO records on the
 main channel (zero-page-detection "legacy", all a 7.2 destination reads) or
 listed in the multifd packets ("multifd", QEMU >= 9.0).
 
-Nothing comes back (no return path): the destination's QEMU says in its
-own ``query-migrate`` whether it loaded what it got. A destination that is
-not the saved stream's QEMU and machine type closes its connections, and the
-error names what the saved stream needs.
+The main channel opens a return path (qemu_return_path), as a QEMU source
+with ``return-path`` does: the send is done only at the destination's SHUT 0,
+its word that it loaded the whole stream. A destination that is not the saved
+stream's QEMU and machine type closes its connections, and the error names
+what the saved stream needs.
 """
 
 from __future__ import annotations
 
 import os
-import select
 import socket
 import time
 from uuid import UUID
@@ -45,7 +45,7 @@ from uuid import UUID
 import numpy as np
 
 from .. import _core
-from ..errors import MigrationError
+from ..errors import MigrationError, ProtocolError
 from ..protocol.control import Done, SendParams
 from ..protocol.qemu import COMMAND_PLACES, SYNC_PER_ROUND, SYNC_PER_SECTION
 from ..protocol.qemu_encoding import (encode_multifd_flush, encode_ram_end_start,
@@ -58,6 +58,7 @@ from ..shm import SharedMemory
 from ..units import format_bytes
 from .liveness import tick
 from .processes import Child, ChildSet
+from .qemu_return_path import ReturnPathWatch
 from .session import Closable, Owned, shutdown_quietly
 from .workers import send_worker_main
 
@@ -123,6 +124,7 @@ class QemuSending:
         self.page_size = regions[0].page_size
         self.job_pages = QEMU_PACKET_BYTES // self.page_size * JOB_PACKETS
         self.main: socket.socket | None = None
+        self.answers: ReturnPathWatch | None = None     # the destination's, on it
         self.data: list[socket.socket] = []
         self.cmd_fds: list[int] = []
         self.owned: list[Closable] = []
@@ -163,8 +165,10 @@ class QemuSending:
         barrier = encode_multifd_flush() if stream.per_round else b""
         self.main = connect(address, self.connect_timeout)
         self.main.settimeout(self.stall)
+        self.answers = ReturnPathWatch(self.main)
         commands = stream.commands
-        self._main(encode_stream_start(stream.configuration) + commands["ram"]
+        self._main(encode_stream_start(stream.configuration) + self.answers.opening()
+                   + commands["ram"]
                    + encode_ram_start(section, {r.name: r.size for r in self.regions}))
         for ch, worker in enumerate(self.workers):
             self._open_channel(address, ch, worker)
@@ -182,24 +186,27 @@ class QemuSending:
         self._wait_loaded()
 
     def _wait_loaded(self) -> None:
-        """End the stream, then wait for the destination to end the main channel: a
-        QEMU closes it once it has loaded the stream, or failed to, and says nothing
-        else without a return path. One that failed midway closes with bytes of the
-        stream unread, which resets the connection: the send fails. (It said it
-        succeeded while the destination QEMU exited, "load of migration failed".)"""
-        assert self.main is not None, "connected by run()"
+        """End the stream, then wait for the destination's SHUT and the end of the
+        main channel: a QEMU says SHUT 0 once it has loaded the stream, SHUT 1
+        (QEMU >= 9.1) or nothing when it failed to, and closes the connection. One
+        that failed midway closes with bytes of the stream unread, which resets
+        the connection. Only SHUT 0 is success: a QEMU that failed at the last
+        bytes, having read them all, closed as one that had loaded them (the
+        send said it succeeded while QEMU exited, "load of migration failed")."""
+        assert self.main is not None and self.answers is not None, "connected by run()"
         # One deadline for the whole wait: a peer that sends a byte now and then
         # must not restart it.
         deadline = time.monotonic() + self.stall
         try:
             self.main.shutdown(socket.SHUT_WR)
-            while True:     # nothing is expected; whatever comes, not held
+            while True:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise TimeoutError
                 self.main.settimeout(left)
-                if not self.main.recv(1 << 16):
+                if not (data := self.main.recv(1 << 16)):
                     break
+                self.answers.feed(data)
         except TimeoutError:
             raise MigrationError(f"the destination did not end the stream within "
                                  f"{self.stall:g} s of its last byte", channel=MAIN) from None
@@ -207,6 +214,14 @@ class QemuSending:
             raise MigrationError(f"the destination broke the connection before it read the "
                                  f"whole stream ({exc.strerror or exc}): its load failed",
                                  channel=MAIN) from None
+        if self.answers.said is None:
+            raise MigrationError("the destination closed the connection without saying it "
+                                 "had loaded the stream (no SHUT on its return path): its "
+                                 "load failed (its log says why)", channel=MAIN)
+        if self.answers.said:
+            raise MigrationError(f"the destination said it failed to load the stream (SHUT "
+                                 f"{self.answers.said} on its return path; its log says why)",
+                                 channel=MAIN)
 
     def _open_channel(self, address: Address, ch: int, worker: Child) -> None:
         sock = connect(address, self.connect_timeout)
@@ -306,20 +321,21 @@ class QemuSending:
             raise MigrationError(ended + self._hint(True, said=True), channel=MAIN)
 
     def _main_ended(self) -> str | None:
-        """How the destination ended the main channel, if it did. It sends nothing
-        on it (no return path), so readable means ended."""
-        assert self.main is not None, "connected by run()"
-        ended = select.poll()
-        ended.register(self.main, select.POLLIN)
-        if not ended.poll(0):       # (recv() would wait the socket's timeout first)
-            return None
+        """How the destination ended the main channel, if it did (what it said
+        on its return path so far is read: before the stream's end, only a
+        SHUT that it failed may end it)."""
+        assert self.answers is not None, "connected by run()"
         try:
-            if self.main.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT):
+            if self.answers.read() and self.answers.said is None:
                 return None
-        except BlockingIOError:
-            return None
         except OSError as exc:
             return f"the destination broke the connection: {exc.strerror or exc}"
+        except ProtocolError as exc:
+            return str(exc)
+        said = self.answers.said
+        if said is not None:
+            return (f"the destination ended its return path before the stream's end (SHUT "
+                    f"{said}{': it failed' if said else ''})")
         return "the destination closed the connection"
 
     def _hint(self, dropped: bool = False, *, said: bool = False) -> str:

@@ -26,12 +26,14 @@ machine type (spec §5.3), and the stream itself says which:
   before its EOS, then one comes each time the dirty scan wraps, mid-section).
 
 Either way the records before the k-th such barrier belong to round k of the
-capture. COMMAND sections are kept as sent, each with its place: before the
-RAM section, before its END section (QEMU 10's SWITCHOVER_START, which tells
-the destination's devices, VFIO ones, that the source stopped) or before the
-device sections; a replay puts each back there. The device sections are not decoded (their format is per device), but
-the stream must end with ``QEMU_VM_EOF`` and the VM description, so a main
-channel cut short anywhere is still an error.
+capture. COMMAND sections are kept as sent, each with its place (before the RAM
+section, before its END section: QEMU 10's SWITCHOVER_START, which tells the
+destination's devices, VFIO ones, that the source stopped; or before the device
+sections), and a replay puts each back there; not OPEN_RETURN_PATH and PING,
+the connection's (:mod:`.qemu_return_path`). The device sections are not
+decoded (their format is per device), but the stream must end with
+``QEMU_VM_EOF`` and the VM description, so a main channel cut short anywhere
+is still an error.
 
 :class:`QevmDecoder` reads the stream through a
 :class:`~.bytereader.ByteReader` (a capture) or a
@@ -40,9 +42,7 @@ and hands what it decodes to hooks: ``on_blocks`` (the block list),
 ``on_page`` (a ZERO or PAGE record), ``on_sync`` (a SYNC barrier: a
 MULTIFD_FLUSH record, or a section's EOS when syncs are per section) and
 ``on_command``. :func:`decode_qemu_main` is the capture's use: it keeps each
-round's records.
-
-:mod:`.qemu_encoding` writes the same format back.
+round's records; :mod:`.qemu_encoding` writes the same format back.
 
 Facts from migration/savevm.c, savevm.h and ram.c @ 7.2; no QEMU code is copied.
 """
@@ -85,8 +85,7 @@ SECTION_FOOTER = 0x7E
 SECTION_NAMES = {SECTION_START: "start", SECTION_PART: "part", SECTION_END: "end",
                  SECTION_FULL: "full"}
 
-MIG_CMD_OPEN_RETURN_PATH = 1    # the destination must answer on the same connection
-MIG_CMD_PING = 2
+MIG_CMD_OPEN_RETURN_PATH, MIG_CMD_PING = 1, 2   # the destination answers: .qemu_return_path
 MIG_CMD_POSTCOPY_ADVISE = 3     # changes the block list format: not supported
 MIG_CMD_SWITCHOVER_START = 11   # QEMU >= 9.2 at switchover (the VM stopped), no data
 # QEMU's commands (migration/savevm.c @ 10.0, enum qemu_vm_cmd) and the length of
@@ -221,8 +220,8 @@ class QevmDecoder:
     def on_sync(self) -> None:
         """A SYNC barrier: every multifd channel sent one SYNC packet before it."""
 
-    def on_command(self, command: int, at: int) -> None:
-        """A COMMAND section (already refused: postcopy)."""
+    def on_command(self, command: int, data: memoryview, at: int) -> None:
+        """A COMMAND section (already refused: postcopy) and its data."""
 
     def decode_ram(self) -> QemuMainChannel:
         """Decode up to the first device section: ``out.ram_bytes`` is its offset."""
@@ -355,9 +354,10 @@ class QevmDecoder:
             raise r.error(f"main channel: postcopy (POSTCOPY_ADVISE: capability {which}) is "
                           "not supported", field="command", received=cmd,
                           expected="not postcopy", at=at)
-        self.on_command(cmd, at)
-        r.take(length, "command data")
+        self.on_command(cmd, r.take(length, "command data"), at)
         self.out.commands += 1
+        if cmd in (MIG_CMD_OPEN_RETURN_PATH, MIG_CMD_PING):
+            return      # the connection's, not the stream's: a replay opens its own
         place = ("ram" if self.ram_section is None else "devices" if self.ram_ended
                  else "ram-end")
         self.out.command_sections.append((place, bytes(r.since(at)[:r.pos - at])))

@@ -1,7 +1,7 @@
 """QEMU's main migration channel written: as much of it as a replay of saved RAM
 needs (``fastmfd.qemu.send``): the stream's start, the RAM section's start
-(block list), its ZERO records, its MULTIFD_FLUSH records and its ends. The
-format, and its decoder, are :mod:`.qemu`'s.
+(block list), its ZERO records, its MULTIFD_FLUSH records and its ends, and the
+commands that open a return path. The format, and its decoder, are :mod:`.qemu`'s.
 """
 
 from __future__ import annotations
@@ -10,12 +10,14 @@ import struct
 
 import numpy as np
 
-from .qemu import (QEVM_MAGIC, QEVM_VERSION, RAM_CONTINUE, RAM_EOS, RAM_MEM_SIZE,
-                   RAM_MULTIFD_FLUSH, RAM_SECTION_VERSION, RAM_ZERO, SECTION_END,
-                   SECTION_FOOTER, SECTION_START, ZERO_RECORD)
+from .qemu import (COMMAND, MIG_CMD_OPEN_RETURN_PATH, MIG_CMD_PING, QEVM_MAGIC,
+                   QEVM_VERSION, RAM_CONTINUE, RAM_EOS, RAM_MEM_SIZE, RAM_MULTIFD_FLUSH,
+                   RAM_SECTION_VERSION, RAM_ZERO, SECTION_END, SECTION_FOOTER, SECTION_START,
+                   ZERO_RECORD)
 
 __all__ = ["encode_stream_start", "encode_ram_start", "encode_ram_end_start",
-           "encode_zero_records", "encode_multifd_flush", "encode_ram_eos"]
+           "encode_zero_records", "encode_multifd_flush", "encode_ram_eos",
+           "encode_open_return_path"]
 
 
 def _name_bytes(name: str) -> bytes:
@@ -67,3 +69,11 @@ def encode_ram_eos(section_id: int, footer: bool) -> bytes:
     """A RAM section's end: EOS, then (when the stream uses them) its footer."""
     eos = struct.pack(">Q", RAM_EOS)
     return eos + (struct.pack(">BI", SECTION_FOOTER, section_id) if footer else b"")
+
+
+def encode_open_return_path(ping: int) -> bytes:
+    """The commands a QEMU source sends after the configuration when it wants
+    answers (migration_thread): OPEN_RETURN_PATH, then a PING of ``ping``, which
+    the destination's PONG answers at once."""
+    return (struct.pack(">BHH", COMMAND, MIG_CMD_OPEN_RETURN_PATH, 0)
+            + struct.pack(">BHHI", COMMAND, MIG_CMD_PING, 4, ping))

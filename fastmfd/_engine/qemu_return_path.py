@@ -1,0 +1,128 @@
+"""QEMU's return path at fastmfd's end of a QEMU migration, either end (its
+messages: :mod:`fastmfd.protocol.qemu_return_path`).
+
+- As the destination (``listen --qemu``, :class:`ReturnPathAnswers`): a QEMU
+  source with the capability ``return-path`` opens one, and at the end of its
+  stream waits for SHUT before it completes. fastmfd answers each PING at once
+  and says SHUT 0 only once every file is committed and durable, so the source
+  reports ``completed`` only then; on any failure, SHUT 1 (or the connection's
+  end): the source's migration fails, and its guest goes on running there.
+- As the source (``send --qemu``, :class:`ReturnPathWatch`): every migration
+  opens one, as a QEMU source with ``return-path`` does, and is done only at
+  the destination's SHUT 0. Without it, a destination that failed at the
+  stream's last bytes (its device sections' end, read whole into its buffer)
+  closed the connection as one that had loaded them.
+
+The answers are a few bytes each, sent without waiting: a source that reads
+none of them (its socket buffer full) fails the migration, it never holds
+the receive up.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import socket
+
+from ..errors import MigrationError
+from ..protocol.qemu_encoding import encode_open_return_path
+from ..protocol.qemu_return_path import ReturnPathDecoder, encode_rp_pong, encode_rp_shut
+
+__all__ = ["ReturnPathAnswers", "ReturnPathWatch"]
+
+log = logging.getLogger("fastmfd")
+
+MAIN = "main channel"
+PING = 1                # what the source's one PING says (QEMU's migration_thread: 1 too)
+
+
+class ReturnPathAnswers:
+    """The destination's answers on the main channel's connection, once the
+    source opened the return path (``open``)."""
+
+    def __init__(self) -> None:
+        self.sock: socket.socket | None = None
+        self.shut = False                   # SHUT said: nothing more may be
+
+    @property
+    def opened(self) -> bool:
+        return self.sock is not None
+
+    def open(self, sock: socket.socket) -> None:
+        """OPEN_RETURN_PATH (a second one changes nothing, as in QEMU)."""
+        self.sock = self.sock or sock
+
+    def pong(self, value: int) -> None:
+        """Answer a PING of ``value``."""
+        self._say(encode_rp_pong(value))
+
+    def confirm(self) -> bool:
+        """SHUT 0: every file is committed and durable. False (and a warning) if
+        the source can no longer be told: the files are complete, but the source
+        QEMU reports its migration failed, and its guest may go on running there."""
+        if self.sock is None or self.shut:
+            return True
+        try:
+            self._say(encode_rp_shut(failed=False), last=True)
+            return True
+        except MigrationError as exc:
+            log.warning("%s; the files are complete, but the source QEMU was not told: it "
+                        "reports its migration failed, and its guest may run on there", exc)
+            return False
+
+    def refuse(self) -> None:
+        """SHUT 1, if the source still listens: this migration failed."""
+        if self.sock is not None and not self.shut:
+            try:
+                self._say(encode_rp_shut(failed=True), last=True)
+            except MigrationError:
+                pass                        # it went away first: it fails anyway
+
+    def _say(self, message: bytes, last: bool = False) -> None:
+        assert self.sock is not None, "only once the return path is open"
+        self.shut = self.shut or last       # a SHUT that failed is not tried again
+        try:
+            sent = self.sock.send(message, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            raise MigrationError(f"answering on its return path failed: "
+                                 f"{exc.strerror or exc}", channel=MAIN) from None
+        if sent != len(message):
+            raise MigrationError("the source reads nothing of its return path (its socket "
+                                 "buffer is full)", channel=MAIN)
+
+
+class ReturnPathWatch:
+    """The source's reading of the destination's answers on the main channel's
+    connection; what ``opening`` sends opens the return path."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.decoder = ReturnPathDecoder(f"{MAIN} (return path)", [PING])
+
+    @staticmethod
+    def opening() -> bytes:
+        """The commands that open it: sent right after the configuration."""
+        return encode_open_return_path(PING)
+
+    @property
+    def said(self) -> int | None:
+        """The destination's SHUT: 0 once it loaded the stream; None before."""
+        return self.decoder.shut
+
+    def read(self) -> bool:
+        """Take what has come, without waiting; False once the connection ended
+        (an OSError once it was broken)."""
+        readable = select.poll()
+        readable.register(self.sock, select.POLLIN)
+        while readable.poll(0):     # (recv() would wait the socket's timeout first)
+            data = self.sock.recv(1 << 16)
+            if not data:
+                return False
+            self.decoder.feed(data)
+        return True
+
+    def feed(self, data: bytes) -> None:
+        """Bytes read elsewhere (the wait for the end of the stream)."""
+        self.decoder.feed(data)

@@ -1,0 +1,70 @@
+"""QEMU's return path as fastmfd reads it (a ``send --qemu`` source): every
+message is judged on its header, a PONG answers a PING sent, and nothing comes
+after SHUT. The ends at real QEMUs are in test_qemu_send and test_qemu_receive."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from fastmfd.errors import ProtocolError
+from fastmfd.protocol.qemu_encoding import encode_open_return_path
+from fastmfd.protocol.qemu_return_path import (ReturnPathDecoder, encode_rp_pong,
+                                               encode_rp_shut)
+
+SWITCHOVER_ACK = struct.pack(">HH", 7, 0)
+
+
+def decoded(data: bytes, step: int) -> ReturnPathDecoder:
+    decoder = ReturnPathDecoder("main channel (return path)", [1])
+    for at in range(0, len(data), step):
+        decoder.feed(data[at:at + step])
+    return decoder
+
+
+@pytest.mark.parametrize("step", [1, 3, 5, 64])
+def test_a_destination_s_answers_are_read_however_they_are_cut(step):
+    decoder = decoded(encode_rp_pong(1) + SWITCHOVER_ACK + encode_rp_shut(failed=False), step)
+    assert decoder.unanswered == [] and decoder.switchover_acked and decoder.shut == 0
+    assert decoder.pending == b""
+
+
+def test_a_failed_load_is_shut_1():
+    assert decoded(encode_rp_shut(failed=True), 8).shut == 1
+
+
+def test_a_shut_not_yet_whole_is_not_taken():
+    decoder = decoded(encode_rp_shut(failed=False)[:7], 7)
+    assert decoder.shut is None and len(decoder.pending) == 7
+
+
+@pytest.mark.parametrize("data, match", [
+    (struct.pack(">HH", 0, 0), "return path message 0 "),
+    (struct.pack(">HHQI", 4, 12, 0, 4096), "message REQ_PAGES .*sends only PONG"),
+    (struct.pack(">HH", 99, 0), "return path message 99 "),
+    (struct.pack(">HHQ", 1, 8, 0), "SHUT with 8 bytes of data, expected 4"),
+    (struct.pack(">HHI", 7, 4, 0), "SWITCHOVER_ACK with 4 bytes of data, expected 0"),
+    (encode_rp_pong(2), "PONG 2 answers no PING sent"),
+    (encode_rp_pong(1) * 2, "PONG 1 answers no PING sent"),
+    (SWITCHOVER_ACK * 2, "a second SWITCHOVER_ACK"),
+    (encode_rp_shut(failed=False) + encode_rp_pong(1), "a message after SHUT"),
+], ids=["invalid", "postcopy", "unknown", "long-shut", "long-ack", "unasked-pong",
+        "second-pong", "second-ack", "after-shut"])
+def test_what_a_precopy_destination_never_says_is_refused_naming_it(data, match):
+    with pytest.raises(ProtocolError, match=match) as caught:
+        decoded(data, len(data))
+    assert caught.value.where == "main channel (return path)"
+
+
+def test_a_refused_header_is_refused_before_its_data_comes():
+    """A length of 65535 is not waited for: the header alone is refused."""
+    with pytest.raises(ProtocolError, match="with 65535 bytes"):
+        decoded(struct.pack(">HH", 2, 65535), 4)
+
+
+def test_the_source_opens_the_return_path_as_qemu_does():
+    """COMMAND OPEN_RETURN_PATH (no data), then COMMAND PING 1 (QEMU's
+    migration_thread sends the same)."""
+    assert encode_open_return_path(1) == bytes.fromhex("08" "0001" "0000"
+                                                       "08" "0002" "0004" "00000001")
