@@ -323,7 +323,8 @@ def _build_parser() -> _Parser:
     p.add_argument("--qemu", action="store_true",
                    help="migrate what `listen --qemu` saved in --dir into a QEMU started with "
                         "-incoming defer; --channels and --compression must be its "
-                        "multifd-channels and multifd-compression")
+                        "multifd-channels and multifd-compression; exit 0 only once it says "
+                        "it loaded the stream (on the return path this opens)")
     p.add_argument("--dir", default=None, help="with --qemu: the saved directory")
     p.add_argument("--state", action="append", default=[], metavar="IDSTR[:N]=PATH",
                    help="a device state file (repeatable)")
@@ -362,7 +363,9 @@ def _build_parser() -> _Parser:
                                    "interface; tcp:[::]:PORT: IPv6 too) or unix:PATH")
     p.add_argument("--qemu", action="store_true",
                    help="the source is a QEMU (7.2 or 10.x) migrating with the multifd "
-                        "capability: write each RAMBlock, vmstate.bin and manifest.json into DIR")
+                        "capability: write each RAMBlock, vmstate.bin and manifest.json into "
+                        "DIR; a source with the return-path capability as well completes only "
+                        "once they are on disk")
     p.add_argument("--workers", type=positive_int, default=None, metavar="N",
                    help="with --qemu: receive workers started before QEMU connects (default "
                         "2; more start as channels connect)")
