@@ -359,6 +359,34 @@ def test_a_forkserver_that_does_not_answer():
     assert float(lines["took"]) < 20, done.stdout
 
 
+_TEARDOWN_WHILE_BLOCKED = textwrap.dedent("""
+    import socket, time
+    from multiprocessing import forkserver
+    from fastmfd._engine.processes import ChildSet
+    from fastmfd._engine.workers import qemu_recv_worker_main
+    if __name__ == "__main__":
+        children = ChildSet(qemu_recv_worker_main, ["receive worker"] * 6)
+        silent = socket.socket(socket.AF_UNIX)      # the forkserver waits for its request
+        silent.connect(forkserver._forkserver._forkserver_address)
+        started = time.monotonic()
+        children.stop(0)
+        print("took:", time.monotonic() - started, flush=True)
+        # ... and this interpreter exits, the forkserver still blocked (by ``silent``).
+""")
+
+
+def test_a_forkserver_that_does_not_answer_holds_no_teardown_up():
+    """Six workers torn down while the forkserver is blocked, so that it reports
+    none of their exits: the teardown waited 5 s for each in turn (30 s), then
+    the interpreter's exit waited for them without a deadline (multiprocessing
+    joins every child it knows): it never exited. Now one deadline for all, and
+    the exit leaves them to the forkserver."""
+    done = subprocess.run([sys.executable, "-c", _TEARDOWN_WHILE_BLOCKED],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert float(done.stdout.split("took:")[1]) < 15, done.stdout
+
+
 # ---------------------------------------------------------------- a silent destination
 
 _DESTINATION = textwrap.dedent("""

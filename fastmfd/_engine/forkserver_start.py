@@ -22,7 +22,7 @@ from .control_pickling import MAIN_KEYS
 from .liveness import process_stopped
 
 __all__ = ["mp_context", "ForkServerChild", "READY_TIMEOUT", "stopped_forkserver",
-           "forkserver_failure"]
+           "leave_to_the_forkserver", "forkserver_failure"]
 
 # Imported once by the forkserver, so a child starts in milliseconds.
 # _fastmfd_forkserver first: it gives the forkserver its parent's import path.
@@ -94,6 +94,15 @@ def stopped_forkserver() -> int | None:
     stopped, it answers no start and reports no exit of its children."""
     server = getattr(forkserver._forkserver, "_forkserver_pid", None)
     return server if process_stopped(server) else None
+
+
+def leave_to_the_forkserver(child: multiprocessing.process.BaseProcess) -> None:
+    """Stop waiting for ``child``, killed but its exit not reported (the forkserver
+    is stopped or blocked): multiprocessing's exit handler joins every child it
+    knows, without a deadline, so this interpreter would never exit. The
+    forkserver reaps it whenever it runs again, or init once it is gone."""
+    # multiprocessing.process._children: the set that handler walks (not public API).
+    getattr(multiprocessing.process, "_children", set()).discard(child)
 
 
 def forkserver_failure(name: str, waited: float | None = None) -> MigrationError:

@@ -47,8 +47,8 @@ from .. import _core
 from ..errors import MigrationError
 from ..protocol.control import Done, Drained, Eof, Failed, Ready, Stop
 from . import control_pickling
-from .forkserver_start import (READY_TIMEOUT, ForkServerChild, forkserver_failure, mp_context,
-                               stopped_forkserver)
+from .forkserver_start import (READY_TIMEOUT, ForkServerChild, forkserver_failure,
+                               leave_to_the_forkserver, mp_context, stopped_forkserver)
 from .open_files import check_room_for_child
 from .session import Closable, as_migration_error, main_first
 
@@ -347,11 +347,14 @@ class ChildSet:
             for child in self.children:
                 if not child.closed and child.process.exitcode is None:
                     child.process.kill()
-            # A child's exit is reported by the forkserver: a stopped one reports none.
-            wait = 0 if stopped_forkserver() is not None else 5
+            # A child's exit is reported by the forkserver: a stopped one reports none,
+            # a blocked one none in time. One deadline for all: it was 5 s each.
+            deadline = time.monotonic() + (0 if stopped_forkserver() is not None else 5)
             for child in self.children:
                 if not child.closed:
-                    child.process.join(timeout=wait)
+                    child.process.join(timeout=max(0.0, deadline - time.monotonic()))
+                    if child.process.exitcode is None:
+                        leave_to_the_forkserver(child.process)
 
 
 class Watch:
