@@ -188,7 +188,7 @@ class QemuSending:
     def _wait_loaded(self) -> None:
         """End the stream, then wait for the destination's SHUT and the end of the
         main channel: a QEMU says SHUT 0 once it has loaded the stream, SHUT 1
-        (QEMU >= 9.1) or nothing when it failed to, and closes the connection. One
+        (QEMU 10) or nothing (7.2) when it failed to, and closes the connection. One
         that failed midway closes with bytes of the stream unread, which resets
         the connection. Only SHUT 0 is success: a QEMU that failed at the last
         bytes, having read them all, closed as one that had loaded them (the
