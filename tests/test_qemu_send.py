@@ -27,7 +27,8 @@ from fastmfd._engine.qemu_sending import QEMU_PACKET_BYTES
 from fastmfd.errors import ConfigError, FastMFDError, MigrationError
 from fastmfd.protocol.qemu_encoding import encode_open_return_path
 from fastmfd.protocol.qemu_return_path import encode_rp_pong, encode_rp_shut
-from qemu_support import QEMU, QEMUS, Guest, Receiver, incoming_guest, needs_qemu, saved_guest
+from qemu_support import (QEMU, QEMU10, QEMUS, Guest, Receiver, incoming_guest, needs_qemu,
+                          needs_qemu10, saved_guest)
 from inspect_support import NATIVE_CAPTURES, captures_dir
 from migration_support import Proxy
 from test_qemu_receive import capture_bytes, receive_replay
@@ -402,6 +403,24 @@ def test_a_destination_behind_a_relay_that_fails_to_load_fails_the_send(tmp_path
         assert "Unknown savevm section or instance 'Timer'" in open(guest.log_path).read()
     finally:
         relay.close()
+        guest.close()
+
+
+@needs_qemu10
+def test_a_destination_with_switchover_ack_acks_on_the_return_path(tmp_path):
+    """A QEMU 10 destination with switchover-ack (and return-path) acks the
+    switchover as soon as the return path opens, having no device that waits:
+    one message more on it, taken, and the send completes."""
+    saved, ram = saved_guest(tmp_path, 2, "none", QEMU10)
+    guest, ram_path, address = incoming_guest(tmp_path, 2, "none", QEMU10)
+    try:
+        guest.qmp.command("migrate-set-capabilities", capabilities=[
+            {"capability": "return-path", "state": True},
+            {"capability": "switchover-ack", "state": True}])
+        qemu.send(address, str(saved), channels=2, stall_timeout=10.0)
+        assert guest.wait() == "completed"
+        assert np.array_equal(np.fromfile(ram_path, dtype=np.uint8), ram)
+    finally:
         guest.close()
 
 
