@@ -295,10 +295,10 @@ def test_send_refuses_a_save_cut_short(tmp_path, qemu72_captures):
 
 
 def test_the_wait_for_the_destination_to_close_has_one_deadline(tmp_path, qemu72_captures):
-    """The send waits for the destination to end the main channel, for stall_timeout:
-    a peer that sent a byte now and then restarted that wait at each byte, and
-    kept the send waiting as long as it went on (here its answers, a byte every
-    0.25 s, then it closes: a success, had the wait restarted)."""
+    """The send waits for the destination's SHUT (or its end of the main channel),
+    for stall_timeout: a peer that sent a byte now and then restarted that wait
+    at each byte, and kept the send waiting as long as it went on (here its
+    answers, a byte every 0.25 s: a success, had the wait restarted)."""
     receive_replay(tmp_path / "saved", capture_bytes(qemu72_captures, "none"))
     listener = socket.create_server(("127.0.0.1", 0))
     stop = threading.Event()
