@@ -27,8 +27,8 @@ from fastmfd._engine.qemu_sending import QEMU_PACKET_BYTES
 from fastmfd.errors import ConfigError, FastMFDError, MigrationError
 from fastmfd.protocol.qemu_encoding import encode_open_return_path
 from fastmfd.protocol.qemu_return_path import encode_rp_pong, encode_rp_shut
-from qemu_support import (QEMU, QEMU10, QEMUS, Guest, Receiver, incoming_guest, needs_qemu,
-                          needs_qemu10, saved_guest)
+from qemu_support import (QEMU, QEMU10, QEMUS, Background, Guest, Receiver, incoming_guest,
+                          needs_qemu, needs_qemu10, saved_guest)
 from inspect_support import NATIVE_CAPTURES, captures_dir
 from migration_support import Proxy
 from test_qemu_receive import capture_bytes, receive_replay
@@ -295,10 +295,10 @@ def test_send_refuses_a_save_cut_short(tmp_path, qemu72_captures):
 
 
 def test_the_wait_for_the_destination_to_close_has_one_deadline(tmp_path, qemu72_captures):
-    """The send waits for the destination to end the main channel, for stall_timeout:
-    a peer that sent a byte now and then restarted that wait at each byte, and
-    kept the send waiting as long as it went on (here its answers, a byte every
-    0.25 s, then it closes: a success, had the wait restarted)."""
+    """The send waits for the destination's SHUT (or its end of the main channel),
+    for stall_timeout: a peer that sent a byte now and then restarted that wait
+    at each byte, and kept the send waiting as long as it went on (here its
+    answers, a byte every 0.25 s: a success, had the wait restarted)."""
     receive_replay(tmp_path / "saved", capture_bytes(qemu72_captures, "none"))
     listener = socket.create_server(("127.0.0.1", 0))
     stop = threading.Event()
@@ -379,6 +379,20 @@ def test_the_send_succeeds_only_when_the_destination_says_shut_0(tmp_path, qemu7
         assert encode_open_return_path(1) in opened[0]
     finally:
         listener.close()
+
+
+def test_the_send_is_done_at_shut_0_not_at_the_connection_s_end(tmp_path, qemu72_captures):
+    """Nothing follows SHUT 0, and QEMU's source completes there. fastmfd's own
+    QemuReceiver says it once its files are committed, and ends its connections
+    only at close(), which a service calls when it is done: the send waited for
+    that end too, and failed at its stall timeout ("did not end the stream")
+    though every file was committed."""
+    receive_replay(tmp_path / "saved", capture_bytes(qemu72_captures, "none"))
+    with qemu.QemuReceiver("tcp:127.0.0.1:0", str(tmp_path / "copy")) as receiver:
+        received = Background("receive()", receiver.receive)
+        qemu.send(receiver.address, str(tmp_path / "saved"), channels=2, stall_timeout=3.0)
+        assert received.result().manifest["blocks"]
+    assert (tmp_path / "copy" / "manifest.json").exists()
 
 
 @pytest.mark.parametrize("qemu_binary", QEMUS)

@@ -186,20 +186,24 @@ class QemuSending:
         self._wait_loaded()
 
     def _wait_loaded(self) -> None:
-        """End the stream, then wait for the destination's SHUT and the end of the
+        """End the stream, then wait for the destination's SHUT, or the end of the
         main channel: a QEMU says SHUT 0 once it has loaded the stream, SHUT 1
         (QEMU 10) or nothing (7.2) when it failed to, and closes the connection. One
         that failed midway closes with bytes of the stream unread, which resets
         the connection. Only SHUT 0 is success: a QEMU that failed at the last
         bytes, having read them all, closed as one that had loaded them (the
-        send said it succeeded while QEMU exited, "load of migration failed")."""
+        send said it succeeded while QEMU exited, "load of migration failed").
+        Nothing follows SHUT, so the connection's end is not waited for after it
+        (QEMU's source does not wait for it either): fastmfd's QemuReceiver ends
+        it only at its close(), and the send failed at its stall timeout though
+        the files were committed."""
         assert self.main is not None and self.answers is not None, "connected by run()"
         # One deadline for the whole wait: a peer that sends a byte now and then
         # must not restart it.
         deadline = time.monotonic() + self.stall
         try:
             self.main.shutdown(socket.SHUT_WR)
-            while True:
+            while self.answers.said is None:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise TimeoutError
