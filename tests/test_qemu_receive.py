@@ -42,12 +42,14 @@ from fastmfd.protocol.qemu import (RAM_CONTINUE, RAM_ZERO, SYNC_PER_ROUND, SYNC_
 from fastmfd.protocol.qemu_encoding import (encode_multifd_flush, encode_open_return_path,
                                             encode_ram_eos, encode_ram_start,
                                             encode_stream_start, encode_zero_records)
-from fastmfd.protocol.qemu_return_path import encode_rp_pong, encode_rp_shut
+from fastmfd.protocol.qemu_return_path import (encode_rp_pong, encode_rp_shut,
+                                               encode_rp_switchover_ack)
 from fastmfd.protocol.sockets import connect, parse_address
 from qemu_support import (QEMU, QEMU10, QEMUS, Guest, Receiver, assert_nothing_complete,
-                          listening_command, pattern)
+                          listening_command, needs_qemu10, pattern)
 
 GUEST_MIB = 64
+FINAL = ("completed", "failed", "cancelled")    # a migration's last status
 BIOS_BASE = 0xFFFC0000          # pc.bios (256 KiB) is mapped just below 4 GiB
 
 
@@ -167,6 +169,36 @@ def test_a_source_with_a_return_path_completes_once_the_files_are_durable(
     log = open(traced_guest.log_path).read()
     assert re.search(r"source_return_path_thread_pong (0x)?0*1\b", log), log
     assert re.search(r"source_return_path_thread_shut (0x)?0\b", log), log
+
+
+@needs_qemu10
+def test_a_source_with_switchover_ack_is_acked_and_completes(tmp_path, guest_ram):
+    """A running QEMU 10 guest with switchover-ack (its own pc machine type, so it
+    surely knows the message) waits for the destination's ack before its
+    switchover: acked at once, it completes, and the file holds its RAM as it
+    stopped. Before, it never switched over, iterating until cancelled (a
+    paused guest's source does not wait for the ack)."""
+    out = tmp_path / "out"
+    guest = Guest(tmp_path, str(guest_ram[0]), GUEST_MIB, binary=QEMU10)
+    try:
+        guest.set_multifd(2, "none")
+        guest.qmp.command("migrate-set-capabilities", capabilities=[
+            {"capability": "return-path", "state": True},
+            {"capability": "switchover-ack", "state": True}])
+        guest.qmp.command("cont")
+        receiver = Receiver(out)
+        guest.migrate(receiver.address)
+        deadline = time.monotonic() + 20    # (its MIGRATION_PASS events keep wait() waiting)
+        while (status := guest.qmp.command("query-migrate")["status"]) not in FINAL:
+            assert time.monotonic() < deadline, "the source never switched over"
+            time.sleep(0.1)
+        assert status == "completed"
+        mem = next(b["file"] for b in receiver.result().manifest["blocks"]
+                   if b["idstr"] == "mem")
+        assert np.array_equal(np.fromfile(out / mem, dtype=np.uint8),
+                              np.fromfile(guest_ram[0], dtype=np.uint8))
+    finally:
+        guest.close()
 
 
 def test_a_source_with_a_return_path_fails_when_the_files_cannot_be_committed(
@@ -936,8 +968,10 @@ def with_return_path(main: bytes, pings: int) -> bytes:
 
 def test_a_return_path_is_answered_and_shut_once_the_files_are_committed(tmp_path, captures):
     """Each PING gets its PONG as it comes, and SHUT 0 comes once the manifest is
-    on disk, then the connection's end."""
-    files = capture_bytes(captures[1], "none")
+    on disk, then the connection's end; the switchover is acked first to a source
+    of a machine type >= 8.1 (QEMU 10's own pc), which surely knows the message."""
+    which, directory = captures
+    files = capture_bytes(directory, "none")
     files["conn0.bin"] = with_return_path(files["conn0.bin"], 2)
     receiver = Receiver(tmp_path / "out")
     socks = replay(receiver.address, files, keep_open=True)
@@ -950,7 +984,8 @@ def test_a_return_path_is_answered_and_shut_once_the_files_are_committed(tmp_pat
     finally:
         for sock in socks:
             sock.close()
-    assert said == b"".join(map(encode_rp_pong, [1, 2, 3])) + encode_rp_shut(failed=False)
+    ack = encode_rp_switchover_ack() if which == "10.0-native" else b""
+    assert said == ack + b"".join(map(encode_rp_pong, [1, 2, 3])) + encode_rp_shut(failed=False)
     assert (tmp_path / "out" / "manifest.json").exists()
 
 

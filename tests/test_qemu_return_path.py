@@ -11,9 +11,10 @@ import pytest
 from fastmfd.errors import ProtocolError
 from fastmfd.protocol.qemu_encoding import encode_open_return_path
 from fastmfd.protocol.qemu_return_path import (ReturnPathDecoder, encode_rp_pong,
-                                               encode_rp_shut)
+                                               encode_rp_shut, encode_rp_switchover_ack,
+                                               knows_switchover_ack)
 
-SWITCHOVER_ACK = struct.pack(">HH", 7, 0)
+SWITCHOVER_ACK = encode_rp_switchover_ack()
 
 
 def decoded(data: bytes, step: int) -> ReturnPathDecoder:
@@ -68,3 +69,14 @@ def test_the_source_opens_the_return_path_as_qemu_does():
     migration_thread sends the same)."""
     assert encode_open_return_path(1) == bytes.fromhex("08" "0001" "0000"
                                                        "08" "0002" "0004" "00000001")
+
+
+@pytest.mark.parametrize("machine, knows", [
+    ("pc-i440fx-10.0", True), ("pc-q35-8.1", True), ("virt-9.2", True),
+    ("s390-ccw-virtio-10.0", True), ("pc-i440fx-8.0", False), ("pc-i440fx-7.2", False),
+    ("pc-q35-2.12", False), ("microvm", False), ("isapc", False), ("", False)])
+def test_a_switchover_ack_goes_only_to_a_source_that_surely_knows_it(machine, knows):
+    """A machine type >= 8.1 is made only by a QEMU >= 8.1, which knows SWITCHOVER_ACK;
+    QEMU 7.2 fails its migration on it, and runs machine types up to 7.2, as later
+    QEMUs do too: those, and types without a version, get none."""
+    assert knows_switchover_ack(machine) is knows

@@ -585,7 +585,7 @@ class _LiveDecoder(QevmDecoder):
     def on_command(self, command: int, data: memoryview, at: int) -> None:
         answers, main = self.session.answers, self.session.connections.main
         if command == MIG_CMD_OPEN_RETURN_PATH and main is not None:
-            answers.open(main)
+            answers.open(main, self.out.machine)
         elif command == MIG_CMD_PING and answers.opened:
             answers.pong(int.from_bytes(data, "big"))
         elif command == MIG_CMD_PING:

@@ -3,7 +3,8 @@ messages: :mod:`fastmfd.protocol.qemu_return_path`).
 
 - As the destination (``listen --qemu``, :class:`ReturnPathAnswers`): a QEMU
   source with the capability ``return-path`` opens one, and at the end of its
-  stream waits for SHUT before it completes. fastmfd answers each PING at once
+  stream waits for SHUT before it completes. fastmfd answers each PING at once,
+  acks the switchover where the source knows the message (for ``switchover-ack``)
   and says SHUT 0 only once every file is committed and durable, so the source
   reports ``completed`` only then; on any failure, SHUT 1 (or the connection's
   end): the source's migration fails, and its guest goes on running there.
@@ -26,7 +27,8 @@ import socket
 
 from ..errors import MigrationError
 from ..protocol.qemu_encoding import encode_open_return_path
-from ..protocol.qemu_return_path import ReturnPathDecoder, encode_rp_pong, encode_rp_shut
+from ..protocol.qemu_return_path import (ReturnPathDecoder, encode_rp_pong, encode_rp_shut,
+                                         encode_rp_switchover_ack, knows_switchover_ack)
 
 __all__ = ["ReturnPathAnswers", "ReturnPathWatch"]
 
@@ -48,9 +50,17 @@ class ReturnPathAnswers:
     def opened(self) -> bool:
         return self.sock is not None
 
-    def open(self, sock: socket.socket) -> None:
-        """OPEN_RETURN_PATH (a second one changes nothing, as in QEMU)."""
-        self.sock = self.sock or sock
+    def open(self, sock: socket.socket, machine: str) -> None:
+        """OPEN_RETURN_PATH (a second one changes nothing, as in QEMU), from a source
+        of the ``machine`` type. fastmfd has no device to make ready, so it acks the
+        switchover at once, as a QEMU destination with ``switchover-ack`` and no
+        such device does, if the source surely knows the message: one with
+        ``switchover-ack`` never switches over without it, and iterated until
+        cancelled."""
+        if self.sock is None:
+            self.sock = sock
+            if knows_switchover_ack(machine):
+                self._say(encode_rp_switchover_ack())
 
     def pong(self, value: int) -> None:
         """Answer a PING of ``value``."""

@@ -14,12 +14,13 @@ error: a destination sends none it was not asked for.)
 
 from __future__ import annotations
 
+import re
 import struct
 
 from ..errors import ProtocolError
 
 __all__ = ["RP_SHUT", "RP_PONG", "RP_SWITCHOVER_ACK", "encode_rp_pong", "encode_rp_shut",
-           "ReturnPathDecoder"]
+           "encode_rp_switchover_ack", "knows_switchover_ack", "ReturnPathDecoder"]
 
 RP_SHUT = 1
 RP_PONG = 2
@@ -37,6 +38,21 @@ _VALUE = struct.Struct(">I")
 def encode_rp_pong(value: int) -> bytes:
     """The answer to a PING command of ``value``."""
     return _HEADER.pack(RP_PONG, _VALUE.size) + _VALUE.pack(value)
+
+
+def encode_rp_switchover_ack() -> bytes:
+    """The destination is ready for the switchover (what a source with the
+    capability ``switchover-ack`` waits for before it stops its guest)."""
+    return _HEADER.pack(RP_SWITCHOVER_ACK, 0)
+
+
+def knows_switchover_ack(machine: str) -> bool:
+    """Whether the source of a stream of this machine type surely knows
+    SWITCHOVER_ACK (QEMU >= 8.1): a QEMU makes no machine type newer than itself.
+    An older one (``pc-i440fx-7.2``) may come from QEMU 7.2, which fails its
+    migration on that message, or from a later QEMU: it cannot be told."""
+    version = re.fullmatch(r".*-(\d+)\.(\d+)", machine)
+    return version is not None and (int(version[1]), int(version[2])) >= (8, 1)
 
 
 def encode_rp_shut(failed: bool) -> bytes:
