@@ -218,14 +218,15 @@ class QemuSending:
             raise MigrationError(f"the destination broke the connection before it read the "
                                  f"whole stream ({exc.strerror or exc}): its load failed",
                                  channel=MAIN) from None
+        # (What the destination did is said: the hint does not say it again.)
         if self.answers.said is None:
             raise MigrationError("the destination closed the connection without saying it "
                                  "had loaded the stream (no SHUT on its return path): its "
-                                 "load failed (its log says why)", channel=MAIN)
+                                 "load failed" + self._hint(True, said=True), channel=MAIN)
         if self.answers.said:
             raise MigrationError(f"the destination said it failed to load the stream (SHUT "
-                                 f"{self.answers.said} on its return path; its log says why)",
-                                 channel=MAIN)
+                                 f"{self.answers.said} on its return path)"
+                                 + self._hint(True, said=True), channel=MAIN)
 
     def _open_channel(self, address: Address, ch: int, worker: Child) -> None:
         sock = connect(address, self.connect_timeout)
