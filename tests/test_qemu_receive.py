@@ -134,6 +134,16 @@ def test_listen_qemu_command(tmp_path, guest, guest_ram):
     assert np.array_equal(np.fromfile(out / mem, dtype=np.uint8), guest_ram[1])
 
 
+def polled_status(guest: Guest, until: tuple[str, ...], seconds: float, never: str) -> str:
+    """The source's migration status once it is one of ``until`` (asked every
+    50 ms); ``never``: the failure after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while (status := guest.qmp.command("query-migrate")["status"]) not in until:
+        assert time.monotonic() < deadline, never
+        time.sleep(0.05)
+    return str(status)
+
+
 @pytest.fixture(params=QEMUS)
 def traced_guest(request, tmp_path, guest_ram):
     """A source QEMU with the capability return-path, tracing what its return
@@ -188,11 +198,8 @@ def test_a_source_with_switchover_ack_is_acked_and_completes(tmp_path, guest_ram
         guest.qmp.command("cont")
         receiver = Receiver(out)
         guest.migrate(receiver.address)
-        deadline = time.monotonic() + 20    # (its MIGRATION_PASS events keep wait() waiting)
-        while (status := guest.qmp.command("query-migrate")["status"]) not in FINAL:
-            assert time.monotonic() < deadline, "the source never switched over"
-            time.sleep(0.1)
-        assert status == "completed"
+        # (Polled: its MIGRATION_PASS events keep wait() waiting past its timeout.)
+        assert polled_status(guest, FINAL, 20, "the source never switched over") == "completed"
         mem = next(b["file"] for b in receiver.result().manifest["blocks"]
                    if b["idstr"] == "mem")
         assert np.array_equal(np.fromfile(out / mem, dtype=np.uint8),
@@ -214,10 +221,8 @@ def test_a_source_with_a_return_path_fails_when_the_files_cannot_be_committed(
         {"capability": "pause-before-switchover", "state": True}])
     receiver = Receiver(out)
     traced_guest.migrate(receiver.address)
-    deadline = time.monotonic() + 30
-    while traced_guest.qmp.command("query-migrate")["status"] != "pre-switchover":
-        assert time.monotonic() < deadline, "the source never paused before its switchover"
-        time.sleep(0.05)
+    polled_status(traced_guest, ("pre-switchover",), 30,
+                  "the source never paused before its switchover")
     (out / "manifest.json").write_text("someone else's\n")
     traced_guest.qmp.command("migrate-continue", state="pre-switchover")
     with pytest.raises(MigrationError, match="manifest.json appeared while the migration was "

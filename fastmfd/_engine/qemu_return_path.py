@@ -10,9 +10,9 @@ messages: :mod:`fastmfd.protocol.qemu_return_path`).
   end): the source's migration fails, and its guest goes on running there.
 - As the source (``send --qemu``, :class:`ReturnPathWatch`): every migration
   opens one, as a QEMU source with ``return-path`` does, and is done only at
-  the destination's SHUT 0. Without it, a destination that failed at the
-  stream's last bytes (its device sections' end, read whole into its buffer)
-  closed the connection as one that had loaded them.
+  the destination's SHUT 0. Without it, a destination that failed having read
+  the whole stream (behind a TCP relay, which reads it all; or at its last
+  bytes) closed the connection as one that had loaded it.
 
 The answers are a few bytes each, sent without waiting: a source that reads
 none of them (its socket buffer full) fails the migration, it never holds
@@ -55,8 +55,7 @@ class ReturnPathAnswers:
         of the ``machine`` type. fastmfd has no device to make ready, so it acks the
         switchover at once, as a QEMU destination with ``switchover-ack`` and no
         such device does, if the source surely knows the message: one with
-        ``switchover-ack`` never switches over without it, and iterated until
-        cancelled."""
+        ``switchover-ack`` and a running guest never switches over without it."""
         if self.sock is None:
             self.sock = sock
             if knows_switchover_ack(machine):
@@ -66,19 +65,17 @@ class ReturnPathAnswers:
         """Answer a PING of ``value``."""
         self._say(encode_rp_pong(value))
 
-    def confirm(self) -> bool:
-        """SHUT 0: every file is committed and durable. False (and a warning) if
-        the source can no longer be told: the files are complete, but the source
-        QEMU reports its migration failed, and its guest may go on running there."""
+    def confirm(self) -> None:
+        """SHUT 0: every file is committed and durable. A source that can no longer
+        be told gets a warning, not an error: the files are complete, but the
+        source QEMU reports its migration failed, and its guest may run on there."""
         if self.sock is None or self.shut:
-            return True
+            return
         try:
             self._say(encode_rp_shut(failed=False), last=True)
-            return True
         except MigrationError as exc:
             log.warning("%s; the files are complete, but the source QEMU was not told: it "
                         "reports its migration failed, and its guest may run on there", exc)
-            return False
 
     def refuse(self) -> None:
         """SHUT 1, if the source still listens: this migration failed."""

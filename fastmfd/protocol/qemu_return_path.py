@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 import struct
+from typing import NoReturn
 
 from ..errors import ProtocolError
 
@@ -107,6 +108,6 @@ class ReturnPathDecoder:
                 self.shut = value
         self.pending = buf[at:]
 
-    def _refuse(self, what: str, field: str, received: object, expected: object) -> None:
+    def _refuse(self, what: str, field: str, received: object, expected: object) -> NoReturn:
         raise ProtocolError(what, field=field, received=received,
                             expected=expected, where=self.where)
