@@ -333,6 +333,17 @@ def test_the_wait_for_the_destination_to_close_has_one_deadline(tmp_path, qemu72
         listener.close()
 
 
+def saved_with_an_unknown_device(tmp_path, qemu_binary: str):
+    """A guest saved (2 channels), its first device section renamed "Timer": a
+    device no destination has, which QEMU fails to load ("Unknown savevm section")."""
+    saved, _ = saved_guest(tmp_path, 2, "none", qemu_binary)
+    vmstate = saved / "vmstate.bin"
+    data = bytearray(vmstate.read_bytes())
+    data[data.index(b"timer")] = ord("T")   # the first device section's idstr
+    vmstate.write_bytes(bytes(data))
+    return saved
+
+
 @pytest.mark.parametrize("answers, match", [
     (b"", "closed the connection without saying it had loaded the stream "
           r"\(no SHUT on its return path\): its load failed"),
@@ -402,11 +413,7 @@ def test_a_destination_behind_a_relay_that_fails_to_load_fails_the_send(tmp_path
     device section does not reset the send's connection: the relay has read the
     stream whole, and ends it with a FIN. The send said it succeeded; now the
     missing SHUT 0 fails it (QEMU 10 even says SHUT 1)."""
-    saved, _ = saved_guest(tmp_path, 2, "none", qemu_binary)
-    vmstate = saved / "vmstate.bin"
-    data = bytearray(vmstate.read_bytes())
-    data[data.index(b"timer")] = ord("T")   # a device the destination does not have
-    vmstate.write_bytes(bytes(data))
+    saved = saved_with_an_unknown_device(tmp_path, qemu_binary)
     guest, _, address = incoming_guest(tmp_path, 2, "none", qemu_binary)
     relay = Proxy(channel_header=False)
     try:
@@ -495,12 +502,7 @@ def test_a_destination_that_fails_to_load_the_devices_fails_the_send(tmp_path, q
     failed"), with the rest of the stream unread: the send said it succeeded. It
     now waits for the destination's word: a reset says the load failed (from the
     durability audit), and so does QEMU 10's SHUT 1 where it comes first."""
-    saved, _ = saved_guest(tmp_path, 2, "none", qemu_binary)
-    vmstate = saved / "vmstate.bin"
-    data = bytearray(vmstate.read_bytes())
-    first = data.index(b"timer")            # the first device section's idstr
-    data[first] = ord("T")                  # a device the destination does not have
-    vmstate.write_bytes(bytes(data))
+    saved = saved_with_an_unknown_device(tmp_path, qemu_binary)
     guest, _, address = incoming_guest(tmp_path, 2, "none", qemu_binary)
     try:
         # (Or it fails as it sends, if the reset comes before its last byte.)
