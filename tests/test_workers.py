@@ -16,9 +16,9 @@ from fastmfd.tools.loopback import LoopbackMigration
 from fastmfd.protocol.sockets import tune_main_socket
 from fastmfd.errors import ConfigError, MigrationError
 from fastmfd.shm import list_segments
-from fastmfd._engine.processes import ChildSet, child_setup
+from fastmfd._engine.processes import ChildSet, child_setup, run_child
 from fastmfd._engine.workers import recv_worker_main, send_worker_main
-from fastmfd.protocol.control import Ready
+from fastmfd.protocol.control import Drained, Ready
 from migration_support import make_region
 from proc_scan import alive
 
@@ -58,6 +58,30 @@ def test_a_worker_that_dies_before_ready_is_named_with_its_exit():
         ChildSet(_exits_at_once, ["early"])
     assert info.value.channel == "early"
     assert "exited with status 0" in str(info.value)
+
+
+def _fails_in_its_session(conn):
+    def body(pipe, params, stack):
+        raise ValueError("the cause it reported")
+    run_child(conn, body)
+
+
+def test_a_worker_that_reported_its_failure_and_exited_is_judged_by_its_report():
+    """A child reports its failure, then exits 1. Whoever finds it dead (a send to it
+    breaking its pipe, a check that it is alive) must raise the failure it reported:
+    a send of Drained to a reassembly process that had just failed said "the worker
+    process exited with status 1" and hid the device's error (a CI run)."""
+    workers = ChildSet(_fails_in_its_session, ["failing"])
+    try:
+        child = workers[0]
+        child.start_session(None, [])
+        child.process.join(30)
+        assert child.exitcode == 1
+        with pytest.raises(MigrationError, match="ValueError: the cause it reported") as info:
+            child.send(Drained())
+        assert info.value.channel == "failing"
+    finally:
+        workers.stop()
 
 
 def test_the_main_channel_sends_small_messages_at_once():

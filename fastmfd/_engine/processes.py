@@ -268,6 +268,13 @@ class Child:
         return error
 
     def death_error(self) -> MigrationError:
+        """The error of a child found dead: the failure it reported before it exited if
+        that is still in the pipe (a child reports, then exits 1), else its exit."""
+        try:
+            while self.next_report() is not None:
+                pass
+        except MigrationError as reported:
+            return reported
         return MigrationError(f"the worker process {describe_exit(self.exitcode)}"
                               + self._explained(), channel=self.name)
 
