@@ -250,6 +250,7 @@ class QemuSending:
             # each ZERO record in its main thread, after the pages): workers beside
             # it at its own priority held that thread off the CPU until they were done.
             yield_cpu=True,
+            holes_listed=True,              # _send_region learns them (FileHoles)
             mailbox=self.mailbox_shm.name, mailbox_row=ch, job_pages=self.job_pages,
             selector=self.selector.name, selector_index=ch,
             layout=_core.LAYOUT_CURRENT if zeros_listed else _core.LAYOUT_QEMU72)

@@ -85,7 +85,9 @@ class SendParams(ChannelParams):
     """A send worker's session: it opens its connection (``security``, then the
     init packet ``hello`` and the shared-key proof for ``uuid``), takes commands
     from a pipe and pages from its row of the mailbox, and marks itself idle in
-    the channel selector."""
+    the channel selector. With ``holes_listed``, the main process has found the
+    pages in the holes of the regions' files: its jobs mark them KNOWN_ZERO_PAGE or
+    leave them out, and the worker does not look for holes itself."""
     hello: bytes
     uuid: bytes
     security: ChannelSecurity
@@ -99,6 +101,7 @@ class SendParams(ChannelParams):
     rate: float = 0.0                       # bytes/s this channel may send (0: no cap)
     layout: str = "current"                 # RAM header layout: "current" or "qemu-7.2"
     yield_cpu: bool = False                 # a peer on this host: run at the lowest priority
+    holes_listed: bool = False              # the jobs say which pages lie in holes
 
 
 @dataclass(frozen=True)
