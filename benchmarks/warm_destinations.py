@@ -60,7 +60,7 @@ def one_run(image: Image, config: fastmfd.MigrationConfig, mode: str,
         cpu = meter.stop()
         result = box["result"]
         region = result.regions[image.region.name]
-        if not image.matches(region.buffer):
+        if not image.matches(region):
             raise SystemExit(f"{mode}: the destination's region differs from the image")
         del region
         return {"seconds": seconds, "prealloc": result.stats.prealloc_time_s or 0.0,

@@ -44,6 +44,7 @@ from multiprocessing import resource_tracker
 
 from .errors import ConfigError
 from .safe_path import safe_import_path
+from .units import format_bytes
 
 __all__ = ["SharedMemory", "SHM_DIR", "SEGMENT_PREFIX", "HUGE_PAGE", "list_segments",
            "start_tracker", "map_file", "mapped_view",
@@ -131,8 +132,10 @@ def check_room(size: int, what: str) -> None:
     """ConfigError unless ``/dev/shm`` has room for ``size`` more bytes of ``what``."""
     free = free_bytes()
     if size > free:
-        raise ConfigError(f"{what} needs {size} bytes of shared memory, {SHM_DIR} has "
-                          f"{free} free")
+        raise ConfigError(f"{what} needs {format_bytes(size)} of shared memory and {SHM_DIR} "
+                          f"has {format_bytes(free)} free: free some, or give it more (a "
+                          f"container's is 64 MiB unless started with a larger one, e.g. "
+                          f"docker run --shm-size=4g)")
 
 
 # A -W option for the tracker's process only: the UserWarnings its module prints there

@@ -16,6 +16,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import fastmfd
@@ -118,6 +119,86 @@ def test_a_setup_larger_than_the_free_shm_is_refused_before_allocating():
     assert "regions: []" in done.stdout, done.stdout
     assert "holds at most" in done.stdout and "/dev/shm has free" in done.stdout
     assert "'error': 'the source sends 251658240 bytes of regions" in done.stdout, done.stdout
+
+
+@needs_namespace
+def test_the_demo_fits_a_64_mib_shm():
+    """`fastmfd demo` on its defaults in a container: it refused its 1 GiB image
+    ("needs 1073741824 bytes of shared memory"); given a smaller one, its device-state
+    experiment died of a SIGBUS filling its RAM. Now the image fits, and the experiment
+    that cannot is left out, saying why."""
+    done = run_with_small_shm("""
+        import sys
+        from fastmfd.tools.cli import main
+        if __name__ == "__main__":
+            sys.exit(main(["demo"]))
+    """)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    said = " ".join(done.stdout.split())
+    assert "Image: 16.0 MiB in shared memory (less than 1.00 GiB: /dev/shm has" in said, said
+    assert "identical to the source's final content" in said, said
+    assert "The device-state experiment is left out: it needs 384 MiB of /dev/shm" in said, said
+
+
+@needs_namespace
+def test_an_image_too_large_for_what_shm_has_left_is_a_clean_error():
+    """An image is filled through its mapping: where /dev/shm ran out, that was a SIGBUS
+    (the demo's device-state experiment in a container); now it is populated first."""
+    done = run_with_small_shm("""
+        import fastmfd
+        from fastmfd.regions import Region
+        from fastmfd.tools.images import fill_image
+        if __name__ == "__main__":
+            first, second = Region.create("first", 48 << 20), Region.create("second", 32 << 20)
+            fill_image(first, "random")
+            try:
+                fill_image(second, "halftext")
+            except fastmfd.FastMFDError as exc:
+                print("refused:", exc)
+            first.close()
+            second.close()
+    """)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "refused: the image: no memory to write into" in done.stdout, done.stdout
+
+
+@needs_namespace
+def test_a_region_larger_than_shm_has_free_is_refused_in_words():
+    done = run_with_small_shm("""
+        import fastmfd
+        if __name__ == "__main__":
+            try:
+                fastmfd.Region.create("ram", 1 << 30)
+            except fastmfd.ConfigError as exc:
+                print(exc)
+    """)
+    assert done.stdout.strip() == (
+        "region 'ram' needs 1.00 GiB of shared memory and /dev/shm has 64.0 MiB free: free "
+        "some, or give it more (a container's is 64 MiB unless started with a larger one, "
+        "e.g. docker run --shm-size=4g)"), done.stdout + done.stderr[-3000:]
+
+
+def test_checking_a_sparse_region_takes_no_memory_for_its_holes(leaks):
+    """The demo and the bench check a destination's region against the source's
+    image: through its mapping, each zero page (a hole) was allocated to be read,
+    twice the memory, and in a /dev/shm with no room left a SIGBUS (the demo's
+    device-state experiment with 256 MiB free)."""
+    from fastmfd.tools.images import region_holds
+    region = fastmfd.Region.create("ram", 16 * MIB)
+    try:
+        expected = np.zeros(16 * MIB, dtype=np.uint8)
+        expected[5 * 4096:6 * 4096] = 7
+        region.array[5 * 4096:6 * 4096] = 7
+        with region.open_file() as file:
+            allocated = os.fstat(file.fileno()).st_blocks * 512
+            assert allocated == 4096
+            assert region_holds(region, expected)
+            assert os.fstat(file.fileno()).st_blocks * 512 == allocated
+        expected[-1] = 1
+        assert not region_holds(region, expected)               # the last byte differs
+        assert not region_holds(region, expected[:-4096])       # the region is longer
+    finally:
+        region.close()
 
 
 # ---------------------------------------------------------------- filling up mid-transfer

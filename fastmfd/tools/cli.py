@@ -288,8 +288,9 @@ def _build_parser() -> _Parser:
 
     p = add_command("demo", help="a live migration on this machine, then the seed's "
                                  "device-state downtime experiment")
-    p.add_argument("--size", type=whole_pages, default=1 << 30,
-                   help="image size (default 1G)")
+    p.add_argument("--size", type=whole_pages, default=None,
+                   help="image size (default 1G, or where /dev/shm has less room, as in a "
+                        "container, the largest power of two that leaves a third of it free)")
     p.add_argument("--channels", type=positive_int, default=2,
                    help="multifd channels (default 2)")
     p.add_argument("--compression", choices=COMPRESSION_METHODS, default="none",

@@ -2,10 +2,11 @@
 downtime experiment.
 
 Part 1 — live migration. A 1 GiB image (half zero pages, the rest text and
-random pages) in shared memory; a separate *workload* process keeps
-rewriting pages and marking them dirty while the source iterates; when the
-remaining dirty pages fit the downtime limit the source stops the workload
-(``on_stop``), sends the last pages and completes. The destination's copy
+random pages; smaller where /dev/shm has less room, as in a container) in
+shared memory; a separate *workload* process keeps rewriting pages and
+marking them dirty while the source iterates; when the remaining dirty pages
+fit the downtime limit the source stops the workload (``on_stop``), sends the
+last pages and completes. The destination's copy
 is compared with the source's final content.
 
 Part 2 — the experiment of the patch series *Multifd device state transfer
@@ -31,10 +32,11 @@ from rich.table import Table
 
 from ..config import MigrationConfig
 from ..devices import SyntheticDevice, VerifyLoader
-from .images import fill_image
+from .images import fill_image, region_holds
 from .loopback import NO_SECURITY, LoopbackSecurity, migrate_locally
 from ..protocol.control import RegionHandle
 from ..regions import Region
+from ..shm import SHM_DIR, free_bytes
 from ..stats import MigrationStats
 from .report import stats_table
 from ..units import format_bytes, format_rate
@@ -89,11 +91,41 @@ class Workload:
         self._process.join()
 
 
-def live_migration(console: Console, size: int, config: MigrationConfig,
+DEMO_SIZE = 1 << 30
+SMALLEST_FITTED = 16 * MiB
+
+
+# The device-state experiment's destination keeps the chunks that arrive ahead of
+# their turn over its four channels in /dev/shm: with less free than this, its cap on
+# them shrinks below what the channels carry ahead, and the experiment fails (with
+# 128 MiB free it did, with 256 MiB it passed).
+SEED_SHM_NEEDED = 384 * MiB
+
+
+def fitted_size(free: int) -> int:
+    """The image's size where none was asked for: DEMO_SIZE, or, where /dev/shm has
+    ``free`` bytes too few for it (a container's is 64 MiB unless started with more),
+    the largest power of two that leaves a third of them (the source's and the
+    destination's copies take the rest), down to SMALLEST_FITTED."""
+    size = DEMO_SIZE
+    while 3 * size > free and size > SMALLEST_FITTED:
+        size //= 2
+    return size
+
+
+def live_migration(console: Console, size: int | None, config: MigrationConfig,
                    security: LoopbackSecurity = NO_SECURITY) -> bool:
+    """The live migration of an image of ``size`` bytes (None: :func:`fitted_size`)."""
     console.rule("[bold]Live migration")
-    console.print(f"Image: {format_bytes(size)} in shared memory, half zero pages, a quarter "
-                  f"text, a quarter random; a workload process keeps rewriting pages"
+    fitted = ""
+    if size is None:
+        free = free_bytes()
+        size = fitted_size(free)
+        if size < DEMO_SIZE:
+            fitted = (f" (less than {format_bytes(DEMO_SIZE)}: {SHM_DIR} has "
+                      f"{format_bytes(free)} free; --size chooses)")
+    console.print(f"Image: {format_bytes(size)} in shared memory{fitted}, half zero pages, a "
+                  f"quarter text, a quarter random; a workload process keeps rewriting pages"
                   + (f"; channels protected by {security.label}." if security.label else "."))
     region = Region.create("pc.ram", size, page_size=config.page_size)
     workload = None
@@ -102,7 +134,7 @@ def live_migration(console: Console, size: int, config: MigrationConfig,
         workload = Workload(region)
         result = migrate_locally(
             config, [region], live=True, on_stop=workload.stop, progress=True,
-            check=lambda dst: bool(np.array_equal(dst.regions["pc.ram"].array, region.array)),
+            check=lambda dst: region_holds(dst.regions["pc.ram"], region.array),
             security=security)
     finally:
         if workload is not None:
@@ -141,7 +173,7 @@ def _migrate_devices(config: MigrationConfig, ndevices: int, device_size: int,
                    for i, d in enumerate(devices)}
         result = migrate_locally(
             config, [region], devices=devices, loaders=loaders, live=True,
-            check=lambda dst: bool(np.array_equal(dst.regions["pc.ram"].array, region.array)),
+            check=lambda dst: region_holds(dst.regions["pc.ram"], region.array),
             security=security)
     finally:
         region.close()
@@ -190,15 +222,20 @@ def seed_experiment(console: Console, *, ndevices: int = 4, device_size: int = 1
     return results
 
 
-def run_demo(*, size: int = 1 << 30, config: MigrationConfig | None = None,
+def run_demo(*, size: int | None = None, config: MigrationConfig | None = None,
              devices: bool = True, device_size: int = 100 * MiB, rate: float = 200 * MiB,
              console: Console | None = None, security: LoopbackSecurity = NO_SECURITY) -> bool:
-    """Run both parts (the live migration with ``config``, default 2 channels);
-    True when the destination matched the source."""
+    """Run both parts (the live migration of ``size`` bytes, default 1 GiB or what
+    /dev/shm fits, with ``config``, default 2 channels); True when the destination
+    matched the source."""
     console = console or Console()
     started = time.monotonic()
     ok = live_migration(console, size, config or MigrationConfig(channels=2), security)
-    if devices:
+    if devices and (free := free_bytes()) < SEED_SHM_NEEDED:
+        console.print(f"[yellow]The device-state experiment is left out: it needs "
+                      f"{format_bytes(SEED_SHM_NEEDED)} of {SHM_DIR}, which has "
+                      f"{format_bytes(free)} free (a container: docker run --shm-size=1g).")
+    elif devices:
         seed_experiment(console, device_size=device_size, rate=rate, security=security)
     console.print(f"[dim]demo finished in {time.monotonic() - started:.1f} s")
     return ok

@@ -22,7 +22,7 @@ the same bytes without copying them::
 
 from __future__ import annotations
 
-import mmap
+import io
 import os
 import shutil
 import tempfile
@@ -62,6 +62,9 @@ def fill_image(region: Fillable, kind: str, seed: int = 0) -> None:
         raise ValueError(f"unknown image kind {kind!r}; choose one of {IMAGE_KINDS}")
     page_size = region.page_size
     pages = region.array.reshape(-1, page_size)
+    # Every page is written below: allocated first, so that a /dev/shm too full for
+    # them is a clean error here, not a SIGBUS halfway through.
+    _core.populate(region.array.reshape(-1), "the image")
     if kind == "zero":
         pages[:] = 0
         return
@@ -78,6 +81,28 @@ def fill_image(region: Fillable, kind: str, seed: int = 0) -> None:
     for start in range(0, len(rows), len(corpus)):   # one corpus-sized batch at a time
         batch = rows[start:start + len(corpus)]
         pages[batch] = corpus[:len(batch)]
+
+
+def file_holds(file: io.RawIOBase, expected: npt.NDArray[np.uint8]) -> bool:
+    """True when ``file`` holds exactly ``expected``'s bytes, read from where it is.
+
+    Read, not mapped: a hole of a sparse file on tmpfs (a destination's zero page)
+    reads as zeros and takes no memory, where a read through a mapping allocates the
+    page, and is a SIGBUS where /dev/shm is full."""
+    chunk = np.empty(min(_COMPARE_CHUNK, max(1, len(expected))), dtype=np.uint8)
+    at = 0
+    while at < len(expected):
+        got = file.readinto(chunk.data[:len(expected) - at])
+        if not got or not np.array_equal(chunk[:got], expected[at:at + got]):
+            return False
+        at += got
+    return not file.read(1)
+
+
+def region_holds(region: Region, expected: npt.NDArray[np.uint8]) -> bool:
+    """:func:`file_holds` of ``region``'s file."""
+    with region.open_file() as file:
+        return file_holds(file, expected)
 
 
 def english_like_text(nbytes: int, seed: int = 0) -> np.ndarray:
@@ -170,14 +195,14 @@ class Image:
         os.unlink(path)
         return path
 
-    def matches(self, data: Buffer | str | os.PathLike[str]) -> bool:
-        """True when ``data`` (a buffer or a file path) holds exactly the image's bytes."""
+    def matches(self, data: Buffer | Region | str | os.PathLike[str]) -> bool:
+        """True when ``data`` (a buffer, a region, or a file path) holds exactly the
+        image's bytes. A region or a file is read, not mapped (see :func:`file_holds`)."""
+        if isinstance(data, Region):
+            return region_holds(data, self.region.array)
         if isinstance(data, (str, os.PathLike)):
-            if os.path.getsize(data) != self.size:
-                return False
-            with open(data, "rb") as file, \
-                    mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-                return self._same(memoryview(mapped))
+            with open(data, "rb", buffering=0) as file:
+                return file_holds(file, self.region.array)
         return self._same(memoryview(data))
 
     def _same(self, view: memoryview) -> bool:

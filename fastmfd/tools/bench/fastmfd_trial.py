@@ -85,7 +85,7 @@ class FastmfdTrial:
     def finish(self) -> dict[tuple[str, int], object]:
         """Check the destination holds the image; return the loaders' results; free all."""
         def check(result: DestinationResult) -> dict[tuple[str, int], object]:
-            if not self.image.matches(result.regions[self.image.region.name].buffer):
+            if not self.image.matches(result.regions[self.image.region.name]):
                 raise MigrationError(f"the destination's region differs from the "
                                      f"{self.image.kind} image")
             return result.devices
