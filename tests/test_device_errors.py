@@ -23,6 +23,7 @@ from device_support import (BlockedDevice, BrokenDevice, BrokenLoader, ChunkRewr
                             FinishingLoader, HangingDevice, HangingLoader, LockedLoader,
                             MiscountingDevice,
                             HoldFirstChunks, OddDevice, StallingDevice, at_idx)
+from fastmfd._engine.reassembly import plan_pool
 from fastmfd.protocol.main_channel import Msg
 from migration_support import (Delay, Migration, OnMessage, Outcome, Proxy, Trigger,
                                make_region)
@@ -32,11 +33,12 @@ DEVICE = ("dev", 0)
 CHUNKS = 16                 # data chunks of DEVICE; chunk idx 16 is the last (empty)
 
 
-def migrate(config=CONFIG, proxy=None, devices=None, loaders=None, timeout=60.0) -> Outcome:
+def migrate(config=CONFIG, proxy=None, devices=None, loaders=None, timeout=60.0,
+            **destination_options) -> Outcome:
     region = make_region("ram", 1 << 20, seed=5)
     before = region.array.copy()
     try:
-        with Migration(config, proxy=proxy) as m:
+        with Migration(config, proxy=proxy, **destination_options) as m:
             m.source.add_region(region)
             for device in devices or [
                     fastmfd.BytesDevice(*DEVICE, np.random.default_rng(1).bytes(CHUNKS * 4096)),
@@ -119,6 +121,25 @@ def test_out_of_order_bytes_over_the_cap(leaks):
     check_fault(outcome, proxy,
           r"dev/0: 5 chunks queued out of order would hold 20480 bytes of buffer, more than "
           r"max_queued_bytes \(16384\); waiting for chunk idx 0")
+
+
+def test_a_cap_cut_to_fit_the_memory_left_says_so(leaks):
+    """The session's max_queued_bytes (256 MiB by default) is cut where the pool would
+    not fit the memory left (max_memory here; a container's small /dev/shm alike). The
+    error named a max_queued_bytes nobody had set (the demo's device-state experiment
+    in a 64 MiB /dev/shm: "more than max_queued_bytes (2097152)")."""
+    left = 64 * 1024            # for the pool, beside the 1 MiB region
+    cap, _ = plan_pool(1, CONFIG.max_queued_bytes, CONFIG.device_chunk_size,
+                       CONFIG.channels, left)
+    assert 4096 <= cap < 32 * 4096
+    log: list = []
+    proxy = Proxy({ch: HoldFirstChunks(CONFIG, 3.0, ch, log) for ch in range(CONFIG.channels)})
+    outcome = migrate(CONFIG, proxy=proxy, max_memory=(1 << 20) + left,
+                      devices=[fastmfd.BytesDevice(*DEVICE, bytes(64 * 4096))])
+    check_fault(outcome, proxy,
+          rf"dev/0: \d+ chunks queued out of order would hold \d+ bytes of buffer, more than "
+          rf"max_queued_bytes \({cap}, cut from {CONFIG.max_queued_bytes} to what the memory "
+          rf"left for device-state buffers holds: max_memory, or what /dev/shm has free\)")
 
 
 def test_tiny_chunks_out_of_order_hit_the_cap_not_a_full_pool(leaks):

@@ -84,6 +84,7 @@ class DeviceLoading:
         # budget (a smaller out-of-order cap if need be), and sparse: a slot takes
         # memory when a chunk first arrives in it, and then all of it (populated
         # whole, so that a full /dev/shm is an error rather than a SIGBUS).
+        wanted = cap
         cap, nslots = plan_pool(len(setup.devices), cap, chunk_size,
                                 setup.total_channels, budget)
         self.pool = parts.resources.own(_core.BufferPool.create(nslots, slot_size,
@@ -95,7 +96,8 @@ class DeviceLoading:
         try:
             self._reassembly.start_session(
                 ReassemblyParams(self.pool.name, cap, loaders, setup.config_after_ram,
-                                 parts.stall_timeout or setup.stall_timeout), [desc_r])
+                                 parts.stall_timeout or setup.stall_timeout,
+                                 cap_cut_from=wanted if cap < wanted else 0), [desc_r])
         except (TypeError, pickle.PicklingError) as exc:
             raise _whose_loader(loaders) or exc
         finally:

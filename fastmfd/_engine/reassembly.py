@@ -96,8 +96,10 @@ def plan_pool(ndevices: int, max_queued_bytes: int, chunk_size: int, nchannels: 
 class _DeviceStream:
     """One device's chunks between arrival and loading."""
 
-    def __init__(self, index: int, name: str, loader: Loader, cap: int, chunk_size: int) -> None:
+    def __init__(self, index: int, name: str, loader: Loader, cap: int, chunk_size: int,
+                 cap_cut_from: int = 0) -> None:
         self.index, self.name, self.loader, self.cap = index, name, loader, cap
+        self.cap_cut_from = cap_cut_from    # max_queued_bytes before the pool's room cut it
         self.chunk_size = chunk_size    # what a queued chunk counts against the cap
         self.pending: dict[int, tuple[int, int, int]] = {}   # idx -> (slot, length, flags)
         self.contiguous = 0         # every idx below this has arrived
@@ -112,6 +114,13 @@ class _DeviceStream:
         self.seconds = 0.0
         self.calling: tuple[str, float] | None = None   # the loader's call under way, since
         self.reported: str | None = None                # the slow call reported (LoaderBusy)
+
+    def _cap_said(self) -> str:
+        if not self.cap_cut_from:
+            return str(self.cap)
+        # Not the number the user gave, nor the default: where it came from.
+        return (f"{self.cap}, cut from {self.cap_cut_from} to what the memory left for "
+                f"device-state buffers holds: max_memory, or what {SHM_DIR} has free")
 
     def call(self, what: str, hook: str, *args: object) -> object:
         """The loader's ``hook``, timed (``what`` names it: "load_finish()", ...), so a
@@ -141,8 +150,8 @@ class _DeviceStream:
                 held = self.out_of_order // self.chunk_size + 1
                 raise ValueError(f"{held} chunks queued out of order would hold "
                                  f"{self.out_of_order + self.chunk_size} bytes of buffer, more "
-                                 f"than max_queued_bytes ({self.cap}); waiting for chunk idx "
-                                 f"{self.contiguous}")
+                                 f"than max_queued_bytes ({self._cap_said()}); waiting for chunk "
+                                 f"idx {self.contiguous}")
             if flags & _core.CHUNK_FLAG_LAST:
                 self.last = idx
             self.pending[idx] = (slot, length, flags)
@@ -186,7 +195,8 @@ class _Reassembler:
         self.desc_fd = desc_fd
         self.pool = _core.BufferPool.attach(params.pool)
         chunk_size = self.pool.slot_size - CHUNK_HEADER
-        self.devices = [_DeviceStream(i, name, loader, params.max_queued_bytes, chunk_size)
+        self.devices = [_DeviceStream(i, name, loader, params.max_queued_bytes, chunk_size,
+                                      params.cap_cut_from)
                         for i, (name, loader) in enumerate(params.loaders)]
         self.stop = threading.Event()
         self.config_after_ram = params.config_after_ram

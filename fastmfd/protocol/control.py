@@ -145,6 +145,7 @@ class ReassemblyParams:
     loaders: tuple[tuple[str, Any], ...]
     config_after_ram: bool = False          # hold config chunks until RamLoaded
     stall_timeout: float = 30.0             # a loader's call slower than half is reported
+    cap_cut_from: int = 0                   # max_queued_bytes before the pool's room cut it
 
 
 # ---------------------------------------------------------------- reports
