@@ -6,8 +6,8 @@ random pages; smaller where /dev/shm has less room, as in a container) in
 shared memory; a separate *workload* process keeps rewriting pages and
 marking them dirty while the source iterates; when the remaining dirty pages
 fit the downtime limit the source stops the workload (``on_stop``), sends the
-last pages and completes. The destination's copy
-is compared with the source's final content.
+last pages and completes. The destination's copy is compared with the source's
+final content.
 
 Part 2 — the experiment of the patch series *Multifd device state transfer
 support with VFIO consumer*: four devices of 100 MiB whose state can only be
