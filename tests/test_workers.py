@@ -84,6 +84,39 @@ def test_a_worker_that_reported_its_failure_and_exited_is_judged_by_its_report()
         workers.stop()
 
 
+def _reports_its_failure_then_exits_slowly(conn):
+    """A child that reports its failure and closes its pipe, and whose exit is not
+    known for a while (as when the forkserver, which reports it, is slow to run)."""
+    def body(pipe, params, stack):
+        try:
+            raise ValueError("the cause it reported")
+        except ValueError as exc:
+            pipe.report_failure(exc)
+        pipe.conn.close()
+        time.sleep(30)
+    run_child(conn, body)
+
+
+def test_a_worker_whose_pipe_broke_is_judged_by_its_report_before_its_exit_is_known():
+    """A send to a child that reported its failure and closed its end of the pipe
+    raises that failure at once, without waiting for its exit status (it waited a
+    second for it, then said "cannot reach the process: Broken pipe")."""
+    workers = ChildSet(_reports_its_failure_then_exits_slowly, ["failing"])
+    try:
+        child = workers[0]
+        child.start_session(None, [])
+        deadline = time.monotonic() + 30
+        with pytest.raises(MigrationError, match="ValueError: the cause it reported") as info:
+            while time.monotonic() < deadline:      # until its end of the pipe is closed
+                child.send(Drained())
+                time.sleep(0.01)
+        assert info.value.channel == "failing"
+        assert child.exitcode is None, "it exited: not the case this test makes"
+    finally:
+        workers.kill()
+        workers.stop()
+
+
 def test_the_main_channel_sends_small_messages_at_once():
     """ROUND_END, COMPLETE and LOADED are small: Nagle's algorithm would hold each
     one for the peer's delayed ACK (~40 ms per answer)."""

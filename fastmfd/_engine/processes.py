@@ -245,17 +245,23 @@ class Child:
         try:
             self.conn.send_bytes(control_pickling.dumps(message))
         except OSError as exc:
-            raise self._lost(exc) from None
+            raise self.lost(exc) from None
 
     def send_fds(self, fds: list[int]) -> None:
         try:
             for fd in fds:
                 reduction.send_handle(self.conn, fd, self.process.pid)
         except OSError as exc:
-            raise self._lost(exc) from None
+            raise self.lost(exc) from None
 
-    def _lost(self, exc: OSError) -> MigrationError:
-        """A broken pipe means the child is gone: say what became of it."""
+    def lost(self, exc: OSError) -> MigrationError:
+        """A pipe to the child that broke (its control pipe, or one only it reads)
+        means it is gone: say what became of it. Its exit may not be known yet (the
+        forkserver reports it, late on a loaded machine), while the failure it
+        reported before exiting already is, in its pipe."""
+        reported = self.reported_failure()
+        if reported is not None:
+            return reported
         self.process.join(1)
         if self.exitcode is not None:
             return self.death_error()
@@ -267,13 +273,21 @@ class Child:
         error.__cause__ = RemoteTraceback(report.traceback)
         return error
 
-    def death_error(self) -> MigrationError:
-        """The error of a child found dead: the failure it reported before it exited if
-        that is still in the pipe (a child reports, then exits 1), else its exit."""
+    def reported_failure(self) -> MigrationError | None:
+        """The failure the child reported, if it waits in the pipe; asked on a failure's
+        path only: the other reports read on the way are dropped."""
         try:
             while self.next_report() is not None:
                 pass
         except MigrationError as reported:
+            return reported
+        return None
+
+    def death_error(self) -> MigrationError:
+        """The error of a child found dead: the failure it reported before it exited if
+        that is still in the pipe (a child reports, then exits 1), else its exit."""
+        reported = self.reported_failure()
+        if reported is not None:
             return reported
         return MigrationError(f"the worker process {describe_exit(self.exitcode)}"
                               + self._explained(), channel=self.name)
