@@ -12,7 +12,11 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
+import sys
+import textwrap
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -25,6 +29,7 @@ from device_support import (BlockedDevice, BrokenDevice, BrokenLoader, ChunkRewr
                             HoldFirstChunks, OddDevice, StallingDevice, at_idx)
 from fastmfd._engine.reassembly import plan_pool
 from fastmfd.protocol.main_channel import Msg
+from proc_scan import process_tree
 from migration_support import (Delay, Migration, OnMessage, Outcome, Proxy, Trigger,
                                make_region)
 
@@ -402,3 +407,106 @@ def test_a_loader_that_does_not_pickle_is_named(leaks):
     check(outcome, outcome.started,
           r"TypeError: the loader of device bystander/0: cannot pickle "
           r"'_thread.lock' object")
+
+
+_STOPPED_WHEN_ITS_LOADER_FAILS = textwrap.dedent("""
+    import os
+    import signal
+    import fastmfd
+
+    class StopsItsOwnerThenRejects:
+        # Stops the destination's main process (SIGSTOP), then rejects its first
+        # chunk: the reassembly process reports that and exits while the main
+        # process looks at nothing (as a loaded machine may leave it).
+        def __init__(self, owner):
+            self.owner = owner
+
+        def load_state_buffer(self, data):
+            os.kill(self.owner, signal.SIGSTOP)
+            raise ValueError("the device rejected its state")
+
+        def load_finish(self):
+            return None
+
+    if __name__ == "__main__":
+        with fastmfd.Destination("tcp:127.0.0.1:0", workers=2) as dst:
+            dst.add_loader("dev", 0, StopsItsOwnerThenRejects(os.getpid()))
+            print(dst.address, flush=True)
+            try:
+                dst.receive()
+            except fastmfd.MigrationError as exc:
+                print("failed:", exc, flush=True)
+            else:
+                print("succeeded", flush=True)
+""")
+
+
+class _TwoChunksApart:
+    """Gives one chunk, then a second once ``release`` is set, then ends."""
+
+    def __init__(self) -> None:
+        self.idstr, self.instance_id = DEVICE
+        self.release = threading.Event()
+        self.reads = 0
+
+    def read_state(self, buf) -> int:
+        self.reads += 1
+        if self.reads == 2:
+            self.release.wait(30)
+        if self.reads > 2:
+            return 0
+        buf[:100] = b"d" * 100
+        return 100
+
+
+def _stopped(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] == "T"
+
+
+def _reassembly_running(pid: int) -> bool:
+    for child in process_tree(pid):
+        try:
+            with open(f"/proc/{child}/comm") as f:
+                if f.read().startswith("fastmfd reasm"):
+                    return True
+        except FileNotFoundError:
+            pass
+    return False
+
+
+def test_an_old_way_chunk_for_a_reassembly_process_gone_names_its_failure(leaks):
+    """The reassembly process reports its loader's error and exits while the
+    destination's main process is held up; then the main channel's next DEVICE_STATE,
+    read first, finds the descriptor pipe broken. The session's error is the one the
+    reassembly process reported, not "Broken pipe" (test_device_raising_with_the_
+    sources_word_late[old] said that under load: its grace for the source's ERROR
+    applies to a failure of the reassembly process, not to a bare broken pipe)."""
+    proc = subprocess.Popen([sys.executable, "-c", _STOPPED_WHEN_ITS_LOADER_FAILS],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        address = proc.stdout.readline().strip()
+        device = _TwoChunksApart()
+        failed: list = []
+        with fastmfd.Source(address, CONFIG.replace(channel_header=False)) as src:
+            src.add_device(device)
+            thread = threading.Thread(target=lambda: failed.append(
+                pytest.raises(fastmfd.MigrationError, src.migrate, live=False)), daemon=True)
+            thread.start()
+            deadline = time.monotonic() + 30
+            while not _stopped(proc.pid) or _reassembly_running(proc.pid):
+                assert time.monotonic() < deadline, "the loader did not stop its owner"
+                time.sleep(0.01)
+            device.release.set()        # the second chunk: a DEVICE_STATE the main reads first
+            while src.status()["device"]["transferred"] < 200:
+                assert time.monotonic() < deadline, "the second chunk was not sent"
+                time.sleep(0.01)
+            os.kill(proc.pid, signal.SIGCONT)
+            thread.join(30)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert out.strip() == ("failed: reassembly: dev/0: loading chunk 0 failed: ValueError: "
+                           "the device rejected its state"), out
+    assert "the device rejected its state" in str(failed[0].value)

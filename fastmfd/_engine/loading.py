@@ -185,7 +185,10 @@ class DeviceLoading:
         self.pool.populate(slot)
         with self.pool.view(slot) as view:
             view[:len(chunk)] = chunk
-        os.write(self.desc_w, _core.pack_descriptor(device, idx, flags, slot, len(chunk), 0))
+        try:
+            os.write(self.desc_w, _core.pack_descriptor(device, idx, flags, slot, len(chunk), 0))
+        except BrokenPipeError as exc:      # only the reassembly process reads it: gone
+            raise self._reassembly.lost(exc) from None
         self.old_way_chunks += 1
         self.old_way_bytes += len(chunk)
 
