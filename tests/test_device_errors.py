@@ -464,42 +464,50 @@ def _stopped(pid: int) -> bool:
         return f.read().rsplit(")", 1)[1].split()[0] == "T"
 
 
-def _reassembly_running(pid: int) -> bool:
+def _running(pid: int, title: str) -> int:
+    """How many processes under ``pid`` have a short title (comm) starting with ``title``."""
+    count = 0
     for child in process_tree(pid):
         try:
             with open(f"/proc/{child}/comm") as f:
-                if f.read().startswith("fastmfd reasm"):
-                    return True
+                count += f.read().startswith(title)
         except FileNotFoundError:
             pass
-    return False
+    return count
 
 
-def test_an_old_way_chunk_for_a_reassembly_process_gone_names_its_failure(leaks):
+@pytest.mark.parametrize("way", ["old", "new"])
+def test_a_chunk_for_a_reassembly_process_gone_names_its_failure(leaks, way):
     """The reassembly process reports its loader's error and exits while the
-    destination's main process is held up; then the main channel's next DEVICE_STATE,
-    read first, finds the descriptor pipe broken. The session's error is the one the
-    reassembly process reported, not "Broken pipe" (test_device_raising_with_the_
-    sources_word_late[old] said that under load: its grace for the source's ERROR
-    applies to a failure of the reassembly process, not to a bare broken pipe)."""
+    destination's main process is held up; then the next chunk finds the descriptor
+    pipe broken. The session's error is the one the reassembly process reported:
+    - old way: the main channel's DEVICE_STATE, read first, said "Broken pipe"
+      (test_device_raising_with_the_sources_word_late[old], under load: the grace
+      for the source's ERROR applies to the reassembly's failure, not to a bare
+      broken pipe);
+    - new way: the receive worker that wrote the chunk's descriptor fails too, and
+      workers are watched before the reassembly process: its "reassembly pipe:
+      Broken pipe" was the session's error."""
     proc = subprocess.Popen([sys.executable, "-c", _STOPPED_WHEN_ITS_LOADER_FAILS],
                             stdout=subprocess.PIPE, text=True)
     try:
         address = proc.stdout.readline().strip()
         device = _TwoChunksApart()
         failed: list = []
-        with fastmfd.Source(address, CONFIG.replace(channel_header=False)) as src:
+        with fastmfd.Source(address, CONFIG.replace(channel_header=way == "new")) as src:
             src.add_device(device)
             thread = threading.Thread(target=lambda: failed.append(
                 pytest.raises(fastmfd.MigrationError, src.migrate, live=False)), daemon=True)
             thread.start()
             deadline = time.monotonic() + 30
-            while not _stopped(proc.pid) or _reassembly_running(proc.pid):
+            while not _stopped(proc.pid) or _running(proc.pid, "fastmfd reasm"):
                 assert time.monotonic() < deadline, "the loader did not stop its owner"
                 time.sleep(0.01)
-            device.release.set()        # the second chunk: a DEVICE_STATE the main reads first
-            while src.status()["device"]["transferred"] < 200:
-                assert time.monotonic() < deadline, "the second chunk was not sent"
+            workers = _running(proc.pid, "fastmfd recv")
+            device.release.set()        # the second chunk
+            while (src.status()["device"]["transferred"] < 200
+                   or way == "new" and _running(proc.pid, "fastmfd recv") == workers):
+                assert time.monotonic() < deadline, "the second chunk did not break the pipe"
                 time.sleep(0.01)
             os.kill(proc.pid, signal.SIGCONT)
             thread.join(30)

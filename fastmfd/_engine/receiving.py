@@ -242,8 +242,9 @@ class Receiving:
             try:
                 watch.poll(tick(stall))
             except MigrationError as error:
-                self._raise_the_cause_of(error)
-                raise
+                cause = self._reassembly_failure_first(error)
+                self._raise_the_cause_of(cause)
+                raise cause
             self._check_ram_loaded()
             # A look reads every channel's counters and every device-pool slot: taken
             # after each report, thousands of devices' reports kept this thread
@@ -335,6 +336,17 @@ class Receiving:
                 self._hear_the_source(SOURCE_WORD_GRACE)
                 raise MigrationError(f"the channel ended before the SYNC of round {reached + 1}",
                                      channel=self._assigned[ch].name)
+
+    def _reassembly_failure_first(self, error: MigrationError) -> MigrationError:
+        """A receive worker fails writing a descriptor once the reassembly process
+        has exited, which it does after reporting its own failure: that report, the
+        cause, is in its pipe, and is the error (the workers are watched first, so in
+        one wait the worker's broken pipe came before it)."""
+        workers = {worker.name for worker in self._assigned.values()}
+        if self._devices is None or error.channel not in workers:
+            return error
+        reported = self.parts.reassembly[0].reported_failure()
+        return error if reported is None else reported
 
     def _raise_the_cause_of(self, error: MigrationError) -> None:
         """A receive channel that broke, or device state that stopped short, is
