@@ -60,6 +60,21 @@ def test_a_worker_that_dies_before_ready_is_named_with_its_exit():
     assert "exited with status 0" in str(info.value)
 
 
+def _closes_its_pipe_then_exits_slowly(conn):
+    """Dies before it reports ready, its exit known 2 s after its pipe closed (as when
+    the forkserver, which reports it, is slow to run)."""
+    conn.close()
+    time.sleep(2)
+
+
+def test_a_worker_whose_pipe_closed_before_ready_is_named_with_its_exit():
+    """Its pipe closed, a child is exiting: the wait for its Ready waits for its exit
+    status (it gave that 0.5 s, then said "no Ready report within 30 s" at once)."""
+    with pytest.raises(MigrationError, match="exited with status 0") as info:
+        ChildSet(_closes_its_pipe_then_exits_slowly, ["slow to exit"])
+    assert info.value.channel == "slow to exit"
+
+
 def _fails_in_its_session(conn):
     def body(pipe, params, stack):
         raise ValueError("the cause it reported")

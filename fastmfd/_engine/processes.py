@@ -213,7 +213,10 @@ class Child:
             if not ready or self.sentinel in ready:
                 break
         if report is None:
-            self.process.join(0.5 if ready else 0)
+            # Its pipe closed, it is exiting: its status comes from the forkserver, late
+            # on a loaded machine (0.5 s said "no Ready report within 30 s" at once).
+            self.process.join(max(0.5, deadline - time.monotonic()) if self.gone
+                              else 0.5 if ready else 0)
             if self.exitcode is not None:
                 raise self.death_error()
             raise MigrationError(f"no {kind.__name__} report within {timeout:g} s",
