@@ -248,6 +248,21 @@ def test_a_channel_that_ends_before_its_sync(image):
                                     r"of round 1")
 
 
+def _channel_worker(owner, ch: int):
+    """The worker of channel ``ch``. A source's worker ``ch`` is channel ``ch``; a
+    destination hands each connection to a free worker as it comes, which becomes its
+    channel once its greeting is read (the bytes the proxy counted may all wait in
+    the socket before that): worker 1, stopped then, was not yet channel 1, and the
+    destination said "channel 1: not connected" (under load)."""
+    if isinstance(owner, fastmfd.Source):
+        return owner._workers[ch]
+    deadline = time.monotonic() + 10
+    while (worker := owner._session._assigned.get(ch)) is None:
+        assert time.monotonic() < deadline, f"channel {ch} never got its worker"
+        time.sleep(0.002)
+    return worker
+
+
 @pytest.mark.parametrize("side", ["source", "destination"])
 def test_a_stopped_worker(image, side):
     stopped = []
@@ -256,7 +271,7 @@ def test_a_stopped_worker(image, side):
         owner = getattr(m, side)
 
         def action():
-            pid = owner._workers[1].process.pid
+            pid = _channel_worker(owner, 1).process.pid
             os.kill(pid, signal.SIGSTOP)
             stopped.append(pid)
         return action
