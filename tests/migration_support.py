@@ -33,6 +33,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 from collections import deque
@@ -248,6 +249,26 @@ def receiving(dst: fastmfd.Destination) -> tuple[threading.Thread, dict[str, obj
     thread = threading.Thread(target=receive)
     thread.start()
     return thread, got
+
+
+def reporting_destination(before: str = "", setup: str = "") -> str:
+    """A script that receives one migration into a Destination on loopback, printing
+    its address, then how receive() ended: "failed: <the error>" or "succeeded".
+    ``before``: code ahead of it (a loader's class); ``setup``: a line run with the
+    Destination ``dst`` before it receives (adding that loader)."""
+    return textwrap.dedent(before) + textwrap.dedent(f"""
+        import fastmfd
+        if __name__ == "__main__":
+            with fastmfd.Destination("tcp:127.0.0.1:0", workers=2) as dst:
+                {setup}
+                print(dst.address, flush=True)
+                try:
+                    dst.receive()
+                except fastmfd.MigrationError as exc:
+                    print("failed:", exc, flush=True)
+                else:
+                    print("succeeded", flush=True)
+    """)
 
 
 @contextlib.contextmanager

@@ -14,7 +14,6 @@ import re
 import signal
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 
@@ -31,7 +30,7 @@ from fastmfd._engine.reassembly import plan_pool
 from fastmfd.protocol.main_channel import Msg
 from proc_scan import process_tree
 from migration_support import (Delay, Migration, OnMessage, Outcome, Proxy, Trigger,
-                               make_region)
+                               make_region, reporting_destination)
 
 CONFIG = fastmfd.MigrationConfig(channels=2, device_chunk_size=4096)
 DEVICE = ("dev", 0)
@@ -409,10 +408,9 @@ def test_a_loader_that_does_not_pickle_is_named(leaks):
           r"'_thread.lock' object")
 
 
-_STOPPED_WHEN_ITS_LOADER_FAILS = textwrap.dedent("""
+_STOPPED_WHEN_ITS_LOADER_FAILS = reporting_destination(before="""
     import os
     import signal
-    import fastmfd
 
     class StopsItsOwnerThenRejects:
         # Stops the destination's main process (SIGSTOP), then rejects its first
@@ -427,18 +425,7 @@ _STOPPED_WHEN_ITS_LOADER_FAILS = textwrap.dedent("""
 
         def load_finish(self):
             return None
-
-    if __name__ == "__main__":
-        with fastmfd.Destination("tcp:127.0.0.1:0", workers=2) as dst:
-            dst.add_loader("dev", 0, StopsItsOwnerThenRejects(os.getpid()))
-            print(dst.address, flush=True)
-            try:
-                dst.receive()
-            except fastmfd.MigrationError as exc:
-                print("failed:", exc, flush=True)
-            else:
-                print("succeeded", flush=True)
-""")
+""", setup='dst.add_loader("dev", 0, StopsItsOwnerThenRejects(os.getpid()))')
 
 
 class _TwoChunksApart:

@@ -30,7 +30,8 @@ from fastmfd import _core
 from fastmfd.protocol.main_channel import MainChannel, Msg, encode_message
 from fastmfd.shm import SHM_DIR
 from migration_support import (BlackHole, FakeSource, Migration, OnMessage, Packets, Proxy,
-                               Trigger, hello, make_region, ram_packet, setup_message)
+                               Trigger, hello, make_region, ram_packet, reporting_destination,
+                               setup_message)
 
 STALL = 1.0
 BOUND = STALL + 2.0         # seconds from the fault to each side's failure
@@ -441,20 +442,6 @@ def test_a_stopped_destination(image):
         proc.wait()
 
 
-_REPORTING_DESTINATION = textwrap.dedent("""
-    import fastmfd
-    if __name__ == "__main__":
-        with fastmfd.Destination("tcp:127.0.0.1:0", workers=2) as dst:
-            print(dst.address, flush=True)
-            try:
-                dst.receive()
-            except fastmfd.MigrationError as exc:
-                print("failed:", exc, flush=True)
-            else:
-                print("succeeded", flush=True)
-""")
-
-
 def test_a_destination_held_up_until_the_source_gave_up_does_not_succeed(image):
     """The destination's main process stops with everything received but the
     source's COMPLETE (found by the soak, benchmarks/soak.py): COMPLETE comes half
@@ -463,7 +450,7 @@ def test_a_destination_held_up_until_the_source_gave_up_does_not_succeed(image):
     destination has all it needs, but the source has given the migration up: it
     must fail too, not report a success the source will never hear of (a source
     whose migration failed carries on running)."""
-    proc = subprocess.Popen([sys.executable, "-c", _REPORTING_DESTINATION],
+    proc = subprocess.Popen([sys.executable, "-c", reporting_destination()],
                             stdout=subprocess.PIPE, text=True)
     proxy = None
     try:
