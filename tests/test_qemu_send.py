@@ -14,6 +14,7 @@ import multiprocessing
 import os
 import re
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -388,6 +389,53 @@ def test_the_send_succeeds_only_when_the_destination_says_shut_0(tmp_path, qemu7
                 qemu.send(address, str(tmp_path / "saved"), channels=2, stall_timeout=5.0)
         # The return path is opened right after the configuration, as QEMU does.
         assert encode_open_return_path(1) in opened[0]
+    finally:
+        listener.close()
+
+
+def test_a_destination_that_says_shut_1_then_resets_is_named_by_its_shut(tmp_path,
+                                                                      qemu72_captures):
+    """A QEMU 10 that fails to load says SHUT 1 on the return path, then exits with
+    bytes of every connection unread, which resets them all. Its SHUT is the cause:
+    the send said "the destination broke the connection: Connection reset by peer"
+    (the main channel's reset read after the SHUT, which it dropped), or a multifd
+    channel's reset, its workers being looked at first."""
+    receive_replay(tmp_path / "saved", capture_bytes(qemu72_captures, "none"))
+    listener = socket.create_server(("127.0.0.1", 0))
+    said = threading.Event()
+
+    def reset(conn: socket.socket) -> None:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()
+
+    def main(conn: socket.socket) -> None:
+        head = bytearray()
+        while len(head) < 64 and (data := conn.recv(64)):   # the configuration, at least
+            head += data
+        conn.sendall(encode_rp_pong(1) + encode_rp_shut(failed=True))
+        said.set()
+        reset(conn)
+
+    def channel(conn: socket.socket) -> None:
+        said.wait(30)
+        reset(conn)
+
+    def serve() -> None:
+        for i in range(3):          # the main channel, then the 2 multifd channels
+            try:
+                conn = listener.accept()[0]
+            except OSError:
+                return
+            threading.Thread(target=main if i == 0 else channel, args=(conn,),
+                             daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        with pytest.raises(MigrationError, match=r"main channel: the destination ended its "
+                                                 r"return path before the stream's end "
+                                                 r"\(SHUT 1: it failed\)"):
+            qemu.send(f"tcp:127.0.0.1:{listener.getsockname()[1]}", str(tmp_path / "saved"),
+                      channels=2, stall_timeout=5.0)
     finally:
         listener.close()
 

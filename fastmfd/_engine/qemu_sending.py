@@ -125,6 +125,7 @@ class QemuSending:
         self.job_pages = QEMU_PACKET_BYTES // self.page_size * JOB_PACKETS
         self.main: socket.socket | None = None
         self.answers: ReturnPathWatch | None = None     # the destination's, on it
+        self._ended: str | None = None      # how the destination ended it, once known
         self.data: list[socket.socket] = []
         self.cmd_fds: list[int] = []
         self.owned: list[Closable] = []
@@ -329,13 +330,20 @@ class QemuSending:
     def _main_ended(self) -> str | None:
         """How the destination ended the main channel, if it did (what it said
         on its return path so far is read: before the stream's end, only a
-        SHUT that it failed may end it)."""
+        SHUT that it failed may end it). Once known it is kept: the bytes that
+        told it are not there to read again."""
+        if self._ended is None:
+            self._ended = self._how_main_ended()
+        return self._ended
+
+    def _how_main_ended(self) -> str | None:
         assert self.answers is not None, "connected by run()"
         try:
             if self.answers.read() and self.answers.said is None:
                 return None
         except OSError as exc:
-            return f"the destination broke the connection: {exc.strerror or exc}"
+            if not self.answers.said:       # a SHUT 1 read before the reset is the cause
+                return f"the destination broke the connection: {exc.strerror or exc}"
         except ProtocolError as exc:
             return str(exc)
         said = self.answers.said
@@ -390,7 +398,12 @@ class QemuSending:
                                  channel=f"multifd channel {ch}") from None
 
     def _check_workers(self) -> None:
-        """Raise what a worker reported (its failure) or how it ended."""
+        """Raise what a worker reported (its failure) or how it ended; first, though,
+        a SHUT 1 the destination said: a QEMU that failed to load says it, then exits
+        with bytes of every connection unread, which resets them, and the workers'
+        resets, its consequence, hid it."""
+        if self.answers is not None and self._main_ended() is not None and self.answers.said:
+            self._check_main_open()
         for worker in self.workers:
             while worker.next_report() is not None:
                 pass
