@@ -1,14 +1,19 @@
 """QEMU's return path as fastmfd reads it (a ``send --qemu`` source): every
 message is judged on its header, a PONG answers a PING sent, and nothing comes
-after SHUT. The ends at real QEMUs are in test_qemu_send and test_qemu_receive."""
+after SHUT; and as fastmfd answers on it (a ``listen --qemu`` destination) when
+its source is gone or reads nothing. The ends at real QEMUs are in
+test_qemu_send and test_qemu_receive."""
 
 from __future__ import annotations
 
+import logging
+import socket
 import struct
 
 import pytest
 
-from fastmfd.errors import ProtocolError
+from fastmfd._engine.qemu_return_path import ReturnPathAnswers
+from fastmfd.errors import MigrationError, ProtocolError
 from fastmfd.protocol.qemu_encoding import encode_open_return_path
 from fastmfd.protocol.qemu_return_path import (ReturnPathDecoder, encode_rp_pong,
                                                encode_rp_shut, encode_rp_switchover_ack,
@@ -80,3 +85,62 @@ def test_a_switchover_ack_goes_only_to_a_source_that_surely_knows_it(machine, kn
     QEMU 7.2 fails its migration on it, and runs machine types up to 7.2, as later
     QEMUs do too: those, and types without a version, get none."""
     assert knows_switchover_ack(machine) is knows
+
+
+# ------------------------------------------------ the destination's answers (listen --qemu)
+def opened_answers(machine: str = "pc-i440fx-10.0"):
+    """ReturnPathAnswers on one end of a socket pair, the source's end the other."""
+    ours, source = socket.socketpair()
+    answers = ReturnPathAnswers()
+    answers.open(ours, machine)
+    return answers, ours, source
+
+
+def test_a_source_gone_before_shut_0_is_warned_of_and_the_files_stand(caplog):
+    """confirm() comes after the files are committed: a source that can no longer
+    be told leaves them complete, with a warning that says so, not an error."""
+    answers, ours, source = opened_answers()
+    try:
+        assert source.recv(64) == SWITCHOVER_ACK
+        source.close()
+        with caplog.at_level(logging.WARNING, logger="fastmfd"):
+            answers.confirm()
+            answers.confirm()                   # SHUT is tried once
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 1
+        assert "answering on its return path failed" in warnings[0]
+        assert "the files are complete, but the source QEMU was not told" in warnings[0]
+    finally:
+        ours.close()
+
+
+def test_a_failed_migration_says_shut_1_once_and_not_after_confirm():
+    answers, ours, source = opened_answers("pc-i440fx-7.2")     # no ack for 7.2's type
+    try:
+        answers.refuse()
+        answers.refuse()
+        answers.confirm()
+        ours.shutdown(socket.SHUT_WR)
+        assert source.recv(64) == encode_rp_shut(failed=True)
+        assert source.recv(64) == b""
+    finally:
+        ours.close()
+        source.close()
+
+
+def test_a_source_that_reads_nothing_of_its_return_path_fails_the_migration():
+    """The answers are sent without waiting: a source whose socket buffer is full
+    fails at once; it never holds the receive up."""
+    answers, ours, source = opened_answers()
+    try:
+        ours.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            while True:                         # fill what the source never reads
+                ours.send(bytes(1 << 16))
+        ours.setblocking(True)
+        with pytest.raises(MigrationError, match="reads nothing of its return path"):
+            answers.pong(1)
+        answers.refuse()                        # failing already: no second error
+    finally:
+        ours.close()
+        source.close()
