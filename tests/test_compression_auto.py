@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 
 import numpy as np
 import pytest
@@ -259,6 +260,20 @@ def test_loopback_and_unix_peers_are_on_this_host(tmp_path):
     server = socket.create_server(("127.0.0.1", 0))
     with server, socket.create_connection(server.getsockname()) as client:
         assert peer_on_this_host(client)
+
+
+def test_a_connection_reset_before_its_worker_looks_has_no_peer_to_ask_about():
+    """A send worker asks before its first write; a peer gone by then (a QEMU that
+    refused the connection) made it fail with "OSError: [Errno 107] Transport
+    endpoint is not connected" (getpeername) instead of its write's own error."""
+    server = socket.create_server(("127.0.0.1", 0))
+    with server, socket.create_connection(server.getsockname()) as client:
+        accepted, _ = server.accept()
+        accepted.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        accepted.close()                        # a reset
+        with pytest.raises(ConnectionResetError):
+            client.recv(1)
+        assert peer_on_this_host(client) is False
 
 
 # ---------------------------------------------------------------- the choice, on a played link

@@ -294,7 +294,10 @@ def peer_on_this_host(sock: socket.socket) -> bool:
     not a wire that compression could relieve (``compression="auto"``)."""
     if sock.family == socket.AF_UNIX:
         return True
-    local, peer = sock.getsockname()[0], sock.getpeername()[0]
+    try:
+        local, peer = sock.getsockname()[0], sock.getpeername()[0]
+    except OSError:         # the connection ended already: its next write says how
+        return False
     address = ipaddress.ip_address(peer.split("%")[0])
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped           # ::ffff:127.0.0.1
