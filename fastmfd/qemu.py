@@ -34,6 +34,10 @@ stream's QEMU and machine type drops the migration, and the error says what
 the saved stream needs. ``QemuSender(directory)`` does the same in two
 steps: it opens the directory and starts the workers, then ``send(address)``;
 ``QemuReceiver(address, directory)`` is ``receive`` in two steps likewise.
+``send(..., tls=TLSConfig(...))`` migrates in TLS, every connection, into a
+QEMU whose ``tls-creds`` (a ``tls-creds-x509`` object, ``endpoint=server``)
+accept this side's certificate, as a QEMU source with ``tls-creds`` does;
+``receive`` takes plaintext only.
 
 Files are written as ``.part`` and renamed once the stream reached its end
 and everything is on disk (:mod:`fastmfd.tools.outputs`); a truncated,
@@ -63,9 +67,10 @@ from typing import Any, Callable
 from ._engine.qemu_receiving import QemuReceiving, QemuStreamFacts
 from ._engine.qemu_sending import QEMU_PACKET_BYTES, QemuSending, QemuStream
 from .arguments import (BOOL, INT, PATH, POSITIVE, STR, UNSIGNED, Kind, check_types,
-                        optional)
+                        instance_of, optional)
 from .errors import ConfigError
 from .protocol.qemu import COMMAND, COMMAND_PLACES, SYNC_PER_ROUND, SYNC_PER_SECTION
+from .protocol.security import TLSConfig
 from .protocol.sockets import (bound_address, listen, listening_address, parse_address,
                                remove_socket_file)
 from .regions import Region
@@ -247,20 +252,23 @@ def _zero_page_detection(facts: QemuStreamFacts) -> str:
 
 def send(address: str, directory: str, *, channels: int = 2, compression: str = "none",
          level: int = 1, stall_timeout: float = DEFAULT_STALL_TIMEOUT,
-         timeout: float = DEFAULT_CONNECT_TIMEOUT, max_bandwidth: float | None = None
-         ) -> list[dict[str, int]]:
+         timeout: float = DEFAULT_CONNECT_TIMEOUT, max_bandwidth: float | None = None,
+         tls: TLSConfig | None = None) -> list[dict[str, int]]:
     """Migrate the directory :func:`receive` wrote into the QEMU listening at
     ``address`` (see the module docstring); returns per-channel counters.
     ``channels`` and ``compression`` must be the destination's
     ``multifd-channels`` and ``multifd-compression`` (QEMU negotiates nothing).
     ``timeout``: seconds each connection may take; ``max_bandwidth``: bytes/s
     the multifd channels may send in all (QEMU's ``max-bandwidth``; default no
-    cap). A :class:`QemuSender` made and used at once."""
+    cap); ``tls``: every connection in TLS (QEMU's ``tls-creds``): ``ca`` the
+    destination's certificate must chain to, ``hostname`` the name it must
+    carry (default: the address's host), ``cert``/``key`` this side's, for a
+    destination with ``verify-peer=on``. A :class:`QemuSender` made and used at once."""
     check_types(_SendCall._call, address=(address, STR))
     parse_address(address)                  # a wrong address fails before anything starts
     with _SendCall(directory, channels=channels, compression=compression, level=level,
                    stall_timeout=stall_timeout, timeout=timeout,
-                   max_bandwidth=max_bandwidth) as sender:
+                   max_bandwidth=max_bandwidth, tls=tls) as sender:
         return sender.send(address)
 
 
@@ -278,8 +286,9 @@ class QemuSender:
     def __init__(self, directory: str, *, channels: int = 2, compression: str = "none",
                  level: int = 1, stall_timeout: float = DEFAULT_STALL_TIMEOUT,
                  timeout: float = DEFAULT_CONNECT_TIMEOUT,
-                 max_bandwidth: float | None = None) -> None:
-        check_types(self._call, directory=(directory, PATH), compression=(compression, STR))
+                 max_bandwidth: float | None = None, tls: TLSConfig | None = None) -> None:
+        check_types(self._call, directory=(directory, PATH), compression=(compression, STR),
+                    tls=(tls, optional(instance_of(TLSConfig, "a fastmfd.TLSConfig"))))
         channels, level, stall_timeout, timeout, max_bandwidth = check_types(
             self._call, channels=(channels, INT), level=(level, INT),
             stall_timeout=(stall_timeout, POSITIVE), timeout=(timeout, POSITIVE),
@@ -288,6 +297,8 @@ class QemuSender:
             raise ConfigError(f"channels {channels}: QEMU's multifd-channels is 1..255")
         if compression not in ("none", "zlib", "zstd"):
             raise ConfigError(f"compression {compression!r}: expected none, zlib or zstd")
+        if tls is not None:
+            tls.check_client()
         channel_rate = _channel_rate(max_bandwidth, channels, stall_timeout)
         manifest = _read_manifest(directory)
         self._regions: list[Region] = []
@@ -325,7 +336,8 @@ class QemuSender:
                                         self._vmstate_fd, channels=channels,
                                         compression=compression, level=level,
                                         stall_timeout=stall_timeout,
-                                        connect_timeout=timeout, channel_rate=channel_rate)
+                                        connect_timeout=timeout, channel_rate=channel_rate,
+                                        tls=tls)
         except BaseException:
             self.close()
             raise

@@ -221,17 +221,21 @@ def saved_guest(tmp_path, channels: int, compression: str, binary: str = QEMU,
 
 
 def incoming_guest(tmp_path, channels: int, compression: str, binary: str = QEMU,
-                   machine: str = "pc", mib: int = 64) -> tuple[Guest, Path, str]:
+                   machine: str = "pc", mib: int = 64, options: tuple[str, ...] = (),
+                   parameters: dict[str, Any] | None = None) -> tuple[Guest, Path, str]:
     """A fresh QEMU waiting for a migration: (guest, its RAM file, address). It
     traces each COMMAND section it loads into its log (``loaded_commands`` in
-    test_qemu_send)."""
+    test_qemu_send); ``options``: more of its command line, ``parameters``:
+    more migration parameters (e.g. its ``tls-creds``)."""
     ram_path = tmp_path / "dst-ram.img"
     with open(ram_path, "wb") as f:
         f.truncate(mib << 20)
     guest = Guest(tmp_path, str(ram_path), mib, incoming=True, name="dst", binary=binary,
-                  machine=machine, options=("-trace", "loadvm_process_command"))
+                  machine=machine, options=("-trace", "loadvm_process_command", *options))
     try:
         guest.set_multifd(channels, compression)
+        if parameters:
+            guest.qmp.command("migrate-set-parameters", **parameters)
         guest.qmp.command("migrate-incoming", uri="tcp:127.0.0.1:0")
         socket_address = guest.qmp.command("query-migrate")["socket-address"][0]
     except BaseException:

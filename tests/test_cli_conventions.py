@@ -250,7 +250,11 @@ def test_a_command_line_is_parsed_once_whatever_the_order():
     (["listen", "--qemu", "tcp:127.0.0.1:0", "--max-sessions", "2"], "--max-sessions"),
     (["listen", "--qemu", "tcp:127.0.0.1:0", "--prealloc"], "--prealloc"),
     (["listen", "--qemu", "tcp:127.0.0.1:0", "--tls-cert", "/dev/null", "--tls-key",
-      "/dev/null"], "no fastmfd TLS"),
+      "/dev/null"], "plaintext only"),
+    (["listen", "--qemu", "tcp:127.0.0.1:0", "--auth-key-file", "/dev/null"],
+     "--auth-key-file"),
+    (["send", "--qemu", "tcp:127.0.0.1:1", "--dir", ".", "--auth-key-file", "/dev/null"],
+     "--auth-key-file"),
     (["listen", "--qemu", "tcp:127.0.0.1:0", "--huge-pages"], "--huge-pages"),
 ])
 def test_what_a_qemu_peer_cannot_take_is_refused_not_ignored(args, flag):

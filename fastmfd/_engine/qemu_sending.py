@@ -39,24 +39,25 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 import time
 from uuid import UUID
 
 import numpy as np
 
 from .. import _core
-from ..errors import MigrationError, ProtocolError
+from ..errors import MigrationError, ProtocolError, SecurityError
 from ..protocol.control import Done, SendParams
 from ..protocol.qemu import COMMAND_PLACES, SYNC_PER_ROUND, SYNC_PER_SECTION
 from ..protocol.qemu_encoding import (encode_multifd_flush, encode_ram_end_start,
                                       encode_ram_eos, encode_ram_start, encode_stream_start,
                                       encode_zero_records)
-from ..protocol.security import ChannelSecurity
+from ..protocol.security import ChannelSecurity, TLSConfig, tls_connect
 from ..protocol.sockets import Address, connect, tune_data_socket
 from ..regions import Region
 from ..shm import SharedMemory
 from ..units import format_bytes
-from .liveness import tick
+from .liveness import set_stall_timeout, tick
 from .processes import Child, ChildSet
 from .qemu_return_path import ReturnPathWatch
 from .session import Closable, Owned, shutdown_quietly
@@ -114,8 +115,9 @@ class QemuSending:
     def __init__(self, stream: QemuStream, regions: list[Region],
                  block_fds: list[int], vmstate_fd: int, *, channels: int, compression: str,
                  level: int, stall_timeout: float, connect_timeout: float,
-                 channel_rate: float) -> None:
+                 channel_rate: float, tls: TLSConfig | None = None) -> None:
         self.stream, self.regions = stream, regions
+        self.tls = tls                  # QEMU's tls-creds: each connection in TLS
         self.block_fds = block_fds      # each region's file, read-only: where its holes are
         self.vmstate_fd = vmstate_fd
         self.channels, self.compression, self.level = channels, compression, level
@@ -123,7 +125,8 @@ class QemuSending:
         self.channel_rate = channel_rate        # bytes/s each channel may send (0: no cap)
         self.page_size = regions[0].page_size
         self.job_pages = QEMU_PACKET_BYTES // self.page_size * JOB_PACKETS
-        self.main: socket.socket | None = None
+        self.main: socket.socket | None = None     # an ssl.SSLSocket with TLS
+        self.security = ChannelSecurity(timeout=stall_timeout)     # with the address: run()
         self.answers: ReturnPathWatch | None = None     # the destination's, on it
         self._ended: str | None = None      # how the destination ended it, once known
         self.data: list[socket.socket] = []
@@ -164,7 +167,9 @@ class QemuSending:
         footer = stream.section_footers
         # Where the destination waits for the SYNCs: a MULTIFD_FLUSH, or the EOS.
         barrier = encode_multifd_flush() if stream.per_round else b""
-        self.main = connect(address, self.connect_timeout)
+        self.security = ChannelSecurity.of_source(self.tls, address.target, address.family,
+                                                  timeout=self.stall)
+        self.main = self._connect(address)
         self.main.settimeout(self.stall)
         self.answers = ReturnPathWatch(self.main)
         commands = stream.commands
@@ -186,6 +191,24 @@ class QemuSending:
         self._wait_done()
         self._wait_loaded()
 
+    def _connect(self, address: Address) -> socket.socket:
+        """The main channel's connection: with TLS, its handshake done (QEMU's
+        destination takes the first connection whose handshake completes for
+        its main channel, spec §7: the multifd channels connect after it)."""
+        main = connect(address, self.connect_timeout)
+        if self.security.tls is None:
+            return main
+        try:
+            return tls_connect(main, self.security, time.monotonic() + self.connect_timeout,
+                               MAIN)
+        except SecurityError as exc:
+            hint = ("its tls-creds' certificate must chain to this side's ca and carry the "
+                    "name checked: the address's host, or hostname"
+                    if "certificate verify failed" in exc.cause else
+                    "has the destination QEMU tls-creds, set with migrate-set-parameters "
+                    "before migrate-incoming, whose CA issued this source's certificate?")
+            raise SecurityError(f"{exc.cause} ({hint})", channel=MAIN) from None
+
     def _wait_loaded(self) -> None:
         """End the stream, then wait for the destination's SHUT, or the end of the
         main channel: a QEMU says SHUT 0 once it has loaded the stream, SHUT 1
@@ -203,7 +226,11 @@ class QemuSending:
         # must not restart it.
         deadline = time.monotonic() + self.stall
         try:
-            self.main.shutdown(socket.SHUT_WR)
+            # The stream's end, for a reader that reads to it: QEMU stops at its
+            # VM description. With TLS it is left out: an SSLSocket sends no
+            # close_notify alone (unwrap() waits for the peer's, dropping the SHUT).
+            if self.security.tls is None:
+                self.main.shutdown(socket.SHUT_WR)
             while self.answers.said is None:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -233,7 +260,13 @@ class QemuSending:
         sock = connect(address, self.connect_timeout)
         self.data.append(sock)
         tune_data_socket(sock)
-        sock.settimeout(self.stall)
+        if self.security.tls is None:
+            sock.settimeout(self.stall)
+        else:
+            # The worker's OpenSSL writes to the socket as it is: blocking, a write
+            # that moves nothing for the stall timeout failing (the kernel's
+            # deadline), as on fastmfd's own channels (O_NONBLOCK: at once).
+            set_stall_timeout(sock, self.stall)
         hello = bytearray(_core.INIT_PACKET_SIZE)
         _core.encode_init_packet(hello, self.stream.uuid, ch)
         cmd_r, cmd_w = os.pipe()
@@ -244,7 +277,7 @@ class QemuSending:
             packet_pages=QEMU_PACKET_BYTES // self.page_size, checksum=False, chunk_size=0,
             compression=self.compression, regions=tuple(r.handle for r in self.regions),
             devices=(), counters=self.counters.name, pool=None, hello=bytes(hello),
-            uuid=self.stream.uuid, security=ChannelSecurity(timeout=self.stall),
+            uuid=self.stream.uuid, security=self.security,
             compression_level=self.level, zero_page_detection=zeros_listed,
             rate=self.channel_rate,
             # A QEMU destination on this host loads the stream in one thread (7.2:
@@ -368,9 +401,11 @@ class QemuSending:
 
     def _checklist(self) -> str:
         """How every hint ends: what the destination must be for this stream."""
+        tls = (", tls-creds whose CA issued this source's certificate" if self.tls is not None
+               else ", no tls-creds (this send is in plaintext)")
         return (f" multifd capability on, with multifd-channels {self.channels} and "
-                f"multifd-compression {self.compression}, and is it a QEMU this saved stream "
-                f"can go to: {self.stream.describe()}?)")
+                f"multifd-compression {self.compression}{tls}, and is it a QEMU this saved "
+                f"stream can go to: {self.stream.describe()}?)")
 
     def _send_vmstate(self) -> None:
         while chunk := os.read(self.vmstate_fd, 1 << 20):
@@ -386,8 +421,10 @@ class QemuSending:
                                  + self._hint(), channel=MAIN) from None
         except OSError as exc:
             self._check_workers()
-            raise MigrationError(f"sending failed: {exc.strerror or exc}",
-                                 channel=MAIN) from None
+            # (An SSLEOFError's words are OpenSSL's "EOF occurred in violation of protocol".)
+            why = ("the connection ended" if isinstance(exc, ssl.SSLEOFError)
+                   else exc.strerror or exc)
+            raise MigrationError(f"sending failed: {why}", channel=MAIN) from None
 
     def _command(self, ch: int, record: bytes) -> None:
         try:

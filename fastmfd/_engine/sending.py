@@ -48,7 +48,7 @@ from ..protocol.control import Done, SendParams
 from ..protocol.main_channel import (MAIN, Complete, Error, Loaded, MainChannel, Msg,
                                      PrecopySent, RoundAck, RoundEnd, check_round,
                                      decode_payload, read_message)
-from ..protocol.security import ChannelSecurity, default_hostname
+from ..protocol.security import ChannelSecurity
 from ..protocol.setup import DeviceSpec, RegionSpec, Setup
 from ..protocol.sockets import (Address, ConnectionClosed, connect, tune_data_socket,
                                 tune_main_socket)
@@ -231,11 +231,8 @@ class Sending:
     @property
     def _security(self) -> ChannelSecurity:
         cfg, address = self.config, self.parts.address
-        hostname = None
-        if cfg.tls is not None:
-            hostname = default_hostname(address.target, address.family, cfg.tls.hostname)
-        return ChannelSecurity(tls=cfg.tls, hostname=hostname, auth_key=cfg.auth_key,
-                               timeout=cfg.timeout)
+        return ChannelSecurity.of_source(cfg.tls, address.target, address.family,
+                                         auth_key=cfg.auth_key, timeout=cfg.timeout)
 
     def _params(self, ch: int, setup: Setup) -> SendParams:
         cfg, parts = self.config, self.parts

@@ -36,7 +36,7 @@ from .main_channel import (MAIN, MAIN_MAGIC, MAIN_VERSION, MESSAGE_HEADER,
                            encode_message, encode_preamble, expect_message)
 from .security import (MAIN_CHANNEL_ID, ChannelSecurity, Stream, TLSConfig, check_authz,
                        check_key_proof, identities_of, is_tls_record, prove_key,
-                       tls_handshake)
+                       tls_connect, tls_handshake)
 from .qemu import QEVM_MAGIC
 from .setup import Setup
 from .sockets import recv_exact, send_all
@@ -187,10 +187,7 @@ def open_main_channel(sock: socket.socket, security: ChannelSecurity, setup: Set
     deadline = time.monotonic() + security.timeout
     try:
         if security.tls is not None:
-            hostname = security.hostname
-            sock = security.tls.client_context(hostname).wrap_socket(
-                sock, server_hostname=hostname, do_handshake_on_connect=False)
-            tls_handshake(sock, deadline, where)
+            sock = tls_connect(sock, security, deadline, where)
         stream = SocketStream(sock, where, deadline)
         stream.send_all(main_channel_start(channel_header), "preamble")
         if security.auth_key is not None:

@@ -184,6 +184,15 @@ class ChannelSecurity:
     auth_key: bytes | None = field(default=None, repr=False)
     timeout: float = 10.0           # the whole handshake's deadline, in seconds
 
+    @classmethod
+    def of_source(cls, tls: TLSConfig | None, target: tuple[str, int] | str, family: int, *,
+                  auth_key: bytes | None = None, timeout: float = 10.0) -> ChannelSecurity:
+        """A source's, for a destination at ``target``: the name its certificate
+        must carry resolved (:func:`default_hostname`)."""
+        hostname = (default_hostname(target, family, tls.hostname)
+                    if tls is not None else None)
+        return cls(tls=tls, hostname=hostname, auth_key=auth_key, timeout=timeout)
+
 
 def check_auth_key(key: bytes | None, owner: str) -> bytes | None:
     check_types(owner, auth_key=(key, optional(BYTES)))
@@ -294,6 +303,24 @@ def tls_handshake(tls: ssl.SSLSocket, deadline: float, where: str | None = None)
                                     channel=where)
     finally:
         tls.setblocking(True)
+
+
+def tls_connect(sock: socket.socket, security: ChannelSecurity, deadline: float,
+                where: str | None = None) -> ssl.SSLSocket:
+    """A source's connection ``sock`` in its TLS (``security.tls``), the handshake
+    done by ``deadline``; the destination's certificate checked against
+    ``security.hostname`` (none: no name check). On failure the connection is
+    closed (``sock`` is detached from it either way)."""
+    assert security.tls is not None, "only with TLS"
+    hostname = security.hostname
+    tls = security.tls.client_context(hostname).wrap_socket(
+        sock, server_hostname=hostname, do_handshake_on_connect=False)
+    try:
+        tls_handshake(tls, deadline, where)
+    except BaseException:
+        tls.close()
+        raise
+    return tls
 
 
 def _handshake_lost(exc: OSError) -> str:

@@ -162,13 +162,17 @@ def _report_session(console: Console, result: DestinationResult, files: dict[str
                      "sizes": {name: os.path.getsize(path) for name, path in files.items()}})
 
 
-def _refuse_with_qemu(args: argparse.Namespace, options: dict[str, str]) -> None:
+def _refuse_with_qemu(args: argparse.Namespace, options: dict[str, str],
+                      tls: bool = False) -> None:
     """A ConfigError naming the first of ``options`` (dest -> its flag) given:
     what the command cannot do with a QEMU at the other end, said up front
-    rather than ignored."""
+    rather than ignored; ``tls``: the --tls-* options are QEMU's TLS."""
     from . import security_options
-    if security_options.given(args):
-        raise ConfigError("--qemu: QEMU's channels carry no fastmfd TLS or shared-key proof")
+    if getattr(args, "auth_key_file", None) is not None:
+        raise ConfigError("--qemu: QEMU's channels carry no shared-key proof (--auth-key-file)")
+    if security_options.given(args) and not tls:
+        raise ConfigError("--qemu: listen takes QEMU's stream in plaintext only (TLS with a "
+                          "QEMU: send --qemu)")
     for dest, flag in options.items():
         value = getattr(args, dest)
         if not (value is None or value is False):
@@ -207,17 +211,19 @@ def _send_qemu(args: argparse.Namespace) -> int:
     import time
 
     from ..qemu import send
+    from . import security_options
     if args.images or args.state or args.dir is None:
         raise ConfigError("--qemu: give --dir DIR (what listen --qemu wrote), no images "
                           "or --state files")
     _refuse_with_qemu(args, {"checksum": "--checksum",
                              "no_zero_detection": "--no-zero-detection",
-                             "status_json": "--status-json"})
+                             "status_json": "--status-json"}, tls=True)
     started = time.monotonic()
     channels = send(args.address, args.dir, channels=args.channels,
                     compression=args.compression, level=_level(args),
                     stall_timeout=args.stall_timeout, timeout=args.timeout,
-                    max_bandwidth=args.max_bandwidth)
+                    max_bandwidth=args.max_bandwidth,
+                    tls=security_options.tls_config(args))
     seconds = time.monotonic() - started
     if not args.quiet:
         pages = sum(c["normal_pages"] for c in channels)

@@ -1,0 +1,202 @@
+"""``send --qemu`` in TLS, into a real QEMU (7.2 and 10) whose ``tls-creds``
+(a ``tls-creds-x509`` object, ``endpoint=server``) are certificates from
+trustme: every connection, main and multifd, in TLS, as a QEMU source with
+``tls-creds`` migrates. The destination completes with the guest's RAM; a
+certificate either side does not accept, and TLS meeting plaintext either
+way, fail the send with an error that says so, and no QEMU outlives a test.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("trustme", reason="the TLS tests need trustme (pip install '.[test]')")
+import trustme  # noqa: E402
+
+from fastmfd import TLSConfig, qemu  # noqa: E402
+from fastmfd.errors import MigrationError, SecurityError  # noqa: E402
+from qemu_support import QEMU, QEMUS, incoming_guest, needs_qemu, saved_guest  # noqa: E402
+
+
+@dataclass
+class Credentials:
+    """A QEMU destination's tls-creds directory and the send's TLSConfig."""
+    qemu_dir: Path
+    source: TLSConfig
+
+
+def credentials(tmp_path: Path, ca: trustme.CA, *, source_ca: trustme.CA | None = None,
+                server_names: tuple[str, ...] = ("127.0.0.1",)) -> Credentials:
+    """The destination's certificate for ``server_names`` and the source's, both from
+    ``ca``; the source trusts ``source_ca`` (default ``ca``)."""
+    qemu_dir = tmp_path / "qemu-tls"
+    qemu_dir.mkdir(parents=True)
+    server = ca.issue_cert(*server_names)
+    ca.cert_pem.write_to_path(str(qemu_dir / "ca-cert.pem"))
+    server.cert_chain_pems[0].write_to_path(str(qemu_dir / "server-cert.pem"))
+    server.private_key_pem.write_to_path(str(qemu_dir / "server-key.pem"))
+    client = ca.issue_cert("source.example")
+    mine = tmp_path / "source-tls"
+    mine.mkdir()
+    client.cert_chain_pems[0].write_to_path(str(mine / "cert.pem"))
+    client.private_key_pem.write_to_path(str(mine / "key.pem"))
+    os.chmod(mine / "key.pem", 0o600)
+    (source_ca or ca).cert_pem.write_to_path(str(mine / "ca.pem"))
+    return Credentials(qemu_dir, TLSConfig(cert=str(mine / "cert.pem"),
+                                           key=str(mine / "key.pem"), ca=str(mine / "ca.pem")))
+
+
+def tls_destination(tmp_path, qemu_binary, creds_dir: Path | None, channels: int = 2,
+                    compression: str = "none"):
+    """A QEMU waiting for a migration in TLS with the certificates in ``creds_dir``
+    (verify-peer=on: the source must show a certificate of the same CA); None:
+    in plaintext."""
+    if creds_dir is None:
+        return incoming_guest(tmp_path, channels, compression, qemu_binary)
+    return incoming_guest(
+        tmp_path, channels, compression, qemu_binary,
+        options=("-object", f"tls-creds-x509,id=tls0,dir={creds_dir},endpoint=server,"
+                            "verify-peer=on"),
+        parameters={"tls-creds": "tls0"})
+
+
+def assert_not_migrated(guest) -> None:
+    """A QEMU destination whose migration failed has not completed one: it exits
+    (QEMU 10: its load failed) or waits on."""
+    try:
+        status = guest.qmp.command("query-migrate").get("status")
+    except OSError:                     # its QMP socket is gone with it
+        assert guest.process.wait(10) != 0
+    else:
+        assert status != "completed"
+
+
+@pytest.mark.parametrize("qemu_binary", QEMUS)
+@pytest.mark.parametrize("channels, compression", [(2, "none"), (3, "zstd")])
+def test_a_saved_migration_goes_back_into_qemu_in_tls(tmp_path, qemu_binary, channels,
+                                                      compression):
+    """QEMU takes the first connection whose handshake completes for its main
+    channel (spec §7), verifies this side's certificate (verify-peer=on), and
+    QEMU 10 expects each multifd channel to end with a TLS close_notify."""
+    saved, ram = saved_guest(tmp_path, 2, "none", qemu_binary)
+    creds = credentials(tmp_path, trustme.CA())
+    guest, ram_path, address = tls_destination(tmp_path, qemu_binary, creds.qemu_dir,
+                                               channels, compression)
+    try:
+        sent = qemu.send(address, str(saved), channels=channels, compression=compression,
+                         stall_timeout=10.0, tls=creds.source)
+        assert guest.wait() == "completed"
+        assert np.array_equal(np.fromfile(ram_path, dtype=np.uint8), ram)
+        assert len(sent) == channels and all(c["normal_pages"] > 0 for c in sent)
+    finally:
+        guest.close()
+
+
+@needs_qemu
+def test_send_qemu_command_in_tls(tmp_path):
+    saved, ram = saved_guest(tmp_path, 2, "none", QEMU)
+    creds = credentials(tmp_path, trustme.CA())
+    guest, ram_path, address = tls_destination(tmp_path, QEMU, creds.qemu_dir)
+    try:
+        tls = creds.source
+        done = subprocess.run(
+            [sys.executable, "-m", "fastmfd", "send", "--qemu", address, "--dir", str(saved),
+             "--tls-cert", str(tls.cert), "--tls-key", str(tls.key), "--tls-ca", str(tls.ca)],
+            capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert guest.wait() == "completed"
+        assert np.array_equal(np.fromfile(ram_path, dtype=np.uint8), ram)
+    finally:
+        guest.close()
+
+
+@pytest.mark.parametrize("qemu_binary", QEMUS)
+def test_a_destination_certificate_this_side_does_not_trust_fails_the_send(tmp_path,
+                                                                          qemu_binary):
+    saved, _ = saved_guest(tmp_path, 2, "none", qemu_binary)
+    creds = credentials(tmp_path, trustme.CA(), source_ca=trustme.CA())
+    guest, _, address = tls_destination(tmp_path, qemu_binary, creds.qemu_dir)
+    try:
+        with pytest.raises(SecurityError, match="main channel: TLS handshake failed: "
+                                                "certificate verify failed"):
+            qemu.send(address, str(saved), channels=2, stall_timeout=10.0, tls=creds.source)
+    finally:
+        guest.close()
+
+
+@pytest.mark.parametrize("qemu_binary", QEMUS)
+@pytest.mark.parametrize("hostname", [None, "dst.example"])
+def test_the_destination_s_certificate_must_carry_the_name_checked(tmp_path, qemu_binary,
+                                                                   hostname):
+    """By default the address's host (127.0.0.1), which a certificate for
+    dst.example does not carry; ``hostname`` names another."""
+    saved, ram = saved_guest(tmp_path, 2, "none", qemu_binary)
+    creds = credentials(tmp_path, trustme.CA(), server_names=("dst.example",))
+    tls = TLSConfig(cert=creds.source.cert, key=creds.source.key, ca=creds.source.ca,
+                    hostname=hostname)
+    guest, ram_path, address = tls_destination(tmp_path, qemu_binary, creds.qemu_dir)
+    try:
+        if hostname is None:
+            with pytest.raises(SecurityError, match="certificate verify failed.*127.0.0.1.*"
+                                                    "carry the name checked"):
+                qemu.send(address, str(saved), channels=2, stall_timeout=10.0, tls=tls)
+        else:
+            qemu.send(address, str(saved), channels=2, stall_timeout=10.0, tls=tls)
+            assert guest.wait() == "completed"
+            assert np.array_equal(np.fromfile(ram_path, dtype=np.uint8), ram)
+    finally:
+        guest.close()
+
+
+@pytest.mark.parametrize("qemu_binary", QEMUS)
+def test_a_source_certificate_the_destination_refuses_fails_the_send(tmp_path, qemu_binary):
+    """QEMU's verify-peer=on: a client certificate of another CA is refused. In
+    TLS 1.3 this side's handshake is over before QEMU checks it: the refusal is
+    the connection's end."""
+    saved, _ = saved_guest(tmp_path, 2, "none", qemu_binary)
+    creds = credentials(tmp_path, trustme.CA())
+    stranger = credentials(tmp_path / "stranger", trustme.CA())
+    refused = TLSConfig(cert=stranger.source.cert, key=stranger.source.key, ca=creds.source.ca)
+    guest, _, address = tls_destination(tmp_path, qemu_binary, creds.qemu_dir)
+    try:
+        with pytest.raises(MigrationError, match="^main channel: sending failed: the "
+                                                 "connection ended.* tls-creds whose CA issued "
+                                                 "this source's certificate"):
+            qemu.send(address, str(saved), channels=2, stall_timeout=10.0, tls=refused)
+        assert_not_migrated(guest)
+    finally:
+        guest.close()
+
+
+@pytest.mark.parametrize("qemu_binary", QEMUS)
+@pytest.mark.parametrize("ours, theirs, match", [
+    # QEMU reads the ClientHello as the stream's first bytes, and fails: QEMU 10
+    # closes the connection, 7.2 leaves it open (the handshake's deadline ends it).
+    ("tls", "plaintext", r"^main channel: (the peer closed the connection during the TLS "
+                         r"handshake \(does it use TLS\?\)|TLS handshake: no answer within "
+                         r"the handshake deadline) \(has the destination QEMU tls-creds"),
+    # QEMU's handshake reads QEVM, and closes: the main channel or a multifd
+    # channel (the one sending when the reset came) says so first.
+    ("plaintext", "tls", r"^(main|multifd) channel.*: .* no tls-creds \(this send is in "
+                         r"plaintext\)"),
+])
+def test_tls_meeting_plaintext_fails_the_send_saying_so(tmp_path, qemu_binary, ours, theirs,
+                                                        match):
+    saved, _ = saved_guest(tmp_path, 2, "none", qemu_binary)
+    creds = credentials(tmp_path, trustme.CA())
+    guest, _, address = tls_destination(tmp_path, qemu_binary,
+                                        creds.qemu_dir if theirs == "tls" else None)
+    try:
+        with pytest.raises(MigrationError, match=match):
+            qemu.send(address, str(saved), channels=2, stall_timeout=10.0, timeout=3.0,
+                      tls=creds.source if ours == "tls" else None)
+        assert_not_migrated(guest)
+    finally:
+        guest.close()
