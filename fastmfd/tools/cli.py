@@ -331,7 +331,8 @@ def _build_parser() -> _Parser:
                    help="migrate what `listen --qemu` saved in --dir into a QEMU started with "
                         "-incoming defer; --channels and --compression must be its "
                         "multifd-channels and multifd-compression; exit 0 only once it says "
-                        "it loaded the stream (on the return path this opens)")
+                        "it loaded the stream (on the return path this opens); with --tls-*: "
+                        "in TLS, into a QEMU with tls-creds")
     p.add_argument("--dir", default=None, help="with --qemu: the saved directory")
     p.add_argument("--state", action="append", default=[], metavar="IDSTR[:N]=PATH",
                    help="a device state file (repeatable)")
