@@ -9,6 +9,7 @@ way, fail the send with an error that says so, and no QEMU outlives a test.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -23,6 +24,9 @@ import trustme  # noqa: E402
 from fastmfd import TLSConfig, qemu  # noqa: E402
 from fastmfd.errors import MigrationError, SecurityError  # noqa: E402
 from qemu_support import QEMU, QEMUS, incoming_guest, needs_qemu, saved_guest  # noqa: E402
+from test_qemu_peer_dies import (DESTINATION_KILLED, PATIENT, SEND_CHANNELS,  # noqa: E402
+                                 STALL, STOPPED_GUEST_MIB, assert_fails, assert_gone, kill,
+                                 resume_and_close, send_slowly)
 
 
 @dataclass
@@ -54,14 +58,14 @@ def credentials(tmp_path: Path, ca: trustme.CA, *, source_ca: trustme.CA | None 
 
 
 def tls_destination(tmp_path, qemu_binary, creds_dir: Path | None, channels: int = 2,
-                    compression: str = "none"):
+                    compression: str = "none", mib: int = 64):
     """A QEMU waiting for a migration in TLS with the certificates in ``creds_dir``
     (verify-peer=on: the source must show a certificate of the same CA); None:
     in plaintext."""
     if creds_dir is None:
-        return incoming_guest(tmp_path, channels, compression, qemu_binary)
+        return incoming_guest(tmp_path, channels, compression, qemu_binary, mib=mib)
     return incoming_guest(
-        tmp_path, channels, compression, qemu_binary,
+        tmp_path, channels, compression, qemu_binary, mib=mib,
         options=("-object", f"tls-creds-x509,id=tls0,dir={creds_dir},endpoint=server,"
                             "verify-peer=on"),
         parameters={"tls-creds": "tls0"})
@@ -202,3 +206,47 @@ def test_tls_meeting_plaintext_fails_the_send_saying_so(tmp_path, qemu_binary, o
         assert_not_migrated(guest)
     finally:
         guest.close()
+
+
+# ---------------------------------------------------------------- a destination that dies
+
+@pytest.fixture(params=QEMUS)
+def waiting_in_tls(request, tmp_path):
+    """A saved guest larger than the send's connections hold, and a QEMU waiting
+    for it in TLS: yields ((saved directory, guest, its RAM file, address), the
+    send's TLSConfig)."""
+    saved, _ = saved_guest(tmp_path, SEND_CHANNELS, "none", request.param,
+                           mib=STOPPED_GUEST_MIB)
+    creds = credentials(tmp_path, trustme.CA())
+    guest, ram_path, address = tls_destination(tmp_path, request.param, creds.qemu_dir,
+                                               SEND_CHANNELS, mib=STOPPED_GUEST_MIB)
+    try:
+        yield (saved, guest, ram_path, address), creds.source
+    finally:
+        resume_and_close(guest)
+
+
+def test_a_destination_killed_mid_send_in_tls_fails_it_at_once(waiting_in_tls, leaks):
+    destination, tls = waiting_in_tls
+    sending, workers = send_slowly(destination, stall_timeout=PATIENT, tls=tls)
+    kill(destination[1])
+    assert_fails(sending, DESTINATION_KILLED)
+    assert_gone(workers)
+    destination[1].close()          # its QMP socket is the test's, not a leak
+    leaks.assert_clean()
+
+
+def test_a_destination_stopped_mid_send_in_tls_fails_it_at_its_stall_timeout(waiting_in_tls,
+                                                                            leaks):
+    """Each worker's writes have the kernel's deadline (the socket's blocking for
+    OpenSSL): the first to make no progress for it, or the main process's wait
+    for a channel, ends the send."""
+    destination, tls = waiting_in_tls
+    sending, workers = send_slowly(destination, stall_timeout=STALL, tls=tls)
+    os.kill(destination[1].process.pid, signal.SIGSTOP)
+    assert_fails(sending, r"^(no multifd channel took work for 2 s|main channel: the "
+                          r"destination took no data for 2 s|multifd channel \d: (send: no "
+                          r"progress for 2 s \(the peer takes no data\)|no Done report within))")
+    assert_gone(workers)
+    resume_and_close(destination[1])
+    leaks.assert_clean()
