@@ -33,6 +33,12 @@ with ``return-path`` does: the send is done only at the destination's SHUT 0,
 its word that it loaded the whole stream. A destination that is not the saved
 stream's QEMU and machine type closes its connections, and the error names
 what the saved stream needs.
+
+With ``tls`` (QEMU's ``tls-creds``), every connection is a TLS session of its
+own, as a QEMU source makes them: the main channel's, done here before any
+multifd channel connects (a destination takes the first handshake to complete
+for its main channel), and each multifd channel's in its worker, which ends it
+with close_notify at QUIT (QEMU 10 expects one).
 """
 
 from __future__ import annotations
