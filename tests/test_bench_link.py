@@ -148,3 +148,14 @@ def test_the_command_runs_over_a_link_and_says_so(tmp_path, capsys, nothing_left
     benchmark, = json.loads(out.read_text())["benchmarks"]
     assert benchmark["extra_info"]["link"] == "emulated 1gbit (veth, tc)"
     assert benchmark["extra_info"]["runs"][0]["link_bytes"] > 0
+
+
+@needs_root
+def test_the_command_runs_over_a_link_in_tls(capsys, nothing_left_behind):
+    """--tls's throwaway certificate names the link's far end too: it named only
+    this host ("certificate is not valid for '10.254.0.26'", exit 1)."""
+    code = main(["bench", "--size", "4M", "--channels", "2", "--compression", "none",
+                 "--link", "1gbit", "--tls"])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert "over an emulated 1gbit link, fastmfd with TLS" in printed.out

@@ -114,15 +114,16 @@ class LocalCredentials:
 
 
 @contextlib.contextmanager
-def local_credentials() -> Iterator[LocalCredentials]:
-    """Throwaway mutual-TLS credentials, removed when the block ends."""
+def local_credentials(server_names: tuple[str, ...] = ()) -> Iterator[LocalCredentials]:
+    """Throwaway mutual-TLS credentials, removed when the block ends; the
+    destination's certificate names this host and ``server_names``."""
     try:
         import trustme
     except ImportError:
         raise ConfigError("throwaway TLS certificates need trustme: pip install "
                           "'fastmfd[tls-demo]' (or give --tls-cert/--tls-key/--tls-ca)") from None
     ca = trustme.CA(organization_name="fastmfd throwaway CA")
-    server = ca.issue_cert("localhost", "127.0.0.1", "::1")
+    server = ca.issue_cert("localhost", "127.0.0.1", "::1", *server_names)
     client = ca.issue_cert(LOCAL_CLIENT)
     with tempfile.TemporaryDirectory(prefix="fastmfd-tls-") as directory:
         def write(name: str, blob: trustme.Blob) -> str:
@@ -146,16 +147,19 @@ def local_credentials() -> Iterator[LocalCredentials]:
 
 
 @contextlib.contextmanager
-def loopback_security(args: argparse.Namespace) -> Iterator[LoopbackSecurity]:
+def loopback_security(args: argparse.Namespace, server_names: tuple[str, ...] = ()
+                      ) -> Iterator[LoopbackSecurity]:
     """The security of a command that runs both ends: throwaway credentials
-    with ``--tls``, else the ``--tls-*`` files for both ends (the certificate
-    must suit both), else no TLS; and the ``--auth-key-file`` key."""
+    with ``--tls`` (the destination's certificate naming this host and
+    ``server_names``: where else its destination listens), else the
+    ``--tls-*`` files for both ends (the certificate must suit both), else no
+    TLS; and the ``--auth-key-file`` key."""
     key = auth_key(args)
     if getattr(args, "tls", False):
         if _tls_values(args):
             raise ConfigError("--tls makes throwaway certificates: give it no --tls-* files "
                               "(or give the files without --tls)")
-        with local_credentials() as credentials:
+        with local_credentials(server_names) as credentials:
             yield LoopbackSecurity(credentials.source, credentials.destination, key)
         return
     tls = tls_config(args)

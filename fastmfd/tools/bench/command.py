@@ -149,8 +149,11 @@ def cli_main(args: argparse.Namespace) -> int:
     if args.link is not None:
         check_can_emulate()
     images: list[Image] = []
-    with security_options.loopback_security(args) as security, ExitStack() as cleanup:
+    with ExitStack() as cleanup:
         link = cleanup.enter_context(EmulatedLink(args.link)) if args.link else None
+        # Its destinations listen on the link's far end: --tls's certificate names it.
+        security = cleanup.enter_context(security_options.loopback_security(
+            args, (link.destination_host,) if link is not None else ()))
 
         def close_images() -> None:
             for image in images:
