@@ -69,10 +69,14 @@ def _tls_values(args: argparse.Namespace) -> dict[str, object]:
             if (value := getattr(args, f"tls_{name}", None)) is not None}
 
 
+def tls_given(args: argparse.Namespace) -> bool:
+    """TLS is asked for: ``--tls`` or ``--tls-*`` files (none is loaded or read)."""
+    return bool(_tls_values(args)) or getattr(args, "tls", False)
+
+
 def given(args: argparse.Namespace) -> bool:
     """Any of the security options is given (none is loaded or read)."""
-    return (bool(_tls_values(args)) or getattr(args, "tls", False)
-            or getattr(args, "auth_key_file", None) is not None)
+    return tls_given(args) or getattr(args, "auth_key_file", None) is not None
 
 
 def tls_config(args: argparse.Namespace, *, listener: bool = False) -> TLSConfig | None:

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from ... import __version__
 from ...errors import ConfigError
+from .matrix import TLS_METHODS
 
 if TYPE_CHECKING:
     from .matrix import Result
@@ -82,7 +83,7 @@ def _benchmark(result: Result, tls: str | None, prealloc: bool, warm_memory: boo
         "extra_info": {
             "image": result.image, "compression": setting.compression_label,
             "channels": setting.channels, "peer": setting.method, "link": link,
-            "tls": tls if setting.method == "fastmfd" else None, "prealloc": prealloc,
+            "tls": tls if setting.method in TLS_METHODS else None, "prealloc": prealloc,
             "warm_memory": warm_memory,
             "image_bytes": best.image_bytes, "throughput_bytes_per_s": best.throughput,
             "median_throughput_bytes_per_s": result.median_throughput,

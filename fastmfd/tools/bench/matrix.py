@@ -30,8 +30,8 @@ from .peers import QemuTrial, SendallTrial
 from .qemu_cells import FastmfdToQemuTrial, QemuToFastmfdTrial
 from .trial import FOREIGN_LOAD_FLAG, CpuMeter, Measurement, Trial, warm_free_memory
 
-__all__ = ["METHODS", "PEERS", "QEMU_METHODS", "Setting", "RunStatistics", "Result", "make_trial", "run_once",
-           "run_matrix"]
+__all__ = ["METHODS", "PEERS", "QEMU_METHODS", "TLS_METHODS", "Setting", "RunStatistics",
+           "Result", "make_trial", "run_once", "run_matrix"]
 
 METHODS = ("fastmfd", "sendall", "qemu", "qemu-to-fastmfd", "fastmfd-to-qemu")
 # --peer qemu: QEMU -> QEMU, and fastmfd as either end of a QEMU migration.
@@ -40,6 +40,8 @@ _QEMU_TRIALS: dict[str, type[QemuTrial | QemuToFastmfdTrial | FastmfdToQemuTrial
     "qemu": QemuTrial, "qemu-to-fastmfd": QemuToFastmfdTrial,
     "fastmfd-to-qemu": FastmfdToQemuTrial}
 PEERS = ("sendall", "qemu")
+# The methods whose connections go in TLS when the bench's do (listen --qemu's cannot).
+TLS_METHODS = ("fastmfd", "qemu", "fastmfd-to-qemu")
 
 
 @dataclass(frozen=True)
@@ -128,8 +130,10 @@ def make_trial(setting: Setting, image: Image, *, qemu_binary: str | None = None
 
     ``prealloc``: the destination's memory is allocated and faulted in before
     timing, for every method alike (see :class:`.FastmfdTrial`). ``security``:
-    TLS and/or the shared key for fastmfd's channels. ``link``: every method's
-    destination is on the far side of this emulated link (default: loopback).
+    TLS and/or the shared key for fastmfd's channels, and its TLS for QEMU's
+    (but ``listen --qemu``'s, which takes plaintext only). ``link``: every
+    method's destination is on the far side of this emulated link (default:
+    loopback).
     """
     if setting.method == "fastmfd":
         return FastmfdTrial(image, setting.config(), prealloc=prealloc, security=security,
@@ -137,9 +141,11 @@ def make_trial(setting: Setting, image: Image, *, qemu_binary: str | None = None
     if setting.method == "sendall":
         return SendallTrial(image, prealloc=prealloc, link=link)
     if setting.method in _QEMU_TRIALS:
+        if setting.method not in TLS_METHODS and security.source_tls is not None:
+            raise ConfigError(f"{setting.method}: listen --qemu takes plaintext only, no TLS")
         return _QEMU_TRIALS[setting.method](image, setting.channels, setting.compression,
                                             setting.level, binary=qemu_binary,
-                                            prealloc=prealloc, link=link)
+                                            prealloc=prealloc, link=link, security=security)
     raise ConfigError(f"unknown method {setting.method!r}; choose one of {METHODS}")
 
 

@@ -44,6 +44,7 @@ from ..._engine.session import Closable
 from ...protocol.control import Done, Go
 from ...errors import ConfigError, MigrationError
 from ..images import Image
+from ..loopback import NO_SECURITY, LoopbackSecurity
 from .link import EmulatedLink, enter_namespace
 from .trial import Measurement, wait_until_idle
 
@@ -356,9 +357,15 @@ class QemuPeer(_PeerTrial):
 
     def __init__(self, image: Image, channels: int, compression: str, level: int = 1,
                  binary: str | None = None, *, prealloc: bool = False,
-                 link: EmulatedLink | None = None) -> None:
+                 link: EmulatedLink | None = None,
+                 security: LoopbackSecurity = NO_SECURITY) -> None:
+        """``security``: with its TLS, QEMU's connections in TLS too (its
+        ``tls-creds``, made of the same files); its shared key is fastmfd's alone."""
         if image.size % (1 << 20):
             raise ConfigError(f"QEMU guest RAM is whole MiB; the image is {image.size} bytes")
+        self._tls = {"server": security.destination_tls, "client": security.source_tls}
+        if security.source_tls is not None and security.source_tls.ca is None:
+            raise ConfigError("a QEMU in TLS checks its peer against a CA: give --tls-ca")
         self.image = image
         self.channels, self.compression, self.level = channels, compression, level
         self._binary = find_qemu(binary)
@@ -403,7 +410,37 @@ class QemuPeer(_PeerTrial):
         self._files.append(path)
         return path
 
-    def _start(self, ram_path: str, *, incoming: bool) -> QMP:
+    def _tls_creds(self, endpoint: str) -> list[str]:
+        """The ``-object`` of a QEMU's ``tls-creds`` (``endpoint`` server or client):
+        a directory of the names QEMU reads, linked to the bench's TLS files."""
+        tls = self._tls[endpoint]
+        assert tls is not None and tls.ca is not None, "only with TLS (checked: a CA)"
+        directory = self._new_file(f"qemu-tls-{endpoint}")
+        os.mkdir(directory, 0o700)
+        for name, path in (("ca-cert.pem", tls.ca), (f"{endpoint}-cert.pem", tls.cert),
+                           (f"{endpoint}-key.pem", tls.key)):
+            if path is not None:
+                os.symlink(os.path.abspath(path), os.path.join(directory, name))
+        # A server verifies its clients (verify-peer) where the bench's destination does.
+        verify = "on" if endpoint == "client" or tls.ca is not None else "off"
+        return ["-object", f"tls-creds-x509,id=tls0,dir={directory},endpoint={endpoint},"
+                           f"verify-peer={verify}"]
+
+    def secure(self, qmp: QMP, endpoint: str) -> None:
+        """Migrate in TLS (``tls-creds``; a client checks ``tls-hostname`` where the
+        bench's source names one); nothing without TLS. Call after :meth:`_start`
+        with ``tls``."""
+        tls = self._tls[endpoint]
+        if tls is None:
+            return
+        params = {"tls-creds": "tls0"}
+        if endpoint == "client" and tls.hostname is not None:
+            params["tls-hostname"] = tls.hostname
+        qmp.command("migrate-set-parameters", **params)
+
+    def _start(self, ram_path: str, *, incoming: bool, tls: bool = False) -> QMP:
+        """A QEMU on ``ram_path``, its migration's destination if ``incoming``;
+        ``tls``: with the ``tls-creds`` of its end, where the bench has TLS."""
         mib = self.image.size >> 20
         qmp_path = self._new_file("qmp-dst" if incoming else "qmp-src")
         command = [
@@ -413,6 +450,9 @@ class QemuPeer(_PeerTrial):
             "-object", f"memory-backend-file,id=mem,size={mib}M,mem-path={ram_path},share=on"
                        + (",prealloc=on" if incoming and self._prealloc else ""),
             "-qmp", f"unix:{qmp_path},server=on,wait=off", "-S"]
+        endpoint = "server" if incoming else "client"
+        if tls and self._tls[endpoint] is not None:
+            command += self._tls_creds(endpoint)
         if incoming:
             command += ["-incoming", "defer"]
             if self._link is not None:
@@ -471,10 +511,11 @@ class QemuTrial(QemuPeer):
 
     def _prepare(self) -> None:
         self._received = self._new_file("qemu-dst-ram")
-        self.src = self._start(self.image.path, incoming=False)
-        self.dst = self._start(self._received, incoming=True)
-        for qmp in (self.src, self.dst):
+        self.src = self._start(self.image.path, incoming=False, tls=True)
+        self.dst = self._start(self._received, incoming=True, tls=True)
+        for qmp, endpoint in ((self.src, "client"), (self.dst, "server")):
             self.multifd(qmp, self.channels, self.compression, self.level)
+            self.secure(qmp, endpoint)
         self._uri = self.listening_uri(self.dst)
 
     def pids(self) -> dict[str, list[int]]:
@@ -501,4 +542,6 @@ class QemuTrial(QemuPeer):
             "qemu_downtime_s": info.get("downtime", 0) / 1000,
             "source_done_s": source_done,
             "normal_pages": ram["normal"], "zero_pages": ram["duplicate"],
-            "multifd_bytes": ram.get("multifd-bytes")})
+            "multifd_bytes": ram.get("multifd-bytes"),
+            # QEMU's own word on its TLS ("" without).
+            "qemu_tls_creds": self.src.command("query-migrate-parameters").get("tls-creds", "")})

@@ -178,14 +178,15 @@ class FastmfdToQemuTrial(QemuPeer):
     def _prepare(self) -> None:
         self._dir = self._saved_directory()
         self._received = self._new_file("qemu-dst-ram")
-        self.dst = self._start(self._received, incoming=True)
+        self.dst = self._start(self._received, incoming=True, tls=True)
         self.multifd(self.dst, self.channels, self.compression, self.level)
+        self.secure(self.dst, "server")
         self._uri = self.listening_uri(self.dst)
         # Its workers ready before timing, as fastmfd's own Source's are (QEMU's
         # source starts threads inside its migration: microseconds each).
         self._sender = qemu.QemuSender(self._dir, channels=self.channels,
                                        compression=self.compression, level=self.level,
-                                       stall_timeout=STEP_TIMEOUT)
+                                       stall_timeout=STEP_TIMEOUT, tls=self._tls["client"])
 
     def _saved_directory(self) -> str:
         """The image saved from this QEMU by ``listen --qemu``, made by the cell's
