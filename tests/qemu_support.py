@@ -15,8 +15,9 @@ Around them, what the QEMU tests share: ``Receiver`` (``qemu.receive`` in a
 thread), ``Background`` (any call in a thread, with a deadline for its
 return), ``listening_command`` (``fastmfd listen --qemu`` as a subprocess),
 ``saved_guest`` (a real guest's migration saved by ``qemu.receive``),
-``incoming_guest`` (a QEMU waiting with ``-incoming defer``) and
-``wait_until_filled`` (until pages have landed in files).
+``incoming_guest`` (a QEMU waiting with ``-incoming defer``), ``assert_loaded``
+(it completed, with the RAM expected) and ``wait_until_filled`` (until pages
+have landed in files).
 """
 
 from __future__ import annotations
@@ -242,6 +243,12 @@ def incoming_guest(tmp_path, channels: int, compression: str, binary: str = QEMU
         guest.close()
         raise
     return guest, ram_path, f"tcp:{socket_address['host']}:{socket_address['port']}"
+
+
+def assert_loaded(guest: Guest, ram_path: Path, ram: np.ndarray) -> None:
+    """The destination ``guest`` completed its migration, its RAM file holding ``ram``."""
+    assert guest.wait() == "completed"
+    assert np.array_equal(np.fromfile(ram_path, dtype=np.uint8), ram)
 
 
 def wait_until_filled(paths: Callable[[], Iterable[Path]], at_least: int,

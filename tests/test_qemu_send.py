@@ -20,7 +20,6 @@ import sys
 import threading
 import time
 
-import numpy as np
 import pytest
 
 from fastmfd import qemu
@@ -28,8 +27,8 @@ from fastmfd._engine.qemu_sending import QEMU_PACKET_BYTES
 from fastmfd.errors import ConfigError, FastMFDError, MigrationError
 from fastmfd.protocol.qemu_encoding import encode_open_return_path
 from fastmfd.protocol.qemu_return_path import encode_rp_pong, encode_rp_shut
-from qemu_support import (QEMU, QEMU10, QEMUS, Background, Guest, Receiver, incoming_guest,
-                          needs_qemu, needs_qemu10, saved_guest)
+from qemu_support import (QEMU, QEMU10, QEMUS, Background, Guest, Receiver, assert_loaded,
+                          incoming_guest, needs_qemu, needs_qemu10, saved_guest)
 from inspect_support import NATIVE_CAPTURES, captures_dir
 from migration_support import Proxy
 from test_qemu_receive import capture_bytes, receive_replay
@@ -54,8 +53,7 @@ def test_saved_migration_goes_back_into_qemu(tmp_path, qemu_binary, channels, co
     try:
         sent = qemu.send(address, str(saved), channels=channels, compression=compression,
                          stall_timeout=10.0)
-        assert guest.wait() == "completed"
-        assert np.array_equal(np.fromfile(ram_path, dtype=np.uint8), ram)
+        assert_loaded(guest, ram_path, ram)
         assert len(sent) == channels and all(c["syncs"] == 2 for c in sent)
         assert loaded_commands(guest) == (["OPEN_RETURN_PATH", "PING"]
                                           + ["SWITCHOVER_START"] * len(switchover))
@@ -75,8 +73,7 @@ def test_q35_goes_to_files_and_back(tmp_path, qemu_binary):
     guest, ram_path, address = incoming_guest(tmp_path, 2, "zstd", qemu_binary, machine="q35")
     try:
         qemu.send(address, str(saved), channels=2, compression="zstd", stall_timeout=10.0)
-        assert guest.wait() == "completed"
-        assert np.array_equal(np.fromfile(ram_path, dtype=np.uint8), ram)
+        assert_loaded(guest, ram_path, ram)
     finally:
         guest.close()
 
@@ -93,8 +90,7 @@ def test_send_qemu_command(tmp_path, qemu_binary):
         assert done.returncode == 0, done.stderr
         channels = json.loads(done.stdout)["channels"]
         assert len(channels) == 2 and sum(c["normal_pages"] for c in channels) > 0
-        assert guest.wait() == "completed"
-        assert np.array_equal(np.fromfile(ram_path, dtype=np.uint8), ram)
+        assert_loaded(guest, ram_path, ram)
     finally:
         guest.close()
 
@@ -489,8 +485,7 @@ def test_a_destination_with_switchover_ack_acks_on_the_return_path(tmp_path):
             {"capability": "return-path", "state": True},
             {"capability": "switchover-ack", "state": True}])
         qemu.send(address, str(saved), channels=2, stall_timeout=10.0)
-        assert guest.wait() == "completed"
-        assert np.array_equal(np.fromfile(ram_path, dtype=np.uint8), ram)
+        assert_loaded(guest, ram_path, ram)
     finally:
         guest.close()
 

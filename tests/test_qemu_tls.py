@@ -15,7 +15,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 pytest.importorskip("trustme", reason="the TLS tests need trustme (pip install '.[test]')")
@@ -23,7 +22,8 @@ import trustme  # noqa: E402
 
 from fastmfd import TLSConfig, qemu  # noqa: E402
 from fastmfd.errors import MigrationError, SecurityError  # noqa: E402
-from qemu_support import QEMU, QEMUS, incoming_guest, needs_qemu, saved_guest  # noqa: E402
+from qemu_support import (QEMU, QEMUS, assert_loaded, incoming_guest,  # noqa: E402
+                          needs_qemu, saved_guest)
 from test_qemu_peer_dies import (DESTINATION_KILLED, PATIENT, SEND_CHANNELS,  # noqa: E402
                                  STALL, STOPPED_GUEST_MIB, assert_fails, assert_gone, kill,
                                  resume_and_close, send_slowly)
@@ -96,8 +96,7 @@ def test_a_saved_migration_goes_back_into_qemu_in_tls(tmp_path, qemu_binary, cha
     try:
         sent = qemu.send(address, str(saved), channels=channels, compression=compression,
                          stall_timeout=10.0, tls=creds.source)
-        assert guest.wait() == "completed"
-        assert np.array_equal(np.fromfile(ram_path, dtype=np.uint8), ram)
+        assert_loaded(guest, ram_path, ram)
         assert len(sent) == channels and all(c["normal_pages"] > 0 for c in sent)
     finally:
         guest.close()
@@ -115,8 +114,7 @@ def test_send_qemu_command_in_tls(tmp_path):
              "--tls-cert", str(tls.cert), "--tls-key", str(tls.key), "--tls-ca", str(tls.ca)],
             capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
-        assert guest.wait() == "completed"
-        assert np.array_equal(np.fromfile(ram_path, dtype=np.uint8), ram)
+        assert_loaded(guest, ram_path, ram)
     finally:
         guest.close()
 
@@ -153,8 +151,7 @@ def test_the_destination_s_certificate_must_carry_the_name_checked(tmp_path, qem
                 qemu.send(address, str(saved), channels=2, stall_timeout=10.0, tls=tls)
         else:
             qemu.send(address, str(saved), channels=2, stall_timeout=10.0, tls=tls)
-            assert guest.wait() == "completed"
-            assert np.array_equal(np.fromfile(ram_path, dtype=np.uint8), ram)
+            assert_loaded(guest, ram_path, ram)
     finally:
         guest.close()
 
