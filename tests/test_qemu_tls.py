@@ -16,16 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import trustme
 
-pytest.importorskip("trustme", reason="the TLS tests need trustme (pip install '.[test]')")
-import trustme  # noqa: E402
-
-from fastmfd import TLSConfig, qemu  # noqa: E402
-from fastmfd.errors import MigrationError, SecurityError  # noqa: E402
-from qemu_support import (QEMU, QEMUS, assert_loaded, incoming_guest,  # noqa: E402
-                          needs_qemu, saved_guest)
-from test_qemu_peer_dies import (DESTINATION_KILLED, PATIENT, SEND_CHANNELS,  # noqa: E402
-                                 STALL, STOPPED_GUEST_MIB, assert_fails, assert_gone, kill,
+from fastmfd import TLSConfig, qemu
+from fastmfd.errors import MigrationError, SecurityError
+from qemu_support import QEMU, QEMUS, assert_loaded, incoming_guest, needs_qemu, saved_guest
+from test_qemu_peer_dies import (DESTINATION_KILLED, PATIENT, SEND_CHANNELS, STALL,
+                                 STOPPED_GUEST_MIB, assert_fails, assert_gone, kill,
                                  resume_and_close, send_slowly)
 
 
