@@ -116,6 +116,37 @@ def test_a_source_silent_after_setup_ack(channels_connected):
     assert kind.name == "ERROR" and expected in body["error"]
 
 
+def test_a_connection_at_a_stopped_worker_names_it():
+    """The worker process handed a channel's connection is stopped before it reads
+    the greeting: the connection is no channel yet, and the destination said only
+    "channel 0: not connected 1 s after SETUP_ACK", as if none had come (what
+    test_a_stopped_worker[destination] once said, its worker stopped too early)."""
+    uuid = os.urandom(16)
+    setup = setup_message(fastmfd.MigrationConfig(channels=1, stall_timeout=STALL), uuid,
+                          {"ram": 16 * 4096})
+    with fastmfd.Destination("tcp:127.0.0.1:0", workers=1) as dst:
+        thread, done = _receive_in_thread(dst)
+        source = FakeSource(dst.address, setup)
+        worker = dst._workers[0].process.pid
+        try:
+            assert source.open_main()[0] is Msg.SETUP_ACK
+            os.kill(worker, signal.SIGSTOP)
+            source.connect(hello(0, uuid))              # handed to the stopped worker
+            deadline = time.monotonic() + BOUND + 5
+            while thread.is_alive() and time.monotonic() < deadline:
+                source.main.sendall(encode_message(Msg.KEEPALIVE))
+                thread.join(0.2)
+            assert not thread.is_alive(), "the destination still waits"
+        finally:
+            try:
+                os.kill(worker, signal.SIGCONT)         # (the teardown killed it)
+            except ProcessLookupError:
+                pass
+            source.close()
+    assert ("channel 0: not connected 1 s after SETUP_ACK (a connection waits for its greeting "
+            f"by a stopped worker process, pid {worker})") in str(done.get("error")), done
+
+
 def _fake_session(syncs: int, messages: list[tuple[Msg, dict]],
                   trickled: bytes = b"") -> BaseException:
     """A hand-made source: one channel sends a RAM packet and ``syncs`` SYNCs, the

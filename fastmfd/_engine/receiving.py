@@ -397,12 +397,13 @@ class Receiving:
         stopped process fails."""
         setup, stall, progress = self.setup, self._stall, self._progress
         assert setup is not None and progress is not None and self._counters is not None
-        assert self._heartbeat is not None, "in run()"
+        assert self._heartbeat is not None and self._door is not None, "in run()"
         for ch in range(setup.total_channels):
             worker = self._assigned.get(ch)
             if worker is None:
                 if progress.stalled(("connect", ch), True, None):
-                    raise MigrationError(f"not connected {stall:g} s after SETUP_ACK",
+                    raise MigrationError(f"not connected {stall:g} s after SETUP_ACK"
+                                         + self._door.stopped_greeters(),
                                          channel=f"channel {ch}")
                 continue
             if ch in self._drained:
