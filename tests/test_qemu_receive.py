@@ -215,7 +215,10 @@ def test_a_source_with_a_return_path_fails_when_the_files_cannot_be_committed(
     is told, and its migration fails, the guest still its own, where it had
     reported completed and given up a guest whose state no file holds. The
     source pauses before its switchover (pause-before-switchover) while the
-    file appears."""
+    file appears, once the receiver has claimed its files' names (at the block
+    list): a receiver late to read it found the file there already, and said
+    "manifest.json exists (a file): not replacing it without --force" (4 runs in
+    6 with its polls late 0-50 ms and a busy CPU)."""
     out = tmp_path / "out"
     traced_guest.qmp.command("migrate-set-capabilities", capabilities=[
         {"capability": "pause-before-switchover", "state": True}])
@@ -223,6 +226,10 @@ def test_a_source_with_a_return_path_fails_when_the_files_cannot_be_committed(
     traced_guest.migrate(receiver.address)
     polled_status(traced_guest, ("pre-switchover",), 30,
                   "the source never paused before its switchover")
+    deadline = time.monotonic() + 30
+    while not any(out.glob("*.part")):
+        assert time.monotonic() < deadline, "the receiver never took the block list"
+        time.sleep(0.01)
     (out / "manifest.json").write_text("someone else's\n")
     traced_guest.qmp.command("migrate-continue", state="pre-switchover")
     with pytest.raises(MigrationError, match="manifest.json appeared while the migration was "
@@ -263,11 +270,17 @@ def test_an_unsupported_capability_is_refused_naming_it(tmp_path, guest, capabil
     """A capability fastmfd cannot receive is refused, named, before any file is
     written: x-ignore-shared (the guest's RAM is the shared file-backed block
     it never sends), dirty-bitmaps (postcopy advised, without postcopy-ram);
-    QEMU's migration fails, no file is left."""
+    QEMU's migration fails, no file is left.
+
+    QEMU learns of the refusal only on a return path (its SHUT 1): without one,
+    x-ignore-shared's stream (no page of the guest's RAM) was all written into
+    the socket before the refusal closed it, and QEMU said "completed" (1 run in
+    3 under load)."""
     out = tmp_path / "out"
     guest.set_multifd(2, "none")
     guest.qmp.command("migrate-set-capabilities", capabilities=[
-        {"capability": capability, "state": True}])
+        {"capability": capability, "state": True},
+        {"capability": "return-path", "state": True}])
     receiver = Receiver(out)
     guest.migrate(receiver.address)
     with pytest.raises(ProtocolError, match=match):

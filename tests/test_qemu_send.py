@@ -13,12 +13,14 @@ import json
 import multiprocessing
 import os
 import re
+import signal
 import socket
 import struct
 import subprocess
 import sys
 import threading
 import time
+from multiprocessing import forkserver
 
 import pytest
 
@@ -595,3 +597,75 @@ def test_a_destination_of_another_flavour_fails_the_send(tmp_path, qemu_binary):
             qemu.send(address, str(tmp_path / "saved"), channels=2, stall_timeout=3.0)
     finally:
         guest.close()
+
+
+def _waiting_in(thread: threading.Thread, function: str) -> bool:
+    """Whether ``thread`` is inside fastmfd's ``function`` now."""
+    frame = sys._current_frames().get(thread.ident)
+    while frame is not None:
+        if frame.f_code.co_name == function and "fastmfd" in frame.f_code.co_filename:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def test_a_worker_killed_mid_send_is_named_by_its_death(tmp_path, qemu72_captures):
+    """A send worker killed mid-send (the OOM killer, say) closes its command pipe
+    at once, and the forkserver reports its exit a moment later, late on a loaded
+    machine: the next command for it found the pipe broken first, and the send
+    said "multifd channel 1: cannot hand work to its worker: Broken pipe". Its
+    exit is waited for, and named. The forkserver is stopped from the kill until
+    the send waits for that exit (Child.lost), so the moment is certain; the
+    other connections are read only after the kill, so the send cannot have
+    handed the worker its last command (QUIT) before: the saved guest's 28 MiB
+    of pages are more than channel 0's connection holds."""
+    receive_replay(tmp_path / "saved", capture_bytes(qemu72_captures, "none"))
+    listener = socket.create_server(("127.0.0.1", 0))
+    server = forkserver._forkserver._forkserver_pid
+    failed: list[BaseException] = []
+    killed = threading.Event()
+
+    def drain(conn: socket.socket, victim: int | None) -> None:
+        with conn:
+            if victim is None:
+                killed.wait(30)
+            elif conn.recv(1 << 16):            # its init packet: it has its session
+                os.kill(server, signal.SIGSTOP)
+                os.kill(victim, signal.SIGKILL)
+                killed.set()
+            while conn.recv(1 << 16):
+                pass
+
+    with qemu.QemuSender(str(tmp_path / "saved"), channels=2, stall_timeout=10.0) as sender:
+        victim = sender.worker_pids()[1]
+
+        def serve() -> None:
+            for i in range(3):      # the main channel, then multifd channels 0 and 1
+                try:
+                    conn = listener.accept()[0]
+                except OSError:
+                    return
+                threading.Thread(target=drain, args=(conn, victim if i == 2 else None),
+                                 daemon=True).start()
+
+        def send() -> None:
+            try:
+                sender.send(f"tcp:127.0.0.1:{listener.getsockname()[1]}")
+            except BaseException as exc:
+                failed.append(exc)
+
+        threading.Thread(target=serve, daemon=True).start()
+        sending = threading.Thread(target=send)
+        sending.start()
+        try:
+            deadline = time.monotonic() + 30
+            while sending.is_alive() and not _waiting_in(sending, "lost"):
+                assert time.monotonic() < deadline, "the send neither failed nor waited"
+                time.sleep(0.005)
+        finally:
+            os.kill(server, signal.SIGCONT)
+            sending.join(30)
+            listener.close()
+    assert failed and isinstance(failed[0], MigrationError), failed
+    assert str(failed[0]).startswith(
+        "multifd channel 1: the worker process was killed by SIGKILL"), str(failed[0])

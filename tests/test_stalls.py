@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -25,6 +26,7 @@ import pytest
 
 import fastmfd
 from device_support import StopsHalfwayThroughItsReport, StuckLoader
+from fastmfd._engine import receiving
 from fastmfd._engine.liveness import Heartbeat
 from fastmfd import _core
 from fastmfd.protocol.main_channel import MainChannel, Msg, encode_message
@@ -112,6 +114,37 @@ def test_a_source_silent_after_setup_ack(channels_connected):
     expected = "nothing from the source" if channels_connected else "channel 0: not connected"
     assert expected in str(error)
     assert kind.name == "ERROR" and expected in body["error"]
+
+
+def test_a_connection_at_a_stopped_worker_names_it():
+    """The worker process handed a channel's connection is stopped before it reads
+    the greeting: the connection is no channel yet, and the destination said only
+    "channel 0: not connected 1 s after SETUP_ACK", as if none had come (what
+    test_a_stopped_worker[destination] once said, its worker stopped too early)."""
+    uuid = os.urandom(16)
+    setup = setup_message(fastmfd.MigrationConfig(channels=1, stall_timeout=STALL), uuid,
+                          {"ram": 16 * 4096})
+    with fastmfd.Destination("tcp:127.0.0.1:0", workers=1) as dst:
+        thread, done = _receive_in_thread(dst)
+        source = FakeSource(dst.address, setup)
+        worker = dst._workers[0].process.pid
+        try:
+            assert source.open_main()[0] is Msg.SETUP_ACK
+            os.kill(worker, signal.SIGSTOP)
+            source.connect(hello(0, uuid))              # handed to the stopped worker
+            deadline = time.monotonic() + BOUND + 5
+            while thread.is_alive() and time.monotonic() < deadline:
+                source.main.sendall(encode_message(Msg.KEEPALIVE))
+                thread.join(0.2)
+            assert not thread.is_alive(), "the destination still waits"
+        finally:
+            try:
+                os.kill(worker, signal.SIGCONT)         # (the teardown killed it)
+            except ProcessLookupError:
+                pass
+            source.close()
+    assert ("channel 0: not connected 1 s after SETUP_ACK (a connection waits for its greeting "
+            f"by a stopped worker process, pid {worker})") in str(done.get("error")), done
 
 
 def _fake_session(syncs: int, messages: list[tuple[Msg, dict]],
@@ -247,6 +280,44 @@ def test_a_channel_that_ends_before_its_sync(image):
     outcome = _run(image, {1: fault})
     _check(outcome, fault.fired_at, r"receive channel 1: the channel ended before the SYNC "
                                     r"of round 1")
+
+
+def test_the_destination_keeps_the_source_told_while_it_waits_for_its_word(monkeypatch):
+    """A channel that ends before its SYNC makes the destination wait a moment
+    (SOURCE_WORD_GRACE) for the source's ERROR, the likelier cause, before it fails;
+    its KEEPALIVEs go on meanwhile. Silent through the grace, half of a 1 s stall
+    timeout, the destination was failed by the source first, "main channel: nothing
+    from the destination for 1.01 s" (the test above, 8 runs in 10 with the main
+    processes' polls late 0-50 ms and a busy CPU). Here the grace is twice the stall
+    timeout, so that a silent destination is certain to show."""
+    monkeypatch.setattr(receiving, "SOURCE_WORD_GRACE", 2 * STALL)
+    config = fastmfd.MigrationConfig(channels=1, packet_pages=16)
+    uuid = os.urandom(16)
+    heard = []                              # (when, what) the destination said
+    with fastmfd.Destination("tcp:127.0.0.1:0", workers=1, stall_timeout=STALL) as dst:
+        thread, done = _receive_in_thread(dst)
+        source = FakeSource(dst.address, setup_message(config, uuid, {"ram": 16 * 4096}))
+        try:
+            assert source.open_main()[0] is Msg.SETUP_ACK
+            channel = source.connect(hello(0, uuid) + ram_packet(config, "ram", [0, 1], 0xEE))
+            channel.shutdown(socket.SHUT_WR)            # its end, before its SYNC
+            source.main.sendall(encode_message(Msg.ROUND_END, {"round": 1}))
+            heard.append((time.monotonic(), None))
+            deadline = time.monotonic() + 4 * STALL + 5
+            while heard[-1][1] is not Msg.ERROR and time.monotonic() < deadline:
+                if select.select([source.main], [], [], 0.2)[0]:
+                    kind, _ = source.reply()
+                    heard.append((time.monotonic(), kind))
+                else:                           # a live source's own KEEPALIVEs
+                    source.main.sendall(encode_message(Msg.KEEPALIVE))
+            thread.join(BOUND + 5)
+        finally:
+            source.close()
+    assert "receive channel 0: the channel ended before the SYNC of round 1" in str(
+        done.get("error")), done
+    assert heard[-1][1] is Msg.ERROR, heard
+    silences = [later[0] - earlier[0] for earlier, later in zip(heard, heard[1:])]
+    assert max(silences) < STALL, f"the destination was silent for {max(silences):.2f} s"
 
 
 def _channel_worker(owner, ch: int):

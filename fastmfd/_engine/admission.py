@@ -50,6 +50,7 @@ from ..protocol.control import Greeting
 from ..protocol.handshake import MainGreeting, greet_main_channel, refuse_on_arrival
 from ..protocol.security import ChannelSecurity
 from ..protocol.setup import Setup
+from .liveness import process_stopped
 from .processes import Child, ChildSet, Watch
 from .session import SessionResources
 from .workers import recv_worker_main
@@ -343,6 +344,13 @@ class ChannelDoor:
         self._refuse(peer, reason)
         if self._open:
             self._watch.add(self._parts.listener, self._accept)
+
+    def stopped_greeters(self) -> str:
+        """Why a connection may not be a channel yet: the worker process handed it to
+        greet is stopped (which connection is whose channel, its greeting says)."""
+        pids = [str(w.process.pid) for w in self._greeting if process_stopped(w.process.pid)]
+        return (f" (a connection waits for its greeting by a stopped worker process, pid "
+                f"{', '.join(pids)})" if pids else "")
 
     def close(self) -> None:
         """Every channel is in: stop taking connections."""

@@ -24,6 +24,7 @@ the monitor's existing wait, which wakes for reports and messages anyway.
 from __future__ import annotations
 
 import fcntl
+import select
 import socket
 import struct
 import termios
@@ -121,11 +122,35 @@ class Heartbeat:
             raise MigrationError(f"nothing from the {self.peer} for {silent:.3g} s "
                                  f"(stall timeout {self.limit:g} s)", channel=MAIN)
 
+    def peer_speaks_by(self, deadline: float) -> bool:
+        """Whether the peer's next message comes before ``deadline``, KEEPALIVE going
+        out meanwhile as it falls due: waiting for the peer's word (its ERROR, the
+        cause of a failure seen here) is no silence of this side. Silent through a
+        grace of half a 1 s stall timeout, a destination was the one the source
+        failed ("nothing from the destination"), before its ERROR could say why.
+        A KEEPALIVE that cannot go means a peer gone: it says nothing more."""
+        while not self._decrypted():
+            now = time.monotonic()
+            if now - self.main.last_sent >= self.interval:
+                try:
+                    self.main.send(Msg.KEEPALIVE)
+                except MigrationError:
+                    return False
+            wait = min(deadline, self.main.last_sent + self.interval) - now
+            if select.select([self.main.sock], [], [], max(0.0, wait))[0]:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+        return True
+
+    def _decrypted(self) -> bool:
+        """Whether TLS holds bytes of the peer's decrypted already, not yet read."""
+        pending = getattr(self.main.sock, "pending", None)
+        return bool(pending and pending())
+
     def _peer_spoke(self) -> bool:
         """Whether the peer's next message is already here, unread. A process stopped
         or descheduled past the deadline finds it queued when it runs again: the
         peer was not silent, this side was late to read (and what it reads may be
         the peer's own ERROR, the failure worth reporting)."""
-        sock = self.main.sock
-        pending = getattr(sock, "pending", None)        # TLS: decrypted, not yet read
-        return bool(pending and pending()) or bytes_waiting(sock.fileno()) > 0
+        return self._decrypted() or bytes_waiting(self.main.sock.fileno()) > 0

@@ -436,9 +436,11 @@ class QemuSending:
         try:
             os.write(self.cmd_fds[ch], record)
         except OSError as exc:
+            # Only its worker reads the pipe: broken, the worker is gone, and its
+            # exit (which the forkserver reports a moment later) is waited for: the
+            # send said "cannot hand work to its worker: Broken pipe" for a killed one.
             self._check_workers()
-            raise MigrationError(f"cannot hand work to its worker: {exc.strerror}",
-                                 channel=f"multifd channel {ch}") from None
+            raise self.workers[ch].lost(exc) from None
 
     def _check_workers(self) -> None:
         """Raise what a worker reported (its failure) or how it ended; first, though,

@@ -36,7 +36,6 @@ any byte of it reaches a region: state FAILED, the source is sent ERROR.
 from __future__ import annotations
 
 import enum
-import select
 import socket
 import time
 from typing import Callable
@@ -368,12 +367,10 @@ class Receiving:
             raise source_failed(body) from error
 
     def _source_speaks_by(self, deadline: float) -> bool:
-        """Whether a main-channel message comes before ``deadline`` (TLS may hold
-        one decrypted already)."""
-        assert self.main is not None, "in run()"
-        sock = self.main.sock
-        return bool(getattr(sock, "pending", lambda: 0)() or select.select(
-            [sock], [], [], max(0.0, deadline - time.monotonic()))[0])
+        """Whether a main-channel message comes before ``deadline`` (this side's
+        KEEPALIVEs go on meanwhile)."""
+        assert self._heartbeat is not None, "in run()"
+        return self._heartbeat.peer_speaks_by(deadline)
 
     def _max_message(self) -> int:
         """The largest main-channel payload (an old-way device chunk)."""
@@ -400,12 +397,13 @@ class Receiving:
         stopped process fails."""
         setup, stall, progress = self.setup, self._stall, self._progress
         assert setup is not None and progress is not None and self._counters is not None
-        assert self._heartbeat is not None, "in run()"
+        assert self._heartbeat is not None and self._door is not None, "in run()"
         for ch in range(setup.total_channels):
             worker = self._assigned.get(ch)
             if worker is None:
                 if progress.stalled(("connect", ch), True, None):
-                    raise MigrationError(f"not connected {stall:g} s after SETUP_ACK",
+                    raise MigrationError(f"not connected {stall:g} s after SETUP_ACK"
+                                         + self._door.stopped_greeters(),
                                          channel=f"channel {ch}")
                 continue
             if ch in self._drained:
