@@ -33,6 +33,7 @@ from typing import Hashable
 
 from ..errors import MigrationError
 from ..protocol.main_channel import MAIN, MainChannel, Msg
+from ..protocol.sockets import decrypted_unread
 
 __all__ = ["Heartbeat", "Progress", "set_stall_timeout", "bytes_waiting", "process_stopped",
            "stall_error", "tick"]
@@ -129,7 +130,7 @@ class Heartbeat:
         grace of half a 1 s stall timeout, a destination was the one the source
         failed ("nothing from the destination"), before its ERROR could say why.
         A KEEPALIVE that cannot go means a peer gone: it says nothing more."""
-        while not self._decrypted():
+        while not decrypted_unread(self.main.sock):
             now = time.monotonic()
             if now - self.main.last_sent >= self.interval:
                 try:
@@ -143,14 +144,10 @@ class Heartbeat:
                 return False
         return True
 
-    def _decrypted(self) -> bool:
-        """Whether TLS holds bytes of the peer's decrypted already, not yet read."""
-        pending = getattr(self.main.sock, "pending", None)
-        return bool(pending and pending())
-
     def _peer_spoke(self) -> bool:
         """Whether the peer's next message is already here, unread. A process stopped
         or descheduled past the deadline finds it queued when it runs again: the
         peer was not silent, this side was late to read (and what it reads may be
         the peer's own ERROR, the failure worth reporting)."""
-        return self._decrypted() or bytes_waiting(self.main.sock.fileno()) > 0
+        sock = self.main.sock
+        return decrypted_unread(sock) > 0 or bytes_waiting(sock.fileno()) > 0

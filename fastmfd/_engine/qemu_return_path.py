@@ -24,12 +24,12 @@ from __future__ import annotations
 import logging
 import select
 import socket
-import ssl
 
 from ..errors import MigrationError
 from ..protocol.qemu_encoding import encode_open_return_path
 from ..protocol.qemu_return_path import (ReturnPathDecoder, encode_rp_pong, encode_rp_shut,
                                          encode_rp_switchover_ack, knows_switchover_ack)
+from ..protocol.sockets import decrypted_unread
 
 __all__ = ["ReturnPathAnswers", "ReturnPathWatch"]
 
@@ -124,17 +124,13 @@ class ReturnPathWatch:
         (an OSError once it was broken)."""
         readable = select.poll()
         readable.register(self.sock, select.POLLIN)
-        # (recv() would wait the socket's timeout first.) Over TLS, what a record
-        # held beyond the last read waits decrypted in the SSLSocket, not the socket.
-        while self._decrypted() or readable.poll(0):
+        # (recv() would wait the socket's timeout first.)
+        while decrypted_unread(self.sock) or readable.poll(0):
             data = self.sock.recv(1 << 16)
             if not data:
                 return False
             self.decoder.feed(data)
         return True
-
-    def _decrypted(self) -> int:
-        return self.sock.pending() if isinstance(self.sock, ssl.SSLSocket) else 0
 
     def feed(self, data: bytes) -> None:
         """Bytes read elsewhere (the wait for the end of the stream)."""

@@ -15,6 +15,7 @@ import errno
 import ipaddress
 import os
 import socket
+import ssl
 import stat
 import time
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Address", "parse_address", "listen", "remove_socket_file", "bound_address",
            "connect", "recv_exact", "ConnectionClosed", "send_all", "tune_data_socket",
-           "tune_main_socket", "peer_on_this_host"]
+           "tune_main_socket", "peer_on_this_host", "decrypted_unread"]
 
 # Unix sockets have no buffer autotuning: large buffers let a send worker's
 # writev of a whole packet complete without waiting on its peer (the kernel
@@ -285,6 +286,12 @@ def tune_data_socket(sock: socket.socket) -> None:
         return
     if local:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, LOCAL_UNSENT_LIMIT)
+
+
+def decrypted_unread(sock: socket.socket) -> int:
+    """Bytes of the peer's that a TLS socket holds decrypted, not yet read (0 for a
+    plain socket): they are in no kernel buffer, so polling the socket misses them."""
+    return sock.pending() if isinstance(sock, ssl.SSLSocket) else 0
 
 
 def peer_on_this_host(sock: socket.socket) -> bool:
