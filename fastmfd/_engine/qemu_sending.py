@@ -132,7 +132,6 @@ class QemuSending:
         self.page_size = regions[0].page_size
         self.job_pages = QEMU_PACKET_BYTES // self.page_size * JOB_PACKETS
         self.main: socket.socket | None = None     # an ssl.SSLSocket with TLS
-        self.security = ChannelSecurity(timeout=stall_timeout)     # with the address: run()
         self.answers: ReturnPathWatch | None = None     # the destination's, on it
         self._ended: str | None = None      # how the destination ended it, once known
         self.data: list[socket.socket] = []
@@ -173,9 +172,9 @@ class QemuSending:
         footer = stream.section_footers
         # Where the destination waits for the SYNCs: a MULTIFD_FLUSH, or the EOS.
         barrier = encode_multifd_flush() if stream.per_round else b""
-        self.security = ChannelSecurity.of_source(self.tls, address.target, address.family,
-                                                  timeout=self.stall)
-        self.main = self._connect(address)
+        security = ChannelSecurity.of_source(self.tls, address.target, address.family,
+                                             timeout=self.stall)
+        self.main = self._connect(address, security)
         self.main.settimeout(self.stall)
         self.answers = ReturnPathWatch(self.main)
         commands = stream.commands
@@ -183,7 +182,7 @@ class QemuSending:
                    + commands["ram"]
                    + encode_ram_start(section, {r.name: r.size for r in self.regions}))
         for ch, worker in enumerate(self.workers):
-            self._open_channel(address, ch, worker)
+            self._open_channel(address, ch, worker, security)
         self._sync()
         self._main(barrier + encode_ram_eos(section, footer) + commands["ram-end"]
                    + encode_ram_end_start(section))
@@ -197,16 +196,15 @@ class QemuSending:
         self._wait_done()
         self._wait_loaded()
 
-    def _connect(self, address: Address) -> socket.socket:
+    def _connect(self, address: Address, security: ChannelSecurity) -> socket.socket:
         """The main channel's connection: with TLS, its handshake done (QEMU's
         destination takes the first connection whose handshake completes for
         its main channel, spec §7: the multifd channels connect after it)."""
         main = connect(address, self.connect_timeout)
-        if self.security.tls is None:
+        if security.tls is None:
             return main
         try:
-            return tls_connect(main, self.security, time.monotonic() + self.connect_timeout,
-                               MAIN)
+            return tls_connect(main, security, time.monotonic() + self.connect_timeout, MAIN)
         except SecurityError as exc:
             hint = ("its tls-creds' certificate must chain to this side's ca and carry the "
                     "name checked: the address's host, or hostname"
@@ -235,7 +233,7 @@ class QemuSending:
             # The stream's end, for a reader that reads to it: QEMU stops at its
             # VM description. With TLS it is left out: an SSLSocket sends no
             # close_notify alone (unwrap() waits for the peer's, dropping the SHUT).
-            if self.security.tls is None:
+            if self.tls is None:
                 self.main.shutdown(socket.SHUT_WR)
             while self.answers.said is None:
                 left = deadline - time.monotonic()
@@ -262,11 +260,12 @@ class QemuSending:
                                  f"{self.answers.said} on its return path)"
                                  + self._hint(True, said=True), channel=MAIN)
 
-    def _open_channel(self, address: Address, ch: int, worker: Child) -> None:
+    def _open_channel(self, address: Address, ch: int, worker: Child,
+                      security: ChannelSecurity) -> None:
         sock = connect(address, self.connect_timeout)
         self.data.append(sock)
         tune_data_socket(sock)
-        if self.security.tls is None:
+        if security.tls is None:
             sock.settimeout(self.stall)
         else:
             # The worker's OpenSSL writes to the socket as it is: blocking, a write
@@ -283,7 +282,7 @@ class QemuSending:
             packet_pages=QEMU_PACKET_BYTES // self.page_size, checksum=False, chunk_size=0,
             compression=self.compression, regions=tuple(r.handle for r in self.regions),
             devices=(), counters=self.counters.name, pool=None, hello=bytes(hello),
-            uuid=self.stream.uuid, security=self.security,
+            uuid=self.stream.uuid, security=security,
             compression_level=self.level, zero_page_detection=zeros_listed,
             rate=self.channel_rate,
             # A QEMU destination on this host loads the stream in one thread (7.2:
