@@ -96,7 +96,7 @@ cdef int peek_first_byte(int fd, bint server, bint wait, double deadline, double
         if wait:
             w = wait_fd(fd, POLLIN, deadline)
             if w == 0:
-                snprintf(msg, cap, "TLS handshake: no answer within %g s", timeout)
+                snprintf(msg, cap, "TLS handshake: no answer within %.3g s", timeout)
                 return -1
             if w < 0:
                 snprintf(msg, cap, "TLS handshake: poll: %s", strerror(-w))
@@ -179,7 +179,7 @@ cdef int handshake_loop(SSL *ssl, int fd, bint server, double deadline, double t
                 snprintf(msg, cap, "TLS handshake failed: %s", reason)
             return -1
         if w == 0:
-            snprintf(msg, cap, "TLS handshake: no answer within %g s", timeout)
+            snprintf(msg, cap, "TLS handshake: no answer within %.3g s", timeout)
             return -1
         if w < 0:
             snprintf(msg, cap, "TLS handshake: poll: %s", strerror(-w))
@@ -388,6 +388,105 @@ cdef ssize_t tls_read_deadline(Link *link, uint8_t *buf, size_t size,
         break
     fcntl(link.fd, F_SETFL, flags)
     return rc if rc < 0 else <ssize_t>done
+
+
+# ---------------------------------------------------------------- the relay
+
+cdef int tls_wait_for(Link *link, int err) noexcept nogil:
+    """Wait (no deadline) for what OpenSSL asked for (SSL_ERROR_WANT_*); 0 or -errno."""
+    cdef int w = wait_fd(link.fd, POLLIN if err == SSL_ERROR_WANT_READ else POLLOUT, -1.0)
+    return w if w < 0 else 0
+
+
+cdef int tls_write_nonblocking(Link *link, const uint8_t *buf, size_t size) noexcept nogil:
+    """SSL_write every byte of buf, its fd non-blocking, waiting as OpenSSL asks;
+    0 or -errno."""
+    cdef size_t done = 0, wrote
+    cdef int ret, err, saved, r
+    while done < size:
+        ERR_clear_error()
+        wrote = 0
+        ret = SSL_write_ex(link.ssl, buf + done, size - done, &wrote)
+        if ret == 1:
+            done += wrote
+            continue
+        saved = errno
+        err = SSL_get_error(link.ssl, ret)
+        if err == SSL_ERROR_WANT_READ or err == SSL_ERROR_WANT_WRITE:
+            ERR_clear_error()
+            r = tls_wait_for(link, err)
+        else:
+            r = tls_io_error(link, ret, saved, False)
+            if r == 0:
+                r = -EPIPE
+        if r < 0:
+            return r
+    return 0
+
+
+cdef int tls_relay(Link *link, int plain, uint8_t *buf, size_t cap) noexcept nogil:
+    """Relay the TLS session (its fd made non-blocking) and the blocking socket
+    plain both ways: the peer's bytes, decrypted, to plain, and plain's,
+    encrypted, to the peer. The peer's end (close_notify or FIN) shuts plain
+    for writing; plain's end ends the session (close_notify, FIN): 0. A
+    failure: -errno (-EPROTO with OpenSSL's reason in link.err)."""
+    cdef pollfd fds[2]
+    cdef bint peer_open = True
+    cdef short tls_events = POLLIN
+    cdef size_t got
+    cdef ssize_t n
+    cdef int ret, err, saved, r, flags
+    cdef iovec one
+    r = set_nonblocking(link.fd, &flags)
+    if r < 0:
+        return r
+    while True:
+        while peer_open:            # all OpenSSL has decrypted, or can, without waiting
+            ERR_clear_error()
+            got = 0
+            ret = SSL_read_ex(link.ssl, buf, cap, &got)
+            if ret == 1:
+                one.iov_base = buf
+                one.iov_len = got
+                n = transfer_all(plain, &one, 1, False)
+                if n < 0:
+                    return <int>n
+                continue
+            saved = errno
+            err = SSL_get_error(link.ssl, ret)
+            if err == SSL_ERROR_WANT_READ or err == SSL_ERROR_WANT_WRITE:
+                ERR_clear_error()
+                tls_events = POLLIN if err == SSL_ERROR_WANT_READ else POLLOUT
+                break
+            r = tls_io_error(link, ret, saved, True)
+            if r < 0:
+                return r
+            if r == 0:              # the peer's end, passed on
+                peer_open = False
+                shutdown(plain, SHUT_WR)
+        fds[0].fd = plain
+        fds[0].events = POLLIN
+        fds[0].revents = 0
+        fds[1].fd = link.fd
+        fds[1].events = tls_events
+        fds[1].revents = 0
+        if poll(fds, 2 if peer_open else 1, -1) < 0:
+            if errno == EINTR:
+                continue
+            return -errno
+        if not fds[0].revents:
+            continue
+        n = recv(plain, buf, cap, 0)        # readable: it does not wait
+        if n == 0:
+            link_close_write(link)
+            return 0
+        if n < 0:
+            if errno == EINTR or errno == EAGAIN:
+                continue
+            return -errno
+        r = tls_write_nonblocking(link, buf, <size_t>n)
+        if r < 0:
+            return r
 
 
 # ---------------------------------------------------------------- the Python face
@@ -648,6 +747,28 @@ cdef class TLSChannel:
                 rc = tls_read_deadline(&self.link, p, <size_t>n, timeout)
         self._check(rc, <size_t>n, "receive", timeout)
         return out
+
+    def relay(self, int plain_fd, Py_ssize_t buffer_size=1 << 16):
+        """Relay this session and the blocking socket ``plain_fd`` both ways (GIL
+        released) until ``plain_fd`` ends: the peer's bytes, decrypted, go to
+        it, and its bytes, encrypted, to the peer; the peer's end shuts
+        ``plain_fd`` for writing, and ``plain_fd``'s end sends close_notify.
+        TLSError or OSError when either side fails."""
+        cdef uint8_t *buf
+        cdef int rc
+        if self.ssl == NULL:
+            raise ValueError("TLSChannel is not connected")
+        if buffer_size <= 0:
+            raise ValueError("buffer_size must be > 0")
+        buf = <uint8_t *>PyMem_Malloc(buffer_size)
+        if buf == NULL:
+            raise MemoryError()
+        try:
+            with nogil:
+                rc = tls_relay(&self.link, plain_fd, buf, <size_t>buffer_size)
+        finally:
+            PyMem_Free(buf)
+        self._check(rc, 0, "relay", -1)
 
     def close_write(self):
         """Send close_notify, then shut the socket's write side (errors ignored:

@@ -568,3 +568,57 @@ def test_a_stalled_tls_peer_is_a_stall_for_the_engine(pki, pair):
         assert str(error) == "packet header: no progress for 0.3 s (no data arrives)"
     finally:
         engines.close()
+
+
+def _relaying(server: TLSChannel, plain: socket.socket) -> tuple[threading.Thread, dict]:
+    """``server.relay(plain)`` in a thread: (it, where its outcome goes)."""
+    outcome: dict = {}
+
+    def relay() -> None:
+        try:
+            outcome["result"] = server.relay(plain.fileno())
+        except BaseException as exc:        # handed to the test
+            outcome["error"] = exc
+    thread = threading.Thread(target=relay, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def test_relay_passes_both_ways_until_its_plain_end_closes(channels):
+    """The peer's bytes come out of the plain socket decrypted and the plain
+    socket's go to the peer encrypted; the peer's end shuts the plain socket for
+    writing; the plain socket's end sends close_notify and ends the relay."""
+    client, server = channels
+    near, far = socket.socketpair()
+    with near, far:
+        thread, outcome = _relaying(server, far)
+        data = os.urandom(3 << 20)
+        sender = threading.Thread(target=client.send_all, args=(data,), daemon=True)
+        sender.start()
+        got = bytearray()
+        while len(got) < len(data):
+            got += near.recv(1 << 20)
+        sender.join(20)
+        assert bytes(got) == data
+        near.sendall(b"answer")
+        assert client.recv_exact(6, timeout=20) == b"answer"
+        client.close_write()
+        assert near.recv(1) == b""              # the peer's end, passed on
+        near.sendall(b"after")                  # the other way still goes
+        assert client.recv_exact(5, timeout=20) == b"after"
+        near.shutdown(socket.SHUT_WR)
+        thread.join(20)
+        assert outcome == {"result": None}
+        with pytest.raises(EOFError):
+            client.recv_exact(1, timeout=20)    # its close_notify
+
+
+def test_relay_fails_on_bytes_that_are_not_tls(channels, pair):
+    client, server = channels
+    near, far = socket.socketpair()
+    with near, far:
+        thread, outcome = _relaying(server, far)
+        pair[0].sendall(b"\x17\x03\x03\x00\x10" + bytes(16))   # a record that does not decrypt
+        thread.join(20)
+        assert isinstance(outcome.get("error"), TLSError), outcome
+        assert "TLS relay failed" in str(outcome["error"])
