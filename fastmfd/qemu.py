@@ -37,7 +37,10 @@ steps: it opens the directory and starts the workers, then ``send(address)``;
 ``send(..., tls=TLSConfig(...))`` migrates in TLS, every connection, into a
 QEMU whose ``tls-creds`` (a ``tls-creds-x509`` object, ``endpoint=server``)
 accept this side's certificate, as a QEMU source with ``tls-creds`` does;
-``receive`` takes plaintext only.
+``receive(..., tls=TLSConfig(cert, key, ca))`` takes one in TLS, from a QEMU
+source whose ``tls-creds`` (``endpoint=client``) hold a certificate ``ca``
+issued (QEMU's ``verify-peer``, always on here), each connection greeted by a
+receive worker (:mod:`fastmfd._engine.qemu_tls`).
 
 Files are written as ``.part`` and renamed once the stream reached its end
 and everything is on disk (:mod:`fastmfd.tools.outputs`); a truncated,
@@ -70,7 +73,7 @@ from .arguments import (BOOL, INT, PATH, POSITIVE, STR, UNSIGNED, Kind, check_ty
                         instance_of, optional)
 from .errors import ConfigError
 from .protocol.qemu import COMMAND, COMMAND_PLACES, SYNC_PER_ROUND, SYNC_PER_SECTION
-from .protocol.security import TLSConfig
+from .protocol.security import ChannelSecurity, TLSConfig
 from .protocol.sockets import (bound_address, listen, listening_address, parse_address,
                                remove_socket_file)
 from .regions import Region
@@ -95,7 +98,8 @@ class QemuReceived:
 def receive(address: str | socket.socket, directory: str, *, timeout: float = 3600.0,
             stall_timeout: float = DEFAULT_STALL_TIMEOUT, force: bool = False,
             keep_partial: bool = False, max_size: int | None = None, workers: int = 2,
-            on_listening: Callable[[str], object] | None = None) -> QemuReceived:
+            on_listening: Callable[[str], object] | None = None,
+            tls: TLSConfig | None = None) -> QemuReceived:
     """Receive one migration from QEMU into ``directory`` (see the module docstring).
 
     ``timeout``: seconds to wait for QEMU to connect; ``stall_timeout``: any
@@ -109,10 +113,13 @@ def receive(address: str | socket.socket, directory: str, *, timeout: float = 36
     a channel beyond them gets its worker as it connects).
     ``on_listening(address)`` is called with the bound address (``tcp:...:0``
     picks a port) before any wait. ``address`` may be a socket listening
-    already (the caller's to close)."""
+    already (the caller's to close). ``tls``: every connection in TLS (QEMU's
+    ``tls-creds``): ``cert``/``key`` this side's, ``ca`` the CA that issued
+    the source QEMU's certificate (required: a source is told by it),
+    ``authz`` the identities accepted."""
     with _ReceiveCall(address, directory, timeout=timeout, stall_timeout=stall_timeout,
                       force=force, keep_partial=keep_partial, max_size=max_size,
-                      workers=workers) as receiver:
+                      workers=workers, tls=tls) as receiver:
         if on_listening is not None:
             on_listening(receiver.address)
         return receiver.receive()
@@ -130,12 +137,19 @@ class QemuReceiver:
     def __init__(self, address: str | socket.socket, directory: str, *,
                  timeout: float = 3600.0, stall_timeout: float = DEFAULT_STALL_TIMEOUT,
                  force: bool = False, keep_partial: bool = False, max_size: int | None = None,
-                 workers: int = 2) -> None:
+                 workers: int = 2, tls: TLSConfig | None = None) -> None:
         check_types(self._call,
                     address=(address, Kind("a str or a listening socket",
                                            lambda a: isinstance(a, (str, socket.socket)))),
                     directory=(directory, PATH), force=(force, BOOL),
-                    keep_partial=(keep_partial, BOOL))
+                    keep_partial=(keep_partial, BOOL),
+                    tls=(tls, optional(instance_of(TLSConfig, "a fastmfd.TLSConfig"))))
+        if tls is not None:
+            tls.check_server()
+            if tls.ca is None:
+                raise ConfigError("listen --qemu in TLS tells QEMU's connections by their "
+                                  "certificate: TLSConfig(ca=...) must name the CA that issued "
+                                  "the source QEMU's tls-creds certificate")
         timeout, stall_timeout, max_size, workers = check_types(
             self._call, timeout=(timeout, POSITIVE), stall_timeout=(stall_timeout, POSITIVE),
             max_size=(max_size, optional(UNSIGNED)), workers=(workers, UNSIGNED))
@@ -151,7 +165,8 @@ class QemuReceiver:
             if self._listener is None:
                 self._listener = listen(self._requested)
             self._session = QemuReceiving(self._listener, self._out, timeout=timeout,
-                                          stall_timeout=stall_timeout, workers=workers)
+                                          stall_timeout=stall_timeout, workers=workers,
+                                          security=ChannelSecurity(tls=tls))
             self.address = str(bound_address(self._listener, self._requested))
         except BaseException:
             self.close()

@@ -266,19 +266,21 @@ def test_qemu_peer_migrates_the_same_image(tmp_path, capsys):
 @pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None,
                     reason="qemu-system-x86_64 is not installed")
 def test_qemu_peer_in_tls(tmp_path, capsys):
-    """--tls puts QEMU's connections in TLS too, from the same throwaway files;
-    QEMU -> listen --qemu, which takes plaintext only, is left out, saying so."""
+    """--tls puts QEMU's connections in TLS too, from the same throwaway files,
+    with fastmfd at either end of QEMU's migration."""
     out = tmp_path / "bench.json"
     code = main(["bench", "--size", "16M", "--channels", "2", "--compression", "none",
                  "--image", "halftext", "--peer", "qemu", "--tls", "--json", str(out)])
     printed = capsys.readouterr()
     assert code == 0, printed.err
-    assert "QEMU in TLS (QEMU -> listen --qemu left out" in printed.out
+    assert "QEMU in TLS (its tls-creds)" in printed.out
     results = {r["name"]: r["extra_info"] for r in json.loads(out.read_text())["benchmarks"]}
     assert set(results) == {f"halftext {method} 2ch none"
-                            for method in ("fastmfd", "qemu", "fastmfd-to-qemu")}
+                            for method in ("fastmfd", "qemu", "qemu-to-fastmfd",
+                                           "fastmfd-to-qemu")}
     assert {r["tls"] for r in results.values()} == {"TLS"}
-    assert results["halftext qemu 2ch none"]["runs"][0]["qemu_tls_creds"] == "tls0"
+    for method in ("qemu", "qemu-to-fastmfd"):
+        assert results[f"halftext {method} 2ch none"]["runs"][0]["qemu_tls_creds"] == "tls0"
 
 
 @pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None,

@@ -250,7 +250,7 @@ def test_a_command_line_is_parsed_once_whatever_the_order():
     (["listen", "--qemu", "tcp:127.0.0.1:0", "--max-sessions", "2"], "--max-sessions"),
     (["listen", "--qemu", "tcp:127.0.0.1:0", "--prealloc"], "--prealloc"),
     (["listen", "--qemu", "tcp:127.0.0.1:0", "--tls-cert", "/dev/null", "--tls-key",
-      "/dev/null"], "plaintext only"),
+      "/dev/null"], "--tls-ca"),
     (["listen", "--qemu", "tcp:127.0.0.1:0", "--auth-key-file", "/dev/null"],
      "--auth-key-file"),
     (["send", "--qemu", "tcp:127.0.0.1:1", "--dir", ".", "--auth-key-file", "/dev/null"],

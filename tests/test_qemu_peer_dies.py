@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -112,26 +113,24 @@ def assert_fails(pending: Background | Receiver, pattern: str) -> str:
 
 # ---------------------------------------------------------------- qemu.receive
 
-def test_a_source_killed_mid_migration_fails_receive_at_once(tmp_path, source, leaks):
+def killed_mid_migration(out: Path, source: Guest, leaks, pattern: str = SOURCE_KILLED,
+                         **receive) -> None:
     """The connections end with the source: receive() fails then, not at its
     stall timeout, and removes its .part files (and the directory it made)."""
-    out = tmp_path / "out"
-    receiver = Receiver(out, stall_timeout=PATIENT)
+    receiver = Receiver(out, stall_timeout=PATIENT, **receive)
     source.migrate(receiver.address)
     wait_until_filled(landing(out), UNDER_WAY)
     kill(source)
-    assert_fails(receiver, SOURCE_KILLED)
+    assert_fails(receiver, pattern)
     assert_nothing_complete(out)
     source.close()          # its QMP socket is the test's
     leaks.assert_clean()
 
 
-def test_a_source_stopped_mid_migration_fails_receive_at_its_stall_timeout(tmp_path, source,
-                                                                            leaks):
+def stopped_mid_migration(out: Path, source: Guest, leaks, **receive) -> None:
     """The connections stay open and silent: receive() fails at its stall
     timeout, saying what did not come."""
-    out = tmp_path / "out"
-    receiver = Receiver(out, stall_timeout=STALL)
+    receiver = Receiver(out, stall_timeout=STALL, **receive)
     source.migrate(receiver.address)
     wait_until_filled(landing(out), UNDER_WAY)
     os.kill(source.process.pid, signal.SIGSTOP)
@@ -140,6 +139,15 @@ def test_a_source_stopped_mid_migration_fails_receive_at_its_stall_timeout(tmp_p
     assert_nothing_complete(out)
     resume_and_close(source)
     leaks.assert_clean()
+
+
+def test_a_source_killed_mid_migration_fails_receive_at_once(tmp_path, source, leaks):
+    killed_mid_migration(tmp_path / "out", source, leaks)
+
+
+def test_a_source_stopped_mid_migration_fails_receive_at_its_stall_timeout(tmp_path, source,
+                                                                            leaks):
+    stopped_mid_migration(tmp_path / "out", source, leaks)
 
 
 @needs_qemu

@@ -24,6 +24,9 @@ No connection is waited for alone (:class:`QemuConnections`): each is read as
 its bytes come (its first 4 peeked, a multifd channel's init packet taken into
 a buffer), so a stranger that says nothing, or trickles, holds nothing up. At
 barrier 1 those not yet complete get LATE_BYTES_WAIT, all together.
+
+In TLS each connection is greeted by a receive worker instead (:mod:`.qemu_tls`),
+which reports what it is; one whose handshake fails is dropped whenever it came.
 """
 
 from __future__ import annotations
@@ -38,9 +41,11 @@ from typing import Callable
 
 from .. import _core
 from ..errors import FastMFDError, MigrationError, ProtocolError
+from ..protocol.control import QemuGreeted, Refused
 from ..protocol.qemu import QEVM_MAGIC
 from .admission import describe_peer
 from .processes import Child, Watch
+from .qemu_tls import MAX_GREETINGS, TLSGreeter
 
 __all__ = ["QemuChannel", "QemuConnections", "migration_uuid", "choose_channels",
            "LATE_BYTES_WAIT"]
@@ -127,11 +132,14 @@ class QemuConnections:
     and each good one (``candidates``) goes to ``on_channel`` for a worker; a
     connection that is not QEMU's is judged by when it came (:meth:`_judge`).
     :meth:`count` takes stock at barrier 1; later connections are still told
-    apart (a channel of the migration fails it, anything else is dropped)."""
+    apart (a channel of the migration fails it, anything else is dropped).
+    With a ``greeter`` (TLS), each connection goes to a worker to be greeted."""
 
     def __init__(self, listener: socket.socket, watch: Watch,
-                 on_channel: Callable[[QemuChannel], None]) -> None:
+                 on_channel: Callable[[QemuChannel], None],
+                 greeter: TLSGreeter | None = None) -> None:
         self.listener, self.watch, self.on_channel = listener, watch, on_channel
+        self.greeter = greeter
         self.main: socket.socket | None = None
         self.main_arrival = -1
         self.main_at = 0.0                              # when the main channel came
@@ -139,6 +147,8 @@ class QemuConnections:
         self.rejects: list[tuple[int, str, str]] = []   # not QEMU's: arrival, why, peer
         self.pending: dict[socket.socket, int] = {}     # not told apart yet: arrival
         self.opening: dict[socket.socket, tuple[int, bytearray]] = {}  # init packet so far
+        self.greeting: dict[socket.socket, int] = {}    # with a worker (TLS): arrival
+        self.failed_handshakes: list[str] = []          # each one's peer and why
         self.peers: dict[socket.socket, str] = {}       # each held connection's address
         self.arrivals = 0
         self.counted_at: int | None = None              # arrivals when barrier 1 came
@@ -150,12 +160,12 @@ class QemuConnections:
     def sockets(self) -> list[socket.socket]:
         """Every connection held (for the session's close)."""
         return [*([self.main] if self.main is not None else []), *self.pending,
-                *self.opening, *(c.sock for c in self.candidates)]
+                *self.opening, *self.greeting, *(c.sock for c in self.candidates)]
 
     def forget(self) -> None:
         """Hold no connection any more (the session has closed them all)."""
         self.main, self.candidates = None, []
-        for held in (self.pending, self.opening, self.late, self.peers):
+        for held in (self.pending, self.opening, self.greeting, self.late, self.peers):
             held.clear()
 
     # ------------------------------------------------------------ taking them
@@ -166,6 +176,9 @@ class QemuConnections:
         the descriptors."""
         self._drop_stale()
         while True:
+            if self.greeter is not None and len(self.greeting) >= MAX_GREETINGS:
+                self.watch.remove(self.listener)        # until a greeting ends
+                return
             try:
                 sock, peer = self.listener.accept()
             except (BlockingIOError, InterruptedError):
@@ -180,12 +193,16 @@ class QemuConnections:
                             exc.strerror or exc)
                 self.watch.remove(self.listener)
                 return
-            sock.setblocking(False)
-            self.pending[sock] = self.arrivals
             self.peers[sock] = describe_peer(peer)
+            self.arrivals += 1
+            if self.greeter is not None:
+                self.greeting[sock] = self.arrivals - 1
+                self.greeter.greet(sock, functools.partial(self._greeted, sock))
+                continue
+            sock.setblocking(False)
+            self.pending[sock] = self.arrivals - 1
             if self.counted_at is not None:
                 self.late[sock] = time.monotonic()
-            self.arrivals += 1
             self.watch.add(sock, functools.partial(self._classify, sock))
 
     def _drop_stale(self) -> None:
@@ -200,7 +217,7 @@ class QemuConnections:
     def _forget(self, sock: socket.socket) -> None:
         """Stop watching ``sock``, hold it no more, close it."""
         self.watch.remove(sock)
-        for held in (self.pending, self.opening, self.late, self.peers):
+        for held in (self.pending, self.opening, self.greeting, self.late, self.peers):
             held.pop(sock, None)
         sock.close()
 
@@ -235,8 +252,7 @@ class QemuConnections:
             self.watch.remove(sock)
             del self.pending[sock]
             sock.setblocking(True)
-            self.main, self.main_arrival, self.main_at = sock, arrival, time.monotonic()
-            self._judge(final=False)        # those that waited for the main channel
+            self._main_came(sock, arrival)
         else:
             self.watch.remove(sock)
             del self.pending[sock]
@@ -269,6 +285,16 @@ class QemuConnections:
         except FastMFDError as exc:
             self._reject(sock, f"bad init packet: {exc}")
             return
+        if self._took_channel(sock, arrival, uuid, ch):
+            self.watch.remove(sock)
+            del self.opening[sock]
+            sock.setblocking(True)
+            self.on_channel(self.candidates[-1])
+
+    def _took_channel(self, sock: socket.socket, arrival: int, uuid: bytes, ch: int,
+                      worker: Child | None = None) -> bool:
+        """A good init packet: whether it is a candidate (the last), or not QEMU's
+        (rejected); one of this migration's after the count fails it."""
         if self._late(arrival):
             if uuid == self.uuid:
                 peer = self.peers[sock]
@@ -280,18 +306,55 @@ class QemuConnections:
                                     expected="every channel before barrier 1",
                                     where=f"multifd channel {ch} (from {peer})")
             self._reject(sock, f"a multifd channel of another migration (uuid {uuid.hex()})")
+            return False
+        self.candidates.append(QemuChannel(ch, sock, worker, uuid, arrival,
+                                           ready=worker is not None))
+        return True
+
+    def _main_came(self, sock: socket.socket, arrival: int) -> None:
+        self.main, self.main_arrival, self.main_at = sock, arrival, time.monotonic()
+        self._judge(final=False)        # those that waited for the main channel
+
+    def _greeted(self, sock: socket.socket, worker: Child,
+                 report: QemuGreeted | Refused) -> None:
+        """What the worker greeting ``sock`` in TLS found (:mod:`.qemu_tls`)."""
+        greeter = self.greeter
+        assert greeter is not None, "greetings are TLS's"
+        if sock not in self.greeting:       # dropped meanwhile (count): not QEMU's
+            if isinstance(report, QemuGreeted):
+                greeter.drop(worker)
             return
-        self.watch.remove(sock)
-        del self.opening[sock]
-        sock.setblocking(True)
-        channel = QemuChannel(ch, sock, None, uuid, arrival)
-        self.candidates.append(channel)
-        self.on_channel(channel)
+        if len(self.greeting) >= MAX_GREETINGS:
+            self.watch.add(self.listener, self._accept)     # one more may be greeted now
+        if isinstance(report, Refused) and not report.authenticated:
+            log.warning("a connection (%s) failed its TLS handshake: %s: not QEMU's, dropped",
+                        self.peers[sock], report.reason)
+            self.failed_handshakes.append(f"from {self.peers[sock]}: {report.reason}")
+            self._forget(sock)
+        elif isinstance(report, Refused):
+            self._reject(sock, report.reason)
+        elif report.channel is None and self.main is not None:
+            greeter.drop(worker)
+            self._reject(sock, "a second main channel (QEVM)")
+        elif report.channel is None:
+            arrival = self.greeting[sock]
+            self._forget(sock)              # its worker holds the connection
+            self._main_came(greeter.relay(worker), arrival)
+        else:
+            assert report.uuid is not None, "a multifd channel's greeting has its uuid"
+            arrival = self.greeting.pop(sock)
+            self.opening[sock] = (arrival, bytearray())    # judged as one read here
+            if self._took_channel(sock, arrival, report.uuid, report.channel, worker):
+                del self.opening[sock]
+                self.on_channel(self.candidates[-1])
+            else:
+                greeter.drop(worker)
 
     # ------------------------------------------------------------ judging them
     def _reject(self, sock: socket.socket, why: str) -> None:
         """A connection that is not QEMU's: closed, and judged by when it came."""
-        arrival = self.pending[sock] if sock in self.pending else self.opening[sock][0]
+        arrival = (self.pending[sock] if sock in self.pending else self.greeting[sock]
+                   if sock in self.greeting else self.opening[sock][0])
         self.rejects.append((arrival, why, self.peers[sock]))
         self._forget(sock)
         self._judge(final=False)
@@ -303,7 +366,8 @@ class QemuConnections:
         channel, so that was one of QEMU's (and losing one loses its pages).
         Until the main channel is told apart (``final``: it is), a connection
         after an undecided one waits."""
-        undecided = min(self.pending.values(), default=None) if self.main is None else None
+        undecided = (min([*self.pending.values(), *self.greeting.values()], default=None)
+                     if self.main is None else None)
         for reject in list(self.rejects):
             arrival, why, peer = reject
             if self._late(arrival):
@@ -332,10 +396,18 @@ class QemuConnections:
         together, then judge what each sent. The caller then sets ``uuid``."""
         self._accept()
         self.counted_at = self.arrivals
+        if self.greeter is not None:        # each greeting ends by its own deadline
+            wait = max(wait, self.greeter.security.timeout + 1.0)
         deadline = time.monotonic() + wait
         while self._untold() and (left := deadline - time.monotonic()) > 0:
             self.watch.poll(left)
         for sock in self._untold():
+            if sock in self.greeting:
+                log.warning("a connection (%s) was not through its TLS handshake %g s after "
+                            "the setup section's end: not QEMU's, dropped",
+                            self.peers[sock], wait)
+                self._forget(sock)
+                continue
             self._reject(sock, f"no complete init packet within {wait:g} s of the setup "
                                "section's end" if sock in self.opening else
                          f"it sent nothing within {wait:g} s of the setup section's end")
@@ -344,5 +416,6 @@ class QemuConnections:
     def _untold(self) -> list[socket.socket]:
         """The connections from before the count that have not said what they are."""
         return [sock for sock, arrival in
-                [*self.pending.items(), *((s, a) for s, (a, _) in self.opening.items())]
+                [*self.pending.items(), *self.greeting.items(),
+                 *((s, a) for s, (a, _) in self.opening.items())]
                 if not self._late(arrival)]

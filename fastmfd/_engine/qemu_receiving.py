@@ -54,14 +54,15 @@ from .. import _core
 from ..errors import ConfigError, MigrationError, ProtocolError
 from ..protocol.bytereader import ByteReader, StreamReader
 from ..protocol.control import Eof, Go, Ready, RecvParams, Synced
-from ..protocol.qemu import (CONFIGURATION_AT, IGNORE_SHARED, MIG_CMD_OPEN_RETURN_PATH,
-                             MIG_CMD_PING, MIG_CMD_SWITCHOVER_START, MIG_CMDS,
-                             SYNC_PER_SECTION, QevmDecoder, check_stream_end)
+from ..protocol.qemu import SYNC_PER_SECTION, check_stream_end
+from ..protocol.security import ChannelSecurity
 from ..protocol.sockets import tune_data_socket
 from ..regions import Region
-from .processes import ChildSet, Watch
+from .processes import Child, ChildSet, Watch
 from .qemu_channels import QemuChannel, QemuConnections, choose_channels, migration_uuid
+from .qemu_live_decoder import LiveDecoder
 from .qemu_return_path import ReturnPathAnswers
+from .qemu_tls import TLSGreeter
 from .session import shutdown_quietly
 from .session_regions import places_pages
 from .workers import qemu_recv_worker_main
@@ -134,10 +135,12 @@ class QemuReceiving:
     """The state of one migration from QEMU (see the module docstring)."""
 
     def __init__(self, listener: socket.socket, out: QemuOutput, *, timeout: float,
-                 stall_timeout: float, workers: int = 2) -> None:
+                 stall_timeout: float, workers: int = 2,
+                 security: ChannelSecurity | None = None) -> None:
         """``out`` names, creates and keeps the files (a tools.outputs.OutputDir);
         the caller commits or aborts it, and then confirms on ``answers``.
-        ``workers``: receive workers started now, before QEMU connects."""
+        ``workers``: receive workers started now, before QEMU connects;
+        ``security`` with ``tls``: every connection in TLS (:mod:`.qemu_tls`)."""
         self.out = out
         self.timeout, self.stall = timeout, stall_timeout
         self.facts = QemuStreamFacts()
@@ -145,7 +148,6 @@ class QemuReceiving:
         self.regions: dict[str, Region] = {}
         self.counters: _core.Counters | None = None
         self.watch = Watch()
-        self.connections = QemuConnections(listener, self.watch, self._set_aside)
         self.answers = ReturnPathAnswers()
         self._main_readable = False
         self.stream_ended = False                   # its VM description came: no SYNC more
@@ -153,6 +155,9 @@ class QemuReceiving:
         # more start as their channels connect, all at once, reporting Ready.
         self.workers: ChildSet | None = ChildSet(qemu_recv_worker_main, ["receive worker"] * max(1, workers))
         self.spares = list(self.workers)
+        self.greeter = (TLSGreeter(security, self.watch, self._take_worker, self.spares.append)
+                        if security is not None and security.tls is not None else None)
+        self.connections = QemuConnections(listener, self.watch, self._set_aside, self.greeter)
 
     # ------------------------------------------------------------ the session
     def run(self) -> QemuStreamFacts:
@@ -160,11 +165,13 @@ class QemuReceiving:
         while self.connections.main is None:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise MigrationError(f"no QEMU connected within {self.timeout:g} s",
-                                     channel=MAIN)
+                failed = self.connections.failed_handshakes
+                raise MigrationError(f"no QEMU connected within {self.timeout:g} s" + (
+                    f" ({len(failed)} connection(s) failed the TLS handshake; the first, "
+                    f"{failed[0]})" if failed else ""), channel=MAIN)
             self.watch.poll(min(left, 1.0))
         self.watch.main = self.connections.main
-        decoder = _LiveDecoder(StreamReader(MAIN, self._recv_main), self)
+        decoder = LiveDecoder(StreamReader(MAIN, self._recv_main), self)
         try:
             decoder.decode_ram()
         except ProtocolError as exc:
@@ -226,15 +233,20 @@ class QemuReceiving:
         """When the main channel came (monotonic)."""
         return self.connections.main_at
 
+    def _take_worker(self) -> Child:
+        """A spare receive worker, or one started now (its first report: Ready)."""
+        if self.spares:
+            return self.spares.pop()
+        assert self.workers is not None, "open until close()"
+        return self.workers.spawn(qemu_recv_worker_main, "receive worker")
+
     def _set_aside(self, channel: QemuChannel) -> None:
-        """A worker for a connection that sent a good init packet: a spare, or one
-        started now (it reports Ready)."""
-        worker = self.spares.pop() if self.spares else None
-        channel.ready = worker is not None
-        if worker is None:
-            assert self.workers is not None, "open until close()"
-            worker = self.workers.spawn(qemu_recv_worker_main, "receive worker")
-        channel.worker = worker
+        """A worker for a connection that sent a good init packet (in TLS, the
+        one that greeted it holds it already), reporting to the channel."""
+        if channel.worker is None:
+            channel.ready = bool(self.spares)
+            channel.worker = self._take_worker()
+        worker = channel.worker
         self.watch.add_child(worker, lambda report: self._on_report(channel, report))
 
     def _close_door(self, uuid: bytes | None) -> None:
@@ -314,7 +326,10 @@ class QemuReceiving:
             sparse=tuple(self._sparse(r) for r in regions),
             place=tuple(places_pages(r, True) for r in regions))
         assert channel.worker is not None, "started with its channel"
-        channel.worker.start_session(params, [channel.sock.fileno()])
+        if self.greeter is not None:
+            channel.worker.send(params)     # it holds the connection, since its greeting
+        else:
+            channel.worker.start_session(params, [channel.sock.fileno()])
 
     def on_page(self, block: str, offset: int, page: memoryview) -> None:
         """A PAGE record, or a ZERO record of a fill byte other than 0."""
@@ -533,6 +548,8 @@ class QemuReceiving:
         socks = [*self.connections.sockets(), *(c.sock for c in self.channels.values())]
         for sock in socks:
             shutdown_quietly(sock)
+        if self.greeter is not None:
+            self.greeter.drain()
         if self.workers is not None:
             self.workers.kill()
             self.workers.stop(0)
@@ -546,55 +563,3 @@ class QemuReceiving:
         if self.counters is not None:
             self.counters.close()
             self.counters = None
-
-
-class _LiveDecoder(QevmDecoder):
-    """The main channel as it arrives: its findings go to the session."""
-
-    r: StreamReader
-
-    def __init__(self, reader: StreamReader, session: QemuReceiving) -> None:
-        super().__init__(reader, 4096)
-        self.session = session
-
-    def on_blocks(self) -> None:
-        if IGNORE_SHARED in self.out.capabilities:
-            # Its shared file-backed blocks are listed but their pages never sent
-            # (they stay in the file both QEMUs map): their files would hold
-            # holes, not the guest's RAM, and look complete.
-            raise self.r.error(f"main channel: capability {IGNORE_SHARED} (its "
-                               "configuration says): the source sends no page of its shared "
-                               "file-backed RAM blocks, so their files would not hold the "
-                               "guest's RAM; not supported", field="capabilities",
-                               received=IGNORE_SHARED, expected=f"no {IGNORE_SHARED}",
-                               at=CONFIGURATION_AT)
-        self.session.on_blocks(self.out.blocks, self.out.page_size)
-
-    def on_page(self, block: str, offset: int, page: memoryview, at: int) -> None:
-        if page is self.fill_pages.get(0):      # a ZERO record outside a run
-            self.session.on_zero_pages(block, np.array([offset], dtype=np.uint64))
-        else:
-            self.session.on_page(block, offset, page)
-
-    def on_zero_pages(self, block: str, offsets: np.ndarray, at: int) -> None:
-        self.session.on_zero_pages(block, offsets)
-
-    def on_sync(self) -> None:
-        self.session.on_sync(self.out.uuid)
-
-    def on_command(self, command: int, data: memoryview, at: int) -> None:
-        answers, main = self.session.answers, self.session.connections.main
-        if command == MIG_CMD_OPEN_RETURN_PATH and main is not None:
-            answers.open(main, self.out.machine)
-        elif command == MIG_CMD_PING and answers.opened:
-            answers.pong(int.from_bytes(data, "big"))
-        elif command == MIG_CMD_PING:
-            raise self.r.error("main channel: PING before OPEN_RETURN_PATH: no return path "
-                               "to answer on", field="command", received=command,
-                               expected="OPEN_RETURN_PATH first", at=at)
-        elif command != MIG_CMD_SWITCHOVER_START:
-            raise self.r.error(f"main channel: command {MIG_CMDS[command][0]} is not supported "
-                               "(a precopy migration sends only OPEN_RETURN_PATH, PING and "
-                               "SWITCHOVER_START)", field="command", received=command,
-                               expected=MIG_CMD_SWITCHOVER_START, at=at)
-

@@ -20,6 +20,8 @@ channel's engine from the Cython core.
       close: Stop ─────────────────────────────────▶   after Done / Eof: tear down, exit
       QEMU (qemu_recv_worker_main): RecvParams +      the main process read the init packet:
         socket ───────────────────────────────▶       RecvEngine on QEMU 7.2's layout, as above
+      QEMU in TLS: QemuGreeting + socket ─────▶       greets it (qemu_tls): then RecvParams
+                                                      as above, or Relay: the main channel
 
 Only parameters (once) and per-round reports cross the control pipe; pages
 and device chunks go from socket to shared memory inside the engines.
@@ -33,15 +35,18 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from .. import _core
-from ..errors import MigrationError, ProtocolError
+from ..errors import FastMFDError, MigrationError, ProtocolError
 from ..protocol import handshake
+from ..protocol.qemu import QEVM_MAGIC
 from ..protocol.control import (ChannelParams, Done, Eof, Go, Greeted, Greeting, Prealloc,
-                                Preallocated, RecvParams, Refused, SendParams, Stop, Synced)
+                                Preallocated, QemuGreeting, RecvParams, Refused, Relay,
+                                SendParams, Stop, Synced)
 from ..protocol.sockets import peer_on_this_host
 from ..regions import Region
 from ..shm import SharedMemory
 from .open_files import allow_worker_files
 from .processes import ChildPipe, run_child
+from .qemu_tls import greet_in_tls, refusal
 from .session import Closable
 
 __all__ = ["send_worker_main", "recv_worker_main", "qemu_recv_worker_main", "PREALLOC_SLICE"]
@@ -169,11 +174,56 @@ def _recv_session(pipe: ChildPipe, first: Greeting | Prealloc, stack: list[Closa
     _receive(pipe, sock, params, tls, stack)
 
 
-def _qemu_recv_session(pipe: ChildPipe, params: RecvParams, stack: list[Closable]) -> None:
-    """A QEMU multifd channel, greeted (its init packet read) by the main process."""
-    sock = socket.socket(fileno=pipe.recv_fd())
+def _qemu_recv_session(pipe: ChildPipe, first: RecvParams | QemuGreeting,
+                       stack: list[Closable]) -> None:
+    """A QEMU multifd channel, greeted (its init packet read) by the main process;
+    in TLS, each connection this worker is handed, greeted here (:mod:`.qemu_tls`)."""
+    if isinstance(first, RecvParams):
+        sock = socket.socket(fileno=pipe.recv_fd())
+        stack.append(sock)
+        _receive(pipe, sock, first, None, stack)
+        return
+    greeted = _greet_qemu(pipe, first)
+    if greeted is None:
+        return
+    sock, tls, told = greeted
     stack.append(sock)
-    _receive(pipe, sock, params, None, stack)
+    if isinstance(told, RecvParams):
+        _receive(pipe, sock, told, tls, stack)
+        return
+    with socket.socket(fileno=pipe.recv_fd()) as relayed:
+        relayed.sendall(QEVM_MAGIC)         # read by its greeting
+        tls.relay(relayed.fileno())
+    pipe.send(Eof())
+    _hold_until_stopped(pipe)
+
+
+def _greet_qemu(pipe: ChildPipe, greeting: QemuGreeting
+                ) -> tuple[socket.socket, _core.TLSChannel, RecvParams | Relay] | None:
+    """Greet each connection handed over until one is QEMU's and the main process
+    keeps it (a QemuGreeting instead drops it); returns ``(socket, tls, what
+    follows)``, or None when told to Stop."""
+    while True:
+        sock = socket.socket(fileno=pipe.recv_fd())
+        try:
+            greeted, tls = greet_in_tls(sock, greeting.security)
+        except FastMFDError as exc:
+            sock.close()
+            pipe.send(refusal(exc))
+        else:
+            pipe.send(greeted)
+            told = pipe.recv()
+            if isinstance(told, (RecvParams, Relay)):
+                return sock, tls, told
+            sock.close()
+            if not isinstance(told, QemuGreeting):
+                return None
+            greeting = told
+            continue
+        told = pipe.recv()
+        if not isinstance(told, QemuGreeting):
+            return None
+        greeting = told
 
 
 def _receive(pipe: ChildPipe, sock: socket.socket, params: RecvParams,

@@ -18,6 +18,10 @@ parameter or report is added here and used where it is made and read.
       Greeting + a new connection ──────────────▶   receive worker: greet it (TLS, hello,
       ◀─────────────────────────────── Greeted(ch)    shared key) — then RecvParams follow —
       ◀─────────────────────────────── Refused        or drop it and wait for the next one
+      QemuGreeting + a new connection ──────────▶   listen --qemu in TLS: greet it (TLS,
+      ◀─────────────────────────────── QemuGreeted    QEMU's first bytes): a multifd
+      Relay + a socket ─────────────────────────▶     channel's RecvParams follow, or the
+                                                      main channel's relay (qemu_tls)
       ◀─────────────────────────────── Synced(n)    receive worker at SYNC n; waits for
       Go(n) ─────────────────────────────────────▶    Go(n) (or Stop)
       ◀─────────────────────────────── Done         send worker: every command done
@@ -128,6 +132,20 @@ class Greeting:
 
 
 @dataclass(frozen=True)
+class QemuGreeting:
+    """A receive worker's first parameters in ``listen --qemu`` in TLS: greet
+    the connections it is handed (one fd follows each) as QEMU's
+    (:mod:`fastmfd._engine.qemu_tls`)."""
+    security: ChannelSecurity
+
+
+@dataclass(frozen=True)
+class Relay:
+    """To the worker that greeted QEMU's main channel in TLS: relay it with the
+    socket whose fd follows."""
+
+
+@dataclass(frozen=True)
 class Prealloc:
     """A receive worker's first parameters when the destination preallocates:
     fault in ``shares`` (region index, byte offset, length: page-aligned runs
@@ -176,9 +194,22 @@ class Greeted:
 
 
 @dataclass(frozen=True)
+class QemuGreeted:
+    """A connection passed its TLS handshake and began as QEMU's main channel
+    (``channel`` None: a Relay follows) or multifd channel ``channel`` of
+    migration ``uuid`` (its RecvParams follow); either way a QemuGreeting
+    instead means it is dropped, and the worker greets the next."""
+    channel: int | None
+    uuid: bytes | None
+
+
+@dataclass(frozen=True)
 class Refused:
-    """The connection failed its greeting and was dropped; the worker is free."""
+    """The connection failed its greeting and was dropped; the worker is free.
+    ``authenticated``: only what it sent after its TLS handshake was wrong
+    (a QEMU greeting; a stranger's fails the handshake)."""
     reason: str
+    authenticated: bool = False
 
 
 @dataclass(frozen=True)

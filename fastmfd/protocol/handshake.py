@@ -47,7 +47,7 @@ MAX_REFUSAL = 64 << 10         # the longest ERROR read during the shared-key pr
 
 __all__ = ["ChannelHello", "SocketStream", "TLSStream", "read_hello", "main_channel_start",
            "channel_start", "open_main_channel", "open_channel", "MainGreeting",
-           "greet_main_channel", "refuse_on_arrival", "greet_channel", "check_channel"]
+           "greet_main_channel", "refuse_on_arrival", "greet_channel", "tls_accept", "check_channel"]
 
 
 # ---------------------------------------------------------------- streams
@@ -489,7 +489,7 @@ def greet_channel(sock: socket.socket, security: ChannelSecurity, setup: Setup,
     tls = None
     stream: SocketStream | TLSStream = SocketStream(sock, where, deadline)
     if security.tls is not None:
-        tls = _tls_accept(sock, security.tls, deadline, where)
+        tls = tls_accept(sock, security.tls, deadline, where)
         check_authz(tls.peer_identities(), security.tls.authz)
         stream = TLSStream(tls, where, deadline)
     hello = read_hello(stream, setup.channel_header, setup.uuid, None)
@@ -503,8 +503,10 @@ def greet_channel(sock: socket.socket, security: ChannelSecurity, setup: Setup,
     return hello, tls
 
 
-def _tls_accept(sock: socket.socket, tls: TLSConfig, deadline: float,
-                where: str | None) -> _core.TLSChannel:
+def tls_accept(sock: socket.socket, tls: TLSConfig, deadline: float,
+               where: str | None) -> _core.TLSChannel:
+    """The server's TLS handshake on ``sock`` by the deadline; SecurityError says
+    why it failed."""
     try:
         return _core.TLSChannel.accept(sock.fileno(), cert=tls.cert, key=tls.key, ca=tls.ca,
                                        ciphers=tls.ciphers,

@@ -162,17 +162,12 @@ def _report_session(console: Console, result: DestinationResult, files: dict[str
                      "sizes": {name: os.path.getsize(path) for name, path in files.items()}})
 
 
-def _refuse_with_qemu(args: argparse.Namespace, options: dict[str, str],
-                      tls: bool = False) -> None:
+def _refuse_with_qemu(args: argparse.Namespace, options: dict[str, str]) -> None:
     """A ConfigError naming the first of ``options`` (dest -> its flag) given:
     what the command cannot do with a QEMU at the other end, said up front
-    rather than ignored; ``tls``: the --tls-* options are QEMU's TLS."""
-    from . import security_options
+    rather than ignored (the --tls-* options are QEMU's TLS)."""
     if getattr(args, "auth_key_file", None) is not None:
         raise ConfigError("--qemu: QEMU's channels carry no shared-key proof (--auth-key-file)")
-    if security_options.given(args) and not tls:
-        raise ConfigError("--qemu: listen takes QEMU's stream in plaintext only (TLS with a "
-                          "QEMU: send --qemu)")
     for dest, flag in options.items():
         value = getattr(args, dest)
         if not (value is None or value is False):
@@ -181,14 +176,20 @@ def _refuse_with_qemu(args: argparse.Namespace, options: dict[str, str],
 
 def _listen_qemu(args: argparse.Namespace, console: Console) -> int:
     from ..qemu import DEFAULT_STALL_TIMEOUT, receive
+    from . import security_options
     _refuse_with_qemu(args, {"prealloc": "--prealloc", "huge_pages": "--huge-pages",
                              "max_memory": "--max-memory", "forever": "--forever"})
     if args.max_sessions != 1:
         raise ConfigError("--qemu: receives one migration (no --max-sessions)")
+    if security_options.tls_given(args) and args.tls_ca is None:
+        raise ConfigError("--qemu in TLS tells QEMU's connections by their certificate: give "
+                          "--tls-ca, the CA that issued the source QEMU's tls-creds "
+                          "certificate")
+    tls = security_options.tls_config(args, listener=True)
     received = receive(
         args.address, args.dir, timeout=args.timeout,
         stall_timeout=args.stall_timeout or DEFAULT_STALL_TIMEOUT, force=args.force,
-        keep_partial=args.keep_partial, max_size=args.max_size,
+        keep_partial=args.keep_partial, max_size=args.max_size, tls=tls,
         **({} if args.workers is None else {"workers": args.workers}),
         on_listening=lambda address: console.print(f"listening on {address} (QEMU: migrate "
                                                    f"with the multifd capability)"))
@@ -217,7 +218,7 @@ def _send_qemu(args: argparse.Namespace) -> int:
                           "or --state files")
     _refuse_with_qemu(args, {"checksum": "--checksum",
                              "no_zero_detection": "--no-zero-detection",
-                             "status_json": "--status-json"}, tls=True)
+                             "status_json": "--status-json"})
     started = time.monotonic()
     channels = send(args.address, args.dir, channels=args.channels,
                     compression=args.compression, level=_level(args),
@@ -373,7 +374,8 @@ def _build_parser() -> _Parser:
                    help="the source is a QEMU (7.2 or 10.x) migrating with the multifd "
                         "capability: write each RAMBlock, vmstate.bin and manifest.json into "
                         "DIR; a source with the return-path capability as well completes only "
-                        "once they are on disk")
+                        "once they are on disk; with --tls-*: in TLS, from a QEMU with "
+                        "tls-creds whose certificate --tls-ca issued")
     p.add_argument("--workers", type=positive_int, default=None, metavar="N",
                    help="with --qemu: receive workers started before QEMU connects (default "
                         "2; more start as channels connect)")

@@ -20,7 +20,7 @@ from ..new_files import check_new_file, write_new_file
 from ..option_values import positive_int, whole_pages
 from .document import LINK, document, load_best_times
 from .link import EmulatedLink, LinkSpec, check_can_emulate, parse_link
-from .matrix import PEERS, QEMU_METHODS, TLS_METHODS, Setting, run_matrix
+from .matrix import PEERS, QEMU_METHODS, Setting, run_matrix
 from .output import comparison_table, render
 from .peers import find_qemu
 from .trial import FOREIGN_LOAD_FLAG, Measurement
@@ -122,9 +122,7 @@ def _svg(text: str) -> str:
 def settings_from_args(args: argparse.Namespace) -> list[Setting]:
     """The settings to time, in run (and table) order: the sendall peer first, then
     each (compression, channels) cell with its QEMU peer right after it."""
-    methods = ["fastmfd"] + ([m for m in QEMU_METHODS
-                              if m in TLS_METHODS or not security_options.tls_given(args)]
-                             if "qemu" in args.peer else [])
+    methods = ["fastmfd"] + (list(QEMU_METHODS) if "qemu" in args.peer else [])
     settings = [Setting("sendall", 1, "none")] if "sendall" in args.peer else []
     # QEMU has no "auto": that cell is fastmfd's alone.
     settings += [Setting(method, ch, comp, args.level)
@@ -184,7 +182,7 @@ def cli_main(args: argparse.Namespace) -> int:
     if security.label:
         notes.append(f", fastmfd with {security.label}")
     if "qemu" in args.peer and security.source_tls is not None:
-        notes.append(", QEMU in TLS (QEMU -> listen --qemu left out: it takes plaintext only)")
+        notes.append(", QEMU in TLS (its tls-creds)")
     render(results, console, note="".join(notes))
     if baseline is not None:
         console.print(comparison_table(results, baseline, args.compare))

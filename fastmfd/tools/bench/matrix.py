@@ -40,8 +40,8 @@ _QEMU_TRIALS: dict[str, type[QemuTrial | QemuToFastmfdTrial | FastmfdToQemuTrial
     "qemu": QemuTrial, "qemu-to-fastmfd": QemuToFastmfdTrial,
     "fastmfd-to-qemu": FastmfdToQemuTrial}
 PEERS = ("sendall", "qemu")
-# The methods whose connections go in TLS when the bench's do (listen --qemu's cannot).
-TLS_METHODS = ("fastmfd", "qemu", "fastmfd-to-qemu")
+# The methods whose connections go in TLS when the bench's do (all but sendall's).
+TLS_METHODS = ("fastmfd", *QEMU_METHODS)
 
 
 @dataclass(frozen=True)
@@ -131,7 +131,7 @@ def make_trial(setting: Setting, image: Image, *, qemu_binary: str | None = None
     ``prealloc``: the destination's memory is allocated and faulted in before
     timing, for every method alike (see :class:`.FastmfdTrial`). ``security``:
     TLS and/or the shared key for fastmfd's channels, and its TLS for QEMU's
-    (but ``listen --qemu``'s, which takes plaintext only). ``link``: every
+    (``listen --qemu`` and ``send --qemu`` in TLS too). ``link``: every
     method's destination is on the far side of this emulated link (default:
     loopback).
     """
@@ -141,8 +141,6 @@ def make_trial(setting: Setting, image: Image, *, qemu_binary: str | None = None
     if setting.method == "sendall":
         return SendallTrial(image, prealloc=prealloc, link=link)
     if setting.method in _QEMU_TRIALS:
-        if setting.method not in TLS_METHODS and security.source_tls is not None:
-            raise ConfigError(f"{setting.method}: listen --qemu takes plaintext only, no TLS")
         return _QEMU_TRIALS[setting.method](image, setting.channels, setting.compression,
                                             setting.level, binary=qemu_binary,
                                             prealloc=prealloc, link=link, security=security)

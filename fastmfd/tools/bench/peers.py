@@ -438,6 +438,12 @@ class QemuPeer(_PeerTrial):
             params["tls-hostname"] = tls.hostname
         qmp.command("migrate-set-parameters", **params)
 
+    @staticmethod
+    def tls_creds(qmp: QMP) -> str:
+        """QEMU's own word on its TLS: its ``tls-creds`` parameter ("" without)."""
+        creds: str = qmp.command("query-migrate-parameters").get("tls-creds", "")
+        return creds
+
     def _start(self, ram_path: str, *, incoming: bool, tls: bool = False) -> QMP:
         """A QEMU on ``ram_path``, its migration's destination if ``incoming``;
         ``tls``: with the ``tls-creds`` of its end, where the bench has TLS."""
@@ -543,5 +549,4 @@ class QemuTrial(QemuPeer):
             "source_done_s": source_done,
             "normal_pages": ram["normal"], "zero_pages": ram["duplicate"],
             "multifd_bytes": ram.get("multifd-bytes"),
-            # QEMU's own word on its TLS ("" without).
-            "qemu_tls_creds": self.src.command("query-migrate-parameters").get("tls-creds", "")})
+            "qemu_tls_creds": self.tls_creds(self.src)})

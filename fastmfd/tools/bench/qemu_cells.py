@@ -30,6 +30,7 @@ import time
 
 from ... import qemu
 from ...errors import MigrationError
+from ...protocol.security import TLSConfig
 from ...protocol.sockets import listen, parse_address
 from .peers import LOOPBACK_HOST, QMP, STEP_TIMEOUT, QemuPeer, destination_loaded
 from .trial import Measurement
@@ -45,7 +46,7 @@ class _Receiver:
     listening already (the caller's to close)."""
 
     def __init__(self, directory: str, workers: int,
-                 listener: socket.socket | None = None) -> None:
+                 listener: socket.socket | None = None, tls: TLSConfig | None = None) -> None:
         self._outcome: dict[str, qemu.QemuReceived | BaseException] = {}
         self._shut = self._closed = False
         self._own_listener = listener is None
@@ -54,7 +55,8 @@ class _Receiver:
         self._ended_r, self._ended_w = os.pipe()
         try:
             self._receiver = qemu.QemuReceiver(self._listener, directory,
-                                               timeout=STEP_TIMEOUT * 10, workers=workers)
+                                               timeout=STEP_TIMEOUT * 10, workers=workers,
+                                               tls=tls)
         except BaseException:
             self._close_own()
             raise
@@ -131,10 +133,12 @@ class QemuToFastmfdTrial(QemuPeer):
         self._dir = self._new_file("qemu-saved")
         if self._link is not None:
             self._listener = self._link.listen()
-        self.src = self._start(self.image.path, incoming=False)
+        self.src = self._start(self.image.path, incoming=False, tls=True)
         self.multifd(self.src, self.channels, self.compression, self.level)
+        self.secure(self.src, "client")
         # Its workers ready before timing, as the QEMU destination's threads are.
-        self._receiver = _Receiver(self._dir, self.channels, self._listener)
+        self._receiver = _Receiver(self._dir, self.channels, self._listener,
+                                   tls=self._tls["server"])
 
     def pids(self) -> dict[str, list[int]]:
         assert self._receiver is not None, "made by _prepare"
@@ -166,7 +170,8 @@ class QemuToFastmfdTrial(QemuPeer):
                            + received.facts.vmstate_bytes, {
                                "normal_pages": sum(c["normal_pages"] for c in channels),
                                "zero_pages": received.facts.zero_pages,
-                               "receive_s": received.seconds})
+                               "receive_s": received.seconds,
+                               "qemu_tls_creds": self.tls_creds(self.src)})
 
 
 class FastmfdToQemuTrial(QemuPeer):

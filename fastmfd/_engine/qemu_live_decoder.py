@@ -1,0 +1,81 @@
+"""QEMU's main channel decoded as it arrives at ``listen --qemu``: what the
+decoder finds (the block list, pages, barriers, commands) goes to the session
+(:class:`~fastmfd._engine.qemu_receiving.QemuReceiving`), and the commands a
+precopy migration sends are answered or refused here."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from ..protocol.bytereader import StreamReader
+from ..protocol.qemu import (CONFIGURATION_AT, IGNORE_SHARED, MIG_CMD_OPEN_RETURN_PATH,
+                             MIG_CMD_PING, MIG_CMD_SWITCHOVER_START, MIG_CMDS, QevmDecoder)
+from .qemu_channels import QemuConnections
+from .qemu_return_path import ReturnPathAnswers
+
+__all__ = ["LiveDecoder", "LiveSession"]
+
+
+class LiveSession(Protocol):
+    """What the decoder hands its findings to (QemuReceiving)."""
+    answers: ReturnPathAnswers
+    connections: QemuConnections
+
+    def on_blocks(self, blocks: dict[str, int], page_size: int) -> None: ...
+    def on_page(self, block: str, offset: int, page: memoryview) -> None: ...
+    def on_zero_pages(self, block: str, offsets: np.ndarray) -> None: ...
+    def on_sync(self, uuid: bytes | None) -> None: ...
+
+
+class LiveDecoder(QevmDecoder):
+    """The main channel as it arrives: its findings go to the session."""
+
+    r: StreamReader
+
+    def __init__(self, reader: StreamReader, session: LiveSession) -> None:
+        super().__init__(reader, 4096)
+        self.session = session
+
+    def on_blocks(self) -> None:
+        if IGNORE_SHARED in self.out.capabilities:
+            # Its shared file-backed blocks are listed but their pages never sent
+            # (they stay in the file both QEMUs map): their files would hold
+            # holes, not the guest's RAM, and look complete.
+            raise self.r.error(f"main channel: capability {IGNORE_SHARED} (its "
+                               "configuration says): the source sends no page of its shared "
+                               "file-backed RAM blocks, so their files would not hold the "
+                               "guest's RAM; not supported", field="capabilities",
+                               received=IGNORE_SHARED, expected=f"no {IGNORE_SHARED}",
+                               at=CONFIGURATION_AT)
+        self.session.on_blocks(self.out.blocks, self.out.page_size)
+
+    def on_page(self, block: str, offset: int, page: memoryview, at: int) -> None:
+        if page is self.fill_pages.get(0):      # a ZERO record outside a run
+            self.session.on_zero_pages(block, np.array([offset], dtype=np.uint64))
+        else:
+            self.session.on_page(block, offset, page)
+
+    def on_zero_pages(self, block: str, offsets: np.ndarray, at: int) -> None:
+        self.session.on_zero_pages(block, offsets)
+
+    def on_sync(self) -> None:
+        self.session.on_sync(self.out.uuid)
+
+    def on_command(self, command: int, data: memoryview, at: int) -> None:
+        answers, main = self.session.answers, self.session.connections.main
+        if command == MIG_CMD_OPEN_RETURN_PATH and main is not None:
+            answers.open(main, self.out.machine)
+        elif command == MIG_CMD_PING and answers.opened:
+            answers.pong(int.from_bytes(data, "big"))
+        elif command == MIG_CMD_PING:
+            raise self.r.error("main channel: PING before OPEN_RETURN_PATH: no return path "
+                               "to answer on", field="command", received=command,
+                               expected="OPEN_RETURN_PATH first", at=at)
+        elif command != MIG_CMD_SWITCHOVER_START:
+            raise self.r.error(f"main channel: command {MIG_CMDS[command][0]} is not supported "
+                               "(a precopy migration sends only OPEN_RETURN_PATH, PING and "
+                               "SWITCHOVER_START)", field="command", received=command,
+                               expected=MIG_CMD_SWITCHOVER_START, at=at)
+

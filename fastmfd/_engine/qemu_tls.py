@@ -1,0 +1,144 @@
+"""``listen --qemu`` in TLS (a QEMU source with ``tls-creds``): each connection
+is greeted by a receive worker, which keeps it.
+
+A TLS session cannot move between processes, and in TLS a connection's first
+bytes say nothing of what it is: so every connection goes to a receive
+worker as it is taken. The worker runs the handshake (the source's
+certificate must chain to ``ca``, and name an ``authz`` identity when one is
+given), reads QEMU's first bytes through it and reports what it found::
+
+    QemuConnections (main process)                receive worker (one per connection)
+      a connection ─ QemuGreeting + its socket ──▶  TLS handshake, then QEMU's first
+                                                     bytes, within the greeting's deadline
+      ◀── QemuGreeted(None): "QEVM" ──────────────   the main channel:
+      Relay + one end of a socket pair ──────────▶   the stream decrypted into that end,
+      the pair's other end: the main channel,         what comes out of it (the return
+        read as a plaintext one                       path's answers) encrypted: relayed
+                                                      until the main process closes its end
+      ◀── QemuGreeted(id, uuid) ──────────────────   a multifd channel's init packet: it
+        a candidate, judged as in plaintext           keeps the channel; its RecvParams
+        (qemu_channels.choose_channels)               follow: RecvEngine through TLS
+      ◀── Refused(why, authenticated) ────────────   not QEMU's: dropped; it greets the
+                                                      next connection it is handed
+
+A connection whose handshake fails is a stranger's whenever it came, and
+dropped: without a certificate of QEMU's it cannot be one of its channels (in
+plaintext one after the main channel fails the migration, as its pages might
+be QEMU's). At most MAX_GREETINGS connections are greeted at once: the
+listener waits meanwhile, and the kernel's backlog holds the next.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Callable
+
+from .. import _core
+from ..errors import FastMFDError, MigrationError, ProtocolError, SecurityError
+from ..protocol.control import Eof, QemuGreeted, QemuGreeting, Ready, Refused, Relay
+from ..protocol.handshake import TLSStream, tls_accept
+from ..protocol.qemu import QEVM_MAGIC
+from ..protocol.security import ChannelSecurity, check_authz
+from .processes import Child, Watch
+
+__all__ = ["greet_in_tls", "TLSGreeter", "MAX_GREETINGS"]
+
+MAIN = "main channel"
+MULTIFD_MAGIC = _core.MULTIFD_MAGIC.to_bytes(4, "big")
+# Connections greeted at once, each by a worker process of its own: QEMU's
+# default 2 channels and main channel many times over, while a flood of
+# strangers (each held up to the greeting's deadline) costs at most this many.
+MAX_GREETINGS = 32
+# How long the relay of the main channel is given to pass on what was said last
+# (SHUT 0: the source completes only once it has it) before its worker is stopped.
+RELAY_DRAIN = 2.0
+
+
+def greet_in_tls(sock: socket.socket, security: ChannelSecurity
+                 ) -> tuple[QemuGreeted, _core.TLSChannel]:
+    """A receive worker's side of a connection to ``listen --qemu`` in TLS: the
+    handshake, then QEMU's first bytes (``QEVM``: its main channel, or a
+    multifd channel's init packet). SecurityError: the handshake failed (a
+    stranger's); any other FastMFDError: what came after it is not QEMU's."""
+    assert security.tls is not None, "greeted in TLS only"
+    deadline = time.monotonic() + security.timeout
+    tls = tls_accept(sock, security.tls, deadline, None)
+    check_authz(tls.peer_identities(), security.tls.authz)
+    stream = TLSStream(tls, None, deadline)
+    head = stream.recv_exact(4, "QEMU's first bytes")
+    if head == QEVM_MAGIC:
+        return QemuGreeted(None, None), tls
+    if head != MULTIFD_MAGIC:
+        raise ProtocolError(f"it sent first bytes {head.hex()}, expected {QEVM_MAGIC.hex()} "
+                            f"(QEVM, the main channel) or {MULTIFD_MAGIC.hex()} (a multifd "
+                            "channel)", field="magic", received=head.hex(),
+                            expected=f"{QEVM_MAGIC.hex()} or {MULTIFD_MAGIC.hex()}")
+    packet = head + stream.recv_exact(_core.INIT_PACKET_SIZE - 4, "init packet")
+    uuid, channel = _core.decode_init_packet(packet)
+    return QemuGreeted(channel, uuid), tls
+
+
+def refusal(exc: FastMFDError) -> Refused:
+    """What a worker reports of a connection whose greeting raised ``exc``."""
+    return Refused(str(exc), authenticated=not isinstance(exc, SecurityError))
+
+
+class TLSGreeter:
+    """The main process's side: hands each connection to a receive worker and
+    passes on what it reports (module docstring). ``take_worker`` gives a
+    spare worker (or one started now), ``free_worker`` takes one back."""
+
+    def __init__(self, security: ChannelSecurity, watch: Watch,
+                 take_worker: Callable[[], Child], free_worker: Callable[[Child], None]) -> None:
+        self.security, self.watch = security, watch
+        self.take_worker, self.free_worker = take_worker, free_worker
+        self.relaying: Child | None = None          # the main channel's worker
+
+    def greet(self, sock: socket.socket,
+              on_greeted: Callable[[Child, QemuGreeted | Refused], None]) -> None:
+        """Hand ``sock`` to a worker; ``on_greeted`` gets its report."""
+        worker = self.take_worker()
+
+        def on_report(report: object) -> None:
+            if isinstance(report, Refused):
+                self.drop(worker)
+            if isinstance(report, (QemuGreeted, Refused)):
+                on_greeted(worker, report)
+            elif not isinstance(report, (Ready, Eof)):
+                raise MigrationError(f"a receive worker greeting a connection reported "
+                                     f"{report!r}")
+
+        self.watch.add_child(worker, on_report)
+        worker.start_session(QemuGreeting(self.security), [sock.fileno()])
+
+    def drop(self, worker: Child) -> None:
+        """``worker``'s connection is not kept: it is free to greet another."""
+        self.watch.remove(worker.conn)
+        self.watch.remove(worker.sentinel)
+        self.free_worker(worker)
+
+    def relay(self, worker: Child) -> socket.socket:
+        """The main channel, greeted by ``worker``: the end of a socket pair it
+        relays the TLS session with (blocking, as a main channel's socket is)."""
+        ours, theirs = socket.socketpair()
+        try:
+            worker.name = MAIN
+            worker.start_session(Relay(), [theirs.fileno()])
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self.relaying = worker
+        return ours
+
+    def drain(self) -> None:
+        """Give the relay RELAY_DRAIN seconds to pass on what it holds, once the
+        main channel's end of it is shut (the session's close)."""
+        if self.relaying is not None:
+            try:
+                self.relaying.expect(Eof, RELAY_DRAIN)
+            except FastMFDError:
+                pass                    # it failed or was slow: the session is over
+            self.relaying = None

@@ -1,0 +1,273 @@
+"""``listen --qemu`` in TLS: a real QEMU source (7.2 and 10) whose ``tls-creds``
+(a ``tls-creds-x509`` object, ``endpoint=client``) are certificates from
+trustme migrates into ``qemu.receive(..., tls=...)``, every connection in TLS,
+each greeted by a receive worker (the main channel's relayed to the main
+process). The files hold the guest's RAM; a source this side does not trust,
+or one in plaintext, is dropped (the error, at the listener's timeout, says
+why); strangers connecting meanwhile are dropped without harming the
+migration; nothing leaks (the ``leakcheck`` plugin), and no QEMU outlives a
+test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import ssl
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import trustme
+
+from fastmfd import TLSConfig, qemu
+from fastmfd._engine.qemu_tls import MAX_GREETINGS
+from fastmfd.errors import ConfigError, MigrationError
+from qemu_support import (QEMU, QEMUS, Guest, Receiver, assert_nothing_complete,
+                          listening_command, needs_qemu, pattern)
+from test_qemu_peer_dies import (SLOW, SOURCE_KILLED, killed_mid_migration,
+                                 resume_and_close, stopped_mid_migration)
+
+GUEST_MIB = 64
+
+
+@dataclass
+class Credentials:
+    """The source QEMU's tls-creds directory and the listener's TLSConfig."""
+    qemu_dir: Path
+    listener: TLSConfig
+
+
+def credentials(tmp_path: Path, ca: trustme.CA, *, source_ca: trustme.CA | None = None
+                ) -> Credentials:
+    """The listener's certificate (for 127.0.0.1) from ``ca``, trusting ``ca``;
+    the source QEMU's from ``source_ca`` (default ``ca``), trusting ``ca``."""
+    qemu_dir = tmp_path / "qemu-tls"
+    qemu_dir.mkdir()
+    client = (source_ca or ca).issue_cert("source.example")
+    # QEMU checks its own certificate against its ca-cert.pem too: both CAs.
+    (qemu_dir / "ca-cert.pem").write_bytes(
+        ca.cert_pem.bytes() + (source_ca.cert_pem.bytes() if source_ca else b""))
+    client.cert_chain_pems[0].write_to_path(str(qemu_dir / "client-cert.pem"))
+    client.private_key_pem.write_to_path(str(qemu_dir / "client-key.pem"))
+    mine = tmp_path / "listener-tls"
+    mine.mkdir()
+    server = ca.issue_cert("127.0.0.1")
+    server.cert_chain_pems[0].write_to_path(str(mine / "cert.pem"))
+    server.private_key_pem.write_to_path(str(mine / "key.pem"))
+    os.chmod(mine / "key.pem", 0o600)
+    ca.cert_pem.write_to_path(str(mine / "ca.pem"))
+    return Credentials(qemu_dir, TLSConfig(cert=str(mine / "cert.pem"),
+                                           key=str(mine / "key.pem"), ca=str(mine / "ca.pem")))
+
+
+def tls_source(tmp_path: Path, binary: str, creds_dir: Path | None, channels: int = 2,
+               compression: str = "none", return_path: bool = False
+               ) -> tuple[Guest, np.ndarray]:
+    """A paused guest ready to migrate in TLS with the certificates in ``creds_dir``
+    (None: in plaintext): (it, its RAM)."""
+    ram = pattern(GUEST_MIB, seed=5)
+    ram_path = tmp_path / "src-ram.img"
+    ram.tofile(ram_path)
+    options = (() if creds_dir is None else
+               ("-object", f"tls-creds-x509,id=tls0,dir={creds_dir},endpoint=client"))
+    guest = Guest(tmp_path, str(ram_path), GUEST_MIB, binary=binary, options=options)
+    try:
+        guest.set_multifd(channels, compression)
+        if creds_dir is not None:
+            guest.qmp.command("migrate-set-parameters", **{"tls-creds": "tls0"})
+        if return_path:
+            guest.qmp.command("migrate-set-capabilities", capabilities=[
+                {"capability": "return-path", "state": True}])
+    except BaseException:
+        guest.close()
+        raise
+    return guest, ram
+
+
+def assert_saved(out: Path, ram: np.ndarray, channels: int, compression: str) -> None:
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (manifest["channels"], manifest["compression"]) == (channels, compression)
+    mem = next(b["file"] for b in manifest["blocks"] if b["idstr"] == "mem")
+    assert np.array_equal(np.fromfile(out / mem, dtype=np.uint8), ram)
+
+
+@pytest.mark.parametrize("qemu_binary", QEMUS)
+@pytest.mark.parametrize("channels, compression, return_path",
+                         [(2, "none", False), (3, "zstd", True)])
+def test_qemu_migrates_into_files_in_tls(tmp_path, qemu_binary, channels, compression,
+                                         return_path):
+    """With the return path, QEMU completes only once this side said SHUT 0,
+    which goes out through the main channel's relay."""
+    creds = credentials(tmp_path, trustme.CA())
+    source, ram = tls_source(tmp_path, qemu_binary, creds.qemu_dir, channels, compression,
+                             return_path)
+    try:
+        receiver = Receiver(tmp_path / "out", tls=creds.listener)
+        source.migrate(receiver.address)
+        assert source.wait() == "completed"
+        received = receiver.result()
+        assert [c["channel"] for c in received.channels] == list(range(channels))
+        assert all(c["normal_pages"] > 0 for c in received.channels)
+        assert_saved(tmp_path / "out", ram, channels, compression)
+    finally:
+        source.close()
+
+
+@needs_qemu
+def test_listen_qemu_command_in_tls(tmp_path):
+    creds = credentials(tmp_path, trustme.CA())
+    source, ram = tls_source(tmp_path, QEMU, creds.qemu_dir)
+    tls = creds.listener
+    try:
+        with listening_command(tmp_path / "out", "--tls-cert", str(tls.cert), "--tls-key",
+                               str(tls.key), "--tls-ca", str(tls.ca)) as (listen, address):
+            source.migrate(address)
+            assert source.wait() == "completed"
+            out, err = listen.communicate(timeout=60)
+            assert listen.returncode == 0, err
+        assert_saved(tmp_path / "out", ram, 2, "none")
+    finally:
+        source.close()
+
+
+def strangers(address: str, other_ca: trustme.CA, tmp_path: Path) -> list[socket.socket]:
+    """Connections that are not QEMU's, left open: one silent, one in plaintext
+    (QEVM, as a QEMU main channel without TLS would begin), one through a TLS
+    handshake with a certificate of another CA (refused by this side)."""
+    host, port = address.split(":")[1:]
+    silent = socket.create_connection((host, int(port)))
+    plain = socket.create_connection((host, int(port)))
+    plain.sendall(b"QEVM\x00\x00\x00\x03")
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    cert = other_ca.issue_cert("stranger.example")
+    cert.configure_cert(ctx)
+    wrong = ctx.wrap_socket(socket.create_connection((host, int(port))),
+                            do_handshake_on_connect=False)
+    wrong.setblocking(False)
+    try:
+        wrong.do_handshake()        # its ClientHello goes out; the refusal comes later
+    except ssl.SSLWantReadError:
+        pass
+    return [silent, plain, wrong]
+
+
+@pytest.mark.parametrize("qemu_binary", QEMUS)
+@pytest.mark.parametrize("when", ["before", "during"])
+def test_strangers_that_fail_the_handshake_are_dropped(tmp_path, qemu_binary, when):
+    """Before QEMU's connections or among them (in plaintext, a connection after
+    the main channel that is not QEMU's fails the migration: its pages might be
+    QEMU's; in TLS one without QEMU's certificate cannot be)."""
+    creds = credentials(tmp_path, trustme.CA())
+    source, ram = tls_source(tmp_path, qemu_binary, creds.qemu_dir)
+    held: list[socket.socket] = []
+    try:
+        receiver = Receiver(tmp_path / "out", tls=creds.listener)
+        if when == "before":
+            held = strangers(receiver.address, trustme.CA(), tmp_path)
+        source.migrate(receiver.address)
+        if when == "during":
+            held = strangers(receiver.address, trustme.CA(), tmp_path)
+        assert source.wait() == "completed"
+        receiver.result()
+        assert_saved(tmp_path / "out", ram, 2, "none")
+    finally:
+        for sock in held:
+            sock.close()
+        source.close()
+
+
+@pytest.mark.parametrize("qemu_binary", QEMUS)
+@pytest.mark.parametrize("source", ["another CA", "plaintext"])
+def test_a_source_this_side_does_not_trust_is_not_taken(tmp_path, qemu_binary, source):
+    """Its connection fails the handshake and is dropped: the listener goes on
+    waiting for QEMU, and its timeout says what the last connection failed."""
+    ca = trustme.CA()
+    creds = credentials(tmp_path, ca, source_ca=trustme.CA() if source == "another CA" else ca)
+    guest, _ = tls_source(tmp_path, qemu_binary,
+                          creds.qemu_dir if source == "another CA" else None)
+    try:
+        receiver = Receiver(tmp_path / "out", tls=creds.listener, timeout=4.0)
+        guest.migrate(receiver.address)
+        assert guest.wait() == "failed"
+        with pytest.raises(MigrationError, match=r"no QEMU connected within 4 s \(\d+ "
+                                                 r"connection\(s\) failed the TLS handshake; "
+                                                 "the first, from 127.0.0.1:") as err:
+            receiver.result()
+        # A client certificate of a CA this side did not name is not even sent (GnuTLS).
+        assert re.search("certificate verify failed|peer did not return a certificate"
+                         if source == "another CA" else "does not speak TLS", str(err.value))
+        assert_nothing_complete(tmp_path / "out")
+    finally:
+        guest.close()
+
+
+def test_tls_without_a_ca_is_refused_up_front(tmp_path):
+    """A source is told by its certificate: without ``ca`` any client would pass."""
+    listener = credentials(tmp_path, trustme.CA()).listener
+    no_ca = TLSConfig(cert=listener.cert, key=listener.key)
+    with pytest.raises(ConfigError, match="must name the CA that issued the source QEMU"):
+        qemu.receive("tcp:127.0.0.1:0", str(tmp_path / "out"), tls=no_ca)
+    done = subprocess.run(
+        [sys.executable, "-m", "fastmfd", "listen", "--qemu", "tcp:127.0.0.1:0", "--dir",
+         str(tmp_path / "out"), "--tls-cert", str(listener.cert), "--tls-key",
+         str(listener.key)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "give --tls-ca" in done.stderr
+    assert_nothing_complete(tmp_path / "out")
+
+
+@pytest.fixture(params=QEMUS)
+def slow_tls_source(request, tmp_path):
+    """A guest about to migrate in TLS at SLOW bytes/s over 2 channels, and the
+    listener's TLSConfig."""
+    creds = credentials(tmp_path, trustme.CA())
+    guest, _ = tls_source(tmp_path, request.param, creds.qemu_dir)
+    try:
+        guest.qmp.command("migrate-set-parameters", **{"max-bandwidth": SLOW})
+        yield guest, creds.listener
+    finally:
+        resume_and_close(guest)
+
+
+def test_a_tls_source_killed_mid_migration_fails_receive_at_once(tmp_path, slow_tls_source,
+                                                                 leaks):
+    """The main channel's relay passes the connection's end on (or its worker
+    fails, naming the connection's loss); a channel's worker sees its own."""
+    guest, tls = slow_tls_source
+    killed_mid_migration(tmp_path / "out", guest, leaks, SOURCE_KILLED +
+                         r"|^main channel: .*(Connection reset by peer|TLS)", tls=tls)
+
+
+def test_a_tls_source_stopped_mid_migration_fails_receive_at_its_stall_timeout(
+        tmp_path, slow_tls_source, leaks):
+    guest, tls = slow_tls_source
+    stopped_mid_migration(tmp_path / "out", guest, leaks, tls=tls)
+
+
+@needs_qemu
+def test_connections_beyond_the_greetings_at_once_wait_their_turn(tmp_path, leaks):
+    """MAX_GREETINGS silent strangers hold every greeting until their handshake's
+    deadline; QEMU's connections wait in the listener's backlog meanwhile, then
+    are greeted, and the migration completes."""
+    creds = credentials(tmp_path, trustme.CA())
+    source, ram = tls_source(tmp_path, QEMU, creds.qemu_dir)
+    silent: list[socket.socket] = []
+    try:
+        receiver = Receiver(tmp_path / "out", tls=creds.listener)
+        host, port = receiver.address.split(":")[1:]
+        silent = [socket.create_connection((host, int(port))) for _ in range(MAX_GREETINGS)]
+        source.migrate(receiver.address)
+        assert source.wait(timeout=120) == "completed"
+        receiver.result(120)
+        assert_saved(tmp_path / "out", ram, 2, "none")
+    finally:
+        for sock in silent:
+            sock.close()
+        source.close()
+    leaks.assert_clean()
