@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import gc
 import os
 import socket
@@ -16,7 +17,7 @@ from fastmfd.tools.loopback import LoopbackMigration
 from fastmfd.protocol.sockets import tune_main_socket
 from fastmfd.errors import ConfigError, MigrationError
 from fastmfd.shm import list_segments
-from fastmfd._engine.processes import ChildSet, child_setup, run_child
+from fastmfd._engine.processes import ChildSet, child_setup, failure_text, run_child
 from fastmfd._engine.workers import recv_worker_main, send_worker_main
 from fastmfd.protocol.control import Drained, Ready
 from migration_support import make_region
@@ -130,6 +131,22 @@ def test_a_worker_whose_pipe_broke_is_judged_by_its_report_before_its_exit_is_kn
     finally:
         workers.kill()
         workers.stop()
+
+
+@pytest.mark.parametrize("exc, text", [
+    (ConnectionResetError(errno.ECONNRESET, "send: Connection reset by peer"),
+     "send: Connection reset by peer (ECONNRESET)"),
+    (FileExistsError(errno.EEXIST, "File exists", "ram.img.part"),
+     "File exists: ram.img.part (EEXIST)"),
+    (OSError(4095, "made up"), "made up (errno 4095)"),
+    (OSError("no errno"), "OSError: no errno"),
+    (MigrationError("no data for 2 s", channel="main channel"), "main channel: no data for 2 s"),
+    (ValueError("the cause"), "ValueError: the cause"),
+])
+def test_a_failure_is_reported_in_words(exc, text):
+    """A system call's error in its own words and its errno's name, not Python's
+    type and number; a MigrationError as it is; anything else by its type."""
+    assert failure_text(exc) == text
 
 
 def test_the_main_channel_sends_small_messages_at_once():

@@ -27,6 +27,7 @@ all work: what ``__main__`` defines goes on the control pipe by value
 
 from __future__ import annotations
 
+import errno
 import multiprocessing
 import os
 import select
@@ -53,7 +54,7 @@ from .open_files import check_room_for_child
 from .session import Closable, as_migration_error, main_first
 
 __all__ = ["Child", "ChildSet", "ChildPipe", "Watch", "RemoteTraceback", "mp_context",
-           "run_child", "child_setup"]
+           "run_child", "child_setup", "failure_text"]
 
 _FINAL_REPORTS = (Done, Eof, Drained)   # after one of these a child's exit is expected
 
@@ -457,14 +458,27 @@ class ChildPipe:
         return reduction.recv_handle(self.conn)
 
     def report_failure(self, exc: BaseException) -> None:
-        """Report ``exc`` (call it where ``exc`` is handled: its traceback goes too).
-
-        A MigrationError already says where; anything else is named by its type."""
-        text = str(exc) if isinstance(exc, MigrationError) else f"{type(exc).__name__}: {exc}"
+        """Report ``exc`` (call it where ``exc`` is handled: its traceback goes too),
+        in :func:`failure_text`'s words."""
         try:
-            self.send(Failed(text, traceback.format_exc()))
+            self.send(Failed(failure_text(exc), traceback.format_exc()))
         except OSError:
             pass
+
+
+def failure_text(exc: BaseException) -> str:
+    """What a child says of its failure ``exc``: a MigrationError says where
+    already; a system call's error says it in its own words, with the errno's
+    name (``send: Connection reset by peer (ECONNRESET)``, where Python's own
+    text began ``ConnectionResetError: [Errno 104]``); anything else is named
+    by its type."""
+    if isinstance(exc, MigrationError):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.strerror and exc.errno is not None:
+        name = errno.errorcode.get(exc.errno, f"errno {exc.errno}")
+        path = f": {exc.filename}" if exc.filename is not None else ""
+        return f"{exc.strerror}{path} ({name})"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def child_setup() -> None:
