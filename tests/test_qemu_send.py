@@ -25,10 +25,13 @@ from multiprocessing import forkserver
 import pytest
 
 from fastmfd import qemu
+from fastmfd._engine import qemu_sending
 from fastmfd._engine.qemu_sending import QEMU_PACKET_BYTES
 from fastmfd.errors import ConfigError, FastMFDError, MigrationError
 from fastmfd.protocol.qemu_encoding import encode_open_return_path
+from fastmfd.protocol import sockets
 from fastmfd.protocol.qemu_return_path import encode_rp_pong, encode_rp_shut
+from fastmfd.protocol.sockets import connect
 from qemu_support import (QEMU, QEMU10, QEMUS, Background, Guest, Receiver, assert_loaded,
                           incoming_guest, needs_qemu, needs_qemu10, saved_guest)
 from inspect_support import NATIVE_CAPTURES, captures_dir
@@ -434,6 +437,51 @@ def test_a_destination_that_says_shut_1_then_resets_is_named_by_its_shut(tmp_pat
                                                  r"\(SHUT 1: it failed\)"):
             qemu.send(f"tcp:127.0.0.1:{listener.getsockname()[1]}", str(tmp_path / "saved"),
                       channels=2, stall_timeout=5.0)
+    finally:
+        listener.close()
+
+
+def test_a_destination_that_says_shut_1_and_takes_no_channel_is_named_by_its_shut(
+        tmp_path, qemu72_captures, monkeypatch):
+    """A destination that failed at the stream's start says SHUT 1 and takes no
+    more connections: a channel's connect, refused, failed the send with "cannot
+    connect to ...: Connection refused" (a CI run: "Connection reset by peer",
+    the destination's connections being reset), its SHUT unread. Here each
+    channel connects only once the SHUT is said and the listener closed."""
+    receive_replay(tmp_path / "saved", capture_bytes(qemu72_captures, "none"))
+    listener = socket.create_server(("127.0.0.1", 0))
+    address = f"tcp:127.0.0.1:{listener.getsockname()[1]}"
+    said = threading.Event()
+
+    def main() -> None:
+        conn = listener.accept()[0]
+        listener.close()                # no channel gets through: refused
+        with conn:
+            head = bytearray()
+            while len(head) < 64 and (data := conn.recv(64)):
+                head += data
+            conn.sendall(encode_rp_shut(failed=True))
+            said.set()
+            conn.recv(1)                # until the send gives up
+
+    connects = []
+
+    def connect_after_the_shut(where, timeout):
+        if connects:                    # a channel's (the main channel's comes first)
+            assert said.wait(30)
+        connects.append(where)
+        return connect(where, timeout)
+
+    monkeypatch.setattr(qemu_sending, "connect", connect_after_the_shut)
+    monkeypatch.setattr(sockets, "CONNECT_RETRY_SECONDS", 0.1)
+    server = threading.Thread(target=main, daemon=True)
+    server.start()
+    try:
+        with pytest.raises(MigrationError, match=r"^main channel: the destination ended its "
+                                                 r"return path before the stream's end "
+                                                 r"\(SHUT 1: it failed\)"):
+            qemu.send(address, str(tmp_path / "saved"), channels=2, stall_timeout=5.0)
+        server.join(10)
     finally:
         listener.close()
 

@@ -44,6 +44,7 @@ with close_notify at QUIT (QEMU 10 expects one).
 from __future__ import annotations
 
 import os
+import select
 import socket
 import ssl
 import time
@@ -59,7 +60,7 @@ from ..protocol.qemu_encoding import (encode_multifd_flush, encode_ram_end_start
                                       encode_ram_eos, encode_ram_start, encode_stream_start,
                                       encode_zero_records)
 from ..protocol.security import ChannelSecurity, TLSConfig, tls_connect
-from ..protocol.sockets import Address, connect, tune_data_socket
+from ..protocol.sockets import Address, connect, decrypted_unread, tune_data_socket
 from ..regions import Region
 from ..shm import SharedMemory
 from ..units import format_bytes
@@ -75,6 +76,9 @@ QEMU_PACKET_BYTES = 512 << 10       # MULTIFD_PACKET_SIZE (spec §2.1)
 JOB_PACKETS = 4                     # packets per job handed to a worker
 SCAN_PAGES = 1 << 14                # pages scanned for zeros at a time (64 MiB of 4 KiB)
 MAIN = "main channel"
+# How long a channel's failed connection waits for the main channel's word (a
+# SHUT 1 the destination said before it stopped taking connections).
+MAIN_WORD_GRACE = 1.0
 
 
 class QemuStream:
@@ -262,7 +266,13 @@ class QemuSending:
 
     def _open_channel(self, address: Address, ch: int, worker: Child,
                       security: ChannelSecurity) -> None:
-        sock = connect(address, self.connect_timeout)
+        try:
+            sock = connect(address, self.connect_timeout)
+        except MigrationError:
+            # A destination that failed at the stream's start says SHUT 1, then takes
+            # no more connections (or resets them): its word is the cause.
+            self._await_main_word()
+            raise
         self.data.append(sock)
         tune_data_socket(sock)
         if security.tls is None:
@@ -358,6 +368,14 @@ class QemuSending:
             if left <= tick(self.stall):
                 raise MigrationError(f"no multifd channel took work for {self.stall:g} s"
                                      + self._hint())
+
+    def _await_main_word(self) -> None:
+        """Give the main channel MAIN_WORD_GRACE seconds to end (SHUT, or its
+        connection's end), and raise how it did if it does."""
+        assert self.main is not None, "connected by run()"
+        if not decrypted_unread(self.main):
+            select.select([self.main], [], [], MAIN_WORD_GRACE)
+        self._check_main_open()
 
     def _check_main_open(self) -> None:
         """Raise if the destination closed or reset the main channel."""
