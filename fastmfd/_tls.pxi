@@ -425,21 +425,32 @@ cdef int tls_write_nonblocking(Link *link, const uint8_t *buf, size_t size) noex
 
 
 cdef int tls_relay(Link *link, int plain, uint8_t *buf, size_t cap) noexcept nogil:
-    """Relay the TLS session (its fd made non-blocking) and the blocking socket
-    plain both ways: the peer's bytes, decrypted, to plain, and plain's,
-    encrypted, to the peer. The peer's end (close_notify or FIN) shuts plain
-    for writing; plain's end ends the session (close_notify, FIN): 0. A
+    """Relay the TLS session and the blocking socket plain both ways (the TLS
+    fd non-blocking meanwhile): the peer's bytes, decrypted, to plain, and
+    plain's, encrypted, to the peer. The peer's end (close_notify or FIN) shuts
+    plain for writing; plain's end ends the session (close_notify, FIN): 0. A
     failure: -errno (-EPROTO with OpenSSL's reason in link.err)."""
+    cdef int flags
+    cdef int rc = set_nonblocking(link.fd, &flags)
+    if rc < 0:
+        return rc
+    rc = tls_relay_until_plain_ends(link, plain, buf, cap)
+    fcntl(link.fd, F_SETFL, flags)
+    if rc == 0:
+        link_close_write(link)
+    return rc
+
+
+cdef int tls_relay_until_plain_ends(Link *link, int plain, uint8_t *buf,
+                                    size_t cap) noexcept nogil:
+    """tls_relay's loop, its TLS fd non-blocking: 0 once plain ended, or -errno."""
     cdef pollfd fds[2]
     cdef bint peer_open = True
     cdef short tls_events = POLLIN
     cdef size_t got
     cdef ssize_t n
-    cdef int ret, err, saved, r, flags
+    cdef int ret, err, saved, r
     cdef iovec one
-    r = set_nonblocking(link.fd, &flags)
-    if r < 0:
-        return r
     while True:
         while peer_open:            # all OpenSSL has decrypted, or can, without waiting
             ERR_clear_error()
@@ -478,7 +489,6 @@ cdef int tls_relay(Link *link, int plain, uint8_t *buf, size_t cap) noexcept nog
             continue
         n = recv(plain, buf, cap, 0)        # readable: it does not wait
         if n == 0:
-            link_close_write(link)
             return 0
         if n < 0:
             if errno == EINTR or errno == EAGAIN:

@@ -26,8 +26,11 @@ import pytest
 import trustme
 
 from fastmfd import TLSConfig, qemu
-from fastmfd._engine.qemu_tls import MAX_GREETINGS
-from fastmfd.errors import ConfigError, MigrationError
+from fastmfd._engine import qemu_channels
+from fastmfd._engine.processes import Watch
+from fastmfd._engine.qemu_tls import MAX_GREETINGS, TLSGreeter
+from fastmfd.errors import ConfigError, MigrationError, ProtocolError
+from fastmfd.protocol.control import QemuGreeted
 from qemu_support import (QEMU, QEMUS, Guest, Receiver, assert_nothing_complete,
                           listening_command, needs_qemu, pattern)
 from test_qemu_peer_dies import (SLOW, SOURCE_KILLED, killed_mid_migration,
@@ -271,3 +274,82 @@ def test_connections_beyond_the_greetings_at_once_wait_their_turn(tmp_path, leak
             sock.close()
         source.close()
     leaks.assert_clean()
+
+
+# ---------------------------------------------------------------- the bookkeeping
+
+class StubGreeter:
+    """Stands in for the workers (their reports are the test's to give)."""
+
+    def __init__(self) -> None:
+        self.greeted: list[socket.socket] = []
+        self.dismissed: list[object] = []
+
+    def greet(self, sock, on_greeted) -> None:
+        self.greeted.append(sock)
+        self.on_greeted = on_greeted
+
+    def dismiss(self, worker) -> None:
+        self.dismissed.append(worker)
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """QemuConnections in TLS, one connection accepted and still being greeted when
+    the channels are counted (COUNT_WAIT made short): (connections, stub, its socket,
+    the client's end)."""
+    monkeypatch.setattr(qemu_channels, "COUNT_WAIT", 0.05)
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname())
+    stub = StubGreeter()
+    connections = qemu_channels.QemuConnections(listener, Watch(), lambda channel: None,
+                                                stub)   # type: ignore[arg-type]
+    connections.main = socket.socket()      # the main channel came before it
+    connections._accept()
+    assert len(stub.greeted) == 1
+    connections.count(wait=0.05)
+    connections.uuid = b"u" * 16
+    yield connections, stub, stub.greeted[0], client
+    for sock in connections.sockets():
+        sock.close()
+    client.close()
+    listener.close()
+
+
+def test_a_channel_of_the_migration_greeted_after_the_count_fails_it(counted):
+    """Its pages would be lost: a greeting not over when the channels were counted
+    was dropped without a word, and one of QEMU's channels whose worker was late
+    would have been lost silently (a review)."""
+    connections, stub, sock, _ = counted
+    assert sock in connections.overdue and not sock._closed
+    with pytest.raises(ProtocolError, match="multifd channel 1 of this migration .* connected "
+                                            "after the setup section ended"):
+        stub.on_greeted("worker", QemuGreeted(1, b"u" * 16))
+    assert stub.dismissed == ["worker"]
+
+
+def test_a_stranger_greeted_after_the_count_is_dropped(counted):
+    connections, stub, sock, client = counted
+    stub.on_greeted("worker", QemuGreeted(0, b"x" * 16))     # another migration's
+    assert stub.dismissed == ["worker"] and sock._closed
+    assert client.recv(1) == b""                            # its connection closed
+    assert not connections.overdue and not connections.greeting
+
+
+class StuckRelay:
+    """A relay worker that never reports its end (its QEMU stopped reading)."""
+    name = "main channel"
+
+    def expect(self, kind, timeout):
+        raise MigrationError(f"no {kind.__name__} report within {timeout:g} s",
+                             channel=self.name)
+
+
+def test_a_relay_that_does_not_pass_on_its_last_bytes_is_said(caplog):
+    """A SHUT 0 handed to the relay may not have reached QEMU: the close says so
+    (it passed in silence: a review), where in plaintext confirm() itself does."""
+    greeter = TLSGreeter(None, Watch(), None, None)     # type: ignore[arg-type]
+    greeter.relaying = StuckRelay()                     # type: ignore[assignment]
+    assert greeter.drain() is False
+    assert "the main channel's relay did not pass on its last bytes" in caplog.text
+    assert greeter.drain() is True                      # once: it is let go

@@ -584,10 +584,12 @@ def _relaying(server: TLSChannel, plain: socket.socket) -> tuple[threading.Threa
     return thread, outcome
 
 
-def test_relay_passes_both_ways_until_its_plain_end_closes(channels):
+def test_relay_passes_both_ways_until_its_plain_end_closes(channels, pair):
     """The peer's bytes come out of the plain socket decrypted and the plain
     socket's go to the peer encrypted; the peer's end shuts the plain socket for
-    writing; the plain socket's end sends close_notify and ends the relay."""
+    writing; the plain socket's end sends close_notify and ends the relay, which
+    leaves the session's socket blocking, as it found it (it left it
+    non-blocking: a review)."""
     client, server = channels
     near, far = socket.socketpair()
     with near, far:
@@ -609,6 +611,7 @@ def test_relay_passes_both_ways_until_its_plain_end_closes(channels):
         near.shutdown(socket.SHUT_WR)
         thread.join(20)
         assert outcome == {"result": None}
+        assert os.get_blocking(pair[1].fileno())
         with pytest.raises(EOFError):
             client.recv_exact(1, timeout=20)    # its close_notify
 

@@ -45,7 +45,7 @@ from ..protocol.control import QemuGreeted, Refused
 from ..protocol.qemu import QEVM_MAGIC
 from .admission import describe_peer
 from .processes import Child, Watch
-from .qemu_tls import MAX_GREETINGS, TLSGreeter
+from .qemu_tls import COUNT_WAIT, MAX_GREETINGS, TLSGreeter
 
 __all__ = ["QemuChannel", "QemuConnections", "migration_uuid", "choose_channels",
            "LATE_BYTES_WAIT"]
@@ -148,6 +148,7 @@ class QemuConnections:
         self.pending: dict[socket.socket, int] = {}     # not told apart yet: arrival
         self.opening: dict[socket.socket, tuple[int, bytearray]] = {}  # init packet so far
         self.greeting: dict[socket.socket, int] = {}    # with a worker (TLS): arrival
+        self.overdue: set[socket.socket] = set()        # greeted past the count: late
         self.failed_handshakes: list[str] = []          # each one's peer and why
         self.peers: dict[socket.socket, str] = {}       # each held connection's address
         self.arrivals = 0
@@ -165,7 +166,8 @@ class QemuConnections:
     def forget(self) -> None:
         """Hold no connection any more (the session has closed them all)."""
         self.main, self.candidates = None, []
-        for held in (self.pending, self.opening, self.greeting, self.late, self.peers):
+        for held in (self.pending, self.opening, self.greeting, self.late, self.peers,
+                     self.overdue):
             held.clear()
 
     # ------------------------------------------------------------ taking them
@@ -219,6 +221,7 @@ class QemuConnections:
         self.watch.remove(sock)
         for held in (self.pending, self.opening, self.greeting, self.late, self.peers):
             held.pop(sock, None)
+        self.overdue.discard(sock)
         sock.close()
 
     def _classify(self, sock: socket.socket) -> None:
@@ -295,7 +298,7 @@ class QemuConnections:
                       worker: Child | None = None) -> bool:
         """A good init packet: whether it is a candidate (the last), or not QEMU's
         (rejected); one of this migration's after the count fails it."""
-        if self._late(arrival):
+        if self._late(arrival) or sock in self.overdue:
             if uuid == self.uuid:
                 peer = self.peers[sock]
                 self._forget(sock)
@@ -320,10 +323,6 @@ class QemuConnections:
         """What the worker greeting ``sock`` in TLS found (:mod:`.qemu_tls`)."""
         greeter = self.greeter
         assert greeter is not None, "greetings are TLS's"
-        if sock not in self.greeting:       # dropped meanwhile (count): not QEMU's
-            if isinstance(report, QemuGreeted):
-                greeter.drop(worker)
-            return
         if len(self.greeting) >= MAX_GREETINGS:
             self.watch.add(self.listener, self._accept)     # one more may be greeted now
         if isinstance(report, Refused) and not report.authenticated:
@@ -334,7 +333,7 @@ class QemuConnections:
         elif isinstance(report, Refused):
             self._reject(sock, report.reason)
         elif report.channel is None and self.main is not None:
-            greeter.drop(worker)
+            greeter.dismiss(worker)
             self._reject(sock, "a second main channel (QEVM)")
         elif report.channel is None:
             arrival = self.greeting[sock]
@@ -344,15 +343,25 @@ class QemuConnections:
             assert report.uuid is not None, "a multifd channel's greeting has its uuid"
             arrival = self.greeting.pop(sock)
             self.opening[sock] = (arrival, bytearray())    # judged as one read here
-            if self._took_channel(sock, arrival, report.uuid, report.channel, worker):
+            try:
+                taken = self._took_channel(sock, arrival, report.uuid, report.channel, worker)
+            except ProtocolError:
+                greeter.dismiss(worker)
+                raise
+            if taken:
                 del self.opening[sock]
                 self.on_channel(self.candidates[-1])
             else:
-                greeter.drop(worker)
+                greeter.dismiss(worker)
 
     # ------------------------------------------------------------ judging them
     def _reject(self, sock: socket.socket, why: str) -> None:
         """A connection that is not QEMU's: closed, and judged by when it came."""
+        if sock in self.overdue:
+            log.warning("a connection greeted after the channels were counted (%s): %s: "
+                        "dropped", self.peers[sock], why)
+            self._forget(sock)
+            return
         arrival = (self.pending[sock] if sock in self.pending else self.greeting[sock]
                    if sock in self.greeting else self.opening[sock][0])
         self.rejects.append((arrival, why, self.peers[sock]))
@@ -396,17 +405,16 @@ class QemuConnections:
         together, then judge what each sent. The caller then sets ``uuid``."""
         self._accept()
         self.counted_at = self.arrivals
-        if self.greeter is not None:        # each greeting ends by its own deadline
-            wait = max(wait, self.greeter.security.timeout + 1.0)
+        if self.greeter is not None:
+            wait = max(wait, COUNT_WAIT)
         deadline = time.monotonic() + wait
         while self._untold() and (left := deadline - time.monotonic()) > 0:
             self.watch.poll(left)
         for sock in self._untold():
-            if sock in self.greeting:
-                log.warning("a connection (%s) was not through its TLS handshake %g s after "
-                            "the setup section's end: not QEMU's, dropped",
-                            self.peers[sock], wait)
-                self._forget(sock)
+            if sock in self.greeting:       # judged as a late one once it is greeted
+                log.warning("a connection (%s) was not through its greeting %g s after the "
+                            "setup section's end: not counted", self.peers[sock], wait)
+                self.overdue.add(sock)
                 continue
             self._reject(sock, f"no complete init packet within {wait:g} s of the setup "
                                "section's end" if sock in self.opening else
@@ -418,4 +426,4 @@ class QemuConnections:
         return [sock for sock, arrival in
                 [*self.pending.items(), *self.greeting.items(),
                  *((s, a) for s, (a, _) in self.opening.items())]
-                if not self._late(arrival)]
+                if not self._late(arrival) and sock not in self.overdue]

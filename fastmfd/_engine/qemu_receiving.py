@@ -61,7 +61,7 @@ from ..regions import Region
 from .processes import Child, ChildSet, Watch
 from .qemu_channels import QemuChannel, QemuConnections, choose_channels, migration_uuid
 from .qemu_live_decoder import LiveDecoder
-from .qemu_return_path import ReturnPathAnswers
+from .qemu_return_path import SOURCE_NOT_TOLD, ReturnPathAnswers
 from .qemu_tls import TLSGreeter
 from .session import shutdown_quietly
 from .session_regions import places_pages
@@ -289,6 +289,9 @@ class QemuReceiving:
                     channel.uuid.hex(), why)
         channel.sock.close()
         assert channel.worker is not None, "set aside with its channel"
+        if self.greeter is not None:        # it holds the connection, since its greeting
+            self.greeter.dismiss(channel.worker)
+            return
         self.watch.remove(channel.worker.conn)
         self.watch.remove(channel.worker.sentinel)
         self.spares.append(channel.worker)
@@ -548,12 +551,15 @@ class QemuReceiving:
         socks = [*self.connections.sockets(), *(c.sock for c in self.channels.values())]
         for sock in socks:
             shutdown_quietly(sock)
-        if self.greeter is not None:
-            self.greeter.drain()
-        if self.workers is not None:
-            self.workers.kill()
-            self.workers.stop(0)
-            self.workers = None
+        try:
+            if self.greeter is not None and not self.greeter.drain() and self.answers.confirmed:
+                log.warning("the SHUT 0 said may not have reached the source: %s",
+                            SOURCE_NOT_TOLD)
+        finally:
+            if self.workers is not None:
+                self.workers.kill()
+                self.workers.stop(0)
+                self.workers = None
         for sock in socks:
             sock.close()
         self.connections.forget()

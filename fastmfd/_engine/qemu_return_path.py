@@ -39,6 +39,11 @@ MAIN = "main channel"
 PING = 1                # what the source's one PING says (QEMU's migration_thread: 1 too)
 
 
+# What a source that could not be told SHUT 0 does, though the files are complete.
+SOURCE_NOT_TOLD = ("the files are complete, but the source QEMU was not told: it reports its "
+                   "migration failed, and its guest may run on there")
+
+
 class ReturnPathAnswers:
     """The destination's answers on the main channel's connection, once the
     source opened the return path (``open``)."""
@@ -46,6 +51,7 @@ class ReturnPathAnswers:
     def __init__(self) -> None:
         self.sock: socket.socket | None = None
         self.shut = False                   # SHUT said: nothing more may be
+        self.confirmed = False              # SHUT 0 handed to the connection
 
     @property
     def opened(self) -> bool:
@@ -74,9 +80,9 @@ class ReturnPathAnswers:
             return
         try:
             self._say(encode_rp_shut(failed=False), last=True)
+            self.confirmed = True
         except MigrationError as exc:
-            log.warning("%s; the files are complete, but the source QEMU was not told: it "
-                        "reports its migration failed, and its guest may run on there", exc)
+            log.warning("%s; %s", exc, SOURCE_NOT_TOLD)
 
     def refuse(self) -> None:
         """SHUT 1, if the source still listens: this migration failed."""

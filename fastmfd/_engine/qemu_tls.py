@@ -25,11 +25,16 @@ A connection whose handshake fails is a stranger's whenever it came, and
 dropped: without a certificate of QEMU's it cannot be one of its channels (in
 plaintext one after the main channel fails the migration, as its pages might
 be QEMU's). At most MAX_GREETINGS connections are greeted at once: the
-listener waits meanwhile, and the kernel's backlog holds the next.
+listener waits meanwhile, and the kernel's backlog holds the next. Barrier 1
+waits COUNT_WAIT for the greetings under way; one that ends later is judged
+as a connection after the count (a channel of this migration fails it). A
+worker whose greeted connection is not kept is dismissed (it exits, closing
+it); one whose greeting failed greets the next.
 """
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 from typing import Callable
@@ -42,7 +47,9 @@ from ..protocol.qemu import QEVM_MAGIC
 from ..protocol.security import ChannelSecurity, check_authz
 from .processes import Child, Watch
 
-__all__ = ["greet_in_tls", "TLSGreeter", "MAX_GREETINGS"]
+__all__ = ["greet_in_tls", "TLSGreeter", "MAX_GREETINGS", "COUNT_WAIT"]
+
+log = logging.getLogger("fastmfd")
 
 MAIN = "main channel"
 MULTIFD_MAGIC = _core.MULTIFD_MAGIC.to_bytes(4, "big")
@@ -50,6 +57,12 @@ MULTIFD_MAGIC = _core.MULTIFD_MAGIC.to_bytes(4, "big")
 # default 2 channels and main channel many times over, while a flood of
 # strangers (each held up to the greeting's deadline) costs at most this many.
 MAX_GREETINGS = 32
+# How long barrier 1 waits for the greetings under way. QEMU's channels were
+# through their handshakes long before (each sent its setup SYNC since); their
+# workers may still be starting on a loaded machine. A greeting that reports
+# later is judged as a late connection (one of the migration's fails it): a
+# stranger's stalled handshake holds the migration up this long at most.
+COUNT_WAIT = 5.0
 # How long the relay of the main channel is given to pass on what was said last
 # (SHUT 0: the source completes only once it has it) before its worker is stopped.
 RELAY_DRAIN = 2.0
@@ -102,7 +115,8 @@ class TLSGreeter:
 
         def on_report(report: object) -> None:
             if isinstance(report, Refused):
-                self.drop(worker)
+                self._forget(worker)
+                self.free_worker(worker)
             if isinstance(report, (QemuGreeted, Refused)):
                 on_greeted(worker, report)
             elif not isinstance(report, (Ready, Eof)):
@@ -112,11 +126,15 @@ class TLSGreeter:
         self.watch.add_child(worker, on_report)
         worker.start_session(QemuGreeting(self.security), [sock.fileno()])
 
-    def drop(self, worker: Child) -> None:
-        """``worker``'s connection is not kept: it is free to greet another."""
+    def dismiss(self, worker: Child) -> None:
+        """``worker``'s connection, greeted, is not kept: the worker is told to
+        exit, which closes it (its peer waits for nothing more)."""
+        self._forget(worker)
+        worker.release()
+
+    def _forget(self, worker: Child) -> None:
         self.watch.remove(worker.conn)
         self.watch.remove(worker.sentinel)
-        self.free_worker(worker)
 
     def relay(self, worker: Child) -> socket.socket:
         """The main channel, greeted by ``worker``: the end of a socket pair it
@@ -133,12 +151,16 @@ class TLSGreeter:
         self.relaying = worker
         return ours
 
-    def drain(self) -> None:
+    def drain(self) -> bool:
         """Give the relay RELAY_DRAIN seconds to pass on what it holds, once the
-        main channel's end of it is shut (the session's close)."""
-        if self.relaying is not None:
-            try:
-                self.relaying.expect(Eof, RELAY_DRAIN)
-            except FastMFDError:
-                pass                    # it failed or was slow: the session is over
-            self.relaying = None
+        main channel's end of it is shut (the session's close); whether it did
+        (or there was none)."""
+        relaying, self.relaying = self.relaying, None
+        if relaying is None:
+            return True
+        try:
+            relaying.expect(Eof, RELAY_DRAIN)
+            return True
+        except FastMFDError as exc:     # it failed or was slow: the session is over
+            log.warning("the main channel's relay did not pass on its last bytes: %s", exc)
+            return False
