@@ -134,6 +134,7 @@ def test_listen_qemu_command_in_tls(tmp_path):
             assert source.wait() == "completed"
             out, err = listen.communicate(timeout=60)
             assert listen.returncode == 0, err
+            assert "received from QEMU" in err
         assert_saved(tmp_path / "out", ram, 2, "none")
     finally:
         source.close()

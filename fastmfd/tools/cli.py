@@ -191,8 +191,9 @@ def _listen_qemu(args: argparse.Namespace, console: Console) -> int:
         stall_timeout=args.stall_timeout or DEFAULT_STALL_TIMEOUT, force=args.force,
         keep_partial=args.keep_partial, max_size=args.max_size, tls=tls,
         **({} if args.workers is None else {"workers": args.workers}),
-        on_listening=lambda address: console.print(f"listening on {address} (QEMU: migrate "
-                                                   f"with the multifd capability)"))
+        on_listening=lambda address: console.print(
+            f"listening on {address} (QEMU: migrate with the multifd capability"
+            f"{', and tls-creds whose certificate --tls-ca issued' if tls else ''})"))
     for name, path in received.files.items():
         console.print(f"{name} -> {path} ({format_bytes(os.path.getsize(path))})")
     facts = received.facts
