@@ -45,14 +45,13 @@ from ..protocol.control import QemuGreeted, Refused
 from ..protocol.qemu import QEVM_MAGIC
 from .admission import describe_peer
 from .processes import Child, Watch
-from .qemu_tls import COUNT_WAIT, MAX_GREETINGS, TLSGreeter
+from .qemu_tls import COUNT_WAIT, MAX_GREETINGS, MULTIFD_MAGIC, TLSGreeter, not_qemus
 
 __all__ = ["QemuChannel", "QemuConnections", "migration_uuid", "choose_channels",
            "LATE_BYTES_WAIT"]
 
 log = logging.getLogger("fastmfd")
 
-MULTIFD_MAGIC = _core.MULTIFD_MAGIC.to_bytes(4, "big")
 INIT_PACKET_SIZE = _core.INIT_PACKET_SIZE
 # When the setup section ends, QEMU's channels have written their init packets
 # (then their setup SYNC, which the section waits for): on this machine's
@@ -245,9 +244,7 @@ class QemuConnections:
             ours = (" (a fastmfd source's stream? it goes to `fastmfd listen` without --qemu)"
                     if head in (bytes(4), b"FMFD") else "")
             self._reject(sock, f"it sent {len(head)} bytes ({reason})" if len(head) < 4 else
-                         f"it sent first bytes {head.hex()}, expected {QEVM_MAGIC.hex()} "
-                         f"(QEVM, the main channel) or {MULTIFD_MAGIC.hex()} (a multifd "
-                         f"channel){ours}")
+                         not_qemus(head) + ours)
         elif head == QEVM_MAGIC:
             if self.main is not None:
                 self._reject(sock, "a second main channel (QEVM)")

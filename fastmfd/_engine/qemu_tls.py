@@ -47,7 +47,8 @@ from ..protocol.qemu import QEVM_MAGIC
 from ..protocol.security import ChannelSecurity, check_authz
 from .processes import Child, Watch
 
-__all__ = ["greet_in_tls", "TLSGreeter", "MAX_GREETINGS", "COUNT_WAIT"]
+__all__ = ["greet_in_tls", "not_qemus", "TLSGreeter", "MAX_GREETINGS", "COUNT_WAIT",
+           "MULTIFD_MAGIC"]
 
 log = logging.getLogger("fastmfd")
 
@@ -83,13 +84,17 @@ def greet_in_tls(sock: socket.socket, security: ChannelSecurity
     if head == QEVM_MAGIC:
         return QemuGreeted(None, None), tls
     if head != MULTIFD_MAGIC:
-        raise ProtocolError(f"it sent first bytes {head.hex()}, expected {QEVM_MAGIC.hex()} "
-                            f"(QEVM, the main channel) or {MULTIFD_MAGIC.hex()} (a multifd "
-                            "channel)", field="magic", received=head.hex(),
+        raise ProtocolError(not_qemus(head), field="magic", received=head.hex(),
                             expected=f"{QEVM_MAGIC.hex()} or {MULTIFD_MAGIC.hex()}")
     packet = head + stream.recv_exact(_core.INIT_PACKET_SIZE - 4, "init packet")
     uuid, channel = _core.decode_init_packet(packet)
     return QemuGreeted(channel, uuid), tls
+
+
+def not_qemus(head: bytes) -> str:
+    """Why a connection whose first 4 bytes are ``head`` is not QEMU's."""
+    return (f"it sent first bytes {head.hex()}, expected {QEVM_MAGIC.hex()} (QEVM, the main "
+            f"channel) or {MULTIFD_MAGIC.hex()} (a multifd channel)")
 
 
 def refusal(exc: FastMFDError) -> Refused:
