@@ -338,15 +338,14 @@ class QemuConnections:
             self._main_came(greeter.relay(worker), arrival)
         else:
             assert report.uuid is not None, "a multifd channel's greeting has its uuid"
-            arrival = self.greeting.pop(sock)
-            self.opening[sock] = (arrival, bytearray())    # judged as one read here
             try:
-                taken = self._took_channel(sock, arrival, report.uuid, report.channel, worker)
+                taken = self._took_channel(sock, self.greeting[sock], report.uuid,
+                                           report.channel, worker)
             except ProtocolError:
                 greeter.dismiss(worker)
                 raise
             if taken:
-                del self.opening[sock]
+                del self.greeting[sock]
                 self.on_channel(self.candidates[-1])
             else:
                 greeter.dismiss(worker)

@@ -205,22 +205,16 @@ def _greet_qemu(pipe: ChildPipe, greeting: QemuGreeting
     follows)``, or None when told to Stop."""
     while True:
         sock = socket.socket(fileno=pipe.recv_fd())
+        tls = None
         try:
             greeted, tls = greet_in_tls(sock, greeting.security)
-        except FastMFDError as exc:
-            sock.close()
-            pipe.send(refusal(exc))
-        else:
             pipe.send(greeted)
-            told = pipe.recv()
-            if isinstance(told, (RecvParams, Relay)):
-                return sock, tls, told
-            sock.close()
-            if not isinstance(told, QemuGreeting):
-                return None
-            greeting = told
-            continue
+        except FastMFDError as exc:
+            pipe.send(refusal(exc))
         told = pipe.recv()
+        if tls is not None and isinstance(told, (RecvParams, Relay)):
+            return sock, tls, told
+        sock.close()
         if not isinstance(told, QemuGreeting):
             return None
         greeting = told
