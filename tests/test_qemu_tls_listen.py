@@ -11,6 +11,7 @@ test.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import re
@@ -28,9 +29,10 @@ import trustme
 from fastmfd import TLSConfig, qemu
 from fastmfd._engine import qemu_channels
 from fastmfd._engine.processes import Watch
-from fastmfd._engine.qemu_tls import MAX_GREETINGS, TLSGreeter
+from fastmfd._engine.qemu_tls import MAX_GREETINGS, TLSGreeter, greet_in_tls
 from fastmfd.errors import ConfigError, MigrationError, ProtocolError
-from fastmfd.protocol.control import QemuGreeted
+from fastmfd.protocol.control import QemuGreeted, Refused
+from fastmfd.protocol.security import ChannelSecurity
 from qemu_support import (QEMU, QEMUS, Guest, Receiver, assert_nothing_complete,
                           listening_command, needs_qemu, pattern)
 from test_qemu_peer_dies import (SLOW, SOURCE_KILLED, killed_mid_migration,
@@ -278,6 +280,51 @@ def test_connections_beyond_the_greetings_at_once_wait_their_turn(tmp_path, leak
 
 
 # ---------------------------------------------------------------- the bookkeeping
+
+def greeting_of(tmp_path: Path, client: str) -> Refused | QemuGreeted:
+    """What a receive worker's greeting reports of a connection from ``client``:
+    "stranger" (a certificate of another CA), "garbage after the handshake" (a
+    certificate of the listener's CA, then bytes that are no TLS record) or
+    "not QEMU's" (the same certificate, then a record saying HTTP)."""
+    ca = trustme.CA()
+    creds = credentials(tmp_path, ca)
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=creds.listener.ca)
+    ctx.check_hostname = False
+    (ca if client != "stranger" else trustme.CA()).issue_cert("source.example"
+                                                              ).configure_cert(ctx)
+    with socket.create_server(("127.0.0.1", 0)) as listener, \
+            socket.create_connection(listener.getsockname()) as raw:
+        accepted, _ = listener.accept()
+        with accepted, concurrent.futures.ThreadPoolExecutor(1) as pool:
+            greeting = pool.submit(greet_in_tls, accepted,
+                                   ChannelSecurity(tls=creds.listener, timeout=10.0))
+            try:
+                with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+                    if client == "not QEMU's":
+                        tls.sendall(b"GET / HTTP/1.1\r\n")
+                    else:
+                        os.write(tls.fileno(), b"\x17\x03\x03\x00\x20" + b"\xee" * 32)
+                    report, session = greeting.result(timeout=20)
+            except ssl.SSLError:        # the stranger's refusal, seen by its side
+                report, session = greeting.result(timeout=20)
+    assert (session is None) == (client == "stranger")
+    return report
+
+
+@pytest.mark.parametrize("client, authenticated", [
+    ("stranger", False), ("garbage after the handshake", True), ("not QEMU's", True)])
+def test_a_greeting_says_whether_the_peer_held_a_certificate_of_the_ca(
+        tmp_path, client, authenticated):
+    """One past its handshake holds a certificate the listener's CA issued: it is
+    judged by when it came, as a plaintext connection is (after the main channel
+    it fails the migration, its pages might be QEMU's). A record that did not
+    decrypt made it a stranger's, dropped in silence, however it came (stop 36's
+    left undone)."""
+    report = greeting_of(tmp_path, client)
+    assert isinstance(report, Refused) and report.authenticated is authenticated
+    assert {"stranger": "certificate", "garbage after the handshake": "QEMU's first bytes",
+            "not QEMU's": "it sent first bytes 47455420"}[client] in report.reason
+
 
 class StubGreeter:
     """Stands in for the workers (their reports are the test's to give)."""

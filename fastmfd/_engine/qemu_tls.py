@@ -24,7 +24,9 @@ given), reads QEMU's first bytes through it and reports what it found::
 A connection whose handshake fails is a stranger's whenever it came, and
 dropped: without a certificate of QEMU's it cannot be one of its channels (in
 plaintext one after the main channel fails the migration, as its pages might
-be QEMU's). At most MAX_GREETINGS connections are greeted at once: the
+be QEMU's). One that fails after its handshake (what it sends is not QEMU's,
+or does not decrypt) holds such a certificate: it is judged by when it came,
+as in plaintext. At most MAX_GREETINGS connections are greeted at once: the
 listener waits meanwhile, and the kernel's backlog holds the next. Barrier 1
 waits COUNT_WAIT for the greetings under way; one that ends later is judged
 as a connection after the count (a channel of this migration fails it). A
@@ -40,7 +42,7 @@ import time
 from typing import Callable
 
 from .. import _core
-from ..errors import FastMFDError, MigrationError, ProtocolError, SecurityError
+from ..errors import FastMFDError, MigrationError, ProtocolError
 from ..protocol.control import Eof, QemuGreeted, QemuGreeting, Ready, Refused, Relay
 from ..protocol.handshake import TLSStream, tls_accept
 from ..protocol.qemu import QEVM_MAGIC
@@ -70,36 +72,42 @@ RELAY_DRAIN = 2.0
 
 
 def greet_in_tls(sock: socket.socket, security: ChannelSecurity
-                 ) -> tuple[QemuGreeted, _core.TLSChannel]:
+                 ) -> tuple[QemuGreeted | Refused, _core.TLSChannel | None]:
     """A receive worker's side of a connection to ``listen --qemu`` in TLS: the
     handshake, then QEMU's first bytes (``QEVM``: its main channel, or a
-    multifd channel's init packet). SecurityError: the handshake failed (a
-    stranger's); any other FastMFDError: what came after it is not QEMU's."""
+    multifd channel's init packet). Returns what it found and the session
+    (None: the handshake failed). A failure after the handshake, TLS's own
+    included (a record that does not decrypt), is an authenticated peer's:
+    one holding a certificate ``ca`` issued, so judged as QEMU's might be."""
     assert security.tls is not None, "greeted in TLS only"
     deadline = time.monotonic() + security.timeout
-    tls = tls_accept(sock, security.tls, deadline, None)
-    check_authz(tls.peer_identities(), security.tls.authz)
-    stream = TLSStream(tls, None, deadline)
+    try:
+        tls = tls_accept(sock, security.tls, deadline, None)
+        check_authz(tls.peer_identities(), security.tls.authz)
+    except FastMFDError as exc:
+        return Refused(str(exc), authenticated=False), None
+    try:
+        return _qemus_first_bytes(TLSStream(tls, None, deadline)), tls
+    except FastMFDError as exc:
+        return Refused(str(exc), authenticated=True), tls
+
+
+def _qemus_first_bytes(stream: TLSStream) -> QemuGreeted:
     head = stream.recv_exact(4, "QEMU's first bytes")
     if head == QEVM_MAGIC:
-        return QemuGreeted(None, None), tls
+        return QemuGreeted(None, None)
     if head != MULTIFD_MAGIC:
         raise ProtocolError(not_qemus(head), field="magic", received=head.hex(),
                             expected=f"{QEVM_MAGIC.hex()} or {MULTIFD_MAGIC.hex()}")
     packet = head + stream.recv_exact(_core.INIT_PACKET_SIZE - 4, "init packet")
     uuid, channel = _core.decode_init_packet(packet)
-    return QemuGreeted(channel, uuid), tls
+    return QemuGreeted(channel, uuid)
 
 
 def not_qemus(head: bytes) -> str:
     """Why a connection whose first 4 bytes are ``head`` is not QEMU's."""
     return (f"it sent first bytes {head.hex()}, expected {QEVM_MAGIC.hex()} (QEVM, the main "
             f"channel) or {MULTIFD_MAGIC.hex()} (a multifd channel)")
-
-
-def refusal(exc: FastMFDError) -> Refused:
-    """What a worker reports of a connection whose greeting raised ``exc``."""
-    return Refused(str(exc), authenticated=not isinstance(exc, SecurityError))
 
 
 class TLSGreeter:

@@ -35,7 +35,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from .. import _core
-from ..errors import FastMFDError, MigrationError, ProtocolError
+from ..errors import MigrationError, ProtocolError
 from ..protocol import handshake
 from ..protocol.qemu import QEVM_MAGIC
 from ..protocol.control import (ChannelParams, Done, Eof, Go, Greeted, Greeting, Prealloc,
@@ -46,7 +46,7 @@ from ..regions import Region
 from ..shm import SharedMemory
 from .open_files import allow_worker_files
 from .processes import ChildPipe, run_child
-from .qemu_tls import greet_in_tls, refusal
+from .qemu_tls import greet_in_tls
 from .session import Closable
 
 __all__ = ["send_worker_main", "recv_worker_main", "qemu_recv_worker_main", "PREALLOC_SLICE"]
@@ -205,12 +205,8 @@ def _greet_qemu(pipe: ChildPipe, greeting: QemuGreeting
     follows)``, or None when told to Stop."""
     while True:
         sock = socket.socket(fileno=pipe.recv_fd())
-        tls = None
-        try:
-            greeted, tls = greet_in_tls(sock, greeting.security)
-            pipe.send(greeted)
-        except FastMFDError as exc:
-            pipe.send(refusal(exc))
+        greeted, tls = greet_in_tls(sock, greeting.security)
+        pipe.send(greeted)
         told = pipe.recv()
         if tls is not None and isinstance(told, (RecvParams, Relay)):
             return sock, tls, told
