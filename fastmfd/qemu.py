@@ -72,7 +72,8 @@ from ._engine.qemu_sending import QEMU_PACKET_BYTES, QemuSending, QemuStream
 from .arguments import (BOOL, INT, PATH, POSITIVE, STR, UNSIGNED, Kind, check_types,
                         instance_of, optional)
 from .errors import ConfigError
-from .protocol.qemu import COMMAND, COMMAND_PLACES, SYNC_PER_ROUND, SYNC_PER_SECTION
+from .protocol.qemu import (COMMAND, COMMAND_PLACES, MAX_PAGE_BITS, MIN_PAGE_BITS,
+                            SYNC_PER_ROUND, SYNC_PER_SECTION)
 from .protocol.security import ChannelSecurity, TLSConfig
 from .protocol.sockets import (bound_address, listen, listening_address, parse_address,
                                remove_socket_file)
@@ -431,16 +432,24 @@ def _is_block(value: object) -> bool:
             and isinstance(value.get("file"), str) and _is_int(value.get("size")))
 
 
+_PAGE_SIZES = {1 << bits for bits in range(MIN_PAGE_BITS, MAX_PAGE_BITS + 1)}
+# A manifest lists a guest's RAM blocks and a few COMMAND sections: kilobytes.
+# One larger is not listen --qemu's, and is not read whole into memory.
+MAX_MANIFEST_BYTES = 4 << 20
+
 # What each field the sender reads must be: a manifest is a file a person may
 # have edited, or another program written; a wrong one is refused up front.
 _MANIFEST_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "blocks": (lambda v: isinstance(v, list) and bool(v), "a list of blocks"),
-    "page_size": (_is_int, "an integer"),
+    # As the stream's target-page-bits is bounded (protocol.qemu) when it is received.
+    "page_size": (lambda v: _is_int(v) and v in _PAGE_SIZES,
+                  f"a power of two, {1 << MIN_PAGE_BITS}..{1 << MAX_PAGE_BITS}"),
     "vmstate": (lambda v: isinstance(v, dict) and isinstance(v.get("file"), str)
                 and _is_int(v.get("size")), "an object with the file's name and size"),
     "configuration": (_is_hex, "bytes in hex"),
     "uuid": (lambda v: v is None or _is_hex(v, 16), "null or 16 bytes in hex"),
-    "ram_section_id": (lambda v: v is None or _is_int(v), "null or an integer"),
+    # A section id is a be32 on the wire. (null, a stream without RAM, has no blocks.)
+    "ram_section_id": (lambda v: _is_int(v) and 0 <= v < 1 << 32, "an integer, 0..2^32-1"),
     "section_footers": (lambda v: isinstance(v, bool), "true or false"),
     "machine": (lambda v: isinstance(v, str), "a string"),
     "commands": (lambda v: isinstance(v, list), "a list"),
@@ -455,7 +464,13 @@ def _read_manifest(directory: str) -> dict[str, Any]:
     # Never through a link, as the files it names: it says what the directory's are.
     with os.fdopen(_open_inside(directory, MANIFEST, os.O_RDONLY), "rb") as f:
         try:
-            manifest: dict[str, Any] = json.load(f)   # any JSON: refused below unless a dict
+            text = f.read(MAX_MANIFEST_BYTES + 1)
+            if len(text) > MAX_MANIFEST_BYTES:
+                raise ValueError(f"larger than {MAX_MANIFEST_BYTES} bytes: not a manifest "
+                                 "listen --qemu wrote")
+            manifest: dict[str, Any] = json.loads(text)   # any JSON: refused below unless a dict
+        except RecursionError:
+            raise ConfigError(f"{path}: JSON nested too deeply to be a manifest") from None
         except (OSError, ValueError) as exc:
             raise ConfigError(f"{path}: {getattr(exc, 'strerror', None) or exc}") from None
     missing = [key for key in _MANIFEST_KEYS

@@ -219,13 +219,21 @@ def test_send_refuses_a_directory_without_a_qemu_manifest(tmp_path):
     ("commands", [{"before": "ram-end", "section": "04"}], "is not a COMMAND section"),
     # Each field of the wrong type or form: a clear error before anything is opened
     # (they were a TypeError, KeyError or ValueError from deep inside, or accepted).
-    ("page_size", "4096", "page_size '4096': expected an integer"),
+    ("page_size", "4096", "page_size '4096': expected a power of two"),
     ("blocks", {"a": 1}, r"blocks \{'a': 1\}: expected a list of blocks"),
     ("blocks[0]", {"size": 4096, "file": "mem.img"},
      r"blocks\[0\] .*: expected an object with idstr, size and file"),
     ("uuid", "00", "uuid '00': expected null or 16 bytes in hex"),
     ("configuration", "zz", "configuration 'zz': expected bytes in hex"),
-    ("ram_section_id", "x", "ram_section_id 'x': expected null or an integer"),
+    ("ram_section_id", "x", r"ram_section_id 'x': expected an integer, 0..2\^32-1"),
+    # Each was a struct.error's traceback, once connected (a review): a be32 on the wire.
+    ("ram_section_id", None, r"ram_section_id None: expected an integer, 0..2\^32-1"),
+    ("ram_section_id", -1, "ram_section_id -1: expected an integer"),
+    ("ram_section_id", 1 << 32, "ram_section_id 4294967296: expected an integer"),
+    # A page larger than a multifd packet made a 0-byte mailbox: "segment size 0".
+    ("page_size", 1 << 20, "page_size 1048576: expected a power of two, 512..524288"),
+    ("page_size", 0, "page_size 0: expected a power of two"),
+    ("page_size", 3000, "page_size 3000: expected a power of two"),
     ("vmstate", "x", "vmstate 'x': expected an object with the file's name and size"),
     ("vmstate", {"file": "vmstate.bin"}, "expected an object with the file's name and size"),
     ("section_footers", "yes", "section_footers 'yes': expected true or false"),
@@ -244,6 +252,18 @@ def test_send_refuses_a_bad_manifest(tmp_path, qemu72_captures, key, value, matc
     path.write_text(json.dumps(manifest))
     with pytest.raises(ConfigError, match=match):
         qemu.send("tcp:127.0.0.1:9", str(tmp_path / "saved"))
+
+
+@pytest.mark.parametrize("content, match", [
+    ("[" * 100_000 + "]" * 100_000, "JSON nested too deeply to be a manifest"),
+    ('{"pad": "' + "x" * qemu.MAX_MANIFEST_BYTES + '"}',
+     "larger than 4194304 bytes: not a manifest listen --qemu wrote"),
+])
+def test_send_reads_no_manifest_beyond_its_bounds(tmp_path, content, match):
+    """A RecursionError's traceback, or any size read whole into memory (a review)."""
+    (tmp_path / "manifest.json").write_text(content)
+    with pytest.raises(ConfigError, match=match):
+        qemu.send("tcp:127.0.0.1:9", str(tmp_path))
 
 
 @pytest.mark.parametrize("which", ["block", "vmstate", "manifest"])
