@@ -37,6 +37,7 @@ from qemu_support import (QEMU, QEMU10, QEMUS, Background, Guest, Receiver, asse
 from inspect_support import NATIVE_CAPTURES, captures_dir
 from migration_support import Proxy
 from test_qemu_receive import capture_bytes, receive_replay
+from test_shm_limits import needs_namespace, run_with_small_shm
 
 
 def loaded_commands(guest: Guest) -> list[str]:
@@ -264,6 +265,40 @@ def test_send_reads_no_manifest_beyond_its_bounds(tmp_path, content, match):
     (tmp_path / "manifest.json").write_text(content)
     with pytest.raises(ConfigError, match=match):
         qemu.send("tcp:127.0.0.1:9", str(tmp_path))
+
+
+@needs_namespace
+def test_a_sender_that_cannot_be_made_leaves_no_worker_or_segment(tmp_path, qemu72_captures):
+    """With /dev/shm full once the blocks' bitmaps are made, QemuSender's own
+    shared memory fails after its workers started: they were left behind, with
+    any segment made so far (a review)."""
+    received = receive_replay(tmp_path / "saved", capture_bytes(qemu72_captures, "none"))
+    blocks = len(received.manifest["blocks"])
+    done = run_with_small_shm(f"""
+        import multiprocessing, os
+        from fastmfd import qemu
+        from fastmfd.errors import FastMFDError
+        from fastmfd.shm import list_segments
+        if __name__ == "__main__":
+            filler = os.open("/dev/shm/filler", os.O_WRONLY | os.O_CREAT)
+            try:
+                while True:
+                    os.write(filler, bytes(4096))
+            except OSError as exc:
+                print("filled:", exc.strerror)
+            # A page for each block's bitmap (each under 4 KiB here), no more.
+            os.ftruncate(filler, os.lseek(filler, 0, os.SEEK_CUR) - {blocks} * 4096)
+            try:
+                qemu.QemuSender({str(tmp_path / "saved")!r}, channels=2)
+            except FastMFDError as exc:
+                print("error:", exc)
+            print("workers:", multiprocessing.active_children())
+            print("segments:", list_segments())
+    """, shm="1m")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "filled: No space left on device" in done.stdout
+    assert "error: cannot allocate 224 bytes" in done.stdout     # the counters' segment
+    assert "workers: []" in done.stdout and "segments: []" in done.stdout, done.stdout
 
 
 @pytest.mark.parametrize("which", ["block", "vmstate", "manifest"])

@@ -143,12 +143,16 @@ class QemuSending:
         self.owned: list[Closable] = []
         self.workers = ChildSet(send_worker_main,
                                 [f"multifd channel {ch}" for ch in range(channels)])
-        self.counters = self._own(_core.Counters.create(channels, tag="qemu-counters"))
-        self.selector = self._own(_core.ChannelSelector.create(channels))
-        self.mailbox_shm = self._own(SharedMemory.create(channels * self.job_pages * 8,
-                                                         tag="mailbox"))
-        self.mailbox = np.ndarray((channels, self.job_pages), dtype=np.uint64,
-                                  buffer=self.mailbox_shm.buf)
+        try:
+            self.counters = self._own(_core.Counters.create(channels, tag="qemu-counters"))
+            self.selector = self._own(_core.ChannelSelector.create(channels))
+            self.mailbox_shm = self._own(SharedMemory.create(channels * self.job_pages * 8,
+                                                             tag="mailbox"))
+            self.mailbox = np.ndarray((channels, self.job_pages), dtype=np.uint64,
+                                      buffer=self.mailbox_shm.buf)
+        except BaseException:   # (a full /dev/shm): the workers and segments made so far
+            self.close()
+            raise
 
     def _own(self, resource: Owned) -> Owned:
         self.owned.append(resource)
@@ -492,7 +496,7 @@ class QemuSending:
         for fd in self.cmd_fds:
             os.close(fd)
         self.cmd_fds = []
-        del self.mailbox
+        self.__dict__.pop("mailbox", None)     # (a view of mailbox_shm: let go first)
         for resource in reversed(self.owned):
             resource.close()
         self.owned = []
