@@ -496,6 +496,73 @@ def test_a_destination_that_says_shut_1_then_resets_is_named_by_its_shut(tmp_pat
         listener.close()
 
 
+@pytest.mark.parametrize("resets", ["the main channel", "every connection"])
+def test_a_destination_that_fails_at_the_stream_s_end_is_named_by_its_shut(
+        tmp_path, qemu72_captures, resets):
+    """A QEMU 10 failing at the last device section says SHUT 1, then exits with
+    bytes unread, which resets its connections, while the workers may still have
+    their last packets to write. Its SHUT is the cause; the send said "broke the
+    connection ... (Transport endpoint is not connected)" (the main channel's
+    reset came before the stream was ended, and its shutdown failed), or a
+    worker's "Connection reset by peer" (a review). The channels here are read
+    slowly, and not at all once the main channel reaches the device state."""
+    saved = receive_replay(tmp_path / "saved", capture_bytes(qemu72_captures, "none"))
+    vmstate = (tmp_path / "saved" / saved.manifest["vmstate"]["file"]).read_bytes()
+    listener = socket.create_server(("127.0.0.1", 0))
+    at_the_devices, said = threading.Event(), threading.Event()
+
+    def reset(conn: socket.socket) -> None:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()
+
+    def main(conn: socket.socket) -> None:
+        stream = bytearray()
+        while (start := stream.find(vmstate[:64])) < 0 and (data := conn.recv(1 << 16)):
+            stream += data
+        at_the_devices.set()
+        # Its last byte unread when only the main channel is reset: the workers
+        # finish, and the send ends the stream on a connection reset already.
+        end = start + len(vmstate) - (resets == "the main channel")
+        while len(stream) < end and (data := conn.recv(end - len(stream))):
+            stream += data
+        time.sleep(0.3)                 # the workers wait on full socket buffers
+        conn.sendall(encode_rp_pong(1) + encode_rp_shut(failed=True))
+        time.sleep(0.05)
+        said.set()
+        reset(conn)
+
+    def channel(conn: socket.socket) -> None:
+        while not at_the_devices.is_set() and conn.recv(16 << 10):
+            time.sleep(0.002)
+        said.wait(30)
+        if resets == "every connection":
+            reset(conn)
+            return
+        time.sleep(0.3)
+        with conn:
+            while conn.recv(1 << 16):
+                pass
+
+    def serve() -> None:
+        for i in range(3):          # the main channel, then the 2 multifd channels
+            try:
+                conn = listener.accept()[0]
+            except OSError:
+                return
+            threading.Thread(target=main if i == 0 else channel, args=(conn,),
+                             daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        with pytest.raises(MigrationError, match=r"^main channel: the destination (said it "
+                                                 r"failed to load the stream \(SHUT 1|ended "
+                                                 r"its return path .*\(SHUT 1: it failed)"):
+            qemu.send(f"tcp:127.0.0.1:{listener.getsockname()[1]}", str(tmp_path / "saved"),
+                      channels=2, stall_timeout=10.0)
+    finally:
+        listener.close()
+
+
 def test_a_destination_that_says_shut_1_and_takes_no_channel_is_named_by_its_shut(
         tmp_path, qemu72_captures, monkeypatch):
     """A destination that failed at the stream's start says SHUT 1 and takes no

@@ -53,7 +53,7 @@ from uuid import UUID
 import numpy as np
 
 from .. import _core
-from ..errors import MigrationError, ProtocolError, SecurityError
+from ..errors import FastMFDError, MigrationError, ProtocolError, SecurityError
 from ..protocol.control import Done, SendParams
 from ..protocol.qemu import COMMAND_PLACES, SYNC_PER_ROUND, SYNC_PER_SECTION
 from ..protocol.qemu_encoding import (encode_multifd_flush, encode_ram_end_start,
@@ -242,7 +242,10 @@ class QemuSending:
             # VM description. With TLS it is left out: an SSLSocket sends no
             # close_notify alone (unwrap() waits for the peer's, dropping the SHUT).
             if self.tls is None:
-                self.main.shutdown(socket.SHUT_WR)
+                try:
+                    self.main.shutdown(socket.SHUT_WR)
+                except OSError:     # reset already: what it said first is still to read
+                    pass
             while self.answers.said is None:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -255,9 +258,10 @@ class QemuSending:
             raise MigrationError(f"the destination did not end the stream within "
                                  f"{self.stall:g} s of its last byte", channel=MAIN) from None
         except OSError as exc:
-            raise MigrationError(f"the destination broke the connection before it read the "
-                                 f"whole stream ({exc.strerror or exc}): its load failed",
-                                 channel=MAIN) from None
+            if self.answers.said is None:       # a SHUT read before the reset is the cause
+                raise MigrationError(f"the destination broke the connection before it read "
+                                     f"the whole stream ({exc.strerror or exc}): its load "
+                                     "failed", channel=MAIN) from None
         # (What the destination did is said: the hint does not say it again.)
         if self.answers.said is None:
             raise MigrationError("the destination closed the connection without saying it "
@@ -373,13 +377,22 @@ class QemuSending:
                 raise MigrationError(f"no multifd channel took work for {self.stall:g} s"
                                      + self._hint())
 
-    def _await_main_word(self) -> None:
+    def _await_main_word(self, shut_only: bool = False) -> None:
         """Give the main channel MAIN_WORD_GRACE seconds to end (SHUT, or its
-        connection's end), and raise how it did if it does."""
+        connection's end), and raise how it did if it does (``shut_only``: if it
+        said a SHUT; its end alone may be the consequence of a failure here)."""
         assert self.main is not None, "connected by run()"
         if not decrypted_unread(self.main):
             select.select([self.main], [], [], MAIN_WORD_GRACE)
-        self._check_main_open()
+        if shut_only:
+            self._check_shut()
+        else:
+            self._check_main_open()
+
+    def _check_shut(self) -> None:
+        """Raise the SHUT the destination said before the stream's end, if it did."""
+        if self.answers is not None and self._main_ended() is not None and self.answers.said:
+            self._check_main_open()
 
     def _check_main_open(self) -> None:
         """Raise if the destination closed or reset the main channel."""
@@ -468,8 +481,7 @@ class QemuSending:
         a SHUT 1 the destination said: a QEMU that failed to load says it, then exits
         with bytes of every connection unread, which resets them, and the workers'
         resets, its consequence, hid it."""
-        if self.answers is not None and self._main_ended() is not None and self.answers.said:
-            self._check_main_open()
+        self._check_shut()
         for worker in self.workers:
             while worker.next_report() is not None:
                 pass
@@ -478,8 +490,14 @@ class QemuSending:
 
     def _wait_done(self) -> None:
         deadline = time.monotonic() + self.stall
-        for worker in self.workers:
-            worker.expect(Done, max(0.0, deadline - time.monotonic()))
+        try:
+            for worker in self.workers:
+                worker.expect(Done, max(0.0, deadline - time.monotonic()))
+        except FastMFDError:
+            # A destination that failed to load resets every connection after its
+            # SHUT 1: a worker's reset, its consequence, must not hide it.
+            self._await_main_word(shut_only=True)
+            raise
 
     def channel_stats(self) -> list[dict[str, int]]:
         return [{"channel": ch, **self.counters.read(ch)} for ch in range(self.channels)]
