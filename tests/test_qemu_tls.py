@@ -9,9 +9,13 @@ way, fail the send with an error that says so, and no QEMU outlives a test.
 from __future__ import annotations
 
 import os
+import re
 import signal
+import socket
+import ssl
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +28,7 @@ from qemu_support import QEMU, QEMUS, assert_loaded, incoming_guest, needs_qemu,
 from test_qemu_peer_dies import (DESTINATION_KILLED, PATIENT, SEND_CHANNELS, STALL,
                                  STOPPED_GUEST_MIB, assert_fails, assert_gone, kill,
                                  resume_and_close, send_slowly)
+from test_qemu_receive import capture_bytes, receive_replay
 
 
 @dataclass
@@ -244,3 +249,53 @@ def test_a_destination_stopped_mid_send_in_tls_fails_it_at_its_stall_timeout(wai
     assert_gone(workers)
     resume_and_close(destination[1])
     leaks.assert_clean()
+
+
+def test_a_destination_that_takes_no_channel_in_tls_is_not_said_to_have_closed(
+        tmp_path, qemu72_captures):
+    """A TLS destination that handshakes every connection (a TLS 1.3 server sends
+    session tickets after it), reads the main channel, answers nothing and reads
+    no multifd channel: the send fails as in plaintext ("no multifd channel took
+    work"). Its watch of the main channel, finding the socket readable, waited
+    the whole stall timeout in recv() for data the tickets are not, then said
+    "the destination broke the connection: The read operation timed out" and
+    hinted that it closed, which it did not (a review)."""
+    receive_replay(tmp_path / "saved", capture_bytes(qemu72_captures, "none"))
+    creds = credentials(tmp_path, trustme.CA())
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(creds.qemu_dir / "server-cert.pem",
+                            creds.qemu_dir / "server-key.pem")
+    listener = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def serve(conn: socket.socket, main: bool) -> None:
+        try:
+            tls = context.wrap_socket(conn, server_side=True)
+        except OSError:
+            return
+        held.append(tls)
+        while main and tls.recv(1 << 16):
+            pass
+
+    def accept() -> None:
+        for i in range(3):
+            try:
+                conn = listener.accept()[0]
+            except OSError:
+                return
+            held.append(conn)
+            threading.Thread(target=serve, args=(conn, i == 0), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        with pytest.raises(MigrationError) as failed:
+            qemu.send(f"tcp:127.0.0.1:{listener.getsockname()[1]}", str(tmp_path / "saved"),
+                      channels=2, stall_timeout=2.0, tls=creds.source)
+        assert re.match(r"(multifd channel \d: )?no (multifd channel took work|progress)",
+                        failed.value.cause), failed.value
+        assert not re.search("broke the connection|closed the connection|timed out",
+                             str(failed.value)), failed.value
+    finally:
+        listener.close()
+        for sock in held:
+            sock.close()

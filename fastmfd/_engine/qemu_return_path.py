@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import select
 import socket
+import ssl
 
 from ..errors import MigrationError
 from ..protocol.qemu_encoding import encode_open_return_path
@@ -130,13 +131,23 @@ class ReturnPathWatch:
         (an OSError once it was broken)."""
         readable = select.poll()
         readable.register(self.sock, select.POLLIN)
-        # (recv() would wait the socket's timeout first.)
-        while decrypted_unread(self.sock) or readable.poll(0):
-            data = self.sock.recv(1 << 16)
-            if not data:
-                return False
-            self.decoder.feed(data)
-        return True
+        # (recv() would wait the socket's timeout first.) Readable is not enough
+        # with TLS: what came may be half a record, or none of the peer's data
+        # (TLS 1.3's session tickets): recv() would wait for the rest.
+        timeout = self.sock.gettimeout()
+        self.sock.setblocking(False)
+        try:
+            while decrypted_unread(self.sock) or readable.poll(0):
+                try:
+                    data = self.sock.recv(1 << 16)
+                except (ssl.SSLWantReadError, BlockingIOError):
+                    return True
+                if not data:
+                    return False
+                self.decoder.feed(data)
+            return True
+        finally:
+            self.sock.settimeout(timeout)
 
     def feed(self, data: bytes) -> None:
         """Bytes read elsewhere (the wait for the end of the stream)."""
