@@ -401,3 +401,27 @@ def test_a_relay_that_does_not_pass_on_its_last_bytes_is_said(caplog):
     assert greeter.drain() is False
     assert "the main channel's relay did not pass on its last bytes" in caplog.text
     assert greeter.drain() is True                      # once: it is let go
+
+
+def refused_at_once(address: str) -> None:
+    """A plaintext connection that begins as QEMU's main channel does: its TLS
+    handshake fails, and it is closed (reset: its bytes are left unread)."""
+    host, port = address.split(":")[1:]
+    with socket.create_connection((host, int(port))) as plain:
+        plain.sendall(b"QEVM\x00\x00\x00\x03")
+        plain.settimeout(10.0)
+        try:
+            assert plain.recv(64) == b""
+        except ConnectionResetError:
+            pass
+
+
+def test_a_connection_refused_is_closed_at_once(tmp_path):
+    """Its worker reported it and waited for the next connection to greet before it
+    closed it: its peer (QEMU's main channel, its greeting timed out) waited with
+    it, up to the listener's timeout (a review)."""
+    creds = credentials(tmp_path, trustme.CA())
+    receiver = Receiver(tmp_path / "out", tls=creds.listener, timeout=20.0)
+    refused_at_once(receiver.address)
+    with pytest.raises(MigrationError, match="no QEMU connected within 20 s"):
+        receiver.result()

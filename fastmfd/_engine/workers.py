@@ -39,8 +39,8 @@ from ..errors import MigrationError, ProtocolError
 from ..protocol import handshake
 from ..protocol.qemu import QEVM_MAGIC
 from ..protocol.control import (ChannelParams, Done, Eof, Go, Greeted, Greeting, Prealloc,
-                                Preallocated, QemuGreeting, RecvParams, Refused, Relay,
-                                SendParams, Stop, Synced)
+                                Preallocated, QemuGreeted, QemuGreeting, RecvParams, Refused,
+                                Relay, SendParams, Stop, Synced)
 from ..protocol.sockets import peer_on_this_host
 from ..regions import Region
 from ..shm import SharedMemory
@@ -206,9 +206,12 @@ def _greet_qemu(pipe: ChildPipe, greeting: QemuGreeting
     while True:
         sock = socket.socket(fileno=pipe.recv_fd())
         greeted, tls = greet_in_tls(sock, greeting.security)
+        if isinstance(greeted, Refused):
+            sock.close()        # now: its peer is not left waiting for the next greeting
         pipe.send(greeted)
         told = pipe.recv()
-        if tls is not None and isinstance(told, (RecvParams, Relay)):
+        if isinstance(greeted, QemuGreeted) and isinstance(told, (RecvParams, Relay)):
+            assert tls is not None, "greeted through its handshake"
             return sock, tls, told
         sock.close()
         if not isinstance(told, QemuGreeting):
