@@ -50,7 +50,7 @@ from ..protocol.security import ChannelSecurity, check_authz
 from .processes import Child, Watch
 
 __all__ = ["greet_in_tls", "not_qemus", "TLSGreeter", "MAX_GREETINGS", "COUNT_WAIT",
-           "MULTIFD_MAGIC"]
+           "MULTIFD_MAGIC", "FIRST_BYTES_WAIT"]
 
 log = logging.getLogger("fastmfd")
 
@@ -66,6 +66,12 @@ MAX_GREETINGS = 32
 # later is judged as a late connection (one of the migration's fails it): a
 # stranger's stalled handshake holds the migration up this long at most.
 COUNT_WAIT = 5.0
+# How long a connection through its handshake (it holds a certificate ``ca``
+# issued) is given for its first bytes, counted from the handshake's end, in
+# handshake deadlines: QEMU's main channel sends them only once every multifd
+# channel is through its own handshake, and those may wait in the backlog for
+# MAX_GREETINGS strangers' greetings to end (a deadline), then be greeted.
+FIRST_BYTES_WAIT = 2
 # How long the relay of the main channel is given to pass on what was said last
 # (SHUT 0: the source completes only once it has it) before its worker is stopped.
 RELAY_DRAIN = 2.0
@@ -80,12 +86,12 @@ def greet_in_tls(sock: socket.socket, security: ChannelSecurity
     included (a record that does not decrypt), is an authenticated peer's:
     one holding a certificate ``ca`` issued, so judged as QEMU's might be."""
     assert security.tls is not None, "greeted in TLS only"
-    deadline = time.monotonic() + security.timeout
     try:
-        tls = tls_accept(sock, security.tls, deadline, None)
+        tls = tls_accept(sock, security.tls, time.monotonic() + security.timeout, None)
         check_authz(tls.peer_identities(), security.tls.authz)
     except FastMFDError as exc:
         return Refused(str(exc), authenticated=False), None
+    deadline = time.monotonic() + FIRST_BYTES_WAIT * security.timeout
     try:
         return _qemus_first_bytes(TLSStream(tls, None, deadline)), tls
     except FastMFDError as exc:
