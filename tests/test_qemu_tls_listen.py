@@ -442,3 +442,26 @@ def test_a_connection_refused_is_closed_at_once(tmp_path):
     refused_at_once(receiver.address)
     with pytest.raises(MigrationError, match="no QEMU connected within 20 s"):
         receiver.result()
+
+
+def test_a_relay_that_fails_says_why_not_that_the_source_closed(tmp_path):
+    """The relay's socket pair closed as it failed, and the main channel's end of
+    stream came first: "the source closed it before the stream's end"; its
+    failure only in close()'s warning (a review)."""
+    ca = trustme.CA()
+    creds = credentials(tmp_path, ca)
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=creds.listener.ca)
+    ctx.check_hostname = False
+    ca.issue_cert("source.example").configure_cert(ctx)
+    receiver = Receiver(tmp_path / "out", tls=creds.listener)
+    host, port = receiver.address.split(":")[1:]
+    with ctx.wrap_socket(socket.create_connection((host, int(port))),
+                         server_hostname=host) as tls:
+        tls.sendall(b"QEVM")                # QEMU's main channel: relayed
+        time.sleep(0.5)
+        os.write(tls.fileno(), b"\x17\x03\x03\x00\x20" + b"\xee" * 32)   # no record of it
+        with pytest.raises(MigrationError) as failed:
+            receiver.result()
+    assert failed.value.channel == "main channel"
+    assert "relay" in str(failed.value) and "the source closed it" not in str(failed.value)
+    assert_nothing_complete(tmp_path / "out")

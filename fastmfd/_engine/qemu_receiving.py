@@ -51,7 +51,7 @@ from typing import Protocol
 import numpy as np
 
 from .. import _core
-from ..errors import ConfigError, MigrationError, ProtocolError
+from ..errors import ConfigError, FastMFDError, MigrationError, ProtocolError
 from ..protocol.bytereader import ByteReader, StreamReader
 from ..protocol.control import Eof, Go, Ready, RecvParams, Synced
 from ..protocol.qemu import SYNC_PER_SECTION, check_stream_end
@@ -176,7 +176,7 @@ class QemuReceiving:
             decoder.decode_ram()
         except ProtocolError as exc:
             if decoder.r.truncated:
-                raise closed_early(exc) from exc
+                raise self._closed_early(exc) from exc
             raise
         facts = self.facts
         facts.machine, facts.page_size = decoder.out.machine, decoder.out.page_size
@@ -195,6 +195,16 @@ class QemuReceiving:
                                     if self.counters is not None else 0)
         self._flush()
         return facts
+
+    def _closed_early(self, exc: ProtocolError) -> FastMFDError:
+        """The main channel's end mid-stream: in TLS, its relay's failure if it
+        failed (its end of the pair closes as it does), else the source gone."""
+        if self.greeter is not None and self.connections.main is not None:
+            shutdown_quietly(self.connections.main)     # the relay ends once it is shut
+            failure = self.greeter.relay_failure()
+            if failure is not None:
+                return failure
+        return closed_early(exc)
 
     def _recv_main(self, n: int) -> bytes:
         """Up to ``n`` bytes of the main channel, serving everything else while none
@@ -449,7 +459,7 @@ class QemuReceiving:
                 except ProtocolError as exc:
                     if exc.field != "QEMU_VM_EOF":
                         raise       # the end is there, what stands in it is wrong
-                    raise closed_early(exc) from exc
+                    raise self._closed_early(exc) from exc
             os.fsync(fd)
             self.facts.vmstate_bytes = total
         except OSError as exc:      # a full disk: as a block file's (_flush)

@@ -170,16 +170,23 @@ class TLSGreeter:
         self.relaying = worker
         return ours
 
-    def drain(self) -> bool:
-        """Give the relay RELAY_DRAIN seconds to pass on what it holds, once the
-        main channel's end of it is shut (the session's close); whether it did
-        (or there was none)."""
+    def relay_failure(self) -> FastMFDError | None:
+        """How the relay ended, once the main channel's end of it is shut: None
+        when it passed on what it held within RELAY_DRAIN seconds (or there was
+        none), else its failure (a record that did not decrypt, or its death)."""
         relaying, self.relaying = self.relaying, None
         if relaying is None:
-            return True
+            return None
         try:
             relaying.expect(Eof, RELAY_DRAIN)
-            return True
-        except FastMFDError as exc:     # it failed or was slow: the session is over
-            log.warning("the main channel's relay did not pass on its last bytes: %s", exc)
-            return False
+            return None
+        except FastMFDError as exc:
+            return exc
+
+    def drain(self) -> bool:
+        """The session's close: whether the relay passed on what it held."""
+        failure = self.relay_failure()
+        if failure is not None:     # it failed or was slow: the session is over
+            log.warning("the main channel's relay did not pass on its last bytes: %s",
+                        failure)
+        return failure is None
