@@ -30,6 +30,7 @@ import trustme
 from fastmfd import TLSConfig, qemu
 from fastmfd._engine import qemu_channels
 from fastmfd._engine.processes import Watch
+from fastmfd._engine.qemu_channels import LOGGED_DROPS
 from fastmfd._engine.qemu_tls import MAX_GREETINGS, TLSGreeter, greet_in_tls
 from fastmfd.errors import ConfigError, MigrationError, ProtocolError
 from fastmfd.protocol.control import QemuGreeted, Refused
@@ -465,3 +466,19 @@ def test_a_relay_that_fails_says_why_not_that_the_source_closed(tmp_path):
     assert failed.value.channel == "main channel"
     assert "relay" in str(failed.value) and "the source closed it" not in str(failed.value)
     assert_nothing_complete(tmp_path / "out")
+
+
+def test_strangers_are_counted_not_each_kept_or_logged(tmp_path, caplog):
+    """Each failed handshake was kept (its peer and why) and logged: a flood of
+    strangers, some hundreds a second, grew the listener for as long as it waited
+    for QEMU (a review)."""
+    creds = credentials(tmp_path, trustme.CA())
+    receiver = Receiver(tmp_path / "out", tls=creds.listener, timeout=5.0)
+    for _ in range(2 * LOGGED_DROPS):
+        refused_at_once(receiver.address)
+    with pytest.raises(MigrationError, match=fr"\({2 * LOGGED_DROPS} connection\(s\) failed "
+                                             "the TLS handshake; the first, from 127.0.0.1:"):
+        receiver.result()
+    logged = [r for r in caplog.records if "failed the TLS handshake" in r.getMessage()]
+    assert len(logged) == LOGGED_DROPS
+    assert "more are counted, not logged" in logged[-1].getMessage()

@@ -64,6 +64,31 @@ ACCEPT_RETRY = {errno.ECONNABORTED, errno.EPROTO, errno.ENETDOWN, errno.ENOPROTO
                 errno.ENETUNREACH}
 
 
+# Dropped connections are each said in the log up to this many of a kind; after
+# that only counted (a flood of strangers, at a few hundred a second, would fill it).
+LOGGED_DROPS = 10
+
+
+@dataclass
+class Dropped:
+    """Connections dropped for one reason: how many, and the first (its peer and
+    why). Not each one: a flood of strangers must not grow the listener."""
+    what: str                               # e.g. "failed the TLS handshake"
+    count: int = 0
+    first: str = ""
+
+    def add(self, peer: str, why: str) -> None:
+        self.count += 1
+        self.first = self.first or f"from {peer}: {why}"
+        if self.count <= LOGGED_DROPS:
+            log.warning("a connection (%s) %s: %s: not QEMU's, dropped%s", peer, self.what,
+                        why, " (more are counted, not logged)"
+                        if self.count == LOGGED_DROPS else "")
+
+    def __str__(self) -> str:
+        return f"{self.count} connection(s) {self.what}; the first, {self.first}"
+
+
 @dataclass
 class QemuChannel:
     """A connection that sent a good init packet, and its receive worker."""
@@ -148,7 +173,7 @@ class QemuConnections:
         self.opening: dict[socket.socket, tuple[int, bytearray]] = {}  # init packet so far
         self.greeting: dict[socket.socket, int] = {}    # with a worker (TLS): arrival
         self.overdue: set[socket.socket] = set()        # greeted past the count: late
-        self.failed_handshakes: list[str] = []          # each one's peer and why
+        self.failed_handshakes = Dropped("failed the TLS handshake")
         self.peers: dict[socket.socket, str] = {}       # each held connection's address
         self.arrivals = 0
         self.counted_at: int | None = None              # arrivals when barrier 1 came
@@ -323,9 +348,7 @@ class QemuConnections:
         if len(self.greeting) >= MAX_GREETINGS:
             self.watch.add(self.listener, self._accept)     # one more may be greeted now
         if isinstance(report, Refused) and not report.authenticated:
-            log.warning("a connection (%s) failed its TLS handshake: %s: not QEMU's, dropped",
-                        self.peers[sock], report.reason)
-            self.failed_handshakes.append(f"from {self.peers[sock]}: {report.reason}")
+            self.failed_handshakes.add(self.peers[sock], report.reason)
             self._forget(sock)
         elif isinstance(report, Refused):
             self._reject(sock, report.reason)

@@ -166,9 +166,8 @@ class QemuReceiving:
             left = deadline - time.monotonic()
             if left <= 0:
                 failed = self.connections.failed_handshakes
-                raise MigrationError(f"no QEMU connected within {self.timeout:g} s" + (
-                    f" ({len(failed)} connection(s) failed the TLS handshake; the first, "
-                    f"{failed[0]})" if failed else ""), channel=MAIN)
+                raise MigrationError(f"no QEMU connected within {self.timeout:g} s"
+                                     + (f" ({failed})" if failed.count else ""), channel=MAIN)
             self.watch.poll(min(left, 1.0))
         self.watch.main = self.connections.main
         decoder = LiveDecoder(StreamReader(MAIN, self._recv_main), self)
