@@ -272,6 +272,11 @@ class _Reassembler:
             if len(message.device_chunks) != len(self.devices):
                 raise MigrationError(f"PRECOPY_SENT counts {len(message.device_chunks)} "
                                      f"devices, the session has {len(self.devices)}")
+            for stream, live in zip(self.devices, message.device_chunks):
+                if stream.last is not None:     # (sent before the stop, a last chunk after)
+                    raise MigrationError(f"PRECOPY_SENT (counting {live} chunks sent live) came "
+                                         f"after the last chunk, idx {stream.last}",
+                                         device=stream.name)
             with self.precopy_lock:
                 self.precopy_counts = message.device_chunks
             self._check_precopy()
@@ -296,7 +301,12 @@ class _Reassembler:
             self.pool.release(slot)
             raise MigrationError(f"descriptor for unknown device number {device}")
         stream = self.devices[device]
+        counts = self.precopy_counts
         try:
+            if flags & _core.CHUNK_FLAG_LAST and counts is not None:
+                # The source stops, and sends a device's last chunk, only once acked.
+                raise ValueError(f"last chunk idx {idx} while SWITCHOVER_ACK is owed "
+                                 f"(PRECOPY_SENT counted {counts[device]} chunks sent live)")
             stream.add(idx, flags, slot, length)
         except ValueError as exc:
             self.pool.release(slot)

@@ -497,6 +497,8 @@ class Receiving:
             self.state = ReceivingState.SWITCHOVER
         else:
             check_chunk_counts("COMPLETE", payload.device_chunks, len(self.setup.devices))
+            if self._devices is not None:
+                self._devices.on_complete(payload.device_chunks)
             self._complete = payload
             self.state = ReceivingState.COMPLETE
             self._check_no_round_past_the_end()
