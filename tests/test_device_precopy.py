@@ -352,3 +352,15 @@ def test_a_destination_refuses_a_precopy_sent_that_counts_the_last_chunk(tmp_pat
     assert replies == [Msg.ERROR]
     assert "approved" not in stamps()
 
+
+def test_a_precopy_sent_counting_chunks_that_never_come_names_the_one_awaited():
+    """PRECOPY_SENT counts 5 chunks of dev/0, 1 came: the switchover waits for its
+    loader, which waits for chunk 1, until the deadline; the error said only
+    "reassembly: no progress for 2 s" (found in review)."""
+    from fastmfd.protocol.main_channel import Msg, PrecopySent
+    from migration_support import device_packet
+    replies, error = _hand_driven_destination([("dev", 0)], [
+        device_packet("dev", 0, 0, b"live"), (Msg.PRECOPY_SENT, PrecopySent([5]))], stall=2.0)
+    assert ("reassembly: no progress for 2 s (dev/0: waiting for chunk 1 of the 5 "
+            "PRECOPY_SENT counted)") in str(error), error
+    assert replies == [Msg.ERROR]

@@ -65,7 +65,7 @@ class DeviceLoading:
         self.results: dict[int, object] = {}
         self.chunks: dict[int, int] = {}
         self.load_seconds: dict[int, float] = {}
-        self.busy: dict[int, str] = {}           # device -> its loader's slow call (LoaderBusy)
+        self.busy: dict[int, str] = {}           # device -> what holds its loader (LoaderBusy)
         self.drained = False                    # the reassembly process found nothing missing
         self.precopy_awaited = False            # PRECOPY_SENT came; SWITCHOVER_ACK not yet sent
         self.precopy_counts: list[int] = []     # PRECOPY_SENT's: chunks each device sent live
@@ -116,9 +116,9 @@ class DeviceLoading:
         return channels_ended or self.precopy_awaited
 
     def stall_detail(self) -> str:
-        """Which loaders are inside a slow call, for a "no progress" error."""
-        calls = [f"{device_key(*self.setup.devices[i].key)}: {call} has not returned"
-                 for i, call in sorted(self.busy.items())]
+        """Which loaders are held up, by what, for a "no progress" error."""
+        calls = [f"{device_key(*self.setup.devices[i].key)}: {what}"
+                 for i, what in sorted(self.busy.items())]
         return f" ({'; '.join(calls[:3])}{'; ...' if len(calls) > 3 else ''})" if calls else ""
 
     def signature(self) -> tuple[int, int]:
@@ -135,10 +135,10 @@ class DeviceLoading:
         elif isinstance(report, Drained):
             self.drained = True
         elif isinstance(report, LoaderBusy):
-            if report.call is None:
+            if report.what is None:
                 self.busy.pop(report.device, None)
             else:
-                self.busy[report.device] = report.call
+                self.busy[report.device] = report.what
         elif isinstance(report, PrecopyLoaded):
             self.precopy_awaited = False
             main.send(Msg.SWITCHOVER_ACK)
