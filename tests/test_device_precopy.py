@@ -8,6 +8,7 @@ after all RAM with ``config_after_ram``."""
 from __future__ import annotations
 
 import os
+import re
 import time
 
 import numpy as np
@@ -233,41 +234,46 @@ def test_the_seeds_channel_arithmetic_is_accepted():
         fastmfd.MigrationConfig(channels=4, device_state_channels=4, device_channels_within=True)
 
 
-def _hand_driven_destination(devices, messages):
-    """A destination, and a source driven by hand that sends SETUP (with ``devices``)
-    then ``messages``; returns (the replies after SETUP_ACK, the destination's error)."""
-    import threading
+def _hand_driven_destination(devices, steps, *, loader=None, stall=30.0):
+    """A destination (``loader`` the loader of device dev/0), and a source driven by
+    hand: SETUP with ``devices``, channel 0 connected, then ``steps`` in turn, each a
+    (Msg, payload) for the main channel, bytes for channel 0, or a call (a wait);
+    then KEEPALIVEs, as a live source sends, until the destination ends (within
+    twice ``stall`` and 5 s), its ERROR included. Returns (the kinds of the
+    destination's messages after SETUP_ACK, KEEPALIVEs aside; its error)."""
+    import select
     from fastmfd.protocol.main_channel import Msg, encode_message
-    from migration_support import FakeSource, setup_message
-    config = fastmfd.MigrationConfig(channels=1, stall_timeout=30)
-    setup = setup_message(config, os.urandom(16), {"ram": 4096}, devices)
-    done = {}
-    with fastmfd.Destination("tcp:127.0.0.1:0") as dst:
-        def receive():
-            try:
-                dst.receive()
-            except BaseException as exc:
-                done["error"] = exc
-        thread = threading.Thread(target=receive, daemon=True)
-        thread.start()
-        source = FakeSource(dst.address, setup)
-        replies = []
+    from migration_support import FakeSource, hello, receiving, setup_message
+    config = fastmfd.MigrationConfig(channels=1, device_chunk_size=4096, stall_timeout=stall)
+    uuid = os.urandom(16)
+    replies = []
+    with fastmfd.Destination("tcp:127.0.0.1:0", workers=1) as dst:
+        if loader is not None:
+            dst.add_loader("dev", 0, loader)
+        thread, done = receiving(dst)
+        source = FakeSource(dst.address, setup_message(config, uuid, {"ram": 4096}, devices))
         try:
             assert source.open_main()[0] is Msg.SETUP_ACK
-            for kind, payload in messages:
-                source.main.sendall(encode_message(kind, payload))
-            while True:
-                kind, body = source.reply()
-                if kind is not Msg.KEEPALIVE:
-                    replies.append((kind, body))
-                if kind is Msg.ERROR:
-                    break
-                if len(replies) == len(messages) and "error" not in done:
-                    dst.cancel("the test is over")
+            channel = source.connect(hello(0, uuid))
+            for step in steps:
+                if isinstance(step, bytes):
+                    channel.sendall(step)
+                elif callable(step):
+                    step()
+                else:
+                    source.main.sendall(encode_message(*step))
+            deadline = time.monotonic() + 2 * stall + 5
+            while replies[-1:] != [Msg.ERROR] and time.monotonic() < deadline:
+                if select.select([source.main], [], [], 0.2)[0]:
+                    replies.append(source.reply()[0])
+                else:
+                    source.main.sendall(encode_message(Msg.KEEPALIVE))
         finally:
             source.close()
+            if thread.is_alive():
+                dst.cancel("the test is over")
             thread.join(10)
-    return replies, done.get("error")
+    return [kind for kind in replies if kind is not Msg.KEEPALIVE], done.get("error")
 
 
 @pytest.mark.parametrize("message", ["PRECOPY_SENT", "COMPLETE"])
@@ -284,12 +290,77 @@ def test_a_destination_refuses_chunk_counts_for_other_devices(message, devices, 
     assert isinstance(error.__cause__, fastmfd.ProtocolError)
     assert (f"main channel: {message} counts chunks of {len(counts)} devices, the session "
             f"has {len(devices)}") in str(error)
-    assert replies[-1][0] is Msg.ERROR
+    assert replies[-1] is Msg.ERROR
 
 
 def test_a_destination_acks_once_and_refuses_a_second_precopy_sent():
     from fastmfd.protocol.main_channel import Msg, PrecopySent
     replies, error = _hand_driven_destination(
         [], [(Msg.PRECOPY_SENT, PrecopySent([])), (Msg.PRECOPY_SENT, PrecopySent([]))])
-    assert [kind for kind, _ in replies] == [Msg.SWITCHOVER_ACK, Msg.ERROR]
+    assert replies == [Msg.SWITCHOVER_ACK, Msg.ERROR]
     assert "unexpected PRECOPY_SENT" in str(error)
+
+
+@pytest.mark.parametrize("live, total, words", [
+    (5, 2, "device dev/0: PRECOPY_SENT counted 5 chunks sent live, COMPLETE 2 in all"),
+    (1, 2, "main channel: COMPLETE while SWITCHOVER_ACK is owed")], ids=["beyond", "unacked"])
+def test_a_destination_refuses_a_complete_short_of_what_precopy_sent_counted(live, total, words):
+    """PRECOPY_SENT counts the chunks a device sent live; the source stops, and sends
+    the last chunk, only once SWITCHOVER_ACK came: so COMPLETE counts more, and
+    never comes while the ack is owed. One counting fewer (PRECOPY_SENT 5, then 2
+    chunks in all) was taken: the destination succeeded, never acked, its loader's
+    precopy_loaded() never called (found in review)."""
+    from fastmfd.protocol.main_channel import Complete, Msg, PrecopySent
+    replies, error = _hand_driven_destination([("dev", 0)], [
+        (Msg.PRECOPY_SENT, PrecopySent([live])), (Msg.COMPLETE, Complete([{}], [total]))],
+        stall=2.0)
+    assert isinstance(error, fastmfd.MigrationError)
+    assert isinstance(error.__cause__, fastmfd.ProtocolError)
+    assert words in str(error)
+    assert replies == [Msg.ERROR]
+
+
+@pytest.mark.parametrize("when", ["after", "with"])
+def test_a_destination_refuses_a_precopy_sent_that_counts_the_last_chunk(tmp_path, when):
+    """A device's last chunk (its config) goes once the source stopped, after
+    SWITCHOVER_ACK: a PRECOPY_SENT after it was taken, the loader's precopy_loaded()
+    called after its load_finish(), and the switchover acked (found in review).
+    Sent together ("with"), either may reach the reassembly process first: each
+    order is refused."""
+    from fastmfd.protocol.main_channel import Msg, PrecopySent
+    from migration_support import device_packet
+    log = str(tmp_path / "stamps")
+
+    def stamps():
+        return read_stamps(log) if os.path.exists(log) else {}
+
+    def finished():             # the last chunk is loaded: PRECOPY_SENT comes after it
+        deadline = time.monotonic() + 10
+        while "finish" not in stamps():
+            assert time.monotonic() < deadline, "the last chunk was not loaded"
+            time.sleep(0.05)
+    last = device_packet("dev", 0, 0, b"", last=True)
+    precopy = (Msg.PRECOPY_SENT, PrecopySent([1]))
+    steps = [last, finished, precopy] if when == "after" else [precopy, last]
+    replies, error = _hand_driven_destination([("dev", 0)], steps,
+                                              loader=StampingLoader(log, 0), stall=2.0)
+    after = r"PRECOPY_SENT \(counting 1 chunks sent live\) came after the last chunk, idx 0"
+    owed = (r"last chunk idx 0 while SWITCHOVER_ACK is owed \(PRECOPY_SENT counted 1 "
+            r"chunks sent live\)")
+    said = [after] if when == "after" else [after, owed]
+    assert any(re.search(f"reassembly: dev/0: {words}", str(error)) for words in said), error
+    assert replies == [Msg.ERROR]
+    assert "approved" not in stamps()
+
+
+def test_a_precopy_sent_counting_chunks_that_never_come_names_the_one_awaited():
+    """PRECOPY_SENT counts 5 chunks of dev/0, 1 came: the switchover waits for its
+    loader, which waits for chunk 1, until the deadline; the error said only
+    "reassembly: no progress for 2 s" (found in review)."""
+    from fastmfd.protocol.main_channel import Msg, PrecopySent
+    from migration_support import device_packet
+    replies, error = _hand_driven_destination([("dev", 0)], [
+        device_packet("dev", 0, 0, b"live"), (Msg.PRECOPY_SENT, PrecopySent([5]))], stall=2.0)
+    assert ("reassembly: no progress for 2 s (dev/0: waiting for chunk 1 of the 5 "
+            "PRECOPY_SENT counted)") in str(error), error
+    assert replies == [Msg.ERROR]

@@ -32,8 +32,8 @@ from fastmfd import _core
 from fastmfd.protocol.main_channel import MainChannel, Msg, encode_message
 from fastmfd.shm import SHM_DIR
 from migration_support import (BlackHole, FakeSource, Migration, OnMessage, Packets, Proxy,
-                               Trigger, hello, make_region, ram_packet, reporting_destination,
-                               setup_message)
+                               Trigger, device_packet, hello, make_region, ram_packet,
+                               reporting_destination, setup_message)
 
 STALL = 1.0
 BOUND = STALL + 2.0         # seconds from the fault to each side's failure
@@ -148,23 +148,28 @@ def test_a_connection_at_a_stopped_worker_names_it():
 
 
 def _fake_session(syncs: int, messages: list[tuple[Msg, dict]],
-                  trickled: bytes = b"") -> BaseException:
-    """A hand-made source: one channel sends a RAM packet and ``syncs`` SYNCs, the
-    main channel ``messages``, then KEEPALIVEs, as a live source does (or first
-    ``trickled``, a byte every third of the stall timeout), until the destination
-    ends (within BOUND + 5 s); returns the destination's error."""
-    config = fastmfd.MigrationConfig(channels=1, packet_pages=16)
+                  trickled: bytes = b"", *, config=None, devices=(), chunks: bytes = b"",
+                  end: bool = False) -> BaseException:
+    """A hand-made source: one channel sends a RAM packet, ``syncs`` SYNCs and
+    ``chunks`` (and then ends, with ``end``), the main channel ``messages``, then
+    KEEPALIVEs, as a live source does (or first ``trickled``, a byte every third of
+    the stall timeout), until the destination ends (within BOUND + 5 s) and its
+    ERROR came; returns the destination's error."""
+    config = config or fastmfd.MigrationConfig(channels=1, packet_pages=16)
     uuid = os.urandom(16)
     codec = _core.RamPacketCodec(config.packet_pages, config.page_size)
     sync = bytearray(codec.header_size)
     codec.encode(sync, flags=_core.FLAG_SYNC)
+    setup = setup_message(config, uuid, {"ram": 16 * 4096}, list(devices))
     with fastmfd.Destination("tcp:127.0.0.1:0", workers=1, stall_timeout=STALL) as dst:
         thread, done = _receive_in_thread(dst)
-        source = FakeSource(dst.address, setup_message(config, uuid, {"ram": 16 * 4096}))
+        source = FakeSource(dst.address, setup)
         try:
             assert source.open_main()[0] is Msg.SETUP_ACK
-            source.connect(hello(0, uuid) + ram_packet(config, "ram", [0, 1], 0xEE)
-                           + bytes(sync) * syncs)
+            channel = source.connect(hello(0, uuid) + ram_packet(config, "ram", [0, 1], 0xEE)
+                                     + bytes(sync) * syncs + chunks)
+            if end:
+                channel.shutdown(socket.SHUT_WR)
             for kind, payload in messages:
                 source.main.sendall(encode_message(kind, payload))
             deadline = time.monotonic() + BOUND + 5
@@ -177,6 +182,10 @@ def _fake_session(syncs: int, messages: list[tuple[Msg, dict]],
                 source.main.sendall(encode_message(Msg.KEEPALIVE))
                 thread.join(0.2)
             assert not thread.is_alive(), "the destination still waits"
+            source.main.settimeout(5)
+            kind = None
+            while kind is not Msg.ERROR:    # the source is told (its KEEPALIVEs aside)
+                kind, _ = source.reply()
         finally:
             source.close()
     return done["error"]
@@ -197,6 +206,26 @@ def test_a_channel_past_the_last_round_fails_at_once(fault):
     assert isinstance(error, fastmfd.MigrationError), repr(error)
     assert (f"receive channel 0: SYNC of round {rounds + 1}, but the source ended {rounds} "
             f"round(s) (COMPLETE)") in str(error)
+
+
+@pytest.mark.parametrize("devices", [False, True], ids=["ram", "config-after-ram"])
+def test_a_source_that_ended_every_channel_owes_its_complete(devices):
+    """Once every channel ended the source owes only its COMPLETE (or its ERROR),
+    sent right after it closed them: one that sent only KEEPALIVEs held the
+    destination for ever, no channel owing anything and the heartbeat fed. With
+    config_after_ram, the reassembly process holding the config chunk until the
+    RAM is in (COMPLETE says when) was blamed: "reassembly: no progress" (found
+    in review)."""
+    config = fastmfd.MigrationConfig(channels=1, packet_pages=16, device_chunk_size=4096,
+                                     config_after_ram=devices)
+    config_chunk = device_packet("dev", 0, 0, b"the config", last=True) if devices else b""
+    started = time.monotonic()
+    error = _fake_session(1, [(Msg.ROUND_END, {"round": 1})], config=config,
+                          devices=[("dev", 0)] if devices else (), chunks=config_chunk, end=True)
+    assert isinstance(error, fastmfd.MigrationError), repr(error)
+    assert ("main channel: the source's COMPLETE did not come 1 s after every channel "
+            "ended") in str(error)
+    assert time.monotonic() - started < BOUND + 2
 
 
 def test_a_trickled_message_fails_within_the_stall_timeout():

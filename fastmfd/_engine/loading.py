@@ -65,9 +65,10 @@ class DeviceLoading:
         self.results: dict[int, object] = {}
         self.chunks: dict[int, int] = {}
         self.load_seconds: dict[int, float] = {}
-        self.busy: dict[int, str] = {}           # device -> its loader's slow call (LoaderBusy)
+        self.busy: dict[int, str] = {}           # device -> what holds its loader (LoaderBusy)
         self.drained = False                    # the reassembly process found nothing missing
         self.precopy_awaited = False            # PRECOPY_SENT came; SWITCHOVER_ACK not yet sent
+        self.precopy_counts: list[int] = []     # PRECOPY_SENT's: chunks each device sent live
         self.old_way_chunks = self.old_way_bytes = 0
         self._main = None
         chunk_size = setup.chunk_size
@@ -115,9 +116,9 @@ class DeviceLoading:
         return channels_ended or self.precopy_awaited
 
     def stall_detail(self) -> str:
-        """Which loaders are inside a slow call, for a "no progress" error."""
-        calls = [f"{device_key(*self.setup.devices[i].key)}: {call} has not returned"
-                 for i, call in sorted(self.busy.items())]
+        """Which loaders are held up, by what, for a "no progress" error."""
+        calls = [f"{device_key(*self.setup.devices[i].key)}: {what}"
+                 for i, what in sorted(self.busy.items())]
         return f" ({'; '.join(calls[:3])}{'; ...' if len(calls) > 3 else ''})" if calls else ""
 
     def signature(self) -> tuple[int, int]:
@@ -134,10 +135,10 @@ class DeviceLoading:
         elif isinstance(report, Drained):
             self.drained = True
         elif isinstance(report, LoaderBusy):
-            if report.call is None:
+            if report.what is None:
                 self.busy.pop(report.device, None)
             else:
-                self.busy[report.device] = report.call
+                self.busy[report.device] = report.what
         elif isinstance(report, PrecopyLoaded):
             self.precopy_awaited = False
             main.send(Msg.SWITCHOVER_ACK)
@@ -145,7 +146,26 @@ class DeviceLoading:
     def on_precopy_sent(self, payload: PrecopySent) -> None:
         """switchover_ack: answer once every chunk the source sent live is loaded."""
         self.precopy_awaited = True
+        self.precopy_counts = payload.device_chunks
         self._reassembly.send(AwaitPrecopy(tuple(payload.device_chunks)))
+
+    def on_complete(self, counts: list[int]) -> None:
+        """COMPLETE's chunk counts against PRECOPY_SENT's: the source stops only once
+        SWITCHOVER_ACK came, and sends each device's last chunk only then, so what it
+        sent live is fewer chunks than it sent in all (a COMPLETE that broke this was
+        taken: the session succeeded, never acked, precopy_loaded() never called)."""
+        for i, live in enumerate(self.precopy_counts):
+            if live >= counts[i]:       # (one count per device: check_chunk_counts)
+                raise ProtocolError(
+                    f"device {device_key(*self.setup.devices[i].key)}: PRECOPY_SENT counted "
+                    f"{live} chunks sent live, COMPLETE {counts[i]} in all, the last one "
+                    f"sent after the switchover", field="device_chunks", received=live,
+                    expected=f"< {counts[i]}")
+        if self.precopy_awaited:
+            raise ProtocolError("main channel: COMPLETE while SWITCHOVER_ACK is owed (the "
+                                "chunks PRECOPY_SENT counted are not all loaded): a source "
+                                "stops only once acknowledged", field="type",
+                                received="COMPLETE", expected="SWITCHOVER_ACK first")
 
     def ram_loaded(self) -> None:
         """All RAM is in: config chunks may load (config_after_ram)."""

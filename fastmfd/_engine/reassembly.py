@@ -107,13 +107,14 @@ class _DeviceStream:
         self.last: int | None = None
         self.loaded_upto = 0        # next idx the loader takes
         self.loaded = 0             # chunks the loader has finished with
+        self.loaded_at = 0.0        # when it last finished one
         self.finished = False
         self.cond = threading.Condition()
         self.calls = threading.Lock()  # one call into the loader at a time (precopy_loaded
                                         # comes from another thread than the chunks)
         self.seconds = 0.0
         self.calling: tuple[str, float] | None = None   # the loader's call under way, since
-        self.reported: str | None = None                # the slow call reported (LoaderBusy)
+        self.reported: str | None = None                # what holds it, reported (LoaderBusy)
 
     def _cap_said(self) -> str:
         if not self.cap_cut_from:
@@ -203,6 +204,7 @@ class _Reassembler:
         self.ram_loaded = threading.Event()
         self.precopy_lock = threading.Lock()
         self.precopy_counts: tuple[int, ...] | None = None  # AwaitPrecopy's, until reported
+        self.precopy_since = 0.0                            # when AwaitPrecopy came
         self.results: dict[int, object] = {}
         self.threads = [threading.Thread(target=self._load, args=(d,), daemon=True)
                         for d in self.devices]
@@ -230,10 +232,11 @@ class _Reassembler:
                     self._read_descriptors(block=True)
 
     def _watch_loaders(self) -> None:
-        """Tell the main process of a loader's call that has run for half the deadline
-        (and when it returns): the reassembly process is alive and well while one of
-        its loaders hangs, and the main process, which sees only that no progress is
-        made, can then say which loader, in which call."""
+        """Tell the main process of a loader's call that has run for half the deadline,
+        or of a loader that long waiting for a chunk PRECOPY_SENT counted (and when that
+        ends): the reassembly process is alive and well while one of its loaders hangs
+        or starves, and the main process, which sees only that no progress is made,
+        can then say which loader, in which call or waiting for which chunk."""
         while not self.stop.wait(min(0.5, self.slow_after / 4)):
             try:
                 self._report_slow_loaders()
@@ -242,12 +245,20 @@ class _Reassembler:
 
     def _report_slow_loaders(self) -> None:
         now = time.monotonic()
+        counts = self.precopy_counts
         for stream in self.devices:
-            calling = stream.calling
-            slow = calling[0] if calling and now - calling[1] >= self.slow_after else None
-            if slow != stream.reported:
-                stream.reported = slow
-                self.pipe.send(LoaderBusy(stream.index, slow))
+            calling, owed = stream.calling, counts[stream.index] if counts is not None else 0
+            held = None
+            if calling and now - calling[1] >= self.slow_after:
+                held = f"{calling[0]} has not returned"
+            # Idle, short of what PRECOPY_SENT counted: the switchover waits on chunks
+            # the source says it sent (a channel stalled, or a source that lied).
+            elif (not calling and stream.loaded < owed
+                  and now - max(stream.loaded_at, self.precopy_since) >= self.slow_after):
+                held = f"waiting for chunk {stream.loaded} of the {owed} PRECOPY_SENT counted"
+            if held != stream.reported:
+                stream.reported = held
+                self.pipe.send(LoaderBusy(stream.index, held))
 
     def _read_descriptors(self, block: bool) -> None:
         """Handle the descriptors in the pipe; without ``block``, all of them."""
@@ -272,6 +283,12 @@ class _Reassembler:
             if len(message.device_chunks) != len(self.devices):
                 raise MigrationError(f"PRECOPY_SENT counts {len(message.device_chunks)} "
                                      f"devices, the session has {len(self.devices)}")
+            for stream, live in zip(self.devices, message.device_chunks):
+                if stream.last is not None:     # (sent before the stop, a last chunk after)
+                    raise MigrationError(f"PRECOPY_SENT (counting {live} chunks sent live) came "
+                                         f"after the last chunk, idx {stream.last}",
+                                         device=stream.name)
+            self.precopy_since = time.monotonic()
             with self.precopy_lock:
                 self.precopy_counts = message.device_chunks
             self._check_precopy()
@@ -296,7 +313,12 @@ class _Reassembler:
             self.pool.release(slot)
             raise MigrationError(f"descriptor for unknown device number {device}")
         stream = self.devices[device]
+        counts = self.precopy_counts
         try:
+            if flags & _core.CHUNK_FLAG_LAST and counts is not None:
+                # The source stops, and sends a device's last chunk, only once acked.
+                raise ValueError(f"last chunk idx {idx} while SWITCHOVER_ACK is owed "
+                                 f"(PRECOPY_SENT counted {counts[device]} chunks sent live)")
             stream.add(idx, flags, slot, length)
         except ValueError as exc:
             self.pool.release(slot)
@@ -350,6 +372,7 @@ class _Reassembler:
                     self.pool.release(slot)
                 with stream.cond:
                     stream.loaded += 1
+                    stream.loaded_at = time.monotonic()
                 self._check_precopy()
                 if last:
                     break

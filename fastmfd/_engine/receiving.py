@@ -353,24 +353,18 @@ class Receiving:
         channels down, then sends its ERROR. If that ERROR comes within
         SOURCE_WORD_GRACE it is raised instead, the cause over its consequence
         (the source's other messages are skipped: the session is failing)."""
-        assert self.main is not None, "in run()"
+        assert self.main is not None and self._heartbeat is not None, "in run()"
         children = [*self._assigned.values(), *self.parts.reassembly]
         if error.channel not in {child.name for child in children}:
             return
         deadline, kind = time.monotonic() + SOURCE_WORD_GRACE, None
         try:
-            while kind is not Msg.ERROR and self._source_speaks_by(deadline):
+            while kind is not Msg.ERROR and self._heartbeat.peer_speaks_by(deadline):
                 kind, body = read_message(self.main.sock, self._max_message(), deadline)
         except (FastMFDError, OSError):
             return                      # the main channel broke too: the error stands
         if kind is Msg.ERROR:
             raise source_failed(body) from error
-
-    def _source_speaks_by(self, deadline: float) -> bool:
-        """Whether a main-channel message comes before ``deadline`` (this side's
-        KEEPALIVEs go on meanwhile)."""
-        assert self._heartbeat is not None, "in run()"
-        return self._heartbeat.peer_speaks_by(deadline)
 
     def _max_message(self) -> int:
         """The largest main-channel payload (an old-way device chunk)."""
@@ -382,19 +376,19 @@ class Receiving:
         if self._hearing:
             return                      # already inside a main-channel message
         self._hearing = True
-        assert self.main is not None, "after accept_main()"
+        assert self._heartbeat is not None, "in run()"
         try:
             deadline = time.monotonic() + wait
-            while self._source_speaks_by(deadline):
+            while self._heartbeat.peer_speaks_by(deadline):  # (KEEPALIVEs go on meanwhile)
                 self._on_main_message()
         finally:
             self._hearing = False
 
     def _check_liveness(self) -> None:
         """The source must be heard from; every channel must connect; a channel owing a
-        SYNC (ROUND_END came) or its end (COMPLETE came) must move; so must the
-        reassembly process once every channel ended, until every device is loaded; a
-        stopped process fails."""
+        SYNC (ROUND_END came) or its end (COMPLETE came) must move; once every channel
+        ended, COMPLETE must come, and the reassembly process must move until every
+        device is loaded; a stopped process fails."""
         setup, stall, progress = self.setup, self._stall, self._progress
         assert setup is not None and progress is not None and self._counters is not None
         assert self._heartbeat is not None and self._door is not None, "in run()"
@@ -419,10 +413,17 @@ class Receiving:
                 raise stall_error(worker.name, stall, pid,
                                   f" (it owes the SYNC of round {reached + 1})"
                                   if reached < self._round_end else "")
+        ended = len(self._drained) == setup.total_channels
+        # Every channel ended: the source owes only its COMPLETE, sent right after it
+        # closed them (KEEPALIVEs alone held this side for ever); checked first, as
+        # the reassembly process waits for it (the config chunks, config_after_ram).
+        if progress.stalled("complete", ended and self._complete is None, None):
+            raise MigrationError(f"the source's COMPLETE did not come {stall:g} s after "
+                                 f"every channel ended", channel=MAIN)
         if self._devices is not None and not self._devices.all_loaded:
             reassembly = self.parts.reassembly[0]
             pid = reassembly.process.pid
-            owed = self._devices.owes_progress(len(self._drained) == setup.total_channels)
+            owed = self._devices.owes_progress(ended)
             signature = (self._devices.signature(), self._counters.total("device_packets"))
             if progress.stalled("reassembly", owed or process_stopped(pid), signature):
                 raise stall_error(reassembly.name, stall, pid, self._devices.stall_detail())
@@ -496,6 +497,8 @@ class Receiving:
             self.state = ReceivingState.SWITCHOVER
         else:
             check_chunk_counts("COMPLETE", payload.device_chunks, len(self.setup.devices))
+            if self._devices is not None:
+                self._devices.on_complete(payload.device_chunks)
             self._complete = payload
             self.state = ReceivingState.COMPLETE
             self._check_no_round_past_the_end()

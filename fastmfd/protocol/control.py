@@ -29,7 +29,7 @@ parameter or report is added here and used where it is made and read.
       ◀─────────────────────────────── DeviceLoaded reassembly: one device loaded
       AwaitPrecopy(counts) ──────────────────────▶  reassembly: say when these are loaded
       ◀─────────────────────────────── PrecopyLoaded  ... they are (switchover_ack)
-      ◀─────────────────────────────── LoaderBusy   reassembly: a loader's call is slow
+      ◀─────────────────────────────── LoaderBusy   reassembly: a loader is held up
       RamLoaded ─────────────────────────────────▶  reassembly: config chunks may load now
       Drained ───────────────────────────────────▶  reassembly: every channel has ended
       ◀─────────────────────────────── Drained      reassembly: nothing is missing
@@ -260,11 +260,12 @@ class AwaitPrecopy:
 
 @dataclass(frozen=True)
 class LoaderBusy:
-    """From the reassembly process: device ``device``'s loader has been in ``call``
-    ("load_state_buffer() of chunk 2") for half the deadline; ``call`` None: that
-    call returned. The main process names it if the deadline passes."""
+    """From the reassembly process: device ``device``'s loader has been held up for
+    half the deadline, ``what`` says by what ("load_state_buffer() of chunk 2 has not
+    returned", "waiting for chunk 1 of the 5 PRECOPY_SENT counted"); ``what`` None: no
+    longer. The main process names it if the deadline passes."""
     device: int
-    call: str | None
+    what: str | None
 
 
 @dataclass(frozen=True)
