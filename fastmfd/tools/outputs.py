@@ -177,6 +177,7 @@ class OutputDir:
                  warm: WarmFiles | None = None, huge_pages: bool = False) -> None:
         self.path = os.fspath(path)
         self.force, self.keep_partial, self.max_bytes = force, keep_partial, max_bytes
+        self.committed = False
         self.warm, self.huge_pages = warm, huge_pages
         check_writable(self.path)
         try:
@@ -374,6 +375,9 @@ class OutputDir:
                 raise OutputError(f"{self._show(out.part)}: renaming it to {out.final} "
                                   f"failed: {exc.strerror or exc}") from exc
         self._sync("its new names")
+        # Complete and durable: the source may be told so now, and nothing after
+        # (a signal as the workers stop) takes it back (abort()).
+        self.committed = True
 
     def _sync(self, what: str) -> None:
         """Make ``what`` done in the directory (names made, removed) durable."""
@@ -424,7 +428,12 @@ class OutputDir:
         meanwhile leaves no manifest listing files that are gone. The name each
         file is under is told by its identity, not by a record commit() keeps:
         an exception from a signal's handler can come between a rename and the
-        next statement (a manifest renamed so stayed, its files removed)."""
+        next statement (a manifest renamed so stayed, its files removed).
+
+        Once commit() is through, the save stands: the source may have been told
+        it succeeded (a SIGTERM as the listener stopped its workers removed it)."""
+        if self.committed:
+            return
         for out in reversed(self._outputs()):
             if out.identity is None:
                 continue
@@ -442,8 +451,7 @@ class OutputDir:
             os.fsync(self.fd)
         except OSError:
             pass
-        if not self.keep_partial:
-            remove_directories_made(self._made)
+        remove_directories_made(self._made)     # each only if empty: partial files stay
 
     def close(self) -> None:
         if self.fd >= 0:
