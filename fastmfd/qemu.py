@@ -78,7 +78,7 @@ from .protocol.security import ChannelSecurity, TLSConfig
 from .protocol.sockets import (bound_address, listen, listening_address, parse_address,
                                remove_socket_file)
 from .regions import Region
-from .tools.outputs import MANIFEST, OutputDir
+from .tools.outputs import MANIFEST, OutputDir, check_only_yours
 
 __all__ = ["receive", "send", "QemuReceived", "QemuReceiver", "QemuSender", "QemuStreamFacts"]
 
@@ -326,11 +326,15 @@ class QemuSender:
             for block in manifest["blocks"]:
                 # One open: the file mapped is the file whose holes are learnt.
                 self._block_fds.append(_open_inside(directory, block["file"], os.O_RDONLY))
-                self._regions.append(Region.from_fd(block["idstr"], self._block_fds[-1],
-                                                    page_size=manifest["page_size"]))
-                if self._regions[-1].size != block["size"]:
-                    raise ConfigError(f"{block['file']}: {self._regions[-1].size} bytes, the "
-                                      f"manifest says {block['size']}")
+                path = os.path.join(directory, block["file"])
+                size = os.fstat(self._block_fds[-1]).st_size
+                if size != block["size"]:
+                    raise ConfigError(f"{path}: {size} bytes, the manifest says {block['size']}")
+                try:
+                    self._regions.append(Region.from_fd(block["idstr"], self._block_fds[-1],
+                                                        page_size=manifest["page_size"]))
+                except ConfigError as exc:      # (its size: not a multiple of a page)
+                    raise ConfigError(f"{path}: {exc}") from None
             self._vmstate_fd = _open_inside(directory, manifest["vmstate"]["file"],
                                             os.O_RDONLY)
             # Sent as it is, to its end: one cut short (a copy interrupted) would
@@ -458,6 +462,8 @@ _MANIFEST_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
 
 def _read_manifest(directory: str) -> dict[str, Any]:
     path = os.path.join(directory, MANIFEST)
+    if os.path.isdir(directory):
+        check_only_yours(directory, what="saved directory")
     if os.path.isdir(directory) and not os.path.lexists(path):
         raise ConfigError(f"{path} is missing: not a complete save (listen --qemu writes "
                           f"it last, once every other file is on disk)")
@@ -510,7 +516,8 @@ def _read_manifest(directory: str) -> dict[str, Any]:
 def _open_inside(directory: str, name: str, access: int) -> int:
     """The regular file ``name`` (from the manifest) directly inside ``directory``,
     opened for ``access``, never through a symbolic link."""
-    if not isinstance(name, str) or os.path.basename(name) != name or name in ("", ".", ".."):
+    if (not isinstance(name, str) or os.path.basename(name) != name or name in ("", ".", "..")
+            or "\0" in name):
         raise ConfigError(f"manifest names the file {name!r}: expected a file name in "
                           f"{directory}")
     path = os.path.join(directory, name)
@@ -522,7 +529,15 @@ def _open_inside(directory: str, name: str, access: int) -> int:
         why = ("it is a symbolic link" if exc.errno == errno.ELOOP
                else exc.strerror or str(exc))
         raise ConfigError(f"{path}: cannot open it: {why}") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+    st = os.fstat(fd)
+    # Nor one another user could have put or changed there: its bytes become a
+    # guest's memory and devices (check_only_yours has the directory's part).
+    refused = ("not a regular file" if not stat.S_ISREG(st.st_mode) else
+               f"it belongs to another user (uid {st.st_uid})"
+               if st.st_uid not in (os.geteuid(), 0) else
+               f"others may write it (mode {stat.S_IMODE(st.st_mode):04o})"
+               if st.st_mode & stat.S_IWOTH else None)
+    if refused is not None:
         os.close(fd)
-        raise ConfigError(f"{path}: not a regular file")
+        raise ConfigError(f"{path}: {refused}")
     return fd

@@ -13,6 +13,7 @@ from __future__ import annotations
 import grp
 import os
 import pwd
+import re
 import shutil
 import subprocess
 import sys
@@ -22,11 +23,13 @@ from typing import Callable
 import pytest
 
 import fastmfd
+from fastmfd import qemu
 from fastmfd.errors import ConfigError
 from fastmfd.shm import SEGMENT_PREFIX, SHM_DIR, SharedMemory
 from fastmfd.tools.outputs import OutputDir
 
 from listen_support import Listener, run_cli
+from test_qemu_receive import capture_bytes, receive_replay
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
                                 reason="needs root and setpriv to act as other users")
@@ -219,3 +222,29 @@ def test_a_segment_another_user_put_under_a_segments_name_is_not_mapped(tmp_path
     finally:
         os.unlink(path)
     assert precious.read_bytes() == b"keep me".ljust(4096)
+
+
+@pytest.mark.parametrize("planted", ["the directory", "a mode 0777 directory",
+                                     "files in a sticky directory"])
+def test_a_save_another_user_could_have_planted_is_not_sent(shared_dir, qemu72_captures,
+                                                            planted):
+    """send --qemu reads a directory whose bytes become a guest's memory and
+    devices: what listen --qemu would not write there (another user's, or one
+    others may write in), it does not read either (both were sent, a review)."""
+    saved = os.path.join(shared_dir, "saved")
+    receive_replay(saved, capture_bytes(qemu72_captures, "none"))
+    files = [os.path.join(saved, name) for name in os.listdir(saved)]
+    if planted == "the directory":
+        for path in [saved, *files]:
+            os.chown(path, NOBODY, NOBODY)
+        expected = f"saved directory {saved}: {saved} belongs to another user (uid {NOBODY})"
+    elif planted == "a mode 0777 directory":
+        os.chmod(saved, 0o777)
+        expected = f"others may write in {saved} (mode 0777)"
+    else:
+        os.chmod(saved, 0o1777)
+        for path in files:
+            os.chown(path, NOBODY, NOBODY)
+        expected = f"{saved}/manifest.json: it belongs to another user (uid {NOBODY})"
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        qemu.send("tcp:127.0.0.1:9", saved)

@@ -211,6 +211,7 @@ def test_send_refuses_a_directory_without_a_qemu_manifest(tmp_path):
 
 @pytest.mark.parametrize("key, value, match", [
     ("file", "../outside.img", "expected a file name in"),
+    ("file", "mem.img\0x", "expected a file name in"),   # (os.open's ValueError: a traceback)
     ("multifd_sync", "per-page", "multifd_sync 'per-page', expected one of per-section, "
                                  "per-round"),
     ("zero_page_detection", "none", "zero_page_detection 'none', expected one of legacy, "
@@ -344,6 +345,14 @@ def test_send_refuses_a_save_cut_short(tmp_path, qemu72_captures):
     os.truncate(vmstate, size - 1)
     with pytest.raises(ConfigError, match=re.escape(f"{vmstate}: {size - 1} bytes, the "
                                                     f"manifest says {size}")):
+        qemu.send("tcp:127.0.0.1:9", str(tmp_path / "saved"))
+    os.truncate(vmstate, size)
+    block = tmp_path / "saved" / "mem.img"      # (it said "mem.img: ...", or "region 'mem'")
+    blocks = {b["idstr"]: b for b in json.loads((tmp_path / "saved" / "manifest.json")
+                                                 .read_text())["blocks"]}
+    os.truncate(block, 4097)
+    with pytest.raises(ConfigError, match=re.escape(f"{block}: 4097 bytes, the manifest "
+                                                    f"says {blocks['mem']['size']}")):
         qemu.send("tcp:127.0.0.1:9", str(tmp_path / "saved"))
     (tmp_path / "saved" / "manifest.json").unlink()
     with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'saved' / 'manifest.json'}"

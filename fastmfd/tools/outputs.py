@@ -121,7 +121,8 @@ def check_writable(path: str) -> None:
                           f"({exc.strerror or exc})") from None
 
 
-def check_only_yours(path: str, opened: int | None = None) -> None:
+def check_only_yours(path: str, opened: int | None = None,
+                     what: str = "output directory") -> None:
     """ConfigError unless no other user can rename or replace what is written in the
     directory ``path``: it and every directory above it belong to this user or
     root, and those others may write in are sticky (as /tmp is); a group of the
@@ -129,7 +130,8 @@ def check_only_yours(path: str, opened: int | None = None) -> None:
     made in /tmp under a name they guessed first) would let them swap a saved
     VM's memory for theirs after it was written: refused, as ssh refuses an
     ``authorized_keys`` in such a place (``StrictModes``). ``opened``:
-    the directory's descriptor, which must still be what ``path`` names."""
+    the directory's descriptor, which must still be what ``path`` names; ``what``:
+    what the directory is, in the error (a saved one, read back: the same holds)."""
     me, where = os.geteuid(), os.path.realpath(path)
     identity = None if opened is None else file_identity(opened)
     while True:
@@ -137,18 +139,18 @@ def check_only_yours(path: str, opened: int | None = None) -> None:
         # or resolved (its owner may) shows as the link, not as the safe one.
         st = os.lstat(where)
         if stat.S_ISLNK(st.st_mode) or identity not in (None, (st.st_dev, st.st_ino)):
-            raise ConfigError(f"output directory {path}: {where} was replaced as it was "
+            raise ConfigError(f"{what} {path}: {where} was replaced as it was "
                               f"opened; give a directory of your own")
         identity = None                 # (the directory itself is the one opened)
         if st.st_uid not in (me, 0):
-            raise ConfigError(f"output directory {path}: {where} belongs to another user "
-                              f"(uid {st.st_uid}), who could replace the files written "
+            raise ConfigError(f"{what} {path}: {where} belongs to another user "
+                              f"(uid {st.st_uid}), who could replace the files "
                               f"there; give a directory of your own")
         others_write = st.st_mode & stat.S_IWOTH or (st.st_mode & stat.S_IWGRP
                                                      and not _only_mine(st.st_gid, me))
         if others_write and not st.st_mode & stat.S_ISVTX:
-            raise ConfigError(f"output directory {path}: others may write in {where} (mode "
-                              f"{stat.S_IMODE(st.st_mode):04o}) and replace the files written "
+            raise ConfigError(f"{what} {path}: others may write in {where} (mode "
+                              f"{stat.S_IMODE(st.st_mode):04o}) and replace the files "
                               f"there; chmod go-w {where}")
         if where == "/":
             return
