@@ -13,8 +13,11 @@ region is left untouched.
 
 from __future__ import annotations
 
+import os
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -25,6 +28,7 @@ import fastmfd
 from fastmfd import _core
 from fastmfd.protocol.main_channel import Msg, encode_message, encode_preamble
 from migration_support import FakeSource, hello, make_region, ram_packet, setup_message
+from qemu_support import Background
 
 CONFIG = fastmfd.MigrationConfig(channels=2, packet_pages=16)
 UUID = bytes(range(16))
@@ -514,3 +518,87 @@ def test_a_source_takes_the_place_of_a_stranger_greeted_for_long(monkeypatch, ev
         for sock in idle:
             sock.close()
         region.close()
+
+
+# A source on another host: its sockets take no descriptor number of the destination's.
+SOURCE_ELSEWHERE = """
+import sys
+import fastmfd
+from migration_support import make_region
+region = make_region("ram", 1 << 20, seed=4)
+sys.stdin.readline()                    # connect when told
+with fastmfd.Source(sys.argv[1], fastmfd.MigrationConfig(channels=1, timeout=5)) as src:
+    src.add_region(region)
+    src.migrate(live=False)
+region.close()
+"""
+
+# The destination, in a process of its own (whose descriptor numbers are as a
+# listener's: pytest's own would take the one freed first). Its greetings stop at
+# 2, a newcomer may take the place of one greeted 0.2 s, and a stranger's thread
+# runs late after its greeting failed (and closed its socket), as on a loaded host.
+DESTINATION_WITH_A_LATE_STRANGER = """
+import os, socket, subprocess, sys, time
+import fastmfd
+from fastmfd._engine import admission
+from qemu_support import Background
+admission.MAX_CANDIDATES, admission.EVICT_AFTER = 2, 0.2
+greet = admission.greet_main_channel
+
+def late_after_failure(sock, security):
+    try:
+        return greet(sock, security)
+    except Exception:
+        time.sleep(1.5)
+        raise
+
+admission.greet_main_channel = late_after_failure
+with fastmfd.Destination("tcp:127.0.0.1:0", timeout=20, handshake_timeout=30) as dst:
+    received = Background("receive()", dst.receive)
+    source = subprocess.Popen([sys.executable, "-c", sys.argv[1], dst.address], text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
+    time.sleep(1.0)
+    # Every free number below the highest taken, taken: the stranger's, freed, is
+    # then the one the source's connection gets.
+    highest, taken = max(map(int, os.listdir("/proc/self/fd"))), []
+    while (fd := os.open("/dev/null", os.O_RDONLY)) < highest:
+        taken.append(fd)
+    os.close(fd)
+    _, host, port = dst.address.split(":")
+    oldest = socket.create_connection((host, int(port)))
+    time.sleep(0.1)
+    idle = socket.create_connection((host, int(port)))      # the table is full
+    time.sleep(0.3)
+    oldest.sendall(b"GET / HTTP/1.0\\r\\n\\r\\n")              # its greeting fails
+    oldest.settimeout(5)
+    while oldest.recv(1 << 16):                             # until it is closed
+        pass
+    source.stdin.write("go\\n")
+    source.stdin.flush()                # (not closed: that would free a number)
+    err = source.stderr.read()
+    source.wait(60)
+    source.stdin.close()
+    print("source:", "ok" if source.returncode == 0 else err.strip().splitlines()[-1])
+    try:
+        received.result(30)
+        print("destination: ok")
+    except fastmfd.FastMFDError as exc:
+        print("destination:", exc)
+    oldest.close()
+    idle.close()
+"""
+
+
+def test_a_stranger_s_failed_greeting_ends_no_other_connection():
+    """A failed greeting closes its socket before it leaves the admission's table,
+    which ended greetings by their descriptor's number: the next connection
+    (the source's) took that number, and was shut down as the stale entry was
+    evicted, or when the admission closed ("connection lost sending SETUP:
+    Broken pipe"; a review)."""
+    tests = os.path.dirname(os.path.abspath(__file__))
+    done = subprocess.run([sys.executable, "-c", DESTINATION_WITH_A_LATE_STRANGER,
+                           SOURCE_ELSEWHERE], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": tests})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "source: ok\ndestination: ok" in done.stdout, done.stdout

@@ -133,7 +133,8 @@ class Admission:
         self._listener, self._security, self._refuse = listener, security, refuse
         self._passed: queue.Queue[MainGreeting | None] = queue.Queue()
         self._lock = threading.Lock()
-        # Each greeting's connection (its fd, family and type) and start, oldest first.
+        # Each greeting's connection (a descriptor of the table's own, its family and
+        # type) and start, oldest first.
         self._greeting: dict[threading.Thread, tuple[int, int, int, float]] = {}
         self._evicted: set[threading.Thread] = set()    # ended for a newcomer, not yet gone
         self._closing = False
@@ -186,8 +187,11 @@ class Admission:
             with self._lock:
                 crowded = not self._room()      # (_closing comes after this thread)
                 if not crowded:
-                    self._greeting[thread] = (sock.fileno(), sock.family, sock.type,
-                                              time.monotonic())
+                    # A descriptor of the table's own: the greeting closes its
+                    # socket before it leaves the table (a failed one), and its
+                    # number, free, may be the next connection's (the source's).
+                    self._greeting[thread] = (os.dup(sock.fileno()), sock.family,
+                                              sock.type, time.monotonic())
             if crowded:
                 refuse_on_arrival(sock, TOO_MANY, plaintext=self._security.tls is None)
                 self._refuse(describe_peer(peer), TOO_MANY)
@@ -219,7 +223,7 @@ class Admission:
             greeting, refusal = None, f"{type(exc).__name__}: {exc}"
         passed = greeting
         with self._lock:                        # before any close: see __exit__
-            self._greeting.pop(threading.current_thread(), None)
+            os.close(self._greeting.pop(threading.current_thread())[0])
             if threading.current_thread() in self._evicted:
                 # Evicted stays its reason though the admission closed before this
                 # thread ran (a loaded host): the newcomer, not the end, dropped it.
@@ -248,11 +252,8 @@ class Admission:
         with self._lock:
             self._closing = True
             running = list(self._greeting)
-            # End each greeting still running now (its thread then refuses it). Its
-            # socket object may have been wrapped for TLS meanwhile (same
-            # descriptor, new object), so shut the connection down through a
-            # duplicate of the descriptor, which is still open: a greeting leaves
-            # this table before it closes anything.
+            # End each greeting still running now (its thread then refuses it),
+            # through the table's descriptor of its connection.
             for fd, family, kind, _ in self._greeting.values():
                 _end_connection(fd, family, kind)
         for thread in running:
@@ -269,11 +270,9 @@ class Admission:
 
 
 def _end_connection(fd: int, family: int, kind: int) -> None:
-    """End a connection being greeted in another thread (which then refuses it).
-    Its socket object may have been wrapped for TLS meanwhile (same descriptor,
-    new object), so it is shut down through a duplicate of the descriptor,
-    which is still open: a greeting leaves Admission's table before it closes
-    anything."""
+    """End a connection being greeted in another thread (which then refuses it),
+    through the admission's own descriptor of it ``fd``: the greeting's socket
+    object may have been wrapped for TLS meanwhile, or closed."""
     try:
         with socket.fromfd(fd, family, kind) as dup:
             dup.shutdown(socket.SHUT_RDWR)
