@@ -25,7 +25,7 @@ from typing import Self
 
 __all__ = ["FastMFDError", "ConfigError", "ListenError", "ProtocolError", "TLSError",
            "MigrationError", "SecurityError", "ConnectError", "OutputError", "Aborted",
-           "printable"]
+           "printable", "peer_words"]
 
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
@@ -35,6 +35,14 @@ def printable(text: str) -> str:
     control characters (an escape sequence that would clear the screen or forge
     a line) become ``\\xNN``; newlines and tabs stay."""
     return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+def peer_words(text: str, limit: int = 300) -> str:
+    """What a peer that has proved nothing says (why it refused us): printable,
+    on one line (a newline would forge a line of the log it is written to) and
+    at most ``limit`` characters (each kept refusal holds it)."""
+    flat = printable(text).replace("\n", "\\n").replace("\t", " ")
+    return flat if len(flat) <= limit else flat[:limit] + f"... ({len(flat) - limit} more)"
 
 
 class FastMFDError(Exception):

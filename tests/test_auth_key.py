@@ -195,6 +195,30 @@ def test_a_message_in_the_proof_is_refused_on_its_header(kind, length):
             thread.join(10)
 
 
+def test_a_stranger_s_own_words_are_kept_short_and_on_one_line(caplog):
+    """Why a peer that proved nothing says it refused us is its own text: 64 KiB
+    of it, newlines kept, was each Refusal (a thousand are kept) and each log
+    line, where its newlines forged lines of their own (a review)."""
+    forged = "\nWARNING fastmfd: migration from 10.0.0.1 loaded and verified\n"
+    with fastmfd.Destination("tcp:127.0.0.1:0", timeout=10, auth_key=KEY,
+                             handshake_timeout=10.0) as dst:
+        thread = threading.Thread(target=lambda: _swallow(dst.receive), daemon=True)
+        thread.start()
+        _, host, port = dst.address.split(":")
+        try:
+            with socket.create_connection((host, int(port)), timeout=5) as sock:
+                sock.sendall(main_channel_start(True) + encode_message(Msg.AUTH, bytes(16))
+                             + encode_message(Msg.ERROR, {"error": ((forged + "x" * 200) * 250)[:60000]}))
+                from test_handshake import wait_refused
+                wait_refused(dst, r"the peer refused: \\nWARNING fastmfd: .*\.\.\. \(\d+ more\)$")
+            reason = dst.refused[0].reason
+            assert len(reason) < 400 and "\n" not in reason
+            assert "\nWARNING fastmfd: migration from" not in caplog.text
+        finally:
+            dst.cancel("the test is over")
+            thread.join(10)
+
+
 def _swallow(call):
     try:
         call()

@@ -30,7 +30,7 @@ from collections.abc import Callable, Container
 from dataclasses import dataclass
 
 from .. import _core
-from ..errors import MigrationError, ProtocolError, SecurityError, TLSError
+from ..errors import MigrationError, ProtocolError, SecurityError, TLSError, peer_words
 from .main_channel import (MAIN, MAIN_MAGIC, MAIN_VERSION, MESSAGE_HEADER,
                            MESSAGE_HEADER_SIZE, Msg, decode_message_header, decode_payload,
                            encode_message, encode_preamble, expect_message)
@@ -120,7 +120,8 @@ class _AuthMessages:
             self.sock, what, self.where, self.deadline, self.seconds,
             lambda kind, length: _check_auth_header(kind, length, size, self.where))
         if kind is Msg.ERROR:
-            raise SecurityError(f"the peer refused: {decode_payload(kind, body).error}",
+            raise SecurityError(f"the peer refused: "
+                                f"{peer_words(decode_payload(kind, body).error)}",
                                 channel=self.where, side="peer")
         return body
 
