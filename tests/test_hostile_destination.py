@@ -160,6 +160,52 @@ def test_a_trickled_setup_ack_fails_within_the_handshake_timeout(leaks):
     leaks.assert_clean()
 
 
+def test_the_channels_connect_within_one_timeout_together(leaks):
+    """A destination that takes one connection every 2.5 s (its backlog full, each
+    connect waits for a SYN's retransmission) held 8 channels' connects for 21 s
+    against a timeout of 4 (each channel had a timeout of its own, and no stall
+    deadline is watched before the last; a review)."""
+    listener = socket.create_server(("127.0.0.1", 0), backlog=0)
+    stop, held = threading.Event(), []
+
+    def destination() -> None:
+        try:
+            main, _ = listener.accept()
+            held.append(main)
+            head = b""
+            while len(head) < 28:            # channel header, preamble, SETUP's header
+                head += main.recv(28 - len(head))
+            left = MESSAGE_HEADER.unpack(head[20:28])[1]
+            while left:
+                left -= len(main.recv(left))
+            main.sendall(encode_message(Msg.SETUP_ACK))
+            while not stop.wait(2.5):
+                held.append(listener.accept()[0])
+        except OSError:
+            pass
+
+    server = threading.Thread(target=destination, daemon=True)
+    server.start()
+    region = make_region("ram", 1 << 20, seed=5)
+    config = fastmfd.MigrationConfig(channels=8, timeout=4.0, stall_timeout=2.0)
+    try:
+        with fastmfd.Source(f"tcp:127.0.0.1:{listener.getsockname()[1]}", config) as source:
+            source.add_region(region)
+            started = time.monotonic()
+            with pytest.raises(fastmfd.MigrationError, match="cannot connect to .*: timed out"):
+                source.migrate(live=False)
+            took = time.monotonic() - started
+    finally:
+        stop.set()
+        listener.close()
+        server.join(10)
+        for sock in held:
+            sock.close()
+        region.close()
+    assert took < config.timeout + SLACK
+    leaks.assert_clean()
+
+
 def test_a_destination_silent_after_its_keepalive_is_not_asked_whether_it_is_there(leaks):
     """A KEEPALIVE answers SETUP only from a fastmfd listener (busy preallocating,
     say): its silence after that was still met with 'is a fastmfd listener there?

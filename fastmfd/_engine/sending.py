@@ -199,8 +199,12 @@ class Sending:
             self._pool = parts.resources.own(_core.BufferPool.create(
                 nslots, cfg.device_chunk_size + _core.CHUNK_HEADER_SIZE, tag="source-pool",
                 sparse=True))
+        # The channels connect within one timeout, together: each had its own, and a
+        # destination taking one connection every few seconds stretched the
+        # connecting (with the stall deadlines not yet watched) to channels x that.
+        connected_by = time.monotonic() + cfg.timeout
         for ch, worker in enumerate(parts.workers):
-            data = connect(parts.address, cfg.timeout)
+            data = connect(parts.address, max(0.0, connected_by - time.monotonic()))
             parts.resources.sockets.append(data)
             tune_data_socket(data)
             set_stall_timeout(data, cfg.stall_timeout)
