@@ -7,9 +7,11 @@ recorded proof cannot be replayed into another connection or channel.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import socket
 import threading
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -21,6 +23,7 @@ from fastmfd.protocol.handshake import SocketStream, main_channel_start
 from fastmfd.protocol.main_channel import MESSAGE_HEADER, Msg, encode_message
 from migration_support import FakeSource, Migration, hello, make_region, ram_packet, \
     setup_message
+from test_handshake import wait_refused
 
 KEY = b"k" * 32
 OTHER_KEY = b"o" * 32
@@ -158,7 +161,6 @@ def test_a_channel_with_the_right_uuid_but_no_proof_is_dropped():
             marker = ram_packet(CONFIG, "ram", list(range(16)), fill=0xEE)
             source.connect(hello(0, UUID) + bytes(security.NONCE_SIZE)
                            + bytes(security.PROOF_SIZE) + marker)
-            from test_handshake import wait_refused
             wait_refused(dst, r"wrong auth_key proof|connection closed")
             assert thread.is_alive()
             assert np.all(target.array == 0xAB), "a byte reached the region"
@@ -169,6 +171,27 @@ def test_a_channel_with_the_right_uuid_but_no_proof_is_dropped():
     target.close()
 
 
+@contextlib.contextmanager
+def a_stranger_in_the_proof(then: bytes) -> Iterator[fastmfd.Destination]:
+    """A destination with a shared key, waiting for its source, and a stranger that
+    begins the proof (its AUTH nonce), then sends ``then``; the destination is
+    yielded while the stranger's connection is open."""
+    with fastmfd.Destination("tcp:127.0.0.1:0", timeout=10, auth_key=KEY,
+                             handshake_timeout=10.0) as dst:
+        thread = threading.Thread(target=lambda: _swallow(dst.receive), daemon=True)
+        thread.start()
+        _, host, port = dst.address.split(":")
+        try:
+            with socket.create_connection((host, int(port)), timeout=5) as sock:
+                sock.sendall(main_channel_start(True) + encode_message(Msg.AUTH, bytes(16))
+                             + then)
+                yield dst
+            assert thread.is_alive()
+        finally:
+            dst.cancel("the test is over")
+            thread.join(10)
+
+
 @pytest.mark.parametrize("kind,length", [(Msg.ERROR, 16 << 20), (Msg.SETUP, 1 << 20),
                                          (Msg.AUTH, 31)],
                          ids=["a 16 MiB ERROR", "a SETUP", "a short AUTH"])
@@ -177,22 +200,9 @@ def test_a_message_in_the_proof_is_refused_on_its_header(kind, length):
     not the AUTH expected (nor a short ERROR) is refused on its header, its payload
     unread. It was allocated whole and waited for: 16 MiB of the destination's
     memory per connection, each held for the handshake timeout."""
-    with fastmfd.Destination("tcp:127.0.0.1:0", timeout=10, auth_key=KEY,
-                             handshake_timeout=10.0) as dst:
-        thread = threading.Thread(target=lambda: _swallow(dst.receive), daemon=True)
-        thread.start()
-        _, host, port = dst.address.split(":")
-        try:
-            with socket.create_connection((host, int(port)), timeout=5) as sock:
-                sock.sendall(main_channel_start(True) + encode_message(Msg.AUTH, bytes(16))
-                             + MESSAGE_HEADER.pack(int(kind), length))
-                from test_handshake import wait_refused
-                wait_refused(dst, rf"expected an AUTH message of {security.NONCE_SIZE} "
-                                  rf"bytes, received {kind.name} of {length}$")
-            assert thread.is_alive()
-        finally:
-            dst.cancel("the test is over")
-            thread.join(10)
+    with a_stranger_in_the_proof(MESSAGE_HEADER.pack(int(kind), length)) as dst:
+        wait_refused(dst, rf"expected an AUTH message of {security.NONCE_SIZE} bytes, "
+                          rf"received {kind.name} of {length}$")
 
 
 def test_a_stranger_s_own_words_are_kept_short_and_on_one_line(caplog):
@@ -200,23 +210,12 @@ def test_a_stranger_s_own_words_are_kept_short_and_on_one_line(caplog):
     of it, newlines kept, was each Refusal (a thousand are kept) and each log
     line, where its newlines forged lines of their own (a review)."""
     forged = "\nWARNING fastmfd: migration from 10.0.0.1 loaded and verified\n"
-    with fastmfd.Destination("tcp:127.0.0.1:0", timeout=10, auth_key=KEY,
-                             handshake_timeout=10.0) as dst:
-        thread = threading.Thread(target=lambda: _swallow(dst.receive), daemon=True)
-        thread.start()
-        _, host, port = dst.address.split(":")
-        try:
-            with socket.create_connection((host, int(port)), timeout=5) as sock:
-                sock.sendall(main_channel_start(True) + encode_message(Msg.AUTH, bytes(16))
-                             + encode_message(Msg.ERROR, {"error": ((forged + "x" * 200) * 250)[:60000]}))
-                from test_handshake import wait_refused
-                wait_refused(dst, r"the peer refused: \\nWARNING fastmfd: .*\.\.\. \(\d+ more\)$")
-            reason = dst.refused[0].reason
-            assert len(reason) < 400 and "\n" not in reason
-            assert "\nWARNING fastmfd: migration from" not in caplog.text
-        finally:
-            dst.cancel("the test is over")
-            thread.join(10)
+    words = ((forged + "x" * 200) * 250)[:60000]
+    with a_stranger_in_the_proof(encode_message(Msg.ERROR, {"error": words})) as dst:
+        wait_refused(dst, r"the peer refused: \\nWARNING fastmfd: .*\.\.\. \(\d+ more\)$")
+    reason = dst.refused[0].reason
+    assert len(reason) < 400 and "\n" not in reason
+    assert "\nWARNING fastmfd: migration from" not in caplog.text
 
 
 def _swallow(call):

@@ -21,6 +21,8 @@ import sys
 import threading
 import time
 from multiprocessing import forkserver
+from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -458,6 +460,39 @@ def test_the_send_succeeds_only_when_the_destination_says_shut_0(tmp_path, qemu7
         listener.close()
 
 
+def reset(conn: socket.socket) -> None:
+    """Close ``conn`` with a reset, as a QEMU exiting with bytes of it unread does."""
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    conn.close()
+
+
+def serve(listener: socket.socket, main: Callable[[socket.socket], None],
+          channel: Callable[[socket.socket], None], channels: int = 2) -> None:
+    """A fake destination: ``main`` serves the main channel and ``channel`` each of
+    the ``channels`` multifd channels, each in a thread, as they connect."""
+    def accept() -> None:
+        for i in range(1 + channels):
+            try:
+                conn = listener.accept()[0]
+            except OSError:
+                return
+            threading.Thread(target=main if i == 0 else channel, args=(conn,),
+                             daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+
+
+def send_fails(listener: socket.socket, saved: Path, match: str, stall_timeout: float) -> None:
+    """``saved`` sent over 2 channels into the fake destination on ``listener`` (then
+    closed) fails with a MigrationError matching ``match``."""
+    try:
+        with pytest.raises(MigrationError, match=match):
+            qemu.send(f"tcp:127.0.0.1:{listener.getsockname()[1]}", str(saved), channels=2,
+                      stall_timeout=stall_timeout)
+    finally:
+        listener.close()
+
+
 def test_a_destination_that_says_shut_1_then_resets_is_named_by_its_shut(tmp_path,
                                                                       qemu72_captures):
     """A QEMU 10 that fails to load says SHUT 1 on the return path, then exits with
@@ -468,10 +503,6 @@ def test_a_destination_that_says_shut_1_then_resets_is_named_by_its_shut(tmp_pat
     receive_replay(tmp_path / "saved", capture_bytes(qemu72_captures, "none"))
     listener = socket.create_server(("127.0.0.1", 0))
     said = threading.Event()
-
-    def reset(conn: socket.socket) -> None:
-        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        conn.close()
 
     def main(conn: socket.socket) -> None:
         head = bytearray()
@@ -485,24 +516,10 @@ def test_a_destination_that_says_shut_1_then_resets_is_named_by_its_shut(tmp_pat
         said.wait(30)
         reset(conn)
 
-    def serve() -> None:
-        for i in range(3):          # the main channel, then the 2 multifd channels
-            try:
-                conn = listener.accept()[0]
-            except OSError:
-                return
-            threading.Thread(target=main if i == 0 else channel, args=(conn,),
-                             daemon=True).start()
-
-    threading.Thread(target=serve, daemon=True).start()
-    try:
-        with pytest.raises(MigrationError, match=r"main channel: the destination ended its "
-                                                 r"return path before the stream's end "
-                                                 r"\(SHUT 1: it failed\)"):
-            qemu.send(f"tcp:127.0.0.1:{listener.getsockname()[1]}", str(tmp_path / "saved"),
-                      channels=2, stall_timeout=5.0)
-    finally:
-        listener.close()
+    serve(listener, main, channel)
+    send_fails(listener, tmp_path / "saved", r"main channel: the destination ended its return "
+                                             r"path before the stream's end \(SHUT 1: it "
+                                             r"failed\)", stall_timeout=5.0)
 
 
 @pytest.mark.parametrize("resets", ["the main channel", "every connection"])
@@ -519,10 +536,6 @@ def test_a_destination_that_fails_at_the_stream_s_end_is_named_by_its_shut(
     vmstate = (tmp_path / "saved" / saved.manifest["vmstate"]["file"]).read_bytes()
     listener = socket.create_server(("127.0.0.1", 0))
     at_the_devices, said = threading.Event(), threading.Event()
-
-    def reset(conn: socket.socket) -> None:
-        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        conn.close()
 
     def main(conn: socket.socket) -> None:
         stream = bytearray()
@@ -552,24 +565,10 @@ def test_a_destination_that_fails_at_the_stream_s_end_is_named_by_its_shut(
             while conn.recv(1 << 16):
                 pass
 
-    def serve() -> None:
-        for i in range(3):          # the main channel, then the 2 multifd channels
-            try:
-                conn = listener.accept()[0]
-            except OSError:
-                return
-            threading.Thread(target=main if i == 0 else channel, args=(conn,),
-                             daemon=True).start()
-
-    threading.Thread(target=serve, daemon=True).start()
-    try:
-        with pytest.raises(MigrationError, match=r"^main channel: the destination (said it "
-                                                 r"failed to load the stream \(SHUT 1|ended "
-                                                 r"its return path .*\(SHUT 1: it failed)"):
-            qemu.send(f"tcp:127.0.0.1:{listener.getsockname()[1]}", str(tmp_path / "saved"),
-                      channels=2, stall_timeout=10.0)
-    finally:
-        listener.close()
+    serve(listener, main, channel)
+    send_fails(listener, tmp_path / "saved", r"^main channel: the destination (said it failed to "
+                                             r"load the stream \(SHUT 1|ended its return path "
+                                             r".*\(SHUT 1: it failed)", stall_timeout=10.0)
 
 
 def test_a_destination_that_says_shut_1_and_takes_no_channel_is_named_by_its_shut(
