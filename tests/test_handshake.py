@@ -602,3 +602,63 @@ def test_a_stranger_s_failed_greeting_ends_no_other_connection():
                           env={**os.environ, "PYTHONPATH": tests})
     assert done.returncode == 0, done.stderr[-3000:]
     assert "source: ok\ndestination: ok" in done.stdout, done.stdout
+
+
+def hold_connections(address: str, count: int, stop: threading.Event) -> None:
+    """A stranger: ``count`` connections to ``address`` held open and silent, each one
+    the destination drops made again, until ``stop``."""
+    _, host, port = address.split(":")
+    held: list[socket.socket] = []
+    while not stop.is_set():
+        for sock in list(held):
+            try:
+                sock.setblocking(False)
+                if sock.recv(1 << 16):
+                    continue
+            except BlockingIOError:
+                continue
+            except OSError:
+                pass
+            held.remove(sock)       # dropped: made again below
+            sock.close()
+        while len(held) < count and not stop.is_set():
+            try:
+                held.append(socket.create_connection((host, int(port)), timeout=0.2))
+            except OSError:
+                break
+        time.sleep(0.01)
+    for sock in held:
+        sock.close()
+
+
+def test_strangers_holding_connections_after_setup_only_delay_the_channels():
+    """After SETUP the door greets with a few worker processes: 40 silent strangers
+    held each for its whole handshake deadline while the session's channels waited
+    behind them in the backlog, and the session failed ("channel 0: not connected
+    4 s after SETUP_ACK"; a review). A newcomer now takes the place of a greeting
+    run for EVICT_AFTER, and strangers refused count as the door's progress."""
+    key = b"k" * 32
+    region = make_region("ram", 1 << 20, seed=3)
+    stop = threading.Event()
+    try:
+        with fastmfd.Destination("tcp:127.0.0.1:0", auth_key=key, handshake_timeout=2.0,
+                                 stall_timeout=4.0, timeout=20) as dst:
+            # SETUP_ACK half a second late (a user's on_setup may be; a WAN's round
+            # trip opens the same window): the strangers are back in the backlog first.
+            received = Background("receive()",
+                                  lambda: dst.receive(on_setup=lambda _: time.sleep(0.5)))
+            stranger = threading.Thread(target=hold_connections, args=(dst.address, 40, stop),
+                                        daemon=True)
+            stranger.start()
+            time.sleep(1.0)
+            config = fastmfd.MigrationConfig(channels=2, auth_key=key, stall_timeout=4.0,
+                                             timeout=10)
+            with fastmfd.Source(dst.address, config) as src:
+                src.add_region(region)
+                src.migrate(live=False)
+            result = received.result(30)
+            assert np.array_equal(result.regions["ram"].array, region.array)
+            assert dst.refused_total >= 40
+    finally:
+        stop.set()
+        region.close()

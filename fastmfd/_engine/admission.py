@@ -30,7 +30,13 @@ session cannot move between processes): the door hands each new connection
 to a free worker with a Greeting; the worker answers Greeted(channel), and
 the session assigns it, or Refused, and the worker is free again. At most
 ``GREETING_SPARES`` workers beyond the session's channels greet at once; more
-connections wait in the listen backlog meanwhile.
+connections wait in the listen backlog meanwhile, and, as before SETUP, one
+waiting takes the place of a greeting that has run for EVICT_AFTER (the
+session's channels, queued behind a flood of strangers that say nothing,
+waited each stranger's whole handshake deadline, and the session failed:
+"not connected ... after SETUP_ACK"). Greetings ending count as the door's
+progress (:attr:`ChannelDoor.turnover`): channels behind strangers are not
+judged unconnected while the door works through them.
 """
 
 from __future__ import annotations
@@ -63,7 +69,7 @@ Refuse = Callable[[str, "BaseException | str"], None]
 __all__ = ["Admission", "ChannelDoor", "Refusal", "Refusals", "describe_peer", "MAX_CANDIDATES",
            "MAX_REFUSALS_KEPT", "EVICT_AFTER", "ACCEPTED_ANOTHER", "TOO_MANY", "EVICTED",
            "session_ended",
-           "GREETING_SPARES"]
+           "GREETING_SPARES", "DOOR_EVICTED"]
 
 MAX_CANDIDATES = 64     # connections greeted at once (see the module's docstring)
 EVICT_AFTER = 1.0       # seconds a greeting runs before a newcomer may take its place
@@ -72,7 +78,9 @@ ACCEPTED_ANOTHER = "dropped: the session's source was accepted first"
 TOO_MANY = f"{MAX_CANDIDATES} connections are being greeted already"
 EVICTED = (f"dropped: greeted for over {EVICT_AFTER:g} s when {MAX_CANDIDATES} were being "
            f"greeted, for a newer connection")
-GREETING_SPARES = 2     # receive workers beyond the channels, to greet strangers meanwhile
+GREETING_SPARES = 8     # receive workers beyond the channels, to greet strangers meanwhile
+DOOR_EVICTED = (f"dropped: greeted for over {EVICT_AFTER:g} s when every greeting worker was "
+                f"busy, for a newer connection")
 
 
 @dataclass(frozen=True)
@@ -298,20 +306,32 @@ class ChannelDoor:
                  started: Iterable[Child] = ()) -> None:
         self._parts, self._setup, self._stall, self._watch = parts, setup, stall, watch
         self._watch_worker, self._refuse = watch_worker, refuse
-        self._greeting: dict[Child, tuple[socket.socket, str]] = {}  # worker -> connection
+        # worker -> its connection, the peer, and when its greeting began
+        self._greeting: dict[Child, tuple[socket.socket, str, float]] = {}
+        self._evicted: set[Child] = set()   # greetings ended for a newcomer
+        self.turnover = 0                   # greetings ended: the door's progress
         self._started: set[Child] = set(started)    # workers already given a session (a
                                                     # Greeting, or Prealloc: a Greeting next)
         self._assigned: set[Child] = set()  # workers that became channels
         self._open = True
         watch.add(parts.listener, self._accept)
 
+    def _free_worker(self) -> Child | None:
+        busy = set(self._greeting) | self._assigned
+        return next((w for w in self._parts.workers if w not in busy), None)
+
+    def _full(self) -> bool:
+        """Every greeting worker busy, and no more may start."""
+        return (self._free_worker() is None and len(self._parts.workers)
+                >= self._setup.total_channels + GREETING_SPARES)
+
     def _accept(self) -> None:
         workers = self._parts.workers
-        busy = set(self._greeting) | self._assigned
-        worker = next((w for w in workers if w not in busy), None)
+        worker = self._free_worker()
         if worker is None:
-            if len(workers) >= self._setup.total_channels + GREETING_SPARES:
+            if self._full():
                 self._watch.remove(self._parts.listener)    # until a greeting ends
+                self.make_room()
                 return
             # During a session a worker's start has the session's deadline.
             worker = workers.add(recv_worker_main, f"receive channel {len(workers)}",
@@ -319,7 +339,7 @@ class ChannelDoor:
             self._watch_worker(worker)
         sock, peer = self._parts.listener.accept()
         self._parts.resources.sockets.append(sock)
-        self._greeting[worker] = (sock, describe_peer(peer))
+        self._greeting[worker] = (sock, describe_peer(peer), time.monotonic())
         greeting = Greeting(self._setup, self._parts.security)
         if worker in self._started:
             worker.send(greeting)
@@ -330,19 +350,41 @@ class ChannelDoor:
 
     def greeted(self, worker: Child) -> socket.socket:
         """``worker``'s connection passed its greeting: it is the session's now."""
-        sock, _ = self._greeting.pop(worker)
+        sock = self._greeting.pop(worker)[0]
+        self._evicted.discard(worker)
         self._assigned.add(worker)
         sock.settimeout(None)
         return sock
 
     def refused(self, worker: Child, reason: str) -> None:
         """``worker`` dropped its connection: refuse it; the worker is free again."""
-        sock, peer = self._greeting.pop(worker)
+        sock, peer, _ = self._greeting.pop(worker)
         self._parts.resources.sockets.remove(sock)
         sock.close()
+        self.turnover += 1
+        if worker in self._evicted:
+            self._evicted.discard(worker)
+            reason = DOOR_EVICTED
         self._refuse(peer, reason)
         if self._open:
             self._watch.add(self._parts.listener, self._accept)
+
+    def make_room(self) -> None:
+        """Every greeting worker busy and a connection waiting: end each greeting run
+        for EVICT_AFTER (its worker then refuses it, and greets the next). Called as
+        the listener fills, and on the session's watch (the listener is not watched
+        meanwhile); a channel of the session greets in milliseconds."""
+        if (not self._open or not self._full()
+                or not select.select([self._parts.listener], [], [], 0)[0]):
+            return
+        now = time.monotonic()
+        for worker, (sock, _, since) in self._greeting.items():
+            if now - since >= EVICT_AFTER and worker not in self._evicted:
+                self._evicted.add(worker)
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
     def stopped_greeters(self) -> str:
         """Why a connection may not be a channel yet: the worker process handed it to

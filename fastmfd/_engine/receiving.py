@@ -392,10 +392,12 @@ class Receiving:
         setup, stall, progress = self.setup, self._stall, self._progress
         assert setup is not None and progress is not None and self._counters is not None
         assert self._heartbeat is not None and self._door is not None, "in run()"
+        self._door.make_room()
         for ch in range(setup.total_channels):
             worker = self._assigned.get(ch)
             if worker is None:
-                if progress.stalled(("connect", ch), True, None):
+                # (Strangers ahead of it refused: the door works through them.)
+                if progress.stalled(("connect", ch), True, self._door.turnover):
                     raise MigrationError(f"not connected {stall:g} s after SETUP_ACK"
                                          + self._door.stopped_greeters(),
                                          channel=f"channel {ch}")
