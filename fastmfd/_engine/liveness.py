@@ -119,7 +119,7 @@ class Heartbeat:
         if now - self.main.last_sent >= self.interval:
             self.main.send(Msg.KEEPALIVE)
         silent = now - self.last_received
-        if silent > self.limit and not self._peer_spoke():
+        if silent > self.limit and not self.peer_spoke():
             raise MigrationError(f"nothing from the {self.peer} for {silent:.3g} s "
                                  f"(stall timeout {self.limit:g} s)", channel=MAIN)
 
@@ -144,7 +144,7 @@ class Heartbeat:
                 return False
         return True
 
-    def _peer_spoke(self) -> bool:
+    def peer_spoke(self) -> bool:
         """Whether the peer's next message is already here, unread. A process stopped
         or descheduled past the deadline finds it queued when it runs again: the
         peer was not silent, this side was late to read (and what it reads may be

@@ -416,10 +416,10 @@ class Receiving:
                                   f" (it owes the SYNC of round {reached + 1})"
                                   if reached < self._round_end else "")
         ended = len(self._drained) == setup.total_channels
-        # Every channel ended: the source owes only its COMPLETE, sent right after it
-        # closed them (KEEPALIVEs alone held this side for ever); checked first, as
-        # the reassembly process waits for it (the config chunks, config_after_ram).
-        if progress.stalled("complete", ended and self._complete is None, None):
+        # Every channel ended: the source owes its COMPLETE (unless its word waits unread:
+        # this side was stopped); first, as the reassembly waits for it (config_after_ram).
+        if (progress.stalled("complete", ended and self._complete is None, None)
+                and not self._heartbeat.peer_spoke()):
             raise MigrationError(f"the source's COMPLETE did not come {stall:g} s after "
                                  f"every channel ended", channel=MAIN)
         if self._devices is not None and not self._devices.all_loaded:
