@@ -326,10 +326,7 @@ class QemuSender:
             for block in manifest["blocks"]:
                 # One open: the file mapped is the file whose holes are learnt.
                 self._block_fds.append(_open_inside(directory, block["file"], os.O_RDONLY))
-                path = os.path.join(directory, block["file"])
-                size = os.fstat(self._block_fds[-1]).st_size
-                if size != block["size"]:
-                    raise ConfigError(f"{path}: {size} bytes, the manifest says {block['size']}")
+                path = _check_size(directory, block, self._block_fds[-1])
                 try:
                     self._regions.append(Region.from_fd(block["idstr"], self._block_fds[-1],
                                                         page_size=manifest["page_size"]))
@@ -337,13 +334,7 @@ class QemuSender:
                     raise ConfigError(f"{path}: {exc}") from None
             self._vmstate_fd = _open_inside(directory, manifest["vmstate"]["file"],
                                             os.O_RDONLY)
-            # Sent as it is, to its end: one cut short (a copy interrupted) would
-            # go out whole-looking, and the destination QEMU fail to load it.
-            vmstate_size = os.fstat(self._vmstate_fd).st_size
-            if vmstate_size != manifest["vmstate"]["size"]:
-                raise ConfigError(f"{os.path.join(directory, manifest['vmstate']['file'])}: "
-                                  f"{vmstate_size} bytes, the manifest says "
-                                  f"{manifest['vmstate']['size']}")
+            _check_size(directory, manifest["vmstate"], self._vmstate_fd)
             stream = QemuStream(bytes.fromhex(manifest["configuration"]),
                                 bytes.fromhex(manifest["uuid"] or "00" * 16),
                                 manifest["ram_section_id"], manifest["section_footers"],
@@ -464,9 +455,9 @@ def _read_manifest(directory: str) -> dict[str, Any]:
     path = os.path.join(directory, MANIFEST)
     if os.path.isdir(directory):
         check_only_yours(directory, what="saved directory")
-    if os.path.isdir(directory) and not os.path.lexists(path):
-        raise ConfigError(f"{path} is missing: not a complete save (listen --qemu writes "
-                          f"it last, once every other file is on disk)")
+        if not os.path.lexists(path):
+            raise ConfigError(f"{path} is missing: not a complete save (listen --qemu "
+                              f"writes it last, once every other file is on disk)")
     # Never through a link, as the files it names: it says what the directory's are.
     with os.fdopen(_open_inside(directory, MANIFEST, os.O_RDONLY), "rb") as f:
         try:
@@ -511,6 +502,17 @@ def _read_manifest(directory: str) -> dict[str, Any]:
                               f"('section', hex) and its place ('before': "
                               f"{', '.join(COMMAND_PLACES)})")
     return manifest
+
+
+def _check_size(directory: str, entry: dict[str, Any], fd: int) -> str:
+    """The path of the manifest's file ``entry`` (open as ``fd``), which must be the
+    size the manifest says: each is sent as it is, to its end, and one cut short (a
+    copy interrupted) would go out whole-looking, the destination QEMU failing it."""
+    path = os.path.join(directory, entry["file"])
+    size = os.fstat(fd).st_size
+    if size != entry["size"]:
+        raise ConfigError(f"{path}: {size} bytes, the manifest says {entry['size']}")
+    return path
 
 
 def _open_inside(directory: str, name: str, access: int) -> int:

@@ -320,16 +320,15 @@ class ChannelDoor:
         busy = set(self._greeting) | self._assigned
         return next((w for w in self._parts.workers if w not in busy), None)
 
-    def _full(self) -> bool:
-        """Every greeting worker busy, and no more may start."""
-        return (self._free_worker() is None and len(self._parts.workers)
-                >= self._setup.total_channels + GREETING_SPARES)
+    def _at_most(self) -> bool:
+        """Whether no more workers may start to greet."""
+        return len(self._parts.workers) >= self._setup.total_channels + GREETING_SPARES
 
     def _accept(self) -> None:
         workers = self._parts.workers
         worker = self._free_worker()
         if worker is None:
-            if self._full():
+            if self._at_most():
                 self._watch.remove(self._parts.listener)    # until a greeting ends
                 self.make_room()
                 return
@@ -374,7 +373,7 @@ class ChannelDoor:
         for EVICT_AFTER (its worker then refuses it, and greets the next). Called as
         the listener fills, and on the session's watch (the listener is not watched
         meanwhile); a channel of the session greets in milliseconds."""
-        if (not self._open or not self._full()
+        if (not self._open or self._free_worker() is not None or not self._at_most()
                 or not select.select([self._parts.listener], [], [], 0)[0]):
             return
         now = time.monotonic()
