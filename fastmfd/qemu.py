@@ -78,7 +78,7 @@ from .protocol.security import ChannelSecurity, TLSConfig
 from .protocol.sockets import (bound_address, listen, listening_address, parse_address,
                                remove_socket_file)
 from .regions import Region
-from .tools.outputs import MANIFEST, OutputDir, check_only_yours
+from .tools.outputs import MANIFEST, OutputDir, SavedFiles, check_only_yours
 
 __all__ = ["receive", "send", "QemuReceived", "QemuReceiver", "QemuSender", "QemuStreamFacts"]
 
@@ -90,7 +90,7 @@ DEFAULT_CONNECT_TIMEOUT = 30.0
 class QemuReceived:
     """What :func:`receive` wrote and measured."""
     facts: QemuStreamFacts
-    files: dict[str, str]           # block idstr / "vmstate" / "manifest" -> path
+    files: SavedFiles               # .regions by RAMBlock idstr, .streams["vmstate"], .manifest
     manifest: dict[str, Any]
     seconds: float                  # from the main channel's arrival to the commit
     channels: list[dict[str, int]]  # per channel: packets, pages and bytes received

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -47,26 +48,39 @@ def test_version():
     assert done.returncode == 0 and done.stdout.strip() == f"fastmfd {fastmfd.__version__}"
 
 
-def test_send_and_listen_print_json_on_stdout_and_the_rest_on_stderr(tmp_path):
-    image = tmp_path / "ram.img"
-    image.write_bytes(os.urandom(32 * PAGE) + bytes(32 * PAGE))
-    out = tmp_path / "out"
+def send_to_a_json_listener(out, *send_args: str) -> tuple[subprocess.CompletedProcess,
+                                                            subprocess.CompletedProcess]:
+    """``fastmfd send ADDRESS *send_args`` into ``fastmfd listen ADDRESS --dir out
+    --json -v`` (its ``args[1]``): both commands' results."""
     sock_dir = tempfile.mkdtemp(prefix="fmfd-cli-")      # a Unix path holds 107 bytes
     address = f"unix:{sock_dir}/sock"
-    listener = subprocess.Popen([sys.executable, "-m", "fastmfd", "listen", address, "--dir",
-                                 str(out), "--timeout", "60", "--json", "-v"],
+    listen_args = ["listen", address, "--dir", str(out), "--timeout", "60", "--json", "-v"]
+    listener = subprocess.Popen([sys.executable, "-m", "fastmfd", *listen_args],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        sent = fastmfd_cli("send", address, str(image), "--json", "-v", "--timeout", "30",
-                           "--max-bandwidth", "64M", "--compression", "zstd")
-        received_out, received_err = listener.communicate(timeout=TIMEOUT)
+        deadline = 0
+        while not os.path.exists(f"{sock_dir}/sock") and deadline < 600:
+            deadline += 1
+            threading.Event().wait(0.05)
+        sent = fastmfd_cli("send", address, *send_args)
+        received = listener.communicate(timeout=TIMEOUT)
     finally:
         if listener.poll() is None:
             listener.kill()
             listener.communicate()
         shutil.rmtree(sock_dir, ignore_errors=True)
+    return sent, subprocess.CompletedProcess(listen_args, listener.returncode, *received)
+
+
+def test_send_and_listen_print_json_on_stdout_and_the_rest_on_stderr(tmp_path):
+    image = tmp_path / "ram.img"
+    image.write_bytes(os.urandom(32 * PAGE) + bytes(32 * PAGE))
+    out = tmp_path / "out"
+    sent, listened = send_to_a_json_listener(out, str(image), "--json", "-v", "--timeout", "30",
+                                             "--max-bandwidth", "64M", "--compression", "zstd")
+    address, received_out, received_err = listened.args[1], listened.stdout, listened.stderr
     assert sent.returncode == 0, sent.stderr
-    assert listener.returncode == 0, received_err
+    assert listened.returncode == 0, received_err
     stats = json.loads(sent.stdout)             # stdout is the JSON and nothing else
     assert stats["ram_bytes"] == 64 * PAGE and stats["zero_pages"] == 32
     assert stats["compression"] == "zstd"
@@ -75,12 +89,33 @@ def test_send_and_listen_print_json_on_stdout_and_the_rest_on_stderr(tmp_path):
     assert "256.0/256.0 KiB" in bar and "iB/s" in bar, sent.stderr
     assert not re.search(r"\d [kMG]B", sent.stderr)       # binary units only
     result = json.loads(received_out)
-    assert result["files"]["ram"] == str(out / "ram.img")
-    assert result["sizes"]["ram"] == 64 * PAGE
+    assert result["files"]["regions"] == {"ram": str(out / "ram.img")}
+    assert result["sizes"][str(out / "ram.img")] == 64 * PAGE
     assert result["stats"]["zero_pages"] == 32
     assert f"listening on {address}" in received_err
     assert "the source's SETUP: 1 region(s) (256 KiB)" in received_err     # -v
     assert (out / "ram.img").read_bytes() == image.read_bytes()
+
+
+def test_listen_json_lists_every_file_whatever_the_regions_are_named(tmp_path):
+    """Regions named like the manifest or like a device's ``idstr/instance`` are
+    each listed (they shared one key of "files" with the manifest or the device)."""
+    for name in ("a", "b", "c"):
+        (tmp_path / name).write_bytes(os.urandom(4 * PAGE))
+    out = tmp_path / "out"
+    sent, listened = send_to_a_json_listener(
+        out, f"manifest={tmp_path / 'a'}", f"nic0/1={tmp_path / 'b'}",
+        "--state", f"nic0:1={tmp_path / 'c'}", "--quiet")
+    assert sent.returncode == 0 and listened.returncode == 0, sent.stderr + listened.stderr
+    files = json.loads(listened.stdout)["files"]
+    assert files["manifest"] == str(out / "manifest.json")
+    assert sorted(files["regions"]) == ["manifest", "nic0/1"]
+    assert list(files["devices"]) == ["nic0/1"]
+    paths = [*files["regions"].values(), *files["devices"].values(), files["manifest"]]
+    assert sorted(paths) == sorted(str(out / name) for name in os.listdir(out))
+    assert (out / "nic0.1.state").read_bytes() == (tmp_path / "c").read_bytes()
+    for name, source in (("manifest", "a"), ("nic0/1", "b")):
+        assert Path(files["regions"][name]).read_bytes() == (tmp_path / source).read_bytes()
 
 
 @pytest.mark.parametrize("text, expected", [

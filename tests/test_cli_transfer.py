@@ -69,7 +69,7 @@ def test_send_to_listen_moves_images_and_state(tmp_path, compression, images_las
     assert (out / "pc.rom.img").read_bytes() == images["rom.bin"]
     assert (out / "nic0.1.state").read_bytes() == b"registers" * 1000
     assert sorted(os.listdir(out)) == ["manifest.json", "nic0.1.state", "pc.rom.img", "ram.img"]
-    assert box["files"]["nic0/1"] == str(out / "nic0.1.state")
+    assert box["files"].devices == {("nic0", 1): str(out / "nic0.1.state")}
     assert box["result"].stats.zero_pages == 64
 
 

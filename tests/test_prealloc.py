@@ -248,9 +248,9 @@ def test_listen_prealloc_lands_the_next_session_in_a_warm_file(tmp_path):
         status, err = listener.finish()
     assert status == 0, err
     reports = [json.loads(line) for line in listener.out.splitlines()]
-    assert [Path(r["files"]["ram"]).read_bytes() for r in reports] == [old, new]
+    assert [Path(r["files"]["regions"]["ram"]).read_bytes() for r in reports] == [old, new]
     assert err.count("region ram: into a warm file") == 1, err
-    assert sorted(os.listdir(out)) == sorted(Path(r["files"]["ram"]).parent.name
+    assert sorted(os.listdir(out)) == sorted(Path(r["files"]["regions"]["ram"]).parent.name
                                              for r in reports)      # no warm file left
 
 

@@ -129,7 +129,7 @@ def test_listen_qemu_command(tmp_path, guest, guest_ram):
     result = json.loads(printed)
     assert result["manifest"] == manifest and len(result["channels"]) == 2
     assert result["files"]["manifest"] == str(out / "manifest.json")
-    assert result["sizes"]["mem"] == guest_ram[1].size
+    assert result["sizes"][result["files"]["regions"]["mem"]] == guest_ram[1].size
     mem = next(b["file"] for b in manifest["blocks"] if b["idstr"] == "mem")
     assert np.array_equal(np.fromfile(out / mem, dtype=np.uint8), guest_ram[1])
 

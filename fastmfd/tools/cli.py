@@ -33,6 +33,7 @@ if TYPE_CHECKING:       # imported where used, so that `fastmfd --version` start
 
     from ..config import MigrationConfig
     from ..destination import DestinationResult
+    from .outputs import SavedFiles
 
 log = logging.getLogger("fastmfd")
 
@@ -141,7 +142,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
     failed = 0
     for outcome, files in listen_sessions(args.address, args.dir, sessions=sessions,
                                           on_listening=on_listening, **options):
-        if isinstance(outcome, BaseException):
+        if isinstance(outcome, BaseException) or files is None:
             failed += 1
             print(f"fastmfd listen: session failed: {outcome}", file=sys.stderr)
         else:
@@ -149,17 +150,26 @@ def cmd_listen(args: argparse.Namespace) -> int:
     return EXIT_FAILED if failed else 0
 
 
-def _report_session(console: Console, result: DestinationResult, files: dict[str, str], *,
+def _report_session(console: Console, result: DestinationResult, files: SavedFiles, *,
                     as_json: bool) -> None:
-    for name, path in files.items():
-        console.print(f"{name} -> {path} ({format_bytes(os.path.getsize(path))})")
+    _print_files(console, files)
     prealloc = result.stats.prealloc_time_s
     console.print(f"received in {result.stats.total_time_s * 1000:.0f} ms, "
                   f"{result.stats.rounds} round(s)"
                   + (f", after {prealloc * 1000:.0f} ms of prealloc" if prealloc else ""))
     if as_json:
-        _print_json({"files": files, "stats": result.stats.as_dict(),
-                     "sizes": {name: os.path.getsize(path) for name, path in files.items()}})
+        _print_json({**_files_json(files), "stats": result.stats.as_dict()})
+
+
+def _print_files(console: Console, files: SavedFiles) -> None:
+    for what, path in files.listed():
+        console.print(f"{what} -> {path} ({format_bytes(os.path.getsize(path))})")
+
+
+def _files_json(files: SavedFiles) -> dict[str, Any]:
+    """--json's "files" (by kind) and "sizes" (by path: a path names one file)."""
+    return {"files": files.as_json(),
+            "sizes": {path: os.path.getsize(path) for _, path in files.listed()}}
 
 
 def _refuse_with_qemu(args: argparse.Namespace, options: dict[str, str]) -> None:
@@ -194,18 +204,15 @@ def _listen_qemu(args: argparse.Namespace, console: Console) -> int:
         on_listening=lambda address: console.print(
             f"listening on {address} (QEMU: migrate with the multifd capability"
             f"{', and tls-creds whose certificate --tls-ca issued' if tls else ''})"))
-    for name, path in received.files.items():
-        console.print(f"{name} -> {path} ({format_bytes(os.path.getsize(path))})")
+    _print_files(console, received.files)
     facts = received.facts
     console.print(f"received from QEMU ({facts.machine}) in {received.seconds * 1000:.0f} ms: "
                   f"{facts.channels} channel(s), compression {facts.compression}, "
                   f"{facts.syncs} SYNC barrier(s) ({facts.multifd_sync}), "
                   f"{facts.ram_section_ends} RAM section end(s)")
     if args.json:
-        _print_json({"files": received.files, "seconds": received.seconds,
-                     "channels": received.channels, "manifest": received.manifest,
-                     "sizes": {name: os.path.getsize(path)
-                               for name, path in received.files.items()}})
+        _print_json({**_files_json(received.files), "seconds": received.seconds,
+                     "channels": received.channels, "manifest": received.manifest})
     return 0
 
 

@@ -54,10 +54,35 @@ from .new_files import (make_directories, remove_directories_made, rename_withou
                         try_making_a_file, write_durably)
 from .warm_files import WarmFiles
 
-__all__ = ["OutputDir", "output_name", "check_writable", "check_only_yours", "MANIFEST",
+__all__ = ["OutputDir", "SavedFiles", "output_name", "check_writable", "check_only_yours", "MANIFEST",
            "VMSTATE"]
 
 log = logging.getLogger("fastmfd")
+
+
+@dataclass(frozen=True)
+class SavedFiles:
+    """Where a save's files are, by what each holds. Kept apart by kind: a region
+    (or QEMU RAMBlock) may be named ``manifest``, ``vmstate`` or ``nic0/1``."""
+    regions: dict[str, str]                 # region name (QEMU: RAMBlock idstr) -> path
+    devices: dict[tuple[str, int], str]     # (idstr, instance_id) -> path
+    streams: dict[str, str]                 # QEMU: "vmstate" -> path
+    manifest: str
+
+    def listed(self) -> list[tuple[str, str]]:
+        """(what, path) for each file, in the order a person reads them."""
+        return [*((f"region {name}", p) for name, p in self.regions.items()),
+                *((f"device {idstr}/{instance}", p)
+                  for (idstr, instance), p in self.devices.items()),
+                *self.streams.items(), ("manifest", self.manifest)]
+
+    def as_json(self) -> dict[str, Any]:
+        """For ``--json``: regions and devices (as ``idstr/instance``) in maps of
+        their own, each stream and the manifest by its key."""
+        return {"regions": self.regions,
+                "devices": {f"{idstr}/{instance}": p
+                            for (idstr, instance), p in self.devices.items()},
+                **self.streams, "manifest": self.manifest}
 
 MANIFEST = "manifest.json"
 VMSTATE = "vmstate.bin"
@@ -461,14 +486,14 @@ class OutputDir:
             self.fd = -1
 
     # ------------------------------------------------------------ helpers
-    def files(self) -> dict[str, str]:
-        """Final paths by region name, ``idstr/instance``, stream (and ``manifest``)."""
-        out = {name: o.final for name, o in self.regions.items()}
-        out.update({f"{idstr}/{instance}": o.final
-                    for (idstr, instance), o in self.devices.items()})
-        out.update({key: o.final for key, o in self.streams.items()})
-        out["manifest"] = MANIFEST
-        return {name: os.path.join(self.path, final) for name, final in out.items()}
+    def files(self) -> SavedFiles:
+        """The final paths of what this save holds."""
+        def path(out: _Output) -> str:
+            return os.path.join(self.path, out.final)
+        return SavedFiles(regions={name: path(o) for name, o in self.regions.items()},
+                          devices={key: path(o) for key, o in self.devices.items()},
+                          streams={key: path(o) for key, o in self.streams.items()},
+                          manifest=path(self.manifest))
 
     def _outputs(self) -> list[_Output]:
         return [*self.regions.values(), *self.devices.values(), *self.streams.values(),

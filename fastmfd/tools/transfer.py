@@ -30,7 +30,7 @@ from ..source import Source
 from ..stats import MigrationStats
 from ..units import format_bytes
 from .new_files import make_directories, remove_directories_made
-from .outputs import OutputDir, check_only_yours, check_writable, output_name
+from .outputs import OutputDir, SavedFiles, check_only_yours, check_writable, output_name
 from .warm_files import WarmFiles
 
 log = logging.getLogger("fastmfd")
@@ -139,14 +139,14 @@ def listen_once(address: str | socket.socket, directory: str, *, per_session: bo
                 auth_key: bytes | None = None, max_size: int | None = None,
                 max_memory: int | None = None, prealloc: bool = False,
                 huge_pages: bool = False, warm: WarmFiles | None = None
-                ) -> tuple[DestinationResult, dict[str, str]]:
+                ) -> tuple[DestinationResult, SavedFiles]:
     """Receive one migration into ``directory``: ``<region>.img`` files mapped
     while they are written, ``<idstr>.<instance>.state`` for each device and
     ``manifest.json`` (names: :func:`~.outputs.output_name`). Files are written
     as ``.part`` and renamed once everything is loaded and on disk; a failure
     removes them (``keep_partial``: keeps them as ``.part``); an existing file is
     replaced only with ``force`` (see :mod:`.outputs`). Returns the result and
-    the files written, by region name, ``idstr/instance`` and ``manifest``.
+    the files written (:class:`~.outputs.SavedFiles`).
     ``per_session``: into ``directory/<session uuid>/`` instead, made when SETUP
     names the session. ``max_size``: most bytes of regions a source may announce
     (default: what the directory has free); ``max_memory``: the Destination's
@@ -201,11 +201,11 @@ def listen_once(address: str | socket.socket, directory: str, *, per_session: bo
 def listen_sessions(address: str, directory: str, *, sessions: int | None = None,
                     on_listening: Callable[[str], object] | None = None,
                     **options: Any
-                    ) -> Iterator[tuple[DestinationResult | FastMFDError, dict[str, str]]]:
+                    ) -> Iterator[tuple[DestinationResult | FastMFDError, SavedFiles | None]]:
     """Receive ``sessions`` migrations (None: until interrupted), one after another
     on one listening socket, each into ``directory/<session uuid>/`` (see
     :func:`listen_once`, which takes ``options``). Yields each one's ``(result,
-    files)``, or ``(error, {})`` for one that failed, and goes on: a failed or
+    files)``, or ``(error, None)`` for one that failed, and goes on: a failed or
     hostile session costs only itself.
 
     With ``prealloc``, each session's region files are faulted in for the next
@@ -239,7 +239,7 @@ def listen_sessions(address: str, directory: str, *, sessions: int | None = None
                 result, files = listen_once(listener, directory, per_session=True, warm=warm,
                                             **options)
             except FastMFDError as exc:
-                yield exc, {}
+                yield exc, None
                 continue
             if warm is not None and served != sessions:
                 warm.refill((r.size, r.page_size) for r in result.regions.values())

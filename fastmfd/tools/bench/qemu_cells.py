@@ -163,7 +163,7 @@ class QemuToFastmfdTrial(QemuPeer):
         seconds = time.perf_counter() - started
         if self.src.wait_migration(STEP_TIMEOUT) != "completed":
             raise MigrationError(f"QEMU source: {self.src.command('query-migrate')}")
-        self._received = received.files[RAM_BLOCK]
+        self._received = received.files.regions[RAM_BLOCK]
         channels = received.channels
         return Measurement(seconds, self.image.size,
                            sum(c["wire_bytes"] for c in channels) + received.facts.ram_bytes
