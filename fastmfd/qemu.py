@@ -75,6 +75,7 @@ from .errors import ConfigError
 from .protocol.qemu import (COMMAND, COMMAND_PLACES, MAX_PAGE_BITS, MIN_PAGE_BITS,
                             SYNC_PER_ROUND, SYNC_PER_SECTION)
 from .protocol.security import ChannelSecurity, TLSConfig
+from .protocol.setup import MAX_REGIONS
 from .protocol.sockets import (bound_address, listen, listening_address, parse_address,
                                remove_socket_file)
 from .regions import Region
@@ -478,10 +479,7 @@ def _read_manifest(directory: str) -> dict[str, Any]:
     for key, (valid, expected) in _MANIFEST_FIELDS.items():
         if key in manifest and not valid(manifest[key]):
             raise ConfigError(f"{path}: {key} {manifest[key]!r}: expected {expected}")
-    for i, block in enumerate(manifest["blocks"]):
-        if not _is_block(block):
-            raise ConfigError(f"{path}: blocks[{i}] {block!r}: expected an object with idstr, "
-                              "size and file")
+    _check_blocks(path, manifest["blocks"])
     # Manifests written before QEMU 10's flavour was told apart are QEMU 7.2's.
     manifest.setdefault("multifd_sync", SYNC_PER_SECTION)
     manifest.setdefault("zero_page_detection", "legacy")
@@ -502,6 +500,22 @@ def _read_manifest(directory: str) -> dict[str, Any]:
                               f"('section', hex) and its place ('before': "
                               f"{', '.join(COMMAND_PLACES)})")
     return manifest
+
+
+def _check_blocks(path: str, blocks: list[Any]) -> None:
+    """The manifest's blocks as ``listen --qemu`` accepts a RAM block list: objects
+    with an idstr, size and file, each idstr once, at most MAX_REGIONS of them (two
+    entries of one idstr went out as two blocks of that name)."""
+    if len(blocks) > MAX_REGIONS:
+        raise ConfigError(f"{path}: {len(blocks)} blocks, more than {MAX_REGIONS}")
+    seen: set[str] = set()
+    for i, block in enumerate(blocks):
+        if not _is_block(block):
+            raise ConfigError(f"{path}: blocks[{i}] {block!r}: expected an object with idstr, "
+                              "size and file")
+        if block["idstr"] in seen:
+            raise ConfigError(f"{path}: blocks[{i}]: idstr {block['idstr']!r} is listed twice")
+        seen.add(block["idstr"])
 
 
 def _check_size(directory: str, entry: dict[str, Any], fd: int) -> str:

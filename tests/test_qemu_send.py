@@ -242,6 +242,9 @@ def test_send_refuses_a_directory_without_a_qemu_manifest(tmp_path):
     ("vmstate", {"file": "vmstate.bin"}, "expected an object with the file's name and size"),
     ("section_footers", "yes", "section_footers 'yes': expected true or false"),
     ("commands", 5, "commands 5: expected a list"),
+    # Both went out, as two blocks of one name and as 4200 blocks (a review).
+    ("blocks[1].idstr", "mem", r"blocks\[1\]: idstr 'mem' is listed twice"),
+    ("blocks", "x700", "4200 blocks, more than 4096"),
 ])
 def test_send_refuses_a_bad_manifest(tmp_path, qemu72_captures, key, value, match):
     receive_replay(tmp_path / "saved", capture_bytes(qemu72_captures, "none"))
@@ -251,6 +254,10 @@ def test_send_refuses_a_bad_manifest(tmp_path, qemu72_captures, key, value, matc
         manifest["blocks"][0]["file"] = value
     elif key == "blocks[0]":
         manifest["blocks"][0] = value
+    elif key == "blocks[1].idstr":
+        manifest["blocks"][1]["idstr"] = value
+    elif value == "x700":
+        manifest["blocks"] *= 700
     else:
         manifest[key] = value
     path.write_text(json.dumps(manifest))
