@@ -226,9 +226,11 @@ cdef class ZstdCodec(Codec):
             self.dctx = ZSTD_createDCtx()
             if self.dctx == NULL:
                 raise MemoryError()
-            # Bound the window a peer can make us allocate (zstd's default
-            # limit is 2^27; QEMU's levels stay well below it).
-            check_zstd(ZSTD_DCtx_setParameter(self.dctx, ZSTD_d_windowLogMax, 27), "window")
+            # Bound the window a peer can make each receiving channel allocate:
+            # zstd's own limit is 2^27 (128 MiB); the highest level QEMU and
+            # fastmfd send, 20, streams with 2^25.
+            check_zstd(ZSTD_DCtx_setParameter(self.dctx, ZSTD_d_windowLogMax,
+                                              ZSTD_WINDOW_LOG_MAX), "window")
 
     def __dealloc__(self):
         if self.cctx != NULL:

@@ -47,6 +47,7 @@ cpdef enum:
 
 cdef enum:
     MULTIFD_VERSION = 1
+    ZSTD_WINDOW_LOG_MAX = 25        # a receiving channel's zstd window: at most 32 MiB
     CHANNEL_HEADER_BODY = 4         # the header_size value: one BE u32 channel_type
     RAM_HEADER_FIXED = 320          # RAM header bytes before the offset array
     IDSTR_SIZE = 256                # a NUL-padded name field (ramblock, idstr)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 
 from fastmfd import _core
+from fastmfd.errors import ProtocolError
 from fastmfd.tools.images import english_like_text
 
 zstandard = pytest.importorskip("zstandard")
@@ -45,3 +46,22 @@ def test_fastmfd_decodes_a_stream_python_zstandard_flushed_per_packet():
         pages = bytearray(len(packet))
         decoder.decompress_into(payload, pages)
         assert pages == packet
+
+
+@pytest.mark.parametrize("window_log, decodes", [(25, True), (26, False), (27, False)])
+def test_a_receiving_channel_takes_no_larger_window_than_level_20_makes(window_log, decodes):
+    """Each receiving channel allocates the window a frame declares: zstd's own
+    limit (2^27, 128 MiB) is four times what the highest level QEMU or fastmfd
+    sends, 20, streams with (2^25), and a source may open 64 channels."""
+    assert zstandard.get_frame_parameters(
+        _core.make_codec("zstd", True, 20).compress(TEXT)).window_size == 1 << 25
+    params = zstandard.ZstdCompressionParameters.from_level(1, window_log=window_log)
+    packer = zstandard.ZstdCompressor(compression_params=params).compressobj()
+    payload = packer.compress(TEXT) + packer.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+    pages = bytearray(len(TEXT))
+    if decodes:
+        _core.make_codec("zstd", False).decompress_into(payload, pages)
+        assert pages == TEXT
+    else:
+        with pytest.raises(ProtocolError, match="Frame requires too much memory"):
+            _core.make_codec("zstd", False).decompress_into(payload, pages)

@@ -115,6 +115,18 @@ def test_qemu_migrates_into_files(tmp_path, guest, guest_ram, channels, compress
     assert not [name for name in os.listdir(out) if name.endswith(".part")]
 
 
+def test_qemu_at_its_highest_zstd_level_fits_the_receiving_window(tmp_path, guest, guest_ram):
+    """multifd-zstd-level 20, QEMU's highest, streams with a 32 MiB window: the most
+    each receiving channel takes (ZSTD_WINDOW_LOG_MAX)."""
+    guest.set_multifd(2, "zstd")
+    guest.qmp.command("migrate-set-parameters", **{"multifd-zstd-level": 20})
+    receiver = Receiver(tmp_path / "out")
+    guest.migrate(receiver.address)
+    assert guest.wait() == "completed"
+    mem = next(b["file"] for b in receiver.result().manifest["blocks"] if b["idstr"] == "mem")
+    assert np.array_equal(np.fromfile(tmp_path / "out" / mem, dtype=np.uint8), guest_ram[1])
+
+
 def test_listen_qemu_command(tmp_path, guest, guest_ram):
     """The CLI: exit 0 once QEMU's stream ended and every file is written; with
     --json, what it wrote and learnt on stdout."""
