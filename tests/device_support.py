@@ -226,6 +226,18 @@ class StuckLoader:
         return b""
 
 
+class PacedLoader(fastmfd.CollectLoader):
+    """Takes ``pause`` seconds over each chunk (a device that is slow to load)."""
+
+    def __init__(self, pause: float) -> None:
+        super().__init__()
+        self.pause = pause
+
+    def load_state_buffer(self, data) -> None:
+        time.sleep(self.pause)
+        super().load_state_buffer(data)
+
+
 class ChurningDevice:
     """A device that always says it has ``claimed`` bytes to send live but gives one
     small chunk per live round (it dirties its state as fast as it sends it, as a

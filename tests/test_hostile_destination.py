@@ -17,7 +17,7 @@ import time
 import pytest
 
 import fastmfd
-from fastmfd.protocol.main_channel import (MESSAGE_HEADER, Loaded, Msg, RoundAck,
+from fastmfd.protocol.main_channel import (MESSAGE_HEADER, Loaded, Loading, Msg, RoundAck,
                                            encode_message)
 from migration_support import make_region
 
@@ -234,6 +234,23 @@ def test_a_trickled_round_ack_fails_within_the_stall_timeout(leaks):
     leaks.assert_clean()
 
 
+@pytest.mark.parametrize("word", [Msg.KEEPALIVE, Msg.LOADING])
+def test_keepalives_instead_of_loaded_fail_within_the_stall_timeout(leaks, word):
+    """After COMPLETE the destination's LOADING steps must grow until LOADED:
+    KEEPALIVEs (or LOADING of no further step) held the source for ever."""
+    def script(d):
+        d.send(Msg.SETUP_ACK)
+        d.until(Msg.COMPLETE)
+        while not d.stop.wait(STALL / 4):
+            d.send(word, None if word is Msg.KEEPALIVE else Loading(3))
+
+    error, took = migrate_against(script)
+    assert ("main channel: the destination made no progress towards LOADED for 4 s after "
+            "COMPLETE" in str(error))      # twice the stall timeout: see DestinationFinishing
+    assert took < 2 * STALL + SLACK
+    leaks.assert_clean()
+
+
 def test_keepalives_without_resumed_fail_within_the_stall_timeout(leaks):
     """After LOADED the destination's on_resume has the stall timeout: KEEPALIVEs
     say it is alive, not that it will ever answer."""
@@ -368,6 +385,16 @@ def _answers(*after_complete):
                  id="loaded-negative-seconds"),
     pytest.param(_answers((Msg.LOADED, _header(99))),
                  r"main channel field 'type': received 99", id="unknown-type"),
+    pytest.param(_answers((Msg.LOADING, Loading(5)), (Msg.LOADING, Loading(4))),
+                 r"main channel: LOADING field 'steps': received 4, expected at least 5",
+                 id="loading-steps-back"),
+    pytest.param(_answers((Msg.LOADING, Loading(-1))),
+                 r"Loading field 'steps': received -1, expected a step count",
+                 id="loading-negative-steps"),
+    pytest.param(lambda d: (d.send(Msg.SETUP_ACK), d.send(Msg.LOADING, Loading(1)),
+                            d.stop.wait(30)),
+                 r"main channel: unexpected LOADING from the destination while \w+",
+                 id="loading-before-complete"),
 ])
 def test_an_answer_out_of_turn_or_out_of_range_fails(leaks, script, expected):
     error, _ = migrate_against(script)

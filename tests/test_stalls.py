@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 import fastmfd
-from device_support import StopsHalfwayThroughItsReport, StuckLoader
+from device_support import PacedLoader, StopsHalfwayThroughItsReport, StuckLoader
 from fastmfd._engine import receiving
 from fastmfd._engine.liveness import Heartbeat
 from fastmfd import _core
@@ -417,6 +417,19 @@ def test_a_loader_that_never_finishes():
         started = time.monotonic()
         outcome = m.run(timeout=30)
     _check(outcome, started, r"reassembly: no progress for 1 s")
+
+
+def test_a_destination_loading_for_many_stall_timeouts_after_complete_succeeds():
+    """Once COMPLETE is sent, the source needs the destination's LOADING steps to
+    grow (KEEPALIVEs alone no longer hold it): a destination whose loader takes
+    0.4 s over each of 16 chunks, about 6 stall timeouts after COMPLETE, says so
+    in time and succeeds."""
+    state = np.random.default_rng(3).bytes(16 * 64 << 10)
+    with Migration(CONFIG.replace(device_chunk_size=64 << 10)) as m:
+        m.source.add_device(fastmfd.BytesDevice("nic0", 0, state))
+        m.destination.add_loader("nic0", 0, PacedLoader(0.4))
+        _, result = m.run(timeout=60).ok()
+    assert result.devices[("nic0", 0)] == state
 
 
 def test_a_stopped_forkserver(image):

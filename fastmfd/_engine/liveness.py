@@ -13,6 +13,10 @@
                   process is stopped must finish a packet (change its shared
                   counters) within the deadline
                   ("receive channel 1: no progress for 30 s (its process is stopped)")
+      Steps       the destination, once COMPLETE came: LOADING(steps) instead of
+                  KEEPALIVE, steps growing as its work moves on; the source
+                  fails a destination whose steps stop growing for the deadline
+                  ("main channel: the destination made no progress towards LOADED ...")
     data sockets: SO_SNDTIMEO = stall_timeout, so a send worker whose peer takes
                   nothing for that long fails by itself (the core maps the
                   socket's EAGAIN to "no progress for 30 s")
@@ -29,13 +33,13 @@ import socket
 import struct
 import termios
 import time
-from typing import Hashable
+from typing import Any, Callable, Hashable
 
-from ..errors import MigrationError
+from ..errors import MigrationError, ProtocolError
 from ..protocol.main_channel import MAIN, MainChannel, Msg
 from ..protocol.sockets import decrypted_unread
 
-__all__ = ["Heartbeat", "Progress", "set_stall_timeout", "bytes_waiting", "process_stopped",
+__all__ = ["Heartbeat", "Progress", "Steps", "DestinationFinishing", "set_stall_timeout", "bytes_waiting", "process_stopped",
            "stall_error", "tick"]
 
 
@@ -102,13 +106,15 @@ class Progress:
 
 
 class Heartbeat:
-    """The main channel's liveness: KEEPALIVE out, anything in."""
+    """The main channel's liveness: KEEPALIVE out (or what ``word`` says instead),
+    anything in."""
 
     def __init__(self, main: MainChannel, limit: float, peer: str,
                  interval: float | None = None) -> None:
         self.main, self.limit, self.peer = main, limit, peer
         self.interval = (limit if interval is None else interval) / 4
         self.last_received = time.monotonic()
+        self.word: Callable[[], tuple[Msg, Any]] = lambda: (Msg.KEEPALIVE, None)
 
     def received(self) -> None:
         self.last_received = time.monotonic()
@@ -117,7 +123,7 @@ class Heartbeat:
         """Send KEEPALIVE if nothing went out for a while; fail if nothing came in."""
         now = time.monotonic()
         if now - self.main.last_sent >= self.interval:
-            self.main.send(Msg.KEEPALIVE)
+            self.main.send(*self.word())
         silent = now - self.last_received
         if silent > self.limit and not self.peer_spoke():
             raise MigrationError(f"nothing from the {self.peer} for {silent:.3g} s "
@@ -134,7 +140,7 @@ class Heartbeat:
             now = time.monotonic()
             if now - self.main.last_sent >= self.interval:
                 try:
-                    self.main.send(Msg.KEEPALIVE)
+                    self.main.send(*self.word())
                 except MigrationError:
                     return False
             wait = min(deadline, self.main.last_sent + self.interval) - now
@@ -151,3 +157,58 @@ class Heartbeat:
         the peer's own ERROR, the failure worth reporting)."""
         sock = self.main.sock
         return decrypted_unread(sock) > 0 or bytes_waiting(sock.fileno()) > 0
+
+
+class Steps:
+    """What a destination says once COMPLETE came, in LOADING messages instead of
+    KEEPALIVE: a count that grows at each look that finds its work moved on
+    (channels draining, devices loading, regions written out), so a source can
+    tell a destination that loads from one that only says it is alive."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._seen: object = None
+
+    def see(self, signature: object) -> None:
+        if signature != self._seen:
+            self._seen, self.count = signature, self.count + 1
+
+
+class DestinationFinishing:
+    """The source's deadlines once its COMPLETE went out: the destination's LOADING
+    steps must grow within twice ``limit`` until its LOADED, and its RESUMED (its
+    on_resume ran) must follow LOADED within ``limit``. KEEPALIVEs say alive,
+    not that it loads or answers: a destination sending only those held the
+    source for ever. Twice: what holds a destination's steps up (a channel
+    swallowed, a loader stuck) fails it by its own deadline first, and its ERROR
+    then says which, where this side could only say that it made no progress."""
+
+    def __init__(self, limit: float) -> None:
+        self.limit = limit
+        self.steps = 0
+        self.loaded_at: float | None = None     # when LOADED came (monotonic)
+        self._progress = Progress(2 * limit)
+
+    def loading(self, steps: int) -> None:
+        if steps < self.steps:
+            raise ProtocolError(f"main channel: LOADING field 'steps': received {steps}, "
+                                f"expected at least {self.steps} (steps only grow)",
+                                field="steps", received=steps, expected=f">= {self.steps}")
+        self.steps = steps
+
+    def loaded(self) -> None:
+        self.loaded_at = time.monotonic()
+
+    def check(self, completing: bool, heartbeat: Heartbeat) -> None:
+        """Fail a destination that is late; not while its word waits unread (this
+        side was the one held up)."""
+        now = time.monotonic()
+        if self.loaded_at is not None and now > self.loaded_at + self.limit:
+            raise MigrationError(f"no RESUMED from the destination {self.limit:g} s after "
+                                 f"its LOADED (its on_resume must finish within the stall "
+                                 f"timeout)", channel=MAIN)
+        if (self._progress.stalled("loading", completing, self.steps, now)
+                and not heartbeat.peer_spoke()):
+            raise MigrationError(f"the destination made no progress towards LOADED for "
+                                 f"{self._progress.limit:g} s after COMPLETE (its KEEPALIVEs "
+                                 f"say it is alive, not that it loads)", channel=MAIN)

@@ -45,10 +45,10 @@ from ..devices import Loader
 from ..errors import ConfigError, FastMFDError, MigrationError, ProtocolError, SecurityError
 from ..protocol import handshake
 from ..protocol.control import Drained, Eof, Go, Greeted, Refused, RecvParams, Synced
-from ..protocol.main_channel import (MAIN, Complete, Loaded, MainChannel, Msg, PrecopySent,
-                                     RoundAck, RoundEnd, check_round, decode_message_header,
-                                     decode_payload, old_way_message_size, read_message,
-                                     source_failed)
+from ..protocol.main_channel import (MAIN, Complete, Loaded, Loading, MainChannel, Msg,
+                                     PrecopySent, RoundAck, RoundEnd, check_round,
+                                     decode_message_header, decode_payload,
+                                     old_way_message_size, read_message, source_failed)
 from ..protocol.security import ChannelSecurity
 from ..protocol.setup import Setup
 from ..protocol.sockets import recv_exact, tune_data_socket, tune_main_socket
@@ -56,7 +56,7 @@ from ..region_pool import RegionPool
 from ..regions import Region
 from ..stats import ChannelStats, ReceiveStats
 from .admission import Admission, ChannelDoor, Refusals
-from .liveness import Heartbeat, Progress, process_stopped, stall_error, tick
+from .liveness import Heartbeat, Progress, Steps, process_stopped, stall_error, tick
 from .loading import DeviceLoading, check_chunk_counts, old_way_not_here
 from .open_files import DESTINATION_PER_CHANNEL, check_session_files, check_worker_files
 from .prealloc import preallocate
@@ -68,7 +68,6 @@ __all__ = ["Receiving", "ReceivingState", "DestinationParts"]
 
 # How long a channel's end waits for the source's ERROR that explains it.
 SOURCE_WORD_GRACE = 0.5
-_COUNTED = ("packets", "normal_pages", "zero_pages", "device_packets")
 
 
 class ReceivingState(enum.Enum):
@@ -138,6 +137,7 @@ class Receiving:
         self._stall = 0.0                       # seconds: the session's stall deadline
         self._heartbeat: Heartbeat | None = None
         self._progress: Progress | None = None
+        self._steps = Steps()                   # towards LOADED, once COMPLETE came
 
     # ------------------------------------------------------------ setup
     def accept_main(self) -> None:
@@ -429,6 +429,10 @@ class Receiving:
             signature = (self._devices.signature(), self._counters.total("device_packets"))
             if progress.stalled("reassembly", owed or process_stopped(pid), signature):
                 raise stall_error(reassembly.name, stall, pid, self._devices.stall_detail())
+        if self._complete is not None:
+            self._steps.see((tuple(tuple(self._counters.read(ch).values())
+                                   for ch in range(setup.total_channels)), len(self._drained),
+                             self._devices.signature() if self._devices is not None else None))
         self._heartbeat.beat()
 
     def _check_no_round_past_the_end(self) -> None:
@@ -503,6 +507,7 @@ class Receiving:
                 self._devices.on_complete(payload.device_chunks)
             self._complete = payload
             self.state = ReceivingState.COMPLETE
+            self._heartbeat.word = lambda: (Msg.LOADING, Loading(self._steps.count))
             self._check_no_round_past_the_end()
 
     def _waiting_for_slot(self, since: float) -> None:
@@ -521,24 +526,18 @@ class Receiving:
     def _finish(self) -> None:
         """Everything is applied: check the source's totals, then send LOADED."""
         assert self._complete is not None and self.setup is not None and self.main is not None
-        assert self._counters is not None, "after SETUP"
+        assert self._counters is not None and self._heartbeat is not None, "after SETUP"
         if self._devices is not None:
             self._devices.check_totals(self._complete.device_chunks)
-        sent = self._complete.channels
-        for ch in range(self.setup.total_channels):
-            mine = self._counters.read(ch)
-            theirs = sent[ch] if ch < len(sent) else {}
-            for key in _COUNTED:
-                if theirs.get(key) != mine[key]:
-                    raise ProtocolError(f"channel {ch}: the source sent {theirs.get(key)} "
-                                        f"{key.replace('_', ' ')}, {mine[key]} arrived",
-                                        field=key, received=mine[key], expected=theirs.get(key))
+        self._complete.check_channels(self._counters.read, self.setup.total_channels)
         for region in self.regions:     # success means durable: the files first, then LOADED
             try:
                 region.flush()
             except OSError as exc:
                 raise MigrationError(f"region {region.name!r}: writing it to disk failed: "
                                      f"{exc.strerror or exc}") from exc
+            self._steps.see(region.name)    # (each flush may take a while)
+            self._heartbeat.beat()
         self.source_still_there()
         self.main.send(Msg.LOADED, Loaded(rounds=self._round_end,
                                           load_seconds=self._load_seconds_by_name()))

@@ -45,7 +45,7 @@ from ..devices import Device, wire_ids
 from ..errors import MigrationError, ProtocolError
 from ..protocol import handshake
 from ..protocol.control import Done, SendParams
-from ..protocol.main_channel import (MAIN, Complete, Error, Loaded, MainChannel, Msg,
+from ..protocol.main_channel import (MAIN, Complete, Error, Loaded, Loading, MainChannel, Msg,
                                      PrecopySent, RoundAck, RoundEnd, check_round,
                                      decode_payload, read_message)
 from ..protocol.security import ChannelSecurity
@@ -55,8 +55,8 @@ from ..protocol.sockets import (Address, ConnectionClosed, connect, tune_data_so
 from ..regions import Region, first_file_changed
 from ..shm import SharedMemory
 from ..stats import ChannelStats, MigrationStats, RoundStats
-from .liveness import (Heartbeat, Progress, bytes_waiting, process_stopped, set_stall_timeout,
-                       stall_error, tick)
+from .liveness import (DestinationFinishing, Heartbeat, Progress, bytes_waiting,
+                       process_stopped, set_stall_timeout, stall_error, tick)
 from .processes import ChildSet, Watch
 from .progress import RoundProgress
 from .saving import DeviceSaver, DeviceStream, OldWaySaver
@@ -124,7 +124,7 @@ class Sending:
         self._ack_requested = False             # PRECOPY_SENT went out (switchover_ack)
         self._acked = threading.Event()         # SWITCHOVER_ACK came back
         self._loaded_report: Loaded | None = None
-        self._loaded_at: float | None = None    # when LOADED came (monotonic)
+        self._finishing = DestinationFinishing(self.config.stall_timeout)
         self._rounds_ended = 0                  # ROUND_ENDs sent
         self._rounds_acked = 0                  # ROUND_ACKs received (one per round, in order)
         self._heartbeat: Heartbeat | None = None
@@ -442,12 +442,7 @@ class Sending:
         assert self._heartbeat is not None, "made by _watch() first"
         self._heartbeat.beat()
         cfg, parts = self.config, self.parts
-        # on_resume has the stall timeout: KEEPALIVEs say alive, not that it answers.
-        if (self._loaded_at is not None
-                and time.monotonic() > self._loaded_at + cfg.stall_timeout):
-            raise MigrationError(f"no RESUMED from the destination {cfg.stall_timeout:g} s "
-                                 f"after its LOADED (its on_resume must finish within the "
-                                 f"stall timeout)", channel=MAIN)
+        self._finishing.check(self.state is SendingState.COMPLETING, self._heartbeat)
         for ch, worker in enumerate(parts.workers):
             if worker.finished:
                 continue
@@ -491,7 +486,7 @@ class Sending:
         if isinstance(payload, Error):
             raise MigrationError(f"the destination failed: {payload.error}",
                                  channel=MAIN, side="destination")
-        expected = {SendingState.COMPLETING: (Msg.LOADED, Msg.ROUND_ACK),
+        expected = {SendingState.COMPLETING: (Msg.LOADED, Msg.LOADING, Msg.ROUND_ACK),
                     SendingState.RESUMING: (Msg.RESUMED,)}.get(self.state, (Msg.ROUND_ACK,))
         if self._ack_requested and not self._acked.is_set():
             expected += (Msg.SWITCHOVER_ACK,)
@@ -502,9 +497,11 @@ class Sending:
         if isinstance(payload, Loaded):
             check_round("LOADED", payload.rounds, self._rounds_ended, "rounds")
             self._loaded_report = payload
-            self._loaded_at = time.monotonic()
+            self._finishing.loaded()
             self.state = SendingState.RESUMING
             self._loaded.set()
+        elif isinstance(payload, Loading):
+            self._finishing.loading(payload.steps)
         elif kind is Msg.RESUMED:
             self._resumed.set()
         elif kind is Msg.SWITCHOVER_ACK:

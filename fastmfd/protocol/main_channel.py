@@ -40,7 +40,7 @@ __all__ = [
     "MAIN", "MAIN_MAGIC", "MAIN_VERSION", "MAIN_PREAMBLE", "MESSAGE_HEADER", "MESSAGE_HEADER_SIZE",
     "MAX_CONTROL_PAYLOAD", "MAX_JSON_DEPTH", "OLD_WAY_PREFIX", "OLD_WAY_CHECKSUM", "Msg",
     "RoundEnd", "RoundAck", "PrecopySent", "Complete",
-    "Loaded", "Error", "MainChannel", "encode_message", "decode_message_header",
+    "Loaded", "Loading", "Error", "MainChannel", "encode_message", "decode_message_header",
     "decode_control", "decode_payload", "encode_preamble", "check_preamble", "read_message",
     "read_payload", "expect_message", "old_way_message_size", "old_way_checksum",
     "check_round", "source_failed",
@@ -83,6 +83,8 @@ class Msg(enum.IntEnum):
                             # and destination -> source before it, while preallocating
     PRECOPY_SENT = 13       # source -> destination, switchover_ack: the chunks each device sent live
     SWITCHOVER_ACK = 14     # destination -> source: those chunks are loaded; the source may stop
+    LOADING = 15            # destination -> source, after COMPLETE, in place of KEEPALIVE: its
+                            # steps towards LOADED so far (must grow within stall_timeout)
 
 
 # ---------------------------------------------------------------- payloads
@@ -144,12 +146,33 @@ class Complete:
     channels: list[dict[str, int]]
     device_chunks: list[int]
 
+    # What each side counts of a channel's packets, and must agree on.
+    COUNTED = ("packets", "normal_pages", "zero_pages", "device_packets")
+
+    def check_channels(self, arrived: Callable[[int], dict[str, int]], total: int) -> None:
+        """Each of ``total`` channels' counters as sent against ``arrived(ch)``'s."""
+        for ch in range(total):
+            mine = arrived(ch)
+            theirs = self.channels[ch] if ch < len(self.channels) else {}
+            for key in self.COUNTED:
+                if theirs.get(key) != mine[key]:
+                    raise ProtocolError(f"channel {ch}: the source sent {theirs.get(key)} "
+                                        f"{key.replace('_', ' ')}, {mine[key]} arrived",
+                                        field=key, received=mine[key], expected=theirs.get(key))
+
 
 @dataclass(frozen=True)
 class Loaded:
     """Everything is applied and every device loaded."""
     rounds: int
     load_seconds: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Loading:
+    """Not loaded yet, but moving: ``steps`` grows as the destination drains its
+    channels, loads its devices and writes its regions out."""
+    steps: int
 
 
 @dataclass(frozen=True)
@@ -215,6 +238,7 @@ _DECODERS: dict[Msg, Callable[[dict[str, Any]], Any]] = {
         device_chunks=_CHUNK_COUNTS),
     Msg.LOADED: _typed(Loaded, rounds=(_count, "a round count"),
                        load_seconds=(_seconds, "an object of seconds")),
+    Msg.LOADING: _typed(Loading, steps=(_count, "a step count")),
     Msg.ERROR: _peer_error,
 }
 
