@@ -15,6 +15,7 @@ import datetime
 import os
 import re
 import socket
+import ssl
 import threading
 
 import numpy as np
@@ -23,6 +24,7 @@ import trustme
 
 import fastmfd
 from fastmfd import _core
+from fastmfd._engine.processes import Watch
 from fastmfd.protocol.main_channel import encode_preamble
 from fastmfd.tools.security_options import LOCAL_CLIENT
 from migration_support import Migration, make_region
@@ -362,3 +364,31 @@ def test_each_side_refuses_the_other_sides_check(pki):
         fastmfd.MigrationConfig(tls=pki.source(authz=["someone"]))
     with pytest.raises(fastmfd.ConfigError, match="hostname is the name a source checks"):
         fastmfd.Destination("tcp:127.0.0.1:0", tls=pki.destination(hostname="localhost"))
+
+
+def test_a_watch_sees_what_tls_decrypted_beyond_the_last_read():
+    """Two messages in one TLS record: once the first is read, the second waits
+    decrypted in the SSL object, where no wait on the socket sees it. A source's
+    monitor left a destination's RESUMED there (written with its LOADED) and failed
+    "no RESUMED ... after its LOADED" (a review)."""
+    ca = trustme.CA()
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ca.issue_cert("localhost").configure_cert(server_context)
+    client_context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ca.configure_trust(client_context)
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        box: list[ssl.SSLSocket] = []
+        accepting = threading.Thread(target=lambda: box.append(
+            server_context.wrap_socket(theirs, server_side=True)))
+        accepting.start()
+        with client_context.wrap_socket(ours, server_hostname="localhost") as tls:
+            accepting.join(10)
+            box[0].sendall(b"LOADED+RESUMED")        # one record
+            assert tls.recv(6) == b"LOADED"
+            heard = []
+            watch = Watch(tls)
+            watch.add(tls, lambda: heard.append(tls.recv(100)))
+            watch.poll(10.0)
+            assert heard == [b"+RESUMED"]
+            box[0].close()

@@ -47,6 +47,7 @@ import setproctitle
 from .. import _core
 from ..errors import MigrationError
 from ..protocol.control import Done, Drained, Eof, Failed, Ready, Stop
+from ..protocol.sockets import decrypted_unread
 from . import control_pickling
 from .forkserver_start import (READY_TIMEOUT, ForkServerChild, forkserver_failure,
                                leave_to_the_forkserver, mp_context, stopped_forkserver)
@@ -423,7 +424,12 @@ class Watch:
 
     def poll(self, timeout: float | None) -> None:
         """Wait up to ``timeout`` and handle whatever is ready."""
-        ready = connection.wait(list(self._handlers), timeout)
+        # What TLS decrypted waits in the SSL object, not in the socket: a record
+        # that held two messages leaves the second where no wait sees it.
+        decrypted = [item for item in self._handlers
+                     if isinstance(item, socket.socket) and decrypted_unread(item)]
+        ready = connection.wait(list(self._handlers), 0 if decrypted else timeout)
+        ready = list(dict.fromkeys([*decrypted, *ready]))
         for item in main_first(ready, self.main):
             entry = self._handlers.get(item)
             if entry is None:
