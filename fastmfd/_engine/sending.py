@@ -148,7 +148,9 @@ class Sending:
                 self._wait_for(self._loaded)
             end = time.monotonic()
             # A destination that cannot resume fails the migration: wait for its word.
-            self._wait_for(self._resumed)
+            # Once it is heard the destination runs: nothing after it is a failure.
+            while not self._resumed.wait(0.5):
+                self.failure.check()
         except KeyboardInterrupt as exc:     # Ctrl-C, or the CLI's SIGTERM (which says so)
             self.failure.fail(MigrationError(str(exc) or "interrupted by the user"))
             raise
@@ -503,6 +505,9 @@ class Sending:
         elif isinstance(payload, Loading):
             self._finishing.loading(payload.steps)
         elif kind is Msg.RESUMED:
+            # The destination runs: the migration is over, whatever it sends next
+            # (an ERROR read after it failed a migrate() whose guest ran there).
+            watch.remove(self.main.sock)
             self._resumed.set()
         elif kind is Msg.SWITCHOVER_ACK:
             self._acked.set()
