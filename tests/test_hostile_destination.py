@@ -301,6 +301,34 @@ def test_what_follows_resumed_undoes_nothing(leaks, after):
     leaks.assert_clean()
 
 
+def test_a_destination_that_failed_after_setup_ack_is_named_not_its_closed_listener(leaks):
+    """It sent SETUP_ACK, then its ERROR, and closed its listener (a listen that
+    was stopped): the source, connecting its channels, said "cannot connect ...:
+    Connection refused" (a review)."""
+    def script(d):
+        d.listener.shutdown(socket.SHUT_RDWR)
+        d.listener.close()
+        d.send(Msg.SETUP_ACK)
+        d.send(Msg.ERROR, {"error": "disk full"})
+        d.main.close()
+
+    error, _ = migrate_against(script)
+    assert str(error) == "main channel: the destination failed: disk full"
+    leaks.assert_clean()
+
+
+def test_a_destination_s_error_is_shown_on_one_line_and_bounded(leaks):
+    """Its text was shown whole (up to 16 MiB, newlines kept): a destination could
+    write lines of its choosing into the source's output and logs."""
+    forged = "disk full\nfastmfd send: migrated 1.0 GiB, verified" + "x" * 5000
+    error, _ = migrate_against(_answers((Msg.ERROR, encode_message(
+        Msg.ERROR, {"error": forged}))))
+    text = str(error)
+    assert "the destination failed: disk full\\nfastmfd send: migrated" in text
+    assert "\n" not in text and text.endswith("(4051 more)") and len(text) < 1100
+    leaks.assert_clean()
+
+
 @pytest.mark.parametrize("how", ["cancel", "close"])
 def test_cancel_or_close_while_waiting_for_setup_ack(leaks, how):
     """The handshake's socket is the session's: breaking the session breaks its
@@ -414,6 +442,27 @@ def _answers(*after_complete):
                            + b'{"rounds":1,"load_seconds":{"x": NaN}}  ')),
                  r"main channel LOADED: payload is not JSON \(NaN is not a JSON number",
                  id="loaded-nan"),
+    # A destination sends every ROUND_ACK before its LOADED; LOADED without them,
+    # and load times for devices the session has none of (765k made-up names,
+    # some with escape sequences: kept in the statistics, printed), were taken.
+    pytest.param(lambda d: (d.send(Msg.SETUP_ACK), d.read(), d.read(),
+                            d.send(Msg.LOADED, Loaded(1, {})), d.stop.wait(30)),
+                 r"main channel: LOADED before the ROUND_ACK of round 1",
+                 id="loaded-without-round-ack"),
+    pytest.param(_answers((Msg.LOADED, Loaded(1, {"nic0/0\x1b[2J": 0.1}))),
+                 r"LOADED field 'load_seconds': 'nic0/0\\\\x1b\[2J' is no device of this "
+                 r"session", id="loaded-seconds-of-no-device"),
+    pytest.param(_answers((Msg.LOADED, Loaded(1, {f"d{i}": 0 for i in range(4097)}))),
+                 r"Loaded field 'load_seconds': .*expected an object of at most 4096 seconds",
+                 id="loaded-seconds-of-too-many"),
+    # Held to what each needs, not to SETUP's 16 MiB: parsing 16 MiB of small JSON
+    # keys cost the source 200-440 MiB (a review), before the message was judged.
+    pytest.param(_answers((Msg.KEEPALIVE, _header(Msg.KEEPALIVE, 16 << 20))),
+                 r"main channel KEEPALIVE field 'length': received 16777216, expected <= 4096",
+                 id="keepalive-of-16-mib"),
+    pytest.param(_answers((Msg.LOADED, _header(Msg.LOADED, 16 << 20))),
+                 r"main channel LOADED field 'length': received 16777216, expected <= 4194304",
+                 id="loaded-of-16-mib"),
     pytest.param(_answers((Msg.LOADED, Loaded(1, {"x": -1.0}))),
                  r"Loaded field 'load_seconds': received \{'x': -1.0\}",
                  id="loaded-negative-seconds"),

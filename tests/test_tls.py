@@ -25,7 +25,11 @@ import trustme
 import fastmfd
 from fastmfd import _core
 from fastmfd._engine.processes import Watch
-from fastmfd.protocol.main_channel import encode_preamble
+from fastmfd.protocol import handshake
+from fastmfd.protocol.main_channel import (MESSAGE_HEADER, Msg, decode_message_header,
+                                           encode_message, encode_preamble)
+from fastmfd.protocol.security import ChannelSecurity
+from fastmfd.protocol.sockets import recv_exact
 from fastmfd.tools.security_options import LOCAL_CLIENT
 from migration_support import Migration, make_region
 
@@ -392,3 +396,39 @@ def test_a_watch_sees_what_tls_decrypted_beyond_the_last_read():
             watch.poll(10.0)
             assert heard == [b"+RESUMED"]
             box[0].close()
+
+
+@pytest.mark.parametrize("answer, says", [
+    (encode_message(Msg.ROUND_ACK, {"round": 1}), "received ROUND_ACK, expected SETUP_ACK"),
+    (MESSAGE_HEADER.pack(int(Msg.SETUP_ACK), 2) + b"[]", "SETUP_ACK: payload is not a JSON "
+                                                         "object"),
+])
+def test_a_wrong_answer_in_tls_is_not_called_a_refused_certificate(pki, answer, says):
+    """Over TLS a source told every failure of its SETUP_ACK wait that the
+    destination "ended the TLS connection after the handshake (did it refuse this
+    source's certificate?)": one that answered, wrongly, ended nothing (a review)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def destination():
+        with listener.accept()[0] as sock:
+            greeting = handshake.greet_main_channel(
+                sock, ChannelSecurity(tls=pki.destination(ca=None)))
+            with greeting.sock as tls:
+                recv_exact(tls, decode_message_header(greeting.first_header, 0)[1], "SETUP")
+                tls.sendall(answer)
+                tls.recv(1)                 # until the source is gone
+
+    serving = threading.Thread(target=destination, daemon=True)
+    serving.start()
+    config = fastmfd.MigrationConfig(channels=1, timeout=5.0, tls=pki.source(cert=None,
+                                                                              key=None))
+    try:
+        with make_region("ram", 1 << 20, seed=3) as region, \
+                fastmfd.Source(f"tcp:127.0.0.1:{listener.getsockname()[1]}", config) as source:
+            source.add_region(region)
+            with pytest.raises(fastmfd.MigrationError) as failed:
+                source.migrate(live=False)
+    finally:
+        listener.close()
+        serving.join(10)
+    assert says in str(failed.value) and "certificate" not in str(failed.value)

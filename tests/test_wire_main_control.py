@@ -10,7 +10,7 @@ from fastmfd import MigrationConfig
 from fastmfd.protocol.setup import Setup
 
 from fastmfd.errors import ProtocolError
-from fastmfd.protocol.main_channel import Msg, decode_control, decode_payload
+from fastmfd.protocol.main_channel import MAX_ERROR_CHARS, Msg, decode_control, decode_payload
 
 
 def test_a_json_object_is_returned():
@@ -50,11 +50,14 @@ def test_a_value_nested_as_deep_as_json_allows_is_a_protocol_error(where):
             decode_payload(kind, body)
 
 
-def test_a_peers_error_reaches_the_user_escaped():
-    """The peer's reason is shown to a user: its control characters are escaped
-    (newlines stay: a reason may span lines)."""
+def test_a_peers_error_reaches_the_user_escaped_on_one_line():
+    """The peer's reason is shown to a user: its control characters are escaped,
+    newlines too (one forged a line of the user's output or log), and it is cut
+    at MAX_ERROR_CHARS."""
     body = json.dumps({"error": "bad\x1b[2J\rline\nnext\x07"}).encode()
-    assert decode_payload(Msg.ERROR, body).error == "bad\\x1b[2J\\x0dline\nnext\\x07"
+    assert decode_payload(Msg.ERROR, body).error == "bad\\x1b[2J\\x0dline\\nnext\\x07"
+    long = decode_payload(Msg.ERROR, json.dumps({"error": "y" * 5000}).encode()).error
+    assert long == "y" * MAX_ERROR_CHARS + f"... ({5000 - MAX_ERROR_CHARS} more)"
 
 
 def test_precopy_sent_and_switchover_ack_decode():

@@ -32,6 +32,7 @@ from collections.abc import Iterator
 from typing import Any, Callable, Protocol
 
 from .. import _core
+from ..config import MigrationConfig
 from ..devices import Device, device_key, has_precopy
 from ..errors import Aborted, MigrationError
 from ..protocol.main_channel import OLD_WAY_PREFIX, MainChannel, Msg, old_way_checksum
@@ -42,7 +43,8 @@ Reader = Callable[[memoryview], int]
 Dispatch = Callable[[int, int, int, int], None]
 """Hands a filled pool slot to a channel: ``dispatch(ch, device, slot, length)``."""
 
-__all__ = ["DeviceSaver", "DeviceStream", "OldWaySaver", "save_live", "save_stream"]
+__all__ = ["DeviceSaver", "DeviceStream", "OldWaySaver", "make_saver", "save_live",
+           "save_stream"]
 
 CHUNK_HEADER = _core.CHUNK_HEADER_SIZE
 LEFT_BEHIND_AFTER = 1.0     # seconds a failed session waits for a device's read to return
@@ -394,3 +396,19 @@ class OldWaySaver(_Saver):
     def bytes_sent(self) -> int:
         """Chunk bytes sent on the main channel."""
         return sum(sink.bytes_sent for sink in self._sinks)
+
+
+def make_saver(streams: list[DeviceStream], config: MigrationConfig, main: MainChannel,
+               selector: _core.ChannelSelector, dispatch: Dispatch, failure: SessionFailure,
+               own: Callable[[_core.BufferPool], _core.BufferPool]
+               ) -> tuple[DeviceSaver | OldWaySaver | None, _core.BufferPool | None]:
+    """The saver of a session's ``streams`` (none without devices): the new way's,
+    with its pool of chunk slots (made sparse, given to ``own``), or the old way's."""
+    if not streams:
+        return None, None
+    chunk, stall = config.device_chunk_size, config.stall_timeout
+    if not config.channel_header:
+        return OldWaySaver(streams, main, chunk, config.checksum, failure, stall), None
+    pool = own(_core.BufferPool.create(max(4, 2 * len(streams) + config.total_channels),
+                                       chunk + CHUNK_HEADER, tag="source-pool", sparse=True))
+    return DeviceSaver(streams, pool, selector, dispatch, failure, chunk, stall), pool

@@ -59,7 +59,7 @@ from .liveness import (DestinationFinishing, Heartbeat, Progress, bytes_waiting,
                        process_stopped, set_stall_timeout, stall_error, tick)
 from .processes import ChildSet, Watch
 from .progress import RoundProgress
-from .saving import DeviceSaver, DeviceStream, OldWaySaver
+from .saving import DeviceSaver, DeviceStream, OldWaySaver, make_saver
 from .session import Hook, SessionFailure, SessionResources, break_session, call_hook
 from .status import StatusBoard
 
@@ -195,18 +195,18 @@ class Sending:
         sock = handshake.open_main_channel(sock, self._security, setup, cfg.channel_header,
                                            str(parts.address))
         self.main = MainChannel(sock)
-
-        if parts.devices and cfg.channel_header:
-            nslots = max(4, 2 * len(parts.devices) + cfg.total_channels)
-            self._pool = parts.resources.own(_core.BufferPool.create(
-                nslots, cfg.device_chunk_size + _core.CHUNK_HEADER_SIZE, tag="source-pool",
-                sparse=True))
+        self._saver, self._pool = make_saver(self._streams, cfg, self.main,
+                                             parts.device_selector, self._device_command,
+                                             self.failure, parts.resources.own)
         # The channels connect within one timeout, together: each had its own, and a
         # destination taking one connection every few seconds stretched the
         # connecting (with the stall deadlines not yet watched) to channels x that.
         connected_by = time.monotonic() + cfg.timeout
         for ch, worker in enumerate(parts.workers):
-            data = connect(parts.address, max(0.0, connected_by - time.monotonic()))
+            try:
+                data = connect(parts.address, max(0.0, connected_by - time.monotonic()))
+            except MigrationError as exc:   # a destination that failed has said why
+                raise handshake.error_left(sock, MAIN, "the destination failed") or exc
             parts.resources.sockets.append(data)
             tune_data_socket(data)
             set_stall_timeout(data, cfg.stall_timeout)
@@ -224,14 +224,6 @@ class Sending:
         self._monitor = threading.Thread(target=self._watch, name="fastmfd source monitor",
                                          daemon=True)
         self._monitor.start()
-        if self._streams and cfg.channel_header:
-            assert self._pool is not None, "made above, for these devices"
-            self._saver = DeviceSaver(self._streams, self._pool, parts.device_selector,
-                                      self._device_command, self.failure,
-                                      cfg.device_chunk_size, cfg.stall_timeout)
-        elif self._streams:
-            self._saver = OldWaySaver(self._streams, self.main, cfg.device_chunk_size,
-                                      cfg.checksum, self.failure, cfg.stall_timeout)
         self.state = SendingState.LIVE
 
     @property
@@ -497,7 +489,8 @@ class Sending:
                                 f"while {self.state.value}", field="type", received=kind.name,
                                 expected=" or ".join(m.name for m in expected))
         if isinstance(payload, Loaded):
-            check_round("LOADED", payload.rounds, self._rounds_ended, "rounds")
+            payload.check(self._rounds_ended, self._rounds_acked,
+                          [stream.name for stream in self._streams])
             self._loaded_report = payload
             self._finishing.loaded()
             self.state = SendingState.RESUMING

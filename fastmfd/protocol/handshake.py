@@ -33,13 +33,13 @@ from .. import _core
 from ..errors import MigrationError, ProtocolError, SecurityError, TLSError, peer_words
 from .main_channel import (MAIN, MAIN_MAGIC, MAIN_VERSION, MESSAGE_HEADER,
                            MESSAGE_HEADER_SIZE, Msg, decode_message_header, decode_payload,
-                           encode_message, encode_preamble, expect_message)
+                           encode_message, encode_preamble, error_message, expect_message)
 from .security import (MAIN_CHANNEL_ID, ChannelSecurity, Stream, TLSConfig, check_authz,
                        check_key_proof, identities_of, is_tls_record, prove_key,
                        tls_connect, tls_handshake)
 from .qemu import QEVM_MAGIC
 from .setup import Setup
-from .sockets import recv_exact, send_all
+from .sockets import ConnectionClosed, recv_exact, send_all
 
 TELL_SECONDS = 0.5             # how long a refused peer is given to read why
 TELL_DRAIN_BYTES = 1 << 20
@@ -47,7 +47,8 @@ MAX_REFUSAL = 64 << 10         # the longest ERROR read during the shared-key pr
 
 __all__ = ["ChannelHello", "SocketStream", "TLSStream", "read_hello", "main_channel_start",
            "channel_start", "open_main_channel", "open_channel", "MainGreeting",
-           "greet_main_channel", "refuse_on_arrival", "greet_channel", "tls_accept", "check_channel"]
+           "greet_main_channel", "refuse_on_arrival", "greet_channel", "tls_accept", "check_channel",
+           "error_left"]
 
 
 # ---------------------------------------------------------------- streams
@@ -216,10 +217,12 @@ def open_main_channel(sock: socket.socket, security: ChannelSecurity, setup: Set
                                  f"destination takes `fastmfd send --qemu`)",
                                  channel=where) from exc
     except (MigrationError, ProtocolError) as exc:
-        # A connection lost, not a verdict of this side's own or the peer's:
-        # the destination may have refused it.
-        lost = not isinstance(exc, SecurityError) and getattr(exc, "side", None) is None
-        refusal = _refusal_left(sock, where) if lost and security.tls is None else None
+        # A connection that ended or broke, not a verdict of this side's own or
+        # the peer's (nor a timeout, nor a message judged wrong): the destination
+        # may have refused it.
+        lost = _connection_lost(exc)
+        refusal = (error_left(sock, where, "the destination refused")
+                   if lost and security.tls is None else None)
         sock.close()
         if refusal is not None:
             raise refusal from exc
@@ -238,10 +241,20 @@ def open_main_channel(sock: socket.socket, security: ChannelSecurity, setup: Set
     return sock
 
 
-def _refusal_left(sock: socket.socket, where: str) -> MigrationError | None:
+def _connection_lost(exc: MigrationError | ProtocolError) -> bool:
+    """Whether ``exc`` says the connection ended or broke (a read or a send's
+    OSError, not its timeout)."""
+    context = exc.__context__
+    return isinstance(exc, ConnectionClosed) or (
+        type(exc) is MigrationError and exc.side is None and isinstance(context, OSError)
+        and not isinstance(context, TimeoutError))
+
+
+def error_left(sock: socket.socket, where: str, says: str) -> MigrationError | None:
     """The ERROR a destination left before it closed the connection, when one is
-    there to read: a source still sending its greeting then meets a closed
-    connection (refuse_on_arrival) before it reads why. None if none is. (It
+    there to read, as "``says``: its words": a source still sending its greeting
+    then meets a closed connection (refuse_on_arrival) before it reads why, and
+    one connecting its channels a listener that closed. None if none is. (It
     came before the end of the connection that failed the source, so it is
     read at once, or not there.)"""
     def refusal(kind: Msg, length: int) -> None:
@@ -252,8 +265,8 @@ def _refusal_left(sock: socket.socket, where: str) -> MigrationError | None:
                                    refusal)
     except (MigrationError, ProtocolError, OSError):
         return None
-    return MigrationError(f"the destination refused: {decode_payload(kind, body).error}",
-                          channel=where, side="peer")
+    return MigrationError(f"{says}: {decode_payload(kind, body).error}", channel=where,
+                          side="peer")
 
 
 def open_channel(sock: socket.socket, security: ChannelSecurity, hello: bytes, uuid: bytes,
@@ -442,7 +455,7 @@ def _tell(sock: socket.socket, error: BaseException) -> None:
     bytes resets the connection, and a reset can overtake the ERROR."""
     try:
         sock.settimeout(TELL_SECONDS)
-        sock.sendall(encode_message(Msg.ERROR, {"error": str(error)}))
+        sock.sendall(error_message(error))
         deadline = time.monotonic() + TELL_SECONDS
         drained = 0
         while drained < TELL_DRAIN_BYTES and time.monotonic() < deadline:
@@ -465,7 +478,7 @@ def refuse_on_arrival(sock: socket.socket, reason: str, plaintext: bool) -> None
     try:
         sock.setblocking(False)
         if plaintext:
-            sock.send(encode_message(Msg.ERROR, {"error": reason}))
+            sock.send(error_message(reason))
         sock.shutdown(socket.SHUT_WR)
         drained = 0
         while drained < TELL_DRAIN_BYTES:

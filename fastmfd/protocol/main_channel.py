@@ -26,10 +26,10 @@ import threading
 import time
 import zlib
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Collection, TypeVar
 
 from .. import _core
-from ..errors import MigrationError, ProtocolError, printable
+from ..errors import MigrationError, ProtocolError, peer_words
 from .setup import MAX_CHANNELS, MAX_DEVICES, Setup
 from .sockets import recv_exact, send_all
 
@@ -38,9 +38,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MAIN", "MAIN_MAGIC", "MAIN_VERSION", "MAIN_PREAMBLE", "MESSAGE_HEADER", "MESSAGE_HEADER_SIZE",
-    "MAX_CONTROL_PAYLOAD", "MAX_JSON_DEPTH", "OLD_WAY_PREFIX", "OLD_WAY_CHECKSUM", "Msg",
+    "MAX_CONTROL_PAYLOAD", "MAX_SMALL_PAYLOAD", "MAX_ERROR_CHARS", "MAX_JSON_DEPTH", "OLD_WAY_PREFIX", "OLD_WAY_CHECKSUM", "Msg",
     "RoundEnd", "RoundAck", "PrecopySent", "Complete",
-    "Loaded", "Loading", "Error", "MainChannel", "encode_message", "decode_message_header",
+    "Loaded", "Loading", "Error", "MainChannel", "encode_message", "error_message", "decode_message_header",
     "decode_control", "decode_payload", "encode_preamble", "check_preamble", "read_message",
     "read_payload", "expect_message", "old_way_message_size", "old_way_checksum",
     "check_round", "source_failed",
@@ -55,6 +55,8 @@ MAIN_PREAMBLE = struct.Struct(">II")
 MESSAGE_HEADER = struct.Struct(">II")
 MESSAGE_HEADER_SIZE = MESSAGE_HEADER.size
 MAX_CONTROL_PAYLOAD = 16 << 20     # bound on any JSON message a peer can make us read
+MAX_SMALL_PAYLOAD = 4 << 10        # ... and on those that carry {} or a number or two
+MAX_ERROR_CHARS = 1000             # an ERROR's text, as sent and as shown
 MAX_AUTH_PAYLOAD = 64              # a UUID, a nonce, a nonce and a proof, or a proof
 MAX_JSON_DEPTH = 32                # nesting of a control payload (SETUP's is 3): deeper ones
                                    # would not even fit an error message (repr recursion)
@@ -167,6 +169,21 @@ class Loaded:
     rounds: int
     load_seconds: dict[str, float]
 
+    def check(self, rounds: int, acked: int, devices: Collection[str]) -> None:
+        """Against what the source knows: the ``rounds`` it ended, each acknowledged
+        (a destination sends every ROUND_ACK before LOADED), and a load time only
+        for its ``devices`` (names kept in its statistics and printed)."""
+        check_round("LOADED", self.rounds, rounds, "rounds")
+        if acked != rounds:
+            raise ProtocolError(f"main channel: LOADED before the ROUND_ACK of round "
+                                f"{acked + 1}", field="rounds", received=acked, expected=rounds)
+        unknown = set(self.load_seconds) - set(devices)
+        if unknown:
+            raise ProtocolError(f"main channel: LOADED field 'load_seconds': "
+                                f"{peer_words(min(unknown), 80)!r} is no device of this "
+                                f"session", field="load_seconds", received=len(unknown),
+                                expected=sorted(devices)[:8])
+
 
 @dataclass(frozen=True)
 class Loading:
@@ -193,7 +210,7 @@ def _counters(value: Any) -> bool:
 
 
 def _seconds(value: Any) -> bool:
-    return isinstance(value, dict) and all(
+    return isinstance(value, dict) and len(value) <= MAX_DEVICES and all(
         isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < _MAX_SECONDS
         for v in value.values())
 
@@ -216,9 +233,15 @@ def _typed(cls: type[_Payload],
 
 
 def _peer_error(value: dict[str, Any]) -> Error:
-    """The peer's reason, its control characters escaped: it is shown to a user."""
+    """The peer's reason as it is shown to a user: its control characters escaped,
+    on one line (a newline would forge a line of a log), at most MAX_ERROR_CHARS."""
     error = _typed(Error, error=(lambda v: isinstance(v, str), "a string"))(value)
-    return Error(printable(error.error))
+    return Error(peer_words(error.error, MAX_ERROR_CHARS))
+
+
+def error_message(error: BaseException | str) -> bytes:
+    """The ERROR that tells the peer ``error``: at most MAX_ERROR_CHARS of it."""
+    return encode_message(Msg.ERROR, Error(str(error)[:MAX_ERROR_CHARS]))
 
 
 # Per device, a chunk count (COMPLETE, PRECOPY_SENT).
@@ -237,7 +260,7 @@ _DECODERS: dict[Msg, Callable[[dict[str, Any]], Any]] = {
                   and all(map(_counters, v)), f"at most {MAX_CHANNELS} counter objects"),
         device_chunks=_CHUNK_COUNTS),
     Msg.LOADED: _typed(Loaded, rounds=(_count, "a round count"),
-                       load_seconds=(_seconds, "an object of seconds")),
+                       load_seconds=(_seconds, f"an object of at most {MAX_DEVICES} seconds")),
     Msg.LOADING: _typed(Loading, steps=(_count, "a step count")),
     Msg.ERROR: _peer_error,
 }
@@ -291,6 +314,20 @@ def encode_message(kind: Msg, payload: Any = None) -> bytes:
     return MESSAGE_HEADER.pack(int(kind), len(body)) + body
 
 
+# What each message's payload may be: what its largest legitimate one needs. A
+# peer's JSON costs the reader objects many times its size while it is parsed
+# (a review measured 200-440 MiB for 16 MiB of small keys), so the messages a
+# destination sends, all small, are held to their size, not to SETUP's.
+_PAYLOAD_LIMITS = {
+    Msg.SETUP: MAX_CONTROL_PAYLOAD,     # up to 4096 regions and 4096 devices, named
+    Msg.LOADED: 4 << 20,                # a load time per device (4096 named at most)
+    Msg.COMPLETE: 1 << 20,              # counters per channel, chunks per device
+    Msg.PRECOPY_SENT: 1 << 20,          # chunks per device
+    Msg.ERROR: 64 << 10,                # MAX_ERROR_CHARS, each up to 12 bytes escaped
+    Msg.AUTH: MAX_AUTH_PAYLOAD,
+}
+
+
 def decode_message_header(data: Buffer, max_payload: int) -> tuple[Msg, int]:
     """Validate a message header; return ``(type, payload length)``."""
     kind, length = MESSAGE_HEADER.unpack(data)
@@ -300,8 +337,8 @@ def decode_message_header(data: Buffer, max_payload: int) -> tuple[Msg, int]:
         raise ProtocolError(f"main channel field 'type': received {kind}, expected one of "
                             f"{[int(m) for m in Msg]}", field="type", received=kind,
                             expected="a message type") from None
-    limit = {Msg.DEVICE_STATE: max_payload, Msg.AUTH: MAX_AUTH_PAYLOAD}.get(msg,
-                                                                          MAX_CONTROL_PAYLOAD)
+    limit = max_payload if msg is Msg.DEVICE_STATE else _PAYLOAD_LIMITS.get(msg,
+                                                                          MAX_SMALL_PAYLOAD)
     if length > limit:
         raise ProtocolError(f"main channel {msg.name} field 'length': received {length}, "
                             f"expected <= {limit}", field="length", received=length,
@@ -439,7 +476,7 @@ class MainChannel:
             return
         try:
             self.sock.settimeout(ERROR_TIMEOUT)
-            self._write(Msg.ERROR, encode_message(Msg.ERROR, Error(str(error))))
+            self._write(Msg.ERROR, error_message(error))
         except Exception:
             pass
         finally:
