@@ -567,6 +567,26 @@ cdef class DirtyBitmap(_SharedStructure):
                     k += 1
         return result[:k].copy()
 
+    def unmarked_with_data(self, const uint8_t[::1] memory, size_t page_size):
+        """``(count, first)``: the pages not marked whose bytes in ``memory`` (what
+        the bitmap covers) are not all zero, and the first of them (-1 if none)."""
+        cdef uint64_t page, npages, count = 0
+        cdef int64_t first = -1
+        self.check_open()
+        npages = self.hdr.npages
+        if <uint64_t>memory.shape[0] < npages * page_size:
+            raise ValueError(f"{memory.shape[0]} bytes hold fewer than the bitmap's "
+                             f"{npages} pages of {page_size}")
+        with nogil:
+            for page in range(npages):
+                if (fm_load64(&self.words[page >> 6]) >> (page & 63)) & 1:
+                    continue
+                if not fm_buffer_is_zero(&memory[0] + page * page_size, page_size):
+                    if first < 0:
+                        first = page
+                    count += 1
+        return count, first
+
     def mark_pages(self, pages):
         """Mark every page index in ``pages`` (any integer array-like) dirty."""
         cdef uint64_t[::1] idx = np.ascontiguousarray(pages, dtype=np.uint64)

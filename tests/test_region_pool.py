@@ -4,10 +4,13 @@ leave exactly its own image in it, zero pages included."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
 import fastmfd
+from fastmfd._engine import sending
 from fastmfd.shm import list_segments
 from migration_support import PAGE, Migration, fill_pages, first_difference, make_region
 
@@ -107,3 +110,30 @@ def test_region_pool_is_checked():
         fastmfd.RegionPool(max_bytes=-1)
     with pytest.raises(TypeError, match="region_pool"):
         fastmfd.Destination("tcp:127.0.0.1:0", region_pool=object())
+
+
+def test_a_source_that_leaves_pages_out_is_refused_not_given_the_last_session_s_bytes(
+        leaks, monkeypatch):
+    """A pooled region holds the last session's bytes until round 1 brings every
+    page: a source that left pages out (here every odd one) had the next
+    session's result hold them, and both sides succeed (a review)."""
+    old, new = _images()
+    config = fastmfd.MigrationConfig(channels=2)
+    dispatch = sending.Sending._dispatch_region
+    odd_with_data = np.flatnonzero(old.array.reshape(-1, PAGE)[1::2].any(axis=1)) * 2 + 1
+    try:
+        with fastmfd.RegionPool(max_bytes=64 * MIB) as pool:
+            _receive(pool, old, config)
+            monkeypatch.setattr(sending.Sending, "_dispatch_region",
+                                lambda self, index, pages: dispatch(self, index, pages[::2]))
+            with Migration(config, region_pool=pool) as m:
+                m.source.add_region(new)
+                outcome = m.run()
+    finally:
+        old.close()
+        new.close()
+    assert re.fullmatch(rf"region 'ram': {len(odd_with_data)} page\(s\) never sent \(the first: "
+                        rf"page {odd_with_data[0]}\) "
+                        rf"still hold what the region held before this session",
+                        str(outcome.dest_error)), outcome.dest_error
+    assert "the destination failed: region 'ram'" in str(outcome.source_error)

@@ -62,7 +62,8 @@ from .open_files import DESTINATION_PER_CHANNEL, check_session_files, check_work
 from .prealloc import preallocate
 from .processes import Child, ChildSet, Watch
 from .session import SessionFailure, SessionResources, break_session
-from .session_regions import RegionFactory, make_session_regions, places_pages
+from .session_regions import (RegionFactory, check_every_page_came, make_session_regions,
+                              places_pages)
 
 __all__ = ["Receiving", "ReceivingState", "DestinationParts"]
 
@@ -126,9 +127,8 @@ class Receiving:
         self._drained: set[int] = set()
         self._sync_count: dict[int, int] = {}
         self._synced: dict[int, int] = {}       # channel id -> the last SYNC it reached
-        self._round_end = 0
+        self._round_end = self._released = 0    # the last ROUND_END heard, round released
         self._precopy_sent = False              # PRECOPY_SENT came (once per session)
-        self._released = 0
         self._complete: Complete | None = None
         self._ram_loaded = False                # every RAM channel drained, last round released
         self._watch: Watch | None = None
@@ -530,6 +530,7 @@ class Receiving:
         if self._devices is not None:
             self._devices.check_totals(self._complete.device_chunks)
         self._complete.check_channels(self._counters.read, self.setup.total_channels)
+        check_every_page_came(self.regions, self._fresh)
         for region in self.regions:     # success means durable: the files first, then LOADED
             try:
                 region.flush()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Callable, Protocol
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ProtocolError
 from ..protocol.setup import RegionSpec, Setup
 from ..region_pool import RegionPool
 from ..regions import Region
@@ -20,7 +20,7 @@ from ..shm import SHM_DIR, free_bytes
 from .session import SessionResources
 
 __all__ = ["RegionFactory", "RegionParts", "SessionRegions", "make_session_regions",
-           "places_pages", "check_writable"]
+           "places_pages", "check_writable", "check_every_page_came"]
 
 RegionFactory = Callable[[str, int, int], Region]
 
@@ -133,3 +133,20 @@ def check_writable(region: Region, where: str) -> None:
     if region.read_only:
         raise ConfigError(f"{where}: region {region.name!r} is read-only (Region.read_only): "
                           f"a destination writes into its regions")
+
+
+def check_every_page_came(regions: list[Region], fresh: list[bool]) -> None:
+    """A region that held bytes before this session (the pool's, the user's) must
+    have been sent every page: round 1 brings each, as data or as a zero page
+    (cleared where it held data). A page never written that holds data holds
+    what was there before: another session's bytes, from a pooled region, which
+    a source that left pages out made the next one's result (a review)."""
+    for region, new in zip(regions, fresh):
+        if new:
+            continue                    # created empty: a page never sent is zero
+        count, first = region.dirty.unmarked_with_data(region.buffer, region.page_size)
+        if count:
+            raise ProtocolError(f"region {region.name!r}: {count} page(s) never sent (the "
+                                f"first: page {first}) still hold what the region held "
+                                f"before this session", field="pages", received=count,
+                                expected="every page sent in round 1")
