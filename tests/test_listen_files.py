@@ -487,6 +487,35 @@ def test_max_sessions_serves_migrations_one_after_another(tmp_path, image):
         assert (out / name / "ram.img").read_bytes() == image.read_bytes()
 
 
+def test_a_session_never_takes_a_directory_of_its_uuid_that_exists(tmp_path):
+    """A session's directory is its uuid, which the source picks: a second source
+    sending the first one's uuid wrote into its directory, and with --force
+    replaced its save (a review). Now a session's directory must be new."""
+    out = tmp_path / "out"
+    first, second = make_region("ram", 16 * PAGE, seed=3), make_region("ram", 16 * PAGE, seed=4)
+    try:
+        with Listener(out, "--max-sessions", "2", "--force") as listener:
+            for region in (first, second):
+                source = fastmfd.Source(listener.address)
+                source.uuid = bytes(range(16))      # (before it starts)
+                with source:
+                    source.add_region(region)
+                    if region is second:
+                        with pytest.raises(fastmfd.MigrationError, match=re.escape(
+                                f"session directory {out / bytes(range(16)).hex()}: exists "
+                                f"already")):
+                            source.migrate(live=False)
+                    else:
+                        source.migrate(live=False)
+            status, err = listener.finish()
+        saved = (out / bytes(range(16)).hex() / "ram.img").read_bytes()
+        assert status == 1 and err.count("session failed:") == 1, err
+        assert saved == first.buffer.tobytes()
+    finally:
+        first.close()
+        second.close()
+
+
 def test_a_region_file_whose_mapping_fails_is_removed_by_abort(tmp_path, monkeypatch):
     """The .part file is the listener's from the moment it is created: when mapping
     it fails (a full /dev/shm), abort() removes it (found in review: its identity

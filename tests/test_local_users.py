@@ -179,6 +179,31 @@ def test_a_sticky_directory_and_one_made_under_a_lax_umask_are_taken(shared_dir,
     assert sorted(os.listdir(out)) == ["manifest.json", "ram.img"]
 
 
+def test_a_session_directory_another_user_planted_as_a_link_is_not_followed(shared_dir,
+                                                                            tmp_path):
+    """In a sticky DIR (/tmp) another user may make DIR/<uuid>, the name of the
+    directory a session of that uuid (the source's choice) is received into: made
+    a link to a directory of the listener's user, the session's files went there
+    (a review)."""
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    uuid = bytes(range(16))
+    planted = os.path.join(shared_dir, uuid.hex())
+    os.symlink(private, planted)
+    os.lchown(planted, NOBODY, NOBODY)
+    with Listener(shared_dir, "--max-sessions", "2") as listener:
+        source = fastmfd.Source(listener.address)
+        source.uuid = uuid                  # (before it starts)
+        with source, fastmfd.Region.create("ram", 16 * PAGE) as region:
+            source.add_region(region)
+            with pytest.raises(fastmfd.MigrationError, match="exists already"):
+                source.migrate(live=False)
+        sent = run_cli("send", listener.address, _image(str(tmp_path)), "--quiet")
+        assert sent.returncode == 0, sent.stderr        # the next session goes on
+        assert listener.finish()[0] == 1
+    assert os.listdir(private) == [] and os.path.islink(planted)
+
+
 _CONNECT = "import socket, sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1])"
 
 

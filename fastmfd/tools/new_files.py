@@ -19,7 +19,8 @@ import stat
 
 from ..errors import ConfigError
 
-__all__ = ["rename_without_replacing", "make_directories", "remove_directories_made",
+__all__ = ["rename_without_replacing", "make_directories", "make_new_directory",
+           "remove_directories_made",
            "check_new_file", "try_making_a_file", "write_durably", "write_new_file"]
 
 _RENAME_NOREPLACE = 1
@@ -55,6 +56,15 @@ def make_directories(path: str) -> list[str]:
         except FileNotFoundError:
             continue
     return _make_directories(path)
+
+
+def make_new_directory(path: str) -> list[str]:
+    """Make the directory ``path``, which must not exist (FileExistsError: a name
+    there already, even a link to a directory, is not taken), fsynced into its
+    parent; returns ``[path]``, what it made."""
+    os.mkdir(path, 0o755)
+    _fsync_directory(os.path.dirname(path) or ".")
+    return [path]
 
 
 def _make_directories(path: str) -> list[str]:

@@ -50,8 +50,8 @@ from ..protocol.setup import Setup
 from ..regions import Region, check_huge_pages
 from ..shm import file_identity
 from ..units import format_bytes
-from .new_files import (make_directories, remove_directories_made, rename_without_replacing,
-                        try_making_a_file, write_durably)
+from .new_files import (make_directories, make_new_directory, remove_directories_made,
+                        rename_without_replacing, try_making_a_file, write_durably)
 from .warm_files import WarmFiles
 
 __all__ = ["OutputDir", "SavedFiles", "output_name", "check_writable", "check_only_yours", "MANIFEST",
@@ -201,7 +201,11 @@ class OutputDir:
 
     def __init__(self, path: str | os.PathLike[str], *, force: bool = False,
                  keep_partial: bool = False, max_bytes: int | None = None,
-                 warm: WarmFiles | None = None, huge_pages: bool = False) -> None:
+                 warm: WarmFiles | None = None, huge_pages: bool = False,
+                 new: bool = False) -> None:
+        """``new``: ``path`` must not exist (a session's own directory: one there
+        already, another session's of the same uuid or a link another user put
+        there, is refused, never written into)."""
         self.path = os.fspath(path)
         self.force, self.keep_partial, self.max_bytes = force, keep_partial, max_bytes
         self.committed = False
@@ -210,9 +214,14 @@ class OutputDir:
         try:
             # What abort() removes again if it is left empty: a failed migration
             # leaves no directory behind that it made (a session's, or --dir's).
-            self._made = make_directories(self.path)
-            self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            self._made = (make_new_directory if new else make_directories)(self.path)
+            self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+                              | (os.O_NOFOLLOW if new else 0))
         except (NotADirectoryError, FileExistsError):
+            if new:
+                raise ConfigError(f"session directory {self.path}: exists already (a "
+                                  f"session of this uuid was received before, or another "
+                                  f"put it there): refused, not written into") from None
             raise ConfigError(f"output directory {self.path}: exists and is not a "
                               f"directory") from None
         except OSError as exc:

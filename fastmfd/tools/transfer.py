@@ -156,9 +156,9 @@ def listen_once(address: str | socket.socket, directory: str, *, per_session: bo
     directory's file system gives none); ``warm``:
     where faulted-in files may come from. ``address`` may be a socket already
     listening (see :func:`listen_sessions`)."""
-    def output_dir(path: str) -> OutputDir:
+    def output_dir(path: str, new: bool = False) -> OutputDir:
         return OutputDir(path, force=force, keep_partial=keep_partial, max_bytes=max_size,
-                         warm=warm, huge_pages=huge_pages)
+                         warm=warm, huge_pages=huge_pages, new=new)
 
     out = None if per_session else output_dir(directory)
 
@@ -182,7 +182,7 @@ def listen_once(address: str | socket.socket, directory: str, *, per_session: bo
                          format_bytes(sum(r.size for r in setup.regions)), len(setup.devices),
                          setup.channels, setup.compression)
                 if out is None:
-                    out = output_dir(os.path.join(directory, setup.uuid.hex()))
+                    out = output_dir(os.path.join(directory, setup.uuid.hex()), new=True)
                 out.plan(setup)
                 for device in setup.devices:
                     dst.add_loader(*device.key, out.loader(device.key))
