@@ -129,3 +129,34 @@ def test_send_status_json_streams_the_status(tmp_path):
     assert last["transferred"] >= box["result"].stats.wire_bytes
     assert all(line["status"] in ("none", "setup", "active", "device", "completed")
                for line in lines)
+
+
+def test_a_save_taken_away_once_committed_is_still_reported(tmp_path, capsys):
+    """A consumer may take a save away as soon as its manifest.json is there (the
+    README's sign of a complete save): the report looked each file's size up
+    after the session, and the FileNotFoundError ended a --forever listener (a
+    review). The sizes are the ones committed."""
+    import json
+    from fastmfd.tools import cli
+    from rich.console import Console
+    (tmp_path / "ram.img").write_bytes(os.urandom(16 * PAGE))
+    listening = threading.Event()
+    box = {}
+
+    def listen():
+        box["result"], box["files"] = listen_once(
+            f"unix:{tmp_path}/sock", str(tmp_path / "out"), timeout=30,
+            on_listening=lambda address: listening.set())
+
+    thread = threading.Thread(target=listen)
+    thread.start()
+    assert listening.wait(30)
+    done = run_cli("send", f"unix:{tmp_path}/sock", str(tmp_path / "ram.img"), "--quiet")
+    thread.join(60)
+    assert done.returncode == 0, done.stderr
+    (tmp_path / "out").rename(tmp_path / "taken")
+    cli._report_session(Console(stderr=True), box["result"], box["files"], as_json=True)
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["sizes"] == {str(tmp_path / "out" / "ram.img"): 16 * PAGE,
+                                str(tmp_path / "out" / "manifest.json"):
+                                    (tmp_path / "taken" / "manifest.json").stat().st_size}

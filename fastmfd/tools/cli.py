@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import signal
 import sys
 import threading
@@ -163,13 +162,12 @@ def _report_session(console: Console, result: DestinationResult, files: SavedFil
 
 def _print_files(console: Console, files: SavedFiles) -> None:
     for what, path in files.listed():
-        console.print(f"{what} -> {path} ({format_bytes(os.path.getsize(path))})")
+        console.print(f"{what} -> {path} ({format_bytes(files.sizes[path])})")
 
 
 def _files_json(files: SavedFiles) -> dict[str, Any]:
     """--json's "files" (by kind) and "sizes" (by path: a path names one file)."""
-    return {"files": files.as_json(),
-            "sizes": {path: os.path.getsize(path) for _, path in files.listed()}}
+    return {"files": files.as_json(), "sizes": files.sizes}
 
 
 def _refuse_with_qemu(args: argparse.Namespace, options: dict[str, str]) -> None:

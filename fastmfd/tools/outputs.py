@@ -68,6 +68,9 @@ class SavedFiles:
     devices: dict[tuple[str, int], str]     # (idstr, instance_id) -> path
     streams: dict[str, str]                 # QEMU: "vmstate" -> path
     manifest: str
+    # Path -> bytes, as committed: a consumer may take a save away once its
+    # manifest is there, before a listener reports it (a --forever one died of it).
+    sizes: dict[str, int]
 
     def listed(self) -> list[tuple[str, str]]:
         """(what, path) for each file, in the order a person reads them."""
@@ -117,6 +120,7 @@ class _Output:
     entry: dict[str, Any]
     final: str
     identity: tuple[int, int] | None = None
+    size: int = 0                           # its bytes, as committed
 
     @property
     def part(self) -> str:
@@ -396,9 +400,14 @@ class OutputDir:
         if self.force:
             self._retire_manifest()
         for out in self._outputs():
-            if self._identity(out.part) != out.identity:
+            try:
+                st = os.stat(out.part, dir_fd=self.fd, follow_symlinks=False)
+            except FileNotFoundError:
+                st = None
+            if st is None or (st.st_dev, st.st_ino) != out.identity:
                 raise OutputError(f"{self._show(out.part)} was replaced while the "
                                   f"migration was received")
+            out.size = st.st_size       # (the save may be taken away once committed)
             try:
                 if self.force:
                     os.rename(out.part, out.final, src_dir_fd=self.fd, dst_dir_fd=self.fd)
@@ -496,13 +505,14 @@ class OutputDir:
 
     # ------------------------------------------------------------ helpers
     def files(self) -> SavedFiles:
-        """The final paths of what this save holds."""
+        """The final paths of what this save holds, and their sizes as committed."""
         def path(out: _Output) -> str:
             return os.path.join(self.path, out.final)
         return SavedFiles(regions={name: path(o) for name, o in self.regions.items()},
                           devices={key: path(o) for key, o in self.devices.items()},
                           streams={key: path(o) for key, o in self.streams.items()},
-                          manifest=path(self.manifest))
+                          manifest=path(self.manifest),
+                          sizes={path(o): o.size for o in self._outputs()})
 
     def _outputs(self) -> list[_Output]:
         return [*self.regions.values(), *self.devices.values(), *self.streams.values(),
