@@ -24,7 +24,8 @@ import re
 from typing import Self
 
 __all__ = ["FastMFDError", "ConfigError", "ListenError", "ProtocolError", "TLSError",
-           "MigrationError", "SecurityError", "ConnectError", "OutputError", "Aborted",
+           "MigrationError", "SecurityError", "ConnectError", "NoSourceError", "OutputError",
+           "Aborted",
            "printable", "peer_words"]
 
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
@@ -124,6 +125,11 @@ class ConnectError(MigrationError, ConnectionError):
 
     def __reduce__(self) -> tuple[type[Self], tuple[str | None, int | None]]:
         return type(self), (self.cause, self.errno)
+
+
+class NoSourceError(MigrationError, TimeoutError):
+    """No source came within a destination's ``timeout`` (none passed its
+    greeting): nothing was received, no session began."""
 
 
 class OutputError(MigrationError):

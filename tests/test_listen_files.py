@@ -16,6 +16,7 @@ import os
 import re
 import signal
 import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -487,6 +488,20 @@ def test_max_sessions_serves_migrations_one_after_another(tmp_path, image):
         assert (out / name / "ram.img").read_bytes() == image.read_bytes()
 
 
+def test_a_wait_no_source_came_in_is_no_session(tmp_path, image):
+    """With several sessions, each --timeout that passed with no source counted
+    as a failed session: an idle --forever listener said "session failed" each
+    hour, and used up --max-sessions with exit status 1 (a review)."""
+    out = tmp_path / "out"
+    with Listener(out, "--max-sessions", "2", "--timeout", "0.3") as listener:
+        time.sleep(1.5)                     # five waits, no source
+        for _ in range(2):
+            assert send(listener, str(image)).returncode == 0
+        status, err = listener.finish()
+    assert status == 0 and "session failed" not in err, err
+    assert len(os.listdir(out)) == 2
+
+
 def test_a_session_never_takes_a_directory_of_its_uuid_that_exists(tmp_path):
     """A session's directory is its uuid, which the source picks: a second source
     sending the first one's uuid wrote into its directory, and with --force
@@ -568,13 +583,15 @@ def test_a_directory_that_is_a_file_is_refused_before_listening(tmp_path, sessio
     assert sorted(os.listdir(tmp_path)) == ["afile", "dangling"]
 
 
-def test_sessions_that_all_failed_leave_no_directory_made_for_them(tmp_path):
+def test_sessions_that_all_failed_leave_no_directory_made_for_them(tmp_path, image):
     """--prealloc's warm files went into DIR, made for them and left behind."""
     target = tmp_path / "new" / "out"
-    done = run_cli("listen", "tcp:127.0.0.1:0", "--dir", str(target), "--timeout", "0.5",
-                   "--max-sessions", "2", "--prealloc")
-    assert done.returncode == 1, done.stderr
-    assert os.listdir(tmp_path) == []
+    with Listener(target, "--max-sessions", "2", "--prealloc", "--max-size", "4K") as listener:
+        for _ in range(2):                  # each larger than --max-size: refused at SETUP
+            assert send(listener, str(image)).returncode == 1
+        status, err = listener.finish()
+    assert status == 1 and err.count("session failed") == 2, err
+    assert os.listdir(tmp_path) == [image.name]
 
 
 def test_a_disk_that_fills_with_the_manifest_fails_naming_it(small_disk, tmp_path):

@@ -51,7 +51,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Protocol
 
-from ..errors import MigrationError, ProtocolError
+from ..errors import MigrationError, NoSourceError, ProtocolError
 from ..protocol.control import Greeting
 from ..protocol.handshake import MainGreeting, greet_main_channel, refuse_on_arrival
 from ..protocol.security import ChannelSecurity
@@ -157,8 +157,8 @@ class Admission:
         try:
             greeting = self._passed.get(timeout=max(0.0, timeout))
         except queue.Empty:
-            error = MigrationError(f"no connection for {what} passed its greeting within "
-                                   f"{timeout:g} s")
+            error = NoSourceError(f"no connection for {what} passed its greeting within "
+                                  f"{timeout:g} s")
             self._end(session_ended(error))
             raise error from None
         if greeting is None:

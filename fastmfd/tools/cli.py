@@ -387,7 +387,9 @@ def _build_parser() -> _Parser:
                         "2; more start as channels connect)")
     p.add_argument("--dir", default=".", help="output directory (default: here)")
     p.add_argument("--timeout", type=positive_seconds, default=3600.0, metavar="SECONDS",
-                   help="how long to wait for the sender (default 3600)")
+                   help="how long to wait for the sender (default 3600; with --max-sessions "
+                        "or --forever, a wait no sender came in is no session: it waits "
+                        "again)")
     p.add_argument("--stall-timeout", type=positive_seconds, default=None, metavar="SECONDS",
                    help="fail when the sender, a channel or a process makes no progress for "
                         "this long (default: the sender's --stall-timeout)")

@@ -21,7 +21,7 @@ from typing import Any
 from ..config import MigrationConfig
 from ..destination import Destination, DestinationResult
 from ..devices import FileDevice
-from ..errors import ConfigError, FastMFDError
+from ..errors import ConfigError, FastMFDError, NoSourceError
 from ..protocol.security import TLSConfig
 from ..protocol.setup import Setup
 from ..protocol.sockets import bound_address, listen, parse_address, remove_socket_file
@@ -206,7 +206,8 @@ def listen_sessions(address: str, directory: str, *, sessions: int | None = None
     on one listening socket, each into ``directory/<session uuid>/`` (see
     :func:`listen_once`, which takes ``options``). Yields each one's ``(result,
     files)``, or ``(error, None)`` for one that failed, and goes on: a failed or
-    hostile session costs only itself.
+    hostile session costs only itself. A wait of ``timeout`` no source came in
+    is no session: the listener waits again.
 
     With ``prealloc``, each session's region files are faulted in for the next
     one between sessions (:class:`~.warm_files.WarmFiles`, at most
@@ -234,13 +235,16 @@ def listen_sessions(address: str, directory: str, *, sessions: int | None = None
             on_listening(str(bound_address(listener, requested)))
         served = 0
         while sessions is None or served < sessions:
-            served += 1
             try:
                 result, files = listen_once(listener, directory, per_session=True, warm=warm,
                                             **options)
+            except NoSourceError:
+                continue        # a wait no source came in is no session: the next begins
             except FastMFDError as exc:
+                served += 1
                 yield exc, None
                 continue
+            served += 1
             if warm is not None and served != sessions:
                 warm.refill((r.size, r.page_size) for r in result.regions.values())
             yield result, files
