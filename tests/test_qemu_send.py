@@ -852,5 +852,47 @@ def test_a_worker_killed_mid_send_is_named_by_its_death(tmp_path, qemu72_capture
             sending.join(30)
             listener.close()
     assert failed and isinstance(failed[0], MigrationError), failed
-    assert str(failed[0]).startswith(
-        "multifd channel 1: the worker process was killed by SIGKILL"), str(failed[0])
+    # This side's own: not followed by the destination's checklist (a review).
+    assert str(failed[0]) == "multifd channel 1: the worker process was killed by SIGKILL"
+
+
+def test_a_worker_stopped_mid_send_fails_it_within_the_stall_timeout(tmp_path,
+                                                                      qemu72_captures):
+    """A send worker stopped (SIGSTOP) holding a job was found only once the rest
+    of the RAM had gone out through the other channel, and then as "no Done report
+    within ..." followed by the destination's checklist (a review: 20 s for a
+    64 MiB guest at a 4 s stall timeout). Its channel now owes a packet within
+    the stall timeout, as a fastmfd migration's does."""
+    receive_replay(tmp_path / "saved", capture_bytes(qemu72_captures, "none"))
+    listener = socket.create_server(("127.0.0.1", 0))
+    stopped = threading.Event()
+
+    def drain(conn: socket.socket) -> None:
+        with conn:
+            while conn.recv(1 << 16):
+                pass
+
+    def serve() -> None:
+        for _ in range(3):          # the main channel, then multifd channels 0 and 1
+            try:
+                conn = listener.accept()[0]
+            except OSError:
+                return
+            threading.Thread(target=drain, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    # 2 MiB/s a channel: the saved guest's 28 MiB of pages take the other seven s.
+    with qemu.QemuSender(str(tmp_path / "saved"), channels=2, stall_timeout=2.0,
+                         max_bandwidth=4 << 20) as sender:
+        victim = sender.worker_pids()[0]
+        timer = threading.Timer(0.5, lambda: (os.kill(victim, signal.SIGSTOP), stopped.set()))
+        timer.start()
+        try:
+            with pytest.raises(MigrationError) as failed:
+                sender.send(f"tcp:127.0.0.1:{listener.getsockname()[1]}")
+        finally:
+            timer.join()
+            os.kill(victim, signal.SIGCONT)
+            listener.close()
+    assert stopped.is_set()
+    assert str(failed.value) == "multifd channel 0: no progress for 2 s (its process is stopped)"

@@ -64,7 +64,7 @@ from ..protocol.sockets import Address, connect, decrypted_unread, tune_data_soc
 from ..regions import Region
 from ..shm import SharedMemory
 from ..units import format_bytes
-from .liveness import set_stall_timeout, tick
+from .liveness import Progress, process_stopped, set_stall_timeout, stall_error, tick
 from .processes import Child, ChildSet
 from .qemu_return_path import ReturnPathWatch
 from .session import Closable, Owned, shutdown_quietly
@@ -138,6 +138,8 @@ class QemuSending:
         self.main: socket.socket | None = None     # an ssl.SSLSocket with TLS
         self.answers: ReturnPathWatch | None = None     # the destination's, on it
         self._ended: str | None = None      # how the destination ended it, once known
+        self._progress = Progress(stall_timeout)    # each busy channel's packets
+        self._looked = 0.0                  # when the workers were last looked at
         self.data: list[socket.socket] = []
         self.cmd_fds: list[int] = []
         self.owned: list[Closable] = []
@@ -164,8 +166,8 @@ class QemuSending:
         try:
             self._run(address)
         except MigrationError as exc:
-            if self.main is None or exc.cause.endswith(self._checklist()):
-                raise           # no QEMU listening at all, or a hint is there
+            if self.main is None or exc.cause.endswith(self._checklist()) or self._ours():
+                raise           # no QEMU listening at all, a hint is there, or it is ours
             # The destination dropped the stream (it says why only in its own log;
             # a QEMU >= 8.0 reads the main channel at once, and may have closed its
             # listener before the multifd channels came): name what the stream needs.
@@ -358,6 +360,30 @@ class QemuSending:
             self.mailbox[ch, :count] = pages[start:start + count]
             self._command(ch, _core.pack_command(_core.CMD_RAM, index, count))
 
+    def _ours(self) -> bool:
+        """Whether a worker of this side was killed (by a signal: one that failed
+        exits with a status, having said why) or is stopped: the failure is this
+        side's, and the destination's checklist would only mislead."""
+        return any((worker.exitcode or 0) < 0 or process_stopped(worker.process.pid)
+                   for worker in self.workers)
+
+    def _check_progress(self) -> None:
+        """At most once a tick: a worker that died, or that holds a job without
+        finishing a packet for the stall timeout (stopped, say), fails the send
+        now; it was found only once the rest of the RAM went out through the
+        other channels (a review: 11-20 s for a 64 MiB guest, and longer for a
+        larger one)."""
+        now = time.monotonic()
+        if now < self._looked + tick(self.stall):
+            return
+        self._looked = now
+        self._check_workers()
+        for ch, worker in enumerate(self.workers):
+            pid = worker.process.pid
+            busy = self.selector.is_busy(ch) or process_stopped(pid)
+            if self._progress.stalled(ch, busy, tuple(self.counters.read(ch).values()), now):
+                raise stall_error(worker.name, self.stall, pid)
+
     def _idle_channel(self) -> int:
         """The next channel to take a job, waited for up to the stall timeout, a
         tick at a time: only a worker that finishes a job frees one, and a worker
@@ -367,6 +393,7 @@ class QemuSending:
         after it: 30 s by default, not at once.)"""
         deadline = time.monotonic() + self.stall
         while True:
+            self._check_progress()
             left = deadline - time.monotonic()
             ch = self.selector.select(timeout=max(0.0, min(left, tick(self.stall))))
             if ch is not None:
