@@ -646,3 +646,24 @@ def test_a_late_heartbeat_does_not_call_a_peer_silent_whose_message_is_waiting(p
         else:
             with pytest.raises(fastmfd.MigrationError, match="nothing from the source for 2"):
                 heartbeat.beat()
+
+
+@pytest.mark.parametrize("peer_wrote", [False, True])
+def test_a_keepalive_that_cannot_go_leaves_the_peer_s_word_to_say_why(peer_wrote):
+    """A side stopped past its peer's deadline resumes to a connection the peer
+    closed after its ERROR: its heartbeat's KEEPALIVE failed first, and the side
+    said "connection lost sending KEEPALIVE: Broken pipe" with the ERROR unread
+    (a review). A KEEPALIVE that cannot go is the failure only when no word of
+    the peer's waits."""
+    ours, theirs = socket.socketpair()
+    with ours:
+        heartbeat = Heartbeat(MainChannel(ours), limit=1.0, peer="destination")
+        heartbeat.main.last_sent -= 1.0             # a KEEPALIVE is due
+        if peer_wrote:
+            theirs.sendall(encode_message(Msg.ERROR, {"error": "nothing from the source"}))
+        theirs.close()
+        if peer_wrote:
+            heartbeat.beat()
+        else:
+            with pytest.raises(fastmfd.MigrationError, match="sending KEEPALIVE"):
+                heartbeat.beat()

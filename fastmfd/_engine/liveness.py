@@ -123,7 +123,14 @@ class Heartbeat:
         """Send KEEPALIVE if nothing went out for a while; fail if nothing came in."""
         now = time.monotonic()
         if now - self.main.last_sent >= self.interval:
-            self.main.send(*self.word())
+            try:
+                self.main.send(*self.word())
+            except MigrationError:
+                # A side stopped past its peer's deadline finds the connection
+                # closed, and the peer's ERROR saying why waiting: read next, it
+                # is the cause ("Broken pipe" was said instead; a review).
+                if not self.peer_spoke():
+                    raise
         silent = now - self.last_received
         if silent > self.limit and not self.peer_spoke():
             raise MigrationError(f"nothing from the {self.peer} for {silent:.3g} s "
