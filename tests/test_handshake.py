@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -365,6 +366,21 @@ def test_a_stranger_still_greeted_when_the_wait_ends_is_refused_for_what_ended_i
              "cancel": "cancelled by the test"}[end]
     assert str(outcome["error"]) == ended
     assert [r.reason for r in dst.refused] == [f"dropped: the session ended: {ended}"]
+
+
+def test_a_stranger_still_greeted_at_a_ctrl_c_is_refused_as_interrupted():
+    """Ctrl-C (a KeyboardInterrupt, which has no text) ended the wait: the refusal
+    read "dropped: the session ended: " with nothing after it."""
+    with fastmfd.Destination("tcp:127.0.0.1:0", timeout=30, handshake_timeout=30) as dst:
+        _, host, port = dst.address.split(":")
+        with socket.create_connection((host, int(port))):      # being greeted: silent
+            ctrl_c = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+            ctrl_c.start()
+            with pytest.raises(KeyboardInterrupt):
+                dst.receive()
+            ctrl_c.join()
+    assert [r.reason for r in dst.refused] == [
+        "dropped: the session ended: interrupted by the user"]
 
 
 def test_a_source_trickling_its_setup_is_bounded_by_the_greeting_deadline():

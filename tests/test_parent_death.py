@@ -139,3 +139,32 @@ def test_a_forkserver_that_dies_while_its_main_process_lives_keeps_the_directory
                           text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["True", "0"], (done.stdout, done.stderr)
+
+
+_FORKSERVER_KILLED = textwrap.dedent("""
+    import os, signal, time
+    from multiprocessing import forkserver
+    from fastmfd._engine.processes import Child, mp_context
+    from fastmfd._engine.workers import recv_worker_main
+    if __name__ == "__main__":
+        child = Child(mp_context(), recv_worker_main, "receive channel 0")
+        child.wait_ready()              # set up: it dies with the forkserver
+        os.kill(forkserver._forkserver._forkserver_pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while child.exitcode is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        print(child.death_error())
+""")
+
+
+def test_a_killed_forkserver_is_named_as_what_ended_its_workers():
+    """A worker whose forkserver was SIGKILLed (it dies with it) was said to have
+    "exited with status 255", multiprocessing's stand-in when the forkserver
+    cannot report an exit (found in review)."""
+    done = subprocess.run([sys.executable, "-c", _FORKSERVER_KILLED], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    said = done.stdout.strip()
+    assert said.startswith("receive channel 0: the worker process ended with its parent, "
+                           "multiprocessing's forkserver (pid "), said
+    assert said.endswith("), which was killed by SIGKILL"), said

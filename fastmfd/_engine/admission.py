@@ -118,6 +118,9 @@ class Refusals:
 
 def session_ended(why: BaseException | str) -> str:
     """The reason a connection still being greeted is dropped when the session ends."""
+    # A Ctrl-C's KeyboardInterrupt has no text: it was "dropped: the session ended: ".
+    if isinstance(why, KeyboardInterrupt) and not str(why):
+        why = "interrupted by the user"
     return f"dropped: the session ended: {why}"
 
 

@@ -9,11 +9,15 @@ and the start would wait for it for ever.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import multiprocessing
 import os
+import signal
+import threading
 from multiprocessing import connection, forkserver, popen_forkserver, reduction, spawn, util
 from multiprocessing.context import ForkServerProcess, set_spawning_popen
+from typing import Iterator
 
 from ..errors import MigrationError
 from ..safe_path import safe_import_path
@@ -21,8 +25,9 @@ from ..shm import start_tracker
 from .control_pickling import MAIN_KEYS
 from .liveness import process_stopped
 
-__all__ = ["mp_context", "ForkServerChild", "READY_TIMEOUT", "stopped_forkserver",
-           "leave_to_the_forkserver", "forkserver_failure"]
+__all__ = ["mp_context", "sigint_deferred", "ForkServerChild", "READY_TIMEOUT",
+           "stopped_forkserver", "forkserver_ended", "leave_to_the_forkserver",
+           "forkserver_failure"]
 
 # Imported once by the forkserver, so a child starts in milliseconds.
 # _fastmfd_forkserver first: it gives the forkserver its parent's import path.
@@ -42,6 +47,28 @@ def mp_context() -> multiprocessing.context.ForkServerContext:
     with safe_import_path():        # started here, not by a child's start (see safe_path)
         forkserver.ensure_running()
     return ctx
+
+
+@contextlib.contextmanager
+def sigint_deferred() -> Iterator[None]:
+    """A Ctrl-C during the block is handled at its end, by the handler it would have
+    met: a child's start interrupted half-way left it to fail on start data it
+    could not read (``EOFError: Ran out of input``, its traceback printed), or
+    its pid unknown, to kill before this process exits. Only the main thread sets
+    handlers, and only one set from Python can be put back: otherwise a Ctrl-C is
+    handled as ever."""
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous is None:
+        yield
+        return
+    came: list[bool] = []
+    signal.signal(signal.SIGINT, lambda *_: came.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if came:
+            signal.raise_signal(signal.SIGINT)
 
 
 class _PopenWithoutMain(popen_forkserver.Popen):
@@ -83,6 +110,10 @@ class ForkServerChild(ForkServerProcess):
     callers_main: dict[str, str] = {}
     start_timeout = READY_TIMEOUT       # seconds the forkserver may take to fork it
 
+    def start(self) -> None:
+        with sigint_deferred():     # a Ctrl-C is raised once it started
+            super().start()
+
     # Narrower than ForkServerProcess's (any process): it is only ever given itself.
     @staticmethod
     def _Popen(process_obj: ForkServerChild) -> _PopenWithoutMain:       # type: ignore[override]
@@ -94,6 +125,23 @@ def stopped_forkserver() -> int | None:
     stopped, it answers no start and reports no exit of its children."""
     server = getattr(forkserver._forkserver, "_forkserver_pid", None)
     return server if process_stopped(server) else None
+
+
+def forkserver_ended() -> tuple[int, int] | None:
+    """multiprocessing's forkserver's pid and exit status (negative: the signal that
+    killed it) once it ended, None while it runs. Looked at, not reaped: reaping it
+    is multiprocessing's, which starts the next one then (ForkServer.ensure_running)."""
+    server = getattr(forkserver._forkserver, "_forkserver_pid", None)
+    if server is None:
+        return None
+    try:
+        ended = os.waitid(os.P_PID, server, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:       # reaped already: a new one is started
+        return None
+    if ended is None:
+        return None
+    killed = ended.si_code in (os.CLD_KILLED, os.CLD_DUMPED)
+    return server, -ended.si_status if killed else ended.si_status
 
 
 def leave_to_the_forkserver(child: multiprocessing.process.BaseProcess) -> None:

@@ -49,8 +49,9 @@ from ..errors import MigrationError
 from ..protocol.control import Done, Drained, Eof, Failed, Ready, Stop
 from ..protocol.sockets import decrypted_unread
 from . import control_pickling
-from .forkserver_start import (READY_TIMEOUT, ForkServerChild, forkserver_failure,
-                               leave_to_the_forkserver, mp_context, stopped_forkserver)
+from .forkserver_start import (READY_TIMEOUT, ForkServerChild, forkserver_ended,
+                               forkserver_failure, leave_to_the_forkserver, mp_context,
+                               stopped_forkserver)
 from .open_files import check_room_for_child
 from .session import Closable, as_migration_error, main_first
 
@@ -58,6 +59,9 @@ __all__ = ["Child", "ChildSet", "ChildPipe", "Watch", "RemoteTraceback", "mp_con
            "run_child", "child_setup", "failure_text"]
 
 _FINAL_REPORTS = (Done, Eof, Drained)   # after one of these a child's exit is expected
+# The exit status multiprocessing gives a child whose forkserver could not report one:
+# the forkserver ended (its children die with it: child_setup).
+FORKSERVER_GONE = 255
 
 
 ChildMain = Callable[[Connection], None]
@@ -294,6 +298,12 @@ class Child:
         reported = self.reported_failure()
         if reported is not None:
             return reported
+        ended = forkserver_ended() if self.exitcode == FORKSERVER_GONE else None
+        if ended is not None:
+            server, status = ended
+            return MigrationError(f"the worker process ended with its parent, multiprocessing's "
+                                 f"forkserver (pid {server}), which {describe_exit(status)}",
+                                 channel=self.name)
         return MigrationError(f"the worker process {describe_exit(self.exitcode)}"
                               + self._explained(), channel=self.name)
 

@@ -461,25 +461,30 @@ def _log_to_stderr(verbosity: int) -> logging.Handler | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _build_parser().parse_command_line(argv)
-    handler = _log_to_stderr(args.verbose)
     handled = threading.current_thread() is threading.main_thread()
     if handled:
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    command = "fastmfd"             # "fastmfd listen" once the command line is read
+    handler = None
     try:
+        # Read inside the try: building the parser imports the commands' modules
+        # (0.1 s), in which a Ctrl-C or SIGTERM gave a traceback, and -2 or -15.
+        args = _build_parser().parse_command_line(argv)
+        command = f"fastmfd {args.command}"
+        handler = _log_to_stderr(args.verbose)
         status: int = args.func(args)
         return status
     except ConfigError as exc:
-        print(f"fastmfd {args.command}: {exc}", file=sys.stderr)
+        print(f"{command}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except (FastMFDError, OSError) as exc:
-        print(f"fastmfd {args.command}: {exc}", file=sys.stderr)
+        print(f"{command}: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except Terminated:
-        print(f"fastmfd {args.command}: terminated (SIGTERM)", file=sys.stderr)
+        print(f"{command}: terminated (SIGTERM)", file=sys.stderr)
         return 128 + signal.SIGTERM
     except KeyboardInterrupt:
-        print(f"fastmfd {args.command}: interrupted", file=sys.stderr)
+        print(f"{command}: interrupted", file=sys.stderr)
         return 130
     finally:
         if handled:

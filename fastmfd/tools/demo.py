@@ -40,7 +40,8 @@ from ..shm import SHM_DIR, free_bytes
 from ..stats import MigrationStats
 from .report import stats_table
 from ..units import format_bytes, format_rate
-from .._engine.processes import mp_context
+from .._engine.forkserver_start import ForkServerChild
+from .._engine.processes import child_setup, mp_context
 
 __all__ = ["run_demo", "live_migration", "seed_experiment", "WayResult"]
 
@@ -52,6 +53,7 @@ MiB = 1 << 20
 def _workload(handle: RegionHandle, stop: synchronize.Event, stopped: synchronize.Event,
               pages_per_burst: int, seed: int) -> None:
     """Rewrite random pages in bursts (a guest dirtying memory) until told to stop."""
+    child_setup()
     region = Region.attach(handle)
     try:
         rng = np.random.default_rng(seed)
@@ -74,10 +76,17 @@ class Workload:
     def __init__(self, region: Region, pages_per_burst: int = 64, seed: int = 1) -> None:
         ctx = mp_context()
         self._stop, self._stopped = ctx.Event(), ctx.Event()
-        self._process = ctx.Process(target=_workload, name="fastmfd demo workload",
-                                    args=(region.handle, self._stop, self._stopped,
-                                          pages_per_burst, seed))
-        self._process.start()
+        self._process = ForkServerChild(target=_workload, name="demo workload", daemon=True,
+                                        args=(region.handle, self._stop, self._stopped,
+                                              pages_per_burst, seed))
+        try:
+            self._process.start()
+        except BaseException:
+            # A Ctrl-C held while it started: kill it before this process exits and
+            # removes the events' semaphores, which it may still be unpacking.
+            if self._process.pid is not None:
+                self.close()
+            raise
 
     def stop(self) -> None:
         """Stop writing (the migration's on_stop): returns once no write can follow."""

@@ -1,0 +1,132 @@
+"""Ctrl-C reaches every process of the group (a terminal sends SIGINT to all of
+them): only the main process reports it, once, whenever it lands: while it reads
+its command line, while it hands a child its start data. A test runs a script in
+a process of its own (its stderr read) and sends SIGINT at a point the script
+marks, so the moment is not a matter of timing. Real processes, real signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from fastmfd.regions import Region
+from fastmfd.tools.demo import Workload
+
+WORKTREE = Path(__file__).resolve().parents[1]
+
+# Imported by the scripts below: a pause at a point of a process's work.
+PROBE = '''
+import os, time
+
+def pause(mark):
+    """Mark that this process reached the point, then give the test time to signal it."""
+    with open(mark, "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(1.0)
+
+class PausePickled:
+    """Pickled, pauses: the main process packing a child's start data stops here."""
+    def __init__(self, mark):
+        self.mark = mark
+    def __reduce__(self):
+        pause(self.mark)
+        return str, ()
+'''
+
+
+def run_script(tmp_path: Path, script: str, mark: Path, **env: str) -> tuple[int, str, str]:
+    """Run ``script``; SIGINT the process that writes its pid to ``mark``, once it does."""
+    (tmp_path / "ctrl_c_probe.py").write_text(PROBE)
+    path = os.pathsep.join([str(tmp_path), str(WORKTREE), os.environ.get("PYTHONPATH", "")])
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=path, MARK=str(mark), **env),
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not (mark.exists() and mark.read_text()):
+            assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+            time.sleep(0.01)
+        os.kill(int(mark.read_text()), signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode, out, err
+
+
+def test_ctrl_c_while_a_child_starts_is_raised_once_it_started(tmp_path):
+    """SIGINT to the main process as it packs a child's start data: it was raised
+    there, the child left without its pid known (nothing to kill before the
+    main process exits) or with its start data cut short (EOFError: Ran out of
+    input, printed by the child)."""
+    mark = tmp_path / "main.pid"
+    status, out, err = run_script(tmp_path, """
+        import os
+        from ctrl_c_probe import PausePickled
+        from fastmfd._engine.forkserver_start import ForkServerChild, mp_context
+        mp_context()
+        probe = ForkServerChild(target=os.getpid, name="probe", daemon=True)
+        probe.pause = PausePickled(os.environ["MARK"])
+        try:
+            probe.start()
+        except KeyboardInterrupt:
+            print("interrupted; started:", probe.pid is not None)
+            if probe.pid is not None:
+                probe.join(30)
+                print("exit", probe.exitcode)
+    """, mark)
+    assert err == ""
+    assert (status, out.splitlines()) == (0, ["interrupted; started: True", "exit 0"])
+
+
+def test_the_demo_workload_is_set_up_as_every_child():
+    """The demo's workload process took no title and did not ignore Ctrl-C
+    (it never ran child_setup)."""
+    region = Region.create("ram", 64 * 4096)
+    workload = Workload(region)
+    try:
+        pid = workload._process.pid
+        deadline = time.monotonic() + 30
+        while not Path(f"/proc/{pid}/cmdline").read_text().startswith("fastmfd: demo workload"):
+            assert time.monotonic() < deadline, Path(f"/proc/{pid}/cmdline").read_text()
+            time.sleep(0.01)
+        os.kill(pid, signal.SIGINT)
+        time.sleep(0.2)
+        assert workload._process.is_alive()
+        workload.stop()
+        assert workload._process.exitcode == 0
+    finally:
+        workload.close()
+        region.close()
+
+
+@pytest.mark.parametrize("sig, status, said", [
+    (signal.SIGINT, 130, "fastmfd: interrupted\n"),
+    (signal.SIGTERM, 143, "fastmfd: terminated (SIGTERM)\n")])
+def test_a_signal_while_the_command_line_is_read_is_one_line(sig, status, said):
+    """Ctrl-C or SIGTERM while main() builds its parser (which imports the commands'
+    modules, 0.1 s): Python's traceback and a death by the signal (-2, -15).
+    The signal is sent where the parser's build starts, as the imports would meet it."""
+    script = f"""
+        import os, sys
+        from fastmfd.tools import cli
+        build = cli._build_parser
+        def signalled_build():
+            os.kill(os.getpid(), {int(sig)})
+            return build()
+        cli._build_parser = signalled_build
+        sys.exit(cli.main(["listen", "unix:/nonexistent/s"]))
+    """
+    path = os.pathsep.join([str(WORKTREE), os.environ.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True,
+                          text=True, timeout=60, env=dict(os.environ, PYTHONPATH=path))
+    assert (done.returncode, done.stderr) == (status, said)
