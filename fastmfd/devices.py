@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import operator
 import os
+import threading
 import time
 from typing import TYPE_CHECKING, Any, Protocol, TypeGuard, runtime_checkable
 
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
     from typing_extensions import Buffer     # collections.abc.Buffer from Python 3.12
 
 __all__ = ["Device", "Loader", "BytesDevice", "FileDevice", "SyntheticDevice", "CollectLoader",
+           "WriteBudget",
            "FileLoader", "VerifyLoader", "device_key", "check_device_ids", "wire_ids",
            "PrecopyDevice",
            "has_precopy"]
@@ -249,18 +251,46 @@ class CollectLoader:
         return bytes(self._data)
 
 
+class WriteBudget:
+    """Bytes that the FileLoaders given it may write together (the device files of
+    one save: what ``listen --max-size`` leaves after its regions, whose room is
+    checked at SETUP; a device's stream has no size until it ends). A session's
+    loaders go to its reassembly process in one piece, as its threads: they
+    share it there."""
+
+    def __init__(self, limit: int, what: str) -> None:
+        self.left, self.what = limit, what
+        self._lock = threading.Lock()
+
+    def spend(self, size: int, path: str) -> None:
+        with self._lock:
+            if size > self.left:
+                raise MigrationError(f"{path}: the device state goes past {self.what}")
+            self.left -= size
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"left": self.left, "what": self.what}   # (a lock does not pickle)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+
 class FileLoader:
     """Writes the stream to ``path``, chunk after chunk in order; ``load_finish``
     fsyncs the file (the destination sends LOADED only after it returned) and
     returns the path. The file is created or truncated — ``exclusive``: created,
     failing if anything exists there — and a symbolic link at ``path`` is never
-    followed. A write that fails (a full disk) fails the migration."""
+    followed. A write that fails (a full disk) fails the migration, and so does
+    one past ``budget``."""
 
     def __init__(self, path: str | os.PathLike[str], *, exclusive: bool = False,
-                 file_id: tuple[int, int] | None = None) -> None:
+                 file_id: tuple[int, int] | None = None,
+                 budget: WriteBudget | None = None) -> None:
         check_types("FileLoader", path=(path, PATH), exclusive=(exclusive, BOOL))
         self.path = os.fspath(path)
         self.exclusive = exclusive
+        self.budget = budget
         self.file_id = file_id
         """(st_dev, st_ino) of an empty file made for it at ``path`` (by a process
         that made it safely, e.g. in a directory it holds open): written as it
@@ -285,6 +315,8 @@ class FileLoader:
 
     def load_state_buffer(self, data: memoryview) -> None:
         fd, view = self._open(), memoryview(data).cast("B")
+        if self.budget is not None:
+            self.budget.spend(len(view), self.path)
         try:
             while view:
                 view = view[os.write(fd, view):]

@@ -502,6 +502,24 @@ def test_a_wait_no_source_came_in_is_no_session(tmp_path, image):
     assert len(os.listdir(out)) == 2
 
 
+def test_max_size_bounds_the_device_state_too(tmp_path):
+    """--max-size held the regions (checked at SETUP) and nothing else: a source
+    sent 48 MiB of device state past --max-size 4M into DIR (a review). Their
+    files may now take what the regions leave, together."""
+    image, state = tmp_path / "ram.img", tmp_path / "nic.state"
+    image.write_bytes(os.urandom(8 * PAGE))
+    state.write_bytes(os.urandom(6 * PAGE))     # each fits in what the region leaves, not both
+    out = tmp_path / "out"
+    with Listener(out, "--max-size", "64K") as listener:
+        done = send(listener, str(image), "--state", f"nic0:0={state}", "--state",
+                    f"nic1:0={state}")
+        status, err = listener.finish()
+    assert status == 1 and done.returncode == 1, err
+    assert re.search(r"nic[01]\.0\.state\.part: the device state goes past --max-size "
+                     r"\(64\.0 KiB, less the regions'\)", err), err
+    assert not out.exists() or files_in(out) == set()
+
+
 def test_a_session_never_takes_a_directory_of_its_uuid_that_exists(tmp_path):
     """A session's directory is its uuid, which the source picks: a second source
     sending the first one's uuid wrote into its directory, and with --force

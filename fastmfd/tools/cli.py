@@ -405,8 +405,9 @@ def _build_parser() -> _Parser:
     sessions.add_argument("--forever", action="store_true",
                    help="like --max-sessions, with no limit: until interrupted")
     p.add_argument("--max-size", type=positive_size, default=None, metavar="SIZE",
-                   help="refuse a sender whose regions (QEMU: RAM blocks) exceed SIZE "
-                        "(default: DIR's free space)")
+                   help="refuse a sender whose regions (QEMU: RAM blocks) exceed SIZE, and "
+                        "fail one whose device state goes past what they leave (default: "
+                        "DIR's free space)")
     p.add_argument("--max-memory", type=positive_size, default=None, metavar="SIZE",
                    help="shared memory for device state in flight (default: what /dev/shm "
                         "has free); with --prealloc and several sessions, also the most "

@@ -44,7 +44,7 @@ import stat
 from dataclasses import dataclass
 from typing import Any
 
-from ..devices import FileLoader
+from ..devices import FileLoader, WriteBudget
 from ..errors import ConfigError, OutputError
 from ..protocol.setup import Setup
 from ..regions import Region, check_huge_pages
@@ -236,6 +236,7 @@ class OutputDir:
         self.devices: dict[tuple[str, int], _Output] = {}
         self.streams: dict[str, _Output] = {}       # files written in order (vmstate)
         self.manifest = _Output({}, MANIFEST)
+        self._device_budget: WriteBudget | None = None     # plan(): with --max-size
         try:
             check_only_yours(self.real, self.fd)
             if huge_pages:
@@ -253,7 +254,10 @@ class OutputDir:
         """Name every file of ``setup``'s regions and devices; refuse, before anything
         is written, a name that is taken (unless ``force``) or that two would share;
         create the devices' .part files."""
-        self._check_room([(r.size, setup.page_size) for r in setup.regions])
+        left = self._check_room([(r.size, setup.page_size) for r in setup.regions])
+        # (Beyond the free space, a disk that fills fails the write by itself.)
+        self._device_budget = None if self.max_bytes is None else WriteBudget(
+            left, f"--max-size ({format_bytes(self.max_bytes)}, less the regions')")
         self.regions = {r.name: _Output({"name": r.name, "size": r.size},
                                         output_name(r.name) + ".img") for r in setup.regions}
         self.devices = {d.key: _Output({"idstr": d.idstr, "instance_id": d.instance_id},
@@ -288,10 +292,10 @@ class OutputDir:
         for out in self._outputs():
             self._claim(out)
 
-    def _check_room(self, sizes: list[tuple[int, int]]) -> None:
+    def _check_room(self, sizes: list[tuple[int, int]]) -> int:
         """Region files are sparse and fill as pages arrive: a sender must not be
         able to fill the disk, so what it announces (``sizes``: each region's size
-        and page size) must fit first."""
+        and page size) must fit first. Returns what the limit leaves."""
         size = sum(region_size for region_size, _ in sizes)
         info = os.statvfs(self.fd)
         free = info.f_bavail * info.f_frsize
@@ -302,6 +306,7 @@ class OutputDir:
             why = (f"--max-size allows {format_bytes(self.max_bytes)}"
                    if limit == self.max_bytes else f"{self.path} has {format_bytes(free)} free")
             raise ConfigError(f"the source sends {format_bytes(size)} of regions; {why}")
+        return limit - size
 
     def region(self, name: str, size: int, page_size: int) -> Region:
         """The Destination's region factory: ``name`` mapped from its new .part file
@@ -353,7 +358,8 @@ class OutputDir:
         runs in another process, which opens it by path, and refuses another file
         found there (the directory moved, a link swapped in)."""
         out = self.devices[key]
-        return FileLoader(os.path.join(self.real, out.part), file_id=out.identity)
+        return FileLoader(os.path.join(self.real, out.part), file_id=out.identity,
+                          budget=self._device_budget)
 
     def _claim(self, out: _Output) -> None:
         """Refuse a taken final name unless ``force`` (a directory always); a .part
