@@ -468,6 +468,11 @@ def _answers(*after_complete):
                  id="loaded-negative-seconds"),
     pytest.param(_answers((Msg.LOADED, _header(99))),
                  r"main channel field 'type': received 99", id="unknown-type"),
+    # A source's message is judged by its type first: it was refused for its fields,
+    # "SETUP field 'page_size': ... (it is missing)", as if the source's were wrong.
+    pytest.param(_answers((Msg.SETUP, encode_message(Msg.SETUP, {"uuid": "00"}))),
+                 r"main channel: unexpected SETUP from the destination while \w+",
+                 id="setup-from-the-destination"),
     pytest.param(_answers((Msg.LOADING, Loading(5)), (Msg.LOADING, Loading(4))),
                  r"main channel: LOADING field 'steps': received 4, expected at least 5",
                  id="loading-steps-back"),

@@ -476,18 +476,20 @@ class Sending:
             # flip made a KEEPALIVE (ROUND_END 3 ^ 8 = 11) fails instead of being lost.
             decode_payload(kind, body)
             return
-        payload = decode_payload(kind, body)
-        if isinstance(payload, Error):
-            raise MigrationError(f"the destination failed: {payload.error}",
-                                 channel=MAIN, side="destination")
         expected = {SendingState.COMPLETING: (Msg.LOADED, Msg.LOADING, Msg.ROUND_ACK),
                     SendingState.RESUMING: (Msg.RESUMED,)}.get(self.state, (Msg.ROUND_ACK,))
         if self._ack_requested and not self._acked.is_set():
             expected += (Msg.SWITCHOVER_ACK,)
-        if kind not in expected:
+        # Judged before its payload is: a SETUP or COMPLETE (a source's) was refused
+        # for its fields, as if this side's own were wrong (a review).
+        if kind not in (*expected, Msg.ERROR):
             raise ProtocolError(f"main channel: unexpected {kind.name} from the destination "
                                 f"while {self.state.value}", field="type", received=kind.name,
                                 expected=" or ".join(m.name for m in expected))
+        payload = decode_payload(kind, body)
+        if isinstance(payload, Error):
+            raise MigrationError(f"the destination failed: {payload.error}",
+                                 channel=MAIN, side="destination")
         if isinstance(payload, Loaded):
             payload.check(self._rounds_ended, self._rounds_acked,
                           [stream.name for stream in self._streams])
