@@ -699,6 +699,11 @@ cdef class RecvEngine(_EngineBase):
             held = 0
             for i in range(info.zero_pages):
                 off = ld64(info.offsets + 8 * (info.normal_pages + i))
+                if not ref.fresh and ref.received != NULL:
+                    # Sent: where this region held bytes before the session, a page
+                    # never sent is looked for at its end (check_every_page_came).
+                    page = off // psize
+                    fm_fetch_or64(&ref.received[page >> 6], (<uint64_t>1) << (page & 63))
                 # A page that may hold data is read before it is cleared (QEMU
                 # does too): most are zero already, and a write would dirty them all.
                 held = may_hold_data(ref, off, psize)

@@ -140,7 +140,9 @@ def check_every_page_came(regions: list[Region], fresh: list[bool]) -> None:
     have been sent every page: round 1 brings each, as data or as a zero page
     (cleared where it held data). A page never written that holds data holds
     what was there before: another session's bytes, from a pooled region, which
-    a source that left pages out made the next one's result (a review)."""
+    a source that left pages out made the next one's result (a review). The
+    receive workers mark each page sent in such a region, a zero one too: only
+    a page never sent (or punched out since) is read here."""
     for region, new in zip(regions, fresh):
         if new:
             continue                    # created empty: a page never sent is zero
