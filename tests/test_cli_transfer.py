@@ -21,6 +21,26 @@ def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout)
 
 
+def sent_to_listen_once(tmp_path, out, *send_args: str) -> tuple[subprocess.CompletedProcess,
+                                                                 dict]:
+    """``fastmfd send unix:TMP/sock *send_args`` into listen_once(``out``) in a
+    thread: the send's outcome, and the listener's result and files."""
+    listening = threading.Event()
+    box = {}
+
+    def listen():
+        box["result"], box["files"] = listen_once(
+            f"unix:{tmp_path}/sock", str(out), timeout=30,
+            on_listening=lambda address: listening.set())
+
+    thread = threading.Thread(target=listen)
+    thread.start()
+    assert listening.wait(30)
+    done = run_cli("send", f"unix:{tmp_path}/sock", *send_args)
+    thread.join(60)
+    return done, box
+
+
 @pytest.mark.parametrize("text, size", [("4096", 4096), ("64K", 64 << 10), ("256M", 256 << 20),
                                         ("1G", 1 << 30), ("1.5GiB", 3 << 29)])
 def test_parse_size(text, size):
@@ -45,25 +65,13 @@ def test_send_to_listen_moves_images_and_state(tmp_path, compression, images_las
         (tmp_path / name).write_bytes(data)
     (tmp_path / "nic.state").write_bytes(b"registers" * 1000)
     out = tmp_path / "out"
-    listening = threading.Event()
-    box = {}
-
-    def listen():
-        box["result"], box["files"] = listen_once(
-            f"unix:{tmp_path}/sock", str(out), timeout=30,
-            on_listening=lambda address: listening.set())
-
-    thread = threading.Thread(target=listen)
-    thread.start()
-    assert listening.wait(30)
     images_args = [str(tmp_path / "ram.img"), f"pc.rom={tmp_path / 'rom.bin'}"]
     state_args = ["--state", f"nic0:1={tmp_path / 'nic.state'}"]
     if images_last:
         args = [*state_args, images_args[0], "--compression", compression, images_args[1]]
     else:
         args = [*images_args, *state_args, "--compression", compression]
-    done = run_cli("send", f"unix:{tmp_path}/sock", *args, "--quiet")
-    thread.join(60)
+    done, box = sent_to_listen_once(tmp_path, out, *args, "--quiet")
     assert done.returncode == 0, done.stderr
     assert (out / "ram.img").read_bytes() == images["ram.img"]
     assert (out / "pc.rom.img").read_bytes() == images["rom.bin"]
@@ -105,20 +113,9 @@ def test_send_status_json_streams_the_status(tmp_path):
     import json
     (tmp_path / "ram.img").write_bytes(os.urandom(256 * PAGE))
     (tmp_path / "nic.state").write_bytes(b"registers" * 1000)
-    listening = threading.Event()
-    box = {}
-
-    def listen():
-        box["result"], box["files"] = listen_once(
-            f"unix:{tmp_path}/sock", str(tmp_path / "out"), timeout=30,
-            on_listening=lambda address: listening.set())
-
-    thread = threading.Thread(target=listen)
-    thread.start()
-    assert listening.wait(30)
-    done = run_cli("send", f"unix:{tmp_path}/sock", str(tmp_path / "ram.img"),
-                   "--state", f"nic0={tmp_path / 'nic.state'}", "--status-json", "0.05")
-    thread.join(60)
+    done, box = sent_to_listen_once(tmp_path, tmp_path / "out", str(tmp_path / "ram.img"),
+                                    "--state", f"nic0={tmp_path / 'nic.state'}",
+                                    "--status-json", "0.05")
     assert done.returncode == 0, done.stderr
     lines = [json.loads(line) for line in done.stdout.splitlines()]
     assert lines, "no status line"
@@ -140,19 +137,8 @@ def test_a_save_taken_away_once_committed_is_still_reported(tmp_path, capsys):
     from fastmfd.tools import cli
     from rich.console import Console
     (tmp_path / "ram.img").write_bytes(os.urandom(16 * PAGE))
-    listening = threading.Event()
-    box = {}
-
-    def listen():
-        box["result"], box["files"] = listen_once(
-            f"unix:{tmp_path}/sock", str(tmp_path / "out"), timeout=30,
-            on_listening=lambda address: listening.set())
-
-    thread = threading.Thread(target=listen)
-    thread.start()
-    assert listening.wait(30)
-    done = run_cli("send", f"unix:{tmp_path}/sock", str(tmp_path / "ram.img"), "--quiet")
-    thread.join(60)
+    done, box = sent_to_listen_once(tmp_path, tmp_path / "out", str(tmp_path / "ram.img"),
+                                    "--quiet")
     assert done.returncode == 0, done.stderr
     (tmp_path / "out").rename(tmp_path / "taken")
     cli._report_session(Console(stderr=True), box["result"], box["files"], as_json=True)

@@ -794,6 +794,18 @@ def _waiting_in(thread: threading.Thread, function: str) -> bool:
     return False
 
 
+def accept_three(listener: socket.socket,
+                 drain: Callable[[socket.socket, int], None]) -> None:
+    """A fake destination's accepts: the main channel, then multifd channels 0 and
+    1, each handed to ``drain(connection, i)`` in a thread of its own."""
+    for i in range(3):
+        try:
+            conn = listener.accept()[0]
+        except OSError:
+            return
+        threading.Thread(target=drain, args=(conn, i), daemon=True).start()
+
+
 def test_a_worker_killed_mid_send_is_named_by_its_death(tmp_path, qemu72_captures):
     """A send worker killed mid-send (the OOM killer, say) closes its command pipe
     at once, and the forkserver reports its exit a moment later, late on a loaded
@@ -825,13 +837,7 @@ def test_a_worker_killed_mid_send_is_named_by_its_death(tmp_path, qemu72_capture
         victim = sender.worker_pids()[1]
 
         def serve() -> None:
-            for i in range(3):      # the main channel, then multifd channels 0 and 1
-                try:
-                    conn = listener.accept()[0]
-                except OSError:
-                    return
-                threading.Thread(target=drain, args=(conn, victim if i == 2 else None),
-                                 daemon=True).start()
+            accept_three(listener, lambda conn, i: drain(conn, victim if i == 2 else None))
 
         def send() -> None:
             try:
@@ -872,15 +878,8 @@ def test_a_worker_stopped_mid_send_fails_it_within_the_stall_timeout(tmp_path,
             while conn.recv(1 << 16):
                 pass
 
-    def serve() -> None:
-        for _ in range(3):          # the main channel, then multifd channels 0 and 1
-            try:
-                conn = listener.accept()[0]
-            except OSError:
-                return
-            threading.Thread(target=drain, args=(conn,), daemon=True).start()
-
-    threading.Thread(target=serve, daemon=True).start()
+    threading.Thread(target=accept_three, args=(listener, lambda conn, i: drain(conn)),
+                     daemon=True).start()
     # 2 MiB/s a channel: the saved guest's 28 MiB of pages take the other seven s.
     with qemu.QemuSender(str(tmp_path / "saved"), channels=2, stall_timeout=2.0,
                          max_bandwidth=4 << 20) as sender:
