@@ -52,7 +52,7 @@ def test_fastmfd_decodes_a_stream_python_zstandard_flushed_per_packet():
 def test_a_receiving_channel_takes_no_larger_window_than_level_20_makes(window_log, decodes):
     """Each receiving channel allocates the window a frame declares: zstd's own
     limit (2^27, 128 MiB) is four times what the highest level QEMU or fastmfd
-    sends, 20, streams with (2^25), and a source may open 64 channels."""
+    sends, 20, streams with (2^25), and a source may open 255 channels."""
     assert zstandard.get_frame_parameters(
         _core.make_codec("zstd", True, 20).compress(TEXT)).window_size == 1 << 25
     params = zstandard.ZstdCompressionParameters.from_level(1, window_log=window_log)
