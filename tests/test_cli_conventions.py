@@ -446,3 +446,17 @@ def test_demo_with_tls_files_gives_each_end_its_own_check(tmp_path, checks, refu
         assert done.returncode == 0, done.stderr
     else:
         assert done.returncode == 1 and refused in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("json_out", [False, True])
+def test_output_read_by_no_one_ends_the_command_quietly(qemu72_captures, json_out):
+    """`fastmfd inspect ... | head`: whoever reads the output stops. The JSON went
+    out through print(), whose broken pipe was "fastmfd inspect: [Errno 32] Broken
+    pipe" (a review); the table through rich, which ends quietly with status 1."""
+    args = ["inspect", str(qemu72_captures / "pattern-none"), *(["--json"] if json_out else [])]
+    proc = subprocess.Popen([sys.executable, "-m", "fastmfd", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()                     # before it writes a byte
+    said = proc.stderr.read()
+    proc.stderr.close()
+    assert (proc.wait(TIMEOUT), said) == (1, "")

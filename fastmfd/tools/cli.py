@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -478,6 +479,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"{command}: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:
+        # Whoever read the output stopped (`| head`): status 1 and nothing said, as
+        # rich's console does for what it prints; stdout goes nowhere now, for the
+        # flush at the interpreter's exit ("[Errno 32] Broken pipe" was said).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILED
     except (FastMFDError, OSError) as exc:
         print(f"{command}: {exc}", file=sys.stderr)
         return EXIT_FAILED
