@@ -292,8 +292,9 @@ cdef int clear_page_runs(RegionRef *ref, const uint64_t *offsets, size_t n,
     memory, and are not written back at the flush; a shorter run is
     zero-filled (cheaper than a punch). Where the file system cannot punch
     (EOPNOTSUPP, EINVAL) the run is zero-filled, and so is every later one.
-    A punched page is no longer one written (its ``received`` bit is
-    dropped): it is a hole again, which a read would allocate. A run is
+    In fresh memory a punched page is no longer one written (its ``received``
+    bit is dropped): it is a hole again, which a read would allocate (in other
+    memory the bit says the page was sent: check_every_page_came). A run is
     populated before it is zero-filled: on a file system that copies on
     write, writing a page that holds data takes a new block, and where there
     is none that is a SIGBUS. Returns 0, or populate's errno (nothing more
@@ -308,7 +309,7 @@ cdef int clear_page_runs(RegionRef *ref, const uint64_t *offsets, size_t n,
         length = (j - i) * <uint64_t>page_size
         if (ref.sparse and length >= PUNCH_MIN_BYTES
                 and madvise(ref.base + offsets[i], length, MADV_REMOVE) == 0):
-            if ref.received != NULL:
+            if ref.fresh and ref.received != NULL:
                 for page in range(offsets[i] // page_size, offsets[j - 1] // page_size + 1):
                     fm_fetch_and64(&ref.received[page >> 6], ~((<uint64_t>1) << (page & 63)))
         else:
@@ -346,6 +347,7 @@ def clear_pages(uint8_t[::1] buffer, offsets, size_t page_size, bint punch,
     memset(&ref, 0, sizeof(ref))
     ref.base = &buffer[0]
     ref.received = written.words if written is not None else NULL
+    ref.fresh = written is not None
     ref.holes.fd = -1
     ref.sparse = punch and page_size % SYSTEM_PAGE == 0
     with nogil:

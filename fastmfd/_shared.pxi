@@ -567,24 +567,22 @@ cdef class DirtyBitmap(_SharedStructure):
                     k += 1
         return result[:k].copy()
 
-    def unmarked_with_data(self, const uint8_t[::1] memory, size_t page_size):
-        """``(count, first)``: the pages not marked whose bytes in ``memory`` (what
-        the bitmap covers) are not all zero, and the first of them (-1 if none)."""
-        cdef uint64_t page, npages, count = 0
+    def unmarked(self):
+        """``(count, first)``: the pages not marked now, and the first of them (-1 if
+        none): a snapshot, from the bits alone."""
+        cdef uint64_t page, npages, count = 0, w, bits
         cdef int64_t first = -1
         self.check_open()
         npages = self.hdr.npages
-        if <uint64_t>memory.shape[0] < npages * page_size:
-            raise ValueError(f"{memory.shape[0]} bytes hold fewer than the bitmap's "
-                             f"{npages} pages of {page_size}")
         with nogil:
-            for page in range(npages):
-                if (fm_load64(&self.words[page >> 6]) >> (page & 63)) & 1:
-                    continue
-                if not fm_buffer_is_zero(&memory[0] + page * page_size, page_size):
+            for w in range(self.nwords):
+                bits = ~fm_load64(&self.words[w])
+                if w == self.nwords - 1 and npages % 64:
+                    bits &= ((<uint64_t>1) << (npages % 64)) - 1     # (no page past the end)
+                if bits:
                     if first < 0:
-                        first = page
-                    count += 1
+                        first = w * 64 + __builtin_ctzll(bits)
+                    count += __builtin_popcountll(bits)
         return count, first
 
     def mark_pages(self, pages):

@@ -41,8 +41,10 @@ class PausePickled:
 '''
 
 
-def run_script(tmp_path: Path, script: str, mark: Path, **env: str) -> tuple[int, str, str]:
-    """Run ``script``; SIGINT the process that writes its pid to ``mark``, once it does."""
+def run_script(tmp_path: Path, script: str, mark: Path, sig: int = signal.SIGINT,
+               **env: str) -> tuple[int, str, str]:
+    """Run ``script``; send ``sig`` to the process that writes its pid to ``mark``,
+    once it does."""
     (tmp_path / "ctrl_c_probe.py").write_text(PROBE)
     path = os.pathsep.join([str(tmp_path), str(WORKTREE), os.environ.get("PYTHONPATH", "")])
     proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)],
@@ -54,7 +56,7 @@ def run_script(tmp_path: Path, script: str, mark: Path, **env: str) -> tuple[int
         while not (mark.exists() and mark.read_text()):
             assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
             time.sleep(0.01)
-        os.kill(int(mark.read_text()), signal.SIGINT)
+        os.kill(int(mark.read_text()), sig)
         out, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
@@ -63,16 +65,19 @@ def run_script(tmp_path: Path, script: str, mark: Path, **env: str) -> tuple[int
     return proc.returncode, out, err
 
 
-def test_ctrl_c_while_a_child_starts_is_raised_once_it_started(tmp_path):
-    """SIGINT to the main process as it packs a child's start data: it was raised
-    there, the child left without its pid known (nothing to kill before the
-    main process exits) or with its start data cut short (EOFError: Ran out of
-    input, printed by the child)."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_while_a_child_starts_is_raised_once_it_started(tmp_path, sig):
+    """SIGINT (or the SIGTERM the CLI raises as an exception) to the main process as
+    it packs a child's start data: it was raised there, the child left without its
+    pid known (nothing to kill before the main process exits) or with its start
+    data cut short (EOFError: Ran out of input, printed by the child)."""
     mark = tmp_path / "main.pid"
     status, out, err = run_script(tmp_path, """
-        import os
+        import os, signal
         from ctrl_c_probe import PausePickled
         from fastmfd._engine.forkserver_start import ForkServerChild, mp_context
+        from fastmfd.tools.cli import _on_sigterm
+        signal.signal(signal.SIGTERM, _on_sigterm)      # as the CLI does
         mp_context()
         probe = ForkServerChild(target=os.getpid, name="probe", daemon=True)
         probe.pause = PausePickled(os.environ["MARK"])
@@ -83,7 +88,7 @@ def test_ctrl_c_while_a_child_starts_is_raised_once_it_started(tmp_path):
             if probe.pid is not None:
                 probe.join(30)
                 print("exit", probe.exitcode)
-    """, mark)
+    """, mark, sig)
     assert err == ""
     assert (status, out.splitlines()) == (0, ["interrupted; started: True", "exit 0"])
 

@@ -242,7 +242,7 @@ def test_keepalives_instead_of_loaded_fail_within_the_stall_timeout(leaks, word)
         d.send(Msg.SETUP_ACK)
         d.until(Msg.COMPLETE)
         while not d.stop.wait(STALL / 4):
-            d.send(word, None if word is Msg.KEEPALIVE else Loading(3))
+            d.send(word, None if word is Msg.KEEPALIVE else Loading(3, STALL))
 
     error, took = migrate_against(script)
     assert ("main channel: the destination made no progress towards LOADED for 4 s after "
@@ -309,6 +309,7 @@ def test_a_destination_that_failed_after_setup_ack_is_named_not_its_closed_liste
         d.listener.shutdown(socket.SHUT_RDWR)
         d.listener.close()
         d.send(Msg.SETUP_ACK)
+        d.send(Msg.KEEPALIVE)       # (its ERROR was not looked for behind one)
         d.send(Msg.ERROR, {"error": "disk full"})
         d.main.close()
 
@@ -473,13 +474,13 @@ def _answers(*after_complete):
     pytest.param(_answers((Msg.SETUP, encode_message(Msg.SETUP, {"uuid": "00"}))),
                  r"main channel: unexpected SETUP from the destination while \w+",
                  id="setup-from-the-destination"),
-    pytest.param(_answers((Msg.LOADING, Loading(5)), (Msg.LOADING, Loading(4))),
+    pytest.param(_answers((Msg.LOADING, Loading(5, STALL)), (Msg.LOADING, Loading(4, STALL))),
                  r"main channel: LOADING field 'steps': received 4, expected at least 5",
                  id="loading-steps-back"),
-    pytest.param(_answers((Msg.LOADING, Loading(-1))),
+    pytest.param(_answers((Msg.LOADING, Loading(-1, STALL))),
                  r"Loading field 'steps': received -1, expected a step count",
                  id="loading-negative-steps"),
-    pytest.param(lambda d: (d.send(Msg.SETUP_ACK), d.send(Msg.LOADING, Loading(1)),
+    pytest.param(lambda d: (d.send(Msg.SETUP_ACK), d.send(Msg.LOADING, Loading(1, STALL)),
                             d.stop.wait(30)),
                  r"main channel: unexpected LOADING from the destination while \w+",
                  id="loading-before-complete"),

@@ -516,7 +516,7 @@ def test_max_size_bounds_the_device_state_too(tmp_path):
         status, err = listener.finish()
     assert status == 1 and done.returncode == 1, err
     assert re.search(r"nic[01]\.0\.state\.part: the device state goes past --max-size "
-                     r"\(64\.0 KiB, less the regions'\)", err), err
+                     r"\(64\.0 KiB, or the free space if less, less the regions'\)", err), err
     assert not out.exists() or files_in(out) == set()
 
 

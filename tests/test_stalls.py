@@ -432,6 +432,18 @@ def test_a_destination_loading_for_many_stall_timeouts_after_complete_succeeds()
     assert result.devices[("nic0", 0)] == state
 
 
+def test_a_destination_of_a_longer_stall_timeout_may_take_it_after_complete():
+    """The source gives the destination's steps towards LOADED twice the longer of
+    the two stall timeouts (LOADING says the destination's): a destination of
+    10 s whose loader takes 3 s over the last chunk, past twice the source's
+    1 s, was failed by a source that had let it finish before LOADING (a review)."""
+    with Migration(CONFIG, stall_timeout=10.0) as m:
+        m.source.add_device(fastmfd.BytesDevice("nic0", 0, b"registers"))
+        m.destination.add_loader("nic0", 0, PacedLoader(3.0))
+        _, result = m.run(timeout=60).ok()
+    assert result.devices[("nic0", 0)] == b"registers"
+
+
 def test_a_stopped_forkserver(image):
     """The destination must start a worker for a channel it did not start ahead
     (workers=1, two channels) while multiprocessing's forkserver is stopped (found by

@@ -25,7 +25,7 @@ from ..shm import start_tracker
 from .control_pickling import MAIN_KEYS
 from .liveness import process_stopped
 
-__all__ = ["mp_context", "sigint_deferred", "ForkServerChild", "READY_TIMEOUT",
+__all__ = ["mp_context", "interrupts_deferred", "ForkServerChild", "READY_TIMEOUT",
            "stopped_forkserver", "forkserver_ended", "leave_to_the_forkserver",
            "forkserver_failure"]
 
@@ -50,25 +50,28 @@ def mp_context() -> multiprocessing.context.ForkServerContext:
 
 
 @contextlib.contextmanager
-def sigint_deferred() -> Iterator[None]:
-    """A Ctrl-C during the block is handled at its end, by the handler it would have
-    met: a child's start interrupted half-way left it to fail on start data it
-    could not read (``EOFError: Ran out of input``, its traceback printed), or
-    its pid unknown, to kill before this process exits. Only the main thread sets
-    handlers, and only one set from Python can be put back: otherwise a Ctrl-C is
-    handled as ever."""
-    previous = signal.getsignal(signal.SIGINT)
-    if threading.current_thread() is not threading.main_thread() or previous is None:
+def interrupts_deferred() -> Iterator[None]:
+    """A Ctrl-C (or a SIGTERM the CLI raises as an exception) during the block is
+    handled at its end, by the handler it would have met: a child's start
+    interrupted half-way left it to fail on start data it could not read
+    (``EOFError: Ran out of input``, its traceback printed), or its pid unknown,
+    to kill before this process exits. Only the main thread sets handlers, and
+    only a Python function can be put back: otherwise a signal is handled as ever."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    came: list[bool] = []
-    signal.signal(signal.SIGINT, lambda *_: came.append(True))
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    deferred = [sig for sig, handler in previous.items() if callable(handler)]
+    came: list[int] = []
+    for sig in deferred:
+        signal.signal(sig, lambda number, _: came.append(number))
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-        if came:
-            signal.raise_signal(signal.SIGINT)
+        for sig in deferred:
+            signal.signal(sig, previous[sig])
+        for number in dict.fromkeys(came):
+            signal.raise_signal(number)
 
 
 class _PopenWithoutMain(popen_forkserver.Popen):
@@ -111,7 +114,7 @@ class ForkServerChild(ForkServerProcess):
     start_timeout = READY_TIMEOUT       # seconds the forkserver may take to fork it
 
     def start(self) -> None:
-        with sigint_deferred():     # a Ctrl-C is raised once it started
+        with interrupts_deferred():     # a Ctrl-C or SIGTERM is raised once it started
             super().start()
 
     # Narrower than ForkServerProcess's (any process): it is only ever given itself.

@@ -183,7 +183,8 @@ class Steps:
 
 class DestinationFinishing:
     """The source's deadlines once its COMPLETE went out: the destination's LOADING
-    steps must grow within twice ``limit`` until its LOADED, and its RESUMED (its
+    steps must grow within twice ``limit`` (or twice the destination's own stall
+    timeout, which LOADING says, if longer) until its LOADED, and its RESUMED (its
     on_resume ran) must follow LOADED within ``limit``. KEEPALIVEs say alive,
     not that it loads or answers: a destination sending only those held the
     source for ever. Twice: what holds a destination's steps up (a channel
@@ -196,12 +197,14 @@ class DestinationFinishing:
         self.loaded_at: float | None = None     # when LOADED came (monotonic)
         self._progress = Progress(2 * limit)
 
-    def loading(self, steps: int) -> None:
+    def loading(self, steps: int, stall_timeout: float) -> None:
+        """LOADING: ``steps`` so far, each within the destination's ``stall_timeout``."""
         if steps < self.steps:
             raise ProtocolError(f"main channel: LOADING field 'steps': received {steps}, "
                                 f"expected at least {self.steps} (steps only grow)",
                                 field="steps", received=steps, expected=f">= {self.steps}")
         self.steps = steps
+        self._progress.limit = 2 * max(self.limit, stall_timeout)
 
     def loaded(self) -> None:
         self.loaded_at = time.monotonic()

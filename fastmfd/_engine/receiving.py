@@ -236,19 +236,19 @@ class Receiving:
                 report, main))
         self._check_liveness()              # the deadlines start now
         looked = time.monotonic()
+        pace = min(tick(stall), self._heartbeat.interval)   # (the source's deadline, if shorter)
         while not self._done():
             self.failure.check()
             try:
-                watch.poll(tick(stall))
+                watch.poll(pace)
             except MigrationError as error:
                 cause = self._reassembly_failure_first(error)
                 self._raise_the_cause_of(cause)
                 raise cause
             self._check_ram_loaded()
-            # A look reads every channel's counters and every device-pool slot: taken
-            # after each report, thousands of devices' reports kept this thread
-            # looking for seconds. A look per tick is what the deadlines need.
-            if time.monotonic() - looked >= tick(stall):
+            # A look reads every channel's counters and every device-pool slot: after each
+            # report, thousands of devices' reports kept this thread looking for seconds.
+            if time.monotonic() - looked >= pace:
                 looked = time.monotonic()
                 self._check_liveness()
         self._finish()
@@ -507,7 +507,7 @@ class Receiving:
                 self._devices.on_complete(payload.device_chunks)
             self._complete = payload
             self.state = ReceivingState.COMPLETE
-            self._heartbeat.word = lambda: (Msg.LOADING, Loading(self._steps.count))
+            self._heartbeat.word = lambda: (Msg.LOADING, Loading(self._steps.count, self._stall))
             self._check_no_round_past_the_end()
 
     def _waiting_for_slot(self, since: float) -> None:

@@ -498,7 +498,7 @@ class Sending:
             self.state = SendingState.RESUMING
             self._loaded.set()
         elif isinstance(payload, Loading):
-            self._finishing.loading(payload.steps)
+            self._finishing.loading(payload.steps, payload.stall_timeout)
         elif kind is Msg.RESUMED:
             # The destination runs: the migration is over, whatever it sends next
             # (an ERROR read after it failed a migrate() whose guest ran there).

@@ -52,6 +52,10 @@ def make_session_regions(setup: Setup, parts: RegionParts) -> SessionRegions:
     regions, fresh = [], []
     for spec in setup.regions:
         region, is_fresh = _region(parts, spec.name, spec.size, setup.page_size)
+        if not is_fresh:
+            # From now on, the pages this session sent (check_every_page_came): what a
+            # user's own code, or an earlier session, marked would hide one never sent.
+            region.dirty.collect()
         regions.append(region)
         fresh.append(is_fresh)
     return SessionRegions(regions, fresh, left)
@@ -138,17 +142,17 @@ def check_writable(region: Region, where: str) -> None:
 def check_every_page_came(regions: list[Region], fresh: list[bool]) -> None:
     """A region that held bytes before this session (the pool's, the user's) must
     have been sent every page: round 1 brings each, as data or as a zero page
-    (cleared where it held data). A page never written that holds data holds
-    what was there before: another session's bytes, from a pooled region, which
-    a source that left pages out made the next one's result (a review). The
-    receive workers mark each page sent in such a region, a zero one too: only
-    a page never sent (or punched out since) is read here."""
+    (cleared where it held data), and a page never sent keeps what it held:
+    another session's bytes, from a pooled region, which a source that left
+    pages out made the next one's result (a review). The receive workers mark
+    each page sent into such a region, zero ones too: the bits say it, no page
+    is read (a hole read on a full /dev/shm is a SIGBUS)."""
     for region, new in zip(regions, fresh):
         if new:
             continue                    # created empty: a page never sent is zero
-        count, first = region.dirty.unmarked_with_data(region.buffer, region.page_size)
+        count, first = region.dirty.unmarked()
         if count:
             raise ProtocolError(f"region {region.name!r}: {count} page(s) never sent (the "
-                                f"first: page {first}) still hold what the region held "
-                                f"before this session", field="pages", received=count,
+                                f"first: page {first}), which would keep what the region "
+                                f"held before this session", field="pages", received=count,
                                 expected="every page sent in round 1")

@@ -254,15 +254,17 @@ def error_left(sock: socket.socket, where: str, says: str) -> MigrationError | N
     """The ERROR a destination left before it closed the connection, when one is
     there to read, as "``says``: its words": a source still sending its greeting
     then meets a closed connection (refuse_on_arrival) before it reads why, and
-    one connecting its channels a listener that closed. None if none is. (It
-    came before the end of the connection that failed the source, so it is
-    read at once, or not there.)"""
+    one connecting its channels a listener that closed, perhaps behind its
+    KEEPALIVEs. None if none is. (It came before the end of the connection that
+    failed the source, so it is read at once, or not there.)"""
     def refusal(kind: Msg, length: int) -> None:
-        if kind is not Msg.ERROR or length > MAX_REFUSAL:
+        if kind not in (Msg.ERROR, Msg.KEEPALIVE) or length > MAX_REFUSAL:
             raise ProtocolError(f"no refusal: {kind.name} of {length} bytes", where=where)
+    deadline = time.monotonic() + 0.05
     try:
-        kind, body = _read_bounded(sock, "ERROR", where, time.monotonic() + 0.05, None,
-                                   refusal)
+        kind = Msg.KEEPALIVE
+        while kind is Msg.KEEPALIVE:
+            kind, body = _read_bounded(sock, "ERROR", where, deadline, None, refusal)
     except (MigrationError, ProtocolError, OSError):
         return None
     return MigrationError(f"{says}: {decode_payload(kind, body).error}", channel=where,

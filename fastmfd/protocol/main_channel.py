@@ -30,27 +30,32 @@ from typing import TYPE_CHECKING, Any, Callable, Collection, TypeVar
 
 from .. import _core
 from ..errors import MigrationError, ProtocolError, peer_words
-from .setup import MAX_CHANNELS, MAX_DEVICES, Setup
+from .setup import (MAX_CHANNELS, MAX_DEVICES, MAX_STALL_SECONDS, MIN_STALL_SECONDS, Setup,
+                    is_stall_seconds)
 from .sockets import recv_exact, send_all
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer     # collections.abc.Buffer from Python 3.12
 
 __all__ = [
-    "MAIN", "MAIN_MAGIC", "MAIN_VERSION", "MAIN_PREAMBLE", "MESSAGE_HEADER", "MESSAGE_HEADER_SIZE",
-    "MAX_CONTROL_PAYLOAD", "MAX_SMALL_PAYLOAD", "MAX_ERROR_CHARS", "MAX_JSON_DEPTH", "OLD_WAY_PREFIX", "OLD_WAY_CHECKSUM", "Msg",
-    "RoundEnd", "RoundAck", "PrecopySent", "Complete",
-    "Loaded", "Loading", "Error", "MainChannel", "encode_message", "error_message", "decode_message_header",
+    "MAIN", "MAIN_MAGIC", "MAIN_VERSION", "CAPTURE_VERSIONS", "MAIN_PREAMBLE",
+    "MESSAGE_HEADER", "MESSAGE_HEADER_SIZE", "MAX_CONTROL_PAYLOAD", "MAX_SMALL_PAYLOAD",
+    "MAX_ERROR_CHARS", "MAX_JSON_DEPTH", "OLD_WAY_PREFIX", "OLD_WAY_CHECKSUM", "Msg",
+    "RoundEnd", "RoundAck", "PrecopySent", "Complete", "Loaded", "Loading", "Error",
+    "MainChannel", "encode_message", "error_message", "decode_message_header",
     "decode_control", "decode_payload", "encode_preamble", "check_preamble", "read_message",
     "read_payload", "expect_message", "old_way_message_size", "old_way_checksum",
-    "check_round", "source_failed",
+    "check_round", "source_failed"
 ]
 
 MAIN = "main channel"               # how errors name the main channel
 MAIN_MAGIC = 0x464D4644            # "FMFD"; differs from MULTIFD_MAGIC, so channels can be told apart
 # 2: a checksum (SETUP's) chains through its channel's packets; a peer of 1
 # would take every checksummed packet after the first for a damaged one.
-MAIN_VERSION = 2
+MAIN_VERSION = 3                    # 3: LOADING, and each message's payload bounded
+# What a capture of a source's main channel may say: its side of version 2 is
+# version 3's (LOADING is a destination's message).
+CAPTURE_VERSIONS = (2, 3)
 MAIN_PREAMBLE = struct.Struct(">II")
 MESSAGE_HEADER = struct.Struct(">II")
 MESSAGE_HEADER_SIZE = MESSAGE_HEADER.size
@@ -188,8 +193,10 @@ class Loaded:
 @dataclass(frozen=True)
 class Loading:
     """Not loaded yet, but moving: ``steps`` grows as the destination drains its
-    channels, loads its devices and writes its regions out."""
+    channels, loads its devices and writes its regions out, each within its own
+    ``stall_timeout`` (which may be longer than the source's)."""
     steps: int
+    stall_timeout: float
 
 
 @dataclass(frozen=True)
@@ -261,7 +268,9 @@ _DECODERS: dict[Msg, Callable[[dict[str, Any]], Any]] = {
         device_chunks=_CHUNK_COUNTS),
     Msg.LOADED: _typed(Loaded, rounds=(_count, "a round count"),
                        load_seconds=(_seconds, f"an object of at most {MAX_DEVICES} seconds")),
-    Msg.LOADING: _typed(Loading, steps=(_count, "a step count")),
+    Msg.LOADING: _typed(Loading, steps=(_count, "a step count"),
+                        stall_timeout=(is_stall_seconds, f"seconds in {MIN_STALL_SECONDS:g}.."
+                                                         f"{MAX_STALL_SECONDS:g}")),
     Msg.ERROR: _peer_error,
 }
 
@@ -292,16 +301,18 @@ def encode_preamble() -> bytes:
     return MAIN_PREAMBLE.pack(MAIN_MAGIC, MAIN_VERSION)
 
 
-def check_preamble(data: Buffer) -> None:
+def check_preamble(data: Buffer, versions: tuple[int, ...] = (MAIN_VERSION,)) -> None:
+    """The main channel's preamble: the magic, and one of ``versions``."""
     magic, version = MAIN_PREAMBLE.unpack(data)
     if magic != MAIN_MAGIC:
         raise ProtocolError(f"main channel field 'magic': received {magic:#x}, expected "
                             f"{MAIN_MAGIC:#x}", field="magic", received=magic,
                             expected=MAIN_MAGIC)
-    if version != MAIN_VERSION:
+    if version not in versions:
+        expected = " or ".join(map(str, versions))
         raise ProtocolError(f"main channel field 'version': received {version}, expected "
-                            f"{MAIN_VERSION}", field="version", received=version,
-                            expected=MAIN_VERSION)
+                            f"{expected}", field="version", received=version,
+                            expected=expected)
 
 
 def encode_message(kind: Msg, payload: Any = None) -> bytes:

@@ -34,6 +34,7 @@ __all__ = [
     "Setup", "RegionSpec", "DeviceSpec", "Invalid", "check_name", "check_geometry",
     "check_session", "rule",
     "COMPRESSION_METHODS", "COMPRESSION_LEVELS", "MAX_CHANNELS", "MAX_NAME_BYTES",
+    "is_stall_seconds",
     "MAX_REGIONS", "MAX_DEVICES", "MAX_REGION_BYTES", "MAX_PACKET_BYTES",
 ]
 
@@ -82,7 +83,8 @@ def _is_bool(value: Any) -> bool:
     return isinstance(value, bool)
 
 
-def _is_seconds(value: Any) -> bool:
+def is_stall_seconds(value: Any) -> bool:
+    """A ``stall_timeout`` a peer may say: seconds in MIN..MAX_STALL_SECONDS."""
     return (isinstance(value, (int, float)) and not isinstance(value, bool)
             and MIN_STALL_SECONDS <= value <= MAX_STALL_SECONDS)
 
@@ -136,7 +138,7 @@ _FIELDS: dict[str, tuple[Callable[[Any], bool], str, Any]] = {
     "chunk_size": (_in(CHUNK_SIZES.start, CHUNK_SIZES.stop - 1), "4096..67108864", None),
     "max_queued_bytes": (_in(CHUNK_SIZES.start, MAX_QUEUED_BYTES), f"4096..{MAX_QUEUED_BYTES}",
                          256 << 20),
-    "stall_timeout": (_is_seconds, f"seconds in {MIN_STALL_SECONDS:g}..{MAX_STALL_SECONDS:g}",
+    "stall_timeout": (is_stall_seconds, f"seconds in {MIN_STALL_SECONDS:g}..{MAX_STALL_SECONDS:g}",
                       30.0),
     "config_after_ram": (_is_bool, "a boolean", False),
 }

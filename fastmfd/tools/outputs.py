@@ -257,7 +257,8 @@ class OutputDir:
         left = self._check_room([(r.size, setup.page_size) for r in setup.regions])
         # (Beyond the free space, a disk that fills fails the write by itself.)
         self._device_budget = None if self.max_bytes is None else WriteBudget(
-            left, f"--max-size ({format_bytes(self.max_bytes)}, less the regions')")
+            left, f"--max-size ({format_bytes(self.max_bytes)}, or the free space if less, "
+                  f"less the regions')")
         self.regions = {r.name: _Output({"name": r.name, "size": r.size},
                                         output_name(r.name) + ".img") for r in setup.regions}
         self.devices = {d.key: _Output({"idstr": d.idstr, "instance_id": d.instance_id},

@@ -5,7 +5,8 @@ from __future__ import annotations
 from ...errors import ProtocolError
 from ...protocol.bytereader import ByteReader
 from ...protocol.main_channel import (
-    MESSAGE_HEADER_SIZE, Msg, check_preamble, decode_control, decode_message_header,
+    CAPTURE_VERSIONS, MESSAGE_HEADER_SIZE, Msg, check_preamble, decode_control,
+    decode_message_header,
 )
 from .contents import DeviceChunks
 from .records import FastmfdMainChannel
@@ -23,7 +24,7 @@ def decode_fastmfd_main(reader: ByteReader, channel_header: bool, session: Sessi
     out = FastmfdMainChannel(reader.path, reader.size, channel_header)
     at = reader.pos
     try:
-        check_preamble(reader.take(8, "preamble"))
+        check_preamble(reader.take(8, "preamble"), CAPTURE_VERSIONS)
     except ProtocolError as exc:
         raise reader.locate(exc, at) from None
     last: Msg | None = None
