@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import socket
 import subprocess
@@ -196,6 +197,36 @@ def test_compare_and_chart_mistakes_fail_before_the_run(args, message, capsys):
     assert message in err and "making a" not in err
 
 
+NOT_RESULTS = {
+    "fifo": "a FIFO, not a regular file",
+    "link to /dev/zero": "a character device, not a regular file",
+    "65 MiB": "larger than 64 MiB",
+    "nested 200000 deep": "not a results file written by `fastmfd bench --json` (RecursionError",
+}
+
+
+@pytest.mark.parametrize("kind", NOT_RESULTS)
+def test_a_compare_file_that_cannot_be_results_fails_before_the_run(tmp_path, kind):
+    """A FIFO hung the command, /dev/zero was read until memory ran out, deep
+    nesting was a RecursionError traceback: each in a child that may allocate
+    256 MiB, given 20 s."""
+    path = tmp_path / "old.json"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "link to /dev/zero":
+        path.symlink_to("/dev/zero")
+    elif kind == "65 MiB":
+        with open(path, "wb") as f:
+            f.truncate(65 << 20)
+    else:
+        path.write_text("[" * 200_000)
+    done = run_bench("--size", "1M", "--channels", "1", "--compression", "none",
+                     "--compare", str(path), timeout=20, max_data=256 << 20)
+    assert done.returncode == 2 and len(done.stderr.splitlines()) == 1, done.stderr
+    assert done.stderr.startswith(f"fastmfd bench: --compare {path}: {NOT_RESULTS[kind]}"), \
+        done.stderr
+
+
 def test_output_checks_leave_no_file_behind(tmp_path):
     check_new_file(str(tmp_path / "new.json"), "--json")
     assert os.listdir(tmp_path) == []
@@ -357,12 +388,24 @@ def test_a_bench_killed_takes_its_qemus_with_it():
         shutil.rmtree(scratch)
 
 
-def test_command_line_entry_point():
+def run_bench(*args: str, timeout: float = 120,
+              max_data: int | None = None) -> subprocess.CompletedProcess:
+    """``python -m fastmfd bench ...`` in a fresh interpreter, as a user runs it;
+    ``max_data``: its RLIMIT_DATA (what it may allocate)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-    done = subprocess.run([sys.executable, "-m", "fastmfd", "bench", "--size", "256K",
-                           "--channels", "2", "--compression", "zlib", "--image", "random"],
-                          env=env, capture_output=True, text=True, timeout=120)
+
+    def limit() -> None:
+        if max_data is not None:
+            resource.setrlimit(resource.RLIMIT_DATA, (max_data, max_data))
+
+    return subprocess.run([sys.executable, "-m", "fastmfd", "bench", *args], env=env,
+                          capture_output=True, text=True, timeout=timeout, preexec_fn=limit)
+
+
+def test_command_line_entry_point():
+    done = run_bench("--size", "256K", "--channels", "2", "--compression", "zlib",
+                     "--image", "random")
     assert done.returncode == 0, done.stderr
     assert "fastmfd 2ch zlib-1" in done.stdout and "verified" in done.stderr
 
