@@ -227,6 +227,18 @@ def test_a_compare_file_that_cannot_be_results_fails_before_the_run(tmp_path, ki
         done.stderr
 
 
+def test_json_and_chart_naming_one_file_fail_before_the_run(tmp_path, capsys):
+    # Each passed its check alone: the whole bench ran, then the second write failed.
+    chart = tmp_path / "out.svg"
+    code = main(["bench", "--size", "1M", "--channels", "1", "--compression", "none",
+                 "--json", str(chart), "--chart", f"{tmp_path}/./out.svg"])
+    err = capsys.readouterr().err
+    assert code == 2 and "making a" not in err, err
+    assert err == f"fastmfd bench: --json and --chart both name {tmp_path}/./out.svg: give " \
+                  f"each its own file\n"
+    assert os.listdir(tmp_path) == []
+
+
 def test_output_checks_leave_no_file_behind(tmp_path):
     check_new_file(str(tmp_path / "new.json"), "--json")
     assert os.listdir(tmp_path) == []

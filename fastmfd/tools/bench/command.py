@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import sys
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -141,6 +142,9 @@ def cli_main(args: argparse.Namespace) -> int:
     for option, path in (("--json", args.json), ("--chart", args.chart)):
         if path:
             check_new_file(path, option)
+    # Each passes its check alone; the second write would fail after every run.
+    if args.json and args.chart and os.path.realpath(args.json) == os.path.realpath(args.chart):
+        raise ConfigError(f"--json and --chart both name {args.chart}: give each its own file")
     baseline = load_best_times(args.compare) if args.compare else None
     if "qemu" in args.peer:
         args.qemu_binary = find_qemu(args.qemu_binary)
