@@ -239,6 +239,30 @@ def test_json_and_chart_naming_one_file_fail_before_the_run(tmp_path, capsys):
     assert os.listdir(tmp_path) == []
 
 
+def test_an_interrupt_while_an_image_is_removed_removes_it_all(monkeypatch):
+    """Ctrl-C landing in Image.close's rmtree (bench's last step) left the image
+    directory, with what the trials put in it, in /dev/shm (found in review)."""
+    image = images.Image.create("zero", 1 << 20)
+    for name in ("received.img", "vmstate.bin", "manifest.json"):
+        Path(image.directory, name).write_bytes(b"x")
+    real_unlink = os.unlink
+    pending = [True]
+
+    def unlink_then_interrupt(*args, **kwargs):
+        real_unlink(*args, **kwargs)
+        if pending[0] and kwargs.get("dir_fd") is not None:      # rmtree's, in the tree
+            pending[0] = False
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "unlink", unlink_then_interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            image.close()
+        assert not pending[0] and not os.path.exists(image.directory)
+    finally:
+        shutil.rmtree(image.directory, ignore_errors=True)
+
+
 def test_output_checks_leave_no_file_behind(tmp_path):
     check_new_file(str(tmp_path / "new.json"), "--json")
     assert os.listdir(tmp_path) == []

@@ -1,4 +1,4 @@
-"""Work that an interrupt must not cut in two: :func:`run_whole`.
+"""Work that an interrupt must not cut in two: :func:`run_whole`, :func:`clean_up_whole`.
 
 Python raises Ctrl-C's KeyboardInterrupt (and the CLI's SIGTERM) in the main
 thread, between any two bytecodes. Cleanup that must know what a step did
@@ -21,7 +21,7 @@ import _thread
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-__all__ = ["run_whole"]
+__all__ = ["run_whole", "clean_up_whole"]
 
 T = TypeVar("T")
 
@@ -85,3 +85,14 @@ def run_whole(step: Callable[[], T]) -> T:
     if call.error is not None:
         raise call.error
     return call.returned[0]
+
+
+def clean_up_whole(clean_up: Callable[[], None]) -> None:
+    """Run ``clean_up``, which finishes what an earlier run of it left when run
+    again: an interrupt (one Ctrl-C) stops it once, the rest is done, then the
+    interrupt goes on. A second interrupt stops it."""
+    try:
+        clean_up()
+    except KeyboardInterrupt:
+        clean_up()
+        raise

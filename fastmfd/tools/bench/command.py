@@ -158,15 +158,10 @@ def cli_main(args: argparse.Namespace) -> int:
         # Its destinations listen on the link's far end: --tls's certificate names it.
         security = cleanup.enter_context(security_options.loopback_security(
             args, (link.destination_host,) if link is not None else ()))
-
-        def close_images() -> None:
-            for image in images:
-                image.close()
-
-        cleanup.callback(close_images)
         for kind in args.image:
             log.print(f"making a {format_bytes(args.size)} {kind} image ...")
-            images.append(Image.create(kind, args.size))
+            # Each closed by the stack: an interrupt closing one stops none of the others.
+            images.append(cleanup.enter_context(Image.create(kind, args.size)))
 
         def progress(kind: str, setting: Setting, number: int, m: Measurement) -> None:
             load = m.details.get("foreign_cores", 0)

@@ -39,7 +39,7 @@ import threading
 from dataclasses import dataclass
 
 from ...errors import ConfigError
-from ..whole import run_whole
+from ..whole import clean_up_whole, run_whole
 
 __all__ = ["LinkSpec", "parse_link", "check_can_emulate", "enter_namespace", "EmulatedLink"]
 
@@ -275,11 +275,7 @@ class EmulatedLink:
 
         An interrupt (Ctrl-C) stops the removal once: what is left is removed,
         then the interrupt goes on."""
-        try:
-            self._remove()
-        except KeyboardInterrupt:
-            self._remove()
-            raise
+        clean_up_whole(self._remove)
 
     def _remove(self) -> None:
         # A part stays marked until its removal ran, so a removal interrupted is
