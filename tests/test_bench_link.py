@@ -11,13 +11,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 from leakcheck import leaks  # noqa: F401
 
 from fastmfd.errors import ConfigError
+from fastmfd.tools.bench import link as link_module
 from fastmfd.tools.bench.link import EmulatedLink, parse_link
 from fastmfd.tools.bench.matrix import Setting, run_once
 from fastmfd.tools.cli import main
@@ -42,7 +46,12 @@ def devices() -> set[str]:
 def nothing_left_behind():
     before = namespaces(), devices()
     yield
-    assert (namespaces(), devices()) == before
+    left = namespaces() - before[0], devices() - before[1]
+    for device in left[1]:          # the machine stays clean when the test fails
+        subprocess.run(["ip", "link", "del", device], capture_output=True)
+    for namespace in left[0]:
+        subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
+    assert left == (set(), set())
 
 
 @pytest.mark.parametrize("text, rate_bits, delay_s", [
@@ -99,6 +108,75 @@ def test_a_device_of_the_links_name_left_by_another_is_not_removed(nothing_left_
         assert os.path.exists(f"/sys/class/net/{stale}")
     finally:
         subprocess.run(["ip", "link", "del", stale], check=True)
+
+
+def interrupt_at(monkeypatch, command: str, *, after: bool) -> None:
+    """Ctrl-C's KeyboardInterrupt, raised once: right after the first ``ip`` or ``tc``
+    command starting with ``command`` ran (``after``), or right before it would."""
+    real_run = link_module._run
+    pending = [True]
+
+    def run(*argv: str) -> str:
+        hit = pending[0] and " ".join(argv).startswith(command)
+        if hit and not after:
+            pending[0] = False
+            raise KeyboardInterrupt
+        out = real_run(*argv)
+        if hit:
+            pending[0] = False
+            raise KeyboardInterrupt
+        return out
+
+    monkeypatch.setattr(link_module, "_run", run)
+
+
+@needs_root
+@pytest.mark.parametrize("command", ["ip netns add", "ip link add", "ip addr add"])
+def test_an_interrupt_while_the_link_is_made_leaves_nothing(monkeypatch, command,
+                                                            nothing_left_behind):
+    """Ctrl-C landing once ``ip`` made the namespace (or the veth), before the link
+    marked it as made: it was left behind (found in review)."""
+    interrupt_at(monkeypatch, command, after=True)
+    with pytest.raises(KeyboardInterrupt):
+        EmulatedLink(parse_link("1gbit"))
+
+
+@needs_root
+def test_an_interrupt_while_ip_runs_waits_for_its_end(nothing_left_behind, monkeypatch):
+    """Ctrl-C landing while ``ip netns add`` runs: subprocess.run gave it up at once
+    (as Popen does when interrupted right after its fork), and the namespace
+    appeared after close() had looked (found in review)."""
+    real_run = subprocess.run
+
+    def slow_namespace_add(argv, **kwargs):
+        if list(argv[:3]) != ["ip", "netns", "add"]:
+            return real_run(argv, **kwargs)
+        child = subprocess.Popen(["sh", "-c", 'sleep 1; exec "$@"', "sh", *argv],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+        out, err = child.communicate()
+        return subprocess.CompletedProcess(argv, child.returncode, out, err)
+
+    monkeypatch.setattr(link_module.subprocess, "run", slow_namespace_add)
+    with pytest.raises(KeyboardInterrupt):
+        EmulatedLink(parse_link("1gbit"))
+    time.sleep(1.5)         # a command given up has made its namespace by now
+
+
+@needs_root
+@pytest.mark.parametrize("command, after", [
+    ("ip link del", False), ("ip link del", True), ("ip netns del", False)])
+def test_an_interrupt_while_the_link_is_removed_leaves_nothing(monkeypatch, command, after,
+                                                               nothing_left_behind):
+    """One Ctrl-C in close(): the rest is removed before it goes on (close() cleared
+    each mark before its removal ran, so an interrupt left the namespace)."""
+    link = EmulatedLink(parse_link("1gbit"))
+    interrupt_at(monkeypatch, command, after=after)
+    with pytest.raises(KeyboardInterrupt):
+        link.close()
+    # The namespace's devices go in the background: the veth is gone at once only
+    # if it was deleted first, as the next link (same names) needs.
+    assert not os.path.exists(f"/sys/class/net/{link.source_device}")
 
 
 @needs_root

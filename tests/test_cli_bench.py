@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import socket
 import subprocess
@@ -196,6 +197,72 @@ def test_compare_and_chart_mistakes_fail_before_the_run(args, message, capsys):
     assert message in err and "making a" not in err
 
 
+NOT_RESULTS = {
+    "fifo": "a FIFO, not a regular file",
+    "link to /dev/zero": "a character device, not a regular file",
+    "65 MiB": "larger than 64 MiB",
+    "nested 200000 deep": "not a results file written by `fastmfd bench --json` (RecursionError",
+}
+
+
+@pytest.mark.parametrize("kind", NOT_RESULTS)
+def test_a_compare_file_that_cannot_be_results_fails_before_the_run(tmp_path, kind):
+    """A FIFO hung the command, /dev/zero was read until memory ran out, deep
+    nesting was a RecursionError traceback: each in a child that may allocate
+    256 MiB, given 20 s."""
+    path = tmp_path / "old.json"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "link to /dev/zero":
+        path.symlink_to("/dev/zero")
+    elif kind == "65 MiB":
+        with open(path, "wb") as f:
+            f.truncate(65 << 20)
+    else:
+        path.write_text("[" * 200_000)
+    done = run_bench("--size", "1M", "--channels", "1", "--compression", "none",
+                     "--compare", str(path), timeout=20, max_data=256 << 20)
+    assert done.returncode == 2 and len(done.stderr.splitlines()) == 1, done.stderr
+    assert done.stderr.startswith(f"fastmfd bench: --compare {path}: {NOT_RESULTS[kind]}"), \
+        done.stderr
+
+
+def test_json_and_chart_naming_one_file_fail_before_the_run(tmp_path, capsys):
+    # Each passed its check alone: the whole bench ran, then the second write failed.
+    chart = tmp_path / "out.svg"
+    code = main(["bench", "--size", "1M", "--channels", "1", "--compression", "none",
+                 "--json", str(chart), "--chart", f"{tmp_path}/./out.svg"])
+    err = capsys.readouterr().err
+    assert code == 2 and "making a" not in err, err
+    assert err == f"fastmfd bench: --json and --chart both name {tmp_path}/./out.svg: give " \
+                  f"each its own file\n"
+    assert os.listdir(tmp_path) == []
+
+
+def test_an_interrupt_while_an_image_is_removed_removes_it_all(monkeypatch):
+    """Ctrl-C landing in Image.close's rmtree (bench's last step) left the image
+    directory, with what the trials put in it, in /dev/shm (found in review)."""
+    image = images.Image.create("zero", 1 << 20)
+    for name in ("received.img", "vmstate.bin", "manifest.json"):
+        Path(image.directory, name).write_bytes(b"x")
+    real_unlink = os.unlink
+    pending = [True]
+
+    def unlink_then_interrupt(*args, **kwargs):
+        real_unlink(*args, **kwargs)
+        if pending[0] and kwargs.get("dir_fd") is not None:      # rmtree's, in the tree
+            pending[0] = False
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "unlink", unlink_then_interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            image.close()
+        assert not pending[0] and not os.path.exists(image.directory)
+    finally:
+        shutil.rmtree(image.directory, ignore_errors=True)
+
+
 def test_output_checks_leave_no_file_behind(tmp_path):
     check_new_file(str(tmp_path / "new.json"), "--json")
     assert os.listdir(tmp_path) == []
@@ -357,12 +424,24 @@ def test_a_bench_killed_takes_its_qemus_with_it():
         shutil.rmtree(scratch)
 
 
-def test_command_line_entry_point():
+def run_bench(*args: str, timeout: float = 120,
+              max_data: int | None = None) -> subprocess.CompletedProcess:
+    """``python -m fastmfd bench ...`` in a fresh interpreter, as a user runs it;
+    ``max_data``: its RLIMIT_DATA (what it may allocate)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-    done = subprocess.run([sys.executable, "-m", "fastmfd", "bench", "--size", "256K",
-                           "--channels", "2", "--compression", "zlib", "--image", "random"],
-                          env=env, capture_output=True, text=True, timeout=120)
+
+    def limit() -> None:
+        if max_data is not None:
+            resource.setrlimit(resource.RLIMIT_DATA, (max_data, max_data))
+
+    return subprocess.run([sys.executable, "-m", "fastmfd", "bench", *args], env=env,
+                          capture_output=True, text=True, timeout=timeout, preexec_fn=limit)
+
+
+def test_command_line_entry_point():
+    done = run_bench("--size", "256K", "--channels", "2", "--compression", "zlib",
+                     "--image", "random")
     assert done.returncode == 0, done.stderr
     assert "fastmfd 2ch zlib-1" in done.stdout and "verified" in done.stderr
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -21,12 +22,19 @@ REPO = Path(fastmfd.__file__).resolve().parents[1]
 BORDER = re.compile("[│|]")     # rich draws ASCII borders when stdout is not UTF-8
 
 
-def run_module(*args: str) -> subprocess.CompletedProcess:
-    """``python -m fastmfd inspect ...`` in a fresh interpreter, as a user runs it."""
+def run_module(*args: str, timeout: float = 120,
+               max_data: int | None = None) -> subprocess.CompletedProcess:
+    """``python -m fastmfd inspect ...`` in a fresh interpreter, as a user runs it;
+    ``max_data``: its RLIMIT_DATA (what it may allocate, not what it may map read-only)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+
+    def limit() -> None:
+        if max_data is not None:
+            resource.setrlimit(resource.RLIMIT_DATA, (max_data, max_data))
+
     return subprocess.run([sys.executable, "-m", "fastmfd", "inspect", *args], env=env,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=timeout, preexec_fn=limit)
 
 
 def test_text_summary_of_a_qemu_capture():
@@ -86,3 +94,38 @@ def test_bad_arguments_are_usage_errors(args):
     with pytest.raises(SystemExit) as info:
         main(["inspect", *args])
     assert info.value.code == 2
+
+
+@pytest.mark.parametrize("kind", ["fifo", "link to /dev/zero"])
+def test_a_file_that_is_not_regular_is_a_usage_error_before_it_is_read(tmp_path, kind):
+    # A FIFO nobody writes blocked the open (and the read) for ever; /dev/zero was
+    # read until memory ran out (here: 256 MiB, a MemoryError traceback).
+    path = tmp_path / "conn0.bin"
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.symlink_to("/dev/zero")
+    done = run_module(str(tmp_path), timeout=20, max_data=256 << 20)
+    assert done.returncode == 2 and done.stdout == "", done.stderr
+    what = "a FIFO" if kind == "fifo" else "a character device"
+    assert done.stderr == f"fastmfd inspect: {path}: {what}, not a regular file\n"
+
+
+def test_a_capture_is_mapped_not_read_into_memory(tmp_path):
+    # 1 GiB (sparse: no disk) under a 256 MiB allocation limit: read whole, it was
+    # a MemoryError; mapped, its first bytes are judged (zeros: no known channel).
+    big = tmp_path / "conn0.bin"
+    with open(big, "wb") as f:
+        f.truncate(1 << 30)
+    done = run_module(str(big), timeout=20, max_data=256 << 20)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.startswith(f"fastmfd inspect: {big} at byte 0: unknown channel")
+    assert len(done.stderr.splitlines()) == 1
+
+
+def test_an_empty_capture_file_is_located_not_mapped(tmp_path):
+    empty = tmp_path / "conn0.bin"
+    empty.touch()
+    done = run_module(str(empty), timeout=20)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.startswith(f"fastmfd inspect: {empty} at byte 0: unknown channel")

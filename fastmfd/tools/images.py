@@ -34,6 +34,7 @@ import numpy.typing as npt
 from .. import _core
 from ..errors import ConfigError
 from ..regions import Region
+from .whole import clean_up_whole
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer     # collections.abc.Buffer from Python 3.12
@@ -219,7 +220,12 @@ class Image:
                 del theirs          # before the view is released
 
     def close(self) -> None:
-        """Unmap the region and remove the directory (even if views of it are still out)."""
+        """Unmap the region and remove the directory (even if views of it are still out).
+        An interrupt (Ctrl-C) stops it once: the rest is removed, then the interrupt
+        goes on (an interrupted rmtree left the image in /dev/shm)."""
+        clean_up_whole(self._remove)
+
+    def _remove(self) -> None:
         try:
             self.region.close()
         finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import sys
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -141,6 +142,9 @@ def cli_main(args: argparse.Namespace) -> int:
     for option, path in (("--json", args.json), ("--chart", args.chart)):
         if path:
             check_new_file(path, option)
+    # Each passes its check alone; the second write would fail after every run.
+    if args.json and args.chart and os.path.realpath(args.json) == os.path.realpath(args.chart):
+        raise ConfigError(f"--json and --chart both name {args.chart}: give each its own file")
     baseline = load_best_times(args.compare) if args.compare else None
     if "qemu" in args.peer:
         args.qemu_binary = find_qemu(args.qemu_binary)
@@ -154,15 +158,10 @@ def cli_main(args: argparse.Namespace) -> int:
         # Its destinations listen on the link's far end: --tls's certificate names it.
         security = cleanup.enter_context(security_options.loopback_security(
             args, (link.destination_host,) if link is not None else ()))
-
-        def close_images() -> None:
-            for image in images:
-                image.close()
-
-        cleanup.callback(close_images)
         for kind in args.image:
             log.print(f"making a {format_bytes(args.size)} {kind} image ...")
-            images.append(Image.create(kind, args.size))
+            # Each closed by the stack: an interrupt closing one stops none of the others.
+            images.append(cleanup.enter_context(Image.create(kind, args.size)))
 
         def progress(kind: str, setting: Setting, number: int, m: Measurement) -> None:
             load = m.details.get("foreign_cores", 0)

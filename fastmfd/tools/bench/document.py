@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from ... import __version__
 from ...errors import ConfigError
+from ..input_files import open_regular_file
 from .matrix import TLS_METHODS
 
 if TYPE_CHECKING:
@@ -41,19 +42,31 @@ if TYPE_CHECKING:
 __all__ = ["document", "load_best_times"]
 
 LINK = "loopback TCP"           # what carries the bytes without --link
+# A results file holds a few KiB per setting; past this it is not one (and
+# reading it whole is not free).
+MAX_COMPARE_BYTES = 64 << 20
 
 
 def load_best_times(path: str) -> dict[str, float]:
     """``name -> best seconds`` of the benchmarks in a document :func:`document` wrote
-    (or pytest-benchmark); read before the run, so a bad file costs no run."""
+    (or pytest-benchmark); read before the run, so a bad file costs no run.
+    Only a regular file of at most MAX_COMPARE_BYTES is read."""
+    what = f"--compare {path}"
+    fd, _ = open_regular_file(path, what)
     try:
-        with open(path) as f:
-            benchmarks = json.load(f)["benchmarks"]
-        return {b["name"]: float(b["stats"]["min"]) for b in benchmarks}
+        with os.fdopen(fd, "rb") as f:
+            text = f.read(MAX_COMPARE_BYTES + 1)
     except OSError as exc:
-        raise ConfigError(f"--compare {path}: {exc.strerror or exc}") from None
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"--compare {path}: not a results file written by "
+        raise ConfigError(f"{what}: {exc.strerror or exc}") from None
+    if len(text) > MAX_COMPARE_BYTES:
+        raise ConfigError(f"{what}: larger than {MAX_COMPARE_BYTES >> 20} MiB: not a results "
+                          f"file written by `fastmfd bench --json`")
+    try:
+        benchmarks = json.loads(text)["benchmarks"]
+        return {b["name"]: float(b["stats"]["min"]) for b in benchmarks}
+    # RecursionError: arrays nested deeper than the parser's stack.
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
+        raise ConfigError(f"{what}: not a results file written by "
                           f"`fastmfd bench --json` ({type(exc).__name__}: {exc})") from None
 
 

@@ -39,6 +39,7 @@ import threading
 from dataclasses import dataclass
 
 from ...errors import ConfigError
+from ..whole import clean_up_whole, run_whole
 
 __all__ = ["LinkSpec", "parse_link", "check_can_emulate", "enter_namespace", "EmulatedLink"]
 
@@ -108,14 +109,22 @@ def check_can_emulate() -> None:
                           f"(Debian: apt-get install iproute2)")
 
 
+class _CommandFailed(ConfigError):
+    """An ip or tc command ran to its end and failed: it changed nothing."""
+
+
 def _run(*command: str) -> str:
+    """Run an ip or tc command; its output. Whole (:func:`..whole.run_whole`): when an
+    interrupt goes on, the command never ran or has ended, so what it made is there
+    for close() to see."""
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=COMMAND_TIMEOUT)
+        done = run_whole(lambda: subprocess.run(command, capture_output=True, text=True,
+                                                timeout=COMMAND_TIMEOUT))
     except subprocess.TimeoutExpired:
         raise ConfigError(f"{' '.join(command)} did not finish within "
                           f"{COMMAND_TIMEOUT:g} s") from None
     if done.returncode != 0:
-        raise ConfigError(f"{' '.join(command)} failed: {done.stderr.strip()}")
+        raise _CommandFailed(f"{' '.join(command)} failed: {done.stderr.strip()}")
     return done.stdout
 
 
@@ -154,9 +163,10 @@ class EmulatedLink:
         self.source_device, self.destination_device = f"fmfd{pid}s", f"fmfd{pid}d"
         base = _free_subnet(pid)
         self.source_host, self.destination_host = f"10.254.0.{base + 1}", f"10.254.0.{base + 2}"
-        # What this link made, so close() removes that and nothing else (a namespace
-        # or a veth of these names left by a killed bench whose pid was ours is not).
-        self._namespace_made = self._veth_made = False
+        # What this link may have made, so close() removes that and nothing else (a
+        # namespace or a veth of these names left by a killed bench whose pid was ours
+        # is not): "namespace", "veth".
+        self._made: set[str] = set()
         try:
             self._create()
         except BaseException as exc:
@@ -168,10 +178,9 @@ class EmulatedLink:
 
     def _create(self) -> None:
         ns, src, dst = self.namespace, self.source_device, self.destination_device
-        _run("ip", "netns", "add", ns)
-        self._namespace_made = True
-        _run("ip", "link", "add", src, "type", "veth", "peer", "name", dst, "netns", ns)
-        self._veth_made = True
+        self._make("namespace", "ip", "netns", "add", ns)
+        self._make("veth", "ip", "link", "add", src, "type", "veth", "peer", "name", dst,
+                   "netns", ns)
         _run("ip", "addr", "add", f"{self.source_host}/30", "dev", src)
         _run("ip", "link", "set", src, "up")
         _run("ip", "-n", ns, "addr", "add", f"{self.destination_host}/30", "dev", dst)
@@ -179,6 +188,18 @@ class EmulatedLink:
         _run("ip", "-n", ns, "link", "set", "lo", "up")
         for namespace, device in ((None, src), (ns, dst)):
             self._shape(namespace, device)
+
+    def _make(self, part: str, *command: str) -> None:
+        """Run ``command``, which makes ``part`` of the link. The part is counted as
+        made before the command runs: an interrupt (Ctrl-C) can land once ``ip`` made
+        it, before a mark set after it. Only a command that ran and failed made
+        nothing (a part of this name that was there is another's)."""
+        self._made.add(part)
+        try:
+            _run(*command)
+        except _CommandFailed:
+            self._made.discard(part)
+            raise
 
     def _shape(self, namespace: str | None, device: str) -> None:
         """netem (if there is a delay) then tbf at the rate, on ``device``'s egress."""
@@ -250,18 +271,28 @@ class EmulatedLink:
         raise ConfigError(f"no tbf qdisc on {self.source_device}")
 
     def close(self) -> None:
-        """Remove the veth pair with its qdiscs, and the namespace (idempotent)."""
+        """Remove the veth pair with its qdiscs, and the namespace (idempotent).
+
+        An interrupt (Ctrl-C) stops the removal once: what is left is removed,
+        then the interrupt goes on."""
+        clean_up_whole(self._remove)
+
+    def _remove(self) -> None:
+        # A part stays marked until its removal ran, so a removal interrupted is
+        # done again; one that may never have been made (its command interrupted
+        # before it ran) is not there to remove.
         # Deleting a namespace frees its devices later, in the background: the veth
         # goes first, at once, so the next link can reuse its names.
         try:
-            if self._veth_made:
-                self._veth_made = False
+            if "veth" in self._made:
                 if os.path.exists(f"/sys/class/net/{self.source_device}"):
                     _run("ip", "link", "del", self.source_device)
+                self._made.discard("veth")
         finally:
-            if self._namespace_made:
-                self._namespace_made = False
-                _run("ip", "netns", "del", self.namespace)
+            if "namespace" in self._made:
+                if os.path.exists(f"/run/netns/{self.namespace}"):
+                    _run("ip", "netns", "del", self.namespace)
+                self._made.discard("namespace")
 
     def __enter__(self) -> "EmulatedLink":
         return self

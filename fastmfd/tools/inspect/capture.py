@@ -5,15 +5,16 @@ See the package docstring for the flow; :func:`read_capture` is the entry point.
 
 from __future__ import annotations
 
+import mmap
 import os
 from collections.abc import Iterable
-from pathlib import Path
 
 from ... import _core
 from ...errors import ConfigError, ProtocolError
 from ...protocol.bytereader import ByteReader
 from ...protocol.main_channel import MAIN_MAGIC
 from ...protocol.qemu import QEVM_MAGIC, QemuMainChannel, decode_qemu_main
+from ..input_files import open_regular_file
 from .contents import DeviceChunks, RamImage
 from .fastmfd_main import decode_fastmfd_main
 from .multifd import ChannelDecoder, check_rounds, open_channels
@@ -48,7 +49,7 @@ def read_capture(paths: Iterable[str | os.PathLike[str]], *, packet_pages: int |
         raise ConfigError(f"layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
     check_arguments(page_size, default_packet_pages(page_size) if packet_pages is None
                     else packet_pages)
-    readers = [ByteReader(str(path), _read_file(path)) for path in paths]
+    readers = [ByteReader(str(path), _map_file(str(path))) for path in paths]
     if not readers:
         raise ConfigError("no capture files given")
     kinds = [_classify(reader) for reader in readers]
@@ -116,11 +117,19 @@ def _decode_rounds(main: QemuMainChannel | FastmfdMainChannel | None, decoders: 
         r += 1
 
 
-def _read_file(path: str | os.PathLike[str]) -> bytes:
+def _map_file(path: str) -> bytes | mmap.mmap:
+    """The bytes of the capture file ``path``, mapped read-only, not read: a capture
+    can be many GiB, and the decoders only take views of the parts they look at.
+    (The mapping lives as long as a view of it: the Capture's pages are some.)"""
+    fd, size = open_regular_file(path, path)
     try:
-        return Path(path).read_bytes()
+        if size == 0:
+            return b""              # mmap refuses an empty file
+        return mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
     except OSError as exc:
         raise ConfigError(f"{path}: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
 
 
 def _classify(reader: ByteReader) -> tuple[str, int | None]:
