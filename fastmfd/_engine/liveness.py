@@ -13,9 +13,10 @@
                   process is stopped must finish a packet (change its shared
                   counters) within the deadline
                   ("receive channel 1: no progress for 30 s (its process is stopped)")
-      Steps       the destination, once COMPLETE came: LOADING(steps) instead of
-                  KEEPALIVE, steps growing as its work moves on; the source
-                  fails a destination whose steps stop growing for the deadline
+      Steps       the destination, once COMPLETE came: LOADING(steps, its stall
+                  timeout) instead of KEEPALIVE, steps growing as its work moves
+                  on; the source fails a destination whose steps stop growing for
+                  twice the longer stall timeout of the two
                   ("main channel: the destination made no progress towards LOADED ...")
     data sockets: SO_SNDTIMEO = stall_timeout, so a send worker whose peer takes
                   nothing for that long fails by itself (the core maps the
@@ -39,8 +40,8 @@ from ..errors import MigrationError, ProtocolError
 from ..protocol.main_channel import MAIN, MainChannel, Msg
 from ..protocol.sockets import decrypted_unread
 
-__all__ = ["Heartbeat", "Progress", "Steps", "DestinationFinishing", "set_stall_timeout", "bytes_waiting", "process_stopped",
-           "stall_error", "tick"]
+__all__ = ["Heartbeat", "Progress", "Steps", "DestinationFinishing", "set_stall_timeout",
+           "bytes_waiting", "process_stopped", "stall_error", "tick"]
 
 
 def tick(stall_timeout: float) -> float:

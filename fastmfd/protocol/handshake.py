@@ -47,8 +47,8 @@ MAX_REFUSAL = 64 << 10         # the longest ERROR read during the shared-key pr
 
 __all__ = ["ChannelHello", "SocketStream", "TLSStream", "read_hello", "main_channel_start",
            "channel_start", "open_main_channel", "open_channel", "MainGreeting",
-           "greet_main_channel", "refuse_on_arrival", "greet_channel", "tls_accept", "check_channel",
-           "error_left"]
+           "greet_main_channel", "refuse_on_arrival", "greet_channel", "tls_accept",
+           "check_channel", "error_left"]
 
 
 # ---------------------------------------------------------------- streams

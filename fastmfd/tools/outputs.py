@@ -54,8 +54,8 @@ from .new_files import (make_directories, make_new_directory, remove_directories
                         rename_without_replacing, try_making_a_file, write_durably)
 from .warm_files import WarmFiles
 
-__all__ = ["OutputDir", "SavedFiles", "output_name", "check_writable", "check_only_yours", "MANIFEST",
-           "VMSTATE"]
+__all__ = ["OutputDir", "SavedFiles", "output_name", "check_writable", "check_only_yours",
+           "MANIFEST", "VMSTATE"]
 
 log = logging.getLogger("fastmfd")
 
