@@ -15,6 +15,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import time
 
@@ -25,7 +26,7 @@ import fastmfd
 from device_support import BrokenDevice
 from fastmfd.tools.outputs import STEM_MAX, OutputDir, output_name
 from listen_support import Listener, run_cli
-from migration_support import make_region
+from migration_support import make_region, setup_message
 
 PAGE = 4096
 LONG_IDSTR = "vfio-" + "x" * 250           # 255 bytes: the longest legal idstr
@@ -518,6 +519,26 @@ def test_max_size_bounds_the_device_state_too(tmp_path):
     assert re.search(r"nic[01]\.0\.state\.part: the device state goes past --max-size "
                      r"\(64\.0 KiB, or the free space if less, less the regions'\)", err), err
     assert not out.exists() or files_in(out) == set()
+
+
+def test_a_listener_of_several_sessions_keeps_its_own_stall_timeout(tmp_path):
+    """A listener takes the source's stall_timeout, up to a day: with several
+    sessions, one source stopped after SETUP_ACK held every later one that long (a
+    review). Without --stall-timeout such a listener keeps the default, 30 s, and
+    says it is alive at least every quarter of it (not of the source's hour)."""
+    from fastmfd import _core
+    from fastmfd.protocol.main_channel import Msg, encode_message, encode_preamble, read_message
+    setup = setup_message(fastmfd.MigrationConfig(stall_timeout=3600.0), bytes(range(16)),
+                          {"ram": 16 * PAGE})
+    header = bytearray(_core.CHANNEL_HEADER_SIZE)
+    _core.encode_channel_header(header, _core.CHANNEL_MAIN)
+    with Listener(tmp_path / "out", "--max-sessions", "2") as listener, \
+            socket.socket(socket.AF_UNIX) as source:
+        source.connect(listener.address[len("unix:"):])
+        source.sendall(bytes(header) + encode_preamble() + encode_message(Msg.SETUP, setup))
+        assert read_message(source, 0, time.monotonic() + 30)[0] is Msg.SETUP_ACK
+        heard = read_message(source, 0, time.monotonic() + 15, seconds=15)[0]
+        assert heard is Msg.KEEPALIVE           # within 7.5 s and a look, not 900 s
 
 
 def test_a_session_never_takes_a_directory_of_its_uuid_that_exists(tmp_path):

@@ -393,7 +393,8 @@ def _build_parser() -> _Parser:
                         "again)")
     p.add_argument("--stall-timeout", type=positive_seconds, default=None, metavar="SECONDS",
                    help="fail when the sender, a channel or a process makes no progress for "
-                        "this long (default: the sender's --stall-timeout)")
+                        "this long (default: the sender's --stall-timeout; with "
+                        "--max-sessions or --forever, 30)")
     p.add_argument("--force", action="store_true",
                    help="replace files of the same names in DIR (a symbolic link is replaced, "
                         "never followed)")

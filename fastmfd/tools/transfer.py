@@ -207,13 +207,17 @@ def listen_sessions(address: str, directory: str, *, sessions: int | None = None
     :func:`listen_once`, which takes ``options``). Yields each one's ``(result,
     files)``, or ``(error, None)`` for one that failed, and goes on: a failed or
     hostile session costs only itself. A wait of ``timeout`` no source came in
-    is no session: the listener waits again.
+    is no session: the listener waits again. Without a ``stall_timeout`` given,
+    each session's is the default (30 s), not its source's: a source may say up
+    to a day, and one stopped would hold every later one that long.
 
     With ``prealloc``, each session's region files are faulted in for the next
     one between sessions (:class:`~.warm_files.WarmFiles`, at most
     ``max_memory`` bytes of them), so a session of the same geometry lands in
     memory that is there."""
     check_writable(directory)           # before any session: not each at its SETUP
+    if options.get("stall_timeout") is None:
+        options["stall_timeout"] = MigrationConfig.stall_timeout
     if options.get("huge_pages"):
         check_huge_pages(directory)
     requested = parse_address(address)
