@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ import fastmfd
 from fastmfd._engine.prealloc import plan_shares
 from fastmfd.protocol.main_channel import Msg, encode_message
 from fastmfd.tools.outputs import OutputDir
-from fastmfd.tools.warm_files import FILLING, WarmFiles
+from fastmfd.tools.warm_files import FILLING, PREFIX, WarmFiles
 from migration_support import Migration, first_difference, make_region
 from listen_support import Listener, run_cli
 from test_shm_limits import needs_namespace, run_with_small_shm
@@ -257,6 +258,25 @@ def test_listen_prealloc_lands_the_next_session_in_a_warm_file(tmp_path):
 def _settle(warm: WarmFiles) -> None:
     if warm._thread is not None:
         warm._thread.join(30)
+
+
+def test_warm_files_of_a_killed_listener_are_removed_by_the_next(tmp_path):
+    """A listener killed between sessions left its faulted-in warm files in DIR, up to
+    --max-memory of them, for good (a review): the next one there removes the
+    directory of a listener whose pid is gone, and keeps a live one's."""
+    dead = subprocess.Popen(["true"])             # a pid that has exited
+    dead.wait()
+    orphan = tmp_path / f"{PREFIX}{dead.pid}-abc123"
+    orphan.mkdir()
+    (orphan / "1048576.4096").write_bytes(b"\xaa" * 4096)
+    alive = tmp_path / f"{PREFIX}{os.getpid()}-def456"
+    alive.mkdir()
+    warm = WarmFiles(str(tmp_path))
+    try:
+        assert not orphan.exists() and alive.exists()
+    finally:
+        warm.close()
+        alive.rmdir()
 
 
 def test_warm_files_are_new_bounded_and_removed_at_close(tmp_path):

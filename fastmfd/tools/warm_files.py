@@ -15,6 +15,8 @@ its prealloc skips it::
                          slices), then renamed N: ready
     OutputDir.region()   take(size, page_size): a warm file, renamed to NAME.img.part
     close()              stops the thread, removes the hidden directory and what is in it
+    (a listener killed)  its directory, named with its pid, is removed by the next one
+                         in DIR that finds the pid gone
 
 A warm file is new: it holds zeros, never another session's bytes. The files
 held are bounded by ``max_bytes`` (``--max-memory``) and are at most one of
@@ -26,6 +28,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import stat
 import tempfile
 import threading
 from collections.abc import Iterable
@@ -39,6 +42,7 @@ __all__ = ["WarmFiles", "SLICE", "FILLING"]
 log = logging.getLogger("fastmfd")
 
 SLICE = 64 << 20        # bytes faulted in between two looks at close()
+PREFIX = ".fastmfd-warm-"       # then the listener's pid, "-" and mkdtemp's letters
 FILLING = ".filling"    # the name's suffix until the file is all faulted in
 
 Size = tuple[int, int]  # bytes, page size
@@ -50,7 +54,8 @@ class WarmFiles:
     def __init__(self, directory: str, max_bytes: int | None = None,
                  huge_pages: bool = False) -> None:
         os.makedirs(directory, exist_ok=True)
-        self.path = tempfile.mkdtemp(prefix=".fastmfd-warm-", dir=directory)
+        _remove_orphans(directory)
+        self.path = tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=directory)
         self.max_bytes = max_bytes
         self.huge_pages = huge_pages    # faulted in as the region files will map them
         self._lock = threading.Lock()
@@ -137,3 +142,26 @@ class WarmFiles:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _remove_orphans(directory: str) -> None:
+    """Remove the warm files of listeners that were killed (their close() never ran):
+    up to ``--max-memory`` of faulted-in memory or disk each, which no one else
+    would. Only directories of this user whose pid is gone (a live process of that
+    pid, a listener or not, keeps its own)."""
+    for name in os.listdir(directory):
+        pid = name[len(PREFIX):].split("-", 1)[0]
+        if not name.startswith(PREFIX) or not pid.isdigit():
+            continue
+        path = os.path.join(directory, name)
+        try:
+            st = os.stat(path, follow_symlinks=False)
+            if st.st_uid != os.geteuid() or not stat.S_ISDIR(st.st_mode):
+                continue
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            log.info("removing %s: the warm files of a listener that was killed", path)
+            shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            continue                # gone meanwhile, or a process of another user: alive
+
