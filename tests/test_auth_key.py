@@ -11,6 +11,7 @@ import contextlib
 import re
 import socket
 import threading
+import time
 from typing import Iterator
 
 import numpy as np
@@ -254,3 +255,14 @@ def test_a_key_file_loses_one_line_end_only(tmp_path, content, key):
     path.write_bytes(content)
     path.chmod(0o600)
     assert read_key_file(str(path)) == key
+
+
+def test_a_proof_never_answered_is_named_in_the_timeout():
+    """A destination that took a channel and never answered its auth_key proof was
+    "send channel 0: timed out waiting for handshake" (a review)."""
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        stream = SocketStream(ours, "send channel 0", time.monotonic() + 0.2)
+        with pytest.raises(fastmfd.MigrationError, match=r"^send channel 0: timed out waiting "
+                                                         r"for the destination's auth_key proof"):
+            security.prove_key(stream, b"k" * 32, bytes(16), 1, "send channel 0")

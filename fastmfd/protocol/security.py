@@ -350,23 +350,25 @@ def prove_key(stream: Stream, key: bytes, uuid: bytes, channel: int,
     """The client's side: prove ``key``, and check that the server knows it too
     (``where`` names the connection in the error)."""
     mine = os.urandom(NONCE_SIZE)
-    stream.send_all(mine)
-    answer = stream.recv_exact(NONCE_SIZE + PROOF_SIZE)
+    stream.send_all(mine, "the auth_key proof")
+    # (Named: a destination that never answers was "timed out waiting for handshake".)
+    answer = stream.recv_exact(NONCE_SIZE + PROOF_SIZE, "the destination's auth_key proof")
     theirs, their_proof = answer[:NONCE_SIZE], answer[NONCE_SIZE:]
     # Our proof goes out first, even to a server whose proof is wrong: it tells a
     # real server at once that the keys differ, and it covers the server's fresh
     # nonce, so an impostor cannot replay it anywhere.
-    stream.send_all(_proof(key, b"client", uuid, channel, theirs, mine))
+    stream.send_all(_proof(key, b"client", uuid, channel, theirs, mine), "the auth_key proof")
     if not hmac.compare_digest(their_proof, _proof(key, b"server", uuid, channel, mine, theirs)):
         raise SecurityError("the destination does not know the auth_key", channel=where)
 
 
 def check_key_proof(stream: Stream, key: bytes, uuid: bytes, channel: int) -> None:
     """The server's side: the client must prove ``key`` for this session and channel."""
-    theirs = stream.recv_exact(NONCE_SIZE)
+    theirs = stream.recv_exact(NONCE_SIZE, "the source's auth_key proof")
     mine = os.urandom(NONCE_SIZE)
-    stream.send_all(mine + _proof(key, b"server", uuid, channel, theirs, mine))
-    if not hmac.compare_digest(stream.recv_exact(PROOF_SIZE),
+    stream.send_all(mine + _proof(key, b"server", uuid, channel, theirs, mine),
+                    "the auth_key proof")
+    if not hmac.compare_digest(stream.recv_exact(PROOF_SIZE, "the source's auth_key proof"),
                                _proof(key, b"client", uuid, channel, mine, theirs)):
         raise SecurityError("wrong auth_key proof: the peer does not know the key for this "
                             "session and channel")
