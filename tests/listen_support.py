@@ -3,16 +3,35 @@
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
+
+import fastmfd
+
+# Where the fastmfd these tests import lives (a checkout, or site-packages for an sdist's
+# tests): what a child must import too.
+REPO = Path(fastmfd.__file__).resolve().parents[1]
 
 
-def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fastmfd", *args], capture_output=True,
-                          text=True, timeout=timeout)
+def run_cli(*args: str, timeout: float = 120,
+            max_data: int | None = None) -> subprocess.CompletedProcess:
+    """``python -m fastmfd ARGS`` in a fresh interpreter, as a user runs it, this
+    tree's fastmfd first on its path; ``max_data``: its RLIMIT_DATA (what it may
+    allocate, not what it may map read-only)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_DATA, (max_data, max_data))
+
+    return subprocess.run([sys.executable, "-m", "fastmfd", *args], env=env,
+                          capture_output=True, text=True, timeout=timeout,
+                          preexec_fn=None if max_data is None else limit)
 
 
 class Listener:

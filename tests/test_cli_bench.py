@@ -12,7 +12,6 @@ import json
 import os
 import platform
 import re
-import resource
 import shutil
 import socket
 import subprocess
@@ -25,7 +24,6 @@ from leakcheck import leaks  # noqa: F401
 from filesystems import put_in_the_way
 from proc_scan import alive
 
-import fastmfd
 from fastmfd.errors import ConfigError, MigrationError
 from fastmfd.tools import images
 from fastmfd.tools.bench.output import BAR_WIDTH
@@ -34,10 +32,7 @@ from fastmfd.tools.bench.qemu_cells import QemuToFastmfdTrial
 from fastmfd.tools.bench.trial import WARM_MARGIN, warm_free_memory
 from fastmfd.tools.cli import main
 from fastmfd.tools.new_files import check_new_file, write_new_file
-
-# Where the fastmfd these tests import lives (a checkout, or site-packages for an sdist's
-# tests): what a child must import too.
-REPO = Path(fastmfd.__file__).resolve().parents[1]
+from listen_support import REPO, run_cli
 
 
 @pytest.fixture(autouse=True)
@@ -424,19 +419,9 @@ def test_a_bench_killed_takes_its_qemus_with_it():
         shutil.rmtree(scratch)
 
 
-def run_bench(*args: str, timeout: float = 120,
-              max_data: int | None = None) -> subprocess.CompletedProcess:
-    """``python -m fastmfd bench ...`` in a fresh interpreter, as a user runs it;
-    ``max_data``: its RLIMIT_DATA (what it may allocate)."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-
-    def limit() -> None:
-        if max_data is not None:
-            resource.setrlimit(resource.RLIMIT_DATA, (max_data, max_data))
-
-    return subprocess.run([sys.executable, "-m", "fastmfd", "bench", *args], env=env,
-                          capture_output=True, text=True, timeout=timeout, preexec_fn=limit)
+def run_bench(*args: str, **options) -> subprocess.CompletedProcess:
+    """``python -m fastmfd bench ARGS``, as a user runs it (listen_support.run_cli)."""
+    return run_cli("bench", *args, **options)
 
 
 def test_command_line_entry_point():

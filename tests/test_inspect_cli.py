@@ -5,36 +5,22 @@ from __future__ import annotations
 import json
 import os
 import re
-import resource
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-import fastmfd
 from fastmfd.tools.cli import main
 from fastmfd.tools.inspect.capture import read_capture
 from inspect_support import PACKET_PAGES, ROUND_ENDS, capture_files, two_rounds, write_files
+from listen_support import run_cli
 
-# Where the fastmfd these tests import lives: what a child must import too.
-REPO = Path(fastmfd.__file__).resolve().parents[1]
 BORDER = re.compile("[│|]")     # rich draws ASCII borders when stdout is not UTF-8
 
 
-def run_module(*args: str, timeout: float = 120,
-               max_data: int | None = None) -> subprocess.CompletedProcess:
-    """``python -m fastmfd inspect ...`` in a fresh interpreter, as a user runs it;
-    ``max_data``: its RLIMIT_DATA (what it may allocate, not what it may map read-only)."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-
-    def limit() -> None:
-        if max_data is not None:
-            resource.setrlimit(resource.RLIMIT_DATA, (max_data, max_data))
-
-    return subprocess.run([sys.executable, "-m", "fastmfd", "inspect", *args], env=env,
-                          capture_output=True, text=True, timeout=timeout, preexec_fn=limit)
+def run_module(*args: str, **options) -> subprocess.CompletedProcess:
+    """``python -m fastmfd inspect ARGS``, as a user runs it (listen_support.run_cli)."""
+    return run_cli("inspect", *args, **options)
 
 
 def test_text_summary_of_a_qemu_capture():
