@@ -366,9 +366,8 @@ class OutputDir:
         """Refuse a taken final name unless ``force`` (a directory always); a .part
         left behind (``keep_partial``) is refused too, or removed with ``force``."""
         for name in (out.final, out.part):
-            try:
-                st = os.stat(name, dir_fd=self.fd, follow_symlinks=False)
-            except FileNotFoundError:
+            st = self._stat(name)
+            if st is None:
                 continue
             what = ("a symbolic link" if stat.S_ISLNK(st.st_mode) else
                     "a directory" if stat.S_ISDIR(st.st_mode) else "a file")
@@ -407,10 +406,7 @@ class OutputDir:
         if self.force:
             self._retire_manifest()
         for out in self._outputs():
-            try:
-                st = os.stat(out.part, dir_fd=self.fd, follow_symlinks=False)
-            except FileNotFoundError:
-                st = None
+            st = self._stat(out.part)
             if st is None or (st.st_dev, st.st_ino) != out.identity:
                 raise OutputError(f"{self._show(out.part)} was replaced while the "
                                   f"migration was received")
@@ -535,12 +531,16 @@ class OutputDir:
         finally:
             os.close(fd)
 
-    def _identity(self, name: str) -> tuple[int, int] | None:
+    def _stat(self, name: str) -> os.stat_result | None:
+        """``name`` in the directory, itself (a link is not followed), or None."""
         try:
-            st = os.stat(name, dir_fd=self.fd, follow_symlinks=False)
+            return os.stat(name, dir_fd=self.fd, follow_symlinks=False)
         except FileNotFoundError:
             return None
-        return (st.st_dev, st.st_ino)
+
+    def _identity(self, name: str) -> tuple[int, int] | None:
+        st = self._stat(name)
+        return None if st is None else (st.st_dev, st.st_ino)
 
     def _show(self, name: str) -> str:
         return os.path.join(self.path, name)
