@@ -40,6 +40,7 @@ class FakeDestination:
         self.main: socket.socket | None = None
         self.sockets: list[socket.socket] = []
         self.stop = threading.Event()
+        self.accepting = threading.Thread(target=self._accept_channels, daemon=True)
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
@@ -48,7 +49,7 @@ class FakeDestination:
             self.main = self._accept()
             self._recv(12 * self.channel_header + 8)    # channel header, preamble
             assert self.read()[0] is Msg.SETUP
-            threading.Thread(target=self._accept_channels, daemon=True).start()
+            self.accepting.start()
             self.script(self)
         except (OSError, EOFError):
             pass                                    # the source gave up: the test judges
@@ -111,7 +112,16 @@ class FakeDestination:
                 self.send(Msg.ROUND_ACK, RoundAck(int(re.search(rb"\d+", body)[0])))
 
     def close(self) -> None:
+        """Stop accepting first, then close every socket: a connection accepted as
+        the sockets were closed was left open (once in a clean-clone CI run; a close
+        of the listener does not wake an accept() in another thread, a shutdown does)."""
         self.stop.set()
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass                    # (a script may have shut it down itself)
+        if self.accepting.is_alive():
+            self.accepting.join(10)
         for sock in [self.listener, *self.sockets]:
             sock.close()
         self.thread.join(10)
