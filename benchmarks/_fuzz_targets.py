@@ -475,8 +475,9 @@ def _qemu_main_seeds():
         data = path.read_bytes()
         positions = list(range(0, 200, 1)) + [len(data) - i for i in range(1, 400, 7)]
         try:
-            main = decode_qemu_main(str(path), data)
-            records = [r.at for rnd in main.rounds for r in rnd]
+            records: list[int] = []
+            main = decode_qemu_main(str(path), data,
+                                    on_page=lambda *page: records.append(page[3]))
             positions += random.Random(1).sample(records, min(300, len(records)))
             positions += [main.ram_bytes + i for i in range(0, 64)]
         except ProtocolError:

@@ -41,8 +41,10 @@ is still an error.
 and hands what it decodes to hooks: ``on_blocks`` (the block list),
 ``on_page`` (a ZERO or PAGE record), ``on_sync`` (a SYNC barrier: a
 MULTIFD_FLUSH record, or a section's EOS when syncs are per section) and
-``on_command``. :func:`decode_qemu_main` is the capture's use: it keeps each
-round's records; :mod:`.qemu_encoding` writes the same format back.
+``on_command``. :func:`decode_qemu_main` is the capture's use: it hands each
+page on with its round (the barriers before it), keeping none (a stream can
+carry millions of records, 9 bytes each); :mod:`.qemu_encoding` writes the
+same format back.
 
 Facts from migration/savevm.c, savevm.h and ram.c @ 7.2; no QEMU code is copied.
 """
@@ -53,14 +55,14 @@ import json
 import mmap
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from .bytereader import ByteReader
 from .setup import MAX_NAME_BYTES, MAX_REGIONS, NAME_RULE, Invalid, check_name
 
-__all__ = ["QEVM_MAGIC", "QemuMainChannel", "RamRecord", "QevmDecoder", "decode_qemu_main",
+__all__ = ["QEVM_MAGIC", "QemuMainChannel", "QevmDecoder", "decode_qemu_main", "PageHook",
            "check_stream_end", "stream_end_at", "SYNC_PER_SECTION", "SYNC_PER_ROUND",
            "COMMAND_PLACES"]
 
@@ -127,13 +129,9 @@ ZERO_RECORD = np.dtype([("header", ">u8"), ("fill", "u1")])
 ZERO_WINDOW = 64
 
 
-@dataclass(frozen=True)
-class RamRecord:
-    """One page the main channel carries: a ZERO record (fill byte) or a PAGE record."""
-    block: str
-    offset: int          # byte offset inside the block
-    page: memoryview     # the page's bytes
-    at: int              # byte offset of the record in the file
+# A page the main channel carries (a ZERO record's fill or a PAGE record's bytes):
+# (block, byte offset in it, page, the record's byte offset in the file, round).
+PageHook = Callable[[str, int, memoryview, int, int], None]
 
 
 @dataclass
@@ -149,7 +147,6 @@ class QemuMainChannel:
     ram_section_id: int | None = None
     section_footers: bool = False               # RAM sections end with a footer
     blocks: dict[str, int] = field(default_factory=dict)
-    rounds: list[list[RamRecord]] = field(default_factory=list)  # records before each SYNC
     syncs: int = 0                              # barriers: one SYNC per multifd channel each
     multifd_sync: str | None = None             # SYNC_PER_SECTION or SYNC_PER_ROUND
     ram_section_ends: int = 0                   # EOS records
@@ -179,13 +176,13 @@ class QemuMainChannel:
         }
 
 
-def decode_qemu_main(path: str, data: bytes | mmap.mmap, page_size: int = 4096) -> QemuMainChannel:
-    """Decode a QEMU main channel capture; a ProtocolError locates any fault."""
-    decoder = _CaptureDecoder(ByteReader(path, data), page_size)
-    decoder.decode_ram()
-    out = decoder.out
-    if decoder.round:               # records after the last barrier: a round of their own
-        out.rounds.append(decoder.round)
+def decode_qemu_main(path: str, data: bytes | mmap.mmap, page_size: int = 4096,
+                     on_page: PageHook | None = None) -> QemuMainChannel:
+    """Decode a QEMU main channel capture; a ProtocolError locates any fault.
+    ``on_page`` takes each page as it is decoded, with its round: the records
+    before the k-th barrier are round k."""
+    decoder = _CaptureDecoder(ByteReader(path, data), page_size, on_page)
+    out = decoder.decode_ram()
     out.vm_devices = check_stream_end(decoder.r, out.ram_bytes, out.page_size)
     return out
 
@@ -459,6 +456,8 @@ class QevmDecoder:
         n = min(r.available() // ZERO_RECORD.itemsize, self.zero_window)
         if block is None or n < 2:
             return False
+        if r.peek_view(ZERO_RECORD.itemsize)[7:] != bytes((RAM_ZERO | RAM_CONTINUE, 0)):
+            return False            # a lone record: its flags and fill tell, cheaper
         at = r.pos
         records = np.frombuffer(r.peek_view(n * ZERO_RECORD.itemsize), dtype=ZERO_RECORD)
         headers = records["header"]
@@ -545,18 +544,19 @@ class QevmDecoder:
 
 
 class _CaptureDecoder(QevmDecoder):
-    """A capture's main channel: each round's records are kept."""
+    """A capture's main channel: each page goes to ``on_page`` with its round."""
 
-    def __init__(self, reader: ByteReader, page_size: int) -> None:
+    def __init__(self, reader: ByteReader, page_size: int, on_page: PageHook | None) -> None:
         super().__init__(reader, page_size)
-        self.round: list[RamRecord] = []
+        self.page_hook = on_page
 
     def on_page(self, block: str, offset: int, page: memoryview, at: int) -> None:
-        self.round.append(RamRecord(block, offset, page, at))
+        if self.page_hook is not None:
+            self.page_hook(block, offset, page, at, self.out.syncs)
 
-    def on_sync(self) -> None:
-        self.out.rounds.append(self.round)
-        self.round = []
+    def on_zero_pages(self, block: str, offsets: np.ndarray, at: int) -> None:
+        if self.page_hook is not None:      # or a summary would loop over each
+            super().on_zero_pages(block, offsets, at)
 
 
 def check_stream_end(r: ByteReader, start: int, page_size: int) -> int:

@@ -2,20 +2,21 @@
 
 One file per captured connection. Each is classified by its first bytes, the
 main channel is decoded first (it names the blocks and, for QEMU 7.2, carries
-the zero pages), then the multifd channels are decoded round by round, so a
-page sent again in a later round overwrites the earlier copy exactly as the
-SYNC barriers order them on a real destination (spec §5.3, DESIGN §4.6)::
+the zero pages, each kept with its round), then the multifd channels are
+decoded round by round, so a page sent again in a later round overwrites the
+earlier copy exactly as the SYNC barriers order them on a real destination
+(spec §5.3, DESIGN §4.6)::
 
-    FILE... ── first bytes ─┬─ "QEVM" ─────▶ protocol.qemu ───┐ blocks, ZERO/PAGE records per
-                            │                                  │ round
+    FILE... ── first bytes ─┬─ "QEVM" ─────▶ protocol.qemu ───┐ blocks; ZERO/PAGE records
+                            │                                  │ into the image, by round
                             ├─ "FMFD" ─────▶ fastmfd_main ─────┤ SETUP, ROUND_END, old-way
                             │  (channel hdr type 0)            │ device chunks
                             └─ 0x11223344 ─▶ multifd.open_channels: init packet, id
                                (channel hdr type 2/3)   │
         for round r = 0, 1, ...:                        ▼
-            main channel's records of round r, then every channel (by id) up to and
-            including its next SYNC packet (multifd.ChannelDecoder: one persistent
-            decompressor each)
+            every channel (by id) up to and including its next SYNC packet
+            (multifd.ChannelDecoder: one persistent decompressor each), its pages
+            replacing a main channel copy of round r or before
                                                         ▼
             contents.RamImage {block: {offset: page}}, contents.DeviceChunks (by idx)
                                                         ▼

@@ -62,7 +62,8 @@ def read_capture(paths: Iterable[str | os.PathLike[str]], *, packet_pages: int |
 
     devices = DeviceChunks()
     session = Session(packet_pages=packet_pages, page_size=page_size, checksum=checksum)
-    main = _decode_main(*mains[0], session, devices) if mains else None
+    image = RamImage(max_ram_bytes)
+    main = _decode_main(*mains[0], session, devices, image) if mains else None
     if session.packet_pages is None:
         session.packet_pages = default_packet_pages(session.page_size)
     if layout is None:
@@ -71,50 +72,44 @@ def read_capture(paths: Iterable[str | os.PathLike[str]], *, packet_pages: int |
 
     channels = open_channels([(r, k) for r, k in zip(readers, kinds) if k[0] == "multifd"],
                              session)
-    image = RamImage(session.regions or {}, session.page_size, max_ram_bytes)
     decoders = [ChannelDecoder(reader, channel, layout, session, image, devices)
                 for reader, channel in channels]
-    _decode_rounds(main, decoders, image)
+    _decode_rounds(decoders)
     check_rounds(main, decoders)
+    blocks = dict(session.regions or {})
     return Capture(
         layout=layout, page_size=session.page_size, packet_pages=session.packet_pages,
         main=main, channels=[channel for _, channel in channels],
-        blocks=dict(session.regions or {}), ram=image.pages, devices=devices.finish(),
+        blocks=blocks, ram=image.by_block(blocks), devices=devices.finish(),
         pages_resent=image.resent, pages_resent_changed=image.changed)
 
 
 def _decode_main(reader: ByteReader, kind: tuple[str, int | None], session: Session,
-                 devices: DeviceChunks) -> QemuMainChannel | FastmfdMainChannel:
-    """Decode the main channel; what it says about the session goes into ``session``."""
+                 devices: DeviceChunks, image: RamImage) -> QemuMainChannel | FastmfdMainChannel:
+    """Decode the main channel; what it says about the session goes into ``session``,
+    the pages it carries (a QEMU one's) into ``image``."""
     name, header_type = kind
     if name == "fastmfd-main":
         return decode_fastmfd_main(reader, header_type is not None, session, devices)
-    main = decode_qemu_main(reader.path, reader.raw, session.page_size)
+    def apply(block: str, offset: int, page: memoryview, at: int, round_: int) -> None:
+        image.apply_main(block, offset, page, reader.path, at, round_)
+
+    main = decode_qemu_main(reader.path, reader.raw, session.page_size, apply)
     session.page_size = main.page_size
     session.regions = main.blocks
     session.uuid = main.uuid
     return main
 
 
-def _decode_rounds(main: QemuMainChannel | FastmfdMainChannel | None, decoders: list[ChannelDecoder], image: RamImage) -> None:
-    """Apply the capture's pages in the order the SYNC barriers impose.
-
-    Round r: the main channel's records before its r-th round end, then each
-    channel up to and including its r-th SYNC. Within a round QEMU applies the
-    sources concurrently (they do not overlap); across rounds the barrier
-    orders them, so a later round's copy of a page wins.
-    """
-    main_rounds, main_path = (main.rounds, main.path) if isinstance(main, QemuMainChannel) \
-        else ([], "")
-    r = 0
-    while r < len(main_rounds) or any(not d.done for d in decoders):
-        for record in main_rounds[r] if r < len(main_rounds) else ():
-            image.apply_located(record.block, record.offset, record.page, main_path,
-                                record.at)
+def _decode_rounds(decoders: list[ChannelDecoder]) -> None:
+    """Apply the multifd channels' pages in the order the SYNC barriers impose:
+    round r of every channel (up to and including its r-th SYNC) before round
+    r + 1 of any, so a later round's copy of a page wins. (The main channel's
+    pages are in the image already, each with its round: see RamImage.)"""
+    while any(not d.done for d in decoders):
         for decoder in decoders:
             if not decoder.done:
                 decoder.decode_round()
-        r += 1
 
 
 def _map_file(path: str) -> bytes | mmap.mmap:

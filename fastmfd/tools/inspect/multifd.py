@@ -69,6 +69,7 @@ class ChannelDecoder:
         self.layout = layout
         self.session = session
         self.image = image
+        self.zero_page = memoryview(bytes(session.page_size))
         self.devices = devices
         self.compression = session.compression
         self.codecs: dict[int, _core.RamPacketCodec] = {}
@@ -133,9 +134,9 @@ class ChannelDecoder:
         pages = self._pages(pkt.normal_pages, payload, payload_at,
                             bool(pkt.flags & (self.compression or 0)))
         for offset, page in zip(pkt.offsets.tolist(), pages):
-            self.image.apply_located(block, offset, page, reader.path, at)
+            self.image.apply_located(block, offset, page, reader.path, at, self.round)
         for offset in pkt.zero_offsets.tolist():
-            self.image.apply_located(block, offset, self.image.zero_page, reader.path, at)
+            self.image.apply_located(block, offset, self.zero_page, reader.path, at, self.round)
         self.channel.packets.append(PacketRecord(
             at, "sync" if pkt.is_sync else "ram", pkt.flags, pkt.packet_num, block,
             pkt.normal_pages, pkt.zero_pages, reader.pos - at, pkt.payload_size, self.round))
