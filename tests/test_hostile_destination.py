@@ -482,7 +482,7 @@ def _answers(*after_complete):
     # A source's message is judged by its type first: it was refused for its fields,
     # "SETUP field 'page_size': ... (it is missing)", as if the source's were wrong.
     pytest.param(_answers((Msg.SETUP, encode_message(Msg.SETUP, {"uuid": "00"}))),
-                 r"main channel: unexpected SETUP from the destination while \w+",
+                 r"main channel: received SETUP, which a destination does not send",
                  id="setup-from-the-destination"),
     pytest.param(_answers((Msg.LOADING, Loading(5, STALL)), (Msg.LOADING, Loading(4, STALL))),
                  r"main channel: LOADING field 'steps': received 4, expected at least 5",
@@ -500,4 +500,26 @@ def test_an_answer_out_of_turn_or_out_of_range_fails(leaks, script, expected):
     assert re.search(expected, str(error)), str(error)
     assert "closed the main channel" not in str(error)      # it did not close it
     assert "main channel: main channel" not in str(error)
+    leaks.assert_clean()
+
+
+# Before its length too: a DEVICE_STATE was refused as "field 'length': received
+# 33554432, expected <= 0", a COMPLETE as longer than COMPLETE's limit, as if they
+# could have come; a short one as "unexpected SETUP from the destination while sending".
+@pytest.mark.parametrize("length", [0, 32 << 20])
+@pytest.mark.parametrize("when", ["for-setup-ack", "after-complete"])
+@pytest.mark.parametrize("kind", [Msg.SETUP, Msg.ROUND_END, Msg.DEVICE_STATE,
+                                  Msg.SWITCHOVER_START, Msg.COMPLETE, Msg.PRECOPY_SENT],
+                         ids=lambda kind: kind.name)
+def test_a_message_only_a_source_sends_is_refused_by_its_type(leaks, kind, when, length):
+    def script(d):
+        if when == "after-complete":
+            d.send(Msg.SETUP_ACK)
+            d.until(Msg.COMPLETE)
+        d.main.sendall(_header(kind, length))
+        d.stop.wait(30)
+
+    error, _ = migrate_against(script)
+    assert f"main channel: received {kind.name}, which a destination does not send" in str(
+        error), str(error)
     leaks.assert_clean()

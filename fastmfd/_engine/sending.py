@@ -460,8 +460,8 @@ class Sending:
         assert self.main is not None and self._heartbeat is not None, "made by _watch()"
         try:
             # Whole in time: a trickled message held this thread and its deadlines.
-            kind, body = read_message(self.main.sock, 0,
-                                      time.monotonic() + self.config.stall_timeout)
+            kind, body = read_message(self.main.sock, 0, time.monotonic()
+                                      + self.config.stall_timeout, from_destination=True)
         except (ConnectionClosed, MigrationError) as exc:   # closed, reset or too slow
             if self._resumed.is_set():
                 watch.remove(self.main.sock)        # the destination is done and gone
@@ -480,8 +480,8 @@ class Sending:
                     SendingState.RESUMING: (Msg.RESUMED,)}.get(self.state, (Msg.ROUND_ACK,))
         if self._ack_requested and not self._acked.is_set():
             expected += (Msg.SWITCHOVER_ACK,)
-        # Judged before its payload is: a SETUP or COMPLETE (a source's) was refused
-        # for its fields, as if this side's own were wrong (a review).
+        # Judged before its payload is: an answer out of turn is refused by its type, not
+        # its fields (a source's own messages, SETUP or COMPLETE, read_message refused).
         if kind not in (*expected, Msg.ERROR):
             raise ProtocolError(f"main channel: unexpected {kind.name} from the destination "
                                 f"while {self.state.value}", field="type", received=kind.name,

@@ -206,7 +206,7 @@ def open_main_channel(sock: socket.socket, security: ChannelSecurity, setup: Set
         try:
             expect_message(sock, Msg.SETUP_ACK, deadline=deadline, seconds=security.timeout,
                            where=where, keepalive_wait=setup.stall_timeout,
-                           keepalive_until=until)
+                           keepalive_until=until, from_destination=True)
         except MigrationError as exc:
             # A listener answers SETUP at once (or with KEEPALIVEs): silence is
             # most likely no fastmfd listener, e.g. a QEMU's -incoming, which
