@@ -467,3 +467,36 @@ def test_settings_that_cannot_run_exit_2_before_any_work(args, message, capsys):
     printed = capsys.readouterr()
     assert printed.err.startswith(f"fastmfd bench: {message}")
     assert "making" not in printed.err
+
+
+# A file that is there but cannot run was "not found"; one that runs but is no QEMU
+# (or fails at once) was found only after fastmfd's timed runs, as a failed trial.
+@pytest.mark.parametrize("script, mode, message", [
+    ("#!/bin/sh\nexit 0\n", 0o644, "{path} is not executable"),
+    (None, 0o755, "{path} is a directory"),
+    ("#!/bin/sh\necho 'qemu: could not load PC BIOS'\necho ' bios.bin' >&2\nexit 1\n", 0o755,
+     "{path} is not a QEMU that runs: `{path} -version` exited with status 1, printing "
+     "'qemu: could not load PC BIOS bios.bin'"),
+    ("#!/bin/sh\nexit 1\n", 0o755, "exited with status 1, printing nothing"),
+    ("#!/bin/sh\necho 'Python 3.11'\n", 0o755, "exited with status 0, printing 'Python 3.11'"),
+    ("#!/bin/sh\nexec sleep 30\n", 0o755, "`{path} -version` did not end within 0.5 s"),
+    ("not a script\n", 0o755, "{path} does not run: Exec format error"),
+], ids=["not-executable", "directory", "fails-at-once", "fails-silently", "not-qemu",
+        "hangs", "not-a-program"])
+def test_a_qemu_binary_that_cannot_run_exits_2_before_any_work(tmp_path, monkeypatch, capsys,
+                                                               script, mode, message):
+    monkeypatch.setattr("fastmfd.tools.bench.peers.VERSION_TIMEOUT", 0.5, raising=False)
+    path = tmp_path / "qemu"
+    if script is None:
+        path.mkdir()
+    else:
+        path.write_text(script)
+    path.chmod(mode)
+    started = time.monotonic()
+    code = main(["bench", "--size", "1M", "--channels", "1", "--compression", "none",
+                 "--peer", "qemu", "--qemu-binary", str(path)])
+    printed = capsys.readouterr()
+    assert code == 2, printed.err
+    assert printed.err.startswith("fastmfd bench: ") and printed.err.count("\n") == 1
+    assert message.format(path=path) in printed.err
+    assert "making" not in printed.err and time.monotonic() - started < 5

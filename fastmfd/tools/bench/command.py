@@ -23,7 +23,7 @@ from .document import LINK, document, load_best_times
 from .link import EmulatedLink, LinkSpec, check_can_emulate, parse_link
 from .matrix import PEERS, QEMU_METHODS, Setting, run_matrix
 from .output import comparison_table, render
-from .peers import find_qemu
+from .peers import check_qemu, find_qemu
 from .trial import FOREIGN_LOAD_FLAG, Measurement
 
 __all__ = ["add_arguments", "settings_from_args", "cli_main"]
@@ -148,6 +148,7 @@ def cli_main(args: argparse.Namespace) -> int:
     baseline = load_best_times(args.compare) if args.compare else None
     if "qemu" in args.peer:
         args.qemu_binary = find_qemu(args.qemu_binary)
+        check_qemu(args.qemu_binary)        # before any timed run
     elif args.qemu_binary is not None:
         raise ConfigError("--qemu-binary goes with --peer qemu")
     if args.link is not None:

@@ -53,10 +53,11 @@ def _pid(child: Child) -> list[int]:
     """A started child's pid, as a list for Trial.pids."""
     return [child.process.pid] if child.process.pid is not None else []
 
-__all__ = ["SendallTrial", "QemuPeer", "QemuTrial", "find_qemu", "QMP", "destination_loaded",
-           "dying_with_this_thread"]
+__all__ = ["SendallTrial", "QemuPeer", "QemuTrial", "find_qemu", "check_qemu", "QMP",
+           "destination_loaded", "dying_with_this_thread"]
 
 STEP_TIMEOUT = 60.0             # seconds any one step (start, connect, transfer) may take
+VERSION_TIMEOUT = 10.0          # seconds `qemu -version` may take (check_qemu)
 LOOPBACK_HOST = "127.0.0.1"
 
 
@@ -217,10 +218,33 @@ def find_qemu(binary: str | None = None) -> str:
     """The QEMU to run: ``binary``, $FASTMFD_QEMU, or qemu-system-x86_64 on PATH."""
     name = binary or os.environ.get("FASTMFD_QEMU") or "qemu-system-x86_64"
     path = shutil.which(name)
+    if path is None and os.path.dirname(name) and os.path.exists(name):
+        what = "a directory" if os.path.isdir(name) else "not executable"
+        raise ConfigError(f"{name} is {what}: name QEMU's binary (qemu-system-x86_64)")
     if path is None:
         raise ConfigError(f"{name} not found: install QEMU (Debian: apt-get install "
                           f"qemu-system-x86) or name the binary")
     return path
+
+
+def check_qemu(path: str) -> None:
+    """ConfigError unless ``path -version`` names QEMU within VERSION_TIMEOUT: a binary
+    that is none, or fails at once, was found only after fastmfd's timed runs."""
+    try:
+        done = subprocess.run([path, "-version"], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              timeout=VERSION_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise ConfigError(f"`{path} -version` did not end within {VERSION_TIMEOUT:g} s: "
+                          f"is it QEMU?") from None
+    except OSError as exc:
+        raise ConfigError(f"{path} does not run: {exc.strerror or exc}") from None
+    said = " ".join(done.stdout.decode(errors="replace").split())      # on one line
+    if done.returncode != 0 or "QEMU" not in said:
+        ended = (f"exited with status {done.returncode}" if done.returncode >= 0
+                 else f"was killed by signal {-done.returncode}")
+        raise ConfigError(f"{path} is not a QEMU that runs: `{path} -version` {ended}, "
+                          + (f"printing {said[:200]!r}" if said else "printing nothing"))
 
 
 class QMP:
