@@ -469,6 +469,42 @@ def test_settings_that_cannot_run_exit_2_before_any_work(args, message, capsys):
     assert "making" not in printed.err
 
 
+
+NEEDS_QEMU = pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None,
+                                reason="qemu-system-x86_64 is not installed")
+
+
+def _no_image(*args, **kwargs):
+    raise AssertionError("an image was made")
+
+
+# It failed only once it made the image, after filling /dev/shm.
+@pytest.mark.parametrize("args, free, memory, message", [
+    (["--size", "100T"], None, None,
+     "--size 100 TiB: 1 image and a destination's copy need 200 TiB; /dev/shm has "),
+    (["--size", "1M", "--image", "random,text"], 2 << 20, None,
+     "--size 1.00 MiB: 2 images and a destination's copy need 3.00 MiB; /dev/shm has 2.00 MiB "
+     "free and the machine "),
+    pytest.param(["--size", "1M", "--peer", "qemu"], 64 << 20, 2 << 20,
+                 "--size 1.00 MiB: 1 image, QEMU's saved copy of each and a destination's copy "
+                 "need 3.00 MiB; /dev/shm has 64.0 MiB free and the machine 2.00 MiB of memory "
+                 "available", marks=NEEDS_QEMU),
+], ids=["100T", "no-room-in-shm", "no-memory-with-qemu"])
+def test_images_that_do_not_fit_exit_2_before_any_work(monkeypatch, capsys, args, free,
+                                                       memory, message):
+    if images.scratch_parent() != "/dev/shm":
+        pytest.skip("no /dev/shm")
+    monkeypatch.setattr(images.Image, "create", _no_image)
+    if free is not None:
+        monkeypatch.setattr(images, "free_bytes", lambda path: free, raising=False)
+    if memory is not None:
+        monkeypatch.setattr(images, "_memory_available", lambda: memory, raising=False)
+    assert main(["bench", "--channels", "1", "--compression", "none", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"fastmfd bench: {message}") and err.count("\n") == 1, err
+    assert "making" not in err
+
+
 # A file that is there but cannot run was "not found"; one that runs but is no QEMU
 # (or fails at once) was found only after fastmfd's timed runs, as a failed trial.
 @pytest.mark.parametrize("script, mode, message", [

@@ -34,13 +34,15 @@ import numpy.typing as npt
 from .. import _core
 from ..errors import ConfigError
 from ..regions import Region
+from ..shm import SHM_DIR, free_bytes
+from ..units import format_bytes
 from .whole import clean_up_whole
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer     # collections.abc.Buffer from Python 3.12
 
 __all__ = ["IMAGE_KINDS", "Image", "fill_image", "english_like_text", "scratch_dir",
-           "scratch_parent"]
+           "scratch_parent", "check_scratch_room"]
 
 IMAGE_KINDS = ("random", "text", "mixed", "halftext", "zero")
 # Text pages cycle over this much distinct text: far beyond what zlib (32 KiB)
@@ -152,6 +154,32 @@ def scratch_dir(tag: str = "bench") -> str:
     """A new private directory in :func:`scratch_parent`; the ``fastmfd-`` prefix
     makes a leaked one easy to find beside leaked segments."""
     return tempfile.mkdtemp(prefix=f"fastmfd-{tag}-", dir=scratch_parent())
+
+
+def check_scratch_room(need: int, what: str) -> None:
+    """ConfigError unless :func:`scratch_parent` has room for ``need`` more bytes of
+    ``what``: free space in its file system and, on /dev/shm, memory available (an
+    image too large failed only once it was made, after filling /dev/shm)."""
+    parent = scratch_parent()
+    free = free_bytes(parent)
+    memory = _memory_available() if parent == SHM_DIR else None
+    if need > min(free, memory if memory is not None else free):
+        raise ConfigError(f"{what} need {format_bytes(need)}; {parent} has "
+                          f"{format_bytes(free)} free" + (
+                              f" and the machine {format_bytes(memory)} of memory available"
+                              if memory is not None else ""))
+
+
+def _memory_available() -> int | None:
+    """/proc/meminfo's MemAvailable in bytes; None where it says none."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 class Image:

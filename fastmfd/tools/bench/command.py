@@ -15,7 +15,7 @@ from rich.console import Console
 from ...config import COMPRESSION_METHODS
 from ...errors import ConfigError
 from .. import security_options
-from ..images import IMAGE_KINDS, Image
+from ..images import IMAGE_KINDS, Image, check_scratch_room
 from ...units import format_bytes, format_rate
 from ..new_files import check_new_file, write_new_file
 from ..option_values import positive_int, whole_pages
@@ -135,6 +135,17 @@ def settings_from_args(args: argparse.Namespace) -> list[Setting]:
     return settings
 
 
+def _check_room(args: argparse.Namespace) -> None:
+    """The images, QEMU's saved copy of each (--peer qemu) and one destination's copy
+    at a time, all in memory: a --size of 100T failed once it made the image."""
+    count = len(args.image)
+    copies = count * (2 if "qemu" in args.peer else 1) + 1
+    check_scratch_room(copies * args.size, (
+        f"--size {format_bytes(args.size)}: {count} image{'s' * (count > 1)}"
+        + (", QEMU's saved copy of each" if "qemu" in args.peer else "")
+        + " and a destination's copy"))
+
+
 def cli_main(args: argparse.Namespace) -> int:
     console = Console(width=None if sys.stdout.isatty() else 120)
     log = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
@@ -153,6 +164,7 @@ def cli_main(args: argparse.Namespace) -> int:
         raise ConfigError("--qemu-binary goes with --peer qemu")
     if args.link is not None:
         check_can_emulate()
+    _check_room(args)
     images: list[Image] = []
     with ExitStack() as cleanup:
         link = cleanup.enter_context(EmulatedLink(args.link)) if args.link else None
