@@ -23,7 +23,7 @@ from .document import LINK, document, load_best_times
 from .link import EmulatedLink, LinkSpec, check_can_emulate, parse_link
 from .matrix import PEERS, QEMU_METHODS, Setting, run_matrix
 from .output import comparison_table, render
-from .peers import check_qemu, find_qemu
+from .peers import check_guest_size, check_qemu, find_qemu
 from .trial import FOREIGN_LOAD_FLAG, Measurement
 
 __all__ = ["add_arguments", "settings_from_args", "cli_main"]
@@ -160,6 +160,7 @@ def cli_main(args: argparse.Namespace) -> int:
     if "qemu" in args.peer:
         args.qemu_binary = find_qemu(args.qemu_binary)
         check_qemu(args.qemu_binary)        # before any timed run
+        check_guest_size(args.size)
     elif args.qemu_binary is not None:
         raise ConfigError("--qemu-binary goes with --peer qemu")
     if args.link is not None:

@@ -53,7 +53,8 @@ def _pid(child: Child) -> list[int]:
     """A started child's pid, as a list for Trial.pids."""
     return [child.process.pid] if child.process.pid is not None else []
 
-__all__ = ["SendallTrial", "QemuPeer", "QemuTrial", "find_qemu", "check_qemu", "QMP",
+__all__ = ["SendallTrial", "QemuPeer", "QemuTrial", "find_qemu", "check_qemu",
+           "check_guest_size", "QMP",
            "destination_loaded", "dying_with_this_thread"]
 
 STEP_TIMEOUT = 60.0             # seconds any one step (start, connect, transfer) may take
@@ -227,6 +228,12 @@ def find_qemu(binary: str | None = None) -> str:
     return path
 
 
+def check_guest_size(size: int) -> None:
+    """ConfigError unless an image of ``size`` bytes can be a QEMU guest's RAM."""
+    if size % (1 << 20):
+        raise ConfigError(f"QEMU guest RAM is whole MiB; the image is {size} bytes")
+
+
 def check_qemu(path: str) -> None:
     """ConfigError unless ``path -version`` names QEMU within VERSION_TIMEOUT: a binary
     that is none, or fails at once, was found only after fastmfd's timed runs."""
@@ -385,8 +392,7 @@ class QemuPeer(_PeerTrial):
                  security: LoopbackSecurity = NO_SECURITY) -> None:
         """``security``: with its TLS, QEMU's connections in TLS too (its
         ``tls-creds``, made of the same files); its shared key is fastmfd's alone."""
-        if image.size % (1 << 20):
-            raise ConfigError(f"QEMU guest RAM is whole MiB; the image is {image.size} bytes")
+        check_guest_size(image.size)
         self._tls = {"server": security.destination_tls, "client": security.source_tls}
         if security.source_tls is not None and security.source_tls.ca is None:
             raise ConfigError("a QEMU in TLS checks its peer against a CA: give --tls-ca")
