@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -330,6 +331,49 @@ def test_a_silent_peer_is_asked_whether_it_is_a_fastmfd_listener(tmp_path):
     assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert ("timed out waiting for SETUP_ACK within 1 s (is a fastmfd listener there? a QEMU "
             "destination takes `fastmfd send --qemu`)") in done.stderr
+
+
+@pytest.mark.parametrize("service, reads_first, answer, words", [
+    ("http", True, b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n",
+     "the peer is no fastmfd listener: it answered b'HTTP'..., which is no fastmfd message "
+     "(a QEMU destination takes `fastmfd send --qemu`)"),
+    ("ssh", False, b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n",
+     "the peer is no fastmfd listener: it answered b'SSH-'..., which is no fastmfd message"),
+    ("closes", True, None,      # (reading SETUP_ACK or still sending SETUP)
+     ", before any answer (is a fastmfd listener there? a QEMU destination takes "
+     "`fastmfd send --qemu`)"),
+])
+def test_another_service_is_named_as_no_fastmfd_listener(tmp_path, service, reads_first,
+                                                        answer, words):
+    """An HTTP or SSH server's answer was read as a message type ("main channel field
+    'type': received 1213486160, expected one of [1, ..., 15]", no address); a peer
+    that read the greeting and closed (a QEMU's -incoming does) was only a reset."""
+    image = tmp_path / "ram.img"
+    image.write_bytes(bytes(PAGE))
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        port = listening.getsockname()[1]
+
+        def serve() -> None:
+            peer, _ = listening.accept()
+            with peer:
+                if reads_first:
+                    peer.recv(65536)
+                if answer is not None:
+                    peer.sendall(answer)
+                    peer.recv(65536)        # until the source closes
+                else:                       # an RST: unread bytes left at the close
+                    peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                    struct.pack("ii", 1, 0))
+
+        server = threading.Thread(target=serve)
+        server.start()
+        done = fastmfd_cli("send", f"tcp:127.0.0.1:{port}", str(image), "--timeout", "5")
+        server.join(10)
+    assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert f"main channel to tcp:127.0.0.1:{port}: " in done.stderr, done.stderr
+    assert words in done.stderr and "field 'type'" not in done.stderr, done.stderr
 
 
 def test_a_certificate_that_does_not_load_is_refused_before_any_connection(tmp_path):

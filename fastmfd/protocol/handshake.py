@@ -179,6 +179,12 @@ def channel_start(setup: Setup, channel_id: int) -> bytes:
 PREALLOC_SECONDS_PER_GIB = 30.0
 
 
+# What a source asks when its SETUP met silence or an end with no word: a QEMU's
+# -incoming, say, waits for its multifd channels first, or closes on the preamble.
+NO_LISTENER_HINT = ("(is a fastmfd listener there? a QEMU destination takes "
+                    "`fastmfd send --qemu`)")
+
+
 def open_main_channel(sock: socket.socket, security: ChannelSecurity, setup: Setup,
                       channel_header: bool, address: str) -> socket.socket:
     """The source's side of the main channel's opening: the greeting, SETUP, and
@@ -213,9 +219,7 @@ def open_main_channel(sock: socket.socket, security: ChannelSecurity, setup: Set
             # waits for its multifd channels before it reads a byte.
             if not isinstance(exc.__context__, TimeoutError):
                 raise
-            raise MigrationError(f"{exc.cause} (is a fastmfd listener there? a QEMU "
-                                 f"destination takes `fastmfd send --qemu`)",
-                                 channel=where) from exc
+            raise MigrationError(f"{exc.cause} {NO_LISTENER_HINT}", channel=where) from exc
     except (MigrationError, ProtocolError) as exc:
         # A connection that ended or broke, not a verdict of this side's own or
         # the peer's (nor a timeout, nor a message judged wrong): the destination
@@ -226,6 +230,16 @@ def open_main_channel(sock: socket.socket, security: ChannelSecurity, setup: Set
         sock.close()
         if refusal is not None:
             raise refusal from exc
+        if isinstance(exc, ProtocolError) and exc.field == "type" \
+                and isinstance(exc.received, int):
+            # Bytes that are no message type at all: another service answered.
+            answer = exc.received.to_bytes(4, "big")
+            raise MigrationError(f"the peer is no fastmfd listener: it answered {answer!r}..., "
+                                 f"which is no fastmfd message (a QEMU destination takes "
+                                 f"`fastmfd send --qemu`)", channel=where) from exc
+        if lost and security.tls is None and isinstance(exc, MigrationError):
+            raise MigrationError(f"{exc.cause}, before any answer {NO_LISTENER_HINT}",
+                                 channel=where) from exc
         if security.tls is None or not lost:
             raise
         # TLS 1.3 lets a client finish its handshake before the server has
