@@ -33,7 +33,7 @@ from .devices import (BytesDevice, CollectLoader, Device, FileDevice, FileLoader
                       SyntheticDevice, VerifyLoader)
 from .errors import (ConfigError, ConnectError, FastMFDError, ListenError, MigrationError,
                      OutputError, ProtocolError, SecurityError)
-from .protocol.security import TLSConfig
+from .protocol.security import TLSConfig, read_key_file
 from .protocol.setup import Setup
 from .region_pool import RegionPool
 from .regions import Region
@@ -41,8 +41,8 @@ from .source import Source
 from .stats import ChannelStats, MigrationStats, ReceiveStats, RoundStats
 
 __all__ = [
-    "MigrationConfig", "Compression", "TLSConfig", "Source", "Destination", "DestinationResult",
-    "Setup", "Refusal", "Region", "RegionPool",
+    "MigrationConfig", "Compression", "TLSConfig", "read_key_file", "Source", "Destination",
+    "DestinationResult", "Setup", "Refusal", "Region", "RegionPool",
     "Device", "Loader", "BytesDevice", "FileDevice", "SyntheticDevice", "CollectLoader", "FileLoader",
     "VerifyLoader", "MigrationStats", "ReceiveStats", "ChannelStats", "RoundStats",
     "FastMFDError", "ConfigError", "ListenError", "ProtocolError", "MigrationError",

@@ -65,7 +65,7 @@ import socket
 import stat
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 from ._engine.qemu_receiving import QemuReceiving, QemuStreamFacts
 from ._engine.qemu_sending import QEMU_PACKET_BYTES, QemuSending, QemuStream
@@ -81,10 +81,12 @@ from .protocol.sockets import (bound_address, listen, listening_address, parse_a
 from .regions import Region
 from .tools.outputs import MANIFEST, OutputDir, SavedFiles, check_only_yours
 
-__all__ = ["receive", "send", "QemuReceived", "QemuReceiver", "QemuSender", "QemuStreamFacts"]
+__all__ = ["receive", "send", "QemuReceived", "QemuReceiver", "QemuSender", "QemuStreamFacts",
+           "QemuCompression"]
 
 DEFAULT_STALL_TIMEOUT = 30.0
 DEFAULT_CONNECT_TIMEOUT = 30.0
+QemuCompression = Literal["none", "zlib", "zstd"]      # QEMU's multifd-compression
 
 
 @dataclass
@@ -97,9 +99,10 @@ class QemuReceived:
     channels: list[dict[str, int]]  # per channel: packets, pages and bytes received
 
 
-def receive(address: str | socket.socket, directory: str, *, timeout: float = 3600.0,
-            stall_timeout: float = DEFAULT_STALL_TIMEOUT, force: bool = False,
-            keep_partial: bool = False, max_size: int | None = None, workers: int = 2,
+def receive(address: str | socket.socket, directory: str | os.PathLike[str], *,
+            timeout: float = 3600.0, stall_timeout: float = DEFAULT_STALL_TIMEOUT,
+            force: bool = False, keep_partial: bool = False, max_size: int | None = None,
+            workers: int = 2,
             on_listening: Callable[[str], object] | None = None,
             tls: TLSConfig | None = None) -> QemuReceived:
     """Receive one migration from QEMU into ``directory`` (see the module docstring).
@@ -136,7 +139,7 @@ class QemuReceiver:
 
     _call = "QemuReceiver"      # what a wrong argument's TypeError names (see _ReceiveCall)
 
-    def __init__(self, address: str | socket.socket, directory: str, *,
+    def __init__(self, address: str | socket.socket, directory: str | os.PathLike[str], *,
                  timeout: float = 3600.0, stall_timeout: float = DEFAULT_STALL_TIMEOUT,
                  force: bool = False, keep_partial: bool = False, max_size: int | None = None,
                  workers: int = 2, tls: TLSConfig | None = None) -> None:
@@ -267,8 +270,9 @@ def _zero_page_detection(facts: QemuStreamFacts) -> str:
     return "multifd" if facts.multifd_zero_pages else "legacy"
 
 
-def send(address: str, directory: str, *, channels: int = 2, compression: str = "none",
-         level: int = 1, stall_timeout: float = DEFAULT_STALL_TIMEOUT,
+def send(address: str, directory: str | os.PathLike[str], *, channels: int = 2,
+         compression: QemuCompression = "none", level: int = 1,
+         stall_timeout: float = DEFAULT_STALL_TIMEOUT,
          timeout: float = DEFAULT_CONNECT_TIMEOUT, max_bandwidth: float | None = None,
          tls: TLSConfig | None = None) -> list[dict[str, int]]:
     """Migrate the directory :func:`receive` wrote into the QEMU listening at
@@ -300,7 +304,8 @@ class QemuSender:
 
     _call = "QemuSender"        # what a wrong argument's TypeError names (see _SendCall)
 
-    def __init__(self, directory: str, *, channels: int = 2, compression: str = "none",
+    def __init__(self, directory: str | os.PathLike[str], *, channels: int = 2,
+                 compression: QemuCompression = "none",
                  level: int = 1, stall_timeout: float = DEFAULT_STALL_TIMEOUT,
                  timeout: float = DEFAULT_CONNECT_TIMEOUT,
                  max_bandwidth: float | None = None, tls: TLSConfig | None = None) -> None:
@@ -317,6 +322,7 @@ class QemuSender:
         if tls is not None:
             tls.check_client()
         channel_rate = _channel_rate(max_bandwidth, channels, stall_timeout)
+        directory = os.fspath(directory)
         manifest = _read_manifest(directory)
         self._regions: list[Region] = []
         self._block_fds: list[int] = []     # where each block file's holes are (its zero pages)

@@ -56,7 +56,10 @@ def readme_python_blocks() -> list[str]:
 
 # Each mistake's line ends with "# MISTAKE: <what mypy must say>".
 PLANTED = textwrap.dedent("""
+    from pathlib import Path
+
     import fastmfd
+    import fastmfd.qemu
 
     def on_setup(setup: fastmfd.Setup) -> None:           # the names to annotate with
         print([region.name for region in setup.regions])
@@ -79,6 +82,12 @@ PLANTED = textwrap.dedent("""
                 print(stats.total_time)                     # MISTAKE: no attribute "total_time"
             result = dst.receive(on_setup=on_setup)
             print(result.regions["ram"].arrayy)             # MISTAKE: no attribute "arrayy"
+
+    def paths(saved: Path) -> None:                         # a Path where a path goes: fine
+        tls = fastmfd.TLSConfig(cert=Path("c.pem"), key=Path("k.pem"), ca=Path("ca.pem"))
+        fastmfd.qemu.receive("tcp:127.0.0.1:0", saved, tls=tls)
+        print(fastmfd.read_key_file(Path("key")))
+        fastmfd.qemu.send("tcp:127.0.0.1:1", saved, compression="lz4")  # MISTAKE: "Literal['none', 'zlib', 'zstd']"
 """)
 
 

@@ -76,9 +76,9 @@ class TLSConfig:
     them); the channels use the suites named.
     """
 
-    cert: str | None = None
-    key: str | None = None
-    ca: str | None = None
+    cert: str | os.PathLike[str] | None = None
+    key: str | os.PathLike[str] | None = None
+    ca: str | os.PathLike[str] | None = None
     hostname: str | None = None
     authz: Sequence[str] | None = None      # kept as a tuple
     ciphers: str | None = None
@@ -95,8 +95,10 @@ class TLSConfig:
             raise ConfigError("TLSConfig needs both cert and key, or neither")
         for name in ("cert", "key", "ca"):
             path = getattr(self, name)
-            if path is not None and not os.access(path, os.R_OK):
-                raise ConfigError(f"TLSConfig.{name}: cannot read {path}")
+            if path is not None:
+                object.__setattr__(self, name, os.fspath(path))     # kept as a str
+                if not os.access(path, os.R_OK):
+                    raise ConfigError(f"TLSConfig.{name}: cannot read {path}")
         if self.key is not None:
             _check_private(self.key)
         # Loaded once now, as a destination's context loads them (no system CA store):
@@ -204,7 +206,7 @@ def check_auth_key(key: bytes | None, owner: str) -> bytes | None:
     return bytes(key)
 
 
-def _check_private(key: str) -> None:
+def _check_private(key: str | os.PathLike[str]) -> None:
     """ConfigError if any user of the host may read the private key file ``key``, or
     anyone but its owner write it. Its group may read it: a service's group often
     does (``ssl-cert``, libvirt's ``qemu``), which the shared key's rule refuses."""
@@ -217,7 +219,7 @@ def _check_private(key: str) -> None:
 MAX_KEY_FILE_BYTES = 1 << 16
 
 
-def read_key_file(path: str) -> bytes:
+def read_key_file(path: str | os.PathLike[str]) -> bytes:
     """A key file's bytes, without the one line end an editor or ``echo`` adds.
 
     Refused, as ssh refuses a private key file: one that others may read or

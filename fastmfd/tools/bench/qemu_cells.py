@@ -27,6 +27,7 @@ import select
 import socket
 import threading
 import time
+from typing import cast
 
 from ... import qemu
 from ...errors import MigrationError
@@ -190,7 +191,8 @@ class FastmfdToQemuTrial(QemuPeer):
         # Its workers ready before timing, as fastmfd's own Source's are (QEMU's
         # source starts threads inside its migration: microseconds each).
         self._sender = qemu.QemuSender(self._dir, channels=self.channels,
-                                       compression=self.compression, level=self.level,
+                                       compression=cast(qemu.QemuCompression, self.compression),
+                                       level=self.level,
                                        stall_timeout=STEP_TIMEOUT, tls=self._tls["client"])
 
     def _saved_directory(self) -> str:
