@@ -84,13 +84,14 @@ def _check_identity(found: tuple[int, int], file_id: tuple[int, int], what: str)
                           f"made (device and inode {found}, expected {file_id})")
 
 
-def region_to_add(region: object) -> "Region":
-    """``add_region``'s argument, checked: a Region (TypeError) that is open (ConfigError:
-    a closed region's memory may be gone, and its segments are)."""
+def region_to_add(region: object, what: str = "add_region(region)") -> "Region":
+    """``add_region``'s argument (or ``what`` else gives a region), checked: a Region
+    (TypeError) that is open (ConfigError: a closed region's memory may be gone, and
+    its segments are)."""
     if not isinstance(region, Region):
-        raise type_error("add_region(region)", "a fastmfd.Region", region)
+        raise type_error(what, "a fastmfd.Region", region)
     if region.closed:
-        raise ConfigError(f"add_region(region): region {region.name!r} is closed")
+        raise ConfigError(f"{what}: region {region.name!r} is closed")
     return region
 
 

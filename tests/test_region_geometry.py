@@ -17,6 +17,7 @@ import pytest
 
 import fastmfd
 from fastmfd import _core
+from fastmfd._engine.session import SessionResources
 from migration_support import Migration
 
 MIB = 1 << 20
@@ -46,6 +47,50 @@ def test_a_factory_region_that_does_not_match_fails_both_sides(made, expected):
     for side, error in (("source", outcome.source_error), ("destination", outcome.dest_error)):
         assert isinstance(error, fastmfd.FastMFDError), f"the {side} ended with {error!r}"
         assert "region 'ram'" in str(error) and expected in str(error), f"{side}: {error}"
+
+
+def test_a_factory_that_returns_no_region_fails_both_sides_and_frees_everything():
+    # A factory that forgot its `return`: it failed with "'NoneType' object has no
+    # attribute 'zero_filled'", the None was owned, and closing it at the end stopped
+    # the release, leaving the listening socket open after the `with`.
+    config = fastmfd.MigrationConfig(channels=2, page_size=1024)
+    image = _source_region(1024)
+    try:
+        with Migration(config, region_factory=lambda name, size, page_size: None) as m:
+            m.source.add_region(image)
+            outcome = m.run(timeout=30)
+            host, port = m.destination.address[len("tcp:"):].rsplit(":", 1)
+    finally:
+        image.close()
+    expected = (f"TypeError: region_factory('ram', {4 * MIB}, 1024)'s result must be a "
+                f"fastmfd.Region, not NoneType")
+    for side, error in (("source", outcome.source_error), ("destination", outcome.dest_error)):
+        assert isinstance(error, fastmfd.MigrationError), f"the {side} ended with {error!r}"
+        assert expected in str(error), f"{side}: {error}"
+    with socket.socket() as probe:
+        assert probe.connect_ex((host, int(port))) != 0, "the listener was left open"
+
+
+def test_a_resource_that_fails_to_close_does_not_keep_the_others_open():
+    resources = SessionResources()
+    listener = resources.own(socket.create_server(("127.0.0.1", 0)))
+    closed = []
+
+    class Failing:
+        def close(self):
+            raise RuntimeError("close failed")
+
+    class Recorded:
+        def close(self):
+            closed.append(self)
+
+    last = resources.own(Recorded())
+    resources.own(Failing())
+    resources.own(Recorded())
+    with pytest.raises(RuntimeError, match="close failed"):
+        resources.release()
+    assert listener.fileno() == -1 and last in closed and len(closed) == 2
+    resources.release()         # nothing is left to close, nor to fail again
 
 
 def test_a_matching_factory_region_receives_the_image():

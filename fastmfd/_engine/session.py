@@ -14,6 +14,7 @@ must have been told first.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import os
 import socket
@@ -227,19 +228,24 @@ class SessionResources:
         self._processes = []
 
     def release(self) -> None:
-        """Close every socket, descriptor and owned structure (idempotent; after stop())."""
+        """Close every socket, descriptor and owned structure (idempotent; after stop()):
+        each one, even when closing another raised (the listener would stay open),
+        then raise the first such error."""
         self._session = None
-        for sock in self.sockets:
-            sock.close()
-        for fd in self.fds:
-            os.close(fd)
-        self.sockets, self.fds = [], []
-        for resource in reversed(self._owned):
+        closes: list[Callable[[], object]] = [sock.close for sock in self.sockets]
+        closes += [functools.partial(os.close, fd) for fd in self.fds]
+        closes += [resource.close for resource in reversed(self._owned)]
+        self.sockets, self.fds, self._owned = [], [], []
+        first: BaseException | None = None
+        for close in closes:
             try:
-                resource.close()
+                close()
             except BufferError:     # a structure's view is still out: its name is unlinked
                 pass
-        self._owned = []
+            except BaseException as exc:
+                first = first or exc
+        if first is not None:
+            raise first
 
 
 def break_session(error: MigrationError, peer: str, main: MainChannel | None,

@@ -15,7 +15,7 @@ from typing import Callable, Protocol
 from ..errors import ConfigError, ProtocolError
 from ..protocol.setup import RegionSpec, Setup
 from ..region_pool import RegionPool
-from ..regions import Region
+from ..regions import Region, region_to_add
 from ..shm import SHM_DIR, free_bytes
 from .session import SessionResources
 
@@ -101,7 +101,10 @@ def _region(parts: RegionParts, name: str, size: int, page_size: int) -> tuple[R
     region = parts.user_regions.get(name)
     fresh = region is None
     if region is None and parts.region_factory is not None:
-        region = parts.resources.own(parts.region_factory(name, size, page_size))
+        made = parts.region_factory(name, size, page_size)
+        # Checked before it is owned: what is not a Region cannot be closed at the end.
+        region = parts.resources.own(region_to_add(
+            made, f"region_factory({name!r}, {size}, {page_size})'s result"))
         parts.user_regions[name] = region
         fresh, region.zero_filled = region.zero_filled, False     # written from now on
         _check_geometry(region, name, size, page_size)
