@@ -126,7 +126,10 @@ def check_types(call: str, **arguments: tuple[object, Kind]) -> tuple[Any, ...]:
 
 
 def type_error(parameter: str, expected: str, value: object) -> TypeError:
-    kind = type(value)
+    """``parameter`` was given ``value``: its type, or the class itself (an
+    instance was meant: ``CollectLoader`` for ``CollectLoader()``)."""
+    kind = value if isinstance(value, type) else type(value)
     name = (kind.__qualname__ if kind.__module__ == "builtins"
             else f"{kind.__module__}.{kind.__qualname__}")
-    return TypeError(f"{parameter} must be {expected}, not {name}")
+    given = f"the class {name}" if isinstance(value, type) else name
+    return TypeError(f"{parameter} must be {expected}, not {given}")

@@ -196,9 +196,12 @@ class Destination(Owner):
         """Load device ``idstr``/``instance_id`` with ``loader`` (default: CollectLoader)."""
         self._check_adding("add_loader")
         idstr, instance_id = check_device_ids("add_loader", idstr, instance_id)
-        if not isinstance(loader, Loader):
+        # A class has the methods too: refused now, not when its first chunk comes.
+        if isinstance(loader, type) or not isinstance(loader, Loader):
             raise type_error(f"add_loader(loader) for {idstr!r}", "a fastmfd.Loader "
                              "(load_state_buffer(data), load_finish())", loader)
+        if (idstr, instance_id) in self._loaders:
+            raise ConfigError(f"two loaders for device {idstr!r} instance {instance_id}")
         self._loaders[(idstr, instance_id)] = loader
 
     def _check_adding(self, call: str) -> None:

@@ -88,6 +88,9 @@ WRONG = [
      "object"),
     (lambda: _on_destination("add_loader", 42, 0, LOADER), "add_loader(idstr)", "int"),
     (lambda: _on_destination("add_loader", "n", "0", LOADER), "add_loader(instance_id)", "str"),
+    # A class has a loader's methods: it failed only at its first chunk, mid-migration.
+    (lambda: _on_destination("add_loader", "n", 0, fastmfd.CollectLoader),
+     "add_loader(loader) for 'n'", "the class fastmfd.devices.CollectLoader"),
     (lambda: _on_destination("receive", on_setup="setup"), "receive(on_setup)", "str"),
     (lambda: _on_destination("cancel", b"why"), "cancel(reason)", "bytes"),
     (lambda: fastmfd.Source(42), "Source(address)", "int"),

@@ -111,6 +111,17 @@ def test_regions_and_loaders_are_added_until_the_session_takes_them():
         for call in ("add_region", "add_loader") * 2]
 
 
+def test_a_second_loader_for_a_device_is_refused():
+    # It replaced the first silently, where add_region and add_device refuse a duplicate.
+    with fastmfd.Destination("tcp:127.0.0.1:0", workers=0) as dst:
+        first = fastmfd.VerifyLoader(4096)
+        dst.add_loader("nic0", 0, first)
+        with pytest.raises(fastmfd.ConfigError, match="two loaders for device 'nic0' instance 0"):
+            dst.add_loader("nic0", 0, fastmfd.CollectLoader())
+        dst.add_loader("nic0", 1, fastmfd.CollectLoader())     # another instance is another
+        assert dst._loaders[("nic0", 0)] is first
+
+
 def test_nothing_is_added_after_a_session_that_failed_before_its_setup():
     with fastmfd.Destination("tcp:127.0.0.1:0", workers=0, timeout=0.2) as dst, \
             make_region("ram", 4096) as region:
