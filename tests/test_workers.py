@@ -205,6 +205,22 @@ def test_an_owner_is_entered_once(side, tmp_path, leaks):
     assert owner.worker_pids() == []
 
 
+@pytest.mark.parametrize("side", ["source", "destination"])
+def test_a_closed_owner_is_not_entered(side, tmp_path, leaks):
+    # Entered after close(), it started its workers again; and receive() on a closed
+    # Destination said "use the Destination as a context manager".
+    owner = _owner(side, tmp_path)
+    name = type(owner).__name__
+    owner.close()
+    with pytest.raises(ConfigError, match=f"^this {name} was closed: make a new one$"):
+        with owner:
+            pytest.fail(f"entered; its workers: {owner.worker_pids()}")
+    assert owner.worker_pids() == []
+    call = owner.migrate if side == "source" else owner.receive
+    with pytest.raises(ConfigError, match=f"^this {name} was closed: make a new one$"):
+        call()
+
+
 def _freed(pids: list[int], segments: list[str], path=None, within: float = 10) -> bool:
     """Wait (up to ``within`` s) until no worker in ``pids`` lives, no segment in
     ``segments`` is linked and the socket file ``path`` (if given) is gone: a

@@ -264,8 +264,9 @@ CLOSE_WAIT = 10.0    # seconds close() waits for a cancelled migrate()/receive()
 
 class Owner:
     """A context manager that starts what it owns on entry (``_start()``), once:
-    entering it again, inside its ``with`` or after, is refused (a second set of
-    processes would replace the first, which close() would then miss). A failure
+    entering it again, inside its ``with`` or after, or once closed, is refused (a
+    second set of processes would replace the first, which close() would then miss;
+    a closed one's would run unused). A failure
     while starting, or leaving, calls ``close()``, which must free whatever was
     started, however far ``_start`` got.
 
@@ -301,10 +302,8 @@ class Owner:
     @contextlib.contextmanager
     def _running(self, once: str) -> Iterator[None]:
         """Run the session call, claimed; ``once``: the ConfigError of a second one."""
-        name = type(self).__name__
         with self._claiming:
-            if self._closed:
-                raise ConfigError(f"this {name} was closed: make a new one")
+            self._check_not_closed()
             if self._called:
                 raise ConfigError(once)
             self._called = True
@@ -315,6 +314,12 @@ class Owner:
         finally:
             self._call_thread = None
             left.set()
+
+    def _check_not_closed(self) -> None:
+        """A closed owner is used no more: not entered again (which would start its
+        processes again), nor its session call made."""
+        if self._closed:
+            raise ConfigError(f"this {type(self).__name__} was closed: make a new one")
 
     def _stop_running_call(self) -> None:
         with self._claiming:
@@ -346,6 +351,7 @@ class Owner:
         if self._entered:
             raise ConfigError(f"this {name} was entered already: a {name} is entered once, "
                               f"by one `with`; make a new one")
+        self._check_not_closed()
         self._entered = True
         try:
             self._start()
