@@ -122,12 +122,9 @@ def receive(address: str | socket.socket, directory: str | os.PathLike[str], *,
     ``tls-creds``): ``cert``/``key`` this side's, ``ca`` the CA that issued
     the source QEMU's certificate (required: a source is told by it),
     ``authz`` the identities accepted."""
-    with _ReceiveCall(address, directory, timeout=timeout, stall_timeout=stall_timeout,
-                      force=force, keep_partial=keep_partial, max_size=max_size,
-                      workers=workers, tls=tls) as receiver:
-        if on_listening is not None:
-            on_listening(receiver.address)
-        return receiver.receive()
+    return _ReceiveCall(address, directory, timeout=timeout, stall_timeout=stall_timeout,
+                        force=force, keep_partial=keep_partial, max_size=max_size,
+                        workers=workers, tls=tls).run(on_listening)
 
 
 class QemuReceiver:
@@ -138,6 +135,7 @@ class QemuReceiver:
     :func:`receive`'s."""
 
     _call = "QemuReceiver"      # what a wrong argument's TypeError names (see _ReceiveCall)
+    _cli = False                # its errors name these parameters, not listen --qemu's flags
 
     def __init__(self, address: str | socket.socket, directory: str | os.PathLike[str], *,
                  timeout: float = 3600.0, stall_timeout: float = DEFAULT_STALL_TIMEOUT,
@@ -162,7 +160,8 @@ class QemuReceiver:
         self._requested = (listening_address(address) if isinstance(address, socket.socket)
                            else parse_address(address))
         self._out: OutputDir | None = OutputDir(directory, force=force,
-                                                keep_partial=keep_partial, max_bytes=max_size)
+                                                keep_partial=keep_partial, max_bytes=max_size,
+                                                cli=self._cli)
         self._listener = self._given
         self._session: QemuReceiving | None = None
         self._received = False
@@ -231,6 +230,19 @@ class _ReceiveCall(QemuReceiver):
     """The QemuReceiver :func:`receive` makes: a wrong argument is the user's
     ``qemu.receive(...)``, and its TypeError says so, not a class never called."""
     _call = "qemu.receive"
+
+    def run(self, on_listening: Callable[[str], object] | None) -> QemuReceived:
+        """:func:`receive`: ``on_listening(address)``, the migration, then close()."""
+        with self:
+            if on_listening is not None:
+                on_listening(self.address)
+            return self.receive()
+
+
+class _ListenCommand(_ReceiveCall):
+    """``fastmfd listen --qemu``'s: its errors name the command's options
+    (``--force``, ``--max-size``), not the library's parameters."""
+    _cli = True
 
 
 def _manifest(facts: QemuStreamFacts, out: OutputDir) -> dict[str, Any]:

@@ -20,6 +20,8 @@ import os
 import re
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -1034,6 +1036,19 @@ def test_a_source_that_reads_nothing_of_its_return_path_fails_it_not_holds_it(tm
     assert_nothing_complete(out)
 
 
+def test_a_save_there_is_refused_naming_force_as_its_caller_knows_it(tmp_path):
+    """The library said "not replacing it without --force", a flag its caller does not
+    have; ``fastmfd listen --qemu``, the same code, keeps saying --force."""
+    (tmp_path / "manifest.json").write_text("{}")
+    refused = f"{tmp_path / 'manifest.json'} exists (a file): not replacing it without "
+    for make in (qemu.QemuReceiver, qemu.receive):
+        with pytest.raises(ConfigError, match=f"^{re.escape(refused)}force=True$"):
+            make("tcp:127.0.0.1:0", str(tmp_path))
+    done = subprocess.run([sys.executable, "-m", "fastmfd", "listen", "--qemu", "tcp:127.0.0.1:0",
+                           "--dir", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stderr.endswith(f"{refused}--force\n"), done.stderr
+
+
 def test_blocks_larger_than_max_size_are_refused_before_any_is_written(tmp_path, captures):
     """The block files are sparse and fill as pages arrive: what QEMU announces
     must fit (max_size, or the directory's free space) before a page is taken
@@ -1041,7 +1056,7 @@ def test_blocks_larger_than_max_size_are_refused_before_any_is_written(tmp_path,
     files = capture_bytes(captures[1], "none")
     out = tmp_path / "out"
     with pytest.raises(MigrationError, match=r"main channel: the source sends 32\.\d+ MiB "
-                                             r"of regions; --max-size allows 16\.0 MiB"):
+                                             r"of regions; max_size allows 16\.0 MiB"):
         receive_replay(out, files, receive_args={"max_size": 16 << 20})
     assert_nothing_complete(out)
 

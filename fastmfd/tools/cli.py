@@ -184,7 +184,7 @@ def _refuse_with_qemu(args: argparse.Namespace, options: dict[str, str]) -> None
 
 
 def _listen_qemu(args: argparse.Namespace, console: Console) -> int:
-    from ..qemu import DEFAULT_STALL_TIMEOUT, receive
+    from ..qemu import DEFAULT_STALL_TIMEOUT, _ListenCommand
     from . import security_options
     _refuse_with_qemu(args, {"prealloc": "--prealloc", "huge_pages": "--huge-pages",
                              "max_memory": "--max-memory", "forever": "--forever"})
@@ -195,14 +195,17 @@ def _listen_qemu(args: argparse.Namespace, console: Console) -> int:
                           "--tls-ca, the CA that issued the source QEMU's tls-creds "
                           "certificate")
     tls = security_options.tls_config(args, listener=True)
-    received = receive(
+
+    def on_listening(address: str) -> None:
+        console.print(f"listening on {address} (QEMU: migrate with the multifd capability"
+                      f"{', and tls-creds whose certificate --tls-ca issued' if tls else ''})")
+
+    # qemu.receive(), its errors naming this command's options (--force)
+    received = _ListenCommand(
         args.address, args.dir, timeout=args.timeout,
         stall_timeout=args.stall_timeout or DEFAULT_STALL_TIMEOUT, force=args.force,
         keep_partial=args.keep_partial, max_size=args.max_size, tls=tls,
-        **({} if args.workers is None else {"workers": args.workers}),
-        on_listening=lambda address: console.print(
-            f"listening on {address} (QEMU: migrate with the multifd capability"
-            f"{', and tls-creds whose certificate --tls-ca issued' if tls else ''})"))
+        **({} if args.workers is None else {"workers": args.workers})).run(on_listening)
     _print_files(console, received.files)
     facts = received.facts
     console.print(f"received from QEMU ({facts.machine}) in {received.seconds * 1000:.0f} ms: "

@@ -206,11 +206,12 @@ class OutputDir:
     def __init__(self, path: str | os.PathLike[str], *, force: bool = False,
                  keep_partial: bool = False, max_bytes: int | None = None,
                  warm: WarmFiles | None = None, huge_pages: bool = False,
-                 new: bool = False) -> None:
+                 new: bool = False, cli: bool = False) -> None:
         """``new``: ``path`` must not exist (a session's own directory: one there
         already, another session's of the same uuid or a link another user put
-        there, is refused, never written into)."""
-        self.path = os.fspath(path)
+        there, is refused, never written into). ``cli``: the errors name the
+        command line's options (``--force``), not the library's (``force=True``)."""
+        self.path, self.cli = os.fspath(path), cli
         self.force, self.keep_partial, self.max_bytes = force, keep_partial, max_bytes
         self.committed = False
         self.warm, self.huge_pages = warm, huge_pages
@@ -257,8 +258,8 @@ class OutputDir:
         left = self._check_room([(r.size, setup.page_size) for r in setup.regions])
         # (Beyond the free space, a disk that fills fails the write by itself.)
         self._device_budget = None if self.max_bytes is None else WriteBudget(
-            left, f"--max-size ({format_bytes(self.max_bytes)}, or the free space if less, "
-                  f"less the regions')")
+            left, f"{self._option('max_size')} ({format_bytes(self.max_bytes)}, or the "
+                  f"free space if less, less the regions')")
         self.regions = {r.name: _Output({"name": r.name, "size": r.size},
                                         output_name(r.name) + ".img") for r in setup.regions}
         self.devices = {d.key: _Output({"idstr": d.idstr, "instance_id": d.instance_id},
@@ -293,6 +294,13 @@ class OutputDir:
         for out in self._outputs():
             self._claim(out)
 
+    def _option(self, name: str, value: str = "") -> str:
+        """Option ``name`` as who made this OutputDir calls it: the command line's
+        flag (``--max-size``), or the library's parameter (``max_size``, ``force=True``)."""
+        if self.cli:
+            return "--" + name.replace("_", "-")
+        return f"{name}={value}" if value else name
+
     def _check_room(self, sizes: list[tuple[int, int]]) -> int:
         """Region files are sparse and fill as pages arrive: a sender must not be
         able to fill the disk, so what it announces (``sizes``: each region's size
@@ -304,7 +312,7 @@ class OutputDir:
             free += self.warm.held_for(sizes)
         limit = free if self.max_bytes is None else min(self.max_bytes, free)
         if size > limit:
-            why = (f"--max-size allows {format_bytes(self.max_bytes)}"
+            why = (f"{self._option('max_size')} allows {format_bytes(self.max_bytes)}"
                    if limit == self.max_bytes else f"{self.path} has {format_bytes(free)} free")
             raise ConfigError(f"the source sends {format_bytes(size)} of regions; {why}")
         return limit - size
@@ -373,7 +381,8 @@ class OutputDir:
                     "a directory" if stat.S_ISDIR(st.st_mode) else "a file")
             if stat.S_ISDIR(st.st_mode) or not self.force:
                 raise ConfigError(f"{self._show(name)} exists ({what}): not replacing it"
-                                  + ("" if stat.S_ISDIR(st.st_mode) else " without --force"))
+                                  + ("" if stat.S_ISDIR(st.st_mode)
+                                     else f" without {self._option('force', 'True')}"))
             if name == out.part:
                 try:
                     os.unlink(name, dir_fd=self.fd)     # the link itself, never its target
@@ -418,7 +427,8 @@ class OutputDir:
                     rename_without_replacing(out.part, out.final, self.fd)
             except FileExistsError:
                 raise OutputError(f"{self._show(out.final)} appeared while the migration was "
-                                  f"received: not replacing it without --force") from None
+                                  f"received: not replacing it without "
+                                  f"{self._option('force', 'True')}") from None
             except OSError as exc:
                 raise OutputError(f"{self._show(out.part)}: renaming it to {out.final} "
                                   f"failed: {exc.strerror or exc}") from exc

@@ -158,7 +158,7 @@ def listen_once(address: str | socket.socket, directory: str, *, per_session: bo
     listening (see :func:`listen_sessions`)."""
     def output_dir(path: str, new: bool = False) -> OutputDir:
         return OutputDir(path, force=force, keep_partial=keep_partial, max_bytes=max_size,
-                         warm=warm, huge_pages=huge_pages, new=new)
+                         warm=warm, huge_pages=huge_pages, new=new, cli=True)
 
     out = None if per_session else output_dir(directory)
 
