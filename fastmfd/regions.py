@@ -325,18 +325,22 @@ class Region:
         return self._dirty
 
     def mark_dirty(self, offset: int, length: int) -> None:
-        """Record that bytes ``offset .. offset+length`` changed (call after writing)."""
+        """Record that bytes ``offset .. offset+length`` changed (call after writing).
+        A range outside the region, or of a negative length, is a ConfigError; a
+        closed region, a ValueError (as its ``buffer``)."""
+        self._check_open()      # (its bitmap's own error names no region)
         if type(offset) is not int or type(length) is not int:     # cheap: called often
             offset, length = check_types("mark_dirty", offset=(offset, INT),
                                          length=(length, INT))
         if length <= 0:
             if length < 0:
-                raise IndexError(f"mark_dirty(length) {length}: no range of region "
-                                 f"{self.name!r} has a negative length")
+                raise ConfigError(f"mark_dirty(length) {length}: no range of region "
+                                  f"{self.name!r} has a negative length")
             return
         if offset < 0 or offset + length > self.size:
-            raise IndexError(f"bytes {offset}..{offset + length} outside region {self.name!r} "
-                             f"of {self.size}")
+            raise ConfigError(f"mark_dirty({offset}, {length}): bytes {offset}.."
+                              f"{offset + length} outside region {self.name!r} of "
+                              f"{self.size} bytes")
         first = offset // self.page_size
         last = (offset + length - 1) // self.page_size
         self._dirty.mark(first, last - first + 1)

@@ -87,15 +87,28 @@ def test_mark_dirty_marks_every_page_touched(region, offset, length, pages):
 
 @pytest.mark.parametrize("offset, length", [(-1, 2), (SIZE, 1), (SIZE - 1, 2)])
 def test_mark_dirty_outside_the_region(region, offset, length):
-    with pytest.raises(IndexError, match="outside region"):
+    # It was an IndexError, not the ConfigError the README promises for a value that cannot
+    # work.
+    with pytest.raises(fastmfd.ConfigError,
+                       match=rf"^mark_dirty\({offset}, {length}\): bytes {offset}\.\."
+                             rf"{offset + length} outside region '{region.name}' of {SIZE} "
+                             rf"bytes$"):
         region.mark_dirty(offset, length)
 
 
 def test_mark_dirty_of_a_negative_length_is_refused(region):
     # It was taken as nothing to mark: a caller's bug, silently.
-    with pytest.raises(IndexError, match="negative length"):
+    with pytest.raises(fastmfd.ConfigError, match="negative length"):
         region.mark_dirty(4096, -1)
     assert region.dirty.collect().tolist() == []
+
+
+def test_mark_dirty_on_a_closed_region_names_the_region():
+    # It said "DirtyBitmap is closed": a type of the core's, not the region.
+    region = fastmfd.Region.create("pc.ram", 8192)
+    region.close()
+    with pytest.raises(ValueError, match=r"^region 'pc\.ram' is closed$"):
+        region.mark_dirty(0, 10)
 
 
 @pytest.mark.parametrize("offset, length, parameter, given", [
