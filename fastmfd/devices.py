@@ -135,7 +135,11 @@ class Loader(Protocol):
     in the destination's reassembly process (so it must be picklable)."""
 
     def load_state_buffer(self, data: memoryview) -> None:
-        """Take the next chunk (``data`` is valid only during the call)."""
+        """Take the next chunk. ``data`` (as ``load_config``'s) is lent for the call
+        only: its memory holds other chunks next. Copy what you keep
+        (``bytes(data)``, ``bytearray += data``): a view kept raises ValueError
+        once the call returns, and a buffer still held of it (``numpy.frombuffer``)
+        fails the session."""
         ...
 
     def load_finish(self) -> object:

@@ -6,6 +6,7 @@ module that process can import cheaply (no pytest), not in a test module.
 
 from __future__ import annotations
 
+import pickle
 import signal
 import struct
 import threading
@@ -100,6 +101,22 @@ class BrokenLoader:
 
     def load_finish(self):
         return None
+
+
+class KeepingLoader:
+    """Keeps what it is given instead of copying it: each chunk's ``data`` itself,
+    or (``export``) a buffer of it, as ``numpy.frombuffer(data)`` would hold;
+    ``load_finish`` joins what it kept."""
+
+    def __init__(self, export: bool = False) -> None:
+        self.export = export
+        self.kept: list = []
+
+    def load_state_buffer(self, data) -> None:
+        self.kept.append(pickle.PickleBuffer(data) if self.export else data)
+
+    def load_finish(self) -> bytes:
+        return b"".join(bytes(kept) for kept in self.kept)
 
 
 class ChunkRewriter(Packets):

@@ -23,7 +23,8 @@ import pytest
 import fastmfd
 from fastmfd import _core
 from device_support import (BlockedDevice, BrokenDevice, BrokenLoader, ChunkRewriter,
-                            FinishingLoader, HangingDevice, HangingLoader, LockedLoader,
+                            FinishingLoader, HangingDevice, HangingLoader, KeepingLoader,
+                            LockedLoader,
                             MiscountingDevice,
                             HoldFirstChunks, OddDevice, StallingDevice, at_idx)
 from fastmfd._engine.reassembly import plan_pool
@@ -348,6 +349,26 @@ def test_load_finish_raising_is_named(leaks, way):
                       loaders={DEVICE: FinishingLoader()})
     check(outcome, outcome.started,
           r"dev/0: load_finish\(\) failed: OSError: the device would not resume")
+
+
+@pytest.mark.parametrize("way", ["new", "old"])
+def test_a_loader_that_keeps_its_data_fails_loudly(leaks, way):
+    """``data`` is a view of a buffer slot that holds other chunks once the call
+    returns: a loader that kept the views it was given (not copies) joined other
+    chunks' bytes at load_finish(), and the session succeeded with that stream."""
+    outcome = migrate(CONFIG.replace(channel_header=way == "new"),
+                      loaders={DEVICE: KeepingLoader()})
+    check(outcome, outcome.started, r"dev/0: load_finish\(\) failed: ValueError: "
+                                    r"operation forbidden on released memoryview object")
+
+
+def test_a_loader_that_keeps_a_buffer_of_its_data_is_told_to_copy(leaks):
+    """A buffer held of ``data`` (numpy.frombuffer(data)) keeps it from being taken
+    back: the session fails, naming the call and what to do."""
+    outcome = migrate(loaders={DEVICE: KeepingLoader(export=True)})
+    check(outcome, outcome.started,
+          r"dev/0: load_state_buffer\(\) of chunk 0 kept a buffer of its data, which is "
+          r"valid only during the call .*: a loader must copy what it keeps, e\.g\. bytes\(data\)")
 
 
 # ---------------------------------------------------------------- user code returning nonsense

@@ -190,6 +190,20 @@ class _DeviceStream:
             return entry
 
 
+def _end_loan(data: memoryview, what: str, device: str) -> None:
+    """``data`` was lent to a loader's ``what`` for the call only: its slot is
+    released and holds other chunks next, so a view the loader kept raises
+    ValueError from now on rather than read them (its stream silently wrong).
+    A buffer it still holds of ``data`` (``numpy.frombuffer(data)``) cannot be
+    taken back: the session fails."""
+    try:
+        data.release()
+    except BufferError:
+        raise MigrationError(f"{what} kept a buffer of its data, which is valid only during "
+                             f"the call (its memory holds other chunks next): a loader must "
+                             f"copy what it keeps, e.g. bytes(data)", device=device) from None
+
+
 class _Reassembler:
     def __init__(self, pipe: ChildPipe, params: ReassemblyParams, desc_fd: int) -> None:
         self.pipe = pipe
@@ -365,9 +379,11 @@ class _Reassembler:
                         hook = "load_state_buffer"
                         if last and hasattr(stream.loader, "load_config"):
                             hook = "load_config"
+                        what = f"{hook}() of chunk {idx}"
                         if hook == "load_config" or len(data) or not last:
                             # (a loader that knows no config gets it as data, if any)
-                            stream.call(f"{hook}() of chunk {idx}", hook, data)
+                            stream.call(what, hook, data)
+                        _end_loan(data, what, stream.name)
                 finally:
                     self.pool.release(slot)
                 with stream.cond:
