@@ -94,7 +94,10 @@ class Destination(Owner):
     ``max_memory``: bytes of shared memory the session may make this
     destination hold — the regions it creates plus the device-state buffers
     (default: what ``/dev/shm`` has free); a SETUP asking for more is refused
-    before anything is allocated, and the source is told why.
+    before anything is allocated, and the source is told why. Given, it also
+    bounds the device state kept by the CollectLoaders of devices given no
+    loader: together, what the regions and buffers leave (a stream going past
+    it fails the session, naming the device and the bound).
     ``prealloc``: fault every region of the session in (allocate and map each
     page, QEMU's ``prealloc=on``) before the source may send: the receive
     workers each fault in a share, in parallel, between SETUP and SETUP_ACK,

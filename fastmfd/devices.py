@@ -26,6 +26,7 @@ The save side (how a device's stream is cut into chunks and sent) is
 
 from __future__ import annotations
 
+import io
 import operator
 import os
 import threading
@@ -242,34 +243,23 @@ class SyntheticDevice:
 
 # ------------------------------------------------------------------ loaders
 
-class CollectLoader:
-    """Keeps the stream in memory; ``load_finish`` returns it as bytes (the default)."""
-
-    def __init__(self) -> None:
-        self._data = bytearray()
-
-    def load_state_buffer(self, data: memoryview) -> None:
-        self._data += data
-
-    def load_finish(self) -> bytes:
-        return bytes(self._data)
-
-
 class WriteBudget:
-    """Bytes that the FileLoaders given it may write together (the device files of
-    one save: what ``listen --max-size`` leaves after its regions, whose room is
-    checked at SETUP; a device's stream has no size until it ends). A session's
-    loaders go to its reassembly process in one piece, as its threads: they
-    share it there."""
+    """Bytes that the loaders given it may write or keep together (``what`` names
+    the bound): the device files of one save (what ``listen --max-size`` leaves
+    after its regions, whose room is checked at SETUP; a device's stream has no
+    size until it ends), or what CollectLoaders keep. A session's loaders go to
+    its reassembly process in one piece, as its threads: they share it there."""
 
     def __init__(self, limit: int, what: str) -> None:
         self.left, self.what = limit, what
         self._lock = threading.Lock()
 
-    def spend(self, size: int, path: str) -> None:
+    def spend(self, size: int, spender: str) -> None:
+        """Take ``size`` bytes for ``spender`` (a file's path, a loader): a
+        MigrationError naming it and the bound when fewer are left."""
         with self._lock:
             if size > self.left:
-                raise MigrationError(f"{path}: the device state goes past {self.what}")
+                raise MigrationError(f"{spender}: the device state goes past {self.what}")
             self.left -= size
 
     def __getstate__(self) -> dict[str, Any]:
@@ -278,6 +268,29 @@ class WriteBudget:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._lock = threading.Lock()
+
+
+class CollectLoader:
+    """Keeps the stream in memory; ``load_finish`` returns it as bytes (the default
+    loader). ``limit``: the most bytes it keeps, or a :class:`WriteBudget` it
+    shares with other loaders (a Destination with ``max_memory`` gives the ones it
+    makes one); a stream going past it fails the session."""
+
+    def __init__(self, limit: int | WriteBudget | None = None) -> None:
+        if not isinstance(limit, WriteBudget):
+            size, = check_types("CollectLoader", limit=(limit, optional(UNSIGNED)))
+            limit = None if size is None else WriteBudget(size, f"its limit ({size} bytes)")
+        self.budget = limit
+        self._data = io.BytesIO()
+
+    def load_state_buffer(self, data: memoryview) -> None:
+        if self.budget is not None:
+            self.budget.spend(memoryview(data).nbytes, "CollectLoader")
+        self._data.write(data)
+
+    def load_finish(self) -> bytes:
+        collected, self._data = self._data, io.BytesIO()
+        return collected.getvalue()     # the BytesIO's own bytes (it is dropped): no copy
 
 
 class FileLoader:

@@ -27,7 +27,7 @@ from device_support import (BlockedDevice, BrokenDevice, BrokenLoader, ChunkRewr
                             LockedLoader,
                             MiscountingDevice,
                             HoldFirstChunks, OddDevice, StallingDevice, at_idx)
-from fastmfd._engine.reassembly import plan_pool
+from fastmfd._engine.reassembly import plan_pool, pool_bytes
 from fastmfd.protocol.main_channel import Msg
 from proc_scan import process_tree
 from migration_support import (Delay, Migration, OnMessage, Outcome, Proxy, Trigger,
@@ -145,6 +145,24 @@ def test_a_cap_cut_to_fit_the_memory_left_says_so(leaks):
           rf"dev/0: \d+ chunks queued out of order would hold \d+ bytes of buffer, more than "
           rf"max_queued_bytes \({cap}, cut from {CONFIG.max_queued_bytes} to what the memory "
           rf"left for device-state buffers holds: max_memory, or what /dev/shm has free\)")
+
+
+def test_the_default_loaders_keep_what_max_memory_leaves(leaks):
+    """CollectLoader, the loader of every device the destination gave none, kept
+    what the source sent, of any size, outside max_memory. Under max_memory the ones
+    the destination makes share what its regions and device-state buffers leave."""
+    cap = 32 * 4096             # (more than the stream: channels reorder it)
+    _, slots = plan_pool(1, cap, CONFIG.device_chunk_size, CONFIG.channels, 1 << 30)
+    left = 40_000
+    budget = (1 << 20) + pool_bytes(slots, CONFIG.device_chunk_size) + left
+    outcome = migrate(max_memory=budget, max_queued_bytes=cap,
+                      devices=[fastmfd.BytesDevice(*DEVICE, bytes(left + 1))])
+    check(outcome, outcome.started,
+          rf"dev/0: CollectLoader: the device state goes past {left} bytes, what max_memory "
+          rf"\({budget}\) leaves after the regions and the device-state buffers")
+    _, result = migrate(max_memory=budget, max_queued_bytes=cap,
+                        devices=[fastmfd.BytesDevice(*DEVICE, bytes(left))]).ok()
+    assert result.devices[DEVICE] == bytes(left)
 
 
 def test_tiny_chunks_out_of_order_hit_the_cap_not_a_full_pool(leaks):

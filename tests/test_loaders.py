@@ -11,6 +11,7 @@ import errno
 import os
 import pickle
 import time
+import tracemalloc
 
 import pytest
 
@@ -35,6 +36,33 @@ def test_file_loader_writes_the_stream_in_order(tmp_path):
     empty = fastmfd.FileLoader(tmp_path / "empty")
     assert empty.load_finish() == str(tmp_path / "empty")
     assert (tmp_path / "empty").read_bytes() == b""
+
+
+def test_collect_loader_keeps_at_most_its_limit():
+    loader = pickle.loads(pickle.dumps(fastmfd.CollectLoader(10)))   # as a loader travels
+    loader.load_state_buffer(memoryview(b"0123456789"))
+    with pytest.raises(fastmfd.MigrationError, match=r"^CollectLoader: the device state goes "
+                                                     r"past its limit \(10 bytes\)$"):
+        loader.load_state_buffer(b"x")
+    assert loader.load_finish() == b"0123456789"
+
+
+def test_collect_loader_returns_its_bytes_without_copying_them():
+    """load_finish() copied the stream (bytes(bytearray)) while the loader kept the
+    original: twice a device's state, then a third time pickled to the main process."""
+    loader = fastmfd.CollectLoader()
+    tracemalloc.start()
+    try:
+        for _ in range(64):
+            loader.load_state_buffer(memoryview(bytes(64 << 10)))
+        tracemalloc.reset_peak()
+        before = tracemalloc.get_traced_memory()[0]
+        state = loader.load_finish()
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    assert type(state) is bytes and state == bytes(4 << 20)
+    assert peak < 1 << 20, f"load_finish() took {peak} more bytes for a 4 MiB stream"
 
 
 def test_file_loader_never_follows_a_link(tmp_path):

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from .. import _core
-from ..devices import CollectLoader, Loader, device_key
+from ..devices import CollectLoader, Loader, WriteBudget, device_key
 from ..errors import ConfigError, ProtocolError
 from ..protocol.control import (AwaitPrecopy, DeviceLoaded, Drained, LoaderBusy, PrecopyLoaded,
                                 RamLoaded, ReassemblyParams)
@@ -34,10 +34,20 @@ from ..protocol.main_channel import (OLD_WAY_CHECKSUM, OLD_WAY_PREFIX, MainChann
 from ..protocol.setup import Setup
 from . import control_pickling
 from .processes import ChildSet
-from .reassembly import plan_pool
+from .reassembly import plan_pool, pool_bytes
 from .session import SessionResources
 
 __all__ = ["DeviceLoading", "old_way_not_here"]
+
+
+def _collect_budget(max_memory: int | None, left: int) -> WriteBudget | None:
+    """What the CollectLoaders made for devices given no loader may keep together:
+    under ``max_memory``, what the regions and the device-state buffers leave."""
+    if max_memory is None:
+        return None
+    return WriteBudget(left, f"{left} bytes, what max_memory ({max_memory}) leaves after the "
+                             f"regions and the device-state buffers (for all devices given "
+                             f"no loader; a smaller max_queued_bytes leaves more)")
 
 
 def old_way_not_here() -> ProtocolError:
@@ -52,6 +62,7 @@ class LoadingParts(Protocol):
     reassembly: ChildSet
     loaders: dict[tuple[str, int], Loader]
     queued_cap: int | None
+    max_memory: int | None
     resources: SessionResources
     stall_timeout: float | None
 
@@ -92,8 +103,9 @@ class DeviceLoading:
                                                                 tag="dest-pool", sparse=True))
         desc_r, self.desc_w = os.pipe()
         parts.resources.fds.append(self.desc_w)
-        loaders = tuple((device_key(*d.key), parts.loaders.get(d.key, CollectLoader()))
-                        for d in setup.devices)
+        collect = _collect_budget(parts.max_memory, budget - pool_bytes(nslots, chunk_size))
+        loaders = tuple((device_key(*d.key), parts.loaders[d.key] if d.key in parts.loaders
+                         else CollectLoader(collect)) for d in setup.devices)
         try:
             self._reassembly.start_session(
                 ReassemblyParams(self.pool.name, cap, loaders, setup.config_after_ram,

@@ -48,7 +48,7 @@ from ..shm import SHM_DIR
 from .processes import ChildPipe, run_child
 from .session import Closable
 
-__all__ = ["reassembly_main", "pool_slots_for", "plan_pool"]
+__all__ = ["reassembly_main", "pool_slots_for", "plan_pool", "pool_bytes"]
 
 CHUNK_HEADER = _core.CHUNK_HEADER_SIZE
 # A loader waiting for its next chunk is woken by that chunk or by the stop
@@ -79,7 +79,7 @@ def plan_pool(ndevices: int, max_queued_bytes: int, chunk_size: int, nchannels: 
     (a page, rounded up to pages) made a pool planned to the byte larger than
     ``budget``: by 48 MB for 6 million slots of 4 KiB chunks.
     ConfigError when not even one out-of-order chunk per device fits."""
-    stride = -(-(chunk_size + CHUNK_HEADER) // 64) * 64 + _SLOT_BOOKKEEPING
+    stride = _slot_stride(chunk_size)
     fits = max(0, budget - _POOL_HEADER) // stride
     cap = max_queued_bytes
     if pool_slots_for(ndevices, cap, chunk_size, nchannels) > fits:
@@ -91,6 +91,15 @@ def plan_pool(ndevices: int, max_queued_bytes: int, chunk_size: int, nchannels: 
                               f"least {need} bytes of shared memory; {budget} are left "
                               f"(max_memory, or what {SHM_DIR} has free)")
     return cap, pool_slots_for(ndevices, cap, chunk_size, nchannels)
+
+
+def pool_bytes(slots: int, chunk_size: int) -> int:
+    """The memory plan_pool counts a pool of ``slots`` takes."""
+    return _POOL_HEADER + slots * _slot_stride(chunk_size)
+
+
+def _slot_stride(chunk_size: int) -> int:
+    return -(-(chunk_size + CHUNK_HEADER) // 64) * 64 + _SLOT_BOOKKEEPING
 
 
 class _DeviceStream:
@@ -398,6 +407,8 @@ class _Reassembler:
             if not isinstance(exc, MigrationError):     # (one from _check_precopy names itself)
                 exc = MigrationError(f"loading chunk {idx} failed: {type(exc).__name__}: {exc}",
                                      device=stream.name)
+            elif type(exc) is MigrationError and not (exc.device or exc.channel):
+                exc = MigrationError(exc.cause, device=stream.name)     # a loader's (its budget)
             # Reported before the stop, which ends the process: in the other
             # order, a loader's failure was now and then missing at the
             # destination, which said only that the process had exited (status 0).
