@@ -263,6 +263,20 @@ cdef int ram_lookup_region(const RegionEntry *regions, int nregions, const char 
     return -1
 
 
+cdef int ram_fail_page_count(WireError *err, const RamPacketInfo *out, uint64_t pages,
+                             const char *name) noexcept nogil:
+    """Refuse a packet listing more pages than its region's ``pages``: the count
+    of normal pages if that alone is too many, else of zero pages."""
+    cdef char text[300]
+    if out.normal_pages > pages:
+        snprintf(text, sizeof(text), "<= %llu (pages of region '%.200s')",
+                 <unsigned long long>pages, name)
+        return wire_fail_u64(err, "RAM packet", "normal_pages", out.normal_pages, text)
+    snprintf(text, sizeof(text), "<= %llu (pages of region '%.200s' - normal_pages)",
+             <unsigned long long>(pages - out.normal_pages), name)
+    return wire_fail_u64(err, "RAM packet", "zero_pages", out.zero_pages, text)
+
+
 cdef int ram_decode(const RamLayout *lay, const RegionEntry *regions, int nregions,
                     const uint8_t *p, RamPacketInfo *out, WireError *err,
                     int region_hint) noexcept nogil:
@@ -370,6 +384,10 @@ cdef int ram_decode(const RamLayout *lay, const RegionEntry *regions, int nregio
         highest = off if off > highest else highest
     if not (bits & (lay.page_size - 1)) and (
             nregions < 0 or (limit >= lay.page_size and highest <= last)):
+        # No more pages than the region has (a page listed twice would do it): the
+        # receive buffers hold what the largest region does (_channel.pxi), no more.
+        if nregions >= 0 and npages > limit // lay.page_size:
+            return ram_fail_page_count(err, out, limit // lay.page_size, name)
         return 0
     for i in range(npages):
         off = ld64(out.offsets + 8 * <size_t>i)

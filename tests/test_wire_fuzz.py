@@ -139,7 +139,7 @@ def ram_packets(draw):
     codec = dict(packet_pages=pages, page_size=page_size, layout=layout, compression=compression,
                  extensions=_core.FLAG_STORED if extended else 0, checksum=extended,
                  regions={ramblock: region_pages * page_size, "other": page_size})
-    npages = draw(st.integers(0, pages))
+    npages = draw(st.integers(0, min(pages, region_pages)))   # no more than the region has
     offsets = draw(st.lists(st.integers(0, region_pages - 1), min_size=npages, max_size=npages))
     nzero = draw(st.integers(0, npages)) if layout == "current" else 0
     normal = [o * page_size for o in offsets[:npages - nzero]]

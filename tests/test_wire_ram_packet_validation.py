@@ -271,6 +271,25 @@ def test_region_smaller_than_a_page_takes_no_page():
         codec.decode(valid_packet(make_codec(regions=None), ramblock="tiny", normal=[0]))
 
 
+@LAYOUTS
+def test_a_packet_lists_no_more_pages_than_its_region_has(layout):
+    """Page 0 listed again and again made a packet of a one-page region fill a receive
+    channel's 128 MiB buffers (review rev-res): as many pages as the region has pass."""
+    codec = make_codec(layout)
+    codec.decode(valid_packet(codec, ramblock="small", normal=[0, 0]))
+    with raises_protocol_error("normal_pages", 3, "<= 2 (pages of region 'small')"):
+        codec.decode(valid_packet(make_codec(layout, regions=None), ramblock="small",
+                                  normal=[0, 0, 0]))
+
+
+def test_zero_pages_count_towards_the_pages_of_the_region():
+    codec = make_codec()
+    codec.decode(valid_packet(codec, ramblock="small", normal=[0], zero=[0x1000]))
+    with raises_protocol_error("zero_pages", 2, "<= 1 (pages of region 'small' - normal_pages)"):
+        codec.decode(valid_packet(make_codec(regions=None), ramblock="small", normal=[0],
+                                  zero=[0x1000, 0x1000]))
+
+
 def test_offset_error_quotes_a_long_region_name_whole():
     name = "r" * 200
     codec = make_codec(regions={name: 4096})
