@@ -92,7 +92,9 @@ cdef class _RegionTable:
         self.refs = <RegionRef *>PyMem_Calloc(max(1, self.count), sizeof(RegionRef))
         self.entries = <RegionEntry *>PyMem_Calloc(max(1, self.count), sizeof(RegionEntry))
         if self.refs == NULL or self.entries == NULL:
-            raise MemoryError()
+            raise MemoryError(f"cannot allocate "
+                              f"{self.count * (sizeof(RegionRef) + sizeof(RegionEntry))} bytes "
+                              f"of region table ({self.count} regions, from SETUP)")
         for i, region in enumerate(regions):
             view = region.buffer
             raw = encode_name(region.name, "region name")
@@ -160,6 +162,15 @@ cdef class _RegionTable:
 cdef class _EngineBase:
     """What both engines share: the socket, the layout, the codec, counters."""
 
+    cdef void *alloc(self, size_t size, str what, str fields) except NULL:
+        """``size`` bytes (PyMem, counted in buffer_bytes), or a MemoryError
+        naming ``what`` they were for and the SETUP ``fields`` that sized them."""
+        cdef void *p = PyMem_Malloc(size if size else 1)
+        if p == NULL:
+            raise MemoryError(f"cannot allocate {size} bytes of {what} ({fields})")
+        self.buffer_bytes += size
+        return p
+
     cdef int _setup(self, int fd, uint32_t channel, dict params, object codec, list regions,
                     Counters counters, BufferPool pool, list devices, object received,
                     object fresh, TLSChannel tls, object sparse=None,
@@ -177,9 +188,8 @@ cdef class _EngineBase:
                                  f"not on the engine's fd {fd}")
             self.tls = tls
             self.link.ssl = tls.ssl
-            self.link.staging = <uint8_t *>PyMem_Malloc(TLS_STAGING_SIZE)
-            if self.link.staging == NULL:
-                raise MemoryError()
+            self.link.staging = <uint8_t *>self.alloc(TLS_STAGING_SIZE, "TLS staging buffer",
+                                                      "fixed size")
             self.link.staging_cap = TLS_STAGING_SIZE
         self.channel = channel
         self.codec = codec
@@ -189,14 +199,23 @@ cdef class _EngineBase:
         self.stats = counters.row(channel)
         self.pool = pool
         self.device_names = [(encode_name(idstr, "idstr"), inst) for idstr, inst in devices]
-        self.scratch_cap = max(self.lay.max_payload, params.get("chunk_size", 0) * 2 + 65536)
-        self.header = <uint8_t *>PyMem_Malloc(max(self.lay.header_size, DEVICE_HEADER_SIZE))
-        self.scratch = <uint8_t *>PyMem_Malloc(self.scratch_cap)
-        self.iov = <iovec *>PyMem_Malloc((pp + 2) * sizeof(iovec))
-        self.normal = <uint64_t *>PyMem_Malloc(pp * sizeof(uint64_t))
-        self.zero = <uint64_t *>PyMem_Malloc(pp * sizeof(uint64_t))
-        if not (self.header and self.scratch and self.iov and self.normal and self.zero):
-            raise MemoryError()
+        largest = max([self.regions.refs[i].size for i in range(self.regions.count)] or [0])
+        sizes = channel_buffers(pp, self.lay.page_size, largest, params.get("chunk_size", 0),
+                                pool is not None, False)
+        self.packet_cap = sizes.pages
+        # A compressed payload is read whole into scratch: no larger than it holds.
+        self.lay.max_payload = ram_max_payload(sizes.pages, self.lay.page_size)
+        self.scratch_cap = sizes.scratch
+        fields = packet_fields(pp, self.lay.page_size, sizes.pages)
+        self.header = <uint8_t *>self.alloc(sizes.header, "packet header buffer",
+                                            f"packet_pages {pp}, from SETUP")
+        self.scratch = <uint8_t *>self.alloc(
+            sizes.scratch, "packet buffer", fields + (
+                f"; device_chunk_size {params.get('chunk_size', 0)}" if pool is not None
+                else ""))
+        self.iov = <iovec *>self.alloc(sizes.iov, "packet I/O vector", fields)
+        self.normal = <uint64_t *>self.alloc(sizes.offsets, "page offsets", fields)
+        self.zero = <uint64_t *>self.alloc(sizes.offsets, "zero page offsets", fields)
         return 0
 
     def __dealloc__(self):
@@ -365,7 +384,7 @@ cdef class SendEngine(_EngineBase):
         ref = &self.regions.refs[region]
         npages = ref.size // psize
         while start < count:
-            m = min(count - start, self.lay.packet_pages)
+            m = min(count - start, self.packet_cap)     # what the buffers hold
             nn = 0
             nz = 0
             with nogil:
@@ -571,11 +590,12 @@ cdef class RecvEngine(_EngineBase):
         chunk = params.get("chunk_size", 0) + CHUNK_HEADER_SIZE
         self.max_device_payload = chunk if codec is None else min(
             self.scratch_cap, chunk + chunk // 8 + 65536)
-        if any(self.regions.refs[i].place != NULL for i in range(self.regions.count)):
-            self.unpacked = <uint8_t *>PyMem_Malloc(
-                <size_t>self.lay.packet_pages * self.lay.page_size)
-            if self.unpacked == NULL:
-                raise MemoryError()
+        # Only compressed pages are inflated here before they are placed.
+        if (codec is not None or self.learn_compression) and any(
+                self.regions.refs[i].place != NULL for i in range(self.regions.count)):
+            self.unpacked = <uint8_t *>self.alloc(
+                <size_t>self.packet_cap * self.lay.page_size, "buffer for inflated pages",
+                packet_fields(self.lay.packet_pages, self.lay.page_size, self.packet_cap))
 
     def __dealloc__(self):
         PyMem_Free(self.unpacked)      # the base class frees the rest after this

@@ -7,14 +7,16 @@
 # exact: a payload that inflates to more or fewer bytes than its pages is a
 # ProtocolError, and decompression never writes past the pages it was given.
 
-cdef int grow(uint8_t **buf, size_t *cap, size_t need) except -1:
+cdef int grow(uint8_t **buf, size_t *cap, size_t need, str what="compression buffer"
+              ) except -1:
     """Make the PyMem buffer ``*buf`` (``*cap`` bytes) hold at least ``need``.
     It only grows, so a channel's steady stream of packets stops allocating."""
     cdef uint8_t *grown
     if need > cap[0]:
         grown = <uint8_t *>PyMem_Realloc(buf[0], need)
         if grown == NULL:
-            raise MemoryError()
+            raise MemoryError(f"cannot allocate {need} bytes of {what} (for a packet's "
+                              f"pages: at most packet_pages x page_size, from SETUP)")
         buf[0] = grown
         cap[0] = need
     return 0
@@ -220,12 +222,12 @@ cdef class ZstdCodec(Codec):
         if compressing:
             self.cctx = ZSTD_createCCtx()
             if self.cctx == NULL:
-                raise MemoryError()
+                raise MemoryError("cannot allocate a zstd compression context")
             self.set_level(level)
         else:
             self.dctx = ZSTD_createDCtx()
             if self.dctx == NULL:
-                raise MemoryError()
+                raise MemoryError("cannot allocate a zstd decompression context")
             # Bound the window a peer can make each receiving channel allocate:
             # zstd's own limit is 2^27 (128 MiB); the highest level QEMU and
             # fastmfd send, 20, streams with 2^25.
@@ -425,7 +427,7 @@ cdef class IsalZlibCodec(Codec):
         cdef size_t pos, header, size
         if not self.compressing:
             raise ValueError("this zlib stream decompresses")
-        grow(&self.gather, &self.gather_cap, raw_bytes)
+        grow(&self.gather, &self.gather_cap, raw_bytes, "zlib gather buffer")
         with nogil:
             pos = gather_iov(iov, n, self.gather)
         view = <uint8_t[:pos]>self.gather if pos else b""

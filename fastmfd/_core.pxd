@@ -518,9 +518,11 @@ cdef class _EngineBase:
     cdef uint8_t *header            # one RAM header, reused for every packet
     cdef uint8_t *scratch           # compressed payloads; a checksummed packet's pages
     cdef size_t scratch_cap
-    cdef iovec *iov                 # packet_pages + 2 entries
-    cdef uint64_t *normal           # packet_pages byte offsets of the normal pages
-    cdef uint64_t *zero             # packet_pages byte offsets of the zero pages
+    cdef uint32_t packet_cap        # pages a packet's buffers hold (channel_buffers)
+    cdef readonly size_t buffer_bytes   # what the engine's buffers take (alloc)
+    cdef iovec *iov                 # packet_cap + 2 entries
+    cdef uint64_t *normal           # packet_cap byte offsets of the normal pages
+    cdef uint64_t *zero             # packet_cap byte offsets of the zero pages
     cdef uint32_t crc_chain         # checksum of the channel's packets so far (packet_crc)
 
     cdef int _setup(self, int fd, uint32_t channel, dict params, object codec, list regions,
@@ -528,6 +530,7 @@ cdef class _EngineBase:
                     object fresh, TLSChannel tls, object sparse=*,
                     object place_fds=*, object hole_fds=*) except -1
     cdef int check_io(self, ssize_t rc, size_t want, str what, bint sending=*) except -1
+    cdef void *alloc(self, size_t size, str what, str fields) except NULL
 
 
 cdef class SendEngine(_EngineBase):

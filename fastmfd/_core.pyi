@@ -251,6 +251,11 @@ class _RegionTable:
 
 class _EngineBase:
     channel: int
+    buffer_bytes: int
+
+def receive_channel_bytes(packet_pages: int, page_size: int, largest_region: int,
+                          chunk_size: int, devices: bool, compression: str,
+                          tls: bool = ...) -> int: ...
 
 class SendEngine(_EngineBase):
     def __init__(self, fd: int, channel: int, params: dict[str, Any], codec: Codec | None,
