@@ -91,13 +91,18 @@ class Destination(Owner):
 
     ``stall_timeout``: seconds the source, a channel or a process may make no
     progress before the session fails (default: the source's, from SETUP).
-    ``max_memory``: bytes of shared memory the session may make this
-    destination hold — the regions it creates plus the device-state buffers
-    (default: what ``/dev/shm`` has free); a SETUP asking for more is refused
-    before anything is allocated, and the source is told why. Given, it also
-    bounds the device state kept by the CollectLoaders of devices given no
-    loader: together, what the regions and buffers leave (a stream going past
-    it fails the session, naming the device and the bound).
+    ``max_memory``: bytes of memory the session may make this destination
+    hold — the regions it creates plus the device-state buffers (shared
+    memory) plus, given max_memory, what the receive channels allocate
+    (private memory in each worker: per channel, packet buffers sized by the
+    source's packet_pages x page_size, at most what its largest region needs,
+    and for zstd or "auto" a decoder window of up to 32 MiB). Default: what
+    ``/dev/shm`` has free, against which the channels' buffers, not /dev/shm's,
+    are not counted. A SETUP asking for more is refused before anything is
+    allocated, and the source is told why. Given, it also bounds the device
+    state kept by the CollectLoaders of devices given no loader: together,
+    what the regions, buffers and channels leave (a stream going past it
+    fails the session, naming the device and the bound).
     ``prealloc``: fault every region of the session in (allocate and map each
     page, QEMU's ``prealloc=on``) before the source may send: the receive
     workers each fault in a share, in parallel, between SETUP and SETUP_ACK,

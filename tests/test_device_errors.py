@@ -137,9 +137,13 @@ def test_a_cap_cut_to_fit_the_memory_left_says_so(leaks):
     cap, _ = plan_pool(1, CONFIG.max_queued_bytes, CONFIG.device_chunk_size,
                        CONFIG.channels, left)
     assert 4096 <= cap < 32 * 4096
+    # max_memory holds the receive channels' buffers too
+    channels = CONFIG.channels * _core.receive_channel_bytes(
+        CONFIG.packet_pages, CONFIG.page_size, 1 << 20, CONFIG.device_chunk_size, True,
+        CONFIG.compression)
     log: list = []
     proxy = Proxy({ch: HoldFirstChunks(CONFIG, 3.0, ch, log) for ch in range(CONFIG.channels)})
-    outcome = migrate(CONFIG, proxy=proxy, max_memory=(1 << 20) + left,
+    outcome = migrate(CONFIG, proxy=proxy, max_memory=(1 << 20) + channels + left,
                       devices=[fastmfd.BytesDevice(*DEVICE, bytes(64 * 4096))])
     check_fault(outcome, proxy,
           rf"dev/0: \d+ chunks queued out of order would hold \d+ bytes of buffer, more than "

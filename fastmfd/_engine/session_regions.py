@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from typing import Callable, Protocol
 
+from .. import _core
 from ..errors import ConfigError, ProtocolError
+from ..protocol.security import ChannelSecurity
 from ..protocol.setup import RegionSpec, Setup
 from ..region_pool import RegionPool
 from ..regions import Region, region_to_add
@@ -20,7 +22,7 @@ from ..shm import SHM_DIR, free_bytes
 from .session import SessionResources
 
 __all__ = ["RegionFactory", "RegionParts", "SessionRegions", "make_session_regions",
-           "places_pages", "check_writable", "check_every_page_came"]
+           "places_pages", "check_writable", "check_every_page_came", "channel_bytes"]
 
 RegionFactory = Callable[[str, int, int], Region]
 
@@ -33,6 +35,7 @@ class RegionParts(Protocol):
     huge_pages: bool
     max_memory: int | None
     resources: SessionResources
+    security: ChannelSecurity
 
 
 class SessionRegions:
@@ -48,7 +51,7 @@ def make_session_regions(setup: Setup, parts: RegionParts) -> SessionRegions:
     to_create = _specs_to_create(setup, parts)
     if parts.region_pool is not None:
         parts.region_pool.prune(to_create, setup.page_size, parts.huge_pages)
-    left = _memory_left(parts, to_create)
+    left = _memory_left(parts, setup, to_create)
     regions, fresh = [], []
     for spec in setup.regions:
         region, is_fresh = _region(parts, spec.name, spec.size, setup.page_size)
@@ -79,11 +82,25 @@ def _specs_to_create(setup: Setup, parts: RegionParts) -> list[RegionSpec]:
     return [spec for spec in setup.regions if spec.name not in parts.user_regions]
 
 
-def _memory_left(parts: RegionParts, to_create: list[RegionSpec]) -> int:
+def channel_bytes(setup: Setup, tls: bool) -> int:
+    """What the session's receive channels allocate, together: each one's packet
+    buffers (sized by SETUP's packet_pages and page_size, cut to the pages of its
+    largest region) and, where it compresses with zstd, the largest window a
+    peer can make its decoder hold (_core.receive_channel_bytes)."""
+    largest = max((spec.size for spec in setup.regions), default=0)
+    each = _core.receive_channel_bytes(setup.packet_pages, setup.page_size, largest,
+                                       setup.chunk_size or 0, bool(setup.devices),
+                                       setup.compression, tls)
+    return int(each) * setup.total_channels
+
+
+def _memory_left(parts: RegionParts, setup: Setup, to_create: list[RegionSpec]) -> int:
     """What SETUP asks this destination to hold, checked before anything is
     allocated: the regions it creates must fit in ``max_memory`` (default: what
-    /dev/shm has free); returns what is left for the device-state pool. Regions
-    are sparse and filled as data arrives, so this bounds, it does not commit."""
+    /dev/shm has free) and, with ``max_memory``, the receive channels' buffers
+    too (channel_bytes: private memory, not /dev/shm's, so not counted against
+    it); returns what is left for the device-state pool. Regions are sparse and
+    filled as data arrives, so this bounds, it does not commit."""
     pool = parts.region_pool
     budget = parts.max_memory
     if budget is None:      # the pool's regions (all of use now) are allocated already
@@ -93,7 +110,17 @@ def _memory_left(parts: RegionParts, to_create: list[RegionSpec]) -> int:
         raise ConfigError(f"the source sends {created} bytes of regions for this "
                           f"destination to hold; it holds at most {budget} (max_memory, "
                           f"or what {SHM_DIR} has free)")
-    return budget - created
+    if parts.max_memory is None:
+        return budget - created
+    channels = channel_bytes(setup, parts.security.tls is not None)
+    if created + channels > budget:
+        raise ConfigError(
+            f"the source's {setup.total_channels} channel(s) need {channels} bytes of receive "
+            f"buffers (packet_pages {setup.packet_pages} x page_size {setup.page_size}, at "
+            f"most the largest region's pages, compression {setup.compression}), besides "
+            f"{created} bytes of regions; this destination holds at most {budget} "
+            f"(max_memory)")
+    return budget - created - channels
 
 
 def _region(parts: RegionParts, name: str, size: int, page_size: int) -> tuple[Region, bool]:

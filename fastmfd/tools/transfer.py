@@ -150,8 +150,9 @@ def listen_once(address: str | socket.socket, directory: str, *, per_session: bo
     ``per_session``: into ``directory/<session uuid>/`` instead, made when SETUP
     names the session. ``max_size``: most bytes of regions a source may announce
     (default: what the directory has free); ``max_memory``: the Destination's
-    shared-memory bound (device state in flight); ``prealloc``: each region's
-    file faulted in before the source sends (the Destination's); ``huge_pages``:
+    memory bound (device state in flight, the receive channels' buffers);
+    ``prealloc``: each region's file faulted in before the source sends (the
+    Destination's); ``huge_pages``:
     the region files ask for transparent huge pages (ConfigError where the
     directory's file system gives none); ``warm``:
     where faulted-in files may come from. ``address`` may be a socket already
