@@ -150,6 +150,23 @@ def wrong_footer() -> bytes:
     return q.end()
 
 
+def commands(n: int) -> bytes:
+    """``n`` ENABLE_COLO commands (each kept, as any but OPEN_RETURN_PATH and PING)."""
+    q = Qevm()
+    for _ in range(n):
+        q.command(8)
+    return q.ram_setup().ram(0x03).end()
+
+
+def test_16_commands_are_kept_and_more_refused(tmp_path):
+    """Each COMMAND section is kept for a replay: a few (QEMU sends few), not without
+    bound (a stream of 5-byte commands held 20x its size)."""
+    assert decode(tmp_path, commands(16))[1].main.commands == 16
+    with pytest.raises(ProtocolError, match=r"main.bin at byte \d+: main channel: more than 16 "
+                                            r"COMMAND sections"):
+        decode(tmp_path, commands(17))
+
+
 def ram_with(*records: bytes) -> bytes:
     return Qevm().ram_setup().ram(0x02, *records).ram(0x03).end()
 

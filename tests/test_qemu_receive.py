@@ -973,15 +973,19 @@ def _flip_at(data: bytes, find: bytes, value: bytes, skip: int = 0) -> bytes:
     (lambda main: main.replace(b"\x08\x00\x0b\x00\x00", b"\x08\x00\x02\x00\x04" + b"\0" * 4),
      r"main channel at byte \d+: main channel: PING before OPEN_RETURN_PATH: no return "
      r"path to answer on"),
+    (lambda main: main.replace(b"\x08\x00\x0b\x00\x00", b"\x08\x00\x0b\x00\x00" * 3),
+     r"main channel at byte (\d+): main channel: command SWITCHOVER_START twice \(QEMU sends "
+     r"it once; the first at byte (?!\1)\d+\)"),
 ], ids=["machine-name-length", "idstr-control", "command-unknown", "command-colo",
-        "command-length", "ping-unopened"])
+        "command-length", "ping-unopened", "switchover-twice"])
 def test_bounded_and_checked_where_read(tmp_path, corrupt, match):
     """Fields of the main channel fail where they are read (found by fuzzing):
     a machine name length of 4 GiB before anything is allocated for it (it
     was asked of recv() at once: a MemoryError where memory is short), a
     block name that no file may have (a ConfigError without a place), a
     command QEMU does not have, one fastmfd cannot serve, one whose length
-    is not QEMU's (QEMU 10's own pc sends SWITCHOVER_START, 08 000b 0000)."""
+    is not QEMU's (QEMU 10's own pc sends SWITCHOVER_START, 08 000b 0000), and a
+    second SWITCHOVER_START (each was kept: memory without bound)."""
     files = capture_bytes(NATIVE_CAPTURES, "none")
     files["conn0.bin"] = corrupt(files["conn0.bin"])
     out = tmp_path / "out"

@@ -37,6 +37,7 @@ class LiveDecoder(QevmDecoder):
     def __init__(self, reader: StreamReader, session: LiveSession) -> None:
         super().__init__(reader, 4096)
         self.session = session
+        self.switchover_at: int | None = None   # where SWITCHOVER_START came
 
     def on_blocks(self) -> None:
         if IGNORE_SHARED in self.out.capabilities:
@@ -78,4 +79,11 @@ class LiveDecoder(QevmDecoder):
                                "(a precopy migration sends only OPEN_RETURN_PATH, PING and "
                                "SWITCHOVER_START)", field="command", received=command,
                                expected=MIG_CMD_SWITCHOVER_START, at=at)
+        elif self.switchover_at is not None:
+            raise self.r.error("main channel: command SWITCHOVER_START twice (QEMU sends it "
+                               f"once; the first at byte {self.switchover_at})",
+                               field="command", received=command,
+                               expected="one SWITCHOVER_START", at=at)
+        else:
+            self.switchover_at = at
 

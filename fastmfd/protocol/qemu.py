@@ -25,26 +25,20 @@ machine type (spec §5.3), and the stream itself says which:
   every channel before each ``MULTIFD_FLUSH`` record (the setup section has one
   before its EOS, then one comes each time the dirty scan wraps, mid-section).
 
-Either way the records before the k-th such barrier belong to round k of the
-capture. COMMAND sections are kept as sent, each with its place (before the RAM
-section, before its END section: QEMU 10's SWITCHOVER_START, which tells the
-destination's devices, VFIO ones, that the source stopped; or before the device
-sections), and a replay puts each back there; not OPEN_RETURN_PATH and PING,
-the connection's (:mod:`.qemu_return_path`). The device sections are not
-decoded (their format is per device), but the stream must end with
-``QEMU_VM_EOF`` and the VM description, so a main channel cut short anywhere
-is still an error.
+Either way the records before the k-th such barrier belong to round k of the capture.
+COMMAND sections are kept as sent, each with its place (before the RAM section, before its END
+section: QEMU 10's SWITCHOVER_START, which tells the destination's devices, VFIO ones, that the
+source stopped; or before the device sections), and a replay puts each back there; not
+OPEN_RETURN_PATH and PING, the connection's (:mod:`.qemu_return_path`). QEMU sends few: more
+than MAX_COMMAND_SECTIONS are an error (listen --qemu refuses a second SWITCHOVER_START). The
+device sections are not decoded (their format is per device), but the stream must end with
+``QEMU_VM_EOF`` and the VM description, so a main channel cut short anywhere is an error.
 
-:class:`QevmDecoder` reads the stream through a
-:class:`~.bytereader.ByteReader` (a capture) or a
-:class:`~.bytereader.StreamReader` (a live migration, :mod:`fastmfd.qemu`)
-and hands what it decodes to hooks: ``on_blocks`` (the block list),
-``on_page`` (a ZERO or PAGE record), ``on_sync`` (a SYNC barrier: a
-MULTIFD_FLUSH record, or a section's EOS when syncs are per section) and
-``on_command``. :func:`decode_qemu_main` is the capture's use: it hands each
-page on with its round (the barriers before it), keeping none (a stream can
-carry millions of records, 9 bytes each); :mod:`.qemu_encoding` writes the
-same format back.
+:class:`QevmDecoder` reads a capture (a :class:`~.bytereader.ByteReader`) or a live migration
+(a :class:`~.bytereader.StreamReader`, :mod:`fastmfd.qemu`) and hands what it decodes to its
+``on_*`` hooks. :func:`decode_qemu_main` is the capture's use: it hands each page on with its
+round (the barriers before it), keeping none (a stream can carry millions of records, 9 bytes
+each); :mod:`.qemu_encoding` writes the same format back.
 
 Facts from migration/savevm.c, savevm.h and ram.c @ 7.2; no QEMU code is copied.
 """
@@ -106,6 +100,7 @@ MAX_CAPABILITIES = 256
 # Where a COMMAND section sat: before the RAM section, before its END, before the
 # device sections (the first after the RAM section ended).
 COMMAND_PLACES = ("ram", "ram-end", "devices")
+MAX_COMMAND_SECTIONS = 16
 
 # RAM record flags, the low bits of each record's BE u64 (migration/ram.c @ 7.2).
 RAM_ZERO = 0x02
@@ -159,7 +154,6 @@ class QemuMainChannel:
     ram_bytes: int = 0                          # bytes up to the first device section
     first_device_section: str = ""
     vm_devices: int = 0                         # devices in the VM description
-
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -355,6 +349,9 @@ class QevmDecoder:
         self.out.commands += 1
         if cmd in (MIG_CMD_OPEN_RETURN_PATH, MIG_CMD_PING):
             return      # the connection's, not the stream's: a replay opens its own
+        if len(self.out.command_sections) == MAX_COMMAND_SECTIONS:
+            raise r.error(f"main channel: more than {MAX_COMMAND_SECTIONS} COMMAND sections",
+                          field="command", received=cmd, expected=MAX_COMMAND_SECTIONS, at=at)
         place = ("ram" if self.ram_section is None else "devices" if self.ram_ended
                  else "ram-end")
         self.out.command_sections.append((place, bytes(r.since(at)[:r.pos - at])))
