@@ -35,8 +35,8 @@ from typing import Any, Callable, NamedTuple
 from .errors import ConfigError
 
 __all__ = ["Kind", "INT", "UNSIGNED", "SEED", "NUMBER", "POSITIVE", "BOOL", "STR", "PATH",
-           "BYTES", "BUFFER", "CALLABLE", "instance_of", "optional", "within", "check_types",
-           "type_error"]
+           "BYTES", "BUFFER", "CALLABLE", "instance_of", "optional", "within", "up_to",
+           "check_types", "type_error"]
 
 
 def _same(value: Any) -> Any:
@@ -94,6 +94,11 @@ PATH = Kind("a str or os.PathLike", lambda value: isinstance(value, (str, os.Pat
 BYTES = Kind("bytes", lambda value: isinstance(value, (bytes, bytearray)))
 BUFFER = Kind("a bytes-like object", _is_buffer)
 CALLABLE = Kind("callable", callable)
+
+
+def up_to(most: int, why: str) -> Kind:
+    """An int in 0..``most``, what can be used (``why`` says what bounds it)."""
+    return within(INT, f"an int in 0..{most} ({why})", lambda value: 0 <= value <= most)
 
 
 def instance_of(cls: type, what: str) -> Kind:

@@ -19,17 +19,17 @@ from typing import Any, Callable
 
 from ._engine.processes import ChildSet
 from ._engine.reassembly import reassembly_main
-from ._engine.admission import Refusal, Refusals
+from ._engine.admission import GREETING_SPARES, MAX_WORKERS, Refusal, Refusals
 from ._engine.receiving import DestinationParts, Receiving, ReceivingState
 from ._engine.session import Owner, SessionFailure, call_hook
 from ._engine.session_regions import check_writable
 from ._engine.workers import recv_worker_main
 from .arguments import (BOOL, CALLABLE, INT, NUMBER, POSITIVE, STR, UNSIGNED, Kind,
-                        check_types, instance_of, optional, type_error, within)
+                        check_types, instance_of, optional, type_error, up_to, within)
 from .devices import Loader, check_device_ids
 from .errors import ConfigError, MigrationError
 from .protocol.security import ChannelSecurity, TLSConfig, check_auth_key
-from .protocol.setup import Setup, rule
+from .protocol.setup import MAX_CHANNELS, Setup, rule
 from .protocol.sockets import (bound_address, listen, listening_address, parse_address,
                                remove_socket_file)
 from .region_pool import RegionPool
@@ -44,6 +44,8 @@ _ADDRESS = Kind("a str (tcp:HOST:PORT or unix:PATH) or a listening socket.socket
 # Its own bounds on values SETUP carries: what the source's would have to be.
 _STALL_TIMEOUT = optional(within(NUMBER, *rule("stall_timeout")))
 _MAX_QUEUED_BYTES = optional(within(INT, *rule("max_queued_bytes")))
+_WORKERS = up_to(MAX_WORKERS, f"a session uses {MAX_CHANNELS} channels and {GREETING_SPARES} "
+                 "greeting workers at most")
 
 
 @dataclass
@@ -85,9 +87,10 @@ class Destination(Owner):
     Destination goes on waiting; each greeting has ``handshake_timeout`` seconds.
 
     Use it as a context manager: entering starts ``workers`` receive worker
-    processes and the reassembly process ahead of time (more workers are
-    started if the source asks for more channels); leaving stops them and
-    frees the regions it created and every shared-memory segment.
+    processes (at most 263: a session's channels and greeting spares) and the
+    reassembly process ahead of time (more workers are started if the source
+    asks for more channels); leaving stops them and frees the regions it
+    created and every shared-memory segment.
 
     ``stall_timeout``: seconds the source, a channel or a process may make no
     progress before the session fails (default: the source's, from SETUP).
@@ -134,7 +137,7 @@ class Destination(Owner):
                         instance_of(RegionPool, "a fastmfd.RegionPool"))),
                     prealloc=(prealloc, BOOL), huge_pages=(huge_pages, BOOL))
         workers, timeout, max_queued_bytes, handshake_timeout, stall_timeout, max_memory = \
-            check_types("Destination", workers=(workers, UNSIGNED), timeout=(timeout, POSITIVE),
+            check_types("Destination", workers=(workers, _WORKERS), timeout=(timeout, POSITIVE),
                         max_queued_bytes=(max_queued_bytes, _MAX_QUEUED_BYTES),
                         handshake_timeout=(handshake_timeout, POSITIVE),
                         stall_timeout=(stall_timeout, _STALL_TIMEOUT),

@@ -67,10 +67,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
-from ._engine.qemu_receiving import QemuReceiving, QemuStreamFacts
+from ._engine.qemu_receiving import MAX_WORKERS, QemuReceiving, QemuStreamFacts
 from ._engine.qemu_sending import QEMU_PACKET_BYTES, QemuSending, QemuStream
 from .arguments import (BOOL, INT, PATH, POSITIVE, STR, UNSIGNED, Kind, check_types,
-                        instance_of, optional)
+                        instance_of, optional, up_to)
 from .errors import ConfigError
 from .protocol.qemu import (COMMAND, COMMAND_PLACES, MAX_PAGE_BITS, MIN_PAGE_BITS,
                             SYNC_PER_ROUND, SYNC_PER_SECTION)
@@ -87,6 +87,8 @@ __all__ = ["receive", "send", "QemuReceived", "QemuReceiver", "QemuSender", "Qem
 DEFAULT_STALL_TIMEOUT = 30.0
 DEFAULT_CONNECT_TIMEOUT = 30.0
 QemuCompression = Literal["none", "zlib", "zstd"]      # QEMU's multifd-compression
+_WORKERS = up_to(MAX_WORKERS, "a migration uses one per QEMU channel and one per connection "
+                 "greeted in TLS at most")
 
 
 @dataclass
@@ -115,7 +117,8 @@ def receive(address: str | socket.socket, directory: str | os.PathLike[str], *,
     files are sparse and fill as pages arrive, so a larger guest is refused
     before any is written). ``workers``: receive worker processes
     started before QEMU connects (default 2, QEMU's default multifd-channels;
-    a channel beyond them gets its worker as it connects).
+    a channel beyond them gets its worker as it connects; at most 288, QEMU's
+    256 channels and 32 TLS greetings).
     ``on_listening(address)`` is called with the bound address (``tcp:...:0``
     picks a port) before any wait. ``address`` may be a socket listening
     already (the caller's to close). ``tls``: every connection in TLS (QEMU's
@@ -155,7 +158,7 @@ class QemuReceiver:
                                   "the source QEMU's tls-creds certificate")
         timeout, stall_timeout, max_size, workers = check_types(
             self._call, timeout=(timeout, POSITIVE), stall_timeout=(stall_timeout, POSITIVE),
-            max_size=(max_size, optional(UNSIGNED)), workers=(workers, UNSIGNED))
+            max_size=(max_size, optional(UNSIGNED)), workers=(workers, _WORKERS))
         self._given = address if isinstance(address, socket.socket) else None
         self._requested = (listening_address(address) if isinstance(address, socket.socket)
                            else parse_address(address))

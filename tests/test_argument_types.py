@@ -164,6 +164,8 @@ BAD_VALUES = [
      "Destination(max_queued_bytes)"),
     (lambda: fastmfd.Destination("tcp:127.0.0.1:0", max_memory=-1), "Destination(max_memory)"),
     (lambda: fastmfd.Destination("tcp:127.0.0.1:0", workers=-1), "Destination(workers)"),
+    # Any number of workers started (300: 6.6 GiB), though a session uses 255 + 8 at most.
+    (lambda: fastmfd.Destination("tcp:127.0.0.1:0", workers=264), "Destination(workers)"),
     # An infinite timeout overflowed a deadline in migrate().
     (lambda: fastmfd.MigrationConfig(timeout=math.inf), "MigrationConfig(timeout)"),
     (lambda: fastmfd.MigrationConfig(timeout=10 ** 400), "MigrationConfig(timeout)"),
@@ -186,6 +188,8 @@ BAD_VALUES = [
     (lambda: fastmfd.RegionPool(-1), "RegionPool(max_bytes)"),
     (lambda: qemu.receive("tcp:127.0.0.1:0", ".", timeout=0), "qemu.receive(timeout)"),
     (lambda: qemu.receive("tcp:127.0.0.1:0", ".", workers=-1), "qemu.receive(workers)"),
+    (lambda: qemu.receive("tcp:127.0.0.1:0", ".", workers=289), "qemu.receive(workers)"),
+    (lambda: qemu.QemuReceiver("tcp:127.0.0.1:0", ".", workers=289), "QemuReceiver(workers)"),
     (lambda: qemu.send("tcp:127.0.0.1:1", ".", timeout=math.inf), "qemu.send(timeout)"),
     (lambda: qemu.send("tcp:127.0.0.1:1", ".", max_bandwidth=-1), "qemu.send(max_bandwidth)"),
 ]

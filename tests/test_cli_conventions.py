@@ -237,6 +237,9 @@ def test_a_refused_connection_keeps_its_errno():
     (["listen", "tcp:127.0.0.1:0", "--timeout", "0"], ["--timeout"]),
     (["listen", "tcp:127.0.0.1:0", "--max-memory", "0"], ["--max-memory"]),
     (["listen", "tcp:127.0.0.1:0", "--qemu", "--workers", "-3"], ["--workers"]),
+    # Any number of workers started (300: 6.6 GiB), though a migration uses 288 at most.
+    (["listen", "tcp:127.0.0.1:0", "--qemu", "--workers", "289"],
+     ["--workers: '289' is not a whole number in 1..288"]),
     (["listen"], ["required: address"]),
     ([], ["required: COMMAND"]),
     (["--bogus"], ["fastmfd: unrecognized arguments: --bogus", "fastmfd --help"]),

@@ -55,7 +55,7 @@ from ..errors import MigrationError, NoSourceError, ProtocolError
 from ..protocol.control import Greeting
 from ..protocol.handshake import MainGreeting, greet_main_channel, refuse_on_arrival
 from ..protocol.security import ChannelSecurity
-from ..protocol.setup import Setup
+from ..protocol.setup import MAX_CHANNELS, Setup
 from .liveness import process_stopped
 from .processes import Child, ChildSet, Watch
 from .session import SessionResources
@@ -69,7 +69,7 @@ Refuse = Callable[[str, "BaseException | str"], None]
 __all__ = ["Admission", "ChannelDoor", "Refusal", "Refusals", "describe_peer", "MAX_CANDIDATES",
            "MAX_REFUSALS_KEPT", "EVICT_AFTER", "ACCEPTED_ANOTHER", "TOO_MANY", "EVICTED",
            "session_ended",
-           "GREETING_SPARES", "DOOR_EVICTED"]
+           "GREETING_SPARES", "MAX_WORKERS", "DOOR_EVICTED"]
 
 MAX_CANDIDATES = 64     # connections greeted at once (see the module's docstring)
 EVICT_AFTER = 1.0       # seconds a greeting runs before a newcomer may take its place
@@ -79,6 +79,7 @@ TOO_MANY = f"{MAX_CANDIDATES} connections are being greeted already"
 EVICTED = (f"dropped: greeted for over {EVICT_AFTER:g} s when {MAX_CANDIDATES} were being "
            f"greeted, for a newer connection")
 GREETING_SPARES = 8     # receive workers beyond the channels, to greet strangers meanwhile
+MAX_WORKERS = MAX_CHANNELS + GREETING_SPARES    # the most receive workers a session uses
 DOOR_EVICTED = (f"dropped: greeted for over {EVICT_AFTER:g} s when every greeting worker was "
                 f"busy, for a newer connection")
 

@@ -62,18 +62,21 @@ from .processes import Child, ChildSet, Watch
 from .qemu_channels import QemuChannel, QemuConnections, choose_channels, migration_uuid
 from .qemu_live_decoder import LiveDecoder
 from .qemu_return_path import SOURCE_NOT_TOLD, ReturnPathAnswers
-from .qemu_tls import TLSGreeter
+from .qemu_tls import MAX_GREETINGS, TLSGreeter
 from .session import shutdown_quietly
 from .session_regions import places_pages
 from .workers import qemu_recv_worker_main
 
-__all__ = ["QemuReceiving", "QemuStreamFacts", "QemuOutput"]
+__all__ = ["QemuReceiving", "QemuStreamFacts", "QemuOutput", "MAX_WORKERS"]
 
 log = logging.getLogger("fastmfd")
 
 MAIN = "main channel"
 QEMU_PACKET_BYTES = 512 << 10       # MULTIFD_PACKET_SIZE (spec §2.1)
 MAX_CHANNELS = 256                  # multifd-channels is a uint8
+# The most receive workers a migration uses: one per channel, and in TLS one per
+# connection greeted meanwhile.
+MAX_WORKERS = MAX_CHANNELS + MAX_GREETINGS
 COPY_CHUNK = 1 << 20
 JSON_END = ord("}")                 # the VM description's closing brace: a stream's last byte
 

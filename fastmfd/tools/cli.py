@@ -26,7 +26,8 @@ from .. import __version__
 from ..errors import ConfigError, FastMFDError
 from ..protocol.setup import COMPRESSION_METHODS
 from ..units import format_bytes
-from .option_values import positive_int, positive_seconds, positive_size, rate, whole_pages
+from .option_values import (positive_int, positive_int_to, positive_seconds, positive_size,
+                            rate, whole_pages)
 
 if TYPE_CHECKING:       # imported where used, so that `fastmfd --version` starts fast
     from rich.console import Console
@@ -280,6 +281,7 @@ class _Parser(argparse.ArgumentParser):
 def _build_parser() -> _Parser:
     # Their arguments name the image kinds and compression methods: lazy, as above.
     from . import security_options
+    from .._engine.qemu_receiving import MAX_WORKERS as QEMU_WORKERS
     from .bench import command as bench
     from .inspect import command as inspect
 
@@ -386,9 +388,9 @@ def _build_parser() -> _Parser:
                         "DIR; a source with the return-path capability as well completes only "
                         "once they are on disk; with --tls-*: in TLS, from a QEMU with "
                         "tls-creds whose certificate --tls-ca issued")
-    p.add_argument("--workers", type=positive_int, default=None, metavar="N",
+    p.add_argument("--workers", type=positive_int_to(QEMU_WORKERS), default=None, metavar="N",
                    help="with --qemu: receive workers started before QEMU connects (default "
-                        "2; more start as channels connect)")
+                        f"2, at most {QEMU_WORKERS}; more start as channels connect)")
     p.add_argument("--dir", default=".", help="output directory (default: here)")
     p.add_argument("--timeout", type=positive_seconds, default=3600.0, metavar="SECONDS",
                    help="how long to wait for the sender (default 3600; with --max-sessions "

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import argparse
 import math
+from typing import Callable
 
 from ..units import parse_size
 
-__all__ = ["positive_int", "positive_seconds", "positive_size", "whole_pages", "rate"]
+__all__ = ["positive_int", "positive_int_to", "positive_seconds", "positive_size", "whole_pages",
+           "rate"]
 
 PAGE = 4096
 
@@ -19,6 +21,15 @@ def positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
     return int(text)
+
+
+def positive_int_to(most: int) -> Callable[[str], int]:
+    """A whole number in 1..``most``."""
+    def parse(text: str) -> int:
+        if positive_int(text) > most:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number in 1..{most}")
+        return int(text)
+    return parse
 
 
 def positive_seconds(text: str) -> float:
