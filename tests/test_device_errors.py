@@ -128,6 +128,13 @@ def test_out_of_order_bytes_over_the_cap(leaks):
           r"max_queued_bytes \(16384\); waiting for chunk idx 0")
 
 
+def channel_memory() -> int:
+    """What max_memory holds for migrate()'s receive channels (the 1 MiB region's)."""
+    return CONFIG.channels * _core.receive_channel_bytes(
+        CONFIG.packet_pages, CONFIG.page_size, 1 << 20, CONFIG.device_chunk_size, True,
+        CONFIG.compression)
+
+
 def test_a_cap_cut_to_fit_the_memory_left_says_so(leaks):
     """The session's max_queued_bytes (256 MiB by default) is cut where the pool would
     not fit the memory left (max_memory here; a container's small /dev/shm alike). The
@@ -137,10 +144,7 @@ def test_a_cap_cut_to_fit_the_memory_left_says_so(leaks):
     cap, _ = plan_pool(1, CONFIG.max_queued_bytes, CONFIG.device_chunk_size,
                        CONFIG.channels, left)
     assert 4096 <= cap < 32 * 4096
-    # max_memory holds the receive channels' buffers too
-    channels = CONFIG.channels * _core.receive_channel_bytes(
-        CONFIG.packet_pages, CONFIG.page_size, 1 << 20, CONFIG.device_chunk_size, True,
-        CONFIG.compression)
+    channels = channel_memory()
     log: list = []
     proxy = Proxy({ch: HoldFirstChunks(CONFIG, 3.0, ch, log) for ch in range(CONFIG.channels)})
     outcome = migrate(CONFIG, proxy=proxy, max_memory=(1 << 20) + channels + left,
@@ -154,16 +158,18 @@ def test_a_cap_cut_to_fit_the_memory_left_says_so(leaks):
 def test_the_default_loaders_keep_what_max_memory_leaves(leaks):
     """CollectLoader, the loader of every device the destination gave none, kept
     what the source sent, of any size, outside max_memory. Under max_memory the ones
-    the destination makes share what its regions and device-state buffers leave."""
+    the destination makes share what its regions, channels and device-state buffers
+    leave."""
     cap = 32 * 4096             # (more than the stream: channels reorder it)
     _, slots = plan_pool(1, cap, CONFIG.device_chunk_size, CONFIG.channels, 1 << 30)
     left = 40_000
-    budget = (1 << 20) + pool_bytes(slots, CONFIG.device_chunk_size) + left
+    budget = (1 << 20) + channel_memory() + pool_bytes(slots, CONFIG.device_chunk_size) + left
     outcome = migrate(max_memory=budget, max_queued_bytes=cap,
                       devices=[fastmfd.BytesDevice(*DEVICE, bytes(left + 1))])
     check(outcome, outcome.started,
           rf"dev/0: CollectLoader: the device state goes past {left} bytes, what max_memory "
-          rf"\({budget}\) leaves after the regions and the device-state buffers")
+          rf"\({budget}\) leaves after the regions, the receive channels and the device-state "
+          rf"buffers")
     _, result = migrate(max_memory=budget, max_queued_bytes=cap,
                         devices=[fastmfd.BytesDevice(*DEVICE, bytes(left))]).ok()
     assert result.devices[DEVICE] == bytes(left)
