@@ -304,17 +304,22 @@ class OutputDir:
     def _check_room(self, sizes: list[tuple[int, int]]) -> int:
         """Region files are sparse and fill as pages arrive: a sender must not be
         able to fill the disk, so what it announces (``sizes``: each region's size
-        and page size) must fit first. Returns what the limit leaves."""
+        and page size) must fit first. Returns what the limit leaves. The warm
+        files held count as free: once the sizes fit, those of other sizes are
+        removed (the regions take the others' place)."""
         size = sum(region_size for region_size, _ in sizes)
         info = os.statvfs(self.fd)
-        free = info.f_bavail * info.f_frsize
-        if self.warm is not None:       # only warm files of these sizes free their room
-            free += self.warm.held_for(sizes)
+        warm = self.warm.held_bytes if self.warm is not None else 0
+        free = info.f_bavail * info.f_frsize + warm
         limit = free if self.max_bytes is None else min(self.max_bytes, free)
         if size > limit:
+            held = f", {format_bytes(warm)} of it the listener's warm files" if warm else ""
             why = (f"{self._option('max_size')} allows {format_bytes(self.max_bytes)}"
-                   if limit == self.max_bytes else f"{self.path} has {format_bytes(free)} free")
+                   if limit == self.max_bytes else
+                   f"{self.path} has {format_bytes(free)} free{held}")
             raise ConfigError(f"the source sends {format_bytes(size)} of regions; {why}")
+        if self.warm is not None:
+            self.warm.keep(sizes)
         return limit - size
 
     def region(self, name: str, size: int, page_size: int) -> Region:

@@ -13,6 +13,8 @@ its prealloc skips it::
     refill thread        per size not held: DIR/.fastmfd-warm-*/N.filling, created O_EXCL,
                          faulted in a slice at a time (close() stops it between two
                          slices), then renamed N: ready
+    OutputDir.plan()     keep(its sizes): the files of other sizes removed (counted as free
+                         room by its check: the session cannot use them)
     OutputDir.region()   take(size, page_size): a warm file, renamed to NAME.img.part
     close()              stops the thread, removes the hidden directory and what is in it
     (a listener killed)  its directory, named with its pid, is removed by the next one
@@ -20,7 +22,8 @@ its prealloc skips it::
 
 A warm file is new: it holds zeros, never another session's bytes. The files
 held are bounded by ``max_bytes`` (``--max-memory``) and are at most one of
-each size of the last session: a session of another geometry frees them.
+each size of the last session: a session of another geometry frees them before
+its regions are made.
 """
 
 from __future__ import annotations
@@ -69,12 +72,15 @@ class WarmFiles:
         with self._lock:
             return sum(size for size, _ in self._ready)
 
-    def held_for(self, sizes: Iterable[Size]) -> int:
-        """Bytes of the held files a session whose regions are ``sizes`` would take
-        (one file per size)."""
+    def keep(self, sizes: Iterable[Size]) -> None:
+        """Remove the held files of sizes not in ``sizes``: a session whose regions
+        are ``sizes`` cannot use them, and needs their room."""
         with self._lock:
-            return sum(size for size, page_size in set(sizes)
-                       if (size, page_size) in self._ready)
+            self._keep(set(sizes))
+
+    def _keep(self, sizes: set[Size]) -> None:
+        for size in [s for s in self._ready if s not in sizes]:
+            os.unlink(self._ready.pop(size))
 
     def take(self, size: int, page_size: int) -> str | None:
         """The path of a faulted-in file of ``size`` bytes (now the caller's to
@@ -89,8 +95,7 @@ class WarmFiles:
         with self._lock:
             if self._closing.is_set() or (self._thread is not None and self._thread.is_alive()):
                 return
-            for size in [s for s in self._ready if s not in wanted]:
-                os.unlink(self._ready.pop(size))
+            self._keep(set(wanted))
             missing = [s for s in wanted if s not in self._ready]
             total = sum(size for size, _ in wanted)
             if not missing or (self.max_bytes is not None and total > self.max_bytes):
