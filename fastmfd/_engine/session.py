@@ -266,9 +266,8 @@ class Owner:
     """A context manager that starts what it owns on entry (``_start()``), once:
     entering it again, inside its ``with`` or after, or once closed, is refused (a
     second set of processes would replace the first, which close() would then miss;
-    a closed one's would run unused). A failure
-    while starting, or leaving, calls ``close()``, which must free whatever was
-    started, however far ``_start`` got.
+    a closed one's would run unused). A failure while starting, or leaving, calls
+    ``close()``, which must free whatever was started, however far ``_start`` got.
 
     What it owns is in ``self._resources``, which refers to no owner: an owner
     collected without ``close()`` (dropped, or lost on an exception path) has
