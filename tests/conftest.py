@@ -33,6 +33,14 @@ pytest_plugins = ["leakcheck"]
 from inspect_support import NATIVE_CAPTURES, captures_dir  # noqa: E402
 from leakcheck import GRACE_SECONDS  # noqa: E402  (after the rewrite is registered)
 
+# A run started in the background of a shell without job control (`pytest &` in a
+# script, as a CI runner may) inherits SIGINT ignored, and Python leaves it so: the
+# tests of Ctrl-C would meet no KeyboardInterrupt, here or in the Pythons they start
+# (a handler, unlike SIG_IGN, is not inherited). They test fastmfd's handling of a
+# Ctrl-C, so the run gets Python's own.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 # Timings on a shared 2-core machine vary wildly: no per-example deadline.
 hypothesis.settings.register_profile("fastmfd", deadline=None, max_examples=200)
 hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fastmfd"))
