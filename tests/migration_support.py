@@ -287,6 +287,15 @@ def destination_process(script: str, *args: str, **popen: Any
             dst.wait()
 
 
+def channel_memory(config: fastmfd.MigrationConfig, largest: int, devices: bool) -> int:
+    """What Destination(max_memory=...) holds for the receive channels of a session of
+    ``config`` whose largest region is ``largest`` bytes (``devices``: it sends device
+    state)."""
+    return config.channels * _core.receive_channel_bytes(
+        config.packet_pages, config.page_size, largest, config.device_chunk_size, devices,
+        config.compression)
+
+
 def make_region(name: str, size: int, seed: int | None = None, **mix) -> fastmfd.Region:
     region = fastmfd.Region.create(name, size)
     if seed is not None:

@@ -31,7 +31,7 @@ from fastmfd._engine.reassembly import plan_pool, pool_bytes
 from fastmfd.protocol.main_channel import Msg
 from proc_scan import process_tree
 from migration_support import (Delay, Migration, OnMessage, Outcome, Proxy, Trigger,
-                               make_region, reporting_destination)
+                               channel_memory, make_region, reporting_destination)
 
 CONFIG = fastmfd.MigrationConfig(channels=2, device_chunk_size=4096)
 DEVICE = ("dev", 0)
@@ -128,13 +128,6 @@ def test_out_of_order_bytes_over_the_cap(leaks):
           r"max_queued_bytes \(16384\); waiting for chunk idx 0")
 
 
-def channel_memory() -> int:
-    """What max_memory holds for migrate()'s receive channels (the 1 MiB region's)."""
-    return CONFIG.channels * _core.receive_channel_bytes(
-        CONFIG.packet_pages, CONFIG.page_size, 1 << 20, CONFIG.device_chunk_size, True,
-        CONFIG.compression)
-
-
 def test_a_cap_cut_to_fit_the_memory_left_says_so(leaks):
     """The session's max_queued_bytes (256 MiB by default) is cut where the pool would
     not fit the memory left (max_memory here; a container's small /dev/shm alike). The
@@ -144,7 +137,7 @@ def test_a_cap_cut_to_fit_the_memory_left_says_so(leaks):
     cap, _ = plan_pool(1, CONFIG.max_queued_bytes, CONFIG.device_chunk_size,
                        CONFIG.channels, left)
     assert 4096 <= cap < 32 * 4096
-    channels = channel_memory()
+    channels = channel_memory(CONFIG, 1 << 20, devices=True)     # migrate()'s 1 MiB region
     log: list = []
     proxy = Proxy({ch: HoldFirstChunks(CONFIG, 3.0, ch, log) for ch in range(CONFIG.channels)})
     outcome = migrate(CONFIG, proxy=proxy, max_memory=(1 << 20) + channels + left,
@@ -163,7 +156,8 @@ def test_the_default_loaders_keep_what_max_memory_leaves(leaks):
     cap = 32 * 4096             # (more than the stream: channels reorder it)
     _, slots = plan_pool(1, cap, CONFIG.device_chunk_size, CONFIG.channels, 1 << 30)
     left = 40_000
-    budget = (1 << 20) + channel_memory() + pool_bytes(slots, CONFIG.device_chunk_size) + left
+    budget = ((1 << 20) + channel_memory(CONFIG, 1 << 20, devices=True)
+              + pool_bytes(slots, CONFIG.device_chunk_size) + left)
     outcome = migrate(max_memory=budget, max_queued_bytes=cap,
                       devices=[fastmfd.BytesDevice(*DEVICE, bytes(left + 1))])
     check(outcome, outcome.started,

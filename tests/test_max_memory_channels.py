@@ -16,21 +16,18 @@ import types
 import pytest
 
 import fastmfd
-from fastmfd import _core
 from fastmfd._engine import session_regions
 from fastmfd.protocol.security import ChannelSecurity
 from fastmfd.protocol.setup import RegionSpec, Setup
-from migration_support import Migration, make_region, setup_message
+from migration_support import Migration, channel_memory, make_region, setup_message
 
 MIB = 1 << 20
 CONFIG = fastmfd.MigrationConfig(channels=3, compression="zstd")
 
 
 def buffers(config: fastmfd.MigrationConfig, largest: int) -> int:
-    """What the receive channels of a session of ``config`` are charged."""
-    return config.channels * _core.receive_channel_bytes(
-        config.packet_pages, config.page_size, largest, config.device_chunk_size, False,
-        config.compression)
+    """What the receive channels of a session of ``config`` (no devices) are charged."""
+    return channel_memory(config, largest, devices=False)
 
 
 def migrate(max_memory: int) -> tuple:
