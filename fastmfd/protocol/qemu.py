@@ -122,6 +122,9 @@ RAM_SECTION_VERSION = 4
 # (packed, 9 bytes). Most of a stream's zero pages come as runs of these.
 ZERO_RECORD = np.dtype([("header", ">u8"), ("fill", "u1")])
 ZERO_WINDOW = 64
+# How such a record ends: the header's low byte (its flags, below any page
+# size's offset bits) and the fill. One record's look, before a run's scan.
+ZERO_RECORD_TAIL = bytes((RAM_ZERO | RAM_CONTINUE, 0))
 
 
 # A page the main channel carries (a ZERO record's fill or a PAGE record's bytes):
@@ -453,7 +456,7 @@ class QevmDecoder:
         n = min(r.available() // ZERO_RECORD.itemsize, self.zero_window)
         if block is None or n < 2:
             return False
-        if r.peek_view(ZERO_RECORD.itemsize)[7:] != bytes((RAM_ZERO | RAM_CONTINUE, 0)):
+        if r.peek_view(ZERO_RECORD.itemsize)[7:] != ZERO_RECORD_TAIL:
             return False            # a lone record: its flags and fill tell, cheaper
         at = r.pos
         records = np.frombuffer(r.peek_view(n * ZERO_RECORD.itemsize), dtype=ZERO_RECORD)
