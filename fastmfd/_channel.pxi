@@ -109,6 +109,11 @@ cdef class _RegionTable:
             if hole_fds is not None and hole_fds[i] >= 0 and sparse_on_tmpfs(hole_fds[i]):
                 self.refs[i].holes.fd = hole_fds[i]
             forget_extents(&self.refs[i].holes)
+            # How to populate it (populate_for_write): known where the worker
+            # opened its file (for its holes, or to place pages into).
+            file_fd = (hole_fds[i] if hole_fds is not None and hole_fds[i] >= 0
+                       else place_fds[i] if place_fds is not None else -1)
+            self.refs[i].populate_read = file_fd >= 0 and on_tmpfs(file_fd)
             if received is not None:
                 bm = received[i]
                 # The engine indexes it in the session's pages: a region of larger
@@ -406,7 +411,7 @@ cdef class SendEngine(_EngineBase):
                         # file system is a clean error, not a SIGBUS. (Only without
                         # zero page detection, or for a page larger than a system
                         # page partly in a hole; a read-only mapping cannot be.)
-                        failed = populate_range(ref.base + off, psize)
+                        failed = populate_range(ref.base + off, psize, ref.populate_read)
                         if failed:
                             break
                     if self.zero_detection and fm_buffer_is_zero(ref.base + off, psize):
@@ -664,12 +669,14 @@ cdef class RecvEngine(_EngineBase):
             bump(self.stats, ST_COMPRESSED if compressed else ST_RAW, 1)
             if ref.place == NULL:
                 # A plain readv faults a lone page in as cheaply as a populate
-                # call would, and says EFAULT where no memory backs it; a
-                # decompressor or TLS copies in C, where that would be a SIGBUS:
-                # everything populated.
-                lone = SYSTEM_PAGE if not compressed and self.link.ssl == NULL else 0
+                # call for writing would, and says EFAULT where no memory backs
+                # it; a decompressor or TLS copies in C, where that would be a
+                # SIGBUS: everything populated. Populated for reading (tmpfs), a
+                # lone page brings its neighbours there along.
+                lone = (SYSTEM_PAGE if not compressed and self.link.ssl == NULL
+                        and not ref.populate_read else 0)
                 with nogil:
-                    failed = populate_for_write(self.iov, k, lone)
+                    failed = populate_for_write(self.iov, k, lone, ref.populate_read)
                 if failed:
                     raise_unpopulated(failed, f"region {ref.name.decode()}")
             if not compressed and ref.place != NULL:

@@ -294,7 +294,8 @@ cpdef enum:
 
 cdef size_t pages_to_iov(iovec *iov, uint8_t *base, const uint64_t *offsets, size_t n,
                          size_t page_size) noexcept nogil
-cdef int populate_for_write(const iovec *iov, size_t count, size_t skip_upto=*) noexcept nogil
+cdef int populate_for_write(const iovec *iov, size_t count, size_t skip_upto=*,
+                            bint read=*) noexcept nogil
 cdef int raise_unpopulated(int err, str what) except -1
 cdef size_t gather_iov(const iovec *iov, size_t n, uint8_t *dst) noexcept nogil
 cdef ssize_t writev_all(int fd, iovec *iov, size_t count) noexcept nogil
@@ -484,6 +485,7 @@ cdef struct RegionRef:              # a region as the engines see it
     uint64_t *received              # destination: bit per page written since the session began
     bint fresh                      # destination: memory started zero-filled (zero pages may be skipped)
     bint sparse                     # destination: a sparse file mapped shared: clearing punches holes
+    bint populate_read              # its file is on tmpfs: see populate_for_write
     uint8_t *place                  # destination, fresh memory: a second mapping that pages are
                                     # placed into with UFFDIO_COPY (NULL: written through base)
     Extents holes                   # a source's, or a destination's not fresh: its file's holes

@@ -87,13 +87,13 @@ from fastmfd.includes.openssl cimport (
     sk_GENERAL_NAME_num, sk_GENERAL_NAME_value,
 )
 from fastmfd.includes.system cimport (
-    CLOCK_MONOTONIC, IOV_MAX, MADV_POPULATE_WRITE, MADV_REMOVE, MSG_PEEK, OFF_MAX, POLLIN,
-    POLLOUT, PR_SET_PDEATHSIG, SEEK_DATA, SEEK_HOLE, SHUT_WR, SIOCOUTQ, SO_RCVTIMEO, SO_SNDBUF,
-    SO_SNDTIMEO, SOL_SOCKET, TMPFS_MAGIC, _SC_PAGESIZE, __builtin_ctzll, __builtin_popcountll,
-    c_sysinfo, clock_gettime, nanosleep, fm_buffer_is_zero, fm_pagescan_init, fm_place_copy,
-    fm_place_open, fm_place_register, fstatfs, getsockopt, ioctl, madvise, MAP_FAILED,
-    MAP_SHARED, mincore, mmap, munmap, poll, pollfd, prctl, PROT_READ, PROT_WRITE, recv,
-    sem_clockwait, sem_init, sem_post, sem_trywait, shutdown, socklen_t, statfs, strnlen,
+    CLOCK_MONOTONIC, IOV_MAX, MADV_POPULATE_READ, MADV_POPULATE_WRITE, MADV_REMOVE, MSG_PEEK,
+    OFF_MAX, POLLIN, POLLOUT, PR_SET_PDEATHSIG, SEEK_DATA, SEEK_HOLE, SHUT_WR, SIOCOUTQ,
+    SO_RCVTIMEO, SO_SNDBUF, SO_SNDTIMEO, SOL_SOCKET, TMPFS_MAGIC, _SC_PAGESIZE, __builtin_ctzll,
+    __builtin_popcountll, c_sysinfo, clock_gettime, nanosleep, fm_buffer_is_zero, fm_pagescan_init,
+    fm_place_copy, fm_place_open, fm_place_register, fstatfs, getsockopt, ioctl, madvise,
+    MAP_FAILED, MAP_SHARED, mincore, mmap, munmap, poll, pollfd, prctl, PROT_READ, PROT_WRITE,
+    recv, sem_clockwait, sem_init, sem_post, sem_trywait, shutdown, socklen_t, statfs, strnlen,
     sysconf, sysinfo,
 )
 

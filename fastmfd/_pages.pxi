@@ -22,12 +22,12 @@ cdef size_t pages_to_iov(iovec *iov, uint8_t *base, const uint64_t *offsets, siz
 cdef uintptr_t SYSTEM_PAGE = <uintptr_t>sysconf(_SC_PAGESIZE)
 
 
-cdef int populate_for_write(const iovec *iov, size_t count,
-                            size_t skip_upto=0) noexcept nogil:
+cdef int populate_for_write(const iovec *iov, size_t count, size_t skip_upto=0,
+                            bint read=False) noexcept nogil:
     """Map the memory behind iov into this process ahead of writing it, one
     system call per run of pages (runs of at most ``skip_upto`` bytes left to
     the write that follows); returns 0, or the errno of a run that no memory
-    can back.
+    can back. ``read``: the memory is a tmpfs file's (RegionRef.populate_read).
 
     A receive worker's first write to a region page takes a page fault each
     (shared mappings get no fault-around), and on fresh memory that fault
@@ -40,26 +40,37 @@ cdef int populate_for_write(const iovec *iov, size_t count,
     SIGBUS (a copy in C) or EFAULT (a readv); populate says EFAULT or ENOMEM
     first. Other failures (EINVAL: a kernel before 5.14) are ignored: the
     copy that follows faults the pages in, as without this call.
+
+    On tmpfs, MADV_POPULATE_READ serves as well and, for pages the file holds
+    already (a warm region, a later round), far better: a read fault maps the
+    sixteen pages around it that are there (fault-around, which write faults
+    on shared mappings lack), and a tmpfs mapping has no dirty accounting, so
+    they come mapped writable and the write that follows takes no fault. A
+    hole is allocated by either. Measured on warm /dev/shm, 1 GiB mapped anew:
+    75-81 CPU-ms and 16385 faults against 185-225 CPU-ms and 262144, then no
+    fault for the writes after either. A disk file system's pages would come
+    read-only (its writes are accounted), a second fault each: WRITE there.
     """
     cdef size_t i
     cdef uintptr_t start, end
+    cdef int advice = MADV_POPULATE_READ if read else MADV_POPULATE_WRITE
     for i in range(count):
         if iov[i].iov_len <= skip_upto:
             continue
         start = <uintptr_t>iov[i].iov_base & ~(SYSTEM_PAGE - 1)
         end = (<uintptr_t>iov[i].iov_base + iov[i].iov_len + SYSTEM_PAGE - 1) & ~(SYSTEM_PAGE - 1)
-        if madvise(<void *>start, end - start, MADV_POPULATE_WRITE) != 0 \
+        if madvise(<void *>start, end - start, advice) != 0 \
                 and (errno == EFAULT or errno == ENOMEM):
             return errno
     return 0
 
 
-cdef int populate_range(void *start, size_t length) noexcept nogil:
+cdef int populate_range(void *start, size_t length, bint read=False) noexcept nogil:
     """populate_for_write of the one run ``start`` .. ``start + length``."""
     cdef iovec run
     run.iov_base = start
     run.iov_len = length
-    return populate_for_write(&run, 1)
+    return populate_for_write(&run, 1, 0, read)
 
 
 cdef int raise_unpopulated(int err, str what, str call="populate") except -1:
@@ -121,7 +132,7 @@ cdef int copy_through_mapping(RegionRef *ref, size_t at, const uint8_t *src,
                               size_t length) noexcept nogil:
     """Copy ``length`` bytes from ``src`` to byte ``at`` of ``ref`` through its
     mapping, populated first: 0, or EFAULT/ENOMEM where no memory backs it."""
-    cdef int failed = populate_range(ref.base + at, length)
+    cdef int failed = populate_range(ref.base + at, length, ref.populate_read)
     if failed:
         return failed
     memcpy(ref.base + at, src, length)
@@ -315,7 +326,7 @@ cdef int clear_page_runs(RegionRef *ref, const uint64_t *offsets, size_t n,
         else:
             if ref.sparse and length >= PUNCH_MIN_BYTES:
                 ref.sparse = False
-            failed = populate_range(ref.base + offsets[i], length)
+            failed = populate_range(ref.base + offsets[i], length, ref.populate_read)
             if failed:
                 return failed
             memset(ref.base + offsets[i], 0, length)
@@ -480,7 +491,7 @@ cdef int may_hold_data(RegionRef *ref, uint64_t offset, uint32_t page_size) noex
     if where == PAGE_HOLE:
         return 0
     if where == PAGE_PARTLY:
-        failed = populate_range(ref.base + offset, page_size)
+        failed = populate_range(ref.base + offset, page_size, ref.populate_read)
         if failed:
             return -failed
     return 1

@@ -265,6 +265,23 @@ def test_a_shm_filling_mid_transfer_is_a_clean_error(compression, image):
 
 
 @needs_namespace
+@pytest.mark.parametrize("image", ["random", "halftext"])
+def test_a_shm_filling_under_a_users_sparse_region_is_a_clean_error(image):
+    # A region the destination is given is not fresh: each run of pages is
+    # populated before it is written, for reading on tmpfs (fault-around maps
+    # the neighbours held already), and a hole is allocated by that populate,
+    # which is where a full /dev/shm must be found, never a SIGBUS.
+    done = run_with_small_shm(_FILL_MID_TRANSFER.format(
+        compression="none", fill=_FILL_SHM, image=image,
+        destination="fastmfd.Region.create('ram', 16 << 20)"), shm="48m")
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = dict(line.split(": ", 1) for line in done.stdout.splitlines())
+    assert "region ram: no memory to write into" in lines["destination"], done.stdout
+    assert "region ram: no memory to write into" in lines["source"], done.stdout
+    assert "SIGBUS" not in done.stdout and "Bad address" not in done.stdout
+
+
+@needs_namespace
 @pytest.mark.parametrize("compression", ["none", "zstd"])
 def test_a_full_disk_under_a_region_file_is_a_clean_error(tmp_path, compression):
     # `fastmfd listen` maps files: a full disk was "RAM payload: Bad address"

@@ -50,10 +50,14 @@ cdef extern from *:
     #include <sys/mman.h>
     /* Linux 5.14+ (uapi asm-generic/mman-common.h): older C libraries lack the
        name, older kernels answer EINVAL (harmless: the caller ignores it). */
+    #ifndef MADV_POPULATE_READ
+    #define MADV_POPULATE_READ 22
+    #endif
     #ifndef MADV_POPULATE_WRITE
     #define MADV_POPULATE_WRITE 23
     #endif
     """
+    int MADV_POPULATE_READ
     int MADV_POPULATE_WRITE
     int MADV_REMOVE
     int madvise(void *addr, size_t length, int advice) nogil
