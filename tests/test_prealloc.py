@@ -10,14 +10,17 @@ import socket
 import subprocess
 import threading
 import time
+import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import fastmfd
+from fastmfd import _core
 from fastmfd._engine.prealloc import plan_shares
 from fastmfd.protocol.main_channel import Msg, encode_message
+from fastmfd.tools import warm_files
 from fastmfd.tools.outputs import OutputDir
 from fastmfd.tools.warm_files import FILLING, PREFIX, WarmFiles
 from migration_support import Migration, first_difference, make_region
@@ -331,6 +334,39 @@ def test_warm_files_of_other_sizes_make_room_for_a_session(small_disk):
                                                           r"the listener's warm files"):
                 out.plan_qemu({"ram": free + 4096}, 4096)
             assert warm.held_bytes == free // 2                 # refused: kept
+        finally:
+            out.abort()
+            out.close()
+
+
+def test_a_refill_still_running_stops_for_the_next_session(small_disk, monkeypatch):
+    """The refill after a session, still faulting in a file of its size when the next
+    session (another geometry) began, was not seen by that session (a review): its room
+    was not counted free (the session, which fitted, was refused: "has 320 KiB free"),
+    and, done, a file of a size no session could use was held through it. The session
+    stops it, and its half-made file is removed. (Its last slice waits: the session
+    begins meanwhile, as when sessions follow each other quickly on a slow disk.)"""
+    free = os.statvfs(small_disk).f_bavail * 4096              # 1 MiB: 256 pages
+    monkeypatch.setattr(warm_files, "SLICE", 64 << 10)
+    last = (free * 3 // 4) // warm_files.SLICE
+    started, calls = threading.Event(), []
+
+    def populate(part, what):
+        calls.append(what)
+        if len(calls) == last:
+            started.set()
+            threading.Event().wait(0.5)
+        return _core.populate(part, what)
+
+    monkeypatch.setattr(warm_files, "_core", types.SimpleNamespace(populate=populate))
+    with WarmFiles(str(small_disk)) as warm:
+        warm.refill([(free * 3 // 4, 4096)])
+        assert started.wait(30)
+        out = OutputDir(str(small_disk / "s2"), warm=warm, new=True)
+        try:
+            out.plan_qemu({"ram": free // 2}, 4096)             # fits once it stops
+            _settle(warm)
+            assert warm.held_bytes == 0 and os.listdir(warm.path) == []
         finally:
             out.abort()
             out.close()

@@ -308,6 +308,8 @@ class OutputDir:
         files held count as free: once the sizes fit, those of other sizes are
         removed (the regions take the others' place)."""
         size = sum(region_size for region_size, _ in sizes)
+        if self.warm is not None:
+            self.warm.stop_refill()     # its half-made file's room is free once it stops
         info = os.statvfs(self.fd)
         warm = self.warm.held_bytes if self.warm is not None else 0
         free = info.f_bavail * info.f_frsize + warm

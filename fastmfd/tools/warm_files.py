@@ -13,7 +13,8 @@ its prealloc skips it::
     refill thread        per size not held: DIR/.fastmfd-warm-*/N.filling, created O_EXCL,
                          faulted in a slice at a time (close() stops it between two
                          slices), then renamed N: ready
-    OutputDir.plan()     keep(its sizes): the files of other sizes removed (counted as free
+    OutputDir.plan()     stop_refill(): a refill still running stops, its file removed;
+                         keep(its sizes): the files of other sizes removed (counted as free
                          room by its check: the session cannot use them)
     OutputDir.region()   take(size, page_size): a warm file, renamed to NAME.img.part
     close()              stops the thread, removes the hidden directory and what is in it
@@ -65,6 +66,7 @@ class WarmFiles:
         self._ready: dict[Size, str] = {}           # one faulted-in file per size
         self._thread: threading.Thread | None = None
         self._closing = threading.Event()
+        self._stopping = threading.Event()          # a session began: the refill stops
         self._count = 0
 
     @property
@@ -81,6 +83,23 @@ class WarmFiles:
     def _keep(self, sizes: set[Size]) -> None:
         for size in [s for s in self._ready if s not in sizes]:
             os.unlink(self._ready.pop(size))
+
+    def stop_refill(self) -> None:
+        """A session begins: a refill still running stops between two slices and
+        removes the file it was faulting in. Left running, that file was held
+        through the session unseen: its room not counted free by the session's
+        check (a session that fitted was refused), and, done, a file of the last
+        session's size kept beside the new one's regions."""
+        with self._lock:
+            thread = self._thread
+            if thread is None:
+                return
+            self._stopping.set()
+        thread.join()
+        self._stopping.clear()
+
+    def _stopped(self) -> bool:
+        return self._closing.is_set() or self._stopping.is_set()
 
     def take(self, size: int, page_size: int) -> str | None:
         """The path of a faulted-in file of ``size`` bytes (now the caller's to
@@ -106,6 +125,8 @@ class WarmFiles:
 
     def _fill(self, sizes: list[Size]) -> None:
         for size, page_size in sizes:
+            if self._stopped():
+                return
             self._count += 1
             path = os.path.join(self.path, str(self._count))
             filling = path + FILLING
@@ -115,7 +136,7 @@ class WarmFiles:
                 log.warning("could not prepare a warm region file of %d bytes: %s", size, exc)
                 done = False
             with self._lock:
-                if done and not self._closing.is_set():
+                if done and not self._stopped():
                     os.rename(filling, path)
                     self._ready[(size, page_size)] = path
                     continue
@@ -123,11 +144,11 @@ class WarmFiles:
                 os.unlink(filling)
 
     def _fault_in(self, path: str, size: int, page_size: int) -> bool:
-        """Create ``path`` and fault every page in; False if closed meanwhile."""
+        """Create ``path`` and fault every page in; False if stopped meanwhile."""
         with Region.from_file("warm", path, size=size, page_size=page_size,
                               exclusive=True, huge_pages=self.huge_pages) as region:
             for start in range(0, size, SLICE):
-                if self._closing.is_set():
+                if self._stopped():
                     return False
                 with region.buffer[start:start + SLICE] as part:
                     _core.populate(part, f"warm region file {path}")
