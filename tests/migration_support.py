@@ -45,6 +45,8 @@ import numpy as np
 import fastmfd
 from fastmfd.protocol.setup import DeviceSpec, RegionSpec, Setup
 from fastmfd import _core
+from fastmfd._engine.admission import GREETING_SPARES
+from fastmfd._engine.memory_bound import WORKER_BYTES
 from fastmfd.protocol.main_channel import MAIN_MAGIC
 
 PAGE = 4096
@@ -294,6 +296,14 @@ def channel_memory(config: fastmfd.MigrationConfig, largest: int, devices: bool)
     return config.channels * _core.receive_channel_bytes(
         config.packet_pages, config.page_size, largest, config.device_chunk_size, devices,
         config.compression)
+
+
+def worker_memory(config: fastmfd.MigrationConfig, ahead: int = 4) -> int:
+    """What Destination(max_memory=...) holds for the worker processes of a session of
+    ``config``: a receive worker per channel and the greeting spares (or the ``ahead``
+    started with the Destination, if more), and the reassembly process."""
+    workers = max(config.channels + config.device_state_channels + GREETING_SPARES, ahead) + 1
+    return workers * WORKER_BYTES
 
 
 def make_region(name: str, size: int, seed: int | None = None, **mix) -> fastmfd.Region:

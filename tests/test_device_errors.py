@@ -31,7 +31,8 @@ from fastmfd._engine.reassembly import plan_pool, pool_bytes
 from fastmfd.protocol.main_channel import Msg
 from proc_scan import process_tree
 from migration_support import (Delay, Migration, OnMessage, Outcome, Proxy, Trigger,
-                               channel_memory, make_region, reporting_destination)
+                               channel_memory, make_region, reporting_destination,
+                               worker_memory)
 
 CONFIG = fastmfd.MigrationConfig(channels=2, device_chunk_size=4096)
 DEVICE = ("dev", 0)
@@ -137,7 +138,8 @@ def test_a_cap_cut_to_fit_the_memory_left_says_so(leaks):
     cap, _ = plan_pool(1, CONFIG.max_queued_bytes, CONFIG.device_chunk_size,
                        CONFIG.channels, left)
     assert 4096 <= cap < 32 * 4096
-    channels = channel_memory(CONFIG, 1 << 20, devices=True)     # migrate()'s 1 MiB region
+    channels = (channel_memory(CONFIG, 1 << 20, devices=True)   # migrate()'s 1 MiB region
+                + worker_memory(CONFIG))
     log: list = []
     proxy = Proxy({ch: HoldFirstChunks(CONFIG, 3.0, ch, log) for ch in range(CONFIG.channels)})
     outcome = migrate(CONFIG, proxy=proxy, max_memory=(1 << 20) + channels + left,
@@ -156,14 +158,14 @@ def test_the_default_loaders_keep_what_max_memory_leaves(leaks):
     cap = 32 * 4096             # (more than the stream: channels reorder it)
     _, slots = plan_pool(1, cap, CONFIG.device_chunk_size, CONFIG.channels, 1 << 30)
     left = 40_000
-    budget = ((1 << 20) + channel_memory(CONFIG, 1 << 20, devices=True)
+    budget = ((1 << 20) + channel_memory(CONFIG, 1 << 20, devices=True) + worker_memory(CONFIG)
               + pool_bytes(slots, CONFIG.device_chunk_size) + left)
     outcome = migrate(max_memory=budget, max_queued_bytes=cap,
                       devices=[fastmfd.BytesDevice(*DEVICE, bytes(left + 1))])
     check(outcome, outcome.started,
           rf"dev/0: CollectLoader: the device state goes past {left} bytes, what max_memory "
-          rf"\({budget}\) leaves after the regions, the receive channels and the device-state "
-          rf"buffers")
+          rf"\({budget}\) leaves after the regions, the receive channels \(their buffers and "
+          rf"worker processes\) and the device-state buffers")
     _, result = migrate(max_memory=budget, max_queued_bytes=cap,
                         devices=[fastmfd.BytesDevice(*DEVICE, bytes(left))]).ok()
     assert result.devices[DEVICE] == bytes(left)

@@ -1,12 +1,15 @@
 """Destination(max_memory=...) holds the receive channels' buffers too (review rev-res,
-defect 1).
+defect 1), and their worker processes (review exp40).
 
 Each receive channel allocates its packet buffers (sized by SETUP's packet_pages and
 page_size, cut to the pages of the largest region) and, for zstd, a decoder window of up to
 32 MiB: private memory a source chooses, which max_memory did not count (it counted the
 regions and the device-state pool), so a SETUP admitted under a 1 MiB bound could make the
 workers hold hundreds of MiB. Counted against max_memory when it is given; against the
-default (what /dev/shm has free) it is not, as it is not /dev/shm's memory.
+default (what /dev/shm has free) it is not, as it is not /dev/shm's memory. So are the
+worker processes the session may run, WORKER_BYTES each: a source asking for 16 channels
+under a bound that held their buffers made the destination start 16 workers whose own
+memory was 4.2 times the bound.
 """
 
 from __future__ import annotations
@@ -19,7 +22,10 @@ import fastmfd
 from fastmfd._engine import session_regions
 from fastmfd.protocol.security import ChannelSecurity
 from fastmfd.protocol.setup import RegionSpec, Setup
-from migration_support import Migration, channel_memory, make_region, setup_message
+from fastmfd._engine.admission import GREETING_SPARES
+from fastmfd._engine.memory_bound import WORKER_BYTES
+from migration_support import (Migration, channel_memory, make_region, setup_message,
+                               worker_memory)
 
 MIB = 1 << 20
 CONFIG = fastmfd.MigrationConfig(channels=3, compression="zstd")
@@ -30,12 +36,15 @@ def buffers(config: fastmfd.MigrationConfig, largest: int) -> int:
     return channel_memory(config, largest, devices=False)
 
 
-def migrate(max_memory: int) -> tuple:
+def migrate(max_memory: int, config: fastmfd.MigrationConfig = CONFIG) -> tuple:
+    """The outcome of a 1 MiB migration, the destination's regions, and how many
+    receive workers it had started by the end."""
     image = make_region("ram", MIB, seed=3)
     try:
-        with Migration(CONFIG, max_memory=max_memory) as m:
+        with Migration(config, max_memory=max_memory) as m:
             m.source.add_region(image)
-            return m.run(timeout=60), m.destination._session.regions
+            outcome = m.run(timeout=60)
+            return outcome, m.destination._session.regions, len(m.destination._workers)
     finally:
         image.close()
 
@@ -43,7 +52,7 @@ def migrate(max_memory: int) -> tuple:
 def test_a_setup_whose_channels_do_not_fit_max_memory_is_refused_on_both_sides(leaks):
     need = buffers(CONFIG, MIB)
     assert need > 3 * (32 << 20)        # the zstd windows
-    outcome, regions = migrate(MIB + need - 1)
+    outcome, regions, _ = migrate(MIB + need - 1)
     assert regions == []                # refused before anything was made
     for error in (outcome.source_error, outcome.dest_error):
         assert isinstance(error, fastmfd.FastMFDError), repr(error)
@@ -54,13 +63,36 @@ def test_a_setup_whose_channels_do_not_fit_max_memory_is_refused_on_both_sides(l
 
 
 def test_a_setup_whose_channels_fit_max_memory_migrates(leaks):
-    outcome, _ = migrate(MIB + buffers(CONFIG, MIB))
+    outcome, _, _ = migrate(MIB + buffers(CONFIG, MIB) + worker_memory(CONFIG))
     outcome.ok()
 
 
-def _parts(max_memory: int | None) -> object:
+def test_a_setup_whose_worker_processes_do_not_fit_is_refused_before_they_start(leaks):
+    """16 channels under a bound that holds their buffers, not their 25 processes
+    (16 receive workers, the greeting spares, the reassembly process): refused on both
+    sides, with no receive worker started beyond the 4 started ahead."""
+    config = fastmfd.MigrationConfig(channels=16)
+    channels = buffers(config, MIB)
+    budget = MIB + channels + worker_memory(config) - 1
+    outcome, regions, started = migrate(budget, config)
+    assert regions == [] and started == 4
+    workers = 16 + GREETING_SPARES + 1
+    for error in (outcome.source_error, outcome.dest_error):
+        assert isinstance(error, fastmfd.FastMFDError), repr(error)
+        assert (f"the source's 16 channel(s) need {workers} worker processes (a receive "
+                f"worker per channel, {GREETING_SPARES} more to greet connections meanwhile, "
+                f"and the reassembly process), 16 MiB each: {workers * WORKER_BYTES} bytes, "
+                f"besides 1048576 bytes of regions and {channels} bytes of receive buffers; "
+                f"this destination holds at most {budget} (max_memory)") in str(error), \
+            str(error)
+    outcome, _, started = migrate(budget + 1, config)
+    outcome.ok()
+    assert started <= 16 + GREETING_SPARES
+
+
+def _parts(max_memory: int | None, workers: int = 4) -> object:
     return types.SimpleNamespace(max_memory=max_memory, region_pool=None,
-                                 security=ChannelSecurity())
+                                 security=ChannelSecurity(), workers=[None] * workers)
 
 
 def test_the_channels_are_cut_to_the_largest_region_and_left_out_of_the_default(monkeypatch):
@@ -75,6 +107,21 @@ def test_the_channels_are_cut_to_the_largest_region_and_left_out_of_the_default(
     assert charged < 3 * ((32 << 20) + 2 * MIB)
     with pytest.raises(fastmfd.ConfigError, match=r"receive buffers .* \(max_memory\)"):
         session_regions._memory_left(_parts(4096 + charged - 1), setup, specs)
-    assert session_regions._memory_left(_parts(4096 + charged + 5), setup, specs) == 5
+    processes = worker_memory(CONFIG)
+    assert session_regions._memory_left(_parts(4096 + charged + processes + 5), setup,
+                                        specs) == 5
     monkeypatch.setattr(session_regions, "free_bytes", lambda: 4096 + 5)
     assert session_regions._memory_left(_parts(None), setup, specs) == 5
+
+
+def test_workers_started_ahead_count_when_more_than_the_session_needs():
+    """Destination(workers=40) runs 40 receive workers through a 3-channel session:
+    all are counted, not the 11 the session alone would start."""
+    setup = Setup.decode(setup_message(CONFIG, bytes(16), {"r": 4096}))
+    specs = [RegionSpec("r", 4096)]
+    charged = session_regions.channel_bytes(setup, tls=False) + 41 * WORKER_BYTES
+    with pytest.raises(fastmfd.ConfigError, match=r"need 41 worker processes \(the 40 "
+                                                  r"receive workers started ahead"):
+        session_regions._memory_left(_parts(4096 + charged - 1, workers=40), setup, specs)
+    assert session_regions._memory_left(_parts(4096 + charged, workers=40), setup,
+                                        specs) == 0

@@ -42,12 +42,13 @@ __all__ = ["DeviceLoading", "old_way_not_here"]
 
 def _collect_budget(max_memory: int | None, left: int) -> WriteBudget | None:
     """What the CollectLoaders made for devices given no loader may keep together:
-    under ``max_memory``, what the regions, the receive channels and the device-state
-    buffers leave."""
+    under ``max_memory``, what the regions, the receive channels (their buffers and
+    worker processes) and the device-state buffers leave."""
     if max_memory is None:
         return None
     return WriteBudget(left, f"{left} bytes, what max_memory ({max_memory}) leaves after the "
-                             f"regions, the receive channels and the device-state buffers "
+                             f"regions, the receive channels (their buffers and worker "
+                             f"processes) and the device-state buffers "
                              f"(for all devices given no loader; a smaller max_queued_bytes "
                              f"leaves more)")
 

@@ -19,6 +19,9 @@ from ..protocol.setup import RegionSpec, Setup
 from ..region_pool import RegionPool
 from ..regions import Region, region_to_add
 from ..shm import SHM_DIR, free_bytes
+from .admission import GREETING_SPARES
+from .memory_bound import WORKER_BYTES, MemoryBudget
+from .processes import ChildSet
 from .session import SessionResources
 
 __all__ = ["RegionFactory", "RegionParts", "SessionRegions", "make_session_regions",
@@ -34,6 +37,7 @@ class RegionParts(Protocol):
     region_pool: RegionPool | None
     huge_pages: bool
     max_memory: int | None
+    workers: ChildSet       # the receive workers started so far
     resources: SessionResources
     security: ChannelSecurity
 
@@ -98,9 +102,10 @@ def _memory_left(parts: RegionParts, setup: Setup, to_create: list[RegionSpec]) 
     """What SETUP asks this destination to hold, checked before anything is
     allocated: the regions it creates must fit in ``max_memory`` (default: what
     /dev/shm has free) and, with ``max_memory``, the receive channels' buffers
-    too (channel_bytes: private memory, not /dev/shm's, so not counted against
-    it); returns what is left for the device-state pool. Regions are sparse and
-    filled as data arrives, so this bounds, it does not commit."""
+    (channel_bytes) and the worker processes the session may run (memory_bound)
+    too: private memory, not /dev/shm's, so not counted against it; returns what
+    is left for the device-state pool. Regions are sparse and filled as data
+    arrives, so this bounds, it does not commit."""
     pool = parts.region_pool
     budget = parts.max_memory
     if budget is None:      # the pool's regions (all of use now) are allocated already
@@ -112,15 +117,25 @@ def _memory_left(parts: RegionParts, setup: Setup, to_create: list[RegionSpec]) 
                           f"or what {SHM_DIR} has free)")
     if parts.max_memory is None:
         return budget - created
+    memory = MemoryBudget(budget, "this destination", [(created, "regions")])
+    n = setup.total_channels
     channels = channel_bytes(setup, parts.security.tls is not None)
-    if created + channels > budget:
-        raise ConfigError(
-            f"the source's {setup.total_channels} channel(s) need {channels} bytes of receive "
-            f"buffers (packet_pages {setup.packet_pages} x page_size {setup.page_size}, at "
-            f"most the largest region's pages, compression {setup.compression}), besides "
-            f"{created} bytes of regions; this destination holds at most {budget} "
-            f"(max_memory)")
-    return budget - created - channels
+    memory.spend(channels, "receive buffers", (
+        f"the source's {n} channel(s) need {channels} bytes of receive buffers (packet_pages "
+        f"{setup.packet_pages} x page_size {setup.page_size}, at most the largest region's "
+        f"pages, compression {setup.compression})"))
+    # As many receive workers as the channel door may start (ChannelDoor._at_most), or
+    # those started ahead if more, and the reassembly process.
+    door = n + GREETING_SPARES
+    receivers = (f"a receive worker per channel, {GREETING_SPARES} more to greet connections "
+                 f"meanwhile" if door >= len(parts.workers) else
+                 f"the {len(parts.workers)} receive workers started ahead (workers=)")
+    workers = max(door, len(parts.workers)) + 1
+    memory.spend(workers * WORKER_BYTES, "worker processes", (
+        f"the source's {n} channel(s) need {workers} worker processes ({receivers}, and "
+        f"the reassembly process), {WORKER_BYTES >> 20} MiB each: {workers * WORKER_BYTES} "
+        f"bytes"))
+    return memory.left
 
 
 def _region(parts: RegionParts, name: str, size: int, page_size: int) -> tuple[Region, bool]:

@@ -416,10 +416,11 @@ def _build_parser() -> _Parser:
                         "fail one whose device state goes past what they leave (default: "
                         "DIR's free space)")
     p.add_argument("--max-memory", type=positive_size, default=None, metavar="SIZE",
-                   help="memory for device state in flight and the receive channels' "
-                        "buffers (default: what /dev/shm has free, for the device state "
-                        "only); with --prealloc and several sessions, also the most "
-                        "bytes of warm region files kept for the next session")
+                   help="memory for device state in flight, the receive channels' "
+                        "buffers and the worker processes (16 MiB each; default: what "
+                        "/dev/shm has free, for the device state only); with --prealloc and "
+                        "several sessions, also the most bytes of warm region files kept for "
+                        "the next session")
     p.add_argument("--prealloc", action="store_true",
                    help="fault each region's file in (allocate every page) before the sender "
                         "may send, in parallel in the receive workers (QEMU: prealloc=on); "

@@ -1,0 +1,55 @@
+"""``max_memory``, spent part by part: what a receiving side (a Destination at
+SETUP, a QEMU receiver as QEMU's channels connect) lets a session make it hold
+beside its regions, and the one refusal when a part does not fit.
+
+::
+
+    MemoryBudget(max_memory, "this destination", spent=[(regions, "regions")])
+      .spend(channel buffers, ...)      each part checked beside those spent before it,
+      .spend(worker processes, ...)     refused (ConfigError) naming them all
+      .left                             what is left (the device-state pool's share)
+
+A worker process's own memory is counted as WORKER_BYTES each (below): what it
+allocates for its channel (its buffers, a zstd window) is counted apart, by the
+caller, and the regions it maps are the regions'.
+"""
+
+from __future__ import annotations
+
+from ..errors import ConfigError
+
+__all__ = ["MemoryBudget", "WORKER_BYTES"]
+
+# A receive worker (or the reassembly process) is forked from the forkserver, with
+# Python, numpy and the core imported (about 22 MiB, shared copy-on-write). Measured
+# (/proc/PID/smaps, Private_* of every mapping but shared memory, plus page tables):
+# 3.2 MiB idle, 4.8 after a session, 7.7 after one in TLS with zstd (Pss 6.8, 8.4 and
+# 11.6 with 4 workers); a full garbage collection in a forked child made 8.2 MiB more of
+# the shared heap its own. 16 MiB bounds both; all 22 MiB made private would be 24.
+WORKER_BYTES = 16 << 20
+
+
+class MemoryBudget:
+    """``budget`` bytes (max_memory) that ``holder`` ("this destination") holds at
+    most; ``spent``: (bytes, what) counted already, in order."""
+
+    def __init__(self, budget: int, holder: str,
+                 spent: list[tuple[int, str]] | None = None) -> None:
+        self.budget, self.holder = budget, holder
+        self.spent = list(spent or [])
+
+    @property
+    def left(self) -> int:
+        return self.budget - sum(amount for amount, _ in self.spent)
+
+    def spend(self, amount: int, what: str, claim: str) -> None:
+        """Count ``amount`` bytes of ``what`` ("receive buffers"), or refuse them:
+        ``claim`` says who needs them and why ("the source's 3 channel(s) need N
+        bytes of receive buffers (...)"), the error adds what was spent before."""
+        if amount > self.left:
+            besides = " and ".join(f"{n} bytes of {w}" for n, w in self.spent)
+            besides = f", besides {besides}" if besides else ""
+            raise ConfigError(f"{claim}{besides}; {self.holder} holds at most {self.budget} "
+                              f"(max_memory)")
+        self.spent.append((amount, what))
+
