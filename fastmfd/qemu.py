@@ -104,9 +104,8 @@ class QemuReceived:
 def receive(address: str | socket.socket, directory: str | os.PathLike[str], *,
             timeout: float = 3600.0, stall_timeout: float = DEFAULT_STALL_TIMEOUT,
             force: bool = False, keep_partial: bool = False, max_size: int | None = None,
-            workers: int = 2,
-            on_listening: Callable[[str], object] | None = None,
-            tls: TLSConfig | None = None) -> QemuReceived:
+            workers: int = 2, on_listening: Callable[[str], object] | None = None,
+            tls: TLSConfig | None = None, max_memory: int | None = None) -> QemuReceived:
     """Receive one migration from QEMU into ``directory`` (see the module docstring).
 
     ``timeout``: seconds to wait for QEMU to connect; ``stall_timeout``: any
@@ -115,10 +114,15 @@ def receive(address: str | socket.socket, directory: str | os.PathLike[str], *,
     a failed migration as ``.part`` files. ``max_size``: the most bytes of RAM
     blocks QEMU may announce (default: the directory's free space; the block
     files are sparse and fill as pages arrive, so a larger guest is refused
-    before any is written). ``workers``: receive worker processes
-    started before QEMU connects (default 2, QEMU's default multifd-channels;
-    a channel beyond them gets its worker as it connects; at most 288, QEMU's
-    256 channels and 32 TLS greetings).
+    before any is written: disk, or memory where the directory is a tmpfs).
+    ``max_memory``: the most memory QEMU's channels may make this process hold
+    beside the block files: each channel's buffers (counted with a zstd window
+    of 32 MiB: the method is learnt from its first page) and the worker
+    processes, 16 MiB each; checked as each channel connects, a channel that
+    does not fit fails the migration (default: no bound). ``workers``: receive
+    worker processes started before QEMU connects (default 2, QEMU's default
+    multifd-channels; a channel beyond them gets its worker as it connects; at
+    most 288, QEMU's 256 channels and 32 TLS greetings).
     ``on_listening(address)`` is called with the bound address (``tcp:...:0``
     picks a port) before any wait. ``address`` may be a socket listening
     already (the caller's to close). ``tls``: every connection in TLS (QEMU's
@@ -127,7 +131,7 @@ def receive(address: str | socket.socket, directory: str | os.PathLike[str], *,
     ``authz`` the identities accepted."""
     return _ReceiveCall(address, directory, timeout=timeout, stall_timeout=stall_timeout,
                         force=force, keep_partial=keep_partial, max_size=max_size,
-                        workers=workers, tls=tls).run(on_listening)
+                        workers=workers, tls=tls, max_memory=max_memory).run(on_listening)
 
 
 class QemuReceiver:
@@ -143,7 +147,8 @@ class QemuReceiver:
     def __init__(self, address: str | socket.socket, directory: str | os.PathLike[str], *,
                  timeout: float = 3600.0, stall_timeout: float = DEFAULT_STALL_TIMEOUT,
                  force: bool = False, keep_partial: bool = False, max_size: int | None = None,
-                 workers: int = 2, tls: TLSConfig | None = None) -> None:
+                 workers: int = 2, tls: TLSConfig | None = None,
+                 max_memory: int | None = None) -> None:
         check_types(self._call,
                     address=(address, Kind("a str or a listening socket",
                                            lambda a: isinstance(a, (str, socket.socket)))),
@@ -156,9 +161,10 @@ class QemuReceiver:
                 raise ConfigError("listen --qemu in TLS tells QEMU's connections by their "
                                   "certificate: TLSConfig(ca=...) must name the CA that issued "
                                   "the source QEMU's tls-creds certificate")
-        timeout, stall_timeout, max_size, workers = check_types(
+        timeout, stall_timeout, max_size, workers, max_memory = check_types(
             self._call, timeout=(timeout, POSITIVE), stall_timeout=(stall_timeout, POSITIVE),
-            max_size=(max_size, optional(UNSIGNED)), workers=(workers, _WORKERS))
+            max_size=(max_size, optional(UNSIGNED)), workers=(workers, _WORKERS),
+            max_memory=(max_memory, optional(UNSIGNED)))
         self._given = address if isinstance(address, socket.socket) else None
         self._requested = (listening_address(address) if isinstance(address, socket.socket)
                            else parse_address(address))
@@ -173,7 +179,8 @@ class QemuReceiver:
                 self._listener = listen(self._requested)
             self._session = QemuReceiving(self._listener, self._out, timeout=timeout,
                                           stall_timeout=stall_timeout, workers=workers,
-                                          security=ChannelSecurity(tls=tls))
+                                          security=ChannelSecurity(tls=tls),
+                                          max_memory=max_memory)
             self.address = str(bound_address(self._listener, self._requested))
         except BaseException:
             self.close()

@@ -190,6 +190,7 @@ BAD_VALUES = [
     (lambda: qemu.receive("tcp:127.0.0.1:0", ".", workers=-1), "qemu.receive(workers)"),
     (lambda: qemu.receive("tcp:127.0.0.1:0", ".", workers=289), "qemu.receive(workers)"),
     (lambda: qemu.QemuReceiver("tcp:127.0.0.1:0", ".", workers=289), "QemuReceiver(workers)"),
+    (lambda: qemu.receive("tcp:127.0.0.1:0", ".", max_memory=-1), "qemu.receive(max_memory)"),
     (lambda: qemu.send("tcp:127.0.0.1:1", ".", timeout=math.inf), "qemu.send(timeout)"),
     (lambda: qemu.send("tcp:127.0.0.1:1", ".", max_bandwidth=-1), "qemu.send(max_bandwidth)"),
 ]

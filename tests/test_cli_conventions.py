@@ -285,7 +285,6 @@ def test_a_command_line_is_parsed_once_whatever_the_order():
     (["send", "--qemu", "tcp:127.0.0.1:1", "--dir", ".", "--state", "a=/dev/null"],
      "--state"),        # was "no images": the --state file was not named
     (["listen", "--qemu", "tcp:127.0.0.1:0", "--forever"], "--forever"),
-    (["listen", "--qemu", "tcp:127.0.0.1:0", "--max-memory", "1M"], "--max-memory"),
     (["listen", "--qemu", "tcp:127.0.0.1:0", "--max-sessions", "2"], "--max-sessions"),
     (["listen", "--qemu", "tcp:127.0.0.1:0", "--prealloc"], "--prealloc"),
     (["listen", "--qemu", "tcp:127.0.0.1:0", "--tls-cert", "/dev/null", "--tls-key",

@@ -36,6 +36,7 @@ from hypothesis import strategies as st
 from captures import BLOCKS, UUID
 from inspect_support import NATIVE_CAPTURES
 from fastmfd import _core, qemu
+from fastmfd._engine.memory_bound import WORKER_BYTES
 from fastmfd.errors import ConfigError, FastMFDError, MigrationError, ProtocolError
 from fastmfd.protocol.bytereader import ByteReader
 from fastmfd.protocol.setup import MAX_REGIONS
@@ -146,6 +147,26 @@ def test_listen_qemu_command(tmp_path, guest, guest_ram):
     assert result["sizes"][result["files"]["regions"]["mem"]] == guest_ram[1].size
     mem = next(b["file"] for b in manifest["blocks"] if b["idstr"] == "mem")
     assert np.array_equal(np.fromfile(out / mem, dtype=np.uint8), guest_ram[1])
+
+
+def test_listen_qemu_max_memory_fails_a_migration_whose_channels_do_not_fit(tmp_path, guest):
+    """--max-memory on listen --qemu, as listen's: QEMU's third channel (each counted
+    with a zstd window, and a worker of 16 MiB) does not fit in 100 MiB; QEMU's
+    migration fails with the listener's, which names the bound, and leaves nothing."""
+    out = tmp_path / "out"
+    guest.set_multifd(4, "none")
+    with listening_command(out, "--stall-timeout", "10", "--max-memory", "100M") as (
+            listen, address):
+        guest.migrate(address)
+        assert guest.wait() == "failed"
+        _, err = listen.communicate(timeout=60)
+    assert listen.returncode == 1, err
+    need = qemu_channels_memory(3, 0)
+    assert (f"multifd channel 2: QEMU's 3 multifd channel(s) so far need {need} bytes of "
+            f"receive buffers (512 KiB packets, and a zstd window of up to 32 MiB each: a "
+            f"channel's compression is learnt from its first page); this receiver holds at "
+            f"most {100 << 20} (max_memory)") in err, err
+    assert_nothing_complete(out)
 
 
 def polled_status(guest: Guest, until: tuple[str, ...], seconds: float, never: str) -> str:
@@ -1063,6 +1084,32 @@ def test_blocks_larger_than_max_size_are_refused_before_any_is_written(tmp_path,
                                              r"of regions; max_size allows 16\.0 MiB"):
         receive_replay(out, files, receive_args={"max_size": 16 << 20})
     assert_nothing_complete(out)
+
+
+def qemu_channels_memory(channels: int, workers: int) -> int:
+    """What max_memory holds for ``channels`` QEMU channels (each counted with a zstd
+    window: its method is learnt later) and ``workers`` worker processes."""
+    return (channels * _core.receive_channel_bytes(128, 4096, 1 << 62, 0, False, "zstd")
+            + workers * WORKER_BYTES)
+
+
+def test_channels_beyond_max_memory_fail_the_migration_as_they_connect(tmp_path, captures):
+    """A QEMU receiver took no max_memory (review exp40): each channel QEMU opened made
+    it start a worker and its buffers, unbounded. Given one, the channels and workers
+    are counted as the channels connect: the second of the capture's does not fit, and
+    fails the migration before its worker starts; a bound that holds both receives."""
+    files = capture_bytes(captures[1], "none")
+    fits = qemu_channels_memory(2, 2)               # the 2 workers started ahead
+    out = tmp_path / "out"
+    with pytest.raises(MigrationError) as failed:
+        receive_replay(out, files, receive_args={"max_memory": fits - 1})
+    assert (f"multifd channel 1: QEMU's 2 multifd channel(s) so far need 2 worker processes "
+            f"(a receive worker per channel, and those started ahead), 16 MiB each: "
+            f"{2 * WORKER_BYTES} bytes, besides {fits - 2 * WORKER_BYTES} bytes of receive "
+            f"buffers; this receiver holds at most {fits - 1} (max_memory)") in str(failed.value)
+    assert_nothing_complete(out)
+    manifest = receive_replay(out, files, receive_args={"max_memory": fits}).manifest
+    assert manifest["channels"] == 2
 
 
 def test_a_stream_whose_end_is_wrong_is_bad_bytes_not_a_source_gone(tmp_path):

@@ -16,9 +16,10 @@ caller, and the regions it maps are the regions'.
 
 from __future__ import annotations
 
+from .. import _core
 from ..errors import ConfigError
 
-__all__ = ["MemoryBudget", "WORKER_BYTES"]
+__all__ = ["MemoryBudget", "WORKER_BYTES", "check_qemu_channels"]
 
 # A receive worker (or the reassembly process) is forked from the forkserver, with
 # Python, numpy and the core imported (about 22 MiB, shared copy-on-write). Measured
@@ -53,3 +54,24 @@ class MemoryBudget:
                               f"(max_memory)")
         self.spent.append((amount, what))
 
+
+def check_qemu_channels(budget: int, channels: int, workers: int, packet_bytes: int,
+                        page_size: int, tls: bool) -> None:
+    """A QEMU receiver's ``channels`` learnt so far (each as its init packet is read)
+    and its ``workers`` processes (one a channel, those started ahead, in TLS those
+    greeting and the main channel's relay) must fit in ``budget`` (max_memory).
+    Each channel's buffers are counted as zstd's: its method is learnt only from
+    its first page, later, and a zstd decoder may hold a window of up to 32 MiB
+    (QEMU's level 20). Not the block files: max_size and the disk bound those."""
+    each = _core.receive_channel_bytes(packet_bytes // page_size, page_size, 1 << 62, 0, False,
+                                       "zstd", tls)
+    memory = MemoryBudget(budget, "this receiver")
+    claim = f"QEMU's {channels} multifd channel(s) so far need"
+    memory.spend(channels * each, "receive buffers", (
+        f"{claim} {channels * each} bytes of receive buffers ({packet_bytes >> 10} KiB "
+        f"packets, and a zstd window of up to 32 MiB each: a channel's compression is "
+        f"learnt from its first page)"))
+    memory.spend(workers * WORKER_BYTES, "worker processes", (
+        f"{claim} {workers} worker processes (a receive worker per channel, and those started "
+        f"ahead{' or greeting connections' if tls else ''}), {WORKER_BYTES >> 20} MiB each: "
+        f"{workers * WORKER_BYTES} bytes"))

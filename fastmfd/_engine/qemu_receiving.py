@@ -58,6 +58,7 @@ from ..protocol.qemu import SYNC_PER_SECTION, check_stream_end
 from ..protocol.security import ChannelSecurity
 from ..protocol.sockets import tune_data_socket
 from ..regions import Region
+from .memory_bound import check_qemu_channels
 from .processes import Child, ChildSet, Watch
 from .qemu_channels import QemuChannel, QemuConnections, choose_channels, migration_uuid
 from .qemu_live_decoder import LiveDecoder
@@ -139,12 +140,14 @@ class QemuReceiving:
 
     def __init__(self, listener: socket.socket, out: QemuOutput, *, timeout: float,
                  stall_timeout: float, workers: int = 2,
-                 security: ChannelSecurity | None = None) -> None:
+                 security: ChannelSecurity | None = None, max_memory: int | None = None) -> None:
         """``out`` names, creates and keeps the files (a tools.outputs.OutputDir);
         the caller commits or aborts it, and then confirms on ``answers``.
         ``workers``: receive workers started now, before QEMU connects;
-        ``security`` with ``tls``: every connection in TLS (:mod:`.qemu_tls`)."""
-        self.out = out
+        ``security`` with ``tls``: every connection in TLS (:mod:`.qemu_tls`);
+        ``max_memory``: what QEMU's channels may make this process hold
+        (:meth:`_check_memory`)."""
+        self.out, self.max_memory = out, max_memory
         self.timeout, self.stall = timeout, stall_timeout
         self.facts = QemuStreamFacts()
         self.channels: dict[int, QemuChannel] = {}     # QEMU's, chosen at barrier 1
@@ -255,11 +258,25 @@ class QemuReceiving:
     def _set_aside(self, channel: QemuChannel) -> None:
         """A worker for a connection that sent a good init packet (in TLS, the
         one that greeted it holds it already), reporting to the channel."""
+        self._check_memory(channel)
         if channel.worker is None:
             channel.ready = bool(self.spares)
             channel.worker = self._take_worker()
         worker = channel.worker
         self.watch.add_child(worker, lambda report: self._on_report(channel, report))
+
+    def _check_memory(self, channel: QemuChannel) -> None:
+        """Under max_memory, QEMU's channels so far (this one's init packet read) and
+        the worker processes, before its worker starts (memory_bound); a refusal fails
+        the migration (QEMU's connections closed), as blocks that do not fit do."""
+        if self.max_memory is None or self.workers is None:
+            return
+        workers = len(self.workers) + (channel.worker is None and not self.spares)
+        try:
+            check_qemu_channels(self.max_memory, len(self.connections.candidates), workers,
+                                QEMU_PACKET_BYTES, self.facts.page_size, self.greeter is not None)
+        except ConfigError as exc:
+            raise MigrationError(str(exc), channel=f"multifd channel {channel.id}") from exc
 
     def _close_door(self, uuid: bytes | None) -> None:
         """The setup section ended: every channel QEMU opened has connected and sent

@@ -188,7 +188,7 @@ def _listen_qemu(args: argparse.Namespace, console: Console) -> int:
     from ..qemu import DEFAULT_STALL_TIMEOUT, _ListenCommand
     from . import security_options
     _refuse_with_qemu(args, {"prealloc": "--prealloc", "huge_pages": "--huge-pages",
-                             "max_memory": "--max-memory", "forever": "--forever"})
+                             "forever": "--forever"})
     if args.max_sessions != 1:
         raise ConfigError("--qemu: receives one migration (no --max-sessions)")
     if security_options.tls_given(args) and args.tls_ca is None:
@@ -206,6 +206,7 @@ def _listen_qemu(args: argparse.Namespace, console: Console) -> int:
         args.address, args.dir, timeout=args.timeout,
         stall_timeout=args.stall_timeout or DEFAULT_STALL_TIMEOUT, force=args.force,
         keep_partial=args.keep_partial, max_size=args.max_size, tls=tls,
+        max_memory=args.max_memory,
         **({} if args.workers is None else {"workers": args.workers})).run(on_listening)
     _print_files(console, received.files)
     facts = received.facts
@@ -420,7 +421,7 @@ def _build_parser() -> _Parser:
                         "buffers and the worker processes (16 MiB each; default: what "
                         "/dev/shm has free, for the device state only); with --prealloc and "
                         "several sessions, also the most bytes of warm region files kept for "
-                        "the next session")
+                        "the next session; with --qemu, the channels' buffers and workers")
     p.add_argument("--prealloc", action="store_true",
                    help="fault each region's file in (allocate every page) before the sender "
                         "may send, in parallel in the receive workers (QEMU: prealloc=on); "
