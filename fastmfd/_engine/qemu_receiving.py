@@ -267,8 +267,8 @@ class QemuReceiving:
 
     def _check_memory(self, channel: QemuChannel) -> None:
         """Under max_memory, QEMU's channels so far (this one's init packet read) and
-        the worker processes, before its worker starts (memory_bound); a refusal fails
-        the migration (QEMU's connections closed), as blocks that do not fit do."""
+        the worker processes, before its worker starts (in TLS, the one that greeted
+        it is counted); a refusal fails the migration, as blocks that do not fit do."""
         if self.max_memory is None or self.workers is None:
             return
         workers = len(self.workers) + (channel.worker is None and not self.spares)
