@@ -193,20 +193,68 @@ def a_stranger_in_the_proof(then: bytes) -> Iterator[fastmfd.Destination]:
             thread.join(10)
 
 
-@pytest.mark.parametrize("kind,length", [(Msg.ERROR, 16 << 20), (Msg.SETUP, 1 << 20),
-                                         (Msg.AUTH, 31)],
-                         ids=["a 16 MiB ERROR", "a SETUP", "a short AUTH"])
+@pytest.mark.parametrize("kind,length", [(Msg.ERROR, 16 << 20), (Msg.AUTH, 31)],
+                         ids=["a 16 MiB ERROR", "a short AUTH"])
 def test_a_message_in_the_proof_is_refused_on_its_header(kind, length):
-    """A stranger in the middle of the proof has proved nothing: a message that is
-    not the AUTH expected (nor a short ERROR) is refused on its header, its payload
-    unread. It was allocated whole and waited for: 16 MiB of the destination's
-    memory per connection, each held for the handshake timeout."""
+    """A stranger in the middle of the proof has proved nothing: an AUTH of another
+    size than expected, or an ERROR longer than any, is refused on its header, its
+    payload unread (as is a message of another type, below). It was allocated whole
+    and waited for: 16 MiB of the destination's memory per connection, each held for
+    the handshake timeout."""
     with a_stranger_in_the_proof(MESSAGE_HEADER.pack(int(kind), length)) as dst:
         wait_refused(dst, rf"expected an AUTH message of {security.NONCE_SIZE} bytes, "
                           rf"received {kind.name} of {length}$"
                      if kind is not Msg.ERROR else    # no ERROR is longer than 64 KiB
                      rf"main channel ERROR field 'length': received {length}, expected <= "
                      rf"{64 << 10}$")
+
+
+# By its type, before its length (and its payload unread: only the header is sent): a
+# DEVICE_STATE was refused as "main channel DEVICE_STATE field 'length': received 100,
+# expected <= 0", a ROUND_END as longer than its 4 KiB, as if either could have come.
+@pytest.mark.parametrize("kind,length,says", [
+    (Msg.DEVICE_STATE, 100, "expected AUTH or ERROR"),
+    (Msg.ROUND_END, 64 << 10, "expected AUTH or ERROR"),
+    (Msg.SETUP, 1 << 20, "expected AUTH or ERROR"),
+    (Msg.SETUP_ACK, 64 << 10, "which a source does not send"),
+], ids=lambda value: value.name if isinstance(value, Msg) else "")
+def test_a_message_in_the_proof_is_judged_by_its_type_first(kind, length, says):
+    with a_stranger_in_the_proof(MESSAGE_HEADER.pack(int(kind), length)) as dst:
+        wait_refused(dst, rf"^main channel: received {kind.name}, {says}$")
+
+
+@pytest.mark.parametrize("kind,length,says", [
+    (Msg.DEVICE_STATE, 100, "which a destination does not send"),
+    (Msg.LOADED, 5 << 20, "expected AUTH or ERROR"),
+    (Msg.SETUP_ACK, 0, "expected AUTH or ERROR"),
+], ids=lambda value: value.name if isinstance(value, Msg) else "")
+def test_a_destination_s_message_in_the_proof_is_judged_by_its_type_first(kind, length, says):
+    """The source reads the destination's half of the proof the same way."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    greeting = 12 + 8 + 8 + 16 + 8 + security.NONCE_SIZE  # header, preamble, AUTH(uuid, nonce)
+
+    def destination() -> None:
+        sock, _ = listener.accept()
+        with sock:
+            got = b""
+            while len(got) < greeting:
+                got += sock.recv(greeting - len(got))
+            sock.sendall(MESSAGE_HEADER.pack(int(kind), length))
+            sock.recv(1 << 16)              # until the source gives up
+    thread = threading.Thread(target=destination, daemon=True)
+    thread.start()
+    address = "tcp:127.0.0.1:%d" % listener.getsockname()[1]
+    try:
+        with make_region("ram", SIZE, seed=1) as region, \
+                fastmfd.Source(address, CONFIG.replace(timeout=5)) as source:
+            source.add_region(region)
+            with pytest.raises(fastmfd.MigrationError) as error:
+                source.migrate(live=False)
+        assert re.search(rf"main channel: received {kind.name}, {says}$", str(error.value)), \
+            str(error.value)
+    finally:
+        thread.join(10)
+        listener.close()
 
 
 def test_a_stranger_s_own_words_are_kept_short_and_on_one_line(caplog):

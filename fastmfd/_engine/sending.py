@@ -461,7 +461,7 @@ class Sending:
         try:
             # Whole in time: a trickled message held this thread and its deadlines.
             kind, body = read_message(self.main.sock, 0, time.monotonic()
-                                      + self.config.stall_timeout, from_destination=True)
+                                      + self.config.stall_timeout, sender="destination")
         except (ConnectionClosed, MigrationError) as exc:   # closed, reset or too slow
             if self._resumed.is_set():
                 watch.remove(self.main.sock)        # the destination is done and gone

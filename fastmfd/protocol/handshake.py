@@ -26,14 +26,15 @@ import socket
 import ssl
 import struct
 import time
-from collections.abc import Callable, Container
+from collections.abc import Collection, Container
 from dataclasses import dataclass
 
 from .. import _core
 from ..errors import MigrationError, ProtocolError, SecurityError, TLSError, peer_words
 from .main_channel import (MAIN, MAIN_MAGIC, MAIN_VERSION, MESSAGE_HEADER,
-                           MESSAGE_HEADER_SIZE, Msg, decode_message_header, decode_payload,
-                           encode_message, encode_preamble, error_message, expect_message)
+                           MESSAGE_HEADER_SIZE, Msg, Sender, decode_message_header,
+                           decode_payload, encode_message, encode_preamble, error_message,
+                           expect_message)
 from .security import (MAIN_CHANNEL_ID, ChannelSecurity, Stream, TLSConfig, check_authz,
                        check_key_proof, identities_of, is_tls_record, prove_key,
                        tls_connect, tls_handshake)
@@ -43,7 +44,6 @@ from .sockets import ConnectionClosed, recv_exact, send_all
 
 TELL_SECONDS = 0.5             # how long a refused peer is given to read why
 TELL_DRAIN_BYTES = 1 << 20
-MAX_REFUSAL = 64 << 10         # the longest ERROR read during the shared-key proof
 
 __all__ = ["ChannelHello", "SocketStream", "TLSStream", "read_hello", "main_channel_start",
            "channel_start", "open_main_channel", "open_channel", "MainGreeting",
@@ -106,20 +106,21 @@ class TLSStream:
 
 class _AuthMessages:
     """The shared-key proof on the main channel, carried as AUTH messages (so a
-    peer without a key meets an ERROR it can read, not stray bytes). ``where``
-    names the connection in errors, ``seconds`` the greeting's deadline."""
+    peer without a key meets an ERROR it can read, not stray bytes), read from
+    the peer, the ``sender``. ``where`` names the connection in errors,
+    ``seconds`` the greeting's deadline."""
 
-    def __init__(self, sock: socket.socket, deadline: float, where: str = MAIN,
+    def __init__(self, sock: socket.socket, deadline: float, sender: Sender, where: str = MAIN,
                  seconds: float | None = None) -> None:
-        self.sock, self.deadline, self.where, self.seconds = sock, deadline, where, seconds
+        self.sock, self.deadline, self.sender = sock, deadline, sender
+        self.where, self.seconds = where, seconds
 
     def send_all(self, data: bytes, what: str = "AUTH") -> None:
         send_all(self.sock, encode_message(Msg.AUTH, data), what, self.where)
 
     def recv_exact(self, size: int, what: str = "AUTH") -> bytes:
-        kind, body = _read_bounded(
-            self.sock, what, self.where, self.deadline, self.seconds,
-            lambda kind, length: _check_auth_header(kind, length, size, self.where))
+        kind, body = _read_bounded(self.sock, what, self.where, self.deadline, self.seconds,
+                                   (Msg.AUTH, Msg.ERROR), self.sender, size)
         if kind is Msg.ERROR:
             raise SecurityError(f"the peer refused: "
                                 f"{peer_words(decode_payload(kind, body).error)}",
@@ -128,29 +129,28 @@ class _AuthMessages:
 
 
 def _read_bounded(sock: socket.socket, what: str, where: str, deadline: float,
-                  seconds: float | None, check: Callable[[Msg, int], None]) -> tuple[Msg, bytes]:
-    """A message from a peer that has proved nothing: ``check(kind, length)``
-    judges its header (raising) before the payload, which is allocated whole
-    as it is read, is read."""
+                  seconds: float | None, expected: Collection[Msg], sender: Sender,
+                  auth_size: int | None = None) -> tuple[Msg, bytes]:
+    """A message from a peer that has proved nothing, one of ``expected`` (an
+    AUTH of ``auth_size`` bytes): its header is judged, its type first, before
+    its payload, which is allocated whole as it is read, is read. A stranger
+    announcing 16 MiB messages held that much of a destination's memory per
+    connection."""
     kind, length = decode_message_header(
-        recv_exact(sock, MESSAGE_HEADER_SIZE, what, where, deadline, seconds), 0)
-    check(kind, length)
+        recv_exact(sock, MESSAGE_HEADER_SIZE, what, where, deadline, seconds), 0,
+        sender=sender, expected=expected)
+    if kind is Msg.AUTH:
+        _check_auth_size(length, auth_size, where)
     body = recv_exact(sock, length, f"{kind.name} payload", where, deadline,
                       seconds) if length else b""
     return kind, body
 
 
-def _check_auth_header(kind: Msg, length: int, size: int, where: str) -> None:
-    """Before its payload is read, a message of the proof must be an AUTH of
-    ``size`` bytes or the peer's refusal (an ERROR of at most MAX_REFUSAL bytes).
-    The peer has proved nothing yet, and a payload is allocated whole before
-    it arrives: a stranger announcing 16 MiB messages held that much of a
-    destination's memory per connection."""
-    if kind is Msg.ERROR and length <= MAX_REFUSAL:
-        return
-    if kind is not Msg.AUTH or length != size:
-        raise SecurityError(f"expected an AUTH message of {size} bytes, received {kind.name} "
-                            f"of {length}", channel=where)
+def _check_auth_size(length: int, size: int | None, where: str) -> None:
+    """An AUTH of the proof must be of the ``size`` its step carries."""
+    if length != size:
+        raise SecurityError(f"expected an AUTH message of {size} bytes, received AUTH of "
+                            f"{length}", channel=where)
 
 
 # ---------------------------------------------------------------- what a source sends
@@ -200,7 +200,7 @@ def open_main_channel(sock: socket.socket, security: ChannelSecurity, setup: Set
         stream.send_all(main_channel_start(channel_header), "preamble")
         if security.auth_key is not None:
             stream.send_all(encode_message(Msg.AUTH, setup.uuid), "AUTH")
-            prove_key(_AuthMessages(sock, deadline, where, security.timeout),
+            prove_key(_AuthMessages(sock, deadline, "destination", where, security.timeout),
                       security.auth_key, setup.uuid, MAIN_CHANNEL_ID, where)
         stream.send_all(encode_message(Msg.SETUP, setup), "SETUP")
         # A destination that preallocates its memory (prealloc) answers only once
@@ -212,7 +212,7 @@ def open_main_channel(sock: socket.socket, security: ChannelSecurity, setup: Set
         try:
             expect_message(sock, Msg.SETUP_ACK, deadline=deadline, seconds=security.timeout,
                            where=where, keepalive_wait=setup.stall_timeout,
-                           keepalive_until=until, from_destination=True)
+                           keepalive_until=until, sender="destination")
         except MigrationError as exc:
             # A listener answers SETUP at once (or with KEEPALIVEs): silence is
             # most likely no fastmfd listener, e.g. a QEMU's -incoming, which
@@ -271,14 +271,12 @@ def error_left(sock: socket.socket, where: str, says: str) -> MigrationError | N
     one connecting its channels a listener that closed, perhaps behind its
     KEEPALIVEs. None if none is. (It came before the end of the connection that
     failed the source, so it is read at once, or not there.)"""
-    def refusal(kind: Msg, length: int) -> None:
-        if kind not in (Msg.ERROR, Msg.KEEPALIVE) or length > MAX_REFUSAL:
-            raise ProtocolError(f"no refusal: {kind.name} of {length} bytes", where=where)
     deadline = time.monotonic() + 0.05
     try:
         kind = Msg.KEEPALIVE
         while kind is Msg.KEEPALIVE:
-            kind, body = _read_bounded(sock, "ERROR", where, deadline, None, refusal)
+            kind, body = _read_bounded(sock, "ERROR", where, deadline, None,
+                                       (Msg.ERROR, Msg.KEEPALIVE), "destination")
     except (MigrationError, ProtocolError, OSError):
         return None
     return MigrationError(f"{says}: {decode_payload(kind, body).error}", channel=where,
@@ -447,10 +445,9 @@ def _greet_main(sock: socket.socket, security: ChannelSecurity, deadline: float)
         if security.auth_key is None:
             raise SecurityError("the source proves an auth_key; this destination has none",
                                 channel=MAIN)
-        kind, length = decode_message_header(header, 0)
-        _check_auth_header(kind, length, 16, MAIN)
-        auth_uuid = stream.recv_exact(length, "AUTH")
-        check_key_proof(_AuthMessages(sock, deadline), security.auth_key, auth_uuid,
+        _check_auth_size(decode_message_header(header, 0)[1], 16, MAIN)
+        auth_uuid = stream.recv_exact(16, "AUTH")
+        check_key_proof(_AuthMessages(sock, deadline, "source"), security.auth_key, auth_uuid,
                         MAIN_CHANNEL_ID)
         header = stream.recv_exact(MESSAGE_HEADER_SIZE, "message")
     elif security.auth_key is not None:

@@ -26,7 +26,7 @@ import threading
 import time
 import zlib
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any, Callable, Collection, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Collection, Literal, TypeVar
 
 from .. import _core
 from ..errors import MigrationError, ProtocolError, peer_words
@@ -41,7 +41,7 @@ __all__ = [
     "MAIN", "MAIN_MAGIC", "MAIN_VERSION", "CAPTURE_VERSIONS", "MAIN_PREAMBLE",
     "MESSAGE_HEADER", "MESSAGE_HEADER_SIZE", "MAX_CONTROL_PAYLOAD", "MAX_SMALL_PAYLOAD",
     "MAX_ERROR_CHARS", "MAX_JSON_DEPTH", "OLD_WAY_PREFIX", "OLD_WAY_CHECKSUM", "Msg",
-    "DESTINATION_SENDS",
+    "DESTINATION_SENDS", "SOURCE_SENDS", "Sender",
     "RoundEnd", "RoundAck", "PrecopySent", "Complete", "Loaded", "Loading", "Error",
     "MainChannel", "encode_message", "error_message", "decode_message_header",
     "decode_control", "decode_payload", "encode_preamble", "check_preamble", "read_message",
@@ -340,16 +340,24 @@ _PAYLOAD_LIMITS = {
 }
 
 
-# What a destination sends; the rest (SETUP, ROUND_END, DEVICE_STATE, ...) only a source.
+# What each side sends: a message the other side alone sends is refused by its type.
 DESTINATION_SENDS = frozenset({Msg.SETUP_ACK, Msg.ROUND_ACK, Msg.LOADED, Msg.ERROR, Msg.RESUMED,
                                Msg.AUTH, Msg.KEEPALIVE, Msg.SWITCHOVER_ACK, Msg.LOADING})
+SOURCE_SENDS = frozenset({Msg.SETUP, Msg.ROUND_END, Msg.DEVICE_STATE, Msg.SWITCHOVER_START,
+                          Msg.COMPLETE, Msg.ERROR, Msg.AUTH, Msg.KEEPALIVE, Msg.PRECOPY_SENT})
+Sender = Literal["source", "destination"]
+_SENDS: dict[Sender, frozenset[Msg]] = {"source": SOURCE_SENDS,
+                                        "destination": DESTINATION_SENDS}
 
 
-def decode_message_header(data: Buffer, max_payload: int, *,
-                          from_destination: bool = False) -> tuple[Msg, int]:
+def decode_message_header(data: Buffer, max_payload: int, *, sender: Sender | None = None,
+                          expected: Collection[Msg] = ()) -> tuple[Msg, int]:
     """Validate a message header; return ``(type, payload length)``.
-    ``from_destination``: a source's message is refused by its type, before its
-    length (a DEVICE_STATE was refused as longer than 0 bytes)."""
+
+    Its type is judged before its length, so that a message that cannot come
+    is refused as such, not as too long (a DEVICE_STATE was refused as longer
+    than 0 bytes): it must be one ``sender`` sends, if said, and one of
+    ``expected``, if given."""
     kind, length = MESSAGE_HEADER.unpack(data)
     try:
         msg = Msg(kind)
@@ -357,10 +365,14 @@ def decode_message_header(data: Buffer, max_payload: int, *,
         raise ProtocolError(f"main channel field 'type': received {kind}, expected one of "
                             f"{[int(m) for m in Msg]}", field="type", received=kind,
                             expected="a message type") from None
-    if from_destination and msg not in DESTINATION_SENDS:
-        raise ProtocolError(f"main channel: received {msg.name}, which a destination does "
-                            f"not send", field="type", received=msg.name,
-                            expected="a destination's message")
+    if sender is not None and msg not in _SENDS[sender]:
+        raise ProtocolError(f"main channel: received {msg.name}, which a {sender} does not "
+                            f"send", field="type", received=msg.name,
+                            expected=f"a {sender}'s message")
+    if expected and msg not in expected:
+        names = " or ".join(m.name for m in expected)
+        raise ProtocolError(f"main channel: received {msg.name}, expected {names}",
+                            field="type", received=msg.name, expected=names)
     limit = max_payload if msg is Msg.DEVICE_STATE else _PAYLOAD_LIMITS.get(msg,
                                                                           MAX_SMALL_PAYLOAD)
     if length > limit:
@@ -412,35 +424,35 @@ def _nested_at_most(value: Any, limit: int) -> bool:
 
 def read_message(sock: socket.socket, max_payload: int, deadline: float | None = None, *,
                  what: str = "message", where: str = MAIN, seconds: float | None = None,
-                 from_destination: bool = False) -> tuple[Msg, bytes]:
+                 sender: Sender | None = None) -> tuple[Msg, bytes]:
     """One main-channel message (type, raw payload); ``max_payload`` bounds DEVICE_STATE.
     ``deadline`` (monotonic) bounds the whole message: a peer that trickles one
     must not hold the reader (and every deadline its thread keeps) for ever.
     Errors name the message awaited (``what``), the connection (``where``) and
-    the ``seconds`` the deadline gave, if said. ``from_destination``: see
+    the ``seconds`` the deadline gave, if said. ``sender``: see
     :func:`decode_message_header`."""
     kind, length = decode_message_header(
         recv_exact(sock, MESSAGE_HEADER_SIZE, what, where, deadline, seconds), max_payload,
-        from_destination=from_destination)
+        sender=sender)
     return kind, (recv_exact(sock, length, f"{kind.name} payload", where, deadline, seconds)
                   if length else b"")
 
 
 def read_payload(sock: socket.socket, deadline: float | None = None, *, what: str = "message",
                  where: str = MAIN, seconds: float | None = None,
-                 from_destination: bool = False) -> tuple[Msg, Any]:
+                 sender: Sender | None = None) -> tuple[Msg, Any]:
     """One control message, typed (an ERROR is returned, not raised)."""
     kind, body = read_message(sock, 0, deadline, what=what, where=where, seconds=seconds,
-                              from_destination=from_destination)
+                              sender=sender)
     return kind, decode_payload(kind, body)
 
 
 def expect_message(sock: socket.socket, kind: Msg, *, deadline: float, seconds: float,
                    where: str = MAIN, keepalive_wait: float | None = None,
-                   keepalive_until: float | None = None, from_destination: bool = False) -> Any:
+                   keepalive_until: float | None = None, sender: Sender | None = None) -> Any:
     """Read a control message that must be ``kind``, whole by ``deadline``
     (monotonic, ``seconds`` from the wait's start); the peer's ERROR is raised.
-    Errors name the connection: ``where``. ``from_destination``: see
+    Errors name the connection: ``where``. ``sender``: see
     :func:`decode_message_header`.
 
     ``keepalive_wait``: KEEPALIVEs may come first (a peer still busy, alive),
@@ -448,7 +460,7 @@ def expect_message(sock: socket.socket, kind: Msg, *, deadline: float, seconds: 
     none past ``keepalive_until`` (monotonic): a peer that only ever says it is
     alive must not hold the wait forever."""
     got, payload = read_payload(sock, deadline, what=kind.name, where=where, seconds=seconds,
-                                from_destination=from_destination)
+                                sender=sender)
     while got is Msg.KEEPALIVE and keepalive_wait is not None:
         if keepalive_until is not None and time.monotonic() > keepalive_until:
             raise MigrationError(f"still no {kind.name} after the peer's KEEPALIVEs ran past "
@@ -456,7 +468,7 @@ def expect_message(sock: socket.socket, kind: Msg, *, deadline: float, seconds: 
         try:
             got, payload = read_payload(sock, time.monotonic() + keepalive_wait,
                                         what=kind.name, where=where, seconds=keepalive_wait,
-                                        from_destination=from_destination)
+                                        sender=sender)
         except MigrationError as exc:       # (a peer that spoke: no "is it there?" hint)
             raise MigrationError(f"{exc.cause}, after the peer's KEEPALIVE (it was alive and "
                                  f"busy)", channel=where) from exc
