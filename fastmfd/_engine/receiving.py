@@ -155,10 +155,8 @@ class Receiving:
         tune_main_socket(greeting.sock)
         self.main = MainChannel(greeting.sock)
         self.state = ReceivingState.SETUP
-        kind, length = decode_message_header(greeting.first_header, 0)
-        if kind is not Msg.SETUP:
-            raise ProtocolError(f"main channel: received {kind.name}, expected SETUP",
-                                field="type", received=kind.name, expected="SETUP")
+        kind, length = decode_message_header(greeting.first_header, 0, sender="source",
+                                             expected=(Msg.SETUP,))
         setup = decode_payload(kind, recv_exact(greeting.sock, length, "SETUP payload", MAIN,
                                                 greeting.deadline))
         greeting.sock.settimeout(None)
@@ -360,7 +358,8 @@ class Receiving:
         deadline, kind = time.monotonic() + SOURCE_WORD_GRACE, None
         try:
             while kind is not Msg.ERROR and self._heartbeat.peer_speaks_by(deadline):
-                kind, body = read_message(self.main.sock, self._max_message(), deadline)
+                kind, body = read_message(self.main.sock, self._max_message(), deadline,
+                                          sender="source")
         except (FastMFDError, OSError):
             return                      # the main channel broke too: the error stands
         if kind is Msg.ERROR:
@@ -461,7 +460,8 @@ class Receiving:
     def _on_main_message(self) -> None:
         assert self.setup is not None and self.main is not None and self._heartbeat is not None
         deadline = time.monotonic() + self._stall      # a trickled message fails, whole
-        kind, body = read_message(self.main.sock, self._max_message(), deadline)
+        kind, body = read_message(self.main.sock, self._max_message(), deadline,
+                                  sender="source")
         self._heartbeat.received()
         if kind is Msg.KEEPALIVE:
             # It carries nothing: decoded all the same, so that another message a bit
