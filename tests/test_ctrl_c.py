@@ -114,6 +114,29 @@ def test_the_demo_workload_is_set_up_as_every_child():
         region.close()
 
 
+def test_ctrl_c_inside_an_exec_leaves_python_m_fastmfd_with_130(tmp_path):
+    """A Ctrl-C that lands in an exec() of a string (dataclasses make their methods
+    so, and building the parser imports many) stays noted by the interpreter as
+    unhandled, though main() handles it: ``python -m fastmfd`` then died by SIGINT
+    (-2) after its one line, not with 130 (a script, the console script, exits at
+    once with its status). The command runs here as ``python -m`` runs it."""
+    (tmp_path / "interrupted_in_exec.py").write_text(textwrap.dedent("""
+        import runpy
+        from fastmfd.tools import cli
+        build = cli._build_parser
+        def build_interrupted():
+            exec("import os, signal; os.kill(os.getpid(), signal.SIGINT)")
+            return build()
+        cli._build_parser = build_interrupted
+        runpy.run_module("fastmfd", run_name="__main__")
+    """))
+    path = os.pathsep.join([str(tmp_path), str(WORKTREE), os.environ.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-m", "interrupted_in_exec", "listen",
+                           "unix:/nonexistent/s"], capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, PYTHONPATH=path))
+    assert (done.returncode, done.stderr) == (130, "fastmfd: interrupted\n")
+
+
 @pytest.mark.parametrize("sig, status, said", [
     (signal.SIGINT, 130, "fastmfd: interrupted\n"),
     (signal.SIGTERM, 143, "fastmfd: terminated (SIGTERM)\n")])
