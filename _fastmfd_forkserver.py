@@ -16,7 +16,17 @@ the preload) before anything of fastmfd is imported.
 from __future__ import annotations
 
 import os
+import signal
 import sys
+
+# A Ctrl-C at the terminal reaches the forkserver too (it is in the command's process
+# group). multiprocessing has it ignore SIGINT once its preloads are imported; while it
+# imported them (numpy, the compiled core: 0.2 s or more) a Ctrl-C printed its traceback
+# beside the command's one line. It starts with SIGINT blocked (fastmfd's mp_context):
+# ignored from here, a Ctrl-C that came meanwhile is dropped with it, and every child it
+# forks starts with SIGINT ignored, as each sets it anyway (processes.run_child).
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def _parent_sys_path() -> list[str] | None:

@@ -15,6 +15,30 @@ zlib/zstd compression::
 
 import importlib.util
 import os
+import sys
+from types import FrameType
+
+# What ``python -m`` runs as the fastmfd command: the package, its __main__, the CLI.
+_COMMANDS = ("fastmfd", "fastmfd.__main__", "fastmfd.tools.cli")
+
+
+def _run_as_the_command() -> bool:
+    """Whether ``python -m`` imports this package to run the command (runpy's
+    ``_run_module_as_main``, the caller of this import, runs it)."""
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None:
+        if (frame.f_code.co_name == "_run_module_as_main"
+                and frame.f_globals.get("__name__") == "runpy"):
+            return frame.f_locals.get("mod_name") in _COMMANDS
+        frame = frame.f_back
+    return False
+
+
+# The command handles Ctrl-C once it runs; the imports below come first (see
+# _fastmfd_cli, the console script's entry, which does this before importing fastmfd).
+if _run_as_the_command():
+    import _fastmfd_cli
+    _fastmfd_cli.install()
 
 # Imported from a source tree whose extension was never built (a fresh checkout,
 # an unpacked sdist: ``python -m pytest`` there puts the tree first on the path),

@@ -7,11 +7,14 @@ marks, so the moment is not a matter of timing. Real processes, real signals."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -158,3 +161,94 @@ def test_a_signal_while_the_command_line_is_read_is_one_line(sig, status, said):
     done = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True,
                           text=True, timeout=60, env=dict(os.environ, PYTHONPATH=path))
     assert (done.returncode, done.stderr) == (status, said)
+
+
+def _console_script() -> list[str]:
+    """The ``fastmfd`` script as pip writes it from pyproject.toml (the one installed
+    may be an older checkout's)."""
+    entry = tomllib.loads((WORKTREE / "pyproject.toml").read_text())["project"]["scripts"]
+    module, function = entry["fastmfd"].split(":")
+    return [sys.executable, "-c",
+            f"import sys\nfrom {module} import {function}\nsys.exit({function}())"]
+
+
+ENTRIES = {"python -m fastmfd": [sys.executable, "-m", "fastmfd"],
+           "the console script": _console_script()}
+FORKSERVER = "from multiprocessing.forkserver import main"
+
+
+def _group(pgid: int) -> dict[int, str]:
+    """The processes of process group ``pgid``, by pid: their command lines."""
+    found = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        fields = _read(f"/proc/{entry}/stat").rsplit(")", 1)[-1].split()
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != "Z":
+            found[int(entry)] = _read(f"/proc/{entry}/cmdline")
+    return found
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:         # its process ended meanwhile
+        return ""
+
+
+def _children(pid: int) -> list[int]:
+    return [int(child) for task in os.listdir(f"/proc/{pid}/task")
+            for child in _read(f"/proc/{pid}/task/{task}/children").split()]
+
+
+def _interrupt_a_listen(command: list[str], who: str, after: float) -> tuple[int, str, str]:
+    """``command listen``, as a terminal's foreground job, and a Ctrl-C to the whole
+    group ``after`` seconds after ``who`` ("the command", or "the forkserver", as it
+    imports its preloads) began to import numpy: within fastmfd's import, whatever
+    the host's speed. Returns its exit status, its stderr and what its group left
+    running."""
+    tmp = tempfile.mkdtemp(prefix="fmfd-int-")      # short: a Unix socket path is too
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(WORKTREE),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([*command, "listen", f"unix:{tmp}/s", "--dir", f"{tmp}/out"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=env, start_new_session=True)
+
+    def importing() -> bool:
+        # Its first extension module mapped: the import has begun, and Python's own
+        # start (where a Ctrl-C is Python's to handle) is over.
+        pids = [proc.pid] if who == "the command" else [
+            pid for pid in _children(proc.pid) if FORKSERVER in _read(f"/proc/{pid}/cmdline")]
+        return any("numpy" in _read(f"/proc/{pid}/maps") for pid in pids)
+    try:
+        deadline = time.monotonic() + 30
+        while not importing():
+            assert time.monotonic() < deadline and proc.poll() is None, f"{who}: no numpy"
+            time.sleep(0.005)
+        time.sleep(after)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=30)   # until every holder of its stderr ended
+        deadline = time.monotonic() + 10
+        while _group(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return proc.returncode, err, "; ".join(_group(proc.pid).values())
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_ctrl_c_from_a_command_s_first_moment_is_one_line(entry):
+    """Ctrl-C while the command imports fastmfd (numpy, the core: 0.2 s), before its
+    main() handles it, or while the forkserver imports its preloads (a terminal
+    signals the group's every process): Python's traceback, from either. Whenever
+    it lands, the command says one line and exits with 130, and leaves no process."""
+    for who, after in [("the command", after) for after in (0.0, 0.05, 0.1, 0.2, 0.3, 0.4)] \
+            + [("the forkserver", after) for after in (0.0, 0.1)]:
+        status, err, left = _interrupt_a_listen(ENTRIES[entry], who, after)
+        said = [line for line in err.splitlines() if not line.startswith("listening on ")]
+        assert "Traceback" not in err and not left, (who, after, err, left)
+        assert status == 130 and said in (["fastmfd: interrupted"],
+                                          ["fastmfd listen: interrupted"]), (who, after, err)

@@ -44,8 +44,15 @@ def mp_context() -> multiprocessing.context.ForkServerContext:
     start_tracker()
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(_PRELOAD)
-    with safe_import_path():        # started here, not by a child's start (see safe_path)
-        forkserver.ensure_running()
+    # Started with SIGINT blocked, which it inherits: a Ctrl-C before its first preload
+    # (_fastmfd_forkserver) ignores SIGINT waits, and is dropped then. This process
+    # meets its own once the block ends.
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        with safe_import_path():    # started here, not by a child's start (see safe_path)
+            forkserver.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     return ctx
 
 

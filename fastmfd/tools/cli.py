@@ -478,6 +478,11 @@ def main(argv: list[str] | None = None) -> int:
     command = "fastmfd"             # "fastmfd listen" once the command line is read
     handler = None
     try:
+        # Until here, a Ctrl-C ended the command at once (the entry's handler, which
+        # the imports needed: _fastmfd_cli); from here, this function handles it.
+        entry = sys.modules.get("_fastmfd_cli")
+        if entry is not None and handled:
+            entry.hand_over()
         # Read inside the try: building the parser imports the commands' modules
         # (0.1 s), in which a Ctrl-C or SIGTERM gave a traceback, and -2 or -15.
         args = _build_parser().parse_command_line(argv)

@@ -1,0 +1,46 @@
+"""The ``fastmfd`` command's entry point, before anything of fastmfd is imported.
+
+Importing fastmfd (numpy, the compiled core: 0.2 s, more on a busy host) comes
+before the command's own handling of Ctrl-C (``fastmfd.tools.cli.main``): a
+Ctrl-C then printed Python's traceback. From this module's first lines until
+``main()`` takes over (:func:`hand_over`), a Ctrl-C ends the command at once,
+as ``main()`` would: one line, status 130. Nothing needs cleaning up then: no
+process or file is made before ``main()`` runs.
+
+The console script calls :func:`main`; ``python -m fastmfd`` imports the
+package first, which calls :func:`install` then (``fastmfd/__init__.py``).
+This module lives outside the package: importing it cannot import fastmfd.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from types import FrameType
+
+INTERRUPTED = 130           # 128 + SIGINT: the command's status after a Ctrl-C
+
+
+def _interrupted(signum: int, frame: FrameType | None) -> None:
+    # Written to the descriptor: os._exit flushes no buffer.
+    os.write(2, b"fastmfd: interrupted\n")
+    os._exit(INTERRUPTED)
+
+
+def install() -> None:
+    """A Ctrl-C ends the process until :func:`hand_over`. Only in place of
+    Python's own handler: a SIGINT ignored (a background job's) stays so."""
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _interrupted)
+
+
+def hand_over() -> None:
+    """The command handles Ctrl-C from here on, as KeyboardInterrupt."""
+    if signal.getsignal(signal.SIGINT) is _interrupted:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def main() -> int:
+    install()
+    from fastmfd.tools.cli import main as command
+    return command()
