@@ -117,6 +117,28 @@ def test_the_demo_workload_is_set_up_as_every_child():
         region.close()
 
 
+def test_ctrl_c_while_the_arguments_are_parsed_is_one_line():
+    """argparse parses a command's arguments (parse_intermixed_args) by changing its
+    actions and putting them back in a ``finally``: a Ctrl-C before the change broke
+    the putting back (AttributeError: 'save_nargs'), a traceback and status 1. The
+    signal is sent where argparse formats the usage, first thing in that ``try``."""
+    script = """
+        import argparse, os, signal, sys
+        from fastmfd.tools import cli
+        usage = argparse.ArgumentParser.format_usage
+        def format_usage_interrupted(self):
+            argparse.ArgumentParser.format_usage = usage        # once
+            os.kill(os.getpid(), signal.SIGINT)
+            return usage(self)
+        argparse.ArgumentParser.format_usage = format_usage_interrupted
+        sys.exit(cli.main(["listen", "unix:/nonexistent/s"]))
+    """
+    path = os.pathsep.join([str(WORKTREE), os.environ.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True,
+                          text=True, timeout=60, env=dict(os.environ, PYTHONPATH=path))
+    assert (done.returncode, done.stderr) == (130, "fastmfd: interrupted\n")
+
+
 def test_ctrl_c_inside_an_exec_leaves_python_m_fastmfd_with_130(tmp_path):
     """A Ctrl-C that lands in an exec() of a string (dataclasses make their methods
     so, and building the parser imports many) stays noted by the interpreter as

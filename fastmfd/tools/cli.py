@@ -485,7 +485,13 @@ def main(argv: list[str] | None = None) -> int:
             entry.hand_over()
         # Read inside the try: building the parser imports the commands' modules
         # (0.1 s), in which a Ctrl-C or SIGTERM gave a traceback, and -2 or -15.
-        args = _build_parser().parse_command_line(argv)
+        parser = _build_parser()
+        from .._engine.forkserver_start import interrupts_deferred
+        # argparse parses a command's arguments by changing its actions and putting them
+        # back in a `finally`, which a Ctrl-C before the change broke (AttributeError
+        # 'save_nargs', a traceback): one there is raised once the parse is done.
+        with interrupts_deferred():
+            args = parser.parse_command_line(argv)
         command = f"fastmfd {args.command}"
         handler = _log_to_stderr(args.verbose)
         status: int = args.func(args)
