@@ -11,9 +11,10 @@
         ◀── PrecopyLoaded: SWITCHOVER_ACK to the source
       all RAM in (config_after_ram) -> RamLoaded ────▶ config chunks load
         ◀── DeviceLoaded per device, Drained: totals checked against COMPLETE
+        ◀── LoaderBusy, LoaderCalls: the loaders' deadline (check_progress)
 
 :mod:`.receiving` owns the session and its deadlines; this module owns what
-only sessions with devices have.
+only sessions with devices have, the loaders' deadline among it.
 """
 
 from __future__ import annotations
@@ -27,12 +28,13 @@ from typing import Any, Protocol
 from .. import _core
 from ..devices import CollectLoader, Loader, WriteBudget, device_key
 from ..errors import ConfigError, ProtocolError
-from ..protocol.control import (AwaitPrecopy, DeviceLoaded, Drained, LoaderBusy, PrecopyLoaded,
-                                RamLoaded, ReassemblyParams)
+from ..protocol.control import (AwaitPrecopy, DeviceLoaded, Drained, LoaderBusy, LoaderCalls,
+                                PrecopyLoaded, RamLoaded, ReassemblyParams)
 from ..protocol.main_channel import (OLD_WAY_CHECKSUM, OLD_WAY_PREFIX, MainChannel, Msg,
                                      PrecopySent, old_way_checksum)
 from ..protocol.setup import Setup
 from . import control_pickling
+from .liveness import Progress, process_stopped, stall_error
 from .processes import ChildSet
 from .reassembly import plan_pool, pool_bytes
 from .session import SessionResources
@@ -80,6 +82,7 @@ class DeviceLoading:
         self.chunks: dict[int, int] = {}
         self.load_seconds: dict[int, float] = {}
         self.busy: dict[int, str] = {}           # device -> what holds its loader (LoaderBusy)
+        self.calls_returned = 0                 # calls into the loaders so far (LoaderCalls)
         self.drained = False                    # the reassembly process found nothing missing
         self.precopy_awaited = False            # PRECOPY_SENT came; SWITCHOVER_ACK not yet sent
         self.precopy_counts: list[int] = []     # PRECOPY_SENT's: chunks each device sent live
@@ -124,11 +127,17 @@ class DeviceLoading:
     def all_loaded(self) -> bool:
         return self.drained and len(self.results) == len(self.setup.devices)
 
-    def owes_progress(self, channels_ended: bool) -> bool:
+    def check_progress(self, progress: Progress, channels_ended: bool, stall: float) -> None:
         """Once every channel ended, or while the source waits for SWITCHOVER_ACK,
         the loaders owe progress (Drained says every chunk arrived, not that every
-        device is loaded: a load_finish() still running owes its DeviceLoaded)."""
-        return channels_ended or self.precopy_awaited
+        device is loaded: a load_finish() still running owes its DeviceLoaded), and
+        so does a stopped reassembly process."""
+        if self.all_loaded:
+            return
+        pid = self._reassembly.process.pid
+        owed = channels_ended or self.precopy_awaited or process_stopped(pid)
+        if progress.stalled("reassembly", owed, self.signature()):
+            raise stall_error(self._reassembly.name, stall, pid, self.stall_detail())
 
     def stall_detail(self) -> str:
         """Which loaders are held up, by what, for a "no progress" error."""
@@ -137,8 +146,11 @@ class DeviceLoading:
         return f" ({'; '.join(calls[:3])}{'; ...' if len(calls) > 3 else ''})" if calls else ""
 
     def signature(self) -> tuple[int, int]:
-        """Changes whenever the loaders make progress: slots freed, devices done."""
-        return (len(self.results), self.pool.free_count)
+        """Changes whenever the loaders make progress: a call that returned, a device
+        done. Not a chunk that arrived: a loader stuck in a live chunk's call while its
+        device kept sending one a round held the switchover, SWITCHOVER_ACK owed, until
+        the buffers filled (hours, with small chunks)."""
+        return (len(self.results), self.calls_returned)
 
     # ------------------------------------------------------------ events
     def on_report(self, report: Any, main: MainChannel) -> None:
@@ -149,6 +161,8 @@ class DeviceLoading:
             self.chunks[report.device] = report.chunks
         elif isinstance(report, Drained):
             self.drained = True
+        elif isinstance(report, LoaderCalls):
+            self.calls_returned = report.returned
         elif isinstance(report, LoaderBusy):
             if report.what is None:
                 self.busy.pop(report.device, None)

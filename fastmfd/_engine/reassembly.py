@@ -42,8 +42,8 @@ from multiprocessing.connection import Connection
 from .. import _core
 from ..devices import Loader
 from ..errors import ConfigError, MigrationError
-from ..protocol.control import (AwaitPrecopy, DeviceLoaded, Drained, LoaderBusy, PrecopyLoaded,
-                                RamLoaded, ReassemblyParams, Stop)
+from ..protocol.control import (AwaitPrecopy, DeviceLoaded, Drained, LoaderBusy, LoaderCalls,
+                                PrecopyLoaded, RamLoaded, ReassemblyParams, Stop)
 from ..shm import SHM_DIR
 from .processes import ChildPipe, run_child
 from .session import Closable
@@ -123,6 +123,7 @@ class _DeviceStream:
                                         # comes from another thread than the chunks)
         self.seconds = 0.0
         self.calling: tuple[str, float] | None = None   # the loader's call under way, since
+        self.returned = 0                               # its calls that returned (LoaderCalls)
         self.reported: str | None = None                # what holds it, reported (LoaderBusy)
 
     def _cap_said(self) -> str:
@@ -140,6 +141,7 @@ class _DeviceStream:
             return getattr(self.loader, hook)(*args)
         finally:
             self.calling = None
+            self.returned += 1
 
     def add(self, idx: int, flags: int, slot: int, length: int) -> None:
         """Queue a chunk (reader thread); raises on any rule it breaks, before taking
@@ -229,6 +231,7 @@ class _Reassembler:
         self.precopy_counts: tuple[int, ...] | None = None  # AwaitPrecopy's, until reported
         self.precopy_since = 0.0                            # when AwaitPrecopy came
         self.results: dict[int, object] = {}
+        self.calls_said = 0                                 # LoaderCalls' last count
         self.threads = [threading.Thread(target=self._load, args=(d,), daemon=True)
                         for d in self.devices]
         self.slow_after = params.stall_timeout / 2
@@ -255,20 +258,25 @@ class _Reassembler:
                     self._read_descriptors(block=True)
 
     def _watch_loaders(self) -> None:
-        """Tell the main process of a loader's call that has run for half the deadline,
+        """Tell the main process how many loader calls have returned (its measure of
+        their progress), and of a loader's call that has run for half the deadline,
         or of a loader that long waiting for a chunk PRECOPY_SENT counted (and when that
         ends): the reassembly process is alive and well while one of its loaders hangs
         or starves, and the main process, which sees only that no progress is made,
         can then say which loader, in which call or waiting for which chunk."""
         while not self.stop.wait(min(0.5, self.slow_after / 4)):
             try:
-                self._report_slow_loaders()
+                self._report_loaders()
             except OSError:
                 return      # the main process is gone: the main loop ends on its pipe
 
-    def _report_slow_loaders(self) -> None:
+    def _report_loaders(self) -> None:
         now = time.monotonic()
         counts = self.precopy_counts
+        returned = sum(stream.returned for stream in self.devices)
+        if returned != self.calls_said:
+            self.calls_said = returned
+            self.pipe.send(LoaderCalls(returned))
         for stream in self.devices:
             calling, owed = stream.calling, counts[stream.index] if counts is not None else 0
             held = None

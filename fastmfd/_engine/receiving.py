@@ -421,13 +421,8 @@ class Receiving:
                 and not self._heartbeat.peer_spoke()):
             raise MigrationError(f"the source's COMPLETE did not come {stall:g} s after "
                                  f"every channel ended", channel=MAIN)
-        if self._devices is not None and not self._devices.all_loaded:
-            reassembly = self.parts.reassembly[0]
-            pid = reassembly.process.pid
-            owed = self._devices.owes_progress(ended)
-            signature = (self._devices.signature(), self._counters.total("device_packets"))
-            if progress.stalled("reassembly", owed or process_stopped(pid), signature):
-                raise stall_error(reassembly.name, stall, pid, self._devices.stall_detail())
+        if self._devices is not None:
+            self._devices.check_progress(progress, ended, stall)
         if self._complete is not None:
             self._steps.see((tuple(tuple(self._counters.read(ch).values())
                                    for ch in range(setup.total_channels)), len(self._drained),

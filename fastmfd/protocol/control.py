@@ -30,6 +30,7 @@ parameter or report is added here and used where it is made and read.
       AwaitPrecopy(counts) ──────────────────────▶  reassembly: say when these are loaded
       ◀─────────────────────────────── PrecopyLoaded  ... they are (switchover_ack)
       ◀─────────────────────────────── LoaderBusy   reassembly: a loader is held up
+      ◀─────────────────────────────── LoaderCalls  reassembly: its loaders' calls returned
       RamLoaded ─────────────────────────────────▶  reassembly: config chunks may load now
       Drained ───────────────────────────────────▶  reassembly: every channel has ended
       ◀─────────────────────────────── Drained      reassembly: nothing is missing
@@ -48,7 +49,7 @@ __all__ = [
     "RegionHandle", "ChannelParams", "SendParams", "RecvParams", "ReassemblyParams",
     "Greeting", "Prealloc", "Preallocated", "Ready", "Stop", "Greeted", "Refused", "Synced", "Go", "Done", "Eof",
     "DeviceLoaded", "Drained", "Failed", "AwaitPrecopy", "PrecopyLoaded", "RamLoaded",
-    "LoaderBusy",
+    "LoaderBusy", "LoaderCalls",
 ]
 
 
@@ -266,6 +267,16 @@ class LoaderBusy:
     longer. The main process names it if the deadline passes."""
     device: int
     what: str | None
+
+
+@dataclass(frozen=True)
+class LoaderCalls:
+    """From the reassembly process, when it grew: how many calls into the loaders
+    (a chunk's load, precopy_loaded(), load_finish(), ...) have returned so far, all
+    devices together. The loaders' progress, which chunks arriving are not: a loader
+    stuck in a call while its device kept sending held the session until the
+    buffers filled."""
+    returned: int
 
 
 @dataclass(frozen=True)
