@@ -88,6 +88,7 @@ class DeviceLoading:
         self.precopy_counts: list[int] = []     # PRECOPY_SENT's: chunks each device sent live
         self.old_way_chunks = self.old_way_bytes = 0
         self._main = None
+        self.stall = parts.stall_timeout or setup.stall_timeout    # the session's deadline
         chunk_size = setup.chunk_size
         assert chunk_size is not None, "a session's SETUP is decoded strictly: it has one"
         cap = setup.max_queued_bytes
@@ -115,7 +116,7 @@ class DeviceLoading:
         try:
             self._reassembly.start_session(
                 ReassemblyParams(self.pool.name, cap, loaders, setup.config_after_ram,
-                                 parts.stall_timeout or setup.stall_timeout,
+                                 self.stall,
                                  cap_cut_from=wanted if cap < wanted else 0), [desc_r])
         except (TypeError, pickle.PicklingError) as exc:
             raise _whose_loader(loaders) or exc
@@ -127,7 +128,7 @@ class DeviceLoading:
     def all_loaded(self) -> bool:
         return self.drained and len(self.results) == len(self.setup.devices)
 
-    def check_progress(self, progress: Progress, channels_ended: bool, stall: float) -> None:
+    def check_progress(self, progress: Progress, channels_ended: bool) -> None:
         """Once every channel ended, or while the source waits for SWITCHOVER_ACK,
         the loaders owe progress (Drained says every chunk arrived, not that every
         device is loaded: a load_finish() still running owes its DeviceLoaded), and
@@ -137,7 +138,7 @@ class DeviceLoading:
         pid = self._reassembly.process.pid
         owed = channels_ended or self.precopy_awaited or process_stopped(pid)
         if progress.stalled("reassembly", owed, self.signature()):
-            raise stall_error(self._reassembly.name, stall, pid, self.stall_detail())
+            raise stall_error(self._reassembly.name, self.stall, pid, self.stall_detail())
 
     def stall_detail(self) -> str:
         """Which loaders are held up, by what, for a "no progress" error."""
@@ -201,11 +202,11 @@ class DeviceLoading:
         if self.setup.config_after_ram:
             self._reassembly.send(RamLoaded())
 
-    def on_old_way_chunk(self, body: bytes, waiting: Callable[[float], None],
-                         poll: float) -> None:
+    def on_old_way_chunk(self, body: bytes, living: Callable[[], None], poll: float) -> None:
         """A DEVICE_STATE message: its chunk into a slot, its descriptor to the pipe.
-        ``waiting(since)`` is called every ``poll`` seconds while no slot is free
-        (it raises to give up)."""
+        ``living()`` is called every ``poll`` seconds while no slot is free (it raises
+        to give up): the session goes on living, and fails rather than wait past the
+        deadline."""
         devices = self.setup.devices
         if self.setup.channel_header:
             raise old_way_not_here()
@@ -230,7 +231,12 @@ class DeviceLoading:
         idx, flags = _core.decode_chunk_header(chunk)
         since = time.monotonic()
         while (slot := self.pool.acquire(timeout=poll)) is None:
-            waiting(since)
+            living()
+            if not self._reassembly.process.is_alive():
+                raise self._reassembly.death_error()
+            if time.monotonic() > since + self.stall:
+                raise stall_error(self._reassembly.name, self.stall, self._reassembly.process.pid,
+                                  " (no device-state buffer came free)")
         self.pool.populate(slot)
         with self.pool.view(slot) as view:
             view[:len(chunk)] = chunk

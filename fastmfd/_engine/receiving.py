@@ -422,7 +422,7 @@ class Receiving:
             raise MigrationError(f"the source's COMPLETE did not come {stall:g} s after "
                                  f"every channel ended", channel=MAIN)
         if self._devices is not None:
-            self._devices.check_progress(progress, ended, stall)
+            self._devices.check_progress(progress, ended)
         if self._complete is not None:
             self._steps.see((tuple(tuple(self._counters.read(ch).values())
                                    for ch in range(setup.total_channels)), len(self._drained),
@@ -477,8 +477,7 @@ class Receiving:
         if kind is Msg.DEVICE_STATE:
             if self._devices is None:
                 raise old_way_not_here()
-            self._devices.on_old_way_chunk(body, self._waiting_for_slot,
-                                           min(0.5, self._heartbeat.interval))
+            self._devices.on_old_way_chunk(body, self._living, min(0.5, self._heartbeat.interval))
             return
         payload = decode_payload(kind, body)
         if isinstance(payload, RoundEnd):
@@ -505,18 +504,11 @@ class Receiving:
             self._heartbeat.word = lambda: (Msg.LOADING, Loading(self._steps.count, self._stall))
             self._check_no_round_past_the_end()
 
-    def _waiting_for_slot(self, since: float) -> None:
-        """An old-way chunk waits for a free slot: the session goes on living (its
-        keepalives), and fails rather than wait past the deadline."""
-        reassembly = self.parts.reassembly[0]
+    def _living(self) -> None:
+        """While a wait goes on: a failure ends it, and the source keeps hearing from us."""
         assert self._heartbeat is not None, "in run()"
         self.failure.check()
-        if not reassembly.process.is_alive():
-            raise reassembly.death_error()
         self._heartbeat.beat()
-        if time.monotonic() > since + self._stall:
-            raise stall_error(reassembly.name, self._stall, reassembly.process.pid,
-                              " (no device-state buffer came free)")
 
     def _finish(self) -> None:
         """Everything is applied: check the source's totals, then send LOADED."""
