@@ -240,7 +240,8 @@ def _hand_driven_destination(devices, steps, *, loader=None, stall=30.0):
     (Msg, payload) for the main channel, bytes for channel 0, or a call (a wait);
     then KEEPALIVEs, as a live source sends, until the destination ends (within
     twice ``stall`` and 5 s), its ERROR included. Returns (the kinds of the
-    destination's messages after SETUP_ACK, KEEPALIVEs aside; its error)."""
+    destination's messages after SETUP_ACK, KEEPALIVEs and LOADINGs, its word while
+    SWITCHOVER_ACK is owed, aside; its error)."""
     import select
     from fastmfd.protocol.main_channel import Msg, encode_message
     from migration_support import FakeSource, hello, receiving, setup_message
@@ -273,7 +274,8 @@ def _hand_driven_destination(devices, steps, *, loader=None, stall=30.0):
             if thread.is_alive():
                 dst.cancel("the test is over")
             thread.join(10)
-    return [kind for kind in replies if kind is not Msg.KEEPALIVE], done.get("error")
+    return ([kind for kind in replies if kind not in (Msg.KEEPALIVE, Msg.LOADING)],
+            done.get("error"))
 
 
 @pytest.mark.parametrize("message", ["PRECOPY_SENT", "COMPLETE"])

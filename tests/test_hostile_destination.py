@@ -127,7 +127,7 @@ class FakeDestination:
         self.thread.join(10)
 
 
-def migrate_against(script, *, hold=None, config=CONFIG, device=None):
+def migrate_against(script, *, hold=None, config=CONFIG, device=None, live=False):
     """A real Source migrates 4 MiB (and ``device``) to ``FakeDestination(script)``;
     returns its error and the seconds it took. ``hold(source)`` runs in another thread."""
     destination = FakeDestination(script, config.channel_header)
@@ -142,7 +142,7 @@ def migrate_against(script, *, hold=None, config=CONFIG, device=None):
                 threading.Thread(target=hold, args=(source,), daemon=True).start()
             started = time.monotonic()
             try:
-                source.migrate(live=False)
+                source.migrate(live=live)
             except fastmfd.MigrationError as exc:
                 error = exc
             took = time.monotonic() - started
@@ -258,6 +258,40 @@ def test_keepalives_instead_of_loaded_fail_within_the_stall_timeout(leaks, word)
     assert ("main channel: the destination made no progress towards LOADED for 4 s after "
             "COMPLETE" in str(error))      # twice the stall timeout: see DestinationFinishing
     assert took < 2 * STALL + SLACK
+    leaks.assert_clean()
+
+
+@pytest.mark.parametrize("word", [Msg.KEEPALIVE, Msg.LOADING])
+def test_a_destination_that_never_acks_the_switchover_fails_the_source(leaks, word):
+    """With switchover_ack the source iterates rounds until the destination acks:
+    one answering every ROUND_END, with KEEPALIVEs or LOADING of no further step,
+    but never SWITCHOVER_ACK, kept it iterating for ever. Now its LOADING steps
+    must grow while the ack is owed, as after COMPLETE (a hang is cancelled after
+    15 s, so that it fails this test rather than hold it)."""
+    def script(d):
+        d.send(Msg.SETUP_ACK)
+        while True:
+            kind, body = d.read()
+            if kind is Msg.ROUND_END:
+                d.send(Msg.ROUND_ACK, RoundAck(int(re.search(rb"\d+", body)[0])))
+                d.send(word, None if word is Msg.KEEPALIVE else Loading(3, STALL))
+
+    over = threading.Event()
+
+    def guard(source):
+        if not over.wait(15):
+            source.cancel("the test gave up on a hang")
+
+    device = fastmfd.SyntheticDevice("vfio", 0, 3 << 20, precopy_size=2 << 20)
+    try:
+        error, _ = migrate_against(script, hold=guard, device=device, live=True,
+                                   config=CONFIG.replace(switchover_ack=True))
+    finally:
+        over.set()
+    assert re.fullmatch(r"main channel: the destination made no progress towards "
+                        r"SWITCHOVER_ACK for 4 s, [\d.]+ s after PRECOPY_SENT \(live chunks "
+                        r"to load, vfio/0: 2; its KEEPALIVEs and ROUND_ACKs say it is alive, "
+                        r"not that it loads\)", str(error)), str(error)
     leaks.assert_clean()
 
 

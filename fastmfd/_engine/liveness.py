@@ -13,10 +13,12 @@
                   process is stopped must finish a packet (change its shared
                   counters) within the deadline
                   ("receive channel 1: no progress for 30 s (its process is stopped)")
-      Steps       the destination, once COMPLETE came: LOADING(steps, its stall
-                  timeout) instead of KEEPALIVE, steps growing as its work moves
-                  on; the source fails a destination whose steps stop growing for
-                  twice the longer stall timeout of the two
+      Steps       the destination, while the source waits for its word (SWITCHOVER_ACK,
+                  then LOADED once COMPLETE came): LOADING(steps, its stall timeout)
+                  instead of KEEPALIVE and whenever they grew, steps growing as its
+                  work moves on (towards the ack, its loaders' calls alone); the
+                  source fails a destination whose steps stop growing for twice
+                  the longer stall timeout of the two (AwaitingDestination)
                   ("main channel: the destination made no progress towards LOADED ...")
     data sockets: SO_SNDTIMEO = stall_timeout, so a send worker whose peer takes
                   nothing for that long fails by itself (the core maps the
@@ -33,14 +35,15 @@ import select
 import socket
 import struct
 import termios
+import threading
 import time
 from typing import Any, Callable, Hashable
 
 from ..errors import MigrationError, ProtocolError
-from ..protocol.main_channel import MAIN, MainChannel, Msg
+from ..protocol.main_channel import MAIN, Loading, MainChannel, Msg
 from ..protocol.sockets import decrypted_unread
 
-__all__ = ["Heartbeat", "Progress", "Steps", "DestinationFinishing", "set_stall_timeout",
+__all__ = ["Heartbeat", "Progress", "Steps", "AwaitingDestination", "set_stall_timeout",
            "bytes_waiting", "process_stopped", "stall_error", "tick"]
 
 
@@ -120,10 +123,11 @@ class Heartbeat:
     def received(self) -> None:
         self.last_received = time.monotonic()
 
-    def beat(self) -> None:
-        """Send KEEPALIVE if nothing went out for a while; fail if nothing came in."""
+    def beat(self, urgent: bool = False) -> None:
+        """Send KEEPALIVE (the word) if ``urgent`` or nothing went out for a while;
+        fail if nothing came in."""
         now = time.monotonic()
-        if now - self.main.last_sent >= self.interval:
+        if urgent or now - self.main.last_sent >= self.interval:
             try:
                 self.main.send(*self.word())
             except MigrationError:
@@ -168,35 +172,69 @@ class Heartbeat:
 
 
 class Steps:
-    """What a destination says once COMPLETE came, in LOADING messages instead of
-    KEEPALIVE: a count that grows at each look that finds its work moved on
-    (channels draining, devices loading, regions written out), so a source can
-    tell a destination that loads from one that only says it is alive."""
+    """What a destination says while the source waits for its word, SWITCHOVER_ACK
+    (its loaders load the chunks sent live) or LOADED (once COMPLETE came), in
+    LOADING messages: a count that grows at each look that finds its work moved on
+    (loaders' calls returning; after COMPLETE, channels draining and regions written
+    out too), so a source can tell a destination that loads from one that only says
+    it is alive. Said in place of KEEPALIVE, and as soon as it changed: the
+    ROUND_ACKs of the rounds a source goes on sending while it waits for the ack
+    may leave the heartbeat no quiet moment to say it in."""
 
     def __init__(self) -> None:
         self.count = 0
+        self._said = 0              # the count LOADING last said
         self._seen: object = None
 
     def see(self, signature: object) -> None:
         if signature != self._seen:
             self._seen, self.count = signature, self.count + 1
 
+    def news(self) -> bool:
+        """Whether the count changed since LOADING last said it."""
+        return self.count != self._said
 
-class DestinationFinishing:
-    """The source's deadlines once its COMPLETE went out: the destination's LOADING
+    def word(self, owed: bool, stall_timeout: float) -> tuple[Msg, Any]:
+        """The heartbeat's word: LOADING while ``owed`` (the source waits for this
+        side's word), else KEEPALIVE."""
+        if not owed:
+            return Msg.KEEPALIVE, None
+        self._said = self.count
+        return Msg.LOADING, Loading(self.count, stall_timeout)
+
+
+class AwaitingDestination:
+    """The source's deadlines while it waits for the destination's word: its LOADING
     steps must grow within twice ``limit`` (or twice the destination's own stall
-    timeout, which LOADING says, if longer) until its LOADED, and its RESUMED (its
-    on_resume ran) must follow LOADED within ``limit``. KEEPALIVEs say alive,
-    not that it loads or answers: a destination sending only those held the
-    source for ever. Twice: what holds a destination's steps up (a channel
-    swallowed, a loader stuck) fails it by its own deadline first, and its ERROR
-    then says which, where this side could only say that it made no progress."""
+    timeout, which LOADING says, if longer) while SWITCHOVER_ACK is owed and from
+    COMPLETE until its LOADED, and its RESUMED (its on_resume ran) must follow
+    LOADED within ``limit``. KEEPALIVEs (and ROUND_ACKs) say alive, not that it
+    loads or answers: a destination sending only those held the source for ever,
+    iterating rounds for the ack or waiting for LOADED. Twice: what holds a
+    destination's steps up (a channel swallowed, a loader stuck) fails it by its
+    own deadline first, and its ERROR then says which, where this side could only
+    say that it made no progress."""
 
     def __init__(self, limit: float) -> None:
         self.limit = limit
         self.steps = 0
         self.loaded_at: float | None = None     # when LOADED came (monotonic)
+        self.ack_asked: float | None = None     # when PRECOPY_SENT went out (switchover_ack)
+        self.acked = threading.Event()          # SWITCHOVER_ACK came back (or a failure
+                                                # wakes the wait for it)
+        self._live = ""                         # what PRECOPY_SENT counted, for the error
         self._progress = Progress(2 * limit)
+
+    def ack_requested(self, devices: list[str], live_chunks: list[int]) -> None:
+        """PRECOPY_SENT goes out, counting ``live_chunks`` of each of ``devices``."""
+        self.ack_asked = time.monotonic()
+        counted = [f"{name}: {n}" for name, n in zip(devices, live_chunks) if n]
+        self._live = (f"live chunks to load, {'; '.join(counted[:3])}"
+                      f"{'; ...' if len(counted) > 3 else ''}" if counted else "no live chunk")
+
+    @property
+    def ack_owed(self) -> bool:
+        return self.ack_asked is not None and not self.acked.is_set()
 
     def loading(self, steps: int, stall_timeout: float) -> None:
         """LOADING: ``steps`` so far, each within the destination's ``stall_timeout``."""
@@ -213,13 +251,22 @@ class DestinationFinishing:
     def check(self, completing: bool, heartbeat: Heartbeat) -> None:
         """Fail a destination that is late; not while its word waits unread (this
         side was the one held up)."""
-        now = time.monotonic()
+        now, limit, asked = time.monotonic(), self._progress.limit, self.ack_asked
         if self.loaded_at is not None and now > self.loaded_at + self.limit:
             raise MigrationError(f"no RESUMED from the destination {self.limit:g} s after "
                                  f"its LOADED (its on_resume must finish within the stall "
                                  f"timeout)", channel=MAIN)
-        if (self._progress.stalled("loading", completing, self.steps, now)
-                and not heartbeat.peer_spoke()):
+        if self._stalled("ack", self.ack_owed, now, heartbeat):
+            assert asked is not None, "stalled only while expected"
+            raise MigrationError(f"the destination made no progress towards SWITCHOVER_ACK "
+                                 f"for {limit:g} s, {now - asked:.3g} s after PRECOPY_SENT "
+                                 f"({self._live}; its KEEPALIVEs and ROUND_ACKs say it is "
+                                 f"alive, not that it loads)", channel=MAIN)
+        if self._stalled("loading", completing, now, heartbeat):
             raise MigrationError(f"the destination made no progress towards LOADED for "
-                                 f"{self._progress.limit:g} s after COMPLETE (its KEEPALIVEs "
-                                 f"say it is alive, not that it loads)", channel=MAIN)
+                                 f"{limit:g} s after COMPLETE (its KEEPALIVEs say it is "
+                                 f"alive, not that it loads)", channel=MAIN)
+
+    def _stalled(self, what: str, expected: bool, now: float, heartbeat: Heartbeat) -> bool:
+        return (self._progress.stalled(what, expected, self.steps, now)
+                and not heartbeat.peer_spoke())

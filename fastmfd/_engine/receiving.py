@@ -45,7 +45,7 @@ from ..devices import Loader
 from ..errors import ConfigError, FastMFDError, MigrationError, ProtocolError, SecurityError
 from ..protocol import handshake
 from ..protocol.control import Drained, Eof, Go, Greeted, Refused, RecvParams, Synced
-from ..protocol.main_channel import (MAIN, Complete, Loaded, Loading, MainChannel, Msg,
+from ..protocol.main_channel import (MAIN, Complete, Loaded, MainChannel, Msg,
                                      PrecopySent, RoundAck, RoundEnd, check_round,
                                      decode_message_header, decode_payload,
                                      old_way_message_size, read_message, source_failed)
@@ -137,7 +137,7 @@ class Receiving:
         self._stall = 0.0                       # seconds: the session's stall deadline
         self._heartbeat: Heartbeat | None = None
         self._progress: Progress | None = None
-        self._steps = Steps()                   # towards LOADED, once COMPLETE came
+        self._steps = Steps()                   # towards SWITCHOVER_ACK, LOADED: LOADING's
 
     # ------------------------------------------------------------ setup
     def accept_main(self) -> None:
@@ -222,6 +222,7 @@ class Receiving:
         self._progress = Progress(stall)
         self._heartbeat = Heartbeat(self.main, stall, "source",
                                     interval=min(stall, setup.stall_timeout))
+        self._heartbeat.word = lambda: self._steps.word(self._source_waits(), stall)
         self._watch = watch = Watch(self.main.sock)
         self._door = ChannelDoor(parts, setup, stall, watch, self._watch_worker, parts.refused.add,
                                  self._prestarted)
@@ -427,7 +428,14 @@ class Receiving:
             self._steps.see((tuple(tuple(self._counters.read(ch).values())
                                    for ch in range(setup.total_channels)), len(self._drained),
                              self._devices.signature() if self._devices is not None else None))
-        self._heartbeat.beat()
+        elif self._devices is not None and self._devices.precopy_awaited:
+            self._steps.see(self._devices.signature())  # (towards the ack only loaders move)
+        self._heartbeat.beat(urgent=self._steps.news())
+
+    def _source_waits(self) -> bool:
+        """The source waits for this side's word: SWITCHOVER_ACK, or LOADED."""
+        return self._complete is not None or (self._devices is not None
+                                              and self._devices.precopy_awaited)
 
     def _check_no_round_past_the_end(self) -> None:
         """After COMPLETE no ROUND_END comes: a RAM channel at the SYNC of a round
@@ -501,7 +509,6 @@ class Receiving:
                 self._devices.on_complete(payload.device_chunks)
             self._complete = payload
             self.state = ReceivingState.COMPLETE
-            self._heartbeat.word = lambda: (Msg.LOADING, Loading(self._steps.count, self._stall))
             self._check_no_round_past_the_end()
 
     def _living(self) -> None:

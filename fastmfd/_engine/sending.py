@@ -13,7 +13,7 @@ structures) runs once.
         precopy chunks -> pool slots -> DEVICE
         commands; ROUND_END
         (switchover_ack: PRECOPY_SENT ──▶, rounds go on
-         until ◀── SWITCHOVER_ACK)
+         until ◀── SWITCHOVER_ACK, ◀── LOADING meanwhile)
       STOPPED: on_stop(); final dirty pages; device
         save threads -> pool slots -> DEVICE commands;
         QUIT, the workers' Done
@@ -55,7 +55,7 @@ from ..protocol.sockets import (Address, ConnectionClosed, connect, tune_data_so
 from ..regions import Region, first_file_changed
 from ..shm import SharedMemory
 from ..stats import ChannelStats, MigrationStats, RoundStats
-from .liveness import (DestinationFinishing, Heartbeat, Progress, bytes_waiting,
+from .liveness import (AwaitingDestination, Heartbeat, Progress, bytes_waiting,
                        process_stopped, set_stall_timeout, stall_error, tick)
 from .processes import ChildSet, Watch
 from .progress import RoundProgress
@@ -121,10 +121,8 @@ class Sending:
         self._workers_done = threading.Event()
         self._streams = [DeviceStream(d) for d in parts.devices]   # each device's save state
         self._saver: DeviceSaver | OldWaySaver | None = None    # made once connected
-        self._ack_requested = False             # PRECOPY_SENT went out (switchover_ack)
-        self._acked = threading.Event()         # SWITCHOVER_ACK came back
         self._loaded_report: Loaded | None = None
-        self._finishing = DestinationFinishing(self.config.stall_timeout)
+        self._awaiting = AwaitingDestination(self.config.stall_timeout)
         self._rounds_ended = 0                  # ROUND_ENDs sent
         self._rounds_acked = 0                  # ROUND_ACKs received (one per round, in order)
         self._heartbeat: Heartbeat | None = None
@@ -288,14 +286,17 @@ class Sending:
         loaded every chunk sent live (QEMU's switchover-ack over the return path):
         the first time it is ready, it says how many chunks each device sent
         (PRECOPY_SENT) and waits a moment for SWITCHOVER_ACK; without it, the rounds
-        go on (sending what the workload dirties meanwhile) and it asks again."""
-        if not self.config.switchover_ack or self._acked.is_set():
+        go on (sending what the workload dirties meanwhile) and it asks again, as long
+        as the destination's LOADING says its loaders move on (AwaitingDestination)."""
+        awaiting = self._awaiting
+        if not self.config.switchover_ack or awaiting.acked.is_set():
             return True
-        if not self._ack_requested:
-            self._ack_requested = True
-            self._tell(Msg.PRECOPY_SENT, PrecopySent([s.next_idx for s in self._streams]))
+        if awaiting.ack_asked is None:
+            counts = [s.next_idx for s in self._streams]
+            awaiting.ack_requested([s.name for s in self._streams], counts)
+            self._tell(Msg.PRECOPY_SENT, PrecopySent(counts))
         started = time.monotonic()
-        acked = self._acked.wait(self.config.downtime_limit)
+        acked = awaiting.acked.wait(self.config.downtime_limit)
         self._ack_waited += time.monotonic() - started
         self.failure.check()            # a failure wakes the wait too
         return acked
@@ -436,7 +437,7 @@ class Sending:
         assert self._heartbeat is not None, "made by _watch() first"
         self._heartbeat.beat()
         cfg, parts = self.config, self.parts
-        self._finishing.check(self.state is SendingState.COMPLETING, self._heartbeat)
+        self._awaiting.check(self.state is SendingState.COMPLETING, self._heartbeat)
         for ch, worker in enumerate(parts.workers):
             if worker.finished:
                 continue
@@ -478,8 +479,8 @@ class Sending:
             return
         expected = {SendingState.COMPLETING: (Msg.LOADED, Msg.LOADING, Msg.ROUND_ACK),
                     SendingState.RESUMING: (Msg.RESUMED,)}.get(self.state, (Msg.ROUND_ACK,))
-        if self._ack_requested and not self._acked.is_set():
-            expected += (Msg.SWITCHOVER_ACK,)
+        if self._awaiting.ack_owed:
+            expected += (Msg.SWITCHOVER_ACK, Msg.LOADING)
         # Judged before its payload is: an answer out of turn is refused by its type, not
         # its fields (a source's own messages, SETUP or COMPLETE, read_message refused).
         if kind not in (*expected, Msg.ERROR):
@@ -494,18 +495,18 @@ class Sending:
             payload.check(self._rounds_ended, self._rounds_acked,
                           [stream.name for stream in self._streams])
             self._loaded_report = payload
-            self._finishing.loaded()
+            self._awaiting.loaded()
             self.state = SendingState.RESUMING
             self._loaded.set()
         elif isinstance(payload, Loading):
-            self._finishing.loading(payload.steps, payload.stall_timeout)
+            self._awaiting.loading(payload.steps, payload.stall_timeout)
         elif kind is Msg.RESUMED:
             # The destination runs: the migration is over, whatever it sends next
             # (an ERROR read after it failed a migrate() whose guest ran there).
             watch.remove(self.main.sock)
             self._resumed.set()
         elif kind is Msg.SWITCHOVER_ACK:
-            self._acked.set()
+            self._awaiting.acked.set()
         else:
             assert isinstance(payload, RoundAck)
             # One per round ended, in order (not rounds never sent, none missed).
@@ -525,7 +526,7 @@ class Sending:
     def _teardown(self, error: MigrationError) -> None:
         """First failure: wake every waiter, tell the destination, break blocked I/O."""
         self.state = SendingState.FAILED
-        self._acked.set()                       # wakes a wait for it (which then checks)
+        self._awaiting.acked.set()              # wakes a wait for it (which then checks)
         self.parts.ram_selector.abort()
         self.parts.device_selector.abort()
         if self._pool is not None:
@@ -556,8 +557,8 @@ class Sending:
             main_bytes=self.main.bytes_sent if self.main is not None else 0,
             old_way_bytes=old_way, streams=self._streams,
             switchover_ack=None if not self.config.switchover_ack else (
-                "acked" if self._acked.is_set() and self.state is not SendingState.FAILED
-                else "requested" if self._ack_requested else "pending"),
+                "acked" if self._awaiting.acked.is_set() and self.state is not SendingState.FAILED
+                else "requested" if self._awaiting.ack_asked is not None else "pending"),
             final=self.stats)
 
     def _stats(self, total: float, setup: float, downtime: float,

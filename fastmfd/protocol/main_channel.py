@@ -53,10 +53,12 @@ MAIN = "main channel"               # how errors name the main channel
 MAIN_MAGIC = 0x464D4644            # "FMFD"; differs from MULTIFD_MAGIC, so channels can be told apart
 # 2: a checksum (SETUP's) chains through its channel's packets; a peer of 1
 # would take every checksummed packet after the first for a damaged one.
-MAIN_VERSION = 3                    # 3: LOADING, and each message's payload bounded
-# What a capture of a source's main channel may say: its side of version 2 is
-# version 3's (LOADING is a destination's message).
-CAPTURE_VERSIONS = (2, 3)
+# 3: LOADING, and each message's payload bounded; 4: LOADING while SWITCHOVER_ACK is
+# owed too, which a source of 3 refuses (mid-session, where 4 is refused at once).
+MAIN_VERSION = 4
+# What a capture of a source's main channel may say: its side of versions 2 and 3 is
+# version 4's (LOADING is a destination's message).
+CAPTURE_VERSIONS = (2, 3, 4)
 MAIN_PREAMBLE = struct.Struct(">II")
 MESSAGE_HEADER = struct.Struct(">II")
 MESSAGE_HEADER_SIZE = MESSAGE_HEADER.size
@@ -91,8 +93,9 @@ class Msg(enum.IntEnum):
                             # and destination -> source before it, while preallocating
     PRECOPY_SENT = 13       # source -> destination, switchover_ack: the chunks each device sent live
     SWITCHOVER_ACK = 14     # destination -> source: those chunks are loaded; the source may stop
-    LOADING = 15            # destination -> source, after COMPLETE, in place of KEEPALIVE: its
-                            # steps towards LOADED so far (must grow within stall_timeout)
+    LOADING = 15            # destination -> source, while SWITCHOVER_ACK is owed and after
+                            # COMPLETE, in place of KEEPALIVE: its steps towards the ack or
+                            # LOADED so far (must grow within stall_timeout)
 
 
 # ---------------------------------------------------------------- payloads
@@ -193,8 +196,9 @@ class Loaded:
 
 @dataclass(frozen=True)
 class Loading:
-    """Not loaded yet, but moving: ``steps`` grows as the destination drains its
-    channels, loads its devices and writes its regions out, each within its own
+    """Not loaded yet, but moving: ``steps`` grows as the destination's loaders load
+    the chunks sent live (SWITCHOVER_ACK owed), or as it drains its channels, loads
+    its devices and writes its regions out (after COMPLETE), each within its own
     ``stall_timeout`` (which may be longer than the source's)."""
     steps: int
     stall_timeout: float
@@ -310,7 +314,8 @@ def check_preamble(data: Buffer, versions: tuple[int, ...] = (MAIN_VERSION,)) ->
                             f"{MAIN_MAGIC:#x}", field="magic", received=magic,
                             expected=MAIN_MAGIC)
     if version not in versions:
-        expected = " or ".join(map(str, versions))
+        expected = " or ".join(filter(None, (", ".join(map(str, versions[:-1])),
+                                             str(versions[-1]))))
         raise ProtocolError(f"main channel field 'version': received {version}, expected "
                             f"{expected}", field="version", received=version,
                             expected=expected)
