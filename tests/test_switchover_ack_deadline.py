@@ -12,6 +12,7 @@ counted as the loaders' progress): hours, with small chunks.
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 import fastmfd
 from device_support import ChurningDevice, HangingLoader
@@ -22,13 +23,15 @@ CONFIG = fastmfd.MigrationConfig(channels=2, device_chunk_size=4096, stall_timeo
                                  switchover_ack=True)
 
 
-def _migrate(config, device, loader):
-    """A live migration of 1 MiB and ``device`` (its loader ``loader``); the outcome."""
+def _migrate(config, device, loader, beside=()):
+    """A live migration of 1 MiB and ``device`` (its loader ``loader``), and the devices
+    ``beside`` (their loaders the default); the outcome."""
     region = make_region("ram", 1 << 20, seed=3)
     try:
         with Migration(config) as m:
             m.source.add_region(region)
-            m.source.add_device(device)
+            for each in (device, *beside):
+                m.source.add_device(each)
             m.destination.add_loader(device.idstr, device.instance_id, loader)
             outcome = m.run(live=True, timeout=15)
             if outcome.result is not None:      # (readable until the Migration closes)
@@ -38,12 +41,17 @@ def _migrate(config, device, loader):
         region.close()
 
 
-def test_a_loader_stuck_in_a_live_chunk_while_its_device_keeps_sending(leaks):
+@pytest.mark.parametrize("beside", [0, 1], ids=["alone", "beside-a-device-loading-on"])
+def test_a_loader_stuck_in_a_live_chunk_while_its_device_keeps_sending(leaks, beside):
     """The device gives a live chunk each round (its state keeps changing) and never
     converges; at max_rounds the source asks for the ack and goes on iterating; the
-    loader never returns from chunk 2. Both sides fail, naming the loader's call."""
+    loader never returns from chunk 2. Both sides fail, naming the loader's call,
+    whether or not another device's loader goes on loading the chunks its device
+    goes on sending (no step towards the ack: they are past what PRECOPY_SENT
+    counted)."""
+    others = [ChurningDevice("other", 0, claimed=1 << 40)] * beside
     outcome = _migrate(CONFIG.replace(max_rounds=3), ChurningDevice("busy", 0, claimed=1 << 40),
-                       HangingLoader("load_state_buffer"))
+                       HangingLoader("load_state_buffer"), others)
     held = "reassembly: no progress for 1 s (busy/0: load_state_buffer() of chunk 2 has not " \
            "returned)"
     assert isinstance(outcome.dest_error, fastmfd.MigrationError), outcome.dest_error

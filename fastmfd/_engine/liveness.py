@@ -16,7 +16,7 @@
       Steps       the destination, while the source waits for its word (SWITCHOVER_ACK,
                   then LOADED once COMPLETE came): LOADING(steps, its stall timeout)
                   instead of KEEPALIVE and whenever they grew, steps growing as its
-                  work moves on (towards the ack, its loaders' calls alone); the
+                  work moves on (towards the ack, its loaders' alone); the
                   source fails a destination whose steps stop growing for twice
                   the longer stall timeout of the two (AwaitingDestination)
                   ("main channel: the destination made no progress towards LOADED ...")
@@ -175,9 +175,10 @@ class Steps:
     """What a destination says while the source waits for its word, SWITCHOVER_ACK
     (its loaders load the chunks sent live) or LOADED (once COMPLETE came), in
     LOADING messages: a count that grows at each look that finds its work moved on
-    (loaders' calls returning; after COMPLETE, channels draining and regions written
-    out too), so a source can tell a destination that loads from one that only says
-    it is alive. Said in place of KEEPALIVE, and as soon as it changed: the
+    (towards the ack, its loaders: chunks PRECOPY_SENT counted loaded, precopy_loaded()
+    returned; after COMPLETE, channels draining, devices loading, regions written
+    out), so a source can tell a destination that loads from one that only says it
+    is alive. Said in place of KEEPALIVE, and as soon as it changed: the
     ROUND_ACKs of the rounds a source goes on sending while it waits for the ack
     may leave the heartbeat no quiet moment to say it in."""
 

@@ -8,10 +8,11 @@
       receive workers: chunk -> slot -> descriptor ──▶ loaders, in idx order
       DEVICE_STATE (old way): body -> slot -> descriptor ──▶
       PRECOPY_SENT(counts) -> AwaitPrecopy ──────────▶
+        ◀── PrecopyLoading: steps towards it, the loaders' deadline meanwhile
         ◀── PrecopyLoaded: SWITCHOVER_ACK to the source
       all RAM in (config_after_ram) -> RamLoaded ────▶ config chunks load
         ◀── DeviceLoaded per device, Drained: totals checked against COMPLETE
-        ◀── LoaderBusy, LoaderCalls: the loaders' deadline (check_progress)
+        ◀── LoaderBusy: what holds a loader up, for the deadline's error
 
 :mod:`.receiving` owns the session and its deadlines; this module owns what
 only sessions with devices have, the loaders' deadline among it.
@@ -28,8 +29,8 @@ from typing import Any, Protocol
 from .. import _core
 from ..devices import CollectLoader, Loader, WriteBudget, device_key
 from ..errors import ConfigError, ProtocolError
-from ..protocol.control import (AwaitPrecopy, DeviceLoaded, Drained, LoaderBusy, LoaderCalls,
-                                PrecopyLoaded, RamLoaded, ReassemblyParams)
+from ..protocol.control import (AwaitPrecopy, DeviceLoaded, Drained, LoaderBusy, PrecopyLoaded,
+                                PrecopyLoading, RamLoaded, ReassemblyParams)
 from ..protocol.main_channel import (OLD_WAY_CHECKSUM, OLD_WAY_PREFIX, MainChannel, Msg,
                                      PrecopySent, old_way_checksum)
 from ..protocol.setup import Setup
@@ -82,7 +83,7 @@ class DeviceLoading:
         self.chunks: dict[int, int] = {}
         self.load_seconds: dict[int, float] = {}
         self.busy: dict[int, str] = {}           # device -> what holds its loader (LoaderBusy)
-        self.calls_returned = 0                 # calls into the loaders so far (LoaderCalls)
+        self.precopy_steps = 0                  # towards SWITCHOVER_ACK (PrecopyLoading)
         self.drained = False                    # the reassembly process found nothing missing
         self.precopy_awaited = False            # PRECOPY_SENT came; SWITCHOVER_ACK not yet sent
         self.precopy_counts: list[int] = []     # PRECOPY_SENT's: chunks each device sent live
@@ -146,12 +147,15 @@ class DeviceLoading:
                  for i, what in sorted(self.busy.items())]
         return f" ({'; '.join(calls[:3])}{'; ...' if len(calls) > 3 else ''})" if calls else ""
 
-    def signature(self) -> tuple[int, int]:
-        """Changes whenever the loaders make progress: a call that returned, a device
-        done. Not a chunk that arrived: a loader stuck in a live chunk's call while its
-        device kept sending one a round held the switchover, SWITCHOVER_ACK owed, until
-        the buffers filled (hours, with small chunks)."""
-        return (len(self.results), self.calls_returned)
+    def signature(self) -> object:
+        """Changes whenever the loaders make progress: while SWITCHOVER_ACK is owed,
+        towards it (PrecopyLoading's steps), not a chunk that arrived (a loader stuck in
+        a live chunk while its device kept sending one a round held the switchover
+        until the buffers filled: hours, with small chunks); else slots freed, devices
+        done."""
+        if self.precopy_awaited:
+            return self.precopy_steps
+        return (len(self.results), self.pool.free_count)
 
     # ------------------------------------------------------------ events
     def on_report(self, report: Any, main: MainChannel) -> None:
@@ -162,8 +166,8 @@ class DeviceLoading:
             self.chunks[report.device] = report.chunks
         elif isinstance(report, Drained):
             self.drained = True
-        elif isinstance(report, LoaderCalls):
-            self.calls_returned = report.returned
+        elif isinstance(report, PrecopyLoading):
+            self.precopy_steps = report.steps
         elif isinstance(report, LoaderBusy):
             if report.what is None:
                 self.busy.pop(report.device, None)

@@ -42,8 +42,8 @@ from multiprocessing.connection import Connection
 from .. import _core
 from ..devices import Loader
 from ..errors import ConfigError, MigrationError
-from ..protocol.control import (AwaitPrecopy, DeviceLoaded, Drained, LoaderBusy, LoaderCalls,
-                                PrecopyLoaded, RamLoaded, ReassemblyParams, Stop)
+from ..protocol.control import (AwaitPrecopy, DeviceLoaded, Drained, LoaderBusy, PrecopyLoaded,
+                                PrecopyLoading, RamLoaded, ReassemblyParams, Stop)
 from ..shm import SHM_DIR
 from .processes import ChildPipe, run_child
 from .session import Closable
@@ -123,7 +123,6 @@ class _DeviceStream:
                                         # comes from another thread than the chunks)
         self.seconds = 0.0
         self.calling: tuple[str, float] | None = None   # the loader's call under way, since
-        self.returned = 0                               # its calls that returned (LoaderCalls)
         self.reported: str | None = None                # what holds it, reported (LoaderBusy)
 
     def _cap_said(self) -> str:
@@ -141,7 +140,6 @@ class _DeviceStream:
             return getattr(self.loader, hook)(*args)
         finally:
             self.calling = None
-            self.returned += 1
 
     def add(self, idx: int, flags: int, slot: int, length: int) -> None:
         """Queue a chunk (reader thread); raises on any rule it breaks, before taking
@@ -229,9 +227,11 @@ class _Reassembler:
         self.ram_loaded = threading.Event()
         self.precopy_lock = threading.Lock()
         self.precopy_counts: tuple[int, ...] | None = None  # AwaitPrecopy's, until reported
+        self.approving = False                              # precopy_loaded() calls began
+        self.approved = 0                                   # ... and returned
+        self.precopy_said = 0                               # PrecopyLoading's last steps
         self.precopy_since = 0.0                            # when AwaitPrecopy came
         self.results: dict[int, object] = {}
-        self.calls_said = 0                                 # LoaderCalls' last count
         self.threads = [threading.Thread(target=self._load, args=(d,), daemon=True)
                         for d in self.devices]
         self.slow_after = params.stall_timeout / 2
@@ -258,8 +258,9 @@ class _Reassembler:
                     self._read_descriptors(block=True)
 
     def _watch_loaders(self) -> None:
-        """Tell the main process how many loader calls have returned (its measure of
-        their progress), and of a loader's call that has run for half the deadline,
+        """Tell the main process how far the loaders got towards PrecopyLoaded (its
+        measure of their progress while it is owed), and of a loader's call that has
+        run for half the deadline,
         or of a loader that long waiting for a chunk PRECOPY_SENT counted (and when that
         ends): the reassembly process is alive and well while one of its loaders hangs
         or starves, and the main process, which sees only that no progress is made,
@@ -273,10 +274,14 @@ class _Reassembler:
     def _report_loaders(self) -> None:
         now = time.monotonic()
         counts = self.precopy_counts
-        returned = sum(stream.returned for stream in self.devices)
-        if returned != self.calls_said:
-            self.calls_said = returned
-            self.pipe.send(LoaderCalls(returned))
+        if counts is not None:
+            # Past a device's count, its chunks are no step: another device's loader
+            # loading on while one hangs masked it, SWITCHOVER_ACK owed for ever.
+            steps = self.approved + sum(min(stream.loaded, count)
+                                        for stream, count in zip(self.devices, counts))
+            if steps != self.precopy_said:
+                self.precopy_said = steps
+                self.pipe.send(PrecopyLoading(steps))
         for stream in self.devices:
             calling, owed = stream.calling, counts[stream.index] if counts is not None else 0
             held = None
@@ -357,13 +362,14 @@ class _Reassembler:
 
     def _check_precopy(self) -> None:
         """Once every device has loaded the chunks AwaitPrecopy named: each loader's
-        ``precopy_loaded()`` (it may refuse by raising), then PrecopyLoaded, once."""
+        ``precopy_loaded()`` (it may refuse by raising), then PrecopyLoaded, once.
+        The counts stay until then: each call returned is a step towards it."""
         with self.precopy_lock:
             counts = self.precopy_counts
-            if counts is None or any(stream.loaded < count
-                                     for stream, count in zip(self.devices, counts)):
+            if counts is None or self.approving or any(
+                    stream.loaded < count for stream, count in zip(self.devices, counts)):
                 return
-            self.precopy_counts = None
+            self.approving = True
         for stream in self.devices:
             if hasattr(stream.loader, "precopy_loaded"):
                 try:
@@ -373,6 +379,8 @@ class _Reassembler:
                     raise MigrationError(f"approving the switchover failed: "
                                          f"{type(exc).__name__}: {exc}",
                                          device=stream.name) from exc
+                self.approved += 1
+        self.precopy_counts = None
         self.pipe.send(PrecopyLoaded())
 
     def _load(self, stream: _DeviceStream) -> None:

@@ -28,9 +28,9 @@ parameter or report is added here and used where it is made and read.
       ◀─────────────────────────────── Eof          receive worker: its channel ended
       ◀─────────────────────────────── DeviceLoaded reassembly: one device loaded
       AwaitPrecopy(counts) ──────────────────────▶  reassembly: say when these are loaded
+      ◀─────────────────────────────── PrecopyLoading  ... steps towards it so far
       ◀─────────────────────────────── PrecopyLoaded  ... they are (switchover_ack)
       ◀─────────────────────────────── LoaderBusy   reassembly: a loader is held up
-      ◀─────────────────────────────── LoaderCalls  reassembly: its loaders' calls returned
       RamLoaded ─────────────────────────────────▶  reassembly: config chunks may load now
       Drained ───────────────────────────────────▶  reassembly: every channel has ended
       ◀─────────────────────────────── Drained      reassembly: nothing is missing
@@ -49,7 +49,7 @@ __all__ = [
     "RegionHandle", "ChannelParams", "SendParams", "RecvParams", "ReassemblyParams",
     "Greeting", "Prealloc", "Preallocated", "Ready", "Stop", "Greeted", "Refused", "Synced", "Go", "Done", "Eof",
     "DeviceLoaded", "Drained", "Failed", "AwaitPrecopy", "PrecopyLoaded", "RamLoaded",
-    "LoaderBusy", "LoaderCalls",
+    "LoaderBusy", "PrecopyLoading",
 ]
 
 
@@ -270,13 +270,14 @@ class LoaderBusy:
 
 
 @dataclass(frozen=True)
-class LoaderCalls:
-    """From the reassembly process, when it grew: how many calls into the loaders
-    (a chunk's load, precopy_loaded(), load_finish(), ...) have returned so far, all
-    devices together. The loaders' progress, which chunks arriving are not: a loader
-    stuck in a call while its device kept sending held the session until the
-    buffers filled."""
-    returned: int
+class PrecopyLoading:
+    """From the reassembly process while PrecopyLoaded is owed, when it grew: its
+    steps towards it, the chunks AwaitPrecopy counted that are loaded (each device's
+    up to its count) and the precopy_loaded() calls that returned. The loaders'
+    progress towards the switchover, which chunks arriving are not, nor chunks loaded
+    past a device's count: a loader stuck in a call while its device, or another,
+    kept sending held the session until the buffers filled."""
+    steps: int
 
 
 @dataclass(frozen=True)
