@@ -261,7 +261,7 @@ def test_keepalives_instead_of_loaded_fail_within_the_stall_timeout(leaks, word)
     leaks.assert_clean()
 
 
-@pytest.mark.parametrize("word", [Msg.KEEPALIVE, Msg.LOADING])
+@pytest.mark.parametrize("word", [Msg.KEEPALIVE, Msg.LOADING], ids=["keepalive", "loading"])
 def test_a_destination_that_never_acks_the_switchover_fails_the_source(leaks, word):
     """With switchover_ack the source iterates rounds until the destination acks:
     one answering every ROUND_END, with KEEPALIVEs or LOADING of no further step,
