@@ -283,7 +283,9 @@ class Owner:
     first cancels it and waits for it to leave (:meth:`_stop_running_call`),
     so nothing is freed under a thread still using it. Then ``close()``
     frees (``_release()``) under another lock: the calling thread's own
-    ``close()`` (leaving its ``with``) may come at the same time."""
+    ``close()`` (leaving its ``with``) may come at the same time. A
+    ``close()`` from a hook of the call, on the call's own thread, cannot
+    wait for it: it cancels the call, which frees everything as it leaves."""
 
     _call_thread: int | None = None
     _call_left: threading.Event | None = None
@@ -312,7 +314,14 @@ class Owner:
             yield
         finally:
             self._call_thread = None
-            left.set()
+            try:
+                # Closed meanwhile: from a hook of this call, which left the freeing to
+                # it (see close()), or from another thread, which waits for it to leave.
+                if self._closed:
+                    with self._releasing:
+                        self._release()
+            finally:
+                left.set()
 
     def _check_not_closed(self) -> None:
         """A closed owner is used no more: not entered again (which would start its
@@ -320,14 +329,23 @@ class Owner:
         if self._closed:
             raise ConfigError(f"this {type(self).__name__} was closed: make a new one")
 
-    def _stop_running_call(self) -> None:
+    def _stop_running_call(self) -> bool:
+        """Cancel a running session call; whether it runs on this thread (a hook of it
+        called close()), which still uses what it is to free: it then frees it all
+        as it leaves (:meth:`_running`)."""
         with self._claiming:
             self._closed = True             # no session call starts from now on
             thread, left = self._call_thread, self._call_left
-        if thread is not None and thread != threading.get_ident():
-            self.cancel(f"the {type(self).__name__} was closed")
-            assert left is not None, "set with _call_thread"
-            left.wait(CLOSE_WAIT)
+        if thread is None:
+            return False
+        name = type(self).__name__
+        if thread == threading.get_ident():
+            self.cancel(f"the {name} was closed from a hook during the migration")
+            return True
+        self.cancel(f"the {name} was closed")
+        assert left is not None, "set with _call_thread"
+        left.wait(CLOSE_WAIT)
+        return False
 
     def cancel(self, reason: str = "cancelled") -> None:
         raise NotImplementedError
@@ -337,8 +355,10 @@ class Owner:
 
     def close(self) -> None:
         """Free everything (idempotent, any thread); from another thread while the
-        session call runs, cancel it first and wait for it to leave."""
-        self._stop_running_call()
+        session call runs, cancel it first and wait for it to leave; from a hook of
+        that call, cancel it and return: the call frees everything as it leaves."""
+        if self._stop_running_call():
+            return
         with self._releasing:
             self._release()
 
