@@ -15,6 +15,8 @@ import time
 import pytest
 
 import fastmfd
+import fastmfd.destination
+import fastmfd.source
 from migration_support import Migration, make_region
 
 MIB = 1 << 20
@@ -155,3 +157,42 @@ def test_two_calls_at_once(small_image, eager_switching):
             assert len(refused) == 1 and len(ran) == 1, \
                 f"try {attempt}: two {name}() calls at once ended with {outcomes!r}"
             assert "one migration" in str(refused[0])
+
+
+# ---------------------------------------------------------------- while entering
+
+@pytest.mark.parametrize("side", ["source", "destination"])
+def test_close_while_another_thread_enters(side, monkeypatch, leaks):
+    """close() from another thread while __enter__ starts the workers: it waits for
+    them, then frees everything, and __enter__ fails. Before the fix close() freed
+    what was made so far and returned; __enter__ then went on and returned a closed
+    owner holding live workers and shared memory until a second close()."""
+    module = fastmfd.source if side == "source" else fastmfd.destination
+    owner = (fastmfd.Source("tcp:127.0.0.1:1", fastmfd.MigrationConfig(channels=2))
+             if side == "source" else fastmfd.Destination("tcp:127.0.0.1:0", workers=2))
+    closer = threading.Thread(target=owner.close, name="test closer")
+    real = module.ChildSet
+
+    def child_set(*args, **kwargs):
+        """The first group of processes, then close() from another thread, then
+        what else __enter__ makes."""
+        made = real(*args, **kwargs)
+        if closer.ident is None:        # the first group only
+            closer.start()
+            deadline = time.monotonic() + 10
+            while not owner._closed and time.monotonic() < deadline:
+                time.sleep(0.001)
+            closer.join(0.5)    # (it has nothing to wait for without the fix)
+        return made
+
+    monkeypatch.setattr(module, "ChildSet", child_set)
+    try:
+        with pytest.raises(fastmfd.ConfigError, match="was closed"):
+            owner.__enter__()
+        closer.join(10)
+        assert not closer.is_alive(), "close() hangs"
+        assert owner.worker_pids() == []
+        leaks.assert_clean()
+    finally:
+        owner.close()
+

@@ -285,7 +285,9 @@ class Owner:
     frees (``_release()``) under another lock: the calling thread's own
     ``close()`` (leaving its ``with``) may come at the same time. A
     ``close()`` from a hook of the call, on the call's own thread, cannot
-    wait for it: it cancels the call, which frees everything as it leaves."""
+    wait for it: it cancels the call, which frees everything as it leaves.
+    ``_start()`` runs under that lock too: a ``close()`` meanwhile waits for
+    what it makes, then frees it all, and entering fails."""
 
     _call_thread: int | None = None
     _call_left: threading.Event | None = None
@@ -373,7 +375,11 @@ class Owner:
         self._check_not_closed()
         self._entered = True
         try:
-            self._start()
+            # A close() from another thread meanwhile waits for what _start() makes,
+            # then frees it all: entering then fails, or it would hand out a closed owner.
+            with self._releasing:
+                self._start()
+            self._check_not_closed()
         except BaseException:
             self.close()
             raise
