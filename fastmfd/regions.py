@@ -15,18 +15,20 @@ tracker, if it dies first).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import io
 import mmap
 import os
 import stat
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import numpy.typing as npt
 
 from ._core import DirtyBitmap
 from .arguments import BOOL, INT, PATH, STR, check_types, instance_of, optional, type_error
-from .errors import ConfigError
+from .errors import ConfigError, MigrationError
 from .protocol.control import RegionHandle
 from .protocol.setup import Invalid, check_name
 from .huge_pages import advise_huge_pages, why_no_huge_pages
@@ -98,6 +100,20 @@ def region_to_add(region: object, what: str = "add_region(region)") -> "Region":
 def first_file_changed(regions: list["Region"]) -> str | None:
     """What befell the first of ``regions`` whose file changed (Region.file_changed)."""
     return next(filter(None, (region.file_changed() for region in regions)), None)
+
+
+@contextlib.contextmanager
+def closed_regions_named(regions: Sequence["Region"]) -> Iterator[None]:
+    """A session's use of ``regions``: one closed meanwhile (by another thread)
+    fails it naming the region, not with the ValueError of its dirty bitmap (a
+    structure the user never made), and the peer is told that."""
+    try:
+        yield
+    except ValueError as exc:
+        closed = next((region for region in regions if region.closed), None)
+        if closed is None:
+            raise
+        raise MigrationError(f"region {closed.name!r} was closed during the migration") from exc
 
 
 class Region:

@@ -196,3 +196,48 @@ def test_close_while_another_thread_enters(side, monkeypatch, leaks):
     finally:
         owner.close()
 
+
+# ---------------------------------------------------------------- a region
+
+@pytest.mark.parametrize("side", ["source", "destination"])
+def test_a_region_closed_mid_migration_is_named(side, leaks):
+    """A region the session uses, closed from another thread mid-transfer: both
+    sides fail naming it. Before the fix: "ValueError: DirtyBitmap is closed", a
+    structure the user never made, and no region named."""
+    # Round 1 takes about 1 s: the close lands in it (once the source stopped, the
+    # workers' own mappings finish the transfer, and the migration may succeed).
+    config = fastmfd.MigrationConfig(channels=2, max_bandwidth=16 * MIB, job_packets=1)
+    region = make_region("ram", 16 * MIB, seed=3, zero=0.0)
+    target = make_region("ram", 16 * MIB)
+    closing = region if side == "source" else target
+    try:
+        with Migration(config) as m:
+            m.source.add_region(region)
+            m.destination.add_region(target)
+
+            def mid_round_1() -> bool:
+                status = m.source.status()
+                return status["status"] == "active" and status["ram"]["transferred"] > 0
+
+            def closer():
+                deadline = time.monotonic() + 10
+                while not mid_round_1() and time.monotonic() < deadline:
+                    time.sleep(0.005)
+                closing.close()
+
+            thread = threading.Thread(target=closer, name="test closer")
+            thread.start()
+            try:
+                outcome = m.run(live=True, timeout=30)
+            finally:
+                thread.join(10)
+            for name, error in (("source", outcome.source_error),
+                                ("destination", outcome.dest_error)):
+                assert isinstance(error, fastmfd.MigrationError), \
+                    f"the {name} ended with {error!r}"
+                assert "region 'ram' was closed during the migration" in str(error), \
+                    f"the {name}'s error does not name the region: {error}"
+    finally:
+        region.close()
+        target.close()
+    leaks.assert_clean()

@@ -52,7 +52,7 @@ from ..protocol.security import ChannelSecurity
 from ..protocol.setup import DeviceSpec, RegionSpec, Setup
 from ..protocol.sockets import (Address, ConnectionClosed, connect, tune_data_socket,
                                 tune_main_socket)
-from ..regions import Region, first_file_changed
+from ..regions import Region, closed_regions_named, first_file_changed
 from ..shm import SharedMemory
 from ..stats import ChannelStats, MigrationStats, RoundStats
 from .liveness import (AwaitingDestination, Heartbeat, Progress, bytes_waiting,
@@ -142,7 +142,8 @@ class Sending:
             t_setup = self.board.setup_s = time.monotonic() - t_start
             with RoundProgress(enabled=progress, regions=self.parts.regions,
                                pages_done=self._pages_done) as bar:
-                rounds, stop_time = self._run_rounds(live, on_stop, bar)
+                with closed_regions_named(self.parts.regions):
+                    rounds, stop_time = self._run_rounds(live, on_stop, bar)
                 self._wait_for(self._loaded)
             end = time.monotonic()
             # A destination that cannot resume fails the migration: wait for its word.

@@ -17,7 +17,7 @@ from ..errors import ConfigError, ProtocolError
 from ..protocol.security import ChannelSecurity
 from ..protocol.setup import RegionSpec, Setup
 from ..region_pool import RegionPool
-from ..regions import Region, region_to_add
+from ..regions import Region, closed_regions_named, region_to_add
 from ..shm import SHM_DIR, free_bytes
 from .admission import GREETING_SPARES
 from .memory_bound import WORKER_BYTES, MemoryBudget
@@ -195,7 +195,8 @@ def check_every_page_came(regions: list[Region], fresh: list[bool]) -> None:
     for region, new in zip(regions, fresh):
         if new:
             continue                    # created empty: a page never sent is zero
-        count, first = region.dirty.unmarked()
+        with closed_regions_named([region]):
+            count, first = region.dirty.unmarked()
         if count:
             raise ProtocolError(f"region {region.name!r}: {count} page(s) never sent (the "
                                 f"first: page {first}), which would keep what the region "
