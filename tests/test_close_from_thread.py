@@ -202,8 +202,9 @@ def test_close_while_another_thread_enters(side, monkeypatch, leaks):
 @pytest.mark.parametrize("side", ["source", "destination"])
 def test_a_region_closed_mid_migration_is_named(side, leaks):
     """A region the session uses, closed from another thread mid-transfer: both
-    sides fail naming it. Before the fix: "ValueError: DirtyBitmap is closed", a
-    structure the user never made, and no region named."""
+    sides fail naming it, and the source's status() meanwhile still reports. Before
+    the fix: "ValueError: DirtyBitmap is closed", a structure the user never made,
+    and no region named (status() too raised it)."""
     # Round 1 takes about 1 s: the close lands in it (once the source stopped, the
     # workers' own mappings finish the transfer, and the migration may succeed).
     config = fastmfd.MigrationConfig(channels=2, max_bandwidth=16 * MIB, job_packets=1)
@@ -214,6 +215,7 @@ def test_a_region_closed_mid_migration_is_named(side, leaks):
         with Migration(config) as m:
             m.source.add_region(region)
             m.destination.add_region(target)
+            status: dict[str, object] = {}      # the source's status() right after the close
 
             def mid_round_1() -> bool:
                 status = m.source.status()
@@ -224,6 +226,10 @@ def test_a_region_closed_mid_migration_is_named(side, leaks):
                 while not mid_round_1() and time.monotonic() < deadline:
                     time.sleep(0.005)
                 closing.close()
+                try:        # (the source's rounds are still running: it reads the bitmaps)
+                    status["after"] = m.source.status()["status"]
+                except BaseException as exc:
+                    status["after"] = exc
 
             thread = threading.Thread(target=closer, name="test closer")
             thread.start()
@@ -237,6 +243,7 @@ def test_a_region_closed_mid_migration_is_named(side, leaks):
                     f"the {name} ended with {error!r}"
                 assert "region 'ram' was closed during the migration" in str(error), \
                     f"the {name}'s error does not name the region: {error}"
+            assert isinstance(status["after"], str), f"status() raised {status['after']!r}"
     finally:
         region.close()
         target.close()

@@ -56,7 +56,7 @@ class StatusBoard:
             # What the workers have not cleared of the round being sent, and what
             # was dirtied since it began; devices: their last estimate, until the stop.
             in_round = max(0, self.round_pages - (normal + zero - self.round_base))
-            remaining = (in_round + sum(r.dirty.count() for r in regions)) * config.page_size
+            remaining = (in_round + sum(map(_dirty_pages, regions))) * config.page_size
             device_remaining = self.device_pending if self.stopped_at is None else 0
         expected = (remaining + device_remaining) / bandwidth if bandwidth > 0 else None
         elapsed = final.total_time_s if final else now - self.started_at
@@ -83,3 +83,15 @@ class StatusBoard:
                        "chunks": sum(s.next_idx for s in streams)},
             "channels": channels,
         }
+
+
+def _dirty_pages(region: Region) -> int:
+    """``region``'s dirty pages; none once it is closed under the session (whose
+    rounds then fail naming it): status() from another thread meanwhile reports,
+    it does not raise its bitmap's ValueError."""
+    try:
+        return int(region.dirty.count())
+    except ValueError:
+        if region.closed:
+            return 0
+        raise
