@@ -23,6 +23,7 @@ from ._engine.admission import GREETING_SPARES, MAX_WORKERS, Refusal, Refusals
 from ._engine.receiving import DestinationParts, Receiving, ReceivingState
 from ._engine.session import Owner, SessionFailure, call_hook
 from ._engine.session_regions import check_writable
+from ._engine.stopping import end_call
 from ._engine.workers import recv_worker_main
 from .arguments import (BOOL, CALLABLE, INT, NUMBER, POSITIVE, STR, UNSIGNED, Kind,
                         check_types, instance_of, optional, type_error, up_to, within)
@@ -324,11 +325,8 @@ class Destination(Owner):
             session.source_still_there()
             call_hook("on_resume", on_resume)
             session.resumed()
-        except KeyboardInterrupt as exc:     # Ctrl-C, or the CLI's SIGTERM (which says so)
-            self._failure.fail(MigrationError(str(exc) or "interrupted by the user"))
-            raise
-        except BaseException as exc:
-            self._failure.raise_for(exc)
+        except BaseException as exc:         # Ctrl-C or sys.exit() too: see end_call
+            end_call(self._failure, exc)
         assert session.setup is not None, "accept_main() took it"
         return DestinationResult({r.name: r for r in session.regions}, session.device_results(),
                                  session.stats(total), session.setup.encode())

@@ -59,6 +59,7 @@ from ..protocol.setup import MAX_CHANNELS, Setup
 from .liveness import process_stopped
 from .processes import Child, ChildSet, Watch
 from .session import SessionResources
+from .stopping import stop_reason
 from .workers import recv_worker_main
 
 log = logging.getLogger("fastmfd")
@@ -119,9 +120,10 @@ class Refusals:
 
 def session_ended(why: BaseException | str) -> str:
     """The reason a connection still being greeted is dropped when the session ends."""
-    # A Ctrl-C's KeyboardInterrupt has no text: it was "dropped: the session ended: ".
-    if isinstance(why, KeyboardInterrupt) and not str(why):
-        why = "interrupted by the user"
+    # What stopped the program, in words: a Ctrl-C's KeyboardInterrupt has no text (it
+    # was "dropped: the session ended: "), a SystemExit's is its code alone.
+    if isinstance(why, BaseException) and not isinstance(why, Exception):
+        why = stop_reason(why, "destination")
     return f"dropped: the session ended: {why}"
 
 

@@ -62,6 +62,7 @@ from .progress import RoundProgress
 from .saving import DeviceSaver, DeviceStream, OldWaySaver, make_saver
 from .session import Hook, SessionFailure, SessionResources, break_session, call_hook
 from .status import StatusBoard
+from .stopping import end_call
 
 __all__ = ["Sending", "SendingState", "SourceParts"]
 
@@ -150,11 +151,8 @@ class Sending:
             # Once it is heard the destination runs: nothing after it is a failure.
             while not self._resumed.wait(0.5):
                 self.failure.check()
-        except KeyboardInterrupt as exc:     # Ctrl-C, or the CLI's SIGTERM (which says so)
-            self.failure.fail(MigrationError(str(exc) or "interrupted by the user"))
-            raise
-        except BaseException as exc:
-            self.failure.raise_for(exc)
+        except BaseException as exc:         # Ctrl-C or sys.exit() too: see end_call
+            end_call(self.failure, exc)
         finally:
             # The device save threads use the pool, the selector and the command
             # pipes, which close() frees: they must be over first. After a failure
