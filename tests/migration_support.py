@@ -238,6 +238,35 @@ def _outcome(call):
         return exc
 
 
+def stopped_in_setup(stop, config: fastmfd.MigrationConfig | None = None,
+                     **destination_options) -> tuple[BaseException | None, BaseException | None]:
+    """A source stopped while its destination checks SETUP (on_setup runs): its
+    ``migrate()`` runs in this thread; ``stop(source)`` runs in the destination's,
+    whose on_setup then waits until ``migrate()`` ended, so the source stops before
+    any SETUP_ACK. Returns what migrate() and receive() raised."""
+    ended = threading.Event()
+    received: dict[str, BaseException] = {}
+
+    def on_setup(setup) -> None:
+        stop(m.source)
+        ended.wait(20)
+
+    def receive() -> None:
+        received["error"] = _outcome(lambda: m.destination.receive(on_setup=on_setup))
+
+    with make_region("ram", 1 << 20, seed=5) as region, \
+            Migration(config, **destination_options) as m:
+        m.source.add_region(region)
+        receiver = threading.Thread(target=receive, daemon=True, name="test destination")
+        receiver.start()
+        try:
+            error = _outcome(lambda: m.source.migrate(live=False))
+        finally:
+            ended.set()
+            receiver.join(20)
+    return error, received.get("error")
+
+
 def receiving(dst: fastmfd.Destination) -> tuple[threading.Thread, dict[str, object]]:
     """``dst.receive()`` in a thread: it, and what it returned ("result") or the
     MigrationError it raised ("error")."""

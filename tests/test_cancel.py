@@ -5,6 +5,9 @@ leakcheck plugin checks processes, segments and sockets after each test)."""
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
 import threading
 import time
 
@@ -13,7 +16,7 @@ import pytest
 import fastmfd
 from fastmfd._engine.session import SessionFailure
 from fastmfd.errors import Aborted
-from migration_support import Migration, make_region
+from migration_support import Migration, make_region, stopped_in_setup
 
 MIB = 1 << 20
 BOUND = 2.0             # seconds from cancel() to the end of migrate() and receive()
@@ -159,3 +162,46 @@ def test_cancel_while_waiting_for_switchover_ack():
             _cancel_when(m, lambda s: s["switchover_ack"] == "requested", live=True)
     finally:
         region.close()
+
+
+def _sigint(source: fastmfd.Source) -> None:
+    os.kill(os.getpid(), signal.SIGINT)     # process-directed, as a terminal's Ctrl-C
+
+
+def _sigterm(source: fastmfd.Source) -> None:
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+STOPS = {"cancel": (lambda source: source.cancel(REASON), fastmfd.MigrationError, REASON),
+         "close": (lambda source: source.close(), fastmfd.MigrationError,
+                   "the Source was closed"),
+         "ctrl_c": (_sigint, KeyboardInterrupt, "interrupted by the user"),
+         "sys_exit": (_sigterm, SystemExit, "the source process is exiting (SystemExit 143)")}
+
+
+@pytest.fixture
+def exits_on_sigterm():
+    """A service's usual SIGTERM handler, for the test's duration."""
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
+    yield
+    signal.signal(signal.SIGTERM, previous)
+
+
+ARRANGEMENTS = {"plain": {}, "auth_key": {"auth_key": b"k" * 32}}
+
+
+@pytest.mark.parametrize("arrangement", list(ARRANGEMENTS))
+@pytest.mark.parametrize("how", list(STOPS))
+def test_the_destination_hears_why_the_source_stopped_before_setup_ack(
+        how, arrangement, leaks, ctrl_c, exits_on_sigterm):
+    """A source cancelled, closed, Ctrl-C'd or exiting while the destination checks
+    its SETUP: the source sent its ERROR only once SETUP_ACK had come, and the
+    destination failed with "connection closed after 0 of 8 bytes of message"."""
+    stop, raised, reason = STOPS[how]
+    options = ARRANGEMENTS[arrangement]
+    config = fastmfd.MigrationConfig(channels=2, auth_key=options.get("auth_key"))
+    source_error, destination_error = stopped_in_setup(stop, config, **options)
+    assert isinstance(source_error, raised), f"migrate() raised {source_error!r}"
+    assert isinstance(destination_error, fastmfd.MigrationError), destination_error
+    assert f"main channel: the source failed: {reason}" in str(destination_error), \
+        destination_error

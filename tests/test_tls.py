@@ -31,7 +31,7 @@ from fastmfd.protocol.main_channel import (MESSAGE_HEADER, Msg, decode_message_h
 from fastmfd.protocol.security import ChannelSecurity
 from fastmfd.protocol.sockets import recv_exact
 from fastmfd.tools.security_options import LOCAL_CLIENT
-from migration_support import Migration, make_region
+from migration_support import Migration, make_region, stopped_in_setup
 
 SIZE = 1 << 20
 
@@ -106,6 +106,18 @@ def test_a_preallocating_destination_over_tls(pki):
     # Its KEEPALIVEs before SETUP_ACK travel inside TLS like every main-channel message.
     config = fastmfd.MigrationConfig(channels=2, tls=pki.source())
     _migrate(config, pki.destination(), prealloc=True, states={"dev": b"state" * 3000})
+
+
+def test_a_source_cancelled_before_setup_ack_says_why_over_tls(pki):
+    """Its ERROR, sent while the handshake's thread waits for SETUP_ACK on the same
+    TLS connection, reaches the destination (which was not told)."""
+    config = fastmfd.MigrationConfig(channels=2, tls=pki.source())
+    source_error, destination_error = stopped_in_setup(
+        lambda source: source.cancel("cancelled by the test"), config,
+        tls=pki.destination())
+    assert "cancelled by the test" in str(source_error), source_error
+    assert "main channel: the source failed: cancelled by the test" in \
+        str(destination_error), destination_error
 
 
 @pytest.mark.parametrize("arrangement", ["old way", "dedicated device channels",

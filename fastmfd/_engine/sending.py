@@ -190,8 +190,8 @@ class Sending:
         self.failure.check()                # a cancel while connecting found none
         tune_main_socket(sock)
         sock = handshake.open_main_channel(sock, self._security, setup, cfg.channel_header,
-                                           str(parts.address))
-        self.main = MainChannel(sock)
+                                           str(parts.address), opened=self._opened)
+        assert self.main is not None and self.main.sock is sock, "opened with SETUP"
         self._saver, self._pool = make_saver(self._streams, cfg, self.main,
                                              parts.device_selector, self._device_command,
                                              self.failure, parts.resources.own)
@@ -222,6 +222,9 @@ class Sending:
                                          daemon=True)
         self._monitor.start()
         self.state = SendingState.LIVE
+
+    def _opened(self, main: MainChannel) -> None:
+        self.main = main        # a failure from here on tells the destination why (_teardown)
 
     @property
     def _security(self) -> ChannelSecurity:

@@ -26,13 +26,13 @@ import socket
 import ssl
 import struct
 import time
-from collections.abc import Collection, Container
+from collections.abc import Callable, Collection, Container
 from dataclasses import dataclass
 
 from .. import _core
 from ..errors import MigrationError, ProtocolError, SecurityError, TLSError, peer_words
 from .main_channel import (MAIN, MAIN_MAGIC, MAIN_VERSION, MESSAGE_HEADER,
-                           MESSAGE_HEADER_SIZE, Msg, Sender, decode_message_header,
+                           MESSAGE_HEADER_SIZE, MainChannel, Msg, Sender, decode_message_header,
                            decode_payload, encode_message, encode_preamble, error_message,
                            expect_message)
 from .security import (MAIN_CHANNEL_ID, ChannelSecurity, Stream, TLSConfig, check_authz,
@@ -186,13 +186,20 @@ NO_LISTENER_HINT = ("(is a fastmfd listener there? a QEMU destination takes "
 
 
 def open_main_channel(sock: socket.socket, security: ChannelSecurity, setup: Setup,
-                      channel_header: bool, address: str) -> socket.socket:
+                      channel_header: bool, address: str,
+                      opened: Callable[[MainChannel], None] | None = None) -> socket.socket:
     """The source's side of the main channel's opening: the greeting, SETUP, and
     the destination's SETUP_ACK. Returns the socket to use from then on
     (TLS-wrapped or not); on failure the socket is closed. Its errors say where:
-    "main channel to ``address``", as a failed connect does."""
+    "main channel to ``address``", as a failed connect does.
+
+    ``opened(main)``: the session takes the channel as its SETUP goes, so that its
+    failure (a cancel, a Ctrl-C) while the destination checks SETUP tells the
+    destination why, after the SETUP (before it, the destination would refuse a
+    stranger); a Ctrl-C then leaves the socket to the session, to say why on it."""
     where = f"{MAIN} to {address}"
     deadline = time.monotonic() + security.timeout
+    handed = False
     try:
         if security.tls is not None:
             sock = tls_connect(sock, security, deadline, where)
@@ -202,7 +209,12 @@ def open_main_channel(sock: socket.socket, security: ChannelSecurity, setup: Set
             stream.send_all(encode_message(Msg.AUTH, setup.uuid), "AUTH")
             prove_key(_AuthMessages(sock, deadline, "destination", where, security.timeout),
                       security.auth_key, setup.uuid, MAIN_CHANNEL_ID, where)
-        stream.send_all(encode_message(Msg.SETUP, setup), "SETUP")
+        main = MainChannel(sock)
+        with main.writing():
+            if opened is not None:
+                opened(main)
+                handed = True
+            stream.send_all(encode_message(Msg.SETUP, setup), "SETUP")
         # A destination that preallocates its memory (prealloc) answers only once
         # it is done, sending KEEPALIVE meanwhile: each one restarts the wait,
         # within what faulting in the announced regions can take.
@@ -250,7 +262,8 @@ def open_main_channel(sock: socket.socket, security: ChannelSecurity, setup: Set
                             f"(did it refuse this source's certificate?): {cause}",
                             channel=where) from exc
     except BaseException:
-        sock.close()
+        if not handed:
+            sock.close()
         raise
     return sock
 

@@ -18,6 +18,7 @@ shared-key proof of :mod:`.security`, binary. Adding a message: a
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import socket
@@ -25,6 +26,7 @@ import struct
 import threading
 import time
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, Callable, Collection, Literal, TypeVar
 
@@ -504,6 +506,13 @@ class MainChannel:
         send_all(self.sock, data, kind.name, MAIN)
         self.bytes_sent += len(data)
         self.last_sent = time.monotonic()
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """Hold the writer while the handshake sends on the socket (the source's SETUP):
+        an ERROR sent meanwhile by another thread follows it, whole."""
+        with self._lock:
+            yield
 
     def send_parts(self, kind: Msg, parts: list[bytes | memoryview]) -> None:
         """A binary message whose payload is several buffers (device chunks, old way)."""
