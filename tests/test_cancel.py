@@ -187,7 +187,7 @@ def exits_on_sigterm():
     signal.signal(signal.SIGTERM, previous)
 
 
-ARRANGEMENTS = {"plain": {}, "auth_key": {"auth_key": b"k" * 32}}
+ARRANGEMENTS = {"plain": {}, "auth_key": {"auth_key": b"k" * 32}, "prealloc": {"prealloc": True}}
 
 
 @pytest.mark.parametrize("arrangement", list(ARRANGEMENTS))
@@ -196,7 +196,8 @@ def test_the_destination_hears_why_the_source_stopped_before_setup_ack(
         how, arrangement, leaks, ctrl_c, exits_on_sigterm):
     """A source cancelled, closed, Ctrl-C'd or exiting while the destination checks
     its SETUP: the source sent its ERROR only once SETUP_ACK had come, and the
-    destination failed with "connection closed after 0 of 8 bytes of message"."""
+    destination failed with "connection closed after 0 of 8 bytes of message" (with
+    prealloc, its KEEPALIVE had met the source: "connection lost sending SETUP_ACK")."""
     stop, raised, reason = STOPS[how]
     options = ARRANGEMENTS[arrangement]
     config = fastmfd.MigrationConfig(channels=2, auth_key=options.get("auth_key"))

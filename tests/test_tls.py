@@ -108,13 +108,14 @@ def test_a_preallocating_destination_over_tls(pki):
     _migrate(config, pki.destination(), prealloc=True, states={"dev": b"state" * 3000})
 
 
-def test_a_source_cancelled_before_setup_ack_says_why_over_tls(pki):
+@pytest.mark.parametrize("prealloc", [False, True], ids=["", "prealloc"])
+def test_a_source_cancelled_before_setup_ack_says_why_over_tls(pki, prealloc):
     """Its ERROR, sent while the handshake's thread waits for SETUP_ACK on the same
     TLS connection, reaches the destination (which was not told)."""
     config = fastmfd.MigrationConfig(channels=2, tls=pki.source())
     source_error, destination_error = stopped_in_setup(
         lambda source: source.cancel("cancelled by the test"), config,
-        tls=pki.destination())
+        tls=pki.destination(), prealloc=prealloc)
     assert "cancelled by the test" in str(source_error), source_error
     assert "main channel: the source failed: cancelled by the test" in \
         str(destination_error), destination_error

@@ -164,9 +164,13 @@ class Receiving:
             raise SecurityError("SETUP's uuid is not the one the auth_key proof was bound to",
                                 channel=MAIN)
         self._prepare(setup)
-        if self.parts.prealloc:
-            self._preallocate()
-        self.main.send(Msg.SETUP_ACK)
+        try:
+            if self.parts.prealloc:
+                self._preallocate()
+            self.main.send(Msg.SETUP_ACK)
+        except MigrationError as exc:   # the source failed meanwhile and left: its ERROR says why
+            raise handshake.error_left(self.main.sock, MAIN, "the source failed",
+                                       "source") or exc
         self.state = ReceivingState.RECEIVING
 
     def _prepare(self, setup: Setup) -> None:

@@ -277,19 +277,21 @@ def _connection_lost(exc: MigrationError | ProtocolError) -> bool:
         and not isinstance(context, TimeoutError))
 
 
-def error_left(sock: socket.socket, where: str, says: str) -> MigrationError | None:
+def error_left(sock: socket.socket, where: str, says: str,
+               sender: Sender = "destination") -> MigrationError | None:
     """The ERROR a destination left before it closed the connection, when one is
     there to read, as "``says``: its words": a source still sending its greeting
     then meets a closed connection (refuse_on_arrival) before it reads why, and
     one connecting its channels a listener that closed, perhaps behind its
     KEEPALIVEs. None if none is. (It came before the end of the connection that
-    failed the source, so it is read at once, or not there.)"""
+    failed the source, so it is read at once, or not there.) ``sender="source"``:
+    the ERROR a source left while its destination checked SETUP."""
     deadline = time.monotonic() + 0.05
     try:
         kind = Msg.KEEPALIVE
         while kind is Msg.KEEPALIVE:
             kind, body = _read_bounded(sock, "ERROR", where, deadline, None,
-                                       (Msg.ERROR, Msg.KEEPALIVE), "destination")
+                                       (Msg.ERROR, Msg.KEEPALIVE), sender)
     except (MigrationError, ProtocolError, OSError):
         return None
     return MigrationError(f"{says}: {decode_payload(kind, body).error}", channel=where,
