@@ -690,3 +690,61 @@ def test_strangers_holding_connections_after_setup_only_delay_the_channels():
     finally:
         stop.set()
         region.close()
+
+
+def _taken_while_cancelled(monkeypatch, taken) -> BaseException:
+    """A Source migrating to a Destination whose wait for it, patched, is
+    ``taken(admission, wait, cancel)``: it calls the real ``wait`` and the
+    Destination's ``cancel`` in the order of the race it stands for. Returns what
+    the source's ``migrate()`` raised (its handshake timeout: 5 s)."""
+    from fastmfd._engine.admission import Admission
+    wait = Admission.wait
+    with make_region("ram", SIZE) as region, \
+            fastmfd.Destination("tcp:127.0.0.1:0", timeout=10) as dst:
+        cancel = lambda: dst.cancel("the destination was closed at once")
+        monkeypatch.setattr(Admission, "wait",
+                            lambda admission, *args: taken(admission, lambda: wait(
+                                admission, *args), cancel))
+        outcome: dict = {}
+        thread = threading.Thread(target=lambda: _receive(dst, outcome), daemon=True)
+        thread.start()
+        with fastmfd.Source(dst.address, CONFIG.replace(timeout=5.0)) as src:
+            src.add_region(region)
+            with pytest.raises(fastmfd.MigrationError) as raised:
+                src.migrate(live=False)
+        thread.join(10)
+    assert "the destination was closed at once" in str(outcome.get("error")), outcome
+    return raised.value
+
+
+def test_a_source_taken_as_the_destination_is_cancelled_hears_why(monkeypatch):
+    """The wait returned the source's greeting, then the cancel came (its teardown
+    found no main channel to say why on): the source waited for its SETUP_ACK until
+    its handshake timed out, the destination's socket left open."""
+    def taken(admission, wait, cancel):
+        greeting = wait()
+        cancel()
+        return greeting
+
+    error = _taken_while_cancelled(monkeypatch, taken)
+    assert "the peer failed: the destination was closed at once" in str(error), error
+
+
+def test_a_source_greeted_as_the_wait_ends_hears_why(monkeypatch):
+    """The source's greeting passed after the cancel ended the wait (the cancel's
+    wake-up ahead of it in the queue): the destination closed it with its SETUP
+    unread, and the source read "Connection reset by peer, before any answer (is
+    a fastmfd listener there? ...)"."""
+    def taken(admission, wait, cancel):
+        deadline = time.monotonic() + 10
+        while admission._passed.empty() and time.monotonic() < deadline:
+            time.sleep(0.01)                    # until the source's greeting passed
+        greeting = admission._passed.get_nowait()
+        cancel()                                # its wake-up first, then the greeting
+        admission._passed.put(greeting)
+        return wait()
+
+    error = _taken_while_cancelled(monkeypatch, taken)
+    assert "the peer failed: dropped: the session ended: the destination was closed at " \
+           "once" in str(error), error
+    assert "listener there" not in str(error), error

@@ -53,7 +53,8 @@ from typing import Any, Callable, Iterable, Protocol
 
 from ..errors import MigrationError, NoSourceError, ProtocolError
 from ..protocol.control import Greeting
-from ..protocol.handshake import MainGreeting, greet_main_channel, refuse_on_arrival
+from ..protocol.handshake import (MainGreeting, greet_main_channel, refuse_on_arrival,
+                                  tell_why)
 from ..protocol.security import ChannelSecurity
 from ..protocol.setup import MAX_CHANNELS, Setup
 from .liveness import process_stopped
@@ -278,6 +279,9 @@ class Admission:
             except queue.Empty:
                 break
             if greeting is not None:
+                # A source whose greeting passed as the wait ended: no SETUP_ACK comes, so
+                # it hears why (it read "connection reset" and a hint of no listener there).
+                tell_why(greeting.sock, str(self._ended))
                 greeting.sock.close()
         os.close(self._wake_r)
         os.close(self._wake_w)

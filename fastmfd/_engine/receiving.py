@@ -151,9 +151,11 @@ class Receiving:
                 greeting = admission.wait(self.parts.timeout, "the main channel")
             finally:
                 self._admission = None
+        self.main = MainChannel(greeting.sock)      # (closed by close() from here)
+        if self.failure.error is not None:  # failed as it was taken: the teardown had no channel
+            self.main.send_error(self.failure.error)
         self.failure.check()
         tune_main_socket(greeting.sock)
-        self.main = MainChannel(greeting.sock)
         self.state = ReceivingState.SETUP
         kind, length = decode_message_header(greeting.first_header, 0, sender="source",
                                              expected=(Msg.SETUP,))

@@ -48,7 +48,7 @@ TELL_DRAIN_BYTES = 1 << 20
 __all__ = ["ChannelHello", "SocketStream", "TLSStream", "read_hello", "main_channel_start",
            "channel_start", "open_main_channel", "open_channel", "MainGreeting",
            "greet_main_channel", "refuse_on_arrival", "greet_channel", "tls_accept",
-           "check_channel", "error_left"]
+           "check_channel", "error_left", "tell_why"]
 
 
 # ---------------------------------------------------------------- streams
@@ -422,7 +422,7 @@ def greet_main_channel(sock: socket.socket, security: ChannelSecurity) -> MainGr
         _check_transport(first, security.tls is not None, MAIN)
     except SecurityError as exc:
         if not is_tls_record(first):
-            _tell(sock, exc)
+            tell_why(sock, exc)
         raise
     try:
         if security.tls is not None:
@@ -432,7 +432,7 @@ def greet_main_channel(sock: socket.socket, security: ChannelSecurity) -> MainGr
         try:
             return _greet_main(sock, security, deadline)
         except (SecurityError, ProtocolError) as exc:
-            _tell(sock, exc)
+            tell_why(sock, exc)
             raise
     except BaseException:
         sock.close()
@@ -477,7 +477,7 @@ def _message_type(header: bytes) -> int:
     return kind
 
 
-def _tell(sock: socket.socket, error: BaseException) -> None:
+def tell_why(sock: socket.socket, error: BaseException | str) -> None:
     """Best effort: tell a refused peer why, as the main channel's ERROR. What it
     sent meanwhile is drained for a moment first: closing a socket with unread
     bytes resets the connection, and a reset can overtake the ERROR."""
