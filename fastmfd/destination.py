@@ -301,7 +301,7 @@ class Destination(Owner):
         """
         check_types("receive", on_setup=(on_setup, optional(CALLABLE)),
                     on_resume=(on_resume, optional(CALLABLE)))
-        self._check_not_closed()
+        self._check_usable()
         if self._workers is None:
             raise ConfigError("use the Destination as a context manager")
         with self._running("a Destination receives one migration; make a new one"):

@@ -166,7 +166,7 @@ class Source(Owner):
         """
         check_types("migrate", live=(live, BOOL), on_stop=(on_stop, optional(CALLABLE)),
                     on_resume=(on_resume, optional(CALLABLE)), progress=(progress, BOOL))
-        self._check_not_closed()
+        self._check_usable()
         if self._parts is None:
             raise ConfigError("use the Source as a context manager: `with Source(...) as src`")
         if not self._regions and not self._devices:

@@ -318,6 +318,38 @@ def test_a_fork_of_an_owner_s_process_leaves_its_resources_alone(tmp_path, leaks
         assert all(alive(pid) for pid in pids)
 
 
+def test_a_fork_leaving_an_owner_s_with_leaves_its_resources_alone(leaks):
+    # A child forked inside the owner's `with` leaves it too when it exits normally:
+    # its close() stopped the parent's workers and unlinked the parent's segments.
+    with fastmfd.Source("tcp:127.0.0.1:1") as owner:
+        pids = owner.worker_pids()
+        held = [owner._parts.counters.name, owner._parts.ram_selector.name,
+                owner._parts.mailbox_shm.name]
+        child = os.fork()
+        if child == 0:
+            os._exit(_use_then_leave(owner))
+        _, status = os.waitpid(child, 0)
+        assert all(alive(pid) for pid in pids)
+        assert set(held) <= set(list_segments())
+        assert os.waitstatus_to_exitcode(status) == 0
+
+
+def _use_then_leave(owner: fastmfd.Source) -> int:
+    """In a forked child: 0 if ``owner``'s migrate() is refused as the parent's and its
+    close() raises nothing (a failure's status otherwise, never an exception)."""
+    try:
+        owner.migrate()
+    except ConfigError as exc:
+        refused = "was forked from" in str(exc)
+    except BaseException:
+        refused = False
+    try:
+        owner.close()
+    except BaseException:
+        return 2
+    return 0 if refused else 1
+
+
 def _exit_as_a_fork_does() -> int:
     """Run, in a forked child, the finalizers an exiting interpreter runs (only
     fastmfd's: multiprocessing's own would stop the daemonic workers anyway)."""

@@ -287,7 +287,12 @@ class Owner:
     ``close()`` from a hook of the call, on the call's own thread, cannot
     wait for it: it cancels the call, which frees everything as it leaves.
     ``_start()`` runs under that lock too: a ``close()`` meanwhile waits for
-    what it makes, then frees it all, and entering fails."""
+    what it makes, then frees it all, and entering fails.
+
+    What it owns is its maker's process's: in a child forked from that process
+    (``os.fork()``, multiprocessing's 'fork'), which may leave the ``with`` it
+    inherited, ``close()`` frees none of it, and entering it or its session call
+    is a ConfigError. The parent's session runs on, its workers untouched."""
 
     _call_thread: int | None = None
     _call_left: threading.Event | None = None
@@ -299,14 +304,14 @@ class Owner:
         self._called = False
         self._closed = False
         self._resources = SessionResources()
-        weakref.finalize(self, _free_unclosed, type(self).__name__, self._resources,
-                         os.getpid())
+        self._pid = os.getpid()
+        weakref.finalize(self, _free_unclosed, type(self).__name__, self._resources, self._pid)
 
     @contextlib.contextmanager
     def _running(self, once: str) -> Iterator[None]:
         """Run the session call, claimed; ``once``: the ConfigError of a second one."""
         with self._claiming:
-            self._check_not_closed()
+            self._check_usable()
             if self._called:
                 raise ConfigError(once)
             self._called = True
@@ -325,11 +330,15 @@ class Owner:
             finally:
                 left.set()
 
-    def _check_not_closed(self) -> None:
+    def _check_usable(self) -> None:
         """A closed owner is used no more: not entered again (which would start its
-        processes again), nor its session call made."""
+        processes again), nor its session call made; nor is one in a forked child."""
+        name = type(self).__name__
+        if os.getpid() != self._pid:
+            raise ConfigError(f"this {name} belongs to process {self._pid}, which this process "
+                              f"was forked from: make a new {name} here")
         if self._closed:
-            raise ConfigError(f"this {type(self).__name__} was closed: make a new one")
+            raise ConfigError(f"this {name} was closed: make a new one")
 
     def _stop_running_call(self) -> bool:
         """Cancel a running session call; whether it runs on this thread (a hook of it
@@ -359,6 +368,9 @@ class Owner:
         """Free everything (idempotent, any thread); from another thread while the
         session call runs, cancel it first and wait for it to leave; from a hook of
         that call, cancel it and return: the call frees everything as it leaves."""
+        if os.getpid() != self._pid:
+            self._closed = True         # the parent's, which its session may be using
+            return
         if self._stop_running_call():
             return
         with self._releasing:
@@ -372,14 +384,14 @@ class Owner:
         if self._entered:
             raise ConfigError(f"this {name} was entered already: a {name} is entered once, "
                               f"by one `with`; make a new one")
-        self._check_not_closed()
+        self._check_usable()
         self._entered = True
         try:
             # A close() from another thread meanwhile waits for what _start() makes,
             # then frees it all: entering then fails, or it would hand out a closed owner.
             with self._releasing:
                 self._start()
-            self._check_not_closed()
+            self._check_usable()
         except BaseException:
             self.close()
             raise
