@@ -352,7 +352,7 @@ def _use_then_leave(owner: fastmfd.Source) -> int:
 
 def _exit_as_a_fork_does() -> int:
     """Run, in a forked child, the finalizers an exiting interpreter runs (only
-    fastmfd's: multiprocessing's own would stop the daemonic workers anyway)."""
+    fastmfd's: a whole exit, multiprocessing's handler too, is test_forked_child's)."""
     import weakref
     for finalizer in list(weakref.finalize._registry):       # type: ignore[attr-defined]
         info = finalizer.peek()

@@ -15,9 +15,10 @@ import multiprocessing
 import os
 import signal
 import threading
-from multiprocessing import connection, forkserver, popen_forkserver, reduction, spawn, util
+from multiprocessing import (connection, forkserver, popen_forkserver, process, reduction, spawn,
+                             util)
 from multiprocessing.context import ForkServerProcess, set_spawning_popen
-from typing import Iterator
+from typing import Any, Iterator
 
 from ..errors import MigrationError
 from ..safe_path import safe_import_path
@@ -49,11 +50,71 @@ def mp_context() -> multiprocessing.context.ForkServerContext:
     # meets its own once the block ends.
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
+        _leave_the_parents_temp_dir()
         with safe_import_path():    # started here, not by a child's start (see safe_path)
             forkserver.ensure_running()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     return ctx
+
+
+# The temporary directory (pymp-*) of the process this one was forked from: the
+# forkserver's socket goes there, and it is the parent's, removed at its exit.
+_parents_temp_dir: str | None = None
+
+
+def _forget_the_parents_processes() -> None:
+    """Run in a child just forked from this process (``os.fork()``, multiprocessing's
+    'fork'): multiprocessing's state, copied, still calls the parent's forkserver
+    and workers this process's.
+
+    - Its workers leave multiprocessing's children: that module's exit handler,
+      run at the child's normal exit, SIGTERMs every daemonic child it knows,
+      which killed the parent's workers under a running session.
+    - The forkserver is forgotten: multiprocessing waits on its pid to see it
+      runs (``ChildProcessError`` in a child, whose child it is not), and the
+      inherited end of its "alive" pipe kept it running after the parent's exit.
+      The child starts its own, in its own temporary directory
+      (:func:`_leave_the_parents_temp_dir`), when it uses fastmfd.
+    """
+    global _parents_temp_dir
+    _parents_temp_dir = _process_config().get("tempdir")
+    # multiprocessing.process._children: the set that handler walks (not public API).
+    children: set[process.BaseProcess] = getattr(process, "_children", set())
+    children.difference_update([c for c in children if isinstance(c, ForkServerChild)])
+    # CPython's private ForkServer state, not in typeshed:
+    server: Any = forkserver._forkserver
+    if server._forkserver_pid is None:
+        return              # none inherited (the forkserver forking a worker, say)
+    try:
+        os.close(server._forkserver_alive_fd)
+    except OSError:
+        pass
+    server._forkserver_pid = server._forkserver_alive_fd = server._forkserver_address = None
+    # A thread of the parent's starting a worker held it at the fork: held for ever here.
+    server._lock = threading.Lock()
+
+
+def _leave_the_parents_temp_dir() -> None:
+    """Before a forked child starts its own forkserver: put its socket in a
+    directory of the child's, not in the parent's, whose exit removes it (the
+    child could start no worker then), and which the child's forkserver would
+    remove at its own end (:mod:`.forkserver_exit`), under the parent's."""
+    # multiprocessing's own 'fork' child copied its config before the fork, so
+    # it is looked at here, in whichever process is current by now.
+    config = _process_config()
+    if _parents_temp_dir is not None and config.get("tempdir") == _parents_temp_dir:
+        del config["tempdir"]
+
+
+def _process_config() -> dict[str, Any]:
+    """The current process's multiprocessing settings, its temporary directory's
+    among them (CPython's private state, not in typeshed)."""
+    config: dict[str, Any] = process.current_process()._config  # type: ignore[attr-defined]
+    return config
+
+
+os.register_at_fork(after_in_child=_forget_the_parents_processes)
 
 
 @contextlib.contextmanager
