@@ -267,6 +267,7 @@ class Destination(Owner):
         """Fail the session from another thread: ``receive()`` raises MigrationError
         promptly, even while it still waits for the source to connect."""
         check_types("cancel", reason=(reason, STR))
+        self._check_own_process()
         self._failure.fail(MigrationError(reason))
         if self._listener is not None and self._owns_listener:
             try:

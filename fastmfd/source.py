@@ -116,6 +116,7 @@ class Source(Owner):
         """Fail the running migration from another thread: ``migrate()`` raises
         MigrationError(reason) promptly and the destination is sent the ERROR."""
         check_types("cancel", reason=(reason, STR))
+        self._check_own_process()
         self._cancelled = reason
         session = self._session
         if session is not None:

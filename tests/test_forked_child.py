@@ -98,6 +98,14 @@ CHILD_EXITS = COMMON + """
         report["pids"] = dst.worker_pids() + src.worker_pids() + [forkserver_pid()]
         child = os.fork()
         if child == 0:
+            if sys.argv[1] == "cancelling":     # refused, the parent's sockets untouched
+                refused = 0
+                for owner in (dst, src):
+                    try:
+                        owner.cancel("from the child")
+                    except fastmfd.ConfigError as exc:
+                        refused += "which this process was forked from" in str(exc)
+                sys.exit(0 if refused == 2 else 3)
             sys.exit(0)
         _, status = os.waitpid(child, 0)
         report["child status"] = os.waitstatus_to_exitcode(status)
@@ -219,11 +227,12 @@ def gone(pids):
     return [pid for pid in pids if alive(pid)] == []
 
 
-@pytest.mark.parametrize("how", ["leaving-with", "atexit-only"])
+@pytest.mark.parametrize("how", ["leaving-with", "atexit-only", "cancelling"])
 def test_a_forked_child_exiting_leaves_the_parents_workers_alone(run_script, how):
     # multiprocessing's exit handler in the child SIGTERMed the parent's workers,
     # which it had inherited as its daemonic children; and the child's close(),
     # leaving the `with` it inherited, stopped them and freed the parent's segments.
+    # A cancel() there shut the parent's listener down: refused now.
     report, err, tmp_path = run_script(CHILD_EXITS, how)
     assert report["child status"] == 0
     assert report["alive after"] == report["pids"], err

@@ -330,15 +330,21 @@ class Owner:
             finally:
                 left.set()
 
+    def _check_own_process(self) -> None:
+        """In a child forked from its maker's process nothing of it is used or
+        stopped: it is the parent's (a cancel() there shut the parent's listener
+        and sockets down under its running session)."""
+        if os.getpid() != self._pid:
+            name = type(self).__name__
+            raise ConfigError(f"this {name} belongs to process {self._pid}, which this process "
+                              f"was forked from: make a new {name} here")
+
     def _check_usable(self) -> None:
         """A closed owner is used no more: not entered again (which would start its
         processes again), nor its session call made; nor is one in a forked child."""
-        name = type(self).__name__
-        if os.getpid() != self._pid:
-            raise ConfigError(f"this {name} belongs to process {self._pid}, which this process "
-                              f"was forked from: make a new {name} here")
+        self._check_own_process()
         if self._closed:
-            raise ConfigError(f"this {name} was closed: make a new one")
+            raise ConfigError(f"this {type(self).__name__} was closed: make a new one")
 
     def _stop_running_call(self) -> bool:
         """Cancel a running session call; whether it runs on this thread (a hook of it
