@@ -320,12 +320,13 @@ class Region:
 
     @property
     def buffer(self) -> memoryview:
-        """The region's bytes, writable, without a copy."""
+        """The region's bytes, without a copy (writable, unless the region is read-only)."""
         return self._check_open()
 
     @property
     def array(self) -> npt.NDArray[np.uint8]:
-        """A numpy ``uint8`` view of the region (writable, shares memory)."""
+        """A numpy ``uint8`` view of the region (shares memory; writable, unless the
+        region is read-only)."""
         if self._array is None:
             self._array = np.frombuffer(self.buffer, dtype=np.uint8)
         return self._array

@@ -124,3 +124,18 @@ def test_the_graph_sees_relative_and_compiled_imports():
 def test_no_module_is_longer_than_600_lines(module):
     lines = MODULES[module].read_text().count("\n")
     assert lines <= MAX_LINES, f"{module} has {lines} lines: split it by concept"
+
+
+def test_the_readme_layout_names_every_module():
+    # Three modules were missing from the table a newcomer reads to find a part.
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    table = readme.split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
+    missing = []
+    for name, path in MODULES.items():
+        if path.name in ("__init__.py", "__main__.py"):
+            continue
+        # The tools' own packages (bench/, inspect/) are named as a whole.
+        whole = path.parent.parent.name == "tools" and f"`{path.parent.name}/`" in table
+        if f"`{path.name}`" not in table and not whole:
+            missing.append(name)
+    assert not missing, f"the README's Layout table does not name {missing}"
