@@ -1,6 +1,6 @@
 """``migrate(live=False)`` of a whole image: fastmfd cell by cell, against its peers.
 
-One question per group, "migrate <image> <compression>": how long does each
+One question per group, "migrate <size> <image> <compression>": how long does each
 channel count take to move the image, and how does that compare with a real
 QEMU multifd migration of the same bytes (``--qemu``, timed beside it) and
 with one plain socket (``sendall``)?
@@ -27,6 +27,7 @@ import pytest
 from _migration import report, time_trials
 from fastmfd.tools.bench.matrix import Setting, make_trial, run_once
 from fastmfd.tools.bench.trial import Measurement
+from fastmfd.units import format_bytes
 
 IMAGES = ("random", "halftext")
 COMPRESSIONS = ("none", "zlib", "zstd", "auto")     # auto: fastmfd only, QEMU has none
@@ -54,7 +55,8 @@ def test_migrate(benchmark, images, migrate_size, migrate_rounds, migrate_preall
     where = [" (destination preallocated)"] if migrate_prealloc else []
     if migrate_link is not None:
         where.append(f" (link {migrate_link.spec.text})")
-    benchmark.group = f"migrate {image_kind} {setting.compression}" + "".join(where)
+    benchmark.group = (f"migrate {format_bytes(migrate_size)} {image_kind} "
+                       f"{setting.compression}" + "".join(where))
     options = dict(prealloc=migrate_prealloc, link=migrate_link)
 
     qemu_setting = replace(setting, method="qemu")
