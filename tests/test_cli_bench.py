@@ -150,6 +150,20 @@ def test_cold_memory_is_said_in_the_table_and_the_json(tmp_path, capsys):
     assert json.loads(out.read_text())["benchmarks"][0]["extra_info"]["warm_memory"] is False
 
 
+def test_a_value_named_twice_runs_once(tmp_path, capsys):
+    # Each ran twice per repeat and both runs went into its one row: 2ch's a median of 2
+    # beside 1ch's 1 (rounds 2 in the JSON), two random images made and merged.
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--size", "1M", "--channels", "1,2,2,1", "--compression", "none,none",
+                 "--image", "random,random", "--repeat", "1", "--json", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert err.count("making a") == 1
+    assert [line.split("run 1:")[0].split() for line in err.splitlines() if "verified" in line] \
+        == [["random", "fastmfd", "1ch", "none"], ["random", "fastmfd", "2ch", "none"]]
+    assert [(b["name"], b["stats"]["rounds"]) for b in json.loads(out.read_text())["benchmarks"]] \
+        == [("random fastmfd 1ch none", 1), ("random fastmfd 2ch none", 1)]
+
+
 @pytest.mark.parametrize("where", ["missing-dir/bench.json", "."])
 def test_json_to_an_unwritable_path_fails_before_the_run(tmp_path, capsys, where):
     path = tmp_path / where

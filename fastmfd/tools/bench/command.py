@@ -9,6 +9,7 @@ import os
 import sys
 from collections.abc import Callable
 from contextlib import ExitStack
+from typing import TypeVar
 
 from rich.console import Console
 
@@ -28,6 +29,8 @@ from .trial import FOREIGN_LOAD_FLAG, Measurement
 
 __all__ = ["add_arguments", "settings_from_args", "cli_main"]
 
+_T = TypeVar("_T")
+
 
 def _int_list(text: str) -> list[int]:
     try:
@@ -37,7 +40,13 @@ def _int_list(text: str) -> list[int]:
                                          f"channel counts") from None
     if not values or any(v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"channel counts must be >= 1, not {text!r}")
-    return values
+    return _once(values)
+
+
+def _once(values: list[_T]) -> list[_T]:
+    """``values`` without repeats, in order: a setting or image named twice ran twice per
+    repeat and both runs went into its one row (a median of 2 beside rows of 1)."""
+    return list(dict.fromkeys(values))
 
 
 def _choice_list(choices: tuple[str, ...]) -> Callable[[str], list[str]]:
@@ -47,7 +56,7 @@ def _choice_list(choices: tuple[str, ...]) -> Callable[[str], list[str]]:
         if not values or bad:
             raise argparse.ArgumentTypeError(
                 f"{', '.join(bad) or repr(text)}: choose from {', '.join(choices)}")
-        return values
+        return _once(values)
     return parse
 
 
@@ -55,7 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=whole_pages, default=256 << 20,
                         help="image size, e.g. 64M, 1G (default 256M)")
     parser.add_argument("--channels", type=_int_list, default=[1, 2, 4],
-                        help="comma-separated channel counts (default 1,2,4)")
+                        help="comma-separated channel counts (default 1,2,4); here and in "
+                             "--compression and --image a value named twice runs once")
     parser.add_argument("--compression", type=_choice_list(COMPRESSION_METHODS),
                         default=list(COMPRESSION_METHODS),
                         help="comma-separated methods from none, zlib, zstd, auto (fastmfd "
