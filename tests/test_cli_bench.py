@@ -192,6 +192,74 @@ def test_compare_with_an_earlier_run_and_draw_an_svg_chart(tmp_path, capsys):
     assert "fastmfd 1ch zstd-1" in text and "█" in text
 
 
+def test_compare_pairs_only_results_measured_alike(tmp_path, capsys):
+    # Paired by name alone, a result in TLS was shown with a speed-up over the same one
+    # without: sendall has no TLS, so its row pairs and fastmfd's does not.
+    before = tmp_path / "before.json"
+    args = ["bench", "--size", "1M", "--channels", "1", "--compression", "none",
+            "--peer", "sendall"]
+    assert main([*args, "--json", str(before)]) == 0
+    capsys.readouterr()
+    assert main([*args, "--tls", "--compare", str(before)]) == 0
+    compared = capsys.readouterr().out.split("compared with before.json")[1]
+    rows = {name: next(line for line in compared.splitlines() if name in line)
+            for name in ("random sendall (1 socket)", "random fastmfd 1ch none")}
+    assert re.search(r"\d+ ms .* \d+ ms .* \d+\.\d\dx", rows["random sendall (1 socket)"])
+    assert re.search(r"\d+ ms .* \d+ ms .* — .* not comparable: TLS: none before, TLS now",
+                     rows["random fastmfd 1ch none"]), rows
+
+
+def _edited(path: Path, extra_info: dict | None) -> Path:
+    """A copy of ``path``'s results with these extra_info fields (None: with no extra_info,
+    as a pytest-benchmark file)."""
+    doc = json.loads(path.read_text())
+    for bench in doc["benchmarks"]:
+        if extra_info is None:
+            del bench["extra_info"]
+        else:
+            bench["extra_info"].update(extra_info)
+    edited = path.with_name("edited.json")
+    edited.write_text(json.dumps(doc))
+    return edited
+
+
+@pytest.mark.parametrize("edit, args, why", [
+    # a 64 MiB run beside a 1 GiB one showed a tenfold "speed-up" by times
+    ({}, ["--size", "2M"], "image: 1.00 MiB before, 2.00 MiB now"),
+    ({"image_bytes": 1 << 30}, [], "image: 1.00 GiB before, 1.00 MiB now"),
+    ({}, ["--prealloc"], "destination preallocated: no before, yes now"),
+    ({}, ["--cold-memory"], "free memory warmed: yes before, no now"),
+    ({"link": "emulated 1gbit (veth, tc)"}, [],
+     "link: emulated 1gbit (veth, tc) before, loopback TCP now"),
+    (None, [], "not recorded before: image, link, TLS, destination "
+                               "preallocated, free memory warmed"),
+])
+def test_compare_with_nothing_measured_alike_exits_2_before_the_run(tmp_path, capsys, edit,
+                                                                     args, why):
+    before = tmp_path / "before.json"
+    common = ["bench", "--channels", "1", "--compression", "none"]
+    assert main([*common, "--size", "1M", "--json", str(before)]) == 0
+    capsys.readouterr()
+    old = _edited(before, edit)
+    code = main([*common, "--size", "1M", *args, "--compare", str(old)])
+    err = capsys.readouterr().err
+    assert code == 2 and "making a" not in err, err
+    assert err == f"fastmfd bench: --compare {old}: no result in it was measured like this " \
+                  f"run's: 'random fastmfd 1ch none': {why}\n"
+
+
+def test_compare_with_no_result_of_the_same_name_exits_2_before_the_run(tmp_path, capsys):
+    # It printed a table of "-" after the whole run.
+    before = tmp_path / "before.json"
+    common = ["bench", "--size", "1M", "--compression", "none"]
+    assert main([*common, "--channels", "1", "--json", str(before)]) == 0
+    capsys.readouterr()
+    assert main([*common, "--channels", "2", "--compare", str(before)]) == 2
+    assert capsys.readouterr().err == \
+        f"fastmfd bench: --compare {before}: no result in it has the name (image and " \
+        f"setting) of one of this run's, e.g. 'random fastmfd 2ch none'\n"
+
+
 @pytest.mark.parametrize("args, message", [
     (["--compare", "/nonexistent/old.json"], "--compare /nonexistent/old.json: No such file"),
     (["--chart", "chart.png"], "name a .svg file"),
@@ -211,6 +279,8 @@ NOT_RESULTS = {
     "link to /dev/zero": "a character device, not a regular file",
     "65 MiB": "larger than 64 MiB",
     "nested 200000 deep": "not a results file written by `fastmfd bench --json` (RecursionError",
+    "extra_info a list": "not a results file written by `fastmfd bench --json` (TypeError: "
+                         "extra_info of 'x' is not an object)",
 }
 
 
@@ -227,6 +297,8 @@ def test_a_compare_file_that_cannot_be_results_fails_before_the_run(tmp_path, ki
     elif kind == "65 MiB":
         with open(path, "wb") as f:
             f.truncate(65 << 20)
+    elif kind == "extra_info a list":
+        path.write_text('{"benchmarks": [{"name": "x", "stats": {"min": 1}, "extra_info": []}]}')
     else:
         path.write_text("[" * 200_000)
     done = run_bench("--size", "1M", "--channels", "1", "--compression", "none",

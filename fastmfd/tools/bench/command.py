@@ -20,9 +20,9 @@ from ..images import IMAGE_KINDS, Image, check_scratch_room
 from ...units import format_bytes, format_rate
 from ..new_files import check_new_file, write_new_file
 from ..option_values import positive_int, whole_pages
-from .document import LINK, document, load_best_times
+from .document import LINK, RunConditions, check_comparable, document, load_baseline
 from .link import EmulatedLink, LinkSpec, check_can_emulate, parse_link
-from .matrix import PEERS, QEMU_METHODS, Setting, run_matrix
+from .matrix import PEERS, QEMU_METHODS, Result, Setting, run_matrix
 from .output import comparison_table, render
 from .peers import check_guest_size, check_qemu, find_qemu
 from .trial import FOREIGN_LOAD_FLAG, Measurement
@@ -111,7 +111,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "layout with the machine, commit and date")
     parser.add_argument("--compare", metavar="OLD.json", default=None,
                         help="also print each result beside the same one in OLD.json (a "
-                             "file --json wrote): best times and the speed-up")
+                             "file --json wrote): best times and the speed-up (> 1x: faster "
+                             "now), for results of the same image size, --prealloc, "
+                             "--cold-memory, --link and TLS only (exit 2 before the run "
+                             "when none is)")
     parser.add_argument("--chart", metavar="FILE.svg", type=_svg, default=None,
                         help="also draw the tables and throughput charts into FILE.svg")
     security_options.add_arguments(parser, side="both")
@@ -166,7 +169,7 @@ def cli_main(args: argparse.Namespace) -> int:
     # Each passes its check alone; the second write would fail after every run.
     if args.json and args.chart and os.path.realpath(args.json) == os.path.realpath(args.chart):
         raise ConfigError(f"--json and --chart both name {args.chart}: give each its own file")
-    baseline = load_best_times(args.compare) if args.compare else None
+    baseline = load_baseline(args.compare) if args.compare else None
     if "qemu" in args.peer:
         args.qemu_binary = find_qemu(args.qemu_binary)
         check_qemu(args.qemu_binary)        # before any timed run
@@ -182,6 +185,13 @@ def cli_main(args: argparse.Namespace) -> int:
         # Its destinations listen on the link's far end: --tls's certificate names it.
         security = cleanup.enter_context(security_options.loopback_security(
             args, (link.destination_host,) if link is not None else ()))
+        conditions = RunConditions(
+            tls=security.label or None, prealloc=args.prealloc, warm_memory=not args.cold_memory,
+            link=f"emulated {args.link.text} (veth, tc)" if args.link else LINK)
+        if baseline is not None:
+            # Before any image is made: a comparison that would pair nothing costs no run.
+            check_comparable(baseline, [(Result(s, kind).name, conditions.of(s, args.size))
+                                        for kind in args.image for s in settings], args.compare)
         for kind in args.image:
             log.print(f"making a {format_bytes(args.size)} {kind} image ...")
             # Each closed by the stack: an interrupt closing one stops none of the others.
@@ -208,15 +218,12 @@ def cli_main(args: argparse.Namespace) -> int:
         notes.append(", QEMU in TLS (its tls-creds)")
     render(results, console, note="".join(notes))
     if baseline is not None:
-        console.print(comparison_table(results, baseline, args.compare))
+        console.print(comparison_table(results, baseline, args.compare, conditions))
     if args.chart:
         chart = Console(record=True, width=120, file=io.StringIO())
         render(results, chart, note="".join(notes))
         write_new_file(args.chart, chart.export_svg(title="fastmfd bench").encode())
     if args.json:
-        link_text = f"emulated {args.link.text} (veth, tc)" if args.link else LINK
-        write_new_file(args.json, json.dumps(
-            document(results, tls=security.label or None, prealloc=args.prealloc,
-                     warm_memory=not args.cold_memory, link=link_text), indent=2).encode()
-            + b"\n")
+        write_new_file(args.json, json.dumps(document(results, conditions), indent=2).encode()
+                       + b"\n")
     return 0

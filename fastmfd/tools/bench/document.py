@@ -12,9 +12,15 @@ it was measured, and tools that read pytest-benchmark files read it::
                                "outliers", "ld15iqr", "hd15iqr", "ops", "total",
                                "iterations", "data"},      # seconds, as pytest-benchmark's
                      "extra_info": {"image", "compression", "channels", "peer", "link",
-                                    "tls", "image_bytes", "throughput_bytes_per_s",
+                                    "tls", "prealloc", "warm_memory", "image_bytes",
+                                    "throughput_bytes_per_s",
                                     "first_s", "spread", "loaded_runs",
                                     "runs": [{"seconds", "cpu_s", ...}], ...}}]}
+
+``--compare OLD.json`` pairs a result with OLD.json's of the same name (image
+and setting) only when image_bytes, link, tls, prealloc and warm_memory match
+too (:class:`RunConditions`): a 64 MiB run beside a 1 GiB one showed a tenfold
+"speed-up" for moving less.
 
 The output files are checked before the run
 (:func:`fastmfd.tools.new_files.check_new_file`): a path that exists or cannot
@@ -29,17 +35,19 @@ import os
 import platform
 import statistics
 import subprocess
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ... import __version__
 from ...errors import ConfigError
+from ...units import format_bytes
 from ..input_files import open_regular_file
 from .matrix import TLS_METHODS
 
 if TYPE_CHECKING:
-    from .matrix import Result
+    from .matrix import Result, Setting
 
-__all__ = ["document", "load_best_times"]
+__all__ = ["RunConditions", "Baseline", "document", "load_baseline", "check_comparable"]
 
 LINK = "loopback TCP"           # what carries the bytes without --link
 # A results file holds a few KiB per setting; past this it is not one (and
@@ -47,8 +55,58 @@ LINK = "loopback TCP"           # what carries the bytes without --link
 MAX_COMPARE_BYTES = 64 << 20
 
 
-def load_best_times(path: str) -> dict[str, float]:
-    """``name -> best seconds`` of the benchmarks in a document :func:`document` wrote
+@dataclass(frozen=True)
+class RunConditions:
+    """What one bench run held alike for all its cells beside the image and setting (which
+    the names say): ``tls``: fastmfd's (and QEMU's) protection, ``prealloc``, ``warm_memory``
+    (free memory warmed before each run), ``link``: what carried the bytes."""
+    tls: str | None = None
+    prealloc: bool = False
+    warm_memory: bool = True
+    link: str = LINK
+
+    def of(self, setting: Setting, image_bytes: int) -> dict[str, Any]:
+        """The extra_info fields --compare matches of one cell moving ``image_bytes``
+        (sendall has no TLS)."""
+        return {"image_bytes": image_bytes, "link": self.link,
+                "tls": self.tls if setting.method in TLS_METHODS else None,
+                "prealloc": self.prealloc, "warm_memory": self.warm_memory}
+
+
+# How a field of RunConditions.of reads in a note on two results that differ in it.
+_FIELD_NAMES = {"image_bytes": "image", "link": "link", "tls": "TLS",
+                "prealloc": "destination preallocated", "warm_memory": "free memory warmed"}
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """One result of an earlier run: its best time and what it was measured under
+    (the fields of :meth:`RunConditions.of` its extra_info has)."""
+    seconds: float
+    conditions: dict[str, Any]
+
+    def differences(self, now: dict[str, Any]) -> str:
+        """Why this result is not comparable with one measured under ``now``
+        (:meth:`RunConditions.of`), one line; "" when it is. A field the earlier file
+        lacks (a pytest-benchmark file, an older bench) differs: it may have been anything."""
+        before = self.conditions
+        unknown = [_FIELD_NAMES[key] for key in now if key not in before]
+        return "; ".join([f"{_FIELD_NAMES[key]}: {_shown(key, before[key])} before, "
+                          f"{_shown(key, value)} now" for key, value in now.items()
+                          if key in before and before[key] != value]
+                         + ([f"not recorded before: {', '.join(unknown)}"] if unknown else []))
+
+
+def _shown(key: str, value: Any) -> str:
+    if key == "image_bytes" and isinstance(value, int):
+        return format_bytes(value)
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return "none" if value is None else str(value)
+
+
+def load_baseline(path: str) -> dict[str, Baseline]:
+    """``name -> Baseline`` of the benchmarks in a document :func:`document` wrote
     (or pytest-benchmark); read before the run, so a bad file costs no run.
     Only a regular file of at most MAX_COMPARE_BYTES is read."""
     what = f"--compare {path}"
@@ -62,31 +120,51 @@ def load_best_times(path: str) -> dict[str, float]:
         raise ConfigError(f"{what}: larger than {MAX_COMPARE_BYTES >> 20} MiB: not a results "
                           f"file written by `fastmfd bench --json`")
     try:
-        benchmarks = json.loads(text)["benchmarks"]
-        return {b["name"]: float(b["stats"]["min"]) for b in benchmarks}
+        return {b["name"]: _baseline(b) for b in json.loads(text)["benchmarks"]}
     # RecursionError: arrays nested deeper than the parser's stack.
-    except (ValueError, KeyError, TypeError, RecursionError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise ConfigError(f"{what}: not a results file written by "
                           f"`fastmfd bench --json` ({type(exc).__name__}: {exc})") from None
 
 
-def document(results: list[Result], *, tls: str | None, prealloc: bool,
-             warm_memory: bool = True, link: str = LINK) -> dict[str, Any]:
-    """The JSON document of ``results`` (:class:`.matrix.Result`, in table order);
-    ``warm_memory``: whether free memory was warmed before each run; ``link``:
-    what carried every trial's bytes."""
+def _baseline(benchmark: dict[str, Any]) -> Baseline:
+    extra = benchmark.get("extra_info", {})
+    if not isinstance(extra, dict):
+        raise TypeError(f"extra_info of {benchmark['name']!r} is not an object")
+    return Baseline(float(benchmark["stats"]["min"]),
+                    {key: extra[key] for key in _FIELD_NAMES if key in extra})
+
+
+def check_comparable(baseline: dict[str, Baseline], cells: list[tuple[str, dict[str, Any]]],
+                     path: str) -> None:
+    """Refuse ``--compare path`` before the run when none of this run's ``cells``
+    (name, :meth:`RunConditions.of`) pairs with a result in it: the comparison
+    would show nothing."""
+    shared = [(name, baseline[name].differences(now)) for name, now in cells
+              if name in baseline]
+    if any(not why for _, why in shared):
+        return
+    if not shared:
+        raise ConfigError(f"--compare {path}: no result in it has the name (image and "
+                          f"setting) of one of this run's, e.g. {cells[0][0]!r}")
+    name, why = shared[0]
+    raise ConfigError(f"--compare {path}: no result in it was measured like this run's: "
+                      f"{name!r}: {why}")
+
+
+def document(results: list[Result], conditions: RunConditions) -> dict[str, Any]:
+    """The JSON document of ``results`` (:class:`.matrix.Result`, in table order),
+    all measured under ``conditions``."""
     return {
         "machine_info": machine_info(),
         "commit_info": commit_info(),
         "datetime": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "version": __version__,
-        "benchmarks": [_benchmark(result, tls, prealloc, warm_memory, link)
-                       for result in results],
+        "benchmarks": [_benchmark(result, conditions) for result in results],
     }
 
 
-def _benchmark(result: Result, tls: str | None, prealloc: bool, warm_memory: bool,
-               link: str) -> dict[str, Any]:
+def _benchmark(result: Result, conditions: RunConditions) -> dict[str, Any]:
     best = result.best
     setting = result.setting
     name = result.name
@@ -95,10 +173,9 @@ def _benchmark(result: Result, tls: str | None, prealloc: bool, warm_memory: boo
         "stats": run_stats([m.seconds for m in result.measurements]),
         "extra_info": {
             "image": result.image, "compression": setting.compression_label,
-            "channels": setting.channels, "peer": setting.method, "link": link,
-            "tls": tls if setting.method in TLS_METHODS else None, "prealloc": prealloc,
-            "warm_memory": warm_memory,
-            "image_bytes": best.image_bytes, "throughput_bytes_per_s": best.throughput,
+            "channels": setting.channels, "peer": setting.method,
+            **conditions.of(setting, best.image_bytes),
+            "throughput_bytes_per_s": best.throughput,
             "median_throughput_bytes_per_s": result.median_throughput,
             "first_s": result.first_seconds, "spread": round(result.spread, 3),
             "wire_bytes": best.wire_bytes, "loaded_runs": result.loaded_runs,

@@ -10,6 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ...units import format_bytes, format_rate
+from .document import Baseline, RunConditions
 from .matrix import Result
 from .trial import FOREIGN_LOAD_FLAG
 
@@ -94,16 +95,28 @@ def _chart(kind: str, rows: list[Result], console: Console) -> None:
         console.print(line)
 
 
-def comparison_table(results: list[Result], baseline: dict[str, float], source: str) -> Table:
-    """Each result's best time beside the same benchmark's in ``baseline`` (name ->
-    best seconds, :func:`.document.load_best_times`); > 1x: faster now."""
+def comparison_table(results: list[Result], baseline: dict[str, Baseline], source: str,
+                     conditions: RunConditions) -> Table:
+    """Each result's best time beside the same benchmark's in ``baseline``
+    (:func:`.document.load_baseline`) when that one moved an image of the same size
+    under the same ``conditions``: the speed-up is its time over this one's (> 1x: faster
+    now); else "—" and why not."""
     table = Table(title=f"compared with {os.path.basename(source)} (best times)",
                   title_justify="left")
     table.add_column("benchmark")
     for column in ("before", "now", "speed-up"):
         table.add_column(column, justify="right")
+    rows = []
     for r in results:
         before, now = baseline.get(r.name), r.best.seconds
-        table.add_row(r.name, "-" if before is None else f"{before * 1000:.0f} ms",
-                      f"{now * 1000:.0f} ms", "" if before is None else f"{before / now:.2f}x")
+        why = "" if before is None else \
+            before.differences(conditions.of(r.setting, r.best.image_bytes))
+        speed_up = "" if before is None else "—" if why else f"{before.seconds / now:.2f}x"
+        rows.append([r.name, "-" if before is None else f"{before.seconds * 1000:.0f} ms",
+                     f"{now * 1000:.0f} ms", speed_up]
+                    + ([f"not comparable: {why}"] if why else []))
+    if any(len(row) > 4 for row in rows):
+        table.add_column("note")
+    for row in rows:
+        table.add_row(*row)
     return table
