@@ -80,6 +80,7 @@ from .protocol.sockets import (bound_address, listen, listening_address, parse_a
                                remove_socket_file)
 from .regions import Region
 from .tools.outputs import MANIFEST, OutputDir, SavedFiles, check_only_yours
+from .tools.warm_files import WarmFiles
 
 __all__ = ["receive", "send", "QemuReceived", "QemuReceiver", "QemuSender", "QemuStreamFacts",
            "QemuCompression"]
@@ -139,7 +140,11 @@ class QemuReceiver:
     the address (:attr:`address`, where QEMU is to ``migrate``) and started the
     first workers; :meth:`receive` then takes the migration, once; :meth:`close`
     (or the end of a ``with`` block) frees it all. The parameters are
-    :func:`receive`'s."""
+    :func:`receive`'s, and ``warm``: faulted-in spare files (the caller's
+    :class:`~fastmfd.tools.warm_files.WarmFiles`, on the directory's file
+    system), one of which becomes a RAMBlock's file when its size and page size
+    match: its memory is allocated before QEMU connects, as a QEMU destination's
+    with ``prealloc=on`` (``fastmfd bench --prealloc``)."""
 
     _call = "QemuReceiver"      # what a wrong argument's TypeError names (see _ReceiveCall)
     _cli = False                # its errors name these parameters, not listen --qemu's flags
@@ -148,8 +153,8 @@ class QemuReceiver:
                  timeout: float = 3600.0, stall_timeout: float = DEFAULT_STALL_TIMEOUT,
                  force: bool = False, keep_partial: bool = False, max_size: int | None = None,
                  workers: int = 2, tls: TLSConfig | None = None,
-                 max_memory: int | None = None) -> None:
-        check_types(self._call,
+                 max_memory: int | None = None, warm: WarmFiles | None = None) -> None:
+        check_types(self._call, warm=(warm, optional(instance_of(WarmFiles, "a WarmFiles"))),
                     address=(address, Kind("a str or a listening socket",
                                            lambda a: isinstance(a, (str, socket.socket)))),
                     directory=(directory, PATH), force=(force, BOOL),
@@ -170,7 +175,7 @@ class QemuReceiver:
                            else parse_address(address))
         self._out: OutputDir | None = OutputDir(directory, force=force,
                                                 keep_partial=keep_partial, max_bytes=max_size,
-                                                cli=self._cli)
+                                                warm=warm, cli=self._cli)
         self._listener = self._given
         self._session: QemuReceiving | None = None
         self._received = False

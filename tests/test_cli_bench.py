@@ -473,6 +473,40 @@ def test_a_qemu_that_never_reaches_listen_qemu_fails_the_trial_at_once():
     assert not [pid for pid in workers if alive(pid)]
 
 
+def _allocated_beside(image: images.Image) -> int:
+    """Bytes of memory (tmpfs blocks) held by the files in the image's directory
+    but the image's own: what a trial made there."""
+    held = 0
+    for top, _, names in os.walk(image.directory):
+        for name in names:
+            path = os.path.join(top, name)
+            if path != image.path and not os.path.islink(path):
+                held += os.lstat(path).st_blocks * 512
+    return held
+
+
+@pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None,
+                    reason="qemu-system-x86_64 is not installed")
+def test_prealloc_preallocates_listen_qemus_destination_too():
+    """bench --prealloc: QEMU -> listen --qemu receives into memory faulted in
+    before timing, as the QEMU -> QEMU it is compared with does (prealloc=on);
+    its receiver wrote fresh files inside the timed part before."""
+    from fastmfd.tools.bench.matrix import Setting, make_trial
+    size = 16 << 20
+    with images.Image.create("random", size) as image:
+        trial = make_trial(Setting("qemu-to-fastmfd", 2, "none"), image, prealloc=True)
+        try:
+            before_timing = _allocated_beside(image)
+            measurement = trial.run()
+        except BaseException:
+            trial.close()
+            raise
+        trial.finish()          # the received RAM is the image
+        assert _allocated_beside(image) == 0
+    assert before_timing >= size, f"{before_timing} bytes held before the timed part"
+    assert measurement.details["destination_preallocated"] is True
+
+
 KILLED_WITH_ITS_QEMUS = """
 import os, signal
 from fastmfd.tools.images import Image

@@ -123,6 +123,13 @@ class WarmFiles:
                                             name="fastmfd warm files")
             self._thread.start()
 
+    def wait(self) -> None:
+        """Return once a refill running is done (its files ready, unless it failed
+        or was stopped: :attr:`held_bytes` tells)."""
+        thread = self._thread
+        if thread is not None:
+            thread.join()
+
     def _fill(self, sizes: list[Size]) -> None:
         for size, page_size in sizes:
             if self._stopped():

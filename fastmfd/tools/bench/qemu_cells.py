@@ -33,6 +33,7 @@ from ... import qemu
 from ...errors import MigrationError
 from ...protocol.security import TLSConfig
 from ...protocol.sockets import listen, parse_address
+from ..warm_files import WarmFiles
 from .peers import LOOPBACK_HOST, QMP, STEP_TIMEOUT, QemuPeer, destination_loaded
 from .trial import Measurement
 
@@ -47,7 +48,8 @@ class _Receiver:
     listening already (the caller's to close)."""
 
     def __init__(self, directory: str, workers: int,
-                 listener: socket.socket | None = None, tls: TLSConfig | None = None) -> None:
+                 listener: socket.socket | None = None, tls: TLSConfig | None = None,
+                 warm: WarmFiles | None = None) -> None:
         self._outcome: dict[str, qemu.QemuReceived | BaseException] = {}
         self._shut = self._closed = False
         self._own_listener = listener is None
@@ -57,7 +59,7 @@ class _Receiver:
         try:
             self._receiver = qemu.QemuReceiver(self._listener, directory,
                                                timeout=STEP_TIMEOUT * 10, workers=workers,
-                                               tls=tls)
+                                               tls=tls, warm=warm)
         except BaseException:
             self._close_own()
             raise
@@ -124,14 +126,24 @@ class _Receiver:
 
 
 class QemuToFastmfdTrial(QemuPeer):
-    """A real QEMU migrates the image into ``fastmfd listen --qemu``."""
+    """A real QEMU migrates the image into ``fastmfd listen --qemu``.
+
+    With ``prealloc``, the guest RAM's file is made and faulted in before
+    timing, and the receiver makes its RAMBlock's file of it (a warm file, as
+    ``listen --prealloc`` keeps between sessions), as the QEMU destination's
+    ``prealloc=on`` faults its RAM in at its start: otherwise the cell paid for
+    fresh memory that QEMU -> QEMU, its "vs QEMU", did not."""
     _received_name = "fastmfd: the RAMBlock file listen --qemu wrote"
 
     _listener: socket.socket | None = None     # on an emulated link: where it listens
     _receiver: _Receiver | None = None
+    _warm: WarmFiles | None = None
+    _warm_file: tuple[int, int] | None = None  # the preallocated file's (device, inode)
 
     def _prepare(self) -> None:
         self._dir = self._new_file("qemu-saved")
+        if self._prealloc:
+            self._preallocate()
         if self._link is not None:
             self._listener = self._link.listen()
         self.src = self._start(self.image.path, incoming=False, tls=True)
@@ -139,7 +151,19 @@ class QemuToFastmfdTrial(QemuPeer):
         self.secure(self.src, "client")
         # Its workers ready before timing, as the QEMU destination's threads are.
         self._receiver = _Receiver(self._dir, self.channels, self._listener,
-                                   tls=self._tls["server"])
+                                   tls=self._tls["server"], warm=self._warm)
+
+    def _preallocate(self) -> None:
+        """The guest RAM's file, faulted in, for the receiver to take (see the class)."""
+        self._warm = WarmFiles(self._new_file("qemu-warm"))
+        self._warm.refill([(self.image.size, self.image.region.page_size)])
+        self._warm.wait()
+        made = os.listdir(self._warm.path)
+        if self._warm.held_bytes != self.image.size or len(made) != 1:
+            raise MigrationError(f"could not preallocate the {self.image.size}-byte RAM file "
+                                 f"of listen --qemu (see the log)")
+        made_stat = os.stat(os.path.join(self._warm.path, made[0]))
+        self._warm_file = (made_stat.st_dev, made_stat.st_ino)
 
     def pids(self) -> dict[str, list[int]]:
         assert self._receiver is not None, "made by _prepare"
@@ -152,6 +176,9 @@ class QemuToFastmfdTrial(QemuPeer):
         if self._receiver is not None:
             self._receiver.close()
             self._receiver = None
+        if self._warm is not None:
+            self._warm.close()
+            self._warm = None
         super().close()
         if self._listener is not None:
             self._listener.close()
@@ -165,6 +192,7 @@ class QemuToFastmfdTrial(QemuPeer):
         if self.src.wait_migration(STEP_TIMEOUT) != "completed":
             raise MigrationError(f"QEMU source: {self.src.command('query-migrate')}")
         self._received = received.files.regions[RAM_BLOCK]
+        self._check_preallocated()
         channels = received.channels
         return Measurement(seconds, self.image.size,
                            sum(c["wire_bytes"] for c in channels) + received.facts.ram_bytes
@@ -172,7 +200,19 @@ class QemuToFastmfdTrial(QemuPeer):
                                "normal_pages": sum(c["normal_pages"] for c in channels),
                                "zero_pages": received.facts.zero_pages,
                                "receive_s": received.seconds,
-                               "qemu_tls_creds": self.tls_creds(self.src)})
+                               "qemu_tls_creds": self.tls_creds(self.src),
+                               "destination_preallocated": self._warm is not None})
+
+    def _check_preallocated(self) -> None:
+        """With prealloc, the RAMBlock was received into the file faulted in for it:
+        a block of another size (or page size) would have got a fresh one, and the
+        cell's time would not be comparable with QEMU's prealloc=on."""
+        if self._warm_file is None:
+            return
+        got = os.stat(self._received)
+        if (got.st_dev, got.st_ino) != self._warm_file:
+            raise MigrationError(f"listen --qemu did not receive RAMBlock {RAM_BLOCK!r} into "
+                                 f"its preallocated file")
 
 
 class FastmfdToQemuTrial(QemuPeer):
