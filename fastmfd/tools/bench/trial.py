@@ -74,25 +74,39 @@ def _cpu_ns(pids: Iterable[int]) -> int:
 
 
 _TICK = os.sysconf("SC_CLK_TCK")
+_PF_KTHREAD = 0x00200000        # /proc/PID/stat flags: a kernel thread
 
 
-def _process_cpu_s(pid: int) -> float | None:
-    """CPU seconds ``pid`` has used so far, every thread counted (even ended ones);
-    None once it has exited."""
+def _process_cpu_ns(pid: int) -> int | None:
+    """CPU nanoseconds ``pid`` has used so far, every thread counted (even ended
+    ones); None once it has exited. Its process CPU clock (clock_getcpuclockid):
+    /proc/PID/stat's utime and stime are in whole clock ticks, each truncated,
+    which made a 20-100 ms run's CPU seconds noise and a tick of it 0.1-0.5
+    cores of "other load"."""
+    try:
+        return time.clock_gettime_ns(((~pid) << 3) | 2)    # CPUCLOCK_SCHED of the process
+    except OSError:                 # EINVAL: no such process (any more)
+        return None
+
+
+def _kernel_thread(pid: int) -> bool:
+    """Whether ``pid`` is a kernel thread (False once gone)."""
     try:
         with open(f"/proc/{pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return (int(fields[11]) + int(fields[12])) / _TICK         # utime, stime
+            return bool(int(stat.read().rsplit(")", 1)[1].split()[6]) & _PF_KTHREAD)
+    except (OSError, IndexError, ValueError):
+        return False
 
 
 def _machine_busy_s() -> float:
-    """CPU seconds the whole machine has been busy (every core, every process)."""
+    """CPU seconds the machine's processes (every core) and its host have used,
+    irq and softirq left out: with ticks charged to them no process is, the
+    trial's own loopback networking counted as other load (where the kernel
+    charges that work to the task it interrupts, the trial's CPU time has it)."""
     with open("/proc/stat") as stat:
-        user, nice, system, _idle, _iowait, irq, softirq, steal = \
+        user, nice, system, _idle, _iowait, _irq, _softirq, steal = \
             map(int, stat.readline().split()[1:9])
-    return (user + nice + system + irq + softirq + steal) / _TICK
+    return (user + nice + system + steal) / _TICK
 
 
 class CpuMeter:
@@ -101,6 +115,15 @@ class CpuMeter:
     beside a foreign load above :data:`FOREIGN_LOAD_FLAG` is suspect. A trial
     whose ``pids`` are not all its processes (``complete=False``) gets no load
     figure: its own unseen processes would count as foreign.
+
+    The foreign load is the larger of two lower bounds. The other processes' CPU
+    time, to the nanosecond (their CPU clocks at the start and the end; one
+    started meanwhile counts whole): kernel threads are left out, on an idle
+    machine the trial's own work (softirq, writeback). And, for processes that
+    start and end within the run, the machine's busy time (/proc/stat) less
+    everything counted: that is in clock ticks, so it counts only beyond its
+    granularity (:meth:`_tick_error`), which leaves a run of a few dozen
+    milliseconds judged by the first bound alone.
 
     fastmfd's workers tear down and exit when their session is closed, after
     the timed part, so their teardown is not counted (nor is QEMU's: its
@@ -113,7 +136,12 @@ class CpuMeter:
 
     def __init__(self, pids: dict[str, list[int]], complete: bool = True) -> None:
         self._sides, self._complete = pids, complete
+        # The bench's own process is no other load, whether or not a side runs in it.
+        self._mine = {pid for side in pids.values() for pid in side} | {os.getpid()}
+        self._kernel: dict[int, bool] = {}      # by pid, looked up once
+        self._others = self._others_ns() if complete else {}
         self._first = self._sample({})
+        self._bench_ns = time.process_time_ns()
         self._last = dict(self._first)
         self._busy = _machine_busy_s()
         self._wall = time.monotonic()
@@ -121,17 +149,39 @@ class CpuMeter:
         self._thread = threading.Thread(target=self._run, daemon=True, name="bench cpu meter")
         self._thread.start()
 
-    def _sample(self, into: dict[int, float]) -> dict[int, float]:
+    def _sample(self, into: dict[int, int]) -> dict[int, int]:
         for pids in self._sides.values():
             for pid in pids:
-                value = _process_cpu_s(pid)
+                value = _process_cpu_ns(pid)
                 if value is not None:
                     into[pid] = value
         return into
 
+    def _others_ns(self) -> dict[int, tuple[int, bool]]:
+        """Every other process's CPU nanoseconds, and whether it is a kernel thread."""
+        found: dict[int, tuple[int, bool]] = {}
+        for name in os.listdir("/proc"):
+            if not name.isdigit() or int(name) in self._mine:
+                continue
+            pid = int(name)
+            value = _process_cpu_ns(pid)
+            if value is not None:
+                kernel = self._kernel.get(pid)
+                if kernel is None:
+                    kernel = self._kernel[pid] = _kernel_thread(pid)
+                found[pid] = (value, kernel)
+        return found
+
     def _run(self) -> None:
         while not self._stop.wait(self.SAMPLE_SECONDS):
             self._sample(self._last)
+
+    @staticmethod
+    def _tick_error(wall: float) -> float:
+        """Cores by which /proc/stat's busy time over ``wall`` seconds can be off:
+        its four fields each truncated to a tick, and each core's ticks charged
+        whole to what they land on (two each, at either end)."""
+        return (4 + 2 * (os.cpu_count() or 1)) / _TICK / wall
 
     def stop(self) -> dict[str, Any]:
         """``{"cpu_s": {side: seconds}, "foreign_cores": load}`` for Measurement.details."""
@@ -139,12 +189,23 @@ class CpuMeter:
         self._thread.join()
         self._sample(self._last)
         wall = time.monotonic() - self._wall
-        cpu = {side: round(sum(self._last.get(pid, 0.0) - self._first.get(pid, 0.0)
-                               for pid in pids), 3)
+        busy = _machine_busy_s() - self._busy
+        cpu = {side: round(sum(self._last.get(pid, 0) - self._first.get(pid, 0)
+                               for pid in pids) / 1e9, 3)
                for side, pids in self._sides.items()}
         if not self._complete:      # the trial's own unseen processes would count as foreign
             return {"cpu_s": cpu}
-        foreign = (_machine_busy_s() - self._busy - sum(cpu.values())) / wall if wall else 0.0
+        others = {False: 0, True: 0}            # ns of user processes, of kernel threads
+        for pid, (now, kernel) in self._others_ns().items():
+            before = self._others.get(pid, (0, kernel))[0]
+            others[kernel] += now - before if now >= before else now    # else: a pid reused
+        if wall <= 0:
+            return {"cpu_s": cpu, "foreign_cores": 0.0}
+        counted = (sum(cpu.values()) + (others[False] + others[True]) / 1e9
+                   + (0 if os.getpid() in self._first else
+                      (time.process_time_ns() - self._bench_ns) / 1e9))
+        unseen = (busy - counted) / wall - self._tick_error(wall)
+        foreign = max(others[False] / 1e9 / wall, unseen)
         return {"cpu_s": cpu, "foreign_cores": round(max(0.0, foreign), 2)}
 
 
