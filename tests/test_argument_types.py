@@ -117,6 +117,8 @@ WRONG = [
     (lambda: qemu.QemuSender(".", compression=None), "QemuSender(compression)", "NoneType"),
     (lambda: qemu.QemuReceiver("tcp:127.0.0.1:0", ".", timeout="1"), "QemuReceiver(timeout)",
      "str"),
+    (lambda: qemu.QemuReceiver("tcp:127.0.0.1:0", ".", warm="/dev/shm"), "QemuReceiver(warm)",
+     "str"),
     (lambda: fastmfd.Source("tcp:127.0.0.1:1", {"channels": 2}), "Source(config)", "dict"),
     (lambda: fastmfd.Source("tcp:127.0.0.1:1").migrate(on_stop="stop"), "migrate(on_stop)",
      "str"),
