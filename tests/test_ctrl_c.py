@@ -139,22 +139,27 @@ def test_ctrl_c_while_the_arguments_are_parsed_is_one_line():
     assert (done.returncode, done.stderr) == (130, "fastmfd: interrupted\n")
 
 
-def test_ctrl_c_inside_an_exec_leaves_python_m_fastmfd_with_130(tmp_path):
+@pytest.mark.parametrize("module", ["fastmfd", "fastmfd.tools.cli"])
+def test_ctrl_c_inside_an_exec_leaves_python_m_fastmfd_with_130(tmp_path, module):
     """A Ctrl-C that lands in an exec() of a string (dataclasses make their methods
     so, and building the parser imports many) stays noted by the interpreter as
     unhandled, though main() handles it: ``python -m fastmfd`` then died by SIGINT
     (-2) after its one line, not with 130 (a script, the console script, exits at
-    once with its status). The command runs here as ``python -m`` runs it."""
+    once with its status). The command runs here as ``python -m`` runs it, either
+    module a user may name (the exec was first in ``fastmfd/__main__`` only)."""
     (tmp_path / "interrupted_in_exec.py").write_text(textwrap.dedent("""
-        import runpy
-        from fastmfd.tools import cli
-        build = cli._build_parser
-        def build_interrupted():
-            exec("import os, signal; os.kill(os.getpid(), signal.SIGINT)")
-            return build()
-        cli._build_parser = build_interrupted
-        runpy.run_module("fastmfd", run_name="__main__")
-    """))
+        import argparse, runpy
+        # The module run anew as __main__ has its own functions: the parser's first
+        # construction, in argparse, is where the interrupt lands.
+        init, fired = argparse.ArgumentParser.__init__, []
+        def init_interrupted(self, *args, **kwargs):
+            if not fired:
+                fired.append(True)
+                exec("import os, signal; os.kill(os.getpid(), signal.SIGINT)")
+            init(self, *args, **kwargs)
+        argparse.ArgumentParser.__init__ = init_interrupted
+        runpy.run_module("{module}", run_name="__main__")
+    """).replace("{module}", module))
     path = os.pathsep.join([str(tmp_path), str(WORKTREE), os.environ.get("PYTHONPATH", "")])
     done = subprocess.run([sys.executable, "-m", "interrupted_in_exec", "listen",
                            "unix:/nonexistent/s"], capture_output=True, text=True, timeout=60,

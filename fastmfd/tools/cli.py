@@ -471,6 +471,15 @@ def _log_to_stderr(verbosity: int) -> logging.Handler | None:
     return handler
 
 
+def _forget_the_interrupt() -> None:
+    """A KeyboardInterrupt (or Terminated) that escaped an exec() of a string
+    (dataclasses make their methods so) stays noted by the interpreter as unhandled,
+    though handled here, and ``python -m`` then dies by SIGINT instead of exiting
+    with the status (CPython's pythonrun.c, run_eval_code_obj). An exec clears the
+    note as it starts."""
+    exec("")
+
+
 def main(argv: list[str] | None = None) -> int:
     handled = threading.current_thread() is threading.main_thread()
     if handled:
@@ -510,9 +519,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
     except Terminated:
         print(f"{command}: terminated (SIGTERM)", file=sys.stderr)
+        _forget_the_interrupt()
         return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print(f"{command}: interrupted", file=sys.stderr)
+        _forget_the_interrupt()
         return 130
     finally:
         if handled:
