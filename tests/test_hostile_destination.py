@@ -256,7 +256,7 @@ def test_keepalives_instead_of_loaded_fail_within_the_stall_timeout(leaks, word)
 
     error, took = migrate_against(script)
     assert ("main channel: the destination made no progress towards LOADED for 4 s after "
-            "COMPLETE" in str(error))      # twice the stall timeout: see DestinationFinishing
+            "COMPLETE" in str(error))      # twice the stall timeout: see AwaitingDestination
     assert took < 2 * STALL + SLACK
     leaks.assert_clean()
 

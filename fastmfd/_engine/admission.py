@@ -71,7 +71,7 @@ Refuse = Callable[[str, "BaseException | str"], None]
 __all__ = ["Admission", "ChannelDoor", "Refusal", "Refusals", "describe_peer", "MAX_CANDIDATES",
            "MAX_REFUSALS_KEPT", "EVICT_AFTER", "ACCEPTED_ANOTHER", "TOO_MANY", "EVICTED",
            "session_ended",
-           "GREETING_SPARES", "MAX_WORKERS", "DOOR_EVICTED"]
+           "GREETING_SPARES", "MAX_WORKERS", "DOOR_EVICTED", "receive_workers_at_most"]
 
 MAX_CANDIDATES = 64     # connections greeted at once (see the module's docstring)
 EVICT_AFTER = 1.0       # seconds a greeting runs before a newcomer may take its place
@@ -84,6 +84,12 @@ GREETING_SPARES = 8     # receive workers beyond the channels, to greet stranger
 MAX_WORKERS = MAX_CHANNELS + GREETING_SPARES    # the most receive workers a session uses
 DOOR_EVICTED = (f"dropped: greeted for over {EVICT_AFTER:g} s when every greeting worker was "
                 f"busy, for a newer connection")
+
+
+def receive_workers_at_most(channels: int) -> int:
+    """The receive workers the door lets a session of ``channels`` start: one a
+    channel and GREETING_SPARES to greet connections meanwhile."""
+    return channels + GREETING_SPARES
 
 
 @dataclass(frozen=True)
@@ -332,7 +338,7 @@ class ChannelDoor:
 
     def _at_most(self) -> bool:
         """Whether no more workers may start to greet."""
-        return len(self._parts.workers) >= self._setup.total_channels + GREETING_SPARES
+        return len(self._parts.workers) >= receive_workers_at_most(self._setup.total_channels)
 
     def _accept(self) -> None:
         workers = self._parts.workers

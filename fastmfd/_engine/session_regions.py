@@ -19,7 +19,7 @@ from ..protocol.setup import RegionSpec, Setup
 from ..region_pool import RegionPool
 from ..regions import Region, closed_regions_named, region_to_add
 from ..shm import SHM_DIR, free_bytes
-from .admission import GREETING_SPARES
+from .admission import GREETING_SPARES, receive_workers_at_most
 from .memory_bound import WORKER_BYTES, MemoryBudget
 from .processes import ChildSet
 from .session import SessionResources
@@ -124,9 +124,9 @@ def _memory_left(parts: RegionParts, setup: Setup, to_create: list[RegionSpec]) 
         f"the source's {n} channel(s) need {channels} bytes of receive buffers (packet_pages "
         f"{setup.packet_pages} x page_size {setup.page_size}, at most the largest region's "
         f"pages, compression {setup.compression})"))
-    # As many receive workers as the channel door may start (ChannelDoor._at_most), or
-    # those started ahead if more, and the reassembly process.
-    door = n + GREETING_SPARES
+    # As many receive workers as the channel door may start, or those started ahead
+    # if more, and the reassembly process.
+    door = receive_workers_at_most(n)
     receivers = (f"a receive worker per channel, {GREETING_SPARES} more to greet connections "
                  f"meanwhile" if door >= len(parts.workers) else
                  f"the {len(parts.workers)} receive workers started ahead (workers=)")
