@@ -60,19 +60,6 @@ class Trial(Protocol):
     def close(self) -> None: ...
 
 
-def _cpu_ns(pids: Iterable[int]) -> int:
-    """CPU time used so far by every thread of ``pids`` (those that have exited count 0)."""
-    total = 0
-    for pid in pids:
-        try:
-            for tid in os.listdir(f"/proc/{pid}/task"):
-                with open(f"/proc/{pid}/task/{tid}/schedstat") as stat:
-                    total += int(stat.read().split()[0])
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-    return total
-
-
 _TICK = os.sysconf("SC_CLK_TCK")
 _PF_KTHREAD = 0x00200000        # /proc/PID/stat flags: a kernel thread
 
@@ -218,10 +205,14 @@ def wait_until_idle(pids: Iterable[int], *, window: float = 0.02, timeout: float
     Destination is entered, so its trials need no wait.)
     """
     deadline = time.monotonic() + timeout
-    before = _cpu_ns(pids)
+    pids = list(pids)
+
+    def used() -> int:      # those that have exited count 0
+        return sum(_process_cpu_ns(pid) or 0 for pid in pids)
+    before = used()
     while time.monotonic() < deadline:
         time.sleep(window)
-        now = _cpu_ns(pids)
+        now = used()
         if now - before < 0.05 * window * 1e9:
             return
         before = now
