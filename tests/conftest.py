@@ -20,6 +20,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -111,6 +112,14 @@ def ctrl_c():
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     signal.signal(signal.SIGINT, previous)
+
+
+@pytest.fixture
+def exits_on_sigterm():
+    """A service's usual SIGTERM handler, ``sys.exit(143)``, for the test's duration."""
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
+    yield
+    signal.signal(signal.SIGTERM, previous)
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import threading
 import time
 
@@ -177,14 +176,6 @@ STOPS = {"cancel": (lambda source: source.cancel(REASON), fastmfd.MigrationError
                    "the Source was closed"),
          "ctrl_c": (_sigint, KeyboardInterrupt, "interrupted by the user"),
          "sys_exit": (_sigterm, SystemExit, "the source process is exiting (SystemExit 143)")}
-
-
-@pytest.fixture
-def exits_on_sigterm():
-    """A service's usual SIGTERM handler, for the test's duration."""
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
-    yield
-    signal.signal(signal.SIGTERM, previous)
 
 
 ARRANGEMENTS = {"plain": {}, "auth_key": {"auth_key": b"k" * 32}, "prealloc": {"prealloc": True}}

@@ -372,22 +372,19 @@ def test_a_stranger_still_greeted_when_the_wait_ends_is_refused_for_what_ended_i
     (signal.SIGINT, "interrupted by the user"),
     (signal.SIGTERM, "the destination process is exiting (SystemExit 143)")],
     ids=["ctrl_c", "sys_exit"])
-def test_a_stranger_still_greeted_at_a_ctrl_c_or_exit_is_refused_for_it(stop, ended):
+def test_a_stranger_still_greeted_at_a_ctrl_c_or_exit_is_refused_for_it(stop, ended,
+                                                                        exits_on_sigterm):
     """Ctrl-C (a KeyboardInterrupt, which has no text) ended the wait: the refusal
     read "dropped: the session ended: " with nothing after it. A service's SIGTERM
     handler calling sys.exit(143): it read "...: 143"."""
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
-    try:
-        with fastmfd.Destination("tcp:127.0.0.1:0", timeout=30, handshake_timeout=30) as dst:
-            _, host, port = dst.address.split(":")
-            with socket.create_connection((host, int(port))):      # being greeted: silent
-                signalled = threading.Timer(0.3, os.kill, (os.getpid(), stop))
-                signalled.start()
-                with pytest.raises(KeyboardInterrupt if stop == signal.SIGINT else SystemExit):
-                    dst.receive()
-                signalled.join()
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    with fastmfd.Destination("tcp:127.0.0.1:0", timeout=30, handshake_timeout=30) as dst:
+        _, host, port = dst.address.split(":")
+        with socket.create_connection((host, int(port))):      # being greeted: silent
+            signalled = threading.Timer(0.3, os.kill, (os.getpid(), stop))
+            signalled.start()
+            with pytest.raises(KeyboardInterrupt if stop == signal.SIGINT else SystemExit):
+                dst.receive()
+            signalled.join()
     assert [r.reason for r in dst.refused] == [f"dropped: the session ended: {ended}"]
 
 

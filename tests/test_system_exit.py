@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import threading
 
 import pytest
@@ -27,14 +26,6 @@ def image():
     region = make_region("ram", 16 * MIB, seed=7)
     yield region
     region.close()
-
-
-@pytest.fixture
-def exits_on_sigterm():
-    """The usual SIGTERM handler of a service, for the test's duration."""
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
-    yield
-    signal.signal(signal.SIGTERM, previous)
 
 
 @pytest.mark.parametrize("side", ["source", "destination"])
