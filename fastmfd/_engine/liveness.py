@@ -44,7 +44,7 @@ from ..protocol.main_channel import MAIN, Loading, MainChannel, Msg
 from ..protocol.sockets import decrypted_unread
 
 __all__ = ["Heartbeat", "Progress", "Steps", "AwaitingDestination", "set_stall_timeout",
-           "bytes_waiting", "process_stopped", "stall_error", "tick"]
+           "bytes_waiting", "process_stopped", "stall_error", "first_few", "tick"]
 
 
 def tick(stall_timeout: float) -> float:
@@ -80,6 +80,11 @@ def process_stopped(pid: int | None) -> bool:
     except (OSError, IndexError):
         return False
     return state in ("T", "t")
+
+
+def first_few(items: list[str]) -> str:
+    """The first three of ``items``, for an error: "a; b; c; ..." when there are more."""
+    return "; ".join(items[:3]) + ("; ..." if len(items) > 3 else "")
 
 
 def stall_error(name: str, seconds: float, pid: int | None = None,
@@ -230,8 +235,7 @@ class AwaitingDestination:
         """PRECOPY_SENT goes out, counting ``live_chunks`` of each of ``devices``."""
         self.ack_asked = time.monotonic()
         counted = [f"{name}: {n}" for name, n in zip(devices, live_chunks) if n]
-        self._live = (f"live chunks to load, {'; '.join(counted[:3])}"
-                      f"{'; ...' if len(counted) > 3 else ''}" if counted else "no live chunk")
+        self._live = f"live chunks to load, {first_few(counted)}" if counted else "no live chunk"
 
     @property
     def ack_owed(self) -> bool:

@@ -35,7 +35,7 @@ from ..protocol.main_channel import (OLD_WAY_CHECKSUM, OLD_WAY_PREFIX, MainChann
                                      PrecopySent, old_way_checksum)
 from ..protocol.setup import Setup
 from . import control_pickling
-from .liveness import Progress, process_stopped, stall_error
+from .liveness import Progress, first_few, process_stopped, stall_error
 from .processes import ChildSet
 from .reassembly import plan_pool, pool_bytes
 from .session import SessionResources
@@ -70,14 +70,13 @@ class LoadingParts(Protocol):
     queued_cap: int | None
     max_memory: int | None
     resources: SessionResources
-    stall_timeout: float | None
 
 
 class DeviceLoading:
     """One session's device streams at the destination: the pool they arrive in,
     the reassembly process that loads them, and what it reported."""
 
-    def __init__(self, setup: Setup, parts: LoadingParts, budget: int) -> None:
+    def __init__(self, setup: Setup, parts: LoadingParts, budget: int, stall: float) -> None:
         self.setup, self._reassembly = setup, parts.reassembly[0]
         self.results: dict[int, object] = {}
         self.chunks: dict[int, int] = {}
@@ -89,7 +88,7 @@ class DeviceLoading:
         self.precopy_counts: list[int] = []     # PRECOPY_SENT's: chunks each device sent live
         self.old_way_chunks = self.old_way_bytes = 0
         self._main = None
-        self.stall = parts.stall_timeout or setup.stall_timeout    # the session's deadline
+        self.stall = stall                      # the session's deadline (Receiving's)
         chunk_size = setup.chunk_size
         assert chunk_size is not None, "a session's SETUP is decoded strictly: it has one"
         cap = setup.max_queued_bytes
@@ -145,7 +144,7 @@ class DeviceLoading:
         """Which loaders are held up, by what, for a "no progress" error."""
         calls = [f"{device_key(*self.setup.devices[i].key)}: {what}"
                  for i, what in sorted(self.busy.items())]
-        return f" ({'; '.join(calls[:3])}{'; ...' if len(calls) > 3 else ''})" if calls else ""
+        return f" ({first_few(calls)})" if calls else ""
 
     def signature(self) -> object:
         """Changes whenever the loaders make progress: while SWITCHOVER_ACK is owed,

@@ -179,6 +179,9 @@ class Receiving:
         """Check SETUP against what the user added; make regions, counters, pool."""
         self.setup = setup
         parts = self.parts
+        # The destination's own deadline if it has one, else the source's; its
+        # keepalives keep to the shorter of the two, so the source hears it in time.
+        self._stall = parts.stall_timeout or setup.stall_timeout
         if parts.on_setup is not None:
             parts.on_setup(setup)       # may add regions and loaders, or refuse
         names = [r.name for r in setup.regions]
@@ -197,7 +200,7 @@ class Receiving:
         self.regions, self._fresh, left = made.regions, made.fresh, made.memory_left
         self._counters = parts.resources.own(_core.Counters.create(setup.total_channels))
         if setup.devices:
-            self._devices = DeviceLoading(setup, parts, left)
+            self._devices = DeviceLoading(setup, parts, left, self._stall)
 
     def _preallocate(self) -> None:
         """prealloc: every region faulted in by the workers of the RAM channels,
@@ -206,11 +209,10 @@ class Receiving:
         started = time.monotonic()
         setup, parts = self.setup, self.parts
         assert setup is not None and self.main is not None, "after SETUP"
-        stall = parts.stall_timeout or setup.stall_timeout
         cold = [region for region in self.regions if not region.faulted_in]
         self._prestarted = preallocate(
-            parts.workers, max(1, setup.channels), cold, self.main, stall,
-            min(stall, setup.stall_timeout) / 4, self.failure)
+            parts.workers, max(1, setup.channels), cold, self.main, self._stall,
+            min(self._stall, setup.stall_timeout) / 4, self.failure)
         for region in cold:
             region.faulted_in = True
         self.prealloc_seconds = time.monotonic() - started
@@ -221,9 +223,7 @@ class Receiving:
         parts, setup = self.parts, self.setup
         assert setup is not None and self.main is not None, "after accept_main()"
         main = self.main
-        # The destination's own deadline if it has one, else the source's; its
-        # keepalives keep to the shorter of the two, so the source hears it in time.
-        self._stall = stall = parts.stall_timeout or setup.stall_timeout
+        stall = self._stall
         self.main.sock.settimeout(stall)    # and so must a send
         self._progress = Progress(stall)
         self._heartbeat = Heartbeat(self.main, stall, "source",
