@@ -166,6 +166,19 @@ def test_main_channel_must_end_with_complete(tmp_path):
     assert located(info.value, paths[0]) == len(files["main.bin"])
 
 
+@pytest.mark.parametrize("kind", [Msg.SETUP_ACK, Msg.LOADED, Msg.SWITCHOVER_ACK])
+def test_a_message_only_a_destination_sends_is_refused(tmp_path, kind):
+    """A capture is what the source wrote: a destination's message in it is named
+    as such, where it stands (it was judged by its length, or passed)."""
+    before = two_rounds().files(ROUND_ENDS[:1])["main.bin"]
+    files = two_rounds().files(ROUND_ENDS[:1] + [(kind, {})] + ROUND_ENDS[1:])
+    paths = write_files(tmp_path, files)
+    with pytest.raises(ProtocolError, match=f"received {kind.name}, which a source does "
+                                            f"not send") as info:
+        read_capture(paths)
+    assert located(info.value, paths[0]) == len(before)
+
+
 def test_keepalives_after_complete_are_part_of_a_whole_capture(tmp_path):
     # A source keeps the main channel alive (KEEPALIVE) until LOADED arrives.
     keepalive = (Msg.KEEPALIVE, {})

@@ -20,7 +20,9 @@ MAX_MAIN_DEVICE_MESSAGE = 1 << 30     # bound on an old-way DEVICE_STATE message
 
 def decode_fastmfd_main(reader: ByteReader, channel_header: bool, session: Session,
                         devices: DeviceChunks) -> FastmfdMainChannel:
-    """Preamble, then messages; SETUP first, COMPLETE or ERROR last (DESIGN §4.5, §5)."""
+    """Preamble, then messages; SETUP first, COMPLETE or ERROR last (DESIGN §4.5, §5).
+    A capture holds what the source wrote: a message only a destination sends
+    (SETUP_ACK, LOADED, ...) is refused as such, as the destination would."""
     out = FastmfdMainChannel(reader.path, reader.size, channel_header)
     at = reader.pos
     try:
@@ -33,7 +35,7 @@ def decode_fastmfd_main(reader: ByteReader, channel_header: bool, session: Sessi
         try:
             kind, length = decode_message_header(reader.take(MESSAGE_HEADER_SIZE,
                                                              "message header"),
-                                                 MAX_MAIN_DEVICE_MESSAGE)
+                                                 MAX_MAIN_DEVICE_MESSAGE, sender="source")
         except ProtocolError as exc:
             raise reader.locate(exc, at) from None
         body = reader.take(length, f"{kind.name} payload")
