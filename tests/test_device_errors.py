@@ -314,6 +314,23 @@ def test_a_loader_hook_that_never_returns_is_named(leaks, hook, call):
           rf"returned\)")
 
 
+def test_a_hung_loader_that_fills_every_old_way_buffer_is_named(leaks):
+    """The old way: DEVICE_STATE messages on the main channel go into the pool's
+    slots as they come. A loader hung at its third chunk frees none, so with a
+    pool of a few slots the main loop's wait for a free one is what stalls:
+    both sides fail after stall_timeout, naming that (untested until now) and
+    the loader's call (that wait held the loop that reads the report naming it)."""
+    config = CONFIG.replace(stall_timeout=1.0, channel_header=False,
+                            max_queued_bytes=2 * 4096)
+    with Migration(config) as m:
+        m.source.add_device(fastmfd.SyntheticDevice(*DEVICE, 64 * 4096))
+        m.destination.add_loader(*DEVICE, HangingLoader("load_state_buffer"))
+        outcome = m.run(timeout=30)
+    check(outcome, outcome.started,
+          r"reassembly: no progress for 1 s \(no device-state buffer came free; dev/0: "
+          r"load_state_buffer\(\) of chunk 2 has not returned\)")
+
+
 def test_a_precopy_loaded_that_never_returns_is_named_when_it_runs_last(leaks):
     """precopy_loaded() runs in the reassembly process's main loop when PRECOPY_SENT
     comes after the chunks it names are loaded (held back here, as a busy main

@@ -87,7 +87,6 @@ class DeviceLoading:
         self.precopy_awaited = False            # PRECOPY_SENT came; SWITCHOVER_ACK not yet sent
         self.precopy_counts: list[int] = []     # PRECOPY_SENT's: chunks each device sent live
         self.old_way_chunks = self.old_way_bytes = 0
-        self._main = None
         self.stall = stall                      # the session's deadline (Receiving's)
         chunk_size = setup.chunk_size
         assert chunk_size is not None, "a session's SETUP is decoded strictly: it has one"
@@ -142,9 +141,15 @@ class DeviceLoading:
 
     def stall_detail(self) -> str:
         """Which loaders are held up, by what, for a "no progress" error."""
+        held = self.held_up()
+        return f" ({held})" if held else ""
+
+    def held_up(self) -> str:
+        """The loader calls that reported running long (LoaderBusy), the first few
+        named ("" if none)."""
         calls = [f"{device_key(*self.setup.devices[i].key)}: {what}"
                  for i, what in sorted(self.busy.items())]
-        return f" ({first_few(calls)})" if calls else ""
+        return first_few(calls) if calls else ""
 
     def signature(self) -> object:
         """Changes whenever the loaders make progress: while SWITCHOVER_ACK is owed,
@@ -205,11 +210,14 @@ class DeviceLoading:
         if self.setup.config_after_ram:
             self._reassembly.send(RamLoaded())
 
-    def on_old_way_chunk(self, body: bytes, living: Callable[[], None], poll: float) -> None:
+    def on_old_way_chunk(self, body: bytes, main: MainChannel, living: Callable[[], None],
+                         poll: float) -> None:
         """A DEVICE_STATE message: its chunk into a slot, its descriptor to the pipe.
         ``living()`` is called every ``poll`` seconds while no slot is free (it raises
         to give up): the session goes on living, and fails rather than wait past the
-        deadline."""
+        deadline. The reassembly process's reports are taken meanwhile (this wait
+        holds the loop that reads them): one may say which loader call holds the
+        slots, for the error, or that a loader failed."""
         devices = self.setup.devices
         if self.setup.channel_header:
             raise old_way_not_here()
@@ -235,11 +243,15 @@ class DeviceLoading:
         since = time.monotonic()
         while (slot := self.pool.acquire(timeout=poll)) is None:
             living()
+            while (report := self._reassembly.next_report()) is not None:
+                self.on_report(report, main)
             if not self._reassembly.process.is_alive():
                 raise self._reassembly.death_error()
             if time.monotonic() > since + self.stall:
+                held = self.held_up()
+                detail = f"no device-state buffer came free{'; ' + held if held else ''}"
                 raise stall_error(self._reassembly.name, self.stall, self._reassembly.process.pid,
-                                  " (no device-state buffer came free)")
+                                  f" ({detail})")
         self.pool.populate(slot)
         with self.pool.view(slot) as view:
             view[:len(chunk)] = chunk

@@ -469,8 +469,7 @@ class Receiving:
     def _on_main_message(self) -> None:
         assert self.setup is not None and self.main is not None and self._heartbeat is not None
         deadline = time.monotonic() + self._stall      # a trickled message fails, whole
-        kind, body = read_message(self.main.sock, self._max_message(), deadline,
-                                  sender="source")
+        kind, body = read_message(self.main.sock, self._max_message(), deadline, sender="source")
         self._heartbeat.received()
         if kind is Msg.KEEPALIVE:
             # It carries nothing: decoded all the same, so that another message a bit
@@ -491,7 +490,8 @@ class Receiving:
         if kind is Msg.DEVICE_STATE:
             if self._devices is None:
                 raise old_way_not_here()
-            self._devices.on_old_way_chunk(body, self._living, min(0.5, self._heartbeat.interval))
+            self._devices.on_old_way_chunk(body, self.main, self._living,
+                                            min(0.5, self._heartbeat.interval))
             return
         payload = decode_payload(kind, body)
         if isinstance(payload, RoundEnd):
