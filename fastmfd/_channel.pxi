@@ -571,12 +571,13 @@ cdef class RecvEngine(_EngineBase):
     medians of 10 alternating runs). Where userfaultfd or the file's file
     system does not serve it, the region is written through its mapping.
 
-    ``hole_fds`` (per region, an fd of its file or -1): memory not fresh,
-    whose file's holes, on tmpfs, are learnt (may_hold_data) so that a zero
-    page sent for one is not read: the read would allocate it, and where
-    the file system is full that is a SIGBUS. (On tmpfs an lseek walks the
-    page cache to the end of the extent: a region of all data is walked once
-    per round and channel.)
+    ``hole_fds`` (per region, an fd of its file or -1): memory not placed.
+    Where it is not fresh, its file's holes, on tmpfs, are learnt
+    (may_hold_data) so that a zero page sent for one is not read: the read
+    would allocate it, and where the file system is full that is a SIGBUS.
+    (On tmpfs an lseek walks the page cache to the end of the extent: a
+    region of all data is walked once per round and channel.) Fresh or not,
+    its file system says how its pages are populated (RegionRef.populate_read).
     """
 
     def __cinit__(self, int fd, uint32_t channel, dict params, codec, list regions,

@@ -226,13 +226,15 @@ def _receive(pipe: ChildPipe, sock: socket.socket, params: RecvParams,
     regions, counters, pool = _attach(params, stack)
     received = [_core.DirtyBitmap.attach(name) for name in params.received]
     stack.extend(received)
-    # A RAM channel's regions' files: fresh memory's to place pages into, other
-    # memory's to learn its holes (placed memory is fresh: one or the other).
+    # A RAM channel's regions' files: unallocated memory's to place pages into;
+    # other memory's to learn its holes where it may hold data (not fresh), and,
+    # fresh or not, its file system, which says how its pages are best populated
+    # (RegionRef.populate_read): a fresh region faulted in already (prealloc, a
+    # warm file) was populated for writing, a fault a page on tmpfs.
     place_fds, hole_fds = [-1] * len(regions), [-1] * len(regions)
     for index, region in enumerate(regions if params.ram else ()):
         placed = bool(params.place) and params.place[index]
-        if placed or not params.fresh[index]:
-            (place_fds if placed else hole_fds)[index] = _region_file(region, stack)
+        (place_fds if placed else hole_fds)[index] = _region_file(region, stack)
     geometry = _engine_geometry(params)
     geometry.update(layout=params.layout, learn_compression=params.learn_compression)
     codec = None if params.learn_compression else _core.make_codec(params.compression, False)
