@@ -745,3 +745,41 @@ def test_a_source_greeted_as_the_wait_ends_hears_why(monkeypatch):
     assert "the peer failed: dropped: the session ended: the destination was closed at " \
            "once" in str(error), error
     assert "listener there" not in str(error), error
+
+
+def test_a_source_greeted_as_the_admission_ends_hears_why(monkeypatch):
+    """The source's greeting passed just as the cancelled destination's admission
+    ended the greetings still running (its thread not yet back in the table's
+    lock): the admission had shut the connection down both ways, and the source
+    read "connection closed after 0 of 8 bytes of SETUP_ACK"."""
+    from fastmfd._engine import admission
+    greet, made = admission.greet_main_channel, []
+    init = admission.Admission.__init__
+
+    def recorded(self, *args):
+        init(self, *args)
+        made.append(self)
+
+    def passed_then_cancelled(sock, security):
+        greeting = greet(sock, security)
+        dst.cancel("the destination was closed at once")
+        deadline = time.monotonic() + 10
+        while not made[0]._closing and time.monotonic() < deadline:
+            time.sleep(0.005)                   # until the admission ended the greetings
+        return greeting
+
+    monkeypatch.setattr(admission.Admission, "__init__", recorded)
+    monkeypatch.setattr(admission, "greet_main_channel", passed_then_cancelled)
+    outcome: dict = {}
+    with make_region("ram", SIZE) as region, \
+            fastmfd.Destination("tcp:127.0.0.1:0", timeout=10) as dst:
+        thread = threading.Thread(target=lambda: _receive(dst, outcome), daemon=True)
+        thread.start()
+        with fastmfd.Source(dst.address, CONFIG.replace(timeout=5.0)) as src:
+            src.add_region(region)
+            with pytest.raises(fastmfd.MigrationError) as raised:
+                src.migrate(live=False)
+        thread.join(10)
+    assert "the destination was closed at once" in str(outcome.get("error")), outcome
+    assert "the peer failed: dropped: the session ended: the destination was closed at " \
+           "once" in str(raised.value), raised.value

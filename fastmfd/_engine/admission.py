@@ -82,6 +82,7 @@ EVICTED = (f"dropped: greeted for over {EVICT_AFTER:g} s when {MAX_CANDIDATES} w
            f"greeted, for a newer connection")
 GREETING_SPARES = 8     # receive workers beyond the channels, to greet strangers meanwhile
 MAX_WORKERS = MAX_CHANNELS + GREETING_SPARES    # the most receive workers a session uses
+CLOSING_GRACE = 2.0     # seconds greetings have to end once their reads are ended
 DOOR_EVICTED = (f"dropped: greeted for over {EVICT_AFTER:g} s when every greeting worker was "
                 f"busy, for a newer connection")
 
@@ -257,7 +258,10 @@ class Admission:
         if refusal is not None:
             self._refuse(peer, refusal)
             # A greeting that failed closed a TLS-wrapped socket; one that passed
-            # too late holds the connection in its own (TLS) socket.
+            # too late holds the connection in its own (TLS) socket, and its source,
+            # whose SETUP_ACK never comes, hears why (__exit__ left it writable).
+            if passed is not None:
+                tell_why(passed.sock, refusal)
             (passed.sock if passed is not None else sock).close()
 
     # ------------------------------------------------------------ closing
@@ -274,7 +278,15 @@ class Admission:
             self._closing = True
             running = list(self._greeting)
             # End each greeting still running now (its thread then refuses it),
-            # through the table's descriptor of its connection.
+            # through the table's descriptor of its connection: its reads end, its
+            # writes may go on, so that a source whose greeting passed meanwhile
+            # is told why (shut down both ways, it read "connection closed").
+            for fd, family, kind, _ in self._greeting.values():
+                _end_connection(fd, family, kind, socket.SHUT_RD)
+        deadline = time.monotonic() + CLOSING_GRACE
+        for thread in running:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        with self._lock:                        # held up writing (a peer that reads nothing)
             for fd, family, kind, _ in self._greeting.values():
                 _end_connection(fd, family, kind)
         for thread in running:
@@ -293,13 +305,14 @@ class Admission:
         os.close(self._wake_w)
 
 
-def _end_connection(fd: int, family: int, kind: int) -> None:
+def _end_connection(fd: int, family: int, kind: int, how: int = socket.SHUT_RDWR) -> None:
     """End a connection being greeted in another thread (which then refuses it),
     through the admission's own descriptor of it ``fd``: the greeting's socket
-    object may have been wrapped for TLS meanwhile, or closed."""
+    object may have been wrapped for TLS meanwhile, or closed. ``how``: what of it
+    ends (shutdown's SHUT_RD leaves the greeting's thread its writes)."""
     try:
         with socket.fromfd(fd, family, kind) as dup:
-            dup.shutdown(socket.SHUT_RDWR)
+            dup.shutdown(how)
     except OSError:
         pass
 
