@@ -199,22 +199,28 @@ def test_close_while_another_thread_enters(side, monkeypatch, leaks):
 
 # ---------------------------------------------------------------- a region
 
-@pytest.mark.parametrize("side", ["source", "destination"])
+@pytest.mark.parametrize("side", ["source", "destination", "factory"])
 def test_a_region_closed_mid_migration_is_named(side, leaks):
     """A region the session uses, closed from another thread mid-transfer: both
     sides fail naming it, and the source's status() meanwhile still reports. Before
     the fix: "ValueError: DirtyBitmap is closed", a structure the user never made,
-    and no region named (status() too raised it)."""
+    and no region named (status() too raised it). "factory": the region the
+    destination's region_factory made, new (zero_filled, as `listen --dir`'s files
+    are), whose pages the end does not check: its flush met it, and both sides said
+    "ValueError: region 'ram' is closed"."""
     # Round 1 takes about 1 s: the close lands in it (once the source stopped, the
     # workers' own mappings finish the transfer, and the migration may succeed).
     config = fastmfd.MigrationConfig(channels=2, max_bandwidth=16 * MIB, job_packets=1)
     region = make_region("ram", 16 * MIB, seed=3, zero=0.0)
     target = make_region("ram", 16 * MIB)
+    target.zero_filled = side == "factory"
     closing = region if side == "source" else target
+    made = {"region_factory": lambda name, size, page_size: target}
     try:
-        with Migration(config) as m:
+        with Migration(config, **(made if side == "factory" else {})) as m:
             m.source.add_region(region)
-            m.destination.add_region(target)
+            if side != "factory":
+                m.destination.add_region(target)
             status: dict[str, object] = {}      # the source's status() right after the close
 
             def mid_round_1() -> bool:

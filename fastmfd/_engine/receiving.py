@@ -62,8 +62,7 @@ from .open_files import DESTINATION_PER_CHANNEL, check_session_files, check_work
 from .prealloc import preallocate
 from .processes import Child, ChildSet, Watch
 from .session import SessionFailure, SessionResources, break_session
-from .session_regions import (RegionFactory, check_every_page_came, make_session_regions,
-                              places_pages)
+from .session_regions import RegionFactory, finish_regions, make_session_regions, places_pages
 
 __all__ = ["Receiving", "ReceivingState", "DestinationParts"]
 
@@ -530,15 +529,12 @@ class Receiving:
         if self._devices is not None:
             self._devices.check_totals(self._complete.device_chunks)
         self._complete.check_channels(self._counters.read, self.setup.total_channels)
-        check_every_page_came(self.regions, self._fresh)
-        for region in self.regions:     # success means durable: the files first, then LOADED
-            try:
-                region.flush()
-            except OSError as exc:
-                raise MigrationError(f"region {region.name!r}: writing it to disk failed: "
-                                     f"{exc.strerror or exc}") from exc
-            self._steps.see(region.name)    # (each flush may take a while)
-            self._heartbeat.beat()
+        heartbeat = self._heartbeat
+
+        def flushed(name: str) -> None:     # (each flush may take a while)
+            self._steps.see(name)
+            heartbeat.beat()
+        finish_regions(self.regions, self._fresh, flushed)  # durable, then LOADED
         self.source_still_there()
         self.main.send(Msg.LOADED, Loaded(rounds=self._round_end,
                                           load_seconds=self._load_seconds_by_name()))

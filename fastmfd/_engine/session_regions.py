@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Callable, Protocol
 
 from .. import _core
-from ..errors import ConfigError, ProtocolError
+from ..errors import ConfigError, MigrationError, ProtocolError
 from ..protocol.security import ChannelSecurity
 from ..protocol.setup import RegionSpec, Setup
 from ..region_pool import RegionPool
@@ -25,7 +25,8 @@ from .processes import ChildSet
 from .session import SessionResources
 
 __all__ = ["RegionFactory", "RegionParts", "SessionRegions", "make_session_regions",
-           "places_pages", "check_writable", "check_every_page_came", "channel_bytes"]
+           "places_pages", "check_writable", "check_every_page_came", "finish_regions",
+           "channel_bytes"]
 
 RegionFactory = Callable[[str, int, int], Region]
 
@@ -195,10 +196,29 @@ def check_every_page_came(regions: list[Region], fresh: list[bool]) -> None:
     for region, new in zip(regions, fresh):
         if new:
             continue                    # created empty: a page never sent is zero
-        with closed_regions_named([region]):
-            count, first = region.dirty.unmarked()
+        count, first = region.dirty.unmarked()
         if count:
             raise ProtocolError(f"region {region.name!r}: {count} page(s) never sent (the "
                                 f"first: page {first}), which would keep what the region "
                                 f"held before this session", field="pages", received=count,
                                 expected="every page sent in round 1")
+
+
+def finish_regions(regions: list[Region], fresh: list[bool],
+                   flushed: Callable[[str], object]) -> None:
+    """The session's regions at its end, before LOADED: every page came
+    (check_every_page_came), then each is made durable (``Region.flush``: success
+    means the files are written), ``flushed(name)`` after each (a flush may take
+    a while). A region the user closed meanwhile (one added, or made by their
+    region_factory) fails the session naming it, as on the source: a fresh one,
+    whose pages are not checked, was met by its flush, and the session failed
+    with "ValueError: region 'ram' is closed"."""
+    with closed_regions_named(regions):     # (a closed region's flush: ValueError)
+        check_every_page_came(regions, fresh)
+        for region in regions:
+            try:
+                region.flush()
+            except OSError as exc:
+                raise MigrationError(f"region {region.name!r}: writing it to disk failed: "
+                                     f"{exc.strerror or exc}") from exc
+            flushed(region.name)
