@@ -19,7 +19,8 @@ from typing import Any, Callable
 
 from ._engine.processes import ChildSet
 from ._engine.reassembly import reassembly_main
-from ._engine.admission import GREETING_SPARES, MAX_WORKERS, Refusal, Refusals
+from ._engine.admission import (GREETING_SPARES, MAX_WORKERS, Refusal, Refusals,
+                                refuse_waiting)
 from ._engine.receiving import DestinationParts, Receiving, ReceivingState
 from ._engine.session import Owner, SessionFailure, call_hook
 from ._engine.session_regions import check_writable
@@ -268,10 +269,14 @@ class Destination(Owner):
         promptly, even while it still waits for the source to connect."""
         check_types("cancel", reason=(reason, STR))
         self._check_own_process()
-        self._failure.fail(MigrationError(reason))
-        if self._listener is not None and self._owns_listener:
+        error = self._failure.fail(MigrationError(reason))
+        listener = self._listener
+        if listener is not None and self._owns_listener:
+            # Sources waiting (before receive(), or not yet accepted) hear why, as one
+            # being greeted does; then later ones are refused by the system.
+            refuse_waiting(listener, error, self._security.tls is None, self._refusals.add)
             try:
-                self._listener.shutdown(socket.SHUT_RDWR)   # wakes a blocked accept()
+                listener.shutdown(socket.SHUT_RDWR)   # wakes a blocked accept()
             except OSError:
                 pass
 

@@ -6,6 +6,7 @@ leakcheck plugin checks processes, segments and sockets after each test)."""
 from __future__ import annotations
 
 import os
+import select
 import signal
 import threading
 import time
@@ -197,3 +198,65 @@ def test_the_destination_hears_why_the_source_stopped_before_setup_ack(
     assert isinstance(destination_error, fastmfd.MigrationError), destination_error
     assert f"main channel: the source failed: {reason}" in str(destination_error), \
         destination_error
+
+
+def _cancelled_early(when: str, monkeypatch) -> tuple[dict, list[str]]:
+    """A source connects to a Destination that is cancelled before its receive()
+    starts ("backlog": the source's connection waits in the listener's backlog)
+    or as it starts ("starting": once its admission greeted the source, before
+    that admission is the session's, which the cancel's teardown then misses).
+    Returns what each side raised and the Destination's refusals' reasons."""
+    from fastmfd._engine.admission import Admission
+    init = Admission.__init__
+
+    def starting(admission, *args):
+        init(admission, *args)
+        deadline = time.monotonic() + 10
+        while admission._passed.empty() and time.monotonic() < deadline:
+            time.sleep(0.005)                   # the waiting source passed its greeting
+        dst.cancel(REASON)
+        admission._acceptor.join(10)            # woken by the listener's shutdown
+
+    if when == "starting":
+        monkeypatch.setattr(Admission, "__init__", starting)
+    outcome: dict = {}
+    with make_region("ram", MIB) as region, \
+            fastmfd.Destination("tcp:127.0.0.1:0", timeout=10) as dst:
+        def migrate():
+            config = fastmfd.MigrationConfig(channels=1, timeout=5.0)
+            with fastmfd.Source(dst.address, config) as src:
+                src.add_region(region)
+                try:
+                    src.migrate(live=False)
+                except fastmfd.FastMFDError as exc:
+                    outcome["source"] = exc
+
+        thread = threading.Thread(target=migrate, name="test source", daemon=True)
+        thread.start()
+        assert select.select([dst._listener], [], [], 10)[0], "the source never connected"
+        if when == "backlog":
+            dst.cancel(REASON)
+        try:
+            dst.receive()
+        except fastmfd.FastMFDError as exc:
+            outcome["destination"] = exc
+        thread.join(10)
+        return outcome, [refusal.reason for refusal in dst.refused]
+
+
+@pytest.mark.parametrize("when", ["backlog", "starting"])
+def test_a_destination_cancelled_before_receive_says_so_to_both(when, monkeypatch, leaks):
+    """Both sides hear the cancel's reason, as they do of a cancel while receive()
+    waits. Before: "backlog", the cancel's shutdown of the listener reset the
+    waiting connection, and the source read "Connection reset by peer, before any
+    answer (is a fastmfd listener there? ...)"; "starting", the admission's acceptor,
+    woken by that shutdown, ended the wait "its listener was shut down", which the
+    source was told."""
+    outcome, refused = _cancelled_early(when, monkeypatch)
+    assert str(outcome.get("destination")) == REASON, outcome
+    source = str(outcome.get("source"))
+    # ("the destination refused: ..." if it came before the source sent its SETUP)
+    assert f"dropped: the session ended: {REASON}" in source, source
+    assert all(reason == f"dropped: the session ended: {REASON}" for reason in refused), \
+        refused
+    leaks.assert_clean()

@@ -70,7 +70,7 @@ Refuse = Callable[[str, "BaseException | str"], None]
 
 __all__ = ["Admission", "ChannelDoor", "Refusal", "Refusals", "describe_peer", "MAX_CANDIDATES",
            "MAX_REFUSALS_KEPT", "EVICT_AFTER", "ACCEPTED_ANOTHER", "TOO_MANY", "EVICTED",
-           "session_ended",
+           "session_ended", "refuse_waiting",
            "GREETING_SPARES", "MAX_WORKERS", "DOOR_EVICTED", "receive_workers_at_most"]
 
 MAX_CANDIDATES = 64     # connections greeted at once (see the module's docstring)
@@ -142,17 +142,39 @@ def describe_peer(peer: tuple[Any, ...] | str) -> str:
     return peer or "a local process"
 
 
+def refuse_waiting(listener: socket.socket, why: BaseException | str, plaintext: bool,
+                   refuse: Refuse) -> None:
+    """The session ended (``why``): refuse the connections waiting in ``listener``'s
+    backlog, each told so if ``plaintext`` (see refuse_on_arrival), before the
+    listener is shut down: its shutdown reset them, and a source waiting there read
+    "Connection reset by peer ... (is a fastmfd listener there? ...)". Leaves the
+    listener non-blocking: an acceptor in another thread (the admission's, the
+    door's) that finds one taken here fails, not blocks (the session has failed)."""
+    reason = session_ended(why)
+    try:
+        listener.setblocking(False)
+        for _ in range(MAX_CANDIDATES):     # a flood of strangers is not waited out
+            sock, peer = listener.accept()
+            refuse_on_arrival(sock, reason, plaintext)
+            refuse(describe_peer(peer), reason)
+    except OSError:                         # BlockingIOError: none waits; or shut, closed
+        pass
+
+
 class Admission:
     """Greets the connections arriving on ``listener`` until one passes.
 
-    ``refuse(peer, reason)`` is called for each connection dropped. Use as a
-    context manager: leaving stops the acceptor, ends every greeting still
-    running and closes their connections (never the winner's).
+    ``refuse(peer, reason)`` is called for each connection dropped;
+    ``failed()`` gives the session's failure, if any (a cancel shuts the
+    listener down, after recording it). Use as a context manager: leaving stops
+    the acceptor, ends every greeting still running and closes their
+    connections (never the winner's).
     """
 
     def __init__(self, listener: socket.socket, security: ChannelSecurity,
-                 refuse: Refuse) -> None:
+                 refuse: Refuse, failed: Callable[[], BaseException | None]) -> None:
         self._listener, self._security, self._refuse = listener, security, refuse
+        self._failed = failed
         self._passed: queue.Queue[MainGreeting | None] = queue.Queue()
         self._lock = threading.Lock()
         # Each greeting's connection (a descriptor of the table's own, its family and
@@ -202,7 +224,9 @@ class Admission:
                     return
                 sock, peer = self._listener.accept()
             except (OSError, ValueError):       # the listener was shut down or closed
-                self.abort("its listener was shut down")
+                # By a cancel (which recorded why first) maybe before this admission
+                # was the session's (its teardown found none to end): that is why.
+                self.abort(self._failed() or "its listener was shut down")
                 return
             thread = threading.Thread(target=self._greet, args=(sock, describe_peer(peer)),
                                       daemon=True, name="fastmfd greeting")

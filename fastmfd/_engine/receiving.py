@@ -143,7 +143,8 @@ class Receiving:
         """Wait for the source's main channel (strangers are refused meanwhile,
         see :mod:`.admission`), check its SETUP, answer SETUP_ACK."""
         refuse = self.parts.refused.add         # dropped, kept, logged; the wait goes on
-        with Admission(self.parts.listener, self.parts.security, refuse) as admission:
+        with Admission(self.parts.listener, self.parts.security, refuse,
+                       lambda: self.failure.error) as admission:
             self._admission = admission
             self.failure.check()                # cancelled before it started
             try:
