@@ -254,3 +254,53 @@ def test_a_region_closed_mid_migration_is_named(side, leaks):
         region.close()
         target.close()
     leaks.assert_clean()
+
+
+class _ClosingDevice:
+    """A device whose stop-and-copy closes the source's region: the final round's
+    pages are collected by then, and their jobs handed to the workers."""
+    idstr, instance_id = "closer", 0
+
+    def __init__(self, region: fastmfd.Region) -> None:
+        self.region, self.done = region, False
+
+    def read_state(self, buf: memoryview) -> int:
+        if self.done:
+            return 0
+        self.region.close()
+        self.done = True
+        buf[:4] = b"done"
+        return 4
+
+
+@pytest.mark.parametrize("when", ["on_stop", "stop-and-copy", "loaded"])
+def test_a_source_region_closed_after_the_stop(when, leaks):
+    """A source's region closed once the source stopped: in on_stop, before the
+    final round collects what was dirtied since the last, the migration fails on
+    both sides naming it (the last pages to send are not known); after that
+    (during the stop-and-copy, or while the source waits for the destination's
+    word) it is a no-op, as the README says: the stopped source's pages go from
+    the workers' own mappings of it, and the destination has every byte."""
+    region = make_region("ram", 4 * MIB, seed=5, zero=0.0)
+    expected = bytes(region.buffer)
+    try:
+        with Migration(CONFIG) as m:
+            m.source.add_region(region)
+            if when == "stop-and-copy":
+                m.source.add_device(_ClosingDevice(region))
+            outcome = m.run(live=True, on_stop=region.close if when == "on_stop" else None,
+                            dst_on_resume=region.close if when == "loaded" else None)
+            assert region.closed, "the region was never closed"
+            if when == "on_stop":
+                for name, error in (("source", outcome.source_error),
+                                    ("destination", outcome.dest_error)):
+                    assert isinstance(error, fastmfd.MigrationError), \
+                        f"the {name} ended with {error!r}"
+                    assert "region 'ram' was closed during the migration" in str(error), \
+                        f"the {name}'s error does not name the region: {error}"
+            else:
+                _, result = outcome.ok()
+                assert bytes(result.regions["ram"].buffer) == expected, "bytes differ"
+    finally:
+        region.close()
+    leaks.assert_clean()
