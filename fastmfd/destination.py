@@ -102,14 +102,16 @@ class Destination(Owner):
     (private memory in each worker: per channel, packet buffers sized by the
     source's packet_pages x page_size, at most what its largest region needs,
     and for zstd or "auto" a decoder window of up to 32 MiB) and the worker
-    processes themselves, 16 MiB each (a receive worker per channel, 8 to
-    greet connections meanwhile or the ``workers`` started ahead if more, and
-    the reassembly process). Default: what ``/dev/shm`` has free, against
-    which the channels' buffers and processes, not /dev/shm's, are not
-    counted. A SETUP asking for more is refused before anything is allocated
-    or started, and the source is told why. Given, it also bounds the device
-    state kept by the CollectLoaders of devices given no loader: together,
-    what the regions, buffers, channels and processes leave (a stream going
+    processes the session needs, 16 MiB each (a receive worker per channel,
+    or the ``workers`` started ahead if more, and the reassembly process).
+    Up to 8 more workers greet connections meanwhile, as many as what is
+    left after those and the device-state buffers holds (possibly none).
+    Default: what ``/dev/shm`` has free, against which the channels' buffers
+    and processes, not /dev/shm's, are not counted. A SETUP asking for more
+    is refused before anything is allocated or started, and the source is
+    told why. Given, it also bounds the device state kept by the
+    CollectLoaders of devices given no loader: together, what the regions,
+    buffers, channels, processes and greeting workers leave (a stream going
     past it fails the session, naming the device and the bound).
     ``prealloc``: fault every region of the session in (allocate and map each
     page, QEMU's ``prealloc=on``) before the source may send: the receive

@@ -327,11 +327,13 @@ def channel_memory(config: fastmfd.MigrationConfig, largest: int, devices: bool)
         config.compression)
 
 
-def worker_memory(config: fastmfd.MigrationConfig, ahead: int = 4) -> int:
+def worker_memory(config: fastmfd.MigrationConfig, ahead: int = 4, spares: bool = True) -> int:
     """What Destination(max_memory=...) holds for the worker processes of a session of
-    ``config``: a receive worker per channel and the greeting spares (or the ``ahead``
-    started with the Destination, if more), and the reassembly process."""
-    workers = max(config.channels + config.device_state_channels + GREETING_SPARES, ahead) + 1
+    ``config``: a receive worker per channel (or the ``ahead`` started with the
+    Destination, if more) and the reassembly process, which it needs, and, with
+    ``spares``, all of the greeting spares (held only where max_memory has room)."""
+    channels = config.channels + config.device_state_channels
+    workers = max(channels + GREETING_SPARES * spares, ahead) + 1
     return workers * WORKER_BYTES
 
 

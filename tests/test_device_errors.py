@@ -139,7 +139,7 @@ def test_a_cap_cut_to_fit_the_memory_left_says_so(leaks):
                        CONFIG.channels, left)
     assert 4096 <= cap < 32 * 4096
     channels = (channel_memory(CONFIG, 1 << 20, devices=True)   # migrate()'s 1 MiB region
-                + worker_memory(CONFIG))
+                + worker_memory(CONFIG, spares=False))      # (spares: from what the pool leaves)
     log: list = []
     proxy = Proxy({ch: HoldFirstChunks(CONFIG, 3.0, ch, log) for ch in range(CONFIG.channels)})
     outcome = migrate(CONFIG, proxy=proxy, max_memory=(1 << 20) + channels + left,
@@ -165,7 +165,7 @@ def test_the_default_loaders_keep_what_max_memory_leaves(leaks):
     check(outcome, outcome.started,
           rf"dev/0: CollectLoader: the device state goes past {left} bytes, what max_memory "
           rf"\({budget}\) leaves after the regions, the receive channels \(their buffers and "
-          rf"worker processes\) and the device-state buffers")
+          rf"worker processes\), the device-state buffers and the greeting spares")
     _, result = migrate(max_memory=budget, max_queued_bytes=cap,
                         devices=[fastmfd.BytesDevice(*DEVICE, bytes(left))]).ok()
     assert result.devices[DEVICE] == bytes(left)

@@ -28,7 +28,9 @@ import pytest
 import fastmfd
 from fastmfd import _core
 from fastmfd.protocol.main_channel import Msg, encode_message, encode_preamble
-from migration_support import FakeSource, hello, make_region, ram_packet, setup_message
+from fastmfd._engine.memory_bound import WORKER_BYTES
+from migration_support import (FakeSource, channel_memory, hello, make_region, ram_packet,
+                               setup_message)
 from qemu_support import Background
 
 CONFIG = fastmfd.MigrationConfig(channels=2, packet_pages=16)
@@ -684,6 +686,41 @@ def test_strangers_holding_connections_after_setup_only_delay_the_channels():
             result = received.result(30)
             assert np.array_equal(result.regions["ram"].array, region.array)
             assert dst.refused_total >= 40
+    finally:
+        stop.set()
+        region.close()
+
+
+@pytest.mark.parametrize("spares", [0, 1])
+def test_strangers_after_setup_are_greeted_by_the_workers_max_memory_holds(spares):
+    """max_memory held 8 greeting spares for every session, started or not (a 2-channel
+    session needed 176 MiB). Under a bound that holds the session's own workers (2,
+    started ahead, for its 2 channels, and the reassembly process) and ``spares`` more,
+    the door greets with those alone: strangers holding connections after SETUP are
+    still refused as their greetings run EVICT_AFTER, the channels get through behind
+    them, and no further worker starts."""
+    key = b"k" * 32
+    region = make_region("ram", 1 << 20, seed=3)
+    config = fastmfd.MigrationConfig(channels=2, auth_key=key, stall_timeout=10.0, timeout=20)
+    budget = (1 << 20) + channel_memory(config, 1 << 20, False) + (3 + spares) * WORKER_BYTES
+    stop = threading.Event()
+    try:
+        with fastmfd.Destination("tcp:127.0.0.1:0", auth_key=key, handshake_timeout=2.0,
+                                 stall_timeout=10.0, timeout=20, workers=2,
+                                 max_memory=budget) as dst:
+            received = Background("receive()",
+                                  lambda: dst.receive(on_setup=lambda _: time.sleep(0.5)))
+            stranger = threading.Thread(target=hold_connections, args=(dst.address, 10, stop),
+                                        daemon=True)
+            stranger.start()
+            time.sleep(1.0)
+            with fastmfd.Source(dst.address, config) as src:
+                src.add_region(region)
+                src.migrate(live=False)
+            result = received.result(30)
+            assert np.array_equal(result.regions["ram"].array, region.array)
+            assert dst.refused_total >= 10
+            assert len(dst._workers) == 2 + spares
     finally:
         stop.set()
         region.close()

@@ -22,7 +22,7 @@ import fastmfd
 from fastmfd._engine import session_regions
 from fastmfd.protocol.security import ChannelSecurity
 from fastmfd.protocol.setup import RegionSpec, Setup
-from fastmfd._engine.admission import GREETING_SPARES
+from fastmfd._engine.admission import GREETING_SPARES, DoorWorkers
 from fastmfd._engine.memory_bound import WORKER_BYTES
 from migration_support import (Migration, channel_memory, make_region, setup_message,
                                worker_memory)
@@ -68,31 +68,71 @@ def test_a_setup_whose_channels_fit_max_memory_migrates(leaks):
 
 
 def test_a_setup_whose_worker_processes_do_not_fit_is_refused_before_they_start(leaks):
-    """16 channels under a bound that holds their buffers, not their 25 processes
-    (16 receive workers, the greeting spares, the reassembly process): refused on both
-    sides, with no receive worker started beyond the 4 started ahead."""
+    """16 channels under a bound that holds their buffers, not their 17 processes
+    (16 receive workers, the reassembly process): refused on both sides, with no
+    receive worker started beyond the 4 started ahead. A bound that holds those,
+    and no greeting spare, receives, with no worker more than its channels."""
     config = fastmfd.MigrationConfig(channels=16)
     channels = buffers(config, MIB)
-    budget = MIB + channels + worker_memory(config) - 1
+    budget = MIB + channels + worker_memory(config, spares=False) - 1
     outcome, regions, started = migrate(budget, config)
     assert regions == [] and started == 4
-    workers = 16 + GREETING_SPARES + 1
+    workers = 16 + 1
     for error in (outcome.source_error, outcome.dest_error):
         assert isinstance(error, fastmfd.FastMFDError), repr(error)
         assert (f"the source's 16 channel(s) need {workers} worker processes (a receive "
-                f"worker per channel, {GREETING_SPARES} more to greet connections meanwhile, "
-                f"and the reassembly process), 16 MiB each: {workers * WORKER_BYTES} bytes, "
-                f"besides 1048576 bytes of regions and {channels} bytes of receive buffers; "
-                f"this destination holds at most {budget} (max_memory)") in str(error), \
-            str(error)
+                f"worker per channel, and the reassembly process; up to {GREETING_SPARES} "
+                f"more greet connections where max_memory has room), 16 MiB each: "
+                f"{workers * WORKER_BYTES} bytes, besides 1048576 bytes of regions and "
+                f"{channels} bytes of receive buffers; this destination holds at most "
+                f"{budget} (max_memory)") in str(error), str(error)
     outcome, _, started = migrate(budget + 1, config)
     outcome.ok()
-    assert started <= 16 + GREETING_SPARES
+    assert started == 16
+
+
+def test_a_two_channel_session_needs_no_memory_for_greeting_spares(leaks):
+    """The 8 greeting spares were counted whether they started or not: a session
+    of 2 channels needed 176 MiB of max_memory for its processes (11 of them), most
+    for spares that only greet strangers. It needs its own now: the 4 receive workers
+    started ahead (workers=, more than its 2 channels) and the reassembly process."""
+    config = fastmfd.MigrationConfig(channels=2)
+    need = MIB + buffers(config, MIB) + 5 * WORKER_BYTES
+    assert need < 100 * MIB
+    outcome, regions, started = migrate(need - 1, config)
+    assert regions == [] and started == 4
+    assert (f"the source's 2 channel(s) need 5 worker processes (the 4 receive workers started "
+            f"ahead (workers=), and the reassembly process;") in str(outcome.dest_error)
+    outcome, _, started = migrate(need, config)
+    outcome.ok()
+    assert started == 4
 
 
 def _parts(max_memory: int | None, workers: int = 4) -> object:
     return types.SimpleNamespace(max_memory=max_memory, region_pool=None,
                                  security=ChannelSecurity(), workers=[None] * workers)
+
+
+def _memory_left(parts, setup: Setup, specs: list[RegionSpec]) -> int:
+    door = DoorWorkers(setup.total_channels, len(parts.workers), parts.max_memory is not None)
+    return session_regions._memory_left(parts, setup, specs, door)
+
+
+def test_the_greeting_spares_are_what_the_memory_left_holds():
+    """A session's door may start up to GREETING_SPARES workers beyond those it needs
+    (one a channel, or those started ahead if more): under max_memory, as many as
+    what is left holds, possibly none; without it, all of them."""
+    door = DoorWorkers(3, 4, bounded=True)
+    assert (door.needed, door.spares) == (4, 3 + GREETING_SPARES - 4)
+    assert door.fit(3 * WORKER_BYTES - 1) == 2 * WORKER_BYTES and door.at_most == 6
+    door = DoorWorkers(3, 4, bounded=True)
+    assert door.fit(-5) == 0 and door.at_most == 4
+    door = DoorWorkers(3, 40, bounded=True)
+    assert door.fit(1 << 40) == 0 and door.at_most == 40
+    door = DoorWorkers(16, 4, bounded=True)
+    assert door.fit(1 << 40) == GREETING_SPARES * WORKER_BYTES and door.at_most == 24
+    door = DoorWorkers(2, 0, bounded=False)
+    assert door.fit(0) == 0 and door.at_most == 2 + GREETING_SPARES
 
 
 def test_the_channels_are_cut_to_the_largest_region_and_left_out_of_the_default(monkeypatch):
@@ -106,12 +146,11 @@ def test_the_channels_are_cut_to_the_largest_region_and_left_out_of_the_default(
     assert charged == buffers(CONFIG.replace(packet_pages=32768), 4096)
     assert charged < 3 * ((32 << 20) + 2 * MIB)
     with pytest.raises(fastmfd.ConfigError, match=r"receive buffers .* \(max_memory\)"):
-        session_regions._memory_left(_parts(4096 + charged - 1), setup, specs)
-    processes = worker_memory(CONFIG)
-    assert session_regions._memory_left(_parts(4096 + charged + processes + 5), setup,
-                                        specs) == 5
+        _memory_left(_parts(4096 + charged - 1), setup, specs)
+    processes = worker_memory(CONFIG, spares=False)
+    assert _memory_left(_parts(4096 + charged + processes + 5), setup, specs) == 5
     monkeypatch.setattr(session_regions, "free_bytes", lambda: 4096 + 5)
-    assert session_regions._memory_left(_parts(None), setup, specs) == 5
+    assert _memory_left(_parts(None), setup, specs) == 5
 
 
 def test_workers_started_ahead_count_when_more_than_the_session_needs():
@@ -122,6 +161,5 @@ def test_workers_started_ahead_count_when_more_than_the_session_needs():
     charged = session_regions.channel_bytes(setup, tls=False) + 41 * WORKER_BYTES
     with pytest.raises(fastmfd.ConfigError, match=r"need 41 worker processes \(the 40 "
                                                   r"receive workers started ahead"):
-        session_regions._memory_left(_parts(4096 + charged - 1, workers=40), setup, specs)
-    assert session_regions._memory_left(_parts(4096 + charged, workers=40), setup,
-                                        specs) == 0
+        _memory_left(_parts(4096 + charged - 1, workers=40), setup, specs)
+    assert _memory_left(_parts(4096 + charged, workers=40), setup, specs) == 0

@@ -26,17 +26,19 @@ MAX_CANDIDATES idle ones.
     Admission.wait(): the first that passed, or the timeout, or the session's failure
 
 After SETUP a connection can only be greeted by a receive worker (a TLS
-session cannot move between processes): the door hands each new connection
-to a free worker with a Greeting; the worker answers Greeted(channel), and
-the session assigns it, or Refused, and the worker is free again. At most
-``GREETING_SPARES`` workers beyond the session's channels greet at once; more
-connections wait in the listen backlog meanwhile, and, as before SETUP, one
-waiting takes the place of a greeting that has run for EVICT_AFTER (the
-session's channels, queued behind a flood of strangers that say nothing,
-waited each stranger's whole handshake deadline, and the session failed:
-"not connected ... after SETUP_ACK"). Greetings ending count as the door's
-progress (:attr:`ChannelDoor.turnover`): channels behind strangers are not
-judged unconnected while the door works through them.
+session cannot move between processes): the door hands each new connection to
+a free worker with a Greeting; the worker answers Greeted(channel), and the
+session assigns it, or Refused, and the worker is free again. At most
+``GREETING_SPARES`` workers beyond the session's channels greet at once, as
+many as max_memory has room for once the session's own parts are counted
+(:class:`DoorWorkers`: possibly none); more connections wait in the listen
+backlog meanwhile, and, as before SETUP, one waiting takes the place of a
+greeting that has run for EVICT_AFTER (the session's channels, queued behind
+a flood of strangers that say nothing, waited each stranger's whole handshake
+deadline, and the session failed: "not connected ... after SETUP_ACK").
+Greetings ending count as the door's progress (:attr:`ChannelDoor.turnover`):
+channels behind strangers are not judged unconnected while the door works
+through them.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ from ..protocol.handshake import (MainGreeting, greet_main_channel, refuse_on_ar
 from ..protocol.security import ChannelSecurity
 from ..protocol.setup import MAX_CHANNELS, Setup
 from .liveness import process_stopped
+from .memory_bound import WORKER_BYTES
 from .processes import Child, ChildSet, Watch
 from .session import SessionResources
 from .stopping import stop_reason
@@ -71,7 +74,7 @@ Refuse = Callable[[str, "BaseException | str"], None]
 __all__ = ["Admission", "ChannelDoor", "Refusal", "Refusals", "describe_peer", "MAX_CANDIDATES",
            "MAX_REFUSALS_KEPT", "EVICT_AFTER", "ACCEPTED_ANOTHER", "TOO_MANY", "EVICTED",
            "session_ended", "refuse_waiting",
-           "GREETING_SPARES", "MAX_WORKERS", "DOOR_EVICTED", "receive_workers_at_most"]
+           "GREETING_SPARES", "MAX_WORKERS", "DOOR_EVICTED", "DoorWorkers"]
 
 MAX_CANDIDATES = 64     # connections greeted at once (see the module's docstring)
 EVICT_AFTER = 1.0       # seconds a greeting runs before a newcomer may take its place
@@ -87,10 +90,30 @@ DOOR_EVICTED = (f"dropped: greeted for over {EVICT_AFTER:g} s when every greetin
                 f"busy, for a newer connection")
 
 
-def receive_workers_at_most(channels: int) -> int:
-    """The receive workers the door lets a session of ``channels`` start: one a
-    channel and GREETING_SPARES to greet connections meanwhile."""
-    return channels + GREETING_SPARES
+class DoorWorkers:
+    """The receive workers the door lets a session of ``channels`` run (``at_most``):
+    those it needs (``needed``: one a channel, or the ``started`` ahead if more) and
+    up to GREETING_SPARES more to greet connections meanwhile (started only as
+    connections come). Under max_memory (``bounded``) the spares are cut to what
+    the memory left holds (:meth:`fit`), possibly to none: the session's own
+    parts are counted first, and a spare only ever greets (strangers, mostly)."""
+
+    def __init__(self, channels: int, started: int, bounded: bool) -> None:
+        self.needed = max(channels, started)
+        self.at_most = max(channels + GREETING_SPARES, self.needed)
+        self.bounded = bounded
+
+    @property
+    def spares(self) -> int:
+        return self.at_most - self.needed
+
+    def fit(self, room: int) -> int:
+        """Cut the spares to what ``room`` bytes (what max_memory leaves) hold,
+        WORKER_BYTES each; returns the bytes they take (0 when not bounded)."""
+        if not self.bounded:
+            return 0
+        self.at_most = self.needed + min(self.spares, max(0, room) // WORKER_BYTES)
+        return self.spares * WORKER_BYTES
 
 
 @dataclass(frozen=True)
@@ -352,12 +375,14 @@ class DoorParts(Protocol):
 class ChannelDoor:
     """After SETUP: hands each new connection on the listener to a free receive
     worker to greet (``parts``: the session's :class:`DestinationParts`;
-    ``watch_worker(worker)`` starts watching a worker it adds)."""
+    ``workers``: how many it may run; ``watch_worker(worker)`` starts watching a
+    worker it adds)."""
 
-    def __init__(self, parts: DoorParts, setup: Setup, stall: float, watch: Watch,
-                 watch_worker: Callable[[Child], None], refuse: Refuse,
+    def __init__(self, parts: DoorParts, setup: Setup, workers: DoorWorkers, stall: float,
+                 watch: Watch, watch_worker: Callable[[Child], None], refuse: Refuse,
                  started: Iterable[Child] = ()) -> None:
         self._parts, self._setup, self._stall, self._watch = parts, setup, stall, watch
+        self._workers = workers
         self._watch_worker, self._refuse = watch_worker, refuse
         # worker -> its connection, the peer, and when its greeting began
         self._greeting: dict[Child, tuple[socket.socket, str, float]] = {}
@@ -375,7 +400,7 @@ class ChannelDoor:
 
     def _at_most(self) -> bool:
         """Whether no more workers may start to greet."""
-        return len(self._parts.workers) >= receive_workers_at_most(self._setup.total_channels)
+        return len(self._parts.workers) >= self._workers.at_most
 
     def _accept(self) -> None:
         workers = self._parts.workers

@@ -35,6 +35,7 @@ from ..protocol.main_channel import (OLD_WAY_CHECKSUM, OLD_WAY_PREFIX, MainChann
                                      PrecopySent, old_way_checksum)
 from ..protocol.setup import Setup
 from . import control_pickling
+from .admission import DoorWorkers
 from .liveness import Progress, first_few, process_stopped, stall_error
 from .processes import ChildSet
 from .reassembly import plan_pool, pool_bytes
@@ -46,12 +47,12 @@ __all__ = ["DeviceLoading", "old_way_not_here"]
 def _collect_budget(max_memory: int | None, left: int) -> WriteBudget | None:
     """What the CollectLoaders made for devices given no loader may keep together:
     under ``max_memory``, what the regions, the receive channels (their buffers and
-    worker processes) and the device-state buffers leave."""
+    worker processes), the device-state buffers and the greeting spares leave."""
     if max_memory is None:
         return None
     return WriteBudget(left, f"{left} bytes, what max_memory ({max_memory}) leaves after the "
                              f"regions, the receive channels (their buffers and worker "
-                             f"processes) and the device-state buffers "
+                             f"processes), the device-state buffers and the greeting spares "
                              f"(for all devices given no loader; a smaller max_queued_bytes "
                              f"leaves more)")
 
@@ -76,7 +77,8 @@ class DeviceLoading:
     """One session's device streams at the destination: the pool they arrive in,
     the reassembly process that loads them, and what it reported."""
 
-    def __init__(self, setup: Setup, parts: LoadingParts, budget: int, stall: float) -> None:
+    def __init__(self, setup: Setup, parts: LoadingParts, budget: int, stall: float,
+                 door: DoorWorkers) -> None:
         self.setup, self._reassembly = setup, parts.reassembly[0]
         self.results: dict[int, object] = {}
         self.chunks: dict[int, int] = {}
@@ -109,7 +111,10 @@ class DeviceLoading:
                                                                 tag="dest-pool", sparse=True))
         desc_r, self.desc_w = os.pipe()
         parts.resources.fds.append(self.desc_w)
-        collect = _collect_budget(parts.max_memory, budget - pool_bytes(nslots, chunk_size))
+        # The greeting spares from what the pool leaves (what they hold is the
+        # CollectLoaders' no more), then the CollectLoaders from what those leave.
+        left = budget - pool_bytes(nslots, chunk_size)
+        collect = _collect_budget(parts.max_memory, left - door.fit(left))
         loaders = tuple((device_key(*d.key), parts.loaders[d.key] if d.key in parts.loaders
                          else CollectLoader(collect)) for d in setup.devices)
         try:

@@ -55,7 +55,7 @@ from ..protocol.sockets import recv_exact, tune_data_socket, tune_main_socket
 from ..region_pool import RegionPool
 from ..regions import Region
 from ..stats import ChannelStats, ReceiveStats
-from .admission import Admission, ChannelDoor, Refusals
+from .admission import Admission, ChannelDoor, DoorWorkers, Refusals
 from .liveness import Heartbeat, Progress, Steps, process_stopped, stall_error, tick
 from .loading import DeviceLoading, check_chunk_counts, old_way_not_here
 from .open_files import DESTINATION_PER_CHANNEL, check_session_files, check_worker_files
@@ -123,6 +123,7 @@ class Receiving:
         self._assigned: dict[int, Child] = {}   # channel id -> its worker
         self._channel_of: dict[Child, int] = {}  # worker -> its channel id
         self._door: ChannelDoor | None = None   # new connections, after SETUP
+        self._door_workers: DoorWorkers | None = None   # how many it may run (SETUP's)
         self._drained: set[int] = set()
         self._sync_count: dict[int, int] = {}
         self._synced: dict[int, int] = {}       # channel id -> the last SYNC it reached
@@ -197,10 +198,10 @@ class Receiving:
         check_session_files(setup.total_channels, DESTINATION_PER_CHANNEL, "this destination")
         check_worker_files(len(setup.regions), "this destination")
         made = make_session_regions(setup, parts)
-        self.regions, self._fresh, left = made.regions, made.fresh, made.memory_left
+        self.regions, self._fresh, self._door_workers = made.regions, made.fresh, made.door
         self._counters = parts.resources.own(_core.Counters.create(setup.total_channels))
         if setup.devices:
-            self._devices = DeviceLoading(setup, parts, left, self._stall)
+            self._devices = DeviceLoading(setup, parts, made.memory_left, self._stall, made.door)
 
     def _preallocate(self) -> None:
         """prealloc: every region faulted in by the workers of the RAM channels,
@@ -222,16 +223,16 @@ class Receiving:
         """Receive until everything is applied and loaded, then send LOADED."""
         parts, setup = self.parts, self.setup
         assert setup is not None and self.main is not None, "after accept_main()"
-        main = self.main
-        stall = self._stall
+        main, stall, door_workers = self.main, self._stall, self._door_workers
+        assert door_workers is not None, "after SETUP"
         self.main.sock.settimeout(stall)    # and so must a send
         self._progress = Progress(stall)
         self._heartbeat = Heartbeat(self.main, stall, "source",
                                     interval=min(stall, setup.stall_timeout))
         self._heartbeat.word = lambda: self._steps.word(self._source_waits(), stall)
         self._watch = watch = Watch(self.main.sock)
-        self._door = ChannelDoor(parts, setup, stall, watch, self._watch_worker, parts.refused.add,
-                                 self._prestarted)
+        self._door = ChannelDoor(parts, setup, door_workers, stall, watch,
+                                 self._watch_worker, parts.refused.add, self._prestarted)
         watch.add(self.main.sock, self._on_main_message)
         for worker in parts.workers:
             self._watch_worker(worker)
@@ -560,8 +561,7 @@ class Receiving:
 
     def _teardown(self, error: MigrationError) -> None:
         self.state = ReceivingState.FAILED
-        admission = self._admission
-        if admission is not None:
+        if (admission := self._admission) is not None:     # (read once: another thread's)
             admission.abort(error)
         if self._devices is not None:
             self._devices.pool.abort()

@@ -19,7 +19,7 @@ from ..protocol.setup import RegionSpec, Setup
 from ..region_pool import RegionPool
 from ..regions import Region, closed_regions_named, region_to_add
 from ..shm import SHM_DIR, free_bytes
-from .admission import GREETING_SPARES, receive_workers_at_most
+from .admission import GREETING_SPARES, DoorWorkers
 from .memory_bound import WORKER_BYTES, MemoryBudget
 from .processes import ChildSet
 from .session import SessionResources
@@ -44,11 +44,14 @@ class RegionParts(Protocol):
 
 
 class SessionRegions:
-    """SETUP's regions in its order, whether each is fresh, and what is left of the
-    memory bound for the device-state pool."""
+    """SETUP's regions in its order, whether each is fresh, what is left of the
+    memory bound for the device-state pool (then the greeting spares), and the
+    receive workers the session may run."""
 
-    def __init__(self, regions: list[Region], fresh: list[bool], memory_left: int) -> None:
+    def __init__(self, regions: list[Region], fresh: list[bool], memory_left: int,
+                 door: DoorWorkers) -> None:
         self.regions, self.fresh, self.memory_left = regions, fresh, memory_left
+        self.door = door
 
 
 def make_session_regions(setup: Setup, parts: RegionParts) -> SessionRegions:
@@ -56,7 +59,10 @@ def make_session_regions(setup: Setup, parts: RegionParts) -> SessionRegions:
     to_create = _specs_to_create(setup, parts)
     if parts.region_pool is not None:
         parts.region_pool.prune(to_create, setup.page_size, parts.huge_pages)
-    left = _memory_left(parts, setup, to_create)
+    door = DoorWorkers(setup.total_channels, len(parts.workers), parts.max_memory is not None)
+    left = _memory_left(parts, setup, to_create, door)
+    if not setup.devices:       # else DeviceLoading fits them in what its pool leaves
+        door.fit(left)
     regions, fresh = [], []
     for spec in setup.regions:
         region, is_fresh = _region(parts, spec.name, spec.size, setup.page_size)
@@ -66,7 +72,7 @@ def make_session_regions(setup: Setup, parts: RegionParts) -> SessionRegions:
             region.dirty.collect()
         regions.append(region)
         fresh.append(is_fresh)
-    return SessionRegions(regions, fresh, left)
+    return SessionRegions(regions, fresh, left, door)
 
 
 def places_pages(region: Region, fresh: bool) -> bool:
@@ -99,14 +105,16 @@ def channel_bytes(setup: Setup, tls: bool) -> int:
     return int(each) * setup.total_channels
 
 
-def _memory_left(parts: RegionParts, setup: Setup, to_create: list[RegionSpec]) -> int:
+def _memory_left(parts: RegionParts, setup: Setup, to_create: list[RegionSpec],
+                 door: DoorWorkers) -> int:
     """What SETUP asks this destination to hold, checked before anything is
     allocated: the regions it creates must fit in ``max_memory`` (default: what
     /dev/shm has free) and, with ``max_memory``, the receive channels' buffers
-    (channel_bytes) and the worker processes the session may run (memory_bound)
-    too: private memory, not /dev/shm's, so not counted against it; returns what
-    is left for the device-state pool. Regions are sparse and filled as data
-    arrives, so this bounds, it does not commit."""
+    (channel_bytes) and the worker processes the session needs (``door``'s
+    needed, and the reassembly process; memory_bound) too: private memory, not
+    /dev/shm's, so not counted against it; returns what is left for the
+    device-state pool, then the greeting spares (DoorWorkers.fit). Regions are
+    sparse and filled as data arrives, so this bounds, it does not commit."""
     pool = parts.region_pool
     budget = parts.max_memory
     if budget is None:      # the pool's regions (all of use now) are allocated already
@@ -125,16 +133,15 @@ def _memory_left(parts: RegionParts, setup: Setup, to_create: list[RegionSpec]) 
         f"the source's {n} channel(s) need {channels} bytes of receive buffers (packet_pages "
         f"{setup.packet_pages} x page_size {setup.page_size}, at most the largest region's "
         f"pages, compression {setup.compression})"))
-    # As many receive workers as the channel door may start, or those started ahead
-    # if more, and the reassembly process.
-    door = receive_workers_at_most(n)
-    receivers = (f"a receive worker per channel, {GREETING_SPARES} more to greet connections "
-                 f"meanwhile" if door >= len(parts.workers) else
+    # A receive worker per channel, or those started ahead if more, and the reassembly
+    # process; the greeting spares only where what is left holds them, counted last.
+    receivers = ("a receive worker per channel" if n >= len(parts.workers) else
                  f"the {len(parts.workers)} receive workers started ahead (workers=)")
-    workers = max(door, len(parts.workers)) + 1
+    workers = door.needed + 1
     memory.spend(workers * WORKER_BYTES, "worker processes", (
         f"the source's {n} channel(s) need {workers} worker processes ({receivers}, and "
-        f"the reassembly process), {WORKER_BYTES >> 20} MiB each: {workers * WORKER_BYTES} "
+        f"the reassembly process; up to {GREETING_SPARES} more greet connections where "
+        f"max_memory has room), {WORKER_BYTES >> 20} MiB each: {workers * WORKER_BYTES} "
         f"bytes"))
     return memory.left
 
