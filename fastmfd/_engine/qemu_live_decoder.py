@@ -5,17 +5,45 @@ precopy migration sends are answered or refused here."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
 from ..protocol.bytereader import StreamReader
 from ..protocol.qemu import (CONFIGURATION_AT, IGNORE_SHARED, MIG_CMD_OPEN_RETURN_PATH,
-                             MIG_CMD_PING, MIG_CMD_SWITCHOVER_START, MIG_CMDS, QevmDecoder)
+                             MIG_CMD_PING, MIG_CMD_SWITCHOVER_START, MIG_CMDS, SYNC_PER_SECTION,
+                             QevmDecoder)
 from .qemu_channels import QemuConnections
 from .qemu_return_path import ReturnPathAnswers
 
-__all__ = ["LiveDecoder", "LiveSession"]
+__all__ = ["LiveDecoder", "LiveSession", "QemuStreamFacts"]
+
+
+@dataclass
+class QemuStreamFacts:
+    """What the stream said, for the manifest and the caller."""
+    version: int = 3
+    machine: str = ""
+    page_size: int = 4096
+    capabilities: list[str] = field(default_factory=list)
+    uuid: bytes | None = None
+    channels: int = 0
+    compression: str | None = None
+    blocks: dict[str, int] = field(default_factory=dict)
+    syncs: int = 0                          # SYNC barriers (one SYNC per channel each)
+    multifd_sync: str = SYNC_PER_SECTION    # where they sit (protocol.qemu)
+    ram_section_ends: int = 0               # EOS records
+    zero_pages: int = 0                     # ZERO records of the main channel
+    multifd_zero_pages: int = 0             # zero pages listed in multifd packets (>= 9.0)
+    main_pages: int = 0                     # PAGE records of the main channel
+    ram_bytes: int = 0                      # main-channel bytes before the device sections
+    vmstate_bytes: int = 0
+    vm_devices: int = 0
+    configuration: bytes = b""              # the stream's CONFIGURATION section
+    commands: list[tuple[str, bytes]] = field(default_factory=list)  # COMMANDs: place, bytes
+    ram_section_id: int | None = 0          # None: the stream had no RAM section
+    section_footers: bool = True
 
 
 class LiveSession(Protocol):

@@ -45,7 +45,6 @@ import mmap
 import os
 import socket
 import time
-from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -61,7 +60,7 @@ from ..regions import Region
 from .memory_bound import check_qemu_channels
 from .processes import Child, ChildSet, Watch
 from .qemu_channels import QemuChannel, QemuConnections, choose_channels, migration_uuid
-from .qemu_live_decoder import LiveDecoder
+from .qemu_live_decoder import LiveDecoder, QemuStreamFacts
 from .qemu_return_path import SOURCE_NOT_TOLD, ReturnPathAnswers
 from .qemu_tls import MAX_GREETINGS, TLSGreeter
 from .session import shutdown_quietly
@@ -107,32 +106,6 @@ class QemuOutput(Protocol):
     def region(self, name: str, size: int, page_size: int) -> Region: ...
     def stream(self, key: str) -> int: ...
     def fsync_part(self, name: str) -> None: ...
-
-
-@dataclass
-class QemuStreamFacts:
-    """What the stream said, for the manifest and the caller."""
-    version: int = 3
-    machine: str = ""
-    page_size: int = 4096
-    capabilities: list[str] = field(default_factory=list)
-    uuid: bytes | None = None
-    channels: int = 0
-    compression: str | None = None
-    blocks: dict[str, int] = field(default_factory=dict)
-    syncs: int = 0                          # SYNC barriers (one SYNC per channel each)
-    multifd_sync: str = SYNC_PER_SECTION    # where they sit (protocol.qemu)
-    ram_section_ends: int = 0               # EOS records
-    zero_pages: int = 0                     # ZERO records of the main channel
-    multifd_zero_pages: int = 0             # zero pages listed in multifd packets (>= 9.0)
-    main_pages: int = 0                     # PAGE records of the main channel
-    ram_bytes: int = 0                      # main-channel bytes before the device sections
-    vmstate_bytes: int = 0
-    vm_devices: int = 0
-    configuration: bytes = b""              # the stream's CONFIGURATION section
-    commands: list[tuple[str, bytes]] = field(default_factory=list)  # COMMANDs: place, bytes
-    ram_section_id: int | None = 0          # None: the stream had no RAM section
-    section_footers: bool = True
 
 
 class QemuReceiving:
