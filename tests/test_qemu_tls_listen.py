@@ -12,6 +12,7 @@ test.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import json
 import os
 import re
@@ -27,8 +28,10 @@ import numpy as np
 import pytest
 import trustme
 
-from fastmfd import TLSConfig, qemu
+from fastmfd import TLSConfig, _core, qemu
 from fastmfd._engine import qemu_channels
+from fastmfd._engine.memory_bound import WORKER_BYTES
+from fastmfd._engine.qemu_receiving import QemuReceiving
 from fastmfd._engine.processes import Watch
 from fastmfd._engine.qemu_channels import LOGGED_DROPS
 from fastmfd._engine.qemu_tls import MAX_GREETINGS, TLSGreeter, greet_in_tls
@@ -350,6 +353,7 @@ class StubGreeter:
     def __init__(self) -> None:
         self.greeted: list[socket.socket] = []
         self.dismissed: list[object] = []
+        self.room = lambda greeting: True       # (max_memory's say: TLSGreeter.room)
 
     def greet(self, sock, on_greeted) -> None:
         self.greeted.append(sock)
@@ -400,6 +404,107 @@ def test_a_stranger_greeted_after_the_count_is_dropped(counted):
     assert stub.dismissed == ["worker"] and sock.fileno() == -1
     assert client.recv(1) == b""                            # its connection closed
     assert not connections.overdue and not connections.greeting
+
+
+def test_a_connection_max_memory_has_no_room_to_greet_waits_or_is_refused():
+    """Under max_memory a connection is greeted only where the bound holds it as a
+    channel (TLSGreeter.room): while others are being greeted it waits in the backlog
+    until one ends; with none being greeted (nothing would make room) it is refused
+    at once, counted, and no worker greets it."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        stub = StubGreeter()
+        watch = Watch()
+        connections = qemu_channels.QemuConnections(listener, watch, lambda channel: None,
+                                                    stub)   # type: ignore[arg-type]
+        first = socket.create_connection(listener.getsockname())
+        connections._accept()
+        assert len(stub.greeted) == 1
+        stub.room = lambda greeting: False
+        second = socket.create_connection(listener.getsockname())
+        connections._accept()                   # the first still being greeted: waits
+        assert len(stub.greeted) == 1 and listener not in watch._handlers
+        stub.on_greeted("worker", Refused("no certificate", authenticated=False))
+        assert listener in watch._handlers      # a greeting ended: the next may be taken
+        connections._accept()                   # none being greeted, no room: refused
+        assert len(stub.greeted) == 1 and connections.no_room.count == 1
+        assert connections.no_room.first.endswith(qemu_channels.NO_ROOM)
+        second.settimeout(5)
+        assert second.recv(1) == b""
+        stub.room = lambda greeting: True
+        third = socket.create_connection(listener.getsockname())
+        connections._accept()
+        assert len(stub.greeted) == 2
+        for sock in (*connections.sockets(), first, second, third):
+            sock.close()
+
+
+def test_greetings_under_max_memory_are_what_it_holds_as_channels(tmp_path):
+    """Each connection being greeted in TLS is counted as a channel (it may be one) with
+    its worker, beside the workers alive, but one, until the main channel is told
+    apart: one more is greeted only where that fits, idle workers beyond one let go
+    first (a bound of 3 channels and 3 workers, 4 idle workers started ahead)."""
+    creds = credentials(tmp_path, trustme.CA())
+    each = _core.receive_channel_bytes(128, 4096, 1 << 62, 0, False, "zstd", True)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        session = QemuReceiving(listener, None, timeout=5.0, stall_timeout=5.0,  # type: ignore
+                                workers=4, security=ChannelSecurity(tls=creds.listener),
+                                max_memory=3 * each + 3 * WORKER_BYTES)
+        try:
+            assert session.greeter is not None
+            assert session._may_greet(0) and session._may_greet(1) and session._may_greet(2)
+            assert session.greeter.released == 0
+            assert session._may_greet(3) and session.greeter.released == 1
+            assert not session._may_greet(4)
+            assert session.greeter.released == 3 and len(session.spares) == 1
+            assert session._may_greet(3)            # 3 channels, 1 worker
+            session.connections.main = socket.socket()     # told apart: none is it
+            try:
+                assert not session._may_greet(3) and session._may_greet(2)
+            finally:
+                session.connections.main.close()
+        finally:
+            session.close()
+
+
+@pytest.mark.parametrize("short", [0, 1])
+def test_strangers_greeted_do_not_push_qemus_channels_over_max_memory(
+        tmp_path, monkeypatch, leaks, short):
+    """Every worker greeting a stranger counted against max_memory as QEMU's channels
+    connected: 6 silent strangers before QEMU took 6 workers, and QEMU's channels,
+    under a bound that holds them, failed it ("QEMU's 2 multifd channel(s) so far need
+    ... worker processes"). A greeting is now taken only where the bound holds it as a
+    channel: the strangers wait their turn, and the migration completes. A byte less,
+    QEMU's last channel waits for room behind its main channel's greeting, which times
+    out: the migration fails, saying connections waited for room under max_memory."""
+    monkeypatch.setattr(qemu, "ChannelSecurity",
+                        functools.partial(ChannelSecurity, timeout=2.0))   # their deadline
+    creds = credentials(tmp_path, trustme.CA())
+    source, ram = tls_source(tmp_path, QEMU, creds.qemu_dir)
+    each = _core.receive_channel_bytes(128, 4096, 1 << 62, 0, False, "zstd", True)
+    silent: list[socket.socket] = []
+    try:
+        # What QEMU's 2 channels need in TLS: their buffers, their workers and the
+        # main channel's relay.
+        receiver = Receiver(tmp_path / "out", tls=creds.listener, timeout=15.0,
+                            max_memory=2 * each + 3 * WORKER_BYTES - short)
+        host, port = receiver.address.split(":")[1:]
+        silent = [socket.create_connection((host, int(port))) for _ in range(6)]
+        time.sleep(0.5)
+        source.migrate(receiver.address)
+        if short:
+            assert source.wait(timeout=120) == "failed"
+            with pytest.raises(MigrationError, match=re.escape(qemu_channels.WAITED_FOR_ROOM)):
+                receiver.result(120)
+            assert_nothing_complete(tmp_path / "out")
+        else:
+            assert source.wait(timeout=120) == "completed"
+            receiver.result(120)
+            assert_saved(tmp_path / "out", ram, 2, "none")
+    finally:
+        for sock in silent:
+            sock.close()
+        source.close()
+    leaks.assert_clean()
 
 
 class StuckRelay:

@@ -48,7 +48,7 @@ from .processes import Child, Watch
 from .qemu_tls import COUNT_WAIT, MAX_GREETINGS, MULTIFD_MAGIC, TLSGreeter, not_qemus
 
 __all__ = ["QemuChannel", "QemuConnections", "migration_uuid", "choose_channels",
-           "LATE_BYTES_WAIT"]
+           "LATE_BYTES_WAIT", "NO_ROOM"]
 
 log = logging.getLogger("fastmfd")
 
@@ -64,6 +64,12 @@ ACCEPT_RETRY = {errno.ECONNABORTED, errno.EPROTO, errno.ENETDOWN, errno.ENOPROTO
                 errno.ENETUNREACH}
 
 
+# Why a connection in TLS was refused unread (qemu_tls: under max_memory), and what a
+# wait for QEMU says when connections waited for room to be greeted.
+NO_ROOM = ("max_memory holds no worker process more to greet it, beside QEMU's channels so "
+           "far and the workers alive")
+WAITED_FOR_ROOM = ("connections waited for room to be greeted under max_memory, beside QEMU's "
+                   "channels so far and those being greeted: it may not hold QEMU's channels")
 # Dropped connections are each said in the log up to this many of a kind; after
 # that only counted (a flood of strangers, at a few hundred a second, would fill it).
 LOGGED_DROPS = 10
@@ -76,14 +82,14 @@ class Dropped:
     what: str                               # e.g. "failed the TLS handshake"
     count: int = 0
     first: str = ""
+    verdict: str = "not QEMU's, dropped"
 
     def add(self, peer: str, why: str) -> None:
         self.count += 1
         self.first = self.first or f"from {peer}: {why}"
         if self.count <= LOGGED_DROPS:
-            log.warning("a connection (%s) %s: %s: not QEMU's, dropped%s", peer, self.what,
-                        why, " (more are counted, not logged)"
-                        if self.count == LOGGED_DROPS else "")
+            log.warning("a connection (%s) %s: %s: %s%s", peer, self.what, why, self.verdict,
+                        " (more are counted, not logged)" if self.count == LOGGED_DROPS else "")
 
     def __str__(self) -> str:
         return f"{self.count} connection(s) {self.what}; the first, {self.first}"
@@ -174,6 +180,9 @@ class QemuConnections:
         self.greeting: dict[socket.socket, int] = {}    # with a worker (TLS): arrival
         self.overdue: set[socket.socket] = set()        # greeted past the count: late
         self.failed_handshakes = Dropped("failed the TLS handshake")
+        self.no_room = Dropped("found no room to be greeted", verdict="refused")
+        self.waiting_room = False                       # the listener waits for a greeting's end
+        self.waited_for_room = 0                        # times it did under max_memory
         self.peers: dict[socket.socket, str] = {}       # each held connection's address
         self.arrivals = 0
         self.counted_at: int | None = None              # arrivals when barrier 1 came
@@ -202,8 +211,14 @@ class QemuConnections:
         the descriptors."""
         self._drop_stale()
         while True:
-            if self.greeter is not None and len(self.greeting) >= MAX_GREETINGS:
+            room = self.greeter is None or (len(self.greeting) < MAX_GREETINGS
+                                            and self.greeter.room(len(self.greeting)))
+            if not room and self.greeting:
                 self.watch.remove(self.listener)        # until a greeting ends
+                self.waiting_room = True
+                if len(self.greeting) < MAX_GREETINGS and not self.waited_for_room:
+                    log.warning("%s", WAITED_FOR_ROOM)
+                self.waited_for_room += len(self.greeting) < MAX_GREETINGS
                 return
             try:
                 sock, peer = self.listener.accept()
@@ -219,6 +234,10 @@ class QemuConnections:
                             exc.strerror or exc)
                 self.watch.remove(self.listener)
                 return
+            if not room:        # none being greeted: nothing would make room for it
+                self.no_room.add(describe_peer(peer), NO_ROOM)
+                sock.close()
+                continue
             self.peers[sock] = describe_peer(peer)
             self.arrivals += 1
             if self.greeter is not None:
@@ -230,6 +249,10 @@ class QemuConnections:
             if self.counted_at is not None:
                 self.late[sock] = time.monotonic()
             self.watch.add(sock, functools.partial(self._classify, sock))
+
+    def room_note(self) -> str:
+        """What a wait for QEMU adds, when connections waited for room (max_memory)."""
+        return f" ({WAITED_FOR_ROOM})" if self.waited_for_room or self.no_room.count else ""
 
     def _drop_stale(self) -> None:
         now = time.monotonic()
@@ -345,8 +368,9 @@ class QemuConnections:
         """What the worker greeting ``sock`` in TLS found (:mod:`.qemu_tls`)."""
         greeter = self.greeter
         assert greeter is not None, "greetings are TLS's"
-        if len(self.greeting) >= MAX_GREETINGS:
+        if self.waiting_room:
             self.watch.add(self.listener, self._accept)     # one more may be greeted now
+            self.waiting_room = False
         if isinstance(report, Refused) and not report.authenticated:
             self.failed_handshakes.add(self.peers[sock], report.reason)
             self._forget(sock)

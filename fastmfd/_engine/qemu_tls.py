@@ -27,11 +27,18 @@ plaintext one after the main channel fails the migration, as its pages might
 be QEMU's). One that fails after its handshake (what it sends is not QEMU's,
 or does not decrypt) holds such a certificate: it is judged by when it came,
 as in plaintext. At most MAX_GREETINGS connections are greeted at once: the
-listener waits meanwhile, and the kernel's backlog holds the next. Barrier 1
-waits COUNT_WAIT for the greetings under way; one that ends later is judged
-as a connection after the count (a channel of this migration fails it). A
-worker whose greeted connection is not kept is dismissed (it exits, closing
-it); one whose greeting failed greets the next.
+listener waits meanwhile, and the kernel's backlog holds the next. Under
+max_memory, fewer: a connection is greeted only where the bound holds it as a
+channel of QEMU's (it may be one; until the main channel is told apart, one
+being greeted is counted as it, with no buffers) beside those so far and the
+workers alive (idle ones let go to make room:
+memory_bound.qemu_greeting_fits), so a channel greeted always fits, whatever
+strangers are greeted meanwhile; with none being greeted and no room, a
+connection is refused at once (were it QEMU's, its channels would not fit
+anyway). Barrier 1 waits COUNT_WAIT for the greetings under way; one that
+ends later is judged as a connection after the count (a channel of this
+migration fails it). A worker whose greeted connection is not kept is
+dismissed (it exits, closing it); one whose greeting failed greets the next.
 """
 
 from __future__ import annotations
@@ -119,13 +126,17 @@ def not_qemus(head: bytes) -> str:
 class TLSGreeter:
     """The main process's side: hands each connection to a receive worker and
     passes on what it reports (module docstring). ``take_worker`` gives a
-    spare worker (or one started now), ``free_worker`` takes one back."""
+    spare worker (or one started now), ``free_worker`` takes one back;
+    ``room(n)``: whether one more may be greeted beside the ``n`` being greeted
+    (under max_memory; MAX_GREETINGS is the caller's)."""
 
     def __init__(self, security: ChannelSecurity, watch: Watch,
-                 take_worker: Callable[[], Child], free_worker: Callable[[Child], None]) -> None:
+                 take_worker: Callable[[], Child], free_worker: Callable[[Child], None],
+                 room: Callable[[int], bool] = lambda greeting: True) -> None:
         self.security, self.watch = security, watch
-        self.take_worker, self.free_worker = take_worker, free_worker
+        self.take_worker, self.free_worker, self.room = take_worker, free_worker, room
         self.relaying: Child | None = None          # the main channel's worker
+        self.released = 0                           # workers dismissed: exiting, not counted
 
     def greet(self, sock: socket.socket,
               on_greeted: Callable[[Child, QemuGreeted | Refused], None]) -> None:
@@ -150,6 +161,7 @@ class TLSGreeter:
         exit, which closes it (its peer waits for nothing more)."""
         self._forget(worker)
         worker.release()
+        self.released += 1
 
     def _forget(self, worker: Child) -> None:
         self.watch.remove(worker.conn)
