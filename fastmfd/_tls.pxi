@@ -142,11 +142,17 @@ cdef int handshake_loop(SSL *ssl, int fd, bint server, double deadline, double t
         err = SSL_get_error(ssl, ret)
         if err == SSL_ERROR_WANT_READ:
             if not peeked:
-                # A client has sent its hello: the answer must be TLS.
-                if peek_first_byte(fd, False, True, deadline, timeout, msg, cap) < 0:
-                    return -1
                 peeked = True
-                continue
+                # A client has sent its hello: the answer must be TLS. Unless the
+                # call read its start already (it was there: a server that sends
+                # its ServerHello, then the rest of its flight, and a client held
+                # off the CPU between its write and its read), and took it as
+                # TLS: the socket holds the flight's middle now, an encrypted
+                # record's 0x17, which was said to be plaintext (QEMU 7.2's GnuTLS).
+                if BIO_number_read(SSL_get_rbio(ssl)) == 0:
+                    if peek_first_byte(fd, False, True, deadline, timeout, msg, cap) < 0:
+                        return -1
+                    continue
             w = wait_fd(fd, POLLIN, deadline)
         elif err == SSL_ERROR_WANT_WRITE:
             w = wait_fd(fd, POLLOUT, deadline)

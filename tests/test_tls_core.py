@@ -269,6 +269,80 @@ def test_a_plaintext_server_is_told_apart_at_once(pki, pair):
     assert str(info.value) == "the peer does not speak TLS (it sent plaintext)"
 
 
+def _fill_send_buffer(sock: socket.socket) -> int:
+    """Write to ``sock`` until its send buffer and its peer's receive buffer (the
+    peer reads nothing yet) take no more, and stay full; bytes written."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    sock.setblocking(False)
+    written = 0
+    for _ in range(3):             # acks in flight may free room for a moment
+        time.sleep(0.05)
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                written += sock.send(bytes(4096))
+    sock.setblocking(True)
+    return written
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        assert chunk, "the connection ended early"
+        data += chunk
+    return data
+
+
+def test_a_server_answer_read_with_the_hello_is_not_taken_for_plaintext(pki, tcp_pair):
+    """A client's first SSL_do_handshake sends its hello and reads what is there
+    already. A server whose first flight comes in two writes (QEMU 7.2's GnuTLS:
+    ServerHello and ChangeCipherSpec, then the encrypted rest, 0.1 ms later) may
+    have sent only the first by that read, under load: the client, having read
+    it, waited for "the answer's first byte", peeked an encrypted record's 0x17
+    and said "the peer does not speak TLS (it sent plaintext)" (a QEMU TLS test
+    failed so, once). Here the answer's first 3 bytes are made to be there
+    before that read: the client's hello waits behind filler the relay (a man in
+    the middle of a real server) reads only after sending them."""
+    client_sock, relay_sock = tcp_pair
+    relay_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    filler = _fill_send_buffer(client_sock)
+    relay_end, server_end = socket.socketpair()
+    server_kw, client_kw = mutual(pki)
+    out: dict = {}
+
+    def serve() -> None:
+        out["server"] = TLSChannel.accept(server_end.fileno(), timeout=10, **server_kw)
+
+    def copy(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(1 << 16):
+                dst.sendall(data)
+
+    def relay() -> None:
+        time.sleep(0.3)             # the client has looked for a greeting, found none
+        relay_sock.sendall(b"\x16\x03\x03")             # a TLS 1.2+ record's start
+        _recv_exactly(relay_sock, filler)               # now its hello can go
+        header = _recv_exactly(relay_sock, 5)
+        relay_end.sendall(header + _recv_exactly(relay_sock, int.from_bytes(header[3:],
+                                                                             "big")))
+        assert _recv_exactly(relay_end, 3) == b"\x16\x03\x03"
+        threading.Thread(target=copy, args=(relay_sock, relay_end), daemon=True).start()
+        copy(relay_end, relay_sock)
+
+    threads = [threading.Thread(target=f, daemon=True) for f in (serve, relay)]
+    for thread in threads:
+        thread.start()
+    try:
+        client = TLSChannel.connect(client_sock.fileno(), timeout=10, **client_kw)
+        threads[0].join(10)
+        assert isinstance(out.get("server"), TLSChannel)
+        client.send_all(b"ping")
+        assert out["server"].recv_exact(4, timeout=5) == b"ping"
+    finally:
+        relay_end.close()
+        server_end.close()
+
+
 def test_a_server_that_closes_is_a_clear_error(pki, pair):
     client_sock, server_sock = pair
     server_sock.close()

@@ -12,6 +12,8 @@ cdef extern from "openssl_stable.h" nogil:
         pass
     ctypedef struct SSL_CIPHER:
         pass
+    ctypedef struct BIO:
+        pass
     ctypedef struct X509:
         pass
     ctypedef struct X509_NAME:
@@ -91,6 +93,8 @@ cdef extern from "openssl_stable.h" nogil:
     void SSL_set_hostflags(SSL *s, unsigned int flags)
     X509_VERIFY_PARAM *SSL_get0_param(SSL *ssl)
     int SSL_do_handshake(SSL *s)
+    BIO *SSL_get_rbio(const SSL *s)
+    uint64_t BIO_number_read(BIO *bio)
     int SSL_read_ex(SSL *ssl, void *buf, size_t num, size_t *readbytes)
     int SSL_write_ex(SSL *s, const void *buf, size_t num, size_t *written)
     int SSL_shutdown(SSL *s)

@@ -28,6 +28,7 @@ typedef struct ssl_st SSL;
 typedef struct ssl_ctx_st SSL_CTX;
 typedef struct ssl_method_st SSL_METHOD;
 typedef struct ssl_cipher_st SSL_CIPHER;
+typedef struct bio_st BIO;
 typedef struct x509_st X509;
 typedef struct X509_name_st X509_NAME;
 typedef struct X509_name_entry_st X509_NAME_ENTRY;
@@ -117,6 +118,7 @@ int SSL_set1_host(SSL *s, const char *hostname);
 void SSL_set_hostflags(SSL *s, unsigned int flags);
 X509_VERIFY_PARAM *SSL_get0_param(SSL *ssl);
 int SSL_do_handshake(SSL *s);
+BIO *SSL_get_rbio(const SSL *s);
 int SSL_read_ex(SSL *ssl, void *buf, size_t num, size_t *readbytes);
 int SSL_write_ex(SSL *s, const void *buf, size_t num, size_t *written);
 int SSL_shutdown(SSL *s);
@@ -129,6 +131,7 @@ const char *SSL_CIPHER_get_name(const SSL_CIPHER *c);
 X509 *SSL_get1_peer_certificate(const SSL *s);
 
 /* libcrypto */
+uint64_t BIO_number_read(BIO *bio);
 unsigned long ERR_get_error(void);
 void ERR_clear_error(void);
 void ERR_error_string_n(unsigned long e, char *buf, size_t len);
