@@ -83,6 +83,24 @@ cdef int set_nonblocking(int fd, int *saved) noexcept nogil:
 
 # ---------------------------------------------------------------- the handshake
 
+cdef void say_plaintext(int fd, char *msg, size_t cap) noexcept nogil:
+    """msg: the peer's first bytes open no TLS record; up to 8 of them, left unread,
+    in hex: a plaintext service's greeting, or a TLS record other than a
+    handshake's (0x17: this side missed the start of the peer's answer)."""
+    cdef uint8_t head[8]
+    cdef ssize_t n = recv(fd, head, sizeof(head), MSG_PEEK)
+    cdef ssize_t i
+    cdef size_t used = <size_t>snprintf(msg, cap, "the peer does not speak TLS (it sent "
+                                        "plaintext")
+    for i in range(n if n > 0 else 0):
+        if used + 5 >= cap:
+            break
+        used += <size_t>snprintf(msg + used, cap - used, "%s%02x", ": " if i == 0 else " ",
+                                 head[i])
+    if used + 2 <= cap:
+        snprintf(msg + used, cap - used, ")")
+
+
 cdef int peek_first_byte(int fd, bint server, bint wait, double deadline, double timeout,
                          char *msg, size_t cap) noexcept nogil:
     """Check that the peer's first byte opens a TLS record: a handshake record
@@ -115,7 +133,7 @@ cdef int peek_first_byte(int fd, bint server, bint wait, double deadline, double
             return -1
     if first == 0x16 or (not server and first == 0x15):
         return 0
-    snprintf(msg, cap, "the peer does not speak TLS (it sent plaintext)")
+    say_plaintext(fd, msg, cap)
     return -1
 
 

@@ -8,7 +8,7 @@
   and where the bytes were (a channel, or a file and byte offset).
 - :class:`TLSError` — a TLS handshake or session failed: it says what failed
   ("TLS handshake failed: certificate verify failed (certificate has
-  expired)", "the peer does not speak TLS (it sent plaintext)").
+  expired)", "the peer does not speak TLS (it sent plaintext: 48 54 54 50 ...)").
 - :class:`MigrationError` — a session failed: a channel, a worker process, a
   device, a loader or the peer. It names the channel (or device) and the cause.
 - :class:`SecurityError` — a peer did not prove who it is (TLS or auth_key).

@@ -330,6 +330,28 @@ def test_plaintext_to_a_tls_destination_is_refused(pki):
              destination_says=r"does not speak TLS \(it sent plaintext\)")
 
 
+
+def test_a_channel_answered_in_plaintext_says_what_came_and_from_where(pki):
+    """A source's channel in TLS whose peer greets in plaintext (a stranger on the
+    port) is refused naming the peer's first bytes and both ends of the
+    connection: a stranger tells itself apart from a TLS peer whose answer was
+    misread (a QEMU TLS test failed once saying only "it sent plaintext")."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        sock = socket.create_connection(listener.getsockname())
+        peer, _ = listener.accept()
+        with sock, peer:
+            peer.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
+            security = ChannelSecurity.of_source(pki.source(), listener.getsockname(),
+                                                 socket.AF_INET, timeout=5.0)
+            with pytest.raises(fastmfd.errors.SecurityError) as info:
+                handshake.open_channel(sock, security, b"hello", bytes(16), 0,
+                                       "multifd channel 0")
+            port, local = listener.getsockname()[1], sock.getsockname()[1]
+    assert info.value.cause == ("the peer does not speak TLS (it sent plaintext: 53 53 48 2d "
+                                f"32 2e 30 2d) (connected to tcp:127.0.0.1:{port} from port "
+                                f"{local})")
+    assert info.value.channel == "multifd channel 0"
+
 def test_tls_to_a_plaintext_destination_is_refused(pki):
     _refusal(pki, pki.source(), None,
              source_says=r"closed the connection during the TLS handshake \(does it use TLS",

@@ -257,7 +257,9 @@ def test_a_plaintext_client_is_told_apart_at_once(pki, pair):
     start = time.monotonic()
     with pytest.raises(TLSError) as info:
         TLSChannel.accept(server_sock.fileno(), cert=pki.server, key=None, timeout=5)
-    assert str(info.value) == "the peer does not speak TLS (it sent plaintext)"
+    # Its first bytes (8 at most), in hex: what the stranger is.
+    assert str(info.value) == ("the peer does not speak TLS (it sent plaintext: "
+                               "11 22 33 44 20 70 6c 61)")
     assert time.monotonic() - start < 1.5
 
 
@@ -266,7 +268,23 @@ def test_a_plaintext_server_is_told_apart_at_once(pki, pair):
     server_sock.sendall(b"\x11\x22\x33\x44 plaintext greeting")
     with pytest.raises(TLSError) as info:
         TLSChannel.connect(client_sock.fileno(), ca=pki.ca, hostname=HOST, timeout=5)
-    assert str(info.value) == "the peer does not speak TLS (it sent plaintext)"
+    assert str(info.value) == ("the peer does not speak TLS (it sent plaintext: "
+                               "11 22 33 44 20 70 6c 61)")
+
+
+def test_a_plaintext_answer_to_the_hello_is_shown_in_hex(pki, tcp_pair):
+    """An answer shorter than 8 bytes: those there are shown."""
+    client_sock, server_sock = tcp_pair
+
+    def plaintext_server():
+        server_sock.recv(100)       # the ClientHello
+        time.sleep(0.2)             # the client waits for its answer
+        server_sock.sendall(b"\x17\x03\x03")
+
+    _, client = run_both(plaintext_server, lambda: TLSChannel.connect(
+        client_sock.fileno(), ca=pki.ca, hostname=HOST, timeout=5))
+    assert isinstance(client, TLSError)
+    assert str(client) == "the peer does not speak TLS (it sent plaintext: 17 03 03)"
 
 
 def _fill_send_buffer(sock: socket.socket) -> int:

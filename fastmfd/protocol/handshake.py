@@ -40,7 +40,7 @@ from .security import (MAIN_CHANNEL_ID, ChannelSecurity, Stream, TLSConfig, chec
                        tls_connect, tls_handshake)
 from .qemu import QEVM_MAGIC
 from .setup import Setup
-from .sockets import ConnectionClosed, recv_exact, send_all
+from .sockets import Address, ConnectionClosed, recv_exact, send_all
 
 TELL_SECONDS = 0.5             # how long a refused peer is given to read why
 TELL_DRAIN_BYTES = 1 << 20
@@ -323,7 +323,22 @@ def _tls_connect(sock: socket.socket, tls: TLSConfig, hostname: str | None, dead
                                         hostname=hostname, ciphers=tls.ciphers,
                                         timeout=max(0.001, deadline - time.monotonic()))
     except TLSError as exc:
-        raise SecurityError(str(exc), channel=where) from None
+        said = str(exc)
+        if said.startswith("the peer does not speak TLS"):
+            said += _endpoints(sock)        # whose are they: a stranger on the port?
+        raise SecurityError(said, channel=where) from None
+
+
+def _endpoints(sock: socket.socket) -> str:
+    """' (connected to tcp:HOST:PORT from port N)' for a TCP connection, else ''."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return ""
+    try:
+        host, port = sock.getpeername()[:2]
+        local = sock.getsockname()[1]
+    except OSError:                         # the connection ended already
+        return ""
+    return f" (connected to {Address(sock.family, (host, port))} from port {local})"
 
 
 # ---------------------------------------------------------------- what a destination checks
