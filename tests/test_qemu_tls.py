@@ -169,11 +169,14 @@ def test_a_source_certificate_the_destination_refuses_fails_the_send(tmp_path, q
     refused = TLSConfig(cert=stranger.source.cert, key=stranger.source.key, ca=creds.source.ca)
     guest, _, address = tls_destination(tmp_path, qemu_binary, creds.qemu_dir)
     try:
-        # The main channel's write, or a multifd channel's, meets the end first.
+        # The main channel's write, or a multifd channel's, meets the end first: a
+        # reset, or (QEMU 10, its FIN read before the RST: about 1 run in 50 under
+        # load) a broken pipe.
         with pytest.raises(MigrationError, match=r"^(main channel: sending failed: the "
                                                  r"connection ended|multifd channel \d: .*"
-                                                 r"Connection reset by peer) .* tls-creds whose "
-                                                 r"CA issued this source's certificate"):
+                                                 r"(Connection reset by peer|Broken pipe)) .* "
+                                                 r"tls-creds whose CA issued this source's "
+                                                 r"certificate"):
             qemu.send(address, str(saved), channels=2, stall_timeout=10.0, tls=refused)
         assert_not_migrated(guest)
     finally:
