@@ -139,7 +139,9 @@ cdef int peek_first_byte(int fd, bint server, bint wait, double deadline, double
 
 cdef int handshake_loop(SSL *ssl, int fd, bint server, double deadline, double timeout,
                         char *msg, size_t cap) noexcept nogil:
-    cdef bint peeked = False
+    # looked: the answer's first byte was looked at, or found read by OpenSSL
+    # already; checked: looked at, and it opens a TLS record.
+    cdef bint looked = False, checked = False
     cdef int ret, err, saved, w
     cdef long verify
     cdef char reason[200]
@@ -150,7 +152,7 @@ cdef int handshake_loop(SSL *ssl, int fd, bint server, double deadline, double t
     first = peek_first_byte(fd, server, server, deadline, timeout, msg, cap)
     if first < 0:
         return -1
-    peeked = first == 0
+    looked = checked = first == 0
     while True:
         ERR_clear_error()
         ret = SSL_do_handshake(ssl)
@@ -159,8 +161,8 @@ cdef int handshake_loop(SSL *ssl, int fd, bint server, double deadline, double t
         saved = errno
         err = SSL_get_error(ssl, ret)
         if err == SSL_ERROR_WANT_READ:
-            if not peeked:
-                peeked = True
+            if not looked:
+                looked = True
                 # A client has sent its hello: the answer must be TLS. Unless the
                 # call read its start already (it was there: a server that sends
                 # its ServerHello, then the rest of its flight, and a client held
@@ -170,6 +172,7 @@ cdef int handshake_loop(SSL *ssl, int fd, bint server, double deadline, double t
                 if BIO_number_read(SSL_get_rbio(ssl)) == 0:
                     if peek_first_byte(fd, False, True, deadline, timeout, msg, cap) < 0:
                         return -1
+                    checked = True
                     continue
             w = wait_fd(fd, POLLIN, deadline)
         elif err == SSL_ERROR_WANT_WRITE:
@@ -191,8 +194,9 @@ cdef int handshake_loop(SSL *ssl, int fd, bint server, double deadline, double t
                 snprintf(msg, cap, "the peer closed the connection during the TLS handshake "
                          "(does it use TLS?)")
                 return -1
-            if not peeked and strstr(reason, "wrong version number") != NULL:
-                # The answer arrived within the call that sent the hello.
+            if not checked and strstr(reason, "wrong version number") != NULL:
+                # The answer arrived within the call that sent the hello (its
+                # bytes read: they cannot be shown).
                 snprintf(msg, cap, "the peer does not speak TLS (it sent plaintext)")
                 return -1
             verify = SSL_get_verify_result(ssl)

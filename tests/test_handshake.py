@@ -511,9 +511,9 @@ def test_a_source_takes_the_place_of_a_stranger_greeted_for_long(monkeypatch, ev
     if evicted_ends == "after the source won":
         greet = admission.greet_main_channel
 
-        def starved(sock, security):
+        def starved(sock, security, ended):
             try:
-                return greet(sock, security)
+                return greet(sock, security, ended)
             except Exception:
                 time.sleep(2.0)         # the thread whose connection was ended runs late
                 raise
@@ -568,9 +568,9 @@ from qemu_support import Background
 admission.MAX_CANDIDATES, admission.EVICT_AFTER = 2, 0.2
 greet = admission.greet_main_channel
 
-def late_after_failure(sock, security):
+def late_after_failure(sock, security, ended):
     try:
-        return greet(sock, security)
+        return greet(sock, security, ended)
     except Exception:
         time.sleep(1.5)
         raise
@@ -784,6 +784,55 @@ def test_a_source_greeted_as_the_wait_ends_hears_why(monkeypatch):
     assert "listener there" not in str(error), error
 
 
+def _told(peer: socket.socket) -> bytes:
+    """Everything ``peer`` reads until the destination closes the connection."""
+    peer.settimeout(10)
+    data = b""
+    while chunk := peer.recv(65536):
+        data += chunk
+    return data
+
+
+@pytest.mark.parametrize("end", ["cancel", "another source accepted"])
+def test_a_connection_being_greeted_when_the_admission_ends_hears_why(monkeypatch, end):
+    """A connection whose greeting still reads (half its preamble sent) when the
+    admission ends: its reads are ended for it, and the end of the stream its
+    greeting then read was told to the peer as if the peer had closed ("main
+    channel: connection closed after 0 of 4 bytes of version"); a real source
+    cancelled during its auth_key proof said "the destination refused" that."""
+    from fastmfd._engine import admission
+    made: list = []
+    init = admission.Admission.__init__
+
+    def recorded(self, *args):
+        init(self, *args)
+        made.append(self)
+
+    monkeypatch.setattr(admission.Admission, "__init__", recorded)
+    with make_region("ram", SIZE) as region, \
+            fastmfd.Destination("tcp:127.0.0.1:0", timeout=10, handshake_timeout=10) as dst:
+        outcome: dict = {}
+        thread = threading.Thread(target=lambda: _receive(dst, outcome), daemon=True)
+        thread.start()
+        host, port = dst.address.rsplit(":", 2)[-2:]
+        with socket.create_connection((host, int(port))) as peer:
+            peer.sendall(encode_preamble()[:4])
+            deadline = time.monotonic() + 10
+            while not (made and made[0]._greeting) and time.monotonic() < deadline:
+                time.sleep(0.005)               # until its greeting runs
+            if end == "cancel":
+                dst.cancel("cancelled by the operator")
+                expected = "dropped: the session ended: cancelled by the operator"
+            else:
+                with fastmfd.Source(dst.address, CONFIG) as src:
+                    src.add_region(region)
+                    src.migrate(live=False)
+                expected = "dropped: the session's source was accepted first"
+            told = _told(peer)
+        thread.join(10)
+    assert encode_message(Msg.ERROR, {"error": expected}) == told, told
+
+
 def test_a_source_greeted_as_the_admission_ends_hears_why(monkeypatch):
     """The source's greeting passed just as the cancelled destination's admission
     ended the greetings still running (its thread not yet back in the table's
@@ -797,8 +846,8 @@ def test_a_source_greeted_as_the_admission_ends_hears_why(monkeypatch):
         init(self, *args)
         made.append(self)
 
-    def passed_then_cancelled(sock, security):
-        greeting = greet(sock, security)
+    def passed_then_cancelled(sock, security, ended):
+        greeting = greet(sock, security, ended)
         dst.cancel("the destination was closed at once")
         deadline = time.monotonic() + 10
         while not made[0]._closing and time.monotonic() < deadline:

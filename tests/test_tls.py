@@ -330,7 +330,6 @@ def test_plaintext_to_a_tls_destination_is_refused(pki):
              destination_says=r"does not speak TLS \(it sent plaintext\)")
 
 
-
 def test_a_channel_answered_in_plaintext_says_what_came_and_from_where(pki):
     """A source's channel in TLS whose peer greets in plaintext (a stranger on the
     port) is refused naming the peer's first bytes and both ends of the

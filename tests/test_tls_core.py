@@ -361,6 +361,29 @@ def test_a_server_answer_read_with_the_hello_is_not_taken_for_plaintext(pki, tcp
         server_end.close()
 
 
+def test_a_plaintext_answer_read_with_the_hello_is_still_called_plaintext(pki, tcp_pair):
+    """The case above with a plaintext server (an HTTP answer, its first 3 bytes
+    there before the hello's call read): that call read them, so the client
+    rightly skipped its look at the answer's first byte, and took the look as
+    done: OpenSSL's "wrong version number" that came next was said as such, not
+    "the peer does not speak TLS"."""
+    client_sock, server_sock = tcp_pair
+    server_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    filler = _fill_send_buffer(client_sock)
+
+    def plaintext_server() -> None:
+        time.sleep(0.3)             # the client has looked for a greeting, found none
+        server_sock.sendall(b"HTT")
+        _recv_exactly(server_sock, filler)              # now its hello can go
+        time.sleep(0.2)
+        server_sock.sendall(b"P/1.1 400 Bad Request\r\n\r\n")
+
+    _, client = run_both(plaintext_server, lambda: TLSChannel.connect(
+        client_sock.fileno(), ca=pki.ca, hostname=HOST, timeout=10))
+    assert isinstance(client, TLSError)
+    assert str(client) == "the peer does not speak TLS (it sent plaintext)"
+
+
 def test_a_server_that_closes_is_a_clear_error(pki, pair):
     client_sock, server_sock = pair
     server_sock.close()

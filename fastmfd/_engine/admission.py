@@ -55,8 +55,8 @@ from typing import Any, Callable, Iterable, Protocol
 
 from ..errors import MigrationError, NoSourceError, ProtocolError
 from ..protocol.control import Greeting
-from ..protocol.handshake import (MainGreeting, greet_main_channel, refuse_on_arrival,
-                                  tell_why)
+from ..protocol.handshake import MainGreeting, greet_main_channel
+from ..protocol.refusing import refuse_on_arrival, tell_why
 from ..protocol.security import ChannelSecurity
 from ..protocol.setup import MAX_CHANNELS, Setup
 from .liveness import process_stopped
@@ -285,7 +285,7 @@ class Admission:
         greeting: MainGreeting | None
         refusal: BaseException | str | None
         try:
-            greeting, refusal = greet_main_channel(sock, self._security), None
+            greeting, refusal = greet_main_channel(sock, self._security, self._why_ended), None
         except (MigrationError, ProtocolError) as exc:
             greeting, refusal = None, exc
         except Exception as exc:                # never lose a candidate's thread silently
@@ -310,6 +310,11 @@ class Admission:
             if passed is not None:
                 tell_why(passed.sock, refusal)
             (passed.sock if passed is not None else sock).close()
+
+    def _why_ended(self) -> str | None:
+        """Why the admission ended the greetings, once it has (see __exit__)."""
+        with self._lock:
+            return self._ended if self._closing else None
 
     # ------------------------------------------------------------ closing
     def __enter__(self) -> "Admission":

@@ -33,22 +33,19 @@ from .. import _core
 from ..errors import MigrationError, ProtocolError, SecurityError, TLSError, peer_words
 from .main_channel import (MAIN, MAIN_MAGIC, MAIN_VERSION, MESSAGE_HEADER,
                            MESSAGE_HEADER_SIZE, MainChannel, Msg, Sender, decode_message_header,
-                           decode_payload, encode_message, encode_preamble, error_message,
-                           expect_message)
+                           decode_payload, encode_message, encode_preamble, expect_message)
 from .security import (MAIN_CHANNEL_ID, ChannelSecurity, Stream, TLSConfig, check_authz,
                        check_key_proof, identities_of, is_tls_record, prove_key,
                        tls_connect, tls_handshake)
 from .qemu import QEVM_MAGIC
+from .refusing import tell_why
 from .setup import Setup
 from .sockets import Address, ConnectionClosed, recv_exact, send_all
 
-TELL_SECONDS = 0.5             # how long a refused peer is given to read why
-TELL_DRAIN_BYTES = 1 << 20
 
 __all__ = ["ChannelHello", "SocketStream", "TLSStream", "read_hello", "main_channel_start",
            "channel_start", "open_main_channel", "open_channel", "MainGreeting",
-           "greet_main_channel", "refuse_on_arrival", "greet_channel", "tls_accept",
-           "check_channel", "error_left", "tell_why"]
+           "greet_main_channel", "greet_channel", "tls_accept", "check_channel", "error_left"]
 
 
 # ---------------------------------------------------------------- streams
@@ -425,14 +422,23 @@ class MainGreeting:
     deadline: float         # the greeting's: the first message must be whole by then too
 
 
-def greet_main_channel(sock: socket.socket, security: ChannelSecurity) -> MainGreeting:
+def greet_main_channel(sock: socket.socket, security: ChannelSecurity,
+                       ended: Callable[[], str | None] = lambda: None) -> MainGreeting:
     """The destination's side of a new connection before SETUP: it must be a
     main channel of this version, over TLS when ``security.tls`` is set (from
     an identity in ``authz``), proving the shared key when one is set.
     Anything else raises (and closes the socket); the peer is sent an ERROR
-    saying why when it can read one."""
+    saying why when it can read one. ``ended()``: why this side stopped
+    greeting, once it has; it ends the greeting's reads then, so the end of
+    the stream read next is its own, not the peer's: the peer is told that
+    reason, not "connection closed"."""
     deadline = time.monotonic() + security.timeout
-    first = _first_byte(sock, deadline, MAIN)
+    try:
+        first = _first_byte(sock, deadline, MAIN)
+    except MigrationError:
+        if security.tls is None and (why := ended()) is not None:
+            tell_why(sock, why)
+        raise
     try:
         _check_transport(first, security.tls is not None, MAIN)
     except SecurityError as exc:
@@ -447,7 +453,7 @@ def greet_main_channel(sock: socket.socket, security: ChannelSecurity) -> MainGr
         try:
             return _greet_main(sock, security, deadline)
         except (SecurityError, ProtocolError) as exc:
-            tell_why(sock, exc)
+            tell_why(sock, ended() or exc)
             raise
     except BaseException:
         sock.close()
@@ -490,49 +496,6 @@ def _greet_main(sock: socket.socket, security: ChannelSecurity, deadline: float)
 def _message_type(header: bytes) -> int:
     kind: int = MESSAGE_HEADER.unpack(header)[0]
     return kind
-
-
-def tell_why(sock: socket.socket, error: BaseException | str) -> None:
-    """Best effort: tell a refused peer why, as the main channel's ERROR. What it
-    sent meanwhile is drained for a moment first: closing a socket with unread
-    bytes resets the connection, and a reset can overtake the ERROR."""
-    try:
-        sock.settimeout(TELL_SECONDS)
-        sock.sendall(error_message(error))
-        deadline = time.monotonic() + TELL_SECONDS
-        drained = 0
-        while drained < TELL_DRAIN_BYTES and time.monotonic() < deadline:
-            sock.settimeout(max(0.001, deadline - time.monotonic()))
-            data = sock.recv(65536)
-            if not data:
-                break
-            drained += len(data)
-    except (OSError, ValueError):
-        pass
-
-
-def refuse_on_arrival(sock: socket.socket, reason: str, plaintext: bool) -> None:
-    """Refuse a connection as it arrives, waiting for nothing (no thread greets
-    it): a ``plaintext`` peer is sent an ERROR saying why, which fits the new
-    connection's empty send buffer, then the end of the stream. What the peer
-    sent so far is drained without waiting (closing with unread bytes resets
-    the connection, and a reset can overtake the ERROR). A TLS peer could not
-    read a plaintext ERROR: it sees the connection end. Closes ``sock``."""
-    try:
-        sock.setblocking(False)
-        if plaintext:
-            sock.send(error_message(reason))
-        sock.shutdown(socket.SHUT_WR)
-        drained = 0
-        while drained < TELL_DRAIN_BYTES:
-            data = sock.recv(65536)
-            if not data:
-                break
-            drained += len(data)
-    except OSError:         # BlockingIOError: nothing more sent yet
-        pass
-    finally:
-        sock.close()
 
 
 def greet_channel(sock: socket.socket, security: ChannelSecurity, setup: Setup,
