@@ -32,8 +32,7 @@ from .devices import Loader, check_device_ids
 from .errors import ConfigError, MigrationError
 from .protocol.security import ChannelSecurity, TLSConfig, check_auth_key
 from .protocol.setup import MAX_CHANNELS, Setup, rule
-from .protocol.sockets import (bound_address, listen, listening_address, parse_address,
-                               remove_socket_file)
+from .protocol.sockets import Listening, bound_address, listen, listening_address, parse_address
 from .region_pool import RegionPool
 from .regions import Region, check_huge_pages, region_to_add
 from .shm import SHM_DIR
@@ -61,19 +60,6 @@ class DestinationResult:
     stats: ReceiveStats
     setup: dict[str, Any] = field(default_factory=dict)
     """The source's SETUP message: every session parameter."""
-
-
-@dataclass
-class _Listening:
-    """A listener a Destination made (one it was given stays open): closed, its
-    socket file removed, when the Destination is."""
-    sock: socket.socket
-    path: str | None
-
-    def close(self) -> None:
-        self.sock.close()
-        if self.path is not None:
-            remove_socket_file(self.path)
 
 
 class Destination(Owner):
@@ -173,7 +159,7 @@ class Destination(Owner):
             self.address = str(listening_address(address))
         else:
             self._listener, self._owns_listener = listen(requested), True
-            self._resources.own(_Listening(self._listener, requested.path))
+            self._resources.own(Listening(self._listener, requested.path))
             self.address = str(bound_address(self._listener, requested))
         self._prespawn = workers
         self.timeout = timeout

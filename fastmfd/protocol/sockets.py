@@ -26,9 +26,9 @@ from ..errors import ConfigError, ConnectError, ListenError, MigrationError, Pro
 if TYPE_CHECKING:
     from typing_extensions import Buffer     # collections.abc.Buffer from Python 3.12
 
-__all__ = ["Address", "parse_address", "listen", "remove_socket_file", "bound_address",
-           "connect", "recv_exact", "ConnectionClosed", "send_all", "tune_data_socket",
-           "tune_main_socket", "peer_on_this_host", "decrypted_unread"]
+__all__ = ["Address", "Listening", "parse_address", "listen", "remove_socket_file",
+           "bound_address", "connect", "recv_exact", "ConnectionClosed", "send_all",
+           "tune_data_socket", "tune_main_socket", "peer_on_this_host", "decrypted_unread"]
 
 # Unix sockets have no buffer autotuning: large buffers let a send worker's
 # writev of a whole packet complete without waiting on its peer (the kernel
@@ -199,6 +199,19 @@ def remove_socket_file(path: str) -> None:
         return
     if stat.S_ISSOCK(st.st_mode) and (st.st_dev, st.st_ino) == made:
         os.unlink(path)
+
+
+@dataclass
+class Listening:
+    """A listener its owner made (one it was given stays open): closed, its
+    socket file removed, when the owner is (a Destination, a QemuReceiver)."""
+    sock: socket.socket
+    path: str | None
+
+    def close(self) -> None:
+        self.sock.close()
+        if self.path is not None:
+            remove_socket_file(self.path)
 
 
 def listening_address(sock: socket.socket) -> Address:
