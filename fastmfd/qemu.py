@@ -63,15 +63,17 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
+from ._engine.cancelling import WatchCancel
 from ._engine.qemu_manifest import MAX_MANIFEST_BYTES, check_size, open_inside, read_manifest
 from ._engine.qemu_receiving import MAX_WORKERS, QemuReceiving, QemuStreamFacts
 from ._engine.qemu_sending import QEMU_PACKET_BYTES, QemuSending, QemuStream
+from ._engine.session import Owner
 from .arguments import (BOOL, INT, PATH, POSITIVE, STR, UNSIGNED, Kind, check_types,
                         instance_of, optional, up_to)
 from .errors import ConfigError
 from .protocol.security import ChannelSecurity, TLSConfig
-from .protocol.sockets import (bound_address, listen, listening_address, parse_address,
-                               remove_socket_file)
+from .protocol.sockets import (Listening, bound_address, listen, listening_address,
+                               parse_address)
 from .regions import Region
 from .tools.outputs import OutputDir, SavedFiles
 from .tools.warm_files import WarmFiles
@@ -131,7 +133,7 @@ def receive(address: str | socket.socket, directory: str | os.PathLike[str], *,
                         workers=workers, tls=tls, max_memory=max_memory).run(on_listening)
 
 
-class QemuReceiver:
+class QemuReceiver(Owner):
     """:func:`receive` in two steps: made, it has checked the directory, bound
     the address (:attr:`address`, where QEMU is to ``migrate``) and started the
     first workers; :meth:`receive` then takes the migration, once; :meth:`close`
@@ -140,7 +142,14 @@ class QemuReceiver:
     :class:`~fastmfd.tools.warm_files.WarmFiles`, on the directory's file
     system), one of which becomes a RAMBlock's file when its size and page size
     match: its memory is allocated before QEMU connects, as a QEMU destination's
-    with ``prealloc=on`` (``fastmfd bench --prealloc``)."""
+    with ``prealloc=on`` (``fastmfd bench --prealloc``).
+
+    As a Source or Destination (:class:`~fastmfd._engine.session.Owner`):
+    :meth:`cancel` and :meth:`close` work from any thread, the latter cancelling
+    a running :meth:`receive` and waiting for it to leave; in a child forked
+    from its maker's process, :meth:`close` frees nothing of it and the rest is
+    a ConfigError; dropped unclosed, it is freed when collected, with a
+    ResourceWarning."""
 
     _call = "QemuReceiver"      # what a wrong argument's TypeError names (see _ReceiveCall)
     _cli = False                # its errors name these parameters, not listen --qemu's flags
@@ -166,23 +175,25 @@ class QemuReceiver:
             self._call, timeout=(timeout, POSITIVE), stall_timeout=(stall_timeout, POSITIVE),
             max_size=(max_size, optional(UNSIGNED)), workers=(workers, _WORKERS),
             max_memory=(max_memory, optional(UNSIGNED)))
-        self._given = address if isinstance(address, socket.socket) else None
-        self._requested = (listening_address(address) if isinstance(address, socket.socket)
-                           else parse_address(address))
-        self._out: OutputDir | None = OutputDir(directory, force=force,
-                                                keep_partial=keep_partial, max_bytes=max_size,
-                                                warm=warm, cli=self._cli)
-        self._listener = self._given
+        super().__init__()
+        requested = (listening_address(address) if isinstance(address, socket.socket)
+                     else parse_address(address))
+        own = self._resources.own
+        # Closed last: never used, or its receive() failed, nothing of it is left.
+        self._out = own(_Output(OutputDir(directory, force=force, keep_partial=keep_partial,
+                                          max_bytes=max_size, warm=warm, cli=self._cli))).out
         self._session: QemuReceiving | None = None
-        self._received = False
+        self._cancelling: WatchCancel | None = None
         try:
-            if self._listener is None:
-                self._listener = listen(self._requested)
-            self._session = QemuReceiving(self._listener, self._out, timeout=timeout,
-                                          stall_timeout=stall_timeout, workers=workers,
-                                          security=ChannelSecurity(tls=tls),
-                                          max_memory=max_memory)
-            self.address = str(bound_address(self._listener, self._requested))
+            listener = address if isinstance(address, socket.socket) else None
+            if listener is None:
+                listener = own(Listening(listen(requested), requested.path)).sock
+            self._session = own(QemuReceiving(listener, self._out, timeout=timeout,
+                                              stall_timeout=stall_timeout, workers=workers,
+                                              security=ChannelSecurity(tls=tls),
+                                              max_memory=max_memory))
+            self._cancelling = own(WatchCancel(self._session.watch))
+            self.address = str(bound_address(listener, requested))
         except BaseException:
             self.close()
             raise
@@ -195,12 +206,12 @@ class QemuReceiver:
 
     def receive(self) -> QemuReceived:
         """Take QEMU's migration; returns once every file is written and fsynced."""
+        with self._running("a QemuReceiver receives once: make another"):
+            return self._receive()
+
+    def _receive(self) -> QemuReceived:
         session, out = self._session, self._out
-        if session is None or out is None:
-            raise ConfigError("this QemuReceiver is closed")
-        if self._received:
-            raise ConfigError("a QemuReceiver receives once: make another")
-        self._received = True
+        assert session is not None, "open: _running() checked"
         try:
             facts = session.run()
             manifest = _manifest(facts, out)
@@ -213,28 +224,37 @@ class QemuReceiver:
             out.abort()
             raise
 
+    def cancel(self, reason: str = "cancelled") -> None:
+        """Fail :meth:`receive` from any thread, at once, even while it waits for
+        QEMU to connect (or as it starts): it raises MigrationError(``reason``),
+        QEMU's migration fails with its connections, and the directory is left
+        as a failed receive leaves it."""
+        check_types("cancel", reason=(reason, STR))
+        self._check_own_process()
+        if self._cancelling is not None:
+            self._cancelling.cancel(reason)
+
+    def _start(self) -> None:
+        pass                    # started when made
+
+    def _release(self) -> None:
+        """Stop the workers, close the listener, free the directory (idempotent, see
+        close()); never used, the directories it made are removed again."""
+        self._session = self._cancelling = None
+        self._resources.stop()
+        self._resources.release()
+
+
+class _Output:
+    """A QemuReceiver's directory, freed with it: what it made for a migration
+    that did not commit (none came, or it failed) is removed (OutputDir.abort)."""
+
+    def __init__(self, out: OutputDir) -> None:
+        self.out = out
+
     def close(self) -> None:
-        """Stop the workers, close the listener, free the directory (idempotent);
-        never used, the directories it made are removed again."""
-        if self._session is not None:
-            self._session.close()
-            self._session = None
-        if self._listener is not None and self._given is None:
-            self._listener.close()
-            if self._requested.path is not None:
-                remove_socket_file(self._requested.path)
-        self._listener = None
-        if self._out is not None:
-            if not self._received:
-                self._out.abort()   # nothing came: no directory it made is left either
-            self._out.close()
-            self._out = None
-
-    def __enter__(self) -> "QemuReceiver":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        self.out.abort()        # (committed: nothing)
+        self.out.close()
 
 
 class _ReceiveCall(QemuReceiver):

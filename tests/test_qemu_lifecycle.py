@@ -1,0 +1,192 @@
+"""QemuReceiver and QemuSender (and qemu.receive/send, which make one) under
+lifecycle misuse, as test_close_from_thread, test_forked_child and
+test_gc_callback check a Source and a Destination: close() or cancel() from
+another thread while the call runs, a child forked from the owner's process,
+one dropped unclosed.
+
+A call cancelled (or closed from another thread) ends at once with one
+MigrationError naming it, the QEMU peer's migration fails with the
+connections, and nothing is left: no worker, socket, segment, nor file (a
+failed receive leaves no .part file, nor the directory it made). A forked
+child's close() frees nothing of the parent's; one dropped unclosed is freed
+when collected, with a ResourceWarning.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import threading
+import time
+import warnings
+
+import pytest
+
+from fastmfd import qemu
+from fastmfd.errors import ConfigError, MigrationError
+from proc_scan import alive
+from qemu_support import (QEMUS, Background, Guest, assert_nothing_complete, pattern,
+                          wait_until_filled)
+from test_qemu_receive import capture_bytes, replay
+
+GUEST_MIB = 64
+SLOW = 8 << 20                  # bytes/s: the migration is under way when closed
+PROMPT = 10.0                   # seconds a cancelled call has to return
+
+
+def assert_closed(call: Background, name: str) -> None:
+    """``call`` ended within PROMPT with the one MigrationError a close() gives."""
+    with pytest.raises(MigrationError) as failed:
+        call.result(PROMPT)
+    assert str(failed.value) == f"the {name} was closed", repr(failed.value)
+
+
+def assert_gone(pids: list[int]) -> None:
+    deadline = time.monotonic() + 5.0
+    while left := [pid for pid in pids if alive(pid)]:
+        assert time.monotonic() < deadline, f"workers outlived their owner: {left}"
+        time.sleep(0.02)
+
+
+# ---------------------------------------------------------------- close() from a thread
+
+def test_a_receiver_closed_from_another_thread_while_it_waits(tmp_path, leaks):
+    """Before any QEMU came: receive() raised ValueError (a closed listener's
+    fd -1) and the directory it made was left."""
+    out = tmp_path / "out"
+    receiver = qemu.QemuReceiver(f"unix:{tmp_path / 'r.sock'}", out, timeout=PROMPT * 3)
+    call = Background("receive()", receiver.receive)
+    time.sleep(0.3)                         # waiting for QEMU
+    receiver.close()
+    assert_closed(call, "QemuReceiver")
+    assert_nothing_complete(out)
+    assert not (tmp_path / "r.sock").exists()
+    with pytest.raises(ConfigError, match="closed"):
+        receiver.receive()
+    leaks.assert_clean()
+
+
+@pytest.mark.parametrize("qemu_binary", QEMUS)
+def test_a_receiver_closed_from_another_thread_mid_migration(tmp_path, qemu_binary, leaks):
+    """receive() raised AttributeError (its workers freed under it) and left
+    every .part file; QEMU's migration fails, as a cancel's would."""
+    ram_path = tmp_path / "src-ram.img"
+    pattern(GUEST_MIB, seed=5).tofile(ram_path)
+    source = Guest(tmp_path, str(ram_path), GUEST_MIB, binary=qemu_binary)
+    out = tmp_path / "out"
+    try:
+        source.set_multifd(2, "none", max_bandwidth=SLOW)
+        receiver = qemu.QemuReceiver("tcp:127.0.0.1:0", out, stall_timeout=60.0)
+        pids = receiver.worker_pids()
+        call = Background("receive()", receiver.receive)
+        source.migrate(receiver.address)
+        wait_until_filled(lambda: out.glob("*.part"), 4 << 20)
+        closing = [threading.Thread(target=receiver.close) for _ in range(2)]   # twice at once
+        for thread in closing:
+            thread.start()
+        assert_closed(call, "QemuReceiver")
+        for thread in closing:
+            thread.join(PROMPT)
+        assert source.wait(PROMPT) == "failed"
+    finally:
+        source.close()
+    assert_nothing_complete(out)
+    assert_gone(pids)
+    leaks.assert_clean()
+
+
+def test_cancel_before_the_call_fails_it_as_it_starts(tmp_path, leaks):
+    """receive() after cancel(): the cancel's MigrationError, nothing left."""
+    with qemu.QemuReceiver("tcp:127.0.0.1:0", tmp_path / "out", timeout=PROMPT) as receiver:
+        receiver.cancel("not now")
+        with pytest.raises(MigrationError, match="^not now$"):
+            receiver.receive()
+    assert_nothing_complete(tmp_path / "out")
+    leaks.assert_clean()
+
+
+# ---------------------------------------------------------------- a forked child
+
+def forked(then) -> int:
+    """``then()`` in a child forked now, which exits with what it returns (99
+    if it raised): its exit status."""
+    pid = os.fork()
+    if pid == 0:
+        status = 99
+        try:
+            status = then()
+        finally:
+            os._exit(status)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def refused_in_a_child(call) -> int:
+    try:
+        call()
+    except ConfigError as exc:
+        return 0 if "which this process was forked from" in str(exc) else 2
+    return 1
+
+
+def test_a_forked_child_leaves_its_parents_receiver_alone(tmp_path, qemu72_captures, leaks):
+    """The child's close() (leaving the ``with`` it inherited) killed the
+    parent's workers, and its receive() would have taken the parent's listener."""
+    sock, out = tmp_path / "r.sock", tmp_path / "out"
+    with qemu.QemuReceiver(f"unix:{sock}", out, stall_timeout=PROMPT) as receiver:
+        pids = receiver.worker_pids()
+
+        def child() -> int:
+            receiver.close()
+            return 0
+        assert forked(child) == 0
+        assert forked(lambda: refused_in_a_child(receiver.receive)) == 0
+        assert forked(lambda: refused_in_a_child(receiver.cancel)) == 0
+        assert all(alive(pid) for pid in pids)
+        assert sock.exists() and out.is_dir()
+        # The parent's migration runs as if nothing happened.
+        socks = replay(receiver.address, capture_bytes(qemu72_captures, "none"))
+        try:
+            assert receiver.receive().manifest["channels"] == 2
+        finally:
+            for s in socks:
+                s.close()
+    assert_gone(pids)
+    leaks.assert_clean()
+
+
+# ---------------------------------------------------------------- dropped unclosed
+
+def test_a_receiver_dropped_unclosed_is_freed_when_collected(tmp_path, leaks):
+    """Its socket file and the directory it made were left for ever."""
+    sock, out = tmp_path / "r.sock", tmp_path / "out"
+    receiver = qemu.QemuReceiver(f"unix:{sock}", out)
+    pids = receiver.worker_pids()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        del receiver
+        gc.collect()
+    assert any("unclosed fastmfd.QemuReceiver" in str(w.message) for w in caught), caught
+    assert not sock.exists()
+    assert_nothing_complete(out)
+    assert_gone(pids)
+    leaks.assert_clean()
+
+
+def test_a_receive_committed_stays_when_its_receiver_is_collected(tmp_path, qemu72_captures,
+                                                                  leaks):
+    """Dropped unclosed after its receive(): the finalizer frees it, and the
+    committed files stay."""
+    out = tmp_path / "out"
+    receiver = qemu.QemuReceiver("tcp:127.0.0.1:0", out, stall_timeout=PROMPT)
+    socks = replay(receiver.address, capture_bytes(qemu72_captures, "none"))
+    try:
+        names = {b["file"] for b in receiver.receive().manifest["blocks"]}
+    finally:
+        for sock in socks:
+            sock.close()
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        del receiver
+        gc.collect()
+    assert {p.name for p in out.iterdir()} == names | {"vmstate.bin", "manifest.json"}
+    leaks.assert_clean()
