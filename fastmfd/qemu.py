@@ -336,14 +336,17 @@ def send(address: str, directory: str | os.PathLike[str], *, channels: int = 2,
         return sender.send(address)
 
 
-class QemuSender:
+class QemuSender(Owner):
     """A saved directory made ready to migrate into a QEMU: its manifest read,
     its files opened and mapped, one send worker process per channel started.
     :meth:`send` migrates it, once; :meth:`close` (or the end of a ``with``
     block) frees it all. Made ahead of the migration, as a service that
     migrates on request would, it keeps the workers' start (a process each,
     some milliseconds) out of the migration itself, as fastmfd's own
-    ``Source`` does; QEMU starts threads."""
+    ``Source`` does; QEMU starts threads. Its lifecycle is a
+    :class:`QemuReceiver`'s: :meth:`cancel` and :meth:`close` from any thread
+    (a close cancels a running :meth:`send` and waits for it to leave), nothing
+    freed by a forked child, freed when collected unclosed."""
 
     _call = "QemuSender"        # what a wrong argument's TypeError names (see _SendCall)
 
@@ -367,24 +370,22 @@ class QemuSender:
         channel_rate = _channel_rate(max_bandwidth, channels, stall_timeout)
         directory = os.fspath(directory)
         manifest = read_manifest(directory)
-        self._regions: list[Region] = []
-        self._block_fds: list[int] = []     # where each block file's holes are (its zero pages)
-        self._vmstate_fd = -1
+        super().__init__()
+        regions: list[Region] = []
+        fds = self._resources.fds     # each block file's, where its holes are (its zero pages)
         self._session: QemuSending | None = None
-        self._sent = False
         try:
             for block in manifest["blocks"]:
                 # One open: the file mapped is the file whose holes are learnt.
-                self._block_fds.append(open_inside(directory, block["file"], os.O_RDONLY))
-                path = check_size(directory, block, self._block_fds[-1])
+                fds.append(open_inside(directory, block["file"], os.O_RDONLY))
+                path = check_size(directory, block, fds[-1])
                 try:
-                    self._regions.append(Region.from_fd(block["idstr"], self._block_fds[-1],
-                                                        page_size=manifest["page_size"]))
+                    regions.append(self._resources.own(Region.from_fd(
+                        block["idstr"], fds[-1], page_size=manifest["page_size"])))
                 except ConfigError as exc:      # (its size: not a multiple of a page)
                     raise ConfigError(f"{path}: {exc}") from None
-            self._vmstate_fd = open_inside(directory, manifest["vmstate"]["file"],
-                                            os.O_RDONLY)
-            check_size(directory, manifest["vmstate"], self._vmstate_fd)
+            fds.append(open_inside(directory, manifest["vmstate"]["file"], os.O_RDONLY))
+            check_size(directory, manifest["vmstate"], fds[-1])
             stream = QemuStream(bytes.fromhex(manifest["configuration"]),
                                 bytes.fromhex(manifest["uuid"] or "00" * 16),
                                 manifest["ram_section_id"], manifest["section_footers"],
@@ -393,12 +394,10 @@ class QemuSender:
                                 multifd_sync=manifest["multifd_sync"],
                                 zero_page_detection=manifest["zero_page_detection"],
                                 commands=manifest["commands"])
-            self._session = QemuSending(stream, self._regions, self._block_fds,
-                                        self._vmstate_fd, channels=channels,
-                                        compression=compression, level=level,
-                                        stall_timeout=stall_timeout,
-                                        connect_timeout=timeout, channel_rate=channel_rate,
-                                        tls=tls)
+            self._session = self._resources.own(QemuSending(
+                stream, regions, fds[:-1], fds[-1], channels=channels,
+                compression=compression, level=level, stall_timeout=stall_timeout,
+                connect_timeout=timeout, channel_rate=channel_rate, tls=tls))
         except BaseException:
             self.close()
             raise
@@ -406,37 +405,34 @@ class QemuSender:
     def send(self, address: str) -> list[dict[str, int]]:
         """Migrate into the QEMU listening at ``address``; per-channel counters."""
         target = parse_address(address)
-        if self._session is None:
-            raise ConfigError("this QemuSender is closed")
-        if self._sent:
-            raise ConfigError("a QemuSender migrates once: make another")
-        self._sent = True
-        self._session.run(target)
-        return self._session.channel_stats()
+        with self._running("a QemuSender migrates once: make another"):
+            assert self._session is not None, "open: _running() checked"
+            self._session.run(target)
+            return self._session.channel_stats()
 
     def worker_pids(self) -> list[int]:
         """The process ids of the send workers (empty once closed): what a
         benchmark measures the CPU time of, beside this process's."""
-        return self._session.workers.pids() if self._session is not None else []
+        session = self._session
+        return session.workers.pids() if session is not None else []
 
-    def close(self) -> None:
-        """Stop the workers and free the files (idempotent)."""
+    def cancel(self, reason: str = "cancelled") -> None:
+        """Fail :meth:`send` from any thread, at once: it raises
+        MigrationError(``reason``), and the destination QEMU's migration fails
+        with the connections, shut."""
+        check_types("cancel", reason=(reason, STR))
+        self._check_own_process()
         if self._session is not None:
-            self._session.close()
-            self._session = None
-        for fd in [*self._block_fds, self._vmstate_fd]:
-            if fd >= 0:
-                os.close(fd)
-        self._block_fds, self._vmstate_fd = [], -1
-        for region in self._regions:
-            region.close()
-        self._regions = []
+            self._session.cancel(reason)
 
-    def __enter__(self) -> "QemuSender":
-        return self
+    def _start(self) -> None:
+        pass                    # started when made
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def _release(self) -> None:
+        """Stop the workers and free the files (idempotent, see close())."""
+        self._session = None
+        self._resources.stop()
+        self._resources.release()
 
 
 class _SendCall(QemuSender):

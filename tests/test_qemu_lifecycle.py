@@ -25,9 +25,9 @@ import pytest
 from fastmfd import qemu
 from fastmfd.errors import ConfigError, MigrationError
 from proc_scan import alive
-from qemu_support import (QEMUS, Background, Guest, assert_nothing_complete, pattern,
-                          wait_until_filled)
-from test_qemu_receive import capture_bytes, replay
+from qemu_support import (QEMUS, Background, Guest, assert_nothing_complete, incoming_guest,
+                          pattern, saved_guest, wait_until_filled)
+from test_qemu_receive import capture_bytes, receive_replay, replay
 
 GUEST_MIB = 64
 SLOW = 8 << 20                  # bytes/s: the migration is under way when closed
@@ -95,12 +95,44 @@ def test_a_receiver_closed_from_another_thread_mid_migration(tmp_path, qemu_bina
     leaks.assert_clean()
 
 
-def test_cancel_before_the_call_fails_it_as_it_starts(tmp_path, leaks):
-    """receive() after cancel(): the cancel's MigrationError, nothing left."""
+@pytest.mark.parametrize("qemu_binary", QEMUS)
+def test_a_sender_closed_from_another_thread_mid_migration(tmp_path, qemu_binary, leaks):
+    """close() unmapped the block files under send(), which read them: the
+    process died of SIGSEGV."""
+    saved, _ = saved_guest(tmp_path, 2, "none", qemu_binary, mib=GUEST_MIB)
+    guest, _, address = incoming_guest(tmp_path, 2, "none", qemu_binary, mib=GUEST_MIB)
+    try:
+        sender = qemu.QemuSender(saved, channels=2, max_bandwidth=SLOW, stall_timeout=60.0)
+        pids = sender.worker_pids()
+        call = Background("send()", lambda: sender.send(address))
+        deadline = time.monotonic() + PROMPT
+        while guest.qmp.command("query-migrate").get("status") != "active":
+            assert time.monotonic() < deadline, "the destination never started loading"
+            time.sleep(0.05)
+        time.sleep(0.5)                     # pages under way
+        sender.close()
+        assert_closed(call, "QemuSender")
+        assert guest.wait(PROMPT) == "failed"
+    finally:
+        guest.close()
+    assert_gone(pids)
+    with pytest.raises(ConfigError, match="closed"):
+        sender.send(address)
+    leaks.assert_clean()
+
+
+def test_cancel_before_the_call_fails_it_as_it_starts(tmp_path, qemu72_captures, leaks):
+    """receive() and send() after cancel(): the cancel's MigrationError, nothing left."""
+    saved = tmp_path / "first"
+    receive_replay(saved, capture_bytes(qemu72_captures, "none"))
     with qemu.QemuReceiver("tcp:127.0.0.1:0", tmp_path / "out", timeout=PROMPT) as receiver:
         receiver.cancel("not now")
         with pytest.raises(MigrationError, match="^not now$"):
             receiver.receive()
+        with qemu.QemuSender(saved, stall_timeout=PROMPT) as sender:
+            sender.cancel("not now either")
+            with pytest.raises(MigrationError, match="^not now either$"):
+                sender.send(receiver.address)
     assert_nothing_complete(tmp_path / "out")
     leaks.assert_clean()
 
@@ -128,28 +160,31 @@ def refused_in_a_child(call) -> int:
     return 1
 
 
-def test_a_forked_child_leaves_its_parents_receiver_alone(tmp_path, qemu72_captures, leaks):
+def test_a_forked_child_leaves_its_parents_receiver_and_sender_alone(tmp_path,
+                                                                      qemu72_captures, leaks):
     """The child's close() (leaving the ``with`` it inherited) killed the
     parent's workers, and its receive() would have taken the parent's listener."""
+    saved = tmp_path / "first"
+    receive_replay(saved, capture_bytes(qemu72_captures, "none"))
     sock, out = tmp_path / "r.sock", tmp_path / "out"
-    with qemu.QemuReceiver(f"unix:{sock}", out, stall_timeout=PROMPT) as receiver:
-        pids = receiver.worker_pids()
+    with qemu.QemuReceiver(f"unix:{sock}", out, stall_timeout=PROMPT) as receiver, \
+            qemu.QemuSender(saved, stall_timeout=PROMPT) as sender:
+        pids = receiver.worker_pids() + sender.worker_pids()
 
         def child() -> int:
             receiver.close()
+            sender.close()
             return 0
         assert forked(child) == 0
         assert forked(lambda: refused_in_a_child(receiver.receive)) == 0
+        assert forked(lambda: refused_in_a_child(lambda: sender.send(receiver.address))) == 0
         assert forked(lambda: refused_in_a_child(receiver.cancel)) == 0
         assert all(alive(pid) for pid in pids)
         assert sock.exists() and out.is_dir()
         # The parent's migration runs as if nothing happened.
-        socks = replay(receiver.address, capture_bytes(qemu72_captures, "none"))
-        try:
-            assert receiver.receive().manifest["channels"] == 2
-        finally:
-            for s in socks:
-                s.close()
+        call = Background("receive()", receiver.receive)
+        sender.send(receiver.address)
+        assert call.result(PROMPT * 3).manifest["channels"] == 2
     assert_gone(pids)
     leaks.assert_clean()
 
@@ -168,6 +203,20 @@ def test_a_receiver_dropped_unclosed_is_freed_when_collected(tmp_path, leaks):
     assert any("unclosed fastmfd.QemuReceiver" in str(w.message) for w in caught), caught
     assert not sock.exists()
     assert_nothing_complete(out)
+    assert_gone(pids)
+    leaks.assert_clean()
+
+
+def test_a_sender_dropped_unclosed_is_freed_when_collected(tmp_path, qemu72_captures, leaks):
+    saved = tmp_path / "first"
+    receive_replay(saved, capture_bytes(qemu72_captures, "none"))
+    sender = qemu.QemuSender(saved)
+    pids = sender.worker_pids()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        del sender
+        gc.collect()
+    assert any("unclosed fastmfd.QemuSender" in str(w.message) for w in caught), caught
     assert_gone(pids)
     leaks.assert_clean()
 

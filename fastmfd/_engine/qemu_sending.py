@@ -138,6 +138,7 @@ class QemuSending:
         self.main: socket.socket | None = None     # an ssl.SSLSocket with TLS
         self.answers: ReturnPathWatch | None = None     # the destination's, on it
         self._ended: str | None = None      # how the destination ended it, once known
+        self.cancelled: MigrationError | None = None    # by cancel(), from another thread
         self._progress = Progress(stall_timeout)    # each busy channel's packets
         self._looked = 0.0                  # when the workers were last looked at
         self.data: list[socket.socket] = []
@@ -165,8 +166,11 @@ class QemuSending:
         """Migrate into the QEMU listening at ``address`` (once)."""
         try:
             self._run(address)
-        except MigrationError as exc:
-            if self.main is None or exc.cause.endswith(self._checklist()) or self._ours():
+        except Exception as exc:
+            if self.cancelled is not None:  # what failed is the cancel's consequence
+                raise self.cancelled from None
+            if (not isinstance(exc, MigrationError) or self.main is None
+                    or exc.cause.endswith(self._checklist()) or self._ours()):
                 raise           # no QEMU listening at all, a hint is there, or it is ours
             # The destination dropped the stream (it says why only in its own log;
             # a QEMU >= 8.0 reads the main channel at once, and may have closed its
@@ -176,6 +180,21 @@ class QemuSending:
             hint = self._hint(dropped=self._main_ended() is not None)
             raise MigrationError(exc.cause + hint, channel=exc.channel,
                                  device=exc.device, side=exc.side) from exc
+
+    def cancel(self, reason: str) -> None:
+        """Fail run() from another thread, at once: every wait of it ends (its
+        sockets shut, which fails the destination's migration; the selector
+        aborted), each step checks, and it raises MigrationError(``reason``)."""
+        if self.cancelled is None:
+            self.cancelled = MigrationError(reason)
+        for sock in [self.main, *self.data]:
+            if sock is not None:
+                shutdown_quietly(sock)
+        self.selector.abort()
+
+    def _check_cancelled(self) -> None:
+        if self.cancelled is not None:
+            raise self.cancelled
 
     def _run(self, address: Address) -> None:
         stream, section = self.stream, self.stream.ram_section_id
@@ -276,6 +295,7 @@ class QemuSending:
 
     def _open_channel(self, address: Address, ch: int, worker: Child,
                       security: ChannelSecurity) -> None:
+        self._check_cancelled()
         try:
             sock = connect(address, self.connect_timeout)
         except MigrationError:
@@ -480,6 +500,7 @@ class QemuSending:
 
     def _main(self, data: bytes) -> None:
         assert self.main is not None, "connected by run()"
+        self._check_cancelled()     # (a cancel before the connection did not shut it)
         try:
             self.main.sendall(data)
         except TimeoutError:
