@@ -64,7 +64,6 @@ from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
 from ._engine.cancelling import WatchCancel
-from ._engine.qemu_manifest import MAX_MANIFEST_BYTES, check_size, open_inside, read_manifest
 from ._engine.qemu_receiving import MAX_WORKERS, QemuReceiving, QemuStreamFacts
 from ._engine.qemu_sending import QEMU_PACKET_BYTES, QemuSending, QemuStream
 from ._engine.session import Owner
@@ -76,6 +75,7 @@ from .protocol.sockets import (Listening, bound_address, listen, listening_addre
                                parse_address)
 from .regions import Region
 from .tools.outputs import OutputDir, SavedFiles
+from .tools.qemu_manifest import MAX_MANIFEST_BYTES, check_size, open_inside, read_manifest
 from .tools.warm_files import WarmFiles
 
 __all__ = ["receive", "send", "QemuReceived", "QemuReceiver", "QemuSender", "QemuStreamFacts",
