@@ -9,6 +9,7 @@ import math
 import os
 import re
 import socket
+import tempfile
 import threading
 from fractions import Fraction
 
@@ -32,6 +33,17 @@ def _on_destination(method, *args, **kwargs):
         getattr(dst, method)(*args, **kwargs)
     finally:
         dst.close()
+
+def _on_qemu_receiver(method, *args):
+    """``QemuReceiver.method(*args)`` on a receiver, closed after (its directory too)."""
+    parent = tempfile.mkdtemp()
+    try:
+        with qemu.QemuReceiver("tcp:127.0.0.1:0", os.path.join(parent, "out"),
+                               workers=1) as receiver:
+            getattr(receiver, method)(*args)
+    finally:
+        os.rmdir(parent)            # empty: the receiver removed the directory it made
+
 
 # (call, the parameter its message names, the wrong type it was given)
 WRONG = [
@@ -119,6 +131,7 @@ WRONG = [
      "str"),
     (lambda: qemu.QemuReceiver("tcp:127.0.0.1:0", ".", warm="/dev/shm"), "QemuReceiver(warm)",
      "str"),
+    (lambda: _on_qemu_receiver("cancel", b"why"), "cancel(reason)", "bytes"),
     (lambda: fastmfd.Source("tcp:127.0.0.1:1", {"channels": 2}), "Source(config)", "dict"),
     (lambda: fastmfd.Source("tcp:127.0.0.1:1").migrate(on_stop="stop"), "migrate(on_stop)",
      "str"),
