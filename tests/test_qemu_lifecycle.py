@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gc
 import os
+import signal
 import threading
 import time
 import warnings
@@ -238,4 +239,40 @@ def test_a_receive_committed_stays_when_its_receiver_is_collected(tmp_path, qemu
         del receiver
         gc.collect()
     assert {p.name for p in out.iterdir()} == names | {"vmstate.bin", "manifest.json"}
+    leaks.assert_clean()
+
+
+# ---------------------------------------------------------------- the program stopped
+
+@pytest.mark.parametrize("qemu_binary", QEMUS)
+def test_sys_exit_mid_send_ends_it_at_once(tmp_path, qemu_binary, leaks, exits_on_sigterm):
+    """A service's SIGTERM handler (sys.exit(143)) mid-send: qemu.send() raises the
+    SystemExit itself, within a second, and the destination QEMU fails (it held
+    before this file's fixes; a guard)."""
+    saved, _ = saved_guest(tmp_path, 2, "none", qemu_binary, mib=GUEST_MIB)
+    guest, _, address = incoming_guest(tmp_path, 2, "none", qemu_binary, mib=GUEST_MIB)
+    signalled: dict[str, float] = {}
+
+    def sigterm_once_loading() -> None:
+        deadline = time.monotonic() + PROMPT
+        while guest.qmp.command("query-migrate").get("status") != "active":
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.05)
+        time.sleep(0.5)
+        signalled["at"] = time.monotonic()
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    try:
+        thread = threading.Thread(target=sigterm_once_loading)
+        thread.start()
+        with pytest.raises(SystemExit) as raised:
+            qemu.send(address, saved, max_bandwidth=SLOW, stall_timeout=60.0)
+        took = time.monotonic() - signalled["at"]
+        thread.join(PROMPT)
+        assert raised.value.code == 143
+        assert took < 1.0, f"send() took {took:.2f} s to end"
+        assert guest.wait(PROMPT) == "failed"
+    finally:
+        guest.close()
     leaks.assert_clean()
