@@ -15,11 +15,15 @@ when collected, with a ResourceWarning.
 from __future__ import annotations
 
 import gc
+import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -33,6 +37,7 @@ from test_qemu_receive import capture_bytes, receive_replay, replay
 GUEST_MIB = 64
 SLOW = 8 << 20                  # bytes/s: the migration is under way when closed
 PROMPT = 10.0                   # seconds a cancelled call has to return
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def assert_closed(call: Background, name: str) -> None:
@@ -276,3 +281,34 @@ def test_sys_exit_mid_send_ends_it_at_once(tmp_path, qemu_binary, leaks, exits_o
     finally:
         guest.close()
     leaks.assert_clean()
+
+
+def test_a_receiver_open_at_the_interpreters_exit_is_freed_then(tmp_path):
+    """Its unix socket file and the directory it made were left behind."""
+    sock, out = tmp_path / "r.sock", tmp_path / "out"
+    script = ("import sys; from fastmfd import qemu; "
+              "r = qemu.QemuReceiver(sys.argv[1], sys.argv[2]); print(r.worker_pids())")
+    done = subprocess.run([sys.executable, "-W", "ignore::ResourceWarning", "-c", script,
+                           f"unix:{sock}", str(out)], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert_gone(json.loads(done.stdout))
+    assert not sock.exists()
+    assert_nothing_complete(out)
+
+
+def test_a_receive_running_at_the_interpreters_exit_fails_saying_so(tmp_path):
+    """receive() in a daemon thread, waiting for QEMU, as the interpreter exits:
+    the receiver freed under it, it fails with a MigrationError saying why (it
+    raised AssertionError from its cancel's closed wake-up socket)."""
+    sock, out = tmp_path / "r.sock", tmp_path / "out"
+    script = ("import sys, threading, time; from fastmfd import qemu; "
+              "r = qemu.QemuReceiver(sys.argv[1], sys.argv[2]); "
+              "threading.Thread(target=r.receive, daemon=True).start(); time.sleep(0.5)")
+    done = subprocess.run([sys.executable, "-W", "ignore::ResourceWarning", "-c", script,
+                           f"unix:{sock}", str(out)], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert "AssertionError" not in done.stderr, done.stderr
+    assert not sock.exists()
+    assert_nothing_complete(out)

@@ -33,9 +33,14 @@ class WatchCancel:
             pass
 
     def _raise(self) -> None:
-        assert self.error is not None, "readable only once cancelled"
+        assert self.error is not None, "readable once cancelled, or closed"
         raise self.error
 
     def close(self) -> None:
+        """Its session's thread may still wait (its owner freed at the interpreter's
+        exit, under a daemon thread running the call): it fails, saying so."""
+        if self.error is None:
+            self.error = MigrationError("freed while the migration ran (its owner was "
+                                        "collected, or the interpreter is exiting)")
         self._wake.close()
         self._waker.close()
