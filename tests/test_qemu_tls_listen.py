@@ -38,8 +38,8 @@ from fastmfd._engine.qemu_tls import MAX_GREETINGS, TLSGreeter, greet_in_tls
 from fastmfd.errors import ConfigError, MigrationError, ProtocolError
 from fastmfd.protocol.control import QemuGreeted, Refused
 from fastmfd.protocol.security import ChannelSecurity
-from qemu_support import (QEMU, QEMUS, Guest, Receiver, assert_nothing_complete,
-                          listening_command, needs_qemu, pattern)
+from qemu_support import (QEMU, QEMUS, Background, Guest, Receiver, assert_nothing_complete,
+                          listening_command, needs_qemu, pattern, wait_until_filled)
 from test_qemu_peer_dies import (SLOW, SOURCE_KILLED, killed_mid_migration,
                                  resume_and_close, stopped_mid_migration)
 
@@ -587,3 +587,22 @@ def test_strangers_are_counted_not_each_kept_or_logged(tmp_path, caplog):
     logged = [r for r in caplog.records if "failed the TLS handshake" in r.getMessage()]
     assert len(logged) == LOGGED_DROPS
     assert "more are counted, not logged" in logged[-1].getMessage()
+
+
+def test_a_tls_receiver_closed_from_another_thread_mid_migration(tmp_path, slow_tls_source,
+                                                                 leaks):
+    """As in plaintext (test_qemu_lifecycle): receive() fails at once saying so, the
+    greeting workers and the main channel's relay stop, QEMU fails, nothing is left."""
+    guest, tls = slow_tls_source
+    out = tmp_path / "out"
+    receiver = qemu.QemuReceiver("tcp:127.0.0.1:0", out, stall_timeout=60.0, tls=tls)
+    call = Background("receive()", receiver.receive)
+    guest.migrate(receiver.address)
+    wait_until_filled(lambda: out.glob("*.part"), 4 << 20)
+    receiver.close()
+    with pytest.raises(MigrationError, match="^the QemuReceiver was closed$"):
+        call.result(10.0)
+    assert guest.wait(10.0) == "failed"
+    assert_nothing_complete(out)
+    guest.close()           # its QMP socket and process are the test's
+    leaks.assert_clean()
