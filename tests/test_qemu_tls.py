@@ -24,8 +24,9 @@ import trustme
 
 from fastmfd import TLSConfig, qemu
 from fastmfd.errors import MigrationError, SecurityError
-from qemu_support import QEMU, QEMUS, assert_loaded, incoming_guest, needs_qemu, saved_guest
-from test_qemu_peer_dies import (DESTINATION_KILLED, PATIENT, SEND_CHANNELS, STALL,
+from qemu_support import (QEMU, QEMUS, Background, assert_loaded, incoming_guest, needs_qemu,
+                          saved_guest, wait_until_filled)
+from test_qemu_peer_dies import (DESTINATION_KILLED, PATIENT, SEND_CHANNELS, SLOW, STALL,
                                  STOPPED_GUEST_MIB, assert_fails, assert_gone, kill,
                                  resume_and_close, send_slowly)
 from test_qemu_receive import capture_bytes, receive_replay
@@ -302,3 +303,27 @@ def test_a_destination_that_takes_no_channel_in_tls_is_not_said_to_have_closed(
         listener.close()
         for sock in held:
             sock.close()
+
+
+@pytest.mark.parametrize("qemu_binary", QEMUS)
+def test_a_sender_closed_from_another_thread_mid_send_in_tls(tmp_path, qemu_binary, leaks):
+    """As in plaintext (test_qemu_lifecycle): send() fails at once saying so (it
+    died of SIGSEGV, its block files unmapped under it), the destination fails."""
+    saved, _ = saved_guest(tmp_path, SEND_CHANNELS, "none", qemu_binary, mib=64)
+    creds = credentials(tmp_path, trustme.CA())
+    guest, ram_path, address = tls_destination(tmp_path, qemu_binary, creds.qemu_dir,
+                                               SEND_CHANNELS, mib=64)
+    try:
+        sender = qemu.QemuSender(saved, channels=SEND_CHANNELS, max_bandwidth=SLOW,
+                                 stall_timeout=PATIENT, tls=creds.source)
+        workers = sender.worker_pids()
+        sending = Background("send()", lambda: sender.send(address))
+        wait_until_filled(lambda: [ram_path], ram_path.stat().st_blocks * 512 + (4 << 20))
+        sender.close()
+        with pytest.raises(MigrationError, match="^the QemuSender was closed$"):
+            sending.result(10.0)
+        assert guest.wait(10.0) == "failed"
+        assert_gone(workers)
+    finally:
+        guest.close()
+    leaks.assert_clean()
