@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
@@ -188,10 +189,10 @@ class QemuReceiver(Owner):
             listener = address if isinstance(address, socket.socket) else None
             if listener is None:
                 listener = own(Listening(listen(requested), requested.path)).sock
-            self._session = own(QemuReceiving(listener, self._out, timeout=timeout,
-                                              stall_timeout=stall_timeout, workers=workers,
-                                              security=ChannelSecurity(tls=tls),
-                                              max_memory=max_memory))
+            self._session = own(_Receiving(listener, self._out, timeout=timeout,
+                                           stall_timeout=stall_timeout, workers=workers,
+                                           security=ChannelSecurity(tls=tls),
+                                           max_memory=max_memory))
             self._cancelling = own(WatchCancel(self._session.watch))
             self.address = str(bound_address(listener, requested))
         except BaseException:
@@ -243,6 +244,21 @@ class QemuReceiver(Owner):
         self._session = self._cancelling = None
         self._resources.stop()
         self._resources.release()
+
+
+class _Receiving(QemuReceiving):
+    """The receiver's session, closed by one thread at a time: a receive() failing
+    closes it, and so may the receiver's release meanwhile (a receive() in a daemon
+    thread as the interpreter's exit frees its receiver: the second close() took the
+    workers, regions and counters from under the first); the second finds it closed."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._closing = threading.Lock()
+        super().__init__(*args, **kwargs)
+
+    def close(self) -> None:
+        with self._closing:
+            super().close()
 
 
 class _Output:

@@ -312,3 +312,29 @@ def test_a_receive_running_at_the_interpreters_exit_fails_saying_so(tmp_path):
     assert "AssertionError" not in done.stderr, done.stderr
     assert not sock.exists()
     assert_nothing_complete(out)
+
+
+def test_a_receive_session_closed_from_two_threads_at_once(tmp_path, leaks):
+    """As at the interpreter's exit, whose finalizer frees a receiver whose receive()
+    fails in a daemon thread, closing its session too: the second close() took the
+    workers from under the first (AttributeError: 'NoneType' object has no attribute
+    'stop'; or a region's AssertionError: mapped while open). The first close() is
+    held inside the workers' kill meanwhile; the second now waits for it."""
+    receiver = qemu.QemuReceiver("tcp:127.0.0.1:0", tmp_path / "out")
+    session = receiver._session
+    assert session is not None and session.workers is not None
+    kill, calls = session.workers.kill, []
+
+    def slow_kill() -> None:
+        calls.append(threading.current_thread().name)
+        if len(calls) == 1:                 # the first close()'s: the second's runs through
+            time.sleep(0.3)
+        kill()
+    session.workers.kill = slow_kill        # type: ignore[method-assign]
+    first = Background("close()", session.close)
+    time.sleep(0.1)
+    session.close()
+    first.result(PROMPT)
+    assert calls[0] == "close()", calls
+    receiver.close()
+    leaks.assert_clean()
