@@ -14,10 +14,12 @@ when collected, with a ResourceWarning.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -140,6 +142,55 @@ def test_cancel_before_the_call_fails_it_as_it_starts(tmp_path, qemu72_captures,
             with pytest.raises(MigrationError, match="^not now either$"):
                 sender.send(receiver.address)
     assert_nothing_complete(tmp_path / "out")
+    leaks.assert_clean()
+
+
+def test_a_send_cancelled_before_it_starts_connects_to_nothing(tmp_path, qemu72_captures,
+                                                               leaks):
+    """A QEMU destination takes one incoming migration: a send() cancelled before
+    it started connected its main channel all the same, and ended it at once,
+    failing the destination's migration for a send that never began."""
+    saved = tmp_path / "first"
+    receive_replay(saved, capture_bytes(qemu72_captures, "none"))
+    with socket.create_server(("127.0.0.1", 0)) as destination, \
+            qemu.QemuSender(saved, stall_timeout=PROMPT) as sender:
+        sender.cancel("not now")
+        with pytest.raises(MigrationError, match="^not now$"):
+            sender.send(f"tcp:127.0.0.1:{destination.getsockname()[1]}")
+        destination.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            destination.accept()                # no connection was made
+    leaks.assert_clean()
+
+
+def test_a_send_cancelled_while_it_connects_ends_at_once(tmp_path, qemu72_captures, leaks):
+    """A destination slow to accept (its backlog full, its SYNs dropped): cancel()
+    shut only connections already made, and send() went on connecting until its
+    timeout (30 s by default); now the one being made is shut down too."""
+    saved = tmp_path / "first"
+    receive_replay(saved, capture_bytes(qemu72_captures, "none"))
+    fillers: list[socket.socket] = []
+    with socket.socket() as destination:
+        destination.bind(("127.0.0.1", 0))
+        destination.listen(0)
+        address = destination.getsockname()
+        for _ in range(2):                      # the backlog full: connect() waits
+            filler = socket.socket()
+            filler.settimeout(0.5)
+            with contextlib.suppress(OSError):
+                filler.connect(address)
+            fillers.append(filler)
+        try:
+            with qemu.QemuSender(saved, timeout=60.0, stall_timeout=60.0) as sender:
+                call = Background("send()", lambda: sender.send(f"tcp:{address[0]}:"
+                                                                f"{address[1]}"))
+                time.sleep(0.5)                 # connecting
+                sender.cancel("stop now")
+                with pytest.raises(MigrationError, match="^stop now$"):
+                    call.result(PROMPT)
+        finally:
+            for filler in fillers:
+                filler.close()
     leaks.assert_clean()
 
 

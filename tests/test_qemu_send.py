@@ -603,11 +603,11 @@ def test_a_destination_that_says_shut_1_and_takes_no_channel_is_named_by_its_shu
 
     connects = []
 
-    def connect_after_the_shut(where, timeout):
+    def connect_after_the_shut(where, timeout, connecting=None):
         if connects:                    # a channel's (the main channel's comes first)
             assert said.wait(30)
         connects.append(where)
-        return connect(where, timeout)
+        return connect(where, timeout, connecting)
 
     monkeypatch.setattr(qemu_sending, "connect", connect_after_the_shut)
     monkeypatch.setattr(sockets, "CONNECT_RETRY_SECONDS", 0.1)

@@ -139,6 +139,7 @@ class QemuSending:
         self.answers: ReturnPathWatch | None = None     # the destination's, on it
         self._ended: str | None = None      # how the destination ended it, once known
         self.cancelled: MigrationError | None = None    # by cancel(), from another thread
+        self._connecting: socket.socket | None = None   # a connection being made
         self._progress = Progress(stall_timeout)    # each busy channel's packets
         self._looked = 0.0                  # when the workers were last looked at
         self.data: list[socket.socket] = []
@@ -167,8 +168,8 @@ class QemuSending:
         try:
             self._run(address)
         except Exception as exc:
-            if self.cancelled is not None:  # what failed is the cancel's consequence
-                raise self.cancelled from None
+            if self.cancelled is not None:  # what failed is most likely its consequence
+                raise self.cancelled from exc
             if (not isinstance(exc, MigrationError) or self.main is None
                     or exc.cause.endswith(self._checklist()) or self._ours()):
                 raise           # no QEMU listening at all, a hint is there, or it is ours
@@ -187,14 +188,20 @@ class QemuSending:
         aborted), each step checks, and it raises MigrationError(``reason``)."""
         if self.cancelled is None:
             self.cancelled = MigrationError(reason)
-        for sock in [self.main, *self.data]:
+        for sock in [self._connecting, self.main, *self.data]:
             if sock is not None:
-                shutdown_quietly(sock)
+                shutdown_quietly(sock)      # (one connecting: its connect() ends)
         self.selector.abort()
 
     def _check_cancelled(self) -> None:
         if self.cancelled is not None:
             raise self.cancelled
+
+    def _connecting_now(self, sock: socket.socket) -> None:
+        """connect()'s ``connecting``: a cancel shuts it down (its connect(), or the
+        TLS handshake after it, ends at once); one before it never connects."""
+        self._connecting = sock
+        self._check_cancelled()
 
     def _run(self, address: Address) -> None:
         stream, section = self.stream, self.stream.ram_section_id
@@ -203,7 +210,9 @@ class QemuSending:
         barrier = encode_multifd_flush() if stream.per_round else b""
         security = ChannelSecurity.of_source(self.tls, address.target, address.family,
                                              timeout=self.stall)
+        self._check_cancelled()             # (a QEMU takes one migration: none is begun)
         self.main = self._connect(address, security)
+        self._check_cancelled()             # (came as it connected: shut after)
         self.main.settimeout(self.stall)
         self.answers = ReturnPathWatch(self.main)
         commands = stream.commands
@@ -229,7 +238,7 @@ class QemuSending:
         """The main channel's connection: with TLS, its handshake done (QEMU's
         destination takes the first connection whose handshake completes for
         its main channel, spec §7: the multifd channels connect after it)."""
-        main = connect(address, self.connect_timeout)
+        main = connect(address, self.connect_timeout, self._connecting_now)
         if security.tls is None:
             return main
         try:
@@ -297,13 +306,15 @@ class QemuSending:
                       security: ChannelSecurity) -> None:
         self._check_cancelled()
         try:
-            sock = connect(address, self.connect_timeout)
+            sock = connect(address, self.connect_timeout, self._connecting_now)
         except MigrationError:
+            self._check_cancelled()
             # A destination that failed at the stream's start says SHUT 1, then takes
             # no more connections (or resets them): its word is the cause.
             self._await_main_word()
             raise
         self.data.append(sock)
+        self._check_cancelled()             # (came as it connected: shut after)
         tune_data_socket(sock)
         if security.tls is None:
             sock.settimeout(self.stall)

@@ -18,6 +18,7 @@ import socket
 import ssl
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -244,9 +245,12 @@ def bound_address(sock: socket.socket, requested: Address) -> Address:
 CONNECT_RETRY_SECONDS = 3.0     # how long a refused connection is retried
 
 
-def connect(address: Address, timeout: float) -> socket.socket:
+def connect(address: Address, timeout: float,
+            connecting: Callable[[socket.socket], None] | None = None) -> socket.socket:
     """Connect within ``timeout``; a refused connection (the listener is not
-    there yet) is retried for a few seconds, not for the whole timeout."""
+    there yet) is retried for a few seconds, not for the whole timeout.
+    ``connecting(sock)`` is told each socket before it connects: one shut down
+    from another thread ends the wait (a cancel), and it may raise."""
     started = time.monotonic()
     deadline = started + timeout
     retry_until = started + min(timeout, CONNECT_RETRY_SECONDS)
@@ -255,11 +259,15 @@ def connect(address: Address, timeout: float) -> socket.socket:
         sock = socket.socket(address.family, socket.SOCK_STREAM)
         sock.settimeout(max(0.05, deadline - time.monotonic()))
         try:
+            if connecting is not None:
+                connecting(sock)
             sock.connect(address.target)
             sock.settimeout(None)
             return sock
-        except OSError as exc:
+        except BaseException as exc:
             sock.close()
+            if not isinstance(exc, OSError):
+                raise
             transient = exc.errno in (errno.ECONNREFUSED, errno.ENOENT, errno.EAGAIN)
             if not transient or time.monotonic() + delay >= retry_until:
                 raise ConnectError(f"cannot connect to {address}: {exc.strerror or exc}",
