@@ -26,6 +26,14 @@ CONFIG = fastmfd.MigrationConfig(channels=2, job_packets=1, zero_page_detection=
 BOUND = 2.0         # seconds from close() to the end of migrate() / receive()
 
 
+def _both_name_the_closed_region(outcome) -> None:
+    """Each side failed with one MigrationError naming region 'ram' as closed."""
+    for name, error in (("source", outcome.source_error), ("destination", outcome.dest_error)):
+        assert isinstance(error, fastmfd.MigrationError), f"the {name} ended with {error!r}"
+        assert "region 'ram' was closed during the migration" in str(error), \
+            f"the {name}'s error does not name the region: {error}"
+
+
 @pytest.fixture
 def image():
     region = make_region("ram", 128 * MIB)
@@ -243,12 +251,7 @@ def test_a_region_closed_mid_migration_is_named(side, leaks):
                 outcome = m.run(live=True, timeout=30)
             finally:
                 thread.join(10)
-            for name, error in (("source", outcome.source_error),
-                                ("destination", outcome.dest_error)):
-                assert isinstance(error, fastmfd.MigrationError), \
-                    f"the {name} ended with {error!r}"
-                assert "region 'ram' was closed during the migration" in str(error), \
-                    f"the {name}'s error does not name the region: {error}"
+            _both_name_the_closed_region(outcome)
             assert isinstance(status["after"], str), f"status() raised {status['after']!r}"
     finally:
         region.close()
@@ -292,12 +295,7 @@ def test_a_source_region_closed_after_the_stop(when, leaks):
                             dst_on_resume=region.close if when == "loaded" else None)
             assert region.closed, "the region was never closed"
             if when == "on_stop":
-                for name, error in (("source", outcome.source_error),
-                                    ("destination", outcome.dest_error)):
-                    assert isinstance(error, fastmfd.MigrationError), \
-                        f"the {name} ended with {error!r}"
-                    assert "region 'ram' was closed during the migration" in str(error), \
-                        f"the {name}'s error does not name the region: {error}"
+                _both_name_the_closed_region(outcome)
             else:
                 _, result = outcome.ok()
                 assert bytes(result.regions["ram"].buffer) == expected, "bytes differ"

@@ -739,14 +739,21 @@ def _taken_while_cancelled(monkeypatch, taken) -> BaseException:
         monkeypatch.setattr(Admission, "wait",
                             lambda admission, *args: taken(admission, lambda: wait(
                                 admission, *args), cancel))
-        outcome: dict = {}
-        thread = threading.Thread(target=lambda: _receive(dst, outcome), daemon=True)
-        thread.start()
-        with fastmfd.Source(dst.address, CONFIG.replace(timeout=5.0)) as src:
-            src.add_region(region)
-            with pytest.raises(fastmfd.MigrationError) as raised:
-                src.migrate(live=False)
-        thread.join(10)
+        return _failed_by_the_cancel(dst, region)
+
+
+def _failed_by_the_cancel(dst: fastmfd.Destination, region: fastmfd.Region) -> BaseException:
+    """A Source migrating ``region`` to ``dst``, which is cancelled on the way ("the
+    destination was closed at once", its receive() says): what the source's
+    ``migrate()`` raised (its handshake timeout: 5 s)."""
+    outcome: dict = {}
+    thread = threading.Thread(target=lambda: _receive(dst, outcome), daemon=True)
+    thread.start()
+    with fastmfd.Source(dst.address, CONFIG.replace(timeout=5.0)) as src:
+        src.add_region(region)
+        with pytest.raises(fastmfd.MigrationError) as raised:
+            src.migrate(live=False)
+    thread.join(10)
     assert "the destination was closed at once" in str(outcome.get("error")), outcome
     return raised.value
 
@@ -856,16 +863,8 @@ def test_a_source_greeted_as_the_admission_ends_hears_why(monkeypatch):
 
     monkeypatch.setattr(admission.Admission, "__init__", recorded)
     monkeypatch.setattr(admission, "greet_main_channel", passed_then_cancelled)
-    outcome: dict = {}
     with make_region("ram", SIZE) as region, \
             fastmfd.Destination("tcp:127.0.0.1:0", timeout=10) as dst:
-        thread = threading.Thread(target=lambda: _receive(dst, outcome), daemon=True)
-        thread.start()
-        with fastmfd.Source(dst.address, CONFIG.replace(timeout=5.0)) as src:
-            src.add_region(region)
-            with pytest.raises(fastmfd.MigrationError) as raised:
-                src.migrate(live=False)
-        thread.join(10)
-    assert "the destination was closed at once" in str(outcome.get("error")), outcome
+        raised = _failed_by_the_cancel(dst, region)
     assert "the peer failed: dropped: the session ended: the destination was closed at " \
-           "once" in str(raised.value), raised.value
+           "once" in str(raised), raised
