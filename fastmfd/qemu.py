@@ -235,9 +235,6 @@ class QemuReceiver(Owner):
         if self._cancelling is not None:
             self._cancelling.cancel(reason)
 
-    def _start(self) -> None:
-        pass                    # started when made
-
     def _release(self) -> None:
         """Stop the workers, close the listener, free the directory (idempotent, see
         close()); never used, the directories it made are removed again."""
@@ -440,9 +437,6 @@ class QemuSender(Owner):
         self._check_own_process()
         if self._session is not None:
             self._session.cancel(reason)
-
-    def _start(self) -> None:
-        pass                    # started when made
 
     def _release(self) -> None:
         """Stop the workers and free the files (idempotent, see close())."""

@@ -368,7 +368,9 @@ class Owner:
         raise NotImplementedError
 
     def _start(self) -> None:
-        raise NotImplementedError
+        """What entering starts (the workers of a Source, a Destination); nothing
+        for an owner whose parts started when it was made (a QemuReceiver, a
+        QemuSender)."""
 
     def close(self) -> None:
         """Free everything (idempotent, any thread); from another thread while the
