@@ -8,6 +8,7 @@ import os
 
 import pytest
 
+from fastmfd.errors import OutputError
 from fastmfd.tools import new_files
 from fastmfd.tools.new_files import make_directories, write_new_file
 from fastmfd.tools.outputs import OutputDir
@@ -71,6 +72,16 @@ def test_a_write_that_fails_leaves_no_temporary_file(tmp_path, monkeypatch):
     def full(fd):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     monkeypatch.setattr(new_files.os, "fsync", full)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OutputError, match=r"bench\.json: not written: No space left"):
         write_new_file(str(tmp_path / "bench.json"), b"{}")
     assert os.listdir(tmp_path) == []
+
+
+def test_a_full_disk_is_an_error_naming_the_file(small_disk):
+    """It was the errno alone, "fastmfd bench: [Errno 28] No space left on device", after
+    a bench that may have run an hour: not which file, nor that it was not written (a
+    review)."""
+    path = small_disk / "results.json"
+    with pytest.raises(OutputError, match=rf"^{path}: not written: No space left on device$"):
+        write_new_file(str(path), bytes(2 << 20))
+    assert os.listdir(small_disk) == []

@@ -17,7 +17,7 @@ import os
 import secrets
 import stat
 
-from ..errors import ConfigError
+from ..errors import ConfigError, OutputError
 
 __all__ = ["rename_without_replacing", "make_directories", "make_new_directory",
            "remove_directories_made",
@@ -148,7 +148,8 @@ def write_new_file(path: str, data: bytes) -> None:
     """Write ``data`` to the new file ``path``: under a temporary name, fsynced, then
     renamed to ``path``, and the directory fsynced. If something is at ``path`` by
     then, ConfigError names where the data was kept instead (the temporary file);
-    any other failure removes the temporary file."""
+    any other failure removes the temporary file, and one of the file system's
+    (a full disk, EIO) is an OutputError naming ``path``."""
     directory, name = os.path.split(os.path.abspath(path))
     dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     temporary = f".{name}.{secrets.token_hex(4)}.part"
@@ -164,9 +165,15 @@ def write_new_file(path: str, data: bytes) -> None:
         except FileExistsError:
             raise ConfigError(f"{path}: appeared meanwhile: not replacing it; the data is "
                               f"in {os.path.join(directory, temporary)}") from None
-        except BaseException:
+        except BaseException as exc:
             os.unlink(temporary, dir_fd=dir_fd)
+            if isinstance(exc, OSError):    # (ENOSPC, EIO: the errno alone names no file)
+                raise OutputError(f"{path}: not written: {exc.strerror or exc}") from None
             raise
-        os.fsync(dir_fd)
+        try:
+            os.fsync(dir_fd)
+        except OSError as exc:
+            raise OutputError(f"{path}: written, but its directory's entry was not made "
+                              f"durable: {exc.strerror or exc}") from None
     finally:
         os.close(dir_fd)
