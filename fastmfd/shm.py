@@ -1,7 +1,9 @@
 """Named POSIX shared-memory segments with one owner.
 
 Every segment fastmfd creates is a file ``/dev/shm/fastmfd-*`` so a leak is
-easy to find. The process that creates a segment owns it: only the owner
+easy to find, named ``fastmfd-TAG-PID-RANDOM`` after the process that created
+it (:func:`creator_pid`): which run a segment is from, on a machine where
+several run at once. The process that creates a segment owns it: only the owner
 unlinks it. Other processes *attach* by name and only ever close their
 mapping (CPython's ``SharedMemory`` registers attachers with the resource
 tracker too, which can unlink a segment another process still uses —
@@ -47,7 +49,7 @@ from .safe_path import safe_import_path
 from .units import format_bytes
 
 __all__ = ["SharedMemory", "SHM_DIR", "SEGMENT_PREFIX", "HUGE_PAGE", "list_segments",
-           "start_tracker", "map_file", "mapped_view",
+           "creator_pid", "start_tracker", "map_file", "mapped_view",
            "free_bytes", "check_room"]
 
 SHM_DIR = "/dev/shm"
@@ -172,6 +174,16 @@ def list_segments() -> list[str]:
                   if e.name.startswith(SEGMENT_PREFIX) and e.is_file(follow_symlinks=False))
 
 
+def creator_pid(name: str) -> int | None:
+    """The pid of the process that created segment ``name`` (:meth:`SharedMemory.create`
+    names it ``fastmfd-TAG-PID-RANDOM``); None for a name it did not make."""
+    parts = name[len(SEGMENT_PREFIX):].split("-")
+    if not name.startswith(SEGMENT_PREFIX) or len(parts) < 3:
+        return None
+    pid, token = parts[-2:]
+    return int(pid) if pid.isascii() and pid.isdigit() and len(token) == 12 else None
+
+
 class SharedMemory:
     """A mapped shared-memory segment: ``create`` it (owner) or ``attach`` to it."""
 
@@ -203,7 +215,7 @@ class SharedMemory:
         tag = "".join(c if c.isascii() and (c.isalnum() or c in "._-") else "_"
                       for c in tag)[:40]
         while True:
-            name = f"{SEGMENT_PREFIX}{tag}-{secrets.token_hex(6)}"
+            name = f"{SEGMENT_PREFIX}{tag}-{os.getpid()}-{secrets.token_hex(6)}"
             path = os.path.join(SHM_DIR, name)
             try:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)

@@ -7,9 +7,10 @@ from __future__ import annotations
 import os
 from multiprocessing import forkserver, resource_tracker
 
-from fastmfd.shm import SHM_DIR
+from fastmfd.shm import SHM_DIR, creator_pid
 
-__all__ = ["alive", "infrastructure_pids", "os_children", "process_tree", "mapped_outside"]
+__all__ = ["alive", "infrastructure_pids", "os_children", "process_tree", "mapped_outside",
+           "made_by_this_run"]
 
 
 def alive(pid: int) -> bool:
@@ -81,3 +82,17 @@ def mapped_outside(names: set[str], ours: set[int]) -> set[str]:
             continue
         foreign.update(n for n in names if f"{SHM_DIR}/{n}" in maps)
     return foreign
+
+
+def made_by_this_run(names: set[str]) -> set[str]:
+    """The segments among ``names`` that this process or one of its descendants made:
+    each name carries its creator's pid (shm.creator_pid). A creator gone by now counts
+    too (a child that exited leaving its segment); a name without a pid is another
+    version's, since every segment this code makes is named by SharedMemory.create."""
+    ours = process_tree(os.getpid())
+    made = set()
+    for name in names:
+        pid = creator_pid(name)
+        if pid is not None and (pid in ours or not alive(pid)):
+            made.add(name)
+    return made

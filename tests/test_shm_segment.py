@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fastmfd.errors import ConfigError
-from fastmfd.shm import SEGMENT_PREFIX, SHM_DIR, SharedMemory, list_segments
+from fastmfd.shm import SEGMENT_PREFIX, SHM_DIR, SharedMemory, creator_pid, list_segments
 
 
 @pytest.fixture
@@ -42,6 +42,22 @@ def test_tag_is_ascii_whatever_the_region_name():
         assert segment.name.startswith(f"{SEGMENT_PREFIX}m_moire-_-")
     finally:
         segment.close()
+
+
+@pytest.mark.parametrize("tag", ["test", "dirty-0", "", "x-12-abcdef012345"])
+def test_a_name_says_which_process_created_it(tag):
+    """Several fastmfd runs share /dev/shm: a leak check (or a user) tells theirs apart."""
+    segment = SharedMemory.create(64, tag=tag)
+    try:
+        assert creator_pid(segment.name) == os.getpid()
+    finally:
+        segment.close()
+
+
+@pytest.mark.parametrize("name", ["fastmfd-test-scratch-dir", "fastmfd-test-123",
+                                  "fastmfd-region-ram-abcdef012345", "pc.ram-12-abcdef012345"])
+def test_a_name_not_made_by_create_has_no_creator(name):
+    assert creator_pid(name) is None
 
 
 def test_names_are_unique():
