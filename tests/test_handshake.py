@@ -654,6 +654,31 @@ def hold_connections(address: str, count: int, stop: threading.Event) -> None:
         sock.close()
 
 
+def _migrates_behind_strangers(dst: fastmfd.Destination, config: fastmfd.MigrationConfig,
+                               strangers: int) -> None:
+    """A source of ``config`` migrates a 1 MiB region to ``dst`` while a stranger holds
+    ``strangers`` connections to it (hold_connections), from before the source came.
+    SETUP_ACK is half a second late (a user's on_setup may be; a WAN's round trip opens
+    the same window), so the strangers are back in the backlog first. The region
+    arrives whole, and the strangers were refused."""
+    stop = threading.Event()
+    try:
+        with make_region("ram", 1 << 20, seed=3) as region:
+            received = Background("receive()",
+                                  lambda: dst.receive(on_setup=lambda _: time.sleep(0.5)))
+            threading.Thread(target=hold_connections, args=(dst.address, strangers, stop),
+                             daemon=True).start()
+            time.sleep(1.0)
+            with fastmfd.Source(dst.address, config) as src:
+                src.add_region(region)
+                src.migrate(live=False)
+            result = received.result(30)
+            assert np.array_equal(result.regions["ram"].array, region.array)
+            assert dst.refused_total >= strangers
+    finally:
+        stop.set()
+
+
 def test_strangers_holding_connections_after_setup_only_delay_the_channels():
     """After SETUP the door greets with a few worker processes: 40 silent strangers
     held each for its whole handshake deadline while the session's channels waited
@@ -663,32 +688,13 @@ def test_strangers_holding_connections_after_setup_only_delay_the_channels():
     (A source's channel waiting to be greeted has its stall_timeout: 4 s, as in the
     review, was too short for a CI machine.)"""
     key = b"k" * 32
-    region = make_region("ram", 1 << 20, seed=3)
-    stop = threading.Event()
-    try:
-        # (Without the door's fix the strangers ahead of the channels take 20 s:
-        # 40 of them, 4 at a time, for their 2 s handshake deadlines.)
-        with fastmfd.Destination("tcp:127.0.0.1:0", auth_key=key, handshake_timeout=2.0,
-                                 stall_timeout=10.0, timeout=20) as dst:
-            # SETUP_ACK half a second late (a user's on_setup may be; a WAN's round
-            # trip opens the same window): the strangers are back in the backlog first.
-            received = Background("receive()",
-                                  lambda: dst.receive(on_setup=lambda _: time.sleep(0.5)))
-            stranger = threading.Thread(target=hold_connections, args=(dst.address, 40, stop),
-                                        daemon=True)
-            stranger.start()
-            time.sleep(1.0)
-            config = fastmfd.MigrationConfig(channels=2, auth_key=key, stall_timeout=10.0,
-                                             timeout=20)
-            with fastmfd.Source(dst.address, config) as src:
-                src.add_region(region)
-                src.migrate(live=False)
-            result = received.result(30)
-            assert np.array_equal(result.regions["ram"].array, region.array)
-            assert dst.refused_total >= 40
-    finally:
-        stop.set()
-        region.close()
+    # (Without the door's fix the strangers ahead of the channels take 20 s: 40 of
+    # them, 4 at a time, for their 2 s handshake deadlines.)
+    with fastmfd.Destination("tcp:127.0.0.1:0", auth_key=key, handshake_timeout=2.0,
+                             stall_timeout=10.0, timeout=20) as dst:
+        config = fastmfd.MigrationConfig(channels=2, auth_key=key, stall_timeout=10.0,
+                                         timeout=20)
+        _migrates_behind_strangers(dst, config, 40)
 
 
 @pytest.mark.parametrize("spares", [0, 1])
@@ -700,30 +706,13 @@ def test_strangers_after_setup_are_greeted_by_the_workers_max_memory_holds(spare
     still refused as their greetings run EVICT_AFTER, the channels get through behind
     them, and no further worker starts."""
     key = b"k" * 32
-    region = make_region("ram", 1 << 20, seed=3)
     config = fastmfd.MigrationConfig(channels=2, auth_key=key, stall_timeout=10.0, timeout=20)
     budget = (1 << 20) + channel_memory(config, 1 << 20, False) + (3 + spares) * WORKER_BYTES
-    stop = threading.Event()
-    try:
-        with fastmfd.Destination("tcp:127.0.0.1:0", auth_key=key, handshake_timeout=2.0,
-                                 stall_timeout=10.0, timeout=20, workers=2,
-                                 max_memory=budget) as dst:
-            received = Background("receive()",
-                                  lambda: dst.receive(on_setup=lambda _: time.sleep(0.5)))
-            stranger = threading.Thread(target=hold_connections, args=(dst.address, 10, stop),
-                                        daemon=True)
-            stranger.start()
-            time.sleep(1.0)
-            with fastmfd.Source(dst.address, config) as src:
-                src.add_region(region)
-                src.migrate(live=False)
-            result = received.result(30)
-            assert np.array_equal(result.regions["ram"].array, region.array)
-            assert dst.refused_total >= 10
-            assert len(dst._workers) == 2 + spares
-    finally:
-        stop.set()
-        region.close()
+    with fastmfd.Destination("tcp:127.0.0.1:0", auth_key=key, handshake_timeout=2.0,
+                             stall_timeout=10.0, timeout=20, workers=2,
+                             max_memory=budget) as dst:
+        _migrates_behind_strangers(dst, config, 10)
+        assert len(dst._workers) == 2 + spares
 
 
 def _taken_while_cancelled(monkeypatch, taken) -> BaseException:

@@ -12,6 +12,7 @@ test.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import functools
 import json
 import os
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -169,6 +171,19 @@ def strangers(address: str, other_ca: trustme.CA, tmp_path: Path) -> list[socket
     return [silent, plain, wrong]
 
 
+@contextlib.contextmanager
+def silent_strangers(address: str, count: int) -> Iterator[None]:
+    """``count`` connections to ``address`` that never send a byte, closed after."""
+    host, port = address.split(":")[1:]
+    silent: list[socket.socket] = []
+    try:
+        silent.extend(socket.create_connection((host, int(port))) for _ in range(count))
+        yield
+    finally:
+        for sock in silent:
+            sock.close()
+
+
 @pytest.mark.parametrize("qemu_binary", QEMUS)
 @pytest.mark.parametrize("when", ["before", "during"])
 def test_strangers_that_fail_the_handshake_are_dropped(tmp_path, qemu_binary, when):
@@ -268,18 +283,14 @@ def test_connections_beyond_the_greetings_at_once_wait_their_turn(tmp_path, leak
     are greeted, and the migration completes."""
     creds = credentials(tmp_path, trustme.CA())
     source, ram = tls_source(tmp_path, QEMU, creds.qemu_dir)
-    silent: list[socket.socket] = []
     try:
         receiver = Receiver(tmp_path / "out", tls=creds.listener)
-        host, port = receiver.address.split(":")[1:]
-        silent = [socket.create_connection((host, int(port))) for _ in range(MAX_GREETINGS)]
-        source.migrate(receiver.address)
-        assert source.wait(timeout=120) == "completed"
-        receiver.result(120)
-        assert_saved(tmp_path / "out", ram, 2, "none")
+        with silent_strangers(receiver.address, MAX_GREETINGS):
+            source.migrate(receiver.address)
+            assert source.wait(timeout=120) == "completed"
+            receiver.result(120)
+            assert_saved(tmp_path / "out", ram, 2, "none")
     finally:
-        for sock in silent:
-            sock.close()
         source.close()
     leaks.assert_clean()
 
@@ -481,28 +492,25 @@ def test_strangers_greeted_do_not_push_qemus_channels_over_max_memory(
     creds = credentials(tmp_path, trustme.CA())
     source, ram = tls_source(tmp_path, QEMU, creds.qemu_dir)
     each = _core.receive_channel_bytes(128, 4096, 1 << 62, 0, False, "zstd", True)
-    silent: list[socket.socket] = []
     try:
         # What QEMU's 2 channels need in TLS: their buffers, their workers and the
         # main channel's relay.
         receiver = Receiver(tmp_path / "out", tls=creds.listener, timeout=15.0,
                             max_memory=2 * each + 3 * WORKER_BYTES - short)
-        host, port = receiver.address.split(":")[1:]
-        silent = [socket.create_connection((host, int(port))) for _ in range(6)]
-        time.sleep(0.5)
-        source.migrate(receiver.address)
-        if short:
-            assert source.wait(timeout=120) == "failed"
-            with pytest.raises(MigrationError, match=re.escape(qemu_channels.WAITED_FOR_ROOM)):
+        with silent_strangers(receiver.address, 6):
+            time.sleep(0.5)
+            source.migrate(receiver.address)
+            if short:
+                assert source.wait(timeout=120) == "failed"
+                with pytest.raises(MigrationError,
+                                   match=re.escape(qemu_channels.WAITED_FOR_ROOM)):
+                    receiver.result(120)
+                assert_nothing_complete(tmp_path / "out")
+            else:
+                assert source.wait(timeout=120) == "completed"
                 receiver.result(120)
-            assert_nothing_complete(tmp_path / "out")
-        else:
-            assert source.wait(timeout=120) == "completed"
-            receiver.result(120)
-            assert_saved(tmp_path / "out", ram, 2, "none")
+                assert_saved(tmp_path / "out", ram, 2, "none")
     finally:
-        for sock in silent:
-            sock.close()
         source.close()
     leaks.assert_clean()
 
