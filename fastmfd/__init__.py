@@ -5,12 +5,13 @@ from a source to a destination over many parallel connections, one worker
 process per channel on each side, with zero pages elided and optional
 zlib/zstd compression::
 
-    with fastmfd.Destination("tcp:127.0.0.1:0") as dst:       # in one process
+    with fastmfd.Destination("tcp:127.0.0.1:4444") as dst:      # in one process
         result = dst.receive()
 
-    with fastmfd.Source(address, fastmfd.MigrationConfig(channels=4)) as src:
-        src.add_region(fastmfd.Region.create("pc.ram", 1 << 30))
-        stats = src.migrate(live=False)
+    with fastmfd.Region.create("pc.ram", 1 << 30) as ram:           # and in another
+        with fastmfd.Source("tcp:127.0.0.1:4444", fastmfd.MigrationConfig(channels=4)) as src:
+            src.add_region(ram)
+            stats = src.migrate(live=False)
 """
 
 import importlib.util

@@ -16,11 +16,14 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
+import trustme
 
 import fastmfd
 from fastmfd._engine.processes import process_title
+from readme_examples import readme_python_blocks
 
 TIMEOUT = 120
 
@@ -49,10 +52,11 @@ _UNGUARDED = textwrap.dedent("""
 """)
 
 
-def _run(args: list[str], stdin: str | None = None) -> subprocess.CompletedProcess:
+def _run(args: list[str], stdin: str | None = None,
+         cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     return subprocess.run([sys.executable, *args], input=stdin, capture_output=True,
-                          text=True, timeout=TIMEOUT, env=env)
+                          text=True, timeout=TIMEOUT, env=env, cwd=cwd)
 
 
 def _assert_migrated_once(proc: subprocess.CompletedProcess) -> None:
@@ -282,3 +286,50 @@ def test_workers_are_named_in_ps():
     assert {title for title, _ in expected} <= titles
     assert {short for _, short in expected} <= names
     assert ("fastmfd: receive channel 1", "fastmfd recv 1") == expected[1]
+
+
+# ---------------------------------------------------------------- the README's examples
+
+def _readme_example(number: int, *changes: tuple[str, str]) -> str:
+    """The README's ``python`` block ``number`` (from 0), each (text, by) of ``changes``
+    made; the text must be there, or the test no longer runs what the README says."""
+    example = readme_python_blocks()[number]
+    for text, by in changes:
+        assert text in example, f"README example {number} no longer has {text!r}"
+        example = example.replace(text, by)
+    return example
+
+
+def test_the_readmes_library_example_runs_as_written(tmp_path):
+    """Its region of 1 GiB made 16 MiB (tests keep images small): it migrates, asserts
+    the destination's copy itself, prints the time, the throughput and the zero pages,
+    and closes all it made (an object left to the collector says ResourceWarning)."""
+    script = tmp_path / "library.py"
+    script.write_text(_readme_example(0, ("1 << 30", "16 << 20")))
+    proc = _run(["-W", "always::ResourceWarning", str(script)], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    seconds, throughput, zero_pages = proc.stdout.split()
+    assert float(seconds) > 0 and float(throughput) > 0
+    assert int(zero_pages) == (16 << 20) // 4096 - 1, "all but the page of 7s"
+    assert "Warning" not in proc.stderr, proc.stderr
+
+
+def test_the_readmes_secure_channels_example_runs_as_written(tmp_path):
+    """With the key file and the certificates it names (trustme's, private as keys
+    must be), on a free port: it makes its TLS and shared-key settings and its
+    Destination, and closes what it made (it left its Destination to the collector,
+    a ResourceWarning, as no user's program should)."""
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    for side, identity in (("src", "src.example"), ("dst", "dst.example")):
+        cert = ca.issue_cert(identity)
+        cert.cert_chain_pems[0].write_to_path(str(tmp_path / f"{side}.pem"))
+        cert.private_key_pem.write_to_path(str(tmp_path / f"{side}-key.pem"))
+        os.chmod(tmp_path / f"{side}-key.pem", 0o600)
+    (tmp_path / "key").write_bytes(os.urandom(32))
+    os.chmod(tmp_path / "key", 0o600)
+    script = tmp_path / "secure.py"
+    script.write_text(_readme_example(1, ("tcp:0.0.0.0:4444", "tcp:127.0.0.1:0")))
+    proc = _run(["-W", "always::ResourceWarning", str(script)], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "Warning" not in proc.stderr, proc.stderr

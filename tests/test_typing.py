@@ -27,11 +27,11 @@ import pytest
 
 import fastmfd
 from fastmfd.devices import PrecopyDevice
+from readme_examples import readme_python_blocks
 
 mypy_api = pytest.importorskip("mypy.api", reason="mypy is not installed")
 
 SOURCE_TREE = Path(__file__).resolve().parents[1]     # the checkout or unpacked sdist
-README = SOURCE_TREE / "README.md"
 PACKAGE_ROOT = Path(fastmfd.__file__).resolve().parents[1]     # where mypy finds fastmfd
 
 
@@ -49,10 +49,6 @@ def _installed() -> bool:
 def _mypy_path() -> dict[str, str]:
     return {} if _installed() else {"MYPYPATH": str(PACKAGE_ROOT)}
 
-
-def readme_python_blocks() -> list[str]:
-    """The README's fenced ``python`` blocks, in order."""
-    return re.findall(r"^```python\n(.*?)^```", README.read_text(), re.S | re.M)
 
 # Each mistake's line ends with "# MISTAKE: <what mypy must say>".
 PLANTED = textwrap.dedent("""
