@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -333,3 +334,33 @@ def test_the_readmes_secure_channels_example_runs_as_written(tmp_path):
     proc = _run(["-W", "always::ResourceWarning", str(script)], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "Warning" not in proc.stderr, proc.stderr
+
+
+def test_the_package_docstrings_example_runs_in_two_processes(tmp_path):
+    """``help(fastmfd)``'s example: a Destination in one process, a Source of a region in
+    another (its 1 GiB made 16 MiB; its port a Unix socket here, as no port is sure to be
+    free): the region arrives whole, and neither leaves anything to the collector."""
+    code = textwrap.dedent(fastmfd.__doc__.split("::\n", 1)[1])
+    destination, source = (f"import fastmfd\n{part}\n" for part in code.split("\n\n", 1))
+    address, sock = "tcp:127.0.0.1:4444", tmp_path / "dst.sock"
+    assert destination.count(address) == source.count(address) == 1, code
+    destination = destination.replace(address, f"unix:{sock}")
+    destination += "print(result.regions['pc.ram'].size)\n"
+    source = source.replace(address, f"unix:{sock}").replace("1 << 30", "16 << 20")
+    source += "print(stats.ram_bytes)\n"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    with subprocess.Popen([sys.executable, "-W", "always::ResourceWarning", "-c", destination],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env=env) as receiving:
+        try:
+            deadline = time.monotonic() + TIMEOUT
+            while not sock.exists() and receiving.poll() is None:
+                assert time.monotonic() < deadline, "the destination never listened"
+                time.sleep(0.05)
+            sent = _run(["-W", "always::ResourceWarning", "-c", source])
+            received, errors = receiving.communicate(timeout=TIMEOUT)
+        finally:
+            receiving.kill()
+    assert sent.returncode == 0 and sent.stdout.split() == [str(16 << 20)], sent.stderr
+    assert receiving.returncode == 0 and received.split() == [str(16 << 20)], errors
+    assert "Warning" not in sent.stderr + errors, sent.stderr + errors
