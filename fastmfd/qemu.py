@@ -119,7 +119,9 @@ def receive(address: str | socket.socket, directory: str | os.PathLike[str], *,
     processes, 16 MiB each; checked as each channel connects, a channel that
     does not fit fails the migration (default: no bound). In TLS a connection
     is greeted only where the bound holds it as a channel (strangers wait, or
-    are refused, rather than take the room of QEMU's). ``workers``: receive
+    are refused, rather than take the room of QEMU's); a bound short of QEMU's
+    channels fails once nothing being greeted may end to make room (within a
+    second, not at ``timeout``). ``workers``: receive
     worker processes started before QEMU connects (default 2, QEMU's default
     multifd-channels; a channel beyond them gets its worker as it connects; at
     most 288, QEMU's 256 channels and 32 TLS greetings).

@@ -38,7 +38,7 @@ from fastmfd._engine.processes import Watch
 from fastmfd._engine.qemu_channels import LOGGED_DROPS
 from fastmfd._engine.qemu_tls import MAX_GREETINGS, TLSGreeter, greet_in_tls
 from fastmfd.errors import ConfigError, MigrationError, ProtocolError
-from fastmfd.protocol.control import QemuGreeted, Refused
+from fastmfd.protocol.control import QemuAuthenticated, QemuGreeted, Refused
 from fastmfd.protocol.security import ChannelSecurity
 from qemu_support import (QEMU, QEMUS, Background, Guest, Receiver, assert_nothing_complete,
                           listening_command, needs_qemu, pattern, wait_until_filled)
@@ -46,6 +46,8 @@ from test_qemu_peer_dies import (SLOW, SOURCE_KILLED, killed_mid_migration,
                                  resume_and_close, stopped_mid_migration)
 
 GUEST_MIB = 64
+# What max_memory counts a QEMU channel's buffers as in TLS (512 KiB packets of 4 KiB pages).
+CHANNEL_BYTES = _core.receive_channel_bytes(128, 4096, 1 << 62, 0, False, "zstd", True)
 
 
 @dataclass
@@ -310,12 +312,14 @@ def greeting_of(tmp_path: Path, client: str, timeout: float = 10.0) -> Refused |
     ctx.check_hostname = False
     (ca if client != "stranger" else trustme.CA()).issue_cert("source.example"
                                                               ).configure_cert(ctx)
+    authenticated: list[bool] = []
     with socket.create_server(("127.0.0.1", 0)) as listener, \
             socket.create_connection(listener.getsockname()) as raw:
         accepted, _ = listener.accept()
         with accepted, concurrent.futures.ThreadPoolExecutor(1) as pool:
             greeting = pool.submit(greet_in_tls, accepted,
-                                   ChannelSecurity(tls=creds.listener, timeout=timeout))
+                                   ChannelSecurity(tls=creds.listener, timeout=timeout),
+                                   lambda: authenticated.append(True))
             try:
                 with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
                     if client == "QEMU, late":
@@ -328,7 +332,7 @@ def greeting_of(tmp_path: Path, client: str, timeout: float = 10.0) -> Refused |
                     report, session = greeting.result(timeout=20)
             except ssl.SSLError:        # the stranger's refusal, seen by its side
                 report, session = greeting.result(timeout=20)
-    assert (session is None) == (client == "stranger")
+    assert (session is None) == (client == "stranger") == (not authenticated)
     return report
 
 
@@ -364,7 +368,7 @@ class StubGreeter:
     def __init__(self) -> None:
         self.greeted: list[socket.socket] = []
         self.dismissed: list[object] = []
-        self.room = lambda greeting: True       # (max_memory's say: TLSGreeter.room)
+        self.no_room = lambda greeting: None    # (max_memory's say: TLSGreeter.no_room)
 
     def greet(self, sock, on_greeted) -> None:
         self.greeted.append(sock)
@@ -430,7 +434,7 @@ def test_a_connection_max_memory_has_no_room_to_greet_waits_or_is_refused():
         first = socket.create_connection(listener.getsockname())
         connections._accept()
         assert len(stub.greeted) == 1
-        stub.room = lambda greeting: False
+        stub.no_room = lambda greeting: "no room"
         second = socket.create_connection(listener.getsockname())
         connections._accept()                   # the first still being greeted: waits
         assert len(stub.greeted) == 1 and listener not in watch._handlers
@@ -441,11 +445,39 @@ def test_a_connection_max_memory_has_no_room_to_greet_waits_or_is_refused():
         assert connections.no_room.first.endswith(qemu_channels.NO_ROOM)
         second.settimeout(5)
         assert second.recv(1) == b""
-        stub.room = lambda greeting: True
+        stub.no_room = lambda greeting: None
         third = socket.create_connection(listener.getsockname())
         connections._accept()
         assert len(stub.greeted) == 2
         for sock in (*connections.sockets(), first, second, third):
+            sock.close()
+
+
+def test_a_wait_for_room_that_nothing_being_greeted_can_end_fails(monkeypatch):
+    """Under max_memory a connection waits for room while a greeting under way may
+    end (a stranger's handshake does, at its deadline); once each is through its TLS
+    handshake (QEMU's main channel, saying nothing until its channels are through
+    theirs) nothing will, and the wait fails after NO_ROOM_WAIT, saying why."""
+    monkeypatch.setattr(qemu_channels, "NO_ROOM_WAIT", 0.05)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        stub = StubGreeter()
+        watch = Watch()
+        connections = qemu_channels.QemuConnections(listener, watch, lambda channel: None,
+                                                    stub)   # type: ignore[arg-type]
+        first = socket.create_connection(listener.getsockname())
+        connections._accept()
+        stub.no_room = lambda greeting: "no room"
+        second = socket.create_connection(listener.getsockname())
+        for _ in range(2):                      # the first's handshake is under way
+            watch.poll(0.2)
+        assert len(stub.greeted) == 1 and listener not in watch._handlers
+        stub.on_greeted("worker", QemuAuthenticated())
+        with pytest.raises(MigrationError, match=re.escape(
+                f"listener: no room; {qemu_channels.NO_ROOM_LEFT}")):
+            for _ in range(20):                 # its listener's turn, then the alarm's
+                watch.poll(1.0)
+        assert len(stub.greeted) == 1
+        for sock in (*connections.sockets(), first, second):
             sock.close()
 
 
@@ -455,61 +487,95 @@ def test_greetings_under_max_memory_are_what_it_holds_as_channels(tmp_path):
     apart: one more is greeted only where that fits, idle workers beyond one let go
     first (a bound of 3 channels and 3 workers, 4 idle workers started ahead)."""
     creds = credentials(tmp_path, trustme.CA())
-    each = _core.receive_channel_bytes(128, 4096, 1 << 62, 0, False, "zstd", True)
+    each = CHANNEL_BYTES
     with socket.create_server(("127.0.0.1", 0)) as listener:
         session = QemuReceiving(listener, None, timeout=5.0, stall_timeout=5.0,  # type: ignore
                                 workers=4, security=ChannelSecurity(tls=creds.listener),
                                 max_memory=3 * each + 3 * WORKER_BYTES)
+
+        def fits(greeting: int) -> bool:
+            return session._no_room(greeting) is None
         try:
             assert session.greeter is not None
-            assert session._may_greet(0) and session._may_greet(1) and session._may_greet(2)
+            assert fits(0) and fits(1) and fits(2)
             assert session.greeter.released == 0
-            assert session._may_greet(3) and session.greeter.released == 1
-            assert not session._may_greet(4)
+            assert fits(3) and session.greeter.released == 1
+            assert session._no_room(4) == (
+                "QEMU's 4 multifd channel(s) so far, with one more to greet, need 1 worker "
+                "processes (a receive worker per channel, and those started ahead or greeting "
+                f"connections), 16 MiB each: {WORKER_BYTES} bytes, besides {4 * each} bytes of "
+                f"receive buffers; this receiver holds at most {3 * each + 3 * WORKER_BYTES} "
+                "(max_memory)")
             assert session.greeter.released == 3 and len(session.spares) == 1
-            assert session._may_greet(3)            # 3 channels, 1 worker
+            assert fits(3)                          # 3 channels, 1 worker
             session.connections.main = socket.socket()     # told apart: none is it
             try:
-                assert not session._may_greet(3) and session._may_greet(2)
+                assert not fits(3) and fits(2)
             finally:
                 session.connections.main.close()
         finally:
             session.close()
 
 
-@pytest.mark.parametrize("short", [0, 1])
+def tls_channels_need(channels: int) -> int:
+    """The max_memory that holds QEMU's ``channels`` in TLS and no more: their buffers,
+    their workers and the main channel's relay."""
+    return channels * CHANNEL_BYTES + (channels + 1) * WORKER_BYTES
+
+
 def test_strangers_greeted_do_not_push_qemus_channels_over_max_memory(
-        tmp_path, monkeypatch, leaks, short):
+        tmp_path, monkeypatch, leaks):
     """Every worker greeting a stranger counted against max_memory as QEMU's channels
     connected: 6 silent strangers before QEMU took 6 workers, and QEMU's channels,
     under a bound that holds them, failed it ("QEMU's 2 multifd channel(s) so far need
     ... worker processes"). A greeting is now taken only where the bound holds it as a
-    channel: the strangers wait their turn, and the migration completes. A byte less,
-    QEMU's last channel waits for room behind its main channel's greeting, which times
-    out: the migration fails, saying connections waited for room under max_memory."""
+    channel: the strangers wait their turn, and the migration completes."""
     monkeypatch.setattr(qemu, "ChannelSecurity",
                         functools.partial(ChannelSecurity, timeout=2.0))   # their deadline
     creds = credentials(tmp_path, trustme.CA())
     source, ram = tls_source(tmp_path, QEMU, creds.qemu_dir)
-    each = _core.receive_channel_bytes(128, 4096, 1 << 62, 0, False, "zstd", True)
     try:
-        # What QEMU's 2 channels need in TLS: their buffers, their workers and the
-        # main channel's relay.
         receiver = Receiver(tmp_path / "out", tls=creds.listener, timeout=15.0,
-                            max_memory=2 * each + 3 * WORKER_BYTES - short)
+                            max_memory=tls_channels_need(2))
         with silent_strangers(receiver.address, 6):
             time.sleep(0.5)
             source.migrate(receiver.address)
-            if short:
-                assert source.wait(timeout=120) == "failed"
-                with pytest.raises(MigrationError,
-                                   match=re.escape(qemu_channels.WAITED_FOR_ROOM)):
-                    receiver.result(120)
-                assert_nothing_complete(tmp_path / "out")
-            else:
-                assert source.wait(timeout=120) == "completed"
-                receiver.result(120)
-                assert_saved(tmp_path / "out", ram, 2, "none")
+            assert source.wait(timeout=120) == "completed"
+            receiver.result(120)
+            assert_saved(tmp_path / "out", ram, 2, "none")
+    finally:
+        source.close()
+    leaks.assert_clean()
+
+
+@pytest.mark.parametrize("qemu_binary", QEMUS)
+@pytest.mark.parametrize("return_path", [False, True])
+def test_a_bound_short_of_qemus_channels_in_tls_fails_at_once(tmp_path, qemu_binary,
+                                                              return_path, leaks):
+    """A byte short of what QEMU's 2 channels need, its last channel waited for room
+    to be greeted behind its main channel, which says nothing until every channel is
+    through its handshake (or, with the return path, said QEVM and waits for them
+    before the setup section ends). receive() failed at its timeout (60 s here),
+    saying only that connections waited for room (or, with the return path, "no data
+    for 10 s"), though nothing could make room once each connection being greeted
+    was through its handshake (a stranger's ends at its deadline). Now the wait
+    fails then, naming what QEMU's channels need and the bound: at once, not at a
+    timeout; QEMU fails, and nothing is left."""
+    creds = credentials(tmp_path, trustme.CA())
+    source, _ = tls_source(tmp_path, qemu_binary, creds.qemu_dir, return_path=return_path)
+    bound = tls_channels_need(2) - 1
+    try:
+        receiver = Receiver(tmp_path / "out", tls=creds.listener, timeout=60.0,
+                            max_memory=bound)
+        source.migrate(receiver.address)
+        with pytest.raises(MigrationError, match=(
+                r"^listener: QEMU's 2 multifd channel\(s\) so far, with one more to greet, "
+                r"need 3 worker processes .*" + re.escape(
+                    f"; this receiver holds at most {bound} (max_memory); "
+                    f"{qemu_channels.NO_ROOM_LEFT}") + "$")):
+            receiver.result(30)         # before its timeout, 60 s
+        assert source.wait(timeout=60) == "failed"
+        assert_nothing_complete(tmp_path / "out")
     finally:
         source.close()
     leaks.assert_clean()

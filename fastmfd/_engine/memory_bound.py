@@ -19,7 +19,7 @@ from __future__ import annotations
 from .. import _core
 from ..errors import ConfigError
 
-__all__ = ["MemoryBudget", "WORKER_BYTES", "check_qemu_channels", "qemu_greeting_fits"]
+__all__ = ["MemoryBudget", "WORKER_BYTES", "check_qemu_channels", "qemu_greeting_refusal"]
 
 # A receive worker (or the reassembly process) is forked from the forkserver, with
 # Python, numpy and the core imported (about 22 MiB, shared copy-on-write). Measured
@@ -56,17 +56,18 @@ class MemoryBudget:
 
 
 def check_qemu_channels(budget: int, channels: int, workers: int, packet_bytes: int,
-                        page_size: int, tls: bool) -> None:
-    """A QEMU receiver's ``channels`` learnt so far (each as its init packet is read)
-    and its ``workers`` processes alive (one a channel, those started ahead, in TLS
-    those greeting and the main channel's relay) must fit in ``budget`` (max_memory).
-    Each channel's buffers are counted as zstd's: its method is learnt only from
-    its first page, later, and a zstd decoder may hold a window of up to 32 MiB
-    (QEMU's level 20). Not the block files: max_size and the disk bound those."""
+                        page_size: int, tls: bool, counted: str = "so far") -> None:
+    """A QEMU receiver's ``channels`` learnt so far (each as its init packet is read;
+    ``counted`` says which, in the error) and its ``workers`` processes alive (one a
+    channel, those started ahead, in TLS those greeting and the main channel's
+    relay) must fit in ``budget`` (max_memory). Each channel's buffers are counted
+    as zstd's: its method is learnt only from its first page, later, and a zstd
+    decoder may hold a window of up to 32 MiB (QEMU's level 20). Not the block
+    files: max_size and the disk bound those."""
     each = _core.receive_channel_bytes(packet_bytes // page_size, page_size, 1 << 62, 0, False,
                                        "zstd", tls)
     memory = MemoryBudget(budget, "this receiver")
-    claim = f"QEMU's {channels} multifd channel(s) so far need"
+    claim = f"QEMU's {channels} multifd channel(s) {counted} need"
     memory.spend(channels * each, "receive buffers", (
         f"{claim} {channels * each} bytes of receive buffers ({packet_bytes >> 10} KiB "
         f"packets, and a zstd window of up to 32 MiB each: a channel's compression is "
@@ -77,16 +78,18 @@ def check_qemu_channels(budget: int, channels: int, workers: int, packet_bytes: 
         f"{workers * WORKER_BYTES} bytes"))
 
 
-def qemu_greeting_fits(budget: int, channels: int, workers: int, packet_bytes: int,
-                       page_size: int) -> bool:
-    """Whether a QEMU receiver in TLS may greet one more connection: ``channels``
-    (QEMU's so far, and each connection being greeted, this one too: any may be
-    one, but the main channel) and ``workers`` processes (this one's too, unless
-    an idle one greets it) fit in ``budget``, counted as :func:`check_qemu_channels`
-    counts them. A channel greeted is then counted as before, so it fits:
-    strangers' greetings never leave one of QEMU's channels over the bound."""
+def qemu_greeting_refusal(budget: int, channels: int, workers: int, packet_bytes: int,
+                          page_size: int) -> str | None:
+    """Why a QEMU receiver in TLS may not greet one more connection (None: it may):
+    ``channels`` (QEMU's so far, and each connection being greeted, this one too:
+    any may be one, but the main channel) and ``workers`` processes (this one's
+    too, unless an idle one greets it) do not fit in ``budget``, counted as
+    :func:`check_qemu_channels` counts them. A channel greeted is then counted as
+    before, so it fits: strangers' greetings never leave one of QEMU's channels
+    over the bound."""
     try:
-        check_qemu_channels(budget, channels, workers, packet_bytes, page_size, True)
-    except ConfigError:
-        return False
-    return True
+        check_qemu_channels(budget, channels, workers, packet_bytes, page_size, True,
+                            "so far, with one more to greet,")
+    except ConfigError as exc:
+        return str(exc)
+    return None

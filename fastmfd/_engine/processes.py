@@ -404,13 +404,23 @@ class Watch:
     def __init__(self, main: socket.socket | None = None) -> None:
         self.main = main
         self._handlers: dict[Waitable, tuple[Callable[[], None], str | None]] = {}
+        self._alarms: dict[object, tuple[float, Callable[[], None], str | None]] = {}
 
     def add(self, waitable: Waitable, handler: Callable[[], None],
             channel: str | None = None) -> None:
         self._handlers[waitable] = (handler, channel)
 
-    def remove(self, waitable: Waitable) -> None:
-        self._handlers.pop(waitable, None)
+    def remove(self, waitable: object) -> None:
+        """Stop watching ``waitable`` (or the alarm set under that key)."""
+        self._handlers.pop(waitable, None)      # type: ignore[call-overload]
+        self._alarms.pop(waitable, None)
+
+    def alarm(self, key: object, when: float, handler: Callable[[], None],
+              channel: str | None = None) -> None:
+        """Call ``handler`` once, in the first :meth:`poll` that ends at or after
+        ``when`` (monotonic), unless ``remove(key)`` came first: what waits for
+        nothing to happen (no report, no connection) until a deadline."""
+        self._alarms[key] = (when, handler, channel)
 
     def add_child(self, child: Child, on_report: Callable[[Any], None]) -> None:
         """Call ``on_report(report)`` for each report; a child that exits before
@@ -438,17 +448,24 @@ class Watch:
         # that held two messages leaves the second where no wait sees it.
         decrypted = [item for item in self._handlers
                      if isinstance(item, socket.socket) and decrypted_unread(item)]
+        if self._alarms:
+            soonest = min(when for when, _, _ in self._alarms.values()) - time.monotonic()
+            timeout = max(0.0, soonest if timeout is None else min(timeout, soonest))
         ready = connection.wait(list(self._handlers), 0 if decrypted else timeout)
         ready = list(dict.fromkeys([*decrypted, *ready]))
         for item in main_first(ready, self.main):
-            entry = self._handlers.get(item)
-            if entry is None:
-                continue                    # removed by an earlier handler
-            handler, channel = entry
-            try:
-                handler()
-            except Exception as exc:
-                raise as_migration_error(exc, channel)
+            if item in self._handlers:      # (not removed by an earlier handler)
+                self._call(*self._handlers[item])
+        for key, (when, handler, channel) in list(self._alarms.items()):
+            if when <= time.monotonic() and self._alarms.pop(key, None) is not None:
+                self._call(handler, channel)
+
+    @staticmethod
+    def _call(handler: Callable[[], None], channel: str | None) -> None:
+        try:
+            handler()
+        except Exception as exc:
+            raise as_migration_error(exc, channel)
 
 
 # ------------------------------------------------------------------ child side

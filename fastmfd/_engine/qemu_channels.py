@@ -41,14 +41,14 @@ from typing import Callable
 
 from .. import _core
 from ..errors import FastMFDError, MigrationError, ProtocolError
-from ..protocol.control import QemuGreeted, Refused
+from ..protocol.control import QemuAuthenticated, QemuGreeted, Refused
 from ..protocol.qemu import QEVM_MAGIC
 from .admission import describe_peer
 from .processes import Child, Watch
 from .qemu_tls import COUNT_WAIT, MAX_GREETINGS, MULTIFD_MAGIC, TLSGreeter, not_qemus
 
 __all__ = ["QemuChannel", "QemuConnections", "migration_uuid", "choose_channels",
-           "LATE_BYTES_WAIT", "NO_ROOM"]
+           "LATE_BYTES_WAIT", "NO_ROOM", "NO_ROOM_WAIT"]
 
 log = logging.getLogger("fastmfd")
 
@@ -70,6 +70,19 @@ NO_ROOM = ("max_memory holds no worker process more to greet it, beside QEMU's c
            "far and the workers alive")
 WAITED_FOR_ROOM = ("connections waited for room to be greeted under max_memory, beside QEMU's "
                    "channels so far and those being greeted: it may not hold QEMU's channels")
+# How long a connection waits for room to be greeted (under max_memory) once nothing
+# being greeted may end to make it, before the channels are counted: each greeting under
+# way is through its TLS handshake (a stranger's handshake would end at its deadline),
+# and no idle worker is left to let go. If QEMU has every channel in, it goes on at once
+# (its main channel says QEVM, or its setup section ends) and the one waiting is a
+# stranger's; else it waits for its next channel, in the backlog: the bound does not
+# hold QEMU's channels. (Without this end, the wait lasted until the main channel's
+# greeting timed out, 20 s, and receive() failed only at its timeout.)
+NO_ROOM_WAIT = 1.0
+NO_ROOM_LEFT = ("the connection waiting to be greeted is one of QEMU's channels: nothing "
+                f"made room within {NO_ROOM_WAIT:g} s (each connection being greeted is "
+                "through its TLS handshake, as QEMU's are) and the setup section did not "
+                "end (QEMU's main channel waits for every channel of its)")
 # Dropped connections are each said in the log up to this many of a kind; after
 # that only counted (a flood of strangers, at a few hundred a second, would fill it).
 LOGGED_DROPS = 10
@@ -178,6 +191,7 @@ class QemuConnections:
         self.pending: dict[socket.socket, int] = {}     # not told apart yet: arrival
         self.opening: dict[socket.socket, tuple[int, bytearray]] = {}  # init packet so far
         self.greeting: dict[socket.socket, int] = {}    # with a worker (TLS): arrival
+        self.through: set[socket.socket] = set()        # of those, through the handshake
         self.overdue: set[socket.socket] = set()        # greeted past the count: late
         self.failed_handshakes = Dropped("failed the TLS handshake")
         self.no_room = Dropped("found no room to be greeted", verdict="refused")
@@ -200,7 +214,7 @@ class QemuConnections:
         """Hold no connection any more (the session has closed them all)."""
         self.main, self.candidates = None, []
         for held in (self.pending, self.opening, self.greeting, self.late, self.peers,
-                     self.overdue):
+                     self.overdue, self.through):
             held.clear()
 
     # ------------------------------------------------------------ taking them
@@ -211,14 +225,11 @@ class QemuConnections:
         the descriptors."""
         self._drop_stale()
         while True:
-            room = self.greeter is None or (len(self.greeting) < MAX_GREETINGS
-                                            and self.greeter.room(len(self.greeting)))
-            if not room and self.greeting:
-                self.watch.remove(self.listener)        # until a greeting ends
-                self.waiting_room = True
-                if len(self.greeting) < MAX_GREETINGS and not self.waited_for_room:
-                    log.warning("%s", WAITED_FOR_ROOM)
-                self.waited_for_room += len(self.greeting) < MAX_GREETINGS
+            full = self.greeter is not None and len(self.greeting) >= MAX_GREETINGS
+            short = (self.greeter.no_room(len(self.greeting))   # why max_memory has none
+                     if self.greeter is not None and not full else None)
+            if (full or short) and (self.greeting or self._qemus_turn()):
+                self._wait_for_room(short)
                 return
             try:
                 sock, peer = self.listener.accept()
@@ -234,7 +245,7 @@ class QemuConnections:
                             exc.strerror or exc)
                 self.watch.remove(self.listener)
                 return
-            if not room:        # none being greeted: nothing would make room for it
+            if short:           # none being greeted: nothing would make room for it
                 self.no_room.add(describe_peer(peer), NO_ROOM)
                 sock.close()
                 continue
@@ -249,6 +260,40 @@ class QemuConnections:
             if self.counted_at is not None:
                 self.late[sock] = time.monotonic()
             self.watch.add(sock, functools.partial(self._classify, sock))
+
+    def _qemus_turn(self) -> bool:
+        """Whether a connection now is QEMU's next channel (or a stranger's in the
+        moments before the setup section ends): after the main channel, before
+        the count."""
+        return self.main is not None and self.counted_at is None
+
+    def _wait_for_room(self, short: str | None) -> None:
+        """Leave the next connection in the backlog until a greeting's news (its
+        handshake passed, its end) or the count. Under max_memory (``short``: why
+        there is no room) one more thing: when nothing being greeted may end to make
+        room, the wait fails after NO_ROOM_WAIT, naming what QEMU's channels need."""
+        self.watch.remove(self.listener)
+        self.waiting_room = True
+        if short is None:           # MAX_GREETINGS: each ends within its deadline
+            return
+        if not self.waited_for_room:
+            log.warning("%s", WAITED_FOR_ROOM)
+        self.waited_for_room += 1
+        if self.counted_at is None and set(self.greeting) <= self.through:
+            self.watch.alarm(self, time.monotonic() + NO_ROOM_WAIT,
+                             functools.partial(self._no_room_for_qemu, short))
+
+    @staticmethod
+    def _no_room_for_qemu(short: str) -> None:
+        raise MigrationError(f"{short}; {NO_ROOM_LEFT}", channel="listener")
+
+    def _resume(self) -> None:
+        """A greeting's news, or the count: connections are taken again, and the
+        room for them looked at anew."""
+        if self.waiting_room:
+            self.watch.add(self.listener, self._accept)
+            self.waiting_room = False
+        self.watch.remove(self)                         # a wait's alarm (_wait_for_room)
 
     def room_note(self) -> str:
         """What a wait for QEMU adds, when connections waited for room (max_memory)."""
@@ -269,6 +314,7 @@ class QemuConnections:
         for held in (self.pending, self.opening, self.greeting, self.late, self.peers):
             held.pop(sock, None)
         self.overdue.discard(sock)
+        self.through.discard(sock)
         sock.close()
 
     def _classify(self, sock: socket.socket) -> None:
@@ -364,14 +410,15 @@ class QemuConnections:
         self._judge(final=False)        # those that waited for the main channel
 
     def _greeted(self, sock: socket.socket, worker: Child,
-                 report: QemuGreeted | Refused) -> None:
+                 report: QemuAuthenticated | QemuGreeted | Refused) -> None:
         """What the worker greeting ``sock`` in TLS found (:mod:`.qemu_tls`)."""
         greeter = self.greeter
         assert greeter is not None, "greetings are TLS's"
-        if self.waiting_room:
-            self.watch.add(self.listener, self._accept)     # one more may be greeted now
-            self.waiting_room = False
-        if isinstance(report, Refused) and not report.authenticated:
+        self._resume()                  # room looked at anew: a greeting passed or ended
+        if isinstance(report, QemuAuthenticated):
+            if sock in self.greeting:
+                self.through.add(sock)
+        elif isinstance(report, Refused) and not report.authenticated:
             self.failed_handshakes.add(self.peers[sock], report.reason)
             self._forget(sock)
         elif isinstance(report, Refused):
@@ -393,6 +440,7 @@ class QemuConnections:
                 raise
             if taken:
                 del self.greeting[sock]
+                self.through.discard(sock)
                 self.on_channel(self.candidates[-1])
             else:
                 greeter.dismiss(worker)
@@ -448,6 +496,7 @@ class QemuConnections:
         together, then judge what each sent. The caller then sets ``uuid``."""
         self._accept()
         self.counted_at = self.arrivals
+        self._resume()                  # (no connection is QEMU's turn now)
         if self.greeter is not None:
             wait = max(wait, COUNT_WAIT)
         deadline = time.monotonic() + wait

@@ -57,7 +57,7 @@ from ..protocol.qemu import SYNC_PER_SECTION, check_stream_end
 from ..protocol.security import ChannelSecurity
 from ..protocol.sockets import tune_data_socket
 from ..regions import Region
-from .memory_bound import check_qemu_channels, qemu_greeting_fits
+from .memory_bound import check_qemu_channels, qemu_greeting_refusal
 from .processes import Child, ChildSet, Watch
 from .qemu_channels import QemuChannel, QemuConnections, choose_channels, migration_uuid
 from .qemu_live_decoder import LiveDecoder, QemuStreamFacts
@@ -135,7 +135,7 @@ class QemuReceiving:
         self.workers: ChildSet | None = ChildSet(qemu_recv_worker_main, ["receive worker"] * max(1, workers))
         self.spares = list(self.workers)
         self.greeter = (TLSGreeter(security, self.watch, self._take_worker, self.spares.append,
-                                   self._may_greet)
+                                   self._no_room)
                         if security is not None and security.tls is not None else None)
         self.connections = QemuConnections(listener, self.watch, self._set_aside, self.greeter)
 
@@ -243,7 +243,7 @@ class QemuReceiving:
     def _check_memory(self, channel: QemuChannel) -> None:
         """Under max_memory, QEMU's channels so far (this one's init packet read) and
         the worker processes alive, before its worker starts (in TLS, the one that
-        greeted it is counted, as it was to greet it: :meth:`_may_greet`); a refusal
+        greeted it is counted, as it was to greet it: :meth:`_no_room`); a refusal
         fails the migration, as blocks that do not fit do."""
         if self.max_memory is None or self.workers is None:
             return
@@ -259,22 +259,22 @@ class QemuReceiving:
         assert self.workers is not None, "open until close()"
         return len(self.workers) - (self.greeter.released if self.greeter is not None else 0)
 
-    def _may_greet(self, greeting: int) -> bool:
-        """In TLS under max_memory, whether one connection more may be greeted beside
-        the ``greeting`` being greeted (memory_bound.qemu_greeting_fits): until the main
-        channel is told apart, one of them is counted as it (QEMU connects it first),
-        a worker with no buffers; idle workers beyond one are let go while it does not
-        fit (one greets with no new process)."""
+    def _no_room(self, greeting: int) -> str | None:
+        """In TLS under max_memory, why one connection more may not be greeted beside
+        the ``greeting`` being greeted (memory_bound.qemu_greeting_refusal; None: it
+        may): until the main channel is told apart, one of them is counted as it (QEMU
+        connects it first), a worker with no buffers; idle workers beyond one are let
+        go while it does not fit (one greets with no new process)."""
         while self.max_memory is not None and self.greeter is not None:
             channels = (len(self.channels) + len(self.connections.candidates) + greeting + 1
                         - (self.connections.main is None))
-            if qemu_greeting_fits(self.max_memory, channels, self._alive() + (not self.spares),
-                                  QEMU_PACKET_BYTES, self.facts.page_size):
-                return True
-            if len(self.spares) < 2:
-                return False
+            why = qemu_greeting_refusal(self.max_memory, channels,
+                                        self._alive() + (not self.spares), QEMU_PACKET_BYTES,
+                                        self.facts.page_size)
+            if why is None or len(self.spares) < 2:
+                return why
             self.greeter.dismiss(self.spares.pop())
-        return True
+        return None
 
     def _close_door(self, uuid: bytes | None) -> None:
         """The setup section ended: every channel QEMU opened has connected and sent

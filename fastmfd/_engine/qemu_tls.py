@@ -8,8 +8,9 @@ certificate must chain to ``ca``, and name an ``authz`` identity when one is
 given), reads QEMU's first bytes through it and reports what it found::
 
     QemuConnections (main process)                receive worker (one per connection)
-      a connection ─ QemuGreeting + its socket ──▶  TLS handshake, then QEMU's first
-                                                     bytes, within the greeting's deadline
+      a connection ─ QemuGreeting + its socket ──▶  TLS handshake: once it passed,
+      ◀── QemuAuthenticated ──────────────────────   then QEMU's first bytes, within
+                                                     the greeting's deadline
       ◀── QemuGreeted(None): "QEVM" ──────────────   the main channel:
       Relay + one end of a socket pair ──────────▶   the stream decrypted into that end,
       the pair's other end: the main channel,         what comes out of it (the return
@@ -32,13 +33,19 @@ max_memory, fewer: a connection is greeted only where the bound holds it as a
 channel of QEMU's (it may be one; until the main channel is told apart, one
 being greeted is counted as it, with no buffers) beside those so far and the
 workers alive (idle ones let go to make room:
-memory_bound.qemu_greeting_fits), so a channel greeted always fits, whatever
-strangers are greeted meanwhile; with none being greeted and no room, a
+memory_bound.qemu_greeting_refusal), so a channel greeted always fits, whatever
+strangers are greeted meanwhile. One that finds no room waits while a greeting
+under way may end to make it; once each is through its handshake
+(QemuAuthenticated) and no idle worker is left, nothing will: QEMU's main
+channel says nothing until all its channels are through theirs (nor, with the
+return path, ends its setup section), and the wait fails after
+qemu_channels.NO_ROOM_WAIT, naming what QEMU's channels need. Before the main
+channel (or after the count), with none being greeted and no room, a
 connection is refused at once (were it QEMU's, its channels would not fit
-anyway). Barrier 1 waits COUNT_WAIT for the greetings under way; one that
-ends later is judged as a connection after the count (a channel of this
-migration fails it). A worker whose greeted connection is not kept is
-dismissed (it exits, closing it); one whose greeting failed greets the next.
+anyway). Barrier 1 waits COUNT_WAIT for the greetings under way; one that ends
+later is judged as a connection after the count (a channel of this migration
+fails it). A worker whose greeted connection is not kept is dismissed (it
+exits, closing it); one whose greeting failed greets the next.
 """
 
 from __future__ import annotations
@@ -50,7 +57,8 @@ from typing import Callable
 
 from .. import _core
 from ..errors import FastMFDError, MigrationError, ProtocolError
-from ..protocol.control import Eof, QemuGreeted, QemuGreeting, Ready, Refused, Relay
+from ..protocol.control import (Eof, QemuAuthenticated, QemuGreeted, QemuGreeting, Ready,
+                                Refused, Relay)
 from ..protocol.handshake import TLSStream, tls_accept
 from ..protocol.qemu import QEVM_MAGIC
 from ..protocol.security import ChannelSecurity, check_authz
@@ -84,20 +92,23 @@ FIRST_BYTES_WAIT = 2
 RELAY_DRAIN = 2.0
 
 
-def greet_in_tls(sock: socket.socket, security: ChannelSecurity
+def greet_in_tls(sock: socket.socket, security: ChannelSecurity,
+                 authenticated: Callable[[], None] = lambda: None
                  ) -> tuple[QemuGreeted | Refused, _core.TLSChannel | None]:
     """A receive worker's side of a connection to ``listen --qemu`` in TLS: the
-    handshake, then QEMU's first bytes (``QEVM``: its main channel, or a
-    multifd channel's init packet). Returns what it found and the session
-    (None: the handshake failed). A failure after the handshake, TLS's own
-    included (a record that does not decrypt), is an authenticated peer's:
-    one holding a certificate ``ca`` issued, so judged as QEMU's might be."""
+    handshake (``authenticated()`` once it passed), then QEMU's first bytes
+    (``QEVM``: its main channel, or a multifd channel's init packet). Returns
+    what it found and the session (None: the handshake failed). A failure after
+    the handshake, TLS's own included (a record that does not decrypt), is an
+    authenticated peer's: one holding a certificate ``ca`` issued, so judged as
+    QEMU's might be."""
     assert security.tls is not None, "greeted in TLS only"
     try:
         tls = tls_accept(sock, security.tls, time.monotonic() + security.timeout, None)
         check_authz(tls.peer_identities(), security.tls.authz)
     except FastMFDError as exc:
         return Refused(str(exc), authenticated=False), None
+    authenticated()
     deadline = time.monotonic() + FIRST_BYTES_WAIT * security.timeout
     try:
         return _qemus_first_bytes(TLSStream(tls, None, deadline)), tls
@@ -127,27 +138,28 @@ class TLSGreeter:
     """The main process's side: hands each connection to a receive worker and
     passes on what it reports (module docstring). ``take_worker`` gives a
     spare worker (or one started now), ``free_worker`` takes one back;
-    ``room(n)``: whether one more may be greeted beside the ``n`` being greeted
-    (under max_memory; MAX_GREETINGS is the caller's)."""
+    ``no_room(n)``: why one more may not be greeted beside the ``n`` being
+    greeted (under max_memory; None: it may; MAX_GREETINGS is the caller's)."""
 
     def __init__(self, security: ChannelSecurity, watch: Watch,
                  take_worker: Callable[[], Child], free_worker: Callable[[Child], None],
-                 room: Callable[[int], bool] = lambda greeting: True) -> None:
+                 no_room: Callable[[int], str | None] = lambda greeting: None) -> None:
         self.security, self.watch = security, watch
-        self.take_worker, self.free_worker, self.room = take_worker, free_worker, room
+        self.take_worker, self.free_worker, self.no_room = take_worker, free_worker, no_room
         self.relaying: Child | None = None          # the main channel's worker
         self.released = 0                           # workers dismissed: exiting, not counted
 
     def greet(self, sock: socket.socket,
-              on_greeted: Callable[[Child, QemuGreeted | Refused], None]) -> None:
-        """Hand ``sock`` to a worker; ``on_greeted`` gets its report."""
+              on_greeted: Callable[[Child, QemuAuthenticated | QemuGreeted | Refused], None]
+              ) -> None:
+        """Hand ``sock`` to a worker; ``on_greeted`` gets its reports."""
         worker = self.take_worker()
 
         def on_report(report: object) -> None:
             if isinstance(report, Refused):
                 self._forget(worker)
                 self.free_worker(worker)
-            if isinstance(report, (QemuGreeted, Refused)):
+            if isinstance(report, (QemuAuthenticated, QemuGreeted, Refused)):
                 on_greeted(worker, report)
             elif not isinstance(report, (Ready, Eof)):
                 raise MigrationError(f"a receive worker greeting a connection reported "

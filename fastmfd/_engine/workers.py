@@ -39,8 +39,8 @@ from ..errors import MigrationError, ProtocolError
 from ..protocol import handshake
 from ..protocol.qemu import QEVM_MAGIC
 from ..protocol.control import (ChannelParams, Done, Eof, Go, Greeted, Greeting, Prealloc,
-                                Preallocated, QemuGreeted, QemuGreeting, RecvParams, Refused,
-                                Relay, SendParams, Stop, Synced)
+                                Preallocated, QemuAuthenticated, QemuGreeted, QemuGreeting,
+                                RecvParams, Refused, Relay, SendParams, Stop, Synced)
 from ..protocol.sockets import peer_on_this_host
 from ..regions import Region
 from ..shm import SharedMemory
@@ -205,7 +205,8 @@ def _greet_qemu(pipe: ChildPipe, greeting: QemuGreeting
     follows)``, or None when told to Stop."""
     while True:
         sock = socket.socket(fileno=pipe.recv_fd())
-        greeted, tls = greet_in_tls(sock, greeting.security)
+        greeted, tls = greet_in_tls(sock, greeting.security,
+                                    lambda: pipe.send(QemuAuthenticated()))
         if isinstance(greeted, Refused):
             sock.close()        # now: its peer is not left waiting for the next greeting
         pipe.send(greeted)

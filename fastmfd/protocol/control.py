@@ -19,6 +19,7 @@ parameter or report is added here and used where it is made and read.
       ◀─────────────────────────────── Greeted(ch)    shared key) — then RecvParams follow —
       ◀─────────────────────────────── Refused        or drop it and wait for the next one
       QemuGreeting + a new connection ──────────▶   listen --qemu in TLS: greet it (TLS,
+      ◀───────────────────────── QemuAuthenticated    its handshake passed; then
       ◀─────────────────────────────── QemuGreeted    QEMU's first bytes): a multifd
       Relay + a socket ─────────────────────────▶     channel's RecvParams follow, or the
                                                       main channel's relay (qemu_tls)
@@ -192,6 +193,14 @@ class Greeted:
     the session requires it); the worker waits for its RecvParams."""
     channel: int
     kind: int
+
+
+@dataclass(frozen=True)
+class QemuAuthenticated:
+    """A connection being greeted (a QemuGreeting) passed its TLS handshake: its peer
+    holds a certificate ``ca`` issued. Its first bytes are awaited (a QemuGreeted or
+    a Refused follows): QEMU's main channel says nothing until every multifd channel
+    is through its own handshake."""
 
 
 @dataclass(frozen=True)
