@@ -137,6 +137,42 @@ def test_a_directory_above_that_another_user_owns_is_refused(shared_dir, tmp_pat
     assert not os.path.exists(out)
 
 
+@pytest.mark.parametrize("options", [["--force"], ["--force", "--max-sessions", "2"]])
+def test_a_directory_through_another_users_link_is_refused(shared_dir, tmp_path, options):
+    """A link another user put in /tmp under the name given to --dir, to another save
+    of the user's: only the directory it led to was checked (the user's own), so the
+    listener wrote there, and with --force replaced that save's files (a review;
+    the kernel's fs.protected_symlinks refuses such a link only where it is set)."""
+    save = tmp_path / "another-save"
+    save.mkdir(mode=0o700)
+    (save / "ram.img").write_bytes(b"the user's other save")
+    link = os.path.join(shared_dir, "vmsave")
+    os.symlink(save, link)
+    os.lchown(link, NOBODY, NOBODY)
+    done = run_cli("listen", f"unix:{tmp_path}/sock", "--dir", link, *options)
+    assert done.returncode == 2, done.stderr
+    assert (f"{link} is a symbolic link of another user (uid {NOBODY}), who chose where "
+            f"it leads" in done.stderr), done.stderr
+    assert os.listdir(save) == ["ram.img"]
+    assert (save / "ram.img").read_bytes() == b"the user's other save"
+
+
+def test_a_directory_through_the_users_own_link_is_taken(shared_dir, tmp_path):
+    """The same link, the user's own (the sticky directory keeps others from
+    replacing it), and a ".." after it, taken from the link's target as the
+    kernel takes it."""
+    (tmp_path / "saves" / "inner").mkdir(parents=True)
+    link = os.path.join(shared_dir, "vmsave")
+    os.symlink(tmp_path / "saves" / "inner", link)
+    out = OutputDir(os.path.join(link, "..", "vm1"))
+    try:
+        assert out.real == str(tmp_path / "saves" / "vm1")
+    finally:
+        out.abort()
+        out.close()
+    assert os.listdir(tmp_path / "saves") == ["inner"]
+
+
 NOGROUP = 65534         # nobody's group: a group of another user
 
 

@@ -33,12 +33,10 @@ there says the migration it lists finished.
 
 from __future__ import annotations
 
-import grp
 import hashlib
 import json
 import logging
 import os
-import pwd
 import re
 import stat
 from dataclasses import dataclass
@@ -52,9 +50,10 @@ from ..shm import file_identity
 from ..units import format_bytes
 from .new_files import (make_directories, make_new_directory, remove_directories_made,
                         rename_without_replacing, try_making_a_file, write_durably)
+from .ownership import check_only_yours
 from .warm_files import WarmFiles
 
-__all__ = ["OutputDir", "SavedFiles", "output_name", "check_writable", "check_only_yours",
+__all__ = ["OutputDir", "SavedFiles", "output_name", "check_writable",
            "MANIFEST", "VMSTATE"]
 
 log = logging.getLogger("fastmfd")
@@ -150,56 +149,6 @@ def check_writable(path: str) -> None:
                           f"({exc.strerror or exc})") from None
 
 
-def check_only_yours(path: str, opened: int | None = None,
-                     what: str = "output directory") -> None:
-    """ConfigError unless no other user can rename or replace what is written in the
-    directory ``path``: it and every directory above it belong to this user or
-    root, and those others may write in are sticky (as /tmp is); a group of the
-    user's own (:func:`_only_mine`) is no other. Another user's directory (one
-    made in /tmp under a name they guessed first) would let them swap a saved
-    VM's memory for theirs after it was written: refused, as ssh refuses an
-    ``authorized_keys`` in such a place (``StrictModes``). ``opened``:
-    the directory's descriptor, which must still be what ``path`` names; ``what``:
-    what the directory is, in the error (a saved one, read back: the same holds)."""
-    me, where = os.geteuid(), os.path.realpath(path)
-    identity = None if opened is None else file_identity(opened)
-    while True:
-        # lstat: a directory swapped for a link to a safe one since it was opened
-        # or resolved (its owner may) shows as the link, not as the safe one.
-        st = os.lstat(where)
-        if stat.S_ISLNK(st.st_mode) or identity not in (None, (st.st_dev, st.st_ino)):
-            raise ConfigError(f"{what} {path}: {where} was replaced as it was "
-                              f"opened; give a directory of your own")
-        identity = None                 # (the directory itself is the one opened)
-        if st.st_uid not in (me, 0):
-            raise ConfigError(f"{what} {path}: {where} belongs to another user "
-                              f"(uid {st.st_uid}), who could replace the files "
-                              f"there; give a directory of your own")
-        others_write = st.st_mode & stat.S_IWOTH or (st.st_mode & stat.S_IWGRP
-                                                     and not _only_mine(st.st_gid, me))
-        if others_write and not st.st_mode & stat.S_ISVTX:
-            raise ConfigError(f"{what} {path}: others may write in {where} (mode "
-                              f"{stat.S_IMODE(st.st_mode):04o}) and replace the files "
-                              f"there; chmod go-w {where}")
-        if where == "/":
-            return
-        where = os.path.dirname(where)
-
-
-def _only_mine(gid: int, me: int) -> bool:
-    """Whether ``gid`` is the user ``me``'s private group, with no other member: where
-    each user has a group of their own (Fedora's and RHEL's umask 002 then makes
-    every directory they make group-writable), its writers are the user alone.
-    Debian's ssh takes such a group for its owner in ``StrictModes`` too."""
-    try:
-        group, mine = grp.getgrgid(gid), pwd.getpwuid(me)
-    except KeyError:            # a group or user with no name: nothing says whose
-        return False
-    primary = [user.pw_uid for user in pwd.getpwall() if user.pw_gid == gid]
-    return (set(primary) <= {me} and set(group.gr_mem) <= {mine.pw_name}
-            and bool(primary or group.gr_mem))
-
-
 class OutputDir:
     """The files one migration writes into ``path`` (see the module docstring)."""
 
@@ -239,7 +188,7 @@ class OutputDir:
         self.manifest = _Output({}, MANIFEST)
         self._device_budget: WriteBudget | None = None     # plan(): with --max-size
         try:
-            check_only_yours(self.real, self.fd)
+            check_only_yours(self.path, self.fd)
             if huge_pages:
                 check_huge_pages(self.real)
             # A save already there is refused now, before a migration comes for it

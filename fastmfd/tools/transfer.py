@@ -30,7 +30,8 @@ from ..source import Source
 from ..stats import MigrationStats
 from ..units import format_bytes
 from .new_files import make_directories, remove_directories_made
-from .outputs import OutputDir, SavedFiles, check_only_yours, check_writable, output_name
+from .outputs import OutputDir, SavedFiles, check_writable, output_name
+from .ownership import check_only_yours
 from .warm_files import WarmFiles
 
 log = logging.getLogger("fastmfd")

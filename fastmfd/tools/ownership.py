@@ -1,0 +1,109 @@
+"""Whose a directory is: a user's files go only where no other user can replace them
+or choose where they go (:func:`check_only_yours`, for the directories ``listen``
+writes into and ``send --qemu`` reads a save from)."""
+
+from __future__ import annotations
+
+import errno
+import grp
+import os
+import pwd
+import stat
+
+from ..errors import ConfigError
+from ..shm import file_identity
+
+__all__ = ["check_only_yours"]
+
+
+def check_only_yours(path: str, opened: int | None = None,
+                     what: str = "output directory") -> None:
+    """ConfigError unless no other user can rename or replace what is written in the
+    directory ``path``, or choose where it is: every directory the path passes
+    through (:func:`_walked`: as the kernel walks it, and so every one above the
+    directory it names) belongs to this user or root, and those others may write in
+    are sticky (as /tmp is); a group of the user's own (:func:`_only_mine`) is no
+    other; each symbolic link on the way is this user's or root's. Another user's
+    directory (one made in /tmp under a name they guessed first) would let them
+    swap a saved VM's memory for theirs after it was written, and their link there
+    under that name would send the files into another directory of the user's,
+    replacing a save there with ``--force``: refused, as ssh refuses an
+    ``authorized_keys`` in such a place (``StrictModes``; the kernel's
+    ``fs.protected_symlinks`` refuses such a link only where it is set). ``opened``:
+    the directory's descriptor, which must still be what ``path`` names; ``what``:
+    what the directory is, in the error (a saved one, read back: the same holds)."""
+    me = os.geteuid()
+    try:
+        walked, final = _walked(path)
+    except OSError as exc:          # (a link or directory on the way swapped meanwhile)
+        raise ConfigError(f"{what} {path}: {exc.filename or path} was replaced as it was "
+                          f"opened ({exc.strerror or exc}); give a directory of your "
+                          f"own") from None
+    if opened is not None and file_identity(opened) != (final.st_dev, final.st_ino):
+        raise ConfigError(f"{what} {path}: it was replaced as it was opened; give a "
+                          f"directory of your own")
+    for where, st in walked:
+        if stat.S_ISLNK(st.st_mode):
+            if st.st_uid not in (me, 0):
+                raise ConfigError(f"{what} {path}: {where} is a symbolic link of another "
+                                  f"user (uid {st.st_uid}), who chose where it leads; give "
+                                  f"a directory of your own")
+            continue
+        if st.st_uid not in (me, 0):
+            raise ConfigError(f"{what} {path}: {where} belongs to another user "
+                              f"(uid {st.st_uid}), who could replace the files "
+                              f"there; give a directory of your own")
+        others_write = st.st_mode & stat.S_IWOTH or (st.st_mode & stat.S_IWGRP
+                                                     and not _only_mine(st.st_gid, me))
+        if others_write and not st.st_mode & stat.S_ISVTX:
+            raise ConfigError(f"{what} {path}: others may write in {where} (mode "
+                              f"{stat.S_IMODE(st.st_mode):04o}) and replace the files "
+                              f"there; chmod go-w {where}")
+
+
+_MAX_LINKS = 40         # links one path may pass through (the kernel's, then ELOOP)
+
+
+def _walked(path: str) -> tuple[list[tuple[str, os.stat_result]], os.stat_result]:
+    """Each directory and symbolic link the kernel passes through resolving ``path``
+    (relative: from the working directory), in order, named where it lies, with its
+    lstat; and the stat of the directory reached. A link's target is walked in its
+    place, and ".." after it leads to its target's parent, as in the kernel."""
+    walked = [("/", os.lstat("/"))]
+    where, links = "/", 0
+    todo = os.path.join(os.getcwd(), path).split("/")[::-1]
+    while todo:
+        name = todo.pop()
+        if name in ("", "."):
+            continue
+        if name == "..":
+            where = os.path.dirname(where)      # (where: a directory, no link in it)
+            continue
+        entry = os.path.join(where, name)
+        st = os.lstat(entry)
+        walked.append((entry, st))
+        if not stat.S_ISLNK(st.st_mode):
+            where = entry
+            continue
+        links += 1
+        if links > _MAX_LINKS:
+            raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path)
+        target = os.readlink(entry)
+        todo.extend(target.split("/")[::-1])
+        if target.startswith("/"):
+            where = "/"
+    return walked, os.lstat(where)
+
+
+def _only_mine(gid: int, me: int) -> bool:
+    """Whether ``gid`` is the user ``me``'s private group, with no other member: where
+    each user has a group of their own (Fedora's and RHEL's umask 002 then makes
+    every directory they make group-writable), its writers are the user alone.
+    Debian's ssh takes such a group for its owner in ``StrictModes`` too."""
+    try:
+        group, mine = grp.getgrgid(gid), pwd.getpwuid(me)
+    except KeyError:            # a group or user with no name: nothing says whose
+        return False
+    primary = [user.pw_uid for user in pwd.getpwall() if user.pw_gid == gid]
+    return (set(primary) <= {me} and set(group.gr_mem) <= {mine.pw_name}
+            and bool(primary or group.gr_mem))
