@@ -327,3 +327,26 @@ def test_a_sender_closed_from_another_thread_mid_send_in_tls(tmp_path, qemu_bina
     finally:
         guest.close()
     leaks.assert_clean()
+
+
+def test_a_sender_closed_during_its_main_channel_s_handshake_ends_at_once(tmp_path,
+                                                                         qemu72_captures,
+                                                                         leaks):
+    """A destination that takes the connection and says nothing: the SSLSocket had
+    taken the connection from the socket a cancel shuts, and send() waited for the
+    handshake's end, up to its timeout (60 s here)."""
+    saved = tmp_path / "first"
+    receive_replay(saved, capture_bytes(qemu72_captures, "none"))
+    creds = credentials(tmp_path, trustme.CA())
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        sender = qemu.QemuSender(saved, timeout=60.0, stall_timeout=60.0, tls=creds.source)
+        sending = Background("send()", lambda: sender.send(
+            f"tcp:127.0.0.1:{silent.getsockname()[1]}"))
+        held, _ = silent.accept()
+        with held:
+            held.settimeout(10.0)
+            assert held.recv(1)                 # the ClientHello: the handshake waits
+            sender.close()
+            with pytest.raises(MigrationError, match="^the QemuSender was closed$"):
+                sending.result(10.0)
+    leaks.assert_clean()

@@ -241,6 +241,10 @@ class QemuSending:
         main = connect(address, self.connect_timeout, self._connecting_now)
         if security.tls is None:
             return main
+        # The SSLSocket takes the connection from ``main`` (detached, it can no
+        # longer be shut): a cancel shuts this copy of it, kept until close(), which
+        # ends the handshake (it waited for the handshake's end, up to the timeout).
+        self._connecting = self._own(main.dup())
         try:
             return tls_connect(main, security, time.monotonic() + self.connect_timeout, MAIN)
         except SecurityError as exc:
