@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 
 from fastmfd import qemu
+from fastmfd._engine import qemu_sending
 from fastmfd.errors import ConfigError, MigrationError
 from proc_scan import alive
 from qemu_support import (QEMUS, Background, Guest, assert_nothing_complete, incoming_guest,
@@ -190,6 +191,32 @@ def test_a_send_cancelled_while_it_connects_ends_at_once(tmp_path, qemu72_captur
         finally:
             for filler in fillers:
                 filler.close()
+    leaks.assert_clean()
+
+
+def test_a_cancel_that_meets_a_send_failing_already_leaves_it_its_failure(
+        tmp_path, qemu72_captures, leaks, monkeypatch):
+    """The destination took the main channel and closed its listener: the first
+    channel's connection is refused, and send(), failing, waits for the
+    destination's word on why. A cancel meanwhile was what send() raised, the
+    refusal only its __cause__ (and that said the destination had closed the main
+    channel: this side's own shutdown). First error wins, as for a Source."""
+    saved = tmp_path / "first"
+    receive_replay(saved, capture_bytes(qemu72_captures, "none"))
+    await_word = qemu_sending.QemuSending._await_main_word
+
+    def cancelled_meanwhile(session, *args, **kwargs) -> None:
+        sender.cancel("too late")
+        await_word(session, *args, **kwargs)
+    monkeypatch.setattr(qemu_sending.QemuSending, "_await_main_word", cancelled_meanwhile)
+    listener = socket.create_server(("127.0.0.1", 0))
+    with qemu.QemuSender(saved, stall_timeout=PROMPT) as sender:
+        call = Background("send()", lambda: sender.send(
+            f"tcp:127.0.0.1:{listener.getsockname()[1]}"))
+        main, _ = listener.accept()
+        listener.close()
+        with main, pytest.raises(MigrationError, match="^cannot connect to .*refused"):
+            call.result(PROMPT)
     leaks.assert_clean()
 
 

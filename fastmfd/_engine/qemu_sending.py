@@ -47,6 +47,7 @@ import os
 import select
 import socket
 import ssl
+import threading
 import time
 from uuid import UUID
 
@@ -139,6 +140,9 @@ class QemuSending:
         self.answers: ReturnPathWatch | None = None     # the destination's, on it
         self._ended: str | None = None      # how the destination ended it, once known
         self.cancelled: MigrationError | None = None    # by cancel(), from another thread
+        # The first of a cancel and the send's own failure: the one run() raises.
+        self._first: Exception | None = None
+        self._ordering = threading.Lock()
         self._connecting: socket.socket | None = None   # a connection being made
         self._progress = Progress(stall_timeout)    # each busy channel's packets
         self._looked = 0.0                  # when the workers were last looked at
@@ -168,17 +172,25 @@ class QemuSending:
         try:
             self._run(address)
         except Exception as exc:
-            if self.cancelled is not None:  # what failed is most likely its consequence
-                raise self.cancelled from exc
+            # First error wins, as a Source's SessionFailure orders a cancel and a
+            # failure: what failed after the cancel is most likely its consequence
+            # (its sockets shut); a cancel that met the send failing already ended
+            # only its waits (it raised the cancel, the failure its mere cause).
+            first = self._failing(exc)
+            if first is self.cancelled:
+                raise self.cancelled from (None if exc is first else exc)
+            if exc is self.cancelled:       # a step found the cancel, after the failure
+                exc = first
             if (not isinstance(exc, MigrationError) or self.main is None
                     or exc.cause.endswith(self._checklist()) or self._ours()):
-                raise           # no QEMU listening at all, a hint is there, or it is ours
+                raise exc       # no QEMU listening at all, a hint is there, or it is ours
             # The destination dropped the stream (it says why only in its own log;
             # a QEMU >= 8.0 reads the main channel at once, and may have closed its
             # listener before the multifd channels came): name what the stream needs.
             # Or it died: one killed mid-migration closes its connections too (and
             # was only asked about its kind, as if it could not have gone).
-            hint = self._hint(dropped=self._main_ended() is not None)
+            # (Cancelled since, this side shut the main channel: its end says nothing.)
+            hint = self._hint(dropped=self.cancelled is None and self._main_ended() is not None)
             raise MigrationError(exc.cause + hint, channel=exc.channel,
                                  device=exc.device, side=exc.side) from exc
 
@@ -186,12 +198,24 @@ class QemuSending:
         """Fail run() from another thread, at once: every wait of it ends (its
         sockets shut, which fails the destination's migration; the selector
         aborted), each step checks, and it raises MigrationError(``reason``)."""
-        if self.cancelled is None:
-            self.cancelled = MigrationError(reason)
+        with self._ordering:
+            if self.cancelled is None:
+                self.cancelled = MigrationError(reason)
+            if self._first is None:
+                self._first = self.cancelled
         for sock in [self._connecting, self.main, *self.data]:
             if sock is not None:
                 shutdown_quietly(sock)      # (one connecting: its connect() ends)
         self.selector.abort()
+
+    def _failing(self, exc: Exception) -> Exception:
+        """Record ``exc`` as the send's failure, unless a cancel or a failure came
+        first; the first. A failure's path that waits (for the destination's word,
+        a worker's exit) records it before it waits, where a cancel may meet it."""
+        with self._ordering:
+            if self._first is None:
+                self._first = exc
+            return self._first
 
     def _check_cancelled(self) -> None:
         if self.cancelled is not None:
@@ -311,7 +335,8 @@ class QemuSending:
         self._check_cancelled()
         try:
             sock = connect(address, self.connect_timeout, self._connecting_now)
-        except MigrationError:
+        except MigrationError as exc:
+            self._failing(exc)
             self._check_cancelled()
             # A destination that failed at the stream's start says SHUT 1, then takes
             # no more connections (or resets them): its word is the cause.
@@ -446,6 +471,8 @@ class QemuSending:
         assert self.main is not None, "connected by run()"
         if not decrypted_unread(self.main):
             select.select([self.main], [], [], MAIN_WORD_GRACE)
+        if self.cancelled is not None:
+            return          # shut by the cancel: its end would be this side's doing
         if shut_only:
             self._check_shut()
         else:
@@ -533,6 +560,7 @@ class QemuSending:
         try:
             os.write(self.cmd_fds[ch], record)
         except OSError as exc:
+            self._failing(exc)
             # Only its worker reads the pipe: broken, the worker is gone, and its
             # exit (which the forkserver reports a moment later) is waited for: the
             # send said "cannot hand work to its worker: Broken pipe" for a killed one.
@@ -556,7 +584,8 @@ class QemuSending:
         try:
             for worker in self.workers:
                 worker.expect(Done, max(0.0, deadline - time.monotonic()))
-        except FastMFDError:
+        except FastMFDError as exc:
+            self._failing(exc)
             # A destination that failed to load resets every connection after its
             # SHUT 1: a worker's reset, its consequence, must not hide it.
             self._await_main_word(shut_only=True)
