@@ -434,7 +434,9 @@ class QemuSender(Owner):
     def cancel(self, reason: str = "cancelled") -> None:
         """Fail :meth:`send` from any thread, at once: it raises
         MigrationError(``reason``), and the destination QEMU's migration fails
-        with the connections, shut."""
+        with the connections, shut; one failing already raises its failure (the
+        first error wins). Once the stream was sent whole, the destination may
+        have loaded it and run the guest: the error says so."""
         check_types("cancel", reason=(reason, STR))
         self._check_own_process()
         if self._session is not None:

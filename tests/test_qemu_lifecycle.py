@@ -220,6 +220,49 @@ def test_a_cancel_that_meets_a_send_failing_already_leaves_it_its_failure(
     leaks.assert_clean()
 
 
+def black_hole(listener: socket.socket, ended: threading.Event,
+               taken: list[socket.socket]) -> None:
+    """Take every connection (into ``taken``, for the caller to close) and read it to
+    its end, saying nothing, holding it open; ``ended`` is set when the first one
+    (the main channel) ends."""
+    def read(sock: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while sock.recv(1 << 16):
+                pass
+        if sock is taken[0]:
+            ended.set()
+    with contextlib.suppress(OSError):          # (closed: the test is over)
+        while True:
+            taken.append(listener.accept()[0])
+            threading.Thread(target=read, args=(taken[-1],), daemon=True).start()
+
+
+def test_a_send_cancelled_after_its_stream_was_sent_whole_says_so(tmp_path, qemu72_captures,
+                                                                  leaks):
+    """The destination read the whole stream and had not yet said whether it
+    loaded it: the cancel said "stop now", as if the stream had not been sent,
+    though that destination may go on to run the guest."""
+    saved = tmp_path / "first"
+    receive_replay(saved, capture_bytes(qemu72_captures, "none"))
+    ended, taken = threading.Event(), []
+    try:
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            threading.Thread(target=black_hole, args=(listener, ended, taken),
+                             daemon=True).start()
+            with qemu.QemuSender(saved, stall_timeout=60.0) as sender:
+                call = Background("send()", lambda: sender.send(
+                    f"tcp:127.0.0.1:{listener.getsockname()[1]}"))
+                assert ended.wait(PROMPT), "the stream never ended"
+                sender.cancel("stop now")
+                with pytest.raises(MigrationError, match="^stop now after the stream was "
+                                   "sent whole: whether the destination loaded it is unknown"):
+                    call.result(PROMPT)
+    finally:
+        for sock in taken:
+            sock.close()
+    leaks.assert_clean()
+
+
 # ---------------------------------------------------------------- a forked child
 
 def forked(then) -> int:

@@ -143,6 +143,7 @@ class QemuSending:
         # The first of a cancel and the send's own failure: the one run() raises.
         self._first: Exception | None = None
         self._ordering = threading.Lock()
+        self._sent_whole = False            # the stream all sent: the destination loads it
         self._connecting: socket.socket | None = None   # a connection being made
         self._progress = Progress(stall_timeout)    # each busy channel's packets
         self._looked = 0.0                  # when the workers were last looked at
@@ -178,7 +179,7 @@ class QemuSending:
             # only its waits (it raised the cancel, the failure its mere cause).
             first = self._failing(exc)
             if first is self.cancelled:
-                raise self.cancelled from (None if exc is first else exc)
+                raise self._cancel_error() from (None if exc is first else exc)
             if exc is self.cancelled:       # a step found the cancel, after the failure
                 exc = first
             if (not isinstance(exc, MigrationError) or self.main is None
@@ -216,6 +217,16 @@ class QemuSending:
             if self._first is None:
                 self._first = exc
             return self._first
+
+    def _cancel_error(self) -> MigrationError:
+        """What a cancel that came first raises: its reason, and once the stream was
+        all sent, that the destination may have loaded it and run the guest."""
+        assert self.cancelled is not None, "cancelled"
+        if not self._sent_whole:
+            return self.cancelled
+        return MigrationError(f"{self.cancelled.cause} after the stream was sent whole: whether "
+                              "the destination loaded it is unknown (it had not said; it may "
+                              "have, and may run the guest: query-migrate on it tells)")
 
     def _check_cancelled(self) -> None:
         if self.cancelled is not None:
@@ -292,6 +303,7 @@ class QemuSending:
         it only at its close(), and the send failed at its stall timeout though
         the files were committed."""
         assert self.main is not None and self.answers is not None, "connected by run()"
+        self._sent_whole = True
         # One deadline for the whole wait: a peer that sends a byte now and then
         # must not restart it.
         deadline = time.monotonic() + self.stall
