@@ -183,8 +183,9 @@ class QemuReceiver(Owner):
                      else parse_address(address))
         own = self._resources.own
         # Closed last: never used, or its receive() failed, nothing of it is left.
-        self._out = own(_Output(OutputDir(directory, force=force, keep_partial=keep_partial,
-                                          max_bytes=max_size, warm=warm, cli=self._cli))).out
+        self._output = own(_Output(OutputDir(directory, force=force, keep_partial=keep_partial,
+                                             max_bytes=max_size, warm=warm, cli=self._cli)))
+        self._out = self._output.out
         self._session: QemuReceiving | None = None
         self._cancelling: WatchCancel | None = None
         try:
@@ -213,8 +214,9 @@ class QemuReceiver(Owner):
             return self._receive()
 
     def _receive(self) -> QemuReceived:
-        session, out = self._session, self._out
-        assert session is not None, "open: _running() checked"
+        session, output, cancelling = self._session, self._output, self._cancelling
+        out = output.out
+        assert session is not None and cancelling is not None, "open: _running() checked"
         try:
             facts = session.run()
             manifest = _manifest(facts, out)
@@ -222,9 +224,12 @@ class QemuReceiver(Owner):
             session.answers.confirm()       # a source with a return path completes now
             return QemuReceived(facts, out.files(), manifest,
                                 time.monotonic() - session.main_at, session.channel_stats())
-        except BaseException:
+        except BaseException as exc:
             session.close()         # nothing writes any more
-            out.abort()
+            output.abort()
+            first = cancelling.first(exc) if isinstance(exc, Exception) else exc
+            if first is not exc:    # cancelled before it failed: (most likely) the cause
+                raise first from exc
             raise
 
     def cancel(self, reason: str = "cancelled") -> None:
@@ -262,14 +267,28 @@ class _Receiving(QemuReceiving):
 
 class _Output:
     """A QemuReceiver's directory, freed with it: what it made for a migration
-    that did not commit (none came, or it failed) is removed (OutputDir.abort)."""
+    that did not commit (none came, or it failed) is removed (OutputDir.abort).
+    A failing receive() aborts it too, maybe as its receiver is freed (a daemon
+    thread's, at the interpreter's exit): one at a time, and not once closed (its
+    abort raised ValueError from an fsync of the closed directory's fd, -1, in
+    place of the receive's failure)."""
 
     def __init__(self, out: OutputDir) -> None:
         self.out = out
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def abort(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self.out.abort()
 
     def close(self) -> None:
-        self.out.abort()        # (committed: nothing)
-        self.out.close()
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self.out.abort()        # (committed: nothing)
+                self.out.close()
 
 
 class _ReceiveCall(QemuReceiver):

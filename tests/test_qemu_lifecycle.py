@@ -30,6 +30,8 @@ import pytest
 
 from fastmfd import qemu
 from fastmfd._engine import qemu_sending
+from fastmfd._engine.qemu_receiving import QemuReceiving
+from fastmfd._engine.session import _free as free_unclosed
 from fastmfd.errors import ConfigError, MigrationError
 from proc_scan import alive
 from qemu_support import (QEMUS, Background, Guest, assert_nothing_complete, incoming_guest,
@@ -196,10 +198,10 @@ def test_a_send_cancelled_while_it_connects_ends_at_once(tmp_path, qemu72_captur
 
 def test_a_cancel_that_meets_a_send_failing_already_leaves_it_its_failure(
         tmp_path, qemu72_captures, leaks, monkeypatch):
-    """The destination took the main channel and closed its listener: the first
-    channel's connection is refused, and send(), failing, waits for the
+    """A destination whose backlog holds the main channel and no more: the first
+    multifd channel's connection times out, and send(), failing, waits for the
     destination's word on why. A cancel meanwhile was what send() raised, the
-    refusal only its __cause__ (and that said the destination had closed the main
+    failure only its __cause__ (and that said the destination had closed the main
     channel: this side's own shutdown). First error wins, as for a Source."""
     saved = tmp_path / "first"
     receive_replay(saved, capture_bytes(qemu72_captures, "none"))
@@ -209,14 +211,12 @@ def test_a_cancel_that_meets_a_send_failing_already_leaves_it_its_failure(
         sender.cancel("too late")
         await_word(session, *args, **kwargs)
     monkeypatch.setattr(qemu_sending.QemuSending, "_await_main_word", cancelled_meanwhile)
-    listener = socket.create_server(("127.0.0.1", 0))
-    with qemu.QemuSender(saved, stall_timeout=PROMPT) as sender:
-        call = Background("send()", lambda: sender.send(
-            f"tcp:127.0.0.1:{listener.getsockname()[1]}"))
-        main, _ = listener.accept()
-        listener.close()
-        with main, pytest.raises(MigrationError, match="^cannot connect to .*refused"):
-            call.result(PROMPT)
+    with socket.socket() as destination, \
+            qemu.QemuSender(saved, timeout=1.0, stall_timeout=PROMPT) as sender:
+        destination.bind(("127.0.0.1", 0))
+        destination.listen(0)                   # one connection waits, unaccepted
+        with pytest.raises(MigrationError, match="^cannot connect to .*timed out"):
+            sender.send("tcp:127.0.0.1:%d" % destination.getsockname()[1])
     leaks.assert_clean()
 
 
@@ -412,21 +412,79 @@ def test_a_receiver_open_at_the_interpreters_exit_is_freed_then(tmp_path):
     assert_nothing_complete(out)
 
 
+# The receive() in a daemon thread as the interpreter exits. The daemon thread is given
+# time to say how it ended: an atexit handler registered before any finalizer (atexit
+# runs its handlers last registered first) joins it after the receiver is freed.
+RUNNING_AT_EXIT = """
+import atexit, sys, threading, time, weakref
+assert not weakref.finalize._registered_with_atexit, "a finalizer before the join"
+threads = []
+atexit.register(lambda: [thread.join(10) for thread in threads])
+from fastmfd import qemu
+r = qemu.QemuReceiver(sys.argv[1], sys.argv[2])
+def receive():
+    try:
+        r.receive()
+    except Exception as exc:
+        print(f"receive() raised {type(exc).__name__}: {exc}", flush=True)
+threads.append(threading.Thread(target=receive, daemon=True))
+threads[0].start()
+time.sleep(0.5)
+"""
+
+
 def test_a_receive_running_at_the_interpreters_exit_fails_saying_so(tmp_path):
     """receive() in a daemon thread, waiting for QEMU, as the interpreter exits:
     the receiver freed under it, it fails with a MigrationError saying why (it
     raised AssertionError from its cancel's closed wake-up socket)."""
     sock, out = tmp_path / "r.sock", tmp_path / "out"
-    script = ("import sys, threading, time; from fastmfd import qemu; "
-              "r = qemu.QemuReceiver(sys.argv[1], sys.argv[2]); "
-              "threading.Thread(target=r.receive, daemon=True).start(); time.sleep(0.5)")
-    done = subprocess.run([sys.executable, "-W", "ignore::ResourceWarning", "-c", script,
-                           f"unix:{sock}", str(out)], capture_output=True, text=True,
-                          timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
+    done = subprocess.run([sys.executable, "-W", "ignore::ResourceWarning", "-c",
+                           RUNNING_AT_EXIT, f"unix:{sock}", str(out)], capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          cwd=ROOT)
     assert done.returncode == 0, done.stderr
-    assert "AssertionError" not in done.stderr, done.stderr
+    assert done.stdout == ("receive() raised MigrationError: freed while the migration ran "
+                           "(its owner was collected, or the interpreter is exiting)\n"), \
+        (done.stdout, done.stderr)
     assert not sock.exists()
     assert_nothing_complete(out)
+
+
+def test_a_receive_cancelled_before_it_failed_raises_the_cancel(tmp_path, leaks, monkeypatch):
+    """First error wins, as for a Destination: a failure after the cancel, before
+    receive()'s next wait saw it, was what it raised: at the interpreter's exit, a
+    wait on a descriptor the receiver's freeing had closed (ValueError: Invalid file
+    descriptor: -1), for "freed while the migration ran"."""
+    receiver = qemu.QemuReceiver("tcp:127.0.0.1:0", tmp_path / "out", timeout=PROMPT)
+
+    def cancelled_then_failed(session) -> None:
+        receiver.cancel("stop")
+        raise ValueError("Invalid file descriptor: -1")
+    monkeypatch.setattr(QemuReceiving, "run", cancelled_then_failed)
+    with receiver, pytest.raises(MigrationError, match="^stop$") as failed:
+        receiver.receive()
+    assert isinstance(failed.value.__cause__, ValueError)
+    assert_nothing_complete(tmp_path / "out")
+    leaks.assert_clean()
+
+
+def test_a_receive_whose_receiver_is_freed_under_it_fails_saying_so(tmp_path, leaks,
+                                                                    monkeypatch):
+    """The receiver freed from another thread as receive() fails (at the interpreter's
+    exit, its finalizer under a daemon thread's receive()): the receive's abort of
+    the directory, closed already, raised ValueError (an fsync of its fd, -1) in
+    place of "freed while the migration ran"."""
+    receiver = qemu.QemuReceiver("tcp:127.0.0.1:0", tmp_path / "out", timeout=PROMPT)
+
+    def freed_meanwhile(session) -> None:
+        free_unclosed(receiver._resources)          # what the finalizer does
+        raise ValueError("Invalid file descriptor: -1")     # its next wait's
+    monkeypatch.setattr(QemuReceiving, "run", freed_meanwhile)
+    with pytest.raises(MigrationError, match="^freed while the migration ran "):
+        receiver.receive()
+    receiver.close()
+    assert_nothing_complete(tmp_path / "out")
+    leaks.assert_clean()
 
 
 def test_a_receive_session_closed_from_two_threads_at_once(tmp_path, leaks):

@@ -3,16 +3,39 @@
 raised there, at that thread's next wait, which it ends at once. Every wait of
 such a session is the watch's, so nothing it does is freed or closed under it:
 it fails, and its own error path closes its connections (QEMU's migration
-fails with them) and removes its files."""
+fails with them) and removes its files.
+
+First error wins, as a Source's SessionFailure orders a cancel and a failure:
+the session's failure that came before the cancel is what it raises; what it
+raises after the cancel (a wait on a descriptor its owner's freeing closed) is
+the cancel's consequence (:meth:`WatchCancel.first`)."""
 
 from __future__ import annotations
 
 import socket
+import threading
 
 from ..errors import MigrationError
 from .processes import Watch
 
-__all__ = ["WatchCancel"]
+__all__ = ["WatchCancel", "FirstError"]
+
+
+class FirstError:
+    """The first of a cancel and a session's own failure: what the session call
+    raises (first error wins, as a SessionFailure orders them for a Source and a
+    Destination)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._first: Exception | None = None
+
+    def record(self, exc: Exception) -> Exception:
+        """Record ``exc`` unless a cancel or failure came first; the first."""
+        with self._lock:
+            if self._first is None:
+                self._first = exc
+            return self._first
 
 
 class WatchCancel:
@@ -22,15 +45,22 @@ class WatchCancel:
     def __init__(self, watch: Watch) -> None:
         self._wake, self._waker = socket.socketpair()
         self.error: MigrationError | None = None
+        self._order = FirstError()
         watch.add(self._wake, self._raise)
 
     def cancel(self, reason: str) -> None:
         if self.error is None:
             self.error = MigrationError(reason)
+        self._order.record(self.error)
         try:
             self._waker.send(b"\0", socket.MSG_DONTWAIT)
         except OSError:         # closed (the session is over), or woken already
             pass
+
+    def first(self, exc: Exception) -> Exception:
+        """``exc``, the session's failure, unless the cancel came first: then the
+        cancel's error (``exc`` most likely its doing)."""
+        return self._order.record(exc)
 
     def _raise(self) -> None:
         assert self.error is not None, "readable once cancelled, or closed"
@@ -39,8 +69,7 @@ class WatchCancel:
     def close(self) -> None:
         """Its session's thread may still wait (its owner freed at the interpreter's
         exit, under a daemon thread running the call): it fails, saying so."""
-        if self.error is None:
-            self.error = MigrationError("freed while the migration ran (its owner was "
-                                        "collected, or the interpreter is exiting)")
+        self.cancel("freed while the migration ran (its owner was collected, or the "
+                    "interpreter is exiting)")
         self._wake.close()
         self._waker.close()

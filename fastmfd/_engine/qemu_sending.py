@@ -47,7 +47,6 @@ import os
 import select
 import socket
 import ssl
-import threading
 import time
 from uuid import UUID
 
@@ -65,6 +64,7 @@ from ..protocol.sockets import Address, connect, decrypted_unread, tune_data_soc
 from ..regions import Region
 from ..shm import SharedMemory
 from ..units import format_bytes
+from .cancelling import FirstError
 from .liveness import Progress, process_stopped, set_stall_timeout, stall_error, tick
 from .processes import Child, ChildSet
 from .qemu_return_path import ReturnPathWatch
@@ -140,9 +140,7 @@ class QemuSending:
         self.answers: ReturnPathWatch | None = None     # the destination's, on it
         self._ended: str | None = None      # how the destination ended it, once known
         self.cancelled: MigrationError | None = None    # by cancel(), from another thread
-        # The first of a cancel and the send's own failure: the one run() raises.
-        self._first: Exception | None = None
-        self._ordering = threading.Lock()
+        self._order = FirstError()          # of a cancel and a failure: what run() raises
         self._sent_whole = False            # the stream all sent: the destination loads it
         self._connecting: socket.socket | None = None   # a connection being made
         self._progress = Progress(stall_timeout)    # each busy channel's packets
@@ -199,11 +197,9 @@ class QemuSending:
         """Fail run() from another thread, at once: every wait of it ends (its
         sockets shut, which fails the destination's migration; the selector
         aborted), each step checks, and it raises MigrationError(``reason``)."""
-        with self._ordering:
-            if self.cancelled is None:
-                self.cancelled = MigrationError(reason)
-            if self._first is None:
-                self._first = self.cancelled
+        if self.cancelled is None:
+            self.cancelled = MigrationError(reason)
+        self._order.record(self.cancelled)
         for sock in [self._connecting, self.main, *self.data]:
             if sock is not None:
                 shutdown_quietly(sock)      # (one connecting: its connect() ends)
@@ -213,10 +209,7 @@ class QemuSending:
         """Record ``exc`` as the send's failure, unless a cancel or a failure came
         first; the first. A failure's path that waits (for the destination's word,
         a worker's exit) records it before it waits, where a cancel may meet it."""
-        with self._ordering:
-            if self._first is None:
-                self._first = exc
-            return self._first
+        return self._order.record(exc)
 
     def _cancel_error(self) -> MigrationError:
         """What a cancel that came first raises: its reason, and once the stream was
