@@ -218,8 +218,10 @@ class QemuReceiver(Owner):
         out = output.out
         assert session is not None and cancelling is not None, "open: _running() checked"
         try:
-            facts = session.run()
+            facts = session.run(cancelling.check)
             manifest = _manifest(facts, out)
+            # The last look: a cancel from now on finds the files committed, complete.
+            cancelling.check()
             out.commit(manifest)
             session.answers.confirm()       # a source with a return path completes now
             return QemuReceived(facts, out.files(), manifest,

@@ -21,7 +21,7 @@ import io
 import mmap
 import os
 import stat
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -35,6 +35,8 @@ from .huge_pages import advise_huge_pages, why_no_huge_pages
 from .shm import SHM_DIR, SharedMemory, check_room, file_identity, map_file, mapped_view
 
 __all__ = ["Region", "RegionHandle", "validate_region_name", "check_huge_pages", "region_to_add"]
+
+FLUSH_SLICE = 64 << 20      # bytes a file-backed region's flush() writes back at a time
 
 
 def validate_region_name(name: str) -> str:
@@ -362,13 +364,19 @@ class Region:
         last = (offset + length - 1) // self.page_size
         self._dirty.mark(first, last - first + 1)
 
-    def flush(self) -> None:
+    def flush(self, between: Callable[[], object] | None = None) -> None:
         """Make a file-backed region's bytes durable: write its dirty pages to the
         file and wait for the disk (``msync``); nothing for shared memory.
-        Raises OSError (a full disk: ENOSPC, EIO)."""
+        Raises OSError (a full disk: ENOSPC, EIO). ``between()`` is called before
+        each FLUSH_SLICE bytes, and may raise (a cancel: on a slow disk, the
+        msync of a large file outlasts what a close() waits for)."""
         self._check_open()
-        if isinstance(self._mapping, mmap.mmap):        # a file's mapping (kind "file")
-            self._mapping.flush()
+        if not isinstance(self._mapping, mmap.mmap):    # not a file's mapping (kind "file")
+            return
+        for offset in range(0, self.size, FLUSH_SLICE):
+            if between is not None:
+                between()
+            self._mapping.flush(offset, min(FLUSH_SLICE, self.size - offset))
 
     @property
     def closed(self) -> bool:

@@ -33,6 +33,7 @@ from fastmfd._engine import qemu_sending
 from fastmfd._engine.qemu_receiving import QemuReceiving
 from fastmfd._engine.session import _free as free_unclosed
 from fastmfd.errors import ConfigError, MigrationError
+from fastmfd.tools.outputs import OutputDir
 from proc_scan import alive
 from qemu_support import (QEMUS, Background, Guest, assert_nothing_complete, incoming_guest,
                           pattern, saved_guest, wait_until_filled)
@@ -128,6 +129,41 @@ def test_a_sender_closed_from_another_thread_mid_migration(tmp_path, qemu_binary
     assert_gone(pids)
     with pytest.raises(ConfigError, match="closed"):
         sender.send(address)
+    leaks.assert_clean()
+
+
+def test_a_receiver_closed_from_another_thread_as_it_flushes_ends_it_there(
+        tmp_path, qemu72_captures, leaks, monkeypatch):
+    """A disk slow to take the block files (here the first one's fsync lasts until
+    the close() comes): the final flush and the commit looked at no cancel, so
+    close() waited for them (up to CLOSE_WAIT, 10 s, then freed the receiver under
+    them) and the receive committed all the same. Now it fails there, and leaves
+    no file that looks complete."""
+    out = tmp_path / "out"
+    receiver = qemu.QemuReceiver("tcp:127.0.0.1:0", out, stall_timeout=PROMPT)
+    flushing, closing = threading.Event(), threading.Event()
+    fsync_part, cancel = OutputDir.fsync_part, receiver.cancel
+
+    def slow_disk(output: OutputDir, name: str) -> None:
+        flushing.set()
+        closing.wait(PROMPT)
+        fsync_part(output, name)
+
+    def cancelled(reason: str = "cancelled") -> None:
+        closing.set()
+        cancel(reason)
+    monkeypatch.setattr(OutputDir, "fsync_part", slow_disk)
+    monkeypatch.setattr(receiver, "cancel", cancelled)
+    call = Background("receive()", receiver.receive)
+    socks = replay(receiver.address, capture_bytes(qemu72_captures, "none"), keep_open=True)
+    try:
+        assert flushing.wait(PROMPT), "the receive never flushed"
+        receiver.close()
+        assert_closed(call, "QemuReceiver")
+    finally:
+        for sock in socks:
+            sock.close()
+    assert_nothing_complete(out)
     leaks.assert_clean()
 
 
@@ -457,7 +493,7 @@ def test_a_receive_cancelled_before_it_failed_raises_the_cancel(tmp_path, leaks,
     descriptor: -1), for "freed while the migration ran"."""
     receiver = qemu.QemuReceiver("tcp:127.0.0.1:0", tmp_path / "out", timeout=PROMPT)
 
-    def cancelled_then_failed(session) -> None:
+    def cancelled_then_failed(session, *args) -> None:
         receiver.cancel("stop")
         raise ValueError("Invalid file descriptor: -1")
     monkeypatch.setattr(QemuReceiving, "run", cancelled_then_failed)
@@ -476,7 +512,7 @@ def test_a_receive_whose_receiver_is_freed_under_it_fails_saying_so(tmp_path, le
     place of "freed while the migration ran"."""
     receiver = qemu.QemuReceiver("tcp:127.0.0.1:0", tmp_path / "out", timeout=PROMPT)
 
-    def freed_meanwhile(session) -> None:
+    def freed_meanwhile(session, *args) -> None:
         free_unclosed(receiver._resources)          # what the finalizer does
         raise ValueError("Invalid file descriptor: -1")     # its next wait's
     monkeypatch.setattr(QemuReceiving, "run", freed_meanwhile)

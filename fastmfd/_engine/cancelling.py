@@ -57,6 +57,11 @@ class WatchCancel:
         except OSError:         # closed (the session is over), or woken already
             pass
 
+    def check(self) -> None:
+        """Raise the cancel's error, if cancelled (for a step that does not wait)."""
+        if self.error is not None:
+            raise self.error
+
     def first(self, exc: Exception) -> Exception:
         """``exc``, the session's failure, unless the cancel came first: then the
         cancel's error (``exc`` most likely its doing)."""

@@ -45,7 +45,7 @@ import mmap
 import os
 import socket
 import time
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 
@@ -140,7 +140,9 @@ class QemuReceiving:
         self.connections = QemuConnections(listener, self.watch, self._set_aside, self.greeter)
 
     # ------------------------------------------------------------ the session
-    def run(self) -> QemuStreamFacts:
+    def run(self, check_cancel: Callable[[], None]) -> QemuStreamFacts:
+        """The migration, to its files flushed (``check_cancel()`` raises a cancel
+        between the flush's steps; every wait before it raises one at once)."""
         deadline = time.monotonic() + self.timeout
         while self.connections.main is None:
             left = deadline - time.monotonic()
@@ -173,7 +175,7 @@ class QemuReceiving:
         # No block list, no counters: no channel carried a page.
         facts.multifd_zero_pages = (self.counters.total("zero_pages")
                                     if self.counters is not None else 0)
-        self._flush()
+        self._flush(check_cancel)
         return facts
 
     def _closed_early(self, exc: ProtocolError) -> FastMFDError:
@@ -559,10 +561,10 @@ class QemuReceiving:
                                 expected="one method")
         self.facts.compression = methods.pop() if methods else None
 
-    def _flush(self) -> None:
+    def _flush(self, check_cancel: Callable[[], None]) -> None:
         for name, region in self.regions.items():
             try:
-                region.flush()
+                region.flush(between=check_cancel)      # (a large file, a slow disk)
                 self.out.fsync_part(name)
             except OSError as exc:
                 raise MigrationError(f"RAMBlock {name!r}: writing it to disk failed: "
