@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from fastmfd import qemu
-from fastmfd._engine import qemu_sending
+from fastmfd._engine import cancelling, qemu_sending
 from fastmfd._engine.qemu_receiving import QemuReceiving
 from fastmfd._engine.session import _free as free_unclosed
 from fastmfd.errors import ConfigError, MigrationError
@@ -253,6 +253,36 @@ def test_a_cancel_that_meets_a_send_failing_already_leaves_it_its_failure(
         destination.listen(0)                   # one connection waits, unaccepted
         with pytest.raises(MigrationError, match="^cannot connect to .*timed out"):
             sender.send("tcp:127.0.0.1:%d" % destination.getsockname()[1])
+    leaks.assert_clean()
+
+
+def test_two_cancels_at_once_are_one_that_came_first(tmp_path, qemu72_captures, leaks,
+                                                     monkeypatch):
+    """A user's cancel() as close() cancels: both found no cancel yet, each made
+    its error, and the one recorded as first was not the one kept, so a failure
+    that followed (the cancel's own consequence: the main channel shut) was taken
+    for the send's own, and raised with its hint (5 of 30 rounds of
+    /work/notes/qcancel/cancel_races_close_mid_send.py). Each error is made here
+    as the other cancel makes its own, where both can."""
+    saved = tmp_path / "first"
+    receive_replay(saved, capture_bytes(qemu72_captures, "none"))
+    together = threading.Barrier(2, timeout=1.0)
+
+    class MadeTogether(MigrationError):
+        def __init__(self, *args, **kwargs) -> None:
+            with contextlib.suppress(threading.BrokenBarrierError):
+                together.wait()             # (one at a time: the other's wait ends)
+            super().__init__(*args, **kwargs)
+    for module in (qemu_sending, cancelling):
+        monkeypatch.setattr(module, "MigrationError", MadeTogether)
+    with qemu.QemuSender(saved, stall_timeout=PROMPT) as sender:
+        session = sender._session
+        assert session is not None
+        cancels = [Background("cancel()", lambda: sender.cancel(reason))
+                   for reason in ("one", "other")]
+        for cancel in cancels:
+            cancel.result(PROMPT)
+        assert session._failing(OSError("the main channel, shut")) is session.cancelled
     leaks.assert_clean()
 
 

@@ -28,7 +28,17 @@ class FirstError:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self.cancelled: MigrationError | None = None    # the first cancel's error
         self._first: Exception | None = None
+
+    def cancel(self, reason: str) -> MigrationError:
+        """Record a cancel (of two at once, one: its error is what both raise)."""
+        with self._lock:
+            if self.cancelled is None:
+                self.cancelled = MigrationError(reason)
+            if self._first is None:
+                self._first = self.cancelled
+            return self.cancelled
 
     def record(self, exc: Exception) -> Exception:
         """Record ``exc`` unless a cancel or failure came first; the first."""
@@ -44,18 +54,20 @@ class WatchCancel:
 
     def __init__(self, watch: Watch) -> None:
         self._wake, self._waker = socket.socketpair()
-        self.error: MigrationError | None = None
         self._order = FirstError()
         watch.add(self._wake, self._raise)
 
     def cancel(self, reason: str) -> None:
-        if self.error is None:
-            self.error = MigrationError(reason)
-        self._order.record(self.error)
+        self._order.cancel(reason)
         try:
             self._waker.send(b"\0", socket.MSG_DONTWAIT)
         except OSError:         # closed (the session is over), or woken already
             pass
+
+    @property
+    def error(self) -> MigrationError | None:
+        """The cancel's error, once cancelled."""
+        return self._order.cancelled
 
     def check(self) -> None:
         """Raise the cancel's error, if cancelled (for a step that does not wait)."""

@@ -139,7 +139,6 @@ class QemuSending:
         self.main: socket.socket | None = None     # an ssl.SSLSocket with TLS
         self.answers: ReturnPathWatch | None = None     # the destination's, on it
         self._ended: str | None = None      # how the destination ended it, once known
-        self.cancelled: MigrationError | None = None    # by cancel(), from another thread
         self._order = FirstError()          # of a cancel and a failure: what run() raises
         self._sent_whole = False            # the stream all sent: the destination loads it
         self._connecting: socket.socket | None = None   # a connection being made
@@ -197,13 +196,16 @@ class QemuSending:
         """Fail run() from another thread, at once: every wait of it ends (its
         sockets shut, which fails the destination's migration; the selector
         aborted), each step checks, and it raises MigrationError(``reason``)."""
-        if self.cancelled is None:
-            self.cancelled = MigrationError(reason)
-        self._order.record(self.cancelled)
+        self._order.cancel(reason)
         for sock in [self._connecting, self.main, *self.data]:
             if sock is not None:
                 shutdown_quietly(sock)      # (one connecting: its connect() ends)
         self.selector.abort()
+
+    @property
+    def cancelled(self) -> MigrationError | None:
+        """cancel()'s error, once cancelled (from another thread)."""
+        return self._order.cancelled
 
     def _failing(self, exc: Exception) -> Exception:
         """Record ``exc`` as the send's failure, unless a cancel or a failure came
