@@ -460,8 +460,9 @@ class QemuSender(Owner):
         have loaded it and run the guest: the error says so."""
         check_types("cancel", reason=(reason, STR))
         self._check_own_process()
-        if self._session is not None:
-            self._session.cancel(reason)
+        session = self._session         # (None once a close() from another thread freed it)
+        if session is not None:
+            session.cancel(reason)
 
     def _release(self) -> None:
         """Stop the workers and free the files (idempotent, see close())."""

@@ -286,6 +286,21 @@ def test_two_cancels_at_once_are_one_that_came_first(tmp_path, qemu72_captures, 
     leaks.assert_clean()
 
 
+def test_a_sender_s_cancel_that_acts_once_it_was_closed_raises_nothing(tmp_path,
+                                                                       qemu72_captures, leaks):
+    """cancel() from one thread as close() from another frees the sender: one that
+    found the session before close() let go of it, and acts on it after, aborted
+    the selector close() had freed (ValueError: ChannelSelector is closed)."""
+    saved = tmp_path / "first"
+    receive_replay(saved, capture_bytes(qemu72_captures, "none"))
+    sender = qemu.QemuSender(saved, stall_timeout=PROMPT)
+    session = sender._session
+    assert session is not None
+    sender.close()
+    session.cancel("as it closed")              # what that cancel() does next
+    leaks.assert_clean()
+
+
 def black_hole(listener: socket.socket, ended: threading.Event,
                taken: list[socket.socket]) -> None:
     """Take every connection (into ``taken``, for the caller to close) and read it to

@@ -200,7 +200,10 @@ class QemuSending:
         for sock in [self._connecting, self.main, *self.data]:
             if sock is not None:
                 shutdown_quietly(sock)      # (one connecting: its connect() ends)
-        self.selector.abort()
+        try:
+            self.selector.abort()
+        except ValueError:      # closed: freed by a close() from another thread, unused
+            pass
 
     @property
     def cancelled(self) -> MigrationError | None:
