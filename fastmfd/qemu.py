@@ -66,7 +66,8 @@ from typing import Any, Callable, Literal
 
 from ._engine.cancelling import WatchCancel
 from ._engine.qemu_receiving import MAX_WORKERS, QemuReceiving, QemuStreamFacts
-from ._engine.qemu_sending import QEMU_PACKET_BYTES, QemuSending, QemuStream
+from ._engine.qemu_sending import QEMU_PACKET_BYTES, QemuSending
+from ._engine.qemu_stream import QemuStream
 from ._engine.session import Owner
 from .arguments import (BOOL, INT, PATH, POSITIVE, STR, UNSIGNED, Kind, check_types,
                         instance_of, optional, up_to)
