@@ -132,8 +132,8 @@ class QemuSending:
         except Exception as exc:
             # First error wins, as a Source's SessionFailure orders a cancel and a
             # failure: what failed after the cancel is most likely its consequence
-            # (its sockets shut); a cancel that met the send failing already ended
-            # only its waits (it raised the cancel, the failure its mere cause).
+            # (its sockets shut); a cancel that meets the send failing already only
+            # ends its waits, and the failure is what the user reads.
             first = self._failing(exc)
             if first is self.cancelled:
                 raise self._cancel_error() from (None if exc is first else exc)
