@@ -10,9 +10,11 @@ What counts as a leak, and why it is attributed this way:
 - a child process still running (or unreaped), except multiprocessing's
   forkserver and resource tracker, started once and shared by every test;
 - a ``/dev/shm/fastmfd-*`` segment that appeared during the test and still
-  exists, unless a process outside this run's process tree maps it: the
-  machine is shared with other sessions creating segments of their own (one
-  they leak, unmapped, while a test runs is indistinguishable from ours);
+  exists, made by a process of this run's tree or one gone since (its name
+  says who made it: ``shm.creator_pid``), unless a process outside the tree
+  maps it: the machine is shared with other sessions creating segments of
+  their own (one that a process gone by now leaked, unmapped, while a test
+  runs is indistinguishable from ours);
 - a socket of this process opened during the test and still open (a
   listener, a channel, a worker's control pipe).
 
@@ -32,7 +34,8 @@ import time
 import pytest
 
 from fastmfd.shm import SHM_DIR, list_segments
-from proc_scan import infrastructure_pids, mapped_outside, os_children, process_tree
+from proc_scan import (infrastructure_pids, made_by_this_run, mapped_outside, os_children,
+                       process_tree)
 
 GRACE_SECONDS = 5.0     # how long a leftover may take to go away on its own
 POLL_SECONDS = 0.02
@@ -101,7 +104,7 @@ class LeakCheck:
     def segments(self, keep=()) -> set[str]:
         kept = {name for region in keep
                 for name in (region.handle.location, region.handle.dirty)}
-        new = set(list_segments()) - self._segments_before - kept
+        new = made_by_this_run(set(list_segments()) - self._segments_before - kept)
         return new - _mapped_elsewhere(new) if new else new
 
     def sockets(self) -> dict[int, str]:

@@ -101,8 +101,8 @@ def test_a_two_channel_session_needs_no_memory_for_greeting_spares(leaks):
     assert need < 100 * MIB
     outcome, regions, started = migrate(need - 1, config)
     assert regions == [] and started == 4
-    assert (f"the source's 2 channel(s) need 5 worker processes (the 4 receive workers started "
-            f"ahead (workers=), and the reassembly process;") in str(outcome.dest_error)
+    assert ("the source's 2 channel(s) need 5 worker processes (the 4 receive workers started "
+            "ahead (workers=), and the reassembly process;") in str(outcome.dest_error)
     outcome, _, started = migrate(need, config)
     outcome.ok()
     assert started == 4
