@@ -421,64 +421,77 @@ def test_a_stranger_greeted_after_the_count_is_dropped(counted):
     assert not connections.overdue and not connections.greeting
 
 
-def test_a_connection_max_memory_has_no_room_to_greet_waits_or_is_refused():
+class Door:
+    """QemuConnections in TLS with a StubGreeter, one connection taken and still being
+    greeted (``first``); every socket closed by close()."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.stub, self.watch = StubGreeter(), Watch()
+        self.connections = qemu_channels.QemuConnections(
+            self.listener, self.watch, lambda channel: None, self.stub)  # type: ignore[arg-type]
+        self.clients: list[socket.socket] = []
+        self.first = self.connect()
+        self.connections._accept()
+        assert len(self.stub.greeted) == 1
+
+    def connect(self) -> socket.socket:
+        self.clients.append(socket.create_connection(self.listener.getsockname()))
+        return self.clients[-1]
+
+    def close(self) -> None:
+        for sock in (*self.connections.sockets(), *self.clients, self.listener):
+            sock.close()
+
+
+@pytest.fixture
+def door():
+    taken = Door()
+    yield taken
+    taken.close()
+
+
+def test_a_connection_max_memory_has_no_room_to_greet_waits_or_is_refused(door):
     """Under max_memory a connection is greeted only where the bound holds it as a
     channel (TLSGreeter.room): while others are being greeted it waits in the backlog
     until one ends; with none being greeted (nothing would make room) it is refused
     at once, counted, and no worker greets it."""
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        stub = StubGreeter()
-        watch = Watch()
-        connections = qemu_channels.QemuConnections(listener, watch, lambda channel: None,
-                                                    stub)   # type: ignore[arg-type]
-        first = socket.create_connection(listener.getsockname())
-        connections._accept()
-        assert len(stub.greeted) == 1
-        stub.no_room = lambda greeting: "no room"
-        second = socket.create_connection(listener.getsockname())
-        connections._accept()                   # the first still being greeted: waits
-        assert len(stub.greeted) == 1 and listener not in watch._handlers
-        stub.on_greeted("worker", Refused("no certificate", authenticated=False))
-        assert listener in watch._handlers      # a greeting ended: the next may be taken
-        connections._accept()                   # none being greeted, no room: refused
-        assert len(stub.greeted) == 1 and connections.no_room.count == 1
-        assert connections.no_room.first.endswith(qemu_channels.NO_ROOM)
-        second.settimeout(5)
-        assert second.recv(1) == b""
-        stub.no_room = lambda greeting: None
-        third = socket.create_connection(listener.getsockname())
-        connections._accept()
-        assert len(stub.greeted) == 2
-        for sock in (*connections.sockets(), first, second, third):
-            sock.close()
+    stub, connections, watch = door.stub, door.connections, door.watch
+    stub.no_room = lambda greeting: "no room"
+    second = door.connect()
+    connections._accept()                   # the first still being greeted: waits
+    assert len(stub.greeted) == 1 and door.listener not in watch._handlers
+    stub.on_greeted("worker", Refused("no certificate", authenticated=False))
+    assert door.listener in watch._handlers     # a greeting ended: the next may be taken
+    connections._accept()                   # none being greeted, no room: refused
+    assert len(stub.greeted) == 1 and connections.no_room.count == 1
+    assert connections.no_room.first.endswith(qemu_channels.NO_ROOM)
+    second.settimeout(5)
+    assert second.recv(1) == b""
+    stub.no_room = lambda greeting: None
+    door.connect()
+    connections._accept()
+    assert len(stub.greeted) == 2
 
 
-def test_a_wait_for_room_that_nothing_being_greeted_can_end_fails(monkeypatch):
+def test_a_wait_for_room_that_nothing_being_greeted_can_end_fails(door, monkeypatch):
     """Under max_memory a connection waits for room while a greeting under way may
     end (a stranger's handshake does, at its deadline); once each is through its TLS
     handshake (QEMU's main channel, saying nothing until its channels are through
     theirs) nothing will, and the wait fails after NO_ROOM_WAIT, saying why."""
     monkeypatch.setattr(qemu_channels, "NO_ROOM_WAIT", 0.05)
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        stub = StubGreeter()
-        watch = Watch()
-        connections = qemu_channels.QemuConnections(listener, watch, lambda channel: None,
-                                                    stub)   # type: ignore[arg-type]
-        first = socket.create_connection(listener.getsockname())
-        connections._accept()
-        stub.no_room = lambda greeting: "no room"
-        second = socket.create_connection(listener.getsockname())
-        for _ in range(2):                      # the first's handshake is under way
-            watch.poll(0.2)
-        assert len(stub.greeted) == 1 and listener not in watch._handlers
-        stub.on_greeted("worker", QemuAuthenticated())
-        with pytest.raises(MigrationError, match=re.escape(
-                f"listener: no room; {qemu_channels.NO_ROOM_LEFT}")):
-            for _ in range(20):                 # its listener's turn, then the alarm's
-                watch.poll(1.0)
-        assert len(stub.greeted) == 1
-        for sock in (*connections.sockets(), first, second):
-            sock.close()
+    stub, watch = door.stub, door.watch
+    stub.no_room = lambda greeting: "no room"
+    door.connect()
+    for _ in range(2):                      # the first's handshake is under way
+        watch.poll(0.2)
+    assert len(stub.greeted) == 1 and door.listener not in watch._handlers
+    stub.on_greeted("worker", QemuAuthenticated())
+    with pytest.raises(MigrationError, match=re.escape(
+            f"listener: no room; {qemu_channels.NO_ROOM_LEFT}")):
+        for _ in range(20):                 # its listener's turn, then the alarm's
+            watch.poll(1.0)
+    assert len(stub.greeted) == 1
 
 
 def test_greetings_under_max_memory_are_what_it_holds_as_channels(tmp_path):
