@@ -228,9 +228,10 @@ class QemuReceiver(Owner):
             return QemuReceived(facts, out.files(), manifest,
                                 time.monotonic() - session.main_at, session.channel_stats())
         except BaseException as exc:
+            # Recorded first: a cancel during the clean-up below came after the failure.
+            first = cancelling.first(exc) if isinstance(exc, Exception) else exc
             session.close()         # nothing writes any more
             output.abort()
-            first = cancelling.first(exc) if isinstance(exc, Exception) else exc
             if first is not exc:    # cancelled before it failed: (most likely) the cause
                 raise first from exc
             raise

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
 
 import pytest
 
@@ -85,3 +86,35 @@ def test_a_full_disk_is_an_error_naming_the_file(small_disk):
     with pytest.raises(OutputError, match=rf"^{path}: not written: No space left on device$"):
         write_new_file(str(path), bytes(2 << 20))
     assert os.listdir(small_disk) == []
+
+
+def test_a_file_system_with_no_inode_left_is_an_error_naming_the_file(small_disk):
+    """Making its temporary file failed with the errno and the temporary's name
+    ("[Errno 28] No space left on device: '.results.json.1a2b3c4d.part'"), not the
+    file asked for, nor that it was not written (a review)."""
+    remount = subprocess.run(["mount", "-o", "remount,nr_inodes=2", str(small_disk)],
+                             capture_output=True, text=True)
+    assert remount.returncode == 0, remount.stderr
+    (small_disk / "filler").touch()         # the last inode (the root holds the other)
+    path = small_disk / "results.json"
+    with pytest.raises(OutputError, match=rf"^{path}: not written: No space left on device$"):
+        write_new_file(str(path), b"{}")
+    assert os.listdir(small_disk) == ["filler"]
+
+
+
+def test_an_absolute_directory_is_taken_where_the_working_directory_was_removed(
+        tmp_path, monkeypatch):
+    """Whose it is was walked from the working directory, absolute or not: one removed
+    (a shell left in a deleted directory) refused it as "replaced as it was opened"
+    (a review)."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    out = OutputDir(str(tmp_path / "out"))
+    try:
+        assert out.real == str(tmp_path / "out")
+    finally:
+        out.abort()
+        out.close()

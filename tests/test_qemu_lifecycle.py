@@ -549,6 +549,26 @@ def test_a_receive_cancelled_before_it_failed_raises_the_cancel(tmp_path, leaks,
     leaks.assert_clean()
 
 
+def test_a_cancel_during_a_failed_receives_clean_up_leaves_it_its_failure(tmp_path, leaks,
+                                                                           monkeypatch):
+    """The failure was recorded after the clean-up (the workers stopped, the files
+    removed): a cancel from another thread meanwhile counted as first, and receive()
+    raised it in place of its own failure (a review)."""
+    receiver = qemu.QemuReceiver("tcp:127.0.0.1:0", tmp_path / "out", timeout=0.5)
+    real_close = QemuReceiving.close
+
+    def cancelled_as_it_closes(session) -> None:
+        cancel = threading.Thread(target=receiver.cancel, args=("cancelled by the user",))
+        cancel.start()
+        cancel.join()
+        real_close(session)
+    monkeypatch.setattr(QemuReceiving, "close", cancelled_as_it_closes)
+    with receiver, pytest.raises(MigrationError, match="^main channel: no QEMU connected "):
+        receiver.receive()
+    assert_nothing_complete(tmp_path / "out")
+    leaks.assert_clean()
+
+
 def test_a_receive_whose_receiver_is_freed_under_it_fails_saying_so(tmp_path, leaks,
                                                                     monkeypatch):
     """The receiver freed from another thread as receive() fails (at the interpreter's

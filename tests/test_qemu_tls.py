@@ -16,6 +16,7 @@ import ssl
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import pytest
 import trustme
 
 from fastmfd import TLSConfig, qemu
+from fastmfd._engine import qemu_sending
 from fastmfd.errors import MigrationError, SecurityError
 from qemu_support import (QEMU, QEMUS, Background, assert_loaded, incoming_guest, needs_qemu,
                           saved_guest, wait_until_filled)
@@ -349,4 +351,45 @@ def test_a_sender_closed_during_its_main_channel_s_handshake_ends_at_once(tmp_pa
             sender.close()
             with pytest.raises(MigrationError, match="^the QemuSender was closed$"):
                 sending.result(10.0)
+    leaks.assert_clean()
+
+
+def test_a_cancel_that_saw_the_connection_before_tls_took_it_ends_the_handshake(
+        tmp_path, qemu72_captures, monkeypatch, leaks):
+    """cancel() reads the sockets to shut, then shuts them: one that read the plain
+    connection just before send() handed it to TLS shut a detached socket (fd -1),
+    never the copy a cancel shuts, and send() waited for the handshake's end, its
+    timeout (a review; the cancel's thread held there, as a thread switch holds it)."""
+    saved = tmp_path / "first"
+    receive_replay(saved, capture_bytes(qemu72_captures, "none"))
+    creds = credentials(tmp_path, trustme.CA())
+    real_connect, real_shutdown = qemu_sending.connect, qemu_sending.shutdown_quietly
+    listed = threading.Event()
+
+    def held_after_its_list(sock):
+        if threading.current_thread().name == "canceller":
+            listed.set()
+            deadline = time.monotonic() + 2
+            while sock.fileno() != -1 and time.monotonic() < deadline:
+                time.sleep(0.01)            # until send() has handed it to its SSLSocket
+        real_shutdown(sock)
+
+    def connected_then_cancelled(address, timeout, connecting):
+        sock = real_connect(address, timeout, connecting)
+        threading.Thread(target=sender.cancel, args=("stop now",), name="canceller",
+                         daemon=True).start()
+        listed.wait(5)                      # the cancel came now, seeing ``sock``
+        return sock
+
+    monkeypatch.setattr(qemu_sending, "connect", connected_then_cancelled)
+    monkeypatch.setattr(qemu_sending, "shutdown_quietly", held_after_its_list)
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        sender = qemu.QemuSender(saved, timeout=60.0, stall_timeout=60.0, tls=creds.source)
+        sending = Background("send()", lambda: sender.send(
+            f"tcp:127.0.0.1:{silent.getsockname()[1]}"))
+        held, _ = silent.accept()           # taken, and nothing said
+        with held:
+            with pytest.raises(MigrationError, match="^stop now$"):
+                sending.result(10.0)        # (its timeout: 60 s)
+        sender.close()
     leaks.assert_clean()

@@ -237,7 +237,12 @@ class QemuSending:
         # The SSLSocket takes the connection from ``main`` (detached, it can no
         # longer be shut): a cancel shuts this copy of it, kept until close(), which
         # ends the handshake (it waited for the handshake's end, up to the timeout).
-        self._connecting = self._own(main.dup())
+        # Checked once it is there: a cancel that took its sockets before saw ``main``.
+        try:
+            self._connecting_now(self._own(main.dup()))
+        except MigrationError:
+            main.close()
+            raise
         try:
             return tls_connect(main, security, time.monotonic() + self.connect_timeout, MAIN)
         except SecurityError as exc:

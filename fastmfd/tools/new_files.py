@@ -144,6 +144,12 @@ def write_durably(fd: int, data: bytes) -> None:
     os.fsync(fd)
 
 
+def _not_written(path: str, exc: OSError) -> OutputError:
+    """The file system's failure (ENOSPC, EIO, no inode left), naming ``path``: the
+    errno alone names no file, or the temporary one."""
+    return OutputError(f"{path}: not written: {exc.strerror or exc}")
+
+
 def write_new_file(path: str, data: bytes) -> None:
     """Write ``data`` to the new file ``path``: under a temporary name, fsynced, then
     renamed to ``path``, and the directory fsynced. If something is at ``path`` by
@@ -151,11 +157,17 @@ def write_new_file(path: str, data: bytes) -> None:
     any other failure removes the temporary file, and one of the file system's
     (a full disk, EIO) is an OutputError naming ``path``."""
     directory, name = os.path.split(os.path.abspath(path))
-    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     temporary = f".{name}.{secrets.token_hex(4)}.part"
     try:
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                     | os.O_CLOEXEC, 0o644, dir_fd=dir_fd)
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise _not_written(path, exc) from None
+    try:
+        try:
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o644, dir_fd=dir_fd)
+        except OSError as exc:
+            raise _not_written(path, exc) from None
         try:
             try:
                 write_durably(fd, data)
@@ -167,8 +179,8 @@ def write_new_file(path: str, data: bytes) -> None:
                               f"in {os.path.join(directory, temporary)}") from None
         except BaseException as exc:
             os.unlink(temporary, dir_fd=dir_fd)
-            if isinstance(exc, OSError):    # (ENOSPC, EIO: the errno alone names no file)
-                raise OutputError(f"{path}: not written: {exc.strerror or exc}") from None
+            if isinstance(exc, OSError):
+                raise _not_written(path, exc) from None
             raise
         try:
             os.fsync(dir_fd)

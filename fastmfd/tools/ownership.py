@@ -71,7 +71,7 @@ def _walked(path: str) -> tuple[list[tuple[str, os.stat_result]], os.stat_result
     place, and ".." after it leads to its target's parent, as in the kernel."""
     walked = [("/", os.lstat("/"))]
     where, links = "/", 0
-    todo = os.path.join(os.getcwd(), path).split("/")[::-1]
+    todo = (path if os.path.isabs(path) else os.path.join(os.getcwd(), path)).split("/")[::-1]
     while todo:
         name = todo.pop()
         if name in ("", "."):
