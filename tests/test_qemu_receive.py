@@ -37,6 +37,7 @@ from captures import BLOCKS, UUID
 from inspect_support import NATIVE_CAPTURES
 from fastmfd import _core, qemu
 from fastmfd._engine.memory_bound import WORKER_BYTES
+from fastmfd._engine.qemu_channels import QemuChannel, choose_channels, migration_uuid
 from fastmfd.errors import ConfigError, FastMFDError, MigrationError, ProtocolError
 from fastmfd.protocol.bytereader import ByteReader
 from fastmfd.protocol.setup import MAX_REGIONS
@@ -971,6 +972,26 @@ def test_corrupt_stream_fails_cleanly(tmp_path, captures, corrupt, match):
     with pytest.raises((ProtocolError, MigrationError), match=match):
         receive_replay(out, files)
     assert_nothing_complete(out)
+
+
+def test_the_migrations_uuid_is_the_first_connected_channels_not_the_first_read():
+    """The multifd channels send their init packets at once, and the one read first
+    was taken for the migration's uuid where the stream carries none: a replay with
+    channel 2's uuid zeroed named channel 1's as the wrong one when channel 2's packet
+    was read first (test_corrupt_stream_fails_cleanly[10.0-native-multifd-init-uuid]
+    failed so in a full suite under load)."""
+    first = QemuChannel(1, socket.socket(), None, bytes.fromhex("12" * 16), arrival=1)
+    second = QemuChannel(0, socket.socket(), None, bytes(16), arrival=2)
+    try:
+        read_first = [second, first]        # candidates: in the order their packets came
+        assert migration_uuid(read_first, main_arrival=0, configured=None) == first.uuid
+        with pytest.raises(ProtocolError, match=(
+                rf"^multifd channel 0: init packet field 'uuid': received {'0' * 32}, "
+                rf"expected {'12' * 16} \(the migration's: multifd channel 1's, ")):
+            choose_channels(read_first, 0, first.uuid)
+    finally:
+        first.sock.close()
+        second.sock.close()
 
 
 def _flip_at(data: bytes, find: bytes, value: bytes, skip: int = 0) -> bytes:

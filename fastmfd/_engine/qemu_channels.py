@@ -127,19 +127,25 @@ class QemuChannel:
 def migration_uuid(candidates: list[QemuChannel], main_arrival: int,
                    configured: bytes | None) -> bytes | None:
     """The UUID of the migration: the main channel's configuration's, else the
-    first channel's that came after the main channel (else the first's)."""
+    first channel's that came after the main channel (else the first's): first to
+    connect, not first to finish its init packet (the order ``candidates`` has)."""
     if configured is not None or not candidates:
         return configured
     after = [c for c in candidates if c.arrival > main_arrival]
-    return (after or candidates)[0].uuid
+    return min(after or candidates, key=_arrival).uuid
+
+
+def _arrival(channel: QemuChannel) -> int:
+    return channel.arrival
 
 
 def choose_channels(candidates: list[QemuChannel], main_arrival: int, uuid: bytes | None
                     ) -> tuple[dict[int, QemuChannel], list[tuple[QemuChannel, str]]]:
     """QEMU's channels by id, and the strangers with why (module docstring);
-    ``candidates`` in the order they came."""
+    ``candidates`` taken in the order they connected."""
     expected = uuid.hex() if uuid is not None else None
     chosen: dict[int, QemuChannel] = {}
+    candidates = sorted(candidates, key=_arrival)
     for channel in [c for c in candidates if c.arrival > main_arrival]:
         where = f"multifd channel {channel.id}"
         if channel.uuid != uuid:
