@@ -226,7 +226,8 @@ class QemuReceiver(Owner):
             out.commit(manifest)
             session.answers.confirm()       # a source with a return path completes now
             return QemuReceived(facts, out.files(), manifest,
-                                time.monotonic() - session.main_at, session.channel_stats())
+                                time.monotonic() - session.connections.main_at,
+                                session.channel_stats())
         except BaseException as exc:
             # Recorded first: a cancel during the clean-up below came after the failure.
             first = cancelling.first(exc) if isinstance(exc, Exception) else exc

@@ -20,6 +20,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -33,10 +34,12 @@ from fastmfd._engine import cancelling, qemu_sending
 from fastmfd._engine.qemu_receiving import QemuReceiving
 from fastmfd._engine.session import _free as free_unclosed
 from fastmfd.errors import ConfigError, MigrationError
+from fastmfd.protocol.bytereader import ByteReader, StreamReader
+from fastmfd.protocol.qemu import RAM_CONTINUE, RAM_PAGE, QevmDecoder
 from fastmfd.tools.outputs import OutputDir
 from proc_scan import alive
-from qemu_support import (QEMUS, Background, Guest, assert_nothing_complete, incoming_guest,
-                          pattern, saved_guest, wait_until_filled)
+from qemu_support import (PAGE, QEMUS, Background, Guest, assert_nothing_complete,
+                          incoming_guest, pattern, saved_guest, wait_until_filled)
 from test_qemu_receive import capture_bytes, receive_replay, replay
 
 GUEST_MIB = 64
@@ -163,6 +166,69 @@ def test_a_receiver_closed_from_another_thread_as_it_flushes_ends_it_there(
     finally:
         for sock in socks:
             sock.close()
+    assert_nothing_complete(out)
+    leaks.assert_clean()
+
+
+class _BlockList(Exception):
+    """Where a main channel's block list ends, and its blocks."""
+
+
+class _BlockListFinder(QevmDecoder):
+    def on_blocks(self) -> None:
+        raise _BlockList(self.r.pos, dict(self.out.blocks))
+
+
+def with_pages_on_main(files: dict[str, bytes], pages: int) -> dict[str, bytes]:
+    """A capture whose main channel carries ``pages`` PAGE records after its block
+    list (in its largest block), all sent before its first barrier: bytes that
+    keep coming while it decodes them."""
+    main = files["conn0.bin"]
+    with pytest.raises(_BlockList) as found:
+        _BlockListFinder(ByteReader("conn0.bin", main), PAGE).decode_ram()
+    at, blocks = found.value.args
+    block = max(blocks, key=blocks.get)
+    assert pages * PAGE <= blocks[block]
+    data = bytes(range(256)) * (PAGE // 256)
+    records = [struct.pack(">QB", RAM_PAGE, len(block)) + block.encode() + data]
+    records += [struct.pack(">Q", i * PAGE | RAM_PAGE | RAM_CONTINUE) + data
+                for i in range(1, pages)]
+    return {**files, "conn0.bin": main[:at] + b"".join(records) + main[at:]}
+
+
+def test_a_cancel_while_the_main_channel_keeps_sending_ends_the_receive(
+        tmp_path, qemu72_captures, leaks, monkeypatch):
+    """Only a wait saw a cancel, and the main channel is read without one while
+    its bytes wait: a cancel was seen at its next pause or barrier (3.5 MiB of
+    records on it held one for 2.8 s). Now it ends the reading within one read."""
+    files = with_pages_on_main(capture_bytes(qemu72_captures, "none"), 8192)   # 32 MiB
+    decoding, cancelled = threading.Event(), threading.Event()
+    pages: list[int] = []
+    on_page = QemuReceiving.on_page
+
+    def counted(session, *args) -> None:
+        pages.append(cancelled.is_set())
+        if not decoding.is_set():
+            decoding.set()
+            assert cancelled.wait(PROMPT), "never cancelled"
+        on_page(session, *args)
+
+    monkeypatch.setattr(QemuReceiving, "on_page", counted)
+    out = tmp_path / "out"
+    with qemu.QemuReceiver("tcp:127.0.0.1:0", out, stall_timeout=PROMPT) as receiver:
+        call = Background("receive()", receiver.receive)
+        socks = replay(receiver.address, files)
+        try:
+            assert decoding.wait(PROMPT), "no page came"
+            receiver.cancel("stop reading")
+            cancelled.set()
+            with pytest.raises(MigrationError, match="^stop reading$"):
+                call.result(PROMPT)
+        finally:
+            for sock in socks:
+                sock.close()
+    # What was read when it was cancelled (one read, at most), and no more.
+    assert pages.count(True) <= StreamReader.CHUNK // PAGE, pages.count(True)
     assert_nothing_complete(out)
     leaks.assert_clean()
 
