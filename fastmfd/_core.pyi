@@ -7,7 +7,7 @@ defined).
 """
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final, Self, TypeAlias, overload
 
 from typing_extensions import Buffer
@@ -246,8 +246,11 @@ def pack_descriptor(device: int, idx: int, flags: int, slot: int, length: int,
 def unpack_descriptors(data: _Buffer) -> list[tuple[int, int, int, int, int, int]]: ...
 
 class _RegionTable:
-    def __init__(self, regions: Iterable[Any], received: Iterable[DirtyBitmap] | None = ...,
-                 fresh: Iterable[bool] | None = ...) -> None: ...
+    # Each of received .. hole_fds is indexed by the region's place in ``regions``.
+    def __init__(self, regions: Iterable[Any], received: Sequence[DirtyBitmap] | None = ...,
+                 fresh: Sequence[bool] | None = ..., sparse: Sequence[bool] | None = ...,
+                 page_size: int = ..., place_fds: Sequence[int] | None = ...,
+                 hole_fds: Sequence[int] | None = ...) -> None: ...
 
 class _EngineBase:
     channel: int
