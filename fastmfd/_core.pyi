@@ -10,7 +10,9 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final, Self, TypeAlias, overload
 
-from typing_extensions import Buffer
+# @disjoint_base (PEP 800): a cdef class whose instances have C fields of their own; no
+# class derives from two of them (their layouts clash), which mypy may rely on.
+from typing_extensions import Buffer, disjoint_base
 
 import numpy as np
 import numpy.typing as npt
@@ -56,6 +58,7 @@ def decode_device_header(data: _Buffer, compression: int = ..., extensions: int 
 def encode_chunk_header(out: _Buffer, idx: int, flags: int = ...) -> int: ...
 def decode_chunk_header(data: _Buffer) -> tuple[int, int]: ...
 
+@disjoint_base
 class RamPacket:
     flags: int
     pages_alloc: int
@@ -73,6 +76,7 @@ class RamPacket:
     @property
     def stored(self) -> bool: ...
 
+@disjoint_base
 class RamPacketCodec:
     def __init__(self, packet_pages: int = ..., page_size: int = ..., layout: str = ...,
                  compression: int = ..., regions: Mapping[str, int] | None = ...,
@@ -92,6 +96,7 @@ class RamPacketCodec:
                checksum: int = ...) -> int: ...        # test face
 
 # ---------------------------------------------------------------- shared structures
+@disjoint_base
 class _SharedStructure:
     segment: SharedMemory
     @classmethod
@@ -102,6 +107,7 @@ class _SharedStructure:
     def __enter__(self) -> Self: ...
     def __exit__(self, *exc: object) -> None: ...
 
+@disjoint_base
 class BufferPool(_SharedStructure):
     @classmethod
     def create(cls, nslots: int, slot_size: int, tag: str = ..., sparse: bool = ...) -> Self: ...
@@ -121,6 +127,7 @@ class BufferPool(_SharedStructure):
     def view(self, slot: int) -> memoryview: ...
     def abort(self) -> None: ...
 
+@disjoint_base
 class ChannelSelector(_SharedStructure):
     @classmethod
     def create(cls, nchannels: int, tag: str = ...) -> Self: ...
@@ -134,6 +141,7 @@ class ChannelSelector(_SharedStructure):
     def is_busy(self, ch: int) -> bool: ...
     def abort(self) -> None: ...
 
+@disjoint_base
 class DirtyBitmap(_SharedStructure):
     @classmethod
     def create(cls, npages: int, tag: str = ...) -> Self: ...
@@ -147,6 +155,7 @@ class DirtyBitmap(_SharedStructure):
     def count(self) -> int: ...
     def collect(self) -> npt.NDArray[np.uint64]: ...
 
+@disjoint_base
 class Counters(_SharedStructure):
     @classmethod
     def create(cls, nrows: int, tag: str = ...) -> Self: ...
@@ -167,6 +176,7 @@ def placing_available() -> bool: ...
 def is_zero(buffer: _Buffer) -> bool: ...
 def find_zero_pages(buffer: _Buffer, page_size: int = ...,
                     pages: Iterable[int] | None = ...) -> npt.NDArray[np.uint64]: ...
+@disjoint_base
 class FileHoles:
     def __init__(self, fd: int, page_cache: bool = ...) -> None: ...
     @property
@@ -177,26 +187,31 @@ KNOWN_ZERO_PAGE: Final[int]     # a mailbox page index's bit: a zero page, liste
 
 # ---------------------------------------------------------------- codecs
 COMPRESSION_NAMES: Final[dict[int, str]]
+@disjoint_base
 class Codec:
     flag: int
     def compress(self, data: _Buffer) -> bytes: ...     # test face
     def decompress_into(self, data: _Buffer, out: _Buffer) -> None: ...
     def decompress_upto(self, data: _Buffer, out: _Buffer) -> int: ...
 
+@disjoint_base
 class ZlibCodec(Codec):
     def __init__(self, compressing: bool, level: int = ...) -> None: ...
 
+@disjoint_base
 class ZstdCodec(Codec):
     level: int
     def __init__(self, compressing: bool, level: int = ...) -> None: ...
     def set_level(self, level: int) -> int: ...     # the next packet's level (a new frame)
 
+@disjoint_base
 class IsalZlibCodec(Codec):
     def __init__(self, compressing: bool, level: int = ...) -> None: ...
 
 def make_codec(method: str, compressing: bool, level: int = ...,
                use_isal: bool = ...) -> Codec | None: ...
 
+@disjoint_base
 class AutoModel:        # test face: compression="auto"'s choice, fed given measurements
     link_rate: float
     def __init__(self, pace_rate: float = ...) -> None: ...
@@ -206,6 +221,7 @@ class AutoModel:        # test face: compression="auto"'s choice, fed given meas
               sndbuf: int) -> None: ...
 
 # ---------------------------------------------------------------- TLS
+@disjoint_base
 class TLSChannel:
     """One TLS session (OpenSSL, driven from C) on a connected socket it does not own."""
     fd: int
@@ -245,6 +261,7 @@ def pack_descriptor(device: int, idx: int, flags: int, slot: int, length: int,
                     channel: int) -> bytes: ...
 def unpack_descriptors(data: _Buffer) -> list[tuple[int, int, int, int, int, int]]: ...
 
+@disjoint_base
 class _RegionTable:
     # Each of received .. hole_fds is indexed by the region's place in ``regions``.
     def __init__(self, regions: Iterable[Any], received: Sequence[DirtyBitmap] | None = ...,
@@ -252,6 +269,7 @@ class _RegionTable:
                  page_size: int = ..., place_fds: Sequence[int] | None = ...,
                  hole_fds: Sequence[int] | None = ...) -> None: ...
 
+@disjoint_base
 class _EngineBase:
     channel: int
     buffer_bytes: int
@@ -260,6 +278,7 @@ def receive_channel_bytes(packet_pages: int, page_size: int, largest_region: int
                           chunk_size: int, devices: bool, compression: str,
                           tls: bool = ...) -> int: ...
 
+@disjoint_base
 class SendEngine(_EngineBase):
     def __init__(self, fd: int, channel: int, params: dict[str, Any], codec: Codec | None,
                  regions: list[Any], counters: Counters, selector: ChannelSelector,
@@ -269,6 +288,7 @@ class SendEngine(_EngineBase):
                  hole_fds: list[int] | None = ...) -> None: ...
     def run(self, cmd_fd: int) -> None: ...
 
+@disjoint_base
 class RecvEngine(_EngineBase):
     rounds: int
     @property
