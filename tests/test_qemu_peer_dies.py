@@ -13,6 +13,7 @@ nothing left behind: no worker, /dev/shm segment or socket (the leak check).
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import re
@@ -150,6 +151,31 @@ def test_a_source_stopped_mid_migration_fails_receive_at_its_stall_timeout(tmp_p
     stopped_mid_migration(tmp_path / "out", source, leaks)
 
 
+def test_a_receive_worker_stopped_mid_migration_is_named_as_stopped(tmp_path, source, leaks):
+    """The receive said only "multifd channel N: no SYNC for barrier K within S s" (or
+    "main channel: no data for S s"), which reads as QEMU's or the link's doing, where
+    fastmfd's own worker was stopped (a review, in a network-namespace pair); `fastmfd
+    listen` and `send --qemu` say so."""
+    out = tmp_path / "out"
+    with qemu.QemuReceiver("tcp:127.0.0.1:0", out, stall_timeout=STALL) as receiver:
+        receiving = Background("receive()", receiver.receive)
+        source.migrate(receiver.address)
+        wait_until_filled(landing(out), UNDER_WAY)
+        pid = receiver._session.channels[1].worker.process.pid      # (its session's)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            # (QEMU's main channel waits on that channel too: whichever wait ends first)
+            assert_fails(receiving, r"^(multifd channel 1: no SYNC for barrier \d+ within 2 s"
+                                    r"|main channel: no data for 2 s) "
+                                    r"\(the receive worker of multifd channel 1 is stopped\)$")
+        finally:
+            with contextlib.suppress(ProcessLookupError):     # (stopped: killed by then)
+                os.kill(pid, signal.SIGCONT)
+    assert_nothing_complete(out)
+    resume_and_close(source)
+    leaks.assert_clean()
+
+
 @needs_qemu
 def test_listen_qemu_fails_when_its_source_is_killed(tmp_path, leaks):
     """The command: exit 1 at once, one line on stderr, no file, no process left."""
@@ -250,9 +276,12 @@ def test_a_destination_stopped_mid_send_fails_it_at_its_stall_timeout(destinatio
     guest = destination_to_stop[1]
     sending, workers = send_slowly(destination_to_stop, stall_timeout=STALL)
     os.kill(guest.process.pid, signal.SIGSTOP)
-    assert_fails(sending, r"^(no multifd channel took work for 2 s|main channel: the "
-                          r"destination took no data for 2 s|multifd channel \d: no Done "
-                          r"report within)")
+    said = assert_fails(sending, r"^(no multifd channel took work for 2 s|main channel: the "
+                                 r"destination took no data for 2 s|multifd channel \d: no "
+                                 r"Done report within)")
+    # It had taken pages: not its configuration first (the checklist alone said that).
+    assert "no Done" in said or re.search(r"for 2 s, after \d+(\.\d+)? \w+ of pages went to "
+                                         r"it \(did the link go down, or its QEMU stop\? ", said)
     assert_gone(workers)
     resume_and_close(guest)
     leaks.assert_clean()

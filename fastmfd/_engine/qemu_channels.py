@@ -37,18 +37,19 @@ import logging
 import socket
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 from .. import _core
 from ..errors import FastMFDError, MigrationError, ProtocolError
 from ..protocol.control import QemuAuthenticated, QemuGreeted, Refused
 from ..protocol.qemu import QEVM_MAGIC
 from .admission import describe_peer
+from .liveness import process_stopped
 from .processes import Child, Watch
 from .qemu_tls import COUNT_WAIT, MAX_GREETINGS, MULTIFD_MAGIC, TLSGreeter, not_qemus
 
 __all__ = ["QemuChannel", "QemuConnections", "migration_uuid", "choose_channels",
-           "LATE_BYTES_WAIT", "NO_ROOM", "NO_ROOM_WAIT"]
+           "late_sync_error", "stopped_note", "LATE_BYTES_WAIT", "NO_ROOM", "NO_ROOM_WAIT"]
 
 log = logging.getLogger("fastmfd")
 
@@ -137,6 +138,27 @@ def migration_uuid(candidates: list[QemuChannel], main_arrival: int,
 
 def _arrival(channel: QemuChannel) -> int:
     return channel.arrival
+
+
+def late_sync_error(late: list[QemuChannel], barrier: int, stall: float) -> MigrationError:
+    """No SYNC for ``barrier`` from the ``late`` channels within ``stall`` seconds: one
+    whose receive worker is stopped is named first (:func:`stopped_note`)."""
+    stopped = [c for c in late if _stopped(c)]
+    return MigrationError(f"no SYNC for barrier {barrier} within {stall:g} s{stopped_note(late)}",
+                          channel=f"multifd channel {(stopped or late)[0].id}")
+
+
+def stopped_note(channels: Iterable[QemuChannel]) -> str:
+    """What a stall of the migration says where one of this side's receive workers is
+    stopped (SIGSTOP, a debugger): the stall is this side's, which read as QEMU's or
+    the network's doing (the source waits on that channel, and the main channel with it)."""
+    stopped = [c.id for c in channels if _stopped(c)]
+    return (f" (the receive worker of multifd channel {stopped[0]} is stopped)" if stopped
+            else "")
+
+
+def _stopped(channel: QemuChannel) -> bool:
+    return channel.worker is not None and process_stopped(channel.worker.process.pid)
 
 
 def choose_channels(candidates: list[QemuChannel], main_arrival: int, uuid: bytes | None

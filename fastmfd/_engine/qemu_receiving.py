@@ -59,7 +59,8 @@ from ..protocol.sockets import tune_data_socket
 from ..regions import Region
 from .memory_bound import check_qemu_channels, qemu_greeting_refusal
 from .processes import Child, ChildSet, Watch
-from .qemu_channels import QemuChannel, QemuConnections, choose_channels, migration_uuid
+from .qemu_channels import (QemuChannel, QemuConnections, choose_channels, late_sync_error,
+                            migration_uuid, stopped_note)
 from .qemu_live_decoder import LiveDecoder, QemuStreamFacts
 from .qemu_return_path import SOURCE_NOT_TOLD, ReturnPathAnswers
 from .qemu_tls import MAX_GREETINGS, TLSGreeter
@@ -193,11 +194,10 @@ class QemuReceiving:
 
     def _recv_main(self, n: int) -> bytes:
         """Up to ``n`` bytes of the main channel, serving everything else while none
-        come; b"" at its end. No byte for ``stall`` seconds fails. The main channel is
-        watched only here: elsewhere its unread bytes would end every wait at once (a
-        barrier's wait for SYNCs spun through it, taking a core from the channels it
-        waited for). Nor does a wait see a cancel while its bytes wait: checked here,
-        once a read (3.5 MiB of records decoded one by one held one for 2.8 s)."""
+        come; b"" at its end; none for ``stall`` seconds fails. Watched only here: its
+        unread bytes would end every other wait at once (a barrier's wait for SYNCs spun,
+        taking a core from its channels); nor does a wait see a cancel while they wait:
+        checked here, once a read (3.5 MiB of records held one for 2.8 s)."""
         self._check_cancel()
         deadline = time.monotonic() + self.stall
         main = self.connections.main
@@ -216,7 +216,8 @@ class QemuReceiving:
                 while not self._main_readable:
                     left = deadline - time.monotonic()
                     if left <= 0:
-                        raise MigrationError(f"no data for {self.stall:g} s", channel=MAIN)
+                        raise MigrationError(f"no data for {self.stall:g} s" + stopped_note(
+                            self.channels.values()), channel=MAIN)
                     self.watch.poll(left)
             finally:
                 self.watch.remove(main)
@@ -415,8 +416,7 @@ class QemuReceiving:
                                      f"{SOURCE_GONE}", channel=f"multifd channel {ended[0]}")
             left = deadline - time.monotonic()
             if left <= 0:
-                raise MigrationError(f"no SYNC for barrier {k} within {self.stall:g} s",
-                                     channel=f"multifd channel {late[0].id}")
+                raise late_sync_error(late, k, self.stall)
             self.watch.poll(left)
         for channel in self.channels.values():
             # Held at its SYNC until Go: no page moves its count meanwhile.

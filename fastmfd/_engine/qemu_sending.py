@@ -61,6 +61,7 @@ from ..protocol.security import ChannelSecurity, TLSConfig, tls_connect
 from ..protocol.sockets import Address, connect, decrypted_unread, tune_data_socket
 from ..regions import Region
 from ..shm import SharedMemory
+from ..units import format_bytes
 from .cancelling import FirstError
 from .liveness import Progress, process_stopped, set_stall_timeout, stall_error, tick
 from .processes import Child, ChildSet
@@ -437,7 +438,7 @@ class QemuSending:
             self._check_main_open()
             if left <= tick(self.stall):
                 raise MigrationError(f"no multifd channel took work for {self.stall:g} s"
-                                     + self._hint())
+                                     + self._stalled_hint())
 
     def _await_main_word(self, shut_only: bool = False) -> None:
         """Give the main channel MAIN_WORD_GRACE seconds to end (SHUT, or its
@@ -503,6 +504,17 @@ class QemuSending:
                 check = "the destination closed the connection: " + check
         return f" ({check}{self._checklist()}"
 
+    def _stalled_hint(self) -> str:
+        """What to check where the destination stopped taking data for the stall
+        timeout: once pages went to it, a link gone down or a QEMU stopped before
+        its configuration (the checklist alone blamed that for a link blackholed
+        mid-migration: a review, in a network-namespace pair)."""
+        sent = sum(self.counters.read(ch)["wire_bytes"] for ch in range(self.channels))
+        if not sent:
+            return self._hint()
+        return (f", after {format_bytes(sent)} of pages went to it (did the link go down, or "
+                f"its QEMU stop? If it loaded none: is the destination's{self._checklist()}")
+
     def _checklist(self) -> str:
         """How every hint ends: what the destination must be for this stream."""
         tls = (", tls-creds whose CA issued this source's certificate" if self.tls is not None
@@ -523,7 +535,7 @@ class QemuSending:
         except TimeoutError:
             self._check_workers()
             raise MigrationError(f"the destination took no data for {self.stall:g} s"
-                                 + self._hint(), channel=MAIN) from None
+                                 + self._stalled_hint(), channel=MAIN) from None
         except OSError as exc:
             self._check_workers()
             # (An SSLEOFError's words are OpenSSL's "EOF occurred in violation of protocol".)
