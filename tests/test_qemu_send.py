@@ -895,3 +895,25 @@ def test_a_worker_stopped_mid_send_fails_it_within_the_stall_timeout(tmp_path,
             listener.close()
     assert stopped.is_set()
     assert str(failed.value) == "multifd channel 0: no progress for 2 s (its process is stopped)"
+
+
+def test_a_stall_before_any_page_leaves_the_destinations_checklist_first():
+    """The hint for a destination that stopped taking data says the link or its QEMU
+    first once pages were written to its channels; it counted bytes, and the setup
+    SYNC every channel sends before any page made it say so for a destination that
+    never took a page (a review)."""
+    rows = [{"normal_pages": 0, "zero_pages": 0, "wire_bytes": 1096, "syncs": 1}] * 2
+
+    class Counters:
+        def read(self, channel: int) -> dict[str, int]:
+            return rows[channel]
+
+    sending = qemu_sending.QemuSending.__new__(qemu_sending.QemuSending)
+    sending.counters, sending.channels = Counters(), 2      # type: ignore[assignment]
+    sending._hint = lambda dropped=False: " (is the destination's CHECKLIST)"  # type: ignore
+    sending._checklist = lambda: " CHECKLIST)"                                  # type: ignore
+    assert sending._stalled_hint() == " (is the destination's CHECKLIST)"   # the SYNC alone
+    rows[1] = {**rows[1], "normal_pages": 96, "zero_pages": 32}
+    assert sending._stalled_hint() == (", after 128 pages were written to its channels (did "
+                                       "the link go down, or its QEMU stop? If it loaded "
+                                       "none: is the destination's CHECKLIST)")

@@ -144,7 +144,7 @@ def late_sync_error(late: list[QemuChannel], barrier: int, stall: float) -> Migr
     """No SYNC for ``barrier`` from the ``late`` channels within ``stall`` seconds: one
     whose receive worker is stopped is named first (:func:`stopped_note`)."""
     stopped = [c for c in late if _stopped(c)]
-    return MigrationError(f"no SYNC for barrier {barrier} within {stall:g} s{stopped_note(late)}",
+    return MigrationError(f"no SYNC for barrier {barrier} within {stall:g} s{_said(stopped)}",
                           channel=f"multifd channel {(stopped or late)[0].id}")
 
 
@@ -152,8 +152,11 @@ def stopped_note(channels: Iterable[QemuChannel]) -> str:
     """What a stall of the migration says where one of this side's receive workers is
     stopped (SIGSTOP, a debugger): the stall is this side's, which read as QEMU's or
     the network's doing (the source waits on that channel, and the main channel with it)."""
-    stopped = [c.id for c in channels if _stopped(c)]
-    return (f" (the receive worker of multifd channel {stopped[0]} is stopped)" if stopped
+    return _said([c for c in channels if _stopped(c)])
+
+
+def _said(stopped: list[QemuChannel]) -> str:
+    return (f" (the receive worker of multifd channel {stopped[0].id} is stopped)" if stopped
             else "")
 
 

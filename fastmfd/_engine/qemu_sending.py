@@ -61,7 +61,6 @@ from ..protocol.security import ChannelSecurity, TLSConfig, tls_connect
 from ..protocol.sockets import Address, connect, decrypted_unread, tune_data_socket
 from ..regions import Region
 from ..shm import SharedMemory
-from ..units import format_bytes
 from .cancelling import FirstError
 from .liveness import Progress, process_stopped, set_stall_timeout, stall_error, tick
 from .processes import Child, ChildSet
@@ -506,14 +505,15 @@ class QemuSending:
 
     def _stalled_hint(self) -> str:
         """What to check where the destination stopped taking data for the stall
-        timeout: once pages went to it, a link gone down or a QEMU stopped before
+        timeout: once pages were written to it, a link gone down or a QEMU stopped before
         its configuration (the checklist alone blamed that for a link blackholed
         mid-migration: a review, in a network-namespace pair)."""
-        sent = sum(self.counters.read(ch)["wire_bytes"] for ch in range(self.channels))
-        if not sent:
+        pages = sum(counts["normal_pages"] + counts["zero_pages"]     # (not the SYNCs' bytes)
+                    for counts in map(self.counters.read, range(self.channels)))
+        if not pages:
             return self._hint()
-        return (f", after {format_bytes(sent)} of pages went to it (did the link go down, or "
-                f"its QEMU stop? If it loaded none: is the destination's{self._checklist()}")
+        return (f", after {pages} pages were written to its channels (did the link go down, "
+                f"or its QEMU stop? If it loaded none: is the destination's{self._checklist()}")
 
     def _checklist(self) -> str:
         """How every hint ends: what the destination must be for this stream."""
