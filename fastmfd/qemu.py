@@ -281,17 +281,15 @@ class _Output:
     def __init__(self, out: OutputDir) -> None:
         self.out = out
         self._lock = threading.Lock()
-        self._closed = False
 
     def abort(self) -> None:
         with self._lock:
-            if not self._closed:
+            if self.out.fd >= 0:        # (not closed)
                 self.out.abort()
 
     def close(self) -> None:
         with self._lock:
-            if not self._closed:
-                self._closed = True
+            if self.out.fd >= 0:
                 self.out.abort()        # (committed: nothing)
                 self.out.close()
 

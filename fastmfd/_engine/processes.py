@@ -410,17 +410,17 @@ class Watch:
             channel: str | None = None) -> None:
         self._handlers[waitable] = (handler, channel)
 
-    def remove(self, waitable: object) -> None:
-        """Stop watching ``waitable`` (or the alarm set under that key)."""
-        self._handlers.pop(waitable, None)      # type: ignore[call-overload]
-        self._alarms.pop(waitable, None)
+    def remove(self, waitable: Waitable) -> None:
+        self._handlers.pop(waitable, None)
 
     def alarm(self, key: object, when: float, handler: Callable[[], None],
               channel: str | None = None) -> None:
-        """Call ``handler`` once, in the first :meth:`poll` that ends at or after
-        ``when`` (monotonic), unless ``remove(key)`` came first: what waits for
-        nothing to happen (no report, no connection) until a deadline."""
+        """Call ``handler`` once, in the first :meth:`poll` that ends at or after ``when``
+        (monotonic), unless ``drop_alarm(key)`` came first: a wait for nothing to happen."""
         self._alarms[key] = (when, handler, channel)
+
+    def drop_alarm(self, key: object) -> None:
+        self._alarms.pop(key, None)
 
     def add_child(self, child: Child, on_report: Callable[[Any], None]) -> None:
         """Call ``on_report(report)`` for each report; a child that exits before

@@ -324,7 +324,7 @@ class QemuConnections:
         if self.waiting_room:
             self.watch.add(self.listener, self._accept)
             self.waiting_room = False
-        self.watch.remove(self)                         # a wait's alarm (_wait_for_room)
+        self.watch.drop_alarm(self)                     # a wait's alarm (_wait_for_room)
 
     def room_note(self) -> str:
         """What a wait for QEMU adds, when connections waited for room (max_memory)."""
