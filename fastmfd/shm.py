@@ -49,7 +49,7 @@ from .safe_path import safe_import_path
 from .units import format_bytes
 
 __all__ = ["SharedMemory", "SHM_DIR", "SEGMENT_PREFIX", "HUGE_PAGE", "list_segments",
-           "creator_pid", "start_tracker", "map_file", "mapped_view",
+           "new_name", "creator_pid", "start_tracker", "map_file", "mapped_view",
            "free_bytes", "check_room"]
 
 SHM_DIR = "/dev/shm"
@@ -174,6 +174,16 @@ def list_segments() -> list[str]:
                   if e.name.startswith(SEGMENT_PREFIX) and e.is_file(follow_symlinks=False))
 
 
+def new_name(tag: str) -> str:
+    """A fresh ``fastmfd-TAG-PID-RANDOM`` name: which process made a segment (or a
+    scratch directory) beside it, whoever else's share the directory."""
+    # ASCII only: the resource tracker speaks ASCII, and a name it cannot
+    # register is a segment nobody would clean up.
+    tag = "".join(c if c.isascii() and (c.isalnum() or c in "._-") else "_"
+                  for c in tag)[:40]
+    return f"{SEGMENT_PREFIX}{tag}-{os.getpid()}-{secrets.token_hex(6)}"
+
+
 def creator_pid(name: str) -> int | None:
     """The pid of the process that created segment ``name`` (:meth:`SharedMemory.create`
     names it ``fastmfd-TAG-PID-RANDOM``); None for a name it did not make."""
@@ -210,12 +220,8 @@ class SharedMemory:
         if size <= 0:
             # A mapping cannot be empty (mmap refuses a zero-length file).
             raise ConfigError(f"segment size {size}: a segment holds at least 1 byte")
-        # ASCII only: the resource tracker speaks ASCII, and a name it cannot
-        # register is a segment nobody would clean up.
-        tag = "".join(c if c.isascii() and (c.isalnum() or c in "._-") else "_"
-                      for c in tag)[:40]
         while True:
-            name = f"{SEGMENT_PREFIX}{tag}-{os.getpid()}-{secrets.token_hex(6)}"
+            name = new_name(tag)
             path = os.path.join(SHM_DIR, name)
             try:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from leakcheck import leaks  # noqa: F401
 from filesystems import put_in_the_way
-from proc_scan import alive
+from proc_scan import alive, made_by_this_run
 
 from fastmfd.errors import ConfigError, MigrationError
 from fastmfd.tools import images
@@ -37,13 +37,14 @@ from listen_support import REPO, run_cli
 
 @pytest.fixture(autouse=True)
 def no_scratch_left():
-    """Images live in private tmpfs directories; none may outlive the command."""
+    """Images live in private tmpfs directories; none may outlive the command.
+    Only this run's count: other runs on the machine make their own."""
     def scratch() -> set[str]:
         return {n for n in os.listdir(images.scratch_parent()) if n.startswith("fastmfd-bench-")}
 
     before = scratch()
     yield
-    assert scratch() - before == set()
+    assert made_by_this_run(scratch() - before) == set()
 
 
 def test_matrix_with_peer_verifies_prints_and_writes_json(tmp_path, capsys):
@@ -582,9 +583,13 @@ def test_a_run_beside_a_busy_process_is_still_flagged():
     """A process burning a core during small runs makes them suspect (`*`)."""
     from fastmfd.tools.bench.trial import FOREIGN_LOAD_FLAG
     burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    runs: list[tuple[float, float, float]] = []
     try:
         time.sleep(0.2)             # up and spinning
-        runs = _metered_runs(3, burner.pid)
+        # Beside other busy runs on these 2 cores the burner may get little of one:
+        # more runs until it has burned (9 at most), as the premise needs.
+        while len(runs) < 9 and not any(extra > 2 * FOREIGN_LOAD_FLAG for *_, extra in runs):
+            runs += _metered_runs(3, burner.pid)
     finally:
         burner.kill()
         burner.wait()

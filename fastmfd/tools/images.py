@@ -16,7 +16,7 @@ a plain socket and a real QEMU guest (``memory-backend-file``) can all move
 the same bytes without copying them::
 
     Image.create("halftext", 1 << 30)
-      <tmpfs>/fastmfd-bench-XXXX/image-halftext.img ── Region.from_file ──▶ .region
+      <tmpfs>/fastmfd-bench-PID-RANDOM/image-halftext.img ── Region.from_file ──▶ .region
                                                     └─ .path ──▶ QEMU mem-path, sendall peer
 """
 
@@ -34,7 +34,7 @@ import numpy.typing as npt
 from .. import _core
 from ..errors import ConfigError
 from ..regions import Region
-from ..shm import SHM_DIR, free_bytes
+from ..shm import SHM_DIR, free_bytes, new_name
 from ..units import format_bytes
 from .whole import clean_up_whole
 
@@ -151,9 +151,16 @@ def scratch_parent() -> str:
 
 
 def scratch_dir(tag: str = "bench") -> str:
-    """A new private directory in :func:`scratch_parent`; the ``fastmfd-`` prefix
-    makes a leaked one easy to find beside leaked segments."""
-    return tempfile.mkdtemp(prefix=f"fastmfd-{tag}-", dir=scratch_parent())
+    """A new private directory in :func:`scratch_parent`, named as segments are
+    (``fastmfd-TAG-PID-RANDOM``): a leaked one is easy to find beside leaked
+    segments, and says which process left it."""
+    while True:
+        path = os.path.join(scratch_parent(), new_name(tag))
+        try:
+            os.mkdir(path, 0o700)
+            return path
+        except FileExistsError:     # 48 random bits: try another
+            continue
 
 
 def check_scratch_room(need: int, what: str) -> None:
