@@ -17,6 +17,7 @@ import re
 import socket
 import ssl
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -355,6 +356,47 @@ def test_tls_to_a_plaintext_destination_is_refused(pki):
     _refusal(pki, pki.source(), None,
              source_says=r"closed the connection during the TLS handshake \(does it use TLS",
              destination_says=r"the peer speaks TLS; this destination was not given tls=")
+
+
+def test_a_tls_handshake_with_no_answer_says_how_long_it_waited(pki):
+    """A source's TLS handshake that no one answers says its seconds, as the
+    plaintext greeting's deadlines do (it said "no answer within the handshake
+    deadline", a review between two hosts)."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:    # the kernel accepts; no one reads
+        address = f"tcp:127.0.0.1:{silent.getsockname()[1]}"
+        config = fastmfd.MigrationConfig(channels=1, timeout=1.0, tls=pki.source())
+        with make_region("ram", SIZE, seed=1) as region, \
+                fastmfd.Source(address, config) as source:
+            source.add_region(region)
+            with pytest.raises(fastmfd.SecurityError) as failed:
+                source.migrate(live=False)
+    assert str(failed.value) == f"main channel to {address}: TLS handshake: no answer within 1 s"
+
+
+def test_a_stranger_silent_in_its_tls_handshake_is_refused_saying_where_and_how_long(pki):
+    """A connection that starts a TLS record and says no more is refused at the
+    handshake deadline naming the main channel and its seconds, as a plaintext
+    one that says nothing is ("main channel: the connection sent nothing within
+    1 s"); it named neither. The destination then takes its real source."""
+    config = fastmfd.MigrationConfig(channels=2, tls=pki.source())
+    with make_region("ram", SIZE, seed=1) as region, make_region("ram", SIZE) as target, \
+            Migration(config, tls=pki.destination(), handshake_timeout=1.0) as m:
+        m.source.add_region(region)
+        m.destination.add_region(target)
+        host, port = m.destination.address.split(":")[1:]
+        waiting = threading.Thread(target=lambda: m.destination.receive(), daemon=True)
+        with socket.create_connection((host, int(port))) as stranger:
+            stranger.sendall(b"\x16\x03\x01")      # a handshake record's start, no more
+            waiting.start()
+            for _ in range(250):
+                if m.destination.refused:
+                    break
+                time.sleep(0.02)
+        m.source.migrate(live=False)
+        waiting.join(10)
+        assert np.array_equal(target.array, region.array)
+        assert [r.reason for r in m.destination.refused] == [
+            "main channel: TLS handshake: no answer within 1 s"]
 
 
 def test_a_wrong_auth_key_under_tls_is_refused(pki):

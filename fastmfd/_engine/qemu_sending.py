@@ -244,7 +244,8 @@ class QemuSending:
             main.close()
             raise
         try:
-            return tls_connect(main, security, time.monotonic() + self.connect_timeout, MAIN)
+            return tls_connect(main, security, time.monotonic() + self.connect_timeout,
+                               self.connect_timeout, MAIN)
         except SecurityError as exc:
             hint = ("its tls-creds' certificate must chain to this side's ca and carry the "
                     "name checked: the address's host, or hostname"

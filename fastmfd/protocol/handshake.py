@@ -199,7 +199,7 @@ def open_main_channel(sock: socket.socket, security: ChannelSecurity, setup: Set
     handed = False
     try:
         if security.tls is not None:
-            sock = tls_connect(sock, security, deadline, where)
+            sock = tls_connect(sock, security, deadline, security.timeout, where)
         stream = SocketStream(sock, where, deadline)
         stream.send_all(main_channel_start(channel_header), "preamble")
         if security.auth_key is not None:
@@ -386,13 +386,15 @@ def read_hello(stream: Stream, with_header: bool | None, expected_uuid: bytes | 
                         field="magic", received=hex(magic), expected=expected)
 
 
-def _first_byte(sock: socket.socket, deadline: float, where: str | None) -> bytes:
-    """The connection's first byte, left unread (it tells TLS from plaintext)."""
+def _first_byte(sock: socket.socket, deadline: float, seconds: float,
+                where: str | None) -> bytes:
+    """The connection's first byte, left unread (it tells TLS from plaintext);
+    ``seconds``: the wait ``deadline`` ends, said when it passes."""
     sock.settimeout(max(0.001, deadline - time.monotonic()))
     try:
         first = sock.recv(1, socket.MSG_PEEK)
     except socket.timeout:
-        raise MigrationError("the connection sent nothing within the handshake deadline",
+        raise MigrationError(f"the connection sent nothing within {seconds:g} s",
                              channel=where) from None
     except OSError as exc:
         raise MigrationError(f"connection lost: {exc.strerror or exc}", channel=where) from None
@@ -434,7 +436,7 @@ def greet_main_channel(sock: socket.socket, security: ChannelSecurity,
     reason, not "connection closed"."""
     deadline = time.monotonic() + security.timeout
     try:
-        first = _first_byte(sock, deadline, MAIN)
+        first = _first_byte(sock, deadline, security.timeout, MAIN)
     except MigrationError:
         if security.tls is None and (why := ended()) is not None:
             tell_why(sock, why)
@@ -449,7 +451,7 @@ def greet_main_channel(sock: socket.socket, security: ChannelSecurity,
         if security.tls is not None:
             sock = security.tls.server_context().wrap_socket(sock, server_side=True,
                                                              do_handshake_on_connect=False)
-            tls_handshake(sock, deadline)
+            tls_handshake(sock, deadline, security.timeout, MAIN)
         try:
             return _greet_main(sock, security, deadline)
         except (SecurityError, ProtocolError) as exc:
@@ -505,7 +507,8 @@ def greet_channel(sock: socket.socket, security: ChannelSecurity, setup: Setup,
     proof when set. Returns ``(hello, tls)`` — ``tls`` the core's TLSChannel
     or None. Anything else raises: the connection is refused."""
     deadline = time.monotonic() + security.timeout
-    _check_transport(_first_byte(sock, deadline, where), security.tls is not None, where)
+    _check_transport(_first_byte(sock, deadline, security.timeout, where),
+                     security.tls is not None, where)
     tls = None
     stream: SocketStream | TLSStream = SocketStream(sock, where, deadline)
     if security.tls is not None:

@@ -276,10 +276,12 @@ def is_tls_record(first_byte: bytes) -> bool:
     return first_byte[:1] == bytes([TLS_HANDSHAKE_RECORD])
 
 
-def tls_handshake(tls: ssl.SSLSocket, deadline: float, where: str | None = None) -> None:
+def tls_handshake(tls: ssl.SSLSocket, deadline: float, seconds: float,
+                  where: str | None = None) -> None:
     """Finish ``tls``'s handshake by ``deadline`` (time.monotonic()) — a whole
     deadline, not one per read, so a peer trickling bytes cannot stretch it.
-    ``where`` names the connection in its errors."""
+    ``seconds``: the wait the deadline ends, said when it passes (as the core's
+    handshake says its own); ``where`` names the connection in its errors."""
     tls.setblocking(False)
     try:
         while True:
@@ -301,24 +303,25 @@ def tls_handshake(tls: ssl.SSLSocket, deadline: float, where: str | None = None)
             except OSError as exc:
                 raise SecurityError(_handshake_lost(exc), channel=where) from None
             if not ready:
-                raise SecurityError("TLS handshake: no answer within the handshake deadline",
+                raise SecurityError(f"TLS handshake: no answer within {seconds:g} s",
                                     channel=where)
     finally:
         tls.setblocking(True)
 
 
 def tls_connect(sock: socket.socket, security: ChannelSecurity, deadline: float,
-                where: str | None = None) -> ssl.SSLSocket:
+                seconds: float, where: str | None = None) -> ssl.SSLSocket:
     """A source's connection ``sock`` in its TLS (``security.tls``), the handshake
-    done by ``deadline``; the destination's certificate checked against
-    ``security.hostname`` (none: no name check). On failure the connection is
-    closed (``sock`` is detached from it either way)."""
+    done by ``deadline`` (the end of a wait of ``seconds``, said when it passes);
+    the destination's certificate checked against ``security.hostname`` (none: no
+    name check). On failure the connection is closed (``sock`` is detached from it
+    either way)."""
     assert security.tls is not None, "only with TLS"
     hostname = security.hostname
     tls = security.tls.client_context(hostname).wrap_socket(
         sock, server_hostname=hostname, do_handshake_on_connect=False)
     try:
-        tls_handshake(tls, deadline, where)
+        tls_handshake(tls, deadline, seconds, where)
     except BaseException:
         tls.close()
         raise
