@@ -48,7 +48,8 @@ from ..protocol.control import Drained, Eof, Go, Greeted, Refused, RecvParams, S
 from ..protocol.main_channel import (MAIN, Complete, Loaded, MainChannel, Msg,
                                      PrecopySent, RoundAck, RoundEnd, check_round,
                                      decode_message_header, decode_payload,
-                                     old_way_message_size, read_message, source_failed)
+                                     old_way_message_size, read_from_source, read_message,
+                                     source_failed)
 from ..protocol.security import ChannelSecurity
 from ..protocol.setup import Setup
 from ..protocol.sockets import recv_exact, tune_data_socket, tune_main_socket
@@ -470,7 +471,8 @@ class Receiving:
     def _on_main_message(self) -> None:
         assert self.setup is not None and self.main is not None and self._heartbeat is not None
         deadline = time.monotonic() + self._stall      # a trickled message fails, whole
-        kind, body = read_message(self.main.sock, self._max_message(), deadline, sender="source")
+        kind, body = read_from_source(self.main, self._max_message(), deadline,
+                                      len(self._assigned))
         self._heartbeat.received()
         if kind is Msg.KEEPALIVE:
             # It carries nothing: decoded all the same, so that another message a bit

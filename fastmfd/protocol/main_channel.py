@@ -34,7 +34,7 @@ from .. import _core
 from ..errors import MigrationError, ProtocolError, peer_words
 from .setup import (MAX_CHANNELS, MAX_DEVICES, MAX_STALL_SECONDS, MIN_STALL_SECONDS, Setup,
                     is_stall_seconds)
-from .sockets import recv_exact, send_all
+from .sockets import ConnectionClosed, recv_exact, send_all
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer     # collections.abc.Buffer from Python 3.12
@@ -48,7 +48,7 @@ __all__ = [
     "MainChannel", "encode_message", "error_message", "decode_message_header",
     "decode_control", "decode_payload", "encode_preamble", "check_preamble", "read_message",
     "read_payload", "expect_message", "old_way_message_size", "old_way_checksum",
-    "check_round", "source_failed"
+    "check_round", "source_failed", "read_from_source"
 ]
 
 MAIN = "main channel"               # how errors name the main channel
@@ -150,6 +150,22 @@ def source_failed(body: bytes) -> MigrationError:
     """The source's ERROR message (its payload ``body``) as the session's error."""
     return MigrationError(f"the source failed: {decode_payload(Msg.ERROR, body).error}",
                           channel=MAIN, side="source")
+
+
+def read_from_source(main: MainChannel, max_payload: int, deadline: float,
+                     channels: int) -> tuple[Msg, bytes]:
+    """:func:`read_message` from the source mid-session. Its end of the connection
+    without an ERROR says whose it was; with none of its ``channels`` connected, it
+    most likely gave up waiting for SETUP_ACK (this side held up meanwhile: stopped)."""
+    try:
+        return read_message(main.sock, max_payload, deadline, sender="source")
+    except ConnectionClosed as exc:
+        where = f"{MAIN} (from {main.peer})" if main.peer else MAIN
+        gave_up = "" if channels else (", before any of its channels connected (did it give "
+                                       "up waiting for SETUP_ACK?)")
+        raise MigrationError(f"the source closed the connection "
+                             f"{exc.detail.removeprefix('connection closed ')}{gave_up}",
+                             channel=where) from None
 
 
 @dataclass(frozen=True)
@@ -493,6 +509,12 @@ class MainChannel:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
+        # Whose it is, for errors: taken now, as a reset connection has no peer.
+        try:
+            peer = sock.getpeername()
+        except OSError:
+            peer = ""
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else ""
         self._lock = threading.Lock()
         self.bytes_sent = 0
         self.last_sent = time.monotonic()
