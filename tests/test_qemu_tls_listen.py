@@ -474,11 +474,13 @@ def test_a_connection_max_memory_has_no_room_to_greet_waits_or_is_refused(door):
     assert len(stub.greeted) == 2
 
 
-def test_a_wait_for_room_that_nothing_being_greeted_can_end_fails(door, monkeypatch):
+def test_a_wait_for_room_that_nothing_being_greeted_can_end_fails(door, monkeypatch, caplog):
     """Under max_memory a connection waits for room while a greeting under way may
     end (a stranger's handshake does, at its deadline); once each is through its TLS
     handshake (QEMU's main channel, saying nothing until its channels are through
-    theirs) nothing will, and the wait fails after NO_ROOM_WAIT, saying why."""
+    theirs) nothing will, and the wait fails after NO_ROOM_WAIT, saying why, once: the
+    warning that connections waited for room, logged as the wait began, said it
+    before, less precisely (a review)."""
     monkeypatch.setattr(qemu_channels, "NO_ROOM_WAIT", 0.05)
     stub, watch = door.stub, door.watch
     stub.no_room = lambda greeting: "no room"
@@ -492,6 +494,7 @@ def test_a_wait_for_room_that_nothing_being_greeted_can_end_fails(door, monkeypa
         for _ in range(20):                 # its listener's turn, then the alarm's
             watch.poll(1.0)
     assert len(stub.greeted) == 1
+    assert qemu_channels.WAITED_FOR_ROOM not in caplog.text
 
 
 def test_greetings_under_max_memory_are_what_it_holds_as_channels(tmp_path):
@@ -537,12 +540,13 @@ def tls_channels_need(channels: int) -> int:
 
 
 def test_strangers_greeted_do_not_push_qemus_channels_over_max_memory(
-        tmp_path, monkeypatch, leaks):
+        tmp_path, monkeypatch, leaks, caplog):
     """Every worker greeting a stranger counted against max_memory as QEMU's channels
     connected: 6 silent strangers before QEMU took 6 workers, and QEMU's channels,
     under a bound that holds them, failed it ("QEMU's 2 multifd channel(s) so far need
     ... worker processes"). A greeting is now taken only where the bound holds it as a
-    channel: the strangers wait their turn, and the migration completes."""
+    channel: the strangers wait their turn, and the migration completes (the log says
+    once that connections waited for room)."""
     monkeypatch.setattr(qemu, "ChannelSecurity",
                         functools.partial(ChannelSecurity, timeout=2.0))   # their deadline
     creds = credentials(tmp_path, trustme.CA())
@@ -558,13 +562,14 @@ def test_strangers_greeted_do_not_push_qemus_channels_over_max_memory(
             assert_saved(tmp_path / "out", ram, 2, "none")
     finally:
         source.close()
+    assert caplog.text.count(qemu_channels.WAITED_FOR_ROOM) == 1
     leaks.assert_clean()
 
 
 @pytest.mark.parametrize("qemu_binary", QEMUS)
 @pytest.mark.parametrize("return_path", [False, True])
 def test_a_bound_short_of_qemus_channels_in_tls_fails_at_once(tmp_path, qemu_binary,
-                                                              return_path, leaks):
+                                                              return_path, leaks, caplog):
     """A byte short of what QEMU's 2 channels need, its last channel waited for room
     to be greeted behind its main channel, which says nothing until every channel is
     through its handshake (or, with the return path, said QEVM and waits for them
@@ -573,7 +578,8 @@ def test_a_bound_short_of_qemus_channels_in_tls_fails_at_once(tmp_path, qemu_bin
     for 10 s"), though nothing could make room once each connection being greeted
     was through its handshake (a stranger's ends at its deadline). Now the wait
     fails then, naming what QEMU's channels need and the bound: at once, not at a
-    timeout; QEMU fails, and nothing is left."""
+    timeout; QEMU fails, and nothing is left. The warning that connections waited for
+    room, logged just before that error, said it twice: it is not logged."""
     creds = credentials(tmp_path, trustme.CA())
     source, _ = tls_source(tmp_path, qemu_binary, creds.qemu_dir, return_path=return_path)
     bound = tls_channels_need(2) - 1
@@ -589,6 +595,7 @@ def test_a_bound_short_of_qemus_channels_in_tls_fails_at_once(tmp_path, qemu_bin
             receiver.result(30)         # before its timeout, 60 s
         assert source.wait(timeout=60) == "failed"
         assert_nothing_complete(tmp_path / "out")
+        assert qemu_channels.WAITED_FOR_ROOM not in caplog.text
     finally:
         source.close()
     leaks.assert_clean()

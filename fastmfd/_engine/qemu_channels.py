@@ -66,7 +66,8 @@ ACCEPT_RETRY = {errno.ECONNABORTED, errno.EPROTO, errno.ENETDOWN, errno.ENOPROTO
 
 
 # Why a connection in TLS was refused unread (qemu_tls: under max_memory), and what a
-# wait for QEMU says when connections waited for room to be greeted.
+# wait for QEMU says when connections waited for room to be greeted (and the log, once
+# one is greeted after such a wait).
 NO_ROOM = ("max_memory holds no worker process more to greet it, beside QEMU's channels so "
            "far and the workers alive")
 WAITED_FOR_ROOM = ("connections waited for room to be greeted under max_memory, beside QEMU's "
@@ -228,6 +229,7 @@ class QemuConnections:
         self.no_room = Dropped("found no room to be greeted", verdict="refused")
         self.waiting_room = False                       # the listener waits for a greeting's end
         self.waited_for_room = 0                        # times it did under max_memory
+        self.room_said = False                          # WAITED_FOR_ROOM logged
         self.peers: dict[socket.socket, str] = {}       # each held connection's address
         self.arrivals = 0
         self.counted_at: int | None = None              # arrivals when barrier 1 came
@@ -283,6 +285,11 @@ class QemuConnections:
             self.peers[sock] = describe_peer(peer)
             self.arrivals += 1
             if self.greeter is not None:
+                if self.waited_for_room and not self.room_said:
+                    # Said once one is taken after the wait, not as it began: a wait
+                    # that nothing ends fails, saying why precisely (NO_ROOM_LEFT).
+                    log.warning("%s", WAITED_FOR_ROOM)
+                    self.room_said = True
                 self.greeting[sock] = self.arrivals - 1
                 self.greeter.greet(sock, functools.partial(self._greeted, sock))
                 continue
@@ -307,8 +314,6 @@ class QemuConnections:
         self.waiting_room = True
         if short is None:           # MAX_GREETINGS: each ends within its deadline
             return
-        if not self.waited_for_room:
-            log.warning("%s", WAITED_FOR_ROOM)
         self.waited_for_room += 1
         if self.counted_at is None and set(self.greeting) <= self.through:
             self.watch.alarm(self, time.monotonic() + NO_ROOM_WAIT,
