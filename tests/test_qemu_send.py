@@ -897,6 +897,87 @@ def test_a_worker_stopped_mid_send_fails_it_within_the_stall_timeout(tmp_path,
     assert str(failed.value) == "multifd channel 0: no progress for 2 s (its process is stopped)"
 
 
+def test_a_wait_for_a_free_channel_ends_at_the_next_look_at_the_workers(monkeypatch):
+    """The wait for a channel to take a job ends when the next look at the workers
+    is due (a tick after the last), not a whole tick after the wait began: a look
+    skipped as a channel freed came a tick late, and a stopped worker was found up
+    to a tick past its stall timeout (a review between two hosts). A clock of the
+    test's own: it is the wait asked for that is checked, not a time."""
+    now = 100.0
+    monkeypatch.setattr(qemu_sending, "time", type("Clock", (), {
+        "monotonic": staticmethod(lambda: now)}))
+    waits = []
+
+    class Selector:
+        def select(self, timeout: float) -> int:
+            waits.append(timeout)
+            return 1
+
+    sending = qemu_sending.QemuSending.__new__(qemu_sending.QemuSending)
+    sending.stall, sending._looked = 4.0, now - 0.75     # a tick is 1 s: the next look in 0.25
+    sending.selector = Selector()                       # type: ignore[assignment]
+    assert sending._idle_channel() == 1
+    assert waits == [0.25]
+
+
+def test_a_channel_that_takes_nothing_says_so_as_the_wait_for_a_channel_does():
+    """A busy channel whose worker (not stopped) finished no packet for the stall
+    timeout says, as the wait for a free channel does, that pages went to the
+    destination before: it said the destination's checklist alone (one flow
+    blackholed between two hosts, a review), and, its looks now on time, it ends a
+    stopped destination's send as often as that wait does."""
+    rows = [{"normal_pages": 96, "zero_pages": 32, "wire_bytes": 1 << 20, "syncs": 1}] * 2
+
+    class Counters:
+        def read(self, channel: int) -> dict[str, int]:
+            return rows[channel]
+
+    class Worker:
+        name = "multifd channel 0"
+        process = multiprocessing.current_process()       # running: not stopped
+
+    sending = qemu_sending.QemuSending.__new__(qemu_sending.QemuSending)
+    sending.counters, sending.channels = Counters(), 2      # type: ignore[assignment]
+    sending.stall, sending._looked, sending.workers = 4.0, 0.0, [Worker()]  # type: ignore
+    sending.selector = type("Busy", (), {"is_busy": lambda self, ch: True})()  # type: ignore
+    sending._progress = type("Late", (), {"stalled": lambda self, *args: True})()  # type: ignore
+    sending._check_workers = lambda: None                                   # type: ignore
+    sending._checklist = lambda: " CHECKLIST)"                              # type: ignore
+    with pytest.raises(MigrationError) as failed:
+        sending._check_progress()
+    assert str(failed.value) == ("multifd channel 0: no progress for 4 s, after 256 pages were "
+                                 "written to its channels (did the link go down, or its QEMU "
+                                 "stop? If it loaded none: is the destination's CHECKLIST)")
+
+
+def test_a_stopped_worker_gets_no_grace_to_exit_at_the_close():
+    """A send that failed on a stopped worker gave the workers 2 s to take their
+    release and exit at its close, which a stopped one cannot: the send failed
+    6.6-6.8 s after the stop at a 4 s stall timeout (a review between two hosts)."""
+    stopped = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    os.kill(stopped.pid, signal.SIGSTOP)
+
+    class Worker:
+        exitcode = None
+        process = stopped
+
+    class Workers(list):
+        grace: float | None = None
+
+        def stop(self, timeout: float) -> None:
+            self.grace = timeout
+
+    sending = qemu_sending.QemuSending.__new__(qemu_sending.QemuSending)
+    sending.main, sending.data, sending.cmd_fds, sending.owned = None, [], [], []
+    sending.workers = workers = Workers([Worker()])      # type: ignore[assignment]
+    try:
+        sending.close()
+    finally:
+        stopped.kill()
+        stopped.wait()
+    assert workers.grace == 0
+
+
 def test_a_stall_before_any_page_leaves_the_destinations_checklist_first():
     """The hint for a destination that stopped taking data says the link or its QEMU
     first once pages were written to its channels; it counted bytes, and the setup

@@ -403,40 +403,40 @@ class QemuSending:
         return any((worker.exitcode or 0) < 0 or process_stopped(worker.process.pid)
                    for worker in self.workers)
 
-    def _check_progress(self) -> None:
-        """At most once a tick: a worker that died, or that holds a job without
-        finishing a packet for the stall timeout (stopped, say), fails the send
-        now; it was found only once the rest of the RAM went out through the
-        other channels (a review: 11-20 s for a 64 MiB guest, and longer for a
-        larger one)."""
+    def _check_progress(self) -> float:
+        """At most once a tick: a worker that died, or that holds a job without finishing a
+        packet for the stall timeout (stopped; else its peer took nothing: said as a wait
+        for a channel says it), fails the send now, not once the rest went out through the
+        other channels (a review: 11-20 s for 64 MiB). Returns the seconds to the next look."""
         now = time.monotonic()
         if now < self._looked + tick(self.stall):
-            return
+            return self._looked + tick(self.stall) - now
         self._looked = now
         self._check_workers()
         for ch, worker in enumerate(self.workers):
             pid = worker.process.pid
             busy = self.selector.is_busy(ch) or process_stopped(pid)
             if self._progress.stalled(ch, busy, tuple(self.counters.read(ch).values()), now):
-                raise stall_error(worker.name, self.stall, pid)
+                raise stall_error(worker.name, self.stall, pid, self._stalled_hint())
+        return tick(self.stall)
 
     def _idle_channel(self) -> int:
-        """The next channel to take a job, waited for up to the stall timeout, a
-        tick at a time: only a worker that finishes a job frees one, and a worker
-        that failed (its connection reset: the destination died) never will, so
-        between ticks the workers and the main channel are looked at. (The whole
-        stall timeout at once made a SIGKILLed destination fail the send only
-        after it: 30 s by default, not at once.)"""
+        """The next channel to take a job, waited for up to the stall timeout, to
+        each look at the workers and the main channel (a tick apart): only a worker
+        that finishes a job frees one, and a failed one (the destination died) never
+        will. (The whole stall timeout at once failed a SIGKILLed destination's send
+        only after it, 30 s; a tick at a time, a look skipped as a channel freed came
+        a tick late: a stopped worker was seen 1.5 s past its deadline.)"""
         deadline = time.monotonic() + self.stall
         while True:
-            self._check_progress()
+            look = self._check_progress()
             left = deadline - time.monotonic()
-            ch = self.selector.select(timeout=max(0.0, min(left, tick(self.stall))))
+            ch = self.selector.select(timeout=max(0.0, min(left, look)))
             if ch is not None:
                 return int(ch)
             self._check_workers()
             self._check_main_open()
-            if left <= tick(self.stall):
+            if left <= look:                # (the wait reached the deadline)
                 raise MigrationError(f"no multifd channel took work for {self.stall:g} s"
                                      + self._stalled_hint())
 
@@ -586,7 +586,7 @@ class QemuSending:
         for sock in [self.main, *self.data]:
             if sock is not None:
                 shutdown_quietly(sock)
-        self.workers.stop(2.0)
+        self.workers.stop(0.0 if self._ours() else 2.0)   # a stopped one takes no release
         for sock in [self.main, *self.data]:
             if sock is not None:
                 sock.close()
