@@ -48,6 +48,7 @@ from fastmfd import _core
 from fastmfd._engine.admission import GREETING_SPARES
 from fastmfd._engine.memory_bound import WORKER_BYTES
 from fastmfd.protocol.main_channel import MAIN_MAGIC
+from fastmfd.protocol.sockets import parse_address
 
 PAGE = 4096
 FAILURE_BOUND = 5.0         # seconds: both sides must fail within this after a fault
@@ -998,8 +999,9 @@ class FakeSource:
 
     def __init__(self, address: str, setup: dict, *, channel_header=True,
                  auth_key: bytes | None = None) -> None:
-        _, host, port = address.split(":")
-        self.target = (host, int(port))
+        target = parse_address(address).target
+        assert isinstance(target, tuple), "a TCP address"
+        self.target = target
         self.setup = setup
         self.channel_header = channel_header
         self.auth_key = auth_key

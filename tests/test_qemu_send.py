@@ -956,6 +956,7 @@ def test_a_stopped_worker_gets_no_grace_to_exit_at_the_close():
     6.6-6.8 s after the stop at a 4 s stall timeout (a review between two hosts)."""
     stopped = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     os.kill(stopped.pid, signal.SIGSTOP)
+    os.waitpid(stopped.pid, os.WUNTRACED)       # stopped by now, not only signalled
 
     class Worker:
         exitcode = None

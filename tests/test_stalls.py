@@ -116,17 +116,20 @@ def test_a_source_silent_after_setup_ack(channels_connected):
     assert kind.name == "ERROR" and expected in body["error"]
 
 
-@pytest.mark.parametrize("channels_connected", [False, True])
-def test_a_source_that_closes_its_main_channel_is_named(channels_connected):
-    """A source that ends its main channel without an ERROR is named by its address,
-    and said to have closed it; with no channel connected yet, most likely as it
-    gave up waiting for SETUP_ACK. A listener stopped until its source gave up said
-    only "main channel: connection closed after 0 of 8 bytes of message" once
-    resumed (a review between two hosts)."""
+@pytest.mark.parametrize("channels_connected, host", [(False, "127.0.0.1"), (True, "127.0.0.1"),
+                                                      (False, "::1")])
+def test_a_source_that_closes_its_main_channel_is_named(channels_connected, host):
+    """A source that ends its main channel without an ERROR is named by its address
+    (an IPv6 one in brackets: '::1:41532' read as an address without a port), and
+    said to have closed it; with no channel connected yet, most likely as it gave up
+    waiting for SETUP_ACK. A listener stopped until its source gave up said only
+    "main channel: connection closed after 0 of 8 bytes of message" once resumed (a
+    review between two hosts)."""
     uuid = os.urandom(16)
     setup = setup_message(fastmfd.MigrationConfig(channels=1, stall_timeout=10.0), uuid,
                           {"ram": MIB})
-    with fastmfd.Destination("tcp:127.0.0.1:0", workers=1) as dst:
+    peer = f"[{host}]" if ":" in host else host
+    with fastmfd.Destination(f"tcp:{peer}:0", workers=1) as dst:
         thread, done = _receive_in_thread(dst)
         source = FakeSource(dst.address, setup)
         try:
@@ -136,14 +139,14 @@ def test_a_source_that_closes_its_main_channel_is_named(channels_connected):
                 deadline = time.monotonic() + 5
                 while not dst._session._assigned and time.monotonic() < deadline:
                     time.sleep(0.01)
-            host, port = source.main.getsockname()[:2]
+            port = source.main.getsockname()[1]
             source.main.close()
             thread.join(10)
         finally:
             source.close()
     gave_up = "" if channels_connected else (", before any of its channels connected (did "
                                              "it give up waiting for SETUP_ACK?)")
-    assert str(done["error"]) == (f"main channel (from {host}:{port}): the source closed the "
+    assert str(done["error"]) == (f"main channel (from {peer}:{port}): the source closed the "
                                   f"connection after 0 of 8 bytes of message{gave_up}")
 
 

@@ -51,7 +51,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Protocol
+from typing import Callable, Iterable, Protocol
 
 from ..errors import MigrationError, NoSourceError, ProtocolError
 from ..protocol.control import Greeting
@@ -59,6 +59,7 @@ from ..protocol.handshake import MainGreeting, greet_main_channel
 from ..protocol.refusing import refuse_on_arrival, tell_why
 from ..protocol.security import ChannelSecurity
 from ..protocol.setup import MAX_CHANNELS, Setup
+from ..protocol.sockets import describe_peer
 from .liveness import process_stopped
 from .memory_bound import WORKER_BYTES
 from .processes import Child, ChildSet, Watch
@@ -71,7 +72,7 @@ log = logging.getLogger("fastmfd")
 Refuse = Callable[[str, "BaseException | str"], None]
 """``refuse(peer, reason)``: a connection was dropped, and why."""
 
-__all__ = ["Admission", "ChannelDoor", "Refusal", "Refusals", "describe_peer", "MAX_CANDIDATES",
+__all__ = ["Admission", "ChannelDoor", "Refusal", "Refusals", "MAX_CANDIDATES",
            "MAX_REFUSALS_KEPT", "EVICT_AFTER", "ACCEPTED_ANOTHER", "TOO_MANY", "EVICTED",
            "session_ended", "refuse_waiting",
            "GREETING_SPARES", "MAX_WORKERS", "DOOR_EVICTED", "DoorWorkers"]
@@ -156,13 +157,6 @@ def session_ended(why: BaseException | str) -> str:
     if isinstance(why, BaseException) and not isinstance(why, Exception):
         why = stop_reason(why, "destination")
     return f"dropped: the session ended: {why}"
-
-
-def describe_peer(peer: tuple[Any, ...] | str) -> str:
-    """An accepted connection's address: (host, port, ...) or a Unix socket's path."""
-    if isinstance(peer, tuple):
-        return f"{peer[0]}:{peer[1]}"
-    return peer or "a local process"
 
 
 def refuse_waiting(listener: socket.socket, why: BaseException | str, plaintext: bool,

@@ -43,7 +43,7 @@ from .. import _core
 from ..errors import FastMFDError, MigrationError, ProtocolError
 from ..protocol.control import QemuAuthenticated, QemuGreeted, Refused
 from ..protocol.qemu import QEVM_MAGIC
-from .admission import describe_peer
+from ..protocol.sockets import describe_peer
 from .liveness import process_stopped
 from .processes import Child, Watch
 from .qemu_tls import COUNT_WAIT, MAX_GREETINGS, MULTIFD_MAGIC, TLSGreeter, not_qemus

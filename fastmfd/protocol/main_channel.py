@@ -34,7 +34,7 @@ from .. import _core
 from ..errors import MigrationError, ProtocolError, peer_words
 from .setup import (MAX_CHANNELS, MAX_DEVICES, MAX_STALL_SECONDS, MIN_STALL_SECONDS, Setup,
                     is_stall_seconds)
-from .sockets import ConnectionClosed, recv_exact, send_all
+from .sockets import ConnectionClosed, describe_peer, recv_exact, send_all
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer     # collections.abc.Buffer from Python 3.12
@@ -514,7 +514,7 @@ class MainChannel:
             peer = sock.getpeername()
         except OSError:
             peer = ""
-        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else ""
+        self.peer = describe_peer(peer) if isinstance(peer, tuple) else ""
         self._lock = threading.Lock()
         self.bytes_sent = 0
         self.last_sent = time.monotonic()

@@ -20,15 +20,15 @@ import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, ConnectError, ListenError, MigrationError, ProtocolError
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer     # collections.abc.Buffer from Python 3.12
 
-__all__ = ["Address", "Listening", "parse_address", "listen", "remove_socket_file",
-           "bound_address", "connect", "recv_exact", "ConnectionClosed", "send_all",
+__all__ = ["Address", "host_port", "describe_peer", "Listening", "parse_address", "listen",
+           "remove_socket_file", "bound_address", "connect", "recv_exact", "ConnectionClosed", "send_all",
            "tune_data_socket", "tune_main_socket", "peer_on_this_host", "decrypted_unread"]
 
 # Unix sockets have no buffer autotuning: large buffers let a send worker's
@@ -51,6 +51,18 @@ DATA_SOCKET_BUFFER = 4 << 20
 LOCAL_UNSENT_LIMIT = 64 << 10
 
 
+def host_port(host: str, port: int) -> str:
+    """``HOST:PORT``, an IPv6 host in brackets (``[::1]:5000``, not ``::1:5000``)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def describe_peer(peer: tuple[Any, ...] | str) -> str:
+    """An accepted connection's address: (host, port, ...) or a Unix socket's path."""
+    if isinstance(peer, tuple):
+        return host_port(peer[0], peer[1])
+    return peer or "a local process"
+
+
 @dataclass(frozen=True)
 class Address:
     family: int
@@ -64,8 +76,7 @@ class Address:
     def __str__(self) -> str:
         if isinstance(self.target, str):
             return f"unix:{self.target}"
-        host, port = self.target
-        return f"tcp:[{host}]:{port}" if ":" in host else f"tcp:{host}:{port}"
+        return f"tcp:{host_port(*self.target)}"
 
 
 UNIX_PATH_MAX = 107                  # sun_path less its terminating NUL
