@@ -202,11 +202,19 @@ class Tap:
             pass
 
     def close(self) -> None:
+        """A shutdown, not a close, wakes a relay blocked in recv() on a socket (the
+        destination's end, still open, sends nothing more): each relay's join waited
+        its 5 s out, 15 s of the test."""
         self.listener.close()
         for sock in self.sockets:
-            sock.close()
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass                    # (its peer reset it already)
         for thread in self.threads:
             thread.join(5)
+        for sock in self.sockets:
+            sock.close()
 
 
 def test_the_wire_carries_none_of_the_image(pki):
