@@ -22,12 +22,14 @@ have landed in files).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -200,11 +202,31 @@ def listening_command(out: Path, *options: str) -> Iterator[tuple[subprocess.Pop
             listen.wait()
 
 
+_SAVES: dict[tuple, tuple[Path, np.ndarray]] = {}     # arguments -> the run's save of them
+
+
 def saved_guest(tmp_path, channels: int, compression: str, binary: str = QEMU,
                 machine: str = "pc", mib: int = 64,
                 options: tuple[str, ...] = ()) -> tuple[Path, np.ndarray]:
     """A real guest's migration saved by ``qemu.receive``: (directory, its RAM);
-    ``options``: more of the source QEMU's command line."""
+    ``options``: more of the source QEMU's command line.
+
+    Saved once a run for the same arguments (a QEMU and a migration each: some 20
+    tests ask for one alike), the directory ``tmp_path / "saved"`` a copy of the
+    test's own (tests change or replace its files): the same contents and modes."""
+    key = (channels, compression, binary, machine, mib, tuple(options))
+    if key not in _SAVES:
+        made = Path(tempfile.mkdtemp(prefix="fmfd-saved-"))
+        atexit.register(shutil.rmtree, made, True)
+        _SAVES[key] = _save_guest(made, channels, compression, binary, machine, mib, options)
+    saved, ram = _SAVES[key]
+    subprocess.run(["cp", "-a", str(saved), str(tmp_path / "saved")],
+                   check=True)
+    return tmp_path / "saved", ram.copy()
+
+
+def _save_guest(tmp_path: Path, channels: int, compression: str, binary: str, machine: str,
+                mib: int, options: tuple[str, ...]) -> tuple[Path, np.ndarray]:
     ram = pattern(mib, seed=3)
     ram_path = tmp_path / "src-ram.img"
     ram.tofile(ram_path)
@@ -218,6 +240,7 @@ def saved_guest(tmp_path, channels: int, compression: str, binary: str = QEMU,
         receiver.result()
     finally:
         source.close()
+    ram_path.unlink()
     return tmp_path / "saved", ram
 
 
