@@ -90,7 +90,9 @@ def test_send_refuses_an_image_that_is_not_whole_pages(tmp_path):
 
 def test_send_without_a_listener_fails_clearly(tmp_path):
     (tmp_path / "a.img").write_bytes(bytes(PAGE))
-    done = run_cli("send", f"unix:{tmp_path}/nobody", str(tmp_path / "a.img"), "--quiet")
+    # (--timeout 1: a refused connection is retried that long, 3 s by default)
+    done = run_cli("send", f"unix:{tmp_path}/nobody", str(tmp_path / "a.img"), "--quiet",
+                   "--timeout", "1")
     assert done.returncode == 1
     assert "cannot connect" in done.stderr
 
