@@ -49,18 +49,18 @@ def test_version():
     assert done.returncode == 0 and done.stdout.strip() == f"fastmfd {fastmfd.__version__}"
 
 
-def send_to_a_json_listener(out, *send_args: str) -> tuple[subprocess.CompletedProcess,
-                                                            subprocess.CompletedProcess]:
+def send_to_a_json_listener(out, *send_args: str, sock: str = "sock"
+                            ) -> tuple[subprocess.CompletedProcess, subprocess.CompletedProcess]:
     """``fastmfd send ADDRESS *send_args`` into ``fastmfd listen ADDRESS --dir out
-    --json -v`` (its ``args[1]``): both commands' results."""
+    --json -v`` (its ``args[1]``, a Unix socket named ``sock``): both commands' results."""
     sock_dir = tempfile.mkdtemp(prefix="fmfd-cli-")      # a Unix path holds 107 bytes
-    address = f"unix:{sock_dir}/sock"
+    address = f"unix:{sock_dir}/{sock}"
     listen_args = ["listen", address, "--dir", str(out), "--timeout", "60", "--json", "-v"]
     listener = subprocess.Popen([sys.executable, "-m", "fastmfd", *listen_args],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = 0
-        while not os.path.exists(f"{sock_dir}/sock") and deadline < 600:
+        while not os.path.exists(f"{sock_dir}/{sock}") and deadline < 600:
             deadline += 1
             threading.Event().wait(0.05)
         sent = fastmfd_cli("send", address, *send_args)
@@ -96,6 +96,38 @@ def test_send_and_listen_print_json_on_stdout_and_the_rest_on_stderr(tmp_path):
     assert f"listening on {address}" in received_err
     assert "the source's SETUP: 1 region(s) (256 KiB)" in received_err     # -v
     assert (out / "ram.img").read_bytes() == image.read_bytes()
+
+
+def test_listen_prints_addresses_and_paths_with_their_brackets(tmp_path):
+    """rich's markup took '[o]' and '[e]' for style tags: 'listening on unix:.../sck',
+    'ram -> .../savd/ram.img'."""
+    image = tmp_path / "ram.img"
+    image.write_bytes(os.urandom(4 * PAGE))
+    out = tmp_path / "sav[e]d"
+    sent, listened = send_to_a_json_listener(out, f"ram={image}", "-q", sock="s[o]ck")
+    assert sent.returncode == 0 and listened.returncode == 0, sent.stderr + listened.stderr
+    assert f"listening on {listened.args[1]}\n" in listened.stderr, listened.stderr
+    # rich folds its lines at 80 columns (no terminal), within the path too
+    assert f"{out / 'ram.img'}" in listened.stderr.replace("\n", ""), listened.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("ip"),
+                    reason="needs root, unshare and ip: a network namespace whose lo has a "
+                           "ULA IPv6 address (::1 keeps its brackets: rich's tags start "
+                           "with a letter)")
+@pytest.mark.parametrize("qemu", [[], ["--qemu"]])
+def test_listen_on_an_ipv6_host_that_starts_with_a_letter_prints_it(tmp_path, qemu):
+    """fd00::/8, as Docker's IPv6 networks use: '[fd00:77::2]' was read as a style tag,
+    and the line said 'listening on tcp::PORT', this tool's notation for every IPv4
+    interface."""
+    command = [sys.executable, "-m", "fastmfd", "listen", *qemu, "tcp:[fd00:77::2]:0",
+               "--dir", str(tmp_path / "out"), "--timeout", "0.2"]
+    done = subprocess.run(
+        ["unshare", "-n", "sh", "-c", 'ip link set lo up && ip addr add fd00:77::2/128 dev lo '
+         'nodad && exec "$@"', "sh", *command], capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 1, done.stderr
+    assert re.search(r"^listening on tcp:\[fd00:77::2\]:[1-9]\d*\b", done.stderr, re.M), \
+        done.stderr
 
 
 def test_listen_json_lists_every_file_whatever_the_regions_are_named(tmp_path):
@@ -451,6 +483,17 @@ def test_inspect_a_capture_directory(tmp_path):
                            "--json")
     assert by_dir.returncode == 0, by_dir.stderr
     assert json.loads(by_dir.stdout) == json.loads(by_files.stdout)
+
+
+def test_inspect_prints_a_directory_with_its_brackets(tmp_path):
+    """rich's markup took '[t]' for a style tag: 'files in .../capd'."""
+    captures = tmp_path / "cap[t]"
+    captures.mkdir()
+    for name, data in two_rounds().files(ROUND_ENDS).items():
+        (captures / name).write_bytes(data)
+    done = fastmfd_cli("inspect", str(captures))
+    assert done.returncode == 0, done.stderr
+    assert f"files in {captures}\n" in done.stdout, done.stdout
 
 
 def test_inspect_a_directory_without_captures_is_a_usage_error(tmp_path):

@@ -119,7 +119,9 @@ def cmd_listen(args: argparse.Namespace) -> int:
 
     from . import security_options
     from .transfer import listen_once, listen_sessions
-    console = Console(stderr=True, quiet=args.quiet)
+    # No markup: addresses and paths are the user's text, and rich takes '[fd00::2]' or
+    # 'sav[e]d' for style tags and drops them.
+    console = Console(stderr=True, quiet=args.quiet, markup=False)
     if args.qemu:
         return _listen_qemu(args, console)
     if args.workers is not None:

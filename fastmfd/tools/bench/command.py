@@ -160,7 +160,8 @@ def _check_room(args: argparse.Namespace) -> None:
 
 
 def cli_main(args: argparse.Namespace) -> int:
-    console = Console(width=None if sys.stdout.isatty() else 120)
+    # No markup: --compare's file name titles a table, brackets included.
+    console = Console(width=None if sys.stdout.isatty() else 120, markup=False)
     log = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
     settings = settings_from_args(args)
     for option, path in (("--json", args.json), ("--chart", args.chart)):
@@ -220,7 +221,7 @@ def cli_main(args: argparse.Namespace) -> int:
     if baseline is not None:
         console.print(comparison_table(results, baseline, args.compare, conditions))
     if args.chart:
-        chart = Console(record=True, width=120, file=io.StringIO())
+        chart = Console(record=True, width=120, file=io.StringIO(), markup=False)
         render(results, chart, note="".join(notes))
         write_new_file(args.chart, chart.export_svg(title="fastmfd bench").encode())
     if args.json:

@@ -64,7 +64,8 @@ def cli_main(args: argparse.Namespace) -> int:
 
 def _print_summary(summary: dict[str, Any]) -> None:
     # Not a terminal (a pipe, a test): wide enough that no cell is cut.
-    console = Console(width=None if sys.stdout.isatty() else 160)
+    # No markup: paths, block names and idstrs are the capture's text, brackets included.
+    console = Console(width=None if sys.stdout.isatty() else 160, markup=False)
     files = [ch["file"] for ch in summary["channels"]]
     if summary["main"] is not None:
         files.append(summary["main"]["file"])
