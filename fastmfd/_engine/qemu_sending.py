@@ -58,7 +58,7 @@ from ..protocol.qemu_encoding import (encode_multifd_flush, encode_ram_end_start
                                       encode_ram_eos, encode_ram_start, encode_stream_start,
                                       encode_zero_records)
 from ..protocol.security import ChannelSecurity, TLSConfig, tls_connect
-from ..protocol.sockets import Address, connect, decrypted_unread, tune_data_socket
+from ..protocol.sockets import Address, connect, decrypted_unread, peer_address, tune_data_socket
 from ..regions import Region
 from ..shm import SharedMemory
 from .cancelling import FirstError
@@ -142,12 +142,11 @@ class QemuSending:
             if (not isinstance(exc, MigrationError) or self.main is None
                     or exc.cause.endswith(self._checklist()) or self._ours()):
                 raise exc       # no QEMU listening at all, a hint is there, or it is ours
-            # The destination dropped the stream (it says why only in its own log;
-            # a QEMU >= 8.0 reads the main channel at once, and may have closed its
-            # listener before the multifd channels came): name what the stream needs.
-            # Or it died: one killed mid-migration closes its connections too (and
-            # was only asked about its kind, as if it could not have gone).
-            # (Cancelled since, this side shut the main channel: its end says nothing.)
+            # The destination dropped the stream (it says why only in its own log; a QEMU >= 8.0
+            # reads the main channel at once, and may have closed its listener before the multifd
+            # channels came): name what the stream needs. Or it died: one killed mid-migration
+            # closes its connections too (and was only asked about its kind, as if it could not
+            # have gone). (Cancelled since, this side shut the main channel: its end says nothing.)
             hint = self._hint(dropped=self.cancelled is None and self._main_ended() is not None)
             raise MigrationError(exc.cause + hint, channel=exc.channel,
                                  device=exc.device, side=exc.side) from exc
@@ -205,6 +204,7 @@ class QemuSending:
                                              timeout=self.stall)
         self._check_cancelled()             # (a QEMU takes one migration: none is begun)
         self.main = self._connect(address, security)
+        reached = peer_address(self.main, address)    # the channels connect there too
         self._check_cancelled()             # (came as it connected: shut after)
         self.main.settimeout(self.stall)
         self.answers = ReturnPathWatch(self.main)
@@ -213,7 +213,7 @@ class QemuSending:
                    + commands["ram"]
                    + encode_ram_start(section, {r.name: r.size for r in self.regions}))
         for ch, worker in enumerate(self.workers):
-            self._open_channel(address, ch, worker, security)
+            self._open_channel(reached, ch, worker, security)
         self._sync()
         self._main(barrier + encode_ram_eos(section, footer) + commands["ram-end"]
                    + encode_ram_end_start(section))

@@ -50,8 +50,8 @@ from ..protocol.main_channel import (MAIN, Complete, Error, Loaded, Loading, Mai
                                      decode_payload, read_message)
 from ..protocol.security import ChannelSecurity
 from ..protocol.setup import DeviceSpec, RegionSpec, Setup
-from ..protocol.sockets import (Address, ConnectionClosed, connect, tune_data_socket,
-                                tune_main_socket)
+from ..protocol.sockets import (Address, ConnectionClosed, connect, peer_address,
+                                tune_data_socket, tune_main_socket)
 from ..regions import Region, closed_regions_named, first_file_changed
 from ..shm import SharedMemory
 from ..stats import ChannelStats, MigrationStats, RoundStats
@@ -201,7 +201,7 @@ class Sending:
         connected_by = time.monotonic() + cfg.timeout
         for ch, worker in enumerate(parts.workers):
             try:
-                data = connect(parts.address, max(0.0, connected_by - time.monotonic()))
+                data = connect(peer_address(sock, parts.address), connected_by - time.monotonic())
             except MigrationError as exc:   # a destination that failed has said why
                 raise handshake.error_left(sock, MAIN, "the destination failed") or exc
             parts.resources.sockets.append(data)

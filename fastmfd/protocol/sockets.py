@@ -28,8 +28,9 @@ if TYPE_CHECKING:
     from typing_extensions import Buffer     # collections.abc.Buffer from Python 3.12
 
 __all__ = ["Address", "host_port", "describe_peer", "Listening", "parse_address", "listen",
-           "remove_socket_file", "bound_address", "connect", "recv_exact", "ConnectionClosed", "send_all",
-           "tune_data_socket", "tune_main_socket", "peer_on_this_host", "decrypted_unread"]
+           "remove_socket_file", "bound_address", "connect", "peer_address",
+           "recv_exact", "ConnectionClosed", "send_all", "tune_data_socket", "tune_main_socket",
+           "peer_on_this_host", "decrypted_unread"]
 
 # Unix sockets have no buffer autotuning: large buffers let a send worker's
 # writev of a whole packet complete without waiting on its peer (the kernel
@@ -65,7 +66,7 @@ def describe_peer(peer: tuple[Any, ...] | str) -> str:
 
 @dataclass(frozen=True)
 class Address:
-    family: int
+    family: int                            # AF_UNSPEC: a name, looked up when used
     target: tuple[str, int] | str          # (host, port) or a filesystem path
 
     @property
@@ -86,7 +87,9 @@ def parse_address(text: str | Address) -> Address:
     """Parse ``tcp:HOST:PORT``, ``tcp://HOST:PORT``, ``tcp::PORT`` (every IPv4
     interface, ``0.0.0.0``: QEMU's ``-incoming tcp::PORT`` takes IPv6 too, which
     ``tcp:[::]:PORT`` does here; connecting there reaches this host) or
-    ``unix:PATH``. An IPv6 host is in brackets: ``tcp:[::1]:PORT``."""
+    ``unix:PATH``. An IPv6 host is in brackets: ``tcp:[::1]:PORT``. A name is
+    looked up, for IPv4 and IPv6, when it is used: :func:`connect` tries each of its
+    addresses, :func:`listen` binds the first."""
     if isinstance(text, Address):
         return text
     kind, _, rest = str(text).partition(":")
@@ -99,10 +102,51 @@ def parse_address(text: str | Address) -> Address:
         text_host, sep, port = rest.removeprefix("//").rpartition(":")
         host = _tcp_host(text_host)
         if sep and port.isdigit() and int(port) < 65536 and host is not None:
-            family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            return Address(family, (host, int(port)))
+            return Address(_family(host), (host, int(port)))
     raise ConfigError(f"bad address {text!r}: expected tcp:HOST:PORT (or tcp://HOST:PORT, "
                       f"tcp::PORT; an IPv6 HOST in brackets, tcp:[::1]:PORT) or unix:PATH")
+
+
+def _family(host: str) -> int:
+    """An address literal's family; AF_UNSPEC for a name, looked up for IPv4 and IPv6
+    when it is used (an IPv6-only host has names too)."""
+    if ":" in host:
+        return socket.AF_INET6
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        return socket.AF_UNSPEC
+    return socket.AF_INET
+
+
+def _targets(address: Address) -> list[tuple[int, Any]]:
+    """(family, sockaddr) of each address ``address`` stands for: itself, or a name's
+    addresses in getaddrinfo's order (a gaierror, an OSError, if it has none)."""
+    if address.family != socket.AF_UNSPEC:
+        return [(address.family, address.target)]
+    assert not isinstance(address.target, str), "a unix: address has a family"
+    host, port = address.target
+    found = socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM)
+    return list(dict.fromkeys((family, sockaddr) for family, _, _, _, sockaddr in found))
+
+
+def _numeric(sockaddr: Any) -> str:
+    """A TCP socket address's host as text (an IPv6 scope kept: fe80::1%eth0)."""
+    return socket.getnameinfo(sockaddr, socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)[0]
+
+
+def peer_address(sock: socket.socket, address: Address) -> Address:
+    """The address ``sock``, connected to ``address``, reached: ``address`` unless it
+    is a name. A migration's other channels connect there, not to the name again: a
+    DNS answer that rotates would split the migration across hosts. (A connection
+    already reset has no peer: the name then, its next read says what happened.)"""
+    if address.family != socket.AF_UNSPEC:
+        return address
+    try:
+        peer = sock.getpeername()
+    except OSError:
+        return address
+    return Address(sock.family, (_numeric(peer), peer[1]))
 
 
 def _tcp_host(text: str) -> str | None:
@@ -130,14 +174,19 @@ _socket_files: dict[str, tuple[int, int]] = {}
 
 def listen(address: Address, backlog: int = 128) -> socket.socket:
     """A listening socket; the caller reads the real port from ``getsockname``.
-    A ``unix:`` listener's file is removed with :func:`remove_socket_file`."""
-    sock = socket.socket(address.family, socket.SOCK_STREAM)
+    A ``unix:`` listener's file is removed with :func:`remove_socket_file`. A name is
+    bound at its first address (:func:`bound_address` says which)."""
     try:
-        if address.family == socket.AF_UNIX:
+        family, target = _targets(address)[0]
+    except OSError as exc:
+        raise ListenError(f"cannot listen on {address}: {exc.strerror}", exc.errno) from None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        if family == socket.AF_UNIX:
             _remove_stale_socket(address)
         else:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address.target)
+        sock.bind(target)
         if address.path is not None:
             st = _only_for_this_user(address)
             _socket_files[address.path] = (st.st_dev, st.st_ino)
@@ -249,8 +298,8 @@ def listening_address(sock: socket.socket) -> Address:
 def bound_address(sock: socket.socket, requested: Address) -> Address:
     if requested.family == socket.AF_UNIX:
         return requested
-    host, port = sock.getsockname()[:2]
-    return Address(requested.family, (host, port))
+    bound = sock.getsockname()
+    return Address(sock.family, (_numeric(bound), bound[1]))
 
 
 CONNECT_RETRY_SECONDS = 3.0     # how long a refused connection is retried
@@ -261,30 +310,59 @@ def connect(address: Address, timeout: float,
     """Connect within ``timeout``; a refused connection (the listener is not
     there yet) is retried for a few seconds, not for the whole timeout.
     ``connecting(sock)`` is told each socket before it connects: one shut down
-    from another thread ends the wait (a cancel), and it may raise."""
+    from another thread ends the wait (a cancel), and it may raise.
+    A name's addresses are tried in turn, as QEMU's tcp: and
+    socket.create_connection do, each within what is left of ``timeout``: use
+    :func:`peer_address` for a migration's other channels."""
     started = time.monotonic()
     deadline = started + timeout
     retry_until = started + min(timeout, CONNECT_RETRY_SECONDS)
     delay = 0.01
+    try:
+        targets = _targets(address)
+    except OSError as exc:
+        raise ConnectError(f"cannot connect to {address}: {exc.strerror or exc}",
+                           exc.errno) from None
     while True:
-        sock = socket.socket(address.family, socket.SOCK_STREAM)
+        failed: list[tuple[Any, OSError]] = []
+        for family, target in targets:
+            try:
+                return _connect_one(family, target, deadline, connecting)
+            except OSError as exc:
+                failed.append((target, exc))
+            if time.monotonic() >= deadline:
+                break
+        transient = any(exc.errno in (errno.ECONNREFUSED, errno.ENOENT, errno.EAGAIN)
+                        for _, exc in failed)
+        if not transient or time.monotonic() + delay >= retry_until:
+            raise _connect_error(address, failed)
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)
+
+
+def _connect_one(family: int, target: Any, deadline: float,
+                 connecting: Callable[[socket.socket], None] | None) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
         sock.settimeout(max(0.05, deadline - time.monotonic()))
-        try:
-            if connecting is not None:
-                connecting(sock)
-            sock.connect(address.target)
-            sock.settimeout(None)
-            return sock
-        except BaseException as exc:
-            sock.close()
-            if not isinstance(exc, OSError):
-                raise
-            transient = exc.errno in (errno.ECONNREFUSED, errno.ENOENT, errno.EAGAIN)
-            if not transient or time.monotonic() + delay >= retry_until:
-                raise ConnectError(f"cannot connect to {address}: {exc.strerror or exc}",
-                                   exc.errno) from None
-            time.sleep(delay)
-            delay = min(delay * 2, 0.2)
+        if connecting is not None:
+            connecting(sock)
+        sock.connect(target)
+        sock.settimeout(None)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _connect_error(address: Address, failed: list[tuple[Any, OSError]]) -> ConnectError:
+    """What each address tried said; a name's addresses named (the first one's errno)."""
+    first = failed[0][1]
+    if address.family != socket.AF_UNSPEC:
+        return ConnectError(f"cannot connect to {address}: {first.strerror or first}",
+                            first.errno)
+    said = "; ".join(f"{_numeric(target)}: {exc.strerror or exc}" for target, exc in failed)
+    return ConnectError(f"cannot connect to {address}: {said}", first.errno)
 
 
 def tune_main_socket(sock: socket.socket) -> None:
