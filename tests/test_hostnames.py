@@ -10,29 +10,37 @@ a private /etc/hosts, bind-mounted in a mount and network namespace of a child p
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
 import textwrap
+import threading
+from collections.abc import Iterator
 
 import pytest
 
 import fastmfd
+from fastmfd import qemu
 from fastmfd.protocol.sockets import connect, parse_address
+from qemu_support import Background
+from test_qemu_receive import capture_bytes, receive_replay
 
 HOSTS = "fd00:77::2 only6\n10.77.0.1 two4\n10.77.0.2 two4\n"      # two4's last
 SETUP = ("ip link set lo up && ip addr add 10.77.0.1/32 dev lo && "
          "ip addr add 10.77.0.2/32 dev lo && ip addr add fd00:77::2/128 dev lo nodad && "
          'mount --bind "$0" /etc/hosts && exec "$@"')
-# What each child runs first: a migration of one region to ADDRESS, checked.
-MIGRATE = """
-import socket, threading
-import fastmfd
-from fastmfd.protocol.sockets import connect, parse_address
+# What each child runs first.
+PRELUDE = "import errno\nimport fastmfd\nfrom test_hostnames import migrate\n"
 
-def migrate(listen, send, *, channels=2, timeout=30.0, before_send=lambda port: None):
+
+def migrate(listen: str, send: str, *, channels: int = 2, timeout: float = 30.0,
+            before_send=lambda port: None) -> str:
+    """A migration of one region from ``send`` (PORT: the port the destination got)
+    to a destination listening at ``listen``, checked; the destination's address."""
     ram = fastmfd.Region.create("ram", 64 * 4096)
     ram.array[:] = 7
     box = {}
@@ -54,22 +62,22 @@ def migrate(listen, send, *, channels=2, timeout=30.0, before_send=lambda port: 
             return dst.address
     finally:
         ram.close()
-"""
 
 
-def in_namespace(tmp_path, code: str) -> subprocess.CompletedProcess:
-    """Run python ``code`` (after MIGRATE) with the names above; its result."""
+def in_namespace(tmp_path, code: str = "", argv: tuple[str, ...] = ()
+                 ) -> subprocess.CompletedProcess:
+    """Run python ``code`` (after PRELUDE), or ``argv``, with the names above; its result."""
     if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("ip"):
         pytest.skip("needs root, unshare and ip: the names are in a private /etc/hosts "
                     "bind-mounted in a mount namespace, their addresses on the loopback "
                     "of a network namespace (the host's /etc/hosts is not touched)")
     hosts = tmp_path / "hosts"
     hosts.write_text(open("/etc/hosts").read() + HOSTS)
-    script = MIGRATE + textwrap.dedent(code)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    argv = argv or (sys.executable, "-c", PRELUDE + textwrap.dedent(code))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), INSIDE: "1"}
     return subprocess.run(["unshare", "-m", "-n", "--propagation", "private", "sh", "-c", SETUP,
-                           str(hosts), sys.executable, "-c", script],
-                          capture_output=True, text=True, timeout=120, env=env)
+                           str(hosts), *argv], capture_output=True, text=True, timeout=300,
+                          env=env)
 
 
 def test_a_name_whose_first_address_refuses_is_reached_at_the_next(tmp_path):
@@ -106,43 +114,90 @@ def test_a_name_nothing_answers_at_is_refused_naming_each_address_tried(tmp_path
                                    "10.77.0.2: Connection refused"), done.stdout
 
 
+INSIDE = "FASTMFD_TEST_NAMES_INSIDE"
+inside = pytest.mark.skipif(os.environ.get(INSIDE) != "1", reason="run in the namespace by "
+                            "test_the_channels_go_where_the_main_channel_went_not_to_the_name")
+
+
 def test_the_channels_go_where_the_main_channel_went_not_to_the_name_again(tmp_path):
-    """A name whose answers rotate (round-robin DNS: here /etc/hosts lists two4's
-    addresses the other way round after each connection to the migration's port).
-    The channels looked the name up again, so the first reached another host (a
-    listener that takes connections and says nothing) and the migration failed."""
-    done = in_namespace(tmp_path, """
-        hosts = open("/etc/hosts").read()
-        others, connect = [], socket.socket.connect
+    """The tests marked ``inside``, run in the namespace."""
+    done = in_namespace(tmp_path, argv=(sys.executable, "-m", "pytest", "-q", "-p",
+                                        "no:cacheprovider", f"--basetemp={tmp_path / 'inside'}",
+                                        __file__, "-k", "inside_"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert re.search(r"^2 passed, \d+ deselected", done.stdout, re.M), done.stdout
 
-        def connect_and_rotate(sock, target):
-            try:
-                return connect(sock, target)
-            finally:
-                if others and isinstance(target, tuple) and \\
-                        target[1] == others[0].getsockname()[1]:
-                    rotate()
 
-        def rotate():
-            global hosts
-            head, _, last = hosts.rstrip("\\n").rpartition("\\n")
-            first, _, middle = head.rpartition("\\n")
-            hosts = f"{first}\\n{last}\\n{middle}\\n"
-            with open("/etc/hosts", "w") as file:
-                file.write(hosts)
+@pytest.fixture
+def rotating_two4(monkeypatch) -> Iterator[list[int]]:
+    """A name whose answers rotate (round-robin DNS): /etc/hosts lists two4's addresses
+    the other way round after each connection to a port put in the list given; as it
+    was again after the test (10.77.0.1 first)."""
+    ports: list[int] = []
+    hosts = open("/etc/hosts").read()
+    connect = socket.socket.connect
 
-        socket.socket.connect = connect_and_rotate
-        print(migrate("tcp:10.77.0.1:0", "tcp:two4:PORT", timeout=3, before_send=lambda port:
-                      others.append(socket.create_server(("10.77.0.2", port)))))
-        others[0].setblocking(False)
+    def connect_and_rotate(sock, target):
         try:
-            others[0].accept()
-            raise AssertionError("a channel went to 10.77.0.2")
-        except BlockingIOError:
-            pass
-    """)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("tcp:10.77.0.1:"), done.stdout
+            return connect(sock, target)
+        finally:
+            if isinstance(target, tuple) and target[1] in ports:
+                rotate()
+
+    def rotate():
+        head, _, last = open("/etc/hosts").read().rstrip("\n").rpartition("\n")
+        first, _, middle = head.rpartition("\n")
+        with open("/etc/hosts", "w") as file:
+            file.write(f"{first}\n{last}\n{middle}\n")
+
+    monkeypatch.setattr(socket.socket, "connect", connect_and_rotate)
+    yield ports
+    with open("/etc/hosts", "w") as file:
+        file.write(hosts)
+
+
+@contextlib.contextmanager
+def another_host(port: int) -> Iterator[None]:
+    """Another host's listener on the name's other address, 10.77.0.2: it takes
+    connections and says nothing; none is made to it."""
+    with socket.create_server(("10.77.0.2", port)) as other:
+        yield
+        other.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            other.accept()
+
+
+@inside
+def test_inside_fastmfd_channels_go_where_the_main_channel_went(rotating_two4):
+    """The channels looked the name up again, so the first reached another host and
+    the migration failed ('channel 0: not connected 3 s after SETUP_ACK')."""
+    def before_send(port):
+        rotating_two4.append(port)
+        stack.enter_context(another_host(port))
+
+    with contextlib.ExitStack() as stack:
+        address = migrate("tcp:10.77.0.1:0", "tcp:two4:PORT", timeout=3, before_send=before_send)
+    assert address.startswith("tcp:10.77.0.1:")
+
+
+@inside
+def test_inside_send_qemu_channels_go_where_the_main_channel_went(tmp_path, qemu72_captures,
+                                                                  rotating_two4):
+    """send --qemu's multifd channels too (into fastmfd's QEMU-protocol receiver)."""
+    saved = receive_replay(tmp_path / "first", capture_bytes(qemu72_captures, "zstd"))
+    listening, box = threading.Event(), {}
+    receiving = Background("receive()", lambda: qemu.receive(
+        "tcp:10.77.0.1:0", str(tmp_path / "second"), timeout=10, stall_timeout=10,
+        on_listening=lambda address: (box.update(address=address), listening.set())),
+        then=listening.set)
+    assert listening.wait(30) and "address" in box, receiving.outcome
+    port = int(box["address"].rpartition(":")[2])
+    rotating_two4.append(port)
+    with another_host(port):
+        qemu.send(f"tcp:two4:{port}", str(tmp_path / "first"), channels=2, stall_timeout=10)
+        again = receiving.result()
+    assert again.manifest["channels"] == 2
+    assert again.manifest["blocks"] == saved.manifest["blocks"]
 
 
 def test_a_name_of_this_host_nothing_answers_at_names_the_address_tried():
