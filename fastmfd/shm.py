@@ -41,6 +41,7 @@ import errno
 import mmap
 import os
 import secrets
+import stat
 import sys
 from multiprocessing import resource_tracker
 
@@ -50,7 +51,7 @@ from .units import format_bytes
 
 __all__ = ["SharedMemory", "SHM_DIR", "SEGMENT_PREFIX", "HUGE_PAGE", "list_segments",
            "new_name", "creator_pid", "start_tracker", "map_file", "mapped_view",
-           "free_bytes", "check_room"]
+           "free_bytes", "check_room", "check_usable"]
 
 SHM_DIR = "/dev/shm"
 SEGMENT_PREFIX = "fastmfd-"
@@ -138,6 +139,33 @@ def check_room(size: int, what: str) -> None:
                           f"has {format_bytes(free)} free: free some, or give it more (a "
                           f"container's is 64 MiB unless started with a larger one, e.g. "
                           f"docker run --shm-size=4g)")
+
+
+def check_usable() -> None:
+    """ConfigError unless this user can create files in ``/dev/shm``: where it is
+    absent or read-only (a container started with --ipc=none, a sandbox), every
+    session fails at its first segment, a listener's only at its source's SETUP."""
+    try:
+        st = os.stat(SHM_DIR)
+    except OSError as exc:
+        problem = "no such directory" if exc.errno == errno.ENOENT else exc.strerror
+    else:
+        if not stat.S_ISDIR(st.st_mode):
+            problem = "not a directory"
+        elif os.statvfs(SHM_DIR).f_flag & os.ST_RDONLY:
+            problem = "a read-only file system"
+        elif not os.access(SHM_DIR, os.W_OK | os.X_OK):
+            problem = "not writable by this user"
+        else:
+            return
+    raise ConfigError(unusable(problem))
+
+
+def unusable(problem: str | None) -> str:
+    """The error of a ``/dev/shm`` this user cannot create files in, for ``problem``."""
+    return (f"{SHM_DIR}: {problem}: fastmfd keeps its shared memory there; mount a writable "
+            f"tmpfs there (a container: one started without --ipc=none, e.g. docker run "
+            f"--shm-size=4g)")
 
 
 # A -W option for the tracker's process only: the UserWarnings its module prints there
@@ -228,6 +256,11 @@ class SharedMemory:
                 break
             except FileExistsError:
                 continue
+            except OSError as exc:
+                if exc.errno in (errno.ENOENT, errno.EROFS, errno.EACCES, errno.ENOTDIR):
+                    # /dev/shm itself (absent, read-only, not ours): said as such
+                    raise ConfigError(unusable(exc.strerror)) from None
+                raise
         registered = False
         try:
             try:

@@ -27,6 +27,7 @@ from typing import Callable, NoReturn, Protocol, Self, TypeVar
 from .. import _core
 from ..errors import Aborted, ConfigError, FastMFDError, MigrationError, OutputError
 from ..protocol.main_channel import MainChannel
+from ..shm import check_usable
 
 __all__ = ["SessionFailure", "SessionResources", "Owner", "break_session", "call_hook", "main_first",
            "as_migration_error"]
@@ -143,7 +144,9 @@ def as_migration_error(exc: BaseException, channel: str | None = None) -> Migrat
     if isinstance(exc, FastMFDError):
         error = MigrationError(str(exc), channel=channel)
     elif isinstance(exc, OSError):
-        error = MigrationError(f"{exc.strerror or exc}", channel=channel)
+        # The file is said: "Read-only file system" alone named nothing
+        where = f"{exc.filename}: " if exc.filename is not None else ""
+        error = MigrationError(f"{where}{exc.strerror or exc}", channel=channel)
     else:
         error = MigrationError(f"{type(exc).__name__}: {exc}", channel=channel)
     error.__cause__ = exc
@@ -299,6 +302,7 @@ class Owner:
     _entered = False
 
     def __init__(self) -> None:
+        check_usable()      # before a listener listens: it would fail only at SETUP
         self._releasing = threading.Lock()
         self._claiming = threading.Lock()   # the session call against a second one, and close()
         self._called = False

@@ -26,6 +26,7 @@ from ..protocol.security import TLSConfig
 from ..protocol.setup import Setup
 from ..protocol.sockets import bound_address, listen, parse_address, remove_socket_file
 from ..regions import Region, check_huge_pages
+from ..shm import check_usable
 from ..source import Source
 from ..stats import MigrationStats
 from ..units import format_bytes
@@ -218,6 +219,7 @@ def listen_sessions(address: str, directory: str, *, sessions: int | None = None
     ``max_memory`` bytes of them), so a session of the same geometry lands in
     memory that is there."""
     check_writable(directory)           # before any session: not each at its SETUP
+    check_usable()
     if options.get("stall_timeout") is None:
         options["stall_timeout"] = MigrationConfig.stall_timeout
     if options.get("huge_pages"):

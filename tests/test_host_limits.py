@@ -1,0 +1,110 @@
+"""A host that cannot give fastmfd what it needs (no writable /dev/shm, an
+address-space or file-size limit, no temporary directory) is one error that
+names what is missing and what to do, before any work where it can be known.
+
+The /dev/shm tests run fastmfd in a private mount namespace (root, or an
+unprivileged user namespace) and are skipped without; the limits are set by
+``resource.setrlimit`` in the child process only.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fastmfd._engine.session import as_migration_error
+
+TESTS = str(Path(__file__).parent)
+TREE = str(Path(__file__).parent.parent)
+
+
+def _namespaces_work() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "-m", "sh", "-c",
+                            "mount -t tmpfs -o size=1m,ro tmpfs /dev/shm"],
+                           capture_output=True)
+    return probe.returncode == 0
+
+
+needs_namespace = pytest.mark.skipif(not _namespaces_work(),
+                                     reason="needs a private mount namespace (unshare -m)")
+
+# Shell commands that leave /dev/shm read-only, or absent (a /dev of its own, with
+# only the devices Python needs in it), in the namespace they run in.
+SHM_MOUNTS = {
+    "read-only": "mount -t tmpfs -o ro tmpfs /dev/shm",
+    "absent": "mount -t tmpfs tmpfs /mnt && mkdir /mnt/dev && for n in null zero urandom; "
+              "do touch /mnt/dev/$n && mount --bind /dev/$n /mnt/dev/$n; done "
+              "&& mount --rbind /mnt/dev /dev",
+}
+SAID = {"read-only": "/dev/shm: a read-only file system:", "absent": "/dev/shm: no such directory:"}
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([TREE, TESTS])}
+
+
+def run_with_shm(mode: str, *command: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run ``command`` where /dev/shm is ``mode`` (SHM_MOUNTS), in a mount namespace."""
+    return subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                           SHM_MOUNTS[mode] + ' && exec "$@"', "sh", *command],
+                          capture_output=True, text=True, timeout=timeout, env=_env(),
+                          cwd="/")
+
+
+@needs_namespace
+@pytest.mark.parametrize("mode", sorted(SHM_MOUNTS))
+def test_listen_refuses_a_dev_shm_it_cannot_use_before_listening(tmp_path, mode):
+    # It listened, and failed only at the source's SETUP: "No such file or directory".
+    done = run_with_shm(mode, sys.executable, "-m", "fastmfd", "listen", "tcp:127.0.0.1:0",
+                        "--dir", str(tmp_path / "out"), "--timeout", "5")
+    assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
+    assert "listening on" not in done.stderr, done.stderr
+    assert done.stderr.startswith(f"fastmfd listen: {SAID[mode]}"), done.stderr
+    assert "--shm-size" in done.stderr, done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@needs_namespace
+@pytest.mark.parametrize("mode", sorted(SHM_MOUNTS))
+def test_a_destination_and_a_source_refuse_a_dev_shm_they_cannot_use(mode):
+    done = run_with_shm(mode, sys.executable, "-c", """if True:
+        import fastmfd
+        for make in (lambda: fastmfd.Destination("tcp:127.0.0.1:0"),
+                     lambda: fastmfd.Source("tcp:127.0.0.1:9")):
+            try:
+                make().close()
+            except fastmfd.ConfigError as exc:
+                print(exc)
+    """)
+    lines = done.stdout.splitlines()
+    assert done.returncode == 0 and len(lines) == 2, (done.stdout, done.stderr[-2000:])
+    assert all(line.startswith(SAID[mode]) for line in lines), lines
+
+
+@needs_namespace
+def test_a_segment_created_in_a_read_only_dev_shm_names_it():
+    # Once past the check (the file system remounted read-only meanwhile, say).
+    done = run_with_shm("read-only", sys.executable, "-c", """if True:
+        from fastmfd.errors import ConfigError
+        from fastmfd.shm import SharedMemory
+        try:
+            SharedMemory.create(4096)
+        except ConfigError as exc:
+            print(exc)
+    """)
+    assert done.stdout.startswith("/dev/shm: Read-only file system: fastmfd keeps"), \
+        (done.stdout, done.stderr[-2000:])
+
+
+def test_an_os_error_said_to_the_peer_names_its_file():
+    error = as_migration_error(OSError(errno.EROFS, os.strerror(errno.EROFS),
+                                       "/dev/shm/fastmfd-region-ram-1-abc"), "main channel")
+    assert "/dev/shm/fastmfd-region-ram-1-abc: Read-only file system" in str(error)
