@@ -32,7 +32,9 @@ from .errors import ConfigError, MigrationError
 from .protocol.control import RegionHandle
 from .protocol.setup import Invalid, check_name
 from .huge_pages import advise_huge_pages, why_no_huge_pages
-from .shm import SHM_DIR, SharedMemory, check_room, file_identity, map_file, mapped_view
+from .shm import (SHM_DIR, SharedMemory, check_room, file_identity, limit_hint, map_file,
+                  mapped_view)
+from .units import format_bytes
 
 __all__ = ["Region", "RegionHandle", "validate_region_name", "check_huge_pages", "region_to_add"]
 
@@ -251,8 +253,16 @@ class Region:
             if read_only:
                 raise ConfigError(f"region {name!r}: {location} has {actual} bytes, fewer "
                                   f"than {size}, and is open for reading only")
-            os.ftruncate(fd, size)
-        mapping = map_file(fd, size, huge_aligned=huge_pages, writable=not read_only)
+        doing = f"extend {location} to {format_bytes(size)}"
+        try:
+            if actual < size:
+                os.ftruncate(fd, size)
+            doing = f"map {location} ({format_bytes(size)})"
+            mapping = map_file(fd, size, huge_aligned=huge_pages, writable=not read_only)
+        except OSError as exc:
+            # The bare errno text ("File too large") named neither the file nor the limit
+            raise ConfigError(f"region {name!r}: cannot {doing}: {os.strerror(exc.errno or 0)}"
+                              f"{limit_hint(exc.errno)}") from None
         try:
             dirty = DirtyBitmap.create(size // page_size, tag=f"dirty-{name}")
         except BaseException:

@@ -40,6 +40,7 @@ import ctypes
 import errno
 import mmap
 import os
+import resource
 import secrets
 import stat
 import sys
@@ -51,7 +52,7 @@ from .units import format_bytes
 
 __all__ = ["SharedMemory", "SHM_DIR", "SEGMENT_PREFIX", "HUGE_PAGE", "list_segments",
            "new_name", "creator_pid", "start_tracker", "map_file", "mapped_view",
-           "free_bytes", "check_room", "check_usable"]
+           "free_bytes", "check_room", "check_usable", "limit_hint"]
 
 SHM_DIR = "/dev/shm"
 SEGMENT_PREFIX = "fastmfd-"
@@ -116,6 +117,24 @@ def mapped_view(mapping: mmap.mmap, size: int) -> memoryview:
     offset = _aligned_offset(mapping, size)
     view = memoryview(mapping)
     return view if offset == 0 and len(mapping) == size else view[offset:offset + size]
+
+
+# The limit of this process an errno may come from: ENOMEM of a mapping (a
+# region's address space), EFBIG of a file grown past it.
+_LIMITS = {errno.ENOMEM: (resource.RLIMIT_AS, "address-space limit", "RLIMIT_AS, ulimit -v"),
+           errno.EFBIG: (resource.RLIMIT_FSIZE, "file-size limit", "RLIMIT_FSIZE, ulimit -f")}
+
+
+def limit_hint(error: int | None) -> str:
+    """" (the ... limit is N)" when the errno ``error`` may come from a limit this
+    process has set (an ENOMEM, an EFBIG), "" otherwise: the bare errno text named
+    nothing to raise."""
+    if error not in _LIMITS:
+        return ""
+    which, what, how = _LIMITS[error]
+    limit = resource.getrlimit(which)[0]
+    return ("" if limit == resource.RLIM_INFINITY
+            else f" (this process's {what} is {format_bytes(limit)}: {how})")
 
 
 def file_identity(fd: int) -> tuple[int, int]:
@@ -281,7 +300,7 @@ class SharedMemory:
             if exc.errno in (errno.ENOSPC, errno.ENOMEM):
                 raise ConfigError(
                     f"cannot allocate {size} bytes of shared memory in {SHM_DIR}: "
-                    f"{exc.strerror}") from None
+                    f"{exc.strerror}{limit_hint(exc.errno)}") from None
             raise
         finally:
             os.close(fd)

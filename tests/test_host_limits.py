@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from fastmfd._engine.session import as_migration_error
+from listen_support import Listener, run_cli
 
 TESTS = str(Path(__file__).parent)
 TREE = str(Path(__file__).parent.parent)
@@ -108,3 +110,44 @@ def test_an_os_error_said_to_the_peer_names_its_file():
     error = as_migration_error(OSError(errno.EROFS, os.strerror(errno.EROFS),
                                        "/dev/shm/fastmfd-region-ram-1-abc"), "main channel")
     assert "/dev/shm/fastmfd-region-ram-1-abc: Read-only file system" in str(error)
+
+
+# ---------------------------------------------------------------- limits of the process
+
+def _limit(which: int, value: int):
+    def preexec() -> None:
+        resource.setrlimit(which, (value, value))
+    return preexec
+
+
+def test_an_image_past_the_address_space_limit_names_the_region_and_the_limit(tmp_path):
+    # It said "[Errno 12] Cannot allocate memory", exit 1.
+    image = tmp_path / "big.img"
+    with open(image, "wb") as sparse:
+        sparse.truncate(16 << 30)           # nothing on disk
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([TREE, TESTS])}
+    done = subprocess.run([sys.executable, "-m", "fastmfd", "send", "tcp:127.0.0.1:9",
+                           f"ram={image}", "-q"], capture_output=True, text=True, timeout=120,
+                          env=env, preexec_fn=_limit(resource.RLIMIT_AS, 4 << 30))
+    assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
+    assert done.stderr == (f"fastmfd send: region 'ram': cannot map {image} (16.0 GiB): "
+                           f"Cannot allocate memory (this process's address-space limit is "
+                           f"4.00 GiB: RLIMIT_AS, ulimit -v)\n"), done.stderr
+
+
+def test_a_region_file_past_the_file_size_limit_names_the_file_and_the_limit(tmp_path):
+    # The listener said "fastmfd listen: File too large"; its source "the peer failed:
+    # File too large".
+    image = tmp_path / "ram.img"
+    image.write_bytes(os.urandom(1 << 20) * 4)
+    out = tmp_path / "out"
+    with Listener(out, preexec_fn=_limit(resource.RLIMIT_FSIZE, 1 << 20)) as listener:
+        sent = run_cli("send", listener.address, f"ram={image}", "-q")
+        status, said = listener.finish()
+    assert status == 1 and sent.returncode == 1, (status, said, sent.stderr)
+    part = f"{out}/ram.img.part"
+    why = (f"region 'ram': cannot extend {part} to 4.00 MiB: File too large (this process's "
+           f"file-size limit is 1.00 MiB: RLIMIT_FSIZE, ulimit -f)")
+    assert said.splitlines()[1:] == [f"fastmfd listen: {why}"], said
+    assert why in sent.stderr, sent.stderr
+    assert not out.exists() or not any(out.iterdir())

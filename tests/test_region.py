@@ -257,7 +257,7 @@ def test_from_file_exclusive_leaves_no_file_when_mapping_fails(tmp_path, monkeyp
     def no_memory(*args, **kwargs):
         raise OSError(12, "Cannot allocate memory")
     monkeypatch.setattr(fastmfd.regions, "map_file", no_memory)
-    with pytest.raises(OSError, match="Cannot allocate memory"):
+    with pytest.raises(ConfigError, match="'pc.ram': cannot map .* Cannot allocate memory"):
         Region.from_file("pc.ram", tmp_path / "new.img", size=SIZE, exclusive=True)
     assert os.listdir(tmp_path) == []
 
