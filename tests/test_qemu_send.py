@@ -13,6 +13,7 @@ import json
 import multiprocessing
 import os
 import re
+import resource
 import signal
 import socket
 import struct
@@ -960,6 +961,7 @@ def test_a_stopped_worker_gets_no_grace_to_exit_at_the_close():
 
     class Worker:
         exitcode = None
+        failed_locally = False
         process = stopped
 
     class Workers(list):
@@ -999,3 +1001,34 @@ def test_a_stall_before_any_page_leaves_the_destinations_checklist_first():
     assert sending._stalled_hint() == (", after 128 pages were written to its channels (did "
                                        "the link go down, or its QEMU stop? If it loaded "
                                        "none: is the destination's CHECKLIST)")
+
+
+def test_a_worker_out_of_address_space_is_this_sides_failure(tmp_path, qemu72_captures):
+    """A send worker that cannot map the saved RAM (ENOMEM under RLIMIT_AS, set on
+    it alone) fails the send naming its own error, not followed by the
+    destination's checklist: "multifd channel 0: ... (ENOMEM) (is the destination's
+    multifd capability on, ...?)" sent the user to a QEMU that did nothing wrong (a
+    review of constrained hosts)."""
+    receive_replay(tmp_path / "saved", capture_bytes(qemu72_captures, "none"))
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def drain(conn: socket.socket, i: int) -> None:
+        with conn:
+            while conn.recv(1 << 16):
+                pass
+
+    threading.Thread(target=accept_three, args=(listener, drain), daemon=True).start()
+    try:
+        with qemu.QemuSender(str(tmp_path / "saved"), channels=2) as sender:
+            victim = sender.worker_pids()[0]
+            with open(f"/proc/{victim}/status") as status:
+                size = next(int(line.split()[1]) << 10 for line in status
+                            if line.startswith("VmSize:"))
+            resource.prlimit(victim, resource.RLIMIT_AS, (size + (4 << 20),) * 2)
+            with pytest.raises(MigrationError) as failed:
+                sender.send(f"tcp:127.0.0.1:{listener.getsockname()[1]}")
+    finally:
+        listener.close()
+    said = str(failed.value)
+    assert said.startswith("multifd channel 0: ") and "(ENOMEM)" in said, said
+    assert "destination" not in said, said

@@ -12,17 +12,15 @@ workers, the reassembly process, benchmark peers) and the loop that watches them
              ◀── Failed(text, traceback) ───────        on any failure, then exit(1)
       ChildSet.stop(): Stop, wait, kill, reap
 
-A child that dies becomes a MigrationError with its exit status, never a
-hang (loky's habit); its last reports are read before it is judged, so an
-error it reported is the one raised, not "exited with status 1". The
-control pipe carries parameters once and reports once per session or round
-(:mod:`fastmfd.protocol.control`), never per packet.
+A child that dies becomes a MigrationError with its exit status, never a hang (loky's
+habit); its last reports are read before it is judged, so an error it reported is the one
+raised, not "exited with status 1". The control pipe carries parameters once and reports
+once per session or round (:mod:`fastmfd.protocol.control`), never per packet.
 
-A child runs only fastmfd's code, so it never imports the caller's
-``__main__`` as multiprocessing's children do: a script without an
-``if __name__ == "__main__":`` guard, ``python -``, a REPL or a notebook
-all work: what ``__main__`` defines goes on the control pipe by value
-(:mod:`.control_pickling`).
+A child runs only fastmfd's code, so it never imports the caller's ``__main__`` as
+multiprocessing's children do: a script without an ``if __name__ == "__main__":`` guard,
+``python -``, a REPL or a notebook all work: what ``__main__`` defines goes on the control
+pipe by value (:mod:`.control_pickling`).
 """
 
 from __future__ import annotations
@@ -46,7 +44,7 @@ import setproctitle
 
 from .. import _core
 from ..errors import MigrationError
-from ..protocol.control import Done, Drained, Eof, Failed, Ready, Stop
+from ..protocol.control import Done, Drained, Eof, Failed, Ready, Stop, failed_locally
 from ..protocol.sockets import decrypted_unread
 from . import control_pickling
 from .forkserver_start import (READY_TIMEOUT, ForkServerChild, forkserver_ended,
@@ -129,6 +127,7 @@ class Child:
         self._exitcode: int | None = None      # kept once the process object is closed
         self.closed = False
         self.gone = False              # its end of the pipe is closed: no more reports
+        self.failed_locally = False    # it reported a failure of this host's own (Failed.local)
         self._partial = bytearray()    # a report read in part (see next_report)
         # Its owner's guess at what made it fail, added to the error (a source's
         # image that shrank under it: a SIGBUS, or EFAULT from the socket).
@@ -278,6 +277,7 @@ class Child:
                               channel=self.name)
 
     def error_from(self, report: Failed) -> MigrationError:
+        self.failed_locally = report.local
         error = MigrationError(report.text + self._explained(report.text), channel=self.name)
         error.__cause__ = RemoteTraceback(report.traceback)
         return error
@@ -494,7 +494,7 @@ class ChildPipe:
         """Report ``exc`` (call it where ``exc`` is handled: its traceback goes too),
         in :func:`failure_text`'s words."""
         try:
-            self.send(Failed(failure_text(exc), traceback.format_exc()))
+            self.send(Failed(failure_text(exc), traceback.format_exc(), failed_locally(exc)))
         except OSError:
             pass
 

@@ -397,11 +397,11 @@ class QemuSending:
             self._command(ch, _core.pack_command(_core.CMD_RAM, index, count))
 
     def _ours(self) -> bool:
-        """Whether a worker of this side was killed (by a signal: one that failed
-        exits with a status, having said why) or is stopped: the failure is this
-        side's, and the destination's checklist would only mislead."""
-        return any((worker.exitcode or 0) < 0 or process_stopped(worker.process.pid)
-                   for worker in self.workers)
+        """Whether a worker of this side was killed (by a signal), failed on an error of
+        this host's own (ENOMEM under a memory limit: Failed.local) or is stopped: the
+        failure is this side's, and the destination's checklist would only mislead."""
+        return any((worker.exitcode or 0) < 0 or worker.failed_locally
+                   or process_stopped(worker.process.pid) for worker in self.workers)
 
     def _check_progress(self) -> float:
         """At most once a tick: a worker that died, or that holds a job without finishing a

@@ -40,6 +40,8 @@ parameter or report is added here and used where it is made and read.
 
 from __future__ import annotations
 
+import errno
+import ssl
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,7 +52,7 @@ __all__ = [
     "RegionHandle", "ChannelParams", "SendParams", "RecvParams", "ReassemblyParams",
     "Greeting", "Prealloc", "Preallocated", "Ready", "Stop", "Greeted", "Refused", "Synced", "Go", "Done", "Eof",
     "DeviceLoaded", "Drained", "Failed", "AwaitPrecopy", "PrecopyLoaded", "RamLoaded",
-    "LoaderBusy", "PrecopyLoading",
+    "LoaderBusy", "PrecopyLoading", "failed_locally",
 ]
 
 
@@ -304,3 +306,19 @@ class Failed:
     """The child failed: what happened, and its traceback."""
     text: str
     traceback: str
+    local: bool = False     # of this host's own (failed_locally): no peer is to blame
+
+
+# What a connection its peer ended, or that broke on the way, fails with.
+_PEER_ERRNOS = frozenset({
+    errno.ECONNRESET, errno.EPIPE, errno.ETIMEDOUT, errno.ECONNABORTED, errno.ECONNREFUSED,
+    errno.ENOTCONN, errno.ESHUTDOWN, errno.ENETRESET, errno.ENETDOWN, errno.ENETUNREACH,
+    errno.EHOSTDOWN, errno.EHOSTUNREACH})
+
+
+def failed_locally(exc: BaseException) -> bool:
+    """Whether a child's failure ``exc`` is of its own host (a system call's error
+    other than a connection's: ENOMEM under a memory limit, EFBIG, EIO), which
+    its peer did not cause. (An SSLError's errno is OpenSSL's, not the system's.)"""
+    return (isinstance(exc, OSError) and not isinstance(exc, ssl.SSLError)
+            and exc.errno is not None and exc.errno not in _PEER_ERRNOS)
