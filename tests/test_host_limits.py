@@ -11,32 +11,21 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import resource
-import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from fastmfd._engine.session import as_migration_error
 from listen_support import Listener, run_cli
+from test_shm_limits import needs_namespace
 
 TESTS = str(Path(__file__).parent)
 TREE = str(Path(__file__).parent.parent)
-
-
-def _namespaces_work() -> bool:
-    if shutil.which("unshare") is None:
-        return False
-    probe = subprocess.run(["unshare", "-m", "sh", "-c",
-                            "mount -t tmpfs -o size=1m,ro tmpfs /dev/shm"],
-                           capture_output=True)
-    return probe.returncode == 0
-
-
-needs_namespace = pytest.mark.skipif(not _namespaces_work(),
-                                     reason="needs a private mount namespace (unshare -m)")
 
 # Shell commands that leave /dev/shm read-only, or absent (a /dev of its own, with
 # only the devices Python needs in it), in the namespace they run in.
@@ -151,3 +140,65 @@ def test_a_region_file_past_the_file_size_limit_names_the_file_and_the_limit(tmp
     assert said.splitlines()[1:] == [f"fastmfd listen: {why}"], said
     assert why in sent.stderr, sent.stderr
     assert not out.exists() or not any(out.iterdir())
+
+
+# ---------------------------------------------------------------- the OOM killer
+
+def _memory_cgroup_for_tests() -> str | None:
+    """A new memory cgroup (v1 or v2) under this process's, or None where none can be made."""
+    from fastmfd._engine.oom_kills import _memory_cgroup
+    cgroup = _memory_cgroup()
+    if cgroup is None or os.geteuid() != 0:
+        return None
+    path = f"{cgroup[0]}/fastmfd-test-{os.getpid()}"
+    try:
+        os.mkdir(path)
+        with open(f"{path}/{cgroup[2]}", "w") as limit:
+            limit.write(str(150 * 10**6))
+    except OSError:
+        if os.path.isdir(path):
+            os.rmdir(path)
+        return None
+    return path
+
+
+@needs_namespace
+def test_a_worker_the_oom_killer_killed_is_said_so(tmp_path):
+    # It said only "receive channel 0: the worker process was killed by SIGKILL".
+    cgroup = _memory_cgroup_for_tests()
+    if cgroup is None:
+        pytest.skip("needs a memory cgroup of its own (root, cgroup v1 or v2 with memory)")
+    image = tmp_path / "ram.img"
+    image.write_bytes(os.urandom(1 << 20) * 256)        # more than the cgroup's 150 MB
+    sock = tmp_path / "sock"
+    try:
+        listener = subprocess.Popen(
+            ["unshare", "-m", "--propagation", "private", "sh", "-c",
+             'echo $$ > "$1/cgroup.procs" && mount -t tmpfs -o size=1g tmpfs /mnt && exec "$2" '
+             '-m fastmfd listen "unix:$3" --dir /mnt/out --timeout 60',
+             "sh", cgroup, sys.executable, str(sock)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+        try:
+            for _ in range(600):
+                if sock.exists() or listener.poll() is not None:
+                    break
+                time.sleep(0.05)
+            sent = run_cli("send", f"unix:{sock}", f"ram={image}", "-q")
+            _, said = listener.communicate(timeout=60)
+        finally:
+            if listener.poll() is None:
+                listener.kill()
+                listener.communicate()
+    finally:
+        for _ in range(100):            # once its last process left
+            try:
+                os.rmdir(cgroup)
+                break
+            except OSError:
+                time.sleep(0.1)
+    assert listener.returncode == 1 and sent.returncode == 1, (said, sent.stderr)
+    killed = re.search(r"the worker process was killed by SIGKILL \(the kernel's out-of-memory "
+                       rf"killer, it seems: {cgroup}/memory\.(events|oom_control) counted \d+ "
+                       r"more OOM kill\(s\); the cgroup's memory limit is 143 MiB\)", said)
+    assert killed, said
+    assert killed.group(0) in sent.stderr, sent.stderr

@@ -50,6 +50,7 @@ from . import control_pickling
 from .forkserver_start import (READY_TIMEOUT, ForkServerChild, forkserver_ended,
                                forkserver_failure, leave_to_the_forkserver, mp_context,
                                stopped_forkserver)
+from .oom_kills import oom_killed, oom_kills
 from .open_files import check_room_for_child
 from .session import Closable, as_migration_error, main_first
 
@@ -127,6 +128,7 @@ class Child:
         self._exitcode: int | None = None      # kept once the process object is closed
         self.closed = False
         self.gone = False              # its end of the pipe is closed: no more reports
+        self._oom_kills = oom_kills()  # its cgroup's so far: whether one killed it (oom_killed)
         self.failed_locally = False    # it reported a failure of this host's own (Failed.local)
         self._partial = bytearray()    # a report read in part (see next_report)
         # Its owner's guess at what made it fail, added to the error (a source's
@@ -158,12 +160,11 @@ class Child:
         """The child's next report if one has arrived whole, else None (also once it is
         gone: then ``gone`` is set).
 
-        Reports are read as their bytes come and never waited for: a child stopped
-        (SIGSTOP) halfway through writing a long report (a device's collected state)
-        held its reader in ``recv()`` for as long as it stayed stopped, and nothing
-        else of the session was watched; now the part waits here for the rest while
-        the session's deadlines run. A Failed report is raised as the child's
-        MigrationError."""
+        Reports are read as their bytes come and never waited for: a child stopped (SIGSTOP)
+        halfway through writing a long report (a device's collected state) held its reader
+        in ``recv()`` for as long as it stayed stopped, and nothing else of the session was
+        watched; now the part waits here for the rest while the session's deadlines run. A
+        Failed report is raised as the child's MigrationError."""
         while (missing := self._missing()) and not self.gone:
             try:
                 if not self.conn.poll():
@@ -304,8 +305,8 @@ class Child:
             return MigrationError(f"the worker process ended with its parent, multiprocessing's "
                                  f"forkserver (pid {server}), which {describe_exit(status)}",
                                  channel=self.name)
-        return MigrationError(f"the worker process {describe_exit(self.exitcode)}"
-                              + self._explained(), channel=self.name)
+        died = describe_exit(self.exitcode) + oom_killed(self.exitcode, self._oom_kills)
+        return MigrationError(f"the worker process {died}{self._explained()}", channel=self.name)
 
     def _explained(self, said: str = "") -> str:
         why = self.explain_failure() if self.explain_failure is not None else None
@@ -500,11 +501,10 @@ class ChildPipe:
 
 
 def failure_text(exc: BaseException) -> str:
-    """What a child says of its failure ``exc``: a MigrationError says where
-    already; a system call's error says it in its own words, with the errno's
-    name (``send: Connection reset by peer (ECONNRESET)``, where Python's own
-    text began ``ConnectionResetError: [Errno 104]``); anything else is named
-    by its type."""
+    """What a child says of its failure ``exc``: a MigrationError says where already; a system
+    call's error says it in its own words, with the errno's name (``send: Connection reset
+    by peer (ECONNRESET)``, where Python's own text began ``ConnectionResetError: [Errno
+    104]``); anything else is named by its type."""
     if isinstance(exc, MigrationError):
         return str(exc)
     if isinstance(exc, OSError) and exc.strerror and exc.errno is not None:
