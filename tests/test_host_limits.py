@@ -202,3 +202,27 @@ def test_a_worker_the_oom_killer_killed_is_said_so(tmp_path):
                        r"more OOM kill\(s\); the cgroup's memory limit is 143 MiB\)", said)
     assert killed, said
     assert killed.group(0) in sent.stderr, sent.stderr
+
+
+# ---------------------------------------------------------------- no temporary directory
+
+# Every directory Python's tempfile would try read-only (the current one: /tmp).
+NO_TEMP_DIR = ("for d in /tmp /var/tmp /usr/tmp; do [ -d $d ] && mount -t tmpfs -o ro tmpfs $d; "
+               "done; mount -t tmpfs tmpfs /mnt && mkdir /mnt/out && truncate -s 1M /mnt/img "
+               '&& cd /tmp && exec "$@"')
+
+
+@needs_namespace
+@pytest.mark.parametrize("command", [["listen", "tcp:127.0.0.1:0", "--dir", "/mnt/out"],
+                                     ["send", "tcp:127.0.0.1:9", "ram=/mnt/img"]])
+def test_no_temporary_directory_is_a_mistake_that_names_tmpdir(command):
+    # It said "[Errno 2] No usable temporary directory found in ['/tmp', ...]", exit 1.
+    env = {k: v for k, v in _env().items() if k not in ("TMPDIR", "TEMP", "TMP")}
+    done = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", NO_TEMP_DIR,
+                           "sh", sys.executable, "-m", "fastmfd", *command],
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
+    assert done.stderr == (f"fastmfd {command[0]}: no usable temporary directory (TMPDIR, "
+                           f"/tmp, /var/tmp, /usr/tmp, the current directory: none writable): "
+                           f"fastmfd's worker processes need one for multiprocessing's "
+                           f"forkserver socket; set TMPDIR to a writable directory\n"), done.stderr

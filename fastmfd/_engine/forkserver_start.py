@@ -20,7 +20,7 @@ from multiprocessing import (connection, forkserver, popen_forkserver, process, 
 from multiprocessing.context import ForkServerProcess, set_spawning_popen
 from typing import Any, Iterator
 
-from ..errors import MigrationError
+from ..errors import ConfigError, MigrationError
 from ..safe_path import safe_import_path
 from ..shm import start_tracker
 from .control_pickling import MAIN_KEYS
@@ -51,11 +51,26 @@ def mp_context() -> multiprocessing.context.ForkServerContext:
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         _leave_the_parents_temp_dir()
+        _check_temp_dir()
         with safe_import_path():    # started here, not by a child's start (see safe_path)
             forkserver.ensure_running()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     return ctx
+
+
+def _check_temp_dir() -> None:
+    """ConfigError unless a temporary directory is there for the forkserver's socket
+    (multiprocessing makes its pymp-* directory in one): on a read-only root without
+    a writable /tmp, Python's "No usable temporary directory found in [...]" said
+    neither what it was for nor what to do."""
+    try:
+        util.get_temp_dir()
+    except FileNotFoundError:
+        raise ConfigError("no usable temporary directory (TMPDIR, /tmp, /var/tmp, /usr/tmp, "
+                          "the current directory: none writable): fastmfd's worker processes "
+                          "need one for multiprocessing's forkserver socket; set TMPDIR to a "
+                          "writable directory") from None
 
 
 # The temporary directory (pymp-*) of the process this one was forked from: the
