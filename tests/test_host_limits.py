@@ -35,7 +35,8 @@ SHM_MOUNTS = {
               "do touch /mnt/dev/$n && mount --bind /dev/$n /mnt/dev/$n; done "
               "&& mount --rbind /mnt/dev /dev",
 }
-SAID = {"read-only": "/dev/shm: a read-only file system:", "absent": "/dev/shm: no such directory:"}
+SAID = {"read-only": "/dev/shm: a read-only file system:",
+        "absent": "/dev/shm: no such directory:"}
 
 
 def _env() -> dict[str, str]:

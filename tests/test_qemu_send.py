@@ -35,6 +35,7 @@ from fastmfd.protocol.qemu_encoding import encode_open_return_path
 from fastmfd.protocol import sockets
 from fastmfd.protocol.qemu_return_path import encode_rp_pong, encode_rp_shut
 from fastmfd.protocol.sockets import connect
+from fastmfd.units import format_bytes
 from qemu_support import (QEMU, QEMU10, QEMUS, Background, Guest, Receiver, assert_loaded,
                           incoming_guest, needs_qemu, needs_qemu10, saved_guest)
 from inspect_support import NATIVE_CAPTURES, captures_dir
@@ -1032,3 +1033,6 @@ def test_a_worker_out_of_address_space_is_this_sides_failure(tmp_path, qemu72_ca
     said = str(failed.value)
     assert said.startswith("multifd channel 0: ") and "(ENOMEM)" in said, said
     assert "destination" not in said, said
+    # And which limit, as the main process says it for a region it cannot map.
+    assert said.endswith(f"(ENOMEM) (this process's address-space limit is "
+                         f"{format_bytes(size + (4 << 20))}: RLIMIT_AS, ulimit -v)"), said

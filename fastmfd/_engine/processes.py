@@ -46,6 +46,7 @@ from .. import _core
 from ..errors import MigrationError
 from ..protocol.control import Done, Drained, Eof, Failed, Ready, Stop, failed_locally
 from ..protocol.sockets import decrypted_unread
+from ..shm import limit_hint
 from . import control_pickling
 from .forkserver_start import (READY_TIMEOUT, ForkServerChild, forkserver_ended,
                                forkserver_failure, leave_to_the_forkserver, mp_context,
@@ -237,9 +238,8 @@ class Child:
         self.expect(Ready, timeout)
 
     def release(self) -> None:
-        """Tell the child to exit (Stop): an idle one, or one past its final report,
-        which keeps what it holds until told (see :mod:`.workers`). One already
-        gone needs nothing."""
+        """Tell the child to exit (Stop): an idle one, or one past its final report, which
+        keeps what it holds until told (see :mod:`.workers`). One already gone needs nothing."""
         try:
             self.conn.send(Stop())
         except OSError:
@@ -510,7 +510,7 @@ def failure_text(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror and exc.errno is not None:
         name = errno.errorcode.get(exc.errno, f"errno {exc.errno}")
         path = f": {exc.filename}" if exc.filename is not None else ""
-        return f"{exc.strerror}{path} ({name})"
+        return f"{exc.strerror}{path} ({name}){limit_hint(exc.errno)}"
     return f"{type(exc).__name__}: {exc}"
 
 
