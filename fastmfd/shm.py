@@ -146,7 +146,12 @@ def file_identity(fd: int) -> tuple[int, int]:
 
 def free_bytes(directory: str = SHM_DIR) -> int:
     """Bytes an unprivileged writer can still allocate in ``directory``'s file system."""
-    st = os.statvfs(directory)
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        if directory == SHM_DIR:
+            check_usable()      # what is wrong with it, and what to do: not a bare errno
+        raise
     return st.f_bavail * st.f_frsize
 
 

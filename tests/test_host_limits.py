@@ -66,6 +66,17 @@ def test_listen_refuses_a_dev_shm_it_cannot_use_before_listening(tmp_path, mode)
 
 @needs_namespace
 @pytest.mark.parametrize("mode", sorted(SHM_MOUNTS))
+def test_the_demo_refuses_a_dev_shm_it_cannot_use(mode):
+    # Without /dev/shm it said "[Errno 2] No such file or directory: '/dev/shm'", exit 1.
+    done = run_with_shm(mode, sys.executable, "-m", "fastmfd", "demo")
+    said = done.stderr.splitlines()[-1:]
+    assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
+    assert said and said[0].startswith("fastmfd demo: /dev/shm: "), done.stderr[-2000:]
+    assert "--shm-size" in said[0], said
+
+
+@needs_namespace
+@pytest.mark.parametrize("mode", sorted(SHM_MOUNTS))
 def test_a_destination_and_a_source_refuse_a_dev_shm_they_cannot_use(mode):
     done = run_with_shm(mode, sys.executable, "-c", """if True:
         import fastmfd
