@@ -245,6 +245,13 @@ class Destination(Owner):
         """How many connections were refused, kept in :attr:`refused` or not."""
         return self._refusals.total
 
+    @property
+    def source_connected(self) -> bool:
+        """Whether a source's main channel passed its greeting in :meth:`receive`: a
+        failure before that is this side's own (its processes, its threads), never a
+        peer's, since a connection that fails its greeting is only refused."""
+        return self._session is not None and self._session.source_came
+
     def worker_pids(self) -> list[int]:
         """The process ids of the receive workers and the reassembly process (empty
         outside ``with``): what a benchmark measures the CPU time of, beside this

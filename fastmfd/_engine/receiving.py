@@ -114,6 +114,7 @@ class Receiving:
         self.failure = parts.failure
         self.failure.on_failure(self._teardown)
         self.main: MainChannel | None = None
+        self.source_came = False     # a main channel passed its greeting: see Destination's
         self.setup: Setup | None = None
         self.regions: list[Region] = []
         self._fresh: list[bool] = []            # per region: created for this session
@@ -153,7 +154,7 @@ class Receiving:
                 greeting = admission.wait(self.parts.timeout, "the main channel")
             finally:
                 self._admission = None
-        self.main = MainChannel(greeting.sock)      # (closed by close() from here)
+        self.main, self.source_came = MainChannel(greeting.sock), True  # (closed by close())
         if self.failure.error is not None:  # failed as it was taken: the teardown had no channel
             self.main.send_error(self.failure.error)
         self.failure.check()

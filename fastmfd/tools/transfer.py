@@ -140,7 +140,8 @@ def listen_once(address: str | socket.socket, directory: str, *, per_session: bo
                 force: bool = False, keep_partial: bool = False, tls: TLSConfig | None = None,
                 auth_key: bytes | None = None, max_size: int | None = None,
                 max_memory: int | None = None, prealloc: bool = False,
-                huge_pages: bool = False, warm: WarmFiles | None = None
+                huge_pages: bool = False, warm: WarmFiles | None = None,
+                on_destination: Callable[[Destination], object] | None = None
                 ) -> tuple[DestinationResult, SavedFiles]:
     """Receive one migration into ``directory``: ``<region>.img`` files mapped
     while they are written, ``<idstr>.<instance>.state`` for each device and
@@ -157,7 +158,8 @@ def listen_once(address: str | socket.socket, directory: str, *, per_session: bo
     Destination's); ``huge_pages``:
     the region files ask for transparent huge pages (ConfigError where the
     directory's file system gives none); ``warm``:
-    where faulted-in files may come from. ``address`` may be a socket already
+    where faulted-in files may come from; ``on_destination(dst)``: called with the
+    :class:`Destination` once it listens. ``address`` may be a socket already
     listening (see :func:`listen_sessions`)."""
     def output_dir(path: str, new: bool = False) -> OutputDir:
         return OutputDir(path, force=force, keep_partial=keep_partial, max_bytes=max_size,
@@ -177,6 +179,8 @@ def listen_once(address: str | socket.socket, directory: str, *, per_session: bo
                          prealloc=prealloc) as dst:
             if on_listening is not None:
                 on_listening(dst.address)
+            if on_destination is not None:
+                on_destination(dst)
 
             def on_setup(setup: Setup) -> None:
                 nonlocal out
@@ -210,9 +214,13 @@ def listen_sessions(address: str, directory: str, *, sessions: int | None = None
     :func:`listen_once`, which takes ``options``). Yields each one's ``(result,
     files)``, or ``(error, None)`` for one that failed, and goes on: a failed or
     hostile session costs only itself. A wait of ``timeout`` no source came in
-    is no session: the listener waits again. Without a ``stall_timeout`` given,
-    each session's is the default (30 s), not its source's: a source may say up
-    to a day, and one stopped would hold every later one that long.
+    is no session: the listener waits again. A failure before any source
+    connected is this side's own (its processes or threads cannot start: a
+    process limit), which the next session would meet at once: it is raised,
+    ending the sessions, and is never counted as one. Without a
+    ``stall_timeout`` given, each session's is the default (30 s), not its
+    source's: a source may say up to a day, and one stopped would hold every
+    later one that long.
 
     With ``prealloc``, each session's region files are faulted in for the next
     one between sessions (:class:`~.warm_files.WarmFiles`, at most
@@ -243,12 +251,15 @@ def listen_sessions(address: str, directory: str, *, sessions: int | None = None
             on_listening(str(bound_address(listener, requested)))
         served = 0
         while sessions is None or served < sessions:
+            listening: list[Destination] = []
             try:
                 result, files = listen_once(listener, directory, per_session=True, warm=warm,
-                                            **options)
+                                            on_destination=listening.append, **options)
             except NoSourceError:
                 continue        # a wait no source came in is no session: the next begins
             except FastMFDError as exc:
+                if not any(dst.source_connected for dst in listening):
+                    raise       # retried, it failed again at once, forever (~300 forks/s)
                 served += 1
                 yield exc, None
                 continue
