@@ -277,10 +277,12 @@ class Destination(Owner):
 
     def _release(self) -> None:
         """Stop every process and free every resource (idempotent): see close()."""
-        self._resources.stop()
-        self._workers = self._reassembly = None
-        self._resources.release()       # the listener it made last: see __init__
-        self._listener = None
+        try:
+            self._resources.stop()
+        finally:        # (a stop that raised half way: what it left is freed all the same)
+            self._workers = self._reassembly = None
+            self._resources.release()       # the listener it made last: see __init__
+            self._listener = None
 
     # ------------------------------------------------------------ receive
     def receive(self, *, on_setup: Callable[[Setup], object] | None = None,

@@ -144,13 +144,15 @@ class Source(Owner):
 
     def _release(self) -> None:
         """Stop the workers and free every resource (idempotent): see close()."""
-        self._resources.stop()
-        self._workers = None
-        with self._status_lock:
-            if self._session is not None:
-                self._session.freeze_status()
-            self._resources.release()
-        self._parts = None
+        try:
+            self._resources.stop()
+        finally:        # (a stop that raised half way: what it left is freed all the same)
+            self._workers = None
+            with self._status_lock:
+                if self._session is not None:
+                    self._session.freeze_status()
+                self._resources.release()
+            self._parts = None
 
     # ------------------------------------------------------------ migrate
     def migrate(self, *, live: bool = True, on_stop: Callable[[], object] | None = None,

@@ -9,15 +9,19 @@ at whichever thread comes first."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
 
 import pytest
 
+import fastmfd
+from fastmfd._engine.open_files import PROCESS_LIMIT
 from listen_support import REPO
 
 
@@ -77,3 +81,83 @@ def test_listen_forever_ends_on_a_failure_before_any_source(pids_limited, tmp_pa
     assert "session failed" not in done.stderr
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("fastmfd listen: "), done.stderr
+
+
+@pytest.mark.parametrize("limit", [14])
+def test_listen_at_the_process_limit_says_so_in_one_line(pids_limited, tmp_path, limit):
+    """A worker that cannot start its watchdog thread reported nothing: "the worker
+    process exited with status 1", after multiprocessing's traceback of it."""
+    done = pids_limited(limit, "listen", f"unix:{tmp_path}/sock", "--dir",
+                        str(tmp_path / "out"), "--timeout", "3")
+    assert done.returncode == 1, done.stderr
+    said = done.stderr.split("fastmfd listen: ")     # (after "listening on ...", if it is)
+    assert len(said) == 2 and "\n" not in said[1].strip(), done.stderr
+    assert PROCESS_LIMIT in said[1], done.stderr
+
+
+@contextlib.contextmanager
+def thread_refused(name: str, times: int | None = None):
+    """``threading.Thread.start`` of a thread named ``name`` raises what CPython
+    raises when the kernel refuses a thread (the first ``times``; None: every one)."""
+    start = threading.Thread.start
+    refused: list[threading.Thread] = []
+
+    def limited(thread: threading.Thread) -> None:
+        if thread.name == name and (times is None or len(refused) < times):
+            refused.append(thread)
+            raise RuntimeError("can't start new thread")
+        start(thread)
+    threading.Thread.start = limited        # type: ignore[method-assign]
+    try:
+        yield refused
+    finally:
+        threading.Thread.start = start      # type: ignore[method-assign]
+
+
+def _receive(dst: fastmfd.Destination, outcome: list[BaseException]) -> None:
+    try:
+        dst.receive()
+    except fastmfd.FastMFDError as exc:
+        outcome.append(exc)
+
+
+def test_a_source_whose_monitor_cannot_start_names_the_limit_and_frees_all(leaks):
+    """The monitor was kept before it started: close() joined a thread that never
+    ran, raised "cannot join thread before it is started" in place of the cause,
+    and stopped there: the source's segments and descriptors stayed."""
+    with fastmfd.Region.create("ram", 4 << 20) as ram, \
+            fastmfd.Destination("tcp:127.0.0.1:0", timeout=60) as dst:
+        failed: list[BaseException] = []
+        receiver = threading.Thread(target=_receive, args=(dst, []))
+        receiver.start()
+        with thread_refused("fastmfd source monitor") as refused:
+            try:
+                with fastmfd.Source(dst.address, fastmfd.MigrationConfig(channels=2)) as src:
+                    src.add_region(ram)
+                    src.migrate(live=False)
+            except fastmfd.MigrationError as exc:
+                failed.append(exc)
+        receiver.join()
+    assert refused and failed, "the source did not fail"
+    assert str(failed[0]) == ("main channel: cannot start a thread (fastmfd source monitor): "
+                              f"{PROCESS_LIMIT}")
+    leaks.assert_clean()
+
+
+def test_a_destination_that_cannot_greet_fails_at_once_naming_the_limit():
+    """The accept thread died ("Exception in thread fastmfd admission"): nobody was
+    accepted any more, and receive() waited its whole timeout (an hour for
+    ``listen``), then raised "cannot join thread before it is started"."""
+    with fastmfd.Region.create("ram", 4 << 20) as ram, thread_refused("fastmfd greeting", 1), \
+            fastmfd.Destination("tcp:127.0.0.1:0", timeout=120) as dst:
+        outcome: list[BaseException] = []
+        receiver = threading.Thread(target=_receive, args=(dst, outcome))
+        receiver.start()
+        with pytest.raises(fastmfd.MigrationError) as told:
+            with fastmfd.Source(dst.address, fastmfd.MigrationConfig(channels=1)) as src:
+                src.add_region(ram)
+                src.migrate(live=False)
+        receiver.join()
+    expected = f"main channel: cannot start a thread (fastmfd greeting): {PROCESS_LIMIT}"
+    assert [str(e) for e in outcome] == [expected]
+    assert expected in str(told.value)

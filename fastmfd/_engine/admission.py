@@ -62,6 +62,7 @@ from ..protocol.setup import MAX_CHANNELS, Setup
 from ..protocol.sockets import describe_peer
 from .liveness import process_stopped
 from .memory_bound import WORKER_BYTES
+from .open_files import start_thread
 from .processes import Child, ChildSet, Watch
 from .session import SessionResources
 from .stopping import stop_reason
@@ -192,7 +193,9 @@ class Admission:
                  refuse: Refuse, failed: Callable[[], BaseException | None]) -> None:
         self._listener, self._security, self._refuse = listener, security, refuse
         self._failed = failed
-        self._passed: queue.Queue[MainGreeting | None] = queue.Queue()
+        # A greeting that passed; None: the wait was aborted; an error: the accept
+        # loop's own failure, raised by the wait at once.
+        self._passed: queue.Queue[MainGreeting | MigrationError | None] = queue.Queue()
         self._lock = threading.Lock()
         # Each greeting's connection (a descriptor of the table's own, its family and
         # type) and start, oldest first.
@@ -203,7 +206,12 @@ class Admission:
         self._wake_r, self._wake_w = os.pipe()
         self._acceptor = threading.Thread(target=self._accept_loop, daemon=True,
                                           name="fastmfd admission")
-        self._acceptor.start()
+        try:
+            start_thread(self._acceptor, "main channel")
+        except MigrationError:          # the process limit: no __exit__ to close them
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            raise
 
     def wait(self, timeout: float, what: str) -> MainGreeting:
         """The first connection that passed its greeting, within ``timeout`` seconds."""
@@ -216,6 +224,9 @@ class Admission:
             raise error from None
         if greeting is None:
             raise MigrationError("stopped waiting for the source")
+        if isinstance(greeting, MigrationError):
+            self._end(session_ended(greeting))
+            raise greeting
         self._end(ACCEPTED_ANOTHER)
         return greeting
 
@@ -259,7 +270,14 @@ class Admission:
                 refuse_on_arrival(sock, TOO_MANY, plaintext=self._security.tls is None)
                 self._refuse(describe_peer(peer), TOO_MANY)
                 continue
-            thread.start()
+            try:
+                start_thread(thread, "main channel")
+            except MigrationError as exc:   # the process limit: no one could be greeted
+                with self._lock:
+                    os.close(self._greeting.pop(thread)[0])     # never ran: never joined
+                refuse_on_arrival(sock, str(exc), plaintext=self._security.tls is None)
+                self._passed.put(exc)   # the wait fails now, not at its timeout (an hour)
+                return
 
     def _room(self) -> bool:
         """Whether one more may be greeted: under MAX_CANDIDATES, or the oldest
@@ -342,7 +360,7 @@ class Admission:
                 greeting = self._passed.get_nowait()
             except queue.Empty:
                 break
-            if greeting is not None:
+            if isinstance(greeting, MainGreeting):
                 # A source whose greeting passed as the wait ended: no SETUP_ACK comes, so
                 # it hears why (it read "connection reset" and a hint of no listener there).
                 tell_why(greeting.sock, str(self._ended))

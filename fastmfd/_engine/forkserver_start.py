@@ -28,7 +28,7 @@ from .liveness import process_stopped
 
 __all__ = ["mp_context", "interrupts_deferred", "ForkServerChild", "READY_TIMEOUT",
            "stopped_forkserver", "forkserver_ended", "leave_to_the_forkserver",
-           "forkserver_failure"]
+           "forkserver_failure", "describe_exit"]
 
 # Imported once by the forkserver, so a child starts in milliseconds.
 # _fastmfd_forkserver first: it gives the forkserver its parent's import path.
@@ -228,6 +228,18 @@ def forkserver_ended() -> tuple[int, int] | None:
         return None
     killed = ended.si_code in (os.CLD_KILLED, os.CLD_DUMPED)
     return server, -ended.si_status if killed else ended.si_status
+
+
+def describe_exit(code: int | None) -> str:
+    """How a process with exit status ``code`` (None: still running) ended, in words."""
+    if code is None:
+        return "is still running"
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with status {code}"
 
 
 def leave_to_the_forkserver(child: multiprocessing.process.BaseProcess) -> None:

@@ -14,17 +14,25 @@ files'; so did 4096 regions (the most SETUP allows) in every channel worker. A
 worker is fastmfd's own process: it raises its soft limit as far as the hard one
 lets it. The caller's process is only checked, never changed. A session that
 cannot fit is refused before it starts, naming the limit.
+
+The process limit (cgroup pids.max, RLIMIT_NPROC), which every thread counts
+against, is not checked ahead (others' processes count too): a thread or a
+process that cannot start fails the session naming it (:func:`start_thread`,
+:data:`PROCESS_LIMIT`), where a bare "can't start new thread" was said, or
+"the worker process exited with status 1", or nothing and a listener went deaf.
 """
 
 from __future__ import annotations
 
 import os
 import resource
+import threading
 
 from ..errors import ConfigError, MigrationError
 
 __all__ = ["check_session_files", "check_worker_files", "allow_worker_files",
-           "check_room_for_child", "SOURCE_PER_CHANNEL", "DESTINATION_PER_CHANNEL"]
+           "check_room_for_child", "SOURCE_PER_CHANNEL", "DESTINATION_PER_CHANNEL",
+           "start_thread", "PROCESS_LIMIT"]
 
 # Files the main process opens per channel (counted with 255 channels): the
 # source, checked as it is entered, before it starts its workers: each worker's
@@ -101,3 +109,24 @@ def check_room_for_child(name: str) -> None:
         raise MigrationError(f"cannot start the process: this process has {open_now} open "
                              f"files, and its limit (RLIMIT_NOFILE, ulimit -n) is {soft}: "
                              f"raise it, or use fewer channels", channel=name)
+
+
+PROCESS_LIMIT = ("the process limit (cgroup pids.max, or RLIMIT_NPROC: ulimit -u) is reached: "
+                 "raise it, or use fewer channels")
+NO_THREAD = "can't start new thread"    # what CPython raises when the kernel refuses one
+
+
+def start_thread(thread: threading.Thread, where: str | None = None) -> threading.Thread:
+    """``thread.start()``; where the kernel refuses the thread (the process limit:
+    CPython raises a bare RuntimeError), a MigrationError naming the limit, the
+    thread and ``where`` (a channel, a process). Started, or not at all: nothing
+    waits for a thread that never ran ("cannot join thread before it is started"):
+    returns ``thread``, to be kept once it runs."""
+    try:
+        thread.start()
+    except RuntimeError as exc:
+        if NO_THREAD not in str(exc):
+            raise
+        raise MigrationError(f"cannot start a thread ({thread.name}): {PROCESS_LIMIT}",
+                             channel=where) from None
+    return thread

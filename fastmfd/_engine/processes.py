@@ -48,11 +48,11 @@ from ..protocol.control import Done, Drained, Eof, Failed, Ready, Stop, failed_l
 from ..protocol.sockets import decrypted_unread
 from ..shm import limit_hint
 from . import control_pickling
-from .forkserver_start import (READY_TIMEOUT, ForkServerChild, forkserver_ended,
+from .forkserver_start import (READY_TIMEOUT, ForkServerChild, describe_exit, forkserver_ended,
                                forkserver_failure, leave_to_the_forkserver, mp_context,
                                stopped_forkserver)
 from .oom_kills import oom_killed, oom_kills
-from .open_files import check_room_for_child
+from .open_files import check_room_for_child, start_thread
 from .session import Closable, as_migration_error, main_first
 
 __all__ = ["Child", "ChildSet", "ChildPipe", "Watch", "RemoteTraceback", "mp_context",
@@ -91,18 +91,6 @@ class RemoteTraceback(Exception):
 
     def __str__(self) -> str:
         return f"\n\"\"\"\n{self.text}\"\"\""
-
-
-def describe_exit(code: int | None) -> str:
-    """How a process with exit status ``code`` (None: still running) ended, in words."""
-    if code is None:
-        return "is still running"
-    if code < 0:
-        try:
-            return f"was killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"was killed by signal {-code}"
-    return f"exited with status {code}"
 
 
 # ------------------------------------------------------------------ main side
@@ -548,8 +536,8 @@ def child_setup() -> None:
     parent = multiprocessing.parent_process()
     sentinel = getattr(parent, "sentinel", None)
     if sentinel is not None:
-        threading.Thread(target=_die_with_parent, args=(sentinel,), daemon=True,
-                         name="fastmfd parent watchdog").start()
+        start_thread(threading.Thread(target=_die_with_parent, args=(sentinel,), daemon=True,
+                                      name="fastmfd parent watchdog"))
     if os.getppid() == 1:           # the forkserver died before the prctl took effect
         os._exit(1)
 
@@ -578,8 +566,12 @@ def run_child(conn: Connection, body: Callable[[ChildPipe, Any, list[Closable]],
     Failed and exit 1 on failure. Told Stop instead of parameters, it exits; so
     it does, quietly, when its owner is gone before that (its end of the pipe
     closed: the owner was collected, or its process ended, without a Stop)."""
-    child_setup()
     pipe = ChildPipe(conn)
+    try:
+        child_setup()
+    except MigrationError as exc:   # no thread for its watchdog: said, not "exited with 1"
+        pipe.report_failure(exc)
+        sys.exit(1)
     try:
         pipe.send(Ready())
         params = pipe.recv()

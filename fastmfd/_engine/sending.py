@@ -57,6 +57,7 @@ from ..shm import SharedMemory
 from ..stats import ChannelStats, MigrationStats, RoundStats
 from .liveness import (AwaitingDestination, Heartbeat, Progress, bytes_waiting,
                        process_stopped, set_stall_timeout, stall_error, tick)
+from .open_files import start_thread
 from .processes import ChildSet, Watch
 from .progress import RoundProgress
 from .saving import DeviceSaver, DeviceStream, OldWaySaver, make_saver
@@ -218,9 +219,8 @@ class Sending:
         sock.settimeout(cfg.stall_timeout)
         self._wake_r, self._wake_w = os.pipe()      # wakes the monitor thread to stop it
         parts.resources.fds += [self._wake_r, self._wake_w]
-        self._monitor = threading.Thread(target=self._watch, name="fastmfd source monitor",
-                                         daemon=True)
-        self._monitor.start()
+        self._monitor = start_thread(threading.Thread(  # kept once it runs: joined then only
+            target=self._watch, name="fastmfd source monitor", daemon=True), MAIN)
         self.state = SendingState.LIVE
 
     def _opened(self, main: MainChannel) -> None:

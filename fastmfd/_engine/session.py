@@ -223,12 +223,14 @@ class SessionResources:
         """Stop the session's threads, break its blocked I/O, then stop every
         process (idempotent)."""
         session = self._live_session()
-        if session is not None:
-            session.close()
-        self.shutdown_sockets()
-        for processes in self._processes:
-            processes.stop()
-        self._processes = []
+        try:
+            if session is not None:
+                session.close()
+        finally:            # a close that failed half way: the rest is freed all the same
+            self.shutdown_sockets()
+            for processes in self._processes:
+                processes.stop()
+            self._processes = []
 
     def release(self) -> None:
         """Close every socket, descriptor and owned structure (idempotent; after stop()):
@@ -436,8 +438,10 @@ def _free_unclosed(owner: str, resources: SessionResources, pid: int) -> None:
 
 
 def _free(resources: SessionResources) -> None:
-    resources.stop()
-    resources.release()
+    try:
+        resources.stop()
+    finally:
+        resources.release()
 
 
 gc.callbacks.append(_core.note_collection)      # compiled: see there why
