@@ -83,10 +83,13 @@ def test_listen_forever_ends_on_a_failure_before_any_source(pids_limited, tmp_pa
     assert last.startswith("fastmfd listen: "), done.stderr
 
 
-@pytest.mark.parametrize("limit", [14])
+@pytest.mark.parametrize("limit", [8, 10, 14])
 def test_listen_at_the_process_limit_says_so_in_one_line(pids_limited, tmp_path, limit):
-    """A worker that cannot start its watchdog thread reported nothing: "the worker
-    process exited with status 1", after multiprocessing's traceback of it."""
+    """A worker that cannot start its watchdog thread (14, often 10) reported
+    nothing: "the worker process exited with status 1", after multiprocessing's
+    traceback of it. A fork the forkserver cannot make (8, often 10) ended it with
+    its traceback, and the answer read was "EOFError: unexpected EOF", with the
+    command's traceback."""
     done = pids_limited(limit, "listen", f"unix:{tmp_path}/sock", "--dir",
                         str(tmp_path / "out"), "--timeout", "3")
     assert done.returncode == 1, done.stderr

@@ -8,6 +8,12 @@ the forkserver preloads (:func:`fastmfd._engine.forkserver_start.mp_context`),
 registers one that cleans up as ``multiprocessing.util`` would have, only then:
 a forkserver that exits while its main process lives (a fork that failed ends
 its loop) leaves the directory, in which the next forkserver binds its socket.
+
+A fork that fails for want of a process (EAGAIN: cgroup pids.max, RLIMIT_NPROC)
+ends the forkserver with status FORK_FAILED, quietly: the process that asked
+reads its end and says it in one line (forkserver_start.forkserver_gone), where
+the forkserver's traceback came first and the answer was "EOFError: unexpected
+EOF".
 """
 
 from __future__ import annotations
@@ -15,8 +21,12 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import sys
 import time
 from multiprocessing import forkserver
+from types import TracebackType
+
+from .open_files import FORK_FAILED
 
 _parent = os.getppid()      # the main process, as the forkserver is started
 REPARENT_WAIT = 2.0         # seconds
@@ -43,3 +53,18 @@ def _remove_the_socket_directory() -> None:
 
 
 atexit.register(_remove_the_socket_directory)
+
+
+def _quiet_when_a_fork_failed(kind: type[BaseException], exc: BaseException,
+                              tb: TracebackType | None) -> None:
+    last = tb
+    while last is not None and last.tb_next is not None:
+        last = last.tb_next
+    if (isinstance(exc, BlockingIOError) and last is not None      # os.fork() in its loop
+            and last.tb_frame.f_globals.get("__name__") == "multiprocessing.forkserver"):
+        os._exit(FORK_FAILED)       # (the main process lives: nothing for atexit to do)
+    _python_excepthook(kind, exc, tb)
+
+
+_python_excepthook = sys.excepthook
+sys.excepthook = _quiet_when_a_fork_failed

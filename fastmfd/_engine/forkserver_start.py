@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import signal
 import threading
+import time
 from multiprocessing import (connection, forkserver, popen_forkserver, process, reduction, spawn,
                              util)
 from multiprocessing.context import ForkServerProcess, set_spawning_popen
@@ -25,6 +26,7 @@ from ..safe_path import safe_import_path
 from ..shm import start_tracker
 from .control_pickling import MAIN_KEYS
 from .liveness import process_stopped
+from .open_files import FORK_FAILED, PROCESS_LIMIT
 
 __all__ = ["mp_context", "interrupts_deferred", "ForkServerChild", "READY_TIMEOUT",
            "stopped_forkserver", "forkserver_ended", "leave_to_the_forkserver",
@@ -35,6 +37,7 @@ __all__ = ["mp_context", "interrupts_deferred", "ForkServerChild", "READY_TIMEOU
 _PRELOAD = ["_fastmfd_forkserver", "fastmfd._engine.workers", "fastmfd._engine.reassembly",
             "fastmfd._engine.forkserver_exit"]
 READY_TIMEOUT = 30.0                # seconds a child may take to start
+FORKSERVER_EXIT_WAIT = 2.0          # seconds for a forkserver that ended to say how
 
 
 def mp_context() -> multiprocessing.context.ForkServerContext:
@@ -189,7 +192,10 @@ class _PopenWithoutMain(popen_forkserver.Popen):
             f.write(buf.getbuffer())
         if not connection.wait([self.sentinel], process_obj.start_timeout):
             raise forkserver_failure(process_obj.name, process_obj.start_timeout)
-        self.pid = forkserver.read_signed(self.sentinel)
+        try:
+            self.pid = forkserver.read_signed(self.sentinel)
+        except EOFError:        # it ended instead of answering: "unexpected EOF" said nothing
+            raise forkserver_gone(process_obj.name) from None
 
 
 class ForkServerChild(ForkServerProcess):
@@ -249,6 +255,24 @@ def leave_to_the_forkserver(child: multiprocessing.process.BaseProcess) -> None:
     forkserver reaps it whenever it runs again, or init once it is gone."""
     # multiprocessing.process._children: the set that handler walks (not public API).
     getattr(multiprocessing.process, "_children", set()).discard(child)
+
+
+def forkserver_gone(name: str) -> MigrationError:
+    """The forkserver ended as it was to start ``name``: how, once its exit is known
+    (it exits at once: :mod:`.forkserver_exit`). Its fork failed for want of a
+    process, the likeliest: said with the limit to raise."""
+    deadline = time.monotonic() + FORKSERVER_EXIT_WAIT
+    while (ended := forkserver_ended()) is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    server = getattr(forkserver._forkserver, "_forkserver_pid", None)
+    if ended is None:
+        how = "ended before it answered"
+    elif ended[1] == FORK_FAILED:
+        how = f"could not fork it: {PROCESS_LIMIT}"
+    else:
+        how = f"{describe_exit(ended[1])} before it answered"
+    return MigrationError(f"cannot start the process: multiprocessing's forkserver (pid "
+                          f"{server}) {how}", channel=name)
 
 
 def forkserver_failure(name: str, waited: float | None = None) -> MigrationError:

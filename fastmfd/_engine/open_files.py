@@ -32,7 +32,7 @@ from ..errors import ConfigError, MigrationError
 
 __all__ = ["check_session_files", "check_worker_files", "allow_worker_files",
            "check_room_for_child", "SOURCE_PER_CHANNEL", "DESTINATION_PER_CHANNEL",
-           "start_thread", "PROCESS_LIMIT"]
+           "start_thread", "PROCESS_LIMIT", "FORK_FAILED"]
 
 # Files the main process opens per channel (counted with 255 channels): the
 # source, checked as it is entered, before it starts its workers: each worker's
@@ -114,6 +114,9 @@ def check_room_for_child(name: str) -> None:
 PROCESS_LIMIT = ("the process limit (cgroup pids.max, or RLIMIT_NPROC: ulimit -u) is reached: "
                  "raise it, or use fewer channels")
 NO_THREAD = "can't start new thread"    # what CPython raises when the kernel refuses one
+# The forkserver's exit status when a fork failed for want of a process (EAGAIN):
+# see forkserver_exit. 75 is EX_TEMPFAIL (sysexits.h); Python's own failure is 1.
+FORK_FAILED = 75
 
 
 def start_thread(thread: threading.Thread, where: str | None = None) -> threading.Thread:
