@@ -16,12 +16,16 @@ import sys
 import threading
 import time
 import uuid
+from multiprocessing import forkserver
 from pathlib import Path
 
 import pytest
 
 import fastmfd
+from fastmfd._engine.forkserver_start import mp_context
 from fastmfd._engine.open_files import PROCESS_LIMIT
+from fastmfd._engine.processes import Child
+from fastmfd._engine.workers import recv_worker_main
 from listen_support import REPO
 
 
@@ -164,3 +168,27 @@ def test_a_destination_that_cannot_greet_fails_at_once_naming_the_limit():
     expected = f"main channel: cannot start a thread (fastmfd greeting): {PROCESS_LIMIT}"
     assert [str(e) for e in outcome] == [expected]
     assert expected in str(told.value)
+
+
+def test_a_forkserver_gone_as_it_takes_a_request_is_said(monkeypatch):
+    """At the limit, the forkserver's fork fails as it takes a request, and it ends
+    with the request's bytes unread: writing them broke (EPIPE). The CLI took that
+    BrokenPipeError for its output's reader gone: exit 1, nothing said (about one
+    listen in 12 at pids.max 6). Here the request goes to a pipe already closed."""
+    def closed_at_once(fds: list[int]) -> tuple[int, int]:
+        answer_r, answer_w = os.pipe()
+        request_r, request_w = os.pipe()
+        os.close(request_r)
+        opened.append(answer_w)
+        return answer_r, request_w
+    opened: list[int] = []
+    ctx = mp_context()
+    monkeypatch.setattr(forkserver, "connect_to_new_process", closed_at_once)
+    try:
+        with pytest.raises(fastmfd.MigrationError) as told:
+            Child(ctx, recv_worker_main, "receive channel 0")
+    finally:
+        for fd in opened:
+            os.close(fd)
+    assert str(told.value).startswith("receive channel 0: cannot start the process: "
+                                      "multiprocessing's forkserver (pid ")

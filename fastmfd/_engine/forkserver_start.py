@@ -188,8 +188,13 @@ class _PopenWithoutMain(popen_forkserver.Popen):
         _parent_w = os.dup(w)       # the child's "parent sentinel", as in the original
         self.finalizer = util.Finalize(self, util.close_fds,  # type: ignore[attr-defined]
                                        (_parent_w, self.sentinel))
-        with open(w, "wb", closefd=True) as f:
-            f.write(buf.getbuffer())
+        try:
+            with open(w, "wb", closefd=True) as f:
+                f.write(buf.getbuffer())
+        except (BrokenPipeError, ConnectionResetError):
+            # It ended as it took the request (its fork failed): said as below. The
+            # CLI took a BrokenPipeError for its output's reader gone: exit 1, silent.
+            raise forkserver_gone(process_obj.name) from None
         if not connection.wait([self.sentinel], process_obj.start_timeout):
             raise forkserver_failure(process_obj.name, process_obj.start_timeout)
         try:
