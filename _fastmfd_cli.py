@@ -20,6 +20,16 @@ from types import FrameType
 
 INTERRUPTED = 130           # 128 + SIGINT: the command's status after a Ctrl-C
 
+# fastmfd uses no BLAS, yet numpy's import starts OpenBLAS's threads, one per extra
+# core, here and again in the forkserver (which inherits this environment, and so its
+# workers). Where the process limit (cgroup pids.max, RLIMIT_NPROC) leaves no room for
+# them, OpenBLAS raises SIGINT: the command ended "fastmfd: interrupted", 130, as if
+# after a Ctrl-C. One thread, which it does not start; set before numpy is imported
+# (this module comes first: the console script's entry, and fastmfd/__init__.py for
+# python -m), unless the user chose a number. A program using fastmfd keeps its own.
+for _threads in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
+    os.environ.setdefault(_threads, "1")
+
 
 def _interrupted(signum: int, frame: FrameType | None) -> None:
     # Written to the descriptor: os._exit flushes no buffer.

@@ -29,6 +29,13 @@ from fastmfd._engine.workers import recv_worker_main
 from listen_support import REPO
 
 
+# What fastmfd sets unless the user did: unset for the command tests, as a user's shell has.
+BLAS_THREADS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
+# The console script's entry (python -m fastmfd goes through fastmfd/__init__.py).
+CONSOLE_SCRIPT = ("-c", "import sys, _fastmfd_cli; sys.argv[0] = 'fastmfd'; "
+                  "sys.exit(_fastmfd_cli.main())")
+
+
 def _pids_cgroup_parent() -> Path | None:
     """Where a child cgroup with a pids.max can be made here, None if nowhere."""
     root = Path("/sys/fs/cgroup")
@@ -49,7 +56,8 @@ def pids_limited():
         pytest.skip("needs root and a writable cgroup pids controller (v1 or v2)")
     made: list[Path] = []
 
-    def run(limit: int, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    def run(limit: int, *args: str, timeout: float = 120,
+            command: tuple[str, ...] = ("-m", "fastmfd")) -> subprocess.CompletedProcess:
         group = parent / f"fastmfd-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         group.mkdir()
         made.append(group)
@@ -59,8 +67,9 @@ def pids_limited():
         def enter() -> None:        # in the child, before it runs Python
             with open(procs, "w") as f:
                 f.write("0")
-        env = dict(os.environ, PYTHONPATH=str(REPO))
-        return subprocess.run([sys.executable, "-m", "fastmfd", *args], env=env,
+        env = {k: v for k, v in os.environ.items() if k not in BLAS_THREADS}
+        env["PYTHONPATH"] = str(REPO)
+        return subprocess.run([sys.executable, *command, *args], env=env,
                               capture_output=True, text=True, timeout=timeout,
                               preexec_fn=enter)
     yield run
@@ -79,7 +88,7 @@ def test_listen_forever_ends_on_a_failure_before_any_source(pids_limited, tmp_pa
     """Its workers cannot start (the reassembly's thread, here): there is no
     source, so it is no session; retried, it failed again at once, hundreds of
     times a second, forever."""
-    done = pids_limited(14, "listen", f"unix:{tmp_path}/sock", "--dir", str(tmp_path / "out"),
+    done = pids_limited(12, "listen", f"unix:{tmp_path}/sock", "--dir", str(tmp_path / "out"),
                         "--forever", timeout=30)
     assert done.returncode == 1, done.stderr
     assert "session failed" not in done.stderr
@@ -87,13 +96,14 @@ def test_listen_forever_ends_on_a_failure_before_any_source(pids_limited, tmp_pa
     assert last.startswith("fastmfd listen: "), done.stderr
 
 
-@pytest.mark.parametrize("limit", [8, 10, 14])
+@pytest.mark.parametrize("limit", [6, 8, 10, 11, 12, 13])
 def test_listen_at_the_process_limit_says_so_in_one_line(pids_limited, tmp_path, limit):
-    """A worker that cannot start its watchdog thread (14, often 10) reported
-    nothing: "the worker process exited with status 1", after multiprocessing's
-    traceback of it. A fork the forkserver cannot make (8, often 10) ended it with
-    its traceback, and the answer read was "EOFError: unexpected EOF", with the
-    command's traceback."""
+    """Whatever comes first at the limit (here, with no BLAS thread: a fork at 6, 8
+    and 11, a worker's thread at 10 and 12, the accept thread at 13), one line.
+    A worker that cannot start its watchdog thread reported nothing: "the worker
+    process exited with status 1", after multiprocessing's traceback of it. A fork
+    the forkserver cannot make ended it with its traceback, and the answer read
+    was "EOFError: unexpected EOF", with the command's traceback."""
     done = pids_limited(limit, "listen", f"unix:{tmp_path}/sock", "--dir",
                         str(tmp_path / "out"), "--timeout", "3")
     assert done.returncode == 1, done.stderr
@@ -168,6 +178,23 @@ def test_a_destination_that_cannot_greet_fails_at_once_naming_the_limit():
     expected = f"main channel: cannot start a thread (fastmfd greeting): {PROCESS_LIMIT}"
     assert [str(e) for e in outcome] == [expected]
     assert expected in str(told.value)
+
+
+needs_cores = pytest.mark.skipif((os.cpu_count() or 1) < 2,
+                                 reason="OpenBLAS starts no thread on one core")
+
+
+@needs_cores
+@pytest.mark.parametrize("command", [("-m", "fastmfd"), CONSOLE_SCRIPT],
+                         ids=["python -m fastmfd", "console script"])
+def test_numpy_starts_no_blas_thread_for_the_command(pids_limited, command):
+    """pids.max 1: the main thread alone. OpenBLAS could not start its thread at
+    numpy's import and raised SIGINT: "fastmfd: interrupted", exit 130, for what
+    is a missing file (exit 2)."""
+    done = pids_limited(1, "send", "tcp:127.0.0.1:9", "ram=/nonexistent", command=command)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == ("fastmfd send: region 'ram': cannot open /nonexistent: "
+                           "No such file or directory\n")
 
 
 def test_a_forkserver_gone_as_it_takes_a_request_is_said(monkeypatch):
