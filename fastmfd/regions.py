@@ -262,7 +262,7 @@ class Region:
         except OSError as exc:
             # The bare errno text ("File too large") named neither the file nor the limit
             raise ConfigError(f"region {name!r}: cannot {doing}: {os.strerror(exc.errno or 0)}"
-                              f"{limit_hint(exc.errno)}") from None
+                              f"{limit_hint(exc.errno, size)}") from None
         try:
             dirty = DirtyBitmap.create(size // page_size, tag=f"dirty-{name}")
         except BaseException:

@@ -125,16 +125,39 @@ _LIMITS = {errno.ENOMEM: (resource.RLIMIT_AS, "address-space limit", "RLIMIT_AS,
            errno.EFBIG: (resource.RLIMIT_FSIZE, "file-size limit", "RLIMIT_FSIZE, ulimit -f")}
 
 
-def limit_hint(error: int | None) -> str:
-    """" (the ... limit is N)" when the errno ``error`` may come from a limit this
-    process has set (an ENOMEM, an EFBIG), "" otherwise: the bare errno text named
-    nothing to raise."""
+def limit_hint(error: int | None, size: int | None = None) -> str:
+    """" (this process's ... limit is N ...)" when the errno ``error`` can come from a
+    limit this process has set: an EFBIG of a file of ``size`` bytes past its file-size
+    limit, an ENOMEM of ``size`` more bytes of address space past its address-space
+    limit (``size`` unknown: when over half of it is in use); "" otherwise. The bare
+    errno text named nothing to raise; a limit that cannot be the cause is not named
+    (a memory cgroup's ENOMEM beside a 64 GiB address-space limit)."""
     if error not in _LIMITS:
         return ""
     which, what, how = _LIMITS[error]
     limit = resource.getrlimit(which)[0]
-    return ("" if limit == resource.RLIM_INFINITY
-            else f" (this process's {what} is {format_bytes(limit)}: {how})")
+    if limit == resource.RLIM_INFINITY:
+        return ""
+    if which == resource.RLIMIT_FSIZE:
+        return f" (this process's {what} is {format_bytes(limit)}: {how})" \
+            if size is None or size > limit else ""
+    in_use = _address_space_in_use()
+    if in_use is None or (in_use + size <= limit if size is not None else in_use <= limit // 2):
+        return ""
+    return (f" (this process's {what} is {format_bytes(limit)}, {format_bytes(in_use)} of it "
+            f"in use: {how})")
+
+
+def _address_space_in_use() -> int | None:
+    """This process's address space now (VmSize), in bytes."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmSize:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def file_identity(fd: int) -> tuple[int, int]:
@@ -305,7 +328,7 @@ class SharedMemory:
             if exc.errno in (errno.ENOSPC, errno.ENOMEM):
                 raise ConfigError(
                     f"cannot allocate {size} bytes of shared memory in {SHM_DIR}: "
-                    f"{exc.strerror}{limit_hint(exc.errno)}") from None
+                    f"{exc.strerror}{limit_hint(exc.errno, size)}") from None
             raise
         finally:
             os.close(fd)

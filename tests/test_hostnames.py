@@ -25,7 +25,8 @@ import pytest
 
 import fastmfd
 from fastmfd import qemu
-from fastmfd.protocol.sockets import connect, parse_address
+from fastmfd.errors import ConnectError, ListenError
+from fastmfd.protocol.sockets import connect, listen, parse_address
 from qemu_support import Background
 from test_qemu_receive import capture_bytes, receive_replay
 
@@ -214,3 +215,34 @@ def test_a_name_of_this_host_nothing_answers_at_names_the_address_tried():
                                        f"{addresses[0]}: "), error.value
     for address in addresses:
         assert f"{address}: " in str(error.value)
+
+
+def test_a_first_address_that_never_answers_leaves_time_for_the_next(monkeypatch):
+    """A name's first address that drops every SYN (a broken IPv6 route; here a
+    listener whose accept queue is full) took the whole timeout, and the next
+    address, which answers, was never tried (a reread): each gets its share."""
+    hole = socket.socket(socket.AF_INET6)
+    good = socket.create_server(("127.0.0.1", 0))
+    with hole, good:
+        hole.bind(("::1", 0))
+        hole.listen(0)
+        filler = socket.create_connection(("::1", hole.getsockname()[1]))  # the queue is full
+        answers = [(socket.AF_INET6, socket.SOCK_STREAM, 6, "",
+                    ("::1", hole.getsockname()[1], 0, 0)),
+                   (socket.AF_INET, socket.SOCK_STREAM, 6, "",
+                    ("127.0.0.1", good.getsockname()[1]))]
+        monkeypatch.setattr(socket, "getaddrinfo", lambda *args, **kwargs: answers)
+        with filler, connect(parse_address("tcp:dual.example:9"), 4.0) as sock:
+            assert sock.getpeername()[:2] == ("127.0.0.1", good.getsockname()[1])
+
+
+@pytest.mark.parametrize("call", ["listen", "connect"])
+def test_a_name_idna_cannot_encode_is_no_such_name(call):
+    """'a..b' (an empty label) raised a bare UnicodeError from the lookup, a traceback
+    at the command line, where it had been 'Name or service not known' (a reread)."""
+    with pytest.raises((ListenError, ConnectError), match=r"a\.\.b:5: Name or service not "
+                       r"known$"):
+        if call == "listen":
+            listen(parse_address("tcp:a..b:5")).close()
+        else:
+            connect(parse_address("tcp:a..b:5"), 1.0).close()

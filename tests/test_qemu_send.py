@@ -9,6 +9,7 @@ save the same directory again, in the same flavour.
 
 from __future__ import annotations
 
+import errno
 import json
 import multiprocessing
 import os
@@ -1034,5 +1035,20 @@ def test_a_worker_out_of_address_space_is_this_sides_failure(tmp_path, qemu72_ca
     assert said.startswith("multifd channel 0: ") and "(ENOMEM)" in said, said
     assert "destination" not in said, said
     # And which limit, as the main process says it for a region it cannot map.
-    assert said.endswith(f"(ENOMEM) (this process's address-space limit is "
-                         f"{format_bytes(size + (4 << 20))}: RLIMIT_AS, ulimit -v)"), said
+    assert re.search(re.escape(f"(ENOMEM) (this process's address-space limit is "
+                               f"{format_bytes(size + (4 << 20))}, ")
+                     + r"[^,]+ of it in use: RLIMIT_AS, ulimit -v\)$", said), said
+
+@pytest.mark.parametrize("exc, local", [
+    (OSError(errno.EPROTO, "multifd channel 0: TLS: sslv3 alert bad record mac"), False),
+    (TimeoutError(errno.EAGAIN, "TLS receive: the socket timed out"), False),
+    (ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"), False),
+    (MemoryError("cannot allocate 4194304 bytes of send buffers (2 x 2 MiB)"), True),
+    (OSError(errno.ENOMEM, "Cannot allocate memory"), True),
+])
+def test_a_failure_is_this_hosts_own_only_where_no_peer_caused_it(exc, local):
+    """What the core raises: a TLS record or alert the destination sent (EPROTO) and a
+    timed-out wait on it were this host's own (its checklist dropped), the core's own
+    allocation failure (MemoryError) the destination's (a reread)."""
+    from fastmfd.protocol.control import failed_locally
+    assert failed_locally(exc) is local

@@ -309,16 +309,21 @@ class Failed:
     local: bool = False     # of this host's own (failed_locally): no peer is to blame
 
 
-# What a connection its peer ended, or that broke on the way, fails with.
+# What a connection its peer ended, or that broke on the way, fails with (EPROTO:
+# the core's TLS record or alert the peer sent).
 _PEER_ERRNOS = frozenset({
     errno.ECONNRESET, errno.EPIPE, errno.ETIMEDOUT, errno.ECONNABORTED, errno.ECONNREFUSED,
     errno.ENOTCONN, errno.ESHUTDOWN, errno.ENETRESET, errno.ENETDOWN, errno.ENETUNREACH,
-    errno.EHOSTDOWN, errno.EHOSTUNREACH})
+    errno.EHOSTDOWN, errno.EHOSTUNREACH, errno.EPROTO})
 
 
 def failed_locally(exc: BaseException) -> bool:
     """Whether a child's failure ``exc`` is of its own host (a system call's error
-    other than a connection's: ENOMEM under a memory limit, EFBIG, EIO), which
-    its peer did not cause. (An SSLError's errno is OpenSSL's, not the system's.)"""
-    return (isinstance(exc, OSError) and not isinstance(exc, ssl.SSLError)
+    other than a connection's: ENOMEM under a memory limit, EFBIG, EIO; the core's
+    MemoryError, its allocation's ENOMEM), which its peer did not cause. (An
+    SSLError's errno is OpenSSL's, not the system's; a timeout, whatever its errno,
+    is a wait on the peer.)"""
+    if isinstance(exc, MemoryError):
+        return True
+    return (isinstance(exc, OSError) and not isinstance(exc, (ssl.SSLError, TimeoutError))
             and exc.errno is not None and exc.errno not in _PEER_ERRNOS)

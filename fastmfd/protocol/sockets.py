@@ -126,7 +126,10 @@ def _targets(address: Address) -> list[tuple[int, Any]]:
         return [(address.family, address.target)]
     assert not isinstance(address.target, str), "a unix: address has a family"
     host, port = address.target
-    found = socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM)
+    try:
+        found = socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM)
+    except UnicodeError:        # a name IDNA cannot encode ("a..b": an empty label)
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known") from None
     return list(dict.fromkeys((family, sockaddr) for family, _, _, _, sockaddr in found))
 
 
@@ -312,8 +315,10 @@ def connect(address: Address, timeout: float,
     ``connecting(sock)`` is told each socket before it connects: one shut down
     from another thread ends the wait (a cancel), and it may raise.
     A name's addresses are tried in turn, as QEMU's tcp: and
-    socket.create_connection do, each within what is left of ``timeout``: use
-    :func:`peer_address` for a migration's other channels."""
+    socket.create_connection do, each within its share of what is left of
+    ``timeout`` (a first address that drops every SYN, a broken IPv6 route, took
+    it all, and the next was never tried): use :func:`peer_address` for a
+    migration's other channels."""
     started = time.monotonic()
     deadline = started + timeout
     retry_until = started + min(timeout, CONNECT_RETRY_SECONDS)
@@ -325,9 +330,11 @@ def connect(address: Address, timeout: float,
                            exc.errno) from None
     while True:
         failed: list[tuple[Any, OSError]] = []
-        for family, target in targets:
+        for tried, (family, target) in enumerate(targets):
+            now = time.monotonic()
+            share = now + (deadline - now) / (len(targets) - tried)
             try:
-                return _connect_one(family, target, deadline, connecting)
+                return _connect_one(family, target, share, connecting)
             except OSError as exc:
                 failed.append((target, exc))
             if time.monotonic() >= deadline:
