@@ -52,7 +52,7 @@ from .units import format_bytes
 
 __all__ = ["SharedMemory", "SHM_DIR", "SEGMENT_PREFIX", "HUGE_PAGE", "list_segments",
            "new_name", "creator_pid", "start_tracker", "map_file", "mapped_view",
-           "free_bytes", "check_room", "check_usable", "limit_hint"]
+           "free_bytes", "check_room", "check_usable", "limit_hint", "proc_kib"]
 
 SHM_DIR = "/dev/shm"
 SEGMENT_PREFIX = "fastmfd-"
@@ -141,19 +141,21 @@ def limit_hint(error: int | None, size: int | None = None) -> str:
     if which == resource.RLIMIT_FSIZE:
         return f" (this process's {what} is {format_bytes(limit)}: {how})" \
             if size is None or size > limit else ""
-    in_use = _address_space_in_use()
+    in_use = proc_kib("/proc/self/status", "VmSize")     # this process's address space
     if in_use is None or (in_use + size <= limit if size is not None else in_use <= limit // 2):
         return ""
     return (f" (this process's {what} is {format_bytes(limit)}, {format_bytes(in_use)} of it "
             f"in use: {how})")
 
 
-def _address_space_in_use() -> int | None:
-    """This process's address space now (VmSize), in bytes."""
+def proc_kib(path: str, field: str) -> int | None:
+    """A ``FIELD:  N kB`` line's value in bytes, of a /proc file that has such lines
+    (``/proc/meminfo``'s MemAvailable, ``/proc/self/status``' VmSize); None where
+    there is no such line."""
     try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmSize:"):
+        with open(path) as lines:
+            for line in lines:
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass

@@ -710,7 +710,7 @@ def test_images_that_do_not_fit_exit_2_before_any_work(monkeypatch, capsys, args
     if free is not None:
         monkeypatch.setattr(images, "free_bytes", lambda path: free, raising=False)
     if memory is not None:
-        monkeypatch.setattr(images, "_memory_available", lambda: memory, raising=False)
+        monkeypatch.setattr(images, "proc_kib", lambda path, field: memory)
     assert main(["bench", "--channels", "1", "--compression", "none", *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"fastmfd bench: {message}") and err.count("\n") == 1, err

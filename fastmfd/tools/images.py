@@ -34,7 +34,7 @@ import numpy.typing as npt
 from .. import _core
 from ..errors import ConfigError
 from ..regions import Region
-from ..shm import SHM_DIR, free_bytes, new_name
+from ..shm import SHM_DIR, free_bytes, new_name, proc_kib
 from ..units import format_bytes
 from .whole import clean_up_whole
 
@@ -169,24 +169,12 @@ def check_scratch_room(need: int, what: str) -> None:
     image too large failed only once it was made, after filling /dev/shm)."""
     parent = scratch_parent()
     free = free_bytes(parent)
-    memory = _memory_available() if parent == SHM_DIR else None
+    memory = proc_kib("/proc/meminfo", "MemAvailable") if parent == SHM_DIR else None
     if need > min(free, memory if memory is not None else free):
         raise ConfigError(f"{what} need {format_bytes(need)}; {parent} has "
                           f"{format_bytes(free)} free" + (
                               f" and the machine {format_bytes(memory)} of memory available"
                               if memory is not None else ""))
-
-
-def _memory_available() -> int | None:
-    """/proc/meminfo's MemAvailable in bytes; None where it says none."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 class Image:
