@@ -117,8 +117,9 @@ def test_a_source_that_may_start_fewer_save_threads_than_the_pool_saves_with_tho
             if room:
                 src.migrate(live=False)
             else:
-                with pytest.raises(fastmfd.MigrationError, match="can't start new thread: "
-                                   r"not one thread to save the devices in; .*\(ulimit -u"):
+                with pytest.raises(fastmfd.MigrationError, match=r"not one thread to save the "
+                                   r"devices in: cannot start a thread \(fastmfd save 0\): this "
+                                   r"process may start no more threads \(its process limit"):
                     src.migrate(live=False)
         thread.join()
     assert len(started) == room, started
@@ -164,4 +165,5 @@ def test_a_destination_that_cannot_start_a_loader_thread_per_device_says_so():
         out, err = dst.communicate(timeout=60)
     naming = "a loader thread for each of the 40 devices"
     assert naming in str(raised.value), raised.value
-    assert naming in out and "(ulimit -u, ulimit -v, kernel.threads-max)" in out, out + err
+    assert naming in out and "(its process limit: cgroup pids.max, ulimit -u; its address space " \
+        "for their stacks: ulimit -v; kernel.threads-max)" in out, out + err

@@ -36,6 +36,7 @@ from fastmfd.protocol.qemu_encoding import encode_open_return_path
 from fastmfd.protocol import sockets
 from fastmfd.protocol.qemu_return_path import encode_rp_pong, encode_rp_shut
 from fastmfd.protocol.sockets import connect
+from fastmfd.shm import proc_kib
 from fastmfd.units import format_bytes
 from qemu_support import (QEMU, QEMU10, QEMUS, Background, Guest, Receiver, assert_loaded,
                           incoming_guest, needs_qemu, needs_qemu10, saved_guest)
@@ -1023,9 +1024,8 @@ def test_a_worker_out_of_address_space_is_this_sides_failure(tmp_path, qemu72_ca
     try:
         with qemu.QemuSender(str(tmp_path / "saved"), channels=2) as sender:
             victim = sender.worker_pids()[0]
-            with open(f"/proc/{victim}/status") as status:
-                size = next(int(line.split()[1]) << 10 for line in status
-                            if line.startswith("VmSize:"))
+            size = proc_kib(f"/proc/{victim}/status", "VmSize")
+            assert size is not None
             resource.prlimit(victim, resource.RLIMIT_AS, (size + (4 << 20),) * 2)
             with pytest.raises(MigrationError) as failed:
                 sender.send(f"tcp:127.0.0.1:{listener.getsockname()[1]}")

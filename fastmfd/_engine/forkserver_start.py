@@ -269,21 +269,23 @@ def forkserver_gone(name: str) -> MigrationError:
     deadline = time.monotonic() + FORKSERVER_EXIT_WAIT
     while (ended := forkserver_ended()) is None and time.monotonic() < deadline:
         time.sleep(0.01)
-    server = getattr(forkserver._forkserver, "_forkserver_pid", None)
     if ended is None:
         how = "ended before it answered"
     elif ended[1] == FORK_FAILED:
         how = f"could not fork it: {PROCESS_LIMIT}"
     else:
         how = f"{describe_exit(ended[1])} before it answered"
-    return MigrationError(f"cannot start the process: multiprocessing's forkserver (pid "
-                          f"{server}) {how}", channel=name)
+    return _not_started(name, how)
 
 
 def forkserver_failure(name: str, waited: float | None = None) -> MigrationError:
     """The forkserver did not start ``name``: it is stopped, or did not answer in ``waited``."""
     server = getattr(forkserver._forkserver, "_forkserver_pid", None)
-    how = f"did not start it within {waited:g} s" if waited and not process_stopped(server) \
-        else "is stopped"
+    return _not_started(name, f"did not start it within {waited:g} s"
+                        if waited and not process_stopped(server) else "is stopped")
+
+
+def _not_started(name: str, how: str) -> MigrationError:
+    server = getattr(forkserver._forkserver, "_forkserver_pid", None)
     return MigrationError(f"cannot start the process: multiprocessing's forkserver (pid "
                           f"{server}) {how}", channel=name)

@@ -16,10 +16,12 @@ lets it. The caller's process is only checked, never changed. A session that
 cannot fit is refused before it starts, naming the limit.
 
 The process limit (cgroup pids.max, RLIMIT_NPROC), which every thread counts
-against, is not checked ahead (others' processes count too): a thread or a
-process that cannot start fails the session naming it (:func:`start_thread`,
-:data:`PROCESS_LIMIT`), where a bare "can't start new thread" was said, or
-"the worker process exited with status 1", or nothing and a listener went deaf.
+against, is not checked ahead (others' processes count too): a worker process, or
+a session's thread (a child's watchdog, the source's monitor, the destination's
+greeters, device savers and loaders), that cannot start fails the session naming
+the limits (:func:`start_thread`, :data:`THREAD_LIMIT`, :data:`PROCESS_LIMIT`),
+where a bare "can't start new thread" was said, or "the worker process exited
+with status 1", or nothing and a listener went deaf.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from ..errors import ConfigError, MigrationError
 
 __all__ = ["check_session_files", "check_worker_files", "allow_worker_files",
            "check_room_for_child", "SOURCE_PER_CHANNEL", "DESTINATION_PER_CHANNEL",
-           "start_thread", "PROCESS_LIMIT", "FORK_FAILED"]
+           "start_thread", "PROCESS_LIMIT", "THREAD_LIMIT", "FORK_FAILED"]
 
 # Files the main process opens per channel (counted with 255 channels): the
 # source, checked as it is entered, before it starts its workers: each worker's
@@ -113,6 +115,10 @@ def check_room_for_child(name: str) -> None:
 
 PROCESS_LIMIT = ("the process limit (cgroup pids.max, or RLIMIT_NPROC: ulimit -u) is reached: "
                  "raise it, or use fewer channels")
+# A thread counts against the process limit, and its stack against the address-space
+# limit: the kernel's refusal does not say which (nor the system's threads-max).
+THREAD_LIMIT = ("this process may start no more threads (its process limit: cgroup pids.max, "
+                "ulimit -u; its address space for their stacks: ulimit -v; kernel.threads-max)")
 NO_THREAD = "can't start new thread"    # what CPython raises when the kernel refuses one
 # The forkserver's exit status when a fork failed for want of a process (EAGAIN):
 # see forkserver_exit. 75 is EX_TEMPFAIL (sysexits.h); Python's own failure is 1.
@@ -130,6 +136,6 @@ def start_thread(thread: threading.Thread, where: str | None = None) -> threadin
     except RuntimeError as exc:
         if NO_THREAD not in str(exc):
             raise
-        raise MigrationError(f"cannot start a thread ({thread.name}): {PROCESS_LIMIT}",
+        raise MigrationError(f"cannot start a thread ({thread.name}): {THREAD_LIMIT}",
                              channel=where) from None
     return thread

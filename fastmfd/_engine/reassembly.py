@@ -45,6 +45,7 @@ from ..errors import ConfigError, MigrationError
 from ..protocol.control import (AwaitPrecopy, DeviceLoaded, Drained, LoaderBusy, PrecopyLoaded,
                                 PrecopyLoading, RamLoaded, ReassemblyParams, Stop)
 from ..shm import SHM_DIR
+from .open_files import start_thread
 from .processes import ChildPipe, run_child
 from .session import Closable
 
@@ -239,13 +240,11 @@ class _Reassembler:
     def run(self) -> None:
         for started, thread in enumerate(self.threads):
             try:
-                thread.start()
-            except RuntimeError as exc:         # "can't start new thread"
+                start_thread(thread)
+            except MigrationError as exc:       # the thread limit
                 del self.threads[started:]      # (close() joins those that started)
-                raise MigrationError(
-                    f"{exc}: a loader thread for each of the {len(self.devices)} devices, "
-                    f"{started} started; this process may start no more (ulimit -u, "
-                    f"ulimit -v, kernel.threads-max)") from exc
+                raise MigrationError(f"a loader thread for each of the {len(self.devices)} "
+                                     f"devices, {started} started: {exc}") from exc
         # Its own thread: a loader's call may run in this one (precopy_loaded(),
         # when AwaitPrecopy comes after the chunks it names are loaded).
         threading.Thread(target=self._watch_loaders, daemon=True,

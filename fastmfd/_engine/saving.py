@@ -36,6 +36,7 @@ from ..config import MigrationConfig
 from ..devices import Device, device_key, has_precopy
 from ..errors import Aborted, MigrationError
 from ..protocol.main_channel import OLD_WAY_PREFIX, MainChannel, Msg, old_way_checksum
+from .open_files import start_thread
 from .session import SessionFailure
 
 Reader = Callable[[memoryview], int]
@@ -237,8 +238,7 @@ class _Saver:
     def _run(self, name: str, streams: list[DeviceStream], work: Callable[[], object]) -> None:
         """Run ``work`` (the calls of ``streams``' devices) in a thread of its own."""
         thread = threading.Thread(target=self._guarded, args=(work,), daemon=True, name=name)
-        thread.start()
-        self._threads.append((thread, streams))
+        self._threads.append((start_thread(thread), streams))
 
     def _guarded(self, work: Callable[[], object]) -> None:
         try:
@@ -312,11 +312,10 @@ class DeviceSaver(_Saver):
             try:
                 self._run(f"fastmfd save {i}", saving,
                           functools.partial(self._save_from, todo, phase, saving))
-            except RuntimeError as exc:         # "can't start new thread"
+            except MigrationError as exc:       # the thread limit
                 if not self._threads:
-                    raise MigrationError(f"{exc}: not one thread to save the devices in; "
-                                         f"this process may start no more (ulimit -u, "
-                                         f"ulimit -v, kernel.threads-max)") from exc
+                    raise MigrationError(f"not one thread to save the devices in: {exc}") \
+                        from exc
                 break       # the threads started take every device, a few at a time
 
     def _save_from(self, todo: deque[tuple[DeviceStream, _PoolSink]], phase: Phase,

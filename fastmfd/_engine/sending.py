@@ -196,13 +196,13 @@ class Sending:
         self._saver, self._pool = make_saver(self._streams, cfg, self.main,
                                              parts.device_selector, self._device_command,
                                              self.failure, parts.resources.own)
-        # The channels connect within one timeout, together: each had its own, and a
-        # destination taking one connection every few seconds stretched the
-        # connecting (with the stall deadlines not yet watched) to channels x that.
+        # The channels connect within one timeout together (each had its own: a slow
+        # destination stretched it to channels x that), where the main channel went.
         connected_by = time.monotonic() + cfg.timeout
+        reached = peer_address(sock, parts.address)
         for ch, worker in enumerate(parts.workers):
             try:
-                data = connect(peer_address(sock, parts.address), connected_by - time.monotonic())
+                data = connect(reached, connected_by - time.monotonic())
             except MigrationError as exc:   # a destination that failed has said why
                 raise handshake.error_left(sock, MAIN, "the destination failed") or exc
             parts.resources.sockets.append(data)
