@@ -29,8 +29,10 @@ from typing import Callable
 import pytest
 
 from fastmfd import qemu
-from fastmfd._engine import qemu_sending
+from fastmfd._engine import processes, qemu_sending
+from fastmfd._engine.liveness import process_stopped
 from fastmfd._engine.qemu_sending import QEMU_PACKET_BYTES
+from fastmfd._engine.workers import send_worker_main
 from fastmfd.errors import ConfigError, FastMFDError, MigrationError
 from fastmfd.protocol.qemu_encoding import encode_open_return_path
 from fastmfd.protocol import sockets
@@ -954,34 +956,31 @@ def test_a_channel_that_takes_nothing_says_so_as_the_wait_for_a_channel_does():
                                  "stop? If it loaded none: is the destination's CHECKLIST)")
 
 
-def test_a_stopped_worker_gets_no_grace_to_exit_at_the_close():
+def test_a_stopped_worker_gets_no_grace_to_exit_at_the_close(monkeypatch):
     """A send that failed on a stopped worker gave the workers 2 s to take their
     release and exit at its close, which a stopped one cannot: the send failed
-    6.6-6.8 s after the stop at a 4 s stall timeout (a review between two hosts)."""
-    stopped = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    os.kill(stopped.pid, signal.SIGSTOP)
-    os.waitpid(stopped.pid, os.WUNTRACED)       # stopped by now, not only signalled
+    6.6-6.8 s after the stop at a 4 s stall timeout (a review between two hosts).
+    Any ChildSet's stop: no wait for exits once one of its children is stopped."""
+    waits: list[float | None] = []
 
-    class Worker:
-        exitcode = None
-        failed_locally = False
-        process = stopped
+    class Spy:                  # the waits of processes' own code, not multiprocessing's joins
+        def __getattr__(self, name: str):
+            return getattr(multiprocessing.connection, name)
 
-    class Workers(list):
-        grace: float | None = None
+        def wait(self, objects, timeout=None):
+            waits.append(timeout)
+            return multiprocessing.connection.wait(objects, timeout)
 
-        def stop(self, timeout: float) -> None:
-            self.grace = timeout
-
-    sending = qemu_sending.QemuSending.__new__(qemu_sending.QemuSending)
-    sending.main, sending.data, sending.cmd_fds, sending.owned = None, [], [], []
-    sending.workers = workers = Workers([Worker()])      # type: ignore[assignment]
-    try:
-        sending.close()
-    finally:
-        stopped.kill()
-        stopped.wait()
-    assert workers.grace == 0
+    workers = processes.ChildSet(send_worker_main, ["multifd channel 0"])
+    pid = workers[0].process.pid
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 10
+    while not process_stopped(pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert process_stopped(pid), "the worker did not stop"
+    monkeypatch.setattr(processes, "connection", Spy())
+    workers.stop(2.0)
+    assert waits == [] and workers[0].exitcode == -signal.SIGKILL, (waits, workers[0].exitcode)
 
 
 def test_a_stall_before_any_page_leaves_the_destinations_checklist_first():

@@ -51,6 +51,7 @@ from . import control_pickling
 from .forkserver_start import (READY_TIMEOUT, ForkServerChild, describe_exit, forkserver_ended,
                                forkserver_failure, leave_to_the_forkserver, mp_context,
                                stopped_forkserver)
+from .liveness import process_stopped
 from .oom_kills import oom_killed, oom_kills
 from .open_files import check_room_for_child, start_thread
 from .session import Closable, as_migration_error, main_first
@@ -346,12 +347,14 @@ class ChildSet:
         return child
 
     def stop(self, timeout: float = 2.0) -> None:
-        """Tell idle children to exit, wait up to ``timeout`` for all of them, kill
-        what is left, close the pipes."""
-        for child in self.children:
-            if child.exitcode is None:
-                child.release()
-        deadline = time.monotonic() + timeout
+        """Tell idle children to exit, wait up to ``timeout`` for all of them (none
+        when one is stopped: it cannot take its release), kill what is left, close
+        the pipes."""
+        alive = [child for child in self.children if child.exitcode is None]
+        for child in alive:
+            child.release()
+        stopped = any(process_stopped(child.process.pid) for child in alive)
+        deadline = time.monotonic() + (0.0 if stopped else timeout)
         # wait() returns at the first exit (and sleeps its whole timeout on an
         # empty list), so loop until every child is gone or time is up.
         while running := [c.sentinel for c in self.children if c.exitcode is None]:

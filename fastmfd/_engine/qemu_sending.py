@@ -586,7 +586,7 @@ class QemuSending:
         for sock in [self.main, *self.data]:
             if sock is not None:
                 shutdown_quietly(sock)
-        self.workers.stop(0.0 if self._ours() else 2.0)   # a stopped one takes no release
+        self.workers.stop(2.0)
         for sock in [self.main, *self.data]:
             if sock is not None:
                 sock.close()
