@@ -228,7 +228,7 @@ class QemuConnections:
         self.failed_handshakes = Dropped("failed the TLS handshake")
         self.no_room = Dropped("found no room to be greeted", verdict="refused")
         self.waiting_room = False                       # the listener waits for a greeting's end
-        self.waited_for_room = 0                        # times it did under max_memory
+        self.waited_for_room = False                    # it did, under max_memory
         self.room_said = False                          # WAITED_FOR_ROOM logged
         self.peers: dict[socket.socket, str] = {}       # each held connection's address
         self.arrivals = 0
@@ -314,7 +314,7 @@ class QemuConnections:
         self.waiting_room = True
         if short is None:           # MAX_GREETINGS: each ends within its deadline
             return
-        self.waited_for_room += 1
+        self.waited_for_room = True
         if self.counted_at is None and set(self.greeting) <= self.through:
             self.watch.alarm(self, time.monotonic() + NO_ROOM_WAIT,
                              functools.partial(self._no_room_for_qemu, short))

@@ -586,7 +586,7 @@ class QemuSending:
         for sock in [self.main, *self.data]:
             if sock is not None:
                 shutdown_quietly(sock)
-        self.workers.stop(2.0)
+        self.workers.stop()
         for sock in [self.main, *self.data]:
             if sock is not None:
                 sock.close()
