@@ -249,10 +249,10 @@ cdef class _EngineBase:
                 raise OSError(EPROTO, f"{what}: TLS: {reason.decode(errors='replace')}")
             raise OSError(-rc, f"{what}: {strerror(-rc).decode()}")
         if <size_t>rc != want:
-            # The peer ended its stream inside a packet: a truncated packet, as
-            # the decoders and the main channel's reader report one.
-            raise ProtocolError(f"{what}: connection closed after {rc} of {want} bytes",
-                                field="length", received=rc, expected=want)
+            # The peer ended its stream inside a packet (only a read is short:
+            # transfer_all), as the main channel's reader says a message cut short.
+            raise ConnectionClosed(f"connection closed after {rc} of {want} bytes of {what}",
+                                   field="length", received=rc, expected=want)
         return 0
 
 

@@ -104,7 +104,8 @@ import os
 
 import numpy as np
 
-from fastmfd.errors import Aborted, MigrationError, ProtocolError, TLSError, printable
+from fastmfd.errors import (Aborted, ConnectionClosed, MigrationError, ProtocolError, TLSError,
+                            printable)
 from fastmfd.shm import SharedMemory
 
 fm_pagescan_init()

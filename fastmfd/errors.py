@@ -5,7 +5,8 @@
   listened on and keeps the OS's ``errno`` (it is an ``OSError`` too).
 - :class:`ProtocolError` — bytes on the wire (or in a capture file) that break
   the format. It names the field, the value received and the value expected,
-  and where the bytes were (a channel, or a file and byte offset).
+  and where the bytes were (a channel, or a file and byte offset). Its
+  :class:`ConnectionClosed` is a connection its peer ended inside a message or packet.
 - :class:`TLSError` — a TLS handshake or session failed: it says what failed
   ("TLS handshake failed: certificate verify failed (certificate has
   expired)", "the peer does not speak TLS (it sent plaintext: 48 54 54 50 ...)").
@@ -24,8 +25,8 @@ import re
 from typing import Self
 
 __all__ = ["FastMFDError", "ConfigError", "ListenError", "ProtocolError", "TLSError",
-           "MigrationError", "SecurityError", "ConnectError", "NoSourceError", "OutputError",
-           "Aborted",
+           "ConnectionClosed", "MigrationError", "SecurityError", "ConnectError",
+           "NoSourceError", "OutputError", "Aborted",
            "printable", "peer_words"]
 
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
@@ -90,6 +91,16 @@ class ProtocolError(FastMFDError):
         located = f"{where}, {self.where}" if self.where else where
         return ProtocolError(self.detail, field=self.field, received=self.received,
                              expected=self.expected, where=located)
+
+
+class ConnectionClosed(ProtocolError):
+    """The peer closed the connection before a read was complete (a message read by
+    :func:`fastmfd.protocol.sockets.recv_exact`, a packet by the core's engines)."""
+
+    @property
+    def after(self) -> str:
+        """How far the read got: "after 3 of 8 bytes of message"."""
+        return self.detail.removeprefix("connection closed ")
 
 
 class TLSError(FastMFDError):

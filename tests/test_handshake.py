@@ -186,8 +186,8 @@ def test_a_channel_cut_inside_a_packet_is_a_protocol_error(cut):
             receiving.thread.join(10)
             error = receiving.error
             assert isinstance(error, fastmfd.MigrationError), repr(error)
-            assert re.search(r"receive channel 0: ProtocolError: RAM (packet header|payload): "
-                             r"connection closed after \d+ of \d+ bytes", str(error)), str(error)
+            assert re.search(r"receive channel 0: the connection from \S+ closed after \d+ of "
+                             r"\d+ bytes of RAM (packet header|payload)", str(error)), str(error)
         finally:
             source.close()
 

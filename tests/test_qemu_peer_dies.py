@@ -65,7 +65,7 @@ STOPPED_GUEST_MIB = -(-(UNDER_WAY + SLOW + HELD_AT_MOST + (1 << 20)) * 4 // 3 >>
 SOURCE_KILLED = (r"^(main channel at byte \d+: the source closed it before the stream's end "
                  r"\(its migration failed or was cancelled, or it exited\): .*truncated"
                  r"|multifd channel \d: (the source closed it before its SYNC for barrier \d+"
-                 r"|.*connection closed after \d+ of \d+ bytes))")
+                 r"|the connection from \S+ closed after \d+ of \d+ bytes of RAM \w+))")
 # send(), its destination killed: a channel's write broke, or the main channel
 # was found closed; then what to check on the destination.
 DESTINATION_KILLED = (r"^(main|multifd) channel( \d)?: .*(Broken pipe|Connection reset by peer"

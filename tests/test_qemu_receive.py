@@ -842,9 +842,10 @@ def test_a_channel_a_sync_ahead_fails_saying_it_went_on(tmp_path):
     # receiver failed: cut short there.
     socks = replay(receiver.address, files, resume=resume,
                    pause={"conn1.bin": later + 1344 + 100})
-    with failing_replay(receiver, socks, resume, out, r"multifd channel \d: .*connection "
-                        r"closed .* \(the stream had ended and every channel had sent its last "
-                        r"SYNC, but this one went on sending, and was shut for reading here\)",
+    with failing_replay(receiver, socks, resume, out, r"multifd channel \d: the connection "
+                        r"from \S+ closed .* \(the stream had ended and every channel had sent "
+                        r"its last SYNC, but this one went on sending, and was shut for reading "
+                        r"here\)",
                         hold=True):
         pass
 

@@ -35,13 +35,13 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from .. import _core
-from ..errors import MigrationError, ProtocolError
+from ..errors import ConnectionClosed, MigrationError, ProtocolError
 from ..protocol import handshake
 from ..protocol.qemu import QEVM_MAGIC
 from ..protocol.control import (ChannelParams, Done, Eof, Go, Greeted, Greeting, Prealloc,
                                 Preallocated, QemuAuthenticated, QemuGreeted, QemuGreeting,
                                 RecvParams, Refused, Relay, SendParams, Stop, Synced)
-from ..protocol.sockets import peer_on_this_host
+from ..protocol.sockets import describe_peer, peer_on_this_host
 from ..regions import Region
 from ..shm import SharedMemory
 from .open_files import allow_worker_files
@@ -244,19 +244,34 @@ def _receive(pipe: ChildPipe, sock: socket.socket, params: RecvParams,
                               list(params.devices), reassembly_fd, params.ram, tls=tls,
                               sparse=list(params.sparse) or None, place_fds=place_fds,
                               hole_fds=hole_fds)
-    while engine.run() == _core.EVENT_SYNC:
-        pipe.send(Synced(engine.rounds,
-                         engine.compression if params.learn_compression else None))
-        reply = pipe.recv()
-        if isinstance(reply, Stop):
-            break
-        if not isinstance(reply, Go) or reply.round != engine.rounds:
-            raise ProtocolError(f"channel {params.channel} holds at the SYNC of round "
-                                f"{engine.rounds} and was told {reply!r}", field="go",
-                                received=reply, expected=Go(engine.rounds))
+    peer = _peer_of(sock)
+    try:
+        while engine.run() == _core.EVENT_SYNC:
+            pipe.send(Synced(engine.rounds,
+                             engine.compression if params.learn_compression else None))
+            reply = pipe.recv()
+            if isinstance(reply, Stop):
+                break
+            if not isinstance(reply, Go) or reply.round != engine.rounds:
+                raise ProtocolError(f"channel {params.channel} holds at the SYNC of round "
+                                    f"{engine.rounds} and was told {reply!r}", field="go",
+                                    received=reply, expected=Go(engine.rounds))
+    except ConnectionClosed as exc:
+        # Cut inside a packet, with no ERROR: said as the main channel says its own
+        # end, naming whom (not "ProtocolError: RAM payload: connection closed").
+        raise MigrationError(f"the connection from {peer} closed {exc.after}") from None
     pipe.send(Eof())
     _hold_until_stopped(pipe)
     del engine
+
+
+def _peer_of(sock: socket.socket) -> str:
+    """Whom ``sock`` is connected to, for errors: taken before its end (a connection
+    reset has no peer)."""
+    try:
+        return describe_peer(sock.getpeername())
+    except OSError:
+        return "the source"
 
 
 def _region_file(region: Region, stack: list[Closable]) -> int:

@@ -163,8 +163,7 @@ def read_from_source(main: MainChannel, max_payload: int, deadline: float,
         where = f"{MAIN} (from {main.peer})" if main.peer else MAIN
         gave_up = "" if channels else (", before any of its channels connected (did it give "
                                        "up waiting for SETUP_ACK?)")
-        raise MigrationError(f"the source closed the connection "
-                             f"{exc.detail.removeprefix('connection closed ')}{gave_up}",
+        raise MigrationError(f"the source closed the connection {exc.after}{gave_up}",
                              channel=where) from None
 
 

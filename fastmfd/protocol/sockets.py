@@ -22,7 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ConfigError, ConnectError, ListenError, MigrationError, ProtocolError
+from ..errors import (ConfigError, ConnectError, ConnectionClosed, ListenError,
+                      MigrationError)
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer     # collections.abc.Buffer from Python 3.12
@@ -426,10 +427,6 @@ def peer_on_this_host(sock: socket.socket) -> bool:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped           # ::ffff:127.0.0.1
     return address.is_loopback or peer == local
-
-
-class ConnectionClosed(ProtocolError):
-    """The peer closed the connection before a read was complete."""
 
 
 def recv_exact(sock: socket.socket, size: int, what: str, where: str | None = None,
