@@ -13,6 +13,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import uuid
@@ -219,3 +220,94 @@ def test_a_forkserver_gone_as_it_takes_a_request_is_said(monkeypatch):
             os.close(fd)
     assert str(told.value).startswith("receive channel 0: cannot start the process: "
                                       "multiprocessing's forkserver (pid ")
+
+
+# In a process run by pids_limited: cap() makes its cgroup's pids.max its pids.current,
+# so that the kernel refuses the next thread (or process) it starts: a real limit, met
+# by the thread the code starts next.
+CAP = """
+import os
+def cap():
+    v2 = os.path.exists("/sys/fs/cgroup/cgroup.controllers")
+    for line in open("/proc/self/cgroup"):
+        _, controllers, path = line.rstrip("\\n").split(":", 2)
+        if controllers == "" if v2 else "pids" in controllers.split(","):
+            group = ("/sys/fs/cgroup" if v2 else "/sys/fs/cgroup/pids") + path
+    with open(f"{group}/pids.max", "w") as limit:
+        limit.write(open(f"{group}/pids.current").read())
+"""
+
+
+def _said(done: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in done.stdout.splitlines() if line]
+
+
+@pytest.mark.parametrize("name, code", [
+    ("progress bar", """
+from fastmfd._engine.progress import RoundProgress
+bar = RoundProgress(enabled=True, regions=[], pages_done=lambda: 0)
+cap()
+bar.__enter__()
+"""),
+    ("fastmfd status", """
+from fastmfd.tools.transfer import _StatusStream
+class Status:
+    def status(self):
+        return {}
+stream = _StatusStream(Status(), print, 1.0)
+cap()
+stream.__enter__()
+"""),
+    ("fastmfd loopback destination", """
+import fastmfd
+from fastmfd.tools.loopback import LoopbackMigration
+with fastmfd.Region.create("ram", 1 << 20) as ram:
+    migration = LoopbackMigration(fastmfd.MigrationConfig(channels=1), [ram])
+    try:
+        cap()
+        migration.run()
+    except fastmfd.MigrationError as exc:
+        print(exc)
+    migration.close()
+    print("closed")
+"""),
+    ("bench cpu meter", """
+from fastmfd.tools.bench.trial import CpuMeter
+cap()
+CpuMeter({"source": []}, complete=False)
+"""),
+], ids=["progress", "status", "loopback", "cpu meter"])
+def test_a_helper_thread_refused_at_the_limit_names_it(pids_limited, name, code):
+    """Threads besides a session's (the progress bar's, rich's own; the command's
+    --status-json reports; demo's and bench's loopback destination; bench's CPU
+    meter) said Python's bare "can't start new thread" at a real limit."""
+    run = ("import sys, fastmfd\n" + CAP + "try:\n" + textwrap.indent(code, "    ")
+           + "except fastmfd.MigrationError as exc:\n    print(exc)\n")
+    done = pids_limited(100, command=("-c", run), timeout=60)
+    assert done.returncode == 0, done.stderr
+    said = _said(done)
+    assert said[0] == f"cannot start a thread ({name}): {THREAD_LIMIT}", done.stdout
+    assert said[1:] in ([], ["closed"]), done.stdout
+
+
+def test_warm_files_without_a_thread_are_none(pids_limited, tmp_path):
+    """A refill whose thread the limit refuses is a warm file not made, as where the
+    disk is full (a warning): it raised the bare RuntimeError out of listen's loop,
+    and close() then joined the thread that never ran ("cannot join thread before
+    it is started")."""
+    run = CAP + f"""
+import logging
+logging.basicConfig(format="warning: %(message)s")
+from fastmfd.tools.warm_files import WarmFiles
+warm = WarmFiles({str(tmp_path)!r})
+cap()
+warm.refill([(1 << 20, 4096)])
+warm.close()
+print("closed, held", warm.held_bytes)
+"""
+    done = pids_limited(100, command=("-c", run), timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert _said(done) == ["closed, held 0"]
+    assert done.stderr == (f"warning: could not prepare warm region files: cannot start a "
+                           f"thread (fastmfd warm files): {THREAD_LIMIT}\n")
+    assert os.listdir(tmp_path) == []

@@ -17,24 +17,27 @@ cannot fit is refused before it starts, naming the limit.
 
 The process limit (cgroup pids.max, RLIMIT_NPROC), which every thread counts
 against, is not checked ahead (others' processes count too): a worker process, or
-a session's thread (a child's watchdog, the source's monitor, the destination's
-greeters, device savers and loaders), that cannot start fails the session naming
-the limits (:func:`start_thread`, :data:`THREAD_LIMIT`, :data:`PROCESS_LIMIT`),
-where a bare "can't start new thread" was said, or "the worker process exited
-with status 1", or nothing and a listener went deaf.
+any thread of fastmfd's (a child's watchdog, the source's monitor, the destination's
+greeters, device savers and loaders, the progress bar, the command's helpers: its
+status reports, warm files, a loopback destination, the bench's meters), that cannot
+start fails naming the limits (:func:`start_thread`, :data:`THREAD_LIMIT`,
+:data:`PROCESS_LIMIT`), where a bare "can't start new thread" was said, or "the
+worker process exited with status 1", or nothing and a listener went deaf.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import threading
+from collections.abc import Iterator
 
 from ..errors import ConfigError, MigrationError
 
 __all__ = ["check_session_files", "check_worker_files", "allow_worker_files",
            "check_room_for_child", "SOURCE_PER_CHANNEL", "DESTINATION_PER_CHANNEL",
-           "start_thread", "PROCESS_LIMIT", "THREAD_LIMIT", "FORK_FAILED"]
+           "start_thread", "starting_thread", "PROCESS_LIMIT", "THREAD_LIMIT", "FORK_FAILED"]
 
 # Files the main process opens per channel (counted with 255 channels): the
 # source, checked as it is entered, before it starts its workers: each worker's
@@ -131,11 +134,19 @@ def start_thread(thread: threading.Thread, where: str | None = None) -> threadin
     thread and ``where`` (a channel, a process). Started, or not at all: nothing
     waits for a thread that never ran ("cannot join thread before it is started"):
     returns ``thread``, to be kept once it runs."""
-    try:
+    with starting_thread(thread.name, where):
         thread.start()
+    return thread
+
+
+@contextlib.contextmanager
+def starting_thread(name: str, where: str | None = None) -> Iterator[None]:
+    """Where a thread ``name`` starts out of sight (another library's: rich's refresh
+    thread), the kernel's refusal is :func:`start_thread`'s MigrationError."""
+    try:
+        yield
     except RuntimeError as exc:
         if NO_THREAD not in str(exc):
             raise
-        raise MigrationError(f"cannot start a thread ({thread.name}): {THREAD_LIMIT}",
+        raise MigrationError(f"cannot start a thread ({name}): {THREAD_LIMIT}",
                              channel=where) from None
-    return thread

@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Callable
 
+from .open_files import starting_thread
+
 if TYPE_CHECKING:
     from rich.console import RenderableType
     from rich.progress import Progress, Task, TaskID
@@ -36,8 +38,14 @@ class RoundProgress:
 
     def __enter__(self) -> "RoundProgress":
         if self._enabled:
-            self._progress = _progress(self._refresh)
-            self._progress.start()
+            progress = _progress(self._refresh)
+            try:
+                with starting_thread("progress bar"):       # rich's, to redraw it
+                    progress.start()
+            except BaseException:
+                progress.stop()         # the terminal as it was: its cursor shown
+                raise
+            self._progress = progress
         return self
 
     def start_round(self, number: int, pages: int, live: bool) -> None:

@@ -247,8 +247,8 @@ class _Reassembler:
                                      f"devices, {started} started: {exc}") from exc
         # Its own thread: a loader's call may run in this one (precopy_loaded(),
         # when AwaitPrecopy comes after the chunks it names are loaded).
-        threading.Thread(target=self._watch_loaders, daemon=True,
-                         name="fastmfd loader watch").start()
+        start_thread(threading.Thread(target=self._watch_loaders, daemon=True,
+                                      name="fastmfd loader watch"))
         while not self.stop.is_set():
             for ready in connection.wait([self.pipe.conn, self.desc_fd], 0.5):
                 if ready is self.pipe.conn:

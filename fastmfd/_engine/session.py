@@ -28,6 +28,7 @@ from .. import _core
 from ..errors import Aborted, ConfigError, FastMFDError, MigrationError, OutputError
 from ..protocol.main_channel import MainChannel
 from ..shm import check_usable
+from .open_files import start_thread
 
 __all__ = ["SessionFailure", "SessionResources", "Owner", "break_session", "call_hook", "main_first",
            "as_migration_error"]
@@ -432,7 +433,8 @@ def _free_unclosed(owner: str, resources: SessionResources, pid: int) -> None:
     warnings.warn(f"unclosed fastmfd.{owner}: its processes, sockets and shared memory are "
                   f"freed now; close() it, or use it in a `with`", ResourceWarning)
     if _core.collecting():
-        threading.Thread(target=_free, args=(resources,), name=f"fastmfd unclosed {owner}").start()
+        start_thread(threading.Thread(target=_free, args=(resources,),
+                                      name=f"fastmfd unclosed {owner}"))
     else:
         _free(resources)
 

@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Callable, Generic, TypeVar, overload
 
+from .._engine.open_files import start_thread
 from ..config import MigrationConfig
 from ..destination import Destination, DestinationResult
 from ..devices import Device, Loader
@@ -112,9 +113,8 @@ class LoopbackMigration:
         assert self._src is not None and self._dst is not None, "open until close()"
         # The receiving thread starts here, so a migration closed before it
         # runs has no thread waiting for a source that never comes.
-        self._thread = threading.Thread(target=self._receive, daemon=True,
-                                        name="fastmfd loopback destination")
-        self._thread.start()
+        self._thread = start_thread(threading.Thread(target=self._receive, daemon=True,
+                                                     name="fastmfd loopback destination"))
         try:
             self._stats = self._src.migrate(live=live, on_stop=on_stop, on_resume=on_resume,
                                             progress=progress)

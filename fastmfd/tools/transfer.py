@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .._engine.open_files import start_thread
 from ..config import MigrationConfig
 from ..destination import Destination, DestinationResult
 from ..devices import FileDevice
@@ -121,7 +122,7 @@ class _StatusStream:
         self._thread = threading.Thread(target=self._run, name="fastmfd status", daemon=True)
 
     def __enter__(self) -> "_StatusStream":
-        self._thread.start()
+        start_thread(self._thread)
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -38,6 +38,7 @@ import threading
 from collections.abc import Iterable
 
 from .. import _core
+from .._engine.open_files import start_thread
 from ..errors import FastMFDError
 from ..regions import Region
 
@@ -119,9 +120,12 @@ class WarmFiles:
             total = sum(size for size, _ in wanted)
             if not missing or (self.max_bytes is not None and total > self.max_bytes):
                 return
-            self._thread = threading.Thread(target=self._fill, args=(missing,), daemon=True,
-                                            name="fastmfd warm files")
-            self._thread.start()
+            thread = threading.Thread(target=self._fill, args=(missing,), daemon=True,
+                                      name="fastmfd warm files")
+            try:
+                self._thread = start_thread(thread)
+            except FastMFDError as exc:     # the thread limit: no warm file, as a full disk
+                log.warning("could not prepare warm region files: %s", exc)
 
     def wait(self) -> None:
         """Return once a refill running is done (its files ready, unless it failed

@@ -38,6 +38,7 @@ import subprocess
 import threading
 from dataclasses import dataclass
 
+from ..._engine.open_files import start_thread
 from ...errors import ConfigError
 from ..whole import clean_up_whole, run_whole
 
@@ -252,9 +253,7 @@ class EmulatedLink:
             except BaseException as exc:    # handed to the caller's thread
                 outcome["error"] = exc
 
-        thread = threading.Thread(target=make, name="fastmfd link listen")
-        thread.start()
-        thread.join()
+        start_thread(threading.Thread(target=make, name="fastmfd link listen")).join()
         if "error" in outcome:
             raise ConfigError(f"cannot listen in namespace {self.namespace}: "
                               f"{outcome['error']}")

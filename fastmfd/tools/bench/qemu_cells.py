@@ -30,6 +30,7 @@ import time
 from typing import cast
 
 from ... import qemu
+from ..._engine.open_files import start_thread
 from ...errors import MigrationError
 from ...protocol.security import TLSConfig
 from ...protocol.sockets import listen, parse_address
@@ -64,9 +65,13 @@ class _Receiver:
             self._close_own()
             raise
         self.address = self._receiver.address
-        self._thread = threading.Thread(target=self._run, name="fastmfd qemu receive",
-                                        daemon=True)
-        self._thread.start()
+        thread = threading.Thread(target=self._run, name="fastmfd qemu receive", daemon=True)
+        try:
+            self._thread = start_thread(thread)
+        except BaseException:
+            self._receiver.close()          # (which its thread would have done)
+            self._close_own()
+            raise
 
     def _run(self) -> None:
         try:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ..._core import populate
+from ..._engine.open_files import start_thread
 from ..images import Image
 
 __all__ = ["Measurement", "Trial", "CpuMeter", "FOREIGN_LOAD_FLAG", "wait_until_idle",
@@ -133,8 +134,8 @@ class CpuMeter:
         self._busy = _machine_busy_s()
         self._wall = time.monotonic()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="bench cpu meter")
-        self._thread.start()
+        self._thread = start_thread(threading.Thread(target=self._run, daemon=True,
+                                                     name="bench cpu meter"))
 
     def _sample(self, into: dict[int, int]) -> dict[int, int]:
         for pids in self._sides.values():
