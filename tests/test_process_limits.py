@@ -24,9 +24,10 @@ import pytest
 
 import fastmfd
 from fastmfd._engine.forkserver_start import mp_context
-from fastmfd._engine.open_files import PROCESS_LIMIT, THREAD_LIMIT
+from fastmfd._engine.open_files import PROCESS_LIMIT
 from fastmfd._engine.processes import Child
 from fastmfd._engine.workers import recv_worker_main
+from fastmfd.threads import THREAD_LIMIT
 from listen_support import REPO
 
 

@@ -60,9 +60,9 @@ from ..protocol.refusing import refuse_on_arrival, tell_why
 from ..protocol.security import ChannelSecurity
 from ..protocol.setup import MAX_CHANNELS, Setup
 from ..protocol.sockets import describe_peer
+from ..threads import start_thread
 from .liveness import process_stopped
 from .memory_bound import WORKER_BYTES
-from .open_files import start_thread
 from .processes import Child, ChildSet, Watch
 from .session import SessionResources
 from .stopping import stop_reason

@@ -15,29 +15,22 @@ worker is fastmfd's own process: it raises its soft limit as far as the hard one
 lets it. The caller's process is only checked, never changed. A session that
 cannot fit is refused before it starts, naming the limit.
 
-The process limit (cgroup pids.max, RLIMIT_NPROC), which every thread counts
-against, is not checked ahead (others' processes count too): a worker process, or
-any thread of fastmfd's (a child's watchdog, the source's monitor, the destination's
-greeters, device savers and loaders, the progress bar, the command's helpers: its
-status reports, warm files, a loopback destination, the bench's meters), that cannot
-start fails naming the limits (:func:`start_thread`, :data:`THREAD_LIMIT`,
-:data:`PROCESS_LIMIT`), where a bare "can't start new thread" was said, or "the
-worker process exited with status 1", or nothing and a listener went deaf.
+The process limit (cgroup pids.max, RLIMIT_NPROC) is not checked ahead (others'
+processes count too): a worker process that cannot start fails the session naming
+it (:data:`PROCESS_LIMIT`; a thread: :mod:`fastmfd.threads`), where "the worker
+process exited with status 1" was said.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import resource
-import threading
-from collections.abc import Iterator
 
 from ..errors import ConfigError, MigrationError
 
 __all__ = ["check_session_files", "check_worker_files", "allow_worker_files",
            "check_room_for_child", "SOURCE_PER_CHANNEL", "DESTINATION_PER_CHANNEL",
-           "start_thread", "starting_thread", "PROCESS_LIMIT", "THREAD_LIMIT", "FORK_FAILED"]
+           "PROCESS_LIMIT", "FORK_FAILED"]
 
 # Files the main process opens per channel (counted with 255 channels): the
 # source, checked as it is entered, before it starts its workers: each worker's
@@ -118,35 +111,7 @@ def check_room_for_child(name: str) -> None:
 
 PROCESS_LIMIT = ("the process limit (cgroup pids.max, or RLIMIT_NPROC: ulimit -u) is reached: "
                  "raise it, or use fewer channels")
-# A thread counts against the process limit, and its stack against the address-space
-# limit: the kernel's refusal does not say which (nor the system's threads-max).
-THREAD_LIMIT = ("this process may start no more threads (its process limit: cgroup pids.max, "
-                "ulimit -u; its address space for their stacks: ulimit -v; kernel.threads-max)")
-NO_THREAD = "can't start new thread"    # what CPython raises when the kernel refuses one
 # The forkserver's exit status when a fork failed for want of a process (EAGAIN):
 # see forkserver_exit. 75 is EX_TEMPFAIL (sysexits.h); Python's own failure is 1.
 FORK_FAILED = 75
 
-
-def start_thread(thread: threading.Thread, where: str | None = None) -> threading.Thread:
-    """``thread.start()``; where the kernel refuses the thread (the process limit:
-    CPython raises a bare RuntimeError), a MigrationError naming the limit, the
-    thread and ``where`` (a channel, a process). Started, or not at all: nothing
-    waits for a thread that never ran ("cannot join thread before it is started"):
-    returns ``thread``, to be kept once it runs."""
-    with starting_thread(thread.name, where):
-        thread.start()
-    return thread
-
-
-@contextlib.contextmanager
-def starting_thread(name: str, where: str | None = None) -> Iterator[None]:
-    """Where a thread ``name`` starts out of sight (another library's: rich's refresh
-    thread), the kernel's refusal is :func:`start_thread`'s MigrationError."""
-    try:
-        yield
-    except RuntimeError as exc:
-        if NO_THREAD not in str(exc):
-            raise
-        raise MigrationError(f"cannot start a thread ({name}): {THREAD_LIMIT}",
-                             channel=where) from None

@@ -47,13 +47,14 @@ from ..errors import MigrationError
 from ..protocol.control import Done, Drained, Eof, Failed, Ready, Stop, failed_locally
 from ..protocol.sockets import decrypted_unread
 from ..shm import limit_hint
+from ..threads import start_thread
 from . import control_pickling
 from .forkserver_start import (READY_TIMEOUT, ForkServerChild, describe_exit, forkserver_ended,
                                forkserver_failure, leave_to_the_forkserver, mp_context,
                                stopped_forkserver)
 from .liveness import process_stopped
 from .oom_kills import oom_killed, oom_kills
-from .open_files import check_room_for_child, start_thread
+from .open_files import check_room_for_child
 from .session import Closable, as_migration_error, main_first
 
 __all__ = ["Child", "ChildSet", "ChildPipe", "Watch", "RemoteTraceback", "mp_context",

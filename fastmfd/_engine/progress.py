@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Callable
 
-from .open_files import starting_thread
+from ..threads import starting_thread
 
 if TYPE_CHECKING:
     from rich.console import RenderableType

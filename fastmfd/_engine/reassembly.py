@@ -45,7 +45,7 @@ from ..errors import ConfigError, MigrationError
 from ..protocol.control import (AwaitPrecopy, DeviceLoaded, Drained, LoaderBusy, PrecopyLoaded,
                                 PrecopyLoading, RamLoaded, ReassemblyParams, Stop)
 from ..shm import SHM_DIR
-from .open_files import start_thread
+from ..threads import start_thread
 from .processes import ChildPipe, run_child
 from .session import Closable
 

@@ -36,7 +36,7 @@ from ..config import MigrationConfig
 from ..devices import Device, device_key, has_precopy
 from ..errors import Aborted, MigrationError
 from ..protocol.main_channel import OLD_WAY_PREFIX, MainChannel, Msg, old_way_checksum
-from .open_files import start_thread
+from ..threads import start_thread
 from .session import SessionFailure
 
 Reader = Callable[[memoryview], int]

@@ -55,9 +55,9 @@ from ..protocol.sockets import (Address, ConnectionClosed, connect, peer_address
 from ..regions import Region, closed_regions_named, first_file_changed
 from ..shm import SharedMemory
 from ..stats import ChannelStats, MigrationStats, RoundStats
+from ..threads import start_thread
 from .liveness import (AwaitingDestination, Heartbeat, Progress, bytes_waiting,
                        process_stopped, set_stall_timeout, stall_error, tick)
-from .open_files import start_thread
 from .processes import ChildSet, Watch
 from .progress import RoundProgress
 from .saving import DeviceSaver, DeviceStream, OldWaySaver, make_saver

@@ -28,7 +28,7 @@ from .. import _core
 from ..errors import Aborted, ConfigError, FastMFDError, MigrationError, OutputError
 from ..protocol.main_channel import MainChannel
 from ..shm import check_usable
-from .open_files import start_thread
+from ..threads import start_thread
 
 __all__ = ["SessionFailure", "SessionResources", "Owner", "break_session", "call_hook", "main_first",
            "as_migration_error"]

@@ -22,7 +22,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Callable, Generic, TypeVar, overload
 
-from .._engine.open_files import start_thread
 from ..config import MigrationConfig
 from ..destination import Destination, DestinationResult
 from ..devices import Device, Loader
@@ -31,6 +30,7 @@ from ..protocol.security import TLSConfig
 from ..regions import Region
 from ..source import Source
 from ..stats import MigrationStats, ReceiveStats
+from ..threads import start_thread
 
 __all__ = ["LoopbackSecurity", "LoopbackResult", "LoopbackMigration", "migrate_locally"]
 

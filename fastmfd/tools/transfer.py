@@ -18,7 +18,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .._engine.open_files import start_thread
 from ..config import MigrationConfig
 from ..destination import Destination, DestinationResult
 from ..devices import FileDevice
@@ -30,6 +29,7 @@ from ..regions import Region, check_huge_pages
 from ..shm import check_usable
 from ..source import Source
 from ..stats import MigrationStats
+from ..threads import start_thread
 from ..units import format_bytes
 from .new_files import make_directories, remove_directories_made
 from .outputs import OutputDir, SavedFiles, check_writable, output_name

@@ -38,9 +38,9 @@ import threading
 from collections.abc import Iterable
 
 from .. import _core
-from .._engine.open_files import start_thread
 from ..errors import FastMFDError
 from ..regions import Region
+from ..threads import start_thread
 
 __all__ = ["WarmFiles", "SLICE", "FILLING"]
 

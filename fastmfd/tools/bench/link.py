@@ -38,8 +38,8 @@ import subprocess
 import threading
 from dataclasses import dataclass
 
-from ..._engine.open_files import start_thread
 from ...errors import ConfigError
+from ...threads import start_thread
 from ..whole import clean_up_whole, run_whole
 
 __all__ = ["LinkSpec", "parse_link", "check_can_emulate", "enter_namespace", "EmulatedLink"]

@@ -30,10 +30,10 @@ import time
 from typing import cast
 
 from ... import qemu
-from ..._engine.open_files import start_thread
 from ...errors import MigrationError
 from ...protocol.security import TLSConfig
 from ...protocol.sockets import listen, parse_address
+from ...threads import start_thread
 from ..warm_files import WarmFiles
 from .peers import LOOPBACK_HOST, QMP, STEP_TIMEOUT, QemuPeer, destination_loaded
 from .trial import Measurement

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ..._core import populate
-from ..._engine.open_files import start_thread
+from ...threads import start_thread
 from ..images import Image
 
 __all__ = ["Measurement", "Trial", "CpuMeter", "FOREIGN_LOAD_FLAG", "wait_until_idle",
