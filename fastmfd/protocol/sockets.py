@@ -17,6 +17,7 @@ import os
 import socket
 import ssl
 import stat
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import (ConfigError, ConnectError, ConnectionClosed, ListenError,
                       MigrationError)
+from ..threads import start_thread
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer     # collections.abc.Buffer from Python 3.12
@@ -120,18 +122,47 @@ def _family(host: str) -> int:
     return socket.AF_INET
 
 
-def _targets(address: Address) -> list[tuple[int, Any]]:
+def _targets(address: Address, seconds: float | None = None) -> list[tuple[int, Any]]:
     """(family, sockaddr) of each address ``address`` stands for: itself, or a name's
-    addresses in getaddrinfo's order (a gaierror, an OSError, if it has none)."""
+    addresses in getaddrinfo's order (a gaierror, an OSError, if it has none, or no
+    answer came within ``seconds``)."""
     if address.family != socket.AF_UNSPEC:
         return [(address.family, address.target)]
     assert not isinstance(address.target, str), "a unix: address has a family"
     host, port = address.target
     try:
-        found = socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM)
+        found = _look_up(host, port, seconds)
     except UnicodeError:        # a name IDNA cannot encode ("a..b": an empty label)
         raise socket.gaierror(socket.EAI_NONAME, "Name or service not known") from None
     return list(dict.fromkeys((family, sockaddr) for family, _, _, _, sockaddr in found))
+
+
+def _look_up(host: str, port: int, seconds: float | None) -> list[Any]:
+    """getaddrinfo(``host``), within ``seconds``: it has no deadline of its own, and
+    waited the resolver's (resolv.conf's timeout and attempts, each server in turn:
+    a DNS server that never answers held a connect with a timeout of 2 s for 16 s).
+    Looked up in a thread of its own, left to end by itself when no answer comes."""
+    if seconds is None:
+        return socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM)
+    outcome: list[Any] = []
+    done = threading.Event()
+
+    def look_up() -> None:
+        try:
+            outcome.append(socket.getaddrinfo(host, port, socket.AF_UNSPEC,
+                                              socket.SOCK_STREAM))
+        except BaseException as exc:        # (a UnicodeError too) raised in the caller
+            outcome.append(exc)
+        done.set()
+    start_thread(threading.Thread(target=look_up, daemon=True, name="fastmfd name lookup"))
+    if not done.wait(seconds):
+        raise socket.gaierror(socket.EAI_AGAIN, f"no answer looking up {host} within "
+                                                f"{seconds:g} s (its name service: "
+                                                f"/etc/resolv.conf, /etc/nsswitch.conf)")
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    found: list[Any] = outcome[0]
+    return found
 
 
 def _numeric(sockaddr: Any) -> str:
@@ -315,7 +346,8 @@ def connect(address: Address, timeout: float,
     there yet) is retried for a few seconds, not for the whole timeout.
     ``connecting(sock)`` is told each socket before it connects: one shut down
     from another thread ends the wait (a cancel), and it may raise.
-    A name's addresses are tried in turn, as QEMU's tcp: and
+    A name is looked up within ``timeout`` too (the rest is for connecting); its
+    addresses are tried in turn, as QEMU's tcp: and
     socket.create_connection do, each within its share of what is left of
     ``timeout`` (a first address that drops every SYN, a broken IPv6 route, took
     it all, and the next was never tried): use :func:`peer_address` for a
@@ -325,7 +357,7 @@ def connect(address: Address, timeout: float,
     retry_until = started + min(timeout, CONNECT_RETRY_SECONDS)
     delay = 0.01
     try:
-        targets = _targets(address)
+        targets = _targets(address, timeout)
     except OSError as exc:
         raise ConnectError(f"cannot connect to {address}: {exc.strerror or exc}",
                            exc.errno) from None
