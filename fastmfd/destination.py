@@ -92,8 +92,10 @@ class Destination(Owner):
     or the ``workers`` started ahead if more, and the reassembly process).
     Up to 8 more workers greet connections meanwhile, as many as what is
     left after those and the device-state buffers holds (possibly none).
-    Default: what ``/dev/shm`` has free, against which the channels' buffers
-    and processes, not /dev/shm's, are not counted. A SETUP asking for more
+    Default: what ``/dev/shm`` has free, within what this process's memory
+    cgroup has left (its pages count there: past the limit, the OOM killer
+    ended a worker mid-session), against which the channels' buffers and
+    processes, not /dev/shm's, are not counted. A SETUP asking for more
     is refused before anything is allocated or started, and the source is
     told why. Given, it also bounds the device state kept by the
     CollectLoaders of devices given no loader: together, what the regions,

@@ -25,7 +25,8 @@ the creator says otherwise: a full ``/dev/shm`` is then a clean ``ConfigError``
 at creation rather than a SIGBUS in whichever process first touches a page
 that tmpfs cannot back. Large segments written only as data arrives (a
 destination's regions, its device-state pool) are created sparse instead,
-after a check that ``/dev/shm`` has room (:func:`check_room`); their writers
+after a check that ``/dev/shm`` has room, and this process's memory cgroup
+(:func:`check_room`, :func:`shared_memory_room`); their writers
 populate each run of pages before writing it and fail cleanly when that fails.
 
 A mapping keeps no file descriptor open (:func:`map_file`): CPython's
@@ -52,9 +53,12 @@ from .units import format_bytes
 
 __all__ = ["SharedMemory", "SHM_DIR", "SEGMENT_PREFIX", "HUGE_PAGE", "list_segments",
            "new_name", "creator_pid", "start_tracker", "map_file", "mapped_view",
-           "free_bytes", "check_room", "check_usable", "limit_hint", "proc_kib"]
+           "free_bytes", "check_room", "check_usable", "limit_hint", "proc_kib",
+           "memory_cgroup", "cgroup_room", "shared_memory_room", "NO_LIMIT", "SHM_LEFT"]
 
 SHM_DIR = "/dev/shm"
+# Where no max_memory bounds what a destination holds: shared_memory_room.
+SHM_LEFT = f"what {SHM_DIR} has free, within what this process's memory cgroup has left"
 SEGMENT_PREFIX = "fastmfd-"
 HUGE_PAGE = 2 << 20     # a transparent huge page (x86-64, arm64 with 4 KiB pages)
 
@@ -181,13 +185,97 @@ def free_bytes(directory: str = SHM_DIR) -> int:
 
 
 def check_room(size: int, what: str) -> None:
-    """ConfigError unless ``/dev/shm`` has room for ``size`` more bytes of ``what``."""
-    free = free_bytes()
-    if size > free:
+    """ConfigError unless ``/dev/shm`` has room for ``size`` more bytes of ``what``, and
+    this process's memory cgroup too (:func:`shared_memory_room`)."""
+    room, cgroup = shared_memory_room()
+    if size <= room:
+        return
+    if cgroup is None:
         raise ConfigError(f"{what} needs {format_bytes(size)} of shared memory and {SHM_DIR} "
-                          f"has {format_bytes(free)} free: free some, or give it more (a "
+                          f"has {format_bytes(room)} free: free some, or give it more (a "
                           f"container's is 64 MiB unless started with a larger one, e.g. "
                           f"docker run --shm-size=4g)")
+    raise ConfigError(f"{what} needs {format_bytes(size)} of shared memory, which counts "
+                      f"against this process's memory cgroup, and it has {format_bytes(room)} "
+                      f"left ({cgroup}): the kernel's out-of-memory killer would end it; free "
+                      f"some, or raise the limit (a container: docker run --memory=...)")
+
+
+def shared_memory_room() -> tuple[int, str | None]:
+    """Bytes this process may still put in ``/dev/shm``: what it has free, or less what
+    its memory cgroup has left (tmpfs pages count against it: past its limit the OOM
+    killer ended a worker halfway through a session), and, when the cgroup is the
+    bound, its limit said (:func:`cgroup_room`); else None."""
+    free = free_bytes()
+    left = cgroup_room()
+    return (left[0], left[1]) if left is not None and left[0] < free else (free, None)
+
+
+# The cgroup roots (v1: a directory per controller); v1's "no limit" is about 2**63
+# rounded to pages, v2's is "max".
+_CGROUP_ROOT = "/sys/fs/cgroup"
+NO_LIMIT = 1 << 62
+
+
+def memory_cgroup() -> tuple[str, str, str] | None:
+    """(directory, events file, limit file) of this process's memory cgroup."""
+    try:
+        with open("/proc/self/cgroup") as lines:
+            entries = [line.rstrip("\n").split(":", 2) for line in lines]
+    except OSError:
+        return None
+    for entry in entries:
+        if len(entry) == 3 and "memory" in entry[1].split(","):       # v1
+            return (f"{_CGROUP_ROOT}/memory{entry[2]}", "memory.oom_control",
+                    "memory.limit_in_bytes")
+    for entry in entries:
+        if len(entry) == 3 and entry[0] == "0" and entry[1] == "":     # v2
+            return f"{_CGROUP_ROOT}{entry[2]}", "memory.events", "memory.max"
+    return None
+
+
+def cgroup_room() -> tuple[int, str] | None:
+    """What this process's memory cgroups let it charge still, the least of its own and
+    its parents' (a container's limit may be a parent's), with that limit said; None
+    where none has a limit. Each: its limit less what is in use and cannot be
+    reclaimed (the page cache of files, counted in use, is reclaimed to make room;
+    /dev/shm's pages are not)."""
+    cgroup = memory_cgroup()
+    if cgroup is None:
+        return None
+    directory, _, limit_file = cgroup
+    v1 = limit_file == "memory.limit_in_bytes"
+    top = f"{_CGROUP_ROOT}/memory" if v1 else _CGROUP_ROOT
+    usage_file, cache = (("memory.usage_in_bytes", ("total_active_file", "total_inactive_file"))
+                         if v1 else ("memory.current", ("active_file", "inactive_file")))
+    tightest: tuple[int, str] | None = None
+    while directory.startswith(top):
+        limit = _cgroup_value(f"{directory}/{limit_file}")
+        used = _cgroup_value(f"{directory}/{usage_file}")
+        if limit is not None and limit < NO_LIMIT and used is not None:
+            used -= sum(_cgroup_value(f"{directory}/memory.stat", key) or 0 for key in cache)
+            left = max(limit - max(used, 0), 0)
+            if tightest is None or left < tightest[0]:
+                tightest = left, (f"{directory}/{limit_file} is {format_bytes(limit)}, "
+                                  f"{format_bytes(max(used, 0))} of it in use")
+        if directory == top:
+            break
+        directory = os.path.dirname(directory)
+    return tightest
+
+
+def _cgroup_value(path: str, key: str | None = None) -> int | None:
+    """A cgroup file's number, or its ``key``'s in a file of "key value" lines; None
+    where there is none (no such file, "max")."""
+    try:
+        with open(path) as file:
+            text = file.read()
+    except OSError:
+        return None
+    if key is not None:
+        found = [line.split()[1] for line in text.splitlines() if line.split()[:1] == [key]]
+        text = found[0] if found else ""
+    return int(text) if text.strip().isdigit() else None
 
 
 def check_usable() -> None:

@@ -147,7 +147,8 @@ def test_a_cap_cut_to_fit_the_memory_left_says_so(leaks):
     check_fault(outcome, proxy,
           rf"dev/0: \d+ chunks queued out of order would hold \d+ bytes of buffer, more than "
           rf"max_queued_bytes \({cap}, cut from {CONFIG.max_queued_bytes} to what the memory "
-          rf"left for device-state buffers holds: max_memory, or what /dev/shm has free\)")
+          rf"left for device-state buffers holds: max_memory, or what /dev/shm has free, "
+          rf"within what this process's memory cgroup has left\)")
 
 
 def test_the_default_loaders_keep_what_max_memory_leaves(leaks):

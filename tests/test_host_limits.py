@@ -9,6 +9,7 @@ unprivileged user namespace) and are skipped without; the limits are set by
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+import fastmfd
 from fastmfd._engine.session import as_migration_error
 from listen_support import Listener, run_cli
 from test_shm_limits import needs_namespace
@@ -185,8 +187,8 @@ def test_a_region_file_past_the_file_size_limit_names_the_file_and_the_limit(tmp
 
 def _memory_cgroup_for_tests() -> str | None:
     """A new memory cgroup (v1 or v2) under this process's, or None where none can be made."""
-    from fastmfd._engine.oom_kills import _memory_cgroup
-    cgroup = _memory_cgroup()
+    from fastmfd.shm import memory_cgroup
+    cgroup = memory_cgroup()
     if cgroup is None or os.geteuid() != 0:
         return None
     path = f"{cgroup[0]}/fastmfd-test-{os.getpid()}"
@@ -201,16 +203,35 @@ def _memory_cgroup_for_tests() -> str | None:
     return path
 
 
-@needs_namespace
-def test_a_worker_the_oom_killer_killed_is_said_so(tmp_path):
-    # It said only "receive channel 0: the worker process was killed by SIGKILL".
+@contextlib.contextmanager
+def _in_a_memory_cgroup():
+    """A new memory cgroup of 150 MB (``_memory_cgroup_for_tests``): yields (its
+    directory, a preexec_fn that puts a child process in it); removed after."""
     cgroup = _memory_cgroup_for_tests()
     if cgroup is None:
         pytest.skip("needs a memory cgroup of its own (root, cgroup v1 or v2 with memory)")
-    image = tmp_path / "ram.img"
-    image.write_bytes(os.urandom(1 << 20) * 256)        # more than the cgroup's 150 MB
-    sock = tmp_path / "sock"
+
+    def enter() -> None:
+        with open(f"{cgroup}/cgroup.procs", "w") as procs:
+            procs.write("0")
     try:
+        yield cgroup, enter
+    finally:
+        for _ in range(100):            # once its last process left
+            try:
+                os.rmdir(cgroup)
+                break
+            except OSError:
+                time.sleep(0.1)
+
+
+@needs_namespace
+def test_a_worker_the_oom_killer_killed_is_said_so(tmp_path):
+    # It said only "receive channel 0: the worker process was killed by SIGKILL".
+    with _in_a_memory_cgroup() as (cgroup, _):
+        image = tmp_path / "ram.img"
+        image.write_bytes(os.urandom(1 << 20) * 256)    # more than the cgroup's 150 MB
+        sock = tmp_path / "sock"
         listener = subprocess.Popen(
             ["unshare", "-m", "--propagation", "private", "sh", "-c",
              'echo $$ > "$1/cgroup.procs" && mount -t tmpfs -o size=1g tmpfs /mnt && exec "$2" '
@@ -228,19 +249,62 @@ def test_a_worker_the_oom_killer_killed_is_said_so(tmp_path):
             if listener.poll() is None:
                 listener.kill()
                 listener.communicate()
-    finally:
-        for _ in range(100):            # once its last process left
-            try:
-                os.rmdir(cgroup)
-                break
-            except OSError:
-                time.sleep(0.1)
     assert listener.returncode == 1 and sent.returncode == 1, (said, sent.stderr)
     killed = re.search(r"the worker process was killed by SIGKILL \(the kernel's out-of-memory "
                        rf"killer, it seems: {cgroup}/memory\.(events|oom_control) counted \d+ "
                        r"more OOM kill\(s\); the cgroup's memory limit is 143 MiB\)", said)
     assert killed, said
     assert killed.group(0) in sent.stderr, sent.stderr
+
+
+def test_a_region_past_the_memory_cgroups_room_is_refused():
+    """/dev/shm's pages count against the memory cgroup: a region it had room for was
+    made, and filling it had the OOM killer end the process (SIGKILL, nothing said)."""
+    code = ("import fastmfd\ntry:\n    fastmfd.Region.create('ram', 256 << 20)\n"
+            "except fastmfd.ConfigError as exc:\n    print(exc)\n")
+    with _in_a_memory_cgroup() as (cgroup, enter):
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              env=_env(), preexec_fn=enter, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert re.fullmatch(
+        r"region 'ram' needs 256 MiB of shared memory, which counts against this process's "
+        rf"memory cgroup, and it has [\d.]+ [KM]iB left \({cgroup}/memory\.(limit_in_bytes|max) "
+        r"is 143 MiB, [\d.]+ [KM]iB of it in use\): the kernel's out-of-memory killer would "
+        r"end it; free some, or raise the limit \(a container: docker run --memory=\.\.\.\)\n",
+        done.stdout), done.stdout
+
+
+def test_a_destination_refuses_regions_past_its_memory_cgroups_room():
+    """The SETUP was accepted and the OOM killer ended a receive worker mid-session
+    ("killed by SIGKILL (the kernel's out-of-memory killer, it seems ...)"): now
+    refused before anything is allocated, the source told why."""
+    receive = ("import fastmfd\n"
+               "with fastmfd.Destination('tcp:127.0.0.1:0', timeout=30) as dst:\n"
+               "    print(dst.address, flush=True)\n"
+               "    try:\n        dst.receive()\n"
+               "    except fastmfd.MigrationError as exc:\n        print(exc)\n")
+    with _in_a_memory_cgroup() as (cgroup, enter), \
+            fastmfd.Region.create("ram", 256 << 20) as ram:
+        ram.array[:] = 1            # no zero page: all of it would be written there
+        dst = subprocess.Popen([sys.executable, "-c", receive], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=_env(), preexec_fn=enter)
+        try:
+            with pytest.raises(fastmfd.MigrationError) as told, \
+                    fastmfd.Source(dst.stdout.readline().strip(),
+                                   fastmfd.MigrationConfig(channels=2)) as src:
+                src.add_region(ram)
+                src.migrate(live=False)
+            said, _ = dst.communicate(timeout=60)
+        finally:
+            if dst.poll() is None:
+                dst.kill()
+                dst.communicate()
+    expected = (rf"the source sends {256 << 20} bytes of regions for this destination to hold; "
+                rf"it holds at most \d+ \(what this process's memory cgroup has left: "
+                rf"{cgroup}/memory\.(limit_in_bytes|max) is 143 MiB, [\d.]+ [KM]iB of it in use; "
+                r"past it the kernel's out-of-memory killer would end the session\)")
+    assert re.fullmatch(expected + "\n", said), said
+    assert re.search("the peer failed: " + expected, str(told.value)), told.value
 
 
 # ---------------------------------------------------------------- no temporary directory

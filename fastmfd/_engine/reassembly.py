@@ -44,7 +44,7 @@ from ..devices import Loader
 from ..errors import ConfigError, MigrationError
 from ..protocol.control import (AwaitPrecopy, DeviceLoaded, Drained, LoaderBusy, PrecopyLoaded,
                                 PrecopyLoading, RamLoaded, ReassemblyParams, Stop)
-from ..shm import SHM_DIR
+from ..shm import SHM_LEFT
 from ..threads import start_thread
 from .processes import ChildPipe, run_child
 from .session import Closable
@@ -90,7 +90,7 @@ def plan_pool(ndevices: int, max_queued_bytes: int, chunk_size: int, nchannels: 
             need = pool_slots_for(ndevices, chunk_size, chunk_size, nchannels) * stride
             raise ConfigError(f"the device-state buffers of {ndevices} device(s) need at "
                               f"least {need} bytes of shared memory; {budget} are left "
-                              f"(max_memory, or what {SHM_DIR} has free)")
+                              f"(max_memory, or {SHM_LEFT})")
     return cap, pool_slots_for(ndevices, cap, chunk_size, nchannels)
 
 
@@ -131,7 +131,7 @@ class _DeviceStream:
             return str(self.cap)
         # Not the number the user gave, nor the default: where it came from.
         return (f"{self.cap}, cut from {self.cap_cut_from} to what the memory left for "
-                f"device-state buffers holds: max_memory, or what {SHM_DIR} has free")
+                f"device-state buffers holds: max_memory, or {SHM_LEFT}")
 
     def call(self, what: str, hook: str, *args: object) -> object:
         """The loader's ``hook``, timed (``what`` names it: "load_finish()", ...), so a

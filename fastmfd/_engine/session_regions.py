@@ -18,7 +18,7 @@ from ..protocol.security import ChannelSecurity
 from ..protocol.setup import RegionSpec, Setup
 from ..region_pool import RegionPool
 from ..regions import Region, closed_regions_named, region_to_add
-from ..shm import SHM_DIR, free_bytes
+from ..shm import SHM_DIR, shared_memory_room
 from .admission import GREETING_SPARES, DoorWorkers
 from .memory_bound import WORKER_BYTES, MemoryBudget
 from .processes import ChildSet
@@ -116,14 +116,17 @@ def _memory_left(parts: RegionParts, setup: Setup, to_create: list[RegionSpec],
     device-state pool, then the greeting spares (DoorWorkers.fit). Regions are
     sparse and filled as data arrives, so this bounds, it does not commit."""
     pool = parts.region_pool
-    budget = parts.max_memory
+    budget, bound = parts.max_memory, "max_memory"
     if budget is None:      # the pool's regions (all of use now) are allocated already
-        budget = free_bytes() + (pool.held_bytes if pool is not None else 0)
+        room, cgroup = shared_memory_room()
+        budget = room + (pool.held_bytes if pool is not None else 0)
+        bound = (f"what {SHM_DIR} has free" if cgroup is None else
+                 f"what this process's memory cgroup has left: {cgroup}; past it the "
+                 f"kernel's out-of-memory killer would end the session")
     created = sum(spec.size for spec in to_create)
     if created > budget:
         raise ConfigError(f"the source sends {created} bytes of regions for this "
-                          f"destination to hold; it holds at most {budget} (max_memory, "
-                          f"or what {SHM_DIR} has free)")
+                          f"destination to hold; it holds at most {budget} ({bound})")
     if parts.max_memory is None:
         return budget - created
     memory = MemoryBudget(budget, "this destination", [(created, "regions")])
