@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from types import FrameType
 
 INTERRUPTED = 130           # 128 + SIGINT: the command's status after a Ctrl-C
@@ -39,9 +40,27 @@ def _interrupted(signum: int, frame: FrameType | None) -> None:
 
 def install() -> None:
     """A Ctrl-C ends the process until :func:`hand_over`. Only in place of
-    Python's own handler: a SIGINT ignored (a background job's) stays so."""
+    Python's own handler: a SIGINT ignored (a background job's) stays so.
+    The standard files are opened first (:func:`_open_the_standard_files`)."""
+    _open_the_standard_files()
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _interrupted)
+
+
+def _open_the_standard_files() -> None:
+    """Give each standard descriptor (0, 1, 2) the command was started without
+    (``>&-``, a wrapper that closes them) /dev/null, as a daemon does. Python
+    makes its ``sys.stdout`` None then: ``listen --json`` printed a traceback and
+    exited 1 after a session received and committed; and the first file the
+    command opened took the descriptor, where anything written to it landed."""
+    for fd, name in enumerate(("stdin", "stdout", "stderr")):
+        try:
+            os.fstat(fd)
+        except OSError:
+            # The lowest free descriptor is this one (the ones below are open by now).
+            os.open(os.devnull, os.O_RDWR)
+            os.set_inheritable(fd, True)        # a standard file, as for what it runs
+            setattr(sys, name, open(fd, "r" if fd == 0 else "w", closefd=False))
 
 
 def hand_over() -> None:

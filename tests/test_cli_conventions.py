@@ -26,6 +26,7 @@ import fastmfd
 from fastmfd.tools import cli
 from fastmfd.protocol.sockets import parse_address
 from inspect_support import ROUND_ENDS, two_rounds
+from listen_support import Listener
 
 PAGE = 4096
 TIMEOUT = 120
@@ -549,3 +550,24 @@ def test_output_read_by_no_one_ends_the_command_quietly(qemu72_captures, json_ou
     said = proc.stderr.read()
     proc.stderr.close()
     assert (proc.wait(TIMEOUT), said) == (1, "")
+
+
+@pytest.mark.parametrize("closed", [(1,), (0, 1, 2)])
+def test_a_listener_started_without_stdout_commits_and_exits_0(tmp_path, closed):
+    """Started with fd 1 closed (``>&-``, a wrapper), Python's sys.stdout is None:
+    ``listen --json`` received and committed the session, then printed a traceback
+    (AttributeError) and exited 1. Closed standard descriptors get /dev/null."""
+    image, out = tmp_path / "ram.img", tmp_path / "out"
+    image.write_bytes(os.urandom(16 * PAGE))
+
+    def close() -> None:
+        for fd in closed:
+            os.close(fd)
+
+    with Listener(out, "--json", preexec_fn=close) as listener:
+        sent = fastmfd_cli("send", listener.address, str(image), "--quiet")
+        status, err = listener.finish()
+    assert sent.returncode == 0, sent.stderr
+    assert (status, listener.out) == (0, ""), err
+    assert "Traceback" not in err
+    assert (out / "ram.img").read_bytes() == image.read_bytes()
