@@ -22,11 +22,16 @@ import sys
 # A Ctrl-C at the terminal reaches the forkserver too (it is in the command's process
 # group). multiprocessing has it ignore SIGINT once its preloads are imported; while it
 # imported them (numpy, the compiled core: 0.2 s or more) a Ctrl-C printed its traceback
-# beside the command's one line. It starts with SIGINT blocked (fastmfd's mp_context):
-# ignored from here, a Ctrl-C that came meanwhile is dropped with it, and every child it
-# forks starts with SIGINT ignored, as each sets it anyway (processes.run_child).
+# beside the command's one line. So does a hangup (the terminal closed, the ssh
+# connection dropped), which multiprocessing leaves fatal: the forkserver and the
+# workers died of it before the main process, which handles it (or dies of it: then
+# they die with it), could stop the session and clean up. It starts with both blocked
+# (fastmfd's mp_context): ignored from here, one that came meanwhile is dropped with
+# it, and every child it forks starts with both ignored, as each sets them anyway
+# (processes.child_setup).
 signal.signal(signal.SIGINT, signal.SIG_IGN)
-signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+signal.signal(signal.SIGHUP, signal.SIG_IGN)
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGHUP})
 
 
 def _parent_sys_path() -> list[str] | None:

@@ -16,9 +16,12 @@ process of the tree has exited. So no segment outlives its owner's process
 tree, whatever way it ends. That unlinking is the tracker's job, not a leak:
 fastmfd starts the tracker (:func:`start_tracker`) told not to print that it
 found "leaked shared_memory objects" — said on the terminal of a killed
-``fastmfd send``, it told the user segments leaked when none did. A tracker
+``fastmfd send``, it told the user segments leaked when none did — and deaf to
+a hangup: multiprocessing's ignores SIGINT and SIGTERM, and a terminal's hangup
+(an ssh connection dropped) signals its whole process group, the tracker with
+the owner, which left every segment of an owner that died of it. A tracker
 someone else started first (the program used multiprocessing before fastmfd)
-is theirs, and still says it.
+is theirs, and still says it and dies of it.
 
 Creating a segment allocates its memory up front (``posix_fallocate``) unless
 the creator says otherwise: a full ``/dev/shm`` is then a clean ``ConfigError``
@@ -43,6 +46,7 @@ import mmap
 import os
 import resource
 import secrets
+import signal
 import stat
 import sys
 from multiprocessing import resource_tracker
@@ -311,17 +315,23 @@ _QUIET_TRACKER = "ignore::UserWarning:multiprocessing.resource_tracker"
 
 
 def start_tracker() -> None:
-    """Start multiprocessing's resource tracker unless it runs, with its warnings off.
+    """Start multiprocessing's resource tracker unless it runs, with its warnings off
+    and SIGHUP blocked.
 
     Its process takes its warning options from ``sys.warnoptions`` when it
     starts (multiprocessing.util._args_from_interpreter_flags); the option is
-    there only for that moment. Call it before anything starts the tracker:
-    creating a segment, starting the forkserver."""
+    there only for that moment. It inherits this thread's blocked signals, and
+    unblocks only the two it ignores (SIGINT, SIGTERM): a hangup stays blocked
+    for its whole life. Blocked here rather than ignored by this process, where
+    a hangup meanwhile would be lost. Call it before anything starts the
+    tracker: creating a segment, starting the forkserver."""
     sys.warnoptions.append(_QUIET_TRACKER)
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
     try:
         with safe_import_path():
             resource_tracker.ensure_running()
     finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         sys.warnoptions.remove(_QUIET_TRACKER)
 
 

@@ -5,12 +5,13 @@ check: the tests' (``leakcheck``) and the soak's and fuzz campaign's
 from __future__ import annotations
 
 import os
+import time
 from multiprocessing import forkserver, resource_tracker
 
-from fastmfd.shm import SHM_DIR, creator_pid
+from fastmfd.shm import SHM_DIR, creator_pid, list_segments
 
-__all__ = ["alive", "infrastructure_pids", "os_children", "process_tree", "mapped_outside",
-           "made_by_this_run"]
+__all__ = ["alive", "infrastructure_pids", "os_children", "process_tree", "process_group",
+           "left_by", "mapped_outside", "made_by_this_run"]
 
 
 def alive(pid: int) -> bool:
@@ -66,6 +67,35 @@ def process_tree(root: int) -> set[int]:
                 tree.add(pid)
                 grew = True
     return tree
+
+
+def process_group(pgid: int) -> dict[int, str]:
+    """The processes of process group ``pgid``, zombies left out, by pid: their
+    command lines (NUL-separated, as /proc has them)."""
+    found = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{entry}/cmdline") as f:
+                command = f.read()
+        except OSError:         # its process ended meanwhile
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            found[int(entry)] = command
+    return found
+
+
+def left_by(pids: set[int], bound: float) -> tuple[set[int], set[str]]:
+    """Of processes ``pids``, those still running and the segments they made that are
+    still there, once both are gone or ``bound`` seconds on."""
+    deadline = time.monotonic() + bound
+    while True:
+        running = {pid for pid in pids if alive(pid)}
+        segments = {name for name in list_segments() if creator_pid(name) in pids}
+        if not (running or segments) or time.monotonic() > deadline:
+            return running, segments
+        time.sleep(0.05)
 
 
 def mapped_outside(names: set[str], ours: set[int]) -> set[str]:

@@ -21,6 +21,7 @@ import pytest
 
 from fastmfd.regions import Region
 from fastmfd.tools.demo import Workload
+from proc_scan import process_group
 
 WORKTREE = Path(__file__).resolve().parents[1]
 
@@ -204,16 +205,6 @@ ENTRIES = {"python -m fastmfd": [sys.executable, "-m", "fastmfd"],
 FORKSERVER = "from multiprocessing.forkserver import main"
 
 
-def _group(pgid: int) -> dict[int, str]:
-    """The processes of process group ``pgid``, by pid: their command lines."""
-    found = {}
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        fields = _read(f"/proc/{entry}/stat").rsplit(")", 1)[-1].split()
-        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != "Z":
-            found[int(entry)] = _read(f"/proc/{entry}/cmdline")
-    return found
-
-
 def _read(path: str) -> str:
     try:
         return Path(path).read_text()
@@ -254,9 +245,9 @@ def _interrupt_a_listen(command: list[str], who: str, after: float) -> tuple[int
         os.killpg(proc.pid, signal.SIGINT)
         _, err = proc.communicate(timeout=30)   # until every holder of its stderr ended
         deadline = time.monotonic() + 10
-        while _group(proc.pid) and time.monotonic() < deadline:
+        while process_group(proc.pid) and time.monotonic() < deadline:
             time.sleep(0.05)
-        return proc.returncode, err, "; ".join(_group(proc.pid).values())
+        return proc.returncode, err, "; ".join(process_group(proc.pid).values())
     finally:
         try:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -53,10 +53,11 @@ def mp_context() -> multiprocessing.context.ForkServerContext:
     start_tracker()
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(_PRELOAD)
-    # Started with SIGINT blocked, which it inherits: a Ctrl-C before its first preload
-    # (_fastmfd_forkserver) ignores SIGINT waits, and is dropped then. This process
+    # Started with SIGINT and SIGHUP blocked, which it inherits: a Ctrl-C or a hangup
+    # (a terminal signals its whole process group) before its first preload
+    # (_fastmfd_forkserver) ignores them waits, and is dropped then. This process
     # meets its own once the block ends.
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGHUP})
     try:
         _leave_the_parents_temp_dir()
         _check_temp_dir()

@@ -5,7 +5,7 @@ workers, the reassembly process, benchmark peers) and the loop that watches them
 
     main process                                   child (forkserver)
       Child(target, name) ───── start ─────────▶     run_child(conn, body):
-      child.wait_ready()  ◀──── Ready ─────────        ignore SIGINT, die with the parent
+      child.wait_ready()  ◀──── Ready ─────────        ignore SIGINT+HUP, die with parent
       child.start_session(params, fds) ────────▶        params = recv(); fds by SCM_RIGHTS
       Watch: reports and exits of every child           body(pipe, params, stack)
              ◀── Synced / Done / Eof / Loaded ...        close what ``stack`` holds
@@ -508,8 +508,8 @@ def failure_text(exc: BaseException) -> str:
 
 def child_setup() -> None:
     """First thing in a child: take its title ("fastmfd: receive channel 1" in
-    ``ps``), ignore Ctrl-C (the main process tears down) and die at once with
-    whichever parent dies.
+    ``ps``), ignore Ctrl-C and a hangup, which reach a terminal's whole process
+    group (the main process tears down), and die at once with whichever parent dies.
 
     A child's OS parent is the forkserver, its owner the main process:
     - the kernel kills it when the forkserver exits (PR_SET_PDEATHSIG);
@@ -527,6 +527,7 @@ def child_setup() -> None:
     setproctitle.setproctitle(title)
     setproctitle.setthreadtitle(short)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     _core.die_with_parent()
     server = forkserver._forkserver
     # CPython's private "alive" descriptor, not in typeshed:

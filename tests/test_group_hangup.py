@@ -1,0 +1,96 @@
+"""A hangup (the terminal closed, the ssh connection dropped) signals a whole
+process group: a program using fastmfd, and with it fastmfd's forkserver,
+workers and resource tracker. What the program does with its SIGHUP is its own
+business; fastmfd's processes must not die of theirs before their owner stops
+them. They did: the workers of a daemon that takes SIGHUP as "reload" died under
+its session, and the resource tracker of one that dies of it went too, leaving
+the session's segments in /dev/shm. The program runs in a session of its own
+here, and gets a real SIGHUP to its whole group mid-session."""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+import fastmfd
+from fastmfd.shm import creator_pid, list_segments
+from listen_support import REPO
+from migration_support import make_region
+from proc_scan import alive, left_by, process_group
+
+PAGE = 4096
+BOUND = 5.0         # seconds for a dead owner's processes and segments to go
+
+# argv[1] "reload": SIGHUP handled, as a daemon's "reload your configuration" is;
+# "default": the program dies of it.
+_DESTINATION = textwrap.dedent("""
+    import os, signal, sys
+    import fastmfd
+    if __name__ == "__main__":
+        if sys.argv[1] == "reload":
+            signal.signal(signal.SIGHUP, lambda *_: os.write(1, b"reloaded\\n"))
+        with fastmfd.Destination("tcp:127.0.0.1:0") as dst:
+            print(dst.address, flush=True)
+            result = dst.receive()
+            print("received", result.regions["ram"].size, flush=True)
+""")
+
+
+def _read_line(proc: subprocess.Popen, timeout: float = 30) -> str:
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    assert ready, f"the program said nothing within {timeout} s"
+    return proc.stdout.readline().strip()
+
+
+@pytest.mark.parametrize("handling", ["reload", "default"])
+def test_a_group_hangup_leaves_fastmfd_s_processes_to_their_owner(handling):
+    region = make_region("ram", 64 * PAGE, seed=7)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, "-c", _DESTINATION, handling], env=env,
+                            stdout=subprocess.PIPE, text=True, bufsize=1,
+                            start_new_session=True)
+    group: set[int] = set()
+
+    def hang_up() -> None:
+        """After SETUP, before any page went: the destination's processes are up."""
+        group.update(process_group(proc.pid))
+        # The program, its forkserver, resource tracker, workers, reassembly process
+        assert len(group) >= 4 and any(creator_pid(name) in group
+                                       for name in list_segments()), group
+        os.killpg(proc.pid, signal.SIGHUP)
+        if handling == "reload":
+            assert _read_line(proc) == "reloaded"
+            time.sleep(0.2)         # a process killed by the signal is gone by now
+            assert {pid for pid in group if not alive(pid)} == set()
+        else:
+            assert proc.wait(30) == -signal.SIGHUP
+
+    try:
+        address = _read_line(proc)
+        with fastmfd.Source(address) as source:
+            source.add_region(region)
+            # ~1 s of device state: the session is still going after the hangup.
+            source.add_device(fastmfd.SyntheticDevice("nic0", 0, 4 << 20,
+                                                      read_rate=4 << 20))
+            if handling == "reload":
+                source.migrate(live=False, on_stop=hang_up)
+                assert _read_line(proc) == f"received {64 * PAGE}"
+                assert proc.wait(30) == 0
+            else:
+                with pytest.raises(fastmfd.MigrationError):
+                    source.migrate(live=False, on_stop=hang_up)
+        assert left_by(group, BOUND) == (set(), set())
+    finally:
+        region.close()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        proc.stdout.close()
