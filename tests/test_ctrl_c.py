@@ -69,9 +69,10 @@ def run_script(tmp_path: Path, script: str, mark: Path, sig: int = signal.SIGINT
     return proc.returncode, out, err
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP],
+                         ids=lambda sig: sig.name)
 def test_ctrl_c_while_a_child_starts_is_raised_once_it_started(tmp_path, sig):
-    """SIGINT (or the SIGTERM the CLI raises as an exception) to the main process as
+    """SIGINT (or the SIGTERM, SIGHUP the CLI raises as an exception) to the main process as
     it packs a child's start data: it was raised there, the child left without its
     pid known (nothing to kill before the main process exits) or with its start
     data cut short (EOFError: Ran out of input, printed by the child)."""
@@ -80,8 +81,9 @@ def test_ctrl_c_while_a_child_starts_is_raised_once_it_started(tmp_path, sig):
         import os, signal
         from ctrl_c_probe import PausePickled
         from fastmfd._engine.forkserver_start import ForkServerChild, mp_context
-        from fastmfd.tools.cli import _on_sigterm
-        signal.signal(signal.SIGTERM, _on_sigterm)      # as the CLI does
+        from fastmfd.tools.cli import _on_stop_signal
+        signal.signal(signal.SIGTERM, _on_stop_signal)      # as the CLI does
+        signal.signal(signal.SIGHUP, _on_stop_signal)
         mp_context()
         probe = ForkServerChild(target=os.getpid, name="probe", daemon=True)
         probe.pause = PausePickled(os.environ["MARK"])
@@ -170,7 +172,8 @@ def test_ctrl_c_inside_an_exec_leaves_python_m_fastmfd_with_130(tmp_path, module
 
 @pytest.mark.parametrize("sig, status, said", [
     (signal.SIGINT, 130, "fastmfd: interrupted\n"),
-    (signal.SIGTERM, 143, "fastmfd: terminated (SIGTERM)\n")])
+    (signal.SIGTERM, 143, "fastmfd: terminated (SIGTERM)\n"),
+    (signal.SIGHUP, 129, "fastmfd: hung up (SIGHUP)\n")], ids=["SIGINT", "SIGTERM", "SIGHUP"])
 def test_a_signal_while_the_command_line_is_read_is_one_line(sig, status, said):
     """Ctrl-C or SIGTERM while main() builds its parser (which imports the commands'
     modules, 0.1 s): Python's traceback and a death by the signal (-2, -15).

@@ -159,8 +159,8 @@ os.register_at_fork(after_in_child=_forget_the_parents_processes)
 
 @contextlib.contextmanager
 def interrupts_deferred() -> Iterator[None]:
-    """A Ctrl-C (or a SIGTERM the CLI raises as an exception) during the block is
-    handled at its end, by the handler it would have met: a child's start
+    """A Ctrl-C (or a SIGTERM or SIGHUP the CLI raises as an exception) during the
+    block is handled at its end, by the handler it would have met: a child's start
     interrupted half-way left it to fail on start data it could not read
     (``EOFError: Ran out of input``, its traceback printed), or its pid unknown,
     to kill before this process exits. Only the main thread sets handlers, and
@@ -168,7 +168,8 @@ def interrupts_deferred() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.getsignal(sig)
+                for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     deferred = [sig for sig, handler in previous.items() if callable(handler)]
     came: list[int] = []
     for sig in deferred:
@@ -230,7 +231,7 @@ class ForkServerChild(ForkServerProcess):
     start_timeout = READY_TIMEOUT       # seconds the forkserver may take to fork it
 
     def start(self) -> None:
-        with interrupts_deferred():     # a Ctrl-C or SIGTERM is raised once it started
+        with interrupts_deferred():     # a Ctrl-C, SIGTERM, SIGHUP: raised once it started
             super().start()
 
     # Narrower than ForkServerProcess's (any process): it is only ever given itself.

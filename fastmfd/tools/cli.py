@@ -450,17 +450,34 @@ def _build_parser() -> _Parser:
     return parser
 
 
+# The signals that stop a command as Ctrl-C does: what the command says, and what
+# its peer hears. A hangup is a terminal's, or an ssh connection's, that dropped.
+_STOPPED_BY: dict[int, tuple[str, str]] = {
+    signal.SIGTERM: ("terminated (SIGTERM)", "terminated by SIGTERM"),
+    signal.SIGHUP: ("hung up (SIGHUP)", "hung up (SIGHUP)")}
+
+
 class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread as Ctrl-C's KeyboardInterrupt is, so it
-    does what Ctrl-C does: the session fails on both sides (the peer is told
-    "terminated by SIGTERM"), every process and file the command made is cleaned
-    up, and the command exits with 143 (128 + SIGTERM; Ctrl-C: 130)."""
+    """SIGTERM or SIGHUP, raised in the main thread as Ctrl-C's KeyboardInterrupt is,
+    so it does what Ctrl-C does: the session fails on both sides (the peer is told
+    "terminated by SIGTERM", "hung up (SIGHUP)"), every process and file the command
+    made is cleaned up, and the command exits with 128 + the signal (143, 129; Ctrl-C:
+    130)."""
+
+    def __init__(self, signum: int) -> None:
+        self.said, told = _STOPPED_BY[signum]
+        super().__init__(told)
+        self.status = 128 + signum
 
 
-def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+def _on_stop_signal(signum: int, frame: FrameType | None) -> None:
     # A second SIGTERM, while the first one's cleanup runs, ends the process at once.
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    raise Terminated("terminated by SIGTERM")
+    # A hangup comes more than once (the shell passes its own on to its jobs, the
+    # kernel signals the foreground group again as the session's leader exits): the
+    # next ones are ignored until the process exits (with 129, not killed by one
+    # after the cleanup), and the cleanup, whose waits have deadlines, goes on.
+    signal.signal(signum, signal.SIG_IGN if signum == signal.SIGHUP else signal.SIG_DFL)
+    raise Terminated(signum)
 
 
 def _log_to_stderr(verbosity: int) -> logging.Handler | None:
@@ -484,8 +501,9 @@ def _forget_the_interrupt() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     handled = threading.current_thread() is threading.main_thread()
-    if handled:
-        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    if handled:     # one ignored (nohup's SIGHUP) stays so
+        previous = {sig: signal.signal(sig, _on_stop_signal) for sig in _STOPPED_BY
+                    if signal.getsignal(sig) is not signal.SIG_IGN}
     command = "fastmfd"             # "fastmfd listen" once the command line is read
     handler = None
     try:
@@ -519,17 +537,19 @@ def main(argv: list[str] | None = None) -> int:
     except (FastMFDError, OSError) as exc:
         print(f"{command}: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    except Terminated:
-        print(f"{command}: terminated (SIGTERM)", file=sys.stderr)
+    except Terminated as stop:
+        print(f"{command}: {stop.said}", file=sys.stderr)
         _forget_the_interrupt()
-        return 128 + signal.SIGTERM
+        return stop.status
     except KeyboardInterrupt:
         print(f"{command}: interrupted", file=sys.stderr)
         _forget_the_interrupt()
         return 130
     finally:
         if handled:
-            signal.signal(signal.SIGTERM, previous)
+            for sig, disposition in previous.items():
+                if signal.getsignal(sig) is not signal.SIG_IGN:     # hung up: until it exits
+                    signal.signal(sig, disposition)
         if handler is not None:
             log.removeHandler(handler)
 
