@@ -315,6 +315,7 @@ def open_channel(sock: socket.socket, security: ChannelSecurity, hello: bytes, u
 
 def _tls_connect(sock: socket.socket, tls: TLSConfig, hostname: str | None, deadline: float,
                  where: str | None) -> _core.TLSChannel:
+    tls.check_files()           # (the core loads them by path, as the main channel does)
     try:
         return _core.TLSChannel.connect(sock.fileno(), cert=tls.cert, key=tls.key, ca=tls.ca,
                                         hostname=hostname, ciphers=tls.ciphers,
@@ -530,6 +531,7 @@ def tls_accept(sock: socket.socket, tls: TLSConfig, deadline: float,
                where: str | None) -> _core.TLSChannel:
     """The server's TLS handshake on ``sock`` by the deadline; SecurityError says
     why it failed."""
+    tls.check_files()           # (the core loads them by path, as the main channel does)
     try:
         return _core.TLSChannel.accept(sock.fileno(), cert=tls.cert, key=tls.key, ca=tls.ca,
                                        ciphers=tls.ciphers,

@@ -44,6 +44,7 @@ from typing import Any, Protocol
 
 from ..arguments import BYTES, PATH, STR, check_types, optional, type_error
 from ..errors import ConfigError, SecurityError
+from ..ownership import check_trusted_file
 
 __all__ = ["TLSConfig", "ChannelSecurity", "MIN_AUTH_KEY_BYTES", "NONCE_SIZE", "PROOF_SIZE",
            "MAIN_CHANNEL_ID", "check_auth_key", "read_key_file", "identities_of",
@@ -99,11 +100,22 @@ class TLSConfig:
                 object.__setattr__(self, name, os.fspath(path))     # kept as a str
                 if not os.access(path, os.R_OK):
                     raise ConfigError(f"TLSConfig.{name}: cannot read {path}")
-        if self.key is not None:
-            _check_private(self.key)
         # Loaded once now, as a destination's context loads them (no system CA store):
         # a file that does not load fails here, named, not at the first connection.
         self._context(ssl.Purpose.CLIENT_AUTH)
+
+    def check_files(self) -> None:
+        """ConfigError unless only this user or root can change the files that say whom
+        this side trusts and who it is (:func:`check_trusted_file`), and the key is
+        private. Each is checked before every load: they are loaded by path, once
+        per connection (here and in each channel's worker), so a file opened to
+        others after this side started is refused then, not trusted."""
+        if self.key is not None:
+            _check_private(self.key)
+        for name in ("cert", "key", "ca"):
+            path = getattr(self, name)
+            if path is not None:
+                check_trusted_file(path, f"TLSConfig.{name}")
 
     def check_server(self) -> None:
         """ConfigError unless it can be a destination's: that needs ``cert`` and ``key``,
@@ -124,6 +136,7 @@ class TLSConfig:
                               "source checks its destination's certificate with hostname=")
 
     def _context(self, purpose: ssl.Purpose) -> ssl.SSLContext:
+        self.check_files()
         server = purpose is ssl.Purpose.CLIENT_AUTH
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -208,7 +221,8 @@ def check_auth_key(key: bytes | None, owner: str) -> bytes | None:
 
 def _check_private(key: str | os.PathLike[str]) -> None:
     """ConfigError if any user of the host may read the private key file ``key``, or
-    anyone but its owner write it. Its group may read it: a service's group often
+    anyone but its owner write it (whose it and its directories are:
+    :func:`check_trusted_file`). Its group may read it: a service's group often
     does (``ssl-cert``, libvirt's ``qemu``), which the shared key's rule refuses."""
     mode = stat.S_IMODE(os.stat(key).st_mode)
     if mode & (stat.S_IROTH | stat.S_IWOTH | stat.S_IWGRP):
@@ -224,8 +238,9 @@ def read_key_file(path: str | os.PathLike[str]) -> bytes:
 
     Refused, as ssh refuses a private key file: one that others may read or
     anyone but its owner write (mode & 0o077: a key others read proves nothing),
-    one that is not a regular file (a FIFO would wait for a writer), and one
-    longer than MAX_KEY_FILE_BYTES (it was cut there silently)."""
+    one another user could change or replace (:func:`check_trusted_file`: they
+    would then know it), one that is not a regular file (a FIFO would wait for a
+    writer), and one longer than MAX_KEY_FILE_BYTES (it was cut there silently)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
@@ -238,6 +253,7 @@ def read_key_file(path: str | os.PathLike[str]) -> bytes:
             raise ConfigError(f"the key file {path} is open to others (mode "
                               f"{stat.S_IMODE(st.st_mode):04o}): make it private "
                               f"(chmod 600 {path})")
+        check_trusted_file(os.fspath(path), "the key file", fd)
         try:
             key = f.read(MAX_KEY_FILE_BYTES + 1)
         except OSError as exc:

@@ -50,7 +50,7 @@ from ..shm import file_identity
 from ..units import format_bytes
 from .new_files import (make_directories, make_new_directory, remove_directories_made,
                         rename_without_replacing, try_making_a_file, write_durably)
-from .ownership import check_only_yours
+from ..ownership import check_only_yours
 from .warm_files import WarmFiles
 
 __all__ = ["OutputDir", "SavedFiles", "output_name", "check_writable",

@@ -19,7 +19,7 @@ from ..protocol.qemu import (COMMAND, COMMAND_PLACES, MAX_PAGE_BITS, MIN_PAGE_BI
                              SYNC_PER_ROUND, SYNC_PER_SECTION)
 from ..protocol.setup import MAX_REGIONS
 from .outputs import MANIFEST
-from .ownership import check_only_yours
+from ..ownership import check_only_yours
 
 __all__ = ["read_manifest", "check_size", "open_inside", "MAX_MANIFEST_BYTES"]
 

@@ -33,7 +33,7 @@ from ..threads import start_thread
 from ..units import format_bytes
 from .new_files import make_directories, remove_directories_made
 from .outputs import OutputDir, SavedFiles, check_writable, output_name
-from .ownership import check_only_yours
+from ..ownership import check_only_yours
 from .warm_files import WarmFiles
 
 log = logging.getLogger("fastmfd")

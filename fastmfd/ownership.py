@@ -1,6 +1,9 @@
-"""Whose a directory is: a user's files go only where no other user can replace them
-or choose where they go (:func:`check_only_yours`, for the directories ``listen``
-writes into and ``send --qemu`` reads a save from)."""
+"""Whose a file or directory is: a user's files go only where no other user can
+replace them or choose where they go (:func:`check_only_yours`, for the directories
+``listen`` writes into and ``send --qemu`` reads a save from), and the files that
+decide whom a session trusts are ones no other user can change
+(:func:`check_trusted_file`: the shared key, TLS keys, certificates and CA bundles).
+One rule for both, ssh's ``StrictModes``."""
 
 from __future__ import annotations
 
@@ -10,10 +13,10 @@ import os
 import pwd
 import stat
 
-from ..errors import ConfigError
-from ..shm import file_identity
+from .errors import ConfigError
+from .shm import file_identity
 
-__all__ = ["check_only_yours"]
+__all__ = ["check_only_yours", "check_trusted_file"]
 
 
 def check_only_yours(path: str, opened: int | None = None,
@@ -32,33 +35,51 @@ def check_only_yours(path: str, opened: int | None = None,
     ``fs.protected_symlinks`` refuses such a link only where it is set). ``opened``:
     the directory's descriptor, which must still be what ``path`` names; ``what``:
     what the directory is, in the error (a saved one, read back: the same holds)."""
+    _check_walk(path, opened, what, "give a directory of your own")
+
+
+def check_trusted_file(path: str, what: str, opened: int | None = None) -> None:
+    """ConfigError unless only this user or root can change the file ``path``, one
+    that decides who may connect (``what``: which, in the error): the rule of
+    :func:`check_only_yours` on each directory and link on its way, and the file
+    itself this user's or root's, which no other may write (a sticky bit on a file
+    protects nothing). Another user who could change it, or rename it away in its
+    directory and put theirs in its place, chose whom the session trusts: their own
+    CA added to a listener's bundle made their client certificates accepted.
+    ``opened``: the file's descriptor, which must still be what ``path`` names."""
+    _check_walk(path, opened, what, "use a file of your own, in directories only you or "
+                                    "root may change")
+
+
+def _check_walk(path: str, opened: int | None, what: str, mend: str) -> None:
+    """:func:`check_only_yours`'s rule on ``path``; ``mend``: what to do, in the errors."""
     me = os.geteuid()
     try:
         walked, final = _walked(path)
     except OSError as exc:          # (a link or directory on the way swapped meanwhile)
         raise ConfigError(f"{what} {path}: {exc.filename or path} was replaced as it was "
-                          f"opened ({exc.strerror or exc}); give a directory of your "
-                          f"own") from None
+                          f"opened ({exc.strerror or exc}); {mend}") from None
     if opened is not None and file_identity(opened) != (final.st_dev, final.st_ino):
-        raise ConfigError(f"{what} {path}: it was replaced as it was opened; give a "
-                          f"directory of your own")
+        raise ConfigError(f"{what} {path}: it was replaced as it was opened; {mend}")
     for where, st in walked:
         if stat.S_ISLNK(st.st_mode):
             if st.st_uid not in (me, 0):
                 raise ConfigError(f"{what} {path}: {where} is a symbolic link of another "
-                                  f"user (uid {st.st_uid}), who chose where it leads; give "
-                                  f"a directory of your own")
+                                  f"user (uid {st.st_uid}), who chose where it leads; "
+                                  f"{mend}")
             continue
+        change = ("replace the files there" if stat.S_ISDIR(st.st_mode)
+                  else "change what it says")
         if st.st_uid not in (me, 0):
             raise ConfigError(f"{what} {path}: {where} belongs to another user "
-                              f"(uid {st.st_uid}), who could replace the files "
-                              f"there; give a directory of your own")
+                              f"(uid {st.st_uid}), who could {change}; {mend}")
         others_write = st.st_mode & stat.S_IWOTH or (st.st_mode & stat.S_IWGRP
                                                      and not _only_mine(st.st_gid, me))
-        if others_write and not st.st_mode & stat.S_ISVTX:
-            raise ConfigError(f"{what} {path}: others may write in {where} (mode "
-                              f"{stat.S_IMODE(st.st_mode):04o}) and replace the files "
-                              f"there; chmod go-w {where}")
+        if others_write and not (stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX):
+            raise ConfigError(f"{what} {path}: others may write "
+                              f"{'in' if stat.S_ISDIR(st.st_mode) else 'to'} {where} (mode "
+                              f"{stat.S_IMODE(st.st_mode):04o}) and {change}; "
+                              f"chmod go-w {where}")
 
 
 _MAX_LINKS = 40         # links one path may pass through (the kernel's, then ELOOP)
