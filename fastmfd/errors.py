@@ -21,7 +21,7 @@
 
 from __future__ import annotations
 
-import re
+import unicodedata
 from typing import Self
 
 __all__ = ["FastMFDError", "ConfigError", "ListenError", "ProtocolError", "TLSError",
@@ -29,14 +29,30 @@ __all__ = ["FastMFDError", "ConfigError", "ListenError", "ProtocolError", "TLSEr
            "NoSourceError", "OutputError", "Aborted",
            "printable", "peer_words"]
 
-_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# Unicode's categories of characters that are not text to read: controls (Cc), format
+# characters (Cf: bidi overrides and isolates, zero-width ones, the BOM), line and
+# paragraph separators (Zl, Zp), surrogates (Cs), private use (Co), unassigned (Cn).
+_NOT_TEXT = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"})
 
 
 def printable(text: str) -> str:
-    """``text`` from a peer or a file, safe to put in a message a terminal shows:
-    control characters (an escape sequence that would clear the screen or forge
-    a line) become ``\\xNN``; newlines and tabs stay."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    """``text`` from a peer or a file, safe to put in a message a terminal or a log
+    viewer shows: a character that is no text to read becomes its escape
+    (``\\xNN``, ``\\uNNNN``, ``\\UNNNNNNNN``): a control character (an escape
+    sequence that would clear the screen or forge a line), a bidi override that
+    would show the rest of the line reversed, U+2028/U+2029 (a new line to many
+    log viewers and to ``str.splitlines``), a zero-width character that hides
+    text. Newlines and tabs stay."""
+    if text.isprintable():          # (most text: nothing to look up)
+        return text
+    return "".join(_escaped(char) if char not in "\n\t"
+                   and unicodedata.category(char) in _NOT_TEXT else char for char in text)
+
+
+def _escaped(char: str) -> str:
+    code = ord(char)
+    return (f"\\x{code:02x}" if code <= 0xff else f"\\u{code:04x}" if code <= 0xffff
+            else f"\\U{code:08x}")
 
 
 def peer_words(text: str, limit: int = 300) -> str:

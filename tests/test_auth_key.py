@@ -270,6 +270,19 @@ def test_a_stranger_s_own_words_are_kept_short_and_on_one_line(caplog):
     assert "\nWARNING fastmfd: migration from" not in caplog.text
 
 
+def test_a_stranger_s_unicode_controls_are_escaped(caplog):
+    """A stranger's words with a bidi override, a line separator and zero-width
+    characters reached the log as they were: a forged line, text shown reversed
+    or hidden (a review). They arrive escaped."""
+    words = ("wrong key\u20282026-12-07 09:00:00,000 fastmfd: session ok "
+             "\u202egnp.exe\u202c \u200b\u2066\ufeff")
+    with a_stranger_in_the_proof(encode_message(Msg.ERROR, {"error": words})) as dst:
+        wait_refused(dst, r"the peer refused: wrong key\\u20282026-12-07 .*\\u202egnp\.exe"
+                          r"\\u202c \\u200b\\u2066\\ufeff$")
+    for char in "\u2028\u202e\u202c\u200b\u2066\ufeff":
+        assert char not in dst.refused[0].reason and char not in caplog.text
+
+
 def _swallow(call):
     try:
         call()

@@ -60,6 +60,22 @@ def test_a_peers_error_reaches_the_user_escaped_on_one_line():
     assert long == "y" * MAX_ERROR_CHARS + f"... ({5000 - MAX_ERROR_CHARS} more)"
 
 
+def test_unicode_that_is_no_text_is_escaped_too():
+    """Bidi overrides and isolates (a line shown reversed), U+2028/U+2029 (a new line
+    to log viewers and str.splitlines), zero-width characters and the BOM (hidden
+    text), private-use and unassigned code points came through (a review); letters
+    of any script, spaces of other widths and emoji stay."""
+    from fastmfd.errors import printable
+    hostile = "ok\u2028forged \u202egnp.exe\u202c \u2066x\u2069\u200b\ufeff\ue000\U000e0001"
+    assert printable(hostile) == ("ok\\u2028forged \\u202egnp.exe\\u202c \\u2066x\\u2069"
+                                  "\\u200b\\ufeff\\ue000\\U000e0001")
+    assert printable("para\u2029\x85\x1b[2J") == "para\\u2029\\x85\\x1b[2J"
+    assert printable("\ud800 lone") == "\\ud800 lone"
+    assert printable("\u0378") == "\\u0378"           # unassigned
+    text = "Grüße, 日本語, עברית\u00a0\u3000🙂\tand\nlines"
+    assert printable(text) == text
+
+
 def test_precopy_sent_and_switchover_ack_decode():
     from fastmfd.protocol.main_channel import PrecopySent, encode_message
     message = encode_message(Msg.PRECOPY_SENT, PrecopySent([3, 0, 17]))
