@@ -20,7 +20,7 @@ from typing import Any, Callable
 from ._engine.processes import ChildSet
 from ._engine.reassembly import reassembly_main
 from ._engine.admission import (GREETING_SPARES, MAX_WORKERS, Refusal, Refusals,
-                                refuse_waiting)
+                                refusal_log, refuse_waiting)
 from ._engine.receiving import DestinationParts, Receiving, ReceivingState
 from ._engine.session import Owner, SessionFailure, call_hook
 from ._engine.session_regions import check_writable
@@ -146,7 +146,8 @@ class Destination(Owner):
                                   "known from verified client certificates")
         self._security = ChannelSecurity(
             tls=tls, auth_key=check_auth_key(auth_key, "Destination"), timeout=handshake_timeout)
-        self._refusals = Refusals()
+        self._refusals = Refusals(refusal_log(
+            address if isinstance(address, socket.socket) else None))
         self.stall_timeout = stall_timeout
         self.max_memory = max_memory
         self._listener: socket.socket | None
@@ -239,7 +240,9 @@ class Destination(Owner):
     def refused(self) -> list[Refusal]:
         """Connections dropped because they failed their greeting: a :class:`Refusal`
         each, the first 1000 (MAX_REFUSALS_KEPT); all are counted in
-        :attr:`refused_total`."""
+        :attr:`refused_total`. Each is logged too, up to 1000 for the listening
+        socket: on a socket given to it, for every Destination that serves on it
+        in turn, so that a stranger's flood cannot log a thousand lines per wait."""
         return self._refusals.kept
 
     @property

@@ -468,6 +468,25 @@ def test_a_source_refused_at_the_greeting_limit_is_told_why(auth, monkeypatch):
     assert not thread.is_alive()
 
 
+def _refused_strangers(dst: fastmfd.Destination, count: int) -> None:
+    """``count`` strangers sending garbage to ``dst`` while it receives, each told
+    why it was refused; then ``dst`` cancelled."""
+    outcome: dict = {}
+    thread = threading.Thread(target=lambda: _receive(dst, outcome), daemon=True)
+    thread.start()
+    _, host, port = dst.address.split(":")
+    for _ in range(count):
+        with socket.create_connection((host, int(port))) as stranger:
+            stranger.sendall(STRANGERS["garbage"][0])
+            stranger.settimeout(5)
+            assert stranger.recv(1 << 16)         # told why
+    deadline = time.monotonic() + 5
+    while dst.refused_total < count and time.monotonic() < deadline:
+        time.sleep(0.02)
+    dst.cancel("the test is over")
+    thread.join(10)
+
+
 def test_refusals_past_the_cap_are_counted_not_kept_or_logged(monkeypatch, caplog):
     """A stranger opening connection after connection grew Destination.refused and
     the log without bound while a listener waited (about 175 a second here; from
@@ -476,20 +495,7 @@ def test_refusals_past_the_cap_are_counted_not_kept_or_logged(monkeypatch, caplo
     from fastmfd._engine import admission
     monkeypatch.setattr(admission, "MAX_REFUSALS_KEPT", 3)
     with fastmfd.Destination("tcp:127.0.0.1:0", timeout=20) as dst:
-        outcome: dict = {}
-        thread = threading.Thread(target=lambda: _receive(dst, outcome), daemon=True)
-        thread.start()
-        _, host, port = dst.address.split(":")
-        for _ in range(7):
-            with socket.create_connection((host, int(port))) as stranger:
-                stranger.sendall(STRANGERS["garbage"][0])
-                stranger.settimeout(5)
-                assert stranger.recv(1 << 16)         # told why
-        deadline = time.monotonic() + 5
-        while dst.refused_total < 7 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        dst.cancel("the test is over")
-        thread.join(10)
+        _refused_strangers(dst, 7)
     assert dst.refused_total == 7
     assert len(dst.refused) == 3
     logged = [r.getMessage() for r in caplog.records if r.name == "fastmfd"]
@@ -857,3 +863,24 @@ def test_a_source_greeted_as_the_admission_ends_hears_why(monkeypatch):
         raised = _failed_by_the_cancel(dst, region)
     assert "the peer failed: dropped: the session ended: the destination was closed at " \
            "once" in str(raised), raised
+
+
+def test_destinations_in_turn_on_one_socket_log_one_allowance_of_refusals(monkeypatch,
+                                                                          caplog):
+    """``listen --forever`` serves a Destination per wait and per session on one
+    socket: each logged its own MAX_REFUSALS_KEPT strangers, a thousand lines per
+    wait for ever (a review). Strangers refused by two Destinations in turn on one
+    socket are logged MAX_REFUSALS_KEPT times in all, each Destination still
+    keeping and counting its own."""
+    from fastmfd._engine import admission
+    monkeypatch.setattr(admission, "MAX_REFUSALS_KEPT", 3)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        for _ in range(2):
+            with fastmfd.Destination(listener, timeout=20) as dst:
+                _refused_strangers(dst, 4)
+            assert (dst.refused_total, len(dst.refused)) == (4, 3)
+    logged = [r.getMessage() for r in caplog.records if r.name == "fastmfd"]
+    assert sum(m.startswith("refused a connection from") for m in logged) == 3
+    assert sum("further ones are counted" in m for m in logged) == 1
+    with socket.create_server(("127.0.0.1", 0)) as another:         # a log of its own
+        assert admission.refusal_log(another) is not admission.refusal_log(listener)

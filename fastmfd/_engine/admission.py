@@ -50,6 +50,7 @@ import select
 import socket
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Iterable, Protocol
 
@@ -73,14 +74,15 @@ log = logging.getLogger("fastmfd")
 Refuse = Callable[[str, "BaseException | str"], None]
 """``refuse(peer, reason)``: a connection was dropped, and why."""
 
-__all__ = ["Admission", "ChannelDoor", "Refusal", "Refusals", "MAX_CANDIDATES",
-           "MAX_REFUSALS_KEPT", "EVICT_AFTER", "ACCEPTED_ANOTHER", "TOO_MANY", "EVICTED",
+__all__ = ["Admission", "ChannelDoor", "Refusal", "Refusals", "RefusalLog", "refusal_log",
+           "MAX_CANDIDATES", "MAX_REFUSALS_KEPT", "EVICT_AFTER", "ACCEPTED_ANOTHER", "TOO_MANY",
+           "EVICTED",
            "session_ended", "refuse_waiting",
            "GREETING_SPARES", "MAX_WORKERS", "DOOR_EVICTED", "DoorWorkers"]
 
 MAX_CANDIDATES = 64     # connections greeted at once (see the module's docstring)
 EVICT_AFTER = 1.0       # seconds a greeting runs before a newcomer may take its place
-MAX_REFUSALS_KEPT = 1000    # refusals kept and logged by one destination; the rest counted
+MAX_REFUSALS_KEPT = 1000    # refusals a destination keeps, and a listening socket logs
 ACCEPTED_ANOTHER = "dropped: the session's source was accepted first"
 TOO_MANY = f"{MAX_CANDIDATES} connections are being greeted already"
 EVICTED = (f"dropped: greeted for over {EVICT_AFTER:g} s when {MAX_CANDIDATES} were being "
@@ -128,27 +130,64 @@ class Refusal:
 
 class Refusals:
     """The connections one destination refused: each counted (``total``), the
-    first MAX_REFUSALS_KEPT kept (``kept``) and logged. A stranger can open
-    about 175 connections a second here: kept and logged, all of them, they
-    grew a long-waiting listener's memory and log without bound."""
+    first MAX_REFUSALS_KEPT kept (``kept``), and logged to ``log_to`` (the
+    listening socket's: :func:`refusal_log`). A stranger can open about 175
+    connections a second here: kept and logged, all of them, they grew a
+    long-waiting listener's memory and log without bound."""
 
-    def __init__(self) -> None:
+    def __init__(self, log_to: RefusalLog) -> None:
         self.kept: list[Refusal] = []
         self.total = 0
+        self._log = log_to
         self._lock = threading.Lock()      # refused from greeting threads and the watch loop
 
     def add(self, peer: str, reason: BaseException | str) -> None:
+        refusal = Refusal(peer, str(reason))
         with self._lock:
             self.total += 1
-            if len(self.kept) >= MAX_REFUSALS_KEPT:
+            if len(self.kept) < MAX_REFUSALS_KEPT:
+                self.kept.append(refusal)
+        self._log.add(refusal)
+
+
+class RefusalLog:
+    """The log lines refused connections take: the first MAX_REFUSALS_KEPT, then one
+    saying further ones are only counted. One for a listening socket, however many
+    Destinations serve on it in turn: ``listen --forever`` makes one for each wait
+    (``--timeout``) and each session, and each logged a thousand strangers afresh (a
+    thousand lines per wait, for ever; a review)."""
+
+    def __init__(self) -> None:
+        self._logged = 0
+        self._lock = threading.Lock()
+
+    def add(self, refusal: Refusal) -> None:
+        with self._lock:
+            if self._logged >= MAX_REFUSALS_KEPT:
                 return
-            refusal = Refusal(peer, str(reason))
-            self.kept.append(refusal)
-            full = len(self.kept) == MAX_REFUSALS_KEPT
+            self._logged += 1
+            full = self._logged == MAX_REFUSALS_KEPT
         log.warning("refused a connection from %s: %s", refusal.peer, refusal.reason)
         if full:
             log.warning("refused %d connections: further ones are counted "
-                        "(Destination.refused_total), not kept or logged", MAX_REFUSALS_KEPT)
+                        "(Destination.refused_total), not logged", MAX_REFUSALS_KEPT)
+
+
+# The log of each listening socket given to a Destination (the caller's, which serves
+# one Destination after another on it): gone with the socket.
+_SOCKET_LOGS: weakref.WeakKeyDictionary[socket.socket, RefusalLog] = \
+    weakref.WeakKeyDictionary()
+_SOCKET_LOGS_LOCK = threading.Lock()
+
+
+def refusal_log(listener: socket.socket | None) -> RefusalLog:
+    """The refusal log of a Destination on ``listener``, a listening socket it was
+    given: the one every Destination on that socket shares. None (the Destination
+    listens on a socket of its own): a new one."""
+    if listener is None:
+        return RefusalLog()
+    with _SOCKET_LOGS_LOCK:
+        return _SOCKET_LOGS.setdefault(listener, RefusalLog())
 
 
 def session_ended(why: BaseException | str) -> str:
