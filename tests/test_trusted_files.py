@@ -162,17 +162,21 @@ def test_root_s_files_are_anyone_s_to_trust_another_user_s_are_not(readable_dir)
 
 def test_each_load_checks_again(credentials):
     """The files are loaded by path on each connection (the main channel's context,
-    each channel's TLS in the core): one opened to others after the listener
-    started is refused there, before it is read, not trusted."""
+    each channel's TLS in the core, on either side): one opened to others after
+    the listener started is refused there, before it is read, not trusted."""
     tls = fastmfd.TLSConfig(**credentials)
     os.chmod(credentials["ca"], 0o666)
     refused = f"TLSConfig.ca {credentials['ca']}: others may write to"
     with pytest.raises(fastmfd.ConfigError, match=refused):
         tls.server_context()
+    with pytest.raises(fastmfd.ConfigError, match=refused):
+        tls.client_context("localhost")
     ours, theirs = socket.socketpair()
     with ours, theirs:
         with pytest.raises(fastmfd.ConfigError, match=refused):
             handshake.tls_accept(ours, tls, time.monotonic() + 5, "channel 0")
+        with pytest.raises(fastmfd.ConfigError, match=refused):
+            handshake._tls_connect(ours, tls, "localhost", time.monotonic() + 5, "channel 0")
 
 
 def test_a_ca_another_user_adds_to_a_listener_s_bundle_is_not_trusted(tmp_path, credentials):
