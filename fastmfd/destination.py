@@ -92,12 +92,17 @@ class Destination(Owner):
     or the ``workers`` started ahead if more, and the reassembly process).
     Up to 8 more workers greet connections meanwhile, as many as what is
     left after those and the device-state buffers holds (possibly none).
-    Default: what ``/dev/shm`` has free, within what this process's memory
-    cgroup has left (its pages count there: past the limit, the OOM killer
-    ended a worker mid-session), against which the channels' buffers and
-    processes, not /dev/shm's, are not counted. A SETUP asking for more
-    is refused before anything is allocated or started, and the source is
-    told why. Given, it also bounds the device state kept by the
+    Default: what ``/dev/shm`` has free, against which the channels' buffers
+    and processes, not /dev/shm's, are not counted; the device-state buffers
+    within what this process's memory cgroup has left too. A SETUP asking
+    for more is refused before anything is allocated or started, and the
+    source is told why. The pages written count against the memory cgroup
+    (past its limit, the OOM killer ends a worker mid-session): regions
+    whose every page will be written (``prealloc``, or a source that
+    detects no zero page) must fit in what it has left, or the SETUP is
+    refused so; otherwise, where their size would not, a warning is logged
+    (zero pages are never written: a mostly empty image fits). Given,
+    ``max_memory`` also bounds the device state kept by the
     CollectLoaders of devices given no loader: together, what the regions,
     buffers, channels, processes and greeting workers leave (a stream going
     past it fails the session, naming the device and the bound).

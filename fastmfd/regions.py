@@ -161,8 +161,12 @@ class Region:
         The memory is allocated as pages are first written (a destination's
         receive workers place them, or populate each run they write, failing
         cleanly when ``/dev/shm`` is full); the region must fit in what ``/dev/shm`` has
-        free now (ConfigError otherwise). ``huge_pages``: ask for transparent
-        huge pages (ConfigError, saying why, where the system gives none)."""
+        free now (ConfigError otherwise). Each page written counts against this
+        process's memory cgroup too, which is not checked here (a zero page is
+        never written, so a region larger than the cgroup's room may well fit):
+        past the cgroup's limit the kernel's out-of-memory killer ends the
+        process. ``huge_pages``: ask for transparent huge pages (ConfigError,
+        saying why, where the system gives none)."""
         name, size, page_size, huge_pages = check_types(
             "Region.create", name=(name, STR), size=(size, INT), page_size=(page_size, INT),
             huge_pages=(huge_pages, BOOL))

@@ -28,9 +28,13 @@ the creator says otherwise: a full ``/dev/shm`` is then a clean ``ConfigError``
 at creation rather than a SIGBUS in whichever process first touches a page
 that tmpfs cannot back. Large segments written only as data arrives (a
 destination's regions, its device-state pool) are created sparse instead,
-after a check that ``/dev/shm`` has room, and this process's memory cgroup
-(:func:`check_room`, :func:`shared_memory_room`); their writers
+after a check that ``/dev/shm`` has room (:func:`check_room`); their writers
 populate each run of pages before writing it and fail cleanly when that fails.
+Their pages count against this process's memory cgroup too, as they are
+written (:func:`cgroup_room`): past its limit the kernel's OOM killer ends a
+process, which no check of the segments' sizes can foresee, since a zero page
+is never written; only memory that will be written whole (a destination's
+prealloc) is refused up front.
 
 A mapping keeps no file descriptor open (:func:`map_file`): CPython's
 ``mmap`` keeps a duplicate of the descriptor for as long as the mapping
@@ -58,10 +62,10 @@ from .units import format_bytes
 __all__ = ["SharedMemory", "SHM_DIR", "SEGMENT_PREFIX", "HUGE_PAGE", "list_segments",
            "new_name", "creator_pid", "start_tracker", "map_file", "mapped_view",
            "free_bytes", "check_room", "check_usable", "limit_hint", "proc_kib",
-           "memory_cgroup", "cgroup_room", "shared_memory_room", "NO_LIMIT", "SHM_LEFT"]
+           "memory_cgroup", "cgroup_room", "NO_LIMIT", "SHM_LEFT"]
 
 SHM_DIR = "/dev/shm"
-# Where no max_memory bounds what a destination holds: shared_memory_room.
+# Where no max_memory bounds a destination's device-state pool (session_regions).
 SHM_LEFT = f"what {SHM_DIR} has free, within what this process's memory cgroup has left"
 SEGMENT_PREFIX = "fastmfd-"
 HUGE_PAGE = 2 << 20     # a transparent huge page (x86-64, arm64 with 4 KiB pages)
@@ -189,30 +193,13 @@ def free_bytes(directory: str = SHM_DIR) -> int:
 
 
 def check_room(size: int, what: str) -> None:
-    """ConfigError unless ``/dev/shm`` has room for ``size`` more bytes of ``what``, and
-    this process's memory cgroup too (:func:`shared_memory_room`)."""
-    room, cgroup = shared_memory_room()
-    if size <= room:
-        return
-    if cgroup is None:
+    """ConfigError unless ``/dev/shm`` has room for ``size`` more bytes of ``what``."""
+    free = free_bytes()
+    if size > free:
         raise ConfigError(f"{what} needs {format_bytes(size)} of shared memory and {SHM_DIR} "
-                          f"has {format_bytes(room)} free: free some, or give it more (a "
+                          f"has {format_bytes(free)} free: free some, or give it more (a "
                           f"container's is 64 MiB unless started with a larger one, e.g. "
                           f"docker run --shm-size=4g)")
-    raise ConfigError(f"{what} needs {format_bytes(size)} of shared memory, which counts "
-                      f"against this process's memory cgroup, and it has {format_bytes(room)} "
-                      f"left ({cgroup}): the kernel's out-of-memory killer would end it; free "
-                      f"some, or raise the limit (a container: docker run --memory=...)")
-
-
-def shared_memory_room() -> tuple[int, str | None]:
-    """Bytes this process may still put in ``/dev/shm``: what it has free, or less what
-    its memory cgroup has left (tmpfs pages count against it: past its limit the OOM
-    killer ended a worker halfway through a session), and, when the cgroup is the
-    bound, its limit said (:func:`cgroup_room`); else None."""
-    free = free_bytes()
-    left = cgroup_room()
-    return (left[0], left[1]) if left is not None and left[0] < free else (free, None)
 
 
 # The cgroup roots (v1: a directory per controller); v1's "no limit" is about 2**63

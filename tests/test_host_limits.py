@@ -257,54 +257,91 @@ def test_a_worker_the_oom_killer_killed_is_said_so(tmp_path):
     assert killed.group(0) in sent.stderr, sent.stderr
 
 
-def test_a_region_past_the_memory_cgroups_room_is_refused():
-    """/dev/shm's pages count against the memory cgroup: a region it had room for was
-    made, and filling it had the OOM killer end the process (SIGKILL, nothing said)."""
-    code = ("import fastmfd\ntry:\n    fastmfd.Region.create('ram', 256 << 20)\n"
-            "except fastmfd.ConfigError as exc:\n    print(exc)\n")
+def test_a_region_past_the_memory_cgroups_room_is_made_and_charged_as_written():
+    """Region.create refused a 256 MiB region in a 150 MB cgroup, of which its user
+    writes 4 MiB: a region is sparse, only written pages are charged (a review)."""
+    code = ("import fastmfd\nwith fastmfd.Region.create('ram', 256 << 20) as ram:\n"
+            "    ram.array[:4 << 20] = 7\n    print(int(ram.array[:4 << 20].sum()))\n")
     with _in_a_memory_cgroup() as (cgroup, enter):
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                               env=_env(), preexec_fn=enter, timeout=60)
-    assert done.returncode == 0, done.stderr
-    assert re.fullmatch(
-        r"region 'ram' needs 256 MiB of shared memory, which counts against this process's "
-        rf"memory cgroup, and it has [\d.]+ [KM]iB left \({cgroup}/memory\.(limit_in_bytes|max) "
-        r"is 143 MiB, [\d.]+ [KM]iB of it in use\): the kernel's out-of-memory killer would "
-        r"end it; free some, or raise the limit \(a container: docker run --memory=\.\.\.\)\n",
-        done.stdout), done.stdout
+    assert (done.returncode, done.stdout) == (0, f"{7 * (4 << 20)}\n"), done
 
 
-def test_a_destination_refuses_regions_past_its_memory_cgroups_room():
-    """The SETUP was accepted and the OOM killer ended a receive worker mid-session
-    ("killed by SIGKILL (the kernel's out-of-memory killer, it seems ...)"): now
-    refused before anything is allocated, the source told why."""
-    receive = ("import fastmfd\n"
-               "with fastmfd.Destination('tcp:127.0.0.1:0', timeout=30) as dst:\n"
-               "    print(dst.address, flush=True)\n"
-               "    try:\n        dst.receive()\n"
-               "    except fastmfd.MigrationError as exc:\n        print(exc)\n")
+# A destination in the test's cgroup: it says what its receive() said, and the log.
+RECEIVE_IN_A_CGROUP = """if True:
+    import logging, sys
+    import fastmfd
+    logging.basicConfig(format="LOG %(message)s")
+    with fastmfd.Destination('tcp:127.0.0.1:0', timeout=30,
+                             prealloc=sys.argv[1] == 'prealloc') as dst:
+        print(dst.address, flush=True)
+        try:
+            dst.receive()
+            print('received', flush=True)
+        except fastmfd.MigrationError as exc:
+            print(exc)
+"""
+
+
+def _send_in_a_cgroup(written: str, config: fastmfd.MigrationConfig):
+    """A 256 MiB region of which 4 MiB are data, sent to a destination in a 150 MB
+    cgroup (prealloc there where ``written`` says "prealloc"): (the cgroup, what the
+    destination said, its log, the source's error or None)."""
     with _in_a_memory_cgroup() as (cgroup, enter), \
             fastmfd.Region.create("ram", 256 << 20) as ram:
-        ram.array[:] = 1            # no zero page: all of it would be written there
-        dst = subprocess.Popen([sys.executable, "-c", receive], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env=_env(), preexec_fn=enter)
+        ram.array[:4 << 20] = 7
+        dst = subprocess.Popen([sys.executable, "-c", RECEIVE_IN_A_CGROUP, written],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=_env(), preexec_fn=enter)
         try:
-            with pytest.raises(fastmfd.MigrationError) as told, \
-                    fastmfd.Source(dst.stdout.readline().strip(),
-                                   fastmfd.MigrationConfig(channels=2)) as src:
-                src.add_region(ram)
-                src.migrate(live=False)
-            said, _ = dst.communicate(timeout=60)
+            error = None
+            try:
+                with fastmfd.Source(dst.stdout.readline().strip(), config) as src:
+                    src.add_region(ram)
+                    src.migrate(live=False)
+            except fastmfd.MigrationError as exc:
+                error = str(exc)
+            said, log = dst.communicate(timeout=60)
         finally:
             if dst.poll() is None:
                 dst.kill()
                 dst.communicate()
-    expected = (rf"the source sends {256 << 20} bytes of regions for this destination to hold; "
-                rf"it holds at most \d+ \(what this process's memory cgroup has left: "
-                rf"{cgroup}/memory\.(limit_in_bytes|max) is 143 MiB, [\d.]+ [KM]iB of it in use; "
-                r"past it the kernel's out-of-memory killer would end the session\)")
-    assert re.fullmatch(expected + "\n", said), said
-    assert re.search("the peer failed: " + expected, str(told.value)), told.value
+    return cgroup, said, log, error
+
+
+def test_a_destination_takes_sparse_regions_past_its_memory_cgroups_room_with_a_warning():
+    """A mostly zero image into a destination whose cgroup holds what is written
+    (4 MiB of 256 MiB, a 150 MB cgroup) was refused up front (a review): only
+    the pages that hold data are written, so it is taken, and a warning says the
+    cgroup's room, past which the OOM killer would end the session."""
+    cgroup, said, log, error = _send_in_a_cgroup("", fastmfd.MigrationConfig(channels=2))
+    assert (said, error) == ("received\n", None), (said, log, error)
+    warned = [line for line in log.splitlines() if line.startswith("LOG ")]
+    assert len(warned) == 1 and re.fullmatch(
+        rf"LOG the source sends {256 << 20} bytes of regions for this destination to hold, "
+        rf"and this process's memory cgroup has \d+ bytes left \({cgroup}/"
+        r"memory\.(limit_in_bytes|max) is 143 MiB, [\d.]+ [KM]iB of it in use\): enough "
+        r"while no more than that of them holds data \(zero pages "
+        r"are not written\); past it the kernel's out-of-memory killer ends the session",
+        warned[0]), log
+
+
+@pytest.mark.parametrize("written", ["prealloc", "the source detects no zero page"])
+def test_a_destination_refuses_regions_it_writes_whole_past_its_memory_cgroups_room(written):
+    """Where every page of the regions will be written (prealloc faults them in, or
+    the source sends zero pages as data), the OOM killer ended a receive worker
+    mid-session ("killed by SIGKILL (the kernel's out-of-memory killer, it seems
+    ..."): refused before anything is allocated, the source told why."""
+    config = fastmfd.MigrationConfig(channels=2, zero_page_detection=written == "prealloc")
+    cgroup, said, log, error = _send_in_a_cgroup(written, config)
+    expected = (rf"the source sends {256 << 20} bytes of regions for this destination to hold, "
+                rf"every page of them written \({written}\); it holds at most \d+ \(what this "
+                rf"process's memory cgroup has left: {cgroup}/memory\.(limit_in_bytes|max) is "
+                r"143 MiB, [\d.]+ [KM]iB of it in use; past it the kernel's "
+                r"out-of-memory killer would end the session\)")
+    assert re.fullmatch(expected + "\n", said), (said, log)
+    assert error is not None and re.search("the peer failed: " + expected, error), error
 
 
 # ---------------------------------------------------------------- no temporary directory

@@ -109,7 +109,7 @@ def test_a_two_channel_session_needs_no_memory_for_greeting_spares(leaks):
 
 
 def _parts(max_memory: int | None, workers: int = 4) -> object:
-    return types.SimpleNamespace(max_memory=max_memory, region_pool=None,
+    return types.SimpleNamespace(max_memory=max_memory, region_pool=None, prealloc=False,
                                  security=ChannelSecurity(), workers=[None] * workers)
 
 
@@ -149,7 +149,8 @@ def test_the_channels_are_cut_to_the_largest_region_and_left_out_of_the_default(
         _memory_left(_parts(4096 + charged - 1), setup, specs)
     processes = worker_memory(CONFIG, spares=False)
     assert _memory_left(_parts(4096 + charged + processes + 5), setup, specs) == 5
-    monkeypatch.setattr(session_regions, "shared_memory_room", lambda: (4096 + 5, None))
+    monkeypatch.setattr(session_regions, "free_bytes", lambda: 4096 + 5)
+    monkeypatch.setattr(session_regions, "cgroup_room", lambda: None)
     assert _memory_left(_parts(None), setup, specs) == 5
 
 

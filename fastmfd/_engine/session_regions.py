@@ -10,6 +10,7 @@ region holds earlier bytes, and its zero pages are cleared where they hold data.
 
 from __future__ import annotations
 
+import logging
 from typing import Callable, Protocol
 
 from .. import _core
@@ -18,7 +19,7 @@ from ..protocol.security import ChannelSecurity
 from ..protocol.setup import RegionSpec, Setup
 from ..region_pool import RegionPool
 from ..regions import Region, closed_regions_named, region_to_add
-from ..shm import SHM_DIR, shared_memory_room
+from ..shm import SHM_DIR, cgroup_room, free_bytes
 from .admission import GREETING_SPARES, DoorWorkers
 from .memory_bound import WORKER_BYTES, MemoryBudget
 from .processes import ChildSet
@@ -27,6 +28,8 @@ from .session import SessionResources
 __all__ = ["RegionFactory", "RegionParts", "SessionRegions", "make_session_regions",
            "places_pages", "check_writable", "check_every_page_came", "finish_regions",
            "channel_bytes"]
+
+log = logging.getLogger("fastmfd")
 
 RegionFactory = Callable[[str, int, int], Region]
 
@@ -37,6 +40,7 @@ class RegionParts(Protocol):
     region_factory: RegionFactory | None
     region_pool: RegionPool | None
     huge_pages: bool
+    prealloc: bool
     max_memory: int | None
     workers: ChildSet       # the receive workers started so far
     resources: SessionResources
@@ -112,23 +116,25 @@ def _memory_left(parts: RegionParts, setup: Setup, to_create: list[RegionSpec],
     /dev/shm has free) and, with ``max_memory``, the receive channels' buffers
     (channel_bytes) and the worker processes the session needs (``door``'s
     needed, and the reassembly process; memory_bound) too: private memory, not
-    /dev/shm's, so not counted against it; returns what is left for the
-    device-state pool, then the greeting spares (DoorWorkers.fit). Regions are
-    sparse and filled as data arrives, so this bounds, it does not commit."""
+    /dev/shm's, so not counted against it; and in what this process's memory
+    cgroup has left where every page will be written (_cgroup_left); returns
+    what is left for the device-state pool, then the greeting spares
+    (DoorWorkers.fit). Regions are sparse and filled as data arrives, so this
+    bounds, it does not commit."""
     pool = parts.region_pool
-    budget, bound = parts.max_memory, "max_memory"
-    if budget is None:      # the pool's regions (all of use now) are allocated already
-        room, cgroup = shared_memory_room()
-        budget = room + (pool.held_bytes if pool is not None else 0)
-        bound = (f"what {SHM_DIR} has free" if cgroup is None else
-                 f"what this process's memory cgroup has left: {cgroup}; past it the "
-                 f"kernel's out-of-memory killer would end the session")
+    held = pool.held_bytes if pool is not None else 0   # allocated already, of use now
     created = sum(spec.size for spec in to_create)
+    budget = parts.max_memory
+    if budget is None:
+        budget = free_bytes() + held
     if created > budget:
         raise ConfigError(f"the source sends {created} bytes of regions for this "
-                          f"destination to hold; it holds at most {budget} ({bound})")
-    if parts.max_memory is None:
-        return budget - created
+                          f"destination to hold; it holds at most {budget} (max_memory, "
+                          f"or what {SHM_DIR} has free)")
+    cgroup_left = _cgroup_left(parts, setup, created, held)
+    if parts.max_memory is None:        # the pool: within the cgroup's room too (SHM_LEFT)
+        left = budget - created
+        return left if cgroup_left is None else min(left, cgroup_left)
     memory = MemoryBudget(budget, "this destination", [(created, "regions")])
     n = setup.total_channels
     channels = channel_bytes(setup, parts.security.tls is not None)
@@ -147,6 +153,35 @@ def _memory_left(parts: RegionParts, setup: Setup, to_create: list[RegionSpec],
         f"max_memory has room), {WORKER_BYTES >> 20} MiB each: {workers * WORKER_BYTES} "
         f"bytes"))
     return memory.left
+
+
+def _cgroup_left(parts: RegionParts, setup: Setup, created: int, held: int) -> int | None:
+    """What this process's memory cgroup has left once the pages of the ``created``
+    regions that will be written are, or None where no cgroup limits it. Only
+    written pages are charged (tmpfs), and a fresh region's zero pages are not
+    written: where the regions' pages will all be (prealloc faults them in, or
+    the source lists no zero page), ConfigError unless they fit, else the OOM
+    killer ended the session midway; otherwise they may well fit, as mostly
+    empty guest RAM does, so only a warning where their full size would not."""
+    room = cgroup_room()
+    if room is None:
+        return None
+    left, limit = room[0] + held, room[1]
+    written = ("prealloc" if parts.prealloc else
+               None if setup.zero_page_detection else "the source detects no zero page")
+    if written is not None and created > left:
+        raise ConfigError(f"the source sends {created} bytes of regions for this "
+                          f"destination to hold, every page of them written ({written}); it "
+                          f"holds at most {left} (what this process's memory cgroup has "
+                          f"left: {limit}; past it the kernel's out-of-memory killer would "
+                          f"end the session)")
+    if created > left:
+        log.warning("the source sends %d bytes of regions for this destination to hold, and "
+                    "this process's memory cgroup has %d bytes left (%s): enough while no "
+                    "more than that of them holds data (zero pages are not written); past "
+                    "it the kernel's out-of-memory killer ends the session",
+                    created, left, limit)
+    return left - created if written is not None else left
 
 
 def _region(parts: RegionParts, name: str, size: int, page_size: int) -> tuple[Region, bool]:
