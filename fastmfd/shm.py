@@ -225,34 +225,57 @@ def memory_cgroup() -> tuple[str, str, str] | None:
     return None
 
 
+# What of a memory cgroup's memory.stat (its children's included) the kernel cannot
+# reclaim to make room, swap aside: anonymous memory and tmpfs pages, and on v2 the
+# kernel memory it cannot free. Not the page cache of files, nor reclaimable slab
+# (dentries, inodes: a find or a build leaves 100 MB of them, which
+# memory.usage_in_bytes and memory.current count; a review). v1's memory.stat does
+# not split its kernel memory, so none of it is counted there: what a process holds
+# of it (its stacks, page tables) is small beside a region, and a bound slightly
+# too high never refuses what would fit.
+_NOT_RECLAIMABLE = {
+    "memory.limit_in_bytes": ("total_rss", "total_shmem"),
+    "memory.max": ("anon", "shmem", "kernel_stack", "pagetables", "percpu", "sock", "vmalloc",
+                   "slab_unreclaimable"),
+}
+
+
 def cgroup_room() -> tuple[int, str] | None:
     """What this process's memory cgroups let it charge still, the least of its own and
     its parents' (a container's limit may be a parent's), with that limit said; None
     where none has a limit. Each: its limit less what is in use and cannot be
-    reclaimed (the page cache of files, counted in use, is reclaimed to make room;
-    /dev/shm's pages are not)."""
+    reclaimed (_NOT_RECLAIMABLE), or, where memory.stat does not say, less all it
+    uses."""
     cgroup = memory_cgroup()
     if cgroup is None:
         return None
     directory, _, limit_file = cgroup
-    v1 = limit_file == "memory.limit_in_bytes"
-    top = f"{_CGROUP_ROOT}/memory" if v1 else _CGROUP_ROOT
-    usage_file, cache = (("memory.usage_in_bytes", ("total_active_file", "total_inactive_file"))
-                         if v1 else ("memory.current", ("active_file", "inactive_file")))
+    top = f"{_CGROUP_ROOT}/memory" if limit_file == "memory.limit_in_bytes" else _CGROUP_ROOT
     tightest: tuple[int, str] | None = None
     while directory.startswith(top):
         limit = _cgroup_value(f"{directory}/{limit_file}")
-        used = _cgroup_value(f"{directory}/{usage_file}")
-        if limit is not None and limit < NO_LIMIT and used is not None:
-            used -= sum(_cgroup_value(f"{directory}/memory.stat", key) or 0 for key in cache)
-            left = max(limit - max(used, 0), 0)
+        held = _not_reclaimable(directory, limit_file)
+        if limit is not None and limit < NO_LIMIT and held is not None:
+            left = max(limit - held, 0)
             if tightest is None or left < tightest[0]:
-                tightest = left, (f"{directory}/{limit_file} is {format_bytes(limit)}, "
-                                  f"{format_bytes(max(used, 0))} of it in use")
+                tightest = left, (f"{directory}/{limit_file} is {format_bytes(limit)}, about "
+                                  f"{format_bytes(held)} of it not reclaimable")
         if directory == top:
             break
         directory = os.path.dirname(directory)
     return tightest
+
+
+def _not_reclaimable(directory: str, limit_file: str) -> int | None:
+    """What the memory cgroup ``directory`` holds that cannot be reclaimed
+    (_NOT_RECLAIMABLE); where its memory.stat lacks the first of those, all it
+    uses (memory.usage_in_bytes, memory.current); None where neither is known."""
+    keys = _NOT_RECLAIMABLE[limit_file]
+    values = [_cgroup_value(f"{directory}/memory.stat", key) for key in keys]
+    if values[0] is not None:
+        return sum(value or 0 for value in values)
+    usage = "memory.usage_in_bytes" if limit_file == "memory.limit_in_bytes" else "memory.current"
+    return _cgroup_value(f"{directory}/{usage}")
 
 
 def _cgroup_value(path: str, key: str | None = None) -> int | None:

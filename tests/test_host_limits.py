@@ -185,8 +185,9 @@ def test_a_region_file_past_the_file_size_limit_names_the_file_and_the_limit(tmp
 
 # ---------------------------------------------------------------- the OOM killer
 
-def _memory_cgroup_for_tests() -> str | None:
-    """A new memory cgroup (v1 or v2) under this process's, or None where none can be made."""
+def _memory_cgroup_for_tests(limit: int) -> str | None:
+    """A new memory cgroup (v1 or v2) of ``limit`` bytes under this process's, or None
+    where none can be made."""
     from fastmfd.shm import memory_cgroup
     cgroup = memory_cgroup()
     if cgroup is None or os.geteuid() != 0:
@@ -194,8 +195,8 @@ def _memory_cgroup_for_tests() -> str | None:
     path = f"{cgroup[0]}/fastmfd-test-{os.getpid()}"
     try:
         os.mkdir(path)
-        with open(f"{path}/{cgroup[2]}", "w") as limit:
-            limit.write(str(150 * 10**6))
+        with open(f"{path}/{cgroup[2]}", "w") as limit_file:
+            limit_file.write(str(limit))
     except OSError:
         if os.path.isdir(path):
             os.rmdir(path)
@@ -204,10 +205,10 @@ def _memory_cgroup_for_tests() -> str | None:
 
 
 @contextlib.contextmanager
-def _in_a_memory_cgroup():
-    """A new memory cgroup of 150 MB (``_memory_cgroup_for_tests``): yields (its
-    directory, a preexec_fn that puts a child process in it); removed after."""
-    cgroup = _memory_cgroup_for_tests()
+def _in_a_memory_cgroup(limit: int = 150 * 10**6):
+    """A new memory cgroup of ``limit`` bytes (``_memory_cgroup_for_tests``): yields
+    (its directory, a preexec_fn that puts a child process in it); removed after."""
+    cgroup = _memory_cgroup_for_tests(limit)
     if cgroup is None:
         pytest.skip("needs a memory cgroup of its own (root, cgroup v1 or v2 with memory)")
 
@@ -321,8 +322,8 @@ def test_a_destination_takes_sparse_regions_past_its_memory_cgroups_room_with_a_
     assert len(warned) == 1 and re.fullmatch(
         rf"LOG the source sends {256 << 20} bytes of regions for this destination to hold, "
         rf"and this process's memory cgroup has \d+ bytes left \({cgroup}/"
-        r"memory\.(limit_in_bytes|max) is 143 MiB, [\d.]+ [KM]iB of it in use\): enough "
-        r"while no more than that of them holds data \(zero pages "
+        r"memory\.(limit_in_bytes|max) is 143 MiB, about [\d.]+ [KM]iB of it not "
+        r"reclaimable\): enough while no more than that of them holds data \(zero pages "
         r"are not written\); past it the kernel's out-of-memory killer ends the session",
         warned[0]), log
 
@@ -338,10 +339,44 @@ def test_a_destination_refuses_regions_it_writes_whole_past_its_memory_cgroups_r
     expected = (rf"the source sends {256 << 20} bytes of regions for this destination to hold, "
                 rf"every page of them written \({written}\); it holds at most \d+ \(what this "
                 rf"process's memory cgroup has left: {cgroup}/memory\.(limit_in_bytes|max) is "
-                r"143 MiB, [\d.]+ [KM]iB of it in use; past it the kernel's "
+                r"143 MiB, about [\d.]+ [KM]iB of it not reclaimable; past it the kernel's "
                 r"out-of-memory killer would end the session\)")
     assert re.fullmatch(expected + "\n", said), (said, log)
     assert error is not None and re.search("the peer failed: " + expected, error), error
+
+
+# Fills the cgroup (its first argument) with negative dentries, reclaimable kernel
+# memory, up to 150 MB of usage, then says what cgroup_room finds left, and whether
+# 64 MiB of shared memory, allocated, fits.
+RECLAIMABLE = """if True:
+    import os, sys, tempfile
+    from fastmfd.shm import SharedMemory, cgroup_room
+    usage = [f"{sys.argv[1]}/{name}" for name in ("memory.usage_in_bytes", "memory.current")
+             if os.path.exists(f"{sys.argv[1]}/{name}")][0]
+    directory, i = tempfile.mkdtemp(), 0
+    while int(open(usage).read()) < 150 * 10**6 and i < 3_000_000:
+        for i in range(i, i + 20000):
+            try:
+                os.stat(f"{directory}/missing-{i}")
+            except FileNotFoundError:
+                pass
+        i += 1
+    print(cgroup_room()[0] >> 20, flush=True)
+    SharedMemory.create(64 << 20).close()
+    os.rmdir(directory)     # (which frees its dentries)
+    print("allocated")
+"""
+
+
+def test_reclaimable_kernel_memory_is_not_counted_as_in_use():
+    """Dentries (a find, a build) count in a cgroup's usage, and cgroup_room took
+    them as memory that cannot be freed: 46 MiB left of a 200 MB cgroup where 64
+    MiB of shared memory fit, the kernel reclaiming them (a review)."""
+    with _in_a_memory_cgroup(200 * 10**6) as (cgroup, enter):
+        done = subprocess.run([sys.executable, "-c", RECLAIMABLE, cgroup], capture_output=True,
+                              text=True, env=_env(), preexec_fn=enter, timeout=120)
+    assert done.returncode == 0 and done.stdout.endswith("allocated\n"), done
+    assert int(done.stdout.split()[0]) >= 64, done.stdout
 
 
 # ---------------------------------------------------------------- no temporary directory
