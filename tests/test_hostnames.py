@@ -248,18 +248,28 @@ def test_a_name_idna_cannot_encode_is_no_such_name(call):
             connect(parse_address("tcp:a..b:5"), 1.0).close()
 
 
-def test_a_lookup_nobody_answers_ends_within_the_connect_timeout(tmp_path):
-    """getaddrinfo has no deadline of its own: a DNS server that never answers held
-    a connect with a timeout of 1 s for the resolver's (here timeout:10, 10 s), then
-    said 'Temporary failure in name resolution'. In a mount and network namespace:
-    /etc/resolv.conf names 127.0.0.1, where a UDP socket reads nothing; nsswitch.conf
-    looks names up in DNS only."""
+def _with_a_silent_dns(tmp_path, code: str) -> subprocess.CompletedProcess:
+    """Run Python ``code`` in a mount and network namespace where /etc/resolv.conf
+    names 127.0.0.1 (timeout:10, attempts:1), where the code's UDP socket reads
+    nothing; nsswitch.conf looks names up in DNS only."""
     if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("ip"):
         pytest.skip("needs root, unshare and ip (a private resolv.conf and loopback)")
     (tmp_path / "resolv.conf").write_text("nameserver 127.0.0.1\noptions timeout:10 "
                                           "attempts:1\n")
     (tmp_path / "nsswitch.conf").write_text("hosts: dns\n")
-    code = textwrap.dedent("""
+    setup = (f"ip link set lo up && mount --bind {tmp_path}/resolv.conf /etc/resolv.conf && "
+             f"mount --bind {tmp_path}/nsswitch.conf /etc/nsswitch.conf && exec \"$@\"")
+    return subprocess.run(["unshare", "-m", "-n", "--propagation", "private", "sh", "-c",
+                           setup, "sh", sys.executable, "-c", textwrap.dedent(code)],
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+
+
+def test_a_lookup_nobody_answers_ends_within_the_connect_timeout(tmp_path):
+    """getaddrinfo has no deadline of its own: a DNS server that never answers held
+    a connect with a timeout of 1 s for the resolver's (here timeout:10, 10 s), then
+    said 'Temporary failure in name resolution'."""
+    done = _with_a_silent_dns(tmp_path, """
         import socket, time
         from fastmfd.errors import ConnectError
         from fastmfd.protocol.sockets import connect, parse_address
@@ -272,12 +282,6 @@ def test_a_lookup_nobody_answers_ends_within_the_connect_timeout(tmp_path):
             print(exc.errno == socket.EAI_AGAIN, round(time.monotonic() - started, 1))
             print(exc)
     """)
-    setup = (f"ip link set lo up && mount --bind {tmp_path}/resolv.conf /etc/resolv.conf && "
-             f"mount --bind {tmp_path}/nsswitch.conf /etc/nsswitch.conf && exec \"$@\"")
-    done = subprocess.run(["unshare", "-m", "-n", "--propagation", "private", "sh", "-c",
-                           setup, "sh", sys.executable, "-c", code], capture_output=True,
-                          text=True, timeout=60,
-                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert done.returncode == 0, done.stderr
     said, error = done.stdout.splitlines()
     eai_again, seconds = said.split()
@@ -285,3 +289,23 @@ def test_a_lookup_nobody_answers_ends_within_the_connect_timeout(tmp_path):
     assert error == ("cannot connect to tcp:slow.example:5000: no answer looking up "
                      "slow.example within 1 s (its name service: /etc/resolv.conf, "
                      "/etc/nsswitch.conf)")
+
+
+def test_connects_that_give_up_leave_one_lookup_of_a_name_running(tmp_path):
+    """Each connect that gave up at its deadline left its lookup thread running for
+    the resolver's time: 8 retries, 8 threads, each a pid against pids.max (a
+    review). A later connect waits on the lookup in flight instead, and says so."""
+    done = _with_a_silent_dns(tmp_path, """
+        import socket, threading
+        from fastmfd.errors import ConnectError
+        from fastmfd.protocol.sockets import connect, parse_address
+        silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        silent.bind(("127.0.0.1", 53))
+        for attempt in range(4):
+            try:
+                connect(parse_address("tcp:slow.example:5000"), 0.5)
+            except ConnectError as exc:
+                print(exc.errno == socket.EAI_AGAIN)
+        print(sum(t.name == "fastmfd name lookup" for t in threading.enumerate()))
+    """)
+    assert done.stdout.split() == ["True"] * 4 + ["1"], (done.stdout, done.stderr[-2000:])

@@ -137,32 +137,56 @@ def _targets(address: Address, seconds: float | None = None) -> list[tuple[int, 
     return list(dict.fromkeys((family, sockaddr) for family, _, _, _, sockaddr in found))
 
 
+class _Lookup:
+    """One getaddrinfo in a thread of its own: its outcome once ``done``."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.outcome: list[Any] | BaseException | None = None
+
+
+# The lookups in flight, by (name, port): a connect that gives up at its deadline
+# leaves its lookup to end by itself (the resolver's own time: timeout x attempts),
+# and one that retries every second had a thread per attempt running (a review),
+# each a pid against pids.max: a later connect waits on the lookup in flight.
+_IN_FLIGHT: dict[tuple[str, int], _Lookup] = {}
+_IN_FLIGHT_LOCK = threading.Lock()
+
+
 def _look_up(host: str, port: int, seconds: float | None) -> list[Any]:
     """getaddrinfo(``host``), within ``seconds``: it has no deadline of its own, and
     waited the resolver's (resolv.conf's timeout and attempts, each server in turn:
     a DNS server that never answers held a connect with a timeout of 2 s for 16 s).
-    Looked up in a thread of its own, left to end by itself when no answer comes."""
+    Looked up in a thread of its own, left to end by itself when no answer comes,
+    and taken by the lookups of the same name and port meanwhile (_IN_FLIGHT)."""
     if seconds is None:
         return socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM)
-    outcome: list[Any] = []
-    done = threading.Event()
-
-    def look_up() -> None:
-        try:
-            outcome.append(socket.getaddrinfo(host, port, socket.AF_UNSPEC,
-                                              socket.SOCK_STREAM))
-        except BaseException as exc:        # (a UnicodeError too) raised in the caller
-            outcome.append(exc)
-        done.set()
-    start_thread(threading.Thread(target=look_up, daemon=True, name="fastmfd name lookup"))
-    if not done.wait(seconds):
+    with _IN_FLIGHT_LOCK:
+        lookup = _IN_FLIGHT.get((host, port))
+        if lookup is None:
+            lookup = _Lookup()
+            start_thread(threading.Thread(target=_run_lookup, args=(host, port, lookup),
+                                          daemon=True, name="fastmfd name lookup"))
+            _IN_FLIGHT[host, port] = lookup
+    if not lookup.done.wait(seconds):
         raise socket.gaierror(socket.EAI_AGAIN, f"no answer looking up {host} within "
                                                 f"{seconds:g} s (its name service: "
                                                 f"/etc/resolv.conf, /etc/nsswitch.conf)")
-    if isinstance(outcome[0], BaseException):
-        raise outcome[0]
-    found: list[Any] = outcome[0]
-    return found
+    if isinstance(lookup.outcome, BaseException):
+        raise lookup.outcome.with_traceback(None)   # (each caller's, not the last one's)
+    assert lookup.outcome is not None, "done"
+    return lookup.outcome
+
+
+def _run_lookup(host: str, port: int, lookup: _Lookup) -> None:
+    try:
+        lookup.outcome = socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM)
+    except BaseException as exc:        # (a UnicodeError too) raised in each caller
+        lookup.outcome = exc
+    finally:
+        with _IN_FLIGHT_LOCK:
+            del _IN_FLIGHT[host, port]
+        lookup.done.set()
 
 
 def _numeric(sockaddr: Any) -> str:
