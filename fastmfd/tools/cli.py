@@ -421,7 +421,8 @@ def _build_parser() -> _Parser:
     p.add_argument("--max-memory", type=positive_size, default=None, metavar="SIZE",
                    help="memory for device state in flight, the receive channels' "
                         "buffers and the worker processes (16 MiB each; default: what "
-                        "/dev/shm has free, for the device state only); with --prealloc and "
+                        "/dev/shm has free, within what the memory cgroup has left, for the "
+                        "device state only); with --prealloc and "
                         "several sessions, also the most bytes of warm region files kept for "
                         "the next session; with --qemu, the channels' buffers and workers")
     p.add_argument("--prealloc", action="store_true",
