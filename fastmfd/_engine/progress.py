@@ -11,6 +11,7 @@ flag itself.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Callable
 
@@ -67,7 +68,12 @@ class RoundProgress:
             self._progress.update(task, completed=completed * self._page_size)
 
     def __exit__(self, *exc: object) -> None:
-        if self._progress is not None:
+        if self._progress is None:
+            return
+        # A display's error (a terminal that hung up: EIO) never replaces the exception
+        # in flight: the peer heard "Input/output error" where the session was stopped.
+        in_flight = exc[0] is not None
+        with contextlib.suppress(*([Exception] if in_flight else [])):
             self._progress.stop()           # draws once more: the final counts
 
 

@@ -13,11 +13,13 @@ command pays only for its own code (rich and every command's code take about
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
 import signal
 import sys
+import termios
 import threading
 from types import FrameType
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -477,8 +479,29 @@ def _on_stop_signal(signum: int, frame: FrameType | None) -> None:
     # kernel signals the foreground group again as the session's leader exits): the
     # next ones are ignored until the process exits (with 129, not killed by one
     # after the cleanup), and the cleanup, whose waits have deadlines, goes on.
-    signal.signal(signum, signal.SIG_IGN if signum == signal.SIGHUP else signal.SIG_DFL)
+    if signum == signal.SIGHUP:
+        _leave_a_hung_up_terminal()
+        signal.signal(signum, signal.SIG_IGN)
+    else:
+        signal.signal(signum, signal.SIG_DFL)
     raise Terminated(signum)
+
+
+def _leave_a_hung_up_terminal() -> None:
+    """Point each standard descriptor (0, 1, 2) on a terminal that hung up (closed:
+    its window, ``ssh -t``) at /dev/null, as a daemon does. Every write there fails
+    with EIO from then on: the progress bar's last redraw replaced the hangup (the
+    peer heard "the source failed: Input/output error"), the command's last line
+    failed, and it exited 1, not 129. A SIGHUP sent by ``kill``, the terminal still
+    there, leaves them be: the line is said."""
+    for fd in range(3):
+        try:
+            termios.tcgetattr(fd)
+        except termios.error as exc:
+            if exc.args[0] == errno.EIO:        # a hung-up terminal's every call fails so
+                null = os.open(os.devnull, os.O_RDWR)
+                os.dup2(null, fd)
+                os.close(null)
 
 
 def _log_to_stderr(verbosity: int) -> logging.Handler | None:
