@@ -38,10 +38,16 @@ def _interrupted(signum: int, frame: FrameType | None) -> None:
     os._exit(INTERRUPTED)
 
 
+# Whether this process runs the command (install() ran), which exits once it returns.
+installed = False
+
+
 def install() -> None:
     """A Ctrl-C ends the process until :func:`hand_over`. Only in place of
     Python's own handler: a SIGINT ignored (a background job's) stays so.
     The standard files are opened first (:func:`_open_the_standard_files`)."""
+    global installed
+    installed = True
     _open_the_standard_files()
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _interrupted)

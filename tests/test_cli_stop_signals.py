@@ -22,7 +22,7 @@ import pytest
 
 import fastmfd
 from fastmfd.shm import creator_pid, list_segments
-from listen_support import Listener
+from listen_support import REPO, Listener
 from migration_support import make_region
 from proc_scan import alive, left_by, process_group
 
@@ -189,3 +189,28 @@ def test_a_stop_signal_to_demo_and_bench(tmp_path, command, started, sig, whom):
     assert proc.returncode == status, text
     assert f"fastmfd {command[0]}: {said}" in text
     assert left_by(group, BOUND) == (set(), set())
+
+
+_MAIN_IN_PROCESS = """
+import os, signal, subprocess, sys, threading
+from fastmfd.tools.cli import main
+threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGHUP)).start()
+status = main(["listen", f"unix:{sys.argv[1]}/sock", "--dir", f"{sys.argv[1]}/out"])
+child = subprocess.run(["grep", "SigIgn", "/proc/self/status"], capture_output=True, text=True)
+print(status, signal.getsignal(signal.SIGHUP) is signal.SIG_DFL, child.stdout.split()[1])
+"""
+
+
+def test_main_called_in_a_program_gives_back_its_sighup(tmp_path):
+    """cli.main(), called by a program (tests, a program embedding the command), left
+    SIGHUP ignored in it after a hangup, for good: every later hangup lost, and every
+    process it started inherited the ignored SIGHUP. Only the command's own process,
+    which exits next, ignores the hangups that follow the first."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", _MAIN_IN_PROCESS, str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "fastmfd listen: hung up (SIGHUP)" in done.stderr
+    # 129; SIGHUP as it found it; a process it starts ignores no signal
+    assert done.stdout.split() == ["129", "True", "0000000000000000"], done.stdout

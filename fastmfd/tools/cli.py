@@ -530,10 +530,10 @@ def main(argv: list[str] | None = None) -> int:
                     if signal.getsignal(sig) is not signal.SIG_IGN}
     command = "fastmfd"             # "fastmfd listen" once the command line is read
     handler = None
+    entry = sys.modules.get("_fastmfd_cli")
     try:
         # Until here, a Ctrl-C ended the command at once (the entry's handler, which
         # the imports needed: _fastmfd_cli); from here, this function handles it.
-        entry = sys.modules.get("_fastmfd_cli")
         if entry is not None and handled:
             entry.hand_over()
         # Read inside the try: building the parser imports the commands' modules
@@ -571,8 +571,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         if handled:
+            # The command's process, hung up, ignores the next hangups until it exits
+            # (_on_stop_signal); a program calling this function gets back what it had.
+            exits = entry is not None and entry.installed
             for sig, disposition in previous.items():
-                if signal.getsignal(sig) is not signal.SIG_IGN:     # hung up: until it exits
+                if not (exits and signal.getsignal(sig) is signal.SIG_IGN):
                     signal.signal(sig, disposition)
         if handler is not None:
             log.removeHandler(handler)
