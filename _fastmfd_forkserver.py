@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from multiprocessing import process, util
 
 # A Ctrl-C at the terminal reaches the forkserver too (it is in the command's process
 # group). multiprocessing has it ignore SIGINT once its preloads are imported; while it
@@ -28,7 +29,9 @@ import sys
 # they die with it), could stop the session and clean up. It starts with both blocked
 # (fastmfd's mp_context): ignored from here, one that came meanwhile is dropped with
 # it, and every child it forks starts with both ignored, as each sets them anyway
-# (processes.child_setup).
+# (processes.child_setup). The program's own children get back what it started with
+# (_the_programs_own_settings).
+_STARTED_WITH = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGHUP)}
 signal.signal(signal.SIGINT, signal.SIG_IGN)
 signal.signal(signal.SIGHUP, signal.SIG_IGN)
 signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGHUP})
@@ -53,3 +56,36 @@ if _path is not None:
 # that was for this interpreter, not for the workers it forks (or what they start).
 if os.environ.get("PYTHONSAFEPATH") == "fastmfd":
     del os.environ["PYTHONSAFEPATH"]
+
+# fastmfd uses no BLAS, yet the preload's numpy, imported after this module, starts
+# OpenBLAS's threads here, one per extra core, each counted against the process limit
+# (cgroup pids.max, RLIMIT_NPROC); refused there, OpenBLAS wrote its four lines to
+# stderr. One thread, which it does not start, unless the program chose a number: set
+# here, in this process only, not in the program's (which other threads read meanwhile).
+_ADDED = [name for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
+          if name not in os.environ]
+for _name in _ADDED:
+    os.environ[_name] = "1"
+
+
+class _ProgramsSettings:
+    """multiprocessing has one forkserver per program, which fastmfd may start: the
+    program's own processes of the "forkserver" context are forked from it as well."""
+
+    @staticmethod
+    def restore(_: object) -> None:
+        """In each child, before its target runs: a child that is not fastmfd's gets
+        the program's SIGINT, SIGHUP and environment, not the ones set here."""
+        fastmfds = sys.modules.get("fastmfd._engine.forkserver_start")
+        if fastmfds is not None and isinstance(process.current_process(),
+                                               fastmfds.ForkServerChild):
+            return
+        for sig, disposition in _STARTED_WITH.items():
+            if disposition is not None:
+                signal.signal(sig, disposition)
+        for name in _ADDED:
+            os.environ.pop(name, None)
+
+
+_programs_settings = _ProgramsSettings()        # held: the registry's values are weak
+util.register_after_fork(_programs_settings, _ProgramsSettings.restore)

@@ -94,3 +94,40 @@ def test_a_group_hangup_leaves_fastmfd_s_processes_to_their_owner(handling):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         proc.stdout.close()
+
+
+_PROGRAMS_OWN_CHILD = textwrap.dedent("""
+    import multiprocessing, os, signal
+    import fastmfd
+
+    def report(queue):
+        queue.put([os.environ.get("OPENBLAS_NUM_THREADS"), os.environ.get("OMP_NUM_THREADS"),
+                   signal.getsignal(signal.SIGHUP) is signal.SIG_DFL,
+                   signal.getsignal(signal.SIGINT) is signal.default_int_handler])
+
+    if __name__ == "__main__":
+        with fastmfd.Destination("tcp:127.0.0.1:0"):
+            pass                        # fastmfd started the program's forkserver
+        ctx = multiprocessing.get_context("forkserver")
+        queue = ctx.Queue()
+        child = ctx.Process(target=report, args=(queue,))
+        child.start()
+        print(queue.get(timeout=30))
+        child.join(30)
+""")
+
+
+def test_the_programs_own_forkserver_children_keep_its_settings(tmp_path):
+    """multiprocessing has one forkserver per program, and fastmfd started it: the
+    program's own processes of the "forkserver" context (a Pool's; Python 3.14's
+    default on Linux) came from it with fastmfd's settings, not the program's: one
+    BLAS thread in their environment, SIGHUP and Ctrl-C ignored."""
+    env = {name: value for name, value in os.environ.items()
+           if name not in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    program = tmp_path / "program.py"       # a file: its child imports its report()
+    program.write_text(_PROGRAMS_OWN_CHILD)
+    done = subprocess.run([sys.executable, str(program)], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "[None, None, True, True]\n", done.stdout

@@ -37,11 +37,6 @@ __all__ = ["mp_context", "interrupts_deferred", "ForkServerChild", "READY_TIMEOU
 _PRELOAD = ["_fastmfd_forkserver", "fastmfd._engine.workers", "fastmfd._engine.reassembly",
             "fastmfd._engine.forkserver_exit"]
 READY_TIMEOUT = 30.0                # seconds a child may take to start
-# fastmfd uses no BLAS, yet the preload's numpy starts OpenBLAS's threads in the
-# forkserver, one per extra core, each counted against the process limit (cgroup
-# pids.max, RLIMIT_NPROC); refused there, OpenBLAS wrote its four lines to stderr. The
-# command sets these for itself (_fastmfd_cli); a program using fastmfd keeps its own.
-BLAS_THREADS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
 FORKSERVER_EXIT_WAIT = 2.0          # seconds for a forkserver that ended to say how
 
 
@@ -62,26 +57,11 @@ def mp_context() -> multiprocessing.context.ForkServerContext:
         _leave_the_parents_temp_dir()
         _check_temp_dir()
         # Started here, not by a child's start (see safe_path)
-        with safe_import_path(), _one_blas_thread():
+        with safe_import_path():
             forkserver.ensure_running()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     return ctx
-
-
-@contextlib.contextmanager
-def _one_blas_thread() -> Iterator[None]:
-    """A forkserver started inside has one BLAS thread, which OpenBLAS does not start,
-    and so do the workers it forks (their environment holds it): unless the user chose
-    a number; this process's environment is its own again after."""
-    chosen = [name for name in BLAS_THREADS if name not in os.environ]
-    for name in chosen:
-        os.environ[name] = "1"
-    try:
-        yield
-    finally:
-        for name in chosen:
-            os.environ.pop(name, None)
 
 
 def _check_temp_dir() -> None:
