@@ -57,17 +57,6 @@ if _path is not None:
 if os.environ.get("PYTHONSAFEPATH") == "fastmfd":
     del os.environ["PYTHONSAFEPATH"]
 
-# fastmfd uses no BLAS, yet the preload's numpy, imported after this module, starts
-# OpenBLAS's threads here, one per extra core, each counted against the process limit
-# (cgroup pids.max, RLIMIT_NPROC); refused there, OpenBLAS wrote its four lines to
-# stderr. One thread, which it does not start, unless the program chose a number: set
-# here, in this process only, not in the program's (which other threads read meanwhile).
-_ADDED = [name for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
-          if name not in os.environ]
-for _name in _ADDED:
-    os.environ[_name] = "1"
-
-
 class _ProgramsSettings:
     """multiprocessing has one forkserver per program, which fastmfd may start: the
     program's own processes of the "forkserver" context are forked from it as well."""
@@ -75,7 +64,7 @@ class _ProgramsSettings:
     @staticmethod
     def restore(_: object) -> None:
         """In each child, before its target runs: a child that is not fastmfd's gets
-        the program's SIGINT, SIGHUP and environment, not the ones set here."""
+        the program's SIGINT and SIGHUP, not the ones set here."""
         fastmfds = sys.modules.get("fastmfd._engine.forkserver_start")
         if fastmfds is not None and isinstance(process.current_process(),
                                                fastmfds.ForkServerChild):
@@ -83,8 +72,6 @@ class _ProgramsSettings:
         for sig, disposition in _STARTED_WITH.items():
             if disposition is not None:
                 signal.signal(sig, disposition)
-        for name in _ADDED:
-            os.environ.pop(name, None)
 
 
 _programs_settings = _ProgramsSettings()        # held: the registry's values are weak

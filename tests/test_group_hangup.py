@@ -120,8 +120,9 @@ _PROGRAMS_OWN_CHILD = textwrap.dedent("""
 def test_the_programs_own_forkserver_children_keep_its_settings(tmp_path):
     """multiprocessing has one forkserver per program, and fastmfd started it: the
     program's own processes of the "forkserver" context (a Pool's; Python 3.14's
-    default on Linux) came from it with fastmfd's settings, not the program's: one
-    BLAS thread in their environment, SIGHUP and Ctrl-C ignored."""
+    default on Linux) came from it with fastmfd's settings, not the program's: SIGHUP
+    and Ctrl-C ignored (and, while the forkserver set them, one BLAS thread in their
+    environment)."""
     env = {name: value for name, value in os.environ.items()
            if name not in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])

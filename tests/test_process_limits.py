@@ -312,29 +312,3 @@ print("closed, held", warm.held_bytes)
     assert done.stderr == (f"warning: could not prepare warm region files: cannot start a "
                            f"thread (fastmfd warm files): {THREAD_LIMIT}\n")
     assert os.listdir(tmp_path) == []
-
-
-@needs_cores
-def test_a_programs_forkserver_starts_no_blas_thread(pids_limited):
-    """A program using fastmfd (the command sets the BLAS variables for itself): its
-    forkserver's numpy started OpenBLAS's threads, one per extra core, which the
-    limit refused: OpenBLAS's four lines on stderr. Here the limit leaves room for the
-    forkserver's process alone (the workers then cannot start: one error, said)."""
-    run = CAP + """
-import fastmfd
-from fastmfd.shm import start_tracker
-start_tracker()
-cap(1)
-try:
-    with fastmfd.Destination("tcp:127.0.0.1:0", timeout=5):
-        pass
-except fastmfd.MigrationError as exc:
-    print(exc)
-print([os.environ.get(name) for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")])
-"""
-    done = pids_limited(100, command=("-c", run), timeout=60)
-    assert done.returncode == 0, done.stderr
-    assert "OpenBLAS" not in done.stderr, done.stderr
-    failed, environment = _said(done)
-    assert PROCESS_LIMIT in failed, failed
-    assert environment == "[None, None]"        # the program's own, as it was
