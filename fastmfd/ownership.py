@@ -16,7 +16,7 @@ import stat
 from .errors import ConfigError
 from .shm import file_identity
 
-__all__ = ["check_only_yours", "check_trusted_file"]
+__all__ = ["check_only_yours", "check_trusted_file", "refuse_acl"]
 
 
 def check_only_yours(path: str, opened: int | None = None,
@@ -75,6 +75,8 @@ def _check_walk(path: str, opened: int | None, what: str, mend: str) -> None:
                               f"(uid {st.st_uid}), who could {change}; {mend}")
         others_write = st.st_mode & stat.S_IWOTH or (st.st_mode & stat.S_IWGRP
                                                      and not _only_mine(st.st_gid, me))
+        if st.st_mode & stat.S_IWGRP and not others_write:
+            refuse_acl(where, f"{what} {path}", follow_symlinks=False)
         if others_write and not (stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX):
             raise ConfigError(f"{what} {path}: others may write "
                               f"{'in' if stat.S_ISDIR(st.st_mode) else 'to'} {where} (mode "
@@ -128,3 +130,24 @@ def _only_mine(gid: int, me: int) -> bool:
     primary = [user.pw_uid for user in pwd.getpwall() if user.pw_gid == gid]
     return (set(primary) <= {me} and set(group.gr_mem) <= {mine.pw_name}
             and bool(primary or group.gr_mem))
+
+
+_ACCESS_ACL = "system.posix_acl_access"
+
+
+def refuse_acl(path: str, what: str, follow_symlinks: bool = True) -> None:
+    """ConfigError if the file ``path`` (``what`` it is, in the error) has a POSIX access
+    ACL: its mode's group bits are then the ACL's mask, what a named user or group
+    may at most do, not what its owning group may, so a group bit allowed for the
+    owning group (the user's own, a key's service group) may let others in
+    (``setfacl -m u:mallory:rw``). The kernel keeps the attribute only for an ACL
+    that says more than the mode; a file system without ACLs has none."""
+    try:
+        names = os.listxattr(path, follow_symlinks=follow_symlinks)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+            return
+        raise
+    if _ACCESS_ACL in names:
+        raise ConfigError(f"{what}: an ACL gives others access to {path} (getfacl {path}); "
+                          f"remove it: setfacl -b {path}")

@@ -15,6 +15,9 @@ import os
 import pathlib
 import shutil
 import socket
+import stat
+import struct
+import subprocess
 import tempfile
 import time
 
@@ -207,3 +210,56 @@ def test_a_ca_another_user_adds_to_a_listener_s_bundle_is_not_trusted(tmp_path, 
     assert (f"refused a connection from a local process: ConfigError: TLSConfig.ca "
             f"{credentials['ca']}: others may write to {credentials['ca']} (mode 0666)"
             in log), log
+
+
+def _give_acl(path: str, uid: int, perms: int) -> None:
+    """``setfacl -m u:UID:PERMS PATH`` (perms: 4 read, 2 write), with setfacl where it is
+    installed, else by writing the same extended attribute the kernel reads; the test
+    is skipped on a file system without ACLs."""
+    if shutil.which("setfacl"):
+        letters = "".join(c for bit, c in ((4, "r"), (2, "w"), (1, "x")) if perms & bit)
+        done = subprocess.run(["setfacl", "-m", f"u:{uid}:{letters}", path],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"setfacl failed here (no ACLs on this file system?): {done.stderr}")
+        return
+    mode = os.stat(path).st_mode
+    anyone = 0xffffffff                 # (ACL_UNDEFINED_ID: the entries that name no one)
+    entries = [(0x01, mode >> 6 & 7, anyone), (0x02, perms, uid),       # user::, user:UID:
+               (0x04, mode >> 3 & 7, anyone),                           # group::
+               (0x10, (mode >> 3 & 7) | perms, anyone), (0x20, mode & 7, anyone)]  # mask, o
+    blob = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+    try:
+        os.setxattr(path, "system.posix_acl_access", blob)
+    except OSError as exc:
+        pytest.skip(f"no POSIX ACLs on this file system: {exc}")
+
+
+def _refused_for_an_acl(what: str, path: str) -> str:
+    return (f"{what}: an ACL gives others access to {path} \\(getfacl {path}\\); "
+            f"remove it: setfacl -b {path}$")
+
+
+@ROOT_ONLY
+@pytest.mark.parametrize("on", ["file", "directory"])
+def test_a_ca_bundle_another_user_may_write_through_an_acl_is_refused(credentials, on):
+    """With an ACL the mode's group bits are its mask: 0664 on a file of root's own
+    group (no other member: taken) then means a named user may write it. Such a
+    CA bundle, or a directory on its way, was taken (a review, D1)."""
+    ca = credentials["ca"]
+    target = ca if on == "file" else os.path.dirname(ca)
+    _give_acl(target, NOBODY, 6 if on == "file" else 7)
+    assert os.stat(target).st_mode & 0o020          # (the mask: as the owning group's write)
+    with pytest.raises(fastmfd.ConfigError,
+                       match=_refused_for_an_acl(f"TLSConfig.ca {ca}", target)):
+        fastmfd.TLSConfig(**credentials)
+
+
+def test_a_private_key_another_user_may_read_through_an_acl_is_refused(credentials):
+    """0640 lets a key's group read it; with an ACL those bits are the mask, and
+    ``setfacl -m u:nobody:r`` let that user read the key, taken as private."""
+    key = credentials["key"]
+    _give_acl(key, NOBODY, 4)
+    assert stat.S_IMODE(os.stat(key).st_mode) == 0o640
+    with pytest.raises(fastmfd.ConfigError, match=_refused_for_an_acl("TLSConfig.key", key)):
+        fastmfd.TLSConfig(**credentials)

@@ -44,7 +44,7 @@ from typing import Any, Protocol
 
 from ..arguments import BYTES, PATH, STR, check_types, optional, type_error
 from ..errors import ConfigError, SecurityError
-from ..ownership import check_trusted_file
+from ..ownership import check_trusted_file, refuse_acl
 
 __all__ = ["TLSConfig", "ChannelSecurity", "MIN_AUTH_KEY_BYTES", "NONCE_SIZE", "PROOF_SIZE",
            "MAIN_CHANNEL_ID", "check_auth_key", "read_key_file", "identities_of",
@@ -223,11 +223,14 @@ def _check_private(key: str | os.PathLike[str]) -> None:
     """ConfigError if any user of the host may read the private key file ``key``, or
     anyone but its owner write it (whose it and its directories are:
     :func:`check_trusted_file`). Its group may read it: a service's group often
-    does (``ssl-cert``, libvirt's ``qemu``), which the shared key's rule refuses."""
+    does (``ssl-cert``, libvirt's ``qemu``), which the shared key's rule refuses; not
+    with an ACL, whose mask those bits then are (:func:`refuse_acl`)."""
     mode = stat.S_IMODE(os.stat(key).st_mode)
     if mode & (stat.S_IROTH | stat.S_IWOTH | stat.S_IWGRP):
         raise ConfigError(f"TLSConfig.key: {key} is open to others (mode {mode:04o}): make "
                           f"it private (chmod 600 {key}; 640 to share it with its group)")
+    if mode & stat.S_IRGRP:         # (the group bits may be an ACL's mask)
+        refuse_acl(os.fspath(key), "TLSConfig.key")
 
 
 MAX_KEY_FILE_BYTES = 1 << 16
