@@ -309,3 +309,46 @@ def test_connects_that_give_up_leave_one_lookup_of_a_name_running(tmp_path):
         print(sum(t.name == "fastmfd name lookup" for t in threading.enumerate()))
     """)
     assert done.stdout.split() == ["True"] * 4 + ["1"], (done.stdout, done.stderr[-2000:])
+
+
+def test_a_child_forked_while_a_lookup_is_in_flight_looks_the_name_up_again(tmp_path):
+    """A connect that gave up left its lookup in flight; a child forked then had the
+    entry but not the thread that ends it: every later connect to the name there
+    waited on it and failed 'no answer looking up', though the name server answered
+    by then (a review, D3). Here the child answers the DNS queries itself."""
+    done = _with_a_silent_dns(tmp_path, """
+        import os, socket, struct, threading
+        from fastmfd.errors import ConnectError
+        from fastmfd.protocol.sockets import connect, parse_address
+        silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        silent.bind(("127.0.0.1", 53))
+        server = socket.create_server(("127.0.0.1", 0))
+        name = f"tcp:slow.example:{server.getsockname()[1]}"
+        try:
+            connect(parse_address(name), 0.5)
+        except ConnectError as exc:
+            print("parent gave up", exc.errno == socket.EAI_AGAIN)
+
+        def answer():                   # 127.0.0.1 for A, no data for AAAA
+            while True:
+                query, peer = silent.recvfrom(512)
+                end = query.index(b"\\0", 12) + 5
+                qtype = struct.unpack(">H", query[end - 4:end - 2])[0]
+                record = (b"\\xc0\\x0c" + struct.pack(">HHIH", 1, 1, 60, 4)
+                          + socket.inet_aton("127.0.0.1")) if qtype == 1 else b""
+                header = query[:2] + struct.pack(">HHHHH", 0x8180, 1, len(record) > 0, 0, 0)
+                silent.sendto(header + query[12:end] + record, peer)
+
+        pid = os.fork()
+        if pid == 0:
+            threading.Thread(target=answer, daemon=True).start()
+            try:
+                connect(parse_address(name), 3.0).close()
+                print("child connected", flush=True)
+            except ConnectError as exc:
+                print("child:", exc, flush=True)
+            os._exit(0)
+        os.waitpid(pid, 0)
+    """)
+    assert done.stdout.splitlines() == ["parent gave up True", "child connected"], (
+        done.stdout, done.stderr[-2000:])

@@ -178,6 +178,18 @@ def _look_up(host: str, port: int, seconds: float | None) -> list[Any]:
     return lookup.outcome
 
 
+def _forget_the_parents_lookups() -> None:
+    """In a forked child: the lookups in flight are the parent's threads', which the
+    child has not, and would never end there: each later connect to such a name
+    waited on one and failed (a review). Its lock may have been copied held too."""
+    global _IN_FLIGHT_LOCK
+    _IN_FLIGHT.clear()
+    _IN_FLIGHT_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_the_parents_lookups)
+
+
 def _run_lookup(host: str, port: int, lookup: _Lookup) -> None:
     try:
         lookup.outcome = socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM)
