@@ -57,6 +57,11 @@ if _path is not None:
 if os.environ.get("PYTHONSAFEPATH") == "fastmfd":
     del os.environ["PYTHONSAFEPATH"]
 
+# The registry below is copied into every process forked under the forkserver, and run
+# again in each that starts a "fork" child: there the parent's settings are the child's.
+_FORKSERVER = os.getpid()
+
+
 class _ProgramsSettings:
     """multiprocessing has one forkserver per program, which fastmfd may start: the
     program's own processes of the "forkserver" context are forked from it as well."""
@@ -64,7 +69,10 @@ class _ProgramsSettings:
     @staticmethod
     def restore(_: object) -> None:
         """In each child, before its target runs: a child that is not fastmfd's gets
-        the program's SIGINT and SIGHUP, not the ones set here."""
+        the program's SIGINT and SIGHUP, not the ones set here; only a child of the
+        forkserver's own, not one a child of it forks (which keeps its parent's)."""
+        if os.getppid() != _FORKSERVER:
+            return
         fastmfds = sys.modules.get("fastmfd._engine.forkserver_start")
         if fastmfds is not None and isinstance(process.current_process(),
                                                fastmfds.ForkServerChild):

@@ -96,39 +96,67 @@ def test_a_group_hangup_leaves_fastmfd_s_processes_to_their_owner(handling):
         proc.stdout.close()
 
 
-_PROGRAMS_OWN_CHILD = textwrap.dedent("""
-    import multiprocessing, os, signal
-    import fastmfd
-
-    def report(queue):
-        queue.put([os.environ.get("OPENBLAS_NUM_THREADS"), os.environ.get("OMP_NUM_THREADS"),
-                   signal.getsignal(signal.SIGHUP) is signal.SIG_DFL,
-                   signal.getsignal(signal.SIGINT) is signal.default_int_handler])
-
-    if __name__ == "__main__":
-        with fastmfd.Destination("tcp:127.0.0.1:0"):
-            pass                        # fastmfd started the program's forkserver
-        ctx = multiprocessing.get_context("forkserver")
-        queue = ctx.Queue()
-        child = ctx.Process(target=report, args=(queue,))
-        child.start()
-        print(queue.get(timeout=30))
-        child.join(30)
-""")
-
-
 def test_the_programs_own_forkserver_children_keep_its_settings(tmp_path):
     """multiprocessing has one forkserver per program, and fastmfd started it: the
     program's own processes of the "forkserver" context (a Pool's; Python 3.14's
     default on Linux) came from it with fastmfd's settings, not the program's: SIGHUP
     and Ctrl-C ignored (and, while the forkserver set them, one BLAS thread in their
     environment)."""
+    assert _in_a_forkserver_child(tmp_path, """
+        def in_the_child(queue):
+            queue.put([os.environ.get("OPENBLAS_NUM_THREADS"),
+                       os.environ.get("OMP_NUM_THREADS"),
+                       signal.getsignal(signal.SIGHUP) is signal.SIG_DFL,
+                       signal.getsignal(signal.SIGINT) is signal.default_int_handler])
+    """) == "[None, None, True, True]\n"
+
+
+def test_a_fork_child_of_the_programs_forkserver_child_keeps_its_parents_settings(tmp_path):
+    """The forkserver's after-fork hook, which gives the program's children its
+    SIGINT and SIGHUP back, is inherited by each process below it and ran again in
+    a "fork" child of one: there it reset what the parent had set (ignored) to the
+    program's start-up settings, where a fork keeps the parent's (a review, D2)."""
+    assert _in_a_forkserver_child(tmp_path, """
+        def report(queue):
+            queue.put([signal.getsignal(sig) is signal.SIG_IGN
+                       for sig in (signal.SIGHUP, signal.SIGINT)])
+
+        def in_the_child(queue):
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            forked = multiprocessing.get_context("fork").Process(target=report, args=(queue,))
+            forked.start()
+            forked.join(30)
+    """) == "[True, True]\n"
+
+
+_THE_PROGRAM = """
+import multiprocessing, os, signal
+import fastmfd
+{functions}
+if __name__ == "__main__":
+    with fastmfd.Destination("tcp:127.0.0.1:0"):
+        pass                            # fastmfd started the program's forkserver
+    ctx = multiprocessing.get_context("forkserver")
+    queue = ctx.Queue()
+    child = ctx.Process(target=in_the_child, args=(queue,))
+    child.start()
+    print(queue.get(timeout=30))
+    child.join(30)
+"""
+
+
+def _in_a_forkserver_child(tmp_path, functions: str) -> str:
+    """What a program printed that runs ``functions``' in_the_child(queue) in a
+    "forkserver" child of its own, the queue's one item, once fastmfd started the
+    forkserver. Run as a file (its children import its functions), with this
+    fastmfd and without a BLAS thread count set."""
     env = {name: value for name, value in os.environ.items()
            if name not in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
-    program = tmp_path / "program.py"       # a file: its child imports its report()
-    program.write_text(_PROGRAMS_OWN_CHILD)
+    program = tmp_path / "program.py"
+    program.write_text(_THE_PROGRAM.format(functions=textwrap.dedent(functions)))
     done = subprocess.run([sys.executable, str(program)], env=env,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert done.stdout == "[None, None, True, True]\n", done.stdout
+    return done.stdout
