@@ -232,12 +232,19 @@ def memory_cgroup() -> tuple[str, str, str] | None:
 # memory.usage_in_bytes and memory.current count; a review). v1's memory.stat does
 # not split its kernel memory, so none of it is counted there: what a process holds
 # of it (its stacks, page tables) is small beside a region, and a bound slightly
-# too high never refuses what would fit.
+# too high never refuses what would fit. Each: (the keys that must be there, those
+# counted where they are: small, and younger than some kernels).
 _NOT_RECLAIMABLE = {
-    "memory.limit_in_bytes": ("total_rss", "total_shmem"),
-    "memory.max": ("anon", "shmem", "kernel_stack", "pagetables", "percpu", "sock", "vmalloc",
-                   "slab_unreclaimable"),
+    "memory.limit_in_bytes": (("total_rss", "total_shmem"), ()),
+    "memory.max": (("anon", "shmem"), ("kernel_stack", "pagetables", "percpu", "sock",
+                                       "vmalloc", "slab_unreclaimable")),
 }
+# Where a key that must be there is not (v1 kernels whose memory.stat had no shmem
+# line: every tmpfs page, a previous session's regions among them, was counted free;
+# a review), what is used less the file pages (the LRUs; tmpfs pages are on the
+# anonymous ones) is held.
+_FILE_PAGES = {"memory.limit_in_bytes": ("total_inactive_file", "total_active_file"),
+               "memory.max": ("inactive_file", "active_file")}
 
 
 def cgroup_room() -> tuple[int, str] | None:
@@ -268,28 +275,39 @@ def cgroup_room() -> tuple[int, str] | None:
 
 def _not_reclaimable(directory: str, limit_file: str) -> int | None:
     """What the memory cgroup ``directory`` holds that cannot be reclaimed
-    (_NOT_RECLAIMABLE); where its memory.stat lacks the first of those, all it
-    uses (memory.usage_in_bytes, memory.current); None where neither is known."""
-    keys = _NOT_RECLAIMABLE[limit_file]
-    values = [_cgroup_value(f"{directory}/memory.stat", key) for key in keys]
-    if values[0] is not None:
-        return sum(value or 0 for value in values)
+    (_NOT_RECLAIMABLE); where its memory.stat lacks a key that must be there, all it
+    uses (memory.usage_in_bytes, memory.current) less its file pages (_FILE_PAGES);
+    None where neither is known."""
+    needed, where_there = _NOT_RECLAIMABLE[limit_file]
+    stat = _cgroup_stat(directory)
+    if all(key in stat for key in needed):
+        return sum(stat.get(key, 0) for key in needed + where_there)
     usage = "memory.usage_in_bytes" if limit_file == "memory.limit_in_bytes" else "memory.current"
-    return _cgroup_value(f"{directory}/{usage}")
+    used = _cgroup_value(f"{directory}/{usage}")
+    if used is None:
+        return None
+    return max(used - sum(stat.get(key, 0) for key in _FILE_PAGES[limit_file]), 0)
 
 
-def _cgroup_value(path: str, key: str | None = None) -> int | None:
-    """A cgroup file's number, or its ``key``'s in a file of "key value" lines; None
-    where there is none (no such file, "max")."""
+def _cgroup_value(path: str) -> int | None:
+    """A cgroup file's number; None where there is none (no such file, "max")."""
     try:
         with open(path) as file:
             text = file.read()
     except OSError:
         return None
-    if key is not None:
-        found = [line.split()[1] for line in text.splitlines() if line.split()[:1] == [key]]
-        text = found[0] if found else ""
     return int(text) if text.strip().isdigit() else None
+
+
+def _cgroup_stat(directory: str) -> dict[str, int]:
+    """The memory cgroup ``directory``'s memory.stat: its "key value" lines, read at
+    once; empty where there is none."""
+    try:
+        with open(f"{directory}/memory.stat") as file:
+            lines = [line.split() for line in file]
+    except OSError:
+        return {}
+    return {line[0]: int(line[1]) for line in lines if len(line) == 2 and line[1].isdigit()}
 
 
 def check_usable() -> None:

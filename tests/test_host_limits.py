@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 import fastmfd
+from fastmfd import shm
 from fastmfd._engine.session import as_migration_error
 from listen_support import Listener, run_cli
 from test_shm_limits import needs_namespace
@@ -377,6 +378,34 @@ def test_reclaimable_kernel_memory_is_not_counted_as_in_use():
                               text=True, env=_env(), preexec_fn=enter, timeout=120)
     assert done.returncode == 0 and done.stdout.endswith("allocated\n"), done
     assert int(done.stdout.split()[0]) >= 64, done.stdout
+
+
+MiB = 1 << 20
+
+
+@pytest.mark.parametrize("limit_file, stat, usage", [
+    ("memory.limit_in_bytes", {"total_cache": 900, "total_rss": 100, "total_inactive_file": 60,
+                               "total_active_file": 40}, "memory.usage_in_bytes"),
+    ("memory.max", {"file": 900, "anon": 100, "inactive_file": 60, "active_file": 40},
+     "memory.current")], ids=["v1", "v2"])
+def test_tmpfs_pages_are_counted_where_memory_stat_has_no_shmem_line(
+        tmp_path, monkeypatch, limit_file, stat, usage):
+    """Some kernels' memory.stat has no shmem line (v1's before it had one): 800
+    MiB of tmpfs pages in a 1 GiB cgroup (a previous session's regions in
+    /dev/shm) were counted as free, 924 MiB left; the OOM killer then ended a
+    session they had let in (a review, D4). There what is used less the file
+    LRUs is held. (A cgroup tree of files: this host's kernel has the line.)"""
+    top = tmp_path / ("memory" if limit_file == "memory.limit_in_bytes" else "")
+    cgroup = top / "box"
+    cgroup.mkdir(parents=True)
+    (cgroup / "memory.stat").write_text("".join(f"{key} {value * MiB}\n"
+                                                for key, value in stat.items()))
+    (cgroup / limit_file).write_text(f"{1024 * MiB}\n")
+    (cgroup / usage).write_text(f"{1000 * MiB}\n")
+    monkeypatch.setattr(shm, "_CGROUP_ROOT", str(tmp_path))
+    monkeypatch.setattr(shm, "memory_cgroup", lambda: (str(cgroup), "", limit_file))
+    assert shm.cgroup_room() == (124 * MiB, f"{cgroup}/{limit_file} is 1.00 GiB, about "
+                                            f"900 MiB of it not reclaimable")
 
 
 # ---------------------------------------------------------------- no temporary directory
