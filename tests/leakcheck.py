@@ -10,11 +10,11 @@ What counts as a leak, and why it is attributed this way:
 - a child process still running (or unreaped), except multiprocessing's
   forkserver and resource tracker, started once and shared by every test;
 - a ``/dev/shm/fastmfd-*`` segment that appeared during the test and still
-  exists, made by a process of this run's tree or one gone since (its name
-  says who made it: ``shm.creator_pid``), unless a process outside the tree
-  maps it: the machine is shared with other sessions creating segments of
-  their own (one that a process gone by now leaked, unmapped, while a test
-  runs is indistinguishable from ours);
+  exists, made by a process of this run's tree (its name says who made it:
+  ``shm.creator_pid``; one gone by now was placed as it made the segment,
+  ``proc_scan.watch_creators``), unless a process outside the tree maps it:
+  the machine is shared with other sessions creating segments of their own,
+  and pytest-xdist's workers are runs of their own;
 - a socket of this process opened during the test and still open (a
   listener, a channel, a worker's control pipe).
 
@@ -35,7 +35,7 @@ import pytest
 
 from fastmfd.shm import SHM_DIR, list_segments
 from proc_scan import (infrastructure_pids, made_by_this_run, mapped_outside, os_children,
-                       process_tree)
+                       process_tree, watch_creators)
 
 GRACE_SECONDS = 5.0     # how long a leftover may take to go away on its own
 POLL_SECONDS = 0.02
@@ -98,6 +98,7 @@ class LeakCheck:
     """What existed when the test began, and the probes for what it left."""
 
     def __init__(self) -> None:
+        watch_creators()
         self._segments_before = set(list_segments())
         self._sockets_before = _socket_fds()
 

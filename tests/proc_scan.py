@@ -4,14 +4,18 @@ check: the tests' (``leakcheck``) and the soak's and fuzz campaign's
 
 from __future__ import annotations
 
+import ctypes
 import os
+import select
+import struct
+import threading
 import time
 from multiprocessing import forkserver, resource_tracker
 
-from fastmfd.shm import SHM_DIR, creator_pid, list_segments
+from fastmfd.shm import SEGMENT_PREFIX, SHM_DIR, creator_pid, list_segments
 
 __all__ = ["alive", "infrastructure_pids", "os_children", "process_tree", "process_group",
-           "left_by", "mapped_outside", "made_by_this_run"]
+           "left_by", "mapped_outside", "made_by_this_run", "watch_creators"]
 
 
 def alive(pid: int) -> bool:
@@ -116,13 +120,111 @@ def mapped_outside(names: set[str], ours: set[int]) -> set[str]:
 
 def made_by_this_run(names: set[str]) -> set[str]:
     """The segments among ``names`` that this process or one of its descendants made:
-    each name carries its creator's pid (shm.creator_pid). A creator gone by now counts
-    too (a child that exited leaving its segment); a name without a pid is another
-    version's, since every segment this code makes is named by SharedMemory.create."""
+    each name carries its creator's pid (shm.creator_pid). A creator gone by now is
+    judged by what :func:`watch_creators` saw as it made the segment; one it could not
+    place (not watching, or gone before it looked) counts as ours (a child that exited
+    leaving its segment). A name without a pid is another version's, since every
+    segment this code makes is named by SharedMemory.create."""
+    watch = _watch if _watch is not None and _watch.root == os.getpid() else None
+    if watch is not None:
+        watch.place_queued()    # what it has not read yet was made before this call
     ours = process_tree(os.getpid())
     made = set()
     for name in names:
         pid = creator_pid(name)
-        if pid is not None and (pid in ours or not alive(pid)):
+        if pid is None:
+            continue
+        if pid in ours or (not alive(pid) and (watch is None or watch.placed(name) is not False)):
             made.add(name)
     return made
+
+
+# ---------------------------------------------------------------- who made a segment
+
+def descends_from(pid: int, root: int) -> bool | None:
+    """Whether process ``pid`` is ``root`` or one of its descendants now; None when
+    that cannot be told (it, or a parent on the way up, is gone)."""
+    for _ in range(64):     # (deeper than any tree of a test)
+        if pid == root:
+            return True
+        if pid <= 1:
+            return False
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (FileNotFoundError, ProcessLookupError):
+            return None
+    return None
+
+
+_IN_CREATE, _IN_MOVED_TO = 0x100, 0x80
+_EVENT = struct.Struct("iIII")      # struct inotify_event: wd, mask, cookie, len; then the name
+_KEPT = 20000                       # places remembered, before those of segments gone are dropped
+
+
+class _CreatorWatch:
+    """A thread that places each fastmfd segment as it appears in SHM_DIR (inotify):
+    made by ``root``'s tree or not, while its creator still runs. Where several runs
+    share the machine (other sessions, or pytest-xdist's workers, each a run of its
+    own), a creator gone by the check could otherwise be any run's."""
+
+    def __init__(self, root: int) -> None:
+        self.root = root
+        self._placed: dict[str, bool | None] = {}
+        self._lock = threading.Lock()
+        libc = ctypes.CDLL(None, use_errno=True)
+        self._fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if self._fd < 0:
+            raise OSError(ctypes.get_errno(), "inotify_init1")
+        if libc.inotify_add_watch(self._fd, SHM_DIR.encode(), _IN_CREATE | _IN_MOVED_TO) < 0:
+            os.close(self._fd)
+            raise OSError(ctypes.get_errno(), f"inotify_add_watch {SHM_DIR}")
+        threading.Thread(target=self._run, name="segment creator watch", daemon=True).start()
+
+    def placed(self, name: str) -> bool | None:
+        """Whether ``root``'s tree made ``name``, as placed when it appeared; None if
+        not placed (its creator was gone by then, or the watch started after)."""
+        return self._placed.get(name)
+
+    def _run(self) -> None:
+        while True:
+            select.select([self._fd], [], [])
+            self.place_queued()
+
+    def place_queued(self) -> None:
+        """Place the segments whose events wait to be read."""
+        with self._lock:
+            while True:
+                try:
+                    data = os.read(self._fd, 1 << 16)
+                except BlockingIOError:
+                    return
+                self._place(data)
+
+    def _place(self, events: bytes) -> None:
+        offset = 0
+        while offset < len(events):
+            _, _, _, size = _EVENT.unpack_from(events, offset)
+            offset += _EVENT.size
+            name = events[offset:offset + size].rstrip(b"\0").decode(errors="replace")
+            offset += size
+            pid = creator_pid(name) if name.startswith(SEGMENT_PREFIX) else None
+            if pid is not None:
+                self._placed[name] = descends_from(pid, self.root)
+        if len(self._placed) > _KEPT:
+            present = set(os.listdir(SHM_DIR))
+            self._placed = {n: p for n, p in self._placed.items() if n in present}
+
+
+_watch: _CreatorWatch | None = None
+
+
+def watch_creators() -> None:
+    """Start placing every segment's creator as it is made (see made_by_this_run),
+    once per process; where inotify is unavailable, creators gone stay unplaced."""
+    global _watch
+    if _watch is None or _watch.root != os.getpid():
+        try:
+            _watch = _CreatorWatch(os.getpid())
+        except OSError:
+            _watch = None

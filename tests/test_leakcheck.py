@@ -3,6 +3,7 @@ another run on the machine makes meanwhile."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
@@ -12,6 +13,7 @@ import time
 
 from fastmfd.shm import SEGMENT_PREFIX, SHM_DIR
 from leakcheck import LeakCheck
+from proc_scan import alive
 
 # A segment as SharedMemory.create names it (fastmfd-TAG-PID-RANDOM), made by the
 # process that runs this, then left unmapped: as one leaked, or not mapped yet.
@@ -47,3 +49,55 @@ def test_a_segment_another_runs_live_process_makes_is_not_this_tests(tmp_path):
         os.kill(int(pid), signal.SIGKILL)
         for name in (theirs, ours):
             os.unlink(os.path.join(SHM_DIR, name))
+
+
+def _wait_gone(pid: int) -> None:
+    deadline = time.monotonic() + 30
+    while alive(pid):
+        assert time.monotonic() < deadline, f"process {pid} still runs"
+        time.sleep(0.02)
+
+
+def test_a_segment_another_runs_process_made_then_exited_is_not_this_tests(tmp_path):
+    """Another run's segment whose creator is gone by the check (pytest-xdist's
+    workers: another worker's short-lived process): counted as this test's, since
+    a gone creator was anyone's, it failed a test beside that one's as a leak. Its
+    creator is placed as it makes the segment (proc_scan.watch_creators)."""
+    check = LeakCheck()
+    said = tmp_path / "said"
+    subprocess.run(["sh", "-c", f'"{sys.executable}" -c "$0" "$1" &', MAKE, str(said)],
+                   check=True)
+    deadline = time.monotonic() + 30
+    while not said.exists() or not said.read_text():
+        assert time.monotonic() < deadline, "the other run's process said nothing"
+        time.sleep(0.02)
+    pid, theirs = said.read_text().split()
+    try:
+        assert check.segments() == set()       # (placed now, while it runs)
+        os.kill(int(pid), signal.SIGKILL)
+        _wait_gone(int(pid))
+        assert check.segments() == set()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(pid), signal.SIGKILL)
+        os.unlink(os.path.join(SHM_DIR, theirs))
+
+
+def test_a_segment_this_runs_child_made_then_exited_is_this_tests(tmp_path):
+    """The leak the check is for: a child that exited leaving its segment."""
+    check = LeakCheck()
+    said = tmp_path / "said"
+    child = subprocess.Popen([sys.executable, "-c", MAKE, str(said)])
+    deadline = time.monotonic() + 30
+    while not said.exists() or not said.read_text():
+        assert time.monotonic() < deadline, "the child said nothing"
+        time.sleep(0.02)
+    _, name = said.read_text().split()
+    try:
+        child.kill()
+        child.wait()
+        assert check.segments() == {name}
+    finally:
+        child.kill()
+        child.wait()
+        os.unlink(os.path.join(SHM_DIR, name))
