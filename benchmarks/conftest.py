@@ -36,6 +36,15 @@ def pytest_addoption(parser):
                      help="benchmark sizes (default: ci when CI=true, else full)")
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    """One process, whatever pyproject's addopts says (``-n 2``, for the tests): a
+    timing needs the machine to itself, and pytest-benchmark times nothing in
+    pytest-xdist's workers (it turns itself off there)."""
+    if getattr(config.option, "numprocesses", None):
+        config.option.numprocesses = 0
+
+
 @pytest.fixture(scope="session")
 def sizes(request) -> Sizes:
     choice = request.config.getoption("--sizes")

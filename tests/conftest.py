@@ -2,6 +2,8 @@
 
 - ``leakcheck`` (loaded as a plugin): after every test, no child process,
   ``/dev/shm/fastmfd-*`` segment or socket it started may be left.
+- ``alone`` (a plugin): ``@pytest.mark.alone(why)``, a test no other runs beside
+  in pytest-xdist's workers.
 - ``mp_context`` (the start method the product uses) and ``processes``
   (starts children, kills and joins them at the end whatever happened).
 - ``qemu72_captures``, ``qemu10_captures``: the real QEMU 7.2 and 10.0 captures
@@ -29,7 +31,7 @@ import hypothesis
 import pytest
 
 pytest.register_assert_rewrite("leakcheck")
-pytest_plugins = ["leakcheck"]
+pytest_plugins = ["leakcheck", "alone"]
 
 from inspect_support import NATIVE_CAPTURES, captures_dir  # noqa: E402
 from leakcheck import GRACE_SECONDS  # noqa: E402  (after the rewrite is registered)

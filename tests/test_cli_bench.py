@@ -560,6 +560,7 @@ def _metered_runs(count: int, extra_pid: int | None = None,
     return runs
 
 
+@pytest.mark.alone("judges an idle machine: another worker's test is load (it skips)")
 def test_short_runs_on_an_idle_machine_are_not_flagged_as_beside_other_load():
     """A 16 MiB run (~30 ms) was flagged `*` on an idle machine: its processes'
     CPU counted in whole ticks, the machine's busy time with the trial's own
