@@ -27,28 +27,23 @@ time.sleep(60)
 """
 
 
-def test_a_segment_another_runs_live_process_makes_is_not_this_tests(tmp_path):
-    """Another pytest, a benchmark or a user's demo on the machine makes segments as a
-    test runs: one of theirs, unmapped at the check, failed the test as its leak
-    (the full suite beside a helper's experiments: 15 tests)."""
-    check = LeakCheck()
-    said = tmp_path / "said"
-    # Started through a shell that exits at once: reparented, outside this run's tree.
-    subprocess.run(["sh", "-c", f'"{sys.executable}" -c "$0" "$1" &', MAKE, str(said)],
-                   check=True)
+def _made(said, starting) -> tuple[int, str]:
+    """(pid, segment) of a process running MAKE, started by ``starting()`` to say them in
+    ``said``."""
+    starting()
     deadline = time.monotonic() + 30
     while not said.exists() or not said.read_text():
-        assert time.monotonic() < deadline, "the other run's process said nothing"
+        assert time.monotonic() < deadline, "the segment's maker said nothing"
         time.sleep(0.02)
-    pid, theirs = said.read_text().split()
-    ours = f"{SEGMENT_PREFIX}this-test-{os.getpid()}-{secrets.token_hex(6)}"
-    os.close(os.open(os.path.join(SHM_DIR, ours), os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600))
-    try:
-        assert check.segments() == {ours}
-    finally:
-        os.kill(int(pid), signal.SIGKILL)
-        for name in (theirs, ours):
-            os.unlink(os.path.join(SHM_DIR, name))
+    pid, name = said.read_text().split()
+    return int(pid), name
+
+
+def _another_runs(said) -> tuple[int, str]:
+    """MAKE's (pid, segment), run by another run: started through a shell that exits
+    at once, so reparented, outside this run's tree."""
+    return _made(said, lambda: subprocess.run(
+        ["sh", "-c", f'"{sys.executable}" -c "$0" "$1" &', MAKE, str(said)], check=True))
 
 
 def _wait_gone(pid: int) -> None:
@@ -58,28 +53,37 @@ def _wait_gone(pid: int) -> None:
         time.sleep(0.02)
 
 
+def test_a_segment_another_runs_live_process_makes_is_not_this_tests(tmp_path):
+    """Another pytest, a benchmark or a user's demo on the machine makes segments as a
+    test runs: one of theirs, unmapped at the check, failed the test as its leak
+    (the full suite beside a helper's experiments: 15 tests)."""
+    check = LeakCheck()
+    pid, theirs = _another_runs(tmp_path / "said")
+    ours = f"{SEGMENT_PREFIX}this-test-{os.getpid()}-{secrets.token_hex(6)}"
+    os.close(os.open(os.path.join(SHM_DIR, ours), os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600))
+    try:
+        assert check.segments() == {ours}
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        for name in (theirs, ours):
+            os.unlink(os.path.join(SHM_DIR, name))
+
+
 def test_a_segment_another_runs_process_made_then_exited_is_not_this_tests(tmp_path):
     """Another run's segment whose creator is gone by the check (pytest-xdist's
     workers: another worker's short-lived process): counted as this test's, since
     a gone creator was anyone's, it failed a test beside that one's as a leak. Its
     creator is placed as it makes the segment (proc_scan.watch_creators)."""
     check = LeakCheck()
-    said = tmp_path / "said"
-    subprocess.run(["sh", "-c", f'"{sys.executable}" -c "$0" "$1" &', MAKE, str(said)],
-                   check=True)
-    deadline = time.monotonic() + 30
-    while not said.exists() or not said.read_text():
-        assert time.monotonic() < deadline, "the other run's process said nothing"
-        time.sleep(0.02)
-    pid, theirs = said.read_text().split()
+    pid, theirs = _another_runs(tmp_path / "said")
     try:
         assert check.segments() == set()       # (placed now, while it runs)
-        os.kill(int(pid), signal.SIGKILL)
-        _wait_gone(int(pid))
+        os.kill(pid, signal.SIGKILL)
+        _wait_gone(pid)
         assert check.segments() == set()
     finally:
         with contextlib.suppress(ProcessLookupError):
-            os.kill(int(pid), signal.SIGKILL)
+            os.kill(pid, signal.SIGKILL)
         os.unlink(os.path.join(SHM_DIR, theirs))
 
 
@@ -87,17 +91,14 @@ def test_a_segment_this_runs_child_made_then_exited_is_this_tests(tmp_path):
     """The leak the check is for: a child that exited leaving its segment."""
     check = LeakCheck()
     said = tmp_path / "said"
-    child = subprocess.Popen([sys.executable, "-c", MAKE, str(said)])
-    deadline = time.monotonic() + 30
-    while not said.exists() or not said.read_text():
-        assert time.monotonic() < deadline, "the child said nothing"
-        time.sleep(0.02)
-    _, name = said.read_text().split()
+    children: list[subprocess.Popen] = []
+    _, name = _made(said, lambda: children.append(
+        subprocess.Popen([sys.executable, "-c", MAKE, str(said)])))
     try:
-        child.kill()
-        child.wait()
+        children[0].kill()
+        children[0].wait()
         assert check.segments() == {name}
     finally:
-        child.kill()
-        child.wait()
+        children[0].kill()
+        children[0].wait()
         os.unlink(os.path.join(SHM_DIR, name))
