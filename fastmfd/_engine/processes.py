@@ -25,6 +25,7 @@ pipe by value (:mod:`.control_pickling`).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import multiprocessing
 import os
@@ -58,7 +59,7 @@ from .open_files import check_room_for_child
 from .session import Closable, as_migration_error, main_first
 
 __all__ = ["Child", "ChildSet", "ChildPipe", "Watch", "RemoteTraceback", "mp_context",
-           "run_child", "child_setup", "failure_text"]
+           "run_child", "child_setup", "failure_text", "kill_all"]
 
 _FINAL_REPORTS = (Done, Eof, Drained)   # after one of these a child's exit is expected
 # The exit status multiprocessing gives a child whose forkserver could not report one:
@@ -372,18 +373,26 @@ class ChildSet:
 
     def kill(self) -> None:
         """Kill every child still running and reap them all (any thread, idempotent)."""
-        with self._lock:
-            for child in self.children:
-                if not child.closed and child.process.exitcode is None:
-                    child.process.kill()
-            # A child's exit is reported by the forkserver: a stopped one reports none,
-            # a blocked one none in time. One deadline for all: it was 5 s each.
-            deadline = time.monotonic() + (0 if stopped_forkserver() is not None else 5)
-            for child in self.children:
-                if not child.closed:
-                    child.process.join(timeout=max(0.0, deadline - time.monotonic()))
-                    if child.process.exitcode is None:
-                        leave_to_the_forkserver(child.process)
+        kill_all([self])
+
+
+def kill_all(groups: list[ChildSet]) -> None:
+    """Kill every child of ``groups`` still running, then reap them all (any thread,
+    idempotent) within one deadline: a child's exit is reported by the forkserver, a
+    stopped one reports none, a blocked one none in time. It was 5 s for each child,
+    then for each group (a destination's teardown: its workers', then its reassembly's)."""
+    with contextlib.ExitStack() as held:
+        for group in groups:
+            held.enter_context(group._lock)
+        children = [child for group in groups for child in group if not child.closed]
+        for child in children:
+            if child.process.exitcode is None:
+                child.process.kill()
+        deadline = time.monotonic() + (0 if stopped_forkserver() is not None else 5)
+        for child in children:
+            child.process.join(timeout=max(0.0, deadline - time.monotonic()))
+            if child.process.exitcode is None:
+                leave_to_the_forkserver(child.process)
 
 
 class Watch:
@@ -533,10 +542,8 @@ def child_setup() -> None:
     # CPython's private "alive" descriptor, not in typeshed:
     alive: int | None = server._forkserver_alive_fd  # type: ignore[attr-defined]
     if alive is not None:
-        try:
+        with contextlib.suppress(OSError):
             os.close(alive)
-        except OSError:
-            pass
         server._forkserver_alive_fd = None  # type: ignore[attr-defined]
     parent = multiprocessing.parent_process()
     sentinel = getattr(parent, "sentinel", None)
@@ -559,10 +566,8 @@ def _die_with_parent(sentinel: int) -> None:
 def close_all(stack: list[Closable]) -> None:
     """Close what a child attached, newest first, whatever fails."""
     for item in reversed(stack):
-        try:
+        with contextlib.suppress(Exception):
             item.close()
-        except Exception:
-            pass
 
 
 def run_child(conn: Connection, body: Callable[[ChildPipe, Any, list[Closable]], None]) -> None:

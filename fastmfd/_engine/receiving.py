@@ -61,7 +61,7 @@ from .liveness import Heartbeat, Progress, Steps, process_stopped, stall_error, 
 from .loading import DeviceLoading, check_chunk_counts, old_way_not_here
 from .open_files import DESTINATION_PER_CHANNEL, check_session_files, check_worker_files
 from .prealloc import preallocate
-from .processes import Child, ChildSet, Watch
+from .processes import Child, ChildSet, Watch, kill_all
 from .session import SessionFailure, SessionResources, break_session
 from .session_regions import RegionFactory, finish_regions, make_session_regions, places_pages
 
@@ -569,8 +569,7 @@ class Receiving:
         if self._devices is not None:
             self._devices.pool.abort()
         break_session(error, "source", self.main, self.parts.resources)
-        for group in (self.parts.workers, self.parts.reassembly):
-            group.kill()
+        kill_all([self.parts.workers, self.parts.reassembly])
 
     def close(self) -> None:
         if self.main is not None:
