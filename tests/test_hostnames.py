@@ -121,8 +121,9 @@ inside = pytest.mark.skipif(os.environ.get(INSIDE) != "1", reason="run in the na
 
 
 def test_the_channels_go_where_the_main_channel_went_not_to_the_name_again(tmp_path):
-    """The tests marked ``inside``, run in the namespace."""
-    done = in_namespace(tmp_path, argv=(sys.executable, "-m", "pytest", "-q", "-p",
+    """The tests marked ``inside``, run in the namespace (in one process, ``-n 0``: two
+    tests, and pytest-xdist's workers say nothing of those deselected)."""
+    done = in_namespace(tmp_path, argv=(sys.executable, "-m", "pytest", "-q", "-n", "0", "-p",
                                         "no:cacheprovider", f"--basetemp={tmp_path / 'inside'}",
                                         __file__, "-k", "inside_"))
     assert done.returncode == 0, done.stdout + done.stderr
