@@ -31,6 +31,9 @@ from qemu_support import needs_qemu
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("tc") is None,
     reason="an emulated link needs root and iproute2 (network namespace, veth, tc)")
+# nothing_left_behind takes every link and namespace made during the test for its own:
+# another worker's, made meanwhile, too (a full run: it deleted one under that test).
+ALONE = pytest.mark.alone("nothing_left_behind: every link made meanwhile is the test's")
 
 
 def namespaces() -> set[str]:
@@ -94,6 +97,7 @@ def test_without_a_capability_the_command_says_why_before_any_work(capability):
     assert "making" not in done.stderr          # no image was made
 
 
+@ALONE
 @needs_root
 def test_a_device_of_the_links_name_left_by_another_is_not_removed(nothing_left_behind):
     """A veth of this pid's name left by a killed bench (pids are reused): the
@@ -130,6 +134,7 @@ def interrupt_at(monkeypatch, command: str, *, after: bool) -> None:
     monkeypatch.setattr(link_module, "_run", run)
 
 
+@ALONE
 @needs_root
 @pytest.mark.parametrize("command", ["ip netns add", "ip link add", "ip addr add"])
 def test_an_interrupt_while_the_link_is_made_leaves_nothing(monkeypatch, command,
@@ -141,6 +146,7 @@ def test_an_interrupt_while_the_link_is_made_leaves_nothing(monkeypatch, command
         EmulatedLink(parse_link("1gbit"))
 
 
+@ALONE
 @needs_root
 def test_an_interrupt_while_ip_runs_waits_for_its_end(nothing_left_behind, monkeypatch):
     """Ctrl-C landing while ``ip netns add`` runs: subprocess.run gave it up at once
@@ -163,6 +169,7 @@ def test_an_interrupt_while_ip_runs_waits_for_its_end(nothing_left_behind, monke
     time.sleep(1.5)         # a command given up has made its namespace by now
 
 
+@ALONE
 @needs_root
 @pytest.mark.parametrize("command, after", [
     ("ip link del", False), ("ip link del", True), ("ip netns del", False)])
@@ -179,6 +186,7 @@ def test_an_interrupt_while_the_link_is_removed_leaves_nothing(monkeypatch, comm
     assert not os.path.exists(f"/sys/class/net/{link.source_device}")
 
 
+@ALONE
 @needs_root
 @pytest.mark.parametrize("method", ["fastmfd", "sendall"])
 def test_a_transfer_crosses_the_link_page_exact(method, nothing_left_behind, leaks):
@@ -192,6 +200,7 @@ def test_a_transfer_crosses_the_link_page_exact(method, nothing_left_behind, lea
     assert link.namespace not in namespaces()
 
 
+@ALONE
 @needs_root
 @needs_qemu
 @pytest.mark.parametrize("method", ["qemu", "qemu-to-fastmfd", "fastmfd-to-qemu"])
@@ -203,6 +212,7 @@ def test_qemu_cells_cross_the_link(method, nothing_left_behind, leaks):
         assert measurement.details["link_bytes"] >= image.size // 2
 
 
+@ALONE
 @needs_root
 def test_a_delay_needs_netem_or_says_so(nothing_left_behind):
     try:
@@ -215,6 +225,7 @@ def test_a_delay_needs_netem_or_says_so(nothing_left_behind):
         assert measurement.details["link_bytes"] >= image.size
 
 
+@ALONE
 @needs_root
 def test_the_command_runs_over_a_link_and_says_so(tmp_path, capsys, nothing_left_behind):
     out = tmp_path / "bench.json"
@@ -228,6 +239,7 @@ def test_the_command_runs_over_a_link_and_says_so(tmp_path, capsys, nothing_left
     assert benchmark["extra_info"]["runs"][0]["link_bytes"] > 0
 
 
+@ALONE
 @needs_root
 def test_the_command_runs_over_a_link_in_tls(capsys, nothing_left_behind):
     """--tls's throwaway certificate names the link's far end too: it named only
