@@ -214,6 +214,26 @@ def test_qemu_cells_cross_the_link(method, nothing_left_behind, leaks):
 
 @ALONE
 @needs_root
+def test_a_veth_gone_as_it_is_removed_is_removed(monkeypatch, nothing_left_behind):
+    """The namespace, deleted by a removal interrupted before its veth's (so removed
+    first on the way out), frees its devices in the background: the veth's other end
+    too, between close()'s look and its ``ip link del`` (full runs with the machine
+    busy: 'ip link del fmfd28241s failed: Cannot find device'). Here it goes just before."""
+    link = EmulatedLink(parse_link("1gbit"))
+    real_run = link_module._run
+
+    def run(*argv: str) -> str:
+        if argv[:3] == ("ip", "link", "del"):
+            real_run(*argv)         # gone in the background, just before
+        return real_run(*argv)
+
+    monkeypatch.setattr(link_module, "_run", run)
+    link.close()
+    assert not os.path.exists(f"/sys/class/net/{link.source_device}")
+
+
+@ALONE
+@needs_root
 def test_a_delay_needs_netem_or_says_so(nothing_left_behind):
     try:
         link = EmulatedLink(parse_link("1gbit/1ms"))

@@ -284,8 +284,15 @@ class EmulatedLink:
         # goes first, at once, so the next link can reuse its names.
         try:
             if "veth" in self._made:
-                if os.path.exists(f"/sys/class/net/{self.source_device}"):
-                    _run("ip", "link", "del", self.source_device)
+                device = f"/sys/class/net/{self.source_device}"
+                try:
+                    if os.path.exists(device):
+                        _run("ip", "link", "del", self.source_device)
+                except _CommandFailed:
+                    # Gone meanwhile: the namespace, deleted by a removal interrupted
+                    # before this one, took the veth's other end with it, and so this one.
+                    if os.path.exists(device):
+                        raise
                 self._made.discard("veth")
         finally:
             if "namespace" in self._made:
