@@ -377,10 +377,8 @@ class ChildSet:
 
 
 def kill_all(groups: list[ChildSet]) -> None:
-    """Kill every child of ``groups`` still running, then reap them all (any thread,
-    idempotent) within one deadline: a child's exit is reported by the forkserver, a
-    stopped one reports none, a blocked one none in time. It was 5 s for each child,
-    then for each group (a destination's teardown: its workers', then its reassembly's)."""
+    """Kill every child of ``groups`` still running and reap them all (any thread, idempotent)
+    within one deadline: a stopped forkserver reports no exit, a blocked one none in time."""
     with contextlib.ExitStack() as held:
         for group in groups:
             held.enter_context(group._lock)
