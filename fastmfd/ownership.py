@@ -12,11 +12,12 @@ import grp
 import os
 import pwd
 import stat
+import struct
 
 from .errors import ConfigError
 from .shm import file_identity
 
-__all__ = ["check_only_yours", "check_trusted_file", "refuse_acl"]
+__all__ = ["check_only_yours", "check_trusted_file", "refuse_acl", "READ", "WRITE"]
 
 
 def check_only_yours(path: str, opened: int | None = None,
@@ -76,7 +77,7 @@ def _check_walk(path: str, opened: int | None, what: str, mend: str) -> None:
         others_write = st.st_mode & stat.S_IWOTH or (st.st_mode & stat.S_IWGRP
                                                      and not _only_mine(st.st_gid, me))
         if st.st_mode & stat.S_IWGRP and not others_write:
-            refuse_acl(where, f"{what} {path}", follow_symlinks=False)
+            refuse_acl(where, f"{what} {path}", WRITE, follow_symlinks=False)
         if others_write and not (stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX):
             raise ConfigError(f"{what} {path}: others may write "
                               f"{'in' if stat.S_ISDIR(st.st_mode) else 'to'} {where} (mode "
@@ -133,21 +134,43 @@ def _only_mine(gid: int, me: int) -> bool:
 
 
 _ACCESS_ACL = "system.posix_acl_access"
+# Its value (the kernel's posix_acl_xattr format): a version, then (tag, perm, id) entries.
+_ACL_VERSION = struct.Struct("<I")
+_ACL_ENTRY = struct.Struct("<HHI")
+_NAMED_USER, _NAMED_GROUP, _MASK = 0x02, 0x08, 0x10
+READ, WRITE = 4, 2
 
 
-def refuse_acl(path: str, what: str, follow_symlinks: bool = True) -> None:
-    """ConfigError if the file ``path`` (``what`` it is, in the error) has a POSIX access
-    ACL: its mode's group bits are then the ACL's mask, what a named user or group
-    may at most do, not what its owning group may, so a group bit allowed for the
-    owning group (the user's own, a key's service group) may let others in
-    (``setfacl -m u:mallory:rw``). The kernel keeps the attribute only for an ACL
-    that says more than the mode; a file system without ACLs has none."""
+def refuse_acl(path: str, what: str, access: int, follow_symlinks: bool = True) -> None:
+    """ConfigError if the POSIX access ACL of the file ``path`` (``what`` it is, in the
+    error) lets another user ``access`` it (READ or WRITE): a named user but this one or
+    root, or for WRITE a named group not the user's own. With an ACL the mode's group
+    bits are its mask, what a named entry may at most do, not what the owning group may,
+    so a group bit allowed for the owning group (the user's own, a key's service group)
+    could let others in (``setfacl -m u:mallory:rw``). Entries the mask or their own
+    bits keep from ``access`` (a mask alone, a read-only share, a denial) are no one's
+    way in; a file system without ACLs has none."""
     try:
-        names = os.listxattr(path, follow_symlinks=follow_symlinks)
+        acl = os.getxattr(path, _ACCESS_ACL, follow_symlinks=follow_symlinks)
     except OSError as exc:
-        if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+        if exc.errno in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
             return
         raise
-    if _ACCESS_ACL in names:
-        raise ConfigError(f"{what}: an ACL gives others access to {path} (getfacl {path}); "
-                          f"remove it: setfacl -b {path}")
+    entries = [_ACL_ENTRY.unpack_from(acl, at)
+               for at in range(_ACL_VERSION.size, len(acl) - _ACL_ENTRY.size + 1,
+                               _ACL_ENTRY.size)]
+    mask = next((perm for tag, perm, _ in entries if tag == _MASK), 7)
+    me = os.geteuid()
+    for tag, perm, ident in entries:
+        if not perm & mask & access:
+            continue
+        if tag == _NAMED_USER and ident not in (me, 0):
+            entry = f"u:{ident}"
+        elif tag == _NAMED_GROUP and access == WRITE and not _only_mine(ident, me):
+            entry = f"g:{ident}"
+        else:
+            continue
+        verb = "write" if access == WRITE else "read"
+        raise ConfigError(f"{what}: an ACL lets {'user' if entry[0] == 'u' else 'group'} "
+                          f"{ident} {verb} {path} (getfacl {path}); remove that entry: "
+                          f"setfacl -x {entry} {path}")

@@ -17,7 +17,6 @@ import shutil
 import socket
 import stat
 import struct
-import subprocess
 import tempfile
 import time
 
@@ -212,20 +211,15 @@ def test_a_ca_another_user_adds_to_a_listener_s_bundle_is_not_trusted(tmp_path, 
             in log), log
 
 
-def _give_acl(path: str, uid: int, perms: int) -> None:
-    """``setfacl -m u:UID:PERMS PATH`` (perms: 4 read, 2 write), with setfacl where it is
-    installed, else by writing the same extended attribute the kernel reads; the test
-    is skipped on a file system without ACLs."""
-    if shutil.which("setfacl"):
-        letters = "".join(c for bit, c in ((4, "r"), (2, "w"), (1, "x")) if perms & bit)
-        done = subprocess.run(["setfacl", "-m", f"u:{uid}:{letters}", path],
-                              capture_output=True, text=True)
-        if done.returncode != 0:
-            pytest.skip(f"setfacl failed here (no ACLs on this file system?): {done.stderr}")
-        return
+def _give_acl(path: str, uid: int | None, perms: int) -> None:
+    """``setfacl -m u:UID:PERMS PATH`` (perms: 4 read, 2 write; no UID: the mask entry
+    alone, as ``setfacl -x`` of the last named entry leaves it), by writing the
+    extended attribute the kernel reads; the test is skipped on a file system without
+    ACLs."""
     mode = os.stat(path).st_mode
     anyone = 0xffffffff                 # (ACL_UNDEFINED_ID: the entries that name no one)
-    entries = [(0x01, mode >> 6 & 7, anyone), (0x02, perms, uid),       # user::, user:UID:
+    named = [] if uid is None else [(0x02, perms, uid)]                 # user:UID:
+    entries = [(0x01, mode >> 6 & 7, anyone), *named,                   # user::
                (0x04, mode >> 3 & 7, anyone),                           # group::
                (0x10, (mode >> 3 & 7) | perms, anyone), (0x20, mode & 7, anyone)]  # mask, o
     blob = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
@@ -235,9 +229,9 @@ def _give_acl(path: str, uid: int, perms: int) -> None:
         pytest.skip(f"no POSIX ACLs on this file system: {exc}")
 
 
-def _refused_for_an_acl(what: str, path: str) -> str:
-    return (f"{what}: an ACL gives others access to {path} \\(getfacl {path}\\); "
-            f"remove it: setfacl -b {path}$")
+def _refused_for_an_acl(what: str, path: str, verb: str) -> str:
+    return (f"{what}: an ACL lets user {NOBODY} {verb} {path} \\(getfacl {path}\\); "
+            f"remove that entry: setfacl -x u:{NOBODY} {path}$")
 
 
 @ROOT_ONLY
@@ -251,7 +245,7 @@ def test_a_ca_bundle_another_user_may_write_through_an_acl_is_refused(credential
     _give_acl(target, NOBODY, 6 if on == "file" else 7)
     assert os.stat(target).st_mode & 0o020          # (the mask: as the owning group's write)
     with pytest.raises(fastmfd.ConfigError,
-                       match=_refused_for_an_acl(f"TLSConfig.ca {ca}", target)):
+                       match=_refused_for_an_acl(f"TLSConfig.ca {ca}", target, "write")):
         fastmfd.TLSConfig(**credentials)
 
 
@@ -261,5 +255,26 @@ def test_a_private_key_another_user_may_read_through_an_acl_is_refused(credentia
     key = credentials["key"]
     _give_acl(key, NOBODY, 4)
     assert stat.S_IMODE(os.stat(key).st_mode) == 0o640
-    with pytest.raises(fastmfd.ConfigError, match=_refused_for_an_acl("TLSConfig.key", key)):
+    with pytest.raises(fastmfd.ConfigError, match=_refused_for_an_acl("TLSConfig.key", key,
+                                                                   "read")):
         fastmfd.TLSConfig(**credentials)
+
+
+@ROOT_ONLY
+@pytest.mark.parametrize("acl", ["a mask alone", "a named user denied", "a read-only share"])
+def test_an_acl_that_lets_no_other_user_in_is_taken(credentials, acl):
+    """An ACL is refused for the entries that let another user write (read, for the
+    key), not for being there: a mask left alone, a user denied everything, a
+    directory shared read-only with a service were refused (a review), with advice
+    (setfacl -b) that would undo a share."""
+    ca, key = credentials["ca"], credentials["key"]
+    uid, perms = {"a mask alone": (None, 0), "a named user denied": (NOBODY, 0),
+                  "a read-only share": (NOBODY, 5)}[acl]
+    os.chmod(os.path.dirname(ca), 0o775)        # its group (root's own) may write: the mask
+    _give_acl(os.path.dirname(ca), uid, perms)
+    if uid is None or perms & 4 == 0:           # (a share that reads the key is refused)
+        os.chmod(key, 0o640)                    # its group may read: the mask, named none
+        _give_acl(key, uid, perms)
+        assert stat.S_IMODE(os.stat(key).st_mode) == 0o640
+    assert os.stat(os.path.dirname(ca)).st_mode & 0o020
+    fastmfd.TLSConfig(**credentials)

@@ -44,7 +44,7 @@ from typing import Any, Protocol
 
 from ..arguments import BYTES, PATH, STR, check_types, optional, type_error
 from ..errors import ConfigError, SecurityError
-from ..ownership import check_trusted_file, refuse_acl
+from ..ownership import READ, check_trusted_file, refuse_acl
 
 __all__ = ["TLSConfig", "ChannelSecurity", "MIN_AUTH_KEY_BYTES", "NONCE_SIZE", "PROOF_SIZE",
            "MAIN_CHANNEL_ID", "check_auth_key", "read_key_file", "identities_of",
@@ -230,7 +230,7 @@ def _check_private(key: str | os.PathLike[str]) -> None:
         raise ConfigError(f"TLSConfig.key: {key} is open to others (mode {mode:04o}): make "
                           f"it private (chmod 600 {key}; 640 to share it with its group)")
     if mode & stat.S_IRGRP:         # (the group bits may be an ACL's mask)
-        refuse_acl(os.fspath(key), "TLSConfig.key")
+        refuse_acl(os.fspath(key), "TLSConfig.key", READ)
 
 
 MAX_KEY_FILE_BYTES = 1 << 16
