@@ -11,7 +11,6 @@ flag itself.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Callable
 
@@ -70,11 +69,14 @@ class RoundProgress:
     def __exit__(self, *exc: object) -> None:
         if self._progress is None:
             return
-        # A display's error (a terminal that hung up: EIO) never replaces the exception
-        # in flight: the peer heard "Input/output error" where the session was stopped.
-        in_flight = exc[0] is not None
-        with contextlib.suppress(*([Exception] if in_flight else [])):
+        try:
             self._progress.stop()           # draws once more: the final counts
+        except Exception:
+            # A display's error (a terminal that hung up: EIO) never replaces the
+            # exception in flight: the peer heard "Input/output error" where the
+            # session was stopped.
+            if exc[0] is None:
+                raise
 
 
 def _progress(before_redraw: Callable[[], None]) -> Progress:
