@@ -22,6 +22,7 @@ from ..config import MigrationConfig
 from ..destination import Destination, DestinationResult
 from ..devices import FileDevice
 from ..errors import ConfigError, FastMFDError, NoSourceError
+from ..ownership import check_only_yours
 from ..protocol.security import TLSConfig
 from ..protocol.setup import Setup
 from ..protocol.sockets import bound_address, listen, parse_address, remove_socket_file
@@ -33,7 +34,6 @@ from ..threads import start_thread
 from ..units import format_bytes
 from .new_files import make_directories, remove_directories_made
 from .outputs import OutputDir, SavedFiles, check_writable, output_name
-from ..ownership import check_only_yours
 from .warm_files import WarmFiles
 
 log = logging.getLogger("fastmfd")
