@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import secrets
 import select
 import struct
 import threading
@@ -15,7 +16,12 @@ from multiprocessing import forkserver, resource_tracker
 from fastmfd.shm import SEGMENT_PREFIX, SHM_DIR, creator_pid, list_segments
 
 __all__ = ["alive", "infrastructure_pids", "os_children", "process_tree", "process_group",
-           "left_by", "mapped_outside", "made_by_this_run", "watch_creators"]
+           "left_by", "mapped_outside", "made_by_this_run", "watch_creators", "RUN_MARK",
+           "carries_this_runs_mark"]
+
+# Set in a run's environment by watch_creators, so inherited by every process it starts,
+# and theirs: an orphan reparented to init is out of the run's tree, not out of its run.
+RUN_MARK = "FASTMFD_TEST_RUN"
 
 
 def alive(pid: int) -> bool:
@@ -102,9 +108,23 @@ def left_by(pids: set[int], bound: float) -> tuple[set[int], set[str]]:
         time.sleep(0.05)
 
 
+def carries_this_runs_mark(pid: int) -> bool:
+    """Whether process ``pid`` was started within this run (its parent gone or not):
+    it carries the mark :func:`watch_creators` put in this process's environment."""
+    mark = os.environ.get(RUN_MARK, "")
+    if not mark.startswith(f"{os.getpid()}-"):
+        return False            # not marked by this process (a benchmark harness, say)
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return f"{RUN_MARK}={mark}".encode() in f.read().split(b"\0")
+    except OSError:
+        return False
+
+
 def mapped_outside(names: set[str], ours: set[int]) -> set[str]:
-    """The segments among ``names`` that a process not in ``ours`` maps: the machine
-    is shared with other sessions making segments of their own."""
+    """The segments among ``names`` that a process not in ``ours`` (nor of this run:
+    an orphan of it) maps: the machine is shared with other sessions making segments
+    of their own."""
     foreign: set[str] = set()
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) in ours:
@@ -114,13 +134,16 @@ def mapped_outside(names: set[str], ours: set[int]) -> set[str]:
                 maps = f.read()
         except OSError:
             continue
-        foreign.update(n for n in names if f"{SHM_DIR}/{n}" in maps)
+        mapped = {n for n in names if f"{SHM_DIR}/{n}" in maps}
+        if mapped and not carries_this_runs_mark(int(entry)):
+            foreign |= mapped
     return foreign
 
 
 def made_by_this_run(names: set[str]) -> set[str]:
-    """The segments among ``names`` that this process or one of its descendants made:
-    each name carries its creator's pid (shm.creator_pid). A creator gone by now is
+    """The segments among ``names`` that this process or one of its descendants made
+    (an orphan of them too, reparented to init: :func:`carries_this_runs_mark`): each
+    name carries its creator's pid (shm.creator_pid). A creator gone by now is
     judged by what :func:`watch_creators` saw as it made the segment; one it could not
     place (not watching, or gone before it looked) counts as ours (a child that exited
     leaving its segment). A name without a pid is another version's, since every
@@ -134,7 +157,8 @@ def made_by_this_run(names: set[str]) -> set[str]:
         pid = creator_pid(name)
         if pid is None:
             continue
-        if pid in ours or (not alive(pid) and (watch is None or watch.placed(name) is not False)):
+        if pid in ours or carries_this_runs_mark(pid) or (
+                not alive(pid) and (watch is None or watch.placed(name) is not False)):
             made.add(name)
     return made
 
@@ -210,7 +234,12 @@ class _CreatorWatch:
             offset += size
             pid = creator_pid(name) if name.startswith(SEGMENT_PREFIX) else None
             if pid is not None:
-                self._placed[name] = descends_from(pid, self.root)
+                placed = descends_from(pid, self.root)
+                # Its parent died before this read (a test killed it): reparented to init,
+                # out of the tree, and still this run's.
+                if placed is not True and carries_this_runs_mark(pid):
+                    placed = True
+                self._placed[name] = placed
         if len(self._placed) > _KEPT:
             present = set(os.listdir(SHM_DIR))
             self._placed = {n: p for n, p in self._placed.items() if n in present}
@@ -221,9 +250,11 @@ _watch: _CreatorWatch | None = None
 
 def watch_creators() -> None:
     """Start placing every segment's creator as it is made (see made_by_this_run),
-    once per process; where inotify is unavailable, creators gone stay unplaced."""
+    once per process; where inotify is unavailable, creators gone stay unplaced. Marks
+    this process's environment (RUN_MARK) for the processes it starts from now on."""
     global _watch
     if _watch is None or _watch.root != os.getpid():
+        os.environ[RUN_MARK] = f"{os.getpid()}-{secrets.token_hex(6)}"
         try:
             _watch = _CreatorWatch(os.getpid())
         except OSError:

@@ -13,7 +13,7 @@ import time
 
 from fastmfd.shm import SEGMENT_PREFIX, SHM_DIR
 from leakcheck import LeakCheck
-from proc_scan import alive
+from proc_scan import RUN_MARK, alive
 
 # A segment as SharedMemory.create names it (fastmfd-TAG-PID-RANDOM), made by the
 # process that runs this, then left unmapped: as one leaked, or not mapped yet.
@@ -39,11 +39,20 @@ def _made(said, starting) -> tuple[int, str]:
     return int(pid), name
 
 
-def _another_runs(said) -> tuple[int, str]:
-    """MAKE's (pid, segment), run by another run: started through a shell that exits
-    at once, so reparented, outside this run's tree."""
+def _orphaned(said, env) -> tuple[int, str]:
+    """MAKE's (pid, segment), run by a shell that exits at once, and made once it is
+    reparented (to init): outside this run's tree."""
+    orphaned_make = ("import os, sys, time\n"
+                     "while os.getppid() == int(sys.argv[2]):\n    time.sleep(0.01)\n" + MAKE)
     return _made(said, lambda: subprocess.run(
-        ["sh", "-c", f'"{sys.executable}" -c "$0" "$1" &', MAKE, str(said)], check=True))
+        ["sh", "-c", f'"{sys.executable}" -c "$0" "$1" $$ &', orphaned_make, str(said)],
+        check=True, env=env))
+
+
+def _another_runs(said) -> tuple[int, str]:
+    """MAKE's (pid, segment), run by another run: outside this run's tree, and
+    without its mark (proc_scan.RUN_MARK)."""
+    return _orphaned(said, {k: v for k, v in os.environ.items() if k != RUN_MARK})
 
 
 def _wait_gone(pid: int) -> None:
@@ -101,4 +110,21 @@ def test_a_segment_this_runs_child_made_then_exited_is_this_tests(tmp_path):
     finally:
         children[0].kill()
         children[0].wait()
+        os.unlink(os.path.join(SHM_DIR, name))
+
+
+def test_a_segment_this_runs_orphan_makes_is_this_tests(tmp_path):
+    """A process of this run whose parent was killed (a test's command, SIGKILLed) is
+    reparented to init: out of this run's tree, its segments were another run's, and
+    a leak of theirs went unreported (a review). It carries this run's mark."""
+    check = LeakCheck()
+    pid, name = _orphaned(tmp_path / "said", None)
+    try:
+        assert check.segments() == {name}      # while it runs
+        os.kill(pid, signal.SIGKILL)
+        _wait_gone(pid)
+        assert check.segments() == {name}      # placed as this run's when it made it
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
         os.unlink(os.path.join(SHM_DIR, name))
