@@ -11,6 +11,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from fastmfd.shm import SEGMENT_PREFIX, SHM_DIR
 from leakcheck import LeakCheck
 from proc_scan import RUN_MARK, alive
@@ -26,6 +28,10 @@ with open(sys.argv[1], "w") as said:
 time.sleep(60)
 """
 
+# MAKE, its segment mapped (a page) while it runs.
+MAKE_MAPPED = MAKE.replace("os.close(os.open(", "fd = (os.open(").replace(
+    "0o600))", "0o600))\nos.ftruncate(fd, 4096)\nimport mmap\nheld = mmap.mmap(fd, 4096)")
+
 
 def _made(said, starting) -> tuple[int, str]:
     """(pid, segment) of a process running MAKE, started by ``starting()`` to say them in
@@ -39,11 +45,11 @@ def _made(said, starting) -> tuple[int, str]:
     return int(pid), name
 
 
-def _orphaned(said, env) -> tuple[int, str]:
-    """MAKE's (pid, segment), run by a shell that exits at once, and made once it is
-    reparented (to init): outside this run's tree."""
+def _orphaned(said, env, make: str = MAKE) -> tuple[int, str]:
+    """``make``'s (pid, segment), run by a shell that exits at once, and made once it
+    is reparented (to init): outside this run's tree."""
     orphaned_make = ("import os, sys, time\n"
-                     "while os.getppid() == int(sys.argv[2]):\n    time.sleep(0.01)\n" + MAKE)
+                     "while os.getppid() == int(sys.argv[2]):\n    time.sleep(0.01)\n" + make)
     return _made(said, lambda: subprocess.run(
         ["sh", "-c", f'"{sys.executable}" -c "$0" "$1" $$ &', orphaned_make, str(said)],
         check=True, env=env))
@@ -113,12 +119,14 @@ def test_a_segment_this_runs_child_made_then_exited_is_this_tests(tmp_path):
         os.unlink(os.path.join(SHM_DIR, name))
 
 
-def test_a_segment_this_runs_orphan_makes_is_this_tests(tmp_path):
+@pytest.mark.parametrize("mapped", [False, True], ids=["unmapped", "mapped by it"])
+def test_a_segment_this_runs_orphan_makes_is_this_tests(tmp_path, mapped):
     """A process of this run whose parent was killed (a test's command, SIGKILLed) is
-    reparented to init: out of this run's tree, its segments were another run's, and
-    a leak of theirs went unreported (a review). It carries this run's mark."""
+    reparented to init: out of this run's tree, its segments were another run's (and
+    one it mapped, kept by another run), and a leak of theirs went unreported (a
+    review). It carries this run's mark."""
     check = LeakCheck()
-    pid, name = _orphaned(tmp_path / "said", None)
+    pid, name = _orphaned(tmp_path / "said", None, MAKE_MAPPED if mapped else MAKE)
     try:
         assert check.segments() == {name}      # while it runs
         os.kill(pid, signal.SIGKILL)
