@@ -8,9 +8,9 @@ capture can have.
 
 from __future__ import annotations
 
-import re
-
 import os
+import re
+import tracemalloc
 
 import pytest
 
@@ -313,3 +313,34 @@ def test_captures_of_main_channel_versions_2_to_4_are_read(tmp_path, version, re
         with pytest.raises(ProtocolError,
                            match=f"'version': received {version}, expected 2, 3 or 4"):
             read_capture(paths)
+
+
+def _tiny_device_chunks(tmp_path, count: int, data: bytes) -> list:
+    """One zlib channel file, no main channel (so no SETUP bounds a chunk: 64 MiB),
+    carrying ``count`` compressed device chunks of ``data``."""
+    writer = ChannelWriter(0, bytes(range(16)), compression="zlib")
+    for idx in range(count):
+        writer.device("nic", 0, idx, data, last=idx == count - 1)
+    return write_files(tmp_path, {"ch0.bin": writer.bytes()})
+
+
+def test_compressed_device_chunks_keep_only_what_they_inflate_to(tmp_path):
+    # Each 10-byte chunk kept a view of its own 64 MiB buffer: 30 of them, 1.9 GB held
+    # (a bare MemoryError under a 1 GiB address-space limit) to print 300 bytes.
+    paths = _tiny_device_chunks(tmp_path, 30, b"0123456789")
+    tracemalloc.start()
+    try:
+        capture = read_capture(paths)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert capture.devices == {("nic", 0): b"0123456789" * 30}
+    assert peak < 2 * (64 << 20), peak          # one chunk buffer for the channel
+
+
+def test_inflated_device_state_is_bounded(tmp_path):
+    paths = _tiny_device_chunks(tmp_path, 3, bytes(5000))
+    with pytest.raises(ProtocolError) as info:
+        read_capture(paths, max_ram_bytes=12000)
+    assert info.value.field == "device state" and "max_ram_bytes=12000" in str(info.value)
+    assert "ch0.bin at byte" in str(info.value)

@@ -41,7 +41,8 @@ def read_capture(paths: Iterable[str | os.PathLike[str]], *, packet_pages: int |
     ``packet_pages`` (default: QEMU's 512 KiB of pages, 128 of 4 KiB) are used
     unless the main channel says otherwise (fastmfd's SETUP gives both, QEMU's
     target-page-bits the page size). ``max_ram_bytes`` bounds the distinct
-    pages kept, since a small compressed capture can inflate a lot.
+    pages and the inflated device state kept, since a small compressed capture can
+    inflate a lot.
     ``checksum``: the packets carry fastmfd's checksum extension (SETUP says so
     when the main channel is in the capture); their CRCs are checked.
     """

@@ -25,6 +25,17 @@ class RamImage:
         self.resent = 0
         self.changed = 0
 
+    def charge(self, size: int, field: str, path: str, at: int) -> None:
+        """Count ``size`` more bytes kept in memory (``field``: distinct pages, or
+        inflated device state: what a small compressed capture can inflate to), up to
+        ``max_bytes``."""
+        self.bytes += size
+        if self.bytes > self.max_bytes:
+            raise ProtocolError(
+                f"the capture carries more than max_ram_bytes={self.max_bytes} of pages "
+                f"and inflated device state", field=field, received=self.bytes,
+                expected=f"<= {self.max_bytes}").at(f"{path} at byte {at}")
+
     def apply_main(self, block: str, offset: int, page: memoryview, path: str, at: int,
                    round_: int) -> None:
         self.main_rounds.setdefault(block, {})[offset] = round_
@@ -35,12 +46,7 @@ class RamImage:
         pages = self.pages.setdefault(block, {})
         old = pages.get(offset)
         if old is None:
-            self.bytes += len(page)
-            if self.bytes > self.max_bytes:
-                raise ProtocolError(
-                    f"the capture carries more than max_ram_bytes={self.max_bytes} of pages",
-                    field="pages", received=self.bytes,
-                    expected=f"<= {self.max_bytes}").at(f"{path} at byte {at}")
+            self.charge(len(page), "pages", path, at)
         else:
             self.resent += 1
             # bytes compare with memcmp; two memoryviews item by item (30 us a page)

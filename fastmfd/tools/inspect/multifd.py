@@ -74,7 +74,8 @@ class ChannelDecoder:
         self.compression = session.compression
         self.codecs: dict[int, _core.RamPacketCodec] = {}
         self.stream: _core.Codec | None = None     # the channel's decompressor
-        self.scratch: memoryview | None = None
+        self.scratch: memoryview | None = None         # a packet's pages, inflated
+        self.chunk_scratch: memoryview | None = None   # a device chunk, inflated
         self.round = 0
         self.done = False
         self.crc_chain = 0      # the checksum extension chains each CRC to the one before
@@ -179,14 +180,18 @@ class ChannelDecoder:
         return self.stream
 
     def _inflate_chunk(self, payload: memoryview, at: int) -> memoryview:
-        """A compressed device chunk, inflated through the channel's stream."""
-        limit = (self.session.chunk_size or DEFAULT_CHUNK_LIMIT) + _core.CHUNK_HEADER_SIZE
-        out = bytearray(limit)
+        """A compressed device chunk, inflated through the channel's stream into the
+        channel's one chunk buffer and copied out: a view of a buffer per chunk kept
+        all of it alive (64 MiB for each 10-byte chunk of a capture without SETUP)."""
+        if self.chunk_scratch is None:
+            limit = (self.session.chunk_size or DEFAULT_CHUNK_LIMIT) + _core.CHUNK_HEADER_SIZE
+            self.chunk_scratch = memoryview(bytearray(limit))
         try:
-            produced = self._stream().decompress_upto(payload, out)
+            produced = self._stream().decompress_upto(payload, self.chunk_scratch)
         except ProtocolError as exc:
             raise self.reader.locate(exc, at) from None
-        return memoryview(out)[:produced]
+        self.image.charge(produced, "device state", self.reader.path, at)
+        return memoryview(bytes(self.chunk_scratch[:produced]))
 
     def _device_packet(self, at: int, flags: int) -> None:
         reader = self.reader
