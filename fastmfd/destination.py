@@ -245,9 +245,10 @@ class Destination(Owner):
     def refused(self) -> list[Refusal]:
         """Connections dropped because they failed their greeting: a :class:`Refusal`
         each, the first 1000 (MAX_REFUSALS_KEPT); all are counted in
-        :attr:`refused_total`. Each is logged too, up to 1000 for the listening
-        socket: on a socket given to it, for every Destination that serves on it
-        in turn, so that a stranger's flood cannot log a thousand lines per wait."""
+        :attr:`refused_total`. Each is logged too, as fast as the listening socket's
+        log allows (100 lines at once, then one every 10 s; over that, a line says
+        how many were not logged): on a socket given to it, that log is shared by
+        every Destination that serves on it in turn."""
         return self._refusals.kept
 
     @property
@@ -293,6 +294,7 @@ class Destination(Owner):
             self._workers = self._reassembly = None
             self._resources.release()       # the listener it made last: see __init__
             self._listener = None
+            self._refusals.ended()          # none comes now: the log says what it left out
 
     # ------------------------------------------------------------ receive
     def receive(self, *, on_setup: Callable[[Setup], object] | None = None,

@@ -468,18 +468,24 @@ def test_a_source_refused_at_the_greeting_limit_is_told_why(auth, monkeypatch):
     assert not thread.is_alive()
 
 
+def _send_garbage(address: str, count: int) -> None:
+    """``count`` strangers sending garbage to ``address`` in turn, each told why it
+    was refused."""
+    _, host, port = address.split(":")
+    for _ in range(count):
+        with socket.create_connection((host, int(port))) as stranger:
+            stranger.sendall(STRANGERS["garbage"][0])
+            stranger.settimeout(5)
+            assert stranger.recv(1 << 16)         # told why
+
+
 def _refused_strangers(dst: fastmfd.Destination, count: int) -> None:
     """``count`` strangers sending garbage to ``dst`` while it receives, each told
     why it was refused; then ``dst`` cancelled."""
     outcome: dict = {}
     thread = threading.Thread(target=lambda: _receive(dst, outcome), daemon=True)
     thread.start()
-    _, host, port = dst.address.split(":")
-    for _ in range(count):
-        with socket.create_connection((host, int(port))) as stranger:
-            stranger.sendall(STRANGERS["garbage"][0])
-            stranger.settimeout(5)
-            assert stranger.recv(1 << 16)         # told why
+    _send_garbage(dst.address, count)
     deadline = time.monotonic() + 5
     while dst.refused_total < count and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -487,20 +493,29 @@ def _refused_strangers(dst: fastmfd.Destination, count: int) -> None:
     thread.join(10)
 
 
-def test_refusals_past_the_cap_are_counted_not_kept_or_logged(monkeypatch, caplog):
+def _refusal_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == "fastmfd" and "refused" in r.getMessage()]
+
+
+def test_refusals_past_the_cap_are_counted_not_kept_nor_logged_past_the_rate(monkeypatch,
+                                                                             caplog):
     """A stranger opening connection after connection grew Destination.refused and
     the log without bound while a listener waited (about 175 a second here; from
-    the security review). The first MAX_REFUSALS_KEPT are kept and logged, the
-    rest counted."""
+    the security review). The first MAX_REFUSALS_KEPT are kept, the log takes
+    REFUSAL_LOG_BURST at once (and no more till its allowance grows back; the
+    Destination's end says how many it left out), and all are counted."""
     from fastmfd._engine import admission
     monkeypatch.setattr(admission, "MAX_REFUSALS_KEPT", 3)
+    monkeypatch.setattr(admission, "REFUSAL_LOG_BURST", 2)
+    monkeypatch.setattr(admission, "REFUSAL_LOG_EVERY", 3600.0)
     with fastmfd.Destination("tcp:127.0.0.1:0", timeout=20) as dst:
         _refused_strangers(dst, 7)
     assert dst.refused_total == 7
     assert len(dst.refused) == 3
-    logged = [r.getMessage() for r in caplog.records if r.name == "fastmfd"]
-    assert sum(m.startswith("refused a connection from") for m in logged) == 3
-    assert "refused 3 connections: further ones are counted" in "\n".join(logged)
+    logged = _refusal_lines(caplog)
+    assert [m.startswith("refused a connection from") for m in logged] == [True, True, False]
+    assert _skipped_counts(logged) == [5], logged
 
 
 @pytest.mark.parametrize("evicted_ends", ["as scheduled", "after the source won"])
@@ -865,22 +880,72 @@ def test_a_source_greeted_as_the_admission_ends_hears_why(monkeypatch):
            "once" in str(raised), raised
 
 
+def _skipped_counts(logged: list[str]) -> list[int]:
+    """The counts of the log's lines saying how many refusals it did not log."""
+    counts = []
+    for line in logged:
+        if m := re.fullmatch(r"(\d+) refused connection\(s\) not logged in the last "
+                             r"\d+\.\d s", line):
+            counts.append(int(m.group(1)))
+    return counts
+
+
 def test_destinations_in_turn_on_one_socket_log_one_allowance_of_refusals(monkeypatch,
                                                                           caplog):
     """``listen --forever`` serves a Destination per wait and per session on one
     socket: each logged its own MAX_REFUSALS_KEPT strangers, a thousand lines per
     wait for ever (a review). Strangers refused by two Destinations in turn on one
-    socket are logged MAX_REFUSALS_KEPT times in all, each Destination still
-    keeping and counting its own."""
+    socket take one allowance of log lines in all, each Destination still keeping
+    and counting its own; each Destination's end says how many were not logged."""
     from fastmfd._engine import admission
     monkeypatch.setattr(admission, "MAX_REFUSALS_KEPT", 3)
+    monkeypatch.setattr(admission, "REFUSAL_LOG_BURST", 3)
+    monkeypatch.setattr(admission, "REFUSAL_LOG_EVERY", 3600.0)
     with socket.create_server(("127.0.0.1", 0)) as listener:
         for _ in range(2):
             with fastmfd.Destination(listener, timeout=20) as dst:
                 _refused_strangers(dst, 4)
             assert (dst.refused_total, len(dst.refused)) == (4, 3)
-    logged = [r.getMessage() for r in caplog.records if r.name == "fastmfd"]
-    assert sum(m.startswith("refused a connection from") for m in logged) == 3
-    assert sum("further ones are counted" in m for m in logged) == 1
+    logged = _refusal_lines(caplog)
+    assert sum(m.startswith("refused a connection from") for m in logged) == 3, logged
+    assert _skipped_counts(logged) == [1, 4], logged
+    assert len(logged) == 5, logged
     with socket.create_server(("127.0.0.1", 0)) as another:         # a log of its own
         assert admission.refusal_log(another) is not admission.refusal_log(listener)
+
+
+def test_a_wrong_key_after_a_flood_is_logged_after_a_count_of_those_not_logged(monkeypatch,
+                                                                              caplog):
+    """The refusal log's allowance was for the listening socket's whole life: after
+    a thousand strangers, a source with a wrong key, days later, left no trace in a
+    ``listen --forever``'s log (a review). The allowance grows back with time: once
+    it has, the next refusal is logged, after one line saying how many were not. No
+    refusal is lost: those logged and those counted in that line are all of them."""
+    from fastmfd._engine import admission
+    every = 2.0
+    monkeypatch.setattr(admission, "REFUSAL_LOG_BURST", 3)
+    monkeypatch.setattr(admission, "REFUSAL_LOG_EVERY", every)
+    flood = 12
+    with fastmfd.Destination("tcp:127.0.0.1:0", timeout=30) as dst, \
+            make_region("ram", SIZE, seed=7) as region:
+        outcome: dict = {}
+        thread = threading.Thread(target=lambda: _receive(dst, outcome), daemon=True)
+        thread.start()
+        _send_garbage(dst.address, flood)
+        wait_refused(dst, "magic", flood)
+        during = len(_refusal_lines(caplog))
+        time.sleep(every * 1.25)                      # the allowance grows back a line
+        config = fastmfd.MigrationConfig(channels=2, auth_key=bytes(32), timeout=20)
+        with pytest.raises(fastmfd.MigrationError, match="auth_key"):
+            with fastmfd.Source(dst.address, config) as src:
+                src.add_region(region)
+                src.migrate(live=False)
+        wait_refused(dst, "auth_key", flood + 1)
+        logged = _refusal_lines(caplog)
+        dst.cancel("the test is over")
+        thread.join(10)
+    assert re.match(r"refused a connection from \S+: .*auth_key", logged[-1]), logged
+    assert _skipped_counts(logged[-2:-1]) == _skipped_counts(logged) != [], logged
+    # Within the bucket's bound, whatever the pace of the flood: 3 at once, one per 2 s.
+    assert during < flood, logged
+    assert during + _skipped_counts(logged)[0] == flood, logged

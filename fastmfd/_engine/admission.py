@@ -75,14 +75,16 @@ Refuse = Callable[[str, "BaseException | str"], None]
 """``refuse(peer, reason)``: a connection was dropped, and why."""
 
 __all__ = ["Admission", "ChannelDoor", "Refusal", "Refusals", "RefusalLog", "refusal_log",
-           "MAX_CANDIDATES", "MAX_REFUSALS_KEPT", "EVICT_AFTER", "ACCEPTED_ANOTHER", "TOO_MANY",
-           "EVICTED",
+           "MAX_CANDIDATES", "MAX_REFUSALS_KEPT", "REFUSAL_LOG_BURST", "REFUSAL_LOG_EVERY",
+           "EVICT_AFTER", "ACCEPTED_ANOTHER", "TOO_MANY", "EVICTED",
            "session_ended", "refuse_waiting",
            "GREETING_SPARES", "MAX_WORKERS", "DOOR_EVICTED", "DoorWorkers"]
 
 MAX_CANDIDATES = 64     # connections greeted at once (see the module's docstring)
 EVICT_AFTER = 1.0       # seconds a greeting runs before a newcomer may take its place
-MAX_REFUSALS_KEPT = 1000    # refusals a destination keeps, and a listening socket logs
+MAX_REFUSALS_KEPT = 1000    # refusals a destination keeps (in memory)
+REFUSAL_LOG_BURST = 100     # refusals a listening socket logs at once ...
+REFUSAL_LOG_EVERY = 10.0    # ... and then one per this many seconds (see RefusalLog)
 ACCEPTED_ANOTHER = "dropped: the session's source was accepted first"
 TOO_MANY = f"{MAX_CANDIDATES} connections are being greeted already"
 EVICTED = (f"dropped: greeted for over {EVICT_AFTER:g} s when {MAX_CANDIDATES} were being "
@@ -149,28 +151,57 @@ class Refusals:
                 self.kept.append(refusal)
         self._log.add(refusal)
 
+    def ended(self) -> None:
+        """The destination refuses no more: see :meth:`RefusalLog.say_skipped`."""
+        self._log.say_skipped()
+
 
 class RefusalLog:
-    """The log lines refused connections take: the first MAX_REFUSALS_KEPT, then one
-    saying further ones are only counted. One for a listening socket, however many
-    Destinations serve on it in turn: ``listen --forever`` makes one for each wait
-    (``--timeout``) and each session, and each logged a thousand strangers afresh (a
-    thousand lines per wait, for ever; a review)."""
+    """The log lines refused connections take, bounded in rate (a token bucket): up
+    to REFUSAL_LOG_BURST at once, then one more every REFUSAL_LOG_EVERY seconds. A
+    refusal past that is only counted, and a line says how many were not logged:
+    before the next one that is, or at the end of a Destination if sooner. One for a
+    listening socket, however many Destinations serve on it in turn: ``listen
+    --forever`` makes one for each wait (``--timeout``) and each session, and each
+    logged a thousand strangers afresh (a review). A thousand for the socket's whole
+    life left a service silent after them: a wrong key days later was logged nowhere
+    (another review)."""
 
     def __init__(self) -> None:
-        self._logged = 0
+        self._allowance = float(REFUSAL_LOG_BURST)     # lines that may be logged now
+        self._topped_up = time.monotonic()
+        self._skipped = 0                   # refusals not logged since the last line
+        self._skipped_since = 0.0           # when the first of them was refused
         self._lock = threading.Lock()
 
     def add(self, refusal: Refusal) -> None:
+        # Logged under the lock: a summary comes just before the line it goes with.
         with self._lock:
-            if self._logged >= MAX_REFUSALS_KEPT:
+            now = time.monotonic()
+            self._allowance = min(float(REFUSAL_LOG_BURST), self._allowance
+                                  + (now - self._topped_up) / REFUSAL_LOG_EVERY)
+            self._topped_up = now
+            if self._allowance < 1:
+                if not self._skipped:
+                    self._skipped_since = now
+                self._skipped += 1
                 return
-            self._logged += 1
-            full = self._logged == MAX_REFUSALS_KEPT
-        log.warning("refused a connection from %s: %s", refusal.peer, refusal.reason)
-        if full:
-            log.warning("refused %d connections: further ones are counted "
-                        "(Destination.refused_total), not logged", MAX_REFUSALS_KEPT)
+            self._allowance -= 1
+            self._say_skipped(now)
+            log.warning("refused a connection from %s: %s", refusal.peer, refusal.reason)
+
+    def say_skipped(self) -> None:
+        """Log how many refusals were not logged, if any: at the end of a Destination
+        (one line per wait or session, however many strangers came)."""
+        with self._lock:
+            self._say_skipped(time.monotonic())
+
+    def _say_skipped(self, now: float) -> None:
+        """(Under the lock.)"""
+        if self._skipped:
+            log.warning("%d refused connection(s) not logged in the last %.1f s",
+                        self._skipped, now - self._skipped_since)
+            self._skipped = 0
 
 
 # The log of each listening socket given to a Destination (the caller's, which serves
