@@ -122,8 +122,10 @@ def cmd_listen(args: argparse.Namespace) -> int:
     from . import security_options
     from .transfer import listen_once, listen_sessions
     # No markup: addresses and paths are the user's text, and rich takes '[fd00::2]' or
-    # 'sav[e]d' for style tags and drops them.
-    console = Console(stderr=True, quiet=args.quiet, markup=False)
+    # 'sav[e]d' for style tags and drops them. Soft wrap: each line stays one, the folding
+    # left to a terminal; in a service's log file rich folded them at 80 columns, a path
+    # apart from its arrow and a size cut in two (a review).
+    console = Console(stderr=True, quiet=args.quiet, markup=False, soft_wrap=True)
     if args.qemu:
         return _listen_qemu(args, console)
     if args.workers is not None:
