@@ -286,7 +286,8 @@ def test_a_destination_refuses_chunk_counts_for_other_devices(message, devices, 
     COMPLETE with fewer failed as "the source sent None chunks", with more or
     without devices it passed (found by a fuzzing helper)."""
     from fastmfd.protocol.main_channel import Complete, Msg, PrecopySent
-    payload = PrecopySent(counts) if message == "PRECOPY_SENT" else Complete([{}], counts)
+    payload = (PrecopySent(counts) if message == "PRECOPY_SENT"
+               else Complete([dict.fromkeys(Complete.COUNTED, 0)], counts))
     replies, error = _hand_driven_destination(devices, [(Msg[message], payload)])
     assert isinstance(error, fastmfd.MigrationError)
     assert isinstance(error.__cause__, fastmfd.ProtocolError)
@@ -314,7 +315,8 @@ def test_a_destination_refuses_a_complete_short_of_what_precopy_sent_counted(liv
     precopy_loaded() never called (found in review)."""
     from fastmfd.protocol.main_channel import Complete, Msg, PrecopySent
     replies, error = _hand_driven_destination([("dev", 0)], [
-        (Msg.PRECOPY_SENT, PrecopySent([live])), (Msg.COMPLETE, Complete([{}], [total]))],
+        (Msg.PRECOPY_SENT, PrecopySent([live])),
+        (Msg.COMPLETE, Complete([dict.fromkeys(Complete.COUNTED, 0)], [total]))],
         stall=2.0)
     assert isinstance(error, fastmfd.MigrationError)
     assert isinstance(error.__cause__, fastmfd.ProtocolError)

@@ -95,3 +95,28 @@ def test_bad_switchover_messages_are_protocol_errors(kind, body, field):
     with pytest.raises(ProtocolError) as info:
         decode_payload(kind, body)
     assert info.value.field == field
+
+
+def _complete(row: dict) -> bytes:
+    return json.dumps({"channels": [row], "device_chunks": []}).encode()
+
+
+@pytest.mark.parametrize("row", [
+    {"packets": 1, "normal_page": 2, "zero_pages": 0, "device_packets": 0},   # a key damaged
+    {"packets": 1},
+    {**{f"c{i}": 0 for i in range(100)}, "packets": 1, "normal_pages": 2, "zero_pages": 0,
+     "device_packets": 0},
+], ids=["damaged-key", "missing-keys", "too-many-keys"])
+def test_complete_counters_name_every_counter_checked(row):
+    # A damaged key was taken, and the count check then said "the source sent None
+    # normal pages, 216 arrived" (a fuzz review).
+    with pytest.raises(ProtocolError) as info:
+        decode_payload(Msg.COMPLETE, _complete(row))
+    assert info.value.field == "channels"
+    assert "each with packets, normal_pages, zero_pages, device_packets" in str(info.value)
+
+
+def test_complete_counters_beyond_those_checked_are_taken():
+    from fastmfd.protocol.main_channel import Complete
+    row = {"packets": 1, "normal_pages": 2, "zero_pages": 0, "device_packets": 0, "syncs": 3}
+    assert decode_payload(Msg.COMPLETE, _complete(row)) == Complete([row], [])

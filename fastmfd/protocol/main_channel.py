@@ -75,6 +75,7 @@ OLD_WAY_CHECKSUM = struct.Struct("<Q")  # DEVICE_STATE with SETUP's checksum: CR
                                         # rest, as a multifd device packet's trailer
 ERROR_TIMEOUT = 1.0                 # seconds a failing side gives its ERROR (send_error)
 _MAX_COUNT = (1 << 63) - 1          # any counter or round number
+_MAX_COUNTERS = 64                  # counters in one channel's row of COMPLETE
 _MAX_SECONDS = 1e9                  # any duration (about 32 years)
 
 
@@ -235,7 +236,11 @@ def _count(value: Any) -> bool:
 
 
 def _counters(value: Any) -> bool:
-    return isinstance(value, dict) and all(_count(v) for v in value.values())
+    # Every counter both sides check, and a bounded number of others (more are kept
+    # than checked); a key missing read as "the source sent None normal pages".
+    return (isinstance(value, dict) and len(value) <= _MAX_COUNTERS
+            and all(key in value for key in Complete.COUNTED)
+            and all(_count(v) for v in value.values()))
 
 
 def _seconds(value: Any) -> bool:
@@ -286,7 +291,9 @@ _DECODERS: dict[Msg, Callable[[dict[str, Any]], Any]] = {
     Msg.COMPLETE: _typed(
         Complete,
         channels=(lambda v: isinstance(v, list) and len(v) <= MAX_CHANNELS
-                  and all(map(_counters, v)), f"at most {MAX_CHANNELS} counter objects"),
+                  and all(map(_counters, v)),
+                  f"at most {MAX_CHANNELS} objects of counts, each with "
+                  f"{', '.join(Complete.COUNTED)}"),
         device_chunks=_CHUNK_COUNTS),
     Msg.LOADED: _typed(Loaded, rounds=(_count, "a round count"),
                        load_seconds=(_seconds, f"an object of at most {MAX_DEVICES} seconds")),
