@@ -653,7 +653,8 @@ def _run_setup(strict: bool):
 def _payload_seeds():
     seeds = [(kind, {}) for kind in mc.Msg]
     seeds += [(mc.Msg.ROUND_END, {"round": 1}), (mc.Msg.ROUND_ACK, {"round": 7}),
-              (mc.Msg.COMPLETE, {"channels": [{"packets": 3, "normal_pages": 5}],
+              (mc.Msg.COMPLETE, {"channels": [{"packets": 3, "normal_pages": 5, "zero_pages": 0,
+                                               "device_packets": 0}],
                                  "device_chunks": [1, 2]}),
               (mc.Msg.LOADED, {"rounds": 2, "load_seconds": {"nic0/0": 0.5}}),
               (mc.Msg.ERROR, {"error": "the source failed"}),

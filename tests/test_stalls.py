@@ -29,7 +29,7 @@ from device_support import PacedLoader, StopsHalfwayThroughItsReport, StuckLoade
 from fastmfd._engine import receiving
 from fastmfd._engine.liveness import Heartbeat
 from fastmfd import _core
-from fastmfd.protocol.main_channel import MainChannel, Msg, encode_message
+from fastmfd.protocol.main_channel import Complete, MainChannel, Msg, encode_message
 from fastmfd.shm import SHM_DIR
 from migration_support import (BlackHole, FakeSource, Migration, OnMessage, Packets, Proxy,
                                Trigger, device_packet, hello, make_region, ram_packet,
@@ -225,7 +225,8 @@ def _fake_session(syncs: int, messages: list[tuple[Msg, dict]],
     return done["error"]
 
 
-COMPLETE = (Msg.COMPLETE, {"channels": [{}], "device_chunks": []})
+COMPLETE = (Msg.COMPLETE,
+            {"channels": [dict.fromkeys(Complete.COUNTED, 0)], "device_chunks": []})
 
 
 @pytest.mark.parametrize("fault", ["one SYNC too many", "ROUND_END lost"])
