@@ -10,6 +10,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import fastmfd
 
@@ -72,3 +73,17 @@ class Listener:
         if self.proc is not None:
             self.proc.communicate()
         shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+def slow_send(listener: Listener, directory: Path, pages: int,
+              **popen: Any) -> tuple[subprocess.Popen, int]:
+    """``fastmfd send`` into ``listener`` of a random image of ``pages`` 4 KiB pages and a
+    device's state read from a FIFO (files in ``directory``), started with ``popen``'s
+    options: (the sender, the FIFO's write end), open once the sender opened the FIFO.
+    The sender waits mid-transfer for what the caller writes there, or closes."""
+    image, fifo = directory / "ram.img", directory / "state"
+    image.write_bytes(os.urandom(pages * 4096))
+    os.mkfifo(fifo)
+    sender = subprocess.Popen([sys.executable, "-m", "fastmfd", "send", listener.address,
+                               str(image), "--state", f"slow={fifo}", "--quiet"], **popen)
+    return sender, os.open(fifo, os.O_WRONLY)

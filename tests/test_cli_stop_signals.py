@@ -24,7 +24,7 @@ import pytest
 import fastmfd
 from fastmfd.shm import SEGMENT_PREFIX, creator_pid, list_segments
 from fastmfd.tools.images import scratch_parent
-from listen_support import REPO, Listener
+from listen_support import REPO, Listener, slow_send
 from migration_support import make_region
 from proc_scan import alive, left_by, process_group
 
@@ -131,14 +131,10 @@ def test_a_listen_started_with_nohup_carries_on_through_a_hangup(tmp_path):
 
 
 def test_sigterm_to_send_fails_the_listener(tmp_path):
-    image, fifo, out = tmp_path / "ram.img", tmp_path / "state", tmp_path / "out"
-    image.write_bytes(os.urandom(16 * PAGE))
-    os.mkfifo(fifo)
+    out = tmp_path / "out"
     with Listener(out) as listener:
-        sender = subprocess.Popen([sys.executable, "-m", "fastmfd", "send", listener.address,
-                                   str(image), "--state", f"slow={fifo}", "--quiet"],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        writer = os.open(fifo, os.O_WRONLY)     # the sender opened it: it is running
+        sender, writer = slow_send(listener, tmp_path, 16, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
         try:
             # More than a pipe holds: back once the sender reads the state (switchover,
             # the RAM handed out); the rest never comes, the sender waits mid-transfer.
