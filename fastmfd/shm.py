@@ -3,7 +3,8 @@
 Every segment fastmfd creates is a file ``/dev/shm/fastmfd-*`` so a leak is
 easy to find, named ``fastmfd-TAG-PID-RANDOM`` after the process that created
 it (:func:`creator_pid`): which run a segment is from, on a machine where
-several run at once. The process that creates a segment owns it: only the owner
+several run at once; RANDOM starts with the token of its owner's lock file
+``fastmfd-owner-PID-TOKEN``. The process that creates a segment owns it: only the owner
 unlinks it. Other processes *attach* by name and only ever close their
 mapping (CPython's ``SharedMemory`` registers attachers with the resource
 tracker too, which can unlink a segment another process still uses —
@@ -12,8 +13,12 @@ python/cpython#82300 — so it is not used here).
 The owner registers each segment with multiprocessing's resource tracker, a
 separate process that outlives its clients: if the owner dies without
 unlinking (SIGKILL, a crash), the tracker unlinks the segment once every
-process of the tree has exited. So no segment outlives its owner's process
-tree, whatever way it ends. That unlinking is the tracker's job, not a leak:
+process of the tree has exited. The tracker is in the tree's process group and
+cgroup, though: a kill of the whole (``kill -9 -PGID``, systemd's final SIGKILL
+of a service, ``docker kill``, an OOM kill of the group) kills it too, and its
+segments stay until the next fastmfd process of this user creates its first
+segment and sweeps those of owners that are dead by their lock
+(:mod:`fastmfd.shm_owners`). That unlinking is the tracker's job, not a leak:
 fastmfd starts the tracker (:func:`start_tracker`) told not to print that it
 found "leaked shared_memory objects" — said on the terminal of a killed
 ``fastmfd send``, it told the user segments leaked when none did — and deaf to
@@ -57,6 +62,7 @@ from multiprocessing import resource_tracker
 
 from .errors import ConfigError
 from .safe_path import safe_import_path
+from .shm_owners import SEGMENT_PREFIX, SHM_DIR, TOKEN_CHARS, owner_of, owner_token
 from .units import format_bytes
 
 __all__ = ["SharedMemory", "SHM_DIR", "SEGMENT_PREFIX", "HUGE_PAGE", "list_segments",
@@ -64,10 +70,8 @@ __all__ = ["SharedMemory", "SHM_DIR", "SEGMENT_PREFIX", "HUGE_PAGE", "list_segme
            "free_bytes", "check_room", "check_usable", "limit_hint", "proc_kib",
            "memory_cgroup", "cgroup_room", "NO_LIMIT", "SHM_LEFT"]
 
-SHM_DIR = "/dev/shm"
 # Where no max_memory bounds a destination's device-state pool (session_regions).
 SHM_LEFT = f"what {SHM_DIR} has free, within what this process's memory cgroup has left"
-SEGMENT_PREFIX = "fastmfd-"
 HUGE_PAGE = 2 << 20     # a transparent huge page (x86-64, arm64 with 4 KiB pages)
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -377,24 +381,37 @@ def list_segments() -> list[str]:
                   if e.name.startswith(SEGMENT_PREFIX) and e.is_file(follow_symlinks=False))
 
 
-def new_name(tag: str) -> str:
+def new_name(tag: str, owner: str = "") -> str:
     """A fresh ``fastmfd-TAG-PID-RANDOM`` name: which process made a segment (or a
-    scratch directory) beside it, whoever else's share the directory."""
+    scratch directory) beside it, whoever else's share the directory. A segment's
+    RANDOM starts with its ``owner``'s token (:mod:`fastmfd.shm_owners`)."""
     # ASCII only: the resource tracker speaks ASCII, and a name it cannot
     # register is a segment nobody would clean up.
     tag = "".join(c if c.isascii() and (c.isalnum() or c in "._-") else "_"
                   for c in tag)[:40]
-    return f"{SEGMENT_PREFIX}{tag}-{os.getpid()}-{secrets.token_hex(6)}"
+    random = owner + secrets.token_hex(TOKEN_CHARS - len(owner) // 2)
+    return f"{SEGMENT_PREFIX}{tag}-{os.getpid()}-{random}"
 
 
 def creator_pid(name: str) -> int | None:
     """The pid of the process that created segment ``name`` (:meth:`SharedMemory.create`
-    names it ``fastmfd-TAG-PID-RANDOM``); None for a name it did not make."""
-    parts = name[len(SEGMENT_PREFIX):].split("-")
-    if not name.startswith(SEGMENT_PREFIX) or len(parts) < 3:
-        return None
-    pid, token = parts[-2:]
-    return int(pid) if pid.isascii() and pid.isdigit() and len(token) == 12 else None
+    names it ``fastmfd-TAG-PID-RANDOM``), or owner file ``name``
+    (:mod:`fastmfd.shm_owners`); None for a name it did not make."""
+    owner = owner_of(name)
+    return owner[0] if owner is not None else None
+
+
+def _new_file(tag: str) -> tuple[int, str]:
+    """A new segment file of this process's owner (:func:`owner_token`), open; its name."""
+    owner = owner_token()
+    while True:
+        name = new_name(tag, owner)
+        try:
+            fd = os.open(os.path.join(SHM_DIR, name),
+                         os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            return fd, name
+        except FileExistsError:
+            continue
 
 
 class SharedMemory:
@@ -423,23 +440,18 @@ class SharedMemory:
         if size <= 0:
             # A mapping cannot be empty (mmap refuses a zero-length file).
             raise ConfigError(f"segment size {size}: a segment holds at least 1 byte")
-        while True:
-            name = new_name(tag)
-            path = os.path.join(SHM_DIR, name)
-            try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-                break
-            except FileExistsError:
-                continue
-            except OSError as exc:
-                if exc.errno in (errno.ENOENT, errno.EROFS, errno.EACCES, errno.ENOTDIR):
-                    # /dev/shm itself (absent, read-only, not ours): said as such
-                    raise ConfigError(unusable(exc.strerror)) from None
-                raise
+        start_tracker()         # before the owner file: the tracker removes it too
+        try:
+            fd, name = _new_file(tag)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.EROFS, errno.EACCES, errno.ENOTDIR):
+                # /dev/shm itself (absent, read-only, not ours): said as such
+                raise ConfigError(unusable(exc.strerror)) from None
+            raise
+        path = os.path.join(SHM_DIR, name)
         registered = False
         try:
             try:
-                start_tracker()
                 resource_tracker.register("/" + name, "shared_memory")
                 registered = True
                 os.ftruncate(fd, size)

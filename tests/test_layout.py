@@ -19,8 +19,8 @@ import fastmfd
 PACKAGE = Path(fastmfd.__file__).parent
 LAYERS = [
     ["fastmfd.errors", "fastmfd.units", "fastmfd.arguments"],
-    ["fastmfd.shm", "fastmfd.huge_pages", "fastmfd.safe_path", "fastmfd.threads",
-     "fastmfd.ownership"],
+    ["fastmfd.shm", "fastmfd.shm_owners", "fastmfd.huge_pages", "fastmfd.safe_path",
+     "fastmfd.threads", "fastmfd.ownership"],
     ["fastmfd._core"],
     ["fastmfd.protocol"],
     ["fastmfd.config", "fastmfd.regions", "fastmfd.region_pool", "fastmfd.devices",
