@@ -62,7 +62,8 @@ from multiprocessing import resource_tracker
 
 from .errors import ConfigError
 from .safe_path import safe_import_path
-from .shm_owners import SEGMENT_PREFIX, SHM_DIR, TOKEN_CHARS, owner_of, owner_token
+from .shm_owners import (SEGMENT_PREFIX, SHM_DIR, TOKEN_CHARS, is_owner_file, owner_lives,
+                         owner_of, owner_token)
 from .units import format_bytes
 
 __all__ = ["SharedMemory", "SHM_DIR", "SEGMENT_PREFIX", "HUGE_PAGE", "list_segments",
@@ -368,7 +369,9 @@ def start_tracker() -> None:
 
 
 def list_segments() -> list[str]:
-    """Names of the fastmfd segments that exist now (for leak checks).
+    """Names of the fastmfd segments that exist now (for leak checks), and of owner
+    files whose process is gone (:mod:`fastmfd.shm_owners`: left, they are leaks
+    too); a live process's owner file is its for its life, no leak, not listed.
 
     Only regular files are segments: a directory someone made there with the
     same prefix (a scratch dir, say) is not.
@@ -378,7 +381,8 @@ def list_segments() -> list[str]:
     except FileNotFoundError:
         return []
     return sorted(e.name for e in entries
-                  if e.name.startswith(SEGMENT_PREFIX) and e.is_file(follow_symlinks=False))
+                  if e.name.startswith(SEGMENT_PREFIX) and e.is_file(follow_symlinks=False)
+                  and not (is_owner_file(e.name) and owner_lives(e.name)))
 
 
 def new_name(tag: str, owner: str = "") -> str:

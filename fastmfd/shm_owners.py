@@ -34,7 +34,7 @@ import stat
 from multiprocessing import resource_tracker, util
 
 __all__ = ["SHM_DIR", "SEGMENT_PREFIX", "OWNER_TAG", "TOKEN_CHARS", "owner_token", "owner_of",
-           "is_owner_file", "sweep_dead_owners"]
+           "is_owner_file", "owner_lives", "sweep_dead_owners"]
 
 SHM_DIR = "/dev/shm"
 SEGMENT_PREFIX = "fastmfd-"
@@ -196,6 +196,26 @@ def _lock_if_dead(name: str, uid: int) -> int | None:
         os.close(fd)
         return None
     return fd
+
+
+def owner_lives(name: str) -> bool:
+    """Whether a process holds owner file ``name``'s lock (this one included: a lock
+    is its open file's, and this opens another). Probed with a shared lock: a sweep
+    trying at that moment skips a dead owner, and never takes a live one for dead."""
+    try:
+        fd = os.open(os.path.join(SHM_DIR, name),
+                     os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False            # gone meanwhile
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return False
 
 
 def _remove_if_mine(name: str, uid: int) -> bool:

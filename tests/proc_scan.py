@@ -14,7 +14,6 @@ import time
 from multiprocessing import forkserver, resource_tracker
 
 from fastmfd.shm import SEGMENT_PREFIX, SHM_DIR, creator_pid, list_segments
-from fastmfd.shm_owners import is_owner_file
 
 __all__ = ["alive", "infrastructure_pids", "os_children", "process_tree", "process_group",
            "left_by", "mapped_outside", "made_by_this_run", "watch_creators", "RUN_MARK",
@@ -148,9 +147,7 @@ def made_by_this_run(names: set[str]) -> set[str]:
     judged by what :func:`watch_creators` saw as it made the segment; one it could not
     place (not watching, or gone before it looked) counts as ours (a child that exited
     leaving its segment). A name without a pid is another version's, since every
-    segment this code makes is named by SharedMemory.create. An owner file
-    (shm_owners) is its process's for the process's life: one whose process runs is
-    no leak."""
+    segment this code makes is named by SharedMemory.create."""
     watch = _watch if _watch is not None and _watch.root == os.getpid() else None
     if watch is not None:
         watch.place_queued()    # what it has not read yet was made before this call
@@ -158,7 +155,7 @@ def made_by_this_run(names: set[str]) -> set[str]:
     made = set()
     for name in names:
         pid = creator_pid(name)
-        if pid is None or (is_owner_file(name) and alive(pid)):
+        if pid is None:
             continue
         if pid in ours or carries_this_runs_mark(pid) or (
                 not alive(pid) and (watch is None or watch.placed(name) is not False)):
