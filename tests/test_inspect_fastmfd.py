@@ -315,19 +315,24 @@ def test_captures_of_main_channel_versions_2_to_4_are_read(tmp_path, version, re
             read_capture(paths)
 
 
-def _tiny_device_chunks(tmp_path, count: int, data: bytes) -> list:
-    """One zlib channel file, no main channel (so no SETUP bounds a chunk: 64 MiB),
-    carrying ``count`` compressed device chunks of ``data``."""
-    writer = ChannelWriter(0, bytes(range(16)), compression="zlib")
-    for idx in range(count):
-        writer.device("nic", 0, idx, data, last=idx == count - 1)
-    return write_files(tmp_path, {"ch0.bin": writer.bytes()})
+def _tiny_device_chunks(tmp_path, count: int, data: bytes, channels: int = 1) -> list:
+    """``channels`` zlib channel files, no main channel (so no SETUP bounds a chunk:
+    64 MiB), carrying ``count`` compressed device chunks of ``data`` between them."""
+    files = {}
+    for ch in range(channels):
+        writer = ChannelWriter(ch, bytes(range(16)), compression="zlib")
+        for idx in range(ch, count, channels):
+            writer.device("nic", 0, idx, data, last=idx == count - 1)
+        files[f"ch{ch}.bin"] = writer.bytes()
+    return write_files(tmp_path, files)
 
 
-def test_compressed_device_chunks_keep_only_what_they_inflate_to(tmp_path):
+@pytest.mark.parametrize("channels", [1, 6])
+def test_compressed_device_chunks_keep_only_what_they_inflate_to(tmp_path, channels):
     # Each 10-byte chunk kept a view of its own 64 MiB buffer: 30 of them, 1.9 GB held
-    # (a bare MemoryError under a 1 GiB address-space limit) to print 300 bytes.
-    paths = _tiny_device_chunks(tmp_path, 30, b"0123456789")
+    # (a bare MemoryError under a 1 GiB address-space limit) to print 300 bytes; then a
+    # buffer per channel file (a reread): 30 files of a chunk each, the same.
+    paths = _tiny_device_chunks(tmp_path, 30, b"0123456789", channels)
     tracemalloc.start()
     try:
         capture = read_capture(paths)
@@ -335,7 +340,7 @@ def test_compressed_device_chunks_keep_only_what_they_inflate_to(tmp_path):
     finally:
         tracemalloc.stop()
     assert capture.devices == {("nic", 0): b"0123456789" * 30}
-    assert peak < 2 * (64 << 20), peak          # one chunk buffer for the channel
+    assert peak < 2 * (64 << 20), peak          # one chunk buffer for the capture
 
 
 def test_inflated_device_state_is_bounded(tmp_path):

@@ -17,7 +17,7 @@ from ...protocol.qemu import QEVM_MAGIC, QemuMainChannel, decode_qemu_main
 from ..input_files import open_regular_file
 from .contents import DeviceChunks, RamImage
 from .fastmfd_main import decode_fastmfd_main
-from .multifd import ChannelDecoder, check_rounds, open_channels
+from .multifd import ChannelDecoder, InflateBuffers, check_rounds, open_channels
 from .records import Capture, FastmfdMainChannel
 from .session import Session, default_packet_pages
 from .setup_rules import check_arguments
@@ -73,7 +73,8 @@ def read_capture(paths: Iterable[str | os.PathLike[str]], *, packet_pages: int |
 
     channels = open_channels([(r, k) for r, k in zip(readers, kinds) if k[0] == "multifd"],
                              session)
-    decoders = [ChannelDecoder(reader, channel, layout, session, image, devices)
+    buffers = InflateBuffers()
+    decoders = [ChannelDecoder(reader, channel, layout, session, image, devices, buffers)
                 for reader, channel in channels]
     _decode_rounds(decoders)
     check_rounds(main, decoders)
