@@ -113,7 +113,8 @@ def test_complete_counters_name_every_counter_checked(row):
     with pytest.raises(ProtocolError) as info:
         decode_payload(Msg.COMPLETE, _complete(row))
     assert info.value.field == "channels"
-    assert "each with packets, normal_pages, zero_pages, device_packets" in str(info.value)
+    assert ("objects of at most 64 counts, each with packets, normal_pages, zero_pages, "
+            "device_packets") in str(info.value)
 
 
 def test_complete_counters_beyond_those_checked_are_taken():

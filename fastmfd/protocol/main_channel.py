@@ -292,8 +292,8 @@ _DECODERS: dict[Msg, Callable[[dict[str, Any]], Any]] = {
         Complete,
         channels=(lambda v: isinstance(v, list) and len(v) <= MAX_CHANNELS
                   and all(map(_counters, v)),
-                  f"at most {MAX_CHANNELS} objects of counts, each with "
-                  f"{', '.join(Complete.COUNTED)}"),
+                  f"at most {MAX_CHANNELS} objects of at most {_MAX_COUNTERS} counts, each "
+                  f"with {', '.join(Complete.COUNTED)}"),
         device_chunks=_CHUNK_COUNTS),
     Msg.LOADED: _typed(Loaded, rounds=(_count, "a round count"),
                        load_seconds=(_seconds, f"an object of at most {MAX_DEVICES} seconds")),
