@@ -11,22 +11,22 @@ tracker too, which can unlink a segment another process still uses —
 python/cpython#82300 — so it is not used here).
 
 The owner registers each segment with multiprocessing's resource tracker, a
-separate process that outlives its clients: if the owner dies without
-unlinking (SIGKILL, a crash), the tracker unlinks the segment once every
-process of the tree has exited. The tracker is in the tree's process group and
-cgroup, though: a kill of the whole (``kill -9 -PGID``, systemd's final SIGKILL
-of a service, ``docker kill``, an OOM kill of the group) kills it too, and its
-segments stay until the next fastmfd process of this user creates its first
-segment and sweeps those of owners that are dead by their lock
+separate process that outlives its clients: if the owner dies without unlinking
+(SIGKILL, a crash), the tracker unlinks the segment once every process of the
+tree has exited. The tracker is in the tree's process group and cgroup, though:
+a kill of the whole (``kill -9 -PGID``, systemd's final SIGKILL of a service,
+``docker kill``, an OOM kill of the group) kills it too, and its segments stay
+until the next fastmfd process of this user creates its first segment and sweeps
+those of owners dead by their lock, with no process attached to them
 (:mod:`fastmfd.shm_owners`). That unlinking is the tracker's job, not a leak:
 fastmfd starts the tracker (:func:`start_tracker`) told not to print that it
 found "leaked shared_memory objects" — said on the terminal of a killed
-``fastmfd send``, it told the user segments leaked when none did — and deaf to
-a hangup: multiprocessing's ignores SIGINT and SIGTERM, and a terminal's hangup
+``fastmfd send``, it told the user segments leaked when none did — and deaf to a
+hangup: multiprocessing's ignores SIGINT and SIGTERM, and a terminal's hangup
 (an ssh connection dropped) signals its whole process group, the tracker with
 the owner, which left every segment of an owner that died of it. A tracker
-someone else started first (the program used multiprocessing before fastmfd)
-is theirs, and still says it and dies of it.
+someone else started first (the program used multiprocessing before fastmfd) is
+theirs, and still says it and dies of it.
 
 Creating a segment allocates its memory up front (``posix_fallocate``) unless
 the creator says otherwise: a full ``/dev/shm`` is then a clean ``ConfigError``
@@ -62,8 +62,8 @@ from multiprocessing import resource_tracker
 
 from .errors import ConfigError
 from .safe_path import safe_import_path
-from .shm_owners import (SEGMENT_PREFIX, SHM_DIR, TOKEN_CHARS, is_owner_file, owner_lives,
-                         owner_of, owner_token)
+from .shm_owners import (SEGMENT_PREFIX, SHM_DIR, TOKEN_CHARS, hold_owner, is_owner_file,
+                         let_go_of_owner, owner_lives, owner_of, owner_token)
 from .units import format_bytes
 
 __all__ = ["SharedMemory", "SHM_DIR", "SEGMENT_PREFIX", "HUGE_PAGE", "list_segments",
@@ -488,6 +488,15 @@ class SharedMemory:
         under it (names are listed in /dev/shm) for a late attacher to write into."""
         if not name.startswith(SEGMENT_PREFIX) or "/" in name:
             raise ConfigError(f"{name!r} is not a fastmfd segment name")
+        hold_owner(name)        # its name stays while this is attached, its owner dead or not
+        try:
+            return cls._map_attached(name, size, huge_aligned)
+        except BaseException:
+            let_go_of_owner(name)
+            raise
+
+    @classmethod
+    def _map_attached(cls, name: str, size: int | None, huge_aligned: bool) -> "SharedMemory":
         try:
             fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -547,6 +556,8 @@ class SharedMemory:
             raise
         self._mmap = None
         self._buf = None
+        if not self.owner:
+            let_go_of_owner(self.name)
 
     def unlink(self) -> None:
         """Remove the name (owner only). The memory lives until the last unmap."""

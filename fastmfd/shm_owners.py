@@ -6,20 +6,25 @@ it is in the owner's process group and cgroup: a kill of the whole (``kill -9
 -PGID``, systemd's final SIGKILL of a service, ``docker kill``, an OOM kill of the
 group) kills it too, and left every segment of the session in /dev/shm for good.
 
-So each process that creates segments holds, for its life, an exclusive ``flock``
-on an *owner file* ``/dev/shm/fastmfd-owner-PID-TOKEN`` (made at its first
-segment), and each of its segments' names starts its random part with that
-``TOKEN`` (``fastmfd-TAG-PID-TOKENxxxxxx``). The kernel releases the lock when the
-last descriptor of it closes, however its process ended: a lock that can be taken
-is an owner dead everywhere. A pid cannot tell that: a /dev/shm shared by
-containers is shared across pid namespaces, and pids are reused. A process's
-first segment sweeps: of each owner file of this user whose lock it can take, it
-unlinks the segments and then the owner file. A forked child inherits the lock
-(it is the open file's, and the child may use the segments); a child that creates
-segments makes an owner file of its own. Another user's files, links and what is
-not a regular file are left alone. Names made before owner files were (no owner
-file matches them) are not swept, nor those of a process that could make no owner
-file (a /dev/shm without O_TMPFILE, no /proc): those are the tracker's alone.
+So each process that creates segments holds, for its life, a ``flock`` on an
+*owner file* ``/dev/shm/fastmfd-owner-PID-TOKEN`` (made at its first segment),
+and each of its segments' names starts its random part with that ``TOKEN``
+(``fastmfd-TAG-PID-TOKENxxxxxx``); every process that attaches one of them holds
+the same lock while attached. The locks are shared; a sweep tries the exclusive
+one. The kernel releases a lock when the last descriptor of it closes, however its
+process ended: an owner file whose exclusive lock can be taken is an owner dead
+everywhere, and no process attached to its segments. A pid cannot tell that: a
+/dev/shm shared by containers is shared across pid namespaces, and pids are
+reused. A process's first segment sweeps: of each owner file of this user whose
+exclusive lock it can take, it unlinks the segments and then the owner file. So a
+segment's name lives as long as its owner or a process attached to it (a
+forkserver's or spawned child of a killed owner attaches it again by name), as the
+resource tracker's promise was (:mod:`fastmfd.shm`); a forked child inherits the
+lock too, and a child that creates segments makes an owner file of its own.
+Another user's files, links and what is not a regular file are left alone. Names
+made before owner files were (no owner file matches them) are not swept, nor those
+of a process that could make no owner file (a /dev/shm without O_TMPFILE, no
+/proc): those are the tracker's alone.
 
 The owner file goes at its process's exit (multiprocessing's exit handlers, which
 its worker processes run too), or with the resource tracker like a segment.
@@ -31,16 +36,19 @@ import fcntl
 import os
 import secrets
 import stat
+import threading
+import time
 from multiprocessing import resource_tracker, util
 
 __all__ = ["SHM_DIR", "SEGMENT_PREFIX", "OWNER_TAG", "TOKEN_CHARS", "owner_token", "owner_of",
-           "is_owner_file", "owner_lives", "sweep_dead_owners"]
+           "is_owner_file", "owner_lives", "sweep_dead_owners", "hold_owner", "let_go_of_owner"]
 
 SHM_DIR = "/dev/shm"
 SEGMENT_PREFIX = "fastmfd-"
 OWNER_TAG = "owner"
 TOKEN_CHARS = 6         # an owner's token: hex digits; a segment's random part is 12
 _HEX = frozenset("0123456789abcdef")
+HOLD_WAIT = 1.0         # seconds an attacher waits for a sweep holding an owner's lock
 
 # This process's owner: (its pid, token, the locked descriptor); None until its
 # first segment. A forked child sees its parent's pid here, and makes its own.
@@ -97,7 +105,7 @@ def _make_owner_file() -> tuple[str, int] | None:
         return None
     try:
         # Locked before it has a name: a sweep never sees it unlocked.
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        fcntl.flock(fd, fcntl.LOCK_SH)
         return _link_owner_file(fd), fd
     except OSError:
         os.close(fd)
@@ -174,48 +182,135 @@ def _this_owner() -> tuple[int, str] | None:
     return (_owner[0], _owner[1]) if _owner is not None else None
 
 
-def _lock_if_dead(name: str, uid: int) -> int | None:
-    """A descriptor of owner file ``name``, its lock taken, if it is this user's
-    regular file and no process holds its lock; None otherwise."""
-    path = os.path.join(SHM_DIR, name)
+def _open_owner_file(name: str, uid: int) -> tuple[int, os.stat_result] | None:
+    """A descriptor of owner file ``name`` and its status, if it is ``uid``'s regular
+    file; None otherwise (gone, a link, a FIFO, another user's)."""
     try:
         # O_NONBLOCK: a FIFO by that name would block an open
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(os.path.join(SHM_DIR, name),
+                     os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return None
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != uid:
-            raise BlockingIOError
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        # Another sweep may have removed it, and a new owner taken the name, meanwhile.
-        now = os.stat(path, follow_symlinks=False)
-        if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
-            raise BlockingIOError
     except OSError:
         os.close(fd)
         return None
-    return fd
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != uid:
+        os.close(fd)
+        return None
+    return fd, st
+
+
+def _still_named(name: str, st: os.stat_result) -> bool:
+    """Whether ``name`` is still the file ``st`` is of: a sweep may have removed it,
+    and a new owner taken the name, meanwhile."""
+    try:
+        now = os.stat(os.path.join(SHM_DIR, name), follow_symlinks=False)
+    except OSError:
+        return False
+    return (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
+
+
+def _lock_if_dead(name: str, uid: int) -> int | None:
+    """A descriptor of owner file ``name``, its exclusive lock taken, if it is this
+    user's regular file and no process holds its lock (its owner, a forked child of
+    it, an attacher); None otherwise."""
+    opened = _open_owner_file(name, uid)
+    if opened is None:
+        return None
+    fd, st = opened
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if _still_named(name, st):
+            return fd
+    except OSError:
+        pass
+    os.close(fd)
+    return None
 
 
 def owner_lives(name: str) -> bool:
     """Whether a process holds owner file ``name``'s lock (this one included: a lock
-    is its open file's, and this opens another). Probed with a shared lock: a sweep
-    trying at that moment skips a dead owner, and never takes a live one for dead."""
-    try:
-        fd = os.open(os.path.join(SHM_DIR, name),
-                     os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return False            # gone meanwhile
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
+    is its open file's, and this opens another)."""
+    fd = _lock_if_dead(name, os.geteuid())
+    if fd is None:
+        return os.path.lexists(os.path.join(SHM_DIR, name))   # else gone meanwhile
+    os.close(fd)
     return False
+
+
+# The owners of the segments this process has attached, held alive by their lock:
+# (pid, token) -> [the descriptor locked, the attachments].
+_held: dict[tuple[int, str], list[int]] = {}
+_held_guard = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    global _held_guard
+    _held_guard = threading.Lock()      # another thread may have held it at the fork
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def hold_owner(segment: str) -> None:
+    """Keep the owner of ``segment`` alive to sweeps while this process has it
+    attached (:func:`let_go_of_owner` when it is closed): a sweep unlinked the names
+    of a killed owner whose spawned child still used them, and attached them again
+    (a review). Best effort: an owner file gone (its owner exited, or was swept just
+    now: then its names are gone too), not this user's, or locked by a sweep for
+    longer than HOLD_WAIT leaves the attachment unheld."""
+    owner = owner_of(segment)
+    if owner is None or owner == _this_owner():
+        return
+    with _held_guard:
+        held = _held.get(owner)
+        if held is not None:
+            held[1] += 1
+            return
+        fd = _lock_shared(_owner_name(*owner))
+        if fd is not None:
+            _held[owner] = [fd, 1]
+
+
+def let_go_of_owner(segment: str) -> None:
+    """One attachment of ``segment`` closed: see :func:`hold_owner`."""
+    owner = owner_of(segment)
+    if owner is None:
+        return
+    with _held_guard:
+        held = _held.get(owner)
+        if held is None:
+            return
+        held[1] -= 1
+        if not held[1]:
+            del _held[owner]
+            os.close(held[0])
+
+
+def _lock_shared(name: str) -> int | None:
+    """Owner file ``name`` open with its shared lock; None if it cannot be had (see
+    hold_owner). A sweep holds the exclusive lock for as long as its unlinks take."""
+    opened = _open_owner_file(name, os.geteuid())
+    if opened is None:
+        return None
+    fd, st = opened
+    deadline = time.monotonic() + HOLD_WAIT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            if _still_named(name, st):
+                return fd
+            break
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.001)
+        except OSError:
+            break
+    os.close(fd)
+    return None
 
 
 def _remove_if_mine(name: str, uid: int) -> bool:
