@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from ._engine.processes import ChildSet
@@ -343,5 +343,7 @@ class Destination(Owner):
         except BaseException as exc:         # Ctrl-C or sys.exit() too: see end_call
             end_call(self._failure, exc)
         assert session.setup is not None, "accept_main() took it"
+        stats = replace(session.stats(total), refused_connections=self._refusals.total,
+                        last_refused=self._refusals.last)
         return DestinationResult({r.name: r for r in session.regions}, session.device_results(),
-                                 session.stats(total), session.setup.encode())
+                                 stats, session.setup.encode())

@@ -143,6 +143,10 @@ class ReceiveStats:
     channels -- each data channel's :class:`ChannelStats`
     prealloc_time_s -- with prealloc, faulting the regions in, before SETUP_ACK (not
         in total_time_s); None without
+    refused_connections -- connections the destination dropped before authentication
+        (strangers, wrong keys, bad certificates), while it waited and received:
+        :attr:`fastmfd.Destination.refused_total` once received
+    last_refused -- the last of them, "peer: reason"; None without
     """
     total_time_s: float
     rounds: int
@@ -154,6 +158,8 @@ class ReceiveStats:
     load_time_s: dict[str, float]
     channels: tuple[ChannelStats, ...] = ()
     prealloc_time_s: float | None = None
+    refused_connections: int = 0
+    last_refused: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """Every field (channels as dicts too): the ``stats`` of ``fastmfd listen --json``."""

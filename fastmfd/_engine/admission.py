@@ -77,7 +77,7 @@ Refuse = Callable[[str, "BaseException | str"], None]
 __all__ = ["Admission", "ChannelDoor", "Refusal", "Refusals", "RefusalLog", "refusal_log",
            "MAX_CANDIDATES", "MAX_REFUSALS_KEPT", "REFUSAL_LOG_BURST", "REFUSAL_LOG_EVERY",
            "EVICT_AFTER", "ACCEPTED_ANOTHER", "TOO_MANY", "EVICTED",
-           "session_ended", "refuse_waiting",
+           "session_ended", "refuse_waiting", "refused_meanwhile",
            "GREETING_SPARES", "MAX_WORKERS", "DOOR_EVICTED", "DoorWorkers"]
 
 MAX_CANDIDATES = 64     # connections greeted at once (see the module's docstring)
@@ -140,6 +140,7 @@ class Refusals:
     def __init__(self, log_to: RefusalLog) -> None:
         self.kept: list[Refusal] = []
         self.total = 0
+        self.last: str | None = None        # the last refusal's "peer: reason"
         self._log = log_to
         self._lock = threading.Lock()      # refused from greeting threads and the watch loop
 
@@ -147,6 +148,7 @@ class Refusals:
         refusal = Refusal(peer, str(reason))
         with self._lock:
             self.total += 1
+            self.last = f"{peer}: {refusal.reason}"
             if len(self.kept) < MAX_REFUSALS_KEPT:
                 self.kept.append(refusal)
         self._log.add(refusal)
@@ -154,6 +156,14 @@ class Refusals:
     def ended(self) -> None:
         """The destination refuses no more: see :meth:`RefusalLog.say_skipped`."""
         self._log.say_skipped()
+
+
+def refused_meanwhile(count: int, last: str) -> str:
+    """``count`` connections refused, the ``last`` one's "peer: reason", in words:
+    ``listen`` says so after each session."""
+    if count == 1:
+        return f"refused 1 connection meanwhile ({last})"
+    return f"refused {count} connections meanwhile (the last: {last})"
 
 
 class RefusalLog:

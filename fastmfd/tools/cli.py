@@ -159,11 +159,15 @@ def cmd_listen(args: argparse.Namespace) -> int:
 
 def _report_session(console: Console, result: DestinationResult, files: SavedFiles, *,
                     as_json: bool) -> None:
+    from .._engine.admission import refused_meanwhile
     _print_files(console, files)
     prealloc = result.stats.prealloc_time_s
     console.print(f"received in {result.stats.total_time_s * 1000:.0f} ms, "
                   f"{result.stats.rounds} round(s)"
                   + (f", after {prealloc * 1000:.0f} ms of prealloc" if prealloc else ""))
+    if result.stats.last_refused is not None:
+        console.print(refused_meanwhile(result.stats.refused_connections,
+                                        result.stats.last_refused))
     if as_json:
         _print_json({**_files_json(files), "stats": result.stats.as_dict()})
 
