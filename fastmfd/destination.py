@@ -335,7 +335,8 @@ class Destination(Owner):
         try:
             session.accept_main()
             started = time.monotonic()
-            session.run()
+            with self._refusals.named_in_failure(self._failure):
+                session.run()
             total = time.monotonic() - started
             session.source_still_there()
             call_hook("on_resume", on_resume)

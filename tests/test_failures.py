@@ -28,7 +28,8 @@ from fastmfd.protocol.main_channel import Msg
 from fastmfd._engine.processes import RemoteTraceback
 from fastmfd._engine.session import call_hook
 from migration_support import (AtMessage, Corrupt, EditMessage, FlipInMessage, Migration,
-                               Outcome, Packets, Proxy, Reset, Trigger, Truncate, make_region)
+                               Outcome, Packets, Proxy, Reset, RewriteHello, Trigger, Truncate,
+                               make_region)
 
 CONFIG = fastmfd.MigrationConfig(channels=2, max_bandwidth=64 << 20, job_packets=1)
 MIB = 1 << 20
@@ -267,6 +268,29 @@ def test_corrupted_packet_header(image, leaks):
 def _offsets_at(config) -> int:
     """Where a RAM packet's offsets start on the wire (they count after the hello)."""
     return _core.RamPacketCodec(config.packet_pages).header_size - 8 * config.packet_pages
+
+
+def test_a_channel_refused_for_its_damaged_hello_is_named_in_the_failure(image, leaks):
+    """A channel whose init packet comes damaged (a proxy, a bad link) is refused as a
+    stranger, and the session fails waiting for it: its error, on both sides, names
+    that refusal. It said only "channel 1: not connected 1 s after SETUP_ACK" (or "main
+    channel: nothing from the source"), the refusal in the destination's log alone (a
+    fuzz review)."""
+    uuid_at = _core.CHANNEL_HEADER_SIZE + 8     # the init packet: magic, version, uuid
+
+    def damaged(hello: bytes) -> bytes:
+        return hello[:uuid_at] + bytes([hello[uuid_at] ^ 0xFF]) + hello[uuid_at + 1:]
+
+    damage = RewriteHello(damaged)
+    config = fastmfd.MigrationConfig(channels=2, max_bandwidth=64 << 20, job_packets=1,
+                                     stall_timeout=1.0)
+    src, dst = migrate(image, {1: damage}, config=config).failed_both(since=damage.fired_at)
+    refusal = (r"; refused 1 connection meanwhile \(127\.0\.0\.1:\d+: init packet field "
+               r"'uuid': received [0-9a-f]{32}, expected [0-9a-f]{32} \(the session's\)\)$")
+    assert_names(dst, refusal)
+    assert_names(src, r"the destination failed: .*" + refusal)
+    leaks.assert_clean(keep=[image])
+
 
 
 @pytest.mark.parametrize("where, mask", [

@@ -51,8 +51,9 @@ import socket
 import threading
 import time
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterable, Protocol
+from typing import Callable, Iterable, Iterator, Protocol
 
 from ..errors import MigrationError, NoSourceError, ProtocolError
 from ..protocol.control import Greeting
@@ -65,7 +66,7 @@ from ..threads import start_thread
 from .liveness import process_stopped
 from .memory_bound import WORKER_BYTES
 from .processes import Child, ChildSet, Watch
-from .session import SessionResources
+from .session import SessionFailure, SessionResources, as_migration_error
 from .stopping import stop_reason
 from .workers import recv_worker_main
 
@@ -157,10 +158,34 @@ class Refusals:
         """The destination refuses no more: see :meth:`RefusalLog.say_skipped`."""
         self._log.say_skipped()
 
+    @contextmanager
+    def named_in_failure(self, failure: SessionFailure) -> Iterator[None]:
+        """The error the block raises, the session's failure, says the connections
+        refused while it ran, if any: a channel whose hello came damaged (a proxy, a
+        bad link) is refused as a stranger, and the session then failed waiting for it
+        ("not connected", "nothing from the source") with no word of why, here or at
+        the source (a fuzzing review). A failure recorded already (another thread's,
+        told the source) stands as it is."""
+        before = self.total
+        try:
+            yield
+        except Exception as exc:
+            with self._lock:
+                count, last = self.total - before, self.last
+            if not count or last is None or failure.error is not None:
+                raise
+            error = as_migration_error(exc)
+            note = f"; {refused_meanwhile(count, last)}"
+            error.cause += note
+            error.args = (f"{error.args[0]}{note}",)
+            if error is exc:
+                raise
+            raise error from exc
+
 
 def refused_meanwhile(count: int, last: str) -> str:
-    """``count`` connections refused, the ``last`` one's "peer: reason", in words:
-    ``listen`` says so after each session."""
+    """``count`` connections refused, the ``last`` one's "peer: reason", in words: a
+    session's failure says so, and ``listen`` after each session."""
     if count == 1:
         return f"refused 1 connection meanwhile ({last})"
     return f"refused {count} connections meanwhile (the last: {last})"
