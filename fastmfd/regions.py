@@ -9,8 +9,9 @@ dirty bitmap, one bit per page, that a workload in any process marks
 
 Another process attaches with ``Region.attach(region.handle)``; attachers
 only ever unmap. The creating process owns the segments and unlinks them in
-:meth:`Region.close` (or at exit of its process tree, through the resource
-tracker, if it dies first).
+:meth:`Region.close` (or, if it dies first, the resource tracker at the exit of
+its process tree, or another process's sweep once no process is attached to them:
+:mod:`fastmfd.shm_owners`).
 """
 
 from __future__ import annotations

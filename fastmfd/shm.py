@@ -13,14 +13,15 @@ python/cpython#82300 — so it is not used here).
 The owner registers each segment with multiprocessing's resource tracker, a
 separate process that outlives its clients: if the owner dies without unlinking
 (SIGKILL, a crash), the tracker unlinks the segment once every process of the
-tree has exited. The tracker is in the tree's process group and cgroup, though:
-a kill of the whole (``kill -9 -PGID``, systemd's final SIGKILL of a service,
-``docker kill``, an OOM kill of the group) kills it too, and its segments stay
-until the next fastmfd process of this user creates its first segment and sweeps
-those of owners dead by their lock, with no process attached to them
-(:mod:`fastmfd.shm_owners`). That unlinking is the tracker's job, not a leak:
-fastmfd starts the tracker (:func:`start_tracker`) told not to print that it
-found "leaked shared_memory objects" — said on the terminal of a killed
+tree has exited, or a sweep does sooner, once no process is attached to it
+(:mod:`fastmfd.shm_owners`). The tracker is in the tree's process group and
+cgroup, though: a kill of the whole (``kill -9 -PGID``, systemd's final SIGKILL
+of a service, ``docker kill``, an OOM kill of the group) kills it too, and its
+segments stay until the next fastmfd process of this user creates its first
+segment and sweeps those of owners dead by their lock, with no process attached
+to them (:mod:`fastmfd.shm_owners`). That unlinking is the tracker's job, not a
+leak: fastmfd starts the tracker (:func:`start_tracker`) told not to print that
+it found "leaked shared_memory objects" — said on the terminal of a killed
 ``fastmfd send``, it told the user segments leaked when none did — and deaf to a
 hangup: multiprocessing's ignores SIGINT and SIGTERM, and a terminal's hangup
 (an ssh connection dropped) signals its whole process group, the tracker with
@@ -544,6 +545,7 @@ class SharedMemory:
         exported; the name is gone by then, so nothing leaks in /dev/shm and
         the memory is freed with the last view.
         """
+        attached = not self.owner       # read before unlink(), which clears it
         if self.owner:
             self.unlink()
         if self._mmap is None:
@@ -556,7 +558,7 @@ class SharedMemory:
             raise
         self._mmap = None
         self._buf = None
-        if not self.owner:
+        if attached:
             let_go_of_owner(self.name)
 
     def unlink(self) -> None:

@@ -11,20 +11,21 @@ So each process that creates segments holds, for its life, a ``flock`` on an
 and each of its segments' names starts its random part with that ``TOKEN``
 (``fastmfd-TAG-PID-TOKENxxxxxx``); every process that attaches one of them holds
 the same lock while attached. The locks are shared; a sweep tries the exclusive
-one. The kernel releases a lock when the last descriptor of it closes, however its
-process ended: an owner file whose exclusive lock can be taken is an owner dead
-everywhere, and no process attached to its segments. A pid cannot tell that: a
-/dev/shm shared by containers is shared across pid namespaces, and pids are
-reused. A process's first segment sweeps: of each owner file of this user whose
-exclusive lock it can take, it unlinks the segments and then the owner file. So a
-segment's name lives as long as its owner or a process attached to it (a
-forkserver's or spawned child of a killed owner attaches it again by name), as the
-resource tracker's promise was (:mod:`fastmfd.shm`); a forked child inherits the
-lock too, and a child that creates segments makes an owner file of its own.
-Another user's files, links and what is not a regular file are left alone. Names
-made before owner files were (no owner file matches them) are not swept, nor those
-of a process that could make no owner file (a /dev/shm without O_TMPFILE, no
-/proc): those are the tracker's alone.
+one. The kernel releases a lock when the last descriptor of it closes, however
+its process ended: an owner file whose exclusive lock can be taken is an owner
+dead everywhere, and no process attached to its segments. A pid cannot tell
+that: a /dev/shm shared by containers is shared across pid namespaces, and pids
+are reused. A process's first segment sweeps: of each owner file of this user
+whose exclusive lock it can take, it unlinks the segments and then the owner
+file. So a segment's name lives as long as its owner or a process attached to it
+(a forkserver's or spawned child of a killed owner, using it, attaches it again
+by name); not, as with the resource tracker alone, until the whole tree has
+exited: a child that closed it, its owner killed and a sweep run since, finds it
+gone. A forked child inherits the lock too, and a child that creates segments
+makes an owner file of its own. Another user's files, links and what is not a
+regular file are left alone. Names made before owner files were (no owner file
+matches them) are not swept, nor those of a process that could make no owner
+file (a /dev/shm without O_TMPFILE, no /proc): those are the tracker's alone.
 
 The owner file goes at its process's exit (multiprocessing's exit handlers, which
 its worker processes run too), or with the resource tracker like a segment.
@@ -243,12 +244,13 @@ def owner_lives(name: str) -> bool:
 # The owners of the segments this process has attached, held alive by their lock:
 # (pid, token) -> [the descriptor locked, the attachments].
 _held: dict[tuple[int, str], list[int]] = {}
-_held_guard = threading.Lock()
+# Re-entrant: a collection in the middle may run a finalizer that closes a segment.
+_held_guard = threading.RLock()
 
 
 def _after_fork_in_child() -> None:
     global _held_guard
-    _held_guard = threading.Lock()      # another thread may have held it at the fork
+    _held_guard = threading.RLock()     # another thread may have held it at the fork
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -269,15 +271,24 @@ def hold_owner(segment: str) -> None:
         if held is not None:
             held[1] += 1
             return
-        fd = _lock_shared(_owner_name(*owner))
-        if fd is not None:
+    # Opened and locked outside the guard: it may wait (HOLD_WAIT), and a finalizer
+    # that a collection runs meanwhile closes segments (a hang with the guard held).
+    fd = _lock_shared(_owner_name(*owner))
+    if fd is None:
+        return
+    with _held_guard:
+        held = _held.get(owner)
+        if held is None:
             _held[owner] = [fd, 1]
+            return
+        held[1] += 1                    # another thread held it meanwhile
+    os.close(fd)
 
 
 def let_go_of_owner(segment: str) -> None:
     """One attachment of ``segment`` closed: see :func:`hold_owner`."""
     owner = owner_of(segment)
-    if owner is None:
+    if owner is None or owner == _this_owner():
         return
     with _held_guard:
         held = _held.get(owner)

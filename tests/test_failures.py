@@ -292,7 +292,6 @@ def test_a_channel_refused_for_its_damaged_hello_is_named_in_the_failure(image, 
     leaks.assert_clean(keep=[image])
 
 
-
 @pytest.mark.parametrize("where, mask", [
     # A flipped payload bit.
     (lambda config: _core.RamPacketCodec(config.packet_pages).header_size + 5000, 0x01),

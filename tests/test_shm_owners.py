@@ -216,6 +216,50 @@ def test_a_spawned_child_of_a_killed_owner_attaches_its_segment_again(tmp_path):
             os.killpg(owner.pid, signal.SIGKILL)
 
 
+# Attaches and closes another owner's segment, over and over, while the cyclic
+# collector (run often) finalizes objects whose __del__ closes an attachment.
+FINALIZED_IN_AN_ATTACH = """
+import faulthandler, gc, sys
+from fastmfd.shm import SharedMemory
+first, second = sys.argv[1:3]
+
+
+class Consumer:
+    def __init__(self):
+        self.segment = SharedMemory.attach(first)
+        self.me = self                  # a cycle: freed by the cyclic collector
+
+    def __del__(self):
+        self.segment.close()
+
+
+faulthandler.dump_traceback_later(20, exit=True)    # a hang: its stacks, then exit 1
+gc.set_threshold(10)
+for _ in range(3000):
+    Consumer()
+    SharedMemory.attach(second).close()
+faulthandler.cancel_dump_traceback_later()
+"""
+
+
+def test_a_finalizer_closing_a_segment_during_an_attach_does_not_hang():
+    """The attach held its guard while it opened and locked the owner's file; a
+    collection there ran a __del__ that closed a segment, which waited on that guard
+    in the same thread for ever (a reread)."""
+    owners = [subprocess.Popen([sys.executable, "-c", WAITING_OWNER], stdout=subprocess.PIPE,
+                               text=True, start_new_session=True) for _ in range(2)]
+    try:
+        names = [owner.stdout.readline().split()[2] for owner in owners]
+        done = subprocess.run([sys.executable, "-c", FINALIZED_IN_AN_ATTACH, *names],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-3000:]
+    finally:
+        for owner in owners:
+            os.killpg(owner.pid, signal.SIGKILL)        # its tracker with it
+            owner.wait(30)
+        run_python(FIRST_SEGMENT)                       # which sweeps what they left
+
+
 def report_a_segment(queue) -> None:
     segment = SharedMemory.create(64, tag="child")
     queue.put(segment.name)
@@ -244,6 +288,7 @@ def test_a_forked_child_owns_its_segments_under_a_lock_of_its_own():
         first.close()
 
 
+@pytest.mark.alone("the other worker's first segment would sweep the dead owner's files it checks")
 def test_a_live_owner_file_is_no_leak_and_a_dead_ones_is():
     """list_segments (what leak checks read) leaves out an owner file whose process
     lives, this one's too: a program that made a segment and closed it listed its
@@ -271,6 +316,7 @@ def test_a_process_that_exits_removes_its_owner_file():
     assert not [n for n in list_segments() if creator_pid(n) == int(said.stdout)]
 
 
+@pytest.mark.alone("the other worker's first segment would sweep the dead owner's files it checks")
 @pytest.mark.skipif(os.geteuid() != 0, reason="making another user's files needs root")
 def test_another_users_links_and_what_is_not_a_regular_file_are_left_alone(tmp_path):
     """Dead owners' names (no process holds their lock) of every kind: only this user's
