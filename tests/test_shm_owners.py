@@ -122,7 +122,8 @@ def test_an_owner_alive_by_its_lock_keeps_its_segments_whatever_its_pid_says():
         run_python(FIRST_SEGMENT)
         assert not names & in_shm()
     finally:
-        os.killpg(owner.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):      # its whole group may be gone
+            os.killpg(owner.pid, signal.SIGKILL)
         owner.wait(30)
 
 
@@ -163,7 +164,8 @@ def test_an_attached_segment_keeps_its_name_until_let_go_whatever_became_of_its_
         assert name not in in_shm()
         assert not [n for n in in_shm() if creator_pid(n) == int(pid)]
     finally:
-        os.killpg(owner.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):      # its whole group may be gone
+            os.killpg(owner.pid, signal.SIGKILL)
         owner.wait(30)
 
 
@@ -261,7 +263,8 @@ def test_a_finalizer_closing_a_segment_during_an_attach_does_not_hang():
         assert done.returncode == 0, done.stderr[-3000:]
     finally:
         for owner in owners:
-            os.killpg(owner.pid, signal.SIGKILL)        # its tracker with it
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(owner.pid, signal.SIGKILL)    # its tracker with it
             owner.wait(30)
         run_python(FIRST_SEGMENT)                       # which sweeps what they left
 
