@@ -63,7 +63,7 @@ from multiprocessing import resource_tracker
 
 from .errors import ConfigError
 from .safe_path import safe_import_path
-from .shm_owners import (SEGMENT_PREFIX, SHM_DIR, TOKEN_CHARS, hold_owner, is_owner_file,
+from .shm_owners import (RANDOM_CHARS, SEGMENT_PREFIX, SHM_DIR, hold_owner, is_owner_file,
                          let_go_of_owner, owner_lives, owner_of, owner_token)
 from .units import format_bytes
 
@@ -394,7 +394,7 @@ def new_name(tag: str, owner: str = "") -> str:
     # register is a segment nobody would clean up.
     tag = "".join(c if c.isascii() and (c.isalnum() or c in "._-") else "_"
                   for c in tag)[:40]
-    random = owner + secrets.token_hex(TOKEN_CHARS - len(owner) // 2)
+    random = owner + secrets.token_hex((RANDOM_CHARS - len(owner)) // 2)
     return f"{SEGMENT_PREFIX}{tag}-{os.getpid()}-{random}"
 
 

@@ -41,13 +41,15 @@ import threading
 import time
 from multiprocessing import resource_tracker, util
 
-__all__ = ["SHM_DIR", "SEGMENT_PREFIX", "OWNER_TAG", "TOKEN_CHARS", "owner_token", "owner_of",
-           "is_owner_file", "owner_lives", "sweep_dead_owners", "hold_owner", "let_go_of_owner"]
+__all__ = ["SHM_DIR", "SEGMENT_PREFIX", "OWNER_TAG", "TOKEN_CHARS", "RANDOM_CHARS", "owner_token",
+           "owner_of", "is_owner_file", "owner_lives", "sweep_dead_owners", "hold_owner",
+           "let_go_of_owner"]
 
 SHM_DIR = "/dev/shm"
 SEGMENT_PREFIX = "fastmfd-"
 OWNER_TAG = "owner"
-TOKEN_CHARS = 6         # an owner's token: hex digits; a segment's random part is 12
+TOKEN_CHARS = 6         # an owner's token: hex digits
+RANDOM_CHARS = 2 * TOKEN_CHARS  # a segment's random part: its owner's token, then its own
 _HEX = frozenset("0123456789abcdef")
 HOLD_WAIT = 1.0         # seconds an attacher waits for a sweep holding an owner's lock
 
@@ -65,7 +67,7 @@ def owner_of(name: str) -> tuple[int, str] | None:
     pid, random = parts[-2:]
     if not (pid.isascii() and pid.isdigit()) or not set(random) <= _HEX:
         return None
-    if len(random) == 2 * TOKEN_CHARS or (len(random) == TOKEN_CHARS and is_owner_file(name)):
+    if len(random) == RANDOM_CHARS or (len(random) == TOKEN_CHARS and is_owner_file(name)):
         return int(pid), random[:TOKEN_CHARS]
     return None
 
