@@ -54,7 +54,7 @@ from ..protocol.sockets import (Address, ConnectionClosed, connect, peer_address
                                 tune_data_socket, tune_main_socket)
 from ..regions import Region, closed_regions_named, first_file_changed
 from ..shm import SharedMemory
-from ..stats import ChannelStats, MigrationStats, RoundStats
+from ..stats import MigrationStats, RoundStats
 from ..threads import start_thread
 from .liveness import (AwaitingDestination, Heartbeat, Progress, bytes_waiting,
                        process_stopped, set_stall_timeout, stall_error, tick)
@@ -137,15 +137,16 @@ class Sending:
     # ------------------------------------------------------------ the session
     def run(self, live: bool, on_stop: Hook | None, on_resume: Hook | None,
             progress: bool) -> MigrationStats:
-        t_start = self.board.started_at = time.monotonic()
+        board = self.board
+        board.started_at = time.monotonic()
         try:
             self.failure.check()
             self._connect()
-            t_setup = self.board.setup_s = time.monotonic() - t_start
+            board.setup_s = time.monotonic() - board.started_at
             with RoundProgress(enabled=progress, regions=self.parts.regions,
                                pages_done=self._pages_done) as bar:
                 with closed_regions_named(self.parts.regions):
-                    rounds, stop_time = self._run_rounds(live, on_stop, bar)
+                    self._run_rounds(live, on_stop, bar)
                 self._wait_for(self._loaded)
             end = time.monotonic()
             # A destination that cannot resume fails the migration: wait for its word.
@@ -162,7 +163,9 @@ class Sending:
                 self._saver.wait()
             if self.failure.error is not None:
                 self._last_report = self._report()
-        self.stats = self._stats(end - t_start, t_setup, end - stop_time, rounds)
+        assert self._loaded_report is not None and self.main is not None, "after LOADED"
+        self.stats = board.final(end, self.config, self.parts.counters, self._streams,
+                                 self._old_way_bytes, self.main.bytes_sent, self._loaded_report)
         self.state = SendingState.DONE
         self._last_report = self._report()      # the owner frees the counters next
         call_hook("on_resume", on_resume)
@@ -251,9 +254,8 @@ class Sending:
             rate=cfg.channel_rate)
 
     # ------------------------------------------------------------ rounds
-    def _run_rounds(self, live: bool, on_stop: Hook | None,
-                    bar: RoundProgress) -> tuple[list[RoundStats], float]:
-        """Send every round; returns the round stats and the stop time."""
+    def _run_rounds(self, live: bool, on_stop: Hook | None, bar: RoundProgress) -> None:
+        """Send every round (the board keeps their stats, and the stop time)."""
         cfg, regions = self.config, self.parts.regions
         rounds = self.board.rounds
         stop_time = None
@@ -281,7 +283,6 @@ class Sending:
             self.board.dirty_rate = sum(len(p) for p in pages) / max(now - collected, 1e-6)
             collected = now
         self._finish()
-        return rounds, stop_time
 
     def _switchover_acked(self) -> bool:
         """With switchover_ack, the source may stop only once the destination has
@@ -537,6 +538,11 @@ class Sending:
         self.parts.workers.kill()
 
     # ------------------------------------------------------------ results
+    @property
+    def _old_way_bytes(self) -> int:
+        """Device state sent on the main channel (without device-state channels)."""
+        return self._saver.bytes_sent if isinstance(self._saver, OldWaySaver) else 0
+
     def status(self, cancelled: bool = False) -> dict[str, Any]:
         """What QEMU's ``query-migrate`` says, now (any thread): see Source.status."""
         report = self._last_report or self._report()
@@ -551,41 +557,16 @@ class Sending:
 
     def _report(self) -> dict[str, Any]:
         state = _STATUS[self.state]
-        old_way = self._saver.bytes_sent if isinstance(self._saver, OldWaySaver) else 0
         return self.board.report(
             state, self.config, self.parts.counters, self.parts.regions,
             running=self.stats is None and self.state is not SendingState.FAILED,
             bandwidth=self._bandwidth() if self.state is not SendingState.CONNECTING else 0.0,
             main_bytes=self.main.bytes_sent if self.main is not None else 0,
-            old_way_bytes=old_way, streams=self._streams,
+            old_way_bytes=self._old_way_bytes, streams=self._streams,
             switchover_ack=None if not self.config.switchover_ack else (
                 "acked" if self._awaiting.acked.is_set() and self.state is not SendingState.FAILED
                 else "requested" if self._awaiting.ack_asked is not None else "pending"),
             final=self.stats)
-
-    def _stats(self, total: float, setup: float, downtime: float,
-               rounds: list[RoundStats]) -> MigrationStats:
-        cfg, counters = self.config, self.parts.counters
-        channels = tuple(
-            ChannelStats.from_counters(ch, "ram" if ch < cfg.channels else "device",
-                                       counters.read(ch))
-            for ch in range(cfg.total_channels))
-        normal = sum(c.normal_pages for c in channels)
-        zero = sum(c.zero_pages for c in channels)
-        old_way = self._saver.bytes_sent if isinstance(self._saver, OldWaySaver) else 0
-        device_bytes = counters.total("device_bytes") + old_way
-        loaded = self._loaded_report
-        assert loaded is not None and self.main is not None, "after LOADED"
-        return MigrationStats(
-            total_time_s=total, setup_time_s=setup, downtime_s=downtime, rounds=len(rounds),
-            ram_bytes=(normal + zero) * cfg.page_size,
-            wire_bytes=sum(c.wire_bytes for c in channels) + self.main.bytes_sent,
-            normal_pages=normal, zero_pages=zero, device_bytes=device_bytes,
-            device_chunks=sum(stream.next_idx for stream in self._streams),
-            device_live_bytes=sum(stream.live_bytes for stream in self._streams),
-            page_size=cfg.page_size,
-            compression=cfg.compression, channels=channels, round_stats=tuple(rounds),
-            destination={"rounds": loaded.rounds, "load_seconds": loaded.load_seconds})
 
 
 # QEMU's MigrationStatus names for each state ("device": the stop-and-copy).

@@ -6,7 +6,8 @@ what devices still want to send); the per-channel counters live in shared
 memory, written by the send workers. ``report()`` reads both from any thread
 without a lock: every value is one Python object swapped whole, so a report
 may be a moment old, never torn. Once the migration is over the report is
-made from its :class:`~fastmfd.MigrationStats`, so the two agree.
+made from its :class:`~fastmfd.MigrationStats` (:meth:`StatusBoard.final`), so the two
+agree.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..stats import MigrationStats, RoundStats
+from ..stats import ChannelStats, MigrationStats, RoundStats
 
 if TYPE_CHECKING:
     from .._core import Counters
     from ..config import MigrationConfig
+    from ..protocol.main_channel import Loaded
     from ..regions import Region
     from .saving import DeviceStream
 
@@ -83,6 +85,31 @@ class StatusBoard:
                        "chunks": sum(s.next_idx for s in streams)},
             "channels": channels,
         }
+
+    def final(self, end: float, config: MigrationConfig, counters: Counters,
+              streams: Sequence[DeviceStream], old_way_bytes: int, main_bytes: int,
+              loaded: Loaded) -> MigrationStats:
+        """The migration's statistics once the destination's LOADED came (at ``end``,
+        monotonic): the board's times and rounds, the counters' totals, LOADED's."""
+        assert self.setup_s is not None and self.stopped_at is not None, "after the stop"
+        channels = tuple(
+            ChannelStats.from_counters(ch, "ram" if ch < config.channels else "device",
+                                       counters.read(ch))
+            for ch in range(config.total_channels))
+        normal = sum(c.normal_pages for c in channels)
+        zero = sum(c.zero_pages for c in channels)
+        return MigrationStats(
+            total_time_s=end - self.started_at, setup_time_s=self.setup_s,
+            downtime_s=end - self.stopped_at, rounds=len(self.rounds),
+            ram_bytes=(normal + zero) * config.page_size,
+            wire_bytes=sum(c.wire_bytes for c in channels) + main_bytes,
+            normal_pages=normal, zero_pages=zero,
+            device_bytes=counters.total("device_bytes") + old_way_bytes,
+            device_chunks=sum(stream.next_idx for stream in streams),
+            device_live_bytes=sum(stream.live_bytes for stream in streams),
+            page_size=config.page_size, compression=config.compression, channels=channels,
+            round_stats=tuple(self.rounds),
+            destination={"rounds": loaded.rounds, "load_seconds": loaded.load_seconds})
 
 
 def _dirty_pages(region: Region) -> int:
