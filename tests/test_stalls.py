@@ -34,6 +34,7 @@ from fastmfd.shm import SHM_DIR
 from migration_support import (BlackHole, FakeSource, Migration, OnMessage, Packets, Proxy,
                                Trigger, device_packet, hello, make_region, ram_packet,
                                reporting_destination, setup_message)
+from proc_scan import alive, process_group
 
 STALL = 1.0
 BOUND = STALL + 2.0         # seconds from the fault to each side's failure
@@ -565,6 +566,60 @@ def test_a_forkserver_that_does_not_answer_holds_no_teardown_up():
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr[-3000:]
     assert float(done.stdout.split("took:")[1]) < 15, done.stdout
+
+
+_SOURCE = textwrap.dedent("""
+    import sys, numpy as np, fastmfd
+    if __name__ == "__main__":
+        region = fastmfd.Region.create("ram", 16 << 20)
+        region.array[:] = np.random.default_rng(3).integers(0, 256, 16 << 20, np.uint8)
+        config = fastmfd.MigrationConfig(channels=2, max_bandwidth=4 << 20, stall_timeout=1)
+        with fastmfd.Source(sys.argv[1], config) as src:
+            src.add_region(region)
+            try:
+                src.migrate(live=False)
+            except fastmfd.MigrationError as exc:
+                print(exc, flush=True)
+        region.close()
+""")
+
+
+def test_a_source_stopped_past_its_destination_s_deadline_says_the_destination_s_reason():
+    """A source stopped (SIGSTOP, its whole group) until its destination failed it, then
+    continued, said "send channel 1: send: Broken pipe (EPIPE)" in some runs (a review,
+    1 in 3): its workers, sending when it stopped, failed on the connection the
+    destination closed, and their reports came in with the destination's KEEPALIVEs,
+    read one by one, ahead of its ERROR. Forced here: the workers run first and end."""
+    with fastmfd.Destination("tcp:127.0.0.1:0", workers=2) as dst:
+        thread, done = _receive_in_thread(dst)
+        src = subprocess.Popen([sys.executable, "-c", _SOURCE, str(dst.address)],
+                               stdout=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and (
+                    dst._session is None or dst._session._counters is None
+                    or dst._session._counters.total("wire_bytes") < MIB):
+                time.sleep(0.01)
+            os.killpg(src.pid, signal.SIGSTOP)
+            thread.join(BOUND + 5)
+            assert "nothing from the source" in str(done.get("error")), done
+            workers = [pid for pid, command in process_group(src.pid).items()
+                       if command.startswith("fastmfd: send channel")]
+            assert len(workers) == 2, process_group(src.pid)
+            for pid in workers:
+                os.kill(pid, signal.SIGCONT)
+            deadline = time.monotonic() + 10
+            while any(map(alive, workers)) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            os.killpg(src.pid, signal.SIGCONT)
+            said = src.communicate(timeout=30)[0]
+        finally:
+            if src.poll() is None:
+                os.killpg(src.pid, signal.SIGKILL)
+                os.killpg(src.pid, signal.SIGCONT)
+                src.wait()
+    assert said.startswith("main channel: the destination failed: main channel: nothing from "
+                           "the source for "), said
 
 
 # ---------------------------------------------------------------- a silent destination

@@ -17,9 +17,9 @@ from fastmfd.tools.loopback import LoopbackMigration
 from fastmfd.protocol.sockets import tune_main_socket
 from fastmfd.errors import ConfigError, MigrationError
 from fastmfd.shm import list_segments
-from fastmfd._engine.processes import ChildSet, child_setup, failure_text, run_child
+from fastmfd._engine.processes import ChildSet, child_setup, run_child
 from fastmfd._engine.workers import recv_worker_main, send_worker_main
-from fastmfd.protocol.control import Drained, Ready
+from fastmfd.protocol.control import Drained, Failed, Ready, failure_text
 from migration_support import make_region
 from proc_scan import alive
 
@@ -147,6 +147,19 @@ def test_a_failure_is_reported_in_words(exc, text):
     """A system call's error in its own words and its errno's name, not Python's
     type and number; a MigrationError as it is; anything else by its type."""
     assert failure_text(exc) == text
+
+
+@pytest.mark.parametrize("exc, closed", [
+    (BrokenPipeError(errno.EPIPE, "send: Broken pipe"), True),
+    (OSError(errno.ECONNRESET, "send: Connection reset by peer"), True),
+    (OSError(errno.ENOMEM, "Cannot allocate memory"), False),
+    (MigrationError("no progress for 2 s (the peer takes no data)"), False),
+])
+def test_a_failure_says_whether_its_peer_closed_the_connection(exc, closed):
+    """A send that met the connection its peer closed (EPIPE, ECONNRESET) is most likely
+    the consequence of the peer's failure: the main process then waits for its word."""
+    report = Failed.of(exc, "traceback")
+    assert (report.peer_closed, report.text) == (closed, failure_text(exc))
 
 
 def test_the_main_channel_sends_small_messages_at_once():

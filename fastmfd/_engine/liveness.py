@@ -39,8 +39,9 @@ import threading
 import time
 from typing import Any, Callable, Hashable
 
-from ..errors import MigrationError, ProtocolError
-from ..protocol.main_channel import MAIN, Loading, MainChannel, Msg
+from ..errors import FastMFDError, MigrationError, ProtocolError
+from ..protocol.main_channel import (MAIN, Loading, MainChannel, Msg, Sender, peer_failed,
+                                     read_message)
 from ..protocol.sockets import decrypted_unread
 
 __all__ = ["Heartbeat", "Progress", "Steps", "AwaitingDestination", "set_stall_timeout",
@@ -118,7 +119,7 @@ class Heartbeat:
     """The main channel's liveness: KEEPALIVE out (or what ``word`` says instead),
     anything in."""
 
-    def __init__(self, main: MainChannel, limit: float, peer: str,
+    def __init__(self, main: MainChannel, limit: float, peer: Sender,
                  interval: float | None = None) -> None:
         self.main, self.limit, self.peer = main, limit, peer
         self.interval = (limit if interval is None else interval) / 4
@@ -166,6 +167,26 @@ class Heartbeat:
             if time.monotonic() >= deadline:
                 return False
         return True
+
+    def peer_failure_first(self, error: MigrationError, grace: float,
+                           max_payload: int = 0) -> MigrationError:
+        """``error``, a channel's that broke, or the peer's ERROR if it comes within
+        ``grace`` seconds: a peer that fails sends its ERROR, then shuts its sockets
+        down, so the channel's error is most likely the consequence, the ERROR the
+        cause. The peer's other messages are skipped (the session is failing);
+        ``max_payload`` bounds them (see :func:`read_message`)."""
+        deadline, kind = time.monotonic() + grace, None
+        try:
+            while kind is not Msg.ERROR and self.peer_speaks_by(deadline):
+                kind, body = read_message(self.main.sock, max_payload, deadline,
+                                          sender=self.peer)
+        except (FastMFDError, OSError):
+            return error                # the main channel broke too: the error stands
+        if kind is not Msg.ERROR:
+            return error
+        cause = peer_failed(body, self.peer)
+        cause.__cause__ = error
+        return cause
 
     def peer_spoke(self) -> bool:
         """Whether the peer's next message is already here, unread. A process stopped

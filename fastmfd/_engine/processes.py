@@ -26,7 +26,6 @@ pipe by value (:mod:`.control_pickling`).
 from __future__ import annotations
 
 import contextlib
-import errno
 import multiprocessing
 import os
 import select
@@ -45,9 +44,8 @@ import setproctitle
 
 from .. import _core
 from ..errors import MigrationError
-from ..protocol.control import Done, Drained, Eof, Failed, Ready, Stop, failed_locally
+from ..protocol.control import Done, Drained, Eof, Failed, Ready, Stop
 from ..protocol.sockets import decrypted_unread
-from ..shm import limit_hint
 from ..threads import start_thread
 from . import control_pickling
 from .forkserver_start import (READY_TIMEOUT, ForkServerChild, describe_exit, forkserver_ended,
@@ -59,7 +57,7 @@ from .open_files import check_room_for_child
 from .session import Closable, as_migration_error, main_first
 
 __all__ = ["Child", "ChildSet", "ChildPipe", "Watch", "RemoteTraceback", "mp_context",
-           "run_child", "child_setup", "failure_text", "kill_all"]
+           "run_child", "child_setup", "kill_all"]
 
 _FINAL_REPORTS = (Done, Eof, Drained)   # after one of these a child's exit is expected
 # The exit status multiprocessing gives a child whose forkserver could not report one:
@@ -122,6 +120,7 @@ class Child:
         self.gone = False              # its end of the pipe is closed: no more reports
         self._oom_kills = oom_kills()  # its cgroup's so far: whether one killed it (oom_killed)
         self.failed_locally = False    # it reported a failure of this host's own (Failed.local)
+        self.peer_closed = False       # it reported its connection closed by its peer (ditto)
         self._partial = bytearray()    # a report read in part (see next_report)
         # Its owner's guess at what made it fail, added to the error (a source's
         # image that shrank under it: a SIGBUS, or EFAULT from the socket).
@@ -269,7 +268,7 @@ class Child:
                               channel=self.name)
 
     def error_from(self, report: Failed) -> MigrationError:
-        self.failed_locally = report.local
+        self.failed_locally, self.peer_closed = report.local, report.peer_closed
         error = MigrationError(report.text + self._explained(report.text), channel=self.name)
         error.__cause__ = RemoteTraceback(report.traceback)
         return error
@@ -491,26 +490,11 @@ class ChildPipe:
         return reduction.recv_handle(self.conn)
 
     def report_failure(self, exc: BaseException) -> None:
-        """Report ``exc`` (call it where ``exc`` is handled: its traceback goes too),
-        in :func:`failure_text`'s words."""
+        """Report ``exc`` (call it where ``exc`` is handled: its traceback goes too)."""
         try:
-            self.send(Failed(failure_text(exc), traceback.format_exc(), failed_locally(exc)))
+            self.send(Failed.of(exc, traceback.format_exc()))
         except OSError:
             pass
-
-
-def failure_text(exc: BaseException) -> str:
-    """What a child says of its failure ``exc``: a MigrationError says where already; a system
-    call's error says it in its own words, with the errno's name (``send: Connection reset
-    by peer (ECONNRESET)``, where Python's own text began ``ConnectionResetError: [Errno
-    104]``); anything else is named by its type."""
-    if isinstance(exc, MigrationError):
-        return str(exc)
-    if isinstance(exc, OSError) and exc.strerror and exc.errno is not None:
-        name = errno.errorcode.get(exc.errno, f"errno {exc.errno}")
-        path = f": {exc.filename}" if exc.filename is not None else ""
-        return f"{exc.strerror}{path} ({name}){limit_hint(exc.errno)}"
-    return f"{type(exc).__name__}: {exc}"
 
 
 def child_setup() -> None:

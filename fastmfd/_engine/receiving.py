@@ -42,14 +42,13 @@ from typing import Callable
 
 from .. import _core
 from ..devices import Loader
-from ..errors import ConfigError, FastMFDError, MigrationError, ProtocolError, SecurityError
+from ..errors import ConfigError, MigrationError, ProtocolError, SecurityError
 from ..protocol import handshake
 from ..protocol.control import Drained, Eof, Go, Greeted, Refused, RecvParams, Synced
 from ..protocol.main_channel import (MAIN, Complete, Loaded, MainChannel, Msg,
                                      PrecopySent, RoundAck, RoundEnd, check_round,
                                      decode_message_header, decode_payload,
-                                     old_way_message_size, read_from_source, read_message,
-                                     source_failed)
+                                     old_way_message_size, peer_failed, read_from_source)
 from ..protocol.security import ChannelSecurity
 from ..protocol.setup import Setup
 from ..protocol.sockets import recv_exact, tune_data_socket, tune_main_socket
@@ -359,21 +358,14 @@ class Receiving:
         """A receive channel that broke, or device state that stopped short, is
         most often the consequence of the source's failure: it shuts its
         channels down, then sends its ERROR. If that ERROR comes within
-        SOURCE_WORD_GRACE it is raised instead, the cause over its consequence
-        (the source's other messages are skipped: the session is failing)."""
-        assert self.main is not None and self._heartbeat is not None, "in run()"
+        SOURCE_WORD_GRACE it is raised instead, the cause over its consequence."""
+        assert self._heartbeat is not None, "in run()"
         children = [*self._assigned.values(), *self.parts.reassembly]
-        if error.channel not in {child.name for child in children}:
-            return
-        deadline, kind = time.monotonic() + SOURCE_WORD_GRACE, None
-        try:
-            while kind is not Msg.ERROR and self._heartbeat.peer_speaks_by(deadline):
-                kind, body = read_message(self.main.sock, self._max_message(), deadline,
-                                          sender="source")
-        except (FastMFDError, OSError):
-            return                      # the main channel broke too: the error stands
-        if kind is Msg.ERROR:
-            raise source_failed(body) from error
+        if error.channel in {child.name for child in children}:
+            cause = self._heartbeat.peer_failure_first(error, SOURCE_WORD_GRACE,
+                                                       self._max_message())
+            if cause is not error:
+                raise cause
 
     def _max_message(self) -> int:
         """The largest main-channel payload (an old-way device chunk)."""
@@ -486,7 +478,7 @@ class Receiving:
                     ReceivingState.SWITCHOVER: (Msg.ROUND_END, Msg.DEVICE_STATE,
                                                 Msg.COMPLETE)}.get(self.state, ())
         if kind is Msg.ERROR:
-            raise source_failed(body)
+            raise peer_failed(body, "source")
         if kind not in expected:
             raise ProtocolError(f"main channel: unexpected {kind.name} from the source while "
                                 f"{self.state.value}", field="type", received=kind.name,

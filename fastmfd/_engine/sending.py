@@ -45,9 +45,9 @@ from ..devices import Device, wire_ids
 from ..errors import MigrationError, ProtocolError
 from ..protocol import handshake
 from ..protocol.control import Done, SendParams
-from ..protocol.main_channel import (MAIN, Complete, Error, Loaded, Loading, MainChannel, Msg,
+from ..protocol.main_channel import (MAIN, Complete, Loaded, Loading, MainChannel, Msg,
                                      PrecopySent, RoundAck, RoundEnd, check_round,
-                                     decode_payload, read_message)
+                                     decode_payload, peer_failed, read_message)
 from ..protocol.security import ChannelSecurity
 from ..protocol.setup import DeviceSpec, RegionSpec, Setup
 from ..protocol.sockets import (Address, ConnectionClosed, connect, peer_address,
@@ -70,6 +70,8 @@ __all__ = ["Sending", "SendingState", "SourceParts"]
 # How long a write to a dead worker's command pipe waits for the monitor to say why
 # the worker ended (it watches every worker's exit, so this is only ever a moment).
 WORKER_EXIT_GRACE = 2.0
+# How long a channel the destination closed waits for its ERROR, which says why.
+DESTINATION_WORD_GRACE = 0.5
 
 
 class SendingState(enum.Enum):
@@ -426,8 +428,18 @@ class Sending:
             except OSError:
                 return                      # closed under us: the session is over
             except BaseException as exc:
-                self.failure.fail(exc)
+                self.failure.fail(self._cause_of(exc))
                 return
+
+    def _cause_of(self, exc: BaseException) -> BaseException:
+        """A send worker whose connection the destination closed (EPIPE, ECONNRESET)
+        failed as the destination did: its ERROR, perhaps behind KEEPALIVEs it sent
+        while this side was stopped, is the cause (a broken pipe was said instead)."""
+        closed = {worker.name for worker in self.parts.workers if worker.peer_closed}
+        if not isinstance(exc, MigrationError) or exc.channel not in closed:
+            return exc
+        assert self._heartbeat is not None, "made by _watch() first"
+        return self._heartbeat.peer_failure_first(exc, DESTINATION_WORD_GRACE)
 
     def _stop_watching(self) -> None:
         raise _StopWatching()
@@ -490,10 +502,9 @@ class Sending:
             raise ProtocolError(f"main channel: unexpected {kind.name} from the destination "
                                 f"while {self.state.value}", field="type", received=kind.name,
                                 expected=" or ".join(m.name for m in expected))
+        if kind is Msg.ERROR:
+            raise peer_failed(body, "destination")
         payload = decode_payload(kind, body)
-        if isinstance(payload, Error):
-            raise MigrationError(f"the destination failed: {payload.error}",
-                                 channel=MAIN, side="destination")
         if isinstance(payload, Loaded):
             payload.check(self._rounds_ended, self._rounds_acked,
                           [stream.name for stream in self._streams])

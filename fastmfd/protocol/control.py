@@ -45,6 +45,8 @@ import ssl
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import MigrationError
+from ..shm import limit_hint
 from .security import ChannelSecurity
 from .setup import Setup
 
@@ -52,7 +54,7 @@ __all__ = [
     "RegionHandle", "ChannelParams", "SendParams", "RecvParams", "ReassemblyParams",
     "Greeting", "Prealloc", "Preallocated", "Ready", "Stop", "Greeted", "Refused", "Synced", "Go", "Done", "Eof",
     "DeviceLoaded", "Drained", "Failed", "AwaitPrecopy", "PrecopyLoaded", "RamLoaded",
-    "LoaderBusy", "PrecopyLoading", "failed_locally",
+    "LoaderBusy", "PrecopyLoading", "failed_locally", "failure_text",
 ]
 
 
@@ -307,6 +309,14 @@ class Failed:
     text: str
     traceback: str
     local: bool = False     # of this host's own (failed_locally): no peer is to blame
+    peer_closed: bool = False   # its peer closed its connection (EPIPE, ECONNRESET), as a
+                                # peer that fails does: the peer's ERROR may say why
+
+    @classmethod
+    def of(cls, exc: BaseException, traceback: str) -> Failed:
+        """The report of ``exc``, in :func:`failure_text`'s words."""
+        closed = isinstance(exc, (BrokenPipeError, ConnectionResetError))
+        return cls(failure_text(exc), traceback, failed_locally(exc), closed)
 
 
 # What a connection its peer ended, or that broke on the way, fails with (EPROTO:
@@ -327,3 +337,17 @@ def failed_locally(exc: BaseException) -> bool:
         return True
     return (isinstance(exc, OSError) and not isinstance(exc, (ssl.SSLError, TimeoutError))
             and exc.errno is not None and exc.errno not in _PEER_ERRNOS)
+
+
+def failure_text(exc: BaseException) -> str:
+    """What a child says of its failure ``exc``: a MigrationError says where already; a system
+    call's error says it in its own words, with the errno's name (``send: Connection reset
+    by peer (ECONNRESET)``, where Python's own text began ``ConnectionResetError: [Errno
+    104]``); anything else is named by its type."""
+    if isinstance(exc, MigrationError):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.strerror and exc.errno is not None:
+        name = errno.errorcode.get(exc.errno, f"errno {exc.errno}")
+        path = f": {exc.filename}" if exc.filename is not None else ""
+        return f"{exc.strerror}{path} ({name}){limit_hint(exc.errno)}"
+    return f"{type(exc).__name__}: {exc}"

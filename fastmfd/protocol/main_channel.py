@@ -48,7 +48,7 @@ __all__ = [
     "MainChannel", "encode_message", "error_message", "decode_message_header",
     "decode_control", "decode_payload", "encode_preamble", "check_preamble", "read_message",
     "read_payload", "expect_message", "old_way_message_size", "old_way_checksum",
-    "check_round", "source_failed", "read_from_source"
+    "check_round", "peer_failed", "read_from_source"
 ]
 
 MAIN = "main channel"               # how errors name the main channel
@@ -147,10 +147,10 @@ def check_round(message: str, received: int, expected: int, field: str = "round"
                             expected=expected)
 
 
-def source_failed(body: bytes) -> MigrationError:
-    """The source's ERROR message (its payload ``body``) as the session's error."""
-    return MigrationError(f"the source failed: {decode_payload(Msg.ERROR, body).error}",
-                          channel=MAIN, side="source")
+def peer_failed(body: bytes, peer: Sender) -> MigrationError:
+    """The ``peer``'s ERROR message (its payload ``body``) as the session's error."""
+    return MigrationError(f"the {peer} failed: {decode_payload(Msg.ERROR, body).error}",
+                          channel=MAIN, side=peer)
 
 
 def read_from_source(main: MainChannel, max_payload: int, deadline: float,
