@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 
 import fastmfd
-from fastmfd.errors import SecurityError
+from fastmfd.errors import NoSourceError, SecurityError
 from fastmfd.protocol import security
 from fastmfd.protocol.handshake import SocketStream, main_channel_start
 from fastmfd.protocol.main_channel import MESSAGE_HEADER, Msg, encode_message
 from migration_support import FakeSource, Migration, hello, make_region, ram_packet, \
-    setup_message
+    receiving, setup_message
 from test_handshake import wait_refused
 
 KEY = b"k" * 32
@@ -69,6 +69,26 @@ def test_a_source_without_the_key_is_refused(source_key, destination_key, source
         assert str(error).startswith(f"main channel to {m.source.address}: "), str(error)
         assert re.search(destination_says, refused[0].reason), refused[0].reason
         assert np.all(target.array == 0xAB), "a byte reached the region"
+
+
+def test_a_wait_no_source_passed_names_the_connections_it_refused():
+    """A source with another key is refused, and the destination waits on for its
+    source: when none came within its timeout, its failure names what it refused
+    meanwhile. It said only "no connection for the main channel passed its greeting
+    within 2 s", the wrong key in its log alone."""
+    with fastmfd.Destination("tcp:127.0.0.1:0", timeout=2, auth_key=KEY) as dst, \
+            make_region("ram", SIZE, seed=1) as region:
+        thread, got = receiving(dst)
+        with fastmfd.Source(dst.address, CONFIG.replace(auth_key=OTHER_KEY)) as src:
+            src.add_region(region)
+            with pytest.raises(SecurityError, match="does not know the auth_key"):
+                src.migrate(live=False)
+        thread.join(10)
+    error = got.get("error")
+    assert isinstance(error, NoSourceError), got
+    assert re.search(r"^no connection for the main channel passed its greeting within 2 s; "
+                     r"refused 1 connection meanwhile \(127\.0\.0\.1:\d+: .*wrong auth_key "
+                     r"proof.*\)$", str(error)), str(error)
 
 
 class Recorder:

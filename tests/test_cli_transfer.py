@@ -150,6 +150,29 @@ def test_a_save_taken_away_once_committed_is_still_reported(tmp_path, capsys):
                                     (tmp_path / "taken" / "manifest.json").stat().st_size}
 
 
+def test_listen_no_source_reached_says_the_connections_it_refused(tmp_path):
+    """A listener whose sender has another key waits on until its --timeout, and then
+    names the connection it refused meanwhile: it said only "no connection for the main
+    channel passed its greeting within 5 s", the wrong key in a warning long gone by."""
+    import re
+
+    from listen_support import Listener
+    for name, key in (("key", b"k" * 32), ("other", b"o" * 32)):
+        (tmp_path / name).write_bytes(key)
+        (tmp_path / name).chmod(0o600)
+    (tmp_path / "ram.img").write_bytes(os.urandom(16 * PAGE))
+    with Listener(tmp_path / "out", "--timeout", "5", "--auth-key-file",
+                  str(tmp_path / "key")) as listener:
+        sent = run_cli("send", listener.address, str(tmp_path / "ram.img"), "--quiet",
+                       "--auth-key-file", str(tmp_path / "other"))
+        assert sent.returncode == 1 and "does not know the auth_key" in sent.stderr, sent
+        status, err = listener.finish()
+    assert status == 1, err
+    assert re.search(r"^fastmfd listen: no connection for the main channel passed its greeting "
+                     r"within 5 s; refused 1 connection meanwhile \(a local process: "
+                     r".*wrong auth_key proof.*\)$", err, re.M), err
+
+
 def test_listen_says_the_connections_it_refused_meanwhile(tmp_path):
     """A session's refused connections (strangers, wrong keys: Destination.refused_total)
     are in listen's summary and its --json stats; it said nothing of them (a review)."""

@@ -149,8 +149,9 @@ class Receiving:
                        lambda: self.failure.error) as admission:
             self._admission = admission
             self.failure.check()                # cancelled before it started
-            try:
-                greeting = admission.wait(self.parts.timeout, "the main channel")
+            try:    # no source came: a wrong key, certificate, uuid? What was refused says
+                with self.parts.refused.named_in_failure(self.failure):
+                    greeting = admission.wait(self.parts.timeout, "the main channel")
             finally:
                 self._admission = None
         self.main, self.source_came = MainChannel(greeting.sock), True  # (closed by close())
