@@ -32,7 +32,8 @@ from .devices import Loader, check_device_ids
 from .errors import ConfigError, MigrationError
 from .protocol.security import ChannelSecurity, TLSConfig, check_auth_key
 from .protocol.setup import MAX_CHANNELS, Setup, rule
-from .protocol.sockets import Listening, bound_address, listen, listening_address, parse_address
+from .protocol.sockets import (LISTENERS, Listener, Listening, ListeningSockets, bound_address,
+                               listen, listening_address, parse_address)
 from .region_pool import RegionPool
 from .regions import Region, check_huge_pages, region_to_add
 from .shm import SHM_DIR
@@ -41,7 +42,7 @@ from .stats import ReceiveStats
 __all__ = ["Destination", "DestinationResult", "Refusal"]
 
 _ADDRESS = Kind("a str (tcp:HOST:PORT or unix:PATH) or a listening socket.socket",
-                lambda value: isinstance(value, (str, socket.socket)))
+                lambda value: isinstance(value, (str, socket.socket, ListeningSockets)))
 # Its own bounds on values SETUP carries: what the source's would have to be.
 _STALL_TIMEOUT = optional(within(NUMBER, *rule("stall_timeout")))
 _MAX_QUEUED_BYTES = optional(within(INT, *rule("max_queued_bytes")))
@@ -122,7 +123,7 @@ class Destination(Owner):
     them, where the system gives none (see :mod:`fastmfd.huge_pages`).
     """
 
-    def __init__(self, address: str | socket.socket, *, workers: int = 4, timeout: float = 30.0,
+    def __init__(self, address: str | Listener, *, workers: int = 4, timeout: float = 30.0,
                  max_queued_bytes: int | None = None,
                  region_factory: Callable[[str, int, int], Region] | None = None,
                  tls: TLSConfig | None = None, auth_key: bytes | None = None,
@@ -143,7 +144,7 @@ class Destination(Owner):
                         stall_timeout=(stall_timeout, _STALL_TIMEOUT),
                         max_memory=(max_memory, optional(UNSIGNED)))
         super().__init__()
-        requested = None if isinstance(address, socket.socket) else parse_address(address)
+        requested = None if isinstance(address, LISTENERS) else parse_address(address)
         if tls is not None:
             tls.check_server()
             if tls.authz is not None and tls.ca is None:
@@ -152,17 +153,17 @@ class Destination(Owner):
         self._security = ChannelSecurity(
             tls=tls, auth_key=check_auth_key(auth_key, "Destination"), timeout=handshake_timeout)
         self._refusals = Refusals(refusal_log(
-            address if isinstance(address, socket.socket) else None))
+            address if isinstance(address, LISTENERS) else None))
         self.stall_timeout = stall_timeout
         self.max_memory = max_memory
-        self._listener: socket.socket | None
+        self._listener: Listener | None
         self.prealloc = prealloc
         self.region_pool = region_pool
         if huge_pages:
             check_huge_pages(SHM_DIR)
         self.huge_pages = huge_pages
         if requested is None:
-            assert isinstance(address, socket.socket), "only a socket is not parsed"
+            assert isinstance(address, LISTENERS), "only a listener is not parsed"
             self._listener, self._owns_listener = address, False
             self.address = str(listening_address(address))
         else:

@@ -73,8 +73,8 @@ from .arguments import (BOOL, INT, PATH, POSITIVE, STR, UNSIGNED, Kind, check_ty
                         instance_of, optional, up_to)
 from .errors import ConfigError
 from .protocol.security import ChannelSecurity, TLSConfig
-from .protocol.sockets import (Listening, bound_address, listen, listening_address,
-                               parse_address)
+from .protocol.sockets import (LISTENERS, Listener, Listening, bound_address, listen,
+                               listening_address, parse_address)
 from .regions import Region
 from .tools.outputs import OutputDir, SavedFiles
 from .tools.qemu_manifest import MAX_MANIFEST_BYTES, check_size, open_inside, read_manifest
@@ -158,14 +158,14 @@ class QemuReceiver(Owner):
     _call = "QemuReceiver"      # what a wrong argument's TypeError names (see _ReceiveCall)
     _cli = False                # its errors name these parameters, not listen --qemu's flags
 
-    def __init__(self, address: str | socket.socket, directory: str | os.PathLike[str], *,
+    def __init__(self, address: str | Listener, directory: str | os.PathLike[str], *,
                  timeout: float = 3600.0, stall_timeout: float = DEFAULT_STALL_TIMEOUT,
                  force: bool = False, keep_partial: bool = False, max_size: int | None = None,
                  workers: int = 2, tls: TLSConfig | None = None,
                  max_memory: int | None = None, warm: WarmFiles | None = None) -> None:
         check_types(self._call, warm=(warm, optional(instance_of(WarmFiles, "a WarmFiles"))),
                     address=(address, Kind("a str or a listening socket",
-                                           lambda a: isinstance(a, (str, socket.socket)))),
+                                           lambda a: isinstance(a, (str, *LISTENERS)))),
                     directory=(directory, PATH), force=(force, BOOL),
                     keep_partial=(keep_partial, BOOL),
                     tls=(tls, optional(instance_of(TLSConfig, "a fastmfd.TLSConfig"))))
@@ -180,7 +180,7 @@ class QemuReceiver(Owner):
             max_size=(max_size, optional(UNSIGNED)), workers=(workers, _WORKERS),
             max_memory=(max_memory, optional(UNSIGNED)))
         super().__init__()
-        requested = (listening_address(address) if isinstance(address, socket.socket)
+        requested = (listening_address(address) if isinstance(address, LISTENERS)
                      else parse_address(address))
         own = self._resources.own
         # Closed last: never used, or its receive() failed, nothing of it is left.
@@ -190,7 +190,7 @@ class QemuReceiver(Owner):
         self._session: QemuReceiving | None = None
         self._cancelling: WatchCancel | None = None
         try:
-            listener = address if isinstance(address, socket.socket) else None
+            listener = address if isinstance(address, LISTENERS) else None
             if listener is None:
                 listener = own(Listening(listen(requested), requested.path)).sock
             self._session = own(_Receiving(listener, self._out, timeout=timeout,

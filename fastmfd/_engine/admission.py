@@ -61,7 +61,7 @@ from ..protocol.handshake import MainGreeting, greet_main_channel
 from ..protocol.refusing import refuse_on_arrival, tell_why
 from ..protocol.security import ChannelSecurity
 from ..protocol.setup import MAX_CHANNELS, Setup
-from ..protocol.sockets import describe_peer
+from ..protocol.sockets import Listener, describe_peer
 from ..threads import start_thread
 from .liveness import process_stopped
 from .memory_bound import WORKER_BYTES
@@ -241,12 +241,12 @@ class RefusalLog:
 
 # The log of each listening socket given to a Destination (the caller's, which serves
 # one Destination after another on it): gone with the socket.
-_SOCKET_LOGS: weakref.WeakKeyDictionary[socket.socket, RefusalLog] = \
+_SOCKET_LOGS: weakref.WeakKeyDictionary[Listener, RefusalLog] = \
     weakref.WeakKeyDictionary()
 _SOCKET_LOGS_LOCK = threading.Lock()
 
 
-def refusal_log(listener: socket.socket | None) -> RefusalLog:
+def refusal_log(listener: Listener | None) -> RefusalLog:
     """The refusal log of a Destination on ``listener``, a listening socket it was
     given: the one every Destination on that socket shares. None (the Destination
     listens on a socket of its own): a new one."""
@@ -265,7 +265,7 @@ def session_ended(why: BaseException | str) -> str:
     return f"dropped: the session ended: {why}"
 
 
-def refuse_waiting(listener: socket.socket, why: BaseException | str, plaintext: bool,
+def refuse_waiting(listener: Listener, why: BaseException | str, plaintext: bool,
                    refuse: Refuse) -> None:
     """The session ended (``why``): refuse the connections waiting in ``listener``'s
     backlog, each told so if ``plaintext`` (see refuse_on_arrival), before the
@@ -294,7 +294,7 @@ class Admission:
     connections (never the winner's).
     """
 
-    def __init__(self, listener: socket.socket, security: ChannelSecurity,
+    def __init__(self, listener: Listener, security: ChannelSecurity,
                  refuse: Refuse, failed: Callable[[], BaseException | None]) -> None:
         self._listener, self._security, self._refuse = listener, security, refuse
         self._failed = failed
@@ -349,7 +349,7 @@ class Admission:
 
     # ------------------------------------------------------------ threads
     def _accept_loop(self) -> None:
-        waitables: list[socket.socket | int] = [self._listener, self._wake_r]
+        waitables: list[Listener | int] = [self._listener, self._wake_r]
         while True:
             try:
                 readable = select.select(waitables, [], [])[0]
@@ -488,7 +488,7 @@ def _end_connection(fd: int, family: int, kind: int, how: int = socket.SHUT_RDWR
 
 class DoorParts(Protocol):
     """What the door takes of the destination's parts (receiving's DestinationParts)."""
-    listener: socket.socket
+    listener: Listener
     workers: ChildSet
     security: ChannelSecurity
     resources: SessionResources

@@ -45,7 +45,7 @@ import setproctitle
 from .. import _core
 from ..errors import MigrationError
 from ..protocol.control import Done, Drained, Eof, Failed, Ready, Stop
-from ..protocol.sockets import decrypted_unread
+from ..protocol.sockets import ListeningSockets, decrypted_unread
 from ..threads import start_thread
 from . import control_pickling
 from .forkserver_start import (READY_TIMEOUT, ForkServerChild, describe_exit, forkserver_ended,
@@ -71,9 +71,8 @@ _Report = TypeVar("_Report")
 
 if TYPE_CHECKING:
     from multiprocessing.connection import _ConnectionBase
-
     # What Watch waits on: what multiprocessing.connection.wait takes and returns.
-    Waitable = _ConnectionBase[Any, Any] | socket.socket | int
+    Waitable = _ConnectionBase[Any, Any] | socket.socket | int | ListeningSockets
 
 
 def process_title(name: str) -> tuple[str, str]:
@@ -450,7 +449,8 @@ class Watch:
         if self._alarms:
             soonest = min(when for when, _, _ in self._alarms.values()) - time.monotonic()
             timeout = max(0.0, soonest if timeout is None else min(timeout, soonest))
-        ready = connection.wait(list(self._handlers), 0 if decrypted else timeout)
+        waiting: list[Any] = list(self._handlers)   # (its stub lacks fileno() objects)
+        ready = connection.wait(waiting, 0 if decrypted else timeout)
         ready = list(dict.fromkeys([*decrypted, *ready]))
         for item in main_first(ready, self.main):
             if item in self._handlers:      # (not removed by an earlier handler)

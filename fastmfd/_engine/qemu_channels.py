@@ -43,7 +43,7 @@ from .. import _core
 from ..errors import FastMFDError, MigrationError, ProtocolError
 from ..protocol.control import QemuAuthenticated, QemuGreeted, Refused
 from ..protocol.qemu import QEVM_MAGIC
-from ..protocol.sockets import describe_peer
+from ..protocol.sockets import Listener, describe_peer
 from .liveness import process_stopped
 from .processes import Child, Watch
 from .qemu_tls import COUNT_WAIT, MAX_GREETINGS, MULTIFD_MAGIC, TLSGreeter, not_qemus
@@ -210,7 +210,7 @@ class QemuConnections:
     apart (a channel of the migration fails it, anything else is dropped).
     With a ``greeter`` (TLS), each connection goes to a worker to be greeted."""
 
-    def __init__(self, listener: socket.socket, watch: Watch,
+    def __init__(self, listener: Listener, watch: Watch,
                  on_channel: Callable[[QemuChannel], None],
                  greeter: TLSGreeter | None = None) -> None:
         self.listener, self.watch, self.on_channel = listener, watch, on_channel

@@ -55,7 +55,7 @@ from ..protocol.bytereader import ByteReader, StreamReader
 from ..protocol.control import Eof, Go, Ready, RecvParams, Synced
 from ..protocol.qemu import SYNC_PER_SECTION, check_stream_end
 from ..protocol.security import ChannelSecurity
-from ..protocol.sockets import tune_data_socket
+from ..protocol.sockets import Listener, tune_data_socket
 from ..regions import Region
 from .memory_bound import check_qemu_channels, qemu_greeting_refusal
 from .processes import Child, ChildSet, Watch
@@ -112,7 +112,7 @@ class QemuOutput(Protocol):
 class QemuReceiving:
     """The state of one migration from QEMU (see the module docstring)."""
 
-    def __init__(self, listener: socket.socket, out: QemuOutput, *, timeout: float,
+    def __init__(self, listener: Listener, out: QemuOutput, *, timeout: float,
                  stall_timeout: float, workers: int = 2,
                  security: ChannelSecurity | None = None, max_memory: int | None = None) -> None:
         """``out`` names, creates and keeps the files (a tools.outputs.OutputDir);

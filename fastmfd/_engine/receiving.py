@@ -36,7 +36,6 @@ any byte of it reaches a region: state FAILED, the source is sent ERROR.
 from __future__ import annotations
 
 import enum
-import socket
 import time
 from typing import Callable
 
@@ -51,7 +50,7 @@ from ..protocol.main_channel import (MAIN, Complete, Loaded, MainChannel, Msg,
                                      old_way_message_size, peer_failed, read_from_source)
 from ..protocol.security import ChannelSecurity
 from ..protocol.setup import Setup
-from ..protocol.sockets import recv_exact, tune_data_socket, tune_main_socket
+from ..protocol.sockets import Listener, recv_exact, tune_data_socket, tune_main_socket
 from ..region_pool import RegionPool
 from ..regions import Region
 from ..stats import ChannelStats, ReceiveStats
@@ -84,7 +83,7 @@ class ReceivingState(enum.Enum):
 class DestinationParts:
     """What a Destination owns and its session uses."""
 
-    def __init__(self, listener: socket.socket, timeout: float, security: ChannelSecurity,
+    def __init__(self, listener: Listener, timeout: float, security: ChannelSecurity,
                  workers: ChildSet, reassembly: ChildSet, user_regions: dict[str, Region],
                  loaders: dict[tuple[str, int], Loader],
                  region_factory: RegionFactory | None, queued_cap: int | None,

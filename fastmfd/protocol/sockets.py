@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import (ConfigError, ConnectError, ConnectionClosed, ListenError,
                       MigrationError)
 from ..threads import start_thread
+from .listeners import LISTENERS, Listener, ListeningSockets, host_port, listen_at_each
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer     # collections.abc.Buffer from Python 3.12
@@ -33,7 +34,8 @@ if TYPE_CHECKING:
 __all__ = ["Address", "host_port", "describe_peer", "Listening", "parse_address", "listen",
            "remove_socket_file", "bound_address", "connect", "peer_address",
            "recv_exact", "ConnectionClosed", "send_all", "tune_data_socket", "tune_main_socket",
-           "peer_on_this_host", "decrypted_unread"]
+           "peer_on_this_host", "decrypted_unread", "Listener", "ListeningSockets",
+           "LISTENERS"]
 
 # Unix sockets have no buffer autotuning: large buffers let a send worker's
 # writev of a whole packet complete without waiting on its peer (the kernel
@@ -53,11 +55,6 @@ DATA_SOCKET_BUFFER = 4 << 20
 # 1.01 -> 0.76 CPU-s). A peer elsewhere acks from its own host, so its link
 # keeps TCP's defaults.
 LOCAL_UNSENT_LIMIT = 64 << 10
-
-
-def host_port(host: str, port: int) -> str:
-    """``HOST:PORT``, an IPv6 host in brackets (``[::1]:5000``, not ``::1:5000``)."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def describe_peer(peer: tuple[Any, ...] | str) -> str:
@@ -92,7 +89,7 @@ def parse_address(text: str | Address) -> Address:
     ``tcp:[::]:PORT`` does here; connecting there reaches this host) or
     ``unix:PATH``. An IPv6 host is in brackets: ``tcp:[::1]:PORT``. A name is
     looked up, for IPv4 and IPv6, when it is used: :func:`connect` tries each of its
-    addresses, :func:`listen` binds the first."""
+    addresses, :func:`listen` binds each (:mod:`.listeners`)."""
     if isinstance(text, Address):
         return text
     kind, _, rest = str(text).partition(":")
@@ -243,14 +240,24 @@ def _tcp_host(text: str) -> str | None:
 _socket_files: dict[str, tuple[int, int]] = {}
 
 
-def listen(address: Address, backlog: int = 128) -> socket.socket:
-    """A listening socket; the caller reads the real port from ``getsockname``.
-    A ``unix:`` listener's file is removed with :func:`remove_socket_file`. A name is
-    bound at its first address (:func:`bound_address` says which)."""
+# How long a listener waits for its name's addresses: getaddrinfo has no deadline of
+# its own (see _look_up), and a listener has no connect timeout to take one from.
+LISTEN_LOOKUP_SECONDS = 10.0
+
+
+def listen(address: Address, backlog: int = 128) -> Listener:
+    """A listening socket (:func:`bound_address` says where, with the real port).
+    A ``unix:`` listener's file is removed with :func:`remove_socket_file`. A name,
+    looked up within LISTEN_LOOKUP_SECONDS, is bound at each of its addresses, on
+    one port (:mod:`.listeners`; :func:`bound_address` says where)."""
     try:
-        family, target = _targets(address)[0]
+        targets = _targets(address, LISTEN_LOOKUP_SECONDS)
+        if address.family == socket.AF_UNSPEC:
+            return listen_at_each(targets, str(address), backlog)
     except OSError as exc:
-        raise ListenError(f"cannot listen on {address}: {exc.strerror}", exc.errno) from None
+        raise ListenError(f"cannot listen on {address}: {exc.strerror or exc}",
+                          exc.errno) from None
+    family, target = targets[0]
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         if family == socket.AF_UNIX:
@@ -337,7 +344,7 @@ def remove_socket_file(path: str) -> None:
 class Listening:
     """A listener its owner made (one it was given stays open): closed, its
     socket file removed, when the owner is (a Destination, a QemuReceiver)."""
-    sock: socket.socket
+    sock: Listener
     path: str | None
 
     def close(self) -> None:
@@ -346,10 +353,12 @@ class Listening:
             remove_socket_file(self.path)
 
 
-def listening_address(sock: socket.socket) -> Address:
+def listening_address(sock: Listener) -> Address:
     """The address a listening socket accepts on. A socket given that no source could
     connect to (closed, not a TCP or Unix stream socket, not listening) is a
     ConfigError now: accept() would only wait on it until the timeout."""
+    if isinstance(sock, ListeningSockets):
+        return _where_each_listens(sock)
     if sock.family not in (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX) or \
             sock.type != socket.SOCK_STREAM:
         raise ConfigError(f"the socket given is {sock.family.name} {sock.type.name}: a "
@@ -366,11 +375,23 @@ def listening_address(sock: socket.socket) -> Address:
     return Address(sock.family, name[:2])
 
 
-def bound_address(sock: socket.socket, requested: Address) -> Address:
+def bound_address(sock: Listener, requested: Address) -> Address:
     if requested.family == socket.AF_UNIX:
         return requested
+    if isinstance(sock, ListeningSockets):
+        return _where_each_listens(sock)
     bound = sock.getsockname()
     return Address(sock.family, (_numeric(bound), bound[1]))
+
+
+def _where_each_listens(listening: ListeningSockets) -> Address:
+    """A name's listener: the name, if bound at several of its addresses (a source
+    reaches it at any); the one it has otherwise, which a source should use."""
+    if len(listening.sockets) > 1:
+        name = parse_address(listening.name).target
+        assert isinstance(name, tuple), "a name's listener is TCP"
+        return Address(socket.AF_UNSPEC, (name[0], listening.port))
+    return bound_address(listening.sockets[0], parse_address(listening.name))
 
 
 CONNECT_RETRY_SECONDS = 3.0     # how long a refused connection is retried

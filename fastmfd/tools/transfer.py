@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -25,7 +24,8 @@ from ..errors import ConfigError, FastMFDError, NoSourceError
 from ..ownership import check_only_yours
 from ..protocol.security import TLSConfig
 from ..protocol.setup import Setup
-from ..protocol.sockets import bound_address, listen, parse_address, remove_socket_file
+from ..protocol.sockets import (Listener, bound_address, listen, parse_address,
+                                remove_socket_file)
 from ..regions import Region, check_huge_pages
 from ..shm import check_usable
 from ..source import Source
@@ -135,7 +135,7 @@ class _StatusStream:
             self._on_status(self._source.status())
 
 
-def listen_once(address: str | socket.socket, directory: str, *, per_session: bool = False,
+def listen_once(address: str | Listener, directory: str, *, per_session: bool = False,
                 timeout: float = 3600.0, stall_timeout: float | None = None,
                 on_listening: Callable[[str], object] | None = None,
                 force: bool = False, keep_partial: bool = False, tls: TLSConfig | None = None,

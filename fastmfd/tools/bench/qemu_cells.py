@@ -32,7 +32,7 @@ from typing import cast
 from ... import qemu
 from ...errors import MigrationError
 from ...protocol.security import TLSConfig
-from ...protocol.sockets import listen, parse_address
+from ...protocol.sockets import Listener, listen, parse_address
 from ...threads import start_thread
 from ..warm_files import WarmFiles
 from .peers import LOOPBACK_HOST, QMP, STEP_TIMEOUT, QemuPeer, destination_loaded
@@ -49,7 +49,7 @@ class _Receiver:
     listening already (the caller's to close)."""
 
     def __init__(self, directory: str, workers: int,
-                 listener: socket.socket | None = None, tls: TLSConfig | None = None,
+                 listener: Listener | None = None, tls: TLSConfig | None = None,
                  warm: WarmFiles | None = None) -> None:
         self._outcome: dict[str, qemu.QemuReceived | BaseException] = {}
         self._shut = self._closed = False
@@ -140,7 +140,7 @@ class QemuToFastmfdTrial(QemuPeer):
     fresh memory that QEMU -> QEMU, its "vs QEMU", did not."""
     _received_name = "fastmfd: the RAMBlock file listen --qemu wrote"
 
-    _listener: socket.socket | None = None     # on an emulated link: where it listens
+    _listener: Listener | None = None     # on an emulated link: where it listens
     _receiver: _Receiver | None = None
     _warm: WarmFiles | None = None
     _warm_file: tuple[int, int] | None = None  # the preallocated file's (device, inode)
