@@ -133,6 +133,33 @@ def test_a_name_of_both_families_is_listened_on_at_each_address(tmp_path, send):
     assert re.fullmatch(r"tcp:dual:\d+\n", done.stdout), done.stdout
 
 
+def test_a_names_listener_refuses_at_each_address_and_a_cancel_ends_its_wait(tmp_path):
+    """The listening sockets taken as one: a stranger at each address is refused and
+    counted, a cancel wakes the wait on them all, and one waiting is told why."""
+    done = in_namespace(tmp_path, """
+        import pytest, socket, threading, time
+        with fastmfd.Destination("tcp:dual:0", timeout=30) as dst:
+            port = int(dst.address.rpartition(":")[2])
+            strangers = [socket.create_connection((host, port)) for host in ("127.0.0.1", "::1")]
+            for stranger in strangers:
+                stranger.sendall(b"GET / HTTP/1.0\\r\\n\\r\\n" * 10)
+            failed = []
+            waiting = threading.Thread(target=lambda: failed.append(
+                pytest.raises(fastmfd.MigrationError, dst.receive)))
+            waiting.start()
+            while dst.refused_total < 2:
+                time.sleep(0.05)
+            late = socket.create_connection(("::1", port))
+            dst.cancel("stop now")
+            waiting.join(10)
+            late.settimeout(10)
+            print(failed[0].value, late.recv(200)[8:])
+    """)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == ('stop now b\'{"error":"dropped: the session ended: stop now"}\'\n'
+                           ), done.stdout
+
+
 def test_an_address_of_a_name_this_host_lacks_is_left_out_saying_why(tmp_path):
     """'gone': 10.77.0.9 is no address of this host (as ::1 where IPv6 is off): left
     out with a warning, not a failure; the listener says the one address it has."""
