@@ -119,7 +119,7 @@ def _family(host: str) -> int:
     return socket.AF_INET
 
 
-def _targets(address: Address, seconds: float | None = None) -> list[tuple[int, Any]]:
+def _targets(address: Address, seconds: float) -> list[tuple[int, Any]]:
     """(family, sockaddr) of each address ``address`` stands for: itself, or a name's
     addresses in getaddrinfo's order (a gaierror, an OSError, if it has none, or no
     answer came within ``seconds``)."""
@@ -150,14 +150,12 @@ _IN_FLIGHT: dict[tuple[str, int], _Lookup] = {}
 _IN_FLIGHT_LOCK = threading.Lock()
 
 
-def _look_up(host: str, port: int, seconds: float | None) -> list[Any]:
+def _look_up(host: str, port: int, seconds: float) -> list[Any]:
     """getaddrinfo(``host``), within ``seconds``: it has no deadline of its own, and
     waited the resolver's (resolv.conf's timeout and attempts, each server in turn:
     a DNS server that never answers held a connect with a timeout of 2 s for 16 s).
     Looked up in a thread of its own, left to end by itself when no answer comes,
     and taken by the lookups of the same name and port meanwhile (_IN_FLIGHT)."""
-    if seconds is None:
-        return socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM)
     with _IN_FLIGHT_LOCK:
         lookup = _IN_FLIGHT.get((host, port))
         if lookup is None:
