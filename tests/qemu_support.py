@@ -178,15 +178,17 @@ def assert_nothing_complete(directory) -> None:
 
 
 @contextlib.contextmanager
-def listening_command(out: Path, *options: str) -> Iterator[tuple[subprocess.Popen, str]]:
-    """``fastmfd listen --qemu`` into ``out`` on a free port, as a subprocess
-    (stdout and stderr piped, text), once it said it listens: (it, its address).
-    Killed at the end if it still runs."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        address = f"tcp:127.0.0.1:{probe.getsockname()[1]}"
+def listening_command(out: Path, *options: str, at: str | None = None
+                      ) -> Iterator[tuple[subprocess.Popen, str]]:
+    """``fastmfd listen --qemu`` into ``out`` at ``at`` (default: a free port of
+    127.0.0.1), as a subprocess (stdout and stderr piped, text), once it said it
+    listens: (it, the address it said). Killed at the end if it still runs."""
+    if at is None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            at = f"tcp:127.0.0.1:{probe.getsockname()[1]}"
     listen = subprocess.Popen(
-        [sys.executable, "-m", "fastmfd", "listen", "--qemu", address, "--dir", str(out),
+        [sys.executable, "-m", "fastmfd", "listen", "--qemu", at, "--dir", str(out),
          *options], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert listen.stderr is not None
@@ -195,7 +197,7 @@ def listening_command(out: Path, *options: str) -> Iterator[tuple[subprocess.Pop
                 break
         else:
             raise AssertionError(f"listen --qemu never listened (status {listen.wait()})")
-        yield listen, address
+        yield listen, line.split()[2]
     finally:
         if listen.poll() is None:
             listen.kill()

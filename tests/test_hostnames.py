@@ -20,17 +20,20 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 import fastmfd
 from fastmfd import qemu
 from fastmfd.errors import ConnectError, ListenError
 from fastmfd.protocol.sockets import connect, listen, parse_address
-from qemu_support import Background
+from qemu_support import QEMU, Background, Guest, listening_command, pattern
 from test_qemu_receive import capture_bytes, receive_replay
 
 # two4's last (rotating_two4 turns the file's last two lines round)
@@ -263,13 +266,13 @@ inside = pytest.mark.skipif(os.environ.get(INSIDE) != "1", reason="run in the na
 
 
 def test_the_channels_go_where_the_main_channel_went_not_to_the_name_again(tmp_path):
-    """The tests marked ``inside``, run in the namespace (in one process, ``-n 0``: three
+    """The tests marked ``inside``, run in the namespace (in one process, ``-n 0``: four
     tests, and pytest-xdist's workers say nothing of those deselected)."""
     done = in_namespace(tmp_path, argv=(sys.executable, "-m", "pytest", "-q", "-n", "0", "-p",
                                         "no:cacheprovider", f"--basetemp={tmp_path / 'inside'}",
                                         __file__, "-k", "inside_"))
     assert done.returncode == 0, done.stdout + done.stderr
-    assert re.search(r"^3 passed, \d+ deselected", done.stdout, re.M), done.stdout
+    assert re.search(r"^4 passed, \d+ deselected", done.stdout, re.M), done.stdout
 
 
 @pytest.fixture
@@ -518,7 +521,32 @@ def test_inside_listen_qemu_on_a_name_of_both_families_is_reached_at_each(tmp_pa
             on_listening=lambda address: (box.update(address=address), listening.set())),
             then=listening.set)
         assert listening.wait(30) and "address" in box, receiving.outcome
-        assert re.fullmatch(r"tcp:dual:\d+", box["address"]), box
         qemu.send(f"tcp:{host}:{box['address'].rpartition(':')[2]}", str(tmp_path / "first"),
                   channels=2, stall_timeout=10)
         assert receiving.result().manifest["blocks"] == saved.manifest["blocks"]
+        assert re.fullmatch(r"tcp:dual:\d+", box["address"]), box
+
+
+@inside
+def test_inside_listen_qemu_command_on_a_name_takes_a_qemu_at_each_address(tmp_path):
+    """``fastmfd listen --qemu tcp:dual:0`` says the name; a real QEMU migrating to
+    either address (one was refused: bound at the first only) is received whole."""
+    ram = pattern(16, seed=5)
+    ram.tofile(tmp_path / "ram.img")
+    for n, host in enumerate(("127.0.0.1", "[::1]")):
+        qmp = tempfile.mkdtemp(prefix="fmfd-names-")   # (a socket's path: 107 bytes at most)
+        guest = Guest(Path(qmp), str(tmp_path / "ram.img"), 16, name=f"src{n}", binary=QEMU)
+        try:
+            guest.set_multifd(2, "none")
+            with listening_command(tmp_path / f"out{n}", "--stall-timeout", "10",
+                                   at="tcp:dual:0") as (listen, address):
+                guest.migrate(f"tcp:{host}:{address.rpartition(':')[2]}")
+                assert guest.wait() == "completed"
+                _, said = listen.communicate(timeout=60)
+            assert listen.returncode == 0, said
+            assert re.fullmatch(r"tcp:dual:\d+", address), address
+        finally:
+            guest.close()
+            shutil.rmtree(qmp)
+        saved = np.fromfile(tmp_path / f"out{n}" / "mem.img", dtype=np.uint8)
+        assert np.array_equal(saved, ram)
