@@ -64,8 +64,9 @@ class DestinationResult:
 
 
 class Destination(Owner):
-    """Receives one migration on ``address`` (``tcp:HOST:PORT``, port 0 picks one, or
-    ``unix:PATH``), or on a socket already listening (the caller's: it stays open,
+    """Receives one migration on ``address`` (``tcp:HOST:PORT``, port 0 picks one; a
+    HOST name at each of its addresses, one port, ``.address`` then the name with it;
+    or ``unix:PATH``), or on a socket already listening (the caller's: it stays open,
     so a server serves one migration after another on it, see ``fastmfd listen
     --forever``).
 
