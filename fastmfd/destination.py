@@ -32,8 +32,8 @@ from .devices import Loader, check_device_ids
 from .errors import ConfigError, MigrationError
 from .protocol.security import ChannelSecurity, TLSConfig, check_auth_key
 from .protocol.setup import MAX_CHANNELS, Setup, rule
-from .protocol.sockets import (LISTENERS, Listener, Listening, ListeningSockets, bound_address,
-                               listen, listening_address, parse_address)
+from .protocol.sockets import (LISTENERS, Listener, Listening, bound_address, listen,
+                               listening_address, parse_address)
 from .region_pool import RegionPool
 from .regions import Region, check_huge_pages, region_to_add
 from .shm import SHM_DIR
@@ -42,7 +42,7 @@ from .stats import ReceiveStats
 __all__ = ["Destination", "DestinationResult", "Refusal"]
 
 _ADDRESS = Kind("a str (tcp:HOST:PORT or unix:PATH) or a listening socket.socket",
-                lambda value: isinstance(value, (str, socket.socket, ListeningSockets)))
+                lambda value: isinstance(value, (str, *LISTENERS)))
 # Its own bounds on values SETUP carries: what the source's would have to be.
 _STALL_TIMEOUT = optional(within(NUMBER, *rule("stall_timeout")))
 _MAX_QUEUED_BYTES = optional(within(INT, *rule("max_queued_bytes")))

@@ -449,7 +449,7 @@ class Watch:
         if self._alarms:
             soonest = min(when for when, _, _ in self._alarms.values()) - time.monotonic()
             timeout = max(0.0, soonest if timeout is None else min(timeout, soonest))
-        waiting: list[Any] = list(self._handlers)   # (its stub lacks fileno() objects)
+        waiting: list[Any] = list(self._handlers)   # (it takes any fileno(); its stub: 3 types)
         ready = connection.wait(waiting, 0 if decrypted else timeout)
         ready = list(dict.fromkeys([*decrypted, *ready]))
         for item in main_first(ready, self.main):
