@@ -83,7 +83,8 @@ class Destination(Owner):
     created and every shared-memory segment.
 
     ``stall_timeout``: seconds the source, a channel or a process may make no
-    progress before the session fails (default: the source's, from SETUP).
+    progress before the session fails (default: the source's, from SETUP);
+    SETUP_ACK tells the source, whose KEEPALIVEs keep to it when it is shorter.
     ``max_memory``: bytes of memory the session may make this destination
     hold — the regions it creates plus the device-state buffers (shared
     memory) plus, given max_memory, what the receive channels allocate

@@ -1026,10 +1026,11 @@ class FakeSource:
             return self.reply()
         from fastmfd.protocol.handshake import open_main_channel
         from fastmfd.protocol.security import ChannelSecurity
-        self.main = open_main_channel(self.connect(), ChannelSecurity(auth_key=self.auth_key),
-                                      Setup.decode(self.setup), self.channel_header,
-                                      str(self.target))
-        return Msg.SETUP_ACK, {}
+        self.main, ack = open_main_channel(self.connect(),
+                                           ChannelSecurity(auth_key=self.auth_key),
+                                           Setup.decode(self.setup), self.channel_header,
+                                           str(self.target))
+        return Msg.SETUP_ACK, {"stall_timeout": ack.stall_timeout}
 
     def reply(self) -> tuple:
         """The next message on the main channel: (Msg, decoded dict)."""

@@ -18,11 +18,12 @@ import pytest
 
 import fastmfd
 from fastmfd.protocol.main_channel import (MESSAGE_HEADER, Loaded, Loading, Msg, RoundAck,
-                                           encode_message)
+                                           SetupAck, encode_message)
 from migration_support import make_region
 
 STALL = 2.0
 CONFIG = fastmfd.MigrationConfig(channels=2, timeout=STALL, stall_timeout=STALL)
+ACK = SetupAck(STALL)       # a destination that keeps the source's stall timeout
 SLACK = 3.0         # seconds past a deadline a failure may take (the monitor's period)
 
 
@@ -188,7 +189,7 @@ def test_the_channels_connect_within_one_timeout_together(leaks):
             left = MESSAGE_HEADER.unpack(head[20:28])[1]
             while left:
                 left -= len(main.recv(left))
-            main.sendall(encode_message(Msg.SETUP_ACK))
+            main.sendall(encode_message(Msg.SETUP_ACK, ACK))
             while not stop.wait(2.5):
                 held.append(listener.accept()[0])
         except OSError:
@@ -234,7 +235,7 @@ def test_a_destination_silent_after_its_keepalive_is_not_asked_whether_it_is_the
 
 def test_a_trickled_round_ack_fails_within_the_stall_timeout(leaks):
     def script(d):
-        d.send(Msg.SETUP_ACK)
+        d.send(Msg.SETUP_ACK, ACK)
         d.read()                                        # ROUND_END 1
         d.trickle(encode_message(Msg.ROUND_ACK, RoundAck(1)))
 
@@ -249,7 +250,7 @@ def test_keepalives_instead_of_loaded_fail_within_the_stall_timeout(leaks, word)
     """After COMPLETE the destination's LOADING steps must grow until LOADED:
     KEEPALIVEs (or LOADING of no further step) held the source for ever."""
     def script(d):
-        d.send(Msg.SETUP_ACK)
+        d.send(Msg.SETUP_ACK, ACK)
         d.until(Msg.COMPLETE)
         while not d.stop.wait(STALL / 4):
             d.send(word, None if word is Msg.KEEPALIVE else Loading(3, STALL))
@@ -269,7 +270,7 @@ def test_a_destination_that_never_acks_the_switchover_fails_the_source(leaks, wo
     must grow while the ack is owed, as after COMPLETE (a hang is cancelled after
     15 s, so that it fails this test rather than hold it)."""
     def script(d):
-        d.send(Msg.SETUP_ACK)
+        d.send(Msg.SETUP_ACK, ACK)
         while True:
             kind, body = d.read()
             if kind is Msg.ROUND_END:
@@ -299,7 +300,7 @@ def test_keepalives_without_resumed_fail_within_the_stall_timeout(leaks):
     """After LOADED the destination's on_resume has the stall timeout: KEEPALIVEs
     say it is alive, not that it will ever answer."""
     def script(d):
-        d.send(Msg.SETUP_ACK)
+        d.send(Msg.SETUP_ACK, ACK)
         d.until(Msg.COMPLETE)
         d.send(Msg.LOADED, Loaded(rounds=1, load_seconds={}))
         while not d.stop.wait(STALL / 4):
@@ -322,7 +323,7 @@ def test_what_follows_resumed_undoes_nothing(leaks, after):
     user to go on with the source's guest too; half a header held leaving the
     Source for 5 s, its monitor reading it."""
     def script(d):
-        d.send(Msg.SETUP_ACK)
+        d.send(Msg.SETUP_ACK, ACK)
         d.until(Msg.COMPLETE)
         d.main.sendall(encode_message(Msg.LOADED, Loaded(rounds=1, load_seconds={}))
                        + encode_message(Msg.RESUMED) + after)
@@ -352,7 +353,7 @@ def test_a_destination_that_failed_after_setup_ack_is_named_not_its_closed_liste
     def script(d):
         d.listener.shutdown(socket.SHUT_RDWR)
         d.listener.close()
-        d.send(Msg.SETUP_ACK)
+        d.send(Msg.SETUP_ACK, ACK)
         d.send(Msg.KEEPALIVE)       # (its ERROR was not looked for behind one)
         d.send(Msg.ERROR, {"error": "disk full"})
         d.main.close()
@@ -405,7 +406,7 @@ def test_cancel_while_the_main_channel_s_writer_is_stuck(leaks):
         cancelled["returned"] = time.monotonic()
 
     def script(d):
-        d.send(Msg.SETUP_ACK)
+        d.send(Msg.SETUP_ACK, ACK)
         d.stop.wait(30)
 
     error, took = migrate_against(script, hold=hold, config=config,
@@ -455,7 +456,7 @@ def test_cancel_while_connecting(leaks):
 
 def _answers(*after_complete):
     def script(d):
-        d.send(Msg.SETUP_ACK)
+        d.send(Msg.SETUP_ACK, ACK)
         d.until(Msg.COMPLETE)
         for kind, payload in after_complete:
             d.main.sendall(payload if isinstance(payload, bytes) else
@@ -465,19 +466,21 @@ def _answers(*after_complete):
 
 
 @pytest.mark.parametrize("script, expected", [
-    pytest.param(lambda d: (d.send(Msg.SETUP_ACK), d.send(Msg.LOADED, Loaded(1, {})),
+    pytest.param(lambda d: (d.send(Msg.SETUP_ACK, ACK), d.send(Msg.LOADED, Loaded(1, {})),
                             d.send(Msg.RESUMED), d.stop.wait(30)),
                  r"main channel: unexpected LOADED from the destination while \w+",
                  id="loaded-before-complete"),
-    pytest.param(lambda d: (d.send(Msg.SETUP_ACK), d.read(),
+    pytest.param(lambda d: (d.send(Msg.SETUP_ACK, ACK), d.read(),
                             d.send(Msg.ROUND_ACK, RoundAck(999)), d.stop.wait(30)),
                  r"main channel: ROUND_ACK field 'round': received 999, expected 1",
                  id="round-ack-of-another-round"),
-    pytest.param(lambda d: (d.send(Msg.SETUP_ACK), d.read(), d.send(Msg.ROUND_ACK, RoundAck(1)),
+    pytest.param(lambda d: (d.send(Msg.SETUP_ACK, ACK), d.read(),
+                            d.send(Msg.ROUND_ACK, RoundAck(1)),
                             d.send(Msg.ROUND_ACK, RoundAck(1)), d.stop.wait(30)),
                  r"main channel: ROUND_ACK field 'round': received 1, expected 2",
                  id="round-ack-repeated"),
-    pytest.param(lambda d: (d.send(Msg.SETUP_ACK), d.read(), d.send(Msg.ROUND_ACK, RoundAck(1)),
+    pytest.param(lambda d: (d.send(Msg.SETUP_ACK, ACK), d.read(),
+                            d.send(Msg.ROUND_ACK, RoundAck(1)),
                             d.send(Msg.ROUND_ACK, RoundAck(2)), d.stop.wait(30)),
                  r"main channel: ROUND_ACK of round 2, not ended", id="round-ack-not-ended"),
     pytest.param(_answers((Msg.LOADED, Loaded(7777, {}))),
@@ -490,7 +493,7 @@ def _answers(*after_complete):
     # A destination sends every ROUND_ACK before its LOADED; LOADED without them,
     # and load times for devices the session has none of (765k made-up names,
     # some with escape sequences: kept in the statistics, printed), were taken.
-    pytest.param(lambda d: (d.send(Msg.SETUP_ACK), d.read(), d.read(),
+    pytest.param(lambda d: (d.send(Msg.SETUP_ACK, ACK), d.read(), d.read(),
                             d.send(Msg.LOADED, Loaded(1, {})), d.stop.wait(30)),
                  r"main channel: LOADED before the ROUND_ACK of round 1",
                  id="loaded-without-round-ack"),
@@ -524,10 +527,19 @@ def _answers(*after_complete):
     pytest.param(_answers((Msg.LOADING, Loading(-1, STALL))),
                  r"Loading field 'steps': received -1, expected a step count",
                  id="loading-negative-steps"),
-    pytest.param(lambda d: (d.send(Msg.SETUP_ACK), d.send(Msg.LOADING, Loading(1, STALL)),
+    pytest.param(lambda d: (d.send(Msg.SETUP_ACK, ACK), d.send(Msg.LOADING, Loading(1, STALL)),
                             d.stop.wait(30)),
                  r"main channel: unexpected LOADING from the destination while \w+",
                  id="loading-before-complete"),
+    # The source's KEEPALIVEs keep to SETUP_ACK's stall_timeout: bounded as SETUP's.
+    pytest.param(lambda d: (d.send(Msg.SETUP_ACK, {"stall_timeout": 0}), d.stop.wait(30)),
+                 r"SetupAck field 'stall_timeout': received 0, expected seconds in "
+                 r"0\.1\.\.86400$", id="setup-ack-stall-of-zero"),
+    pytest.param(lambda d: (d.send(Msg.SETUP_ACK, {"stall_timeout": True}), d.stop.wait(30)),
+                 r"SetupAck field 'stall_timeout': received True", id="setup-ack-stall-true"),
+    pytest.param(lambda d: (d.send(Msg.SETUP_ACK), d.stop.wait(30)),
+                 r"SetupAck: fields \[\], expected \['stall_timeout'\]$",
+                 id="setup-ack-without-stall"),
 ])
 def test_an_answer_out_of_turn_or_out_of_range_fails(leaks, script, expected):
     error, _ = migrate_against(script)
@@ -548,7 +560,7 @@ def test_an_answer_out_of_turn_or_out_of_range_fails(leaks, script, expected):
 def test_a_message_only_a_source_sends_is_refused_by_its_type(leaks, kind, when, length):
     def script(d):
         if when == "after-complete":
-            d.send(Msg.SETUP_ACK)
+            d.send(Msg.SETUP_ACK, ACK)
             d.until(Msg.COMPLETE)
         d.main.sendall(_header(kind, length))
         d.stop.wait(30)

@@ -296,22 +296,23 @@ def test_missing_file_is_a_config_error(tmp_path):
 
 
 @pytest.mark.parametrize("version, readable",
-                         [(2, True), (3, True), (4, True), (1, False), (5, False)])
-def test_captures_of_main_channel_versions_2_to_4_are_read(tmp_path, version, readable):
+                         [(2, True), (3, True), (4, True), (5, True), (1, False), (6, False)])
+def test_captures_of_main_channel_versions_2_to_5_are_read(tmp_path, version, readable):
     """Version 3 added LOADING, a destination's message, and bounded each message;
-    version 4 has LOADING while SWITCHOVER_ACK is owed too: a source's side of the
+    version 4 has LOADING while SWITCHOVER_ACK is owed too, and in version 5
+    SETUP_ACK says the destination's stall_timeout: a source's side of the
     main channel is as it was in version 2, whose captures inspect still reads."""
     files = two_rounds().files(ROUND_ENDS)
     main = files["main.bin"]
     at = main.index(MAIN_MAGIC.to_bytes(4, "big")) + 4       # (after the channel header)
-    assert main[at:at + 4] == (4).to_bytes(4, "big")
+    assert main[at:at + 4] == (5).to_bytes(4, "big")
     files["main.bin"] = main[:at] + version.to_bytes(4, "big") + main[at + 4:]
     paths = write_files(tmp_path, files)
     if readable:
         assert read_capture(paths).blocks == REGIONS
     else:
         with pytest.raises(ProtocolError,
-                           match=f"'version': received {version}, expected 2, 3 or 4"):
+                           match=f"'version': received {version}, expected 2, 3, 4 or 5"):
             read_capture(paths)
 
 

@@ -480,6 +480,25 @@ def test_a_destination_of_a_longer_stall_timeout_may_take_it_after_complete():
     assert result.devices[("nic0", 0)] == b"registers"
 
 
+@pytest.mark.parametrize("source_stall, destination_stall", [(10.0, STALL), (STALL, 10.0)],
+                         ids=["shorter-at-the-destination", "shorter-at-the-source"])
+def test_each_side_s_keepalives_meet_the_shorter_stall_timeout(image, source_stall,
+                                                               destination_stall):
+    """A round says nothing on the main channel (its pages go on the data channels):
+    KEEPALIVEs alone tell each side that its peer lives. A source of 10 s sent them
+    every 2.5 s, so a destination of 1 s failed a healthy source ("main channel:
+    nothing from the source for 1.01 s") in any transfer longer than a second (a
+    `listen --stall-timeout 5` under a default `send`: longer than 5 s). SETUP_ACK
+    now says the destination's, and each side keeps to the shorter of the two (the
+    destination did already: SETUP says the source's). 16 MiB at 8 MiB/s take
+    about 2 s, twice the shorter deadline."""
+    config = CONFIG.replace(stall_timeout=source_stall, max_bandwidth=8 * MIB)
+    with Migration(config, stall_timeout=destination_stall) as m:
+        m.source.add_region(image)
+        _, result = m.run(timeout=60).ok()
+        assert np.array_equal(result.regions["ram"].array, image.array)
+
+
 def test_a_stopped_forkserver(image):
     """The destination must start a worker for a channel it did not start ahead
     (workers=1, two channels) while multiprocessing's forkserver is stopped (found by

@@ -3,10 +3,11 @@
 
 ::
 
-    main process monitor (each side), every stall_timeout / 4 at most:
+    main process monitor (each side), every quarter of the shorter deadline at most:
       Heartbeat   main channel: send KEEPALIVE when nothing else went out for a
-                  quarter of the deadline; fail when nothing came in (nor waits
-                  to be read) for all of it
+                  quarter of the shorter deadline of the two sides (SETUP says the
+                  source's, SETUP_ACK the destination's); fail when nothing came in
+                  (nor waits to be read) for all of this side's
                   ("main channel: nothing from the destination for 30 s")
       Progress    each channel (and the reassembly process) that has work —
                   a job or command queued, a SYNC or the end due — or whose
@@ -24,7 +25,7 @@
                   nothing for that long fails by itself (the core maps the
                   socket's EAGAIN to "no progress for 30 s")
 
-Nothing here polls faster than a quarter of the deadline: the checks ride on
+Nothing here polls faster than a quarter of the shorter deadline: the checks ride on
 the monitor's existing wait, which wakes for reports and messages anyway.
 """
 
@@ -117,14 +118,25 @@ class Progress:
 
 class Heartbeat:
     """The main channel's liveness: KEEPALIVE out (or what ``word`` says instead),
-    anything in."""
+    anything in within ``limit``. KEEPALIVEs go a quarter of the shorter of
+    ``limit`` and the peer's ``peer_limit`` apart, as the peer fails this side by
+    its own deadline and a round says nothing else here (its pages go on the data
+    channels: a source of 30 s failed a destination of 5 s in any round longer).
+    Pages arriving are no word from the peer's main process, the one watched
+    here: stuck in a hook, it still has workers sending what was queued, and a
+    live one may have no page to send (collecting a bitmap, saving devices)."""
 
     def __init__(self, main: MainChannel, limit: float, peer: Sender,
-                 interval: float | None = None) -> None:
+                 peer_limit: float | None = None) -> None:
         self.main, self.limit, self.peer = main, limit, peer
-        self.interval = (limit if interval is None else interval) / 4
+        self.interval = min(limit, limit if peer_limit is None else peer_limit) / 4
         self.last_received = time.monotonic()
         self.word: Callable[[], tuple[Msg, Any]] = lambda: (Msg.KEEPALIVE, None)
+
+    @property
+    def pace(self) -> float:
+        """How often the monitor must look: its tick, or sooner for a KEEPALIVE due."""
+        return min(tick(self.limit), self.interval)
 
     def received(self) -> None:
         self.last_received = time.monotonic()

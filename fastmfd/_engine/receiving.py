@@ -45,7 +45,7 @@ from ..errors import ConfigError, MigrationError, ProtocolError, SecurityError
 from ..protocol import handshake
 from ..protocol.control import Drained, Eof, Go, Greeted, Refused, RecvParams, Synced
 from ..protocol.main_channel import (MAIN, Complete, Loaded, MainChannel, Msg,
-                                     PrecopySent, RoundAck, RoundEnd, check_round,
+                                     PrecopySent, RoundAck, RoundEnd, SetupAck, check_round,
                                      decode_message_header, decode_payload,
                                      old_way_message_size, peer_failed, read_from_source)
 from ..protocol.security import ChannelSecurity
@@ -55,7 +55,7 @@ from ..region_pool import RegionPool
 from ..regions import Region
 from ..stats import ChannelStats, ReceiveStats
 from .admission import Admission, ChannelDoor, DoorWorkers, Refusals
-from .liveness import Heartbeat, Progress, Steps, process_stopped, stall_error, tick
+from .liveness import Heartbeat, Progress, Steps, process_stopped, stall_error
 from .loading import DeviceLoading, check_chunk_counts, old_way_not_here
 from .open_files import DESTINATION_PER_CHANNEL, check_session_files, check_worker_files
 from .prealloc import preallocate
@@ -171,7 +171,7 @@ class Receiving:
         try:
             if self.parts.prealloc:
                 self._preallocate()
-            self.main.send(Msg.SETUP_ACK)
+            self.main.send(Msg.SETUP_ACK, SetupAck(self._stall))
         except MigrationError as exc:   # the source failed meanwhile and left: its ERROR says why
             raise handshake.error_left(self.main.sock, MAIN, "the source failed",
                                        "source") or exc
@@ -181,8 +181,8 @@ class Receiving:
         """Check SETUP against what the user added; make regions, counters, pool."""
         self.setup = setup
         parts = self.parts
-        # The destination's own deadline if it has one, else the source's; its
-        # keepalives keep to the shorter of the two, so the source hears it in time.
+        # The destination's own deadline if it has one, else the source's; SETUP_ACK
+        # tells the source, and each side's keepalives keep to the shorter of the two.
         self._stall = parts.stall_timeout or setup.stall_timeout
         if parts.on_setup is not None:
             parts.on_setup(setup)       # may add regions and loaders, or refuse
@@ -228,8 +228,7 @@ class Receiving:
         assert door_workers is not None, "after SETUP"
         self.main.sock.settimeout(stall)    # and so must a send
         self._progress = Progress(stall)
-        self._heartbeat = Heartbeat(self.main, stall, "source",
-                                    interval=min(stall, setup.stall_timeout))
+        self._heartbeat = Heartbeat(self.main, stall, "source", setup.stall_timeout)
         self._heartbeat.word = lambda: self._steps.word(self._source_waits(), stall)
         self._watch = watch = Watch(self.main.sock)
         self._door = ChannelDoor(parts, setup, door_workers, stall, watch,
@@ -243,7 +242,7 @@ class Receiving:
                 report, main))
         self._check_liveness()              # the deadlines start now
         looked = time.monotonic()
-        pace = min(tick(stall), self._heartbeat.interval)   # (the source's deadline, if shorter)
+        pace = self._heartbeat.pace
         while not self._done():
             self.failure.check()
             try:

@@ -57,7 +57,7 @@ from ..shm import SharedMemory
 from ..stats import MigrationStats, RoundStats
 from ..threads import start_thread
 from .liveness import (AwaitingDestination, Heartbeat, Progress, bytes_waiting,
-                       process_stopped, set_stall_timeout, stall_error, tick)
+                       process_stopped, set_stall_timeout, stall_error)
 from .processes import ChildSet, Watch
 from .progress import RoundProgress
 from .saving import DeviceSaver, DeviceStream, OldWaySaver, make_saver
@@ -130,6 +130,7 @@ class Sending:
         self._rounds_ended = 0                  # ROUND_ENDs sent
         self._rounds_acked = 0                  # ROUND_ACKs received (one per round, in order)
         self._heartbeat: Heartbeat | None = None
+        self._destination_stall = self.config.stall_timeout    # SETUP_ACK says it
         self.board = StatusBoard()              # what status() reports while it runs
         self._rounds_started = time.monotonic() # when round 1 began (bandwidth's clock)
         self._ack_waited = 0.0                  # seconds spent waiting for SWITCHOVER_ACK
@@ -195,8 +196,10 @@ class Sending:
         parts.resources.sockets += [sock, sock.dup()]
         self.failure.check()                # a cancel while connecting found none
         tune_main_socket(sock)
-        sock = handshake.open_main_channel(sock, self._security, setup, cfg.channel_header,
-                                           str(parts.address), opened=self._opened)
+        sock, ack = handshake.open_main_channel(sock, self._security, setup,
+                                                cfg.channel_header, str(parts.address),
+                                                opened=self._opened)
+        self._destination_stall = ack.stall_timeout     # its KEEPALIVE watch (_watch)
         assert self.main is not None and self.main.sock is sock, "opened with SETUP"
         self._saver, self._pool = make_saver(self._streams, cfg, self.main,
                                              parts.device_selector, self._device_command,
@@ -417,11 +420,11 @@ class Sending:
         watch.add(main.sock, lambda: self._on_main_message(watch))
         watch.add(self._wake_r, self._stop_watching)
         stall = self.config.stall_timeout
-        self._heartbeat = Heartbeat(main, stall, "destination")
+        self._heartbeat = Heartbeat(main, stall, "destination", self._destination_stall)
         progress = Progress(stall)
         while self.failure.error is None:
             try:
-                watch.poll(tick(stall))
+                watch.poll(self._heartbeat.pace)
                 self._check_liveness(progress)
             except _StopWatching:
                 return

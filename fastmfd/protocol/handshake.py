@@ -32,8 +32,9 @@ from dataclasses import dataclass
 from .. import _core
 from ..errors import MigrationError, ProtocolError, SecurityError, TLSError, peer_words
 from .main_channel import (MAIN, MAIN_MAGIC, MAIN_VERSION, MESSAGE_HEADER,
-                           MESSAGE_HEADER_SIZE, MainChannel, Msg, Sender, decode_message_header,
-                           decode_payload, encode_message, encode_preamble, expect_message)
+                           MESSAGE_HEADER_SIZE, MainChannel, Msg, Sender, SetupAck,
+                           decode_message_header, decode_payload, encode_message,
+                           encode_preamble, expect_message)
 from .security import (MAIN_CHANNEL_ID, ChannelSecurity, Stream, TLSConfig, check_authz,
                        check_key_proof, identities_of, is_tls_record, prove_key,
                        tls_connect, tls_handshake)
@@ -184,11 +185,13 @@ NO_LISTENER_HINT = ("(is a fastmfd listener there? a QEMU destination takes "
 
 def open_main_channel(sock: socket.socket, security: ChannelSecurity, setup: Setup,
                       channel_header: bool, address: str,
-                      opened: Callable[[MainChannel], None] | None = None) -> socket.socket:
+                      opened: Callable[[MainChannel], None] | None = None
+                      ) -> tuple[socket.socket, SetupAck]:
     """The source's side of the main channel's opening: the greeting, SETUP, and
     the destination's SETUP_ACK. Returns the socket to use from then on
-    (TLS-wrapped or not); on failure the socket is closed. Its errors say where:
-    "main channel to ``address``", as a failed connect does.
+    (TLS-wrapped or not) and the SETUP_ACK (the destination's stall_timeout); on
+    failure the socket is closed. Its errors say where: "main channel to
+    ``address``", as a failed connect does.
 
     ``opened(main)``: the session takes the channel as its SETUP goes, so that its
     failure (a cancel, a Ctrl-C) while the destination checks SETUP tells the
@@ -219,9 +222,9 @@ def open_main_channel(sock: socket.socket, security: ChannelSecurity, setup: Set
         until = (time.monotonic() + security.timeout + setup.stall_timeout
                  + PREALLOC_SECONDS_PER_GIB * announced / (1 << 30))
         try:
-            expect_message(sock, Msg.SETUP_ACK, deadline=deadline, seconds=security.timeout,
-                           where=where, keepalive_wait=setup.stall_timeout,
-                           keepalive_until=until, sender="destination")
+            ack: SetupAck = expect_message(
+                sock, Msg.SETUP_ACK, deadline=deadline, seconds=security.timeout, where=where,
+                keepalive_wait=setup.stall_timeout, keepalive_until=until, sender="destination")
         except MigrationError as exc:
             # A listener answers SETUP at once (or with KEEPALIVEs): silence is
             # most likely no fastmfd listener, e.g. a QEMU's -incoming, which
@@ -262,7 +265,7 @@ def open_main_channel(sock: socket.socket, security: ChannelSecurity, setup: Set
         if not handed:
             sock.close()
         raise
-    return sock
+    return sock, ack
 
 
 def _connection_lost(exc: MigrationError | ProtocolError) -> bool:

@@ -44,7 +44,7 @@ __all__ = [
     "MESSAGE_HEADER", "MESSAGE_HEADER_SIZE", "MAX_CONTROL_PAYLOAD", "MAX_SMALL_PAYLOAD",
     "MAX_ERROR_CHARS", "MAX_JSON_DEPTH", "OLD_WAY_PREFIX", "OLD_WAY_CHECKSUM", "Msg",
     "DESTINATION_SENDS", "SOURCE_SENDS", "Sender",
-    "RoundEnd", "RoundAck", "PrecopySent", "Complete", "Loaded", "Loading", "Error",
+    "SetupAck", "RoundEnd", "RoundAck", "PrecopySent", "Complete", "Loaded", "Loading", "Error",
     "MainChannel", "encode_message", "error_message", "decode_message_header",
     "decode_control", "decode_payload", "encode_preamble", "check_preamble", "read_message",
     "read_payload", "expect_message", "old_way_message_size", "old_way_checksum",
@@ -57,10 +57,12 @@ MAIN_MAGIC = 0x464D4644            # "FMFD"; differs from MULTIFD_MAGIC, so chan
 # would take every checksummed packet after the first for a damaged one.
 # 3: LOADING, and each message's payload bounded; 4: LOADING while SWITCHOVER_ACK is
 # owed too, which a source of 3 refuses (mid-session, where 4 is refused at once).
-MAIN_VERSION = 4
-# What a capture of a source's main channel may say: its side of versions 2 and 3 is
-# version 4's (LOADING is a destination's message).
-CAPTURE_VERSIONS = (2, 3, 4)
+# 5: SETUP_ACK carries the destination's stall_timeout, a payload a source of 4 would
+# refuse after its SETUP (a version apart is refused at the preamble instead).
+MAIN_VERSION = 5
+# What a capture of a source's main channel may say: its side of versions 2 to 4 is
+# version 5's (LOADING and SETUP_ACK's payload are a destination's).
+CAPTURE_VERSIONS = (2, 3, 4, 5)
 MAIN_PREAMBLE = struct.Struct(">II")
 MESSAGE_HEADER = struct.Struct(">II")
 MESSAGE_HEADER_SIZE = MESSAGE_HEADER.size
@@ -82,7 +84,7 @@ _MAX_SECONDS = 1e9                  # any duration (about 32 years)
 class Msg(enum.IntEnum):
     """Main-channel message types."""
     SETUP = 1               # source -> destination: every session parameter
-    SETUP_ACK = 2           # destination -> source: ready for channels
+    SETUP_ACK = 2           # destination -> source: ready for channels; its stall_timeout
     ROUND_END = 3           # source -> destination: every RAM channel has its SYNC for round n
     ROUND_ACK = 4           # destination -> source: round n applied on every channel
     DEVICE_STATE = 5        # source -> destination: one device chunk (old way only)
@@ -92,7 +94,8 @@ class Msg(enum.IntEnum):
     ERROR = 9               # either way: the session failed (text)
     RESUMED = 10            # destination -> source: its on_resume ran; the session is over
     AUTH = 11               # either way, before SETUP: the shared-key proof (binary, .security)
-    KEEPALIVE = 12          # either way, after SETUP_ACK: still here (stall_timeout / 4 apart);
+    KEEPALIVE = 12          # either way, after SETUP_ACK: still here (a quarter of the
+                            # shorter stall_timeout of the two apart);
                             # and destination -> source before it, while preallocating
     PRECOPY_SENT = 13       # source -> destination, switchover_ack: the chunks each device sent live
     SWITCHOVER_ACK = 14     # destination -> source: those chunks are loaded; the source may stop
@@ -102,6 +105,14 @@ class Msg(enum.IntEnum):
 
 
 # ---------------------------------------------------------------- payloads
+
+@dataclass(frozen=True)
+class SetupAck:
+    """The destination is ready for channels. ``stall_timeout``: its own deadline
+    (or the source's, SETUP's, if it has none), within which it must hear from
+    the source on this channel: the source's KEEPALIVEs keep to it when shorter."""
+    stall_timeout: float
+
 
 @dataclass(frozen=True)
 class RoundEnd:
@@ -281,10 +292,13 @@ def error_message(error: BaseException | str) -> bytes:
 # Per device, a chunk count (COMPLETE, PRECOPY_SENT).
 _CHUNK_COUNTS = (lambda v: isinstance(v, list) and len(v) <= MAX_DEVICES and all(map(_count, v)),
                  f"at most {MAX_DEVICES} chunk counts")
+# A side's stall_timeout (SETUP_ACK, LOADING), bounded as SETUP's.
+_STALL_SECONDS = (is_stall_seconds, f"seconds in {MIN_STALL_SECONDS:g}..{MAX_STALL_SECONDS:g}")
 
 # How each control message's payload is decoded; messages not listed carry {}.
 _DECODERS: dict[Msg, Callable[[dict[str, Any]], Any]] = {
     Msg.SETUP: Setup.decode,
+    Msg.SETUP_ACK: _typed(SetupAck, stall_timeout=_STALL_SECONDS),
     Msg.ROUND_END: _typed(RoundEnd, round=(_count, "a round number")),
     Msg.ROUND_ACK: _typed(RoundAck, round=(_count, "a round number")),
     Msg.PRECOPY_SENT: _typed(PrecopySent, device_chunks=_CHUNK_COUNTS),
@@ -297,9 +311,7 @@ _DECODERS: dict[Msg, Callable[[dict[str, Any]], Any]] = {
         device_chunks=_CHUNK_COUNTS),
     Msg.LOADED: _typed(Loaded, rounds=(_count, "a round count"),
                        load_seconds=(_seconds, f"an object of at most {MAX_DEVICES} seconds")),
-    Msg.LOADING: _typed(Loading, steps=(_count, "a step count"),
-                        stall_timeout=(is_stall_seconds, f"seconds in {MIN_STALL_SECONDS:g}.."
-                                                         f"{MAX_STALL_SECONDS:g}")),
+    Msg.LOADING: _typed(Loading, steps=(_count, "a step count"), stall_timeout=_STALL_SECONDS),
     Msg.ERROR: _peer_error,
 }
 
