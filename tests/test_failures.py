@@ -232,11 +232,13 @@ def test_connection_reset(image, leaks):
     outcome = migrate(image, {1: reset})
     src, dst = outcome.failed_both(since=reset.fired_at)
     # Both ends of channel 1 are reset: either may report first, in words (it
-    # said "ConnectionResetError: [Errno 104] send: Connection reset by peer"); a
-    # side whose peer's ERROR comes within its grace says the peer's words.
+    # said "ConnectionResetError: [Errno 104] send: Connection reset by peer"), and
+    # the source's word is not held back: a source that waited for the destination's
+    # ERROR while the destination waited for its own said the destination failed.
     for error in (src, dst):
-        assert_names(error, r"(send|receive) channel 1: [\w ]+: (Connection reset by peer "
+        assert_names(error, r"(send|receive) channel 1: \w+: (Connection reset by peer "
                             r"\(ECONNRESET\)|Broken pipe \(EPIPE\))$")
+    assert not str(src).startswith("main channel: the destination failed"), src
     leaks.assert_clean(keep=[image])
 
 

@@ -70,8 +70,13 @@ __all__ = ["Sending", "SendingState", "SourceParts"]
 # How long a write to a dead worker's command pipe waits for the monitor to say why
 # the worker ended (it watches every worker's exit, so this is only ever a moment).
 WORKER_EXIT_GRACE = 2.0
-# How long a channel the destination closed waits for its ERROR, which says why.
-DESTINATION_WORD_GRACE = 0.5
+# How long a channel the destination closed waits for its ERROR, which says why:
+# not at all, the ERROR is read only if already here (queued while this side was
+# stopped). A reset on the way breaks both ends at once, and the destination then
+# waits SOURCE_WORD_GRACE for this side's ERROR: waiting here too held both sides
+# for its length, and the destination's error, its own reset, came to be named as
+# the source's cause (a reread).
+DESTINATION_WORD_GRACE = 0.0
 
 
 class SendingState(enum.Enum):
