@@ -48,8 +48,15 @@ def test_migration_with_a_shared_key_is_byte_exact(transport, channels, device_c
 
 
 @pytest.mark.parametrize("source_key,destination_key,source_says,destination_says", [
-    (OTHER_KEY, KEY, r"the destination does not know the auth_key",
-     r"wrong auth_key proof"),
+    # Neither side can tell which key is the wrong one: each says the keys differ
+    # (it once told the source "the destination does not know the auth_key").
+    (OTHER_KEY, KEY, r"^main channel to .*: the destination's auth_key proof does not match "
+                     r"this source's key: the two sides' auth_keys differ \(either may be "
+                     r"the wrong one; both must hold the same key\), or this is not the "
+                     r"destination meant$",
+     r"wrong auth_key proof: the source's proof does not match this destination's key for "
+     r"this session and channel: the two sides' auth_keys differ \(either may be the wrong "
+     r"one; both must hold the same key\)$"),
     (None, KEY, r"requires an auth_key proof; the source sent none",
      r"requires an auth_key proof; the source sent none"),
     (KEY, None, r"the source proves an auth_key; this destination has none",
@@ -64,8 +71,8 @@ def test_a_source_without_the_key_is_refused(source_key, destination_key, source
         m.destination.add_region(target)
         error, refused = m.run_refused()
         assert re.search(source_says, str(error)), str(error)
-        # It says where, as a failed connect does ("the destination does not know the
-        # auth_key" named neither the channel nor the address).
+        # It says where, as a failed connect does (the wrong key's message once named
+        # neither the channel nor the address).
         assert str(error).startswith(f"main channel to {m.source.address}: "), str(error)
         assert re.search(destination_says, refused[0].reason), refused[0].reason
         assert np.all(target.array == 0xAB), "a byte reached the region"

@@ -363,6 +363,11 @@ class Stream(Protocol):
     def recv_exact(self, size: int, what: str = ...) -> bytes: ...
 
 
+# What a failed proof tells either side: the keys differ, not which one is wrong.
+_KEYS_DIFFER = ("the two sides' auth_keys differ (either may be the wrong one; both must hold "
+               "the same key)")
+
+
 def _proof(key: bytes, role: bytes, uuid: bytes, channel: int, theirs: bytes,
            mine: bytes) -> bytes:
     message = b"fastmfd-auth " + role + b"\0" + uuid + channel.to_bytes(4, "big") + theirs + mine
@@ -383,7 +388,11 @@ def prove_key(stream: Stream, key: bytes, uuid: bytes, channel: int,
     # nonce, so an impostor cannot replay it anywhere.
     stream.send_all(_proof(key, b"client", uuid, channel, theirs, mine), "the auth_key proof")
     if not hmac.compare_digest(their_proof, _proof(key, b"server", uuid, channel, mine, theirs)):
-        raise SecurityError("the destination does not know the auth_key", channel=where)
+        # Neither side can tell whose key is the wrong one (an old key file, a typo):
+        # blaming the destination sent users to mend the side that was right.
+        raise SecurityError(f"the destination's auth_key proof does not match this source's "
+                            f"key: {_KEYS_DIFFER}, or this is not the destination meant",
+                            channel=where)
 
 
 def check_key_proof(stream: Stream, key: bytes, uuid: bytes, channel: int) -> None:
@@ -394,8 +403,8 @@ def check_key_proof(stream: Stream, key: bytes, uuid: bytes, channel: int) -> No
                     "the auth_key proof")
     if not hmac.compare_digest(stream.recv_exact(PROOF_SIZE, "the source's auth_key proof"),
                                _proof(key, b"client", uuid, channel, mine, theirs)):
-        raise SecurityError("wrong auth_key proof: the peer does not know the key for this "
-                            "session and channel")
+        raise SecurityError(f"wrong auth_key proof: the source's proof does not match this "
+                            f"destination's key for this session and channel: {_KEYS_DIFFER}")
 
 
 def default_hostname(target: tuple[str, int] | str, family: int,
