@@ -491,6 +491,46 @@ def test_max_sessions_serves_migrations_one_after_another(tmp_path, image):
         assert (out / name / "ram.img").read_bytes() == image.read_bytes()
 
 
+def test_listen_json_prints_a_line_for_every_session_failed_ones_too(tmp_path, image):
+    """With --json and several sessions, a failed session printed no line, only
+    "session failed" on stderr: a program reading the lines could not see or
+    count it (a review). Each has its line: {"failed", "session", "refused_connections"}."""
+    from fastmfd import _core
+    from fastmfd.protocol.main_channel import MESSAGE_HEADER, Msg, encode_preamble
+    header = bytearray(_core.CHANNEL_HEADER_SIZE)
+    _core.encode_channel_header(header, _core.CHANNEL_MAIN)
+    small = tmp_path / "small.img"
+    small.write_bytes(os.urandom(4 * PAGE))
+    with Listener(tmp_path / "out", "--max-sessions", "3", "--max-size", "32K",
+                  "--json") as listener:
+        path = listener.address[len("unix:"):]
+        with socket.socket(socket.AF_UNIX) as stranger:
+            stranger.connect(path)
+            stranger.sendall(bytes(64))
+            stranger.settimeout(30)
+            while stranger.recv(4096):               # refused (told why), counted, closed
+                pass
+        with socket.socket(socket.AF_UNIX) as source:    # greeted, then gone before SETUP
+            source.connect(path)
+            source.sendall(bytes(header) + encode_preamble()
+                           + MESSAGE_HEADER.pack(int(Msg.SETUP), 100))
+        assert send(listener, str(image)).returncode == 1      # 64 KiB > --max-size
+        assert send(listener, str(small)).returncode == 0
+        status, err = listener.finish()
+    assert status == 1 and err.count("session failed:") == 2, err
+    lines = [json.loads(line) for line in listener.out.splitlines()]
+    assert len(lines) == 3, listener.out
+    unnamed, refused, received = lines
+    assert set(unnamed) == {"failed", "session", "refused_connections"}, unnamed
+    assert "SETUP" in unnamed["failed"] and unnamed["session"] is None, unnamed
+    assert unnamed["refused_connections"] == 1, unnamed
+    assert refused["failed"] == ("the source sends 64.0 KiB of regions; --max-size allows "
+                                 "32.0 KiB"), refused
+    assert re.fullmatch("[0-9a-f]{32}", refused["session"]) and \
+        refused["refused_connections"] == 0, refused
+    assert set(received) == {"files", "sizes", "stats"}, received
+
+
 def test_a_wait_no_source_came_in_is_no_session(tmp_path, image):
     """With several sessions, each --timeout that passed with no source counted
     as a failed session: an idle --forever listener said "session failed" each

@@ -120,7 +120,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from . import security_options
-    from .transfer import listen_once, listen_sessions
+    from .transfer import FailedSession, listen_once, listen_sessions
     # No markup: addresses and paths are the user's text, and rich takes '[fd00::2]' or
     # 'sav[e]d' for style tags and drops them. Soft wrap: each line stays one, the folding
     # left to a terminal; in a service's log file rich folded them at 80 columns, a path
@@ -147,13 +147,15 @@ def cmd_listen(args: argparse.Namespace) -> int:
                                               **options), as_json=args.json)
         return 0
     failed = 0
-    for outcome, files in listen_sessions(args.address, args.dir, sessions=sessions,
-                                          on_listening=on_listening, **options):
-        if isinstance(outcome, BaseException) or files is None:
+    for outcome in listen_sessions(args.address, args.dir, sessions=sessions,
+                                   on_listening=on_listening, **options):
+        if isinstance(outcome, FailedSession):
             failed += 1
-            print(f"fastmfd listen: session failed: {outcome}", file=sys.stderr)
+            print(f"fastmfd listen: session failed: {outcome.error}", file=sys.stderr)
+            if args.json:       # a program reading the lines sees every session
+                _print_json(outcome.as_json())
         else:
-            _report_session(console, outcome, files, as_json=args.json)
+            _report_session(console, *outcome, as_json=args.json)
     return EXIT_FAILED if failed else 0
 
 
@@ -444,7 +446,8 @@ def _build_parser() -> _Parser:
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     p.add_argument("--json", action="store_true",
                    help="print the files written and the statistics as JSON on stdout (a "
-                        "line per session)")
+                        "line per session; a failed one of several: {\"failed\": its error, "
+                        "\"session\": its uuid or null, \"refused_connections\": N})")
     security_options.add_arguments(p, side="listen")
     p.set_defaults(func=cmd_listen)
 

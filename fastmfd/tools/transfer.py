@@ -39,7 +39,7 @@ from .warm_files import WarmFiles
 log = logging.getLogger("fastmfd")
 
 __all__ = ["ImageSpec", "StateSpec", "send_images", "listen_once", "listen_sessions",
-           "output_name"]
+           "FailedSession", "output_name"]
 
 
 @dataclass(frozen=True)
@@ -142,7 +142,8 @@ def listen_once(address: str | Listener, directory: str, *, per_session: bool = 
                 auth_key: bytes | None = None, max_size: int | None = None,
                 max_memory: int | None = None, prealloc: bool = False,
                 huge_pages: bool = False, warm: WarmFiles | None = None,
-                on_destination: Callable[[Destination], object] | None = None
+                on_destination: Callable[[Destination], object] | None = None,
+                on_session: Callable[[Setup], object] | None = None
                 ) -> tuple[DestinationResult, SavedFiles]:
     """Receive one migration into ``directory``: ``<region>.img`` files mapped
     while they are written, ``<idstr>.<instance>.state`` for each device and
@@ -160,8 +161,9 @@ def listen_once(address: str | Listener, directory: str, *, per_session: bool = 
     the region files ask for transparent huge pages (ConfigError where the
     directory's file system gives none); ``warm``:
     where faulted-in files may come from; ``on_destination(dst)``: called with the
-    :class:`Destination` once it listens. ``address`` may be a socket already
-    listening (see :func:`listen_sessions`)."""
+    :class:`Destination` once it listens; ``on_session(setup)``: with the source's
+    SETUP as it comes, before anything is planned for it. ``address`` may be a
+    socket already listening (see :func:`listen_sessions`)."""
     def output_dir(path: str, new: bool = False) -> OutputDir:
         return OutputDir(path, force=force, keep_partial=keep_partial, max_bytes=max_size,
                          warm=warm, huge_pages=huge_pages, new=new, cli=True)
@@ -189,6 +191,8 @@ def listen_once(address: str | Listener, directory: str, *, per_session: bool = 
                          "compression %s", len(setup.regions),
                          format_bytes(sum(r.size for r in setup.regions)), len(setup.devices),
                          setup.channels, setup.compression)
+                if on_session is not None:
+                    on_session(setup)
                 if out is None:
                     out = output_dir(os.path.join(directory, setup.uuid.hex()), new=True)
                 out.plan(setup)
@@ -206,15 +210,30 @@ def listen_once(address: str | Listener, directory: str, *, per_session: bool = 
     return result, made().files()
 
 
+@dataclass(frozen=True)
+class FailedSession:
+    """A session of :func:`listen_sessions` that failed (a source had connected)."""
+    error: FastMFDError
+    session: str | None
+    """Its uuid in hex (its directory's name), None if it failed before SETUP named it."""
+    refused_connections: int
+    """Connections refused while it waited and received (as ReceiveStats counts them)."""
+
+    def as_json(self) -> dict[str, Any]:
+        """What ``listen --json`` prints for it, a line as a received session has."""
+        return {"failed": str(self.error), "session": self.session,
+                "refused_connections": self.refused_connections}
+
+
 def listen_sessions(address: str, directory: str, *, sessions: int | None = None,
                     on_listening: Callable[[str], object] | None = None,
                     **options: Any
-                    ) -> Iterator[tuple[DestinationResult | FastMFDError, SavedFiles | None]]:
+                    ) -> Iterator[tuple[DestinationResult, SavedFiles] | FailedSession]:
     """Receive ``sessions`` migrations (None: until interrupted), one after another
     on one listening socket, each into ``directory/<session uuid>/`` (see
     :func:`listen_once`, which takes ``options``). Yields each one's ``(result,
-    files)``, or ``(error, None)`` for one that failed, and goes on: a failed or
-    hostile session costs only itself. A wait of ``timeout`` no source came in
+    files)``, or a :class:`FailedSession` for one that failed, and goes on: a
+    failed or hostile session costs only itself. A wait of ``timeout`` no source came in
     is no session: the listener waits again. A failure before any source
     connected is this side's own (its processes or threads cannot start: a
     process limit), which the next session would meet at once: it is raised,
@@ -253,16 +272,19 @@ def listen_sessions(address: str, directory: str, *, sessions: int | None = None
         served = 0
         while sessions is None or served < sessions:
             listening: list[Destination] = []
+            named: list[Setup] = []
             try:
                 result, files = listen_once(listener, directory, per_session=True, warm=warm,
-                                            on_destination=listening.append, **options)
+                                            on_destination=listening.append,
+                                            on_session=named.append, **options)
             except NoSourceError:
                 continue        # a wait no source came in is no session: the next begins
             except FastMFDError as exc:
                 if not any(dst.source_connected for dst in listening):
                     raise       # retried, it failed again at once, forever (~300 forks/s)
                 served += 1
-                yield exc, None
+                yield FailedSession(exc, named[0].uuid.hex() if named else None,
+                                    sum(dst.refused_total for dst in listening))
                 continue
             served += 1
             if warm is not None and served != sessions:
