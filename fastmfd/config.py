@@ -40,72 +40,81 @@ _KINDS: dict[str, Kind] = {
 
 @dataclass(frozen=True)
 class MigrationConfig:
-    """Everything a source needs to run a migration (names follow QEMU's parameters)."""
+    """Everything a source needs to run a migration (names follow QEMU's parameters).
+
+    The fields (said here, not after each field, where ``help()`` would not show them):
+
+    channels -- multifd RAM channels (QEMU ``multifd-channels``)
+    device_state_channels -- extra channels reserved for device state; they skip RAM
+        syncs. fastmfd *adds* them to ``channels`` (``total_channels``)
+    compression -- ``"none"``, ``"zlib"`` or ``"zstd"`` (``multifd-compression``), or
+        ``"auto"``: each channel chooses per packet between raw pages and zstd, and its
+        level (negative fast levels to 3), from how fast the link drains, how fast zstd
+        compresses and how much it saves (README, "Adaptive compression")
+    compression_level -- zlib 0..9 or zstd 1..20 (``multifd-zlib-level`` /
+        ``multifd-zstd-level``); "auto" chooses its own
+    zero_page_detection -- detect zero pages in the send workers and send them as
+        offsets only
+    channel_header -- start every connection with a channel header; False is the
+        "old way": no headers, device state on the main channel
+    packet_pages -- pages per RAM packet (QEMU: 512 KiB / page size)
+    page_size -- bytes per page
+    downtime_limit -- seconds the final stop-and-copy may take at the measured
+        bandwidth
+    max_rounds -- stop iterating after this many live rounds whatever the dirty rate
+    max_bandwidth -- bytes per second cap on the wire, or None. Each channel's send
+        worker holds to its share (``max_bandwidth / total_channels``) packet by
+        packet, RAM and device state alike (a token bucket of one packet); an idle
+        channel's share is not lent to the others
+    max_queued_bytes -- per device, the bytes the destination may hold out of order
+    tls -- TLS for every connection (:class:`~fastmfd.TLSConfig`: the CA that signs
+        the destination's certificate, and this side's certificate for mutual TLS)
+    auth_key -- a shared key (bytes, >= 16 of them) every connection proves it knows
+        (HMAC-SHA256 challenge-response, bound to the session and channel).
+        Authenticates, does not encrypt: use TLS for that
+    checksum -- a CRC-32 of every multifd packet, header and payload, RAM and device
+        state, each continuing the one before it on its channel (so a packet lost,
+        repeated or moved fails too), checked by the destination as the packet
+        arrives: a mismatch fails the session (for bit flips TCP's checksum misses;
+        TLS already authenticates)
+    device_chunk_size -- bytes of the largest device-state chunk (VFIO reads up to
+        1 MiB at a time)
+    job_packets -- RAM packets handed to a send worker per job (fewer wake-ups per GiB)
+    timeout -- seconds any setup step (connect, handshake) may take
+    stall_timeout -- seconds any channel, process or peer may make no progress while
+        it has work before the session fails, on both sides (SETUP carries it)
+    switchover_ack -- stop the workload only once the destination has loaded every
+        device chunk sent live (QEMU's ``switchover-ack`` capability)
+    config_after_ram -- hand each device's config chunk to its loader only after all
+        RAM is in (QEMU 10.1's order for ARM64 VFIO); SETUP carries it
+    device_channels_within -- the seed's channel arithmetic: ``channels`` counts every
+        channel and ``device_state_channels`` of them carry device state (the RFC's
+        ``x-multifd-channels-device-state``). Normalized when the config is made:
+        ``channels`` becomes the RAM channels and this flag False
+    """
 
     channels: int = 2
-    """Multifd RAM channels (QEMU ``multifd-channels``)."""
     device_state_channels: int = 0
-    """Extra channels reserved for device state; they skip RAM syncs. fastmfd
-    *adds* them to ``channels`` (``total_channels``)."""
     compression: Compression = "none"
-    """``"none"``, ``"zlib"`` or ``"zstd"`` (``multifd-compression``), or ``"auto"``:
-    each channel chooses per packet between raw pages and zstd, and its level
-    (negative fast levels to 3), from how fast the link drains, how fast zstd
-    compresses and how much it saves (README, "Adaptive compression")."""
     compression_level: int = 1
-    """zlib 0..9 or zstd 1..20 (``multifd-zlib-level`` / ``multifd-zstd-level``);
-    "auto" chooses its own."""
     zero_page_detection: bool = True
-    """Detect zero pages in the send workers and send them as offsets only."""
     channel_header: bool = True
-    """Start every connection with a channel header; False is the "old way":
-    no headers, device state on the main channel."""
     packet_pages: int = 128
-    """Pages per RAM packet (QEMU: 512 KiB / page size)."""
     page_size: int = 4096
     downtime_limit: float = 0.3
-    """Seconds the final stop-and-copy may take at the measured bandwidth."""
     max_rounds: int = 30
-    """Stop iterating after this many live rounds whatever the dirty rate."""
     max_bandwidth: float | None = None
-    """Bytes per second cap on the wire, or None. Each channel's send worker holds
-    to its share (``max_bandwidth / total_channels``) packet by packet, RAM and
-    device state alike (a token bucket of one packet); an idle channel's share
-    is not lent to the others."""
     max_queued_bytes: int = 256 << 20
-    """Per device, the bytes the destination may hold out of order."""
     tls: TLSConfig | None = None
-    """TLS for every connection (:class:`~fastmfd.TLSConfig`: the CA that signs the
-    destination's certificate, and this side's certificate for mutual TLS)."""
     auth_key: bytes | None = dataclasses.field(default=None, repr=False)
-    """A shared key (>= 16 bytes) every connection proves it knows (HMAC-SHA256
-    challenge-response, bound to the session and channel). Authenticates, does
-    not encrypt: use TLS for that."""
     checksum: bool = False
-    """A CRC-32 of every multifd packet, header and payload, RAM and device state,
-    each continuing the one before it on its channel (so a packet lost, repeated or
-    moved fails too), checked by the destination as the packet arrives: a mismatch
-    fails the session (for bit flips TCP's checksum misses; TLS already authenticates)."""
     device_chunk_size: int = 1 << 20
-    """Largest device-state chunk (VFIO reads up to 1 MiB at a time)."""
     job_packets: int = 8
-    """RAM packets handed to a send worker per job (fewer wake-ups per GiB)."""
     timeout: float = 30.0
-    """Seconds any setup step (connect, handshake) may take."""
     stall_timeout: float = 30.0
-    """Seconds any channel, process or peer may make no progress while it has
-    work before the session fails, on both sides (SETUP carries it)."""
     switchover_ack: bool = False
-    """Stop the workload only once the destination has loaded every device chunk
-    sent live (QEMU's ``switchover-ack`` capability)."""
     config_after_ram: bool = False
-    """Hand each device's config chunk to its loader only after all RAM is in
-    (QEMU 10.1's order for ARM64 VFIO); SETUP carries it."""
     device_channels_within: bool = False
-    """The seed's channel arithmetic: ``channels`` counts every channel and
-    ``device_state_channels`` of them carry device state (the RFC's
-    ``x-multifd-channels-device-state``). Normalized when the config is made:
-    ``channels`` becomes the RAM channels and this flag False."""
 
     def __post_init__(self) -> None:
         def need(ok: bool, message: str) -> None:

@@ -52,15 +52,19 @@ _WORKERS = up_to(MAX_WORKERS, f"a session uses {MAX_CHANNELS} channels and {GREE
 
 @dataclass
 class DestinationResult:
-    """What :meth:`Destination.receive` returns."""
+    """What :meth:`Destination.receive` returns:
+
+    regions -- region name -> Region holding the received bytes (open until the
+        Destination closes; then, with a region_pool, back in the pool)
+    devices -- (idstr, instance_id) -> what the device's loader returned (bytes for
+        CollectLoader)
+    stats -- what the destination measured (:class:`~fastmfd.ReceiveStats`)
+    setup -- the source's SETUP message: every session parameter
+    """
     regions: dict[str, Region]
-    """Region name -> Region holding the received bytes (open until the Destination closes;
-    then, with a region_pool, back in the pool)."""
     devices: dict[tuple[str, int], object]
-    """(idstr, instance_id) -> what the device's loader returned (bytes for CollectLoader)."""
     stats: ReceiveStats
     setup: dict[str, Any] = field(default_factory=dict)
-    """The source's SETUP message: every session parameter."""
 
 
 class Destination(Owner):

@@ -92,12 +92,20 @@ _WORKERS = up_to(MAX_WORKERS, "a migration uses one per QEMU channel and one per
 
 @dataclass
 class QemuReceived:
-    """What :func:`receive` wrote and measured."""
+    """What :func:`receive` wrote and measured:
+
+    facts -- what QEMU's stream said (:class:`QemuStreamFacts`)
+    files -- the files written: ``.regions`` by RAMBlock idstr, ``.streams["vmstate"]``,
+        ``.manifest``
+    manifest -- what manifest.json holds
+    seconds -- from the main channel's arrival to the commit
+    channels -- per multifd channel: packets, pages and bytes received
+    """
     facts: QemuStreamFacts
-    files: SavedFiles               # .regions by RAMBlock idstr, .streams["vmstate"], .manifest
+    files: SavedFiles
     manifest: dict[str, Any]
-    seconds: float                  # from the main channel's arrival to the commit
-    channels: list[dict[str, int]]  # per channel: packets, pages and bytes received
+    seconds: float
+    channels: list[dict[str, int]]
 
 
 def receive(address: str | socket.socket, directory: str | os.PathLike[str], *,
@@ -355,10 +363,14 @@ def send(address: str, directory: str | os.PathLike[str], *, channels: int = 2,
          stall_timeout: float = DEFAULT_STALL_TIMEOUT,
          timeout: float = DEFAULT_CONNECT_TIMEOUT, max_bandwidth: float | None = None,
          tls: TLSConfig | None = None) -> list[dict[str, int]]:
-    """Migrate the directory :func:`receive` wrote into the QEMU listening at
-    ``address`` (see the module docstring); returns per-channel counters.
+    """Migrate ``directory``, which :func:`receive` wrote, into the QEMU listening
+    at ``address`` (see the module docstring); returns per-channel counters.
     ``channels`` and ``compression`` must be the destination's
-    ``multifd-channels`` and ``multifd-compression`` (QEMU negotiates nothing).
+    ``multifd-channels`` and ``multifd-compression`` (QEMU negotiates nothing);
+    ``level``: the zlib (0..9) or zstd (1..20) level (QEMU's
+    ``multifd-zlib-level``/``multifd-zstd-level``). ``stall_timeout``: seconds a
+    channel, a send worker or the destination QEMU may make no progress (take no
+    bytes, send no answer) before the migration fails.
     ``timeout``: seconds each connection may take; ``max_bandwidth``: bytes/s
     the multifd channels may send in all (QEMU's ``max-bandwidth``; default no
     cap); ``tls``: every connection in TLS (QEMU's ``tls-creds``): ``ca`` the
@@ -377,7 +389,8 @@ class QemuSender(Owner):
     """A saved directory made ready to migrate into a QEMU: its manifest read,
     its files opened and mapped, one send worker process per channel started.
     :meth:`send` migrates it, once; :meth:`close` (or the end of a ``with``
-    block) frees it all. Made ahead of the migration, as a service that
+    block) frees it all. The parameters are :func:`send`'s (but ``address``, which
+    :meth:`send` takes). Made ahead of the migration, as a service that
     migrates on request would, it keeps the workers' start (a process each,
     some milliseconds) out of the migration itself, as fastmfd's own
     ``Source`` does; QEMU starts threads. Its lifecycle is a

@@ -22,7 +22,31 @@ __all__ = ["LiveDecoder", "LiveSession", "QemuStreamFacts"]
 
 @dataclass
 class QemuStreamFacts:
-    """What the stream said, for the manifest and the caller."""
+    """What the stream said, for the manifest and the caller:
+
+    version -- the main channel's stream version (QEMU_VM_FILE_VERSION, 3)
+    machine -- the source's machine type (its configuration section)
+    page_size -- bytes per target page (its configuration's target-page-bits)
+    capabilities -- the migration capabilities its configuration lists
+    uuid -- the configuration's uuid subsection, None if it sent none
+    channels -- the multifd channels that connected
+    compression -- the channels' multifd compression ("zlib", "zstd"), None if no
+        page came compressed
+    blocks -- RAMBlock idstr -> its size in bytes
+    syncs -- SYNC barriers (one SYNC per channel each)
+    multifd_sync -- where they sit: "per-section" or "per-round" (protocol.qemu)
+    ram_section_ends -- EOS records
+    zero_pages -- ZERO records of the main channel
+    multifd_zero_pages -- zero pages listed in multifd packets (QEMU >= 9.0)
+    main_pages -- PAGE records of the main channel
+    ram_bytes -- main-channel bytes before the device sections
+    vmstate_bytes -- bytes of the device sections to the stream's end (vmstate.bin)
+    vm_devices -- the devices its VM description lists
+    configuration -- the stream's CONFIGURATION section, as sent
+    commands -- its COMMAND sections: (where they came, their bytes) each
+    ram_section_id -- the RAM section's id; None: the stream had no RAM section
+    section_footers -- whether its sections end with a footer
+    """
     version: int = 3
     machine: str = ""
     page_size: int = 4096
@@ -31,18 +55,18 @@ class QemuStreamFacts:
     channels: int = 0
     compression: str | None = None
     blocks: dict[str, int] = field(default_factory=dict)
-    syncs: int = 0                          # SYNC barriers (one SYNC per channel each)
-    multifd_sync: str = SYNC_PER_SECTION    # where they sit (protocol.qemu)
-    ram_section_ends: int = 0               # EOS records
-    zero_pages: int = 0                     # ZERO records of the main channel
-    multifd_zero_pages: int = 0             # zero pages listed in multifd packets (>= 9.0)
-    main_pages: int = 0                     # PAGE records of the main channel
-    ram_bytes: int = 0                      # main-channel bytes before the device sections
+    syncs: int = 0
+    multifd_sync: str = SYNC_PER_SECTION
+    ram_section_ends: int = 0
+    zero_pages: int = 0
+    multifd_zero_pages: int = 0
+    main_pages: int = 0
+    ram_bytes: int = 0
     vmstate_bytes: int = 0
     vm_devices: int = 0
-    configuration: bytes = b""              # the stream's CONFIGURATION section
-    commands: list[tuple[str, bytes]] = field(default_factory=list)  # COMMANDs: place, bytes
-    ram_section_id: int | None = 0          # None: the stream had no RAM section
+    configuration: bytes = b""
+    commands: list[tuple[str, bytes]] = field(default_factory=list)
+    ram_section_id: int | None = 0
     section_footers: bool = True
 
 

@@ -208,7 +208,19 @@ class DeviceSpec:
 
 @dataclass(frozen=True)
 class Setup:
-    """The SETUP message: every parameter of one session."""
+    """The SETUP message: every parameter of one session.
+
+    uuid -- the session's 16 bytes, which every channel's hello repeats
+    page_size, packet_pages, compression, compression_level, zero_page_detection,
+    channels, device_state_channels, channel_header, checksum, max_queued_bytes --
+        the source's :class:`~fastmfd.MigrationConfig` fields of these names
+    chunk_size -- bytes of the largest device chunk's data (the config's
+        device_chunk_size); None only from a lenient decode that lacked it
+    stall_timeout -- seconds a channel, process or peer with work may make no progress
+    config_after_ram -- loaders get their config chunk only after all RAM is in
+    regions -- the regions sent: a RegionSpec (name, size in bytes) each
+    devices -- the devices whose state is sent: a DeviceSpec (idstr, instance_id) each
+    """
 
     uuid: bytes
     page_size: int
@@ -221,12 +233,9 @@ class Setup:
     channel_header: bool
     checksum: bool
     chunk_size: int | None
-    """Largest device chunk's data; None only from a lenient decode that lacked it."""
     max_queued_bytes: int
     stall_timeout: float
-    """Seconds a channel, process or peer with work may make no progress."""
     config_after_ram: bool
-    """Loaders get their config chunk only after all RAM is in."""
     regions: tuple[RegionSpec, ...]
     devices: tuple[DeviceSpec, ...]
 
