@@ -443,6 +443,17 @@ def test_a_destination_needs_its_own_certificate(pki):
         fastmfd.TLSConfig(ca="/nonexistent/ca.pem")
 
 
+@pytest.mark.parametrize("name", ["ca", "cert", "key"])
+def test_a_tls_file_that_cannot_be_opened_is_refused_with_the_reason(pki, tmp_path, name):
+    """A typo in a TLS file's path said only "TLSConfig.ca: cannot read PATH" (the
+    auth key file's said why); a file root may open is no longer passed by
+    os.access either."""
+    with pytest.raises(fastmfd.ConfigError) as error:
+        pki.source(**{name: str(tmp_path / "typo.pem")})
+    assert str(error.value) == (f"TLSConfig.{name}: cannot read {tmp_path}/typo.pem: No such "
+                                f"file or directory")
+
+
 def test_each_side_refuses_the_other_sides_check(pki):
     """A source's authz (the sources a destination accepts) and a destination's
     hostname (the name a source checks) would be ignored: a source given authz=["X"]
