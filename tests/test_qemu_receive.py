@@ -350,10 +350,13 @@ def test_a_stranger_before_qemu_is_dropped(tmp_path, guest, guest_ram, stranger)
     assert np.array_equal(np.fromfile(out / mem, dtype=np.uint8), guest_ram[1])
 
 
-def test_a_fastmfd_source_at_a_qemu_listener_is_told_apart(tmp_path, caplog):
+@pytest.mark.parametrize("channel_header", [True, False], ids=["header", "old way"])
+def test_a_fastmfd_source_at_a_qemu_listener_is_told_apart(tmp_path, caplog, channel_header):
     """fastmfd's own source sent to ``listen --qemu`` (a user's mix-up): dropped as
     any stranger, its log line saying where its stream goes (it said only 'first
-    bytes 00000000')."""
+    bytes 00000000'). The source is told what the listener is: it said "connection
+    reset ... (is a fastmfd listener there? a QEMU destination takes `fastmfd send
+    --qemu`)", a wrong fix (a review)."""
     import fastmfd
     # (its timeout is waited out once the source is dropped: 3 s, the source connects at once)
     receiver = qemu.QemuReceiver("tcp:127.0.0.1:0", str(tmp_path / "out"), timeout=3.0)
@@ -370,14 +373,18 @@ def test_a_fastmfd_source_at_a_qemu_listener_is_told_apart(tmp_path, caplog):
         with caplog.at_level(logging.WARNING, logger="fastmfd"):
             thread.start()
             with fastmfd.Source(receiver.address, fastmfd.MigrationConfig(
-                    channels=1, timeout=30)) as src:
+                    channels=1, timeout=30, channel_header=channel_header)) as src:
                 src.add_region(ram)
-                with pytest.raises(MigrationError, match="reset|closed|lost"):
+                with pytest.raises(MigrationError) as error:
                     src.migrate(live=False)     # dropped, not left waiting
             thread.join(30)
     finally:
         receiver.close()
         ram.close()
+    assert str(error.value) == (f"main channel to {receiver.address}: the peer failed: this is "
+                                f"a QEMU destination (`fastmfd listen --qemu`): it takes a "
+                                f"QEMU's migration; a fastmfd source's goes to `fastmfd "
+                                f"listen` without --qemu")
     assert "no QEMU connected" in str(failed[0])
     assert "it goes to `fastmfd listen` without --qemu" in caplog.text
 

@@ -43,6 +43,7 @@ from .. import _core
 from ..errors import FastMFDError, MigrationError, ProtocolError
 from ..protocol.control import QemuAuthenticated, QemuGreeted, Refused
 from ..protocol.qemu import QEVM_MAGIC
+from ..protocol.refusing import end_on_arrival
 from ..protocol.sockets import Listener, describe_peer
 from .liveness import process_stopped
 from .processes import Child, Watch
@@ -85,6 +86,10 @@ NO_ROOM_LEFT = ("the connection waiting to be greeted is one of QEMU's channels:
                 f"made room within {NO_ROOM_WAIT:g} s (each connection being greeted is "
                 "through its TLS handshake, as QEMU's are) and the setup section did not "
                 "end (QEMU's main channel waits for every channel of its)")
+# What a fastmfd source sent here is told (its `fastmfd send` said "is a fastmfd listener
+# there? a QEMU destination takes `fastmfd send --qemu`", a wrong fix: a review).
+FASTMFD_SOURCE_HERE = ("this is a QEMU destination (`fastmfd listen --qemu`): it takes a QEMU's "
+                       "migration; a fastmfd source's goes to `fastmfd listen` without --qemu")
 # Dropped connections are each said in the log up to this many of a kind; after
 # that only counted (a flood of strangers, at a few hundred a second, would fill it).
 LOGGED_DROPS = 10
@@ -370,11 +375,14 @@ class QemuConnections:
         arrival = self.pending[sock]
         if len(head) < 4 or head not in (QEVM_MAGIC, MULTIFD_MAGIC):
             # A fastmfd source's main channel starts with its channel header's zero
-            # bytes (or, the old way, with FMFD): a user may have sent it here.
-            ours = (" (a fastmfd source's stream? it goes to `fastmfd listen` without --qemu)"
-                    if head in (bytes(4), b"FMFD") else "")
+            # bytes (or, the old way, with FMFD): a user may have sent it here. It
+            # reads an ERROR: told what this listener is, its user does not guess.
+            ours = head in (bytes(4), b"FMFD")
+            if ours:
+                end_on_arrival(sock, FASTMFD_SOURCE_HERE, plaintext=True)
             self._reject(sock, f"it sent {len(head)} bytes ({reason})" if len(head) < 4 else
-                         not_qemus(head) + ours)
+                         not_qemus(head) + (" (a fastmfd source's stream? it goes to `fastmfd "
+                                            "listen` without --qemu)" if ours else ""))
         elif head == QEVM_MAGIC:
             if self.main is not None:
                 self._reject(sock, "a second main channel (QEVM)")

@@ -11,7 +11,7 @@ import time
 
 from .main_channel import error_message
 
-__all__ = ["tell_why", "refuse_on_arrival", "TELL_SECONDS"]
+__all__ = ["tell_why", "refuse_on_arrival", "end_on_arrival", "TELL_SECONDS"]
 
 TELL_SECONDS = 0.5             # how long a refused peer is given to read why
 TELL_DRAIN_BYTES = 1 << 20
@@ -44,6 +44,15 @@ def refuse_on_arrival(sock: socket.socket, reason: str, plaintext: bool) -> None
     the connection, and a reset can overtake the ERROR). A TLS peer could not
     read a plaintext ERROR: it sees the connection end. Closes ``sock``."""
     try:
+        end_on_arrival(sock, reason, plaintext)
+    finally:
+        sock.close()
+
+
+def end_on_arrival(sock: socket.socket, reason: str, plaintext: bool) -> None:
+    """:func:`refuse_on_arrival` but the close: the caller's, where others hold
+    ``sock`` too (a watch: it is taken from there first, then closed)."""
+    try:
         sock.setblocking(False)
         if plaintext:
             sock.send(error_message(reason))
@@ -56,5 +65,3 @@ def refuse_on_arrival(sock: socket.socket, reason: str, plaintext: bool) -> None
             drained += len(data)
     except OSError:         # BlockingIOError: nothing more sent yet
         pass
-    finally:
-        sock.close()
