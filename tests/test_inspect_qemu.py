@@ -157,6 +157,21 @@ def test_qemu_channels_alone_need_the_qemu_layout():
     assert info.value.field == "next_packet_size"
     assert str(info.value).startswith(f"{conn2} at byte ") or \
         str(info.value).startswith(f"{conn1} at byte ")
+    # Valid bytes were reported as corrupt, with no word of the layout (a review).
+    assert str(info.value).endswith(
+        "; decoded as layout current, since no main channel says which: as layout qemu-7.2 it "
+        "decodes (a QEMU 7.2 capture? `inspect --layout qemu-7.2`)"), str(info.value)
+
+
+def test_lone_channels_that_fail_in_every_layout_say_both_were_tried(tmp_path):
+    _, conn1, _ = capture_files("zstd")
+    cut = tmp_path / "conn1.bin"
+    cut.write_bytes(conn1.read_bytes()[:-100])      # a packet cut short: no layout decodes it
+    with pytest.raises(ProtocolError) as info:
+        read_capture([cut])
+    assert info.value.field == "next_packet_size"   # the error of the layout assumed
+    assert str(info.value).endswith("; decoded as layout current, since no main channel says "
+                                    "which (as layout qemu-7.2 it fails too)"), str(info.value)
 
 
 def test_decompressed_pages_do_not_pin_their_packet(decoded):

@@ -8,9 +8,10 @@ from __future__ import annotations
 import mmap
 import os
 from collections.abc import Iterable
+from typing import Any
 
 from ... import _core
-from ...errors import ConfigError, ProtocolError
+from ...errors import ConfigError, FastMFDError, ProtocolError
 from ...protocol.bytereader import ByteReader
 from ...protocol.main_channel import MAIN_MAGIC
 from ...protocol.qemu import QEVM_MAGIC, QemuMainChannel, decode_qemu_main
@@ -37,7 +38,8 @@ def read_capture(paths: Iterable[str | os.PathLike[str]], *, packet_pages: int |
     """Decode the captured channel files ``paths`` (one per connection, any order).
 
     ``layout`` is ``"qemu-7.2"`` or ``"current"``; by default ``"qemu-7.2"``
-    when a QEMU main channel is among the files. ``page_size`` and
+    when a QEMU main channel is among the files, else ``"current"`` (without a
+    main channel, a failure says whether ``"qemu-7.2"`` decodes the files). ``page_size`` and
     ``packet_pages`` (default: QEMU's 512 KiB of pages, 128 of 4 KiB) are used
     unless the main channel says otherwise (fastmfd's SETUP gives both, QEMU's
     target-page-bits the page size). ``max_ram_bytes`` bounds the distinct
@@ -50,12 +52,16 @@ def read_capture(paths: Iterable[str | os.PathLike[str]], *, packet_pages: int |
         raise ConfigError(f"layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
     check_arguments(page_size, default_packet_pages(page_size) if packet_pages is None
                     else packet_pages)
+    paths = list(paths)
     readers = [ByteReader(str(path), _map_file(str(path))) for path in paths]
     if not readers:
         raise ConfigError("no capture files given")
     kinds = [_classify(reader) for reader in readers]
     mains = [(reader, kind) for reader, kind in zip(readers, kinds)
              if kind[0] != "multifd"]
+    if layout is None and not mains:
+        return _channels_alone(paths, packet_pages=packet_pages, page_size=page_size,
+                               checksum=checksum, max_ram_bytes=max_ram_bytes)
     if len(mains) > 1:
         raise mains[1][0].error("a second main channel in the capture (first: "
                                 f"{mains[0][0].path})", field="magic",
@@ -84,6 +90,27 @@ def read_capture(paths: Iterable[str | os.PathLike[str]], *, packet_pages: int |
         main=main, channels=[channel for _, channel in channels],
         blocks=blocks, ram=image.by_block(blocks), devices=devices.finish(),
         pages_resent=image.resent, pages_resent_changed=image.changed)
+
+
+def _channels_alone(paths: list[str | os.PathLike[str]], **options: Any) -> Capture:
+    """:func:`read_capture` of multifd channels without their main channel, which
+    would say the layout: "current" is assumed. A failure says whether QEMU 7.2's
+    layout decodes them: a QEMU 7.2 capture's lone conn1.bin was reported corrupt
+    ("next_packet_size: received 31, expected 0"), with no word of the layout."""
+    try:
+        return read_capture(paths, layout=_core.LAYOUT_CURRENT, **options)
+    except ProtocolError as exc:
+        try:
+            read_capture(paths, layout=_core.LAYOUT_QEMU72, **options)
+        except FastMFDError:
+            note = f" (as layout {_core.LAYOUT_QEMU72} it fails too)"
+        else:
+            note = (f": as layout {_core.LAYOUT_QEMU72} it decodes (a QEMU 7.2 capture? "
+                    f"`inspect --layout {_core.LAYOUT_QEMU72}`)")
+        raise ProtocolError(f"{exc.detail}; decoded as layout {_core.LAYOUT_CURRENT}, since no "
+                            f"main channel says which{note}", field=exc.field,
+                            received=exc.received, expected=exc.expected,
+                            where=exc.where) from None
 
 
 def _decode_main(reader: ByteReader, kind: tuple[str, int | None], session: Session,
