@@ -59,7 +59,8 @@ if os.environ.get("PYTHONSAFEPATH") == "fastmfd":
 
 # The registry below is copied into every process forked under the forkserver, and run
 # again in each that starts a "fork" child: there the parent's settings are the child's.
-_FORKSERVER = os.getpid()
+# A child of the forkserver's own compares its parent with it too (processes.child_setup).
+FORKSERVER_PID = os.getpid()
 
 
 class _ProgramsSettings:
@@ -71,7 +72,7 @@ class _ProgramsSettings:
         """In each child, before its target runs: a child that is not fastmfd's gets
         the program's SIGINT and SIGHUP, not the ones set here; only a child of the
         forkserver's own, not one a child of it forks (which keeps its parent's)."""
-        if os.getppid() != _FORKSERVER:
+        if os.getppid() != FORKSERVER_PID:
             return
         fastmfds = sys.modules.get("fastmfd._engine.forkserver_start")
         if fastmfds is not None and isinstance(process.current_process(),

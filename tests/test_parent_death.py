@@ -168,3 +168,66 @@ def test_a_killed_forkserver_is_named_as_what_ended_its_workers():
     assert said.startswith("receive channel 0: the worker process ended with its parent, "
                            "multiprocessing's forkserver (pid "), said
     assert said.endswith("), which was killed by SIGKILL"), said
+
+
+_ORPHAN_PROBE = '''
+import os, signal, time
+from fastmfd._engine.processes import child_setup
+
+def orphaned_before_its_set_up(report):
+    """The race made certain: the forkserver dies before this child's prctl (it kills
+    its forkserver itself, and waits until it is re-parented)."""
+    forkserver = os.getppid()
+    os.kill(forkserver, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while os.getppid() == forkserver and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with open(report, "w") as f:
+        f.write(f"re-parented to {os.getppid()}\\n")
+    child_setup()
+    with open(report, "a") as f:
+        f.write("set up\\n")
+'''
+
+_SUBREAPER = textwrap.dedent("""
+    import ctypes, os, sys, time
+    from fastmfd._engine.forkserver_start import ForkServerChild, mp_context
+    from orphan_probe import orphaned_before_its_set_up
+    PR_SET_CHILD_SUBREAPER = 36
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+    mp_context()
+    child = ForkServerChild(target=orphaned_before_its_set_up, args=(sys.argv[1],),
+                            name="probe", daemon=True)
+    child.start()
+    deadline = time.monotonic() + 30
+    while True:
+        try:        # this process's child once its forkserver is gone (the subreaper)
+            pid, status = os.waitpid(child.pid, os.WNOHANG)
+        except ChildProcessError:
+            pid = 0
+        if pid:
+            break
+        if time.monotonic() > deadline:
+            os.kill(child.pid, 9)
+            raise SystemExit("the orphan still runs")
+        time.sleep(0.02)
+    print(os.getpid(), os.waitstatus_to_exitcode(status))
+""")
+
+
+def test_a_child_orphaned_before_its_set_up_exits_under_a_subreaper(tmp_path):
+    """A child whose forkserver died before its PR_SET_PDEATHSIG took effect exits at
+    once: it checked that its parent was init (pid 1), while under a child subreaper
+    (systemd --user, any ancestor with PR_SET_CHILD_SUBREAPER) it is re-parented to
+    that ancestor, and ran on, outliving its session (found in review). Here the main
+    process is the subreaper and the child kills its forkserver before it sets up."""
+    (tmp_path / "orphan_probe.py").write_text(_ORPHAN_PROBE)
+    path = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
+    report = tmp_path / "report"
+    done = subprocess.run([sys.executable, "-c", _SUBREAPER, str(report)], capture_output=True,
+                          text=True, timeout=90, env=dict(os.environ, PYTHONPATH=path))
+    assert done.returncode == 0, done.stderr
+    main, status = done.stdout.split()
+    assert report.read_text() == f"re-parented to {main}\n"
+    assert status == "1"

@@ -14,6 +14,7 @@ import io
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 import time
 from multiprocessing import (connection, forkserver, popen_forkserver, process, reduction, spawn,
@@ -29,7 +30,7 @@ from .liveness import process_stopped
 from .open_files import FORK_FAILED, PROCESS_LIMIT
 
 __all__ = ["mp_context", "interrupts_deferred", "ForkServerChild", "READY_TIMEOUT",
-           "stopped_forkserver", "forkserver_ended", "leave_to_the_forkserver",
+           "forkserver_pid", "stopped_forkserver", "forkserver_ended", "leave_to_the_forkserver",
            "forkserver_failure", "describe_exit"]
 
 # Imported once by the forkserver, so a child starts in milliseconds.
@@ -218,6 +219,14 @@ class ForkServerChild(ForkServerProcess):
     @staticmethod
     def _Popen(process_obj: ForkServerChild) -> _PopenWithoutMain:       # type: ignore[override]
         return _PopenWithoutMain(process_obj)
+
+
+def forkserver_pid() -> int | None:
+    """In a child of fastmfd's forkserver, the forkserver's pid, noted before it forked
+    (``_fastmfd_forkserver``, its first preload); None in a child of a forkserver the
+    program started itself, without fastmfd's preloads."""
+    pid = getattr(sys.modules.get("_fastmfd_forkserver"), "FORKSERVER_PID", None)
+    return pid if isinstance(pid, int) else None
 
 
 def stopped_forkserver() -> int | None:

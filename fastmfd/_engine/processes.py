@@ -49,8 +49,8 @@ from ..protocol.sockets import ListeningSockets, decrypted_unread
 from ..threads import start_thread
 from . import control_pickling
 from .forkserver_start import (READY_TIMEOUT, ForkServerChild, describe_exit, forkserver_ended,
-                               forkserver_failure, leave_to_the_forkserver, mp_context,
-                               stopped_forkserver)
+                               forkserver_failure, forkserver_pid, leave_to_the_forkserver,
+                               mp_context, stopped_forkserver)
 from .liveness import process_stopped
 from .oom_kills import oom_killed, oom_kills
 from .open_files import check_room_for_child
@@ -498,22 +498,23 @@ class ChildPipe:
 
 
 def child_setup() -> None:
-    """First thing in a child: take its title ("fastmfd: receive channel 1" in
-    ``ps``), ignore Ctrl-C and a hangup, which reach a terminal's whole process
-    group (the main process tears down), and die at once with whichever parent dies.
+    """First thing in a child: take its title ("fastmfd: receive channel 1" in ``ps``),
+    ignore Ctrl-C and a hangup, which reach a terminal's whole process group (the main
+    process tears down), and die at once with whichever parent dies.
 
     A child's OS parent is the forkserver, its owner the main process:
-    - the kernel kills it when the forkserver exits (PR_SET_PDEATHSIG);
-    - a watchdog thread kills it when the main process ends: multiprocessing
-      keeps the write end of a pipe in the main process for each child (the
-      "parent sentinel"), which reads end of file once the main process is gone;
-    - it lets go of the forkserver's "alive" pipe, which every child inherits
-      and which keeps the forkserver running while any holder lives: with it,
-      a SIGKILLed main process left the forkserver and a worker blocked on a
-      silent channel running, and the session's /dev/shm segments in place.
-    Once the whole tree is gone, the resource tracker unlinks the segments
-    their owner could not (:mod:`fastmfd.shm`).
+    - the kernel kills it when the forkserver exits (PR_SET_PDEATHSIG); if that came first,
+      it exits (re-parented to init, or to a subreaper such as systemd --user: not pid 1);
+    - a watchdog thread kills it when the main process ends: multiprocessing keeps the write
+      end of a pipe in the main process for each child (the "parent sentinel"), which reads
+      end of file once the main process is gone;
+    - it lets go of the forkserver's "alive" pipe, which every child inherits and which keeps
+      the forkserver running while any holder lives: with it, a SIGKILLed main process left
+      the forkserver and a worker blocked on a silent channel running, and the session's
+      /dev/shm segments in place (the resource tracker unlinks those its owner could not
+      once the whole tree is gone: :mod:`fastmfd.shm`).
     """
+    os_parent = forkserver_pid() or os.getppid()       # noted before the prctl
     title, short = process_title(multiprocessing.current_process().name)
     setproctitle.setproctitle(title)
     setproctitle.setthreadtitle(short)
@@ -527,12 +528,11 @@ def child_setup() -> None:
         with contextlib.suppress(OSError):
             os.close(alive)
         server._forkserver_alive_fd = None  # type: ignore[attr-defined]
-    parent = multiprocessing.parent_process()
-    sentinel = getattr(parent, "sentinel", None)
+    sentinel = getattr(multiprocessing.parent_process(), "sentinel", None)
     if sentinel is not None:
         start_thread(threading.Thread(target=_die_with_parent, args=(sentinel,), daemon=True,
                                       name="fastmfd parent watchdog"))
-    if os.getppid() == 1:           # the forkserver died before the prctl took effect
+    if os.getppid() != os_parent:
         os._exit(1)
 
 
