@@ -35,6 +35,15 @@ def run_cli(*args: str, timeout: float = 120,
                           preexec_fn=None if max_data is None else limit)
 
 
+def wait_for(predicate, what: str, timeout: float = 30) -> None:
+    """Wait until ``predicate()`` holds, at most ``timeout`` seconds (an AssertionError
+    naming ``what`` then)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
 class Listener:
     """``python -m fastmfd listen unix:… --dir DIRECTORY ARGS…``; entering waits until
     it listens. ``finish()`` waits for its end: (exit status, stderr); its stdout

@@ -24,7 +24,7 @@ import pytest
 import fastmfd
 from fastmfd.shm import SEGMENT_PREFIX, creator_pid, list_segments
 from fastmfd.tools.images import scratch_parent
-from listen_support import REPO, Listener, slow_send
+from listen_support import REPO, Listener, slow_send, wait_for
 from migration_support import make_region
 from proc_scan import alive, left_by, process_group
 
@@ -34,13 +34,6 @@ TERMINATED = 128 + signal.SIGTERM
 # What each signal makes a command do: its exit status, its line, what its peer hears.
 STOPS = {signal.SIGTERM: (TERMINATED, "terminated (SIGTERM)", "terminated by SIGTERM"),
          signal.SIGHUP: (128 + signal.SIGHUP, "hung up (SIGHUP)", "hung up (SIGHUP)")}
-
-
-def wait_for(predicate, what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 def hang_up_until_it_exits(pid: int) -> threading.Thread:

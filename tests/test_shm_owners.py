@@ -18,19 +18,12 @@ import pytest
 
 from fastmfd import shm_owners
 from fastmfd.shm import SHM_DIR, SharedMemory, creator_pid, list_segments
-from listen_support import Listener, slow_send
+from listen_support import Listener, slow_send, wait_for
 from proc_scan import alive, process_group
 
 
 # A process that creates its first segment (and so sweeps), then exits.
 FIRST_SEGMENT = "from fastmfd.shm import SharedMemory; SharedMemory.create(64).close()"
-
-
-def wait_for(predicate, what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 def run_python(code: str, *args: str) -> subprocess.CompletedProcess:
