@@ -78,6 +78,7 @@ from .protocol.sockets import (LISTENERS, Listener, Listening, bound_address, li
 from .regions import Region
 from .tools.outputs import OutputDir, SavedFiles
 from .tools.qemu_manifest import MAX_MANIFEST_BYTES, check_size, open_inside, read_manifest
+from .tools.unfinished import warn_of_unfinished_receives
 from .tools.warm_files import WarmFiles
 
 __all__ = ["receive", "send", "QemuReceived", "QemuReceiver", "QemuSender", "QemuStreamFacts",
@@ -195,6 +196,7 @@ class QemuReceiver(Owner):
         self._output = own(_Output(OutputDir(directory, force=force, keep_partial=keep_partial,
                                              max_bytes=max_size, warm=warm, cli=self._cli)))
         self._out = self._output.out
+        warn_of_unfinished_receives(os.fspath(directory))   # what a killed listener left
         self._session: QemuReceiving | None = None
         self._cancelling: WatchCancel | None = None
         try:

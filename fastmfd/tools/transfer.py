@@ -34,6 +34,7 @@ from ..threads import start_thread
 from ..units import format_bytes
 from .new_files import make_directories, remove_directories_made
 from .outputs import OutputDir, SavedFiles, check_writable, output_name
+from .unfinished import warn_of_unfinished_receives
 from .warm_files import WarmFiles
 
 log = logging.getLogger("fastmfd")
@@ -150,8 +151,9 @@ def listen_once(address: str | Listener, directory: str, *, per_session: bool = 
     ``manifest.json`` (names: :func:`~.outputs.output_name`). Files are written
     as ``.part`` and renamed once everything is loaded and on disk; a failure
     removes them (``keep_partial``: keeps them as ``.part``); an existing file is
-    replaced only with ``force`` (see :mod:`.outputs`). Returns the result and
-    the files written (:class:`~.outputs.SavedFiles`).
+    replaced only with ``force`` (see :mod:`.outputs`); what a listener killed
+    outright left there is named first (:mod:`.unfinished`). Returns the result
+    and the files written (:class:`~.outputs.SavedFiles`).
     ``per_session``: into ``directory/<session uuid>/`` instead, made when SETUP
     names the session. ``max_size``: most bytes of regions a source may announce
     (default: what the directory has free); ``max_memory``: the Destination's
@@ -169,6 +171,8 @@ def listen_once(address: str | Listener, directory: str, *, per_session: bool = 
                          warm=warm, huge_pages=huge_pages, new=new, cli=True)
 
     out = None if per_session else output_dir(directory)
+    if out is not None:
+        warn_of_unfinished_receives(directory)      # (listen_sessions' said them)
 
     def made() -> OutputDir:
         """``out``, made by now: it is made at SETUP at the latest."""
@@ -240,7 +244,9 @@ def listen_sessions(address: str, directory: str, *, sessions: int | None = None
     ending the sessions, and is never counted as one. Without a
     ``stall_timeout`` given, each session's is the default (30 s), not its
     source's: a source may say up to a day, and one stopped would hold every
-    later one that long.
+    later one that long. As it starts, it names (log warnings) the unfinished
+    receives a listener killed outright left in ``directory``
+    (:mod:`.unfinished`).
 
     With ``prealloc``, each session's region files are faulted in for the next
     one between sessions (:class:`~.warm_files.WarmFiles`, at most
@@ -264,6 +270,7 @@ def listen_sessions(address: str, directory: str, *, sessions: int | None = None
         except OSError as exc:
             raise ConfigError(f"output directory {directory}: {exc.strerror or exc}") from None
         check_only_yours(directory)     # the warm files go in it: before they are made
+        warn_of_unfinished_receives(directory)      # what a killed listener left
         if options.get("prealloc") and sessions != 1:
             warm = WarmFiles(directory, options.get("max_memory"),
                              huge_pages=bool(options.get("huge_pages")))
