@@ -20,6 +20,7 @@ import pytest
 import fastmfd
 from fastmfd import qemu
 from fastmfd.arguments import INT, NUMBER, check_types
+from fastmfd.protocol.sockets import listen, parse_address
 from fastmfd.shm import list_segments
 from migration_support import Migration, make_region
 from proc_scan import made_by_this_run
@@ -252,14 +253,30 @@ def _closed():
     return sock
 
 
+def _names_listener_closed():
+    listening = listen(parse_address("tcp:localhost:0"))
+    listening.close()
+    return listening
+
+
+def _names_listener_shut_down():
+    listening = listen(parse_address("tcp:localhost:0"))
+    listening.shutdown(socket.SHUT_RDWR)
+    return listening
+
+
 @pytest.mark.parametrize("make, says", [
     (_unbound, r"not listening: bind\(\) and listen\(\) it first"),
     (_bound_not_listening, "not listening"),
     (_udp, "AF_INET SOCK_DGRAM: a migration is accepted on a TCP or Unix stream socket"),
     (_closed, "cannot be used: Bad file descriptor"),
-], ids=["unbound", "bound", "udp", "closed"])
+    (_names_listener_closed, "cannot be used: Bad file descriptor"),
+    (_names_listener_shut_down, "not listening"),
+], ids=["unbound", "bound", "udp", "closed", "name-closed", "name-shut-down"])
 def test_a_socket_no_source_could_reach_is_refused_when_made(make, says):
-    """Destination(sock) took it, and receive() failed only at its timeout."""
+    """Destination(sock) took it, and receive() failed only at its timeout. A
+    name's listener (its sockets as one) is checked alike: closed, it raised a bare
+    OSError; shut down, it was taken (a reread)."""
     sock = make()
     try:
         with pytest.raises(fastmfd.ConfigError, match=f"^the socket given (is )?{says}"):

@@ -356,6 +356,8 @@ def listening_address(sock: Listener) -> Address:
     connect to (closed, not a TCP or Unix stream socket, not listening) is a
     ConfigError now: accept() would only wait on it until the timeout."""
     if isinstance(sock, ListeningSockets):
+        for each in sock.sockets:       # a name's listener: each of its sockets, alike
+            listening_address(each)
         return _where_each_listens(sock)
     if sock.family not in (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX) or \
             sock.type != socket.SOCK_STREAM:
