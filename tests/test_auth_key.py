@@ -88,7 +88,7 @@ def test_a_wait_no_source_passed_names_the_connections_it_refused():
         thread, got = receiving(dst)
         with fastmfd.Source(dst.address, CONFIG.replace(auth_key=OTHER_KEY)) as src:
             src.add_region(region)
-            with pytest.raises(SecurityError, match="does not know the auth_key"):
+            with pytest.raises(SecurityError, match="auth_key proof does not match"):
                 src.migrate(live=False)
         thread.join(10)
     error = got.get("error")
