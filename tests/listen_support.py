@@ -44,6 +44,18 @@ def wait_for(predicate, what: str, timeout: float = 30) -> None:
         time.sleep(0.02)
 
 
+def listens_at(path: str | os.PathLike[str]) -> bool:
+    """Whether a Unix socket listens at ``path`` (``/proc/net/unix``: flag
+    __SO_ACCEPTCON). Its file exists from bind(), but a connect is refused until
+    listen(), and fastmfd makes the file 0600 between the two: a test that took the
+    file for a listener connected too early at times (ConnectionRefusedError)."""
+    suffix = " " + os.fspath(path)
+    with open("/proc/net/unix") as table:
+        next(table)                                     # the column names
+        return any(line.split()[3] == "00010000" and line.rstrip("\n").endswith(suffix)
+                   for line in table)
+
+
 class Listener:
     """``python -m fastmfd listen unix:… --dir DIRECTORY ARGS…``; entering waits until
     it listens. ``finish()`` waits for its end: (exit status, stderr); its stdout
@@ -65,7 +77,7 @@ class Listener:
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                      preexec_fn=self.preexec_fn)
         deadline = time.monotonic() + 30
-        while not os.path.exists(self.address[5:]):
+        while not listens_at(self.address[5:]):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.__exit__()
                 raise AssertionError(f"the listener did not start: {self.finish()}")

@@ -26,7 +26,7 @@ import fastmfd
 from fastmfd.tools import cli
 from fastmfd.protocol.sockets import parse_address
 from inspect_support import ROUND_ENDS, two_rounds
-from listen_support import Listener
+from listen_support import Listener, listens_at
 
 PAGE = 4096
 TIMEOUT = 120
@@ -61,7 +61,7 @@ def send_to_a_json_listener(out, *send_args: str, sock: str = "sock"
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = 0
-        while not os.path.exists(f"{sock_dir}/{sock}") and deadline < 600:
+        while not listens_at(f"{sock_dir}/{sock}") and deadline < 600:
             deadline += 1
             threading.Event().wait(0.05)
         sent = fastmfd_cli("send", address, *send_args)

@@ -25,7 +25,7 @@ import pytest
 import fastmfd
 from fastmfd import shm
 from fastmfd._engine.session import as_migration_error
-from listen_support import Listener, run_cli
+from listen_support import Listener, listens_at, run_cli
 from test_shm_limits import needs_namespace
 
 TESTS = str(Path(__file__).parent)
@@ -246,7 +246,7 @@ def _listen_in_a_full_cgroup(tmp_path: Path, image: Path
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
         try:
             for _ in range(600):
-                if sock.exists() or listener.poll() is not None:
+                if listens_at(sock) or listener.poll() is not None:
                     break
                 time.sleep(0.05)
             sent = run_cli("send", f"unix:{sock}", f"ram={image}", "-q")

@@ -24,6 +24,7 @@ import trustme
 
 import fastmfd
 from fastmfd._engine.processes import process_title
+from listen_support import listens_at
 from readme_examples import readme_python_blocks
 
 TIMEOUT = 120
@@ -354,7 +355,7 @@ def test_the_package_docstrings_example_runs_in_two_processes(tmp_path):
                           env=env) as receiving:
         try:
             deadline = time.monotonic() + TIMEOUT
-            while not sock.exists() and receiving.poll() is None:
+            while not listens_at(sock) and receiving.poll() is None:
                 assert time.monotonic() < deadline, "the destination never listened"
                 time.sleep(0.05)
             sent = _run(["-W", "always::ResourceWarning", "-c", source])
