@@ -48,9 +48,10 @@ from ..protocol.control import Done, Drained, Eof, Failed, Ready, Stop
 from ..protocol.sockets import ListeningSockets, decrypted_unread
 from ..threads import start_thread
 from . import control_pickling
-from .forkserver_start import (READY_TIMEOUT, ForkServerChild, describe_exit, forkserver_ended,
-                               forkserver_failure, forkserver_pid, leave_to_the_forkserver,
-                               mp_context, stopped_forkserver)
+from .forkserver_start import (FORKSERVER_EXIT_WAIT, READY_TIMEOUT, ForkServerChild,
+                               describe_exit, forkserver_ended_within, forkserver_failure,
+                               forkserver_pid, leave_to_the_forkserver, mp_context,
+                               stopped_forkserver)
 from .liveness import process_stopped
 from .oom_kills import oom_killed, oom_kills
 from .open_files import check_room_for_child
@@ -288,7 +289,8 @@ class Child:
         reported = self.reported_failure()
         if reported is not None:
             return reported
-        ended = forkserver_ended() if self.exitcode == FORKSERVER_GONE else None
+        ended = (forkserver_ended_within(FORKSERVER_EXIT_WAIT)
+                 if self.exitcode == FORKSERVER_GONE else None)
         if ended is not None:
             server, status = ended
             return MigrationError(f"the worker process ended with its parent, multiprocessing's "
