@@ -178,6 +178,19 @@ def test_a_malformed_tcp_host_is_a_bad_address(text):
         parse_address(text)
 
 
+@pytest.mark.parametrize("text, said", [
+    ("tcp:127.0.0.1:65536", "port '65536' is not in 0..65535"),
+    ("tcp://[::1]:99999", "port '99999' is not in 0..65535"),
+    ("tcp:127.0.0.1:abc", "port 'abc' is not a number (0..65535)"),
+    ("tcp:localhost:-1", "port '-1' is not a number (0..65535)"),
+])
+def test_a_bad_port_is_named_as_the_problem(text, said):
+    """It was "expected tcp:HOST:PORT ...", which the address already looked like."""
+    with pytest.raises(fastmfd.ConfigError) as error:
+        parse_address(text)
+    assert str(error.value) == f"bad address {text!r}: {said}"
+
+
 def test_source_and_destination_refuse_an_open_bracket_when_made():
     """Source took it (its migrate() failed with 'cannot connect to tcp:[[::1]:5: Name
     or service not known'), Destination raised a ListenError about a name lookup."""

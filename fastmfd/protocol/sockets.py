@@ -81,6 +81,7 @@ class Address:
 
 
 UNIX_PATH_MAX = 107                  # sun_path less its terminating NUL
+MAX_PORT = 65535
 
 
 def parse_address(text: str | Address) -> Address:
@@ -101,8 +102,13 @@ def parse_address(text: str | Address) -> Address:
     if kind == "tcp":
         text_host, sep, port = rest.removeprefix("//").rpartition(":")
         host = _tcp_host(text_host)
-        if sep and port.isdigit() and int(port) < 65536 and host is not None:
-            return Address(_family(host), (host, int(port)))
+        if sep and host is not None:
+            if port.isdigit() and int(port) <= MAX_PORT:
+                return Address(_family(host), (host, int(port)))
+            # The address has its shape: say what is wrong with it, not what shape it needs.
+            raise ConfigError(f"bad address {text!r}: port {port!r} is "
+                              + (f"not in 0..{MAX_PORT}" if port.isdigit()
+                                 else f"not a number (0..{MAX_PORT})"))
     raise ConfigError(f"bad address {text!r}: expected tcp:HOST:PORT (or tcp://HOST:PORT, "
                       f"tcp::PORT; an IPv6 HOST in brackets, tcp:[::1]:PORT) or unix:PATH")
 
