@@ -332,6 +332,9 @@ def test_a_command_line_is_parsed_once_whatever_the_order():
     (["send", "--qemu", "tcp:127.0.0.1:1", "--dir", ".", "--status-json"], "--status-json"),
     (["send", "--qemu", "tcp:127.0.0.1:1", "--dir", ".", "--status-json", "0.1"],
      "--status-json"),
+    # was "compression 'auto': expected none, zlib or zstd", --qemu unsaid
+    (["send", "--qemu", "tcp:127.0.0.1:1", "--dir", ".", "--compression", "auto"],
+     "--compression auto"),
     (["send", "--qemu", "tcp:127.0.0.1:1", "--dir", ".", "--state", "a=/dev/null"],
      "--state"),        # was "no images": the --state file was not named
     (["listen", "--qemu", "tcp:127.0.0.1:0", "--forever"], "--forever"),

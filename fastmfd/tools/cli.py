@@ -243,6 +243,9 @@ def _send_qemu(args: argparse.Namespace) -> int:
     _refuse_with_qemu(args, {"checksum": "--checksum",
                              "no_zero_detection": "--no-zero-detection",
                              "status_json": "--status-json"})
+    if args.compression == "auto":
+        raise ConfigError("--qemu: --compression auto works with fastmfd peers only; QEMU's "
+                          "multifd-compression is none, zlib or zstd")
     started = time.monotonic()
     channels = send(args.address, args.dir, channels=args.channels,
                     compression=args.compression, level=_level(args),
