@@ -33,8 +33,10 @@ import os
 from typing import Any, Callable, NamedTuple
 
 from .errors import ConfigError
+from .protocol.setup import rule
 
-__all__ = ["Kind", "INT", "UNSIGNED", "SEED", "NUMBER", "POSITIVE", "BOOL", "STR", "PATH",
+__all__ = ["Kind", "INT", "UNSIGNED", "SEED", "NUMBER", "POSITIVE", "TIMEOUT", "STALL_TIMEOUT",
+           "MAX_TIMEOUT_SECONDS", "BOOL", "STR", "PATH",
            "BYTES", "BUFFER", "CALLABLE", "instance_of", "optional", "within", "up_to",
            "check_types", "type_error"]
 
@@ -87,7 +89,14 @@ UNSIGNED = within(INT, "an int >= 0", lambda value: value >= 0)
 SEED = within(INT, "an int in 0..2**64-1", lambda value: 0 <= value < 1 << 64)
 NUMBER = Kind("a real number", _is_real, _to_float)
 POSITIVE = within(NUMBER, "a finite number > 0", lambda value: 0 < value < math.inf)
-"""Seconds (a timeout) and rates (bytes per second)."""
+"""Seconds and rates (bytes per second)."""
+MAX_TIMEOUT_SECONDS = 7 * 86400.0
+"""The longest ``timeout`` (a wait for a peer, a connection or a handshake): a week.
+Longer ones overflowed the waits (poll()'s milliseconds, a deadline's time_t)."""
+TIMEOUT = within(NUMBER, f"seconds > 0, at most {MAX_TIMEOUT_SECONDS:g} (a week)",
+                 lambda value: 0 < value <= MAX_TIMEOUT_SECONDS)
+STALL_TIMEOUT = within(NUMBER, *rule("stall_timeout"))
+"""A ``stall_timeout``: what SETUP carries (MIN..MAX_STALL_SECONDS), everywhere."""
 BOOL = Kind("True or False", lambda value: isinstance(value, bool))
 STR = Kind("a str", lambda value: isinstance(value, str))
 PATH = Kind("a str or os.PathLike", lambda value: isinstance(value, (str, os.PathLike)))

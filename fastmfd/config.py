@@ -13,8 +13,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .arguments import (BOOL, BYTES, INT, POSITIVE, STR, Kind, check_types, instance_of,
-                        optional)
+from .arguments import (BOOL, BYTES, INT, POSITIVE, STR, TIMEOUT, Kind, check_types,
+                        instance_of, optional)
 from .errors import ConfigError
 from .protocol.security import TLSConfig, check_auth_key
 from .protocol.setup import COMPRESSION_LEVELS, COMPRESSION_METHODS, Invalid, check_session
@@ -80,9 +80,11 @@ class MigrationConfig:
     device_chunk_size -- bytes of the largest device-state chunk (VFIO reads up to
         1 MiB at a time)
     job_packets -- RAM packets handed to a send worker per job (fewer wake-ups per GiB)
-    timeout -- seconds any setup step (connect, handshake) may take
+    timeout -- seconds any setup step (connect, handshake) may take (at most a week,
+        ``MAX_TIMEOUT_SECONDS``)
     stall_timeout -- seconds any channel, process or peer may make no progress while
-        it has work before the session fails, on both sides (SETUP carries it)
+        it has work before the session fails, on both sides (SETUP carries it):
+        0.1..86400 (``MIN_STALL_SECONDS``..``MAX_STALL_SECONDS``)
     switchover_ack -- stop the workload only once the destination has loaded every
         device chunk sent live (QEMU's ``switchover-ack`` capability)
     config_after_ram -- hand each device's config chunk to its loader only after all
@@ -180,6 +182,7 @@ class MigrationConfig:
         return dataclasses.replace(self, **changes)
 
 
-# Each field's kind, by its annotation (text: this module postpones annotations).
-_FIELD_KINDS = {field.name: _KINDS[str(field.type)]
+# Each field's kind, by its annotation (text: this module postpones annotations), but
+# timeout's: a week at most (stall_timeout's bounds are SETUP's, check_session's).
+_FIELD_KINDS = {field.name: TIMEOUT if field.name == "timeout" else _KINDS[str(field.type)]
                 for field in dataclasses.fields(MigrationConfig)}

@@ -26,7 +26,7 @@ from ._engine.session import Owner, SessionFailure, call_hook
 from ._engine.session_regions import check_writable
 from ._engine.stopping import end_call
 from ._engine.workers import recv_worker_main
-from .arguments import (BOOL, CALLABLE, INT, NUMBER, POSITIVE, STR, UNSIGNED, Kind,
+from .arguments import (BOOL, CALLABLE, INT, STALL_TIMEOUT, STR, TIMEOUT, UNSIGNED, Kind,
                         check_types, instance_of, optional, type_error, up_to, within)
 from .devices import Loader, check_device_ids
 from .errors import ConfigError, MigrationError
@@ -44,7 +44,6 @@ __all__ = ["Destination", "DestinationResult", "Refusal"]
 _ADDRESS = Kind("a str (tcp:HOST:PORT or unix:PATH) or a listening socket.socket",
                 lambda value: isinstance(value, (str, *LISTENERS)))
 # Its own bounds on values SETUP carries: what the source's would have to be.
-_STALL_TIMEOUT = optional(within(NUMBER, *rule("stall_timeout")))
 _MAX_QUEUED_BYTES = optional(within(INT, *rule("max_queued_bytes")))
 _WORKERS = up_to(MAX_WORKERS, f"a session uses {MAX_CHANNELS} channels and {GREETING_SPARES} "
                  "greeting workers at most")
@@ -87,8 +86,10 @@ class Destination(Owner):
     created and every shared-memory segment.
 
     ``stall_timeout``: seconds the source, a channel or a process may make no
-    progress before the session fails (default: the source's, from SETUP);
-    SETUP_ACK tells the source, whose KEEPALIVEs keep to it when it is shorter.
+    progress before the session fails, 0.1..86400 (default: the source's, from
+    SETUP); SETUP_ACK tells the source, whose KEEPALIVEs keep to it when it is
+    shorter. ``timeout`` (the wait for a source) and ``handshake_timeout``: at most
+    a week (``MAX_TIMEOUT_SECONDS``).
     ``max_memory``: bytes of memory the session may make this destination
     hold — the regions it creates plus the device-state buffers (shared
     memory) plus, given max_memory, what the receive channels allocate
@@ -144,10 +145,10 @@ class Destination(Owner):
                         instance_of(RegionPool, "a fastmfd.RegionPool"))),
                     prealloc=(prealloc, BOOL), huge_pages=(huge_pages, BOOL))
         workers, timeout, max_queued_bytes, handshake_timeout, stall_timeout, max_memory = \
-            check_types("Destination", workers=(workers, _WORKERS), timeout=(timeout, POSITIVE),
+            check_types("Destination", workers=(workers, _WORKERS), timeout=(timeout, TIMEOUT),
                         max_queued_bytes=(max_queued_bytes, _MAX_QUEUED_BYTES),
-                        handshake_timeout=(handshake_timeout, POSITIVE),
-                        stall_timeout=(stall_timeout, _STALL_TIMEOUT),
+                        handshake_timeout=(handshake_timeout, TIMEOUT),
+                        stall_timeout=(stall_timeout, optional(STALL_TIMEOUT)),
                         max_memory=(max_memory, optional(UNSIGNED)))
         super().__init__()
         requested = None if isinstance(address, LISTENERS) else parse_address(address)

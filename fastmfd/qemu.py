@@ -69,8 +69,8 @@ from ._engine.qemu_receiving import MAX_WORKERS, QemuReceiving, QemuStreamFacts
 from ._engine.qemu_sending import QEMU_PACKET_BYTES, QemuSending
 from ._engine.qemu_stream import QemuStream
 from ._engine.session import Owner
-from .arguments import (BOOL, INT, PATH, POSITIVE, STR, UNSIGNED, Kind, check_types,
-                        instance_of, optional, up_to)
+from .arguments import (BOOL, INT, PATH, POSITIVE, STALL_TIMEOUT, STR, TIMEOUT, UNSIGNED, Kind,
+                        check_types, instance_of, optional, up_to)
 from .errors import ConfigError
 from .protocol.security import ChannelSecurity, TLSConfig
 from .protocol.sockets import (LISTENERS, Listener, Listening, bound_address, listen,
@@ -116,8 +116,9 @@ def receive(address: str | socket.socket, directory: str | os.PathLike[str], *,
             tls: TLSConfig | None = None, max_memory: int | None = None) -> QemuReceived:
     """Receive one migration from QEMU into ``directory`` (see the module docstring).
 
-    ``timeout``: seconds to wait for QEMU to connect; ``stall_timeout``: any
-    wait for QEMU's next bytes, SYNCs or the end of its channels. ``force``
+    ``timeout``: seconds to wait for QEMU to connect (at most a week,
+    ``MAX_TIMEOUT_SECONDS``); ``stall_timeout``: any wait for QEMU's next bytes,
+    SYNCs or the end of its channels, 0.1..86400 s (as a Destination's). ``force``
     replaces files of the same names; ``keep_partial`` keeps what arrived of
     a failed migration as ``.part`` files. ``max_size``: the most bytes of RAM
     blocks QEMU may announce (default: the directory's free space; the block
@@ -185,7 +186,7 @@ class QemuReceiver(Owner):
                                   "certificate: TLSConfig(ca=...) must name the CA that issued "
                                   "the source QEMU's tls-creds certificate")
         timeout, stall_timeout, max_size, workers, max_memory = check_types(
-            self._call, timeout=(timeout, POSITIVE), stall_timeout=(stall_timeout, POSITIVE),
+            self._call, timeout=(timeout, TIMEOUT), stall_timeout=(stall_timeout, STALL_TIMEOUT),
             max_size=(max_size, optional(UNSIGNED)), workers=(workers, _WORKERS),
             max_memory=(max_memory, optional(UNSIGNED)))
         super().__init__()
@@ -372,8 +373,8 @@ def send(address: str, directory: str | os.PathLike[str], *, channels: int = 2,
     ``level``: the zlib (0..9) or zstd (1..20) level (QEMU's
     ``multifd-zlib-level``/``multifd-zstd-level``). ``stall_timeout``: seconds a
     channel, a send worker or the destination QEMU may make no progress (take no
-    bytes, send no answer) before the migration fails.
-    ``timeout``: seconds each connection may take; ``max_bandwidth``: bytes/s
+    bytes, send no answer) before the migration fails, 0.1..86400.
+    ``timeout``: seconds each connection may take (at most a week); ``max_bandwidth``: bytes/s
     the multifd channels may send in all (QEMU's ``max-bandwidth``; default no
     cap); ``tls``: every connection in TLS (QEMU's ``tls-creds``): ``ca`` the
     destination's certificate must chain to, ``hostname`` the name it must
@@ -411,7 +412,7 @@ class QemuSender(Owner):
                     tls=(tls, optional(instance_of(TLSConfig, "a fastmfd.TLSConfig"))))
         channels, level, stall_timeout, timeout, max_bandwidth = check_types(
             self._call, channels=(channels, INT), level=(level, INT),
-            stall_timeout=(stall_timeout, POSITIVE), timeout=(timeout, POSITIVE),
+            stall_timeout=(stall_timeout, STALL_TIMEOUT), timeout=(timeout, TIMEOUT),
             max_bandwidth=(max_bandwidth, optional(POSITIVE)))
         if not 1 <= channels <= 255:
             raise ConfigError(f"channels {channels}: QEMU's multifd-channels is 1..255")

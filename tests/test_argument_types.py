@@ -220,6 +220,21 @@ BAD_VALUES = [
     (lambda: qemu.receive("tcp:127.0.0.1:0", ".", max_memory=-1), "qemu.receive(max_memory)"),
     (lambda: qemu.send("tcp:127.0.0.1:1", ".", timeout=math.inf), "qemu.send(timeout)"),
     (lambda: qemu.send("tcp:127.0.0.1:1", ".", max_bandwidth=-1), "qemu.send(max_bandwidth)"),
+    # A timeout past a week, a stall timeout outside 0.1..86400: the qemu ones took any
+    # positive number and a large one ended the migration with OverflowError from poll();
+    # a timeout of 1e20 overflowed a deadline's time_t ("MigrationError: OverflowError").
+    (lambda: fastmfd.MigrationConfig(timeout=1e20), "MigrationConfig(timeout)"),
+    (lambda: fastmfd.Destination("tcp:127.0.0.1:0", timeout=1e20), "Destination(timeout)"),
+    (lambda: fastmfd.Destination("tcp:127.0.0.1:0", handshake_timeout=7 * 86400 + 1),
+     "Destination(handshake_timeout)"),
+    (lambda: qemu.receive("tcp:127.0.0.1:0", ".", timeout=1e20), "qemu.receive(timeout)"),
+    (lambda: qemu.receive("tcp:127.0.0.1:0", ".", stall_timeout=1e9),
+     "qemu.receive(stall_timeout)"),
+    (lambda: qemu.QemuReceiver("tcp:127.0.0.1:0", ".", stall_timeout=0.001),
+     "QemuReceiver(stall_timeout)"),
+    (lambda: qemu.send("tcp:127.0.0.1:1", ".", stall_timeout=86401), "qemu.send(stall_timeout)"),
+    (lambda: qemu.QemuSender(".", stall_timeout=0.05), "QemuSender(stall_timeout)"),
+    (lambda: qemu.QemuSender(".", timeout=1e20), "QemuSender(timeout)"),
 ]
 
 

@@ -352,6 +352,32 @@ def test_what_a_qemu_peer_cannot_take_is_refused_not_ignored(args, flag):
     assert_one_line_usage_error(fastmfd_cli(*args), "--qemu", flag)
 
 
+@pytest.mark.parametrize("args, words", [
+    # listen --qemu took it, listened, and died with OverflowError from poll() once QEMU
+    # connected; 0.001 failed every migration.
+    (["listen", "--qemu", "tcp:127.0.0.1:0", "--dir", "OUT", "--stall-timeout", "1e9"],
+     ["0.1..86400"]),
+    (["listen", "--qemu", "tcp:127.0.0.1:0", "--dir", "OUT", "--stall-timeout", "0.001"],
+     ["0.1..86400"]),
+    (["send", "--qemu", "tcp:127.0.0.1:1", "--dir", ".", "--stall-timeout", "1e9"],
+     ["0.1..86400"]),
+    # "listening on ...", then exit 1: "OverflowError: timestamp out of range for platform
+    # time_t", a value mistake reported as a failed migration.
+    (["listen", "tcp:127.0.0.1:0", "--dir", "OUT", "--timeout", "1e20"], ["at most 604800"]),
+    (["listen", "--qemu", "tcp:127.0.0.1:0", "--dir", "OUT", "--timeout", "1e20"],
+     ["at most 604800"]),
+    (["send", "tcp:127.0.0.1:1", "/dev/zero", "--timeout", "1e20"], ["at most 604800"]),
+    (["send", "--qemu", "tcp:127.0.0.1:1", "--dir", ".", "--timeout", "1e20"],
+     ["at most 604800"]),
+])
+def test_a_timeout_out_of_bounds_is_a_usage_error_before_any_work(tmp_path, args, words):
+    """One line, exit 2, before listening (a listener says where it listens first)."""
+    out = str(tmp_path / "out")
+    done = fastmfd_cli(*[out if arg == "OUT" else arg for arg in args], cwd=tmp_path)
+    assert_one_line_usage_error(done, *words)
+    assert not os.path.exists(tmp_path / "out")
+
+
 def test_an_image_that_is_not_a_file_is_a_usage_error(tmp_path):
     (tmp_path / "adir").mkdir()
     done = fastmfd_cli("send", "tcp:127.0.0.1:1", str(tmp_path / "adir"))

@@ -298,6 +298,9 @@ def _build_parser() -> _Parser:
     # Their arguments name the image kinds and compression methods: lazy, as above.
     from . import security_options
     from .._engine.qemu_receiving import MAX_WORKERS as QEMU_WORKERS
+    from ..arguments import MAX_TIMEOUT_SECONDS as WEEK
+    from ..protocol.setup import MAX_STALL_SECONDS, MIN_STALL_SECONDS
+    stall = f"{MIN_STALL_SECONDS:g}..{MAX_STALL_SECONDS:g}"
     from .bench import command as bench
     from .inspect import command as inspect
 
@@ -384,13 +387,15 @@ def _build_parser() -> _Parser:
     p.add_argument("--json", action="store_true",
                    help="print the migration's statistics as JSON on stdout")
     p.add_argument("--timeout", type=positive_seconds, default=30.0, metavar="SECONDS",
-                   help="how long connecting and the handshake may take (default 30)")
+                   help="how long connecting and the handshake may take (default 30, at "
+                        f"most {WEEK:g}: a week)")
     p.add_argument("--max-bandwidth", type=rate, default=None, metavar="RATE",
                    help="cap the channels at RATE bytes/s in all, e.g. 100M (binary units: "
                         "MiB/s; default: no cap)")
     p.add_argument("--stall-timeout", type=positive_seconds, default=30.0, metavar="SECONDS",
                    help="fail, on both sides, when a channel, process or the peer makes no "
-                        "progress for this long (default 30; the listener honours it)")
+                        f"progress for this long: {stall} (default 30; the listener "
+                        "honours it)")
     security_options.add_arguments(p, side="send")
     p.set_defaults(func=cmd_send)
 
@@ -409,12 +414,12 @@ def _build_parser() -> _Parser:
                         f"2, at most {QEMU_WORKERS}; more start as channels connect)")
     p.add_argument("--dir", default=".", help="output directory (default: here)")
     p.add_argument("--timeout", type=positive_seconds, default=3600.0, metavar="SECONDS",
-                   help="how long to wait for the sender (default 3600; with --max-sessions "
-                        "or --forever, a wait no sender came in is no session: it waits "
-                        "again)")
+                   help=f"how long to wait for the sender (default 3600, at most {WEEK:g}: a "
+                        "week; with --max-sessions or --forever, a wait no sender came in is "
+                        "no session: it waits again)")
     p.add_argument("--stall-timeout", type=positive_seconds, default=None, metavar="SECONDS",
                    help="fail when the sender, a channel or a process makes no progress for "
-                        "this long (default: the sender's --stall-timeout; with "
+                        f"this long: {stall} (default: the sender's --stall-timeout; with "
                         "--max-sessions or --forever, 30)")
     p.add_argument("--force", action="store_true",
                    help="replace files of the same names in DIR (a symbolic link is replaced, "
