@@ -73,6 +73,7 @@ from .arguments import (BOOL, INT, PATH, POSITIVE, STALL_TIMEOUT, STR, TIMEOUT, 
                         check_types, instance_of, optional, up_to)
 from .errors import ConfigError
 from .protocol.security import ChannelSecurity, TLSConfig
+from .protocol.setup import COMPRESSION_LEVELS, level_rule
 from .protocol.sockets import (LISTENERS, Listener, Listening, bound_address, listen,
                                listening_address, parse_address)
 from .regions import Region
@@ -418,6 +419,9 @@ class QemuSender(Owner):
             raise ConfigError(f"channels {channels}: QEMU's multifd-channels is 1..255")
         if compression not in ("none", "zlib", "zstd"):
             raise ConfigError(f"compression {compression!r}: expected none, zlib or zstd")
+        if level not in COMPRESSION_LEVELS[compression]:       # fastmfd's encoders' ranges
+            raise ConfigError(f"{self._call}(level) must be {level_rule(compression)}, "
+                              f"not {level}")
         if tls is not None:
             tls.check_client()
         channel_rate = _channel_rate(max_bandwidth, channels, stall_timeout)

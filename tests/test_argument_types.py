@@ -246,6 +246,22 @@ def test_a_value_that_cannot_work_is_a_config_error_naming_the_parameter(call, p
         call()
 
 
+@pytest.mark.parametrize("make, says", [
+    # It said "compression_level must be 0..2147483647", a range of no method.
+    (lambda: fastmfd.MigrationConfig(compression="zstd", compression_level=-5),
+     "compression_level must be in 1..20 for zstd, not -5"),
+    # Taken: QEMU's levels were never checked.
+    (lambda: qemu.QemuSender(".", compression="zstd", level=30),
+     "QemuSender(level) must be in 1..20 for zstd, not 30"),
+    (lambda: qemu.send("tcp:127.0.0.1:1", ".", compression="zlib", level=10),
+     "qemu.send(level) must be in 0..9 for zlib, not 10"),
+])
+def test_a_level_is_checked_against_its_method_s_range_first(make, says):
+    with _refused_before_any_work(), pytest.raises(fastmfd.ConfigError) as error:
+        make()
+    assert str(error.value) == says
+
+
 def _unbound():
     return socket.socket()
 

@@ -685,6 +685,18 @@ def test_settings_that_cannot_run_exit_2_before_any_work(args, message, capsys):
 
 
 
+def test_bench_takes_the_levels_send_takes():
+    """One range per method: bench --level was "a whole number >= 1", so zlib's level 0,
+    which send takes, was refused; zstd's -5 is refused naming zstd's range."""
+    from fastmfd.tools.bench.command import settings_from_args
+    from fastmfd.tools.cli import _build_parser
+    parse = _build_parser().parse_command_line
+    settings = settings_from_args(parse(["bench", "--compression", "zlib", "--level", "0"]))
+    assert [s.level for s in settings] == [0, 0, 0]
+    with pytest.raises(ConfigError, match="in 1..20 for zstd, not -5"):
+        settings_from_args(parse(["bench", "--compression", "zstd", "--level", "-5"]))
+
+
 NEEDS_QEMU = pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None,
                                 reason="qemu-system-x86_64 is not installed")
 

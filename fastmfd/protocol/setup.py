@@ -32,7 +32,7 @@ from ..errors import ProtocolError
 
 __all__ = [
     "Setup", "RegionSpec", "DeviceSpec", "Invalid", "check_name", "check_geometry",
-    "check_session", "rule",
+    "check_session", "rule", "level_rule",
     "COMPRESSION_METHODS", "COMPRESSION_LEVELS", "MAX_CHANNELS", "MAX_NAME_BYTES",
     "is_stall_seconds",
     "MAX_REGIONS", "MAX_DEVICES", "MAX_REGION_BYTES", "MAX_PACKET_BYTES",
@@ -129,7 +129,8 @@ _FIELDS: dict[str, tuple[Callable[[Any], bool], str, Any]] = {
     "page_size": (_is_page_size, "a power of two in 512..2097152", _REQUIRED),
     "packet_pages": (_in(1, 65536), "1..65536", _REQUIRED),
     "compression": (COMPRESSION_METHODS.__contains__, "none, zlib, zstd or auto", _REQUIRED),
-    "compression_level": (_in(0, (1 << 31) - 1), "0..2147483647", 1),
+    # Its range is its method's: level_rule(), checked once the method is known.
+    "compression_level": (_is_int, "an int", 1),
     "zero_page_detection": (_is_bool, "a boolean", True),
     "channels": (_in(1, MAX_CHANNELS), f"1..{MAX_CHANNELS}", _REQUIRED),
     "device_state_channels": (_in(0, MAX_CHANNELS - 1), f"0..{MAX_CHANNELS - 1}", 0),
@@ -151,6 +152,12 @@ def rule(key: str) -> tuple[str, Callable[[Any], bool]]:
     return expected, ok
 
 
+def level_rule(compression: str) -> str:
+    """The levels ``compression`` takes, in words (after "must be")."""
+    levels = COMPRESSION_LEVELS[compression]
+    return f"in {levels.start}..{levels.stop - 1} for {compression}"
+
+
 def check_geometry(page_size: Any, packet_pages: Any) -> None:
     """The RAM packet geometry the core accepts; raises Invalid."""
     for key, value in (("page_size", page_size), ("packet_pages", packet_pages)):
@@ -170,10 +177,9 @@ def check_session(values: Mapping[str, Any]) -> None:
         if value is None and key == "chunk_size":
             continue                    # lenient only: a capture that does not say
         _check(key, value, ok(value), expected)
-    levels = COMPRESSION_LEVELS[values["compression"]]
     _check("compression_level", values["compression_level"],
-           values["compression_level"] in levels,
-           f"in {levels.start}..{levels.stop - 1} for {values['compression']}")
+           values["compression_level"] in COMPRESSION_LEVELS[values["compression"]],
+           level_rule(values["compression"]))
     total = values["channels"] + values["device_state_channels"]
     _check("device_state_channels", values["device_state_channels"], total <= MAX_CHANNELS,
            f"at most {MAX_CHANNELS} channels in all (the init packet's id is one byte)")

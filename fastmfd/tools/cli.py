@@ -28,8 +28,8 @@ from .. import __version__
 from ..errors import ConfigError, FastMFDError
 from ..protocol.setup import COMPRESSION_METHODS
 from ..units import format_bytes
-from .option_values import (positive_int, positive_int_to, positive_seconds, positive_size,
-                            rate, whole_pages)
+from .option_values import (LEVEL_HELP, positive_int, positive_int_to, positive_seconds,
+                            positive_size, rate, whole_pages)
 
 if TYPE_CHECKING:       # imported where used, so that `fastmfd --version` starts fast
     from rich.console import Console
@@ -373,8 +373,7 @@ def _build_parser() -> _Parser:
     p.add_argument("--compression", choices=COMPRESSION_METHODS, default="none",
                    help="none, zlib, zstd, or auto: raw or zstd per packet, as the link and "
                         "the data make pay (default none)")
-    p.add_argument("--level", type=int, default=None,
-                   help="zlib's (0..9) or zstd's (1..20) level (default 1)")
+    p.add_argument("--level", type=int, default=None, help=LEVEL_HELP)
     p.add_argument("--no-zero-detection", action="store_true",
                    help="send zero pages as data")
     p.add_argument("--checksum", action="store_true", help="CRC-32 every packet (header and payload)")

@@ -9,12 +9,17 @@ import argparse
 import math
 from typing import Callable
 
+from ..protocol.setup import COMPRESSION_LEVELS
 from ..units import parse_size
 
 __all__ = ["positive_int", "positive_int_to", "positive_seconds", "positive_size", "whole_pages",
-           "rate"]
+           "rate", "LEVEL_HELP"]
 
 PAGE = 4096
+_ZLIB, _ZSTD = COMPRESSION_LEVELS["zlib"], COMPRESSION_LEVELS["zstd"]
+LEVEL_HELP = (f"zlib's ({_ZLIB.start}..{_ZLIB.stop - 1}) or zstd's ({_ZSTD.start}.."
+              f"{_ZSTD.stop - 1}) level (default 1)")
+"""--level's help: send's and bench's, with one range per method (the library's)."""
 
 
 def positive_int(text: str) -> int:

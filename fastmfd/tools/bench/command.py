@@ -19,7 +19,7 @@ from .. import security_options
 from ..images import IMAGE_KINDS, Image, check_scratch_room
 from ...units import format_bytes, format_rate
 from ..new_files import check_new_file, write_new_file
-from ..option_values import positive_int, whole_pages
+from ..option_values import LEVEL_HELP, positive_int, whole_pages
 from .document import LINK, RunConditions, check_comparable, document, load_baseline
 from .link import EmulatedLink, LinkSpec, check_can_emulate, parse_link
 from .matrix import PEERS, QEMU_METHODS, Result, Setting, run_matrix
@@ -70,8 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         default=list(COMPRESSION_METHODS),
                         help="comma-separated methods from none, zlib, zstd, auto (fastmfd "
                              "only: raw or zstd per packet; default all)")
-    parser.add_argument("--level", type=positive_int, default=1,
-                        help="zlib/zstd compression level (default 1)")
+    parser.add_argument("--level", type=int, default=1, help=LEVEL_HELP)
     parser.add_argument("--image", type=_choice_list(IMAGE_KINDS), default=["random"],
                         help="random (incompressible), text, mixed (the demo's: half zero "
                              "pages, a quarter text, a quarter random), halftext (half zero "
