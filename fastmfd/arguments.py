@@ -33,9 +33,8 @@ import os
 from typing import Any, Callable, NamedTuple
 
 from .errors import ConfigError
-from .protocol.setup import rule
 
-__all__ = ["Kind", "INT", "UNSIGNED", "SEED", "NUMBER", "POSITIVE", "TIMEOUT", "STALL_TIMEOUT",
+__all__ = ["Kind", "INT", "UNSIGNED", "SEED", "NUMBER", "POSITIVE", "TIMEOUT",
            "MAX_TIMEOUT_SECONDS", "BOOL", "STR", "PATH",
            "BYTES", "BUFFER", "CALLABLE", "instance_of", "optional", "within", "up_to",
            "check_types", "type_error"]
@@ -95,8 +94,6 @@ MAX_TIMEOUT_SECONDS = 7 * 86400.0
 Longer ones overflowed the waits (poll()'s milliseconds, a deadline's time_t)."""
 TIMEOUT = within(NUMBER, f"seconds > 0, at most {MAX_TIMEOUT_SECONDS:g} (a week)",
                  lambda value: 0 < value <= MAX_TIMEOUT_SECONDS)
-STALL_TIMEOUT = within(NUMBER, *rule("stall_timeout"))
-"""A ``stall_timeout``: what SETUP carries (MIN..MAX_STALL_SECONDS), everywhere."""
 BOOL = Kind("True or False", lambda value: isinstance(value, bool))
 STR = Kind("a str", lambda value: isinstance(value, str))
 PATH = Kind("a str or os.PathLike", lambda value: isinstance(value, (str, os.PathLike)))

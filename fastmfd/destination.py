@@ -26,12 +26,12 @@ from ._engine.session import Owner, SessionFailure, call_hook
 from ._engine.session_regions import check_writable
 from ._engine.stopping import end_call
 from ._engine.workers import recv_worker_main
-from .arguments import (BOOL, CALLABLE, INT, STALL_TIMEOUT, STR, TIMEOUT, UNSIGNED, Kind,
+from .arguments import (BOOL, CALLABLE, INT, STR, TIMEOUT, UNSIGNED, Kind,
                         check_types, instance_of, optional, type_error, up_to, within)
 from .devices import Loader, check_device_ids
 from .errors import ConfigError, MigrationError
 from .protocol.security import ChannelSecurity, TLSConfig, check_auth_key
-from .protocol.setup import MAX_CHANNELS, Setup, rule
+from .protocol.setup import MAX_CHANNELS, STALL_TIMEOUT, Setup, rule
 from .protocol.sockets import (LISTENERS, Listener, Listening, bound_address, listen,
                                listening_address, parse_address)
 from .region_pool import RegionPool

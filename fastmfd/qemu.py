@@ -69,11 +69,11 @@ from ._engine.qemu_receiving import MAX_WORKERS, QemuReceiving, QemuStreamFacts
 from ._engine.qemu_sending import QEMU_PACKET_BYTES, QemuSending
 from ._engine.qemu_stream import QemuStream
 from ._engine.session import Owner
-from .arguments import (BOOL, INT, PATH, POSITIVE, STALL_TIMEOUT, STR, TIMEOUT, UNSIGNED, Kind,
+from .arguments import (BOOL, INT, PATH, POSITIVE, STR, TIMEOUT, UNSIGNED, Kind,
                         check_types, instance_of, optional, up_to)
 from .errors import ConfigError
 from .protocol.security import ChannelSecurity, TLSConfig
-from .protocol.setup import COMPRESSION_LEVELS, level_rule
+from .protocol.setup import COMPRESSION_LEVELS, STALL_TIMEOUT, level_rule
 from .protocol.sockets import (LISTENERS, Listener, Listening, bound_address, listen,
                                listening_address, parse_address)
 from .regions import Region

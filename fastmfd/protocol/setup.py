@@ -28,13 +28,14 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, TypeGuard, TypeVar
 
+from ..arguments import NUMBER, within
 from ..errors import ProtocolError
 
 __all__ = [
     "Setup", "RegionSpec", "DeviceSpec", "Invalid", "check_name", "check_geometry",
     "check_session", "rule", "level_rule",
     "COMPRESSION_METHODS", "COMPRESSION_LEVELS", "MAX_CHANNELS", "MAX_NAME_BYTES",
-    "is_stall_seconds",
+    "is_stall_seconds", "STALL_TIMEOUT",
     "MAX_REGIONS", "MAX_DEVICES", "MAX_REGION_BYTES", "MAX_PACKET_BYTES",
 ]
 
@@ -156,6 +157,10 @@ def level_rule(compression: str) -> str:
     """The levels ``compression`` takes, in words (after "must be")."""
     levels = COMPRESSION_LEVELS[compression]
     return f"in {levels.start}..{levels.stop - 1} for {compression}"
+
+
+STALL_TIMEOUT = within(NUMBER, *rule("stall_timeout"))
+"""A ``stall_timeout`` argument (a Destination's, fastmfd.qemu's): what SETUP carries."""
 
 
 def check_geometry(page_size: Any, packet_pages: Any) -> None:
