@@ -53,6 +53,7 @@ class Kind(NamedTuple):
     convert: Callable[[Any], Any] = _same
     valid: Callable[[Any], bool] | None = None
     valid_what: str = ""
+    none_too: bool = False          # optional(): None is valid too
 
 
 def _is_integral(value: Any) -> bool:
@@ -117,22 +118,24 @@ def optional(kind: Kind) -> Kind:
     return Kind(f"{kind.what} or None", lambda value: value is None or kind.accepts(value),
                 lambda value: None if value is None else kind.convert(value),
                 None if valid is None else (lambda value: value is None or valid(value)),
-                f"{kind.valid_what} or None" if valid is not None else "")
+                kind.valid_what, none_too=True)
 
 
 def check_types(call: str, **arguments: tuple[object, Kind]) -> tuple[Any, ...]:
     """The values of ``arguments`` (``parameter=(value, kind)``), each converted by
     its kind, in their order. Raises a TypeError naming ``call(parameter)`` for the
     first whose value is not of its kind, then a ConfigError for the first whose
-    converted value its kind does not take as valid."""
+    converted value its kind does not take as valid (its ``parameter`` and its
+    ``problem``: what the value must be, None aside, which a command cannot give)."""
     for parameter, (value, kind) in arguments.items():
         if not kind.accepts(value):
             raise type_error(f"{call}({parameter})", kind.what, value)
     converted = tuple(kind.convert(value) for value, kind in arguments.values())
     for (parameter, (value, kind)), made in zip(arguments.items(), converted):
         if kind.valid is not None and not kind.valid(made):
-            raise ConfigError(f"{call}({parameter}) must be {kind.valid_what}, "
-                              f"not {value!r:.80}")
+            must = f"must be {kind.valid_what}"
+            raise ConfigError(f"{call}({parameter}) {must}{' or None' * kind.none_too}, "
+                              f"not {value!r:.80}", parameter=parameter, problem=must)
     return converted
 
 

@@ -19,7 +19,8 @@ from .errors import ConfigError
 from .protocol.security import TLSConfig, check_auth_key
 from .protocol.setup import COMPRESSION_LEVELS, COMPRESSION_METHODS, Invalid, check_session
 
-__all__ = ["MigrationConfig", "Compression", "COMPRESSION_METHODS", "COMPRESSION_LEVELS"]
+__all__ = ["MigrationConfig", "Compression", "COMPRESSION_METHODS", "COMPRESSION_LEVELS",
+           "paced_channel_rate"]
 
 Compression = Literal["none", "zlib", "zstd", "auto"]
 """The compression methods, for type checkers (``COMPRESSION_METHODS`` at run time)."""
@@ -140,16 +141,13 @@ class MigrationConfig:
             check_session(self.session_values())
         except Invalid as exc:
             name = _CONFIG_NAMES.get(exc.field, exc.field)
-            raise ConfigError(f"{name} must be {exc.expected}, not {exc.value!r}") from None
+            raise ConfigError(f"{name} must be {exc.expected}, not {exc.value!r}",
+                              parameter=name, problem=f"must be {exc.expected}") from None
         need(1 <= self.job_packets <= 64, f"job_packets must be in 1..64, not {self.job_packets}")
         need(self.max_rounds >= 1, f"max_rounds must be >= 1, not {self.max_rounds}")
-        if self.max_bandwidth is not None:
-            # A paced worker with work must still finish a packet per stall_timeout.
-            packet = max(self.packet_pages * self.page_size, self.device_chunk_size)
-            need(self.channel_rate * self.stall_timeout >= packet,
-                 f"max_bandwidth {self.max_bandwidth} gives each of the {self.total_channels} "
-                 f"channels {self.channel_rate:.0f} bytes/s, less than one packet "
-                 f"({packet} bytes) per stall_timeout ({self.stall_timeout:g} s)")
+        paced_channel_rate(self.max_bandwidth, self.total_channels,
+                           max(self.packet_pages * self.page_size, self.device_chunk_size),
+                           self.stall_timeout)
         object.__setattr__(self, "auth_key", check_auth_key(self.auth_key, "MigrationConfig"))
         if self.tls is not None:
             self.tls.check_client()
@@ -180,6 +178,23 @@ class MigrationConfig:
     def replace(self, **changes: Any) -> "MigrationConfig":
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
+
+
+def paced_channel_rate(max_bandwidth: float | None, channels: int, packet: int,
+                       stall_timeout: float) -> float:
+    """Bytes/s each of ``channels`` may send of ``max_bandwidth`` (0.0: no cap). A
+    ConfigError when that is less than a ``packet`` per ``stall_timeout``: a paced
+    channel with work must still send one, or its peer counts it as stalled."""
+    if max_bandwidth is None:
+        return 0.0
+    rate = max_bandwidth / channels
+    if not rate * stall_timeout >= packet:
+        problem = (f"gives each of the {channels} channels {rate:.0f} bytes/s, less than one "
+                   f"packet ({packet} bytes) per stall timeout ({stall_timeout:g} s): give "
+                   f"a higher rate, or a longer stall timeout")
+        raise ConfigError(f"max_bandwidth {max_bandwidth!r} {problem}",
+                          parameter="max_bandwidth", problem=problem)
+    return rate
 
 
 # Each field's kind, by its annotation (text: this module postpones annotations), but

@@ -68,7 +68,21 @@ class FastMFDError(Exception):
 
 
 class ConfigError(FastMFDError, ValueError):
-    """A configuration value or argument that cannot work."""
+    """A configuration value or argument that cannot work.
+
+    One about a parameter's value says which: ``parameter``, the library's name of
+    it (``"stall_timeout"``), and ``problem``, what is wrong with the value (and
+    what would do) in words that name no parameter (``"must be seconds in
+    0.1..86400"``), so that a command can say it of the option its user typed
+    (``--stall-timeout 0.001: must be ...``); otherwise None and ""."""
+
+    parameter: str | None = None
+    problem: str = ""
+
+    def __init__(self, message: str, *, parameter: str | None = None,
+                 problem: str = "") -> None:
+        super().__init__(message)
+        self.parameter, self.problem = parameter, problem
 
 
 class ListenError(ConfigError, OSError):

@@ -71,6 +71,7 @@ from ._engine.qemu_stream import QemuStream
 from ._engine.session import Owner
 from .arguments import (BOOL, INT, PATH, POSITIVE, STR, TIMEOUT, UNSIGNED, Kind,
                         check_types, instance_of, optional, up_to)
+from .config import paced_channel_rate
 from .errors import ConfigError
 from .protocol.security import ChannelSecurity, TLSConfig
 from .protocol.setup import COMPRESSION_LEVELS, STALL_TIMEOUT, level_rule
@@ -416,15 +417,20 @@ class QemuSender(Owner):
             stall_timeout=(stall_timeout, STALL_TIMEOUT), timeout=(timeout, TIMEOUT),
             max_bandwidth=(max_bandwidth, optional(POSITIVE)))
         if not 1 <= channels <= 255:
-            raise ConfigError(f"channels {channels}: QEMU's multifd-channels is 1..255")
+            problem = "QEMU's multifd-channels is 1..255"
+            raise ConfigError(f"channels {channels}: {problem}", parameter="channels",
+                              problem=problem)
         if compression not in ("none", "zlib", "zstd"):
             raise ConfigError(f"compression {compression!r}: expected none, zlib or zstd")
         if level not in COMPRESSION_LEVELS[compression]:       # fastmfd's encoders' ranges
-            raise ConfigError(f"{self._call}(level) must be {level_rule(compression)}, "
-                              f"not {level}")
+            must = f"must be {level_rule(compression)}"
+            raise ConfigError(f"{self._call}(level) {must}, not {level}", parameter="level",
+                              problem=must)
         if tls is not None:
             tls.check_client()
-        channel_rate = _channel_rate(max_bandwidth, channels, stall_timeout)
+        # QEMU waits on a channel this side would count as stalled too.
+        channel_rate = paced_channel_rate(max_bandwidth, channels, QEMU_PACKET_BYTES,
+                                          stall_timeout)
         directory = os.fspath(directory)
         manifest = read_manifest(directory)
         super().__init__()
@@ -496,17 +502,3 @@ class _SendCall(QemuSender):
     """The QemuSender :func:`send` makes: a wrong argument is the user's
     ``qemu.send(...)``, and its TypeError says so, not a class never called."""
     _call = "qemu.send"
-
-
-def _channel_rate(max_bandwidth: float | None, channels: int, stall_timeout: float) -> float:
-    """Bytes/s each multifd channel may send (0.0: no cap). A paced channel must
-    still send a packet per ``stall_timeout``, or QEMU would wait on a channel
-    this side counts as stalled."""
-    if max_bandwidth is None:
-        return 0.0
-    rate = max_bandwidth / channels
-    if not rate * stall_timeout >= QEMU_PACKET_BYTES:
-        raise ConfigError(f"max_bandwidth {max_bandwidth!r} gives each of the {channels} "
-                          f"channels less than one packet ({QEMU_PACKET_BYTES} bytes) per "
-                          f"stall_timeout ({stall_timeout:g} s)")
-    return rate

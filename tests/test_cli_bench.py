@@ -674,7 +674,7 @@ def test_bad_arguments_exit_2_naming_the_problem(args, message, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--compression", "zstd", "--level", "42"], "compression_level must be in 1..20 for zstd, not 42"),
+    (["--compression", "zstd", "--level", "42"], "--level 42: must be in 1..20 for zstd"),
     (["--peer", "qemu", "--qemu-binary", "/nonexistent/qemu"], "/nonexistent/qemu not found"),
 ])
 def test_settings_that_cannot_run_exit_2_before_any_work(args, message, capsys):

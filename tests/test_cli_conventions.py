@@ -378,6 +378,51 @@ def test_a_timeout_out_of_bounds_is_a_usage_error_before_any_work(tmp_path, args
     assert not os.path.exists(tmp_path / "out")
 
 
+@pytest.mark.parametrize("args, said", [
+    # Each was said in the library's words: "Destination(stall_timeout) must be seconds in
+    # 0.1..86400 or None", "compression_level must be in 1..20 for zstd", "max_bandwidth
+    # 1.0 gives each ..." (1.5 typed), "TLSConfig.ca: cannot read ...".
+    (["listen", "tcp:127.0.0.1:0", "--dir", "OUT", "--stall-timeout", "0.001"],
+     "--stall-timeout 0.001: must be seconds in 0.1..86400"),
+    (["listen", "--qemu", "tcp:127.0.0.1:0", "--dir", "OUT", "--stall-timeout=1e9"],
+     "--stall-timeout 1e9: must be seconds in 0.1..86400"),
+    (["send", "tcp:127.0.0.1:1", "/dev/zero", "--compression", "zstd", "--level", "30"],
+     "--level 30: must be in 1..20 for zstd"),
+    (["send", "--qemu", "tcp:127.0.0.1:1", "--dir", ".", "--compression", "zlib", "--level",
+      "10"], "--level 10: must be in 0..9 for zlib"),
+    (["bench", "--compression", "zstd", "--level", "42"], "--level 42: must be in 1..20 for zstd"),
+    (["send", "tcp:127.0.0.1:1", "/dev/zero", "--max-bandwidth", "10K"],
+     "--max-bandwidth 10K: gives each of the 2 channels 5120 bytes/s, less than one packet "
+     "(1048576 bytes) per stall timeout (30 s): give a higher rate, or a longer stall timeout"),
+    (["send", "tcp:127.0.0.1:1", "/dev/zero", "--timeout", "1e20"],
+     "--timeout 1e20: must be seconds > 0, at most 604800 (a week)"),
+    (["send", "tcp:127.0.0.1:1", "/dev/zero", "--channels", "300"], "--channels 300: must be "
+     "1..255"),
+    (["send", "tcp:127.0.0.1:1", "/dev/zero", "--tls-ca", "OUT"],
+     "--tls-ca OUT: cannot read the file"),
+])
+def test_a_value_the_library_refuses_is_said_of_the_option_as_typed(tmp_path, args, said):
+    out = str(tmp_path / "out")
+    done = fastmfd_cli(*[out if arg == "OUT" else arg for arg in args], cwd=tmp_path)
+    assert_one_line_usage_error(done)
+    assert done.stderr == f"fastmfd {args[0]}: {said.replace('OUT', out)}\n"
+
+
+def test_a_config_error_carries_its_parameter_and_problem():
+    """What a command says of its option (ConfigError.parameter and .problem), None
+    aside: no option gives None."""
+    with pytest.raises(fastmfd.ConfigError) as error:
+        fastmfd.Destination("tcp:127.0.0.1:0", stall_timeout=0.001)
+    assert str(error.value) == ("Destination(stall_timeout) must be seconds in 0.1..86400 or "
+                                "None, not 0.001")
+    assert (error.value.parameter, error.value.problem) == ("stall_timeout",
+                                                            "must be seconds in 0.1..86400")
+    with pytest.raises(fastmfd.ConfigError) as error:
+        fastmfd.MigrationConfig(channels=2, max_bandwidth=1 << 20, stall_timeout=1)
+    assert error.value.parameter == "max_bandwidth"
+    assert str(error.value) == f"max_bandwidth 1048576.0 {error.value.problem}"
+
+
 def test_an_image_that_is_not_a_file_is_a_usage_error(tmp_path):
     (tmp_path / "adir").mkdir()
     done = fastmfd_cli("send", "tcp:127.0.0.1:1", str(tmp_path / "adir"))

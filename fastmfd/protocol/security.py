@@ -98,7 +98,7 @@ class TLSConfig:
             path = getattr(self, name)
             if path is not None:
                 object.__setattr__(self, name, os.fspath(path))     # kept as a str
-                _check_readable(path, f"TLSConfig.{name}")
+                _check_readable(path, f"TLSConfig.{name}", parameter=name)
         # Loaded once now, as a destination's context loads them (no system CA store):
         # a file that does not load fails here, named, not at the first connection.
         self._context(ssl.Purpose.CLIENT_AUTH)
@@ -235,14 +235,16 @@ def _check_private(key: str | os.PathLike[str]) -> None:
 MAX_KEY_FILE_BYTES = 1 << 16
 
 
-def _check_readable(path: str | os.PathLike[str], what: str) -> None:
+def _check_readable(path: str | os.PathLike[str], what: str,
+                    parameter: str | None = None) -> None:
     """ConfigError, with the OS's reason, unless ``path`` opens for reading (a typo's
     "No such file or directory": os.access said only "cannot read", and for root
     passed every file there is). Non-blocking: a FIFO is not waited on."""
     try:
         os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC))
     except OSError as exc:
-        raise ConfigError(f"{what}: cannot read {path}: {exc.strerror}") from None
+        raise ConfigError(f"{what}: cannot read {path}: {exc.strerror}", parameter=parameter,
+                          problem=f"cannot read the file: {exc.strerror}") from None
 
 
 def read_key_file(path: str | os.PathLike[str]) -> bytes:

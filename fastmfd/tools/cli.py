@@ -22,12 +22,13 @@ import sys
 import termios
 import threading
 from types import FrameType
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from ..errors import ConfigError, FastMFDError
 from ..protocol.setup import COMPRESSION_METHODS
 from ..units import format_bytes
+from .command_line import EXIT_USAGE, CommandParser, in_options
 from .option_values import (LEVEL_HELP, positive_int, positive_int_to, positive_seconds,
                             positive_size, rate, whole_pages)
 
@@ -42,7 +43,6 @@ log = logging.getLogger("fastmfd")
 
 # Exit statuses: what a shell script tells apart.
 EXIT_FAILED = 1             # the work was tried and failed (a migration, a file)
-EXIT_USAGE = 2              # a mistake in the command, found before any work (argparse's too)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -264,37 +264,15 @@ def _send_qemu(args: argparse.Namespace) -> int:
     return 0
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse's parser, whose mistakes read as the commands' own do: one line
-    on stderr, exit 2 (argparse prints its whole usage block first)."""
-
-    commands: dict[str, _Parser]        # the top parser's: each command's own
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
-
-    def parse_command_line(self, argv: list[str] | None) -> argparse.Namespace:
-        """parse_args, in two parts: this parser takes what comes before the
-        command (-v, --version, --help: none takes a value, so the first word
-        is the command) and refuses anything else there; the command's parser
-        takes the rest, and says what it does not take. Its positionals may
-        follow its options (``send ADDR --state S IMG``: argparse alone takes
-        positionals in one run, and left IMG over)."""
-        argv = list(sys.argv[1:] if argv is None else argv)
-        at = next((i for i, word in enumerate(argv) if not word.startswith("-")), len(argv))
-        top = self.parse_args(argv[:at])
-        if at == len(argv):
-            self.error("the following arguments are required: COMMAND")
-        command = argv[at]
-        if command not in self.commands:
-            self.error(f"argument COMMAND: invalid choice: {command!r} (choose from "
-                       f"{', '.join(self.commands)})")
-        # -v before the command and after it add up.
-        return self.commands[command].parse_intermixed_args(
-            argv[at + 1:], argparse.Namespace(command=command, verbose=top.verbose))
+# The library parameter each option gives its value to: a ConfigError about the
+# parameter names the option, with the value as typed (command_line.in_options).
+_OPTION_OF = {"timeout": "--timeout", "stall_timeout": "--stall-timeout",
+              "compression_level": "--level", "level": "--level", "channels": "--channels",
+              "max_bandwidth": "--max-bandwidth", "cert": "--tls-cert", "key": "--tls-key",
+              "ca": "--tls-ca"}
 
 
-def _build_parser() -> _Parser:
+def _build_parser() -> CommandParser:
     # Their arguments name the image kinds and compression methods: lazy, as above.
     from . import security_options
     from .._engine.qemu_receiving import MAX_WORKERS as QEMU_WORKERS
@@ -304,14 +282,14 @@ def _build_parser() -> _Parser:
     from .bench import command as bench
     from .inspect import command as inspect
 
-    parser = _Parser(
+    parser = CommandParser(
         prog="fastmfd",
         description="Move memory images and ordered device state over parallel connections "
                     "(QEMU multifd, rebuilt). Progress and logs go to stderr; --json "
                     "results to stdout.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     # Every command takes -v, before or after its name.
-    common = _Parser(add_help=False)
+    common = CommandParser(add_help=False)
     common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
                         help="log what happens to stderr (-vv: debug)")
     parser.add_argument("-v", "--verbose", action="count", default=0,
@@ -546,6 +524,7 @@ def main(argv: list[str] | None = None) -> int:
                     if signal.getsignal(sig) is not signal.SIG_IGN}
     command = "fastmfd"             # "fastmfd listen" once the command line is read
     handler = None
+    args: argparse.Namespace | None = None
     entry = sys.modules.get("_fastmfd_cli")
     try:
         # Until here, a Ctrl-C ended the command at once (the entry's handler, which
@@ -566,7 +545,9 @@ def main(argv: list[str] | None = None) -> int:
         status: int = args.func(args)
         return status
     except ConfigError as exc:
-        print(f"{command}: {exc}", file=sys.stderr)
+        said = str(exc) if args is None else in_options(
+            exc, _OPTION_OF, args, parser.commands[args.command].typed)
+        print(f"{command}: {said}", file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:
         # Whoever read the output stopped (`| head`): status 1 and nothing said, as
