@@ -183,6 +183,10 @@ def test_a_malformed_tcp_host_is_a_bad_address(text):
     ("tcp://[::1]:99999", "port '99999' is not in 0..65535"),
     ("tcp:127.0.0.1:abc", "port 'abc' is not a number (0..65535)"),
     ("tcp:localhost:-1", "port '-1' is not a number (0..65535)"),
+    # Digits to str.isdigit(): int() refused the first (a bare ValueError), and took
+    # the Arabic-Indic second as port 123 (a reread).
+    ("tcp:127.0.0.1:\u00b2", "port '\u00b2' is not a number (0..65535)"),
+    ("tcp:127.0.0.1:\u0661\u0662\u0663", "port '\u0661\u0662\u0663' is not a number (0..65535)"),
 ])
 def test_a_bad_port_is_named_as_the_problem(text, said):
     """It was "expected tcp:HOST:PORT ...", which the address already looked like."""
@@ -369,6 +373,13 @@ def test_what_a_qemu_peer_cannot_take_is_refused_not_ignored(args, flag):
     (["send", "tcp:127.0.0.1:1", "/dev/zero", "--timeout", "1e20"], ["at most 604800"]),
     (["send", "--qemu", "tcp:127.0.0.1:1", "--dir", ".", "--timeout", "1e20"],
      ["at most 604800"]),
+    # The status thread died of the same OverflowError, the send going on without a line
+    # (a reread); "²" is a digit to str.isdigit(), not to int(): a traceback, exit 1.
+    (["send", "tcp:127.0.0.1:1", "/dev/zero", "--status-json", "1e20"],
+     ["--status-json", "more than 604800 seconds"]),
+    (["send", "tcp:127.0.0.1:1", "/dev/zero", "--channels", "\u00b2"],
+     ["--channels", "not a whole number"]),
+    (["listen", "tcp:127.0.0.1:\u00b2", "--dir", "OUT"], ["port '\u00b2' is not a number"]),
 ])
 def test_a_timeout_out_of_bounds_is_a_usage_error_before_any_work(tmp_path, args, words):
     """One line, exit 2, before listening (a listener says where it listens first)."""
@@ -399,7 +410,7 @@ def test_a_timeout_out_of_bounds_is_a_usage_error_before_any_work(tmp_path, args
     (["send", "tcp:127.0.0.1:1", "/dev/zero", "--channels", "300"], "--channels 300: must be "
      "1..255"),
     (["send", "tcp:127.0.0.1:1", "/dev/zero", "--tls-ca", "OUT"],
-     "--tls-ca OUT: cannot read the file"),
+     "--tls-ca OUT: cannot read the file: No such file or directory"),
 ])
 def test_a_value_the_library_refuses_is_said_of_the_option_as_typed(tmp_path, args, said):
     out = str(tmp_path / "out")

@@ -103,11 +103,12 @@ def parse_address(text: str | Address) -> Address:
         text_host, sep, port = rest.removeprefix("//").rpartition(":")
         host = _tcp_host(text_host)
         if sep and host is not None:
-            if port.isdigit() and int(port) <= MAX_PORT:
+            digits = port.isascii() and port.isdigit()     # not "²", which int() refuses
+            if digits and int(port) <= MAX_PORT:
                 return Address(_family(host), (host, int(port)))
             # The address has its shape: say what is wrong with it, not what shape it needs.
             raise ConfigError(f"bad address {text!r}: port {port!r} is "
-                              + (f"not in 0..{MAX_PORT}" if port.isdigit()
+                              + (f"not in 0..{MAX_PORT}" if digits
                                  else f"not a number (0..{MAX_PORT})"))
     raise ConfigError(f"bad address {text!r}: expected tcp:HOST:PORT (or tcp://HOST:PORT, "
                       f"tcp::PORT; an IPv6 HOST in brackets, tcp:[::1]:PORT) or unix:PATH")

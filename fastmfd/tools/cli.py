@@ -30,7 +30,7 @@ from ..protocol.setup import COMPRESSION_METHODS
 from ..units import format_bytes
 from .command_line import EXIT_USAGE, CommandParser, in_options
 from .option_values import (LEVEL_HELP, positive_int, positive_int_to, positive_seconds,
-                            positive_size, rate, whole_pages)
+                            positive_seconds_to, positive_size, rate, whole_pages)
 
 if TYPE_CHECKING:       # imported where used, so that `fastmfd --version` starts fast
     from rich.console import Console
@@ -356,11 +356,11 @@ def _build_parser() -> CommandParser:
                    help="send zero pages as data")
     p.add_argument("--checksum", action="store_true", help="CRC-32 every packet (header and payload)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress, no summary")
-    p.add_argument("--status-json", type=positive_seconds, nargs="?", const=0.5, default=None,
-                   metavar="SECONDS",
+    p.add_argument("--status-json", type=positive_seconds_to(WEEK), nargs="?", const=0.5,
+                   default=None, metavar="SECONDS",
                    help="instead of the progress and summary, print the migration's status "
                         "(QEMU query-migrate's fields) as one JSON line every SECONDS "
-                        "(default 0.5), and once at the end")
+                        f"(default 0.5, at most {WEEK:g}), and once at the end")
     p.add_argument("--json", action="store_true",
                    help="print the migration's statistics as JSON on stdout")
     p.add_argument("--timeout", type=positive_seconds, default=30.0, metavar="SECONDS",

@@ -12,8 +12,8 @@ from typing import Callable
 from ..protocol.setup import COMPRESSION_LEVELS
 from ..units import parse_size
 
-__all__ = ["positive_int", "positive_int_to", "positive_seconds", "positive_size", "whole_pages",
-           "rate", "LEVEL_HELP"]
+__all__ = ["positive_int", "positive_int_to", "positive_seconds", "positive_seconds_to",
+           "positive_size", "whole_pages", "rate", "LEVEL_HELP"]
 
 PAGE = 4096
 _ZLIB, _ZSTD = COMPRESSION_LEVELS["zlib"], COMPRESSION_LEVELS["zstd"]
@@ -23,7 +23,7 @@ LEVEL_HELP = (f"zlib's ({_ZLIB.start}..{_ZLIB.stop - 1}) or zstd's ({_ZSTD.start
 
 
 def positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:    # "²" is a digit
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
     return int(text)
 
@@ -45,6 +45,16 @@ def positive_seconds(text: str) -> float:
     if not (value > 0 and math.isfinite(value)):
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
     return value
+
+
+def positive_seconds_to(most: float) -> Callable[[str], float]:
+    """Positive seconds, at most ``most`` (a wait longer than the platform's time
+    can say ends in an OverflowError where it is waited on)."""
+    def parse(text: str) -> float:
+        if positive_seconds(text) > most:
+            raise argparse.ArgumentTypeError(f"{text!r} is more than {most:g} seconds")
+        return float(text)
+    return parse
 
 
 def positive_size(text: str) -> int:
