@@ -16,6 +16,8 @@ import os
 import re
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 import time
 
@@ -452,6 +454,19 @@ def test_a_tls_file_that_cannot_be_opened_is_refused_with_the_reason(pki, tmp_pa
         pki.source(**{name: str(tmp_path / "typo.pem")})
     assert str(error.value) == (f"TLSConfig.{name}: cannot read {tmp_path}/typo.pem: No such "
                                 f"file or directory")
+
+
+def test_a_tls_file_that_is_a_fifo_is_refused_not_waited_on(tmp_path):
+    """The readable check opened it non-blocking and passed it; the load then read it
+    blocking, and a FIFO no one writes held the command for ever (a reread). In a
+    child: without the fix it would hang this process."""
+    os.mkfifo(tmp_path / "fifo.pem")
+    made = subprocess.run([sys.executable, "-c", "import fastmfd, sys\n"
+                           "try:\n    fastmfd.TLSConfig(ca=sys.argv[1])\n"
+                           "except fastmfd.ConfigError as exc:\n    print(exc)\n",
+                           str(tmp_path / "fifo.pem")], capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    assert made.stdout == f"TLSConfig.ca: {tmp_path}/fifo.pem is not a regular file\n", made
 
 
 def test_each_side_refuses_the_other_sides_check(pki):

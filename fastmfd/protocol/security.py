@@ -239,12 +239,21 @@ def _check_readable(path: str | os.PathLike[str], what: str,
                     parameter: str | None = None) -> None:
     """ConfigError, with the OS's reason, unless ``path`` opens for reading (a typo's
     "No such file or directory": os.access said only "cannot read", and for root
-    passed every file there is). Non-blocking: a FIFO is not waited on."""
+    passed every file there is) and is a regular file: the load that follows reads
+    it blocking, and a FIFO no one writes held it for ever (a reread). Opened
+    non-blocking, so this look does not wait on one."""
     try:
-        os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC))
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise ConfigError(f"{what}: cannot read {path}: {exc.strerror}", parameter=parameter,
                           problem=f"cannot read the file: {exc.strerror}") from None
+    try:
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+    finally:
+        os.close(fd)
+    if not regular:
+        raise ConfigError(f"{what}: {path} is not a regular file", parameter=parameter,
+                          problem="not a regular file")
 
 
 def read_key_file(path: str | os.PathLike[str]) -> bytes:
