@@ -242,6 +242,10 @@ def test_a_failed_receive_leaves_no_final_name(tmp_path, keep):
     if keep:
         assert files_in(out) == {"ram.img.part", "good.0.state.part", "broken.0.state.part"}
         assert (out / "ram.img.part").stat().st_size == 64 * PAGE
+        # Where they are, said (the failure alone named what failed; a review).
+        kept = re.search(r"^kept the failed receive's partial files: (.*)$", err, re.M)
+        assert kept and set(kept[1].split(", ")) == {
+            f"{out}/{name}" for name in files_in(out)}, err
     else:
         assert not out.exists()       # the listener made it: gone with what it held
 

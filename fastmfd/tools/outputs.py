@@ -448,6 +448,7 @@ class OutputDir:
         it succeeded (a SIGTERM as the listener stopped its workers removed it)."""
         if self.committed:
             return
+        kept = []
         for out in reversed(self._outputs()):
             if out.identity is None:
                 continue
@@ -459,8 +460,12 @@ class OutputDir:
                         os.rename(name, out.part, src_dir_fd=self.fd, dst_dir_fd=self.fd)
                     elif not self.keep_partial or name == out.final:
                         os.unlink(name, dir_fd=self.fd)
+                if self.keep_partial and ours:
+                    kept.append(self._show(out.part))
             except OSError:
                 pass
+        if kept:    # the failure says what failed; this, where its files are (a review)
+            log.warning("kept the failed receive's partial files: %s", ", ".join(reversed(kept)))
         try:
             os.fsync(self.fd)
         except OSError:
