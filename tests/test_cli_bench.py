@@ -57,6 +57,7 @@ def test_matrix_with_peer_verifies_prints_and_writes_json(tmp_path, capsys):
     labels = ["sendall (1 socket)", "fastmfd 1ch none", "fastmfd 2ch none",
               "fastmfd 1ch zstd-1", "fastmfd 2ch zstd-1"]
     table, chart = printed.out.split("throughput (median), halftext image")
+    assert "vs sendall" in table and "vs:" in table
     rows = chart.splitlines()
     for label in labels:
         assert label in table
@@ -147,7 +148,9 @@ def test_cold_memory_is_said_in_the_table_and_the_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(["bench", "--size", "1M", "--channels", "1", "--compression", "none",
                  "--cold-memory", "--json", str(out)]) == 0
-    assert "free memory not warmed" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "free memory not warmed" in printed
+    assert "vs:" not in printed     # no peer, no "vs" column to explain (a review)
     assert json.loads(out.read_text())["benchmarks"][0]["extra_info"]["warm_memory"] is False
 
 

@@ -37,10 +37,10 @@ def _table(kind: str, rows: list[Result], note: str) -> Table:
     title = f"{kind} image, {format_bytes(rows[0].best.image_bytes)}{note}"
     if runs > 1:
         title += f" (median of {runs}; odd runs in reverse order)"
+    versus = "vs: their time over this one's; " if peer is not None or qemu else ""
     table = Table(title=title, title_justify="left",
                   caption=f"CPU s: the source's/destination's processes (+ the bench "
-                          f"process's, which runs fastmfd's main threads); vs: their time "
-                          f"over this one's; "
+                          f"process's, which runs fastmfd's main threads); {versus}"
                           f"* a run beside more than {FOREIGN_LOAD_FLAG} cores of other "
                           f"load" if rows else None, caption_justify="left")
     table.add_column("setting", no_wrap=True)
