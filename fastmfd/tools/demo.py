@@ -114,7 +114,7 @@ SEED_SHM_NEEDED = 384 * MiB
 def fitted_size(free: int) -> int:
     """The image's size where none was asked for: DEMO_SIZE, or, where /dev/shm has
     ``free`` bytes too few for it (a container's is 64 MiB unless started with more),
-    the largest power of two that leaves a third of them (the source's and the
+    the largest power of two that leaves at least a third of them (the source's and the
     destination's copies take the rest), down to SMALLEST_FITTED."""
     size = DEMO_SIZE
     while 3 * size > free and size > SMALLEST_FITTED:
