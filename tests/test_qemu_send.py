@@ -131,6 +131,22 @@ def test_send_into_receive_saves_the_same_directory(tmp_path, captures, channels
         (tmp_path / "first" / "vmstate.bin").read_bytes()
 
 
+def test_inspect_says_a_save_is_no_capture(tmp_path, qemu72_captures, capsys):
+    """Its vmstate.bin, the one *.bin of a save, was decoded as a channel: "vmstate.bin
+    at byte 0: unknown channel: first bytes 04000000, ...", a save that looked corrupt
+    (a review)."""
+    from fastmfd.tools.cli import main
+    saved = tmp_path / "saved"
+    receive_replay(saved, capture_bytes(qemu72_captures, "zstd"))
+    for target in (saved, saved / "vmstate.bin"):
+        assert main(["inspect", str(target)]) == 2
+        said = capsys.readouterr().err
+        assert said == (f"fastmfd inspect: {target}: a saved migration (its manifest.json lists "
+                        f"what `fastmfd listen` wrote), not a capture: inspect decodes the bytes "
+                        f"of connections as they crossed the wire; a save goes back with "
+                        f"`fastmfd send` (--qemu for a QEMU's)\n"), said
+
+
 def test_send_reads_no_hole_of_the_saved_files(tmpfs_path, captures):
     """The saved block files are sparse (zero pages are holes): a send learns the
     holes from the file system and sends them as zero pages unread, in either

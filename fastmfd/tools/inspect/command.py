@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ...errors import ConfigError
+from ..outputs import MANIFEST, VMSTATE
 from .capture import LAYOUTS, read_capture
 
 __all__ = ["add_arguments", "cli_main"]
@@ -35,9 +36,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def capture_files(paths: list[str]) -> list[str]:
     """``paths`` with each directory replaced by its ``*.bin`` files (a capture
-    directory holds one per connection, beside notes such as ``meta.json``)."""
+    directory holds one per connection, beside notes such as ``meta.json``). A
+    save (``listen``'s or ``listen --qemu``'s directory, or a file in it) is no
+    capture: its ``vmstate.bin`` was read as one and said to be corrupt (a review)."""
     files = []
     for path in paths:
+        _refuse_a_save(path)
         if not os.path.isdir(path):
             files.append(path)
             continue
@@ -48,6 +52,23 @@ def capture_files(paths: list[str]) -> list[str]:
                               f"name the files to inspect")
         files += found
     return files
+
+
+def _refuse_a_save(path: str) -> None:
+    """A ConfigError if ``path`` is a saved migration, a directory with a
+    ``manifest.json`` (a capture's notes are ``meta.json``), or a file of a save's
+    names in one."""
+    if os.path.isdir(path):
+        directory = path
+    elif os.path.basename(path) in (VMSTATE, MANIFEST) or path.endswith((".img", ".state")):
+        directory = os.path.dirname(path) or "."
+    else:
+        return
+    if os.path.isfile(os.path.join(directory, MANIFEST)):
+        raise ConfigError(f"{path}: a saved migration (its manifest.json lists what `fastmfd "
+                          f"listen` wrote), not a capture: inspect decodes the bytes of "
+                          f"connections as they crossed the wire; a save goes back with "
+                          f"`fastmfd send` (--qemu for a QEMU's)")
 
 
 def cli_main(args: argparse.Namespace) -> int:
