@@ -121,11 +121,13 @@ def receive(address: str | socket.socket, directory: str | os.PathLike[str], *,
     ``timeout``: seconds to wait for QEMU to connect (at most a week,
     ``MAX_TIMEOUT_SECONDS``); ``stall_timeout``: any wait for QEMU's next bytes,
     SYNCs or the end of its channels, 0.1..86400 s (as a Destination's). ``force``
-    replaces files of the same names; ``keep_partial`` keeps what arrived of
-    a failed migration as ``.part`` files. ``max_size``: the most bytes of RAM
-    blocks QEMU may announce (default: the directory's free space; the block
-    files are sparse and fill as pages arrive, so a larger guest is refused
-    before any is written: disk, or memory where the directory is a tmpfs).
+    replaces files of the same names, and removes the other files an earlier
+    save's manifest lists (see :mod:`.tools.earlier_save`); ``keep_partial``
+    keeps what arrived of a failed migration as ``.part`` files. ``max_size``:
+    the most bytes of RAM blocks QEMU may announce (default: the directory's
+    free space; the block files are sparse and fill as pages arrive, so a
+    larger guest is refused before any is written: disk, or memory where the
+    directory is a tmpfs).
     ``max_memory``: the most memory QEMU's channels may make this process hold
     beside the block files: each channel's buffers (counted with a zstd window
     of 32 MiB: the method is learnt from its first page) and the worker

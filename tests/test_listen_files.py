@@ -168,6 +168,68 @@ def test_force_killed_while_renaming_leaves_no_manifest_of_the_old_save(tmp_path
     assert files_in(out) == {"ram.img", "manifest.json.part"}
 
 
+def test_force_removes_the_earlier_saves_files_the_new_one_does_not_write(tmp_path, image):
+    """--force over a save of two regions and a device, by one of a region: the
+    old manifest went, but b.img and the device's file stayed beside the new save,
+    listed by no manifest, removed by nothing (qemuuser review, defect 1: a
+    guest's NUMA blocks m0.img, m1.img under a listen --qemu --force)."""
+    out = tmp_path / "out"
+    (tmp_path / "state").write_bytes(b"device" * 100)
+    with Listener(out) as listener:
+        done = send(listener, f"a={image}", f"b={image}", "--state", f"nic={tmp_path / 'state'}")
+        assert done.returncode == 0 and listener.finish()[0] == 0, done.stderr
+    assert files_in(out) == {"a.img", "b.img", "nic.0.state", "manifest.json"}
+    with Listener(out, "--force") as listener:
+        done = send(listener, f"a={image}")
+        status, err = listener.finish()
+    assert done.returncode == 0 and status == 0, done.stderr + err
+    assert files_in(out) == {"a.img", "manifest.json"}
+    assert [r["file"] for r in json.loads((out / "manifest.json").read_text())["regions"]] \
+        == ["a.img"]
+    assert "WARNING" not in err, err
+
+
+def test_force_leaves_what_the_earlier_manifest_lists_but_is_no_regular_file(tmp_path, image):
+    """Of the earlier save's files, only regular ones go: a link it lists is left
+    (its target untouched), and a directory; both named in one warning line."""
+    out = tmp_path / "out"
+    out.mkdir()
+    target = tmp_path / "precious"
+    target.write_bytes(b"precious")
+    (out / "link.img").symlink_to(target)
+    (out / "dir.img").mkdir()
+    (out / "old.img").write_bytes(b"old")
+    (out / "manifest.json").write_text(json.dumps({"regions": [
+        {"name": n, "size": 4096, "file": f"{n}.img"} for n in ("link", "dir", "old")],
+        "devices": []}))
+    with Listener(out, "--force") as listener:
+        done = send(listener, str(image))
+        status, err = listener.finish()
+    assert done.returncode == 0 and status == 0, done.stderr + err
+    assert files_in(out) == {"ram.img", "manifest.json", "link.img", "dir.img"}
+    assert target.read_bytes() == b"precious"
+    assert f"{out}: files of the earlier save left (only the regular files its manifest " \
+        f"lists are removed): link.img (not a regular file), dir.img (not a regular file)" \
+        in err, err
+
+
+@pytest.mark.parametrize("manifest", ['{"regions": [{"file": "../x.img"}], "devices": []}',
+                                      '{"files": ["old.img"]}', "not json"],
+                         ids=["a-path", "another-program's", "not-json"])
+def test_force_over_a_foreign_manifest_removes_nothing_it_lists(tmp_path, image, manifest):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.img").write_bytes(b"old")
+    (out / "manifest.json").write_text(manifest)
+    with Listener(out, "--force") as listener:
+        done = send(listener, str(image))
+        status, err = listener.finish()
+    assert done.returncode == 0 and status == 0, done.stderr + err
+    assert files_in(out) == {"ram.img", "manifest.json", "old.img"}
+    assert f"{out / 'manifest.json'}: " in err and "replacing it removes nothing it lists " \
+        "(the earlier save's files are left as they are)" in err, err
+
+
 # ``python -c`` this, then listen's arguments: the CLI, sent SIGTERM as soon as it
 # renamed manifest.json.part into place (its handler raises at the next
 # statement: what a signal arriving during the rename itself does).

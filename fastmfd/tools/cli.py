@@ -400,7 +400,8 @@ def _build_parser() -> CommandParser:
                         "--max-sessions or --forever, 30)")
     p.add_argument("--force", action="store_true",
                    help="replace files of the same names in DIR (a symbolic link is replaced, "
-                        "never followed)")
+                        "never followed), and remove the files an earlier save's manifest.json "
+                        "lists that this one does not write")
     p.add_argument("--keep-partial", action="store_true",
                    help="after a failed receive, keep what arrived as NAME.part files")
     sessions = p.add_mutually_exclusive_group()

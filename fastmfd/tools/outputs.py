@@ -14,7 +14,9 @@
                    before LOADED); devices: a FileLoader each (fsync in load_finish,
                    before LOADED)
     on_resume      commit(): manifest.json.part written and fsynced; with ``force``, the
-                   manifest.json of the save being replaced removed and D fsynced first;
+                   manifest.json of the save being replaced removed and D fsynced first,
+                   then the files it listed that this save does not write
+                   (:mod:`.earlier_save`);
                    every .part renamed to its final name (the manifest last), D fsynced;
                    only then does the source hear RESUMED and its migrate() return
     any failure    abort(): the manifest first, then the .part files removed (kept,
@@ -52,6 +54,7 @@ from .new_files import (make_directories, make_new_directory, remove_directories
                         rename_without_replacing, try_making_a_file, write_durably)
 from ..ownership import check_only_yours
 from .warm_files import WarmFiles
+from .earlier_save import listed_files, remove_files
 
 __all__ = ["OutputDir", "SavedFiles", "output_name", "check_writable",
            "MANIFEST", "VMSTATE"]
@@ -369,7 +372,7 @@ class OutputDir:
         fails raises an OutputError naming the file."""
         self._write_manifest(document)
         if self.force:
-            self._retire_manifest()
+            self._retire_earlier_save()
         for out in self._outputs():
             st = self._stat(out.part)
             if st is None or (st.st_dev, st.st_ino) != out.identity:
@@ -401,11 +404,14 @@ class OutputDir:
             raise OutputError(f"{self.path}: making {what} durable failed: "
                               f"{exc.strerror or exc}") from exc
 
-    def _retire_manifest(self) -> None:
+    def _retire_earlier_save(self) -> None:
         """Remove the manifest of the save ``force`` replaces, durably, before any of
         its files is: a crash among the renames below would otherwise leave that
         manifest listing files that are partly this migration's, a directory that
-        says it holds a complete save and mixes two."""
+        says it holds a complete save and mixes two. Then the files it listed that
+        this save does not write (see :mod:`.earlier_save`): no manifest lists them
+        any more, so they would stay for ever (commit()'s last fsync makes it durable)."""
+        listed = listed_files(self.fd, MANIFEST, self._show(MANIFEST))
         try:
             os.unlink(MANIFEST, dir_fd=self.fd)         # a link itself, never its target
         except FileNotFoundError:
@@ -414,6 +420,8 @@ class OutputDir:
             raise OutputError(f"{self._show(MANIFEST)}: removing the manifest of the save "
                               f"being replaced failed: {exc.strerror or exc}") from exc
         self._sync("the old manifest's removal")
+        ours = {name for out in self._outputs() for name in (out.final, out.part)}
+        remove_files(self.fd, listed or [], ours, self.path)
 
     def _write_manifest(self, document: dict[str, Any] | None) -> None:
         if document is None:
