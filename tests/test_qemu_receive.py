@@ -50,7 +50,7 @@ from fastmfd.protocol.qemu_return_path import (encode_rp_pong, encode_rp_shut,
                                                encode_rp_switchover_ack)
 from fastmfd.protocol.sockets import connect, parse_address
 from qemu_support import (QEMU, QEMU10, QEMUS, Guest, Receiver, assert_nothing_complete,
-                          listening_command, needs_qemu10, pattern)
+                          listening_command, needs_qemu10, pattern, saved_guest)
 
 GUEST_MIB = 64
 FINAL = ("completed", "failed", "cancelled")    # a migration's last status
@@ -148,6 +148,25 @@ def test_listen_qemu_command(tmp_path, guest, guest_ram):
     assert result["sizes"][result["files"]["regions"]["mem"]] == guest_ram[1].size
     mem = next(b["file"] for b in manifest["blocks"] if b["idstr"] == "mem")
     assert np.array_equal(np.fromfile(out / mem, dtype=np.uint8), guest_ram[1])
+
+
+def test_listen_qemu_force_over_a_save_of_more_blocks_leaves_the_new_save_alone(tmp_path, guest):
+    """--force over the save of a guest with a VGA (its vga.vram and ROM blocks) by
+    one of a guest without: the old manifest went, the VGA's block files stayed,
+    listed by no manifest, removed by nothing (qemuuser review, defect 1: a
+    two-NUMA-node guest's m0.img, m1.img)."""
+    saved, _ = saved_guest(tmp_path, 2, "none", binary=guest.binary, mib=16,
+                           options=("-device", "VGA,vgamem_mb=1"))
+    earlier = {b["file"] for b in json.loads((saved / "manifest.json").read_text())["blocks"]}
+    guest.set_multifd(2, "none")
+    with listening_command(saved, "--stall-timeout", "10", "--force") as (listen, address):
+        guest.migrate(address)
+        assert guest.wait() == "completed"
+        _, err = listen.communicate(timeout=60)
+    assert listen.returncode == 0, err
+    blocks = {b["file"] for b in json.loads((saved / "manifest.json").read_text())["blocks"]}
+    assert earlier - blocks, earlier        # blocks of the earlier guest's VGA
+    assert set(os.listdir(saved)) == blocks | {"manifest.json", "vmstate.bin"}
 
 
 def test_listen_qemu_max_memory_fails_a_migration_whose_channels_do_not_fit(tmp_path, guest):
