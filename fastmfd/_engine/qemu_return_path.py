@@ -26,7 +26,7 @@ import select
 import socket
 import ssl
 
-from ..errors import MigrationError
+from ..errors import MigrationError, ProtocolError
 from ..protocol.qemu_encoding import encode_open_return_path
 from ..protocol.qemu_return_path import (ReturnPathDecoder, encode_rp_pong, encode_rp_shut,
                                          encode_rp_switchover_ack, knows_switchover_ack)
@@ -115,6 +115,7 @@ class ReturnPathWatch:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.decoder = ReturnPathDecoder(f"{MAIN} (return path)", [PING])
+        self._ended: str | None = None      # how the destination ended it, once known
 
     @staticmethod
     def opening() -> bytes:
@@ -152,3 +153,27 @@ class ReturnPathWatch:
     def feed(self, data: bytes) -> None:
         """Bytes read elsewhere (the wait for the end of the stream)."""
         self.decoder.feed(data)
+
+    def ended(self) -> str | None:
+        """How the destination ended the main channel, if it did (what it said
+        on its return path so far is read: before the stream's end, only a
+        SHUT that it failed may end it). Once known it is kept: the bytes that
+        told it are not there to read again."""
+        if self._ended is None:
+            self._ended = self._how_ended()
+        return self._ended
+
+    def _how_ended(self) -> str | None:
+        try:
+            if self.read() and self.said is None:
+                return None
+        except OSError as exc:
+            if not self.said:       # a SHUT 1 read before the reset is the cause
+                return f"the destination broke the connection: {exc.strerror or exc}"
+        except ProtocolError as exc:
+            return str(exc)
+        said = self.said
+        if said is not None:
+            return (f"the destination ended its return path before the stream's end (SHUT "
+                    f"{said}{': it failed' if said else ''})")
+        return "the destination closed the connection"

@@ -52,7 +52,7 @@ import time
 import numpy as np
 
 from .. import _core
-from ..errors import FastMFDError, MigrationError, ProtocolError, SecurityError
+from ..errors import FastMFDError, MigrationError, SecurityError
 from ..protocol.control import Done, SendParams
 from ..protocol.qemu_encoding import (encode_multifd_flush, encode_ram_end_start,
                                       encode_ram_eos, encode_ram_start, encode_stream_start,
@@ -98,7 +98,6 @@ class QemuSending:
         self.job_pages = QEMU_PACKET_BYTES // self.page_size * JOB_PACKETS
         self.main: socket.socket | None = None     # an ssl.SSLSocket with TLS
         self.answers: ReturnPathWatch | None = None     # the destination's, on it
-        self._ended: str | None = None      # how the destination ended it, once known
         self._order = FirstError()          # of a cancel and a failure: what run() raises
         self._sent_whole = False            # the stream all sent: the destination loads it
         self._connecting: socket.socket | None = None   # a connection being made
@@ -466,29 +465,9 @@ class QemuSending:
             raise MigrationError(ended + self._hint(True, said=True), channel=MAIN)
 
     def _main_ended(self) -> str | None:
-        """How the destination ended the main channel, if it did (what it said
-        on its return path so far is read: before the stream's end, only a
-        SHUT that it failed may end it). Once known it is kept: the bytes that
-        told it are not there to read again."""
-        if self._ended is None:
-            self._ended = self._how_main_ended()
-        return self._ended
-
-    def _how_main_ended(self) -> str | None:
+        """How the destination ended the main channel, if it did (ReturnPathWatch.ended)."""
         assert self.answers is not None, "connected by run()"
-        try:
-            if self.answers.read() and self.answers.said is None:
-                return None
-        except OSError as exc:
-            if not self.answers.said:       # a SHUT 1 read before the reset is the cause
-                return f"the destination broke the connection: {exc.strerror or exc}"
-        except ProtocolError as exc:
-            return str(exc)
-        said = self.answers.said
-        if said is not None:
-            return (f"the destination ended its return path before the stream's end (SHUT "
-                    f"{said}{': it failed' if said else ''})")
-        return "the destination closed the connection"
+        return self.answers.ended()
 
     def _hint(self, dropped: bool = False, *, said: bool = False) -> str:
         """What to check on the destination. A 7.2 destination reads no main
