@@ -14,10 +14,10 @@ both, each skipped, saying why, where it is absent.
 Around them, what the QEMU tests share: ``Receiver`` (``qemu.receive`` in a
 thread), ``Background`` (any call in a thread, with a deadline for its
 return), ``listening_command`` (``fastmfd listen --qemu`` as a subprocess),
-``saved_guest`` (a real guest's migration saved by ``qemu.receive``),
-``incoming_guest`` (a QEMU waiting with ``-incoming defer``), ``assert_loaded``
-(it completed, with the RAM expected) and ``wait_until_filled`` (until pages
-have landed in files).
+``saved_guest`` (a real guest's migration saved by ``qemu.receive``; ``save_ram``
+the same of any RAM), ``incoming_guest`` (a QEMU waiting with ``-incoming
+defer``), ``assert_loaded`` (it completed, with the RAM expected) and
+``wait_until_filled`` (until pages have landed in files).
 """
 
 from __future__ import annotations
@@ -230,9 +230,16 @@ def saved_guest(tmp_path, channels: int, compression: str, binary: str = QEMU,
 def _save_guest(tmp_path: Path, channels: int, compression: str, binary: str, machine: str,
                 mib: int, options: tuple[str, ...]) -> tuple[Path, np.ndarray]:
     ram = pattern(mib, seed=3)
+    return save_ram(tmp_path, ram, channels, compression, binary, machine, options), ram
+
+
+def save_ram(tmp_path: Path, ram: np.ndarray, channels: int, compression: str,
+             binary: str = QEMU, machine: str = "pc", options: tuple[str, ...] = ()) -> Path:
+    """A guest whose RAM holds ``ram`` migrated into ``qemu.receive``: the directory
+    saved, ``tmp_path / "saved"`` (made anew: ``saved_guest`` keeps its own)."""
     ram_path = tmp_path / "src-ram.img"
     ram.tofile(ram_path)
-    source = Guest(tmp_path, str(ram_path), mib, binary=binary, machine=machine,
+    source = Guest(tmp_path, str(ram_path), len(ram) >> 20, binary=binary, machine=machine,
                    options=options)
     try:
         source.set_multifd(channels, compression)
@@ -243,7 +250,7 @@ def _save_guest(tmp_path: Path, channels: int, compression: str, binary: str, ma
     finally:
         source.close()
     ram_path.unlink()
-    return tmp_path / "saved", ram
+    return tmp_path / "saved"
 
 
 def incoming_guest(tmp_path, channels: int, compression: str, binary: str = QEMU,

@@ -141,6 +141,9 @@ class QemuSending:
             if (not isinstance(exc, MigrationError) or self.main is None
                     or exc.cause.endswith(self._checklist()) or self._ours()):
                 raise exc       # no QEMU listening at all, a hint is there, or it is ours
+            if exc.channel not in (None, MAIN) and self._loaded_regardless():
+                raise MigrationError(exc.cause + self._unheard(exc.channel), channel=exc.channel,
+                                     device=exc.device, side=exc.side) from exc
             # The destination dropped the stream (it says why only in its own log; a QEMU >= 8.0
             # reads the main channel at once, and may have closed its listener before the multifd
             # channels came): name what the stream needs. Or it died: one killed mid-migration
@@ -221,6 +224,7 @@ class QemuSending:
         self._sync()
         self._main(barrier + encode_ram_eos(section, footer) + commands["devices"])
         self._send_vmstate()
+        self._sent_whole = True
         for ch in range(self.channels):
             self._command(ch, _core.pack_command(_core.CMD_QUIT))
         self._wait_done()
@@ -266,7 +270,6 @@ class QemuSending:
         it only at its close(), and the send failed at its stall timeout though
         the files were committed."""
         assert self.main is not None and self.answers is not None, "connected by run()"
-        self._sent_whole = True
         # One deadline for the whole wait: a peer that sends a byte now and then
         # must not restart it.
         deadline = time.monotonic() + self.stall
@@ -468,6 +471,24 @@ class QemuSending:
         """How the destination ended the main channel, if it did (ReturnPathWatch.ended)."""
         assert self.answers is not None, "connected by run()"
         return self.answers.ended()
+
+    def _loaded_regardless(self) -> bool:
+        """Whether the destination said SHUT 0 (it loaded the stream) though a multifd channel
+        failed: given MAIN_WORD_GRACE to say it, once the stream was sent whole."""
+        if not self._sent_whole or self.cancelled is not None:
+            return False
+        assert self.main is not None and self.answers is not None, "connected by run()"
+        if self.answers.said is None and not decrypted_unread(self.main):
+            select.select([self.main], [], [], MAIN_WORD_GRACE)
+        return self._main_ended() is not None and self.answers.said == 0
+
+    def _unheard(self, channel: str) -> str:
+        """Why a destination that loaded the stream lost a channel: a QEMU (7.2, 10) ignores
+        those beyond its multifd-channels, and what was sent on them, unknowing (a review)."""
+        return (f": the destination QEMU reports the stream loaded (SHUT 0), but what was "
+                f"sent on {channel} did not reach it: a QEMU ignores the channels beyond its "
+                f"multifd-channels (set it to {self.channels} on the destination), losing "
+                f"their pages; do not resume that guest")
 
     def _hint(self, dropped: bool = False, *, said: bool = False) -> str:
         """What to check on the destination. A 7.2 destination reads no main
