@@ -131,16 +131,23 @@ def test_qemu_at_its_highest_zstd_level_fits_the_receiving_window(tmp_path, gues
     assert np.array_equal(np.fromfile(tmp_path / "out" / mem, dtype=np.uint8), guest_ram[1])
 
 
+def _migrated_into_the_command(guest, out, *options: str) -> str:
+    """``guest`` migrated into ``fastmfd listen --qemu --dir out *options``, which must
+    exit 0: what it printed on stdout."""
+    with listening_command(out, "--stall-timeout", "10", *options) as (listen, address):
+        guest.migrate(address)
+        assert guest.wait() == "completed"
+        printed, rest = listen.communicate(timeout=60)
+    assert listen.returncode == 0, rest
+    return printed
+
+
 def test_listen_qemu_command(tmp_path, guest, guest_ram):
     """The CLI: exit 0 once QEMU's stream ended and every file is written; with
     --json, what it wrote and learnt on stdout."""
     out = tmp_path / "out"
     guest.set_multifd(2, "zstd")
-    with listening_command(out, "--stall-timeout", "10", "--json") as (listen, address):
-        guest.migrate(address)
-        assert guest.wait() == "completed"
-        printed, rest = listen.communicate(timeout=60)
-    assert listen.returncode == 0, rest
+    printed = _migrated_into_the_command(guest, out, "--json")
     manifest = json.loads((out / "manifest.json").read_text())
     result = json.loads(printed)
     assert result["manifest"] == manifest and len(result["channels"]) == 2
@@ -159,11 +166,7 @@ def test_listen_qemu_force_over_a_save_of_more_blocks_leaves_the_new_save_alone(
                            options=("-device", "VGA,vgamem_mb=1"))
     earlier = {b["file"] for b in json.loads((saved / "manifest.json").read_text())["blocks"]}
     guest.set_multifd(2, "none")
-    with listening_command(saved, "--stall-timeout", "10", "--force") as (listen, address):
-        guest.migrate(address)
-        assert guest.wait() == "completed"
-        _, err = listen.communicate(timeout=60)
-    assert listen.returncode == 0, err
+    _migrated_into_the_command(guest, saved, "--force")
     blocks = {b["file"] for b in json.loads((saved / "manifest.json").read_text())["blocks"]}
     assert earlier - blocks, earlier        # blocks of the earlier guest's VGA
     assert set(os.listdir(saved)) == blocks | {"manifest.json", "vmstate.bin"}
