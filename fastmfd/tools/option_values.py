@@ -51,9 +51,10 @@ def positive_seconds_to(most: float) -> Callable[[str], float]:
     """Positive seconds, at most ``most`` (a wait longer than the platform's time
     can say ends in an OverflowError where it is waited on)."""
     def parse(text: str) -> float:
-        if positive_seconds(text) > most:
+        seconds = positive_seconds(text)
+        if seconds > most:
             raise argparse.ArgumentTypeError(f"{text!r} is more than {most:g} seconds")
-        return float(text)
+        return seconds
     return parse
 
 
