@@ -140,3 +140,29 @@ def test_compressed_channel_starting_with_a_device_chunk(tmp_path, compression, 
     assert [c.compression for c in capture.channels] == [compression] * 2
     assert set(REGIONS) == set(capture.ram)
     assert SESSION_UUID == capture.channels[0].uuid
+
+
+def test_inspect_checks_the_old_way_checksums_of_a_real_session(tmp_path):
+    """The old way with checksums: each DEVICE_STATE carries its CRC after the chunk,
+    which is checked and is no part of the device's state; a flipped byte of a chunk
+    fails at its message, named as a checksum mismatch."""
+    config = fastmfd.MigrationConfig(channels=1, packet_pages=16, channel_header=False,
+                                     checksum=True, device_chunk_size=64 << 10)
+    records = {"main": Record(), 0: Record()}
+    region = make_region("ram", 32 * PAGE, seed=3)
+    try:
+        with Migration(config, proxy=Proxy(records, channel_header=False)) as m:
+            m.source.add_region(region)
+            m.source.add_device(fastmfd.BytesDevice("dev", 0, b"\x07" * 5000, config=b"cfg"))
+            _, result = m.run().ok()
+        files = {f"{name}.bin": bytes(record.bytes) for name, record in records.items()}
+    finally:
+        region.close()
+    capture = read_capture(_files_in(tmp_path / "intact", files))
+    assert capture.devices == result.devices == {("dev", 0): b"\x07" * 5000 + b"cfg"}
+    flipped = bytearray(files["main.bin"])
+    at = flipped.index(b"\x07" * 5000) + 10
+    flipped[at] ^= 0x04
+    with pytest.raises(fastmfd.ProtocolError,
+                       match=r"main\.bin at byte \d+: DEVICE_STATE field 'checksum'"):
+        read_capture(_files_in(tmp_path / "flipped", {**files, "main.bin": bytes(flipped)}))

@@ -5,8 +5,8 @@ from __future__ import annotations
 from ...errors import ProtocolError
 from ...protocol.bytereader import ByteReader
 from ...protocol.main_channel import (
-    CAPTURE_VERSIONS, MESSAGE_HEADER_SIZE, Msg, check_preamble, decode_control,
-    decode_message_header,
+    CAPTURE_VERSIONS, MESSAGE_HEADER_SIZE, OLD_WAY_CHECKSUM, OLD_WAY_PREFIX, Msg,
+    check_preamble, decode_control, decode_message_header, old_way_checksum,
 )
 from .contents import DeviceChunks
 from .records import FastmfdMainChannel
@@ -69,11 +69,24 @@ def decode_fastmfd_main(reader: ByteReader, channel_header: bool, session: Sessi
 
 def _main_device_chunk(reader: ByteReader, body: memoryview, at: int, session: Session,
                        devices: DeviceChunks) -> None:
-    """An old-way DEVICE_STATE message: BE u32 device index, then a chunk."""
-    if len(body) < 4:
-        raise reader.error("DEVICE_STATE payload: truncated: needs 4 bytes of device index",
-                           field="device index", received=len(body), expected=4, at=at)
-    index = int.from_bytes(body[:4], "big")
+    """An old-way DEVICE_STATE message: BE u32 device index, then a chunk and, with
+    SETUP's checksum, its CRC trailer (checked, and not part of the device's state)."""
+    trailer = OLD_WAY_CHECKSUM.size if session.checksum else 0
+    if len(body) < OLD_WAY_PREFIX.size + trailer:
+        raise reader.error(f"DEVICE_STATE payload: truncated: needs "
+                           f"{OLD_WAY_PREFIX.size + trailer} bytes of device index"
+                           f"{' and checksum' if trailer else ''}", field="device index",
+                           received=len(body), expected=OLD_WAY_PREFIX.size + trailer, at=at)
+    if trailer:
+        chunk_end = len(body) - trailer
+        expected = old_way_checksum(body[:chunk_end])
+        if body[chunk_end:] != expected:
+            raise reader.error(f"DEVICE_STATE field 'checksum': received "
+                               f"{bytes(body[chunk_end:]).hex()}, expected {expected.hex()}",
+                               field="checksum", received=bytes(body[chunk_end:]).hex(),
+                               expected=expected.hex(), at=at + chunk_end)
+        body = body[:chunk_end]
+    index = OLD_WAY_PREFIX.unpack_from(body)[0]
     known = session.devices
     assert known is not None, "SETUP, which lists them, came first"
     if index >= len(known):
@@ -81,4 +94,5 @@ def _main_device_chunk(reader: ByteReader, body: memoryview, at: int, session: S
                            f"{len(known)} (devices in SETUP)", field="device index",
                            received=index, expected=f"< {len(known)}", at=at)
     idstr, instance_id = known[index]
-    devices.add(idstr, instance_id, body[4:], reader, at + 4)
+    devices.add(idstr, instance_id, body[OLD_WAY_PREFIX.size:], reader,
+                at + OLD_WAY_PREFIX.size)
