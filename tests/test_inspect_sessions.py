@@ -166,3 +166,27 @@ def test_inspect_checks_the_old_way_checksums_of_a_real_session(tmp_path):
     with pytest.raises(fastmfd.ProtocolError,
                        match=r"main\.bin at byte \d+: DEVICE_STATE field 'checksum'"):
         read_capture(_files_in(tmp_path / "flipped", {**files, "main.bin": bytes(flipped)}))
+
+
+def test_inspect_reads_a_session_with_a_shared_key(tmp_path):
+    """With an auth_key, the source writes its proof on every connection: AUTH messages
+    on the main channel, its nonce and proof after each channel's init packet. Both are
+    passed over, with the main channel and without it (then the bytes tell)."""
+    key = b"k" * 32
+    config = fastmfd.MigrationConfig(channels=2, packet_pages=16, device_state_channels=1,
+                                     auth_key=key, device_chunk_size=64 << 10)
+    records = {"main": Record(), **{ch: Record() for ch in range(3)}}
+    region = make_region("ram", 96 * PAGE, seed=3)
+    try:
+        with Migration(config, proxy=Proxy(records), auth_key=key) as m:
+            m.source.add_region(region)
+            m.source.add_device(fastmfd.SyntheticDevice("dev", 0, DEVICE_SIZE, seed=1))
+            _, result = m.run().ok()
+        paths = write_files(tmp_path, {f"{name}.bin": bytes(record.bytes)
+                                       for name, record in records.items()})
+        for files in (paths, paths[1:]):
+            capture = read_capture(files, packet_pages=16)
+            assert capture.devices == result.devices
+            assert (_image(capture, "ram", region.size) == region.array).all()
+    finally:
+        region.close()

@@ -119,7 +119,10 @@ def _decode_main(reader: ByteReader, kind: tuple[str, int | None], session: Sess
     the pages it carries (a QEMU one's) into ``image``."""
     name, header_type = kind
     if name == "fastmfd-main":
-        return decode_fastmfd_main(reader, header_type is not None, session, devices)
+        ours = decode_fastmfd_main(reader, header_type is not None, session, devices)
+        session.key_proof = ours.messages["AUTH"] > 0     # an auth_key proves every channel
+        return ours
+    session.key_proof = False
     def apply(block: str, offset: int, page: memoryview, at: int, round_: int) -> None:
         image.apply_main(block, offset, page, reader.path, at, round_)
 

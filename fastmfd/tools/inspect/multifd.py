@@ -9,6 +9,7 @@ from ... import _core
 from ...errors import ProtocolError
 from ...protocol.bytereader import ByteReader
 from ...protocol.qemu import SYNC_PER_ROUND, QemuMainChannel
+from ...protocol.security import NONCE_SIZE, PROOF_SIZE
 from .contents import DeviceChunks, RamImage
 from .records import Channel, FastmfdMainChannel, PacketRecord
 from .session import COMPRESSION_NAMES, Session
@@ -21,6 +22,10 @@ __all__ = ["open_channels", "InflateBuffers", "ChannelDecoder", "check_rounds"]
 DEFAULT_CHUNK_LIMIT = 64 << 20          # device chunk bound when no SETUP says otherwise
 # Compression bits of the flags word: 3 bits in 7.2, 5 now (spec §2.4).
 COMPRESSION_MASK = {_core.LAYOUT_QEMU72: 0x0E, _core.LAYOUT_CURRENT: 0x3E}
+# What a source with an auth_key writes after a channel's init packet: its nonce, then
+# (once the destination answered) its proof.
+KEY_PROOF_SIZE = NONCE_SIZE + PROOF_SIZE
+MULTIFD_MAGIC = _core.MULTIFD_MAGIC.to_bytes(4, "big")
 
 
 def open_channels(found: list[tuple[ByteReader, tuple[str, int | None]]], session: Session) -> list[tuple[ByteReader, Channel]]:
@@ -51,7 +56,20 @@ def open_channels(found: list[tuple[ByteReader, tuple[str, int | None]]], sessio
         kind = "device-state" if header_type == _core.CHANNEL_DEVICE_STATE else "multifd"
         opened[channel_id] = (reader, Channel(reader.path, channel_id, uuid_seen, kind,
                                               header_type is not None, reader.size))
+        if _key_proof_follows(reader, session.key_proof):
+            reader.take(KEY_PROOF_SIZE, "shared-key proof")
     return [opened[i] for i in sorted(opened)]
+
+
+def _key_proof_follows(reader: ByteReader, said: bool | None) -> bool:
+    """Whether the source's shared-key proof follows the init packet at the reader:
+    as the main channel ``said``, or, with none, as the bytes show: a packet's magic
+    not next but after the proof's bytes (or the file ending there)."""
+    if said is not None:
+        return said
+    if reader.peek(4) == MULTIFD_MAGIC or reader.available() < KEY_PROOF_SIZE:
+        return False
+    return reader.peek(KEY_PROOF_SIZE + 4)[KEY_PROOF_SIZE:] in (b"", MULTIFD_MAGIC)
 
 
 class InflateBuffers:

@@ -31,6 +31,9 @@ class Session:
     regions: dict[str, int] | None = None
     devices: list[tuple[str, int]] | None = None
     chunk_size: int | None = None           # largest device chunk's data, from SETUP
+    # Whether each multifd channel carries the source's shared-key proof after its init
+    # packet (the main channel's AUTH messages say so); None: no main channel says.
+    key_proof: bool | None = None
 
 
 def default_packet_pages(page_size: int) -> int:
