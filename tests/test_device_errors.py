@@ -427,6 +427,18 @@ def test_device_returning_a_float(leaks, way):
           r"9\.9 for a 4096-byte buffer, not a byte count")
 
 
+@pytest.mark.parametrize("way", ["new", "old"])
+def test_device_returning_a_bool(leaks, way):
+    """read_state() wrote 10 bytes and said True ("I wrote something"): a bool is an
+    int to Python, so one byte of them went on as the device's state, and the
+    session succeeded with it. A bool is no byte count (DESIGN §7: the bytes written)."""
+    outcome = migrate(CONFIG.replace(channel_header=way == "new"),
+                      devices=[MiscountingDevice("flag", 2, True)])
+    check(outcome, outcome.started,
+          r"flag/2: saving chunk 0 failed: ValueError: read_state returned "
+          r"True for a 4096-byte buffer, not a byte count")
+
+
 def test_device_counting_in_numpy_integers(leaks):
     """state_pending() and read_state() may answer with numpy's integers (any integer
     is a byte count, as everywhere in the API): state_pending's np.int64 was refused

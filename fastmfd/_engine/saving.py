@@ -141,9 +141,10 @@ class DeviceStream:
 def byte_count(hook: str, value: object, most: int | None = None) -> int:
     """What a device's ``hook`` returned, as a byte count (at most ``most``): any
     integer, numpy's too. Anything else is refused: a float went on as a truncated
-    length, its chunk silently shorter than the device said it wrote."""
+    length, its chunk silently shorter than the device said it wrote; a bool (True
+    for "wrote something") as one byte of the buffer."""
     try:
-        n = operator.index(value)       # type: ignore[arg-type]
+        n = -1 if isinstance(value, bool) else operator.index(value)   # type: ignore[arg-type]
     except TypeError:
         n = -1
     if n < 0 or most is not None and n > most:
