@@ -370,6 +370,31 @@ def test_a_stranger_still_greeted_when_the_wait_ends_is_refused_for_what_ended_i
     assert [r.reason for r in dst.refused] == [f"dropped: the session ended: {ended}"]
 
 
+def test_a_stranger_refused_for_its_bytes_keeps_its_reason_when_the_source_passes(monkeypatch):
+    """A stranger refused for what it sent is told why, and its connection drained,
+    for up to TELL_SECONDS before the refusal is recorded: when the real source passed
+    meanwhile, it was recorded (Destination.refused, the log, listen's "refused N
+    connections meanwhile (the last: ...)") as "the session's source was accepted
+    first", not for its bad channel header."""
+    from fastmfd.protocol import refusing
+    monkeypatch.setattr(refusing, "TELL_SECONDS", 5.0)     # the source passes within it
+    region = make_region("ram", SIZE, seed=3)
+    with fastmfd.Destination("tcp:127.0.0.1:0", timeout=20) as dst:
+        thread = threading.Thread(target=dst.receive, daemon=True)
+        thread.start()
+        _, host, port = dst.address.split(":")
+        with fastmfd.Source(dst.address, CONFIG) as src:
+            src.add_region(region)
+            with socket.create_connection((host, int(port))) as stranger:
+                stranger.sendall((12).to_bytes(8, "big") + bytes(4) + encode_preamble())
+                stranger.settimeout(10)
+                assert b"header_size" in stranger.recv(200)     # refused, being told why
+                src.migrate(live=False)
+        thread.join(10)
+        wait_refused(dst, r"^channel header field 'header_size': received 12, expected 4$")
+    region.close()
+
+
 @pytest.mark.parametrize("stop, ended", [
     (signal.SIGINT, "interrupted by the user"),
     (signal.SIGTERM, "the destination process is exiting (SystemExit 143)")],

@@ -401,12 +401,15 @@ class Admission:
     def _greet(self, sock: socket.socket, peer: str) -> None:
         greeting: MainGreeting | None
         refusal: BaseException | str | None
+        heard: list[str | None] = []    # why the wait ended, each time a failing greeting asked
+        def ended() -> str | None:      # (None: the wait was on: refused for what it sent)
+            heard.append(self._why_ended())
+            return heard[-1]
         try:
-            greeting, refusal = greet_main_channel(sock, self._security, self._why_ended), None
-        except (MigrationError, ProtocolError) as exc:
-            greeting, refusal = None, exc
+            greeting, refusal = greet_main_channel(sock, self._security, ended), None
         except Exception as exc:                # never lose a candidate's thread silently
-            greeting, refusal = None, f"{type(exc).__name__}: {exc}"
+            greeting, refusal = None, exc if isinstance(exc, (MigrationError, ProtocolError)) \
+                else f"{type(exc).__name__}: {exc}"
         passed = greeting
         with self._lock:                        # before any close: see __exit__
             os.close(self._greeting.pop(threading.current_thread())[0])
@@ -415,8 +418,8 @@ class Admission:
                 # thread ran (a loaded host): the newcomer, not the end, dropped it.
                 self._evicted.discard(threading.current_thread())
                 greeting, refusal = None, EVICTED
-            elif self._closing:                 # ended by __exit__, or too late
-                greeting, refusal = None, self._ended
+            elif self._closing and not (refusal is not None and heard[-1:] == [None]):
+                greeting, refusal = None, self._ended       # ended by __exit__, or too late
             if greeting is not None:
                 self._passed.put(greeting)
         if refusal is not None:
@@ -533,8 +536,7 @@ class ChannelDoor:
                 self.make_room()
                 return
             # During a session a worker's start has the session's deadline.
-            worker = workers.add(recv_worker_main, f"receive channel {len(workers)}",
-                                 self._stall)
+            worker = workers.add(recv_worker_main, f"receive channel {len(workers)}", self._stall)
             self._watch_worker(worker)
         sock, peer = self._parts.listener.accept()
         self._parts.resources.sockets.append(sock)
