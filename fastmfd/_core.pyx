@@ -16,6 +16,8 @@ functions used across files) and includes/ declaring every C header:
     _codecs.pxi    one zlib or zstd stream per channel, straight from/into pages
     _tls.pxi       TLS through OpenSSL: the handshake, and the Link the
                    engines read and write through (plain socket or TLS)
+    _adaptive.pxi  compression="auto": each send channel's choice, packet by
+                   packet, between raw pages and a zstd level
     _buffers.pxi   how large an engine's packet buffers are (and what a
                    destination charges max_memory for its channels)
     _channel.pxi   the per-channel send and receive engines the workers run
