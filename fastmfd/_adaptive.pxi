@@ -225,7 +225,3 @@ cdef class AutoModel:
         before it and ``queued_after`` after it, at ``now`` seconds."""
         self.a.queued_before = queued_before
         auto_account_write(&self.a, queued_after, sndbuf, wire, now)
-
-    @property
-    def link_rate(self) -> float:
-        return auto_link_rate(&self.a)
