@@ -1,18 +1,19 @@
-"""Shared by the ``test_inspect_*`` files: the real QEMU 7.2 captures, their RAM
-pattern, builders of fastmfd-format capture files, and a two-round fastmfd
-session with the RAM image it must decode to.
+"""Shared by the ``test_inspect_*`` files: where the real QEMU captures are,
+builders of fastmfd-format capture files, and a two-round fastmfd session with
+the RAM image it must decode to (the captures' RAM pattern and UUID are
+:mod:`captures`').
 
-The fastmfd engine that writes such streams does not exist yet, so the tests
-build them from the ``_core`` encoders, byte for byte as DESIGN §4 lays them
-out: the main channel (channel header type 0, FMFD preamble, messages) and
-multifd channels (channel header type 2 or 3, init packet, RAM and
-device-state packets, one compression stream per channel).
+The fastmfd streams are built from the ``_core`` encoders, not recorded from a
+Source, so that a test chooses every byte inspect reads (which channel carries
+a page, where each SYNC falls), byte for byte as DESIGN §4 lays them out: the
+main channel (channel header type 0, FMFD preamble, messages) and multifd
+channels (channel header type 2 or 3, init packet, RAM and device-state
+packets, one compression stream per channel).
 """
 
 from __future__ import annotations
 
 import os
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +21,6 @@ import pytest
 
 from fastmfd import _core
 from fastmfd.protocol.main_channel import Msg, encode_message, encode_preamble
-
-QEMU_UUID = bytes.fromhex("123456789abcdef01122334455667788")   # the captures' -uuid
 
 
 # QEMU 10.0's own stream (machine pc-i440fx-10.0), zstd-compressed: in the repository.
@@ -53,11 +52,6 @@ def captures_dir(version: str = "7.2") -> Path:
 def capture_files(compression: str) -> list[Path]:
     """conn0 (main), conn1, conn2 of ``pattern-<compression>``."""
     return [captures_dir() / f"pattern-{compression}" / f"conn{i}.bin" for i in range(3)]
-
-
-def pattern_page(i: int) -> bytes:
-    """Page i of block ``mem`` (README): LE u64 i repeated 512 times; zero if i % 4 == 0."""
-    return bytes(4096) if i % 4 == 0 else struct.pack("<Q", i) * 512
 
 
 # ---------------------------------------------------------------- fastmfd streams

@@ -15,7 +15,8 @@ import pytest
 
 from fastmfd.errors import ProtocolError
 from fastmfd.tools.inspect.capture import read_capture
-from inspect_support import QEMU_UUID, capture_files, pattern_page
+from captures import UUID, pattern_page
+from inspect_support import capture_files
 
 COMPRESSIONS = ["none", "zlib", "zstd"]
 PAGE = 4096
@@ -67,7 +68,7 @@ def test_channels_are_identified_by_the_init_packet_id(decoded):
         with open(channel.path, "rb") as f:
             head = f.read(64)
         assert head[24] == channel.id
-        assert channel.uuid == QEMU_UUID
+        assert channel.uuid == UUID
         assert channel.compression == compression
         assert channel.kind == "multifd" and not channel.channel_header
 

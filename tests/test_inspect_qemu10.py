@@ -11,7 +11,7 @@ import pytest
 import zstandard
 
 from fastmfd.tools.inspect.capture import read_capture
-from inspect_support import pattern_page
+from captures import pattern_page
 
 PAGE = 4096
 MEM_PAGES = 8192                        # the 32 MiB block "mem"
