@@ -12,9 +12,30 @@ import struct
 import threading
 import time
 
+import numpy as np
+
 import fastmfd
 from fastmfd import _core
-from migration_support import Packets, device_packet
+from migration_support import Migration, Packets, device_packet, make_region
+
+
+def migrate_devices(config: fastmfd.MigrationConfig, devices, loaders=None, *, proxy=None,
+                    live=False, on_stop=None):
+    """Migrate a 1 MiB region and ``devices`` (``loaders`` by (idstr, instance)), check
+    the region arrived whole, and return (source stats, destination result)."""
+    region = make_region("ram", 1 << 20, seed=3)
+    try:
+        with Migration(config, proxy=proxy) as m:
+            m.source.add_region(region)
+            for device in devices:
+                m.source.add_device(device)
+            for (idstr, instance), loader in (loaders or {}).items():
+                m.destination.add_loader(idstr, instance, loader)
+            stats, result = m.run(live=live, on_stop=on_stop).ok()
+            assert np.array_equal(result.regions["ram"].array, region.array)
+            return stats, result
+    finally:
+        region.close()
 
 
 class OddDevice:

@@ -7,6 +7,7 @@ after all RAM with ``config_after_ram``."""
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import time
@@ -16,7 +17,7 @@ import pytest
 
 import fastmfd
 from device_support import (ChurningDevice, ConfigRecorder, HoldFirstChunks, StampingLoader,
-                            read_stamps)
+                            migrate_devices, read_stamps)
 from migration_support import Delay, Migration, Proxy, make_region
 
 MIB = 1 << 20
@@ -27,22 +28,7 @@ WAYS = {
 }
 
 
-def _run(config, devices, loaders=None, proxy=None, region=None, live=True, on_stop=None):
-    own = region is None
-    region = region if region is not None else make_region("ram", MIB, seed=3)
-    try:
-        with Migration(config, proxy=proxy) as m:
-            m.source.add_region(region)
-            for device in devices:
-                m.source.add_device(device)
-            for (idstr, instance), loader in (loaders or {}).items():
-                m.destination.add_loader(idstr, instance, loader)
-            stats, result = m.run(live=live, on_stop=on_stop).ok()
-            assert np.array_equal(result.regions["ram"].array, region.array)
-            return stats, result
-    finally:
-        if own:
-            region.close()
+_run = functools.partial(migrate_devices, live=True)     # precopy needs a live migration
 
 
 @pytest.mark.parametrize("way", WAYS)

@@ -10,8 +10,8 @@ import pytest
 
 import fastmfd
 from fastmfd._engine.loading import DeviceLoading
-from device_support import HoldFirstChunks, OddDevice
-from migration_support import Migration, Proxy, make_region
+from device_support import HoldFirstChunks, OddDevice, migrate_devices
+from migration_support import Migration, Proxy
 
 MIB = 1 << 20
 WAYS = {
@@ -25,23 +25,6 @@ WAYS = {
 
 def _random(n: int, seed: int) -> bytes:
     return np.random.default_rng(seed).bytes(n)
-
-
-def _migrate(config, devices, loaders=None, proxy=None, region_size=MIB):
-    """Migrate a small region and ``devices``; returns (stats, result devices, stats)."""
-    region = make_region("ram", region_size, seed=3)
-    try:
-        with Migration(config, proxy=proxy) as m:
-            m.source.add_region(region)
-            for device in devices:
-                m.source.add_device(device)
-            for (idstr, instance), loader in (loaders or {}).items():
-                m.destination.add_loader(idstr, instance, loader)
-            stats, result = m.run().ok()
-            assert np.array_equal(result.regions["ram"].array, region.array)
-            return stats, result
-    finally:
-        region.close()
 
 
 @pytest.mark.parametrize("compression", ["none", "zlib", "zstd"])
@@ -61,8 +44,8 @@ def test_devices_load_exactly(way, compression):
         fastmfd.BytesDevice("empty", 0, b""),
         fastmfd.SyntheticDevice("synthetic", 7, synthetic, seed=9),
     ]
-    stats, result = _migrate(config, devices,
-                             {("synthetic", 7): fastmfd.VerifyLoader(synthetic, seed=9)})
+    stats, result = migrate_devices(config, devices,
+                                    {("synthetic", 7): fastmfd.VerifyLoader(synthetic, seed=9)})
     assert result.devices == {("odd", 0): odd, ("plain", 1): plain + b"config bytes",
                               ("empty", 0): b"", ("synthetic", 7): synthetic}
     assert stats.device_chunks == result.stats.device_chunks
@@ -87,7 +70,7 @@ def test_many_devices():
     contents = {(f"dev{i}", i % 3): _random(int(rng.integers(0, 40_000)), i) for i in range(20)}
     contents[("dev0", 0)] = b""
     devices = [fastmfd.BytesDevice(idstr, inst, data) for (idstr, inst), data in contents.items()]
-    stats, result = _migrate(config, devices)
+    stats, result = migrate_devices(config, devices)
     assert result.devices == contents
 
 
@@ -138,6 +121,6 @@ def test_chunks_arriving_out_of_order_load_in_order(way):
     proxy = Proxy({ch: HoldFirstChunks(config, 0.3, ch, log) for ch in data_channels})
     contents = {(f"dev{i}", 0): _random(64 * 4096 + 100 * i, 10 + i) for i in range(4)}
     devices = [fastmfd.BytesDevice(idstr, inst, data) for (idstr, inst), data in contents.items()]
-    stats, result = _migrate(config, devices, proxy=proxy)
+    stats, result = migrate_devices(config, devices, proxy=proxy)
     assert result.devices == contents
     assert {name for _, name, idx, _ in log if idx == 0} == {idstr for idstr, _ in contents}
