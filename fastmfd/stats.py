@@ -139,7 +139,9 @@ class ReceiveStats:
     wire_bytes -- every byte read on the data channels (the main channel not counted)
     device_bytes -- device-state chunk bytes (headers included), decompressed
     device_chunks -- device-state chunks
-    load_time_s -- device "idstr/instance" -> seconds its loader took
+    load_time_s -- device "idstr/instance" -> seconds from its loader taking the first
+        chunk to the last chunk loaded (waits for chunks between included; load_finish()
+        not)
     channels -- each data channel's :class:`ChannelStats`
     prealloc_time_s -- with prealloc, faulting the regions in, before SETUP_ACK (not
         in total_time_s); None without

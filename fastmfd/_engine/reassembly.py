@@ -122,7 +122,6 @@ class _DeviceStream:
         self.cond = threading.Condition()
         self.calls = threading.Lock()  # one call into the loader at a time (precopy_loaded
                                         # comes from another thread than the chunks)
-        self.seconds = 0.0
         self.calling: tuple[str, float] | None = None   # the loader's call under way, since
         self.reported: str | None = None                # what holds it, reported (LoaderBusy)
 
