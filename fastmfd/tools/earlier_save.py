@@ -23,11 +23,12 @@ from typing import Any
 
 log = logging.getLogger("fastmfd")
 
-__all__ = ["listed_files", "remove_files"]
+__all__ = ["listed_files", "remove_files", "MAX_MANIFEST_BYTES"]
 
-# A manifest lists a guest's RAM blocks or a session's regions and devices:
-# kilobytes. One larger is not fastmfd's, and is not read whole into memory.
-_MAX_BYTES = 4 << 20
+# A manifest lists a guest's RAM blocks and a few COMMAND sections, or a session's
+# regions and devices: kilobytes. One larger is not fastmfd's, and is not read whole
+# into memory, here or by send --qemu (:mod:`.qemu_manifest` takes this bound).
+MAX_MANIFEST_BYTES = 4 << 20
 
 
 def listed_files(dir_fd: int, manifest: str, show: str) -> list[str] | None:
@@ -46,9 +47,9 @@ def listed_files(dir_fd: int, manifest: str, show: str) -> list[str] | None:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             return _foreign(show, "not a regular file")
         with os.fdopen(os.dup(fd), "rb") as f:
-            text = f.read(_MAX_BYTES + 1)
-        if len(text) > _MAX_BYTES:
-            return _foreign(show, f"larger than {_MAX_BYTES} bytes")
+            text = f.read(MAX_MANIFEST_BYTES + 1)
+        if len(text) > MAX_MANIFEST_BYTES:
+            return _foreign(show, f"larger than {MAX_MANIFEST_BYTES} bytes")
         names = _names(json.loads(text))
     except (OSError, ValueError, RecursionError) as exc:
         return _foreign(show, getattr(exc, "strerror", None) or str(exc) or type(exc).__name__)

@@ -18,6 +18,7 @@ from ..errors import ConfigError
 from ..protocol.qemu import (COMMAND, COMMAND_PLACES, MAX_PAGE_BITS, MIN_PAGE_BITS,
                              SYNC_PER_ROUND, SYNC_PER_SECTION)
 from ..protocol.setup import MAX_REGIONS
+from .earlier_save import MAX_MANIFEST_BYTES
 from .outputs import MANIFEST
 from ..ownership import check_only_yours
 
@@ -43,9 +44,6 @@ def _is_block(value: object) -> bool:
 
 
 _PAGE_SIZES = {1 << bits for bits in range(MIN_PAGE_BITS, MAX_PAGE_BITS + 1)}
-# A manifest lists a guest's RAM blocks and a few COMMAND sections: kilobytes.
-# One larger is not listen --qemu's, and is not read whole into memory.
-MAX_MANIFEST_BYTES = 4 << 20
 
 # What each field the sender reads must be: a manifest is a file a person may
 # have edited, or another program written; a wrong one is refused up front.
