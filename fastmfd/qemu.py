@@ -66,13 +66,14 @@ from typing import Any, Callable, Literal
 
 from ._engine.cancelling import WatchCancel
 from ._engine.qemu_receiving import MAX_WORKERS, QemuReceiving, QemuStreamFacts
-from ._engine.qemu_sending import QEMU_PACKET_BYTES, QemuSending
+from ._engine.qemu_sending import QemuSending
 from ._engine.qemu_stream import QemuStream
 from ._engine.session import Owner
 from .arguments import (BOOL, INT, PATH, POSITIVE, STR, TIMEOUT, UNSIGNED, Kind,
                         check_types, instance_of, optional, up_to)
 from .config import paced_channel_rate
 from .errors import ConfigError
+from .protocol.qemu import QEMU_PACKET_BYTES
 from .protocol.security import ChannelSecurity, TLSConfig
 from .protocol.setup import COMPRESSION_LEVELS, STALL_TIMEOUT, level_rule
 from .protocol.sockets import (LISTENERS, Listener, Listening, bound_address, listen,

@@ -53,7 +53,7 @@ from .. import _core
 from ..errors import ConfigError, FastMFDError, MigrationError, ProtocolError
 from ..protocol.bytereader import ByteReader, StreamReader
 from ..protocol.control import Eof, Go, Ready, RecvParams, Synced
-from ..protocol.qemu import SYNC_PER_SECTION, check_stream_end
+from ..protocol.qemu import QEMU_PACKET_BYTES, SYNC_PER_SECTION, check_stream_end
 from ..protocol.security import ChannelSecurity
 from ..protocol.sockets import Listener, tune_data_socket
 from ..regions import Region
@@ -73,7 +73,6 @@ __all__ = ["QemuReceiving", "QemuStreamFacts", "QemuOutput", "MAX_WORKERS"]
 log = logging.getLogger("fastmfd")
 
 MAIN = "main channel"
-QEMU_PACKET_BYTES = 512 << 10       # MULTIFD_PACKET_SIZE (spec §2.1)
 MAX_CHANNELS = 256                  # multifd-channels is a uint8
 # The most receive workers a migration uses: one per channel, and in TLS one per
 # connection greeted meanwhile.

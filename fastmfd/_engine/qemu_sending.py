@@ -54,6 +54,7 @@ import numpy as np
 from .. import _core
 from ..errors import FastMFDError, MigrationError, SecurityError
 from ..protocol.control import Done, SendParams
+from ..protocol.qemu import QEMU_PACKET_BYTES
 from ..protocol.qemu_encoding import (encode_multifd_flush, encode_ram_end_start,
                                       encode_ram_eos, encode_ram_start, encode_stream_start,
                                       encode_zero_records)
@@ -71,7 +72,6 @@ from .workers import send_worker_main
 
 __all__ = ["QemuSending"]
 
-QEMU_PACKET_BYTES = 512 << 10       # MULTIFD_PACKET_SIZE (spec §2.1)
 JOB_PACKETS = 4                     # packets per job handed to a worker
 SCAN_PAGES = 1 << 14                # pages scanned for zeros at a time (64 MiB of 4 KiB)
 MAIN = "main channel"

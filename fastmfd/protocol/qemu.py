@@ -58,7 +58,7 @@ from .setup import MAX_NAME_BYTES, MAX_REGIONS, NAME_RULE, Invalid, check_name
 
 __all__ = ["QEVM_MAGIC", "QemuMainChannel", "QevmDecoder", "decode_qemu_main", "PageHook",
            "check_stream_end", "stream_end_at", "SYNC_PER_SECTION", "SYNC_PER_ROUND",
-           "COMMAND_PLACES"]
+           "COMMAND_PLACES", "QEMU_PACKET_BYTES"]
 
 QEVM_MAGIC = b"QEVM"
 QEVM_VERSION = 3
@@ -90,8 +90,8 @@ MIG_CMDS = {1: ("OPEN_RETURN_PATH", 0), 2: ("PING", 4), 3: ("POSTCOPY_ADVISE", N
             4: ("POSTCOPY_LISTEN", 0), 5: ("POSTCOPY_RUN", 0),
             6: ("POSTCOPY_RAM_DISCARD", None), 7: ("PACKAGED", 4), 8: ("ENABLE_COLO", 0),
             9: ("POSTCOPY_RESUME", 0), 10: ("RECV_BITMAP", None), 11: ("SWITCHOVER_START", 0)}
-# Target pages of 512 bytes (fastmfd's smallest) to 512 KiB, all a multifd packet
-# (512 KiB, MULTIFD_PACKET_SIZE) holds (QEMU's targets have 1..64 KiB pages).
+QEMU_PACKET_BYTES = 512 << 10       # MULTIFD_PACKET_SIZE (spec §2.1), whatever the page size
+# Target pages of 512 bytes (fastmfd's smallest) up to a whole packet (QEMU's: 1..64 KiB).
 MIN_PAGE_BITS, MAX_PAGE_BITS = 9, 19
 # The configuration's machine type name (a name: at most MAX_NAME_BYTES; QEMU's
 # are tens of bytes) and its capability list (QEMU 10 has 25) are bounded

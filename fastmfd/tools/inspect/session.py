@@ -10,12 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ... import _core
+from ...protocol.qemu import QEMU_PACKET_BYTES
 
 __all__ = ["Session", "COMPRESSION_FLAGS", "COMPRESSION_NAMES", "default_packet_pages"]
 
 COMPRESSION_FLAGS = {"none": 0, "zlib": _core.FLAG_ZLIB, "zstd": _core.FLAG_ZSTD}
 COMPRESSION_NAMES = {flag: name for name, flag in COMPRESSION_FLAGS.items()}
-QEMU_PACKET_BYTES = 512 << 10        # MULTIFD_PACKET_SIZE: 128 pages of 4 KiB (spec §2.1)
 
 
 @dataclass
