@@ -73,7 +73,7 @@ __all__ = ["QemuReceiving", "QemuStreamFacts", "QemuOutput", "MAX_WORKERS"]
 log = logging.getLogger("fastmfd")
 
 MAIN = "main channel"
-MAX_CHANNELS = 256                  # multifd-channels is a uint8
+MAX_CHANNELS = 256                  # the ids a uint8 holds (init packet); multifd-channels: 1..255
 # The most receive workers a migration uses: one per channel, and in TLS one per
 # connection greeted meanwhile.
 MAX_WORKERS = MAX_CHANNELS + MAX_GREETINGS
