@@ -5,10 +5,10 @@ is not checked ahead (others' processes count too), and its stack against the ad
 space. CPython's refusal says only "can't start new thread"; every thread fastmfd
 starts (a child's watchdog, the source's monitor, the destination's greeters, device
 savers and loaders, a name's lookup, the progress bar, the command's helpers: its
-status reports, warm files, a loopback destination, the bench's meters) goes through
-:func:`start_thread` or :func:`starting_thread`, which say which thread could not
-start and why (:data:`THREAD_LIMIT`), where a bare "can't start new thread" was said,
-or nothing and a listener went deaf. A module of the bottom layer: :mod:`.protocol`
+status reports, warm files, a loopback destination, the bench's meters, bench --link's
+ip and tc commands) goes through :func:`start_thread` or :func:`starting_thread`,
+which say which thread could not start and why (:data:`THREAD_LIMIT`), where a bare
+"can't start new thread" was said, or nothing and a listener went deaf. A module of the bottom layer: :mod:`.protocol`
 starts threads too.
 """
 

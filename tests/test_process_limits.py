@@ -277,11 +277,21 @@ from fastmfd.tools.bench.trial import CpuMeter
 cap()
 CpuMeter({"source": []}, complete=False)
 """),
-], ids=["progress", "status", "loopback", "cpu meter"])
+    ("fastmfd uninterruptible step", """
+import fastmfd
+from fastmfd.tools.whole import run_whole
+cap()
+try:
+    run_whole(lambda: print("ran"))
+except fastmfd.MigrationError as exc:
+    print(exc)
+"""),
+], ids=["progress", "status", "loopback", "cpu meter", "whole step"])
 def test_a_helper_thread_refused_at_the_limit_names_it(pids_limited, name, code):
     """Threads besides a session's (the progress bar's, rich's own; the command's
     --status-json reports; demo's and bench's loopback destination; bench's CPU
-    meter) said Python's bare "can't start new thread" at a real limit."""
+    meter; the thread bench --link runs each ip and tc command in, whole) said
+    Python's bare "can't start new thread" at a real limit."""
     run = ("import sys, fastmfd\n" + CAP + "try:\n" + textwrap.indent(code, "    ")
            + "except fastmfd.MigrationError as exc:\n    print(exc)\n")
     done = pids_limited(100, command=("-c", run), timeout=60)

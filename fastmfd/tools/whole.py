@@ -21,6 +21,8 @@ import _thread
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
+from ..threads import starting_thread
+
 __all__ = ["run_whole", "clean_up_whole"]
 
 T = TypeVar("T")
@@ -77,7 +79,8 @@ def run_whole(step: Callable[[], T]) -> T:
     gives up waiting."""
     call = _Step(step)
     try:
-        _thread.start_new_thread(call.run, ())
+        with starting_thread("fastmfd uninterruptible step"):   # refused: the step never runs
+            _thread.start_new_thread(call.run, ())
         call.wait()
     except BaseException:
         call.cancel_or_wait()
