@@ -33,14 +33,14 @@ from ..stats import MigrationStats
 from ..threads import start_thread
 from ..units import format_bytes
 from .new_files import make_directories, remove_directories_made
-from .outputs import OutputDir, SavedFiles, check_writable, output_name
+from .outputs import OutputDir, SavedFiles, check_writable
 from .unfinished import warn_of_unfinished_receives
 from .warm_files import WarmFiles
 
 log = logging.getLogger("fastmfd")
 
 __all__ = ["ImageSpec", "StateSpec", "send_images", "listen_once", "listen_sessions",
-           "FailedSession", "output_name"]
+           "FailedSession"]
 
 
 @dataclass(frozen=True)
