@@ -302,16 +302,20 @@ def _build_parser() -> CommandParser:
         parser.commands[name] = sub.add_parser(name, parents=[common], **kwargs)
         return parser.commands[name]
 
+    def add_channel_options(p: argparse.ArgumentParser) -> None:
+        """demo's and send's: the data channels and their compression."""
+        p.add_argument("--channels", type=positive_int, default=2,
+                       help="multifd channels (default 2)")
+        p.add_argument("--compression", choices=COMPRESSION_METHODS, default="none",
+                       help="none, zlib, zstd, or auto: raw or zstd per packet, as the link "
+                            "and the data make pay (default none)")
+
     p = add_command("demo", help="a live migration on this machine, then the seed's "
                                  "device-state downtime experiment")
     p.add_argument("--size", type=whole_pages, default=None,
                    help="image size (default 1G, or where /dev/shm has less room, as in a "
                         "container, the largest power of two that leaves a third of it free)")
-    p.add_argument("--channels", type=positive_int, default=2,
-                   help="multifd channels (default 2)")
-    p.add_argument("--compression", choices=COMPRESSION_METHODS, default="none",
-                   help="none, zlib, zstd, or auto: raw or zstd per packet, as the link and "
-                        "the data make pay (default none)")
+    add_channel_options(p)
     p.add_argument("--no-devices", action="store_true", help="skip the device-state experiment")
     p.add_argument("--device-size", type=positive_size, default=100 << 20,
                    help="state per device in the experiment (default 100M)")
@@ -346,11 +350,7 @@ def _build_parser() -> CommandParser:
     p.add_argument("--dir", default=None, help="with --qemu: the saved directory")
     p.add_argument("--state", action="append", default=[], metavar="IDSTR[:N]=PATH",
                    help="a device state file (repeatable)")
-    p.add_argument("--channels", type=positive_int, default=2,
-                   help="multifd channels (default 2)")
-    p.add_argument("--compression", choices=COMPRESSION_METHODS, default="none",
-                   help="none, zlib, zstd, or auto: raw or zstd per packet, as the link and "
-                        "the data make pay (default none)")
+    add_channel_options(p)
     p.add_argument("--level", type=int, default=None, help=LEVEL_HELP)
     p.add_argument("--no-zero-detection", action="store_true",
                    help="send zero pages as data")
