@@ -8,8 +8,8 @@ savers and loaders, a name's lookup, the progress bar, the command's helpers: it
 status reports, warm files, a loopback destination, the bench's meters, bench --link's
 ip and tc commands) goes through :func:`start_thread` or :func:`starting_thread`,
 which say which thread could not start and why (:data:`THREAD_LIMIT`), where a bare
-"can't start new thread" was said, or nothing and a listener went deaf. A module of the bottom layer: :mod:`.protocol`
-starts threads too.
+"can't start new thread" was said, or nothing and a listener went deaf. A module of
+the bottom layer: :mod:`.protocol` starts threads too.
 """
 
 from __future__ import annotations
