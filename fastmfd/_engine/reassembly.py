@@ -258,11 +258,11 @@ class _Reassembler:
     def _watch_loaders(self) -> None:
         """Tell the main process how far the loaders got towards PrecopyLoaded (its
         measure of their progress while it is owed), and of a loader's call that has
-        run for half the deadline,
-        or of a loader that long waiting for a chunk PRECOPY_SENT counted (and when that
-        ends): the reassembly process is alive and well while one of its loaders hangs
-        or starves, and the main process, which sees only that no progress is made,
-        can then say which loader, in which call or waiting for which chunk."""
+        run for half the deadline, or of a loader that long waiting for a chunk
+        PRECOPY_SENT counted (and when that ends): the reassembly process is alive and
+        well while one of its loaders hangs or starves, and the main process, which
+        sees only that no progress is made, can then say which loader, in which call
+        or waiting for which chunk."""
         while not self.stop.wait(min(0.5, self.slow_after / 4)):
             try:
                 self._report_loaders()

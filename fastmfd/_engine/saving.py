@@ -98,8 +98,7 @@ class DeviceStream:
 
     def pending(self) -> int:
         """Bytes the device still wants to send while running (0 without precopy)."""
-        device = self.device
-        if not has_precopy(device):
+        if not self.has_precopy:
             return 0
         with self.device_calls():
             return byte_count("state_pending", self.call("state_pending"))

@@ -164,7 +164,6 @@ class WayResult:
     way: str
     channels: str
     downtime_s: float
-    total_s: float
 
 
 def _migrate_devices(config: MigrationConfig, ndevices: int, device_size: int,
@@ -213,7 +212,7 @@ def seed_experiment(console: Console, *, ndevices: int = 4, device_size: int = 1
     results = []
     for label, config, channel_text in ways:
         stats = _migrate_devices(config, ndevices, device_size, rate, ram_size, security)
-        results.append(WayResult(label, channel_text, stats.downtime_s, stats.total_time_s))
+        results.append(WayResult(label, channel_text, stats.downtime_s))
     old = results[0].downtime_s
     table = Table(title="Downtime by way of sending device state")
     for column in ("way", "channels", "downtime", "vs old way"):
