@@ -70,9 +70,13 @@ def main_channel(setup: dict, messages: list[tuple[Msg, object]], *,
     return out + b"".join(encode_message(kind, payload) for kind, payload in messages)
 
 
-def setup_message(uuid: bytes, regions: dict[str, int], *, channels: int = 2,
-                  packet_pages: int = 128, page_size: int = 4096, compression: str = "none",
-                  devices: list[tuple[str, int]] = (), chunk_size: int = 1 << 20) -> dict:
+def sparse_setup_message(uuid: bytes, regions: dict[str, int], *, channels: int = 2,
+                         packet_pages: int = 128, page_size: int = 4096,
+                         compression: str = "none", devices: list[tuple[str, int]] = (),
+                         chunk_size: int = 1 << 20) -> dict:
+    """A SETUP payload of a few fields only: inspect decodes it leniently (the others
+    default), a destination would refuse it, missing fields (a whole one, as a Source
+    sends: :func:`migration_support.setup_message`)."""
     return {"uuid": uuid.hex(), "page_size": page_size, "packet_pages": packet_pages,
             "compression": compression, "channels": channels, "device_state_channels": 0,
             "channel_header": True, "chunk_size": chunk_size,
@@ -225,9 +229,9 @@ class Session:
 
     def files(self, messages_after_setup: list, devices=(),
               chunk_size: int = 1 << 20) -> dict[str, bytes]:
-        setup = setup_message(SESSION_UUID, REGIONS, packet_pages=PACKET_PAGES,
-                              compression=self.compression, devices=list(devices),
-                              chunk_size=chunk_size)
+        setup = sparse_setup_message(SESSION_UUID, REGIONS, packet_pages=PACKET_PAGES,
+                                     compression=self.compression, devices=list(devices),
+                                     chunk_size=chunk_size)
         return {"main.bin": main_channel(setup, messages_after_setup),
                 **{f"ch{i}.bin": w.bytes() for i, w in enumerate(self.channels)}}
 

@@ -20,7 +20,7 @@ from fastmfd.tools.inspect.capture import read_capture
 from fastmfd.protocol.main_channel import MAIN_MAGIC, Msg
 from inspect_support import (
     PACKET_PAGES, PAGE, REGIONS, ROUND_ENDS, SESSION_UUID, ChannelWriter, Session, chunk,
-    device_message, main_channel, setup_message, two_rounds, write_files,
+    device_message, main_channel, sparse_setup_message, two_rounds, write_files,
 )
 
 @pytest.mark.parametrize("compression", ["none", "zlib", "zstd", "auto"])
@@ -196,7 +196,7 @@ MISSING = object()
     ("devices", [{"idstr": "x\u0000", "instance_id": 0}]), ("regions", MISSING),
 ])
 def test_bad_setup_fields(tmp_path, key, value):
-    setup = setup_message(SESSION_UUID, REGIONS)
+    setup = sparse_setup_message(SESSION_UUID, REGIONS)
     setup[key] = value
     if value is MISSING:
         del setup[key]
