@@ -133,6 +133,19 @@ def test_a_directory_of_many_names_is_looked_at_in_part_and_says_so(tmp_path, mo
     assert len(said) == 5       # the 8 directories' names, then 4 of their files: 12
 
 
+def test_a_directory_of_exactly_as_many_names_as_are_read_is_not_said_to_be_cut(
+        tmp_path, monkeypatch):
+    """Every name read, the last one the MAX_ENTRIES-th: nothing was left unread, and it
+    said it had looked 'among its first 12 names only'."""
+    monkeypatch.setattr(unfinished, "MAX_ENTRIES", 12)
+    for n in range(6):
+        session = tmp_path / f"{n:032x}"
+        session.mkdir()
+        (session / "ram.img.part").write_bytes(b"")
+    said = unfinished_receives(str(tmp_path))
+    assert len(said) == 6 and not [line for line in said if "names only" in line], said
+
+
 def test_a_qemu_receiver_names_what_a_killed_one_left_in_its_directory(tmp_path, caplog):
     """``listen --qemu`` (fastmfd.qemu.QemuReceiver) writes into DIR itself: a RAMBlock's
     ``<idstr>.img.part`` and ``vmstate.bin.part`` left by one killed are named as the

@@ -71,21 +71,24 @@ def unfinished_receives(directory: str) -> list[str]:
         pass                # unreadable or gone meanwhile: nothing more to say
     finally:
         os.close(fd)
-    if names.left <= 0:
+    if names.cut:
         lines.append(f"{directory}: looked for unfinished receives among its first "
                      f"{MAX_ENTRIES} names only")
     return lines
 
 
 class _Names:
-    """The names a scan may still read."""
+    """The names a scan may still read, and whether a name was left unread (``cut``):
+    not so when the last name there was the last one allowed."""
 
     def __init__(self, left: int) -> None:
         self.left = left
+        self.cut = False
 
     def take(self, entries: Iterable[os.DirEntry[str]]) -> Iterator[os.DirEntry[str]]:
         for entry in entries:
             if self.left <= 0:
+                self.cut = True
                 return
             self.left -= 1
             yield entry
