@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 
 import pytest
 
@@ -122,12 +123,17 @@ def test_only_fastmfd_s_unfinished_layout_is_named_and_nothing_is_touched(tmp_pa
     assert unfinished_receives(str(tmp_path / "absent")) == []
 
 
-def test_a_directory_of_many_names_is_looked_at_in_part_and_says_so(tmp_path, monkeypatch):
-    monkeypatch.setattr(unfinished, "MAX_ENTRIES", 12)
-    for n in range(8):
-        session = tmp_path / f"{n:032x}"
+def _sessions_left(directory: Path, count: int) -> None:
+    """``count`` session directories in ``directory``, each with one .part file: 2 names each."""
+    for n in range(count):
+        session = directory / f"{n:032x}"
         session.mkdir()
         (session / "ram.img.part").write_bytes(b"")
+
+
+def test_a_directory_of_many_names_is_looked_at_in_part_and_says_so(tmp_path, monkeypatch):
+    monkeypatch.setattr(unfinished, "MAX_ENTRIES", 12)
+    _sessions_left(tmp_path, 8)
     said = unfinished_receives(str(tmp_path))
     assert said[-1] == f"{tmp_path}: looked for unfinished receives among its first 12 names only"
     assert len(said) == 5       # the 8 directories' names, then 4 of their files: 12
@@ -138,10 +144,7 @@ def test_a_directory_of_exactly_as_many_names_as_are_read_is_not_said_to_be_cut(
     """Every name read, the last one the MAX_ENTRIES-th: nothing was left unread, and it
     said it had looked 'among its first 12 names only'."""
     monkeypatch.setattr(unfinished, "MAX_ENTRIES", 12)
-    for n in range(6):
-        session = tmp_path / f"{n:032x}"
-        session.mkdir()
-        (session / "ram.img.part").write_bytes(b"")
+    _sessions_left(tmp_path, 6)
     said = unfinished_receives(str(tmp_path))
     assert len(said) == 6 and not [line for line in said if "names only" in line], said
 
