@@ -115,3 +115,21 @@ def test_an_empty_capture_file_is_located_not_mapped(tmp_path):
     done = run_module(str(empty), timeout=20)
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     assert done.stderr.startswith(f"fastmfd inspect: {empty} at byte 0: unknown channel")
+
+
+def test_a_capture_of_a_tls_connection_is_said_to_be_one(tmp_path):
+    # What a TLS client sends first (a real ClientHello, as fastmfd's channels in TLS
+    # open): "unknown channel: first bytes 16030102" was all inspect said of it.
+    import ssl
+    outgoing = ssl.MemoryBIO()
+    client = ssl.create_default_context().wrap_bio(ssl.MemoryBIO(), outgoing,
+                                                   server_hostname="destination")
+    with pytest.raises(ssl.SSLWantReadError):
+        client.do_handshake()
+    capture = tmp_path / "conn0.bin"
+    capture.write_bytes(outgoing.read())
+    done = run_module(str(capture), timeout=20)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.startswith(f"fastmfd inspect: {capture} at byte 0: a TLS record "
+                                  f"(first bytes 1603"), done.stderr
+    assert "inspect decodes plaintext captures only" in done.stderr

@@ -75,7 +75,8 @@ MAX_JSON_DEPTH = 32                # nesting of a control payload (SETUP's is 3)
 OLD_WAY_PREFIX = struct.Struct(">I")    # DEVICE_STATE: the device index before the chunk
 OLD_WAY_CHECKSUM = struct.Struct("<Q")  # DEVICE_STATE with SETUP's checksum: CRC-32 of the
                                         # rest. Little-endian, unlike a multifd device
-                                        # packet's trailer (BE, DESIGN §4): version 5's
+                                        # packet's trailer (BE, DESIGN §4); changing it
+                                        # takes a new main channel version
 ERROR_TIMEOUT = 1.0                 # seconds a failing side gives its ERROR (send_error)
 _MAX_COUNT = (1 << 63) - 1          # any counter or round number
 _MAX_COUNTERS = 64                  # counters in one channel's row of COMPLETE

@@ -179,6 +179,12 @@ def _classify(reader: ByteReader) -> tuple[str, int | None]:
     if header_type in (None, _core.CHANNEL_MULTIFD, _core.CHANNEL_DEVICE_STATE) \
             and magic == MULTIFD_MAGIC:
         return "multifd", header_type
+    if header_type is None and magic[:1] == b"\x16" and magic[1:2] == b"\x03":
+        # A TLS handshake record (content type 22, version 3.x): the bytes of a
+        # connection in TLS, which no capture of them can decode.
+        raise reader.error(f"a TLS record (first bytes {magic.hex()}): this connection was "
+                           f"in TLS, and inspect decodes plaintext captures only",
+                           field="magic", received=magic.hex(), expected="plaintext")
     expected = {None: "QEVM, FMFD, 0x11223344 or a channel header",
                 _core.CHANNEL_MAIN: "FMFD (channel type 0 is main)",
                 _core.CHANNEL_POSTCOPY: "no postcopy channel (type 1 is not supported)"}
