@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import pytest
 
+from _conditions import CONDITIONS, conditions_of, drop_unlike
+
 
 @dataclass(frozen=True)
 class Sizes:
@@ -45,12 +47,40 @@ def pytest_cmdline_main(config):
         config.option.numprocesses = 0
 
 
-@pytest.fixture(scope="session")
-def sizes(request) -> Sizes:
-    choice = request.config.getoption("--sizes")
+def sizes_of(config) -> Sizes:
+    """The sizes this run's options (or CI=true) choose."""
+    choice = config.getoption("--sizes", default=None)
     if choice is None:
         choice = "ci" if os.environ.get("CI", "").lower() == "true" else "full"
     return FULL if choice == "full" else CI
+
+
+@pytest.fixture(scope="session")
+def sizes(request) -> Sizes:
+    return sizes_of(request.config)
+
+
+# What each module's timings depend on (see _conditions.py): its buffer's size.
+CONDITIONS.update({
+    "test_bench_zero_scan.py": lambda config: {"scan_bytes": sizes_of(config).scan_bytes},
+    "test_bench_dirty_bitmap.py": lambda config: {"bitmap_pages": sizes_of(config).bitmap_pages},
+    "test_bench_tls.py": lambda config: {"channel_bytes": sizes_of(config).channel_bytes},
+})
+
+
+@pytest.fixture(autouse=True)
+def _measured_under(request):
+    """Every benchmark's extra_info says what it measured under (``conditions``)."""
+    if "benchmark" in request.fixturenames:
+        request.getfixturevalue("benchmark").extra_info["conditions"] = \
+            conditions_of(request.config, request.node.nodeid)
+
+
+def pytest_benchmark_compare_machine_info(config, benchmarksession, machine_info,
+                                          compared_benchmark):
+    """--benchmark-compare: leave out the saved benchmarks measured unlike this run's."""
+    for note in drop_unlike(config, compared_benchmark):
+        benchmarksession.logger.warning(note)
 
 
 @pytest.fixture

@@ -26,6 +26,7 @@ import os
 
 import pytest
 
+from _conditions import CONDITIONS
 from _migration import RECORDS, Record
 from fastmfd.tools.images import Image
 from fastmfd.units import parse_size
@@ -48,21 +49,40 @@ def pytest_addoption(parser):
                     help="every destination behind an emulated link, e.g. 1gbit (root)")
 
 
-@pytest.fixture(scope="session")
-def small_sizes(request) -> bool:
+def small_sizes_of(config) -> bool:
     """True for the quick CI sizes: CI=true, or the core benchmarks' --sizes=ci."""
-    sizes = request.config.getoption("--sizes", default=None)
+    sizes = config.getoption("--sizes", default=None)
     if sizes is not None:
-        return sizes == "ci"
+        return bool(sizes == "ci")
     return os.environ.get("CI", "").lower() == "true"
 
 
-@pytest.fixture(scope="session")
-def migrate_size(request, small_sizes) -> int:
-    given = request.config.getoption("--migrate-size")
+def migrate_size_of(config) -> int:
+    given = config.getoption("--migrate-size")
     if given is not None:
         return parse_size(given)
-    return CI_SIZE if small_sizes else FULL_SIZE
+    return CI_SIZE if small_sizes_of(config) else FULL_SIZE
+
+
+@pytest.fixture(scope="session")
+def small_sizes(request) -> bool:
+    return small_sizes_of(request.config)
+
+
+@pytest.fixture(scope="session")
+def migrate_size(request) -> int:
+    return migrate_size_of(request.config)
+
+
+# What the migration benchmarks' timings depend on beside their names (_conditions.py).
+CONDITIONS.update({
+    "test_migrate_throughput.py": lambda config: {
+        "image_bytes": migrate_size_of(config),
+        "prealloc": bool(config.getoption("--migrate-prealloc")),
+        "link": config.getoption("--migrate-link")},
+    "test_downtime.py": lambda config: {
+        "sizes": "ci" if small_sizes_of(config) else "full"},
+})
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,90 @@
+"""``pytest benchmarks --benchmark-autosave``, then ``--benchmark-compare``: a saved
+benchmark is compared only with the same one measured alike.
+
+pytest-benchmark pairs tests by full name alone; a migration of 16 MiB was shown
+(and judged by --benchmark-compare-fail) beside the same test moving 64 MiB.
+Real pytest runs of the benchmark suites, tiny sizes; timings are never asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from listen_support import REPO
+
+MIGRATE = ["benchmarks/test_migrate_throughput.py", "-k", "random-none-1ch",
+           "--migrate-rounds", "1"]
+BITMAP = ["benchmarks/test_bench_dirty_bitmap.py", "-k", "sparse"]
+
+
+def _pytest(storage: Path, *args: str) -> str:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
+    env.pop("CI", None)                         # --sizes and --migrate-size say the sizes
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           "-W", "default", f"--benchmark-storage={storage}", *args],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-4000:]
+    return output
+
+
+def _saved(storage: Path) -> list[dict]:
+    (path,) = storage.glob("*/0001_*.json")
+    return json.loads(path.read_text())["benchmarks"]
+
+
+def test_a_migration_of_another_size_is_not_compared(tmp_path):
+    _pytest(tmp_path, *MIGRATE, "--migrate-size", "1M", "--benchmark-autosave")
+    (saved,) = _saved(tmp_path)
+    assert saved["extra_info"]["conditions"] == {"image_bytes": 1 << 20, "prealloc": False,
+                                                 "link": None}
+    output = _pytest(tmp_path, *MIGRATE, "--migrate-size", "2M", "--benchmark-compare",
+                     "--benchmark-compare-fail=min:1%")
+    assert "(0001_" not in output and "Performance has regressed" not in output, output
+    assert ("test_migrate[random-none-1ch]: not compared with the saved run: image_bytes: "
+            "1.00 MiB before, 2.00 MiB now") in output, output
+    # Measured alike, it still compares.
+    output = _pytest(tmp_path, *MIGRATE, "--migrate-size", "1M", "--benchmark-compare")
+    assert "test_migrate[random-none-1ch] (0001_" in output, output
+    assert "not compared" not in output, output
+
+
+def test_a_migration_into_preallocated_memory_is_not_compared_with_fresh(tmp_path):
+    _pytest(tmp_path, *MIGRATE, "--migrate-size", "1M", "--benchmark-autosave")
+    output = _pytest(tmp_path, *MIGRATE, "--migrate-size", "1M", "--migrate-prealloc",
+                     "--benchmark-compare")
+    assert "(0001_" not in output, output
+    assert "prealloc: False before, True now" in output, output
+
+
+def test_core_benchmarks_of_other_sizes_are_not_compared(tmp_path):
+    _pytest(tmp_path, *BITMAP, "--sizes", "ci", "--benchmark-autosave")
+    (saved,) = _saved(tmp_path)
+    assert saved["extra_info"]["conditions"] == {"bitmap_pages": (64 << 20) // 4096}
+    output = _pytest(tmp_path, *BITMAP, "--sizes", "full", "--benchmark-compare")
+    assert "(0001_" not in output, output
+    assert "bitmap_pages: 16384 before, 262144 now" in output, output
+
+
+def test_a_saved_run_without_conditions_is_not_compared_but_one_that_needs_none_is(tmp_path):
+    # A run saved before conditions were recorded: the migration may have moved any size.
+    # The RAM-header codec's timing depends on no option: it compares whatever the file.
+    header = ["benchmarks/test_bench_ram_header.py", "-k", "cython-validate"]
+    _pytest(tmp_path, *MIGRATE, "--migrate-size", "1M", "--benchmark-autosave")
+    _pytest(tmp_path, *header, "--benchmark-autosave")
+    for path in tmp_path.glob("*/*.json"):
+        doc = json.loads(path.read_text())
+        for bench in doc["benchmarks"]:
+            del bench["extra_info"]["conditions"]
+        path.write_text(json.dumps(doc))
+    output = _pytest(tmp_path, *MIGRATE, "--migrate-size", "1M", "--benchmark-compare=0001")
+    assert "(0001_" not in output, output
+    assert "its conditions were not recorded (now: image_bytes 1.00 MiB, prealloc False, " \
+           "link none)" in output, output
+    output = _pytest(tmp_path, *header, "--benchmark-compare=0002")
+    assert "[cython-validate] (0002_" in output, output
