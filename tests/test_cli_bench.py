@@ -418,6 +418,40 @@ def test_qemu_peer_migrates_the_same_image(tmp_path, capsys):
 
 @pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None,
                     reason="qemu-system-x86_64 is not installed")
+def test_compare_pairs_qemu_cells_only_with_the_same_qemu(tmp_path, capsys):
+    # The JSON did not say which QEMU ran: --compare paired a QEMU 7.2 cell with the same
+    # cell of a run against QEMU 10 as measured alike.
+    version = subprocess.run(["qemu-system-x86_64", "-version"], capture_output=True,
+                             text=True, timeout=30).stdout.splitlines()[0]
+    before = tmp_path / "before.json"
+    args = ["bench", "--size", "16M", "--channels", "1", "--compression", "none",
+            "--peer", "qemu"]
+    assert main([*args, "--json", str(before)]) == 0
+    assert f"random image, 16.0 MiB, {version}" in capsys.readouterr().out
+    results = {r["name"]: r["extra_info"] for r in json.loads(before.read_text())["benchmarks"]}
+    assert "qemu" not in results["random fastmfd 1ch none"]
+    for method in ("qemu", "qemu-to-fastmfd", "fastmfd-to-qemu"):
+        assert results[f"random {method} 1ch none"]["qemu"] == version
+    doc = json.loads(before.read_text())
+    for bench in doc["benchmarks"]:
+        if "qemu" in bench["extra_info"]:
+            bench["extra_info"]["qemu"] = "QEMU emulator version 10.0.13"
+    other = tmp_path / "qemu10.json"
+    other.write_text(json.dumps(doc))
+    assert main([*args, "--compare", str(other)]) == 0
+    compared = capsys.readouterr().out.split("compared with qemu10.json")[1]
+    rows = {name: " ".join(next(line for line in compared.splitlines() if name in line
+                                ).split())
+            for name in (f"random {method} 1ch none" for method in
+                         ("fastmfd", "qemu", "qemu-to-fastmfd", "fastmfd-to-qemu"))}
+    assert re.search(r"\d+ ms .* \d+ ms .* \d+\.\d\dx", rows["random fastmfd 1ch none"]), rows
+    for method in ("qemu", "qemu-to-fastmfd", "fastmfd-to-qemu"):
+        assert re.search(r"\d+ ms .* \d+ ms .* — .* not comparable: QEMU: QEMU emulator",
+                         rows[f"random {method} 1ch none"]), rows
+
+
+@pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None,
+                    reason="qemu-system-x86_64 is not installed")
 def test_qemu_peer_in_tls(tmp_path, capsys):
     """--tls puts QEMU's connections in TLS too, from the same throwaway files,
     with fastmfd at either end of QEMU's migration."""

@@ -170,9 +170,10 @@ def cli_main(args: argparse.Namespace) -> int:
     if args.json and args.chart and os.path.realpath(args.json) == os.path.realpath(args.chart):
         raise ConfigError(f"--json and --chart both name {args.chart}: give each its own file")
     baseline = load_baseline(args.compare) if args.compare else None
+    qemu_version = None
     if "qemu" in args.peer:
         args.qemu_binary = find_qemu(args.qemu_binary)
-        check_qemu(args.qemu_binary)        # before any timed run
+        qemu_version = check_qemu(args.qemu_binary)     # before any timed run
         check_guest_size(args.size)
     elif args.qemu_binary is not None:
         raise ConfigError("--qemu-binary goes with --peer qemu")
@@ -187,7 +188,8 @@ def cli_main(args: argparse.Namespace) -> int:
             args, (link.destination_host,) if link is not None else ()))
         conditions = RunConditions(
             tls=security.label or None, prealloc=args.prealloc, warm_memory=not args.cold_memory,
-            link=f"emulated {args.link.text} (veth, tc)" if args.link else LINK)
+            link=f"emulated {args.link.text} (veth, tc)" if args.link else LINK,
+            qemu=qemu_version)
         if baseline is not None:
             # Before any image is made: a comparison that would pair nothing costs no run.
             check_comparable(baseline, [(Result(s, kind).name, conditions.of(s, args.size))
@@ -214,6 +216,8 @@ def cli_main(args: argparse.Namespace) -> int:
         notes.append(", free memory not warmed")
     if security.label:
         notes.append(f", fastmfd with {security.label}")
+    if qemu_version is not None:
+        notes.append(f", {qemu_version}")
     if "qemu" in args.peer and security.source_tls is not None:
         notes.append(", QEMU in TLS (its tls-creds)")
     render(results, console, note="".join(notes))

@@ -13,14 +13,15 @@ it was measured, and tools that read pytest-benchmark files read it::
                                "iterations", "data"},      # seconds, as pytest-benchmark's
                      "extra_info": {"image", "compression", "channels", "peer", "link",
                                     "tls", "prealloc", "warm_memory", "image_bytes",
+                                    "qemu" (a cell with QEMU: its -version),
                                     "throughput_bytes_per_s",
                                     "first_s", "spread", "loaded_runs",
                                     "runs": [{"seconds", "cpu_s", ...}], ...}}]}
 
 ``--compare OLD.json`` pairs a result with OLD.json's of the same name (image
-and setting) only when image_bytes, link, tls, prealloc and warm_memory match
-too (:class:`RunConditions`): a 64 MiB run beside a 1 GiB one showed a tenfold
-"speed-up" for moving less.
+and setting) only when image_bytes, link, tls, prealloc, warm_memory and (a cell
+with QEMU) the QEMU version match too (:class:`RunConditions`): a 64 MiB run
+beside a 1 GiB one showed a tenfold "speed-up" for moving less.
 
 The output files are checked before the run
 (:func:`fastmfd.tools.new_files.check_new_file`): a path that exists or cannot
@@ -42,7 +43,7 @@ from ... import __version__
 from ...errors import ConfigError
 from ...units import format_bytes
 from ..input_files import open_regular_file
-from .matrix import TLS_METHODS
+from .matrix import QEMU_METHODS, TLS_METHODS
 
 if TYPE_CHECKING:
     from .matrix import Result, Setting
@@ -59,23 +60,30 @@ MAX_COMPARE_BYTES = 64 << 20
 class RunConditions:
     """What one bench run held alike for all its cells beside the image and setting (which
     the names say): ``tls``: fastmfd's (and QEMU's) protection, ``prealloc``, ``warm_memory``
-    (free memory warmed before each run), ``link``: what carried the bytes."""
+    (free memory warmed before each run), ``link``: what carried the bytes, ``qemu``: the
+    first line of ``-version`` of the QEMU that ran (``--peer qemu``)."""
     tls: str | None = None
     prealloc: bool = False
     warm_memory: bool = True
     link: str = LINK
+    qemu: str | None = None
 
     def of(self, setting: Setting, image_bytes: int) -> dict[str, Any]:
         """The extra_info fields --compare matches of one cell moving ``image_bytes``
-        (sendall has no TLS)."""
-        return {"image_bytes": image_bytes, "link": self.link,
-                "tls": self.tls if setting.method in TLS_METHODS else None,
-                "prealloc": self.prealloc, "warm_memory": self.warm_memory}
+        (sendall has no TLS; a cell with QEMU at either end says which QEMU: the same
+        name was a QEMU 7.2 migration in one file and a QEMU 10 one in another)."""
+        fields = {"image_bytes": image_bytes, "link": self.link,
+                  "tls": self.tls if setting.method in TLS_METHODS else None,
+                  "prealloc": self.prealloc, "warm_memory": self.warm_memory}
+        if setting.method in QEMU_METHODS:
+            fields["qemu"] = self.qemu
+        return fields
 
 
 # How a field of RunConditions.of reads in a note on two results that differ in it.
 _FIELD_NAMES = {"image_bytes": "image", "link": "link", "tls": "TLS",
-                "prealloc": "destination preallocated", "warm_memory": "free memory warmed"}
+                "prealloc": "destination preallocated", "warm_memory": "free memory warmed",
+                "qemu": "QEMU"}
 
 
 @dataclass(frozen=True)

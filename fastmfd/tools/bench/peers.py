@@ -234,9 +234,11 @@ def check_guest_size(size: int) -> None:
         raise ConfigError(f"QEMU guest RAM is whole MiB; the image is {size} bytes")
 
 
-def check_qemu(path: str) -> None:
+def check_qemu(path: str) -> str:
     """ConfigError unless ``path -version`` names QEMU within VERSION_TIMEOUT: a binary
-    that is none, or fails at once, was found only after fastmfd's timed runs."""
+    that is none, or fails at once, was found only after fastmfd's timed runs. Returns
+    the first line it printed (``QEMU emulator version 7.2.22 (Debian ...)``): which
+    QEMU the bench's results are of."""
     try:
         done = subprocess.run([path, "-version"], stdin=subprocess.DEVNULL,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -246,12 +248,14 @@ def check_qemu(path: str) -> None:
                           f"is it QEMU?") from None
     except OSError as exc:
         raise ConfigError(f"{path} does not run: {exc.strerror or exc}") from None
-    said = " ".join(done.stdout.decode(errors="replace").split())      # on one line
+    printed = done.stdout.decode(errors="replace")
+    said = " ".join(printed.split())      # on one line
     if done.returncode != 0 or "QEMU" not in said:
         ended = (f"exited with status {done.returncode}" if done.returncode >= 0
                  else f"was killed by signal {-done.returncode}")
         raise ConfigError(f"{path} is not a QEMU that runs: `{path} -version` {ended}, "
                           + (f"printing {said[:200]!r}" if said else "printing nothing"))
+    return next(line.strip() for line in printed.splitlines() if line.strip())
 
 
 class QMP:
