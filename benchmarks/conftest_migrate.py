@@ -80,8 +80,9 @@ CONDITIONS.update({
         "image_bytes": migrate_size_of(config),
         "prealloc": bool(config.getoption("--migrate-prealloc")),
         "link": config.getoption("--migrate-link")},
+    # Its statistics are of the downtime: runs saved before were of whole migrations.
     "test_downtime.py": lambda config: {
-        "sizes": "ci" if small_sizes_of(config) else "full"},
+        "sizes": "ci" if small_sizes_of(config) else "full", "timed": "downtime_s"},
 })
 
 
@@ -181,16 +182,22 @@ def _migrate_lines(prealloc: bool, link: str | None) -> list[str]:
     return lines
 
 
+def _shortest_downtime(record: Record) -> float:
+    """The shortest downtime of a record's runs (not the downtime of its fastest run:
+    with precopy, the live rounds make a run fast or slow, not its downtime)."""
+    return min(m.details["downtime_s"] for m in record.measurements)
+
+
 def _downtime_lines() -> list[str]:
     cells: dict[int, dict[str, float]] = {}
     for record in RECORDS:
         if record.table == "downtime":
-            cells.setdefault(record.row[0], {})[record.column] = record.best.details["downtime_s"]
+            cells.setdefault(record.row[0], {})[record.column] = _shortest_downtime(record)
     if not cells:
         return []
     ways = {"old": "old way", "mixed": "new way, mixed", "dedicated": "new way, dedicated",
             "precopy+ack": "new way, precopy + ack"}
-    lines = ["downtime (best run) and how much less than the old way", "",
+    lines = ["downtime (the shortest of the runs) and how much less than the old way", "",
              f"{'devices':>7} " + " ".join(f"{label:>22}" for label in ways.values())]
     for devices in sorted(cells):
         row = cells[devices]
@@ -208,7 +215,7 @@ def _downtime_lines() -> list[str]:
 
 
 def _precopy_lines() -> list[str]:
-    best = {record.column: record.best.details["downtime_s"] for record in RECORDS
+    best = {record.column: _shortest_downtime(record) for record in RECORDS
             if record.table == "precopy"}
     if "all at stop" not in best or "precopy+ack" not in best:
         return []

@@ -1,9 +1,10 @@
-"""``pytest benchmarks --benchmark-autosave``, then ``--benchmark-compare``: a saved
-benchmark is compared only with the same one measured alike.
-
-pytest-benchmark pairs tests by full name alone; a migration of 16 MiB was shown
-(and judged by --benchmark-compare-fail) beside the same test moving 64 MiB.
-Real pytest runs of the benchmark suites, tiny sizes; timings are never asserted.
+"""The pytest-benchmark suites (``pytest benchmarks``) as a user runs them: what each
+benchmark's statistics are of, and ``--benchmark-autosave`` then
+``--benchmark-compare``: a saved benchmark is compared only with the same one
+measured alike (pytest-benchmark pairs tests by full name alone; a migration of
+16 MiB was shown, and judged by --benchmark-compare-fail, beside the same test
+moving 64 MiB). Real pytest runs of the suites, tiny sizes; timings are never
+asserted.
 """
 
 from __future__ import annotations
@@ -88,3 +89,22 @@ def test_a_saved_run_without_conditions_is_not_compared_but_one_that_needs_none_
            "link none)" in output, output
     output = _pytest(tmp_path, *header, "--benchmark-compare=0002")
     assert "[cython-validate] (0002_" in output, output
+
+
+def test_the_downtime_benchmarks_statistics_are_of_the_downtime(tmp_path):
+    # They were of the whole migration: precopy + ack's live rounds made it the slowest
+    # in pytest-benchmark's table though its downtime was a fifth of all-at-stop's.
+    out = tmp_path / "downtime.json"
+    _pytest(tmp_path, "benchmarks/test_downtime.py", "-k", "1dev-precopy or precopy_downtime",
+            "--sizes", "ci", "--migrate-rounds", "2", f"--benchmark-json={out}")
+    benchmarks = json.loads(out.read_text())["benchmarks"]
+    assert {b["name"] for b in benchmarks} == {
+        "test_downtime[1dev-precopy+ack]", "test_precopy_downtime[all at stop]",
+        "test_precopy_downtime[precopy+ack]"}
+    for bench in benchmarks:
+        runs, stats = bench["extra_info"]["runs"], bench["stats"]
+        assert stats["data"] == [run["downtime_s"] for run in runs], bench["name"]
+        assert stats["min"] == bench["extra_info"]["downtime_s"] == min(stats["data"])
+        # the whole migrations are still there: precopy's live rounds come first
+        assert all(run["seconds"] > run["downtime_s"] for run in runs)
+        assert bench["extra_info"]["conditions"] == {"sizes": "ci", "timed": "downtime_s"}
