@@ -16,6 +16,10 @@ the order alternates: even rounds run fastmfd first, odd rounds the peer, so
 neither always gets the machine's fresh memory (whoever touches it first
 pays); each trial frees its memory before the next starts, and the machine's
 free memory is warmed right before each timed run (``warm_free_memory``).
+Every run, fastmfd's as the peer's, carries each side's CPU seconds and the
+load of the machine's other processes (``cpu_s``, ``foreign_cores``:
+:class:`CpuMeter`, as ``fastmfd bench``), and the tables mark a cell with a
+run beside more than ``FOREIGN_LOAD_FLAG`` cores of it (:func:`loaded`).
 
 Each timed test also leaves a :class:`Record`; conftest_migrate.py prints
 them at the end as side-by-side tables with ratios (peers measured in the
@@ -28,7 +32,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from fastmfd.tools.bench.matrix import RunStatistics
-from fastmfd.tools.bench.trial import Measurement, warm_free_memory
+from fastmfd.tools.bench.trial import FOREIGN_LOAD_FLAG, CpuMeter, Measurement, warm_free_memory
 
 GIB = 1 << 30
 
@@ -42,6 +46,11 @@ class Record(RunStatistics):
 
 
 RECORDS: list[Record] = []
+
+
+def loaded(measurements) -> bool:
+    """Whether a run was beside more than FOREIGN_LOAD_FLAG cores of other load."""
+    return any(m.details.get("foreign_cores", 0) > FOREIGN_LOAD_FLAG for m in measurements)
 
 
 def time_trials(benchmark, make_trial, *, rounds: int, check=None,
@@ -59,6 +68,10 @@ def time_trials(benchmark, make_trial, *, rounds: int, check=None,
     measurements: list[Measurement] = []
     peer_measurements: list[Measurement] = []
     rounds_started = 0
+    # by id(trial): its CpuMeter, started before the timed part and stopped after it
+    # (in teardown: its /proc scan is not timed), and the Measurement it gets
+    meters: dict[int, CpuMeter] = {}
+    measured: dict[int, Measurement] = {}
 
     def setup():
         nonlocal rounds_started
@@ -68,15 +81,27 @@ def time_trials(benchmark, make_trial, *, rounds: int, check=None,
         trial = make_trial()
         live.append(trial)
         warm_free_memory(trial.image.size)     # as run_once does for the peer
+        meters[id(trial)] = CpuMeter(trial.pids(), trial.pids_complete)
         return (trial,), {}
 
     def run(trial) -> Measurement:
         measurement = trial.run()
         measurements.append(measurement)
+        measured[id(trial)] = measurement
         return measurement
+
+    def measure_cpu(trial) -> None:
+        """Each side's CPU seconds and the foreign load of the trial's run, in its
+        details as run_once puts them in the peer's."""
+        meter = meters.pop(id(trial), None)
+        if meter is not None:
+            cpu = meter.stop()
+            if id(trial) in measured:
+                measured.pop(id(trial)).details.update(cpu)
 
     def finish(trial) -> None:
         live.remove(trial)
+        measure_cpu(trial)
         result = trial.finish()
         if check is not None:
             check(result)
@@ -89,6 +114,7 @@ def time_trials(benchmark, make_trial, *, rounds: int, check=None,
             finish(live[0])
     finally:
         for trial in live:
+            measure_cpu(trial)          # (its thread stopped)
             trial.close()
     return measurements, peer_measurements
 

@@ -27,7 +27,8 @@ import os
 import pytest
 
 from _conditions import CONDITIONS
-from _migration import RECORDS, Record
+from _migration import RECORDS, Record, loaded
+from fastmfd.tools.bench.trial import FOREIGN_LOAD_FLAG
 from fastmfd.tools.images import Image
 from fastmfd.units import parse_size
 
@@ -148,11 +149,11 @@ def _ratio(num: float | None, den: float | None) -> str:
 
 
 def _runs(record: Record | None) -> str:
-    """``median (first, spread)`` of a record's runs."""
+    """``median (first, spread)`` of a record's runs; ``*``: one beside other load."""
     if record is None:
         return "-"
     return (f"{_ms(record.median_seconds)} ({_ms(record.first_seconds)}, "
-            f"{record.spread:.2f})")
+            f"{record.spread:.2f})" + ("*" if loaded(record.measurements) else ""))
 
 
 def _migrate_lines(prealloc: bool, link: str | None) -> list[str]:
@@ -166,7 +167,8 @@ def _migrate_lines(prealloc: bool, link: str | None) -> list[str]:
     where = "destinations preallocated" if prealloc else "fresh destination memory"
     over = f"an emulated {link} link" if link else "loopback"
     lines = [f"migrate(live=False), {where}, over {over}: median (first run, spread) per "
-             f"cell; the ratios are of medians, > 1 means fastmfd is faster", "",
+             f"cell; the ratios are of medians, > 1 means fastmfd is faster; * a run beside "
+             f"more than {FOREIGN_LOAD_FLAG} cores of other load", "",
              f"{'image':<8} {'compression':<11} {'ch':>2} {'fastmfd':>27} {'qemu':>27} "
              f"{'qemu/fastmfd':>12} {'sendall':>9} {'sendall/fastmfd':>15}"]
     for row in sorted(r for r in cells if r[2] is not None):

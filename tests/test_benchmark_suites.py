@@ -108,3 +108,23 @@ def test_the_downtime_benchmarks_statistics_are_of_the_downtime(tmp_path):
         # the whole migrations are still there: precopy's live rounds come first
         assert all(run["seconds"] > run["downtime_s"] for run in runs)
         assert bench["extra_info"]["conditions"] == {"sizes": "ci", "timed": "downtime_s"}
+
+
+def test_every_migration_run_has_its_cpu_and_the_load_beside_it(tmp_path):
+    # QEMU's runs (timed by run_once) had cpu_s and foreign_cores; fastmfd's and
+    # sendall's, timed by the suite itself, had neither: none was ever flagged.
+    out = tmp_path / "migrate.json"
+    output = _pytest(tmp_path, "benchmarks/test_migrate_throughput.py", "-k",
+                     "random-none-1ch or random-sendall", "--migrate-size", "1M",
+                     "--migrate-rounds", "2", f"--benchmark-json={out}")
+    assert "* a run beside more than 0.25 cores of other load" in output, output
+    benchmarks = {b["name"]: b["extra_info"] for b in json.loads(out.read_text())["benchmarks"]}
+    sides = {"test_migrate[random-none-1ch]": {"source", "destination", "main"},
+             "test_migrate[random-sendall]": {"source", "destination"}}
+    assert set(benchmarks) == set(sides)
+    for name, info in benchmarks.items():
+        assert len(info["runs"]) == 2
+        for run in info["runs"]:
+            assert set(run["cpu_s"]) == sides[name], run
+            assert all(seconds >= 0 for seconds in run["cpu_s"].values())
+            assert run["foreign_cores"] >= 0
