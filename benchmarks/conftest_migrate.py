@@ -22,31 +22,46 @@ with the ratios the targets are stated in.
 
 from __future__ import annotations
 
+import argparse
 import os
 
 import pytest
 
 from _conditions import CONDITIONS
 from _migration import RECORDS, Record, loaded
+from fastmfd.errors import ConfigError
 from fastmfd.tools.bench.trial import FOREIGN_LOAD_FLAG
-from fastmfd.tools.images import Image
-from fastmfd.units import parse_size
+from fastmfd.tools.images import Image, check_scratch_room
+from fastmfd.tools.option_values import positive_int, whole_pages
+from fastmfd.units import format_bytes
 
 CI_SIZE = 16 << 20
 FULL_SIZE = 1 << 30
 
 
+def _link_text(text: str) -> str:
+    """A valid --migrate-link, as typed (a mistake is a usage error, before any test)."""
+    from fastmfd.tools.bench.link import parse_link
+    try:
+        parse_link(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def pytest_addoption(parser):
+    # Each value checked as pytest parses it: a mistake is one line and exit 4 (a usage
+    # error) before any work, not a traceback in every test (--migrate-rounds 0 ran 1).
     group = parser.getgroup("fastmfd migration benchmarks")
     group.addoption("--qemu", action="store_true", default=False,
                     help="also time real QEMU 7.2 multifd migrations (qemu-system-x86_64)")
-    group.addoption("--migrate-size", default=None, metavar="SIZE",
+    group.addoption("--migrate-size", type=whole_pages, default=None, metavar="SIZE",
                     help="image size for test_migrate_* (default 1G; 16M when CI=true)")
-    group.addoption("--migrate-rounds", type=int, default=3, metavar="N",
+    group.addoption("--migrate-rounds", type=positive_int, default=3, metavar="N",
                     help="timed runs per migration benchmark (default 3)")
     group.addoption("--migrate-prealloc", action="store_true", default=False,
                     help="preallocate destination memory before timing (QEMU prealloc=on)")
-    group.addoption("--migrate-link", default=None, metavar="RATE[/DELAY]",
+    group.addoption("--migrate-link", type=_link_text, default=None, metavar="RATE[/DELAY]",
                     help="every destination behind an emulated link, e.g. 1gbit (root)")
 
 
@@ -59,9 +74,9 @@ def small_sizes_of(config) -> bool:
 
 
 def migrate_size_of(config) -> int:
-    given = config.getoption("--migrate-size")
+    given: int | None = config.getoption("--migrate-size")      # parsed: whole_pages
     if given is not None:
-        return parse_size(given)
+        return given
     return CI_SIZE if small_sizes_of(config) else FULL_SIZE
 
 
@@ -104,6 +119,16 @@ def images():
 
     def get(kind: str, size: int) -> Image:
         if (kind, size) not in made:
+            # The image and a destination's copy: one that does not fit was made until
+            # /dev/shm was full (or, past the memory, tried in every test).
+            try:
+                check_scratch_room(2 * size, f"a {format_bytes(size)} {kind} image and a "
+                                             f"destination's copy")
+                refused = None
+            except ConfigError as exc:
+                refused = str(exc)
+            if refused is not None:         # (outside the except: one line, no chain)
+                pytest.fail(refused, pytrace=False)
             made[kind, size] = Image.create(kind, size)
         return made[kind, size]
 

@@ -15,6 +15,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+from proc_scan import made_by_this_run
+
+from fastmfd.tools import images
 from listen_support import REPO
 
 MIGRATE = ["benchmarks/test_migrate_throughput.py", "-k", "random-none-1ch",
@@ -22,7 +26,7 @@ MIGRATE = ["benchmarks/test_migrate_throughput.py", "-k", "random-none-1ch",
 BITMAP = ["benchmarks/test_bench_dirty_bitmap.py", "-k", "sparse"]
 
 
-def _pytest(storage: Path, *args: str) -> str:
+def _pytest(storage: Path, *args: str, status: int = 0) -> str:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
     env.pop("CI", None)                         # --sizes and --migrate-size say the sizes
@@ -30,7 +34,7 @@ def _pytest(storage: Path, *args: str) -> str:
                            "-W", "default", f"--benchmark-storage={storage}", *args],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     output = done.stdout + done.stderr
-    assert done.returncode == 0, output[-4000:]
+    assert done.returncode == status, output[-4000:]
     return output
 
 
@@ -128,3 +132,35 @@ def test_every_migration_run_has_its_cpu_and_the_load_beside_it(tmp_path):
             assert set(run["cpu_s"]) == sides[name], run
             assert all(seconds >= 0 for seconds in run["cpu_s"].values())
             assert run["foreign_cores"] >= 0
+
+
+def _scratch() -> set[str]:
+    return {n for n in os.listdir(images.scratch_parent()) if n.startswith("fastmfd-bench-")}
+
+
+@pytest.mark.parametrize("option, value, said", [
+    ("--migrate-size", "1000", "'1000' is not a whole number of 4 KiB pages"),
+    ("--migrate-size", "abc", "'abc' is not a size"),
+    ("--migrate-rounds", "0", "'0' is not a whole number >= 1"),        # it ran 1 round
+    ("--migrate-link", "bogus", "link 'bogus': expected RATE[/DELAY]"),
+])
+def test_a_migration_option_mistake_is_a_usage_error_before_any_work(tmp_path, option, value,
+                                                                     said):
+    # Each was a traceback in every test (or, for the rounds, no error at all).
+    before = _scratch()
+    output = _pytest(tmp_path, *MIGRATE, "--migrate-size", "1M", option, value, status=4)
+    assert f"error: argument {option}: {said}" in output, output
+    assert "Traceback" not in output and "passed" not in output, output
+    assert made_by_this_run(_scratch() - before) == set()
+
+
+def test_an_image_that_cannot_fit_is_refused_in_one_line_and_never_made(tmp_path):
+    # It was made until /dev/shm was full, or, past the memory, tried in every test.
+    before = _scratch()
+    output = _pytest(tmp_path, "benchmarks/test_migrate_throughput.py", "-k",
+                     "random-none-1ch or random-none-2ch", "--migrate-size", "100T", status=1)
+    assert output.count("a 100 TiB random image and a destination's copy need 200 TiB; "
+                        f"{images.scratch_parent()} has ") == 2, output
+    assert "cannot map" not in output and "Traceback" not in output, output
+    assert "2 failed" in output, output
+    assert made_by_this_run(_scratch() - before) == set()
