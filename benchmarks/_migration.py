@@ -73,9 +73,16 @@ def time_trials(benchmark, make_trial, *, rounds: int, check=None,
     meters: dict[int, CpuMeter] = {}
     measured: dict[int, Measurement] = {}
 
+    def timed_round(number: int) -> bool:
+        """Whether round ``number`` (from 0) is one of the ``rounds``: with
+        --benchmark-cprofile pytest-benchmark runs one more, under the profiler
+        (slower, not in its statistics): it was counted in the runs and the tables,
+        and could time the peer once more."""
+        return number < rounds
+
     def setup():
         nonlocal rounds_started
-        if peer is not None and rounds_started % 2 == 1:
+        if peer is not None and rounds_started % 2 == 1 and timed_round(rounds_started):
             peer_measurements.append(peer())
         rounds_started += 1
         trial = make_trial()
@@ -86,8 +93,9 @@ def time_trials(benchmark, make_trial, *, rounds: int, check=None,
 
     def run(trial) -> Measurement:
         measurement = trial.run()
-        measurements.append(measurement)
-        measured[id(trial)] = measurement
+        if timed_round(rounds_started - 1):
+            measurements.append(measurement)
+            measured[id(trial)] = measurement
         return measurement
 
     def measure_cpu(trial) -> None:
@@ -105,8 +113,8 @@ def time_trials(benchmark, make_trial, *, rounds: int, check=None,
         result = trial.finish()
         if check is not None:
             check(result)
-        if peer is not None and rounds_started % 2 == 1:     # an even round (counted from 0)
-            peer_measurements.append(peer())
+        if peer is not None and rounds_started % 2 == 1 and timed_round(rounds_started - 1):
+            peer_measurements.append(peer())        # an even round (counted from 0)
 
     try:
         benchmark.pedantic(run, setup=setup, teardown=finish, rounds=rounds, iterations=1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -211,3 +212,24 @@ def test_warm_destinations_warms_free_memory_right_before_every_run(monkeypatch,
     assert events == [warm, ("run", "plain"), warm, ("run", "pool"),
                       warm, ("run", "pool"), warm, ("run", "plain")]
     assert "pool 2+" in capsys.readouterr().out
+
+
+NEEDS_QEMU = pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None,
+                                reason="qemu-system-x86_64 is not installed")
+
+
+@pytest.mark.parametrize("qemu", [False, pytest.param(True, marks=NEEDS_QEMU)],
+                         ids=["fastmfd", "with-qemu"])
+def test_the_profiled_run_is_not_counted_as_a_timed_one(tmp_path, qemu):
+    # --benchmark-cprofile runs the target once more under the profiler, outside
+    # pytest-benchmark's statistics: it was a third run of two in extra_info and the
+    # end-of-run table (spread 2.94), and timed QEMU a third time.
+    out = tmp_path / "profiled.json"
+    _pytest(tmp_path, *MIGRATE, "--migrate-size", "1M", "--migrate-rounds", "2",
+            "--benchmark-cprofile=tottime", f"--benchmark-json={out}",
+            *(["--qemu"] if qemu else []))
+    (bench,) = json.loads(out.read_text())["benchmarks"]
+    assert bench["stats"]["rounds"] == 2 and "cprofile" in bench
+    assert len(bench["extra_info"]["runs"]) == 2
+    if qemu:
+        assert len(bench["extra_info"]["qemu_runs"]) == 2
