@@ -231,6 +231,23 @@ def test_compare_pairs_only_results_measured_alike(tmp_path, capsys):
                      rows["random fastmfd 1ch none"]), rows
 
 
+def test_compare_says_when_two_bests_are_of_unlike_run_counts(tmp_path, capsys):
+    # A best of 1 run beside a best of 3 showed a plain speed-up: the best of more runs
+    # is lower by chance alone.
+    before = tmp_path / "before.json"
+    args = ["bench", "--size", "1M", "--channels", "1", "--compression", "none"]
+    assert main([*args, "--repeat", "3", "--json", str(before)]) == 0
+    capsys.readouterr()
+    assert main([*args, "--compare", str(before)]) == 0
+    compared = capsys.readouterr().out.split("compared with before.json")[1]
+    row = " ".join(next(line for line in compared.splitlines()
+                        if "random fastmfd 1ch none" in line).split())
+    assert re.search(r"\d+\.\d\dx", row) and "best of 3 before, of 1 now" in row, row
+    assert main([*args, "--repeat", "3", "--compare", str(before)]) == 0
+    compared = capsys.readouterr().out.split("compared with before.json")[1]
+    assert "best of" not in compared and "note" not in compared, compared
+
+
 def _edited(path: Path, extra_info: dict | None) -> Path:
     """A copy of ``path``'s results with these extra_info fields (None: with no extra_info,
     as a pytest-benchmark file)."""

@@ -108,6 +108,7 @@ class Baseline:
     (the fields of :meth:`RunConditions.of` its extra_info has)."""
     seconds: float
     conditions: dict[str, Any]
+    runs: int | None = None     # how many runs its best is of (None: not said)
 
     def differences(self, now: dict[str, Any]) -> str:
         """Why this result is not comparable with one measured under ``now``
@@ -155,8 +156,10 @@ def _baseline(benchmark: dict[str, Any]) -> Baseline:
     extra = benchmark.get("extra_info", {})
     if not isinstance(extra, dict):
         raise TypeError(f"extra_info of {benchmark['name']!r} is not an object")
+    rounds = benchmark["stats"].get("rounds")
     return Baseline(float(benchmark["stats"]["min"]),
-                    {key: extra[key] for key in _FIELD_NAMES if key in extra})
+                    {key: extra[key] for key in _FIELD_NAMES if key in extra},
+                    rounds if isinstance(rounds, int) and not isinstance(rounds, bool) else None)
 
 
 def check_comparable(baseline: dict[str, Baseline], cells: list[tuple[str, dict[str, Any]]],
