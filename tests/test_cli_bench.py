@@ -843,3 +843,40 @@ def test_a_size_qemu_cannot_take_exits_2_before_any_work(monkeypatch, capsys):
                  "--peer", "qemu"]) == 2
     err = capsys.readouterr().err
     assert err == "fastmfd bench: QEMU guest RAM is whole MiB; the image is 262144 bytes\n"
+
+
+def test_the_sendall_senders_connect_ends_at_its_deadline_naming_the_address(monkeypatch,
+                                                                              tmp_path):
+    """The sendall pair's own connection (not fastmfd's) had no deadline
+    (socket.create_connection without a timeout): a destination that drops SYNs (here
+    a listener whose accept queue is full) held the sender for the kernel's SYN
+    retries, ~127 s, and the bench said only "no _Connected report within 60 s". It
+    connects as fastmfd does, within CONNECT_TIMEOUT, and says where and why."""
+    import threading
+    from fastmfd.tools.bench import peers
+    monkeypatch.setattr(peers, "CONNECT_TIMEOUT", 1.0, raising=False)
+    image = tmp_path / "image"
+    image.write_bytes(b"x" * 4096)
+
+    class Pipe:                     # the parent's end: told Connected, never Go
+        def send(self, report): sent.append(report)
+        def recv(self): return None
+    sent: list[object] = []
+    outcome: list[BaseException] = []
+    with socket.socket() as hole:
+        hole.bind(("127.0.0.1", 0))
+        hole.listen(0)
+        port = hole.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)):     # the queue is full
+            def send() -> None:
+                try:
+                    peers._sendall_sender(Pipe(), peers._SenderParams(
+                        str(image), 4096, "127.0.0.1", port), [])
+                except BaseException as exc:
+                    outcome.append(exc)
+            sender = threading.Thread(target=send, daemon=True)
+            sender.start()
+            sender.join(15)
+    # (unfixed, closing the listener ends the connect: refused at its next SYN)
+    assert not sender.is_alive() and sent == [], "still connecting after 15 s"
+    assert str(outcome[0]) == f"cannot connect to tcp:127.0.0.1:{port}: timed out"

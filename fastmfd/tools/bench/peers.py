@@ -27,6 +27,7 @@ the details. The destination's RAM file is then compared with the image.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import os
@@ -42,6 +43,7 @@ from typing import Any
 from ..._engine.processes import Child, ChildPipe, ChildSet, run_child
 from ..._engine.session import Closable
 from ...protocol.control import Done, Go
+from ...protocol.sockets import bound_address, connect, host_port, listen, parse_address
 from ...errors import ConfigError, MigrationError
 from ..images import Image
 from ..loopback import NO_SECURITY, LoopbackSecurity
@@ -58,6 +60,9 @@ __all__ = ["SendallTrial", "QemuPeer", "QemuTrial", "find_qemu", "check_qemu",
            "destination_loaded", "dying_with_this_thread"]
 
 STEP_TIMEOUT = 60.0             # seconds any one step (start, connect, transfer) may take
+# Seconds the sendall sender's connect may take, its lookup included (MigrationConfig's
+# default timeout, as fastmfd's trials have): within STEP_TIMEOUT, so the sender says why.
+CONNECT_TIMEOUT = 30.0
 VERSION_TIMEOUT = 10.0          # seconds `qemu -version` may take (check_qemu)
 LOOPBACK_HOST = "127.0.0.1"
 
@@ -121,7 +126,10 @@ def _sendall_sender(pipe: ChildPipe, params: _SenderParams, stack: list[Closable
             mmap.mmap(file.fileno(), params.size, access=mmap.ACCESS_READ) as m:
         view = memoryview(m)
         try:
-            with socket.create_connection((params.host, params.port)) as sock:
+            # fastmfd's connect: its lookup and connect bounded (create_connection had
+            # neither: a destination dropping SYNs held it for the kernel's ~127 s).
+            address = parse_address(f"tcp:{host_port(params.host, params.port)}")
+            with connect(address, CONNECT_TIMEOUT) as sock:
                 pipe.send(_Connected())
                 if isinstance(pipe.recv(), Go):
                     sock.sendall(view)
@@ -145,8 +153,11 @@ def _sendall_receiver(pipe: ChildPipe, params: _ReceiverParams,
             mapped[offset] = 0
     if params.namespace is not None:
         enter_namespace(params.namespace)       # this thread, which makes the server
-    with socket.create_server((params.host, 0)) as server:
-        pipe.send(_Listening(server.getsockname()[1]))
+    # fastmfd's listen: a name looked up within its deadline, bound at each address.
+    address = parse_address(f"tcp:{host_port(params.host, 0)}")
+    with contextlib.closing(listen(address)) as server:
+        port = bound_address(server, address).target[1]
+        pipe.send(_Listening(int(port)))
         sock, _ = server.accept()
     with sock, mapped:
         view = memoryview(mapped)
