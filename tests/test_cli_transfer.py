@@ -128,6 +128,29 @@ def test_send_status_json_streams_the_status(tmp_path):
     assert last["transferred"] >= box["result"].stats.wire_bytes
     assert all(line["status"] in ("none", "setup", "active", "device", "completed")
                for line in lines)
+    assert all(line["record"] == "status" for line in lines)
+
+
+def test_send_status_json_with_json_says_each_lines_kind(tmp_path):
+    """``--status-json --json``: the status lines, then the statistics, on one stdout,
+    were told apart by which fields each happens to have (both have "channels" and
+    "rounds"). Each line says its kind, first, in "record"; ``--json`` alone prints
+    the statistics as it always did, without it."""
+    import json
+    (tmp_path / "ram.img").write_bytes(os.urandom(64 * PAGE))
+    done, box = sent_to_listen_once(tmp_path, tmp_path / "out", str(tmp_path / "ram.img"),
+                                    "--status-json", "0.05", "--json")
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [next(iter(line.items())) for line in lines] == (
+        [("record", "status")] * (len(lines) - 1) + [("record", "result")])
+    assert lines[-2]["status"] == "completed"
+    assert lines[-1]["normal_pages"] == 64 and lines[-1]["ram_bytes"] == 64 * PAGE
+    done, box = sent_to_listen_once(tmp_path, tmp_path / "again", str(tmp_path / "ram.img"),
+                                    "--json")
+    assert done.returncode == 0, done.stderr
+    alone = json.loads(done.stdout)
+    assert "record" not in alone and alone["normal_pages"] == 64
 
 
 def test_a_save_taken_away_once_committed_is_still_reported(tmp_path, capsys):

@@ -22,7 +22,7 @@ import sys
 import termios
 import threading
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from .. import __version__
 from ..errors import ConfigError, FastMFDError
@@ -106,14 +106,22 @@ def cmd_send(args: argparse.Namespace) -> int:
     streaming = args.status_json is not None
     stats = send_images(args.address, config, images, states,
                         progress=not (args.quiet or streaming),
-                        on_status=_print_json if streaming else None,
+                        on_status=_record("status") if streaming else None,
                         status_interval=args.status_json or 0.5)
     if not (args.quiet or streaming):
         Console(stderr=True).print(stats_table(stats, channels=f"{config.channels} × "
                                                                f"{config.compression}"))
     if args.json:
-        _print_json(stats.as_dict())
+        # Beside status lines, each line says its kind; alone, as it always was.
+        (_record("result") if streaming else _print_json)(stats.as_dict())
     return 0
+
+
+def _record(kind: str) -> Callable[[dict[str, Any]], None]:
+    """_print_json of a dict with ``"record": kind`` first: on the stdout of ``send
+    --status-json`` (with ``--json`` too), every line's kind, "status" or "result"
+    (their fields overlap: "channels", "rounds")."""
+    return lambda fields: _print_json({"record": kind, **fields})
 
 
 def cmd_listen(args: argparse.Namespace) -> int:
@@ -360,9 +368,13 @@ def _build_parser() -> CommandParser:
                    default=None, metavar="SECONDS",
                    help="instead of the progress and summary, print the migration's status "
                         "(QEMU query-migrate's fields) as one JSON line every SECONDS "
-                        f"(default 0.5, at most {WEEK:g}), and once at the end")
+                        f"(default 0.5, at most {WEEK:g}), and once at the end; each line "
+                        'has "record": "status" (with --json, its last line "record": '
+                        '"result")')
     p.add_argument("--json", action="store_true",
-                   help="print the migration's statistics as JSON on stdout")
+                   help="print the migration's statistics as JSON on stdout (one line; "
+                        'with --status-json, after the status lines, with "record": '
+                        '"result")')
     p.add_argument("--timeout", type=positive_seconds, default=30.0, metavar="SECONDS",
                    help="how long connecting and the handshake may take (default 30, at "
                         f"most {WEEK:g}: a week)")
