@@ -419,6 +419,31 @@ def test_a_value_the_library_refuses_is_said_of_the_option_as_typed(tmp_path, ar
     assert done.stderr == f"fastmfd {args[0]}: {said.replace('OUT', out)}\n"
 
 
+@pytest.mark.parametrize("argv, said", [
+    (["send", "unix:/nonexistent", "/dev/zero"],
+     "--channels 2 (the default; give --channels to change it): must be 1..1"),
+    (["send", "unix:/nonexistent", "/dev/zero", "--channels", "2"], "--channels 2: must be 1..1"),
+    (["send", "unix:/nonexistent", "/dev/zero", "--channels=2"],
+     "--channels 2: must be 1..1"),
+    (["send", "unix:/nonexistent", "/dev/zero"],
+     "--timeout 30 (the default; give --timeout to change it): must be at most 1"),
+])
+def test_a_refused_default_is_said_to_be_the_default(monkeypatch, capsys, argv, said):
+    """A library refusal of a value the user did not type (the option's default) was
+    said as if typed ("--channels 2: ..."): it says it is the default, and which
+    option changes it. No default the commands have today is refused, so the library
+    call that would refuse it is made to here, as QemuSender refuses a channel count."""
+    parameter = said.split()[0].lstrip("-")
+    problem = said.partition(": ")[2]
+
+    def refuse(args):
+        raise fastmfd.ConfigError(f"{parameter} {getattr(args, parameter):g}: {problem}",
+                                  parameter=parameter, problem=problem)
+    monkeypatch.setattr(cli, "_config", refuse)
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err == f"fastmfd send: {said}\n"
+
+
 def test_a_config_error_carries_its_parameter_and_problem():
     """What a command says of its option (ConfigError.parameter and .problem), None
     aside: no option gives None."""

@@ -559,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
         return status
     except ConfigError as exc:
         said = str(exc) if args is None else in_options(
-            exc, _OPTION_OF, args, parser.commands[args.command].typed)
+            exc, _OPTION_OF, args, parser.commands[args.command])
         print(f"{command}: {said}", file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:

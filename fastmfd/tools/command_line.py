@@ -68,16 +68,22 @@ class CommandParser(argparse.ArgumentParser):
 
 
 def in_options(error: ConfigError, options: Mapping[str, str], args: argparse.Namespace,
-               typed: Mapping[str, str]) -> str:
+               parser: CommandParser) -> str:
     """``error`` as the command line says it: about a library parameter one of
     ``options`` (parameter -> flag) gave its value to, ``--flag VALUE: problem``
-    with the value as typed (``typed``, by flag; an option argparse did not convert
-    has its text as its value); any other, as the library says it."""
+    with the value as typed (``parser.typed``, by flag; an option argparse did not
+    convert has its text as its value), or, for an option not given, its default's
+    value said to be the default, with the option that changes it (it was said as
+    if typed); any other, as the library says it."""
     flag = options.get(error.parameter or "")
     if flag is None or not error.problem:
         return str(error)
     # (the option's dest, as argparse makes it from the flag)
-    text = typed.get(flag, getattr(args, flag.lstrip("-").replace("-", "_"), None))
+    dest = flag.lstrip("-").replace("-", "_")
+    text = parser.typed.get(flag, getattr(args, dest, None))
     if text is None:            # not this command's option, or not given: the library's value
         return str(error)
+    if flag not in parser.typed and text == parser.get_default(dest):
+        shown = f"{text:g}" if isinstance(text, float) else text     # as --help says it
+        return f"{flag} {shown} (the default; give {flag} to change it): {error.problem}"
     return f"{flag} {text}: {error.problem}"
