@@ -538,13 +538,115 @@ def test_another_service_is_named_as_no_fastmfd_listener(tmp_path, service, read
     assert words in done.stderr and "field 'type'" not in done.stderr, done.stderr
 
 
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory):
+    """trustme's CA and certificates, written as the commands take them: a good
+    pair, another CA's key, an expired certificate, one not yet valid, an encrypted key."""
+    import datetime
+    trustme = pytest.importorskip("trustme")
+    from cryptography.hazmat.primitives import serialization
+    directory = tmp_path_factory.mktemp("tls")
+    ca, other = trustme.CA(), trustme.CA()
+    now = datetime.datetime.now(datetime.timezone.utc)
+    day = datetime.timedelta(days=1)
+    files = {}
+
+    def put(name, data):
+        files[name] = directory / name
+        files[name].write_bytes(data)
+        files[name].chmod(0o600)
+
+    for name, cert in (("good", ca.issue_cert("localhost")),
+                       ("old", ca.issue_cert("localhost", not_before=now - 30 * day,
+                                             not_after=now - day)),
+                       ("new", ca.issue_cert("localhost", not_before=now + day,
+                                             not_after=now + 30 * day))):
+        put(f"{name}.pem", b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+        put(f"{name}-key.pem", cert.private_key_pem.bytes())
+    put("ca.pem", ca.cert_pem.bytes())
+    put("other-key.pem", other.issue_cert("localhost").private_key_pem.bytes())
+    key = serialization.load_pem_private_key(files["good-key.pem"].read_bytes(), None)
+    put("locked-key.pem", key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"passphrase")))
+    put("image", bytes(4096))
+    put("old-ca.pem", _expired_ca(now - 30 * day, now - day))
+    return {name: str(path) for name, path in files.items()}
+
+
+def _expired_ca(not_before, not_after) -> bytes:
+    """A self-signed CA certificate valid from ``not_before`` to ``not_after`` (PEM):
+    trustme's CAs have no dates to choose."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "old CA")])
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(not_before).not_valid_after(not_after)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+NO_CERTIFICATE = "no certificate in the file (PEM: -----BEGIN CERTIFICATE-----)"
+
+
+@pytest.mark.parametrize("options, said", [
+    # Each was said in OpenSSL's words ("TLS configuration: cannot load the certificate ...
+    # [SSL] PEM lib (_ssl.c:3905)", "[X509: KEY_VALUES_MISMATCH] key values mismatch", "[X509:
+    # NO_CERTIFICATE_OR_CRL_FOUND] ..."), or, expired, was sent to the peer, which refused it.
+    ({"cert": "good-key.pem", "key": "good-key.pem"}, ("cert", "good-key.pem", NO_CERTIFICATE)),
+    ({"cert": "good.pem", "key": "good.pem"},
+     ("key", "good.pem", "no private key in the file (PEM: -----BEGIN ... PRIVATE KEY-----)")),
+    ({"cert": "good.pem", "key": "other-key.pem"},
+     ("key", "other-key.pem", "not the private key of the certificate given with it")),
+    ({"cert": "good.pem", "key": "locked-key.pem"},
+     ("key", "locked-key.pem", "the private key is encrypted: give one without a passphrase")),
+    ({"cert": "old.pem", "key": "old-key.pem"}, ("cert", "old.pem", "the certificate expired on ")),
+    ({"cert": "new.pem", "key": "new-key.pem"},
+     ("cert", "new.pem", "the certificate is not valid until ")),
+    ({"ca": "good-key.pem"}, ("ca", "good-key.pem", NO_CERTIFICATE)),
+    ({"ca": "old-ca.pem"}, ("ca", "old-ca.pem", "the CA certificate expired on ")),
+])
+@pytest.mark.parametrize("command", ["send", "listen"])
+def test_a_tls_file_that_cannot_serve_is_said_of_its_option(tmp_path, tls_files, command,
+                                                            options, said):
+    """What is wrong with which --tls-* file, in the command's words, exit 2, before
+    any connection (a sender's listener is never connected to; a listener never
+    listens)."""
+    options = {"ca": "ca.pem", **options}
+    if command == "listen" and "cert" not in options:
+        options.update(cert="good.pem", key="good-key.pem")
+    argv = [arg for name, file in options.items() for arg in (f"--tls-{name}", tls_files[file])]
+    option, file, problem = said
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        if command == "send":
+            done = fastmfd_cli("send", f"tcp:127.0.0.1:{listening.getsockname()[1]}",
+                               tls_files["image"], *argv)
+        else:
+            done = fastmfd_cli("listen", "tcp:127.0.0.1:0", "--dir", str(tmp_path / "out"),
+                               *argv)
+        listening.settimeout(0.1)
+        with pytest.raises(TimeoutError):
+            listening.accept()
+    assert_one_line_usage_error(done)
+    assert done.stderr.startswith(f"fastmfd {command}: --tls-{option} {tls_files[file]}: "
+                                  f"{problem}"), done.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_certificate_that_does_not_load_is_refused_before_any_connection(tmp_path):
     """Found at the first connection, it was a failed session on both sides (a
     listener waited for its sender first)."""
     (tmp_path / "garbage.pem").write_text("not a certificate\n")
     (tmp_path / "garbage.pem").chmod(0o600)     # as a key file must be: it is one here
     pem = str(tmp_path / "garbage.pem")
-    expected = f"TLS configuration: cannot load the certificate {pem} (key {pem}): [SSL]"
+    expected = (f"--tls-cert {pem}: no certificate in the file (PEM: -----BEGIN "
+                "CERTIFICATE-----)\n")
     done = fastmfd_cli("listen", "tcp:127.0.0.1:0", "--dir", str(tmp_path / "out"),
                        "--tls-cert", pem, "--tls-key", pem, "--timeout", "30")
     assert_one_line_usage_error(done, expected)

@@ -103,6 +103,17 @@ class TLSConfig:
         # a file that does not load fails here, named, not at the first connection.
         self._context(ssl.Purpose.CLIENT_AUTH)
 
+    def check_dates(self) -> None:
+        """ConfigError if ``cert`` is out of its dates (expired, not yet valid), or every
+        CA certificate of ``ca`` is: such files load, and the peer (or this side) refuses
+        them at each handshake. The commands check before any connection; the library
+        leaves it to the handshake, as OpenSSL does (a certificate may expire while a
+        listener runs, and the clocks of the two hosts may differ)."""
+        if self.cert is not None:
+            _check_dates(os.fspath(self.cert))
+        if self.ca is not None:
+            _check_ca_dates(os.fspath(self.ca))
+
     def check_files(self) -> None:
         """ConfigError unless only this user or root can change the files that say whom
         this side trusts and who it is (:func:`check_trusted_file`), and the key is
@@ -139,15 +150,14 @@ class TLSConfig:
         server = purpose is ssl.Purpose.CLIENT_AUTH
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        if self.cert is not None:
+            assert self.key is not None, "checked: both or neither"
+            _load_chain(ctx, self.cert, self.key)
+        if self.ca is not None:
+            _load_ca(ctx, self.ca)
         what = ""
         try:
-            if self.cert is not None:
-                what = f"certificate {self.cert} (key {self.key})"
-                ctx.load_cert_chain(self.cert, self.key)
-            if self.ca is not None:
-                what = f"CA bundle {self.ca}"
-                ctx.load_verify_locations(self.ca)
-            elif not server:
+            if self.ca is None and not server:
                 what = "system's CA certificates"
                 ctx.load_default_certs(purpose)
             if self.ciphers is not None:
@@ -169,6 +179,94 @@ class TLSConfig:
         ctx = self._context(ssl.Purpose.SERVER_AUTH)
         ctx.check_hostname = hostname is not None
         return ctx
+
+
+# What a TLS file's problem is said as (ConfigError.problem: in words that name no
+# option, which a command says of its --tls-* option).
+NO_CERTIFICATE = "no certificate in the file (PEM: -----BEGIN CERTIFICATE-----)"
+
+
+def _file_error(name: str, path: str | os.PathLike[str], problem: str) -> ConfigError:
+    return ConfigError(f"TLSConfig.{name}: {os.fspath(path)}: {problem}", parameter=name,
+                       problem=problem)
+
+
+def _no_passphrase() -> bytes:
+    """load_cert_chain's password callback: without one, OpenSSL asked for an encrypted
+    key's passphrase on the terminal (and each channel's worker could not)."""
+    raise ConfigError("encrypted", parameter="key",
+                      problem="the private key is encrypted: give one without a passphrase")
+
+
+def _holds_a_certificate(path: str | os.PathLike[str]) -> bool:
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(path)
+    except ssl.SSLError:
+        return False
+    return True
+
+
+def _load_chain(ctx: ssl.SSLContext, cert: str | os.PathLike[str],
+                key: str | os.PathLike[str]) -> None:
+    """``cert`` and ``key`` into ``ctx``; a ConfigError naming the one that is wrong and
+    why (OpenSSL said "[SSL] PEM lib" of either, a missing certificate or key alike)."""
+    try:
+        ctx.load_cert_chain(cert, key, password=_no_passphrase)
+    except ConfigError as exc:
+        raise _file_error("key", key, exc.problem) from None
+    except (ssl.SSLError, OSError) as exc:
+        if not _holds_a_certificate(cert):
+            raise _file_error("cert", cert, NO_CERTIFICATE) from None
+        if getattr(exc, "reason", None) == "KEY_VALUES_MISMATCH":
+            raise _file_error("key", key, "not the private key of the certificate given "
+                                          "with it") from None
+        raise _file_error("key", key, "no private key in the file (PEM: -----BEGIN ... "
+                                      "PRIVATE KEY-----)") from None
+
+
+def _load_ca(ctx: ssl.SSLContext, ca: str | os.PathLike[str]) -> None:
+    try:
+        ctx.load_verify_locations(ca)
+    except (ssl.SSLError, OSError) as exc:
+        reason = getattr(exc, "reason", None)
+        raise _file_error("ca", ca, NO_CERTIFICATE if reason == "NO_CERTIFICATE_OR_CRL_FOUND"
+                          else f"not a PEM CA bundle that loads ({reason or exc})") from None
+
+
+def _out_of_dates(not_before: str, not_after: str) -> str | None:
+    """Why a certificate valid from ``not_before`` to ``not_after`` (OpenSSL's text) is
+    not valid now; None if it is."""
+    now = time.time()
+    if ssl.cert_time_to_seconds(not_after) < now:
+        return f"expired on {not_after}"
+    if ssl.cert_time_to_seconds(not_before) > now:
+        return f"is not valid until {not_before}"
+    return None
+
+
+def _check_dates(cert: str) -> None:
+    """ConfigError unless the certificate (the chain's first) is valid now: it loads, and
+    the peer refused it at the handshake ("certificate expired"), on its side only."""
+    # CPython's decoder (its tests'; ssl has no public one for a file): None elsewhere.
+    decode = getattr(getattr(ssl, "_ssl", None), "_test_decode_cert", None)
+    if decode is None:
+        return
+    decoded = decode(cert)
+    why = _out_of_dates(str(decoded["notBefore"]), str(decoded["notAfter"]))
+    if why is not None:
+        raise _file_error("cert", cert, f"the certificate {why}")
+
+
+def _check_ca_dates(ca: str) -> None:
+    """ConfigError if every CA certificate of ``ca`` is out of its dates: no peer's
+    certificate can chain to it now (a bundle with one still valid is taken)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(ca)
+    found = ctx.get_ca_certs()
+    whys = [_out_of_dates(str(each["notBefore"]), str(each["notAfter"])) for each in found]
+    if found and all(whys):
+        raise _file_error("ca", ca, f"the CA certificate {whys[0]}" if len(whys) == 1 else
+                          f"each of its {len(whys)} CA certificates is out of its dates")
 
 
 def _restrict_ciphers(ctx: ssl.SSLContext, ciphers: str) -> None:

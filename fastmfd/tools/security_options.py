@@ -95,7 +95,9 @@ def tls_config(args: argparse.Namespace, *, listener: bool = False) -> TLSConfig
     if listener and "authz" in values and "ca" not in values:
         raise ConfigError("--tls-authz needs --tls-ca: a client's identity is known only "
                           "from a certificate that chains to it")
-    return TLSConfig(**values)  # type: ignore[arg-type]  # each option's type is its field's
+    tls = TLSConfig(**values)  # type: ignore[arg-type]  # each option's type is its field's
+    tls.check_dates()       # a certificate out of its dates: the option's mistake, found now
+    return tls
 
 
 def auth_key(args: argparse.Namespace) -> bytes | None:
