@@ -33,7 +33,7 @@ from .errors import ConfigError, MigrationError
 from .protocol.security import ChannelSecurity, TLSConfig, check_auth_key
 from .protocol.setup import MAX_CHANNELS, STALL_TIMEOUT, Setup, rule
 from .protocol.sockets import (LISTENERS, Listener, Listening, bound_address, listen,
-                               listening_address, parse_address)
+                               listening_address, listening_on, parse_address)
 from .region_pool import RegionPool
 from .regions import Region, check_huge_pages, region_to_add
 from .shm import SHM_DIR
@@ -68,8 +68,9 @@ class DestinationResult:
 
 class Destination(Owner):
     """Receives one migration on ``address`` (``tcp:HOST:PORT``, port 0 picks one; a
-    HOST name at each of its addresses, one port, ``.address`` then the name with it;
-    or ``unix:PATH``), or on a socket already listening (the caller's: it stays open,
+    HOST name at each of its addresses, one port, ``.address`` then the name with it,
+    or, where one this host lacks was left out, the first bound, and ``.listening_on``
+    each bound; or ``unix:PATH``), or on a socket already listening (the caller's: it stays open,
     so a server serves one migration after another on it, see ``fastmfd listen
     --forever``).
 
@@ -172,11 +173,14 @@ class Destination(Owner):
         if requested is None:
             assert isinstance(address, LISTENERS), "only a listener is not parsed"
             self._listener, self._owns_listener = address, False
-            self.address = str(listening_address(address))
+            where = listening_address(address)
         else:
             self._listener, self._owns_listener = listen(requested), True
             self._resources.own(Listening(self._listener, requested.path))
-            self.address = str(bound_address(self._listener, requested))
+            where = bound_address(self._listener, requested)
+        self.address = str(where)
+        # For people: each address a name's listener bound, where it left one out.
+        self.listening_on = listening_on(self._listener, where)
         self._prespawn = workers
         self.timeout = timeout
         self._queued_cap = max_queued_bytes

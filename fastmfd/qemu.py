@@ -77,7 +77,7 @@ from .protocol.qemu import QEMU_PACKET_BYTES
 from .protocol.security import ChannelSecurity, TLSConfig
 from .protocol.setup import COMPRESSION_LEVELS, STALL_TIMEOUT, level_rule
 from .protocol.sockets import (LISTENERS, Listener, Listening, bound_address, listen,
-                               listening_address, parse_address)
+                               listening_address, listening_on, parse_address)
 from .regions import Region
 from .tools.outputs import OutputDir, SavedFiles
 from .tools.qemu_manifest import MAX_MANIFEST_BYTES, check_size, open_inside, read_manifest
@@ -215,6 +215,8 @@ class QemuReceiver(Owner):
                                            max_memory=max_memory))
             self._cancelling = own(WatchCancel(self._session.watch))
             self.address = str(bound_address(listener, requested))
+            # For people: each address a name's listener bound, where it left one out.
+            self.listening_on = listening_on(listener, bound_address(listener, requested))
         except BaseException:
             self.close()
             raise
@@ -319,7 +321,7 @@ class _ReceiveCall(QemuReceiver):
         """:func:`receive`: ``on_listening(address)``, the migration, then close()."""
         with self:
             if on_listening is not None:
-                on_listening(self.address)
+                on_listening(self.listening_on if self._cli else self.address)
             return self.receive()
 
 

@@ -41,9 +41,12 @@ class ListeningSockets:
     close(). Each member stays non-blocking; accept() waits on them all unless
     ``setblocking(False)``."""
 
-    def __init__(self, sockets: list[socket.socket], name: str) -> None:
+    def __init__(self, sockets: list[socket.socket], name: str,
+                 skipped: tuple[str, ...] = ()) -> None:
         assert sockets, "at least one address was bound"
         self.sockets, self.name = sockets, name
+        # The name's addresses left out, each with why ("10.77.0.9 (Cannot assign ...)").
+        self.skipped = skipped
         self._ready = select.epoll()
         self._blocking = True
         self._next = 0                      # whose accept() comes first: each in turn
@@ -122,7 +125,7 @@ def listen_at_each(targets: list[tuple[int, Any]], where: str, backlog: int) -> 
             if not bound:
                 raise OSError(errno.EADDRNOTAVAIL, f"none of its addresses is this host's: "
                                                    f"{', '.join(left_out)}")
-            listening = ListeningSockets(bound, where)
+            listening = ListeningSockets(bound, where, tuple(left_out))
         except BaseException as exc:
             for sock in bound:
                 sock.close()

@@ -35,7 +35,7 @@ __all__ = ["Address", "host_port", "describe_peer", "Listening", "parse_address"
            "remove_socket_file", "bound_address", "connect", "peer_address",
            "recv_exact", "ConnectionClosed", "send_all", "tune_data_socket", "tune_main_socket",
            "peer_on_this_host", "decrypted_unread", "Listener", "ListeningSockets",
-           "LISTENERS"]
+           "LISTENERS", "listening_on"]
 
 # Unix sockets have no buffer autotuning: large buffers let a send worker's
 # writev of a whole packet complete without waiting on its peer (the kernel
@@ -392,13 +392,25 @@ def bound_address(sock: Listener, requested: Address) -> Address:
 
 
 def _where_each_listens(listening: ListeningSockets) -> Address:
-    """A name's listener: the name, if bound at several of its addresses (a source
-    reaches it at any); the one it has otherwise, which a source should use."""
-    if len(listening.sockets) > 1:
+    """A name's listener: the name, if bound at each of its addresses (a source
+    reaches it at any); otherwise the first it has, which a source should use: the
+    name would send a source to an address left out first (see :func:`listening_on`)."""
+    if len(listening.sockets) > 1 and not listening.skipped:
         name = parse_address(listening.name).target
         assert isinstance(name, tuple), "a name's listener is TCP"
         return Address(socket.AF_UNSPEC, (name[0], listening.port))
     return bound_address(listening.sockets[0], parse_address(listening.name))
+
+
+def listening_on(listener: Listener, address: Address) -> str:
+    """Where ``listener`` accepts, for people ("listening on ..."): ``address`` (as
+    :func:`bound_address` says it), but for a name's listener that left out an address
+    this host lacks, each address it bound ("tcp:127.0.0.1:5000 and tcp:10.77.0.2:5000"):
+    the name stands for the address left out too, and the first address alone is not
+    all it listens at. (The log says each left out, and why: :mod:`.listeners`.)"""
+    if not isinstance(listener, ListeningSockets) or not listener.skipped:
+        return str(address)
+    return " and ".join(str(bound_address(sock, address)) for sock in listener.sockets)
 
 
 CONNECT_RETRY_SECONDS = 3.0     # how long a refused connection is retried

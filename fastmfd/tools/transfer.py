@@ -24,7 +24,7 @@ from ..errors import ConfigError, FastMFDError, NoSourceError
 from ..ownership import check_only_yours
 from ..protocol.security import TLSConfig
 from ..protocol.setup import Setup
-from ..protocol.sockets import (Listener, bound_address, listen, parse_address,
+from ..protocol.sockets import (Listener, bound_address, listen, listening_on, parse_address,
                                 remove_socket_file)
 from ..regions import Region, check_huge_pages
 from ..shm import check_usable
@@ -185,7 +185,7 @@ def listen_once(address: str | Listener, directory: str, *, per_session: bool = 
                          stall_timeout=stall_timeout, max_memory=max_memory,
                          prealloc=prealloc) as dst:
             if on_listening is not None:
-                on_listening(dst.address)
+                on_listening(dst.listening_on)
             if on_destination is not None:
                 on_destination(dst)
 
@@ -275,7 +275,7 @@ def listen_sessions(address: str, directory: str, *, sessions: int | None = None
             warm = WarmFiles(directory, options.get("max_memory"),
                              huge_pages=bool(options.get("huge_pages")))
         if on_listening is not None:
-            on_listening(str(bound_address(listener, requested)))
+            on_listening(listening_on(listener, bound_address(listener, requested)))
         served = 0
         while sessions is None or served < sessions:
             listening: list[Destination] = []
