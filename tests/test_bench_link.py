@@ -202,6 +202,22 @@ def test_a_transfer_crosses_the_link_page_exact(method, nothing_left_behind, lea
 
 @ALONE
 @needs_root
+def test_a_sendall_slower_than_a_step_over_a_slow_link_is_waited_for(monkeypatch,
+                                                                    nothing_left_behind, leaks):
+    """The sendall pair's transfer had STEP_TIMEOUT (60 s) whatever the link: `bench --size
+    8M --peer sendall --link 1mbit` (67 s of bytes) failed "sendall receiver: no Done
+    report within 60 s". It has twice the image's time at the link's rate besides. Here
+    a step is 4 s (the parent's deadlines) and 2 MiB takes about 16 s at 1mbit."""
+    from fastmfd.tools.bench import peers
+    monkeypatch.setattr(peers, "STEP_TIMEOUT", 4.0)
+    with EmulatedLink(parse_link("1mbit")) as link, Image.create("halftext", 2 << 20) as image:
+        measurement = run_once(Setting("sendall", 1, "none"), image, link=link)
+        print(f"2 MiB over 1mbit: {measurement.seconds:.1f} s")
+        assert measurement.details["link_bytes"] >= image.size
+
+
+@ALONE
+@needs_root
 @needs_qemu
 @pytest.mark.parametrize("method", ["qemu", "qemu-to-fastmfd", "fastmfd-to-qemu"])
 def test_qemu_cells_cross_the_link(method, nothing_left_behind, leaks):

@@ -189,6 +189,10 @@ class SendallTrial(_PeerTrial):
                  link: EmulatedLink | None = None) -> None:
         self.image = image
         self._received = image.new_path("sendall-dst")
+        # The transfer's deadline: a step's, and twice what the image takes at the link's
+        # rate (60 s alone failed 8 MiB over a 1mbit link, 67 s of bytes).
+        self._transfer_timeout = STEP_TIMEOUT + (
+            2 * image.size / link.spec.rate_bytes if link is not None else 0.0)
         host = link.destination_host if link is not None else LOOPBACK_HOST
         self._peers = ChildSet(sendall_receiver, ["sendall receiver"])
         try:
@@ -211,7 +215,7 @@ class SendallTrial(_PeerTrial):
     def run(self) -> Measurement:
         started = time.perf_counter()
         self._sender.send(Go(1))
-        self._receiver.expect(Done, STEP_TIMEOUT)
+        self._receiver.expect(Done, self._transfer_timeout)
         seconds = time.perf_counter() - started
         return Measurement(seconds, self.image.size, self.image.size)
 
