@@ -193,7 +193,8 @@ def paced_channel_rate(max_bandwidth: float | None, channels: int, packet: int,
                    f"packet ({packet} bytes) per stall timeout ({stall_timeout:g} s): give "
                    f"a higher rate, or a longer stall timeout")
         raise ConfigError(f"max_bandwidth {max_bandwidth!r} {problem}",
-                          parameter="max_bandwidth", problem=problem)
+                          parameter="max_bandwidth", problem=problem,
+                          involves=("channels", "stall_timeout"))
     return rate
 
 

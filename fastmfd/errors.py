@@ -74,15 +74,18 @@ class ConfigError(FastMFDError, ValueError):
     it (``"stall_timeout"``), and ``problem``, what is wrong with the value (and
     what would do) in words that name no parameter (``"must be seconds in
     0.1..86400"``), so that a command can say it of the option its user typed
-    (``--stall-timeout 0.001: must be ...``); otherwise None and ""."""
+    (``--stall-timeout 0.001: must be ...``); otherwise None and "". ``involves``: the
+    other parameters whose values the problem is about (``("channels",
+    "stall_timeout")``), which a command says are defaults where they were not typed."""
 
     parameter: str | None = None
     problem: str = ""
+    involves: tuple[str, ...] = ()
 
     def __init__(self, message: str, *, parameter: str | None = None,
-                 problem: str = "") -> None:
+                 problem: str = "", involves: tuple[str, ...] = ()) -> None:
         super().__init__(message)
-        self.parameter, self.problem = parameter, problem
+        self.parameter, self.problem, self.involves = parameter, problem, involves
 
 
 class ListenError(ConfigError, OSError):

@@ -402,7 +402,17 @@ def test_a_timeout_out_of_bounds_is_a_usage_error_before_any_work(tmp_path, args
     (["send", "--qemu", "tcp:127.0.0.1:1", "--dir", ".", "--compression", "zlib", "--level",
       "10"], "--level 10: must be in 0..9 for zlib"),
     (["bench", "--compression", "zstd", "--level", "42"], "--level 42: must be in 1..20 for zstd"),
+    # The channels and stall timeout it is about, not typed, are said to be defaults.
     (["send", "tcp:127.0.0.1:1", "/dev/zero", "--max-bandwidth", "10K"],
+     "--max-bandwidth 10K: gives each of the 2 channels 5120 bytes/s, less than one packet "
+     "(1048576 bytes) per stall timeout (30 s): give a higher rate, or a longer stall timeout "
+     "(--channels 2 and --stall-timeout 30: the defaults)"),
+    (["send", "tcp:127.0.0.1:1", "/dev/zero", "--max-bandwidth", "10K", "--channels", "2"],
+     "--max-bandwidth 10K: gives each of the 2 channels 5120 bytes/s, less than one packet "
+     "(1048576 bytes) per stall timeout (30 s): give a higher rate, or a longer stall timeout "
+     "(--stall-timeout 30: the default)"),
+    (["send", "tcp:127.0.0.1:1", "/dev/zero", "--max-bandwidth", "10K", "--channels", "2",
+      "--stall-timeout", "30"],
      "--max-bandwidth 10K: gives each of the 2 channels 5120 bytes/s, less than one packet "
      "(1048576 bytes) per stall timeout (30 s): give a higher rate, or a longer stall timeout"),
     (["send", "tcp:127.0.0.1:1", "/dev/zero", "--timeout", "1e20"],

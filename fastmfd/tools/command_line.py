@@ -83,7 +83,26 @@ def in_options(error: ConfigError, options: Mapping[str, str], args: argparse.Na
     text = parser.typed.get(flag, getattr(args, dest, None))
     if text is None:            # not this command's option, or not given: the library's value
         return str(error)
-    if flag not in parser.typed and text == parser.get_default(dest):
-        shown = f"{text:g}" if isinstance(text, float) else text     # as --help says it
-        return f"{flag} {shown} (the default; give {flag} to change it): {error.problem}"
-    return f"{flag} {text}: {error.problem}"
+    if _defaulted(flag, args, parser):
+        return (f"{flag} {_shown(getattr(args, dest))} (the default; give {flag} to change "
+                f"it): {error.problem}")
+    # The other options the problem is about, those not typed said to be defaults.
+    defaults = [f"{other} {_shown(getattr(args, other.lstrip('-').replace('-', '_')))}"
+                for other in (options.get(name) for name in error.involves)
+                if other is not None and _defaulted(other, args, parser)]
+    return f"{flag} {text}: {error.problem}" + (
+        f" ({' and '.join(defaults)}: {'the defaults' if len(defaults) > 1 else 'the default'})"
+        if defaults else "")
+
+
+def _defaulted(flag: str, args: argparse.Namespace, parser: CommandParser) -> bool:
+    """Whether option ``flag`` has its default's value, not one typed (and has one)."""
+    dest = flag.lstrip("-").replace("-", "_")
+    value = getattr(args, dest, None)
+    return (flag not in parser.typed and value is not None
+            and value == parser.get_default(dest))
+
+
+def _shown(value: Any) -> str:
+    """An option's value as ``--help`` says it (30, not 30.0)."""
+    return f"{value:g}" if isinstance(value, float) else str(value)
