@@ -31,8 +31,8 @@ from qemu_support import needs_qemu
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("tc") is None,
     reason="an emulated link needs root and iproute2 (network namespace, veth, tc)")
-# nothing_left_behind takes every link and namespace made during the test for its own:
-# another worker's, made meanwhile, too (a full run: it deleted one under that test).
+# Within one run the link tests run alone all the same: a link another worker leaked
+# meanwhile would be taken for the test's (made_here: its maker is gone).
 ALONE = pytest.mark.alone("nothing_left_behind: every link made meanwhile is the test's")
 
 
@@ -45,11 +45,49 @@ def devices() -> set[str]:
     return {n for n in os.listdir("/sys/class/net") if n.startswith("fmfd")}
 
 
+def made_here(name: str) -> bool:
+    """Whether a link's namespace or device (named after the pid of the bench that made
+    it) may be this test's: made by this process, by one it started, or by one gone (a
+    leak). One of a live process outside this tree is another test run's, made beside
+    this one: it was taken, and deleted under that run (two suites at once)."""
+    pid = int("".join(c for c in name.removeprefix("fastmfd-link-") if c.isdigit()))
+    if not os.path.exists(f"/proc/{pid}"):
+        return True
+    while pid > 1 and pid != os.getpid():
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rpartition(")")[2].split()[1])      # its parent
+        except OSError:
+            return False
+    return pid == os.getpid()
+
+
+def test_a_link_of_another_runs_live_bench_is_not_taken_for_the_tests():
+    # Another suite's bench, live beside this run, is no process of this tree (its
+    # namespace was deleted under it by this fixture: two helpers' runs at once).
+    with subprocess.Popen(["sleep", "30"], start_new_session=True) as child:
+        try:
+            assert made_here(f"fmfd{child.pid}s")               # started here
+            # Not started by this process: its parent is the sleeping child's sibling.
+            outsider = subprocess.run(
+                ["setsid", "--fork", "sh", "-c", "sleep 30 >/dev/null 2>&1 & echo $!"],
+                capture_output=True, text=True, check=True).stdout.strip()
+            try:
+                assert not made_here(f"fastmfd-link-{outsider}")
+            finally:
+                os.kill(int(outsider), signal.SIGKILL)
+        finally:
+            child.kill()
+    assert made_here(f"fmfd{os.getpid()}d")
+    assert made_here(f"fmfd{child.pid}s")                       # gone: a leak, maybe ours
+
+
 @pytest.fixture
 def nothing_left_behind():
     before = namespaces(), devices()
     yield
-    left = namespaces() - before[0], devices() - before[1]
+    left = ({n for n in namespaces() - before[0] if made_here(n)},
+            {n for n in devices() - before[1] if made_here(n)})
     for device in left[1]:          # the machine stays clean when the test fails
         subprocess.run(["ip", "link", "del", device], capture_output=True)
     for namespace in left[0]:

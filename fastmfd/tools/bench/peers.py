@@ -60,8 +60,7 @@ __all__ = ["SendallTrial", "QemuPeer", "QemuTrial", "find_qemu", "check_qemu",
            "destination_loaded", "dying_with_this_thread"]
 
 STEP_TIMEOUT = 60.0             # seconds any one step (start, connect, transfer) may take
-# Seconds the sendall sender's connect may take, its lookup included (MigrationConfig's
-# default timeout, as fastmfd's trials have): within STEP_TIMEOUT, so the sender says why.
+# The sendall sender's connect, lookup included: fastmfd's default, within STEP_TIMEOUT.
 CONNECT_TIMEOUT = 30.0
 VERSION_TIMEOUT = 10.0          # seconds `qemu -version` may take (check_qemu)
 LOOPBACK_HOST = "127.0.0.1"
