@@ -121,3 +121,13 @@ def test_complete_counters_beyond_those_checked_are_taken():
     from fastmfd.protocol.main_channel import Complete
     row = {"packets": 1, "normal_pages": 2, "zero_pages": 0, "device_packets": 0, "syncs": 3}
     assert decode_payload(Msg.COMPLETE, _complete(row)) == Complete([row], [])
+
+
+def test_a_setup_gives_back_the_config_that_made_it():
+    # Setup.to_config_kwargs: what a destination's hook gets, under MigrationConfig's
+    # names (device_chunk_size is SETUP's chunk_size), through the wire and back.
+    config = MigrationConfig(channels=3, compression="zstd", compression_level=7,
+                             checksum=True, device_chunk_size=1 << 20, stall_timeout=12.5)
+    setup = Setup(uuid=bytes(16), **config.session_values(), regions=(), devices=())
+    received = Setup.decode(json.loads(json.dumps(setup.encode())))
+    assert MigrationConfig(**received.to_config_kwargs()) == config
