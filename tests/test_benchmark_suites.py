@@ -28,8 +28,12 @@ BITMAP = ["benchmarks/test_bench_dirty_bitmap.py", "-k", "sparse"]
 
 
 def _pytest(storage: Path, *args: str, status: int = 0) -> str:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
+    # Not PYTEST_XDIST_WORKER & co.: in a worker of this run's -n 2, pytest-benchmark
+    # read them as its own run's and timed nothing (no JSON saved: a full run failed).
+    env = {name: value for name, value in os.environ.items()
+           if not name.startswith("PYTEST_XDIST")}
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
     env.pop("CI", None)                         # --sizes and --migrate-size say the sizes
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                            "-W", "default", f"--benchmark-storage={storage}", *args],
