@@ -104,9 +104,23 @@ class Device(Protocol):
     """What :meth:`Source.add_device` takes: one ordered state stream.
 
     ``save_setup()`` (called first) and ``config_state() -> bytes`` (sent as the
-    last chunk) are optional and so not part of the protocol."""
-    idstr: str
-    instance_id: int
+    last chunk) are optional and so not part of the protocol.
+
+    ``idstr`` (QEMU's name of the device) and ``instance_id`` (0..2**32-1) are only
+    read: plain attributes, properties and a frozen dataclass's fields all do. To
+    type checkers they are read-only properties, which a settable attribute
+    satisfies too (a subclass of this protocol declares them, ``idstr: str``); at
+    run time, plain annotations, so that a subclass may assign them."""
+
+    if TYPE_CHECKING:
+        @property
+        def idstr(self) -> str: ...
+
+        @property
+        def instance_id(self) -> int: ...
+    else:
+        idstr: str
+        instance_id: int
 
     def read_state(self, buf: memoryview) -> int:
         """Fill the writable ``buf``; return the bytes written, 0 at the end."""

@@ -52,6 +52,7 @@ def _mypy_path() -> dict[str, str]:
 
 # Each mistake's line ends with "# MISTAKE: <what mypy must say>".
 PLANTED = textwrap.dedent("""
+    from dataclasses import dataclass
     from pathlib import Path
 
     import fastmfd
@@ -65,6 +66,33 @@ PLANTED = textwrap.dedent("""
 
     METHODS: list[fastmfd.Compression] = ["zstd", "auto"]
 
+    @dataclass(frozen=True)
+    class FrozenDevice:                                     # a Device: its ids are only read
+        idstr: str
+        instance_id: int
+
+        def read_state(self, buf: memoryview) -> int:
+            return 0
+
+    class PropertyDevice:                                   # and so are properties
+        @property
+        def idstr(self) -> str:
+            return "nic1"
+
+        @property
+        def instance_id(self) -> int:
+            return 0
+
+        def read_state(self, buf: memoryview) -> int:
+            return 0
+
+    class SubclassedDevice(fastmfd.Device):                 # a subclass declares them
+        idstr: str = "nic2"
+        instance_id: int = 0
+
+        def read_state(self, buf: memoryview) -> int:
+            return 0
+
     def main() -> None:
         cfg = fastmfd.MigrationConfig(channels="4")         # MISTAKE: incompatible type "str"
         fastmfd.MigrationConfig(compression="lz4")          # MISTAKE: "Literal['none', 'zlib', 'zstd', 'auto']"
@@ -73,6 +101,9 @@ PLANTED = textwrap.dedent("""
             dst.add_loader("nic0", 0, object())             # MISTAKE: expected "Loader"
             with fastmfd.Source(dst.address, cfg) as src:
                 src.add_device(42)                          # MISTAKE: expected "Device"
+                src.add_device(FrozenDevice("nic0", 0))
+                src.add_device(PropertyDevice())
+                src.add_device(SubclassedDevice())
                 src.add_region(ram)
                 stats = src.migrate(live=False)
                 print(stats.total_time)                     # MISTAKE: no attribute "total_time"
