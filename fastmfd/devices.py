@@ -29,6 +29,7 @@ from __future__ import annotations
 import io
 import operator
 import os
+import sys
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Protocol, TypeGuard, runtime_checkable
@@ -40,8 +41,18 @@ from .errors import ConfigError, MigrationError
 from .protocol.setup import Invalid, check_name
 from .shm import file_identity
 
-if TYPE_CHECKING:
-    from typing_extensions import Buffer     # collections.abc.Buffer from Python 3.12
+# A public signature's name at run time too: typing.get_type_hints() and
+# inspect.signature(eval_str=True) read BytesDevice's (a NameError when imported for
+# type checkers only). typing_extensions is not a dependency of fastmfd.
+if sys.version_info >= (3, 12):
+    from collections.abc import Buffer
+elif TYPE_CHECKING:
+    from typing_extensions import Buffer
+else:
+    try:
+        from typing_extensions import Buffer
+    except ImportError:
+        Buffer = Any
 
 __all__ = ["Device", "Loader", "BytesDevice", "FileDevice", "SyntheticDevice", "CollectLoader",
            "WriteBudget",
@@ -165,9 +176,10 @@ class Loader(Protocol):
 # ------------------------------------------------------------------ devices
 
 class BytesDevice:
-    """A device whose state is a bytes-like object (and optional config bytes)."""
+    """A device whose state is a bytes-like object (and optional config bytes: any
+    bytes-like object, copied)."""
 
-    def __init__(self, idstr: str, instance_id: int, data: Buffer, config: bytes = b"") -> None:
+    def __init__(self, idstr: str, instance_id: int, data: Buffer, config: Buffer = b"") -> None:
         idstr, instance_id = check_device_ids("BytesDevice", idstr, instance_id)
         check_types("BytesDevice", data=(data, BUFFER), config=(config, BUFFER))
         self.idstr, self.instance_id = idstr, instance_id

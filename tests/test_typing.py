@@ -21,11 +21,13 @@ import re
 import subprocess
 import sys
 import textwrap
+import typing
 from pathlib import Path
 
 import pytest
 
 import fastmfd
+import fastmfd.qemu
 from fastmfd.devices import PrecopyDevice
 from readme_examples import readme_python_blocks
 
@@ -104,6 +106,7 @@ PLANTED = textwrap.dedent("""
                 src.add_device(FrozenDevice("nic0", 0))
                 src.add_device(PropertyDevice())
                 src.add_device(SubclassedDevice())
+                src.add_device(fastmfd.BytesDevice("nic3", 0, b"s", config=bytearray(b"c")))
                 src.add_region(ram)
                 stats = src.migrate(live=False)
                 print(stats.total_time)                     # MISTAKE: no attribute "total_time"
@@ -208,6 +211,42 @@ def test_help_describes_every_public_method_and_statistic():
             missing += [f"{name}.{field.name} (field)" for field in dataclasses.fields(cls)
                         if f"\n{field.name} -- " not in inspect.cleandoc(cls.__doc__ or "")]
     assert not missing, missing
+
+
+def _public_callables() -> dict[str, object]:
+    """Every public function, class and method of fastmfd and fastmfd.qemu, by name."""
+    found: dict[str, object] = {}
+    for module in (fastmfd, fastmfd.qemu):
+        for name in module.__all__:
+            value = getattr(module, name)
+            if inspect.isfunction(value):
+                found[name] = value
+            elif inspect.isclass(value):
+                found[name] = value
+                for attr, member in vars(value).items():
+                    if isinstance(member, (classmethod, staticmethod)):
+                        member = member.__func__
+                    elif isinstance(member, property):
+                        member = member.fget
+                    if inspect.isfunction(member) and (attr == "__init__"
+                                                       or not attr.startswith("_")):
+                        found[f"{name}.{attr}"] = member
+    return found
+
+
+def test_public_annotations_resolve_at_run_time():
+    """typing.get_type_hints() (what typeguard, pydantic and inspect.signature(eval_str=True)
+    read) on every public function, class and method: BytesDevice's ``Buffer`` was
+    imported for type checkers only, a NameError at run time."""
+    unresolved = []
+    for name, value in _public_callables().items():
+        try:
+            typing.get_type_hints(value)
+            if not inspect.isclass(value):
+                inspect.signature(value, eval_str=True)
+        except NameError as exc:
+            unresolved.append(f"{name}: {exc}")
+    assert not unresolved, unresolved
 
 
 ALLOWLIST = Path(__file__).with_name("stubtest_allowlist.txt")
