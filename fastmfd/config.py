@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict, Unpack
 
 from .arguments import (BOOL, BYTES, INT, POSITIVE, STR, TIMEOUT, Kind, check_types,
                         instance_of, optional)
@@ -19,8 +19,8 @@ from .errors import ConfigError
 from .protocol.security import TLSConfig, check_auth_key
 from .protocol.setup import COMPRESSION_LEVELS, COMPRESSION_METHODS, Invalid, check_session
 
-__all__ = ["MigrationConfig", "Compression", "COMPRESSION_METHODS", "COMPRESSION_LEVELS",
-           "paced_channel_rate"]
+__all__ = ["MigrationConfig", "Compression", "ConfigChanges", "COMPRESSION_METHODS",
+           "COMPRESSION_LEVELS", "paced_channel_rate"]
 
 Compression = Literal["none", "zlib", "zstd", "auto"]
 """The compression methods, for type checkers (``COMPRESSION_METHODS`` at run time)."""
@@ -175,9 +175,38 @@ class MigrationConfig:
             return 0.0
         return self.max_bandwidth / self.total_channels
 
-    def replace(self, **changes: Any) -> "MigrationConfig":
+    def replace(self, **changes: Unpack[ConfigChanges]) -> "MigrationConfig":
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
+
+
+class ConfigChanges(TypedDict, total=False):
+    """What :meth:`MigrationConfig.replace` takes: any of its fields, as the constructor
+    does, so that a type checker refuses a misspelled field or a wrong type there too
+    (``**changes: Any`` passed them, to fail at run time). The same names and types as
+    the fields (tests/test_typing.py holds them so)."""
+    channels: int
+    device_state_channels: int
+    compression: Compression
+    compression_level: int
+    zero_page_detection: bool
+    channel_header: bool
+    packet_pages: int
+    page_size: int
+    downtime_limit: float
+    max_rounds: int
+    max_bandwidth: float | None
+    max_queued_bytes: int
+    tls: TLSConfig | None
+    auth_key: bytes | None
+    checksum: bool
+    device_chunk_size: int
+    job_packets: int
+    timeout: float
+    stall_timeout: float
+    switchover_ack: bool
+    config_after_ram: bool
+    device_channels_within: bool
 
 
 def paced_channel_rate(max_bandwidth: float | None, channels: int, packet: int,

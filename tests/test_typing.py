@@ -97,6 +97,9 @@ PLANTED = textwrap.dedent("""
 
     def main() -> None:
         cfg = fastmfd.MigrationConfig(channels="4")         # MISTAKE: incompatible type "str"
+        cfg.replace(chanels=4)                              # MISTAKE: argument "chanels"
+        cfg.replace(channels="4")                           # MISTAKE: incompatible type "str"
+        cfg = cfg.replace(channels=4, compression="zstd")
         fastmfd.MigrationConfig(compression="lz4")          # MISTAKE: "Literal['none', 'zlib', 'zstd', 'auto']"
         ram = fastmfd.Region.create("ram", "1G")            # MISTAKE: incompatible type "str"
         with fastmfd.Destination("tcp:127.0.0.1:0") as dst:
@@ -211,6 +214,17 @@ def test_help_describes_every_public_method_and_statistic():
             missing += [f"{name}.{field.name} (field)" for field in dataclasses.fields(cls)
                         if f"\n{field.name} -- " not in inspect.cleandoc(cls.__doc__ or "")]
     assert not missing, missing
+
+
+def test_config_replace_takes_the_fields_of_the_config():
+    """MigrationConfig.replace's keywords (ConfigChanges) are the config's fields, each of
+    the field's type: the type checker holds replace() to what the constructor takes."""
+    from fastmfd.config import ConfigChanges
+    fields = {field.name: str(field.type) for field in dataclasses.fields(fastmfd.MigrationConfig)}
+    changes = {name: kind.__forward_arg__
+               for name, kind in ConfigChanges.__annotations__.items()}
+    assert changes == fields
+    assert not ConfigChanges.__required_keys__
 
 
 def _public_callables() -> dict[str, object]:
