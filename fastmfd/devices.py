@@ -133,7 +133,7 @@ class Device(Protocol):
         idstr: str
         instance_id: int
 
-    def read_state(self, buf: memoryview) -> int:
+    def read_state(self, buf: memoryview, /) -> int:
         """Fill the writable ``buf``; return the bytes written, 0 at the end."""
         ...
 
@@ -146,7 +146,7 @@ class PrecopyDevice(Device, Protocol):
         """Bytes it still wants to send while running."""
         ...
 
-    def save_live_iterate(self, buf: memoryview) -> int:
+    def save_live_iterate(self, buf: memoryview, /) -> int:
         """Fill ``buf`` with live state; return the bytes written, 0 for none now."""
         ...
 
@@ -158,9 +158,10 @@ def has_precopy(device: Device) -> TypeGuard[PrecopyDevice]:
 @runtime_checkable
 class Loader(Protocol):
     """What :meth:`Destination.add_loader` takes: consumes one stream in order,
-    in the destination's reassembly process (so it must be picklable)."""
+    in the destination's reassembly process (so it must be picklable). Its methods
+    are called with positional arguments (as a Device's): name them as you like."""
 
-    def load_state_buffer(self, data: memoryview) -> None:
+    def load_state_buffer(self, data: memoryview, /) -> None:
         """Take the next chunk. ``data`` (as ``load_config``'s) is lent for the call
         only: its memory holds other chunks next. Copy what you keep
         (``bytes(data)``, ``bytearray += data``): a view kept raises ValueError

@@ -227,6 +227,23 @@ def test_config_replace_takes_the_fields_of_the_config():
     assert not ConfigChanges.__required_keys__
 
 
+def test_protocol_methods_take_their_arguments_by_position():
+    """fastmfd calls a device's and a loader's methods with positional arguments
+    (``getattr(device, hook)(*args)`` in _engine/saving.py and reassembly.py), so their
+    names are the user's: the protocols said ``buf`` and ``data`` by keyword too, and
+    pyright refused a device whose read_state named its buffer ``out`` ("Parameter name
+    mismatch: "buf" versus "out"")."""
+    named = []
+    for protocol in (fastmfd.Device, PrecopyDevice, fastmfd.Loader):
+        for name, member in vars(protocol).items():
+            if inspect.isfunction(member) and not name.startswith("_"):
+                parameters = list(inspect.signature(member).parameters.values())[1:]
+                named += [f"{protocol.__name__}.{name}({parameter.name})"
+                          for parameter in parameters
+                          if parameter.kind is not inspect.Parameter.POSITIONAL_ONLY]
+    assert not named, named
+
+
 def _public_callables() -> dict[str, object]:
     """Every public function, class and method of fastmfd and fastmfd.qemu, by name."""
     found: dict[str, object] = {}
