@@ -121,6 +121,8 @@ WRONG = [
     (lambda: fastmfd.Source(42), "Source(address)", "int"),
     (lambda: fastmfd.TLSConfig(cert=42, key=42), "TLSConfig(cert)", "int"),
     (lambda: fastmfd.TLSConfig(authz="client"), "TLSConfig(authz)", "str"),
+    # (it said "'int' object is not iterable", naming nothing)
+    (lambda: fastmfd.TLSConfig(authz=42), "TLSConfig(authz)", "int"),
     (lambda: fastmfd.Region.create("r", 4096, huge_pages="no"), "Region.create(huge_pages)",
      "str"),
     (lambda: fastmfd.Region.from_file("r", "/dev/null", read_only="yes"),
@@ -348,6 +350,15 @@ def test_a_wrong_value_of_the_right_type_stays_a_config_error():
                  lambda: _on_destination("add_loader", "", 0, LOADER)):
         with pytest.raises(fastmfd.ConfigError):
             call()
+
+
+def test_tls_authz_is_taken_from_any_iterable_of_identities_once():
+    """An iterator of identities was checked (which used it up), then kept as the empty
+    tuple: a destination refusing every client, its own source included."""
+    assert fastmfd.TLSConfig(authz=(name for name in ["src.example"])).authz == (
+        "src.example",)
+    assert fastmfd.TLSConfig(authz=iter(["a", "b"])).authz == ("a", "b")
+    assert fastmfd.TLSConfig(authz=["a"]).authz == ("a",)
 
 
 def test_the_kinds_tell_ints_from_bools_and_floats():

@@ -89,9 +89,15 @@ class TLSConfig:
                     ca=(self.ca, optional(PATH)), hostname=(self.hostname, optional(STR)),
                     ciphers=(self.ciphers, optional(STR)))
         if self.authz is not None:
-            if isinstance(self.authz, str) or not all(isinstance(a, str) for a in self.authz):
+            # Taken once: an iterator checked, then kept, was kept empty (every client
+            # refused); something that is no iterable a TypeError naming it, as a str is.
+            try:
+                names = None if isinstance(self.authz, str) else tuple(self.authz)
+            except TypeError:
+                names = None
+            if names is None or not all(isinstance(a, str) for a in names):
                 raise type_error("TLSConfig(authz)", "a list of identity strings", self.authz)
-            object.__setattr__(self, "authz", tuple(self.authz))
+            object.__setattr__(self, "authz", names)
         if (self.cert is None) != (self.key is None):
             raise ConfigError("TLSConfig needs both cert and key, or neither")
         for name in ("cert", "key", "ca"):
