@@ -57,7 +57,7 @@ from .destination import Destination, DestinationResult, Refusal
 from .devices import (BytesDevice, CollectLoader, Device, FileDevice, FileLoader, Loader,
                       SyntheticDevice, VerifyLoader)
 from .errors import (ConfigError, ConnectError, FastMFDError, ListenError, MigrationError,
-                     OutputError, ProtocolError, SecurityError)
+                     NoSourceError, OutputError, ProtocolError, SecurityError)
 from .protocol.security import TLSConfig, read_key_file
 from .protocol.setup import Setup
 from .region_pool import RegionPool
@@ -71,7 +71,7 @@ __all__ = [
     "Device", "Loader", "BytesDevice", "FileDevice", "SyntheticDevice", "CollectLoader", "FileLoader",
     "VerifyLoader", "MigrationStats", "ReceiveStats", "ChannelStats", "RoundStats",
     "FastMFDError", "ConfigError", "ListenError", "ProtocolError", "MigrationError",
-    "SecurityError", "ConnectError", "OutputError",
+    "SecurityError", "ConnectError", "OutputError", "NoSourceError",
 ]
 
 __version__ = "0.1.0"

@@ -11,10 +11,12 @@ import dataclasses
 import inspect
 import pydoc
 import re
+from pathlib import Path
 
 import pytest
 
 import fastmfd
+import fastmfd.errors
 import fastmfd.qemu
 
 PUBLIC = [getattr(module, name) for module in (fastmfd, fastmfd.qemu)
@@ -70,3 +72,13 @@ def test_help_says_what_every_qemu_parameter_is(call, documented_in):
     parameters = [name for name in inspect.signature(call).parameters if name != "self"]
     missing = [name for name in parameters if not re.search(rf"``{name}\b", text)]
     assert not missing, f"{call.__name__}: {missing}"
+
+
+def test_every_error_the_readme_names_is_importable_from_fastmfd():
+    # NoSourceError, named in the README (a wait no source passed), was only
+    # fastmfd.errors.NoSourceError: a program catching it reached into a submodule.
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    named = set(re.findall(r"`(?:fastmfd\.)?([A-Za-z]+Error)`", readme))
+    errors = {name for name in named if isinstance(getattr(fastmfd.errors, name, None), type)}
+    assert "NoSourceError" in errors
+    assert errors <= set(fastmfd.__all__), errors - set(fastmfd.__all__)
