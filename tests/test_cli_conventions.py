@@ -650,6 +650,41 @@ def test_a_tls_file_that_cannot_serve_is_said_of_its_option(tmp_path, tls_files,
     assert not (tmp_path / "out").exists()
 
 
+def test_a_certificate_openssl_refuses_is_said_of_it_not_of_the_key(tmp_path):
+    """A certificate whose RSA key is 1024 bits, refused at OpenSSL's security level 2
+    (Debian's default; set here by OPENSSL_CONF): it was said as "--tls-key KEY: no
+    private key in the file", of the right key."""
+    import datetime
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    key = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(1)
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256()))
+    files = {"cert.pem": cert.public_bytes(serialization.Encoding.PEM),
+             "key.pem": key.private_bytes(serialization.Encoding.PEM,
+                                          serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()),
+             "openssl.cnf": b"openssl_conf = init\n[init]\nssl_conf = ssl\n[ssl]\n"
+                            b"system_default = tls\n[tls]\nCipherString = DEFAULT@SECLEVEL=2\n"}
+    for name_, data in files.items():
+        (tmp_path / name_).write_bytes(data)
+        (tmp_path / name_).chmod(0o600)
+    done = fastmfd_cli("listen", "tcp:127.0.0.1:0", "--dir", str(tmp_path / "out"),
+                       "--tls-cert", str(tmp_path / "cert.pem"),
+                       "--tls-key", str(tmp_path / "key.pem"),
+                       env={**os.environ, "OPENSSL_CONF": str(tmp_path / "openssl.cnf")})
+    assert_one_line_usage_error(done)
+    assert done.stderr.startswith(f"fastmfd listen: --tls-cert {tmp_path / 'cert.pem'}: "
+                                  "OpenSSL refuses the certificate: "), done.stderr
+    assert "ee key too small" in done.stderr, done.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_certificate_that_does_not_load_is_refused_before_any_connection(tmp_path):
     """Found at the first connection, it was a failed session on both sides (a
     listener waited for its sender first)."""

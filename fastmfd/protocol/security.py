@@ -223,9 +223,14 @@ def _load_chain(ctx: ssl.SSLContext, cert: str | os.PathLike[str],
     except (ssl.SSLError, OSError) as exc:
         if not _holds_a_certificate(cert):
             raise _file_error("cert", cert, NO_CERTIFICATE) from None
-        if getattr(exc, "reason", None) == "KEY_VALUES_MISMATCH":
+        reason = getattr(exc, "reason", None)
+        if reason == "KEY_VALUES_MISMATCH":
             raise _file_error("key", key, "not the private key of the certificate given "
                                           "with it") from None
+        if reason is not None:      # the certificate refused, for OpenSSL's own reason
+            said = str(exc).split(" (_ssl.c:")[0]       # ("ee key too small": its key's size)
+            raise _file_error("cert", cert, f"OpenSSL refuses the certificate: {said}") from None
+        # (a key file that holds no key that loads: OpenSSL gives no reason, "PEM lib")
         raise _file_error("key", key, "no private key in the file (PEM: -----BEGIN ... "
                                       "PRIVATE KEY-----)") from None
 
