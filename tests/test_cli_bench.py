@@ -142,6 +142,19 @@ def test_pytest_benchmarks_compare_groups_only_results_measured_alike(tmp_path, 
     assert "benchmark 'random 2.00 MiB, destination preallocated': 1 tests" in compare.stdout
 
 
+def test_a_results_group_holds_its_own_conditions():
+    """A group says what RunConditions.of says of its cell: a sendall cell of a TLS
+    run has no TLS (its extra_info says none), so its group is a plain run's; a QEMU
+    cell's names the QEMU (of() does), a fastmfd cell's does not."""
+    from fastmfd.tools.bench.document import RunConditions
+    from fastmfd.tools.bench.matrix import Setting
+    run = RunConditions(tls="TLS 1.3", qemu="QEMU emulator version 7.2.22")
+    assert run.group(Setting("sendall"), "random", 1 << 20) == "random 1.00 MiB"
+    assert run.group(Setting("fastmfd"), "random", 1 << 20) == "random 1.00 MiB, TLS 1.3"
+    assert run.group(Setting("qemu"), "random", 1 << 20) == (
+        "random 1.00 MiB, TLS 1.3, QEMU emulator version 7.2.22")
+
+
 def _memory_kib(field: str) -> int:
     """VmRSS (resident now) or VmHWM (the peak since the last reset) of this process."""
     with open("/proc/self/status") as status:
@@ -466,6 +479,12 @@ def test_compare_pairs_qemu_cells_only_with_the_same_qemu(tmp_path, capsys):
     assert "qemu" not in results["random fastmfd 1ch none"]
     for method in ("qemu", "qemu-to-fastmfd", "fastmfd-to-qemu"):
         assert results[f"random {method} 1ch none"]["qemu"] == version
+    # pytest-benchmark compare too: a QEMU cell's group names its QEMU (it was the image
+    # and size alone, and a QEMU 7.2 cell shared a table with the same one of QEMU 10).
+    groups = {r["name"]: r["group"] for r in json.loads(before.read_text())["benchmarks"]}
+    assert groups == {"random fastmfd 1ch none": "random 16.0 MiB",
+                      **{f"random {method} 1ch none": f"random 16.0 MiB, {version}"
+                         for method in ("qemu", "qemu-to-fastmfd", "fastmfd-to-qemu")}}
     doc = json.loads(before.read_text())
     for bench in doc["benchmarks"]:
         if "qemu" in bench["extra_info"]:

@@ -79,20 +79,23 @@ class RunConditions:
             fields["qemu"] = self.qemu
         return fields
 
-    def group(self, image: str, image_bytes: int) -> str:
-        """The pytest-benchmark group of a result: the image, its size and what else
-        was not the default, so ``pytest-benchmark compare OLD.json NEW.json`` shows
-        results measured alike in one table (a 16 MiB run beside a 128 MiB one was
-        rated 3.29x slower in the group of its image)."""
+    def group(self, setting: Setting, image: str, image_bytes: int) -> str:
+        """The pytest-benchmark group of a result: the image, its size and what else of
+        :meth:`of` was not the default, so ``pytest-benchmark compare OLD.json NEW.json``
+        shows results measured alike in one table (a 16 MiB run beside a 128 MiB one was
+        rated 3.29x slower in the group of its image; a QEMU cell names its QEMU)."""
+        fields = self.of(setting, image_bytes)
         parts = [f"{image} {format_bytes(image_bytes)}"]
-        if self.link != LINK:
-            parts.append(self.link)
-        if self.tls:
-            parts.append(self.tls)
-        if self.prealloc:
+        if fields["link"] != LINK:
+            parts.append(fields["link"])
+        if fields["tls"]:
+            parts.append(fields["tls"])
+        if fields["prealloc"]:
             parts.append("destination preallocated")
-        if not self.warm_memory:
+        if not fields["warm_memory"]:
             parts.append("free memory not warmed")
+        if fields.get("qemu"):
+            parts.append(fields["qemu"])
         return ", ".join(parts)
 
 
@@ -197,7 +200,7 @@ def _benchmark(result: Result, conditions: RunConditions) -> dict[str, Any]:
     name = result.name
     return {
         "name": name, "fullname": f"fastmfd bench::{name}",
-        "group": conditions.group(result.image, best.image_bytes),
+        "group": conditions.group(setting, result.image, best.image_bytes),
         "stats": run_stats([m.seconds for m in result.measurements]),
         "extra_info": {
             "image": result.image, "compression": setting.compression_label,
