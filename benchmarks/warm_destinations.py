@@ -17,9 +17,10 @@ lands in warm memory. Right before each run the machine's free memory is
 warmed (``warm_free_memory``, as ``fastmfd bench`` and the pytest suites do:
 on a VM that hands free memory back to its host, the run after the image was
 made, always ``plain``'s first, paid the host's faults too). Each run's result
-is checked against the image, outside the timing. Beside each run: the CPU seconds of the destination's workers
-and the cores other processes kept busy meanwhile (foreign load: on a shared
-machine, the figure that says how much a run can be trusted).
+is checked against the image, outside the timing. Beside each run: the CPU
+seconds of the destination's workers and the cores other processes kept busy
+meanwhile (foreign load: on a shared machine, the figure that says how much a
+run can be trusted).
 """
 
 from __future__ import annotations
