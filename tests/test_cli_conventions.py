@@ -50,13 +50,16 @@ def test_version():
     assert done.returncode == 0 and done.stdout.strip() == f"fastmfd {fastmfd.__version__}"
 
 
-def send_to_a_json_listener(out, *send_args: str, sock: str = "sock"
+def send_to_a_json_listener(out, *send_args: str, sock: str = "sock",
+                            listen_extra: tuple[str, ...] = ()
                             ) -> tuple[subprocess.CompletedProcess, subprocess.CompletedProcess]:
     """``fastmfd send ADDRESS *send_args`` into ``fastmfd listen ADDRESS --dir out
-    --json -v`` (its ``args[1]``, a Unix socket named ``sock``): both commands' results."""
+    --json -v *listen_extra`` (its ``args[1]``, a Unix socket named ``sock``): both
+    commands' results."""
     sock_dir = tempfile.mkdtemp(prefix="fmfd-cli-")      # a Unix path holds 107 bytes
     address = f"unix:{sock_dir}/{sock}"
-    listen_args = ["listen", address, "--dir", str(out), "--timeout", "60", "--json", "-v"]
+    listen_args = ["listen", address, "--dir", str(out), "--timeout", "60", "--json", "-v",
+                   *listen_extra]
     listener = subprocess.Popen([sys.executable, "-m", "fastmfd", *listen_args],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -648,6 +651,43 @@ def test_a_tls_file_that_cannot_serve_is_said_of_its_option(tmp_path, tls_files,
     assert done.stderr.startswith(f"fastmfd {command}: --tls-{option} {tls_files[file]}: "
                                   f"{problem}"), done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_ca_file_with_a_pinned_certificate_beside_an_expired_ca_is_taken(tmp_path,
+                                                                          tls_files):
+    """A --tls-ca file of an expired CA and a valid self-signed certificate that is no
+    CA's (a pinned destination): OpenSSL trusts the pinned one, and the session runs.
+    check_dates counted the CA certificates only (get_ca_certs leaves the other out),
+    found them all expired, and send refused the file: "--tls-ca ...: the CA
+    certificate expired on ..."."""
+    import datetime
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "pinned")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    pinned = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+              .public_key(key.public_key()).serial_number(x509.random_serial_number())
+              .not_valid_before(now - datetime.timedelta(days=1))
+              .not_valid_after(now + datetime.timedelta(days=30)).sign(key, hashes.SHA256()))
+    pem = pinned.public_bytes(serialization.Encoding.PEM)
+    files = {"pinned.pem": pem,
+             "pinned-key.pem": key.private_bytes(serialization.Encoding.PEM,
+                                                 serialization.PrivateFormat.PKCS8,
+                                                 serialization.NoEncryption()),
+             "cas.pem": Path(tls_files["old-ca.pem"]).read_bytes() + pem,
+             "ram.img": os.urandom(16 * PAGE)}
+    for name_, data in files.items():
+        (tmp_path / name_).write_bytes(data)
+        (tmp_path / name_).chmod(0o600)
+    sent, listened = send_to_a_json_listener(
+        tmp_path / "out", str(tmp_path / "ram.img"), "--tls-ca", str(tmp_path / "cas.pem"),
+        listen_extra=("--tls-cert", str(tmp_path / "pinned.pem"),
+                      "--tls-key", str(tmp_path / "pinned-key.pem")))
+    assert sent.returncode == 0, sent.stderr
+    assert listened.returncode == 0, listened.stderr
+    assert (tmp_path / "out" / "ram.img").read_bytes() == files["ram.img"]
 
 
 def test_a_certificate_openssl_refuses_is_said_of_it_not_of_the_key(tmp_path):

@@ -269,13 +269,15 @@ def _check_dates(cert: str) -> None:
 
 
 def _check_ca_dates(ca: str) -> None:
-    """ConfigError if every CA certificate of ``ca`` is out of its dates: no peer's
-    certificate can chain to it now (a bundle with one still valid is taken)."""
+    """ConfigError if every certificate of ``ca`` is a CA certificate out of its dates: no
+    peer's certificate can chain to it now (a bundle with one still valid is taken, and
+    one with a certificate that is no CA's, which get_ca_certs leaves out: OpenSSL trusts
+    a self-signed one there as it is, a pinned peer)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.load_verify_locations(ca)
     found = ctx.get_ca_certs()
     whys = [_out_of_dates(str(each["notBefore"]), str(each["notAfter"])) for each in found]
-    if found and all(whys):
+    if found and all(whys) and len(found) == ctx.cert_store_stats()["x509"]:
         raise _file_error("ca", ca, f"the CA certificate {whys[0]}" if len(whys) == 1 else
                           f"each of its {len(whys)} CA certificates is out of its dates")
 
