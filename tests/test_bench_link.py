@@ -16,13 +16,14 @@ import subprocess
 import sys
 import threading
 import time
+import types
 
 import pytest
 from leakcheck import leaks  # noqa: F401
 
 from fastmfd.errors import ConfigError
 from fastmfd.tools.bench import link as link_module
-from fastmfd.tools.bench.link import EmulatedLink, parse_link
+from fastmfd.tools.bench.link import EmulatedLink, parse_link, transfer_timeout
 from fastmfd.tools.bench.matrix import Setting, run_once
 from fastmfd.tools.cli import main
 from fastmfd.tools.images import Image
@@ -101,6 +102,15 @@ def nothing_left_behind():
 def test_link_forms(text, rate_bits, delay_s):
     spec = parse_link(text)
     assert (spec.rate_bits, spec.delay_s) == (rate_bits, pytest.approx(delay_s))
+
+
+def test_a_transfer_over_a_slow_link_has_the_time_its_bytes_take():
+    # The QEMU cells waited a fixed 600 s for a migration: 128 MiB over 1mbit (~1074 s
+    # of bytes) failed every one (sendall's had the allowance already).
+    slow = types.SimpleNamespace(spec=parse_link("1mbit"))
+    seconds_of_bytes = (128 << 20) / (10 ** 6 / 8)
+    assert transfer_timeout(600.0, 128 << 20, slow) == pytest.approx(600 + 2 * seconds_of_bytes)
+    assert transfer_timeout(600.0, 128 << 20, None) == 600.0
 
 
 @pytest.mark.parametrize("text, message", [

@@ -42,7 +42,8 @@ from ...errors import ConfigError
 from ...threads import start_thread
 from ..whole import clean_up_whole, run_whole
 
-__all__ = ["LinkSpec", "parse_link", "check_can_emulate", "enter_namespace", "EmulatedLink"]
+__all__ = ["LinkSpec", "parse_link", "check_can_emulate", "enter_namespace", "EmulatedLink",
+           "transfer_timeout"]
 
 _RATE = re.compile(r"^(\d+(?:\.\d+)?)(k|m|g)?bit$", re.IGNORECASE)
 _DELAY = re.compile(r"^(\d+(?:\.\d+)?)(us|ms|s)$", re.IGNORECASE)
@@ -85,6 +86,13 @@ def parse_link(text: str) -> LinkSpec:
 # What building a link takes: network configuration, and (for `ip netns add`,
 # which bind-mounts the namespace under /run/netns) mounting.
 NEEDED_CAPABILITIES = {"CAP_NET_ADMIN": 12, "CAP_SYS_ADMIN": 21}
+
+
+def transfer_timeout(base: float, size: int, link: EmulatedLink | None) -> float:
+    """Seconds a peer's transfer of ``size`` bytes may take: ``base``, and twice what
+    the bytes take at an emulated link's rate (a fixed deadline failed a slow link's:
+    8 MiB over 1mbit took 67 s)."""
+    return base + (2 * size / link.spec.rate_bytes if link is not None else 0.0)
 
 
 def _missing_capabilities() -> list[str]:

@@ -47,7 +47,7 @@ from ...protocol.sockets import bound_address, connect, host_port, listen, parse
 from ...errors import ConfigError, MigrationError
 from ..images import Image
 from ..loopback import NO_SECURITY, LoopbackSecurity
-from .link import EmulatedLink, enter_namespace
+from .link import EmulatedLink, enter_namespace, transfer_timeout
 from .trial import Measurement, wait_until_idle
 
 
@@ -188,10 +188,7 @@ class SendallTrial(_PeerTrial):
                  link: EmulatedLink | None = None) -> None:
         self.image = image
         self._received = image.new_path("sendall-dst")
-        # The transfer's deadline: a step's, and twice what the image takes at the link's
-        # rate (60 s alone failed 8 MiB over a 1mbit link, 67 s of bytes).
-        self._transfer_timeout = STEP_TIMEOUT + (
-            2 * image.size / link.spec.rate_bytes if link is not None else 0.0)
+        self._transfer_timeout = transfer_timeout(STEP_TIMEOUT, image.size, link)
         host = link.destination_host if link is not None else LOOPBACK_HOST
         self._peers = ChildSet(sendall_receiver, ["sendall receiver"])
         try:
@@ -579,7 +576,8 @@ class QemuTrial(QemuPeer):
     def run(self) -> Measurement:
         started = time.time()
         self.src.command("migrate", uri=self._uri)
-        status = self.src.wait_migration(STEP_TIMEOUT * 10)
+        status = self.src.wait_migration(transfer_timeout(STEP_TIMEOUT * 10, self.image.size,
+                                                          self._link))
         source_done = time.time() - started
         if status == "completed":
             status = self.dst.wait_migration(STEP_TIMEOUT)

@@ -35,6 +35,7 @@ from ...protocol.security import TLSConfig
 from ...protocol.sockets import Listener, listen, parse_address
 from ...threads import start_thread
 from ..warm_files import WarmFiles
+from .link import transfer_timeout
 from .peers import LOOPBACK_HOST, QMP, STEP_TIMEOUT, QemuPeer, destination_loaded
 from .trial import Measurement
 
@@ -192,7 +193,8 @@ class QemuToFastmfdTrial(QemuPeer):
         assert self._receiver is not None, "made by _prepare"
         started = time.perf_counter()
         self.src.command("migrate", uri=self._receiver.address)
-        received = self._receiver.result(STEP_TIMEOUT * 10, self.src)
+        received = self._receiver.result(
+            transfer_timeout(STEP_TIMEOUT * 10, self.image.size, self._link), self.src)
         seconds = time.perf_counter() - started
         if self.src.wait_migration(STEP_TIMEOUT) != "completed":
             raise MigrationError(f"QEMU source: {self.src.command('query-migrate')}")
