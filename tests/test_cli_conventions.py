@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -688,6 +689,92 @@ def test_a_ca_file_with_a_pinned_certificate_beside_an_expired_ca_is_taken(tmp_p
     assert sent.returncode == 0, sent.stderr
     assert listened.returncode == 0, listened.stderr
     assert (tmp_path / "out" / "ram.img").read_bytes() == files["ram.img"]
+
+
+def _with_dates(pem: bytes, not_before: bytes, not_after: bytes) -> bytes:
+    """The certificate ``pem`` with its validity (DER) made GeneralizedTimes
+    ``not_before`` and ``not_after``, as given (the signature no longer matches: a
+    self-signed certificate trusted as it is, pinned, is not checked against it)."""
+    import base64
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    def tlv(tag: int, body: bytes) -> bytes:
+        size = len(body)
+        if size < 128:
+            return bytes([tag, size]) + body
+        raw = size.to_bytes((size.bit_length() + 7) // 8, "big")
+        return bytes([tag, 0x80 | len(raw)]) + raw + body
+
+    def items(body: bytes) -> list[tuple[int, bytes]]:
+        out, at = [], 0
+        while at < len(body):
+            tag, size, at = body[at], body[at + 1], at + 2
+            if size & 0x80:
+                count = size & 0x7F
+                size, at = int.from_bytes(body[at:at + count], "big"), at + count
+            out.append((tag, body[at:at + size]))
+            at += size
+        return out
+
+    der = x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER)
+    outer = items(items(der)[0][1])
+    tbs = items(outer[0][1])
+    tbs[4 if tbs[0][0] == 0xA0 else 3] = (0x30, tlv(0x18, not_before) + tlv(0x18, not_after))
+    der = tlv(0x30, tlv(0x30, b"".join(tlv(*i) for i in tbs))
+              + b"".join(tlv(*i) for i in outer[1:]))
+    return (b"-----BEGIN CERTIFICATE-----\n" + base64.encodebytes(der)
+            + b"-----END CERTIFICATE-----\n")
+
+
+def test_a_certificate_whose_dates_cannot_be_read_is_said_of_its_option(tmp_path):
+    """A certificate whose dates have fractional seconds (a GeneralizedTime OpenSSL
+    loads, prints 'Jan  1 00:00:00.5 2027 GMT', and refuses at verification: 'format
+    error in certificate's notBefore field'): check_dates raised ValueError ('does not
+    match format'), a traceback out of send and listen."""
+    import datetime
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "pinned")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    pem = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+           .public_key(key.public_key()).serial_number(x509.random_serial_number())
+           .not_valid_before(now - datetime.timedelta(days=1))
+           .not_valid_after(now + datetime.timedelta(days=30))
+           .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+           .sign(key, hashes.SHA256())).public_bytes(serialization.Encoding.PEM)
+    year = now.year
+    files = {"odd.pem": _with_dates(pem, b"%d0101000000.5Z" % (year - 1),
+                                    b"%d0101000000.25Z" % (year + 2)),
+             "odd-key.pem": key.private_bytes(serialization.Encoding.PEM,
+                                              serialization.PrivateFormat.PKCS8,
+                                              serialization.NoEncryption()),
+             "ram.img": bytes(PAGE)}
+    for name_, data in files.items():
+        (tmp_path / name_).write_bytes(data)
+        (tmp_path / name_).chmod(0o600)
+    assert b"0101000000.5Z" in ssl.PEM_cert_to_DER_cert(files["odd.pem"].decode())
+    dates = f"(from 'Jan  1 00:00:00.5 {year - 1} GMT' to 'Jan  1 00:00:00.25 {year + 2} GMT')"
+    odd = tmp_path / "odd.pem"
+    listened = fastmfd_cli("listen", "tcp:127.0.0.1:0", "--dir", str(tmp_path / "out"),
+                           "--tls-cert", str(odd), "--tls-key", str(tmp_path / "odd-key.pem"))
+    assert_one_line_usage_error(listened)
+    assert listened.stderr == (f"fastmfd listen: --tls-cert {odd}: the certificate has a "
+                               f"date that cannot be read {dates}\n")
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        sent = fastmfd_cli("send", f"tcp:127.0.0.1:{listening.getsockname()[1]}",
+                           str(tmp_path / "ram.img"), "--tls-ca", str(odd))
+        listening.settimeout(0.1)
+        with pytest.raises(TimeoutError):
+            listening.accept()
+    assert_one_line_usage_error(sent)
+    assert sent.stderr == (f"fastmfd send: --tls-ca {odd}: the CA certificate has a date "
+                           f"that cannot be read {dates}\n")
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_certificate_openssl_refuses_is_said_of_it_not_of_the_key(tmp_path):

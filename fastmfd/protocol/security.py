@@ -248,9 +248,17 @@ def _out_of_dates(not_before: str, not_after: str) -> str | None:
     """Why a certificate valid from ``not_before`` to ``not_after`` (OpenSSL's text) is
     not valid now; None if it is."""
     now = time.time()
-    if ssl.cert_time_to_seconds(not_after) < now:
+    try:
+        after, before = (ssl.cert_time_to_seconds(when) for when in (not_after, not_before))
+    except (ValueError, OverflowError):
+        # A date OpenSSL loads but prints otherwise ('Jan  1 00:00:00.5 2027 GMT':
+        # fractional seconds, which its verification refuses: 'format error in
+        # certificate's notBefore field'), or cannot print ('Bad time value'): this
+        # raised ValueError, a traceback out of send and listen.
+        return f"has a date that cannot be read (from {not_before!r} to {not_after!r})"
+    if after < now:
         return f"expired on {not_after}"
-    if ssl.cert_time_to_seconds(not_before) > now:
+    if before > now:
         return f"is not valid until {not_before}"
     return None
 
