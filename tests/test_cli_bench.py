@@ -279,6 +279,8 @@ def _edited(path: Path, extra_info: dict | None) -> Path:
     # a 64 MiB run beside a 1 GiB one showed a tenfold "speed-up" by times
     ({}, ["--size", "2M"], "image: 1.00 MiB before, 2.00 MiB now"),
     ({"image_bytes": 1 << 30}, [], "image: 1.00 GiB before, 1.00 MiB now"),
+    # (an int past a float's range: format_bytes raised OverflowError, a traceback)
+    ({"image_bytes": 10**400}, [], f"image: {str(10**400)[:57]}... before, 1.00 MiB now"),
     ({}, ["--prealloc"], "destination preallocated: no before, yes now"),
     ({}, ["--cold-memory"], "free memory warmed: yes before, no now"),
     ({"link": "emulated 1gbit (veth, tc)"}, [],
@@ -333,6 +335,16 @@ NOT_RESULTS = {
     "nested 200000 deep": "not a results file written by `fastmfd bench --json` (RecursionError",
     "extra_info a list": "not a results file written by `fastmfd bench --json` (TypeError: "
                          "extra_info of 'x' is not an object)",
+    # A best time past a float's range was an OverflowError traceback; NaN, a negative
+    # one and a string were taken: "nan ms", "-52.88x" in the table after the run.
+    "min 10**400": "not a results file written by `fastmfd bench --json` (OverflowError: "
+                   "int too large to convert to float)",
+    "min NaN": "not a results file written by `fastmfd bench --json` (ValueError: the best "
+               "time of 'x' is nan, not seconds)",
+    "min -1": "not a results file written by `fastmfd bench --json` (ValueError: the best "
+              "time of 'x' is -1, not seconds)",
+    "min \"0.5\"": "not a results file written by `fastmfd bench --json` (ValueError: the "
+                  "best time of 'x' is 0.5, not seconds)",
 }
 
 
@@ -351,6 +363,9 @@ def test_a_compare_file_that_cannot_be_results_fails_before_the_run(tmp_path, ki
             f.truncate(65 << 20)
     elif kind == "extra_info a list":
         path.write_text('{"benchmarks": [{"name": "x", "stats": {"min": 1}, "extra_info": []}]}')
+    elif kind.startswith("min "):
+        best = kind[4:].replace("10**400", str(10**400))
+        path.write_text('{"benchmarks": [{"name": "x", "stats": {"min": %s}}]}' % best)
     else:
         path.write_text("[" * 200_000)
     done = run_bench("--size", "1M", "--channels", "1", "--compression", "none",

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import platform
 import statistics
@@ -126,11 +127,13 @@ class Baseline:
 
 
 def _shown(key: str, value: Any) -> str:
-    if key == "image_bytes" and isinstance(value, int):
+    # (an int past a float's range made format_bytes raise OverflowError, a traceback)
+    if key == "image_bytes" and isinstance(value, int) and abs(value) < 1 << 80:
         return format_bytes(value)
     if isinstance(value, bool):
         return "yes" if value else "no"
-    return "none" if value is None else str(value)
+    text = "none" if value is None else str(value)
+    return text if len(text) <= 60 else f"{text[:57]}..."
 
 
 def load_baseline(path: str) -> dict[str, Baseline]:
@@ -150,7 +153,8 @@ def load_baseline(path: str) -> dict[str, Baseline]:
     try:
         return {b["name"]: _baseline(b) for b in json.loads(text)["benchmarks"]}
     # RecursionError: arrays nested deeper than the parser's stack.
-    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError,
+            OverflowError) as exc:
         raise ConfigError(f"{what}: not a results file written by "
                           f"`fastmfd bench --json` ({type(exc).__name__}: {exc})") from None
 
@@ -160,7 +164,15 @@ def _baseline(benchmark: dict[str, Any]) -> Baseline:
     if not isinstance(extra, dict):
         raise TypeError(f"extra_info of {benchmark['name']!r} is not an object")
     rounds = benchmark["stats"].get("rounds")
-    return Baseline(float(benchmark["stats"]["min"]),
+    best = benchmark["stats"]["min"]
+    # A best time is seconds > 0: NaN, -1 or "0.5" (float() takes a string) made a table
+    # of "nan ms" and "-52.88x", and an int past a float's range (float() raises
+    # OverflowError) a traceback.
+    if not isinstance(best, (int, float)) or isinstance(best, bool) or \
+            not 0 < float(best) < math.inf:
+        raise ValueError(f"the best time of {benchmark['name']!r} is {str(best)[:40]}, "
+                         f"not seconds")
+    return Baseline(float(best),
                     {key: extra[key] for key in _FIELD_NAMES if key in extra},
                     rounds if isinstance(rounds, int) and not isinstance(rounds, bool) else None)
 
