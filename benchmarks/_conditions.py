@@ -31,9 +31,12 @@ def conditions_of(config, nodeid: str) -> dict[str, Any]:
 
 
 def _shown(key: str, value: Any) -> str:
-    if isinstance(value, int) and not isinstance(value, bool) and key.endswith("bytes"):
+    # (an int past a float's range made format_bytes raise OverflowError: an INTERNALERROR)
+    if isinstance(value, int) and not isinstance(value, bool) and key.endswith("bytes") \
+            and abs(value) < 1 << 80:
         return format_bytes(value)
-    return "none" if value is None else str(value)
+    text = "none" if value is None else str(value)
+    return text if len(text) <= 60 else f"{text[:57]}..."
 
 
 def differences(before: Any, now: dict[str, Any]) -> str:
@@ -53,8 +56,12 @@ def drop_unlike(config, compared: dict[str, Any]) -> list[str]:
     benchmark not measured under this run's conditions; one line per benchmark removed."""
     kept, notes = [], []
     for bench in compared.get("benchmarks", []):
-        why = differences(bench.get("extra_info", {}).get("conditions"),
-                          conditions_of(config, bench.get("fullname", "")))
+        # Another tool's file, or one edited: an extra_info that is no object, a fullname
+        # that is no string, raised AttributeError here (pytest's INTERNALERROR).
+        extra = bench.get("extra_info")
+        fullname = bench.get("fullname")
+        why = differences(extra.get("conditions") if isinstance(extra, dict) else None,
+                          conditions_of(config, fullname if isinstance(fullname, str) else ""))
         if why:
             notes.append(f"{bench.get('fullname')}: not compared with the saved run: {why}")
         else:

@@ -100,6 +100,27 @@ def test_a_saved_run_without_conditions_is_not_compared_but_one_that_needs_none_
     assert "[cython-validate] (0002_" in output, output
 
 
+def test_a_saved_run_of_odd_shape_is_left_out_saying_why_not_an_internal_error(tmp_path):
+    # Another tool's file, or one edited: extra_info a list raised AttributeError in the
+    # compare hook, an image_bytes past a float's range OverflowError in format_bytes,
+    # each pytest's INTERNALERROR (exit 3) before any test ran.
+    _pytest(tmp_path, *MIGRATE, "--migrate-size", "1M", "--benchmark-autosave")
+    (path,) = tmp_path.glob("*/0001_*.json")
+    doc = json.loads(path.read_text())
+    (saved,) = doc["benchmarks"]
+    listed = {**saved, "extra_info": []}
+    huge = {**saved, "extra_info": {"conditions": {**saved["extra_info"]["conditions"],
+                                                   "image_bytes": 10**400}}}
+    for shape in (listed, huge):
+        doc["benchmarks"] = [shape]
+        path.write_text(json.dumps(doc))
+        output = _pytest(tmp_path, *MIGRATE, "--migrate-size", "1M", "--benchmark-compare")
+        assert "(0001_" not in output and "INTERNALERROR" not in output, output
+        assert "test_migrate[random-none-1ch]: not compared with the saved run: " + (
+            "its conditions were not recorded" if shape is listed else
+            f"image_bytes: {str(10**400)[:57]}... before, 1.00 MiB now") in output, output
+
+
 def test_the_downtime_benchmarks_statistics_are_of_the_downtime(tmp_path):
     # They were of the whole migration: precopy + ack's live rounds made it the slowest
     # in pytest-benchmark's table though its downtime was a fifth of all-at-stop's.
