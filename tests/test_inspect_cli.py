@@ -133,3 +133,25 @@ def test_a_capture_of_a_tls_connection_is_said_to_be_one(tmp_path):
     assert done.stderr.startswith(f"fastmfd inspect: {capture} at byte 0: a TLS record "
                                   f"(first bytes 1603"), done.stderr
     assert "inspect decodes plaintext captures only" in done.stderr
+
+
+NO_QEMU_CHECKSUM = ("fastmfd inspect: checksum: QEMU's packets (the qemu-7.2 layout, or a QEMU "
+                    "main channel) carry no fastmfd checksum\n")
+
+
+@pytest.mark.parametrize("which, options, status", [
+    ("all", [], 2), ("channel", ["--layout", "qemu-7.2"], 2), ("channel", [], 1)])
+def test_checksum_with_qemus_packets_is_one_line(which, options, status):
+    """--checksum with a QEMU capture: the qemu-7.2 layout (given, or a QEMU main
+    channel's; or tried when a lone channel failed as current) made a RamPacketCodec
+    with fastmfd's checksum: ValueError 'the QEMU 7.2 layout has no fastmfd
+    extensions', a traceback (found by benchmarks/fuzz.py's inspect target)."""
+    files = capture_files("none")
+    paths = map(str, files if which == "all" else files[1:2])
+    done = run_module("--checksum", *options, *paths)
+    assert done.returncode == status and done.stdout == "", done.stderr
+    assert len(done.stderr.splitlines()) == 1 and "Traceback" not in done.stderr, done.stderr
+    if status == 2:
+        assert done.stderr == NO_QEMU_CHECKSUM
+    else:
+        assert "RAM packet field 'checksum'" in done.stderr, done.stderr
