@@ -514,8 +514,10 @@ def _capture_sets():
     import fastmfd.tools.inspect.capture as capture
     from inspect_support import (ROUND_ENDS, ChannelWriter, PACKET_PAGES, SESSION_UUID,
                                  Session, device_message, two_rounds)
-    # Every read goes to the case's bytes, not to the disk.
-    capture._read_file = lambda path: _IN_MEMORY[str(path)]
+    # Every read goes to the case's bytes, not to the disk. (It patched _read_file,
+    # which 007fbf5 replaced by _map_file: every case was "No such file", a ConfigError
+    # counted as refused, and no capture was decoded.)
+    capture._map_file = lambda path: _IN_MEMORY[str(path)]
     Msg = mc.Msg
     sets = []
     for version in ("qemu-7.2", "qemu-10.0"):
@@ -564,13 +566,14 @@ def _capture_sets():
         if name.startswith("fastmfd") and "old way" not in name:
             sets.append((f"{name} channels", {k: v for k, v in files.items()
                                                if k != "main.bin"}, {"packet_pages": 16}))
+    sets += _recorded_sessions()
     out = []
     for name, files, kwargs in sets:
         files = {(k if "/" in k else f"{name.replace(' ', '-')}/{k}"): v
                  for k, v in files.items()}
         _IN_MEMORY.clear()
         _IN_MEMORY.update(files)
-        positions = {k: [0, 12, 64, 76] for k in files}
+        positions = {k: [0, 12, 64, 76, 128, 140] for k in files}     # 128: a key proof's end
         try:
             cap = capture.read_capture(list(files), **kwargs)
             for ch in cap.channels:
@@ -578,12 +581,37 @@ def _capture_sets():
             if cap.main is not None and hasattr(cap.main, "rounds"):
                 positions[cap.main.path] += [r.at for rnd in cap.main.rounds for r in rnd]
             ok = True
-        except Exception:       # noqa: BLE001 - a seed inspect refuses is still a seed
-            ok = False
+        except Exception as exc:
+            # Every seed decodes: when none did (a stale patch above), the target
+            # fuzzed nothing and said nothing.
+            raise RuntimeError(f"the seed {name!r} does not decode: {exc}") from exc
         positions = {k: tuple(random.Random(3).sample(v, min(len(v), 400)))
                      for k, v in positions.items()}
         out.append((name, files, kwargs, positions, ok))
     return capture, out
+
+
+def _recorded_sessions() -> list[tuple[str, dict[str, bytes], dict]]:
+    """Real sessions (_fuzz_sessions.py, recorded in a child: a fuzz worker is daemonic):
+    a shared key, the old way with checksums; each with and without its main channel."""
+    import shutil
+    import subprocess
+    import tempfile
+    out = tempfile.mkdtemp(prefix="fastmfd-fuzz-sessions-")
+    try:
+        subprocess.run([sys.executable, str(Path(__file__).with_name("_fuzz_sessions.py")),
+                        out], check=True, timeout=300, stdout=subprocess.DEVNULL)
+        sessions = json.loads((Path(out) / "sessions.json").read_text())
+        sets = []
+        for name, kwargs in sessions.items():
+            directory = Path(out) / name.removesuffix(" channels").replace(" ", "-")
+            files = {f"real {name}/{p.name}": p.read_bytes()
+                     for p in sorted(directory.glob("*.bin"))
+                     if not (name.endswith(" channels") and p.name == "main.bin")}
+            sets.append((f"real {name}", files, kwargs))
+        return sets
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def _capture_target(weight: float) -> Target:
