@@ -344,7 +344,9 @@ NOT_RESULTS = {
     "min -1": "not a results file written by `fastmfd bench --json` (ValueError: the best "
               "time of 'x' is -1, not seconds)",
     "min \"0.5\"": "not a results file written by `fastmfd bench --json` (ValueError: the "
-                  "best time of 'x' is 0.5, not seconds)",
+                  "best time of 'x' is '0.5', not seconds)",
+    "min \"\\n\"": "not a results file written by `fastmfd bench --json` (ValueError: the "
+                   "best time of 'x' is '\\n', not seconds)",
 }
 
 

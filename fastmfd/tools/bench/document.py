@@ -170,8 +170,8 @@ def _baseline(benchmark: dict[str, Any]) -> Baseline:
     # OverflowError) a traceback.
     if not isinstance(best, (int, float)) or isinstance(best, bool) or \
             not 0 < float(best) < math.inf:
-        raise ValueError(f"the best time of {benchmark['name']!r} is {str(best)[:40]}, "
-                         f"not seconds")
+        raise ValueError(f"the best time of {repr(benchmark['name'])[:60]} is "
+                         f"{repr(best)[:40]}, not seconds")
     return Baseline(float(best),
                     {key: extra[key] for key in _FIELD_NAMES if key in extra},
                     rounds if isinstance(rounds, int) and not isinstance(rounds, bool) else None)
