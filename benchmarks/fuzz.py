@@ -13,8 +13,9 @@ Not part of the unit suite (pytest does not collect it): a campaign of minutes.
   headers, init packets, channel headers, main-channel message headers,
   zlib/zstd payload streams, the QEMU main channel (``protocol.qemu``) and
   whole captures through ``fastmfd inspect``'s reader (the real QEMU 7.2 and
-  10.0 captures in shared/data beside the checkout, read only, and captures
-  fastmfd's encoders make);
+  10.0 captures in shared/data beside the checkout, read only, captures
+  fastmfd's encoders make, and real sessions recorded, ``_fuzz_sessions.py``:
+  a shared key, the old way with checksums; with and without the main channel);
 - ``--setups N`` mutated SETUPs (``Setup.decode`` strict and lenient) and
   main-channel payloads of every message type (``decode_payload``);
 - ``--live N`` connections to real ``fastmfd.Destination`` s on loopback:
