@@ -654,6 +654,26 @@ def test_a_tls_file_that_cannot_serve_is_said_of_its_option(tmp_path, tls_files,
     assert not (tmp_path / "out").exists()
 
 
+def _self_signed(*, ca: bool):
+    """A new EC key and its self-signed certificate ("pinned"), valid from a day ago for
+    30 days; a CA's (basic constraints) if ``ca``."""
+    import datetime
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "pinned")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(days=1))
+               .not_valid_after(now + datetime.timedelta(days=30)))
+    if ca:
+        builder = builder.add_extension(x509.BasicConstraints(ca=True, path_length=None),
+                                        critical=True)
+    return key, builder.sign(key, hashes.SHA256())
+
+
 def test_a_ca_file_with_a_pinned_certificate_beside_an_expired_ca_is_taken(tmp_path,
                                                                           tls_files):
     """A --tls-ca file of an expired CA and a valid self-signed certificate that is no
@@ -661,17 +681,8 @@ def test_a_ca_file_with_a_pinned_certificate_beside_an_expired_ca_is_taken(tmp_p
     check_dates counted the CA certificates only (get_ca_certs leaves the other out),
     found them all expired, and send refused the file: "--tls-ca ...: the CA
     certificate expired on ..."."""
-    import datetime
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "pinned")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    pinned = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-              .public_key(key.public_key()).serial_number(x509.random_serial_number())
-              .not_valid_before(now - datetime.timedelta(days=1))
-              .not_valid_after(now + datetime.timedelta(days=30)).sign(key, hashes.SHA256()))
+    from cryptography.hazmat.primitives import serialization
+    key, pinned = _self_signed(ca=False)
     pem = pinned.public_bytes(serialization.Encoding.PEM)
     files = {"pinned.pem": pem,
              "pinned-key.pem": key.private_bytes(serialization.Encoding.PEM,
@@ -733,19 +744,10 @@ def test_a_certificate_whose_dates_cannot_be_read_is_said_of_its_option(tmp_path
     error in certificate's notBefore field'): check_dates raised ValueError ('does not
     match format'), a traceback out of send and listen."""
     import datetime
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "pinned")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    pem = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-           .public_key(key.public_key()).serial_number(x509.random_serial_number())
-           .not_valid_before(now - datetime.timedelta(days=1))
-           .not_valid_after(now + datetime.timedelta(days=30))
-           .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-           .sign(key, hashes.SHA256())).public_bytes(serialization.Encoding.PEM)
-    year = now.year
+    from cryptography.hazmat.primitives import serialization
+    key, certificate = _self_signed(ca=True)
+    pem = certificate.public_bytes(serialization.Encoding.PEM)
+    year = datetime.datetime.now(datetime.timezone.utc).year
     files = {"odd.pem": _with_dates(pem, b"%d0101000000.5Z" % (year - 1),
                                     b"%d0101000000.25Z" % (year + 2)),
              "odd-key.pem": key.private_bytes(serialization.Encoding.PEM,
