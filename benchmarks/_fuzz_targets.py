@@ -19,6 +19,7 @@ Anything else raised (TypeError, KeyError, RecursionError...) is a finding.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import struct
@@ -509,15 +510,28 @@ def _qemu_main_target(weight: float) -> Target:
 _IN_MEMORY: dict[str, bytes] = {}
 
 
+@contextlib.contextmanager
+def _in_memory(capture, files: dict[str, bytes]):
+    """Every read of ``capture`` goes to ``files``' bytes, not to the disk, for the
+    block only: patched for good, a test that ran the target (in an xdist worker) left
+    every later inspect test of that worker reading this dict (KeyError). (It once
+    patched _read_file, which 007fbf5 replaced by _map_file: every case was "No such
+    file", a ConfigError counted as refused, and no capture was decoded.)"""
+    _IN_MEMORY.clear()
+    _IN_MEMORY.update(files)
+    real = capture._map_file
+    capture._map_file = lambda path: _IN_MEMORY[str(path)]
+    try:
+        yield
+    finally:
+        capture._map_file = real
+
+
 def _capture_sets():
     """(name, {file: bytes}, read_capture kwargs, positions per file) of valid captures."""
     import fastmfd.tools.inspect.capture as capture
     from inspect_support import (ROUND_ENDS, ChannelWriter, PACKET_PAGES, SESSION_UUID,
                                  Session, device_message, two_rounds)
-    # Every read goes to the case's bytes, not to the disk. (It patched _read_file,
-    # which 007fbf5 replaced by _map_file: every case was "No such file", a ConfigError
-    # counted as refused, and no capture was decoded.)
-    capture._map_file = lambda path: _IN_MEMORY[str(path)]
     Msg = mc.Msg
     sets = []
     for version in ("qemu-7.2", "qemu-10.0"):
@@ -571,11 +585,10 @@ def _capture_sets():
     for name, files, kwargs in sets:
         files = {(k if "/" in k else f"{name.replace(' ', '-')}/{k}"): v
                  for k, v in files.items()}
-        _IN_MEMORY.clear()
-        _IN_MEMORY.update(files)
         positions = {k: [0, 12, 64, 76, 128, 140] for k in files}     # 128: a key proof's end
         try:
-            cap = capture.read_capture(list(files), **kwargs)
+            with _in_memory(capture, files):
+                cap = capture.read_capture(list(files), **kwargs)
             for ch in cap.channels:
                 positions[ch.path] += [p.offset for p in ch.packets]
             if cap.main is not None and hasattr(cap.main, "rounds"):
@@ -635,10 +648,8 @@ def _capture_target(weight: float) -> Target:
         capture, sets = state
         index, mutated, order = case
         name, files, kwargs, _, _ = sets[index]
-        _IN_MEMORY.clear()
-        _IN_MEMORY.update(files)
-        _IN_MEMORY.update(mutated)
-        result = capture.read_capture(order, **kwargs)
+        with _in_memory(capture, {**files, **mutated}):
+            result = capture.read_capture(order, **kwargs)
         json.dumps(result.summary())
 
     return Target("inspect captures", "packets", weight, _capture_sets, make, run, 20)

@@ -77,7 +77,10 @@ def test_the_inspect_target_decodes_its_seeds_and_reads_its_cases():
     encoders', real sessions with a shared key and the old way with checksums) each
     decode at build, and some of its mutated cases are accepted."""
     import random
+
+    import fastmfd.tools.inspect.capture as capture
     from _fuzz_targets import TARGETS
+    reads_files = capture._map_file
     target = TARGETS["inspect captures"]
     state = target.build()
     names = [seed[0] for seed in state[1]]
@@ -90,3 +93,6 @@ def test_the_inspect_target_decodes_its_seeds_and_reads_its_cases():
         except fastmfd.FastMFDError as exc:
             assert "No such file" not in str(exc), exc
     assert accepted > 0
+    # The reads go to the cases' bytes for each case only: patched for good, every later
+    # inspect test of this xdist worker read the target's dict (KeyError; a full run).
+    assert capture._map_file is reads_files
