@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from typing import Any, Callable
 
-from fastmfd.units import format_bytes
+from fastmfd.tools.bench.document import shown_condition
 
 # test module file name -> what its timings depend on beside the test's name, as
 # this run's options set it (conftest.py and conftest_migrate.py fill it in).
@@ -30,15 +30,6 @@ def conditions_of(config, nodeid: str) -> dict[str, Any]:
     return made(config) if made is not None else {}
 
 
-def _shown(key: str, value: Any) -> str:
-    # (an int past a float's range made format_bytes raise OverflowError: an INTERNALERROR)
-    if isinstance(value, int) and not isinstance(value, bool) and key.endswith("bytes") \
-            and abs(value) < 1 << 80:
-        return format_bytes(value)
-    text = "none" if value is None else str(value)
-    return text if len(text) <= 60 else f"{text[:57]}..."
-
-
 def differences(before: Any, now: dict[str, Any]) -> str:
     """Why a saved benchmark measured under ``before`` (its extra_info's conditions, if
     any) is not comparable with one measured under ``now``; "" when it is."""
@@ -46,8 +37,9 @@ def differences(before: Any, now: dict[str, Any]) -> str:
         return ""
     if not isinstance(before, dict):
         return f"its conditions were not recorded (now: " \
-               f"{', '.join(f'{k} {_shown(k, v)}' for k, v in now.items())})"
-    return "; ".join(f"{key}: {_shown(key, before.get(key))} before, {_shown(key, value)} now"
+               f"{', '.join(f'{k} {shown_condition(k, v)}' for k, v in now.items())})"
+    return "; ".join(f"{key}: {shown_condition(key, before.get(key))} before, "
+                     f"{shown_condition(key, value)} now"
                      for key, value in now.items() if before.get(key) != value)
 
 

@@ -69,7 +69,7 @@ def test_a_migration_into_preallocated_memory_is_not_compared_with_fresh(tmp_pat
     output = _pytest(tmp_path, *MIGRATE, "--migrate-size", "1M", "--migrate-prealloc",
                      "--benchmark-compare")
     assert "(0001_" not in output, output
-    assert "prealloc: False before, True now" in output, output
+    assert "prealloc: no before, yes now" in output, output
 
 
 def test_core_benchmarks_of_other_sizes_are_not_compared(tmp_path):
@@ -94,7 +94,7 @@ def test_a_saved_run_without_conditions_is_not_compared_but_one_that_needs_none_
         path.write_text(json.dumps(doc))
     output = _pytest(tmp_path, *MIGRATE, "--migrate-size", "1M", "--benchmark-compare=0001")
     assert "(0001_" not in output, output
-    assert "its conditions were not recorded (now: image_bytes 1.00 MiB, prealloc False, " \
+    assert "its conditions were not recorded (now: image_bytes 1.00 MiB, prealloc no, " \
            "link none)" in output, output
     output = _pytest(tmp_path, *header, "--benchmark-compare=0002")
     assert "[cython-validate] (0002_" in output, output

@@ -49,7 +49,8 @@ from .matrix import QEMU_METHODS, TLS_METHODS
 if TYPE_CHECKING:
     from .matrix import Result, Setting
 
-__all__ = ["RunConditions", "Baseline", "document", "load_baseline", "check_comparable"]
+__all__ = ["RunConditions", "Baseline", "document", "load_baseline", "check_comparable",
+           "shown_condition"]
 
 LINK = "loopback TCP"           # what carries the bytes without --link
 # A results file holds a few KiB per setting; past this it is not one (and
@@ -120,15 +121,20 @@ class Baseline:
         lacks (a pytest-benchmark file, an older bench) differs: it may have been anything."""
         before = self.conditions
         unknown = [_FIELD_NAMES[key] for key in now if key not in before]
-        return "; ".join([f"{_FIELD_NAMES[key]}: {_shown(key, before[key])} before, "
-                          f"{_shown(key, value)} now" for key, value in now.items()
+        return "; ".join([f"{_FIELD_NAMES[key]}: {shown_condition(key, before[key])} before, "
+                          f"{shown_condition(key, value)} now" for key, value in now.items()
                           if key in before and before[key] != value]
                          + ([f"not recorded before: {', '.join(unknown)}"] if unknown else []))
 
 
-def _shown(key: str, value: Any) -> str:
+def shown_condition(key: str, value: Any) -> str:
+    """A condition's value as a "before"/"now" line says it (``bench --compare``'s and
+    the benchmark suites' compare hook's): a size of ``*_bytes`` in binary units, a
+    flag yes or no, anything else as text cut at 60 characters (a saved file may hold
+    anything)."""
     # (an int past a float's range made format_bytes raise OverflowError, a traceback)
-    if key == "image_bytes" and isinstance(value, int) and abs(value) < 1 << 80:
+    if key.endswith("bytes") and isinstance(value, int) and not isinstance(value, bool) \
+            and abs(value) < 1 << 80:
         return format_bytes(value)
     if isinstance(value, bool):
         return "yes" if value else "no"
