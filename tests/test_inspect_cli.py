@@ -135,6 +135,73 @@ def test_a_capture_of_a_tls_connection_is_said_to_be_one(tmp_path):
     assert "inspect decodes plaintext captures only" in done.stderr
 
 
+def _tls_records() -> dict[str, bytes]:
+    """Real first bytes of TLS connections (trustme's CA): what a TLS 1.3-only server
+    sends a TLS 1.2 client over a socket pair (an alert), and a TLS 1.3 client's
+    second flight (ChangeCipherSpec first) and application data, as a capture started
+    mid-session holds them."""
+    import socket
+    import ssl
+    import threading
+
+    import trustme
+    ca = trustme.CA()
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ca.issue_cert("destination").configure_cert(server_ctx)
+    client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ca.configure_trust(client_ctx)
+
+    def handshake(tls: ssl.SSLSocket | ssl.SSLObject) -> None:
+        with pytest.raises((ssl.SSLWantReadError, ssl.SSLError)):
+            tls.do_handshake()
+
+    old_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    old_ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    ca.configure_trust(old_ctx)
+    outgoing = ssl.MemoryBIO()
+    handshake(old_ctx.wrap_bio(ssl.MemoryBIO(), outgoing, server_hostname="destination"))
+    ours, theirs = socket.socketpair()
+    with ours, server_ctx.wrap_socket(theirs, server_side=True,
+                                      do_handshake_on_connect=False) as server:
+        refusing = threading.Thread(target=handshake, args=(server,))
+        refusing.start()
+        ours.sendall(outgoing.read())
+        refusing.join()             # it failed, its alert sent
+        ours.settimeout(10)
+        alert = ours.recv(4096)
+
+    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+    client = client_ctx.wrap_bio(c_in, c_out, server_hostname="destination")
+    server_side = server_ctx.wrap_bio(s_in, s_out, server_side=True)
+    handshake(client)
+    s_in.write(c_out.read())
+    handshake(server_side)
+    c_in.write(s_out.read())
+    client.do_handshake()
+    second = c_out.read()
+    client.write(b"QEVM")
+    return {"alert": alert, "second flight": second, "data": c_out.read()}
+
+
+def test_a_capture_starting_with_any_tls_record_is_said_to_be_tls(tmp_path):
+    # A capture starting with an alert (0x15), a ChangeCipherSpec (0x14) or application
+    # data (0x17) was an "unknown channel"; only a handshake record (0x16) was named TLS.
+    records = _tls_records()
+    assert {name: data[:2] for name, data in records.items()} == {
+        "alert": b"\x15\x03", "second flight": b"\x14\x03", "data": b"\x17\x03"}
+    for name, data, what in [("alert", records["alert"], "an alert"),
+                             ("second flight", records["second flight"], "a ChangeCipherSpec"),
+                             ("data", records["data"], "application data")]:
+        capture = tmp_path / f"{name}.bin"
+        capture.write_bytes(data)
+        done = run_module(str(capture), timeout=20)
+        assert done.returncode == 1 and len(done.stderr.splitlines()) == 1, done.stderr
+        assert done.stderr.startswith(f"fastmfd inspect: {capture} at byte 0: a TLS record "
+                                      f"(first bytes {data[:4].hex()}: {what}): this "
+                                      "connection was in TLS"), done.stderr
+
+
 NO_QEMU_CHECKSUM = ("fastmfd inspect: checksum: QEMU's packets (the qemu-7.2 layout, or a QEMU "
                     "main channel) carry no fastmfd checksum\n")
 

@@ -119,6 +119,29 @@ def test_inspect_checks_the_checksums_of_a_real_session(tmp_path):
         read_capture(_files_in(tmp_path / "swapped", {**files, "0.bin": swapped}))
 
 
+def test_a_lone_checksummed_channel_without_checksum_is_told_to_try_it(tmp_path):
+    """A checksummed session's multifd channel alone, inspected without --checksum (no
+    SETUP says it): the failure names the checksum, which decodes it. It named QEMU 7.2's
+    layout, which decodes the packets too, their CRC taken for unused bytes."""
+    config = fastmfd.MigrationConfig(channels=1, checksum=True)     # QEMU's 128 pages a packet
+    records = {"main": Record(), 0: Record()}
+    region = make_region("ram", 300 * PAGE, seed=3)
+    try:
+        with Migration(config, proxy=Proxy(records)) as m:
+            m.source.add_region(region)
+            m.run().ok()
+        paths = write_files(tmp_path, {"0.bin": bytes(records[0].bytes)})
+        with pytest.raises(fastmfd.ProtocolError) as failed:
+            read_capture(paths)
+        assert failed.value.field == "unused"
+        assert str(failed.value).endswith(": with fastmfd's checksum it decodes (a checksummed "
+                                          "fastmfd session's channel? `inspect --checksum`)")
+        assert (_image(read_capture(paths, checksum=True), "ram", region.size)
+                == region.array).all()
+    finally:
+        region.close()
+
+
 @pytest.mark.parametrize("compression", ["zlib", "zstd"])
 @pytest.mark.parametrize("main", [True, False], ids=["with-main", "channels-only"])
 def test_compressed_channel_starting_with_a_device_chunk(tmp_path, compression, main):

@@ -30,6 +30,11 @@ CHANNEL_HEADER_PREFIX = (4).to_bytes(8, "big")    # BE u64 header_size = 4 (DESI
 MULTIFD_MAGIC = _core.MULTIFD_MAGIC.to_bytes(4, "big")
 FMFD_MAGIC = MAIN_MAGIC.to_bytes(4, "big")
 DEFAULT_MAX_RAM_BYTES = 1 << 32
+# TLS's record content types (RFC 8446 §5.1), one of which starts every record: a
+# capture of a connection in TLS starts with one (a ClientHello; a server's alert
+# refusing a client; a record of a capture started mid-session).
+TLS_RECORDS = {0x14: "a ChangeCipherSpec", 0x15: "an alert", 0x16: "a handshake message",
+               0x17: "application data"}
 
 
 def read_capture(paths: Iterable[str | os.PathLike[str]], *, packet_pages: int | None = None, page_size: int = 4096,
@@ -98,25 +103,38 @@ def read_capture(paths: Iterable[str | os.PathLike[str]], *, packet_pages: int |
 
 def _channels_alone(paths: list[str | os.PathLike[str]], **options: Any) -> Capture:
     """:func:`read_capture` of multifd channels without their main channel, which
-    would say the layout: "current" is assumed. A failure says whether QEMU 7.2's
-    layout decodes them: a QEMU 7.2 capture's lone conn1.bin was reported corrupt
-    ("next_packet_size: received 31, expected 0"), with no word of the layout."""
+    would say the layout and the checksum: "current" is assumed, without one unless
+    given. A failure says what does decode them: fastmfd's checksum (a checksummed
+    session's channel failed at its packets' 'unused' bytes, where the CRC sits, and
+    was named a QEMU 7.2 capture, which it decodes as), else QEMU 7.2's layout (a
+    QEMU 7.2 capture's lone conn1.bin was reported corrupt, "next_packet_size:
+    received 31, expected 0", with no word of the layout)."""
     try:
         return read_capture(paths, layout=_core.LAYOUT_CURRENT, **options)
     except ProtocolError as exc:
-        try:
-            read_capture(paths, layout=_core.LAYOUT_QEMU72, **options)
-        except FastMFDError:
-            note = f" (as layout {_core.LAYOUT_QEMU72} it fails too)"
-            if options.get("checksum"):
-                note = ""           # (no QEMU 7.2 capture has fastmfd's checksum)
-        else:
+        if not options["checksum"] and _decodes(paths, layout=_core.LAYOUT_CURRENT,
+                                                **{**options, "checksum": True}):
+            note = (": with fastmfd's checksum it decodes (a checksummed fastmfd session's "
+                    "channel? `inspect --checksum`)")
+        elif _decodes(paths, layout=_core.LAYOUT_QEMU72, **options):
             note = (f": as layout {_core.LAYOUT_QEMU72} it decodes (a QEMU 7.2 capture? "
                     f"`inspect --layout {_core.LAYOUT_QEMU72}`)")
+        else:
+            note = f" (as layout {_core.LAYOUT_QEMU72} it fails too)"
+            if options["checksum"]:
+                note = ""           # (no QEMU 7.2 capture has fastmfd's checksum)
         raise ProtocolError(f"{exc.detail}; decoded as layout {_core.LAYOUT_CURRENT}, since no "
                             f"main channel says which{note}", field=exc.field,
                             received=exc.received, expected=exc.expected,
                             where=exc.where) from None
+
+
+def _decodes(paths: list[str | os.PathLike[str]], **options: Any) -> bool:
+    try:
+        read_capture(paths, **options)
+    except FastMFDError:
+        return False
+    return True
 
 
 def _no_qemu_checksum() -> ConfigError:
@@ -193,12 +211,12 @@ def _classify(reader: ByteReader) -> tuple[str, int | None]:
     if header_type in (None, _core.CHANNEL_MULTIFD, _core.CHANNEL_DEVICE_STATE) \
             and magic == MULTIFD_MAGIC:
         return "multifd", header_type
-    if header_type is None and magic[:1] == b"\x16" and magic[1:2] == b"\x03":
-        # A TLS handshake record (content type 22, version 3.x): the bytes of a
-        # connection in TLS, which no capture of them can decode.
-        raise reader.error(f"a TLS record (first bytes {magic.hex()}): this connection was "
-                           f"in TLS, and inspect decodes plaintext captures only",
-                           field="magic", received=magic.hex(), expected="plaintext")
+    if header_type is None and len(magic) > 1 and magic[0] in TLS_RECORDS and magic[1] == 3:
+        # A TLS record (a content type, version 3.x): the bytes of a connection in
+        # TLS, which no capture of them can decode.
+        raise reader.error(f"a TLS record (first bytes {magic.hex()}: {TLS_RECORDS[magic[0]]}): "
+                           "this connection was in TLS, and inspect decodes plaintext captures "
+                           "only", field="magic", received=magic.hex(), expected="plaintext")
     expected = {None: "QEVM, FMFD, 0x11223344 or a channel header",
                 _core.CHANNEL_MAIN: "FMFD (channel type 0 is main)",
                 _core.CHANNEL_POSTCOPY: "no postcopy channel (type 1 is not supported)"}
