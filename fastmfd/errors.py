@@ -156,7 +156,10 @@ class MigrationError(FastMFDError):
 
 class SecurityError(MigrationError):
     """A peer failed TLS or the auth_key proof: a certificate that does not
-    verify, an identity outside ``authz``, a wrong key, plaintext meeting TLS."""
+    verify, an identity outside ``authz``, a wrong key, plaintext meeting TLS.
+    ``unverified``: the peer's certificate did not verify (the handshake's check)."""
+
+    unverified = False
 
 
 class ConnectError(MigrationError, ConnectionError):

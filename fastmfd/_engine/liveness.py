@@ -89,11 +89,11 @@ def first_few(items: list[str]) -> str:
     return "; ".join(items[:3]) + ("; ..." if len(items) > 3 else "")
 
 
-def stall_error(name: str, seconds: float, pid: int | None = None,
-                detail: str = "") -> MigrationError:
-    """``name: no progress for S s`` with what is known of why."""
+def stall_error(name: str, seconds: float, pid: int | None = None, detail: str = "",
+                kind: type[MigrationError] = MigrationError) -> MigrationError:
+    """``name: no progress for S s`` with what is known of why (a ``kind`` of error)."""
     why = " (its process is stopped)" if process_stopped(pid) else detail
-    return MigrationError(f"no progress for {seconds:g} s{why}", channel=name)
+    return kind(f"no progress for {seconds:g} s{why}", channel=name)
 
 
 class Progress:

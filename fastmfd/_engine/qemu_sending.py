@@ -80,6 +80,10 @@ MAIN = "main channel"
 MAIN_WORD_GRACE = 1.0
 
 
+class Hinted(MigrationError):
+    """A failure that says what to check on the destination (_checklist): run() adds none."""
+
+
 class QemuSending:
     """The state of one migration into QEMU (see the module docstring)."""
 
@@ -139,7 +143,7 @@ class QemuSending:
             if exc is self.cancelled:       # a step found the cancel, after the failure
                 exc = first
             if (not isinstance(exc, MigrationError) or self.main is None
-                    or exc.cause.endswith(self._checklist()) or self._ours()):
+                    or isinstance(exc, Hinted) or self._ours()):
                 raise exc       # no QEMU listening at all, a hint is there, or it is ours
             if exc.channel not in (None, MAIN) and self._loaded_regardless():
                 raise MigrationError(exc.cause + self._unheard(exc.channel), channel=exc.channel,
@@ -223,7 +227,8 @@ class QemuSending:
             self._send_region(index, region)
         self._sync()
         self._main(barrier + encode_ram_eos(section, footer) + commands["devices"])
-        self._send_vmstate()
+        while chunk := os.read(self.vmstate_fd, 1 << 20):     # the saved device sections
+            self._main(chunk)
         self._sent_whole = True
         for ch in range(self.channels):
             self._command(ch, _core.pack_command(_core.CMD_QUIT))
@@ -250,11 +255,10 @@ class QemuSending:
             return tls_connect(main, security, time.monotonic() + self.connect_timeout,
                                self.connect_timeout, MAIN)
         except SecurityError as exc:
-            hint = ("its tls-creds' certificate must chain to this side's ca and carry the "
-                    "name checked: the address's host, or hostname"
-                    if "certificate verify failed" in exc.cause else
-                    "has the destination QEMU tls-creds, set with migrate-set-parameters "
-                    "before migrate-incoming, whose CA issued this source's certificate?")
+            hint = ("its tls-creds' certificate must chain to this side's ca and carry the name "
+                    "checked: the address's host, or hostname" if exc.unverified else
+                    "has the destination QEMU tls-creds, set with migrate-set-parameters before "
+                    "migrate-incoming, whose CA issued this source's certificate?")
             raise SecurityError(f"{exc.cause} ({hint})", channel=MAIN) from None
 
     def _wait_loaded(self) -> None:
@@ -300,13 +304,13 @@ class QemuSending:
                                      "failed", channel=MAIN) from None
         # (What the destination did is said: the hint does not say it again.)
         if self.answers.said is None:
-            raise MigrationError("the destination closed the connection without saying it "
-                                 "had loaded the stream (no SHUT on its return path): its "
-                                 "load failed" + self._hint(True, said=True), channel=MAIN)
+            raise Hinted("the destination closed the connection without saying it had loaded "
+                         "the stream (no SHUT on its return path): its load failed"
+                         + self._hint(True, said=True), channel=MAIN)
         if self.answers.said:
-            raise MigrationError(f"the destination said it failed to load the stream (SHUT "
-                                 f"{self.answers.said} on its return path)"
-                                 + self._hint(True, said=True), channel=MAIN)
+            raise Hinted(f"the destination said it failed to load the stream (SHUT "
+                         f"{self.answers.said} on its return path)"
+                         + self._hint(True, said=True), channel=MAIN)
 
     def _open_channel(self, address: Address, ch: int, worker: Child,
                       security: ChannelSecurity) -> None:
@@ -419,7 +423,7 @@ class QemuSending:
             pid = worker.process.pid
             busy = self.selector.is_busy(ch) or process_stopped(pid)
             if self._progress.stalled(ch, busy, tuple(self.counters.read(ch).values()), now):
-                raise stall_error(worker.name, self.stall, pid, self._stalled_hint())
+                raise stall_error(worker.name, self.stall, pid, self._stalled_hint(), Hinted)
         return tick(self.stall)
 
     def _idle_channel(self) -> int:
@@ -439,8 +443,8 @@ class QemuSending:
             self._check_workers()
             self._check_main_open()
             if left <= look:                # (the wait reached the deadline)
-                raise MigrationError(f"no multifd channel took work for {self.stall:g} s"
-                                     + self._stalled_hint())
+                raise Hinted(f"no multifd channel took work for {self.stall:g} s"
+                             + self._stalled_hint())
 
     def _await_main_word(self, shut_only: bool = False) -> None:
         """Give the main channel MAIN_WORD_GRACE seconds to end (SHUT, or its
@@ -465,7 +469,7 @@ class QemuSending:
         """Raise if the destination closed or reset the main channel."""
         ended = self._main_ended()
         if ended is not None:
-            raise MigrationError(ended + self._hint(True, said=True), channel=MAIN)
+            raise Hinted(ended + self._hint(True, said=True), channel=MAIN)
 
     def _main_ended(self) -> str | None:
         """How the destination ended the main channel, if it did (ReturnPathWatch.ended)."""
@@ -524,10 +528,6 @@ class QemuSending:
                 f"multifd-compression {self.compression}{tls}, and is it a QEMU this saved "
                 f"stream can go to: {self.stream.describe()}?)")
 
-    def _send_vmstate(self) -> None:
-        while chunk := os.read(self.vmstate_fd, 1 << 20):
-            self._main(chunk)
-
     def _main(self, data: bytes) -> None:
         assert self.main is not None, "connected by run()"
         self._check_cancelled()     # (a cancel before the connection did not shut it)
@@ -535,8 +535,8 @@ class QemuSending:
             self.main.sendall(data)
         except TimeoutError:
             self._check_workers()
-            raise MigrationError(f"the destination took no data for {self.stall:g} s"
-                                 + self._stalled_hint(), channel=MAIN) from None
+            raise Hinted(f"the destination took no data for {self.stall:g} s"
+                         + self._stalled_hint(), channel=MAIN) from None
         except OSError as exc:
             self._check_workers()
             # (An SSLEOFError's words are OpenSSL's "EOF occurred in violation of protocol".)
@@ -583,13 +583,12 @@ class QemuSending:
         return [{"channel": ch, **self.counters.read(ch)} for ch in range(self.channels)]
 
     def close(self) -> None:
-        for sock in [self.main, *self.data]:
-            if sock is not None:
-                shutdown_quietly(sock)
+        socks = [sock for sock in (self.main, *self.data) if sock is not None]
+        for sock in socks:
+            shutdown_quietly(sock)
         self.workers.stop()
-        for sock in [self.main, *self.data]:
-            if sock is not None:
-                sock.close()
+        for sock in socks:
+            sock.close()
         self.main, self.data = None, []
         for fd in self.cmd_fds:
             os.close(fd)

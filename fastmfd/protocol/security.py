@@ -452,8 +452,10 @@ def tls_handshake(tls: ssl.SSLSocket, deadline: float, seconds: float,
             except ssl.SSLWantWriteError:
                 ready = select.select([], [tls], [], max(0.0, left))[1]
             except ssl.SSLCertVerificationError as exc:
-                raise SecurityError(f"TLS handshake failed: certificate verify failed "
-                                    f"({exc.verify_message})", channel=where) from None
+                failure = SecurityError(f"TLS handshake failed: certificate verify failed "
+                                        f"({exc.verify_message})", channel=where)
+                failure.unverified = True
+                raise failure from None
             except ssl.SSLError as exc:
                 # OpenSSL's reason codes (PEER_DID_NOT_RETURN_A_CERTIFICATE) made readable.
                 reason = exc.reason.lower().replace("_", " ") if exc.reason else str(exc)
