@@ -16,6 +16,7 @@ import os
 from typing import Any, Callable
 
 from fastmfd.tools.bench.document import shown_condition
+from fastmfd.tools.bench.link import same_link
 
 # test module file name -> what its timings depend on beside the test's name, as
 # this run's options set it (conftest.py and conftest_migrate.py fill it in).
@@ -38,6 +39,8 @@ def differences(before: Any, now: dict[str, Any]) -> str:
     if not isinstance(before, dict):
         return f"its conditions were not recorded (now: " \
                f"{', '.join(f'{k} {shown_condition(k, v)}' for k, v in now.items())})"
+    # A link recorded as typed (1000mbit) is the one of its rate and delay (1gbit).
+    before = {**before, **({"link": same_link(before["link"])} if "link" in before else {})}
     return "; ".join(f"{key}: {shown_condition(key, before.get(key))} before, "
                      f"{shown_condition(key, value)} now"
                      for key, value in now.items() if before.get(key) != value)

@@ -30,6 +30,7 @@ import pytest
 from _conditions import CONDITIONS
 from _migration import RECORDS, Record, loaded
 from fastmfd.errors import ConfigError
+from fastmfd.tools.bench.link import same_link
 from fastmfd.tools.bench.trial import FOREIGN_LOAD_FLAG
 from fastmfd.tools.images import Image, check_scratch_room
 from fastmfd.tools.option_values import positive_int, whole_pages
@@ -95,7 +96,7 @@ CONDITIONS.update({
     "test_migrate_throughput.py": lambda config: {
         "image_bytes": migrate_size_of(config),
         "prealloc": bool(config.getoption("--migrate-prealloc")),
-        "link": config.getoption("--migrate-link")},
+        "link": same_link(config.getoption("--migrate-link"))},
     # Its statistics are of the downtime: runs saved before were of whole migrations.
     "test_downtime.py": lambda config: {
         "sizes": "ci" if small_sizes_of(config) else "full", "timed": "downtime_s"},

@@ -27,6 +27,7 @@ from fastmfd.tools.bench.link import EmulatedLink, parse_link, transfer_timeout
 from fastmfd.tools.bench.matrix import Setting, run_once
 from fastmfd.tools.cli import main
 from fastmfd.tools.images import Image
+from listen_support import REPO
 from qemu_support import needs_qemu
 
 needs_root = pytest.mark.skipif(
@@ -120,6 +121,79 @@ def test_a_transfer_over_a_slow_link_has_the_time_its_bytes_take():
 def test_link_mistakes(text, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         parse_link(text)
+
+
+def test_one_link_typed_two_ways_is_one_condition(tmp_path, monkeypatch):
+    """A link's conditions are its rate and delay, however typed: a run over 1gbit and one
+    over 1000mbit were not compared, by bench --compare (its saved file as typed) nor by
+    the suites' --benchmark-compare (their conditions recorded as typed)."""
+    from fastmfd.tools.bench import command
+    from fastmfd.tools.bench.document import RunConditions, load_baseline
+    assert {parse_link(text).same for text in ("1gbit/1ms", "1000mbit/1000us", "1Gbit/1ms",
+                                               "1000000000bit/0.001s")} == {"1gbit/1ms"}
+    assert [parse_link(text).same for text in ("1gbit/0ms", "2.5gbit", "10gbit/0.5ms")] == [
+        "1gbit", "2500mbit", "10gbit/500us"]
+    setting = Setting("fastmfd", 1, "none")
+    now = RunConditions(link=command.emulated(parse_link("1gbit"))).of(setting, 1 << 20)
+    saved = tmp_path / "saved.json"
+    saved.write_text(json.dumps({"benchmarks": [
+        {"name": name, "stats": {"min": 1.0}, "extra_info": {**now, "link": link}}
+        for name, link in (("typed", "emulated 1000mbit (veth, tc)"),
+                           ("other", "emulated 10gbit (veth, tc)"),
+                           ("odd", "emulated fast (veth, tc)"))]}))
+    baseline = load_baseline(str(saved))
+    assert baseline["typed"].differences(now) == ""
+    assert baseline["other"].differences(now) == (
+        "link: emulated 10gbit (veth, tc) before, emulated 1gbit (veth, tc) now")
+    assert "emulated fast (veth, tc) before" in baseline["odd"].differences(now)
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import conftest_migrate  # noqa: F401  (its CONDITIONS)
+    from _conditions import CONDITIONS, differences
+    conditions = CONDITIONS["test_migrate_throughput.py"]
+
+    def run_over(link: str | None) -> dict:
+        options = {"--migrate-link": link, "--migrate-prealloc": False, "--migrate-size": 1 << 20}
+        return conditions(types.SimpleNamespace(getoption=lambda name, default=None:
+                                                options.get(name, default)))
+    assert run_over("1000mbit")["link"] == "1gbit"
+    assert differences(run_over("1000mbit"), run_over("1gbit")) == ""
+    assert differences({**run_over(None), "link": "1000mbit"}, run_over("1gbit")) == ""
+    assert differences(run_over("10gbit"), run_over("1gbit")) == "link: 10gbit before, 1gbit now"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("1000001bit", "tc's tbf shapes whole bytes per second, and 1000001 bit/s is not a "
+                   "multiple of 8: give 1000000bit or 1000008bit"),
+    ("1gbit/0.5us", "the delay is given to netem in whole microseconds")])
+def test_a_link_tc_cannot_emulate_exactly_exits_2_before_any_work(capsys, text, message):
+    # tbf keeps its rate in bytes per second: 1000001bit was shaped at 1000000 (tc -j
+    # qdisc show: rate 125000), the table saying 1000001bit.
+    with pytest.raises(SystemExit) as exit:
+        main(["bench", "--size", "1M", "--link", text])
+    assert exit.value.code == 2
+    assert message in capsys.readouterr().err
+    assert parse_link("2.3mbit").rate_bits == 2_300_000     # int() made it 2299999
+
+
+@needs_root
+def test_a_delay_without_netem_is_refused_before_any_namespace(monkeypatch, capsys):
+    """Where the kernel has no netem, --link RATE/DELAY says so at once: it said so once
+    the link's namespace and veth were made (and, with --peer qemu, QEMU's checks ran)."""
+    from fastmfd.tools.bench import command
+    if link_module._qdisc_known("netem", "delay", "1ms"):
+        link_module.check_can_emulate(parse_link("1gbit/1ms"))     # a kernel with netem
+        return
+
+    def made(*args, **kwargs):
+        raise AssertionError("a link was made")
+    monkeypatch.setattr(command, "EmulatedLink", made)
+    monkeypatch.setattr(command, "check_qemu", made)
+    before = namespaces()
+    assert main(["bench", "--size", "1M", "--channels", "1", "--peer", "qemu",
+                 "--link", "1gbit/1ms"]) == 2
+    err = capsys.readouterr().err
+    assert "link 1gbit/1ms: this kernel has no netem qdisc" in err, err
+    assert namespaces() == before
 
 
 def test_a_bad_link_exits_2_before_any_work(capsys):

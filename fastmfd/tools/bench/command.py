@@ -20,7 +20,8 @@ from ..images import IMAGE_KINDS, Image, check_scratch_room
 from ...units import format_bytes, format_rate
 from ..new_files import check_new_file, write_new_file
 from ..option_values import LEVEL_HELP, positive_int, whole_pages
-from .document import LINK, RunConditions, check_comparable, document, load_baseline
+from .document import (LINK, RunConditions, check_comparable, document, emulated,
+                       load_baseline)
 from .link import EmulatedLink, LinkSpec, check_can_emulate, parse_link
 from .matrix import PEERS, QEMU_METHODS, Result, Setting, run_matrix
 from .output import comparison_table, render
@@ -163,6 +164,8 @@ def cli_main(args: argparse.Namespace) -> int:
     console = Console(width=None if sys.stdout.isatty() else 120, markup=False)
     log = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
     settings = settings_from_args(args)
+    if args.link is not None:
+        check_can_emulate(args.link)    # at once: before a link's namespace, or any run
     for option, path in (("--json", args.json), ("--chart", args.chart)):
         if path:
             check_new_file(path, option)
@@ -177,8 +180,6 @@ def cli_main(args: argparse.Namespace) -> int:
         check_guest_size(args.size)
     elif args.qemu_binary is not None:
         raise ConfigError("--qemu-binary goes with --peer qemu")
-    if args.link is not None:
-        check_can_emulate()
     _check_room(args)
     images: list[Image] = []
     with ExitStack() as cleanup:
@@ -188,7 +189,7 @@ def cli_main(args: argparse.Namespace) -> int:
             args, (link.destination_host,) if link is not None else ()))
         conditions = RunConditions(
             tls=security.label or None, prealloc=args.prealloc, warm_memory=not args.cold_memory,
-            link=f"emulated {args.link.text} (veth, tc)" if args.link else LINK,
+            link=emulated(args.link) if args.link else LINK,
             qemu=qemu_version)
         if baseline is not None:
             # Before any image is made: a comparison that would pair nothing costs no run.

@@ -21,7 +21,8 @@ it was measured, and tools that read pytest-benchmark files read it::
 ``--compare OLD.json`` pairs a result with OLD.json's of the same name (image
 and setting) only when image_bytes, link, tls, prealloc, warm_memory and (a cell
 with QEMU) the QEMU version match too (:class:`RunConditions`): a 64 MiB run
-beside a 1 GiB one showed a tenfold "speed-up" for moving less.
+beside a 1 GiB one showed a tenfold "speed-up" for moving less. A link is
+matched by its rate and delay, however typed (1gbit is 1000mbit).
 
 The output files are checked before the run
 (:func:`fastmfd.tools.new_files.check_new_file`): a path that exists or cannot
@@ -35,6 +36,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import subprocess
 from dataclasses import dataclass
@@ -44,15 +46,17 @@ from ... import __version__
 from ...errors import ConfigError
 from ...units import format_bytes
 from ..input_files import open_regular_file
+from .link import LinkSpec, same_link
 from .matrix import QEMU_METHODS, TLS_METHODS
 
 if TYPE_CHECKING:
     from .matrix import Result, Setting
 
 __all__ = ["RunConditions", "Baseline", "document", "load_baseline", "check_comparable",
-           "shown_condition"]
+           "shown_condition", "emulated"]
 
 LINK = "loopback TCP"           # what carries the bytes without --link
+EMULATED = re.compile(r"^emulated (\S+) \(veth, tc\)$")     # with --link (:func:`emulated`)
 # A results file holds a few KiB per setting; past this it is not one (and
 # reading it whole is not free).
 MAX_COMPARE_BYTES = 64 << 20
@@ -99,6 +103,13 @@ class RunConditions:
         if fields.get("qemu"):
             parts.append(fields["qemu"])
         return ", ".join(parts)
+
+
+def emulated(link: LinkSpec) -> str:
+    """The ``link`` condition of a run over an emulated link, in the link's one spelling:
+    runs over 1gbit and 1000mbit are compared (:func:`_baseline` reads an earlier file's
+    as typed likewise)."""
+    return f"emulated {link.same} (veth, tc)"
 
 
 # How a field of RunConditions.of reads in a note on two results that differ in it.
@@ -178,8 +189,12 @@ def _baseline(benchmark: dict[str, Any]) -> Baseline:
             not 0 < float(best) < math.inf:
         raise ValueError(f"the best time of {repr(benchmark['name'])[:60]} is "
                          f"{repr(best)[:40]}, not seconds")
-    return Baseline(float(best),
-                    {key: extra[key] for key in _FIELD_NAMES if key in extra},
+    conditions = {key: extra[key] for key in _FIELD_NAMES if key in extra}
+    typed = EMULATED.match(conditions["link"]) if isinstance(conditions.get("link"), str) \
+        else None
+    if typed is not None and isinstance(link := same_link(typed.group(1)), str):
+        conditions["link"] = f"emulated {link} (veth, tc)"
+    return Baseline(float(best), conditions,
                     rounds if isinstance(rounds, int) and not isinstance(rounds, bool) else None)
 
 

@@ -21,7 +21,10 @@ namespace, in a thread of its own: no fastmfd process starts there, so a
 source's worker can never reach a destination without crossing the link.
 
 Creating namespaces and qdiscs needs CAP_NET_ADMIN (root) and iproute2;
-:func:`check_can_emulate` says why not before any work is done. Everything
+:func:`check_can_emulate` says why not before any work is done, as it does for
+a delay where the kernel has no netem. A link tc cannot emulate exactly is
+refused as it is parsed: tbf shapes whole bytes per second, and the delay is
+given to netem in microseconds. Everything
 is removed by :meth:`EmulatedLink.close`: deleting the namespace deletes its
 veth end, which deletes the other.
 """
@@ -42,13 +45,16 @@ from ...errors import ConfigError
 from ...threads import start_thread
 from ..whole import clean_up_whole, run_whole
 
-__all__ = ["LinkSpec", "parse_link", "check_can_emulate", "enter_namespace", "EmulatedLink",
-           "transfer_timeout"]
+__all__ = ["LinkSpec", "parse_link", "same_link", "check_can_emulate", "enter_namespace",
+           "EmulatedLink", "transfer_timeout"]
 
 _RATE = re.compile(r"^(\d+(?:\.\d+)?)(k|m|g)?bit$", re.IGNORECASE)
 _DELAY = re.compile(r"^(\d+(?:\.\d+)?)(us|ms|s)$", re.IGNORECASE)
 _RATE_SCALE = {None: 1, "k": 10 ** 3, "m": 10 ** 6, "g": 10 ** 9}
 _DELAY_SCALE = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
+# A link's one spelling (LinkSpec.same): each value in the largest unit holding it whole.
+_RATE_UNITS = (("g", 10 ** 9), ("m", 10 ** 6), ("k", 10 ** 3), ("", 1))
+_DELAY_UNITS = (("s", 10 ** 6), ("ms", 10 ** 3), ("us", 1))
 CLONE_NEWNET = 0x40000000
 COMMAND_TIMEOUT = 10.0          # seconds any one ip/tc command may take
 
@@ -64,6 +70,17 @@ class LinkSpec:
     def rate_bytes(self) -> float:
         return self.rate_bits / 8
 
+    @property
+    def same(self) -> str:
+        """The link in one spelling whatever the one typed: 1000mbit/1000us, 1Gbit/1ms
+        and 1gbit/1ms are one link, "1gbit/1ms" (what a benchmark's conditions record,
+        and --compare pairs: one typed 1gbit and one typed 1000mbit were not compared)."""
+        rate = next(f"{self.rate_bits // scale}{unit}bit" for unit, scale in _RATE_UNITS
+                    if self.rate_bits % scale == 0)
+        delay_us = round(self.delay_s * 1e6)
+        return rate + next((f"/{delay_us // scale}{unit}" for unit, scale in _DELAY_UNITS
+                            if delay_us and delay_us % scale == 0), "")
+
 
 def parse_link(text: str) -> LinkSpec:
     """``1gbit``, ``10gbit/1ms``, ``500mbit/200us`` -> a LinkSpec (tc's units:
@@ -74,13 +91,32 @@ def parse_link(text: str) -> LinkSpec:
     if rate is None or (delay_text and delay is None):
         raise ConfigError(f"link {text!r}: expected RATE[/DELAY], e.g. 1gbit, 10gbit/1ms, "
                           f"500mbit/200us")
-    rate_bits = int(float(rate.group(1)) * _RATE_SCALE[(rate.group(2) or "").lower() or None])
+    # (rounded: int() made 2.3mbit 2299999 bit/s)
+    rate_bits = round(float(rate.group(1)) * _RATE_SCALE[(rate.group(2) or "").lower() or None])
     delay_s = float(delay.group(1)) * _DELAY_SCALE[delay.group(2).lower()] if delay else 0.0
     if not 10 ** 6 <= rate_bits <= 100 * 10 ** 9:
         raise ConfigError(f"link {text!r}: the rate must be between 1mbit and 100gbit")
+    if rate_bits % 8:
+        # tbf keeps its rate in bytes per second: 1000001bit was shaped at 1000000.
+        raise ConfigError(f"link {text!r}: tc's tbf shapes whole bytes per second, and "
+                          f"{rate_bits} bit/s is not a multiple of 8: give {rate_bits // 8 * 8}"
+                          f"bit or {rate_bits // 8 * 8 + 8}bit")
     if delay_s > 1.0:
         raise ConfigError(f"link {text!r}: the delay must be at most 1s")
+    if abs(delay_s * 1e6 - round(delay_s * 1e6)) > 1e-6:
+        raise ConfigError(f"link {text!r}: the delay is given to netem in whole microseconds")
     return LinkSpec(rate_bits, delay_s, text.strip())
+
+
+def same_link(recorded: object) -> object:
+    """A link as a condition recorded it, in its one spelling (:attr:`LinkSpec.same`);
+    anything that is no link as it is (a saved file may hold anything)."""
+    if isinstance(recorded, str):
+        try:
+            return parse_link(recorded).same
+        except ConfigError:
+            pass
+    return recorded
 
 
 # What building a link takes: network configuration, and (for `ip netns add`,
@@ -105,8 +141,10 @@ def _missing_capabilities() -> list[str]:
     return [name for name, bit in NEEDED_CAPABILITIES.items() if not effective >> bit & 1]
 
 
-def check_can_emulate() -> None:
-    """Raise ConfigError saying why this process cannot build a link, if it cannot."""
+def check_can_emulate(spec: LinkSpec | None = None) -> None:
+    """Raise ConfigError saying why this process cannot build a link (``spec``: that
+    one), if it cannot: before any namespace is made (a delay without netem was said
+    only once the link's namespace and veth were made)."""
     missing = _missing_capabilities()
     if missing:
         raise ConfigError(f"--link needs root ({' and '.join(missing)}): it creates a "
@@ -116,6 +154,33 @@ def check_can_emulate() -> None:
     if missing:
         raise ConfigError(f"--link needs iproute2's {' and '.join(missing)} "
                           f"(Debian: apt-get install iproute2)")
+    if spec is not None and spec.delay_s and not _qdisc_known("netem", "delay", "1ms"):
+        raise ConfigError(f"link {spec.text}: this kernel has no netem qdisc "
+                          f"(CONFIG_NET_SCH_NETEM), so a delay cannot be emulated here; "
+                          f"give the rate alone")
+
+
+def _qdisc_known(kind: str, *options: str) -> bool:
+    """Whether this kernel has the qdisc ``kind``: one is added (with ``options``) on
+    the loopback of a network namespace of a thread's own, which goes with the thread,
+    so nothing of this host's is touched or left. A failure other than an unknown kind
+    says nothing of it: True (making the link will say what failed)."""
+    outcome: dict[str, object] = {}
+
+    def probe() -> None:    # a thread of its own: unshare changes only this thread
+        try:
+            if _libc.unshare(CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "unshare")
+            outcome["done"] = subprocess.run(["tc", "qdisc", "add", "dev", "lo", "root", kind,
+                                              *options], capture_output=True, text=True,
+                                             timeout=COMMAND_TIMEOUT)
+        except (OSError, subprocess.SubprocessError):
+            pass                # says nothing of the kind
+
+    start_thread(threading.Thread(target=probe, name="fastmfd qdisc probe")).join()
+    done = outcome.get("done")
+    return not (isinstance(done, subprocess.CompletedProcess) and done.returncode != 0
+                and "unknown" in done.stderr)
 
 
 class _CommandFailed(ConfigError):
@@ -165,7 +230,7 @@ class EmulatedLink:
     docstring); a context manager, removed on exit."""
 
     def __init__(self, spec: LinkSpec) -> None:
-        check_can_emulate()
+        check_can_emulate(spec)
         self.spec = spec
         pid = os.getpid()
         self.namespace = f"fastmfd-link-{pid}"
@@ -225,15 +290,8 @@ class EmulatedLink:
         if self.spec.delay_s:
             # netem's queue is counted in packets: enough for the bytes in flight.
             packets = max(1000, int(rate * 2 * self.spec.delay_s / 1500) * 2)
-            try:
-                _run(*tc, "qdisc", "add", "dev", device, "root", "handle", "1:", "netem",
-                     "delay", f"{self.spec.delay_s * 1e6:.0f}us", "limit", str(packets))
-            except ConfigError as exc:
-                if "unknown" not in str(exc):
-                    raise
-                raise ConfigError(f"link {self.spec.text}: this kernel has no netem qdisc "
-                                  f"(CONFIG_NET_SCH_NETEM), so a delay cannot be emulated "
-                                  f"here; give the rate alone") from None
+            _run(*tc, "qdisc", "add", "dev", device, "root", "handle", "1:", "netem",
+                 "delay", f"{self.spec.delay_s * 1e6:.0f}us", "limit", str(packets))
             _run(*tc, "qdisc", "add", "dev", device, "parent", "1:", "handle", "2:", *tbf)
         else:
             _run(*tc, "qdisc", "add", "dev", device, "root", *tbf)
