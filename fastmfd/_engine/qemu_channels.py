@@ -37,7 +37,7 @@ import logging
 import socket
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, cast
 
 from .. import _core
 from ..errors import FastMFDError, MigrationError, ProtocolError
@@ -47,7 +47,8 @@ from ..protocol.refusing import end_on_arrival
 from ..protocol.sockets import Listener, describe_peer
 from .liveness import process_stopped
 from .processes import Child, Watch
-from .qemu_tls import COUNT_WAIT, MAX_GREETINGS, MULTIFD_MAGIC, TLSGreeter, not_qemus
+from .qemu_tls import (COUNT_WAIT, MAX_GREETINGS, MULTIFD_MAGIC, PlainGreeter, TLSGreeter,
+                       not_qemus)
 
 __all__ = ["QemuChannel", "QemuConnections", "migration_uuid", "choose_channels",
            "late_sync_error", "stopped_note", "LATE_BYTES_WAIT", "NO_ROOM", "NO_ROOM_WAIT"]
@@ -213,11 +214,11 @@ class QemuConnections:
     connection that is not QEMU's is judged by when it came (:meth:`_judge`).
     :meth:`count` takes stock at barrier 1; later connections are still told
     apart (a channel of the migration fails it, anything else is dropped).
-    With a ``greeter`` (TLS), each connection goes to a worker to be greeted."""
+    Its ``greeter`` (qemu_tls) says whether a worker greets each connection (TLS)."""
 
     def __init__(self, listener: Listener, watch: Watch,
                  on_channel: Callable[[QemuChannel], None],
-                 greeter: TLSGreeter | None = None) -> None:
+                 greeter: TLSGreeter | PlainGreeter) -> None:
         self.listener, self.watch, self.on_channel = listener, watch, on_channel
         self.greeter = greeter
         self.main: socket.socket | None = None
@@ -263,9 +264,8 @@ class QemuConnections:
         the descriptors."""
         self._drop_stale()
         while True:
-            full = self.greeter is not None and len(self.greeting) >= MAX_GREETINGS
-            short = (self.greeter.no_room(len(self.greeting))   # why max_memory has none
-                     if self.greeter is not None and not full else None)
+            full = len(self.greeting) >= MAX_GREETINGS
+            short = None if full else self.greeter.no_room(len(self.greeting))  # max_memory
             if (full or short) and (self.greeting or self._qemus_turn()):
                 self._wait_for_room(short)
                 return
@@ -289,20 +289,22 @@ class QemuConnections:
                 continue
             self.peers[sock] = describe_peer(peer)
             self.arrivals += 1
-            if self.greeter is not None:
-                if self.waited_for_room and not self.room_said:
-                    # Said once one is taken after the wait, not as it began: a wait
-                    # that nothing ends fails, saying why precisely (NO_ROOM_LEFT).
-                    log.warning("%s", WAITED_FOR_ROOM)
-                    self.room_said = True
-                self.greeting[sock] = self.arrivals - 1
-                self.greeter.greet(sock, functools.partial(self._greeted, sock))
-                continue
-            sock.setblocking(False)
-            self.pending[sock] = self.arrivals - 1
-            if self.counted_at is not None:
-                self.late[sock] = time.monotonic()
-            self.watch.add(sock, functools.partial(self._classify, sock))
+            if self.waited_for_room and not self.room_said:
+                # Said once one is taken after the wait, not as it began: a wait
+                # that nothing ends fails, saying why precisely (NO_ROOM_LEFT).
+                log.warning("%s", WAITED_FOR_ROOM)
+                self.room_said = True
+            self.greeting[sock] = self.arrivals - 1
+            if self.greeter.greet(sock, functools.partial(self._greeted, sock)):
+                self._read_here(sock)
+
+    def _read_here(self, sock: socket.socket) -> None:
+        """A connection no worker greets (plaintext): told apart here, as its bytes come."""
+        self.pending[sock] = self.greeting.pop(sock)
+        sock.setblocking(False)
+        if self.counted_at is not None:
+            self.late[sock] = time.monotonic()
+        self.watch.add(sock, functools.partial(self._classify, sock))
 
     def _qemus_turn(self) -> bool:
         """Whether a connection now is QEMU's next channel (or a stranger's in the
@@ -456,8 +458,7 @@ class QemuConnections:
     def _greeted(self, sock: socket.socket, worker: Child,
                  report: QemuAuthenticated | QemuGreeted | Refused) -> None:
         """What the worker greeting ``sock`` in TLS found (:mod:`.qemu_tls`)."""
-        greeter = self.greeter
-        assert greeter is not None, "greetings are TLS's"
+        greeter = cast(TLSGreeter, self.greeter)        # (a worker greeted it: TLS)
         self._resume()                  # room looked at anew: a greeting passed or ended
         if isinstance(report, QemuAuthenticated):
             if sock in self.greeting:
@@ -541,7 +542,7 @@ class QemuConnections:
         self._accept()
         self.counted_at = self.arrivals
         self._resume()                  # (no connection is QEMU's turn now)
-        if self.greeter is not None:
+        if self.greeting:               # (TLS) workers greeting connections
             wait = max(wait, COUNT_WAIT)
         deadline = time.monotonic() + wait
         while self._untold() and (left := deadline - time.monotonic()) > 0:

@@ -63,7 +63,7 @@ from .qemu_channels import (QemuChannel, QemuConnections, choose_channels, late_
                             migration_uuid, stopped_note)
 from .qemu_live_decoder import LiveDecoder, QemuStreamFacts
 from .qemu_return_path import SOURCE_NOT_TOLD, ReturnPathAnswers
-from .qemu_tls import MAX_GREETINGS, TLSGreeter
+from .qemu_tls import MAX_GREETINGS, PlainGreeter, TLSGreeter
 from .session import shutdown_quietly
 from .session_regions import places_pages
 from .workers import qemu_recv_worker_main
@@ -137,7 +137,8 @@ class QemuReceiving:
         self.spares = list(self.workers)
         self.greeter = (TLSGreeter(security, self.watch, self._take_worker, self.spares.append,
                                    self._no_room)
-                        if security is not None and security.tls is not None else None)
+                        if security is not None and security.tls is not None else
+                        PlainGreeter(self.watch, self.spares.append))
         self.connections = QemuConnections(listener, self.watch, self._set_aside, self.greeter)
 
     # ------------------------------------------------------------ the session
@@ -184,8 +185,8 @@ class QemuReceiving:
     def _closed_early(self, exc: ProtocolError) -> FastMFDError:
         """The main channel's end mid-stream: in TLS, its relay's failure if it
         failed (its end of the pair closes as it does), else the source gone."""
-        if self.greeter is not None and self.connections.main is not None:
-            shutdown_quietly(self.connections.main)     # the relay ends once it is shut
+        if self.connections.main is not None:
+            shutdown_quietly(self.connections.main)     # (TLS) the relay ends once it is shut
             failure = self.greeter.relay_failure()
             if failure is not None:
                 return failure
@@ -252,14 +253,14 @@ class QemuReceiving:
         workers = self._alive() + (channel.worker is None and not self.spares)
         try:
             check_qemu_channels(self.max_memory, len(self.connections.candidates), workers,
-                                QEMU_PACKET_BYTES, self.facts.page_size, self.greeter is not None)
+                                QEMU_PACKET_BYTES, self.facts.page_size, self.greeter.tls)
         except ConfigError as exc:
             raise MigrationError(str(exc), channel=f"multifd channel {channel.id}") from exc
 
     def _alive(self) -> int:
         """The receive workers alive: started, and not dismissed (in TLS)."""
         assert self.workers is not None, "open until close()"
-        return len(self.workers) - (self.greeter.released if self.greeter is not None else 0)
+        return len(self.workers) - self.greeter.released
 
     def _no_room(self, greeting: int) -> str | None:
         """In TLS under max_memory, why one connection more may not be greeted beside
@@ -267,7 +268,7 @@ class QemuReceiving:
         may): until the main channel is told apart, one of them is counted as it (QEMU
         connects it first), a worker with no buffers; idle workers beyond one are let
         go while it does not fit (one greets with no new process)."""
-        while self.max_memory is not None and self.greeter is not None:
+        while self.max_memory is not None:
             channels = (len(self.channels) + len(self.connections.candidates) + greeting + 1
                         - (self.connections.main is None))
             why = qemu_greeting_refusal(self.max_memory, channels,
@@ -318,12 +319,7 @@ class QemuReceiving:
                     channel.uuid.hex(), why)
         channel.sock.close()
         assert channel.worker is not None, "set aside with its channel"
-        if self.greeter is not None:        # it holds the connection, since its greeting
-            self.greeter.dismiss(channel.worker)
-            return
-        self.watch.remove(channel.worker.conn)
-        self.watch.remove(channel.worker.sentinel)
-        self.spares.append(channel.worker)
+        self.greeter.dismiss(channel.worker)
 
     # ------------------------------------------------------------ RAM
     def on_blocks(self, blocks: dict[str, int], page_size: int) -> None:
@@ -358,10 +354,7 @@ class QemuReceiving:
             sparse=tuple(self._sparse(r) for r in regions),
             place=tuple(places_pages(r, True) for r in regions))
         assert channel.worker is not None, "started with its channel"
-        if self.greeter is not None:
-            channel.worker.send(params)     # it holds the connection, since its greeting
-        else:
-            channel.worker.start_session(params, [channel.sock.fileno()])
+        self.greeter.start(channel.worker, params, channel.sock)
 
     def on_page(self, block: str, offset: int, page: memoryview) -> None:
         """A PAGE record, or a ZERO record of a fill byte other than 0."""
@@ -580,7 +573,7 @@ class QemuReceiving:
         for sock in socks:
             shutdown_quietly(sock)
         try:
-            if self.greeter is not None and not self.greeter.drain() and self.answers.confirmed:
+            if not self.greeter.drain() and self.answers.confirmed:
                 log.warning("the SHUT 0 said may not have reached the source: %s",
                             SOURCE_NOT_TOLD)
         finally:

@@ -46,6 +46,11 @@ anyway). Barrier 1 waits COUNT_WAIT for the greetings under way; one that ends
 later is judged as a connection after the count (a channel of this migration
 fails it). A worker whose greeted connection is not kept is dismissed (it
 exits, closing it); one whose greeting failed greets the next.
+
+In plaintext a :class:`PlainGreeter` stands where the TLSGreeter does, with its
+interface: no worker greets (the listener reads the first bytes itself), a
+channel's worker is handed its socket with its RecvParams, and one whose
+channel is not kept is taken back; so the receiving side has one code path.
 """
 
 from __future__ import annotations
@@ -58,14 +63,14 @@ from typing import Callable
 from .. import _core
 from ..errors import FastMFDError, MigrationError, ProtocolError
 from ..protocol.control import (Eof, QemuAuthenticated, QemuGreeted, QemuGreeting, Ready,
-                                Refused, Relay)
+                                RecvParams, Refused, Relay)
 from ..protocol.handshake import TLSStream, tls_accept
 from ..protocol.qemu import QEVM_MAGIC
 from ..protocol.security import ChannelSecurity, check_authz
 from .processes import Child, Watch
 
-__all__ = ["greet_in_tls", "not_qemus", "TLSGreeter", "MAX_GREETINGS", "COUNT_WAIT",
-           "MULTIFD_MAGIC", "FIRST_BYTES_WAIT"]
+__all__ = ["greet_in_tls", "not_qemus", "TLSGreeter", "PlainGreeter", "MAX_GREETINGS",
+           "COUNT_WAIT", "MULTIFD_MAGIC", "FIRST_BYTES_WAIT"]
 
 log = logging.getLogger("fastmfd")
 
@@ -134,12 +139,46 @@ def not_qemus(head: bytes) -> str:
             f"channel) or {MULTIFD_MAGIC.hex()} (a multifd channel)")
 
 
+class PlainGreeter:
+    """``listen --qemu`` in plaintext, with TLSGreeter's interface (module docstring):
+    ``free_worker`` takes back the worker of a channel not kept."""
+    tls = False
+    released = 0                                    # none dismissed: taken back
+
+    def __init__(self, watch: Watch, free_worker: Callable[[Child], None]) -> None:
+        self.watch, self.free_worker = watch, free_worker
+
+    def greet(self, sock: socket.socket, on_greeted: object) -> bool:
+        """True: no worker greets ``sock``, the caller reads its first bytes itself."""
+        return True
+
+    def no_room(self, greeting: int) -> str | None:
+        return None                                 # (a worker only once it is a channel)
+
+    def start(self, worker: Child, params: RecvParams, sock: socket.socket) -> None:
+        """Start ``worker`` receiving ``sock``'s channel."""
+        worker.start_session(params, [sock.fileno()])
+
+    def dismiss(self, worker: Child) -> None:
+        """``worker``'s channel is not kept: it is taken back, to be another's."""
+        self.watch.remove(worker.conn)
+        self.watch.remove(worker.sentinel)
+        self.free_worker(worker)
+
+    def relay_failure(self) -> FastMFDError | None:
+        return None                                 # (no relay: the main channel is read)
+
+    def drain(self) -> bool:
+        return True
+
+
 class TLSGreeter:
     """The main process's side: hands each connection to a receive worker and
     passes on what it reports (module docstring). ``take_worker`` gives a
     spare worker (or one started now), ``free_worker`` takes one back;
     ``no_room(n)``: why one more may not be greeted beside the ``n`` being
     greeted (under max_memory; None: it may; MAX_GREETINGS is the caller's)."""
+    tls = True
 
     def __init__(self, security: ChannelSecurity, watch: Watch,
                  take_worker: Callable[[], Child], free_worker: Callable[[Child], None],
@@ -151,8 +190,9 @@ class TLSGreeter:
 
     def greet(self, sock: socket.socket,
               on_greeted: Callable[[Child, QemuAuthenticated | QemuGreeted | Refused], None]
-              ) -> None:
-        """Hand ``sock`` to a worker; ``on_greeted`` gets its reports."""
+              ) -> bool:
+        """Hand ``sock`` to a worker; ``on_greeted`` gets its reports. False: the caller
+        does not read it (:meth:`PlainGreeter.greet`)."""
         worker = self.take_worker()
 
         def on_report(report: object) -> None:
@@ -167,6 +207,12 @@ class TLSGreeter:
 
         self.watch.add_child(worker, on_report)
         worker.start_session(QemuGreeting(self.security), [sock.fileno()])
+        return False
+
+    def start(self, worker: Child, params: RecvParams, sock: socket.socket) -> None:
+        """Start ``worker`` receiving ``sock``'s channel: it holds the connection, since
+        its greeting."""
+        worker.send(params)
 
     def dismiss(self, worker: Child) -> None:
         """``worker``'s connection, greeted, is not kept: the worker is told to
