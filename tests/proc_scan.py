@@ -87,7 +87,8 @@ def process_group(pgid: int) -> dict[int, str]:
         try:
             with open(f"/proc/{entry}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
-            with open(f"/proc/{entry}/cmdline") as f:
+            # (another run's process may have an argument that is no UTF-8: a file name)
+            with open(f"/proc/{entry}/cmdline", errors="surrogateescape") as f:
                 command = f.read()
         except OSError:         # its process ended meanwhile
             continue

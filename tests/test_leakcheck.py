@@ -15,7 +15,7 @@ import pytest
 
 from fastmfd.shm import SEGMENT_PREFIX, SHM_DIR
 from leakcheck import LeakCheck
-from proc_scan import RUN_MARK, alive
+from proc_scan import RUN_MARK, alive, process_group
 
 # A segment as SharedMemory.create names it (fastmfd-TAG-PID-RANDOM), made by the
 # process that runs this, then left unmapped: as one leaked, or not mapped yet.
@@ -136,3 +136,15 @@ def test_a_segment_this_runs_orphan_makes_is_this_tests(tmp_path, mapped):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
         os.unlink(os.path.join(SHM_DIR, name))
+
+
+def test_a_process_whose_arguments_are_no_utf8_does_not_break_a_group_scan():
+    # process_group reads every process's command line: another run's `fastmfd listen
+    # --dir o\xffut` made it raise UnicodeDecodeError in test_stalls (a full run beside it).
+    with subprocess.Popen([os.fsencode(sys.executable), b"-c", b"import time; time.sleep(60)",
+                           b"o\xffut"], start_new_session=True) as other:
+        try:
+            assert list(process_group(other.pid).values()) == [
+                f"{sys.executable}\0-c\0import time; time.sleep(60)\0o\udcffut\0"]
+        finally:
+            other.kill()
