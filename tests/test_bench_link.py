@@ -134,7 +134,7 @@ def test_one_link_typed_two_ways_is_one_condition(tmp_path, monkeypatch):
     assert [parse_link(text).same for text in ("1gbit/0ms", "2.5gbit", "10gbit/0.5ms")] == [
         "1gbit", "2500mbit", "10gbit/500us"]
     setting = Setting("fastmfd", 1, "none")
-    now = RunConditions(link=command.emulated(parse_link("1gbit"))).of(setting, 1 << 20)
+    now = RunConditions(link=command.emulated("1gbit")).of(setting, 1 << 20)
     saved = tmp_path / "saved.json"
     saved.write_text(json.dumps({"benchmarks": [
         {"name": name, "stats": {"min": 1.0}, "extra_info": {**now, "link": link}}

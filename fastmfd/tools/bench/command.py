@@ -189,7 +189,7 @@ def cli_main(args: argparse.Namespace) -> int:
             args, (link.destination_host,) if link is not None else ()))
         conditions = RunConditions(
             tls=security.label or None, prealloc=args.prealloc, warm_memory=not args.cold_memory,
-            link=emulated(args.link) if args.link else LINK,
+            link=emulated(args.link.text) if args.link else LINK,
             qemu=qemu_version)
         if baseline is not None:
             # Before any image is made: a comparison that would pair nothing costs no run.

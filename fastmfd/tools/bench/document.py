@@ -46,7 +46,7 @@ from ... import __version__
 from ...errors import ConfigError
 from ...units import format_bytes
 from ..input_files import open_regular_file
-from .link import LinkSpec, same_link
+from .link import same_link
 from .matrix import QEMU_METHODS, TLS_METHODS
 
 if TYPE_CHECKING:
@@ -105,11 +105,11 @@ class RunConditions:
         return ", ".join(parts)
 
 
-def emulated(link: LinkSpec) -> str:
-    """The ``link`` condition of a run over an emulated link, in the link's one spelling:
-    runs over 1gbit and 1000mbit are compared (:func:`_baseline` reads an earlier file's
-    as typed likewise)."""
-    return f"emulated {link.same} (veth, tc)"
+def emulated(link: str) -> str:
+    """The ``link`` condition of a run over the emulated link typed ``link``, in the link's
+    one spelling (:func:`.link.same_link`): runs over 1gbit and 1000mbit are compared
+    (:func:`_baseline` reads an earlier file's as typed likewise)."""
+    return f"emulated {same_link(link)} (veth, tc)"
 
 
 # How a field of RunConditions.of reads in a note on two results that differ in it.
@@ -192,8 +192,8 @@ def _baseline(benchmark: dict[str, Any]) -> Baseline:
     conditions = {key: extra[key] for key in _FIELD_NAMES if key in extra}
     typed = EMULATED.match(conditions["link"]) if isinstance(conditions.get("link"), str) \
         else None
-    if typed is not None and isinstance(link := same_link(typed.group(1)), str):
-        conditions["link"] = f"emulated {link} (veth, tc)"
+    if typed is not None:
+        conditions["link"] = emulated(typed.group(1))
     return Baseline(float(best), conditions,
                     rounds if isinstance(rounds, int) and not isinstance(rounds, bool) else None)
 
