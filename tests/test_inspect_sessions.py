@@ -119,11 +119,19 @@ def test_inspect_checks_the_checksums_of_a_real_session(tmp_path):
         read_capture(_files_in(tmp_path / "swapped", {**files, "0.bin": swapped}))
 
 
-def test_a_lone_checksummed_channel_without_checksum_is_told_to_try_it(tmp_path):
+@pytest.mark.parametrize("packet_pages, hint", [
+    (128, ": with fastmfd's checksum it decodes (a checksummed fastmfd session's channel? "
+          "`inspect --checksum`)"),
+    (16, ": fastmfd's checksum sets those bytes (a checksummed fastmfd session's channel? "
+         "`inspect --checksum` with its --packet-pages)")])
+def test_a_lone_checksummed_channel_without_checksum_is_told_to_try_it(tmp_path, packet_pages,
+                                                                        hint):
     """A checksummed session's multifd channel alone, inspected without --checksum (no
-    SETUP says it): the failure names the checksum, which decodes it. It named QEMU 7.2's
-    layout, which decodes the packets too, their CRC taken for unused bytes."""
-    config = fastmfd.MigrationConfig(channels=1, checksum=True)     # QEMU's 128 pages a packet
+    SETUP says it): the failure names the checksum, which decodes it (128 pages a packet,
+    inspect's default; else with the session's). It named QEMU 7.2's layout, which decodes
+    the packets too, their CRC taken for unused bytes (or said nothing: "as layout qemu-7.2
+    it fails too")."""
+    config = fastmfd.MigrationConfig(channels=1, checksum=True, packet_pages=packet_pages)
     records = {"main": Record(), 0: Record()}
     region = make_region("ram", 300 * PAGE, seed=3)
     try:
@@ -134,10 +142,9 @@ def test_a_lone_checksummed_channel_without_checksum_is_told_to_try_it(tmp_path)
         with pytest.raises(fastmfd.ProtocolError) as failed:
             read_capture(paths)
         assert failed.value.field == "unused"
-        assert str(failed.value).endswith(": with fastmfd's checksum it decodes (a checksummed "
-                                          "fastmfd session's channel? `inspect --checksum`)")
-        assert (_image(read_capture(paths, checksum=True), "ram", region.size)
-                == region.array).all()
+        assert str(failed.value).endswith(hint)
+        decoded = read_capture(paths, checksum=True, packet_pages=packet_pages)
+        assert (_image(decoded, "ram", region.size) == region.array).all()
     finally:
         region.close()
 

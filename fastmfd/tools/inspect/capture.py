@@ -119,6 +119,10 @@ def _channels_alone(paths: list[str | os.PathLike[str]], **options: Any) -> Capt
         elif _decodes(paths, layout=_core.LAYOUT_QEMU72, **options):
             note = (f": as layout {_core.LAYOUT_QEMU72} it decodes (a QEMU 7.2 capture? "
                     f"`inspect --layout {_core.LAYOUT_QEMU72}`)")
+        elif not options["checksum"] and exc.field == "unused":
+            # (The CRC covers the header, whose size is the session's packet pages.)
+            note = (": fastmfd's checksum sets those bytes (a checksummed fastmfd session's "
+                    "channel? `inspect --checksum` with its --packet-pages)")
         else:
             note = f" (as layout {_core.LAYOUT_QEMU72} it fails too)"
             if options["checksum"]:
