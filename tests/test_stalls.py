@@ -26,7 +26,7 @@ import pytest
 
 import fastmfd
 from device_support import PacedLoader, StopsHalfwayThroughItsReport, StuckLoader
-from fastmfd._engine import receiving
+from fastmfd._engine import processes, receiving, sending
 from fastmfd._engine.liveness import Heartbeat
 from fastmfd import _core
 from fastmfd.protocol.main_channel import Complete, MainChannel, Msg, encode_message
@@ -792,3 +792,48 @@ def test_a_keepalive_that_cannot_go_leaves_the_peer_s_word_to_say_why(peer_wrote
         else:
             with pytest.raises(fastmfd.MigrationError, match="sending KEEPALIVE"):
                 heartbeat.beat()
+
+
+# ---------------------------------------------------------------- channels connecting
+
+def test_workers_started_for_the_channels_hold_up_no_deadline(image, monkeypatch):
+    """A destination of 4 workers took a source of 8 channels: it started the other 4
+    as the channels came, one by one, each in its watch loop, so on a loaded host
+    (~50 ms a start) `listen --stall-timeout 0.1` failed 3 of 5 healthy sessions of 8
+    channels on loopback: "channel 6: not connected 0.1 s after SETUP_ACK" (a
+    review). The workers a session's channels need now start together before
+    SETUP_ACK. Here each start takes longer than the destination's stall timeout."""
+    with Migration(CONFIG.replace(channels=8), stall_timeout=0.5, workers=4) as m:
+        m.source.add_region(image)
+        wait_ready = processes.Child.wait_ready
+
+        def slow_start(child, *args):
+            time.sleep(0.6)             # a host this loaded, or one this slow
+            wait_ready(child, *args)
+
+        monkeypatch.setattr(processes.Child, "wait_ready", slow_start)
+        _, result = m.run(timeout=60).ok()
+        assert np.array_equal(result.regions["ram"].array, image.array)
+
+
+def test_a_source_connecting_its_channels_over_some_latency_meets_the_stall_timeout(
+        image, monkeypatch):
+    """The source connects its channels one after another after SETUP_ACK, and said
+    nothing on its main channel meanwhile (its KEEPALIVEs began once every channel
+    was in); the destination judged each channel late from SETUP_ACK, not from the
+    channel before. Over a 150 ms round trip, 8 channels took ~1.2 s: a destination
+    of 1 s failed the healthy source, "nothing from the source" (a review). Now a
+    KEEPALIVE goes as due between the connects, and a channel that passed its greeting
+    is the door's progress. Here each connect takes 0.15 s, the destination's stall
+    timeout 0.5 s (8 connects: 1.2 s)."""
+    slow = sending.connect
+
+    def connect_over_a_slow_link(*args, **kwargs):
+        time.sleep(0.15)
+        return slow(*args, **kwargs)
+
+    monkeypatch.setattr(sending, "connect", connect_over_a_slow_link)
+    with Migration(CONFIG.replace(channels=8), stall_timeout=0.5) as m:
+        m.source.add_region(image)
+        _, result = m.run(timeout=60).ok()
+        assert np.array_equal(result.regions["ram"].array, image.array)

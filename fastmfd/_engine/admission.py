@@ -36,9 +36,8 @@ backlog meanwhile, and, as before SETUP, one waiting takes the place of a
 greeting that has run for EVICT_AFTER (the session's channels, queued behind
 a flood of strangers that say nothing, waited each stranger's whole handshake
 deadline, and the session failed: "not connected ... after SETUP_ACK").
-Greetings ending count as the door's progress (:attr:`ChannelDoor.turnover`):
-channels behind strangers are not judged unconnected while the door works
-through them.
+Greetings ending, passed or refused, are the door's progress (:attr:`ChannelDoor.
+turnover`): no channel is late while the door works through strangers or channels.
 """
 
 from __future__ import annotations
@@ -552,6 +551,7 @@ class ChannelDoor:
     def greeted(self, worker: Child) -> socket.socket:
         """``worker``'s connection passed its greeting: it is the session's now."""
         sock = self._greeting.pop(worker)[0]
+        self.turnover += 1
         self._evicted.discard(worker)
         self._assigned.add(worker)
         sock.settimeout(None)

@@ -22,7 +22,6 @@ the worker's clean MigrationError, sent to the source as ERROR.
 from __future__ import annotations
 
 import functools
-import time
 from collections.abc import Sequence
 
 from ..errors import MigrationError
@@ -93,8 +92,7 @@ def preallocate(workers: ChildSet, count: int, regions: Sequence[Region],
             if done[worker] < owed[worker] and progress.stalled(worker, True, done[worker]):
                 raise stall_error(worker.name, stall, worker.process.pid,
                                   " (faulting its share of the regions in)")
-        if time.monotonic() - main.last_sent >= keepalive_every:
-            main.send(Msg.KEEPALIVE)
+        main.keep_alive(keepalive_every)
     return list(owed)
 
 

@@ -342,6 +342,15 @@ class ChildSet:
         child.wait_ready(timeout)
         return child
 
+    def grow(self, target: ChildMain, count: int, prefix: str, timeout: float) -> None:
+        """Start children until there are ``count`` (named ``prefix`` and their index),
+        all at once, then wait for each to be up, each within ``timeout`` of the one
+        before: one after another, a loaded host took ~50 ms a start."""
+        started = [self.spawn(target, f"{prefix} {len(self)}", timeout)
+                   for _ in range(len(self), count)]
+        for child in started:
+            child.wait_ready(timeout)
+
     def spawn(self, target: ChildMain, name: str, timeout: float = READY_TIMEOUT) -> Child:
         """Start one more child without waiting for it: its first report is Ready."""
         child = Child(mp_context(), target, name, timeout)

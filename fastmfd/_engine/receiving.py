@@ -62,6 +62,7 @@ from .prealloc import preallocate
 from .processes import Child, ChildSet, Watch, kill_all
 from .session import SessionFailure, SessionResources, break_session
 from .session_regions import RegionFactory, finish_regions, make_session_regions, places_pages
+from .workers import recv_worker_main
 
 __all__ = ["Receiving", "ReceivingState", "DestinationParts"]
 
@@ -169,6 +170,11 @@ class Receiving:
                                 channel=MAIN)
         self._prepare(setup)
         try:
+            # A worker for each channel is up before SETUP_ACK: started by the door as
+            # the channels came, one by one in its loop, they held it for ~50 ms each on
+            # a loaded host, and a healthy source failed a short stall timeout (a review).
+            self.parts.workers.grow(recv_worker_main, setup.total_channels, "receive channel",
+                                    self._stall)
             if self.parts.prealloc:
                 self._preallocate()
             self.main.send(Msg.SETUP_ACK, SetupAck(self._stall))

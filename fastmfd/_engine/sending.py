@@ -214,7 +214,8 @@ class Sending:
         connected_by = time.monotonic() + cfg.timeout
         reached = peer_address(sock, parts.address)
         for ch, worker in enumerate(parts.workers):
-            try:
+            try:    # KEEPALIVE as due: a short stall timeout is no time for 8 connects
+                self.main.keep_alive(min(cfg.stall_timeout, ack.stall_timeout) / 4)
                 data = connect(reached, connected_by - time.monotonic())
             except MigrationError as exc:   # a destination that failed has said why
                 raise handshake.error_left(sock, MAIN, "the destination failed") or exc
@@ -337,8 +338,7 @@ class Sending:
         return counters.total("normal_pages") + counters.total("zero_pages")
 
     def _send_round(self, number: int, pages: list[npt.NDArray[np.uint64]], live: bool,
-                    bar: RoundProgress,
-                    devices: bool) -> RoundStats:
+                    bar: RoundProgress, devices: bool) -> RoundStats:
         started = time.monotonic()
         total = int(sum(len(p) for p in pages))
         self.board.round_base = self._pages_done()

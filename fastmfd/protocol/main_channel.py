@@ -543,6 +543,11 @@ class MainChannel:
         with self._lock:
             self._write(kind, encode_message(kind, payload))
 
+    def keep_alive(self, every: float) -> None:
+        """KEEPALIVE if nothing went out for ``every`` seconds."""
+        if time.monotonic() - self.last_sent >= every:
+            self.send(Msg.KEEPALIVE)
+
     def _write(self, kind: Msg, data: bytes) -> None:
         """Send a whole message (the caller holds the lock)."""
         send_all(self.sock, data, kind.name, MAIN)
