@@ -22,7 +22,7 @@
 from __future__ import annotations
 
 import unicodedata
-from typing import Self
+from typing import Any, Self
 
 __all__ = ["FastMFDError", "ConfigError", "ListenError", "ProtocolError", "TLSError",
            "ConnectionClosed", "MigrationError", "SecurityError", "ConnectError",
@@ -98,8 +98,9 @@ class ListenError(ConfigError, OSError):
     def __str__(self) -> str:
         return str(self.strerror)
 
-    def __reduce__(self) -> tuple[type[Self], tuple[str | None, int | None]]:
-        return type(self), (self.strerror, self.errno)
+    def __reduce__(self) -> tuple[type[Self], tuple[str | None, int | None], dict[str, Any]]:
+        # (and what was set on it since: a note, a parameter; pickle restores it)
+        return type(self), (self.strerror, self.errno), vars(self)
 
 
 class ProtocolError(FastMFDError):
@@ -170,8 +171,8 @@ class ConnectError(MigrationError, ConnectionError):
         super().__init__(message)
         self.errno = errno
 
-    def __reduce__(self) -> tuple[type[Self], tuple[str | None, int | None]]:
-        return type(self), (self.cause, self.errno)
+    def __reduce__(self) -> tuple[type[Self], tuple[str | None, int | None], dict[str, Any]]:
+        return type(self), (self.cause, self.errno), vars(self)
 
 
 class NoSourceError(MigrationError, TimeoutError):
