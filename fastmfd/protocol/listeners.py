@@ -107,36 +107,57 @@ def listen_at_each(targets: list[tuple[int, Any]], where: str, backlog: int) -> 
     """Listening sockets at each (family, sockaddr) of ``targets`` (a name's addresses,
     all of one port), named ``where``; an OSError naming the address that failed (or
     each, if none could be bound)."""
-    for attempt in range(PORT_ATTEMPTS):
-        port = targets[0][1][1]
-        bound: list[socket.socket] = []
-        left_out: list[str] = []
-        try:
-            for family, sockaddr in targets:
-                sockaddr = (sockaddr[0], port, *sockaddr[2:])
-                try:
-                    bound.append(_listening(family, sockaddr, backlog))
-                except OSError as exc:
-                    if exc.errno not in NOT_HERE:
-                        raise _at(sockaddr, exc) from None
-                    left_out.append(f"{sockaddr[0]} ({exc.strerror or exc})")
+    held: list[socket.socket] = []      # the port that collided, until the next is got
+    collided: BaseException | None = None
+    try:
+        for attempt in range(PORT_ATTEMPTS):
+            port = targets[0][1][1]
+            bound: list[socket.socket] = []
+            left_out: list[str] = []
+            try:
+                for family, sockaddr in targets:
+                    sockaddr = (sockaddr[0], port, *sockaddr[2:])
+                    try:
+                        bound.append(_listening(family, sockaddr, backlog))
+                    except OSError as exc:
+                        if exc.errno not in NOT_HERE:
+                            raise _at(sockaddr, exc) from None
+                        left_out.append(f"{sockaddr[0]} ({exc.strerror or exc})")
+                        continue
+                    port = bound[0].getsockname()[1]
+                    _close(held)
+                if not bound:
+                    raise OSError(errno.EADDRNOTAVAIL, f"none of its addresses is this "
+                                                       f"host's: {', '.join(left_out)}")
+                listening = ListeningSockets(bound, where, tuple(left_out))
+            except BaseException as exc:
+                in_use = isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE
+                if in_use and not bound and collided is not None:
+                    raise collided from None    # no other port: the collision says why
+                if (in_use and bound and targets[0][1][1] == 0
+                        and attempt + 1 < PORT_ATTEMPTS):
+                    # Another port, from the first address: the one that collided held
+                    # meanwhile, as the kernel gives the same port again (the odd one of
+                    # 2, every time: all 8 attempts collided).
+                    held.append(bound.pop(0))
+                    _close(bound)
+                    collided = exc
                     continue
-                port = bound[0].getsockname()[1]
-            if not bound:
-                raise OSError(errno.EADDRNOTAVAIL, f"none of its addresses is this host's: "
-                                                   f"{', '.join(left_out)}")
-            listening = ListeningSockets(bound, where, tuple(left_out))
-        except BaseException as exc:
-            for sock in bound:
-                sock.close()
-            if (isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE and bound
-                    and targets[0][1][1] == 0 and attempt + 1 < PORT_ATTEMPTS):
-                continue                    # another port, from the first address
-            raise
-        for why in left_out:
-            log.warning("%s: not listening at %s: this host has no such address", where, why)
-        return listening
-    raise AssertionError("the last attempt raised")
+                _close(bound)
+                raise
+            for why in left_out:
+                log.warning("%s: not listening at %s: this host has no such address", where,
+                            why)
+            return listening
+        raise AssertionError("the last attempt raised")
+    finally:
+        _close(held)
+
+
+def _close(sockets: list[socket.socket]) -> None:
+    for sock in sockets:
+        sock.close()
+    sockets.clear()
 
 
 def _listening(family: int, sockaddr: Any, backlog: int) -> socket.socket:
