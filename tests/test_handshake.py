@@ -974,3 +974,72 @@ def test_a_wrong_key_after_a_flood_is_logged_after_a_count_of_those_not_logged(m
     # Within the bucket's bound, whatever the pace of the flood: 3 at once, one per 2 s.
     assert during < flood, logged
     assert during + _skipped_counts(logged)[0] == flood, logged
+
+
+# ---------------------------------------------------------------- main channel versions
+
+def test_a_source_of_an_older_main_channel_version_is_told_to_upgrade():
+    """A destination refuses a source of another main channel version at its preamble.
+    It said "main channel field 'version': received 4, expected 5" alone, in its log
+    and to the source: nothing of which fastmfd is older or what to do (a review). The
+    refusal now names both versions and the side to upgrade."""
+    uuid = os.urandom(16)
+    setup = setup_message(fastmfd.MigrationConfig(channels=1), uuid, {"ram": 1 << 20})
+    told = ("main channel field 'version': received 4, expected 5 (the source speaks main "
+            "channel version 4, the destination 5: upgrade fastmfd at the source)")
+    with fastmfd.Destination("tcp:127.0.0.1:0", workers=1, timeout=10) as dst:
+        receiving = threading.Thread(target=lambda: pytest.raises(Exception, dst.receive),
+                                     daemon=True)
+        receiving.start()
+        source = FakeSource(dst.address, setup)
+        try:
+            header = bytearray(_core.CHANNEL_HEADER_SIZE)
+            _core.encode_channel_header(header, _core.CHANNEL_MAIN)
+            older = bytes(header) + encode_preamble()[:4] + (4).to_bytes(4, "big")
+            source.main = source.connect(older + encode_message(Msg.SETUP, setup))
+            kind, body = source.reply()
+            deadline = time.monotonic() + 10
+            while not dst.refused and time.monotonic() < deadline:
+                time.sleep(0.01)
+        finally:
+            source.close()
+            dst.cancel("the test is over")
+            receiving.join(10)
+    assert (kind, body) == (Msg.ERROR, {"error": told})
+    assert [refusal.reason for refusal in dst.refused] == [told]
+
+
+def test_a_destination_of_an_older_main_channel_version_is_said_to_need_the_upgrade():
+    """What a destination of version 4 answers a source of 5 (its words, which
+    are all this source has): the source says the rest, both versions and the side
+    to upgrade."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def older_destination():
+        with listener.accept()[0] as sock:
+            start = b""
+            while len(start) < _core.CHANNEL_HEADER_SIZE + 8:
+                start += sock.recv(_core.CHANNEL_HEADER_SIZE + 8 - len(start))
+            version = int.from_bytes(start[-4:], "big")
+            sock.sendall(encode_message(Msg.ERROR, {
+                "error": f"main channel field 'version': received {version}, expected 4"}))
+            sock.settimeout(5)
+            while sock.recv(65536):     # (until the source closes: no reset)
+                pass
+
+    thread = threading.Thread(target=older_destination, daemon=True)
+    thread.start()
+    ram = make_region("ram", 1 << 20, seed=1)
+    try:
+        address = f"tcp:127.0.0.1:{listener.getsockname()[1]}"
+        with fastmfd.Source(address, fastmfd.MigrationConfig(channels=1, timeout=10)) as src:
+            src.add_region(ram)
+            with pytest.raises(fastmfd.MigrationError) as failed:
+                src.migrate(live=False)
+    finally:
+        ram.close()
+        thread.join(10)
+        listener.close()
+    assert str(failed.value).endswith(
+        "main channel field 'version': received 5, expected 4 (the source speaks main channel "
+        "version 5, the destination 4: upgrade fastmfd at the destination)"), failed.value

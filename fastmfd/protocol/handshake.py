@@ -22,6 +22,7 @@ What a connection that passed its greeting then breaks fails the session.
 
 from __future__ import annotations
 
+import re
 import socket
 import ssl
 import struct
@@ -46,7 +47,8 @@ from .sockets import Address, ConnectionClosed, recv_exact, send_all
 
 __all__ = ["ChannelHello", "SocketStream", "TLSStream", "read_hello", "main_channel_start",
            "channel_start", "open_main_channel", "open_channel", "MainGreeting",
-           "greet_main_channel", "greet_channel", "tls_accept", "check_channel", "error_left"]
+           "greet_main_channel", "greet_channel", "tls_accept", "check_channel", "error_left",
+           "version_refused"]
 
 
 # ---------------------------------------------------------------- streams
@@ -183,6 +185,32 @@ NO_LISTENER_HINT = ("(is a fastmfd listener there? a QEMU destination takes "
                     "`fastmfd send --qemu`)")
 
 
+# A destination's refusal of its source's main channel version, as one of version 4
+# said it: what follows it names both versions and the side to upgrade.
+_REFUSED_VERSION = re.compile(r"main channel field 'version': received (\d+), expected (\d+)\Z")
+
+
+def version_refused(received: int, expected: int = MAIN_VERSION) -> str:
+    """What a destination (the side that checks) says of a source's main channel version
+    ``received``: both versions, and which fastmfd to upgrade. One of version 4 said
+    "received 5, expected 4" alone, and its source took no more from it."""
+    older = "source" if received < expected else "destination"
+    return (f"main channel field 'version': received {received}, expected {expected} (the "
+            f"source speaks main channel version {received}, the destination {expected}: "
+            f"upgrade fastmfd at the {older})")
+
+
+def _told_what_to_do(exc: BaseException) -> MigrationError | None:
+    """``exc``, a destination's refusal of this source's version in a version 4's words
+    alone, said with both versions and the side to upgrade; None for any other."""
+    said = _REFUSED_VERSION.search(exc.cause) if isinstance(exc, MigrationError) else None
+    if said is None:
+        return None
+    assert isinstance(exc, MigrationError), "searched"
+    words = exc.cause[:said.start()] + version_refused(*map(int, said.groups()))
+    return MigrationError(words, channel=exc.channel, side=exc.side)
+
+
 def open_main_channel(sock: socket.socket, security: ChannelSecurity, setup: Setup,
                       channel_header: bool, address: str,
                       opened: Callable[[MainChannel], None] | None = None
@@ -241,7 +269,9 @@ def open_main_channel(sock: socket.socket, security: ChannelSecurity, setup: Set
                    if lost and security.tls is None else None)
         sock.close()
         if refusal is not None:
-            raise refusal from exc
+            raise _told_what_to_do(refusal) or refusal from exc
+        if (told := _told_what_to_do(exc)) is not None:
+            raise told from exc
         if isinstance(exc, ProtocolError) and exc.field == "type" \
                 and isinstance(exc.received, int):
             # Bytes that are no message type at all: another service answered.
@@ -478,9 +508,8 @@ def _greet_main(sock: socket.socket, security: ChannelSecurity, deadline: float)
                             received=hello.kind, expected=_core.CHANNEL_MAIN)
     version = struct.unpack(">I", stream.recv_exact(4, "version"))[0]
     if version != MAIN_VERSION:
-        raise ProtocolError(f"main channel field 'version': received {version}, "
-                            f"expected {MAIN_VERSION}", field="version",
-                            received=version, expected=MAIN_VERSION)
+        raise ProtocolError(version_refused(version), field="version", received=version,
+                            expected=MAIN_VERSION)
     header = stream.recv_exact(MESSAGE_HEADER_SIZE, "message")
     auth_uuid = None
     if _message_type(header) == Msg.AUTH:
