@@ -180,11 +180,15 @@ class Region:
                                    huge_aligned=huge_pages)
         try:
             dirty = DirtyBitmap.create(size // page_size, tag=f"dirty-{name}")
+            try:
+                return cls(name, size, page_size, "shm", data.name, data.file_id, data, dirty,
+                           owner=True, huge_pages=huge_pages)
+            except BaseException:       # (huge pages refused; a signal)
+                dirty.close()
+                raise
         except BaseException:
             data.close()
             raise
-        return cls(name, size, page_size, "shm", data.name, data.file_id, data, dirty, owner=True,
-                   huge_pages=huge_pages)
 
     @classmethod
     def from_file(cls, name: str, path: str | os.PathLike[str], *, size: int | None = None,

@@ -50,6 +50,7 @@ of 1024 open files in every process that maps them.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import mmap
@@ -407,16 +408,25 @@ def creator_pid(name: str) -> int | None:
 
 
 def _new_file(tag: str) -> tuple[int, str]:
-    """A new segment file of this process's owner (:func:`owner_token`), open; its name."""
+    """A new segment file of this process's owner (:func:`owner_token`), open; its name.
+    Registered with multiprocessing's resource tracker before it is made: a signal that
+    lands between the two, as the CLI's SIGTERM raises, left one in /dev/shm that no
+    one would remove (the demo's); registered, the tracker removes it as this ends."""
     owner = owner_token()
     while True:
         name = new_name(tag, owner)
+        path = os.path.join(SHM_DIR, name)
+        resource_tracker.register("/" + name, "shared_memory")
         try:
-            fd = os.open(os.path.join(SHM_DIR, name),
-                         os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             return fd, name
-        except FileExistsError:
-            continue
+        except FileExistsError:         # another's: not to be removed
+            resource_tracker.unregister("/" + name, "shared_memory")
+        except BaseException:           # (made, perhaps, as a signal came)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            resource_tracker.unregister("/" + name, "shared_memory")
+            raise
 
 
 class SharedMemory:
@@ -454,11 +464,8 @@ class SharedMemory:
                 raise ConfigError(unusable(exc.strerror)) from None
             raise
         path = os.path.join(SHM_DIR, name)
-        registered = False
         try:
             try:
-                resource_tracker.register("/" + name, "shared_memory")
-                registered = True
                 os.ftruncate(fd, size)
                 if allocate:
                     os.posix_fallocate(fd, 0, size if allocate is True else min(allocate, size))
@@ -466,8 +473,7 @@ class SharedMemory:
                 file_id = file_identity(fd)
             except BaseException:
                 os.unlink(path)
-                if registered:
-                    resource_tracker.unregister("/" + name, "shared_memory")
+                resource_tracker.unregister("/" + name, "shared_memory")
                 raise
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.ENOMEM):
