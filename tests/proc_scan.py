@@ -28,7 +28,7 @@ def alive(pid: int) -> bool:
     """Process ``pid`` exists and is no zombie (one orphaned to an init that
     does not reap stays a zombie)."""
     try:
-        with open(f"/proc/{pid}/stat") as stat:
+        with open(f"/proc/{pid}/stat", errors="surrogateescape") as stat:
             return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
@@ -48,7 +48,7 @@ def os_children() -> set[int]:
     children: set[int] = set()
     for task in os.listdir(f"/proc/{me}/task"):
         try:
-            with open(f"/proc/{me}/task/{task}/children") as f:
+            with open(f"/proc/{me}/task/{task}/children", errors="surrogateescape") as f:
                 children.update(int(pid) for pid in f.read().split())
         except FileNotFoundError:       # the thread ended meanwhile
             pass
@@ -62,7 +62,7 @@ def process_tree(root: int) -> set[int]:
         if not entry.isdigit():
             continue
         try:
-            with open(f"/proc/{entry}/stat") as f:
+            with open(f"/proc/{entry}/stat", errors="surrogateescape") as f:
                 stat = f.read()
         except OSError:
             continue
@@ -85,9 +85,8 @@ def process_group(pgid: int) -> dict[int, str]:
     found = {}
     for entry in filter(str.isdigit, os.listdir("/proc")):
         try:
-            with open(f"/proc/{entry}/stat") as f:
+            with open(f"/proc/{entry}/stat", errors="surrogateescape") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
-            # (another run's process may have an argument that is no UTF-8: a file name)
             with open(f"/proc/{entry}/cmdline", errors="surrogateescape") as f:
                 command = f.read()
         except OSError:         # its process ended meanwhile
@@ -131,7 +130,7 @@ def mapped_outside(names: set[str], ours: set[int]) -> set[str]:
         if not entry.isdigit() or int(entry) in ours:
             continue
         try:
-            with open(f"/proc/{entry}/maps") as f:
+            with open(f"/proc/{entry}/maps", errors="surrogateescape") as f:
                 maps = f.read()
         except OSError:
             continue
@@ -175,7 +174,7 @@ def descends_from(pid: int, root: int) -> bool | None:
         if pid <= 1:
             return False
         try:
-            with open(f"/proc/{pid}/stat") as f:
+            with open(f"/proc/{pid}/stat", errors="surrogateescape") as f:
                 pid = int(f.read().rsplit(")", 1)[1].split()[1])
         except (FileNotFoundError, ProcessLookupError):
             return None

@@ -15,7 +15,7 @@ import pytest
 
 from fastmfd.shm import SEGMENT_PREFIX, SHM_DIR
 from leakcheck import LeakCheck
-from proc_scan import RUN_MARK, alive, process_group
+from proc_scan import RUN_MARK, alive, descends_from, process_group, process_tree
 
 # A segment as SharedMemory.create names it (fastmfd-TAG-PID-RANDOM), made by the
 # process that runs this, then left unmapped: as one leaked, or not mapped yet.
@@ -146,5 +146,22 @@ def test_a_process_whose_arguments_are_no_utf8_does_not_break_a_group_scan():
         try:
             assert list(process_group(other.pid).values()) == [
                 f"{sys.executable}\0-c\0import time; time.sleep(60)\0o\udcffut\0"]
+        finally:
+            other.kill()
+
+
+def test_a_process_whose_name_is_no_utf8_does_not_break_a_scan():
+    # /proc/PID/stat holds the process's name, which a program may set to any bytes
+    # (prctl, /proc/self/comm): each scan reads it as text.
+    with subprocess.Popen([sys.executable, "-c", "import sys, time\n"
+                           "open('/proc/self/comm', 'wb').write(b'o\\xffut')\n"
+                           "print(flush=True)\ntime.sleep(60)"],
+                          stdout=subprocess.PIPE, start_new_session=True) as other:
+        try:
+            assert other.stdout is not None and other.stdout.readline() == b"\n"
+            assert alive(other.pid)
+            assert other.pid in process_tree(os.getpid())
+            assert list(process_group(other.pid)) == [other.pid]
+            assert descends_from(other.pid, os.getpid())
         finally:
             other.kill()
