@@ -120,9 +120,10 @@ class MigrationConfig:
     device_channels_within: bool = False
 
     def __post_init__(self) -> None:
-        def need(ok: bool, message: str) -> None:
+        def need(ok: bool, name: str, problem: str, involves: tuple[str, ...] = ()) -> None:
             if not ok:
-                raise ConfigError(message)
+                raise ConfigError(f"{name} {problem}, not {getattr(self, name)!r}",
+                                  parameter=name, problem=problem, involves=involves)
 
         # A subclass's own fields are its own to check.
         values = check_types("MigrationConfig", **{name: (getattr(self, name), kind)
@@ -131,10 +132,10 @@ class MigrationConfig:
             object.__setattr__(self, name, value)
         if self.device_channels_within:
             # The seed counts device-state channels within the total; fastmfd adds them.
-            need(0 <= self.device_state_channels < self.channels,
-                 f"with device_channels_within, channels ({self.channels!r}) counts every "
-                 f"channel and must exceed device_state_channels "
-                 f"({self.device_state_channels!r})")
+            need(0 <= self.device_state_channels < self.channels, "channels",
+                 f"must count every channel with device_channels_within: more than "
+                 f"device_state_channels ({self.device_state_channels!r})",
+                 ("device_state_channels", "device_channels_within"))
             object.__setattr__(self, "channels", self.channels - self.device_state_channels)
             object.__setattr__(self, "device_channels_within", False)
         try:
@@ -143,8 +144,8 @@ class MigrationConfig:
             name = _CONFIG_NAMES.get(exc.field, exc.field)
             raise ConfigError(f"{name} must be {exc.expected}, not {exc.value!r}",
                               parameter=name, problem=f"must be {exc.expected}") from None
-        need(1 <= self.job_packets <= 64, f"job_packets must be in 1..64, not {self.job_packets}")
-        need(self.max_rounds >= 1, f"max_rounds must be >= 1, not {self.max_rounds}")
+        need(1 <= self.job_packets <= 64, "job_packets", "must be in 1..64")
+        need(self.max_rounds >= 1, "max_rounds", "must be >= 1")
         paced_channel_rate(self.max_bandwidth, self.total_channels,
                            max(self.packet_pages * self.page_size, self.device_chunk_size),
                            self.stall_timeout)

@@ -35,6 +35,7 @@ from .protocol.setup import MAX_CHANNELS, STALL_TIMEOUT, Setup, rule
 from .protocol.sockets import (LISTENERS, Listener, Listening, bound_address, listen,
                                listening_address, listening_on, parse_address)
 from .region_pool import RegionPool
+from .reprs import fields_repr
 from .regions import Region, check_huge_pages, region_to_add
 from .shm import SHM_DIR
 from .stats import ReceiveStats
@@ -64,6 +65,11 @@ class DestinationResult:
     devices: dict[tuple[str, int], object]
     stats: ReceiveStats
     setup: dict[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        # Bounded: a CollectLoader's bytes said by their size (its 64 MiB were a repr
+        # of 256 MB), 8 regions or devices shown, then a count.
+        return fields_repr(self)
 
 
 class Destination(Owner):
@@ -252,6 +258,10 @@ class Destination(Owner):
             finally:
                 self._additions_taken = True
         return hook
+
+    def _described(self) -> str:
+        return (f"at {self.address}, {len(self._user_regions)} region(s) and "
+                f"{len(self._loaders)} loader(s) added")
 
     @property
     def refused(self) -> list[Refusal]:

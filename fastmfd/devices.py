@@ -76,9 +76,11 @@ def check_device_ids(call: str, idstr: str, instance_id: int, of: str = "") -> t
     try:
         check_name(idstr, "device idstr")
     except Invalid as exc:
-        raise ConfigError(f"device idstr {idstr!r} must be {exc.expected}") from None
+        raise ConfigError(f"device idstr {idstr!r} must be {exc.expected}",
+                          parameter=f"{of}idstr", problem=f"must be {exc.expected}") from None
     if not 0 <= instance_id < 1 << 32:
-        raise ConfigError(f"device instance_id {instance_id} does not fit in 32 bits")
+        raise ConfigError(f"device instance_id {instance_id} does not fit in 32 bits",
+                          parameter=f"{of}instance_id", problem="must be in 0..4294967295")
     return idstr, instance_id
 
 
@@ -86,6 +88,12 @@ def wire_ids(device: Device) -> tuple[str, int]:
     """``device``'s (idstr, instance_id) as SETUP carries them: Python's str and int
     (Source.add_device takes any str and integer, numpy's too)."""
     return str(device.idstr), operator.index(device.instance_id)
+
+
+def _precopy_error(what: str, precopy_size: int, size: int) -> ConfigError:
+    problem = f"must be in 0..size ({size})"
+    return ConfigError(f"{what} precopy_size {precopy_size} is not in 0..size ({size})",
+                       parameter="precopy_size", problem=problem, involves=("size",))
 
 
 class _Paced:
@@ -242,7 +250,7 @@ class SyntheticDevice:
             "SyntheticDevice", size=(size, UNSIGNED), read_rate=(read_rate, optional(POSITIVE)),
             seed=(seed, SEED), precopy_size=(precopy_size, INT))
         if not 0 <= precopy_size <= size:
-            raise ConfigError(f"device precopy_size {precopy_size} is not in 0..size ({size})")
+            raise _precopy_error("device", precopy_size, size)
         self.idstr, self.instance_id = idstr, instance_id
         self.size, self.seed, self.precopy_size = size, seed, precopy_size
         self._offset = 0
@@ -404,7 +412,7 @@ class VerifyLoader:
             "VerifyLoader", size=(size, UNSIGNED), seed=(seed, SEED),
             write_rate=(write_rate, optional(POSITIVE)), precopy_size=(precopy_size, INT))
         if not 0 <= precopy_size <= size:
-            raise ConfigError(f"loader precopy_size {precopy_size} is not in 0..size ({size})")
+            raise _precopy_error("loader", precopy_size, size)
         self.size, self.seed, self.write_rate = size, seed, write_rate
         self.precopy_size = precopy_size
         self._offset = 0

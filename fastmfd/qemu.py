@@ -79,6 +79,7 @@ from .protocol.setup import COMPRESSION_LEVELS, STALL_TIMEOUT, level_rule
 from .protocol.sockets import (LISTENERS, Listener, Listening, bound_address, listen,
                                listening_address, listening_on, parse_address)
 from .regions import Region
+from .reprs import fields_repr
 from .tools.outputs import OutputDir, SavedFiles
 from .tools.qemu_manifest import MAX_MANIFEST_BYTES, check_size, open_inside, read_manifest
 from .tools.unfinished import warn_of_unfinished_receives
@@ -110,6 +111,9 @@ class QemuReceived:
     manifest: dict[str, Any]
     seconds: float
     channels: list[dict[str, int]]
+
+    def __repr__(self) -> str:
+        return fields_repr(self)    # bounded: 8 blocks or channels, then a count
 
 
 def receive(address: str | socket.socket, directory: str | os.PathLike[str], *,
@@ -220,6 +224,9 @@ class QemuReceiver(Owner):
         except BaseException:
             self.close()
             raise
+
+    def _described(self) -> str:
+        return f"at {self.address}, into {self._out.path}"
 
     def worker_pids(self) -> list[int]:
         """The process ids of the receive workers (empty once closed): what a
@@ -426,7 +433,9 @@ class QemuSender(Owner):
             raise ConfigError(f"channels {channels}: {problem}", parameter="channels",
                               problem=problem)
         if compression not in ("none", "zlib", "zstd"):
-            raise ConfigError(f"compression {compression!r}: expected none, zlib or zstd")
+            problem = "must be none, zlib or zstd (QEMU's multifd-compression)"
+            raise ConfigError(f"compression {compression!r}: {problem}",
+                              parameter="compression", problem=problem)
         if level not in COMPRESSION_LEVELS[compression]:       # fastmfd's encoders' ranges
             must = f"must be {level_rule(compression)}"
             raise ConfigError(f"{self._call}(level) {must}, not {level}", parameter="level",
@@ -439,6 +448,7 @@ class QemuSender(Owner):
         directory = os.fspath(directory)
         manifest = read_manifest(directory)
         super().__init__()
+        self._directory = directory
         regions: list[Region] = []
         fds = self._resources.fds     # each block file's, where its holes are (its zero pages)
         self._session: QemuSending | None = None
@@ -469,6 +479,9 @@ class QemuSender(Owner):
         except BaseException:
             self.close()
             raise
+
+    def _described(self) -> str:
+        return f"of {self._directory}"
 
     def send(self, address: str) -> list[dict[str, int]]:
         """Migrate into the QEMU listening at ``address``; per-channel counters."""

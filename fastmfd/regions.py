@@ -59,10 +59,13 @@ def check_huge_pages(directory: str) -> None:
 
 def _validate_size(name: str, size: int, page_size: int) -> None:
     if page_size <= 0 or page_size & (page_size - 1):
-        raise ConfigError(f"page size {page_size} is not a power of two")
+        raise ConfigError(f"page size {page_size} is not a power of two",
+                          parameter="page_size", problem="must be a power of two")
     if size <= 0 or size % page_size:
+        problem = f"must be a positive multiple of the page size {page_size}"
         raise ConfigError(f"region {name!r}: size {size} is not a positive multiple of the "
-                          f"page size {page_size}")
+                          f"page size {page_size}", parameter="size", problem=problem,
+                          involves=("page_size",))
 
 
 def _open_region_file(path: str, size: int, file_id: tuple[int, int],

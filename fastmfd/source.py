@@ -107,6 +107,12 @@ class Source(Owner):
                               f"no more")
         self._devices.append(device)
 
+    def _described(self) -> str:
+        cfg = self.config
+        return (f"to {self.address} ({cfg.channels} RAM + {cfg.device_state_channels} "
+                f"device-state channels), {len(self._regions)} region(s), "
+                f"{len(self._devices)} device(s)")
+
     def worker_pids(self) -> list[int]:
         """The process ids of the send workers (empty outside ``with``): what a
         benchmark measures the CPU time of, beside this process's."""

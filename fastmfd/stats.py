@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .reprs import fields_repr
+
 __all__ = ["ChannelStats", "MigrationStats", "ReceiveStats", "RoundStats"]
 
 
@@ -126,6 +128,9 @@ class MigrationStats:
         data["throughput_bytes_per_s"] = self.throughput_bytes_per_s
         return data
 
+    def __repr__(self) -> str:
+        return fields_repr(self)    # bounded: 8 channels, rounds or devices, then a count
+
 
 @dataclass(frozen=True)
 class ReceiveStats:
@@ -166,3 +171,6 @@ class ReceiveStats:
     def as_dict(self) -> dict[str, Any]:
         """Every field (channels as dicts too): the ``stats`` of ``fastmfd listen --json``."""
         return asdict(self)
+
+    def __repr__(self) -> str:
+        return fields_repr(self)    # bounded: 8 channels or devices, then a count

@@ -216,7 +216,8 @@ def test_the_seeds_channel_arithmetic_is_accepted():
     assert (seed.channels, seed.device_state_channels, seed.total_channels) == (11, 4, 15)
     assert seed.replace(compression="zstd").channels == 11      # normalized once
     assert fastmfd.MigrationConfig(channels=11, device_state_channels=4).total_channels == 15
-    with pytest.raises(fastmfd.ConfigError, match="must exceed device_state_channels"):
+    with pytest.raises(fastmfd.ConfigError, match="must count every channel with "
+                       "device_channels_within: more than device_state_channels \\(4\\), not 4"):
         fastmfd.MigrationConfig(channels=4, device_state_channels=4, device_channels_within=True)
 
 

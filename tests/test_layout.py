@@ -18,7 +18,7 @@ import fastmfd
 
 PACKAGE = Path(fastmfd.__file__).parent
 LAYERS = [
-    ["fastmfd.errors", "fastmfd.units", "fastmfd.arguments"],
+    ["fastmfd.errors", "fastmfd.units", "fastmfd.arguments", "fastmfd.reprs"],
     ["fastmfd.shm", "fastmfd.shm_owners", "fastmfd.huge_pages", "fastmfd.safe_path",
      "fastmfd.threads", "fastmfd.ownership"],
     ["fastmfd._core"],

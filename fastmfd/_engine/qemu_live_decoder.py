@@ -14,6 +14,7 @@ from ..protocol.bytereader import StreamReader
 from ..protocol.qemu import (CONFIGURATION_AT, IGNORE_SHARED, MIG_CMD_OPEN_RETURN_PATH,
                              MIG_CMD_PING, MIG_CMD_SWITCHOVER_START, MIG_CMDS, SYNC_PER_SECTION,
                              QevmDecoder)
+from ..reprs import fields_repr
 from .qemu_channels import QemuConnections
 from .qemu_return_path import ReturnPathAnswers
 
@@ -68,6 +69,9 @@ class QemuStreamFacts:
     commands: list[tuple[str, bytes]] = field(default_factory=list)
     ram_section_id: int | None = 0
     section_footers: bool = True
+
+    def __repr__(self) -> str:
+        return fields_repr(self)    # bounded: 8 blocks or commands, then a count
 
 
 class LiveSession(Protocol):

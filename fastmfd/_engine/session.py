@@ -415,6 +415,20 @@ class Owner:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def __repr__(self) -> str:
+        # Where it is in its life (read without a lock: a repr waits for nothing).
+        state = ("closed" if self._closed else "running" if self._call_thread is not None
+                 else "done" if self._called else "open" if self._entered else "not entered")
+        try:
+            described = self._described()
+        except AttributeError:          # one whose __init__ failed half way
+            described = "(not made)"
+        return f"<{type(self).__name__} {described}: {state}>"
+
+    def _described(self) -> str:
+        """Its own words in its repr: the address, what it holds."""
+        return ""
+
 
 def _free_unclosed(owner: str, resources: SessionResources, pid: int) -> None:
     """An Owner's finalizer: free what it still holds (nothing, once closed). In a

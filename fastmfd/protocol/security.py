@@ -46,8 +46,8 @@ from ..arguments import BYTES, PATH, STR, check_types, optional, type_error
 from ..errors import ConfigError, SecurityError
 from ..ownership import READ, check_trusted_file, refuse_acl
 
-__all__ = ["TLSConfig", "ChannelSecurity", "MIN_AUTH_KEY_BYTES", "NONCE_SIZE", "PROOF_SIZE",
-           "MAIN_CHANNEL_ID", "check_auth_key", "read_key_file", "identities_of",
+__all__ = ["TLSConfig", "ChannelSecurity", "AuthKey", "MIN_AUTH_KEY_BYTES", "NONCE_SIZE",
+           "PROOF_SIZE", "MAIN_CHANNEL_ID", "check_auth_key", "read_key_file", "identities_of",
            "check_authz", "tls_handshake", "is_tls_record", "Stream", "prove_key",
            "check_key_proof", "default_hostname"]
 
@@ -327,14 +327,31 @@ class ChannelSecurity:
         return cls(tls=tls, hostname=hostname, auth_key=auth_key, timeout=timeout)
 
 
-def check_auth_key(key: bytes | None, owner: str) -> bytes | None:
+class AuthKey(bytes):
+    """A shared key: bytes whose repr and str never show them (``<auth_key: hidden>``),
+    so that it is not printed where its holder is: ``vars()`` of a config, the
+    locals a traceback shows of each frame (``pytest -l``, an error tracker's
+    report of a failed proof). ``bytes(key)`` or ``key.hex()`` are the bytes."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<auth_key: hidden>"
+
+    __str__ = __repr__
+
+    def __reduce__(self) -> tuple[type[AuthKey], tuple[bytes]]:
+        return AuthKey, (bytes(self),)
+
+
+def check_auth_key(key: bytes | None, owner: str) -> AuthKey | None:
     check_types(owner, auth_key=(key, optional(BYTES)))
     if key is None:
         return None
     if len(key) < MIN_AUTH_KEY_BYTES:
-        raise ConfigError(f"{owner} auth_key must be at least {MIN_AUTH_KEY_BYTES} bytes, "
-                          f"not {len(key)}")
-    return bytes(key)
+        problem = f"must be at least {MIN_AUTH_KEY_BYTES} bytes, not {len(key)}"
+        raise ConfigError(f"{owner} auth_key {problem}", parameter="auth_key", problem=problem)
+    return AuthKey(key)
 
 
 def _check_private(key: str | os.PathLike[str]) -> None:
@@ -375,14 +392,16 @@ def _check_readable(path: str | os.PathLike[str], what: str,
                           problem="not a regular file")
 
 
-def read_key_file(path: str | os.PathLike[str]) -> bytes:
-    """A key file's bytes, without the one line end an editor or ``echo`` adds.
+def read_key_file(path: str | os.PathLike[str]) -> AuthKey:
+    """A key file's bytes, without the one line end an editor or ``echo`` adds (an
+    :class:`AuthKey`: bytes that no repr shows).
 
     Refused, as ssh refuses a private key file: one that others may read or
     anyone but its owner write (mode & 0o077: a key others read proves nothing),
     one another user could change or replace (:func:`check_trusted_file`: they
     would then know it), one that is not a regular file (a FIFO would wait for a
     writer), and one longer than MAX_KEY_FILE_BYTES (it was cut there silently)."""
+    check_types("read_key_file", path=(path, PATH))
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
@@ -405,8 +424,8 @@ def read_key_file(path: str | os.PathLike[str]) -> bytes:
                           f"not a key")
     for line_end in (b"\r\n", b"\n"):
         if key.endswith(line_end):
-            return key[:-len(line_end)]
-    return key
+            return AuthKey(key[:-len(line_end)])
+    return AuthKey(key)
 
 
 # ---------------------------------------------------------------- identities

@@ -30,6 +30,7 @@ from typing import Any, Callable, Mapping, TypeGuard, TypeVar
 
 from ..arguments import NUMBER, within
 from ..errors import ProtocolError
+from ..reprs import fields_repr
 
 __all__ = [
     "Setup", "RegionSpec", "DeviceSpec", "Invalid", "check_name", "check_geometry",
@@ -278,6 +279,9 @@ class Setup:
     def total_channels(self) -> int:
         """The data channels of the session: ``channels`` plus ``device_state_channels``."""
         return self.channels + self.device_state_channels
+
+    def __repr__(self) -> str:
+        return fields_repr(self)    # bounded: 8 regions or devices, then a count
 
     def session_values(self) -> dict[str, Any]:
         """The scalar parameters, by SETUP key."""

@@ -1,0 +1,62 @@
+"""Bounded reprs of what fastmfd returns: a result, its statistics, a SETUP.
+
+A dataclass's own repr shows every value whole: a
+:class:`~fastmfd.DestinationResult` with a device's state of 64 MiB (what a
+CollectLoader returns) was a repr of 256 MB, and statistics or a SETUP of 4096
+devices one of 150 KB. Here, at most :data:`ITEMS` entries of a collection are
+shown, then how many more there are; bytes longer than :data:`BYTES_SHOWN` are
+said by their size; text is cut at :data:`TEXT_SHOWN` characters. Any other
+value is its own repr (a Region's, a ChannelStats', a number's).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+__all__ = ["ITEMS", "BYTES_SHOWN", "TEXT_SHOWN", "short_repr", "fields_repr"]
+
+ITEMS = 8
+BYTES_SHOWN = 32
+TEXT_SHOWN = 80
+_DEPTH = 4          # collections within collections shown; deeper ones by their length
+
+
+def short_repr(value: object, depth: int = _DEPTH) -> str:
+    """``value``'s repr, bounded as the module says."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        size = memoryview(value).nbytes
+        if size > BYTES_SHOWN:
+            kind = "" if type(value) is bytes else f"{type(value).__name__} of "
+            return f"<{kind}{size} bytes>"
+        return repr(value)
+    if isinstance(value, str):
+        if len(value) > TEXT_SHOWN:
+            return f"{value[:TEXT_SHOWN]!r}... ({len(value)} characters)"
+        return repr(value)
+    if isinstance(value, (dict, list, tuple)) and type(value) in (dict, list, tuple):
+        if not value:
+            return repr(value)
+        if depth <= 0:
+            return f"<{type(value).__name__} of {len(value)}>"
+        if isinstance(value, dict):
+            entries = [f"{short_repr(k, depth - 1)}: {short_repr(v, depth - 1)}"
+                       for k, v in list(value.items())[:ITEMS]]
+            opening, closing = "{", "}"
+        else:
+            entries = [short_repr(v, depth - 1) for v in value[:ITEMS]]
+            opening, closing = ("[", "]") if isinstance(value, list) else ("(", ")")
+            if isinstance(value, tuple) and len(value) == 1:
+                closing = ",)"
+        if len(value) > ITEMS:
+            entries.append(f"... ({len(value) - ITEMS} more)")
+        return opening + ", ".join(entries) + closing
+    return repr(value)
+
+
+def fields_repr(obj: Any) -> str:
+    """A dataclass instance's repr as the dataclass's own (``Name(field=value, ...)``,
+    the fields it shows), each value bounded (:func:`short_repr`)."""
+    shown = [f"{field.name}={short_repr(getattr(obj, field.name))}"
+             for field in dataclasses.fields(obj) if field.repr]
+    return f"{type(obj).__qualname__}({', '.join(shown)})"

@@ -1,0 +1,148 @@
+"""The library as a programmer meets it in a REPL, a log or a crash report: reprs
+that are useful and bounded, a shared key that no repr, ``vars()`` or traceback
+shows, and ConfigErrors that say which parameter is wrong (a review of the API).
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import traceback
+
+import numpy as np
+import pytest
+
+import fastmfd
+from fastmfd.protocol import security
+from migration_support import Migration, make_region
+
+KEY = b"the-source-secret-0123456789"
+OTHER_KEY = b"the-destination-secret-abcdef"
+STATE = 4 << 20             # one device's state: 4 MiB
+
+
+def test_a_result_its_stats_and_setup_have_bounded_reprs():
+    """A DestinationResult's repr held every device's state whole (a CollectLoader's
+    64 MiB were a repr of 256 MB), and the stats and SETUP listed every device;
+    now 8 entries are shown, then a count, and bytes are said by their size."""
+    seen = []
+    with Migration(fastmfd.MigrationConfig(channels=2)) as m, \
+            make_region("ram", 1 << 20, seed=3) as region:
+        m.source.add_region(region)
+        m.source.add_device(fastmfd.BytesDevice("big", 0, b"\x5a" * STATE))
+        for i in range(40):
+            m.source.add_device(fastmfd.BytesDevice(f"nic{i}", 0, b"s" * 100))
+        stats, result = m.run(dst_on_setup=seen.append).ok()
+        assert result.devices[("big", 0)] == b"\x5a" * STATE        # the data is all there
+        text = repr(result)
+        assert len(text) < 4000, len(text)
+        assert "ZZZZ" not in text and "... (33 more)" in text, text
+        assert "'ram': <Region 'ram' 1048576 bytes (shm)>" in text, text
+        assert text.startswith("DestinationResult(regions={"), text
+        for each in (stats, result.stats, seen[0]):
+            shown = repr(each)
+            assert len(shown) < 4000 and "more)" in shown, shown
+        assert repr(seen[0]).startswith("Setup(uuid=") and "DeviceSpec(" in repr(seen[0])
+        assert "'load_seconds': {" in repr(stats), repr(stats)
+    # The bounds are the repr's only: nothing else lost.
+    assert len(result.stats.load_time_s) == len(stats.destination["load_seconds"]) == 41
+
+
+def _failed_session_text(source_key, destination_key):
+    """Both sides' errors of a session whose keys differ, each formatted with the
+    locals of every frame (as ``pytest -l``, rich's tracebacks or an error tracker
+    show them)."""
+    config = fastmfd.MigrationConfig(channels=2, auth_key=source_key)
+    with make_region("ram", 1 << 16, seed=1) as region, \
+            Migration(config, auth_key=destination_key) as m:
+        m.source.add_region(region)
+        error, refused = m.run_refused()
+    shown = traceback.TracebackException.from_exception(error, capture_locals=True)
+    return "".join(shown.format()) + "".join(r.reason for r in refused)
+
+
+def test_the_auth_key_shows_in_no_repr_vars_traceback_or_log(caplog, capfd):
+    """``vars(config)`` showed the key, and a failed proof's traceback showed it among
+    the locals of the frame that proved it (``key = b'...'``): the key is an AuthKey,
+    bytes whose repr hides them. Nothing is logged or printed with it either."""
+    caplog.set_level(logging.DEBUG)
+    config = fastmfd.MigrationConfig(auth_key=KEY)
+    with fastmfd.Destination("tcp:127.0.0.1:0", auth_key=KEY) as destination:
+        held = destination._security
+    for shown in (repr(config), repr(vars(config)), str(config.auth_key),
+                  f"{config.auth_key}", repr(vars(held))):
+        assert KEY.decode() not in shown, shown
+    assert config.auth_key == KEY and bytes(config.auth_key) == KEY
+    assert isinstance(config.auth_key, bytes) and repr(config.auth_key) == "<auth_key: hidden>"
+    copy = pickle.loads(pickle.dumps(config))
+    assert copy == config and type(copy.auth_key) is security.AuthKey
+    text = _failed_session_text(KEY, OTHER_KEY)
+    assert "auth_keys differ" in text and "<auth_key: hidden>" in text, text
+    for key in (KEY, OTHER_KEY):
+        assert key.decode() not in text
+        assert key.decode() not in caplog.text
+    assert "refused a connection" in caplog.text      # (the log was taken)
+    out, err = capfd.readouterr()
+    assert KEY.decode() not in out + err and OTHER_KEY.decode() not in out + err
+
+
+def test_a_key_file_s_key_is_hidden_too(tmp_path):
+    path = tmp_path / "key"
+    path.write_bytes(KEY + b"\n")
+    path.chmod(0o600)
+    key = fastmfd.read_key_file(path)
+    assert key == KEY and KEY.decode() not in repr(key) + str([key])
+    # A wrong type is a TypeError naming the parameter (it was os.open's own words).
+    with pytest.raises(TypeError, match=r"^read_key_file\(path\) must be a str or "
+                                        r"os\.PathLike, not int$"):
+        fastmfd.read_key_file(5)
+
+
+def test_a_source_and_a_destination_say_where_and_how_far_in_their_repr():
+    region = make_region("ram", 1 << 16, seed=2)
+    with Migration() as m:
+        src, dst = m.source, m.destination
+        src.add_region(region)
+        assert repr(src) == (f"<Source to {src.address} (2 RAM + 0 device-state channels), "
+                             f"1 region(s), 0 device(s): open>")
+        assert repr(dst) == (f"<Destination at {dst.address}, 0 region(s) and 0 loader(s) "
+                             f"added: open>")
+        m.run().ok()
+        assert repr(src).endswith(": done>") and repr(dst).endswith(": done>")
+    assert repr(src).endswith(": closed>") and repr(dst).endswith(": closed>")
+    region.close()
+    assert repr(fastmfd.Source("tcp:127.0.0.1:1")).endswith(": not entered>")
+
+
+@pytest.mark.parametrize("make,parameter", [
+    (lambda: fastmfd.MigrationConfig(max_rounds=0), "max_rounds"),
+    (lambda: fastmfd.MigrationConfig(job_packets=65), "job_packets"),
+    (lambda: fastmfd.MigrationConfig(channels=2, device_state_channels=2,
+                                     device_channels_within=True), "channels"),
+    (lambda: fastmfd.MigrationConfig(auth_key=b"short"), "auth_key"),
+    (lambda: fastmfd.Destination("tcp:127.0.0.1:0", auth_key=b"short"), "auth_key"),
+    (lambda: fastmfd.Region.create("r", 100), "size"),
+    (lambda: fastmfd.Region.create("r", 4096, page_size=3000), "page_size"),
+    (lambda: fastmfd.BytesDevice("d", -1, b""), "instance_id"),
+    (lambda: fastmfd.BytesDevice("", 0, b""), "idstr"),
+    (lambda: fastmfd.SyntheticDevice("d", 0, 4, precopy_size=9), "precopy_size"),
+    (lambda: fastmfd.VerifyLoader(4, precopy_size=9), "precopy_size"),
+])
+def test_a_config_error_about_a_value_names_its_parameter(make, parameter):
+    """README: a value of the right type that cannot work is a ConfigError whose
+    ``parameter`` and ``problem`` say which and what is wrong; these said neither."""
+    with pytest.raises(fastmfd.ConfigError) as raised:
+        make()
+    assert raised.value.parameter == parameter
+    assert raised.value.problem.startswith("must "), raised.value.problem
+
+
+def test_short_repr_bounds_each_kind():
+    from fastmfd.reprs import short_repr
+    assert short_repr(b"abc") == "b'abc'" and short_repr(bytes(33)) == "<33 bytes>"
+    assert short_repr(bytearray(40)) == "<bytearray of 40 bytes>"
+    assert short_repr(np.arange(3)) == repr(np.arange(3))
+    assert short_repr(list(range(10))) == "[0, 1, 2, 3, 4, 5, 6, 7, ... (2 more)]"
+    assert short_repr((1,)) == "(1,)" and short_repr({}) == "{}"
+    assert short_repr("x" * 100) == repr("x" * 80) + "... (100 characters)"
+    assert short_repr([[[[[1]]]]]) == "[[[[<list of 1>]]]]"
