@@ -97,6 +97,13 @@ class Destination(Owner):
     SETUP); SETUP_ACK tells the source, whose KEEPALIVEs keep to it when it is
     shorter. ``timeout`` (the wait for a source) and ``handshake_timeout``: at most
     a week (``MAX_TIMEOUT_SECONDS``).
+    ``max_queued_bytes``: this destination's own bound on the device-state bytes a
+    device may have waiting out of order (default: the source's, from SETUP, 256 MiB
+    unless it says otherwise), 4096 bytes to 1 TiB; the smaller of the two holds, and a
+    source whose ``device_chunk_size`` is larger than this bound fails the session at its
+    SETUP (both sides say why).
+    ``region_factory(name, size, page_size)``: what makes each region the source
+    sends that was not added (:meth:`add_region`); default: new shared memory.
     ``max_memory``: bytes of memory the session may make this destination
     hold — the regions it creates plus the device-state buffers (shared
     memory) plus, given max_memory, what the receive channels allocate

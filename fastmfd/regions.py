@@ -46,7 +46,8 @@ def validate_region_name(name: str) -> str:
     try:
         return check_name(name, "region name")
     except Invalid as exc:
-        raise ConfigError(f"region name {name!r} must be {exc.expected}") from None
+        raise ConfigError(f"region name {name!r} must be {exc.expected}", parameter="name",
+                          problem=f"must be {exc.expected}") from None
 
 
 def check_huge_pages(directory: str) -> None:
@@ -125,7 +126,11 @@ def closed_regions_named(regions: Sequence["Region"]) -> Iterator[None]:
 
 
 class Region:
-    """A named block of ``size`` bytes (a multiple of ``page_size``) shared by processes."""
+    """A named block of ``size`` bytes (a multiple of ``page_size``) shared by processes.
+
+    ``name``: 1..255 UTF-8 bytes, no control characters; SETUP carries it, and the
+    destination receives the region by it (``result.regions[name]``, ``add_region``).
+    Made by :meth:`create`, :meth:`from_file`, :meth:`from_fd` or :meth:`attach`."""
 
     def __init__(self, name: str, size: int, page_size: int, kind: str, location: str,
                  file_id: tuple[int, int], mapping: mmap.mmap | SharedMemory,

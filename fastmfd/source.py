@@ -37,6 +37,11 @@ __all__ = ["Source"]
 class Source(Owner):
     """Migrates regions and devices to a :class:`~fastmfd.Destination`.
 
+    ``address``: the destination's, ``tcp:HOST:PORT`` (also ``tcp://HOST:PORT``; an
+    IPv6 HOST in brackets; a name is looked up, each of its addresses tried in turn)
+    or ``unix:PATH``. ``config``: a :class:`~fastmfd.MigrationConfig` (default:
+    ``MigrationConfig()``, 2 channels, no compression).
+
     Use it as a context manager: entering starts one send worker process per
     channel (outside the timed migration); leaving stops them and frees every
     shared-memory segment. One Source performs one migration.

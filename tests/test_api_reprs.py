@@ -122,6 +122,7 @@ def test_a_source_and_a_destination_say_where_and_how_far_in_their_repr():
     (lambda: fastmfd.MigrationConfig(auth_key=b"short"), "auth_key"),
     (lambda: fastmfd.Destination("tcp:127.0.0.1:0", auth_key=b"short"), "auth_key"),
     (lambda: fastmfd.Region.create("r", 100), "size"),
+    (lambda: fastmfd.Region.create("", 4096), "name"),
     (lambda: fastmfd.Region.create("r", 4096, page_size=3000), "page_size"),
     (lambda: fastmfd.BytesDevice("d", -1, b""), "instance_id"),
     (lambda: fastmfd.BytesDevice("", 0, b""), "idstr"),
@@ -146,3 +147,30 @@ def test_short_repr_bounds_each_kind():
     assert short_repr((1,)) == "(1,)" and short_repr({}) == "{}"
     assert short_repr("x" * 100) == repr("x" * 80) + "... (100 characters)"
     assert short_repr([[[[[1]]]]]) == "[[[[<list of 1>]]]]"
+
+
+def _documented(call, *docs):
+    """The parameters of ``call`` that none of ``docs`` (docstrings) names."""
+    import inspect
+    text = " ".join(doc or "" for doc in docs)
+    return [name for name in inspect.signature(call).parameters
+            if name not in ("self", "cls") and f"``{name}" not in text and f"{name} --" not in text
+            and f"{name}(" not in text]
+
+
+@pytest.mark.parametrize("call,docs", [
+    (fastmfd.Source, [fastmfd.Source.__doc__]),
+    (fastmfd.Destination, [fastmfd.Destination.__doc__]),
+    (fastmfd.MigrationConfig, [fastmfd.MigrationConfig.__doc__]),
+    (fastmfd.SyntheticDevice, [fastmfd.SyntheticDevice.__doc__, fastmfd.Device.__doc__]),
+    (fastmfd.VerifyLoader, [fastmfd.VerifyLoader.__doc__]),
+    (fastmfd.RegionPool, [fastmfd.RegionPool.__doc__]),
+    (fastmfd.Region.create, [fastmfd.Region.create.__doc__, fastmfd.Region.__doc__]),
+    (fastmfd.Region.from_file, [fastmfd.Region.from_file.__doc__, fastmfd.Region.__doc__]),
+    (fastmfd.Destination.receive, [fastmfd.Destination.receive.__doc__]),
+    (fastmfd.Source.migrate, [fastmfd.Source.migrate.__doc__]),
+], ids=lambda value: getattr(value, "__qualname__", "docs"))
+def test_help_names_every_parameter(call, docs):
+    """``help(fastmfd.Source)`` did not say what ``address`` or ``config`` take, nor
+    ``help(fastmfd.Destination)`` its ``max_queued_bytes`` or ``region_factory``."""
+    assert _documented(call, *docs) == []
