@@ -452,4 +452,7 @@ class Region:
 
     def __repr__(self) -> str:
         where = "shm" if self._kind == "shm" else self._location
-        return f"<Region {self.name!r} {self.size} bytes ({where})>"
+        state = ", read-only" if self.read_only else ""
+        if self.closed:         # (its bytes out of reach: result.regions after the Destination)
+            state += ", closed"
+        return f"<Region {self.name!r} {self.size} bytes ({where}{state})>"

@@ -111,6 +111,7 @@ def test_a_source_and_a_destination_say_where_and_how_far_in_their_repr():
         assert repr(src).endswith(": done>") and repr(dst).endswith(": done>")
     assert repr(src).endswith(": closed>") and repr(dst).endswith(": closed>")
     region.close()
+    assert repr(region) == "<Region 'ram' 65536 bytes (shm, closed)>"
     assert repr(fastmfd.Source("tcp:127.0.0.1:1")).endswith(": not entered>")
 
 
@@ -174,3 +175,14 @@ def test_help_names_every_parameter(call, docs):
     """``help(fastmfd.Source)`` did not say what ``address`` or ``config`` take, nor
     ``help(fastmfd.Destination)`` its ``max_queued_bytes`` or ``region_factory``."""
     assert _documented(call, *docs) == []
+
+
+def test_a_region_s_repr_says_read_only_and_closed(tmp_path):
+    """A region closed (``result.regions`` once its Destination closed: its bytes out
+    of reach) or read-only looked like any other in its repr."""
+    image = tmp_path / "ram.img"
+    image.write_bytes(bytes(8192))
+    region = fastmfd.Region.from_file("ram", image, read_only=True)
+    assert repr(region) == f"<Region 'ram' 8192 bytes ({image}, read-only)>"
+    region.close()
+    assert repr(region) == f"<Region 'ram' 8192 bytes ({image}, read-only, closed)>"
