@@ -186,3 +186,15 @@ def test_a_region_s_repr_says_read_only_and_closed(tmp_path):
     assert repr(region) == f"<Region 'ram' 8192 bytes ({image}, read-only)>"
     region.close()
     assert repr(region) == f"<Region 'ram' 8192 bytes ({image}, read-only, closed)>"
+
+
+@pytest.mark.parametrize("ciphers,said", [("NOPE", "No cipher can be selected."),
+                                          (":", "an empty list")])
+def test_a_cipher_list_openssl_refuses_is_said_in_words(ciphers, said):
+    """It was "cannot load the ciphers 'NOPE': ('No cipher can be selected.',)": the
+    SSLError's one argument said as a tuple, and no parameter named."""
+    with pytest.raises(fastmfd.ConfigError) as raised:
+        fastmfd.TLSConfig(ciphers=ciphers)
+    assert str(raised.value) == f"TLS configuration: cannot load the ciphers {ciphers!r}: {said}"
+    assert (raised.value.parameter, raised.value.problem) == (
+        "ciphers", f"OpenSSL cannot use it: {said}")

@@ -170,7 +170,14 @@ class TLSConfig:
                 what = f"ciphers {self.ciphers!r}"
                 _restrict_ciphers(ctx, self.ciphers)
         except (ssl.SSLError, OSError) as exc:
-            raise ConfigError(f"TLS configuration: cannot load the {what}: {exc}") from None
+            # (set_ciphers' SSLError says its one argument as a tuple: "('No cipher can
+            # be selected.',)")
+            said = exc.args[0] if len(exc.args) == 1 else exc.strerror or exc
+            message = f"TLS configuration: cannot load the {what}: {said}"
+            if what.startswith("ciphers"):
+                raise ConfigError(message, parameter="ciphers",
+                                  problem=f"OpenSSL cannot use it: {said}") from None
+            raise ConfigError(message) from None
         if server:
             ctx.verify_mode = ssl.CERT_REQUIRED if self.ca is not None else ssl.CERT_NONE
         return ctx
