@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import time
 import traceback
 
 import numpy as np
@@ -198,3 +199,25 @@ def test_a_cipher_list_openssl_refuses_is_said_in_words(ciphers, said):
     assert str(raised.value) == f"TLS configuration: cannot load the ciphers {ciphers!r}: {said}"
     assert (raised.value.parameter, raised.value.problem) == (
         "ciphers", f"OpenSSL cannot use it: {said}")
+
+
+def _raise(*args):
+    raise ValueError("not in this session")
+
+
+@pytest.mark.parametrize("options,hook,named", [
+    ({}, _raise, "the on_setup hook raised ValueError: not in this session"),
+    ({"region_factory": _raise}, None,
+     "region_factory('ram', 65536, 4096) raised ValueError: not in this session"),
+], ids=["on_setup", "region_factory"])
+def test_the_user_code_that_raised_is_named_on_both_sides(options, hook, named):
+    """on_stop and on_resume were named ("the on_stop hook raised ValueError: ..."),
+    on_setup and region_factory not: both sides said "ValueError: not in this
+    session", which told neither where it came from."""
+    with Migration(**options) as m, make_region("ram", 1 << 16, seed=4) as region:
+        m.source.add_region(region)
+        since = time.monotonic()
+        source, destination = m.run(dst_on_setup=hook).failed_both(since)
+    assert str(destination) == named
+    assert str(source).endswith(f": the peer failed: {named}"), str(source)
+    assert isinstance(destination.__cause__, ValueError)

@@ -60,7 +60,7 @@ from .loading import DeviceLoading, check_chunk_counts, old_way_not_here
 from .open_files import DESTINATION_PER_CHANNEL, check_session_files, check_worker_files
 from .prealloc import preallocate
 from .processes import Child, ChildSet, Watch, kill_all
-from .session import SessionFailure, SessionResources, break_session
+from .session import SessionFailure, SessionResources, break_session, call_user
 from .session_regions import RegionFactory, finish_regions, make_session_regions, places_pages
 from .workers import recv_worker_main
 
@@ -191,7 +191,8 @@ class Receiving:
         # tells the source, and each side's keepalives keep to the shorter of the two.
         self._stall = parts.stall_timeout or setup.stall_timeout
         if parts.on_setup is not None:
-            parts.on_setup(setup)       # may add regions and loaders, or refuse
+            # It may add regions and loaders, or refuse (in its own words).
+            call_user("the on_setup hook", parts.on_setup, setup)
         names = [r.name for r in setup.regions]
         keys = [d.key for d in setup.devices]
         for name in parts.user_regions:

@@ -139,6 +139,23 @@ def call_hook(name: str, hook: Hook | None) -> None:
         raise MigrationError(f"the {name} hook raised {type(exc).__name__}: {exc}") from exc
 
 
+_Result = TypeVar("_Result")
+
+
+def call_user(name: str, call: Callable[..., _Result], *args: object) -> _Result:
+    """``call(*args)``, the user's code that ``name`` says (``"the on_setup hook"``):
+    what it raises that is no fastmfd error becomes a MigrationError naming it, as
+    :func:`call_hook`'s do (it was "ValueError: ...", which said neither side where it
+    came from); a FastMFDError passes, a refusal in its own words, and so does an
+    OSError, said with its file (a listener's factory: "X.part: No space left ...")."""
+    try:
+        return call(*args)
+    except (FastMFDError, OSError):
+        raise
+    except Exception as exc:
+        raise MigrationError(f"{name} raised {type(exc).__name__}: {exc}") from exc
+
+
 def as_migration_error(exc: BaseException, channel: str | None = None) -> MigrationError:
     if isinstance(exc, MigrationError):
         return exc

@@ -23,7 +23,7 @@ from ..shm import SHM_DIR, cgroup_room, free_bytes
 from .admission import GREETING_SPARES, DoorWorkers
 from .memory_bound import WORKER_BYTES, MemoryBudget
 from .processes import ChildSet
-from .session import SessionResources
+from .session import SessionResources, call_user
 
 __all__ = ["RegionFactory", "RegionParts", "SessionRegions", "make_session_regions",
            "places_pages", "check_writable", "check_every_page_came", "finish_regions",
@@ -189,7 +189,8 @@ def _region(parts: RegionParts, name: str, size: int, page_size: int) -> tuple[R
     region = parts.user_regions.get(name)
     fresh = region is None
     if region is None and parts.region_factory is not None:
-        made = parts.region_factory(name, size, page_size)
+        made = call_user(f"region_factory({name!r}, {size}, {page_size})",
+                         parts.region_factory, name, size, page_size)
         # Checked before it is owned: what is not a Region cannot be closed at the end.
         region = parts.resources.own(region_to_add(
             made, f"region_factory({name!r}, {size}, {page_size})'s result"))
