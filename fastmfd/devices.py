@@ -39,6 +39,7 @@ from .arguments import (BOOL, BUFFER, INT, PATH, POSITIVE, SEED, STR, UNSIGNED, 
                         optional)
 from .errors import ConfigError, MigrationError
 from .protocol.setup import Invalid, check_name
+from .reprs import short_repr
 from .shm import file_identity
 
 # A public signature's name at run time too: typing.get_type_hints() and
@@ -206,6 +207,12 @@ class BytesDevice:
         """The ``config`` bytes, sent as the stream's last chunk."""
         return self._config
 
+    def __repr__(self) -> str:      # (its state said by its size: it may be GiBs)
+        data = self._data
+        shown = short_repr(bytes(data)) if data.nbytes <= 32 else f"<{data.nbytes} bytes>"
+        return (f"BytesDevice({self.idstr!r}, {self.instance_id}, {shown}, "
+                f"config={short_repr(self._config)})")
+
 
 class FileDevice:
     """A device whose state is read from a file. The file is opened here, so one
@@ -231,6 +238,9 @@ class FileDevice:
     def close(self) -> None:
         """Close the file (reading it to the end does too)."""
         self._file.close()
+
+    def __repr__(self) -> str:
+        return f"FileDevice({self.idstr!r}, {self.instance_id}, {self.path!r})"
 
 
 class SyntheticDevice:
@@ -266,6 +276,11 @@ class SyntheticDevice:
 
     def read_state(self, buf: memoryview) -> int:
         return self._produce(buf, self.size)
+
+    def __repr__(self) -> str:
+        return (f"SyntheticDevice({self.idstr!r}, {self.instance_id}, size={self.size}, "
+                f"read_rate={self._pace.rate!r}, seed={self.seed}, "
+                f"precopy_size={self.precopy_size})")
 
     def _produce(self, buf: memoryview, end: int) -> int:
         n = max(0, min(len(buf), end - self._offset))
@@ -326,6 +341,10 @@ class CollectLoader:
     def load_finish(self) -> bytes:
         collected, self._data = self._data, io.BytesIO()
         return collected.getvalue()     # the BytesIO's own bytes (it is dropped): no copy
+
+    def __repr__(self) -> str:
+        limit = None if self.budget is None else self.budget.left
+        return f"CollectLoader(limit={limit!r})"
 
 
 class FileLoader:
@@ -394,6 +413,9 @@ class FileLoader:
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_fd": None}   # a descriptor means nothing elsewhere
 
+    def __repr__(self) -> str:
+        return f"FileLoader({self.path!r}, exclusive={self.exclusive})"
+
 
 class VerifyLoader:
     """Checks a :class:`SyntheticDevice` stream of ``size`` bytes from ``seed``,
@@ -436,6 +458,10 @@ class VerifyLoader:
                              f"{self._offset + bad}")
         self._offset += n
         self._pace.account(n)
+
+    def __repr__(self) -> str:
+        return (f"VerifyLoader(size={self.size}, seed={self.seed}, "
+                f"write_rate={self.write_rate!r}, precopy_size={self.precopy_size})")
 
     def load_finish(self) -> int:
         if self._offset != self.size:

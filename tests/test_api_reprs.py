@@ -221,3 +221,24 @@ def test_the_user_code_that_raised_is_named_on_both_sides(options, hook, named):
     assert str(destination) == named
     assert str(source).endswith(f": the peer failed: {named}"), str(source)
     assert isinstance(destination.__cause__, ValueError)
+
+
+def test_the_ready_made_devices_and_loaders_say_what_they_are(tmp_path):
+    """They were ``<fastmfd.devices.BytesDevice object at 0x...>``: now what they were
+    made with, a device's state said by its size."""
+    state = tmp_path / "state"
+    state.write_bytes(b"s")
+    shown = [fastmfd.BytesDevice("nic0", 1, bytearray(64 << 20), config=b"cfg"),
+             fastmfd.BytesDevice("nic0", 1, memoryview(b"ab")),
+             fastmfd.FileDevice("disk", 0, state),
+             fastmfd.SyntheticDevice("vfio", 2, 4096, read_rate=1e6, precopy_size=1024),
+             fastmfd.CollectLoader(100), fastmfd.FileLoader(state, exclusive=True),
+             fastmfd.VerifyLoader(4096, seed=3)]
+    assert [repr(each) for each in shown] == [
+        "BytesDevice('nic0', 1, <67108864 bytes>, config=b'cfg')",
+        "BytesDevice('nic0', 1, b'ab', config=b'')",
+        f"FileDevice('disk', 0, {str(state)!r})",
+        "SyntheticDevice('vfio', 2, size=4096, read_rate=1000000.0, seed=0, precopy_size=1024)",
+        "CollectLoader(limit=100)", f"FileLoader({str(state)!r}, exclusive=True)",
+        "VerifyLoader(size=4096, seed=3, write_rate=None, precopy_size=0)"]
+    shown[2].close()
