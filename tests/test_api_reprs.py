@@ -242,3 +242,16 @@ def test_the_ready_made_devices_and_loaders_say_what_they_are(tmp_path):
         "CollectLoader(limit=100)", f"FileLoader({str(state)!r}, exclusive=True)",
         "VerifyLoader(size=4096, seed=3, write_rate=None, precopy_size=0)"]
     shown[2].close()
+
+
+def test_what_a_qemu_stream_said_has_a_bounded_repr():
+    """A guest's RAMBlocks, its configuration bytes and COMMAND sections, as
+    ``fastmfd.qemu.receive()``'s result holds them: bounded like the rest."""
+    from fastmfd.qemu import QemuReceived, QemuStreamFacts
+    facts = QemuStreamFacts(machine="pc-q35-7.2", blocks={f"/rom@{i}": 4096 for i in range(300)},
+                            configuration=bytes(5000), commands=[("before-ram-end", b"x" * 64)])
+    received = QemuReceived(facts, None, {"blocks": [{"idstr": str(i)} for i in range(300)]},
+                            1.5, [{"channel": i, "packets": 1} for i in range(64)])
+    text = repr(received)
+    assert len(text) < 3000 and text.count("(292 more)") == 2 and "(56 more)" in text, text
+    assert "configuration=<5000 bytes>" in text and "<64 bytes>" in text, text
