@@ -198,6 +198,7 @@ class BytesDevice:
         self._offset = 0
 
     def read_state(self, buf: memoryview) -> int:
+        """Copy the next bytes of ``data`` into ``buf``; the bytes copied, 0 at its end."""
         n = min(len(buf), len(self._data) - self._offset)
         buf[:n] = self._data[self._offset:self._offset + n]
         self._offset += n
@@ -230,6 +231,8 @@ class FileDevice:
                               f"{exc.strerror or exc}") from None
 
     def read_state(self, buf: memoryview) -> int:
+        """Read the file's next bytes into ``buf``; the bytes read, 0 at its end (which
+        closes it)."""
         n = self._file.readinto(buf)
         if n == 0:
             self._file.close()
@@ -275,6 +278,9 @@ class SyntheticDevice:
         return self._produce(buf, self.precopy_size)
 
     def read_state(self, buf: memoryview) -> int:
+        """Fill ``buf`` with the next bytes of the state (``size`` in all, the initial
+        data no live round took included), no faster than ``read_rate``; the bytes
+        written, 0 at the end."""
         return self._produce(buf, self.size)
 
     def __repr__(self) -> str:
@@ -334,11 +340,13 @@ class CollectLoader:
         self._data = io.BytesIO()
 
     def load_state_buffer(self, data: memoryview) -> None:
+        """Keep a copy of ``data`` (a MigrationError past ``limit``)."""
         if self.budget is not None:
             self.budget.spend(memoryview(data).nbytes, "CollectLoader")
         self._data.write(data)
 
     def load_finish(self) -> bytes:
+        """The whole stream, as bytes."""
         collected, self._data = self._data, io.BytesIO()
         return collected.getvalue()     # the BytesIO's own bytes (it is dropped): no copy
 
@@ -385,6 +393,8 @@ class FileLoader:
         return self._fd
 
     def load_state_buffer(self, data: memoryview) -> None:
+        """Write ``data`` at the file's end (the file opened at the first chunk); an
+        OSError naming the file if a write fails."""
         fd, view = self._open(), memoryview(data).cast("B")
         if self.budget is not None:
             self.budget.spend(len(view), self.path)
@@ -395,6 +405,7 @@ class FileLoader:
             raise self._naming_the_file(exc) from None
 
     def load_finish(self) -> str:
+        """fsync the file and close it; returns its path."""
         fd = self._open()
         try:
             os.fsync(fd)
@@ -447,6 +458,8 @@ class VerifyLoader:
                              f"{self.precopy_size} bytes of initial data")
 
     def load_state_buffer(self, data: memoryview) -> None:
+        """Check ``data`` against the expected stream (ValueError at the first byte that
+        differs, or past ``size``), at ``write_rate``."""
         if self._pace is None:
             self._pace = _Paced(self.write_rate)
         n = len(data)
@@ -464,6 +477,7 @@ class VerifyLoader:
                 f"write_rate={self.write_rate!r}, precopy_size={self.precopy_size})")
 
     def load_finish(self) -> int:
+        """The bytes verified: ``size`` (ValueError if the stream ended before)."""
         if self._offset != self.size:
             raise ValueError(f"stream ended after {self._offset} of {self.size} bytes")
         return self._offset

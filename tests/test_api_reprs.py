@@ -255,3 +255,16 @@ def test_what_a_qemu_stream_said_has_a_bounded_repr():
     text = repr(received)
     assert len(text) < 3000 and text.count("(292 more)") == 2 and "(56 more)" in text, text
     assert "configuration=<5000 bytes>" in text and "<64 bytes>" in text, text
+
+
+@pytest.mark.parametrize("cls", [fastmfd.BytesDevice, fastmfd.FileDevice,
+                                 fastmfd.SyntheticDevice, fastmfd.CollectLoader,
+                                 fastmfd.FileLoader, fastmfd.VerifyLoader])
+def test_help_says_what_each_ready_made_method_does(cls):
+    """``help(fastmfd.CollectLoader)`` showed ``load_state_buffer`` and ``load_finish``
+    (and the devices ``read_state``) with no word of what they do or return."""
+    import inspect
+    bare = [name for name, member in vars(cls).items()
+            if inspect.isfunction(member) and not name.startswith("_")
+            and not inspect.getdoc(member)]
+    assert bare == []
