@@ -47,6 +47,12 @@ def test_a_result_its_stats_and_setup_have_bounded_reprs():
         assert "'load_seconds': {" in repr(stats), repr(stats)
     # The bounds are the repr's only: nothing else lost.
     assert len(result.stats.load_time_s) == len(stats.destination["load_seconds"]) == 41
+    # In the order the source added them (it was the order the loaders finished in,
+    # another each run), as the regions are: the 8 a repr shows are the first 8.
+    keys = [("big", 0)] + [(f"nic{i}", 0) for i in range(40)]
+    assert list(result.devices) == keys
+    assert list(result.stats.load_time_s) == [f"{idstr}/0" for idstr, _ in keys]
+    assert list(stats.destination["load_seconds"]) == list(result.stats.load_time_s)
 
 
 def _failed_session_text(source_key, destination_key):

@@ -278,11 +278,14 @@ class DeviceLoading:
                                     f"loaded", field="device_chunks",
                                     received=self.chunks.get(i), expected=theirs)
 
+    # In SETUP's order (the source's add_device order), as the regions are: the order
+    # the loaders finished in differed from one run to the next.
     def load_seconds_by_name(self) -> dict[str, float]:
-        return {device_key(*self.setup.devices[i].key): s for i, s in self.load_seconds.items()}
+        return {device_key(*self.setup.devices[i].key): self.load_seconds[i]
+                for i in sorted(self.load_seconds)}
 
     def results_by_key(self) -> dict[tuple[str, int], object]:
-        return {self.setup.devices[i].key: result for i, result in self.results.items()}
+        return {self.setup.devices[i].key: self.results[i] for i in sorted(self.results)}
 
 
 def _whose_loader(loaders: tuple[tuple[str, Loader], ...]) -> TypeError | None:
