@@ -57,7 +57,7 @@ class DestinationResult:
     regions -- region name -> Region holding the received bytes (open until the
         Destination closes; then, with a region_pool, back in the pool)
     devices -- (idstr, instance_id) -> what the device's loader returned (bytes for
-        CollectLoader)
+        CollectLoader), in the order the source added the devices
     stats -- what the destination measured (:class:`~fastmfd.ReceiveStats`)
     setup -- the source's SETUP message: every session parameter
     """
