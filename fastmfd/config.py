@@ -109,7 +109,7 @@ class MigrationConfig:
     max_bandwidth: float | None = None
     max_queued_bytes: int = 256 << 20
     tls: TLSConfig | None = None
-    auth_key: bytes | None = dataclasses.field(default=None, repr=False)
+    auth_key: bytes | None = None       # an AuthKey once made: its repr hides it
     checksum: bool = False
     device_chunk_size: int = 1 << 20
     job_packets: int = 8

@@ -80,6 +80,9 @@ def test_the_auth_key_shows_in_no_repr_vars_traceback_or_log(caplog, capfd):
                   f"{config.auth_key}", repr(vars(held))):
         assert KEY.decode() not in shown, shown
     assert config.auth_key == KEY and bytes(config.auth_key) == KEY
+    # Whether a config has a key shows (the field was left out of its repr).
+    assert "auth_key=<auth_key: hidden>" in repr(config)
+    assert "auth_key=None" in repr(fastmfd.MigrationConfig())
     assert isinstance(config.auth_key, bytes) and repr(config.auth_key) == "<auth_key: hidden>"
     copy = pickle.loads(pickle.dumps(config))
     assert copy == config and type(copy.auth_key) is security.AuthKey
