@@ -17,6 +17,7 @@ its process tree, or another process's sweep once no process is attached to them
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import io
 import mmap
@@ -304,8 +305,14 @@ class Region:
                 mapping.close()
                 raise
         else:
-            fd = _open_region_file(handle.location, handle.size, handle.file_id,
-                                   handle.read_only)
+            try:
+                fd = _open_region_file(handle.location, handle.size, handle.file_id,
+                                       handle.read_only)
+            except OSError as exc:      # (gone: a ConfigError, as a segment gone is)
+                why = ("a symbolic link was put there, which is never followed"
+                       if exc.errno == errno.ELOOP else exc.strerror or str(exc))
+                raise ConfigError(f"region {handle.name!r}: cannot open {handle.location}: "
+                                  f"{why}") from None
             try:
                 mapping = map_file(fd, handle.size, huge_aligned=handle.huge_pages,
                                    writable=not handle.read_only)

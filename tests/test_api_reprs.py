@@ -277,3 +277,18 @@ def test_help_says_what_each_ready_made_method_does(cls):
             if inspect.isfunction(member) and not name.startswith("_")
             and not inspect.getdoc(member)]
     assert bare == []
+
+
+def test_attaching_a_region_whose_file_is_gone_is_a_config_error(tmp_path):
+    """A region in shared memory whose segment was gone was a ConfigError; one in a
+    file whose file was gone raised os.open's FileNotFoundError, no FastMFDError."""
+    image = tmp_path / "ram.img"
+    image.write_bytes(bytes(8192))
+    with fastmfd.Region.from_file("ram", image) as region, \
+            fastmfd.Region.create("shm", 8192) as segment:
+        handles = region.handle, segment.handle
+    image.unlink()
+    for handle, gone in zip(handles, (f"region 'ram': cannot open {image}: No such file or "
+                                      f"directory", "shared memory segment .* does not exist")):
+        with pytest.raises(fastmfd.ConfigError, match=gone):
+            fastmfd.Region.attach(handle)
