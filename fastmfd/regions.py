@@ -388,12 +388,15 @@ class Region:
         if length <= 0:
             if length < 0:
                 raise ConfigError(f"mark_dirty(length) {length}: no range of region "
-                                  f"{self.name!r} has a negative length")
+                                  f"{self.name!r} has a negative length", parameter="length",
+                                  problem="must be >= 0")
             return
         if offset < 0 or offset + length > self.size:
             raise ConfigError(f"mark_dirty({offset}, {length}): bytes {offset}.."
                               f"{offset + length} outside region {self.name!r} of "
-                              f"{self.size} bytes")
+                              f"{self.size} bytes", parameter="offset", involves=("length",),
+                              problem=f"must start a range within the region's {self.size} "
+                                      f"bytes")
         first = offset // self.page_size
         last = (offset + length - 1) // self.page_size
         self._dirty.mark(first, last - first + 1)

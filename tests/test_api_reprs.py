@@ -125,6 +125,11 @@ def test_a_source_and_a_destination_say_where_and_how_far_in_their_repr():
     assert repr(fastmfd.Source("tcp:127.0.0.1:1")).endswith(": not entered>")
 
 
+def _marked(offset, length):
+    with fastmfd.Region.create("r", 4096) as region:
+        region.mark_dirty(offset, length)
+
+
 @pytest.mark.parametrize("make,parameter", [
     (lambda: fastmfd.MigrationConfig(max_rounds=0), "max_rounds"),
     (lambda: fastmfd.MigrationConfig(job_packets=65), "job_packets"),
@@ -139,6 +144,8 @@ def test_a_source_and_a_destination_say_where_and_how_far_in_their_repr():
     (lambda: fastmfd.BytesDevice("", 0, b""), "idstr"),
     (lambda: fastmfd.SyntheticDevice("d", 0, 4, precopy_size=9), "precopy_size"),
     (lambda: fastmfd.VerifyLoader(4, precopy_size=9), "precopy_size"),
+    (lambda: _marked(4096, 4096), "offset"),
+    (lambda: _marked(0, -1), "length"),
 ])
 def test_a_config_error_about_a_value_names_its_parameter(make, parameter):
     """README: a value of the right type that cannot work is a ConfigError whose
