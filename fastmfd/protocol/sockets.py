@@ -96,8 +96,8 @@ def parse_address(text: str | Address) -> Address:
     kind, _, rest = str(text).partition(":")
     if kind == "unix" and rest:
         if len(os.fsencode(rest)) > UNIX_PATH_MAX:
-            raise ConfigError(f"bad address {text!r}: a Unix socket's path holds at most "
-                              f"{UNIX_PATH_MAX} bytes, not {len(os.fsencode(rest))}")
+            raise _bad_address(text, f"a Unix socket's path holds at most {UNIX_PATH_MAX} "
+                                     f"bytes, not {len(os.fsencode(rest))}")
         return Address(socket.AF_UNIX, rest)
     if kind == "tcp":
         text_host, sep, port = rest.removeprefix("//").rpartition(":")
@@ -107,11 +107,14 @@ def parse_address(text: str | Address) -> Address:
             if digits and int(port) <= MAX_PORT:
                 return Address(_family(host), (host, int(port)))
             # The address has its shape: say what is wrong with it, not what shape it needs.
-            raise ConfigError(f"bad address {text!r}: port {port!r} is "
-                              + (f"not in 0..{MAX_PORT}" if digits
-                                 else f"not a number (0..{MAX_PORT})"))
-    raise ConfigError(f"bad address {text!r}: expected tcp:HOST:PORT (or tcp://HOST:PORT, "
-                      f"tcp::PORT; an IPv6 HOST in brackets, tcp:[::1]:PORT) or unix:PATH")
+            raise _bad_address(text, f"port {port!r} is " + (
+                f"not in 0..{MAX_PORT}" if digits else f"not a number (0..{MAX_PORT})"))
+    raise _bad_address(text, "expected tcp:HOST:PORT (or tcp://HOST:PORT, tcp::PORT; an IPv6 "
+                             "HOST in brackets, tcp:[::1]:PORT) or unix:PATH")
+
+
+def _bad_address(text: str | Address, problem: str) -> ConfigError:
+    return ConfigError(f"bad address {text!r}: {problem}", parameter="address", problem=problem)
 
 
 def _family(host: str) -> int:
