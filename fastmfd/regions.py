@@ -77,7 +77,7 @@ def _open_region_file(path: str, size: int, file_id: tuple[int, int],
     another file put there since (``file_id`` is the creator's) is refused,
     as a file shorter than the region is (mapping it would SIGBUS)."""
     fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
-                 | os.O_NOFOLLOW)
+                 | os.O_NOFOLLOW | os.O_NONBLOCK)      # a FIFO put there: no wait, refused
     try:
         _check_identity(file_identity(fd), file_id, f"region file {path}")
         if os.fstat(fd).st_size < size:
@@ -230,7 +230,10 @@ class Region:
         elif exclusive:
             raise ConfigError(f"region {name!r}: an exclusive file needs a size")
         path = os.fspath(path)
-        flags = ((os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+        # O_NONBLOCK: a FIFO at ``path`` is refused below (not a regular file), not
+        # waited on for a writer, for ever (`fastmfd send FIFO` hung); mapping a regular
+        # file ignores it.
+        flags = ((os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC | os.O_NONBLOCK
                  | (os.O_CREAT if size is not None else 0))
         if exclusive:
             flags |= os.O_EXCL | os.O_NOFOLLOW
