@@ -121,19 +121,29 @@ class _StatusStream:
         self._source, self._on_status, self._interval = source, on_status, interval
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fastmfd status", daemon=True)
+        self._failed: OSError | None = None     # a status line could not be written
 
     def __enter__(self) -> "_StatusStream":
         start_thread(self._thread)
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         self._done.set()
         self._thread.join()
-        self._on_status(self._source.status())
+        if self._failed is None:
+            self._on_status(self._source.status())
+        elif exc_type is None:          # the migration's own error goes first
+            raise self._failed
 
     def _run(self) -> None:
-        while not self._done.wait(self._interval):
-            self._on_status(self._source.status())
+        # A reader that went away (`| head -1`: EPIPE) or a full disk stops the lines,
+        # not the migration; the command then ends as its output could not be written
+        # (the thread died with a traceback on stderr, the migration running on).
+        try:
+            while not self._done.wait(self._interval):
+                self._on_status(self._source.status())
+        except OSError as exc:
+            self._failed = exc
 
 
 def listen_once(address: str | Listener, directory: str, *, per_session: bool = False,
