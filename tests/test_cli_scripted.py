@@ -5,6 +5,7 @@ region can map. Real processes, real pipes."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -53,3 +54,56 @@ def test_a_status_reader_that_stops_reading_gets_no_traceback(tmp_path):
     assert sender.returncode == 1
     assert status == 0, listen_err          # the migration itself was not cut short
     assert (tmp_path / "out" / "ram.img").read_bytes() == image.read_bytes()
+
+
+_TWICE = """
+import os, signal, sys, time
+from fastmfd.tools import cli
+if len(sys.argv) > 1:                                      # the same-stop window
+    import fastmfd.tools.stop_signals as stop_signals
+    stop_signals.SAME_STOP_WITHIN = float(sys.argv[1])
+signal.signal(signal.SIGTERM, cli._on_stop_signal)         # as the command does
+try:
+    os.kill(os.getpid(), signal.SIGTERM)                   # timeout(1) to the command
+    time.sleep(5)
+except KeyboardInterrupt as stop:                          # Terminated: the cleanup runs
+    time.sleep(0.05)
+    os.kill(os.getpid(), signal.SIGTERM)                   # ... and to its process group
+    time.sleep(0.05)
+    print("cleaned up", stop.status)
+    sys.exit(stop.status)
+"""
+
+
+def test_a_stop_signal_sent_twice_at_once_is_one_stop():
+    """`timeout` sends SIGTERM to its command, then to the command's process group:
+    twice. The first one's handler made the next one kill the process outright, and
+    where the handler ran between the two (1 run in 12 of `timeout 1.5 fastmfd
+    listen`), the command died by the signal before its cleanup: nothing said, its
+    socket file, directory and .part files left, its peer told nothing."""
+    done = subprocess.run([sys.executable, "-c", _TWICE], env=_env(), capture_output=True,
+                          text=True, timeout=60)
+    assert (done.returncode, done.stdout) == (143, "cleaned up 143\n"), done.stderr
+
+
+def test_a_later_second_sigterm_still_ends_the_command_at_once():
+    """A SIGTERM after the same-stop window is another stop: the process ends by it,
+    its cleanup cut short (as it was for every second SIGTERM)."""
+    done = subprocess.run([sys.executable, "-c", _TWICE, "0"], env=_env(),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == -signal.SIGTERM and done.stdout == "", done.stderr
+
+
+def test_timeout_stops_a_listener_cleanly(tmp_path):
+    """`timeout 2 fastmfd listen` as a CI job runs it: signalled as timeout(1) does
+    (the command, then its process group), it says so, exits 143 and leaves nothing:
+    no socket file, no directory it made."""
+    for run in range(3):
+        with Listener(tmp_path / f"out{run}", "--json") as listener:
+            assert listener.proc is not None
+            os.kill(listener.proc.pid, signal.SIGTERM)
+            os.kill(listener.proc.pid, signal.SIGTERM)
+            status, err = listener.finish(timeout=60)
+            assert status == 143 and err.endswith("fastmfd listen: terminated (SIGTERM)\n"), err
+            assert listener.out == "" and not (tmp_path / f"out{run}").exists()
+            assert not os.path.exists(listener.address[5:])

@@ -13,15 +13,12 @@ command pays only for its own code (rich and every command's code take about
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import logging
 import os
 import signal
 import sys
-import termios
 import threading
-from types import FrameType
 from typing import TYPE_CHECKING, Any, Callable
 
 from .. import __version__
@@ -31,6 +28,9 @@ from ..units import format_bytes
 from .command_line import EXIT_USAGE, CommandParser, in_options
 from .option_values import (LEVEL_HELP, positive_int, positive_int_to, positive_seconds,
                             positive_seconds_to, positive_size, rate, whole_pages)
+from .stop_signals import STOPPED_BY as _STOPPED_BY
+from .stop_signals import Terminated
+from .stop_signals import on_stop_signal as _on_stop_signal
 
 if TYPE_CHECKING:       # imported where used, so that `fastmfd --version` starts fast
     from rich.console import Console
@@ -458,57 +458,6 @@ def _build_parser() -> CommandParser:
     bench.add_arguments(p)
     p.set_defaults(func=bench.cli_main)
     return parser
-
-
-# The signals that stop a command as Ctrl-C does: what the command says, and what
-# its peer hears. A hangup is a terminal's, or an ssh connection's, that dropped.
-_STOPPED_BY: dict[int, tuple[str, str]] = {
-    signal.SIGTERM: ("terminated (SIGTERM)", "terminated by SIGTERM"),
-    signal.SIGHUP: ("hung up (SIGHUP)", "hung up (SIGHUP)")}
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM or SIGHUP, raised in the main thread as Ctrl-C's KeyboardInterrupt is,
-    so it does what Ctrl-C does: the session fails on both sides (the peer is told
-    "terminated by SIGTERM", "hung up (SIGHUP)"), every process and file the command
-    made is cleaned up, and the command exits with 128 + the signal (143, 129; Ctrl-C:
-    130)."""
-
-    def __init__(self, signum: int) -> None:
-        self.said, told = _STOPPED_BY[signum]
-        super().__init__(told)
-        self.status = 128 + signum
-
-
-def _on_stop_signal(signum: int, frame: FrameType | None) -> None:
-    # A second SIGTERM, while the first one's cleanup runs, ends the process at once.
-    # A hangup comes more than once (the shell passes its own on to its jobs, the
-    # kernel signals the foreground group again as the session's leader exits): the
-    # next ones are ignored until the process exits (with 129, not killed by one
-    # after the cleanup), and the cleanup, whose waits have deadlines, goes on.
-    if signum == signal.SIGHUP:
-        _leave_a_hung_up_terminal()
-        signal.signal(signum, signal.SIG_IGN)
-    else:
-        signal.signal(signum, signal.SIG_DFL)
-    raise Terminated(signum)
-
-
-def _leave_a_hung_up_terminal() -> None:
-    """Point each standard descriptor (0, 1, 2) on a terminal that hung up (closed:
-    its window, ``ssh -t``) at /dev/null, as a daemon does. Every write there fails
-    with EIO from then on: the progress bar's last redraw replaced the hangup (the
-    peer heard "the source failed: Input/output error"), the command's last line
-    failed, and it exited 1, not 129. A SIGHUP sent by ``kill``, the terminal still
-    there, leaves them be: the line is said."""
-    for fd in range(3):
-        try:
-            termios.tcgetattr(fd)
-        except termios.error as exc:
-            if exc.args[0] == errno.EIO:        # a hung-up terminal's every call fails so
-                null = os.open(os.devnull, os.O_RDWR)
-                os.dup2(null, fd)
-                os.close(null)
 
 
 def _log_to_stderr(verbosity: int) -> logging.Handler | None:
