@@ -107,3 +107,27 @@ def test_timeout_stops_a_listener_cleanly(tmp_path):
             assert status == 143 and err.endswith("fastmfd listen: terminated (SIGTERM)\n"), err
             assert listener.out == "" and not (tmp_path / f"out{run}").exists()
             assert not os.path.exists(listener.address[5:])
+
+
+def test_an_image_path_with_an_equals_sign_is_a_path(tmp_path):
+    """`send ADDRESS runs/id=3/ram.img` was split as NAME=PATH: region 'runs/id' from the
+    file `3/ram.img`, which did not exist (exit 2), or was another file, sent in its
+    place. A whole text that is a file, its part after `=` not, is that file."""
+    run = tmp_path / "id=3"
+    run.mkdir()
+    image = run / "ram.img"
+    image.write_bytes(os.urandom(8 * PAGE))
+    with Listener(tmp_path / "out", "-q") as listener:
+        sent = subprocess.run([sys.executable, "-m", "fastmfd", "send", listener.address,
+                               str(image), "-q"], env=_env(), stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, timeout=120)
+        assert sent.returncode == 0 and sent.stderr == "", sent.stderr
+        status, err = listener.finish(timeout=60)
+    assert status == 0, err
+    assert (tmp_path / "out" / "ram.img").read_bytes() == image.read_bytes()
+    (tmp_path / "3").mkdir()                    # both readings name a file: which, is asked
+    (tmp_path / "3" / "ram.img").write_bytes(bytes(PAGE))
+    both = subprocess.run([sys.executable, "-m", "fastmfd", "send", "unix:nobody",
+                           "id=3/ram.img"], env=_env(), cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert both.returncode == 2 and "give NAME=PATH" in both.stderr, both.stderr

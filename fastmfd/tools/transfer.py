@@ -50,8 +50,16 @@ class ImageSpec:
 
     @classmethod
     def parse(cls, text: str) -> "ImageSpec":
-        """``NAME=PATH``, or ``PATH`` (the name is the file name without its extension)."""
+        """``NAME=PATH``, or ``PATH`` (the name is the file name without its extension).
+        A PATH with ``=`` in it (``runs/id=3/ram.img``) is one where the whole text is
+        a file and the part after ``=`` is not: it was split, and another file, or none,
+        was sent in its place; where both are files, the name must be given."""
         name, sep, path = text.partition("=")
+        if sep and os.path.lexists(text):
+            if os.path.lexists(path):
+                raise ConfigError(f"image {text!r}: both {text} and {path} exist; give "
+                                  f"NAME=PATH (NAME={text} or {text})")
+            sep = ""
         if not sep:
             path = text
             name = os.path.splitext(os.path.basename(text))[0]
