@@ -130,4 +130,5 @@ def test_an_image_path_with_an_equals_sign_is_a_path(tmp_path):
     both = subprocess.run([sys.executable, "-m", "fastmfd", "send", "unix:nobody",
                            "id=3/ram.img"], env=_env(), cwd=tmp_path, capture_output=True,
                           text=True, timeout=120)
-    assert both.returncode == 2 and "give NAME=PATH" in both.stderr, both.stderr
+    assert both.returncode == 2 and "give NAME=PATH to say which (e.g. ram=id=3/ram.img)" \
+        in both.stderr, both.stderr

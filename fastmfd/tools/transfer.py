@@ -57,8 +57,9 @@ class ImageSpec:
         name, sep, path = text.partition("=")
         if sep and os.path.lexists(text):
             if os.path.lexists(path):
+                whole = os.path.splitext(os.path.basename(text))[0]
                 raise ConfigError(f"image {text!r}: both {text} and {path} exist; give "
-                                  f"NAME=PATH (NAME={text} or {text})")
+                                  f"NAME=PATH to say which (e.g. {whole}={text})")
             sep = ""
         if not sep:
             path = text
