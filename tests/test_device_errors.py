@@ -380,6 +380,9 @@ def test_loader_raising(leaks, way):
                       loaders={DEVICE: BrokenLoader(good=3)})
     check(outcome, outcome.started,
           r"dev/0: loading chunk 3 failed: ValueError: the device rejected its state")
+    # the destination's error names the device as a field too (it was in its text only:
+    # the loader ran in the reassembly process, whose failure crossed as text)
+    assert outcome.failed_both(outcome.started)[1].device == "dev/0"
 
 
 @pytest.mark.parametrize("way", ["new", "old"])

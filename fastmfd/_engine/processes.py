@@ -269,7 +269,8 @@ class Child:
 
     def error_from(self, report: Failed) -> MigrationError:
         self.failed_locally, self.peer_closed = report.local, report.peer_closed
-        error = MigrationError(report.text + self._explained(report.text), channel=self.name)
+        error = MigrationError(report.text + self._explained(report.text), channel=self.name,
+                               device=report.device)
         error.__cause__ = RemoteTraceback(report.traceback)
         return error
 

@@ -311,12 +311,14 @@ class Failed:
     local: bool = False     # of this host's own (failed_locally): no peer is to blame
     peer_closed: bool = False   # its peer closed its connection (EPIPE, ECONNRESET), as a
                                 # peer that fails does: the peer's ERROR may say why
+    device: str | None = None   # the device its MigrationError named (a loader's failure)
 
     @classmethod
     def of(cls, exc: BaseException, traceback: str) -> Failed:
         """The report of ``exc``, in :func:`failure_text`'s words."""
         closed = isinstance(exc, (BrokenPipeError, ConnectionResetError))
-        return cls(failure_text(exc), traceback, failed_locally(exc), closed)
+        device = exc.device if isinstance(exc, MigrationError) else None
+        return cls(failure_text(exc), traceback, failed_locally(exc), closed, device)
 
 
 # What a connection its peer ended, or that broke on the way, fails with (EPROTO:
