@@ -132,3 +132,17 @@ def test_an_image_path_with_an_equals_sign_is_a_path(tmp_path):
                           text=True, timeout=120)
     assert both.returncode == 2 and "give NAME=PATH to say which (e.g. ram=id=3/ram.img)" \
         in both.stderr, both.stderr
+
+
+def test_an_image_whose_file_name_is_no_region_name_says_so(tmp_path):
+    """A bare PATH names its region after the file: one whose name is no UTF-8 was
+    refused as "region name 'im\\udce9g' must be ...", a name the user never typed."""
+    image = os.path.join(os.fsencode(tmp_path), b"im\xe9g.img")
+    with open(image, "wb") as f:
+        f.write(bytes(PAGE))
+    sent = subprocess.run([os.fsencode(sys.executable), b"-m", b"fastmfd", b"send",
+                           b"unix:nobody", image], env=_env(), capture_output=True,
+                          timeout=120)
+    assert sent.returncode == 2, sent.stderr
+    assert b"its file name gives the region name 'im\\udce9g'" in sent.stderr, sent.stderr
+    assert b"give NAME=PATH" in sent.stderr, sent.stderr

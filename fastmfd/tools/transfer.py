@@ -23,7 +23,7 @@ from ..devices import FileDevice
 from ..errors import ConfigError, FastMFDError, NoSourceError
 from ..ownership import check_only_yours
 from ..protocol.security import TLSConfig
-from ..protocol.setup import Setup
+from ..protocol.setup import NAME_RULE, Invalid, Setup, check_name
 from ..protocol.sockets import (Listener, bound_address, listen, listening_on, parse_address,
                                 remove_socket_file)
 from ..regions import Region, check_huge_pages
@@ -64,6 +64,12 @@ class ImageSpec:
         if not sep:
             path = text
             name = os.path.splitext(os.path.basename(text))[0]
+            try:
+                check_name(name, "region name")
+            except Invalid:     # (it named a region the user never typed)
+                raise ConfigError(f"image {text!r}: its file name gives the region name "
+                                  f"{name!r}, which is not {NAME_RULE}; give NAME=PATH "
+                                  f"(e.g. ram={text})") from None
         if not name or not path:
             raise ConfigError(f"bad image {text!r}: expected PATH or NAME=PATH")
         return cls(name, path)
