@@ -28,7 +28,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable
 
-from .arguments import UNSIGNED, check_types
+from .arguments import BOOL, STR, UNSIGNED, check_types
 from .protocol.setup import RegionSpec
 from .regions import Region
 
@@ -62,6 +62,10 @@ class RegionPool:
     def take(self, name: str, size: int, page_size: int, huge_pages: bool = False
              ) -> Region | None:
         """A held region of this geometry (its dirty bitmap cleared), or None."""
+        # (one of another type matched none: None, as if none were held)
+        name, size, page_size, huge_pages = check_types(
+            "RegionPool.take", name=(name, STR), size=(size, UNSIGNED),
+            page_size=(page_size, UNSIGNED), huge_pages=(huge_pages, BOOL))
         with self._lock:
             for region in self._regions:
                 if _geometry(region) == (name, size, page_size, huge_pages):

@@ -72,6 +72,10 @@ WRONG = [
     (lambda: fastmfd.Region.from_fd("r", "3"), "Region.from_fd(fd)", "str"),
     (lambda: fastmfd.Region.attach("fastmfd-x"), "Region.attach(handle)", "str"),
     (lambda: fastmfd.RegionPool(1.0e9), "RegionPool(max_bytes)", "float"),
+    # take() of another type matched no region: None, as if the pool held none
+    (lambda: fastmfd.RegionPool(0).take("ram", "x", 4096), "RegionPool.take(size)", "str"),
+    (lambda: fastmfd.RegionPool(0).take(b"ram", 4096, 4096), "RegionPool.take(name)",
+     "bytes"),
     (lambda: fastmfd.SyntheticDevice("n", 0, size="x"), "SyntheticDevice(size)", "str"),
     (lambda: fastmfd.SyntheticDevice("n", "0", size=1), "SyntheticDevice(instance_id)", "str"),
     (lambda: fastmfd.SyntheticDevice("n", 0, 1, read_rate="fast"),
