@@ -125,6 +125,21 @@ def test_a_source_and_a_destination_say_where_and_how_far_in_their_repr():
     assert repr(fastmfd.Source("tcp:127.0.0.1:1")).endswith(": not entered>")
 
 
+@pytest.mark.parametrize("make", [
+    lambda: fastmfd.Destination("tcp:127.0.0.1:0", workers="x"),
+    lambda: fastmfd.Source(5)], ids=["destination", "source"])
+def test_the_repr_of_one_refused_before_it_was_made_does_not_raise(make):
+    """A Source or Destination whose type check failed in its __init__ (before Owner's):
+    its repr raised AttributeError ('_closed'), and so did the traceback of the TypeError
+    with its locals (traceback's capture_locals reprs each frame's ``self``)."""
+    with pytest.raises(TypeError) as raised:
+        make()
+    summary = traceback.TracebackException.from_exception(raised.value, capture_locals=True)
+    shown = [frame.locals["self"] for frame in summary.stack
+             if frame.locals and "self" in frame.locals]
+    assert shown and all(text.endswith(" (not made)>") for text in shown), shown
+
+
 def _marked(offset, length):
     with fastmfd.Region.create("r", 4096) as region:
         region.mark_dirty(offset, length)

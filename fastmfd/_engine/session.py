@@ -433,13 +433,17 @@ class Owner:
         self.close()
 
     def __repr__(self) -> str:
-        # Where it is in its life (read without a lock: a repr waits for nothing).
-        state = ("closed" if self._closed else "running" if self._call_thread is not None
-                 else "done" if self._called else "open" if self._entered else "not entered")
+        # Where it is in its life (read without a lock: a repr waits for nothing). One
+        # whose __init__ failed half way, even before Owner's (a type check), is "not
+        # made": a traceback's locals (capture_locals) repr it, and an AttributeError
+        # here ended the report of the error that failed it.
         try:
+            state = ("closed" if self._closed else "running" if self._call_thread is not None
+                     else "done" if self._called else "open" if self._entered
+                     else "not entered")
             described = self._described()
-        except AttributeError:          # one whose __init__ failed half way
-            described = "(not made)"
+        except AttributeError:
+            return f"<{type(self).__name__} (not made)>"
         return f"<{type(self).__name__} {described}: {state}>"
 
     def _described(self) -> str:
