@@ -16,7 +16,7 @@ from typing import Any, Literal, TypedDict, Unpack
 from .arguments import (BOOL, BYTES, INT, POSITIVE, STR, TIMEOUT, Kind, check_types,
                         instance_of, optional)
 from .errors import ConfigError
-from .protocol.security import TLSConfig, check_auth_key
+from .protocol.security import TLSConfig, check_auth_key, hidden_key
 from .protocol.setup import COMPRESSION_LEVELS, COMPRESSION_METHODS, Invalid, check_session
 
 __all__ = ["MigrationConfig", "Compression", "ConfigChanges", "COMPRESSION_METHODS",
@@ -125,6 +125,9 @@ class MigrationConfig:
                 raise ConfigError(f"{name} {problem}, not {getattr(self, name)!r}",
                                   parameter=name, problem=problem, involves=involves)
 
+        # The key hidden before any check can fail: a traceback's locals show this config
+        # (its repr has the field), and check_types' values.
+        object.__setattr__(self, "auth_key", hidden_key(self.auth_key))
         # A subclass's own fields are its own to check.
         values = check_types("MigrationConfig", **{name: (getattr(self, name), kind)
                                                    for name, kind in _FIELD_KINDS.items()})

@@ -30,7 +30,7 @@ from .arguments import (BOOL, CALLABLE, INT, STR, TIMEOUT, UNSIGNED, Kind,
                         check_types, instance_of, optional, type_error, up_to, within)
 from .devices import Loader, check_device_ids
 from .errors import ConfigError, MigrationError
-from .protocol.security import ChannelSecurity, TLSConfig, check_auth_key
+from .protocol.security import ChannelSecurity, TLSConfig, check_auth_key, hidden_key
 from .protocol.setup import MAX_CHANNELS, STALL_TIMEOUT, Setup, rule
 from .protocol.sockets import (LISTENERS, Listener, Listening, bound_address, listen,
                                listening_address, listening_on, parse_address)
@@ -151,6 +151,7 @@ class Destination(Owner):
                  handshake_timeout: float = 10.0, stall_timeout: float | None = None,
                  max_memory: int | None = None, prealloc: bool = False,
                  region_pool: RegionPool | None = None, huge_pages: bool = False) -> None:
+        auth_key = hidden_key(auth_key)     # (a traceback's locals of a check that fails)
         check_types("Destination",
                     address=(address, _ADDRESS),
                     region_factory=(region_factory, optional(CALLABLE)),

@@ -140,6 +140,27 @@ def test_the_repr_of_one_refused_before_it_was_made_does_not_raise(make):
     assert shown and all(text.endswith(" (not made)>") for text in shown), shown
 
 
+@pytest.mark.parametrize("make", [
+    lambda: fastmfd.MigrationConfig(auth_key=KEY, job_packets=0),
+    lambda: fastmfd.MigrationConfig(auth_key=KEY, channels="x"),
+    lambda: fastmfd.Destination("nonsense", auth_key=KEY),
+    lambda: fastmfd.Destination("tcp:127.0.0.1:0", auth_key=KEY, workers="x")],
+    ids=["config-value", "config-type", "destination-address", "destination-type"])
+def test_a_refused_config_or_destination_shows_its_key_in_no_frame(make):
+    """A MigrationConfig refused for another value showed its key in its own repr (the
+    field's, once the key was an AuthKey only at the end of __post_init__) in the
+    traceback's locals of three frames, and check_types' values; a Destination's
+    ``auth_key`` parameter stayed the caller's bytes in its __init__'s frame. (The
+    dataclass's generated __init__ has the caller's bytes as its parameter: not ours.)"""
+    with pytest.raises((fastmfd.ConfigError, TypeError)) as raised:
+        make()
+    summary = traceback.TracebackException.from_exception(raised.value, capture_locals=True)
+    shown = [(frame.name, name) for frame in summary.stack
+             if frame.filename not in (__file__, "<string>")
+             for name, text in (frame.locals or {}).items() if KEY.decode() in text]
+    assert not shown, shown
+
+
 def _marked(offset, length):
     with fastmfd.Region.create("r", 4096) as region:
         region.mark_dirty(offset, length)

@@ -47,7 +47,8 @@ from ..errors import ConfigError, SecurityError
 from ..ownership import READ, check_trusted_file, refuse_acl
 
 __all__ = ["TLSConfig", "ChannelSecurity", "AuthKey", "MIN_AUTH_KEY_BYTES", "NONCE_SIZE",
-           "PROOF_SIZE", "MAIN_CHANNEL_ID", "check_auth_key", "read_key_file", "identities_of",
+           "PROOF_SIZE", "MAIN_CHANNEL_ID", "hidden_key", "check_auth_key", "read_key_file",
+           "identities_of",
            "check_authz", "tls_handshake", "is_tls_record", "Stream", "prove_key",
            "check_key_proof", "default_hostname"]
 
@@ -349,6 +350,13 @@ class AuthKey(bytes):
 
     def __reduce__(self) -> tuple[type[AuthKey], tuple[bytes]]:
         return AuthKey, (bytes(self),)
+
+
+def hidden_key(key: bytes | None) -> bytes | None:
+    """``key`` as an :class:`AuthKey` if it is bytes (anything else as it is, for
+    :func:`check_auth_key` to judge): what a constructor does first, so that no local
+    or ``self`` a traceback shows of a later check's failure holds the bytes."""
+    return AuthKey(key) if isinstance(key, (bytes, bytearray)) else key
 
 
 def check_auth_key(key: bytes | None, owner: str) -> AuthKey | None:
