@@ -147,11 +147,17 @@ def call_user(name: str, call: Callable[..., _Result], *args: object) -> _Result
     what it raises that is no fastmfd error becomes a MigrationError naming it, as
     :func:`call_hook`'s do (it was "ValueError: ...", which said neither side where it
     came from); a FastMFDError passes, a refusal in its own words, and so does an
-    OSError, said with its file (a listener's factory: "X.part: No space left ...")."""
+    OSError said with its file (a listener's factory: "X.part: No space left ..."). One
+    of no file is named too: the user's ``OSError(ENOSPC, ...)`` was said bare, "the
+    peer failed: No space left on device", neither side naming the hook."""
     try:
         return call(*args)
-    except (FastMFDError, OSError):
+    except FastMFDError:
         raise
+    except OSError as exc:
+        if exc.filename is not None:
+            raise
+        raise MigrationError(f"{name} raised {type(exc).__name__}: {exc}") from exc
     except Exception as exc:
         raise MigrationError(f"{name} raised {type(exc).__name__}: {exc}") from exc
 
