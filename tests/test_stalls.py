@@ -837,3 +837,23 @@ def test_a_source_connecting_its_channels_over_some_latency_meets_the_stall_time
         m.source.add_region(image)
         _, result = m.run(timeout=60).ok()
         assert np.array_equal(result.regions["ram"].array, image.array)
+
+
+def test_workers_started_before_setup_ack_hold_up_no_handshake_timeout(image, monkeypatch):
+    """The workers the channels need start before SETUP_ACK (the test above), and the
+    source waits for SETUP_ACK within its handshake timeout (``timeout``): with no word
+    from the destination meanwhile, 200 channels' starts (3 s here) failed a source of
+    1.5 s, "timed out waiting for SETUP_ACK ... (is a fastmfd listener there?)", which a
+    destination that started them later took. A KEEPALIVE goes at once, as prealloc's
+    does, and as due. Here 4 starts of 0.6 s each, the source's timeout 1 s."""
+    with Migration(CONFIG.replace(channels=8, timeout=1.0), workers=4) as m:
+        m.source.add_region(image)
+        wait_ready = processes.Child.wait_ready
+
+        def slow_start(child, *args):
+            time.sleep(0.6)             # a host this loaded, or one this slow
+            wait_ready(child, *args)
+
+        monkeypatch.setattr(processes.Child, "wait_ready", slow_start)
+        _, result = m.run(timeout=60).ok()
+        assert np.array_equal(result.regions["ram"].array, image.array)

@@ -343,13 +343,18 @@ class ChildSet:
         child.wait_ready(timeout)
         return child
 
-    def grow(self, target: ChildMain, count: int, prefix: str, timeout: float) -> None:
+    def grow(self, target: ChildMain, count: int, prefix: str, timeout: float,
+             between: Callable[[], None] = lambda: None) -> None:
         """Start children until there are ``count`` (named ``prefix`` and their index),
         all at once, then wait for each to be up, each within ``timeout`` of the one
-        before: one after another, a loaded host took ~50 ms a start."""
-        started = [self.spawn(target, f"{prefix} {len(self)}", timeout)
-                   for _ in range(len(self), count)]
+        before: one after another, a loaded host took ~50 ms a start. ``between()``
+        before each start and wait (a KEEPALIVE as due: 200 starts take seconds)."""
+        started = []
+        for _ in range(len(self), count):
+            between()
+            started.append(self.spawn(target, f"{prefix} {len(self)}", timeout))
         for child in started:
+            between()
             child.wait_ready(timeout)
 
     def spawn(self, target: ChildMain, name: str, timeout: float = READY_TIMEOUT) -> Child:

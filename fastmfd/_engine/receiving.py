@@ -170,11 +170,14 @@ class Receiving:
                                 channel=MAIN)
         self._prepare(setup)
         try:
-            # A worker for each channel is up before SETUP_ACK: started by the door as
-            # the channels came, one by one in its loop, they held it for ~50 ms each on
-            # a loaded host, and a healthy source failed a short stall timeout (a review).
+            # A worker a channel up before SETUP_ACK (the door's, ~50 ms each, failed a short
+            # stall timeout), KEEPALIVE meanwhile, the first at once as prealloc's: the source
+            # waits for SETUP_ACK within its handshake timeout (200 starts took 3 s).
+            main, every = self.main, min(self._stall, setup.stall_timeout) / 4
+            if len(self.parts.workers) < setup.total_channels:
+                main.send(Msg.KEEPALIVE)
             self.parts.workers.grow(recv_worker_main, setup.total_channels, "receive channel",
-                                    self._stall)
+                                    self._stall, lambda: main.keep_alive(every))
             if self.parts.prealloc:
                 self._preallocate()
             self.main.send(Msg.SETUP_ACK, SetupAck(self._stall))
