@@ -312,6 +312,8 @@ class Region:
                 fd = _open_region_file(handle.location, handle.size, handle.file_id,
                                        handle.read_only)
             except OSError as exc:      # (gone: a ConfigError, as a segment gone is)
+                if exc.errno not in (errno.ENOENT, errno.ELOOP):
+                    raise               # (EMFILE, ENOMEM: this host's, said as a child's)
                 why = ("a symbolic link was put there, which is never followed"
                        if exc.errno == errno.ELOOP else exc.strerror or str(exc))
                 raise ConfigError(f"region {handle.name!r}: cannot open {handle.location}: "

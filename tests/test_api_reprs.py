@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import pickle
+import resource
 import time
 import traceback
 
@@ -354,3 +356,29 @@ def test_attaching_a_region_whose_file_is_gone_is_a_config_error(tmp_path):
                                       f"directory", "shared memory segment .* does not exist")):
         with pytest.raises(fastmfd.ConfigError, match=gone):
             fastmfd.Region.attach(handle)
+
+
+def test_attaching_a_region_out_of_descriptors_is_still_the_os_error(tmp_path):
+    """Only a file gone (or a link put there) is a ConfigError: EMFILE came out as
+    "ConfigError: region 'ram': cannot open ...: Too many open files" too, which a child
+    says by its type, not as this host's own failure (failed_locally, whose errno gives
+    the limit's hint)."""
+    image = tmp_path / "ram.img"
+    image.write_bytes(bytes(8192))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with fastmfd.Region.from_file("ram", image) as region:
+        held = []
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 8, hard))
+        try:
+            with pytest.raises(OSError) as raised:
+                while True:         # every descriptor taken
+                    held.append(os.open(os.devnull, os.O_RDONLY))
+            assert raised.value.errno == errno.EMFILE
+            with pytest.raises(OSError) as raised:
+                fastmfd.Region.attach(region.handle).close()
+        finally:
+            for fd in held:
+                os.close(fd)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert raised.value.errno == errno.EMFILE and not isinstance(raised.value,
+                                                                 fastmfd.ConfigError)
