@@ -345,10 +345,9 @@ class ChildSet:
 
     def grow(self, target: ChildMain, count: int, prefix: str, timeout: float,
              between: Callable[[], None] = lambda: None) -> None:
-        """Start children until there are ``count`` (named ``prefix`` and their index),
-        all at once, then wait for each to be up, each within ``timeout`` of the one
-        before: one after another, a loaded host took ~50 ms a start. ``between()``
-        before each start and wait (a KEEPALIVE as due: 200 starts take seconds)."""
+        """Start children until there are ``count`` (named ``prefix`` and their index), all
+        at once (one by one, a loaded host took ~50 ms a start), then wait for each within
+        ``timeout`` of the one before; ``between()`` before each (a KEEPALIVE: 200 take 3 s)."""
         started = []
         for _ in range(len(self), count):
             between()
