@@ -19,11 +19,12 @@ import time
 import types
 
 import pytest
+from hypothesis import given, strategies as st
 from leakcheck import leaks  # noqa: F401
 
 from fastmfd.errors import ConfigError
 from fastmfd.tools.bench import link as link_module
-from fastmfd.tools.bench.link import EmulatedLink, parse_link, transfer_timeout
+from fastmfd.tools.bench.link import EmulatedLink, parse_link, same_link, transfer_timeout
 from fastmfd.tools.bench.matrix import Setting, run_once
 from fastmfd.tools.cli import main
 from fastmfd.tools.images import Image
@@ -121,6 +122,38 @@ def test_a_transfer_over_a_slow_link_has_the_time_its_bytes_take():
 def test_link_mistakes(text, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         parse_link(text)
+
+
+@pytest.mark.parametrize("text", ["9" * 400 + "bit", "9" * 5000 + "bit",
+                                  "1gbit/0." + "0" * 5000 + "1s"])
+def test_a_link_of_a_number_too_long_is_refused_as_a_mistake(text):
+    # float() made 400 nines infinity (OverflowError out of round()), and a number of
+    # over 4300 digits is Fraction's ValueError: a traceback out of bench --link, and
+    # out of --compare / --benchmark-compare reading such a link from a saved file.
+    with pytest.raises(ConfigError, match="a number of more than 40 characters|between"):
+        parse_link(text)
+    assert same_link(text) == text
+
+
+_NUMBER = st.one_of(st.integers(0, 10 ** 12).map(str),
+                    st.tuples(st.integers(0, 10 ** 6), st.text("0123456789", min_size=1,
+                                                                max_size=4))
+                    .map(lambda t: f"{t[0]}.{t[1]}"))
+
+
+@given(_NUMBER, st.sampled_from(["", "k", "M", "g"]), _NUMBER,
+       st.sampled_from(["", "/us", "/ms", "/S"]))
+def test_a_links_one_spelling_is_the_same_rate_and_delay(rate, unit, delay, delay_unit):
+    """LinkSpec.same is parsed back to the typed link's rate and delay, exactly: 27.42ms
+    was 0.027420000000000003 s typed, 0.02742 s as its spelling '27420us'."""
+    text = f"{rate}{unit}bit" + (f"/{delay}{delay_unit[1:]}" if delay_unit else "")
+    try:
+        spec = parse_link(text)
+    except ConfigError:
+        return
+    again = parse_link(spec.same)
+    assert (again.rate_bits, again.delay_s) == (spec.rate_bits, spec.delay_s)
+    assert again.same == spec.same == same_link(text)
 
 
 def test_one_link_typed_two_ways_is_one_condition(tmp_path, monkeypatch):

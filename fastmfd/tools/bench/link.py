@@ -40,6 +40,7 @@ import socket
 import subprocess
 import threading
 from dataclasses import dataclass
+from fractions import Fraction
 
 from ...errors import ConfigError
 from ...threads import start_thread
@@ -51,11 +52,12 @@ __all__ = ["LinkSpec", "parse_link", "same_link", "check_can_emulate", "enter_na
 _RATE = re.compile(r"^(\d+(?:\.\d+)?)(k|m|g)?bit$", re.IGNORECASE)
 _DELAY = re.compile(r"^(\d+(?:\.\d+)?)(us|ms|s)$", re.IGNORECASE)
 _RATE_SCALE = {None: 1, "k": 10 ** 3, "m": 10 ** 6, "g": 10 ** 9}
-_DELAY_SCALE = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
+_DELAY_US = {"us": 1, "ms": 10 ** 3, "s": 10 ** 6}
 # A link's one spelling (LinkSpec.same): each value in the largest unit holding it whole.
 _RATE_UNITS = (("g", 10 ** 9), ("m", 10 ** 6), ("k", 10 ** 3), ("", 1))
 _DELAY_UNITS = (("s", 10 ** 6), ("ms", 10 ** 3), ("us", 1))
 CLONE_NEWNET = 0x40000000
+_MAX_DIGITS = 40                # characters of a number: 100gbit is 12, 1s 7 in us
 COMMAND_TIMEOUT = 10.0          # seconds any one ip/tc command may take
 
 
@@ -91,9 +93,14 @@ def parse_link(text: str) -> LinkSpec:
     if rate is None or (delay_text and delay is None):
         raise ConfigError(f"link {text!r}: expected RATE[/DELAY], e.g. 1gbit, 10gbit/1ms, "
                           f"500mbit/200us")
-    # (rounded: int() made 2.3mbit 2299999 bit/s)
-    rate_bits = round(float(rate.group(1)) * _RATE_SCALE[(rate.group(2) or "").lower() or None])
-    delay_s = float(delay.group(1)) * _DELAY_SCALE[delay.group(2).lower()] if delay else 0.0
+    if max(len(rate.group(1)), len(delay.group(1)) if delay else 0) > _MAX_DIGITS:
+        # (Fraction refuses numbers of over 4300 digits with a ValueError)
+        raise ConfigError(f"link {text!r}: a number of more than {_MAX_DIGITS} characters")
+    # Exact (Fraction): int() made 2.3mbit 2299999 bit/s, and float() made 400 nines
+    # infinity (round() raised OverflowError) and 27.42ms a delay that was not 27420us.
+    rate_bits = round(Fraction(rate.group(1)) * _RATE_SCALE[(rate.group(2) or "").lower()
+                                                              or None])
+    delay_us = Fraction(delay.group(1)) * _DELAY_US[delay.group(2).lower()] if delay else 0
     if not 10 ** 6 <= rate_bits <= 100 * 10 ** 9:
         raise ConfigError(f"link {text!r}: the rate must be between 1mbit and 100gbit")
     if rate_bits % 8:
@@ -101,11 +108,12 @@ def parse_link(text: str) -> LinkSpec:
         raise ConfigError(f"link {text!r}: tc's tbf shapes whole bytes per second, and "
                           f"{rate_bits} bit/s is not a multiple of 8: give {rate_bits // 8 * 8}"
                           f"bit or {rate_bits // 8 * 8 + 8}bit")
-    if delay_s > 1.0:
+    if delay_us > 10 ** 6:
         raise ConfigError(f"link {text!r}: the delay must be at most 1s")
-    if abs(delay_s * 1e6 - round(delay_s * 1e6)) > 1e-6:
+    if delay_us % 1:
         raise ConfigError(f"link {text!r}: the delay is given to netem in whole microseconds")
-    return LinkSpec(rate_bits, delay_s, text.strip())
+    # In whole microseconds, as LinkSpec.same spells it: the two are one delay.
+    return LinkSpec(rate_bits, int(delay_us) / 1e6, text.strip())
 
 
 def same_link(recorded: object) -> object:
