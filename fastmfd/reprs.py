@@ -5,13 +5,15 @@ A dataclass's own repr shows every value whole: a
 CollectLoader returns) was a repr of 256 MB, and statistics or a SETUP of 4096
 devices one of 150 KB. Here, at most :data:`ITEMS` entries of a collection are
 shown, then how many more there are; bytes longer than :data:`BYTES_SHOWN` are
-said by their size; text is cut at :data:`TEXT_SHOWN` characters. Any other
-value is its own repr (a Region's, a ChannelStats', a number's).
+said by their size; text is cut at :data:`TEXT_SHOWN` characters; sets are shown
+as lists are, and an int of over 256 bits by its size. Any other value is its own
+repr (a Region's, a ChannelStats', a number's).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Any
 
 __all__ = ["ITEMS", "BYTES_SHOWN", "TEXT_SHOWN", "short_repr", "fields_repr"]
@@ -19,13 +21,17 @@ __all__ = ["ITEMS", "BYTES_SHOWN", "TEXT_SHOWN", "short_repr", "fields_repr"]
 ITEMS = 8
 BYTES_SHOWN = 32
 TEXT_SHOWN = 80
+_INT_BITS = 256     # an int longer is said by its size (77 digits)
 _DEPTH = 4          # collections within collections shown; deeper ones by their length
 
 
 def short_repr(value: object, depth: int = _DEPTH) -> str:
     """``value``'s repr, bounded as the module says."""
     if isinstance(value, (bytes, bytearray, memoryview)):
-        size = memoryview(value).nbytes
+        try:
+            size = memoryview(value).nbytes
+        except ValueError:              # a memoryview released (its memory is not read)
+            return "<released memoryview>"
         if size > BYTES_SHOWN:
             kind = "" if type(value) is bytes else f"{type(value).__name__} of "
             return f"<{kind}{size} bytes>"
@@ -34,6 +40,20 @@ def short_repr(value: object, depth: int = _DEPTH) -> str:
         if len(value) > TEXT_SHOWN:
             return f"{value[:TEXT_SHOWN]!r}... ({len(value)} characters)"
         return repr(value)
+    if type(value) is int and value.bit_length() > _INT_BITS:
+        # (repr() of one over 4300 digits raises ValueError)
+        return f"<int of {value.bit_length()} bits>"
+    if type(value) in (set, frozenset):
+        assert isinstance(value, (set, frozenset))
+        if not value:
+            return repr(value)
+        if depth <= 0:
+            return f"<{type(value).__name__} of {len(value)}>"
+        entries = [short_repr(v, depth - 1) for v in itertools.islice(value, ITEMS)]
+        if len(value) > ITEMS:
+            entries.append(f"... ({len(value) - ITEMS} more)")
+        shown = "{" + ", ".join(entries) + "}"
+        return shown if type(value) is set else f"frozenset({shown})"
     if isinstance(value, (dict, list, tuple)) and type(value) in (dict, list, tuple):
         if not value:
             return repr(value)

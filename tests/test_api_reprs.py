@@ -210,6 +210,47 @@ def test_short_repr_bounds_each_kind():
     assert short_repr([[[[[1]]]]]) == "[[[[<list of 1>]]]]"
 
 
+class _Returns:
+    """A loader whose load_finish returns ``value``: what DestinationResult.devices holds."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def load_state_buffer(self, data):
+        pass
+
+    def load_finish(self):
+        return self.value
+
+
+def test_a_result_of_any_loader_values_has_a_bounded_repr_that_never_raises():
+    """A loader may return anything: an int of 5000 digits made repr(result) raise
+    ValueError (Python's limit on int to text), and a set of 100000 ints was a repr of
+    690 KB; a memoryview released raised ValueError in short_repr."""
+    from fastmfd.reprs import short_repr
+    with Migration(fastmfd.MigrationConfig(channels=2)) as m, \
+            make_region("ram", 1 << 20, seed=3) as region:
+        m.source.add_region(region)
+        values = {"big": 10 ** 5000, "set": set(range(100000)),
+                  "sets": frozenset(frozenset([i]) for i in range(20))}
+        for idstr, value in values.items():
+            m.source.add_device(fastmfd.BytesDevice(idstr, 0, b"s"))
+            m.destination.add_loader(idstr, 0, _Returns(value))
+        _, result = m.run().ok()
+        assert result.devices[("big", 0)] == 10 ** 5000 and \
+            len(result.devices[("set", 0)]) == 100000     # the values are whole
+        text = repr(result)
+    assert len(text) < 3000, len(text)
+    assert "('big', 0): <int of 16610 bits>" in text, text
+    assert "('set', 0): {0, 1, 2, 3, 4, 5, 6, 7, ... (99992 more)}" in text, text
+    assert "('sets', 0): frozenset({frozenset({" in text and "(12 more)}" in text, text
+    assert short_repr(2 ** 255) == repr(2 ** 255) and short_repr(-2 ** 300) == "<int of 301 bits>"
+    assert short_repr(True) == "True" and short_repr(set()) == "set()"
+    released = memoryview(bytearray(64))
+    released.release()
+    assert short_repr(released) == "<released memoryview>"
+
+
 def _documented(call, *docs):
     """The parameters of ``call`` that none of ``docs`` (docstrings) names."""
     import inspect
