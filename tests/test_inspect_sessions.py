@@ -149,6 +149,34 @@ def test_a_lone_checksummed_channel_without_checksum_is_told_to_try_it(tmp_path,
         region.close()
 
 
+@pytest.mark.parametrize("options, said", [
+    (dict(checksum=True), "its checksum"),
+    (dict(compression="auto"), "compression auto (packets sent raw)")])
+def test_layout_qemu72_on_a_session_whose_setup_has_fastmfds_extensions(tmp_path, options,
+                                                                        said):
+    """--layout qemu-7.2 with a fastmfd main channel whose SETUP says checksum or
+    compression auto: the layout's RamPacketCodec raised ValueError ('the QEMU 7.2 layout
+    has no fastmfd extensions'), a traceback out of inspect (found by fuzzing lone and
+    whole checksummed sessions); now one line, exit 2."""
+    from listen_support import run_cli
+    config = fastmfd.MigrationConfig(channels=1, **options)
+    records = {"main": Record(), 0: Record()}
+    region = make_region("ram", 300 * PAGE, seed=3)
+    try:
+        with Migration(config, proxy=Proxy(records)) as m:
+            m.source.add_region(region)
+            m.run().ok()
+    finally:
+        region.close()
+    write_files(tmp_path, {f"{name}.bin": bytes(r.bytes) for name, r in records.items()})
+    done = run_cli("inspect", "--layout", "qemu-7.2", str(tmp_path), timeout=60)
+    assert done.returncode == 2 and done.stdout == "", done.stderr
+    assert done.stderr == (f"fastmfd inspect: layout qemu-7.2: this session's SETUP says "
+                           f"{said}, which QEMU's layout has no room for: inspect it without "
+                           f"--layout\n"), done.stderr
+    assert run_cli("inspect", str(tmp_path), timeout=60).returncode == 0
+
+
 @pytest.mark.parametrize("compression", ["zlib", "zstd"])
 @pytest.mark.parametrize("main", [True, False], ids=["with-main", "channels-only"])
 def test_compressed_channel_starting_with_a_device_chunk(tmp_path, compression, main):

@@ -85,6 +85,13 @@ def read_capture(paths: Iterable[str | os.PathLike[str]], *, packet_pages: int |
             _core.LAYOUT_CURRENT
     if session.checksum and isinstance(main, QemuMainChannel):
         raise _no_qemu_checksum()
+    if layout == _core.LAYOUT_QEMU72 and (session.checksum or session.compression_optional):
+        # A fastmfd SETUP saying so, with --layout qemu-7.2: the layout's RamPacketCodec
+        # raised ValueError ('no fastmfd extensions'), a traceback out of inspect.
+        said = "its checksum" if session.checksum else "compression auto (packets sent raw)"
+        raise ConfigError(f"layout {layout}: this session's SETUP says {said}, which QEMU's "
+                          f"layout has no room for: inspect it without --layout",
+                          parameter="layout", problem=f"the session's SETUP says {said}")
 
     channels = open_channels([(r, k) for r, k in zip(readers, kinds) if k[0] == "multifd"],
                              session)
