@@ -9,7 +9,8 @@ writes OUTDIR/<session>/<connection>.bin and OUTDIR/sessions.json, {session: kwa
 of read_capture}. The sessions: a shared key (AUTH messages, a nonce and proof after
 each channel's init packet) with a device-state channel; the old way (device state on
 the main channel) with checksums, whose DEVICE_STATE messages carry a CRC trailer;
-both at once, compressed.
+checksums with a device-state channel, compressed (its channels alone are what inspect
+tells to try --checksum); the old way and a shared key at once, compressed.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ SESSIONS = {
                        device_chunk_size=64 << 10, auth_key=KEY),
     "old way checksum": dict(channels=1, packet_pages=16, channel_header=False,
                              checksum=True, device_chunk_size=64 << 10),
+    "checksum device channel": dict(channels=1, packet_pages=16, device_state_channels=1,
+                                    checksum=True, compression="zstd",
+                                    device_chunk_size=16 << 10),
     "old way shared key zstd": dict(channels=2, packet_pages=16, channel_header=False,
                                     checksum=True, compression="zstd",
                                     device_chunk_size=16 << 10, auth_key=KEY),

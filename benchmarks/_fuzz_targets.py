@@ -642,12 +642,22 @@ def _capture_target(weight: float) -> Target:
             mutated[key] = mutate_bytes(rng, data, fields, positions=positions[key])
         order = keys[:]
         rng.shuffle(order)
-        return index, mutated, order
+        options = dict(kwargs)
+        if rng.random() < 0.3:
+            # What the user may say, wrong or right (--layout qemu-7.2 on a session whose
+            # SETUP says checksum raised ValueError; a lone channel read without its
+            # checksum, or with another packet size, takes _channels_alone's other paths).
+            for option, values in (("checksum", (False, True)),
+                                   ("packet_pages", (None, 16, 128, 512, 3)),
+                                   ("layout", (None, "current", "qemu-7.2"))):
+                if rng.random() < 0.5:
+                    options[option] = rng.choice(values)
+        return index, mutated, order, options
 
     def run(state, case):
         capture, sets = state
-        index, mutated, order = case
-        name, files, kwargs, _, _ = sets[index]
+        index, mutated, order, kwargs = case
+        name, files, _, _, _ = sets[index]
         with _in_memory(capture, {**files, **mutated}):
             result = capture.read_capture(order, **kwargs)
         json.dumps(result.summary())
@@ -723,6 +733,126 @@ def _run_payload(seeds, case):
         raise Broken(f"round {payload.round!r} accepted")
 
 
+# ---------------------------------------------------------------- bench links, reprs
+
+LINK_SEEDS = ("1gbit", "10gbit/1ms", "500mbit/200us", "2.5Gbit/0.5ms", "1000000bit/1s",
+              "27gbit/27.42ms", "100gbit", "1mbit/0us", "2.3mbit", "1Mbit/0.1ms")
+
+
+def _make_link(rng, seeds) -> str:
+    """A link text: a seed mutated as bytes, or numbers of any size and precision in
+    tc's units (400 nines were float()'s infinity, 27.42ms a delay not 27420us)."""
+    r = rng.random()
+    if r < 0.4:
+        return mutate_bytes(rng, rng.choice(seeds).encode()).decode("utf-8", "replace")
+
+    def number(digits: int) -> str:
+        whole = str(rng.randrange(10 ** rng.randrange(1, digits)))
+        if rng.random() < 0.5:
+            return whole
+        return f"{whole}.{rng.randrange(10 ** rng.randrange(1, 9)):0{rng.randrange(1, 9)}d}"
+
+    rate = number(16) if rng.random() < 0.95 else "9" * rng.choice((40, 41, 400, 5000))
+    delay = rng.choice(("", f"/{number(8)}{rng.choice(('us', 'ms', 's', 'MS'))}"))
+    text = f"{rate}{rng.choice(('', 'k', 'm', 'g', 'K', 'M', 'G'))}bit{delay}"
+    return rng.choice(("", " ", "\t")) + text + rng.choice(("", "", "\n", "/", "bit"))
+
+
+def _run_link(_, text: str) -> None:
+    """parse_link refuses with a ConfigError only; what it takes, LinkSpec.same spells
+    as one link of the same rate and delay, exactly, and same_link agrees."""
+    from fastmfd.errors import ConfigError
+    from fastmfd.tools.bench.link import parse_link, same_link
+    try:
+        spec = parse_link(text)
+    except ConfigError:
+        if same_link(text) != text:
+            raise Broken(f"same_link({text!r}) changed a link parse_link refuses") from None
+        raise
+    again = parse_link(spec.same)
+    if (again.rate_bits, again.delay_s, again.same) != (spec.rate_bits, spec.delay_s,
+                                                         spec.same):
+        raise Broken(f"{text!r} is {spec}, its spelling {spec.same!r} is {again}")
+    if same_link(text) != spec.same:
+        raise Broken(f"same_link({text!r}) is {same_link(text)!r}, not {spec.same!r}")
+
+
+REPR_BOUND = 600_000        # characters: 9 entries a level, 4 levels, leaves of <= 131
+
+
+def _repr_state():
+    """A closed Region (its repr must not read its memory) for the cases to hold."""
+    region = fastmfd.Region.create("fuzz", 1 << 16)
+    region.close()
+    return region
+
+
+def _value(rng, closed, depth: int = 0):
+    """A value of any kind a loader may return or a result may hold, nested."""
+    r = rng.random()
+    if depth < 5 and r < 0.3 / (depth + 1):
+        items = [_value(rng, closed, depth + 1) for _ in range(rng.choice((0, 1, 3, 9, 20)))]
+        kind = rng.choice(("list", "tuple", "dict"))
+        if kind == "dict":
+            return {rng.choice((str(i), i, bytes([i % 256]) * rng.randrange(40), (i, "x"))): v
+                    for i, v in enumerate(items)}
+        return items if kind == "list" else tuple(items)
+    kind = rng.randrange(12)
+    if kind == 0:
+        return rng.choice((None, True, False, 0, -1, float("nan"), float("inf"), 1e308))
+    if kind == 1:
+        return rng.getrandbits(rng.choice((8, 64, 256, 257, 1000, 20000))) * rng.choice((1, -1))
+    if kind == 2:
+        return "".join(chr(rng.randrange(0x110000) if rng.random() < 0.1 else
+                           rng.randrange(32, 127)) for _ in range(rng.choice((0, 5, 80, 81, 300))))
+    if kind in (3, 4, 5):
+        data = rng.randbytes(rng.choice((0, 1, 32, 33, 1000)))
+        view = memoryview(bytearray(data))
+        if kind == 5 and rng.random() < 0.5:
+            view.release()
+        return (data, bytearray(data), view)[kind - 3]
+    if kind == 6:
+        values = {rng.getrandbits(16) for _ in range(rng.choice((0, 3, 9, 500)))}
+        return values if rng.random() < 0.5 else frozenset(values)
+    if kind == 7:
+        return closed
+    if kind == 8:
+        return rng.randbytes(rng.choice((16, 40))).hex()
+    return rng.random()
+
+
+def _make_repr(rng, closed):
+    from fastmfd.stats import ChannelStats, MigrationStats, ReceiveStats
+    value = _value(rng, closed)
+    which = rng.randrange(4)
+    if which == 0:
+        return value
+    stats = ReceiveStats(*[_value(rng, closed) for _ in range(8)],
+                         channels=tuple(ChannelStats(i, "ram", *[rng.getrandbits(20)] * 8)
+                                        for i in range(rng.choice((0, 2, 255)))))
+    if which == 1:
+        return stats
+    if which == 2:
+        return fastmfd.DestinationResult(regions={"ram": closed, "x": value},
+                                         devices={("d", i): _value(rng, closed)
+                                                  for i in range(rng.choice((1, 9, 100)))},
+                                         stats=stats, setup={"v": value})
+    return MigrationStats(*[_value(rng, closed) for _ in range(13)], destination={"v": value})
+
+
+def _run_repr(_, value) -> None:
+    """repr of a result, its stats or any value: never raises, bounded (reprs.py)."""
+    from fastmfd.reprs import short_repr
+    text = repr(value) if dataclasses_is(value) else short_repr(value)
+    if len(text) > REPR_BOUND:
+        raise Broken(f"a repr of {len(text)} characters: {text[:200]}")
+
+
+def dataclasses_is(value) -> bool:
+    import dataclasses
+    return dataclasses.is_dataclass(value) and not isinstance(value, type)
+
+
 # ---------------------------------------------------------------- the registry
 
 def _targets() -> list[Target]:
@@ -747,7 +877,10 @@ def _targets() -> list[Target]:
             Target("SETUP lenient", "setups", 0.25, _setup_seeds, setup_make,
                    _run_setup(False)),
             Target("main channel payloads", "setups", 0.35, _payload_seeds, _make_payload,
-                   _run_payload)]
+                   _run_payload),
+            Target("bench link text", "setups", 0.03, lambda: LINK_SEEDS, _make_link,
+                   _run_link),
+            Target("bounded reprs", "setups", 0.01, _repr_state, _make_repr, _run_repr, 200)]
     return out
 
 

@@ -15,9 +15,13 @@ Not part of the unit suite (pytest does not collect it): a campaign of minutes.
   whole captures through ``fastmfd inspect``'s reader (the real QEMU 7.2 and
   10.0 captures in shared/data beside the checkout, read only, captures
   fastmfd's encoders make, and real sessions recorded, ``_fuzz_sessions.py``:
-  a shared key, the old way with checksums; with and without the main channel);
-- ``--setups N`` mutated SETUPs (``Setup.decode`` strict and lenient) and
-  main-channel payloads of every message type (``decode_payload``);
+  a shared key, the old way with checksums, checksums with a device-state
+  channel; with and without the main channel; some read with the options a user
+  may give wrongly: --checksum, --packet-pages, --layout);
+- ``--setups N`` mutated SETUPs (``Setup.decode`` strict and lenient),
+  main-channel payloads of every message type (``decode_payload``), ``bench
+  --link`` texts (``parse_link``, ``LinkSpec.same``) and the bounded reprs of
+  results, statistics and any value a loader may return (``reprs.py``);
 - ``--live N`` connections to real ``fastmfd.Destination`` s on loopback:
   mutated greetings, SETUPs, hellos and packet streams into guarded regions
   (see ``_fuzz_live.py``).

@@ -96,3 +96,42 @@ def test_the_inspect_target_decodes_its_seeds_and_reads_its_cases():
     # The reads go to the cases' bytes for each case only: patched for good, every later
     # inspect test of this xdist worker read the target's dict (KeyError; a full run).
     assert capture._map_file is reads_files
+
+
+@pytest.mark.parametrize("name, cases", [("bench link text", 3000), ("bounded reprs", 150)])
+def test_the_link_and_repr_targets_hold_their_oracles(name, cases):
+    """'bench link text': parse_link refuses with a ConfigError only, and what it takes
+    LinkSpec.same spells as the same rate and delay (400 nines were an OverflowError,
+    27.42ms not the delay of its spelling '27420us'); 'bounded reprs': a result, its
+    stats or any value's repr never raises and is bounded (a loader's int of 5000 digits
+    or a released memoryview raised ValueError). Both outcomes occur for the links."""
+    import random
+
+    from _fuzz_targets import TARGETS
+    target = TARGETS[name]
+    state = target.build()
+    rng, outcomes = random.Random(SEED), {"accepted": 0, "refused": 0}
+    for _ in range(cases):
+        try:
+            target.run(state, target.make(rng, state))
+            outcomes["accepted"] += 1
+        except fastmfd.FastMFDError:
+            outcomes["refused"] += 1
+    assert outcomes["accepted"] > 0
+    assert outcomes["refused"] > 0 or name == "bounded reprs"
+
+
+def test_the_inspect_target_says_what_the_user_may_wrongly_say():
+    """Its cases also read with --checksum, --packet-pages and --layout as a user may
+    give them (--layout qemu-7.2 on a session whose SETUP says checksum raised
+    ValueError), over a real checksummed session with a device-state channel."""
+    import random
+
+    from _fuzz_targets import TARGETS
+    target = TARGETS["inspect captures"]
+    state = target.build()
+    assert "real checksum device channel channels" in [seed[0] for seed in state[1]]
+    rng = random.Random(SEED)
+    options = [target.make(rng, state)[3] for _ in range(200)]
+    assert any(o.get("layout") == "qemu-7.2" for o in options)
+    assert any(o.get("checksum") is False for o in options)
