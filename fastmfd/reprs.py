@@ -5,9 +5,11 @@ A dataclass's own repr shows every value whole: a
 CollectLoader returns) was a repr of 256 MB, and statistics or a SETUP of 4096
 devices one of 150 KB. Here, at most :data:`ITEMS` entries of a collection are
 shown, then how many more there are; bytes longer than :data:`BYTES_SHOWN` are
-said by their size; text is cut at :data:`TEXT_SHOWN` characters; sets are shown
-as lists are, and an int of over 256 bits by its size. Any other value is its own
-repr (a Region's, a ChannelStats', a number's).
+said by their size; text is cut at :data:`TEXT_SHOWN` characters; sets, and
+subclasses of dict, list and tuple (a namedtuple by its fields) are shown as those
+are, and an int of over 256 bits by its size. Any other value is its own
+repr (a Region's, a ChannelStats', a number's), cut at :data:`OTHER_SHOWN`
+characters, or what it is if that repr raises.
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ import dataclasses
 import itertools
 from typing import Any
 
-__all__ = ["ITEMS", "BYTES_SHOWN", "TEXT_SHOWN", "short_repr", "fields_repr"]
+__all__ = ["ITEMS", "BYTES_SHOWN", "TEXT_SHOWN", "OTHER_SHOWN", "short_repr", "fields_repr"]
 
 ITEMS = 8
 BYTES_SHOWN = 32
 TEXT_SHOWN = 80
+OTHER_SHOWN = 1000  # characters of any other value's own repr (a deque's, an object's)
 _INT_BITS = 256     # an int longer is said by its size (77 digits)
 _DEPTH = 4          # collections within collections shown; deeper ones by their length
 
@@ -54,7 +57,19 @@ def short_repr(value: object, depth: int = _DEPTH) -> str:
             entries.append(f"... ({len(value) - ITEMS} more)")
         shown = "{" + ", ".join(entries) + "}"
         return shown if type(value) is set else f"frozenset({shown})"
-    if isinstance(value, (dict, list, tuple)) and type(value) in (dict, list, tuple):
+    if isinstance(value, (dict, list, tuple)) and type(value) not in (dict, list, tuple):
+        # A subclass (an OrderedDict, a defaultdict, a namedtuple a loader returns) was its
+        # own repr, whole: a MiB of bytes in one was a repr of 4 MB.
+        name = type(value).__name__
+        fields = getattr(value, "_fields", None)
+        if isinstance(value, tuple) and isinstance(fields, tuple):      # a namedtuple
+            parts = [f"{field}={short_repr(item, depth - 1)}"
+                     for field, item in zip(fields[:ITEMS], value)]
+            rest = [f"... ({len(value) - ITEMS} more)"] if len(value) > ITEMS else []
+            return f"{name}({', '.join(parts + rest)})"
+        base = dict if isinstance(value, dict) else list if isinstance(value, list) else tuple
+        return f"{name}({short_repr(base(value), depth)})"
+    if isinstance(value, (dict, list, tuple)):
         if not value:
             return repr(value)
         if depth <= 0:
@@ -71,7 +86,13 @@ def short_repr(value: object, depth: int = _DEPTH) -> str:
         if len(value) > ITEMS:
             entries.append(f"... ({len(value) - ITEMS} more)")
         return opening + ", ".join(entries) + closing
-    return repr(value)
+    try:
+        text = repr(value)
+    except Exception as exc:    # noqa: BLE001 - e.g. a deque's int of 5000 digits
+        return f"<{type(value).__name__} whose repr raised {type(exc).__name__}>"
+    if len(text) > OTHER_SHOWN:
+        return f"{text[:OTHER_SHOWN]}... ({len(text)} characters)"
+    return text
 
 
 def fields_repr(obj: Any) -> str:

@@ -251,6 +251,39 @@ def test_a_result_of_any_loader_values_has_a_bounded_repr_that_never_raises():
     assert short_repr(released) == "<released memoryview>"
 
 
+def test_a_loaders_dict_list_or_tuple_of_its_own_kind_is_bounded_too():
+    """An OrderedDict, a defaultdict, a namedtuple or a list subclass a loader returns
+    was its own repr, whole: a MiB of bytes in an OrderedDict was a repr of 4 MB."""
+    import collections
+    from fastmfd.reprs import short_repr
+    state = collections.namedtuple("State", "data version")
+    values = {"ordered": collections.OrderedDict(data=b"x" * (1 << 20)),
+              "counts": collections.defaultdict(list, {i: b"y" * 100 for i in range(1000)}),
+              "named": state(b"z" * (1 << 20), 3)}
+    with Migration(fastmfd.MigrationConfig(channels=1)) as m, \
+            make_region("ram", 1 << 16, seed=3) as region:
+        m.source.add_region(region)
+        for idstr, value in values.items():
+            m.source.add_device(fastmfd.BytesDevice(idstr, 0, b"s"))
+            m.destination.add_loader(idstr, 0, _Returns(value))
+        _, result = m.run().ok()
+        assert result.devices[("named", 0)] == values["named"]     # the values are whole
+        text = repr(result)
+    assert len(text) < 3000, len(text)
+    assert "('ordered', 0): OrderedDict({'data': <1048576 bytes>})" in text, text
+    assert "('counts', 0): defaultdict({0: <100 bytes>, " in text and "(992 more)})" in text
+    assert "('named', 0): State(data=<1048576 bytes>, version=3)" in text, text
+
+    class Items(list):
+        pass
+    assert short_repr(Items(range(10))) == "Items([0, 1, 2, 3, 4, 5, 6, 7, ... (2 more)])"
+    # Any other kind is its own repr, cut, or what it is when that repr raises.
+    assert short_repr(collections.deque([10 ** 5000])) == "<deque whose repr raised ValueError>"
+    long = short_repr(collections.deque(range(100000)))
+    assert long.startswith("deque([0, 1, 2") and long.endswith("... (688897 characters)")
+    assert len(long) < 1100
+
+
 def _documented(call, *docs):
     """The parameters of ``call`` that none of ``docs`` (docstrings) names."""
     import inspect
