@@ -19,6 +19,7 @@ Anything else raised (TypeError, KeyError, RecursionError...) is a finding.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import random
@@ -794,8 +795,12 @@ def _value(rng, closed, depth: int = 0):
         items = [_value(rng, closed, depth + 1) for _ in range(rng.choice((0, 1, 3, 9, 20)))]
         kind = rng.choice(("list", "tuple", "dict"))
         if kind == "dict":
-            return {rng.choice((str(i), i, bytes([i % 256]) * rng.randrange(40), (i, "x"))): v
+            made = {rng.choice((str(i), i, bytes([i % 256]) * rng.randrange(40), (i, "x"))): v
                     for i, v in enumerate(items)}
+            return made if rng.random() < 0.8 else collections.OrderedDict(made)
+        if rng.random() < 0.2:      # a loader's own kind of list or tuple
+            return collections.deque(items) if kind == "list" else \
+                collections.namedtuple("State", [f"f{i}" for i in range(len(items))])(*items)
         return items if kind == "list" else tuple(items)
     kind = rng.randrange(12)
     if kind == 0:
