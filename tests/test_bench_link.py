@@ -124,6 +124,16 @@ def test_link_mistakes(text, message):
         parse_link(text)
 
 
+@pytest.mark.parametrize("text", ["1gbit/1\u017f", "1gbit/1m\u017f",
+                                  "\u0661\u0660\u0660\u0660mbit", "1gb\u0131t"])
+def test_a_link_in_other_letters_or_digits_is_refused_as_a_mistake(text):
+    # Unicode rules: a long s matched 's' and the unit's lookup raised KeyError; Arabic-Indic
+    # digits and a dotless i were taken.
+    with pytest.raises(ConfigError, match=r"expected RATE\[/DELAY\]"):
+        parse_link(text)
+    assert same_link(text) == text
+
+
 @pytest.mark.parametrize("text", ["9" * 400 + "bit", "9" * 5000 + "bit",
                                   "1gbit/0." + "0" * 5000 + "1s"])
 def test_a_link_of_a_number_too_long_is_refused_as_a_mistake(text):

@@ -49,8 +49,10 @@ from ..whole import clean_up_whole, run_whole
 __all__ = ["LinkSpec", "parse_link", "same_link", "check_can_emulate", "enter_namespace",
            "EmulatedLink", "transfer_timeout"]
 
-_RATE = re.compile(r"^(\d+(?:\.\d+)?)(k|m|g)?bit$", re.IGNORECASE)
-_DELAY = re.compile(r"^(\d+(?:\.\d+)?)(us|ms|s)$", re.IGNORECASE)
+# ASCII: with Unicode rules, "1gbit/1\u017f" (a long s) matched 's' and raised KeyError as its
+# unit was looked up, and other scripts' digits were taken.
+_RATE = re.compile(r"^(\d+(?:\.\d+)?)(k|m|g)?bit$", re.IGNORECASE | re.ASCII)
+_DELAY = re.compile(r"^(\d+(?:\.\d+)?)(us|ms|s)$", re.IGNORECASE | re.ASCII)
 _RATE_SCALE = {None: 1, "k": 10 ** 3, "m": 10 ** 6, "g": 10 ** 9}
 _DELAY_US = {"us": 1, "ms": 10 ** 3, "s": 10 ** 6}
 # A link's one spelling (LinkSpec.same): each value in the largest unit holding it whole.
