@@ -756,7 +756,12 @@ def _make_link(rng, seeds) -> str:
     rate = number(16) if rng.random() < 0.95 else "9" * rng.choice((40, 41, 400, 5000))
     delay = rng.choice(("", f"/{number(8)}{rng.choice(('us', 'ms', 's', 'MS'))}"))
     text = f"{rate}{rng.choice(('', 'k', 'm', 'g', 'K', 'M', 'G'))}bit{delay}"
-    return rng.choice(("", " ", "\t")) + text + rng.choice(("", "", "\n", "/", "bit"))
+    text = rng.choice(("", " ", "\t")) + text + rng.choice(("", "", "\n", "/", "bit"))
+    if rng.random() < 0.1:      # a letter or digit of another script that Unicode rules
+        at = rng.randrange(len(text))   # match ('\u017f' for s: a KeyError once)
+        text = text[:at] + rng.choice(("\u017f", "\u0131", "\u212a", "\u0661", "\uff11")) + \
+            text[at + 1:]
+    return text
 
 
 def _run_link(_, text: str) -> None:
