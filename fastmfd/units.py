@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import argparse
 import re
+from fractions import Fraction
 
 __all__ = ["parse_size", "format_bytes", "format_rate"]
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
+# ASCII: Unicode rules took other scripts' digits, and a dotless i for 'i'.
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE | re.ASCII)
+_MAX_DIGITS = 40        # characters of a number (Fraction refuses over 4300 digits)
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
 
 
@@ -21,7 +24,12 @@ def parse_size(text: str) -> int:
     match = _SIZE.match(text)
     if not match:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 4096, 64K, 256M, 1G)")
-    number, unit = float(match.group(1)), match.group(2).lower()
+    if len(match.group(1)) > _MAX_DIGITS:
+        raise argparse.ArgumentTypeError(f"{text[:60]!r}: a number of more than {_MAX_DIGITS} "
+                                         f"characters is no size")
+    # Exact: float() made 400 nines infinity, and int() of it raised OverflowError (a
+    # traceback: argparse turns only ValueError and TypeError into a usage error).
+    number, unit = Fraction(match.group(1)), match.group(2).lower()
     scale = 1 << (10 * ("kmgt".index(unit) + 1)) if unit else 1
     return int(number * scale)
 

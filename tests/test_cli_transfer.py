@@ -47,6 +47,23 @@ def test_parse_size(text, size):
     assert parse_size(text) == size
 
 
+@pytest.mark.parametrize("text, said", [
+    ("9" * 400 + "G", "a number of more than 40 characters is no size"),
+    ("1\u212a", "is not a size"), ("\u0661\u0660M", "is not a size")])
+def test_a_size_too_long_or_in_other_letters_is_a_usage_error(text, said):
+    """float() made 400 nines infinity: int() raised OverflowError, which argparse lets
+    through (a traceback out of `bench --size`); Unicode rules took a Kelvin sign for K
+    and Arabic-Indic digits for digits."""
+    import argparse
+
+    from listen_support import run_cli as run_this_trees_cli
+    with pytest.raises(argparse.ArgumentTypeError, match=said):
+        parse_size(text)
+    done = run_this_trees_cli("bench", "--size", text, timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.startswith("fastmfd bench: argument --size: "), done.stderr
+
+
 def test_specs_parse():
     assert ImageSpec.parse("dir/pc.ram.img") == ImageSpec("pc.ram", "dir/pc.ram.img")
     assert ImageSpec.parse("vga=x.bin") == ImageSpec("vga", "x.bin")
