@@ -318,6 +318,9 @@ class WriteBudget:
                 raise MigrationError(f"{spender}: the device state goes past {self.what}")
             self.left -= size
 
+    def __repr__(self) -> str:
+        return f"<WriteBudget for {self.what}: {self.left} bytes left>"
+
     def __getstate__(self) -> dict[str, Any]:
         return {"left": self.left, "what": self.what}   # (a lock does not pickle)
 
@@ -335,7 +338,10 @@ class CollectLoader:
     def __init__(self, limit: int | WriteBudget | None = None) -> None:
         if not isinstance(limit, WriteBudget):
             size, = check_types("CollectLoader", limit=(limit, optional(UNSIGNED)))
+            self._made_with: int | WriteBudget | None = size
             limit = None if size is None else WriteBudget(size, f"its limit ({size} bytes)")
+        else:
+            self._made_with = limit
         self.budget = limit
         self._data = io.BytesIO()
 
@@ -351,8 +357,9 @@ class CollectLoader:
         return collected.getvalue()     # the BytesIO's own bytes (it is dropped): no copy
 
     def __repr__(self) -> str:
-        limit = None if self.budget is None else self.budget.left
-        return f"CollectLoader(limit={limit!r})"
+        # What it was made with: its budget's bytes left were shown as its limit, which a
+        # budget shared with other loaders (max_memory's) is not.
+        return f"CollectLoader(limit={self._made_with!r})"
 
 
 class FileLoader:

@@ -145,8 +145,9 @@ class Region:
         """Mapped from a file opened for reading (a source's image it may not, or
         need not, write): ``buffer`` and ``array`` are read-only, no process maps
         it writable, and a destination refuses it."""
+        self._buffer: memoryview | None = None     # (a repr of one whose mapping failed)
         view = mapping.buf if isinstance(mapping, SharedMemory) else mapped_view(mapping, size)
-        self._buffer: memoryview | None = view.toreadonly() if read_only else view
+        self._buffer = view.toreadonly() if read_only else view
         self._array: npt.NDArray[np.uint8] | None = None
         self.huge_pages = huge_pages
         """Pages are faulted in as huge pages where the system allows (see
@@ -187,16 +188,30 @@ class Region:
         check_room(size, f"region {name!r}")
         data = SharedMemory.create(size, tag=f"region-{name}", allocate=False,
                                    huge_aligned=huge_pages)
+        return cls._holding(data, lambda: DirtyBitmap.create(size // page_size,
+                                                             tag=f"dirty-{name}"),
+                            name, size, page_size, "shm", data.name, data.file_id, owner=True,
+                            huge_pages=huge_pages)
+
+    @classmethod
+    def _holding(cls, mapping: mmap.mmap | SharedMemory,
+                 dirty_bitmap: Callable[[], DirtyBitmap], name: str, size: int,
+                 page_size: int, kind: str, location: str, file_id: tuple[int, int], *,
+                 owner: bool, huge_pages: bool, read_only: bool = False) -> "Region":
+        """The Region of ``mapping`` and of the bitmap ``dirty_bitmap()`` makes or
+        attaches; when that or the Region fails (huge pages refused, a mapping's view, a
+        signal), both are closed, a segment made here removed: from_file and attach left
+        them mapped, the bitmap's segment in /dev/shm until the process ended."""
         try:
-            dirty = DirtyBitmap.create(size // page_size, tag=f"dirty-{name}")
+            dirty = dirty_bitmap()
             try:
-                return cls(name, size, page_size, "shm", data.name, data.file_id, data, dirty,
-                           owner=True, huge_pages=huge_pages)
-            except BaseException:       # (huge pages refused; a signal)
+                return cls(name, size, page_size, kind, location, file_id, mapping, dirty,
+                           owner=owner, huge_pages=huge_pages, read_only=read_only)
+            except BaseException:
                 dirty.close()
                 raise
         except BaseException:
-            data.close()
+            mapping.close()
             raise
 
     @classmethod
@@ -284,13 +299,10 @@ class Region:
             # The bare errno text ("File too large") named neither the file nor the limit
             raise ConfigError(f"region {name!r}: cannot {doing}: {os.strerror(exc.errno or 0)}"
                               f"{limit_hint(exc.errno, size)}") from None
-        try:
-            dirty = DirtyBitmap.create(size // page_size, tag=f"dirty-{name}")
-        except BaseException:
-            mapping.close()
-            raise
-        return cls(name, size, page_size, "file", location, file_id, mapping, dirty, owner=True,
-                   huge_pages=huge_pages, read_only=read_only)
+        return cls._holding(mapping, lambda: DirtyBitmap.create(size // page_size,
+                                                                tag=f"dirty-{name}"),
+                            name, size, page_size, "file", location, file_id, owner=True,
+                            huge_pages=huge_pages, read_only=read_only)
 
     @classmethod
     def attach(cls, handle: RegionHandle) -> "Region":
@@ -323,14 +335,10 @@ class Region:
                                    writable=not handle.read_only)
             finally:
                 os.close(fd)
-        try:
-            dirty = DirtyBitmap.attach(handle.dirty)
-        except BaseException:
-            mapping.close()
-            raise
-        return cls(handle.name, handle.size, handle.page_size, handle.kind, handle.location,
-                   handle.file_id, mapping, dirty, owner=False, huge_pages=handle.huge_pages,
-                   read_only=handle.read_only)
+        return cls._holding(mapping, lambda: DirtyBitmap.attach(handle.dirty), handle.name,
+                            handle.size, handle.page_size, handle.kind, handle.location,
+                            handle.file_id, owner=False, huge_pages=handle.huge_pages,
+                            read_only=handle.read_only)
 
     def open_file(self) -> io.FileIO:
         """The region's file opened anew (a destination's receive workers map it

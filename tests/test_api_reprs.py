@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import fastmfd
+from fastmfd.devices import WriteBudget
 from fastmfd.protocol import security
 from migration_support import Migration, make_region
 
@@ -456,3 +457,32 @@ def test_attaching_a_region_out_of_descriptors_is_still_the_os_error(tmp_path):
             resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert raised.value.errno == errno.EMFILE and not isinstance(raised.value,
                                                                  fastmfd.ConfigError)
+
+
+def test_a_collect_loader_shows_the_limit_it_was_made_with():
+    """Its repr showed its budget's bytes left as its limit: 40 after 60 were kept of
+    100, and a budget shared with other loaders (max_memory's) as if its own."""
+    own = fastmfd.CollectLoader(100)
+    own.load_state_buffer(memoryview(bytes(60)))
+    shared = fastmfd.CollectLoader(WriteBudget(1000, "max_memory"))
+    assert repr(own) == "CollectLoader(limit=100)"
+    assert repr(shared) == "CollectLoader(limit=<WriteBudget for max_memory: 1000 bytes left>)"
+
+
+def test_a_region_whose_mapping_failed_has_a_repr_and_leaves_nothing(tmp_path, monkeypatch):
+    """A traceback that shows its frames' locals (``pytest -l``, an error tracker) has
+    the half-made Region as ``self`` in ``__init__``: its repr raised AttributeError
+    there, and the report of the real error failed with it. The dirty bitmap made for
+    it stayed in /dev/shm until the process ended (the leak check's teardown)."""
+    from fastmfd import regions
+
+    def failing_view(mapping, size):
+        raise OSError(errno.ENOMEM, "cannot map")
+
+    image = tmp_path / "ram.img"
+    image.write_bytes(bytes(1 << 16))
+    monkeypatch.setattr(regions, "mapped_view", failing_view)
+    with pytest.raises(OSError) as failed:
+        fastmfd.Region.from_file("ram", image)
+    shown = traceback.TracebackException.from_exception(failed.value, capture_locals=True)
+    assert "<Region 'ram' 65536 bytes" in "".join(shown.format())
