@@ -978,15 +978,20 @@ def test_a_wrong_key_after_a_flood_is_logged_after_a_count_of_those_not_logged(m
 
 # ---------------------------------------------------------------- main channel versions
 
-def test_a_source_of_an_older_main_channel_version_is_told_to_upgrade():
+@pytest.mark.parametrize("version, told", [
+    (4, "(the source speaks main channel version 4, the destination 5: upgrade fastmfd at "
+        "the source)"),
+    # No version (the fuzzer's 3336528725 was told to upgrade the destination)
+    (3336528725, "(no main channel version: is the peer a fastmfd source?)"),
+    (0, "(no main channel version: is the peer a fastmfd source?)")])
+def test_a_source_of_an_older_main_channel_version_is_told_to_upgrade(version, told):
     """A destination refuses a source of another main channel version at its preamble.
     It said "main channel field 'version': received 4, expected 5" alone, in its log
     and to the source: nothing of which fastmfd is older or what to do (a review). The
     refusal now names both versions and the side to upgrade."""
     uuid = os.urandom(16)
     setup = setup_message(fastmfd.MigrationConfig(channels=1), uuid, {"ram": 1 << 20})
-    told = ("main channel field 'version': received 4, expected 5 (the source speaks main "
-            "channel version 4, the destination 5: upgrade fastmfd at the source)")
+    told = f"main channel field 'version': received {version}, expected 5 {told}"
     with fastmfd.Destination("tcp:127.0.0.1:0", workers=1, timeout=10) as dst:
         receiving = threading.Thread(target=lambda: pytest.raises(Exception, dst.receive),
                                      daemon=True)
@@ -995,7 +1000,7 @@ def test_a_source_of_an_older_main_channel_version_is_told_to_upgrade():
         try:
             header = bytearray(_core.CHANNEL_HEADER_SIZE)
             _core.encode_channel_header(header, _core.CHANNEL_MAIN)
-            older = bytes(header) + encode_preamble()[:4] + (4).to_bytes(4, "big")
+            older = bytes(header) + encode_preamble()[:4] + version.to_bytes(4, "big")
             source.main = source.connect(older + encode_message(Msg.SETUP, setup))
             kind, body = source.reply()
             deadline = time.monotonic() + 10

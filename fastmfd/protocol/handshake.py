@@ -185,6 +185,9 @@ NO_LISTENER_HINT = ("(is a fastmfd listener there? a QEMU destination takes "
                     "`fastmfd send --qemu`)")
 
 
+# The highest main channel version a refusal takes for one (5 now, one a release at most).
+MAX_PLAUSIBLE_VERSION = 255
+
 # A destination's refusal of its source's main channel version, as one of version 4
 # said it: what follows it names both versions and the side to upgrade.
 _REFUSED_VERSION = re.compile(r"main channel field 'version': received (\d+), expected (\d+)\Z")
@@ -193,11 +196,15 @@ _REFUSED_VERSION = re.compile(r"main channel field 'version': received (\d+), ex
 def version_refused(received: int, expected: int = MAIN_VERSION) -> str:
     """What a destination (the side that checks) says of a source's main channel version
     ``received``: both versions, and which fastmfd to upgrade. One of version 4 said
-    "received 5, expected 4" alone, and its source took no more from it."""
+    "received 5, expected 4" alone, and its source took no more from it. A number no
+    fastmfd could speak (0; the bytes of another protocol) asks what the peer is: it
+    was told to upgrade the destination."""
+    said = f"main channel field 'version': received {received}, expected {expected}"
+    if not 0 < received <= MAX_PLAUSIBLE_VERSION:
+        return f"{said} (no main channel version: is the peer a fastmfd source?)"
     older = "source" if received < expected else "destination"
-    return (f"main channel field 'version': received {received}, expected {expected} (the "
-            f"source speaks main channel version {received}, the destination {expected}: "
-            f"upgrade fastmfd at the {older})")
+    return (f"{said} (the source speaks main channel version {received}, the destination "
+            f"{expected}: upgrade fastmfd at the {older})")
 
 
 def _told_what_to_do(exc: BaseException) -> MigrationError | None:
