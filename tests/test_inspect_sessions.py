@@ -132,12 +132,9 @@ def test_a_lone_checksummed_channel_without_checksum_is_told_to_try_it(tmp_path,
     the packets too, their CRC taken for unused bytes (or said nothing: "as layout qemu-7.2
     it fails too")."""
     config = fastmfd.MigrationConfig(channels=1, checksum=True, packet_pages=packet_pages)
-    records = {"main": Record(), 0: Record()}
     region = make_region("ram", 300 * PAGE, seed=3)
     try:
-        with Migration(config, proxy=Proxy(records)) as m:
-            m.source.add_region(region)
-            m.run().ok()
+        records = _recorded(config, region)
         paths = write_files(tmp_path, {"0.bin": bytes(records[0].bytes)})
         with pytest.raises(fastmfd.ProtocolError) as failed:
             read_capture(paths)
@@ -147,6 +144,16 @@ def test_a_lone_checksummed_channel_without_checksum_is_told_to_try_it(tmp_path,
         assert (_image(decoded, "ram", region.size) == region.array).all()
     finally:
         region.close()
+
+
+def _recorded(config: fastmfd.MigrationConfig, region: fastmfd.Region) -> dict:
+    """The bytes of a one-channel session of ``config`` migrating ``region``, recorded
+    through a proxy: its main channel's and multifd channel 0's."""
+    records = {"main": Record(), 0: Record()}
+    with Migration(config, proxy=Proxy(records)) as m:
+        m.source.add_region(region)
+        m.run().ok()
+    return records
 
 
 @pytest.mark.parametrize("options, said", [
@@ -159,13 +166,9 @@ def test_layout_qemu72_on_a_session_whose_setup_has_fastmfds_extensions(tmp_path
     has no fastmfd extensions'), a traceback out of inspect (found by fuzzing lone and
     whole checksummed sessions); now one line, exit 2."""
     from listen_support import run_cli
-    config = fastmfd.MigrationConfig(channels=1, **options)
-    records = {"main": Record(), 0: Record()}
     region = make_region("ram", 300 * PAGE, seed=3)
     try:
-        with Migration(config, proxy=Proxy(records)) as m:
-            m.source.add_region(region)
-            m.run().ok()
+        records = _recorded(fastmfd.MigrationConfig(channels=1, **options), region)
     finally:
         region.close()
     write_files(tmp_path, {f"{name}.bin": bytes(r.bytes) for name, r in records.items()})

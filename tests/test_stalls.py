@@ -803,17 +803,8 @@ def test_workers_started_for_the_channels_hold_up_no_deadline(image, monkeypatch
     channels on loopback: "channel 6: not connected 0.1 s after SETUP_ACK" (a
     review). The workers a session's channels need now start together before
     SETUP_ACK. Here each start takes longer than the destination's stall timeout."""
-    with Migration(CONFIG.replace(channels=8), stall_timeout=0.5, workers=4) as m:
-        m.source.add_region(image)
-        wait_ready = processes.Child.wait_ready
-
-        def slow_start(child, *args):
-            time.sleep(0.6)             # a host this loaded, or one this slow
-            wait_ready(child, *args)
-
-        monkeypatch.setattr(processes.Child, "wait_ready", slow_start)
-        _, result = m.run(timeout=60).ok()
-        assert np.array_equal(result.regions["ram"].array, image.array)
+    _migrate_with_slow_worker_starts(image, monkeypatch, CONFIG.replace(channels=8),
+                                     stall_timeout=0.5)
 
 
 def test_a_source_connecting_its_channels_over_some_latency_meets_the_stall_timeout(
@@ -846,7 +837,14 @@ def test_workers_started_before_setup_ack_hold_up_no_handshake_timeout(image, mo
     1.5 s, "timed out waiting for SETUP_ACK ... (is a fastmfd listener there?)", which a
     destination that started them later took. A KEEPALIVE goes at once, as prealloc's
     does, and as due. Here 4 starts of 0.6 s each, the source's timeout 1 s."""
-    with Migration(CONFIG.replace(channels=8, timeout=1.0), workers=4) as m:
+    _migrate_with_slow_worker_starts(image, monkeypatch,
+                                     CONFIG.replace(channels=8, timeout=1.0))
+
+
+def _migrate_with_slow_worker_starts(image, monkeypatch, config, **destination) -> None:
+    """A session of ``config`` into a destination of 4 workers (and ``destination``'s
+    parameters) whose every worker start takes 0.6 s: it succeeds, the image whole."""
+    with Migration(config, workers=4, **destination) as m:
         m.source.add_region(image)
         wait_ready = processes.Child.wait_ready
 
