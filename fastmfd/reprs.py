@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections.abc import Iterator
 from typing import Any
 
 __all__ = ["ITEMS", "BYTES_SHOWN", "TEXT_SHOWN", "OTHER_SHOWN", "short_repr", "fields_repr"]
@@ -52,40 +53,18 @@ def short_repr(value: object, depth: int = _DEPTH) -> str:
             return repr(value)
         if depth <= 0:
             return f"<{type(value).__name__} of {len(value)}>"
-        entries = [short_repr(v, depth - 1) for v in itertools.islice(value, ITEMS)]
-        if len(value) > ITEMS:
-            entries.append(f"... ({len(value) - ITEMS} more)")
-        shown = "{" + ", ".join(entries) + "}"
+        shown = _listed((short_repr(v, depth - 1) for v in value), len(value), "{", "}")
         return shown if type(value) is set else f"frozenset({shown})"
-    if isinstance(value, (dict, list, tuple)) and type(value) not in (dict, list, tuple):
+    if isinstance(value, (dict, list, tuple)):
         # A subclass (an OrderedDict, a defaultdict, a namedtuple a loader returns) was its
         # own repr, whole: a MiB of bytes in one was a repr of 4 MB.
         name = type(value).__name__
         fields = getattr(value, "_fields", None)
         if isinstance(value, tuple) and isinstance(fields, tuple):      # a namedtuple
-            parts = [f"{field}={short_repr(item, depth - 1)}"
-                     for field, item in zip(fields[:ITEMS], value)]
-            rest = [f"... ({len(value) - ITEMS} more)"] if len(value) > ITEMS else []
-            return f"{name}({', '.join(parts + rest)})"
-        base = dict if isinstance(value, dict) else list if isinstance(value, list) else tuple
-        return f"{name}({short_repr(base(value), depth)})"
-    if isinstance(value, (dict, list, tuple)):
-        if not value:
-            return repr(value)
-        if depth <= 0:
-            return f"<{type(value).__name__} of {len(value)}>"
-        if isinstance(value, dict):
-            entries = [f"{short_repr(k, depth - 1)}: {short_repr(v, depth - 1)}"
-                       for k, v in list(value.items())[:ITEMS]]
-            opening, closing = "{", "}"
-        else:
-            entries = [short_repr(v, depth - 1) for v in value[:ITEMS]]
-            opening, closing = ("[", "]") if isinstance(value, list) else ("(", ")")
-            if isinstance(value, tuple) and len(value) == 1:
-                closing = ",)"
-        if len(value) > ITEMS:
-            entries.append(f"... ({len(value) - ITEMS} more)")
-        return opening + ", ".join(entries) + closing
+            return _listed((f"{field}={short_repr(item, depth - 1)}"
+                            for field, item in zip(fields, value)), len(value), f"{name}(", ")")
+        shown = _bracketed(value, depth)
+        return shown if type(value) in (dict, list, tuple) else f"{name}({shown})"
     try:
         text = repr(value)
     except Exception as exc:    # noqa: BLE001 - e.g. a deque's int of 5000 digits
@@ -93,6 +72,32 @@ def short_repr(value: object, depth: int = _DEPTH) -> str:
     if len(text) > OTHER_SHOWN:
         return f"{text[:OTHER_SHOWN]}... ({len(text)} characters)"
     return text
+
+
+def _bracketed(value: dict[Any, Any] | list[Any] | tuple[Any, ...], depth: int) -> str:
+    """A dict's, list's or tuple's (or its subclass's) entries as that base type shows
+    them, bounded; only the entries shown are read (a copy of each was made)."""
+    base = dict if isinstance(value, dict) else list if isinstance(value, list) else tuple
+    if not value:
+        return repr(base())
+    if depth <= 0:
+        return f"<{base.__name__} of {len(value)}>"
+    if isinstance(value, dict):
+        return _listed((f"{short_repr(k, depth - 1)}: {short_repr(v, depth - 1)}"
+                        for k, v in value.items()), len(value), "{", "}")
+    opening, closing = ("[", "]") if isinstance(value, list) else ("(", ")")
+    if isinstance(value, tuple) and len(value) == 1:
+        closing = ",)"
+    return _listed((short_repr(v, depth - 1) for v in value), len(value), opening, closing)
+
+
+def _listed(parts: Iterator[str], total: int, opening: str, closing: str) -> str:
+    """The first :data:`ITEMS` of ``parts`` (of ``total``), then how many more there are,
+    between ``opening`` and ``closing``."""
+    shown = list(itertools.islice(parts, ITEMS))
+    if total > ITEMS:
+        shown.append(f"... ({total - ITEMS} more)")
+    return opening + ", ".join(shown) + closing
 
 
 def fields_repr(obj: Any) -> str:
